@@ -1,0 +1,104 @@
+"""Find a checkpoint's weight files and read their tensors lazily (memory-mapped, one at a time).
+
+Supports safetensors (single file or sharded with ``model.safetensors.index.json``) and legacy
+``pytorch_model*.bin`` through ``torch.load(weights_only=True, mmap=True)``, which never unpickles
+arbitrary objects.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from qwenkit.errors import CheckpointError
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+
+
+@dataclass(frozen=True)
+class WeightFiles:
+    """The weight files of a checkpoint directory and, when sharded, which tensor lives in which file."""
+
+    directory: Path
+    files: tuple[Path, ...]
+    weight_map: dict[str, str] = field(default_factory=dict)  # tensor name -> file name; empty if unsharded
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.files)
+
+
+def find_weight_files(directory: str | Path) -> WeightFiles:
+    """Locate the weights: an index file wins, then *.safetensors, then pytorch_model*.bin."""
+    d = Path(directory)
+    for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
+        index_path = d / index_name
+        if index_path.is_file():
+            return _from_index(d, index_path)
+    safetensors = sorted(d.glob("*.safetensors"))
+    if safetensors:
+        return WeightFiles(d, tuple(safetensors))
+    bins = sorted(d.glob("pytorch_model*.bin"))
+    if bins:
+        return WeightFiles(d, tuple(bins))
+    raise CheckpointError(f"{d} has no weights (looked for *.safetensors, {SAFETENSORS_INDEX}, pytorch_model*.bin)")
+
+
+def _from_index(d: Path, index_path: Path) -> WeightFiles:
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index_path} is not a valid index (needs a 'weight_map'): {e}") from None
+    names = sorted(set(weight_map.values()))
+    missing = [n for n in names if not (d / n).is_file()]
+    if missing:
+        raise CheckpointError(f"{index_path.name} lists shard(s) missing from {d}: {', '.join(missing)}")
+    return WeightFiles(d, tuple(d / n for n in names), dict(weight_map))
+
+
+def iter_tensors(weights: WeightFiles) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) file by file. safetensors tensors are views of the memory-mapped file."""
+    for path in weights.files:
+        expected = {k for k, v in weights.weight_map.items() if v == path.name} if weights.weight_map else None
+        seen: set[str] = set()
+        for name, tensor in _read_file(path):
+            if expected is not None and name not in expected:
+                raise CheckpointError(
+                    f"{path.name} holds tensor {name!r}, but the index maps it to "
+                    f"{weights.weight_map.get(name, 'no file')}"
+                )
+            seen.add(name)
+            yield name, tensor
+        if expected is not None and expected - seen:
+            absent = sorted(expected - seen)
+            raise CheckpointError(
+                f"{path.name} lacks tensor(s) the index puts there: {', '.join(absent[:5])}"
+                + (f" and {len(absent) - 5} more" if len(absent) > 5 else "")
+            )
+
+
+def _read_file(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
+                    yield name, f.get_tensor(name)
+        except SafetensorError as e:
+            raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
+        return
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises many types for corrupt or unsafe pickles
+        raise CheckpointError(f"{path} could not be read as a weights-only PyTorch checkpoint: {e}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} does not hold a state dict")
+    for name, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise CheckpointError(f"{path}: entry {name!r} is not a tensor")
+        yield name, tensor

@@ -1,0 +1,190 @@
+"""Read a llama.cpp GGUF file as a Hugging Face checkpoint: config dict, lazy float32 tensors, tokenizer.
+
+    ckpt = read_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")
+    ckpt.hf_config            # what config.json would say
+    for name, w in ckpt.tensors(): ...   # "model.layers.0.self_attn.q_proj.weight", float32
+    ckpt.tokenizer            # tokenizers.Tokenizer, ids equal to transformers' GGUF tokenizer
+
+Everything a GGUF does differently from a Hugging Face checkpoint (names, quantized blocks, llama's q/k
+row permutation, Qwen v1's fused QKV, metadata instead of config.json) is undone here, so the loader
+sees the same names and layout as from safetensors. Problems with the file are found when it is opened,
+before any weight is decoded, and reported as ``GGUFError`` with a one-line message naming the file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGUFReader
+from tokenizers import Tokenizer
+
+from qwenkit.checkpoint.gguf_config import ARCHITECTURES, build_hf_config
+from qwenkit.checkpoint.gguf_tensors import (
+    SUPPORTED_TYPES,
+    HeadLayout,
+    convert_tensor,
+    dequantize_tensor,
+    hf_name,
+)
+from qwenkit.checkpoint.gguf_tokenizer import (
+    GGUFVocab,
+    TokenizerMetadataError,
+    build_tokenizer,
+    build_tokenizer_config,
+)
+from qwenkit.errors import CheckpointError
+
+GGUF_MAGIC = b"GGUF"
+
+
+class GGUFError(CheckpointError):
+    """A GGUF file that is not one, is cut short, or holds a model or type qwenkit does not read."""
+
+
+class GGUFCheckpoint:
+    """An opened GGUF file. Metadata is read at open; tensors are decoded one at a time on demand.
+
+    Satisfies the loader's ``CheckpointSource`` protocol (``path``, ``hf_config``, ``tensors()``,
+    ``total_bytes``).
+    """
+
+    def __init__(self, path: Path, reader: GGUFReader, metadata: dict[str, Any]) -> None:
+        self.path = path
+        self._reader = reader  # keeps the memory map alive for the tensors' lifetime
+        self.metadata = metadata
+        self.architecture: str = metadata["general.architecture"]
+        self.license: str | None = metadata.get("general.license")
+        self.tensor_types: dict[str, str] = {t.name: t.tensor_type.name for t in reader.tensors}
+        shapes = {t.name: _torch_shape(t.shape) for t in reader.tensors}
+        try:
+            self.hf_config: dict[str, Any] = build_hf_config(self.architecture, metadata, shapes)
+        except KeyError as e:
+            raise GGUFError(f"{path}: missing metadata key {e.args[0]!r}") from None
+        except ValueError as e:
+            raise GGUFError(f"{path}: {e}") from None
+        self._heads = HeadLayout(
+            self.architecture, self.hf_config["num_attention_heads"], self.hf_config["num_key_value_heads"]
+        )
+
+    def __repr__(self) -> str:
+        return f"GGUFCheckpoint({str(self.path)!r}, architecture={self.architecture!r})"
+
+    # ---- weights -----------------------------------------------------------------------------------
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(hugging_face_name, float32 tensor)`` in file order, decoding one tensor at a time.
+
+        A tied model yields no ``lm_head.weight`` (``hf_config["tie_word_embeddings"]`` says so), as
+        its Hugging Face safetensors would not. F32 tensors are copy-on-write views of the file.
+        """
+        for t in self._reader.tensors:
+            name = hf_name(t.name, self.architecture)
+            assert name is not None  # checked when the file was opened
+            weights = dequantize_tensor(t.data, t.tensor_type, _torch_shape(t.shape))
+            yield from convert_tensor(name, weights, self._heads)
+
+    def tensor_names(self) -> list[str]:
+        """The Hugging Face names ``tensors()`` yields, without decoding anything."""
+        names: list[str] = []
+        for t in self._reader.tensors:
+            name = hf_name(t.name, self.architecture)
+            assert name is not None
+            if ".self_attn.qkv." in name:
+                names += [name.replace(".qkv.", f".{p}.") for p in ("q_proj", "k_proj", "v_proj")]
+            else:
+                names.append(name)
+        return names
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of float32 that ``tensors()`` yields (what the loader's progress bar counts)."""
+        return sum(int(np.prod(t.shape, dtype=np.int64)) * 4 for t in self._reader.tensors)
+
+    # ---- tokenizer ---------------------------------------------------------------------------------
+
+    @cached_property
+    def _vocab(self) -> GGUFVocab:
+        try:
+            return GGUFVocab.from_metadata(self.metadata)
+        except TokenizerMetadataError as e:
+            raise GGUFError(f"{self.path}: {e}") from None
+
+    @cached_property
+    def tokenizer(self) -> Tokenizer:
+        """The file's byte-level BPE tokenizer (ids match transformers loading this GGUF)."""
+        return build_tokenizer(self._vocab)
+
+    @property
+    def tokenizer_json(self) -> str:
+        """``tokenizer.json`` text for the tokenizer."""
+        return self.tokenizer.to_str()
+
+    @cached_property
+    def tokenizer_config(self) -> dict[str, Any]:
+        """``tokenizer_config.json`` dict: special tokens, chat template, added tokens."""
+        return build_tokenizer_config(self._vocab, self.tokenizer, self.hf_config["max_position_embeddings"])
+
+    @property
+    def chat_template(self) -> str | None:
+        """The Jinja chat template the file carries, if any."""
+        return self.metadata.get("tokenizer.chat_template")
+
+    @property
+    def generation_config(self) -> dict[str, Any]:
+        """``generation_config.json`` dict: the special ids generation stops and pads with."""
+        return {
+            k: self.hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in self.hf_config
+        }
+
+
+def read_gguf(path: str | Path) -> GGUFCheckpoint:
+    """Open a GGUF file and check it can be read: magic, completeness, architecture, tensor types.
+
+    Raises ``GGUFError`` naming the file and the problem.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise GGUFError(f"{p}: no such file")
+    with p.open("rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise GGUFError(f"{p}: not a GGUF file (it starts with {magic!r}, not {GGUF_MAGIC!r})")
+    try:
+        # Copy-on-write: tensors can be handed to torch without a copy, and writes never reach the file.
+        reader = GGUFReader(p, mode="c")
+    except (ValueError, IndexError, OverflowError, TypeError) as e:
+        raise GGUFError(f"{p}: truncated or corrupt GGUF file ({e})") from None
+    size = p.stat().st_size
+    for t in reader.tensors:
+        if t.data_offset + t.n_bytes > size:
+            raise GGUFError(f"{p}: truncated GGUF file (tensor {t.name} ends past the end of the file)")
+
+    metadata = {name: field.contents() for name, field in reader.fields.items()}
+    arch = metadata.get("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise GGUFError(f"{p}: unsupported architecture {arch!r}; qwenkit reads {', '.join(ARCHITECTURES)}")
+    for t in reader.tensors:
+        if t.tensor_type not in SUPPORTED_TYPES:
+            supported = ", ".join(sorted(q.name for q in SUPPORTED_TYPES))
+            raise GGUFError(
+                f"{p}: tensor {t.name} has unsupported quantization type {t.tensor_type.name} "
+                f"(supported: {supported})"
+            )
+        if hf_name(t.name, arch) is None:
+            why = " (llama3-style rope scaling is not supported)" if t.name == "rope_freqs.weight" else ""
+            raise GGUFError(f"{p}: unexpected tensor {t.name} for architecture {arch}{why}")
+    names = {t.name for t in reader.tensors}
+    for required in ("token_embd.weight", "blk.0.ffn_up.weight"):
+        if required not in names:
+            raise GGUFError(f"{p}: missing tensor {required}; not a decoder model this reader understands")
+    return GGUFCheckpoint(p, reader, metadata)
+
+
+def _torch_shape(gguf_shape: np.ndarray) -> tuple[int, ...]:
+    """GGUF lists dimensions innermost first; PyTorch outermost first."""
+    return tuple(int(d) for d in reversed(gguf_shape.tolist()))

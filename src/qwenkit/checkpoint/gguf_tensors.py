@@ -1,0 +1,134 @@
+"""GGUF tensors -> Hugging Face tensors: names, dequantization, and llama.cpp's layout changes undone.
+
+llama.cpp renames every tensor (``blk.N.attn_q.weight``), stores most of them quantized, and for the
+``llama`` architecture permutes the rows of ``attn_q``/``attn_k`` so its rotary kernel can rotate
+adjacent pairs. This module turns one GGUF tensor back into what the Hugging Face checkpoint held, so
+the rest of qwenkit only ever sees Hugging Face names and the rotate-half layout.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize
+
+Q = GGMLQuantizationType
+# The types we read and test. gguf-py can decode more (the IQ and ternary types), but we refuse what we
+# have not checked rather than hand a model weights we cannot vouch for.
+SUPPORTED_TYPES: frozenset[GGMLQuantizationType] = frozenset(
+    {
+        Q.F32, Q.F16, Q.BF16,
+        Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0,
+        Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K,
+    }
+)  # fmt: skip
+
+_TOP_LEVEL = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+# GGUF block tensor -> Hugging Face module under model.layers.N
+_BLOCK = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",  # Qwen v1's mlp.w2: the branch that goes through SiLU
+    "ffn_up": "mlp.up_proj",  # Qwen v1's mlp.w1
+    "ffn_down": "mlp.down_proj",
+    "attn_qkv": "self_attn.qkv",  # Qwen v1's fused c_attn; split into q/k/v_proj on the way out
+}
+_BLOCK_NAME = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+# Which block tensors each architecture may carry; anything else is refused before any data is read.
+_ARCH_BLOCK_TENSORS = {
+    "llama": {"attn_norm", "ffn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up",
+              "ffn_down"},
+    "qwen2": {"attn_norm", "ffn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up",
+              "ffn_down"},
+    "qwen3": {"attn_norm", "ffn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "attn_q_norm",
+              "attn_k_norm", "ffn_gate", "ffn_up", "ffn_down"},
+    "qwen": {"attn_norm", "ffn_norm", "attn_qkv", "attn_output", "ffn_gate", "ffn_up", "ffn_down"},
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """What undoing llama.cpp's layout changes needs to know about attention heads."""
+
+    architecture: str
+    num_attention_heads: int
+    num_key_value_heads: int
+
+
+def hf_name(gguf_name: str, architecture: str) -> str | None:
+    """The Hugging Face name of a GGUF tensor, or None if this architecture has no such tensor.
+
+    ``attn_qkv`` maps to a pseudo-name ``...self_attn.qkv.*`` that ``convert_tensor`` splits.
+    """
+    if gguf_name in _TOP_LEVEL:
+        return _TOP_LEVEL[gguf_name]
+    m = _BLOCK_NAME.match(gguf_name)
+    if m is None:
+        return None
+    layer, kind, suffix = m.groups()
+    if kind not in _ARCH_BLOCK_TENSORS.get(architecture, ()):
+        return None
+    return f"model.layers.{layer}.{_BLOCK[kind]}.{suffix}"
+
+
+def dequantize_tensor(data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> torch.Tensor:
+    """Decode one tensor to float32 with gguf-py's own dequantizer.
+
+    ``shape`` is in PyTorch order (GGUF stores dimensions innermost first). F32 data comes back as a
+    view of the (copy-on-write) memory map, so it is not copied; every other type is decoded into a
+    fresh float32 array that torch then shares.
+    """
+    array = dequantize(data, qtype)
+    if array.dtype != np.float32:  # BF16/F16 are already widened by gguf-py; this is a guard
+        array = array.astype(np.float32)
+    return torch.from_numpy(array.reshape(shape))
+
+
+def unpermute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's ``permute`` of q/k rows for the ``llama`` architecture.
+
+    The converter regroups each head's rows from rotate-half order [x0..x(d/2-1), y0..y(d/2-1)] into
+    interleaved pairs [x0, y0, x1, y1, ...], i.e. it views rows as (head, 2, d/2) and swaps the last
+    two axes. Viewing the stored rows as (head, d/2, 2) and swapping back restores Hugging Face's order.
+    Works for weights (rows, in) and biases (rows,).
+    """
+    rows = w.shape[0]
+    if rows % (2 * n_head):
+        raise ValueError(f"cannot unpermute {rows} rows into {n_head} heads of even size")
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def convert_tensor(name: str, tensor: torch.Tensor, heads: HeadLayout) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield the Hugging Face tensor(s) one dequantized GGUF tensor stands for.
+
+    ``name`` is already the Hugging Face name from ``hf_name``.
+    """
+    if heads.architecture == "llama":
+        if ".self_attn.q_proj." in name:
+            tensor = unpermute_rows(tensor, heads.num_attention_heads)
+        elif ".self_attn.k_proj." in name:
+            tensor = unpermute_rows(tensor, heads.num_key_value_heads)
+    if ".self_attn.qkv." in name:
+        # Qwen v1's c_attn: [Q; K; V] stacked on the output rows, each hidden_size long (v1 has no GQA),
+        # heads contiguous within each block and rotate-half order, so no permutation is needed.
+        if tensor.shape[0] % 3:
+            raise ValueError(f"{name} has {tensor.shape[0]} rows, not a multiple of 3 (Q, K, V)")
+        for proj, part in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3, dim=0), strict=True):
+            yield name.replace(".qkv.", f".{proj}."), part
+        return
+    yield name, tensor

@@ -1,0 +1,196 @@
+"""GGUF tokenizer metadata -> a ``tokenizers.Tokenizer`` and a ``tokenizer_config.json`` dict.
+
+A GGUF carries no tokenizer.json, only llama.cpp's ``tokenizer.ggml.*`` keys: the vocabulary, the
+merges, a type per token and the special ids. For byte-level BPE (``tokenizer.ggml.model == "gpt2"``,
+what Qwen, Llama 3 and SmolLM use) we rebuild the same tokenizer transformers builds when it loads a
+GGUF, so ids match ``AutoTokenizer.from_pretrained(dir, gguf_file=...)``:
+
+- BPE over the vocabulary and merges, no unk token, no normalizer, byte-level decoder;
+- a pre-tokenizer chosen by ``tokenizer.ggml.pre`` (the split regex the merges were learned with),
+  falling back to GPT-2's byte-level regex;
+- tokens typed CONTROL added as special tokens and USER_DEFINED ones as plain added tokens, so text
+  like ``<|im_end|>`` stays one token instead of being cut into pieces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
+from tokenizers.models import BPE
+
+CONTROL, USER_DEFINED = 3, 4  # llama.cpp's token types (1 is NORMAL)
+
+# Split regexes by ``tokenizer.ggml.pre``, written as the tokenizers of those models define them.
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_SPLITS = {
+    "qwen2": _QWEN2_SPLIT,
+    "deepseek-r1-qwen": _QWEN2_SPLIT,
+    "llama3": _LLAMA3_SPLIT,
+    "llama-v3": _LLAMA3_SPLIT,
+    "llama-bpe": _LLAMA3_SPLIT,
+    "smaug-bpe": _LLAMA3_SPLIT,
+    "dbrx": _LLAMA3_SPLIT,
+}
+
+
+class TokenizerMetadataError(ValueError):
+    """The file's tokenizer keys are missing or describe a tokenizer we cannot build."""
+
+
+@dataclass(frozen=True)
+class GGUFVocab:
+    """The ``tokenizer.*`` keys of a GGUF, read once."""
+
+    model: str
+    pre: str | None
+    tokens: Sequence[str]
+    token_types: Sequence[int]
+    merges: Sequence[str]
+    special_ids: Mapping[str, int]  # bos/eos/unk/pad -> id, only those the file states
+    add_bos_token: bool
+    add_eos_token: bool
+    chat_template: str | None
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, Any]) -> GGUFVocab:
+        """Collect the tokenizer keys; raise if there is no usable vocabulary."""
+        model = metadata.get("tokenizer.ggml.model")
+        if model is None:
+            raise TokenizerMetadataError("the file carries no tokenizer (no tokenizer.ggml.model)")
+        if model != "gpt2":
+            raise TokenizerMetadataError(
+                f"tokenizer model {model!r} is not supported; only byte-level BPE ('gpt2') is"
+            )
+        tokens = metadata.get("tokenizer.ggml.tokens")
+        merges = metadata.get("tokenizer.ggml.merges")
+        if not tokens or merges is None:
+            raise TokenizerMetadataError("a byte-level BPE tokenizer needs tokenizer.ggml.tokens and .merges")
+        names = {"bos": "bos_token_id", "eos": "eos_token_id", "unk": "unknown_token_id", "pad": "padding_token_id"}
+        special_ids = {
+            role: int(metadata[f"tokenizer.ggml.{key}"])
+            for role, key in names.items()
+            if metadata.get(f"tokenizer.ggml.{key}") is not None
+        }
+        return cls(
+            model=model,
+            pre=metadata.get("tokenizer.ggml.pre"),
+            tokens=tokens,
+            token_types=metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens),
+            merges=merges,
+            special_ids=special_ids,
+            add_bos_token=bool(metadata.get("tokenizer.ggml.add_bos_token", False)),
+            add_eos_token=bool(metadata.get("tokenizer.ggml.add_eos_token", False)),
+            chat_template=metadata.get("tokenizer.chat_template"),
+        )
+
+
+@cache
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table that byte-level vocabularies are spelled in.
+
+    Printable Latin-1 bytes stand for themselves; the other 68 bytes are moved to U+0100 onward.
+    """
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {b: chr(b) for b in keep}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def build_tokenizer(vocab: GGUFVocab) -> Tokenizer:
+    """The byte-level BPE tokenizer the vocabulary describes (see the module docstring)."""
+    spelling = bytes_to_unicode()
+    alphabet = set(spelling.values())
+    # A token written outside the byte alphabet (rare; some converters store raw text) is respelled the
+    # way transformers does, so lookups agree.
+    index = {
+        token if set(token) <= alphabet else "".join(spelling[b] for b in token.encode("utf-8")): i
+        for i, token in enumerate(vocab.tokens)
+    }
+    merges = [tuple(m.split(" ", 1)) for m in vocab.merges]
+    tok = Tokenizer(BPE(vocab=index, merges=merges, dropout=None, continuing_subword_prefix="",
+                        end_of_word_suffix="", fuse_unk=False))  # fmt: skip
+    split = _SPLITS.get(vocab.pre or "")
+    if split is not None:
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+
+    # CONTROL tokens spelled in the byte alphabet are special; one that is not is a llama.cpp mislabel.
+    control = [
+        AddedToken(t, normalized=False, special=True)
+        for t, kind in zip(vocab.tokens, vocab.token_types, strict=True)
+        if kind == CONTROL and set(t) <= alphabet
+    ]
+    tok.add_special_tokens(control)
+    user = [
+        AddedToken(t, normalized=False, special=False)
+        for t, kind in zip(vocab.tokens, vocab.token_types, strict=True)
+        if kind == USER_DEFINED and t in index
+    ]
+    tok.add_tokens(user)
+    tok.post_processor = _post_processor(vocab)
+    return tok
+
+
+def _post_processor(vocab: GGUFVocab) -> processors.TemplateProcessing:
+    """Add BOS/EOS around each sequence only where the file asks for it (Qwen and SmolLM do not)."""
+    ids = vocab.special_ids
+    bos = vocab.tokens[ids["bos"]] if vocab.add_bos_token and "bos" in ids else None
+    eos = vocab.tokens[ids["eos"]] if vocab.add_eos_token and "eos" in ids else None
+
+    def sequence(piece: str, type_id: int) -> list[str]:
+        return [*([f"{bos}:{type_id}"] if bos else []), f"${piece}:{type_id}", *([f"{eos}:{type_id}"] if eos else [])]
+
+    specials = {token: ids[role] for role, token in (("bos", bos), ("eos", eos)) if token is not None}
+    return processors.TemplateProcessing(
+        single=sequence("A", 0), pair=sequence("A", 0) + sequence("B", 1), special_tokens=list(specials.items())
+    )
+
+
+def build_tokenizer_config(vocab: GGUFVocab, tokenizer: Tokenizer, model_max_length: int | None) -> dict[str, Any]:
+    """A ``tokenizer_config.json`` dict: special tokens by text, the chat template, the added tokens."""
+    config: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",  # load tokenizer.json as written, no rebuilding
+        "add_bos_token": vocab.add_bos_token,
+        "add_eos_token": vocab.add_eos_token,
+        "clean_up_tokenization_spaces": False,
+    }
+    for role, token_id in vocab.special_ids.items():
+        config[f"{role}_token"] = vocab.tokens[token_id]
+    if model_max_length is not None:
+        config["model_max_length"] = model_max_length
+    if vocab.chat_template is not None:
+        config["chat_template"] = vocab.chat_template
+    config["added_tokens_decoder"] = {
+        str(token_id): {
+            "content": added.content,
+            "lstrip": added.lstrip,
+            "normalized": added.normalized,
+            "rstrip": added.rstrip,
+            "single_word": added.single_word,
+            "special": added.special,
+        }
+        for token_id, added in sorted(tokenizer.get_added_tokens_decoder().items())
+    }
+    return config

@@ -1,0 +1,191 @@
+"""Build the model on the meta device and assign checkpoint tensors to it, one at a time.
+
+Nothing is allocated twice: tensors come memory-mapped from the file, are cast (or not) to the target
+dtype, and replace the meta parameters in place. Before any of that, the memory the weights and KV cache
+will need is checked against what is free.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from qwenkit.checkpoint.files import WeightFiles, find_weight_files, iter_tensors
+from qwenkit.checkpoint.sanitize import sanitize
+from qwenkit.config import ModelConfig
+from qwenkit.errors import CheckpointError, ConfigError
+from qwenkit.memory import check_fits
+from qwenkit.model import Transformer
+from qwenkit.model.rope import inv_freq
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CheckpointSource(Protocol):
+    """A checkpoint on disk: its Hugging Face config and a lazy stream of its tensors."""
+
+    path: Path
+    hf_config: dict[str, Any]
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]: ...
+
+    @property
+    def total_bytes(self) -> int: ...
+
+
+@dataclass
+class DirectorySource:
+    """A Hugging Face checkpoint directory (config.json + safetensors or .bin weights)."""
+
+    path: Path
+    hf_config: dict[str, Any]
+    weights: WeightFiles
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        return iter_tensors(self.weights)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights.total_bytes
+
+
+def open_checkpoint(path: str | Path) -> CheckpointSource:
+    """A model directory or a .gguf file; anything else is a clear error."""
+    p = Path(path)
+    if p.is_file() and p.suffix == ".gguf":
+        from qwenkit.checkpoint.gguf import read_gguf
+
+        return read_gguf(p)
+    if not p.exists():
+        raise CheckpointError(f"{p} does not exist")
+    if not p.is_dir():
+        raise CheckpointError(f"{p} is neither a model directory nor a .gguf file")
+    cfg_path = p / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{p} is not a model directory: it has no config.json")
+    try:
+        hf_config = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{cfg_path} is not valid JSON: {e}") from None
+    if not isinstance(hf_config, dict):
+        raise ConfigError(f"{cfg_path} must hold a JSON object")
+    quant_path = p / "quantize_config.json"
+    if quant_path.is_file() and "quantization_config" not in hf_config:
+        hf_config["quantization_config"] = {"quant_method": "gptq", **json.loads(quant_path.read_text())}
+    return DirectorySource(p, hf_config, find_weight_files(p))
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
+    """'auto' is float32 on CPU (exact and fast for matmul there) and bfloat16/float16 on CUDA."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_model(
+    path: str | Path,
+    dtype: str | torch.dtype = "auto",
+    device: str = "cpu",
+    quantize: str | None = None,
+    context: int | None = None,
+    batch: int = 1,
+    progress: bool = True,
+) -> tuple[Transformer, ModelConfig]:
+    """Load any supported checkpoint. ``context``/``batch`` size the memory check for the KV cache."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for, but no CUDA device is available")
+    source = open_checkpoint(path)
+    config = ModelConfig.from_hf(source.hf_config)
+    torch_dtype = resolve_dtype(dtype, device)
+    if quantize not in (None, "int8", "int4"):
+        raise ConfigError(f"unknown --quantize {quantize!r}; choose int8 or int4")
+    if quantize and config.quantization:
+        raise ConfigError(f"{path} is already quantized ({config.quantization.get('quant_method')}); drop --quantize")
+    check_fits(config, torch_dtype, device, context or min(config.max_context, 2048), batch, quantize)
+
+    with torch.device("meta"):
+        model = Transformer(config)
+    if config.quantization:
+        from qwenkit.quant import prepare_quantized_model
+
+        prepare_quantized_model(model, config.quantization, torch_dtype)
+    _assign_all(model, config, source, torch_dtype, device, progress)
+    model.rotary.inv_freq = inv_freq(config).to(device)
+    model.eval().requires_grad_(False)
+    if quantize:
+        from qwenkit.quant import quantize_model_rtn
+
+        quantize_model_rtn(model, bits=8 if quantize == "int8" else 4)
+    return model, config
+
+
+def _assign_all(
+    model: Transformer,
+    config: ModelConfig,
+    source: CheckpointSource,
+    dtype: torch.dtype,
+    device: str,
+    progress: bool,
+) -> None:
+    expected = {n: t for n, t in model.named_parameters(remove_duplicate=False)}
+    expected |= dict(model.named_buffers())
+    expected.pop("rotary.inv_freq", None)
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    loaded: set[str] = set()
+    bar = tqdm(total=source.total_bytes, unit="B", unit_scale=True, desc="loading", delay=1.0,
+               disable=not progress, leave=False)
+    with bar:
+        for name, tensor in sanitize(config, source.tensors()):
+            bar.update(tensor.numel() * tensor.element_size())
+            if name not in expected:
+                if _is_droppable(name, tensor, config):
+                    continue
+                raise CheckpointError(f"{source.path}: unexpected tensor {name!r} for a {config.family} model")
+            target = expected[name]
+            if tuple(tensor.shape) != tuple(target.shape):
+                raise CheckpointError(
+                    f"{source.path}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                    f"but config.json implies {tuple(target.shape)}"
+                )
+            if tensor.is_floating_point() and target.is_floating_point():
+                tensor = tensor.to(dtype)
+            elif target.dtype != tensor.dtype:
+                tensor = tensor.to(target.dtype)
+            _set_tensor(model, name, tensor.to(device))
+            loaded.add(name)
+    missing = sorted(set(expected) - loaded)
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise CheckpointError(f"{source.path}: missing tensor(s) {', '.join(missing[:5])}{more}")
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+
+
+def _is_droppable(name: str, tensor: torch.Tensor, config: ModelConfig) -> bool:
+    """Tensors safe to ignore: a tied lm_head copy, and the all-zero biases old AutoGPTQ wrote everywhere."""
+    if name == "lm_head.weight" and config.tie_word_embeddings:
+        return True
+    return name.endswith(".bias") and config.quantization is not None and not bool(tensor.any())
+
+
+def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if attr in module._parameters:
+        module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+    else:
+        module._buffers[attr] = tensor

@@ -1,0 +1,309 @@
+"""One normalized model configuration for every family.
+
+This is the only module that reads Hugging Face ``config.json`` keys. Qwen v1 (``qwen``), Qwen1.5/2/2.5
+(``qwen2``), Qwen3 (``qwen3``) and Llama (``llama``) all become the same frozen ``ModelConfig``; the
+network is switched by its fields, never by the family name. Anything we cannot run faithfully is
+rejected here with a message naming the key, rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from qwenkit.errors import ConfigError
+
+Family = Literal["qwen", "qwen2", "qwen3", "llama"]
+FAMILIES: tuple[str, ...] = ("qwen", "qwen2", "qwen3", "llama")
+
+
+@dataclass(frozen=True)
+class YarnScaling:
+    """Static YaRN RoPE scaling (Qwen2.5/Qwen3 long context), as transformers computes it."""
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
+
+    @property
+    def cos_sin_scale(self) -> float:
+        """The factor transformers multiplies cos/sin by (YaRN's attention temperature)."""
+        if self.attention_factor is not None:
+            return self.attention_factor
+
+        def get_mscale(scale: float, m: float = 1.0) -> float:
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        if self.mscale and self.mscale_all_dim:
+            return get_mscale(self.factor, self.mscale) / get_mscale(self.factor, self.mscale_all_dim)
+        return get_mscale(self.factor)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything the network needs, in one place. Derived sizes are filled in ``__post_init__``."""
+
+    family: Family
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int  # the real FFN width (Qwen v1's config stores twice this)
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int = 0  # 0 -> same as num_attention_heads (MHA)
+    head_dim: int = 0  # 0 -> hidden_size // num_attention_heads
+    rotary_dim: int = 0  # 0 -> head_dim; Qwen v1's rotary_pct < 1 rotates only the first dims
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: YarnScaling | None = None
+    max_position_embeddings: int = 32768  # the trained context window
+    use_dynamic_ntk: bool = False  # Qwen v1: NTK-aware RoPE base past max_position_embeddings
+    use_logn_attn: bool = False  # Qwen v1: scale queries by log_{L}(position) past the trained length
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before RoPE
+    tie_word_embeddings: bool = False
+    torch_dtype: str | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    architectures: tuple[str, ...] = ()
+    quantization: dict[str, Any] | None = field(default=None, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        if self.num_key_value_heads == 0:
+            set_(self, "num_key_value_heads", self.num_attention_heads)
+        if self.head_dim == 0:
+            if self.hidden_size % self.num_attention_heads:
+                raise ConfigError(
+                    f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                    f"{self.num_attention_heads}; set head_dim explicitly"
+                )
+            set_(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        if self.rotary_dim == 0:
+            set_(self, "rotary_dim", self.head_dim)
+        positive = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"config value {name}={getattr(self, name)} must be positive")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads {self.num_key_value_heads}"
+            )
+        if self.rotary_dim % 2 or self.rotary_dim > self.head_dim:
+            raise ConfigError(f"rotary dim {self.rotary_dim} must be even and at most head_dim {self.head_dim}")
+
+    # ---- derived quantities used by `qwenkit info` and the memory check -------------------------------
+
+    @property
+    def num_parameters(self) -> int:
+        """Parameter count of the float model (embeddings counted once when tied)."""
+        h, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        q = self.num_attention_heads * self.head_dim
+        kv = self.num_key_value_heads * self.head_dim
+        attn = h * (q + 2 * kv) + q * h
+        attn += (q + 2 * kv) if self.qkv_bias else 0
+        attn += h if self.o_bias else 0
+        attn += 2 * self.head_dim if self.qk_norm else 0
+        mlp = 3 * h * f + ((2 * f + h) if self.mlp_bias else 0)
+        per_layer = attn + mlp + 2 * h
+        embed = v * h * (1 if self.tie_word_embeddings else 2)
+        return self.num_hidden_layers * per_layer + embed + h
+
+    @property
+    def max_context(self) -> int:
+        """The longest sequence the model is meant to run: the trained window, except that Qwen v1 with
+        dynamic NTK extends it (the original's LogN table stops at 32768 positions)."""
+        if self.use_dynamic_ntk:
+            return max(self.max_position_embeddings, 32768)
+        return self.max_position_embeddings
+
+    def kv_cache_bytes_per_token(self, bytes_per_element: int) -> int:
+        """Bytes of K and V for one token across all layers."""
+        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * bytes_per_element
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    # ---- construction from Hugging Face config.json ---------------------------------------------------
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any]) -> ModelConfig:
+        """Normalize a Hugging Face ``config.json`` dict of any supported family."""
+        model_type = cfg.get("model_type")
+        if model_type not in FAMILIES:
+            raise ConfigError(
+                f"unsupported model_type {model_type!r}; qwenkit runs {', '.join(FAMILIES)}"
+            )
+        act = cfg.get("hidden_act", cfg.get("activation_function", "silu"))
+        if act not in ("silu", "swish"):
+            raise ConfigError(f"unsupported hidden_act {act!r}; Qwen and Llama use silu (SwiGLU)")
+        reader = _FAMILY_READERS[model_type]
+        try:
+            return reader(cfg)
+        except KeyError as e:
+            raise ConfigError(f"config.json for model_type {model_type!r} is missing key {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(f"config.json has a value of the wrong type: {e}") from None
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> ModelConfig:
+        """Read ``config.json`` from a checkpoint directory."""
+        cfg_path = Path(path) / "config.json"
+        if not cfg_path.is_file():
+            raise ConfigError(f"{path} has no config.json; is it a model directory?")
+        try:
+            cfg = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{cfg_path} is not valid JSON: {e}") from None
+        if not isinstance(cfg, dict):
+            raise ConfigError(f"{cfg_path} must hold a JSON object")
+        return cls.from_hf(cfg)
+
+
+def _eos_ids(cfg: dict[str, Any]) -> tuple[int, ...]:
+    eos = cfg.get("eos_token_id")
+    if eos is None:
+        return ()
+    return tuple(eos) if isinstance(eos, list) else (int(eos),)
+
+
+def _rope(cfg: dict[str, Any]) -> tuple[float, YarnScaling | None]:
+    """Read rope_theta and rope_scaling (also transformers 5's ``rope_parameters``)."""
+    params = dict(cfg.get("rope_parameters") or {})
+    scaling = cfg.get("rope_scaling") or {}
+    params = {**scaling, **params}
+    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        return theta, None
+    if rope_type != "yarn":
+        raise ConfigError(f"unsupported rope_scaling type {rope_type!r}; qwenkit supports default and yarn")
+    factor = params.get("factor")
+    original = params.get("original_max_position_embeddings", cfg.get("max_position_embeddings"))
+    if factor is None:
+        factor = cfg["max_position_embeddings"] / original
+    return theta, YarnScaling(
+        factor=float(factor),
+        original_max_position_embeddings=int(original),
+        beta_fast=float(params.get("beta_fast") or 32),
+        beta_slow=float(params.get("beta_slow") or 1),
+        attention_factor=params.get("attention_factor"),
+        mscale=params.get("mscale"),
+        mscale_all_dim=params.get("mscale_all_dim"),
+        truncate=bool(params.get("truncate", True)),
+    )
+
+
+def _quantization(cfg: dict[str, Any]) -> dict[str, Any] | None:
+    q = cfg.get("quantization_config")
+    return dict(q) if q else None
+
+
+def _read_qwen_v1(cfg: dict[str, Any]) -> ModelConfig:
+    """Qwen v1 (QWenLMHeadModel). Accepts both the Aug-2023 (n_embd...) and later spellings."""
+    hidden = cfg.get("hidden_size", cfg.get("n_embd"))
+    heads = cfg.get("num_attention_heads", cfg.get("n_head"))
+    layers = cfg.get("num_hidden_layers", cfg.get("n_layer"))
+    doubled_ffn = cfg.get("intermediate_size", cfg.get("ffn_hidden_size"))
+    if None in (hidden, heads, layers, doubled_ffn):
+        raise ConfigError("Qwen v1 config.json needs hidden_size, num_attention_heads, num_hidden_layers, "
+                          "intermediate_size (or n_embd, n_head, n_layer, ffn_hidden_size)")
+    kv_channels = int(cfg.get("kv_channels", hidden // heads))
+    if kv_channels * heads != hidden:
+        # The fused c_attn output is split by hidden_size, so projection and hidden sizes must agree.
+        raise ConfigError(f"Qwen v1 kv_channels {kv_channels} x heads {heads} != hidden_size {hidden}")
+    rotary_pct = float(cfg.get("rotary_pct", 1.0))
+    if cfg.get("use_cache_quantization"):
+        raise ConfigError("Qwen v1 use_cache_quantization (int8 KV cache) is not supported; set it to false")
+    seq_length = int(cfg.get("seq_length", cfg.get("n_positions", 2048)))
+    return ModelConfig(
+        family="qwen",
+        vocab_size=int(cfg.get("padded_vocab_size", cfg["vocab_size"])),
+        hidden_size=int(hidden),
+        intermediate_size=int(doubled_ffn) // 2,
+        num_hidden_layers=int(layers),
+        num_attention_heads=int(heads),
+        head_dim=kv_channels,
+        rotary_dim=int(kv_channels * rotary_pct),
+        rms_norm_eps=float(cfg.get("layer_norm_epsilon", 1e-6)),
+        rope_theta=float(cfg.get("rotary_emb_base", 10000.0)),
+        max_position_embeddings=seq_length,
+        use_dynamic_ntk=bool(cfg.get("use_dynamic_ntk", False)),
+        use_logn_attn=bool(cfg.get("use_logn_attn", False)),
+        qkv_bias=True,
+        o_bias=not cfg.get("no_bias", True),
+        mlp_bias=not cfg.get("no_bias", True),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        torch_dtype=_v1_dtype(cfg),
+        bos_token_id=cfg.get("bos_token_id"),
+        eos_token_ids=_eos_ids(cfg) or (151643,),
+        architectures=tuple(cfg.get("architectures") or ("QWenLMHeadModel",)),
+        quantization=_quantization(cfg),
+    )
+
+
+def _v1_dtype(cfg: dict[str, Any]) -> str | None:
+    if cfg.get("torch_dtype"):
+        return str(cfg["torch_dtype"])
+    for flag, name in (("bf16", "bfloat16"), ("fp16", "float16"), ("fp32", "float32")):
+        if cfg.get(flag):
+            return name
+    return None
+
+
+def _read_hf_standard(cfg: dict[str, Any]) -> ModelConfig:
+    """qwen2, qwen3 and llama share transformers' standard decoder config keys."""
+    family: Family = cfg["model_type"]
+    if cfg.get("use_sliding_window"):
+        raise ConfigError("use_sliding_window=true is not supported (no released Qwen model enables it)")
+    if family == "llama" and cfg.get("pretraining_tp", 1) != 1:
+        raise ConfigError("llama pretraining_tp != 1 is not supported")
+    theta, yarn = _rope(cfg)
+    bias = bool(cfg.get("attention_bias", False))
+    dtype = cfg.get("torch_dtype", cfg.get("dtype"))
+    return ModelConfig(
+        family=family,
+        vocab_size=int(cfg["vocab_size"]),
+        hidden_size=int(cfg["hidden_size"]),
+        intermediate_size=int(cfg["intermediate_size"]),
+        num_hidden_layers=int(cfg["num_hidden_layers"]),
+        num_attention_heads=int(cfg["num_attention_heads"]),
+        num_key_value_heads=int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"]),
+        head_dim=int(cfg.get("head_dim") or 0),
+        rotary_dim=int((cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
+                       * float(cfg.get("partial_rotary_factor", 1.0))),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope_theta=theta,
+        rope_scaling=yarn,
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 32768)),
+        qkv_bias=True if family == "qwen2" else bias,
+        o_bias=False if family == "qwen2" else bias,
+        mlp_bias=bool(cfg.get("mlp_bias", False)),
+        qk_norm=family == "qwen3",
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        torch_dtype=str(dtype) if dtype else None,
+        bos_token_id=cfg.get("bos_token_id"),
+        eos_token_ids=_eos_ids(cfg),
+        architectures=tuple(cfg.get("architectures") or ()),
+        quantization=_quantization(cfg),
+    )
+
+
+_FAMILY_READERS = {
+    "qwen": _read_qwen_v1,
+    "qwen2": _read_hf_standard,
+    "qwen3": _read_hf_standard,
+    "llama": _read_hf_standard,
+}

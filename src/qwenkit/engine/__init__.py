@@ -1,0 +1,7 @@
+"""Token-id generation: requests, sampling, KV cache, scheduler, and the step loop."""
+
+from qwenkit.engine.engine import Engine, StepOutput
+from qwenkit.engine.request import FinishReason, Request, TokenLogprob
+from qwenkit.engine.sampling import SamplingParams, SamplingParamsError
+
+__all__ = ["Engine", "FinishReason", "Request", "SamplingParams", "SamplingParamsError", "StepOutput", "TokenLogprob"]

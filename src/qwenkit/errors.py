@@ -1,0 +1,21 @@
+"""The error types users see. Each carries a one-line message naming the problem; the CLI prints it."""
+
+
+class QwenkitError(Exception):
+    """Base of every error qwenkit reports to a user (printed as one line, no traceback)."""
+
+
+class ConfigError(QwenkitError, ValueError):
+    """config.json is missing, malformed, or asks for something qwenkit does not support."""
+
+
+class CheckpointError(QwenkitError, ValueError):
+    """Weights are missing, unexpected, mis-shaped, or the directory is not a checkpoint."""
+
+
+class OutOfMemoryError(QwenkitError, MemoryError):
+    """The weights and KV cache would not fit in the memory that is free."""
+
+
+class NonFiniteLogitsError(QwenkitError, FloatingPointError):
+    """The model produced NaN or inf logits (fp16 overflow, a broken checkpoint)."""

@@ -1,0 +1,77 @@
+"""Memory estimates for weights and KV cache, and the check that refuses loads that cannot fit.
+
+Refusing up front with both numbers beats dying half-way through a load (or being killed by the OOM
+killer with no message at all).
+"""
+
+from __future__ import annotations
+
+import psutil
+import torch
+
+from qwenkit.config import ModelConfig
+from qwenkit.errors import OutOfMemoryError
+
+GiB = 1024**3
+# Bits per weight of the quantized linear layers, including per-group scales and zero points.
+_QUANT_BITS = {"int8": 8.0 + 32 / 128, "int4": 4.0 + 32 / 128}
+
+
+def dtype_bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def linear_parameters(config: ModelConfig) -> int:
+    """Parameters in the decoder layers' projections (the part weight-only quantization shrinks)."""
+    h, f = config.hidden_size, config.intermediate_size
+    q = config.num_attention_heads * config.head_dim
+    kv = config.num_key_value_heads * config.head_dim
+    return config.num_hidden_layers * (h * (q + 2 * kv) + q * h + 3 * h * f)
+
+
+def weight_bytes(config: ModelConfig, dtype: torch.dtype, quantize: str | None = None) -> int:
+    """Bytes the weights take in memory at this dtype, or with weight-only int8/int4 linear layers."""
+    total = config.num_parameters * dtype_bytes(dtype)
+    if quantize is None:
+        return total
+    linear = linear_parameters(config)
+    return total - linear * dtype_bytes(dtype) + int(linear * _QUANT_BITS[quantize] / 8)
+
+
+def kv_cache_bytes(config: ModelConfig, dtype: torch.dtype, tokens: int) -> int:
+    return config.kv_cache_bytes_per_token(dtype_bytes(dtype)) * tokens
+
+
+def free_bytes(device: str) -> int:
+    """Memory a new allocation can use: available RAM, or free memory on the CUDA device."""
+    if device.startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return int(free)
+    return int(psutil.virtual_memory().available)
+
+
+def check_fits(
+    config: ModelConfig,
+    dtype: torch.dtype,
+    device: str,
+    context: int,
+    batch: int = 1,
+    quantize: str | None = None,
+    free: int | None = None,
+) -> int:
+    """Raise OutOfMemoryError unless weights + KV cache for ``batch`` x ``context`` tokens fit."""
+    need = weight_bytes(config, dtype, quantize) + kv_cache_bytes(config, dtype, context * batch)
+    have = free_bytes(device) if free is None else free
+    if need > have:
+        where = "GPU memory" if device.startswith("cuda") else "RAM"
+        raise OutOfMemoryError(
+            f"not enough free {where}: the weights ({dtype_name(dtype)}"
+            f"{', ' + quantize if quantize else ''}) and a KV cache for {batch} x {context} tokens need "
+            f"{need / GiB:.2f} GiB, but only {have / GiB:.2f} GiB is free; try a smaller --max-context, "
+            f"a lower precision, or --quantize int8/int4"
+        )
+    return need
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

@@ -1,0 +1,91 @@
+"""Multi-head attention with grouped-query heads, optional qkv bias, Qwen3 q/k norm, RoPE and LogN.
+
+Notation:
+    B  batch rows            T  new tokens this step        S  keys visible (cached + new)
+    H  query heads           Hkv key/value heads            D  head_dim
+
+The attention never sees how the KV cache is stored: it hands this step's k/v to ``cache.update`` and
+gets back the keys/values to attend over plus the mask. Without a cache it is plain causal attention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwenkit.config import ModelConfig
+from qwenkit.model.norm import RMSNorm
+from qwenkit.model.rope import apply_rope
+
+
+class KVCache(Protocol):
+    """What attention needs from a KV cache; the engine owns the storage behind it."""
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, Hkv, T, D) for this step; return keys and values (B, Hkv, S, D) to attend over."""
+        ...
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        """Boolean (B, 1, T, S): True where a query may see a key. None means plain causal."""
+        ...
+
+
+@dataclass
+class AttentionInputs:
+    """Per-step tensors shared by every layer: computed once, not per layer."""
+
+    cos: torch.Tensor  # (B, 1, T, rotary_dim) float32
+    sin: torch.Tensor
+    logn: torch.Tensor | None  # (B, 1, T, 1) query scale for Qwen v1 LogN, or None
+    cache: KVCache | None
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.head_dim = (
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+        )
+        h = config.hidden_size
+        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=config.o_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+        self.rope_in_fp32 = config.family == "qwen"
+
+    def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
+        q = apply_rope(q, inputs.cos, inputs.sin, self.rope_in_fp32)
+        k = apply_rope(k, inputs.cos, inputs.sin, self.rope_in_fp32)
+        if inputs.logn is not None:
+            q = q * inputs.logn.to(q.dtype)
+
+        if inputs.cache is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=self.n_kv != self.n_heads)
+        else:
+            k, v = inputs.cache.update(self.layer_idx, k, v)  # (B, Hkv, S, D)
+            mask = inputs.cache.mask
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=self.n_kv != self.n_heads
+            )
+        out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
+        return self.o_proj(out)

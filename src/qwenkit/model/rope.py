@@ -1,0 +1,114 @@
+"""Rotary position embeddings: plain, partial, Qwen v1 dynamic NTK, and static YaRN; plus LogN scaling.
+
+All variants are rotate-half (NeoX) RoPE; they differ only in the inverse frequencies and in a scale on
+cos/sin. cos/sin are computed from each token's absolute position on the fly, so every sequence in a
+batch can sit at its own offset and (for v1 dynamic NTK) use its own base.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from qwenkit.config import ModelConfig, YarnScaling
+
+
+def ntk_alpha_for_length(length: int, trained_length: int) -> float:
+    """Qwen v1's dynamic-NTK alpha: a step function of the prompt length (1 inside the trained window)."""
+    context_value = math.log(length / trained_length, 2) + 1
+    return max(2 ** math.ceil(context_value) - 1, 1)
+
+
+def inv_freq(config: ModelConfig, ntk_alpha: float = 1.0) -> torch.Tensor:
+    """Inverse frequencies (rotary_dim // 2,) in float32, computed the way the reference code does."""
+    dim = config.rotary_dim
+    base = config.rope_theta
+    if ntk_alpha != 1.0:
+        base = base * ntk_alpha ** (dim / (dim - 2))
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    if config.rope_scaling is not None:
+        return _yarn_inv_freq(config.rope_scaling, dim, base, exponents)
+    return 1.0 / (base**exponents)
+
+
+def _yarn_inv_freq(yarn: YarnScaling, dim: int, base: float, exponents: torch.Tensor) -> torch.Tensor:
+    """Blend interpolated and extrapolated frequencies with YaRN's linear ramp over dimensions."""
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(yarn.original_max_position_embeddings / (rotations * 2 * math.pi)) / (
+            2 * math.log(base)
+        )
+
+    low, high = correction_dim(yarn.beta_fast), correction_dim(yarn.beta_slow)
+    if yarn.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    extrapolation_weight = 1 - ramp
+    pos_freqs = base**exponents
+    return (1.0 / (yarn.factor * pos_freqs)) * (1 - extrapolation_weight) + (1.0 / pos_freqs) * extrapolation_weight
+
+
+class RotaryEmbedding(torch.nn.Module):
+    """Builds cos/sin for given positions; caches inverse frequencies per NTK alpha."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.scale = config.rope_scaling.cos_sin_scale if config.rope_scaling else 1.0
+        self.register_buffer("inv_freq", inv_freq(config), persistent=False)
+        self._alpha_cache: dict[float, torch.Tensor] = {}
+
+    def _inv_freq_for(self, alpha: float) -> torch.Tensor:
+        if alpha == 1.0:
+            return self.inv_freq
+        if alpha not in self._alpha_cache:
+            self._alpha_cache[alpha] = inv_freq(self.config, alpha).to(self.inv_freq.device)
+        return self._alpha_cache[alpha]
+
+    def forward(
+        self, positions: torch.Tensor, ntk_alphas: list[float] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (B, T) int -> cos, sin (B, 1, T, rotary_dim) in float32."""
+        if ntk_alphas is None or all(a == 1.0 for a in ntk_alphas):
+            freqs = positions[..., None].float() * self.inv_freq  # (B, T, rotary_dim/2)
+        else:
+            per_row = torch.stack([self._inv_freq_for(a) for a in ntk_alphas])  # (B, rotary_dim/2)
+            freqs = positions[..., None].float() * per_row[:, None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, rotary_dim)
+        cos, sin = emb.cos(), emb.sin()
+        if self.scale != 1.0:
+            cos, sin = cos * self.scale, sin * self.scale
+        return cos, sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, in_fp32: bool) -> torch.Tensor:
+    """Rotate the first rotary_dim features of x (B, heads, T, head_dim).
+
+    Qwen v1 rotates float32 copies of q/k; transformers' Qwen2/3/Llama cast cos/sin to the activation
+    dtype instead. Both are reproduced so parity holds in bfloat16 too.
+    """
+    rot = cos.shape[-1]
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    if in_fp32:
+        xf = x_rot.float()
+        x_rot = (xf * cos + _rotate_half(xf) * sin).type_as(x)
+    else:
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        x_rot = x_rot * cos + _rotate_half(x_rot) * sin
+    return x_rot if x_pass.shape[-1] == 0 else torch.cat((x_rot, x_pass), dim=-1)
+
+
+def logn_scale(positions: torch.Tensor, trained_length: int) -> torch.Tensor:
+    """Qwen v1 LogN attention: query at position p is scaled by max(1, ln(p+1) / ln(trained_length))."""
+    p1 = (positions + 1).double()
+    scale = torch.where(p1 > trained_length, torch.log(p1) / math.log(trained_length), torch.ones_like(p1))
+    return scale.float()[:, None, :, None]  # (B, 1, T, 1)

@@ -1,0 +1,87 @@
+"""The decoder-only network shared by every family, with Hugging Face Qwen2 parameter names.
+
+Qwen v1 checkpoints are renamed into this layout at load time (``checkpoint.sanitize``); the only
+v1-specific behaviour left here is switched by config: dynamic NTK, LogN and float32 RoPE.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qwenkit.config import ModelConfig
+from qwenkit.model.attention import Attention, AttentionInputs, KVCache
+from qwenkit.model.mlp import MLP
+from qwenkit.model.norm import RMSNorm
+from qwenkit.model.rope import RotaryEmbedding, logn_scale, ntk_alpha_for_length
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), inputs)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderStack(nn.Module):
+    """Embeddings, layers and the final norm: ``model.*`` in checkpoint names."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    """``model(input_ids)`` -> logits. Optional per-row positions, KV cache and NTK alphas for the engine."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = DecoderStack(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.rotary = RotaryEmbedding(config)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        ntk_alphas: list[float] | None = None,
+        logits_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, V), or (B, V) at ``logits_index`` (B,) when given.
+
+        positions: absolute position of each token (default 0..T-1). ntk_alphas: Qwen v1 dynamic-NTK alpha
+        per row, fixed by each sequence's prompt length (see ``rope.ntk_alpha_for_length``).
+        """
+        B, T = input_ids.shape
+        if positions is None:
+            positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        cos, sin = self.rotary(positions, ntk_alphas)
+        logn = None
+        if self.config.use_logn_attn:
+            logn = logn_scale(positions, self.config.max_position_embeddings)
+        inputs = AttentionInputs(cos=cos, sin=sin, logn=logn, cache=cache)
+
+        x = self.model.embed_tokens(input_ids)  # (B, T, hidden)
+        for layer in self.model.layers:
+            x = layer(x, inputs)
+        if logits_index is not None:
+            x = x[torch.arange(B, device=x.device), logits_index]  # (B, hidden)
+        return self.lm_head(self.model.norm(x))
+
+    def ntk_alpha(self, prompt_length: int) -> float:
+        """The dynamic-NTK alpha a sequence keeps for its whole life (1.0 unless v1 NTK is on)."""
+        if not self.config.use_dynamic_ntk:
+            return 1.0
+        return ntk_alpha_for_length(prompt_length, self.config.max_position_embeddings)

@@ -1,0 +1,277 @@
+"""The AutoGPTQ on-disk layout: the quantization config, and packing integer weights to and from it.
+
+One in-memory form is shared by every part of ``quant/``: :class:`IntWeight`, plain integer codes with
+per-group scales and true zero points. This module converts it to and from the tensors AutoGPTQ writes
+(``qweight``, ``qzeros``, ``scales``, ``g_idx``), following the packing rules of qwen_facts §9.5/§9.6:
+
+* ``qweight`` int32 ``[in * bits / 32, out]``: input row ``p*r + j`` sits in bits ``[bits*j, bits*j + bits)``
+  of word row ``r`` (low bits first), ``p = 32 / bits``.
+* ``qzeros`` int32 ``[G, out * bits / 32]``: packed along the *output* dim the same way. The old "gptq"
+  format stores ``zero - 1`` (masked to ``bits``); "gptq_v2" stores the zero itself.
+* ``scales`` float16 ``[G, out]``; ``g_idx`` int32 ``[in]``, the group of each input column.
+
+The weight is ``W[o, i] = scales[g_idx[i], o] * (q[i, o] - zero[g_idx[i], o])``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+CheckpointFormat = Literal["gptq", "gptq_v2"]
+SUPPORTED_BITS = (4, 8)
+
+
+class QuantizationError(ValueError):
+    """A quantization config or quantized tensor qwenkit cannot use; the message says which and why."""
+
+
+# ---- config ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    """The fields of ``quantize_config.json`` (and ``config.json``'s ``quantization_config``) we act on.
+
+    ``group_size=-1`` means one group per output channel (the whole input row).
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    desc_act: bool = False
+    sym: bool = True
+    damp_percent: float = 0.01
+    true_sequential: bool = True
+    static_groups: bool = False
+    checkpoint_format: CheckpointFormat = "gptq"
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise QuantizationError(f"GPTQ bits={self.bits} is not supported; qwenkit runs 4 or 8 bits")
+        if self.group_size != -1 and self.group_size <= 0:
+            raise QuantizationError(f"GPTQ group_size={self.group_size} must be -1 (per channel) or positive")
+        if self.checkpoint_format not in ("gptq", "gptq_v2"):
+            raise QuantizationError(
+                f"GPTQ checkpoint_format={self.checkpoint_format!r} is not supported; "
+                "qwenkit reads 'gptq' (AutoGPTQ) and 'gptq_v2' (GPTQModel)"
+            )
+        if not 0 < self.damp_percent < 1:
+            raise QuantizationError(f"GPTQ damp_percent={self.damp_percent} must be in (0, 1)")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GPTQConfig:
+        """Read a quantize_config.json / quantization_config dict; reject anything we would misread."""
+        method = d.get("quant_method", "gptq")
+        if method != "gptq":
+            raise QuantizationError(f"quant_method {method!r} is not supported; qwenkit reads GPTQ checkpoints")
+        if d.get("lm_head"):
+            raise QuantizationError("GPTQ checkpoints with a quantized lm_head are not supported")
+        if "bits" not in d:
+            raise QuantizationError("GPTQ quantization config has no 'bits'")
+        fmt = d.get("checkpoint_format") or "gptq"
+        known = {f for f in cls.__dataclass_fields__ if f != "extra"}
+        return cls(
+            bits=int(d["bits"]),
+            group_size=int(d.get("group_size", 128)),
+            desc_act=bool(d.get("desc_act", False)),
+            sym=bool(d.get("sym", True)),
+            damp_percent=float(d.get("damp_percent", 0.01)),
+            true_sequential=bool(d.get("true_sequential", True)),
+            static_groups=bool(d.get("static_groups", False)),
+            checkpoint_format=fmt,
+            extra={k: v for k, v in d.items() if k not in known and k != "quant_method"},
+        )
+
+    @classmethod
+    def from_model_dir(cls, path: str | Path) -> GPTQConfig:
+        """``quantize_config.json`` if present, else ``config.json``'s ``quantization_config``."""
+        p = Path(path)
+        if (p / "quantize_config.json").is_file():
+            return cls.from_dict(json.loads((p / "quantize_config.json").read_text()))
+        cfg = json.loads((p / "config.json").read_text())
+        if "quantization_config" not in cfg:
+            raise QuantizationError(f"{p} has neither quantize_config.json nor a quantization_config")
+        return cls.from_dict(cfg["quantization_config"])
+
+    def to_dict(self) -> dict[str, Any]:
+        """The quantize_config.json body AutoGPTQ, optimum and vLLM read."""
+        return {
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "damp_percent": self.damp_percent,
+            "desc_act": self.desc_act,
+            "static_groups": self.static_groups,
+            "sym": self.sym,
+            "true_sequential": self.true_sequential,
+            "checkpoint_format": self.checkpoint_format,
+            "model_name_or_path": None,
+            "model_file_base_name": "model",
+            "quant_method": "gptq",
+        }
+
+    def num_groups(self, in_features: int) -> int:
+        return 1 if self.group_size == -1 else math.ceil(in_features / self.group_size)
+
+
+# ---- the shared integer form --------------------------------------------------------------------------
+
+
+@dataclass
+class IntWeight:
+    """A weight-only quantized matrix: ``W[o, i] = scales[g_idx[i], o] * (qweight[o, i] - zeros[g_idx[i], o])``.
+
+    qweight: (out, in) uint8 codes in 0..2**bits-1, in the checkpoint's column order.
+    scales: (G, out) float. zeros: (G, out) int16 true zero points (no AutoGPTQ -1 offset).
+    g_idx: (in,) int32 group of each input column (not monotone for act-order checkpoints).
+    """
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    g_idx: torch.Tensor
+    bits: int
+
+    @property
+    def out_features(self) -> int:
+        return self.qweight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.qweight.shape[1]
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(out, in) float weight, computed in float32 (exact for float16 scales and 8-bit codes)."""
+        g = self.g_idx.long()
+        s = self.scales.float()[g].T  # (out, in)
+        z = self.zeros.float()[g].T
+        return ((self.qweight.float() - z) * s).to(dtype)
+
+
+def default_g_idx(in_features: int, group_size: int) -> torch.Tensor:
+    """AutoGPTQ's g_idx without act-order: column i belongs to group i // group_size."""
+    gs = in_features if group_size == -1 else group_size
+    return (torch.arange(in_features) // gs).to(torch.int32)
+
+
+# ---- packing ------------------------------------------------------------------------------------------
+
+
+def _per_word(bits: int) -> int:
+    if bits not in SUPPORTED_BITS:
+        raise QuantizationError(f"bits={bits} is not supported; qwenkit packs 4 or 8 bits")
+    return 32 // bits
+
+
+def _pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """(R, C) ints in 0..2**bits-1 -> (R / per_word, C) int32; row ``p*r + j`` lands in bits ``bits*j``."""
+    p = _per_word(bits)
+    if values.shape[0] % p:
+        raise QuantizationError(f"cannot pack {values.shape[0]} rows at {bits} bits: not a multiple of {p}")
+    v = values.to(torch.int64).reshape(-1, p, values.shape[1])  # (R/p, p, C)
+    shifts = (torch.arange(p, dtype=torch.int64) * bits).view(1, p, 1)
+    words = (v << shifts).sum(1)  # (R/p, C), each < 2**32
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def _unpack_rows(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`_pack_rows`: (R, C) int32 -> (R * per_word, C) int16."""
+    p = _per_word(bits)
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    shifts = (torch.arange(p, dtype=torch.int64) * bits).view(1, p, 1)
+    vals = (w.unsqueeze(1) >> shifts) & (2**bits - 1)  # (R, p, C)
+    return vals.reshape(-1, words.shape[1]).to(torch.int16)
+
+
+def pack_gptq(w: IntWeight, checkpoint_format: CheckpointFormat = "gptq") -> dict[str, torch.Tensor]:
+    """IntWeight -> ``{"qweight", "qzeros", "scales", "g_idx"}`` exactly as AutoGPTQ's ``pack()`` writes them."""
+    maxq = 2**w.bits - 1
+    if w.qweight.min() < 0 or w.qweight.max() > maxq:
+        raise QuantizationError(f"integer weights must lie in 0..{maxq} for {w.bits} bits")
+    zeros = w.zeros.to(torch.int64)
+    if checkpoint_format == "gptq":
+        zeros = (zeros - 1) & maxq  # the old format's -1 offset; the mask matches AutoGPTQ's uint32 wrap
+    qweight = _pack_rows(w.qweight.T, w.bits)  # (in / p, out)
+    qzeros = _pack_rows(zeros.T, w.bits).T.contiguous()  # (G, out / p)
+    return {
+        "qweight": qweight.contiguous(),
+        "qzeros": qzeros,
+        "scales": w.scales.to(torch.float16).contiguous(),
+        "g_idx": w.g_idx.to(torch.int32).contiguous(),
+    }
+
+
+def unpack_gptq(
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor | None,
+    bits: int,
+    checkpoint_format: CheckpointFormat = "gptq",
+    group_size: int | None = None,
+) -> IntWeight:
+    """AutoGPTQ tensors -> IntWeight, checking every shape against the others.
+
+    ``g_idx`` may be None (some exporters omit it without act-order); ``group_size`` then rebuilds it.
+    """
+    p = _per_word(bits)
+    if qweight.dtype != torch.int32 or qzeros.dtype != torch.int32:
+        raise QuantizationError(f"qweight/qzeros must be int32, got {qweight.dtype}/{qzeros.dtype}")
+    in_features, out_features = qweight.shape[0] * p, qweight.shape[1]
+    if scales.dim() != 2 or scales.shape[1] != out_features:
+        raise QuantizationError(
+            f"scales shape {tuple(scales.shape)} does not match qweight {tuple(qweight.shape)}: "
+            f"expected (G, {out_features})"
+        )
+    n_groups = scales.shape[0]
+    if tuple(qzeros.shape) != (n_groups, out_features // p) or out_features % p:
+        raise QuantizationError(
+            f"qzeros shape {tuple(qzeros.shape)} does not match scales {tuple(scales.shape)} at {bits} bits: "
+            f"expected ({n_groups}, {out_features // p})"
+        )
+    if g_idx is None:
+        if group_size is None:
+            raise QuantizationError("g_idx is missing and no group_size was given to rebuild it")
+        g_idx = default_g_idx(in_features, group_size)
+    if tuple(g_idx.shape) != (in_features,):
+        raise QuantizationError(
+            f"g_idx shape {tuple(g_idx.shape)} does not match qweight {tuple(qweight.shape)}: "
+            f"expected ({in_features},)"
+        )
+    if g_idx.numel() and (g_idx.min() < 0 or g_idx.max() >= n_groups):
+        raise QuantizationError(f"g_idx values must lie in 0..{n_groups - 1} (scales has {n_groups} groups)")
+    maxq = 2**bits - 1
+    zeros = _unpack_rows(qzeros.T.contiguous(), bits).T  # (G, out)
+    if checkpoint_format == "gptq":
+        zeros = (zeros + 1) & maxq  # mask after +1, like AutoGPTQ's reference dequantizer
+    return IntWeight(
+        qweight=_unpack_rows(qweight, bits).T.to(torch.uint8).contiguous(),  # (out, in)
+        scales=scales,
+        zeros=zeros.to(torch.int16).contiguous(),
+        g_idx=g_idx.to(torch.int32),
+        bits=bits,
+    )
+
+
+def gptq_shapes(
+    in_features: int, out_features: int, config: GPTQConfig
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The shape and dtype of every tensor a GPTQ Linear stores (without bias); rejects odd sizes."""
+    p = 32 // config.bits
+    if in_features % p or out_features % p:
+        raise QuantizationError(
+            f"a {in_features}->{out_features} Linear cannot be packed at {config.bits} bits: "
+            f"both sizes must be multiples of {p}"
+        )
+    g = config.num_groups(in_features)
+    return {
+        "qweight": ((in_features // p, out_features), torch.int32),
+        "qzeros": ((g, out_features // p), torch.int32),
+        "scales": ((g, out_features), torch.float16),
+        "g_idx": ((in_features,), torch.int32),
+    }

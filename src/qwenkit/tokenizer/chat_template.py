@@ -1,0 +1,218 @@
+"""Chat templates: a sandboxed jinja2 environment that renders byte-identically to transformers, plus
+the control-token marking that keeps text from users from turning into control tokens.
+
+Injection safety follows transformers' `sanitize_control_tokens`: before rendering, every control-token
+string inside the caller's data (message contents, tool results, tool-call arguments, ...) is wrapped in
+two private-use markers. After rendering, a marked token is encoded as plain text and the rest of the
+prompt (which holds only the template's own control tokens) is encoded with control tokens parsed. A
+template string method that separates a marker from its token (e.g. `content.split('</think>')`) leaves a
+lone marker, which is dropped but still breaks the text so the pieces cannot join into a token.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from functools import lru_cache
+from typing import Any
+
+import jinja2
+import jinja2.ext
+import jinja2.nodes
+import jinja2.utils
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from qwenkit.tokenizer.errors import TokenizerError
+
+MARK_START = "\U000f0000"
+MARK_END = "\U000f0001"
+
+DEFAULT_V1_SYSTEM = "You are a helpful assistant."
+
+# Names a message's reasoning is passed under; the first is the one chat templates read (as transformers).
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+def chatml_template(default_system: str | None = DEFAULT_V1_SYSTEM) -> str:
+    """The ChatML `chat_template` (a tokenizer_config.json value) that renders Qwen v1's `make_context` text.
+
+    `default_system` is inserted when the conversation does not start with a system message (v1 chat
+    uses "You are a helpful assistant."; Qwen1.5 used the same words without the period).
+    """
+    default = ""
+    if default_system is not None:
+        sys_text = json.dumps(f"<|im_start|>system\n{default_system}<|im_end|>\n")
+        default = f"{{%- if loop.first and messages[0]['role'] != 'system' %}}{{{{- {sys_text} }}}}{{%- endif %}}\n"
+    return (
+        "{%- for message in messages %}\n"
+        f"{default}"
+        "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}\n"
+        "{%- endfor %}\n"
+        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+    )
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}` (assistant-mask marker in some templates): renders its body."""
+
+    tags = {"generation"}  # noqa: RUF012 - jinja2's Extension API declares tags as a class attribute
+
+    def parse(self, parser: Any) -> jinja2.nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+
+    def _render(self, caller: Callable[[], str]) -> str:
+        return caller()
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(
+    x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None, sort_keys: bool = False
+) -> str:
+    # transformers' semantics: no HTML escaping (jinja's own tojson escapes < > & '), unicode kept.
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+class _TemplateDict:
+    """`dict(...)` for templates without exposing the dict type itself."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict:
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, *args: Any, **kwargs: Any) -> dict:
+        return dict.fromkeys(*args, **kwargs)
+
+
+class _TemplateNamespace(jinja2.utils.Namespace):
+    """`namespace(...)` that refuses underscore names, so templates cannot reach CPython internals."""
+
+    def __init__(*args: Any, **kwargs: Any) -> None:  # same signature trick as jinja's Namespace
+        self, args = args[0], args[1:]
+        attrs = dict(*args, **kwargs)
+        for name in attrs:
+            _TemplateNamespace._check_name(name)
+        jinja2.utils.Namespace.__init__(self, attrs)
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        _TemplateNamespace._check_name(name)
+        jinja2.utils.Namespace.__setitem__(self, name, value)
+
+    @staticmethod
+    def _check_name(name: object) -> None:
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(f"templates cannot set underscore attribute {name!r}")
+
+
+@lru_cache(maxsize=16)
+def compile_template(source: str) -> jinja2.Template:
+    """Compile once per template string; a syntax error becomes a one-line TokenizerError."""
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    env.globals["dict"] = _TemplateDict()
+    env.globals["namespace"] = _TemplateNamespace
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise TokenizerError(f"chat template has a syntax error at line {e.lineno}: {e.message}") from None
+
+
+def _plain(value: Any) -> Any:
+    """A fresh copy made of plain JSON types only: the sandbox then sees no caller objects or methods."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, int):
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    if isinstance(value, Mapping):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return f"<{type(value).__name__}>"
+
+
+def normalize_messages(messages: Any) -> list[dict[str, Any]]:
+    """Check the OpenAI-shaped message list and normalize it as transformers does before rendering.
+
+    Keys whose value is None are dropped (OpenAI sends `content: null` with tool calls) and the reasoning
+    is copied under `reasoning_content` and `thinking` from whichever name the caller used.
+    """
+    if not isinstance(messages, list | tuple) or not messages:
+        raise TokenizerError("chat messages must be a non-empty list of {'role': ..., 'content': ...} objects")
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
+            raise TokenizerError(f"chat message {i} must be an object with a string 'role'")
+        message = {k: _plain(v) for k, v in message.items() if v is not None}
+        reasoning = next((message[k] for k in _REASONING_FIELDS if message.get(k) is not None), None)
+        if reasoning is not None:
+            message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+        out.append(message)
+    return out
+
+
+def render(source: str, variables: dict[str, Any]) -> str:
+    """Render a compiled template; any error raised inside it becomes a one-line TokenizerError."""
+    template = compile_template(source)
+    try:
+        return template.render(**variables)
+    except jinja2.TemplateError as e:
+        raise TokenizerError(f"chat template failed: {e.message or type(e).__name__}") from None
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
+        raise TokenizerError(f"chat template failed: {type(e).__name__}: {e}") from None
+
+
+@lru_cache(maxsize=16)
+def control_patterns(tokens: tuple[str, ...]) -> tuple[re.Pattern[str], re.Pattern[str]]:
+    """(regex for any control token, regex for a marked token or a lone marker). Longest tokens first."""
+    longest_first = sorted(tokens, key=len, reverse=True)
+    any_token = re.compile("|".join(map(re.escape, longest_first)) or "(?!)")
+    marked = re.compile(f"{MARK_START}({any_token.pattern}){MARK_END}|[{MARK_START}{MARK_END}]")
+    return any_token, marked
+
+
+def mark_control_tokens(obj: Any, any_token: re.Pattern[str]) -> Any:
+    """Wrap control tokens in every string of `obj` (recursively; dict keys untouched) in markers.
+
+    Markers already present in the input are removed first so they cannot be used to forge a marked token.
+    """
+    if isinstance(obj, str):
+        obj = obj.replace(MARK_START, "").replace(MARK_END, "")
+        return any_token.sub(f"{MARK_START}\\g<0>{MARK_END}", obj)
+    if isinstance(obj, dict):
+        return {k: mark_control_tokens(v, any_token) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [mark_control_tokens(v, any_token) for v in obj]
+    return obj
+
+
+def split_marked(rendered: str, marked: re.Pattern[str]) -> list[tuple[str, bool]]:
+    """Split a marked render into (text, is_user_token) pieces, dropping lone markers and empty pieces.
+
+    `re.split` with one group gives [template text, marked token, template text, ...]; a lone marker
+    yields None in the token slot.
+    """
+    pieces = marked.split(rendered)
+    out: list[tuple[str, bool]] = []
+    for i, piece in enumerate(pieces):
+        if piece:
+            out.append((piece, i % 2 == 1))
+    return out

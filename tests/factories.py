@@ -1,0 +1,118 @@
+"""Small random checkpoints in the exact Hugging Face layouts, written inside the test run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+TINY = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=160,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+    rope_theta=10000.0,
+)
+
+
+def hf_model(family: str, **overrides: Any):
+    """A random transformers model (float32) of the given family."""
+    import transformers
+
+    cfg = {**TINY, **overrides}
+    if family == "qwen2":
+        config = transformers.Qwen2Config(**cfg)
+        cls = transformers.Qwen2ForCausalLM
+    elif family == "qwen3":
+        cfg.setdefault("head_dim", 32)
+        config = transformers.Qwen3Config(**cfg)
+        cls = transformers.Qwen3ForCausalLM
+    elif family == "llama":
+        config = transformers.LlamaConfig(**cfg)
+        cls = transformers.LlamaForCausalLM
+    else:
+        raise ValueError(family)
+    torch.manual_seed(0)
+    model = cls(config).eval()
+    # Random init leaves biases at zero and norms at one; make every tensor distinctive.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def save_hf(model, path: Path, **kwargs: Any) -> Path:
+    model.save_pretrained(path, **kwargs)
+    return path
+
+
+V1_TINY = dict(
+    vocab_size=512,
+    hidden_size=64,
+    num_attention_heads=4,
+    num_hidden_layers=2,
+    intermediate_size=2 * 160,  # v1 stores twice the FFN width
+    kv_channels=16,
+    rotary_pct=1.0,
+    rotary_emb_base=10000,
+    seq_length=32,
+    max_position_embeddings=256,
+    layer_norm_epsilon=1e-6,
+    no_bias=True,
+    use_dynamic_ntk=True,
+    use_logn_attn=True,
+    tie_word_embeddings=False,
+)
+
+
+def v1_state_dict(cfg: dict[str, Any], seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random Qwen v1 tensors with distinct q/k/v blocks, so a swapped split is caught."""
+    g = torch.Generator().manual_seed(seed)
+    h, f, v = cfg["hidden_size"], cfg["intermediate_size"] // 2, cfg["vocab_size"]
+
+    def r(*shape: int, scale: float = 0.08) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * scale
+
+    sd = {"transformer.wte.weight": r(v, h, scale=0.5), "transformer.ln_f.weight": 1 + r(h), "lm_head.weight": r(v, h)}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"transformer.h.{i}."
+        sd[p + "ln_1.weight"] = 1 + r(h)
+        sd[p + "ln_2.weight"] = 1 + r(h)
+        sd[p + "attn.c_attn.weight"] = r(3 * h, h)
+        sd[p + "attn.c_attn.bias"] = r(3 * h, scale=0.2)
+        sd[p + "attn.c_proj.weight"] = r(h, h)
+        sd[p + "mlp.w1.weight"] = r(f, h)
+        sd[p + "mlp.w2.weight"] = r(f, h)
+        sd[p + "mlp.c_proj.weight"] = r(h, f)
+    return sd
+
+
+def write_v1_checkpoint(path: Path, cfg: dict[str, Any] | None = None, shards: int = 1, seed: int = 0) -> Path:
+    """A Qwen v1 checkpoint directory (config.json + safetensors, optionally sharded with an index)."""
+    cfg = {**V1_TINY, **(cfg or {})}
+    path.mkdir(parents=True, exist_ok=True)
+    config = {"model_type": "qwen", "architectures": ["QWenLMHeadModel"], **cfg}
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    sd = v1_state_dict(cfg, seed)
+    names = list(sd)
+    if shards == 1:
+        save_file(sd, str(path / "model.safetensors"))
+        return path
+    per = -(-len(names) // shards)
+    weight_map = {}
+    for i in range(shards):
+        part = names[i * per : (i + 1) * per]
+        fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({n: sd[n] for n in part}, str(path / fname))
+        weight_map |= {n: fname for n in part}
+    index = {"metadata": {"total_size": sum(t.numel() * 4 for t in sd.values())}, "weight_map": weight_map}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    return path
