@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -46,7 +47,10 @@ class DirectorySource:
 
     path: Path
     hf_config: dict[str, Any]
-    weights: WeightFiles
+
+    @cached_property
+    def weights(self) -> WeightFiles:
+        return find_weight_files(self.path)
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         return iter_tensors(self.weights)
@@ -79,7 +83,7 @@ def open_checkpoint(path: str | Path) -> CheckpointSource:
     quant_path = p / "quantize_config.json"
     if quant_path.is_file() and "quantization_config" not in hf_config:
         hf_config["quantization_config"] = {"quant_method": "gptq", **json.loads(quant_path.read_text())}
-    return DirectorySource(p, hf_config, find_weight_files(p))
+    return DirectorySource(p, hf_config)
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:

@@ -1,0 +1,62 @@
+"""``qwenkit <command>``: dispatches lazily to one module per command, so ``--help`` is instant.
+
+Errors a user can cause (bad paths, bad values, models that do not fit) print one line and exit 2;
+Ctrl-C exits 130. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "generate": "continue a prompt (streams text, then a speed summary)",
+    "chat": "interactive chat (or one answer with -p)",
+    "info": "architecture, parameter count, memory needs and license of a model",
+    "tokenize": "show token ids and pieces of a text",
+    "template": "print the exact prompt a chat template builds",
+    "convert": "convert checkpoints: Qwen v1 -> Qwen1.5 layout, GGUF -> Hugging Face",
+    "quantize": "quantize a model to int8/int4 (GPTQ or round-to-nearest)",
+    "profile": "measure tokens/s and peak memory per precision",
+}
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: qwenkit <command> [options]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()]
+    lines += ["", "Run `qwenkit <command> --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"qwenkit: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(f"qwenkit.cli.{command}")
+    return run_command(module.main, rest)
+
+
+def run_command(entry, argv: list[str]) -> int:
+    """Run a command's main(), turning user errors into one line on stderr."""
+    from qwenkit.errors import QwenkitError
+
+    try:
+        return int(entry(argv) or 0)
+    except QwenkitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Arguments and helpers shared by the commands that load a model and sample from it."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from qwenkit.engine import SamplingParams
+
+
+def add_model_args(parser: argparse.ArgumentParser, optional_model: bool = True) -> None:
+    if optional_model:
+        parser.add_argument("model", nargs="?", help="model directory or .gguf file (default: the bundled SmolLM2)")
+    else:
+        parser.add_argument("model", help="model directory or .gguf file")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="weights and activations (auto: float32 on CPU, bfloat16 on CUDA)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run")
+    parser.add_argument("--quantize", choices=["int8", "int4"], help="weight-only round-to-nearest at load time")
+    parser.add_argument("--max-context", type=int, help="longest sequence to plan memory for (default: model's)")
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    """Unset options stay None so the model's generation_config.json defaults apply."""
+    g = parser.add_argument_group("sampling (defaults come from generation_config.json)")
+    g.add_argument("--max-new-tokens", type=int, dest="max_tokens")
+    g.add_argument("--temperature", type=float, help="0 for greedy")
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--min-p", type=float)
+    g.add_argument("--repetition-penalty", type=float)
+    g.add_argument("--presence-penalty", type=float)
+    g.add_argument("--frequency-penalty", type=float)
+    g.add_argument("--seed", type=int, help="same seed, same output")
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+
+
+def sampling_overrides(args: argparse.Namespace) -> dict[str, object]:
+    keys = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+            "presence_penalty", "frequency_penalty", "seed")
+    out: dict[str, object] = {k: getattr(args, k) for k in keys}
+    if args.stop:
+        out["stop"] = tuple(args.stop)
+    return out
+
+
+def resolve_model(arg: str | None) -> Path:
+    """The model a command should load: the argument, or the bundled default model."""
+    if arg:
+        return Path(arg)
+    from qwenkit.default_model import default_model_path
+
+    return default_model_path()
+
+
+def load_llm(args: argparse.Namespace, max_batch_size: int = 1):
+    from qwenkit.generate import LLM
+
+    return LLM.load(resolve_model(args.model), dtype=args.dtype, device=args.device, quantize=args.quantize,
+                    max_batch_size=max_batch_size, max_seq_len=args.max_context)
+
+
+__all__ = ["SamplingParams", "add_model_args", "add_sampling_args", "load_llm", "resolve_model", "sampling_overrides"]

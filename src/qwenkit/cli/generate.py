@@ -1,0 +1,86 @@
+"""``qwenkit generate``: continue a prompt, streaming text, then a one-line speed summary."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from qwenkit.cli.common import add_model_args, add_sampling_args, load_llm, sampling_overrides
+from qwenkit.errors import QwenkitError
+
+
+class PromptError(QwenkitError, ValueError):
+    """The prompt arguments are missing or malformed."""
+
+
+def parse_prompt_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise PromptError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
+    if not ids:
+        raise PromptError("--prompt-ids is empty")
+    return ids
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="qwenkit generate", description="Continue a prompt.")
+    add_model_args(parser)
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("-p", "--prompt", help="prompt text ('-' reads stdin)")
+    src.add_argument("--prompt-ids", help="prompt as token ids, e.g. 1,2,3")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    parser.add_argument("--logprobs", type=int, default=None, help="also report this many top alternatives")
+    add_sampling_args(parser)
+    args = parser.parse_args(argv)
+
+    prompt: str | list[int]
+    if args.prompt_ids is not None:
+        prompt = parse_prompt_ids(args.prompt_ids)
+    else:
+        prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+        if not prompt:
+            raise PromptError("the prompt is empty")
+    llm = load_llm(args)
+    params = llm.default_params(**sampling_overrides(args), logprobs=args.logprobs)
+
+    if args.json:
+        c = llm.generate(prompt, params)[0]
+        print(json.dumps(_as_json(c), ensure_ascii=False))
+        return 0
+    for delta in llm.stream(prompt, params):
+        sys.stdout.write(delta.text)
+        sys.stdout.flush()
+    c = llm.last_completion
+    sys.stdout.write("\n")
+    t = _timings(c)
+    print(
+        f"[{len(c.prompt_ids)} prompt tokens, {len(c.token_ids)} new tokens, "
+        f"prefill {t['prefill_tokens_per_second']:.1f} tok/s, decode {t['decode_tokens_per_second']:.1f} tok/s, "
+        f"finish: {c.finish_reason}]",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _timings(c) -> dict[str, float]:
+    decoded = max(len(c.token_ids) - 1, 0)
+    return {
+        "prefill_seconds": round(c.prefill_seconds, 4),
+        "decode_seconds": round(c.decode_seconds, 4),
+        "prefill_tokens_per_second": len(c.prompt_ids) / c.prefill_seconds if c.prefill_seconds else 0.0,
+        "decode_tokens_per_second": decoded / c.decode_seconds if c.decode_seconds and decoded else 0.0,
+    }
+
+
+def _as_json(c) -> dict[str, object]:
+    return {
+        "prompt_token_ids": c.prompt_ids,
+        "output_token_ids": c.token_ids,
+        "text": c.text,
+        "finish_reason": c.finish_reason,
+        "logprobs": [lp.logprob for lp in c.logprobs],
+        "top_logprobs": [[{"token_id": t, "logprob": v} for t, v in lp.top] for lp in c.logprobs if lp.top] or None,
+        "timings": _timings(c),
+    }

@@ -1,0 +1,64 @@
+"""`qwenkit template MODEL_DIR messages.json`: print the exact prompt a model's chat template renders."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from qwenkit.errors import QwenkitError
+
+
+class _InputError(Exception):
+    """A messages or tools file that is missing or not the expected JSON shape."""
+
+
+def _read_json(path: str, what: str) -> Any:
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+        return json.loads(text)
+    except OSError as e:
+        raise _InputError(f"cannot read {what} file {path}: {e.strerror}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _InputError(f"{what} file {path} is not valid JSON: {e}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Render messages (OpenAI JSON: a list, or {"messages": [...], "tools": [...]}) with the template."""
+    parser = argparse.ArgumentParser(prog="qwenkit template", description=__doc__)
+    parser.add_argument("model_dir", help="model directory with the tokenizer files")
+    parser.add_argument("messages", help="JSON file of messages ('-' reads standard input)")
+    parser.add_argument("--tools", help="JSON file of tool definitions (OpenAI format)")
+    parser.add_argument(
+        "--no-generation-prompt", action="store_true", help="do not open an assistant turn at the end"
+    )
+    parser.add_argument("--ids", action="store_true", help="print the prompt's token ids as JSON instead")
+    args = parser.parse_args(argv)
+
+    from qwenkit.tokenizer import load_tokenizer
+
+    try:
+        data = _read_json(args.messages, "messages")
+        tools = None
+        if isinstance(data, dict):
+            tools = data.get("tools")
+            data = data.get("messages")
+        if args.tools:
+            tools = _read_json(args.tools, "tools")
+        if not isinstance(data, list):
+            raise _InputError(f"{args.messages} must hold a JSON list of messages (or {{'messages': [...]}})")
+        if isinstance(tools, dict) and "tools" in tools:
+            tools = tools["tools"]
+        tokenizer = load_tokenizer(args.model_dir)
+        gen = not args.no_generation_prompt
+        if args.ids:
+            print(json.dumps(tokenizer.apply_chat_template(data, tools=tools, add_generation_prompt=gen)))
+        else:
+            sys.stdout.write(tokenizer.render_chat_template(data, tools=tools, add_generation_prompt=gen))
+            sys.stdout.flush()
+    except (QwenkitError, _InputError) as e:
+        print(f"qwenkit template: error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,40 @@
+"""`qwenkit tokenize MODEL_DIR TEXT`: show the ids and pieces a model's tokenizer gives for a text."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from qwenkit.errors import QwenkitError
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print `id<TAB>piece` per token (or the count, or a JSON id list). Errors: one line, exit 2."""
+    parser = argparse.ArgumentParser(prog="qwenkit tokenize", description=__doc__)
+    parser.add_argument("model_dir", help="model directory with tokenizer.json or qwen.tiktoken")
+    parser.add_argument("text", help="text to tokenize; '-' reads standard input")
+    parser.add_argument("--count", action="store_true", help="print only the number of tokens")
+    parser.add_argument("--json", action="store_true", help="print the ids as a JSON list")
+    parser.add_argument(
+        "--allow-special", action="store_true", help="parse special-token text (e.g. <|im_end|>) as tokens"
+    )
+    args = parser.parse_args(argv)
+
+    from qwenkit.tokenizer import load_tokenizer
+
+    try:
+        text = sys.stdin.read() if args.text == "-" else args.text
+        tokenizer = load_tokenizer(args.model_dir)
+        ids = tokenizer.encode(text, allow_special=args.allow_special)
+    except (QwenkitError, OSError, UnicodeDecodeError) as e:
+        print(f"qwenkit tokenize: error: {e}", file=sys.stderr)
+        return 2
+    if args.count:
+        print(len(ids))
+    elif args.json:
+        print(json.dumps(ids))
+    else:
+        for token_id in ids:
+            print(f"{token_id}\t{tokenizer.id_to_piece(token_id)}")
+    return 0

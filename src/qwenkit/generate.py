@@ -1,0 +1,188 @@
+"""The user-level API: load a model once, then generate for one prompt or many, or stream.
+
+This is where text meets token ids: prompts are encoded, tokens are detokenized incrementally (never
+half a UTF-8 character), and stop strings end a request. The engine below knows only token ids.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from qwenkit.checkpoint import load_model
+from qwenkit.config import ModelConfig
+from qwenkit.engine import Engine, FinishReason, SamplingParams, TokenLogprob
+from qwenkit.model import Transformer
+from qwenkit.tokenizer import StreamingDetokenizer, Tokenizer, load_tokenizer
+
+
+@dataclass
+class Completion:
+    prompt_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: FinishReason | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prefill_seconds: float = 0.0  # from submission to the first token
+    decode_seconds: float = 0.0  # from the first token to the last
+
+
+@dataclass
+class Delta:
+    """One streamed increment: new token ids and the text they completed."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: FinishReason | None = None
+
+
+class _TextState:
+    """Per-request text bookkeeping: incremental detokenizing and stop-string search."""
+
+    def __init__(self, tokenizer: Tokenizer, completion: Completion, stop: Sequence[str]) -> None:
+        self.detok = StreamingDetokenizer(tokenizer)
+        self.completion = completion
+        self.stop = tuple(s for s in stop if s)
+        self.held = ""  # text withheld because it might be the start of a stop string
+        self.start = time.perf_counter()
+        self.first_token_at: float | None = None
+
+    def feed(self, token_ids: list[int], finish: FinishReason | None) -> tuple[str, bool]:
+        """Add tokens; return (text safe to emit now, whether a stop string ended the request)."""
+        now = time.perf_counter()
+        if self.first_token_at is None and token_ids:
+            self.first_token_at = now
+        c = self.completion
+        c.token_ids += token_ids
+        text = self.held + "".join(self.detok.add(t) for t in token_ids)
+        if finish is not None:
+            text += self.detok.finalize()
+        self.held = ""
+        stopped = False
+        if self.stop:
+            cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                text, stopped = text[:cut], True
+            elif finish is None:
+                keep = _partial_stop_suffix(text, self.stop)
+                text, self.held = text[: len(text) - keep], text[len(text) - keep :]
+        c.text += text
+        if finish is not None or stopped:
+            c.finish_reason = "stop" if stopped else finish
+            c.prefill_seconds = (self.first_token_at or now) - self.start
+            c.decode_seconds = now - (self.first_token_at or now)
+        return text, stopped
+
+
+def _partial_stop_suffix(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest end of ``text`` that is a proper prefix of some stop string."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
+
+
+class LLM:
+    """A loaded model with its tokenizer and engine."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, max_batch_size: int = 8,
+                 max_seq_len: int | None = None, prefill_chunk: int = 512) -> None:
+        self.model, self.tokenizer, self.config = model, tokenizer, model.config
+        eos = tuple(sorted(set(model.config.eos_token_ids) | set(tokenizer.stop_token_ids)))
+        self.engine = Engine(model, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
+                             prefill_chunk=prefill_chunk, eos_token_ids=eos)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        dtype: str | torch.dtype = "auto",
+        device: str = "cpu",
+        quantize: str | None = None,
+        max_batch_size: int = 8,
+        max_seq_len: int | None = None,
+        progress: bool = True,
+    ) -> LLM:
+        tokenizer = load_tokenizer(path)
+        model, config = load_model(path, dtype=dtype, device=device, quantize=quantize,
+                                   context=max_seq_len, batch=max_batch_size, progress=progress)
+        return cls(model, tokenizer, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return self.config
+
+    def default_params(self, **overrides: object) -> SamplingParams:
+        """Sampling defaults from generation_config.json, overridden by the caller's values."""
+        defaults = {k: v for k, v in self.tokenizer.generation_defaults.items() if k in SamplingParams.__dataclass_fields__}
+        return SamplingParams(**{**defaults, **{k: v for k, v in overrides.items() if v is not None}})
+
+    def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
+        return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+
+    def generate(
+        self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]], params: SamplingParams | None = None
+    ) -> list[Completion]:
+        """Generate for many prompts together (continuous batching); results in prompt order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        params = params or SamplingParams()
+        states: dict[int, _TextState] = {}
+        for prompt in prompts:
+            ids = self._prompt_ids(prompt)
+            rid = self.engine.add_request(ids, params)
+            states[rid] = _TextState(self.tokenizer, Completion(ids), params.stop)
+        order = list(states)
+        self._drive(states)
+        return [states[r].completion for r in order]
+
+    def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> Iterator[Delta]:
+        """Yield text as it is produced; the final Delta carries the finish reason.
+
+        Closing the iterator early (or Ctrl-C) aborts the request and frees its cache slot.
+        """
+        params = params or SamplingParams()
+        ids = self._prompt_ids(prompt)
+        rid = self.engine.add_request(ids, params)
+        state = _TextState(self.tokenizer, Completion(ids), params.stop)
+        self.last_completion = state.completion
+        try:
+            while not state.completion.finish_reason:
+                for out in self.engine.step():
+                    if out.request_id != rid:
+                        continue
+                    text, stopped = state.feed(out.new_token_ids, out.finish_reason)
+                    state.completion.logprobs += out.logprobs
+                    if stopped:
+                        self.engine.abort(rid)
+                    yield Delta(out.new_token_ids, text, state.completion.finish_reason)
+        finally:
+            self.engine.abort(rid)
+            self.engine.requests.pop(rid, None)
+
+    def _drive(self, states: dict[int, _TextState]) -> None:
+        pending = set(states)
+        try:
+            while pending:
+                for out in self.engine.step():
+                    state = states.get(out.request_id)
+                    if state is None:
+                        continue
+                    _, stopped = state.feed(out.new_token_ids, out.finish_reason)
+                    state.completion.logprobs += out.logprobs
+                    if stopped:
+                        self.engine.abort(out.request_id)
+                    if state.completion.finish_reason:
+                        pending.discard(out.request_id)
+                        self.engine.requests.pop(out.request_id, None)
+        finally:
+            for rid in pending:
+                self.engine.abort(rid)
+                self.engine.requests.pop(rid, None)

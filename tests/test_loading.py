@@ -1,0 +1,156 @@
+"""Loading: formats, memory check, and a clear error for every bad input."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+from factories import hf_model, save_hf, write_v1_checkpoint
+from safetensors.torch import load_file, save_file
+
+from qwenkit.checkpoint import load_model
+from qwenkit.config import ModelConfig
+from qwenkit.engine import Engine, SamplingParams
+from qwenkit.errors import CheckpointError, ConfigError, NonFiniteLogitsError, OutOfMemoryError
+from qwenkit.memory import check_fits
+
+
+@pytest.fixture()
+def qwen2_dir(tmp_path):
+    return save_hf(hf_model("qwen2"), tmp_path / "qwen2")
+
+
+def rewrite(path, edit):
+    sd = load_file(path / "model.safetensors")
+    edit(sd)
+    save_file(sd, str(path / "model.safetensors"))
+
+
+def test_legacy_bin_and_sharded_safetensors_load_identically(tmp_path):
+    hf = hf_model("qwen2")
+    sharded = save_hf(hf, tmp_path / "sharded", max_shard_size="100KB")
+    assert (sharded / "model.safetensors.index.json").exists()
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "config.json").write_text((sharded / "config.json").read_text())
+    torch.save(hf.state_dict(), legacy / "pytorch_model.bin")
+    ids = torch.arange(20)[None]
+    with torch.no_grad():
+        a = load_model(sharded, dtype="float32")[0](ids)
+        b = load_model(legacy, dtype="float32")[0](ids)
+        ref = hf(ids).logits
+    assert torch.equal(a, b) and (a - ref).abs().max() < 1e-4
+
+
+def test_bin_with_arbitrary_objects_is_refused(tmp_path, qwen2_dir):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    (qwen2_dir / "model.safetensors").unlink()
+    with open(qwen2_dir / "pytorch_model.bin", "wb") as f:
+        pickle.dump({"x": Evil()}, f)
+    with pytest.raises(CheckpointError, match="weights-only"):
+        load_model(qwen2_dir)
+
+
+def test_dtype_cast_bfloat16(qwen2_dir):
+    model, _ = load_model(qwen2_dir, dtype="bfloat16")
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    assert model.model.layers[0].self_attn.q_proj.bias.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight"), r"missing tensor\(s\) model.layers.1.mlp.up_proj.weight"),
+        (lambda sd: sd.__setitem__("model.layers.0.extra.weight", torch.zeros(2)), "unexpected tensor 'model.layers.0.extra.weight'"),
+        (lambda sd: sd.__setitem__("model.norm.weight", torch.zeros(3)), r"'model.norm.weight' has shape \(3,\), but config.json implies \(64,\)"),
+    ],
+)
+def test_bad_tensors_named(qwen2_dir, edit, message):
+    rewrite(qwen2_dir, edit)
+    with pytest.raises(CheckpointError, match=message):
+        load_model(qwen2_dir)
+
+
+def test_not_a_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="has no config.json"):
+        load_model(tmp_path)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_model(tmp_path / "nope")
+    (tmp_path / "x.txt").write_text("hi")
+    with pytest.raises(CheckpointError, match="neither a model directory nor a .gguf file"):
+        load_model(tmp_path / "x.txt")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2", **{"vocab_size": 10}}))
+    with pytest.raises(ConfigError, match="missing key 'hidden_size'"):
+        load_model(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_model(tmp_path)
+
+
+def test_no_weights(qwen2_dir):
+    (qwen2_dir / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="has no weights"):
+        load_model(qwen2_dir)
+
+
+def test_corrupt_safetensors(qwen2_dir):
+    data = (qwen2_dir / "model.safetensors").read_bytes()
+    (qwen2_dir / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        load_model(qwen2_dir)
+
+
+def test_unknown_model_type_and_unsupported_values():
+    base = {"vocab_size": 8, "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2}
+    with pytest.raises(ConfigError, match="unsupported model_type 'gpt2'"):
+        ModelConfig.from_hf({"model_type": "gpt2", **base})
+    with pytest.raises(ConfigError, match="unsupported rope_scaling type 'longrope'"):
+        ModelConfig.from_hf({"model_type": "qwen2", **base, "rope_scaling": {"type": "longrope", "factor": 2}})
+    with pytest.raises(ConfigError, match="use_sliding_window"):
+        ModelConfig.from_hf({"model_type": "qwen2", **base, "use_sliding_window": True})
+    with pytest.raises(ConfigError, match="not a multiple of num_key_value_heads 3"):
+        ModelConfig.from_hf({"model_type": "qwen2", **base, "num_key_value_heads": 3})
+
+
+def test_sharded_index_problems(tmp_path):
+    path = write_v1_checkpoint(tmp_path / "v1", shards=2)
+    index_path = path / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    moved = "transformer.ln_f.weight"
+    good = dict(index["weight_map"])
+    other = next(f for f in set(good.values()) if f != good[moved])
+    index["weight_map"][moved] = other
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="index maps it to|lacks tensor"):
+        load_model(path)
+    (path / other).unlink()
+    with pytest.raises(CheckpointError, match=f"missing from .*: {other}"):
+        load_model(path)
+
+
+def test_v1_config_reading(tmp_path):
+    path = write_v1_checkpoint(tmp_path / "v1", cfg={"rotary_emb_base": 1000000})
+    cfg = ModelConfig.from_dir(path)
+    assert (cfg.rope_theta, cfg.intermediate_size, cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias) == (1e6, 160, True, False, False)
+    assert cfg.use_dynamic_ntk and cfg.use_logn_attn and cfg.max_position_embeddings == 32
+
+
+def test_memory_check_refuses_with_both_numbers(qwen2_dir):
+    cfg = ModelConfig.from_dir(qwen2_dir)
+    with pytest.raises(OutOfMemoryError, match=r"need \d+\.\d+ GiB, but only 0\.00 GiB is free"):
+        check_fits(cfg, torch.float32, "cpu", context=4096, batch=8, free=1000)
+    assert check_fits(cfg, torch.float32, "cpu", context=128, free=10**9) > cfg.num_parameters * 4
+
+
+def test_non_finite_logits_reported(qwen2_dir):
+    rewrite(qwen2_dir, lambda sd: sd["model.norm.weight"].fill_(float("nan")))
+    model, _ = load_model(qwen2_dir, dtype="float32")
+    engine = Engine(model)
+    engine.add_request([1, 2, 3], SamplingParams(temperature=0))
+    with pytest.raises(NonFiniteLogitsError, match="NaN/inf logits at step 0 in float32"):
+        engine.step()
