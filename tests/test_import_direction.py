@@ -1,0 +1,38 @@
+"""Import direction: model/ imports neither engine/ nor server/; nothing imports cli/."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "qwenkit"
+
+
+def imports_of(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_model_does_not_import_engine_or_server():
+    for f in (SRC / "model").rglob("*.py"):
+        bad = {m for m in imports_of(f) if m.startswith(("qwenkit.engine", "qwenkit.server", "qwenkit.tokenizer"))}
+        assert not bad, f"{f.relative_to(SRC)} imports {bad}"
+
+
+def test_engine_knows_no_text():
+    for f in (SRC / "engine").rglob("*.py"):
+        bad = {m for m in imports_of(f) if m.startswith(("qwenkit.tokenizer", "qwenkit.server", "qwenkit.generate"))}
+        assert not bad, f"{f.relative_to(SRC)} imports {bad}"
+
+
+def test_nothing_imports_cli():
+    for f in SRC.rglob("*.py"):
+        if "cli" in f.relative_to(SRC).parts:
+            continue
+        bad = {m for m in imports_of(f) if m.startswith("qwenkit.cli")}
+        assert not bad, f"{f.relative_to(SRC)} imports {bad}"
