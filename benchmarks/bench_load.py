@@ -1,0 +1,86 @@
+"""Peak resident memory while loading, against the in-memory model size.
+
+Writes a random checkpoint with the exact Qwen2.5-0.5B shape (bfloat16 safetensors, sharded), then loads
+it in fresh subprocesses at several dtypes and reports peak RSS over the interpreter's own baseline
+(python + torch imported). Goal: peak load overhead under 1.3 x the model's in-memory size.
+
+    .venv/bin/python benchmarks/bench_load.py [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+QWEN25_05B = {
+    "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "vocab_size": 151936, "hidden_size": 896,
+    "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
+    "max_position_embeddings": 32768, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16",
+}
+
+CHILD = r"""
+import resource, sys, time, json
+import torch
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+from qwenkit.checkpoint import load_model
+t = time.perf_counter()
+model, cfg = load_model(sys.argv[1], dtype=sys.argv[2], progress=False)
+dt = time.perf_counter() - t
+with torch.no_grad():  # touch every weight: memory-mapped pages count once they are read
+    model(torch.tensor([[1, 2, 3]]))
+size = sum(p.numel() * p.element_size() for p in model.parameters())
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"base_kib": base, "peak_kib": peak, "model_bytes": size, "seconds": dt}))
+"""
+
+
+def write_checkpoint(path: Path, config: dict) -> None:
+    import torch
+
+    from qwenkit.checkpoint.saver import save_sharded
+    from qwenkit.config import ModelConfig
+    from qwenkit.model import Transformer
+
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config))
+    with torch.device("meta"):
+        model = Transformer(ModelConfig.from_hf(config))
+    g = torch.Generator().manual_seed(0)
+
+    def tensors():
+        for name, p in model.named_parameters():
+            yield name, (torch.randn(p.shape, generator=g) * 0.02).to(torch.bfloat16)
+
+    save_sharded(tensors(), path, shard_bytes=300 * 10**6)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--keep", type=Path, help="write the checkpoint here and keep it")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.keep or Path(tmp) / "qwen2.5-0.5b-shape"
+        if not (path / "config.json").exists():
+            write_checkpoint(path, QWEN25_05B)
+        disk = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+        print(f"checkpoint: Qwen2.5-0.5B shape, {disk / 2**20:.0f} MiB of bfloat16 safetensors\n")
+        print("| load dtype | model in memory | peak RSS over interpreter (load + 1 forward) | ratio | load time |")
+        print("|---|---|---|---|---|")
+        for dtype in ("bfloat16", "float32"):
+            out = subprocess.run([sys.executable, "-c", CHILD, str(path), dtype], capture_output=True, text=True,
+                                 check=True)
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            over = (r["peak_kib"] - r["base_kib"]) * 1024
+            print(f"| {dtype} | {r['model_bytes'] / 2**20:.0f} MiB | {over / 2**20:.0f} MiB | "
+                  f"{over / r['model_bytes']:.2f}x | {r['seconds']:.2f} s |")
+        time.sleep(0)
+
+
+if __name__ == "__main__":
+    main()
