@@ -13,11 +13,17 @@ from pathlib import Path
 
 import torch
 
-from qwenkit.checkpoint import load_model
+from qwenkit.checkpoint import load_model, open_checkpoint
+from qwenkit.checkpoint.gguf import GGUFCheckpoint
+from qwenkit.checkpoint.loader import CheckpointSource
 from qwenkit.config import ModelConfig
 from qwenkit.engine import Engine, FinishReason, SamplingParams, TokenLogprob
 from qwenkit.model import Transformer
-from qwenkit.tokenizer import StreamingDetokenizer, Tokenizer, load_tokenizer
+from qwenkit.tokenizer import HFTokenizer, StreamingDetokenizer, Tokenizer, load_tokenizer
+
+
+# Qwen2.5-Instruct's generation_config.json values, used when a model ships none.
+FALLBACK_SAMPLING = {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05, "max_tokens": 512}
 
 
 @dataclass
@@ -44,7 +50,7 @@ class _TextState:
     """Per-request text bookkeeping: incremental detokenizing and stop-string search."""
 
     def __init__(self, tokenizer: Tokenizer, completion: Completion, stop: Sequence[str]) -> None:
-        self.detok = StreamingDetokenizer(tokenizer)
+        self.detok = StreamingDetokenizer(tokenizer, skip_special=True)  # no <|im_end|> in replies
         self.completion = completion
         self.stop = tuple(s for s in stop if s)
         self.held = ""  # text withheld because it might be the start of a stop string
@@ -89,6 +95,13 @@ def _partial_stop_suffix(text: str, stops: tuple[str, ...]) -> int:
     return best
 
 
+def tokenizer_for(source: CheckpointSource) -> Tokenizer:
+    """The tokenizer that belongs to a checkpoint: its directory's files, or a GGUF's own metadata."""
+    if isinstance(source, GGUFCheckpoint):
+        return HFTokenizer(source.tokenizer, source.tokenizer_config, {})
+    return load_tokenizer(source.path)
+
+
 class LLM:
     """A loaded model with its tokenizer and engine."""
 
@@ -110,9 +123,10 @@ class LLM:
         max_seq_len: int | None = None,
         progress: bool = True,
     ) -> LLM:
-        tokenizer = load_tokenizer(path)
-        model, config = load_model(path, dtype=dtype, device=device, quantize=quantize,
-                                   context=max_seq_len, batch=max_batch_size, progress=progress)
+        source = open_checkpoint(path)
+        tokenizer = tokenizer_for(source)
+        model, _ = load_model(source, dtype=dtype, device=device, quantize=quantize,
+                              context=max_seq_len, batch=max_batch_size, progress=progress)
         return cls(model, tokenizer, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
 
     @property
@@ -120,8 +134,20 @@ class LLM:
         return self.config
 
     def default_params(self, **overrides: object) -> SamplingParams:
-        """Sampling defaults from generation_config.json, overridden by the caller's values."""
-        defaults = {k: v for k, v in self.tokenizer.generation_defaults.items() if k in SamplingParams.__dataclass_fields__}
+        """Sampling defaults from generation_config.json, overridden by the caller's values.
+
+        A model without a generation_config.json (a GGUF file, say) gets Qwen2.5-Instruct's published
+        defaults rather than raw temperature-1 sampling, which small models answer badly.
+        """
+        found = dict(self.tokenizer.generation_defaults)
+        defaults: dict[str, object] = dict(FALLBACK_SAMPLING) if not found else {}
+        for key in ("temperature", "top_p", "top_k", "repetition_penalty"):
+            if key in found:
+                defaults[key] = found[key]
+        if "max_new_tokens" in found:
+            defaults["max_tokens"] = found["max_new_tokens"]
+        if found.get("do_sample") is False:
+            defaults["temperature"] = 0.0
         return SamplingParams(**{**defaults, **{k: v for k, v in overrides.items() if v is not None}})
 
     def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:

@@ -138,7 +138,9 @@ class GGUFCheckpoint:
     def generation_config(self) -> dict[str, Any]:
         """``generation_config.json`` dict: the special ids generation stops and pads with."""
         return {
-            k: self.hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in self.hf_config
+            k: self.hf_config[k]
+            for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+            if k in self.hf_config
         }
 
 
@@ -158,7 +160,11 @@ def read_gguf(path: str | Path) -> GGUFCheckpoint:
         # Copy-on-write: tensors can be handed to torch without a copy, and writes never reach the file.
         reader = GGUFReader(p, mode="c")
     except (ValueError, IndexError, OverflowError, TypeError) as e:
-        raise GGUFError(f"{p}: truncated or corrupt GGUF file ({e})") from None
+        # gguf-py fails with numpy's words (a reshape or view that comes up short); say what it means.
+        raise GGUFError(
+            f"{p}: truncated or corrupt GGUF file: its header or tensor data ends early "
+            f"({p.stat().st_size:,} bytes); download it again"
+        ) from e
     size = p.stat().st_size
     for t in reader.tensors:
         if t.data_offset + t.n_bytes > size:

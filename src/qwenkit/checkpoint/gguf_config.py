@@ -82,7 +82,11 @@ def build_hf_config(
 
 
 def _head_dim(
-    architecture: str, metadata: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]], hidden: int, heads: int
+    architecture: str,
+    metadata: Mapping[str, Any],
+    shapes: Mapping[str, tuple[int, ...]],
+    hidden: int,
+    heads: int,
 ) -> int:
     """Per-head size: stated key_length, else Qwen3's q_norm width, else rope width, else hidden/heads."""
     if (stated := metadata.get(f"{architecture}.attention.key_length")) is not None:

@@ -76,7 +76,12 @@ class GGUFVocab:
         merges = metadata.get("tokenizer.ggml.merges")
         if not tokens or merges is None:
             raise TokenizerMetadataError("a byte-level BPE tokenizer needs tokenizer.ggml.tokens and .merges")
-        names = {"bos": "bos_token_id", "eos": "eos_token_id", "unk": "unknown_token_id", "pad": "padding_token_id"}
+        names = {
+            "bos": "bos_token_id",
+            "eos": "eos_token_id",
+            "unk": "unknown_token_id",
+            "pad": "padding_token_id",
+        }
         special_ids = {
             role: int(metadata[f"tokenizer.ggml.{key}"])
             for role, key in names.items()
@@ -160,15 +165,23 @@ def _post_processor(vocab: GGUFVocab) -> processors.TemplateProcessing:
     eos = vocab.tokens[ids["eos"]] if vocab.add_eos_token and "eos" in ids else None
 
     def sequence(piece: str, type_id: int) -> list[str]:
-        return [*([f"{bos}:{type_id}"] if bos else []), f"${piece}:{type_id}", *([f"{eos}:{type_id}"] if eos else [])]
+        return [
+            *([f"{bos}:{type_id}"] if bos else []),
+            f"${piece}:{type_id}",
+            *([f"{eos}:{type_id}"] if eos else []),
+        ]
 
     specials = {token: ids[role] for role, token in (("bos", bos), ("eos", eos)) if token is not None}
     return processors.TemplateProcessing(
-        single=sequence("A", 0), pair=sequence("A", 0) + sequence("B", 1), special_tokens=list(specials.items())
+        single=sequence("A", 0),
+        pair=sequence("A", 0) + sequence("B", 1),
+        special_tokens=list(specials.items()),
     )
 
 
-def build_tokenizer_config(vocab: GGUFVocab, tokenizer: Tokenizer, model_max_length: int | None) -> dict[str, Any]:
+def build_tokenizer_config(
+    vocab: GGUFVocab, tokenizer: Tokenizer, model_max_length: int | None
+) -> dict[str, Any]:
     """A ``tokenizer_config.json`` dict: special tokens by text, the chat template, the added tokens."""
     config: dict[str, Any] = {
         "tokenizer_class": "PreTrainedTokenizerFast",  # load tokenizer.json as written, no rebuilding

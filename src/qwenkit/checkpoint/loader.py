@@ -100,7 +100,7 @@ def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
 
 
 def load_model(
-    path: str | Path,
+    path: str | Path | CheckpointSource,
     dtype: str | torch.dtype = "auto",
     device: str = "cpu",
     quantize: str | None = None,
@@ -111,7 +111,7 @@ def load_model(
     """Load any supported checkpoint. ``context``/``batch`` size the memory check for the KV cache."""
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for, but no CUDA device is available")
-    source = open_checkpoint(path)
+    source = open_checkpoint(path) if isinstance(path, str | Path) else path
     config = ModelConfig.from_hf(source.hf_config)
     torch_dtype = resolve_dtype(dtype, device)
     if quantize not in (None, "int8", "int4"):

@@ -69,7 +69,9 @@ class GPTQConfig:
         """Read a quantize_config.json / quantization_config dict; reject anything we would misread."""
         method = d.get("quant_method", "gptq")
         if method != "gptq":
-            raise QuantizationError(f"quant_method {method!r} is not supported; qwenkit reads GPTQ checkpoints")
+            raise QuantizationError(
+                f"quant_method {method!r} is not supported; qwenkit reads GPTQ checkpoints"
+            )
         if d.get("lm_head"):
             raise QuantizationError("GPTQ checkpoints with a quantized lm_head are not supported")
         if "bits" not in d:
@@ -124,7 +126,7 @@ class GPTQConfig:
 
 @dataclass
 class IntWeight:
-    """A weight-only quantized matrix: ``W[o, i] = scales[g_idx[i], o] * (qweight[o, i] - zeros[g_idx[i], o])``.
+    """A weight-only quantized matrix: ``W[o, i] = scales[g[i], o] * (qweight[o, i] - zeros[g[i], o])``.
 
     qweight: (out, in) uint8 codes in 0..2**bits-1, in the checkpoint's column order.
     scales: (G, out) float. zeros: (G, out) int16 true zero points (no AutoGPTQ -1 offset).
@@ -189,7 +191,7 @@ def _unpack_rows(words: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def pack_gptq(w: IntWeight, checkpoint_format: CheckpointFormat = "gptq") -> dict[str, torch.Tensor]:
-    """IntWeight -> ``{"qweight", "qzeros", "scales", "g_idx"}`` exactly as AutoGPTQ's ``pack()`` writes them."""
+    """IntWeight -> ``{"qweight", "qzeros", "scales", "g_idx"}`` as AutoGPTQ's ``pack()`` writes them."""
     maxq = 2**w.bits - 1
     if w.qweight.min() < 0 or w.qweight.max() > maxq:
         raise QuantizationError(f"integer weights must lie in 0..{maxq} for {w.bits} bits")

@@ -5,7 +5,7 @@ from functools import cache
 
 @cache
 def bytes_to_unicode() -> dict[int, str]:
-    """Map each byte to a printable character: printable Latin-1 bytes map to themselves, the rest above 255."""
+    """Map each byte to a printable character: printable Latin-1 bytes stay, the rest go above 255."""
     keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     chars = list(keep)
     n = 0
@@ -14,7 +14,7 @@ def bytes_to_unicode() -> dict[int, str]:
             keep.append(b)
             chars.append(256 + n)
             n += 1
-    return {b: chr(c) for b, c in zip(keep, chars)}
+    return {b: chr(c) for b, c in zip(keep, chars, strict=True)}
 
 
 @cache

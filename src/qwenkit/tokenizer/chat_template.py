@@ -44,7 +44,9 @@ def chatml_template(default_system: str | None = DEFAULT_V1_SYSTEM) -> str:
     default = ""
     if default_system is not None:
         sys_text = json.dumps(f"<|im_start|>system\n{default_system}<|im_end|>\n")
-        default = f"{{%- if loop.first and messages[0]['role'] != 'system' %}}{{{{- {sys_text} }}}}{{%- endif %}}\n"
+        default = (
+            f"{{%- if loop.first and messages[0]['role'] != 'system' %}}{{{{- {sys_text} }}}}{{%- endif %}}\n"
+        )
     return (
         "{%- for message in messages %}\n"
         f"{default}"
@@ -55,7 +57,7 @@ def chatml_template(default_system: str | None = DEFAULT_V1_SYSTEM) -> str:
 
 
 class _GenerationTag(jinja2.ext.Extension):
-    """`{% generation %}...{% endgeneration %}` (assistant-mask marker in some templates): renders its body."""
+    """`{% generation %}...{% endgeneration %}` (assistant-mask marker): renders its body."""
 
     tags = {"generation"}  # noqa: RUF012 - jinja2's Extension API declares tags as a class attribute
 
@@ -73,7 +75,11 @@ def _raise_exception(message: str) -> None:
 
 
 def _tojson(
-    x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None, sort_keys: bool = False
+    x: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: Any = None,
+    sort_keys: bool = False,
 ) -> str:
     # transformers' semantics: no HTML escaping (jinja's own tojson escapes < > & '), unicode kept.
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
@@ -156,7 +162,7 @@ def normalize_messages(messages: Any) -> list[dict[str, Any]]:
     is copied under `reasoning_content` and `thinking` from whichever name the caller used.
     """
     if not isinstance(messages, list | tuple) or not messages:
-        raise TokenizerError("chat messages must be a non-empty list of {'role': ..., 'content': ...} objects")
+        raise TokenizerError("chat messages must be a non-empty list of {'role', 'content'} objects")
     out = []
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):

@@ -1,0 +1,80 @@
+"""Chat on top of the generation API: messages in, a streamed reply out, history kept.
+
+The prompt is built by the tokenizer's chat template (control tokens from the template only, user text
+always plain); when a conversation outgrows the context window, the oldest whole turns are dropped
+(the system message stays), as Qwen's own ``make_context`` does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from qwenkit.engine import SamplingParams
+from qwenkit.errors import QwenkitError
+from qwenkit.generate import LLM, Delta
+
+Message = dict[str, Any]
+
+
+class ContextOverflowError(QwenkitError, ValueError):
+    """Even the newest message alone does not fit in the context window."""
+
+
+def build_prompt(
+    llm: LLM, messages: Sequence[Message], params: SamplingParams, tools: list[dict] | None = None, **template_kwargs: Any
+) -> list[int]:
+    """Prompt ids for ``messages``, dropping the oldest turns until prompt + reply fit the window."""
+    window = llm.engine.max_seq_len
+    msgs = list(messages)
+    while True:
+        ids = llm.tokenizer.apply_chat_template(msgs, tools=tools, add_generation_prompt=True, **template_kwargs)
+        if len(ids) + min(params.max_tokens, window // 2) <= window:
+            return ids
+        first = 1 if msgs and msgs[0].get("role") == "system" else 0
+        if len(msgs) - first <= 1:
+            raise ContextOverflowError(
+                f"the message needs {len(ids)} tokens; with room to reply it does not fit the {window}-token window"
+            )
+        # Drop the oldest turn: everything up to the next user message.
+        nxt = next((i for i in range(first + 1, len(msgs)) if msgs[i].get("role") == "user"), len(msgs) - 1)
+        del msgs[first:nxt]
+
+
+def chat_stream(
+    llm: LLM, messages: Sequence[Message], params: SamplingParams | None = None, **template_kwargs: Any
+) -> Iterator[Delta]:
+    """Stream the assistant's reply to ``messages``."""
+    params = params or llm.default_params()
+    yield from llm.stream(build_prompt(llm, messages, params, **template_kwargs), params)
+
+
+def chat(llm: LLM, messages: Sequence[Message], params: SamplingParams | None = None, **template_kwargs: Any) -> str:
+    """The assistant's whole reply to ``messages``."""
+    return "".join(d.text for d in chat_stream(llm, messages, params, **template_kwargs)).strip()
+
+
+@dataclass
+class ChatSession:
+    """A conversation: system prompt, history and sampling settings that persist between turns."""
+
+    llm: LLM
+    params: SamplingParams
+    system: str | None = None
+    history: list[Message] = field(default_factory=list)
+
+    def messages(self, user_text: str) -> list[Message]:
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return head + self.history + [{"role": "user", "content": user_text}]
+
+    def ask(self, user_text: str) -> Iterator[str]:
+        """Stream the reply. The turn joins the history when the reply ends or is interrupted."""
+        reply: list[str] = []
+        try:
+            for delta in chat_stream(self.llm, self.messages(user_text), self.params):
+                reply.append(delta.text)
+                yield delta.text
+        finally:
+            self.history += [{"role": "user", "content": user_text},
+                             {"role": "assistant", "content": "".join(reply).strip()}]

@@ -1,0 +1,155 @@
+"""``qwenkit chat [MODEL]``: an interactive terminal chat with streaming, history and Qwen's demo commands.
+
+``-p QUESTION`` answers once and exits (for scripts and pipes). Ctrl-C stops the current answer and
+returns to the prompt; Ctrl-D or ``:exit`` leaves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import sys
+
+from qwenkit.chat import ChatSession
+from qwenkit.cli.common import add_model_args, add_sampling_args, load_llm, sampling_overrides
+from qwenkit.engine import SamplingParams, SamplingParamsError
+
+HELP = """commands:
+  :help                 this help
+  :clear                clear the screen
+  :clear-history        forget the conversation so far
+  :history              show the conversation so far
+  :seed N               set the sampling seed
+  :conf key=value ...   change sampling settings (e.g. :conf temperature=0.5 top_k=20); :conf alone shows them
+  :reset-conf           back to the settings the chat started with
+  :system TEXT          set the system prompt (empty to remove) and clear the history
+  :exit                 leave (also Ctrl-D)
+Ctrl-C stops the current answer."""
+
+CONF_KEYS = tuple(f.name for f in dataclasses.fields(SamplingParams) if f.name not in ("stop_token_ids", "logprobs"))
+
+
+class CommandError(ValueError):
+    """A chat command could not be carried out; the chat goes on."""
+
+
+def parse_conf(params: SamplingParams, assignments: list[str]) -> SamplingParams:
+    """Apply ``key=value`` pairs. Values are Python literals (never evaluated as code)."""
+    changes: dict[str, object] = {}
+    for item in assignments:
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep:
+            raise CommandError(f"expected key=value, got {item!r}")
+        if key not in CONF_KEYS:
+            raise CommandError(f"unknown :conf key {key!r}; known: {', '.join(CONF_KEYS)}")
+        try:
+            value = ast.literal_eval(raw.strip())
+        except (ValueError, SyntaxError):
+            raise CommandError(f"value for {key} must be a literal such as 0.7, 20, None or 'text'; got {raw!r}") from None
+        if key == "stop":
+            value = (value,) if isinstance(value, str) else tuple(value or ())
+        changes[key] = value
+    try:
+        return dataclasses.replace(params, **changes)
+    except (SamplingParamsError, TypeError) as e:
+        raise CommandError(str(e)) from None
+
+
+def run_command(session: ChatSession, initial: SamplingParams, line: str) -> bool:
+    """Carry out one ``:command``; return False to leave the chat."""
+    name, _, arg = line[1:].partition(" ")
+    arg = arg.strip()
+    if name in ("exit", "quit", "q"):
+        return False
+    if name in ("help", "h"):
+        print(HELP)
+    elif name == "clear":
+        print("\033[2J\033[H", end="")
+    elif name == "clear-history":
+        session.history.clear()
+        print("[history cleared]")
+    elif name == "history":
+        if not session.history:
+            print("[history is empty]")
+        for m in session.history:
+            print(f"{m['role']}: {m['content']}")
+    elif name == "seed":
+        try:
+            session.params = dataclasses.replace(session.params, seed=int(arg))
+        except ValueError:
+            raise CommandError(f":seed needs an integer, got {arg!r}") from None
+        print(f"[seed = {session.params.seed}]")
+    elif name == "conf":
+        if arg:
+            session.params = parse_conf(session.params, arg.split())
+        print("[" + ", ".join(f"{k}={getattr(session.params, k)!r}" for k in CONF_KEYS) + "]")
+    elif name == "reset-conf":
+        session.params = initial
+        print("[settings reset]")
+    elif name == "system":
+        session.system = arg or None
+        session.history.clear()
+        print(f"[system prompt {'set' if arg else 'removed'}; history cleared]")
+    else:
+        raise CommandError(f"unknown command :{name}; type :help")
+    return True
+
+
+def answer(session: ChatSession, text: str) -> None:
+    stream = session.ask(text)
+    try:
+        for piece in stream:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        print()
+    except KeyboardInterrupt:
+        stream.close()
+        print("\n[interrupted]")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="qwenkit chat", description="Chat with a model in the terminal.")
+    add_model_args(parser)
+    parser.add_argument("-p", "--prompt", help="answer this one question and exit ('-' reads stdin)")
+    parser.add_argument("--system", help="system prompt")
+    add_sampling_args(parser)
+    args = parser.parse_args(argv)
+
+    llm = load_llm(args)
+    params = llm.default_params(**sampling_overrides(args))
+    session = ChatSession(llm, params, system=args.system)
+    if args.prompt is not None:
+        question = sys.stdin.read() if args.prompt == "-" else args.prompt
+        for piece in session.ask(question):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        print()
+        return 0
+
+    interactive = sys.stdin.isatty()
+    if interactive:
+        import readline  # noqa: F401 - line editing and history for input()
+
+        print("qwenkit chat: type a message, :help for commands, Ctrl-D to leave.")
+    while True:
+        try:
+            line = input("\n>>> " if interactive else "")
+        except EOFError:
+            print()
+            return 0
+        except KeyboardInterrupt:
+            print("\n[Ctrl-D or :exit to leave]")
+            continue
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith(":"):
+            try:
+                if not run_command(session, params, line):
+                    return 0
+            except CommandError as e:
+                print(f"error: {e}")
+            continue
+        answer(session, line)

@@ -1,0 +1,1 @@
+"""Converters between checkpoint formats, built from the loader's mappings and the saver."""

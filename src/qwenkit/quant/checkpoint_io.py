@@ -1,0 +1,138 @@
+"""GPTQ checkpoints in and out: the loader's hook and the AutoGPTQ-format writer.
+
+Reading (vLLM-style): the loader builds the float model on the meta device, then calls
+:func:`prepare_quantized_model`, which asks :func:`get_quant_method` for each Linear by its full name
+and swaps in an empty :class:`QuantizedLinear` in checkpoint state. Each one then expects exactly these
+tensors (Hugging Face Qwen2 names, e.g. ``model.layers.0.self_attn.q_proj.qweight``)::
+
+    <prefix>.qweight  int32   (in * bits / 32, out)
+    <prefix>.qzeros   int32   (G, out * bits / 32)       G = ceil(in / group_size), 1 if group_size == -1
+    <prefix>.scales   float16 (G, out)
+    <prefix>.g_idx    int32   (in,)
+    <prefix>.bias     (out,)  only where the float layer has a bias; all-zero extras may be dropped
+
+After the tensors are assigned, :func:`finalize_quantized_model` packs every layer for its kernel (the
+first forward does it too, layer by layer, if the loader does not).
+
+Writing: :func:`save_gptq` streams a quantized model into ``model.safetensors`` (sharded past
+``shard_bytes``), ``quantize_config.json`` and ``config.json`` with ``quantization_config``
+(``quant_method: gptq``): the layout AutoGPTQ, transformers + optimum and vLLM load.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from qwenkit.quant.gptq_format import GPTQConfig, QuantizationError, pack_gptq
+from qwenkit.quant.linear import QuantizedLinear
+from qwenkit.quant.rtn import replace_module
+
+NOT_QUANTIZED = ("lm_head",)  # GPTQ checkpoints keep lm_head (and embeddings, norms) in float
+
+
+def get_quant_method(layer_name: str, linear: nn.Linear, config: GPTQConfig) -> QuantizedLinear | None:
+    """The quantized replacement for the Linear named ``layer_name``, or None to keep it float."""
+    if layer_name.split(".")[-1] in NOT_QUANTIZED:
+        return None
+    device = linear.weight.device
+    return QuantizedLinear.for_checkpoint(
+        linear.in_features, linear.out_features, linear.bias is not None, config, device=device
+    )
+
+
+def prepare_quantized_model(
+    model: nn.Module, quantization: dict[str, Any] | GPTQConfig, dtype: torch.dtype | None = None
+) -> GPTQConfig:
+    """Swap the model's Linears for empty GPTQ layers named by the checkpoint's quantization config.
+
+    ``dtype`` is accepted for the loader's convenience; scales keep float16 until the loader casts them.
+    """
+    del dtype
+    config = quantization if isinstance(quantization, GPTQConfig) else GPTQConfig.from_dict(quantization)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear):
+            new = get_quant_method(name, module, config)
+            if new is not None:
+                replace_module(model, name, new)
+    return config
+
+
+def finalize_quantized_model(model: nn.Module) -> dict[str, int]:
+    """Pack every loaded GPTQ layer for its kernel; returns how many layers run each kernel."""
+    counts: dict[str, int] = {}
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            module.pack()
+            counts[module.kernel] = counts.get(module.kernel, 0) + 1
+    return counts
+
+
+def quantized_state_dict(
+    model: nn.Module, config: GPTQConfig, float_dtype: torch.dtype = torch.float16
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` in AutoGPTQ layout, one module at a time (never the whole model at once).
+
+    Quantized layers give qweight/qzeros/scales/g_idx(/bias); every other parameter is cast to
+    ``float_dtype``. Tied weights appear once (under the embedding's name), as Hugging Face saves them.
+    """
+    quantized = {n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    for name, module in model.named_modules():
+        if name in quantized:
+            w = module.to_int()
+            if w.bits != config.bits:
+                raise QuantizationError(f"{name} is {w.bits}-bit but the config says {config.bits}")
+            for key, t in pack_gptq(w, config.checkpoint_format).items():
+                yield f"{name}.{key}", t.cpu()
+            if module.bias is not None:
+                yield f"{name}.bias", module.bias.to(torch.float16).cpu()
+            continue
+        if any(name.startswith(q + ".") for q in quantized):
+            continue
+        for pname, p in module.named_parameters(recurse=False):
+            yield (f"{name}.{pname}" if name else pname), p.detach().to(float_dtype).cpu()
+
+
+def save_gptq(
+    model: nn.Module,
+    out_dir: str | Path,
+    config: GPTQConfig,
+    hf_config: dict[str, Any],
+    shard_bytes: int = 5 * 10**9,
+) -> Path:
+    """Write a quantized model as an AutoGPTQ checkpoint directory (tokenizer files are the caller's)."""
+    from qwenkit.checkpoint.saver import save_sharded
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seen: set[int] = set()
+
+    def once() -> Iterator[tuple[str, torch.Tensor]]:
+        # Shared parameters (tied lm_head) come once: named_modules visits the embedding first.
+        for name, t in quantized_state_dict(model, config):
+            key = id(model.get_parameter(name)) if _is_parameter(model, name) else None
+            if key is not None and key in seen:
+                continue
+            if key is not None:
+                seen.add(key)
+            yield name, t
+
+    save_sharded(once(), out, shard_bytes)
+    qcfg = config.to_dict()
+    (out / "quantize_config.json").write_text(json.dumps(qcfg, indent=2) + "\n")
+    cfg = {**hf_config, "quantization_config": qcfg, "torch_dtype": "float16"}
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    return out
+
+
+def _is_parameter(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_parameter(name)
+    except AttributeError:
+        return False
+    return True

@@ -1,0 +1,80 @@
+"""Round-to-nearest weight-only quantization: ``--quantize int8|int4`` at load time.
+
+Each Linear is quantized on its own and swapped for a :class:`QuantizedLinear` before the next one is
+touched, so at most one float weight is copied at a time (the model's own float weights are freed as
+their modules are replaced).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from qwenkit.quant.gptq_format import IntWeight, default_g_idx
+from qwenkit.quant.linear import QuantizedLinear
+from qwenkit.quant.quantizer import check_bits_group, find_params, quantize_codes, round_scale
+
+DEFAULT_SKIP = ("lm_head",)
+# int8 per channel runs the fastest CPU kernel (aten._weight_int8pack_mm); int4 needs groups for accuracy.
+DEFAULT_GROUP = {8: -1, 4: 128}
+DEFAULT_SYM = {8: True, 4: False}
+
+
+def quantize_weight_rtn(weight: torch.Tensor, bits: int, group_size: int = -1, sym: bool = True) -> IntWeight:
+    """(out, in) float weight -> IntWeight on the same device, each group rounded to its own grid.
+
+    Every element is within half a step of the original: ``|w - deq(w)| <= scale / 2``.
+    """
+    out_f, in_f = weight.shape
+    gs = check_bits_group(bits, group_size, in_f)
+    groups = weight.detach().float().reshape(out_f, in_f // gs, gs)  # (out, G, gs)
+    scale, zero = find_params(groups.reshape(-1, gs), bits, sym)  # (out*G,)
+    scale = round_scale(scale).view(out_f, -1, 1)
+    zero = zero.view(out_f, -1, 1)
+    q = quantize_codes(groups, scale, zero, bits).reshape(out_f, in_f)
+    return IntWeight(
+        qweight=q.to(torch.uint8),
+        scales=scale.squeeze(-1).T.contiguous(),  # (G, out)
+        zeros=zero.squeeze(-1).T.to(torch.int16).contiguous(),
+        g_idx=default_g_idx(in_f, gs).to(weight.device),
+        bits=bits,
+    )
+
+
+def _targets(model: nn.Module, skip: Iterable[str]) -> list[tuple[str, nn.Linear]]:
+    skip = tuple(skip)
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and not any(name == s or name.endswith("." + s) for s in skip)
+    ]
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+@torch.no_grad()
+def quantize_model_rtn(
+    model: nn.Module,
+    bits: int,
+    group_size: int | None = None,
+    sym: bool | None = None,
+    skip: Iterable[str] = DEFAULT_SKIP,
+) -> nn.Module:
+    """Replace every ``nn.Linear`` except ``skip`` (``lm_head`` by default) with an RTN-quantized one.
+
+    Defaults: int8 per channel symmetric, int4 groups of 128 asymmetric. Embeddings are never touched
+    (they are ``nn.Embedding``). Returns the same model, modified in place.
+    """
+    check_bits_group(bits, -1)
+    group_size = DEFAULT_GROUP[bits] if group_size is None else group_size
+    sym = DEFAULT_SYM[bits] if sym is None else sym
+    for name, linear in _targets(model, skip):
+        w = quantize_weight_rtn(linear.weight, bits, group_size, sym)
+        bias = None if linear.bias is None else linear.bias.detach()
+        replace_module(model, name, QuantizedLinear.from_int(w, bias))
+    return model

@@ -1,0 +1,195 @@
+"""The `Tokenizer` interface every other layer uses, with the chat logic shared by both backends."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping, Sequence
+from functools import cached_property
+from typing import Any
+
+from qwenkit.tokenizer import chat_template as ct
+from qwenkit.tokenizer.errors import TokenizerError
+
+# Keys of generation_config.json that describe sampling; engines read them as defaults.
+GENERATION_KEYS = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens")
+# Tokens that close a chat turn in the templates we know; one of them found in the template is a stop token.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
+# tokenizer_config.json keys that transformers passes to templates (as its `special_tokens_map`).
+TEMPLATE_TOKEN_KEYS = (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+)
+
+
+def token_text(value: Any) -> str | None:
+    """A tokenizer_config token entry is a string or an AddedToken dict {"content": ...}."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Mapping) and isinstance(value.get("content"), str):
+        return value["content"]
+    return None
+
+
+def _ids(value: Any) -> set[int]:
+    if isinstance(value, int):
+        return {value}
+    if isinstance(value, list):
+        return {v for v in value if isinstance(v, int)}
+    return set()
+
+
+class Tokenizer(ABC):
+    """Text <-> token ids, special and stop tokens, and chat prompts.
+
+    Subclasses supply the encoder (tiktoken for Qwen v1, `tokenizers` for the rest) through a handful of
+    abstract methods; everything about chat templates and stop tokens lives here so both behave alike.
+    `encode` treats special-token text as plain text unless asked: text from users must never become a
+    control token.
+    """
+
+    def __init__(
+        self,
+        added_tokens: Mapping[str, int],
+        special_token_ids: Iterable[int],
+        chat_template: str | None,
+        tokenizer_config: Mapping[str, Any] | None = None,
+        generation_config: Mapping[str, Any] | None = None,
+        default_eos: str | None = None,
+    ) -> None:
+        self.added_tokens: dict[str, int] = dict(added_tokens)
+        self.special_token_ids: frozenset[int] = frozenset(special_token_ids)
+        self.chat_template = chat_template
+        self.tokenizer_config: dict[str, Any] = dict(tokenizer_config or {})
+        self.generation_config: dict[str, Any] = dict(generation_config or {})
+
+        eos = set()
+        eos_text = token_text(self.tokenizer_config.get("eos_token")) or default_eos
+        if eos_text is not None and eos_text in self.added_tokens:
+            eos.add(self.added_tokens[eos_text])
+        eos |= _ids(self.generation_config.get("eos_token_id"))
+        self.eos_token_ids: frozenset[int] = frozenset(eos)
+        self.generation_defaults: dict[str, Any] = {
+            k: self.generation_config[k] for k in GENERATION_KEYS if k in self.generation_config
+        }
+
+    # ---- backend primitives -------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int:
+        """Number of ids the tokenizer can produce (regular + added tokens)."""
+
+    @abstractmethod
+    def encode_plain(self, text: str) -> list[int]:
+        """Encode with every added token's text treated as ordinary text."""
+
+    @abstractmethod
+    def encode_with_added(self, text: str) -> list[int]:
+        """Encode with added/special-token text parsed into its token (the reference libraries' default)."""
+
+    @abstractmethod
+    def decode(self, ids: Sequence[int], *, skip_special: bool = False) -> str:
+        """Ids -> text; invalid UTF-8 becomes U+FFFD. `skip_special` drops special tokens."""
+
+    @abstractmethod
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes a token stands for (added tokens: their UTF-8 text). Used for streaming."""
+
+    @abstractmethod
+    def id_to_piece(self, token_id: int) -> str:
+        """The vocabulary spelling of a token (byte-level, e.g. "Ġhello"; added tokens as written)."""
+
+    @abstractmethod
+    def token_to_id(self, piece: str) -> int | None:
+        """The id of a vocabulary piece or added token, or None."""
+
+    # ---- shared behaviour ---------------------------------------------------------------------------
+    def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
+        """Text -> ids. By default special-token text is plain text (injection safe)."""
+        if not isinstance(text, str):
+            raise TokenizerError(f"can only encode str, got {type(text).__name__}")
+        return self.encode_with_added(text) if allow_special else self.encode_plain(text)
+
+    @cached_property
+    def control_tokens(self) -> tuple[str, ...]:
+        """Added tokens that chat content may not produce: all of them except whitespace-only ones."""
+        return tuple(t for t in self.added_tokens if t and not t.isspace())
+
+    @cached_property
+    def stop_token_ids(self) -> frozenset[int]:
+        """eos ids plus the template's end-of-turn token (e.g. <|im_end|>); generation stops on any."""
+        stops = set(self.eos_token_ids)
+        template = self.chat_template or ""
+        for tok in END_OF_TURN_TOKENS:
+            if tok in template and tok in self.added_tokens:
+                stops.add(self.added_tokens[tok])
+        return frozenset(stops)
+
+    def _template_variables(
+        self,
+        messages: Any,
+        tools: list[dict[str, Any]] | None,
+        add_generation_prompt: bool,
+        template_kwargs: dict[str, Any],
+    ) -> dict[str, Any]:
+        if tools is not None and (
+            not isinstance(tools, list | tuple) or not all(isinstance(t, Mapping) for t in tools)
+        ):
+            raise TokenizerError("tools must be a list of JSON-schema objects")
+        token_vars: dict[str, Any] = {}
+        for key in TEMPLATE_TOKEN_KEYS:
+            text = token_text(self.tokenizer_config.get(key))
+            if text is not None:
+                token_vars[key] = text
+        return {
+            **token_vars,
+            **ct._plain(template_kwargs),
+            "messages": ct.normalize_messages(messages),
+            "tools": ct._plain(tools),
+            "documents": None,
+            "add_generation_prompt": add_generation_prompt,
+        }
+
+    def _require_template(self) -> str:
+        if not self.chat_template:
+            raise TokenizerError("this tokenizer has no chat_template (tokenizer_config.json has none)")
+        return self.chat_template
+
+    def render_chat_template(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+        **template_kwargs: Any,
+    ) -> str:
+        """The prompt text, byte-identical to transformers' `apply_chat_template(tokenize=False)`."""
+        variables = self._template_variables(messages, tools, add_generation_prompt, template_kwargs)
+        return ct.render(self._require_template(), variables)
+
+    def apply_chat_template(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+        **template_kwargs: Any,
+    ) -> list[int]:
+        """The prompt ids. Control tokens come only from the template; control-token text inside messages,
+        tool results, tool-call arguments or tool definitions is encoded as plain text.
+
+        Without such text the ids equal the reference (transformers) ids for the same rendered text.
+        """
+        source = self._require_template()
+        any_token, marked = ct.control_patterns(self.control_tokens)
+        variables = self._template_variables(messages, tools, add_generation_prompt, template_kwargs)
+        for key in ("messages", "tools"):
+            variables[key] = ct.mark_control_tokens(variables[key], any_token)
+        for key, value in template_kwargs.items():
+            variables[key] = ct.mark_control_tokens(ct._plain(value), any_token)
+        ids: list[int] = []
+        for piece, from_user in ct.split_marked(ct.render(source, variables), marked):
+            ids += self.encode_plain(piece) if from_user else self.encode_with_added(piece)
+        return ids

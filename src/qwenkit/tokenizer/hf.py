@@ -1,0 +1,100 @@
+"""Qwen1.5 / Qwen2 / Qwen2.5 / Qwen3 tokenizers: `tokenizer.json` through the `tokenizers` library."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import tokenizers
+from tokenizers import decoders
+
+from qwenkit.tokenizer.base import Tokenizer, token_text
+from qwenkit.tokenizer.byte_level import piece_to_bytes
+from qwenkit.tokenizer.errors import TokenizerError
+
+
+class HFTokenizer(Tokenizer):
+    """A `tokenizers.Tokenizer` plus the tokenizer_config.json (template, eos) and generation_config.json.
+
+    Built from objects so the GGUF importer can hand over a tokenizer it assembled from GGUF metadata.
+    """
+
+    def __init__(
+        self,
+        backend: tokenizers.Tokenizer,
+        tokenizer_config: Mapping[str, Any] | None = None,
+        generation_config: Mapping[str, Any] | None = None,
+    ) -> None:
+        self._tok = backend
+        config = dict(tokenizer_config or {})
+        added = backend.get_added_tokens_decoder()  # {id: AddedToken}
+        template = config.get("chat_template")
+        if isinstance(template, list):  # the list-of-named-templates form: use "default"
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, Mapping)}
+            template = named.get("default")
+        if template is not None and not isinstance(template, str):
+            raise TokenizerError("tokenizer_config.json chat_template must be a string")
+        super().__init__(
+            added_tokens={tok.content: i for i, tok in sorted(added.items())},
+            special_token_ids=[i for i, tok in added.items() if tok.special],
+            chat_template=template,
+            tokenizer_config=config,
+            generation_config=generation_config,
+        )
+        self._byte_level = isinstance(backend.decoder, decoders.ByteLevel)
+        self._added_by_id = {i: tok.content for i, tok in added.items()}
+        if token_text(config.get("eos_token")) and not self.eos_token_ids:
+            raise TokenizerError(
+                f"eos_token {token_text(config.get('eos_token'))!r} is not in the vocabulary"
+            )
+
+    @property
+    def backend(self) -> tokenizers.Tokenizer:
+        """The underlying `tokenizers.Tokenizer` (e.g. for saving as tokenizer.json)."""
+        return self._tok
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode_plain(self, text: str) -> list[int]:
+        # `tokenizers` cannot switch off non-special added tokens (<think>, <tool_call>), so run its
+        # pipeline without the added-token split: normalize, pre-tokenize, BPE (as transformers does).
+        tok = self._tok
+        if tok.normalizer is not None:
+            text = tok.normalizer.normalize_str(text)
+        splits = (
+            [text] if tok.pre_tokenizer is None else [s for s, _ in tok.pre_tokenizer.pre_tokenize_str(text)]
+        )
+        model = tok.model
+        return [t.id for split in splits for t in model.tokenize(split)]
+
+    def encode_with_added(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int], *, skip_special: bool = False) -> str:
+        ids = [int(i) for i in ids]
+        size = self.vocab_size
+        bad = next((i for i in ids if not 0 <= i < size), None)
+        if bad is not None:
+            raise TokenizerError(f"unknown token id {bad}")
+        return self._tok.decode(ids, skip_special_tokens=skip_special)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        if token_id in self._added_by_id:
+            return self._added_by_id[token_id].encode()
+        piece = self._tok.id_to_token(token_id)
+        if piece is None:
+            raise TokenizerError(f"unknown token id {token_id}")
+        if self._byte_level:
+            return piece_to_bytes(piece)
+        return self._tok.decode([token_id]).encode()
+
+    def id_to_piece(self, token_id: int) -> str:
+        piece = self._tok.id_to_token(token_id)
+        if piece is None:
+            raise TokenizerError(f"unknown token id {token_id}")
+        return piece
+
+    def token_to_id(self, piece: str) -> int | None:
+        return self._tok.token_to_id(piece)

@@ -1,0 +1,114 @@
+"""Writing small GGUF files the way llama.cpp's converter lays them out (names, permutation, types)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+
+from qwenkit.checkpoint.gguf_tokenizer import bytes_to_unicode
+
+Q = gguf.GGMLQuantizationType
+_ARCH = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3,
+         "qwen": gguf.MODEL_ARCH.QWEN}  # fmt: skip
+
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+MERGES = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a"]
+USER_DEFINED = ["<think>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_vocab() -> tuple[list[str], list[int]]:
+    """Three control tokens, the 256 byte tokens, the merge results, and one user-defined token."""
+    tokens = [*SPECIALS, *bytes_to_unicode().values()]
+    tokens += ["".join(m.split(" ")) for m in MERGES] + USER_DEFINED
+    types = [3] * len(SPECIALS) + [1] * (len(tokens) - len(SPECIALS) - len(USER_DEFINED)) + [4]
+    return tokens, types
+
+
+def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's ``LlamaModel.permute`` for q/k rows, as its converter applies it."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def encode(w: np.ndarray, qtype: gguf.GGMLQuantizationType) -> tuple[np.ndarray, Any]:
+    """Array and raw_dtype to hand GGUFWriter.add_tensor. 1-D tensors stay F32, as llama.cpp keeps them."""
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    if w.ndim == 1 or qtype == Q.F32:
+        return w, None
+    if qtype == Q.F16:
+        return w.astype(np.float16), None
+    return gguf.quants.quantize(w, qtype), qtype
+
+
+def write_gguf(
+    path: Path,
+    arch: str,
+    config: dict[str, Any],
+    state: dict[str, torch.Tensor],
+    qtype: gguf.GGMLQuantizationType = Q.F16,
+    *,
+    tokenizer: bool = True,
+    extra: Callable[[gguf.GGUFWriter], None] | None = None,
+) -> Path:
+    """A GGUF file of ``state`` (Hugging Face names; Qwen v1 names for ``qwen``) with llama.cpp's names,
+    from gguf-py's own tensor-name map, and llama.cpp's metadata keys."""
+    n_layers = config["num_hidden_layers"]
+    names = gguf.get_tensor_name_map(_ARCH[arch], n_layers)
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name("tiny test model")
+    w.add_license("apache-2.0")
+    w.add_block_count(n_layers)
+    w.add_context_length(config["max_position_embeddings"])
+    w.add_embedding_length(config["hidden_size"])
+    ffn = config["intermediate_size"]
+    w.add_feed_forward_length(ffn * 2 if arch == "qwen" else ffn)  # v1's config convention
+    w.add_head_count(config["num_attention_heads"])
+    w.add_head_count_kv(config.get("num_key_value_heads", config["num_attention_heads"]))
+    w.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    w.add_rope_freq_base(config.get("rope_theta") or config["rope_parameters"]["rope_theta"])
+    if config.get("head_dim"):
+        w.add_key_length(config["head_dim"])
+        w.add_value_length(config["head_dim"])
+        w.add_rope_dimension_count(config["head_dim"])
+    if tokenizer:
+        tokens, types = tiny_vocab()
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("qwen2")
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        w.add_token_merges(MERGES)
+        w.add_bos_token_id(0)
+        w.add_eos_token_id(2)
+        w.add_pad_token_id(0)
+        w.add_add_bos_token(False)
+        w.add_chat_template(CHAT_TEMPLATE)
+    if extra is not None:
+        extra(w)
+    for hf, tensor in state.items():
+        base, suffix = hf.rsplit(".", 1)
+        gguf_name = names.get_name(base)
+        assert gguf_name is not None, hf
+        data = tensor.detach().float().numpy()
+        if arch == "llama" and gguf_name.endswith(("attn_q", "attn_k")):
+            heads = (
+                config["num_attention_heads"]
+                if gguf_name.endswith("attn_q")
+                else config["num_key_value_heads"]
+            )
+            data = llama_cpp_permute(data, heads)
+        array, raw = encode(data, qtype)
+        w.add_tensor(f"{gguf_name}.{suffix}", array, raw_dtype=raw)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

@@ -1,0 +1,104 @@
+"""Conversion: a GGUF converted to a Hugging Face directory computes what transformers computes from the
+GGUF itself, and the directory is written all at once or not at all."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from factories import hf_model
+from gguf_files import Q, tiny_vocab
+
+from qwenkit.convert.gguf_to_hf import convert_gguf_to_hf
+from qwenkit.errors import CheckpointError
+
+transformers = pytest.importorskip("transformers")
+
+PROMPT = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 2, 198, 1, 4093, 198, 19556, 905, 28, 216, 18645]
+
+
+@pytest.fixture(scope="module")
+def smollm_hf_dir(smollm_path, tmp_path_factory):
+    return convert_gguf_to_hf(smollm_path, tmp_path_factory.mktemp("conv") / "smollm2")
+
+
+@pytest.mark.slow
+def test_gguf_convert_smollm2_logits_equal_transformers_gguf(smollm_hf_dir, hf_smollm) -> None:
+    converted = transformers.AutoModelForCausalLM.from_pretrained(smollm_hf_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        ours, theirs = converted(ids).logits, hf_smollm(ids).logits
+    assert torch.equal(ours, theirs), (ours - theirs).abs().max()
+
+
+@pytest.mark.slow
+def test_gguf_convert_smollm2_files(smollm_hf_dir, smollm, hf_smollm_tokenizer) -> None:
+    names = sorted(p.name for p in smollm_hf_dir.iterdir())
+    assert names == ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                     "tokenizer_config.json"]  # fmt: skip
+    assert not list(smollm_hf_dir.parent.glob(".smollm2.*"))  # no temporary directory left behind
+    config = json.loads((smollm_hf_dir / "config.json").read_text())
+    assert config == {**smollm.hf_config, "torch_dtype": "float32"}
+    generation = json.loads((smollm_hf_dir / "generation_config.json").read_text())
+    assert generation == {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
+
+    tok = transformers.AutoTokenizer.from_pretrained(smollm_hf_dir)
+    assert tok.chat_template == hf_smollm_tokenizer.chat_template
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<|im_start|>", "<|im_end|>", "<|im_end|>")
+    for text in ["Hello world!", "def f(x):\n\treturn x  # 123", "你好 😀 <|im_end|>", "  a   b  "]:
+        assert tok(text)["input_ids"] == hf_smollm_tokenizer(text)["input_ids"], text
+    messages = [{"role": "user", "content": "hi"}]
+    assert tok.apply_chat_template(messages, tokenize=False) == hf_smollm_tokenizer.apply_chat_template(
+        messages, tokenize=False
+    )
+
+
+def test_gguf_convert_refuses_existing_dir_unless_overwrite(tmp_path, gguf_writer) -> None:
+    model = hf_model("qwen2", vocab_size=len(tiny_vocab()[0]))
+    path = gguf_writer(tmp_path / "t.gguf", "qwen2", model.config.to_dict(),
+                       {n: p.detach() for n, p in model.named_parameters()}, Q.F16)  # fmt: skip
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match="already exists"):
+        convert_gguf_to_hf(path, out)
+    assert (out / "keep.txt").read_text() == "mine"
+    convert_gguf_to_hf(path, out, overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "t.gguf"]
+
+
+def test_gguf_convert_failure_leaves_nothing(tmp_path) -> None:
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf")
+    with pytest.raises(CheckpointError):
+        convert_gguf_to_hf(bad, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.gguf"]
+
+
+def test_gguf_convert_qwen2_q8_0_logits_equal_transformers_gguf(tmp_path, gguf_writer) -> None:
+    """A quantized Qwen2 (with biases) converted in bfloat16 and float32 matches transformers' GGUF import."""
+    pytest.importorskip("accelerate")
+    model = hf_model("qwen2", vocab_size=len(tiny_vocab()[0]))
+    path = gguf_writer(tmp_path / "q.gguf", "qwen2", model.config.to_dict(),
+                       {n: p.detach() for n, p in model.named_parameters()}, Q.Q8_0)  # fmt: skip
+    direct = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, gguf_file=path.name, dtype=torch.float32
+    )
+    ids = torch.tensor([[5, 80, 200, 3, 17, 99, 1, 2]])
+    with torch.no_grad():
+        expected = direct.eval()(ids).logits
+
+    out = convert_gguf_to_hf(path, tmp_path / "f32")
+    converted = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(converted).__name__ == "Qwen2ForCausalLM"
+    with torch.no_grad():
+        assert torch.equal(converted(ids).logits, expected)
+
+    out16 = convert_gguf_to_hf(path, tmp_path / "bf16", dtype="bfloat16")
+    assert json.loads((out16 / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    converted16 = transformers.AutoModelForCausalLM.from_pretrained(out16, dtype="auto").eval()
+    assert converted16.model.embed_tokens.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.allclose(converted16(ids).logits.float(), expected, atol=0.1, rtol=0.05)

@@ -1,0 +1,101 @@
+"""Files read_gguf must refuse, each with a one-line message naming the file and the problem."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+from factories import hf_model
+from gguf_files import Q, tiny_vocab
+
+from qwenkit.checkpoint.gguf import GGUFError, read_gguf
+from qwenkit.errors import CheckpointError
+
+
+@pytest.fixture
+def good_gguf(tmp_path, gguf_writer):
+    model = hf_model("qwen2", vocab_size=len(tiny_vocab()[0]))
+    state = {n: p.detach() for n, p in model.named_parameters()}
+    return gguf_writer(tmp_path / "good.gguf", "qwen2", model.config.to_dict(), state, Q.F16)
+
+
+def _error(path) -> str:
+    with pytest.raises(GGUFError) as info:
+        read_gguf(path)
+    message = str(info.value)
+    assert str(path) in message and "\n" not in message
+    return message
+
+
+def test_gguf_error_is_a_value_error() -> None:
+    assert issubclass(GGUFError, ValueError) and issubclass(GGUFError, CheckpointError)
+
+
+def test_gguf_error_missing_file(tmp_path) -> None:
+    assert "no such file" in _error(tmp_path / "absent.gguf")
+
+
+def test_gguf_error_bad_magic(tmp_path) -> None:
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"PK\x03\x04" + bytes(100))
+    assert "not a GGUF file" in _error(path)
+    empty = tmp_path / "empty.gguf"
+    empty.write_bytes(b"")
+    assert "not a GGUF file" in _error(empty)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.999, 0.01], ids=["half", "last-byte", "header"])
+def test_gguf_error_truncated(tmp_path, good_gguf, keep) -> None:
+    data = good_gguf.read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[: max(8, int(len(data) * keep))])
+    assert "truncated" in _error(cut)
+
+
+def test_gguf_error_unsupported_architecture(tmp_path) -> None:
+    path = tmp_path / "falcon.gguf"
+    w = gguf.GGUFWriter(str(path), "falcon")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((8, 32), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    message = _error(path)
+    assert "unsupported architecture 'falcon'" in message and "qwen2" in message
+
+
+def test_gguf_error_unsupported_quantization(tmp_path, gguf_writer) -> None:
+    model = hf_model("qwen2", vocab_size=len(tiny_vocab()[0]), hidden_size=256, num_hidden_layers=1)
+    state = {n: p.detach() for n, p in model.named_parameters() if not n.endswith("o_proj.weight")}
+    block, size = gguf.GGML_QUANT_SIZES[Q.IQ2_XXS]
+
+    def iq_tensor(w: gguf.GGUFWriter) -> None:
+        w.add_tensor(
+            "blk.0.attn_output.weight", np.zeros((256, 256 // block * size), np.uint8), raw_dtype=Q.IQ2_XXS
+        )
+
+    path = gguf_writer(tmp_path / "iq.gguf", "qwen2", model.config.to_dict(), state, Q.F16, extra=iq_tensor)
+    message = _error(path)
+    assert "unsupported quantization type IQ2_XXS" in message and "blk.0.attn_output.weight" in message
+
+
+def test_gguf_error_unexpected_tensor(tmp_path, gguf_writer) -> None:
+    model = hf_model("llama", vocab_size=len(tiny_vocab()[0]))
+    state = {n: p.detach() for n, p in model.named_parameters()}
+
+    def rope_freqs(w: gguf.GGUFWriter) -> None:
+        w.add_tensor("rope_freqs.weight", np.ones(8, np.float32))
+
+    path = gguf_writer(tmp_path / "l3.gguf", "llama", model.config.to_dict(), state, Q.F16, extra=rope_freqs)
+    assert "unexpected tensor rope_freqs.weight" in _error(path)
+
+
+def test_gguf_error_no_tokenizer(tmp_path, gguf_writer) -> None:
+    model = hf_model("qwen2", vocab_size=64)
+    state = {n: p.detach() for n, p in model.named_parameters()}
+    path = gguf_writer(tmp_path / "bare.gguf", "qwen2", model.config.to_dict(), state, Q.F16, tokenizer=False)
+    ckpt = read_gguf(path)  # weights alone are fine
+    assert ckpt.hf_config["vocab_size"] == 64 and "bos_token_id" not in ckpt.hf_config
+    with pytest.raises(GGUFError, match="no tokenizer"):
+        ckpt.tokenizer  # noqa: B018

@@ -1,0 +1,197 @@
+"""Small models written as GGUF (llama.cpp's names and layout) read back to the original tensors."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from factories import hf_model, v1_state_dict
+from gguf.quants import dequantize, quantize
+from gguf_files import CHAT_TEMPLATE, Q, tiny_vocab
+
+from qwenkit.checkpoint.gguf import read_gguf
+
+VOCAB = len(tiny_vocab()[0])
+
+
+def _params(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _q8_0_bound(w: torch.Tensor) -> torch.Tensor:
+    """Q8_0's worst error per element: half a step of its block scale (amax/127), plus the scale's f16
+    rounding over 127 steps."""
+    blocks = w.reshape(-1, 32)
+    step = blocks.abs().amax(dim=1, keepdim=True) / 127
+    return (step * (0.5 + 127 * 2.0**-11) + 1e-12).expand_as(blocks).reshape(w.shape)
+
+
+@pytest.mark.parametrize("qtype", [Q.F16, Q.Q8_0], ids=["f16", "q8_0"])
+def test_gguf_qwen2_roundtrip(tmp_path, gguf_writer, qtype) -> None:
+    model = hf_model("qwen2", vocab_size=VOCAB)
+    original = _params(model)
+    assert any(n.endswith("q_proj.bias") for n in original)
+    path = gguf_writer(tmp_path / "tiny.gguf", "qwen2", model.config.to_dict(), original, qtype)
+    ckpt = read_gguf(path)
+
+    got = dict(ckpt.tensors())
+    assert set(got) == set(original)
+    for name, w in original.items():
+        t = got[name]
+        assert t.dtype == torch.float32 and t.shape == w.shape, name
+        if w.ndim == 1:  # norms and biases stay F32 in a GGUF
+            assert torch.equal(t, w), name
+        elif qtype == Q.F16:
+            assert torch.equal(t, w.half().float()), name
+        else:
+            assert (t - w).abs().le(_q8_0_bound(w)).all(), name
+            exact = dequantize(quantize(w.numpy(), Q.Q8_0), Q.Q8_0)
+            assert torch.equal(t, torch.from_numpy(exact)), name
+
+    cfg = ckpt.hf_config
+    assert cfg["model_type"] == "qwen2" and cfg["architectures"] == ["Qwen2ForCausalLM"]
+    expected = model.config
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "max_position_embeddings", "tie_word_embeddings"):  # fmt: skip
+        assert cfg[key] == getattr(expected, key), key
+    assert cfg["rms_norm_eps"] == pytest.approx(expected.rms_norm_eps, rel=1e-6)  # stored as float32
+    assert cfg["rope_theta"] == 10000.0
+    assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == (0, 2, 0)
+    assert ckpt.license == "apache-2.0"
+    assert ckpt.chat_template == CHAT_TEMPLATE
+
+
+def test_gguf_qwen2_matches_transformers_gguf_import(tmp_path, gguf_writer) -> None:
+    """transformers reading our written file agrees with us on weights, config and tokenizer."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    model = hf_model("qwen2", vocab_size=VOCAB)
+    path = gguf_writer(tmp_path / "tiny.gguf", "qwen2", model.config.to_dict(), _params(model), Q.Q8_0)
+    ckpt = read_gguf(path)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, gguf_file=path.name, dtype=torch.float32
+    )
+    params = dict(theirs.named_parameters())
+    for name, t in ckpt.tensors():
+        assert torch.equal(t, params[name]), name
+    for key in (
+        "vocab_size",
+        "intermediate_size",
+        "num_key_value_heads",
+        "rms_norm_eps",
+        "tie_word_embeddings",
+    ):
+        assert ckpt.hf_config[key] == getattr(theirs.config, key), key
+
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    for text in ["the thin cat in a hat", " the<|im_end|>x <think> 12345 你好", "\n\n  a  "]:
+        assert ckpt.tokenizer.encode(text).ids == hf_tok(text)["input_ids"], text
+    assert ckpt.tokenizer_config["eos_token"] == hf_tok.eos_token == "<|im_end|>"
+    assert ckpt.tokenizer_config["added_tokens_decoder"][str(VOCAB - 1)] == {
+        "content": "<think>", "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+        "special": False,
+    }  # fmt: skip
+
+
+def test_gguf_qwen3_roundtrip(tmp_path, gguf_writer) -> None:
+    """q/k norms map back, and head_dim (not hidden/heads for Qwen3) comes from the file."""
+    model = hf_model("qwen3", vocab_size=VOCAB, tie_word_embeddings=True)
+    original = _params(model)
+    assert "lm_head.weight" not in original and "model.layers.0.self_attn.q_norm.weight" in original
+    path = gguf_writer(tmp_path / "q3.gguf", "qwen3", model.config.to_dict(), original, Q.F32)
+    ckpt = read_gguf(path)
+    got = dict(ckpt.tensors())
+    assert set(got) == set(original)
+    assert all(torch.equal(got[n], w) for n, w in original.items())
+    cfg = ckpt.hf_config
+    assert (
+        cfg["model_type"] == "qwen3"
+        and cfg["head_dim"] == 32 != cfg["hidden_size"] // cfg["num_attention_heads"]
+    )
+    assert cfg["tie_word_embeddings"] is True and cfg["attention_bias"] is False
+
+
+def test_gguf_llama_unpermutes_q_and_k(tmp_path, gguf_writer) -> None:
+    """llama.cpp permutes llama's q/k rows (GQA: k by the kv-head count); reading undoes it exactly."""
+    model = hf_model("llama", vocab_size=VOCAB)
+    original = _params(model)
+    path = gguf_writer(tmp_path / "llama.gguf", "llama", model.config.to_dict(), original, Q.F32)
+    raw = gguf.GGUFReader(path)
+    stored_q = next(t for t in raw.tensors if t.name == "blk.0.attn_q.weight").data
+    assert not np.array_equal(stored_q, original["model.layers.0.self_attn.q_proj.weight"].numpy())
+    got = dict(read_gguf(path).tensors())
+    assert set(got) == set(original)
+    for name, w in original.items():
+        assert torch.equal(got[name], w), name
+
+
+def test_gguf_qwen_v1_splits_fused_qkv(tmp_path, gguf_writer) -> None:
+    """Qwen v1 (arch "qwen") becomes a qwen2 checkpoint: c_attn split on dim 0, w2 is the gate."""
+    cfg = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 2 * 160, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "max_position_embeddings": 256, "rms_norm_eps": 1e-6,
+           "rope_theta": 10000.0}  # fmt: skip
+    v1 = v1_state_dict(cfg)
+    path = gguf_writer(tmp_path / "v1.gguf", "qwen", cfg | {"intermediate_size": 160}, v1, Q.F32)
+    ckpt = read_gguf(path)
+    got = dict(ckpt.tensors())
+    h = 64
+    qkv_w, qkv_b = v1["transformer.h.1.attn.c_attn.weight"], v1["transformer.h.1.attn.c_attn.bias"]
+    for i, proj in enumerate(("q_proj", "k_proj", "v_proj")):
+        assert torch.equal(got[f"model.layers.1.self_attn.{proj}.weight"], qkv_w[i * h : (i + 1) * h])
+        assert torch.equal(got[f"model.layers.1.self_attn.{proj}.bias"], qkv_b[i * h : (i + 1) * h])
+    assert torch.equal(got["model.layers.0.mlp.gate_proj.weight"], v1["transformer.h.0.mlp.w2.weight"])
+    assert torch.equal(got["model.layers.0.mlp.up_proj.weight"], v1["transformer.h.0.mlp.w1.weight"])
+    assert torch.equal(got["model.layers.0.mlp.down_proj.weight"], v1["transformer.h.0.mlp.c_proj.weight"])
+    assert torch.equal(
+        got["model.layers.0.self_attn.o_proj.weight"], v1["transformer.h.0.attn.c_proj.weight"]
+    )
+    assert torch.equal(got["lm_head.weight"], v1["lm_head.weight"])
+    assert sorted(ckpt.tensor_names()) == sorted(got)
+    c = ckpt.hf_config
+    assert (c["model_type"], c["intermediate_size"], c["num_key_value_heads"]) == ("qwen2", 160, 4)
+    assert c["tie_word_embeddings"] is False
+
+
+@pytest.mark.parametrize(
+    "qtype",
+    [Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K],
+    ids=lambda q: q.name,
+)
+def test_gguf_decodes_each_supported_type(tmp_path, gguf_writer, qtype) -> None:
+    """Every supported type decodes through gguf-py to the right shape and values, in HF names.
+
+    Types gguf-py can encode are encoded from real weights; K-quants (decode-only in gguf-py) are
+    random blocks, compared against gguf-py decoding the same bytes.
+    """
+    model = hf_model("qwen2", vocab_size=VOCAB, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+                     num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    original = _params(model)
+    rng = np.random.default_rng(0)
+    raw: dict[str, np.ndarray] = {}
+
+    def k_quant_blocks(writer: gguf.GGUFWriter) -> None:
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        name = "blk.0.ffn_down.weight"
+        rows, cols = original["model.layers.0.mlp.down_proj.weight"].shape
+        # Bytes below 0x7C can never form an f16 exponent of all ones, so every scale is finite.
+        data = rng.integers(0, 0x7C, size=(rows, cols // block * size), dtype=np.uint8)
+        raw[name] = data
+        writer.add_tensor(name, data, raw_dtype=qtype)
+
+    k_quant = qtype in (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
+    state = {n: w for n, w in original.items() if not (k_quant and n.endswith("down_proj.weight"))}
+    path = gguf_writer(tmp_path / "t.gguf", "qwen2", model.config.to_dict(), state,
+                       Q.F16 if k_quant else qtype, extra=k_quant_blocks if k_quant else None)  # fmt: skip
+    ckpt = read_gguf(path)
+    assert ckpt.tensor_types["blk.0.ffn_down.weight"] == qtype.name
+    got = dict(ckpt.tensors())
+    w = original["model.layers.0.mlp.down_proj.weight"]
+    t = got["model.layers.0.mlp.down_proj.weight"]
+    assert t.shape == w.shape and t.dtype == torch.float32
+    if k_quant:
+        assert torch.equal(t, torch.from_numpy(dequantize(raw["blk.0.ffn_down.weight"], qtype)))
+    else:
+        assert torch.equal(t, torch.from_numpy(dequantize(quantize(w.numpy(), qtype), qtype)))
+        rel = (t - w).norm() / w.norm()
+        assert rel < {Q.BF16: 0.005, Q.Q5_0: 0.05, Q.Q5_1: 0.05}.get(qtype, 0.12), rel

@@ -1,0 +1,182 @@
+"""Chat templates: text byte-identical to transformers, ids equal for special-free contents, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+from tokenizer_data import has_special_text
+
+from qwenkit.tokenizer import TokenizerError, chatml_template
+from qwenkit.tokenizer.hf import HFTokenizer
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather for a city. Returns °C & <b>text</b>.",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string", "description": "城市"}},
+                "required": ["city"],
+            },
+        },
+    },
+    {"type": "function", "function": {"name": "now", "description": "Current time", "parameters": {}}},
+]
+
+CONVERSATIONS = {
+    "single": [{"role": "user", "content": "Hello"}],
+    "system_and_turns": [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "What's 2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "And 你好 😀?\n  with spaces  "},
+    ],
+    "history_with_thinking": [
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": "<think>\nold reasoning\n</think>\n\nanswer one"},
+        {"role": "user", "content": "q2"},
+        {"role": "assistant", "content": "answer two", "reasoning_content": "new reasoning"},
+    ],
+    "tool_calls": [
+        {"role": "system", "content": "Use tools."},
+        {"role": "user", "content": "Weather in Paris and the time?"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+                {"type": "function", "function": {"name": "now", "arguments": "{}"}},
+            ],
+        },
+        {"role": "tool", "content": '{"temp": 21, "sky": "晴"}'},
+        {"role": "tool", "content": "12:00"},
+        {"role": "assistant", "content": "21 °C at noon.", "reasoning_content": "combine"},
+    ],
+}
+
+
+def _cases():
+    for name in CONVERSATIONS:
+        for gen in (True, False):
+            for thinking in (None, True, False):
+                yield pytest.param(name, gen, thinking, id=f"{name}-gen{int(gen)}-think{thinking}")
+
+
+@pytest.mark.parametrize(("name", "gen", "thinking"), list(_cases()))
+def test_text_and_ids_equal_transformers(qwen3, hf_qwen3, name, gen, thinking):
+    messages = CONVERSATIONS[name]
+    tools = TOOLS if name == "tool_calls" else None
+    kwargs = {} if thinking is None else {"enable_thinking": thinking}
+    reference_text = hf_qwen3.apply_chat_template(
+        messages, tools=tools, add_generation_prompt=gen, tokenize=False, **kwargs
+    )
+    # contents holding control-token text ("<think>" in history) are compared with transformers' own
+    # injection-safe mode, which we mirror; otherwise the ids are the plain reference ids
+    sanitize = any(has_special_text(str(m.get("content"))) for m in messages)
+    reference_ids = hf_qwen3.apply_chat_template(
+        messages,
+        tools=tools,
+        add_generation_prompt=gen,
+        tokenize=True,
+        return_dict=False,
+        sanitize_control_tokens=sanitize,
+        **kwargs,
+    )
+    assert (
+        qwen3.render_chat_template(messages, tools=tools, add_generation_prompt=gen, **kwargs)
+        == reference_text
+    )
+    assert (
+        qwen3.apply_chat_template(messages, tools=tools, add_generation_prompt=gen, **kwargs) == reference_ids
+    )
+
+
+def test_qwen3_known_shapes(qwen3):
+    text = qwen3.render_chat_template(CONVERSATIONS["single"], enable_thinking=False)
+    assert text == "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    ids = qwen3.apply_chat_template(CONVERSATIONS["single"], enable_thinking=False)
+    assert ids == [151644, 872, 198, 9707, 151645, 198, 151644, 77091, 198, 151667, 271, 151668, 271]
+    with_tools = qwen3.render_chat_template(CONVERSATIONS["tool_calls"], tools=TOOLS)
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in with_tools
+    assert "<|im_start|>user\n<tool_response>\n" in with_tools
+    assert (
+        '"description": "Weather for a city. Returns °C & <b>text</b>."' in with_tools
+    )  # tojson: no escaping
+
+
+def test_v1_chatml_text_and_ids(v1):
+    messages = CONVERSATIONS["system_and_turns"]
+    text = v1.render_chat_template(messages)
+    assert text == (
+        "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nWhat's 2+2?<|im_end|>\n"
+        "<|im_start|>assistant\n4<|im_end|>\n<|im_start|>user\nAnd 你好 😀?\n  with spaces  <|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    assert v1.apply_chat_template(messages) == v1.encode(text, allow_special=True)
+    no_gen = v1.render_chat_template(messages[1:2], add_generation_prompt=False)
+    assert no_gen == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\nWhat's 2+2?<|im_end|>\n"
+    )
+    assert v1.apply_chat_template(messages[1:2], add_generation_prompt=False) == v1.encode(
+        no_gen, allow_special=True
+    )
+    with pytest.raises(TokenizerError, match="no tool support"):
+        v1.apply_chat_template(messages, tools=TOOLS)
+
+
+def test_chatml_template_function():
+    assert "You are a helpful assistant." in chatml_template()
+    assert "system" not in chatml_template(None).replace("'system'", "")
+
+
+def _with_template(qwen3, template: str) -> HFTokenizer:
+    return HFTokenizer(qwen3.backend, {**qwen3.tokenizer_config, "chat_template": template})
+
+
+def test_syntax_error_is_one_line(qwen3):
+    tok = _with_template(qwen3, "{% for m in messages %}{{ m.content }")
+    with pytest.raises(TokenizerError, match=r"^chat template has a syntax error at line 1: ") as e:
+        tok.render_chat_template(CONVERSATIONS["single"])
+    assert "\n" not in str(e.value)
+
+
+def test_raise_exception_in_template(qwen3):
+    tok = _with_template(qwen3, "{{ raise_exception('Only user and assistant roles are supported!') }}")
+    with pytest.raises(TokenizerError, match=r"^chat template failed: Only user and assistant roles"):
+        tok.apply_chat_template(CONVERSATIONS["single"])
+
+
+def test_sandbox_blocks_escape(qwen3):
+    tok = _with_template(qwen3, "{{ messages.__class__.__mro__ }}")
+    with pytest.raises(TokenizerError, match="chat template failed"):
+        tok.render_chat_template(CONVERSATIONS["single"])
+
+
+def test_none_content_is_dropped_like_transformers(qwen3):
+    # transformers drops None-valued keys; Qwen3's template then fails on the missing content, as here
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": []}]
+    with pytest.raises(TokenizerError, match="has no attribute 'content'"):
+        qwen3.render_chat_template(messages)
+
+
+def test_missing_template_and_bad_messages(qwen3):
+    tok = HFTokenizer(qwen3.backend, {"eos_token": "<|im_end|>"})
+    with pytest.raises(TokenizerError, match="no chat_template"):
+        tok.render_chat_template(CONVERSATIONS["single"])
+    with pytest.raises(TokenizerError, match="non-empty list"):
+        qwen3.apply_chat_template([])
+    with pytest.raises(TokenizerError, match="chat message 0"):
+        qwen3.apply_chat_template([{"content": "no role"}])
+
+
+def test_template_globals(qwen3):
+    tok = _with_template(
+        qwen3,
+        "{% set ns = namespace(n=0) %}{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}"
+        "{% set ns.n = ns.n + 1 %}{% endfor %}{{ ns.n }}|{{ dict(a=1) | tojson }}"
+        "|{{ strftime_now('%Y')|length }}"
+        "|{{ eos_token }}|{% generation %}g{% endgeneration %}",
+    )
+    assert tok.render_chat_template(CONVERSATIONS["system_and_turns"]) == '1|{"a": 1}|4|<|im_end|>|g'

@@ -1,0 +1,71 @@
+"""`qwenkit tokenize` and `qwenkit template`: exact output, one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import io
+import json
+
+from tokenizer_data import QWEN3_DIR
+
+from qwenkit.cli import template, tokenize
+
+
+def test_tokenize_pieces(capsys, v1_dir):
+    assert tokenize.main([str(v1_dir), " Hello world"]) == 0
+    assert capsys.readouterr().out == "21927\tĠHello\n1879\tĠworld\n"
+
+
+def test_tokenize_count_and_json(capsys):
+    assert tokenize.main([str(QWEN3_DIR), "12345", "--count"]) == 0
+    assert capsys.readouterr().out == "5\n"
+    assert tokenize.main([str(QWEN3_DIR), "Hello world", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == [9707, 1879]
+    assert tokenize.main([str(QWEN3_DIR), "<|im_end|>", "--json", "--allow-special"]) == 0
+    assert json.loads(capsys.readouterr().out) == [151645]
+
+
+def test_tokenize_stdin(capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello world"))
+    assert tokenize.main([str(QWEN3_DIR), "-", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == [9707, 1879]
+
+
+def test_tokenize_bad_dir(capsys, tmp_path):
+    assert tokenize.main([str(tmp_path), "x"]) == 2
+    err = capsys.readouterr().err
+    expected = f"no tokenizer in {tmp_path}: looked for tokenizer.json or qwen.tiktoken"
+    assert err == f"qwenkit tokenize: error: {expected}\n"
+
+
+def test_template_prints_exact_prompt(capsys, tmp_path, qwen3):
+    messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"}]
+    tools = [{"type": "function", "function": {"name": "f", "description": "d", "parameters": {}}}]
+    (tmp_path / "m.json").write_text(json.dumps(messages))
+    (tmp_path / "t.json").write_text(json.dumps(tools))
+    assert template.main([str(QWEN3_DIR), str(tmp_path / "m.json")]) == 0
+    assert (
+        capsys.readouterr().out
+        == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert template.main([str(QWEN3_DIR), str(tmp_path / "m.json"), "--no-generation-prompt"]) == 0
+    assert capsys.readouterr().out == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+    assert template.main([str(QWEN3_DIR), str(tmp_path / "m.json"), "--tools", str(tmp_path / "t.json")]) == 0
+    assert capsys.readouterr().out == qwen3.render_chat_template(messages, tools=tools)
+
+
+def test_template_bad_input(capsys, tmp_path):
+    (tmp_path / "bad.json").write_text("{oops")
+    assert template.main([str(QWEN3_DIR), str(tmp_path / "bad.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qwenkit template: error: messages file") and err.count("\n") == 1
+    assert template.main([str(QWEN3_DIR), str(tmp_path / "missing.json")]) == 2
+    assert "cannot read messages file" in capsys.readouterr().err
+    (tmp_path / "obj.json").write_text('"just a string"')
+    assert template.main([str(QWEN3_DIR), str(tmp_path / "obj.json")]) == 2
+    assert "must hold a JSON list of messages" in capsys.readouterr().err
+    (tmp_path / "norole.json").write_text('[{"content": "x"}]')
+    assert template.main([str(QWEN3_DIR), str(tmp_path / "norole.json")]) == 2
+    assert (
+        capsys.readouterr().err
+        == "qwenkit template: error: chat message 0 must be an object with a string 'role'\n"
+    )
