@@ -18,9 +18,18 @@ import time
 from pathlib import Path
 
 QWEN25_05B = {
-    "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "vocab_size": 151936, "hidden_size": 896,
-    "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
-    "max_position_embeddings": 32768, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
+    "model_type": "qwen2",
+    "architectures": ["Qwen2ForCausalLM"],
+    "vocab_size": 151936,
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 32768,
+    "rope_theta": 1000000.0,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True,
     "torch_dtype": "bfloat16",
 }
 
@@ -70,15 +79,20 @@ def main() -> None:
             write_checkpoint(path, QWEN25_05B)
         disk = sum(f.stat().st_size for f in path.glob("*.safetensors"))
         print(f"checkpoint: Qwen2.5-0.5B shape, {disk / 2**20:.0f} MiB of bfloat16 safetensors\n")
-        print("| load dtype | model in memory | peak RSS over interpreter (load + 1 forward) | ratio | load time |")
+        print(
+            "| load dtype | model in memory | peak RSS over interpreter (load + 1 forward) | ratio | load time |"
+        )
         print("|---|---|---|---|---|")
         for dtype in ("bfloat16", "float32"):
-            out = subprocess.run([sys.executable, "-c", CHILD, str(path), dtype], capture_output=True, text=True,
-                                 check=True)
+            out = subprocess.run(
+                [sys.executable, "-c", CHILD, str(path), dtype], capture_output=True, text=True, check=True
+            )
             r = json.loads(out.stdout.strip().splitlines()[-1])
             over = (r["peak_kib"] - r["base_kib"]) * 1024
-            print(f"| {dtype} | {r['model_bytes'] / 2**20:.0f} MiB | {over / 2**20:.0f} MiB | "
-                  f"{over / r['model_bytes']:.2f}x | {r['seconds']:.2f} s |")
+            print(
+                f"| {dtype} | {r['model_bytes'] / 2**20:.0f} MiB | {over / 2**20:.0f} MiB | "
+                f"{over / r['model_bytes']:.2f}x | {r['seconds']:.2f} s |"
+            )
         time.sleep(0)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -30,22 +31,27 @@ SHAPES = {
 }
 
 
-def bench_all(fns: dict[str, object], rounds: int = 15, calls: int = 20) -> dict[str, float]:
+def bench_all(
+    fns: dict[int, Callable[[], object]], rounds: int = 15, budget_s: float = 0.004
+) -> dict[int, float]:
     """Min over interleaved rounds of the mean time per call (microseconds).
 
     Interleaving and taking the minimum keeps the numbers usable on a shared, busy machine: each kernel
     gets many chances to run undisturbed, and all of them see the same background load.
     """
-    for fn in fns.values():
-        for _ in range(3):
-            fn()
+    calls = {}
+    for key, fn in fns.items():
+        fn()
+        t = time.perf_counter()
+        fn()
+        calls[key] = max(1, int(budget_s / max(time.perf_counter() - t, 1e-6)))
     best = dict.fromkeys(fns, float("inf"))
     for _ in range(rounds):
         for key, fn in fns.items():
             t = time.perf_counter()
-            for _ in range(calls):
+            for _ in range(calls[key]):
                 fn()
-            best[key] = min(best[key], (time.perf_counter() - t) / calls * 1e6)
+            best[key] = min(best[key], (time.perf_counter() - t) / calls[key] * 1e6)
     return best
 
 
@@ -75,9 +81,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     weights = {n: torch.randn(o, i) * 0.02 for n, (i, o) in SHAPES.items()}
-    print(
-        f"torch {torch.__version__}, {args.threads} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}"
-    )
+    capability = torch.backends.cpu.get_cpu_capability()
+    print(f"torch {torch.__version__}, {args.threads} threads, CPU capability {capability}")
     labels = [
         ("dense nn.Linear", None, None, torch.bfloat16, None),
         ("dense nn.Linear", None, None, torch.float32, None),
@@ -91,7 +96,8 @@ def main() -> None:
             for i, (_label, bits, gs, dt, forced) in enumerate(labels):
                 x = torch.randn(rows, w.shape[1]).to(dt)
                 if bits is None:
-                    fns[i] = lambda x=x, wd=w.to(dt): F.linear(x, wd)
+                    wd = w.to(dt)
+                    fns[i] = lambda x=x, wd=wd: F.linear(x, wd)
                     names[i] = "torch.nn.functional.linear"
                     continue
                 layer = QuantizedLinear.from_int(

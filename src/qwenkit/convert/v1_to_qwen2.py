@@ -191,6 +191,7 @@ def _stream(
             yield name, tensor
             bar.update(tensor.numel() * tensor.element_size())
 
+    recent: list[int] = []  # data pointers of the last tensors yielded
     for name, tensor in sanitize(config, counted()):
         if name not in expected:
             if _is_bias_qwen2_lacks(name, expected):
@@ -214,6 +215,10 @@ def _stream(
                 if target == torch.float16 and not cast.isfinite().all() and tensor.isfinite().all():
                     raise CheckpointError(f"{name} overflows float16 (|x| > 65504); convert to bfloat16 or float32")
                 tensor = cast
+        # sanitize hands the one GPTQ c_attn g_idx to q, k and v; safetensors refuses to save shared memory.
+        if tensor.data_ptr() in recent:
+            tensor = tensor.clone()
+        recent = [*recent[-2:], tensor.data_ptr()]
         result.tensors += 1
         result.bytes_written += tensor.numel() * tensor.element_size()
         bar.set_postfix(tensors=result.tensors, refresh=False)

@@ -311,7 +311,7 @@ class QuantizedLinear(nn.Module):
                 w = w - self.zfix[:, None]
             return w.to(dtype)
         if self._kernel in ("cpu_int4pack", "cpu_int8_as_int4x2"):
-            gi = torch.arange(k, device=self.qdata.device) // self._kernel_group
+            g = self._kernel_group
             if self._kernel == "cpu_int4pack":
                 parts = [(self.codes(), self.kscales)]
             else:
@@ -321,12 +321,13 @@ class QuantizedLinear(nn.Module):
                     (_unpack_cpu_int4(self.qdata_lo, n, k), self.kscales_lo),
                 ]
             w = sum(
-                (q.float() - 8) * sz[gi, :, 0].float().T + sz[gi, :, 1].float().T  # (out, in)
+                _dequantize_contiguous(
+                    q, sz[..., 0], 8 - sz[..., 1].float() / sz[..., 0].float(), g, torch.float32
+                )
                 for q, sz in parts
             )
             return w.to(dtype)
-        gi = torch.arange(k, device=self.qdata.device) // self.group_size
-        return ((self.qdata.float() - self.wzeros[gi].T.float()) * self.wscales[gi].T).to(dtype)
+        return _dequantize_contiguous(self.qdata, self.wscales, self.wzeros, self.group_size, dtype)
 
     def to_int(self) -> IntWeight:
         """The exact integer codes, scales and zeros in the checkpoint's column order (for the writer)."""
@@ -351,6 +352,19 @@ class QuantizedLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
             f"group_size={self.group_size}, kernel={self.kernel!r}"
         )
+
+
+def _dequantize_contiguous(
+    q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """(out, in) ``scales * (q - zeros)`` for contiguous groups, by reshaping instead of gathering."""
+    n, k = q.shape
+    s, z = scales.float().T, zeros.float().T  # (out, G)
+    if k % group_size:  # a short last group: gather per column
+        gi = torch.arange(k, device=q.device) // group_size
+        return ((q.float() - z[:, gi]) * s[:, gi]).to(dtype)
+    w = q.view(n, k // group_size, group_size).float()
+    return ((w - z[..., None]) * s[..., None]).reshape(n, k).to(dtype)
 
 
 def contiguous_groups(g_idx: torch.Tensor, in_features: int) -> tuple[int, torch.Tensor | None]:

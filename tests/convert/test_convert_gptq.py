@@ -1,0 +1,85 @@
+"""GPTQ v1 sources (Qwen-7B-Chat-Int4 layout, qwen_facts §5.3, §9) convert the same way: c_attn's packed
+tensors split by output columns, the rest renamed, old AutoGPTQ's all-zero biases dropped."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from v1_sources import QUANTIZE_CONFIG, write_gptq_source
+
+import qwenkit.quant
+from qwenkit.convert.v1_to_qwen2 import convert_v1_to_qwen2
+from qwenkit.convert.verify import verify_conversion
+from qwenkit.errors import CheckpointError, ConfigError
+
+H, PACK = 64, 8  # hidden size of the tiny model; 4-bit words hold 8 values
+
+
+@pytest.fixture(scope="module")
+def gptq(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gptq")
+    src = write_gptq_source(root / "Qwen-tiny-Chat-Int4")
+    result = convert_v1_to_qwen2(src, root / "out", progress=False)
+    return load_file(src / "model.safetensors"), load_file(root / "out" / "model.safetensors"), root / "out", result
+
+
+def test_gptq_c_attn_splits_into_exact_column_slices(gptq):
+    sd, out, _, _ = gptq
+    for i in range(2):
+        c = f"transformer.h.{i}.attn.c_attn."
+        for j, proj in enumerate(("q_proj", "k_proj", "v_proj")):
+            p = f"model.layers.{i}.self_attn.{proj}."
+            assert torch.equal(out[p + "qweight"], sd[c + "qweight"][:, j * H : (j + 1) * H])
+            assert torch.equal(out[p + "scales"], sd[c + "scales"][:, j * H : (j + 1) * H])
+            assert torch.equal(out[p + "qzeros"], sd[c + "qzeros"][:, j * H // PACK : (j + 1) * H // PACK])
+            assert torch.equal(out[p + "g_idx"], sd[c + "g_idx"])
+            assert torch.equal(out[p + "bias"], sd[c + "bias"][j * H : (j + 1) * H])
+            assert out[p + "qweight"].dtype == torch.int32 and out[p + "scales"].dtype == torch.float16
+
+
+def test_gptq_other_layers_renamed_and_zero_biases_dropped(gptq):
+    sd, out, _, result = gptq
+    pairs = {"attn.c_proj": "self_attn.o_proj", "mlp.w2": "mlp.gate_proj", "mlp.w1": "mlp.up_proj",
+             "mlp.c_proj": "mlp.down_proj"}
+    for i in range(2):
+        for v1, qwen2 in pairs.items():
+            for kind in ("qweight", "qzeros", "scales", "g_idx"):
+                assert torch.equal(out[f"model.layers.{i}.{qwen2}.{kind}"], sd[f"transformer.h.{i}.{v1}.{kind}"])
+            assert f"model.layers.{i}.{qwen2}.bias" not in out
+    assert result.dropped_zero_biases == 2 * 4
+    assert not any(k.endswith(".weight") and ".layers." in k and "norm" not in k for k in out)
+    assert torch.equal(out["lm_head.weight"], sd["lm_head.weight"])  # not quantized
+
+
+def test_gptq_config_carries_quantization(gptq):
+    _, _, out_dir, result = gptq
+    cfg = json.loads((out_dir / "config.json").read_text())
+    assert cfg["quantization_config"] == {**QUANTIZE_CONFIG, "quant_method": "gptq"}
+    assert cfg["torch_dtype"] == "float16" and cfg["model_type"] == "qwen2"
+    assert json.loads((out_dir / "quantize_config.json").read_text()) == QUANTIZE_CONFIG
+    assert result.torch_dtype == "float16"
+
+
+def test_gptq_verify_runs_or_says_why_not(gptq):
+    src, out = gptq[2].parent / "Qwen-tiny-Chat-Int4", gptq[2]
+    verification = verify_conversion(src, out, new_tokens=2)
+    if hasattr(qwenkit.quant, "prepare_quantized_model"):
+        assert verification.passed, verification.summary()
+    else:
+        assert verification.skipped and "prepare_quantized_model" in verification.skipped
+
+
+def test_gptq_nonzero_bias_where_qwen2_has_none_is_refused(tmp_path):
+    src = write_gptq_source(tmp_path / "src", nonzero_bias="mlp.w1")
+    with pytest.raises(CheckpointError, match=r"model.layers.0.mlp.up_proj.bias is a non-zero bias.*change the model"):
+        convert_v1_to_qwen2(src, tmp_path / "out", progress=False)
+    assert list(tmp_path.iterdir()) == [src]
+
+
+def test_gptq_refuses_to_recast_scales(tmp_path):
+    src = write_gptq_source(tmp_path / "src")
+    with pytest.raises(ConfigError, match="float16 scales"):
+        convert_v1_to_qwen2(src, tmp_path / "out", dtype="bfloat16", progress=False)

@@ -1,0 +1,120 @@
+"""The chat as users drive it: stdin scripts, a pseudo-terminal with Ctrl-C, and one-shot -p."""
+
+from __future__ import annotations
+
+import os
+import pty
+import select
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from qwenkit.chat import ChatSession, chat
+from qwenkit.cli.chat import CommandError, parse_conf
+from qwenkit.engine import SamplingParams
+from qwenkit.generate import LLM
+
+QWENKIT = [sys.executable, "-m", "qwenkit.cli"]
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_chat_model):
+    return LLM.load(tiny_chat_model, progress=False)
+
+
+def run_chat(model, script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*QWENKIT, "chat", str(model), *args], input=script, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_commands_history_and_errors_over_stdin(tiny_chat_model):
+    script = "\n".join([
+        "hello there", ":history", ":conf bogus=1", ":conf temperature=-1", ":conf temperature=__import__('os')",
+        ":seed x", ":frobnicate", ":clear-history", ":history", ":system Be brief.", "second question", ":history",
+        ":exit", "never reached",
+    ]) + "\n"
+    r = run_chat(tiny_chat_model, script, "--max-new-tokens", "5")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "user: hello there" in out
+    assert "error: unknown :conf key 'bogus'" in out
+    assert "error: temperature must be >= 0, got -1" in out
+    assert "error: value for temperature must be a literal" in out
+    assert "error: :seed needs an integer, got 'x'" in out
+    assert "error: unknown command :frobnicate; type :help" in out
+    after_clear = out.split("[history cleared]")[1]
+    assert "[history is empty]" in after_clear and "user: hello there" not in after_clear
+    assert "user: second question" in after_clear and "never reached" not in out
+    assert "Traceback" not in r.stderr
+
+
+def test_conf_really_applies_to_the_next_answer(tiny_chat_model, llm):
+    # Greedy, one token: the reply must be exactly the model's first greedy token after the chat prompt.
+    prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
+    expected = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))[0].text.strip()
+    r = run_chat(tiny_chat_model, ":conf temperature=0 max_tokens=1\nhi\n:history\n")
+    assert r.returncode == 0, r.stderr
+    assert "temperature=0, " in r.stdout and "max_tokens=1" in r.stdout
+    assert f"assistant: {expected}\n" in r.stdout
+    # :reset-conf goes back: now 5 tokens of sampled text, not 1
+    params = parse_conf(SamplingParams(), ["top_k=3", "stop='x'", "seed=None"])
+    assert (params.top_k, params.stop, params.seed) == (3, ("x",), None)
+    with pytest.raises(CommandError, match="expected key=value"):
+        parse_conf(params, ["temperature"])
+
+
+def test_one_shot_prompt_and_python_chat_api(tiny_chat_model, llm):
+    r = subprocess.run([*QWENKIT, "chat", str(tiny_chat_model), "-p", "hi", "--temperature", "1", "--seed", "3",
+                        "--top-k", "0", "--top-p", "1", "--max-new-tokens", "6"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    params = SamplingParams(temperature=1, seed=3, max_tokens=6)
+    reply = chat(llm, [{"role": "user", "content": "hi"}], params)
+    assert r.stdout.strip() == reply and reply
+    session = ChatSession(llm, SamplingParams(temperature=0, max_tokens=4), system="sys")
+    first = "".join(session.ask("one"))
+    "".join(session.ask("two"))
+    assert [m["role"] for m in session.history] == ["user", "assistant", "user", "assistant"]
+    assert session.history[1]["content"] == first.strip()
+
+
+def _read_until(fd: int, needle: bytes, timeout: float = 60.0) -> bytes:
+    buf = b""
+    end = time.time() + timeout
+    while needle not in buf:
+        if time.time() > end:
+            raise AssertionError(f"timed out waiting for {needle!r}; got {buf[-500:]!r}")
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if ready:
+            try:
+                buf += os.read(fd, 4096)
+            except OSError:
+                break
+    return buf
+
+
+def test_ctrl_c_interrupts_the_answer_not_the_chat(tiny_chat_model):
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([*QWENKIT, "chat", str(tiny_chat_model), "--max-new-tokens", "6000", "--temperature", "1"],
+                            stdin=slave, stdout=slave, stderr=slave, close_fds=True)
+    os.close(slave)
+    try:
+        _read_until(master, b">>> ")
+        os.write(master, b"tell me a long story\n")
+        _read_until(master, b"story\r\n")  # the echo; the answer streams after it
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        _read_until(master, b"[interrupted]")
+        _read_until(master, b">>> ")
+        os.write(master, b":history\n")
+        out = _read_until(master, b">>> ")
+        assert b"user: tell me a long story" in out and b"assistant: " in out
+        os.write(master, b":exit\n")
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
