@@ -52,7 +52,11 @@ def test_kernel_matches_dequantized_matmul(bits, out_f, in_f, gs, sym, act_order
     assert isinstance(layer.kernel, str) and layer.kernel
     assert (layer.perm is not None) == (act_order and gs < in_f)  # one group needs no permutation
     ref_w = w.dequantize()
-    for rows in (1, 3, PREFILL_ROWS + 5):  # decode through the kernel, prefill through dequantize
+    for rows in (
+        1,
+        3,
+        max(PREFILL_ROWS.values()) + 5,
+    ):  # decode through the kernel, prefill through dequantize
         x = torch.randn(2, rows, in_f).to(dtype)
         y = layer(x)
         ref = x.float() @ ref_w.T + bias

@@ -127,6 +127,10 @@ def load_model(
 
         prepare_quantized_model(model, config.quantization, torch_dtype)
     _assign_all(model, config, source, torch_dtype, device, progress)
+    if config.quantization:
+        from qwenkit.quant import finalize_quantized_model
+
+        finalize_quantized_model(model)  # pack for the device's kernel now, not on the first forward
     model.rotary.inv_freq = inv_freq(config).to(device)
     model.eval().requires_grad_(False)
     if quantize:
@@ -144,8 +148,8 @@ def _assign_all(
     device: str,
     progress: bool,
 ) -> None:
-    expected = {n: t for n, t in model.named_parameters(remove_duplicate=False)}
-    expected |= dict(model.named_buffers())
+    parameters = {n: t for n, t in model.named_parameters(remove_duplicate=False)}
+    expected = parameters | dict(model.named_buffers())
     expected.pop("rotary.inv_freq", None)
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
@@ -165,10 +169,8 @@ def _assign_all(
                     f"{source.path}: tensor {name!r} has shape {tuple(tensor.shape)}, "
                     f"but config.json implies {tuple(target.shape)}"
                 )
-            if tensor.is_floating_point() and target.is_floating_point():
-                tensor = tensor.to(dtype)
-            elif target.dtype != tensor.dtype:
-                tensor = tensor.to(target.dtype)
+            # Parameters take the model dtype; buffers (GPTQ qweight, scales, g_idx) keep their own.
+            tensor = tensor.to(dtype if name in parameters else target.dtype)
             _set_tensor(model, name, tensor.to(device))
             loaded.add(name)
     missing = sorted(set(expected) - loaded)

@@ -23,11 +23,13 @@ from typing import Any, Literal
 
 import torch
 
+from qwenkit.errors import QwenkitError
+
 CheckpointFormat = Literal["gptq", "gptq_v2"]
 SUPPORTED_BITS = (4, 8)
 
 
-class QuantizationError(ValueError):
+class QuantizationError(QwenkitError, ValueError):
     """A quantization config or quantized tensor qwenkit cannot use; the message says which and why."""
 
 
