@@ -33,7 +33,9 @@ def decode_rate(model, batch: int, new_tokens: int, prompt_len: int = 16) -> flo
 
 def prefill_rate(model, length: int) -> float:
     engine = Engine(model, max_batch_size=1, prefill_chunk=length)
-    engine.add_request([(i * 13) % 1000 + 10 for i in range(length)], SamplingParams(temperature=0, max_tokens=1))
+    engine.add_request(
+        [(i * 13) % 1000 + 10 for i in range(length)], SamplingParams(temperature=0, max_tokens=1)
+    )
     start = time.perf_counter()
     engine.step()
     return length / (time.perf_counter() - start)
@@ -51,13 +53,17 @@ def main() -> None:
     model, config = load_model(path, dtype=args.dtype, quantize=args.quantize, progress=False)
     load_s = time.perf_counter() - start
     decode_rate(model, 1, 8)  # warm-up
-    print(f"model: {path}\n{config.family}, {config.num_parameters / 1e6:.0f} M parameters, {args.dtype}"
-          f"{', ' + args.quantize if args.quantize else ''}, {torch.get_num_threads()} threads\n")
+    print(
+        f"model: {path}\n{config.family}, {config.num_parameters / 1e6:.0f} M parameters, {args.dtype}"
+        f"{', ' + args.quantize if args.quantize else ''}, {torch.get_num_threads()} threads\n"
+    )
     print("| measure | value |\n|---|---|")
     print(f"| load time | {load_s:.2f} s |")
     print(f"| prefill, 512-token prompt | {prefill_rate(model, 512):.0f} tokens/s |")
     for batch in (1, 4, 8):
-        print(f"| decode, batch {batch} ({args.tokens} new tokens each) | {decode_rate(model, batch, args.tokens):.1f} tokens/s |")
+        print(
+            f"| decode, batch {batch} ({args.tokens} new tokens each) | {decode_rate(model, batch, args.tokens):.1f} tokens/s |"
+        )
 
 
 if __name__ == "__main__":

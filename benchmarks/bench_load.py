@@ -33,10 +33,15 @@ QWEN25_05B = {
     "torch_dtype": "bfloat16",
 }
 
+# VmHWM (this process's peak RSS) rather than ru_maxrss, which Linux carries over from the parent on exec.
 CHILD = r"""
-import resource, sys, time, json
+import sys, time, json
 import torch
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def hwm_kib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+base = hwm_kib()
 from qwenkit.checkpoint import load_model
 t = time.perf_counter()
 model, cfg = load_model(sys.argv[1], dtype=sys.argv[2], progress=False)
@@ -44,7 +49,7 @@ dt = time.perf_counter() - t
 with torch.no_grad():  # touch every weight: memory-mapped pages count once they are read
     model(torch.tensor([[1, 2, 3]]))
 size = sum(p.numel() * p.element_size() for p in model.parameters())
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = hwm_kib()
 print(json.dumps({"base_kib": base, "peak_kib": peak, "model_bytes": size, "seconds": dt}))
 """
 

@@ -81,7 +81,11 @@ def v1_state_dict(cfg: dict[str, Any], seed: int = 0) -> dict[str, torch.Tensor]
     def r(*shape: int, scale: float = 0.08) -> torch.Tensor:
         return torch.randn(*shape, generator=g) * scale
 
-    sd = {"transformer.wte.weight": r(v, h, scale=0.5), "transformer.ln_f.weight": 1 + r(h), "lm_head.weight": r(v, h)}
+    sd = {
+        "transformer.wte.weight": r(v, h, scale=0.5),
+        "transformer.ln_f.weight": 1 + r(h),
+        "lm_head.weight": r(v, h),
+    }
     for i in range(cfg["num_hidden_layers"]):
         p = f"transformer.h.{i}."
         sd[p + "ln_1.weight"] = 1 + r(h)
@@ -95,7 +99,9 @@ def v1_state_dict(cfg: dict[str, Any], seed: int = 0) -> dict[str, torch.Tensor]
     return sd
 
 
-def write_v1_checkpoint(path: Path, cfg: dict[str, Any] | None = None, shards: int = 1, seed: int = 0) -> Path:
+def write_v1_checkpoint(
+    path: Path, cfg: dict[str, Any] | None = None, shards: int = 1, seed: int = 0
+) -> Path:
     """A Qwen v1 checkpoint directory (config.json + safetensors, optionally sharded with an index)."""
     cfg = {**V1_TINY, **(cfg or {})}
     path.mkdir(parents=True, exist_ok=True)
@@ -130,12 +136,28 @@ def write_tiny_chat_model(path: Path, generation_config: dict[str, Any] | None =
     """A small random Qwen3 model with the real Qwen3 tokenizer and chat template: a chat-capable checkpoint."""
     import shutil
 
-    model = hf_model("qwen3", vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                     num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=8192,
-                     tie_word_embeddings=True, eos_token_id=151645)
+    model = hf_model(
+        "qwen3",
+        vocab_size=151936,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+        eos_token_id=151645,
+    )
     model.save_pretrained(path)
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
         shutil.copy(qwen3_tokenizer_dir() / name, path / name)
-    gen = {"eos_token_id": [151645, 151643], "temperature": 0.7, "top_p": 0.8, "top_k": 20, "max_new_tokens": 64}
+    gen = {
+        "eos_token_id": [151645, 151643],
+        "temperature": 0.7,
+        "top_p": 0.8,
+        "top_k": 20,
+        "max_new_tokens": 64,
+    }
     (path / "generation_config.json").write_text(json.dumps(generation_config or gen))
     return path

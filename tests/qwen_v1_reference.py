@@ -23,7 +23,9 @@ def _ntk_alpha(true_len: int, seq_length: int) -> float:
     return max(2 ** math.ceil(context_value) - 1, 1)
 
 
-def v1_logits(sd: dict[str, torch.Tensor], cfg: dict, ids: torch.Tensor, ntk_len: int | None = None) -> torch.Tensor:
+def v1_logits(
+    sd: dict[str, torch.Tensor], cfg: dict, ids: torch.Tensor, ntk_len: int | None = None
+) -> torch.Tensor:
     """ids (T,) -> logits (T, V). ntk_len: the prefill length that fixed the NTK alpha (default T)."""
     h, heads = cfg["hidden_size"], cfg["num_attention_heads"]
     d = cfg["kv_channels"]
@@ -57,7 +59,7 @@ def v1_logits(sd: dict[str, torch.Tensor], cfg: dict, ids: torch.Tensor, ntk_len
         q, k, v = mixed.split(h, dim=-1)
         q, k, v = (t.view(T, heads, d) for t in (q, k, v))
         q, k = rope(q), rope(k)
-        if cfg["use_logn_attn"] and T > seq_length:
+        if cfg["use_logn_attn"] and seq_length < T:
             q = q * logn[:T, None, None]
         scores = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(d)
         scores = scores.masked_fill(~causal, float("-inf"))

@@ -33,8 +33,16 @@ PROMPTS = [list(range(5, 12)), list(range(100, 140)), [7], list(range(300, 321))
     [
         SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
         SamplingParams(temperature=0.9, top_p=0.9, top_k=50, seed=1234, max_tokens=24, ignore_eos=True),
-        SamplingParams(temperature=1.0, min_p=0.05, repetition_penalty=1.2, presence_penalty=0.5,
-                       frequency_penalty=0.3, seed=7, max_tokens=24, ignore_eos=True),
+        SamplingParams(
+            temperature=1.0,
+            min_p=0.05,
+            repetition_penalty=1.2,
+            presence_penalty=0.5,
+            frequency_penalty=0.3,
+            seed=7,
+            max_tokens=24,
+            ignore_eos=True,
+        ),
     ],
 )
 def test_batched_equals_alone(model, params):
@@ -51,7 +59,9 @@ def test_seed_reproducible_and_distinct(model):
     p = SamplingParams(temperature=1.0, seed=5, max_tokens=16, ignore_eos=True)
     a = run(Engine(model), [PROMPTS[1]], [p])[0]
     b = run(Engine(model), [PROMPTS[1]], [p])[0]
-    c = run(Engine(model), [PROMPTS[1]], [SamplingParams(temperature=1.0, seed=6, max_tokens=16, ignore_eos=True)])[0]
+    c = run(
+        Engine(model), [PROMPTS[1]], [SamplingParams(temperature=1.0, seed=6, max_tokens=16, ignore_eos=True)]
+    )[0]
     assert a == b and a != c
 
 
@@ -59,7 +69,9 @@ def test_stop_tokens_and_abort_free_slots(model):
     engine = Engine(model, max_batch_size=1)
     first = run(engine, [PROMPTS[0]], [SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)])[0]
     stop_at = first[3]
-    rid = engine.add_request(PROMPTS[0], SamplingParams(temperature=0, max_tokens=10, stop_token_ids=(stop_at,)))
+    rid = engine.add_request(
+        PROMPTS[0], SamplingParams(temperature=0, max_tokens=10, stop_token_ids=(stop_at,))
+    )
     out = []
     while engine.has_unfinished():
         for o in engine.step():
@@ -75,7 +87,9 @@ def test_stop_tokens_and_abort_free_slots(model):
 
 def test_logprobs_match_model(model):
     engine = Engine(model)
-    rid = engine.add_request(PROMPTS[0], SamplingParams(temperature=0, max_tokens=1, logprobs=3, ignore_eos=True))
+    rid = engine.add_request(
+        PROMPTS[0], SamplingParams(temperature=0, max_tokens=1, logprobs=3, ignore_eos=True)
+    )
     engine.step()
     lp = engine.pop_finished(rid).logprobs[0]
     with torch.no_grad():

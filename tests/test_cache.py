@@ -13,8 +13,16 @@ def test_cached_logits_equal_recomputed(tmp_path):
     model = load_model(save_hf(hf_model("qwen3"), tmp_path / "m"), dtype="float32")[0]
     cfg = model.config
     seqs = [torch.randint(0, 512, (n,), generator=torch.Generator().manual_seed(n)) for n in (30, 17)]
-    cache = SlotKVCache(cfg.num_hidden_layers, 4, cfg.num_key_value_heads, cfg.head_dim, 128, torch.float32,
-                        "cpu", initial_len=16)  # small start: storage must grow mid-sequence
+    cache = SlotKVCache(
+        cfg.num_hidden_layers,
+        4,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+        128,
+        torch.float32,
+        "cpu",
+        initial_len=16,
+    )  # small start: storage must grow mid-sequence
     slots = [2, 0]  # non-contiguous slots exercise the gather path
     done = [0, 0]
     with torch.no_grad():

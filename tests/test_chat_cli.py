@@ -26,16 +26,33 @@ def llm(tiny_chat_model):
 
 
 def run_chat(model, script: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*QWENKIT, "chat", str(model), *args], input=script, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [*QWENKIT, "chat", str(model), *args], input=script, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_commands_history_and_errors_over_stdin(tiny_chat_model):
-    script = "\n".join([
-        "hello there", ":history", ":conf bogus=1", ":conf temperature=-1", ":conf temperature=__import__('os')",
-        ":seed x", ":frobnicate", ":clear-history", ":history", ":system Be brief.", "second question", ":history",
-        ":exit", "never reached",
-    ]) + "\n"
+    script = (
+        "\n".join(
+            [
+                "hello there",
+                ":history",
+                ":conf bogus=1",
+                ":conf temperature=-1",
+                ":conf temperature=__import__('os')",
+                ":seed x",
+                ":frobnicate",
+                ":clear-history",
+                ":history",
+                ":system Be brief.",
+                "second question",
+                ":history",
+                ":exit",
+                "never reached",
+            ]
+        )
+        + "\n"
+    )
     r = run_chat(tiny_chat_model, script, "--max-new-tokens", "5")
     assert r.returncode == 0, r.stderr
     out = r.stdout
@@ -54,7 +71,9 @@ def test_commands_history_and_errors_over_stdin(tiny_chat_model):
 def test_conf_really_applies_to_the_next_answer(tiny_chat_model, llm):
     # Greedy, one token: the reply must be exactly the model's first greedy token after the chat prompt.
     prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
-    expected = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))[0].text.strip()
+    expected = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))[
+        0
+    ].text.strip()
     r = run_chat(tiny_chat_model, ":conf temperature=0 max_tokens=1\nhi\n:history\n")
     assert r.returncode == 0, r.stderr
     assert "temperature=0, " in r.stdout and "max_tokens=1" in r.stdout
@@ -67,9 +86,28 @@ def test_conf_really_applies_to_the_next_answer(tiny_chat_model, llm):
 
 
 def test_one_shot_prompt_and_python_chat_api(tiny_chat_model, llm):
-    r = subprocess.run([*QWENKIT, "chat", str(tiny_chat_model), "-p", "hi", "--temperature", "1", "--seed", "3",
-                        "--top-k", "0", "--top-p", "1", "--max-new-tokens", "6"], capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run(
+        [
+            *QWENKIT,
+            "chat",
+            str(tiny_chat_model),
+            "-p",
+            "hi",
+            "--temperature",
+            "1",
+            "--seed",
+            "3",
+            "--top-k",
+            "0",
+            "--top-p",
+            "1",
+            "--max-new-tokens",
+            "6",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     params = SamplingParams(temperature=1, seed=3, max_tokens=6)
     reply = chat(llm, [{"role": "user", "content": "hi"}], params)
@@ -98,8 +136,13 @@ def _read_until(fd: int, needle: bytes, timeout: float = 60.0) -> bytes:
 
 def test_ctrl_c_interrupts_the_answer_not_the_chat(tiny_chat_model):
     master, slave = pty.openpty()
-    proc = subprocess.Popen([*QWENKIT, "chat", str(tiny_chat_model), "--max-new-tokens", "6000", "--temperature", "1"],
-                            stdin=slave, stdout=slave, stderr=slave, close_fds=True)
+    proc = subprocess.Popen(
+        [*QWENKIT, "chat", str(tiny_chat_model), "--max-new-tokens", "6000", "--temperature", "1"],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        close_fds=True,
+    )
     os.close(slave)
     try:
         _read_until(master, b">>> ")

@@ -5,10 +5,22 @@ from __future__ import annotations
 from qwenkit.config import ModelConfig
 
 QWEN_7B = {
-    "model_type": "qwen", "hidden_size": 4096, "num_attention_heads": 32, "num_hidden_layers": 32,
-    "intermediate_size": 22016, "kv_channels": 128, "rotary_pct": 1.0, "rotary_emb_base": 10000,
-    "seq_length": 8192, "max_position_embeddings": 32768, "layer_norm_epsilon": 1e-6, "vocab_size": 151936,
-    "no_bias": True, "use_dynamic_ntk": True, "use_logn_attn": True, "tie_word_embeddings": False,
+    "model_type": "qwen",
+    "hidden_size": 4096,
+    "num_attention_heads": 32,
+    "num_hidden_layers": 32,
+    "intermediate_size": 22016,
+    "kv_channels": 128,
+    "rotary_pct": 1.0,
+    "rotary_emb_base": 10000,
+    "seq_length": 8192,
+    "max_position_embeddings": 32768,
+    "layer_norm_epsilon": 1e-6,
+    "vocab_size": 151936,
+    "no_bias": True,
+    "use_dynamic_ntk": True,
+    "use_logn_attn": True,
+    "tie_word_embeddings": False,
 }
 
 
@@ -16,28 +28,62 @@ def test_qwen_7b_parameter_count_matches_its_index_file():
     cfg = ModelConfig.from_hf(QWEN_7B)
     # model.safetensors.index.json total_size 15,442,649,088 bytes of 2-byte floats (qwen_facts §1.2)
     assert cfg.num_parameters * 2 == 15_442_649_088
-    assert (cfg.intermediate_size, cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings) == (11008, 128, 1e4, 8192)
+    assert (cfg.intermediate_size, cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings) == (
+        11008,
+        128,
+        1e4,
+        8192,
+    )
 
 
 def test_qwen_72b_parameter_count_and_base():
-    cfg = ModelConfig.from_hf({**QWEN_7B, "hidden_size": 8192, "num_attention_heads": 64, "num_hidden_layers": 80,
-                               "intermediate_size": 49152, "rotary_emb_base": 1000000, "vocab_size": 152064,
-                               "use_dynamic_ntk": False, "use_logn_attn": False})
+    cfg = ModelConfig.from_hf(
+        {
+            **QWEN_7B,
+            "hidden_size": 8192,
+            "num_attention_heads": 64,
+            "num_hidden_layers": 80,
+            "intermediate_size": 49152,
+            "rotary_emb_base": 1000000,
+            "vocab_size": 152064,
+            "use_dynamic_ntk": False,
+            "use_logn_attn": False,
+        }
+    )
     assert cfg.num_parameters * 2 == 144_575_840_256
     assert cfg.rope_theta == 1e6 and cfg.max_context == 8192
 
 
 def test_aug_2023_v1_spellings():
-    old = {"model_type": "qwen", "n_embd": 4096, "n_head": 32, "n_layer": 32, "ffn_hidden_size": 22016,
-           "kv_channels": 128, "seq_length": 2048, "padded_vocab_size": 151936, "vocab_size": 151936}
+    old = {
+        "model_type": "qwen",
+        "n_embd": 4096,
+        "n_head": 32,
+        "n_layer": 32,
+        "ffn_hidden_size": 22016,
+        "kv_channels": 128,
+        "seq_length": 2048,
+        "padded_vocab_size": 151936,
+        "vocab_size": 151936,
+    }
     cfg = ModelConfig.from_hf(old)
     assert (cfg.hidden_size, cfg.intermediate_size, cfg.max_position_embeddings) == (4096, 11008, 2048)
 
 
 def test_qwen3_explicit_head_dim_and_gqa():
-    cfg = ModelConfig.from_hf({"model_type": "qwen3", "vocab_size": 151936, "hidden_size": 1024,
-                               "intermediate_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 16,
-                               "num_key_value_heads": 8, "head_dim": 128, "tie_word_embeddings": True,
-                               "rope_theta": 1000000})
+    cfg = ModelConfig.from_hf(
+        {
+            "model_type": "qwen3",
+            "vocab_size": 151936,
+            "hidden_size": 1024,
+            "intermediate_size": 3072,
+            "num_hidden_layers": 28,
+            "num_attention_heads": 16,
+            "num_key_value_heads": 8,
+            "head_dim": 128,
+            "tie_word_embeddings": True,
+            "rope_theta": 1000000,
+        }
+    )
     assert cfg.head_dim == 128 and cfg.qk_norm and not cfg.qkv_bias
     assert cfg.kv_cache_bytes_per_token(2) == 2 * 28 * 8 * 128 * 2

@@ -20,13 +20,21 @@ def imports_of(path: Path) -> set[str]:
 
 def test_model_does_not_import_engine_or_server():
     for f in (SRC / "model").rglob("*.py"):
-        bad = {m for m in imports_of(f) if m.startswith(("qwenkit.engine", "qwenkit.server", "qwenkit.tokenizer"))}
+        bad = {
+            m
+            for m in imports_of(f)
+            if m.startswith(("qwenkit.engine", "qwenkit.server", "qwenkit.tokenizer"))
+        }
         assert not bad, f"{f.relative_to(SRC)} imports {bad}"
 
 
 def test_engine_knows_no_text():
     for f in (SRC / "engine").rglob("*.py"):
-        bad = {m for m in imports_of(f) if m.startswith(("qwenkit.tokenizer", "qwenkit.server", "qwenkit.generate"))}
+        bad = {
+            m
+            for m in imports_of(f)
+            if m.startswith(("qwenkit.tokenizer", "qwenkit.server", "qwenkit.generate"))
+        }
         assert not bad, f"{f.relative_to(SRC)} imports {bad}"
 
 

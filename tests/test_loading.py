@@ -65,9 +65,18 @@ def test_dtype_cast_bfloat16(qwen2_dir):
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight"), r"missing tensor\(s\) model.layers.1.mlp.up_proj.weight"),
-        (lambda sd: sd.__setitem__("model.layers.0.extra.weight", torch.zeros(2)), "unexpected tensor 'model.layers.0.extra.weight'"),
-        (lambda sd: sd.__setitem__("model.norm.weight", torch.zeros(3)), r"'model.norm.weight' has shape \(3,\), but config.json implies \(64,\)"),
+        (
+            lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight"),
+            r"missing tensor\(s\) model.layers.1.mlp.up_proj.weight",
+        ),
+        (
+            lambda sd: sd.__setitem__("model.layers.0.extra.weight", torch.zeros(2)),
+            "unexpected tensor 'model.layers.0.extra.weight'",
+        ),
+        (
+            lambda sd: sd.__setitem__("model.norm.weight", torch.zeros(3)),
+            r"'model.norm.weight' has shape \(3,\), but config.json implies \(64,\)",
+        ),
     ],
 )
 def test_bad_tensors_named(qwen2_dir, edit, message):
@@ -106,11 +115,19 @@ def test_corrupt_safetensors(qwen2_dir):
 
 
 def test_unknown_model_type_and_unsupported_values():
-    base = {"vocab_size": 8, "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2}
+    base = {
+        "vocab_size": 8,
+        "hidden_size": 8,
+        "intermediate_size": 8,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+    }
     with pytest.raises(ConfigError, match="unsupported model_type 'gpt2'"):
         ModelConfig.from_hf({"model_type": "gpt2", **base})
     with pytest.raises(ConfigError, match="unsupported rope_scaling type 'longrope'"):
-        ModelConfig.from_hf({"model_type": "qwen2", **base, "rope_scaling": {"type": "longrope", "factor": 2}})
+        ModelConfig.from_hf(
+            {"model_type": "qwen2", **base, "rope_scaling": {"type": "longrope", "factor": 2}}
+        )
     with pytest.raises(ConfigError, match="use_sliding_window"):
         ModelConfig.from_hf({"model_type": "qwen2", **base, "use_sliding_window": True})
     with pytest.raises(ConfigError, match="not a multiple of num_key_value_heads 3"):
@@ -136,7 +153,13 @@ def test_sharded_index_problems(tmp_path):
 def test_v1_config_reading(tmp_path):
     path = write_v1_checkpoint(tmp_path / "v1", cfg={"rotary_emb_base": 1000000})
     cfg = ModelConfig.from_dir(path)
-    assert (cfg.rope_theta, cfg.intermediate_size, cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias) == (1e6, 160, True, False, False)
+    assert (cfg.rope_theta, cfg.intermediate_size, cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias) == (
+        1e6,
+        160,
+        True,
+        False,
+        False,
+    )
     assert cfg.use_dynamic_ntk and cfg.use_logn_attn and cfg.max_position_embeddings == 32
 
 

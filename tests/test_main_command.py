@@ -12,7 +12,9 @@ import pytest
 def test_default_model_knows_the_capital_of_france(sampling):
     r = subprocess.run(
         [sys.executable, "-m", "qwenkit.cli", "chat", "-p", "What is the capital of France?", *sampling],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout

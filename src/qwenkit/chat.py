@@ -23,13 +23,19 @@ class ContextOverflowError(QwenkitError, ValueError):
 
 
 def build_prompt(
-    llm: LLM, messages: Sequence[Message], params: SamplingParams, tools: list[dict] | None = None, **template_kwargs: Any
+    llm: LLM,
+    messages: Sequence[Message],
+    params: SamplingParams,
+    tools: list[dict] | None = None,
+    **template_kwargs: Any,
 ) -> list[int]:
     """Prompt ids for ``messages``, dropping the oldest turns until prompt + reply fit the window."""
     window = llm.engine.max_seq_len
     msgs = list(messages)
     while True:
-        ids = llm.tokenizer.apply_chat_template(msgs, tools=tools, add_generation_prompt=True, **template_kwargs)
+        ids = llm.tokenizer.apply_chat_template(
+            msgs, tools=tools, add_generation_prompt=True, **template_kwargs
+        )
         if len(ids) + min(params.max_tokens, window // 2) <= window:
             return ids
         first = 1 if msgs and msgs[0].get("role") == "system" else 0
@@ -50,7 +56,9 @@ def chat_stream(
     yield from llm.stream(build_prompt(llm, messages, params, **template_kwargs), params)
 
 
-def chat(llm: LLM, messages: Sequence[Message], params: SamplingParams | None = None, **template_kwargs: Any) -> str:
+def chat(
+    llm: LLM, messages: Sequence[Message], params: SamplingParams | None = None, **template_kwargs: Any
+) -> str:
     """The assistant's whole reply to ``messages``."""
     return "".join(d.text for d in chat_stream(llm, messages, params, **template_kwargs)).strip()
 
@@ -76,5 +84,7 @@ class ChatSession:
                 reply.append(delta.text)
                 yield delta.text
         finally:
-            self.history += [{"role": "user", "content": user_text},
-                             {"role": "assistant", "content": "".join(reply).strip()}]
+            self.history += [
+                {"role": "user", "content": user_text},
+                {"role": "assistant", "content": "".join(reply).strip()},
+            ]

@@ -90,7 +90,13 @@ class ModelConfig:
             set_(self, "head_dim", self.hidden_size // self.num_attention_heads)
         if self.rotary_dim == 0:
             set_(self, "rotary_dim", self.head_dim)
-        positive = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        positive = (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+        )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"config value {name}={getattr(self, name)} must be positive")
@@ -100,7 +106,9 @@ class ModelConfig:
                 f"num_key_value_heads {self.num_key_value_heads}"
             )
         if self.rotary_dim % 2 or self.rotary_dim > self.head_dim:
-            raise ConfigError(f"rotary dim {self.rotary_dim} must be even and at most head_dim {self.head_dim}")
+            raise ConfigError(
+                f"rotary dim {self.rotary_dim} must be even and at most head_dim {self.head_dim}"
+            )
 
     # ---- derived quantities used by `qwenkit info` and the memory check -------------------------------
 
@@ -141,9 +149,7 @@ class ModelConfig:
         """Normalize a Hugging Face ``config.json`` dict of any supported family."""
         model_type = cfg.get("model_type")
         if model_type not in FAMILIES:
-            raise ConfigError(
-                f"unsupported model_type {model_type!r}; qwenkit runs {', '.join(FAMILIES)}"
-            )
+            raise ConfigError(f"unsupported model_type {model_type!r}; qwenkit runs {', '.join(FAMILIES)}")
         act = cfg.get("hidden_act", cfg.get("activation_function", "silu"))
         if act not in ("silu", "swish"):
             raise ConfigError(f"unsupported hidden_act {act!r}; Qwen and Llama use silu (SwiGLU)")
@@ -151,7 +157,9 @@ class ModelConfig:
         try:
             return reader(cfg)
         except KeyError as e:
-            raise ConfigError(f"config.json for model_type {model_type!r} is missing key {e.args[0]!r}") from None
+            raise ConfigError(
+                f"config.json for model_type {model_type!r} is missing key {e.args[0]!r}"
+            ) from None
         except (TypeError, ValueError) as e:
             if isinstance(e, ConfigError):
                 raise
@@ -218,8 +226,10 @@ def _read_qwen_v1(cfg: dict[str, Any]) -> ModelConfig:
     layers = cfg.get("num_hidden_layers", cfg.get("n_layer"))
     doubled_ffn = cfg.get("intermediate_size", cfg.get("ffn_hidden_size"))
     if None in (hidden, heads, layers, doubled_ffn):
-        raise ConfigError("Qwen v1 config.json needs hidden_size, num_attention_heads, num_hidden_layers, "
-                          "intermediate_size (or n_embd, n_head, n_layer, ffn_hidden_size)")
+        raise ConfigError(
+            "Qwen v1 config.json needs hidden_size, num_attention_heads, num_hidden_layers, "
+            "intermediate_size (or n_embd, n_head, n_layer, ffn_hidden_size)"
+        )
     kv_channels = int(cfg.get("kv_channels", hidden // heads))
     if kv_channels * heads != hidden:
         # The fused c_attn output is split by hidden_size, so projection and hidden sizes must agree.
@@ -282,8 +292,10 @@ def _read_hf_standard(cfg: dict[str, Any]) -> ModelConfig:
         num_attention_heads=int(cfg["num_attention_heads"]),
         num_key_value_heads=int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"]),
         head_dim=int(cfg.get("head_dim") or 0),
-        rotary_dim=int((cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
-                       * float(cfg.get("partial_rotary_factor", 1.0))),
+        rotary_dim=int(
+            (cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
+            * float(cfg.get("partial_rotary_factor", 1.0))
+        ),
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         rope_theta=theta,
         rope_scaling=yarn,

@@ -21,9 +21,14 @@ from qwenkit.engine import Engine, FinishReason, SamplingParams, TokenLogprob
 from qwenkit.model import Transformer
 from qwenkit.tokenizer import HFTokenizer, StreamingDetokenizer, Tokenizer, load_tokenizer
 
-
 # Qwen2.5-Instruct's generation_config.json values, used when a model ships none.
-FALLBACK_SAMPLING = {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05, "max_tokens": 512}
+FALLBACK_SAMPLING = {
+    "temperature": 0.7,
+    "top_p": 0.8,
+    "top_k": 20,
+    "repetition_penalty": 1.05,
+    "max_tokens": 512,
+}
 
 
 @dataclass
@@ -105,12 +110,23 @@ def tokenizer_for(source: CheckpointSource) -> Tokenizer:
 class LLM:
     """A loaded model with its tokenizer and engine."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, max_batch_size: int = 8,
-                 max_seq_len: int | None = None, prefill_chunk: int = 512) -> None:
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        max_batch_size: int = 8,
+        max_seq_len: int | None = None,
+        prefill_chunk: int = 512,
+    ) -> None:
         self.model, self.tokenizer, self.config = model, tokenizer, model.config
         eos = tuple(sorted(set(model.config.eos_token_ids) | set(tokenizer.stop_token_ids)))
-        self.engine = Engine(model, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
-                             prefill_chunk=prefill_chunk, eos_token_ids=eos)
+        self.engine = Engine(
+            model,
+            max_batch_size=max_batch_size,
+            max_seq_len=max_seq_len,
+            prefill_chunk=prefill_chunk,
+            eos_token_ids=eos,
+        )
 
     @classmethod
     def load(
@@ -125,8 +141,15 @@ class LLM:
     ) -> LLM:
         source = open_checkpoint(path)
         tokenizer = tokenizer_for(source)
-        model, _ = load_model(source, dtype=dtype, device=device, quantize=quantize,
-                              context=max_seq_len, batch=max_batch_size, progress=progress)
+        model, _ = load_model(
+            source,
+            dtype=dtype,
+            device=device,
+            quantize=quantize,
+            context=max_seq_len,
+            batch=max_batch_size,
+            progress=progress,
+        )
         return cls(model, tokenizer, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
 
     @property
@@ -154,7 +177,9 @@ class LLM:
         return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
 
     def generate(
-        self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]], params: SamplingParams | None = None
+        self,
+        prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
+        params: SamplingParams | None = None,
     ) -> list[Completion]:
         """Generate for many prompts together (continuous batching); results in prompt order."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):

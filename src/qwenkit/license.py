@@ -17,7 +17,9 @@ TONGYI_RESEARCH = (
     "Tongyi Qianwen Research License: research and non-commercial use only; commercial use needs a "
     "separate license from Alibaba Cloud"
 )
-APACHE = "Apache License 2.0: commercial use, modification and redistribution allowed, with attribution and notice"
+APACHE = (
+    "Apache License 2.0: commercial use, modification and redistribution allowed, with attribution and notice"
+)
 _BY_ID = {
     "tongyi-qianwen": TONGYI,
     "tongyi-qianwen-research": TONGYI_RESEARCH,
@@ -66,16 +68,21 @@ def find_license(path: str | Path, metadata_license: str | None = None) -> Licen
             if m:
                 found = identify(m.group(1))
                 name = m.group(1)
-                return LicenseInfo(name, found[1] if found else f"license '{name}' (see the model card)", "README.md")
+                return LicenseInfo(
+                    name, found[1] if found else f"license '{name}' (see the model card)", "README.md"
+                )
         cfg = directory / "config.json"
         if cfg.is_file() and json.loads(cfg.read_text()).get("model_type") == "qwen":
             return LicenseInfo(
                 "unknown",
-                "no license file found; Qwen v1 weights are released under the " + TONGYI
+                "no license file found; Qwen v1 weights are released under the "
+                + TONGYI
                 + " (Qwen-1.8B: the Research License, non-commercial); check the original repository",
                 "model_type qwen",
             )
     if metadata_license:
         found = identify(metadata_license)
-        return LicenseInfo(metadata_license, found[1] if found else f"license '{metadata_license}'", "metadata")
+        return LicenseInfo(
+            metadata_license, found[1] if found else f"license '{metadata_license}'", "metadata"
+        )
     return None

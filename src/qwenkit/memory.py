@@ -30,11 +30,15 @@ def linear_parameters(config: ModelConfig) -> int:
 
 
 def weight_bytes(config: ModelConfig, dtype: torch.dtype, quantize: str | None = None) -> int:
-    """Bytes the weights take in memory at this dtype, or with weight-only int8/int4 linear layers."""
+    """Bytes the weights take in memory at this dtype, or with weight-only int8/int4 linear layers.
+
+    ``--quantize`` also quantizes ``lm_head``; a tied embedding is served from that same quantized
+    matrix, so it is counted once.
+    """
     total = config.num_parameters * dtype_bytes(dtype)
     if quantize is None:
         return total
-    linear = linear_parameters(config)
+    linear = linear_parameters(config) + config.vocab_size * config.hidden_size
     return total - linear * dtype_bytes(dtype) + int(linear * _QUANT_BITS[quantize] / 8)
 
 
@@ -71,6 +75,11 @@ def check_fits(
             f"a lower precision, or --quantize int8/int4"
         )
     return need
+
+
+def format_bytes(n: int) -> str:
+    """GiB for model-sized numbers, MiB below one GiB (so small models don't print 0.00 GiB)."""
+    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / 2**20:.1f} MiB"
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from v1_sources import CHAT_GENERATION, write_source
@@ -18,12 +19,20 @@ def test_cli_converts_and_verifies(tmp_path, capsys):
     assert main([str(src), str(out), "--to", "qwen2", "--shard-size", "200KB", "--verify"]) == 0
     captured = capsys.readouterr()
     lines = captured.out.splitlines()
-    assert lines[0].startswith(f"wrote {out} (Qwen1.5 / qwen2 layout): 27 tensors, 0.00 GB in 4 shard(s), float32")
+    assert lines[0].startswith(
+        f"wrote {out} (Qwen1.5 / qwen2 layout): 27 tensors, 0.00 GB in 4 shard(s), float32"
+    )
     assert "files: config.json, generation_config.json, LICENSE, NOTICE" in captured.out
-    assert "note: the source uses dynamic NTK RoPE and LogN attention scaling, which Qwen2 does not have" in captured.out
+    assert (
+        "note: the source uses dynamic NTK RoPE and LogN attention scaling, which Qwen2 does not have"
+        in captured.out
+    )
     assert "verify: 3 prompts, max |logit difference| 0 (tolerance" in captured.out
     assert "greedy tokens agree 24/24" in captured.out
-    assert "verify: past the trained length: at 64 tokens (twice the trained 32) the next-token logits differ" in captured.out
+    assert (
+        "verify: past the trained length: at 64 tokens (twice the trained 32) the next-token logits differ"
+        in captured.out
+    )
     assert lines[-1] == "verify: OK, the converted model computes the same function as its source"
     assert "converting" in captured.err and "tensors=27" in captured.err  # the progress bar
     index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -35,7 +44,9 @@ def test_cli_defaults_to_qwen2_for_a_directory_and_keeps_dtype(tmp_path, capsys)
     src = write_source(tmp_path / "src", shards=1)
     assert main([str(src), str(tmp_path / "out"), "--no-progress", "--dtype", "float16"]) == 0
     captured = capsys.readouterr()
-    assert "float16" in captured.out.splitlines()[0] and "float32 -> float16 rounds the weights" in captured.out
+    assert (
+        "float16" in captured.out.splitlines()[0] and "float32 -> float16 rounds the weights" in captured.out
+    )
     assert captured.err == ""
 
 
@@ -74,7 +85,7 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys, make, args, messag
     assert qwenkit.cli.main(["convert", str(src), str(out), "--no-progress", *args]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
-    assert pytest.importorskip("re").match(message, err), err
+    assert re.match(message, err), err
 
 
 def test_cli_dispatches_gguf_to_the_gguf_converter(tmp_path, capsys, monkeypatch):

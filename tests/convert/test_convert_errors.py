@@ -27,21 +27,25 @@ def test_refuses_a_source_that_is_not_qwen_v1(tmp_path):
     src = write_source(tmp_path / "src")
     cfg = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps({**cfg, "model_type": "qwen2"}))
-    with pytest.raises(CheckpointError, match=r"not a Qwen v1 checkpoint.*model_type 'qwen2' \(it is already in"):
+    with pytest.raises(
+        CheckpointError, match=r"not a Qwen v1 checkpoint.*model_type 'qwen2' \(it is already in"
+    ):
         convert_v1_to_qwen2(src, tmp_path / "out", progress=False)
     assert leftovers(tmp_path) == []
 
 
 def test_refuses_a_directory_without_config(tmp_path):
     (tmp_path / "src").mkdir()
-    with pytest.raises(CheckpointError, match="has no config.json"):
+    with pytest.raises(CheckpointError, match=r"has no config\.json"):
         convert_v1_to_qwen2(tmp_path / "src", tmp_path / "out", progress=False)
 
 
 def test_refuses_a_missing_shard(tmp_path):
     src = write_source(tmp_path / "src", shards=3)
     (src / "model-00002-of-00003.safetensors").unlink()
-    with pytest.raises(CheckpointError, match=r"lists shard\(s\) missing .*: model-00002-of-00003.safetensors"):
+    with pytest.raises(
+        CheckpointError, match=r"lists shard\(s\) missing .*: model-00002-of-00003.safetensors"
+    ):
         convert_v1_to_qwen2(src, tmp_path / "out", progress=False)
     assert leftovers(tmp_path) == []
 
@@ -51,8 +55,11 @@ def test_refuses_a_shard_that_disagrees_with_the_index(tmp_path):
     shard = src / "model-00003-of-00003.safetensors"
     tensors = load_file(shard)
     save_file({**tensors, "transformer.h.0.ln_1.weight": torch.ones(64)}, str(shard))  # also in shard 1
-    with pytest.raises(CheckpointError, match=r"model-00003-of-00003.safetensors holds tensor 'transformer.h.0.ln_1.weight', "
-                       r"but the index maps it to model-00001-of-00003.safetensors"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"model-00003-of-00003.safetensors holds tensor 'transformer.h.0.ln_1.weight', "
+        r"but the index maps it to model-00001-of-00003.safetensors",
+    ):
         convert_v1_to_qwen2(src, tmp_path / "out", progress=False)
     assert leftovers(tmp_path) == []
 
@@ -61,7 +68,10 @@ def test_refuses_a_tensor_whose_shape_disagrees_with_config(tmp_path):
     src = write_source(tmp_path / "src", shards=1)
     cfg = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 160}))  # not doubled
-    with pytest.raises(CheckpointError, match=r"'model.layers.0.mlp.\w+_proj.weight' has shape .*160.*, but config.json implies .*80"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"'model.layers.0.mlp.\w+_proj.weight' has shape .*160.*, but config.json implies .*80",
+    ):
         convert_v1_to_qwen2(src, tmp_path / "out", progress=False)
     assert leftovers(tmp_path) == []
 
@@ -71,7 +81,7 @@ def test_refuses_a_source_missing_a_tensor(tmp_path):
     tensors = load_file(src / "model.safetensors")
     del tensors["lm_head.weight"]
     save_file(tensors, str(src / "model.safetensors"))
-    with pytest.raises(CheckpointError, match="lacks tensor\\(s\\) a qwen2 model needs: lm_head.weight"):
+    with pytest.raises(CheckpointError, match=r"lacks tensor\(s\) a qwen2 model needs: lm_head\.weight"):
         convert_v1_to_qwen2(src, tmp_path / "out", progress=False)
     assert leftovers(tmp_path) == []
 
@@ -101,19 +111,21 @@ def test_refuses_to_write_over_its_source(tmp_path):
 def test_disk_full_midway_cleans_up(tmp_path, monkeypatch):
     """The second shard hits ENOSPC: the first is already on disk, in the temporary directory."""
     src = write_source(tmp_path / "src", shards=1)
-    real_save = qwenkit.checkpoint.saver.save_file
+    real_save = qwenkit.checkpoint.saver.write_safetensors
     calls = []
 
-    def save_file_then_full(tensors, filename, metadata=None):
+    def save_file_then_full(filename, tensors, metadata=None):
         calls.append(filename)
         if len(calls) == 2:
             raise OSError(errno.ENOSPC, "No space left on device", filename)
-        real_save(tensors, filename, metadata=metadata)
+        real_save(filename, tensors, metadata=metadata)
 
-    monkeypatch.setattr(qwenkit.checkpoint.saver, "save_file", save_file_then_full)
-    with pytest.raises(CheckpointError, match=r"disk full while writing .*out \(.* GB free\); the partial output was removed"):
+    monkeypatch.setattr(qwenkit.checkpoint.saver, "write_safetensors", save_file_then_full)
+    with pytest.raises(
+        CheckpointError, match=r"disk full while writing .*out \(.* GB free\); the partial output was removed"
+    ):
         convert_v1_to_qwen2(src, tmp_path / "out", shard_bytes=100_000, progress=False)
-    assert len(calls) == 2 and re.search(r"\.out\.partial-", calls[0])
+    assert len(calls) == 2 and re.search(r"\.out\.partial-", str(calls[0]))
     assert leftovers(tmp_path) == []
 
 
@@ -126,7 +138,7 @@ def test_disk_full_with_overwrite_keeps_the_old_output(tmp_path, monkeypatch):
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(qwenkit.checkpoint.saver, "save_file", full)
+    monkeypatch.setattr(qwenkit.checkpoint.saver, "write_safetensors", full)
     with pytest.raises(CheckpointError, match="disk full"):
         convert_v1_to_qwen2(src, out, overwrite=True, progress=False)
     assert sorted(p.name for p in out.iterdir()) == before
@@ -147,7 +159,7 @@ def test_interrupt_cleans_up(tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(qwenkit.checkpoint.saver, "save_file", interrupted)
+    monkeypatch.setattr(qwenkit.checkpoint.saver, "write_safetensors", interrupted)
     with pytest.raises(KeyboardInterrupt):
         convert_v1_to_qwen2(src, tmp_path / "out", progress=False)
     assert leftovers(tmp_path) == []
@@ -165,9 +177,28 @@ def test_verify_catches_a_wrong_conversion_and_writes_nothing(tmp_path, monkeypa
 
     def swapped(config, tensors):
         for name, t in sanitize(config, tensors):
-            yield name.replace("gate_proj", "TMP").replace("up_proj", "gate_proj").replace("TMP", "up_proj"), t
+            yield (
+                name.replace("gate_proj", "TMP").replace("up_proj", "gate_proj").replace("TMP", "up_proj"),
+                t,
+            )
 
     monkeypatch.setattr(v1_to_qwen2, "sanitize", swapped)
-    with pytest.raises(CheckpointError, match=r"verification failed, nothing written to .*out: 3 prompts, max \|logit difference\| "):
+    with pytest.raises(
+        CheckpointError,
+        match=r"verification failed, nothing written to .*out: 3 prompts, max \|logit difference\| ",
+    ):
         convert_v1_to_qwen2(src, tmp_path / "out", verify=True, progress=False)
     assert leftovers(tmp_path) == []
+
+
+def test_float16_overflow_is_refused(tmp_path):
+    src = write_source(tmp_path / "src", shards=1)
+    tensors = load_file(src / "model.safetensors")
+    tensors["transformer.h.1.mlp.w1.weight"][3, 5] = -70000.0
+    save_file(tensors, str(src / "model.safetensors"))
+    with pytest.raises(
+        CheckpointError, match=r"model.layers.1.mlp.up_proj.weight holds 70000, which overflows float16"
+    ):
+        convert_v1_to_qwen2(src, tmp_path / "out", dtype="float16", progress=False)
+    assert leftovers(tmp_path) == []
+    convert_v1_to_qwen2(src, tmp_path / "out", dtype="bfloat16", progress=False)  # bfloat16 has the range

@@ -23,7 +23,12 @@ def gptq(tmp_path_factory):
     root = tmp_path_factory.mktemp("gptq")
     src = write_gptq_source(root / "Qwen-tiny-Chat-Int4")
     result = convert_v1_to_qwen2(src, root / "out", progress=False)
-    return load_file(src / "model.safetensors"), load_file(root / "out" / "model.safetensors"), root / "out", result
+    return (
+        load_file(src / "model.safetensors"),
+        load_file(root / "out" / "model.safetensors"),
+        root / "out",
+        result,
+    )
 
 
 def test_gptq_c_attn_splits_into_exact_column_slices(gptq):
@@ -42,12 +47,18 @@ def test_gptq_c_attn_splits_into_exact_column_slices(gptq):
 
 def test_gptq_other_layers_renamed_and_zero_biases_dropped(gptq):
     sd, out, _, result = gptq
-    pairs = {"attn.c_proj": "self_attn.o_proj", "mlp.w2": "mlp.gate_proj", "mlp.w1": "mlp.up_proj",
-             "mlp.c_proj": "mlp.down_proj"}
+    pairs = {
+        "attn.c_proj": "self_attn.o_proj",
+        "mlp.w2": "mlp.gate_proj",
+        "mlp.w1": "mlp.up_proj",
+        "mlp.c_proj": "mlp.down_proj",
+    }
     for i in range(2):
         for v1, qwen2 in pairs.items():
             for kind in ("qweight", "qzeros", "scales", "g_idx"):
-                assert torch.equal(out[f"model.layers.{i}.{qwen2}.{kind}"], sd[f"transformer.h.{i}.{v1}.{kind}"])
+                assert torch.equal(
+                    out[f"model.layers.{i}.{qwen2}.{kind}"], sd[f"transformer.h.{i}.{v1}.{kind}"]
+                )
             assert f"model.layers.{i}.{qwen2}.bias" not in out
     assert result.dropped_zero_biases == 2 * 4
     assert not any(k.endswith(".weight") and ".layers." in k and "norm" not in k for k in out)
@@ -74,7 +85,9 @@ def test_gptq_verify_runs_or_says_why_not(gptq):
 
 def test_gptq_nonzero_bias_where_qwen2_has_none_is_refused(tmp_path):
     src = write_gptq_source(tmp_path / "src", nonzero_bias="mlp.w1")
-    with pytest.raises(CheckpointError, match=r"model.layers.0.mlp.up_proj.bias is a non-zero bias.*change the model"):
+    with pytest.raises(
+        CheckpointError, match=r"model.layers.0.mlp.up_proj.bias is a non-zero bias.*change the model"
+    ):
         convert_v1_to_qwen2(src, tmp_path / "out", progress=False)
     assert list(tmp_path.iterdir()) == [src]
 

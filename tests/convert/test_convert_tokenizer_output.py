@@ -9,9 +9,8 @@ import unicodedata
 
 import pytest
 import tiktoken
+import transformers
 from v1_sources import QWEN3_DIR, QWEN_TIKTOKEN
-
-transformers = pytest.importorskip("transformers")
 
 # Written out here from qwen_facts §6.2 so the reference does not reuse the converter's constant.
 PAT = (
@@ -20,7 +19,9 @@ PAT = (
 )
 SPECIALS = {
     t: 151643 + i
-    for i, t in enumerate(["<|endoftext|>", "<|im_start|>", "<|im_end|>", *(f"<|extra_{n}|>" for n in range(205))])
+    for i, t in enumerate(
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *(f"<|extra_{n}|>" for n in range(205))]
+    )
 }
 CORPUS = [
     "Hello world",
@@ -55,20 +56,25 @@ def test_converted_tokenizer_equals_tiktoken(converted_tokenizer, reference):
         assert converted_tokenizer.encode(text, add_special_tokens=False) == reference.encode(nfc), text
         assert converted_tokenizer.decode(reference.encode(nfc)) == nfc
     for text in WITH_SPECIALS:
-        assert converted_tokenizer.encode(text, add_special_tokens=False) == reference.encode(text, allowed_special="all")
+        assert converted_tokenizer.encode(text, add_special_tokens=False) == reference.encode(
+            text, allowed_special="all"
+        )
 
 
 def test_converted_tokenizer_equals_qwen3_tokenizer_json(converted_tokenizer):
     qwen3 = transformers.AutoTokenizer.from_pretrained(str(QWEN3_DIR))
     for text in CORPUS:
-        assert converted_tokenizer.encode(text, add_special_tokens=False) == qwen3.encode(text, add_special_tokens=False)
+        assert converted_tokenizer.encode(text, add_special_tokens=False) == qwen3.encode(
+            text, add_special_tokens=False
+        )
 
 
 def test_converted_tokenizer_config_is_chatml(converted, converted_tokenizer):
     cfg = json.loads((converted.out / "tokenizer_config.json").read_text())
     assert cfg["eos_token"] == "<|im_end|>"  # a chat model
     assert converted_tokenizer.eos_token_id == 151645 and converted_tokenizer.pad_token_id == 151643
-    text = converted_tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
-                                                   add_generation_prompt=True)
+    text = converted_tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert text.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
     assert text.startswith("<|im_start|>system\n")

@@ -47,9 +47,22 @@ def test_config_maps_every_v1_field(converted):
     }
     # Our own reader sees the same model, now as qwen2 without the v1 long-context tricks.
     a, b = ModelConfig.from_hf(v1), ModelConfig.from_hf(cfg)
-    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "head_dim", "rotary_dim", "rms_norm_eps", "rope_theta", "qkv_bias",
-                "o_bias", "mlp_bias", "max_position_embeddings"):
+    for key in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "rotary_dim",
+        "rms_norm_eps",
+        "rope_theta",
+        "qkv_bias",
+        "o_bias",
+        "mlp_bias",
+        "max_position_embeddings",
+    ):
         assert getattr(a, key) == getattr(b, key), key
     assert not b.use_dynamic_ntk and not b.use_logn_attn
 
@@ -69,7 +82,9 @@ def test_generation_config_of_chat_model(converted):
 
 
 def test_generation_config_of_base_model(tmp_path):
-    src = write_source(tmp_path / "src", generation={**BASE_GENERATION, "stop_words_ids": [[151643], [198, 198]]})
+    src = write_source(
+        tmp_path / "src", generation={**BASE_GENERATION, "stop_words_ids": [[151643], [198, 198]]}
+    )
     result = convert_v1_to_qwen2(src, tmp_path / "out", progress=False)
     gen = read(tmp_path / "out" / "generation_config.json")
     assert gen["eos_token_id"] == 151643 and gen["top_p"] == 0.8 and "stop_words_ids" not in gen
@@ -82,7 +97,9 @@ def test_generation_config_without_source_file(tmp_path):
     src = write_source(tmp_path / "src")
     convert_v1_to_qwen2(src, tmp_path / "out", progress=False)
     assert read(tmp_path / "out" / "generation_config.json") == {
-        "bos_token_id": 151643, "pad_token_id": 151643, "eos_token_id": 151643,
+        "bos_token_id": 151643,
+        "pad_token_id": 151643,
+        "eos_token_id": 151643,
     }
 
 
@@ -104,12 +121,26 @@ def test_no_license_in_source_is_a_note(tmp_path):
 def test_output_has_only_qwen2_files(converted):
     names = {p.name for p in converted.out.iterdir()}
     assert names == {
-        "config.json", "generation_config.json", "model.safetensors.index.json",
-        "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "LICENSE", "NOTICE",
-        *(f"model-{i:05d}-of-{converted.result.shards:05d}.safetensors" for i in range(1, converted.result.shards + 1)),
+        "config.json",
+        "generation_config.json",
+        "model.safetensors.index.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vocab.json",
+        "merges.txt",
+        "LICENSE",
+        "NOTICE",
+        *(
+            f"model-{i:05d}-of-{converted.result.shards:05d}.safetensors"
+            for i in range(1, converted.result.shards + 1)
+        ),
     }
     assert converted.result.shards > 1
-    assert "modeling_qwen.py" not in names and "qwen.tiktoken" not in names and "quantize_config.json" not in names
+    assert (
+        "modeling_qwen.py" not in names
+        and "qwen.tiktoken" not in names
+        and "quantize_config.json" not in names
+    )
     assert not list(converted.out.parent.glob(".*partial*"))
 
 
@@ -119,4 +150,6 @@ def test_no_long_context_note_without_the_tricks(tmp_path, key):
     result = convert_v1_to_qwen2(src, tmp_path / "out", progress=False)
     assert sum("Qwen2 does not have" in n for n in result.notes) == 1
     src2 = write_source(tmp_path / "src2", cfg={"use_dynamic_ntk": False, "use_logn_attn": False})
-    assert not any("Qwen2 does not have" in n for n in convert_v1_to_qwen2(src2, tmp_path / "o2", progress=False).notes)
+    assert not any(
+        "Qwen2 does not have" in n for n in convert_v1_to_qwen2(src2, tmp_path / "o2", progress=False).notes
+    )

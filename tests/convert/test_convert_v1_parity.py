@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
+import transformers
 from qwen_v1_reference import v1_greedy, v1_logits
 from safetensors.torch import load_file
 from v1_sources import source_config, source_tensors, write_source
 
 from qwenkit.convert.v1_to_qwen2 import convert_v1_to_qwen2
-
-transformers = pytest.importorskip("transformers")
 
 PROMPTS = [[5, 17, 300, 2, 99, 45, 12, 8, 400, 3, 1, 0], [42] * 3 + [7, 511, 256], list(range(100, 120))]
 
@@ -53,17 +51,31 @@ def test_conversion_greedy_tokens_equal_v1_reference(converted):
         n = 10
         assert len(prompt) + n < cfg["seq_length"]  # past seq_length v1's NTK/LogN would act
         ids = torch.tensor([prompt])
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                             top_k=None, top_p=None, temperature=None, repetition_penalty=None)
-        assert out[0, len(prompt):].tolist() == v1_greedy(sd, cfg, prompt, n)
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=n,
+            do_sample=False,
+            top_k=None,
+            top_p=None,
+            temperature=None,
+            repetition_penalty=None,
+        )
+        assert out[0, len(prompt) :].tolist() == v1_greedy(sd, cfg, prompt, n)
 
 
 def test_conversion_w2_is_gate_and_w1_is_up(converted):
     sd, out = source_tensors(converted.src), output_tensors(converted.out)
     for i in range(2):
-        assert torch.equal(out[f"model.layers.{i}.mlp.gate_proj.weight"], sd[f"transformer.h.{i}.mlp.w2.weight"])
-        assert torch.equal(out[f"model.layers.{i}.mlp.up_proj.weight"], sd[f"transformer.h.{i}.mlp.w1.weight"])
-        assert torch.equal(out[f"model.layers.{i}.mlp.down_proj.weight"], sd[f"transformer.h.{i}.mlp.c_proj.weight"])
+        assert torch.equal(
+            out[f"model.layers.{i}.mlp.gate_proj.weight"], sd[f"transformer.h.{i}.mlp.w2.weight"]
+        )
+        assert torch.equal(
+            out[f"model.layers.{i}.mlp.up_proj.weight"], sd[f"transformer.h.{i}.mlp.w1.weight"]
+        )
+        assert torch.equal(
+            out[f"model.layers.{i}.mlp.down_proj.weight"], sd[f"transformer.h.{i}.mlp.c_proj.weight"]
+        )
     # The same weights with gate and up swapped compute something else: the test above matters.
     model = hf_model(converted.out)
     with torch.no_grad():
@@ -85,11 +97,14 @@ def test_conversion_splits_c_attn_rows_into_q_k_v(converted):
             p = f"model.layers.{i}.self_attn.{proj}"
             assert torch.equal(out[p + ".weight"], w[j * h : (j + 1) * h])
             assert torch.equal(out[p + ".bias"], b[j * h : (j + 1) * h])
-        assert torch.equal(out[f"model.layers.{i}.self_attn.o_proj.weight"], sd[f"transformer.h.{i}.attn.c_proj.weight"])
+        assert torch.equal(
+            out[f"model.layers.{i}.self_attn.o_proj.weight"], sd[f"transformer.h.{i}.attn.c_proj.weight"]
+        )
     assert torch.equal(out["model.embed_tokens.weight"], sd["transformer.wte.weight"])
     assert torch.equal(out["lm_head.weight"], sd["lm_head.weight"])
     assert torch.equal(out["model.norm.weight"], sd["transformer.ln_f.weight"])
-    assert len(out) == 3 + 2 * 12  # embed, norm, lm_head; per layer 2 norms, q/k/v weight+bias, o, gate, up, down
+    # embed, norm, lm_head; per layer: 2 norms, q/k/v weight and bias, o, gate, up, down
+    assert len(out) == 3 + 2 * 12
 
 
 def test_conversion_keeps_bfloat16_bit_exact(tmp_path):
@@ -105,9 +120,12 @@ def test_conversion_keeps_bfloat16_bit_exact(tmp_path):
 
 def test_conversion_casts_with_dtype_and_says_it_rounds(tmp_path):
     src = write_source(tmp_path / "src", shards=1)
-    result = convert_v1_to_qwen2(src, tmp_path / "out", dtype="bfloat16", progress=False)
+    result = convert_v1_to_qwen2(src, tmp_path / "out", dtype="bfloat16", verify=True, progress=False)
+    assert result.verification.lossy and result.verification.passed, result.verification.summary()
     out = load_file(tmp_path / "out" / "model.safetensors")
-    assert torch.equal(out["model.embed_tokens.weight"], source_tensors(src)["transformer.wte.weight"].bfloat16())
+    assert torch.equal(
+        out["model.embed_tokens.weight"], source_tensors(src)["transformer.wte.weight"].bfloat16()
+    )
     assert any("float32 -> bfloat16 rounds the weights" in n for n in result.notes)
     # The rounded model is close: transformers in float32 on it vs the v1 reference on the rounded source.
     sd = {k: v.bfloat16().float() for k, v in source_tensors(src).items()}

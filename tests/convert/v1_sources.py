@@ -116,22 +116,39 @@ def write_gptq_source(path: Path, nonzero_bias: str | None = None, seed: int = 0
     g = torch.Generator().manual_seed(seed)
     dense = v1_state_dict(cfg, seed)
     sd = {k: v.half() for k, v in dense.items() if "transformer.h." not in k or "ln_" in k}
-    linears = {"attn.c_attn": (h, 3 * h), "attn.c_proj": (h, h), "mlp.w1": (h, f), "mlp.w2": (h, f),
-               "mlp.c_proj": (f, h)}
+    linears = {
+        "attn.c_attn": (h, 3 * h),
+        "attn.c_proj": (h, h),
+        "mlp.w1": (h, f),
+        "mlp.w2": (h, f),
+        "mlp.c_proj": (f, h),
+    }
     for i in range(cfg["num_hidden_layers"]):
         for name, (n_in, n_out) in linears.items():
             p = f"transformer.h.{i}.{name}."
             groups = math.ceil(n_in / group)
-            sd[p + "qweight"] = torch.randint(-(2**31), 2**31 - 1, (n_in // pack, n_out), generator=g, dtype=torch.int32)
-            sd[p + "qzeros"] = torch.randint(-(2**31), 2**31 - 1, (groups, n_out // pack), generator=g, dtype=torch.int32)
+            sd[p + "qweight"] = torch.randint(
+                -(2**31), 2**31 - 1, (n_in // pack, n_out), generator=g, dtype=torch.int32
+            )
+            sd[p + "qzeros"] = torch.randint(
+                -(2**31), 2**31 - 1, (groups, n_out // pack), generator=g, dtype=torch.int32
+            )
             sd[p + "scales"] = (torch.rand(groups, n_out, generator=g) * 0.01 + 1e-3).half()
             sd[p + "g_idx"] = (torch.arange(n_in) // group).to(torch.int32)
             real = name == "attn.c_attn" or name == nonzero_bias
-            sd[p + "bias"] = (torch.randn(n_out, generator=g) * 0.1).half() if real else torch.zeros(n_out).half()
+            sd[p + "bias"] = (
+                (torch.randn(n_out, generator=g) * 0.1).half() if real else torch.zeros(n_out).half()
+            )
     path.mkdir(parents=True, exist_ok=True)
     quant = {**QUANTIZE_CONFIG, "quant_method": "gptq"}
-    config = {"model_type": "qwen", "architectures": ["QWenLMHeadModel"], **cfg, "fp16": True,
-              "torch_dtype": "float16", "quantization_config": quant}
+    config = {
+        "model_type": "qwen",
+        "architectures": ["QWenLMHeadModel"],
+        **cfg,
+        "fp16": True,
+        "torch_dtype": "float16",
+        "quantization_config": quant,
+    }
     (path / "config.json").write_text(json.dumps(config, indent=2))
     (path / "quantize_config.json").write_text(json.dumps(QUANTIZE_CONFIG, indent=2))
     save_file(sd, str(path / "model.safetensors"))

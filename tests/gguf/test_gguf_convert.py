@@ -7,13 +7,12 @@ import json
 
 import pytest
 import torch
+import transformers
 from factories import hf_model
 from gguf_files import Q, tiny_vocab
 
 from qwenkit.convert.gguf_to_hf import convert_gguf_to_hf
 from qwenkit.errors import CheckpointError
-
-transformers = pytest.importorskip("transformers")
 
 PROMPT = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 2, 198, 1, 4093, 198, 19556, 905, 28, 216, 18645]
 
@@ -79,7 +78,6 @@ def test_gguf_convert_failure_leaves_nothing(tmp_path) -> None:
 
 def test_gguf_convert_qwen2_q8_0_logits_equal_transformers_gguf(tmp_path, gguf_writer) -> None:
     """A quantized Qwen2 (with biases) converted in bfloat16 and float32 matches transformers' GGUF import."""
-    pytest.importorskip("accelerate")
     model = hf_model("qwen2", vocab_size=len(tiny_vocab()[0]))
     path = gguf_writer(tmp_path / "q.gguf", "qwen2", model.config.to_dict(),
                        {n: p.detach() for n, p in model.named_parameters()}, Q.Q8_0)  # fmt: skip

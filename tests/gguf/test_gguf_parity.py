@@ -12,7 +12,9 @@ def test_smollm2_logits_and_greedy_tokens_match_transformers(smollm_path, hf_smo
     model, config = load_model(smollm_path, dtype="float32", progress=False)
     assert config.family == "llama" and config.tie_word_embeddings
     prompt = hf_smollm_tokenizer.apply_chat_template(
-        [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, tokenize=True,
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        tokenize=True,
         return_dict=False,
     )
     ids = torch.tensor([prompt])

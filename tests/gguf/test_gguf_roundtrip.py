@@ -65,6 +65,7 @@ def test_gguf_qwen2_roundtrip(tmp_path, gguf_writer, qtype) -> None:
 def test_gguf_qwen2_matches_transformers_gguf_import(tmp_path, gguf_writer) -> None:
     """transformers reading our written file agrees with us on weights, config and tokenizer."""
     import transformers
+
     model = hf_model("qwen2", vocab_size=VOCAB)
     path = gguf_writer(tmp_path / "tiny.gguf", "qwen2", model.config.to_dict(), _params(model), Q.Q8_0)
     ckpt = read_gguf(path)

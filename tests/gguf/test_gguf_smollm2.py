@@ -49,6 +49,7 @@ def test_gguf_hf_config_matches_transformers(smollm, hf_smollm) -> None:
 
 def test_gguf_hf_config_loads_in_transformers(smollm) -> None:
     import transformers
+
     config = transformers.AutoConfig.for_model(**smollm.hf_config)
     assert type(config).__name__ == "LlamaConfig"
     assert config.rope_parameters["rope_theta"] == 100000.0

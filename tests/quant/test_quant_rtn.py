@@ -12,7 +12,7 @@ from qwenkit.quant.rtn import quantize_model_rtn, quantize_weight_rtn
 
 
 @pytest.mark.parametrize(
-    ("bits", "gs", "sym"), [(8, -1, True), (8, 64, False), (4, 128, False), (4, 32, True)]
+    ("bits", "gs", "sym"), [(8, -1, True), (8, 64, False), (4, 128, False), (4, 32, True), (4, 96, False)]
 )
 def test_error_is_at_most_half_a_step(bits: int, gs: int, sym: bool) -> None:
     torch.manual_seed(0)
@@ -61,7 +61,7 @@ def test_skips_lm_head_and_embeddings() -> None:
     [
         (3, 128, "bits=3 is not supported"),
         (4, 0, "group_size=0 must be"),
-        (4, 100, "does not divide in_features=256"),
+        (4, -2, "group_size=-2 must be"),
     ],
 )
 def test_bad_arguments(bits: int, gs: int, message: str) -> None:

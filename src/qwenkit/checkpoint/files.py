@@ -47,7 +47,9 @@ def find_weight_files(directory: str | Path) -> WeightFiles:
     bins = sorted(d.glob("pytorch_model*.bin"))
     if bins:
         return WeightFiles(d, tuple(bins))
-    raise CheckpointError(f"{d} has no weights (looked for *.safetensors, {SAFETENSORS_INDEX}, pytorch_model*.bin)")
+    raise CheckpointError(
+        f"{d} has no weights (looked for *.safetensors, {SAFETENSORS_INDEX}, pytorch_model*.bin)"
+    )
 
 
 def _from_index(d: Path, index_path: Path) -> WeightFiles:
@@ -65,7 +67,9 @@ def _from_index(d: Path, index_path: Path) -> WeightFiles:
 def iter_tensors(weights: WeightFiles) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, tensor) file by file. safetensors tensors are views of the memory-mapped file."""
     for path in weights.files:
-        expected = {k for k, v in weights.weight_map.items() if v == path.name} if weights.weight_map else None
+        expected = (
+            {k for k, v in weights.weight_map.items() if v == path.name} if weights.weight_map else None
+        )
         seen: set[str] = set()
         for name, tensor in _read_file(path):
             if expected is not None and name not in expected:

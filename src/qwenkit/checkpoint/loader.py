@@ -117,7 +117,9 @@ def load_model(
     if quantize not in (None, "int8", "int4"):
         raise ConfigError(f"unknown --quantize {quantize!r}; choose int8 or int4")
     if quantize and config.quantization:
-        raise ConfigError(f"{path} is already quantized ({config.quantization.get('quant_method')}); drop --quantize")
+        raise ConfigError(
+            f"{path} is already quantized ({config.quantization.get('quant_method')}); drop --quantize"
+        )
     check_fits(config, torch_dtype, device, context or min(config.max_context, 2048), batch, quantize)
 
     with torch.device("meta"):
@@ -136,7 +138,8 @@ def load_model(
     if quantize:
         from qwenkit.quant import quantize_model_rtn
 
-        quantize_model_rtn(model, bits=8 if quantize == "int8" else 4)
+        # lm_head too (skip=()): with tied embeddings it is also the embedding, kept once, quantized.
+        quantize_model_rtn(model, bits=8 if quantize == "int8" else 4, skip=())
     return model, config
 
 
@@ -154,15 +157,24 @@ def _assign_all(
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
     loaded: set[str] = set()
-    bar = tqdm(total=source.total_bytes, unit="B", unit_scale=True, desc="loading", delay=1.0,
-               disable=not progress, leave=False)
+    bar = tqdm(
+        total=source.total_bytes,
+        unit="B",
+        unit_scale=True,
+        desc="loading",
+        delay=1.0,
+        disable=not progress,
+        leave=False,
+    )
     with bar:
         for name, tensor in sanitize(config, source.tensors()):
             bar.update(tensor.numel() * tensor.element_size())
             if name not in expected:
                 if _is_droppable(name, tensor, config):
                     continue
-                raise CheckpointError(f"{source.path}: unexpected tensor {name!r} for a {config.family} model")
+                raise CheckpointError(
+                    f"{source.path}: unexpected tensor {name!r} for a {config.family} model"
+                )
             target = expected[name]
             if tuple(tensor.shape) != tuple(target.shape):
                 raise CheckpointError(

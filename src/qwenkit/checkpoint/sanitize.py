@@ -20,7 +20,10 @@ _V1_RENAMES = [
     (re.compile(r"^transformer\.wte\.weight$"), "model.embed_tokens.weight"),
     (re.compile(r"^transformer\.ln_f\.weight$"), "model.norm.weight"),
     (re.compile(r"^transformer\.h\.(\d+)\.ln_1\.weight$"), r"model.layers.\1.input_layernorm.weight"),
-    (re.compile(r"^transformer\.h\.(\d+)\.ln_2\.weight$"), r"model.layers.\1.post_attention_layernorm.weight"),
+    (
+        re.compile(r"^transformer\.h\.(\d+)\.ln_2\.weight$"),
+        r"model.layers.\1.post_attention_layernorm.weight",
+    ),
     (re.compile(r"^transformer\.h\.(\d+)\.attn\.c_proj\.(\w+)$"), r"model.layers.\1.self_attn.o_proj.\2"),
     (re.compile(r"^transformer\.h\.(\d+)\.mlp\.w2\.(\w+)$"), r"model.layers.\1.mlp.gate_proj.\2"),  # gate
     (re.compile(r"^transformer\.h\.(\d+)\.mlp\.w1\.(\w+)$"), r"model.layers.\1.mlp.up_proj.\2"),  # up
@@ -31,7 +34,9 @@ _V1_C_ATTN = re.compile(r"^transformer\.h\.(\d+)\.attn\.c_attn\.(\w+)$")
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.attn\.masked_bias|\.attn\.bias)$")
 
 
-def sanitize(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+def sanitize(
+    config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]]
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield tensors under our names. Names we do not know pass through for the loader to report."""
     for name, tensor in tensors:
         if _IGNORED.search(name):
@@ -47,7 +52,9 @@ def _sanitize_v1(config: ModelConfig, name: str, tensor: torch.Tensor) -> Iterat
     if m:
         layer, kind = m.groups()
         prefix = f"model.layers.{layer}.self_attn"
-        for proj, part in zip(("q_proj", "k_proj", "v_proj"), split_c_attn(config, kind, tensor), strict=True):
+        for proj, part in zip(
+            ("q_proj", "k_proj", "v_proj"), split_c_attn(config, kind, tensor), strict=True
+        ):
             yield f"{prefix}.{proj}.{kind}", part
         return
     if name == "lm_head.weight":
@@ -72,7 +79,7 @@ def split_c_attn(config: ModelConfig, kind: str, tensor: torch.Tensor) -> tuple[
     elif kind in ("qweight", "scales", "qzeros"):
         dim, total = 1, tensor.shape[1]
     elif kind == "g_idx":
-        return tensor, tensor, tensor
+        return tensor.clone(), tensor.clone(), tensor  # separate storage: safetensors refuses shared memory
     else:
         raise CheckpointError(f"unexpected fused attention tensor c_attn.{kind}")
     if total % 3:

@@ -27,7 +27,9 @@ HELP = """commands:
   :exit                 leave (also Ctrl-D)
 Ctrl-C stops the current answer."""
 
-CONF_KEYS = tuple(f.name for f in dataclasses.fields(SamplingParams) if f.name not in ("stop_token_ids", "logprobs"))
+CONF_KEYS = tuple(
+    f.name for f in dataclasses.fields(SamplingParams) if f.name not in ("stop_token_ids", "logprobs")
+)
 
 
 class CommandError(ValueError):
@@ -47,7 +49,9 @@ def parse_conf(params: SamplingParams, assignments: list[str]) -> SamplingParams
         try:
             value = ast.literal_eval(raw.strip())
         except (ValueError, SyntaxError):
-            raise CommandError(f"value for {key} must be a literal such as 0.7, 20, None or 'text'; got {raw!r}") from None
+            raise CommandError(
+                f"value for {key} must be a literal such as 0.7, 20, None or 'text'; got {raw!r}"
+            ) from None
         if key == "stop":
             value = (value,) if isinstance(value, str) else tuple(value or ())
         changes[key] = value

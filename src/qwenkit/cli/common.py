@@ -10,14 +10,24 @@ from qwenkit.engine import SamplingParams
 
 def add_model_args(parser: argparse.ArgumentParser, optional_model: bool = True) -> None:
     if optional_model:
-        parser.add_argument("model", nargs="?", help="model directory or .gguf file (default: the bundled SmolLM2)")
+        parser.add_argument(
+            "model", nargs="?", help="model directory or .gguf file (default: the bundled SmolLM2)"
+        )
     else:
         parser.add_argument("model", help="model directory or .gguf file")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="weights and activations (auto: float32 on CPU, bfloat16 on CUDA)")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights and activations (auto: float32 on CPU, bfloat16 on CUDA)",
+    )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run")
-    parser.add_argument("--quantize", choices=["int8", "int4"], help="weight-only round-to-nearest at load time")
-    parser.add_argument("--max-context", type=int, help="longest sequence to plan memory for (default: model's)")
+    parser.add_argument(
+        "--quantize", choices=["int8", "int4"], help="weight-only round-to-nearest at load time"
+    )
+    parser.add_argument(
+        "--max-context", type=int, help="longest sequence to plan memory for (default: model's)"
+    )
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -36,8 +46,17 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
 
 
 def sampling_overrides(args: argparse.Namespace) -> dict[str, object]:
-    keys = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
-            "presence_penalty", "frequency_penalty", "seed")
+    keys = (
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "repetition_penalty",
+        "presence_penalty",
+        "frequency_penalty",
+        "seed",
+    )
     out: dict[str, object] = {k: getattr(args, k) for k in keys}
     if args.stop:
         out["stop"] = tuple(args.stop)
@@ -56,8 +75,21 @@ def resolve_model(arg: str | None) -> Path:
 def load_llm(args: argparse.Namespace, max_batch_size: int = 1):
     from qwenkit.generate import LLM
 
-    return LLM.load(resolve_model(args.model), dtype=args.dtype, device=args.device, quantize=args.quantize,
-                    max_batch_size=max_batch_size, max_seq_len=args.max_context)
+    return LLM.load(
+        resolve_model(args.model),
+        dtype=args.dtype,
+        device=args.device,
+        quantize=args.quantize,
+        max_batch_size=max_batch_size,
+        max_seq_len=args.max_context,
+    )
 
 
-__all__ = ["SamplingParams", "add_model_args", "add_sampling_args", "load_llm", "resolve_model", "sampling_overrides"]
+__all__ = [
+    "SamplingParams",
+    "add_model_args",
+    "add_sampling_args",
+    "load_llm",
+    "resolve_model",
+    "sampling_overrides",
+]

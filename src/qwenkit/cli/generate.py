@@ -81,6 +81,7 @@ def _as_json(c) -> dict[str, object]:
         "text": c.text,
         "finish_reason": c.finish_reason,
         "logprobs": [lp.logprob for lp in c.logprobs],
-        "top_logprobs": [[{"token_id": t, "logprob": v} for t, v in lp.top] for lp in c.logprobs if lp.top] or None,
+        "top_logprobs": [[{"token_id": t, "logprob": v} for t, v in lp.top] for lp in c.logprobs if lp.top]
+        or None,
         "timings": _timings(c),
     }

@@ -9,7 +9,7 @@ import torch
 from qwenkit.checkpoint import open_checkpoint
 from qwenkit.config import ModelConfig
 from qwenkit.license import find_license
-from qwenkit.memory import GiB, kv_cache_bytes, weight_bytes
+from qwenkit.memory import format_bytes, kv_cache_bytes, weight_bytes
 
 
 def describe(path: str) -> str:
@@ -17,27 +17,43 @@ def describe(path: str) -> str:
     cfg = ModelConfig.from_hf(source.hf_config)
     rope = f"{cfg.rope_theta:g}"
     if cfg.rope_scaling:
-        rope += f", yarn x{cfg.rope_scaling.factor:g} from {cfg.rope_scaling.original_max_position_embeddings}"
+        rope += (
+            f", yarn x{cfg.rope_scaling.factor:g} from {cfg.rope_scaling.original_max_position_embeddings}"
+        )
     if cfg.rotary_dim != cfg.head_dim:
         rope += f", rotary dim {cfg.rotary_dim}"
     rows = [
         ("family", f"{cfg.family} ({', '.join(cfg.architectures) or 'no architectures field'})"),
         ("hidden size", cfg.hidden_size),
         ("attention heads", cfg.num_attention_heads),
-        ("key/value heads", f"{cfg.num_key_value_heads}{' (GQA)' if cfg.num_key_value_heads < cfg.num_attention_heads else ''}"),
+        (
+            "key/value heads",
+            f"{cfg.num_key_value_heads}{' (GQA)' if cfg.num_key_value_heads < cfg.num_attention_heads else ''}",
+        ),
         ("head dim", cfg.head_dim),
         ("layers", cfg.num_hidden_layers),
         ("FFN width", cfg.intermediate_size),
         ("vocab", cfg.vocab_size),
         ("trained context", cfg.max_position_embeddings),
         ("RoPE base / scaling", rope),
-        ("dynamic NTK / LogN", f"{'on' if cfg.use_dynamic_ntk else 'off'} / {'on' if cfg.use_logn_attn else 'off'}"),
-        ("qkv bias / q-k norm / tied embeddings", f"{_yn(cfg.qkv_bias)} / {_yn(cfg.qk_norm)} / {_yn(cfg.tie_word_embeddings)}"),
+        (
+            "dynamic NTK / LogN",
+            f"{'on' if cfg.use_dynamic_ntk else 'off'} / {'on' if cfg.use_logn_attn else 'off'}",
+        ),
+        (
+            "qkv bias / q-k norm / tied embeddings",
+            f"{_yn(cfg.qkv_bias)} / {_yn(cfg.qk_norm)} / {_yn(cfg.tie_word_embeddings)}",
+        ),
         ("parameters", f"{cfg.num_parameters:,} ({cfg.num_parameters / 1e9:.2f} B)"),
     ]
     if cfg.quantization:
         q = cfg.quantization
-        rows.append(("quantization", f"{q.get('quant_method', '?')} {q.get('bits', '?')}-bit, group {q.get('group_size', '?')}"))
+        rows.append(
+            (
+                "quantization",
+                f"{q.get('quant_method', '?')} {q.get('bits', '?')}-bit, group {q.get('group_size', '?')}",
+            )
+        )
     width = max(len(k) for k, _ in rows)
     out = [f"model: {path}", ""] + [f"  {k:<{width}}  {v}" for k, v in rows]
     out += ["", "memory of the weights:"]
@@ -47,13 +63,15 @@ def describe(path: str) -> str:
         ("int8 (weight-only)", torch.bfloat16, "int8"),
         ("int4 (weight-only)", torch.bfloat16, "int4"),
     ):
-        out.append(f"  {label:<20} {weight_bytes(cfg, dtype, quant) / GiB:8.2f} GiB")
+        out.append(f"  {label:<20} {format_bytes(weight_bytes(cfg, dtype, quant)):>12}")
     out.append("KV cache per 1,000 tokens:")
     for label, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
-        out.append(f"  {label:<20} {kv_cache_bytes(cfg, dtype, 1000) / 2**20:8.1f} MiB")
+        out.append(f"  {label:<20} {format_bytes(kv_cache_bytes(cfg, dtype, 1000)):>12}")
     lic = find_license(path, getattr(source, "license", None))
     out += ["", "license:"]
-    out.append(f"  {lic.name}: {lic.terms} (from {lic.source})" if lic else "  none found in the model directory")
+    out.append(
+        f"  {lic.name}: {lic.terms} (from {lic.source})" if lic else "  none found in the model directory"
+    )
     return "\n".join(out)
 
 

@@ -8,9 +8,6 @@ renamed at the end, so an interrupted conversion never leaves a half-written che
 
 from __future__ import annotations
 
-import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +15,7 @@ import torch
 
 from qwenkit.checkpoint.gguf import read_gguf
 from qwenkit.checkpoint.saver import save_sharded
+from qwenkit.convert.output_dir import atomic_output_dir, check_out_dir, write_json
 from qwenkit.errors import CheckpointError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -38,41 +36,19 @@ def convert_gguf_to_hf(
     """
     out = Path(out_dir)
     torch_dtype = _dtype(dtype)
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
+    check_out_dir(out, overwrite)
     ckpt = read_gguf(gguf_path)  # checks the whole file before anything is written
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with atomic_output_dir(out, overwrite) as tmp:
         config: dict[str, Any] = {**ckpt.hf_config, "torch_dtype": _dtype_name(torch_dtype)}
         save_sharded(
-            ((name, t.to(torch_dtype)) for name, t in ckpt.tensors()),
-            tmp,
-            shard_bytes=shard_bytes,
-            metadata={"source": "gguf"},
+            ckpt.tensors(), tmp, shard_bytes=shard_bytes, metadata={"source": "gguf"}, dtype=torch_dtype
         )
-        _write_json(tmp / "config.json", config)
-        _write_json(tmp / "generation_config.json", ckpt.generation_config)
+        write_json(tmp / "config.json", config)
+        write_json(tmp / "generation_config.json", ckpt.generation_config)
         if "tokenizer.ggml.model" in ckpt.metadata:
             ckpt.tokenizer.save(str(tmp / "tokenizer.json"))
-            _write_json(tmp / "tokenizer_config.json", ckpt.tokenizer_config)
-        _replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            write_json(tmp / "tokenizer_config.json", ckpt.tokenizer_config)
     return out
-
-
-def _replace(new: Path, out: Path) -> None:
-    """Move ``new`` to ``out``; an existing ``out`` is moved aside first and deleted only afterwards."""
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        out.rename(old / out.name)
-        new.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        new.rename(out)
 
 
 def _dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -87,7 +63,3 @@ def _dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return next(name for name, d in DTYPES.items() if d == dtype)
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -12,16 +12,13 @@ Everything is written into a temporary sibling of ``out_dir`` and renamed into p
 
 from __future__ import annotations
 
-import errno
 import json
 import math
-import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -32,13 +29,18 @@ from qwenkit.checkpoint.loader import open_checkpoint
 from qwenkit.checkpoint.sanitize import sanitize
 from qwenkit.checkpoint.saver import save_sharded
 from qwenkit.config import ModelConfig
+from qwenkit.convert.output_dir import atomic_output_dir, check_out_dir, write_json
 from qwenkit.errors import CheckpointError, ConfigError
 from qwenkit.license import LICENSE_FILES, find_license
+
+if TYPE_CHECKING:
+    from qwenkit.convert.verify import VerifyResult
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ENDOFTEXT_ID, IM_END_ID = 151643, 151645
 # Sampling defaults a Qwen v1 generation_config.json carries that mean the same to transformers' qwen2.
 SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens")
+FLOAT16_OVERFLOW = 65520.0  # the smallest magnitude that rounds to inf in float16
 GPTQ_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
 _FLOAT_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
 _INT_BYTES = {"I64": 8, "U64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1}
@@ -57,7 +59,7 @@ class ConversionResult:
     files: list[str] = field(default_factory=list)  # non-weight files written
     notes: list[str] = field(default_factory=list)
     source_dtypes: set[torch.dtype] = field(default_factory=set)  # float dtypes of the source tensors
-    verification: Any = None  # convert.verify.VerifyResult when verify=True
+    verification: VerifyResult | None = None  # when verify=True
 
 
 def convert_v1_to_qwen2(
@@ -93,32 +95,19 @@ def convert_v1_to_qwen2(
     weights = find_weight_files(src)  # a missing shard fails here, before anything is written
     _check_disk_space(weights, target, out.parent if out.parent.exists() else Path.cwd())
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     result = ConversionResult(out_dir=out)
-    try:
+    with atomic_output_dir(out, overwrite) as tmp:
         _write(src, tmp, hf, config, weights, target, shard_bytes, progress, result)
         if verify:
             from qwenkit.convert.verify import verify_conversion
 
-            result.verification = verify_conversion(src, tmp, progress=progress, lossy=_lossy(result.source_dtypes, target))
+            result.verification = verify_conversion(
+                src, tmp, progress=progress, lossy=_lossy(result.source_dtypes, target)
+            )
             if not result.verification.passed and not result.verification.skipped:
                 raise CheckpointError(
                     f"verification failed, nothing written to {out}: {result.verification.summary()}"
                 )
-        _publish_permissions(tmp)
-        _replace(tmp, out)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise CheckpointError(
-                f"disk full while writing {out} ({_gb(shutil.disk_usage(out.parent).free)} free); "
-                "the partial output was removed"
-            ) from None
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if config.use_dynamic_ntk or config.use_logn_attn:
         result.notes.append(long_context_note(config))
     return result
@@ -149,7 +138,7 @@ def _write(
     with bar:
         stream = _stream(config, weights, expected, target, seen_dtypes, result, bar)
         weight_map = save_sharded(stream, tmp, shard_bytes=shard_bytes, metadata={"source": "qwen v1"})
-    missing = _missing(expected, set(weight_map))
+    missing = sorted(set(expected) - set(weight_map))
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise CheckpointError(f"{src} lacks tensor(s) a qwen2 model needs: {', '.join(missing[:5])}{more}")
@@ -158,21 +147,23 @@ def _write(
     dtype_name = _dtype_name(target or _main_dtype(seen_dtypes, config))
     result.torch_dtype = dtype_name
     out_cfg["torch_dtype"] = dtype_name
-    _write_json(tmp / "config.json", out_cfg)
+    write_json(tmp / "config.json", out_cfg)
     generation, notes = generation_config(generation_src, chat)
-    _write_json(tmp / "generation_config.json", generation)
+    write_json(tmp / "generation_config.json", generation)
     result.notes += notes
     result.files += ["config.json", "generation_config.json"]
     if config.quantization:
         quant = {k: v for k, v in config.quantization.items() if k != "quant_method"}
-        _write_json(tmp / "quantize_config.json", quant)
+        write_json(tmp / "quantize_config.json", quant)
         result.files.append("quantize_config.json")
     result.files += _write_tokenizer(src, tmp, out_cfg["max_position_embeddings"], chat, result.notes)
     result.files += _copy_license(src, tmp, result.notes)
     if _lossy(seen_dtypes, target):
         src_names = ", ".join(sorted(_dtype_name(d) for d in seen_dtypes))
-        result.notes.append(f"{src_names} -> {dtype_name} rounds the weights; the output is close to, "
-                            "not identical with, its source")
+        result.notes.append(
+            f"{src_names} -> {dtype_name} rounds the weights; the output is close to, "
+            "not identical with, its source"
+        )
 
 
 def _stream(
@@ -211,10 +202,14 @@ def _stream(
         if tensor.is_floating_point():
             seen_dtypes.add(tensor.dtype)
             if target is not None and tensor.dtype != target:
-                cast = tensor.to(target)
-                if target == torch.float16 and not cast.isfinite().all() and tensor.isfinite().all():
-                    raise CheckpointError(f"{name} overflows float16 (|x| > 65504); convert to bfloat16 or float32")
-                tensor = cast
+                if target == torch.float16 and tensor.numel():
+                    lo, hi = torch.aminmax(tensor)  # a reduction: no tensor-sized temporary
+                    peak = max(-float(lo), float(hi))
+                    if math.isfinite(peak) and peak >= FLOAT16_OVERFLOW:
+                        raise CheckpointError(
+                            f"{name} holds {peak:g}, which overflows float16; convert to bfloat16 or float32"
+                        )
+                tensor = tensor.to(target)
         # sanitize hands the one GPTQ c_attn g_idx to q, k and v; safetensors refuses to save shared memory.
         if tensor.data_ptr() in recent:
             tensor = tensor.clone()
@@ -249,10 +244,6 @@ def _expected_tensors(out_cfg: dict[str, Any]) -> dict[str, tuple[int, ...] | No
 def _is_bias_qwen2_lacks(name: str, expected: dict[str, Any]) -> bool:
     module = name.removesuffix(".bias")
     return name.endswith(".bias") and (f"{module}.weight" in expected or f"{module}.qweight" in expected)
-
-
-def _missing(expected: dict[str, Any], written: set[str]) -> list[str]:
-    return sorted(set(expected) - written)
 
 
 # ---- config, generation config, tokenizer, license ---------------------------------------------------
@@ -300,8 +291,10 @@ def generation_config(v1: dict[str, Any], chat: bool) -> tuple[dict[str, Any], l
     eos: list[int] = [IM_END_ID] if chat else []
     source_eos = v1.get("eos_token_id", ENDOFTEXT_ID)
     stops = v1.get("stop_words_ids") or []
-    for token_id in [*(source_eos if isinstance(source_eos, list) else [source_eos]),
-                     *(s[0] for s in stops if len(s) == 1)]:
+    for token_id in [
+        *(source_eos if isinstance(source_eos, list) else [source_eos]),
+        *(s[0] for s in stops if len(s) == 1),
+    ]:
         if int(token_id) not in eos:
             eos.append(int(token_id))
     long_stops = [s for s in stops if len(s) > 1]
@@ -328,7 +321,7 @@ def _write_tokenizer(src: Path, tmp: Path, max_length: int, chat: bool, notes: l
         cfg_path = tmp / "tokenizer_config.json"
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
         cfg["eos_token"] = "<|endoftext|>"
-        _write_json(cfg_path, cfg)
+        write_json(cfg_path, cfg)
     return ["tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"]
 
 
@@ -341,14 +334,22 @@ def _copy_license(src: Path, tmp: Path, notes: list[str]) -> list[str]:
     if not copied:
         lic = find_license(src)
         terms = f" ({lic.terms})" if lic else ""
-        notes.append(f"{src} has no LICENSE or NOTICE file to copy; the weights' license still applies{terms}")
+        notes.append(
+            f"{src} has no LICENSE or NOTICE file to copy; the weights' license still applies{terms}"
+        )
     return copied
 
 
 def long_context_note(config: ModelConfig) -> str:
     """What changes past the trained length when v1's long-context tricks are dropped (qwen_facts §5.3)."""
-    tricks = [t for t, on in (("dynamic NTK RoPE", config.use_dynamic_ntk), ("LogN attention scaling",
-                                                                          config.use_logn_attn)) if on]
+    tricks = [
+        t
+        for t, on in (
+            ("dynamic NTK RoPE", config.use_dynamic_ntk),
+            ("LogN attention scaling", config.use_logn_attn),
+        )
+        if on
+    ]
     return (
         f"the source uses {' and '.join(tricks)}, which Qwen2 does not have: up to its trained length "
         f"({config.max_position_embeddings} tokens) the converted model computes the same function; past it "
@@ -392,10 +393,7 @@ def _check_out_dir(src: Path, out: Path, overwrite: bool) -> None:
     src_r, out_r = src.resolve(), out.resolve()
     if out_r == src_r or src_r.is_relative_to(out_r):
         raise CheckpointError(f"output {out} would replace the source {src}; choose another directory")
-    if out.exists() and not out.is_dir():
-        raise CheckpointError(f"{out} exists and is not a directory")
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"{out} already exists; pass --overwrite to replace it")
+    check_out_dir(out, overwrite)
 
 
 def _check_disk_space(weights: WeightFiles, target: torch.dtype | None, where: Path) -> None:
@@ -418,27 +416,9 @@ def _check_disk_space(weights: WeightFiles, target: torch.dtype | None, where: P
             raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
     free = shutil.disk_usage(where).free
     if need > free:
-        raise CheckpointError(f"not enough disk space in {where}: the output needs about {_gb(need)}, {_gb(free)} free")
-
-
-def _publish_permissions(directory: Path) -> None:
-    """mkdtemp makes a private (0700) directory; give the result the permissions the umask allows."""
-    umask = os.umask(0)
-    os.umask(umask)
-    directory.chmod(0o777 & ~umask)
-    for f in directory.iterdir():
-        f.chmod(0o666 & ~umask)
-
-
-def _replace(new: Path, out: Path) -> None:
-    """Move ``new`` to ``out``; an existing ``out`` is moved aside first and deleted only afterwards."""
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        out.rename(old / out.name)
-        new.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        new.rename(out)
+        raise CheckpointError(
+            f"not enough disk space in {where}: the output needs about {_gb(need)}, {_gb(free)} free"
+        )
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -449,10 +429,6 @@ def _read_json(path: Path) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path} is not valid JSON: {e}") from None
     return data if isinstance(data, dict) else {}
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _gb(n: int) -> str:

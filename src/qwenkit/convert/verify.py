@@ -72,7 +72,9 @@ def verify_conversion(
         import qwenkit.quant
 
         if not hasattr(qwenkit.quant, "prepare_quantized_model"):
-            result.skipped = "loading GPTQ checkpoints (qwenkit.quant.prepare_quantized_model) is not available yet"
+            result.skipped = (
+                "loading GPTQ checkpoints (qwenkit.quant.prepare_quantized_model) is not available yet"
+            )
             return result
     seq_length = config.max_position_embeddings
     new_tokens = max(1, min(new_tokens, seq_length // 2))
@@ -86,7 +88,9 @@ def verify_conversion(
     got = _run(out, prompts, new_tokens, long_probe, progress)
 
     result.prompts = len(prompts)
-    for i, ((ref_logits, ref_tokens), (logits, tokens)) in enumerate(zip(ref.prompts, got.prompts, strict=True)):
+    for i, ((ref_logits, ref_tokens), (logits, tokens)) in enumerate(
+        zip(ref.prompts, got.prompts, strict=True)
+    ):
         diff = float((ref_logits - logits).abs().max())
         result.max_abs_diff = max(result.max_abs_diff, diff)
         result.logit_scale = max(result.logit_scale, float(ref_logits.abs().max()))
@@ -101,8 +105,8 @@ def verify_conversion(
         diff = float((ref.long - got.long).abs().max())
         same = int(ref.long.argmax()) == int(got.long.argmax())
         result.long_context = (
-            f"at {len(long_probe)} tokens (twice the trained {seq_length}) the next-token logits differ by up to "
-            f"{diff:.3g}; the top token is {'the same' if same else 'different'}"
+            f"at {len(long_probe)} tokens (twice the trained {seq_length}) the next-token logits differ "
+            f"by up to {diff:.3g}; the top token is {'the same' if same else 'different'}"
         )
     return result
 
@@ -113,8 +117,9 @@ class _Outputs:
     long: torch.Tensor | None  # last-position logits of the long probe
 
 
-def _run(path: str | Path, prompts: list[list[int]], new_tokens: int, long_probe: list[int] | None,
-         progress: bool) -> _Outputs:
+def _run(
+    path: str | Path, prompts: list[list[int]], new_tokens: int, long_probe: list[int] | None, progress: bool
+) -> _Outputs:
     model, _ = load_model(path, dtype=torch.float32, progress=progress)
     outputs = _Outputs([], None)
     with torch.inference_mode():

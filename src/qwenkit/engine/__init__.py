@@ -4,4 +4,12 @@ from qwenkit.engine.engine import Engine, StepOutput
 from qwenkit.engine.request import FinishReason, Request, TokenLogprob
 from qwenkit.engine.sampling import SamplingParams, SamplingParamsError
 
-__all__ = ["Engine", "FinishReason", "Request", "SamplingParams", "SamplingParamsError", "StepOutput", "TokenLogprob"]
+__all__ = [
+    "Engine",
+    "FinishReason",
+    "Request",
+    "SamplingParams",
+    "SamplingParamsError",
+    "StepOutput",
+    "TokenLogprob",
+]

@@ -121,13 +121,17 @@ class Engine:
             positions[b] = torch.arange(start, start + T)  # padding continues the positions harmlessly
         view = self.cache.view([r.slot for r, _ in rows], [r.num_computed for r, _ in rows], T)
         last = torch.tensor([n - 1 for _, n in rows])
-        logits = self.model(
-            ids.to(self.device),
-            positions=positions.to(self.device),
-            cache=view,
-            ntk_alphas=[r.ntk_alpha for r, _ in rows],
-            logits_index=last.to(self.device),
-        ).float().cpu()  # (B, V)
+        logits = (
+            self.model(
+                ids.to(self.device),
+                positions=positions.to(self.device),
+                cache=view,
+                ntk_alphas=[r.ntk_alpha for r, _ in rows],
+                logits_index=last.to(self.device),
+            )
+            .float()
+            .cpu()
+        )  # (B, V)
         if not torch.isfinite(logits).all():
             raise NonFiniteLogitsError(_non_finite_message(self.dtype, self.steps))
         for b, (request, n) in enumerate(rows):
@@ -178,7 +182,7 @@ class Engine:
 
 
 def _activation_dtype(model: Transformer) -> torch.dtype:
-    return model.model.embed_tokens.weight.dtype
+    return model.model.norm.weight.dtype  # the embedding may be quantized (no float weight)
 
 
 def _non_finite_message(dtype: torch.dtype, step: int) -> str:

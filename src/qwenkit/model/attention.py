@@ -80,12 +80,19 @@ class Attention(nn.Module):
             q = q * inputs.logn.to(q.dtype)
 
         if inputs.cache is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=self.n_kv != self.n_heads)
+            out = F.scaled_dot_product_attention(
+                q, k, v, is_causal=T > 1, enable_gqa=self.n_kv != self.n_heads
+            )
         else:
             k, v = inputs.cache.update(self.layer_idx, k, v)  # (B, Hkv, S, D)
             mask = inputs.cache.mask
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=self.n_kv != self.n_heads
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                is_causal=mask is None and T > 1,
+                enable_gqa=self.n_kv != self.n_heads,
             )
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
         return self.o_proj(out)

@@ -36,8 +36,10 @@ def _yarn_inv_freq(yarn: YarnScaling, dim: int, base: float, exponents: torch.Te
     """Blend interpolated and extrapolated frequencies with YaRN's linear ramp over dimensions."""
 
     def correction_dim(rotations: float) -> float:
-        return dim * math.log(yarn.original_max_position_embeddings / (rotations * 2 * math.pi)) / (
-            2 * math.log(base)
+        return (
+            dim
+            * math.log(yarn.original_max_position_embeddings / (rotations * 2 * math.pi))
+            / (2 * math.log(base))
         )
 
     low, high = correction_dim(yarn.beta_fast), correction_dim(yarn.beta_slow)
@@ -49,7 +51,9 @@ def _yarn_inv_freq(yarn: YarnScaling, dim: int, base: float, exponents: torch.Te
     ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
     extrapolation_weight = 1 - ramp
     pos_freqs = base**exponents
-    return (1.0 / (yarn.factor * pos_freqs)) * (1 - extrapolation_weight) + (1.0 / pos_freqs) * extrapolation_weight
+    return (1.0 / (yarn.factor * pos_freqs)) * (1 - extrapolation_weight) + (
+        1.0 / pos_freqs
+    ) * extrapolation_weight
 
 
 class RotaryEmbedding(torch.nn.Module):

@@ -13,7 +13,10 @@ from qwenkit.quant.gptq_format import SUPPORTED_BITS, QuantizationError
 
 
 def check_bits_group(bits: int, group_size: int, in_features: int | None = None) -> int:
-    """Validate (bits, group_size) and return the effective group size (-1 -> the whole row)."""
+    """Validate (bits, group_size) and return the effective group size (-1 -> the whole row).
+
+    A size that does not divide ``in_features`` is allowed: the last group is shorter (AutoGPTQ's rule).
+    """
     if bits not in SUPPORTED_BITS:
         raise QuantizationError(f"bits={bits} is not supported; choose 4 or 8")
     if group_size != -1 and group_size <= 0:
@@ -22,9 +25,7 @@ def check_bits_group(bits: int, group_size: int, in_features: int | None = None)
         return group_size
     if group_size == -1:
         return in_features
-    if in_features % group_size:
-        raise QuantizationError(f"group_size={group_size} does not divide in_features={in_features}")
-    return group_size
+    return min(group_size, in_features)  # a group larger than the row is the whole row
 
 
 def find_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,7 +2,9 @@
 
 Each Linear is quantized on its own and swapped for a :class:`QuantizedLinear` before the next one is
 touched, so at most one float weight is copied at a time (the model's own float weights are freed as
-their modules are replaced).
+their modules are replaced). When ``lm_head`` is quantized and tied to the input embedding, the
+embedding is replaced by a :class:`QuantizedEmbedding` reading the same packed codes, so the largest
+matrix of a small model exists once, quantized.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from qwenkit.quant.embedding import QuantizedEmbedding
 from qwenkit.quant.gptq_format import IntWeight, default_g_idx
 from qwenkit.quant.linear import QuantizedLinear
 from qwenkit.quant.quantizer import check_bits_group, find_params, quantize_codes, round_scale
@@ -25,17 +28,22 @@ DEFAULT_SYM = {8: True, 4: False}
 def quantize_weight_rtn(weight: torch.Tensor, bits: int, group_size: int = -1, sym: bool = True) -> IntWeight:
     """(out, in) float weight -> IntWeight on the same device, each group rounded to its own grid.
 
-    Every element is within half a step of the original: ``|w - deq(w)| <= scale / 2``.
+    Every element is within half a step of the original: ``|w - deq(w)| <= scale / 2``. A group size
+    that does not divide the row leaves a shorter last group, as AutoGPTQ does (e.g. 576 = 4 x 128 + 64).
     """
     out_f, in_f = weight.shape
     gs = check_bits_group(bits, group_size, in_f)
-    groups = weight.detach().float().reshape(out_f, in_f // gs, gs)  # (out, G, gs)
+    n_groups = -(-in_f // gs)
+    w = weight.detach().float()
+    if n_groups * gs != in_f:  # zero padding never changes a group's range: it always includes 0
+        w = torch.nn.functional.pad(w, (0, n_groups * gs - in_f))
+    groups = w.reshape(out_f, n_groups, gs)  # (out, G, gs)
     scale, zero = find_params(groups.reshape(-1, gs), bits, sym)  # (out*G,)
     scale = round_scale(scale).view(out_f, -1, 1)
     zero = zero.view(out_f, -1, 1)
-    q = quantize_codes(groups, scale, zero, bits).reshape(out_f, in_f)
+    q = quantize_codes(groups, scale, zero, bits).reshape(out_f, n_groups * gs)[:, :in_f]
     return IntWeight(
-        qweight=q.to(torch.uint8),
+        qweight=q.to(torch.uint8).contiguous(),
         scales=scale.squeeze(-1).T.contiguous(),  # (G, out)
         zeros=zero.squeeze(-1).T.to(torch.int16).contiguous(),
         g_idx=default_g_idx(in_f, gs).to(weight.device),
@@ -67,14 +75,23 @@ def quantize_model_rtn(
 ) -> nn.Module:
     """Replace every ``nn.Linear`` except ``skip`` (``lm_head`` by default) with an RTN-quantized one.
 
-    Defaults: int8 per channel symmetric, int4 groups of 128 asymmetric. Embeddings are never touched
-    (they are ``nn.Embedding``). Returns the same model, modified in place.
+    Defaults: int8 per channel symmetric, int4 groups of 128 asymmetric. An untied ``nn.Embedding`` stays
+    float; one whose weight is tied to a quantized Linear becomes a :class:`QuantizedEmbedding` of it
+    (the loader's ``--quantize`` passes ``skip=()``, so a tied model keeps one quantized copy). Returns
+    the same model, modified in place.
     """
     check_bits_group(bits, -1)
     group_size = DEFAULT_GROUP[bits] if group_size is None else group_size
     sym = DEFAULT_SYM[bits] if sym is None else sym
+    tied: dict[int, list[tuple[str, nn.Embedding]]] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        if isinstance(m, nn.Embedding):
+            tied.setdefault(id(m.weight), []).append((name, m))
     for name, linear in _targets(model, skip):
         w = quantize_weight_rtn(linear.weight, bits, group_size, sym)
         bias = None if linear.bias is None else linear.bias.detach()
-        replace_module(model, name, QuantizedLinear.from_int(w, bias))
+        new = QuantizedLinear.from_int(w, bias)
+        replace_module(model, name, new)
+        for emb_name, emb in tied.pop(id(linear.weight), []):
+            replace_module(model, emb_name, QuantizedEmbedding(new, emb.weight.dtype))
     return model

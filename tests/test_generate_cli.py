@@ -1,0 +1,104 @@
+"""`qwenkit generate` and `qwenkit info` as users run them: real outputs, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_config import QWEN_7B
+
+from qwenkit.checkpoint import load_model
+from qwenkit.cli import main
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_chat_model):
+    return tiny_chat_model
+
+
+def test_json_output_has_real_ids_and_logprobs(model_dir, capsys):
+    assert (
+        main(
+            [
+                "generate",
+                str(model_dir),
+                "--prompt-ids",
+                "9707,11,1879",
+                "--json",
+                "--temperature",
+                "0",
+                "--max-new-tokens",
+                "5",
+                "--logprobs",
+                "2",
+            ]
+        )
+        == 0
+    )
+    out = json.loads(capsys.readouterr().out)
+    model, _ = load_model(model_dir, dtype="float32")
+    ids = [9707, 11, 1879]
+    logps = []
+    for _ in range(5):
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.tensor([ids]))[0, -1], -1)
+        ids.append(int(lp.argmax()))
+        logps.append(lp.max().item())
+    assert out["prompt_token_ids"] == [9707, 11, 1879]
+    assert out["output_token_ids"] == ids[3:]
+    assert out["logprobs"] == pytest.approx(logps, abs=1e-4)
+    assert len(out["top_logprobs"]) == 5 and out["top_logprobs"][0][0]["token_id"] == ids[3]
+    assert out["finish_reason"] in ("length", "stop") and out["timings"]["decode_seconds"] >= 0
+
+
+def test_streams_text_then_summary(model_dir, capsys):
+    assert main(["generate", str(model_dir), "-p", "Hello", "--max-new-tokens", "4", "--seed", "1"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.endswith("\n")
+    assert "1 prompt tokens, 4 new tokens" in captured.err and "decode" in captured.err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--prompt-ids", "1,x"], "--prompt-ids must be comma-separated integers"),
+        (["--prompt-ids", "999999999"], "prompt token id 999999999 is outside the vocabulary"),
+        (["-p", "hi", "--temperature", "-1"], "temperature must be >= 0, got -1"),
+        (["-p", "hi", "--top-p", "0"], "top_p must be in (0, 1]"),
+        (["-p", "hi", "--max-context", "1000000000"], "not enough free RAM"),
+    ],
+)
+def test_bad_input_one_line_error(model_dir, capsys, args, message):
+    assert main(["generate", str(model_dir), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_missing_model_is_one_line(tmp_path, capsys):
+    assert main(["generate", str(tmp_path / "nope"), "-p", "x"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_info_on_qwen_7b_config_with_license(tmp_path, capsys):
+    d = tmp_path / "Qwen-7B"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(QWEN_7B))
+    (d / "LICENSE").write_text(
+        "Tongyi Qianwen LICENSE AGREEMENT\n\nTongyi Qianwen Release Date: August 3, 2023 ..."
+    )
+    assert main(["info", str(d)]) == 0
+    out = capsys.readouterr().out
+    assert "7,721,324,544" in out
+    assert "dynamic NTK / LogN" in out and "on / on" in out
+    assert "fewer than 100 million monthly active users" in out
+    assert "14.38 GiB" in out  # bfloat16 weights: 7,721,324,544 x 2 bytes
+    assert "500.0 MiB" in out  # KV cache per 1,000 tokens, bf16: 2 x 32 layers x 4096 x 2 bytes x 1000
+
+
+def test_info_on_gguf_shows_metadata_license(capsys):
+    from qwenkit.default_model import default_model_path
+
+    assert main(["info", str(default_model_path())]) == 0
+    out = capsys.readouterr().out
+    assert "llama" in out and "apache-2.0" in out.lower()

@@ -1,0 +1,54 @@
+"""The saver: sharded safetensors that the reference reader loads bit for bit."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from qwenkit.checkpoint.saver import parse_size, save_sharded
+from qwenkit.errors import ConfigError
+
+
+def test_shards_index_and_exact_bytes(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "a.weight": torch.randn(64, 32, generator=g).to(torch.bfloat16),
+        "b.qweight": torch.randint(-(2**31), 2**31 - 1, (16, 8), dtype=torch.int32, generator=g),
+        "c.scales": torch.randn(3, 5, generator=g).half(),
+        "d.bias": torch.randn(7, generator=g),
+        "e.scalar": torch.tensor(3.5),
+        "f.empty": torch.zeros(0, 4),
+    }
+    weight_map = save_sharded(tensors.items(), tmp_path, shard_bytes=4096, metadata={"source": "test"})
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == weight_map and len(set(weight_map.values())) >= 2
+    loaded = {}
+    for f in set(weight_map.values()):
+        loaded |= load_file(tmp_path / f)
+        with safe_open(str(tmp_path / f), "pt") as h:
+            assert h.metadata() == {"format": "pt", "source": "test"}
+    assert loaded.keys() == tensors.keys()
+    for k, t in tensors.items():
+        assert loaded[k].dtype == t.dtype and torch.equal(loaded[k], t), k
+
+
+def test_dtype_cast_on_save_keeps_integers(tmp_path):
+    tensors = [("w", torch.randn(4, 4)), ("q", torch.arange(4, dtype=torch.int32))]
+    save_sharded(tensors, tmp_path, dtype=torch.bfloat16)
+    out = load_file(tmp_path / "model.safetensors")
+    assert out["w"].dtype == torch.bfloat16 and torch.equal(out["w"], tensors[0][1].to(torch.bfloat16))
+    assert out["q"].dtype == torch.int32
+
+
+def test_parse_size():
+    assert (
+        parse_size("5GB") == 5 * 10**9
+        and parse_size("2GiB") == 2 * 2**30
+        and parse_size("500MB") == 5 * 10**8
+    )
+    with pytest.raises(ConfigError, match="cannot read size 'lots'"):
+        parse_size("lots")
