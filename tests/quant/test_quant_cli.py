@@ -1,0 +1,113 @@
+"""``qwenkit quantize``: what it writes loads back to exactly the model it quantized; bad input is one line."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from factories import hf_model, qwen3_tokenizer_dir
+from qwenkit.checkpoint import load_model
+from qwenkit.cli import main
+from qwenkit.quant import QuantizedLinear
+from qwenkit.quant.pipeline import quantize_checkpoint
+
+CALIB_TEXT = "The quick brown fox jumps over the lazy dog. " * 40 + "def f(x):\n    return x * 2\n" * 20
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    """A tiny random Qwen2 (qkv bias, untied) with the real Qwen tokenizer files."""
+    path = tmp_path_factory.mktemp("src") / "tiny"
+    hf_model("qwen2", vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2).save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
+        shutil.copy(qwen3_tokenizer_dir() / name, path / name)
+    return path
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory):
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text(CALIB_TEXT)
+    return path
+
+
+IDS = torch.randint(0, 151936, (2, 16), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize(
+    ("method", "bits", "extra"),
+    [("gptq", 4, ["--act-order"]), ("gptq", 8, ["--group-size", "-1"]), ("rtn", 4, ["--no-sym"]), ("rtn", 8, [])],
+)
+def test_quantized_checkpoint_reloads_exactly(src, calib, tmp_path, capsys, method, bits, extra) -> None:
+    out = tmp_path / "out"
+    opts = ["--calib-samples", "4", "--seq-len", "32"] + (["--calib", str(calib)] if method == "gptq" else [])
+    args = ["--bits", str(bits), "--method", method, *opts, *extra]
+    assert main(["quantize", str(src), str(out), "-q", *args]) == 0
+    assert f"int{bits}" in capsys.readouterr().err
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "quantize_config.json", "tokenizer.json", "tokenizer_config.json"} <= names
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dir left behind
+
+    # the same quantization in memory (the library call the CLI makes) computes what the files load as
+    group = -1 if "-1" in extra else 128
+    ref = quantize_checkpoint(src, tmp_path / "again", bits=bits, method=method, group_size=group,
+                              calib=calib if method == "gptq" else None, calib_samples=4, seq_len=32,
+                              act_order="--act-order" in extra, sym="--no-sym" not in extra, progress=False)
+    loaded, config = load_model(out, dtype="float32", progress=False)
+    assert config.quantization["bits"] == bits
+    assert sum(isinstance(m, QuantizedLinear) for m in loaded.modules()) == 2 * 7
+    with torch.no_grad():
+        assert torch.equal(loaded(IDS), ref.model(IDS))
+
+    assert main(["generate", str(out), "--prompt", "Hello", "--max-new-tokens", "3", "--temperature", "0"]) == 0
+    assert "new tokens" in capsys.readouterr().err
+
+
+def test_gptq_with_default_calibration_text(src, tmp_path) -> None:
+    r = quantize_checkpoint(src, tmp_path / "q", bits=4, calib_samples=2, seq_len=64, progress=False)
+    assert r.calibration_windows == 2 and r.calibration_tokens == 128
+    assert "calibrated on 2 x 64 tokens" in r.summary()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--bits", "3"], "error: --bits 3 is not supported; choose 4 or 8"),
+        (["--group-size", "0"], "error: --group-size 0 must be positive, or -1 for one group per row"),
+        (["--group-size", "-5"], "error: --group-size -5 must be positive, or -1 for one group per row"),
+        (["--method", "awq"], "error: --method 'awq' is not supported; choose gptq or rtn"),
+        (["--calib", "/nonexistent/calib.txt"], "error: calibration file /nonexistent/calib.txt does not exist"),
+        (["--calib-samples", "0"], "error: --calib-samples 0 must be positive"),
+        (["--method", "rtn", "--act-order"], "error: --act-order reorders GPTQ's columns"),
+    ],
+)
+def test_bad_input_is_one_line(src, tmp_path, capsys, args, message) -> None:
+    assert main(["quantize", str(src), str(tmp_path / "out"), "-q", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_out_dir_needs_overwrite(src, tmp_path, capsys) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    assert main(["quantize", str(src), str(out), "-q", "--method", "rtn"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {out} already exists; pass --overwrite to replace it\n"
+    assert (out / "keep.txt").exists()
+    assert main(["quantize", str(src), str(out), "-q", "--method", "rtn", "--overwrite"]) == 0
+    assert not (out / "keep.txt").exists() and (out / "quantize_config.json").exists()
+
+
+def test_missing_source_and_quantized_source(tmp_path, capsys, src) -> None:
+    assert main(["quantize", str(tmp_path / "nope"), str(tmp_path / "out"), "-q"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    q = tmp_path / "q"
+    assert main(["quantize", str(src), str(q), "-q", "--method", "rtn"]) == 0
+    capsys.readouterr()
+    assert main(["quantize", str(q), str(tmp_path / "qq"), "-q", "--method", "rtn"]) == 2
+    assert "is already quantized (gptq)" in capsys.readouterr().err
