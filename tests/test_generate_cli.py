@@ -26,6 +26,8 @@ def test_json_output_has_real_ids_and_logprobs(model_dir, capsys):
                 "--prompt-ids",
                 "9707,11,1879",
                 "--json",
+                "--dtype",
+                "float32",
                 "--temperature",
                 "0",
                 "--max-new-tokens",
