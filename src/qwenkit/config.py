@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from qwenkit.errors import ConfigError
+from qwenkit.errors import CheckpointError, ConfigError
 
 Family = Literal["qwen", "qwen2", "qwen3", "llama"]
 FAMILIES: tuple[str, ...] = ("qwen", "qwen2", "qwen3", "llama")
@@ -167,17 +167,32 @@ class ModelConfig:
 
     @classmethod
     def from_dir(cls, path: str | Path) -> ModelConfig:
-        """Read ``config.json`` from a checkpoint directory."""
-        cfg_path = Path(path) / "config.json"
-        if not cfg_path.is_file():
-            raise ConfigError(f"{path} has no config.json; is it a model directory?")
-        try:
-            cfg = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{cfg_path} is not valid JSON: {e}") from None
-        if not isinstance(cfg, dict):
-            raise ConfigError(f"{cfg_path} must hold a JSON object")
-        return cls.from_hf(cfg)
+        """Read ``config.json`` (and ``quantize_config.json``) from a checkpoint directory."""
+        return cls.from_hf(read_hf_config(path))
+
+
+def read_hf_config(directory: str | Path) -> dict[str, Any]:
+    """The ``config.json`` dict of a checkpoint directory, with ``quantize_config.json`` merged in as
+    ``quantization_config`` when only the former AutoGPTQ file carries it."""
+    d = Path(directory)
+    cfg_path = d / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{d} is not a model directory: it has no config.json")
+    cfg = _read_json_object(cfg_path)
+    quant_path = d / "quantize_config.json"
+    if quant_path.is_file() and "quantization_config" not in cfg:
+        cfg["quantization_config"] = {"quant_method": "gptq", **_read_json_object(quant_path)}
+    return cfg
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a JSON object")
+    return data
 
 
 def _eos_ids(cfg: dict[str, Any]) -> tuple[int, ...]:
