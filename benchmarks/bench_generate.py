@@ -62,7 +62,8 @@ def main() -> None:
     print(f"| prefill, 512-token prompt | {prefill_rate(model, 512):.0f} tokens/s |")
     for batch in (1, 4, 8):
         print(
-            f"| decode, batch {batch} ({args.tokens} new tokens each) | {decode_rate(model, batch, args.tokens):.1f} tokens/s |"
+            f"| decode, batch {batch} ({args.tokens} new tokens each) "
+            f"| {decode_rate(model, batch, args.tokens):.1f} tokens/s |"
         )
 
 

@@ -85,7 +85,8 @@ def main() -> None:
         disk = sum(f.stat().st_size for f in path.glob("*.safetensors"))
         print(f"checkpoint: Qwen2.5-0.5B shape, {disk / 2**20:.0f} MiB of bfloat16 safetensors\n")
         print(
-            "| load dtype | model in memory | peak RSS over interpreter (load + 1 forward) | ratio | load time |"
+            "| load dtype | model in memory | peak RSS over interpreter (load + 1 forward) "
+            "| ratio | load time |"
         )
         print("|---|---|---|---|---|")
         for dtype in ("bfloat16", "float32"):

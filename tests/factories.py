@@ -133,7 +133,7 @@ def qwen3_tokenizer_dir() -> Path:
 
 
 def write_tiny_chat_model(path: Path, generation_config: dict[str, Any] | None = None) -> Path:
-    """A small random Qwen3 model with the real Qwen3 tokenizer and chat template: a chat-capable checkpoint."""
+    """A small random Qwen3 model with the real Qwen3 tokenizer and chat template (a chat checkpoint)."""
     import shutil
 
     model = hf_model(

@@ -41,7 +41,8 @@ def build_prompt(
         first = 1 if msgs and msgs[0].get("role") == "system" else 0
         if len(msgs) - first <= 1:
             raise ContextOverflowError(
-                f"the message needs {len(ids)} tokens; with room to reply it does not fit the {window}-token window"
+                f"the message needs {len(ids)} tokens; with room to reply it does not fit "
+                f"the {window}-token window"
             )
         # Drop the oldest turn: everything up to the next user message.
         nxt = next((i for i in range(first + 1, len(msgs)) if msgs[i].get("role") == "user"), len(msgs) - 1)

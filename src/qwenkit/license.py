@@ -11,7 +11,8 @@ LICENSE_FILES = ("LICENSE", "LICENSE.txt", "LICENSE.md", "LICENCE", "NOTICE", "N
 
 TONGYI = (
     "Tongyi Qianwen License: free for commercial use by products or services with fewer than "
-    "100 million monthly active users; above that, a separate commercial license from Alibaba Cloud is required"
+    "100 million monthly active users; above that, a separate commercial license from Alibaba Cloud "
+    "is required"
 )
 TONGYI_RESEARCH = (
     "Tongyi Qianwen Research License: research and non-commercial use only; commercial use needs a "

@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     t = _timings(c)
     print(
         f"[{len(c.prompt_ids)} prompt tokens, {len(c.token_ids)} new tokens, "
-        f"prefill {t['prefill_tokens_per_second']:.1f} tok/s, decode {t['decode_tokens_per_second']:.1f} tok/s, "
+        f"prefill {t['prefill_tokens_per_second']:.1f} tok/s, "
+        f"decode {t['decode_tokens_per_second']:.1f} tok/s, "
         f"finish: {c.finish_reason}]",
         file=sys.stderr,
     )

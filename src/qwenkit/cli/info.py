@@ -22,13 +22,14 @@ def describe(path: str) -> str:
         )
     if cfg.rotary_dim != cfg.head_dim:
         rope += f", rotary dim {cfg.rotary_dim}"
+    gqa = " (GQA)" if cfg.num_key_value_heads < cfg.num_attention_heads else ""
     rows = [
         ("family", f"{cfg.family} ({', '.join(cfg.architectures) or 'no architectures field'})"),
         ("hidden size", cfg.hidden_size),
         ("attention heads", cfg.num_attention_heads),
         (
             "key/value heads",
-            f"{cfg.num_key_value_heads}{' (GQA)' if cfg.num_key_value_heads < cfg.num_attention_heads else ''}",
+            f"{cfg.num_key_value_heads}{gqa}",
         ),
         ("head dim", cfg.head_dim),
         ("layers", cfg.num_hidden_layers),
