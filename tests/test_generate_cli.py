@@ -69,6 +69,11 @@ def test_streams_text_then_summary(model_dir, capsys):
         (["-p", "hi", "--temperature", "-1"], "temperature must be >= 0, got -1"),
         (["-p", "hi", "--top-p", "0"], "top_p must be in (0, 1]"),
         (["-p", "hi", "--max-context", "1000000000"], "not enough free RAM"),
+        pytest.param(
+            ["-p", "hi", "--device", "cuda"],
+            "no CUDA device is available",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA"),
+        ),
     ],
 )
 def test_bad_input_one_line_error(model_dir, capsys, args, message):
