@@ -153,7 +153,8 @@ def main() -> None:
         speed = f"{best[name] / base:.2f}" if base else "-"
         frac = f"{100 * mem[name] / mbase:.1f}%" if mbase else "-"
         print(
-            f"| {name} | {best[name]:.1f} | {speed} | {mem[name] / 2**20:.0f} MiB | {frac} | {kernels(models[name])} |"
+            f"| {name} | {best[name]:.1f} | {speed} | {mem[name] / 2**20:.0f} MiB | {frac} "
+            f"| {kernels(models[name])} |"
         )
 
 

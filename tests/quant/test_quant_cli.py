@@ -1,4 +1,4 @@
-"""``qwenkit quantize``: what it writes loads back to exactly the model it quantized; bad input is one line."""
+"""``qwenkit quantize``: what it writes loads back to exactly the model it quantized; bad input: one line."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 import torch
-
 from factories import hf_model, qwen3_tokenizer_dir
+
 from qwenkit.checkpoint import load_model
 from qwenkit.cli import main
 from qwenkit.quant import QuantizedLinear
@@ -20,8 +20,15 @@ CALIB_TEXT = "The quick brown fox jumps over the lazy dog. " * 40 + "def f(x):\n
 def src(tmp_path_factory):
     """A tiny random Qwen2 (qkv bias, untied) with the real Qwen tokenizer files."""
     path = tmp_path_factory.mktemp("src") / "tiny"
-    hf_model("qwen2", vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-             num_attention_heads=4, num_key_value_heads=2).save_pretrained(path)
+    hf_model(
+        "qwen2",
+        vocab_size=151936,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ).save_pretrained(path)
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
         shutil.copy(qwen3_tokenizer_dir() / name, path / name)
     return path
@@ -39,7 +46,12 @@ IDS = torch.randint(0, 151936, (2, 16), generator=torch.Generator().manual_seed(
 
 @pytest.mark.parametrize(
     ("method", "bits", "extra"),
-    [("gptq", 4, ["--act-order"]), ("gptq", 8, ["--group-size", "-1"]), ("rtn", 4, ["--no-sym"]), ("rtn", 8, [])],
+    [
+        ("gptq", 4, ["--act-order"]),
+        ("gptq", 8, ["--group-size", "-1", "--no-act-order"]),
+        ("rtn", 4, ["--no-sym"]),
+        ("rtn", 8, []),
+    ],
 )
 def test_quantized_checkpoint_reloads_exactly(src, calib, tmp_path, capsys, method, bits, extra) -> None:
     out = tmp_path / "out"
@@ -53,23 +65,35 @@ def test_quantized_checkpoint_reloads_exactly(src, calib, tmp_path, capsys, meth
 
     # the same quantization in memory (the library call the CLI makes) computes what the files load as
     group = -1 if "-1" in extra else 128
-    ref = quantize_checkpoint(src, tmp_path / "again", bits=bits, method=method, group_size=group,
-                              calib=calib if method == "gptq" else None, calib_samples=4, seq_len=32,
-                              act_order="--act-order" in extra, sym="--no-sym" not in extra, progress=False)
+    ref = quantize_checkpoint(
+        src,
+        tmp_path / "again",
+        bits=bits,
+        method=method,
+        group_size=group,
+        calib=calib if method == "gptq" else None,
+        calib_samples=4,
+        seq_len=32,
+        act_order="--no-act-order" not in extra if method == "gptq" else None,
+        sym="--no-sym" not in extra,
+        progress=False,
+    )
     loaded, config = load_model(out, dtype="float32", progress=False)
     assert config.quantization["bits"] == bits
     assert sum(isinstance(m, QuantizedLinear) for m in loaded.modules()) == 2 * 7
     with torch.no_grad():
         assert torch.equal(loaded(IDS), ref.model(IDS))
 
-    assert main(["generate", str(out), "--prompt", "Hello", "--max-new-tokens", "3", "--temperature", "0"]) == 0
+    assert (
+        main(["generate", str(out), "--prompt", "Hello", "--max-new-tokens", "3", "--temperature", "0"]) == 0
+    )
     assert "new tokens" in capsys.readouterr().err
 
 
 def test_gptq_with_default_calibration_text(src, tmp_path) -> None:
     r = quantize_checkpoint(src, tmp_path / "q", bits=4, calib_samples=2, seq_len=64, progress=False)
     assert r.calibration_windows == 2 and r.calibration_tokens == 128
-    assert "calibrated on 2 x 64 tokens" in r.summary()
+    assert "act-order, calibrated on 2 x 64 tokens" in r.summary() and r.config.desc_act  # the default
 
 
 @pytest.mark.parametrize(
@@ -79,7 +103,10 @@ def test_gptq_with_default_calibration_text(src, tmp_path) -> None:
         (["--group-size", "0"], "error: --group-size 0 must be positive, or -1 for one group per row"),
         (["--group-size", "-5"], "error: --group-size -5 must be positive, or -1 for one group per row"),
         (["--method", "awq"], "error: --method 'awq' is not supported; choose gptq or rtn"),
-        (["--calib", "/nonexistent/calib.txt"], "error: calibration file /nonexistent/calib.txt does not exist"),
+        (
+            ["--calib", "/nonexistent/calib.txt"],
+            "error: calibration file /nonexistent/calib.txt does not exist",
+        ),
         (["--calib-samples", "0"], "error: --calib-samples 0 must be positive"),
         (["--method", "rtn", "--act-order"], "error: --act-order reorders GPTQ's columns"),
     ],

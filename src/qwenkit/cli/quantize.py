@@ -4,7 +4,7 @@ Examples::
 
     qwenkit quantize Qwen2.5-0.5B-Instruct q4 --bits 4                 # GPTQ, group 128, pydoc calibration
     qwenkit quantize model.gguf q8 --bits 8 --group-size -1 --method rtn
-    qwenkit quantize SRC q4 --calib my_text.txt --calib-samples 128 --seq-len 2048 --act-order
+    qwenkit quantize SRC q4 --calib my_text.txt --calib-samples 128 --seq-len 2048 --no-act-order
 """
 
 from __future__ import annotations
@@ -19,27 +19,58 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="qwenkit quantize",
         description="Quantize a model's linear layers to int4/int8 and write an AutoGPTQ-format checkpoint "
-        "(loadable by qwenkit, transformers + optimum, AutoGPTQ and vLLM). Embeddings and lm_head stay float.",
+        "(loadable by qwenkit, transformers + optimum, AutoGPTQ and vLLM). "
+        "Embeddings and lm_head stay float.",
     )
     parser.add_argument("src", help="float model directory or .gguf file")
     parser.add_argument("out_dir", help="directory to write (must not exist unless --overwrite)")
     parser.add_argument("--bits", type=int, default=4, help="4 or 8 (default 4)")
-    parser.add_argument("--group-size", type=int, default=128,
-                        help="input columns sharing one scale/zero; -1 for one group per row (default 128)")
-    parser.add_argument("--method", default="gptq",
-                        help="gptq (calibrated, default) or rtn (round-to-nearest, no calibration)")
-    parser.add_argument("--calib", help="UTF-8 text file to calibrate GPTQ on (default: CPython's pydoc topics)")
-    parser.add_argument("--calib-samples", type=int, default=DEFAULT_CALIB_SAMPLES,
-                        help=f"calibration windows (default {DEFAULT_CALIB_SAMPLES}; AutoGPTQ uses 128 on a GPU)")
-    parser.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN,
-                        help=f"tokens per calibration window (default {DEFAULT_SEQ_LEN}; AutoGPTQ uses 2048)")
-    parser.add_argument("--act-order", action="store_true",
-                        help="GPTQ visits columns by decreasing activation size (desc_act); usually more accurate")
-    parser.add_argument("--sym", action=argparse.BooleanOptionalAction, default=True,
-                        help="symmetric grid (zero point in the middle, Qwen's published setting; default) "
-                        "or asymmetric (--no-sym)")
-    parser.add_argument("--damp", type=float, default=0.01, help="GPTQ Hessian damping, fraction of its mean diagonal")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run the calibration")
+    parser.add_argument(
+        "--group-size",
+        type=int,
+        default=128,
+        help="input columns sharing one scale/zero; -1 for one group per row (default 128)",
+    )
+    parser.add_argument(
+        "--method",
+        default="gptq",
+        help="gptq (calibrated, default) or rtn (round-to-nearest, no calibration)",
+    )
+    parser.add_argument(
+        "--calib", help="UTF-8 text file to calibrate GPTQ on (default: CPython's pydoc topics)"
+    )
+    parser.add_argument(
+        "--calib-samples",
+        type=int,
+        default=DEFAULT_CALIB_SAMPLES,
+        help=f"calibration windows (default {DEFAULT_CALIB_SAMPLES}; AutoGPTQ uses 128 on a GPU)",
+    )
+    parser.add_argument(
+        "--seq-len",
+        type=int,
+        default=DEFAULT_SEQ_LEN,
+        help=f"tokens per calibration window (default {DEFAULT_SEQ_LEN}; AutoGPTQ uses 2048)",
+    )
+    parser.add_argument(
+        "--act-order",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="GPTQ visits columns by decreasing activation size (desc_act). Default on for gptq: much closer "
+        "to float for small models; --no-act-order matches Qwen's published desc_act=false checkpoints",
+    )
+    parser.add_argument(
+        "--sym",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="symmetric grid (zero point in the middle, Qwen's published setting; default) "
+        "or asymmetric (--no-sym)",
+    )
+    parser.add_argument(
+        "--damp", type=float, default=0.01, help="GPTQ Hessian damping, fraction of its mean diagonal"
+    )
+    parser.add_argument(
+        "--device", default="cpu", choices=["cpu", "cuda"], help="where to run the calibration"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)

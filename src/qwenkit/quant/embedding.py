@@ -35,7 +35,7 @@ def _int4_rows(packed: torch.Tensor, ids: torch.Tensor, n: int, k: int) -> torch
 
 
 class QuantizedEmbedding(nn.Module):
-    """``embed(ids)`` -> (..., hidden) rows of a quantized (vocab, hidden) ``QuantizedLinear``, in ``dtype``."""
+    """``embed(ids)`` -> (..., hidden): rows of a quantized (vocab, hidden) QuantizedLinear, in ``dtype``."""
 
     def __init__(self, source: QuantizedLinear, dtype: torch.dtype) -> None:
         super().__init__()
@@ -89,4 +89,5 @@ class QuantizedEmbedding(nn.Module):
         return _affine(src.qdata[ids], s, -src.wzeros[:, ids].float() * s, src.group_size, dtype)
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, rows of the quantized lm_head ({self.source.kernel})"
+        n, k = self.num_embeddings, self.embedding_dim
+        return f"{n}, {k}, rows of the quantized lm_head ({self.source.kernel})"

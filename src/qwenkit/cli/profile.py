@@ -1,0 +1,80 @@
+"""``qwenkit profile [MODEL]``: tokens/s and peak memory per precision, as a markdown table.
+
+Examples::
+
+    qwenkit profile                                    # bundled SmolLM2: float32, bfloat16, int8, int4
+    qwenkit profile Qwen2.5-0.5B-Instruct --generate 512 --encode 2048 --precisions bfloat16,int4
+    qwenkit profile Qwen2.5-0.5B-Instruct-GPTQ-Int4    # a quantized checkpoint: its own precision
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="qwenkit profile",
+        description="Generation speed and peak memory per precision (each measured in a fresh process).",
+    )
+    parser.add_argument(
+        "model", nargs="?", help="model directory or .gguf file (default: the bundled SmolLM2)"
+    )
+    parser.add_argument(
+        "--precisions",
+        help="comma-separated: float32, bfloat16, float16, int8, int4 "
+        "(default: float32,bfloat16,int8,int4; a quantized checkpoint runs as itself)",
+    )
+    parser.add_argument("--quantize", choices=["int8", "int4"], help="profile just this precision")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="activations for int8/int4 and quantized checkpoints; alone, the one precision to run",
+    )
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--context", type=int, default=1, help="prompt tokens before generating (default 1)")
+    parser.add_argument(
+        "--generate", type=int, default=2048, help="tokens to generate (default 2048; 0 skips)"
+    )
+    parser.add_argument(
+        "--encode", type=int, default=2048, help="prompt tokens to encode at once (default 2048; 0 skips)"
+    )
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    args = parser.parse_args(argv)
+
+    from qwenkit.checkpoint import open_checkpoint
+    from qwenkit.cli.common import resolve_model
+    from qwenkit.config import ModelConfig
+    from qwenkit.profile import CHECKPOINT, markdown, parse_precisions, profile
+
+    path = resolve_model(args.model)
+    quantized = ModelConfig.from_hf(open_checkpoint(path).hf_config).quantization is not None
+    if args.precisions:
+        text = args.precisions
+    elif quantized:
+        text = CHECKPOINT
+    elif args.quantize:
+        text = args.quantize
+    elif args.dtype != "auto":
+        text = args.dtype
+    else:
+        text = "float32,bfloat16,int8,int4"
+    precisions = parse_precisions(text, quantized)
+    rows = profile(
+        path,
+        precisions,
+        dtype=args.dtype,
+        device=args.device,
+        context=args.context,
+        generate=args.generate,
+        encode=args.encode,
+    )
+    if args.json:
+        print(json.dumps([asdict(r) for r in rows], indent=2))
+        return 0
+    print(f"model: {path}\n")
+    print(markdown(rows, args.context, args.generate, args.encode, args.device))
+    return 0

@@ -1,0 +1,302 @@
+"""Speed and memory per precision, as a model card reports them: ``qwenkit profile``.
+
+Two measurements per precision (float32, bfloat16, int8, int4, or a GPTQ checkpoint's own):
+
+* generation speed: tokens/s generating ``generate`` tokens from a ``context``-token prompt at batch 1,
+  greedy, EOS ignored, through the same ``Engine`` the CLI and server use (the first token, which
+  carries the prompt's prefill, is not counted);
+* peak memory encoding ``encode`` tokens (one prefill forward) and generating ``generate`` tokens: on
+  CPU the process's peak resident set size, on CUDA ``torch.cuda.max_memory_allocated``.
+
+Each precision runs in a fresh Python subprocess, so one precision's peak never hides in another's and
+allocator caches do not carry over. Loading peaks are excluded on Linux by resetting the peak RSS
+(``/proc/self/clear_refs``) once the model is loaded; elsewhere ``ru_maxrss`` includes loading.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from qwenkit.errors import QwenkitError
+
+PRECISIONS = ("float32", "bfloat16", "float16", "int8", "int4")
+CHECKPOINT = "checkpoint"  # a quantized (GPTQ) checkpoint at its own precision
+
+
+class ProfileError(QwenkitError, ValueError):
+    """A profile request qwenkit cannot run (unknown precision, bad token counts, a failed run)."""
+
+
+@dataclass
+class ProfileRow:
+    precision: str
+    dtype: str
+    kernels: dict[str, int] = field(default_factory=dict)
+    weight_bytes: int = 0
+    tokens_per_second: float = 0.0
+    encode_tokens_per_second: float = 0.0
+    peak_encode_bytes: int = 0
+    peak_generate_bytes: int = 0
+    memory_kind: str = "peak RSS"
+    baseline_bytes: int = 0  # RSS of the process with torch imported, before the model is loaded
+
+
+def parse_precisions(text: str, quantized_checkpoint: bool) -> list[str]:
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    if not names:
+        raise ProfileError("--precisions is empty")
+    for p in names:
+        if p not in (*PRECISIONS, CHECKPOINT):
+            raise ProfileError(f"unknown precision {p!r}; choose from {', '.join(PRECISIONS)}")
+        if quantized_checkpoint and p != CHECKPOINT:
+            raise ProfileError(f"the model is already quantized; it runs only at its own precision, not {p}")
+    return names
+
+
+def _load(model: str, precision: str, dtype: str, device: str, context: int):
+    from qwenkit.checkpoint import load_model
+
+    if precision in ("int8", "int4"):
+        return load_model(
+            model, dtype=dtype, device=device, quantize=precision, context=context, progress=False
+        )
+    if precision == CHECKPOINT:
+        return load_model(model, dtype=dtype, device=device, context=context, progress=False)
+    return load_model(model, dtype=precision, device=device, context=context, progress=False)
+
+
+def kernel_counts(model: torch.nn.Module) -> dict[str, int]:
+    """How many linear layers run each kernel (``QuantizedLinear.kernel``; dense layers by name)."""
+    from qwenkit.quant.linear import QuantizedLinear  # quant/ builds the layers; this only reads them
+
+    counts: dict[str, int] = {}
+    for m in model.modules():
+        if isinstance(m, QuantizedLinear):
+            name = m.kernel
+        elif isinstance(m, torch.nn.Linear):
+            name = f"dense F.linear ({str(m.weight.dtype).removeprefix('torch.')})"
+        else:
+            continue
+        counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def _unique_bytes(model: torch.nn.Module) -> int:
+    seen: set[int] = set()
+    total = 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+class _PeakMemory:
+    """Peak RSS (CPU) or peak allocated bytes (CUDA) since the last ``reset``."""
+
+    def __init__(self, device: str) -> None:
+        self.cuda = device.startswith("cuda")
+        self.kind = "peak allocated (CUDA)" if self.cuda else "peak RSS"
+        self.resettable = self.cuda or self._clear_refs()
+        if not self.resettable:
+            self.kind += " (incl. loading)"
+
+    @staticmethod
+    def _clear_refs() -> bool:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak RSS
+            return Path("/proc/self/status").is_file()
+        except OSError:
+            return False
+
+    def reset(self) -> None:
+        gc.collect()
+        _malloc_trim()  # hand freed heap (the float weights a quantized load replaced) back to the OS
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        elif self.resettable:
+            self._clear_refs()
+
+    def peak(self) -> int:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return int(torch.cuda.max_memory_allocated())
+        if self.resettable:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss if sys.platform == "darwin" else rss * 1024
+
+
+def _malloc_trim() -> None:
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _rss() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def profile_in_process(
+    model: str,
+    precision: str,
+    dtype: str = "auto",
+    device: str = "cpu",
+    context: int = 1,
+    generate: int = 2048,
+    encode: int = 2048,
+) -> ProfileRow:
+    """Measure one precision in this process (``profile`` runs this in a fresh subprocess per precision)."""
+    from qwenkit.engine import Engine, SamplingParams
+
+    baseline = 0 if device.startswith("cuda") else _rss()
+    loaded, config = _load(model, precision, dtype, device, max(context + generate, encode) + 1)
+    vocab = config.vocab_size
+    memory = _PeakMemory(device)
+    engine_dtype = str(loaded.model.norm.weight.dtype).removeprefix("torch.")
+    label = precision
+    if precision == CHECKPOINT and config.quantization:
+        q = config.quantization
+        label = f"{q.get('quant_method', 'gptq')} int{q.get('bits')} g{q.get('group_size')}"
+    row = ProfileRow(
+        label,
+        engine_dtype,
+        kernel_counts(loaded),
+        _unique_bytes(loaded),
+        memory_kind=memory.kind,
+        baseline_bytes=baseline,
+    )
+    ids = [(7 * i + 11) % min(vocab, 1000) + 1 for i in range(max(encode, context))]
+    greedy = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+
+    warm = Engine(loaded, max_batch_size=1, max_seq_len=64)
+    warm.add_request(ids[:8], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    while warm.has_unfinished():
+        warm.step()
+    del warm
+
+    if encode:
+        memory.reset()
+        engine = Engine(loaded, max_batch_size=1, max_seq_len=encode + 1, prefill_chunk=encode)
+        engine.add_request(ids[:encode], greedy)
+        start = time.perf_counter()
+        engine.step()
+        row.encode_tokens_per_second = encode / (time.perf_counter() - start)
+        row.peak_encode_bytes = memory.peak()
+        del engine
+    if generate:
+        memory.reset()
+        engine = Engine(loaded, max_batch_size=1, max_seq_len=context + generate + 1)
+        engine.add_request(ids[:context], SamplingParams(temperature=0, max_tokens=generate, ignore_eos=True))
+        engine.step()  # prefill + first token
+        start, produced = time.perf_counter(), 0
+        while engine.has_unfinished():
+            produced += sum(len(o.new_token_ids) for o in engine.step())
+        elapsed = time.perf_counter() - start
+        row.tokens_per_second = produced / elapsed if produced else 0.0
+        row.peak_generate_bytes = memory.peak()
+    return row
+
+
+def profile(
+    model: str | Path,
+    precisions: list[str],
+    dtype: str = "auto",
+    device: str = "cpu",
+    context: int = 1,
+    generate: int = 2048,
+    encode: int = 2048,
+    isolate: bool = True,
+) -> list[ProfileRow]:
+    """One :class:`ProfileRow` per precision, each in a fresh subprocess (unless ``isolate=False``)."""
+    if context < 1 or generate < 0 or encode < 0 or not (generate or encode):
+        raise ProfileError(
+            "--context must be at least 1, --generate/--encode at least 0, and one of them positive"
+        )
+    kwargs = dict(
+        model=str(model), dtype=dtype, device=device, context=context, generate=generate, encode=encode
+    )
+    rows = []
+    for precision in precisions:
+        if not isolate:
+            rows.append(profile_in_process(precision=precision, **kwargs))
+            continue
+        request = json.dumps({**kwargs, "precision": precision})
+        proc = subprocess.run(
+            [sys.executable, "-c", "import qwenkit.profile as p; p._child()"],
+            input=request,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise ProfileError(f"profiling {precision} failed: {last}")
+        rows.append(ProfileRow(**json.loads(proc.stdout.strip().splitlines()[-1])))
+    return rows
+
+
+def _child() -> None:
+    request = json.loads(sys.stdin.read())
+    try:
+        row = profile_in_process(**request)
+    except QwenkitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(asdict(row)))
+
+
+def markdown(rows: list[ProfileRow], context: int, generate: int, encode: int, device: str) -> str:
+    """The model card's two tables (speed, memory) as one markdown table, one row per precision."""
+    mib = 2**20
+    kind = rows[0].memory_kind if rows else "peak RSS"
+    lines = [
+        f"| precision | activations | kernels (layers) | weights | tokens/s generating {generate} "
+        f"(context {context}) | {kind}, encoding {encode} tokens | {kind}, generating {generate} tokens |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        kernels = "; ".join(f"{k} x{n}" for k, n in r.kernels.items())
+        speed = f"{r.tokens_per_second:.1f}" if generate else "-"
+        enc = _mib(r.peak_encode_bytes) if encode else "-"
+        gen = _mib(r.peak_generate_bytes) if generate else "-"
+        lines.append(
+            f"| {r.precision} | {r.dtype} | {kernels} | {_mib(r.weight_bytes)} | {speed} | {enc} | {gen} |"
+        )
+    threads = torch.get_num_threads()
+    lines.append("")
+    note = (
+        f"device: {device}, {threads} threads, torch {torch.__version__}; each precision in a fresh process"
+    )
+    base = max((r.baseline_bytes for r in rows), default=0)
+    if base:
+        note += f"; peaks include the process itself (about {base / mib:.0f} MiB with torch loaded, no model)"
+    lines.append(note)
+    return "\n".join(lines)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB" if n >= 100 * 2**20 else f"{n / 2**20:.2f} MiB"

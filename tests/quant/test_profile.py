@@ -1,0 +1,64 @@
+"""``qwenkit profile``: one row per precision, positive numbers, and the kernel each layer runs."""
+
+from __future__ import annotations
+
+import pytest
+from factories import hf_model, save_hf
+
+from qwenkit.cli import main
+from qwenkit.profile import ProfileError, parse_precisions, profile
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return save_hf(hf_model("qwen2", tie_word_embeddings=True), tmp_path_factory.mktemp("profile") / "m")
+
+
+def test_profile_rows_per_precision(tiny) -> None:
+    rows = profile(tiny, ["float32", "int8", "int4"], generate=6, encode=12)
+    assert [r.precision for r in rows] == ["float32", "int8", "int4"]
+    for r in rows:
+        assert r.tokens_per_second > 0 and r.encode_tokens_per_second > 0
+        assert r.peak_encode_bytes > 0 and r.peak_generate_bytes > 0 and r.weight_bytes > 0
+        assert sum(r.kernels.values()) == 2 * 7 + 1  # every projection and lm_head
+    assert rows[0].kernels == {"dense F.linear (float32)": 15}
+    assert "aten._weight_int8pack_mm (bf16 activations)" in rows[1].kernels
+    assert "aten._weight_int4pack_mm_for_cpu (bf16 activations)" in rows[2].kernels
+    assert rows[2].weight_bytes < rows[1].weight_bytes < rows[0].weight_bytes
+
+
+def test_profile_cli_table(tiny, capsys) -> None:
+    assert (
+        main(["profile", str(tiny), "--generate", "4", "--encode", "8", "--precisions", "bfloat16,int4"]) == 0
+    )
+    out = capsys.readouterr().out
+    table = [line for line in out.splitlines() if line.startswith("| ")]
+    assert len(table) == 3  # header + one row per precision
+    assert table[1].startswith("| bfloat16 | bfloat16 | dense F.linear (bfloat16) x15 |")
+    assert table[2].startswith("| int4 |") and "_weight_int4pack_mm_for_cpu" in table[2]
+    for row in table[1:]:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert float(cells[4]) > 0 and all(float(c.split()[0]) > 0 for c in (cells[3], cells[5], cells[6]))
+    assert "tokens/s generating 4 (context 1)" in table[0] and "encoding 8 tokens" in table[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--precisions", "int3"],
+            "error: unknown precision 'int3'; choose from float32, bfloat16, float16, int8, int4",
+        ),
+        (["--generate", "0", "--encode", "0"], "error: --context must be at least 1"),
+    ],
+)
+def test_profile_bad_input(tiny, capsys, args, message) -> None:
+    assert main(["profile", str(tiny), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1
+
+
+def test_quantized_checkpoint_runs_only_as_itself() -> None:
+    assert parse_precisions("checkpoint", quantized_checkpoint=True) == ["checkpoint"]
+    with pytest.raises(ProfileError, match="already quantized"):
+        parse_precisions("int4", quantized_checkpoint=True)
