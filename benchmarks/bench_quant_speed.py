@@ -25,7 +25,7 @@ import torch
 from qwenkit.config import ModelConfig
 from qwenkit.engine import Engine, SamplingParams
 from qwenkit.model import Transformer
-from qwenkit.quant import QuantizedLinear, quantize_model_rtn
+from qwenkit.quant import QuantizedLinear, quantize_for_runtime
 
 QWEN25_05B = {
     "model_type": "qwen2",
@@ -79,7 +79,7 @@ def random_model(hf_config: dict, dtype: torch.dtype, quantize: str | None, seed
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     if quantize:
-        quantize_model_rtn(model, bits=8 if quantize == "int8" else 4, skip=())
+        quantize_for_runtime(model, quantize)  # exactly what --quantize does
     return model
 
 

@@ -32,14 +32,15 @@ def linear_parameters(config: ModelConfig) -> int:
 def weight_bytes(config: ModelConfig, dtype: torch.dtype, quantize: str | None = None) -> int:
     """Bytes the weights take in memory at this dtype, or with weight-only int8/int4 linear layers.
 
-    ``--quantize`` also quantizes ``lm_head``; a tied embedding is served from that same quantized
-    matrix, so it is counted once.
+    ``--quantize`` also quantizes ``lm_head`` to int8; a tied embedding is served from that same
+    quantized matrix, so it is counted once.
     """
     total = config.num_parameters * dtype_bytes(dtype)
     if quantize is None:
         return total
-    linear = linear_parameters(config) + config.vocab_size * config.hidden_size
-    return total - linear * dtype_bytes(dtype) + int(linear * _QUANT_BITS[quantize] / 8)
+    linear, head = linear_parameters(config), config.vocab_size * config.hidden_size
+    quantized = int(linear * _QUANT_BITS[quantize] / 8 + head * _QUANT_BITS["int8"] / 8)
+    return total - (linear + head) * dtype_bytes(dtype) + quantized
 
 
 def kv_cache_bytes(config: ModelConfig, dtype: torch.dtype, tokens: int) -> int:

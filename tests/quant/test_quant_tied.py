@@ -112,5 +112,9 @@ QWEN25_05B = {
 def test_memory_estimate_counts_tied_embedding_once() -> None:
     cfg = ModelConfig.from_hf(QWEN25_05B)
     bf16 = weight_bytes(cfg, torch.bfloat16)
-    assert weight_bytes(cfg, torch.bfloat16, "int4") <= 0.30 * bf16
+    # int4 layers + one int8 copy of the tied head/embedding: ~35% of bf16 (llama.cpp likewise keeps its
+    # output tensor at 6 bits); an int4 head would be 28%, at a large quality cost.
+    head = cfg.vocab_size * cfg.hidden_size
+    assert 0.33 * bf16 < weight_bytes(cfg, torch.bfloat16, "int4") < 0.37 * bf16
+    assert weight_bytes(cfg, torch.bfloat16, "int4") < bf16 - head * 2 + head  # the head is stored once
     assert weight_bytes(cfg, torch.bfloat16, "int8") <= 0.55 * bf16

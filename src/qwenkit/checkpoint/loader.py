@@ -134,10 +134,9 @@ def load_model(
     model.rotary.inv_freq = inv_freq(config).to(device)
     model.eval().requires_grad_(False)
     if quantize:
-        from qwenkit.quant import quantize_model_rtn
+        from qwenkit.quant import quantize_for_runtime
 
-        # lm_head too (skip=()): with tied embeddings it is also the embedding, kept once, quantized.
-        quantize_model_rtn(model, bits=8 if quantize == "int8" else 4, skip=())
+        quantize_for_runtime(model, quantize)
     return model, config
 
 

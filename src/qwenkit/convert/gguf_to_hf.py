@@ -14,8 +14,8 @@ from typing import Any
 import torch
 
 from qwenkit.checkpoint.gguf import read_gguf
+from qwenkit.checkpoint.output_dir import atomic_output_dir, check_out_dir, write_json
 from qwenkit.checkpoint.saver import save_sharded
-from qwenkit.convert.output_dir import atomic_output_dir, check_out_dir, write_json
 from qwenkit.errors import CheckpointError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -26,10 +26,10 @@ from tqdm import tqdm
 
 from qwenkit.checkpoint.files import WeightFiles, find_weight_files, iter_tensors
 from qwenkit.checkpoint.loader import open_checkpoint
+from qwenkit.checkpoint.output_dir import atomic_output_dir, check_out_dir, write_json
 from qwenkit.checkpoint.sanitize import sanitize
 from qwenkit.checkpoint.saver import save_sharded
 from qwenkit.config import ModelConfig
-from qwenkit.convert.output_dir import atomic_output_dir, check_out_dir, write_json
 from qwenkit.errors import CheckpointError, ConfigError
 from qwenkit.license import LICENSE_FILES, find_license
 
@@ -91,7 +91,7 @@ def convert_v1_to_qwen2(
     if config.rotary_dim != config.head_dim:
         raise ConfigError(f"rotary_pct {config.rotary_dim / config.head_dim:g} < 1 has no qwen2 equivalent")
     target = _target_dtype(dtype, config)
-    _check_out_dir(src, out, overwrite)
+    check_out_dir(out, overwrite, source=src)
     weights = find_weight_files(src)  # a missing shard fails here, before anything is written
     _check_disk_space(weights, target, out.parent if out.parent.exists() else Path.cwd())
 
@@ -387,13 +387,6 @@ def _lossy(source_dtypes: set[torch.dtype], target: torch.dtype | None) -> bool:
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return next(name for name, d in DTYPES.items() if d == dtype)
-
-
-def _check_out_dir(src: Path, out: Path, overwrite: bool) -> None:
-    src_r, out_r = src.resolve(), out.resolve()
-    if out_r == src_r or src_r.is_relative_to(out_r):
-        raise CheckpointError(f"output {out} would replace the source {src}; choose another directory")
-    check_out_dir(out, overwrite)
 
 
 def _check_disk_space(weights: WeightFiles, target: torch.dtype | None, where: Path) -> None:

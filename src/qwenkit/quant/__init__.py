@@ -15,7 +15,7 @@ from qwenkit.quant.checkpoint_io import (
 from qwenkit.quant.gptq import gptq_quantize_model, gptq_quantize_weight
 from qwenkit.quant.gptq_format import GPTQConfig, IntWeight, QuantizationError, pack_gptq, unpack_gptq
 from qwenkit.quant.linear import QuantizedLinear, choose_kernel
-from qwenkit.quant.rtn import quantize_model_rtn, quantize_weight_rtn
+from qwenkit.quant.rtn import quantize_for_runtime, quantize_model_rtn, quantize_weight_rtn
 
 __all__ = [
     "GPTQConfig",
@@ -31,6 +31,7 @@ __all__ = [
     "gptq_quantize_weight",
     "pack_gptq",
     "prepare_quantized_model",
+    "quantize_for_runtime",
     "quantize_model_rtn",
     "quantize_weight_rtn",
     "quantized_state_dict",

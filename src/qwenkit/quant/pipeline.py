@@ -16,9 +16,7 @@ GPU; pass ``--calib-samples 128 --seq-len 2048`` for that.
 
 from __future__ import annotations
 
-import json
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +25,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from qwenkit.checkpoint.output_dir import atomic_output_dir, check_out_dir, write_json
 from qwenkit.quant.calibration import calibration_token_ids
 from qwenkit.quant.checkpoint_io import finalize_quantized_model, save_gptq
 from qwenkit.quant.gptq import gptq_quantize_model
@@ -143,12 +142,7 @@ def quantize_checkpoint(
     act_order = method == "gptq" if act_order is None else act_order
     src, out = Path(src), Path(out_dir)
     text = _read_calibration(calib) if method == "gptq" and calib is not None else None
-    if out.exists() and not overwrite:
-        raise QuantizationError(f"{out} already exists; pass --overwrite to replace it")
-    if out.exists() and not out.is_dir():
-        raise QuantizationError(f"{out} exists and is not a directory")
-    if src.exists() and (out.resolve() == src.resolve() or src.resolve().is_relative_to(out.resolve())):
-        raise QuantizationError(f"output {out} would replace the source {src}; choose another directory")
+    check_out_dir(out, overwrite, source=src)
 
     start = time.perf_counter()
     source = open_checkpoint(src)
@@ -174,18 +168,11 @@ def quantize_checkpoint(
         quantize_model_rtn(model, bits, group_size, sym, skip=("lm_head",))
     result.kernels = finalize_quantized_model(model)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with atomic_output_dir(out, overwrite) as tmp:
         hf_config = {k: v for k, v in source.hf_config.items() if k != "quantization_config"}
         save_gptq(model, tmp, qconfig, hf_config)
         _write_side_files(source, tmp)
-        _publish_permissions(tmp)
         result.files = sorted(p.name for p in tmp.iterdir())
-        _replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     result.seconds = time.perf_counter() - start
     result.model = model
     return result
@@ -223,36 +210,10 @@ def _write_side_files(source, out: Path) -> None:
     if isinstance(source, GGUFCheckpoint):
         if "tokenizer.ggml.model" in source.metadata:
             source.tokenizer.save(str(out / "tokenizer.json"))
-            _write_json(out / "tokenizer_config.json", source.tokenizer_config)
-        _write_json(out / "generation_config.json", source.generation_config)
+            write_json(out / "tokenizer_config.json", source.tokenizer_config)
+        write_json(out / "generation_config.json", source.generation_config)
         return
     for name in SIDE_FILES:
         f = source.path / name
         if f.is_file():
             shutil.copy(f, out / name)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def _publish_permissions(directory: Path) -> None:
-    """mkdtemp makes a private (0700) directory; give the result the permissions the umask allows."""
-    import os
-
-    umask = os.umask(0)
-    os.umask(umask)
-    directory.chmod(0o777 & ~umask)
-    for f in directory.iterdir():
-        f.chmod(0o666 & ~umask)
-
-
-def _replace(new: Path, out: Path) -> None:
-    """Move ``new`` to ``out``; an existing ``out`` is moved aside first and deleted only afterwards."""
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        out.rename(old / out.name)
-        new.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        new.rename(out)

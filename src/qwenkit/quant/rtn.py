@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from qwenkit.quant.embedding import QuantizedEmbedding
-from qwenkit.quant.gptq_format import IntWeight, default_g_idx
+from qwenkit.quant.gptq_format import IntWeight, QuantizationError, default_g_idx
 from qwenkit.quant.linear import QuantizedLinear
 from qwenkit.quant.quantizer import check_bits_group, find_params, quantize_codes, round_scale
 
@@ -95,3 +95,16 @@ def quantize_model_rtn(
         for emb_name, emb in tied.pop(id(linear.weight), []):
             replace_module(model, emb_name, QuantizedEmbedding(new, emb.weight.dtype))
     return model
+
+
+def quantize_for_runtime(model: nn.Module, precision: str) -> nn.Module:
+    """``--quantize int8|int4``: decoder layers at that precision, the output head (and a tied
+    embedding, kept once) at int8.
+
+    llama.cpp likewise keeps its output tensor at 6+ bits: an int4 head costs far more quality than it
+    saves (SmolLM2 int4 perplexity 16.7 with an int8 head, 19.6 with an int4 one).
+    """
+    if precision not in ("int8", "int4"):
+        raise QuantizationError(f"unknown quantization {precision!r}; choose int8 or int4")
+    quantize_model_rtn(model, bits=8 if precision == "int8" else 4)
+    return quantize_model_rtn(model, bits=8, skip=())  # only lm_head is still an nn.Linear

@@ -20,7 +20,12 @@ from typing import Any
 from qwenkit.errors import CheckpointError
 
 
-def check_out_dir(out: Path, overwrite: bool) -> None:
+def check_out_dir(out: Path, overwrite: bool, source: Path | None = None) -> None:
+    """Refuse an existing ``out`` without ``overwrite``, and any ``out`` that would replace ``source``."""
+    if source is not None and source.exists():
+        src_r, out_r = source.resolve(), out.resolve()
+        if out_r == src_r or src_r.is_relative_to(out_r):
+            raise CheckpointError(f"output {out} would replace the source {source}; choose another directory")
     if out.exists() and not overwrite:
         raise CheckpointError(f"{out} already exists; pass --overwrite to replace it")
     if out.exists() and not out.is_dir():
