@@ -3,7 +3,7 @@
 Prints a markdown table: load seconds, prefill tokens/s for a long prompt, and decode tokens/s at
 batch 1, 4 and 8 (aggregate over the batch), all greedy through the engine the CLI and server use.
 
-    .venv/bin/python benchmarks/bench_generate.py [MODEL] [--dtype float32] [--tokens 128]
+    .venv/bin/python benchmarks/bench_generate.py [MODEL] [--dtype auto|float32|bfloat16] [--tokens 128]
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def prefill_rate(model, length: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("model", nargs="?")
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--dtype", default="auto", help="auto: bfloat16 where the CPU has native bf16")
     parser.add_argument("--quantize", choices=["int8", "int4"])
     parser.add_argument("--tokens", type=int, default=128, help="new tokens per request")
     args = parser.parse_args()
@@ -53,8 +53,9 @@ def main() -> None:
     model, config = load_model(path, dtype=args.dtype, quantize=args.quantize, progress=False)
     load_s = time.perf_counter() - start
     decode_rate(model, 1, 8)  # warm-up
+    dtype = str(model.model.norm.weight.dtype).removeprefix("torch.")
     print(
-        f"model: {path}\n{config.family}, {config.num_parameters / 1e6:.0f} M parameters, {args.dtype}"
+        f"model: {path}\n{config.family}, {config.num_parameters / 1e6:.0f} M parameters, {dtype}"
         f"{', ' + args.quantize if args.quantize else ''}, {torch.get_num_threads()} threads\n"
     )
     print("| measure | value |\n|---|---|")

@@ -26,7 +26,7 @@ from qwenkit.checkpoint import load_model, open_checkpoint
 from qwenkit.default_model import default_model_path
 from qwenkit.generate import tokenizer_for
 from qwenkit.quant import GPTQConfig, calibration_token_ids, default_calibration_text, gptq_quantize_model
-from qwenkit.quant.rtn import quantize_model_rtn
+from qwenkit.quant.rtn import quantize_for_runtime, quantize_model_rtn
 
 # name -> (method, bits, group, sym, act_order, quantize lm_head)
 VARIANTS = {
@@ -41,6 +41,8 @@ VARIANTS = {
     "gptq4a": ("gptq", 4, 128, False, False, False),
     "gptq4a-act": ("gptq", 4, 128, False, True, False),
     "gptq8": ("gptq", 8, -1, True, False, False),
+    "runtime8": ("runtime", 8, -1, True, False, True),  # exactly `--quantize int8`
+    "runtime4": ("runtime", 4, 128, False, False, True),  # exactly `--quantize int4` (int8 head)
 }
 
 
@@ -64,7 +66,9 @@ def perplexity(model, windows: list[list[int]]) -> float:
 def build(path, variant: str, calib: list[list[int]], damp: float):
     method, bits, group, sym, act, head = VARIANTS[variant]
     model, _ = load_model(path, dtype="float32", progress=False)
-    if method == "rtn":
+    if method == "runtime":
+        quantize_for_runtime(model, f"int{bits}")
+    elif method == "rtn":
         quantize_model_rtn(model, bits, group, sym, skip=() if head else ("lm_head",))
     elif method == "gptq":
         config = GPTQConfig(bits=bits, group_size=group, sym=sym, desc_act=act, damp_percent=damp)

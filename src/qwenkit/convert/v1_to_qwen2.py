@@ -137,7 +137,10 @@ def _write(
     bar = tqdm(total=weights.total_bytes, unit="B", unit_scale=True, desc="converting", disable=not progress)
     with bar:
         stream = _stream(config, weights, expected, target, seen_dtypes, result, bar)
-        weight_map = save_sharded(stream, tmp, shard_bytes=shard_bytes, metadata={"source": "qwen v1"})
+        # The saver casts after deciding where a shard ends, so a cast never holds more than one output shard.
+        weight_map = save_sharded(
+            stream, tmp, shard_bytes=shard_bytes, metadata={"source": "qwen v1"}, dtype=target
+        )
     missing = sorted(set(expected) - set(weight_map))
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
@@ -182,7 +185,6 @@ def _stream(
             yield name, tensor
             bar.update(tensor.numel() * tensor.element_size())
 
-    recent: list[int] = []  # data pointers of the last tensors yielded
     for name, tensor in sanitize(config, counted()):
         if name not in expected:
             if _is_bias_qwen2_lacks(name, expected):
@@ -201,21 +203,16 @@ def _stream(
             )
         if tensor.is_floating_point():
             seen_dtypes.add(tensor.dtype)
-            if target is not None and tensor.dtype != target:
-                if target == torch.float16 and tensor.numel():
-                    lo, hi = torch.aminmax(tensor)  # a reduction: no tensor-sized temporary
-                    peak = max(-float(lo), float(hi))
-                    if math.isfinite(peak) and peak >= FLOAT16_OVERFLOW:
-                        raise CheckpointError(
-                            f"{name} holds {peak:g}, which overflows float16; convert to bfloat16 or float32"
-                        )
-                tensor = tensor.to(target)
-        # sanitize hands the one GPTQ c_attn g_idx to q, k and v; safetensors refuses to save shared memory.
-        if tensor.data_ptr() in recent:
-            tensor = tensor.clone()
-        recent = [*recent[-2:], tensor.data_ptr()]
+            if target == torch.float16 and tensor.dtype != target and tensor.numel():
+                lo, hi = torch.aminmax(tensor)  # a reduction: no tensor-sized temporary
+                peak = max(-float(lo), float(hi))
+                if math.isfinite(peak) and peak >= FLOAT16_OVERFLOW:
+                    raise CheckpointError(
+                        f"{name} holds {peak:g}, which overflows float16; convert to bfloat16 or float32"
+                    )
         result.tensors += 1
-        result.bytes_written += tensor.numel() * tensor.element_size()
+        cast = target if target is not None and tensor.is_floating_point() else tensor.dtype
+        result.bytes_written += tensor.numel() * cast.itemsize
         bar.set_postfix(tensors=result.tensors, refresh=False)
         yield name, tensor
 
