@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="qwenkit quantize",
         description="Quantize a model's linear layers to int4/int8 and write an AutoGPTQ-format checkpoint "
-        "(loadable by qwenkit, transformers + optimum, AutoGPTQ and vLLM). "
+        "(the layout Qwen's published Int4/Int8 models use, which AutoGPTQ-format readers take). "
         "Embeddings and lm_head stay float.",
     )
     parser.add_argument("src", help="float model directory or .gguf file")
