@@ -8,6 +8,7 @@ which would hold every shard twice.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import re
 from collections.abc import Iterable
@@ -19,6 +20,15 @@ from qwenkit.errors import ConfigError
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS. glibc keeps freed blocks under its 32 MB mmap threshold
+    (most layer tensors) in the heap, so without this a streamed shard stays in RSS after it is written."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def parse_size(text: str) -> int:
@@ -56,6 +66,7 @@ def save_sharded(
         write_safetensors(out / name, shards[-1], metadata={"format": "pt", **(metadata or {})})
         shard_files.append(name)
         shards[-1] = {}
+        release_freed_memory()
 
     weight_map: dict[str, str] = {}
     for name, tensor in tensors:
