@@ -8,6 +8,7 @@ which would hold every shard twice.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import re
@@ -25,10 +26,8 @@ _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2*
 def release_freed_memory() -> None:
     """Hand freed heap memory back to the OS. glibc keeps freed blocks under its 32 MB mmap threshold
     (most layer tensors) in the heap, so without this a streamed shard stays in RSS after it is written."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
 
 
 def parse_size(text: str) -> int:
