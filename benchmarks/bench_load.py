@@ -17,21 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-QWEN25_05B = {
-    "model_type": "qwen2",
-    "architectures": ["Qwen2ForCausalLM"],
-    "vocab_size": 151936,
-    "hidden_size": 896,
-    "intermediate_size": 4864,
-    "num_hidden_layers": 24,
-    "num_attention_heads": 14,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 32768,
-    "rope_theta": 1000000.0,
-    "rms_norm_eps": 1e-6,
-    "tie_word_embeddings": True,
-    "torch_dtype": "bfloat16",
-}
+from shapes import QWEN25_05B  # benchmarks/shapes.py, beside this script
 
 # VmHWM (this process's peak RSS) rather than ru_maxrss, which Linux carries over from the parent on exec.
 CHILD = r"""

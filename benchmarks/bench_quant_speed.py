@@ -21,27 +21,12 @@ import os
 import time
 
 import torch
+from shapes import QWEN25_05B  # benchmarks/shapes.py, beside this script
 
 from qwenkit.config import ModelConfig
 from qwenkit.engine import Engine, SamplingParams
 from qwenkit.model import Transformer
 from qwenkit.quant import QuantizedLinear, quantize_for_runtime
-
-QWEN25_05B = {
-    "model_type": "qwen2",
-    "architectures": ["Qwen2ForCausalLM"],
-    "vocab_size": 151936,
-    "hidden_size": 896,
-    "intermediate_size": 4864,
-    "num_hidden_layers": 24,
-    "num_attention_heads": 14,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 32768,
-    "rms_norm_eps": 1e-6,
-    "rope_theta": 1000000.0,
-    "tie_word_embeddings": True,
-    "eos_token_id": 151643,
-}
 
 # precision -> (model dtype, --quantize)
 PRECISIONS = {
