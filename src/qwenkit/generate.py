@@ -100,8 +100,15 @@ def _partial_stop_suffix(text: str, stops: tuple[str, ...]) -> int:
     return best
 
 
-def tokenizer_for(source: CheckpointSource) -> Tokenizer:
-    """The tokenizer that belongs to a checkpoint: its directory's files, or a GGUF's own metadata."""
+def tokenizer_for(source: CheckpointSource | str | Path) -> Tokenizer:
+    """The tokenizer that belongs to a checkpoint: its directory's files, or a GGUF's own metadata.
+
+    A path may also be a tokenizer-only directory (tokenizer.json or qwen.tiktoken, no weights).
+    """
+    if isinstance(source, str | Path):
+        if Path(source).suffix != ".gguf":
+            return load_tokenizer(source)
+        source = open_checkpoint(source)
     if isinstance(source, GGUFCheckpoint):
         return HFTokenizer(source.tokenizer, source.tokenizer_config, {})
     return load_tokenizer(source.path)

@@ -28,7 +28,7 @@ def _read_json(path: str, what: str) -> Any:
 def main(argv: list[str] | None = None) -> int:
     """Render messages (OpenAI JSON: a list, or {"messages": [...], "tools": [...]}) with the template."""
     parser = argparse.ArgumentParser(prog="qwenkit template", description=__doc__)
-    parser.add_argument("model_dir", help="model directory with the tokenizer files")
+    parser.add_argument("model_dir", help="model directory with the tokenizer files, or a .gguf file")
     parser.add_argument("messages", help="JSON file of messages ('-' reads standard input)")
     parser.add_argument("--tools", help="JSON file of tool definitions (OpenAI format)")
     parser.add_argument(
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ids", action="store_true", help="print the prompt's token ids as JSON instead")
     args = parser.parse_args(argv)
 
-    from qwenkit.tokenizer import load_tokenizer
+    from qwenkit.generate import tokenizer_for
 
     try:
         data = _read_json(args.messages, "messages")
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             raise _InputError(f"{args.messages} must hold a JSON list of messages (or {{'messages': [...]}})")
         if isinstance(tools, dict) and "tools" in tools:
             tools = tools["tools"]
-        tokenizer = load_tokenizer(args.model_dir)
+        tokenizer = tokenizer_for(args.model_dir)
         gen = not args.no_generation_prompt
         if args.ids:
             print(json.dumps(tokenizer.apply_chat_template(data, tools=tools, add_generation_prompt=gen)))

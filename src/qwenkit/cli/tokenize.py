@@ -12,7 +12,7 @@ from qwenkit.errors import QwenkitError
 def main(argv: list[str] | None = None) -> int:
     """Print `id<TAB>piece` per token (or the count, or a JSON id list). Errors: one line, exit 2."""
     parser = argparse.ArgumentParser(prog="qwenkit tokenize", description=__doc__)
-    parser.add_argument("model_dir", help="model directory with tokenizer.json or qwen.tiktoken")
+    parser.add_argument("model_dir", help="model directory (tokenizer.json or qwen.tiktoken) or .gguf file")
     parser.add_argument("text", help="text to tokenize; '-' reads standard input")
     parser.add_argument("--count", action="store_true", help="print only the number of tokens")
     parser.add_argument("--json", action="store_true", help="print the ids as a JSON list")
@@ -21,11 +21,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    from qwenkit.tokenizer import load_tokenizer
+    from qwenkit.generate import tokenizer_for
 
     try:
         text = sys.stdin.read() if args.text == "-" else args.text
-        tokenizer = load_tokenizer(args.model_dir)
+        tokenizer = tokenizer_for(args.model_dir)
         ids = tokenizer.encode(text, allow_special=args.allow_special)
     except (QwenkitError, OSError, UnicodeDecodeError) as e:
         print(f"qwenkit tokenize: error: {e}", file=sys.stderr)
