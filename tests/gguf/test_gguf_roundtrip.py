@@ -10,6 +10,7 @@ from factories import hf_model, v1_state_dict
 from gguf.quants import dequantize, quantize
 from gguf_files import CHAT_TEMPLATE, Q, tiny_vocab
 
+from qwenkit.checkpoint import load_model
 from qwenkit.checkpoint.gguf import read_gguf
 
 VOCAB = len(tiny_vocab()[0])
@@ -60,6 +61,19 @@ def test_gguf_qwen2_roundtrip(tmp_path, gguf_writer, qtype) -> None:
     assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == (0, 2, 0)
     assert ckpt.license == "apache-2.0"
     assert ckpt.chat_template == CHAT_TEMPLATE
+
+    # The loaded model computes the original's function: exactly its f16-rounded weights for F16,
+    # within Q8_0's rounding for Q8_0.
+    ours, _ = load_model(path, dtype="float32", progress=False)
+    ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits
+        if qtype == Q.F16:
+            model.load_state_dict({n: w.half().float() if w.ndim > 1 else w for n, w in original.items()})
+            ref = model(ids).logits
+        got_logits = ours(ids)
+    tolerance = 1e-4 if qtype == Q.F16 else 2e-2 * ref.abs().max().item()
+    assert (got_logits - ref).abs().max().item() < tolerance
 
 
 def test_gguf_qwen2_matches_transformers_gguf_import(tmp_path, gguf_writer) -> None:
