@@ -44,11 +44,13 @@ class Completion:
 
 @dataclass
 class Delta:
-    """One streamed increment: new token ids and the text they completed."""
+    """One streamed increment: new token ids and the text they completed. The last one carries the
+    finish reason and the whole Completion (token ids, text, logprobs, timings)."""
 
     token_ids: list[int]
     text: str
     finish_reason: FinishReason | None = None
+    completion: Completion | None = None
 
 
 class _TextState:
@@ -210,7 +212,6 @@ class LLM:
         ids = self._prompt_ids(prompt)
         rid = self.engine.add_request(ids, params)
         state = _TextState(self.tokenizer, Completion(ids), params.stop)
-        self.last_completion = state.completion
         try:
             while not state.completion.finish_reason:
                 for out in self.engine.step():
@@ -220,7 +221,13 @@ class LLM:
                     state.completion.logprobs += out.logprobs
                     if stopped:
                         self.engine.abort(rid)
-                    yield Delta(out.new_token_ids, text, state.completion.finish_reason)
+                    done = state.completion.finish_reason is not None
+                    yield Delta(
+                        out.new_token_ids,
+                        text,
+                        state.completion.finish_reason,
+                        state.completion if done else None,
+                    )
         finally:
             self.engine.abort(rid)
             self.engine.requests.pop(rid, None)

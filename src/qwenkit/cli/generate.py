@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     for delta in llm.stream(prompt, params):
         sys.stdout.write(delta.text)
         sys.stdout.flush()
-    c = llm.last_completion
+    c = delta.completion
     sys.stdout.write("\n")
     t = _timings(c)
     print(
