@@ -119,19 +119,26 @@ def test_one_shot_prompt_and_python_chat_api(tiny_chat_model, llm):
     assert session.history[1]["content"] == first.strip()
 
 
-def _read_until(fd: int, needle: bytes, timeout: float = 60.0) -> bytes:
-    buf = b""
-    end = time.time() + timeout
-    while needle not in buf:
-        if time.time() > end:
-            raise AssertionError(f"timed out waiting for {needle!r}; got {buf[-500:]!r}")
-        ready, _, _ = select.select([fd], [], [], 0.5)
-        if ready:
-            try:
-                buf += os.read(fd, 4096)
-            except OSError:
-                break
-    return buf
+class Terminal:
+    """Reads a pseudo-terminal; text after a matched needle stays for the next wait (reads can merge)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd, self.pending = fd, b""
+
+    def read_until(self, needle: bytes, timeout: float = 60.0) -> bytes:
+        end = time.time() + timeout
+        while needle not in self.pending:
+            if time.time() > end:
+                raise AssertionError(f"timed out waiting for {needle!r}; got {self.pending[-500:]!r}")
+            ready, _, _ = select.select([self.fd], [], [], 0.5)
+            if ready:
+                try:
+                    self.pending += os.read(self.fd, 4096)
+                except OSError:
+                    break
+        cut = self.pending.index(needle) + len(needle)
+        seen, self.pending = self.pending[:cut], self.pending[cut:]
+        return seen
 
 
 def test_ctrl_c_interrupts_the_answer_not_the_chat(tiny_chat_model):
@@ -144,16 +151,20 @@ def test_ctrl_c_interrupts_the_answer_not_the_chat(tiny_chat_model):
         close_fds=True,
     )
     os.close(slave)
+    term = Terminal(master)
     try:
-        _read_until(master, b">>> ")
+        term.read_until(b">>> ")
+        os.write(master, b":conf ignore_eos=True\n")  # a random model may end early; this one must not
+        term.read_until(b"ignore_eos=True")
+        term.read_until(b">>> ")
         os.write(master, b"tell me a long story\n")
-        _read_until(master, b"story\r\n")  # the echo; the answer streams after it
+        term.read_until(b"story\r\n")  # the echo; the answer streams after it
         time.sleep(1.0)
         proc.send_signal(signal.SIGINT)
-        _read_until(master, b"[interrupted]")
-        _read_until(master, b">>> ")
+        term.read_until(b"[interrupted]")
+        term.read_until(b">>> ")
         os.write(master, b":history\n")
-        out = _read_until(master, b">>> ")
+        out = term.read_until(b">>> ")
         assert b"user: tell me a long story" in out and b"assistant: " in out
         os.write(master, b":exit\n")
         assert proc.wait(timeout=30) == 0
