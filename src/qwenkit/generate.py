@@ -21,7 +21,8 @@ from qwenkit.engine import Engine, FinishReason, SamplingParams, TokenLogprob
 from qwenkit.model import Transformer
 from qwenkit.tokenizer import HFTokenizer, StreamingDetokenizer, Tokenizer, load_tokenizer
 
-# Qwen2.5-Instruct's generation_config.json values, used when a model ships none.
+# Chat defaults for models that ship no generation_config.json: moderate sampling, as Qwen's chat models
+# use (their exact published values vary by release).
 FALLBACK_SAMPLING = {
     "temperature": 0.7,
     "top_p": 0.8,
@@ -168,7 +169,7 @@ class LLM:
     def default_params(self, **overrides: object) -> SamplingParams:
         """Sampling defaults from generation_config.json, overridden by the caller's values.
 
-        A model without a generation_config.json (a GGUF file, say) gets Qwen2.5-Instruct's published
+        A model without a generation_config.json (a GGUF file, say) gets FALLBACK_SAMPLING's chat
         defaults rather than raw temperature-1 sampling, which small models answer badly.
         """
         found = dict(self.tokenizer.generation_defaults)
