@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,8 +66,8 @@ class _TextState:
         self.start = time.perf_counter()
         self.first_token_at: float | None = None
 
-    def feed(self, token_ids: list[int], finish: FinishReason | None) -> tuple[str, bool]:
-        """Add tokens; return (text safe to emit now, whether a stop string ended the request)."""
+    def feed(self, token_ids: list[int], finish: FinishReason | None) -> str:
+        """Add tokens; return the text safe to emit now. A stop string found sets finish_reason "stop"."""
         now = time.perf_counter()
         if self.first_token_at is None and token_ids:
             self.first_token_at = now
@@ -89,7 +90,7 @@ class _TextState:
             c.finish_reason = "stop" if stopped else finish
             c.prefill_seconds = (self.first_token_at or now) - self.start
             c.decode_seconds = now - (self.first_token_at or now)
-        return text, stopped
+        return text
 
 
 def _partial_stop_suffix(text: str, stops: tuple[str, ...]) -> int:
@@ -200,9 +201,9 @@ class LLM:
             ids = self._prompt_ids(prompt)
             rid = self.engine.add_request(ids, params)
             states[rid] = _TextState(self.tokenizer, Completion(ids), params.stop)
-        order = list(states)
-        self._drive(states)
-        return [states[r].completion for r in order]
+        for _ in self._run(states):
+            pass
+        return [state.completion for state in states.values()]
 
     def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> Iterator[Delta]:
         """Yield text as it is produced; the final Delta carries the finish reason.
@@ -212,28 +213,12 @@ class LLM:
         params = params or SamplingParams()
         ids = self._prompt_ids(prompt)
         rid = self.engine.add_request(ids, params)
-        state = _TextState(self.tokenizer, Completion(ids), params.stop)
-        try:
-            while not state.completion.finish_reason:
-                for out in self.engine.step():
-                    if out.request_id != rid:
-                        continue
-                    text, stopped = state.feed(out.new_token_ids, out.finish_reason)
-                    state.completion.logprobs += out.logprobs
-                    if stopped:
-                        self.engine.abort(rid)
-                    done = state.completion.finish_reason is not None
-                    yield Delta(
-                        out.new_token_ids,
-                        text,
-                        state.completion.finish_reason,
-                        state.completion if done else None,
-                    )
-        finally:
-            self.engine.abort(rid)
-            self.engine.requests.pop(rid, None)
+        with closing(self._run({rid: _TextState(self.tokenizer, Completion(ids), params.stop)})) as deltas:
+            for _, delta in deltas:
+                yield delta
 
-    def _drive(self, states: dict[int, _TextState]) -> None:
+    def _run(self, states: dict[int, _TextState]) -> Iterator[tuple[int, Delta]]:
+        """Step the engine until every request in ``states`` ends; release any left when closed early."""
         pending = set(states)
         try:
             while pending:
@@ -241,14 +226,16 @@ class LLM:
                     state = states.get(out.request_id)
                     if state is None:
                         continue
-                    _, stopped = state.feed(out.new_token_ids, out.finish_reason)
-                    state.completion.logprobs += out.logprobs
-                    if stopped:
-                        self.engine.abort(out.request_id)
-                    if state.completion.finish_reason:
+                    text = state.feed(out.new_token_ids, out.finish_reason)
+                    c = state.completion
+                    c.logprobs += out.logprobs
+                    if c.finish_reason:  # the engine's reason, or a stop string found in the text
                         pending.discard(out.request_id)
-                        self.engine.requests.pop(out.request_id, None)
+                        self.engine.release(out.request_id)
+                    yield (
+                        out.request_id,
+                        Delta(out.new_token_ids, text, c.finish_reason, c if c.finish_reason else None),
+                    )
         finally:
             for rid in pending:
-                self.engine.abort(rid)
-                self.engine.requests.pop(rid, None)
+                self.engine.release(rid)

@@ -93,6 +93,11 @@ class Engine:
         if request is not None and not request.finished:
             self._finish(request, "abort")
 
+    def release(self, request_id: int) -> None:
+        """Abort the request if it is still running, free its slot, and forget it."""
+        self.abort(request_id)
+        self.requests.pop(request_id, None)
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work
 
