@@ -154,6 +154,7 @@ def write_tiny_chat_model(path: Path, generation_config: dict[str, Any] | None =
         shutil.copy(qwen3_tokenizer_dir() / name, path / name)
     gen = {
         "eos_token_id": [151645, 151643],
+        "do_sample": True,
         "temperature": 0.7,
         "top_p": 0.8,
         "top_k": 20,

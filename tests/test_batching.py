@@ -7,7 +7,7 @@ import torch
 from factories import hf_model, save_hf
 
 from qwenkit.checkpoint import load_model
-from qwenkit.engine import Engine, SamplingParams
+from qwenkit.engine import Engine, SamplingParams, SamplingParamsError
 
 
 @pytest.fixture(scope="module")
@@ -65,24 +65,44 @@ def test_seed_reproducible_and_distinct(model):
     assert a == b and a != c
 
 
-def test_stop_tokens_and_abort_free_slots(model):
+def drain(engine: Engine) -> dict:
+    """Step until idle; every request's tokens, finish reason and logprobs by id."""
+    outs: dict = {}
+    while engine.has_unfinished():
+        for o in engine.step():
+            got = outs.setdefault(o.request_id, {"ids": [], "finish": None, "logprobs": [], "prompt": None})
+            got["ids"] += o.new_token_ids
+            got["logprobs"] += o.logprobs
+            got["finish"] = o.finish_reason
+            got["prompt"] = o.prompt_logprobs or got["prompt"]
+    return outs
+
+
+def test_stop_tokens_and_abort_free_blocks(model):
     engine = Engine(model, max_batch_size=1)
     first = run(engine, [PROMPTS[0]], [SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)])[0]
     stop_at = first[3]
     rid = engine.add_request(
         PROMPTS[0], SamplingParams(temperature=0, max_tokens=10, stop_token_ids=(stop_at,))
     )
-    out = []
-    while engine.has_unfinished():
-        for o in engine.step():
-            out += o.new_token_ids
-    assert out == first[: first.index(stop_at) + 1]
-    assert engine.pop_finished(rid).finish_reason == "stop"
+    got = drain(engine)[rid]
+    assert got["ids"] == first[: first.index(stop_at) + 1] and got["finish"] == "stop"
     rid = engine.add_request(PROMPTS[1], SamplingParams(temperature=0, max_tokens=100))
     engine.step()
+    assert engine.blocks.usage > 0
     engine.abort(rid)
-    assert engine.pop_finished(rid).finish_reason == "abort" and engine.cache.free_slots == 1
-    assert not engine.has_unfinished()
+    assert engine.blocks.usage == 0  # freed at once
+    (out,) = engine.step()  # the abort is reported, then the request is forgotten
+    assert (out.request_id, out.finish_reason, out.new_token_ids) == (rid, "abort", [])
+    assert not engine.has_unfinished() and engine.requests == {}
+
+
+def test_caller_chosen_ids_and_duplicates(model):
+    engine = Engine(model)
+    assert engine.add_request([1, 2], SamplingParams(max_tokens=1), request_id="chat-1") == "chat-1"
+    with pytest.raises(SamplingParamsError, match="already in use"):
+        engine.add_request([1, 2], SamplingParams(max_tokens=1), request_id="chat-1")
+    assert set(drain(engine)) == {"chat-1"} and engine.requests == {}
 
 
 def test_logprobs_match_model(model):
@@ -90,10 +110,82 @@ def test_logprobs_match_model(model):
     rid = engine.add_request(
         PROMPTS[0], SamplingParams(temperature=0, max_tokens=1, logprobs=3, ignore_eos=True)
     )
-    engine.step()
-    lp = engine.pop_finished(rid).logprobs[0]
+    lp = drain(engine)[rid]["logprobs"][0]
     with torch.no_grad():
         ref = torch.log_softmax(model(torch.tensor([PROMPTS[0]]))[0, -1], -1)
     assert lp.token_id == int(ref.argmax())
     assert abs(lp.logprob - ref.max().item()) < 1e-5
     assert [t for t, _ in lp.top] == ref.topk(3).indices.tolist()
+
+
+def test_no_logprobs_unless_asked(model):
+    engine = Engine(model)
+    rid = engine.add_request(PROMPTS[0], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    assert drain(engine)[rid]["logprobs"] == []
+
+
+@pytest.mark.parametrize("chunk", [4, 64])
+def test_prompt_logprobs_match_model(model, chunk):
+    prompt = PROMPTS[1]
+    engine = Engine(model, prefill_chunk=chunk)
+    rid = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=0, prompt_logprobs=2))
+    got = drain(engine)[rid]
+    assert got["finish"] == "length" and got["ids"] == []
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([prompt]))[0], -1)  # (T, V)
+    lps = got["prompt"]
+    assert len(lps) == len(prompt) and lps[0] is None
+    for p in range(1, len(prompt)):
+        assert lps[p].token_id == prompt[p]
+        assert abs(lps[p].logprob - ref[p - 1, prompt[p]].item()) < 1e-4
+        assert [t for t, _ in lps[p].top] == ref[p - 1].topk(2).indices.tolist()
+
+
+def test_window_edge_rows_batched_with_long_chunks(model):
+    """A row near the end of the window shares steps with a long prompt chunk (the old padded batch
+    asked the cache for more than the window here and stuck)."""
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    prompts = [list(range(1, 40)), list(range(50, 80)), [3, 4]]
+    alone = [run(Engine(model, max_batch_size=1, max_seq_len=48), [p], [params])[0] for p in prompts]
+    engine = Engine(model, max_batch_size=3, max_seq_len=48, prefill_chunk=32)
+    together = run(engine, prompts, [params] * 3)
+    assert together == alone and [len(t) for t in together] == [9, 18, 40]
+
+
+def test_unseeded_sampling_leaves_the_global_rng_alone(model):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    run(Engine(model), [PROMPTS[0]], [SamplingParams(temperature=1.0, max_tokens=4, ignore_eos=True)])
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_tiny_temperature_is_greedy(model):
+    greedy = run(Engine(model), [PROMPTS[2]], [SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)])
+    tiny = run(Engine(model), [PROMPTS[2]], [SamplingParams(temperature=1e-9, max_tokens=8, ignore_eos=True)])
+    assert tiny == greedy
+
+
+def test_one_bad_row_fails_alone(model):
+    """A row whose logits are not finite fails with a reason; the rest of the batch is untouched."""
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    alone = run(Engine(model), [PROMPTS[0]], [params])[0]
+    engine = Engine(model)
+    good = engine.add_request(PROMPTS[0], params)
+    bad = engine.add_request(PROMPTS[3], params)
+    head = model.lm_head
+
+    class PoisonRow(torch.nn.Module):  # NaN logits for the row whose hidden state is the bad request's
+        def forward(self, x):
+            out = head(x)
+            return torch.where((x[:, :1] == x[-1:, :1]) & (x.shape[0] > 1), float("nan"), out)
+
+    model.lm_head = PoisonRow()
+    try:
+        first = engine.step()
+    finally:
+        model.lm_head = head
+    by_id = {o.request_id: o for o in first}
+    assert by_id[bad].finish_reason == "error" and "NaN/inf" in by_id[bad].error
+    rest = drain(engine)
+    assert by_id[good].new_token_ids + rest[good]["ids"] == alone

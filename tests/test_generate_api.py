@@ -37,7 +37,7 @@ def test_stop_string_cuts_the_text_and_ends_the_request(llm):
         for d in llm.stream("Once upon a time", SamplingParams(**{**SAMPLED.__dict__, "stop": (stop,)}))
     )
     assert streamed == cut.text  # text held back while it could still become the stop string is never shown
-    assert not llm.engine.has_unfinished() and llm.engine.cache.free_slots == llm.engine.cache.num_slots
+    assert llm.driver.wait_idle() and llm.engine.blocks.usage == 0
 
 
 def test_many_prompts_equal_one_at_a_time(llm):
@@ -51,3 +51,48 @@ def test_many_prompts_equal_one_at_a_time(llm):
 def test_partial_stop_suffix():
     assert _partial_stop_suffix("abc<|en", ("<|end|>",)) == 4
     assert _partial_stop_suffix("abc", ("xyz",)) == 0
+
+
+def test_interleaved_streams_each_get_their_own_tokens(llm):
+    """Two readers of one LLM, read in turns: each gets exactly its own tokens (one driver routes them)."""
+    short = SamplingParams(**{**SAMPLED.__dict__, "max_tokens": 2})
+    alone_a = llm.generate("Once upon a time", SAMPLED)[0].token_ids
+    alone_b = llm.generate("The sky is", short)[0].token_ids
+    a, b = llm.stream("Once upon a time", SAMPLED), llm.stream("The sky is", short)
+    got_a, got_b = next(a).token_ids, next(b).token_ids
+    got_a += [t for d in a for t in d.token_ids]
+    got_b += [t for d in b for t in d.token_ids]
+    assert (got_a, got_b) == (alone_a, alone_b)
+
+
+def test_a_bad_prompt_in_a_batch_starts_nothing(llm):
+    from qwenkit.engine import SamplingParamsError
+
+    with pytest.raises(SamplingParamsError, match="outside the vocabulary"):
+        llm.generate(["Hello", [10**9]], SAMPLED)
+    assert llm.driver.wait_idle() and not llm.engine.has_unfinished()
+
+
+def test_stop_token_ids_are_not_in_the_text(llm):
+    """A non-special stop token ends the request but is not shown, as in the OpenAI API."""
+    full = llm.generate("Once upon a time", SAMPLED)[0]
+    stop_id = full.token_ids[5]
+    cut = llm.generate("Once upon a time", SamplingParams(**{**SAMPLED.__dict__, "stop_token_ids": (stop_id,)}))[0]
+    first = full.token_ids.index(stop_id)
+    assert cut.token_ids == full.token_ids[: first + 1] and cut.finish_reason == "stop"
+    assert cut.text == llm.tokenizer.decode(full.token_ids[:first], skip_special=True)
+
+
+def test_default_params_follow_generation_config(tmp_path):
+    """A generation_config.json that names no sampling values means transformers' defaults: greedy."""
+    from factories import write_tiny_chat_model
+
+    path = write_tiny_chat_model(tmp_path / "m", generation_config={"eos_token_id": 2})
+    llm = LLM.load(path, dtype="float32", progress=False)
+    params = llm.default_params()
+    assert params.greedy and params.repetition_penalty == 1.0 and params.top_p == 1.0
+    sampled = write_tiny_chat_model(
+        tmp_path / "s", generation_config={"do_sample": True, "temperature": 0.6, "top_k": 20}
+    )
+    p2 = LLM.load(sampled, dtype="float32", progress=False).default_params(top_k=5)
+    assert (p2.temperature, p2.top_k, p2.top_p, p2.repetition_penalty) == (0.6, 5, 1.0, 1.0)

@@ -16,10 +16,13 @@ def greedy(model, prompt: list[int], n: int) -> list[int]:
     engine = Engine(model, max_batch_size=1)
     rid = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
     out: list[int] = []
+    finish = None
     while engine.has_unfinished():
         for o in engine.step():
+            assert o.request_id == rid
             out += o.new_token_ids
-    assert engine.pop_finished(rid).finish_reason == "length"
+            finish = o.finish_reason
+    assert finish == "length"
     return out
 
 

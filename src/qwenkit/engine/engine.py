@@ -1,33 +1,52 @@
-"""The generation engine: requests join, are prefilled in chunks, decode together, and leave.
+"""The generation engine: one ``step()`` = schedule -> one forward over a flat batch -> sample -> update.
 
-One ``step()`` = schedule -> run the batch (one forward for prompt chunks, one for decoding rows) ->
-sample -> update. Works on token ids only; text (and stop strings) belong to the layer above. The
-server, the chat CLI, evaluation and profiling all drive this one engine.
+Requests join the running batch at the next step and leave when done; prompts are computed in chunks
+beside decoding rows; the KV cache is a pool of blocks shared by prefix. Works on token ids only: text
+and stop strings belong to the layer above. Exactly one thread steps an engine (see ``driver.py``);
+every front end drives the same engine.
 """
 
 from __future__ import annotations
 
-import itertools
-from dataclasses import dataclass
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
-from qwenkit.engine.kv_cache import SlotKVCache
-from qwenkit.engine.request import FinishReason, Request, TokenLogprob
-from qwenkit.engine.sampling import SamplingParams, SamplingParamsError, apply_penalties, sample_token
+from qwenkit.engine.blocks import BlockManager
+from qwenkit.engine.kv_cache import PagedKVCache, StepAttention
+from qwenkit.engine.request import FinishReason, Request, RequestId, TokenLogprob
+from qwenkit.engine.sampler import apply_penalties, sample, token_logprobs
+from qwenkit.engine.sampling import SamplingParams, SamplingParamsError
 from qwenkit.engine.scheduler import Scheduler
-from qwenkit.errors import NonFiniteLogitsError
 from qwenkit.model import Transformer
+
+BLOCK_SIZE = 16
 
 
 @dataclass
 class StepOutput:
-    """What one request got in one step."""
+    """What one request got in one step. The last output of a request has a finish reason; after it
+    the engine forgets the request."""
 
-    request_id: int
+    request_id: RequestId
     new_token_ids: list[int]
-    finish_reason: FinishReason | None
-    logprobs: list[TokenLogprob]
+    finish_reason: FinishReason | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # once, with the first output
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    error: str | None = None  # why the request failed (finish_reason "error")
+
+
+@dataclass
+class EngineStats:
+    running: int
+    waiting: int
+    kv_usage: float  # fraction of KV blocks held
+    prefix_queries: int  # prompt tokens looked up in the prefix cache
+    prefix_hits: int
+    preemptions: int
 
 
 class Engine:
@@ -37,134 +56,234 @@ class Engine:
         max_batch_size: int = 8,
         max_seq_len: int | None = None,
         prefill_chunk: int = 512,
-        eos_token_ids: tuple[int, ...] | None = None,
+        eos_token_ids: Sequence[int] | None = None,
+        kv_cache_tokens: int | None = None,
+        prefix_caching: bool = True,
+        block_size: int = BLOCK_SIZE,
     ) -> None:
+        """prefill_chunk: tokens computed per step over all rows (the token budget).
+        kv_cache_tokens: the pool's size in tokens (default: every row at ``max_seq_len``)."""
         self.model = model
         config = model.config
+        self.vocab_size = config.vocab_size
         self.max_seq_len = max_seq_len or config.max_context
-        self.eos_token_ids = tuple(config.eos_token_ids if eos_token_ids is None else eos_token_ids)
-        param = next(model.parameters())
-        self.device, self.dtype = param.device, _activation_dtype(model)
-        self.cache = SlotKVCache(
-            num_layers=config.num_hidden_layers,
-            num_slots=max_batch_size,
-            num_kv_heads=config.num_key_value_heads,
-            head_dim=config.head_dim,
-            max_len=self.max_seq_len,
-            dtype=self.dtype,
-            device=self.device,
+        self.eos_token_ids = frozenset(config.eos_token_ids if eos_token_ids is None else eos_token_ids)
+        self.device, self.dtype = next(model.parameters()).device, _activation_dtype(model)
+        pool_tokens = kv_cache_tokens or max_batch_size * self.max_seq_len
+        if pool_tokens < self.max_seq_len:
+            raise SamplingParamsError(
+                f"the KV cache holds {pool_tokens} tokens, less than one sequence of the {self.max_seq_len}-token "
+                "context: give it more memory or lower the maximum model length"
+            )
+        num_blocks = -(-pool_tokens // block_size)
+        self.cache = PagedKVCache(
+            config.num_hidden_layers,
+            num_blocks,
+            block_size,
+            config.num_key_value_heads,
+            config.head_dim,
+            self.dtype,
+            self.device,
         )
-        self.scheduler = Scheduler(max_batch_size, prefill_chunk)
-        self.requests: dict[int, Request] = {}
-        self._ids = itertools.count()
+        self.blocks = BlockManager(num_blocks, block_size)
+        self.scheduler = Scheduler(self.blocks, max_batch_size, prefill_chunk, prefix_caching)
+        self.requests: dict[RequestId, Request] = {}
+        self._aborted: list[StepOutput] = []
+        self._next_id = 0
         self.steps = 0
+        self.preemptions = 0
 
     # ---- requests ----------------------------------------------------------------------------------
 
-    def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None) -> int:
-        params = params or SamplingParams()
+    def validate(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+        """Raise SamplingParamsError if this request cannot run. Reads only fixed state: any thread."""
         if not prompt_ids:
             raise SamplingParamsError("the prompt is empty: give at least one token")
-        vocab = self.model.config.vocab_size
-        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
         if bad:
-            raise SamplingParamsError(f"prompt token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+            raise SamplingParamsError(
+                f"prompt token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})"
+            )
         if len(prompt_ids) >= self.max_seq_len:
             raise SamplingParamsError(
                 f"the prompt has {len(prompt_ids)} tokens; the context window is {self.max_seq_len}"
             )
-        request = Request(next(self._ids), list(prompt_ids), params)
-        request.ntk_alpha = self.model.ntk_alpha(len(prompt_ids))
-        if params.seed is not None:
-            request.generator = torch.Generator(device="cpu").manual_seed(params.seed)
-        elif not params.greedy:
-            request.generator = torch.Generator(device="cpu").manual_seed(torch.seed() % 2**63)
-        if params.repetition_penalty != 1.0:
-            request.seen = torch.zeros(vocab, dtype=torch.bool)
-            request.seen[torch.tensor(prompt_ids)] = True
-        if params.presence_penalty or params.frequency_penalty:
-            request.output_counts = torch.zeros(vocab, dtype=torch.int32)
-        self.requests[request.id] = request
-        self.scheduler.add(request)
-        return request.id
+        bad = [t for t in params.stop_token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise SamplingParamsError(f"stop token id {bad[0]} is outside the vocabulary")
 
-    def abort(self, request_id: int) -> None:
+    def add_request(
+        self, prompt_ids: Sequence[int], params: SamplingParams | None = None, request_id: RequestId = None
+    ) -> RequestId:
+        """Queue a request; it joins the batch at the next step. Returns its id (``request_id`` or a
+        new integer)."""
+        params = params or SamplingParams()
+        self.validate(prompt_ids, params)
+        if request_id is None:
+            request_id, self._next_id = self._next_id, self._next_id + 1
+        if request_id in self.requests:
+            raise SamplingParamsError(f"request id {request_id!r} is already in use")
+        request = Request(request_id, list(prompt_ids), params)
+        request.ntk_alpha = self.model.ntk_alpha(len(prompt_ids))
+        if request.ntk_alpha != 1.0:
+            request.cache_key = f"ntk={request.ntk_alpha}".encode()
+        if not params.greedy:
+            seed = params.seed if params.seed is not None else random.getrandbits(63)
+            request.generator = torch.Generator(device=self.device).manual_seed(seed)
+        if params.repetition_penalty != 1.0:
+            request.seen = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
+            request.seen[torch.tensor(request.prompt_ids, device=self.device)] = True
+        if params.presence_penalty or params.frequency_penalty:
+            request.output_counts = torch.zeros(self.vocab_size, dtype=torch.int32, device=self.device)
+        self.requests[request_id] = request
+        self.scheduler.add(request)
+        return request_id
+
+    def abort(self, request_id: RequestId) -> None:
+        """Stop a request now and free its KV blocks; its final output (``abort``) comes next step."""
         request = self.requests.get(request_id)
         if request is not None and not request.finished:
             self._finish(request, "abort")
-
-    def release(self, request_id: int) -> None:
-        """Abort the request if it is still running, free its slot, and forget it."""
-        self.abort(request_id)
-        self.requests.pop(request_id, None)
+            self._aborted.append(StepOutput(request_id, [], "abort"))
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work
+        return bool(self.requests)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting),
+            kv_usage=self.blocks.usage,
+            prefix_queries=self.blocks.prefix_queries,
+            prefix_hits=self.blocks.prefix_hits,
+            preemptions=self.preemptions,
+        )
 
     # ---- one step ----------------------------------------------------------------------------------
 
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
-        for request in self.scheduler.admit(self.cache.free_slots):
-            request.slot = self.cache.allocate()
+        outputs, self._aborted = self._aborted, []
+        for request in outputs:
+            self.requests.pop(request.request_id, None)
         schedule = self.scheduler.schedule()
-        outputs: dict[int, StepOutput] = {}
-        if schedule.prefill:
-            self._run(schedule.prefill, outputs)
-        if schedule.decode:
-            self._run([(r, 1) for r in schedule.decode], outputs)
-        self.steps += 1
-        return list(outputs.values())
-
-    def _run(self, rows: list[tuple[Request, int]], outputs: dict[int, StepOutput]) -> None:
-        T = max(n for _, n in rows)
-        ids = torch.zeros(len(rows), T, dtype=torch.long)
-        positions = torch.zeros(len(rows), T, dtype=torch.long)
-        for b, (request, n) in enumerate(rows):
+        self.preemptions += len(schedule.preempted)
+        if schedule.empty:
+            return outputs
+        rows = [rn for rn in schedule.rows if rn[1] == 1] + [rn for rn in schedule.rows if rn[1] > 1]
+        logits, where = self._forward(rows)
+        by_id: dict[RequestId, StepOutput] = {}
+        to_sample: list[tuple[Request, int]] = []  # (request, row of logits)
+        for request, n in rows:
             start = request.num_computed
-            ids[b, :n] = torch.tensor(request.all_ids[start : start + n])
-            positions[b] = torch.arange(start, start + T)  # padding continues the positions harmlessly
-        view = self.cache.view([r.slot for r, _ in rows], [r.num_computed for r, _ in rows], T)
-        last = torch.tensor([n - 1 for _, n in rows])
-        logits = (
-            self.model(
-                ids.to(self.device),
-                positions=positions.to(self.device),
-                cache=view,
-                ntk_alphas=[r.ntk_alpha for r, _ in rows],
-                logits_index=last.to(self.device),
-            )
-            .float()
-            .cpu()
-        )  # (B, V)
-        if not torch.isfinite(logits).all():
-            raise NonFiniteLogitsError(_non_finite_message(self.dtype, self.steps))
-        for b, (request, n) in enumerate(rows):
             request.num_computed += n
-            if request.in_prefill or request.finished:
-                continue
-            token = self._sample(request, logits[b])
-            out = outputs.setdefault(request.id, StepOutput(request.id, [], None, []))
-            out.new_token_ids.append(token)
-            out.logprobs.append(request.logprobs[-1])
-            out.finish_reason = self._check_finished(request, token)
+            self.scheduler.on_computed(request)
+            first, count = where[id(request)]
+            if request.params.prompt_logprobs is not None:
+                self._record_prompt_logprobs(request, start, logits[first : first + count])
+            if request.num_computed < request.num_tokens:
+                continue  # more of the prompt (or of a preempted request's tokens) to compute
+            out = by_id[request.id] = StepOutput(request.id, [], num_cached_tokens=request.num_cached_tokens)
+            if not request.output_ids and request.params.prompt_logprobs is not None:
+                out.prompt_logprobs = request.prompt_logprobs
+            if request.params.max_tokens == 0:
+                self._finish(request, "length")
+                out.finish_reason = "length"
+            else:
+                to_sample.append((request, first + count - 1))
+        if to_sample:
+            self._sample(to_sample, logits, by_id)
+        for out in by_id.values():
+            if out.finish_reason is not None:
+                self.requests.pop(out.request_id, None)
+        self.steps += 1
+        return outputs + list(by_id.values())
 
-    def _sample(self, request: Request, row: torch.Tensor) -> int:
-        params = request.params
-        logprobs = torch.log_softmax(row, dim=-1)
-        row = apply_penalties(row.clone(), params, request.seen, request.output_counts)
-        token = sample_token(row, params, request.generator)
-        top = []
-        if params.logprobs:
-            values, indices = torch.topk(logprobs, params.logprobs)
-            top = list(zip(indices.tolist(), values.tolist(), strict=True))
-        request.logprobs.append(TokenLogprob(token, float(logprobs[token]), top))
-        request.output_ids.append(token)
-        if request.seen is not None:
-            request.seen[token] = True
-        if request.output_counts is not None:
-            request.output_counts[token] += 1
-        return token
+    def _forward(self, rows: list[tuple[Request, int]]) -> tuple[torch.Tensor, dict[int, tuple[int, int]]]:
+        """Run the model over the rows' new tokens (decoding rows first); return the logits rows asked
+        for and, per request, (first logits row, count)."""
+        ids: list[int] = []
+        positions: list[int] = []
+        alphas: list[float] = []
+        logits_index: list[int] = []
+        where: dict[int, tuple[int, int]] = {}
+        decode_rows, chunk_rows = [], []
+        for request, n in rows:
+            start, end = request.num_computed, request.num_computed + n
+            offset = len(ids)
+            ids += request.all_ids[start:end]
+            positions += range(start, end)
+            alphas += [request.ntk_alpha] * n
+            if n == 1:
+                decode_rows.append((request.block_table, start))
+            else:
+                chunk_rows.append((request.block_table, start, n))
+            wants_prompt = request.params.prompt_logprobs is not None and start < len(request.prompt_ids)
+            first = offset if wants_prompt else offset + n - 1
+            if wants_prompt or end == request.num_tokens:
+                where[id(request)] = (len(logits_index), offset + n - first)
+                logits_index += range(first, offset + n)
+            else:
+                where[id(request)] = (len(logits_index), 0)
+        dev = self.device
+        attention = StepAttention(self.cache, decode_rows, chunk_rows)
+        logits = self.model(
+            torch.tensor([ids], device=dev),
+            positions=torch.tensor([positions], device=dev),
+            cache=attention,
+            ntk_alphas=torch.tensor([alphas]) if any(a != 1.0 for a in alphas) else None,
+            logits_index=torch.tensor(logits_index, dtype=torch.long, device=dev),
+        ).float()  # (K, V)
+        return logits, where
+
+    def _record_prompt_logprobs(self, request: Request, start: int, logits: torch.Tensor) -> None:
+        """Log-probabilities of prompt tokens start+1 .. from the logits at positions start .."""
+        prompt = request.prompt_ids
+        if not request.prompt_logprobs:
+            request.prompt_logprobs.append(None)  # the first token has no context to be predicted from
+        positions = range(start, min(start + logits.shape[0], len(prompt) - 1))
+        todo = [p for p in positions if p + 1 >= len(request.prompt_logprobs)]  # skip recomputed ones
+        if not todo:
+            return
+        rows = logits[[p - start for p in todo]]
+        targets = torch.tensor([prompt[p + 1] for p in todo], device=rows.device)
+        n = request.params.prompt_logprobs or 0
+        request.prompt_logprobs += token_logprobs(rows, targets, [n] * len(todo))
+
+    def _sample(
+        self, to_sample: list[tuple[Request, int]], logits: torch.Tensor, by_id: dict[RequestId, StepOutput]
+    ) -> None:
+        raw = logits[[row for _, row in to_sample]]  # (R, V)
+        finite = torch.isfinite(raw).all(-1).tolist()
+        for (request, _), ok in zip(to_sample, finite, strict=True):
+            if not ok:
+                out = by_id[request.id]
+                out.finish_reason, out.error = "error", _non_finite_message(self.dtype)
+                self._finish(request, "error")
+        keep = [i for i, ok in enumerate(finite) if ok]
+        if not keep:
+            return
+        requests = [to_sample[i][0] for i in keep]
+        raw = raw[keep] if len(keep) < len(finite) else raw
+        tokens = sample(apply_penalties(raw.clone(), requests), requests)
+        wanted = [r.params.logprobs is not None for r in requests]
+        logprobs: list[TokenLogprob | None] = [None] * len(requests)
+        if any(wanted):
+            rows = [i for i, w in enumerate(wanted) if w]
+            found = token_logprobs(raw[rows], tokens[rows], [requests[i].params.logprobs or 0 for i in rows])
+            for i, lp in zip(rows, found, strict=True):
+                logprobs[i] = lp
+        for request, token, lp in zip(requests, tokens.tolist(), logprobs, strict=True):
+            request.output_ids.append(token)
+            if request.seen is not None:
+                request.seen[token] = True
+            if request.output_counts is not None:
+                request.output_counts[token] += 1
+            out = by_id[request.id]
+            out.new_token_ids.append(token)
+            if lp is not None:
+                out.logprobs.append(lp)
+            out.finish_reason = self._check_finished(request, token)
 
     def _check_finished(self, request: Request, token: int) -> FinishReason | None:
         params = request.params
@@ -177,23 +296,16 @@ class Engine:
     def _finish(self, request: Request, reason: FinishReason) -> None:
         request.finish_reason = reason
         self.scheduler.remove(request)
-        if request.slot is not None:
-            self.cache.free(request.slot)
-            request.slot = None
-
-    def pop_finished(self, request_id: int) -> Request:
-        """Forget a finished request and hand back its final state."""
-        return self.requests.pop(request_id)
 
 
 def _activation_dtype(model: Transformer) -> torch.dtype:
     return model.model.norm.weight.dtype  # the embedding may be quantized (no float weight)
 
 
-def _non_finite_message(dtype: torch.dtype, step: int) -> str:
+def _non_finite_message(dtype: torch.dtype) -> str:
     hint = (
         "float16 overflows in this model; use --dtype bfloat16 or float32"
         if dtype == torch.float16
         else "the checkpoint may be corrupt"
     )
-    return f"the model produced NaN/inf logits at step {step} in {str(dtype).removeprefix('torch.')}: {hint}"
+    return f"the model produced NaN/inf logits in {str(dtype).removeprefix('torch.')}: {hint}"

@@ -1,110 +1,126 @@
-"""KV cache storage owned by the engine: one slot per running sequence, each at its own length.
+"""The paged KV pool and the attention a step runs over it.
 
-Layout per layer: K and V of shape (num_slots, Hkv, capacity, D). A step writes its new k/v for each
-row's slot at that row's offset and attends over the first S positions, with a mask that hides what a
-row has not reached. Capacity grows on demand (doubling, up to ``max_len``), so short chats do not pay
-for the longest context. The model only sees the small ``KVCache`` protocol through ``CacheView``.
+Storage per layer: K and V of shape (num_blocks * block_size, Hkv, D), one row per token slot; a
+sequence's tokens live in the blocks of its block table, wherever those are. A step's batch is flat:
+all rows' new tokens side by side (no padding through the linear layers). ``StepAttention`` is what the
+model sees (``qwenkit.model.KVCache``): it writes the step's k/v into their slots and attends, decoding
+rows together (one query each, keys gathered and masked to each row's length) and each prompt chunk on
+its own (plain causal attention when the chunk starts the sequence, gathered keys otherwise).
+
+Notation: N new tokens this step, Bd decoding rows, S keys visible, H / Hkv query / KV heads, D head dim.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 
 
-class SlotKVCache:
+class PagedKVCache:
     def __init__(
         self,
         num_layers: int,
-        num_slots: int,
+        num_blocks: int,
+        block_size: int,
         num_kv_heads: int,
         head_dim: int,
-        max_len: int,
         dtype: torch.dtype,
         device: str | torch.device,
-        initial_len: int = 256,
     ) -> None:
-        self.num_layers, self.num_slots, self.max_len = num_layers, num_slots, max_len
-        self.shape_tail = (num_kv_heads, head_dim)
-        self.dtype, self.device = dtype, torch.device(device)
-        self.capacity = 0
-        self.k: list[torch.Tensor] = []
-        self.v: list[torch.Tensor] = []
-        self._free = list(range(num_slots))
-        self.ensure_capacity(min(initial_len, max_len))
-
-    # ---- slots -------------------------------------------------------------------------------------
-
-    def allocate(self) -> int | None:
-        """The lowest free slot (keeps running slots contiguous, so attention can use views)."""
-        if not self._free:
-            return None
-        self._free.sort()
-        return self._free.pop(0)
-
-    def free(self, slot: int) -> None:
-        self._free.append(slot)
-
-    @property
-    def free_slots(self) -> int:
-        return len(self._free)
-
-    # ---- storage -----------------------------------------------------------------------------------
-
-    def ensure_capacity(self, length: int) -> None:
-        """Grow every layer's storage to hold ``length`` positions per slot."""
-        if length <= self.capacity:
-            return
-        if length > self.max_len:
-            raise ValueError(f"KV cache length {length} exceeds the maximum {self.max_len}")
-        new_cap = min(self.max_len, max(length, 2 * self.capacity, 16))
-        shape = (self.num_slots, self.shape_tail[0], new_cap, self.shape_tail[1])
-        for store in (self.k, self.v):
-            for i in range(self.num_layers):
-                grown = torch.zeros(shape, dtype=self.dtype, device=self.device)
-                if i < len(store):
-                    grown[:, :, : self.capacity] = store[i]
-                    store[i] = grown
-                else:
-                    store.append(grown)
-        self.capacity = new_cap
-
-    def view(self, slots: list[int], starts: list[int], num_new: int) -> CacheView:
-        """The cache as the model sees it for one step: rows in ``slots`` at offsets ``starts``."""
-        self.ensure_capacity(max(starts) + num_new)
-        return CacheView(self, slots, starts, num_new)
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.device = torch.device(device)
+        shape = (num_blocks * block_size, num_kv_heads, head_dim)
+        # torch.empty: on the CPU, pages are only backed by memory once a block is first written.
+        self.k = [torch.empty(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
+    def slots(self, block_table: list[int], start: int, end: int) -> list[int]:
+        """Slot indices of token positions [start, end) of a sequence with this block table."""
+        size = self.block_size
+        return [block_table[p // size] * size + p % size for p in range(start, end)]
 
-class CacheView:
-    """Implements ``qwenkit.model.KVCache`` for one step of a batch."""
 
-    def __init__(self, cache: SlotKVCache, slots: list[int], starts: list[int], num_new: int) -> None:
+@dataclass
+class _ChunkRow:
+    offset: int  # where the row's tokens start in the step's flat batch
+    length: int
+    gather: torch.Tensor | None  # (S,) slots of every key the row sees, or None: plain causal
+    mask: torch.Tensor | None  # (1, 1, length, S)
+
+
+class StepAttention:
+    """Implements ``qwenkit.model.KVCache`` for one step; built once, used by every layer."""
+
+    def __init__(
+        self,
+        cache: PagedKVCache,
+        decode_rows: list[tuple[list[int], int]],
+        chunk_rows: list[tuple[list[int], int, int]],
+    ) -> None:
+        """decode_rows: (block table, position) of rows with one new token, which come first in the
+        flat batch; chunk_rows: (block table, start, length) of rows with several, in batch order."""
         self.cache = cache
         dev = cache.device
-        B, T = len(slots), num_new
-        self.span = max(starts) + T  # S: keys visible to this step
-        self._slots = torch.tensor(slots, device=dev)
-        contiguous = slots == list(range(slots[0], slots[0] + B))
-        self._slice = slice(slots[0], slots[0] + B) if contiguous else None
-        starts_t = torch.tensor(starts, device=dev)
-        self._write_pos = starts_t[:, None] + torch.arange(T, device=dev)  # (B, T)
-        self._write_slot = self._slots[:, None].expand(B, T)
-        key_pos = torch.arange(self.span, device=dev)
-        mask = key_pos[None, None, :] <= self._write_pos[:, :, None]  # (B, T, S): causal at each offset
-        self._mask = None if (T > 1 and B == 1 and starts[0] == 0) else mask[:, None]  # (B, 1, T, S)
+        slot_list: list[int] = []
+        self.num_decode = len(decode_rows)
+        self.decode_gather: torch.Tensor | None = None
+        self.decode_mask: torch.Tensor | None = None
+        if decode_rows:
+            span = max(pos for _, pos in decode_rows) + 1
+            gather = []
+            for table, pos in decode_rows:
+                row = cache.slots(table, 0, pos + 1)
+                slot_list.append(row[-1])
+                gather.append(row + [row[-1]] * (span - len(row)))  # padding: masked below
+            self.decode_gather = torch.tensor(gather, device=dev)  # (Bd, S)
+            lengths = torch.tensor([pos + 1 for _, pos in decode_rows], device=dev)
+            if int(lengths.min()) != span:
+                visible = torch.arange(span, device=dev)[None, :] < lengths[:, None]  # (Bd, S)
+                self.decode_mask = visible[:, None, None, :]  # (Bd, 1, 1, S)
+        self.chunks: list[_ChunkRow] = []
+        offset = self.num_decode
+        for table, start, n in chunk_rows:
+            row_slots = cache.slots(table, 0, start + n)
+            slot_list += row_slots[start:]
+            gather = mask = None
+            if start > 0:
+                gather = torch.tensor(row_slots, device=dev)
+                q_pos = torch.arange(start, start + n, device=dev)
+                mask = (torch.arange(start + n, device=dev)[None, :] <= q_pos[:, None])[None, None]
+            self.chunks.append(_ChunkRow(offset, n, gather, mask))
+            offset += n
+        self.slot_mapping = torch.tensor(slot_list, device=dev)  # (N,)
 
-    @property
-    def mask(self) -> torch.Tensor | None:
-        return self._mask
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q (1, H, N, D), k/v (1, Hkv, N, D) for the step's tokens -> attention output (1, H, N, D)."""
         kc, vc = self.cache.k[layer], self.cache.v[layer]
-        # (B, Hkv, T, D) -> written at [slot, :, pos]; advanced indexing puts (B, T) first.
-        kc[self._write_slot, :, self._write_pos] = k.transpose(1, 2).to(kc.dtype)
-        vc[self._write_slot, :, self._write_pos] = v.transpose(1, 2).to(vc.dtype)
-        if self._slice is not None:
-            return kc[self._slice, :, : self.span], vc[self._slice, :, : self.span]
-        return kc[self._slots, :, : self.span], vc[self._slots, :, : self.span]
+        kc.index_copy_(0, self.slot_mapping, k[0].transpose(0, 1).to(kc.dtype))  # (N, Hkv, D)
+        vc.index_copy_(0, self.slot_mapping, v[0].transpose(0, 1).to(vc.dtype))
+        gqa = q.shape[1] != k.shape[1]
+        parts: list[torch.Tensor] = []  # each (H, n, D)
+        if self.num_decode:
+            qd = q[0, :, : self.num_decode].transpose(0, 1)[:, :, None]  # (Bd, H, 1, D)
+            keys = kc[self.decode_gather].transpose(1, 2)  # (Bd, Hkv, S, D)
+            values = vc[self.decode_gather].transpose(1, 2)
+            out = F.scaled_dot_product_attention(
+                qd, keys, values, attn_mask=self.decode_mask, enable_gqa=gqa
+            )  # (Bd, H, 1, D)
+            parts.append(out[:, :, 0].transpose(0, 1))
+        for row in self.chunks:
+            qr = q[:, :, row.offset : row.offset + row.length]  # (1, H, n, D)
+            if row.gather is None:
+                kr = k[:, :, row.offset : row.offset + row.length]
+                vr = v[:, :, row.offset : row.offset + row.length]
+                out = F.scaled_dot_product_attention(qr, kr, vr, is_causal=row.length > 1, enable_gqa=gqa)
+            else:
+                kr = kc[row.gather].transpose(0, 1)[None]  # (1, Hkv, S, D)
+                vr = vc[row.gather].transpose(0, 1)[None]
+                out = F.scaled_dot_product_attention(qr, kr, vr, attn_mask=row.mask, enable_gqa=gqa)
+            parts.append(out[0])
+        return torch.cat(parts, dim=1)[None] if len(parts) > 1 else parts[0][None]

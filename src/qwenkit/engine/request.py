@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -9,7 +10,8 @@ import torch
 
 from qwenkit.engine.sampling import SamplingParams
 
-FinishReason = Literal["stop", "length", "abort"]
+FinishReason = Literal["stop", "length", "abort", "error"]
+RequestId = Hashable
 
 
 @dataclass
@@ -21,20 +23,26 @@ class TokenLogprob:
     top: list[tuple[int, float]] = field(default_factory=list)
 
 
-@dataclass
+@dataclass(eq=False)  # identity, not field-wise equality: the scheduler looks requests up by object
 class Request:
-    id: int
+    id: RequestId
     prompt_ids: list[int]
     params: SamplingParams
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose K/V are in the cache
-    slot: int | None = None
+    block_table: list[int] = field(default_factory=list)
+    num_cached_blocks: int = 0  # leading blocks already published in the prefix cache
+    block_hashes: list[bytes] = field(default_factory=list)  # prefix hashes of full blocks, kept
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at admission
     finish_reason: FinishReason | None = None
+    error: str | None = None
     ntk_alpha: float = 1.0
+    cache_key: bytes = b""  # mixed into block hashes: what besides the tokens changes the K/V
     generator: torch.Generator | None = None
     seen: torch.Tensor | None = None  # bool (V,), for the repetition penalty
     output_counts: torch.Tensor | None = None  # int (V,), for presence/frequency penalties
-    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
+    num_preemptions: int = 0
 
     @property
     def all_ids(self) -> list[int]:
@@ -46,8 +54,8 @@ class Request:
 
     @property
     def in_prefill(self) -> bool:
-        """Still computing the prompt (the last prompt token's logits give the first output token)."""
-        return self.num_computed < len(self.prompt_ids)
+        """Still computing known tokens (the prompt, or outputs being recomputed after preemption)."""
+        return self.num_computed < self.num_tokens - 1
 
     @property
     def finished(self) -> bool:

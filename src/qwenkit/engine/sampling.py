@@ -1,8 +1,4 @@
-"""Sampling parameters and the small pure functions that turn one row of logits into a token.
-
-Order (as transformers applies them): penalties on raw logits, then temperature, top-k, top-p, min-p,
-then a draw from the request's own seeded generator (or argmax when temperature is 0).
-"""
+"""Sampling parameters: what a request asks of the sampler (``sampler.py`` applies them, batched)."""
 
 from __future__ import annotations
 
@@ -30,12 +26,14 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
-    logprobs: int | None = None  # also return this many top alternatives per token
+    logprobs: int | None = None  # return each token's log-probability and this many top alternatives
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (for evaluation); no prefix cache
     stop: tuple[str, ...] = field(default=())  # stop strings: applied by the text layer, not the engine
 
     def __post_init__(self) -> None:
         checks = [
-            (self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}"),
+            (self.max_tokens >= 1 or (self.max_tokens == 0 and self.prompt_logprobs is not None),
+             f"max_tokens must be >= 1 (0 only with prompt_logprobs), got {self.max_tokens}"),
             (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (self.top_k >= 0, f"top_k must be >= 0 (0 disables it), got {self.top_k}"),
@@ -53,6 +51,10 @@ class SamplingParams:
                 self.logprobs is None or 0 <= self.logprobs <= 20,
                 f"logprobs must be in [0, 20], got {self.logprobs}",
             ),
+            (
+                self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
+                f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -60,48 +62,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Temperature 0 (or so close to it that dividing by it would overflow) means argmax."""
+        return self.temperature < GREEDY_BELOW
 
 
-def apply_penalties(
-    logits: torch.Tensor,
-    params: SamplingParams,
-    seen: torch.Tensor | None,
-    output_counts: torch.Tensor | None,
-) -> torch.Tensor:
-    """Repetition penalty over every token seen (prompt + output); presence/frequency over the output."""
-    if params.repetition_penalty != 1.0 and seen is not None:
-        picked = logits[seen]
-        logits[seen] = torch.where(
-            picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty
-        )
-    if output_counts is not None and (params.presence_penalty or params.frequency_penalty):
-        counts = output_counts.to(logits.dtype)
-        logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
-    return logits
-
-
-def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Temperature, then top-k, top-p and min-p; removed tokens get -inf."""
-    logits = logits / params.temperature
-    if params.top_k and params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=False)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        remove_sorted = cumulative <= 1 - params.top_p
-        remove_sorted[-1] = False  # always keep the most likely token
-        logits = logits.masked_fill(remove_sorted.scatter(0, order, remove_sorted), float("-inf"))
-    if params.min_p > 0:
-        probs = logits.softmax(-1)
-        logits = logits.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
-    return logits
-
-
-def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """One token id from one row of (already penalized) float32 logits."""
-    if params.greedy:
-        return int(torch.argmax(logits))
-    probs = filter_logits(logits, params).softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+GREEDY_BELOW = 1e-5

@@ -4,8 +4,9 @@ Notation:
     B  batch rows            T  new tokens this step        S  keys visible (cached + new)
     H  query heads           Hkv key/value heads            D  head_dim
 
-The attention never sees how the KV cache is stored: it hands this step's k/v to ``cache.update`` and
-gets back the keys/values to attend over plus the mask. Without a cache it is plain causal attention.
+The attention never sees how the KV cache is stored: it hands this step's q/k/v to ``cache.attend``,
+which stores k/v and attends over everything each query may see. Without a cache it is plain causal
+attention.
 """
 
 from __future__ import annotations
@@ -23,15 +24,11 @@ from qwenkit.model.rope import apply_rope
 
 
 class KVCache(Protocol):
-    """What attention needs from a KV cache; the engine owns the storage behind it."""
+    """What attention needs from a KV cache; the engine owns the storage (and its layout) behind it."""
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, Hkv, T, D) for this step; return keys and values (B, Hkv, S, D) to attend over."""
-        ...
-
-    @property
-    def mask(self) -> torch.Tensor | None:
-        """Boolean (B, 1, T, S): True where a query may see a key. None means plain causal."""
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Store this step's k, v (B, Hkv, T, D); return attention of q (B, H, T, D) over every key each
+        query may see (cached and new, causal): (B, H, T, D)."""
         ...
 
 
@@ -84,15 +81,6 @@ class Attention(nn.Module):
                 q, k, v, is_causal=T > 1, enable_gqa=self.n_kv != self.n_heads
             )
         else:
-            k, v = inputs.cache.update(self.layer_idx, k, v)  # (B, Hkv, S, D)
-            mask = inputs.cache.mask
-            out = F.scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                attn_mask=mask,
-                is_causal=mask is None and T > 1,
-                enable_gqa=self.n_kv != self.n_heads,
-            )
+            out = inputs.cache.attend(self.layer_idx, q, k, v)
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
         return self.o_proj(out)

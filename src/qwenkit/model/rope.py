@@ -74,14 +74,20 @@ class RotaryEmbedding(torch.nn.Module):
         return self._alpha_cache[alpha]
 
     def forward(
-        self, positions: torch.Tensor, ntk_alphas: list[float] | None = None
+        self, positions: torch.Tensor, ntk_alphas: list[float] | torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions (B, T) int -> cos, sin (B, 1, T, rotary_dim) in float32."""
-        if ntk_alphas is None or all(a == 1.0 for a in ntk_alphas):
-            freqs = positions[..., None].float() * self.inv_freq  # (B, T, rotary_dim/2)
-        else:
-            per_row = torch.stack([self._inv_freq_for(a) for a in ntk_alphas])  # (B, rotary_dim/2)
-            freqs = positions[..., None].float() * per_row[:, None, :]
+        """positions (B, T) int -> cos, sin (B, 1, T, rotary_dim) in float32.
+
+        ntk_alphas: one alpha per row (a list of B), or per token (a (B, T) tensor, for a flat batch of
+        several sequences).
+        """
+        if isinstance(ntk_alphas, list):
+            ntk_alphas = torch.tensor(ntk_alphas, dtype=torch.float32)[:, None].expand(positions.shape)
+        distinct = [] if ntk_alphas is None else sorted(set(ntk_alphas.flatten().tolist()) - {1.0})
+        freqs = positions[..., None].float() * self.inv_freq  # (B, T, rotary_dim/2)
+        for alpha in distinct:
+            where = (ntk_alphas == alpha).to(positions.device)
+            freqs[where] = positions[where][:, None].float() * self._inv_freq_for(alpha)
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, rotary_dim)
         cos, sin = emb.cos(), emb.sin()
         if self.scale != 1.0:

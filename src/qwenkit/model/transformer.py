@@ -56,13 +56,14 @@ class Transformer(nn.Module):
         input_ids: torch.Tensor,
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
-        ntk_alphas: list[float] | None = None,
+        ntk_alphas: list[float] | torch.Tensor | None = None,
         logits_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """input_ids (B, T) -> logits (B, T, V), or (B, V) at ``logits_index`` (B,) when given.
+        """input_ids (B, T) -> logits (B, T, V), or (K, V) at ``logits_index`` when given.
 
         positions: absolute position of each token (default 0..T-1). ntk_alphas: Qwen v1 dynamic-NTK alpha
-        per row, fixed by each sequence's prompt length (see ``rope.ntk_alpha_for_length``).
+        per row (or per token), fixed by each sequence's prompt length (``rope.ntk_alpha_for_length``).
+        logits_index: (K,) indices into the flattened B*T tokens; only those get the output head.
         """
         B, T = input_ids.shape
         if positions is None:
@@ -77,7 +78,7 @@ class Transformer(nn.Module):
         for layer in self.model.layers:
             x = layer(x, inputs)
         if logits_index is not None:
-            x = x[torch.arange(B, device=x.device), logits_index]  # (B, hidden)
+            x = x.reshape(B * T, -1)[logits_index]  # (K, hidden)
         return self.lm_head(self.model.norm(x))
 
     def ntk_alpha(self, prompt_length: int) -> float:

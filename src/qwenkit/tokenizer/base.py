@@ -66,6 +66,8 @@ class Tokenizer(ABC):
         self.chat_template = chat_template
         self.tokenizer_config: dict[str, Any] = dict(tokenizer_config or {})
         self.generation_config: dict[str, Any] = dict(generation_config or {})
+        # A model that ships generation_config.json gets transformers' defaults for what it leaves out.
+        self.has_generation_config = generation_config is not None
 
         eos = set()
         eos_text = token_text(self.tokenizer_config.get("eos_token")) or default_eos

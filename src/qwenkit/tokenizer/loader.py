@@ -43,7 +43,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
             f"{model_dir} is not a directory (expected a model directory with tokenizer files)"
         )
     config = read_json(model_dir / "tokenizer_config.json")
-    generation = read_json(model_dir / "generation_config.json")
+    generation_file = model_dir / "generation_config.json"
+    generation = read_json(generation_file) if generation_file.is_file() else None
     hf_file, tiktoken_file = (model_dir / name for name in TOKENIZER_FILES)
     if hf_file.is_file():
         try:

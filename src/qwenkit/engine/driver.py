@@ -1,0 +1,180 @@
+"""The one owner of an engine: a background thread that steps it and routes each output to its request.
+
+Callers (the chat loop, server handlers on an asyncio loop, evaluation threads) never step the engine;
+they submit a request and read its own stream of ``StepOutput``s, synchronously or with ``async for``.
+Adding and aborting go through the driver's inbox, so the engine is only ever touched by its thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+
+from qwenkit.engine.engine import Engine, StepOutput
+from qwenkit.engine.request import RequestId
+from qwenkit.engine.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class RequestStream:
+    """One request's outputs, in order, ending with the one that has a finish reason."""
+
+    def __init__(self, request_id: RequestId, driver: EngineDriver, loop: asyncio.AbstractEventLoop | None):
+        self.request_id = request_id
+        self._driver = driver
+        self._loop = loop
+        self._sync: queue.SimpleQueue[StepOutput] | None = None if loop else queue.SimpleQueue()
+        self._async: asyncio.Queue[StepOutput] | None = asyncio.Queue() if loop else None
+        self.finished = False
+
+    def _put(self, output: StepOutput) -> None:  # driver thread
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._async.put_nowait, output)
+        else:
+            self._sync.put(output)
+
+    def abort(self) -> None:
+        """Stop the request (no-op once finished); its KV memory is freed at the next step."""
+        if not self.finished:
+            self._driver.abort(self.request_id)
+
+    def __iter__(self) -> Iterator[StepOutput]:
+        assert self._sync is not None, "this stream was opened for asyncio: use `async for`"
+        while not self.finished:
+            try:
+                output = self._sync.get(timeout=0.2)  # a timeout keeps Ctrl-C responsive
+            except queue.Empty:
+                continue
+            self.finished = output.finish_reason is not None
+            yield output
+
+    async def __aiter__(self) -> AsyncIterator[StepOutput]:
+        assert self._async is not None, "this stream was opened without an event loop: use `for`"
+        while not self.finished:
+            output = await self._async.get()
+            self.finished = output.finish_reason is not None
+            yield output
+
+
+class EngineDriver:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._inbox: queue.SimpleQueue[tuple] = queue.SimpleQueue()
+        self._streams: dict[RequestId, RequestStream] = {}
+        self._wake = threading.Event()
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+
+    def submit(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        request_id: RequestId = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> RequestStream:
+        """Queue a request (validated here, in the caller's thread, so bad input raises at once)."""
+        self.engine.validate(prompt_ids, params)
+        if request_id is None:
+            request_id = f"req-{next(self._ids)}"
+        stream = RequestStream(request_id, self, loop)
+        self._send(("add", request_id, list(prompt_ids), params, stream))
+        return stream
+
+    def abort(self, request_id: RequestId) -> None:
+        self._send(("abort", request_id))
+
+    def call(self, fn, *args):  # noqa: ANN001, ANN201 - any engine method, run between steps
+        """Run ``fn(*args)`` on the driver thread between steps and return its result."""
+        done: queue.SimpleQueue = queue.SimpleQueue()
+        self._send(("call", fn, args, done))
+        ok, value = done.get()
+        if not ok:
+            raise value
+        return value
+
+    def wait_idle(self, timeout: float = 30.0) -> bool:
+        """Wait until every submitted request has finished and been forgotten (for tests and shutdown)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._inbox.empty() and not self.engine.has_unfinished():
+                return True
+            time.sleep(0.01)
+        return False
+
+    def shutdown(self) -> None:
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _send(self, message: tuple) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._stop = False
+                self._thread = threading.Thread(target=self._run, name="qwenkit-engine", daemon=True)
+                self._thread.start()
+        self._inbox.put(message)
+        self._wake.set()
+
+    def _run(self) -> None:
+        engine = self.engine
+        while not self._stop:
+            self._drain_inbox()
+            if not engine.has_unfinished():
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            try:
+                outputs = engine.step()
+            except Exception as exc:  # a bug, not bad input: fail the running requests, keep serving
+                log.exception("engine step failed")
+                self._fail_all(f"internal error: {type(exc).__name__}: {exc}")
+                continue
+            for output in outputs:
+                stream = self._streams.get(output.request_id)
+                if stream is not None:
+                    stream._put(output)
+                    if output.finish_reason is not None:
+                        del self._streams[output.request_id]
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                message = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            kind = message[0]
+            if kind == "add":
+                _, rid, ids, params, stream = message
+                try:
+                    self.engine.add_request(ids, params, request_id=rid)
+                except Exception as exc:
+                    stream._put(StepOutput(rid, [], "error", error=str(exc)))
+                    continue
+                self._streams[rid] = stream
+            elif kind == "abort":
+                self.engine.abort(message[1])
+            else:
+                _, fn, args, done = message
+                try:
+                    done.put((True, fn(*args)))
+                except Exception as exc:
+                    done.put((False, exc))
+
+    def _fail_all(self, error: str) -> None:
+        for rid, stream in list(self._streams.items()):
+            self.engine.abort(rid)
+            stream._put(StepOutput(rid, [], "error", error=error))
+        self._streams.clear()
+        try:
+            self.engine.step()  # forget the aborted requests (their outputs were delivered above)
+        except Exception:
+            log.exception("engine step failed again while failing requests")

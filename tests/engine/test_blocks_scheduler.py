@@ -1,0 +1,97 @@
+"""The block manager and scheduler alone: pure Python, no model."""
+
+from __future__ import annotations
+
+from qwenkit.engine.blocks import BlockManager, block_hashes
+from qwenkit.engine.request import Request
+from qwenkit.engine.sampling import SamplingParams
+from qwenkit.engine.scheduler import Scheduler
+
+P = SamplingParams(temperature=0, max_tokens=100)
+
+
+def req(rid, n, params=P, start=0):
+    return Request(rid, list(range(start, start + n)), params)
+
+
+def test_block_hashes_chain_and_key():
+    a = block_hashes(list(range(40)), 16)
+    assert len(a) == 2  # the partial third block has no hash
+    assert block_hashes(list(range(32)), 16) == a
+    assert block_hashes([0] + list(range(1, 40)), 16)[1] == a[1]
+    changed_first = block_hashes([99] + list(range(1, 40)), 16)
+    assert changed_first[1] != a[1]  # a block's hash depends on everything before it
+    assert block_hashes(list(range(40)), 16, b"ntk=3") != a
+
+
+def test_lru_eviction_keeps_recent_prefixes():
+    bm = BlockManager(4, 16)
+    h = [bytes([i]) * 16 for i in range(4)]
+    first = bm.allocate(2)
+    for b, hh in zip(first, h[:2], strict=True):
+        bm.cache_block(b, hh)
+    bm.free(first)  # unheld but still cached
+    assert bm.usage == 0 and bm.match_prefix(h[:2]) == first
+    bm.free(first)
+    second = bm.allocate(2)  # takes the never-cached blocks first
+    assert set(second).isdisjoint(first) and len(bm.cached) == 2
+    third = bm.allocate(1)  # now one cached block must go: the tail one (freed first)
+    assert third == [first[1]] and bm.match_prefix(h[:2]) == [first[0]]
+    assert bm.allocate(5) is None
+
+
+def test_budget_chunks_prompts_and_decodes_first():
+    s = Scheduler(BlockManager(64, 16), max_batch=4, token_budget=20)
+    a, b = req("a", 50), req("b", 30, start=100)
+    s.add(a)
+    s.add(b)
+    rows = s.schedule().rows
+    assert [(r.id, n) for r, n in rows] == [("a", 20)]  # the budget is spent on a's first chunk
+    a.num_computed += 20
+    rows = s.schedule().rows
+    assert [(r.id, n) for r, n in rows] == [("a", 20)]
+    a.num_computed += 20
+    rows = s.schedule().rows
+    assert [(r.id, n) for r, n in rows] == [("a", 10), ("b", 10)]
+
+
+def test_preempts_newest_when_blocks_run_out():
+    s = Scheduler(BlockManager(4, 16), max_batch=4, token_budget=512, prefix_caching=False)
+    a, b = req("a", 20), req("b", 20, start=100)
+    s.add(a)
+    s.add(b)
+    assert [r.id for r, _ in s.schedule().rows] == ["a", "b"]  # 2 blocks each
+    for r in (a, b):
+        r.num_computed = 20
+        r.output_ids += [1] * 13  # both now need a third block
+    out = s.schedule()
+    assert [r.id for r in out.preempted] == ["b"] and [r.id for r, _ in out.rows] == ["a"]
+    assert b.num_computed == 0 and b.block_table == [] and s.waiting[0] is b
+    assert len(a.block_table) == 3
+
+
+def test_admission_waits_for_blocks_and_rows():
+    s = Scheduler(BlockManager(3, 16), max_batch=1, token_budget=512)
+    a, b = req("a", 40), req("b", 10, start=100)
+    s.add(a)
+    s.add(b)
+    assert [r.id for r, _ in s.schedule().rows] == ["a"]
+    s.remove(a)
+    assert s.blocks.num_free == 3
+    assert [r.id for r, _ in s.schedule().rows] == ["b"]
+
+
+def test_prefix_reuse_leaves_one_token_and_skips_prompt_logprobs():
+    s = Scheduler(BlockManager(16, 16), max_batch=4, token_budget=512)
+    a = req("a", 32)
+    s.add(a)
+    s.schedule()
+    a.num_computed = 32
+    s.on_computed(a)
+    same = req("same", 32)
+    s.add(same)
+    (row,) = s.schedule().rows[1:]
+    assert row == (same, 16) and same.num_cached_tokens == 16  # the last block is recomputed
+    scoring = req("score", 32, SamplingParams(max_tokens=0, prompt_logprobs=0))
+    s.add(scoring)
+    assert s.schedule().rows[-1] == (scoring, 32) and scoring.num_cached_tokens == 0
