@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx2 as httpx
+import httpx
 import numpy as np
 
 

@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-import httpx2 as httpx
+import httpx
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
