@@ -108,6 +108,8 @@ def build_servers(args: argparse.Namespace, logs: Path) -> dict[tuple[str, str],
     """Every (server, arm) target; arm "cache" is the server as configured, "no-cache" turns prefix
     caching off (qwenkit: a second process with --no-prefix-caching; llama-server: cache_prompt false)."""
     model = str(args.model)
+    # Each of the --slots rows gets room for the longest request, on both servers.
+    per_slot = args.shared_prefix + max(args.input_len, args.question_len) + args.output_len + 128
     targets: dict[tuple[str, str], Target] = {}
     if QWENKIT in args.servers:
         for arm, flags in (("cache", []), ("no-cache", ["--no-prefix-caching"])):
@@ -126,6 +128,8 @@ def build_servers(args: argparse.Namespace, logs: Path) -> dict[tuple[str, str],
                 MODEL_NAME,
                 "--max-batch",
                 str(args.slots),
+                "--max-model-len",
+                str(per_slot),
                 *flags,
                 *shlex.split(args.qwenkit_args),
             ]
@@ -133,7 +137,6 @@ def build_servers(args: argparse.Namespace, logs: Path) -> dict[tuple[str, str],
             targets[QWENKIT, arm] = Target(QWENKIT, arm, proc, {})
     if LLAMA in args.servers:
         port = free_port()
-        per_slot = args.shared_prefix + max(args.input_len, args.question_len) + args.output_len + 128
         argv = [
             str(args.llama_server),
             "-m",
@@ -375,6 +378,7 @@ def main(argv: list[str] | None = None) -> None:
                         f"  {load.label:>18} {server:>12}: {summary.output_throughput:6.1f} tok/s, "
                         f"TTFT p50 {summary.ttft_ms['p50']:7.0f} ms, "
                         f"TPOT p50 {summary.tpot_ms['p50']:6.1f} ms, "
+                        f"{summary.tokens_per_chunk:.2f} tok/chunk, "
                         f"failed {summary.failed} {summary.errors[:1]}",
                         flush=True,
                     )

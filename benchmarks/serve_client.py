@@ -56,6 +56,7 @@ class RunSummary:
     mean_prompt_tokens: float
     mean_output_tokens: float
     mean_cached_tokens: float
+    tokens_per_chunk: float  # above 1 when a server packs several tokens into one chunk (fewer, longer ITLs)
     ttft_ms: dict[str, float]
     tpot_ms: dict[str, float]
     itl_ms: dict[str, float]
@@ -186,6 +187,7 @@ def summarize(results: list[RequestResult], duration_s: float) -> RunSummary:
         mean_prompt_tokens=float(np.mean([r.prompt_tokens for r in ok])) if ok else 0.0,
         mean_output_tokens=output / len(ok) if ok else 0.0,
         mean_cached_tokens=float(np.mean([r.cached_tokens for r in ok])) if ok else 0.0,
+        tokens_per_chunk=output / sum(len(r.itl) + 1 for r in ok) if ok else 0.0,
         ttft_ms=_percentiles([r.ttft for r in ok]),
         tpot_ms=_percentiles(tpots),
         itl_ms=_percentiles([gap for r in ok for gap in r.itl]),

@@ -130,6 +130,7 @@ def test_summary_uses_vllm_definitions():
     assert s.request_throughput == pytest.approx(1.5)
     assert s.output_throughput == pytest.approx(11 / 2.0)
     assert s.mean_prompt_tokens == pytest.approx(20.0)
+    assert s.tokens_per_chunk == pytest.approx(11 / 11)  # 5 + 5 + 1 chunks carried 11 tokens
     # TPOT per request: (1.1-0.1)/4 = 250 ms and (2.3-0.3)/4 = 500 ms; the 1-token request is left out
     assert s.tpot_ms["mean"] == pytest.approx(375.0)
     assert s.tpot_ms["p50"] == pytest.approx(375.0)
