@@ -22,6 +22,7 @@ import json
 import os
 import random
 import shlex
+import signal
 import statistics
 import sys
 import tempfile
@@ -34,7 +35,7 @@ from serve_client import RunSummary, run_load, summarize
 from serve_process import ManagedServer, ServerFailed, free_port
 
 BUILD_HELP = """\
-llama-server is not installed by qwenkit; build it once (about 15-30 min on 2 cores) from the llama.cpp
+llama-server is not installed by qwenkit; build it once (37 min on 2 busy cores here) from the llama.cpp
 sources vendored in the llama-cpp-python sdist, outside the repository:
 
   mkdir -p /work/peers/llama && cd /work/peers/llama
@@ -133,7 +134,8 @@ def build_servers(args: argparse.Namespace, logs: Path) -> dict[tuple[str, str],
                 *flags,
                 *shlex.split(args.qwenkit_args),
             ]
-            proc = ManagedServer(f"{QWENKIT} ({arm})", argv, port, logs / f"qwenkit-{arm}.log")
+            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}  # torch's intra-op threads
+            proc = ManagedServer(f"{QWENKIT} ({arm})", argv, port, logs / f"qwenkit-{arm}.log", env)
             targets[QWENKIT, arm] = Target(QWENKIT, arm, proc, {})
     if LLAMA in args.servers:
         port = free_port()
@@ -298,7 +300,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--qwenkit-args", default="", help="extra `qwenkit serve` flags, one string")
     parser.add_argument("--llama-args", default="", help="extra llama-server flags, one string")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="llama-server -t/-tb")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count() or 2,
+        help="compute threads of each server (llama-server -t/-tb; qwenkit OMP_NUM_THREADS)",
+    )
     parser.add_argument("--slots", type=int, default=16, help="llama-server -np, qwenkit --max-batch")
     parser.add_argument("--input-len", type=int, default=128, help="prompt tokens (user message)")
     parser.add_argument("--output-len", type=int, default=64, help="output tokens (ignore_eos)")
@@ -328,6 +335,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind, so the servers get stopped
     if args.model is None:
         from qwenkit.default_model import default_model_path
 
