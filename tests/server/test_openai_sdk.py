@@ -155,4 +155,5 @@ def test_greedy_completion_equals_qwenkit_generate(client, tiny_chat_model, caps
     assert main([*args, "--temperature", "0", "--max-new-tokens", "12", "--dtype", "float32"]) == 0
     cli = json.loads(capsys.readouterr().out)
     r = client.completions.create(model="tiny", prompt=ids, max_tokens=12, temperature=0)
-    assert r.choices[0].text == cli["text"] and r.usage.completion_tokens == len(cli["output_token_ids"]) == 12
+    assert r.choices[0].text == cli["text"]
+    assert r.usage.completion_tokens == len(cli["output_token_ids"]) == 12

@@ -44,7 +44,8 @@ class PagedKVCache:
         """Slot index of every position [0, length) of each sequence: (rows, length). Positions past a
         sequence's blocks point at its last block (callers mask them)."""
         width = -(-length // self.block_size)
-        tables = torch.tensor([t[:width] + [t[-1]] * (width - len(t)) for t in block_tables], device=self.device)
+        padded = [t[:width] + [t[-1]] * (width - len(t)) for t in block_tables]
+        tables = torch.tensor(padded, device=self.device)  # (rows, blocks)
         offsets = torch.arange(self.block_size, device=self.device)
         return (tables[:, :, None] * self.block_size + offsets).flatten(1)[:, :length]
 
