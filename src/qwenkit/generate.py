@@ -245,7 +245,7 @@ class LLM:
         source = open_checkpoint(path)
         tokenizer = tokenizer_for(source)
         config = ModelConfig.from_hf(source.hf_config)
-        seq_len = min(max_seq_len or config.max_context, config.max_context)
+        seq_len = max_seq_len or config.max_context
         kv_tokens = _pool_tokens(config, dtype, device, max_batch_size, seq_len, kv_cache_memory)
         model, _ = load_model(
             source,

@@ -18,6 +18,7 @@ COMMANDS = {
     "convert": "convert checkpoints: Qwen v1 -> Qwen1.5 layout, GGUF -> Hugging Face",
     "quantize": "quantize a model to int8/int4 (GPTQ or round-to-nearest)",
     "profile": "measure tokens/s and peak memory per precision",
+    "serve": "OpenAI-compatible API server with a web chat page",
 }
 
 

@@ -33,11 +33,16 @@ class RequestStream:
         self._async: asyncio.Queue[StepOutput] | None = asyncio.Queue() if loop else None
         self.finished = False
 
-    def _put(self, output: StepOutput) -> None:  # driver thread
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._async.put_nowait, output)
-        else:
+    def _put(self, output: StepOutput) -> bool:  # driver thread
+        """Deliver an output; False when the reader's event loop is gone (nobody will read it)."""
+        if self._loop is None:
             self._sync.put(output)
+            return True
+        try:
+            self._loop.call_soon_threadsafe(self._async.put_nowait, output)
+        except RuntimeError:  # the loop was closed
+            return False
+        return True
 
     def abort(self) -> None:
         """Stop the request (no-op once finished); its KV memory is freed at the next step."""
@@ -140,10 +145,13 @@ class EngineDriver:
                 continue
             for output in outputs:
                 stream = self._streams.get(output.request_id)
-                if stream is not None:
-                    stream._put(output)
-                    if output.finish_reason is not None:
-                        del self._streams[output.request_id]
+                if stream is None:
+                    continue
+                delivered = stream._put(output)
+                if output.finish_reason is not None or not delivered:
+                    del self._streams[output.request_id]
+                    if not delivered:
+                        engine.abort(output.request_id)
 
     def _drain_inbox(self) -> None:
         while True:

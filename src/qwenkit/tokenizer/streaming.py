@@ -20,6 +20,9 @@ class StreamingDetokenizer:
     def __init__(self, tokenizer: Tokenizer, *, skip_special: bool = False) -> None:
         self._tokenizer = tokenizer
         self._skip = tokenizer.special_token_ids if skip_special else frozenset()
+        # A model's embedding is often padded past the tokenizer (Qwen: 151,936 rows for ~151,670
+        # tokens); a sampled padding id has no text, as in transformers' decode.
+        self._known = tokenizer.vocab_size
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._parts: list[str] = []
         self.token_ids: list[int] = []
@@ -28,7 +31,9 @@ class StreamingDetokenizer:
         """Append one id or several; return the text that became printable."""
         ids = [token_ids] if isinstance(token_ids, int) else list(token_ids)
         self.token_ids += ids
-        data = b"".join(self._tokenizer.token_bytes(i) for i in ids if i not in self._skip)
+        data = b"".join(
+            self._tokenizer.token_bytes(i) for i in ids if i not in self._skip and 0 <= i < self._known
+        )
         new = self._decoder.decode(data)
         if new:
             self._parts.append(new)

@@ -1,0 +1,135 @@
+"""``qwenkit serve``: the OpenAI-compatible server (and web chat page) on one model.
+
+Every option can also come from the environment as ``QWENKIT_<OPTION>`` (``QWENKIT_PORT=8000``,
+``QWENKIT_API_KEY_FILE=/run/secrets/key``), which is how container images configure it. On SIGTERM the
+server stops taking requests, reports not ready, lets running ones finish within the grace period, and
+exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+
+from qwenkit.cli.common import add_model_args, resolve_model
+from qwenkit.errors import ConfigError
+
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20,
+          "g": 1e9, "gb": 1e9, "gib": 2**30, "t": 1e12, "tb": 1e12, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """'2GiB', '512MB', '1.5g', '1073741824' -> bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else None
+    if not match or unit not in _UNITS:
+        raise ConfigError(f"cannot read {text!r} as a size; write it like 2GiB, 512MiB or 1GB")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def _env(name: str, default: object = None) -> object:
+    return os.environ.get(f"QWENKIT_{name.upper().replace('-', '_')}", default)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qwenkit serve", description="Serve a model over an OpenAI-compatible API.")
+    add_model_args(parser)
+    parser.set_defaults(model=_env("model"), dtype=_env("dtype", "auto"), device=_env("device", "cpu"),
+                        quantize=_env("quantize"))
+    g = parser.add_argument_group("server")
+    g.add_argument("--host", default=_env("host", "127.0.0.1"), help="address to bind (default 127.0.0.1)")
+    g.add_argument("--port", type=int, default=int(_env("port", 8000)))
+    g.add_argument("--api-key", default=_env("api_key"), help="require Authorization: Bearer KEY on /v1")
+    g.add_argument("--api-key-file", default=_env("api_key_file"), help="read the API key from this file")
+    g.add_argument("--served-model-name", default=_env("served_model_name"),
+                   help="the model name clients use (default: the model's file or directory name)")
+    g.add_argument("--allowed-origins", nargs="*", default=(_env("allowed_origins") or "").split(),
+                   help="origins allowed to call the API from a browser (CORS is off otherwise)")
+    g.add_argument("--request-timeout", type=float, default=_env("request_timeout"),
+                   help="seconds before a request is stopped and its memory freed")
+    g.add_argument("--graceful-timeout", type=float, default=float(_env("graceful_timeout", 30)),
+                   help="seconds running requests get to finish after SIGTERM")
+    e = parser.add_argument_group("engine")
+    e.add_argument("--max-batch", type=int, default=int(_env("max_batch", 16)), help="requests decoded together")
+    e.add_argument("--max-queue", type=int, default=int(_env("max_queue", 256)),
+                   help="waiting requests before new ones get 429")
+    e.add_argument("--kv-cache-memory", default=_env("kv_cache_memory"),
+                   help="KV-cache pool size, e.g. 2GiB (default: every batch row at the full context)")
+    e.add_argument("--max-model-len", type=int, default=_env("max_model_len"),
+                   help="longest sequence (prompt + output) served (default: the model's context)")
+    e.add_argument("--no-prefix-caching", action="store_true", default=bool(_env("no_prefix_caching")))
+    e.add_argument("--response-cache", type=int, default=int(_env("response_cache", 512)),
+                   help="repeated deterministic requests remembered (0: off)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import uvicorn
+
+    from qwenkit.generate import LLM
+    from qwenkit.server import ServerConfig, create_app
+
+    api_key = args.api_key
+    if args.api_key_file:
+        try:
+            api_key = Path(args.api_key_file).read_text().strip()
+        except OSError as e:
+            raise ConfigError(f"cannot read --api-key-file {args.api_key_file}: {e.strerror}") from None
+        if not api_key:
+            raise ConfigError(f"--api-key-file {args.api_key_file} is empty")
+    for name in ("max_batch", "max_queue", "port"):
+        if getattr(args, name) < (0 if name == "max_queue" else 1):
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.max_model_len is not None and int(args.max_model_len) < 2:
+        raise ConfigError(f"--max-model-len must be at least 2, got {args.max_model_len}")
+    path = resolve_model(args.model)
+    kv_bytes = parse_bytes(args.kv_cache_memory) if args.kv_cache_memory else None
+    llm = LLM.load(
+        path,
+        dtype=args.dtype,
+        device=args.device,
+        quantize=args.quantize,
+        max_batch_size=args.max_batch,
+        max_seq_len=int(args.max_model_len) if args.max_model_len else None,
+        kv_cache_memory=kv_bytes,
+        prefix_caching=not args.no_prefix_caching,
+    )
+    name = args.served_model_name or (path.stem if path.suffix == ".gguf" else path.name)
+    config = ServerConfig(
+        served_model_name=name,
+        api_key=api_key,
+        allowed_origins=tuple(args.allowed_origins),
+        max_queue=args.max_queue,
+        request_timeout=float(args.request_timeout) if args.request_timeout else None,
+        response_cache_entries=args.response_cache,
+    )
+    app = create_app(llm, config)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    print(f"serving {name} on http://{args.host}:{args.port} (web chat at /, API at /v1)", file=sys.stderr)
+    server = DrainingServer(
+        uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+                       timeout_graceful_shutdown=args.graceful_timeout)
+    )
+    server.run()
+    llm.driver.shutdown()
+    return 0
+
+
+class DrainingServer:
+    """uvicorn's server, marking the app not-ready (503 on /health and new POSTs) as soon as a shutdown
+    signal arrives, before uvicorn stops listening and waits for running requests."""
+
+    def __new__(cls, config):  # noqa: ANN001, ANN204
+        import uvicorn
+
+        class _Server(uvicorn.Server):
+            def handle_exit(self, sig: int, frame) -> None:  # noqa: ANN001
+                config.app.state.qwenkit.draining = True
+                super().handle_exit(sig, frame)
+
+        return _Server(config)

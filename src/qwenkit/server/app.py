@@ -1,0 +1,141 @@
+"""The OpenAI-compatible HTTP app: routes, auth, CORS, metrics, tokenizer endpoints and the web page.
+
+``create_app(llm)`` returns a FastAPI app that can be served by uvicorn (``qwenkit serve`` does) or
+mounted in a user's own ASGI app.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+
+from qwenkit.generate import LLM
+from qwenkit.server import completions as routes
+from qwenkit.server.errors import APIError, error_response, install_handlers
+from qwenkit.server.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
+from qwenkit.server.state import ServerConfig, ServerState
+
+STATIC_DIR = Path(__file__).parent / "static"
+_PROTECTED = ("/v1/", "/tokenize", "/detokenize", "/tokenizer_info")
+
+
+def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
+    state = ServerState(llm, config or ServerConfig())
+    app = FastAPI(title="qwenkit", version=_version(), docs_url="/docs", redoc_url=None)
+    app.state.qwenkit = state
+    install_handlers(app)
+
+    @app.middleware("http")
+    async def _gate(request: Request, call_next):  # noqa: ANN001, ANN202
+        path = request.url.path
+        if state.config.api_key and path.startswith(_PROTECTED) and request.method != "OPTIONS":
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not state.key_matches(given.strip()):
+                return error_response(APIError(401, "a valid API key is required: Authorization: Bearer KEY",
+                                               None, "invalid_api_key"))
+        if state.draining and request.method == "POST":
+            return error_response(APIError(503, "the server is shutting down", None, "shutting_down",
+                                           {"Retry-After": "5"}))
+        return await call_next(request)
+
+    if state.config.allowed_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(state.config.allowed_origins),
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):  # noqa: ANN202
+        return await routes.chat_completions(state, body, request)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):  # noqa: ANN202
+        return await routes.completions(state, body, request)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        card = {
+            "id": state.model_name,
+            "object": "model",
+            "created": int(_STARTED),
+            "owned_by": "qwenkit",
+            "max_model_len": llm.engine.max_seq_len,
+        }
+        return {"object": "list", "data": [card]}
+
+    @app.get("/health")
+    async def health() -> Response:
+        if state.draining:
+            return JSONResponse({"status": "draining"}, 503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict:
+        state.check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give exactly one of prompt or messages", "prompt")
+        if body.messages is not None:
+            messages = [m.as_template_message() for m in body.messages]
+            ids = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=body.add_generation_prompt)
+        else:
+            ids = llm.tokenizer.encode(body.prompt)
+        return {"count": len(ids), "max_model_len": llm.engine.max_seq_len, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict:
+        state.check_model(body.model)
+        bad = [t for t in body.tokens if not 0 <= t < llm.config.vocab_size]
+        if bad:
+            raise APIError(400, f"token id {bad[0]} is outside the vocabulary", "tokens")
+        return {"prompt": llm.tokenizer.decode(body.tokens)}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict:
+        tok = llm.tokenizer
+        eos = sorted(tok.eos_token_ids)
+        return {
+            "tokenizer_class": type(tok).__name__,
+            "eos_token": tok.decode(eos[:1]) if eos else None,
+            "bos_token": None,
+            "pad_token": None,
+            "chat_template": tok.chat_template,
+            "model_max_length": llm.engine.max_seq_len,
+        }
+
+    if (STATIC_DIR / "index.html").is_file():
+
+        @app.get("/", include_in_schema=False)
+        async def index() -> FileResponse:
+            return FileResponse(STATIC_DIR / "index.html")
+
+        app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    return app
+
+
+_STARTED = time.time()
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("qwenkit")
+    except PackageNotFoundError:
+        return "0"

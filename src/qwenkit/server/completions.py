@@ -1,0 +1,445 @@
+"""``/v1/chat/completions`` and ``/v1/completions``: requests in, engine streams out, OpenAI shapes back.
+
+Handlers never step the engine: each choice is one request submitted to the LLM's driver and read
+with ``async for``. A client that disconnects, or a request past ``--request-timeout``, is aborted at
+once (its KV blocks are freed at the next step). Streaming sends nothing before the first token: the
+first chunk of a choice carries the role together with the first text (clients time TTFT from it, and
+Qwen-Agent breaks on a role-only chunk).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from qwenkit.engine import SamplingParams, SamplingParamsError
+from qwenkit.engine.request import TokenLogprob
+from qwenkit.generate import LLM, Completion, Delta, TextStream
+from qwenkit.server.errors import APIError, error_body
+from qwenkit.server.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+from qwenkit.server.state import ServerState
+from qwenkit.tokenizer import StreamingDetokenizer
+
+# --------------------------------------------------------------------------------------------------
+# Sampling parameters
+
+
+def sampling_params(
+    llm: LLM, body: SamplingFields, prompt_len: int, default_max: int | None, **extra: object
+) -> SamplingParams:
+    """The request's SamplingParams over the model's defaults, with max_tokens fitted to the context."""
+    window = llm.engine.max_seq_len
+    if prompt_len >= window:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {window} tokens. However, your prompt has "
+            f"{prompt_len} tokens. Please reduce the length of the prompt.",
+            "messages" if isinstance(body, ChatCompletionRequest) else "prompt",
+            "context_length_exceeded",
+        )
+    asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    room = window - prompt_len
+    if asked is not None and asked > room:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {window} tokens. However, you requested "
+            f"{prompt_len + asked} tokens ({prompt_len} in the prompt, {asked} for the completion). "
+            "Please reduce the length of the prompt or completion.",
+            "max_tokens",
+            "context_length_exceeded",
+        )
+    top_k = body.top_k if body.top_k is None or body.top_k > 0 else 0
+    overrides = dict(
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=top_k,
+        min_p=body.min_p,
+        repetition_penalty=body.repetition_penalty,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        seed=body.seed,
+        stop=tuple(body.stop or ()),
+        stop_token_ids=tuple(body.stop_token_ids or ()),
+        ignore_eos=body.ignore_eos,
+        **extra,
+    )
+    base = llm.default_params()
+    max_tokens = asked if asked is not None else min(default_max or base.max_tokens, room)
+    try:
+        return llm.default_params(**overrides, max_tokens=max_tokens)
+    except SamplingParamsError as e:
+        raise APIError(400, str(e), None, "invalid_value") from None
+
+
+def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
+    """n choices of one prompt: seeded requests get seed, seed+1, ... so they differ yet reproduce."""
+    if n == 1 or params.seed is None:
+        return [params] * n
+    return [SamplingParams(**{**params.__dict__, "seed": params.seed + i}) for i in range(n)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Running choices
+
+
+@dataclass
+class Choice:
+    index: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    stream: TextStream | None = None
+    cached: Completion | None = None
+    cache_key: tuple | None = None
+    first_token_at: float | None = None
+    result: Completion | None = None
+
+
+@dataclass
+class Run:
+    """All choices of one HTTP request, submitted together, read as one merged stream."""
+
+    state: ServerState
+    choices: list[Choice]
+    arrived: float = field(default_factory=time.perf_counter)
+
+    def start(self) -> None:
+        llm, loop = self.state.llm, asyncio.get_running_loop()
+        if self.state.waiting_estimate() + len(self.choices) > self.state.config.max_queue:
+            raise APIError(
+                429, f"the server is busy: more than {self.state.config.max_queue} requests are waiting",
+                None, "queue_full", {"Retry-After": "1"},
+            )
+        cache = self.state.response_cache
+        for choice in self.choices:
+            if cache is not None:
+                choice.cache_key = cache.key(choice.prompt_ids, choice.params)
+                choice.cached = cache.get(choice.cache_key)
+        try:
+            for choice in self.choices:
+                if choice.cached is None:
+                    choice.stream = llm.submit(choice.prompt_ids, choice.params, loop=loop)
+                    self.state.active += 1
+        except SamplingParamsError as e:
+            self.abort()
+            raise APIError(400, str(e), None, "invalid_value") from None
+
+    def abort(self) -> None:
+        """Stop every unfinished choice (client gone, timeout, error); their KV blocks are freed."""
+        for choice in self.choices:
+            if choice.stream is not None:
+                choice.stream.abort()
+                choice.stream = None
+                self.state.active -= 1
+                self.state.metrics.finished("abort", len(choice.prompt_ids), 0, None,
+                                            time.perf_counter() - self.arrived)
+
+    async def deltas(self) -> AsyncIterator[tuple[Choice, Delta]]:
+        """Every choice's Deltas as they come, until all have finished (or the deadline passes)."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(choice: Choice) -> None:
+            try:
+                if choice.cached is not None:
+                    c = choice.cached
+                    self.state.metrics.response_cache_hits.inc()
+                    await queue.put((choice, Delta(c.token_ids, c.text, c.finish_reason, c, c.logprobs)))
+                    return
+                async for delta in choice.stream:
+                    await queue.put((choice, delta))
+            except Exception as exc:  # surfaced to the reader below
+                await queue.put((choice, exc))
+
+        tasks = [asyncio.create_task(pump(c)) for c in self.choices]
+        remaining = len(self.choices)
+        timeout = self.state.config.request_timeout
+        deadline = None if timeout is None else self.arrived + timeout
+        try:
+            while remaining:
+                wait = None if deadline is None else max(deadline - time.perf_counter(), 0)
+                try:
+                    choice, item = await asyncio.wait_for(queue.get(), wait)
+                except TimeoutError:
+                    raise APIError(408, f"the request took longer than --request-timeout ({timeout:g} s) and "
+                                        "was stopped", None, "timeout") from None
+                if isinstance(item, Exception):
+                    raise item
+                if choice.first_token_at is None and item.token_ids:
+                    choice.first_token_at = time.perf_counter()
+                if item.finish_reason is not None:
+                    remaining -= 1
+                    self._finished(choice, item.completion)
+                yield choice, item
+        finally:
+            for task in tasks:
+                task.cancel()
+            self.abort()
+
+    def _finished(self, choice: Choice, completion: Completion) -> None:
+        choice.result = completion
+        if choice.stream is not None:
+            self.state.active -= 1
+            choice.stream = None  # finished: nothing left to abort
+            if self.state.response_cache is not None:
+                self.state.response_cache.put(choice.cache_key, completion)
+        now = time.perf_counter()
+        ttft = None if choice.first_token_at is None else choice.first_token_at - self.arrived
+        self.state.metrics.finished(
+            completion.finish_reason, len(completion.prompt_ids), len(completion.token_ids), ttft, now - self.arrived
+        )
+
+    def usage(self) -> dict:
+        results = [c.result for c in self.choices if c.result is not None]
+        prompts = {id(c.prompt_ids): c for c in self.choices}.values()
+        prompt_tokens = sum(len(c.prompt_ids) for c in prompts)
+        completion_tokens = sum(len(r.token_ids) for r in results)
+        cached = sum(
+            len(c.prompt_ids) if c.cached is not None else (c.result.num_cached_tokens if c.result else 0)
+            for c in prompts
+        )
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached},
+        }
+
+
+async def collect(run: Run, request: Request) -> None:
+    """Read a run to the end, aborting it if the client goes away first."""
+
+    async def consume() -> None:
+        async for choice, delta in run.deltas():
+            if delta.finish_reason == "error":
+                raise APIError(500, delta.completion.error or "generation failed", None, "generation_error")
+
+    async def watch() -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.25)
+
+    consumer, watcher = asyncio.create_task(consume()), asyncio.create_task(watch())
+    done, _ = await asyncio.wait({consumer, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    watcher.cancel()
+    if consumer not in done:
+        consumer.cancel()
+        run.abort()
+        raise APIError(499, "the client closed the request", None, "client_closed")
+    consumer.result()
+
+
+def sse(payload: dict | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def streaming_response(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(
+        events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
+
+
+def stream_error(exc: Exception) -> str:
+    if isinstance(exc, APIError):
+        return sse(error_body(exc.status, exc.message, exc.param, exc.code))
+    return sse(error_body(500, f"internal error: {type(exc).__name__}"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Log-probabilities
+
+
+def token_text(llm: LLM, token_id: int) -> str:
+    return llm.tokenizer.token_bytes(token_id).decode("utf-8", errors="replace")
+
+
+def chat_logprobs(llm: LLM, logprobs: list[TokenLogprob], hidden: frozenset[int]) -> dict:
+    """The chat shape: {"content": [{token, logprob, bytes, top_logprobs: [...]}]}."""
+
+    def entry(token_id: int, lp: float) -> dict:
+        raw = llm.tokenizer.token_bytes(token_id)
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": lp, "bytes": list(raw)}
+
+    return {
+        "content": [
+            {**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
+            for lp in logprobs
+            if lp.token_id not in hidden
+        ]
+    }
+
+
+def legacy_logprobs(llm: LLM, items: list[tuple[int, TokenLogprob | None]], start_offset: int) -> dict:
+    """The /v1/completions shape over (token id, logprob) pairs: parallel arrays, offsets into the text."""
+    detok = StreamingDetokenizer(llm.tokenizer, skip_special=False)
+    tokens, token_lps, tops, offsets = [], [], [], []
+    offset = start_offset
+    for token_id, lp in items:
+        tokens.append(token_text(llm, token_id))
+        offsets.append(offset)
+        offset += len(detok.add(token_id))
+        token_lps.append(None if lp is None else lp.logprob)
+        tops.append(None if lp is None else {token_text(llm, t): v for t, v in lp.top})
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+# --------------------------------------------------------------------------------------------------
+# Chat completions
+
+
+def chat_prompt(llm: LLM, body: ChatCompletionRequest) -> list[int]:
+    messages = [m.as_template_message() for m in body.messages]
+    kwargs = dict(body.chat_template_kwargs or {})
+    for key in ("enable_thinking",):  # also accepted at the top level, as some clients send it
+        if key in (body.model_extra or {}):
+            kwargs.setdefault(key, body.model_extra[key])
+    try:
+        return llm.tokenizer.apply_chat_template(
+            messages, tools=body.tools, add_generation_prompt=body.add_generation_prompt, **kwargs
+        )
+    except Exception as e:  # the template's own raise_exception, or a malformed message
+        raise APIError(400, f"messages: the chat template could not render them: {e}", "messages") from None
+
+
+async def chat_completions(state: ServerState, body: ChatCompletionRequest, request: Request):
+    llm = state.llm
+    state.check_model(body.model)
+    prompt_ids = await asyncio.to_thread(chat_prompt, llm, body)
+    extra = {"logprobs": (body.top_logprobs or 0) if body.logprobs else None}
+    params = sampling_params(llm, body, len(prompt_ids), None, **extra)
+    run = Run(state, [Choice(i, prompt_ids, p) for i, p in enumerate(choice_params(params, body.n))])
+    run.start()
+    created, rid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
+    hidden = llm.eos_token_ids | frozenset(params.stop_token_ids)
+    head = {"id": rid, "created": created, "model": state.model_name, "system_fingerprint": state.fingerprint}
+    if body.stream:
+        return streaming_response(_chat_events(run, head, body, hidden))
+    await collect(run, request)
+    choices = []
+    for c in run.choices:
+        r = c.result
+        choice = {
+            "index": c.index,
+            "message": {"role": "assistant", "content": r.text, "tool_calls": None},
+            "logprobs": chat_logprobs(llm, r.logprobs, hidden) if body.logprobs else None,
+            "finish_reason": r.finish_reason,
+        }
+        choices.append(choice)
+    return JSONResponse({**head, "object": "chat.completion", "choices": choices, "usage": run.usage()})
+
+
+async def _chat_events(run: Run, head: dict, body: ChatCompletionRequest, hidden: frozenset[int]):
+    llm = run.state.llm
+    usage_field = {"usage": None} if body.include_usage else {}
+    started: set[int] = set()
+
+    def chunk(index: int, delta: dict, finish: str | None = None, logprobs: dict | None = None) -> str:
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        return sse({**head, "object": "chat.completion.chunk", "choices": [choice], **usage_field})
+
+    try:
+        async for choice, delta in run.deltas():
+            if delta.text:
+                message = {"content": delta.text}
+                if choice.index not in started:
+                    message = {"role": "assistant", **message}
+                    started.add(choice.index)
+                lps = chat_logprobs(llm, delta.logprobs, hidden) if body.logprobs else None
+                yield chunk(choice.index, message, None, lps)
+            if delta.finish_reason is not None:
+                if delta.finish_reason == "error":
+                    yield stream_error(APIError(500, delta.completion.error or "generation failed"))
+                    continue
+                if choice.index not in started:  # a choice with no text still says who spoke
+                    started.add(choice.index)
+                    yield chunk(choice.index, {"role": "assistant", "content": ""})
+                yield chunk(choice.index, {}, delta.finish_reason)
+        if body.include_usage:
+            yield sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": run.usage()})
+    except Exception as exc:  # after the 200 went out, errors travel in the stream
+        yield stream_error(exc)
+    yield sse("[DONE]")
+
+
+# --------------------------------------------------------------------------------------------------
+# Text completions
+
+
+async def completions(state: ServerState, body: CompletionRequest, request: Request):
+    llm = state.llm
+    state.check_model(body.model)
+    if body.suffix:
+        raise APIError(400, "suffix is not supported", "suffix", "unsupported")
+    prompts = [llm.encode(p) for p in body.prompts()]
+    wants_logprobs = body.logprobs is not None
+    choices: list[Choice] = []
+    for prompt_ids in prompts:
+        extra = {
+            "logprobs": body.logprobs,
+            "prompt_logprobs": body.logprobs if (body.echo and wants_logprobs) else None,
+        }
+        params = sampling_params(llm, body, len(prompt_ids), 16, **extra)
+        for p in choice_params(params, body.n):
+            choices.append(Choice(len(choices), prompt_ids, p))
+    run = Run(state, choices)
+    run.start()
+    created, rid = int(time.time()), f"cmpl-{uuid.uuid4().hex}"
+    head = {"id": rid, "created": created, "model": state.model_name, "system_fingerprint": state.fingerprint}
+    if body.stream:
+        return streaming_response(_completion_events(run, head, body))
+    await collect(run, request)
+    out = []
+    for c in run.choices:
+        r = c.result
+        prompt_text = llm.tokenizer.decode(c.prompt_ids) if body.echo else ""
+        out.append({
+            "index": c.index,
+            "text": prompt_text + r.text,
+            "logprobs": _completion_logprobs(llm, c, r, body.echo) if wants_logprobs else None,
+            "finish_reason": r.finish_reason,
+        })
+    return JSONResponse({**head, "object": "text_completion", "choices": out, "usage": run.usage()})
+
+
+def _completion_logprobs(llm: LLM, choice: Choice, result: Completion, echo: bool) -> dict:
+    items: list[tuple[int, TokenLogprob | None]] = []
+    if echo:
+        prompt_lps = result.prompt_logprobs or [None] * len(choice.prompt_ids)
+        items += list(zip(choice.prompt_ids, prompt_lps, strict=True))
+    items += [(lp.token_id, lp) for lp in result.logprobs]
+    return legacy_logprobs(llm, items, 0)
+
+
+async def _completion_events(run: Run, head: dict, body: CompletionRequest):
+    llm = run.state.llm
+    usage_field = {"usage": None} if body.include_usage else {}
+    echoed: set[int] = set()
+
+    def chunk(index: int, text: str, finish: str | None = None, logprobs: dict | None = None) -> str:
+        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+        return sse({**head, "object": "text_completion", "choices": [choice], **usage_field})
+
+    try:
+        async for choice, delta in run.deltas():
+            text = delta.text
+            if body.echo and choice.index not in echoed:
+                echoed.add(choice.index)
+                text = llm.tokenizer.decode(choice.prompt_ids) + text
+            lps = None
+            if body.logprobs is not None and delta.logprobs:
+                lps = legacy_logprobs(llm, [(lp.token_id, lp) for lp in delta.logprobs], 0)
+            if text or lps:
+                yield chunk(choice.index, text, None, lps)
+            if delta.finish_reason == "error":
+                yield stream_error(APIError(500, delta.completion.error or "generation failed"))
+            elif delta.finish_reason is not None:
+                yield chunk(choice.index, "", delta.finish_reason)
+        if body.include_usage:
+            yield sse({**head, "object": "text_completion", "choices": [], "usage": run.usage()})
+    except Exception as exc:
+        yield stream_error(exc)
+    yield sse("[DONE]")

@@ -1,0 +1,74 @@
+"""Errors in the OpenAI envelope: ``{"error": {"message", "type", "param", "code"}}``.
+
+Every client error is a 4xx naming the field at fault (the SDK retries 5xx, so a bad request must never
+look like a server fault); nothing reaches the client as a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from qwenkit.errors import QwenkitError
+
+log = logging.getLogger(__name__)
+
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+          408: "timeout_error", 413: "invalid_request_error", 429: "rate_limit_error",
+          503: "unavailable_error"}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": _TYPES.get(status, "server_error"), "param": param,
+                      "code": code}}
+
+
+def error_response(exc: APIError) -> JSONResponse:
+    return JSONResponse(error_body(exc.status, exc.message, exc.param, exc.code), exc.status, exc.headers)
+
+
+def install_handlers(app) -> None:  # noqa: ANN001 - a FastAPI app
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        if first.get("type") == "json_invalid":
+            message, param = f"the body is not valid JSON: {first.get('msg', '')}", None
+        elif not loc:
+            message, param = "the body must be a JSON object", None
+        else:
+            param = ".".join(loc) or None
+            message = f"{param or 'body'}: {first.get('msg', 'invalid value')}"
+            if "input" in first and first["type"] not in ("missing",):
+                shown = json.dumps(first["input"], default=str)
+                message += f" (got {shown[:200]})"
+        return error_response(APIError(400, message, param, "invalid_value"))
+
+    @app.exception_handler(QwenkitError)
+    async def _user_error(request: Request, exc: QwenkitError) -> JSONResponse:
+        return error_response(APIError(400, str(exc), None, "invalid_value"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(APIError(exc.status_code, str(exc.detail)))
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error in %s", request.url.path)
+        return JSONResponse(error_body(500, f"internal error: {type(exc).__name__}"), 500)

@@ -1,0 +1,86 @@
+"""Prometheus metrics under the names vLLM exports, so existing vLLM dashboards and alerts work as-is.
+
+Gauges are read from the engine when scraped; counters and histograms are fed by the request handlers.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily
+
+from qwenkit.engine.engine import Engine
+
+disable_created_metrics()  # no *_created series: vLLM's dashboards do not use them
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_TOKEN_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+
+
+class _PrefixCacheCollector:
+    def __init__(self, engine: Engine, model_name: str) -> None:
+        self.engine, self.model_name = engine, model_name
+
+    def collect(self):  # noqa: ANN201 - prometheus_client's collector protocol
+        stats = self.engine.stats()
+        for name, value, doc in (
+            ("vllm:prefix_cache_queries", stats.prefix_queries, "Prompt tokens looked up in the prefix cache."),
+            ("vllm:prefix_cache_hits", stats.prefix_hits, "Prompt tokens found in the prefix cache."),
+            ("vllm:num_preemptions", stats.preemptions, "Requests preempted for lack of KV blocks."),
+        ):
+            family = CounterMetricFamily(name, doc, labels=["model_name"])
+            family.add_metric([self.model_name], value)
+            yield family
+
+
+class ServerMetrics:
+    def __init__(self, engine: Engine, model_name: str) -> None:
+        self.registry = CollectorRegistry()
+        labels = ["model_name"]
+        r, m = self.registry, model_name
+
+        def gauge(name: str, doc: str, read) -> None:  # noqa: ANN001
+            Gauge(name, doc, labels, registry=r).labels(m).set_function(read)
+
+        gauge("vllm:num_requests_running", "Requests in the running batch.", lambda: engine.stats().running)
+        gauge("vllm:num_requests_waiting", "Requests waiting to start.", lambda: engine.stats().waiting)
+        gauge("vllm:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (1 = full).",
+              lambda: engine.stats().kv_usage)
+        r.register(_PrefixCacheCollector(engine, m))
+        self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens processed.", labels, registry=r).labels(m)
+        self.generation_tokens = Counter(
+            "vllm:generation_tokens", "Tokens generated.", labels, registry=r
+        ).labels(m)
+        self._success = Counter(
+            "vllm:request_success", "Finished requests by finish reason.", [*labels, "finished_reason"], registry=r
+        )
+        self.ttft = Histogram(
+            "vllm:time_to_first_token_seconds", "Time to the first token.", labels, buckets=_LATENCY_BUCKETS,
+            registry=r,
+        ).labels(m)
+        self.tpot = Histogram(
+            "vllm:time_per_output_token_seconds", "Time per output token after the first.", labels,
+            buckets=_TOKEN_BUCKETS, registry=r,
+        ).labels(m)
+        self.e2e = Histogram(
+            "vllm:e2e_request_latency_seconds", "Request latency, arrival to last token.", labels,
+            buckets=_LATENCY_BUCKETS, registry=r,
+        ).labels(m)
+        self.response_cache_hits = Counter(
+            "qwenkit:response_cache_hits", "Requests answered from the response cache.", labels, registry=r
+        ).labels(m)
+        self.model_name = m
+
+    def finished(self, reason: str | None, prompt_tokens: int, output_tokens: int, ttft: float | None,
+                 e2e: float) -> None:
+        """Record one finished choice."""
+        self._success.labels(self.model_name, reason or "abort").inc()
+        self.prompt_tokens.inc(prompt_tokens)
+        self.generation_tokens.inc(output_tokens)
+        self.e2e.observe(e2e)
+        if ttft is not None:
+            self.ttft.observe(ttft)
+            if output_tokens > 1:
+                self.tpot.observe((e2e - ttft) / (output_tokens - 1))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

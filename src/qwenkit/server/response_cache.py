@@ -1,0 +1,43 @@
+"""A bounded LRU of finished completions for repeated identical deterministic requests.
+
+Only requests whose output is fixed by their input are cached: greedy, or sampled with a seed. The key
+is the prompt's token ids plus every sampling parameter, so any difference is a miss.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from dataclasses import astuple
+
+from qwenkit.engine import SamplingParams
+from qwenkit.generate import Completion
+
+
+class ResponseCache:
+    def __init__(self, max_entries: int = 512) -> None:
+        self.max_entries = max_entries
+        self._entries: OrderedDict[tuple, Completion] = OrderedDict()
+
+    @staticmethod
+    def key(prompt_ids: list[int], params: SamplingParams) -> tuple | None:
+        if not params.greedy and params.seed is None:
+            return None
+        return (tuple(prompt_ids), astuple(params))
+
+    def get(self, key: tuple | None) -> Completion | None:
+        if key is None or key not in self._entries:
+            return None
+        self._entries.move_to_end(key)
+        return copy.deepcopy(self._entries[key])
+
+    def put(self, key: tuple | None, completion: Completion) -> None:
+        if key is None or self.max_entries <= 0 or completion.finish_reason not in ("stop", "length"):
+            return
+        self._entries[key] = copy.deepcopy(completion)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)

@@ -1,0 +1,139 @@
+"""The official openai SDK against a live server: what it sends, what it parses, and the values behind."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+import torch
+
+from qwenkit.engine import SamplingParams
+
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name three colours."}]
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+
+def direct_chat(llm, messages, **params):
+    ids = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    return llm.generate([ids], SamplingParams(**params))[0]
+
+
+def test_chat_greedy_equals_the_library(client, chat_llm):
+    r = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=12, temperature=0)
+    ref = direct_chat(chat_llm, MESSAGES, temperature=0, max_tokens=12)
+    (choice,) = r.choices
+    assert choice.message.role == "assistant" and choice.message.content == ref.text
+    assert choice.finish_reason == ref.finish_reason == "length"
+    assert r.id.startswith("chatcmpl-") and r.object == "chat.completion" and r.model == "tiny"
+    assert r.system_fingerprint and r.created > 0
+    assert r.usage.prompt_tokens == len(ref.prompt_ids) and r.usage.completion_tokens == 12
+    assert r.usage.total_tokens == len(ref.prompt_ids) + 12
+
+
+def test_streamed_text_equals_non_streamed(client):
+    kwargs = dict(model="tiny", messages=MESSAGES, max_tokens=16, temperature=0.8, seed=3)
+    whole = client.chat.completions.create(**kwargs).choices[0].message.content
+    chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    content = [c for c in chunks if c.choices]
+    assert "".join(c.choices[0].delta.content or "" for c in content) == whole
+    assert content[0].choices[0].delta.role == "assistant" and content[0].choices[0].delta.content
+    assert all(c.choices[0].delta.role is None for c in content[1:])
+    assert [c.choices[0].finish_reason for c in content].count("length") == 1
+    assert content[-1].choices[0].finish_reason == "length" and not content[-1].choices[0].delta.content
+    assert len({c.id for c in chunks}) == 1 and chunks[-1].choices == []
+    assert chunks[-1].usage.completion_tokens == 16 and all(c.usage is None for c in chunks[:-1])
+
+
+def test_n_choices_with_a_seed(client):
+    kwargs = dict(model="tiny", messages=MESSAGES, max_tokens=8, temperature=1.0, seed=11, n=3)
+    a = client.chat.completions.create(**kwargs)
+    b = client.chat.completions.create(**kwargs)
+    texts = [c.message.content for c in a.choices]
+    assert [c.index for c in a.choices] == [0, 1, 2] and texts == [c.message.content for c in b.choices]
+    assert len(set(texts)) > 1  # seed, seed+1, seed+2
+    streamed: dict[int, str] = {}
+    for chunk in client.chat.completions.create(**kwargs, stream=True):
+        for choice in chunk.choices:
+            streamed[choice.index] = streamed.get(choice.index, "") + (choice.delta.content or "")
+    assert [streamed[i] for i in range(3)] == texts
+    assert a.usage.completion_tokens == 24 and a.usage.prompt_tokens == b.usage.prompt_tokens
+
+
+def test_stop_strings_cut_text(client):
+    kwargs = dict(model="tiny", messages=MESSAGES, max_tokens=24, temperature=1.0, seed=5)
+    full = client.chat.completions.create(**kwargs).choices[0].message.content
+    stop = full[6:9]
+    cut = client.chat.completions.create(**kwargs, stop=[stop])
+    assert cut.choices[0].message.content == full[: full.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    streamed = "".join(
+        c.choices[0].delta.content or "" for c in client.chat.completions.create(**kwargs, stop=stop, stream=True)
+        if c.choices
+    )
+    assert streamed == full[: full.index(stop)]
+
+
+def test_chat_logprobs_are_the_models(client, chat_llm):
+    r = client.chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=4, temperature=0, logprobs=True, top_logprobs=3
+    )
+    content = r.choices[0].logprobs.content
+    ref = direct_chat(chat_llm, MESSAGES, temperature=0, max_tokens=4, logprobs=3)
+    assert [round(e.logprob, 4) for e in content] == [round(lp.logprob, 4) for lp in ref.logprobs]
+    assert all(len(e.top_logprobs) == 3 and e.top_logprobs[0].logprob >= e.logprob - 1e-6 for e in content)
+    assert bytes(content[0].bytes).decode("utf-8", "replace") == content[0].token
+
+
+def test_completions_echo_logprobs_for_token_prompts(client, chat_llm):
+    """lm-eval's loglikelihood request: token-id prompts in a batch, echo, logprobs, max_tokens 1."""
+    prompts = [[9707, 11, 1879, 0], [785, 6722, 315]]
+    r = client.completions.create(model="tiny", prompt=prompts, max_tokens=1, echo=True, logprobs=1, temperature=0)
+    model = chat_llm.model
+    for prompt, choice in zip(prompts, sorted(r.choices, key=lambda c: c.index), strict=True):
+        lp = choice.logprobs
+        with torch.no_grad():
+            ref = torch.log_softmax(model(torch.tensor([prompt]))[0].float(), -1)
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        assert len(lp.token_logprobs) == len(prompt) + 1
+        for i in range(1, len(prompt)):
+            assert abs(lp.token_logprobs[i] - ref[i - 1, prompt[i]].item()) < 1e-4
+        assert abs(lp.token_logprobs[-1] - ref[-1].max().item()) < 1e-4  # the greedy continuation
+        assert max(lp.top_logprobs[-1].values()) == pytest.approx(lp.token_logprobs[-1], abs=1e-6)
+        prompt_text = chat_llm.tokenizer.decode(prompt)
+        assert choice.text.startswith(prompt_text) and lp.text_offset[0] == 0
+        assert lp.text_offset == sorted(lp.text_offset)
+
+
+def test_completions_max_tokens_zero_scores_the_prompt(client):
+    r = client.completions.create(model="tiny", prompt="Hello world", max_tokens=0, echo=True, logprobs=0)
+    lp = r.choices[0].logprobs
+    assert r.usage.completion_tokens == 0 and lp.token_logprobs[0] is None
+    assert all(v is not None and v < 0 for v in lp.token_logprobs[1:])
+    assert r.choices[0].text == "Hello world"
+
+
+def test_text_completion_streams(client):
+    kwargs = dict(model="tiny", prompt="Once upon a time", max_tokens=10, temperature=0.7, seed=2)
+    whole = client.completions.create(**kwargs).choices[0].text
+    chunks = list(client.completions.create(**kwargs, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == whole
+    assert [c.choices[0].finish_reason for c in chunks][-1] == "length"
+
+
+def test_models_and_async_client(server):
+    import asyncio
+
+    async def go():
+        client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        models = await client.models.list()
+        stream = await client.chat.completions.create(
+            model="tiny", messages=MESSAGES, max_tokens=5, temperature=0, stream=True
+        )
+        text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+        return models, text
+
+    models, text = asyncio.run(go())
+    assert [m.id for m in models.data] == ["tiny"] and text
