@@ -246,10 +246,11 @@ def test_api_key_is_sent_as_bearer_and_kept_in_the_browser(make_server, open_pag
     expect(page.locator("#model")).to_have_text(MODEL)
 
 
-# One answer served by the browser itself, so its content is known: markdown with a code block, and HTML
-# that tries to run script. Framed with \r\n and a keep-alive comment, split mid-line across events.
+# One answer served by the browser itself, so its content is known: Qwen3 thinking, markdown with a code
+# block, and HTML that tries to run script. Framed with \r\n and a keep-alive comment, split mid-line
+# across events.
 ANSWER = (
-    "Here is **bold** and code:\n\n```python\nprint('hi')  # "
+    "<think>\nThe user wants code.\n</think>\n\nHere is **bold** and code:\n\n```python\nprint('hi')  # "
     + "x" * 300
     + '\n```\n\n<script>window.pwned = 1</script><img src=x onerror="window.pwned = 2">'
     '[click](javascript:window.pwned=3) <a href="https://example.com">site</a>'
@@ -276,7 +277,7 @@ def test_markdown_is_rendered_and_model_html_cannot_run_script_on_a_phone_screen
     page = open_page(
         server.url, viewport={"width": 390, "height": 800}, is_mobile=True, has_touch=True, bypass_csp=True
     )
-    cut = [0, 7, 30, 60, len(ANSWER) - 40, len(ANSWER)]
+    cut = [0, 5, 30, 60, 90, len(ANSWER) - 40, len(ANSWER)]
     pieces = [ANSWER[a:b] for a, b in itertools.pairwise(cut)]
     page.route(
         CHAT_URL,
@@ -293,6 +294,10 @@ def test_markdown_is_rendered_and_model_html_cannot_run_script_on_a_phone_screen
     assert code.get_attribute("class") == "language-python"
     assert code.text_content().startswith("print('hi')  # xxx")
     assert message.locator("strong").text_content() == "bold"
+    thinking = message.locator("details.thinking")
+    assert thinking.locator("summary").text_content() == "Thought"
+    assert thinking.locator(".markdown").text_content().strip() == "The user wants code."
+    assert "The user wants code" not in message.locator(".body").text_content()
     assert "42 tokens" in message.locator(".meta").text_content()
 
     assert page.evaluate("() => window.pwned") is None

@@ -158,9 +158,11 @@ function addCopyButton(pre) {
   pre.append(button);
 }
 
+/** Token counts from the usage chunk, and the decode rate when the answer took long enough to time. */
 function usageNote(usage, seconds) {
   if (!usage) return "";
-  const rate = seconds > 0 ? ` · ${(usage.completion_tokens / seconds).toFixed(1)} tokens/s` : "";
+  const timed = seconds >= 0.1 && usage.completion_tokens > 1;
+  const rate = timed ? ` · ${((usage.completion_tokens - 1) / seconds).toFixed(1)} tokens/s` : "";
   const cached = usage.prompt_tokens_details?.cached_tokens;
   const prefix = cached ? ` (${cached} cached)` : "";
   return `${usage.completion_tokens} tokens${rate} · prompt ${usage.prompt_tokens} tokens${prefix}`;
