@@ -207,10 +207,10 @@ def test_stop_button_ends_a_running_answer_and_the_server_aborts_it(server, open
         time.sleep(0.1)
 
 
-def test_a_server_error_is_shown_and_the_message_is_kept(server, open_page):
+def test_errors_are_shown_before_and_during_an_answer(server, open_page):
     page = open_page(server.url)
     open_settings(page)
-    page.fill("#max_tokens", "100000")  # past the model's 8192-token context
+    page.fill("#max_tokens", "100000")  # past the model's 8192-token context: the real server's 400
     page.fill("#prompt", "Hello")
     page.keyboard.press("Enter")
     error = page.wait_for_selector("#error:not([hidden])")
@@ -218,6 +218,18 @@ def test_a_server_error_is_shown_and_the_message_is_kept(server, open_page):
     assert "maximum context length is 8192 tokens" in error.text_content()
     assert page.locator(".message").count() == 0  # the failed turn is taken back ...
     assert page.input_value("#prompt") == "Hello"  # ... and the message is back in the box to retry
+
+    # An error event in the middle of a stream: the part that came stays, marked as failed.
+    first = {"choices": [{"index": 0, "delta": {"role": "assistant", "content": "Partial"}}]}
+    failure = {"error": {"message": "the engine failed on this request", "type": "server_error"}}
+    body = f"data: {json.dumps(first)}\n\ndata: {json.dumps(failure)}\n\ndata: [DONE]\n\n"
+    page.route(CHAT_URL, lambda route: route.fulfill(status=200, content_type="text/event-stream", body=body))
+    page.fill("#max_tokens", "")
+    page.press("#prompt", "Enter")  # "Hello", kept from the failed turn
+    message = answer(page, 0, state="error")
+    assert message.locator(".body").text_content().strip() == "Partial"
+    assert message.locator(".meta").text_content() == "Failed: the engine failed on this request"
+    assert page.text_content("#error") == "the engine failed on this request"
 
 
 def test_api_key_is_sent_as_bearer_and_kept_in_the_browser(make_server, open_page):
