@@ -286,9 +286,9 @@ def test_markdown_is_rendered_and_model_html_cannot_run_script_on_a_phone_screen
     # The page's Content-Security-Policy would block inline script too; bypass it so the sanitizer alone
     # is what keeps the script from running.
     assert "script-src 'self'" in httpx.get(server.url, timeout=10).text
-    page = open_page(
-        server.url, viewport={"width": 390, "height": 800}, is_mobile=True, has_touch=True, bypass_csp=True
-    )
+    phone = {"viewport": {"width": 390, "height": 800}, "is_mobile": True, "has_touch": True}
+    clipboard = ["clipboard-read", "clipboard-write"]
+    page = open_page(server.url, **phone, bypass_csp=True, permissions=clipboard)
     cut = [0, 5, 30, 60, 90, len(ANSWER) - 40, len(ANSWER)]
     pieces = [ANSWER[a:b] for a, b in itertools.pairwise(cut)]
     page.route(
@@ -306,6 +306,9 @@ def test_markdown_is_rendered_and_model_html_cannot_run_script_on_a_phone_screen
     assert code.get_attribute("class") == "language-python"
     assert code.text_content().startswith("print('hi')  # xxx")
     assert message.locator("strong").text_content() == "bold"
+    message.locator("pre button.copy").click()
+    expect(message.locator("pre button.copy")).to_have_text("Copied")
+    assert page.evaluate("() => navigator.clipboard.readText()") == code.text_content()
     thinking = message.locator("details.thinking")
     assert thinking.locator("summary").text_content() == "Thought"
     assert thinking.locator(".markdown").text_content().strip() == "The user wants code."

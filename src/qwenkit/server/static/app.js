@@ -24,27 +24,45 @@ let running = null; // the AbortController of the answer being streamed
 
 // ---- settings, kept in localStorage -------------------------------------------------------------
 
+// Storage can be switched off (private modes, blocked site data): then settings last for this page only.
+const store = {
+  get(key) {
+    try {
+      return localStorage.getItem(key);
+    } catch {
+      return null;
+    }
+  },
+  set(key, value) {
+    try {
+      if (value) localStorage.setItem(key, value);
+      else localStorage.removeItem(key);
+    } catch {
+      // Not stored; the page keeps working.
+    }
+  },
+};
+
 function loadSettings() {
   let saved = {};
   try {
-    saved = JSON.parse(localStorage.getItem(SETTINGS_KEY) ?? "{}") ?? {};
+    saved = JSON.parse(store.get(SETTINGS_KEY) ?? "{}") ?? {};
   } catch {
     // A damaged entry: start from defaults.
   }
   systemInput.value = saved.system ?? "";
   for (const field of Object.keys(SAMPLING)) $(field).value = saved[field] ?? "";
-  apiKeyInput.value = localStorage.getItem(API_KEY_KEY) ?? "";
+  apiKeyInput.value = store.get(API_KEY_KEY) ?? "";
 }
 
 function saveSettings() {
   const settings = { system: systemInput.value };
   for (const field of Object.keys(SAMPLING)) settings[field] = $(field).value;
-  localStorage.setItem(SETTINGS_KEY, JSON.stringify(settings));
+  store.set(SETTINGS_KEY, JSON.stringify(settings));
 }
 
 function saveApiKey() {
-  if (apiKeyInput.value) localStorage.setItem(API_KEY_KEY, apiKeyInput.value);
-  else localStorage.removeItem(API_KEY_KEY);
+  store.set(API_KEY_KEY, apiKeyInput.value);
 }
 
 /** The sampling fields the user filled in, as numbers; a field the browser marks invalid is an error. */
@@ -106,7 +124,7 @@ class AnswerView {
     this.meta.className = "meta";
     article.append(this.meta);
     this.setState("waiting");
-    this.pending = false;
+    this.frame = null; // the pending animation frame that will re-render, if any
   }
 
   setState(state) {
@@ -117,13 +135,12 @@ class AnswerView {
   update(content, reasoning) {
     this.content = content;
     this.reasoning = reasoning;
-    if (this.pending) return;
-    this.pending = true;
-    requestAnimationFrame(() => this.render());
+    this.frame ??= requestAnimationFrame(() => this.render());
   }
 
   render() {
-    this.pending = false;
+    if (this.frame != null) cancelAnimationFrame(this.frame);
+    this.frame = null;
     const follow = nearBottom();
     const { thinking, answer, thinkingDone } = splitThinking(this.content ?? "");
     const thought = [this.reasoning, thinking].filter(Boolean).join("\n\n");
@@ -136,7 +153,9 @@ class AnswerView {
     if (follow) transcript.scrollTop = transcript.scrollHeight;
   }
 
-  finish(state, note) {
+  finish(state, note, content, reasoning) {
+    this.content = content;
+    this.reasoning = reasoning;
     this.render();
     this.setState(state);
     this.meta.textContent = note;
@@ -249,8 +268,7 @@ async function send(text) {
   if (outcome === "stopped") note = "Stopped.";
   else if (outcome === "error") note = `Failed: ${failure}`;
   else if (finishReason === "length") note = `Cut off at the max_tokens limit. ${note}`;
-  view.update(content, reasoning);
-  view.finish(outcome, note);
+  view.finish(outcome, note, content, reasoning);
   if (failure) showError(failure);
 }
 
