@@ -206,6 +206,20 @@ def test_stop_button_ends_a_running_answer_and_the_server_aborts_it(server, open
         assert time.monotonic() < deadline, "the stopped request still runs on the server"
         time.sleep(0.1)
 
+    # "New chat" in the middle of an answer stops it and starts from an empty conversation.
+    bodies = chat_bodies(page)
+    page.fill("#prompt", "Another long one.")
+    page.keyboard.press("Enter")
+    page.wait_for_selector(".message.assistant[data-state=streaming]")
+    page.click("#new-chat")
+    expect(page.locator(".message")).to_have_count(0)
+    page.fill("#max_tokens", "2")
+    page.fill("#prompt", "Fresh start.")
+    page.keyboard.press("Enter")
+    answer(page, 0)
+    assert bodies[-1]["messages"] == [{"role": "user", "content": "Fresh start."}]
+    expect(page.locator(".message")).to_have_count(2)
+
 
 def test_errors_are_shown_before_and_during_an_answer(server, open_page):
     page = open_page(server.url)

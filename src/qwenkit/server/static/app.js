@@ -21,6 +21,7 @@ const API_KEY_KEY = "qwenkit.chat.apiKey";
 let history = []; // [{role, content}], without the system prompt (it is read from its box at each send)
 let modelId = null;
 let running = null; // the AbortController of the answer being streamed
+let conversation = 0; // bumped by "New chat", so an answer still finishing cannot touch the new one
 
 // ---- settings, kept in localStorage -------------------------------------------------------------
 
@@ -216,6 +217,7 @@ async function send(text) {
   transcript.scrollTop = transcript.scrollHeight;
 
   const controller = new AbortController();
+  const turn = conversation;
   setRunning(controller);
   let content = "";
   let reasoning = "";
@@ -249,8 +251,9 @@ async function send(text) {
       failure = error instanceof ApiError ? error.message : `could not reach the server: ${error.message}`;
     }
   } finally {
-    setRunning(null);
+    if (running === controller) setRunning(null);
   }
+  if (turn !== conversation) return;
 
   if (!content && !reasoning && outcome !== "done") {
     // Nothing came back: take the turn back so the next message does not follow an unanswered one.
@@ -278,6 +281,8 @@ function stop() {
 
 function newChat() {
   stop();
+  setRunning(null);
+  conversation += 1;
   history = [];
   transcript.replaceChildren(emptyHint());
   clearError();
