@@ -19,8 +19,12 @@ def model(tmp_path_factory):
 
 def test_cached_logits_equal_recomputed(model):
     cfg = model.config
-    cache = PagedKVCache(cfg.num_hidden_layers, 16, 4, cfg.num_key_value_heads, cfg.head_dim, torch.float32, "cpu")
-    seqs = [torch.randint(0, 512, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (30, 17)]
+    cache = PagedKVCache(
+        cfg.num_hidden_layers, 16, 4, cfg.num_key_value_heads, cfg.head_dim, torch.float32, "cpu"
+    )
+    seqs = [
+        torch.randint(0, 512, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (30, 17)
+    ]
     tables = [[9, 2, 14, 5, 0, 11, 7, 3], [1, 12, 6, 15, 4]]  # scattered, interleaved blocks
     done = [0, 0]
     with torch.no_grad():
@@ -63,7 +67,7 @@ PARAMS = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
 
 def test_prefix_cache_hits_equal_uncached(model):
-    prompts = [SYSTEM + [100, 101, 102], SYSTEM + [200, 201], SYSTEM[:40]]
+    prompts = [[*SYSTEM, 100, 101, 102], [*SYSTEM, 200, 201], SYSTEM[:40]]
     uncached, none = run(Engine(model, prefix_caching=False), prompts, PARAMS)
     engine = Engine(model)
     first, c0 = run(engine, prompts[:1], PARAMS)
@@ -77,9 +81,15 @@ def test_prefix_cache_hits_equal_uncached(model):
 def test_copies_of_one_prompt_share_its_blocks(model):
     """n > 1: copies admitted together wait for the first to publish the prompt's blocks."""
     engine = Engine(model)
-    outs, cached = run(engine, [SYSTEM] * 3, SamplingParams(temperature=1.0, seed=3, max_tokens=6, ignore_eos=True))
+    outs, cached = run(
+        engine, [SYSTEM] * 3, SamplingParams(temperature=1.0, seed=3, max_tokens=6, ignore_eos=True)
+    )
     assert cached == [0, 48, 48]
-    alone, _ = run(Engine(model, prefix_caching=False), [SYSTEM], SamplingParams(temperature=1.0, seed=3, max_tokens=6, ignore_eos=True))
+    alone, _ = run(
+        Engine(model, prefix_caching=False),
+        [SYSTEM],
+        SamplingParams(temperature=1.0, seed=3, max_tokens=6, ignore_eos=True),
+    )
     assert outs == alone * 3
 
 
@@ -105,6 +115,6 @@ def test_prefix_cache_keys_include_v1_ntk_alpha(tmp_path):
     assert cached == [0]
     ref, _ = run(Engine(v1, max_seq_len=128, prefix_caching=False), [long], PARAMS)
     assert out == ref
-    again, cached = run(engine, [long[:49] + [7]], PARAMS)  # same alpha: reuse
+    again, cached = run(engine, [[*long[:49], 7]], PARAMS)  # same alpha: reuse
     assert cached == [48]
-    assert again == run(Engine(v1, max_seq_len=128, prefix_caching=False), [long[:49] + [7]], PARAMS)[0]
+    assert again == run(Engine(v1, max_seq_len=128, prefix_caching=False), [[*long[:49], 7]], PARAMS)[0]

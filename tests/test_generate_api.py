@@ -77,7 +77,9 @@ def test_stop_token_ids_are_not_in_the_text(llm):
     """A non-special stop token ends the request but is not shown, as in the OpenAI API."""
     full = llm.generate("Once upon a time", SAMPLED)[0]
     stop_id = full.token_ids[5]
-    cut = llm.generate("Once upon a time", SamplingParams(**{**SAMPLED.__dict__, "stop_token_ids": (stop_id,)}))[0]
+    cut = llm.generate(
+        "Once upon a time", SamplingParams(**{**SAMPLED.__dict__, "stop_token_ids": (stop_id,)})
+    )[0]
     first = full.token_ids.index(stop_id)
     assert cut.token_ids == full.token_ids[: first + 1] and cut.finish_reason == "stop"
     assert cut.text == llm.tokenizer.decode(full.token_ids[:first], skip_special=True)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from qwenkit.checkpoint import load_model
 from qwenkit.config import ModelConfig
 from qwenkit.engine import Engine, SamplingParams
-from qwenkit.errors import CheckpointError, ConfigError, NonFiniteLogitsError, OutOfMemoryError
+from qwenkit.errors import CheckpointError, ConfigError, OutOfMemoryError
 from qwenkit.memory import check_fits
 
 

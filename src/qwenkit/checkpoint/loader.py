@@ -118,7 +118,8 @@ def load_model(
         raise ConfigError(
             f"{path} is already quantized ({config.quantization.get('quant_method')}); drop --quantize"
         )
-    check_fits(config, torch_dtype, device, context or min(config.max_context, 2048), batch, quantize)
+    # Runtime --quantize converts after the float weights are in place, so the float model is the peak.
+    check_fits(config, torch_dtype, device, context or min(config.max_context, 2048), batch, None)
 
     with torch.device("meta"):
         model = Transformer(config)

@@ -12,14 +12,29 @@ import argparse
 import logging
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 
 from qwenkit.cli.common import add_model_args, resolve_model
 from qwenkit.errors import ConfigError
 
-_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20,
-          "g": 1e9, "gb": 1e9, "gib": 2**30, "t": 1e12, "tb": 1e12, "tib": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1e3,
+    "kb": 1e3,
+    "kib": 2**10,
+    "m": 1e6,
+    "mb": 1e6,
+    "mib": 2**20,
+    "g": 1e9,
+    "gb": 1e9,
+    "gib": 2**30,
+    "t": 1e12,
+    "tb": 1e12,
+    "tib": 2**40,
+}
 
 
 def parse_bytes(text: str) -> int:
@@ -36,34 +51,72 @@ def _env(name: str, default: object = None) -> object:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qwenkit serve", description="Serve a model over an OpenAI-compatible API.")
+    parser = argparse.ArgumentParser(
+        prog="qwenkit serve", description="Serve a model over an OpenAI-compatible API."
+    )
     add_model_args(parser)
-    parser.set_defaults(model=_env("model"), dtype=_env("dtype", "auto"), device=_env("device", "cpu"),
-                        quantize=_env("quantize"))
+    parser.set_defaults(
+        model=_env("model"),
+        dtype=_env("dtype", "auto"),
+        device=_env("device", "cpu"),
+        quantize=_env("quantize"),
+    )
     g = parser.add_argument_group("server")
     g.add_argument("--host", default=_env("host", "127.0.0.1"), help="address to bind (default 127.0.0.1)")
     g.add_argument("--port", type=int, default=int(_env("port", 8000)))
     g.add_argument("--api-key", default=_env("api_key"), help="require Authorization: Bearer KEY on /v1")
     g.add_argument("--api-key-file", default=_env("api_key_file"), help="read the API key from this file")
-    g.add_argument("--served-model-name", default=_env("served_model_name"),
-                   help="the model name clients use (default: the model's file or directory name)")
-    g.add_argument("--allowed-origins", nargs="*", default=(_env("allowed_origins") or "").split(),
-                   help="origins allowed to call the API from a browser (CORS is off otherwise)")
-    g.add_argument("--request-timeout", type=float, default=_env("request_timeout"),
-                   help="seconds before a request is stopped and its memory freed")
-    g.add_argument("--graceful-timeout", type=float, default=float(_env("graceful_timeout", 30)),
-                   help="seconds running requests get to finish after SIGTERM")
+    g.add_argument(
+        "--served-model-name",
+        default=_env("served_model_name"),
+        help="the model name clients use (default: the model's file or directory name)",
+    )
+    g.add_argument(
+        "--allowed-origins",
+        nargs="*",
+        default=(_env("allowed_origins") or "").split(),
+        help="origins allowed to call the API from a browser (CORS is off otherwise)",
+    )
+    g.add_argument(
+        "--request-timeout",
+        type=float,
+        default=_env("request_timeout"),
+        help="seconds before a request is stopped and its memory freed",
+    )
+    g.add_argument(
+        "--graceful-timeout",
+        type=float,
+        default=float(_env("graceful_timeout", 30)),
+        help="seconds running requests get to finish after SIGTERM",
+    )
     e = parser.add_argument_group("engine")
-    e.add_argument("--max-batch", type=int, default=int(_env("max_batch", 16)), help="requests decoded together")
-    e.add_argument("--max-queue", type=int, default=int(_env("max_queue", 256)),
-                   help="waiting requests before new ones get 429")
-    e.add_argument("--kv-cache-memory", default=_env("kv_cache_memory"),
-                   help="KV-cache pool size, e.g. 2GiB (default: every batch row at the full context)")
-    e.add_argument("--max-model-len", type=int, default=_env("max_model_len"),
-                   help="longest sequence (prompt + output) served (default: the model's context)")
+    e.add_argument(
+        "--max-batch", type=int, default=int(_env("max_batch", 16)), help="requests decoded together"
+    )
+    e.add_argument(
+        "--max-queue",
+        type=int,
+        default=int(_env("max_queue", 256)),
+        help="waiting requests before new ones get 429",
+    )
+    e.add_argument(
+        "--kv-cache-memory",
+        default=_env("kv_cache_memory"),
+        help="KV-cache pool size, e.g. 2GiB (default: every batch row at the full context)",
+    )
+    e.add_argument(
+        "--max-model-len",
+        type=int,
+        default=_env("max_model_len"),
+        help="longest sequence (prompt + output) served (default: the model's context)",
+    )
     e.add_argument("--no-prefix-caching", action="store_true", default=bool(_env("no_prefix_caching")))
-    e.add_argument("--response-cache", type=int, default=int(_env("response_cache", 512)),
-                   help="repeated deterministic requests remembered (0: off)")
+    e.add_argument(
+        "--response-cache",
+        type=int,
+        default=int(_env("response_cache", 512)),
+        help="repeated deterministic requests remembered (0: off)",
+    )
     return parser
 
 
@@ -112,8 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     print(f"serving {name} on http://{args.host}:{args.port} (web chat at /, API at /v1)", file=sys.stderr)
     server = DrainingServer(
-        uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
-                       timeout_graceful_shutdown=args.graceful_timeout)
+        uvicorn.Config(
+            app,
+            host=args.host,
+            port=args.port,
+            log_level="info",
+            timeout_graceful_shutdown=args.graceful_timeout,
+        )
     )
     server.run()
     llm.driver.shutdown()
@@ -124,12 +182,14 @@ class DrainingServer:
     """uvicorn's server, marking the app not-ready (503 on /health and new POSTs) as soon as a shutdown
     signal arrives, before uvicorn stops listening and waits for running requests."""
 
-    def __new__(cls, config):  # noqa: ANN001, ANN204
+    def __new__(cls, config):
         import uvicorn
 
         class _Server(uvicorn.Server):
-            def handle_exit(self, sig: int, frame) -> None:  # noqa: ANN001
+            def handle_exit(self, sig: int, frame) -> None:
                 config.app.state.qwenkit.draining = True
                 super().handle_exit(sig, frame)
+                if sig == signal.SIGTERM:  # a requested, completed drain exits 0 (uvicorn re-raises it)
+                    self._captured_signals.remove(sig)
 
         return _Server(config)

@@ -96,7 +96,7 @@ class EngineDriver:
     def abort(self, request_id: RequestId) -> None:
         self._send(("abort", request_id))
 
-    def call(self, fn, *args):  # noqa: ANN001, ANN201 - any engine method, run between steps
+    def call(self, fn, *args):
         """Run ``fn(*args)`` on the driver thread between steps and return its result."""
         done: queue.SimpleQueue = queue.SimpleQueue()
         self._send(("call", fn, args, done))

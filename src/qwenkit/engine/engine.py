@@ -72,8 +72,8 @@ class Engine:
         pool_tokens = kv_cache_tokens or max_batch_size * self.max_seq_len
         if pool_tokens < self.max_seq_len:
             raise SamplingParamsError(
-                f"the KV cache holds {pool_tokens} tokens, less than one sequence of the {self.max_seq_len}-token "
-                "context: give it more memory or lower the maximum model length"
+                f"the KV cache holds {pool_tokens} tokens, less than one sequence of the "
+                f"{self.max_seq_len}-token context: give it more memory or lower the maximum model length"
             )
         num_blocks = -(-pool_tokens // block_size)
         self.cache = PagedKVCache(
@@ -228,8 +228,8 @@ class Engine:
         dev = self.device
         attention = StepAttention(self.cache, decode_rows, chunk_rows)
         logits = self.model(
-            torch.tensor([ids], device=dev),
-            positions=torch.tensor([positions], device=dev),
+            torch.tensor([ids], dtype=torch.long, device=dev),
+            positions=torch.tensor([positions], dtype=torch.long, device=dev),
             cache=attention,
             ntk_alphas=torch.tensor([alphas]) if any(a != 1.0 for a in alphas) else None,
             logits_index=torch.tensor(logits_index, dtype=torch.long, device=dev),
@@ -254,7 +254,7 @@ class Engine:
         self, to_sample: list[tuple[Request, int]], logits: torch.Tensor, by_id: dict[RequestId, StepOutput]
     ) -> None:
         raw = logits[[row for _, row in to_sample]]  # (R, V)
-        finite = torch.isfinite(raw).all(-1).tolist()
+        finite = torch.isfinite(raw.sum(-1)).tolist()  # one pass: NaN and inf both survive a sum
         for (request, _), ok in zip(to_sample, finite, strict=True):
             if not ok:
                 out = by_id[request.id]
@@ -265,7 +265,8 @@ class Engine:
             return
         requests = [to_sample[i][0] for i in keep]
         raw = raw[keep] if len(keep) < len(finite) else raw
-        tokens = sample(apply_penalties(raw.clone(), requests), requests)
+        penalized = any(r.seen is not None or r.output_counts is not None for r in requests)
+        tokens = sample(apply_penalties(raw.clone(), requests) if penalized else raw, requests)
         wanted = [r.params.logprobs is not None for r in requests]
         logprobs: list[TokenLogprob | None] = [None] * len(requests)
         if any(wanted):

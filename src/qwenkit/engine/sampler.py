@@ -47,7 +47,7 @@ def filter_candidates(
     Returns candidate logits (R, K) with removed tokens at -inf, and their vocabulary ids (R, K) in
     descending order, or None when no row needed sorting (then the K columns are the vocabulary).
     """
-    R, V = logits.shape
+    _R, V = logits.shape
     dev = logits.device
     logits = logits / torch.tensor([p.temperature for p in params], device=dev)[:, None]
     ks = [p.top_k if 0 < p.top_k < V else V for p in params]
@@ -56,7 +56,9 @@ def filter_candidates(
     if min(ks) < V or min(top_p) < 1.0:
         logits, ids = torch.topk(logits, max(ks), dim=-1)  # sorted, descending
         if min(ks) < max(ks):
-            beyond = torch.arange(logits.shape[1], device=dev)[None, :] >= torch.tensor(ks, device=dev)[:, None]
+            beyond = (
+                torch.arange(logits.shape[1], device=dev)[None, :] >= torch.tensor(ks, device=dev)[:, None]
+            )
             logits = logits.masked_fill(beyond, float("-inf"))
         if min(top_p) < 1.0:
             probs = logits.softmax(-1)
@@ -118,7 +120,7 @@ def token_logprobs(
     logprobs = torch.log_softmax(raw_logits, dim=-1)
     chosen = logprobs.gather(1, tokens[:, None])[:, 0].tolist()
     most = max(top_n, default=0)
-    top_values, top_ids = (logprobs.topk(most, dim=-1) if most else (None, None))
+    top_values, top_ids = logprobs.topk(most, dim=-1) if most else (None, None)
     out = []
     token_list = tokens.tolist()
     values = top_values.tolist() if top_values is not None else None

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 from qwenkit.errors import QwenkitError
 
 
@@ -32,8 +30,10 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         checks = [
-            (self.max_tokens >= 1 or (self.max_tokens == 0 and self.prompt_logprobs is not None),
-             f"max_tokens must be >= 1 (0 only with prompt_logprobs), got {self.max_tokens}"),
+            (
+                self.max_tokens >= 1 or (self.max_tokens == 0 and self.prompt_logprobs is not None),
+                f"max_tokens must be >= 1 (0 only with prompt_logprobs), got {self.max_tokens}",
+            ),
             (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (self.top_k >= 0, f"top_k must be >= 0 (0 disables it), got {self.top_k}"),

@@ -134,7 +134,8 @@ class Scheduler:
         if len(have) < num_blocks:
             size = self.blocks.block_size
             have += block_hashes(
-                request.all_ids[len(have) * size : num_blocks * size], size,
+                request.all_ids[len(have) * size : num_blocks * size],
+                size,
                 have[-1] if have else request.cache_key,
             )
         return have[:num_blocks]

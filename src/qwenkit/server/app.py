@@ -36,16 +36,20 @@ def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
     install_handlers(app)
 
     @app.middleware("http")
-    async def _gate(request: Request, call_next):  # noqa: ANN001, ANN202
+    async def _gate(request: Request, call_next):
         path = request.url.path
         if state.config.api_key and path.startswith(_PROTECTED) and request.method != "OPTIONS":
             scheme, _, given = request.headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not state.key_matches(given.strip()):
-                return error_response(APIError(401, "a valid API key is required: Authorization: Bearer KEY",
-                                               None, "invalid_api_key"))
+                return error_response(
+                    APIError(
+                        401, "a valid API key is required: Authorization: Bearer KEY", None, "invalid_api_key"
+                    )
+                )
         if state.draining and request.method == "POST":
-            return error_response(APIError(503, "the server is shutting down", None, "shutting_down",
-                                           {"Retry-After": "5"}))
+            return error_response(
+                APIError(503, "the server is shutting down", None, "shutting_down", {"Retry-After": "5"})
+            )
         return await call_next(request)
 
     if state.config.allowed_origins:
@@ -57,11 +61,11 @@ def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
         )
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request):  # noqa: ANN202
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
         return await routes.chat_completions(state, body, request)
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):  # noqa: ANN202
+    async def completions(body: CompletionRequest, request: Request):
         return await routes.completions(state, body, request)
 
     @app.get("/v1/models")
@@ -92,7 +96,9 @@ def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
             raise APIError(400, "give exactly one of prompt or messages", "prompt")
         if body.messages is not None:
             messages = [m.as_template_message() for m in body.messages]
-            ids = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=body.add_generation_prompt)
+            ids = llm.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=body.add_generation_prompt
+            )
         else:
             ids = llm.tokenizer.encode(body.prompt)
         return {"count": len(ids), "max_model_len": llm.engine.max_seq_len, "tokens": ids}

@@ -113,8 +113,11 @@ class Run:
         llm, loop = self.state.llm, asyncio.get_running_loop()
         if self.state.waiting_estimate() + len(self.choices) > self.state.config.max_queue:
             raise APIError(
-                429, f"the server is busy: more than {self.state.config.max_queue} requests are waiting",
-                None, "queue_full", {"Retry-After": "1"},
+                429,
+                f"the server is busy: more than {self.state.config.max_queue} requests are waiting",
+                None,
+                "queue_full",
+                {"Retry-After": "1"},
             )
         cache = self.state.response_cache
         for choice in self.choices:
@@ -137,8 +140,9 @@ class Run:
                 choice.stream.abort()
                 choice.stream = None
                 self.state.active -= 1
-                self.state.metrics.finished("abort", len(choice.prompt_ids), 0, None,
-                                            time.perf_counter() - self.arrived)
+                self.state.metrics.finished(
+                    "abort", len(choice.prompt_ids), 0, None, time.perf_counter() - self.arrived
+                )
 
     async def deltas(self) -> AsyncIterator[tuple[Choice, Delta]]:
         """Every choice's Deltas as they come, until all have finished (or the deadline passes)."""
@@ -166,8 +170,12 @@ class Run:
                 try:
                     choice, item = await asyncio.wait_for(queue.get(), wait)
                 except TimeoutError:
-                    raise APIError(408, f"the request took longer than --request-timeout ({timeout:g} s) and "
-                                        "was stopped", None, "timeout") from None
+                    raise APIError(
+                        408,
+                        f"the request took longer than --request-timeout ({timeout:g} s) and was stopped",
+                        None,
+                        "timeout",
+                    ) from None
                 if isinstance(item, Exception):
                     raise item
                 if choice.first_token_at is None and item.token_ids:
@@ -191,7 +199,11 @@ class Run:
         now = time.perf_counter()
         ttft = None if choice.first_token_at is None else choice.first_token_at - self.arrived
         self.state.metrics.finished(
-            completion.finish_reason, len(completion.prompt_ids), len(completion.token_ids), ttft, now - self.arrived
+            completion.finish_reason,
+            len(completion.prompt_ids),
+            len(completion.token_ids),
+            ttft,
+            now - self.arrived,
         )
 
     def usage(self) -> dict:
@@ -215,7 +227,7 @@ async def collect(run: Run, request: Request) -> None:
     """Read a run to the end, aborting it if the client goes away first."""
 
     async def consume() -> None:
-        async for choice, delta in run.deltas():
+        async for _choice, delta in run.deltas():
             if delta.finish_reason == "error":
                 raise APIError(500, delta.completion.error or "generation failed", None, "generation_error")
 
@@ -239,7 +251,9 @@ def sse(payload: dict | str) -> str:
 
 def streaming_response(events: AsyncIterator[str]) -> StreamingResponse:
     return StreamingResponse(
-        events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        events,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
 
@@ -396,12 +410,14 @@ async def completions(state: ServerState, body: CompletionRequest, request: Requ
     for c in run.choices:
         r = c.result
         prompt_text = llm.tokenizer.decode(c.prompt_ids) if body.echo else ""
-        out.append({
-            "index": c.index,
-            "text": prompt_text + r.text,
-            "logprobs": _completion_logprobs(llm, c, r, body.echo) if wants_logprobs else None,
-            "finish_reason": r.finish_reason,
-        })
+        out.append(
+            {
+                "index": c.index,
+                "text": prompt_text + r.text,
+                "logprobs": _completion_logprobs(llm, c, r, body.echo) if wants_logprobs else None,
+                "finish_reason": r.finish_reason,
+            }
+        )
     return JSONResponse({**head, "object": "text_completion", "choices": out, "usage": run.usage()})
 
 

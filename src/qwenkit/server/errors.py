@@ -18,28 +18,46 @@ from qwenkit.errors import QwenkitError
 
 log = logging.getLogger(__name__)
 
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          408: "timeout_error", 413: "invalid_request_error", 429: "rate_limit_error",
-          503: "unavailable_error"}
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    408: "timeout_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "unavailable_error",
+}
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": _TYPES.get(status, "server_error"), "param": param,
-                      "code": code}}
+    return {
+        "error": {
+            "message": message,
+            "type": _TYPES.get(status, "server_error"),
+            "param": param,
+            "code": code,
+        }
+    }
 
 
 def error_response(exc: APIError) -> JSONResponse:
     return JSONResponse(error_body(exc.status, exc.message, exc.param, exc.code), exc.status, exc.headers)
 
 
-def install_handlers(app) -> None:  # noqa: ANN001 - a FastAPI app
+def install_handlers(app) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
         return error_response(exc)
@@ -47,7 +65,7 @@ def install_handlers(app) -> None:  # noqa: ANN001 - a FastAPI app
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _is_type_tag(p)]
         if first.get("type") == "json_invalid":
             message, param = f"the body is not valid JSON: {first.get('msg', '')}", None
         elif not loc:
@@ -72,3 +90,11 @@ def install_handlers(app) -> None:  # noqa: ANN001 - a FastAPI app
     async def _bug(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error in %s", request.url.path)
         return JSONResponse(error_body(500, f"internal error: {type(exc).__name__}"), 500)
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "null"}
+
+
+def _is_type_tag(part: object) -> bool:
+    """pydantic names the union member it tried (``str``, ``list[TextPart]``); that is not a field."""
+    return isinstance(part, str) and (part in _TYPE_TAGS or "[" in part or "-" in part)

@@ -5,7 +5,14 @@ Gauges are read from the engine when scraped; counters and histograms are fed by
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily
 
 from qwenkit.engine.engine import Engine
@@ -20,10 +27,14 @@ class _PrefixCacheCollector:
     def __init__(self, engine: Engine, model_name: str) -> None:
         self.engine, self.model_name = engine, model_name
 
-    def collect(self):  # noqa: ANN201 - prometheus_client's collector protocol
+    def collect(self):
         stats = self.engine.stats()
         for name, value, doc in (
-            ("vllm:prefix_cache_queries", stats.prefix_queries, "Prompt tokens looked up in the prefix cache."),
+            (
+                "vllm:prefix_cache_queries",
+                stats.prefix_queries,
+                "Prompt tokens looked up in the prefix cache.",
+            ),
             ("vllm:prefix_cache_hits", stats.prefix_hits, "Prompt tokens found in the prefix cache."),
             ("vllm:num_preemptions", stats.preemptions, "Requests preempted for lack of KV blocks."),
         ):
@@ -38,40 +49,58 @@ class ServerMetrics:
         labels = ["model_name"]
         r, m = self.registry, model_name
 
-        def gauge(name: str, doc: str, read) -> None:  # noqa: ANN001
+        def gauge(name: str, doc: str, read) -> None:
             Gauge(name, doc, labels, registry=r).labels(m).set_function(read)
 
         gauge("vllm:num_requests_running", "Requests in the running batch.", lambda: engine.stats().running)
         gauge("vllm:num_requests_waiting", "Requests waiting to start.", lambda: engine.stats().waiting)
-        gauge("vllm:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (1 = full).",
-              lambda: engine.stats().kv_usage)
+        gauge(
+            "vllm:kv_cache_usage_perc",
+            "Fraction of KV-cache blocks in use (1 = full).",
+            lambda: engine.stats().kv_usage,
+        )
         r.register(_PrefixCacheCollector(engine, m))
-        self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens processed.", labels, registry=r).labels(m)
+        self.prompt_tokens = Counter(
+            "vllm:prompt_tokens", "Prompt tokens processed.", labels, registry=r
+        ).labels(m)
         self.generation_tokens = Counter(
             "vllm:generation_tokens", "Tokens generated.", labels, registry=r
         ).labels(m)
         self._success = Counter(
-            "vllm:request_success", "Finished requests by finish reason.", [*labels, "finished_reason"], registry=r
+            "vllm:request_success",
+            "Finished requests by finish reason.",
+            [*labels, "finished_reason"],
+            registry=r,
         )
         self.ttft = Histogram(
-            "vllm:time_to_first_token_seconds", "Time to the first token.", labels, buckets=_LATENCY_BUCKETS,
+            "vllm:time_to_first_token_seconds",
+            "Time to the first token.",
+            labels,
+            buckets=_LATENCY_BUCKETS,
             registry=r,
         ).labels(m)
         self.tpot = Histogram(
-            "vllm:time_per_output_token_seconds", "Time per output token after the first.", labels,
-            buckets=_TOKEN_BUCKETS, registry=r,
+            "vllm:time_per_output_token_seconds",
+            "Time per output token after the first.",
+            labels,
+            buckets=_TOKEN_BUCKETS,
+            registry=r,
         ).labels(m)
         self.e2e = Histogram(
-            "vllm:e2e_request_latency_seconds", "Request latency, arrival to last token.", labels,
-            buckets=_LATENCY_BUCKETS, registry=r,
+            "vllm:e2e_request_latency_seconds",
+            "Request latency, arrival to last token.",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         ).labels(m)
         self.response_cache_hits = Counter(
             "qwenkit:response_cache_hits", "Requests answered from the response cache.", labels, registry=r
         ).labels(m)
         self.model_name = m
 
-    def finished(self, reason: str | None, prompt_tokens: int, output_tokens: int, ttft: float | None,
-                 e2e: float) -> None:
+    def finished(
+        self, reason: str | None, prompt_tokens: int, output_tokens: int, ttft: float | None, e2e: float
+    ) -> None:
         """Record one finished choice."""
         self._success.labels(self.model_name, reason or "abort").inc()
         self.prompt_tokens.inc(prompt_tokens)

@@ -44,13 +44,18 @@ class ServerState:
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_name:
-            raise APIError(400, f"the model {name!r} does not exist; this server serves {self.model_name!r}",
-                           "model", "model_not_found")
+            raise APIError(
+                400,
+                f"the model {name!r} does not exist; this server serves {self.model_name!r}",
+                "model",
+                "model_not_found",
+            )
 
     def waiting_estimate(self) -> int:
         return max(self.active - self.llm.engine.scheduler.max_batch, 0)
 
     def key_matches(self, given: str) -> bool:
         expected = self.config.api_key or ""
-        return secrets.compare_digest(hashlib.sha256(given.encode()).digest(),
-                                      hashlib.sha256(expected.encode()).digest())
+        return secrets.compare_digest(
+            hashlib.sha256(given.encode()).digest(), hashlib.sha256(expected.encode()).digest()
+        )

@@ -1,0 +1,91 @@
+"""Many clients at once: each gets exactly its own tokens; cancelled streams give back every resource."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+
+import httpx
+
+CHAT = "/v1/chat/completions"
+
+
+def body(i: int) -> dict:
+    """Different prompt lengths, output lengths and sampling settings per request."""
+    return {
+        "messages": [{"role": "user", "content": "word " * (1 + 7 * i % 40) + str(i)}],
+        "max_tokens": 4 + i % 13,
+        "temperature": [0, 0.7, 1.0, 1.3][i % 4],
+        "top_p": [1.0, 0.9, 0.8, 0.95][i % 4],
+        "top_k": [0, 20, 0, 50][i % 4],
+        "seed": 100 + i,
+        "ignore_eos": True,
+    }
+
+
+async def stream_text(client: httpx.AsyncClient, payload: dict) -> str:
+    text = ""
+    async with client.stream("POST", CHAT, json={**payload, "stream": True}) as r:
+        assert r.status_code == 200
+        async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+                import json
+
+                chunk = json.loads(line[6:])
+                for choice in chunk["choices"]:
+                    text += choice["delta"].get("content") or ""
+    return text
+
+
+def test_32_concurrent_streams_each_equal_alone(server):
+    n = 32
+    alone = [httpx.post(server.url + CHAT, json=body(i), timeout=120).json() for i in range(n)]
+    expected = [a["choices"][0]["message"]["content"] for a in alone]
+
+    async def together() -> list[str]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=300) as client:
+            return await asyncio.gather(*(stream_text(client, body(i)) for i in range(n)))
+
+    assert asyncio.run(together()) == expected
+
+
+def metric(text: str, name: str) -> float:
+    return float(re.search(rf"^{re.escape(name)}\{{[^}}]*\}} (\S+)$", text, re.M).group(1))
+
+
+def test_cancelled_streams_free_everything(server):
+    async def cancel_many() -> int:
+        started = 0
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+
+            async def one(i: int) -> None:
+                nonlocal started
+                payload = {**body(i), "max_tokens": 4000, "stream": True}
+                async with client.stream("POST", CHAT, json=payload) as r:
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: {"):
+                            started += 1
+                            return  # leave mid-stream: the connection closes with the response
+
+            await asyncio.gather(*(one(i) for i in range(100)))
+        return started
+
+    assert asyncio.run(cancel_many()) == 100
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        m = httpx.get(server.url + "/metrics").text
+        gauges = [
+            metric(m, f"vllm:{g}")
+            for g in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc")
+        ]
+        if gauges == [0, 0, 0]:
+            break
+        time.sleep(0.2)
+    assert gauges == [0, 0, 0]
+    aborted = re.search(
+        r'^vllm:request_success_total\{finished_reason="abort",model_name="tiny"\} (\S+)$', m, re.M
+    )
+    assert float(aborted.group(1)) >= 100
+    r = httpx.post(server.url + CHAT, json={**body(1), "max_tokens": 3}, timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3

@@ -1,0 +1,66 @@
+"""Prefix caching through the server: a shared long prefix is reported as cached, is faster to the
+first token, and changes no token."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+from live import LiveServer
+
+from qwenkit.generate import LLM
+from qwenkit.server import ServerConfig, create_app
+
+SYSTEM = "You are a careful assistant. " + " ".join(f"Rule {i}: answer plainly." for i in range(300))
+
+
+def ask(url: str, question: str) -> tuple[dict, float]:
+    """Stream a request; return the final body's usage and text, and the time to the first chunk."""
+    payload = {
+        "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}],
+        "max_tokens": 8,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    import json
+
+    start, first, text, usage = time.perf_counter(), None, "", None
+    with httpx.stream("POST", url + "/v1/chat/completions", json=payload, timeout=120) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                first = first or time.perf_counter()
+                text += chunk["choices"][0]["delta"]["content"]
+            usage = chunk.get("usage") or usage
+    return {"text": text, "usage": usage}, first - start
+
+
+@pytest.fixture(scope="module")
+def uncached(tiny_chat_model):
+    llm = LLM.load(tiny_chat_model, dtype="float32", prefix_caching=False, progress=False)
+    with LiveServer(
+        create_app(llm, ServerConfig(served_model_name="tiny", response_cache_entries=0))
+    ) as live:
+        yield live
+
+
+def test_shared_prefix_is_cached_faster_and_identical(server, uncached):
+    questions = [f"Question {i}: what is {i} plus {i}?" for i in range(4)]
+    first, _ = ask(server.url, "Warm the cache with this one.")
+    prompt_tokens = first["usage"]["prompt_tokens"]
+    assert prompt_tokens > 2000 and first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    cached_ttft, plain_ttft = [], []
+    for q in questions:
+        hit, t_hit = ask(server.url, q)
+        miss, t_miss = ask(uncached.url, q)
+        assert hit["text"] == miss["text"]
+        assert hit["usage"]["prompt_tokens_details"]["cached_tokens"] >= prompt_tokens - 64
+        assert miss["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+        cached_ttft.append(t_hit)
+        plain_ttft.append(t_miss)
+    assert min(plain_ttft) > min(cached_ttft) and sorted(plain_ttft)[1] > sorted(cached_ttft)[1]

@@ -1,0 +1,73 @@
+"""`qwenkit serve` as a user (or a container) runs it: the bundled model, options from the environment,
+a real answer, and a clean drain on SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+from live import free_port
+
+
+def start_server(env_extra: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {**os.environ, "QWENKIT_PORT": str(port), "QWENKIT_MAX_BATCH": "4", **env_extra}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qwenkit.cli", "serve"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("qwenkit serve did not become healthy")
+
+
+def test_serve_bundled_model_answers_and_drains_on_sigterm(tmp_path):
+    key_file = tmp_path / "key"
+    key_file.write_text("k3y\n")
+    proc, url = start_server({"QWENKIT_API_KEY_FILE": str(key_file)})
+    auth = {"Authorization": "Bearer k3y"}
+    try:
+        models = httpx.get(url + "/v1/models", headers=auth).json()
+        assert models["data"][0]["id"] == "SmolLM2-135M-Instruct.Q4_1"
+        question = [{"role": "user", "content": "What is the capital of France?"}]
+        r = httpx.post(
+            url + "/v1/chat/completions",
+            headers=auth,
+            timeout=120,
+            json={"messages": question, "max_tokens": 20, "temperature": 0},
+        ).json()
+        assert "Paris" in r["choices"][0]["message"]["content"]
+
+        payload = {"messages": question, "max_tokens": 60, "ignore_eos": True, "stream": True}
+        lines = []
+        with httpx.stream("POST", url + "/v1/chat/completions", headers=auth, json=payload, timeout=120) as s:
+            for line in s.iter_lines():
+                if line.startswith("data: ") and not lines:
+                    proc.send_signal(signal.SIGTERM)  # mid-stream: this request must still finish
+                if line.startswith("data: "):
+                    lines.append(line)
+        assert lines[-1] == "data: [DONE]"
+        finishes = [json.loads(x[6:])["choices"][0]["finish_reason"] for x in lines[:-1]]
+        assert finishes[-1] == "length" and sum(1 for f in finishes if f) == 1
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    output = proc.stdout.read()
+    assert "serving SmolLM2-135M-Instruct.Q4_1 on http://127.0.0.1" in output and "Traceback" not in output
