@@ -342,3 +342,39 @@ def test_markdown_is_rendered_and_model_html_cannot_run_script_on_a_phone_screen
     pre = message.locator("pre")
     assert pre.evaluate("pre => pre.scrollWidth > pre.clientWidth")
     assert page.is_visible("#prompt") and page.is_visible("#send")
+
+
+def test_event_stream_parser_is_indifferent_to_where_network_reads_split_the_bytes(server, open_page):
+    """static/sse.js on every two-read split of a stream mixing \\r\\n, \\r and \\n line ends, comments,
+    multi-line data, fields other than data, and a multi-byte character."""
+    page = open_page(server.url)
+    stream = (
+        ': ping\r\n\r\ndata: {"a":1}\r\n\r\n'
+        "event: x\rdata:no-space\r\r"
+        "data: two\ndata: lines\n\n"
+        "data: crlf\r\ndata: joined\r\n\r\n"
+        "id: 5\ndata: é€😀\n\n"
+        "data: unterminated"  # no blank line before the end: the spec drops it
+    )
+    events = page.evaluate(
+        """async (text) => {
+            const { sseData } = await import('./static/sse.js');
+            const bytes = new TextEncoder().encode(text);
+            const results = [];
+            for (let cut = 0; cut <= bytes.length; cut++) {
+                const body = new ReadableStream({
+                    start(controller) {
+                        controller.enqueue(bytes.slice(0, cut));
+                        controller.enqueue(bytes.slice(cut));
+                        controller.close();
+                    },
+                });
+                const seen = [];
+                for await (const data of sseData(body)) seen.push(data);
+                results.push(JSON.stringify(seen));
+            }
+            return [...new Set(results)];
+        }""",
+        stream,
+    )
+    assert [json.loads(e) for e in events] == [['{"a":1}', "no-space", "two\nlines", "crlf\njoined", "é€😀"]]
