@@ -206,6 +206,14 @@ def test_stop_button_ends_a_running_answer_and_the_server_aborts_it(server, open
         assert time.monotonic() < deadline, "the stopped request still runs on the server"
         time.sleep(0.1)
 
+    # Escape stops an answer too, wherever the focus is.
+    page.fill("#prompt", "Go on.")
+    page.keyboard.press("Enter")
+    page.wait_for_selector(".message.assistant[data-state=streaming] >> nth=0")
+    page.focus("#new-chat")
+    page.keyboard.press("Escape")
+    expect(page.locator(".message.assistant").nth(1)).to_have_attribute("data-state", "stopped")
+
     # "New chat" in the middle of an answer stops it and starts from an empty conversation.
     bodies = chat_bodies(page)
     page.fill("#prompt", "Another long one.")

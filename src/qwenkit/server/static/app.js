@@ -331,12 +331,16 @@ prompt.addEventListener("keydown", (event) => {
   if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
     event.preventDefault();
     $("composer").requestSubmit();
-  } else if (event.key === "Escape" && running) {
-    stop();
   }
 });
+document.addEventListener("keydown", (event) => {
+  if (event.key === "Escape" && running) stop();
+});
 prompt.addEventListener("input", autosize);
-stopButton.addEventListener("click", stop);
+stopButton.addEventListener("click", () => {
+  stop();
+  prompt.focus(); // the Stop button is about to hide; keep the keyboard in the composer
+});
 $("new-chat").addEventListener("click", newChat);
 
 const settingsPanel = $("settings");
