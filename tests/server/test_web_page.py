@@ -106,8 +106,9 @@ def record_answer_text(page) -> None:
 
 def answer(page, index: int, state: str = "done", timeout: float = 60_000):
     """The index-th assistant message, once it has reached `state`."""
-    page.wait_for_selector(f".message.assistant[data-state={state}] >> nth={index}", timeout=timeout)
-    return page.locator(".message.assistant").nth(index)
+    message = page.locator(".message.assistant").nth(index)
+    expect(message).to_have_attribute("data-state", state, timeout=timeout)
+    return message
 
 
 def test_streamed_answer_grows_and_equals_the_direct_answer_and_turns_carry_history(server, open_page):
