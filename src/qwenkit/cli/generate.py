@@ -43,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
         if not prompt:
             raise PromptError("the prompt is empty")
     llm = load_llm(args)
-    params = llm.default_params(**sampling_overrides(args), logprobs=args.logprobs)
+    # --json reports every chosen token's log-probability, so it asks the engine for them.
+    logprobs = args.logprobs if args.logprobs is not None else (0 if args.json else None)
+    params = llm.default_params(**sampling_overrides(args), logprobs=logprobs)
 
     if args.json:
         c = llm.generate(prompt, params)[0]
