@@ -132,9 +132,7 @@ def qwen3_tokenizer_dir() -> Path:
     return Path(spec.submodule_search_locations[0]) / "tokenizer_files"
 
 
-def write_tiny_chat_model(
-    path: Path, generation_config: dict[str, Any] | None = None, **shape: Any
-) -> Path:
+def write_tiny_chat_model(path: Path, generation_config: dict[str, Any] | None = None, **shape: Any) -> Path:
     """A small random Qwen3 model with the real Qwen3 tokenizer and chat template (a chat checkpoint).
     ``shape`` overrides the config (a wider model where compute must dominate, say)."""
     import shutil
