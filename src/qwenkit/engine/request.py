@@ -53,10 +53,5 @@ class Request:
         return len(self.prompt_ids) + len(self.output_ids)
 
     @property
-    def in_prefill(self) -> bool:
-        """Still computing known tokens (the prompt, or outputs being recomputed after preemption)."""
-        return self.num_computed < self.num_tokens - 1
-
-    @property
     def finished(self) -> bool:
         return self.finish_reason is not None
