@@ -15,10 +15,12 @@ from factories import hf_model, save_hf, write_v1_checkpoint
 from tp_worker import PROMPT, greedy, load_expecting_error, run_models, weight_bytes_held
 
 from qwenkit.checkpoint import load_model
+from qwenkit.cli import main as qwenkit
 from qwenkit.config import ModelConfig
-from qwenkit.distributed import TensorParallel, check_shardable
+from qwenkit.distributed import TensorParallel, check_shardable, local_config
 from qwenkit.distributed.launch import RankFailedError, run_ranks
 from qwenkit.errors import ConfigError
+from qwenkit.memory import format_bytes, weight_bytes
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +67,9 @@ def test_tensor_parallel_equals_one_process(models, single, world, tmp_path):
         held = [r[name]["weight_bytes"] for r in ranks]
         share = [h / ref["weight_bytes"] for h in held]
         assert all(abs(s - 1 / world) < 0.02 for s in share), f"{name}: per-rank shares {share}"
+        # ... exactly what `qwenkit info --tensor-parallel N` prints per rank
+        shard = local_config(ModelConfig.from_dir(models[name]), world)
+        assert held == [weight_bytes(shard, torch.float32)] * world
     assert ranks[0]["qwen2"]["kv_heads"] == 4 // world  # the KV cache per rank is 1/world too
 
 
@@ -117,3 +122,17 @@ def test_a_rank_that_dies_is_an_error_not_a_hang(models, tmp_path):
     assert (tmp_path / "rank0.txt").read_text().startswith("RuntimeError: "), (
         tmp_path / "rank0.txt"
     ).read_text()
+
+
+def test_info_prints_memory_per_rank(models, capsys):
+    assert qwenkit(["info", models["qwen2"], "--tensor-parallel", "4"]) == 0
+    out = capsys.readouterr().out
+    config = ModelConfig.from_dir(models["qwen2"])
+    per_rank = format_bytes(weight_bytes(local_config(config, 4), torch.float32))
+    whole = format_bytes(weight_bytes(config, torch.float32))
+    assert "memory per rank with --tensor-parallel 4" in out
+    section = out.split("memory per rank")[1]
+    assert per_rank in section.splitlines()[1] and whole not in section
+    assert qwenkit(["info", models["qwen2"], "--tensor-parallel", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "does not divide the model's 8 attention heads" in err

@@ -112,7 +112,8 @@ def load_model(
 
     With ``tensor_parallel`` (every rank of the group calls this together), the model is this rank's
     shard: built from the shard's config, loaded with only this rank's slices, and returning full logits;
-    the returned config is the shard's (its KV-cache sizes are this rank's)."""
+    the returned config is the shard's heads and FFN width (its KV cache is this rank's share) with the
+    whole vocabulary."""
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for, but no CUDA device is available")
     source = open_checkpoint(path) if isinstance(path, str | Path) else path
@@ -154,7 +155,7 @@ def load_model(
         quantize_for_runtime(model, quantize)
     if tensor_parallel is not None:
         parallelize(model, tensor_parallel)
-    return model, config
+    return model, model.config
 
 
 def _assign_all(

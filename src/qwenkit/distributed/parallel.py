@@ -4,6 +4,8 @@ output head's logits gathered so every rank holds the full (.., V) logits."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -53,4 +55,7 @@ def parallelize(model: nn.Module, tp: TensorParallel) -> nn.Module:
     model.model.embed_tokens = VocabParallelEmbedding(model.model.embed_tokens.weight, tp)
     model.lm_head._tp_group = tp.group
     model.lm_head.register_forward_hook(_gather_logits)
+    # What the model now computes, as an engine sees it: this rank's heads (its KV-cache share), and
+    # logits over the whole vocabulary.
+    model.config = dataclasses.replace(model.config, vocab_size=model.config.vocab_size * tp.world)
     return model

@@ -38,6 +38,8 @@ def check_shardable(config: ModelConfig, world: int) -> None:
     """Refuse, naming the number, any split that is not whole heads, whole FFN columns and whole rows."""
     if world < 1:
         raise ConfigError(f"--tensor-parallel must be at least 1, got {world}")
+    if world == 1:
+        return
     if config.quantization:
         raise ConfigError(
             "--tensor-parallel does not shard pre-quantized (GPTQ) checkpoints yet; load the float "
