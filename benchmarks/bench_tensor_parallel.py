@@ -11,6 +11,7 @@ be faster here: what it shows is that the split computes the same tokens with ha
 from __future__ import annotations
 
 import argparse
+import gc
 import tempfile
 import time
 from pathlib import Path
@@ -43,11 +44,12 @@ def write_checkpoint(path: Path, layers: int) -> Path:
     return path
 
 
-def measure(tp: TensorParallel | None, path: str, tokens: int, batch: int, out: str) -> None:
-    threads = max(psutil.cpu_count(logical=False) or 1, 1) // (tp.world if tp else 1)
-    torch.set_num_threads(max(threads, 1))
+def measure(tp: TensorParallel | None, path: str, tokens: int, batch: int, out: str, threads: int) -> None:
+    torch.set_num_threads(threads)
     rss_before = psutil.Process().memory_info().rss
     model, _ = load_model(path, dtype="float32", tensor_parallel=tp, progress=False)
+    gc.collect()
+    rss = psutil.Process().memory_info().rss - rss_before  # after loading: weights (+ mapped file pages)
     weights = sum(
         {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}.values()
     )
@@ -63,8 +65,9 @@ def measure(tp: TensorParallel | None, path: str, tokens: int, batch: int, out: 
         ids += [t for o in outs for t in o.new_token_ids]
     rate = produced / (time.perf_counter() - start)
     rank = tp.rank if tp else 0
-    rss = psutil.Process().memory_info().rss - rss_before
-    torch.save({"rate": rate, "weights": weights, "rss": rss, "ids": ids}, Path(out) / f"r{rank}.pt")
+    rss_run = psutil.Process().memory_info().rss - rss_before  # mapped weight pages are touched by now
+    result = {"rate": rate, "weights": weights, "rss": rss, "rss_run": rss_run, "ids": ids}
+    torch.save(result, Path(out) / f"r{rank}.pt")
 
 
 def main() -> None:
@@ -76,30 +79,33 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = str(write_checkpoint(Path(tmp) / "model", args.layers))
         rows = []
-        for world in (1, 2):
-            out = Path(tmp) / f"tp{world}"
+        # (ranks, torch threads per rank): TP=1 with every core and with one, TP=2 with one each
+        for world, threads in ((1, psutil.cpu_count(logical=False) or 1), (1, 1), (2, 1)):
+            out = Path(tmp) / f"tp{world}-{threads}"
             out.mkdir()
-            if world == 1:
-                run_ranks(_single, 1, (path, args.tokens, args.batch, str(out)), timeout_s=600)
-            else:
-                run_ranks(measure, world, (path, args.tokens, args.batch, str(out)), timeout_s=600)
-            rows.append((world, [torch.load(out / f"r{r}.pt") for r in range(world)]))
+            fn = _single if world == 1 else measure
+            run_ranks(fn, world, (path, args.tokens, args.batch, str(out), threads), timeout_s=900)
+            rows.append((world, threads, [torch.load(out / f"r{r}.pt") for r in range(world)]))
     cores = psutil.cpu_count(logical=False)
-    print(f"cores: {cores} physical; {args.layers} layers, float32, batch {args.batch}")
-    print("| TP | decode tok/s (rank 0) | weights per rank | RSS growth per rank | tokens same as TP=1 |")
-    print("|---|---|---|---|---|")
-    reference = rows[0][1][0]["ids"]
-    for world, ranks in rows:
+    print(f"cores: {cores} physical; {args.layers} layers, float32, batch {args.batch}, {args.tokens} tokens")
+    print(
+        "| TP | threads per rank | decode tok/s | weights per rank | RSS per rank after load"
+        " | RSS per rank after decode | same tokens as TP=1 |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    reference = rows[0][2][0]["ids"]
+    for world, threads, ranks in rows:
         r0 = ranks[0]
-        same = all(r["ids"] == reference for r in ranks)
+        same = "yes" if all(r["ids"] == reference for r in ranks) else "NO"
         rss = " / ".join(format_bytes(r["rss"]) for r in ranks)
+        rss_run = " / ".join(format_bytes(r["rss_run"]) for r in ranks)
         weights = format_bytes(r0["weights"])
-        print(f"| {world} | {r0['rate']:.1f} | {weights} | {rss} | {'yes' if same else 'NO'} |")
+        print(f"| {world} | {threads} | {r0['rate']:.1f} | {weights} | {rss} | {rss_run} | {same} |")
 
 
-def _single(tp: TensorParallel, path: str, tokens: int, batch: int, out: str) -> None:
+def _single(tp: TensorParallel, path: str, tokens: int, batch: int, out: str, threads: int) -> None:
     """TP=1: the plain single-process load (no sharding, no collectives), in its own process too."""
-    measure(None, path, tokens, batch, out)
+    measure(None, path, tokens, batch, out, threads)
 
 
 if __name__ == "__main__":

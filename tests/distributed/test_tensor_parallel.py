@@ -3,6 +3,7 @@ computes, for Qwen v1, Qwen2 and Qwen3 tiny random models; bad splits and bad gr
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -136,3 +137,25 @@ def test_info_prints_memory_per_rank(models, capsys):
     assert qwenkit(["info", models["qwen2"], "--tensor-parallel", "3"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "does not divide the model's 8 attention heads" in err
+
+
+@pytest.mark.slow
+def test_generate_with_tensor_parallel_prints_the_single_process_tokens(tmp_path, capfd):
+    from factories import write_tiny_chat_model
+
+    path = str(write_tiny_chat_model(tmp_path / "chat", num_key_value_heads=2))
+    argv = ["generate", path, "--prompt-ids", "9,8,7,6", "--max-new-tokens", "12", "--json"]
+    argv += ["--dtype", "float32", "--temperature", "0"]
+    assert qwenkit(argv) == 0
+    single = json.loads(capfd.readouterr().out)
+    assert qwenkit([*argv, "--tensor-parallel", "2"]) == 0
+    out = capfd.readouterr().out  # written by rank 0's process; rank 1 writes nothing
+    sharded = json.loads(out)
+    assert sharded["output_token_ids"] == single["output_token_ids"] and single["output_token_ids"]
+    assert sharded["text"] == single["text"]
+    # a split the model cannot take: one line, exit 2, no process started
+    assert qwenkit([*argv, "--tensor-parallel", "4"]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert err == [
+        "error: --tensor-parallel 4 is more ranks than the model's 2 attention heads; use at most 2"
+    ]

@@ -43,6 +43,11 @@ def init_tensor_parallel(
     world = int(os.environ.get("WORLD_SIZE", 1)) if world is None else world
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     tp = TensorParallel(rank, world)
+    if device.startswith("cuda"):
+        import torch
+
+        # one GPU per rank on each machine: LOCAL_RANK under torchrun, the rank when qwenkit starts them
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
     if not dist.is_initialized():
         backend = "nccl" if device.startswith("cuda") else "gloo"
         dist.init_process_group(

@@ -19,6 +19,10 @@ from qwenkit.errors import QwenkitError
 class RankFailedError(QwenkitError):
     """A tensor-parallel rank exited with an error (or was killed)."""
 
+    def __init__(self, message: str, rank: int, exitcode: int) -> None:
+        super().__init__(message)
+        self.rank, self.exitcode = rank, exitcode
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -85,7 +89,7 @@ def run_ranks(
         how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
         others = [r for r in failed if r != rank]
         also = f" (then rank(s) {', '.join(map(str, others))} stopped too)" if others else ""
-        raise RankFailedError(f"tensor-parallel rank {rank} of {world} {how}{also}")
+        raise RankFailedError(f"tensor-parallel rank {rank} of {world} {how}{also}", rank, code)
 
 
 __all__ = ["RankFailedError", "TensorParallel", "run_ranks"]

@@ -88,7 +88,7 @@ def local_config(config: ModelConfig, world: int) -> ModelConfig:
 
 def shard_tensor(name: str, tensor: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
     """This rank's slice of a full checkpoint tensor (our parameter names), copied out of the file so
-    the rank's memory holds only its own part."""
+    the rank's memory holds only its own part once loading is done."""
     if tp.world == 1:
         return tensor
     if name.endswith(COLUMN):
@@ -97,7 +97,9 @@ def shard_tensor(name: str, tensor: torch.Tensor, tp: TensorParallel) -> torch.T
         return _slice(tensor, 1, tp).clone()
     if name.endswith(ROW_BIAS):
         return tensor.clone() if tp.rank == 0 else torch.zeros_like(tensor)
-    return tensor
+    # Copied too: one view kept into the memory-mapped file would keep every page this rank read mapped
+    # (and counted in its resident memory) for as long as the model lives.
+    return tensor.clone()
 
 
 def _slice(tensor: torch.Tensor, dim: int, tp: TensorParallel) -> torch.Tensor:
