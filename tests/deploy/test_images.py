@@ -36,8 +36,7 @@ def test_image_is_multi_stage_pinned_non_root_and_serves_from_the_environment(do
     assert ("ENTRYPOINT", '["qwenkit", "serve"]') in runtime
     assert ("COPY", "--from=build /opt/qwenkit /opt/qwenkit") in runtime  # only the venv crosses over
     assert ("COPY", "${MODEL_DIR:-deploy/no-model} /models/baked") in runtime
-    assert ("HEALTHCHECK", next(r for k, r in runtime if k == "HEALTHCHECK")) in runtime
-    healthcheck = next(r for k, r in runtime if k == "HEALTHCHECK")
+    (healthcheck,) = [r for k, r in runtime if k == "HEALTHCHECK"]
     assert healthcheck.endswith('CMD ["python", "/opt/healthcheck.py"]')
     assert "/health" in (DEPLOY / "healthcheck.py").read_text()
 
