@@ -132,27 +132,25 @@ def qwen3_tokenizer_dir() -> Path:
     return Path(spec.submodule_search_locations[0]) / "tokenizer_files"
 
 
-def write_tiny_chat_model(path: Path, generation_config: dict[str, Any] | None = None, **shape: Any) -> Path:
-    """A small random Qwen3 model with the real Qwen3 tokenizer and chat template (a chat checkpoint).
-    ``shape`` overrides the config (a wider model where compute must dominate, say)."""
+def write_tiny_chat_model(
+    path: Path, generation_config: dict[str, Any] | None = None, **overrides: Any
+) -> Path:
+    """A small random Qwen3 model with the real Qwen3 tokenizer and chat template (a chat checkpoint)."""
     import shutil
 
-    dims = dict(
+    shape = dict(
+        vocab_size=151936,
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=1,
         num_attention_heads=2,
         num_key_value_heads=1,
         head_dim=16,
-    )
-    model = hf_model(
-        "qwen3",
-        vocab_size=151936,
         max_position_embeddings=8192,
         tie_word_embeddings=True,
         eos_token_id=151645,
-        **{**dims, **shape},
     )
+    model = hf_model("qwen3", **{**shape, **overrides})
     model.save_pretrained(path)
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
         shutil.copy(qwen3_tokenizer_dir() / name, path / name)

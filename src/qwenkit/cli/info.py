@@ -8,13 +8,15 @@ import torch
 
 from qwenkit.checkpoint import open_checkpoint
 from qwenkit.config import ModelConfig
+from qwenkit.distributed import local_config
 from qwenkit.license import find_license
 from qwenkit.memory import format_bytes, kv_cache_bytes, weight_bytes
 
 
-def describe(path: str) -> str:
+def describe(path: str, tensor_parallel: int = 1) -> str:
     source = open_checkpoint(path)
     cfg = ModelConfig.from_hf(source.hf_config)
+    shard = local_config(cfg, tensor_parallel)  # refuses splits that are not whole heads first
     rope = f"{cfg.rope_theta:g}"
     if cfg.rope_scaling:
         rope += (
@@ -68,6 +70,17 @@ def describe(path: str) -> str:
     out.append("KV cache per 1,000 tokens:")
     for label, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
         out.append(f"  {label:<20} {format_bytes(kv_cache_bytes(cfg, dtype, 1000)):>12}")
+    if tensor_parallel > 1:
+        out += [
+            "",
+            f"memory per rank with --tensor-parallel {tensor_parallel} "
+            "(heads, FFN columns and vocabulary split; norms copied):",
+        ]
+        for label, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+            out.append(f"  {label:<20} {format_bytes(weight_bytes(shard, dtype)):>12}")
+        out.append("KV cache per 1,000 tokens per rank:")
+        for label, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+            out.append(f"  {label:<20} {format_bytes(kv_cache_bytes(shard, dtype, 1000)):>12}")
     lic = find_license(path, getattr(source, "license", None))
     out += ["", "license:"]
     out.append(
@@ -83,6 +96,9 @@ def _yn(flag: bool) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qwenkit info", description="Describe a model before running it.")
     parser.add_argument("model", help="model directory or .gguf file")
+    parser.add_argument(
+        "--tensor-parallel", type=int, default=1, metavar="N", help="also show memory per rank on N ranks"
+    )
     args = parser.parse_args(argv)
-    print(describe(args.model))
+    print(describe(args.model, args.tensor_parallel))
     return 0

@@ -166,16 +166,27 @@ class Run:
         deadline = None if timeout is None else self.arrived + timeout
         try:
             while remaining:
-                wait = None if deadline is None else max(deadline - time.perf_counter(), 0)
                 try:
-                    choice, item = await asyncio.wait_for(queue.get(), wait)
+                    choice, item = await asyncio.wait_for(queue.get(), self._wait(deadline))
                 except TimeoutError:
-                    raise APIError(
-                        408,
-                        f"the request took longer than --request-timeout ({timeout:g} s) and was stopped",
-                        None,
-                        "timeout",
-                    ) from None
+                    now = time.perf_counter()
+                    drain = self.state.drain_deadline
+                    if drain is not None and now >= drain:
+                        raise APIError(
+                            503,
+                            "the server is shutting down and stopped this request at the end of its "
+                            "grace period (--graceful-timeout)",
+                            None,
+                            "server_shutdown",
+                        ) from None
+                    if deadline is not None and now >= deadline:
+                        raise APIError(
+                            408,
+                            f"the request took longer than --request-timeout ({timeout:g} s) and was stopped",
+                            None,
+                            "timeout",
+                        ) from None
+                    continue
                 if isinstance(item, Exception):
                     raise item
                 if choice.first_token_at is None and item.token_ids:
@@ -188,6 +199,15 @@ class Run:
             for task in tasks:
                 task.cancel()
             self.abort()
+
+    def _wait(self, deadline: float | None) -> float | None:
+        """Seconds until the nearest deadline (request timeout or the drain's). Until a drain starts, at
+        most 1 s, so a SIGTERM that arrives during a long wait (a long prefill) is noticed in time."""
+        ends = [d for d in (deadline, self.state.drain_deadline) if d is not None]
+        wait = max(min(ends) - time.perf_counter(), 0) if ends else None
+        if self.state.draining:
+            return wait
+        return 1.0 if wait is None else min(wait, 1.0)
 
     def _finished(self, choice: Choice, completion: Completion) -> None:
         choice.result = completion
