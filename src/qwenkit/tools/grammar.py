@@ -130,7 +130,9 @@ def enable_grammars(llm: LLM) -> GrammarCompiler:
     with _lock:
         engine = llm.engine
         if not isinstance(engine.grammar_compiler, GrammarCompiler):
-            engine.grammar_compiler = _compiler(llm.tokenizer, engine.vocab_size, tuple(sorted(llm.eos_token_ids)))
+            engine.grammar_compiler = _compiler(
+                llm.tokenizer, engine.vocab_size, tuple(sorted(llm.eos_token_ids))
+            )
         return engine.grammar_compiler
 
 
