@@ -209,7 +209,8 @@ def test_follow_up_turn_with_tool_results(steered):
     """The assistant's call comes back with string arguments; results come as tool messages, with
     ``tool_call_id`` (OpenAI) or ``id`` plus ``extra`` (qwen-agent raw mode); the prompt shows them."""
     live = steered[0]
-    history = USER + [
+    history = [
+        *USER,
         {
             "role": "assistant",
             "tool_calls": [

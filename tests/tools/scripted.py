@@ -21,7 +21,7 @@ class ScriptedModel(torch.nn.Module):
         self.script: tuple[int, list[int]] | None = None
 
     def play(self, prompt_len: int, ids: list[int]) -> None:
-        self.script = (prompt_len, list(ids) + [self.end_id])
+        self.script = (prompt_len, [*list(ids), self.end_id])
 
     def ntk_alpha(self, n: int) -> float:
         return self.inner.ntk_alpha(n)

@@ -20,7 +20,8 @@ from qwenkit.tools.hermes import HermesParser, parse_hermes
 PARALLEL = (
     '<tool_call>\n{"name": "get_current_temperature", "arguments": {"location": "San Francisco, CA, USA"}}\n'
     "</tool_call>\n<tool_call>\n"
-    '{"name": "get_temperature_date", "arguments": {"location": "San Francisco, CA, USA", "date": "2024-10-01"}}'
+    '{"name": "get_temperature_date", "arguments": {"location": "San Francisco, CA, USA", '
+    '"date": "2024-10-01"}}'
     "\n</tool_call>"
 )
 THINKING = (
