@@ -16,11 +16,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parents[1]))
 sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
 
-from live import LiveServer
-from scripted import ScriptedModel
+from scripted import play, steered_server
 
-from qwenkit.generate import LLM
-from qwenkit.server import ServerConfig, create_app
 from qwenkit.server.completions import chat_prompt
 from qwenkit.server.schemas import ChatCompletionRequest
 
@@ -55,19 +52,8 @@ THINK_CALL = "<think>\nI should call the weather tool.\n</think>\n\nChecking.\n"
 
 @pytest.fixture(scope="module")
 def steered(tiny_chat_model):
-    llm = LLM.load(tiny_chat_model, dtype="float32", max_batch_size=4, progress=False)
-    model = ScriptedModel(llm.model, llm.tokenizer.added_tokens["<|im_end|>"])
-    llm = LLM(model, llm.tokenizer, max_batch_size=4, max_seq_len=1024)  # tool prompts are long
-    with LiveServer(
-        create_app(llm, ServerConfig(served_model_name="tiny", response_cache_entries=0))
-    ) as live:
-        yield live, llm, model
-
-
-def play(steered, reply: str, messages=USER, tools=None) -> None:
-    _live, llm, model = steered
-    prompt = chat_prompt(llm, ChatCompletionRequest(messages=messages, tools=tools))
-    model.play(len(prompt), llm.tokenizer.encode(reply, allow_special=True))
+    with steered_server(tiny_chat_model) as served:
+        yield served
 
 
 def post(url: str, **kwargs) -> httpx.Response:

@@ -7,6 +7,9 @@ every layer above the logits is exercised unchanged.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 
@@ -35,3 +38,41 @@ class ScriptedModel(torch.nn.Module):
                 if 0 <= k < len(seq):
                     logits[row, seq[k]] = logits[row].max() + 50.0
         return logits
+
+
+def steer_next_request(llm, model: ScriptedModel) -> list[list[int]]:
+    """Make ``llm.submit`` start the script on the next request it receives (whoever builds the prompt:
+    our server or a third-party client). Append the reply's token ids to the returned list to queue it."""
+    pending: list[list[int]] = []
+    submit = llm.submit
+
+    def steered_submit(prompt, params=None, request_id=None, loop=None):
+        if pending:
+            model.play(len(llm.encode(prompt)), pending.pop(0))
+        return submit(prompt, params, request_id, loop)
+
+    llm.submit = steered_submit
+    return pending
+
+
+@contextlib.contextmanager
+def steered_server(checkpoint) -> Iterator[tuple]:
+    """A live server on a steered copy of ``checkpoint``: yields (server, llm, pending replies)."""
+    from live import LiveServer
+
+    from qwenkit.generate import LLM
+    from qwenkit.server import ServerConfig, create_app
+
+    loaded = LLM.load(checkpoint, dtype="float32", max_batch_size=4, progress=False)
+    model = ScriptedModel(loaded.model, loaded.tokenizer.added_tokens["<|im_end|>"])
+    llm = LLM(model, loaded.tokenizer, max_batch_size=4, max_seq_len=2048)  # tool prompts are long
+    pending = steer_next_request(llm, model)
+    app = create_app(llm, ServerConfig(served_model_name="tiny", response_cache_entries=0))
+    with LiveServer(app) as live:
+        yield live, llm, pending
+
+
+def play(steered: tuple, reply: str, **_unused: object) -> None:
+    """The next request's reply will be ``reply`` (as if a trained model wrote it)."""
+    _live, llm, pending = steered
+    pending.append(llm.tokenizer.encode(reply, allow_special=True))
