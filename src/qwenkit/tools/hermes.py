@@ -33,8 +33,11 @@ def _partial_suffix(text: str, tag: str) -> int:
 
 
 def _held(text: str, tag: str | None) -> int:
-    """How much of the end of ``text`` to hold: a partial tag and the whitespace before it."""
-    k = len(text) - (_partial_suffix(text, tag) if tag else 0)
+    """How much of the end of ``text`` to hold: a partial tag and the whitespace before it (the
+    whitespace around markup is dropped). With no tag to watch for, nothing is held."""
+    if tag is None:
+        return 0
+    k = len(text) - _partial_suffix(text, tag)
     while k > 0 and text[k - 1].isspace():
         k -= 1
     return len(text) - k
