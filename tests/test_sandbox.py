@@ -1,4 +1,4 @@
-"""The sandbox contains hostile programs: each escape attempt is scored as failed and leaves nothing behind."""
+"""The sandbox contains hostile programs: each escape attempt fails and leaves nothing behind."""
 
 from __future__ import annotations
 

@@ -35,6 +35,7 @@ the answer to a hostile model, and the docs say so.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -242,10 +243,8 @@ def _wait(proc: subprocess.Popen, stdin: str | None, timeout: float) -> bool:
             proc.wait(timeout=timeout)
         return False
     except subprocess.TimeoutExpired:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         proc.wait()
         return True
 
@@ -370,10 +369,8 @@ def _processes_of(uid: int) -> list[int]:
 def _chown_tree(root: Path, uid: int, gid: int) -> None:
     for dirpath, dirnames, filenames in os.walk(root):
         for name in [dirpath, *(os.path.join(dirpath, n) for n in dirnames + filenames)]:
-            try:
+            with contextlib.suppress(OSError):
                 os.lchown(name, uid, gid)
-            except OSError:
-                pass
 
 
 def _ends_with(path: Path, tail: bytes) -> bool:
