@@ -86,8 +86,14 @@ def main(argv: list[str]) -> int:
         from qwenkit.generate import LLM
 
         path = resolve_model(args.model)
-        llm = LLM.load(path, dtype=args.dtype, device=args.device, quantize=args.quantize,
-                       max_batch_size=args.batch_size, max_seq_len=args.max_context)  # fmt: skip
+        llm = LLM.load(
+            path,
+            dtype=args.dtype,
+            device=args.device,
+            quantize=args.quantize,
+            max_batch_size=args.batch_size,
+            max_seq_len=args.max_context,
+        )
         backend = LocalBackend(llm, batch_size=args.batch_size)
         record = runner.model_record(path, llm, args.dtype, args.quantize)
     results = runner.run(backend, settings, args.output, progress=not args.no_progress, model_record=record)
@@ -100,8 +106,10 @@ def format_results(results: dict) -> str:
     rec = results["record"]
     lines = [f"{results['task']}: {rec.get('method', '')} ({rec.get('data', '')})"]
     if s.get("acc") is not None:
-        lines.append(f"  overall  {100 * s['acc']:.2f} ± {100 * (s.get('stderr') or 0):.2f}  "
-                     f"({s.get('aggregation', '')}, n={s.get('n')})")  # fmt: skip
+        lines.append(
+            f"  overall  {100 * s['acc']:.2f} ± {100 * (s.get('stderr') or 0):.2f}  "
+            f"({s.get('aggregation', '')}, n={s.get('n')})"
+        )
     for key in ("acc_micro", "acc_macro"):
         if key in s:
             lines.append(f"  {key[4:]:<8} {100 * s[key]:.2f} ± {100 * (s.get('stderr_' + key[4:]) or 0):.2f}")

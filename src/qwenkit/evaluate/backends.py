@@ -157,7 +157,7 @@ class EndpointBackend:
     def next_token_logprobs(self, contexts: Sequence[list[int]], candidates: list[int]) -> list[list[float]]:
         def one(context: list[int]) -> list[float]:
             body = {
-                "prompt": [context + [c] for c in candidates],
+                "prompt": [[*context, c] for c in candidates],
                 "max_tokens": 0,
                 "echo": True,
                 "logprobs": 0,

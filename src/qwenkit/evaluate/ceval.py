@@ -21,8 +21,14 @@ SUBJECT_INFO: dict[str, dict[str, str]] = json.loads(
     resources.files("qwenkit.evaluate").joinpath("prompts/ceval_subjects.json").read_text(encoding="utf-8")
 )
 HARD = (
-    "advanced_mathematics discrete_mathematics probability_and_statistics college_physics college_chemistry "
-    "high_school_mathematics high_school_physics high_school_chemistry".split()
+    "advanced_mathematics",
+    "discrete_mathematics",
+    "probability_and_statistics",
+    "college_physics",
+    "college_chemistry",
+    "high_school_mathematics",
+    "high_school_physics",
+    "high_school_chemistry",
 )
 LETTER_SPELLING = ("A", "B", "C", "D")
 HEADLINE = "macro"
@@ -57,11 +63,18 @@ def read_split(data_dir: str | Path, split: str, subjects: list[str] | None = No
                 raise EvalDataError(
                     f"{path}: header lacks {', '.join(missing)} (C-Eval layout: {','.join(COLUMNS)})"
                 )
-            for n, row in enumerate(reader):
+            for row in reader:
                 choices = (row["A"], row["B"], row["C"], row["D"])
-                items.append(MCItem(f"{subject}/{split}/{row['id']}", subject, row["question"], choices,
-                                    (row.get("answer") or "").strip()))  # fmt: skip
-                del n
+                items.append(
+                    MCItem(
+                        f"{subject}/{split}/{row['id']}",
+                        subject,
+                        row["question"],
+                        choices,
+                        (row.get("answer") or "").strip(),
+                    )
+                )
+
     if wanted - {i.subject for i in items}:
         raise EvalDataError(
             f"no C-Eval {split} data for: {', '.join(sorted(wanted - {i.subject for i in items}))}"

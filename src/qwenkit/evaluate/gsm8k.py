@@ -54,7 +54,7 @@ def read_sample() -> list[Problem]:
         json.loads(line) for line in read_member(GSM8K_SAMPLE).decode("utf-8").splitlines() if line.strip()
     ]
     return [
-        Problem(r["id"].replace("gsm8k-test-", "gsm8k/test/"), r["prompt"], gsm8k_gold(r["upstream_answer"]))
+        Problem(f"gsm8k/test/{int(r['id'].rsplit('-', 1)[1])}", r["prompt"], gsm8k_gold(r["upstream_answer"]))
         for r in rows
     ]
 

