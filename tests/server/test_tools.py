@@ -20,6 +20,7 @@ from scripted import play, steered_server
 
 from qwenkit.server.completions import chat_prompt
 from qwenkit.server.schemas import ChatCompletionRequest
+from qwenkit.tokenizer.chat_template import chatml_template
 
 WEATHER = {
     "type": "function",
@@ -223,6 +224,53 @@ def test_follow_up_turn_with_tool_results(steered):
             model="tiny", max_tokens=200, messages=messages, tools=[WEATHER]
         )
         assert r.choices[0].message.content == "It is sunny, 21C." and r.choices[0].finish_reason == "stop"
+
+
+# ---- Qwen v1 (ReAct) -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def steered_v1(tiny_chat_model):
+    """The same weights behind v1's ChatML template, which cannot render tools: the ReAct flow."""
+    with steered_server(tiny_chat_model, chatml_template()) as served:
+        yield served
+
+
+def test_react_flow_for_models_without_tool_templates(steered_v1):
+    live, llm = steered_v1[0], steered_v1[1]
+    ids = chat_prompt(llm, ChatCompletionRequest(messages=USER, tools=[WEATHER]))
+    text = llm.tokenizer.decode(ids)
+    assert "You have access to the following APIs:\n\nget_weather: Call this tool" in text
+    assert text.endswith(
+        "Begin!\n\nQuestion: What's the weather in Paris?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    reply = (
+        "Thought: I need the weather.\nAction: get_weather\n"
+        'Action Input: {"city": "Paris", "unit": "c"}\nObservation: invented'
+    )
+    for stream in (False, True):
+        play(steered_v1, reply)
+        if stream:
+            content, _, calls, finish = stream_parts(
+                client(live), model="tiny", max_tokens=200, messages=USER, tools=[WEATHER]
+            )
+            calls = [(x["name"], json.loads(x["arguments"])) for x in calls]
+        else:
+            r = client(live).chat.completions.create(
+                model="tiny", max_tokens=200, messages=USER, tools=[WEATHER]
+            )
+            content, finish = r.choices[0].message.content, r.choices[0].finish_reason
+            calls = [
+                (t.function.name, json.loads(t.function.arguments)) for t in r.choices[0].message.tool_calls
+            ]
+        assert (content, calls, finish) == (
+            "I need the weather.",
+            [("get_weather", {"city": "Paris", "unit": "c"})],
+            "tool_calls",
+        )
+    play(steered_v1, "Thought: I now know the final answer\nFinal Answer: Sunny.")
+    r = client(live).chat.completions.create(model="tiny", max_tokens=200, messages=USER, tools=[WEATHER])
+    assert r.choices[0].message.content == "Sunny." and r.choices[0].message.tool_calls is None
 
 
 # ---- validation ----------------------------------------------------------------------------------

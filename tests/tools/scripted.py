@@ -56,14 +56,17 @@ def steer_next_request(llm, model: ScriptedModel) -> list[list[int]]:
 
 
 @contextlib.contextmanager
-def steered_server(checkpoint) -> Iterator[tuple]:
-    """A live server on a steered copy of ``checkpoint``: yields (server, llm, pending replies)."""
+def steered_server(checkpoint, chat_template: str | None = None) -> Iterator[tuple]:
+    """A live server on a steered copy of ``checkpoint`` (optionally with another chat template):
+    yields (server, llm, pending replies)."""
     from live import LiveServer
 
     from qwenkit.generate import LLM
     from qwenkit.server import ServerConfig, create_app
 
     loaded = LLM.load(checkpoint, dtype="float32", max_batch_size=4, progress=False)
+    if chat_template is not None:
+        loaded.tokenizer.chat_template = chat_template
     model = ScriptedModel(loaded.model, loaded.tokenizer.added_tokens["<|im_end|>"])
     llm = LLM(model, loaded.tokenizer, max_batch_size=4, max_seq_len=2048)  # tool prompts are long
     pending = steer_next_request(llm, model)

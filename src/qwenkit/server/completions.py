@@ -25,7 +25,7 @@ from qwenkit.generate import LLM, Completion, Delta, TextStream
 from qwenkit.server.errors import APIError, error_body
 from qwenkit.server.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from qwenkit.server.state import ServerState
-from qwenkit.server.tool_use import ToolParser, ToolPlan, plan_tools, template_messages
+from qwenkit.server.tool_use import ToolParser, ToolPlan, plan_tools, prompt_messages, uses_react
 from qwenkit.tokenizer import StreamingDetokenizer
 
 # --------------------------------------------------------------------------------------------------
@@ -307,14 +307,15 @@ def legacy_logprobs(llm: LLM, items: list[tuple[int, TokenLogprob | None]], star
 
 
 def chat_prompt(llm: LLM, body: ChatCompletionRequest) -> list[int]:
-    messages = template_messages([m.as_template_message() for m in body.messages])
+    messages = prompt_messages(llm, body, [m.as_template_message() for m in body.messages])
     kwargs = dict(body.chat_template_kwargs or {})
     for key in ("enable_thinking",):  # also accepted at the top level, as some clients send it
         if key in (body.model_extra or {}):
             kwargs.setdefault(key, body.model_extra[key])
     try:
+        tools = None if uses_react(llm, body) else body.tools
         return llm.tokenizer.apply_chat_template(
-            messages, tools=body.tools, add_generation_prompt=body.add_generation_prompt, **kwargs
+            messages, tools=tools, add_generation_prompt=body.add_generation_prompt, **kwargs
         )
     except Exception as e:  # the template's own raise_exception, or a malformed message
         raise APIError(400, f"messages: the chat template could not render them: {e}", "messages") from None
@@ -327,6 +328,8 @@ async def chat_completions(state: ServerState, body: ChatCompletionRequest, requ
     plan = await asyncio.to_thread(plan_tools, llm, body, prompt_ids)
     extra = {"logprobs": (body.top_logprobs or 0) if body.logprobs else None, "grammar": plan.grammar}
     params = sampling_params(llm, body, len(prompt_ids), None, **extra)
+    if plan.stop:
+        params = SamplingParams(**{**params.__dict__, "stop": (*params.stop, *plan.stop)})
     run = Run(state, [Choice(i, prompt_ids, p) for i, p in enumerate(choice_params(params, body.n))])
     run.start()
     created, rid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"

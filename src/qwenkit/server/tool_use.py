@@ -20,6 +20,7 @@ from qwenkit.server.schemas import ChatCompletionRequest
 from qwenkit.tools.calls import Event, ParsedMessage, collect
 from qwenkit.tools.grammar import GrammarError, enable_grammars, json_schema_grammar, tool_call_grammar
 from qwenkit.tools.hermes import THINK_OPEN, HermesParser
+from qwenkit.tools.react import STOP_WORDS, parse_react, react_messages
 
 NAMED_USAGE = 'Correct usage: `{"type": "function", "function": {"name": "my_function"}}`'
 
@@ -34,6 +35,7 @@ class ToolPlan:
     parallel: bool = True
     grammar: str | None = None
     reasoning: bool = False  # the template thinks (<think>): split reasoning_content off
+    react: bool = False  # Qwen v1 (no template renders tools): ReAct prompt, Observation: stop word
     in_reasoning: bool = False  # the prompt itself opened <think>
 
     @property
@@ -43,6 +45,10 @@ class ToolPlan:
     @property
     def parses(self) -> bool:
         return self.parses_calls or self.reasoning
+
+    @property
+    def stop(self) -> tuple[str, ...]:
+        return STOP_WORDS if self.react else ()
 
     def parser(self) -> ToolParser:
         return ToolParser(self)
@@ -109,6 +115,22 @@ def _response_schema(response_format: Any) -> tuple[bool, dict[str, Any] | None]
     raise APIError(400, "response_format.type must be text, json_object or json_schema", "response_format")
 
 
+def uses_react(llm: LLM, body: ChatCompletionRequest) -> bool:
+    """Tools for a model whose chat template cannot render them (Qwen v1): the ReAct flow."""
+    return (
+        bool(body.tools) and body.tool_choice != "none" and "tools" not in (llm.tokenizer.chat_template or "")
+    )
+
+
+def prompt_messages(
+    llm: LLM, body: ChatCompletionRequest, messages: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The messages the template renders: ReAct text for v1 models, else arguments as objects."""
+    if uses_react(llm, body):
+        return react_messages(messages, _functions(body.tools))
+    return template_messages(messages)
+
+
 def plan_tools(llm: LLM, body: ChatCompletionRequest, prompt_ids: list[int]) -> ToolPlan:
     """Check the request's tool fields and build what enforces and parses them (may compile a grammar)."""
     functions = _functions(body.tools) if body.tools is not None else []
@@ -116,6 +138,11 @@ def plan_tools(llm: LLM, body: ChatCompletionRequest, prompt_ids: list[int]) -> 
     parallel = body.parallel_tool_calls is not False
     template = llm.tokenizer.chat_template or ""
     plan = ToolPlan(functions, choice, named, parallel, reasoning=THINK_OPEN in template)
+    plan.react = uses_react(llm, body)
+    if plan.react and choice in ("required", "named"):
+        raise APIError(
+            400, f'tool_choice "{choice}" needs a model whose chat template renders tools', "tool_choice"
+        )
     if plan.reasoning:
         tail = llm.tokenizer.decode(prompt_ids[-4:])
         plan.in_reasoning = tail.rstrip().endswith(THINK_OPEN)
@@ -168,10 +195,19 @@ class ToolParser:
         self.events: list[Event] = []
         self.calls = 0
 
+        self.react_text: list[str] = []
+
     def feed(self, text: str) -> list[Event]:
+        if self.plan.react:  # a ReAct reply is decided by its last lines: parsed whole at the end
+            self.react_text.append(text)
+            return []
         return self._keep(self.inner.feed(text) if text else [])
 
     def finish(self) -> list[Event]:
+        if self.plan.react:
+            m = parse_react("".join(self.react_text))
+            events = [Event("content", m.content)] if m.content else []
+            return self._keep(events + [Event("tool_call", call=c) for c in m.tool_calls])
         return self._keep(self.inner.finish())
 
     def _keep(self, events: list[Event]) -> list[Event]:
