@@ -109,3 +109,44 @@ def test_code_interpreter_in_the_loop(steered, tmp_path):
     outputs = [m["content"] for m in result.messages if m["role"] == "tool"]
     assert outputs[0] == "42" and "[stopped: timeout]" in outputs[1]
     assert result.answer == "It is 42."  # the model (and its process) carried on after the runaway code
+
+
+# ---- qwenkit chat --tools ------------------------------------------------------------------------
+
+QWENKIT = [sys.executable, "-m", "qwenkit.cli"]
+
+
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [
+        ("[]", "non-empty JSON array"),
+        ("{", "is not JSON"),
+        ('[{"type": "function", "function": {}}]', "no function name"),
+    ],
+)
+def test_chat_tools_file_errors_are_one_line(tmp_path, content, words):
+    import subprocess
+
+    path = tmp_path / "tools.json"
+    path.write_text(content)
+    r = subprocess.run(
+        [*QWENKIT, "chat", "--tools", str(path), "-p", "hi"], capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_chat_tools_shows_call_and_takes_typed_result(steered, tmp_path, monkeypatch, capsys):
+    from qwenkit.cli.chat import ask_tool_result
+    from qwenkit.tools.agent import load_tool_specs, typed_tools
+
+    path = tmp_path / "tools.json"
+    path.write_text(
+        '[{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]'
+    )
+    monkeypatch.setattr("builtins.input", lambda prompt: "sunny, 21C")
+    tools = typed_tools(load_tool_specs(str(path)), ask_tool_result)
+    queue(steered, call("get_weather", '{"city": "Paris"}'), "It is sunny.")
+    result = Agent(steered[0], tools, params=PARAMS).run("Weather in Paris?")
+    assert '[tool call] get_weather({"city": "Paris"})' in capsys.readouterr().out
+    assert [m["content"] for m in result.messages if m["role"] == "tool"] == ["sunny, 21C"]
+    assert result.answer == "It is sunny."

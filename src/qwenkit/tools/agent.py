@@ -121,3 +121,38 @@ class Agent:
             return f"error: there is no tool named {call.name!r}; available: {', '.join(self.tools)}"
         log.info("tool %s(%s)", call.name, call.arguments)
         return tool.run(call.arguments)
+
+
+def load_tool_specs(path: str) -> list[dict[str, Any]]:
+    """Function definitions from a JSON file: an OpenAI ``tools`` array or a list of functions."""
+    from pathlib import Path
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise ToolError(f"cannot read tools file {path}: {e.strerror}") from None
+    except ValueError as e:
+        raise ToolError(f"tools file {path} is not JSON: {e}") from None
+    if not isinstance(data, list) or not data:
+        raise ToolError(f"tools file {path} must hold a non-empty JSON array of tools")
+    specs = []
+    for i, item in enumerate(data):
+        fn = item.get("function", item) if isinstance(item, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise ToolError(f"tools file {path}: entry {i} has no function name")
+        if not isinstance(fn.get("parameters", {}), dict):
+            raise ToolError(f"tools file {path}: {fn['name']}.parameters must be a JSON schema object")
+        specs.append(fn)
+    return specs
+
+
+def typed_tools(specs: list[dict[str, Any]], ask: Callable[[str, str], str]) -> list[Tool]:
+    """Tools whose results a person supplies: ``ask(name, arguments_json)`` returns the result text."""
+
+    def make(name: str) -> Callable[..., str]:
+        return lambda **kwargs: ask(name, json.dumps(kwargs, ensure_ascii=False))
+
+    return [
+        Tool(s["name"], make(s["name"]), s.get("description", ""), s.get("parameters") or {"type": "object"})
+        for s in specs
+    ]
