@@ -361,20 +361,22 @@ async def chat_completions(state: ServerState, body: ChatCompletionRequest, requ
     return JSONResponse({**head, "object": "chat.completion", "choices": choices, "usage": run.usage()})
 
 
-def _event_deltas(events: list, calls: dict[int, int]) -> list[dict]:
+def _event_deltas(events: list, first_call: int) -> list[dict]:
     """Parsed events as chat deltas: text as content/reasoning_content; a tool call as the OpenAI SDK
-    accumulates it (index, id, type and name once, then the arguments; every delta has ``function``)."""
+    accumulates it (index, id, type and name once, then the arguments; every delta has ``function``).
+    ``first_call`` is the index the next call gets."""
     deltas = []
+    index = first_call
     for e in events:
         if e.kind == "content":
             deltas.append({"content": e.text})
         elif e.kind == "reasoning":
             deltas.append({"reasoning_content": e.text})
         else:
-            index = calls["n"] = calls.get("n", -1) + 1
             head = {"index": index, "id": e.call.id, "type": "function"}
             deltas.append({"tool_calls": [{**head, "function": {"name": e.call.name, "arguments": ""}}]})
             deltas.append({"tool_calls": [{"index": index, "function": {"arguments": e.call.arguments}}]})
+            index += 1
     return deltas
 
 
@@ -385,7 +387,7 @@ async def _chat_events(
     usage_field = {"usage": None} if body.include_usage else {}
     started: set[int] = set()
     parsers: dict[int, ToolParser] = {c.index: plan.parser() for c in run.choices} if plan.parses else {}
-    calls: dict[int, dict[str, int]] = {c.index: {} for c in run.choices}
+    calls_sent: dict[int, int] = dict.fromkeys(parsers, 0)
 
     def chunk(index: int, delta: dict, finish: str | None = None, logprobs: dict | None = None) -> str:
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
@@ -408,7 +410,8 @@ async def _chat_events(
                 events = parser.feed(delta.text)
                 if delta.finish_reason is not None and delta.finish_reason != "error":
                     events += parser.finish()
-                messages = _event_deltas(events, calls[choice.index])
+                messages = _event_deltas(events, calls_sent[choice.index])
+                calls_sent[choice.index] += sum(e.kind == "tool_call" for e in events)
                 for i, message in enumerate(messages):
                     yield chunk(choice.index, said(choice.index, message), None, lps if i == 0 else None)
                 if lps and not messages:  # logprobs of held-back text still go out, in order
