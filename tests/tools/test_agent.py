@@ -100,7 +100,7 @@ def test_code_interpreter_escape_attempts_are_stopped_and_reported(name, tmp_pat
 
 
 def test_code_interpreter_in_the_loop(steered, tmp_path):
-    interpreter = CodeInterpreter(timeout=5, workdir=tmp_path)
+    interpreter = CodeInterpreter(timeout=2, workdir=tmp_path)
     tool = Tool(FUNCTION["name"], interpreter, FUNCTION["description"], FUNCTION["parameters"])
     code = CodeInterpreter.arguments("open('n.txt', 'w').write('41')\nprint(int(open('n.txt').read()) + 1)")
     hog = CodeInterpreter.arguments("while True:\n    pass")
@@ -124,15 +124,26 @@ QWENKIT = [sys.executable, "-m", "qwenkit.cli"]
         ('[{"type": "function", "function": {}}]', "no function name"),
     ],
 )
-def test_chat_tools_file_errors_are_one_line(tmp_path, content, words):
-    import subprocess
+def test_tools_file_errors_name_the_problem(tmp_path, content, words):
+    from qwenkit.tools.agent import load_tool_specs
 
     path = tmp_path / "tools.json"
     path.write_text(content)
+    with pytest.raises(ToolError, match=words):
+        load_tool_specs(str(path))
+
+
+def test_chat_tools_file_error_is_one_line_exit_2(tmp_path):
+    import subprocess
+
+    path = tmp_path / "tools.json"
+    path.write_text("{")
     r = subprocess.run(
         [*QWENKIT, "chat", "--tools", str(path), "-p", "hi"], capture_output=True, text=True, timeout=120
     )
-    assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.returncode == 2 and "is not JSON" in r.stderr and len(r.stderr.strip().splitlines()) == 1, (
+        r.stderr
+    )
 
 
 def test_chat_tools_shows_call_and_takes_typed_result(steered, tmp_path, monkeypatch, capsys):
