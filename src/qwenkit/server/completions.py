@@ -402,7 +402,7 @@ async def _chat_events(
     try:
         async for choice, delta in run.deltas():
             parser = parsers.get(choice.index)
-            lps = chat_logprobs(llm, delta.logprobs, hidden) if body.logprobs and delta.logprobs else None
+            lps = chat_logprobs(llm, delta.logprobs, hidden) if body.logprobs else None
             if parser is None:
                 if delta.text:
                     yield chunk(choice.index, said(choice.index, {"content": delta.text}), None, lps)
@@ -414,7 +414,7 @@ async def _chat_events(
                 calls_sent[choice.index] += sum(e.kind == "tool_call" for e in events)
                 for i, message in enumerate(messages):
                     yield chunk(choice.index, said(choice.index, message), None, lps if i == 0 else None)
-                if lps and not messages:  # logprobs of held-back text still go out, in order
+                if lps and delta.logprobs and not messages:  # logprobs of held-back text go out in order
                     yield chunk(choice.index, said(choice.index, {"content": ""}), None, lps)
             if delta.finish_reason is not None:
                 if delta.finish_reason == "error":
