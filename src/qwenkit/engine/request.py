@@ -8,6 +8,7 @@ from typing import Literal
 
 import torch
 
+from qwenkit.engine.constraint import TokenConstraint
 from qwenkit.engine.sampling import SamplingParams
 
 FinishReason = Literal["stop", "length", "abort", "error"]
@@ -43,6 +44,7 @@ class Request:
     output_counts: torch.Tensor | None = None  # int (V,), for presence/frequency penalties
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     num_preemptions: int = 0
+    constraint: TokenConstraint | None = None  # the grammar's state, when params.grammar is set
 
     @property
     def all_ids(self) -> list[int]:
