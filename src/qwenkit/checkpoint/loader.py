@@ -7,6 +7,7 @@ will need is checked against what is free.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
@@ -170,12 +171,13 @@ def _assign_all(
                 if _is_droppable(name, tensor, config):
                     continue
                 raise CheckpointError(
-                    f"{source.path}: unexpected tensor {name!r} for a {config.family} model"
+                    f"{source.path}: unexpected tensor {_describe(name, config)} "
+                    f"for a {config.family} model"
                 )
             target = expected[name]
             if tuple(tensor.shape) != tuple(target.shape):
                 raise CheckpointError(
-                    f"{source.path}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                    f"{source.path}: tensor {_describe(name, config)} has shape {tuple(tensor.shape)}, "
                     f"but config.json implies {tuple(target.shape)}"
                 )
             # Parameters take the model dtype; buffers (GPTQ qweight, scales, g_idx) keep their own.
@@ -185,9 +187,27 @@ def _assign_all(
     missing = sorted(set(expected) - loaded)
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise CheckpointError(f"{source.path}: missing tensor(s) {', '.join(missing[:5])}{more}")
+        shown = ", ".join(_describe(n, config) for n in missing[:5])
+        raise CheckpointError(f"{source.path}: missing tensor(s) {shown}{more}")
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
+
+
+_EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.")
+
+
+def _describe(name: str, config: ModelConfig) -> str:
+    """The tensor's name, and for a routed expert's tensor which expert of which layer it belongs to."""
+    m = _EXPERT.match(name)
+    if m is None:
+        return repr(name)
+    layer, expert = int(m.group(1)), int(m.group(2))
+    where = f"{name!r} (expert {expert} of layer {layer}"
+    if not config.is_sparse_layer(layer):
+        return f"{where}, a dense layer in config.json)"
+    if expert >= config.num_experts:
+        return f"{where}, but config.json has num_experts={config.num_experts})"
+    return where + ")"
 
 
 def _is_droppable(name: str, tensor: torch.Tensor, config: ModelConfig) -> bool:
