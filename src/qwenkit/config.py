@@ -162,9 +162,7 @@ class ModelConfig:
         sparse = len(self.sparse_layers)
         per_layer = attn + 2 * h
         embed = v * h * (1 if self.tie_word_embeddings else 2)
-        mlps = (self.num_hidden_layers - sparse) * dense_mlp + sparse * self._moe_parameters(
-            self.num_experts
-        )
+        mlps = (self.num_hidden_layers - sparse) * dense_mlp + sparse * self._moe_parameters(self.num_experts)
         return self.num_hidden_layers * per_layer + mlps + embed + h
 
     @property
@@ -398,9 +396,7 @@ def _moe(cfg: dict[str, Any]) -> dict[str, Any]:
         num_experts=int(cfg.get("num_experts", cfg.get("num_local_experts", 60 if qwen2 else 128))),
         num_experts_per_tok=int(cfg.get("num_experts_per_tok", 4 if qwen2 else 8)),
         moe_intermediate_size=int(cfg.get("moe_intermediate_size", 1408 if qwen2 else 768)),
-        shared_expert_intermediate_size=int(cfg.get("shared_expert_intermediate_size", 5632))
-        if qwen2
-        else 0,
+        shared_expert_intermediate_size=int(cfg.get("shared_expert_intermediate_size", 5632)) if qwen2 else 0,
         norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
         decoder_sparse_step=int(cfg.get("decoder_sparse_step", 1)),
         mlp_only_layers=tuple(sorted(set(mlp_only))),

@@ -40,7 +40,8 @@ def test_runtime_quantize_experts_router_stays_float(moe_dir):
             assert isinstance(block.shared_expert_gate, RouterLinear)
             assert torch.equal(block.gate.weight, ref_block.gate.weight)  # float, untouched
             assert torch.equal(block.shared_expert_gate.weight, ref_block.shared_expert_gate.weight)
-            pairs = [*zip(block.experts, ref_block.experts), (block.shared_expert, ref_block.shared_expert)]
+            pairs = [*zip(block.experts, ref_block.experts, strict=True)]
+            pairs.append((block.shared_expert, ref_block.shared_expert))
             for expert, ref_expert in pairs:
                 for proj in ("gate_proj", "up_proj", "down_proj"):
                     q, w = getattr(expert, proj), getattr(ref_expert, proj).weight

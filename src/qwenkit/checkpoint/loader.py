@@ -171,14 +171,14 @@ def _assign_all(
                 if _is_droppable(name, tensor, config):
                     continue
                 raise CheckpointError(
-                    f"{source.path}: unexpected tensor {_describe(name, config)} "
+                    f"{source.path}: unexpected tensor {name!r}{_expert_note(name, config)} "
                     f"for a {config.family} model"
                 )
             target = expected[name]
             if tuple(tensor.shape) != tuple(target.shape):
                 raise CheckpointError(
-                    f"{source.path}: tensor {_describe(name, config)} has shape {tuple(tensor.shape)}, "
-                    f"but config.json implies {tuple(target.shape)}"
+                    f"{source.path}: tensor {name!r}{_expert_note(name, config)} has shape "
+                    f"{tuple(tensor.shape)}, but config.json implies {tuple(target.shape)}"
                 )
             # Parameters take the model dtype; buffers (GPTQ qweight, scales, g_idx) keep their own.
             tensor = tensor.to(dtype if name in parameters else target.dtype)
@@ -187,7 +187,7 @@ def _assign_all(
     missing = sorted(set(expected) - loaded)
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        shown = ", ".join(_describe(n, config) for n in missing[:5])
+        shown = ", ".join(n + _expert_note(n, config) for n in missing[:5])
         raise CheckpointError(f"{source.path}: missing tensor(s) {shown}{more}")
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -196,13 +196,13 @@ def _assign_all(
 _EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.")
 
 
-def _describe(name: str, config: ModelConfig) -> str:
-    """The tensor's name, and for a routed expert's tensor which expert of which layer it belongs to."""
+def _expert_note(name: str, config: ModelConfig) -> str:
+    """For a routed expert's tensor, which expert of which layer it is (and why it does not fit)."""
     m = _EXPERT.match(name)
     if m is None:
-        return repr(name)
+        return ""
     layer, expert = int(m.group(1)), int(m.group(2))
-    where = f"{name!r} (expert {expert} of layer {layer}"
+    where = f" (expert {expert} of layer {layer}"
     if not config.is_sparse_layer(layer):
         return f"{where}, a dense layer in config.json)"
     if expert >= config.num_experts:

@@ -137,12 +137,12 @@ def count_routed_tokens(model: nn.Module) -> Iterator[RouterStats]:
 
     The stats object is filled when the block exits. A dense model gives empty stats.
     """
-    blocks = {
-        int(name.split(".")[-2]): m for name, m in model.named_modules() if isinstance(m, MoEMLP)
-    }
+    blocks = {int(name.split(".")[-2]): m for name, m in model.named_modules() if isinstance(m, MoEMLP)}
     stats = RouterStats()
     for block in blocks.values():
-        block.routed_tokens = torch.zeros(block.num_experts, dtype=torch.int64, device=block.gate.weight.device)
+        block.routed_tokens = torch.zeros(
+            block.num_experts, dtype=torch.int64, device=block.gate.weight.device
+        )
     try:
         yield stats
     finally:
