@@ -3,11 +3,8 @@ to exactly the model it quantized; experts no calibration token reaches still ge
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
-from factories import qwen3_tokenizer_dir
 from moe_models import hf_moe_model
 
 from qwenkit.checkpoint import load_model
@@ -57,15 +54,6 @@ def test_runtime_quantize_experts_router_stays_float(moe_dir):
             assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.95
     # int8 close to float (its CPU kernels also run activations in bfloat16); int4 coarser.
     assert errors["int8"] < 0.02 and errors["int8"] < errors["int4"] < 0.15
-
-
-@pytest.fixture(scope="module")
-def moe_with_tokenizer(tmp_path_factory):
-    path = tmp_path_factory.mktemp("moe") / "with-tokenizer"
-    hf_moe_model("qwen3_moe", vocab_size=151936, hidden_size=64).save_pretrained(path)
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
-        shutil.copy(qwen3_tokenizer_dir() / name, path / name)
-    return path
 
 
 @pytest.mark.slow

@@ -32,6 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--prompt-ids", help="prompt as token ids, e.g. 1,2,3")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     parser.add_argument("--logprobs", type=int, default=None, help="also report this many top alternatives")
+    parser.add_argument(
+        "--router-stats",
+        action="store_true",
+        help="MoE models: also print how many prompt tokens each expert of each layer receives",
+    )
     add_sampling_args(parser)
     args = parser.parse_args(argv)
 
@@ -44,6 +49,11 @@ def main(argv: list[str] | None = None) -> int:
             raise PromptError("the prompt is empty")
     llm = load_llm(args)
     params = llm.default_params(**sampling_overrides(args), logprobs=args.logprobs)
+    if args.router_stats:
+        if not llm.config.num_experts:
+            raise PromptError("--router-stats needs a mixture-of-experts model; this one is dense")
+        print("router statistics (prompt tokens per expert):", file=sys.stderr)
+        print(llm.router_stats(prompt).table(), file=sys.stderr)
 
     if args.json:
         c = llm.generate(prompt, params)[0]
