@@ -8,8 +8,8 @@ Each token's router picks its top-K experts by softmax probability (optionally r
 to 1); the output is the routing-weighted sum of those experts' SwiGLU outputs, plus, in Qwen2-MoE, a
 shared expert scaled by a sigmoid gate. Dispatch is grouped: the N*K (token, expert) pairs are sorted
 by expert, and each active expert runs once over all of its tokens, so its weights are read once per
-step whatever the batch. A token's contributions are added in ascending expert order, so its result
-never depends on what else is in the batch.
+step whatever the batch. A token's K outputs are added in its own rank order, so its result never
+depends on what else is in the batch.
 
 Experts are kept as separate ``MLP`` modules (``mlp.experts.{e}.gate_proj.weight``, the checkpoint's
 own names) rather than stacked 3-D tensors: a grouped dispatch reads each active expert's weights
@@ -84,22 +84,26 @@ class MoEMLP(nn.Module):
 
     def _dispatch(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Sum of each token's experts: sort (token, expert) pairs by expert, one call per active expert."""
-        flat = ids.reshape(-1)  # (N*K,) expert of each pair
+        n_tokens, k = ids.shape
+        flat = ids.reshape(-1)  # (N*K,) expert of each (token, rank) pair
         order = torch.argsort(flat, stable=True)  # pairs grouped by expert, tokens ascending within
         counts = torch.bincount(flat, minlength=self.num_experts)  # (E,)
         if self.routed_tokens is not None:
             self.routed_tokens += counts.to(self.routed_tokens.device)
-        rows = order // self.top_k  # (N*K,) token of each sorted pair
-        pair_weights = weights.reshape(-1)[order, None]  # (N*K, 1)
-        out = torch.zeros_like(x)
+        xs = x.index_select(0, order // k)  # (N*K, h) each pair's token, grouped by expert
+        ys = torch.empty_like(xs)
         start = 0
         for expert, n in enumerate(counts.tolist()):  # one host sync per layer, not per token
-            if n == 0:
-                continue
-            tokens = rows[start : start + n]
-            y = self.experts[expert](x[tokens]) * pair_weights[start : start + n]  # (n, h)
-            out.index_add_(0, tokens, y)
-            start += n
+            if n:
+                ys[start : start + n] = self.experts[expert](xs[start : start + n])
+                start += n
+        ys = ys * weights.reshape(-1)[order, None]  # (N*K, h) weighted, as transformers weights them
+        # Back to (token, rank) order with a gather (CPU scatter-add is slow in bfloat16), then add each
+        # token's K outputs in rank order: a token's sum never depends on the other tokens in the step.
+        pairs = ys.index_select(0, torch.argsort(order)).view(n_tokens, k, -1)  # (N, K, h)
+        out = pairs[:, 0]
+        for rank in range(1, k):
+            out = out + pairs[:, rank]
         return out
 
 
