@@ -30,11 +30,11 @@ def test_moe_cached_generation_equals_recomputed(model):
     assert cached == seq[len(prompt) :]
 
 
-@pytest.mark.parametrize("seeded", [False, True])
-def test_moe_batched_equals_alone(model, seeded):
+def test_moe_batched_equals_alone(model):
+    # greedy for the Qwen2-MoE model, seeded sampling for the Qwen3-MoE one
     params = (
         SamplingParams(temperature=0.9, top_k=50, seed=99, max_tokens=20, ignore_eos=True)
-        if seeded
+        if model.config.family == "qwen3_moe"
         else SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
     )
     alone = [run(Engine(model, max_batch_size=1), [p], [params])[0] for p in PROMPTS]
