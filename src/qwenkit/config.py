@@ -2,9 +2,9 @@
 
 This is the only module that reads Hugging Face ``config.json`` keys. Qwen v1 (``qwen``), Qwen1.5/2/2.5
 (``qwen2``), Qwen3 (``qwen3``), their mixtures of experts (``qwen2_moe``, ``qwen3_moe``) and Llama
-(``llama``) all become the same frozen ``ModelConfig``; the
-network is switched by its fields, never by the family name. Anything we cannot run faithfully is
-rejected here with a message naming the key, rather than silently ignored.
+(``llama``) all become the same frozen ``ModelConfig``; the network is switched by its fields, never by
+the family name. Anything we cannot run faithfully is rejected here with a message naming the key,
+rather than silently ignored.
 """
 
 from __future__ import annotations
