@@ -26,6 +26,7 @@ from qwenkit.engine.driver import EngineDriver, RequestStream
 from qwenkit.engine.request import RequestId
 from qwenkit.errors import GenerationError, NonFiniteLogitsError
 from qwenkit.model import Transformer
+from qwenkit.model.moe import RouterStats, count_routed_tokens
 from qwenkit.tokenizer import HFTokenizer, StreamingDetokenizer, Tokenizer, load_tokenizer
 
 # Chat defaults for models that ship no generation_config.json: moderate sampling, as Qwen's chat models
@@ -298,6 +299,18 @@ class LLM:
             if not found.get("do_sample", False):
                 defaults["temperature"] = 0.0
         return SamplingParams(**{**defaults, **{k: v for k, v in overrides.items() if v is not None}})
+
+    def router_stats(self, prompt: str | Sequence[int]) -> RouterStats:
+        """Tokens each expert of every MoE layer receives while the model reads ``prompt``.
+
+        One plain forward over the prompt (no engine, so no padding rows are counted); a dense model
+        gives empty stats.
+        """
+        ids = self.encode(prompt)
+        device = self.model.model.norm.weight.device
+        with count_routed_tokens(self.model) as stats, torch.no_grad():
+            self.model(torch.tensor([ids], device=device))
+        return stats
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
         return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)

@@ -7,6 +7,7 @@ will need is checked against what is free.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
@@ -189,15 +190,16 @@ def _assign_all(
                 if _is_droppable(name, tensor, config):
                     continue
                 raise CheckpointError(
-                    f"{source.path}: unexpected tensor {name!r} for a {config.family} model"
+                    f"{source.path}: unexpected tensor {name!r}{_expert_note(name, config)} "
+                    f"for a {config.family} model"
                 )
             target = expected[name]
             if tensor_parallel is not None:
                 tensor = shard_tensor(name, tensor, tensor_parallel)
             if tuple(tensor.shape) != tuple(target.shape):
                 raise CheckpointError(
-                    f"{source.path}: tensor {name!r} has shape {tuple(tensor.shape)}, "
-                    f"but config.json implies {tuple(target.shape)}"
+                    f"{source.path}: tensor {name!r}{_expert_note(name, config)} has shape "
+                    f"{tuple(tensor.shape)}, but config.json implies {tuple(target.shape)}"
                 )
             # Parameters take the model dtype; buffers (GPTQ qweight, scales, g_idx) keep their own.
             tensor = tensor.to(dtype if name in parameters else target.dtype)
@@ -206,9 +208,27 @@ def _assign_all(
     missing = sorted(set(expected) - loaded)
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise CheckpointError(f"{source.path}: missing tensor(s) {', '.join(missing[:5])}{more}")
+        shown = ", ".join(n + _expert_note(n, config) for n in missing[:5])
+        raise CheckpointError(f"{source.path}: missing tensor(s) {shown}{more}")
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
+
+
+_EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.")
+
+
+def _expert_note(name: str, config: ModelConfig) -> str:
+    """For a routed expert's tensor, which expert of which layer it is (and why it does not fit)."""
+    m = _EXPERT.match(name)
+    if m is None:
+        return ""
+    layer, expert = int(m.group(1)), int(m.group(2))
+    where = f" (expert {expert} of layer {layer}"
+    if not config.is_sparse_layer(layer):
+        return f"{where}, a dense layer in config.json)"
+    if expert >= config.num_experts:
+        return f"{where}, but config.json has num_experts={config.num_experts})"
+    return where + ")"
 
 
 def _is_droppable(name: str, tensor: torch.Tensor, config: ModelConfig) -> bool:

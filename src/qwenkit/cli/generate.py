@@ -39,6 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--prompt-ids", help="prompt as token ids, e.g. 1,2,3")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     parser.add_argument("--logprobs", type=int, default=None, help="also report this many top alternatives")
+    parser.add_argument(
+        "--router-stats",
+        action="store_true",
+        help="MoE models: also print how many prompt tokens each expert of each layer receives",
+    )
     add_sampling_args(parser)
     add_tensor_parallel_arg(parser)
     args = parser.parse_args(argv)
@@ -80,6 +85,11 @@ def run(args: argparse.Namespace, tp=None) -> int:
     # --json reports every chosen token's log-probability, so it asks the engine for them.
     logprobs = args.logprobs if args.logprobs is not None else (0 if args.json else None)
     params = llm.default_params(**sampling_overrides(args), logprobs=logprobs)
+    if args.router_stats:
+        if not llm.config.num_experts:
+            raise PromptError("--router-stats needs a mixture-of-experts model; this one is dense")
+        print("router statistics (prompt tokens per expert):", file=sys.stderr)
+        print(llm.router_stats(prompt).table(), file=sys.stderr)
 
     if args.json:
         c = llm.generate(prompt, params)[0]

@@ -49,6 +49,8 @@ def describe(path: str, tensor_parallel: int = 1) -> str:
         ),
         ("parameters", f"{cfg.num_parameters:,} ({cfg.num_parameters / 1e9:.2f} B)"),
     ]
+    if cfg.num_experts:
+        rows += _moe_rows(cfg)
     if cfg.quantization:
         q = cfg.quantization
         rows.append(
@@ -66,7 +68,12 @@ def describe(path: str, tensor_parallel: int = 1) -> str:
         ("int8 (weight-only)", torch.bfloat16, "int8"),
         ("int4 (weight-only)", torch.bfloat16, "int4"),
     ):
-        out.append(f"  {label:<20} {format_bytes(weight_bytes(cfg, dtype, quant)):>12}")
+        line = f"  {label:<20} {format_bytes(weight_bytes(cfg, dtype, quant)):>12}"
+        if cfg.num_experts:
+            line += (
+                f"   active set per token {format_bytes(weight_bytes(cfg, dtype, quant, active=True)):>12}"
+            )
+        out.append(line)
     out.append("KV cache per 1,000 tokens:")
     for label, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
         out.append(f"  {label:<20} {format_bytes(kv_cache_bytes(cfg, dtype, 1000)):>12}")
@@ -87,6 +94,31 @@ def describe(path: str, tensor_parallel: int = 1) -> str:
         f"  {lic.name}: {lic.terms} (from {lic.source})" if lic else "  none found in the model directory"
     )
     return "\n".join(out)
+
+
+def _moe_rows(cfg: ModelConfig) -> list[tuple[str, object]]:
+    """Experts, routing and the parameters a token actually computes with."""
+    sparse = cfg.sparse_layers
+    dense = [i for i in range(cfg.num_hidden_layers) if i not in sparse]
+    shared = (
+        f"width {cfg.shared_expert_intermediate_size}, sigmoid-gated"
+        if cfg.shared_expert_intermediate_size
+        else "none"
+    )
+    active = cfg.num_active_parameters
+    return [
+        (
+            "experts",
+            f"{cfg.num_experts} routed, top-{cfg.num_experts_per_tok}"
+            f"{' renormalized' if cfg.norm_topk_prob else ''}, expert FFN width {cfg.moe_intermediate_size}",
+        ),
+        ("shared expert", shared),
+        (
+            "sparse layers",
+            f"{len(sparse)} of {cfg.num_hidden_layers}" + (f" (dense: {dense})" if dense else ""),
+        ),
+        ("active parameters per token", f"{active:,} ({active / 1e9:.2f} B)"),
+    ]
 
 
 def _yn(flag: bool) -> str:
