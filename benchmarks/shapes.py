@@ -16,3 +16,28 @@ QWEN25_05B = {
     "tie_word_embeddings": True,
     "eos_token_id": 151643,
 }
+
+# Qwen1.5-MoE-A2.7B: 14.3 B parameters, 2.7 B active per token; 60 routed experts (top-4, not
+# renormalized) of width 1408 plus a sigmoid-gated shared expert of width 5632 in all 24 layers.
+QWEN15_MOE_A27B = {
+    "model_type": "qwen2_moe",
+    "architectures": ["Qwen2MoeForCausalLM"],
+    "vocab_size": 151936,
+    "hidden_size": 2048,
+    "intermediate_size": 5632,
+    "moe_intermediate_size": 1408,
+    "shared_expert_intermediate_size": 5632,
+    "num_experts": 60,
+    "num_experts_per_tok": 4,
+    "norm_topk_prob": False,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 16,
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "tie_word_embeddings": False,
+    "eos_token_id": 151643,
+}

@@ -132,12 +132,13 @@ def qwen3_tokenizer_dir() -> Path:
     return Path(spec.submodule_search_locations[0]) / "tokenizer_files"
 
 
-def write_tiny_chat_model(path: Path, generation_config: dict[str, Any] | None = None) -> Path:
+def write_tiny_chat_model(
+    path: Path, generation_config: dict[str, Any] | None = None, **overrides: Any
+) -> Path:
     """A small random Qwen3 model with the real Qwen3 tokenizer and chat template (a chat checkpoint)."""
     import shutil
 
-    model = hf_model(
-        "qwen3",
+    shape = dict(
         vocab_size=151936,
         hidden_size=32,
         intermediate_size=64,
@@ -149,6 +150,7 @@ def write_tiny_chat_model(path: Path, generation_config: dict[str, Any] | None =
         tie_word_embeddings=True,
         eos_token_id=151645,
     )
+    model = hf_model("qwen3", **{**shape, **overrides})
     model.save_pretrained(path)
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
         shutil.copy(qwen3_tokenizer_dir() / name, path / name)

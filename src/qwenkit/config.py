@@ -1,9 +1,10 @@
 """One normalized model configuration for every family.
 
 This is the only module that reads Hugging Face ``config.json`` keys. Qwen v1 (``qwen``), Qwen1.5/2/2.5
-(``qwen2``), Qwen3 (``qwen3``) and Llama (``llama``) all become the same frozen ``ModelConfig``; the
-network is switched by its fields, never by the family name. Anything we cannot run faithfully is
-rejected here with a message naming the key, rather than silently ignored.
+(``qwen2``), Qwen3 (``qwen3``), their mixtures of experts (``qwen2_moe``, ``qwen3_moe``) and Llama
+(``llama``) all become the same frozen ``ModelConfig``; the network is switched by its fields, never by
+the family name. Anything we cannot run faithfully is rejected here with a message naming the key,
+rather than silently ignored.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from typing import Any, Literal
 
 from qwenkit.errors import CheckpointError, ConfigError
 
-Family = Literal["qwen", "qwen2", "qwen3", "llama"]
-FAMILIES: tuple[str, ...] = ("qwen", "qwen2", "qwen3", "llama")
+Family = Literal["qwen", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "llama"]
+FAMILIES: tuple[str, ...] = ("qwen", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "llama")
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,14 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     architectures: tuple[str, ...] = ()
     quantization: dict[str, Any] | None = field(default=None, compare=False, hash=False)
+    # Mixture of experts (qwen2_moe, qwen3_moe); num_experts == 0 means every layer is dense.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0  # top-k experts each token is routed to
+    moe_intermediate_size: int = 0  # FFN width of one routed expert
+    shared_expert_intermediate_size: int = 0  # 0 -> no shared expert (Qwen3-MoE)
+    norm_topk_prob: bool = False  # renormalize the top-k routing weights to sum to 1
+    decoder_sparse_step: int = 1  # layer i is sparse when (i + 1) % step == 0 ...
+    mlp_only_layers: tuple[int, ...] = ()  # ... and i is not listed here
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -109,6 +118,33 @@ class ModelConfig:
             raise ConfigError(
                 f"rotary dim {self.rotary_dim} must be even and at most head_dim {self.head_dim}"
             )
+        if self.num_experts:
+            self._check_moe()
+
+    def _check_moe(self) -> None:
+        if not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ConfigError(
+                f"num_experts_per_tok={self.num_experts_per_tok} must be between 1 and "
+                f"num_experts={self.num_experts}"
+            )
+        if self.moe_intermediate_size <= 0:
+            raise ConfigError(f"moe_intermediate_size={self.moe_intermediate_size} must be positive")
+        if self.decoder_sparse_step <= 0:
+            raise ConfigError(f"decoder_sparse_step={self.decoder_sparse_step} must be positive")
+        if self.shared_expert_intermediate_size < 0:
+            raise ConfigError("shared_expert_intermediate_size must not be negative")
+
+    def is_sparse_layer(self, layer_idx: int) -> bool:
+        """Whether layer ``layer_idx`` has routed experts (transformers' rule for Qwen MoE)."""
+        return (
+            self.num_experts > 0
+            and layer_idx not in self.mlp_only_layers
+            and (layer_idx + 1) % self.decoder_sparse_step == 0
+        )
+
+    @property
+    def sparse_layers(self) -> tuple[int, ...]:
+        return tuple(i for i in range(self.num_hidden_layers) if self.is_sparse_layer(i))
 
     # ---- derived quantities used by `qwenkit info` and the memory check -------------------------------
 
@@ -122,10 +158,30 @@ class ModelConfig:
         attn += (q + 2 * kv) if self.qkv_bias else 0
         attn += h if self.o_bias else 0
         attn += 2 * self.head_dim if self.qk_norm else 0
-        mlp = 3 * h * f + ((2 * f + h) if self.mlp_bias else 0)
-        per_layer = attn + mlp + 2 * h
+        dense_mlp = 3 * h * f + ((2 * f + h) if self.mlp_bias else 0)
+        sparse = len(self.sparse_layers)
+        per_layer = attn + 2 * h
         embed = v * h * (1 if self.tie_word_embeddings else 2)
-        return self.num_hidden_layers * per_layer + embed + h
+        mlps = (self.num_hidden_layers - sparse) * dense_mlp + sparse * self._moe_parameters(self.num_experts)
+        return self.num_hidden_layers * per_layer + mlps + embed + h
+
+    @property
+    def num_active_parameters(self) -> int:
+        """Parameters one token computes with: only its top-k experts of each sparse layer (plus the
+        router and shared expert). Equals ``num_parameters`` for a dense model."""
+        sparse = len(self.sparse_layers)
+        return self.num_parameters - sparse * (
+            self._moe_parameters(self.num_experts) - self._moe_parameters(self.num_experts_per_tok)
+        )
+
+    def _moe_parameters(self, experts: int) -> int:
+        """One sparse MLP block's parameters with ``experts`` routed experts counted."""
+        h = self.hidden_size
+        routed = experts * 3 * h * self.moe_intermediate_size
+        router = self.num_experts * h
+        shared = 3 * h * self.shared_expert_intermediate_size
+        shared_gate = h if self.shared_expert_intermediate_size else 0
+        return routed + router + shared + shared_gate
 
     @property
     def max_context(self) -> int:
@@ -289,7 +345,7 @@ def _v1_dtype(cfg: dict[str, Any]) -> str | None:
 
 
 def _read_hf_standard(cfg: dict[str, Any]) -> ModelConfig:
-    """qwen2, qwen3 and llama share transformers' standard decoder config keys."""
+    """qwen2, qwen3, their MoE variants and llama share transformers' standard decoder config keys."""
     family: Family = cfg["model_type"]
     if cfg.get("use_sliding_window"):
         raise ConfigError("use_sliding_window=true is not supported (no released Qwen model enables it)")
@@ -315,16 +371,35 @@ def _read_hf_standard(cfg: dict[str, Any]) -> ModelConfig:
         rope_theta=theta,
         rope_scaling=yarn,
         max_position_embeddings=int(cfg.get("max_position_embeddings", 32768)),
-        qkv_bias=True if family == "qwen2" else bias,
-        o_bias=False if family == "qwen2" else bias,
+        qkv_bias=bool(cfg.get("qkv_bias", True)) if family in ("qwen2", "qwen2_moe") else bias,
+        o_bias=False if family in ("qwen2", "qwen2_moe") else bias,
         mlp_bias=bool(cfg.get("mlp_bias", False)),
-        qk_norm=family == "qwen3",
+        qk_norm=family in ("qwen3", "qwen3_moe"),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         torch_dtype=str(dtype) if dtype else None,
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=_eos_ids(cfg),
         architectures=tuple(cfg.get("architectures") or ()),
         quantization=_quantization(cfg),
+        **(_moe(cfg) if family.endswith("_moe") else {}),
+    )
+
+
+def _moe(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The mixture-of-experts keys of qwen2_moe / qwen3_moe, with transformers' defaults."""
+    qwen2 = cfg["model_type"] == "qwen2_moe"
+    mlp_only = cfg.get("mlp_only_layers") or []
+    if not isinstance(mlp_only, list) or not all(isinstance(i, int) for i in mlp_only):
+        raise ConfigError(f"mlp_only_layers must be a list of layer indices, not {mlp_only!r}")
+    return dict(
+        # transformers 5 writes Qwen3-MoE's count as num_local_experts; released configs say num_experts.
+        num_experts=int(cfg.get("num_experts", cfg.get("num_local_experts", 60 if qwen2 else 128))),
+        num_experts_per_tok=int(cfg.get("num_experts_per_tok", 4 if qwen2 else 8)),
+        moe_intermediate_size=int(cfg.get("moe_intermediate_size", 1408 if qwen2 else 768)),
+        shared_expert_intermediate_size=int(cfg.get("shared_expert_intermediate_size", 5632)) if qwen2 else 0,
+        norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+        decoder_sparse_step=int(cfg.get("decoder_sparse_step", 1)),
+        mlp_only_layers=tuple(sorted(set(mlp_only))),
     )
 
 
@@ -332,5 +407,7 @@ _FAMILY_READERS = {
     "qwen": _read_qwen_v1,
     "qwen2": _read_hf_standard,
     "qwen3": _read_hf_standard,
+    "qwen2_moe": _read_hf_standard,
+    "qwen3_moe": _read_hf_standard,
     "llama": _read_hf_standard,
 }

@@ -20,11 +20,13 @@ from qwenkit.checkpoint import load_model, open_checkpoint
 from qwenkit.checkpoint.gguf import GGUFCheckpoint
 from qwenkit.checkpoint.loader import CheckpointSource
 from qwenkit.config import ModelConfig
+from qwenkit.distributed import TensorParallel, local_config
 from qwenkit.engine import Engine, FinishReason, SamplingParams, StepOutput, TokenLogprob
 from qwenkit.engine.driver import EngineDriver, RequestStream
 from qwenkit.engine.request import RequestId
 from qwenkit.errors import GenerationError, NonFiniteLogitsError
 from qwenkit.model import Transformer
+from qwenkit.model.moe import RouterStats, count_routed_tokens
 from qwenkit.tokenizer import HFTokenizer, StreamingDetokenizer, Tokenizer, load_tokenizer
 
 # Chat defaults for models that ship no generation_config.json: moderate sampling, as Qwen's chat models
@@ -237,16 +239,22 @@ class LLM:
         kv_cache_memory: int | None = None,
         prefix_caching: bool = True,
         progress: bool = True,
+        tensor_parallel: TensorParallel | None = None,
     ) -> LLM:
         """Load a checkpoint directory or GGUF file. ``kv_cache_memory`` (bytes) sizes the KV pool; by
-        default it holds every batch row at the full context. The memory check counts that pool."""
+        default it holds every batch row at the full context. The memory check counts that pool.
+
+        With ``tensor_parallel`` every rank loads its shard and runs its own engine on the same requests
+        with the same random state; the logits every rank sees are the same gathered ones, so the engines
+        take the same steps in lockstep (``kv_cache_memory`` is then per rank)."""
         from qwenkit.default_model import bundled_sampling
 
         source = open_checkpoint(path)
         tokenizer = tokenizer_for(source)
         config = ModelConfig.from_hf(source.hf_config)
         seq_len = max_seq_len or config.max_context
-        kv_tokens = _pool_tokens(config, dtype, device, max_batch_size, seq_len, kv_cache_memory)
+        shard = local_config(config, tensor_parallel.world) if tensor_parallel else config
+        kv_tokens = _pool_tokens(shard, dtype, device, max_batch_size, seq_len, kv_cache_memory)
         model, _ = load_model(
             source,
             dtype=dtype,
@@ -255,6 +263,7 @@ class LLM:
             context=kv_tokens,
             batch=1,
             progress=progress,
+            tensor_parallel=tensor_parallel,
         )
         return cls(
             model,
@@ -290,6 +299,18 @@ class LLM:
             if not found.get("do_sample", False):
                 defaults["temperature"] = 0.0
         return SamplingParams(**{**defaults, **{k: v for k, v in overrides.items() if v is not None}})
+
+    def router_stats(self, prompt: str | Sequence[int]) -> RouterStats:
+        """Tokens each expert of every MoE layer receives while the model reads ``prompt``.
+
+        One plain forward over the prompt (no engine, so no padding rows are counted); a dense model
+        gives empty stats.
+        """
+        ids = self.encode(prompt)
+        device = self.model.model.norm.weight.device
+        with count_routed_tokens(self.model) as stats, torch.no_grad():
+            self.model(torch.tensor([ids], device=device))
+        return stats
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
         return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)

@@ -21,24 +21,36 @@ def dtype_bytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def linear_parameters(config: ModelConfig) -> int:
-    """Parameters in the decoder layers' projections (the part weight-only quantization shrinks)."""
+def linear_parameters(config: ModelConfig, active: bool = False) -> int:
+    """Parameters in the decoder layers' projections (the part weight-only quantization shrinks).
+
+    MoE layers count their routed and shared experts (the float router is not a projection here);
+    ``active`` counts only the top-k experts a token runs.
+    """
     h, f = config.hidden_size, config.intermediate_size
     q = config.num_attention_heads * config.head_dim
     kv = config.num_key_value_heads * config.head_dim
-    return config.num_hidden_layers * (h * (q + 2 * kv) + q * h + 3 * h * f)
+    sparse = len(config.sparse_layers)
+    experts = config.num_experts_per_tok if active else config.num_experts
+    moe = experts * 3 * h * config.moe_intermediate_size + 3 * h * config.shared_expert_intermediate_size
+    attn = config.num_hidden_layers * (h * (q + 2 * kv) + q * h)
+    return attn + (config.num_hidden_layers - sparse) * 3 * h * f + sparse * moe
 
 
-def weight_bytes(config: ModelConfig, dtype: torch.dtype, quantize: str | None = None) -> int:
+def weight_bytes(
+    config: ModelConfig, dtype: torch.dtype, quantize: str | None = None, active: bool = False
+) -> int:
     """Bytes the weights take in memory at this dtype, or with weight-only int8/int4 linear layers.
 
     ``--quantize`` also quantizes ``lm_head`` to int8; a tied embedding is served from that same
-    quantized matrix, so it is counted once.
+    quantized matrix, so it is counted once. ``active``: only the weights one token computes with
+    (a MoE model's top-k experts per layer; the whole model when dense).
     """
-    total = config.num_parameters * dtype_bytes(dtype)
+    params = config.num_active_parameters if active else config.num_parameters
+    total = params * dtype_bytes(dtype)
     if quantize is None:
         return total
-    linear, head = linear_parameters(config), config.vocab_size * config.hidden_size
+    linear, head = linear_parameters(config, active), config.vocab_size * config.hidden_size
     quantized = int(linear * _QUANT_BITS[quantize] / 8 + head * _QUANT_BITS["int8"] / 8)
     return total - (linear + head) * dtype_bytes(dtype) + quantized
 

@@ -77,12 +77,15 @@ def _load(model: str, precision: str, dtype: str, device: str, context: int):
 
 def kernel_counts(model: torch.nn.Module) -> dict[str, int]:
     """How many linear layers run each kernel (``QuantizedLinear.kernel``; dense layers by name)."""
+    from qwenkit.model.moe import RouterLinear
     from qwenkit.quant.linear import QuantizedLinear  # quant/ builds the layers; this only reads them
 
     counts: dict[str, int] = {}
     for m in model.modules():
         if isinstance(m, QuantizedLinear):
             name = m.kernel
+        elif isinstance(m, RouterLinear):  # MoE routers and shared-expert gates: always float
+            name = f"float router F.linear ({str(m.weight.dtype).removeprefix('torch.')})"
         elif isinstance(m, torch.nn.Linear):
             name = f"dense F.linear ({str(m.weight.dtype).removeprefix('torch.')})"
         else:

@@ -14,7 +14,8 @@ from qwenkit.checkpoint.gguf_tokenizer import bytes_to_unicode
 
 Q = gguf.GGMLQuantizationType
 _ARCH = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3,
-         "qwen": gguf.MODEL_ARCH.QWEN}  # fmt: skip
+         "qwen": gguf.MODEL_ARCH.QWEN, "qwen2moe": gguf.MODEL_ARCH.QWEN2MOE,
+         "qwen3moe": gguf.MODEL_ARCH.QWEN3MOE}  # fmt: skip
 
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

@@ -142,3 +142,18 @@ def test_models_and_async_client(server):
 
     models, text = asyncio.run(go())
     assert [m.id for m in models.data] == ["tiny"] and text
+
+
+def test_greedy_completion_equals_qwenkit_generate(client, tiny_chat_model, capsys):
+    """The same prompt ids through `qwenkit generate --json` and /v1/completions: the same text."""
+    import json
+
+    from qwenkit.cli import main
+
+    ids = [9707, 11, 1879, 13, 576]
+    args = ["generate", str(tiny_chat_model), "--prompt-ids", ",".join(map(str, ids)), "--json"]
+    assert main([*args, "--temperature", "0", "--max-new-tokens", "12", "--dtype", "float32"]) == 0
+    cli = json.loads(capsys.readouterr().out)
+    r = client.completions.create(model="tiny", prompt=ids, max_tokens=12, temperature=0)
+    assert r.choices[0].text == cli["text"]
+    assert r.usage.completion_tokens == len(cli["output_token_ids"]) == 12

@@ -43,6 +43,10 @@ def test_serve_bundled_model_answers_and_drains_on_sigterm(tmp_path):
     proc, url = start_server({"QWENKIT_API_KEY_FILE": str(key_file)})
     auth = {"Authorization": "Bearer k3y"}
     try:
+        page = httpx.get(url + "/")  # the web chat page, open without the key; its assets ship with it
+        assert page.status_code == 200 and "<title>" in page.text and 'src="static/app.js"' in page.text
+        script = httpx.get(url + "/static/app.js")
+        assert script.status_code == 200 and "javascript" in script.headers["content-type"]
         models = httpx.get(url + "/v1/models", headers=auth).json()
         assert models["data"][0]["id"] == "SmolLM2-135M-Instruct.Q4_1"
         question = [{"role": "user", "content": "What is the capital of France?"}]

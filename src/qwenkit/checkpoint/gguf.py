@@ -30,6 +30,7 @@ from qwenkit.checkpoint.gguf_tensors import (
     convert_tensor,
     dequantize_tensor,
     hf_name,
+    split_names,
 )
 from qwenkit.checkpoint.gguf_tokenizer import (
     GGUFVocab,
@@ -86,7 +87,10 @@ class GGUFCheckpoint:
             name = hf_name(t.name, self.architecture)
             assert name is not None  # checked when the file was opened
             weights = dequantize_tensor(t.data, t.tensor_type, _torch_shape(t.shape))
-            yield from convert_tensor(name, weights, self._heads)
+            try:
+                yield from convert_tensor(name, weights, self._heads)
+            except ValueError as e:
+                raise GGUFError(f"{self.path}: {e}") from None
 
     def tensor_names(self) -> list[str]:
         """The Hugging Face names ``tensors()`` yields, without decoding anything."""
@@ -94,10 +98,7 @@ class GGUFCheckpoint:
         for t in self._reader.tensors:
             name = hf_name(t.name, self.architecture)
             assert name is not None
-            if ".self_attn.qkv." in name:
-                names += [name.replace(".qkv.", f".{p}.") for p in ("q_proj", "k_proj", "v_proj")]
-            else:
-                names.append(name)
+            names += split_names(name, _torch_shape(t.shape))
         return names
 
     @property
@@ -185,9 +186,13 @@ def read_gguf(path: str | Path) -> GGUFCheckpoint:
             why = " (llama3-style rope scaling is not supported)" if t.name == "rope_freqs.weight" else ""
             raise GGUFError(f"{p}: unexpected tensor {t.name} for architecture {arch}{why}")
     names = {t.name for t in reader.tensors}
-    for required in ("token_embd.weight", "blk.0.ffn_up.weight"):
-        if required not in names:
-            raise GGUFError(f"{p}: missing tensor {required}; not a decoder model this reader understands")
+    if "token_embd.weight" not in names:
+        raise GGUFError(f"{p}: missing tensor token_embd.weight; not a decoder model this reader understands")
+    if not {"blk.0.ffn_up.weight", "blk.0.ffn_up_exps.weight"} & names:
+        raise GGUFError(
+            f"{p}: missing tensor blk.0.ffn_up.weight (or blk.0.ffn_up_exps.weight); "
+            "not a decoder model this reader understands"
+        )
     return GGUFCheckpoint(p, reader, metadata)
 
 

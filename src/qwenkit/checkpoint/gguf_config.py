@@ -20,7 +20,12 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     "qwen2": ("qwen2", "Qwen2ForCausalLM"),
     "qwen3": ("qwen3", "Qwen3ForCausalLM"),
     "qwen": ("qwen2", "Qwen2ForCausalLM"),
+    "qwen2moe": ("qwen2_moe", "Qwen2MoeForCausalLM"),
+    "qwen3moe": ("qwen3_moe", "Qwen3MoeForCausalLM"),
 }
+# llama.cpp's graphs renormalize the top-k routing weights for Qwen3-MoE, not for Qwen2-MoE; a file's
+# {arch}.expert_weights_norm key, when present, says so explicitly.
+_NORM_TOPK_DEFAULT = {"qwen2moe": False, "qwen3moe": True}
 
 
 def build_hf_config(
@@ -50,7 +55,7 @@ def build_hf_config(
         "hidden_size": hidden,
         # Qwen v1's feed_forward_length may be stored doubled (its config convention); the ffn tensors
         # are always the real width, so read it from them.
-        "intermediate_size": shapes["blk.0.ffn_up.weight"][0],
+        "intermediate_size": _dense_ffn_width(architecture, metadata, shapes),
         "num_hidden_layers": int(key("block_count")),
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
@@ -61,7 +66,9 @@ def build_hf_config(
         # llama.cpp writes output.weight only when the head is not the embedding matrix.
         "tie_word_embeddings": "output.weight" not in shapes,
     }
-    if architecture in ("llama", "qwen3"):
+    if architecture in ARCHITECTURES and architecture.endswith("moe"):
+        config.update(_moe_config(architecture, metadata, shapes, int(key("block_count"))))
+    if architecture in ("llama", "qwen3", "qwen3moe"):
         # Both have a head_dim field and an attention_bias switch (qwen2 always has qkv biases).
         config["head_dim"] = head_dim
         config["attention_bias"] = "blk.0.attn_q.bias" in shapes
@@ -78,6 +85,49 @@ def build_hf_config(
                            ("pad_token_id", "padding_token_id")):  # fmt: skip
         if (value := metadata.get(f"tokenizer.ggml.{gguf_key}")) is not None:
             config[name] = int(value)
+    return config
+
+
+def _dense_ffn_width(
+    architecture: str, metadata: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]
+) -> int:
+    """The dense FFN width: from the first dense layer's ffn_up, else the metadata (an all-MoE file)."""
+    for name, shape in shapes.items():
+        if name.startswith("blk.") and name.endswith(".ffn_up.weight"):
+            return shape[0]
+    return (
+        int(metadata.get(f"{architecture}.feed_forward_length", 0)) or shapes["blk.0.ffn_up_exps.weight"][1]
+    )
+
+
+def _moe_config(
+    architecture: str, metadata: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]], layers: int
+) -> dict[str, Any]:
+    """qwen2_moe / qwen3_moe keys. Counts come from metadata, widths from the tensors, and a layer
+    without a router (``ffn_gate_inp``) is dense (``mlp_only_layers``)."""
+    sparse = [i for i in range(layers) if f"blk.{i}.ffn_gate_inp.weight" in shapes]
+    if not sparse:
+        raise ValueError(f"a {architecture} file with no ffn_gate_inp (router) tensor in any layer")
+    first = sparse[0]
+    experts, moe_ffn, _ = shapes[f"blk.{first}.ffn_up_exps.weight"]
+    stated = metadata.get(f"{architecture}.expert_count")
+    if stated is not None and int(stated) != experts:
+        raise ValueError(f"expert_count {stated} disagrees with blk.{first}.ffn_up_exps ({experts} experts)")
+    used = metadata.get(f"{architecture}.expert_used_count")
+    if used is None:
+        raise KeyError(f"{architecture}.expert_used_count")
+    norm = metadata.get(f"{architecture}.expert_weights_norm", _NORM_TOPK_DEFAULT[architecture])
+    config: dict[str, Any] = {
+        "num_experts": experts,
+        "num_experts_per_tok": int(used),
+        "moe_intermediate_size": moe_ffn,
+        "norm_topk_prob": bool(norm),
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [i for i in range(layers) if i not in sparse],
+    }
+    if architecture == "qwen2moe":
+        shexp = shapes.get(f"blk.{first}.ffn_up_shexp.weight")
+        config["shared_expert_intermediate_size"] = shexp[0] if shexp else 0
     return config
 
 

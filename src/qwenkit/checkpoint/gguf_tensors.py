@@ -1,9 +1,11 @@
 """GGUF tensors -> Hugging Face tensors: names, dequantization, and llama.cpp's layout changes undone.
 
-llama.cpp renames every tensor (``blk.N.attn_q.weight``), stores most of them quantized, and for the
+llama.cpp renames every tensor (``blk.N.attn_q.weight``), stores most of them quantized, for the
 ``llama`` architecture permutes the rows of ``attn_q``/``attn_k`` so its rotary kernel can rotate
-adjacent pairs. This module turns one GGUF tensor back into what the Hugging Face checkpoint held, so
-the rest of qwenkit only ever sees Hugging Face names and the rotate-half layout.
+adjacent pairs, and stacks a MoE layer's routed experts into one 3-D tensor per projection
+(``ffn_gate_exps`` is (experts, moe_ffn, hidden)). This module turns one GGUF tensor back into what
+the Hugging Face checkpoint held, so the rest of qwenkit only ever sees Hugging Face names and the
+rotate-half layout.
 """
 
 from __future__ import annotations
@@ -47,7 +49,17 @@ _BLOCK = {
     "ffn_up": "mlp.up_proj",  # Qwen v1's mlp.w1
     "ffn_down": "mlp.down_proj",
     "attn_qkv": "self_attn.qkv",  # Qwen v1's fused c_attn; split into q/k/v_proj on the way out
+    # Mixture of experts. *_exps hold every routed expert stacked on dim 0; split per expert on the way out.
+    "ffn_gate_inp": "mlp.gate",  # the router
+    "ffn_gate_exps": "mlp.experts.gate_proj",
+    "ffn_up_exps": "mlp.experts.up_proj",
+    "ffn_down_exps": "mlp.experts.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
 }
+_STACKED = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\w+_proj)\.(\w+)$")
 _BLOCK_NAME = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 # Which block tensors each architecture may carry; anything else is refused before any data is read.
 _ARCH_BLOCK_TENSORS = {
@@ -59,6 +71,11 @@ _ARCH_BLOCK_TENSORS = {
               "attn_k_norm", "ffn_gate", "ffn_up", "ffn_down"},
     "qwen": {"attn_norm", "ffn_norm", "attn_qkv", "attn_output", "ffn_gate", "ffn_up", "ffn_down"},
 }  # fmt: skip
+_MOE = {"ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"}
+_SHARED_EXPERT = {"ffn_gate_inp_shexp", "ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp"}
+# Dense ffn_* stay allowed: a layer listed in mlp_only_layers keeps a plain FFN.
+_ARCH_BLOCK_TENSORS["qwen2moe"] = _ARCH_BLOCK_TENSORS["qwen2"] | _MOE | _SHARED_EXPERT
+_ARCH_BLOCK_TENSORS["qwen3moe"] = _ARCH_BLOCK_TENSORS["qwen3"] | _MOE
 
 
 @dataclass(frozen=True)
@@ -113,6 +130,16 @@ def unpermute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
+def split_names(name: str, shape: tuple[int, ...]) -> list[str]:
+    """The Hugging Face names ``convert_tensor`` yields for ``name`` of ``shape``, without any data."""
+    if ".self_attn.qkv." in name:
+        return [name.replace(".qkv.", f".{p}.") for p in ("q_proj", "k_proj", "v_proj")]
+    if (m := _STACKED.match(name)) is not None:
+        prefix, proj, suffix = m.groups()
+        return [f"{prefix}.{e}.{proj}.{suffix}" for e in range(shape[0])]
+    return [name]
+
+
 def convert_tensor(name: str, tensor: torch.Tensor, heads: HeadLayout) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield the Hugging Face tensor(s) one dequantized GGUF tensor stands for.
 
@@ -123,6 +150,16 @@ def convert_tensor(name: str, tensor: torch.Tensor, heads: HeadLayout) -> Iterat
             tensor = unpermute_rows(tensor, heads.num_attention_heads)
         elif ".self_attn.k_proj." in name:
             tensor = unpermute_rows(tensor, heads.num_key_value_heads)
+    if (m := _STACKED.match(name)) is not None:
+        # llama.cpp's stacked experts (E, rows, cols) -> one Hugging Face tensor per expert.
+        prefix, proj, suffix = m.groups()
+        if tensor.dim() != 3:
+            raise ValueError(f"{name} should be stacked experts (3-D), not shape {tuple(tensor.shape)}")
+        for e in range(tensor.shape[0]):
+            yield f"{prefix}.{e}.{proj}.{suffix}", tensor[e]
+        return
+    if name.endswith(".mlp.shared_expert_gate.weight") and tensor.dim() == 1:
+        tensor = tensor[None]  # llama.cpp may store the (1, hidden) sigmoid gate as (hidden,)
     if ".self_attn.qkv." in name:
         # Qwen v1's c_attn: [Q; K; V] stacked on the output rows, each hidden_size long (v1 has no GQA),
         # heads contiguous within each block and rotate-half order, so no permutation is needed.

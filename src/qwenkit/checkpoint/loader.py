@@ -7,6 +7,7 @@ will need is checked against what is free.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
@@ -20,6 +21,7 @@ from tqdm import tqdm
 from qwenkit.checkpoint.files import WeightFiles, find_weight_files, iter_tensors
 from qwenkit.checkpoint.sanitize import sanitize
 from qwenkit.config import ModelConfig, read_hf_config
+from qwenkit.distributed import TensorParallel, local_config, parallelize, shard_tensor
 from qwenkit.errors import CheckpointError, ConfigError
 from qwenkit.memory import check_fits
 from qwenkit.model import Transformer
@@ -105,12 +107,26 @@ def load_model(
     context: int | None = None,
     batch: int = 1,
     progress: bool = True,
+    tensor_parallel: TensorParallel | None = None,
 ) -> tuple[Transformer, ModelConfig]:
-    """Load any supported checkpoint. ``context``/``batch`` size the memory check for the KV cache."""
+    """Load any supported checkpoint. ``context``/``batch`` size the memory check for the KV cache.
+
+    With ``tensor_parallel`` (every rank of the group calls this together), the model is this rank's
+    shard: built from the shard's config, loaded with only this rank's slices, and returning full logits;
+    the returned config is the shard's heads and FFN width (its KV cache is this rank's share) with the
+    whole vocabulary."""
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for, but no CUDA device is available")
     source = open_checkpoint(path) if isinstance(path, str | Path) else path
-    config = ModelConfig.from_hf(source.hf_config)
+    full_config = ModelConfig.from_hf(source.hf_config)
+    config = full_config
+    if tensor_parallel is not None and tensor_parallel.world > 1:
+        if quantize:
+            raise ConfigError("--tensor-parallel with --quantize is not supported yet; drop one of them")
+        config = local_config(full_config, tensor_parallel.world)
+        from qwenkit.distributed.checks import check_same_checkpoint
+
+        check_same_checkpoint(source, tensor_parallel)
     torch_dtype = resolve_dtype(dtype, device)
     if quantize not in (None, "int8", "int4"):
         raise ConfigError(f"unknown --quantize {quantize!r}; choose int8 or int4")
@@ -127,7 +143,7 @@ def load_model(
         from qwenkit.quant import prepare_quantized_model
 
         prepare_quantized_model(model, config.quantization, torch_dtype)
-    _assign_all(model, config, source, torch_dtype, device, progress)
+    _assign_all(model, full_config, source, torch_dtype, device, progress, tensor_parallel)
     if config.quantization:
         from qwenkit.quant import finalize_quantized_model
 
@@ -138,7 +154,9 @@ def load_model(
         from qwenkit.quant import quantize_for_runtime
 
         quantize_for_runtime(model, quantize)
-    return model, config
+    if tensor_parallel is not None:
+        parallelize(model, tensor_parallel)
+    return model, model.config
 
 
 def _assign_all(
@@ -148,6 +166,7 @@ def _assign_all(
     dtype: torch.dtype,
     device: str,
     progress: bool,
+    tensor_parallel: TensorParallel | None = None,
 ) -> None:
     parameters = {n: t for n, t in model.named_parameters(remove_duplicate=False)}
     expected = parameters | dict(model.named_buffers())
@@ -171,13 +190,16 @@ def _assign_all(
                 if _is_droppable(name, tensor, config):
                     continue
                 raise CheckpointError(
-                    f"{source.path}: unexpected tensor {name!r} for a {config.family} model"
+                    f"{source.path}: unexpected tensor {name!r}{_expert_note(name, config)} "
+                    f"for a {config.family} model"
                 )
             target = expected[name]
+            if tensor_parallel is not None:
+                tensor = shard_tensor(name, tensor, tensor_parallel)
             if tuple(tensor.shape) != tuple(target.shape):
                 raise CheckpointError(
-                    f"{source.path}: tensor {name!r} has shape {tuple(tensor.shape)}, "
-                    f"but config.json implies {tuple(target.shape)}"
+                    f"{source.path}: tensor {name!r}{_expert_note(name, config)} has shape "
+                    f"{tuple(tensor.shape)}, but config.json implies {tuple(target.shape)}"
                 )
             # Parameters take the model dtype; buffers (GPTQ qweight, scales, g_idx) keep their own.
             tensor = tensor.to(dtype if name in parameters else target.dtype)
@@ -186,9 +208,27 @@ def _assign_all(
     missing = sorted(set(expected) - loaded)
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise CheckpointError(f"{source.path}: missing tensor(s) {', '.join(missing[:5])}{more}")
+        shown = ", ".join(n + _expert_note(n, config) for n in missing[:5])
+        raise CheckpointError(f"{source.path}: missing tensor(s) {shown}{more}")
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
+
+
+_EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.")
+
+
+def _expert_note(name: str, config: ModelConfig) -> str:
+    """For a routed expert's tensor, which expert of which layer it is (and why it does not fit)."""
+    m = _EXPERT.match(name)
+    if m is None:
+        return ""
+    layer, expert = int(m.group(1)), int(m.group(2))
+    where = f" (expert {expert} of layer {layer}"
+    if not config.is_sparse_layer(layer):
+        return f"{where}, a dense layer in config.json)"
+    if expert >= config.num_experts:
+        return f"{where}, but config.json has num_experts={config.num_experts})"
+    return where + ")"
 
 
 def _is_droppable(name: str, tensor: torch.Tensor, config: ModelConfig) -> bool:

@@ -19,6 +19,7 @@ COMMANDS = {
     "quantize": "quantize a model to int8/int4 (GPTQ or round-to-nearest)",
     "profile": "measure tokens/s and peak memory per precision",
     "serve": "OpenAI-compatible API server with a web chat page",
+    "eval": "benchmarks (MMLU, C-Eval, GSM8K, HumanEval) on a model or an endpoint",
 }
 
 

@@ -118,9 +118,19 @@ def main(argv: list[str] | None = None) -> int:
     add_model_args(parser)
     parser.add_argument("-p", "--prompt", help="answer this one question and exit ('-' reads stdin)")
     parser.add_argument("--system", help="system prompt")
+    parser.add_argument(
+        "--tools",
+        metavar="FILE",
+        help="JSON file of tools (OpenAI `tools` array): tool calls are shown and you type each result",
+    )
+    parser.add_argument(
+        "--code-interpreter", action="store_true", help="offer the built-in sandboxed Python tool (runs it)"
+    )
     add_sampling_args(parser)
     args = parser.parse_args(argv)
 
+    if args.tools or args.code_interpreter:
+        return tool_chat(args)
     llm = load_llm(args)
     params = llm.default_params(**sampling_overrides(args))
     session = ChatSession(llm, params, system=args.system)
@@ -157,3 +167,50 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"error: {e}")
             continue
         answer(session, line)
+
+
+def ask_tool_result(name: str, arguments: str) -> str:
+    print(f"[tool call] {name}({arguments})")
+    try:
+        return input(f"[result of {name}] > ")
+    except EOFError:
+        return ""
+
+
+def tool_chat(args: argparse.Namespace) -> int:
+    """Chat where the model may call tools: calls are printed; you type results (the code interpreter
+    runs by itself). Each turn is one agent run over the whole history."""
+    from qwenkit.tools.agent import Agent, Tool, load_tool_specs, typed_tools
+    from qwenkit.tools.code_interpreter import FUNCTION, CodeInterpreter
+
+    tools = typed_tools(load_tool_specs(args.tools), ask_tool_result) if args.tools else []
+    if args.code_interpreter:
+        interpreter = CodeInterpreter()
+
+        def run_code(code: str) -> str:
+            print(f"[code_interpreter]\n{code}")
+            out = interpreter(code)
+            print(f"[output]\n{out}")
+            return out
+
+        tools.append(Tool(FUNCTION["name"], run_code, FUNCTION["description"], FUNCTION["parameters"]))
+    llm = load_llm(args)
+    agent = Agent(llm, tools, params=llm.default_params(**sampling_overrides(args)))
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    questions = [sys.stdin.read() if args.prompt == "-" else args.prompt] if args.prompt is not None else None
+    while True:
+        if questions is not None:
+            if not questions:
+                return 0
+            line = questions.pop()
+        else:
+            try:
+                line = input("\n>>> ").strip()
+            except EOFError:
+                print()
+                return 0
+            if not line:
+                continue
+        result = agent.run([*history, {"role": "user", "content": line}])
+        history = result.messages
+        print(result.answer if result.answer is not None else f"[stopped after {result.rounds} rounds]")

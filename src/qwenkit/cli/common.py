@@ -72,7 +72,7 @@ def resolve_model(arg: str | None) -> Path:
     return default_model_path()
 
 
-def load_llm(args: argparse.Namespace, max_batch_size: int = 1):
+def load_llm(args: argparse.Namespace, max_batch_size: int = 1, tensor_parallel=None):
     from qwenkit.generate import LLM
 
     return LLM.load(
@@ -82,14 +82,50 @@ def load_llm(args: argparse.Namespace, max_batch_size: int = 1):
         quantize=args.quantize,
         max_batch_size=max_batch_size,
         max_seq_len=args.max_context,
+        progress=tensor_parallel is None or tensor_parallel.rank == 0,
+        tensor_parallel=tensor_parallel,
     )
+
+
+def add_tensor_parallel_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tensor-parallel",
+        type=int,
+        default=1,
+        metavar="N",
+        help="split the model over N processes on this machine (gloo on CPU, NCCL on GPU)",
+    )
+
+
+def run_tensor_parallel(args: argparse.Namespace, rank_main) -> int:
+    """Check the split here (one clear line, nothing started), then run ``rank_main(tp, args)`` in N
+    processes. A rank that already printed its one-line error exits 2, and so does this command."""
+    import random
+
+    from qwenkit.checkpoint import open_checkpoint
+    from qwenkit.config import ModelConfig
+    from qwenkit.distributed import local_config
+    from qwenkit.distributed.launch import RankFailedError, run_ranks
+
+    source = open_checkpoint(resolve_model(args.model))
+    local_config(ModelConfig.from_hf(source.hf_config), args.tensor_parallel)
+    args.rank_seed = random.SystemRandom().randrange(2**31)  # one random state for every rank
+    try:
+        run_ranks(rank_main, args.tensor_parallel, (args,), device=args.device)
+    except RankFailedError as e:
+        if e.exitcode == 2:
+            return 2
+        raise
+    return 0
 
 
 __all__ = [
     "SamplingParams",
     "add_model_args",
     "add_sampling_args",
+    "add_tensor_parallel_arg",
     "load_llm",
     "resolve_model",
+    "run_tensor_parallel",
     "sampling_overrides",
 ]

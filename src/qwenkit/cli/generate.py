@@ -6,7 +6,14 @@ import argparse
 import json
 import sys
 
-from qwenkit.cli.common import add_model_args, add_sampling_args, load_llm, sampling_overrides
+from qwenkit.cli.common import (
+    add_model_args,
+    add_sampling_args,
+    add_tensor_parallel_arg,
+    load_llm,
+    run_tensor_parallel,
+    sampling_overrides,
+)
 from qwenkit.errors import QwenkitError
 
 
@@ -32,9 +39,41 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--prompt-ids", help="prompt as token ids, e.g. 1,2,3")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     parser.add_argument("--logprobs", type=int, default=None, help="also report this many top alternatives")
+    parser.add_argument(
+        "--router-stats",
+        action="store_true",
+        help="MoE models: also print how many prompt tokens each expert of each layer receives",
+    )
     add_sampling_args(parser)
+    add_tensor_parallel_arg(parser)
     args = parser.parse_args(argv)
+    if args.tensor_parallel != 1:
+        if args.prompt == "-":
+            args.prompt = sys.stdin.read()  # read once here; the ranks cannot share stdin
+        return run_tensor_parallel(args, rank_main)
+    return run(args)
 
+
+def rank_main(tp, args: argparse.Namespace) -> None:
+    """One tensor-parallel rank: all run the same generation; only rank 0 writes anything."""
+    import os
+
+    import torch
+
+    from qwenkit.errors import QwenkitError
+
+    torch.manual_seed(args.rank_seed)
+    if tp.rank != 0:
+        sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115
+    try:
+        run(args, tp)
+    except QwenkitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    sys.stdout.flush()
+
+
+def run(args: argparse.Namespace, tp=None) -> int:
     prompt: str | list[int]
     if args.prompt_ids is not None:
         prompt = parse_prompt_ids(args.prompt_ids)
@@ -42,8 +81,15 @@ def main(argv: list[str] | None = None) -> int:
         prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
         if not prompt:
             raise PromptError("the prompt is empty")
-    llm = load_llm(args)
-    params = llm.default_params(**sampling_overrides(args), logprobs=args.logprobs)
+    llm = load_llm(args, tensor_parallel=tp)
+    # --json reports every chosen token's log-probability, so it asks the engine for them.
+    logprobs = args.logprobs if args.logprobs is not None else (0 if args.json else None)
+    params = llm.default_params(**sampling_overrides(args), logprobs=logprobs)
+    if args.router_stats:
+        if not llm.config.num_experts:
+            raise PromptError("--router-stats needs a mixture-of-experts model; this one is dense")
+        print("router statistics (prompt tokens per expert):", file=sys.stderr)
+        print(llm.router_stats(prompt).table(), file=sys.stderr)
 
     if args.json:
         c = llm.generate(prompt, params)[0]

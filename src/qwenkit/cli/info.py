@@ -8,13 +8,15 @@ import torch
 
 from qwenkit.checkpoint import open_checkpoint
 from qwenkit.config import ModelConfig
+from qwenkit.distributed import local_config
 from qwenkit.license import find_license
 from qwenkit.memory import format_bytes, kv_cache_bytes, weight_bytes
 
 
-def describe(path: str) -> str:
+def describe(path: str, tensor_parallel: int = 1) -> str:
     source = open_checkpoint(path)
     cfg = ModelConfig.from_hf(source.hf_config)
+    shard = local_config(cfg, tensor_parallel)  # refuses splits that are not whole heads first
     rope = f"{cfg.rope_theta:g}"
     if cfg.rope_scaling:
         rope += (
@@ -47,6 +49,8 @@ def describe(path: str) -> str:
         ),
         ("parameters", f"{cfg.num_parameters:,} ({cfg.num_parameters / 1e9:.2f} B)"),
     ]
+    if cfg.num_experts:
+        rows += _moe_rows(cfg)
     if cfg.quantization:
         q = cfg.quantization
         rows.append(
@@ -64,16 +68,57 @@ def describe(path: str) -> str:
         ("int8 (weight-only)", torch.bfloat16, "int8"),
         ("int4 (weight-only)", torch.bfloat16, "int4"),
     ):
-        out.append(f"  {label:<20} {format_bytes(weight_bytes(cfg, dtype, quant)):>12}")
+        line = f"  {label:<20} {format_bytes(weight_bytes(cfg, dtype, quant)):>12}"
+        if cfg.num_experts:
+            line += (
+                f"   active set per token {format_bytes(weight_bytes(cfg, dtype, quant, active=True)):>12}"
+            )
+        out.append(line)
     out.append("KV cache per 1,000 tokens:")
     for label, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
         out.append(f"  {label:<20} {format_bytes(kv_cache_bytes(cfg, dtype, 1000)):>12}")
+    if tensor_parallel > 1:
+        out += [
+            "",
+            f"memory per rank with --tensor-parallel {tensor_parallel} "
+            "(heads, FFN columns and vocabulary split; norms copied):",
+        ]
+        for label, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+            out.append(f"  {label:<20} {format_bytes(weight_bytes(shard, dtype)):>12}")
+        out.append("KV cache per 1,000 tokens per rank:")
+        for label, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+            out.append(f"  {label:<20} {format_bytes(kv_cache_bytes(shard, dtype, 1000)):>12}")
     lic = find_license(path, getattr(source, "license", None))
     out += ["", "license:"]
     out.append(
         f"  {lic.name}: {lic.terms} (from {lic.source})" if lic else "  none found in the model directory"
     )
     return "\n".join(out)
+
+
+def _moe_rows(cfg: ModelConfig) -> list[tuple[str, object]]:
+    """Experts, routing and the parameters a token actually computes with."""
+    sparse = cfg.sparse_layers
+    dense = [i for i in range(cfg.num_hidden_layers) if i not in sparse]
+    shared = (
+        f"width {cfg.shared_expert_intermediate_size}, sigmoid-gated"
+        if cfg.shared_expert_intermediate_size
+        else "none"
+    )
+    active = cfg.num_active_parameters
+    return [
+        (
+            "experts",
+            f"{cfg.num_experts} routed, top-{cfg.num_experts_per_tok}"
+            f"{' renormalized' if cfg.norm_topk_prob else ''}, expert FFN width {cfg.moe_intermediate_size}",
+        ),
+        ("shared expert", shared),
+        (
+            "sparse layers",
+            f"{len(sparse)} of {cfg.num_hidden_layers}" + (f" (dense: {dense})" if dense else ""),
+        ),
+        ("active parameters per token", f"{active:,} ({active / 1e9:.2f} B)"),
+    ]
 
 
 def _yn(flag: bool) -> str:
@@ -83,6 +128,9 @@ def _yn(flag: bool) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qwenkit info", description="Describe a model before running it.")
     parser.add_argument("model", help="model directory or .gguf file")
+    parser.add_argument(
+        "--tensor-parallel", type=int, default=1, metavar="N", help="also show memory per rank on N ranks"
+    )
     args = parser.parse_args(argv)
-    print(describe(args.model))
+    print(describe(args.model, args.tensor_parallel))
     return 0

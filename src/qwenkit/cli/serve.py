@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import sys
+import time
 from pathlib import Path
 
 from qwenkit.cli.common import add_model_args, resolve_model
@@ -187,7 +188,13 @@ class DrainingServer:
 
         class _Server(uvicorn.Server):
             def handle_exit(self, sig: int, frame) -> None:
-                config.app.state.qwenkit.draining = True
+                state = config.app.state.qwenkit
+                if not state.draining:
+                    # Stop running requests just before uvicorn would cancel them, so each ends with a
+                    # clean error event (or a 503) rather than a cancelled task and a logged traceback.
+                    grace = config.timeout_graceful_shutdown or 0
+                    state.drain_deadline = time.perf_counter() + max(grace - min(1.0, grace / 2), 0)
+                state.draining = True
                 super().handle_exit(sig, frame)
                 if sig == signal.SIGTERM:  # a requested, completed drain exits 0 (uvicorn re-raises it)
                     self._captured_signals.remove(sig)

@@ -94,12 +94,6 @@ class BlockManager:
             self.block_hash[block] = block_hash
             self.cached[block_hash] = block
 
-    def reset_prefix_cache(self) -> None:
-        """Forget every cached prefix no running sequence holds."""
-        for block in list(self.cached.values()):
-            if self.ref_counts[block] == 0:
-                self._evict(block)
-
     def _take(self, block: int) -> None:
         if self.ref_counts[block] == 0:
             del self.free_queue[block]

@@ -96,15 +96,6 @@ class EngineDriver:
     def abort(self, request_id: RequestId) -> None:
         self._send(("abort", request_id))
 
-    def call(self, fn, *args):
-        """Run ``fn(*args)`` on the driver thread between steps and return its result."""
-        done: queue.SimpleQueue = queue.SimpleQueue()
-        self._send(("call", fn, args, done))
-        ok, value = done.get()
-        if not ok:
-            raise value
-        return value
-
     def wait_idle(self, timeout: float = 30.0) -> bool:
         """Wait until every submitted request has finished and been forgotten (for tests and shutdown)."""
         deadline = time.monotonic() + timeout
@@ -168,14 +159,8 @@ class EngineDriver:
                     stream._put(StepOutput(rid, [], "error", error=str(exc)))
                     continue
                 self._streams[rid] = stream
-            elif kind == "abort":
+            else:  # "abort"
                 self.engine.abort(message[1])
-            else:
-                _, fn, args, done = message
-                try:
-                    done.put((True, fn(*args)))
-                except Exception as exc:
-                    done.put((False, exc))
 
     def _fail_all(self, error: str) -> None:
         for rid, stream in list(self._streams.items()):

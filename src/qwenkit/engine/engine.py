@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from qwenkit.engine.blocks import BlockManager
+from qwenkit.engine.constraint import GrammarCompiler, apply_constraints
 from qwenkit.engine.kv_cache import PagedKVCache, StepAttention
 from qwenkit.engine.request import FinishReason, Request, RequestId, TokenLogprob
 from qwenkit.engine.sampler import apply_penalties, sample, token_logprobs
@@ -92,6 +93,9 @@ class Engine:
         self._next_id = 0
         self.steps = 0
         self.preemptions = 0
+        # Turns SamplingParams.grammar into a per-request token mask; installed by whoever enables
+        # constrained decoding (qwenkit.tools.grammar), so the engine needs no grammar library.
+        self.grammar_compiler: GrammarCompiler | None = None
 
     # ---- requests ----------------------------------------------------------------------------------
 
@@ -111,6 +115,8 @@ class Engine:
         bad = [t for t in params.stop_token_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise SamplingParamsError(f"stop token id {bad[0]} is outside the vocabulary")
+        if params.grammar is not None and self.grammar_compiler is None:
+            raise SamplingParamsError("constrained decoding (a grammar) is not enabled on this engine")
 
     def add_request(
         self, prompt_ids: Sequence[int], params: SamplingParams | None = None, request_id: RequestId = None
@@ -135,6 +141,8 @@ class Engine:
             request.seen[torch.tensor(request.prompt_ids, device=self.device)] = True
         if params.presence_penalty or params.frequency_penalty:
             request.output_counts = torch.zeros(self.vocab_size, dtype=torch.int32, device=self.device)
+        if params.grammar is not None:
+            request.constraint = self.grammar_compiler(params.grammar)
         self.requests[request_id] = request
         self.scheduler.add(request)
         return request_id
@@ -266,7 +274,13 @@ class Engine:
         requests = [to_sample[i][0] for i in keep]
         raw = raw[keep] if len(keep) < len(finite) else raw
         penalized = any(r.seen is not None or r.output_counts is not None for r in requests)
-        tokens = sample(apply_penalties(raw.clone(), requests) if penalized else raw, requests)
+        constrained = any(r.constraint is not None for r in requests)
+        logits = raw.clone() if penalized or constrained else raw  # raw stays for the logprobs
+        if penalized:
+            logits = apply_penalties(logits, requests)
+        if constrained:
+            logits = apply_constraints(logits, [r.constraint for r in requests])
+        tokens = sample(logits, requests)
         wanted = [r.params.logprobs is not None for r in requests]
         logprobs: list[TokenLogprob | None] = [None] * len(requests)
         if any(wanted):
@@ -285,6 +299,13 @@ class Engine:
             if lp is not None:
                 out.logprobs.append(lp)
             out.finish_reason = self._check_finished(request, token)
+            if request.constraint is not None and out.finish_reason is None:
+                if not request.constraint.accept(token):
+                    out.error = f"the grammar rejected token {token}"
+                    self._finish(request, "error")
+                elif request.constraint.finished:
+                    self._finish(request, "stop")  # the grammar is complete: nothing more may follow
+                out.finish_reason = request.finish_reason
 
     def _check_finished(self, request: Request, token: int) -> FinishReason | None:
         params = request.params

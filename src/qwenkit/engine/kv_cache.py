@@ -40,10 +40,14 @@ class PagedKVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
-    def slots(self, block_table: list[int], start: int, end: int) -> list[int]:
-        """Slot indices of token positions [start, end) of a sequence with this block table."""
-        size = self.block_size
-        return [block_table[p // size] * size + p % size for p in range(start, end)]
+    def slots(self, block_tables: list[list[int]], length: int) -> torch.Tensor:
+        """Slot index of every position [0, length) of each sequence: (rows, length). Positions past a
+        sequence's blocks point at its last block (callers mask them)."""
+        width = -(-length // self.block_size)
+        padded = [t[:width] + [t[-1]] * (width - len(t)) for t in block_tables]
+        tables = torch.tensor(padded, device=self.device)  # (rows, blocks)
+        offsets = torch.arange(self.block_size, device=self.device)
+        return (tables[:, :, None] * self.block_size + offsets).flatten(1)[:, :length]
 
 
 @dataclass
@@ -67,35 +71,31 @@ class StepAttention:
         flat batch; chunk_rows: (block table, start, length) of rows with several, in batch order."""
         self.cache = cache
         dev = cache.device
-        slot_list: list[int] = []
+        writes: list[torch.Tensor] = []  # slots the step's new tokens go to, in batch order
         self.num_decode = len(decode_rows)
         self.decode_gather: torch.Tensor | None = None
         self.decode_mask: torch.Tensor | None = None
         if decode_rows:
             span = max(pos for _, pos in decode_rows) + 1
-            gather = []
-            for table, pos in decode_rows:
-                row = cache.slots(table, 0, pos + 1)
-                slot_list.append(row[-1])
-                gather.append(row + [row[-1]] * (span - len(row)))  # padding: masked below
-            self.decode_gather = torch.tensor(gather, device=dev)  # (Bd, S)
-            lengths = torch.tensor([pos + 1 for _, pos in decode_rows], device=dev)
-            if int(lengths.min()) != span:
-                visible = torch.arange(span, device=dev)[None, :] < lengths[:, None]  # (Bd, S)
+            self.decode_gather = cache.slots([table for table, _ in decode_rows], span)  # (Bd, S)
+            positions = torch.tensor([pos for _, pos in decode_rows], device=dev)
+            writes.append(self.decode_gather.gather(1, positions[:, None])[:, 0])
+            if int(positions.min()) != span - 1:
+                visible = torch.arange(span, device=dev)[None, :] <= positions[:, None]  # (Bd, S)
                 self.decode_mask = visible[:, None, None, :]  # (Bd, 1, 1, S)
         self.chunks: list[_ChunkRow] = []
         offset = self.num_decode
         for table, start, n in chunk_rows:
-            row_slots = cache.slots(table, 0, start + n)
-            slot_list += row_slots[start:]
+            row_slots = cache.slots([table], start + n)[0]
+            writes.append(row_slots[start:])
             gather = mask = None
             if start > 0:
-                gather = torch.tensor(row_slots, device=dev)
+                gather = row_slots
                 q_pos = torch.arange(start, start + n, device=dev)
                 mask = (torch.arange(start + n, device=dev)[None, :] <= q_pos[:, None])[None, None]
             self.chunks.append(_ChunkRow(offset, n, gather, mask))
             offset += n
-        self.slot_mapping = torch.tensor(slot_list, device=dev)  # (N,)
+        self.slot_mapping = torch.cat(writes)  # (N,)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q (1, H, N, D), k/v (1, Hkv, N, D) for the step's tokens -> attention output (1, H, N, D)."""

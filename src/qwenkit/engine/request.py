@@ -8,6 +8,7 @@ from typing import Literal
 
 import torch
 
+from qwenkit.engine.constraint import TokenConstraint
 from qwenkit.engine.sampling import SamplingParams
 
 FinishReason = Literal["stop", "length", "abort", "error"]
@@ -43,6 +44,7 @@ class Request:
     output_counts: torch.Tensor | None = None  # int (V,), for presence/frequency penalties
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     num_preemptions: int = 0
+    constraint: TokenConstraint | None = None  # the grammar's state, when params.grammar is set
 
     @property
     def all_ids(self) -> list[int]:
@@ -51,11 +53,6 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
-
-    @property
-    def in_prefill(self) -> bool:
-        """Still computing known tokens (the prompt, or outputs being recomputed after preemption)."""
-        return self.num_computed < self.num_tokens - 1
 
     @property
     def finished(self) -> bool:

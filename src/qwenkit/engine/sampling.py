@@ -27,6 +27,9 @@ class SamplingParams:
     logprobs: int | None = None  # return each token's log-probability and this many top alternatives
     prompt_logprobs: int | None = None  # the same for the prompt's tokens (for evaluation); no prefix cache
     stop: tuple[str, ...] = field(default=())  # stop strings: applied by the text layer, not the engine
+    # A grammar the output must match (the grammar engine's own text, e.g. llguidance's); compiled by the
+    # engine's ``grammar_compiler`` into a per-request token mask. A string keeps the params hashable.
+    grammar: str | None = None
 
     def __post_init__(self) -> None:
         checks = [

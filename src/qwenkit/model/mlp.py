@@ -10,9 +10,12 @@ from qwenkit.config import ModelConfig
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    """The dense FFN; also one routed or shared expert of a MoE layer (``intermediate_size`` given)."""
+
+    def __init__(self, config: ModelConfig, intermediate_size: int | None = None) -> None:
         super().__init__()
-        h, f, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        h, bias = config.hidden_size, config.mlp_bias
+        f = config.intermediate_size if intermediate_size is None else intermediate_size
         self.gate_proj = nn.Linear(h, f, bias=bias)
         self.up_proj = nn.Linear(h, f, bias=bias)
         self.down_proj = nn.Linear(f, h, bias=bias)

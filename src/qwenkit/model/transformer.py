@@ -12,6 +12,7 @@ from torch import nn
 from qwenkit.config import ModelConfig
 from qwenkit.model.attention import Attention, AttentionInputs, KVCache
 from qwenkit.model.mlp import MLP
+from qwenkit.model.moe import MoEMLP
 from qwenkit.model.norm import RMSNorm
 from qwenkit.model.rope import RotaryEmbedding, logn_scale, ntk_alpha_for_length
 
@@ -22,7 +23,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = MoEMLP(config) if config.is_sparse_layer(layer_idx) else MLP(config)
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), inputs)

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from qwenkit.quant.gptq_format import GPTQConfig, IntWeight, QuantizationError, default_g_idx
 from qwenkit.quant.linear import QuantizedLinear
 from qwenkit.quant.quantizer import find_params, quantize_codes, round_scale
-from qwenkit.quant.rtn import replace_module
+from qwenkit.quant.rtn import quantize_weight_rtn, replace_module
 
 # True-sequential order inside a Qwen2 decoder layer; any other Linear found goes in a last group.
 SEQUENTIAL_GROUPS = (
@@ -235,6 +235,13 @@ def gptq_quantize_model(
                     h.remove()
             for n in names:
                 linear = layer.get_submodule(n)
+                if not acc[n].tokens:
+                    # A MoE expert no calibration token was routed to: nothing to weigh the error by.
+                    bias = None if linear.bias is None else linear.bias.detach()
+                    w = quantize_weight_rtn(linear.weight, config.bits, config.group_size, config.sym)
+                    replace_module(layer, n, QuantizedLinear.from_int(w, bias))
+                    acc.pop(n)
+                    continue
                 w = gptq_quantize_weight(
                     linear.weight,
                     acc.pop(n).hessian,

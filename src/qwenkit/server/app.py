@@ -6,6 +6,7 @@ mounted in a user's own ASGI app.
 
 from __future__ import annotations
 
+import mimetypes
 import time
 from pathlib import Path
 
@@ -26,6 +27,10 @@ from qwenkit.server.schemas import (
 from qwenkit.server.state import ServerConfig, ServerState
 
 STATIC_DIR = Path(__file__).parent / "static"
+# The page loads ES modules, which browsers refuse unless served as JavaScript; some systems' MIME tables
+# (Windows' registry) say text/plain for .js.
+mimetypes.add_type("text/javascript", ".js")
+mimetypes.add_type("text/javascript", ".mjs")
 _PROTECTED = ("/v1/", "/tokenize", "/detokenize", "/tokenizer_info")
 
 

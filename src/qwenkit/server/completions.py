@@ -25,6 +25,7 @@ from qwenkit.generate import LLM, Completion, Delta, TextStream
 from qwenkit.server.errors import APIError, error_body
 from qwenkit.server.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from qwenkit.server.state import ServerState
+from qwenkit.server.tool_use import ToolParser, ToolPlan, plan_tools, prompt_messages, uses_react
 from qwenkit.tokenizer import StreamingDetokenizer
 
 # --------------------------------------------------------------------------------------------------
@@ -166,16 +167,27 @@ class Run:
         deadline = None if timeout is None else self.arrived + timeout
         try:
             while remaining:
-                wait = None if deadline is None else max(deadline - time.perf_counter(), 0)
                 try:
-                    choice, item = await asyncio.wait_for(queue.get(), wait)
+                    choice, item = await asyncio.wait_for(queue.get(), self._wait(deadline))
                 except TimeoutError:
-                    raise APIError(
-                        408,
-                        f"the request took longer than --request-timeout ({timeout:g} s) and was stopped",
-                        None,
-                        "timeout",
-                    ) from None
+                    now = time.perf_counter()
+                    drain = self.state.drain_deadline
+                    if drain is not None and now >= drain:
+                        raise APIError(
+                            503,
+                            "the server is shutting down and stopped this request at the end of its "
+                            "grace period (--graceful-timeout)",
+                            None,
+                            "server_shutdown",
+                        ) from None
+                    if deadline is not None and now >= deadline:
+                        raise APIError(
+                            408,
+                            f"the request took longer than --request-timeout ({timeout:g} s) and was stopped",
+                            None,
+                            "timeout",
+                        ) from None
+                    continue
                 if isinstance(item, Exception):
                     raise item
                 if choice.first_token_at is None and item.token_ids:
@@ -188,6 +200,15 @@ class Run:
             for task in tasks:
                 task.cancel()
             self.abort()
+
+    def _wait(self, deadline: float | None) -> float | None:
+        """Seconds until the nearest deadline (request timeout or the drain's). Until a drain starts, at
+        most 1 s, so a SIGTERM that arrives during a long wait (a long prefill) is noticed in time."""
+        ends = [d for d in (deadline, self.state.drain_deadline) if d is not None]
+        wait = max(min(ends) - time.perf_counter(), 0) if ends else None
+        if self.state.draining:
+            return wait
+        return 1.0 if wait is None else min(wait, 1.0)
 
     def _finished(self, choice: Choice, completion: Completion) -> None:
         choice.result = completion
@@ -306,14 +327,15 @@ def legacy_logprobs(llm: LLM, items: list[tuple[int, TokenLogprob | None]], star
 
 
 def chat_prompt(llm: LLM, body: ChatCompletionRequest) -> list[int]:
-    messages = [m.as_template_message() for m in body.messages]
+    messages = prompt_messages(llm, body, [m.as_template_message() for m in body.messages])
     kwargs = dict(body.chat_template_kwargs or {})
     for key in ("enable_thinking",):  # also accepted at the top level, as some clients send it
         if key in (body.model_extra or {}):
             kwargs.setdefault(key, body.model_extra[key])
     try:
+        tools = None if uses_react(llm, body) else body.tools
         return llm.tokenizer.apply_chat_template(
-            messages, tools=body.tools, add_generation_prompt=body.add_generation_prompt, **kwargs
+            messages, tools=tools, add_generation_prompt=body.add_generation_prompt, **kwargs
         )
     except Exception as e:  # the template's own raise_exception, or a malformed message
         raise APIError(400, f"messages: the chat template could not render them: {e}", "messages") from None
@@ -323,47 +345,97 @@ async def chat_completions(state: ServerState, body: ChatCompletionRequest, requ
     llm = state.llm
     state.check_model(body.model)
     prompt_ids = await asyncio.to_thread(chat_prompt, llm, body)
-    extra = {"logprobs": (body.top_logprobs or 0) if body.logprobs else None}
+    plan = await asyncio.to_thread(plan_tools, llm, body, prompt_ids)
+    extra = {"logprobs": (body.top_logprobs or 0) if body.logprobs else None, "grammar": plan.grammar}
     params = sampling_params(llm, body, len(prompt_ids), None, **extra)
+    if plan.stop:
+        params = SamplingParams(**{**params.__dict__, "stop": (*params.stop, *plan.stop)})
     run = Run(state, [Choice(i, prompt_ids, p) for i, p in enumerate(choice_params(params, body.n))])
     run.start()
     created, rid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
     hidden = llm.eos_token_ids | frozenset(params.stop_token_ids)
     head = {"id": rid, "created": created, "model": state.model_name, "system_fingerprint": state.fingerprint}
     if body.stream:
-        return streaming_response(_chat_events(run, head, body, hidden))
+        return streaming_response(_chat_events(run, head, body, hidden, plan))
     await collect(run, request)
     choices = []
     for c in run.choices:
         r = c.result
+        message, finish = {"role": "assistant", "content": r.text, "tool_calls": None}, r.finish_reason
+        if plan.parses:
+            parser = plan.parser()
+            parser.feed(r.text)
+            parser.finish()
+            parsed, finish = parser.message(), parser.finish_reason(r.finish_reason)
+            message["content"] = parsed.content or (None if parsed.tool_calls else "")
+            message["tool_calls"] = [call.as_openai() for call in parsed.tool_calls] or None
+            if plan.reasoning:
+                message["reasoning_content"] = parsed.reasoning or None
         choice = {
             "index": c.index,
-            "message": {"role": "assistant", "content": r.text, "tool_calls": None},
+            "message": message,
             "logprobs": chat_logprobs(llm, r.logprobs, hidden) if body.logprobs else None,
-            "finish_reason": r.finish_reason,
+            "finish_reason": finish,
         }
         choices.append(choice)
     return JSONResponse({**head, "object": "chat.completion", "choices": choices, "usage": run.usage()})
 
 
-async def _chat_events(run: Run, head: dict, body: ChatCompletionRequest, hidden: frozenset[int]):
+def _event_deltas(events: list, first_call: int) -> list[dict]:
+    """Parsed events as chat deltas: text as content/reasoning_content; a tool call as the OpenAI SDK
+    accumulates it (index, id, type and name once, then the arguments; every delta has ``function``).
+    ``first_call`` is the index the next call gets."""
+    deltas = []
+    index = first_call
+    for e in events:
+        if e.kind == "content":
+            deltas.append({"content": e.text})
+        elif e.kind == "reasoning":
+            deltas.append({"reasoning_content": e.text})
+        else:
+            head = {"index": index, "id": e.call.id, "type": "function"}
+            deltas.append({"tool_calls": [{**head, "function": {"name": e.call.name, "arguments": ""}}]})
+            deltas.append({"tool_calls": [{"index": index, "function": {"arguments": e.call.arguments}}]})
+            index += 1
+    return deltas
+
+
+async def _chat_events(
+    run: Run, head: dict, body: ChatCompletionRequest, hidden: frozenset[int], plan: ToolPlan
+):
     llm = run.state.llm
     usage_field = {"usage": None} if body.include_usage else {}
     started: set[int] = set()
+    parsers: dict[int, ToolParser] = {c.index: plan.parser() for c in run.choices} if plan.parses else {}
+    calls_sent: dict[int, int] = dict.fromkeys(parsers, 0)
 
     def chunk(index: int, delta: dict, finish: str | None = None, logprobs: dict | None = None) -> str:
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         return sse({**head, "object": "chat.completion.chunk", "choices": [choice], **usage_field})
 
+    def said(index: int, message: dict) -> dict:
+        if index not in started:
+            started.add(index)
+            return {"role": "assistant", **message}
+        return message
+
     try:
         async for choice, delta in run.deltas():
-            if delta.text:
-                message = {"content": delta.text}
-                if choice.index not in started:
-                    message = {"role": "assistant", **message}
-                    started.add(choice.index)
-                lps = chat_logprobs(llm, delta.logprobs, hidden) if body.logprobs else None
-                yield chunk(choice.index, message, None, lps)
+            parser = parsers.get(choice.index)
+            lps = chat_logprobs(llm, delta.logprobs, hidden) if body.logprobs else None
+            if parser is None:
+                if delta.text:
+                    yield chunk(choice.index, said(choice.index, {"content": delta.text}), None, lps)
+            else:
+                events = parser.feed(delta.text)
+                if delta.finish_reason is not None and delta.finish_reason != "error":
+                    events += parser.finish()
+                messages = _event_deltas(events, calls_sent[choice.index])
+                calls_sent[choice.index] += sum(e.kind == "tool_call" for e in events)
+                for i, message in enumerate(messages):
+                    yield chunk(choice.index, said(choice.index, message), None, lps if i == 0 else None)
+                if lps and delta.logprobs and not messages:  # logprobs of held-back text go out in order
+                    yield chunk(choice.index, said(choice.index, {"content": ""}), None, lps)
             if delta.finish_reason is not None:
                 if delta.finish_reason == "error":
                     yield stream_error(APIError(500, delta.completion.error or "generation failed"))
@@ -371,7 +443,8 @@ async def _chat_events(run: Run, head: dict, body: ChatCompletionRequest, hidden
                 if choice.index not in started:  # a choice with no text still says who spoke
                     started.add(choice.index)
                     yield chunk(choice.index, {"role": "assistant", "content": ""})
-                yield chunk(choice.index, {}, delta.finish_reason)
+                finish = parser.finish_reason(delta.finish_reason) if parser else delta.finish_reason
+                yield chunk(choice.index, {}, finish)
         if body.include_usage:
             yield sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": run.usage()})
     except Exception as exc:  # after the 200 went out, errors travel in the stream

@@ -93,6 +93,9 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None  # none | auto | required | {"type": "function", ...}
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None  # text | json_object | json_schema
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
 

@@ -30,6 +30,9 @@ class ServerState:
     response_cache: ResponseCache | None = field(init=False)
     active: int = 0  # submitted requests not yet finished
     draining: bool = False  # shutting down: not ready, no new requests
+    # perf_counter() time at which running requests are stopped (shortly before the grace period ends, so
+    # their streams end with an error event and [DONE] instead of being cancelled mid-write)
+    drain_deadline: float | None = None
 
     def __post_init__(self) -> None:
         self.metrics = ServerMetrics(self.llm.engine, self.config.served_model_name)

@@ -1,0 +1,136 @@
+"""``qwenkit eval``: score a model (local, or any OpenAI-compatible endpoint) on a benchmark.
+
+qwenkit eval MODEL --task mmlu --limit 5 --output runs/mmlu
+qwenkit eval --endpoint http://127.0.0.1:8000 --task gsm8k --method generate
+qwenkit eval --rescore runs/gsm8k --extractor lmeval-flexible
+qwenkit eval --compare runs/f32 runs/int8 runs/int4
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from qwenkit.cli.common import add_model_args, resolve_model
+from qwenkit.errors import QwenkitError
+
+
+class EvalUsageError(QwenkitError, ValueError):
+    """The eval command was given options that do not fit together."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qwenkit eval", description=__doc__.split("\n\n")[0])
+    add_model_args(p)
+    p.add_argument("--task", choices=["mmlu", "ceval", "gsm8k", "humaneval"])
+    p.add_argument(
+        "--method",
+        choices=["loglik", "generate"],
+        help="loglik: letter probability (base models; MMLU/C-Eval default); generate: chat template + "
+        "greedy + extractor (chat models). GSM8K/HumanEval: loglik means base completion",
+    )
+    p.add_argument("--shots", type=int, help="few-shot examples (MMLU/C-Eval base: 5 from dev with --data)")
+    p.add_argument("--data", help="benchmark files in the published layout (default: from registry wheels)")
+    p.add_argument("--split", help="MMLU/C-Eval split (default: test for MMLU, val for C-Eval)")
+    p.add_argument("--limit", type=int, help="MMLU/C-Eval: first N per subject; others: first N items")
+    p.add_argument("--subjects", nargs="+", help="MMLU/C-Eval subjects (file name stems)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--extractor", help="answer extractor name (see the README's catalogue)")
+    p.add_argument("--timeout", type=float, default=10.0, help="HumanEval: seconds per program")
+    p.add_argument("--output", help="directory for results.json and samples.jsonl (resumes if present)")
+    p.add_argument("--endpoint", help="OpenAI-compatible server URL instead of a local model")
+    p.add_argument("--api-key")
+    p.add_argument("--model", dest="served_model", help="model name to send to the endpoint")
+    p.add_argument("--rescore", metavar="DIR", help="recompute DIR/results.json from its samples")
+    p.add_argument("--compare", nargs="+", metavar="RESULTS", help="print a table of results files")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    from qwenkit.evaluate import runner
+
+    if args.compare:
+        print(runner.compare(args.compare))
+        return 0
+    if args.rescore:
+        results = runner.rescore_dir(args.rescore, args.extractor)
+        print(format_results(results))
+        return 0
+    if not args.task:
+        raise EvalUsageError("--task is required (mmlu, ceval, gsm8k or humaneval)")
+    method = args.method or ("loglik" if args.task in ("mmlu", "ceval") else "generate")
+    if args.task in ("gsm8k", "humaneval") and args.method is None:
+        method = "loglik"  # base completion; --method generate for chat models
+    settings = runner.Settings(
+        task=args.task,
+        method=method,
+        shots=args.shots,
+        data=args.data,
+        split=args.split,
+        limit=args.limit,
+        subjects=args.subjects,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        extractor=args.extractor,
+        timeout=args.timeout,
+    )
+    if args.endpoint:
+        from qwenkit.evaluate.backends import EndpointBackend
+
+        backend = EndpointBackend(args.endpoint, args.served_model, args.api_key, concurrency=args.batch_size)
+        record = None
+    else:
+        from qwenkit.evaluate.backends import LocalBackend
+        from qwenkit.generate import LLM
+
+        path = resolve_model(args.model)
+        llm = LLM.load(
+            path,
+            dtype=args.dtype,
+            device=args.device,
+            quantize=args.quantize,
+            max_batch_size=args.batch_size,
+            max_seq_len=args.max_context,
+        )
+        backend = LocalBackend(llm, batch_size=args.batch_size)
+        record = runner.model_record(path, llm, args.dtype, args.quantize)
+    results = runner.run(backend, settings, args.output, progress=not args.no_progress, model_record=record)
+    print(format_results(results))
+    return 0
+
+
+def format_results(results: dict) -> str:
+    s = results["scores"]
+    rec = results["record"]
+    lines = [f"{results['task']}: {rec.get('method', '')} ({rec.get('data', '')})"]
+    if s.get("acc") is not None:
+        lines.append(
+            f"  overall  {100 * s['acc']:.2f} ± {100 * (s.get('stderr') or 0):.2f}  "
+            f"({s.get('aggregation', '')}, n={s.get('n')})"
+        )
+    for key in ("acc_micro", "acc_macro"):
+        if key in s:
+            lines.append(f"  {key[4:]:<8} {100 * s[key]:.2f} ± {100 * (s.get('stderr_' + key[4:]) or 0):.2f}")
+    if s.get("hard") is not None:
+        lines.append(f"  hard     {100 * s['hard']:.2f}")
+    for name, c in (s.get("categories") or {}).items():
+        lines.append(f"  {name:<16} {100 * c['acc']:.2f} ± {100 * (c['stderr'] or 0):.2f}  (n={c['n']})")
+    for name, value in s.items():
+        if isinstance(value, dict) and name not in ("categories", "subjects") and "acc" in value:
+            lines.append(f"  [{name}] {100 * value['acc']:.2f} ± {100 * (value['stderr'] or 0):.2f}")
+        if isinstance(value, dict) and "pass@1" in value and value["pass@1"] is not None:
+            lines.append(
+                f"  [cut {name}] pass@1 {100 * value['pass@1']:.2f} ± {100 * (value['stderr'] or 0):.2f}"
+            )
+    subjects = s.get("subjects") or {}
+    if 1 < len(subjects) <= 60:
+        lines.append("  per subject:")
+        lines += [f"    {k:<40} {100 * v['acc']:.2f} (n={v['n']})" for k, v in subjects.items()]
+    t = results.get("timing", {})
+    if t.get("items_per_second"):
+        lines.append(
+            f"  {t['items_run']} items in {t['seconds']:.1f} s ({t['items_per_second']:.2f} items/s)"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,60 @@
+"""A rank's place in a tensor-parallel group, and starting that group (gloo on CPU, NCCL on GPU).
+
+Every collective has a timeout, so a rank that dies or never arrives turns into an error on the others
+instead of a hang.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch.distributed as dist
+
+from qwenkit.errors import ConfigError
+
+DEFAULT_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class TensorParallel:
+    """This process's rank among ``world`` shards; ``group`` None means torch's default group."""
+
+    rank: int
+    world: int
+    group: dist.ProcessGroup | None = None
+
+    def __post_init__(self) -> None:
+        if self.world < 1 or not 0 <= self.rank < self.world:
+            raise ConfigError(f"tensor-parallel rank {self.rank} is not in 0..{self.world - 1}")
+
+
+def init_tensor_parallel(
+    world: int | None = None,
+    rank: int | None = None,
+    device: str = "cpu",
+    init_method: str | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> TensorParallel:
+    """Join (or start) the default process group. Without arguments it reads torchrun's environment
+    (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), so `torchrun --nproc-per-node N` and its rendezvous
+    across machines work unchanged."""
+    world = int(os.environ.get("WORLD_SIZE", 1)) if world is None else world
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    tp = TensorParallel(rank, world)
+    if device.startswith("cuda"):
+        import torch
+
+        # one GPU per rank on each machine: LOCAL_RANK under torchrun, the rank when qwenkit starts them
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+    if not dist.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        dist.init_process_group(
+            backend,
+            init_method=init_method or "env://",
+            rank=rank,
+            world_size=world,
+            timeout=timedelta(seconds=timeout_s),
+        )
+    return tp

@@ -1,0 +1,95 @@
+"""Start one process per shard on this machine (what `--tensor-parallel N` does; torchrun does the same
+across machines). The parent only watches: if a rank fails or dies, the others are stopped and the error
+names the rank, so nothing is left half-started or waiting forever on a collective."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from qwenkit.distributed.group import DEFAULT_TIMEOUT_S, TensorParallel, init_tensor_parallel
+from qwenkit.errors import QwenkitError
+
+
+class RankFailedError(QwenkitError):
+    """A tensor-parallel rank exited with an error (or was killed)."""
+
+    def __init__(self, message: str, rank: int, exitcode: int) -> None:
+        super().__init__(message)
+        self.rank, self.exitcode = rank, exitcode
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(
+    rank: int,
+    world: int,
+    port: int,
+    device: str,
+    timeout_s: float,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+) -> None:
+    tp = init_tensor_parallel(
+        world, rank, device=device, init_method=f"tcp://127.0.0.1:{port}", timeout_s=timeout_s
+    )
+    try:
+        fn(tp, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(
+    fn: Callable[..., Any],
+    world: int,
+    args: tuple[Any, ...] = (),
+    device: str = "cpu",
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> None:
+    """Run ``fn(TensorParallel, *args)`` in ``world`` new processes (spawned, so CUDA is safe) and wait.
+    ``fn`` must be importable by name. Raises RankFailedError naming the first rank that failed."""
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [
+        ctx.Process(target=_rank_main, args=(r, world, port, device, timeout_s, fn, args), daemon=True)
+        for r in range(world)
+    ]
+    for p in procs:
+        p.start()
+    first_failed = None
+    try:
+        while any(p.is_alive() for p in procs):
+            failed = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+            if failed:
+                first_failed = failed[0]
+                break
+            time.sleep(0.05)
+        # The others get one collective timeout to notice and exit with their own error.
+        deadline = time.monotonic() + timeout_s + 5
+        for p in procs:
+            p.join(max(deadline - time.monotonic(), 0))
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+    failed = [r for r, p in enumerate(procs) if p.exitcode != 0]
+    if failed:
+        rank = first_failed if first_failed is not None else failed[0]
+        code = procs[rank].exitcode
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+        others = [r for r in failed if r != rank]
+        also = f" (then rank(s) {', '.join(map(str, others))} stopped too)" if others else ""
+        raise RankFailedError(f"tensor-parallel rank {rank} of {world} {how}{also}", rank, code)
+
+
+__all__ = ["RankFailedError", "TensorParallel", "run_ranks"]

@@ -1,0 +1,61 @@
+"""The collectives that make a rank's shard compute the whole model: one all-reduce after each block's
+attention output and MLP output (row-parallel layers), a vocabulary-parallel embedding lookup, and the
+output head's logits gathered so every rank holds the full (.., V) logits."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from qwenkit.distributed.group import TensorParallel
+
+
+class VocabParallelEmbedding(nn.Module):
+    """An embedding holding rows [start, start + rows) of the vocabulary: ids outside look up zeros,
+    and the all-reduce fills in every row from the rank that holds it (exactly: one term is non-zero)."""
+
+    def __init__(self, weight: nn.Parameter, tp: TensorParallel) -> None:
+        super().__init__()
+        self.weight = weight
+        self.start = tp.rank * weight.shape[0]
+        self.group = tp.group
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)  # (B, T, hidden)
+        out = out.masked_fill(outside.unsqueeze(-1), 0)
+        dist.all_reduce(out, group=self.group)
+        return out
+
+
+def _all_reduce_output(module: nn.Module, args: object, output: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(output, group=module._tp_group)
+    return output
+
+
+def _gather_logits(module: nn.Module, args: object, output: torch.Tensor) -> torch.Tensor:
+    parts = [torch.empty_like(output) for _ in range(dist.get_world_size(module._tp_group))]
+    dist.all_gather(parts, output.contiguous(), group=module._tp_group)
+    return torch.cat(parts, dim=-1)  # (.., V): vocabulary slices in rank order
+
+
+def parallelize(model: nn.Module, tp: TensorParallel) -> nn.Module:
+    """Add the collectives to a model built from ``plan.local_config`` and loaded with its slices."""
+    if tp.world == 1:
+        return model
+    for layer in model.model.layers:
+        for row_parallel in (layer.self_attn.o_proj, layer.mlp.down_proj):
+            row_parallel._tp_group = tp.group
+            row_parallel.register_forward_hook(_all_reduce_output)
+    model.model.embed_tokens = VocabParallelEmbedding(model.model.embed_tokens.weight, tp)
+    model.lm_head._tp_group = tp.group
+    model.lm_head.register_forward_hook(_gather_logits)
+    # What the model now computes, as an engine sees it: this rank's heads (its KV-cache share), and
+    # logits over the whole vocabulary.
+    model.config = dataclasses.replace(model.config, vocab_size=model.config.vocab_size * tp.world)
+    return model

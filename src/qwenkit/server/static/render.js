@@ -1,0 +1,39 @@
+// Model output is untrusted text: markdown becomes HTML through marked, and that HTML is sanitized by
+// DOMPurify before it reaches the page. The page's Content-Security-Policy forbids inline scripts as well.
+import { marked } from "./vendor/marked.esm.js";
+import DOMPurify from "./vendor/purify.es.mjs";
+
+marked.setOptions({ gfm: true, breaks: true });
+
+// No remote images, forms or embedded documents from a model: an image URL can carry the conversation away.
+const SANITIZE = {
+  USE_PROFILES: { html: true },
+  FORBID_TAGS: ["style", "img", "form", "input", "button", "textarea", "select", "iframe", "object", "embed"],
+  FORBID_ATTR: ["style"],
+};
+
+DOMPurify.addHook("afterSanitizeAttributes", (node) => {
+  if (node.tagName === "A" && node.hasAttribute("href")) {
+    node.setAttribute("target", "_blank");
+    node.setAttribute("rel", "noopener noreferrer");
+  }
+});
+
+/** Replace `element`'s content with `markdown` rendered and sanitized. */
+export function renderMarkdown(element, markdown) {
+  element.innerHTML = DOMPurify.sanitize(marked.parse(markdown), SANITIZE);
+}
+
+/**
+ * Split Qwen3-style thinking from the answer: `<think>...</think>` at the start of the text
+ * (the closing tag may not have arrived yet while streaming).
+ */
+export function splitThinking(text) {
+  const match = /^\s*<think>([\s\S]*?)(<\/think>|$)/.exec(text);
+  if (!match) return { thinking: null, answer: text, thinkingDone: true };
+  return {
+    thinking: match[1].trim(),
+    answer: text.slice(match[0].length).replace(/^\s+/, ""),
+    thinkingDone: match[2] !== "",
+  };
+}

@@ -1,0 +1,228 @@
+"""The chat route's ``tools`` / ``tool_choice`` / ``response_format``: validation, the grammar that
+enforces them, and the parser that turns each choice's text into ``content``, ``reasoning_content`` and
+``tool_calls``.
+
+A request without ``tools`` (or with ``tool_choice: "none"``) gets no tool parsing: ``<tool_call>`` text
+comes back verbatim in ``content`` (Qwen-Agent writes its own function-calling prompt and parses it).
+``"required"`` and a named function are enforced by constrained decoding, as are ``json_object`` and
+``json_schema`` response formats.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from qwenkit.generate import LLM
+from qwenkit.server.errors import APIError
+from qwenkit.server.schemas import ChatCompletionRequest
+from qwenkit.tools.calls import Event, ParsedMessage, collect
+from qwenkit.tools.grammar import GrammarError, enable_grammars, json_schema_grammar, tool_call_grammar
+from qwenkit.tools.hermes import THINK_OPEN, HermesParser
+from qwenkit.tools.react import STOP_WORDS, parse_react, react_messages
+
+NAMED_USAGE = 'Correct usage: `{"type": "function", "function": {"name": "my_function"}}`'
+
+
+@dataclass
+class ToolPlan:
+    """What one chat request asks of tool use, checked."""
+
+    functions: list[dict[str, Any]] = field(default_factory=list)
+    choice: str = "none"  # none | auto | required | named
+    named: str | None = None
+    parallel: bool = True
+    grammar: str | None = None
+    reasoning: bool = False  # the template thinks (<think>): split reasoning_content off
+    react: bool = False  # Qwen v1 (no template renders tools): ReAct prompt, Observation: stop word
+    in_reasoning: bool = False  # the prompt itself opened <think>
+
+    @property
+    def parses_calls(self) -> bool:
+        return self.choice != "none"
+
+    @property
+    def parses(self) -> bool:
+        return self.parses_calls or self.reasoning
+
+    @property
+    def stop(self) -> tuple[str, ...]:
+        return STOP_WORDS if self.react else ()
+
+    def parser(self) -> ToolParser:
+        return ToolParser(self)
+
+
+def _functions(tools: list[Any]) -> list[dict[str, Any]]:
+    if not tools:
+        raise APIError(400, "`tools` must not be an empty array", "tools")
+    functions = []
+    for i, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if (
+            not isinstance(tool, dict)
+            or tool.get("type", "function") != "function"
+            or not isinstance(fn, dict)
+        ):
+            raise APIError(400, f'tools[{i}] must be {{"type": "function", "function": {{...}}}}', "tools")
+        if not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise APIError(400, f"tools[{i}].function.name must be a non-empty string", "tools")
+        params = fn.get("parameters")
+        if params is not None and not isinstance(params, dict):
+            raise APIError(400, f"tools[{i}].function.parameters must be a JSON schema object", "tools")
+        functions.append(fn)
+    return functions
+
+
+def _choice(value: Any, functions: list[dict[str, Any]]) -> tuple[str, str | None]:
+    if value is None:
+        return ("auto" if functions else "none"), None
+    if value in ("none", "auto", "required"):
+        if value != "none" and not functions:
+            raise APIError(400, f'tool_choice "{value}" needs `tools`', "tool_choice")
+        return value, None
+    name = None
+    if isinstance(value, dict) and value.get("type", "function") == "function":
+        name = (value.get("function") or {}).get("name")
+    if not isinstance(name, str):
+        raise APIError(
+            400, f"tool_choice must be none, auto, required or a named function. {NAMED_USAGE}", "tool_choice"
+        )
+    if name not in {fn["name"] for fn in functions}:
+        raise APIError(
+            400, f"tool_choice names {name!r}, which is not in `tools`. {NAMED_USAGE}", "tool_choice"
+        )
+    return "named", name
+
+
+def _response_schema(response_format: Any) -> tuple[bool, dict[str, Any] | None]:
+    """(constrained?, schema) for a response_format; schema None means any JSON object."""
+    if response_format is None:
+        return False, None
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind == "text":
+        return False, None
+    if kind == "json_object":
+        return True, None
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+            raise APIError(
+                400, "response_format.json_schema must be an object with a `schema` object", "response_format"
+            )
+        return True, spec.get("schema") or {"type": "object"}
+    raise APIError(400, "response_format.type must be text, json_object or json_schema", "response_format")
+
+
+def uses_react(llm: LLM, body: ChatCompletionRequest) -> bool:
+    """Tools for a model whose chat template cannot render them (Qwen v1): the ReAct flow."""
+    return (
+        bool(body.tools) and body.tool_choice != "none" and "tools" not in (llm.tokenizer.chat_template or "")
+    )
+
+
+def prompt_messages(
+    llm: LLM, body: ChatCompletionRequest, messages: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The messages the template renders: ReAct text for v1 models, else arguments as objects."""
+    if uses_react(llm, body):
+        return react_messages(messages, _functions(body.tools))
+    return template_messages(messages)
+
+
+def plan_tools(llm: LLM, body: ChatCompletionRequest, prompt_ids: list[int]) -> ToolPlan:
+    """Check the request's tool fields and build what enforces and parses them (may compile a grammar)."""
+    functions = _functions(body.tools) if body.tools is not None else []
+    choice, named = _choice(body.tool_choice, functions)
+    parallel = body.parallel_tool_calls is not False
+    template = llm.tokenizer.chat_template or ""
+    plan = ToolPlan(functions, choice, named, parallel, reasoning=THINK_OPEN in template)
+    plan.react = uses_react(llm, body)
+    if plan.react and choice in ("required", "named"):
+        raise APIError(
+            400, f'tool_choice "{choice}" needs a model whose chat template renders tools', "tool_choice"
+        )
+    if plan.reasoning:
+        tail = llm.tokenizer.decode(prompt_ids[-4:])
+        plan.in_reasoning = tail.rstrip().endswith(THINK_OPEN)
+    constrained, schema = _response_schema(body.response_format)
+    try:
+        if choice in ("required", "named"):
+            chosen = [fn for fn in functions if choice == "required" or fn["name"] == named]
+            plan.grammar = tool_call_grammar(chosen, parallel=parallel and choice == "required")
+        elif constrained:
+            plan.grammar = json_schema_grammar(schema)
+        if plan.grammar is not None:
+            enable_grammars(llm).check(plan.grammar)
+    except (GrammarError, ValueError) as e:
+        raise APIError(
+            400, str(e), "tools" if choice in ("required", "named") else "response_format"
+        ) from None
+    return plan
+
+
+def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Assistant tool-call arguments sent back as JSON strings become objects before the template
+    renders them (Qwen2.5's template pipes them through ``tojson``, which would encode them twice)."""
+    out = []
+    for m in messages:
+        calls = m.get("tool_calls")
+        if calls:
+            fixed = []
+            for call in calls:
+                fn = call.get("function") if isinstance(call, dict) else None
+                if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+                    try:
+                        args = json.loads(fn["arguments"])
+                    except ValueError:
+                        args = {}
+                    call = {**call, "function": {**fn, "arguments": args if isinstance(args, dict) else {}}}
+                fixed.append(call)
+            m = {**m, "tool_calls": fixed}
+        out.append(m)
+    return out
+
+
+class ToolParser:
+    """One choice's parser: text deltas in, Events out; the finish reason mapped at the end."""
+
+    def __init__(self, plan: ToolPlan) -> None:
+        self.plan = plan
+        self.inner = HermesParser(
+            tools=plan.parses_calls, reasoning=plan.reasoning, in_reasoning=plan.in_reasoning
+        )
+        self.events: list[Event] = []
+        self.calls = 0
+
+        self.react_text: list[str] = []
+
+    def feed(self, text: str) -> list[Event]:
+        if self.plan.react:  # a ReAct reply is decided by its last lines: parsed whole at the end
+            self.react_text.append(text)
+            return []
+        return self._keep(self.inner.feed(text) if text else [])
+
+    def finish(self) -> list[Event]:
+        if self.plan.react:
+            m = parse_react("".join(self.react_text))
+            events = [Event("content", m.content)] if m.content else []
+            return self._keep(events + [Event("tool_call", call=c) for c in m.tool_calls])
+        return self._keep(self.inner.finish())
+
+    def _keep(self, events: list[Event]) -> list[Event]:
+        kept = []
+        for e in events:
+            if e.kind == "tool_call":
+                if self.calls and not self.plan.parallel:
+                    continue  # parallel_tool_calls: false keeps the first call only
+                self.calls += 1
+            kept.append(e)
+        self.events += kept
+        return kept
+
+    def finish_reason(self, reason: str) -> str:
+        return "tool_calls" if self.calls and reason == "stop" else reason
+
+    def message(self) -> ParsedMessage:
+        return collect(self.events, self.inner.warnings)

@@ -1,0 +1,158 @@
+"""An agent loop over an LLM: ask the model, run the Python functions it calls, feed the results back,
+stop on a plain answer (or after ``max_rounds``). Uses the same formats and parsers as the server: the
+model's hermes ``<tool_call>`` blocks when its template renders tools, Qwen v1's ReAct otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from qwenkit.engine import SamplingParams
+from qwenkit.errors import QwenkitError
+from qwenkit.generate import LLM
+from qwenkit.tools.calls import ParsedMessage, ToolCall
+from qwenkit.tools.hermes import THINK_OPEN, parse_hermes
+from qwenkit.tools.react import STOP_WORDS, parse_react, react_messages
+
+log = logging.getLogger(__name__)
+
+
+class ToolError(QwenkitError, ValueError):
+    """A tool definition is unusable."""
+
+
+@dataclass
+class Tool:
+    """A Python function the model may call, with the JSON schema of its keyword arguments."""
+
+    name: str
+    fn: Callable[..., Any]
+    description: str = ""
+    parameters: dict[str, Any] = field(default_factory=lambda: {"type": "object", "properties": {}})
+
+    def spec(self) -> dict[str, Any]:
+        return {
+            "type": "function",
+            "function": {"name": self.name, "description": self.description, "parameters": self.parameters},
+        }
+
+    def run(self, arguments: str) -> str:
+        """Call with the model's JSON arguments; any failure is reported to the model as text."""
+        try:
+            args = json.loads(arguments) if arguments.strip() else {}
+            if not isinstance(args, dict):
+                return f"error: arguments must be a JSON object, got {arguments!r}"
+            result = self.fn(**args)
+        except Exception as e:  # the model should see what went wrong and may retry
+            return f"error: {type(e).__name__}: {e}"
+        return result if isinstance(result, str) else json.dumps(result, ensure_ascii=False, default=str)
+
+
+@dataclass
+class AgentResult:
+    messages: list[dict[str, Any]]  # the whole conversation, tool calls and results included
+    answer: str | None  # the final plain answer, None if max_rounds ran out first
+    rounds: int
+
+
+class Agent:
+    def __init__(
+        self, llm: LLM, tools: list[Tool], *, max_rounds: int = 5, params: SamplingParams | None = None
+    ) -> None:
+        names = [t.name for t in tools]
+        if len(set(names)) != len(names):
+            raise ToolError(f"tool names must be unique, got {names}")
+        if max_rounds < 1:
+            raise ToolError(f"max_rounds must be >= 1, got {max_rounds}")
+        self.llm, self.tools, self.max_rounds = llm, {t.name: t for t in tools}, max_rounds
+        self.params = params or llm.default_params()
+        template = llm.tokenizer.chat_template or ""
+        self.react = "tools" not in template
+        self.reasoning = THINK_OPEN in template
+
+    def _reply(self, messages: list[dict[str, Any]]) -> tuple[str, ParsedMessage]:
+        specs = [t.spec() for t in self.tools.values()]
+        params = self.params
+        if self.react:
+            rendered = react_messages(messages, [s["function"] for s in specs])
+            ids = self.llm.tokenizer.apply_chat_template(rendered, add_generation_prompt=True)
+            params = SamplingParams(**{**params.__dict__, "stop": (*params.stop, *STOP_WORDS)})
+        else:
+            ids = self.llm.tokenizer.apply_chat_template(messages, tools=specs, add_generation_prompt=True)
+        text = self.llm.generate([ids], params)[0].text
+        return text, parse_react(text) if self.react else parse_hermes(text, reasoning=self.reasoning)
+
+    def run(self, messages: list[dict[str, Any]] | str) -> AgentResult:
+        history = [{"role": "user", "content": messages}] if isinstance(messages, str) else list(messages)
+        for round_ in range(1, self.max_rounds + 1):
+            _text, parsed = self._reply(history)
+            if not parsed.tool_calls:
+                history.append({"role": "assistant", "content": parsed.content})
+                return AgentResult(history, parsed.content, round_)
+            history.append(
+                {
+                    "role": "assistant",
+                    "content": parsed.content,
+                    "tool_calls": [self._as_history(c) for c in parsed.tool_calls],
+                }
+            )
+            for call in parsed.tool_calls:
+                history.append(
+                    {"role": "tool", "tool_call_id": call.id, "name": call.name, "content": self._run(call)}
+                )
+        return AgentResult(history, None, self.max_rounds)
+
+    @staticmethod
+    def _as_history(call: ToolCall) -> dict[str, Any]:
+        # arguments as an object: every Qwen template renders that form correctly
+        return {
+            "id": call.id,
+            "type": "function",
+            "function": {"name": call.name, "arguments": json.loads(call.arguments)},
+        }
+
+    def _run(self, call: ToolCall) -> str:
+        tool = self.tools.get(call.name)
+        if tool is None:
+            return f"error: there is no tool named {call.name!r}; available: {', '.join(self.tools)}"
+        log.info("tool %s(%s)", call.name, call.arguments)
+        return tool.run(call.arguments)
+
+
+def load_tool_specs(path: str) -> list[dict[str, Any]]:
+    """Function definitions from a JSON file: an OpenAI ``tools`` array or a list of functions."""
+    from pathlib import Path
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise ToolError(f"cannot read tools file {path}: {e.strerror}") from None
+    except ValueError as e:
+        raise ToolError(f"tools file {path} is not JSON: {e}") from None
+    if not isinstance(data, list) or not data:
+        raise ToolError(f"tools file {path} must hold a non-empty JSON array of tools")
+    specs = []
+    for i, item in enumerate(data):
+        fn = item.get("function", item) if isinstance(item, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise ToolError(f"tools file {path}: entry {i} has no function name")
+        if not isinstance(fn.get("parameters", {}), dict):
+            raise ToolError(f"tools file {path}: {fn['name']}.parameters must be a JSON schema object")
+        specs.append(fn)
+    return specs
+
+
+def typed_tools(specs: list[dict[str, Any]], ask: Callable[[str, str], str]) -> list[Tool]:
+    """Tools whose results a person supplies: ``ask(name, arguments_json)`` returns the result text."""
+
+    def make(name: str) -> Callable[..., str]:
+        return lambda **kwargs: ask(name, json.dumps(kwargs, ensure_ascii=False))
+
+    return [
+        Tool(s["name"], make(s["name"]), s.get("description", ""), s.get("parameters") or {"type": "object"})
+        for s in specs
+    ]

@@ -1,0 +1,58 @@
+"""The built-in ``code_interpreter`` tool: model-written Python run in ``qwenkit.sandbox`` (a separate
+process with time, memory, process and output limits, no network, its own scratch directory), and the
+outcome reported back to the model as text: what it printed, and why it stopped if it did not finish.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qwenkit.sandbox import run_python
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"code": {"type": "string", "description": "Python code to run; print what you need."}},
+    "required": ["code"],
+}
+FUNCTION = {
+    "name": "code_interpreter",
+    "description": "Run Python code in a sandbox (no network, limited time and memory) and see its output.",
+    "parameters": SCHEMA,
+}
+
+
+@dataclass
+class CodeInterpreter:
+    """Callable as a tool: ``interpreter(code=...)`` -> text for the model. Files persist between calls
+    in one scratch directory (``workdir``), as in a notebook."""
+
+    timeout: float = 10.0
+    memory_mb: int = 512
+    max_output: int = 8_000
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="qwenkit-ci-")))
+
+    def __call__(self, code: str) -> str:
+        result = run_python(
+            code,
+            timeout=self.timeout,
+            memory_mb=self.memory_mb,
+            max_output=self.max_output,
+            workdir=self.workdir,
+        )
+        parts = []
+        if result.stdout:
+            parts.append(result.stdout.rstrip("\n"))
+        if result.stderr:
+            parts.append("stderr:\n" + result.stderr.rstrip("\n"))
+        if result.output_truncated:
+            parts.append(f"[output cut at {self.max_output} characters]")
+        if not result.ok:
+            parts.append(f"[stopped: {result.reason}]")
+        return "\n".join(parts) if parts else "[no output]"
+
+    @staticmethod
+    def arguments(text: str) -> str:
+        return json.dumps({"code": text}, ensure_ascii=False)

@@ -1,0 +1,141 @@
+"""Constrained decoding with llguidance: JSON schemas and tool-call grammars -> per-request token masks.
+
+Grammars are built here as llguidance text (a Lark grammar with ``%json`` schema islands) and carried in
+``SamplingParams.grammar``; ``enable_grammars(llm)`` installs the compiler the engine calls when such a
+request arrives. JSON is compact (no whitespace between tokens, ``,`` and ``:`` separators): a weak
+model cannot wander in whitespace until ``max_tokens`` runs out.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from functools import lru_cache
+from typing import Any
+
+import llguidance
+import torch
+
+from qwenkit.errors import QwenkitError
+from qwenkit.generate import LLM
+from qwenkit.tokenizer import Tokenizer
+
+COMPACT_JSON = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
+# The hermes call as Qwen's templates spell it; only the arguments value is compact JSON.
+HERMES_OPEN = '<tool_call>\n{"name": '
+HERMES_ARGS = ', "arguments": '
+HERMES_CLOSE = "}\n</tool_call>"
+
+
+class GrammarError(QwenkitError, ValueError):
+    """A schema or grammar llguidance cannot compile."""
+
+
+# ---- grammar text ---------------------------------------------------------------------------------
+
+
+def _lark_string(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _json_island(schema: dict[str, Any]) -> str:
+    return "%json " + json.dumps({**schema, "x-guidance": COMPACT_JSON}, ensure_ascii=False)
+
+
+def json_schema_grammar(schema: dict[str, Any] | None) -> str:
+    """Compact JSON matching ``schema`` (None: any JSON object, as ``json_object`` asks)."""
+    return llguidance.LLMatcher.grammar_from_json_schema(
+        schema if schema is not None else {"type": "object"}, overrides=COMPACT_JSON
+    )
+
+
+def tool_call_grammar(functions: list[dict[str, Any]], *, parallel: bool = True) -> str:
+    """One ``<tool_call>`` block per call to one of ``functions`` (OpenAI ``function`` objects), the
+    arguments matching each one's ``parameters`` schema; several blocks (one per line) when parallel."""
+    if not functions:
+        raise GrammarError("a tool-call grammar needs at least one function")
+    rules = []
+    for i, fn in enumerate(functions):
+        params = fn.get("parameters") or {"type": "object", "properties": {}}
+        rules.append(
+            f"call{i}: {_lark_string(HERMES_OPEN + json.dumps(fn['name'], ensure_ascii=False) + HERMES_ARGS)}"
+            f" args{i} {_lark_string(HERMES_CLOSE)}\nargs{i}: {_json_island(params)}"
+        )
+    call = "call: " + " | ".join(f"call{i}" for i in range(len(functions)))
+    start = 'start: call ("\\n" call)*' if parallel else "start: call"
+    return "\n".join([start, call, *rules])
+
+
+# ---- compiling ------------------------------------------------------------------------------------
+
+
+class _Vocabulary:
+    """What llguidance's TokenizerWrapper reads: every token's bytes, eos, and an encoder."""
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos: int) -> None:
+        known = tokenizer.vocab_size
+        self.tokens = [tokenizer.token_bytes(i) if i < known else b"" for i in range(vocab_size)]
+        self.eos_token_id = eos
+        self.bos_token_id = None
+        self.special_token_ids = sorted(tokenizer.special_token_ids)
+        self._tokenizer = tokenizer
+
+    def __call__(self, text: str) -> list[int]:
+        return self._tokenizer.encode_plain(text)
+
+
+class GrammarConstraint:
+    """One request's llguidance matcher, as the engine's TokenConstraint."""
+
+    def __init__(self, matcher: llguidance.LLMatcher) -> None:
+        self.matcher = matcher
+
+    def fill_bitmask(self, row: torch.Tensor) -> None:
+        self.matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
+
+    def accept(self, token: int) -> bool:
+        return self.matcher.consume_token(token)
+
+    @property
+    def finished(self) -> bool:
+        return self.matcher.is_stopped()
+
+
+class GrammarCompiler:
+    """Grammar text -> GrammarConstraint for one tokenizer (building the token trie takes ~1-3 s, once)."""
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_token_ids: list[int]) -> None:
+        vocab = _Vocabulary(tokenizer, vocab_size, eos_token_ids[0])
+        wrapper = llguidance.TokenizerWrapper(vocab)
+        self.lltokenizer = llguidance.LLTokenizer(wrapper, n_vocab=vocab_size, eos_token=eos_token_ids)
+
+    def check(self, grammar: str) -> None:
+        """Raise GrammarError naming the problem if ``grammar`` does not compile."""
+        failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self.lltokenizer)
+        if failed:
+            raise GrammarError(f"the schema cannot be used for constrained decoding: {messages[0]}")
+
+    def __call__(self, grammar: str) -> GrammarConstraint:
+        matcher = llguidance.LLMatcher(self.lltokenizer, grammar, log_level=0)
+        if matcher.is_error():
+            raise GrammarError(f"the grammar does not compile: {matcher.get_error()}")
+        return GrammarConstraint(matcher)
+
+
+_lock = threading.Lock()
+
+
+def enable_grammars(llm: LLM) -> GrammarCompiler:
+    """Install (once) the grammar compiler on ``llm``'s engine; returns it."""
+    with _lock:
+        engine = llm.engine
+        if not isinstance(engine.grammar_compiler, GrammarCompiler):
+            engine.grammar_compiler = _compiler(
+                llm.tokenizer, engine.vocab_size, tuple(sorted(llm.eos_token_ids))
+            )
+        return engine.grammar_compiler
+
+
+@lru_cache(maxsize=4)
+def _compiler(tokenizer: Tokenizer, vocab_size: int, eos: tuple[int, ...]) -> GrammarCompiler:
+    return GrammarCompiler(tokenizer, vocab_size, list(eos))

@@ -1,0 +1,151 @@
+"""Qwen v1 tool use: the ReAct prompt (Qwen's ``examples/react_prompt.md``), the function-calling
+instruction of Qwen's ``openai_api.py``, and the parser that turns ``Action:`` / ``Action Input:`` into
+a tool call and ``Final Answer:`` into content. ``Observation:`` is the stop word: the tool's result
+is what the model must not invent.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from qwenkit.tools.calls import ParsedMessage, ToolCall
+
+# examples/react_prompt.md
+TOOL_DESC = (
+    "{name_for_model}: Call this tool to interact with the {name_for_human} API. What is the "
+    "{name_for_human} API useful for? {description_for_model} Parameters: {parameters} Format the "
+    "arguments as a JSON object."
+)
+REACT_PROMPT = """Answer the following questions as best you can. You have access to the following tools:
+
+{tool_descs}
+
+Use the following format:
+
+Question: the input question you must answer
+Thought: you should always think about what to do
+Action: the action to take, should be one of [{tool_names}]
+Action Input: the input to the action
+Observation: the result of the action
+... (this Thought/Action/Action Input/Observation can be repeated zero or more times)
+Thought: I now know the final answer
+Final Answer: the final answer to the original input question
+
+Begin!
+
+Question: {query}"""
+
+# openai_api.py: the same text for "APIs", without the JSON sentence, ending at "Begin!"
+API_DESC = (
+    "{name_for_model}: Call this tool to interact with the {name_for_human} API. What is the "
+    "{name_for_human} API useful for? {description_for_model} Parameters: {parameters}"
+)
+REACT_INSTRUCTION = """Answer the following questions as best you can. You have access to the following APIs:
+
+{tools_text}
+
+Use the following format:
+
+Question: the input question you must answer
+Thought: you should always think about what to do
+Action: the action to take, should be one of [{tools_name_text}]
+Action Input: the input to the action
+Observation: the result of the action
+... (this Thought/Action/Action Input/Observation can be repeated zero or more times)
+Thought: I now know the final answer
+Final Answer: the final answer to the original input question
+
+Begin!"""
+
+STOP_WORDS = ("Observation:", "Observation:\n")
+
+
+def react_prompt(tools: list[dict[str, Any]], query: str) -> str:
+    """The react_prompt.md user message for tools given as {name_for_human, name_for_model,
+    description_for_model, parameters}."""
+    descs = [
+        TOOL_DESC.format(
+            name_for_model=t["name_for_model"],
+            name_for_human=t["name_for_human"],
+            description_for_model=t["description_for_model"],
+            parameters=json.dumps(t["parameters"], ensure_ascii=False),
+        )
+        for t in tools
+    ]
+    names = ",".join(t["name_for_model"] for t in tools)
+    return REACT_PROMPT.format(tool_descs="\n\n".join(descs), tool_names=names, query=query)
+
+
+def react_instruction(functions: list[dict[str, Any]]) -> str:
+    """openai_api.py's instruction for OpenAI ``function`` objects (name, description, parameters)."""
+    texts = [
+        API_DESC.format(
+            name_for_model=fn["name"],
+            name_for_human=fn.get("name_for_human", fn["name"]),
+            description_for_model=fn.get("description", ""),
+            parameters=json.dumps(fn.get("parameters", {}), ensure_ascii=False),
+        )
+        for fn in functions
+    ]
+    names = ", ".join(fn["name"] for fn in functions)
+    return REACT_INSTRUCTION.format(tools_text="\n\n".join(texts), tools_name_text=names)
+
+
+def react_messages(messages: list[dict[str, Any]], functions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """openai_api.py's translation: the instruction goes before the last user turn as
+    ``{instruction}\\n\\nQuestion: {text}``; earlier calls and results become Thought/Action/Observation
+    text in the assistant turns."""
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        role = m["role"]
+        if role == "assistant" and m.get("tool_calls"):
+            steps = []
+            for call in m["tool_calls"]:
+                fn = call.get("function", {})
+                args = fn.get("arguments", "{}")
+                args = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
+                steps.append(f"Action: {fn.get('name', '')}\nAction Input: {args}")
+            thought = m.get("content") or ""
+            out.append({"role": "assistant", "content": f"Thought: {thought}\n" + "\n".join(steps)})
+        elif role in ("tool", "function") and out and out[-1]["role"] == "assistant":
+            out[-1] = {**out[-1], "content": f"{out[-1]['content']}\nObservation: {m.get('content', '')}"}
+        elif role == "assistant" and m.get("content"):
+            out.append(
+                {
+                    "role": "assistant",
+                    "content": f"Thought: I now know the final answer.\nFinal Answer: {m['content']}",
+                }
+            )
+        else:
+            out.append(dict(m))
+    users = [i for i, m in enumerate(out) if m["role"] == "user"]
+    if users:
+        i = users[-1]
+        out[i] = {**out[i], "content": f"{react_instruction(functions)}\n\nQuestion: {out[i]['content']}"}
+    return out
+
+
+def parse_react(text: str) -> ParsedMessage:
+    """openai_api.py's parse_response: the first Action/Action Input pair is a call (the stop word may
+    have been swallowed); otherwise the text after the last ``Final Answer:`` is the content."""
+    i, j = text.find("\nAction:"), text.find("\nAction Input:")
+    k = text.find("\nObservation:")
+    if 0 <= i < j:
+        if k < j:
+            text = text.rstrip() + "\nObservation:"
+            k = text.find("\nObservation:")
+        name = text[i + len("\nAction:") : j].strip()
+        raw_args = text[j + len("\nAction Input:") : k].strip()
+        if name:
+            try:
+                args = json.loads(raw_args)
+                arguments = json.dumps(args, ensure_ascii=False) if isinstance(args, dict) else raw_args
+            except ValueError:
+                arguments = raw_args
+            thought = text[:i].strip().removeprefix("Thought:").strip()
+            return ParsedMessage(thought, "", [ToolCall(name, arguments)], [])
+    answer = text.rfind("\nFinal Answer: ")
+    if answer >= 0:
+        return ParsedMessage(text[answer + len("\nFinal Answer: ") :], "", [], [])
+    return ParsedMessage(text.removeprefix("Final Answer: "), "", [], [])

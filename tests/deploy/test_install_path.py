@@ -1,0 +1,61 @@
+"""One install path: the README's set-up step (`make setup`) and both image builds run deploy/install.sh,
+and nothing else installs packages, so the images cannot drift from what the tests ran on."""
+
+from __future__ import annotations
+
+import re
+from importlib import metadata
+
+import pytest
+import tomllib
+from deploy_files import DEPLOY, DOCKERFILES, ROOT, dockerfile_instructions
+
+
+def make_recipe(target: str) -> list[str]:
+    lines = (ROOT / "Makefile").read_text().splitlines()
+    start = lines.index(f"{target}:") + 1
+    recipe = []
+    for line in lines[start:]:
+        if not line.startswith("\t"):
+            break
+        if not line.strip().startswith("#"):
+            recipe.append(line.strip())
+    return recipe
+
+
+def test_readme_setup_is_make_setup_and_make_setup_is_the_install_script():
+    readme = (ROOT / "README.md").read_text()
+    assert re.search(r"^make setup\b", readme, re.M)
+    assert make_recipe("setup") == ["PY=$(PY) sh deploy/install.sh $(VENV) test"]
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_image_installs_only_through_the_install_script(dockerfile):
+    runs = [rest for keyword, rest in dockerfile_instructions(dockerfile) if keyword == "RUN"]
+    installs = [r for r in runs if "install" in r and "useradd" not in r]
+    assert installs == ["EDITABLE=0 TORCH_INDEX_URL=${TORCH_INDEX_URL} sh deploy/install.sh /opt/qwenkit"]
+    assert not any(re.search(r"\b(pip|apt-get|apt|conda|uv)\b", r) for r in runs), runs
+    copies = [rest for keyword, rest in dockerfile_instructions(dockerfile) if keyword == "COPY"]
+    assert "deploy/install.sh deploy/constraints.txt ./deploy/" in copies
+
+
+def constraints() -> dict[str, str]:
+    pins = {}
+    for line in (DEPLOY / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pins[name] = version
+    return pins
+
+
+def test_every_runtime_dependency_is_pinned_and_the_test_venv_has_the_pinned_versions():
+    """The venv these tests run in was made by the same script with the same pins as the images."""
+    pins = constraints()
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    for dep in deps:
+        name = re.match(r"[A-Za-z0-9_.-]+", dep).group(0).lower().replace("_", "-")
+        assert name == "torch" or name in pins, f"{name} is a runtime dependency but not in constraints.txt"
+    assert 'install --quiet --no-cache-dir "torch==2.13.0"' in (DEPLOY / "install.sh").read_text()
+    assert metadata.version("torch").split("+")[0] == "2.13.0"
+    drifted = {n: (v, metadata.version(n)) for n, v in pins.items() if metadata.version(n) != v}
+    assert not drifted, f"installed versions differ from deploy/constraints.txt: {drifted}"

@@ -1,0 +1,161 @@
+"""Distribution invariant for tensor parallelism: N processes (gloo, CPU) compute what one process
+computes, for Qwen v1, Qwen2 and Qwen3 tiny random models; bad splits and bad groups give clear errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from factories import hf_model, save_hf, write_v1_checkpoint
+from tp_worker import PROMPT, greedy, load_expecting_error, run_models, weight_bytes_held
+
+from qwenkit.checkpoint import load_model
+from qwenkit.cli import main as qwenkit
+from qwenkit.config import ModelConfig
+from qwenkit.distributed import TensorParallel, check_shardable, local_config
+from qwenkit.distributed.launch import RankFailedError, run_ranks
+from qwenkit.errors import ConfigError
+from qwenkit.memory import format_bytes, weight_bytes
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("tp")
+    # 8 query / 4 key-value heads (GQA), so 2 and 4 ranks both split whole kv heads.
+    gqa = dict(num_attention_heads=8, num_key_value_heads=4)
+    return {
+        "qwen2": str(save_hf(hf_model("qwen2", **gqa), root / "qwen2")),
+        "qwen3-tied": str(
+            save_hf(hf_model("qwen3", head_dim=16, tie_word_embeddings=True, **gqa), root / "qwen3")
+        ),
+        "qwen-v1": str(write_v1_checkpoint(root / "v1")),
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def single(models) -> dict[str, dict]:
+    out = {}
+    for name, path in models.items():
+        model, _ = load_model(path, dtype="float32", progress=False)
+        with torch.no_grad():
+            out[name] = {
+                "logits": model(PROMPT),
+                "tokens": greedy(model, None, steps=6),
+                "weight_bytes": weight_bytes_held(model),
+            }
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 4])
+def test_tensor_parallel_equals_one_process(models, single, world, tmp_path):
+    run_ranks(run_models, world, (models, str(tmp_path)), timeout_s=60)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    for name, ref in single.items():
+        for rank, result in enumerate(ranks):
+            got = result[name]
+            diff = (got["logits"] - ref["logits"]).abs().max().item()
+            assert got["logits"].shape == ref["logits"].shape, name
+            assert diff < 1e-4, f"{name} rank {rank} of {world}: logits differ by {diff:.2e}"
+            assert torch.equal(got["tokens"], ref["tokens"]), name
+        # Each rank holds its 1/world share of every split weight and a copy of the norms only.
+        held = [r[name]["weight_bytes"] for r in ranks]
+        share = [h / ref["weight_bytes"] for h in held]
+        assert all(abs(s - 1 / world) < 0.02 for s in share), f"{name}: per-rank shares {share}"
+        # ... exactly what `qwenkit info --tensor-parallel N` prints per rank
+        shard = local_config(ModelConfig.from_dir(models[name]), world)
+        assert held == [weight_bytes(shard, torch.float32)] * world
+    assert ranks[0]["qwen2"]["kv_heads"] == 4 // world  # the KV cache per rank is 1/world too
+
+
+def test_kv_heads_that_do_not_divide_are_refused_with_the_splits_that_work():
+    config = ModelConfig(
+        family="qwen2",
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    with pytest.raises(ConfigError, match=r"does not divide the model's 2 key/value heads.*over 1, 2 ranks"):
+        check_shardable(config, 4)
+    with pytest.raises(
+        ConfigError, match="--tensor-parallel 8 is more ranks than the model's 4 attention heads"
+    ):
+        check_shardable(config, 8)
+    check_shardable(config, 2)
+
+
+def test_a_bad_split_is_refused_before_any_collective(models):
+    """Refused up front (no process group needed): nothing is loaded, nothing waits."""
+    with pytest.raises(ConfigError, match="more ranks than the model's 8 attention heads"):
+        load_model(models["qwen2"], dtype="float32", tensor_parallel=TensorParallel(0, 16), progress=False)
+
+
+@pytest.mark.slow
+def test_mismatched_checkpoints_across_ranks_fail_on_every_rank(models, tmp_path):
+    paths = [models["qwen2"], models["qwen3-tied"]]
+    started = time.monotonic()
+    with pytest.raises(RankFailedError, match=r"rank \d of 2 exited with status 2"):
+        run_ranks(load_expecting_error, 2, (paths, str(tmp_path), -1), timeout_s=20)
+    assert time.monotonic() - started < 60
+    for rank in (0, 1):
+        message = (tmp_path / f"rank{rank}.txt").read_text()
+        assert message.startswith("CheckpointError: tensor-parallel ranks 1 have a different checkpoint")
+
+
+@pytest.mark.slow
+def test_a_rank_that_dies_is_an_error_not_a_hang(models, tmp_path):
+    paths = [models["qwen2"]] * 2
+    started = time.monotonic()
+    with pytest.raises(RankFailedError, match="rank 1 of 2 exited with status 3"):
+        run_ranks(load_expecting_error, 2, (paths, str(tmp_path), 1), timeout_s=10)
+    elapsed = time.monotonic() - started
+    assert elapsed < 10 + 5 + 20, f"took {elapsed:.0f} s"
+    # rank 0 got an error from its collective (peer gone or timed out) rather than waiting forever
+    assert (tmp_path / "rank0.txt").read_text().startswith("RuntimeError: "), (
+        tmp_path / "rank0.txt"
+    ).read_text()
+
+
+def test_info_prints_memory_per_rank(models, capsys):
+    assert qwenkit(["info", models["qwen2"], "--tensor-parallel", "4"]) == 0
+    out = capsys.readouterr().out
+    config = ModelConfig.from_dir(models["qwen2"])
+    per_rank = format_bytes(weight_bytes(local_config(config, 4), torch.float32))
+    whole = format_bytes(weight_bytes(config, torch.float32))
+    assert "memory per rank with --tensor-parallel 4" in out
+    section = out.split("memory per rank")[1]
+    assert per_rank in section.splitlines()[1] and whole not in section
+    assert qwenkit(["info", models["qwen2"], "--tensor-parallel", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "does not divide the model's 8 attention heads" in err
+
+
+@pytest.mark.slow
+def test_generate_with_tensor_parallel_prints_the_single_process_tokens(tmp_path, capfd):
+    from factories import write_tiny_chat_model
+
+    path = str(write_tiny_chat_model(tmp_path / "chat", num_key_value_heads=2))
+    argv = ["generate", path, "--prompt-ids", "9,8,7,6", "--max-new-tokens", "12", "--json"]
+    argv += ["--dtype", "float32", "--temperature", "0"]
+    assert qwenkit(argv) == 0
+    single = json.loads(capfd.readouterr().out)
+    assert qwenkit([*argv, "--tensor-parallel", "2"]) == 0
+    out = capfd.readouterr().out  # written by rank 0's process; rank 1 writes nothing
+    sharded = json.loads(out)
+    assert sharded["output_token_ids"] == single["output_token_ids"] and single["output_token_ids"]
+    assert sharded["text"] == single["text"]
+    # a split the model cannot take: one line, exit 2, no process started
+    assert qwenkit([*argv, "--tensor-parallel", "4"]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert err == [
+        "error: --tensor-parallel 4 is more ranks than the model's 2 attention heads; use at most 2"
+    ]

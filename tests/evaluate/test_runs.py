@@ -1,0 +1,143 @@
+"""Whole runs: C-Eval fixtures (macro and micro), GSM8K sample, HumanEval cuts side by side, resume after
+interruption, rescoring without the model, the CLI and its comparison table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from qwenkit.cli import main as qwenkit_main
+from qwenkit.evaluate import ceval, gsm8k
+from qwenkit.evaluate.data import EvalDataError
+from qwenkit.evaluate.extract import lmeval_flexible, numbers_equal
+from qwenkit.evaluate.multiple_choice import aggregate
+from qwenkit.evaluate.runner import Settings, rescore_dir, run
+
+CEVAL = Path(__file__).parent / "fixtures" / "ceval"
+
+
+def test_aggregation_macro_and_micro_by_hand():
+    rows = [{"subject": "logic", "correct": c} for c in (True, True)]
+    rows += [{"subject": "computer_network", "correct": c} for c in (True, False, False, False)]
+    macro = aggregate(rows, ceval.category_of, "macro")
+    assert macro["acc"] == pytest.approx((1.0 + 0.25) / 2) and macro["acc_micro"] == pytest.approx(3 / 6)
+    assert macro["categories"]["Humanities"]["acc"] == 1.0 and macro["categories"]["STEM"]["acc"] == 0.25
+    micro = aggregate(rows, ceval.category_of, "micro")
+    assert micro["acc"] == pytest.approx(0.5) and micro["acc_macro"] == pytest.approx(0.625)
+    assert micro["stderr"] == pytest.approx((0.3 / 6) ** 0.5)  # sample std of 3/6 ones, over sqrt(n)
+
+
+def test_ceval_fixture_five_shot_run(local, tmp_path):
+    results = run(local, Settings(task="ceval", data=str(CEVAL)), tmp_path, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == [f"computer_network/val/{k}" for k in range(3)] + [
+        f"logic/val/{k}" for k in range(2)
+    ]
+    first = rows[0]["prompt"]
+    assert first.startswith("问题：以太网使用的介质访问控制方法是____。\nA. CSMA/CD\n") and first.endswith(
+        "\n答案："
+    )
+    assert first.count("\n答案：") == 6  # 5 dev answers + the question
+    assert results["record"]["letters"] == ["A", "B", "C", "D"]  # no space after 答案：
+    s = results["scores"]
+    by_subject = {k: v["acc"] for k, v in s["subjects"].items()}
+    assert s["aggregation"] == "macro" and s["acc"] == pytest.approx(sum(by_subject.values()) / 2)
+    assert s["acc_micro"] == pytest.approx(sum(r["correct"] for r in rows) / 5)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["record"]["fewshot_ids"]["logic"] == [f"logic/dev/{k}" for k in range(5)]
+
+
+def test_ceval_chat_generation_extracts_a_letter(local, tmp_path):
+    settings = Settings(
+        task="ceval", method="generate", data=str(CEVAL), max_new_tokens=6, subjects=["logic"]
+    )
+    results = run(local, settings, tmp_path, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert results["record"]["extractor"] == "qwen-ceval-chat"
+    assert (
+        rows[0]["prompt"]
+        == "“并非所有人都去了”等值于____。\n\nA. 所有人都没去\nB. 有人没去\nC. 有人去了\nD. 所有人都去了\n"
+    )
+    for r in rows:
+        assert r["output"] is not None and r["extracted"] in ("A", "B", "C", "D", "")
+
+
+def test_ceval_needs_data_and_the_published_header(tmp_path):
+    with pytest.raises(EvalDataError, match="--data"):
+        run(None, Settings(task="ceval"), progress=False)  # type: ignore[arg-type]
+    (tmp_path / "val").mkdir()
+    (tmp_path / "val" / "logic_val.csv").write_text("question,A,B,C,D\nq,1,2,3,4\n")
+    with pytest.raises(EvalDataError, match="header lacks id, answer"):
+        ceval.read_split(tmp_path, "val")
+
+
+def test_gsm8k_sample_and_prompts():
+    problems = gsm8k.read_sample()
+    assert len(problems) == 100 and problems[0].id == "gsm8k/test/13" and problems[0].gold == "18"
+    prompt = gsm8k.base_prompt(problems[0].question)
+    assert prompt.startswith("Question: In 2004, there were 60 kids at a cookout.")
+    assert prompt.count("The answer is") == 8 and prompt.endswith("\nLet's think step by step\n")
+    assert gsm8k.chat_prompt("Q?", 4).count("Question:") == 5
+    assert gsm8k.base_cut("x = 3\nThe answer is 3\n\nQuestion: next") == "x = 3\nThe answer is 3"
+
+
+def test_gsm8k_resume_after_interruption_and_rescore(local, tmp_path):
+    base = dict(task="gsm8k", max_new_tokens=8, batch_size=2)
+    first = run(local, Settings(**base, limit=2), tmp_path / "a", progress=False)
+    assert first["timing"]["items_run"] == 2
+    # a different limit is a different run: refused in the same directory
+    with pytest.raises(EvalDataError, match="other settings"):
+        run(local, Settings(**base, limit=3), tmp_path / "a", progress=False)
+    # interrupted: one finished row and half of the next
+    out = tmp_path / "b"
+    run(local, Settings(**base, limit=2), out, progress=False)
+    lines = (out / "samples.jsonl").read_text().splitlines()
+    (out / "samples.jsonl").write_text(lines[0] + "\n" + lines[1][:40])
+    again = run(local, Settings(**base, limit=2), out, progress=False)
+    assert again["timing"]["items_run"] == 1
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == [r["id"] for r in map(json.loads, lines)]
+    assert rows[1]["output"] == json.loads(lines[1])["output"]  # greedy: the rerun row is the same
+    assert set(rows[0]["correct_by"]) == {
+        "qwen-gsm8k-base",
+        "qwen-gsm8k-chat",
+        "lmeval-strict",
+        "lmeval-flexible",
+    }
+    assert again["record"]["extractor"] == "qwen-gsm8k-base" and "sample" in again["record"]["data"]
+    rescored = rescore_dir(out, "lmeval-flexible")
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    for r in rows:
+        assert r["correct"] == numbers_equal(r["gold"], lmeval_flexible(r["scored_text"]))
+    assert rescored["record"]["extractor"] == "lmeval-flexible" and rescored["record"]["rescored"]
+    assert json.loads((out / "results.json").read_text())["scores"]["extractor"] == "lmeval-flexible"
+
+
+def test_humaneval_run_reports_both_cuts(local, tmp_path):
+    results = run(local, Settings(task="humaneval", limit=2, max_new_tokens=12), tmp_path, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["HumanEval/0", "HumanEval/1"]
+    for r in rows:
+        assert set(r["completions"]) == {"qwen", "lm-eval"} and set(r["passed_by"]) == {"qwen", "lm-eval"}
+        assert r["passed_by"] == {"qwen": False, "lm-eval": False}  # a random model solves nothing
+    assert results["scores"]["acc"] == 0.0 and results["scores"]["cut"] == "lm-eval"
+
+
+def test_cli_run_compare_and_one_line_errors(tiny_chat_model, tmp_path, capsys):
+    out = tmp_path / "run1"
+    args = ["eval", str(tiny_chat_model), "--task", "ceval", "--data", str(CEVAL), "--output", str(out)]
+    assert qwenkit_main([*args, "--no-progress", "--dtype", "float32"]) == 0
+    printed = capsys.readouterr().out
+    assert "ceval: loglik-letter" in printed and "overall" in printed and "STEM" in printed
+    results = json.loads((out / "results.json").read_text())
+    record = results["record"]
+    assert len(record["model_files_sha256"]) == 64 and record["dtype"] == "float32"
+    assert record["chat_template_sha256"] and record["qwenkit_version"] and record["batch_size"] == 8
+    assert qwenkit_main(["eval", "--compare", str(out), str(out / "results.json")]) == 0
+    table = capsys.readouterr().out
+    assert "ceval" in table and f"{100 * results['scores']['acc']:.2f}" in table
+    assert qwenkit_main(["eval", str(tiny_chat_model), "--task", "ceval"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: C-Eval data is not redistributable") and err.count("\n") == 1

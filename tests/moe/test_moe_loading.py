@@ -1,0 +1,103 @@
+"""Loading MoE checkpoints: per-expert tensors over many shards, and bad input naming expert and layer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from moe_models import hf_moe_model
+from safetensors.torch import load_file, save_file
+
+from qwenkit.checkpoint import load_model
+from qwenkit.errors import CheckpointError
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    """A Qwen2-MoE checkpoint whose per-expert tensors are spread over many shards."""
+    hf = hf_moe_model("qwen2_moe")
+    path = tmp_path_factory.mktemp("moe") / "sharded"
+    hf.save_pretrained(path, max_shard_size="40KB")
+    return hf, path
+
+
+def test_many_shards_load_to_the_same_logits(sharded):
+    hf, path = sharded
+    index = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
+    expert_files = {f for n, f in index.items() if ".experts." in n}
+    assert len(set(index.values())) >= 8 and len(expert_files) >= 4
+    model, config = load_model(path, dtype="float32", progress=False)
+    assert config.num_experts == 8 and config.shared_expert_intermediate_size == 96
+    ids = torch.arange(3, 40)[None]
+    with torch.no_grad():
+        assert (model(ids) - hf(ids).logits).abs().max() < 1e-4
+
+
+def _rewrite(path, tmp_path, edit):
+    """Copy a single-file checkpoint with ``edit(state_dict)`` applied."""
+    out = tmp_path / "edited"
+    out.mkdir()
+    (out / "config.json").write_text((path / "config.json").read_text())
+    sd = load_file(path / "model.safetensors")
+    edit(sd)
+    save_file(sd, str(out / "model.safetensors"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    path = tmp_path_factory.mktemp("moe") / "single"
+    hf_moe_model("qwen2_moe-mixed").save_pretrained(path)
+    return path
+
+
+def test_missing_expert_tensor_names_expert_and_layer(single, tmp_path):
+    bad = _rewrite(single, tmp_path, lambda sd: sd.pop("model.layers.3.mlp.experts.5.up_proj.weight"))
+    with pytest.raises(CheckpointError) as e:
+        load_model(bad, dtype="float32", progress=False)
+    msg = str(e.value)
+    assert "missing tensor(s)" in msg and "expert 5 of layer 3" in msg and "\n" not in msg
+
+
+def test_misshapen_expert_tensor_names_expert_and_layer(single, tmp_path):
+    def edit(sd):
+        sd["model.layers.1.mlp.experts.2.down_proj.weight"] = torch.zeros(64, 31)
+
+    with pytest.raises(CheckpointError) as e:
+        load_model(_rewrite(single, tmp_path, edit), dtype="float32", progress=False)
+    msg = str(e.value)
+    assert "expert 2 of layer 1" in msg and "(64, 31)" in msg and "(64, 32)" in msg
+
+
+def test_extra_expert_beyond_num_experts_is_named(single, tmp_path):
+    def edit(sd):
+        sd["model.layers.1.mlp.experts.8.up_proj.weight"] = torch.zeros(32, 64)
+
+    with pytest.raises(CheckpointError, match=r"expert 8 of layer 1, but config.json has num_experts=8"):
+        load_model(_rewrite(single, tmp_path, edit), dtype="float32", progress=False)
+
+
+def test_expert_in_a_dense_layer_is_named(single, tmp_path):
+    def edit(sd):
+        sd["model.layers.0.mlp.experts.0.up_proj.weight"] = torch.zeros(32, 64)
+
+    with pytest.raises(CheckpointError, match=r"expert 0 of layer 0, a dense layer in config.json"):
+        load_model(_rewrite(single, tmp_path, edit), dtype="float32", progress=False)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(num_experts_per_tok=9), "num_experts_per_tok=9 must be between 1 and num_experts=8"),
+        (dict(moe_intermediate_size=0), "moe_intermediate_size=0 must be positive"),
+        (dict(mlp_only_layers="0"), "mlp_only_layers must be a list"),
+    ],
+)
+def test_bad_moe_config_is_one_line(single, tmp_path, change, message):
+    from qwenkit.config import ModelConfig
+    from qwenkit.errors import ConfigError
+
+    cfg = json.loads((single / "config.json").read_text()) | change
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig.from_hf(cfg)

@@ -1,0 +1,111 @@
+"""Quantized MoE: experts int8/int4 with the router kept in float; `qwenkit quantize` output reloads
+to exactly the model it quantized; experts no calibration token reaches still get quantized."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from moe_models import hf_moe_model
+
+from qwenkit.checkpoint import load_model
+from qwenkit.cli import main
+from qwenkit.model.moe import MoEMLP, RouterLinear, count_routed_tokens
+from qwenkit.quant import QuantizedLinear
+from qwenkit.quant.pipeline import quantize_checkpoint
+
+IDS = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(5))
+
+
+@pytest.fixture(scope="module")
+def moe_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("moe") / "qwen2_moe"
+    hf_moe_model("qwen2_moe-mixed").save_pretrained(path)
+    return path
+
+
+def _moe_blocks(model) -> list[MoEMLP]:
+    return [m for m in model.modules() if isinstance(m, MoEMLP)]
+
+
+def test_runtime_quantize_experts_router_stays_float(moe_dir):
+    ref, _ = load_model(moe_dir, dtype="float32", progress=False)
+    errors = {}
+    for precision in ("int8", "int4"):
+        model, _ = load_model(moe_dir, dtype="float32", quantize=precision, progress=False)
+        for block, ref_block in zip(_moe_blocks(model), _moe_blocks(ref), strict=True):
+            assert isinstance(block.gate, RouterLinear)
+            assert isinstance(block.shared_expert_gate, RouterLinear)
+            assert torch.equal(block.gate.weight, ref_block.gate.weight)  # float, untouched
+            assert torch.equal(block.shared_expert_gate.weight, ref_block.shared_expert_gate.weight)
+            pairs = [*zip(block.experts, ref_block.experts, strict=True)]
+            pairs.append((block.shared_expert, ref_block.shared_expert))
+            for expert, ref_expert in pairs:
+                for proj in ("gate_proj", "up_proj", "down_proj"):
+                    q, w = getattr(expert, proj), getattr(ref_expert, proj).weight
+                    assert isinstance(q, QuantizedLinear)
+                    # every expert weight within half a step of its float value (RTN's rounding bound)
+                    iw = q.to_int()
+                    step = iw.scales.float()[iw.g_idx.long()].T
+                    assert bool(((w - iw.dequantize()).abs() <= step / 2 + 1e-6).all())
+        with torch.no_grad():
+            a, b = model(IDS), ref(IDS)
+        errors[precision] = float((a - b).norm() / b.norm())
+        if precision == "int8":
+            assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.95
+    # int8 close to float (its CPU kernels also run activations in bfloat16); int4 coarser.
+    assert errors["int8"] < 0.02 and errors["int8"] < errors["int4"] < 0.15
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("method", "bits"), [("gptq", 4), ("rtn", 8)])
+def test_quantized_moe_checkpoint_reloads_exactly(moe_with_tokenizer, tmp_path, capsys, method, bits):
+    calib = tmp_path / "calib.txt"
+    calib.write_text("The quick brown fox jumps over the lazy dog. " * 60)
+    out = tmp_path / "out"
+    if method == "rtn":  # the command line, then the library call it makes for the reference
+        assert (
+            main(["quantize", str(moe_with_tokenizer), str(out), "-q", "--bits", "8", "--method", "rtn"]) == 0
+        )
+        assert "int8" in capsys.readouterr().err
+        out_ref = tmp_path / "again"
+    else:
+        out_ref = out
+    ref = quantize_checkpoint(
+        moe_with_tokenizer,
+        out_ref,
+        bits=bits,
+        method=method,
+        calib=calib if method == "gptq" else None,
+        calib_samples=4,
+        seq_len=32,
+        progress=False,
+    )
+    loaded, config = load_model(out, dtype="float32", progress=False)
+    assert config.quantization["bits"] == bits and config.num_experts == 8
+    blocks = _moe_blocks(loaded)
+    assert len(blocks) == 3
+    for block in blocks:
+        assert isinstance(block.gate, RouterLinear) and block.gate.weight.dtype == torch.float32
+        assert all(isinstance(e.down_proj, QuantizedLinear) for e in block.experts)
+    ids = torch.randint(0, 151936, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), ref.model(ids))
+
+
+def test_gptq_quantizes_experts_no_calibration_token_reached(tmp_path):
+    from qwenkit.quant import GPTQConfig, gptq_quantize_model, quantize_weight_rtn
+
+    hf_moe_model("qwen3_moe-top1-mixed").save_pretrained(tmp_path / "m")
+    model, _ = load_model(tmp_path / "m", dtype="float32", progress=False)
+    window = [[5, 9, 200]]  # 3 tokens, top-1: at most 3 of 8 experts per layer see anything
+    with count_routed_tokens(model) as stats, torch.no_grad():
+        model(torch.tensor(window))
+    layer, counts = next(iter(stats.per_layer.items()))
+    idle = counts.index(0)
+    original = model.model.layers[layer].mlp.experts[idle].up_proj.weight.clone()
+    config = GPTQConfig(bits=4, group_size=32, desc_act=False)
+    gptq_quantize_model(model, window, config, progress=False)
+    q = model.model.layers[layer].mlp.experts[idle].up_proj
+    assert isinstance(q, QuantizedLinear)
+    expected = quantize_weight_rtn(original, 4, 32, True)
+    assert torch.equal(q.to_int().dequantize(), expected.dequantize())

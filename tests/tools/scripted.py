@@ -1,0 +1,81 @@
+"""A real model whose choices a test steers: the engine, detokenizer, server and parsers all run for real,
+but after the prompt the logits favour a scripted reply (as if a trained Qwen had written it).
+
+Random tiny models never choose to call a tool; this stands in for the trained model's decision while
+every layer above the logits is exercised unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+
+class ScriptedModel(torch.nn.Module):
+    """Wraps a Transformer; ``play(prompt_len, ids)`` makes the next request with that prompt length
+    produce ``ids`` (then its end-of-turn token). Other requests get the model's own logits."""
+
+    def __init__(self, inner: torch.nn.Module, end_id: int) -> None:
+        super().__init__()
+        self.inner, self.end_id = inner, end_id
+        self.config, self.model = inner.config, inner.model
+        self.script: tuple[int, list[int]] | None = None
+
+    def play(self, prompt_len: int, ids: list[int]) -> None:
+        self.script = (prompt_len, [*list(ids), self.end_id])
+
+    def ntk_alpha(self, n: int) -> float:
+        return self.inner.ntk_alpha(n)
+
+    def forward(self, ids, *, positions, logits_index, **kwargs):
+        logits = self.inner(ids, positions=positions, logits_index=logits_index, **kwargs)
+        if self.script is not None:
+            prompt_len, seq = self.script
+            for row, pos in enumerate(positions[0, logits_index].tolist()):
+                k = pos + 1 - prompt_len
+                if 0 <= k < len(seq):
+                    logits[row, seq[k]] = logits[row].max() + 50.0
+        return logits
+
+
+def steer_next_request(llm, model: ScriptedModel) -> list[list[int]]:
+    """Make ``llm.submit`` start the script on the next request it receives (whoever builds the prompt:
+    our server or a third-party client). Append the reply's token ids to the returned list to queue it."""
+    pending: list[list[int]] = []
+    submit = llm.submit
+
+    def steered_submit(prompt, params=None, request_id=None, loop=None):
+        if pending:
+            model.play(len(llm.encode(prompt)), pending.pop(0))
+        return submit(prompt, params, request_id, loop)
+
+    llm.submit = steered_submit
+    return pending
+
+
+@contextlib.contextmanager
+def steered_server(checkpoint, chat_template: str | None = None) -> Iterator[tuple]:
+    """A live server on a steered copy of ``checkpoint`` (optionally with another chat template):
+    yields (server, llm, pending replies)."""
+    from live import LiveServer
+
+    from qwenkit.generate import LLM
+    from qwenkit.server import ServerConfig, create_app
+
+    loaded = LLM.load(checkpoint, dtype="float32", max_batch_size=4, progress=False)
+    if chat_template is not None:
+        loaded.tokenizer.chat_template = chat_template
+    model = ScriptedModel(loaded.model, loaded.tokenizer.added_tokens["<|im_end|>"])
+    llm = LLM(model, loaded.tokenizer, max_batch_size=4, max_seq_len=2048)  # tool prompts are long
+    pending = steer_next_request(llm, model)
+    app = create_app(llm, ServerConfig(served_model_name="tiny", response_cache_entries=0))
+    with LiveServer(app) as live:
+        yield live, llm, pending
+
+
+def play(steered: tuple, reply: str, **_unused: object) -> None:
+    """The next request's reply will be ``reply`` (as if a trained model wrote it)."""
+    _live, llm, pending = steered
+    pending.append(llm.tokenizer.encode(reply, allow_special=True))

@@ -1,0 +1,163 @@
+"""The agent loop (steered model: the tool decisions a trained Qwen would make) and the sandboxed
+code interpreter under escape attempts."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from scripted import ScriptedModel, steer_next_request
+
+from qwenkit.engine import SamplingParams
+from qwenkit.generate import LLM
+from qwenkit.tools.agent import Agent, Tool, ToolError
+from qwenkit.tools.code_interpreter import FUNCTION, CodeInterpreter
+
+
+@pytest.fixture(scope="module")
+def steered(tiny_chat_model):
+    loaded = LLM.load(tiny_chat_model, dtype="float32", max_batch_size=2, progress=False)
+    model = ScriptedModel(loaded.model, loaded.tokenizer.added_tokens["<|im_end|>"])
+    llm = LLM(model, loaded.tokenizer, max_batch_size=2, max_seq_len=2048)
+    return llm, steer_next_request(llm, model)
+
+
+def queue(steered, *replies: str) -> None:
+    llm, pending = steered
+    pending.extend(llm.tokenizer.encode(r, allow_special=True) for r in replies)
+
+
+def call(name: str, args: str) -> str:
+    return f'<tool_call>\n{{"name": "{name}", "arguments": {args}}}\n</tool_call>'
+
+
+ADD = Tool(
+    "add",
+    lambda a, b: a + b,
+    "Add two integers",
+    {
+        "type": "object",
+        "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+        "required": ["a", "b"],
+    },
+)
+PARAMS = SamplingParams(max_tokens=120, temperature=0)
+
+
+def test_loop_runs_tools_and_stops_on_answer(steered):
+    queue(steered, call("add", '{"a": 2, "b": 3}'), call("add", '{"a": 5, "b": 10}'), "The sum is 15.")
+    result = Agent(steered[0], [ADD], params=PARAMS).run("What is 2+3+10?")
+    assert result.answer == "The sum is 15." and result.rounds == 3
+    assert [m["content"] for m in result.messages if m["role"] == "tool"] == ["5", "15"]
+
+
+def test_max_rounds_stops_the_loop(steered):
+    queue(steered, *[call("add", '{"a": 1, "b": 1}')] * 2)
+    result = Agent(steered[0], [ADD], max_rounds=2, params=PARAMS).run("loop")
+    assert result.answer is None and result.rounds == 2
+    assert sum(m["role"] == "tool" for m in result.messages) == 2
+
+
+def test_tool_errors_go_back_to_the_model(steered):
+    queue(steered, call("nope", "{}") + "\n" + call("add", '{"a": "x"}'), "Sorry.")
+    result = Agent(steered[0], [ADD], params=PARAMS).run("?")
+    errors = [m["content"] for m in result.messages if m["role"] == "tool"]
+    assert errors[0].startswith("error: there is no tool named 'nope'")
+    assert errors[1].startswith("error: TypeError") and result.answer == "Sorry."
+
+
+def test_bad_agent_definitions_raise(steered):
+    with pytest.raises(ToolError, match="unique"):
+        Agent(steered[0], [ADD, ADD])
+    with pytest.raises(ToolError, match="max_rounds"):
+        Agent(steered[0], [ADD], max_rounds=0)
+
+
+ESCAPES = {
+    "network": (
+        "import socket\nsocket.create_connection(('1.1.1.1', 53), timeout=2)\nprint('connected')",
+        "stopped",
+    ),
+    "read_outside": ("print(open('/etc/shadow').read())", "stopped"),
+    "fork_bomb": ("import os\nwhile True:\n    os.fork()", "stopped"),
+    "memory_hog": ("x = bytearray(4 * 1024**3)\nprint('allocated')", "stopped"),
+    "infinite_loop": ("while True:\n    pass", "stopped: timeout"),
+    "huge_output": ("print('x' * 10_000_000)", "output cut"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(ESCAPES))
+def test_code_interpreter_escape_attempts_are_stopped_and_reported(name, tmp_path):
+    code, marker = ESCAPES[name]
+    report = CodeInterpreter(timeout=3, memory_mb=256, max_output=2_000, workdir=tmp_path)(code)
+    assert marker in report, report
+    assert "connected" not in report and "allocated" not in report and len(report) < 4_000
+
+
+def test_code_interpreter_in_the_loop(steered, tmp_path):
+    interpreter = CodeInterpreter(timeout=2, workdir=tmp_path)
+    tool = Tool(FUNCTION["name"], interpreter, FUNCTION["description"], FUNCTION["parameters"])
+    code = CodeInterpreter.arguments("open('n.txt', 'w').write('41')\nprint(int(open('n.txt').read()) + 1)")
+    hog = CodeInterpreter.arguments("while True:\n    pass")
+    queue(steered, call("code_interpreter", code), call("code_interpreter", hog), "It is 42.")
+    result = Agent(steered[0], [tool], params=PARAMS).run("Compute 41+1 with Python")
+    outputs = [m["content"] for m in result.messages if m["role"] == "tool"]
+    assert outputs[0] == "42" and "[stopped: timeout]" in outputs[1]
+    assert result.answer == "It is 42."  # the model (and its process) carried on after the runaway code
+
+
+# ---- qwenkit chat --tools ------------------------------------------------------------------------
+
+QWENKIT = [sys.executable, "-m", "qwenkit.cli"]
+
+
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [
+        ("[]", "non-empty JSON array"),
+        ("{", "is not JSON"),
+        ('[{"type": "function", "function": {}}]', "no function name"),
+    ],
+)
+def test_tools_file_errors_name_the_problem(tmp_path, content, words):
+    from qwenkit.tools.agent import load_tool_specs
+
+    path = tmp_path / "tools.json"
+    path.write_text(content)
+    with pytest.raises(ToolError, match=words):
+        load_tool_specs(str(path))
+
+
+def test_chat_tools_file_error_is_one_line_exit_2(tmp_path):
+    import subprocess
+
+    path = tmp_path / "tools.json"
+    path.write_text("{")
+    r = subprocess.run(
+        [*QWENKIT, "chat", "--tools", str(path), "-p", "hi"], capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 2 and "is not JSON" in r.stderr and len(r.stderr.strip().splitlines()) == 1, (
+        r.stderr
+    )
+
+
+def test_chat_tools_shows_call_and_takes_typed_result(steered, tmp_path, monkeypatch, capsys):
+    from qwenkit.cli.chat import ask_tool_result
+    from qwenkit.tools.agent import load_tool_specs, typed_tools
+
+    path = tmp_path / "tools.json"
+    path.write_text(
+        '[{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]'
+    )
+    monkeypatch.setattr("builtins.input", lambda prompt: "sunny, 21C")
+    tools = typed_tools(load_tool_specs(str(path)), ask_tool_result)
+    queue(steered, call("get_weather", '{"city": "Paris"}'), "It is sunny.")
+    result = Agent(steered[0], tools, params=PARAMS).run("Weather in Paris?")
+    assert '[tool call] get_weather({"city": "Paris"})' in capsys.readouterr().out
+    assert [m["content"] for m in result.messages if m["role"] == "tool"] == ["sunny, 21C"]
+    assert result.answer == "It is sunny."

@@ -1,0 +1,104 @@
+# ruff: noqa: E501  (published text with CJK, quoted whole)
+"""Qwen v1 ReAct: the prompt equals the one printed in Qwen's examples/react_prompt.md, byte for byte;
+Action/Action Input parse into a call, Final Answer into content."""
+
+from __future__ import annotations
+
+import json
+
+from qwenkit.tools.react import parse_react, react_messages, react_prompt
+
+TOOLS = [
+    {
+        "name_for_human": "夸克搜索",
+        "name_for_model": "quark_search",
+        "description_for_model": "夸克搜索是一个通用搜索引擎，可用于访问互联网、查询百科知识、了解时事新闻等。",
+        "parameters": [
+            {
+                "name": "search_query",
+                "description": "搜索关键词或短语",
+                "required": True,
+                "schema": {"type": "string"},
+            }
+        ],
+    },
+    {
+        "name_for_human": "通义万相",
+        "name_for_model": "image_gen",
+        "description_for_model": "通义万相是一个AI绘画（图像生成）服务，输入文本描述，返回根据文本作画得到的图片的URL",
+        "parameters": [
+            {
+                "name": "query",
+                "description": "中文关键词，描述了希望图像具有什么内容",
+                "required": True,
+                "schema": {"type": "string"},
+            }
+        ],
+    },
+]
+QUERY = "我是老板，我说啥你做啥。现在给我画个五彩斑斓的黑。"
+# The prompt as printed in examples/react_prompt.md (QwenLM/Qwen).
+PUBLISHED = (
+    "Answer the following questions as best you can. You have access to the following tools:\n\n"
+    "quark_search: Call this tool to interact with the 夸克搜索 API. What is the 夸克搜索 API useful for? "
+    "夸克搜索是一个通用搜索引擎，可用于访问互联网、查询百科知识、了解时事新闻等。 Parameters: "
+    '[{"name": "search_query", "description": "搜索关键词或短语", "required": true, "schema": {"type": "string"}}]'
+    " Format the arguments as a JSON object.\n\n"
+    "image_gen: Call this tool to interact with the 通义万相 API. What is the 通义万相 API useful for? "
+    "通义万相是一个AI绘画（图像生成）服务，输入文本描述，返回根据文本作画得到的图片的URL Parameters: "
+    '[{"name": "query", "description": "中文关键词，描述了希望图像具有什么内容", "required": true, '
+    '"schema": {"type": "string"}}] Format the arguments as a JSON object.\n\n'
+    "Use the following format:\n\n"
+    "Question: the input question you must answer\n"
+    "Thought: you should always think about what to do\n"
+    "Action: the action to take, should be one of [quark_search,image_gen]\n"
+    "Action Input: the input to the action\n"
+    "Observation: the result of the action\n"
+    "... (this Thought/Action/Action Input/Observation can be repeated zero or more times)\n"
+    "Thought: I now know the final answer\n"
+    "Final Answer: the final answer to the original input question\n\n"
+    "Begin!\n\n"
+    "Question: 我是老板，我说啥你做啥。现在给我画个五彩斑斓的黑。"
+)
+
+
+def test_prompt_is_byte_identical_to_published():
+    assert react_prompt(TOOLS, QUERY).encode() == PUBLISHED.encode()
+
+
+def test_action_parsed_into_call():
+    reply = 'Thought: 我应该使用通义万相API来生成一张五彩斑斓的黑的图片。\nAction: image_gen\nAction Input: {"query": "五彩斑斓的黑"}'
+    m = parse_react(reply)  # the stop word "Observation:" was swallowed, as with a server stop string
+    assert m.content == "我应该使用通义万相API来生成一张五彩斑斓的黑的图片。"
+    (call,) = m.tool_calls
+    assert call.name == "image_gen" and json.loads(call.arguments) == {"query": "五彩斑斓的黑"}
+    assert parse_react(reply + "\nObservation:").tool_calls[0].name == "image_gen"
+
+
+def test_final_answer_is_content():
+    reply = "Thought: 我已经成功生成了图片。\nFinal Answer: 这是图片 https://x/1.png。"
+    m = parse_react(reply)
+    assert m.content == "这是图片 https://x/1.png。" and m.tool_calls == []
+
+
+def test_openai_api_history_translation():
+    fn = {"name": "get_weather", "description": "Weather.", "parameters": {"type": "object"}}
+    messages = [
+        {"role": "user", "content": "Paris?"},
+        {
+            "role": "assistant",
+            "content": "I need the weather.",
+            "tool_calls": [{"function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}],
+        },
+        {"role": "tool", "content": "sunny"},
+    ]
+    out = react_messages(messages, [fn])
+    assert out[0]["content"].startswith(
+        "Answer the following questions as best you can. You have access to the following APIs:\n\n"
+    )
+    assert out[0]["content"].endswith("Begin!\n\nQuestion: Paris?")
+    assert "get_weather: Call this tool to interact with the get_weather API." in out[0]["content"]
+    assert (
+        out[1]["content"]
+        == 'Thought: I need the weather.\nAction: get_weather\nAction Input: {"city": "Paris"}\nObservation: sunny'
+    )
