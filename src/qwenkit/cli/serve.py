@@ -111,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("max_model_len"),
         help="longest sequence (prompt + output) served (default: the model's context)",
     )
+    e.add_argument(
+        "--threads",
+        type=int,
+        default=_env("threads"),
+        help="CPU threads for the model's compute (default: PyTorch's, one per core)",
+    )
     e.add_argument("--no-prefix-caching", action="store_true", default=bool(_env("no_prefix_caching")))
     e.add_argument(
         "--response-cache",
@@ -141,6 +147,12 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.max_model_len is not None and int(args.max_model_len) < 2:
         raise ConfigError(f"--max-model-len must be at least 2, got {args.max_model_len}")
+    if args.threads is not None:
+        if int(args.threads) < 1:
+            raise ConfigError(f"--threads must be at least 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(int(args.threads))
     path = resolve_model(args.model)
     kv_bytes = parse_bytes(args.kv_cache_memory) if args.kv_cache_memory else None
     llm = LLM.load(
