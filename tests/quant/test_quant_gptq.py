@@ -30,8 +30,11 @@ def _correlated_inputs(tokens: int, dim: int, seed: int = 0) -> torch.Tensor:
     return x * (1 + 4 * (torch.arange(dim) % 17 == 0))
 
 
-@pytest.mark.parametrize(("gs", "sym", "act_order"), [(32, True, False), (64, False, True), (-1, True, True)])
-def test_gptq_beats_rtn_on_layer_output(gs: int, sym: bool, act_order: bool) -> None:
+@pytest.mark.parametrize(
+    ("gs", "sym", "act_order"),
+    [(32, True, "none"), (64, False, "dynamic"), (64, True, "static"), (-1, True, "dynamic")],
+)
+def test_gptq_beats_rtn_on_layer_output(gs: int, sym: bool, act_order: str) -> None:
     torch.manual_seed(0)
     w = torch.randn(64, 128) * 0.05
     x = _correlated_inputs(512, 128)
@@ -43,8 +46,10 @@ def test_gptq_beats_rtn_on_layer_output(gs: int, sym: bool, act_order: bool) -> 
     err_gptq = (x @ gptq.dequantize().T - ref).norm()
     err_rtn = (x @ rtn.dequantize().T - ref).norm()
     assert err_gptq < 0.8 * err_rtn, (float(err_gptq), float(err_rtn))
-    if act_order and gs != -1:
+    if act_order == "dynamic" and gs != -1:
         assert not torch.equal(gptq.g_idx.sort().values, gptq.g_idx)  # g_idx really is act-order
+    else:
+        assert torch.equal(gptq.g_idx.sort().values, gptq.g_idx)
     # every group has group_size columns, as AutoGPTQ writes them
     assert torch.bincount(gptq.g_idx.long()).unique().numel() == 1
 
@@ -90,10 +95,11 @@ def _tiny_model() -> Transformer:
 @pytest.mark.parametrize(
     "config",
     [
-        GPTQConfig(bits=4, group_size=32, desc_act=True, sym=False),
-        GPTQConfig(bits=8, group_size=64, desc_act=False, sym=True),
+        GPTQConfig(bits=4, group_size=32, act_order="dynamic", sym=False),
+        GPTQConfig(bits=4, group_size=32, act_order="static", sym=True),
+        GPTQConfig(bits=8, group_size=64, act_order="none", sym=True),
     ],
-    ids=["int4-actorder-asym", "int8-sym"],
+    ids=["int4-dynamic-asym", "int4-static", "int8-sym"],
 )
 def test_round_trip_through_autogptq_files(tmp_path, config: GPTQConfig) -> None:
     from qwenkit.checkpoint import load_model
