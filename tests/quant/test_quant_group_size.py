@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from qwenkit.checkpoint import load_model
 from qwenkit.cli import main
 from qwenkit.quant import QuantizationError
-from qwenkit.quant.group_size import choose_group_size
+from qwenkit.quant.group_size import choose_group_size, per_row_int4_note
 
 KINDS = ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj")
 
@@ -109,3 +109,11 @@ def test_cli_writes_the_group_size_it_reports(src, tmp_path, capsys, args, group
     loaded, _ = load_model(out, dtype="float32", progress=False)  # qwenkit reads short groups too
     with torch.no_grad():
         assert torch.isfinite(loaded(torch.tensor([[1, 2, 3]]))).all()
+
+
+def test_int4_per_row_groups_name_the_reader_that_refuses_them() -> None:
+    assert per_row_int4_note(_smollm2_widths(1)) == (
+        "4-bit with --group-size -1 makes groups as wide as the rows (576, 1536); GPTQModel's CPU int4 "
+        "kernel (transformers on CPU) takes only 32, 64, 128, 256"
+    )
+    assert per_row_int4_note({"model.layers.0.mlp.down_proj": 256}) is None

@@ -24,6 +24,7 @@ from qwenkit.quant.gptq_format import QuantizationError
 # Group sizes every GPTQ reader's int4 kernels take: vLLM's Marlin (-1, 32, 64, 128) and GPTQModel's
 # CPU kernel (16, 32, 64, 128). Largest first.
 READER_GROUP_SIZES = (128, 64, 32)
+TORCH_INT4_GROUPS = (32, 64, 128, 256)  # torch's CPU int4 matmul, which GPTQModel's CPU kernel calls
 PARTIAL_GROUP_READERS = "vLLM (weight shape) and GPTQModel's CPU int4 kernel (K not divisible by group)"
 
 
@@ -82,6 +83,18 @@ def choose_group_size(widths: Mapping[str, int], requested: int, partial_groups:
         f"--group-size {requested} does not tile {names[0]} ({width} inputs) and no smaller size of "
         f"{', '.join(map(str, READER_GROUP_SIZES))} tiles every layer; use --group-size "
         f"{sizes + ' or ' if sizes else ''}-1 (one group per row), or --partial-groups"
+    )
+
+
+def per_row_int4_note(widths: Mapping[str, int]) -> str | None:
+    """4-bit with one group per row: GPTQModel's CPU int4 kernel takes only groups of 32 to 256 columns."""
+    wide = sorted({w for w in widths.values() if w not in TORCH_INT4_GROUPS})
+    if not wide:
+        return None
+    sizes = ", ".join(map(str, TORCH_INT4_GROUPS))
+    return (
+        f"4-bit with --group-size -1 makes groups as wide as the rows ({', '.join(map(str, wide))}); "
+        f"GPTQModel's CPU int4 kernel (transformers on CPU) takes only {sizes}"
     )
 
 

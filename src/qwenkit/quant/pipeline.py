@@ -34,7 +34,7 @@ from qwenkit.quant.calibration import calibration_token_ids
 from qwenkit.quant.checkpoint_io import NOT_QUANTIZED, finalize_quantized_model, save_gptq
 from qwenkit.quant.gptq import gptq_quantize_model
 from qwenkit.quant.gptq_format import ACT_ORDERS, SUPPORTED_BITS, ActOrder, GPTQConfig, QuantizationError
-from qwenkit.quant.group_size import GroupChoice, choose_group_size
+from qwenkit.quant.group_size import GroupChoice, choose_group_size, per_row_int4_note
 from qwenkit.quant.rtn import quantize_model_rtn
 
 Method = Literal["gptq", "rtn"]
@@ -177,9 +177,11 @@ def quantize_checkpoint(
     config = ModelConfig.from_hf(source.hf_config)
     if config.quantization:
         raise QuantizationError(f"{src} is already quantized ({config.quantization.get('quant_method')})")
-    group = choose_group_size(_linear_widths(config), group_size, partial_groups)
-    if group.note():
-        note(group.note())
+    widths = _linear_widths(config)
+    group = choose_group_size(widths, group_size, partial_groups)
+    for text in (group.note(), per_row_int4_note(widths) if bits == 4 and group_size == -1 else None):
+        if text:
+            note(text)
     qconfig = GPTQConfig(
         bits=bits, group_size=group.group_size, act_order=act_order, sym=sym, damp_percent=damp_percent
     )
