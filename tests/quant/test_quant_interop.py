@@ -21,7 +21,6 @@ import torch
 from factories import hf_model, qwen3_tokenizer_dir
 from safetensors.torch import load_file
 
-from qwenkit.checkpoint import load_model
 from qwenkit.cli import main
 from qwenkit.engine import SamplingParams
 from qwenkit.generate import LLM
@@ -84,13 +83,12 @@ def test_transformers_gptqmodel_load_qwenkit_output(src, tmp_path, capsys, bits,
     theirs = _transformers_model(out)
     layer = theirs.model.layers[0].mlp.down_proj
     assert type(layer).__module__.startswith("gptqmodel.nn_modules.qlinear"), type(layer)
-    ours, _ = load_model(out, dtype="float32", progress=False)
+    llm = LLM.load(out, dtype="float32", progress=False)
     with torch.no_grad():
-        want, got = ours(IDS).float(), theirs(IDS).logits.float()
+        want, got = llm.model(IDS).float(), theirs(IDS).logits.float()
     tol = BF16_ULPS * 2**-8 * float(want.abs().max())
     assert float((got - want).abs().max()) <= tol, (float((got - want).abs().max()), tol)
 
-    llm = LLM.load(out, dtype="float32", progress=False)
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
     for completion in llm.generate(PROMPTS, params):
         ids = torch.tensor([completion.prompt_ids])
