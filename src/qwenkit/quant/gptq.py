@@ -11,8 +11,8 @@ Column order (``act_order``):
   inputs first, so later columns absorb their rounding error), but every group keeps its file-order
   columns and its grid is fixed up front from the original weights (AutoGPTQ's ``static_groups``). The
   stored ``g_idx`` is monotone, so readers see a plain ``desc_act: false`` checkpoint. Summed over 21
-  Linears of SmolLM2, its output error ``tr(D H D^T)`` is within 0.5% of dynamic's; without act-order
-  it is 34% higher.
+  Linears of SmolLM2, its output error ``tr(D H D^T)`` is within 0.3% of dynamic's; without act-order
+  it is 34% higher (``benchmarks/bench_act_order_error.py``).
 * ``dynamic``: the same visiting order with groups formed in it (``desc_act: true``): ``g_idx`` is a
   permutation, which readers must regroup (qwenkit does once at load; vLLM refuses such files).
 
