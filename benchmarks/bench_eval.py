@@ -63,7 +63,6 @@ def main() -> None:
     ours_letters = [r["extracted"] for r in rows]
     outs, t_ours_gen = timed(lambda: ours.complete(gprompts, args.max_new_tokens, gsm8k.BASE_CUT))
     ours_text = [gsm8k.base_cut(t) for t in outs]
-    del llm, ours
 
     peer = HFLM(pretrained=str(model_dir), dtype="float32", batch_size=args.batch_size, device="cpu")
     requests = [

@@ -31,6 +31,10 @@ class Backend(Protocol):
         """For each context, log p(candidate | context) for every candidate token id."""
         ...
 
+    def sequence_logprobs(self, sequences: Sequence[list[int]]) -> list[list[float]]:
+        """For each sequence, log p(token i | tokens before it) for i = 1 .. len - 1."""
+        ...
+
     def complete(self, prompts: Sequence[str], max_tokens: int, stop: Sequence[str]) -> list[str]:
         """Greedy continuations of raw prompts (no chat template)."""
         ...
@@ -83,6 +87,17 @@ class LocalBackend:
             logprobs = torch.log_softmax(logits, dim=-1)[:, cand.to(logits.device)].cpu()
             for r, i in enumerate(rows):
                 out[i] = logprobs[r].tolist()
+        return out
+
+    @torch.inference_mode()
+    def sequence_logprobs(self, sequences: Sequence[list[int]]) -> list[list[float]]:
+        model, out = self.llm.model, []
+        for seq in sequences:  # one at a time: windows are long, and this keeps memory to one window
+            ids = torch.tensor([seq], device=self._device)
+            alpha = model.ntk_alpha(len(seq))
+            logits = model(ids, ntk_alphas=[alpha] if alpha != 1.0 else None)[0, :-1].float()  # (T-1, V)
+            lps = torch.log_softmax(logits, dim=-1).gather(1, ids[0, 1:, None])[:, 0]
+            out.append(lps.cpu().tolist())
         return out
 
     @property
@@ -170,6 +185,16 @@ class EndpointBackend:
             return values
 
         return self._map(one, contexts)
+
+    def sequence_logprobs(self, sequences: Sequence[list[int]]) -> list[list[float]]:
+        def one(seq: list[int]) -> list[float]:
+            body = {"prompt": seq, "max_tokens": 0, "echo": True, "logprobs": 0, "temperature": 0}
+            values = self._post("/v1/completions", body)["choices"][0]["logprobs"]["token_logprobs"][1:]
+            if any(v is None for v in values):
+                raise BackendError("the endpoint returned no prompt log-probabilities (echo + logprobs)")
+            return values
+
+        return self._map(one, sequences)
 
     def complete(self, prompts: Sequence[str], max_tokens: int, stop: Sequence[str]) -> list[str]:
         def one(prompt: str) -> str:

@@ -23,7 +23,7 @@ from qwenkit.evaluate.extract import CHOICE_EXTRACTORS, NUMBER_EXTRACTORS, numbe
 from qwenkit.evaluate.multiple_choice import MCItem, aggregate, rescore, score_generate, score_loglik
 from qwenkit.evaluate.stats import mean_stderr
 
-TASKS = ("mmlu", "ceval", "gsm8k", "humaneval")
+TASKS = ("mmlu", "ceval", "gsm8k", "humaneval", "ppl")
 SAMPLES, RESULTS, SETTINGS = "samples.jsonl", "results.json", "settings.json"
 
 
@@ -41,6 +41,8 @@ class Settings:
     extractor: str | None = None  # None: the benchmark's default for the method
     samples_per_task: int = 1  # HumanEval n for pass@k (greedy gives identical samples: keep 1)
     timeout: float = 10.0  # HumanEval per-program sandbox wall clock
+    window: int = 2048  # ppl: tokens per window
+    stride: int = 512  # ppl: new tokens scored per window
 
     def key(self) -> dict[str, Any]:
         """The settings that change results (batch size does not: batched equals one at a time)."""
@@ -298,7 +300,41 @@ def _humaneval_plan(s: Settings) -> Plan:
     return Plan(problems, run_chunk, agg, record)
 
 
+@dataclass(frozen=True)
+class _Document:
+    id: str
+    text: str
+
+
+def _ppl_plan(s: Settings) -> Plan:
+    from qwenkit.evaluate.perplexity import perplexity, read_text
+
+    if not s.data:
+        raise EvalDataError("perplexity needs --data FILE (a UTF-8 text file)")
+    doc = _Document(Path(s.data).name, read_text(s.data))
+    record = {
+        "data": s.data,
+        "data_sha256": sha256_text(doc.text),
+        "method": "sliding-window perplexity (Hugging Face guide)",
+        "window": s.window,
+        "stride": s.stride,
+        "aggregation": "exp(total NLL / tokens scored); per byte: / UTF-8 bytes",
+    }
+
+    def run_chunk(backend: Backend, chunk: list[_Document]) -> list[dict]:
+        return [{"id": d.id, **perplexity(backend, d.text, s.window, s.stride)} for d in chunk]
+
+    def agg(rows: list[dict]) -> dict:
+        row = rows[0]
+        keys = ("token_perplexity", "byte_perplexity", "bits_per_byte", "tokens_scored", "bytes", "windows")
+        return {k: row[k] for k in keys}
+
+    return Plan([doc], run_chunk, agg, record)
+
+
 def plan(settings: Settings) -> Plan:
+    if settings.task == "ppl":
+        return _ppl_plan(settings)
     if settings.task in ("mmlu", "ceval"):
         return _mc_plan(settings)
     if settings.task == "gsm8k":
