@@ -80,8 +80,9 @@ def main() -> None:
 
     agree_mc = sum(a == b for a, b in zip(ours_letters, peer_letters, strict=True))
     agree_gen = sum(a.strip() == b.strip() for a, b in zip(ours_text, peer_text, strict=True))
+    threads = torch.get_num_threads()
     print(
-        f"model: {model_dir.name} (bundled SmolLM2-135M-Instruct GGUF, dequantized to float32), CPU threads {torch.get_num_threads()}"
+        f"model: {model_dir.name} (the bundled SmolLM2-135M-Instruct GGUF in float32), {threads} CPU threads"
     )
     print("| workload | items | qwenkit items/s | lm-eval (hf) items/s | speedup | same answer |")
     print("|---|---|---|---|---|---|")

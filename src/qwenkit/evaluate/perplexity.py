@@ -2,11 +2,11 @@
 
 Hugging Face's "perplexity of fixed-length models" method: windows of ``window`` tokens start every
 ``stride`` tokens (``stride < window``); each window scores only the tokens no earlier window scored,
-with the rest of the window as context, so every token after the first is scored exactly once and
-with at least one token of context (``stride = window - 1`` is lm-eval's rolling windows; a smaller stride gives
-every scored token more context and a lower perplexity). The first token of the text has no context and is not scored. Per
-byte figures (``bits_per_byte``, ``byte_perplexity``) divide by the text's UTF-8 bytes instead, which makes
-models with different tokenizers comparable.
+with the rest of the window as context, so every token after the first is scored exactly once, with at
+least one token of context (``stride = window - 1`` is lm-eval's rolling windows; a smaller stride gives
+each scored token more context and a lower perplexity). The text's first token is context only. Per
+byte figures (``bits_per_byte``, ``byte_perplexity``) divide by the text's UTF-8 bytes instead, which
+makes models with different tokenizers comparable.
 """
 
 from __future__ import annotations
