@@ -101,10 +101,17 @@ def test_endpoint_mode_gives_the_same_predictions(eval_llm, local, subset):
 
     prompts = [mmlu.base_prompt(i, []) for i in subset]
     here = score_loglik(local, subset, prompts, mmlu.LETTER_SPELLING)
+    conversations = [[{"role": "user", "content": mmlu.chat_prompt(i)}] for i in subset[:3]]
+    here_chat = local.chat(conversations, max_tokens=12)
+    here_text = local.complete(prompts[:3], 12, ["\n\n"])
     app = create_app(eval_llm, ServerConfig(served_model_name="tiny", response_cache_entries=0))
     with LiveServer(app) as server:
         remote = EndpointBackend(server.url, model="tiny", concurrency=4)
         there = score_loglik(remote, subset, prompts, mmlu.LETTER_SPELLING)
+        there_chat = remote.chat(conversations, max_tokens=12)
+        there_text = remote.complete(prompts[:3], 12, ["\n\n"])
+    assert here_chat == there_chat and here_text == there_text  # greedy generation agrees too
+    assert all(here_chat) and all(here_text)  # non-empty (a random model repeats one token)
     assert [r["extracted"] for r in there] == [r["extracted"] for r in here]
     for a, b in zip(here, there, strict=True):
         assert list(a["scores"].values()) == pytest.approx(list(b["scores"].values()), abs=1e-4)

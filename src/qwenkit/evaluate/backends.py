@@ -125,6 +125,11 @@ def _with(params: Any, **changes: Any) -> Any:
     return replace(params, **changes)
 
 
+# Greedy with no repetition penalty, as Qwen's scripts generate (a server's own defaults may add one).
+# repetition_penalty is a vLLM / qwenkit extension field; OpenAI's own API does not take it.
+GREEDY = {"temperature": 0, "repetition_penalty": 1.0}
+
+
 @dataclass
 class EndpointBackend:
     """An OpenAI-compatible server. Letter scoring sends each context + candidate as token ids with
@@ -210,7 +215,7 @@ class EndpointBackend:
 
     def chat(self, messages: Sequence[list[dict[str, str]]], max_tokens: int) -> list[str]:
         def one(conversation: list[dict[str, str]]) -> str:
-            body = {"messages": conversation, "max_tokens": max_tokens, "temperature": 0}
+            body = {"messages": conversation, "max_tokens": max_tokens, **GREEDY}
             return self._post("/v1/chat/completions", body)["choices"][0]["message"]["content"] or ""
 
         return self._map(one, messages)
