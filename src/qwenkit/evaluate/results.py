@@ -103,7 +103,7 @@ def compare(paths: Sequence[str | Path]) -> str:
         names.setdefault(label, {})[r["task"]] = r["scores"]
     tasks = sorted({t for scores in names.values() for t in scores})
     first = next(iter(names.values()))
-    lines = ["run".ljust(28) + "".join(t.rjust(22) for t in tasks)]
+    lines = ["run".ljust(44) + "".join(t.rjust(22) for t in tasks)]
     for label, scores in names.items():
         cells = []
         for t in tasks:
@@ -118,7 +118,7 @@ def compare(paths: Sequence[str | Path]) -> str:
                 se = ((s.get("stderr") or 0) ** 2 + (base.get("stderr") or 0) ** 2) ** 0.5
                 cell += f" ({100 * diff:+.2f}{'*' if abs(diff) > se else ''})"
             cells.append(cell.rjust(22))
-        lines.append(label[:27].ljust(28) + "".join(cells))
+        lines.append(label[:43].ljust(44) + "".join(cells))
     lines.append(
         "accuracy %, ± standard error; (difference from the first run, * beyond the combined stderr)"
     )
@@ -127,6 +127,6 @@ def compare(paths: Sequence[str | Path]) -> str:
 
 def _run_label(path: Path, results: dict) -> str:
     rec = results.get("record", {})
-    model = Path(rec.get("model_path") or rec.get("url") or path.parent.name).name
-    quant = rec.get("quantization") or rec.get("dtype") or ""
-    return f"{model} {quant}".strip()
+    model = Path(rec.get("model_path") or rec.get("url") or path.parent.name).stem
+    precision = rec.get("quantization") or rec.get("dtype") or ""
+    return f"{model} {precision}".strip()
