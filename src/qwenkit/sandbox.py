@@ -46,6 +46,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from functools import cache
@@ -193,6 +194,8 @@ def run_python(
             shutil.rmtree(work, ignore_errors=True)
         elif uid is not None:
             _chown_tree(work, os.getuid(), os.getgid())
+        if uid is not None:
+            _release_uid(uid)
 
 
 def _verdict(
@@ -292,8 +295,22 @@ def _command(
     return argv, tuple(isolation)
 
 
+_uids_in_use: set[int] = set()
+_uid_lock = threading.Lock()
+
+
 def _run_uid() -> int:
-    return UID_BASE + secrets.randbelow(1000)
+    """A uid no other run of this process is using (runs in other processes pick at random too)."""
+    with _uid_lock:
+        while (uid := UID_BASE + secrets.randbelow(1000)) in _uids_in_use:
+            pass
+        _uids_in_use.add(uid)
+        return uid
+
+
+def _release_uid(uid: int) -> None:
+    with _uid_lock:
+        _uids_in_use.discard(uid)
 
 
 @cache

