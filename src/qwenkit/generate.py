@@ -149,6 +149,7 @@ class LLM:
         max_batch_size: int = 8,
         max_seq_len: int | None = None,
         progress: bool = True,
+        adapter: str | Path | None = None,
     ) -> LLM:
         source = open_checkpoint(path)
         tokenizer = tokenizer_for(source)
@@ -160,6 +161,7 @@ class LLM:
             context=max_seq_len,
             batch=max_batch_size,
             progress=progress,
+            adapter=adapter,
         )
         return cls(model, tokenizer, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
 

@@ -105,8 +105,12 @@ def load_model(
     context: int | None = None,
     batch: int = 1,
     progress: bool = True,
+    adapter: str | Path | None = None,
 ) -> tuple[Transformer, ModelConfig]:
-    """Load any supported checkpoint. ``context``/``batch`` size the memory check for the KV cache."""
+    """Load any supported checkpoint. ``context``/``batch`` size the memory check for the KV cache.
+
+    ``adapter``: a peft-format LoRA directory applied on top (unmerged, through finetune's layer type).
+    """
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for, but no CUDA device is available")
     source = open_checkpoint(path) if isinstance(path, str | Path) else path
@@ -137,6 +141,11 @@ def load_model(
         from qwenkit.quant import quantize_for_runtime
 
         quantize_for_runtime(model, quantize)
+    if adapter is not None:
+        from qwenkit.finetune.adapter_io import load_adapter
+
+        load_adapter(model, adapter)
+        model.requires_grad_(False)
     return model, config
 
 
