@@ -18,6 +18,10 @@ COMMANDS = {
     "convert": "convert checkpoints: Qwen v1 -> Qwen1.5 layout, GGUF -> Hugging Face",
     "quantize": "quantize a model to int8/int4 (GPTQ or round-to-nearest)",
     "profile": "measure tokens/s and peak memory per precision",
+    "finetune": "supervised fine-tuning: LoRA, QLoRA or full (one or many processes)",
+    "dpo": "preference tuning (DPO) of a LoRA adapter",
+    "merge": "fold a LoRA adapter into the model and write a plain checkpoint",
+    "filter": "find and mask or drop sensitive data in training files",
 }
 
 

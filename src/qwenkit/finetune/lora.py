@@ -9,8 +9,10 @@ copy of any weight outlives its layer's use.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -82,7 +84,7 @@ def dequantized_weight(layer: QuantizedLinear, dtype: torch.dtype) -> torch.Tens
 
 def frozen_base_forward(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The base layer's output, differentiable in x even when the base is quantized."""
-    if isinstance(base, QuantizedLinear) and torch.is_grad_enabled():
+    if isinstance(base, QuantizedLinear) and (torch.is_grad_enabled() or base.training):
         y = _DequantizedMatmul.apply(x, base)
         return y if base.bias is None else y + base.bias.to(y.dtype)
     return base(x)
@@ -103,9 +105,12 @@ class LoRALinear(nn.Module):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.r, self.alpha, self.scaling = r, alpha, scaling
         self.in_features, self.out_features = in_f, out_f
+        self.disabled = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = frozen_base_forward(self.base_layer, x)
+        if self.disabled:
+            return y
         update = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))
         return y + (update * self.scaling).to(y.dtype)
 
@@ -161,6 +166,19 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for m in lora_modules(model).values() for p in (m.lora_A.weight, m.lora_B.weight)]
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """The base model's function, e.g. DPO's frozen reference without a second copy of the weights."""
+    modules = list(lora_modules(model).values())
+    for m in modules:
+        m.disabled = True
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.disabled = False
 
 
 @torch.no_grad()
