@@ -38,7 +38,7 @@ _EMAIL = re.compile(r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[
 _CN_MOBILE = re.compile(r"(?<![\d+])(?:(?:\+|00)86[ -]?)?1[3-9]\d(?:[ -]?\d{4}){2}(?!\d)")
 _INTL_PHONE = re.compile(r"(?<![\w+])\+\d{1,3}(?:[ -]?\(?\d{1,4}\)?)(?:[ -]?\d{2,4}){1,4}(?!\d)")
 _ID = re.compile(r"(?<![0-9A-Za-z])[1-9]\d{5}(?:18|19|20)\d{2}\d{4}\d{3}[0-9Xx](?![0-9A-Za-z])")
-_CARD = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")
+_CARD = re.compile(r"(?<![\d+-])\d(?:[ -]?\d){12,18}(?![\d-])")
 _IPV4 = re.compile(r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?![\d.])")
 _IPV6 = re.compile(r"(?<![0-9A-Fa-f:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![0-9A-Fa-f:])")
 _SECRETS = [
@@ -114,8 +114,8 @@ class Detector:
         add("secret", _SECRETS[3], group=1)
         add("email", _EMAIL)
         add("id_card", _ID, valid_cn_id)
-        add("bank_card", _CARD, lambda s: luhn_ok(re.sub(r"[ -]", "", s)))
         add("phone", _CN_MOBILE)
+        add("bank_card", _CARD, lambda s: luhn_ok(re.sub(r"[ -]", "", s)))
         add("phone", _INTL_PHONE, lambda s: 8 <= sum(c.isdigit() for c in s) <= 15)
         add("ip", _IPV4, _ip_ok)
         add("ip", _IPV6, lambda s: s.count(":") >= 2 and _ip_ok(s) and any(c.isalnum() for c in s))
