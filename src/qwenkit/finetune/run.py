@@ -230,7 +230,8 @@ def finetune(
                 print(f"resuming from {ckpt} (step {trainer.step})", file=sys.stderr)
         if world.is_main:
             (work / "checkpoints").mkdir(parents=True, exist_ok=True)
-            print(f"data: {stats.summary()}", file=sys.stderr)
+            summary = stats.summary() if hasattr(stats, "summary") else json.dumps(stats)
+            print(f"data: {summary}", file=sys.stderr)
         _loop(trainer, prep, args, world, work, history, eval_examples)
         _finish(model_path, out, overwrite, trainer, prep, args, world, history, stats, tokenizer)
     finally:
@@ -244,7 +245,7 @@ def _length(e: Any) -> int:
 
 def _loop(trainer, prep, args, world, work, history, eval_examples) -> None:
     if eval_examples and trainer.step == 0 and not any("eval_loss" in h for h in history):
-        _log(history, world, work, {"step": 0, "eval_loss": trainer.evaluate(eval_examples)})
+        _log(history, world, work, {"step": 0, "eval_loss": trainer.evaluate(eval_examples), **trainer.eval_metrics})
     bar = tqdm(
         total=trainer.total_steps,
         initial=trainer.step,
@@ -269,6 +270,7 @@ def _loop(trainer, prep, args, world, work, history, eval_examples) -> None:
             last = trainer.step == trainer.total_steps
             if eval_examples and (last or (args.eval_every and trainer.step % args.eval_every == 0)):
                 record["eval_loss"] = trainer.evaluate(eval_examples)
+                record.update(trainer.eval_metrics)
             _log(history, world, work, record)
             bar.set_postfix(loss=f"{r.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_second']:.0f}")
             bar.update(1)
@@ -306,7 +308,7 @@ def _finish(model_path, out, overwrite, trainer, prep, args, world, history, sta
             evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
             plot_losses(tmp / "loss.png", train, evals)
             write_json(tmp / "training_args.json", {"model": str(model_path), **args.to_json()})
-            write_json(tmp / "data_report.json", stats.__dict__ if hasattr(stats, "__dict__") else {})
+            write_json(tmp / "data_report.json", stats if isinstance(stats, dict) else stats.__dict__)
         shutil.rmtree(work_dir(out), ignore_errors=True)
     world.barrier()
     unwrap(prep.model)

@@ -152,6 +152,7 @@ class Trainer:
         warmup = round(args.warmup_ratio * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.total_steps, warmup))
         self.step = 0
+        self.eval_metrics: dict[str, float] = {}  # extra held-out figures a subclass reports
 
     # ---- which examples -------------------------------------------------------------------------------
     def global_indices(self, step: int) -> list[int]:
