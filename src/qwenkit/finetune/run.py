@@ -103,6 +103,7 @@ def prepare_model(model_path: str | Path, args: TrainArgs, world: World, batch_t
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     wrapped = wrap(model, world, args.strategy)
+    params = [p for p in model.parameters() if p.requires_grad]  # after wrapping: FSDP swaps in DTensors
     return Prepared(wrapped, model, params, names, lora, config.tie_word_embeddings)
 
 
