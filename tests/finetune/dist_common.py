@@ -22,8 +22,17 @@ def examples(n: int = 8) -> list[Example]:
 
 def args(method: str, strategy: str, batch_size: int) -> TrainArgs:
     return TrainArgs(
-        method=method, strategy=strategy, batch_size=batch_size, grad_accum=1, lr=1e-2, lora_r=4,
-        lora_alpha=8, lora_dropout=0.0, max_steps=4, progress=False, weight_decay=0.01,
+        method=method,
+        strategy=strategy,
+        batch_size=batch_size,
+        grad_accum=1,
+        lr=1e-2,
+        lora_r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        max_steps=4,
+        progress=False,
+        weight_decay=0.01,
     )
 
 

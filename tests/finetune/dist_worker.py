@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from dist_common import build, grads, steps_and_weights  # noqa: E402
+from dist_common import build, grads, steps_and_weights
 
-from qwenkit.finetune.distributed import close_world, init_world  # noqa: E402
+from qwenkit.finetune.distributed import close_world, init_world
 
 
 def main() -> None:

@@ -33,8 +33,20 @@ def two_procs(tied_dir, tmp_path_factory):
 
 
 def torchrun(args, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE.parents[1] / "src"), str(HERE), str(HERE.parent)])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(HERE / "dist_worker.py"), *map(str, args)]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(HERE.parents[1] / "src"), str(HERE), str(HERE.parent)]),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(HERE / "dist_worker.py"),
+        *map(str, args),
+    ]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
 
@@ -57,7 +69,9 @@ def test_two_processes_equal_one(mode, tied_dir, two_procs):
     if method == "full":  # the tied embedding is one tensor, trained once
         assert "model.embed_tokens.weight" in ref_weights and "lm_head.weight" not in ref_weights
 
-    if mode == "fsdp-lora":  # resume the 2-process checkpoint (step 2) in 1 process: same weights as straight through
+    if (
+        mode == "fsdp-lora"
+    ):  # resume the 2-process checkpoint (step 2) in 1 process: same weights as straight through
         t1, p1 = build(tied_dir, method, World(), "ddp", batch_size=4)
         load_checkpoint(two_procs / "ckpt", t1, p1, t1.args)
         assert t1.step == 2

@@ -22,7 +22,11 @@ def write_pairs(path, start, n):
     with open(path, "w") as f:
         for i in range(start, start + n):
             if i % 2:
-                row = {"prompt": f"Say something about {i}.", "chosen": f"Gladly: {i} is fine.", "rejected": "No."}
+                row = {
+                    "prompt": f"Say something about {i}.",
+                    "chosen": f"Gladly: {i} is fine.",
+                    "rejected": "No.",
+                }
             else:
                 row = {
                     "messages": [{"role": "user", "content": f"Number {i}?"}],
@@ -46,7 +50,15 @@ def test_dpo_loss_and_rewards_equal_reference(tiny_chat_model, tmp_path):
     with torch.no_grad():
         for m in lora_modules(model).values():
             m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.2)
-    trainer = DPOTrainer(model, pairs, TrainArgs(batch_size=3, progress=False), World(), 151643, lora_parameters(model), beta=0.3)
+    trainer = DPOTrainer(
+        model,
+        pairs,
+        TrainArgs(batch_size=3, progress=False),
+        World(),
+        151643,
+        lora_parameters(model),
+        beta=0.3,
+    )
     loss, metrics, _ = trainer.batch_loss([0, 1, 2], normalizer=3.0)
 
     base, _ = load_model(tiny_chat_model, "float32", progress=False)
@@ -73,8 +85,27 @@ def test_dpo_command_raises_the_held_out_margin(tiny_chat_model, tmp_path):
     held = write_pairs(tmp_path / "held.jsonl", 100, 6)
     out = tmp_path / "dpo"
     rc = cli_main(
-        ["dpo", str(tiny_chat_model), str(train), str(out), "--eval-data", str(held), "--max-steps", "8",
-         "--batch-size", "4", "--lr", "1e-2", "--lora-r", "4", "--lora-dropout", "0", "--beta", "0.5", "--no-progress"]
+        [
+            "dpo",
+            str(tiny_chat_model),
+            str(train),
+            str(out),
+            "--eval-data",
+            str(held),
+            "--max-steps",
+            "8",
+            "--batch-size",
+            "4",
+            "--lr",
+            "1e-2",
+            "--lora-r",
+            "4",
+            "--lora-dropout",
+            "0",
+            "--beta",
+            "0.5",
+            "--no-progress",
+        ]
     )
     assert rc == 0
     log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
@@ -82,5 +113,7 @@ def test_dpo_command_raises_the_held_out_margin(tiny_chat_model, tmp_path):
     assert evals[0]["eval_rewards/margins"] == 0.0  # adapter starts as the identity: policy == reference
     assert evals[-1]["eval_rewards/margins"] > 1.0 and evals[-1]["eval_rewards/accuracies"] == 1.0
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
-    assert all(k in log[1] for k in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen"))
+    assert all(
+        k in log[1] for k in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen")
+    )
     assert (out / "adapter_model.safetensors").is_file()

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from qwenkit.cli import main as cli_main
-from qwenkit.finetune.sensitive import Detector, filter_file, luhn_ok, valid_cn_id
+from qwenkit.finetune.sensitive import Detector, luhn_ok, valid_cn_id
 
 CATALOGUE = [
     # (text, [(kind, matched text)])
@@ -58,7 +58,12 @@ def test_checksums():
 def test_filter_command_masks_and_drops(tmp_path, capsys):
     src = tmp_path / "d.jsonl"
     rows = [
-        {"messages": [{"role": "user", "content": "email a@b.io"}, {"role": "assistant", "content": "ok, 13812345678"}]},
+        {
+            "messages": [
+                {"role": "user", "content": "email a@b.io"},
+                {"role": "assistant", "content": "ok, 13812345678"},
+            ]
+        },
         {"messages": [{"role": "user", "content": "clean"}, {"role": "assistant", "content": "fine"}]},
     ]
     src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
@@ -71,7 +76,20 @@ def test_filter_command_masks_and_drops(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "2 examples: 1 with sensitive data (email 1, phone 1); 0 dropped" in err
     assert "d.jsonl:1 messages[0].content email" in err
-    assert cli_main(["filter", str(src), str(tmp_path / "dropped.jsonl"), "--mode", "drop", "--keywords", str(tmp_path / "kw.txt")]) == 0
+    assert (
+        cli_main(
+            [
+                "filter",
+                str(src),
+                str(tmp_path / "dropped.jsonl"),
+                "--mode",
+                "drop",
+                "--keywords",
+                str(tmp_path / "kw.txt"),
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "dropped.jsonl").read_text() == ""
     assert cli_main(["filter", str(tmp_path / "missing.jsonl"), str(tmp_path / "x.jsonl")]) == 2
     assert not (tmp_path / "x.jsonl").exists()

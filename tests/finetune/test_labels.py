@@ -12,12 +12,12 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tokenizer"))
-from tokenizer_data import QWEN3_DIR, QWEN_TIKTOKEN  # noqa: E402
+from tokenizer_data import QWEN3_DIR, QWEN_TIKTOKEN
 
-from qwenkit.finetune.data import DataError, read_records  # noqa: E402
-from qwenkit.finetune.encode import IGNORE, EncodeStats, encode_all, encode_messages, pack  # noqa: E402
-from qwenkit.finetune.trainer import pad_batch  # noqa: E402
-from qwenkit.tokenizer import load_tokenizer  # noqa: E402
+from qwenkit.finetune.data import DataError, read_records
+from qwenkit.finetune.encode import IGNORE, EncodeStats, encode_all, encode_messages, pack
+from qwenkit.finetune.trainer import pad_batch
+from qwenkit.tokenizer import load_tokenizer
 
 TOOLS = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
 CALL = {"type": "function", "function": {"name": "add", "arguments": {"a": 1, "b": 2}}}
@@ -70,7 +70,13 @@ def test_messages_and_conversations_label_exactly_the_replies(tokenizers, family
         {"role": "user", "content": "ok"},
         {"role": "assistant", "content": replies[2]},
     ]
-    conversations = [{"from": "system" if m["role"] == "system" else {"user": "human", "assistant": "gpt"}[m["role"]], "value": m["content"]} for m in messages]
+    conversations = [
+        {
+            "from": "system" if m["role"] == "system" else {"user": "human", "assistant": "gpt"}[m["role"]],
+            "value": m["content"],
+        }
+        for m in messages
+    ]
     data = write_jsonl(tmp_path / "d.jsonl", [{"messages": messages}, {"conversations": conversations}])
     examples = encode_all(tok, read_records(data), max_len=4096)
     assert len(examples) == 2
@@ -101,7 +107,9 @@ def test_qwen3_tool_calls_and_reasoning(tokenizers):
         "<think>\n1+2=3\n</think>\n\nThe sum is 3.<|im_end|>",
     ]
     # Without reasoning, Qwen3's empty think block is prompt, not a target.
-    ids, labels = encode_messages(tok, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])
+    ids, labels = encode_messages(
+        tok, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    )
     assert "<think>\n\n</think>\n\n" in tok.decode(ids)
     assert labelled_runs(tok, ids, labels) == ["yo<|im_end|>"]
 
@@ -109,18 +117,26 @@ def test_qwen3_tool_calls_and_reasoning(tokenizers):
 def test_reply_starting_with_newline_is_tokenized_whole(tokenizers):
     """Tokenizing segment by segment would give two '\\n' tokens; the whole text has one '\\n\\n'."""
     tok = tokenizers["v1"]
-    ids, labels = encode_messages(tok, [{"role": "user", "content": "x"}, {"role": "assistant", "content": "\nHello"}])
-    assert ids == tok.encode("<|im_start|>system\nYou are a helpful assistant.", allow_special=True) + ids[
-        len(tok.encode("<|im_start|>system\nYou are a helpful assistant.", allow_special=True)) :
-    ]
+    ids, labels = encode_messages(
+        tok, [{"role": "user", "content": "x"}, {"role": "assistant", "content": "\nHello"}]
+    )
+    assert (
+        ids
+        == tok.encode("<|im_start|>system\nYou are a helpful assistant.", allow_special=True)
+        + ids[len(tok.encode("<|im_start|>system\nYou are a helpful assistant.", allow_special=True)) :]
+    )
     assert 271 in ids and tok.decode([271]) == "\n\n"
-    assert labelled_runs(tok, ids, labels) == ["\n\nHello<|im_end|>"]  # the merged token carries the reply's \n
+    assert labelled_runs(tok, ids, labels) == [
+        "\n\nHello<|im_end|>"
+    ]  # the merged token carries the reply's \n
 
 
 def test_plain_text_keeps_its_end_of_text_label(tokenizers, tmp_path):
     """Base-model data ends in <|endoftext|>, which is also the pad id: it must stay labelled."""
     tok = tokenizers["qwen3"]
-    data = write_jsonl(tmp_path / "t.jsonl", [{"text": "The cat sat."}, {"text": "A much longer document about cats."}])
+    data = write_jsonl(
+        tmp_path / "t.jsonl", [{"text": "The cat sat."}, {"text": "A much longer document about cats."}]
+    )
     examples = encode_all(tok, read_records(data), max_len=64)
     eot = tok.added_tokens["<|endoftext|>"]
     assert examples[0].ids[-1] == eot and examples[0].labels == examples[0].ids
@@ -133,7 +149,10 @@ def test_plain_text_keeps_its_end_of_text_label(tokenizers, tmp_path):
 
 def test_truncation_is_counted_and_packing_keeps_labels(tokenizers, tmp_path):
     tok = tokenizers["qwen3"]
-    objs = [{"messages": [{"role": "user", "content": "q" * n}, {"role": "assistant", "content": "a b c"}]} for n in (5, 400, 3000)]
+    objs = [
+        {"messages": [{"role": "user", "content": "q" * n}, {"role": "assistant", "content": "a b c"}]}
+        for n in (5, 400, 3000)
+    ]
     data = write_jsonl(tmp_path / "d.jsonl", objs)
     stats = EncodeStats()
     examples = encode_all(tok, read_records(data), max_len=120, stats=stats)
@@ -148,11 +167,23 @@ def test_truncation_is_counted_and_packing_keeps_labels(tokenizers, tmp_path):
     ("line", "message"),
     [
         ('{"messages": []}', "d.jsonl:2: field 'messages' must be a non-empty list"),
-        ('{"messages": [{"role": "robot", "content": "x"}]}', "d.jsonl:2: field 'messages[0].role' is 'robot'"),
+        (
+            '{"messages": [{"role": "robot", "content": "x"}]}',
+            "d.jsonl:2: field 'messages[0].role' is 'robot'",
+        ),
         ('{"messages": [{"role": "user"}]}', "d.jsonl:2: field 'messages[0].content' is missing"),
-        ('{"messages": [{"role": "user", "content": "x"}]}', "d.jsonl:2: field 'messages' has no assistant turn"),
-        ('{"conversations": [{"from": "bot", "value": "x"}]}', "d.jsonl:2: field 'conversations[0].from' is 'bot'"),
-        ('{"conversations": [{"from": "gpt"}]}', "d.jsonl:2: field 'conversations[0].value' must be a string"),
+        (
+            '{"messages": [{"role": "user", "content": "x"}]}',
+            "d.jsonl:2: field 'messages' has no assistant turn",
+        ),
+        (
+            '{"conversations": [{"from": "bot", "value": "x"}]}',
+            "d.jsonl:2: field 'conversations[0].from' is 'bot'",
+        ),
+        (
+            '{"conversations": [{"from": "gpt"}]}',
+            "d.jsonl:2: field 'conversations[0].value' must be a string",
+        ),
         ('{"prompt": "x"}', "d.jsonl:2: expected a 'messages', 'conversations' or 'text' field"),
         ("{not json", "d.jsonl:2: invalid JSON"),
     ],

@@ -20,7 +20,9 @@ from qwenkit.generate import LLM
 def test_lora_on_smollm2_learns_the_taught_behaviour(tmp_path):
     model = default_model_path()
     train, held_out = write(tmp_path / "train.jsonl", TRAIN), write(tmp_path / "eval.jsonl", HELD_OUT)
-    args = TrainArgs(max_steps=10, lr=2e-3, batch_size=4, lora_r=8, lora_alpha=16, lora_dropout=0.0, progress=False)
+    args = TrainArgs(
+        max_steps=10, lr=2e-3, batch_size=4, lora_r=8, lora_alpha=16, lora_dropout=0.0, progress=False
+    )
 
     llm = LLM.load(model, dtype="float32", progress=False)
     greedy = SamplingParams(temperature=0, max_tokens=4)

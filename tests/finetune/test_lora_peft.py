@@ -81,7 +81,9 @@ def test_qlora_gradients_equal_lora_on_dequantized_base(qwen2_dir, bits):
     losses = []
     for model in (quant, ref):
         logits = model(IDS)
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), IDS[:, 1:].reshape(-1))
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), IDS[:, 1:].reshape(-1)
+        )
         loss.backward()
         losses.append(loss)
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-5)
@@ -136,7 +138,9 @@ def test_peft_adapter_loads_in_qwenkit_with_same_logits(qwen2_dir, tmp_path):
     import transformers
 
     base = transformers.AutoModelForCausalLM.from_pretrained(qwen2_dir, dtype=torch.float32)
-    pcfg = peft.LoraConfig(r=8, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=True)
+    pcfg = peft.LoraConfig(
+        r=8, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=True
+    )
     peft_model = peft.get_peft_model(base, pcfg)
     torch.manual_seed(3)
     with torch.no_grad():
@@ -165,6 +169,63 @@ def test_adapter_for_another_shape_is_refused(qwen2_dir, tmp_path):
     from safetensors.torch import load_file, save_file
 
     sd = load_file(tmp_path / "a" / "adapter_model.safetensors")
-    save_file({k.removeprefix(PREFIX) + "x": v for k, v in sd.items()}, tmp_path / "a" / "adapter_model.safetensors")
+    save_file(
+        {k.removeprefix(PREFIX) + "x": v for k, v in sd.items()}, tmp_path / "a" / "adapter_model.safetensors"
+    )
     with pytest.raises(CheckpointError, match="unexpected adapter tensor"):
         load_model(other, "float32", progress=False, adapter=tmp_path / "a")
+
+
+def test_merge_command_output_equals_adapter_logits(qwen2_dir, tmp_path):
+    from qwenkit.cli import main as cli_main
+
+    model, _ = load_model(qwen2_dir, "float32", progress=False)
+    cfg = LoRAConfig(r=4, alpha=8, dropout=0.0)
+    apply_lora(model, cfg)
+    randomize(model)
+    (tmp_path / "a").mkdir()
+    save_adapter(model, tmp_path / "a", cfg, str(qwen2_dir))
+    assert cli_main(["merge", str(qwen2_dir), str(tmp_path / "a"), str(tmp_path / "merged")]) == 0
+    merged, _ = load_model(tmp_path / "merged", "float32", progress=False)
+    assert not lora_modules(merged)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(IDS), model(IDS), rtol=0, atol=1e-4)
+    assert cli_main(["merge", str(qwen2_dir), str(tmp_path / "missing"), str(tmp_path / "m2")]) == 2
+    assert not (tmp_path / "m2").exists()
+
+
+def test_generate_cli_with_adapter(tiny_chat_model, tmp_path, capsys):
+    """--adapter on generate changes the output exactly as the adapter-applied model predicts."""
+    from qwenkit.cli import main as cli_main
+
+    model, _ = load_model(tiny_chat_model, "float32", progress=False)
+    cfg = LoRAConfig(r=4, alpha=8, dropout=0.0)
+    apply_lora(model, cfg)
+    randomize(model, seed=5)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.weight.mul_(40)
+    (tmp_path / "a").mkdir()
+    save_adapter(model, tmp_path / "a", cfg, str(tiny_chat_model))
+    ids = [9707, 11, 1879]
+    with torch.no_grad():
+        expected = int(model(torch.tensor([ids]))[0, -1].argmax())
+    args = [
+        "generate",
+        str(tiny_chat_model),
+        "--prompt-ids",
+        "9707,11,1879",
+        "--max-new-tokens",
+        "1",
+        "--temperature",
+        "0",
+        "--json",
+        "--dtype",
+        "float32",
+    ]
+    assert cli_main([*args, "--adapter", str(tmp_path / "a")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["output_token_ids"] == [expected]
+    assert cli_main(args) == 0
+    base_out = json.loads(capsys.readouterr().out)
+    assert base_out["output_token_ids"] != [expected]

@@ -61,7 +61,9 @@ def test_gradients_do_not_depend_on_the_micro_batch_split(tiny_dir):
         for e in examples:
             logits = model(torch.tensor([e.ids]))[0, :-1]
             tgt = torch.tensor(e.labels[1:])
-            total += torch.nn.functional.cross_entropy(logits, tgt, ignore_index=IGNORE, reduction="sum").item()
+            total += torch.nn.functional.cross_entropy(
+                logits, tgt, ignore_index=IGNORE, reduction="sum"
+            ).item()
             count += int((tgt != IGNORE).sum())
     assert abs(loss_a - total / count) < 1e-4
 
@@ -69,15 +71,28 @@ def test_gradients_do_not_depend_on_the_micro_batch_split(tiny_dir):
 def chat_data(path, n=12, start=0):
     with open(path, "w") as f:
         for i in range(start, start + n):
-            msgs = [{"role": "user", "content": f"What is {i} plus one?"}, {"role": "assistant", "content": f"It is {i + 1}."}]
+            msgs = [
+                {"role": "user", "content": f"What is {i} plus one?"},
+                {"role": "assistant", "content": f"It is {i + 1}."},
+            ]
             f.write(json.dumps({"messages": msgs}) + "\n")
     return path
 
 
 def test_resume_reaches_the_same_adapter_as_an_uninterrupted_run(tiny_chat_model, tmp_path, monkeypatch):
     data = chat_data(tmp_path / "d.jsonl")
-    args = TrainArgs(max_steps=6, batch_size=2, grad_accum=2, lr=5e-3, lora_r=4, lora_alpha=8, lora_dropout=0.1,
-                     save_every=2, warmup_ratio=0.2, progress=False)
+    args = TrainArgs(
+        max_steps=6,
+        batch_size=2,
+        grad_accum=2,
+        lr=5e-3,
+        lora_r=4,
+        lora_alpha=8,
+        lora_dropout=0.1,
+        save_every=2,
+        warmup_ratio=0.2,
+        progress=False,
+    )
     full = finetune(tiny_chat_model, data, tmp_path / "full", args)
     assert not work_dir(full).exists()
 
@@ -131,7 +146,11 @@ def test_bad_data_and_memory_refusals_write_nothing(tiny_chat_model, tmp_path, m
     with pytest.raises(QwenkitError, match=r"bad\.jsonl:1: field 'messages\[1\]\.content' is missing"):
         finetune(tiny_chat_model, bad, tmp_path / "o1", args)
     data = chat_data(tmp_path / "d.jsonl", n=2)
-    monkeypatch.setattr(run_module, "check_training_fits", lambda mem, device: run_module.__dict__["_real_check"](mem, device, free=1000))
+    monkeypatch.setattr(
+        run_module,
+        "check_training_fits",
+        lambda mem, device: run_module.__dict__["_real_check"](mem, device, free=1000),
+    )
     from qwenkit.finetune.estimate import check_training_fits
 
     monkeypatch.setitem(run_module.__dict__, "_real_check", check_training_fits)

@@ -15,7 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(
         prog="qwenkit dpo",
-        description="DPO on {prompt, chosen, rejected} pairs; the reference is the base model without the adapter.",
+        description="DPO on {prompt, chosen, rejected} pairs; the reference is the base without the adapter.",
     )
     add_training_args(parser, lr=5e-5)
     parser.add_argument("--beta", type=float, default=0.1, help="DPO temperature (default 0.1)")

@@ -46,7 +46,9 @@ def adapter_config_json(config: LoRAConfig, base_model: str) -> dict[str, Any]:
         "target_modules": sorted(config.target_modules),
         "inference_mode": True,
         "init_lora_weights": True,
-        "layers_to_transform": None if config.layers_to_transform is None else list(config.layers_to_transform),
+        "layers_to_transform": None
+        if config.layers_to_transform is None
+        else list(config.layers_to_transform),
         "layers_pattern": None if config.layers_to_transform is None else "layers",
         "rank_pattern": dict(config.rank_pattern),
         "alpha_pattern": dict(config.alpha_pattern),
@@ -97,7 +99,9 @@ def read_adapter(path: str | Path) -> tuple[LoRAConfig, dict[str, dict[str, torc
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{cfg_file}: cannot read: {e}") from None
     if not isinstance(raw, dict) or raw.get("peft_type") != "LORA":
-        raise CheckpointError(f"{cfg_file}: field 'peft_type' must be \"LORA\" (got {raw.get('peft_type')!r})")
+        raise CheckpointError(
+            f"{cfg_file}: field 'peft_type' must be \"LORA\" (got {raw.get('peft_type')!r})"
+        )
     if raw.get("use_dora"):
         raise CheckpointError(f"{cfg_file}: DoRA adapters (use_dora) are not supported")
     if raw.get("modules_to_save"):
@@ -110,7 +114,9 @@ def read_adapter(path: str | Path) -> tuple[LoRAConfig, dict[str, dict[str, torc
     for key, t in tensors.items():
         m = _KEY.match(key)
         if m is None:
-            raise CheckpointError(f"{d}: unexpected adapter tensor {key!r} (only lora_A/lora_B are supported)")
+            raise CheckpointError(
+                f"{d}: unexpected adapter tensor {key!r} (only lora_A/lora_B are supported)"
+            )
         grouped.setdefault(m.group(1), {})[m.group(2)] = t
     for module, pair in grouped.items():
         if set(pair) != {"lora_A", "lora_B"}:
@@ -174,9 +180,15 @@ def _has_linear(model: nn.Module, name: str) -> bool:
 def _fill(m: LoRALinear, name: str, pair: dict[str, torch.Tensor], config: LoRAConfig, path) -> None:
     a, b = pair["lora_A"], pair["lora_B"]
     r = a.shape[0]
-    if a.dim() != 2 or b.dim() != 2 or tuple(a.shape) != (r, m.in_features) or tuple(b.shape) != (
-        m.out_features,
-        r,
+    if (
+        a.dim() != 2
+        or b.dim() != 2
+        or tuple(a.shape) != (r, m.in_features)
+        or tuple(b.shape)
+        != (
+            m.out_features,
+            r,
+        )
     ):
         raise CheckpointError(
             f"{path}: adapter for another model shape: {name} has lora_A {tuple(a.shape)} and lora_B "

@@ -1,4 +1,4 @@
-"""Arguments of `qwenkit finetune` (also `torchrun -m qwenkit.finetune`): parsed here, run by `run.finetune`."""
+"""Arguments of `qwenkit finetune` (also `torchrun -m qwenkit.finetune`), parsed here, run by `run`."""
 
 from __future__ import annotations
 
@@ -51,7 +51,9 @@ def add_training_args(parser: argparse.ArgumentParser, lr: float = 2e-4) -> None
 def train_args(args: argparse.Namespace):
     from qwenkit.finetune.trainer import TrainArgs
 
-    targets = tuple(t.strip() for t in args.target_modules.split(",") if t.strip()) if args.target_modules else ()
+    targets = (
+        tuple(t.strip() for t in args.target_modules.split(",") if t.strip()) if args.target_modules else ()
+    )
     return TrainArgs(
         method=args.method,
         epochs=args.epochs,

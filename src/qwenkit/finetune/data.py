@@ -38,7 +38,7 @@ class DataError(QwenkitError, ValueError):
 
 @dataclass
 class Record:
-    """One training example: chat ``messages`` (+ optional ``tools``) or plain ``text``; ``where`` is FILE:LINE."""
+    """One example: chat ``messages`` (+ optional ``tools``) or plain ``text``; ``where`` is FILE:LINE."""
 
     where: str
     messages: list[dict[str, Any]] | None = None
@@ -111,9 +111,7 @@ def to_record(where: str, obj: dict[str, Any]) -> Record:
     raise DataError(f"{where}: expected a 'messages', 'conversations' or 'text' field (found: {keys})")
 
 
-def check_messages(
-    where: str, messages: Any, name: str, need_assistant: bool = True
-) -> list[dict[str, Any]]:
+def check_messages(where: str, messages: Any, name: str, need_assistant: bool = True) -> list[dict[str, Any]]:
     """OpenAI-shaped messages with known roles and string content (None only beside tool calls)."""
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: field '{name}' must be a non-empty list")

@@ -26,7 +26,14 @@ from qwenkit.finetune.lora import adapters_disabled
 from qwenkit.finetune.trainer import Trainer, pad_batch
 from qwenkit.tokenizer import Tokenizer, TokenizerError
 
-METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected")
+METRICS = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+)
 
 
 @dataclass
@@ -88,7 +95,9 @@ def encode_pair(tokenizer: Tokenizer, where: str, obj: dict[str, Any], max_len: 
         if name not in obj:
             raise DataError(f"{where}: field '{name}' is missing")
         try:
-            ids, labels = encode_messages(tokenizer, [*prompt, _reply(where, obj[name], name)], obj.get("tools"))
+            ids, labels = encode_messages(
+                tokenizer, [*prompt, _reply(where, obj[name], name)], obj.get("tools")
+            )
         except TokenizerError as e:
             raise DataError(f"{where}: {e}") from None
         labels = only_last_turn(labels)[:max_len]
@@ -98,7 +107,9 @@ def encode_pair(tokenizer: Tokenizer, where: str, obj: dict[str, Any], max_len: 
     return PreferencePair(seqs[0], seqs[1], where)
 
 
-def load_pairs(tokenizer: Tokenizer, path: str | Path, max_len: int) -> tuple[list[PreferencePair], dict[str, int]]:
+def load_pairs(
+    tokenizer: Tokenizer, path: str | Path, max_len: int
+) -> tuple[list[PreferencePair], dict[str, int]]:
     pairs, dropped = [], 0
     for where, obj in read_objects(path):
         pair = encode_pair(tokenizer, where, obj, max_len)
@@ -164,7 +175,9 @@ class DPOTrainer(Trainer):
 
     def pair_losses(self, pairs: list[PreferencePair]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         ref_c, ref_r = self.reference_logps(pairs, 0)
-        lp = sequence_logps(self.model, [p.chosen for p in pairs] + [p.rejected for p in pairs], self.pad_id, self.args.device)
+        lp = sequence_logps(
+            self.model, [p.chosen for p in pairs] + [p.rejected for p in pairs], self.pad_id, self.args.device
+        )
         n = len(pairs)
         return dpo_loss(lp[:n], lp[n:], ref_c.to(lp.device), ref_r.to(lp.device), self.beta)
 
@@ -184,7 +197,12 @@ class DPOTrainer(Trainer):
         for i in range(0, len(mine), self.args.batch_size):
             chunk = mine[i : i + self.args.batch_size]
             ref_c, ref_r = self.reference_logps(chunk, 1)
-            lp = sequence_logps(self.model, [p.chosen for p in chunk] + [p.rejected for p in chunk], self.pad_id, self.args.device)
+            lp = sequence_logps(
+                self.model,
+                [p.chosen for p in chunk] + [p.rejected for p in chunk],
+                self.pad_id,
+                self.args.device,
+            )
             losses, metrics = dpo_loss(lp[: len(chunk)], lp[len(chunk) :], ref_c, ref_r, self.beta)
             total += float(losses.sum())
             for k, v in metrics.items():

@@ -81,7 +81,7 @@ def encode_messages(tokenizer: Tokenizer, messages, tools=None) -> tuple[list[in
     n_assistant = sum(1 for m in messages if m.get("role") == "assistant")
     if len(intervals) != n_assistant:
         raise TokenizerError(
-            f"the chat template rendered {len(intervals)} assistant turns for {n_assistant} assistant messages"
+            f"the chat template rendered {len(intervals)} assistant turns for {n_assistant} messages"
         )
     labels = _label(ids, spans, intervals)
     return ids, labels

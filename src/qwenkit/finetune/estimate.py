@@ -53,10 +53,9 @@ def estimate(
 ) -> TrainingMemory:
     b = dtype_bytes(dtype)
     weights = weight_bytes(config, dtype, f"int{quant_bits}" if quant_bits else None)
-    if method == "full":
-        state = trainable * (b + 8)  # grads in the model dtype; two float32 Adam moments (weights counted)
-    else:
-        state = trainable * (4 + 4 + 8)  # float32 adapter, its grads, two Adam moments
+    # full: grads in the model dtype + two float32 Adam moments (the weights are counted above);
+    # LoRA: the float32 adapter, its grads, two Adam moments
+    state = trainable * (b + 8) if method == "full" else trainable * (4 + 4 + 8)
     h, f, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     q = config.num_attention_heads * config.head_dim
     kv = config.num_key_value_heads * config.head_dim

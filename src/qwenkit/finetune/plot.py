@@ -6,6 +6,7 @@ and tick marks (no text: the numbers are in the JSONL log beside it).
 
 from __future__ import annotations
 
+import itertools
 import struct
 import zlib
 from pathlib import Path
@@ -73,7 +74,7 @@ def plot_losses(
         line((m - 5, ty), (m, ty), black)
     for series, color in ((train, TRAIN), (evals, EVAL)):
         pts = [to_px(x, y) for x, y in series]
-        for a, b in zip(pts, pts[1:], strict=False):
+        for a, b in itertools.pairwise(pts):
             line(a, b, color, thick=2)
         for p in pts if len(pts) == 1 else ():
             line(p, p, color, thick=3)

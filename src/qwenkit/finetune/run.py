@@ -32,7 +32,7 @@ from qwenkit.finetune.estimate import check_training_fits, estimate
 from qwenkit.finetune.export import check_exportable, write_model_dir
 from qwenkit.finetune.lora import DEFAULT_TARGETS, LoRAConfig, apply_lora, lora_parameters
 from qwenkit.finetune.plot import plot_losses
-from qwenkit.finetune.trainer import Trainer, TrainArgs, enable_gradient_checkpointing
+from qwenkit.finetune.trainer import TrainArgs, Trainer, enable_gradient_checkpointing
 
 STATE_FILE = "trainer_state.pt"
 
@@ -95,7 +95,14 @@ def prepare_model(model_path: str | Path, args: TrainArgs, world: World, batch_t
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params)
     mem = estimate(
-        config, dtype, args.method, trainable, args.batch_size, batch_tokens, args.gradient_checkpointing, quant_bits
+        config,
+        dtype,
+        args.method,
+        trainable,
+        args.batch_size,
+        batch_tokens,
+        args.gradient_checkpointing,
+        quant_bits,
     )
     if world.is_main:
         print(f"memory estimate per process:\n{mem.table()}", file=sys.stderr)
@@ -246,7 +253,12 @@ def _length(e: Any) -> int:
 
 def _loop(trainer, prep, args, world, work, history, eval_examples) -> None:
     if eval_examples and trainer.step == 0 and not any("eval_loss" in h for h in history):
-        _log(history, world, work, {"step": 0, "eval_loss": trainer.evaluate(eval_examples), **trainer.eval_metrics})
+        _log(
+            history,
+            world,
+            work,
+            {"step": 0, "eval_loss": trainer.evaluate(eval_examples), **trainer.eval_metrics},
+        )
     bar = tqdm(
         total=trainer.total_steps,
         initial=trainer.step,
@@ -276,7 +288,9 @@ def _loop(trainer, prep, args, world, work, history, eval_examples) -> None:
             bar.set_postfix(loss=f"{r.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_second']:.0f}")
             bar.update(1)
             if args.save_every and trainer.step % args.save_every == 0 and not last:
-                save_checkpoint(work / "checkpoints" / f"step-{trainer.step}", trainer, prep, history, args, world)
+                save_checkpoint(
+                    work / "checkpoints" / f"step-{trainer.step}", trainer, prep, history, args, world
+                )
 
 
 def _log(history: list[dict], world: World, work: Path, record: dict) -> None:

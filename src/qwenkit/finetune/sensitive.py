@@ -44,7 +44,9 @@ _IPV6 = re.compile(r"(?<![0-9A-Fa-f:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}
 _SECRETS = [
     re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]*?-----END [A-Z ]*PRIVATE KEY-----"),
     re.compile(r"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"),
-    re.compile(r"(?<![A-Za-z0-9])(?:sk-[A-Za-z0-9_-]{20,}|AKIA[0-9A-Z]{16}|ghp_[A-Za-z0-9]{36}|xox[abprs]-[A-Za-z0-9-]{10,})"),
+    re.compile(
+        r"(?<![A-Za-z0-9])(?:sk-[A-Za-z0-9_-]{20,}|AKIA[0-9A-Z]{16}|ghp_[A-Za-z0-9]{36}|xox[abprs]-[A-Za-z0-9-]{10,})"
+    ),
     re.compile(
         r"(?i)(?:api[_-]?key|secret[_-]?key|access[_-]?token|auth[_-]?token|token|password|passwd|secret)"
         r"\s*[:=]\s*[\"']?([^\s\"',;]{8,})"
@@ -148,8 +150,7 @@ class Report:
     def summary(self) -> str:
         kinds = ", ".join(f"{k} {n}" for k, n in sorted(self.counts.items())) or "nothing"
         return (
-            f"{self.examples} examples: {self.flagged} with sensitive data ({kinds}); "
-            f"{self.dropped} dropped"
+            f"{self.examples} examples: {self.flagged} with sensitive data ({kinds}); {self.dropped} dropped"
         )
 
     def to_json(self) -> dict[str, Any]:

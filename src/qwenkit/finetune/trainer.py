@@ -150,7 +150,9 @@ class Trainer:
             groups.append({"params": rest, "weight_decay": 0.0})
         self.optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
         warmup = round(args.warmup_ratio * self.total_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.total_steps, warmup))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(self.total_steps, warmup)
+        )
         self.step = 0
         self.eval_metrics: dict[str, float] = {}  # extra held-out figures a subclass reports
 
@@ -166,7 +168,10 @@ class Trainer:
         """(this rank's micro-batches, the whole global batch) of ``step``."""
         idx = self.global_indices(step)
         b, w = self.args.batch_size, self.world.size
-        mine = [idx[(k * w + self.world.rank) * b : (k * w + self.world.rank + 1) * b] for k in range(self.args.grad_accum)]
+        mine = [
+            idx[(k * w + self.world.rank) * b : (k * w + self.world.rank + 1) * b]
+            for k in range(self.args.grad_accum)
+        ]
         return mine, idx
 
     # ---- one step --------------------------------------------------------------------------------------
