@@ -82,7 +82,7 @@ def test_dpo_loss_and_rewards_equal_reference(tiny_chat_model, tmp_path):
 
 def test_dpo_command_raises_the_held_out_margin(tiny_chat_model, tmp_path):
     train = write_pairs(tmp_path / "train.jsonl", 0, 16)
-    held = write_pairs(tmp_path / "held.jsonl", 100, 6)
+    held = write_pairs(tmp_path / "held.jsonl", 100, 4)
     out = tmp_path / "dpo"
     rc = cli_main(
         [
