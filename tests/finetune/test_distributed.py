@@ -4,6 +4,7 @@ checkpoint written by 2 processes resumes in 1 process to the weights of an unin
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -78,3 +79,42 @@ def test_two_processes_equal_one(mode, tied_dir, two_procs):
         resumed = steps_and_weights(t1, p1, 1)
         for n, w in ref_weights.items():
             torch.testing.assert_close(resumed[n], w, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_finetune_command_with_two_processes(tiny_chat_model, tmp_path):
+    """`qwenkit finetune --nproc 2 --strategy fsdp`: rank 0 writes the gathered adapter, equal to one
+    process's adapter trained on the same global batches."""
+    from safetensors.torch import load_file
+
+    from qwenkit.finetune.run import finetune
+    from qwenkit.finetune.trainer import TrainArgs
+
+    data = tmp_path / "d.jsonl"
+    rows = [
+        {"messages": [{"role": "user", "content": f"{i}?"}, {"role": "assistant", "content": f"It is {i}."}]}
+        for i in range(4)
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = ["--max-steps", "2", "--lr", "1e-2", "--lora-r", "4", "--lora-dropout", "0", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parents[1] / "src")}
+    cmd = [
+        sys.executable,
+        "-m",
+        "qwenkit.cli",
+        "finetune",
+        str(tiny_chat_model),
+        str(data),
+        str(tmp_path / "two"),
+    ]
+    cmd += ["--nproc", "2", "--strategy", "fsdp", "--batch-size", "1", *common]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    args = TrainArgs(max_steps=2, lr=1e-2, lora_r=4, lora_dropout=0.0, batch_size=2, progress=False)
+    finetune(tiny_chat_model, data, tmp_path / "one", args)
+    a = load_file(tmp_path / "two" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "one" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+    assert not (tmp_path / "two.training").exists()

@@ -157,3 +157,49 @@ def test_bad_data_and_memory_refusals_write_nothing(tiny_chat_model, tmp_path, m
     with pytest.raises(OutOfMemoryError, match=r"training needs about .* GiB .* but only 0\.00 GiB is free"):
         finetune(tiny_chat_model, data, tmp_path / "o2", args)
     assert not any(p.name.startswith("o") for p in tmp_path.iterdir() if p.name not in ("d.jsonl",))
+
+
+def test_qlora_and_filter_through_the_command(tiny_chat_model, tmp_path, capsys):
+    """finetune --method qlora --filter: sensitive text is masked before tokenizing, the int4 base trains
+    an adapter that then loads onto the float model."""
+    from qwenkit.cli import main as cli_main
+    from qwenkit.finetune.lora import lora_modules
+
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": "mail bob@example.com"},
+                {"role": "assistant", "content": "Done."},
+            ]
+        },
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello."}]},
+    ]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "q"
+    argv = [
+        "finetune",
+        str(tiny_chat_model),
+        str(data),
+        str(out),
+        "--method",
+        "qlora",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--lr",
+        "1e-2",
+        "--lora-r",
+        "4",
+        "--filter",
+        "--no-progress",
+    ]
+    assert cli_main(argv) == 0
+    err = capsys.readouterr().err
+    assert "filter: 2 examples: 1 with sensitive data (email 1); 0 dropped" in err
+    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and all(r["loss"] > 0 and r["grad_norm"] > 0 for r in log)
+    model, _ = load_model(tiny_chat_model, "float32", progress=False, adapter=out)
+    assert len(lora_modules(model)) == 7  # one decoder layer, seven projections
+    assert any(float(m.lora_B.weight.abs().sum()) > 0 for m in lora_modules(model).values())
