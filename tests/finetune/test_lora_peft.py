@@ -229,3 +229,41 @@ def test_generate_cli_with_adapter(tiny_chat_model, tmp_path, capsys):
     assert cli_main(args) == 0
     base_out = json.loads(capsys.readouterr().out)
     assert base_out["output_token_ids"] != [expected]
+
+
+def test_qwen_v1_adapter_uses_v1_names_and_matches_the_v1_reference(tmp_path):
+    """On a v1 checkpoint the adapter names v1's modules (fused c_attn, w1/w2, c_proj); applied by hand to
+    the original v1 tensors, an independent v1 forward gives qwenkit's adapter-applied logits."""
+    from factories import V1_TINY, v1_state_dict, write_v1_checkpoint
+    from qwen_v1_reference import v1_logits
+    from safetensors.torch import load_file
+
+    src = write_v1_checkpoint(tmp_path / "v1")
+    model, _ = load_model(src, "float32", progress=False)
+    cfg = LoRAConfig(r=4, alpha=8, dropout=0.0)
+    apply_lora(model, cfg)
+    randomize(model, seed=2)
+    (tmp_path / "a").mkdir()
+    save_adapter(model, tmp_path / "a", cfg, str(src))
+    ids = torch.tensor([3, 17, 200, 5, 9, 41, 300, 7])
+    with torch.no_grad():
+        ours = model(ids[None])[0]
+
+    raw = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert raw["target_modules"] == ["c_attn", "c_proj", "w1", "w2"]
+    assert raw["rank_pattern"] == {"c_attn": 12} and raw["alpha_pattern"] == {"c_attn": 24.0}
+    tensors = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    assert tensors["base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"].shape == (12, 64)
+    assert tensors["base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"].shape == (192, 12)
+    sd = v1_state_dict(V1_TINY)
+    for key in tensors:
+        if key.endswith("lora_A.weight"):
+            module = key.removeprefix(PREFIX).removesuffix(".lora_A.weight")
+            a, b = tensors[key], tensors[key.replace("lora_A", "lora_B")]
+            scaling = 24.0 / 12 if module.endswith("c_attn") else 8 / 4
+            sd[module + ".weight"] = sd[module + ".weight"] + b @ a * scaling
+    torch.testing.assert_close(v1_logits(sd, V1_TINY, ids), ours, rtol=0, atol=1e-4)
+
+    loaded, _ = load_model(src, "float32", progress=False, adapter=tmp_path / "a")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids[None])[0], ours, rtol=0, atol=1e-5)

@@ -22,6 +22,7 @@ from torch import nn
 from qwenkit.checkpoint.saver import write_safetensors
 from qwenkit.errors import CheckpointError
 from qwenkit.finetune.lora import VLLM_DEFAULT_MAX_RANK, LoRAConfig, LoRALinear, apply_lora, lora_modules
+from qwenkit.finetune.v1_names import from_v1, is_v1, to_v1
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -84,8 +85,36 @@ def save_adapter(
             f"serve it there with --max-lora-rank {config.r}",
             file=sys.stderr,
         )
-    (out / CONFIG_NAME).write_text(json.dumps(adapter_config_json(config, base_model), indent=2) + "\n")
-    write_safetensors(out / WEIGHTS_NAME, tensors or adapter_state_dict(model), {"format": "pt"})
+    tensors = tensors or adapter_state_dict(model)
+    data = adapter_config_json(config, base_model)
+    model_config = getattr(model, "config", None)
+    if getattr(model_config, "family", None) == "qwen":  # name v1's own modules (fused c_attn, w1/w2)
+        modules, c_attn_alpha = to_v1(_group(tensors, out), config.r, config.alpha, config.use_rslora)
+        tensors = {f"{PREFIX}{n}.{part}.weight": t for n, pair in modules.items() for part, t in pair.items()}
+        data["target_modules"] = sorted({n.rsplit(".", 1)[-1] for n in modules})
+        if data["layers_pattern"]:
+            data["layers_pattern"] = "h"
+        if c_attn_alpha is not None:
+            data["rank_pattern"] = {"c_attn": 3 * config.r}
+            data["alpha_pattern"] = {"c_attn": c_attn_alpha}
+    (out / CONFIG_NAME).write_text(json.dumps(data, indent=2) + "\n")
+    write_safetensors(out / WEIGHTS_NAME, tensors, {"format": "pt"})
+
+
+def _group(tensors: dict[str, torch.Tensor], where) -> dict[str, dict[str, torch.Tensor]]:
+    """{module: {"lora_A": A, "lora_B": B}} from file keys (with or without the peft prefix)."""
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        m = _KEY.match(key)
+        if m is None:
+            raise CheckpointError(
+                f"{where}: unexpected adapter tensor {key!r} (only lora_A/lora_B are supported)"
+            )
+        grouped.setdefault(m.group(1), {})[m.group(2)] = t
+    for module, pair in grouped.items():
+        if set(pair) != {"lora_A", "lora_B"}:
+            raise CheckpointError(f"{where}: module {module} has {sorted(pair)} but needs lora_A and lora_B")
+    return grouped
 
 
 def read_adapter(path: str | Path) -> tuple[LoRAConfig, dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
@@ -110,17 +139,7 @@ def read_adapter(path: str | Path) -> tuple[LoRAConfig, dict[str, dict[str, torc
         raise CheckpointError(f"{cfg_file}: only bias='none' and fan_in_fan_out=false adapters are supported")
     targets = raw.get("target_modules")
     tensors = _read_tensors(d)
-    grouped: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in tensors.items():
-        m = _KEY.match(key)
-        if m is None:
-            raise CheckpointError(
-                f"{d}: unexpected adapter tensor {key!r} (only lora_A/lora_B are supported)"
-            )
-        grouped.setdefault(m.group(1), {})[m.group(2)] = t
-    for module, pair in grouped.items():
-        if set(pair) != {"lora_A", "lora_B"}:
-            raise CheckpointError(f"{d}: module {module} has {sorted(pair)} but needs lora_A and lora_B")
+    grouped = _group(tensors, d)
     if not grouped:
         raise CheckpointError(f"{d}: the adapter holds no tensors")
     layers = raw.get("layers_to_transform")
@@ -156,16 +175,28 @@ def _read_tensors(d: Path) -> dict[str, torch.Tensor]:
 def load_adapter(model: nn.Module, path: str | Path) -> LoRAConfig:
     """Wrap the adapter's modules in ``LoRALinear`` and fill them; shapes must match this model exactly."""
     config, grouped, _ = read_adapter(path)
-    config = LoRAConfig(**{**config.__dict__, "target_modules": tuple(grouped)})
-    missing = [n for n in grouped if not _has_linear(model, n)]
+
+    def scaling_of(name: str, r: int) -> float:
+        return config.scaling(r, config.for_module(name)[1])
+
+    if is_v1(grouped):
+        modules = from_v1(grouped, scaling_of)
+    else:
+        modules = {n: (pair, scaling_of(n, pair["lora_A"].shape[0])) for n, pair in grouped.items()}
+    missing = [n for n in modules if not _has_linear(model, n)]
     if missing:
         raise CheckpointError(f"{path}: adapter targets {missing[0]}, which this model does not have")
     # Exact module names: only the modules the file names get an adapter.
-    apply_lora(model, LoRAConfig(**{**config.__dict__, "layers_to_transform": None}))
-    modules = lora_modules(model)
-    for name, pair in grouped.items():
-        m = modules[name]
-        _fill(m, name, pair, config, path)
+    exact = {
+        "target_modules": tuple(modules),
+        "layers_to_transform": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+    apply_lora(model, LoRAConfig(**{**config.__dict__, **exact}))
+    wrapped = lora_modules(model)
+    for name, (pair, scaling) in modules.items():
+        _fill(wrapped[name], name, pair, scaling, path)
     return config
 
 
@@ -177,7 +208,7 @@ def _has_linear(model: nn.Module, name: str) -> bool:
     return hasattr(m, "in_features") and hasattr(m, "out_features")
 
 
-def _fill(m: LoRALinear, name: str, pair: dict[str, torch.Tensor], config: LoRAConfig, path) -> None:
+def _fill(m: LoRALinear, name: str, pair: dict[str, torch.Tensor], scaling: float, path) -> None:
     a, b = pair["lora_A"], pair["lora_B"]
     r = a.shape[0]
     if (
@@ -194,10 +225,9 @@ def _fill(m: LoRALinear, name: str, pair: dict[str, torch.Tensor], config: LoRAC
             f"{path}: adapter for another model shape: {name} has lora_A {tuple(a.shape)} and lora_B "
             f"{tuple(b.shape)}, but this model needs ({r}, {m.in_features}) and ({m.out_features}, {r})"
         )
-    _, alpha = config.for_module(name)
     device = m.lora_A.weight.device
     m.lora_A = nn.Linear(m.in_features, r, bias=False, device=device, dtype=torch.float32)
     m.lora_B = nn.Linear(r, m.out_features, bias=False, device=device, dtype=torch.float32)
     m.lora_A.weight.copy_(a.float())
     m.lora_B.weight.copy_(b.float())
-    m.r, m.alpha, m.scaling = r, alpha, config.scaling(r, alpha)
+    m.r, m.scaling = r, scaling
