@@ -11,7 +11,6 @@ from factories import hf_model, save_hf
 
 from qwenkit.checkpoint import load_model
 from qwenkit.errors import OutOfMemoryError, QwenkitError
-from qwenkit.finetune import run as run_module
 from qwenkit.finetune.distributed import World
 from qwenkit.finetune.encode import IGNORE, Example
 from qwenkit.finetune.lora import LoRAConfig, apply_lora, lora_parameters
@@ -146,14 +145,9 @@ def test_bad_data_and_memory_refusals_write_nothing(tiny_chat_model, tmp_path, m
     with pytest.raises(QwenkitError, match=r"bad\.jsonl:1: field 'messages\[1\]\.content' is missing"):
         finetune(tiny_chat_model, bad, tmp_path / "o1", args)
     data = chat_data(tmp_path / "d.jsonl", n=2)
-    monkeypatch.setattr(
-        run_module,
-        "check_training_fits",
-        lambda mem, device: run_module.__dict__["_real_check"](mem, device, free=1000),
-    )
-    from qwenkit.finetune.estimate import check_training_fits
+    import qwenkit.finetune.estimate as estimate
 
-    monkeypatch.setitem(run_module.__dict__, "_real_check", check_training_fits)
+    monkeypatch.setattr(estimate, "free_bytes", lambda device: 1000)
     with pytest.raises(OutOfMemoryError, match=r"training needs about .* GiB .* but only 0\.00 GiB is free"):
         finetune(tiny_chat_model, data, tmp_path / "o2", args)
     assert not any(p.name.startswith("o") for p in tmp_path.iterdir() if p.name not in ("d.jsonl",))

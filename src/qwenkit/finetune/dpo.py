@@ -37,15 +37,15 @@ METRICS = (
 
 
 @dataclass
-class Sequence_:
+class Completion:
     ids: list[int]
     labels: list[int]
 
 
 @dataclass
 class PreferencePair:
-    chosen: Sequence_
-    rejected: Sequence_
+    chosen: Completion
+    rejected: Completion
     where: str = ""
 
     @property
@@ -103,7 +103,7 @@ def encode_pair(tokenizer: Tokenizer, where: str, obj: dict[str, Any], max_len: 
         labels = only_last_turn(labels)[:max_len]
         if all(label == IGNORE for label in labels[1:]):
             return None
-        seqs.append(Sequence_(ids[:max_len], labels))
+        seqs.append(Completion(ids[:max_len], labels))
     return PreferencePair(seqs[0], seqs[1], where)
 
 
@@ -122,7 +122,7 @@ def load_pairs(
     return pairs, {"pairs": len(pairs), "dropped": dropped}
 
 
-def sequence_logps(model, seqs: list[Sequence_], pad_id: int, device: str) -> torch.Tensor:
+def sequence_logps(model, seqs: list[Completion], pad_id: int, device: str) -> torch.Tensor:
     """(N,) summed log-probabilities of each sequence's labelled tokens."""
     ids, labels = pad_batch(seqs, pad_id, device)
     logits = model(ids)[:, :-1].float()  # (N, T-1, V)

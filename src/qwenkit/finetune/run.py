@@ -26,7 +26,7 @@ from qwenkit.checkpoint.output_dir import atomic_output_dir, check_out_dir, writ
 from qwenkit.errors import CheckpointError, ConfigError
 from qwenkit.finetune.adapter_io import adapter_state_dict, save_adapter
 from qwenkit.finetune.data import DataError, Record, read_records
-from qwenkit.finetune.distributed import World, close_world, init_world, unwrap, wrap
+from qwenkit.finetune.distributed import World, close_world, init_world, wrap
 from qwenkit.finetune.encode import EncodeStats, encode_all, end_of_text_id, pack
 from qwenkit.finetune.estimate import check_training_fits, estimate
 from qwenkit.finetune.export import check_exportable, write_model_dir
@@ -326,4 +326,3 @@ def _finish(model_path, out, overwrite, trainer, prep, args, world, history, sta
             write_json(tmp / "data_report.json", stats if isinstance(stats, dict) else stats.__dict__)
         shutil.rmtree(work_dir(out), ignore_errors=True)
     world.barrier()
-    unwrap(prep.model)
