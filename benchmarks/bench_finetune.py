@@ -124,7 +124,7 @@ def main() -> None:
     for name, rs in results.items():
         best = max(r["tokens_per_s"] for r in rs)
         mem = min(r["peak_over_base_mib"] for r in rs)
-        print(f"| {name} | {best:,.0f} | {mem:,.0f} | {rs[0]['trainable']:,} |")
+        print(f"| {name} | {best:,.2f} | {mem:,.0f} | {rs[0]['trainable']:,} |")
 
 
 if __name__ == "__main__":
