@@ -240,6 +240,7 @@ class LLM:
         prefix_caching: bool = True,
         progress: bool = True,
         tensor_parallel: TensorParallel | None = None,
+        adapter: str | Path | None = None,
     ) -> LLM:
         """Load a checkpoint directory or GGUF file. ``kv_cache_memory`` (bytes) sizes the KV pool; by
         default it holds every batch row at the full context. The memory check counts that pool.
@@ -264,6 +265,7 @@ class LLM:
             batch=1,
             progress=progress,
             tensor_parallel=tensor_parallel,
+            adapter=adapter,
         )
         return cls(
             model,

@@ -108,13 +108,15 @@ def load_model(
     batch: int = 1,
     progress: bool = True,
     tensor_parallel: TensorParallel | None = None,
+    adapter: str | Path | None = None,
 ) -> tuple[Transformer, ModelConfig]:
     """Load any supported checkpoint. ``context``/``batch`` size the memory check for the KV cache.
 
     With ``tensor_parallel`` (every rank of the group calls this together), the model is this rank's
     shard: built from the shard's config, loaded with only this rank's slices, and returning full logits;
     the returned config is the shard's heads and FFN width (its KV cache is this rank's share) with the
-    whole vocabulary."""
+    whole vocabulary. ``adapter``: a peft-format LoRA directory applied on top (unmerged, through
+    finetune's layer type)."""
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for, but no CUDA device is available")
     source = open_checkpoint(path) if isinstance(path, str | Path) else path
@@ -154,6 +156,13 @@ def load_model(
         from qwenkit.quant import quantize_for_runtime
 
         quantize_for_runtime(model, quantize)
+    if adapter is not None:
+        if tensor_parallel is not None:
+            raise ConfigError("--adapter cannot be combined with --tensor-parallel yet")
+        from qwenkit.finetune.adapter_io import load_adapter
+
+        load_adapter(model, adapter)
+        model.requires_grad_(False)
     if tensor_parallel is not None:
         parallelize(model, tensor_parallel)
     return model, model.config

@@ -20,6 +20,10 @@ COMMANDS = {
     "profile": "measure tokens/s and peak memory per precision",
     "serve": "OpenAI-compatible API server with a web chat page",
     "eval": "benchmarks (MMLU, C-Eval, GSM8K, HumanEval) on a model or an endpoint",
+    "finetune": "supervised fine-tuning: LoRA, QLoRA or full (one or many processes)",
+    "dpo": "preference tuning (DPO) of a LoRA adapter",
+    "merge": "fold a LoRA adapter into the model and write a plain checkpoint",
+    "filter": "find and mask or drop sensitive data in training files",
 }
 
 

@@ -28,6 +28,7 @@ def add_model_args(parser: argparse.ArgumentParser, optional_model: bool = True)
     parser.add_argument(
         "--max-context", type=int, help="longest sequence to plan memory for (default: model's)"
     )
+    parser.add_argument("--adapter", metavar="DIR", help="apply a peft-format LoRA adapter (not merged)")
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -84,6 +85,7 @@ def load_llm(args: argparse.Namespace, max_batch_size: int = 1, tensor_parallel=
         max_seq_len=args.max_context,
         progress=tensor_parallel is None or tensor_parallel.rank == 0,
         tensor_parallel=tensor_parallel,
+        adapter=args.adapter,
     )
 
 

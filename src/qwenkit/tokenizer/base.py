@@ -184,6 +184,23 @@ class Tokenizer(ABC):
 
         Without such text the ids equal the reference (transformers) ids for the same rendered text.
         """
+        ids: list[int] = []
+        for piece, from_user in self.chat_pieces(messages, tools, add_generation_prompt, **template_kwargs):
+            ids += self.encode_plain(piece) if from_user else self.encode_with_added(piece)
+        return ids
+
+    def chat_pieces(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+        **template_kwargs: Any,
+    ) -> list[tuple[str, bool]]:
+        """The rendered prompt as (text, from_user) pieces: a from_user piece is control-token text that
+        came from the caller's data and must be encoded as plain text; the rest is template text.
+
+        Fine-tuning uses this to find the template's own turn markers and label assistant turns.
+        """
         source = self._require_template()
         any_token, marked = ct.control_patterns(self.control_tokens)
         variables = self._template_variables(messages, tools, add_generation_prompt, template_kwargs)
@@ -191,7 +208,4 @@ class Tokenizer(ABC):
             variables[key] = ct.mark_control_tokens(variables[key], any_token)
         for key, value in template_kwargs.items():
             variables[key] = ct.mark_control_tokens(ct._plain(value), any_token)
-        ids: list[int] = []
-        for piece, from_user in ct.split_marked(ct.render(source, variables), marked):
-            ids += self.encode_plain(piece) if from_user else self.encode_with_added(piece)
-        return ids
+        return ct.split_marked(ct.render(source, variables), marked)

@@ -1,0 +1,233 @@
+"""Adapters in peft's on-disk format, both ways.
+
+``adapter_config.json`` (peft_type LORA, task_type CAUSAL_LM, r, lora_alpha, target_modules, ...) and
+``adapter_model.safetensors`` with keys ``base_model.model.<module>.lora_A.weight`` (r, in) and
+``.lora_B.weight`` (out, r), metadata ``{"format": "pt"}``. Without the ``base_model.model.`` prefix peft
+silently ignores the tensors, so it is always written; reading accepts both, and peft's in-memory
+``.default`` adapter name. Only long-standing config keys are written, so older peft versions load it too.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from qwenkit.checkpoint.saver import write_safetensors
+from qwenkit.errors import CheckpointError
+from qwenkit.finetune.lora import VLLM_DEFAULT_MAX_RANK, LoRAConfig, LoRALinear, apply_lora, lora_modules
+from qwenkit.finetune.v1_names import from_v1, is_v1, to_v1
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+_KEY = re.compile(r"^(?:base_model\.model\.)?(.+)\.(lora_A|lora_B)(?:\.default)?\.weight$")
+
+
+def adapter_config_json(config: LoRAConfig, base_model: str) -> dict[str, Any]:
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": config.r,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": config.use_rslora,
+        "use_dora": False,
+        "modules_to_save": None,
+        "target_modules": sorted(config.target_modules),
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "layers_to_transform": None
+        if config.layers_to_transform is None
+        else list(config.layers_to_transform),
+        "layers_pattern": None if config.layers_to_transform is None else "layers",
+        "rank_pattern": dict(config.rank_pattern),
+        "alpha_pattern": dict(config.alpha_pattern),
+        "revision": None,
+    }
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors under peft's file keys (full tensors: call after gathering any shards)."""
+    out = {}
+    for name, m in lora_modules(model).items():
+        out[f"{PREFIX}{name}.lora_A.weight"] = _full(m.lora_A.weight).detach().cpu().contiguous()
+        out[f"{PREFIX}{name}.lora_B.weight"] = _full(m.lora_B.weight).detach().cpu().contiguous()
+    return out
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t  # an FSDP DTensor shard -> the whole tensor
+
+
+def save_adapter(
+    model: nn.Module,
+    out_dir: str | Path,
+    config: LoRAConfig,
+    base_model: str,
+    tensors: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Write the two peft files into ``out_dir`` (an existing directory, usually an atomic temp dir)."""
+    out = Path(out_dir)
+    if config.r > VLLM_DEFAULT_MAX_RANK:
+        print(
+            f"note: rank {config.r} is above vLLM's default --max-lora-rank {VLLM_DEFAULT_MAX_RANK}; "
+            f"serve it there with --max-lora-rank {config.r}",
+            file=sys.stderr,
+        )
+    tensors = tensors or adapter_state_dict(model)
+    data = adapter_config_json(config, base_model)
+    model_config = getattr(model, "config", None)
+    if getattr(model_config, "family", None) == "qwen":  # name v1's own modules (fused c_attn, w1/w2)
+        modules, c_attn_alpha = to_v1(_group(tensors, out), config.r, config.alpha, config.use_rslora)
+        tensors = {f"{PREFIX}{n}.{part}.weight": t for n, pair in modules.items() for part, t in pair.items()}
+        data["target_modules"] = sorted({n.rsplit(".", 1)[-1] for n in modules})
+        if data["layers_pattern"]:
+            data["layers_pattern"] = "h"
+        if c_attn_alpha is not None:
+            data["rank_pattern"] = {"c_attn": 3 * config.r}
+            data["alpha_pattern"] = {"c_attn": c_attn_alpha}
+    (out / CONFIG_NAME).write_text(json.dumps(data, indent=2) + "\n")
+    write_safetensors(out / WEIGHTS_NAME, tensors, {"format": "pt"})
+
+
+def _group(tensors: dict[str, torch.Tensor], where) -> dict[str, dict[str, torch.Tensor]]:
+    """{module: {"lora_A": A, "lora_B": B}} from file keys (with or without the peft prefix)."""
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        m = _KEY.match(key)
+        if m is None:
+            raise CheckpointError(
+                f"{where}: unexpected adapter tensor {key!r} (only lora_A/lora_B are supported)"
+            )
+        grouped.setdefault(m.group(1), {})[m.group(2)] = t
+    for module, pair in grouped.items():
+        if set(pair) != {"lora_A", "lora_B"}:
+            raise CheckpointError(f"{where}: module {module} has {sorted(pair)} but needs lora_A and lora_B")
+    return grouped
+
+
+def read_adapter(path: str | Path) -> tuple[LoRAConfig, dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+    """(config, {module name: {"lora_A": A, "lora_B": B}}, raw config) from a peft adapter directory."""
+    d = Path(path)
+    cfg_file = d / CONFIG_NAME
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{d} is not an adapter directory: {CONFIG_NAME} not found")
+    try:
+        raw = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{cfg_file}: cannot read: {e}") from None
+    if not isinstance(raw, dict) or raw.get("peft_type") != "LORA":
+        raise CheckpointError(
+            f"{cfg_file}: field 'peft_type' must be \"LORA\" (got {raw.get('peft_type')!r})"
+        )
+    if raw.get("use_dora"):
+        raise CheckpointError(f"{cfg_file}: DoRA adapters (use_dora) are not supported")
+    if raw.get("modules_to_save"):
+        raise CheckpointError(f"{cfg_file}: modules_to_save {raw['modules_to_save']} is not supported")
+    if raw.get("bias", "none") != "none" or raw.get("fan_in_fan_out"):
+        raise CheckpointError(f"{cfg_file}: only bias='none' and fan_in_fan_out=false adapters are supported")
+    targets = raw.get("target_modules")
+    tensors = _read_tensors(d)
+    grouped = _group(tensors, d)
+    if not grouped:
+        raise CheckpointError(f"{d}: the adapter holds no tensors")
+    layers = raw.get("layers_to_transform")
+    if isinstance(layers, int):
+        layers = [layers]
+    names = sorted({n.rsplit(".", 1)[-1] for n in grouped})
+    config = LoRAConfig(
+        r=int(raw.get("r", 8)),
+        alpha=float(raw.get("lora_alpha", 8)),
+        dropout=0.0,
+        target_modules=tuple(targets) if isinstance(targets, list) and targets else tuple(names),
+        layers_to_transform=tuple(layers) if layers else None,
+        use_rslora=bool(raw.get("use_rslora", False)),
+        rank_pattern=dict(raw.get("rank_pattern") or {}),
+        alpha_pattern=dict(raw.get("alpha_pattern") or {}),
+    )
+    return config, grouped, raw
+
+
+def _read_tensors(d: Path) -> dict[str, torch.Tensor]:
+    if (d / WEIGHTS_NAME).is_file():
+        try:
+            with safe_open(str(d / WEIGHTS_NAME), framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+        except Exception as e:  # safetensors raises its own error types for every corruption
+            raise CheckpointError(f"{d / WEIGHTS_NAME}: cannot read: {e}") from None
+    if (d / LEGACY_WEIGHTS_NAME).is_file():
+        return torch.load(d / LEGACY_WEIGHTS_NAME, map_location="cpu", weights_only=True)
+    raise CheckpointError(f"{d}: neither {WEIGHTS_NAME} nor {LEGACY_WEIGHTS_NAME} found")
+
+
+@torch.no_grad()
+def load_adapter(model: nn.Module, path: str | Path) -> LoRAConfig:
+    """Wrap the adapter's modules in ``LoRALinear`` and fill them; shapes must match this model exactly."""
+    config, grouped, _ = read_adapter(path)
+
+    def scaling_of(name: str, r: int) -> float:
+        return config.scaling(r, config.for_module(name)[1])
+
+    if is_v1(grouped):
+        modules = from_v1(grouped, scaling_of)
+    else:
+        modules = {n: (pair, scaling_of(n, pair["lora_A"].shape[0])) for n, pair in grouped.items()}
+    missing = [n for n in modules if not _has_linear(model, n)]
+    if missing:
+        raise CheckpointError(f"{path}: adapter targets {missing[0]}, which this model does not have")
+    # Exact module names: only the modules the file names get an adapter.
+    exact = {
+        "target_modules": tuple(modules),
+        "layers_to_transform": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+    apply_lora(model, LoRAConfig(**{**config.__dict__, **exact}))
+    wrapped = lora_modules(model)
+    for name, (pair, scaling) in modules.items():
+        _fill(wrapped[name], name, pair, scaling, path)
+    return config
+
+
+def _has_linear(model: nn.Module, name: str) -> bool:
+    try:
+        m = model.get_submodule(name)
+    except AttributeError:
+        return False
+    return hasattr(m, "in_features") and hasattr(m, "out_features")
+
+
+def _fill(m: LoRALinear, name: str, pair: dict[str, torch.Tensor], scaling: float, path) -> None:
+    a, b = pair["lora_A"], pair["lora_B"]
+    r = a.shape[0]
+    if (
+        a.dim() != 2
+        or b.dim() != 2
+        or tuple(a.shape) != (r, m.in_features)
+        or tuple(b.shape)
+        != (
+            m.out_features,
+            r,
+        )
+    ):
+        raise CheckpointError(
+            f"{path}: adapter for another model shape: {name} has lora_A {tuple(a.shape)} and lora_B "
+            f"{tuple(b.shape)}, but this model needs ({r}, {m.in_features}) and ({m.out_features}, {r})"
+        )
+    device = m.lora_A.weight.device
+    m.lora_A = nn.Linear(m.in_features, r, bias=False, device=device, dtype=torch.float32)
+    m.lora_B = nn.Linear(r, m.out_features, bias=False, device=device, dtype=torch.float32)
+    m.lora_A.weight.copy_(a.float())
+    m.lora_B.weight.copy_(b.float())
+    m.r, m.scaling = r, scaling

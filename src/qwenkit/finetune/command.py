@@ -1,0 +1,133 @@
+"""Arguments of `qwenkit finetune` (also `torchrun -m qwenkit.finetune`), parsed here, run by `run`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+from qwenkit.errors import ConfigError
+
+
+def add_training_args(parser: argparse.ArgumentParser, lr: float = 2e-4) -> None:
+    parser.add_argument("model", help="model directory or .gguf file")
+    parser.add_argument("data", help="training data: JSONL (messages / conversations / text) or a .json list")
+    parser.add_argument("out", help="output directory (appears only when training finished)")
+    parser.add_argument("--method", default="lora", choices=["lora", "qlora", "full"])
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    parser.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr})")
+    parser.add_argument("--warmup-ratio", type=float, default=0.0)
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--max-grad-norm", type=float, default=1.0)
+    parser.add_argument("--batch-size", type=int, default=4, help="examples per micro-batch per process")
+    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    parser.add_argument("--max-len", type=int, default=1024, help="longer examples are truncated (counted)")
+    parser.add_argument("--packing", action="store_true", help="pack short examples into --max-len rows")
+    parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument("--lora-alpha", type=float, default=32.0)
+    parser.add_argument("--lora-dropout", type=float, default=0.05)
+    parser.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) (rsLoRA)")
+    parser.add_argument(
+        "--target-modules", help="comma-separated layer names (default: q,k,v,o,gate,up,down projections)"
+    )
+    parser.add_argument("--lora-layers", type=int, help="adapt only the top N decoder layers")
+    parser.add_argument("--qlora-bits", type=int, default=4, choices=[4, 8])
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--eval-data", help="held-out data; its loss is logged")
+    parser.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps")
+    parser.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (for --resume)")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT when done")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--nproc", type=int, default=1, help="processes on this machine (via torchrun)")
+    parser.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"], help="with several processes")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def train_args(args: argparse.Namespace):
+    from qwenkit.finetune.trainer import TrainArgs
+
+    targets = (
+        tuple(t.strip() for t in args.target_modules.split(",") if t.strip()) if args.target_modules else ()
+    )
+    return TrainArgs(
+        method=args.method,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        max_len=args.max_len,
+        warmup_ratio=args.warmup_ratio,
+        weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm,
+        gradient_checkpointing=args.gradient_checkpointing,
+        save_every=args.save_every,
+        eval_every=args.eval_every,
+        seed=args.seed,
+        dtype=args.dtype,
+        device=args.device,
+        packing=args.packing,
+        qlora_bits=args.qlora_bits,
+        strategy=args.strategy,
+        lora_r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=targets,
+        lora_layers=args.lora_layers,
+        use_rslora=args.rslora,
+        progress=not args.no_progress,
+    )
+
+
+def relaunch(module: str, argv: list[str], nproc: int) -> int:
+    """Run this command under torchrun with ``nproc`` local processes (gloo on CPU, NCCL on CUDA)."""
+    if nproc < 1:
+        raise ConfigError(f"--nproc must be at least 1, got {nproc}")
+    rest, skip = [], False
+    for a in argv:  # drop --nproc N / --nproc=N
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = True
+            continue
+        if not a.startswith("--nproc="):
+            rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return subprocess.call([*cmd, "-m", module, *rest], env=os.environ.copy())
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="qwenkit finetune", description="Supervised fine-tuning.")
+    add_training_args(parser)
+    parser.add_argument("--filter", action="store_true", help="mask sensitive data before training")
+    parser.add_argument("--filter-keywords", help="keyword file for --filter (one per line)")
+    args = parser.parse_args(argv)
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return relaunch("qwenkit.finetune", argv, args.nproc)
+    from qwenkit.finetune.run import finetune
+
+    record_filter = None
+    if args.filter:
+        from qwenkit.finetune.sensitive import make_record_filter
+
+        record_filter = make_record_filter(args.filter_keywords)
+    out = finetune(
+        args.model,
+        args.data,
+        args.out,
+        train_args(args),
+        eval_path=args.eval_data,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        record_filter=record_filter,
+    )
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"wrote {out}", file=sys.stderr)
+    return 0

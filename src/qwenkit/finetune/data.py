@@ -1,0 +1,161 @@
+"""Training data files -> records in one shape: OpenAI ``messages`` (with tools), or plain ``text``.
+
+Accepted per record (JSONL, one object a line; or a .json file holding a list of objects):
+
+- ``{"messages": [{"role", "content", "tool_calls"?, "reasoning_content"?}, ...], "tools"?: [...]}``
+- ``{"conversations": [{"from": "user"|"human"|"assistant"|"gpt"|"system", "value": ...}]}`` (Qwen's
+  ``finetune.py`` and ShareGPT)
+- ``{"text": "..."}`` for continued pre-training (every token is labelled)
+
+Every problem is reported as ``FILE:LINE: field ...: what is wrong``; nothing is guessed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qwenkit.errors import QwenkitError
+
+ROLES = ("system", "user", "assistant", "tool")
+SHAREGPT_ROLES = {
+    "system": "system",
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "observation": "tool",
+    "tool": "tool",
+}
+
+
+class DataError(QwenkitError, ValueError):
+    """A training file is unreadable or a record does not have the expected fields."""
+
+
+@dataclass
+class Record:
+    """One example: chat ``messages`` (+ optional ``tools``) or plain ``text``; ``where`` is FILE:LINE."""
+
+    where: str
+    messages: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = None
+    text: str | None = None
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+def read_objects(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(``FILE:LINE``, object) for each record of a JSONL file, or of a .json file holding a list."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    data = path.read_bytes()
+    if path.suffix == ".json":
+        try:
+            items = json.loads(data.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            line = data[: e.start].count(b"\n") + 1
+            raise DataError(f"{path}:{line}: not valid UTF-8 (byte {e.start})") from None
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+        if not isinstance(items, list):
+            raise DataError(f"{path}: a .json data file must hold a list of records")
+        for i, item in enumerate(items):
+            where = f"{path}:record {i}"
+            if not isinstance(item, dict):
+                raise DataError(f"{where}: each record must be a JSON object")
+            yield where, item
+        return
+    for n, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{where}: not valid UTF-8 (byte {e.start} of the line)") from None
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{where}: each line must be a JSON object")
+        yield where, obj
+
+
+def read_records(path: str | Path) -> list[Record]:
+    """All records of a data file, checked; an empty file is an error."""
+    records = [to_record(where, obj) for where, obj in read_objects(path)]
+    if not records:
+        raise DataError(f"{path}: no records")
+    return records
+
+
+def to_record(where: str, obj: dict[str, Any]) -> Record:
+    if "messages" in obj:
+        messages = check_messages(where, obj["messages"], "messages")
+        tools = obj.get("tools")
+        if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+            raise DataError(f"{where}: field 'tools' must be a list of objects")
+        return Record(where, messages=messages, tools=tools, raw=obj)
+    if "conversations" in obj:
+        return Record(where, messages=conversations_to_messages(where, obj["conversations"]), raw=obj)
+    if "text" in obj:
+        if not isinstance(obj["text"], str) or not obj["text"]:
+            raise DataError(f"{where}: field 'text' must be a non-empty string")
+        return Record(where, text=obj["text"], raw=obj)
+    keys = ", ".join(sorted(obj)) or "none"
+    raise DataError(f"{where}: expected a 'messages', 'conversations' or 'text' field (found: {keys})")
+
+
+def check_messages(where: str, messages: Any, name: str, need_assistant: bool = True) -> list[dict[str, Any]]:
+    """OpenAI-shaped messages with known roles and string content (None only beside tool calls)."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: field '{name}' must be a non-empty list")
+    out = []
+    for i, m in enumerate(messages):
+        f = f"{name}[{i}]"
+        if not isinstance(m, dict):
+            raise DataError(f"{where}: field '{f}' must be an object")
+        role = m.get("role")
+        if role not in ROLES:
+            raise DataError(f"{where}: field '{f}.role' is {role!r}; expected one of {', '.join(ROLES)}")
+        content = m.get("content")
+        if content is None and not (role == "assistant" and m.get("tool_calls")):
+            raise DataError(f"{where}: field '{f}.content' is missing")
+        if content is not None and not isinstance(content, str):
+            raise DataError(f"{where}: field '{f}.content' must be a string")
+        calls = m.get("tool_calls")
+        if calls is not None:
+            if role != "assistant" or not isinstance(calls, list):
+                raise DataError(f"{where}: field '{f}.tool_calls' must be a list on an assistant message")
+            for j, c in enumerate(calls):
+                fn = c.get("function") if isinstance(c, dict) else None
+                if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                    raise DataError(f"{where}: field '{f}.tool_calls[{j}].function.name' is missing")
+        out.append({**m, "content": content or ""})  # templates read .content even beside tool calls
+    if need_assistant and not any(m["role"] == "assistant" for m in out):
+        raise DataError(f"{where}: field '{name}' has no assistant turn to learn from")
+    return out
+
+
+def conversations_to_messages(where: str, turns: Any) -> list[dict[str, Any]]:
+    """Qwen/ShareGPT ``from``/``value`` turns -> OpenAI messages."""
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: field 'conversations' must be a non-empty list")
+    messages = []
+    for i, t in enumerate(turns):
+        f = f"conversations[{i}]"
+        if not isinstance(t, dict):
+            raise DataError(f"{where}: field '{f}' must be an object")
+        who = t.get("from")
+        if who not in SHAREGPT_ROLES:
+            known = ", ".join(SHAREGPT_ROLES)
+            raise DataError(f"{where}: field '{f}.from' is {who!r}; expected one of {known}")
+        if not isinstance(t.get("value"), str):
+            raise DataError(f"{where}: field '{f}.value' must be a string")
+        messages.append({"role": SHAREGPT_ROLES[who], "content": t["value"]})
+    return check_messages(where, messages, "conversations")

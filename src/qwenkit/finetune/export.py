@@ -1,0 +1,59 @@
+"""Write a trained or merged model as a complete Hugging Face directory beside its tokenizer files."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from qwenkit.checkpoint.gguf import GGUFCheckpoint
+from qwenkit.checkpoint.loader import open_checkpoint
+from qwenkit.checkpoint.output_dir import write_json
+from qwenkit.checkpoint.saver import save_sharded
+from qwenkit.config import ModelConfig
+from qwenkit.errors import ConfigError
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "qwen.tiktoken",
+    "special_tokens_map.json",
+    "generation_config.json",
+)
+
+
+def check_exportable(model_path: str | Path) -> None:
+    """Formats whose float weights we can write back under the source's own config."""
+    config = ModelConfig.from_hf(open_checkpoint(model_path).hf_config)
+    if config.family == "qwen":
+        raise ConfigError(
+            "full fine-tuning and merging write the Qwen1.5 layout; convert the Qwen v1 checkpoint first "
+            "(qwenkit convert MODEL OUT --to qwen2)"
+        )
+    if config.quantization:
+        raise ConfigError("cannot write weights into a quantized checkpoint; use the float model")
+
+
+def write_model_dir(
+    model_path: str | Path, tensors: dict[str, torch.Tensor], out: Path, dtype: torch.dtype, tied: bool
+) -> None:
+    """config.json (the source's, with torch_dtype), safetensors shards, tokenizer and generation files."""
+    source = open_checkpoint(model_path)
+    names = {k: v for k, v in tensors.items() if not k.startswith("rotary.")}
+    if tied:
+        names.pop("lm_head.weight", None)
+    save_sharded(names.items(), out, dtype=dtype, metadata={"format": "pt"})
+    dtype_name = str(dtype).removeprefix("torch.")
+    write_json(out / "config.json", {**source.hf_config, "torch_dtype": dtype_name})
+    if isinstance(source, GGUFCheckpoint):
+        write_json(out / "generation_config.json", source.generation_config)
+        if "tokenizer.ggml.model" in source.metadata:
+            source.tokenizer.save(str(out / "tokenizer.json"))
+            write_json(out / "tokenizer_config.json", source.tokenizer_config)
+        return
+    for name in TOKENIZER_FILES:
+        if (source.path / name).is_file():
+            shutil.copy(source.path / name, out / name)

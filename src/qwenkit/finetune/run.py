@@ -1,0 +1,328 @@
+"""``qwenkit finetune``: read and check data, load the model, plan memory, train, write OUT atomically.
+
+While training, state lives in ``OUT.training/`` (``log.jsonl`` and ``checkpoints/step-N/``); OUT itself
+appears only when training finished: the adapter (peft format) or the full model, ``log.jsonl``,
+``loss.png``, ``training_args.json`` and ``data_report.json``. ``--resume`` continues from the newest
+checkpoint in ``OUT.training/``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from qwenkit.checkpoint import load_model
+from qwenkit.checkpoint.loader import resolve_dtype
+from qwenkit.checkpoint.output_dir import atomic_output_dir, check_out_dir, write_json
+from qwenkit.errors import CheckpointError, ConfigError
+from qwenkit.finetune.adapter_io import adapter_state_dict, save_adapter
+from qwenkit.finetune.data import DataError, Record, read_records
+from qwenkit.finetune.distributed import World, close_world, init_world, wrap
+from qwenkit.finetune.encode import EncodeStats, encode_all, end_of_text_id, pack
+from qwenkit.finetune.estimate import check_training_fits, estimate
+from qwenkit.finetune.export import check_exportable, write_model_dir
+from qwenkit.finetune.lora import DEFAULT_TARGETS, LoRAConfig, apply_lora, lora_parameters
+from qwenkit.finetune.plot import plot_losses
+from qwenkit.finetune.trainer import TrainArgs, Trainer, enable_gradient_checkpointing
+
+STATE_FILE = "trainer_state.pt"
+
+
+def work_dir(out: Path) -> Path:
+    return out.parent / f"{out.name}.training"
+
+
+def lora_config(args: TrainArgs, n_layers: int) -> LoRAConfig:
+    layers = None
+    if args.lora_layers is not None:
+        if not 1 <= args.lora_layers <= n_layers:
+            raise ConfigError(f"--lora-layers must be between 1 and {n_layers}, got {args.lora_layers}")
+        layers = tuple(range(n_layers - args.lora_layers, n_layers))
+    return LoRAConfig(
+        r=args.lora_r,
+        alpha=args.lora_alpha,
+        dropout=args.lora_dropout,
+        target_modules=tuple(args.target_modules) or DEFAULT_TARGETS,
+        layers_to_transform=layers,
+        use_rslora=args.use_rslora,
+    )
+
+
+@dataclass
+class Prepared:
+    """A model ready to train: trainable parameters chosen, wrapped for the process group."""
+
+    model: nn.Module
+    base: nn.Module  # unwrapped
+    params: list[nn.Parameter]
+    trainable_names: list[str]
+    lora: LoRAConfig | None
+    tied: bool
+
+
+def prepare_model(model_path: str | Path, args: TrainArgs, world: World, batch_tokens: int) -> Prepared:
+    """Load, quantize (QLoRA), add adapters or unfreeze (full), check memory, wrap for DDP/FSDP."""
+    if args.method not in ("lora", "qlora", "full"):
+        raise ConfigError(f"unknown --method {args.method!r}; choose lora, qlora or full")
+    if args.method == "full":
+        check_exportable(model_path)
+    dtype = resolve_dtype(args.dtype, args.device)
+    model, config = load_model(model_path, dtype, args.device, progress=world.is_main and args.progress)
+    quant_bits = None
+    if args.method == "qlora" and not config.quantization:
+        from qwenkit.quant import quantize_model_rtn
+
+        quant_bits = args.qlora_bits
+        quantize_model_rtn(model, bits=quant_bits)  # decoder layers only; the head stays float, as QLoRA
+    lora = None
+    if args.method == "full":
+        model.requires_grad_(True)
+        params = list(model.parameters())  # tied weights appear once
+    else:
+        lora = lora_config(args, config.num_hidden_layers)
+        torch.manual_seed(args.seed)  # the same initial adapter on every rank and every run
+        apply_lora(model, lora)
+        params = lora_parameters(model)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    trainable = sum(p.numel() for p in params)
+    mem = estimate(
+        config,
+        dtype,
+        args.method,
+        trainable,
+        args.batch_size,
+        batch_tokens,
+        args.gradient_checkpointing,
+        quant_bits,
+    )
+    if world.is_main:
+        print(f"memory estimate per process:\n{mem.table()}", file=sys.stderr)
+    check_training_fits(mem, args.device)
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    wrapped = wrap(model, world, args.strategy)
+    params = [p for p in model.parameters() if p.requires_grad]  # after wrapping: FSDP swaps in DTensors
+    return Prepared(wrapped, model, params, names, lora, config.tie_word_embeddings)
+
+
+# ---- checkpoints --------------------------------------------------------------------------------------
+
+
+def _state_dict_options(world: World):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=world.distributed, strict=False)
+
+
+def save_checkpoint(
+    path: Path, trainer: Trainer, prep: Prepared, history: list[dict], args: TrainArgs, world: World
+) -> None:
+    """Trainable weights, optimizer, scheduler, step and log, gathered whole (any process count resumes)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(prep.model, trainer.optimizer, options=_state_dict_options(world))
+    adapter = adapter_state_dict(prep.base) if prep.lora else None  # a collective under FSDP
+    if world.is_main:
+        keep = set(prep.trainable_names)
+        state = {
+            "model": {k: v for k, v in msd.items() if k in keep},
+            "optimizer": osd,
+            "scheduler": trainer.scheduler.state_dict(),
+            "step": trainer.step,
+            "history": history,
+            "args": args.to_json(),
+        }
+        with atomic_output_dir(path, overwrite=True) as tmp:
+            torch.save(state, tmp / STATE_FILE)
+            if prep.lora:  # every checkpoint is also a usable adapter
+                save_adapter(prep.base, tmp, prep.lora, "", tensors=adapter)
+    world.barrier()
+
+
+def latest_checkpoint(work: Path) -> Path:
+    steps = sorted(
+        (int(p.name.removeprefix("step-")), p)
+        for p in (work / "checkpoints").glob("step-*")
+        if (p / STATE_FILE).is_file()
+    )
+    if not steps:
+        raise CheckpointError(f"--resume: no checkpoint in {work / 'checkpoints'}")
+    return steps[-1][1]
+
+
+def load_checkpoint(path: Path, trainer: Trainer, prep: Prepared, args: TrainArgs) -> list[dict]:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    saved, now = state["args"], args.to_json()
+    for key in TrainArgs.RESUME_KEYS:
+        if saved.get(key) != now.get(key):
+            raise ConfigError(f"--resume: {key} was {saved.get(key)!r} in {path}, now {now.get(key)!r}")
+    set_state_dict(
+        prep.model,
+        trainer.optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optimizer"],
+        options=StateDictOptions(full_state_dict=True, strict=False),
+    )
+    trainer.scheduler.load_state_dict(state["scheduler"])
+    trainer.step = int(state["step"])
+    return list(state["history"])
+
+
+# ---- the run ------------------------------------------------------------------------------------------
+
+
+def load_examples(
+    tokenizer, path: str | Path, args: TrainArgs, record_filter: Callable[[list[Record]], list[Record]] | None
+):
+    records = read_records(path)
+    if record_filter is not None:
+        records = record_filter(records)
+    stats = EncodeStats()
+    examples = encode_all(tokenizer, records, args.max_len, stats)
+    if not examples:
+        raise DataError(f"{path}: no example has a labelled token within --max-len {args.max_len}")
+    if args.packing:
+        examples = pack(examples, args.max_len)
+    return examples, stats
+
+
+def finetune(
+    model_path: str | Path,
+    data_path: str | Path,
+    out: str | Path,
+    args: TrainArgs,
+    eval_path: str | Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    record_filter: Callable[[list[Record]], list[Record]] | None = None,
+    make_trainer: Callable[..., Trainer] | None = None,
+    load_data: Callable[..., tuple[Sequence[Any], Any]] | None = None,
+) -> Path:
+    """Train and write OUT; see the module docstring for the files. Returns OUT."""
+    from qwenkit.generate import tokenizer_for
+
+    out = Path(out)
+    check_out_dir(out, overwrite, Path(model_path))
+    work = work_dir(out)
+    if work.exists() and not resume:
+        raise CheckpointError(f"{work} holds an unfinished run; pass --resume to continue it, or delete it")
+    if args.batch_size < 1 or args.grad_accum < 1 or args.max_len < 2:
+        raise ConfigError("--batch-size and --grad-accum must be at least 1, --max-len at least 2")
+    world = init_world(args.device)
+    try:
+        tokenizer = tokenizer_for(model_path)
+        load_data = load_data or (lambda tok, p: load_examples(tok, p, args, record_filter))
+        examples, stats = load_data(tokenizer, data_path)
+        eval_examples = load_data(tokenizer, eval_path)[0] if eval_path else None
+        longest = max(_length(e) for e in examples)
+        prep = prepare_model(model_path, args, world, longest)
+        trainer = (make_trainer or Trainer)(
+            prep.model, examples, args, world, end_of_text_id(tokenizer), prep.params
+        )
+        history: list[dict] = []
+        if resume:
+            ckpt = latest_checkpoint(work)
+            history = load_checkpoint(ckpt, trainer, prep, args)
+            if world.is_main:
+                print(f"resuming from {ckpt} (step {trainer.step})", file=sys.stderr)
+        if world.is_main:
+            (work / "checkpoints").mkdir(parents=True, exist_ok=True)
+            summary = stats.summary() if hasattr(stats, "summary") else json.dumps(stats)
+            print(f"data: {summary}", file=sys.stderr)
+        _loop(trainer, prep, args, world, work, history, eval_examples)
+        _finish(model_path, out, overwrite, trainer, prep, args, world, history, stats, tokenizer)
+    finally:
+        close_world(world)
+    return out
+
+
+def _length(e: Any) -> int:
+    return len(e.ids) if hasattr(e, "ids") else max(len(e.chosen_ids), len(e.rejected_ids))
+
+
+def _loop(trainer, prep, args, world, work, history, eval_examples) -> None:
+    if eval_examples and trainer.step == 0 and not any("eval_loss" in h for h in history):
+        _log(
+            history,
+            world,
+            work,
+            {"step": 0, "eval_loss": trainer.evaluate(eval_examples), **trainer.eval_metrics},
+        )
+    bar = tqdm(
+        total=trainer.total_steps,
+        initial=trainer.step,
+        desc="training",
+        disable=not (world.is_main and args.progress),
+        dynamic_ncols=True,
+    )
+    with bar:
+        while trainer.step < trainer.total_steps:
+            lr = trainer.scheduler.get_last_lr()[0]
+            r = trainer.train_step()
+            record = {
+                "step": trainer.step,
+                "epoch": round(trainer.step / trainer.steps_per_epoch, 4),
+                "loss": r.loss,
+                "lr": lr,
+                "grad_norm": r.grad_norm,
+                "tokens": r.tokens,
+                "tokens_per_second": r.tokens / r.seconds if r.seconds else 0.0,
+                **r.extra,
+            }
+            last = trainer.step == trainer.total_steps
+            if eval_examples and (last or (args.eval_every and trainer.step % args.eval_every == 0)):
+                record["eval_loss"] = trainer.evaluate(eval_examples)
+                record.update(trainer.eval_metrics)
+            _log(history, world, work, record)
+            bar.set_postfix(loss=f"{r.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_second']:.0f}")
+            bar.update(1)
+            if args.save_every and trainer.step % args.save_every == 0 and not last:
+                save_checkpoint(
+                    work / "checkpoints" / f"step-{trainer.step}", trainer, prep, history, args, world
+                )
+
+
+def _log(history: list[dict], world: World, work: Path, record: dict) -> None:
+    history.append(record)
+    if world.is_main:
+        with open(work / "log.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _finish(model_path, out, overwrite, trainer, prep, args, world, history, stats, tokenizer) -> None:
+    """Gather the result (collectives on every rank) and let rank 0 publish OUT in one rename."""
+    if prep.lora:
+        tensors = adapter_state_dict(prep.base)
+    else:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        tensors = get_model_state_dict(prep.model, options=_state_dict_options(world))
+    if world.is_main:
+        with atomic_output_dir(out, overwrite) as tmp:
+            if prep.lora:
+                save_adapter(prep.base, tmp, prep.lora, str(Path(model_path).resolve()), tensors=tensors)
+                if tokenizer.chat_template:  # the template it was trained with, for serving it the same way
+                    write_json(tmp / "chat_template.json", {"chat_template": tokenizer.chat_template})
+            else:
+                dtype = resolve_dtype(args.dtype, args.device)
+                write_model_dir(model_path, tensors, tmp, dtype, prep.tied)
+            with open(tmp / "log.jsonl", "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(h) + "\n" for h in history)
+            train = [(h["step"], h["loss"]) for h in history if "loss" in h]
+            evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+            plot_losses(tmp / "loss.png", train, evals)
+            write_json(tmp / "training_args.json", {"model": str(model_path), **args.to_json()})
+            write_json(tmp / "data_report.json", stats if isinstance(stats, dict) else stats.__dict__)
+        shutil.rmtree(work_dir(out), ignore_errors=True)
+    world.barrier()

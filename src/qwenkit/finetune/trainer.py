@@ -1,0 +1,238 @@
+"""The training loop shared by SFT (full, LoRA, QLoRA) and DPO, in one process or under torchrun.
+
+Batches: step s of epoch e takes the global batch ``order_e[s*G : (s+1)*G]`` (wrapping around at the end
+of an epoch), ``G = batch_size * grad_accum * world_size``; micro-batch k of rank r is its slice
+``k*world + r``. The order is a permutation seeded by (seed, epoch) and dropout is reseeded from (seed,
+step, rank), so a run resumed from a checkpoint (in any process count with the same G) takes exactly the
+batches and random numbers of an uninterrupted one.
+
+Loss: summed token cross entropy divided by the labelled tokens of the whole global batch, times the
+world size (DDP and FSDP average gradients over processes), so gradients do not depend on how a batch is
+split into micro-batches and processes.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from qwenkit.finetune.distributed import World, gradient_sync, unwrap
+from qwenkit.finetune.encode import IGNORE, Example
+
+
+@dataclass
+class TrainArgs:
+    method: str = "lora"  # lora | qlora | full
+    epochs: int = 1
+    max_steps: int | None = None
+    lr: float = 2e-4
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_len: int = 1024
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+    save_every: int = 0
+    eval_every: int = 0
+    seed: int = 0
+    dtype: str = "float32"
+    device: str = "cpu"
+    packing: bool = False
+    qlora_bits: int = 4
+    strategy: str = "ddp"  # ddp | fsdp, with more than one process
+    lora_r: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.05
+    target_modules: tuple[str, ...] = ()
+    lora_layers: int | None = None
+    use_rslora: bool = False
+    progress: bool = True
+
+    # fields that must match for --resume to continue the same run
+    RESUME_KEYS = ("method", "lr", "max_len", "seed", "packing", "lora_r", "lora_alpha", "target_modules")
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["target_modules"] = list(self.target_modules)
+        return d
+
+
+def pad_batch(examples: Sequence[Example], pad_id: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (ids, labels) (B, T). Padding is defined by each example's length, never by ``pad_id``:
+    labels past a length are -100; with causal attention, real tokens never see the pads after them."""
+    T = max(len(e.ids) for e in examples)
+    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), T), IGNORE, dtype=torch.long)
+    for i, e in enumerate(examples):
+        ids[i, : len(e.ids)] = torch.tensor(e.ids)
+        labels[i, : len(e.labels)] = torch.tensor(e.labels)
+    return ids.to(device), labels.to(device)
+
+
+def token_losses(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B, T-1) float32 cross entropy of each next token, 0 where the label is -100."""
+    logits = model(ids)  # (B, T, V)
+    target = labels[:, 1:]
+    ce = F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE, reduction="none"
+    )
+    return ce.view(target.shape)
+
+
+def n_targets(e: Example) -> int:
+    """Tokens that are predicted and labelled (the first token is never predicted)."""
+    return sum(label != IGNORE for label in e.labels[1:])
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer in the backward pass; parameter names stay untouched."""
+    for layer in unwrap(model).model.layers:
+        forward = layer.forward
+
+        def checkpointed(*args, _forward=forward, **kwargs):
+            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+        layer.forward = checkpointed
+
+
+def lr_lambda(total: int, warmup: int) -> Callable[[int], float]:
+    """Linear warmup, then cosine decay to zero."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+@dataclass
+class StepResult:
+    loss: float
+    tokens: int
+    seconds: float
+    grad_norm: float
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class Trainer:
+    """Owns the order of examples and one optimizer step; SFT and DPO differ only in ``batch_loss``."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        examples: Sequence[Any],
+        args: TrainArgs,
+        world: World,
+        pad_id: int,
+        params: list[nn.Parameter],
+    ) -> None:
+        self.model, self.examples, self.args, self.world, self.pad_id = model, examples, args, world, pad_id
+        self.params = params
+        self.global_batch = args.batch_size * args.grad_accum * world.size
+        self.steps_per_epoch = max(1, math.ceil(len(examples) / self.global_batch))
+        self.total_steps = args.max_steps or args.epochs * self.steps_per_epoch
+        decay = [p for p in params if p.dim() >= 2]
+        rest = [p for p in params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": args.weight_decay}]
+        if rest:
+            groups.append({"params": rest, "weight_decay": 0.0})
+        self.optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
+        warmup = round(args.warmup_ratio * self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(self.total_steps, warmup)
+        )
+        self.step = 0
+        self.eval_metrics: dict[str, float] = {}  # extra held-out figures a subclass reports
+
+    # ---- which examples -------------------------------------------------------------------------------
+    def global_indices(self, step: int) -> list[int]:
+        epoch, s = divmod(step, self.steps_per_epoch)
+        g = torch.Generator().manual_seed(self.args.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(self.examples), generator=g).tolist()
+        n = len(order)
+        return [order[(s * self.global_batch + j) % n] for j in range(self.global_batch)]
+
+    def micro_batches(self, step: int) -> tuple[list[list[int]], list[int]]:
+        """(this rank's micro-batches, the whole global batch) of ``step``."""
+        idx = self.global_indices(step)
+        b, w = self.args.batch_size, self.world.size
+        mine = [
+            idx[(k * w + self.world.rank) * b : (k * w + self.world.rank + 1) * b]
+            for k in range(self.args.grad_accum)
+        ]
+        return mine, idx
+
+    # ---- one step --------------------------------------------------------------------------------------
+    def normalizer(self, idx: list[int]) -> float:
+        return float(sum(n_targets(self.examples[i]) for i in idx))
+
+    def batch_loss(self, batch: list[int], normalizer: float) -> tuple[torch.Tensor, dict[str, float], int]:
+        """(loss to backpropagate, summed metrics, tokens processed) for one micro-batch."""
+        ids, labels = pad_batch([self.examples[i] for i in batch], self.pad_id, self.args.device)
+        total = token_losses(self.model, ids, labels).sum()
+        tokens = sum(len(self.examples[i].ids) for i in batch)
+        return total / normalizer, {}, tokens
+
+    def accumulate(self, step: int) -> tuple[float, int, dict[str, float]]:
+        """Forward and backward over this rank's share of ``step``; returns (global loss, tokens, metrics)."""
+        torch.manual_seed(self.args.seed * 7919 + step * self.world.size + self.world.rank)
+        random.seed(step)
+        mine, idx = self.micro_batches(step)
+        norm = self.normalizer(idx)
+        loss_sum, tokens, metrics = 0.0, 0, {}
+        self.model.train()
+        for k, batch in enumerate(mine):
+            with gradient_sync(self.model, k == len(mine) - 1):
+                loss, extra, n = self.batch_loss(batch, norm)
+                (loss * self.world.size).backward()
+            loss_sum += loss.item()
+            tokens += n
+            for key, v in extra.items():
+                metrics[key] = metrics.get(key, 0.0) + v
+        loss_sum = self.world.all_reduce_sum(loss_sum)
+        tokens = int(self.world.all_reduce_sum(tokens))
+        metrics = {k: self.world.all_reduce_sum(v) / len(idx) for k, v in metrics.items()}
+        return loss_sum, tokens, metrics
+
+    def train_step(self) -> StepResult:
+        t0 = time.perf_counter()
+        loss, tokens, metrics = self.accumulate(self.step)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.args.max_grad_norm or float("inf"))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return StepResult(loss, tokens, time.perf_counter() - t0, float(_full(grad_norm)), metrics)
+
+    @torch.no_grad()
+    def evaluate(self, examples: Sequence[Example]) -> float:
+        """Mean token cross entropy over ``examples`` (split over processes, summed exactly)."""
+        self.model.eval()
+        total, count = 0.0, 0.0
+        mine = list(range(self.world.rank, len(examples), self.world.size))
+        n_batches = math.ceil(math.ceil(len(examples) / self.world.size) / self.args.batch_size)
+        for b in range(n_batches):  # the same number of forwards on every rank (FSDP gathers in each)
+            chunk = mine[b * self.args.batch_size : (b + 1) * self.args.batch_size]
+            batch = [examples[j] for j in chunk] or [examples[0]]
+            ids, labels = pad_batch(batch, self.pad_id, self.args.device)
+            losses = token_losses(self.model, ids, labels)
+            if chunk:
+                total += losses.sum().item()
+                count += sum(n_targets(e) for e in batch)
+        return self.world.all_reduce_sum(total) / max(1.0, self.world.all_reduce_sum(count))
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t

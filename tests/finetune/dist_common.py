@@ -1,0 +1,77 @@
+"""Shared by the distributed worker and its single-process reference: same data, model and steps."""
+
+from __future__ import annotations
+
+import torch
+
+from qwenkit.finetune.encode import IGNORE, Example
+from qwenkit.finetune.run import prepare_model, save_checkpoint
+from qwenkit.finetune.trainer import TrainArgs, Trainer
+
+
+def examples(n: int = 8) -> list[Example]:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        length = int(torch.randint(6, 16, (1,), generator=g))
+        ids = torch.randint(0, 512, (length,), generator=g).tolist()
+        cut = int(torch.randint(1, length - 3, (1,), generator=g))
+        out.append(Example(ids, [IGNORE] * cut + ids[cut:]))
+    return out
+
+
+def args(method: str, strategy: str, batch_size: int) -> TrainArgs:
+    return TrainArgs(
+        method=method,
+        strategy=strategy,
+        batch_size=batch_size,
+        grad_accum=1,
+        lr=1e-2,
+        lora_r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        max_steps=4,
+        progress=False,
+        weight_decay=0.01,
+    )
+
+
+def build(model_dir, method, world, strategy, batch_size):
+    a = args(method, strategy, batch_size)
+    prep = prepare_model(model_dir, a, world, 16)
+    if method == "lora":  # non-zero B so every LoRA gradient is non-trivial
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for n, p in prep.base.named_parameters():
+                if "lora_B" in n:
+                    full = torch.randn(tuple(p.shape), generator=g) * 0.05
+                    p.copy_(_like(p, full))
+    trainer = Trainer(prep.model, examples(), a, world, 0, prep.params)
+    return trainer, prep
+
+
+def _like(p, full):
+    if hasattr(p, "device_mesh"):  # an FSDP shard: distribute the same full tensor the same way
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(full, p.device_mesh, p.placements)
+    return full
+
+
+def _full(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def grads(trainer, prep) -> dict[str, torch.Tensor]:
+    trainer.accumulate(0)
+    out = {n: _full(p.grad).detach().clone() for n, p in prep.base.named_parameters() if p.requires_grad}
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return out
+
+
+def steps_and_weights(trainer, prep, n, ckpt_at=None, ckpt_dir=None) -> dict[str, torch.Tensor]:
+    for _ in range(n):
+        trainer.train_step()
+        if ckpt_at is not None and trainer.step == ckpt_at:
+            save_checkpoint(ckpt_dir, trainer, prep, [], trainer.args, trainer.world)
+    return {n: _full(p).detach().clone() for n, p in prep.base.named_parameters() if p.requires_grad}

@@ -1,0 +1,95 @@
+"""The sensitive-data filter: a catalogue of positives and look-alike negatives with exact findings."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from qwenkit.cli import main as cli_main
+from qwenkit.finetune.sensitive import Detector, luhn_ok, valid_cn_id
+
+CATALOGUE = [
+    # (text, [(kind, matched text)])
+    ("mail me at li.wei+ml@example.com.cn today", [("email", "li.wei+ml@example.com.cn")]),
+    ("联系邮箱zhang_san@qq.com。", [("email", "zhang_san@qq.com")]),
+    ("not an email: user@localhost or @handle", []),
+    ("我的电话13812345678，谢谢", [("phone", "13812345678")]),
+    ("call +86 138-1234-5678 now", [("phone", "+86 138-1234-5678")]),
+    ("手机:008613912345678", [("phone", "008613912345678")]),
+    ("order no. 12812345678 (starts 12: not a mobile)", []),
+    ("138123456789 has 12 digits", []),
+    ("London office +44 20 7946 0958.", [("phone", "+44 20 7946 0958")]),
+    ("US: +1 (415) 555-2671", [("phone", "+1 (415) 555-2671")]),
+    ("score +3 2 points", []),
+    ("身份证11010519491231002X已登记", [("id_card", "11010519491231002X")]),
+    ("id 110105194912310021 has a wrong check digit", []),
+    ("id 110105194913310029 has month 13", []),
+    ("card 4111 1111 1111 1111 expires", [("bank_card", "4111 1111 1111 1111")]),
+    ("卡号6222021234567890123", []),  # UnionPay-like but fails Luhn
+    ("卡号6217002710000684874", [("bank_card", "6217002710000684874")]),
+    ("card 4111111111111112 is a typo", []),
+    ("server 192.168.1.20 and 8.8.8.8", [("ip", "192.168.1.20"), ("ip", "8.8.8.8")]),
+    ("version 1.2.3.4.5 and 999.1.1.1", []),
+    ("v6 2001:db8::8a2e:370:7334 here", [("ip", "2001:db8::8a2e:370:7334")]),
+    ("time 12:30:45 is not an address", []),
+    ("OPENAI key sk-abcdefghijklmnopqrstuvwx123", [("secret", "sk-abcdefghijklmnopqrstuvwx123")]),
+    ("aws AKIAIOSFODNN7EXAMPLE", [("secret", "AKIAIOSFODNN7EXAMPLE")]),
+    ("password = hunter2hunter2", [("secret", "hunter2hunter2")]),
+    ("password is short=abc", []),
+    ("project Bluebird launch", [("keyword", "Bluebird")]),
+    ("内部代号青龙计划", [("keyword", "青龙")]),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), CATALOGUE)
+def test_catalogue(text, expected):
+    found = Detector(["bluebird", "青龙"]).find(text)
+    assert [(f.kind, f.text) for f in found] == expected
+    for f in found:
+        assert text[f.start : f.end] == f.text
+
+
+def test_checksums():
+    assert valid_cn_id("11010519491231002X") and not valid_cn_id("110105194912310021")
+    assert luhn_ok("4111111111111111") and not luhn_ok("4111111111111112")
+
+
+def test_filter_command_masks_and_drops(tmp_path, capsys):
+    src = tmp_path / "d.jsonl"
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": "email a@b.io"},
+                {"role": "assistant", "content": "ok, 13812345678"},
+            ]
+        },
+        {"messages": [{"role": "user", "content": "clean"}, {"role": "assistant", "content": "fine"}]},
+    ]
+    src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    (tmp_path / "kw.txt").write_text("# comment\nfine\n")
+    assert cli_main(["filter", str(src), str(tmp_path / "masked.jsonl")]) == 0
+    masked = [json.loads(x) for x in (tmp_path / "masked.jsonl").read_text().splitlines()]
+    assert masked[0]["messages"][0]["content"] == "email [EMAIL]"
+    assert masked[0]["messages"][1]["content"] == "ok, [PHONE]"
+    assert masked[1] == rows[1]
+    err = capsys.readouterr().err
+    assert "2 examples: 1 with sensitive data (email 1, phone 1); 0 dropped" in err
+    assert "d.jsonl:1 messages[0].content email" in err
+    assert (
+        cli_main(
+            [
+                "filter",
+                str(src),
+                str(tmp_path / "dropped.jsonl"),
+                "--mode",
+                "drop",
+                "--keywords",
+                str(tmp_path / "kw.txt"),
+            ]
+        )
+        == 0
+    )
+    assert (tmp_path / "dropped.jsonl").read_text() == ""
+    assert cli_main(["filter", str(tmp_path / "missing.jsonl"), str(tmp_path / "x.jsonl")]) == 2
+    assert not (tmp_path / "x.jsonl").exists()

@@ -1,0 +1,202 @@
+"""Label masks: for each data format and family template, the labelled tokens decode to exactly the
+assistant replies, each followed by <|im_end|>; masks come from lengths, never from the pad id."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "tokenizer"))
+from tokenizer_data import QWEN3_DIR, QWEN_TIKTOKEN
+
+from qwenkit.finetune.data import DataError, read_records
+from qwenkit.finetune.encode import IGNORE, EncodeStats, encode_all, encode_messages, pack
+from qwenkit.finetune.trainer import pad_batch
+from qwenkit.tokenizer import load_tokenizer
+
+TOOLS = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+CALL = {"type": "function", "function": {"name": "add", "arguments": {"a": 1, "b": 2}}}
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tmp_path_factory):
+    from qwenkit.default_model import default_model_path
+    from qwenkit.generate import tokenizer_for
+
+    v1_dir = tmp_path_factory.mktemp("v1")
+    shutil.copy(QWEN_TIKTOKEN, v1_dir / "qwen.tiktoken")
+    return {
+        "qwen3": load_tokenizer(QWEN3_DIR),
+        "v1": load_tokenizer(v1_dir),
+        "smollm2": tokenizer_for(default_model_path()),
+    }
+
+
+def labelled_runs(tok, ids, labels) -> list[str]:
+    """Decoded maximal runs of labelled tokens."""
+    runs, cur = [], []
+    for i, label in zip(ids, labels, strict=True):
+        if label != IGNORE:
+            assert label == i
+            cur.append(i)
+        elif cur:
+            runs.append(cur)
+            cur = []
+    if cur:
+        runs.append(cur)
+    return [tok.decode(r) for r in runs]
+
+
+def write_jsonl(path: Path, objs) -> Path:
+    path.write_text("".join(json.dumps(o, ensure_ascii=False) + "\n" for o in objs), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("family", ["qwen3", "v1", "smollm2"])
+def test_messages_and_conversations_label_exactly_the_replies(tokenizers, family, tmp_path):
+    tok = tokenizers[family]
+    replies = ["Hello! 你好。", "It is 3, not <|im_start|>4.", "Bye"]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi <|im_end|> there"},
+        {"role": "assistant", "content": replies[0]},
+        {"role": "user", "content": "1+2?"},
+        {"role": "assistant", "content": replies[1]},
+        {"role": "user", "content": "ok"},
+        {"role": "assistant", "content": replies[2]},
+    ]
+    conversations = [
+        {
+            "from": "system" if m["role"] == "system" else {"user": "human", "assistant": "gpt"}[m["role"]],
+            "value": m["content"],
+        }
+        for m in messages
+    ]
+    data = write_jsonl(tmp_path / "d.jsonl", [{"messages": messages}, {"conversations": conversations}])
+    examples = encode_all(tok, read_records(data), max_len=4096)
+    assert len(examples) == 2
+    assert examples[0].ids == examples[1].ids and examples[0].labels == examples[1].labels
+    ex = examples[0]
+    assert labelled_runs(tok, ex.ids, ex.labels) == [r + "<|im_end|>" for r in replies]
+    # Whole conversation tokenized once: the same ids the chat code builds from the same template text.
+    text = tok.render_chat_template(messages, add_generation_prompt=False)
+    assert tok.decode(ex.ids) == text
+    im_start = tok.added_tokens["<|im_start|>"]
+    assert all(label != im_start for label in ex.labels)
+    # User text that spells a control token stays plain text (never the control id).
+    assert sum(1 for i in ex.ids if i == im_start) == len(messages)
+
+
+def test_qwen3_tool_calls_and_reasoning(tokenizers):
+    tok = tokenizers["qwen3"]
+    messages = [
+        {"role": "user", "content": "add 1 and 2"},
+        {"role": "assistant", "content": "", "tool_calls": [CALL]},
+        {"role": "tool", "content": "3"},
+        {"role": "assistant", "content": "The sum is 3.", "reasoning_content": "1+2=3"},
+    ]
+    ids, labels = encode_messages(tok, messages, TOOLS)
+    assert ids == tok.apply_chat_template(messages, TOOLS, add_generation_prompt=False)
+    assert labelled_runs(tok, ids, labels) == [
+        '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call><|im_end|>',
+        "<think>\n1+2=3\n</think>\n\nThe sum is 3.<|im_end|>",
+    ]
+    # Without reasoning, Qwen3's empty think block is prompt, not a target.
+    ids, labels = encode_messages(
+        tok, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    )
+    assert "<think>\n\n</think>\n\n" in tok.decode(ids)
+    assert labelled_runs(tok, ids, labels) == ["yo<|im_end|>"]
+
+
+def test_reply_starting_with_newline_is_tokenized_whole(tokenizers):
+    """Tokenizing segment by segment would give two '\\n' tokens; the whole text has one '\\n\\n'."""
+    tok = tokenizers["v1"]
+    ids, labels = encode_messages(
+        tok, [{"role": "user", "content": "x"}, {"role": "assistant", "content": "\nHello"}]
+    )
+    assert (
+        ids
+        == tok.encode("<|im_start|>system\nYou are a helpful assistant.", allow_special=True)
+        + ids[len(tok.encode("<|im_start|>system\nYou are a helpful assistant.", allow_special=True)) :]
+    )
+    assert 271 in ids and tok.decode([271]) == "\n\n"
+    assert labelled_runs(tok, ids, labels) == [
+        "\n\nHello<|im_end|>"
+    ]  # the merged token carries the reply's \n
+
+
+def test_plain_text_keeps_its_end_of_text_label(tokenizers, tmp_path):
+    """Base-model data ends in <|endoftext|>, which is also the pad id: it must stay labelled."""
+    tok = tokenizers["qwen3"]
+    data = write_jsonl(
+        tmp_path / "t.jsonl", [{"text": "The cat sat."}, {"text": "A much longer document about cats."}]
+    )
+    examples = encode_all(tok, read_records(data), max_len=64)
+    eot = tok.added_tokens["<|endoftext|>"]
+    assert examples[0].ids[-1] == eot and examples[0].labels == examples[0].ids
+    ids, labels = pad_batch(examples, pad_id=eot, device="cpu")
+    n0 = len(examples[0].ids)
+    assert labels[0, n0 - 1] == eot  # the real end of text is a target ...
+    assert (labels[0, n0:] == IGNORE).all() and (ids[0, n0:] == eot).all()  # ... the padding is not
+    assert torch.equal(labels[1], ids[1])
+
+
+def test_truncation_is_counted_and_packing_keeps_labels(tokenizers, tmp_path):
+    tok = tokenizers["qwen3"]
+    objs = [
+        {"messages": [{"role": "user", "content": "q" * n}, {"role": "assistant", "content": "a b c"}]}
+        for n in (5, 400, 3000)
+    ]
+    data = write_jsonl(tmp_path / "d.jsonl", objs)
+    stats = EncodeStats()
+    examples = encode_all(tok, read_records(data), max_len=120, stats=stats)
+    assert stats.truncated == 2 and stats.dropped == 2 and stats.examples == 1  # cut before any reply
+    assert "2 truncated" in stats.summary()
+    rows = pack(examples * 3, max_len=2 * len(examples[0].ids) + 5)
+    assert [len(r.ids) for r in rows] == [2 * len(examples[0].ids), len(examples[0].ids)]
+    assert rows[0].labels == examples[0].labels * 2
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('{"messages": []}', "d.jsonl:2: field 'messages' must be a non-empty list"),
+        (
+            '{"messages": [{"role": "robot", "content": "x"}]}',
+            "d.jsonl:2: field 'messages[0].role' is 'robot'",
+        ),
+        ('{"messages": [{"role": "user"}]}', "d.jsonl:2: field 'messages[0].content' is missing"),
+        (
+            '{"messages": [{"role": "user", "content": "x"}]}',
+            "d.jsonl:2: field 'messages' has no assistant turn",
+        ),
+        (
+            '{"conversations": [{"from": "bot", "value": "x"}]}',
+            "d.jsonl:2: field 'conversations[0].from' is 'bot'",
+        ),
+        (
+            '{"conversations": [{"from": "gpt"}]}',
+            "d.jsonl:2: field 'conversations[0].value' must be a string",
+        ),
+        ('{"prompt": "x"}', "d.jsonl:2: expected a 'messages', 'conversations' or 'text' field"),
+        ("{not json", "d.jsonl:2: invalid JSON"),
+    ],
+)
+def test_bad_records_name_file_line_and_field(tmp_path, line, message):
+    good = '{"text": "fine"}'
+    (tmp_path / "d.jsonl").write_text(good + "\n" + line + "\n", encoding="utf-8")
+    with pytest.raises(DataError) as e:
+        read_records(tmp_path / "d.jsonl")
+    assert message in str(e.value)
+
+
+def test_non_utf8_line(tmp_path):
+    (tmp_path / "d.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"d\.jsonl:2: not valid UTF-8"):
+        read_records(tmp_path / "d.jsonl")

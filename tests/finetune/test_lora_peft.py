@@ -1,0 +1,269 @@
+"""LoRA math and peft interop: gradients equal autograd on the merged weight; QLoRA's equal LoRA's on the
+dequantized base; adapters move between qwenkit and peft + transformers with the same logits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from factories import hf_model, save_hf
+
+from qwenkit.checkpoint import load_model
+from qwenkit.errors import CheckpointError
+from qwenkit.finetune.adapter_io import PREFIX, save_adapter
+from qwenkit.finetune.lora import (
+    LoRAConfig,
+    apply_lora,
+    dequantized_weight,
+    lora_modules,
+    merge_lora,
+)
+from qwenkit.quant import QuantizedLinear, quantize_model_rtn
+
+IDS = torch.tensor([[3, 17, 200, 5, 9, 41, 300, 7], [8, 1, 2, 99, 100, 4, 6, 250]])
+
+
+@pytest.fixture(scope="module")
+def qwen2_dir(tmp_path_factory):
+    return save_hf(hf_model("qwen2", tie_word_embeddings=False), tmp_path_factory.mktemp("q2") / "m")
+
+
+def randomize(model, seed=1):
+    """Give every adapter a non-zero B so the update shows in the logits."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.05)
+
+
+def test_lora_forward_and_gradients_equal_merged_weight_reference():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(12, 10, bias=True)
+    model = torch.nn.Sequential()
+    model.add_module("q_proj", layer)
+    cfg = LoRAConfig(r=4, alpha=8, dropout=0.0, target_modules=("q_proj",), use_rslora=True)
+    apply_lora(model, cfg)
+    lora = model.q_proj
+    randomize(model)
+    assert lora.scaling == 8 / 2  # rsLoRA: alpha / sqrt(r)
+    x = torch.randn(3, 12)
+    y = model(x)
+    y.pow(2).sum().backward()
+
+    # Reference: autograd through W + B @ A * s on independent leaf copies.
+    a = lora.lora_A.weight.detach().clone().requires_grad_()
+    b = lora.lora_B.weight.detach().clone().requires_grad_()
+    w = layer.weight.detach() + b @ a * 4.0
+    y_ref = torch.nn.functional.linear(x, w, layer.bias.detach())
+    y_ref.pow(2).sum().backward()
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lora.lora_A.weight.grad, a.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lora.lora_B.weight.grad, b.grad, rtol=1e-5, atol=1e-6)
+    assert layer.weight.grad is None  # the base is frozen
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_qlora_gradients_equal_lora_on_dequantized_base(qwen2_dir, bits):
+    cfg = LoRAConfig(r=4, alpha=8, dropout=0.0)
+    quant, _ = load_model(qwen2_dir, "float32", progress=False)
+    quantize_model_rtn(quant, bits=bits, group_size=32 if bits == 4 else -1)
+    ref, _ = load_model(qwen2_dir, "float32", progress=False)
+    with torch.no_grad():  # the float reference holds exactly what the quantized codes mean
+        for name, m in quant.named_modules():
+            if isinstance(m, QuantizedLinear):
+                ref.get_submodule(name).weight.copy_(dequantized_weight(m, torch.float32))
+    for model in (quant, ref):
+        torch.manual_seed(0)
+        apply_lora(model, cfg)
+        randomize(model)
+        model.train()
+    losses = []
+    for model in (quant, ref):
+        logits = model(IDS)
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), IDS[:, 1:].reshape(-1)
+        )
+        loss.backward()
+        losses.append(loss)
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-5)
+    qm, rm = lora_modules(quant), lora_modules(ref)
+    assert set(qm) == set(rm) and len(qm) == 14
+    assert isinstance(qm["model.layers.0.self_attn.q_proj"].base_layer, QuantizedLinear)
+    for name in qm:
+        for part in ("lora_A", "lora_B"):
+            g_q = getattr(qm[name], part).weight.grad
+            g_r = getattr(rm[name], part).weight.grad
+            assert g_q.abs().sum() > 0
+            torch.testing.assert_close(g_q, g_r, rtol=1e-4, atol=1e-6)
+
+
+def test_qwenkit_adapter_loads_in_peft_with_same_logits(qwen2_dir, tmp_path):
+    import peft
+    import transformers
+
+    model, _ = load_model(qwen2_dir, "float32", progress=False)
+    cfg = LoRAConfig(r=4, alpha=16, dropout=0.0, layers_to_transform=(1,))
+    apply_lora(model, cfg)
+    randomize(model)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    save_adapter(model, adapter, cfg, str(qwen2_dir))
+    with torch.no_grad():
+        ours = model(IDS)
+
+    raw = json.loads((adapter / "adapter_config.json").read_text())
+    assert raw["peft_type"] == "LORA" and raw["task_type"] == "CAUSAL_LM" and raw["modules_to_save"] is None
+    base = transformers.AutoModelForCausalLM.from_pretrained(qwen2_dir, dtype=torch.float32)
+    peft_model = peft.PeftModel.from_pretrained(base, adapter).eval()
+    with torch.no_grad():
+        theirs = peft_model(IDS).logits
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+    # The adapter matters (a silently ignored adapter would also "match" the base), and only layer 1 has one.
+    with torch.no_grad(), peft_model.disable_adapter():
+        assert (peft_model(IDS).logits - theirs).abs().max() > 1e-3
+    assert all(".layers.1." in n for n in lora_modules(model))
+
+    # --adapter through the loader gives the same logits; merging gives them too.
+    loaded, _ = load_model(qwen2_dir, "float32", progress=False, adapter=adapter)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(IDS), ours, rtol=0, atol=1e-5)
+        merged = merge_lora(loaded)
+        assert not lora_modules(merged)
+        torch.testing.assert_close(merged(IDS), ours, rtol=0, atol=1e-4)
+
+
+def test_peft_adapter_loads_in_qwenkit_with_same_logits(qwen2_dir, tmp_path):
+    import peft
+    import transformers
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(qwen2_dir, dtype=torch.float32)
+    pcfg = peft.LoraConfig(
+        r=8, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=True
+    )
+    peft_model = peft.get_peft_model(base, pcfg)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    peft_model.save_pretrained(tmp_path / "peft-adapter")
+    with torch.no_grad():
+        theirs = peft_model.eval()(IDS).logits
+    model, _ = load_model(qwen2_dir, "float32", progress=False, adapter=tmp_path / "peft-adapter")
+    assert len(lora_modules(model)) == 6
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS), theirs, rtol=0, atol=1e-4)
+
+
+def test_adapter_for_another_shape_is_refused(qwen2_dir, tmp_path):
+    other = save_hf(hf_model("qwen2", hidden_size=32, intermediate_size=64), tmp_path / "other")
+    model, _ = load_model(other, "float32", progress=False)
+    cfg = LoRAConfig(r=2, alpha=2, dropout=0.0, target_modules=("q_proj",))
+    apply_lora(model, cfg)
+    (tmp_path / "a").mkdir()
+    save_adapter(model, tmp_path / "a", cfg, "other")
+    with pytest.raises(CheckpointError, match=r"another model shape: model\.layers\.0\.self_attn\.q_proj"):
+        load_model(qwen2_dir, "float32", progress=False, adapter=tmp_path / "a")
+    # No prefix (as transformers' load_adapter writes) still loads; a non-LoRA tensor is refused.
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    save_file(
+        {k.removeprefix(PREFIX) + "x": v for k, v in sd.items()}, tmp_path / "a" / "adapter_model.safetensors"
+    )
+    with pytest.raises(CheckpointError, match="unexpected adapter tensor"):
+        load_model(other, "float32", progress=False, adapter=tmp_path / "a")
+
+
+def test_merge_command_output_equals_adapter_logits(qwen2_dir, tmp_path):
+    from qwenkit.cli import main as cli_main
+
+    model, _ = load_model(qwen2_dir, "float32", progress=False)
+    cfg = LoRAConfig(r=4, alpha=8, dropout=0.0)
+    apply_lora(model, cfg)
+    randomize(model)
+    (tmp_path / "a").mkdir()
+    save_adapter(model, tmp_path / "a", cfg, str(qwen2_dir))
+    assert cli_main(["merge", str(qwen2_dir), str(tmp_path / "a"), str(tmp_path / "merged")]) == 0
+    merged, _ = load_model(tmp_path / "merged", "float32", progress=False)
+    assert not lora_modules(merged)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(IDS), model(IDS), rtol=0, atol=1e-4)
+    assert cli_main(["merge", str(qwen2_dir), str(tmp_path / "missing"), str(tmp_path / "m2")]) == 2
+    assert not (tmp_path / "m2").exists()
+
+
+def test_generate_cli_with_adapter(tiny_chat_model, tmp_path, capsys):
+    """--adapter on generate changes the output exactly as the adapter-applied model predicts."""
+    from qwenkit.cli import main as cli_main
+
+    model, _ = load_model(tiny_chat_model, "float32", progress=False)
+    cfg = LoRAConfig(r=4, alpha=8, dropout=0.0)
+    apply_lora(model, cfg)
+    randomize(model, seed=5)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.weight.mul_(40)
+    (tmp_path / "a").mkdir()
+    save_adapter(model, tmp_path / "a", cfg, str(tiny_chat_model))
+    ids = [9707, 11, 1879]
+    with torch.no_grad():
+        expected = int(model(torch.tensor([ids]))[0, -1].argmax())
+    args = [
+        "generate",
+        str(tiny_chat_model),
+        "--prompt-ids",
+        "9707,11,1879",
+        "--max-new-tokens",
+        "1",
+        "--temperature",
+        "0",
+        "--json",
+        "--dtype",
+        "float32",
+    ]
+    assert cli_main([*args, "--adapter", str(tmp_path / "a")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["output_token_ids"] == [expected]
+    assert cli_main(args) == 0
+    base_out = json.loads(capsys.readouterr().out)
+    assert base_out["output_token_ids"] != [expected]
+
+
+def test_qwen_v1_adapter_uses_v1_names_and_matches_the_v1_reference(tmp_path):
+    """On a v1 checkpoint the adapter names v1's modules (fused c_attn, w1/w2, c_proj); applied by hand to
+    the original v1 tensors, an independent v1 forward gives qwenkit's adapter-applied logits."""
+    from factories import V1_TINY, v1_state_dict, write_v1_checkpoint
+    from qwen_v1_reference import v1_logits
+    from safetensors.torch import load_file
+
+    src = write_v1_checkpoint(tmp_path / "v1")
+    model, _ = load_model(src, "float32", progress=False)
+    cfg = LoRAConfig(r=4, alpha=8, dropout=0.0)
+    apply_lora(model, cfg)
+    randomize(model, seed=2)
+    (tmp_path / "a").mkdir()
+    save_adapter(model, tmp_path / "a", cfg, str(src))
+    ids = torch.tensor([3, 17, 200, 5, 9, 41, 300, 7])
+    with torch.no_grad():
+        ours = model(ids[None])[0]
+
+    raw = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert raw["target_modules"] == ["c_attn", "c_proj", "w1", "w2"]
+    assert raw["rank_pattern"] == {"c_attn": 12} and raw["alpha_pattern"] == {"c_attn": 24.0}
+    tensors = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    assert tensors["base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"].shape == (12, 64)
+    assert tensors["base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"].shape == (192, 12)
+    sd = v1_state_dict(V1_TINY)
+    for key in tensors:
+        if key.endswith("lora_A.weight"):
+            module = key.removeprefix(PREFIX).removesuffix(".lora_A.weight")
+            a, b = tensors[key], tensors[key.replace("lora_A", "lora_B")]
+            scaling = 24.0 / 12 if module.endswith("c_attn") else 8 / 4
+            sd[module + ".weight"] = sd[module + ".weight"] + b @ a * scaling
+    torch.testing.assert_close(v1_logits(sd, V1_TINY, ids), ours, rtol=0, atol=1e-4)
+
+    loaded, _ = load_model(src, "float32", progress=False, adapter=tmp_path / "a")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids[None])[0], ours, rtol=0, atol=1e-5)

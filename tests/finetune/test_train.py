@@ -1,0 +1,199 @@
+"""The training loop: loss normalization independent of how a batch is split, exact resume, atomic output,
+clear refusals (bad data, too little memory) with nothing written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from factories import hf_model, save_hf
+
+from qwenkit.checkpoint import load_model
+from qwenkit.errors import OutOfMemoryError, QwenkitError
+from qwenkit.finetune.distributed import World
+from qwenkit.finetune.encode import IGNORE, Example
+from qwenkit.finetune.lora import LoRAConfig, apply_lora, lora_parameters
+from qwenkit.finetune.run import finetune, work_dir
+from qwenkit.finetune.trainer import TrainArgs, Trainer
+
+
+def random_examples(n: int, seed: int = 0) -> list[Example]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        length = int(torch.randint(5, 20, (1,), generator=g))
+        ids = torch.randint(0, 512, (length,), generator=g).tolist()
+        cut = int(torch.randint(1, length - 2, (1,), generator=g))
+        out.append(Example(ids, [IGNORE] * cut + ids[cut:]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_hf(hf_model("qwen2"), tmp_path_factory.mktemp("tiny") / "m")
+
+
+def grads_after_one_step(tiny_dir, examples, batch_size, grad_accum):
+    model, _ = load_model(tiny_dir, "float32", progress=False)
+    torch.manual_seed(0)
+    apply_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.0))
+    args = TrainArgs(batch_size=batch_size, grad_accum=grad_accum, progress=False)
+    trainer = Trainer(model, examples, args, World(), pad_id=0, params=lora_parameters(model))
+    loss, _, _ = trainer.accumulate(0)
+    return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_gradients_do_not_depend_on_the_micro_batch_split(tiny_dir):
+    """Sum of token losses / labelled tokens of the whole global batch: the split cannot change it."""
+    examples = random_examples(8)
+    loss_a, ga = grads_after_one_step(tiny_dir, examples, batch_size=8, grad_accum=1)
+    for b, k in ((1, 8), (2, 4)):
+        loss_b, gb = grads_after_one_step(tiny_dir, examples, batch_size=b, grad_accum=k)
+        assert abs(loss_a - loss_b) < 1e-5
+        for n in ga:
+            torch.testing.assert_close(ga[n], gb[n], rtol=1e-4, atol=1e-7)
+    # The reference: one forward over the whole batch, mean over labelled tokens.
+    model, _ = load_model(tiny_dir, "float32", progress=False)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for e in examples:
+            logits = model(torch.tensor([e.ids]))[0, :-1]
+            tgt = torch.tensor(e.labels[1:])
+            total += torch.nn.functional.cross_entropy(
+                logits, tgt, ignore_index=IGNORE, reduction="sum"
+            ).item()
+            count += int((tgt != IGNORE).sum())
+    assert abs(loss_a - total / count) < 1e-4
+
+
+def chat_data(path, n=12, start=0):
+    with open(path, "w") as f:
+        for i in range(start, start + n):
+            msgs = [
+                {"role": "user", "content": f"What is {i} plus one?"},
+                {"role": "assistant", "content": f"It is {i + 1}."},
+            ]
+            f.write(json.dumps({"messages": msgs}) + "\n")
+    return path
+
+
+def test_resume_reaches_the_same_adapter_as_an_uninterrupted_run(tiny_chat_model, tmp_path, monkeypatch):
+    data = chat_data(tmp_path / "d.jsonl")
+    args = TrainArgs(
+        max_steps=6,
+        batch_size=2,
+        grad_accum=2,
+        lr=5e-3,
+        lora_r=4,
+        lora_alpha=8,
+        lora_dropout=0.1,
+        save_every=2,
+        warmup_ratio=0.2,
+        progress=False,
+    )
+    full = finetune(tiny_chat_model, data, tmp_path / "full", args)
+    assert not work_dir(full).exists()
+
+    real_step = Trainer.train_step
+
+    def crash_at_5(self):
+        if self.step == 4:
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", crash_at_5)
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        finetune(tiny_chat_model, data, out, args)
+    assert not out.exists()  # nothing half-written in OUT
+    assert sorted(p.name for p in (work_dir(out) / "checkpoints").iterdir()) == ["step-2", "step-4"]
+    with pytest.raises(QwenkitError, match="pass --resume"):
+        finetune(tiny_chat_model, data, out, args)
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    finetune(tiny_chat_model, data, out, args, resume=True)
+
+    from safetensors.torch import load_file
+
+    a = load_file(full / "adapter_model.safetensors")
+    b = load_file(out / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and len(a) == 14
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    log_a = [json.loads(x) for x in (full / "log.jsonl").read_text().splitlines()]
+    log_b = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in log_a] == [r["loss"] for r in log_b] and len(log_a) == 6
+    assert (full / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_full_finetune_writes_a_loadable_checkpoint(tiny_chat_model, tmp_path):
+    data = chat_data(tmp_path / "d.jsonl", n=4)
+    args = TrainArgs(method="full", max_steps=2, batch_size=2, lr=1e-2, progress=False)
+    out = finetune(tiny_chat_model, data, tmp_path / "out", args)
+    trained, _ = load_model(out, "float32", progress=False)
+    base, _ = load_model(tiny_chat_model, "float32", progress=False)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert (trained(ids) - base(ids)).abs().max() > 1e-3
+    assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
+
+
+def test_bad_data_and_memory_refusals_write_nothing(tiny_chat_model, tmp_path, monkeypatch):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant"}]}\n')
+    args = TrainArgs(max_steps=1, progress=False)
+    with pytest.raises(QwenkitError, match=r"bad\.jsonl:1: field 'messages\[1\]\.content' is missing"):
+        finetune(tiny_chat_model, bad, tmp_path / "o1", args)
+    data = chat_data(tmp_path / "d.jsonl", n=2)
+    import qwenkit.finetune.estimate as estimate
+
+    monkeypatch.setattr(estimate, "free_bytes", lambda device: 1000)
+    with pytest.raises(OutOfMemoryError, match=r"training needs about .* GiB .* but only 0\.00 GiB is free"):
+        finetune(tiny_chat_model, data, tmp_path / "o2", args)
+    assert not any(p.name.startswith("o") for p in tmp_path.iterdir() if p.name not in ("d.jsonl",))
+
+
+def test_qlora_and_filter_through_the_command(tiny_chat_model, tmp_path, capsys):
+    """finetune --method qlora --filter: sensitive text is masked before tokenizing, the int4 base trains
+    an adapter that then loads onto the float model."""
+    from qwenkit.cli import main as cli_main
+    from qwenkit.finetune.lora import lora_modules
+
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": "mail bob@example.com"},
+                {"role": "assistant", "content": "Done."},
+            ]
+        },
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello."}]},
+    ]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "q"
+    argv = [
+        "finetune",
+        str(tiny_chat_model),
+        str(data),
+        str(out),
+        "--method",
+        "qlora",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--lr",
+        "1e-2",
+        "--lora-r",
+        "4",
+        "--filter",
+        "--no-progress",
+    ]
+    assert cli_main(argv) == 0
+    err = capsys.readouterr().err
+    assert "filter: 2 examples: 1 with sensitive data (email 1); 0 dropped" in err
+    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and all(r["loss"] > 0 and r["grad_norm"] > 0 for r in log)
+    model, _ = load_model(tiny_chat_model, "float32", progress=False, adapter=out)
+    assert len(lora_modules(model)) == 7  # one decoder layer, seven projections
+    assert any(float(m.lora_B.weight.abs().sum()) > 0 for m in lora_modules(model).values())
