@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         dtype=_env("dtype", "auto"),
         device=_env("device", "cpu"),
         quantize=_env("quantize"),
+        adapter=_env("adapter"),
     )
     g = parser.add_argument_group("server")
     g.add_argument("--host", default=_env("host", "127.0.0.1"), help="address to bind (default 127.0.0.1)")
@@ -164,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         max_seq_len=int(args.max_model_len) if args.max_model_len else None,
         kv_cache_memory=kv_bytes,
         prefix_caching=not args.no_prefix_caching,
+        adapter=args.adapter,
     )
     name = args.served_model_name or (path.stem if path.suffix == ".gguf" else path.name)
     config = ServerConfig(
