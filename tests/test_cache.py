@@ -25,12 +25,15 @@ def test_cached_logits_equal_recomputed(model):
     seqs = [
         torch.randint(0, 512, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (30, 17)
     ]
+    for t in cache.k + cache.v:  # the pool is uninitialized memory: no unwritten slot may leak in
+        t.fill_(float("nan"))
     tables = [[9, 2, 14, 5, 0, 11, 7, 3], [1, 12, 6, 15, 4]]  # scattered, interleaved blocks
     done = [0, 0]
     with torch.no_grad():
-        # Both sequences in uneven chunks, batched together: one-token rows decode, longer ones chunk.
-        for chunk in (5, 9, 1, 1, 7, 1, 12):
-            rows = [(b, min(chunk, len(s) - done[b])) for b, s in enumerate(seqs) if done[b] < len(s)]
+        # Both sequences in uneven chunks, batched together: one-token rows decode (at different
+        # positions, so the shorter row's padding meets unwritten slots), longer ones chunk.
+        for sizes in ((5, 3), (9, 2), (1, 1), (1, 1), (7, 1), (1, 1), (1, 8), (6, 9)):
+            rows = [(b, min(sizes[b], len(s) - done[b])) for b, s in enumerate(seqs) if done[b] < len(s)]
             rows = [r for r in rows if r[1] == 1] + [r for r in rows if r[1] > 1]  # decoding rows first
             ids, pos = [], []
             for b, n in rows:

@@ -8,11 +8,13 @@ Adding and aborting go through the driver's inbox, so the engine is only ever to
 from __future__ import annotations
 
 import asyncio
+import atexit
 import itertools
 import logging
 import queue
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Iterator, Sequence
 
 from qwenkit.engine.engine import Engine, StepOutput
@@ -117,6 +119,8 @@ class EngineDriver:
                 self._stop = False
                 self._thread = threading.Thread(target=self._run, name="qwenkit-engine", daemon=True)
                 self._thread.start()
+                # Stop between steps at exit: a daemon thread killed inside a torch op aborts the process.
+                atexit.register(_shutdown_at_exit, weakref.ref(self))
         self._inbox.put(message)
         self._wake.set()
 
@@ -171,3 +175,9 @@ class EngineDriver:
             self.engine.step()  # forget the aborted requests (their outputs were delivered above)
         except Exception:
             log.exception("engine step failed again while failing requests")
+
+
+def _shutdown_at_exit(driver_ref: weakref.ref) -> None:
+    driver = driver_ref()
+    if driver is not None:
+        driver.shutdown()

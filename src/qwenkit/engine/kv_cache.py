@@ -77,12 +77,16 @@ class StepAttention:
         self.decode_mask: torch.Tensor | None = None
         if decode_rows:
             span = max(pos for _, pos in decode_rows) + 1
-            self.decode_gather = cache.slots([table for table, _ in decode_rows], span)  # (Bd, S)
+            gather = cache.slots([table for table, _ in decode_rows], span)  # (Bd, S)
             positions = torch.tensor([pos for _, pos in decode_rows], device=dev)
-            writes.append(self.decode_gather.gather(1, positions[:, None])[:, 0])
+            writes.append(gather.gather(1, positions[:, None])[:, 0])
             if int(positions.min()) != span - 1:
                 visible = torch.arange(span, device=dev)[None, :] <= positions[:, None]  # (Bd, S)
                 self.decode_mask = visible[:, None, None, :]  # (Bd, 1, 1, S)
+                # A masked key still meets its value in (weights @ V): 0 * NaN is NaN, and the pool is
+                # uninitialized memory. Padding reads the row's own first slot, which always holds K/V.
+                gather = torch.where(visible, gather, gather[:, :1])
+            self.decode_gather = gather
         self.chunks: list[_ChunkRow] = []
         offset = self.num_decode
         for table, start, n in chunk_rows:
