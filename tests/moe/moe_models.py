@@ -5,20 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from factories import TINY
 
 MOE_TINY = dict(
-    vocab_size=512,
-    hidden_size=64,
-    intermediate_size=160,  # the dense layers' FFN (mlp_only_layers)
+    TINY,  # the dense tiny shape, plus experts; intermediate_size is the dense layers' FFN
     moe_intermediate_size=32,
     num_experts=8,
     num_experts_per_tok=2,
     num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    rms_norm_eps=1e-6,
-    rope_theta=10000.0,
 )
 
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {

@@ -14,7 +14,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -71,10 +71,10 @@ def sampling_params(
         ignore_eos=body.ignore_eos,
         **extra,
     )
-    base = llm.default_params()
-    max_tokens = asked if asked is not None else min(default_max or base.max_tokens, room)
     try:
-        return llm.default_params(**overrides, max_tokens=max_tokens)
+        params = llm.default_params(**overrides)
+        default = min(default_max or params.max_tokens, room)
+        return replace(params, max_tokens=asked if asked is not None else default)
     except SamplingParamsError as e:
         raise APIError(400, str(e), None, "invalid_value") from None
 
@@ -83,7 +83,7 @@ def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
     """n choices of one prompt: seeded requests get seed, seed+1, ... so they differ yet reproduce."""
     if n == 1 or params.seed is None:
         return [params] * n
-    return [SamplingParams(**{**params.__dict__, "seed": params.seed + i}) for i in range(n)]
+    return [replace(params, seed=params.seed + i) for i in range(n)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -357,7 +357,7 @@ async def chat_completions(state: ServerState, body: ChatCompletionRequest, requ
     extra = {"logprobs": (body.top_logprobs or 0) if body.logprobs else None, "grammar": plan.grammar}
     params = sampling_params(llm, body, len(prompt_ids), None, **extra)
     if plan.stop:
-        params = SamplingParams(**{**params.__dict__, "stop": (*params.stop, *plan.stop)})
+        params = replace(params, stop=(*params.stop, *plan.stop))
     run = Run(state, [Choice(i, prompt_ids, p) for i, p in enumerate(choice_params(params, body.n))])
     run.start()
     created, rid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from qwenkit.engine import SamplingParams
@@ -80,7 +80,7 @@ class Agent:
         if self.react:
             rendered = react_messages(messages, [s["function"] for s in specs])
             ids = self.llm.tokenizer.apply_chat_template(rendered, add_generation_prompt=True)
-            params = SamplingParams(**{**params.__dict__, "stop": (*params.stop, *STOP_WORDS)})
+            params = replace(params, stop=(*params.stop, *STOP_WORDS))
         else:
             ids = self.llm.tokenizer.apply_chat_template(messages, tools=specs, add_generation_prompt=True)
         text = self.llm.generate([ids], params)[0].text
