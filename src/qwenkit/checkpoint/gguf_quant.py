@@ -1,0 +1,181 @@
+"""GGUF quantized blocks -> integer codes with per-group scale and shift, exactly, without dequantizing.
+
+Every block format below stores ``w = code * scale + shift`` for contiguous groups of 32 weights, with a
+float16 scale (and minimum) per group, so a block decodes to a row of uint8 codes and one (scale, shift)
+pair per group:
+
+=======  ====  =========================================  ===============================
+type     bits  codes                                      scale, shift
+=======  ====  =========================================  ===============================
+Q8_0     8     int8 q + 128                               d, -128 d
+Q4_0     4     nibble q                                   d, -8 d
+Q4_1     4     nibble q                                   d, m
+Q5_0     8     5-bit q (held in 8-bit codes)              d, -16 d
+Q5_1     8     5-bit q                                    d, m
+Q4_K     4     nibble q, 8 sub-blocks of 32 per 256       d * sc, -dmin * m (6-bit sc, m)
+Q5_K     8     5-bit q, 8 sub-blocks of 32 per 256        d * sc, -dmin * m
+=======  ====  =========================================  ===============================
+
+Each product ``code * scale`` is exact in float32 (at most 4-5 code bits times an 11-bit float16
+mantissa times a 6-bit sub-scale), and each scale and shift is exact, so ``code * scale + shift`` rounds
+once, where gguf-py's own dequantizer rounds: the two agree bit for bit (tests/gguf/test_gguf_quant.py).
+Q6_K, Q2_K and Q3_K use groups of 16, which no quantized kernel runs, and Q6_K's 6-bit codes times its
+19-bit scales are not exact in float32; they stay on the float path.
+
+Decoding is numpy over all blocks at once (a view of the memory-mapped bytes, no per-block Python).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType
+from gguf.constants import GGML_QUANT_SIZES
+from gguf.quants import Q4_K
+
+Q = GGMLQuantizationType
+GROUP = 32
+# bits of the codes each type decodes to (the kernel's width, not the format's)
+AFFINE_BITS: dict[GGMLQuantizationType, int] = {
+    Q.Q8_0: 8,
+    Q.Q4_0: 4,
+    Q.Q4_1: 4,
+    Q.Q5_0: 8,
+    Q.Q5_1: 8,
+    Q.Q4_K: 4,
+    Q.Q5_K: 8,
+}
+
+
+@dataclass
+class AffineBlocks:
+    """``w[n, k] = codes[n, k] * scale[k // group_size, n] + shift[k // group_size, n]``: the fields of
+    ``qwenkit.quant.AffineWeight``, decoded from one GGUF tensor."""
+
+    codes: torch.Tensor  # (out, in) uint8
+    scale: torch.Tensor  # (G, out) float32
+    shift: torch.Tensor  # (G, out) float32
+    group_size: int
+    bits: int
+
+    def dequantize(self) -> torch.Tensor:
+        """(out, in) float32, rounding once per weight as gguf-py does."""
+        n, k = self.codes.shape
+        g = self.group_size
+        codes = self.codes.view(n, k // g, g).float()
+        return torch.addcmul(self.shift.T[..., None], codes, self.scale.T[..., None]).reshape(n, k)
+
+    def rows(self, index: torch.Tensor | slice) -> AffineBlocks:
+        """The weight's output rows ``index`` (a permutation or a slice), codes and scales alike."""
+        return AffineBlocks(
+            self.codes[index].contiguous(),
+            self.scale[:, index].contiguous(),
+            self.shift[:, index].contiguous(),
+            self.group_size,
+            self.bits,
+        )
+
+
+def can_decode(qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> bool:
+    """True for a 2-D weight of a type above (GGUF rows are whole blocks, so ``in`` divides evenly)."""
+    return qtype in AFFINE_BITS and len(shape) == 2
+
+
+def decode_affine(data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> AffineBlocks:
+    """Decode one 2-D GGUF tensor's blocks (``data``: its raw bytes, any shape) into codes, scales, shifts.
+
+    ``shape`` is (out, in) in PyTorch order.
+    """
+    if not can_decode(qtype, shape):
+        raise ValueError(f"cannot decode {qtype.name} of shape {shape} as integer codes")
+    out_f, in_f = shape
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    blocks = np.ascontiguousarray(data).view(np.uint8).reshape(-1, type_size)
+    if blocks.shape[0] * block_size != out_f * in_f:
+        raise ValueError(f"{qtype.name} data holds {blocks.shape[0]} blocks, not {out_f} x {in_f} weights")
+    codes, scale, shift = _DECODERS[qtype](blocks)  # (nb, block) uint8, (nb, subblocks) float32 x2
+    groups = in_f // GROUP
+    return AffineBlocks(
+        codes=torch.from_numpy(codes.reshape(out_f, in_f)),
+        scale=torch.from_numpy(np.ascontiguousarray(scale.reshape(out_f, groups).T)),
+        shift=torch.from_numpy(np.ascontiguousarray(shift.reshape(out_f, groups).T)),
+        group_size=GROUP,
+        bits=AFFINE_BITS[qtype],
+    )
+
+
+def _f16(raw: np.ndarray) -> np.ndarray:
+    """(nb, 2) uint8 -> (nb,) float32."""
+    return np.ascontiguousarray(raw).view(np.float16).reshape(-1).astype(np.float32)
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """(nb, 16) bytes -> (nb, 32) codes: low nibbles are elements 0..15, high nibbles 16..31."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=1)
+
+
+def _high_bits(qh: np.ndarray) -> np.ndarray:
+    """(nb, 4) bytes, a little-endian uint32 whose bit j is element j's fifth bit -> (nb, 32) of 0 or 16."""
+    bits = np.unpackbits(np.ascontiguousarray(qh), axis=1, bitorder="little")  # (nb, 32)
+    return bits << 4
+
+
+def _q8_0(b: np.ndarray):
+    d = _f16(b[:, 0:2])
+    return b[:, 2:] ^ np.uint8(0x80), d, -128 * d  # int8 + 128 is the sign bit flipped
+
+
+def _q4_0(b: np.ndarray):
+    d = _f16(b[:, 0:2])
+    return _nibbles(b[:, 2:]), d, -8 * d
+
+
+def _q4_1(b: np.ndarray):
+    return _nibbles(b[:, 4:]), _f16(b[:, 0:2]), _f16(b[:, 2:4])
+
+
+def _q5_0(b: np.ndarray):
+    d = _f16(b[:, 0:2])
+    return _nibbles(b[:, 6:]) | _high_bits(b[:, 2:6]), d, -16 * d
+
+
+def _q5_1(b: np.ndarray):
+    return _nibbles(b[:, 8:]) | _high_bits(b[:, 4:8]), _f16(b[:, 0:2]), _f16(b[:, 2:4])
+
+
+def _k_scales(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K super-block header -> (nb, 8) sub-block scales ``d * sc`` and shifts ``-dmin * m``."""
+    d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
+    sc, m = Q4_K.get_scale_min(b[:, 4:16])
+    return d[:, None] * sc.astype(np.float32), -(dmin[:, None] * m.astype(np.float32))
+
+
+def _k_nibbles(qs: np.ndarray) -> np.ndarray:
+    """(nb, 128) bytes -> (nb, 256): each 32-byte run holds sub-block 2c in low and 2c+1 in high nibbles."""
+    q = qs.reshape(-1, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+    return (q & 0x0F).reshape(-1, 256)
+
+
+def _q4_k(b: np.ndarray):
+    scale, shift = _k_scales(b)
+    return _k_nibbles(b[:, 16:]), scale, shift
+
+
+def _q5_k(b: np.ndarray):
+    scale, shift = _k_scales(b)
+    qh = b[:, 16:48].reshape(-1, 1, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 1, 8, 1)
+    high = ((qh & 1) << 4).reshape(-1, 256)  # bit s of byte j: element j of sub-block s
+    return _k_nibbles(b[:, 48:]) | high, scale, shift
+
+
+_DECODERS = {
+    Q.Q8_0: _q8_0,
+    Q.Q4_0: _q4_0,
+    Q.Q4_1: _q4_1,
+    Q.Q5_0: _q5_0,
+    Q.Q5_1: _q5_1,
+    Q.Q4_K: _q4_k,
+    Q.Q5_K: _q5_k,
+}

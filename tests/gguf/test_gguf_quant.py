@@ -1,0 +1,82 @@
+"""GGUF blocks -> integer codes, scale and shift: ``codes * scale + shift`` equals gguf-py's dequantizer
+bit for bit in float32, for every type decoded in precision."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf.constants import GGML_QUANT_SIZES
+
+from qwenkit.checkpoint.gguf_quant import AFFINE_BITS, can_decode, decode_affine
+
+Q = gguf.GGMLQuantizationType
+QUANTIZABLE = (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1)  # gguf-py writes these itself
+HAND_BUILT = (Q.Q4_K, Q.Q5_K)  # gguf-py reads but cannot write them: random blocks with finite scales
+
+
+def random_weight(out_f: int, in_f: int, seed: int) -> np.ndarray:
+    g = np.random.default_rng(seed)
+    w = g.standard_normal((out_f, in_f)).astype(np.float32) * 0.05
+    w[0, :32] = 0.0  # an all-zero block: d = 0
+    w[1, :] += 0.3  # a row with a large offset: minimums matter
+    return w
+
+
+def random_k_blocks(qtype, out_f: int, in_f: int, seed: int) -> np.ndarray:
+    """Random K-quant super-blocks: any bytes are valid codes and 6-bit scales; d and dmin finite float16."""
+    _, type_size = GGML_QUANT_SIZES[qtype]
+    g = np.random.default_rng(seed)
+    n_blocks = out_f * in_f // 256
+    b = g.integers(0, 256, size=(n_blocks, type_size), dtype=np.uint8)
+    d = (g.random((n_blocks, 2)) * 1e-2).astype(np.float16)  # d, dmin
+    d[0] = 0.0
+    b[:, 0:4] = d.view(np.uint8).reshape(n_blocks, 4)
+    return b.reshape(out_f, -1)
+
+
+@pytest.mark.parametrize("qtype", QUANTIZABLE + HAND_BUILT, ids=lambda q: q.name)
+@pytest.mark.parametrize("shape", [(64, 256), (24, 768)])
+def test_codes_times_scale_plus_shift_equals_gguf_dequantize(qtype, shape):
+    out_f, in_f = shape
+    if qtype in QUANTIZABLE:
+        data = gguf.quants.quantize(random_weight(out_f, in_f, seed=out_f), qtype)
+    else:
+        data = random_k_blocks(qtype, out_f, in_f, seed=in_f)
+    reference = torch.from_numpy(gguf.quants.dequantize(data, qtype).reshape(out_f, in_f))
+
+    w = decode_affine(data, qtype, shape)
+
+    assert w.codes.dtype == torch.uint8 and w.codes.shape == shape
+    assert w.scale.shape == w.shift.shape == (in_f // 32, out_f) and w.scale.dtype == torch.float32
+    assert w.group_size == 32 and w.bits == AFFINE_BITS[qtype]
+    assert int(w.codes.max()) < 2**w.bits
+    assert torch.equal(w.dequantize(), reference)  # bit-exact, not within a tolerance
+    # the same through plain per-column arithmetic, independent of dequantize()'s reshaping
+    gi = torch.arange(in_f) // 32
+    plain = w.codes.float() * w.scale[gi].T + w.shift[gi].T
+    assert torch.equal(plain, reference)
+
+
+def test_q5_codes_use_the_fifth_bit():
+    """Q5 codes reach 16..31 (the high bit decoded), else a wrong qh layout could still pass on zeros."""
+    data = gguf.quants.quantize(random_weight(32, 256, seed=3), Q.Q5_1)
+    codes = decode_affine(data, Q.Q5_1, (32, 256)).codes
+    assert int(codes.max()) == 31 and int(codes.min()) == 0
+
+
+def test_row_slices_keep_codes_and_scales_together():
+    data = gguf.quants.quantize(random_weight(48, 64, seed=5), Q.Q4_1)
+    w = decode_affine(data, Q.Q4_1, (48, 64))
+    perm = torch.randperm(48, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(w.rows(perm).dequantize(), w.dequantize()[perm])
+    assert torch.equal(w.rows(slice(16, 32)).dequantize(), w.dequantize()[16:32])
+
+
+def test_types_without_an_exact_mapping_are_not_decoded():
+    assert not can_decode(Q.Q6_K, (32, 256))  # groups of 16, 6-bit codes x 19-bit scales not exact
+    assert not can_decode(Q.F16, (32, 256))
+    assert not can_decode(Q.Q8_0, (2, 32, 256))  # stacked experts stay on the float path
+    with pytest.raises(ValueError, match="cannot decode Q6_K"):
+        decode_affine(np.zeros((32, 210), np.uint8), Q.Q6_K, (32, 256))
