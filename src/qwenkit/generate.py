@@ -241,13 +241,15 @@ class LLM:
         progress: bool = True,
         tensor_parallel: TensorParallel | None = None,
         adapter: str | Path | None = None,
+        dequantize: bool = False,
     ) -> LLM:
         """Load a checkpoint directory or GGUF file. ``kv_cache_memory`` (bytes) sizes the KV pool; by
         default it holds every batch row at the full context. The memory check counts that pool.
 
         With ``tensor_parallel`` every rank loads its shard and runs its own engine on the same requests
         with the same random state; the logits every rank sees are the same gathered ones, so the engines
-        take the same steps in lockstep (``kv_cache_memory`` is then per rank)."""
+        take the same steps in lockstep (``kv_cache_memory`` is then per rank). ``dequantize``: a GGUF
+        file's quantized weights as ``dtype`` floats rather than in their own precision."""
         from qwenkit.default_model import bundled_sampling
 
         source = open_checkpoint(path)
@@ -266,6 +268,7 @@ class LLM:
             progress=progress,
             tensor_parallel=tensor_parallel,
             adapter=adapter,
+            dequantize=dequantize,
         )
         return cls(
             model,

@@ -75,9 +75,15 @@ def check_fits(
     batch: int = 1,
     quantize: str | None = None,
     free: int | None = None,
+    weights: int | None = None,
 ) -> int:
-    """Raise OutOfMemoryError unless weights + KV cache for ``batch`` x ``context`` tokens fit."""
-    need = weight_bytes(config, dtype, quantize) + kv_cache_bytes(config, dtype, context * batch)
+    """Raise OutOfMemoryError unless weights + KV cache for ``batch`` x ``context`` tokens fit.
+
+    ``weights``: the weights' bytes when the checkpoint knows them better than the estimate (a GGUF
+    file's integer codes)."""
+    if weights is None:
+        weights = weight_bytes(config, dtype, quantize)
+    need = weights + kv_cache_bytes(config, dtype, context * batch)
     have = free_bytes(device) if free is None else free
     if need > have:
         where = "GPU memory" if device.startswith("cuda") else "RAM"

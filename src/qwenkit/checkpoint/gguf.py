@@ -20,16 +20,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGUFReader
+from gguf import GGMLQuantizationType, GGUFReader
 from tokenizers import Tokenizer
 
 from qwenkit.checkpoint.gguf_config import ARCHITECTURES, build_hf_config
+from qwenkit.checkpoint.gguf_quant import AFFINE_BITS, AffineBlocks, can_decode, decode_affine
 from qwenkit.checkpoint.gguf_tensors import (
     SUPPORTED_TYPES,
     HeadLayout,
+    convert_affine,
     convert_tensor,
     dequantize_tensor,
     hf_name,
+    keeps_precision,
     split_names,
 )
 from qwenkit.checkpoint.gguf_tokenizer import (
@@ -77,20 +80,41 @@ class GGUFCheckpoint:
 
     # ---- weights -----------------------------------------------------------------------------------
 
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield ``(hugging_face_name, float32 tensor)`` in file order, decoding one tensor at a time.
+    def tensors(self, keep_quantized: bool = False) -> Iterator[tuple[str, torch.Tensor | AffineBlocks]]:
+        """Yield ``(hugging_face_name, tensor)`` in file order, decoding one tensor at a time.
 
-        A tied model yields no ``lm_head.weight`` (``hf_config["tie_word_embeddings"]`` says so), as
-        its Hugging Face safetensors would not. F32 tensors are copy-on-write views of the file.
+        Tensors are float32, except with ``keep_quantized``: then a projection or embedding weight whose
+        block type maps exactly onto integer codes (``gguf_quant``) comes as :class:`AffineBlocks`, for
+        the loader to run in the file's own precision. A tied model yields no ``lm_head.weight``
+        (``hf_config["tie_word_embeddings"]`` says so), as its Hugging Face safetensors would not. F32
+        tensors are copy-on-write views of the file.
         """
         for t in self._reader.tensors:
             name = hf_name(t.name, self.architecture)
             assert name is not None  # checked when the file was opened
-            weights = dequantize_tensor(t.data, t.tensor_type, _torch_shape(t.shape))
+            shape = _torch_shape(t.shape)
             try:
-                yield from convert_tensor(name, weights, self._heads)
+                if keep_quantized and _in_precision(name, t.tensor_type, shape):
+                    codes = decode_affine(t.data, t.tensor_type, shape)
+                    yield from convert_affine(name, codes, self._heads)
+                else:
+                    weights = dequantize_tensor(t.data, t.tensor_type, shape)
+                    yield from convert_tensor(name, weights, self._heads)
             except ValueError as e:
                 raise GGUFError(f"{self.path}: {e}") from None
+
+    def runtime_bytes(self, dtype_size: int, keep_quantized: bool) -> int:
+        """Bytes the weights take once loaded: float tensors at ``dtype_size`` bytes per weight, integer
+        codes at their width plus a float32 scale and shift per group of 32 (what ``check_fits`` needs)."""
+        total = 0
+        for t in self._reader.tensors:
+            name, shape = hf_name(t.name, self.architecture), _torch_shape(t.shape)
+            n = int(np.prod(shape, dtype=np.int64))
+            if keep_quantized and _in_precision(name, t.tensor_type, shape):
+                total += n * AFFINE_BITS[t.tensor_type] // 8 + n // 32 * 8
+            else:
+                total += n * dtype_size
+        return total
 
     def tensor_names(self) -> list[str]:
         """The Hugging Face names ``tensors()`` yields, without decoding anything."""
@@ -194,6 +218,11 @@ def read_gguf(path: str | Path) -> GGUFCheckpoint:
             "not a decoder model this reader understands"
         )
     return GGUFCheckpoint(p, reader, metadata)
+
+
+def _in_precision(name: str | None, qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> bool:
+    """A weight that loads as integer codes: a projection or embedding in a type that maps exactly."""
+    return name is not None and keeps_precision(name) and can_decode(qtype, shape)
 
 
 def _torch_shape(gguf_shape: np.ndarray) -> tuple[int, ...]:

@@ -19,6 +19,8 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
+from qwenkit.checkpoint.gguf_quant import AffineBlocks
+
 Q = GGMLQuantizationType
 # The types we read and test. gguf-py can decode more (the IQ and ternary types), but we refuse what we
 # have not checked rather than hand a model weights we cannot vouch for.
@@ -138,6 +140,38 @@ def split_names(name: str, shape: tuple[int, ...]) -> list[str]:
         prefix, proj, suffix = m.groups()
         return [f"{prefix}.{e}.{proj}.{suffix}" for e in range(shape[0])]
     return [name]
+
+
+# Weights that may stay as integer codes: the projections a QuantizedLinear replaces and the token
+# embedding. Routers and stacked MoE experts (3-D) stay on the float path: no kernel runs them quantized.
+_IN_PRECISION = re.compile(
+    r"^(lm_head|model\.embed_tokens"
+    r"|model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|self_attn\.qkv|mlp\.(gate|up|down)_proj"
+    r"|mlp\.shared_expert\.(gate|up|down)_proj))\.weight$"
+)
+
+
+def keeps_precision(name: str) -> bool:
+    """True for a weight that is loaded as integer codes when its GGUF type allows (see gguf_quant)."""
+    return _IN_PRECISION.match(name) is not None
+
+
+def convert_affine(name: str, w: AffineBlocks, heads: HeadLayout) -> Iterator[tuple[str, AffineBlocks]]:
+    """``convert_tensor`` for integer codes: the same row permutation and QKV split, applied to the rows
+    of codes, scales and shifts alike (quantization groups run along the input, so rows move whole)."""
+    rows = w.codes.shape[0]
+    if heads.architecture == "llama" and (".self_attn.q_proj." in name or ".self_attn.k_proj." in name):
+        n_head = heads.num_attention_heads if ".q_proj." in name else heads.num_key_value_heads
+        yield name, w.rows(unpermute_rows(torch.arange(rows), n_head))
+        return
+    if ".self_attn.qkv." in name:
+        if rows % 3:
+            raise ValueError(f"{name} has {rows} rows, not a multiple of 3 (Q, K, V)")
+        part = rows // 3
+        for i, proj in enumerate(("q_proj", "k_proj", "v_proj")):
+            yield name.replace(".qkv.", f".{proj}."), w.rows(slice(i * part, (i + 1) * part))
+        return
+    yield name, w
 
 
 def convert_tensor(name: str, tensor: torch.Tensor, heads: HeadLayout) -> Iterator[tuple[str, torch.Tensor]]:

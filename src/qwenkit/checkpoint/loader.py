@@ -7,12 +7,13 @@ will need is checked against what is free.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
@@ -27,6 +28,9 @@ from qwenkit.memory import check_fits
 from qwenkit.model import Transformer
 from qwenkit.model.rope import inv_freq
 
+if TYPE_CHECKING:
+    from qwenkit.quant.on_load import LayerBuilder
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -36,7 +40,10 @@ class CheckpointSource(Protocol):
     path: Path
     hf_config: dict[str, Any]
 
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]: ...
+    def tensors(self, keep_quantized: bool = False) -> Iterator[tuple[str, Any]]:
+        """``(name, tensor)`` pairs; with ``keep_quantized`` a source may yield integer codes (an object
+        with ``codes``, ``scale``, ``shift``, ``group_size``, ``bits``) for weights it stores quantized."""
+        ...
 
     @property
     def total_bytes(self) -> int: ...
@@ -53,8 +60,8 @@ class DirectorySource:
     def weights(self) -> WeightFiles:
         return find_weight_files(self.path)
 
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        return iter_tensors(self.weights)
+    def tensors(self, keep_quantized: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        return iter_tensors(self.weights)  # safetensors hold no block formats: always plain tensors
 
     @property
     def total_bytes(self) -> int:
@@ -109,6 +116,7 @@ def load_model(
     progress: bool = True,
     tensor_parallel: TensorParallel | None = None,
     adapter: str | Path | None = None,
+    dequantize: bool = False,
 ) -> tuple[Transformer, ModelConfig]:
     """Load any supported checkpoint. ``context``/``batch`` size the memory check for the KV cache.
 
@@ -116,7 +124,13 @@ def load_model(
     shard: built from the shard's config, loaded with only this rank's slices, and returning full logits;
     the returned config is the shard's heads and FFN width (its KV cache is this rank's share) with the
     whole vocabulary. ``adapter``: a peft-format LoRA directory applied on top (unmerged, through
-    finetune's layer type)."""
+    finetune's layer type).
+
+    A GGUF file's quantized projections and embedding run in the file's own precision (integer codes,
+    no float copy); ``dequantize`` decodes them to ``dtype`` instead (float weights, as before; other
+    checkpoints are unaffected). With
+    ``quantize``, each linear layer is rounded to int8/int4 as its weight arrives, so the float model is
+    never held whole (a GGUF is then decoded to floats first and re-quantized)."""
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for, but no CUDA device is available")
     source = open_checkpoint(path) if isinstance(path, str | Path) else path
@@ -136,8 +150,13 @@ def load_model(
         raise ConfigError(
             f"{path} is already quantized ({config.quantization.get('quant_method')}); drop --quantize"
         )
-    # Runtime --quantize converts after the float weights are in place, so the float model is the peak.
-    check_fits(config, torch_dtype, device, context or min(config.max_context, 2048), batch, None)
+    # Integer codes stay integer codes unless floats are asked for, or the weights are re-quantized, or
+    # split across ranks (the sharding plans cut float tensors).
+    keep_quantized = not (dequantize or quantize or tensor_parallel is not None)
+    runtime_bytes = getattr(source, "runtime_bytes", None)
+    weights = runtime_bytes(torch_dtype.itemsize, keep_quantized) if runtime_bytes else None
+    context = context or min(config.max_context, 2048)
+    check_fits(config, torch_dtype, device, context, batch, quantize, weights=weights)
 
     with torch.device("meta"):
         model = Transformer(config)
@@ -145,17 +164,20 @@ def load_model(
         from qwenkit.quant import prepare_quantized_model
 
         prepare_quantized_model(model, config.quantization, torch_dtype)
-    _assign_all(model, full_config, source, torch_dtype, device, progress, tensor_parallel)
+    builder = None
+    if keep_quantized or quantize:
+        from qwenkit.quant.on_load import LayerBuilder
+
+        builder = LayerBuilder(model, quantize, torch_dtype, device, full_config.tie_word_embeddings)
+    _assign_all(
+        model, full_config, source, torch_dtype, device, progress, tensor_parallel, builder, keep_quantized
+    )
     if config.quantization:
         from qwenkit.quant import finalize_quantized_model
 
         finalize_quantized_model(model)  # pack for the device's kernel now, not on the first forward
     model.rotary.inv_freq = inv_freq(config).to(device)
     model.eval().requires_grad_(False)
-    if quantize:
-        from qwenkit.quant import quantize_for_runtime
-
-        quantize_for_runtime(model, quantize)
     if adapter is not None:
         if tensor_parallel is not None:
             raise ConfigError("--adapter cannot be combined with --tensor-parallel yet")
@@ -176,7 +198,11 @@ def _assign_all(
     device: str,
     progress: bool,
     tensor_parallel: TensorParallel | None = None,
+    builder: LayerBuilder | None = None,
+    keep_quantized: bool = False,
 ) -> None:
+    """Assign every tensor to its place; ``builder`` turns linear weights into quantized layers as they
+    arrive (integer codes from the file, or ``--quantize``)."""
     parameters = {n: t for n, t in model.named_parameters(remove_duplicate=False)}
     expected = parameters | dict(model.named_buffers())
     expected.pop("rotary.inv_freq", None)
@@ -193,8 +219,9 @@ def _assign_all(
         leave=False,
     )
     with bar:
-        for name, tensor in sanitize(config, source.tensors()):
-            bar.update(tensor.numel() * tensor.element_size())
+        for name, tensor in sanitize(config, source.tensors(keep_quantized=keep_quantized)):
+            shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else tuple(tensor.codes.shape)
+            bar.update(math.prod(shape) * (tensor.element_size() if isinstance(tensor, torch.Tensor) else 4))
             if name not in expected:
                 if _is_droppable(name, tensor, config):
                     continue
@@ -205,11 +232,15 @@ def _assign_all(
             target = expected[name]
             if tensor_parallel is not None:
                 tensor = shard_tensor(name, tensor, tensor_parallel)
-            if tuple(tensor.shape) != tuple(target.shape):
+                shape = tuple(tensor.shape)
+            if shape != tuple(target.shape):
                 raise CheckpointError(
                     f"{source.path}: tensor {name!r}{_expert_note(name, config)} has shape "
-                    f"{tuple(tensor.shape)}, but config.json implies {tuple(target.shape)}"
+                    f"{shape}, but config.json implies {tuple(target.shape)}"
                 )
+            if builder is not None and builder.take(name, tensor):
+                loaded.add(name)
+                continue
             # Parameters take the model dtype; buffers (GPTQ qweight, scales, g_idx) keep their own.
             tensor = tensor.to(dtype if name in parameters else target.dtype)
             _set_tensor(model, name, tensor.to(device))
@@ -219,8 +250,8 @@ def _assign_all(
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         shown = ", ".join(n + _expert_note(n, config) for n in missing[:5])
         raise CheckpointError(f"{source.path}: missing tensor(s) {shown}{more}")
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+    if config.tie_word_embeddings and isinstance(model.model.embed_tokens, nn.Embedding):
+        model.lm_head.weight = model.model.embed_tokens.weight  # (a quantized pair shares codes already)
 
 
 _EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.")

@@ -26,6 +26,12 @@ def add_model_args(parser: argparse.ArgumentParser, optional_model: bool = True)
         "--quantize", choices=["int8", "int4"], help="weight-only round-to-nearest at load time"
     )
     parser.add_argument(
+        "--gguf-dequantize",
+        action="store_true",
+        help="GGUF: decode quantized weights to --dtype floats at load (default: run them in the file's "
+        "own precision: less memory, faster start)",
+    )
+    parser.add_argument(
         "--max-context", type=int, help="longest sequence to plan memory for (default: model's)"
     )
     parser.add_argument("--adapter", metavar="DIR", help="apply a peft-format LoRA adapter (not merged)")
@@ -73,11 +79,21 @@ def resolve_model(arg: str | None) -> Path:
     return default_model_path()
 
 
+def gguf_dequantize(args: argparse.Namespace, path: Path) -> bool:
+    """``--gguf-dequantize``, refused for a model that is not a GGUF file (it would do nothing)."""
+    if args.gguf_dequantize and path.suffix != ".gguf":
+        from qwenkit.errors import ConfigError
+
+        raise ConfigError(f"--gguf-dequantize applies to .gguf files; {path} is not one")
+    return bool(args.gguf_dequantize)
+
+
 def load_llm(args: argparse.Namespace, max_batch_size: int = 1, tensor_parallel=None):
     from qwenkit.generate import LLM
 
+    path = resolve_model(args.model)
     return LLM.load(
-        resolve_model(args.model),
+        path,
         dtype=args.dtype,
         device=args.device,
         quantize=args.quantize,
@@ -86,6 +102,7 @@ def load_llm(args: argparse.Namespace, max_batch_size: int = 1, tensor_parallel=
         progress=tensor_parallel is None or tensor_parallel.rank == 0,
         tensor_parallel=tensor_parallel,
         adapter=args.adapter,
+        dequantize=gguf_dequantize(args, path),
     )
 
 
@@ -126,6 +143,7 @@ __all__ = [
     "add_model_args",
     "add_sampling_args",
     "add_tensor_parallel_arg",
+    "gguf_dequantize",
     "load_llm",
     "resolve_model",
     "run_tensor_parallel",

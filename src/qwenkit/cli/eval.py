@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from qwenkit.cli.common import add_model_args, resolve_model
+from qwenkit.cli.common import add_model_args, gguf_dequantize, resolve_model
 from qwenkit.errors import QwenkitError
 
 
@@ -97,6 +97,7 @@ def main(argv: list[str]) -> int:
             quantize=args.quantize,
             max_batch_size=args.batch_size,
             max_seq_len=args.max_context,
+            dequantize=gguf_dequantize(args, path),
         )
         backend = LocalBackend(llm, batch_size=args.batch_size)
         record = runner.model_record(path, llm, args.dtype, args.quantize)

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from qwenkit.cli.common import add_model_args, resolve_model
+from qwenkit.cli.common import add_model_args, gguf_dequantize, resolve_model
 from qwenkit.errors import ConfigError
 
 _UNITS = {
@@ -166,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         kv_cache_memory=kv_bytes,
         prefix_caching=not args.no_prefix_caching,
         adapter=args.adapter,
+        dequantize=gguf_dequantize(args, path),
     )
     name = args.served_model_name or (path.stem if path.suffix == ".gguf" else path.name)
     config = ServerConfig(

@@ -107,7 +107,7 @@ class _Outputs:
 def _run(
     path: str | Path, prompts: list[list[int]], new_tokens: int, long_probe: list[int] | None, progress: bool
 ) -> _Outputs:
-    model, _ = load_model(path, dtype=torch.float32, progress=progress)
+    model, _ = load_model(path, dtype=torch.float32, progress=progress, dequantize=True)
     outputs = _Outputs([], None)
     with torch.inference_mode():
         for prompt in prompts:

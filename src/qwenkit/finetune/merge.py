@@ -33,7 +33,7 @@ def merge(
     out = Path(out)
     check_out_dir(out, overwrite, Path(model_path))
     check_exportable(model_path)
-    model, config = load_model(model_path, "float32", adapter=adapter, progress=False)
+    model, config = load_model(model_path, "float32", adapter=adapter, progress=False, dequantize=True)
     probe = PROBE.clamp(max=config.vocab_size - 1)
     with torch.no_grad():
         before = model(probe)

@@ -76,7 +76,9 @@ def prepare_model(model_path: str | Path, args: TrainArgs, world: World, batch_t
     if args.method == "full":
         check_exportable(model_path)
     dtype = resolve_dtype(args.dtype, args.device)
-    model, config = load_model(model_path, dtype, args.device, progress=world.is_main and args.progress)
+    model, config = load_model(
+        model_path, dtype, args.device, progress=world.is_main and args.progress, dequantize=True
+    )
     quant_bits = None
     if args.method == "qlora" and not config.quantization:
         from qwenkit.quant import quantize_model_rtn

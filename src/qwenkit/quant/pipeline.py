@@ -186,7 +186,7 @@ def quantize_checkpoint(
         bits=bits, group_size=group.group_size, act_order=act_order, sym=sym, damp_percent=damp_percent
     )
     tokenizer = tokenizer_for(source) if method == "gptq" else None
-    model, _ = load_model(source, dtype="float32", device=device, progress=progress)
+    model, _ = load_model(source, dtype="float32", device=device, progress=progress, dequantize=True)
     _round_floats(model, torch.float16)
     result = QuantizeResult(out, qconfig, method, group=group, notes=notes)
 

@@ -1,0 +1,96 @@
+"""Quantized layers built while the loader assigns tensors, so the float model never exists whole.
+
+The loader hands each tensor to :meth:`LayerBuilder.take` before assigning it. A linear weight is turned
+into a :class:`QuantizedLinear` at once and swapped in for the (meta) ``nn.Linear``; the float copy is
+dropped before the next tensor is read, so peak memory is the quantized model plus one float matrix.
+
+* Integer codes from a GGUF file (``AffineWeight``-like: codes, scale, shift) run in their own precision.
+* With ``--quantize int8|int4``, float weights are rounded to nearest exactly as
+  :func:`quantize_for_runtime` does after a float load (same function, same dtype in, same result):
+  decoder projections at the asked precision, ``lm_head`` at int8.
+
+A tied token embedding becomes a :class:`QuantizedEmbedding` reading the ``lm_head``'s codes (one copy).
+An untied embedding stays float under ``--quantize`` (as before); quantized in a GGUF it is served from its
+own codes.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from qwenkit.quant.embedding import QuantizedEmbedding
+from qwenkit.quant.linear import QuantizedLinear
+from qwenkit.quant.rtn import DEFAULT_GROUP, DEFAULT_SYM, quantize_weight_rtn, replace_module
+
+EMBEDDING = "model.embed_tokens"
+HEAD = "lm_head"
+
+
+class IntegerCodes(Protocol):
+    """A weight held as ``codes * scale + shift`` per contiguous group (a GGUF tensor's blocks)."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    shift: torch.Tensor
+    group_size: int
+    bits: int
+
+
+class LayerBuilder:
+    """Installs quantized layers into a model on the meta device as their weights arrive."""
+
+    def __init__(
+        self, model: nn.Module, precision: str | None, dtype: torch.dtype, device: str, tied: bool
+    ) -> None:
+        self.model, self.dtype, self.device, self.tied = model, dtype, device, tied
+        self.bits = {None: None, "int8": 8, "int4": 4}[precision]
+
+    def take(self, name: str, tensor: torch.Tensor | IntegerCodes) -> bool:
+        """Build the quantized layer ``name`` belongs to, if any; True when the tensor was consumed."""
+        module_name, _, attr = name.rpartition(".")
+        if attr != "weight":
+            return False
+        module = self.model.get_submodule(module_name)
+        if not isinstance(tensor, torch.Tensor):
+            layer = QuantizedLinear.from_affine(_affine(tensor), self._bias(module), device=self.device)
+        elif self.bits is None:
+            return False
+        elif isinstance(module, nn.Linear):
+            bits = 8 if module_name == HEAD else self.bits
+            layer = self._round(tensor, bits, self._bias(module))
+        elif module_name == EMBEDDING and self.tied:
+            layer = self._round(tensor, 8, None)  # the tied lm_head, at the head's precision
+        else:
+            return False  # an untied embedding stays float under --quantize
+        self._install(module_name, layer)
+        return True
+
+    def _round(self, tensor: torch.Tensor, bits: int, bias: torch.Tensor | None) -> QuantizedLinear:
+        weight = tensor.to(self.device, self.dtype)  # what the float load held, so RTN sees the same values
+        w = quantize_weight_rtn(weight, bits, DEFAULT_GROUP[bits], DEFAULT_SYM[bits])
+        return QuantizedLinear.from_int(w, bias)
+
+    def _install(self, module_name: str, layer: QuantizedLinear) -> None:
+        if module_name == EMBEDDING:
+            replace_module(self.model, EMBEDDING, QuantizedEmbedding(layer, self.dtype))
+            if self.tied:
+                replace_module(self.model, HEAD, layer)
+            return
+        replace_module(self.model, module_name, layer)
+
+    @staticmethod
+    def _bias(module: nn.Module) -> torch.Tensor | None:
+        """The bias if it arrived first; otherwise the loader sets it on the new layer when it comes."""
+        bias = getattr(module, "bias", None)
+        return None if bias is None or bias.is_meta else bias.detach()
+
+
+def _affine(w: IntegerCodes):
+    from qwenkit.quant import AffineWeight
+
+    if isinstance(w, AffineWeight):
+        return w
+    return AffineWeight(codes=w.codes, scale=w.scale, shift=w.shift, group_size=w.group_size, bits=w.bits)

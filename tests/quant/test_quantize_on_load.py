@@ -1,0 +1,68 @@
+"""``--quantize`` rounds each layer as its weight arrives: the result is exactly the old load-then-quantize
+model (bit-exact logits), and no float projection is left behind."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from factories import hf_model, save_hf
+from torch import nn
+
+from qwenkit.checkpoint import load_model, open_checkpoint
+from qwenkit.quant import QuantizedLinear, quantize_for_runtime
+from qwenkit.quant.embedding import QuantizedEmbedding
+
+IDS = torch.randint(0, 512, (2, 17), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])
+def model_dir(request, tmp_path_factory):
+    tied = request.param
+    return save_hf(hf_model("qwen2", tie_word_embeddings=tied), tmp_path_factory.mktemp("m") / "qwen2")
+
+
+@pytest.mark.parametrize(
+    ("quantize", "dtype"), [("int8", "float32"), ("int4", "float32"), ("int4", "bfloat16")]
+)
+def test_quantized_on_load_equals_load_then_quantize(model_dir, quantize: str, dtype: str) -> None:
+    old, _ = load_model(model_dir, dtype=dtype, progress=False)
+    quantize_for_runtime(old, quantize)
+    new, config = load_model(model_dir, dtype=dtype, quantize=quantize, progress=False)
+
+    kinds = {n: type(m) for n, m in new.named_modules()}
+    assert kinds == {n: type(m) for n, m in old.named_modules()}
+    assert not [n for n, m in new.named_modules() if type(m) is nn.Linear]
+    assert isinstance(new.model.embed_tokens, QuantizedEmbedding) == config.tie_word_embeddings
+    assert new.lm_head.bits == 8 and new.model.layers[0].mlp.up_proj.bits == int(quantize[-1])
+    for (name, a), (_, b) in zip(old.state_dict().items(), new.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    with torch.no_grad():
+        assert torch.equal(new(IDS), old(IDS))
+
+
+class Reversed:
+    """A checkpoint that yields its tensors in reverse order: every weight before its bias."""
+
+    def __init__(self, path) -> None:
+        self.inner = open_checkpoint(path)
+        self.path, self.hf_config = self.inner.path, self.inner.hf_config
+
+    def tensors(self, keep_quantized: bool = False):
+        return reversed(list(self.inner.tensors(keep_quantized)))
+
+    @property
+    def total_bytes(self) -> int:
+        return self.inner.total_bytes
+
+
+def test_bias_arriving_after_its_weight_lands_on_the_quantized_layer(model_dir) -> None:
+    """qwen2's q/k/v biases reach the quantized layer whether they come before (safetensors' sorted
+    order) or after their weight."""
+    forward, _ = load_model(model_dir, dtype="float32", quantize="int8", progress=False)
+    backward, _ = load_model(Reversed(model_dir), dtype="float32", quantize="int8", progress=False)
+    ref = hf_model("qwen2").model.layers[1].self_attn.q_proj.bias.detach()
+    for model in (forward, backward):
+        q = model.model.layers[1].self_attn.q_proj
+        assert isinstance(q, QuantizedLinear) and torch.equal(q.bias, ref)
+    with torch.no_grad():
+        assert torch.equal(forward(IDS), backward(IDS))
