@@ -20,10 +20,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGMLQuantizationType
+from gguf.quants import quant_shape_to_byte_shape
 from tokenizers import Tokenizer
 
 from qwenkit.checkpoint.gguf_config import ARCHITECTURES, build_hf_config
+from qwenkit.checkpoint.gguf_index import GGUFIndex, TensorEntry, read_index
 from qwenkit.checkpoint.gguf_quant import AFFINE_BITS, AffineBlocks, can_decode, decode_affine
 from qwenkit.checkpoint.gguf_tensors import (
     SUPPORTED_TYPES,
@@ -57,14 +59,16 @@ class GGUFCheckpoint:
     ``total_bytes``).
     """
 
-    def __init__(self, path: Path, reader: GGUFReader, metadata: dict[str, Any]) -> None:
+    def __init__(self, path: Path, index: GGUFIndex) -> None:
         self.path = path
-        self._reader = reader  # keeps the memory map alive for the tensors' lifetime
-        self.metadata = metadata
+        # Copy-on-write: tensors can be handed to torch without a copy, and writes never reach the file.
+        self._map = np.memmap(path, mode="c")
+        self._tensors = index.tensors
+        self.metadata = metadata = index.metadata
         self.architecture: str = metadata["general.architecture"]
         self.license: str | None = metadata.get("general.license")
-        self.tensor_types: dict[str, str] = {t.name: t.tensor_type.name for t in reader.tensors}
-        shapes = {t.name: _torch_shape(t.shape) for t in reader.tensors}
+        self.tensor_types: dict[str, str] = {t.name: t.tensor_type.name for t in self._tensors}
+        shapes = {t.name: t.shape for t in self._tensors}
         try:
             self.hf_config: dict[str, Any] = build_hf_config(self.architecture, metadata, shapes)
         except KeyError as e:
@@ -89,26 +93,39 @@ class GGUFCheckpoint:
         (``hf_config["tie_word_embeddings"]`` says so), as its Hugging Face safetensors would not. F32
         tensors are copy-on-write views of the file.
         """
-        for t in self._reader.tensors:
+        for t in self._tensors:
             name = hf_name(t.name, self.architecture)
             assert name is not None  # checked when the file was opened
-            shape = _torch_shape(t.shape)
+            shape = t.shape
             try:
                 if keep_quantized and _in_precision(name, t.tensor_type, shape):
-                    codes = decode_affine(t.data, t.tensor_type, shape)
+                    codes = decode_affine(self._bytes(t), t.tensor_type, shape)
                     yield from convert_affine(name, codes, self._heads)
                 else:
-                    weights = dequantize_tensor(t.data, t.tensor_type, shape)
+                    weights = dequantize_tensor(self._data(t), t.tensor_type, shape)
                     yield from convert_tensor(name, weights, self._heads)
             except ValueError as e:
                 raise GGUFError(f"{self.path}: {e}") from None
+
+    def _bytes(self, t: TensorEntry) -> np.ndarray:
+        """The tensor's raw bytes, a view of the memory map."""
+        return self._map[t.offset : t.offset + t.n_bytes]
+
+    def _data(self, t: TensorEntry) -> np.ndarray:
+        """The tensor as gguf-py's reader lays it out: float arrays, or rows of block bytes."""
+        raw = self._bytes(t)
+        if t.tensor_type == GGMLQuantizationType.F32:
+            return raw.view(np.float32).reshape(t.shape)
+        if t.tensor_type == GGMLQuantizationType.F16:
+            return raw.view(np.float16).reshape(t.shape)
+        return raw.reshape(quant_shape_to_byte_shape(t.shape, t.tensor_type))
 
     def runtime_bytes(self, dtype_size: int, keep_quantized: bool) -> int:
         """Bytes the weights take once loaded: float tensors at ``dtype_size`` bytes per weight, integer
         codes at their width plus a float32 scale and shift per group of 32 (what ``check_fits`` needs)."""
         total = 0
-        for t in self._reader.tensors:
-            name, shape = hf_name(t.name, self.architecture), _torch_shape(t.shape)
+        for t in self._tensors:
+            name, shape = hf_name(t.name, self.architecture), t.shape
             n = int(np.prod(shape, dtype=np.int64))
             if keep_quantized and _in_precision(name, t.tensor_type, shape):
                 total += n * AFFINE_BITS[t.tensor_type] // 8 + n // 32 * 8
@@ -119,16 +136,16 @@ class GGUFCheckpoint:
     def tensor_names(self) -> list[str]:
         """The Hugging Face names ``tensors()`` yields, without decoding anything."""
         names: list[str] = []
-        for t in self._reader.tensors:
+        for t in self._tensors:
             name = hf_name(t.name, self.architecture)
             assert name is not None
-            names += split_names(name, _torch_shape(t.shape))
+            names += split_names(name, t.shape)
         return names
 
     @property
     def total_bytes(self) -> int:
         """Bytes of float32 that ``tensors()`` yields (what the loader's progress bar counts)."""
-        return sum(int(np.prod(t.shape, dtype=np.int64)) * 4 for t in self._reader.tensors)
+        return sum(int(np.prod(t.shape, dtype=np.int64)) * 4 for t in self._tensors)
 
     # ---- tokenizer ---------------------------------------------------------------------------------
 
@@ -182,8 +199,7 @@ def read_gguf(path: str | Path) -> GGUFCheckpoint:
     if magic != GGUF_MAGIC:
         raise GGUFError(f"{p}: not a GGUF file (it starts with {magic!r}, not {GGUF_MAGIC!r})")
     try:
-        # Copy-on-write: tensors can be handed to torch without a copy, and writes never reach the file.
-        reader = GGUFReader(p, mode="c")
+        index = read_index(p)
     except (ValueError, IndexError, OverflowError, TypeError) as e:
         # gguf-py fails with numpy's words (a reshape or view that comes up short); say what it means.
         raise GGUFError(
@@ -191,15 +207,15 @@ def read_gguf(path: str | Path) -> GGUFCheckpoint:
             f"({p.stat().st_size:,} bytes); download it again"
         ) from e
     size = p.stat().st_size
-    for t in reader.tensors:
-        if t.data_offset + t.n_bytes > size:
+    for t in index.tensors:
+        if t.offset + t.n_bytes > size:
             raise GGUFError(f"{p}: truncated GGUF file (tensor {t.name} ends past the end of the file)")
 
-    metadata = {name: field.contents() for name, field in reader.fields.items()}
+    metadata = index.metadata
     arch = metadata.get("general.architecture")
     if arch not in ARCHITECTURES:
         raise GGUFError(f"{p}: unsupported architecture {arch!r}; qwenkit reads {', '.join(ARCHITECTURES)}")
-    for t in reader.tensors:
+    for t in index.tensors:
         if t.tensor_type not in SUPPORTED_TYPES:
             supported = ", ".join(sorted(q.name for q in SUPPORTED_TYPES))
             raise GGUFError(
@@ -209,7 +225,7 @@ def read_gguf(path: str | Path) -> GGUFCheckpoint:
         if hf_name(t.name, arch) is None:
             why = " (llama3-style rope scaling is not supported)" if t.name == "rope_freqs.weight" else ""
             raise GGUFError(f"{p}: unexpected tensor {t.name} for architecture {arch}{why}")
-    names = {t.name for t in reader.tensors}
+    names = {t.name for t in index.tensors}
     if "token_embd.weight" not in names:
         raise GGUFError(f"{p}: missing tensor token_embd.weight; not a decoder model this reader understands")
     if not {"blk.0.ffn_up.weight", "blk.0.ffn_up_exps.weight"} & names:
@@ -217,14 +233,9 @@ def read_gguf(path: str | Path) -> GGUFCheckpoint:
             f"{p}: missing tensor blk.0.ffn_up.weight (or blk.0.ffn_up_exps.weight); "
             "not a decoder model this reader understands"
         )
-    return GGUFCheckpoint(p, reader, metadata)
+    return GGUFCheckpoint(p, index)
 
 
 def _in_precision(name: str | None, qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> bool:
     """A weight that loads as integer codes: a projection or embedding in a type that maps exactly."""
     return name is not None and keeps_precision(name) and can_decode(qtype, shape)
-
-
-def _torch_shape(gguf_shape: np.ndarray) -> tuple[int, ...]:
-    """GGUF lists dimensions innermost first; PyTorch outermost first."""
-    return tuple(int(d) for d in reversed(gguf_shape.tolist()))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from pathlib import Path
@@ -158,7 +159,7 @@ def load_model(
     context = context or min(config.max_context, 2048)
     check_fits(config, torch_dtype, device, context, batch, quantize, weights=weights)
 
-    with torch.device("meta"):
+    with torch.device("meta"), _no_embedding_init():
         model = Transformer(config)
     if config.quantization:
         from qwenkit.quant import prepare_quantized_model
@@ -188,6 +189,18 @@ def load_model(
     if tensor_parallel is not None:
         parallelize(model, tensor_parallel)
     return model, model.config
+
+
+@contextmanager
+def _no_embedding_init() -> Iterator[None]:
+    """Skip nn.Embedding's random init while building the skeleton: its weights are replaced anyway, and
+    ``normal_`` on the meta device imports torch._dynamo (about a second of start-up)."""
+    reset = nn.Embedding.reset_parameters
+    nn.Embedding.reset_parameters = lambda self: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Embedding.reset_parameters = reset  # type: ignore[method-assign]
 
 
 def _assign_all(

@@ -21,12 +21,16 @@ def ntk_alpha_for_length(length: int, trained_length: int) -> float:
 
 
 def inv_freq(config: ModelConfig, ntk_alpha: float = 1.0) -> torch.Tensor:
-    """Inverse frequencies (rotary_dim // 2,) in float32, computed the way the reference code does."""
+    """Inverse frequencies (rotary_dim // 2,) in float32, computed the way the reference code does.
+
+    Always computed on the CPU, whatever the default device: on the meta device (the loader's skeleton)
+    this arithmetic would run through torch's Python decompositions, whose first use imports
+    torch._dynamo (about as long as importing torch itself)."""
     dim = config.rotary_dim
     base = config.rope_theta
     if ntk_alpha != 1.0:
         base = base * ntk_alpha ** (dim / (dim - 2))
-    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim
     if config.rope_scaling is not None:
         return _yarn_inv_freq(config.rope_scaling, dim, base, exponents)
     return 1.0 / (base**exponents)
@@ -48,7 +52,7 @@ def _yarn_inv_freq(yarn: YarnScaling, dim: int, base: float, exponents: torch.Te
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001  # avoid a zero-width ramp
-    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low), 0, 1)
     extrapolation_weight = 1 - ramp
     pos_freqs = base**exponents
     return (1.0 / (yarn.factor * pos_freqs)) * (1 - extrapolation_weight) + (
@@ -63,7 +67,9 @@ class RotaryEmbedding(torch.nn.Module):
         super().__init__()
         self.config = config
         self.scale = config.rope_scaling.cos_sin_scale if config.rope_scaling else 1.0
-        self.register_buffer("inv_freq", inv_freq(config), persistent=False)
+        device = torch.get_default_device()  # a meta skeleton keeps the CPU copy; the loader replaces it
+        freqs = inv_freq(config) if device.type == "meta" else inv_freq(config).to(device)
+        self.register_buffer("inv_freq", freqs, persistent=False)
         self._alpha_cache: dict[float, torch.Tensor] = {}
 
     def _inv_freq_for(self, alpha: float) -> torch.Tensor:
