@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from qwenkit.quant.linear import KERNEL_NAMES, QuantizedLinear
+from qwenkit.quant.linear import QuantizedLinear
 from qwenkit.quant.rtn import quantize_weight_rtn
 
 # Qwen2.5-0.5B: hidden 896, 14 heads x 64, 2 KV heads, FFN 4864.
@@ -103,7 +103,7 @@ def main() -> None:
                 layer = QuantizedLinear.from_int(
                     quantize_weight_rtn(w, bits, gs, sym=bits == 8), kernel=forced
                 )
-                names[i] = KERNEL_NAMES[layer._kernel]
+                names[i] = layer.kernel
                 fns[i] = lambda x=x, layer=layer: layer(x)
             for i, t in bench_all(fns).items():
                 times[i, n] = t

@@ -84,7 +84,7 @@ def kernels(model: torch.nn.Module) -> str:
     counts: dict[str, int] = {}
     for m in model.modules():
         if isinstance(m, QuantizedLinear):
-            counts[m._kernel] = counts.get(m._kernel, 0) + 1
+            counts[m.impl.key] = counts.get(m.impl.key, 0) + 1
     return ", ".join(f"{k} x{n}" for k, n in counts.items()) or "dense (torch.nn.functional.linear)"
 
 

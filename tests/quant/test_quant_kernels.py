@@ -5,8 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from qwenkit.quant.affine import AffineWeight
 from qwenkit.quant.gptq_format import IntWeight, QuantizationError
-from qwenkit.quant.linear import PREFILL_ROWS, QuantizedLinear, choose_kernel
+from qwenkit.quant.kernels import KERNELS, choose_kernel
+from qwenkit.quant.linear import QuantizedLinear
+
+MAX_ROWS = max(c.max_rows or 0 for c in KERNELS)
 
 
 def _int_weight(
@@ -48,14 +52,14 @@ def test_kernel_matches_dequantized_matmul(bits, out_f, in_f, gs, sym, act_order
     w = _int_weight(bits, out_f, in_f, gs, sym, act_order)
     bias = torch.randn(out_f) * 0.1
     layer = QuantizedLinear.from_int(w, bias)
-    assert layer._kernel == kernel
+    assert layer.impl.key == kernel
     assert isinstance(layer.kernel, str) and layer.kernel
     assert (layer.perm is not None) == (act_order and gs < in_f)  # one group needs no permutation
     ref_w = w.dequantize()
     for rows in (
         1,
         3,
-        max(PREFILL_ROWS.values()) + 5,
+        MAX_ROWS + 5,
     ):  # decode through the kernel, prefill through dequantize
         x = torch.randn(2, rows, in_f).to(dtype)
         y = layer(x)
@@ -63,6 +67,11 @@ def test_kernel_matches_dequantized_matmul(bits, out_f, in_f, gs, sym, act_order
         assert y.dtype == dtype and y.shape == (2, rows, out_f)
         err = (y.float() - ref).abs().max() / ref.abs().max()
         assert err < 2e-2, (rows, float(err))  # bf16 activations/scales: ~3 significant digits
+    # the kernel's own weight is the exact one up to its bfloat16 scales and shifts (about a step at most)
+    packed = layer.dequantize_packed(torch.float32)
+    kernel_w = packed if layer.perm is None else torch.empty_like(packed).index_copy_(1, layer.perm, packed)
+    step = w.scales.float()[w.g_idx.long()].T  # (out, in) quantization step of each weight
+    assert float(((kernel_w - ref_w).abs() / step).max()) < 1.5  # int8 as 2 x int4: bf16 16s and shift
     # the codes survive packing exactly, in the original column order
     back = layer.to_int()
     assert torch.equal(back.qweight, w.qweight)
@@ -98,3 +107,33 @@ def test_unequal_act_order_groups_rejected() -> None:
     w.g_idx[:40] = 0  # group 0 now has 40 columns
     with pytest.raises(QuantizationError, match="unequal sizes"):
         QuantizedLinear.from_int(w)
+
+
+@pytest.mark.parametrize(
+    ("bits", "kernel"),
+    [(4, "cpu_int4pack"), (8, "cpu_int8_as_int4x2"), (4, "dequant"), (8, "dequant")],
+)
+def test_affine_weights_with_float_minimums(bits: int, kernel: str) -> None:
+    """GGUF-style blocks of 32 with a float minimum (Q4_1): no GPTQ zero point expresses them."""
+    g = torch.Generator().manual_seed(1)
+    out_f, in_f, gs = 128, 192, 32
+    codes = torch.randint(0, 2**bits, (out_f, in_f), generator=g, dtype=torch.uint8)
+    scale = torch.rand(in_f // gs, out_f, generator=g) * 0.01 + 0.001
+    shift = torch.randn(in_f // gs, out_f, generator=g) * 0.05
+    w = AffineWeight(codes, scale, shift, gs, bits)
+    layer = QuantizedLinear.from_affine(w, kernel=kernel)
+    assert layer.impl.key == kernel
+    x = torch.randn(3, in_f)
+    ref = x @ w.dequantize().T
+    err = (layer(x) - ref).abs().max() / ref.abs().max()
+    assert err < (1e-5 if kernel == "dequant" else 1e-2), float(err)
+    assert torch.equal(layer.codes(), codes)
+    step = scale.repeat_interleave(gs, 0).T
+    assert float(((layer.dequantize_packed(torch.float32) - w.dequantize()).abs() / step).max()) < 1.5
+    with pytest.raises(QuantizationError, match="cannot be written as a GPTQ checkpoint"):
+        layer.to_int()
+
+
+def test_affine_weight_shape_checked() -> None:
+    with pytest.raises(QuantizationError, match="affine shift has shape"):
+        AffineWeight(torch.zeros(4, 64, dtype=torch.uint8), torch.ones(2, 4), torch.ones(1, 4), 32, 4)

@@ -1,0 +1,61 @@
+"""Quantized-linear kernels, one class each, and the choice of the fastest one that runs a layer.
+
+``KERNELS`` is tried in order; the first whose ``supports(spec, device)`` holds builds the layer.
+``DequantKernel`` (plain PyTorch) runs everything, so the choice never fails.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qwenkit.quant.affine import AffineWeight
+from qwenkit.quant.gptq_format import QuantizationError
+from qwenkit.quant.kernels.aten import (
+    CpuInt4PackKernel,
+    CpuInt8AsInt4x2Kernel,
+    CpuInt8PackKernel,
+    CudaInt4PackKernel,
+)
+from qwenkit.quant.kernels.base import LinearKernel, WeightSpec
+from qwenkit.quant.kernels.dequant import DequantKernel
+
+KERNELS: list[type[LinearKernel]] = [
+    CpuInt8PackKernel,
+    CpuInt4PackKernel,
+    CpuInt8AsInt4x2Kernel,
+    CudaInt4PackKernel,
+    DequantKernel,
+]
+
+
+def kernel_class(key: str) -> type[LinearKernel]:
+    for cls in KERNELS:
+        if cls.key == key:
+            return cls
+    raise QuantizationError(f"unknown kernel {key!r}; choose one of {', '.join(c.key for c in KERNELS)}")
+
+
+def choose_kernel(
+    bits: int, group_size: int, in_features: int, out_features: int, device: torch.device
+) -> str:
+    """Key of the first kernel in ``KERNELS`` that can run this layer on ``device``."""
+    spec = WeightSpec(bits, group_size, in_features, out_features)
+    return next(cls.key for cls in KERNELS if cls.supports(spec, device))
+
+
+def build_kernel(w: AffineWeight, device: torch.device, key: str | None = None) -> LinearKernel:
+    """The kernel ``key`` (default: the fastest that fits) built from ``w`` on ``device``."""
+    spec = WeightSpec.of(w)
+    cls = kernel_class(key) if key else kernel_class(choose_kernel(*vars(spec).values(), device))
+    if not cls.supports(spec, device):
+        needs = getattr(cls, "bits_needed", None)
+        if needs is not None and needs != w.bits:
+            raise QuantizationError(f"kernel {cls.key!r} runs {needs}-bit weights, not {w.bits}-bit")
+        raise QuantizationError(
+            f"kernel {cls.key!r} cannot run a {w.bits}-bit {w.out_features}x{w.in_features} layer "
+            f"with group {w.group_size} on {device}"
+        )
+    return cls(w.to(device))
+
+
+__all__ = ["KERNELS", "LinearKernel", "WeightSpec", "build_kernel", "choose_kernel", "kernel_class"]

@@ -1,0 +1,258 @@
+"""Kernels on PyTorch's own packed int8/int4 matmuls (aten ops), CPU and CUDA.
+
+Numbers from ``benchmarks/bench_quant_kernels.py`` (Qwen2.5-0.5B shapes, one token): PyTorch's CPU
+int8/int4 kernels are only fast with bfloat16 activations (float32 is 5-15x slower than a dense float32
+matmul), so activations are cast to bfloat16 for the kernel and the result cast back. Past ``max_rows``
+rows they become compute bound and lose to dequantize + dense matmul, so prompts take that path.
+
+aten's int4 kernels compute ``(q - 8) * scale + shift`` per group, with bfloat16 ``qScaleAndZeros``; an
+affine weight ``q * s + b`` is therefore ``scale = s, shift = b + 8 s``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from qwenkit.quant.affine import AffineWeight, affine_dequantize
+from qwenkit.quant.kernels.base import LinearKernel, WeightSpec
+
+_INT4_GROUPS = (256, 128, 64, 32)  # the group sizes aten's int4 kernels accept
+
+
+def kernel_group(group_size: int, in_features: int) -> int | None:
+    """Largest group the int4 kernels accept that tiles both our groups and the row (scales repeat)."""
+    for g in _INT4_GROUPS:
+        if group_size % g == 0 and in_features % g == 0:
+            return g
+    return None
+
+
+@functools.cache
+def _cpu_int4_layout_ok() -> bool:
+    """Check once that aten's CPU int4 packing is the layout :func:`_unpack_cpu_int4` undoes."""
+    try:
+        q = torch.randint(0, 16, (128, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+        return torch.equal(_unpack_cpu_int4(packed, 128, 64), q.to(torch.uint8))
+    except (RuntimeError, AttributeError):
+        return False
+
+
+def _unpack_cpu_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """aten's CPU int4 layout -> (n, k) uint8 codes.
+
+    Byte (block, k, j) of the (n/64, k, 32) view holds row ``64*block + j`` in its low nibble and row
+    ``64*block + 32 + j`` in its high nibble (checked by ``_cpu_int4_layout_ok``).
+    """
+    v = packed.view(n // 64, k, 32)
+    rows = torch.cat([v & 0xF, v >> 4], dim=2)  # (n/64, k, 64)
+    return rows.permute(0, 2, 1).reshape(n, k)
+
+
+def _int4_rows(packed: torch.Tensor, ids: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """(len(ids), k) codes of rows ``ids`` from aten's CPU int4 layout, without unpacking the rest."""
+    v = packed.view(n // 64, k, 32)
+    block, j = ids // 64, ids % 64
+    slabs = v[block, :, j % 32]  # (len(ids), k)
+    shift = ((j >= 32).to(torch.uint8) * 4)[:, None]
+    return (slabs >> shift) & 0xF
+
+
+def _per_kernel_group(t: torch.Tensor, group_size: int, g: int, k: int) -> torch.Tensor:
+    """(G, N) per-group values repeated for the kernel's (k/g, N) groups (g divides group_size)."""
+    rep = torch.arange(k // g, device=t.device) * g // group_size
+    return t[rep]
+
+
+def _scales_and_shifts(scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """(G, N, 2) bfloat16 ``qScaleAndZeros`` for ``(q - 8) * scale + shift``."""
+    return torch.stack([scale, shift], dim=-1).to(torch.bfloat16).contiguous()
+
+
+def _kernel_affine(q: torch.Tensor, sz: torch.Tensor, g: int, dtype: torch.dtype) -> torch.Tensor:
+    """The aten int4 kernels' own ``(q - 8) * scale + shift`` for (rows, k) codes and (k/g, rows, 2) sz."""
+    scale, shift = sz[..., 0].float(), sz[..., 1].float()
+    return affine_dequantize(q, scale, shift - 8 * scale, g, dtype)
+
+
+class CpuInt8PackKernel(LinearKernel):
+    """Per-channel int8 on ``aten._weight_int8pack_mm``: ``y = (x @ (q - 128).T) * s + rowsum(x) * c``."""
+
+    key = "cpu_int8pack"
+    description = "aten._weight_int8pack_mm (bf16 activations)"
+    max_rows = 128  # 896x4864: kernel 3.9 ms vs dequantize + matmul 6.0 ms at 64 rows
+    bits_needed = 8
+
+    def __init__(self, w: AffineWeight) -> None:
+        super().__init__(w)
+        self.register_buffer("qdata", (w.codes.to(torch.int16) - 128).to(torch.int8).contiguous())
+        self.register_buffer("kscales", w.scale[0].to(torch.bfloat16).contiguous())
+        fix = w.shift[0].float() + 128 * w.scale[0].float()  # 0 for symmetric weights
+        self.register_buffer("zfix", fix if bool(fix.any()) else None)
+
+    @classmethod
+    def supports(cls, spec: WeightSpec, device: torch.device) -> bool:
+        return (
+            device.type == "cpu"
+            and spec.bits == 8
+            and spec.group_size == spec.in_features
+            and hasattr(torch, "_weight_int8pack_mm")
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xb = x.to(torch.bfloat16)
+        y = torch._weight_int8pack_mm(xb, self.qdata, self.kscales)
+        if self.zfix is not None:
+            y = (y.float() + xb.float().sum(1, keepdim=True) * self.zfix).to(torch.bfloat16)
+        return y.to(x.dtype)
+
+    def codes(self) -> torch.Tensor:
+        return (self.qdata.to(torch.int16) + 128).to(torch.uint8)
+
+    def _shift(self) -> torch.Tensor:
+        return torch.zeros_like(self.kscales, dtype=torch.float32) if self.zfix is None else self.zfix
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        k = self.in_features
+        return affine_dequantize(self.qdata, self.kscales.float()[None], self._shift()[None], k, dtype)
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        k = self.in_features
+        s, b = self.kscales.float()[ids][None], self._shift()[ids][None]
+        return affine_dequantize(self.qdata[ids], s, b, k, dtype)
+
+
+class CpuInt4PackKernel(LinearKernel):
+    """int4 groups on ``aten._weight_int4pack_mm_for_cpu``."""
+
+    key = "cpu_int4pack"
+    description = "aten._weight_int4pack_mm_for_cpu (bf16 activations)"
+    max_rows = 256  # dequantizing int4 costs ~15 ms at 896x4864, so the kernel wins to a few hundred rows
+    bits_needed = 4
+
+    def __init__(self, w: AffineWeight) -> None:
+        super().__init__(w)
+        k = w.in_features
+        self.kgroup = kernel_group(w.group_size, k)
+        s = _per_kernel_group(w.scale.float(), w.group_size, self.kgroup, k)
+        b = _per_kernel_group(w.shift.float(), w.group_size, self.kgroup, k)
+        self._pack(w.codes, s, b)
+
+    def _pack(self, q: torch.Tensor, s: torch.Tensor, b: torch.Tensor) -> None:
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 2)
+        self.register_buffer("qdata", packed)
+        self.register_buffer("kscales", _scales_and_shifts(s, b + 8 * s))
+
+    @classmethod
+    def supports(cls, spec: WeightSpec, device: torch.device) -> bool:
+        return (
+            device.type == "cpu"
+            and spec.bits == cls.bits_needed
+            and kernel_group(spec.group_size, spec.in_features) is not None
+            and spec.out_features % 64 == 0
+            and _cpu_int4_layout_ok()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xb = x.to(torch.bfloat16)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.qdata, self.kgroup, self.kscales)
+        return y.to(x.dtype)
+
+    def codes(self) -> torch.Tensor:
+        return _unpack_cpu_int4(self.qdata, self.out_features, self.in_features)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return _kernel_affine(self.codes(), self.kscales, self.kgroup, dtype)
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        q = _int4_rows(self.qdata, ids, self.out_features, self.in_features)
+        return _kernel_affine(q, self.kscales[:, ids], self.kgroup, dtype)
+
+
+class CpuInt8AsInt4x2Kernel(CpuInt4PackKernel):
+    """Grouped int8 as two int4 matmuls.
+
+    ``q = 16 hi + lo``, so ``q s + b = 16 s (hi - 8) + s (lo - 8) + (b + 136 s)``.
+    """
+
+    key = "cpu_int8_as_int4x2"
+    description = "aten._weight_int4pack_mm_for_cpu x2, int8 split in nibbles (bf16 activations)"
+    bits_needed = 8
+
+    def _pack(self, q: torch.Tensor, s: torch.Tensor, b: torch.Tensor) -> None:
+        hi, lo = (q >> 4).to(torch.int32), (q & 0xF).to(torch.int32)
+        self.register_buffer("qdata", torch.ops.aten._convert_weight_to_int4pack_for_cpu(hi, 2))
+        self.register_buffer("qdata_lo", torch.ops.aten._convert_weight_to_int4pack_for_cpu(lo, 2))
+        self.register_buffer("kscales", _scales_and_shifts(16 * s, b + 136 * s))
+        self.register_buffer("kscales_lo", _scales_and_shifts(s, torch.zeros_like(s)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xb, g = x.to(torch.bfloat16), self.kgroup
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.qdata, g, self.kscales)
+        y = y + torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.qdata_lo, g, self.kscales_lo)
+        return y.to(x.dtype)
+
+    def codes(self) -> torch.Tensor:
+        n, k = self.out_features, self.in_features
+        return _unpack_cpu_int4(self.qdata, n, k) * 16 + _unpack_cpu_int4(self.qdata_lo, n, k)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        n, k, g = self.out_features, self.in_features, self.kgroup
+        hi = _kernel_affine(_unpack_cpu_int4(self.qdata, n, k), self.kscales, g, dtype)
+        return hi + _kernel_affine(_unpack_cpu_int4(self.qdata_lo, n, k), self.kscales_lo, g, dtype)
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        n, k, g = self.out_features, self.in_features, self.kgroup
+        hi = _kernel_affine(_int4_rows(self.qdata, ids, n, k), self.kscales[:, ids], g, dtype)
+        lo = _kernel_affine(_int4_rows(self.qdata_lo, ids, n, k), self.kscales_lo[:, ids], g, dtype)
+        return hi + lo
+
+
+class CudaInt4PackKernel(LinearKernel):
+    """int4 groups on ``aten._weight_int4pack_mm`` (sm80+). Its tile layout is opaque, so the float scale
+    and shift are kept beside it to read the codes back exactly."""
+
+    key = "cuda_int4pack"
+    description = "aten._weight_int4pack_mm (cuda, bf16 activations)"
+    has_rows = False
+    bits_needed = 4
+
+    def __init__(self, w: AffineWeight) -> None:
+        super().__init__(w)
+        k = w.in_features
+        self.kgroup = kernel_group(w.group_size, k)
+        s = _per_kernel_group(w.scale.float(), w.group_size, self.kgroup, k)
+        b = _per_kernel_group(w.shift.float(), w.group_size, self.kgroup, k)
+        qi = w.codes.to(torch.int32)
+        as_bytes = ((qi[:, ::2] << 4) | qi[:, 1::2]).to(torch.uint8)
+        tiles = 8 if k % 128 == 0 else 4 if k % 64 == 0 else 2
+        self.register_buffer("qdata", torch.ops.aten._convert_weight_to_int4pack(as_bytes, tiles))
+        self.register_buffer("kscales", _scales_and_shifts(s, b + 8 * s))
+        self.register_buffer("scale", w.scale.float().contiguous())
+        self.register_buffer("shift", w.shift.float().contiguous())
+
+    @classmethod
+    def supports(cls, spec: WeightSpec, device: torch.device) -> bool:
+        return (
+            device.type == "cuda"
+            and spec.bits == 4
+            and kernel_group(spec.group_size, spec.in_features) is not None
+            and spec.out_features % 8 == 0
+            and torch.cuda.get_device_capability(device)[0] >= 8
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xb = x.to(torch.bfloat16)
+        return torch.ops.aten._weight_int4pack_mm(xb, self.qdata, self.kgroup, self.kscales).to(x.dtype)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        eye = torch.eye(self.in_features, dtype=torch.bfloat16, device=self.qdata.device)
+        return torch.ops.aten._weight_int4pack_mm(eye, self.qdata, self.kgroup, self.kscales).T.to(dtype)
+
+    def codes(self) -> torch.Tensor:
+        w = self.dequantize(torch.float32)
+        gi = torch.arange(self.in_features, device=w.device) // self.group_size
+        s, b = self.scale[gi].T, self.shift[gi].T
+        return torch.round((w - b) / s).clamp(0, 15).to(torch.uint8)
