@@ -2,8 +2,9 @@
 
 gguf-py reads every metadata value element by element through numpy memory-map slices; for a model with
 a 49k-token vocabulary and 49k merges that is most of a second, at every start. The parsed header is
-small (a JSON of ~2 MB for SmolLM2), so for files of 16 MiB and more it is kept under the user's cache directory
-(``$QWENKIT_CACHE`` or ``~/.cache/qwenkit``, in ``gguf-index/``) and reused while the file is unchanged.
+small (a JSON of ~2 MB for SmolLM2), so for files of 16 MiB and more it is kept under the user's cache
+directory (``$QWENKIT_CACHE`` or ``~/.cache/qwenkit``, in ``gguf-index/``) and reused while the file is
+unchanged.
 
 The cache key hashes the file's size, modification time and first MiB (which holds the header): any
 rewrite of the file changes it. Entries are written atomically (temporary file, then rename), a
