@@ -30,7 +30,7 @@ import torch
 from qwenkit.errors import QwenkitError
 
 PRECISIONS = ("float32", "bfloat16", "float16", "int8", "int4")
-CHECKPOINT = "checkpoint"  # a quantized (GPTQ) checkpoint at its own precision
+CHECKPOINT = "checkpoint"  # a quantized (GPTQ or GGUF) checkpoint at its own precision
 
 
 class ProfileError(QwenkitError, ValueError):
@@ -72,7 +72,18 @@ def _load(model: str, precision: str, dtype: str, device: str, context: int):
         )
     if precision == CHECKPOINT:
         return load_model(model, dtype=dtype, device=device, context=context, progress=False)
-    return load_model(model, dtype=precision, device=device, context=context, progress=False)
+    # float rows are floats, also for a GGUF file (whose own precision is the CHECKPOINT row)
+    return load_model(model, dtype=precision, device=device, context=context, progress=False, dequantize=True)
+
+
+def _gguf_types(path: str) -> list[str]:
+    """A GGUF file's weight types, most frequent first (``['Q4_1', 'Q8_0']``), float norms left out."""
+    from collections import Counter
+
+    from qwenkit.checkpoint import open_checkpoint
+
+    types = Counter(t for t in open_checkpoint(path).tensor_types.values() if t != "F32")
+    return [t for t, _ in types.most_common()] or ["F32"]
 
 
 def kernel_counts(model: torch.nn.Module) -> dict[str, int]:
@@ -184,6 +195,8 @@ def profile_in_process(
     if precision == CHECKPOINT and config.quantization:
         q = config.quantization
         label = f"{q.get('quant_method', 'gptq')} int{q.get('bits')} g{q.get('group_size')}"
+    elif precision == CHECKPOINT and str(model).endswith(".gguf"):
+        label = "gguf " + "+".join(_gguf_types(model))
     row = ProfileRow(
         label,
         engine_dtype,

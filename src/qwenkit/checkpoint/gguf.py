@@ -26,7 +26,7 @@ from tokenizers import Tokenizer
 
 from qwenkit.checkpoint.gguf_config import ARCHITECTURES, build_hf_config
 from qwenkit.checkpoint.gguf_index import GGUFIndex, TensorEntry, read_index
-from qwenkit.checkpoint.gguf_quant import AFFINE_BITS, AffineBlocks, can_decode, decode_affine
+from qwenkit.checkpoint.gguf_quant import AFFINE_BITS, can_decode, decode_affine
 from qwenkit.checkpoint.gguf_tensors import (
     SUPPORTED_TYPES,
     HeadLayout,
@@ -44,6 +44,7 @@ from qwenkit.checkpoint.gguf_tokenizer import (
     build_tokenizer_config,
 )
 from qwenkit.errors import CheckpointError
+from qwenkit.quant.affine import AffineWeight
 
 GGUF_MAGIC = b"GGUF"
 
@@ -84,11 +85,11 @@ class GGUFCheckpoint:
 
     # ---- weights -----------------------------------------------------------------------------------
 
-    def tensors(self, keep_quantized: bool = False) -> Iterator[tuple[str, torch.Tensor | AffineBlocks]]:
+    def tensors(self, keep_quantized: bool = False) -> Iterator[tuple[str, torch.Tensor | AffineWeight]]:
         """Yield ``(hugging_face_name, tensor)`` in file order, decoding one tensor at a time.
 
         Tensors are float32, except with ``keep_quantized``: then a projection or embedding weight whose
-        block type maps exactly onto integer codes (``gguf_quant``) comes as :class:`AffineBlocks`, for
+        block type maps exactly onto integer codes (``gguf_quant``) comes as an ``AffineWeight``, for
         the loader to run in the file's own precision. A tied model yields no ``lm_head.weight``
         (``hf_config["tie_word_embeddings"]`` says so), as its Hugging Face safetensors would not. F32
         tensors are copy-on-write views of the file.

@@ -27,13 +27,13 @@ Decoding is numpy over all blocks at once (a view of the memory-mapped bytes, no
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType
 from gguf.constants import GGML_QUANT_SIZES
 from gguf.quants import Q4_K
+
+from qwenkit.quant.affine import AffineWeight
 
 Q = GGMLQuantizationType
 GROUP = 32
@@ -49,33 +49,15 @@ AFFINE_BITS: dict[GGMLQuantizationType, int] = {
 }
 
 
-@dataclass
-class AffineBlocks:
-    """``w[n, k] = codes[n, k] * scale[k // group_size, n] + shift[k // group_size, n]``: the fields of
-    ``qwenkit.quant.AffineWeight``, decoded from one GGUF tensor."""
-
-    codes: torch.Tensor  # (out, in) uint8
-    scale: torch.Tensor  # (G, out) float32
-    shift: torch.Tensor  # (G, out) float32
-    group_size: int
-    bits: int
-
-    def dequantize(self) -> torch.Tensor:
-        """(out, in) float32, rounding once per weight as gguf-py does."""
-        n, k = self.codes.shape
-        g = self.group_size
-        codes = self.codes.view(n, k // g, g).float()
-        return torch.addcmul(self.shift.T[..., None], codes, self.scale.T[..., None]).reshape(n, k)
-
-    def rows(self, index: torch.Tensor | slice) -> AffineBlocks:
-        """The weight's output rows ``index`` (a permutation or a slice), codes and scales alike."""
-        return AffineBlocks(
-            self.codes[index].contiguous(),
-            self.scale[:, index].contiguous(),
-            self.shift[:, index].contiguous(),
-            self.group_size,
-            self.bits,
-        )
+def take_rows(w: AffineWeight, index: torch.Tensor | slice) -> AffineWeight:
+    """The weight's output rows ``index`` (a permutation or a slice), codes and scales alike."""
+    return AffineWeight(
+        w.codes[index].contiguous(),
+        w.scale[:, index].contiguous(),
+        w.shift[:, index].contiguous(),
+        w.group_size,
+        w.bits,
+    )
 
 
 def can_decode(qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> bool:
@@ -83,7 +65,7 @@ def can_decode(qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> bool:
     return qtype in AFFINE_BITS and len(shape) == 2
 
 
-def decode_affine(data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> AffineBlocks:
+def decode_affine(data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> AffineWeight:
     """Decode one 2-D GGUF tensor's blocks (``data``: its raw bytes, any shape) into codes, scales, shifts.
 
     ``shape`` is (out, in) in PyTorch order.
@@ -97,7 +79,7 @@ def decode_affine(data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[in
         raise ValueError(f"{qtype.name} data holds {blocks.shape[0]} blocks, not {out_f} x {in_f} weights")
     codes, scale, shift = _DECODERS[qtype](blocks)  # (nb, block) uint8, (nb, subblocks) float32 x2
     groups = in_f // GROUP
-    return AffineBlocks(
+    return AffineWeight(
         codes=torch.from_numpy(codes.reshape(out_f, in_f)),
         scale=torch.from_numpy(np.ascontiguousarray(scale.reshape(out_f, groups).T)),
         shift=torch.from_numpy(np.ascontiguousarray(shift.reshape(out_f, groups).T)),
@@ -113,7 +95,10 @@ def _f16(raw: np.ndarray) -> np.ndarray:
 
 def _nibbles(qs: np.ndarray) -> np.ndarray:
     """(nb, 16) bytes -> (nb, 32) codes: low nibbles are elements 0..15, high nibbles 16..31."""
-    return np.concatenate([qs & 0x0F, qs >> 4], axis=1)
+    out = np.empty((qs.shape[0], 2 * qs.shape[1]), dtype=np.uint8)
+    np.bitwise_and(qs, 0x0F, out=out[:, : qs.shape[1]])
+    np.right_shift(qs, 4, out=out[:, qs.shape[1] :])
+    return out
 
 
 def _high_bits(qh: np.ndarray) -> np.ndarray:

@@ -19,7 +19,8 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
-from qwenkit.checkpoint.gguf_quant import AffineBlocks
+from qwenkit.checkpoint.gguf_quant import take_rows
+from qwenkit.quant.affine import AffineWeight
 
 Q = GGMLQuantizationType
 # The types we read and test. gguf-py can decode more (the IQ and ternary types), but we refuse what we
@@ -156,20 +157,20 @@ def keeps_precision(name: str) -> bool:
     return _IN_PRECISION.match(name) is not None
 
 
-def convert_affine(name: str, w: AffineBlocks, heads: HeadLayout) -> Iterator[tuple[str, AffineBlocks]]:
+def convert_affine(name: str, w: AffineWeight, heads: HeadLayout) -> Iterator[tuple[str, AffineWeight]]:
     """``convert_tensor`` for integer codes: the same row permutation and QKV split, applied to the rows
     of codes, scales and shifts alike (quantization groups run along the input, so rows move whole)."""
     rows = w.codes.shape[0]
     if heads.architecture == "llama" and (".self_attn.q_proj." in name or ".self_attn.k_proj." in name):
         n_head = heads.num_attention_heads if ".q_proj." in name else heads.num_key_value_heads
-        yield name, w.rows(unpermute_rows(torch.arange(rows), n_head))
+        yield name, take_rows(w, unpermute_rows(torch.arange(rows), n_head))
         return
     if ".self_attn.qkv." in name:
         if rows % 3:
             raise ValueError(f"{name} has {rows} rows, not a multiple of 3 (Q, K, V)")
         part = rows // 3
         for i, proj in enumerate(("q_proj", "k_proj", "v_proj")):
-            yield name.replace(".qkv.", f".{proj}."), w.rows(slice(i * part, (i + 1) * part))
+            yield name.replace(".qkv.", f".{proj}."), take_rows(w, slice(i * part, (i + 1) * part))
         return
     yield name, w
 

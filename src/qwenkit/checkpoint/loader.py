@@ -42,8 +42,8 @@ class CheckpointSource(Protocol):
     hf_config: dict[str, Any]
 
     def tensors(self, keep_quantized: bool = False) -> Iterator[tuple[str, Any]]:
-        """``(name, tensor)`` pairs; with ``keep_quantized`` a source may yield integer codes (an object
-        with ``codes``, ``scale``, ``shift``, ``group_size``, ``bits``) for weights it stores quantized."""
+        """``(name, tensor)`` pairs; with ``keep_quantized`` a source may yield integer codes (an
+        ``AffineWeight``) for weights it stores quantized."""
         ...
 
     @property

@@ -2,7 +2,7 @@
 
 Examples::
 
-    qwenkit profile                                    # bundled SmolLM2: float32, bfloat16, int8, int4
+    qwenkit profile                                    # bundled SmolLM2: its Q4_1 codes, float32, ... int4
     qwenkit profile Qwen2.5-0.5B-Instruct --generate 512 --encode 2048 --precisions bfloat16,int4
     qwenkit profile Qwen2.5-0.5B-Instruct-GPTQ-Int4    # a quantized checkpoint: its own precision
 """
@@ -24,8 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--precisions",
-        help="comma-separated: float32, bfloat16, float16, int8, int4 "
-        "(default: float32,bfloat16,int8,int4; a quantized checkpoint runs as itself)",
+        help="comma-separated: checkpoint (a GGUF's own precision), float32, bfloat16, float16, int8, int4 "
+        "(default: float32,bfloat16,int8,int4, with checkpoint first for a GGUF; a GPTQ checkpoint "
+        "runs as itself)",
     )
     parser.add_argument("--quantize", choices=["int8", "int4"], help="profile just this precision")
     parser.add_argument(
@@ -60,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         text = args.quantize
     elif args.dtype != "auto":
         text = args.dtype
+    elif path.suffix == ".gguf":
+        text = f"{CHECKPOINT},float32,bfloat16,int8,int4"  # the file's own precision first
     else:
         text = "float32,bfloat16,int8,int4"
     precisions = parse_precisions(text, quantized)

@@ -4,7 +4,7 @@ The loader hands each tensor to :meth:`LayerBuilder.take` before assigning it. A
 into a :class:`QuantizedLinear` at once and swapped in for the (meta) ``nn.Linear``; the float copy is
 dropped before the next tensor is read, so peak memory is the quantized model plus one float matrix.
 
-* Integer codes from a GGUF file (``AffineWeight``-like: codes, scale, shift) run in their own precision.
+* Integer codes from a GGUF file (:class:`AffineWeight`: codes, scale, shift) run in their own precision.
 * With ``--quantize int8|int4``, float weights are rounded to nearest exactly as
   :func:`quantize_for_runtime` does after a float load (same function, same dtype in, same result):
   decoder projections at the asked precision, ``lm_head`` at int8.
@@ -16,27 +16,16 @@ own codes.
 
 from __future__ import annotations
 
-from typing import Protocol
-
 import torch
 from torch import nn
 
+from qwenkit.quant.affine import AffineWeight
 from qwenkit.quant.embedding import QuantizedEmbedding
 from qwenkit.quant.linear import QuantizedLinear
 from qwenkit.quant.rtn import DEFAULT_GROUP, DEFAULT_SYM, quantize_weight_rtn, replace_module
 
 EMBEDDING = "model.embed_tokens"
 HEAD = "lm_head"
-
-
-class IntegerCodes(Protocol):
-    """A weight held as ``codes * scale + shift`` per contiguous group (a GGUF tensor's blocks)."""
-
-    codes: torch.Tensor
-    scale: torch.Tensor
-    shift: torch.Tensor
-    group_size: int
-    bits: int
 
 
 class LayerBuilder:
@@ -48,14 +37,14 @@ class LayerBuilder:
         self.model, self.dtype, self.device, self.tied = model, dtype, device, tied
         self.bits = {None: None, "int8": 8, "int4": 4}[precision]
 
-    def take(self, name: str, tensor: torch.Tensor | IntegerCodes) -> bool:
+    def take(self, name: str, tensor: torch.Tensor | AffineWeight) -> bool:
         """Build the quantized layer ``name`` belongs to, if any; True when the tensor was consumed."""
         module_name, _, attr = name.rpartition(".")
         if attr != "weight":
             return False
         module = self.model.get_submodule(module_name)
         if not isinstance(tensor, torch.Tensor):
-            layer = QuantizedLinear.from_affine(_affine(tensor), self._bias(module), device=self.device)
+            layer = QuantizedLinear.from_affine(tensor, self._bias(module), device=self.device)
         elif self.bits is None:
             return False
         elif isinstance(module, nn.Linear):
@@ -86,11 +75,3 @@ class LayerBuilder:
         """The bias if it arrived first; otherwise the loader sets it on the new layer when it comes."""
         bias = getattr(module, "bias", None)
         return None if bias is None or bias.is_meta else bias.detach()
-
-
-def _affine(w: IntegerCodes):
-    from qwenkit.quant import AffineWeight
-
-    if isinstance(w, AffineWeight):
-        return w
-    return AffineWeight(codes=w.codes, scale=w.scale, shift=w.shift, group_size=w.group_size, bits=w.bits)

@@ -1,0 +1,102 @@
+"""Time from launching ``qwenkit chat -p QUESTION`` to the first byte of the answer, on the bundled model.
+
+Each run is a fresh process (interpreter, imports, load, prompt, first token), timed from ``Popen`` to the
+first byte on stdout (``chat -p`` writes and flushes each piece as it is decoded). Runs alternate between
+the configurations, so load on the machine affects them alike; medians over ``--runs``. The default run is
+the file in its own precision (Q4_1/Q8_0 codes, header cache warm); beside it the old float load
+(``--gguf-dequantize``), and llama.cpp's time to first token on the same file when llama-cpp-python is
+installed. Goal: under 1.5 s.
+
+    .venv/bin/python benchmarks/bench_start.py [--runs 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+QUESTION = "What is the capital of France?"
+LLAMA_CPP = r"""
+import sys, time
+t0 = float(sys.argv[2])
+from llama_cpp import Llama
+llm = Llama(sys.argv[1], n_ctx=2048, verbose=False)
+for chunk in llm.create_chat_completion([{"role": "user", "content": sys.argv[3]}], stream=True,
+                                        temperature=0.2, top_p=0.9, max_tokens=8):
+    if chunk["choices"][0]["delta"].get("content"):
+        print(time.time() - t0, flush=True)
+        break
+"""
+
+
+def qwenkit_exe() -> str:
+    return str(Path(sys.executable).with_name("qwenkit"))
+
+
+def first_byte_seconds(cmd: list[str]) -> float:
+    """Seconds from starting ``cmd`` to the first byte it writes on stdout."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    first = proc.stdout.read(1)
+    elapsed = time.perf_counter() - start
+    proc.kill()
+    proc.wait()
+    if not first:
+        raise RuntimeError(f"{' '.join(cmd)} wrote nothing")
+    return elapsed
+
+
+def llama_cpp_seconds(model: Path) -> float:
+    out = subprocess.run(
+        [sys.executable, "-c", LLAMA_CPP, str(model), repr(time.time()), QUESTION],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return float(out.stdout.split()[0])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=7)
+    args = parser.parse_args()
+    from qwenkit.default_model import default_model_path
+
+    model = default_model_path()
+    chat = [qwenkit_exe(), "chat", "-p", QUESTION, "--max-new-tokens", "8"]
+    configs: dict[str, list[str] | None] = {
+        "qwenkit, in the file's precision (default)": chat,
+        "qwenkit --gguf-dequantize (float weights, the old load)": [*chat, "--gguf-dequantize"],
+    }
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        configs["llama.cpp (llama-cpp-python)"] = None
+    else:
+        configs["llama.cpp (llama-cpp-python)"] = []
+    first_byte_seconds(chat)  # warm the page cache and the GGUF header cache
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    for _ in range(args.runs):
+        for name, cmd in configs.items():
+            if cmd is None:
+                continue
+            times[name].append(llama_cpp_seconds(model) if cmd == [] else first_byte_seconds(cmd))
+    print(f"model: {model.name}; {args.runs} runs each, alternating; {os.cpu_count()} CPUs")
+    print(f"question: {QUESTION!r}; time from process start to the first byte of the answer\n")
+    print("| configuration | median | min | max |")
+    print("|---|---|---|---|")
+    for name, ts in times.items():
+        if not ts:
+            print(f"| {name} | not installed | | |")
+            continue
+        print(f"| {name} | {statistics.median(ts):.2f} s | {min(ts):.2f} s | {max(ts):.2f} s |")
+
+
+if __name__ == "__main__":
+    main()
