@@ -1,8 +1,10 @@
 """Peak resident memory while loading, against the in-memory model size.
 
 Writes a random checkpoint with the exact Qwen2.5-0.5B shape (bfloat16 safetensors, sharded), then loads
-it in fresh subprocesses at several dtypes and reports peak RSS over the interpreter's own baseline
-(python + torch imported). Goal: peak load overhead under 1.3 x the model's in-memory size.
+it in fresh subprocesses at several dtypes, and with ``--quantize int8|int4`` (each layer rounded as its
+weight arrives), and reports peak RSS over the interpreter's own baseline (python + torch imported).
+Beside the quantized loads, the old way in the same run: load the float model whole, then quantize it.
+Goal: peak under 1.3 x the model's in-memory size (for --quantize: the quantized weights).
 
     .venv/bin/python benchmarks/bench_load.py [--keep DIR]
 """
@@ -14,7 +16,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from shapes import QWEN25_05B  # benchmarks/shapes.py, beside this script
@@ -29,12 +30,22 @@ def hwm_kib():
             return int(line.split()[1])
 base = hwm_kib()
 from qwenkit.checkpoint import load_model
+quantize = sys.argv[3] if sys.argv[3] != "-" else None
 t = time.perf_counter()
-model, cfg = load_model(sys.argv[1], dtype=sys.argv[2], progress=False)
+if sys.argv[4] == "after":  # the old way: the whole float model, then quantized
+    from qwenkit.quant import quantize_for_runtime
+    model, cfg = load_model(sys.argv[1], dtype=sys.argv[2], progress=False)
+    quantize_for_runtime(model, quantize)
+else:
+    model, cfg = load_model(sys.argv[1], dtype=sys.argv[2], quantize=quantize, progress=False)
 dt = time.perf_counter() - t
 with torch.no_grad():  # touch every weight: memory-mapped pages count once they are read
     model(torch.tensor([[1, 2, 3]]))
-size = sum(p.numel() * p.element_size() for p in model.parameters())
+seen, size = set(), 0
+for tensor in [*model.parameters(), *model.buffers()]:  # a tied lm_head/embedding counts once
+    if tensor.data_ptr() not in seen:
+        seen.add(tensor.data_ptr())
+        size += tensor.numel() * tensor.element_size()
 peak = hwm_kib()
 print(json.dumps({"base_kib": base, "peak_kib": peak, "model_bytes": size, "seconds": dt}))
 """
@@ -70,22 +81,32 @@ def main() -> None:
             write_checkpoint(path, QWEN25_05B)
         disk = sum(f.stat().st_size for f in path.glob("*.safetensors"))
         print(f"checkpoint: Qwen2.5-0.5B shape, {disk / 2**20:.0f} MiB of bfloat16 safetensors\n")
-        print(
-            "| load dtype | model in memory | peak RSS over interpreter (load + 1 forward) "
-            "| ratio | load time |"
-        )
+        print("| load | model in memory | peak RSS over interpreter (load + 1 forward) | ratio | load time |")
         print("|---|---|---|---|---|")
-        for dtype in ("bfloat16", "float32"):
+        runs = [
+            ("bfloat16", "-", "-"),
+            ("float32", "-", "-"),
+            ("bfloat16", "int8", "on-load"),
+            ("bfloat16", "int8", "after"),
+            ("bfloat16", "int4", "on-load"),
+            ("bfloat16", "int4", "after"),
+        ]
+        for dtype, quantize, how in runs:
             out = subprocess.run(
-                [sys.executable, "-c", CHILD, str(path), dtype], capture_output=True, text=True, check=True
+                [sys.executable, "-c", CHILD, str(path), dtype, quantize, how],
+                capture_output=True,
+                text=True,
+                check=True,
             )
             r = json.loads(out.stdout.strip().splitlines()[-1])
             over = (r["peak_kib"] - r["base_kib"]) * 1024
+            label = dtype if quantize == "-" else f"--quantize {quantize} ({dtype} activations)"
+            if how == "after":
+                label = f"{label}: float load, then quantize (before)"
             print(
-                f"| {dtype} | {r['model_bytes'] / 2**20:.0f} MiB | {over / 2**20:.0f} MiB | "
+                f"| {label} | {r['model_bytes'] / 2**20:.0f} MiB | {over / 2**20:.0f} MiB | "
                 f"{over / r['model_bytes']:.2f}x | {r['seconds']:.2f} s |"
             )
-        time.sleep(0)
 
 
 if __name__ == "__main__":
