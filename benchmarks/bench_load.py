@@ -32,7 +32,9 @@ base = hwm_kib()
 from qwenkit.checkpoint import load_model
 quantize = sys.argv[3] if sys.argv[3] != "-" else None
 t = time.perf_counter()
-if sys.argv[4] == "after":  # the old way: the whole float model, then quantized
+if sys.argv[4] == "dequantize":  # a GGUF file as floats (the old load)
+    model, cfg = load_model(sys.argv[1], dtype=sys.argv[2], progress=False, dequantize=True)
+elif sys.argv[4] == "after":  # the old way: the whole float model, then quantized
     from qwenkit.quant import quantize_for_runtime
     model, cfg = load_model(sys.argv[1], dtype=sys.argv[2], progress=False)
     quantize_for_runtime(model, quantize)
@@ -92,21 +94,34 @@ def main() -> None:
             ("bfloat16", "int4", "after"),
         ]
         for dtype, quantize, how in runs:
-            out = subprocess.run(
-                [sys.executable, "-c", CHILD, str(path), dtype, quantize, how],
-                capture_output=True,
-                text=True,
-                check=True,
-            )
-            r = json.loads(out.stdout.strip().splitlines()[-1])
-            over = (r["peak_kib"] - r["base_kib"]) * 1024
             label = dtype if quantize == "-" else f"--quantize {quantize} ({dtype} activations)"
             if how == "after":
                 label = f"{label}: float load, then quantize (before)"
-            print(
-                f"| {label} | {r['model_bytes'] / 2**20:.0f} MiB | {over / 2**20:.0f} MiB | "
-                f"{over / r['model_bytes']:.2f}x | {r['seconds']:.2f} s |"
-            )
+            print(row(label, path, dtype, quantize, how))
+        from qwenkit.default_model import default_model_path
+
+        gguf = default_model_path()
+        print(f"\nthe bundled {gguf.name} ({gguf.stat().st_size / 2**20:.0f} MiB file)\n")
+        print("| load | model in memory | peak RSS over interpreter | ratio | load time |")
+        print("|---|---|---|---|---|")
+        print(row("in the file's precision (Q4_1/Q8_0 codes; default)", gguf, "bfloat16", "-", "-"))
+        print(row("--gguf-dequantize (bfloat16 floats, the old load)", gguf, "bfloat16", "-", "dequantize"))
+
+
+def row(label: str, path: Path, dtype: str, quantize: str, how: str) -> str:
+    """One table row: load ``path`` in a fresh process and measure it."""
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, str(path), dtype, quantize, how],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    over = (r["peak_kib"] - r["base_kib"]) * 1024
+    return (
+        f"| {label} | {r['model_bytes'] / 2**20:.0f} MiB | {over / 2**20:.0f} MiB | "
+        f"{over / r['model_bytes']:.2f}x | {r['seconds']:.2f} s |"
+    )
 
 
 if __name__ == "__main__":

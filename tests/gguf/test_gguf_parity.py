@@ -9,7 +9,9 @@ from qwenkit.engine import Engine, SamplingParams
 
 
 def test_smollm2_logits_and_greedy_tokens_match_transformers(smollm_path, hf_smollm, hf_smollm_tokenizer):
-    model, config = load_model(smollm_path, dtype="float32", progress=False)
+    # transformers dequantizes the file to float32; so does --gguf-dequantize (the in-precision path is
+    # checked against this one in test_gguf_in_precision.py)
+    model, config = load_model(smollm_path, dtype="float32", progress=False, dequantize=True)
     assert config.family == "llama" and config.tie_word_embeddings
     prompt = hf_smollm_tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}],
