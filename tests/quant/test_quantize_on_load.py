@@ -9,7 +9,7 @@ from factories import hf_model, save_hf
 from torch import nn
 
 from qwenkit.checkpoint import load_model, open_checkpoint
-from qwenkit.quant import QuantizedLinear, quantize_for_runtime
+from qwenkit.quant import QuantizedLinear, on_load, quantize_for_runtime
 from qwenkit.quant.embedding import QuantizedEmbedding
 
 IDS = torch.randint(0, 512, (2, 17), generator=torch.Generator().manual_seed(1))
@@ -24,7 +24,8 @@ def model_dir(request, tmp_path_factory):
 @pytest.mark.parametrize(
     ("quantize", "dtype"), [("int8", "float32"), ("int4", "float32"), ("int4", "bfloat16")]
 )
-def test_quantized_on_load_equals_load_then_quantize(model_dir, quantize: str, dtype: str) -> None:
+def test_quantized_on_load_equals_load_then_quantize(model_dir, quantize, dtype, monkeypatch) -> None:
+    monkeypatch.setattr(on_load, "ROW_BLOCK_ELEMENTS", 64 * 100)  # several row blocks per matrix
     old, _ = load_model(model_dir, dtype=dtype, progress=False)
     quantize_for_runtime(old, quantize)
     new, config = load_model(model_dir, dtype=dtype, quantize=quantize, progress=False)

@@ -21,6 +21,7 @@ from torch import nn
 
 from qwenkit.quant.affine import AffineWeight
 from qwenkit.quant.embedding import QuantizedEmbedding
+from qwenkit.quant.gptq_format import IntWeight
 from qwenkit.quant.linear import QuantizedLinear
 from qwenkit.quant.rtn import DEFAULT_GROUP, DEFAULT_SYM, quantize_weight_rtn, replace_module
 
@@ -59,8 +60,7 @@ class LayerBuilder:
 
     def _round(self, tensor: torch.Tensor, bits: int, bias: torch.Tensor | None) -> QuantizedLinear:
         weight = tensor.to(self.device, self.dtype)  # what the float load held, so RTN sees the same values
-        w = quantize_weight_rtn(weight, bits, DEFAULT_GROUP[bits], DEFAULT_SYM[bits])
-        return QuantizedLinear.from_int(w, bias)
+        return QuantizedLinear.from_int(round_in_row_blocks(weight, bits), bias)
 
     def _install(self, module_name: str, layer: QuantizedLinear) -> None:
         if module_name == EMBEDDING:
@@ -75,3 +75,29 @@ class LayerBuilder:
         """The bias if it arrived first; otherwise the loader sets it on the new layer when it comes."""
         bias = getattr(module, "bias", None)
         return None if bias is None or bias.is_meta else bias.detach()
+
+
+ROW_BLOCK_ELEMENTS = 1 << 23  # RTN's float32 temporaries stay ~32 MiB each, even for a 151936-row head
+
+
+def round_in_row_blocks(weight: torch.Tensor, bits: int) -> IntWeight:
+    """``quantize_weight_rtn`` with the defaults of ``--quantize``, a block of rows at a time.
+
+    Rows are rounded independently (groups run along the input), so the result is the same as one call;
+    only the temporaries (several float32 copies of the matrix) shrink to one block's worth, which for a
+    tied embedding is the difference between ~2 GB and ~100 MB of peak memory.
+    """
+    rows = max(1, ROW_BLOCK_ELEMENTS // weight.shape[1])
+    parts = [
+        quantize_weight_rtn(weight[i : i + rows], bits, DEFAULT_GROUP[bits], DEFAULT_SYM[bits])
+        for i in range(0, weight.shape[0], rows)
+    ]
+    if len(parts) == 1:
+        return parts[0]
+    return IntWeight(
+        qweight=torch.cat([p.qweight for p in parts]),
+        scales=torch.cat([p.scales for p in parts], dim=1),
+        zeros=torch.cat([p.zeros for p in parts], dim=1),
+        g_idx=parts[0].g_idx,
+        bits=bits,
+    )
