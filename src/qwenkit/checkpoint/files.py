@@ -7,7 +7,11 @@ arbitrary objects.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
+import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,3 +110,36 @@ def _read_file(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         if not isinstance(tensor, torch.Tensor):
             raise CheckpointError(f"{path}: entry {name!r} is not a tensor")
         yield name, tensor
+
+
+_MADV_DONTNEED = 4
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+@functools.cache
+def _madvise():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+    fn = libc.madvise
+    fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return fn
+
+
+def release_pages(address: int, nbytes: int) -> None:
+    """Drop the whole pages of ``[address, address + nbytes)`` from this process's resident set.
+
+    For a weight that has been consumed (quantized into a new layer), while the file mapping it came
+    from stays open for the tensors still to come: the file's pages would otherwise all count against
+    the process until the end of the load. Only pages wholly inside the range are touched, so neighbours
+    are safe. Clean pages of a file mapping are re-read from the file if touched again; pages of a
+    private copy read back as zeros, which is why this is only for memory nobody will read.
+    """
+    madvise = _madvise()
+    start = -(-address // _PAGE) * _PAGE
+    end = (address + nbytes) // _PAGE * _PAGE
+    if madvise is not None and end > start:
+        madvise(start, end - start, _MADV_DONTNEED)  # a hint: failure only keeps the pages

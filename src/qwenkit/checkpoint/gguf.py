@@ -24,6 +24,7 @@ from gguf import GGMLQuantizationType
 from gguf.quants import quant_shape_to_byte_shape
 from tokenizers import Tokenizer
 
+from qwenkit.checkpoint.files import release_pages
 from qwenkit.checkpoint.gguf_config import ARCHITECTURES, build_hf_config
 from qwenkit.checkpoint.gguf_index import GGUFIndex, TensorEntry, read_index
 from qwenkit.checkpoint.gguf_quant import AFFINE_BITS, can_decode, decode_affine
@@ -100,7 +101,9 @@ class GGUFCheckpoint:
             shape = t.shape
             try:
                 if keep_quantized and _in_precision(name, t.tensor_type, shape):
-                    codes = decode_affine(self._bytes(t), t.tensor_type, shape)
+                    raw = self._bytes(t)
+                    codes = decode_affine(raw, t.tensor_type, shape)  # new arrays, no view of the file
+                    release_pages(raw.ctypes.data, raw.nbytes)  # the file's pages: read once, done
                     yield from convert_affine(name, codes, self._heads)
                 else:
                     weights = dequantize_tensor(self._data(t), t.tensor_type, shape)

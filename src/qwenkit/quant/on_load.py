@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qwenkit.checkpoint.files import release_pages
 from qwenkit.quant.affine import AffineWeight
 from qwenkit.quant.embedding import QuantizedEmbedding
 from qwenkit.quant.gptq_format import IntWeight
@@ -60,7 +61,11 @@ class LayerBuilder:
 
     def _round(self, tensor: torch.Tensor, bits: int, bias: torch.Tensor | None) -> QuantizedLinear:
         weight = tensor.to(self.device, self.dtype)  # what the float load held, so RTN sees the same values
-        return QuantizedLinear.from_int(round_in_row_blocks(weight, bits), bias)
+        codes = round_in_row_blocks(weight, bits)
+        if tensor.device.type == "cpu":  # done with the float weight: its file pages need not stay resident
+            release_pages(tensor.data_ptr(), tensor.nbytes)
+        del weight, tensor
+        return QuantizedLinear.from_int(codes, bias)
 
     def _install(self, module_name: str, layer: QuantizedLinear) -> None:
         if module_name == EMBEDDING:
