@@ -119,3 +119,18 @@ def test_row_permutation_and_fused_qkv_split_apply_to_codes(tmp_path, gguf_write
     ids = torch.randint(0, 500, (1, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(q(ids), f(ids), rtol=0.02, atol=0.02)
+
+
+def test_profile_names_the_kernels_of_a_gguf_in_its_own_precision(tmp_path, gguf_writer) -> None:
+    from gguf import GGMLQuantizationType as Q
+
+    from qwenkit.profile import profile
+
+    model = hf_model("qwen2", hidden_size=128, intermediate_size=256)  # untied: output.weight in the file
+    path = gguf_writer(tmp_path / "q4.gguf", "qwen2", model.config.to_dict(), model.state_dict(), Q.Q4_0)
+    own, floats = profile(path, ["checkpoint", "float32"], generate=4, encode=8)
+    assert own.precision == "gguf Q4_0"
+    # projections, lm_head and the token embedding's own codes
+    assert own.kernels == {"aten._weight_int4pack_mm_for_cpu (bf16 activations)": 2 * 7 + 2}
+    assert floats.kernels == {"dense F.linear (float32)": 2 * 7 + 1}  # --precisions float32: floats
+    assert own.weight_bytes < floats.weight_bytes / 4

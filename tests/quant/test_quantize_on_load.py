@@ -67,3 +67,25 @@ def test_bias_arriving_after_its_weight_lands_on_the_quantized_layer(model_dir) 
         assert isinstance(q, QuantizedLinear) and torch.equal(q.bias, ref)
     with torch.no_grad():
         assert torch.equal(forward(IDS), backward(IDS))
+
+
+def test_released_pages_of_a_file_mapping_read_back_from_the_file(tmp_path) -> None:
+    """release_pages only drops residency: a memory-mapped weight reads the same afterwards, and the
+    bytes around a released range (shared pages included) are untouched."""
+    import numpy as np
+
+    from qwenkit.checkpoint.files import release_pages
+
+    data = np.random.default_rng(0).standard_normal(3 * 4096, dtype=np.float32)
+    path = tmp_path / "w.bin"
+    data.tofile(path)
+    mapped = torch.from_numpy(np.memmap(path, dtype=np.float32, mode="c"))
+    assert torch.equal(mapped, torch.from_numpy(data))  # every page touched
+    middle = mapped[1000:9000]  # spans whole pages and parts of two more
+    release_pages(middle.data_ptr(), middle.nbytes)
+    assert torch.equal(mapped, torch.from_numpy(data))
+
+    private = torch.arange(3 * 4096, dtype=torch.float32)  # anonymous memory: released pages read 0
+    release_pages(private[1000:9000].data_ptr(), private[1000:9000].nbytes)
+    outside = torch.cat([private[:1000], private[9000:]])  # whatever the pages, nothing outside changes
+    assert torch.equal(outside, torch.cat([torch.arange(1000.0), torch.arange(9000.0, 3 * 4096)]))
