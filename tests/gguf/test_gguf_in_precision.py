@@ -61,6 +61,14 @@ def test_layers_run_the_files_codes(in_precision, dequantized) -> None:
     assert size < floats / 4  # float32: 513 MiB; codes: ~97 MiB
 
 
+def test_memory_check_counts_the_codes(smollm, in_precision) -> None:
+    size = sum(b.numel() * b.element_size() for b in in_precision.buffers())
+    size += sum(p.numel() * p.element_size() for p in in_precision.parameters())
+    estimate = smollm.runtime_bytes(4, keep_quantized=True)
+    assert 0.8 * size < estimate < 1.3 * size
+    assert smollm.runtime_bytes(4, keep_quantized=False) > 4 * estimate  # the float32 load it replaces
+
+
 @pytest.mark.slow
 def test_logits_and_greedy_answers_match_the_dequantized_model(smollm, in_precision, dequantized) -> None:
     tokenizer = tokenizer_for(smollm)

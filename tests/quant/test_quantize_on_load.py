@@ -89,3 +89,21 @@ def test_released_pages_of_a_file_mapping_read_back_from_the_file(tmp_path) -> N
     release_pages(private[1000:9000].data_ptr(), private[1000:9000].nbytes)
     outside = torch.cat([private[:1000], private[9000:]])  # whatever the pages, nothing outside changes
     assert torch.equal(outside, torch.cat([torch.arange(1000.0), torch.arange(9000.0, 3 * 4096)]))
+
+
+def test_memory_check_sizes_the_quantized_model(model_dir, monkeypatch) -> None:
+    """The check before loading counts what will be resident: the int4 model, not the float one."""
+    from qwenkit.checkpoint import loader
+
+    needs: list[int] = []
+    real = loader.check_fits
+
+    def spy(*args, **kwargs):
+        needs.append(real(*args, **kwargs))
+        return needs[-1]
+
+    monkeypatch.setattr(loader, "check_fits", spy)
+    load_model(model_dir, dtype="float32", progress=False)
+    load_model(model_dir, dtype="float32", quantize="int4", progress=False)
+    as_float, as_int4 = needs
+    assert as_int4 < as_float * 0.6

@@ -155,7 +155,8 @@ def load_model(
     # split across ranks (the sharding plans cut float tensors).
     keep_quantized = not (dequantize or quantize or tensor_parallel is not None)
     runtime_bytes = getattr(source, "runtime_bytes", None)
-    weights = runtime_bytes(torch_dtype.itemsize, keep_quantized) if runtime_bytes else None
+    # a GGUF knows its codes' bytes; --quantize sizes the quantized model (never the float one it was)
+    weights = runtime_bytes(torch_dtype.itemsize, keep_quantized) if runtime_bytes and not quantize else None
     context = context or min(config.max_context, 2048)
     check_fits(config, torch_dtype, device, context, batch, quantize, weights=weights)
 
