@@ -89,11 +89,17 @@ def test_moe_gguf_loads_to_the_same_logits(tmp_path, variant, qtype):
     assert "model.layers.2.mlp.experts.7.down_proj.weight" in names
     assert names == [n for n, _ in ckpt.tensors()]
 
-    model, _ = load_model(path, dtype="float32", progress=False)
+    model, _ = load_model(path, dtype="float32", progress=False, dequantize=True)
     with torch.no_grad():
         ours, theirs = model(IDS), ref(IDS).logits
     # F16: the same function exactly; Q8_0: exactly what its rounded weights compute.
     assert (ours - theirs).abs().max().item() < 1e-4
+    # In the file's precision, attention runs on int8 kernels (bfloat16 activations); the stacked experts
+    # stay float (no kernel runs them quantized yet).
+    own, _ = load_model(path, dtype="float32", progress=False)
+    with torch.no_grad():
+        got = own(IDS)
+    assert (got - theirs).abs().max().item() < 2e-2 * theirs.abs().max().item()
 
 
 @pytest.mark.slow
