@@ -5,7 +5,7 @@ first byte on stdout (``chat -p`` writes and flushes each piece as it is decoded
 the configurations, so load on the machine affects them alike; medians over ``--runs``. The default run is
 the file in its own precision (Q4_1/Q8_0 codes, header cache warm); beside it the old float load
 (``--gguf-dequantize``), and llama.cpp's time to first token on the same file when llama-cpp-python is
-installed. Goal: under 1.5 s.
+installed, and the default run with one torch thread. Goal: under 1.5 s.
 
     .venv/bin/python benchmarks/bench_start.py [--runs 7]
 """
@@ -39,9 +39,14 @@ def qwenkit_exe() -> str:
 
 
 def first_byte_seconds(cmd: list[str]) -> float:
-    """Seconds from starting ``cmd`` to the first byte it writes on stdout."""
+    """Seconds from starting ``cmd`` (``VAR=value`` words first set its environment) to the first byte
+    it writes on stdout."""
+    env = dict(os.environ)
+    while cmd and "=" in cmd[0]:
+        key, _, value = cmd[0].partition("=")
+        env[key], cmd = value, cmd[1:]
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
     assert proc.stdout is not None
     first = proc.stdout.read(1)
     elapsed = time.perf_counter() - start
@@ -73,6 +78,8 @@ def main() -> None:
     configs: dict[str, list[str] | None] = {
         "qwenkit, in the file's precision (default)": chat,
         "qwenkit --gguf-dequantize (float weights, the old load)": [*chat, "--gguf-dequantize"],
+        # one torch thread: shows what a thread team waiting for a busy core costs on a shared machine
+        "qwenkit, OMP_NUM_THREADS=1": ["OMP_NUM_THREADS=1", *chat],
     }
     try:
         import llama_cpp  # noqa: F401
