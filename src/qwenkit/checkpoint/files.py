@@ -143,3 +143,22 @@ def release_pages(address: int, nbytes: int) -> None:
     end = (address + nbytes) // _PAGE * _PAGE
     if madvise is not None and end > start:
         madvise(start, end - start, _MADV_DONTNEED)  # a hint: failure only keeps the pages
+
+
+@functools.cache
+def _malloc_trim():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+    fn.argtypes = (ctypes.c_size_t,)
+    return fn
+
+
+def trim_heap() -> None:
+    """Hand freed heap memory back to the system (glibc keeps it otherwise), after a large transient."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)

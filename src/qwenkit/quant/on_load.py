@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qwenkit.checkpoint.files import release_pages
+from qwenkit.checkpoint.files import release_pages, trim_heap
 from qwenkit.quant.affine import AffineWeight
 from qwenkit.quant.embedding import QuantizedEmbedding
 from qwenkit.quant.gptq_format import IntWeight
@@ -64,6 +64,8 @@ class LayerBuilder:
         codes = round_in_row_blocks(weight, bits)
         if tensor.device.type == "cpu":  # done with the float weight: its file pages need not stay resident
             release_pages(tensor.data_ptr(), tensor.nbytes)
+            if weight.numel() > ROW_BLOCK_ELEMENTS:
+                trim_heap()  # the row blocks' temporaries, before the kernel's own
         del weight, tensor
         return QuantizedLinear.from_int(codes, bias)
 
