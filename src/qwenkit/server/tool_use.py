@@ -17,7 +17,7 @@ from typing import Any
 from qwenkit.generate import LLM
 from qwenkit.server.errors import APIError
 from qwenkit.server.schemas import ChatCompletionRequest
-from qwenkit.tools.calls import Event, ParsedMessage, collect
+from qwenkit.tools.calls import Event, ParsedMessage, call_events, collect
 from qwenkit.tools.grammar import GrammarError, enable_grammars, json_schema_grammar, tool_call_grammar
 from qwenkit.tools.hermes import THINK_OPEN, HermesParser
 from qwenkit.tools.react import STOP_WORDS, parse_react, react_messages
@@ -193,8 +193,9 @@ class ToolParser:
             tools=plan.parses_calls, reasoning=plan.reasoning, in_reasoning=plan.in_reasoning
         )
         self.events: list[Event] = []
-        self.calls = 0
-
+        self.calls = 0  # complete calls kept
+        self.started = 0  # calls started (their first delta sent)
+        self.dropped: set[str] = set()  # ids of calls past the first when parallel_tool_calls is false
         self.react_text: list[str] = []
 
     def feed(self, text: str) -> list[Event]:
@@ -207,19 +208,26 @@ class ToolParser:
         if self.plan.react:
             m = parse_react("".join(self.react_text))
             events = [Event("content", m.content)] if m.content else []
-            return self._keep(events + [Event("tool_call", call=c) for c in m.tool_calls])
+            return self._keep(events + [e for c in m.tool_calls for e in call_events(c)])
         return self._keep(self.inner.finish())
 
     def _keep(self, events: list[Event]) -> list[Event]:
         kept = []
         for e in events:
-            if e.kind == "tool_call":
-                if self.calls and not self.plan.parallel:
-                    continue  # parallel_tool_calls: false keeps the first call only
-                self.calls += 1
+            if e.call is not None:
+                if e.kind == "call_start" and self.started and not self.plan.parallel:
+                    self.dropped.add(e.call.id)  # parallel_tool_calls: false keeps the first call only
+                if e.call.id in self.dropped:
+                    continue
+                self.started += e.kind == "call_start"
+                self.calls += e.kind == "tool_call"
             kept.append(e)
         self.events += kept
         return kept
+
+    @property
+    def warnings(self) -> list[str]:
+        return self.inner.warnings
 
     def finish_reason(self, reason: str) -> str:
         return "tool_calls" if self.calls and reason == "stop" else reason
