@@ -355,6 +355,36 @@ def test_react_flow_for_models_without_tool_templates(steered_v1):
     assert r.choices[0].message.content == "Sunny." and r.choices[0].message.tool_calls is None
 
 
+def test_react_forced_calls(steered_v1):
+    """tool_choice "required" and a named function on a v1 model: the grammar forces ReAct's
+    ``Action: <name>\\nAction Input: <JSON>``, so the (random) model always calls a listed (the named)
+    tool with arguments that validate; streamed and whole agree."""
+    c = client(steered_v1[0])
+    schemas = {"get_weather": WEATHER["function"]["parameters"], "get_time": TIME["function"]["parameters"]}
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    picked = []
+    for choice, seed in ((named, 1), ("required", 0), ("required", 2)):
+        kwargs = dict(
+            model="tiny",
+            messages=USER,
+            tools=[WEATHER, TIME],
+            tool_choice=choice,
+            temperature=1.0,
+            seed=seed,
+            max_tokens=60,
+        )
+        r = c.chat.completions.create(**kwargs)
+        (call,) = r.choices[0].message.tool_calls
+        assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
+        assert call.function.name == "get_weather" if choice is named else call.function.name in schemas
+        jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+        content, _, calls, finish = stream_parts(c, **kwargs)
+        assert (content, finish) == ("", "tool_calls")
+        assert [(x["name"], x["arguments"]) for x in calls] == [(call.function.name, call.function.arguments)]
+        picked.append(call.function.name)
+    assert sorted(picked[1:]) == ["get_time", "get_weather"]  # "required" lets the model choose
+
+
 # ---- validation ----------------------------------------------------------------------------------
 
 

@@ -4,8 +4,8 @@ enforces them, and the parser that turns each choice's text into ``content``, ``
 
 A request without ``tools`` (or with ``tool_choice: "none"``) gets no tool parsing: ``<tool_call>`` text
 comes back verbatim in ``content`` (Qwen-Agent writes its own function-calling prompt and parses it).
-``"required"`` and a named function are enforced by constrained decoding, as are ``json_object`` and
-``json_schema`` response formats.
+``"required"`` and a named function are enforced by constrained decoding (hermes blocks, or for Qwen v1
+a ReAct ``Action`` / ``Action Input``), as are ``json_object`` and ``json_schema`` response formats.
 """
 
 from __future__ import annotations
@@ -18,7 +18,13 @@ from qwenkit.generate import LLM
 from qwenkit.server.errors import APIError
 from qwenkit.server.schemas import ChatCompletionRequest
 from qwenkit.tools.calls import Event, ParsedMessage, call_events, collect
-from qwenkit.tools.grammar import GrammarError, enable_grammars, json_schema_grammar, tool_call_grammar
+from qwenkit.tools.grammar import (
+    GrammarError,
+    enable_grammars,
+    json_schema_grammar,
+    react_call_grammar,
+    tool_call_grammar,
+)
 from qwenkit.tools.hermes import THINK_OPEN, HermesParser
 from qwenkit.tools.react import STOP_WORDS, parse_react, react_messages
 
@@ -139,10 +145,6 @@ def plan_tools(llm: LLM, body: ChatCompletionRequest, prompt_ids: list[int]) -> 
     template = llm.tokenizer.chat_template or ""
     plan = ToolPlan(functions, choice, named, parallel, reasoning=THINK_OPEN in template)
     plan.react = uses_react(llm, body)
-    if plan.react and choice in ("required", "named"):
-        raise APIError(
-            400, f'tool_choice "{choice}" needs a model whose chat template renders tools', "tool_choice"
-        )
     if plan.reasoning:
         tail = llm.tokenizer.decode(prompt_ids[-4:])
         plan.in_reasoning = tail.rstrip().endswith(THINK_OPEN)
@@ -150,7 +152,10 @@ def plan_tools(llm: LLM, body: ChatCompletionRequest, prompt_ids: list[int]) -> 
     try:
         if choice in ("required", "named"):
             chosen = [fn for fn in functions if choice == "required" or fn["name"] == named]
-            plan.grammar = tool_call_grammar(chosen, parallel=parallel and choice == "required")
+            if plan.react:  # ReAct parses one Action per turn
+                plan.grammar = react_call_grammar(chosen)
+            else:
+                plan.grammar = tool_call_grammar(chosen, parallel=parallel and choice == "required")
         elif constrained:
             plan.grammar = json_schema_grammar(schema)
         if plan.grammar is not None:

@@ -128,22 +128,24 @@ def react_messages(messages: list[dict[str, Any]], functions: list[dict[str, Any
 
 def parse_react(text: str) -> ParsedMessage:
     """openai_api.py's parse_response: the first Action/Action Input pair is a call (the stop word may
-    have been swallowed); otherwise the text after the last ``Final Answer:`` is the content."""
-    i, j = text.find("\nAction:"), text.find("\nAction Input:")
-    k = text.find("\nObservation:")
+    have been swallowed; the reply may open with ``Action:``, as a forced call does); otherwise the text
+    after the last ``Final Answer:`` is the content."""
+    padded = "\n" + text
+    i, j = padded.find("\nAction:"), padded.find("\nAction Input:")
+    k = padded.find("\nObservation:")
     if 0 <= i < j:
         if k < j:
-            text = text.rstrip() + "\nObservation:"
-            k = text.find("\nObservation:")
-        name = text[i + len("\nAction:") : j].strip()
-        raw_args = text[j + len("\nAction Input:") : k].strip()
+            padded = padded.rstrip() + "\nObservation:"
+            k = padded.find("\nObservation:")
+        name = padded[i + len("\nAction:") : j].strip()
+        raw_args = padded[j + len("\nAction Input:") : k].strip()
         if name:
             try:
                 args = json.loads(raw_args)
                 arguments = json.dumps(args, ensure_ascii=False) if isinstance(args, dict) else raw_args
             except ValueError:
                 arguments = raw_args
-            thought = text[:i].strip().removeprefix("Thought:").strip()
+            thought = padded[:i].strip().removeprefix("Thought:").strip()
             return ParsedMessage(thought, "", [ToolCall(name, arguments)], [])
     answer = text.rfind("\nFinal Answer: ")
     if answer >= 0:
