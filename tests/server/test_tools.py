@@ -355,6 +355,24 @@ def test_react_flow_for_models_without_tool_templates(steered_v1):
     assert r.choices[0].message.content == "Sunny." and r.choices[0].message.tool_calls is None
 
 
+def test_react_malformed_action_input_is_content(steered_v1, caplog):
+    live = steered_v1[0]
+    reply = "Thought: I need the weather.\nAction: get_weather\nAction Input: Paris, in celsius"
+    for stream in (False, True):
+        caplog.clear()
+        play(steered_v1, reply + "\nObservation:")
+        kwargs = dict(model="tiny", max_tokens=200, messages=USER, tools=[WEATHER])
+        if stream:
+            content, _, calls, finish = stream_parts(client(live), **kwargs)
+        else:
+            r = client(live).chat.completions.create(**kwargs)
+            content, finish = r.choices[0].message.content, r.choices[0].finish_reason
+            calls = r.choices[0].message.tool_calls or []
+        assert (content, calls, finish) == (reply + "\n", [], "stop")  # verbatim, up to the stop word
+        (line,) = [rec.getMessage() for rec in caplog.records if "Action Input" in rec.getMessage()]
+        assert line.startswith("chatcmpl-") and "'get_weather' is not a JSON object" in line
+
+
 def test_react_forced_calls(steered_v1):
     """tool_choice "required" and a named function on a v1 model: the grammar forces ReAct's
     ``Action: <name>\\nAction Input: <JSON>``, so the (random) model always calls a listed (the named)

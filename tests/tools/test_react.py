@@ -110,3 +110,12 @@ def test_parse_react_reply_opening_with_action():
     assert m.content == "" and [(c.name, json.loads(c.arguments)) for c in m.tool_calls] == [
         ("get_weather", {"city": "Paris"})
     ]
+
+
+def test_action_input_that_is_not_a_json_object_is_content():
+    """OpenAI ``arguments`` must be a JSON object: any other Action Input leaves the reply as text."""
+    for raw in ("Paris", '["Paris"]', '{"city": "Paris"'):
+        reply = f"Thought: weather.\nAction: get_weather\nAction Input: {raw}"
+        m = parse_react(reply)
+        assert (m.content, m.tool_calls) == (reply, [])
+        assert len(m.warnings) == 1 and "'get_weather' is not a JSON object" in m.warnings[0]

@@ -202,6 +202,7 @@ class ToolParser:
         self.started = 0  # calls started (their first delta sent)
         self.dropped: set[str] = set()  # ids of calls past the first when parallel_tool_calls is false
         self.react_text: list[str] = []
+        self.react_warnings: list[str] = []
 
     def feed(self, text: str) -> list[Event]:
         if self.plan.react:  # a ReAct reply is decided by its last lines: parsed whole at the end
@@ -212,6 +213,7 @@ class ToolParser:
     def finish(self) -> list[Event]:
         if self.plan.react:
             m = parse_react("".join(self.react_text))
+            self.react_warnings = m.warnings
             events = [Event("content", m.content)] if m.content else []
             return self._keep(events + [e for c in m.tool_calls for e in call_events(c)])
         return self._keep(self.inner.finish())
@@ -232,10 +234,10 @@ class ToolParser:
 
     @property
     def warnings(self) -> list[str]:
-        return self.inner.warnings
+        return self.inner.warnings + self.react_warnings
 
     def finish_reason(self, reason: str) -> str:
         return "tool_calls" if self.calls and reason == "stop" else reason
 
     def message(self) -> ParsedMessage:
-        return collect(self.events, self.inner.warnings)
+        return collect(self.events, self.warnings)
