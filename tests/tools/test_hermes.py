@@ -111,6 +111,7 @@ def test_malformed_and_truncated_become_content_with_warning():
     assert len(m.warnings) == 1 and "not JSON" in m.warnings[0]
     t = parse_hermes(TRUNCATED)
     assert t.tool_calls == [] and t.content == TRUNCATED and len(t.warnings) == 1
+    assert "was cut off" in t.warnings[0]
 
 
 def test_arguments_are_the_text_the_model_wrote():

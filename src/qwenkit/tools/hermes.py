@@ -203,7 +203,7 @@ class HermesParser:
                 self.calls += 1
                 events += call_events(call)
             else:
-                self._malformed(events, raw)
+                self._malformed(events, raw, closed)
             return
         if self._complete(opened, body):
             opened.call.arguments = body[opened.start : opened.end]
@@ -211,7 +211,7 @@ class HermesParser:
             events.append(Event("tool_call", call=opened.call))
         else:
             events.append(Event("call_broken", call=opened.call))
-            self._malformed(events, raw)
+            self._malformed(events, raw, closed)
 
     @staticmethod
     def _complete(opened: _OpenCall, body: str) -> bool:
@@ -266,11 +266,9 @@ class HermesParser:
         if text:
             events.append(Event(kind, text))  # type: ignore[arg-type]
 
-    def _malformed(self, events: list[Event], raw: str) -> None:
-        self.warnings.append(
-            "a <tool_call> block is not JSON with a name and object arguments; "
-            f"returned as text: {raw[:200]!r}"
-        )
+    def _malformed(self, events: list[Event], raw: str, closed: bool) -> None:
+        problem = "is not JSON with a name and object arguments" if closed else "was cut off"
+        self.warnings.append(f"a <tool_call> block {problem}; returned as text: {raw[:200]!r}")
         self._emit(events, "content", raw)
 
 
