@@ -125,6 +125,17 @@ def test_parallel_calls_stream_and_whole_agree(steered):
     assert all(x["id"].startswith("call_") for x in calls) and len({x["id"] for x in calls}) == 2
 
 
+def test_text_that_looks_like_a_tag_start_is_content(steered):
+    """``<tool`` and ``<tool_cal`` are held back while they might open a block, then sent as content."""
+    live = steered[0]
+    text = "Use <tool and <tool_cal here; x < y."
+    play(steered, text)
+    content, _, calls, finish = stream_parts(
+        client(live), model="tiny", max_tokens=100, messages=USER, tools=[WEATHER]
+    )
+    assert (content, calls, finish) == (text, [], "stop")
+
+
 def test_stream_helper_accumulates_calls(steered):
     live = steered[0]
     play(steered, TWO_CALLS, tools=[WEATHER, TIME])
