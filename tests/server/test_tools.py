@@ -201,6 +201,12 @@ def test_malformed_call_is_content_not_500(steered, caplog):
         assert (content, finish) == (expected, "stop")
         assert [(x["name"], x["arguments"]) for x in calls] == started
         assert sum("<tool_call> block" in rec.getMessage() for rec in caplog.records) == 1
+        play(steered, bad, tools=[WEATHER])  # the SDK's stream helper takes it without raising
+        with client(live).chat.completions.stream(
+            model="tiny", max_tokens=200, messages=USER, tools=[WEATHER]
+        ) as s:
+            final = s.get_final_completion().choices[0]
+        assert (final.message.content, final.finish_reason) == (expected, "stop")
 
 
 def test_streamed_arguments_arrive_in_pieces_as_the_sdk_accumulates(steered):
