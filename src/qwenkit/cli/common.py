@@ -29,6 +29,13 @@ def add_model_args(parser: argparse.ArgumentParser, optional_model: bool = True)
         "--max-context", type=int, help="longest sequence to plan memory for (default: model's)"
     )
     parser.add_argument("--adapter", metavar="DIR", help="apply a peft-format LoRA adapter (not merged)")
+    parser.add_argument(
+        "--no-cuda-graphs",
+        dest="cuda_graphs",
+        action="store_false",
+        default=None,
+        help="on CUDA, run decode steps eagerly instead of replaying captured CUDA graphs",
+    )
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -86,6 +93,7 @@ def load_llm(args: argparse.Namespace, max_batch_size: int = 1, tensor_parallel=
         progress=tensor_parallel is None or tensor_parallel.rank == 0,
         tensor_parallel=tensor_parallel,
         adapter=args.adapter,
+        cuda_graphs=args.cuda_graphs,
     )
 
 

@@ -97,6 +97,7 @@ def main(argv: list[str]) -> int:
             quantize=args.quantize,
             max_batch_size=args.batch_size,
             max_seq_len=args.max_context,
+            cuda_graphs=args.cuda_graphs,
         )
         backend = LocalBackend(llm, batch_size=args.batch_size)
         record = runner.model_record(path, llm, args.dtype, args.quantize)

@@ -166,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         kv_cache_memory=kv_bytes,
         prefix_caching=not args.no_prefix_caching,
         adapter=args.adapter,
+        cuda_graphs=args.cuda_graphs,
     )
     name = args.served_model_name or (path.stem if path.suffix == ".gguf" else path.name)
     config = ServerConfig(
