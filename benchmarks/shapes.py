@@ -51,3 +51,15 @@ QWEN25_15B = {
     "num_attention_heads": 12,
     "num_key_value_heads": 2,
 }
+
+# Qwen2.5-7B(-Instruct): 7.6 B parameters, untied embeddings, 7 query heads per KV head.
+QWEN25_7B = {
+    **QWEN25_05B,
+    "vocab_size": 152064,
+    "hidden_size": 3584,
+    "intermediate_size": 18944,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+    "tie_word_embeddings": False,
+}
