@@ -245,3 +245,41 @@ def test_cuda_graph_capture_matches_eager(tmp_path):
     assert run(graphs_engine, prompts, params) == run(plain, prompts, params)
     assert graphs.disabled is None
     assert len(graphs.graphs) >= 3 and set(graphs.graphs) == graphs.shapes_run
+
+
+@pytest.mark.slow
+def test_cuda_benchmark_script_logic_on_cpu():
+    """The GPU benchmark's whole flow (build, bandwidth, speed table, correctness checks) on a tiny CPU
+    model, so the script the GPU run depends on cannot rot unnoticed."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    args = [
+        "--device",
+        "cpu",
+        "--tiny",
+        "--batches",
+        "1,3",
+        "--new-tokens",
+        "8",
+        "--rounds",
+        "1",
+        "--check-tokens",
+        "6",
+    ]
+    done = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "bench_cuda_decode.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={"PYTHONPATH": str(root / "src"), "PATH": "/usr/bin:/bin"},
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = done.stdout
+    assert out.count("] PASS ") == 4 and "FAIL" not in out and "ERROR" not in out
+    assert "correctness: PASS (4/4 checks passed)" in out
+    rows = [line for line in out.splitlines() if line.startswith(("| 1 |", "| 3 |"))]
+    assert len(rows) == 2 and all("error" not in row for row in rows)
+    assert "eager static step (no capture): [(1, " in out  # the static path ran in the graphs-on engine
