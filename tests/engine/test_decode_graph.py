@@ -283,3 +283,23 @@ def test_cuda_benchmark_script_logic_on_cpu():
     rows = [line for line in out.splitlines() if line.startswith(("| 1 |", "| 3 |"))]
     assert len(rows) == 2 and all("error" not in row for row in rows)
     assert "eager static step (no capture): [(1, " in out  # the static path ran in the graphs-on engine
+
+
+@pytest.mark.parametrize("flag, expected", [([], None), (["--no-cuda-graphs"], False)])
+def test_cli_flag_reaches_the_engine(tiny_chat_model, monkeypatch, capsys, flag, expected):
+    """``--no-cuda-graphs`` is passed down to LLM.load (unset: None, the engine's automatic choice)."""
+    from qwenkit.cli import main
+    from qwenkit.generate import LLM
+
+    seen = {}
+    original = LLM.load.__func__
+
+    def load(cls, *args, **kwargs):
+        seen["cuda_graphs"] = kwargs.get("cuda_graphs", "missing")
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(LLM, "load", classmethod(load))
+    argv = ["generate", str(tiny_chat_model), "--prompt-ids", "9707,11", "--dtype", "float32"]
+    assert main([*argv, "--temperature", "0", "--max-new-tokens", "2", *flag]) == 0
+    assert seen["cuda_graphs"] is expected
+    assert capsys.readouterr().out.strip()

@@ -81,7 +81,10 @@ class StaticDecodeAttention:
         keys = torch.arange(slots.shape[1], device=packed.device)
         visible = keys[None, :] <= positions[:, None]  # (Bb, S)
         self.gather = torch.where(visible, slots, slots[:, :1])
-        self.mask = visible[:, None, None, :]  # (Bb, 1, 1, S): broadcast over heads and query groups
+        # Additive, made once per step (a boolean mask is converted in every layer): (Bb, 1, 1, S),
+        # broadcast over KV heads and query groups.
+        hidden = torch.zeros(visible.shape, dtype=cache.k[0].dtype, device=packed.device)
+        self.mask = hidden.masked_fill(~visible, float("-inf"))[:, None, None, :]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q (Bb, H, 1, D), k/v (Bb, Hkv, 1, D) -> (Bb, H, 1, D)."""
@@ -95,7 +98,8 @@ class StaticDecodeAttention:
         # Grouped-query attention with one query per row: the G query heads that share a KV head are
         # the G "query positions" of that head, so K/V are read once, never repeated per query head.
         grouped = q.reshape(rows, kv_heads, heads // kv_heads, dim)  # (Bb, Hkv, G, D)
-        out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=self.mask)
+        mask = self.mask if self.mask.dtype == q.dtype else self.mask.to(q.dtype)
+        out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask)
         return out.reshape(rows, heads, 1, dim)
 
 

@@ -36,7 +36,7 @@ class KVCache(Protocol):
 class AttentionInputs:
     """Per-step tensors shared by every layer: computed once, not per layer."""
 
-    cos: torch.Tensor  # (B, 1, T, rotary_dim) float32
+    cos: torch.Tensor  # (B, 1, T, rotary_dim): float32, or the activation dtype where RoPE runs in it
     sin: torch.Tensor
     logn: torch.Tensor | None  # (B, 1, T, 1) query scale for Qwen v1 LogN, or None
     cache: KVCache | None

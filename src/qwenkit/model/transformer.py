@@ -69,13 +69,15 @@ class Transformer(nn.Module):
         B, T = input_ids.shape
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        x = self.model.embed_tokens(input_ids)  # (B, T, hidden)
         cos, sin = self.rotary(positions, ntk_alphas)
+        if self.config.family != "qwen":
+            # transformers rotates in the activation dtype: cast once per step, not in every layer
+            cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         logn = None
         if self.config.use_logn_attn:
             logn = logn_scale(positions, self.config.max_position_embeddings)
         inputs = AttentionInputs(cos=cos, sin=sin, logn=logn, cache=cache)
-
-        x = self.model.embed_tokens(input_ids)  # (B, T, hidden)
         for layer in self.model.layers:
             x = layer(x, inputs)
         if logits_index is not None:
