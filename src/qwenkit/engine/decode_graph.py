@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from qwenkit.engine.kv_cache import PagedKVCache
 from qwenkit.model import Transformer
+from qwenkit.model.moe import MoEMLP
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +117,6 @@ def static_decode_forward(model: Transformer, cache: PagedKVCache, packed: torch
 
 def supports_static_decode(model: Transformer) -> str | None:
     """Why this model cannot take the static decode path, or None if it can."""
-    from qwenkit.model.moe import MoEMLP
-
     if any(isinstance(m, MoEMLP) for m in model.modules()):
         return "mixture-of-experts layers pick experts on the host"
     if torch.distributed.is_available() and torch.distributed.is_initialized():
