@@ -112,6 +112,7 @@ def compare(model, prompts, params, **engine_args) -> tuple[Recorder, Recorder, 
     return plain, static, static.engine.decode_graphs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["qwen2", "qwen3"])
 def test_static_step_equals_engine_path(family, request):
     """Three rows at different lengths (batch bucket 4: one padded row), then two and one as the
