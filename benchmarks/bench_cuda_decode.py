@@ -47,6 +47,7 @@ TINY = {
     "num_hidden_layers": 2,
     "num_attention_heads": 7,
     "num_key_value_heads": 1,
+    "eos_token_id": 1,
 }
 MODEL_CARD_A100_BF16 = 40.9  # Qwen-7B model card, tokens/s, batch 1, BF16 on an A100
 START = time.monotonic()
@@ -264,6 +265,37 @@ def correctness(model: Transformer, args, near_tie: bool, label: str) -> list[bo
     return results
 
 
+def transformers_rate(shape: dict, device: torch.device, prompt_len: int, new_tokens: int) -> float:
+    """The peer: transformers' own ``generate`` (eager, its default cache), batch 1, same shape and dtype;
+    tokens/s over the whole call (the 16-token prefill is a small part of it)."""
+    import transformers
+
+    config = transformers.Qwen2Config(**{k: v for k, v in shape.items() if k != "architectures"})
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = transformers.Qwen2ForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    ids = torch.tensor(prompts_for(1, prompt_len, shape["vocab_size"]), device=device)
+    settings = dict(do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
+    with torch.inference_mode():
+        model.generate(ids, max_new_tokens=4, min_new_tokens=4, **settings)  # warm-up
+        sync(device)
+        start = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **settings)
+        sync(device)
+    seconds = time.perf_counter() - start
+    return (out.shape[1] - ids.shape[1]) / seconds
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
+
+
 def table(args, rates: dict, limit_rate: float | None) -> str:
     lines = [
         "| batch | graphs off (eager) tokens/s | graphs on tokens/s | speed-up | graphs on, per row | "
@@ -290,6 +322,7 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--check-tokens", type=int, default=32)
+    ap.add_argument("--no-peer", action="store_true", help="skip transformers' generate (the peer)")
     ap.add_argument("--budget", type=float, default=200.0, help="seconds before remaining rounds are skipped")
     args = ap.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
@@ -335,6 +368,17 @@ def main() -> int:
     except Exception:
         say(f"ERROR in the float32 check\n{traceback.format_exc()}")
         passed.append(False)
+    peer = None
+    if time.monotonic() < START + args.budget - 30 and not args.no_peer:
+        try:
+            peer = transformers_rate(shape, device, args.prompt_len, args.new_tokens)
+            say(f"peer: transformers generate, batch 1: {peer:.1f} tokens/s")
+        except Exception:
+            say(f"peer (transformers) ERROR\n{traceback.format_exc()}")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    else:
+        say("peer (transformers) skipped")
     faulthandler.cancel_dump_traceback_later()
     print()
     print(
@@ -344,6 +388,9 @@ def main() -> int:
     print()
     print(table(args, rates, limit_rate))
     print()
+    if peer is not None:
+        version = _version("transformers")
+        print(f"Peer, same run: transformers {version} generate (eager, bf16), batch 1: {peer:.1f} tokens/s.")
     print(
         f"Reference: the Qwen-7B model card gives {MODEL_CARD_A100_BF16} tokens/s (batch 1, BF16, A100). "
         "Target: >= 150 tokens/s at batch 1 with graphs on (H100/H200)."

@@ -284,6 +284,7 @@ def test_cuda_benchmark_script_logic_on_cpu():
     rows = [line for line in out.splitlines() if line.startswith(("| 1 |", "| 3 |"))]
     assert len(rows) == 2 and all("error" not in row for row in rows)
     assert "eager static step (no capture): [(1, " in out  # the static path ran in the graphs-on engine
+    assert "Peer, same run: transformers" in out
 
 
 @pytest.mark.parametrize("flag, expected", [([], None), (["--no-cuda-graphs"], False)])
