@@ -230,6 +230,7 @@ def test_no_static_path_by_default_on_cpu(qwen2):
     assert Engine(qwen2, cuda_graphs=True).decode_graphs.capture is False
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a CUDA device")
 def test_cuda_graph_capture_matches_eager(tmp_path):
     model = load_model(
