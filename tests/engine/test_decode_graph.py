@@ -306,3 +306,21 @@ def test_cli_flag_reaches_the_engine(tiny_chat_model, monkeypatch, capsys, flag,
     assert main([*argv, "--temperature", "0", "--max-new-tokens", "2", *flag]) == 0
     assert seen["cuda_graphs"] is expected
     assert capsys.readouterr().out.strip()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs capture to fail: no CUDA device")
+def test_failed_capture_falls_back_with_one_warning(qwen2, caplog):
+    """A capture that raises (here: no CUDA device) disables graphs with one logged warning; the step
+    that tried still gives the right tokens, and later steps take the ordinary path."""
+    prompts = [list(range(5, 12)), [7]]
+    params = [SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)] * 2
+    expected = run(Engine(qwen2, cuda_graphs=False), prompts, params)
+    engine = Engine(qwen2, cuda_graphs=True)
+    engine.decode_graphs.capture = True  # as on CUDA
+    recorder = Recorder(engine)
+    with caplog.at_level("WARNING", logger="qwenkit.engine.decode_graph"):
+        assert run(engine, prompts, params) == expected
+    assert engine.decode_graphs.disabled and not engine.decode_graphs.graphs
+    warnings = [r for r in caplog.records if "CUDA graph capture failed" in r.getMessage()]
+    assert len(warnings) == 1
+    assert recorder.static_steps == 1  # only the step that tried to capture
