@@ -99,9 +99,10 @@ def add_tensor_parallel_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run_tensor_parallel(args: argparse.Namespace, rank_main) -> int:
+def run_tensor_parallel(args: argparse.Namespace, rank_main, rank0_handles_signals: bool = False) -> int:
     """Check the split here (one clear line, nothing started), then run ``rank_main(tp, args)`` in N
-    processes. A rank that already printed its one-line error exits 2, and so does this command."""
+    processes. A rank that already printed its one-line error exits 2, and so does this command.
+    ``rank0_handles_signals``: SIGTERM goes on to rank 0, which stops the others (serve, chat)."""
     import random
 
     from qwenkit.checkpoint import open_checkpoint
@@ -113,7 +114,13 @@ def run_tensor_parallel(args: argparse.Namespace, rank_main) -> int:
     local_config(ModelConfig.from_hf(source.hf_config), args.tensor_parallel)
     args.rank_seed = random.SystemRandom().randrange(2**31)  # one random state for every rank
     try:
-        run_ranks(rank_main, args.tensor_parallel, (args,), device=args.device)
+        run_ranks(
+            rank_main,
+            args.tensor_parallel,
+            (args,),
+            device=args.device,
+            rank0_handles_signals=rank0_handles_signals,
+        )
     except RankFailedError as e:
         if e.exitcode == 2:
             return 2

@@ -4,6 +4,9 @@ names the rank, so nothing is left half-started or waiting forever on a collecti
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import socket
 import time
 from collections.abc import Callable
@@ -54,9 +57,14 @@ def run_ranks(
     args: tuple[Any, ...] = (),
     device: str = "cpu",
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    rank0_handles_signals: bool = False,
 ) -> None:
     """Run ``fn(TensorParallel, *args)`` in ``world`` new processes (spawned, so CUDA is safe) and wait.
-    ``fn`` must be importable by name. Raises RankFailedError naming the first rank that failed."""
+    ``fn`` must be importable by name. Raises RankFailedError naming the first rank that failed.
+
+    ``rank0_handles_signals``: for a long-running rank 0 that shuts the others down itself (a server):
+    SIGTERM sent to this process goes on to rank 0, and Ctrl-C (which a terminal sends to every process)
+    is left to the ranks."""
     ctx = mp.get_context("spawn")
     port = free_port()
     procs = [
@@ -66,11 +74,15 @@ def run_ranks(
     for p in procs:
         p.start()
     first_failed = None
+    restore = _pass_signals_to(procs[0]) if rank0_handles_signals else None
     try:
         while any(p.is_alive() for p in procs):
             failed = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
             if failed:
                 first_failed = failed[0]
+                if rank0_handles_signals and procs[0].is_alive():
+                    with contextlib.suppress(ProcessLookupError):  # stop serving: drain and exit
+                        os.kill(procs[0].pid, signal.SIGTERM)
                 break
             time.sleep(0.05)
         # The others get one collective timeout to notice and exit with their own error.
@@ -78,6 +90,8 @@ def run_ranks(
         for p in procs:
             p.join(max(deadline - time.monotonic(), 0))
     finally:
+        if restore is not None:
+            restore()
         for p in procs:
             if p.is_alive():
                 p.kill()
@@ -90,6 +104,25 @@ def run_ranks(
         others = [r for r in failed if r != rank]
         also = f" (then rank(s) {', '.join(map(str, others))} stopped too)" if others else ""
         raise RankFailedError(f"tensor-parallel rank {rank} of {world} {how}{also}", rank, code)
+
+
+def _pass_signals_to(rank0: Any) -> Callable[[], None]:
+    """Forward SIGTERM to rank 0 and ignore SIGINT here; returns what puts the old handlers back."""
+
+    def forward(sig: int, frame: object) -> None:
+        with contextlib.suppress(ProcessLookupError):  # rank 0 may have exited already
+            os.kill(rank0.pid, sig)
+
+    old = {
+        signal.SIGTERM: signal.signal(signal.SIGTERM, forward),
+        signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    }
+
+    def restore() -> None:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+    return restore
 
 
 __all__ = ["RankFailedError", "TensorParallel", "run_ranks"]

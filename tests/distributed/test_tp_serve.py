@@ -1,0 +1,113 @@
+"""`qwenkit serve --tensor-parallel 2` on CPU (gloo): a real server on 127.0.0.1 whose greedy answers,
+token for token (and their log-probabilities), equal the single-process server's, with requests that
+arrive while others decode; SIGTERM drains it (a streaming request finishes) and every rank exits 0."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(model: str, *extra: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "QWENKIT_RESPONSE_CACHE": "0"}
+    argv = [sys.executable, "-m", "qwenkit.cli", "serve", model, "--port", str(port), "--dtype", "float32"]
+    proc = subprocess.Popen(
+        [*argv, "--max-batch", "4", *extra],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def wait_healthy(proc: subprocess.Popen, url: str) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    raise AssertionError("qwenkit serve did not become healthy")
+
+
+REQUESTS = [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Name three rivers."}]}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Count to five, please."}]}),
+    ("/v1/completions", {"prompt": [9, 8, 7, 6, 5, 4, 3, 2, 1], "logprobs": 0}),
+    ("/v1/completions", {"prompt": "Once upon a time", "logprobs": 0}),
+]
+
+
+def answers(url: str) -> list[tuple[list[str], list[float], str]]:
+    """Greedy answers to REQUESTS sent at once (they join the batch while others decode)."""
+
+    def ask(i: int):
+        path, body = REQUESTS[i]
+        body = {**body, "temperature": 0, "max_tokens": 12 + 4 * i, "ignore_eos": True}
+        if path == "/v1/chat/completions":
+            body["logprobs"] = True
+        choice = httpx.post(url + path, json=body, timeout=60).json()["choices"][0]
+        if path == "/v1/chat/completions":
+            lps = choice["logprobs"]["content"]
+            return [t["token"] for t in lps], [t["logprob"] for t in lps], choice["message"]["content"]
+        lps = choice["logprobs"]
+        return lps["tokens"], lps["token_logprobs"], choice["text"]
+
+    with ThreadPoolExecutor(len(REQUESTS)) as pool:
+        return list(pool.map(ask, range(len(REQUESTS))))
+
+
+@pytest.mark.slow
+def test_serve_with_tensor_parallel_answers_like_one_process_and_drains(tmp_path):
+    from factories import write_tiny_chat_model
+
+    model = str(write_tiny_chat_model(tmp_path / "chat", num_key_value_heads=2))
+    single, single_url = start(model)
+    sharded, sharded_url = start(model, "--tensor-parallel", "2", "--graceful-timeout", "20")
+    try:
+        wait_healthy(single, single_url)
+        wait_healthy(sharded, sharded_url)
+        want = answers(single_url)
+        got = answers(sharded_url)
+        for (tokens, lps, text), (ref_tokens, ref_lps, ref_text) in zip(got, want, strict=True):
+            assert tokens == ref_tokens and text == ref_text and len(tokens) >= 12
+            assert max(abs(a - b) for a, b in zip(lps, ref_lps, strict=True)) < 1e-4
+
+        # SIGTERM mid-stream: the request still finishes, then rank 0 stops rank 1 and all exit 0.
+        payload = {"prompt": "Tell me a story", "max_tokens": 40, "ignore_eos": True, "stream": True}
+        lines = []
+        with httpx.stream("POST", sharded_url + "/v1/completions", json=payload, timeout=60) as s:
+            for line in s.iter_lines():
+                if line.startswith("data: ") and not lines:
+                    sharded.send_signal(signal.SIGTERM)
+                if line.startswith("data: "):
+                    lines.append(line)
+        assert lines[-1] == "data: [DONE]"
+        finishes = [json.loads(x[6:])["choices"][0]["finish_reason"] for x in lines[:-1]]
+        assert finishes[-1] == "length"
+        assert sharded.wait(timeout=40) == 0
+    finally:
+        for proc in (single, sharded):
+            if proc.poll() is None:
+                proc.kill()
+    output = sharded.stdout.read()
+    assert "on 2 tensor-parallel ranks on http://127.0.0.1" in output and "Traceback" not in output
