@@ -99,19 +99,71 @@ def add_tensor_parallel_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def check_tensor_parallel(args: argparse.Namespace) -> None:
+    """Refuse a split the model cannot take, in one line, before any process starts."""
+    from qwenkit.checkpoint import open_checkpoint
+    from qwenkit.config import ModelConfig
+    from qwenkit.distributed import local_config
+
+    source = open_checkpoint(resolve_model(args.model))
+    local_config(ModelConfig.from_hf(source.hf_config), args.tensor_parallel)
+
+
+def lead_tensor_parallel(args: argparse.Namespace, body) -> int:
+    """Run ``body(llm)`` here as rank 0 of ``--tensor-parallel N`` (keeping the terminal), with N - 1
+    spawned ranks that replay each of its forwards on their shards (``engine.lockstep``)."""
+    from qwenkit.distributed.launch import RankFailedError, lead_ranks
+
+    check_tensor_parallel(args)
+
+    def lead(tp) -> int:
+        from qwenkit.engine.lockstep import Lockstep
+
+        llm = load_llm(args, tensor_parallel=tp)
+        lockstep = Lockstep()
+        lockstep.lead(llm.engine)
+        try:
+            return body(llm)
+        finally:
+            llm.driver.shutdown()
+            lockstep.stop()
+
+    try:
+        return lead_ranks(lead, follow_tensor_parallel, args.tensor_parallel, (args,), device=args.device)
+    except RankFailedError as e:
+        if e.exitcode == 2:  # the rank printed its own one-line error
+            return 2
+        raise
+
+
+def follow_tensor_parallel(tp, args: argparse.Namespace) -> None:
+    """A rank other than 0: load this shard and replay rank 0's forwards until it stops."""
+    import os
+    import signal
+    import sys
+
+    from qwenkit.engine.lockstep import Lockstep
+    from qwenkit.errors import QwenkitError
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches every rank; rank 0 decides
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+    try:
+        llm = load_llm(args, tensor_parallel=tp)
+    except QwenkitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    Lockstep().follow(llm.engine)
+
+
 def run_tensor_parallel(args: argparse.Namespace, rank_main, rank0_handles_signals: bool = False) -> int:
     """Check the split here (one clear line, nothing started), then run ``rank_main(tp, args)`` in N
     processes. A rank that already printed its one-line error exits 2, and so does this command.
     ``rank0_handles_signals``: SIGTERM goes on to rank 0, which stops the others (serve, chat)."""
     import random
 
-    from qwenkit.checkpoint import open_checkpoint
-    from qwenkit.config import ModelConfig
-    from qwenkit.distributed import local_config
     from qwenkit.distributed.launch import RankFailedError, run_ranks
 
-    source = open_checkpoint(resolve_model(args.model))
-    local_config(ModelConfig.from_hf(source.hf_config), args.tensor_parallel)
+    check_tensor_parallel(args)
     args.rank_seed = random.SystemRandom().randrange(2**31)  # one random state for every rank
     try:
         run_ranks(
@@ -133,6 +185,9 @@ __all__ = [
     "add_model_args",
     "add_sampling_args",
     "add_tensor_parallel_arg",
+    "check_tensor_parallel",
+    "follow_tensor_parallel",
+    "lead_tensor_parallel",
     "load_llm",
     "resolve_model",
     "run_tensor_parallel",

@@ -106,6 +106,55 @@ def run_ranks(
         raise RankFailedError(f"tensor-parallel rank {rank} of {world} {how}{also}", rank, code)
 
 
+def lead_ranks(
+    lead: Callable[[TensorParallel], Any],
+    follow: Callable[..., Any],
+    world: int,
+    args: tuple[Any, ...] = (),
+    device: str = "cpu",
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> Any:
+    """Be rank 0 in this process (it keeps the terminal: stdin, Ctrl-C) and run ``follow(tp, *args)``
+    in ``world - 1`` spawned processes; returns what ``lead(tp)`` returns. A collective that fails
+    because a follower died raises RankFailedError naming it; followers still running at the end are
+    given one collective timeout to leave, then stopped."""
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = {
+        r: ctx.Process(target=_rank_main, args=(r, world, port, device, timeout_s, follow, args), daemon=True)
+        for r in range(1, world)
+    }
+    for p in procs.values():
+        p.start()
+    finished = False
+    try:
+        tp = init_tensor_parallel(
+            world, 0, device=device, init_method=f"tcp://127.0.0.1:{port}", timeout_s=timeout_s
+        )
+        try:
+            result = lead(tp)
+            finished = True
+            return result
+        finally:
+            dist.destroy_process_group()
+    except RuntimeError:  # a collective failed: say which follower is gone, if one is
+        time.sleep(0.5)  # let a dying follower's exit status arrive
+        for rank, p in procs.items():
+            if p.exitcode not in (None, 0):
+                code = p.exitcode
+                how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+                raise RankFailedError(f"tensor-parallel rank {rank} of {world} {how}", rank, code) from None
+        raise
+    finally:
+        # Released followers leave at once; after an error here, nobody is left to release them.
+        deadline = time.monotonic() + (timeout_s if finished else 0)
+        for p in procs.values():
+            p.join(max(deadline - time.monotonic(), 0))
+            if p.is_alive():
+                p.kill()
+                p.join()
+
+
 def _pass_signals_to(rank0: Any) -> Callable[[], None]:
     """Forward SIGTERM to rank 0 and ignore SIGINT here; returns what puts the old handlers back."""
 
@@ -125,4 +174,4 @@ def _pass_signals_to(rank0: Any) -> Callable[[], None]:
     return restore
 
 
-__all__ = ["RankFailedError", "TensorParallel", "run_ranks"]
+__all__ = ["RankFailedError", "TensorParallel", "lead_ranks", "run_ranks"]

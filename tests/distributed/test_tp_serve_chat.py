@@ -1,6 +1,9 @@
-"""`qwenkit serve --tensor-parallel 2` on CPU (gloo): a real server on 127.0.0.1 whose greedy answers,
-token for token (and their log-probabilities), equal the single-process server's, with requests that
-arrive while others decode; SIGTERM drains it (a streaming request finishes) and every rank exits 0."""
+"""`qwenkit serve --tensor-parallel 2` and `qwenkit chat --tensor-parallel 2` on CPU (gloo).
+
+serve: a real server on 127.0.0.1 whose greedy answers, token for token (and their log-probabilities),
+equal the single-process server's, with requests that arrive while others decode; SIGTERM drains it (a
+streaming request finishes) and every rank exits 0. chat: the same conversation, sampled with a seed,
+prints exactly what one process prints (rank 0 keeps the terminal and samples; rank 1 follows)."""
 
 from __future__ import annotations
 
@@ -16,6 +19,15 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+QWENKIT = [sys.executable, "-m", "qwenkit.cli"]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> str:
+    from factories import write_tiny_chat_model
+
+    return str(write_tiny_chat_model(tmp_path_factory.mktemp("tp") / "chat", num_key_value_heads=2))
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -26,7 +38,7 @@ def free_port() -> int:
 def start(model: str, *extra: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "QWENKIT_RESPONSE_CACHE": "0"}
-    argv = [sys.executable, "-m", "qwenkit.cli", "serve", model, "--port", str(port), "--dtype", "float32"]
+    argv = [*QWENKIT, "serve", model, "--port", str(port), "--dtype", "float32"]
     proc = subprocess.Popen(
         [*argv, "--max-batch", "4", *extra],
         env=env,
@@ -77,10 +89,7 @@ def answers(url: str) -> list[tuple[list[str], list[float], str]]:
 
 
 @pytest.mark.slow
-def test_serve_with_tensor_parallel_answers_like_one_process_and_drains(tmp_path):
-    from factories import write_tiny_chat_model
-
-    model = str(write_tiny_chat_model(tmp_path / "chat", num_key_value_heads=2))
+def test_serve_with_tensor_parallel_answers_like_one_process_and_drains(model):
     single, single_url = start(model)
     sharded, sharded_url = start(model, "--tensor-parallel", "2", "--graceful-timeout", "20")
     try:
@@ -111,3 +120,23 @@ def test_serve_with_tensor_parallel_answers_like_one_process_and_drains(tmp_path
                 proc.kill()
     output = sharded.stdout.read()
     assert "on 2 tensor-parallel ranks on http://127.0.0.1" in output and "Traceback" not in output
+
+
+@pytest.mark.slow
+def test_chat_with_tensor_parallel_prints_what_one_process_prints(model):
+    script = "hello there\n:history\n:seed 11\nsecond question\n"
+    argv = [*QWENKIT, "chat", model, "--temperature", "0.8", "--seed", "7", "--max-new-tokens", "10"]
+    argv += ["--dtype", "float32"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def run(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [*argv, *extra], input=script, capture_output=True, text=True, timeout=60, env=env
+        )
+
+    single, sharded = run(), run("--tensor-parallel", "2")
+    assert single.returncode == 0 and sharded.returncode == 0, sharded.stderr
+    assert sharded.stdout == single.stdout
+    answers = [line for line in single.stdout.splitlines() if line.startswith("assistant: ")]
+    assert len(answers) == 1 and len(answers[0].strip()) > len("assistant: ") + 5  # real text, not blanks
+    assert "Traceback" not in sharded.stderr
