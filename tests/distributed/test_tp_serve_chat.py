@@ -2,8 +2,9 @@
 
 serve: a real server on 127.0.0.1 whose greedy answers, token for token (and their log-probabilities),
 equal the single-process server's, with requests that arrive while others decode; SIGTERM drains it (a
-streaming request finishes) and every rank exits 0. chat: the same conversation, sampled with a seed,
-prints exactly what one process prints (rank 0 keeps the terminal and samples; rank 1 follows)."""
+streaming request finishes) and every rank exits 0; a server that loses a rank drains and stops with
+one line naming it. chat: the same conversation, sampled with a seed, prints exactly what one process
+prints (rank 0 keeps the terminal and samples; rank 1 follows)."""
 
 from __future__ import annotations
 
@@ -88,13 +89,27 @@ def answers(url: str) -> list[tuple[list[str], list[float], str]]:
         return list(pool.map(ask, range(len(REQUESTS))))
 
 
+def kill_follower(proc: subprocess.Popen) -> None:
+    """Kill rank 1: the command's own process is rank 0, the spawned one is rank 1."""
+    import psutil
+
+    (follower,) = [p for p in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(p.cmdline())]
+    follower.kill()
+
+
 @pytest.mark.slow
 def test_serve_with_tensor_parallel_answers_like_one_process_and_drains(model):
     single, single_url = start(model)
     sharded, sharded_url = start(model, "--tensor-parallel", "2", "--graceful-timeout", "20")
+    doomed, doomed_url = start(model, "--tensor-parallel", "2")  # loses a rank below
+    servers = (single, sharded, doomed)
     try:
         wait_healthy(single, single_url)
         wait_healthy(sharded, sharded_url)
+        wait_healthy(doomed, doomed_url)
+        # A rank that dies: rank 0 drains and leaves, the command names the rank (no half-up server).
+        kill_follower(doomed)
+
         want = answers(single_url)
         got = answers(sharded_url)
         for (tokens, lps, text), (ref_tokens, ref_lps, ref_text) in zip(got, want, strict=True):
@@ -114,12 +129,17 @@ def test_serve_with_tensor_parallel_answers_like_one_process_and_drains(model):
         finishes = [json.loads(x[6:])["choices"][0]["finish_reason"] for x in lines[:-1]]
         assert finishes[-1] == "length"
         assert sharded.wait(timeout=40) == 0
+        assert doomed.wait(timeout=40) == 2
     finally:
-        for proc in (single, sharded):
+        for proc in servers:
             if proc.poll() is None:
                 proc.kill()
     output = sharded.stdout.read()
     assert "on 2 tensor-parallel ranks on http://127.0.0.1" in output and "Traceback" not in output
+    output = doomed.stdout.read()
+    assert "error: tensor-parallel rank 1 of 2 was killed by signal 9" in output and "Traceback" not in output
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(doomed_url + "/health", timeout=2)
 
 
 @pytest.mark.slow

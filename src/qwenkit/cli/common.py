@@ -109,17 +109,26 @@ def check_tensor_parallel(args: argparse.Namespace) -> None:
     local_config(ModelConfig.from_hf(source.hf_config), args.tensor_parallel)
 
 
-def lead_tensor_parallel(args: argparse.Namespace, body) -> int:
-    """Run ``body(llm)`` here as rank 0 of ``--tensor-parallel N`` (keeping the terminal), with N - 1
-    spawned ranks that replay each of its forwards on their shards (``engine.lockstep``)."""
+def lead_tensor_parallel(
+    args: argparse.Namespace, body, load=None, stop_when_a_rank_fails: bool = False
+) -> int:
+    """Run ``body(llm)`` here as rank 0 of ``--tensor-parallel N`` (this process keeps the terminal and
+    receives the signals), with N - 1 spawned ranks that replay each of its forwards on their shards
+    (``engine.lockstep``). ``load(args, tp)`` loads a rank's LLM (every rank the same way, so their KV
+    pools match; default ``load_llm``). ``stop_when_a_rank_fails``: SIGTERM this process as soon as
+    another rank dies (a server drains and exits instead of waiting for its next request to fail)."""
+    import os
+    import signal
+
     from qwenkit.distributed.launch import RankFailedError, lead_ranks
 
     check_tensor_parallel(args)
+    load = load or _load_llm
 
     def lead(tp) -> int:
         from qwenkit.engine.lockstep import Lockstep
 
-        llm = load_llm(args, tensor_parallel=tp)
+        llm = load(args, tp)
         lockstep = Lockstep()
         lockstep.lead(llm.engine)
         try:
@@ -128,15 +137,29 @@ def lead_tensor_parallel(args: argparse.Namespace, body) -> int:
             llm.driver.shutdown()
             lockstep.stop()
 
+    def stop_here(rank: int) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+
     try:
-        return lead_ranks(lead, follow_tensor_parallel, args.tensor_parallel, (args,), device=args.device)
+        return lead_ranks(
+            lead,
+            follow_tensor_parallel,
+            args.tensor_parallel,
+            (args, load),
+            device=args.device,
+            on_follower_failed=stop_here if stop_when_a_rank_fails else None,
+        )
     except RankFailedError as e:
         if e.exitcode == 2:  # the rank printed its own one-line error
             return 2
         raise
 
 
-def follow_tensor_parallel(tp, args: argparse.Namespace) -> None:
+def _load_llm(args: argparse.Namespace, tp):
+    return load_llm(args, tensor_parallel=tp)
+
+
+def follow_tensor_parallel(tp, args: argparse.Namespace, load) -> None:
     """A rank other than 0: load this shard and replay rank 0's forwards until it stops."""
     import os
     import signal
@@ -148,17 +171,16 @@ def follow_tensor_parallel(tp, args: argparse.Namespace) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches every rank; rank 0 decides
     sys.stdout = open(os.devnull, "w")  # noqa: SIM115
     try:
-        llm = load_llm(args, tensor_parallel=tp)
+        llm = load(args, tp)
     except QwenkitError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     Lockstep().follow(llm.engine)
 
 
-def run_tensor_parallel(args: argparse.Namespace, rank_main, rank0_handles_signals: bool = False) -> int:
+def run_tensor_parallel(args: argparse.Namespace, rank_main) -> int:
     """Check the split here (one clear line, nothing started), then run ``rank_main(tp, args)`` in N
-    processes. A rank that already printed its one-line error exits 2, and so does this command.
-    ``rank0_handles_signals``: SIGTERM goes on to rank 0, which stops the others (serve, chat)."""
+    processes. A rank that already printed its one-line error exits 2, and so does this command."""
     import random
 
     from qwenkit.distributed.launch import RankFailedError, run_ranks
@@ -166,13 +188,7 @@ def run_tensor_parallel(args: argparse.Namespace, rank_main, rank0_handles_signa
     check_tensor_parallel(args)
     args.rank_seed = random.SystemRandom().randrange(2**31)  # one random state for every rank
     try:
-        run_ranks(
-            rank_main,
-            args.tensor_parallel,
-            (args,),
-            device=args.device,
-            rank0_handles_signals=rank0_handles_signals,
-        )
+        run_ranks(rank_main, args.tensor_parallel, (args,), device=args.device)
     except RankFailedError as e:
         if e.exitcode == 2:
             return 2

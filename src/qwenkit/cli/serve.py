@@ -20,8 +20,8 @@ from pathlib import Path
 from qwenkit.cli.common import (
     add_model_args,
     add_tensor_parallel_arg,
+    lead_tensor_parallel,
     resolve_model,
-    run_tensor_parallel,
 )
 from qwenkit.errors import ConfigError
 
@@ -139,7 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     api_key = _check(args)
     if args.tensor_parallel != 1:
-        return run_tensor_parallel(args, rank_main, rank0_handles_signals=True)
+        note = f" on {args.tensor_parallel} tensor-parallel ranks"
+        return lead_tensor_parallel(
+            args, lambda llm: serve(args, api_key, llm, note), load, stop_when_a_rank_fails=True
+        )
     return serve(args, api_key, load(args))
 
 
@@ -185,34 +188,6 @@ def load(args: argparse.Namespace, tp=None):
         tensor_parallel=tp,
         adapter=args.adapter,
     )
-
-
-def rank_main(tp, args: argparse.Namespace) -> None:
-    """One tensor-parallel rank: rank 0 serves HTTP and drives the engine; the others run its forwards
-    on their shards until it stops (``engine.lockstep``)."""
-    from qwenkit.engine.lockstep import Lockstep
-    from qwenkit.errors import QwenkitError
-
-    if tp.rank != 0:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches every rank; rank 0 stops the rest
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
-    try:
-        llm = load(args, tp)
-        lockstep = Lockstep()
-    except QwenkitError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    if tp.rank != 0:
-        lockstep.follow(llm.engine)
-        return
-    lockstep.lead(llm.engine)
-    try:
-        serve(args, _check(args), llm, f" on {tp.world} tensor-parallel ranks")
-    finally:
-        try:
-            lockstep.stop()
-        except RuntimeError:  # a follower is gone; the launcher names the rank that failed
-            raise SystemExit(1) from None
 
 
 def serve(args: argparse.Namespace, api_key: str | None, llm, note: str = "") -> int:

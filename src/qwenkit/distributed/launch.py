@@ -4,10 +4,8 @@ names the rank, so nothing is left half-started or waiting forever on a collecti
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
 import socket
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -57,14 +55,9 @@ def run_ranks(
     args: tuple[Any, ...] = (),
     device: str = "cpu",
     timeout_s: float = DEFAULT_TIMEOUT_S,
-    rank0_handles_signals: bool = False,
 ) -> None:
     """Run ``fn(TensorParallel, *args)`` in ``world`` new processes (spawned, so CUDA is safe) and wait.
-    ``fn`` must be importable by name. Raises RankFailedError naming the first rank that failed.
-
-    ``rank0_handles_signals``: for a long-running rank 0 that shuts the others down itself (a server):
-    SIGTERM sent to this process goes on to rank 0, and Ctrl-C (which a terminal sends to every process)
-    is left to the ranks."""
+    ``fn`` must be importable by name. Raises RankFailedError naming the first rank that failed."""
     ctx = mp.get_context("spawn")
     port = free_port()
     procs = [
@@ -74,15 +67,11 @@ def run_ranks(
     for p in procs:
         p.start()
     first_failed = None
-    restore = _pass_signals_to(procs[0]) if rank0_handles_signals else None
     try:
         while any(p.is_alive() for p in procs):
             failed = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
             if failed:
                 first_failed = failed[0]
-                if rank0_handles_signals and procs[0].is_alive():
-                    with contextlib.suppress(ProcessLookupError):  # stop serving: drain and exit
-                        os.kill(procs[0].pid, signal.SIGTERM)
                 break
             time.sleep(0.05)
         # The others get one collective timeout to notice and exit with their own error.
@@ -90,8 +79,6 @@ def run_ranks(
         for p in procs:
             p.join(max(deadline - time.monotonic(), 0))
     finally:
-        if restore is not None:
-            restore()
         for p in procs:
             if p.is_alive():
                 p.kill()
@@ -113,11 +100,14 @@ def lead_ranks(
     args: tuple[Any, ...] = (),
     device: str = "cpu",
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    on_follower_failed: Callable[[int], None] | None = None,
 ) -> Any:
-    """Be rank 0 in this process (it keeps the terminal: stdin, Ctrl-C) and run ``follow(tp, *args)``
-    in ``world - 1`` spawned processes; returns what ``lead(tp)`` returns. A collective that fails
-    because a follower died raises RankFailedError naming it; followers still running at the end are
-    given one collective timeout to leave, then stopped."""
+    """Be rank 0 in this process (it keeps the terminal, stdin and the signals a user or a container
+    runtime sends) and run ``follow(tp, *args)`` in ``world - 1`` spawned processes; returns what
+    ``lead(tp)`` returns. A collective that fails because a follower died raises RankFailedError naming
+    it. ``on_follower_failed(rank)`` is called (from a watcher thread) as soon as a follower dies, for a
+    leader that would otherwise only notice at its next collective (an idle server). Followers still
+    running at the end are given one collective timeout to leave, then stopped."""
     ctx = mp.get_context("spawn")
     port = free_port()
     procs = {
@@ -126,7 +116,9 @@ def lead_ranks(
     }
     for p in procs.values():
         p.start()
-    finished = False
+    finished, done = False, threading.Event()
+    if on_follower_failed is not None:
+        threading.Thread(target=_watch, args=(procs, done, on_follower_failed), daemon=True).start()
     try:
         tp = init_tensor_parallel(
             world, 0, device=device, init_method=f"tcp://127.0.0.1:{port}", timeout_s=timeout_s
@@ -146,6 +138,7 @@ def lead_ranks(
                 raise RankFailedError(f"tensor-parallel rank {rank} of {world} {how}", rank, code) from None
         raise
     finally:
+        done.set()
         # Released followers leave at once; after an error here, nobody is left to release them.
         deadline = time.monotonic() + (timeout_s if finished else 0)
         for p in procs.values():
@@ -155,23 +148,13 @@ def lead_ranks(
                 p.join()
 
 
-def _pass_signals_to(rank0: Any) -> Callable[[], None]:
-    """Forward SIGTERM to rank 0 and ignore SIGINT here; returns what puts the old handlers back."""
-
-    def forward(sig: int, frame: object) -> None:
-        with contextlib.suppress(ProcessLookupError):  # rank 0 may have exited already
-            os.kill(rank0.pid, sig)
-
-    old = {
-        signal.SIGTERM: signal.signal(signal.SIGTERM, forward),
-        signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
-    }
-
-    def restore() -> None:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-
-    return restore
+def _watch(procs: dict[int, Any], done: threading.Event, on_failed: Callable[[int], None]) -> None:
+    """Call ``on_failed(rank)`` once, when a follower exits with an error while the leader runs."""
+    while not done.wait(0.1):
+        failed = [rank for rank, p in procs.items() if p.exitcode not in (None, 0)]
+        if failed:
+            on_failed(failed[0])
+            return
 
 
 __all__ = ["RankFailedError", "TensorParallel", "lead_ranks", "run_ranks"]
