@@ -3,6 +3,9 @@ attends only within itself, positions restart at 0), so packing changes speed, n
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from factories import hf_model, save_hf
@@ -39,6 +42,26 @@ def test_packed_rows_keep_each_examples_tokens_and_targets():
     assert layout.positions[0, :24].tolist() == [*range(7), *range(12), *range(5)]
     assert layout.segment_ids[2].tolist() == [0] * 11 + [1] * 8 + [-1] * 11
     assert packed_layout(examples, 15, "cpu") is None  # unpacked batches take the plain causal path
+
+
+def test_finetune_data_report_counts_the_packed_rows(tmp_path):
+    import json
+
+    from qwenkit.finetune.run import load_examples
+    from qwenkit.finetune.trainer import TrainArgs
+    from qwenkit.tokenizer import load_tokenizer
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tokenizer"))
+    from tokenizer_data import QWEN3_DIR
+
+    data = tmp_path / "d.jsonl"
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    data.write_text("".join(json.dumps({"messages": chat}) + "\n" for _ in range(5)))
+    tok = load_tokenizer(QWEN3_DIR)
+    one = len(load_examples(tok, data, TrainArgs(max_len=64), None)[0][0].ids)
+    rows, stats = load_examples(tok, data, TrainArgs(max_len=2 * one, packing=True), None)
+    assert [r.segments for r in rows] == [(one, one), (one, one), (one,)]
+    assert stats.packed_rows == 3 and stats.summary().endswith(", packed into 3 rows")
 
 
 def test_packed_logits_equal_one_by_one(tiny_dir):

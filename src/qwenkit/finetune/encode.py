@@ -45,11 +45,14 @@ class EncodeStats:
     dropped: int = 0  # nothing left to learn after truncation
     tokens: int = 0
     labelled_tokens: int = 0
+    packed_rows: int = 0  # rows the examples were packed into (0: not packed)
 
     def summary(self) -> str:
+        packed = f", packed into {self.packed_rows} rows" if self.packed_rows else ""
         return (
             f"{self.examples} examples, {self.tokens} tokens ({self.labelled_tokens} labelled), "
             f"{self.truncated} truncated to --max-len, {self.dropped} dropped (no labelled token left)"
+            f"{packed}"
         )
 
 
