@@ -160,3 +160,47 @@ def test_chat_with_tensor_parallel_prints_what_one_process_prints(model):
     answers = [line for line in single.stdout.splitlines() if line.startswith("assistant: ")]
     assert len(answers) == 1 and len(answers[0].strip()) > len("assistant: ") + 5  # real text, not blanks
     assert "Traceback" not in sharded.stderr
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_a_tensor_parallel_chat_stops_the_answer_not_the_ranks(model):
+    """A terminal's Ctrl-C reaches every process of the group: rank 1 ignores it, rank 0 stops the answer."""
+    import pty
+
+    from test_chat_cli import Terminal  # tests/ is on sys.path (conftest)
+
+    master, slave = pty.openpty()
+    argv = [
+        *QWENKIT,
+        "chat",
+        model,
+        "--max-new-tokens",
+        "6000",
+        "--temperature",
+        "1",
+        "--tensor-parallel",
+        "2",
+    ]
+    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+    os.close(slave)
+    term = Terminal(master)
+    try:
+        term.read_until(b">>> ")
+        os.write(master, b":conf ignore_eos=True\n")
+        term.read_until(b">>> ")
+        for question in (b"tell me a long story", b"and another one"):
+            os.write(master, question + b"\n")
+            term.read_until(question + b"\r\n")
+            time.sleep(1.0)
+            os.killpg(proc.pid, signal.SIGINT)
+            term.read_until(b"[interrupted]")
+            term.read_until(b">>> ")
+        os.write(master, b":history\n")
+        out = term.read_until(b">>> ")
+        assert b"user: and another one" in out and b"assistant: " in out
+        os.write(master, b":exit\n")
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        os.close(master)
