@@ -109,16 +109,16 @@ def check_tensor_parallel(args: argparse.Namespace) -> None:
     local_config(ModelConfig.from_hf(source.hf_config), args.tensor_parallel)
 
 
-def lead_tensor_parallel(
-    args: argparse.Namespace, body, load=None, stop_when_a_rank_fails: bool = False
-) -> int:
+def lead_tensor_parallel(args: argparse.Namespace, body, load=None, server: bool = False) -> int:
     """Run ``body(llm)`` here as rank 0 of ``--tensor-parallel N`` (this process keeps the terminal and
     receives the signals), with N - 1 spawned ranks that replay each of its forwards on their shards
     (``engine.lockstep``). ``load(args, tp)`` loads a rank's LLM (every rank the same way, so their KV
-    pools match; default ``load_llm``). ``stop_when_a_rank_fails``: SIGTERM this process as soon as
-    another rank dies (a server drains and exits instead of waiting for its next request to fail)."""
+    pools match; default ``load_llm``). When another rank dies, a ``server`` gets SIGTERM (it drains
+    and exits instead of waiting for its next request to fail); anything else (a chat waiting at its
+    prompt) is ended at once with the one-line error."""
     import os
     import signal
+    import sys
 
     from qwenkit.distributed.launch import RankFailedError, lead_ranks
 
@@ -137,8 +137,14 @@ def lead_tensor_parallel(
             llm.driver.shutdown()
             lockstep.stop()
 
-    def stop_here(rank: int) -> None:
-        os.kill(os.getpid(), signal.SIGTERM)
+    def rank_failed(rank: int, exitcode: int) -> None:
+        if server and signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None):
+            os.kill(os.getpid(), signal.SIGTERM)  # the server is up (its handler is in): drain, exit
+            return
+        if exitcode != 2:  # exit status 2: the rank printed its own one-line error
+            how = f"was killed by signal {-exitcode}" if exitcode < 0 else f"exited with status {exitcode}"
+            print(f"error: tensor-parallel rank {rank} of {args.tensor_parallel} {how}", file=sys.stderr)
+        os._exit(2)  # now: the main thread may be blocked reading the terminal or in a collective
 
     try:
         return lead_ranks(
@@ -147,7 +153,7 @@ def lead_tensor_parallel(
             args.tensor_parallel,
             (args, load),
             device=args.device,
-            on_follower_failed=stop_here if stop_when_a_rank_fails else None,
+            on_follower_failed=rank_failed,
         )
     except RankFailedError as e:
         if e.exitcode == 2:  # the rank printed its own one-line error

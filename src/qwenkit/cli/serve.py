@@ -140,9 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     api_key = _check(args)
     if args.tensor_parallel != 1:
         note = f" on {args.tensor_parallel} tensor-parallel ranks"
-        return lead_tensor_parallel(
-            args, lambda llm: serve(args, api_key, llm, note), load, stop_when_a_rank_fails=True
-        )
+        return lead_tensor_parallel(args, lambda llm: serve(args, api_key, llm, note), load, server=True)
     return serve(args, api_key, load(args))
 
 

@@ -100,14 +100,14 @@ def lead_ranks(
     args: tuple[Any, ...] = (),
     device: str = "cpu",
     timeout_s: float = DEFAULT_TIMEOUT_S,
-    on_follower_failed: Callable[[int], None] | None = None,
+    on_follower_failed: Callable[[int, int], None] | None = None,
 ) -> Any:
     """Be rank 0 in this process (it keeps the terminal, stdin and the signals a user or a container
     runtime sends) and run ``follow(tp, *args)`` in ``world - 1`` spawned processes; returns what
     ``lead(tp)`` returns. A collective that fails because a follower died raises RankFailedError naming
-    it. ``on_follower_failed(rank)`` is called (from a watcher thread) as soon as a follower dies, for a
-    leader that would otherwise only notice at its next collective (an idle server). Followers still
-    running at the end are given one collective timeout to leave, then stopped."""
+    it. ``on_follower_failed(rank, exitcode)`` is called (from a watcher thread) as soon as a follower
+    dies, for a leader that would otherwise only notice at its next collective (an idle server).
+    Followers still running at the end are given one collective timeout to leave, then stopped."""
     ctx = mp.get_context("spawn")
     port = free_port()
     procs = {
@@ -148,12 +148,12 @@ def lead_ranks(
                 p.join()
 
 
-def _watch(procs: dict[int, Any], done: threading.Event, on_failed: Callable[[int], None]) -> None:
-    """Call ``on_failed(rank)`` once, when a follower exits with an error while the leader runs."""
+def _watch(procs: dict[int, Any], done: threading.Event, on_failed: Callable[[int, int], None]) -> None:
+    """Call ``on_failed(rank, exitcode)`` once, when a follower exits with an error while the leader runs."""
     while not done.wait(0.1):
-        failed = [rank for rank, p in procs.items() if p.exitcode not in (None, 0)]
+        failed = [(rank, p.exitcode) for rank, p in procs.items() if p.exitcode not in (None, 0)]
         if failed:
-            on_failed(failed[0])
+            on_failed(*failed[0])
             return
 
 
