@@ -59,7 +59,8 @@ torch.set_num_threads(int(sys.argv[5]))
 quantize = None if quantize == "none" else quantize
 model, _ = load_model(path, dtype="bfloat16", quantize=quantize, progress=False)
 engine = Engine(
-    model, max_batch_size=1, max_seq_len=prompt_len + tokens + 16, prefill_chunk=prompt_len, prefix_caching=False
+    model, max_batch_size=1, max_seq_len=prompt_len + tokens + 16, prefill_chunk=prompt_len,
+    prefix_caching=False,
 )
 
 def run(n_prompt, n_new):

@@ -9,7 +9,7 @@ every front end drives the same engine.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -17,7 +17,8 @@ import torch
 from qwenkit.engine.blocks import BlockManager
 from qwenkit.engine.constraint import GrammarCompiler, apply_constraints
 from qwenkit.engine.decode_graph import DecodeGraphs, supports_static_decode
-from qwenkit.engine.kv_cache import PagedKVCache, StepAttention
+from qwenkit.engine.forward import ForwardCall, run_forward
+from qwenkit.engine.kv_cache import PagedKVCache
 from qwenkit.engine.request import FinishReason, Request, RequestId, TokenLogprob
 from qwenkit.engine.sampler import apply_penalties, sample, token_logprobs
 from qwenkit.engine.sampling import SamplingParams, SamplingParamsError
@@ -106,6 +107,9 @@ class Engine:
         # Turns SamplingParams.grammar into a per-request token mask; installed by whoever enables
         # constrained decoding (qwenkit.tools.grammar), so the engine needs no grammar library.
         self.grammar_compiler: GrammarCompiler | None = None
+        # Called with every forward before it runs: a tensor-parallel leader sends it to the other
+        # ranks, which run the same forward on their shards (``lockstep``).
+        self.before_forward: Callable[[ForwardCall], None] | None = None
 
     # ---- requests ----------------------------------------------------------------------------------
 
@@ -192,6 +196,7 @@ class Engine:
         graphs = self.decode_graphs
         if (
             graphs is not None
+            and self.before_forward is None  # a tensor-parallel leader sends every forward out
             and rows[-1][1] == 1
             and graphs.accepts(len(rows), [r.ntk_alpha for r, _ in rows])
         ):
@@ -251,15 +256,17 @@ class Engine:
                 logits_index += range(first, offset + n)
             else:
                 where[id(request)] = (len(logits_index), 0)
-        dev = self.device
-        attention = StepAttention(self.cache, decode_rows, chunk_rows)
-        logits = self.model(
-            torch.tensor([ids], dtype=torch.long, device=dev),
-            positions=torch.tensor([positions], dtype=torch.long, device=dev),
-            cache=attention,
-            ntk_alphas=torch.tensor([alphas]) if any(a != 1.0 for a in alphas) else None,
-            logits_index=torch.tensor(logits_index, dtype=torch.long, device=dev),
-        ).float()  # (K, V)
+        call = ForwardCall(
+            ids,
+            positions,
+            alphas if any(a != 1.0 for a in alphas) else None,
+            logits_index,
+            decode_rows,
+            chunk_rows,
+        )
+        if self.before_forward is not None:
+            self.before_forward(call)
+        logits = run_forward(self.model, self.cache, call)  # (K, V)
         return logits, where
 
     def _forward_static(
