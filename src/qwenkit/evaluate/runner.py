@@ -572,6 +572,19 @@ def rescore_dir(out: str | Path, extractor: str | None = None) -> dict[str, Any]
         results["scores"]["acc"] = mean_stderr([float(r["correct"]) for r in rows])[0]
         results["scores"]["stderr"] = mean_stderr([float(r["correct"]) for r in rows])[1]
         results["scores"]["extractor"] = name
+    elif task == "tooluse":
+        settings = results["record"]["settings"]
+        by_id = {i.id: i for i in tooluse.read_bfcl(settings.get("subjects"), settings.get("data"))}
+        for row in rows:
+            if row["id"] not in by_id:
+                raise EvalDataError(f"{out}: sample {row['id']} is not in the tool-use data")
+            row |= tooluse.score_row(by_id[row["id"]], row["calls"])
+        results["scores"] = tooluse.aggregate(rows)
+    elif task == "passkey":
+        for row in rows:
+            row["extracted"] = passkey.extract(strip_thinking(row["output"])[0])
+            row["correct"] = row["extracted"] == row["gold"]
+        results["scores"] = passkey.aggregate(rows)
     else:
         raise EvalDataError(f"rescoring {task} needs its programs rerun; it is not supported")
     results["record"]["rescored"] = True
