@@ -111,3 +111,5 @@ def test_cli_refuses_lengths_beyond_the_context(tiny_chat_model, capsys):
     assert qwenkit_main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --lengths 65536 exceeds the model's context") and err.count("\n") == 1
+    assert qwenkit_main(["eval", str(tiny_chat_model), "--task", "passkey", "--data", "x.jsonl"]) == 2
+    assert "passkey is synthetic" in capsys.readouterr().err

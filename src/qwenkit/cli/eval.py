@@ -72,6 +72,8 @@ def main(argv: list[str]) -> int:
         return 0
     if not args.task:
         raise EvalUsageError("--task is required (mmlu, ceval, gsm8k, humaneval, tooluse, passkey or ppl)")
+    if args.task == "passkey" and args.data:
+        raise EvalUsageError("passkey is synthetic (built from --lengths/--depths/--trials): drop --data")
     if args.task == "tooluse" and args.method == "loglik":
         raise EvalUsageError("tooluse is generation through the chat template: drop --method loglik")
     method = args.method or ("loglik" if args.task in ("mmlu", "ceval") else "generate")

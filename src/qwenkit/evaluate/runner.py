@@ -513,7 +513,9 @@ def _resume(out: Path, settings: Settings) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     settings_path = out / SETTINGS
     if settings_path.exists():
-        saved = json.loads(settings_path.read_text())
+        # settings added since the run was written take their defaults
+        defaults = Settings(task=settings.task).key()
+        saved = {**defaults, **json.loads(settings_path.read_text())}
         if saved != settings.key():
             changed = sorted(
                 k for k in set(saved) | set(settings.key()) if saved.get(k) != settings.key().get(k)
