@@ -29,6 +29,8 @@ from qwenkit.evaluate.backends import EndpointBackend, LocalBackend
 from qwenkit.evaluate.data import EvalDataError
 from qwenkit.evaluate.runner import Settings, rescore_dir, run
 from qwenkit.generate import LLM
+from qwenkit.tokenizer.chat_template import chatml_template
+from qwenkit.tools.react import react_messages
 
 
 @pytest.fixture(scope="module")
@@ -446,3 +448,25 @@ def test_cli_tooluse_one_line_errors(tiny_chat_model, capsys):
     assert err.startswith("error: unknown tool-use categories: exec_simple") and err.count("\n") == 1
     assert qwenkit_main(["eval", str(tiny_chat_model), "--task", "tooluse", "--method", "loglik"]) == 2
     assert "drop --method loglik" in capsys.readouterr().err
+
+
+def test_a_template_without_tools_goes_through_react(tiny_chat_model, items, bfcl_subset, tmp_path):
+    """Qwen v1's ChatML cannot render tools: the ReAct instruction is the prompt, ``Observation:`` the stop
+    word, and ``Action``/``Action Input`` the call -- as the server does it."""
+    loaded = LLM.load(tiny_chat_model, dtype="float32", max_batch_size=2, progress=False)
+    loaded.tokenizer.chat_template = chatml_template()
+    model = ScriptedModel(loaded.model, loaded.tokenizer.added_tokens["<|im_end|>"])
+    llm = LLM(model, loaded.tokenizer, max_batch_size=2, max_seq_len=2048)
+    item = items["simple_python_1"]
+    functions = [t["function"] for t in tooluse.openai_tools(item.functions)]
+    prompt = llm.tokenizer.apply_chat_template(react_messages(item.messages, functions))
+    text = llm.tokenizer.decode(prompt)
+    assert "Action: the action to take, should be one of [math.factorial]" in text and '"object"' in text
+    reply = 'Thought: a factorial.\nAction: math.factorial\nAction Input: {"number": 5}\nObservation: 120'
+    model.play(len(prompt), llm.tokenizer.encode(reply))
+    settings = Settings(task="tooluse", data=str(bfcl_subset), subjects=["simple"], max_new_tokens=60)
+    results = run(LocalBackend(llm), settings, tmp_path, progress=False)
+    row = json.loads((tmp_path / "samples.jsonl").read_text())
+    assert row["output"].endswith('Action Input: {"number": 5}\n')  # cut at the stop word
+    assert row["calls"] == [{"name": "math.factorial", "arguments": '{"number": 5}'}]
+    assert row["content"] == "a factorial." and row["correct"] and results["scores"]["acc"] == 1.0
