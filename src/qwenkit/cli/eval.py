@@ -33,7 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shots", type=int, help="few-shot examples (MMLU/C-Eval base: 5 from dev with --data)")
     p.add_argument("--data", help="benchmark files in the published layout (default: from registry wheels)")
     p.add_argument("--split", help="MMLU/C-Eval split (default: test for MMLU, val for C-Eval)")
-    p.add_argument("--limit", type=int, help="MMLU/C-Eval: first N per subject; others: first N items")
+    p.add_argument(
+        "--limit",
+        type=int,
+        help="MMLU/C-Eval/tooluse: first N per subject or category; others: first N items",
+    )
     p.add_argument(
         "--subjects",
         nargs="+",
