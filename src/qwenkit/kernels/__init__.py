@@ -24,6 +24,7 @@ tiles of 16, but torch's GEMMs win for prefill). `python -m qwenkit.kernels.buil
 from qwenkit.kernels.ops import (
     ENV_SWITCH,
     KernelInputError,
+    KernelsUnavailableError,
     PackedInt,
     available,
     dequantize,
@@ -38,6 +39,7 @@ from qwenkit.kernels.ops import (
 __all__ = [
     "ENV_SWITCH",
     "KernelInputError",
+    "KernelsUnavailableError",
     "PackedInt",
     "available",
     "dequantize",

@@ -118,7 +118,9 @@ def _compile(cxx: str, out: Path) -> None:
     except (OSError, subprocess.SubprocessError) as e:
         raise KernelBuildError(f"{cxx} did not run ({e})") from e
     if proc.returncode != 0:
-        first_error = next((ln for ln in proc.stderr.splitlines() if "error" in ln), proc.stderr.strip()[-300:])
+        first_error = next(
+            (ln for ln in proc.stderr.splitlines() if "error" in ln), proc.stderr.strip()[-300:]
+        )
         raise KernelBuildError(f"{Path(cxx).name} failed: {first_error}")
 
 

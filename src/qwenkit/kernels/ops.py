@@ -48,15 +48,25 @@ def available() -> bool:
     return _loaded
 
 
+class KernelsUnavailableError(QwenkitError, RuntimeError):
+    """A kernel op was called where available() is False (the caller should take the plain path)."""
+
+
+def _require() -> None:
+    if not (_loaded or available()):
+        raise KernelsUnavailableError("the qwenkit CPU kernels are not available here; use the plain path")
+
+
 def linear_bf16(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., K) bf16 @ w (N, K) bf16 (+ bias) -> (..., N) bf16, fp32 accumulation. Best for M <= 16."""
+    _require()
     y = torch.ops.qwenkit.linear_bf16(x.reshape(-1, x.shape[-1]), w, bias)
     return y.reshape(*x.shape[:-1], w.shape[0])
 
 
 @dataclass(frozen=True)
 class PackedInt:
-    """Integer weights in the kernels' layout; w[n, k] = (code[n, k] - zero_point) * scale[g, n] + shift[g, n].
+    """Integer weights in the kernels' layout: w[n, k] = (code - zero_point) * scale[g, n] + shift[g, n].
 
     codes: (N, Kp) uint8 for 8 bits, (N, Kp / 2) for 4 bits (Kp = K rounded up to 64; per 64 inputs,
     byte j holds input j in its low nibble and input j + 32 in its high one). scale: (N, K / group_size)
@@ -107,11 +117,15 @@ def _prepare(
         raise KernelInputError(f"{what}: codes must be (N, K), got shape {tuple(codes.shape)}")
     n, k = codes.shape
     if group_size <= 0 or group_size % 32 or k % group_size:
-        raise KernelInputError(f"{what}: group_size must be a multiple of 32 dividing K={k}, got {group_size}")
+        raise KernelInputError(
+            f"{what}: group_size must be a multiple of 32 dividing K={k}, got {group_size}"
+        )
     groups = k // group_size
     for name, t in (("scale", scale), ("shift", shift)):
         if t is not None and tuple(t.shape) != (groups, n):
-            raise KernelInputError(f"{what}: {name} must be (K/group_size, N) = {(groups, n)}, got {tuple(t.shape)}")
+            raise KernelInputError(
+                f"{what}: {name} must be (K/group_size, N) = {(groups, n)}, got {tuple(t.shape)}"
+            )
     if codes.dtype != torch.uint8:
         raise KernelInputError(f"{what}: codes must be uint8, got {codes.dtype}")
     if bits == 4 and codes.numel() and int(codes.max()) > 15:
@@ -163,10 +177,15 @@ def prepare_int4(
     return _prepare(4, codes, scale, shift, group_size, zero_point, scale_dtype)
 
 
-def _linear_int(op, bits: int, x: torch.Tensor, p: PackedInt, bias: torch.Tensor | None) -> torch.Tensor:
+def _linear_int(
+    op_name: str, bits: int, x: torch.Tensor, p: PackedInt, bias: torch.Tensor | None
+) -> torch.Tensor:
     if p.bits != bits:
         raise KernelInputError(f"linear_int{bits} got weights packed for {p.bits} bits")
-    y = op(x.reshape(-1, x.shape[-1]), p.codes, p.scale, p.shift, bias, p.group_size, p.in_features, p.zero_point)
+    _require()
+    y = getattr(torch.ops.qwenkit, op_name)(
+        x.reshape(-1, x.shape[-1]), p.codes, p.scale, p.shift, bias, p.group_size, p.in_features, p.zero_point
+    )
     return y.reshape(*x.shape[:-1], p.out_features)
 
 
@@ -176,12 +195,12 @@ def linear_int8(x: torch.Tensor, p: PackedInt, bias: torch.Tensor | None = None)
     x is rounded per row in blocks of 32 to int8 (as llama.cpp's q8 activations); the result is
     dot(w, x_rounded) computed exactly in float.
     """
-    return _linear_int(torch.ops.qwenkit.linear_int8, 8, x, p, bias)
+    return _linear_int("linear_int8", 8, x, p, bias)
 
 
 def linear_int4(x: torch.Tensor, p: PackedInt, bias: torch.Tensor | None = None) -> torch.Tensor:
     """As linear_int8, for weights packed by prepare_int4."""
-    return _linear_int(torch.ops.qwenkit.linear_int4, 4, x, p, bias)
+    return _linear_int("linear_int4", 4, x, p, bias)
 
 
 def unpack_codes(p: PackedInt) -> torch.Tensor:
@@ -194,17 +213,20 @@ def unpack_codes(p: PackedInt) -> torch.Tensor:
     return c[:, : p.in_features]
 
 
-def dequantize(p: PackedInt, dtype: torch.dtype = torch.float32, rows: torch.Tensor | None = None) -> torch.Tensor:
+def dequantize(
+    p: PackedInt, dtype: torch.dtype = torch.float32, rows: torch.Tensor | None = None
+) -> torch.Tensor:
     """The float weights (N, K), or only `rows` of them (an embedding lookup), from a PackedInt."""
     codes = unpack_codes(p)
     scale, shift = p.scale, p.shift
     if rows is not None:
         codes, scale = codes[rows], scale[rows]
         shift = None if shift is None else shift[rows]
-    n, k = codes.shape
+    k = codes.shape[1]
     per = p.group_size if p.group_size % 64 == 0 else 32  # inputs covered by one stored scale
-    s = scale.float()[:, : k // per].repeat_interleave(per, dim=1)
-    w = (codes.float() - p.zero_point) * s
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    s = scale.to(work)[:, : k // per].repeat_interleave(per, dim=1)
+    w = (codes.to(work) - p.zero_point) * s
     if shift is not None:
-        w += shift.float().repeat_interleave(p.group_size, dim=1)
+        w += shift.to(work).repeat_interleave(p.group_size, dim=1)
     return w.to(dtype)
