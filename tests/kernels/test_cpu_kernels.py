@@ -177,8 +177,10 @@ def test_bad_inputs_are_named(loaded):
     p = kernels.prepare_int4(codes, torch.ones(2, 8), None, 32)
     with pytest.raises(kernels.KernelInputError, match="packed for 4 bits"):
         kernels.linear_int8(x, p)
-    with pytest.raises(RuntimeError, match=r"x must be \(M, 64\)"):
+    with pytest.raises(kernels.KernelInputError, match="x has 32 inputs, the weights 64"):
         kernels.linear_int4(torch.randn(1, 32), p)
+    with pytest.raises(RuntimeError, match="scale must be contiguous float32/float16"):
+        torch.ops.qwenkit.linear_int4(x, p.codes, p.scale[:, :1], None, None, 32, 8, 0)
     with pytest.raises(RuntimeError, match="bias must be a CPU vector of 8 values"):
         kernels.linear_int4(x, p, torch.ones(9))
 

@@ -64,14 +64,17 @@ def linear_bf16(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = No
     return y.reshape(*x.shape[:-1], w.shape[0])
 
 
+TILE = 16  # output rows per tile of the packed layout
+
+
 @dataclass(frozen=True)
 class PackedInt:
     """Integer weights in the kernels' layout: w[n, k] = (code - zero_point) * scale[g, n] + shift[g, n].
 
-    codes: (N, Kp) uint8 for 8 bits, (N, Kp / 2) for 4 bits (Kp = K rounded up to 64; per 64 inputs,
-    byte j holds input j in its low nibble and input j + 32 in its high one). scale: (N, K / group_size)
-    when group_size % 64 == 0, else (N, Kp / 32) with each group's scale repeated per block of 32.
-    shift: (N, K / group_size) or None. scale and shift are float32, or float16 for small groups.
+    Rows come in tiles of 16 (N padded with zero rows), each tile one sequential stream: codes
+    (N/16, K * 16) uint8 for 8 bits, where each 64 bytes hold 4 consecutive inputs of the 16 rows, or
+    (N/16, K * 8) for 4 bits, where each 64 bytes hold 8 inputs as nibbles (byte 4r + i: input i low,
+    input 4 + i high). scale and shift: (N/16, K / group_size, 16), float32 or float16; shift may be None.
     """
 
     bits: int
@@ -80,11 +83,8 @@ class PackedInt:
     shift: torch.Tensor | None
     group_size: int
     in_features: int
+    out_features: int
     zero_point: int = 0
-
-    @property
-    def out_features(self) -> int:
-        return self.codes.shape[0]
 
     @property
     def nbytes(self) -> int:
@@ -99,6 +99,15 @@ def _pick_scale_dtype(scale: torch.Tensor, shift: torch.Tensor | None) -> torch.
         if t is not None and not torch.equal(t.to(torch.float16).to(t.dtype), t):
             return torch.float32
     return torch.float16
+
+
+def _tiled(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(G, N) per-group values -> (N/16, G, 16), zero rows padding N."""
+    g, n = t.shape
+    tiles = -(-n // TILE)
+    out = torch.zeros(g, tiles * TILE, dtype=dtype)
+    out[:, :n] = t
+    return out.view(g, tiles, TILE).transpose(0, 1).contiguous()
 
 
 def _prepare(
@@ -131,18 +140,18 @@ def _prepare(
     if bits == 4 and codes.numel() and int(codes.max()) > 15:
         raise KernelInputError(f"{what}: 4-bit codes must lie in 0..15, got {int(codes.max())}")
     sdt = scale_dtype or _pick_scale_dtype(scale, shift)
-    kp = -(-k // 64) * 64
-    c = torch.zeros(n, kp, dtype=torch.uint8)
-    c[:, :k] = codes
-    if bits == 4:
-        c = c.view(n, kp // 64, 2, 32)
-        c = (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n, kp // 2)
-    s = scale.t().to(sdt)  # (N, groups)
-    if group_size % 64:
-        s = s.repeat_interleave(group_size // 32, dim=1)  # one per block of 32
-        s = torch.nn.functional.pad(s, (0, kp // 32 - s.shape[1]))
-    h = None if shift is None else shift.t().to(sdt).contiguous()
-    return PackedInt(bits, c.contiguous(), s.contiguous(), h, group_size, k, zero_point)
+    tiles = -(-n // TILE)
+    c = torch.zeros(tiles * TILE, k, dtype=torch.uint8)
+    c[:n] = codes
+    if bits == 8:  # (tiles, 16 rows, K/4, 4) -> (tiles, K/4, 16 rows, 4)
+        c = c.view(tiles, TILE, k // 4, 4).transpose(1, 2)
+    else:  # (tiles, 16 rows, K/8, 2 halves, 4) -> (tiles, K/8, 16 rows, 4): low nibble inputs 0-3, high 4-7
+        c = c.view(tiles, TILE, k // 8, 2, 4).transpose(1, 2)
+        c = c[:, :, :, 0] | (c[:, :, :, 1] << 4)
+    h = None if shift is None else _tiled(shift, sdt)
+    return PackedInt(
+        bits, c.reshape(tiles, -1).contiguous(), _tiled(scale, sdt), h, group_size, k, n, zero_point
+    )
 
 
 def prepare_int8(
@@ -183,8 +192,17 @@ def _linear_int(
     if p.bits != bits:
         raise KernelInputError(f"linear_int{bits} got weights packed for {p.bits} bits")
     _require()
+    if x.shape[-1] != p.in_features:
+        raise KernelInputError(f"linear_int{bits}: x has {x.shape[-1]} inputs, the weights {p.in_features}")
     y = getattr(torch.ops.qwenkit, op_name)(
-        x.reshape(-1, x.shape[-1]), p.codes, p.scale, p.shift, bias, p.group_size, p.in_features, p.zero_point
+        x.reshape(-1, x.shape[-1]),
+        p.codes,
+        p.scale,
+        p.shift,
+        bias,
+        p.group_size,
+        p.out_features,
+        p.zero_point,
     )
     return y.reshape(*x.shape[:-1], p.out_features)
 
@@ -205,12 +223,18 @@ def linear_int4(x: torch.Tensor, p: PackedInt, bias: torch.Tensor | None = None)
 
 def unpack_codes(p: PackedInt) -> torch.Tensor:
     """The (N, K) uint8 codes back from a PackedInt."""
-    c = p.codes
-    if p.bits == 4:
-        n = c.shape[0]
-        c = c.view(n, -1, 32)
-        c = torch.stack((c & 0x0F, c >> 4), dim=2).reshape(n, -1)
-    return c[:, : p.in_features]
+    tiles, k = p.codes.shape[0], p.in_features
+    if p.bits == 8:
+        c = p.codes.view(tiles, k // 4, TILE, 4).transpose(1, 2)
+    else:
+        c = p.codes.view(tiles, k // 8, TILE, 1, 4)
+        c = torch.cat((c & 0x0F, c >> 4), dim=3).transpose(1, 2)
+    return c.reshape(tiles * TILE, k)[: p.out_features]
+
+
+def _untiled(t: torch.Tensor, n: int) -> torch.Tensor:
+    """(N/16, G, 16) -> (N, G)."""
+    return t.transpose(1, 2).reshape(-1, t.shape[1])[:n]
 
 
 def dequantize(
@@ -218,15 +242,13 @@ def dequantize(
 ) -> torch.Tensor:
     """The float weights (N, K), or only `rows` of them (an embedding lookup), from a PackedInt."""
     codes = unpack_codes(p)
-    scale, shift = p.scale, p.shift
+    scale = _untiled(p.scale, p.out_features)
+    shift = None if p.shift is None else _untiled(p.shift, p.out_features)
     if rows is not None:
         codes, scale = codes[rows], scale[rows]
         shift = None if shift is None else shift[rows]
-    k = codes.shape[1]
-    per = p.group_size if p.group_size % 64 == 0 else 32  # inputs covered by one stored scale
     work = torch.float64 if dtype == torch.float64 else torch.float32
-    s = scale.to(work)[:, : k // per].repeat_interleave(per, dim=1)
-    w = (codes.to(work) - p.zero_point) * s
+    w = (codes.to(work) - p.zero_point) * scale.to(work).repeat_interleave(p.group_size, dim=1)
     if shift is not None:
         w += shift.to(work).repeat_interleave(p.group_size, dim=1)
     return w.to(dtype)

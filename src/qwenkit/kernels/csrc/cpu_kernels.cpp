@@ -5,8 +5,8 @@
 // keep up with memory. Threads split the output features N (at::parallel_for, torch's thread count).
 //
 //   linear_bf16(x bf16 (M,K), w bf16 (N,K), bias?)                -> (M,N) bf16   (_mm512_dpbf16_ps)
-//   linear_int8(x (M,K), codes u8 (N,Kp), scale, shift?, bias?, group_size, K)     (_mm512_dpbusd_epi32)
-//   linear_int4(x (M,K), codes u8 (N,Kp/2), scale, shift?, bias?, group_size, K)
+//   linear_int8(x (M,K), codes, scale, shift?, bias?, group_size, N, zero_point)   (_mm512_dpbusd_epi32)
+//   linear_int4(x (M,K), codes, scale, shift?, bias?, group_size, N, zero_point)
 //   stream_read(t) -> int64: xor of every 64-byte line (a memory-bandwidth probe for the benchmark)
 //
 // Integer weights are w[n,k] = (code[n,k] - zero_point) * scale + shift per group of `group_size` inputs
@@ -14,12 +14,11 @@
 // activations are quantized per row in blocks of 32 to int8 (scale = max|x| / 127), as llama.cpp does
 // for its q8 dot products; the shift term uses the sums of those same quantized blocks, so the result is
 // exactly dot(w, x_hat) in float and the rounding error of x never gets multiplied by the code offset.
-// Packed layouts (made by qwenkit/kernels/ops.py):
-//   Kp = K rounded up to 64; codes padded with zero.
-//   int4: per chunk of 64 inputs, 32 bytes; byte j holds code[j] (low nibble) and code[j + 32] (high).
-//   scale: (N, S) fp32 or fp16. group_size % 64 == 0: S = K / group_size (one per group); otherwise
-//          S = Kp / 32 (the group's scale repeated for each block of 32, so a chunk never straddles).
-//   shift: (N, K / group_size), same dtype as scale, or absent (symmetric codes).
+// Packed layout (made by qwenkit/kernels/ops.py), in tiles of 16 output rows (N padded with zero rows):
+//   int8 codes: (N/16, K * 16) bytes; per 4 inputs k..k+3, 64 bytes: row r's 4 codes at 4r.
+//   int4 codes: (N/16, K * 8) bytes; per 8 inputs k..k+7, 64 bytes: byte 4r + i holds row r's code
+//               k+i in its low nibble and k+4+i in its high nibble.
+//   scale, shift: (N/16, K / group_size, 16) fp32 or fp16 (shift may be absent).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -35,6 +34,15 @@ namespace {
 
 // ---------------------------------------------------------------------------------------------------
 // helpers
+
+// Software prefetch distance in bytes ahead of each weight row stream. Rows of a tile are short
+// (K = 896 bf16 is 28 cache lines), too short for the hardware prefetchers to ramp up on their own.
+#ifndef QK_PREFETCH
+#define QK_PREFETCH 1024
+#endif
+inline void prefetch(const void* p) {
+  if constexpr (QK_PREFETCH > 0) _mm_prefetch(static_cast<const char*>(p) + QK_PREFETCH, _MM_HINT_T0);
+}
 
 inline __m512 load_bf16_as_f32(const uint16_t* p) {
   __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
@@ -54,33 +62,11 @@ inline uint16_t f32_to_bf16(float f) {  // round to nearest even, as torch does
   return static_cast<uint16_t>(u >> 16);
 }
 
-template <typename S>
-inline float scalar_of(const S* p);
-template <>
-inline float scalar_of<float>(const float* p) { return *p; }
-template <>
-inline float scalar_of<at::Half>(const at::Half* p) { return static_cast<float>(*p); }
-
-// Up to 16 scale/shift values as fp32 lanes (zero past `count`).
-template <typename S>
-inline __m512 maskz_load_f32(__mmask16 m, const S* p);
-template <>
-inline __m512 maskz_load_f32<float>(__mmask16 m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
-template <>
-inline __m512 maskz_load_f32<at::Half>(__mmask16 m, const at::Half* p) {
-  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, reinterpret_cast<const uint16_t*>(p)));
-}
-
 inline __mmask16 tail_mask16(int64_t n) { return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1u); }
 
 // Rows of x are processed in tiles of a power of two (padding with zero rows), so only five tile
 // sizes are compiled per kernel; the padding costs arithmetic, never memory traffic.
 inline int64_t tile_rows(int64_t m) { return m <= 1 ? 1 : m <= 2 ? 2 : m <= 4 ? 4 : m <= 8 ? 8 : 16; }
-
-// Weight rows processed together: more rows per tile when there are few activation rows, so the
-// register tile (MT x RT accumulators) stays within the 32 vector registers.
-template <int MT>
-constexpr int rows_per_tile() { return MT <= 2 ? 4 : MT <= 4 ? 4 : MT <= 8 ? 2 : 1; }
 
 // Split N into row tiles across torch's threads; each task gets at least ~128 KB of weights so small
 // matrices do not pay the thread start-up for nothing.
@@ -109,7 +95,10 @@ void bf16_tile(const uint16_t* x, int64_t K, const uint16_t* w, int64_t N, int64
   for (; k + 32 <= K; k += 32) {
     __m512bh wv[RT];
 #pragma GCC unroll 4
-    for (int r = 0; r < RT; ++r) wv[r] = (__m512bh)_mm512_loadu_si512(wr[r] + k);
+    for (int r = 0; r < RT; ++r) {
+      prefetch(wr[r] + k);
+      wv[r] = (__m512bh)_mm512_loadu_si512(wr[r] + k);
+    }
 #pragma GCC unroll 16
     for (int m = 0; m < MT; ++m) {
       __m512bh xv = (__m512bh)_mm512_loadu_si512(x + m * K + k);
@@ -131,11 +120,9 @@ void bf16_tile(const uint16_t* x, int64_t K, const uint16_t* w, int64_t N, int64
       if (n0 + r < N) out[m * N + n0 + r] = _mm512_reduce_add_ps(acc[m][r]);
 }
 
-template <int MT>
-void bf16_run(const uint16_t* x, int64_t K, const uint16_t* w, int64_t N, float* out) {
-  constexpr int RT = rows_per_tile<MT>();
-  parallel_rows(N, RT, K * 2, [&](int64_t n0) { bf16_tile<MT, RT>(x, K, w, N, n0, out); });
-}
+// Weight rows per bf16 tile: 4 rows x up to 4 activation rows = 16 accumulators in registers. More
+// activation rows are done in passes over the same tile while it is in the L1/L2 cache.
+constexpr int kBf16Rows = 4;
 
 void check_bias(const c10::optional<at::Tensor>& bias, int64_t n) {
   if (!bias.has_value()) return;
@@ -178,47 +165,58 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, const c10::opti
   if (M == 0 || N == 0) return y;
   at::Tensor xc = x.contiguous();
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
-  std::vector<float> acc(M * N);
-  for (int64_t m0 = 0; m0 < M; m0 += 16) {
-    const int64_t mr = std::min<int64_t>(16, M - m0), mt = tile_rows(mr);
-    std::vector<uint16_t> xs(mt * K, 0);  // padded tile of rows
-    std::memcpy(xs.data(), reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()) + m0 * K, mr * K * 2);
-    std::vector<float> out(mt * N);
-    switch (mt) {
-      case 1: bf16_run<1>(xs.data(), K, wp, N, out.data()); break;
-      case 2: bf16_run<2>(xs.data(), K, wp, N, out.data()); break;
-      case 4: bf16_run<4>(xs.data(), K, wp, N, out.data()); break;
-      case 8: bf16_run<8>(xs.data(), K, wp, N, out.data()); break;
-      default: bf16_run<16>(xs.data(), K, wp, N, out.data()); break;
+  const int64_t mt = M <= 4 ? tile_rows(M) : 4, passes = (M + mt - 1) / mt;
+  std::vector<uint16_t> xs(passes * mt * K, 0);  // rows padded with zeros to whole passes
+  std::memcpy(xs.data(), reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), M * K * 2);
+  std::vector<float> acc(passes * mt * N);
+  parallel_rows(N, kBf16Rows, K * 2, [&](int64_t n0) {
+    for (int64_t p = 0; p < passes; ++p) {
+      const uint16_t* xp = xs.data() + p * mt * K;
+      float* op = acc.data() + p * mt * N;
+      switch (mt) {
+        case 1: bf16_tile<1, kBf16Rows>(xp, K, wp, N, n0, op); break;
+        case 2: bf16_tile<2, kBf16Rows>(xp, K, wp, N, n0, op); break;
+        default: bf16_tile<4, kBf16Rows>(xp, K, wp, N, n0, op); break;
+      }
     }
-    std::memcpy(acc.data() + m0 * N, out.data(), mr * N * sizeof(float));
-  }
+  });
   finish(acc, M, N, bias, y);
   return y;
 }
 
 // ---------------------------------------------------------------------------------------------------
 // int8 / int4 weights x int8 activations (VNNI u8 x s8 -> s32)
+//
+// Weights are stored in tiles of 16 output rows, "N-major": one 64-byte vector holds 4 consecutive
+// inputs of each of the 16 rows (int8), or 8 of them as nibbles (int4). A dot product instruction then
+// advances 16 rows at once against 4 broadcast activation bytes, the int32 sums of a block of 32 inputs
+// need no horizontal reduction, and each tile is one sequential stream through memory.
+
+constexpr int kTile = 16;   // output rows per tile
+constexpr int kMaxMT = 8;   // activation rows per pass (2 x 8 accumulators stay in registers)
 
 // Activations quantized per row in blocks of 32.
 struct QuantizedRows {
-  int64_t mt, kp, groups;
-  std::vector<int8_t> q;      // (mt, kp)
-  std::vector<float> sx;      // (mt, kp / 64, 16): each 64-chunk's two block scales, 8 lanes each
-  std::vector<float> gsum;    // (mt, groups): sum of the dequantized x over each weight group
-  std::vector<int32_t> zq;    // (mt, kp / 4): -zero_point * (sum of each 4 consecutive q), the dot's start
+  int64_t rows = 0, K = 0, groups = 0;
+  std::vector<int8_t> q;        // (rows, K)
+  std::vector<float> scale;     // (rows, K / 32)
+  std::vector<int32_t> start;   // (rows, K / 32): -zero_point * sum(q of the block), the dot's start
+  std::vector<float> gsum;      // (rows, groups): sum of the dequantized x over each weight group
 };
 
 template <typename T>
-void quantize_rows(const T* x, int64_t rows, int64_t K, int64_t group_size, int64_t zero_point,
-                   QuantizedRows& qr) {
-  const int64_t kp = qr.kp;
-  qr.q.assign(qr.mt * kp, 0);
-  qr.sx.assign(qr.mt * (kp / 64) * 16, 0.f);
-  qr.gsum.assign(qr.mt * qr.groups, 0.f);
-  qr.zq.assign(qr.mt * kp / 4, 0);
+void quantize_rows(const T* x, int64_t rows, int64_t padded_rows, int64_t K, int64_t group_size,
+                   int64_t zero_point, QuantizedRows& qr) {
+  const int64_t blocks = K / 32;
+  qr.rows = padded_rows;  // the padding rows are zeros
+  qr.K = K;
+  qr.groups = K / group_size;
+  qr.q.assign(padded_rows * K, 0);
+  qr.scale.assign(padded_rows * blocks, 0.f);
+  qr.start.assign(padded_rows * blocks, 0);
+  qr.gsum.assign(padded_rows * qr.groups, 0.f);
   for (int64_t m = 0; m < rows; ++m) {
-    for (int64_t b = 0; b < K / 32; ++b) {
+    for (int64_t b = 0; b < blocks; ++b) {
       const T* p = x + m * K + b * 32;
       __m512 v0, v1;
       if constexpr (std::is_same_v<T, float>) {
@@ -233,192 +231,175 @@ void quantize_rows(const T* x, int64_t rows, int64_t K, int64_t group_size, int6
       const __m512 id = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
       const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, id));  // round to nearest even
       const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, id));
-      int8_t* dst = qr.q.data() + m * kp + b * 32;
+      int8_t* dst = qr.q.data() + m * K + b * 32;
       _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_cvtsepi32_epi8(q0));
       _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16), _mm512_cvtsepi32_epi8(q1));
       const int32_t qsum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
-      float* s = qr.sx.data() + (m * (kp / 64) + b / 2) * 16 + (b % 2) * 8;
-      for (int i = 0; i < 8; ++i) s[i] = d;
+      qr.scale[m * blocks + b] = d;
+      qr.start[m * blocks + b] = -static_cast<int32_t>(zero_point) * qsum;  // (c - z).q = c.q - z * sum(q)
       qr.gsum[m * qr.groups + (b * 32) / group_size] += d * static_cast<float>(qsum);
     }
-    if (zero_point != 0) {  // (code - z) . q = code . q - z * sum(q), folded into the dot's start value
-      const __m512i ones = _mm512_set1_epi8(1), z = _mm512_set1_epi32(-static_cast<int32_t>(zero_point));
-      for (int64_t c = 0; c < kp / 64; ++c) {
-        const __m512i q = _mm512_loadu_si512(qr.q.data() + m * kp + c * 64);
-        const __m512i sum4 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, q);
-        _mm512_storeu_si512(qr.zq.data() + m * (kp / 4) + c * 16, _mm512_mullo_epi32(sum4, z));
-      }
+  }
+}
+
+template <typename S>
+inline __m512 load16_f32(const S* p);
+template <>
+inline __m512 load16_f32<float>(const float* p) { return _mm512_loadu_ps(p); }
+template <>
+inline __m512 load16_f32<at::Half>(const at::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+inline __m512i bcast4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
+}
+
+// One tile of 16 rows against MT activation rows (m0 .. m0 + MT), written to out[m * N + row].
+template <int BITS, typename S, int MT>
+void int_tile(const QuantizedRows& qr, int64_t m0, const uint8_t* tile, const S* tscale, const S* tshift,
+              int64_t group_size, float* out, int64_t N, int64_t n0) {
+  const int64_t K = qr.K, blocks = K / 32, groups = qr.groups, blocks_per_group = group_size / 32;
+  constexpr int64_t kBlockBytes = BITS == 8 ? 512 : 256;  // 16 rows x 32 inputs
+  __m512 facc[MT];
+#pragma GCC unroll 8
+  for (int m = 0; m < MT; ++m) facc[m] = _mm512_setzero_ps();
+  const __m512i nibble = _mm512_set1_epi8(0x0f);
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m512 sv = load16_f32<S>(tscale + g * kTile);
+    if (tshift != nullptr) {
+      const __m512 sh = load16_f32<S>(tshift + g * kTile);
+#pragma GCC unroll 8
+      for (int m = 0; m < MT; ++m)
+        facc[m] = _mm512_fmadd_ps(sh, _mm512_set1_ps(qr.gsum[(m0 + m) * groups + g]), facc[m]);
     }
-  }
-}
-
-// One 64-input chunk of RT weight rows as 64 unsigned codes each.
-template <int BITS>
-inline __m512i load_codes(const uint8_t* row, int64_t c) {
-  if constexpr (BITS == 8) {
-    return _mm512_loadu_si512(row + c * 64);
-  } else {
-    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c * 32));
-    const __m256i lo_mask = _mm256_set1_epi8(0x0f);
-    const __m256i lo = _mm256_and_si256(v, lo_mask);
-    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), lo_mask);
-    return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-  }
-}
-
-template <int BITS, typename S, bool GROUP64, int MT, int RT>
-void int_tile(const QuantizedRows& qr, const uint8_t* codes, const S* scale, const S* shift, int64_t N,
-              int64_t group_size, int64_t n0, float* out) {
-  const int64_t kp = qr.kp, chunks = kp / 64, groups = qr.groups;
-  const int64_t row_bytes = BITS == 8 ? kp : kp / 2;
-  const int64_t scales_per_row = GROUP64 ? groups : kp / 32;
-  int64_t rows[RT];
-  for (int r = 0; r < RT; ++r) rows[r] = std::min<int64_t>(n0 + r, N - 1);
-  __m512 acc[MT][RT];
-#pragma GCC unroll 16
-  for (int m = 0; m < MT; ++m)
-#pragma GCC unroll 4
-    for (int r = 0; r < RT; ++r) acc[m][r] = _mm512_setzero_ps();
-  const int64_t chunks_per_group = GROUP64 ? group_size / 64 : 1;
-  for (int64_t c = 0; c < chunks; ++c) {
-    __m512i wv[RT];
-    __m512 sv[RT];
-#pragma GCC unroll 4
-    for (int r = 0; r < RT; ++r) {
-      wv[r] = load_codes<BITS>(codes + rows[r] * row_bytes, c);
-      const S* s = scale + rows[r] * scales_per_row;
-      if constexpr (GROUP64) {
-        sv[r] = _mm512_set1_ps(scalar_of<S>(s + c / chunks_per_group));
+    for (int64_t b = g * blocks_per_group; b < (g + 1) * blocks_per_group; ++b) {
+      const uint8_t* wb = tile + b * kBlockBytes;
+      prefetch(wb);
+      prefetch(wb + 64 * (kBlockBytes / 128));
+      __m512i iacc[MT];
+#pragma GCC unroll 8
+      for (int m = 0; m < MT; ++m) iacc[m] = _mm512_set1_epi32(qr.start[(m0 + m) * blocks + b]);
+      if constexpr (BITS == 8) {
+#pragma GCC unroll 8
+        for (int q = 0; q < 8; ++q) {
+          const __m512i w = _mm512_loadu_si512(wb + q * 64);
+#pragma GCC unroll 8
+          for (int m = 0; m < MT; ++m)
+            iacc[m] = _mm512_dpbusd_epi32(iacc[m], w, bcast4(qr.q.data() + (m0 + m) * K + b * 32 + q * 4));
+        }
       } else {
-        sv[r] = _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(scalar_of<S>(s + 2 * c)),
-                                     _mm512_set1_ps(scalar_of<S>(s + 2 * c + 1)));
-      }
-    }
-#pragma GCC unroll 16
-    for (int m = 0; m < MT; ++m) {
-      const __m512i xv = _mm512_loadu_si512(qr.q.data() + m * kp + c * 64);
-      const __m512 xs = _mm512_loadu_ps(qr.sx.data() + (m * chunks + c) * 16);
-      const __m512i start = _mm512_loadu_si512(qr.zq.data() + (m * chunks + c) * 16);
 #pragma GCC unroll 4
-      for (int r = 0; r < RT; ++r) {
-        const __m512i dot = _mm512_dpbusd_epi32(start, wv[r], xv);
-        acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(xs, sv[r]), acc[m][r]);
+        for (int o = 0; o < 4; ++o) {
+          const __m512i v = _mm512_loadu_si512(wb + o * 64);
+          const __m512i lo = _mm512_and_si512(v, nibble);
+          const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+#pragma GCC unroll 8
+          for (int m = 0; m < MT; ++m) {
+            const int8_t* xq = qr.q.data() + (m0 + m) * K + b * 32 + o * 8;
+            iacc[m] = _mm512_dpbusd_epi32(iacc[m], lo, bcast4(xq));
+            iacc[m] = _mm512_dpbusd_epi32(iacc[m], hi, bcast4(xq + 4));
+          }
+        }
+      }
+#pragma GCC unroll 8
+      for (int m = 0; m < MT; ++m) {
+        const __m512 s = _mm512_mul_ps(sv, _mm512_set1_ps(qr.scale[(m0 + m) * blocks + b]));
+        facc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[m]), s, facc[m]);
       }
     }
   }
-  if (shift != nullptr) {  // + sum_g shift[n, g] * sum(x_hat over group g)
-    for (int64_t g = 0; g < groups; g += 16) {
-      const __mmask16 mk = tail_mask16(groups - g);
-      for (int r = 0; r < RT; ++r) {
-        const __m512 sh = maskz_load_f32<S>(mk, shift + rows[r] * groups + g);
-        for (int m = 0; m < MT; ++m)
-          acc[m][r] = _mm512_fmadd_ps(sh, _mm512_maskz_loadu_ps(mk, qr.gsum.data() + m * groups + g), acc[m][r]);
-      }
-    }
-  }
-  for (int m = 0; m < MT; ++m)
-    for (int r = 0; r < RT; ++r)
-      if (n0 + r < N) out[m * N + n0 + r] = _mm512_reduce_add_ps(acc[m][r]);
+  const __mmask16 mk = tail_mask16(N - n0);
+  for (int m = 0; m < MT; ++m) _mm512_mask_storeu_ps(out + m * N + n0, mk, facc[m]);
 }
 
-template <int BITS, typename S, bool GROUP64, int MT>
+template <int BITS, typename S>
 void int_run(const QuantizedRows& qr, const uint8_t* codes, const S* scale, const S* shift, int64_t N,
              int64_t group_size, float* out) {
-  constexpr int RT = rows_per_tile<MT>();
-  const int64_t row_bytes = BITS == 8 ? qr.kp : qr.kp / 2;
-  parallel_rows(N, RT, row_bytes, [&](int64_t n0) {
-    int_tile<BITS, S, GROUP64, MT, RT>(qr, codes, scale, shift, N, group_size, n0, out);
+  const int64_t tiles = (N + kTile - 1) / kTile, groups = qr.groups;
+  const int64_t tile_bytes = qr.K * kTile * BITS / 8;
+  const int64_t grain = std::max<int64_t>(1, (128 * 1024) / tile_bytes);
+  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const uint8_t* tile = codes + t * tile_bytes;
+      const S* ts = scale + t * groups * kTile;
+      const S* th = shift == nullptr ? nullptr : shift + t * groups * kTile;
+      for (int64_t m0 = 0; m0 < qr.rows; m0 += kMaxMT) {
+        float* o = out + m0 * N;
+        switch (std::min<int64_t>(kMaxMT, qr.rows - m0)) {  // 1, 2, 4 or 8 (rows are padded)
+          case 1: int_tile<BITS, S, 1>(qr, m0, tile, ts, th, group_size, o, N, t * kTile); break;
+          case 2: int_tile<BITS, S, 2>(qr, m0, tile, ts, th, group_size, o, N, t * kTile); break;
+          case 4: int_tile<BITS, S, 4>(qr, m0, tile, ts, th, group_size, o, N, t * kTile); break;
+          default: int_tile<BITS, S, 8>(qr, m0, tile, ts, th, group_size, o, N, t * kTile); break;
+        }
+      }
+    }
   });
-}
-
-template <int BITS, typename S, bool GROUP64>
-void int_dispatch(const QuantizedRows& qr, const uint8_t* codes, const S* scale, const S* shift, int64_t N,
-                  int64_t group_size, float* out) {
-  switch (qr.mt) {
-    case 1: int_run<BITS, S, GROUP64, 1>(qr, codes, scale, shift, N, group_size, out); break;
-    case 2: int_run<BITS, S, GROUP64, 2>(qr, codes, scale, shift, N, group_size, out); break;
-    case 4: int_run<BITS, S, GROUP64, 4>(qr, codes, scale, shift, N, group_size, out); break;
-    case 8: int_run<BITS, S, GROUP64, 8>(qr, codes, scale, shift, N, group_size, out); break;
-    default: int_run<BITS, S, GROUP64, 16>(qr, codes, scale, shift, N, group_size, out); break;
-  }
 }
 
 template <int BITS>
 at::Tensor linear_int(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
                       const c10::optional<at::Tensor>& shift, const c10::optional<at::Tensor>& bias,
-                      int64_t group_size, int64_t K, int64_t zero_point) {
+                      int64_t group_size, int64_t N, int64_t zero_point) {
   const char* name = BITS == 8 ? "qwenkit linear_int8" : "qwenkit linear_int4";
   TORCH_CHECK(x.device().is_cpu() && codes.device().is_cpu() && scale.device().is_cpu(), name,
               ": tensors must be on the CPU");
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == K, name, ": x must be (M, ", K, "), got ", x.sizes());
+  TORCH_CHECK(x.dim() == 2, name, ": x must be (M, K), got ", x.sizes());
+  const int64_t K = x.size(1), M = x.size(0);
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat, name,
               ": x must be bfloat16 or float32, got ", x.scalar_type());
   TORCH_CHECK(group_size > 0 && group_size % 32 == 0 && K % group_size == 0, name,
               ": group_size must be a multiple of 32 that divides K=", K, ", got ", group_size);
-  const int64_t kp = (K + 63) / 64 * 64, groups = K / group_size;
-  const bool group64 = group_size % 64 == 0;
-  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.dim() == 2 && codes.is_contiguous() &&
-                  codes.size(1) == (BITS == 8 ? kp : kp / 2),
-              name, ": codes must be contiguous uint8 (N, ", (BITS == 8 ? kp : kp / 2), ") from prepare_int",
-              BITS, ", got ", codes.scalar_type(), " ", codes.sizes());
-  const int64_t N = codes.size(0);
-  const int64_t scales_per_row = group64 ? groups : kp / 32;
+  const int64_t tiles = (N + kTile - 1) / kTile, groups = K / group_size;
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.dim() == 2 &&
+                  codes.size(0) == tiles && codes.size(1) == K * kTile * BITS / 8,
+              name, ": codes must be contiguous uint8 (", tiles, ", ", K * kTile * BITS / 8,
+              ") from prepare_int", BITS, " for N=", N, " and K=", K, ", got ", codes.scalar_type(), " ",
+              codes.sizes());
   TORCH_CHECK((scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kHalf) && scale.is_contiguous() &&
-                  scale.dim() == 2 && scale.size(0) == N && scale.size(1) == scales_per_row,
-              name, ": scale must be contiguous float32/float16 (", N, ", ", scales_per_row, "), got ",
+                  scale.dim() == 3 && scale.size(0) == tiles && scale.size(1) == groups && scale.size(2) == kTile,
+              name, ": scale must be contiguous float32/float16 (", tiles, ", ", groups, ", 16), got ",
               scale.scalar_type(), " ", scale.sizes());
   if (shift.has_value())
-    TORCH_CHECK(shift->scalar_type() == scale.scalar_type() && shift->is_contiguous() && shift->dim() == 2 &&
-                    shift->size(0) == N && shift->size(1) == groups,
-                name, ": shift must be contiguous ", scale.scalar_type(), " (", N, ", ", groups, "), got ",
-                shift->scalar_type(), " ", shift->sizes());
+    TORCH_CHECK(shift->scalar_type() == scale.scalar_type() && shift->is_contiguous() &&
+                    shift->sizes() == scale.sizes(),
+                name, ": shift must be like scale, got ", shift->scalar_type(), " ", shift->sizes());
   TORCH_CHECK(zero_point >= 0 && zero_point < (1 << BITS), name, ": zero_point must lie in 0..", (1 << BITS) - 1,
               ", got ", zero_point);
   check_bias(bias, N);
-  const int64_t M = x.size(0);
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
   at::Tensor xc = x.contiguous();
-  std::vector<float> acc(M * N);
   QuantizedRows qr;
-  qr.kp = kp;
-  qr.groups = groups;
+  const int64_t padded = M <= kMaxMT ? tile_rows(M) : (M + kMaxMT - 1) / kMaxMT * kMaxMT;
+  if (xc.scalar_type() == at::kFloat)
+    quantize_rows(xc.data_ptr<float>(), M, padded, K, group_size, zero_point, qr);
+  else
+    quantize_rows(xc.data_ptr<at::BFloat16>(), M, padded, K, group_size, zero_point, qr);
+  std::vector<float> acc(padded * N);
   const uint8_t* cp = codes.data_ptr<uint8_t>();
-  for (int64_t m0 = 0; m0 < M; m0 += 16) {
-    const int64_t mr = std::min<int64_t>(16, M - m0);
-    qr.mt = tile_rows(mr);
-    if (xc.scalar_type() == at::kFloat)
-      quantize_rows(xc.data_ptr<float>() + m0 * K, mr, K, group_size, zero_point, qr);
-    else
-      quantize_rows(xc.data_ptr<at::BFloat16>() + m0 * K, mr, K, group_size, zero_point, qr);
-    std::vector<float> out(qr.mt * N);
-    if (scale.scalar_type() == at::kFloat) {
-      const float* sp = scale.data_ptr<float>();
-      const float* hp = shift.has_value() ? shift->data_ptr<float>() : nullptr;
-      if (group64) int_dispatch<BITS, float, true>(qr, cp, sp, hp, N, group_size, out.data());
-      else int_dispatch<BITS, float, false>(qr, cp, sp, hp, N, group_size, out.data());
-    } else {
-      const at::Half* sp = scale.data_ptr<at::Half>();
-      const at::Half* hp = shift.has_value() ? shift->data_ptr<at::Half>() : nullptr;
-      if (group64) int_dispatch<BITS, at::Half, true>(qr, cp, sp, hp, N, group_size, out.data());
-      else int_dispatch<BITS, at::Half, false>(qr, cp, sp, hp, N, group_size, out.data());
-    }
-    std::memcpy(acc.data() + m0 * N, out.data(), mr * N * sizeof(float));
-  }
+  if (scale.scalar_type() == at::kFloat)
+    int_run<BITS, float>(qr, cp, scale.data_ptr<float>(), shift.has_value() ? shift->data_ptr<float>() : nullptr, N,
+                         group_size, acc.data());
+  else
+    int_run<BITS, at::Half>(qr, cp, scale.data_ptr<at::Half>(),
+                            shift.has_value() ? shift->data_ptr<at::Half>() : nullptr, N, group_size, acc.data());
   finish(acc, M, N, bias, y);
   return y;
 }
 
 at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
                        const c10::optional<at::Tensor>& shift, const c10::optional<at::Tensor>& bias,
-                       int64_t group_size, int64_t K, int64_t zero_point) {
-  return linear_int<8>(x, codes, scale, shift, bias, group_size, K, zero_point);
+                       int64_t group_size, int64_t N, int64_t zero_point) {
+  return linear_int<8>(x, codes, scale, shift, bias, group_size, N, zero_point);
 }
 
 at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
                        const c10::optional<at::Tensor>& shift, const c10::optional<at::Tensor>& bias,
-                       int64_t group_size, int64_t K, int64_t zero_point) {
-  return linear_int<4>(x, codes, scale, shift, bias, group_size, K, zero_point);
+                       int64_t group_size, int64_t N, int64_t zero_point) {
+  return linear_int<4>(x, codes, scale, shift, bias, group_size, N, zero_point);
 }
 
 // Reads every byte of t once (xor of its 64-byte lines): the memory-bandwidth probe of the benchmark.
@@ -447,10 +428,10 @@ int64_t stream_read(const at::Tensor& t) {
 TORCH_LIBRARY(qwenkit, m) {
   m.def("linear_bf16(Tensor x, Tensor w, Tensor? bias=None) -> Tensor");
   m.def(
-      "linear_int8(Tensor x, Tensor codes, Tensor scale, Tensor? shift, Tensor? bias, int group_size, int K, int zero_point) "
+      "linear_int8(Tensor x, Tensor codes, Tensor scale, Tensor? shift, Tensor? bias, int group_size, int N, int zero_point) "
       "-> Tensor");
   m.def(
-      "linear_int4(Tensor x, Tensor codes, Tensor scale, Tensor? shift, Tensor? bias, int group_size, int K, int zero_point) "
+      "linear_int4(Tensor x, Tensor codes, Tensor scale, Tensor? shift, Tensor? bias, int group_size, int N, int zero_point) "
       "-> Tensor");
   m.def("stream_read(Tensor t) -> int");
 }
