@@ -42,7 +42,11 @@ def test_linear_bf16_matches_float_reference(loaded, m, n, k):
     x = torch.randn(m, k, generator=g).to(torch.bfloat16)
     w = (torch.randn(n, k, generator=g) * 0.05).to(torch.bfloat16)
     bias = torch.randn(n, generator=g).to(torch.bfloat16) if m % 2 else None
-    y = kernels.linear_bf16(x, w, bias)
+    p = kernels.prepare_bf16(w)
+    assert torch.equal(kernels.unpack_bf16(p), w)  # packing is lossless
+    rows = torch.tensor([n - 1, 0])
+    assert torch.equal(kernels.unpack_bf16(p, rows), w[rows])
+    y = kernels.linear_bf16(x, p, bias)
     assert y.dtype == torch.bfloat16 and y.shape == (m, n)
     ref = bf16_reference(x, w, bias)
     # the only rounding is the bf16 output (and fp32 accumulation order): half a bf16 ulp plus a hair
@@ -57,7 +61,7 @@ def test_linear_bf16_lm_head_and_batch_dims(loaded):
     g = torch.Generator().manual_seed(0)
     w = (torch.randn(151936, 896, generator=g) * 0.05).to(torch.bfloat16)
     x = torch.randn(2, 1, 896, generator=g).to(torch.bfloat16)  # (B, T, K) keeps its leading dims
-    y = kernels.linear_bf16(x, w)
+    y = kernels.linear_bf16(x, kernels.prepare_bf16(w))
     assert y.shape == (2, 1, 151936)
     ref = bf16_reference(x.reshape(2, 896), w, None)
     err = (y.reshape(2, -1).double() - ref).abs()
@@ -162,11 +166,13 @@ def test_float16_scales_are_picked_only_when_exact(loaded):
 @needs_isa
 def test_bad_inputs_are_named(loaded):
     x = torch.randn(1, 64)
-    w = torch.randn(8, 64).to(torch.bfloat16)
+    w = kernels.prepare_bf16(torch.randn(8, 64))
     with pytest.raises(RuntimeError, match="x and w must be bfloat16"):
         kernels.linear_bf16(x, w)
-    with pytest.raises(RuntimeError, match="x has 32 inputs but w has 64"):
+    with pytest.raises(kernels.KernelInputError, match="x has 32 inputs, the weights 64"):
         kernels.linear_bf16(x[:, :32].to(torch.bfloat16), w)
+    with pytest.raises(RuntimeError, match=r"w must be contiguous \(1, 1024\) from prepare_bf16"):
+        torch.ops.qwenkit.linear_bf16(x.to(torch.bfloat16), w.weight[:, :512], None, 8)
     codes = torch.zeros(8, 64, dtype=torch.uint8)
     with pytest.raises(kernels.KernelInputError, match="group_size must be a multiple of 32"):
         kernels.prepare_int8(codes, torch.ones(1, 8), None, 48)

@@ -5,7 +5,9 @@ Imports only torch and the standard library; model/ and quant/ may import it. AP
     from qwenkit import kernels
     kernels.available() -> bool        # loads (building once, ~1 min) or says once why not; False under
                                        # QWENKIT_KERNELS=torch. Call it before using any op below.
-    kernels.linear_bf16(x, w, bias=None)          # x (..., K) bf16, w (N, K) bf16 -> (..., N) bf16
+    p = kernels.prepare_bf16(w)                   # w (N, K) -> tiles of 16 rows (one stream each)
+    kernels.linear_bf16(x, p, bias=None)          # x (..., K) bf16 -> (..., N) bf16, fp32 accumulation
+    kernels.unpack_bf16(p, rows=None)             # the (N, K) weight or some rows (embedding lookup)
     p = kernels.prepare_int8(codes, scale, shift, group_size, zero_point=0)  # codes (N, K) uint8
     p = kernels.prepare_int4(codes, scale, shift, group_size, zero_point=0)  # codes uint8 in 0..15
         # w[n, k] = (codes[n, k] - zero_point) * scale[g, n] + shift[g, n], g = k // group_size;
@@ -25,14 +27,17 @@ from qwenkit.kernels.ops import (
     ENV_SWITCH,
     KernelInputError,
     KernelsUnavailableError,
+    PackedBf16,
     PackedInt,
     available,
     dequantize,
     linear_bf16,
     linear_int4,
     linear_int8,
+    prepare_bf16,
     prepare_int4,
     prepare_int8,
+    unpack_bf16,
     unpack_codes,
 )
 
@@ -40,13 +45,16 @@ __all__ = [
     "ENV_SWITCH",
     "KernelInputError",
     "KernelsUnavailableError",
+    "PackedBf16",
     "PackedInt",
     "available",
     "dequantize",
     "linear_bf16",
     "linear_int4",
     "linear_int8",
+    "prepare_bf16",
     "prepare_int4",
     "prepare_int8",
+    "unpack_bf16",
     "unpack_codes",
 ]

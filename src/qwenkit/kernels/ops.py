@@ -14,6 +14,9 @@ ENV_SWITCH = "QWENKIT_KERNELS"  # "torch" forces the plain PyTorch path
 _loaded: bool | None = None  # None: not tried yet in this process
 
 
+TILE = 16  # output rows per tile of the packed layouts
+
+
 class KernelInputError(QwenkitError, ValueError):
     """Weights handed to prepare_int8/prepare_int4 do not have the shapes or ranges the kernels need."""
 
@@ -57,16 +60,6 @@ def _require() -> None:
         raise KernelsUnavailableError("the qwenkit CPU kernels are not available here; use the plain path")
 
 
-def linear_bf16(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x (..., K) bf16 @ w (N, K) bf16 (+ bias) -> (..., N) bf16, fp32 accumulation. Best for M <= 16."""
-    _require()
-    y = torch.ops.qwenkit.linear_bf16(x.reshape(-1, x.shape[-1]), w, bias)
-    return y.reshape(*x.shape[:-1], w.shape[0])
-
-
-TILE = 16  # output rows per tile of the packed layout
-
-
 @dataclass(frozen=True)
 class PackedInt:
     """Integer weights in the kernels' layout: w[n, k] = (code - zero_point) * scale[g, n] + shift[g, n].
@@ -90,6 +83,50 @@ class PackedInt:
     def nbytes(self) -> int:
         """Bytes a matrix-vector product reads."""
         return sum(t.nbytes for t in (self.codes, self.scale, self.shift) if t is not None)
+
+
+@dataclass(frozen=True)
+class PackedBf16:
+    """bf16 weights in tiles of 16 rows (N padded with zero rows): (N/16, Kp * 16) with Kp = K rounded up
+    to even, each 64 bytes holding inputs k, k+1 of the 16 rows, so a tile is one sequential stream."""
+
+    weight: torch.Tensor
+    in_features: int
+    out_features: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.nbytes
+
+
+def prepare_bf16(w: torch.Tensor) -> PackedBf16:
+    """Pack a (N, K) weight (any float dtype; rounded to bf16) for linear_bf16."""
+    if w.dim() != 2:
+        raise KernelInputError(f"prepare_bf16: w must be (N, K), got shape {tuple(w.shape)}")
+    n, k = w.shape
+    tiles, kp = -(-n // TILE), k + k % 2
+    t = torch.zeros(tiles * TILE, kp, dtype=torch.bfloat16)
+    t[:n, :k] = w
+    t = t.view(tiles, TILE, kp // 2, 2).transpose(1, 2)  # (tiles, Kp/2, 16 rows, 2)
+    return PackedBf16(t.reshape(tiles, -1).contiguous(), k, n)
+
+
+def linear_bf16(x: torch.Tensor, p: PackedBf16, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) bf16 @ w.T (+ bias) -> (..., N) bf16, fp32 accumulation. Best for M <= 16."""
+    if x.shape[-1] != p.in_features:
+        raise KernelInputError(f"linear_bf16: x has {x.shape[-1]} inputs, the weights {p.in_features}")
+    _require()
+    y = torch.ops.qwenkit.linear_bf16(x.reshape(-1, x.shape[-1]), p.weight, bias, p.out_features)
+    return y.reshape(*x.shape[:-1], p.out_features)
+
+
+def unpack_bf16(p: PackedBf16, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """The (N, K) bf16 weight back, or only `rows` of it (an embedding lookup)."""
+    tiles, k = p.weight.shape[0], p.in_features
+    kp = k + k % 2
+    w = p.weight.view(tiles, kp // 2, TILE, 2).transpose(1, 2).reshape(tiles * TILE, kp)
+    w = w[: p.out_features, :k]
+    return w if rows is None else w[rows]
 
 
 def _pick_scale_dtype(scale: torch.Tensor, shift: torch.Tensor | None) -> torch.dtype:

@@ -4,7 +4,7 @@
 // byte is loaded once per call, for all M activation rows, and the arithmetic on it is cheap enough to
 // keep up with memory. Threads split the output features N (at::parallel_for, torch's thread count).
 //
-//   linear_bf16(x bf16 (M,K), w bf16 (N,K), bias?)                -> (M,N) bf16   (_mm512_dpbf16_ps)
+//   linear_bf16(x bf16 (M,K), w (tiles), bias?, N)                 -> (M,N) bf16   (_mm512_dpbf16_ps)
 //   linear_int8(x (M,K), codes, scale, shift?, bias?, group_size, N, zero_point)   (_mm512_dpbusd_epi32)
 //   linear_int4(x (M,K), codes, scale, shift?, bias?, group_size, N, zero_point)
 //   stream_read(t) -> int64: xor of every 64-byte line (a memory-bandwidth probe for the benchmark)
@@ -15,6 +15,7 @@
 // for its q8 dot products; the shift term uses the sums of those same quantized blocks, so the result is
 // exactly dot(w, x_hat) in float and the rounding error of x never gets multiplied by the code offset.
 // Packed layout (made by qwenkit/kernels/ops.py), in tiles of 16 output rows (N padded with zero rows):
+//   bf16: (N/16, Kp * 16) with Kp = K rounded up to even; per 2 inputs k, k+1, 64 bytes: row r's pair at 4r.
 //   int8 codes: (N/16, K * 16) bytes; per 4 inputs k..k+3, 64 bytes: row r's 4 codes at 4r.
 //   int4 codes: (N/16, K * 8) bytes; per 8 inputs k..k+7, 64 bytes: byte 4r + i holds row r's code
 //               k+i in its low nibble and k+4+i in its high nibble.
@@ -68,61 +69,46 @@ inline __mmask16 tail_mask16(int64_t n) { return n >= 16 ? __mmask16(0xffff) : _
 // sizes are compiled per kernel; the padding costs arithmetic, never memory traffic.
 inline int64_t tile_rows(int64_t m) { return m <= 1 ? 1 : m <= 2 ? 2 : m <= 4 ? 4 : m <= 8 ? 8 : 16; }
 
-// Split N into row tiles across torch's threads; each task gets at least ~128 KB of weights so small
-// matrices do not pay the thread start-up for nothing.
-template <typename F>
-void parallel_rows(int64_t n, int rt, int64_t row_bytes, const F& body) {
-  const int64_t tiles = (n + rt - 1) / rt;
-  const int64_t grain = std::max<int64_t>(1, (128 * 1024) / std::max<int64_t>(1, rt * row_bytes));
-  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) body(t * rt);
-  });
-}
-
 // ---------------------------------------------------------------------------------------------------
 // bf16 x bf16 -> fp32 accumulate
+//
+// Weights in tiles of 16 rows, "N-major" like the integer ones: each 64-byte vector holds inputs k, k+1
+// of the 16 rows, so one dot product instruction advances 16 rows against a broadcast pair of x.
 
-template <int MT, int RT>
-void bf16_tile(const uint16_t* x, int64_t K, const uint16_t* w, int64_t N, int64_t n0, float* out /* MT x N */) {
-  const uint16_t* wr[RT];
-  for (int r = 0; r < RT; ++r) wr[r] = w + std::min<int64_t>(n0 + r, N - 1) * K;  // past-the-end rows repeat the last
-  __m512 acc[MT][RT];
-#pragma GCC unroll 16
-  for (int m = 0; m < MT; ++m)
-#pragma GCC unroll 4
-    for (int r = 0; r < RT; ++r) acc[m][r] = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 32 <= K; k += 32) {
-    __m512bh wv[RT];
-#pragma GCC unroll 4
-    for (int r = 0; r < RT; ++r) {
-      prefetch(wr[r] + k);
-      wv[r] = (__m512bh)_mm512_loadu_si512(wr[r] + k);
-    }
-#pragma GCC unroll 16
-    for (int m = 0; m < MT; ++m) {
-      __m512bh xv = (__m512bh)_mm512_loadu_si512(x + m * K + k);
-#pragma GCC unroll 4
-      for (int r = 0; r < RT; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], xv, wv[r]);
-    }
-  }
-  if (k < K) {
-    const __mmask32 mk = (__mmask32)((1ull << (K - k)) - 1ull);
-    __m512bh wv[RT];
-    for (int r = 0; r < RT; ++r) wv[r] = (__m512bh)_mm512_maskz_loadu_epi16(mk, wr[r] + k);
-    for (int m = 0; m < MT; ++m) {
-      __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mk, x + m * K + k);
-      for (int r = 0; r < RT; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], xv, wv[r]);
-    }
-  }
-  for (int m = 0; m < MT; ++m)
-    for (int r = 0; r < RT; ++r)
-      if (n0 + r < N) out[m * N + n0 + r] = _mm512_reduce_add_ps(acc[m][r]);
+constexpr int kTile = 16;   // output rows per tile (every packed layout)
+constexpr int kMaxMT = 8;   // activation rows per pass over a tile
+
+inline __m512i bcast_pair(const uint16_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
 }
 
-// Weight rows per bf16 tile: 4 rows x up to 4 activation rows = 16 accumulators in registers. More
-// activation rows are done in passes over the same tile while it is in the L1/L2 cache.
-constexpr int kBf16Rows = 4;
+template <int MT>
+void bf16_tile(const uint16_t* x, int64_t kp, const uint16_t* tile, float* out, int64_t N, int64_t n0) {
+  __m512 a0[MT], a1[MT];  // two chains per row to hide the dot product's latency
+#pragma GCC unroll 8
+  for (int m = 0; m < MT; ++m) a0[m] = a1[m] = _mm512_setzero_ps();
+  const int64_t pairs = kp / 2;
+  int64_t j = 0;
+  for (; j + 2 <= pairs; j += 2) {
+    const uint16_t* wp = tile + j * 32;
+    prefetch(wp);
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wp);
+    const __m512bh w1 = (__m512bh)_mm512_loadu_si512(wp + 32);
+#pragma GCC unroll 8
+    for (int m = 0; m < MT; ++m) {
+      a0[m] = _mm512_dpbf16_ps(a0[m], (__m512bh)bcast_pair(x + m * kp + 2 * j), w0);
+      a1[m] = _mm512_dpbf16_ps(a1[m], (__m512bh)bcast_pair(x + m * kp + 2 * j + 2), w1);
+    }
+  }
+  if (j < pairs) {
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(tile + j * 32);
+    for (int m = 0; m < MT; ++m) a0[m] = _mm512_dpbf16_ps(a0[m], (__m512bh)bcast_pair(x + m * kp + 2 * j), w0);
+  }
+  const __mmask16 mk = tail_mask16(N - n0);
+  for (int m = 0; m < MT; ++m) _mm512_mask_storeu_ps(out + m * N + n0, mk, _mm512_add_ps(a0[m], a1[m]));
+}
 
 void check_bias(const c10::optional<at::Tensor>& bias, int64_t n) {
   if (!bias.has_value()) return;
@@ -151,33 +137,50 @@ void finish(const std::vector<float>& acc, int64_t M, int64_t N, const c10::opti
   }
 }
 
-at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+// Rows padded to a whole number of passes (1, 2, 4, or multiples of 8), the padding all zeros.
+inline int64_t padded_rows(int64_t m) { return m <= kMaxMT ? tile_rows(m) : (m + kMaxMT - 1) / kMaxMT * kMaxMT; }
+
+// Runs body(tile index, m0, rows in this pass) over all tiles in parallel, each tile's passes together
+// so a tile is read from memory once.
+template <typename F>
+void parallel_tiles(int64_t n, int64_t rows, int64_t tile_bytes, const F& body) {
+  const int64_t tiles = (n + kTile - 1) / kTile;
+  const int64_t grain = std::max<int64_t>(1, (128 * 1024) / std::max<int64_t>(1, tile_bytes));
+  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t m0 = 0; m0 < rows; m0 += kMaxMT) body(t, m0, std::min<int64_t>(kMaxMT, rows - m0));
+  });
+}
+
+at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+                       int64_t N) {
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "qwenkit linear_bf16: tensors must be on the CPU");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16,
               "qwenkit linear_bf16: x and w must be bfloat16, got ", x.scalar_type(), " and ", w.scalar_type());
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2, "qwenkit linear_bf16: x must be (M, K) and w (N, K), got ", x.sizes(),
-              " and ", w.sizes());
-  TORCH_CHECK(x.size(1) == w.size(1), "qwenkit linear_bf16: x has ", x.size(1), " inputs but w has ", w.size(1));
-  TORCH_CHECK(w.is_contiguous(), "qwenkit linear_bf16: w must be contiguous");
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  TORCH_CHECK(x.dim() == 2, "qwenkit linear_bf16: x must be (M, K), got ", x.sizes());
+  const int64_t M = x.size(0), K = x.size(1), kp = (K + 1) / 2 * 2, tiles = (N + kTile - 1) / kTile;
+  TORCH_CHECK(w.is_contiguous() && w.dim() == 2 && w.size(0) == tiles && w.size(1) == kp * kTile,
+              "qwenkit linear_bf16: w must be contiguous (", tiles, ", ", kp * kTile, ") from prepare_bf16 for N=", N,
+              " and K=", K, ", got ", w.sizes());
   check_bias(bias, N);
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
   at::Tensor xc = x.contiguous();
+  const int64_t rows = padded_rows(M);
+  std::vector<uint16_t> xs(rows * kp, 0);  // rows and K padded with zeros
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
+  for (int64_t m = 0; m < M; ++m) std::memcpy(xs.data() + m * kp, xp + m * K, K * 2);
+  std::vector<float> acc(rows * N);
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
-  const int64_t mt = M <= 4 ? tile_rows(M) : 4, passes = (M + mt - 1) / mt;
-  std::vector<uint16_t> xs(passes * mt * K, 0);  // rows padded with zeros to whole passes
-  std::memcpy(xs.data(), reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), M * K * 2);
-  std::vector<float> acc(passes * mt * N);
-  parallel_rows(N, kBf16Rows, K * 2, [&](int64_t n0) {
-    for (int64_t p = 0; p < passes; ++p) {
-      const uint16_t* xp = xs.data() + p * mt * K;
-      float* op = acc.data() + p * mt * N;
-      switch (mt) {
-        case 1: bf16_tile<1, kBf16Rows>(xp, K, wp, N, n0, op); break;
-        case 2: bf16_tile<2, kBf16Rows>(xp, K, wp, N, n0, op); break;
-        default: bf16_tile<4, kBf16Rows>(xp, K, wp, N, n0, op); break;
-      }
+  parallel_tiles(N, rows, kp * kTile * 2, [&](int64_t t, int64_t m0, int64_t mt) {
+    const uint16_t* tile = wp + t * kp * kTile;
+    const uint16_t* xm = xs.data() + m0 * kp;
+    float* o = acc.data() + m0 * N;
+    switch (mt) {
+      case 1: bf16_tile<1>(xm, kp, tile, o, N, t * kTile); break;
+      case 2: bf16_tile<2>(xm, kp, tile, o, N, t * kTile); break;
+      case 4: bf16_tile<4>(xm, kp, tile, o, N, t * kTile); break;
+      default: bf16_tile<8>(xm, kp, tile, o, N, t * kTile); break;
     }
   });
   finish(acc, M, N, bias, y);
@@ -191,9 +194,6 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, const c10::opti
 // inputs of each of the 16 rows (int8), or 8 of them as nibbles (int4). A dot product instruction then
 // advances 16 rows at once against 4 broadcast activation bytes, the int32 sums of a block of 32 inputs
 // need no horizontal reduction, and each tile is one sequential stream through memory.
-
-constexpr int kTile = 16;   // output rows per tile
-constexpr int kMaxMT = 8;   // activation rows per pass (2 x 8 accumulators stay in registers)
 
 // Activations quantized per row in blocks of 32.
 struct QuantizedRows {
@@ -318,23 +318,17 @@ void int_tile(const QuantizedRows& qr, int64_t m0, const uint8_t* tile, const S*
 template <int BITS, typename S>
 void int_run(const QuantizedRows& qr, const uint8_t* codes, const S* scale, const S* shift, int64_t N,
              int64_t group_size, float* out) {
-  const int64_t tiles = (N + kTile - 1) / kTile, groups = qr.groups;
-  const int64_t tile_bytes = qr.K * kTile * BITS / 8;
-  const int64_t grain = std::max<int64_t>(1, (128 * 1024) / tile_bytes);
-  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const uint8_t* tile = codes + t * tile_bytes;
-      const S* ts = scale + t * groups * kTile;
-      const S* th = shift == nullptr ? nullptr : shift + t * groups * kTile;
-      for (int64_t m0 = 0; m0 < qr.rows; m0 += kMaxMT) {
-        float* o = out + m0 * N;
-        switch (std::min<int64_t>(kMaxMT, qr.rows - m0)) {  // 1, 2, 4 or 8 (rows are padded)
-          case 1: int_tile<BITS, S, 1>(qr, m0, tile, ts, th, group_size, o, N, t * kTile); break;
-          case 2: int_tile<BITS, S, 2>(qr, m0, tile, ts, th, group_size, o, N, t * kTile); break;
-          case 4: int_tile<BITS, S, 4>(qr, m0, tile, ts, th, group_size, o, N, t * kTile); break;
-          default: int_tile<BITS, S, 8>(qr, m0, tile, ts, th, group_size, o, N, t * kTile); break;
-        }
-      }
+  const int64_t groups = qr.groups, tile_bytes = qr.K * kTile * BITS / 8;
+  parallel_tiles(N, qr.rows, tile_bytes, [&](int64_t t, int64_t m0, int64_t mt) {
+    const uint8_t* tile = codes + t * tile_bytes;
+    const S* ts = scale + t * groups * kTile;
+    const S* th = shift == nullptr ? nullptr : shift + t * groups * kTile;
+    float* o = out + m0 * N;
+    switch (mt) {
+      case 1: int_tile<BITS, S, 1>(qr, m0, tile, ts, th, group_size, o, N, t * kTile); break;
+      case 2: int_tile<BITS, S, 2>(qr, m0, tile, ts, th, group_size, o, N, t * kTile); break;
+      case 4: int_tile<BITS, S, 4>(qr, m0, tile, ts, th, group_size, o, N, t * kTile); break;
+      default: int_tile<BITS, S, 8>(qr, m0, tile, ts, th, group_size, o, N, t * kTile); break;
     }
   });
 }
@@ -373,7 +367,7 @@ at::Tensor linear_int(const at::Tensor& x, const at::Tensor& codes, const at::Te
   if (M == 0 || N == 0) return y;
   at::Tensor xc = x.contiguous();
   QuantizedRows qr;
-  const int64_t padded = M <= kMaxMT ? tile_rows(M) : (M + kMaxMT - 1) / kMaxMT * kMaxMT;
+  const int64_t padded = padded_rows(M);
   if (xc.scalar_type() == at::kFloat)
     quantize_rows(xc.data_ptr<float>(), M, padded, K, group_size, zero_point, qr);
   else
@@ -426,7 +420,7 @@ int64_t stream_read(const at::Tensor& t) {
 }  // namespace
 
 TORCH_LIBRARY(qwenkit, m) {
-  m.def("linear_bf16(Tensor x, Tensor w, Tensor? bias=None) -> Tensor");
+  m.def("linear_bf16(Tensor x, Tensor w, Tensor? bias, int N) -> Tensor");
   m.def(
       "linear_int8(Tensor x, Tensor codes, Tensor scale, Tensor? shift, Tensor? bias, int group_size, int N, int zero_point) "
       "-> Tensor");
