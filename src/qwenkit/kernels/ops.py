@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -55,9 +56,25 @@ class KernelsUnavailableError(QwenkitError, RuntimeError):
     """A kernel op was called where available() is False (the caller should take the plain path)."""
 
 
-def _require() -> None:
-    if not (_loaded or available()):
-        raise KernelsUnavailableError("the qwenkit CPU kernels are not available here; use the plain path")
+_ops: dict[str, Callable[..., torch.Tensor]] = {}  # op name -> its overload, looked up once
+
+
+def _op(name: str) -> Callable[..., torch.Tensor]:
+    op = _ops.get(name)
+    if op is None:
+        if not (_loaded or available()):
+            raise KernelsUnavailableError(
+                "the qwenkit CPU kernels are not available here; use the plain path"
+            )
+        op = _ops[name] = getattr(torch.ops.qwenkit, name).default
+    return op
+
+
+def _as_rows(x: torch.Tensor, k: int, what: str) -> torch.Tensor:
+    """x as (M, K): the kernels take rows; leading dims are restored by the caller."""
+    if x.shape[-1] != k:
+        raise KernelInputError(f"{what}: x has {x.shape[-1]} inputs, the weights {k}")
+    return x if x.dim() == 2 else x.reshape(-1, k)
 
 
 @dataclass(frozen=True)
@@ -113,11 +130,8 @@ def prepare_bf16(w: torch.Tensor) -> PackedBf16:
 
 def linear_bf16(x: torch.Tensor, p: PackedBf16, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., K) bf16 @ w.T (+ bias) -> (..., N) bf16, fp32 accumulation. Best for M <= 16."""
-    if x.shape[-1] != p.in_features:
-        raise KernelInputError(f"linear_bf16: x has {x.shape[-1]} inputs, the weights {p.in_features}")
-    _require()
-    y = torch.ops.qwenkit.linear_bf16(x.reshape(-1, x.shape[-1]), p.weight, bias, p.out_features)
-    return y.reshape(*x.shape[:-1], p.out_features)
+    y = _op("linear_bf16")(_as_rows(x, p.in_features, "linear_bf16"), p.weight, bias, p.out_features)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], p.out_features)
 
 
 def unpack_bf16(p: PackedBf16, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -223,25 +237,14 @@ def prepare_int4(
     return _prepare(4, codes, scale, shift, group_size, zero_point, scale_dtype)
 
 
-def _linear_int(
-    op_name: str, bits: int, x: torch.Tensor, p: PackedInt, bias: torch.Tensor | None
-) -> torch.Tensor:
+def _linear_int(bits: int, x: torch.Tensor, p: PackedInt, bias: torch.Tensor | None) -> torch.Tensor:
     if p.bits != bits:
         raise KernelInputError(f"linear_int{bits} got weights packed for {p.bits} bits")
-    _require()
-    if x.shape[-1] != p.in_features:
-        raise KernelInputError(f"linear_int{bits}: x has {x.shape[-1]} inputs, the weights {p.in_features}")
-    y = getattr(torch.ops.qwenkit, op_name)(
-        x.reshape(-1, x.shape[-1]),
-        p.codes,
-        p.scale,
-        p.shift,
-        bias,
-        p.group_size,
-        p.out_features,
-        p.zero_point,
+    rows = _as_rows(x, p.in_features, f"linear_int{bits}")
+    y = _op(f"linear_int{bits}")(
+        rows, p.codes, p.scale, p.shift, bias, p.group_size, p.out_features, p.zero_point
     )
-    return y.reshape(*x.shape[:-1], p.out_features)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], p.out_features)
 
 
 def linear_int8(x: torch.Tensor, p: PackedInt, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -250,12 +253,12 @@ def linear_int8(x: torch.Tensor, p: PackedInt, bias: torch.Tensor | None = None)
     x is rounded per row in blocks of 32 to int8 (as llama.cpp's q8 activations); the result is
     dot(w, x_rounded) computed exactly in float.
     """
-    return _linear_int("linear_int8", 8, x, p, bias)
+    return _linear_int(8, x, p, bias)
 
 
 def linear_int4(x: torch.Tensor, p: PackedInt, bias: torch.Tensor | None = None) -> torch.Tensor:
     """As linear_int8, for weights packed by prepare_int4."""
-    return _linear_int("linear_int4", 4, x, p, bias)
+    return _linear_int(4, x, p, bias)
 
 
 def unpack_codes(p: PackedInt) -> torch.Tensor:
