@@ -7,8 +7,9 @@ Batch-1 decode streams every weight once per token, so a kernel's worth is its w
 against the machine's memory bandwidth (measured in the same run by an AVX-512 read of a large buffer,
 and by torch's sum). Each op is timed over a pool of distinct copies of the weights, called round-robin,
 larger than the last-level cache (as in a real decode step), and the figure is the fastest call over
-interleaved rounds, with the bandwidth read in the same rounds, so all see the same background load. Peers: torch.nn.functional.linear (bf16),
-torch._weight_int8pack_mm (int8 per channel), aten._weight_int4pack_mm_for_cpu (int4 per group).
+interleaved rounds, with the bandwidth read in the same rounds, so all see the same background load.
+Peers: torch.nn.functional.linear (bf16), torch._weight_int8pack_mm (int8 per channel),
+aten._weight_int4pack_mm_for_cpu (int4 per group).
 """
 
 from __future__ import annotations
