@@ -209,6 +209,14 @@ def test_second_process_reuses_the_cached_library(loaded):
     assert "building" not in r.stderr and r.stderr.strip() == "", r.stderr
 
 
+@needs_isa
+def test_prebuild_command_reports_the_library(loaded, capsys):
+    assert build.main() == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("qwenkit kernels: ready at ")
+    assert out[0].endswith(build.LIBRARY_NAME) and Path(out[0].split(" at ", 1)[1]).is_file()
+
+
 @pytest.fixture
 def fake_cache(tmp_path, monkeypatch, loaded):
     """A private cache whose 'compiler' copies the library this session built, counting the builds."""
