@@ -1,9 +1,9 @@
 """Fast CPU matrix-vector kernels (C++, AVX-512 BF16/VNNI) for batch 1..16 decode, with a fallback.
 
-Imports only torch and the standard library; model/ and quant/ may import it. API:
+Imports only torch, the standard library and qwenkit.errors; model/ and quant/ may import it. API:
 
     from qwenkit import kernels
-    kernels.available() -> bool        # loads (building once, ~1 min) or says once why not; False under
+    kernels.available() -> bool        # loads (building once, ~30 s) or says once why not; False under
                                        # QWENKIT_KERNELS=torch. Call it before using any op below.
     p = kernels.prepare_bf16(w)                   # w (N, K) -> tiles of 16 rows (one stream each)
     kernels.linear_bf16(x, p, bias=None)          # x (..., K) bf16 -> (..., N) bf16, fp32 accumulation
@@ -19,8 +19,9 @@ Imports only torch and the standard library; model/ and quant/ may import it. AP
     kernels.dequantize(p, dtype, rows=None) -> (N, K) or (len(rows), K) float weights
     kernels.unpack_codes(p) -> (N, K) uint8 codes
 
-The ops are torch ops (torch.ops.qwenkit.*), CPU only, meant for M <= 16 rows (they accept more, in
-tiles of 16, but torch's GEMMs win for prefill). `python -m qwenkit.kernels.build` prebuilds the library.
+The ops are torch ops (torch.ops.qwenkit.*), CPU only, meant for M <= 16 rows (they accept any M, in
+passes of 8 rows over each weight tile, but torch's GEMMs win for prefill).
+`python -m qwenkit.kernels.build` prebuilds the library.
 """
 
 from qwenkit.kernels.ops import (

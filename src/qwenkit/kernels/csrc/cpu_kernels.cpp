@@ -1,7 +1,7 @@
 // qwenkit CPU kernels: matrix-vector products for batch-1..16 decode on AVX-512 (BF16 + VNNI) CPUs.
 //
 // Decode reads every weight once per token, so these kernels are written around one rule: each weight
-// byte is loaded once per call, for all M activation rows, and the arithmetic on it is cheap enough to
+// byte comes from memory once per call, for all M activation rows (in passes over a cached tile), and the arithmetic on it is cheap enough to
 // keep up with memory. Threads split the output features N (at::parallel_for, torch's thread count).
 //
 //   linear_bf16(x bf16 (M,K), w (tiles), bias?, N)                 -> (M,N) bf16   (_mm512_dpbf16_ps)
