@@ -118,6 +118,12 @@ def test_linear_int_longest_k(loaded, bits):
     check_int_linear(bits, 1536, 8960, 128, 16, torch.bfloat16, "both")  # Qwen2.5-1.5B down_proj
 
 
+@needs_isa
+@pytest.mark.parametrize("bits", [8, 4])
+def test_linear_int_many_rows(loaded, bits):
+    check_int_linear(bits, 131, 96, 32, 20, torch.float32, "both")  # passes of 8, 8 and 4 (padded)
+
+
 def check_int_linear(bits, n, k, group, m, act_dtype, mode):
     g = torch.Generator().manual_seed(bits * 1000 + n + k + group + m)
     codes, scale, shift, zero, w = make_int_weights(bits, n, k, group, mode, g)

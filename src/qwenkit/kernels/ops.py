@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -13,6 +14,7 @@ from qwenkit.errors import QwenkitError
 
 ENV_SWITCH = "QWENKIT_KERNELS"  # "torch" forces the plain PyTorch path
 _loaded: bool | None = None  # None: not tried yet in this process
+_load_lock = threading.Lock()
 
 
 TILE = 16  # output rows per tile of the packed layouts
@@ -35,21 +37,27 @@ def available() -> bool:
     global _loaded
     if os.environ.get(ENV_SWITCH, "").strip().lower() == "torch":
         return False
-    if _loaded is None:
-        from qwenkit.kernels import build  # not at import: `python -m qwenkit.kernels.build` runs it as main
-
-        reason = build.missing_isa()
-        if reason is None:
-            try:
-                build.load()
-            except build.KernelBuildError as e:
-                reason = f"CPU kernels unavailable: {e}"
-        else:
-            reason = f"CPU kernels unavailable: {reason}"
-        if reason:
-            _note(reason)
-        _loaded = reason is None
+    if _loaded is not None:
+        return _loaded
+    with _load_lock:  # threads asking at once build and load once
+        if _loaded is None:
+            _loaded = _load()
     return _loaded
+
+
+def _load() -> bool:
+    """Load (or build, then load) the library; on failure say why in one line."""
+    from qwenkit.kernels import build  # not at import: `python -m qwenkit.kernels.build` runs it as main
+
+    reason = build.missing_isa()
+    if reason is None:
+        try:
+            build.load()
+        except build.KernelBuildError as e:
+            reason = str(e)
+    if reason:
+        _note(f"CPU kernels unavailable: {reason}")
+    return reason is None
 
 
 class KernelsUnavailableError(QwenkitError, RuntimeError):
