@@ -281,6 +281,17 @@ def test_no_compiler_falls_back_with_one_line(tmp_path):
     assert r.returncode == 0 and len(r.stdout.strip().splitlines()) == 1 and "not built" in r.stdout
 
 
+def test_unwritable_cache_falls_back_with_one_line(tmp_path):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    r = run_python("from qwenkit import kernels; print(kernels.available())", XDG_CACHE_HOME=str(not_a_dir))
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "plain PyTorch path" in lines[0], r.stderr
+    if build.missing_isa() is None:
+        assert "cannot write the kernel cache" in lines[0]
+
+
 def test_missing_isa_falls_back_with_one_line(monkeypatch, capsys):
     monkeypatch.setattr(ops, "_loaded", None)
     monkeypatch.setattr(build, "missing_isa", lambda: "this CPU lacks avx512_bf16")

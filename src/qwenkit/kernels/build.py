@@ -145,18 +145,23 @@ def ensure_built(announce: bool = True) -> Path:
         return lib
     if entry.exists():
         _discard(entry)
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
+    except OSError as e:
+        raise KernelBuildError(f"cannot write the kernel cache {entry.parent} ({e.strerror})") from e
     if announce:
-        print(f"qwenkit: building the CPU kernels once into {entry} (about a minute)", file=sys.stderr)
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
+        print(f"qwenkit: building the CPU kernels once into {entry} (about 30 s)", file=sys.stderr)
     try:
         _compile(cxx, tmp / LIBRARY_NAME)
         (tmp / (LIBRARY_NAME + ".sha256")).write_text(_sha256(tmp / LIBRARY_NAME) + "\n")
         try:
             tmp.rename(entry)
-        except OSError:  # another process finished first; use its copy if it is whole
+        except OSError as e:  # another process finished first; use its copy if it is whole
             if cached_library(entry) is None:
-                raise
+                raise KernelBuildError(f"cannot store the built library in {entry} ({e.strerror})") from e
+    except OSError as e:  # a full disk, a read-only cache
+        raise KernelBuildError(f"cannot write the kernel cache {entry.parent} ({e.strerror})") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     lib = cached_library(entry)
@@ -183,7 +188,7 @@ def main() -> int:
         return 0
     try:
         lib = ensure_built(announce=False)
-    except KernelBuildError as e:
+    except (KernelBuildError, OSError) as e:  # OSError: e.g. the C++ source missing from an install
         print(f"qwenkit kernels: not built ({e}); the plain PyTorch path will be used")
         return 0
     print(f"qwenkit kernels: ready at {lib}")

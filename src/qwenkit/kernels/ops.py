@@ -53,7 +53,7 @@ def _load() -> bool:
     if reason is None:
         try:
             build.load()
-        except build.KernelBuildError as e:
+        except (build.KernelBuildError, OSError) as e:  # OSError: e.g. the C++ source missing
             reason = str(e)
     if reason:
         _note(f"CPU kernels unavailable: {reason}")
