@@ -47,10 +47,13 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto", help="auto: bfloat16 where the CPU has native bf16")
     parser.add_argument("--quantize", choices=["int8", "int4"])
     parser.add_argument("--tokens", type=int, default=128, help="new tokens per request")
+    parser.add_argument("--plain", action="store_true", help="PyTorch kernels only (no AVX-512 repacking)")
     args = parser.parse_args()
     path = args.model or default_model_path()
     start = time.perf_counter()
-    model, config = load_model(path, dtype=args.dtype, quantize=args.quantize, progress=False)
+    model, config = load_model(
+        path, dtype=args.dtype, quantize=args.quantize, progress=False, fast_kernels=not args.plain
+    )
     load_s = time.perf_counter() - start
     decode_rate(model, 1, 8)  # warm-up
     dtype = str(model.model.norm.weight.dtype).removeprefix("torch.")

@@ -1,7 +1,9 @@
 """Tensor parallelism on CPU: decode tokens/s and memory per rank for TP=1 (one process, the peer) and
 TP=2 (two processes, gloo), on the same random Qwen2-architecture checkpoint, in one run.
 
-Each rank runs the same engine on the same requests (greedy), so the ranks stay in lockstep; rank 0's
+Two TP=2 rows: "replicated", where each rank runs the same engine on the same requests (greedy), so the
+ranks stay in lockstep (what `generate` does), and "led", where rank 0's engine alone schedules and
+samples and sends each forward to rank 1, which replays it (what `serve` and `chat` do). Rank 0's
 figures are reported. On a 2-core machine the two ranks share the cores with each other, so TP=2 cannot
 be faster here: what it shows is that the split computes the same tokens with half the weights per rank.
 
@@ -23,6 +25,7 @@ from qwenkit.checkpoint import load_model
 from qwenkit.distributed import TensorParallel
 from qwenkit.distributed.launch import run_ranks
 from qwenkit.engine import Engine, SamplingParams
+from qwenkit.engine.lockstep import Lockstep
 from qwenkit.memory import format_bytes
 
 
@@ -44,7 +47,9 @@ def write_checkpoint(path: Path, layers: int) -> Path:
     return path
 
 
-def measure(tp: TensorParallel | None, path: str, tokens: int, batch: int, out: str, threads: int) -> None:
+def measure(
+    tp: TensorParallel | None, path: str, tokens: int, batch: int, out: str, threads: int, led: bool = False
+) -> None:
     torch.set_num_threads(threads)
     rss_before = psutil.Process().memory_info().rss
     model, _ = load_model(path, dtype="float32", tensor_parallel=tp, progress=False)
@@ -54,6 +59,15 @@ def measure(tp: TensorParallel | None, path: str, tokens: int, batch: int, out: 
         {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}.values()
     )
     engine = Engine(model, max_batch_size=batch, max_seq_len=256)
+    lockstep = Lockstep() if led else None
+    if lockstep is not None and tp.rank != 0:
+        lockstep.follow(engine)  # replays rank 0's forwards until it stops
+        rss_run = psutil.Process().memory_info().rss - rss_before
+        result = {"rate": None, "weights": weights, "rss": rss, "rss_run": rss_run, "ids": None}
+        torch.save(result, Path(out) / f"r{tp.rank}.pt")
+        return
+    if lockstep is not None:
+        lockstep.lead(engine)
     params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
     for b in range(batch):
         engine.add_request([(31 * b + 7 * i) % 30000 + 10 for i in range(32)], params)
@@ -64,6 +78,8 @@ def measure(tp: TensorParallel | None, path: str, tokens: int, batch: int, out: 
         produced += sum(len(o.new_token_ids) for o in outs)
         ids += [t for o in outs for t in o.new_token_ids]
     rate = produced / (time.perf_counter() - start)
+    if lockstep is not None:
+        lockstep.stop()
     rank = tp.rank if tp else 0
     rss_run = psutil.Process().memory_info().rss - rss_before  # mapped weight pages are touched by now
     result = {"rate": rate, "weights": weights, "rss": rss, "rss_run": rss_run, "ids": ids}
@@ -80,30 +96,41 @@ def main() -> None:
         path = str(write_checkpoint(Path(tmp) / "model", args.layers))
         rows = []
         # (ranks, torch threads per rank): TP=1 with every core and with one, TP=2 with one each
-        for world, threads in ((1, psutil.cpu_count(logical=False) or 1), (1, 1), (2, 1)):
-            out = Path(tmp) / f"tp{world}-{threads}"
+        for world, threads, led in (
+            (1, psutil.cpu_count(logical=False) or 1, False),
+            (1, 1, False),
+            (2, 1, False),
+            (2, 1, True),
+        ):
+            out = Path(tmp) / f"tp{world}-{threads}-{led}"
             out.mkdir()
             fn = _single if world == 1 else measure
-            run_ranks(fn, world, (path, args.tokens, args.batch, str(out), threads), timeout_s=900)
-            rows.append((world, threads, [torch.load(out / f"r{r}.pt") for r in range(world)]))
+            run_ranks(fn, world, (path, args.tokens, args.batch, str(out), threads, led), timeout_s=900)
+            rows.append((world, threads, led, [torch.load(out / f"r{r}.pt") for r in range(world)]))
     cores = psutil.cpu_count(logical=False)
     print(f"cores: {cores} physical; {args.layers} layers, float32, batch {args.batch}, {args.tokens} tokens")
     print(
-        "| TP | threads per rank | decode tok/s | weights per rank | RSS per rank after load"
+        "| TP | engines | threads per rank | decode tok/s | weights per rank | RSS per rank after load"
         " | RSS per rank after decode | same tokens as TP=1 |"
     )
-    print("|---|---|---|---|---|---|---|")
-    reference = rows[0][2][0]["ids"]
-    for world, threads, ranks in rows:
+    print("|---|---|---|---|---|---|---|---|")
+    reference = rows[0][3][0]["ids"]
+    for world, threads, led, ranks in rows:
         r0 = ranks[0]
-        same = "yes" if all(r["ids"] == reference for r in ranks) else "NO"
+        engines = "one" if world == 1 else ("led by rank 0" if led else "replicated")
+        same = "yes" if all(r["ids"] in (reference, None) for r in ranks) else "NO"
         rss = " / ".join(format_bytes(r["rss"]) for r in ranks)
         rss_run = " / ".join(format_bytes(r["rss_run"]) for r in ranks)
         weights = format_bytes(r0["weights"])
-        print(f"| {world} | {threads} | {r0['rate']:.1f} | {weights} | {rss} | {rss_run} | {same} |")
+        row = (
+            f"| {world} | {engines} | {threads} | {r0['rate']:.1f} | {weights} | {rss} | {rss_run} | {same} |"
+        )
+        print(row)
 
 
-def _single(tp: TensorParallel, path: str, tokens: int, batch: int, out: str, threads: int) -> None:
+def _single(
+    tp: TensorParallel, path: str, tokens: int, batch: int, out: str, threads: int, led: bool
+) -> None:
     """TP=1: the plain single-process load (no sharding, no collectives), in its own process too."""
     measure(None, path, tokens, batch, out, threads)
 

@@ -41,3 +41,25 @@ QWEN15_MOE_A27B = {
     "tie_word_embeddings": False,
     "eos_token_id": 151643,
 }
+
+# Qwen2.5-1.5B(-Instruct): 1.54 B parameters, tied embeddings.
+QWEN25_15B = {
+    **QWEN25_05B,
+    "hidden_size": 1536,
+    "intermediate_size": 8960,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 12,
+    "num_key_value_heads": 2,
+}
+
+# Qwen2.5-7B(-Instruct): 7.6 B parameters, untied embeddings, 7 query heads per KV head.
+QWEN25_7B = {
+    **QWEN25_05B,
+    "vocab_size": 152064,
+    "hidden_size": 3584,
+    "intermediate_size": 18944,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+    "tie_word_embeddings": False,
+}

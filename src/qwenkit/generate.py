@@ -212,6 +212,7 @@ class LLM:
         kv_cache_tokens: int | None = None,
         prefix_caching: bool = True,
         fallback_sampling: dict[str, object] | None = None,
+        cuda_graphs: bool | None = None,
     ) -> None:
         self.model, self.tokenizer, self.config = model, tokenizer, model.config
         self.eos_token_ids = frozenset(model.config.eos_token_ids) | frozenset(tokenizer.stop_token_ids)
@@ -223,6 +224,7 @@ class LLM:
             eos_token_ids=tuple(sorted(self.eos_token_ids)),
             kv_cache_tokens=kv_cache_tokens,
             prefix_caching=prefix_caching,
+            cuda_graphs=cuda_graphs,
         )
         self.driver = EngineDriver(self.engine)
         self.fallback_sampling = FALLBACK_SAMPLING if fallback_sampling is None else fallback_sampling
@@ -242,6 +244,7 @@ class LLM:
         tensor_parallel: TensorParallel | None = None,
         adapter: str | Path | None = None,
         dequantize: bool = False,
+        cuda_graphs: bool | None = None,
     ) -> LLM:
         """Load a checkpoint directory or GGUF file. ``kv_cache_memory`` (bytes) sizes the KV pool; by
         default it holds every batch row at the full context. The memory check counts that pool.
@@ -249,7 +252,8 @@ class LLM:
         With ``tensor_parallel`` every rank loads its shard and runs its own engine on the same requests
         with the same random state; the logits every rank sees are the same gathered ones, so the engines
         take the same steps in lockstep (``kv_cache_memory`` is then per rank). ``dequantize``: a GGUF
-        file's quantized weights as ``dtype`` floats rather than in their own precision."""
+        file's quantized weights as ``dtype`` floats rather than in their own precision. ``cuda_graphs``:
+        decode steps as CUDA graphs (None: on for a CUDA device; see ``Engine``)."""
         from qwenkit.default_model import bundled_sampling
 
         source = open_checkpoint(path)
@@ -269,6 +273,7 @@ class LLM:
             tensor_parallel=tensor_parallel,
             adapter=adapter,
             dequantize=dequantize,
+            fast_kernels=True,
         )
         return cls(
             model,
@@ -278,6 +283,7 @@ class LLM:
             kv_cache_tokens=kv_tokens,
             prefix_caching=prefix_caching,
             fallback_sampling=bundled_sampling(Path(path)),
+            cuda_graphs=cuda_graphs,
         )
 
     @property

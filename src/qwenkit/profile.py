@@ -66,14 +66,13 @@ def parse_precisions(text: str, quantized_checkpoint: bool) -> list[str]:
 def _load(model: str, precision: str, dtype: str, device: str, context: int):
     from qwenkit.checkpoint import load_model
 
+    common = dict(device=device, context=context, progress=False, fast_kernels=True)
     if precision in ("int8", "int4"):
-        return load_model(
-            model, dtype=dtype, device=device, quantize=precision, context=context, progress=False
-        )
+        return load_model(model, dtype=dtype, quantize=precision, **common)
     if precision == CHECKPOINT:
-        return load_model(model, dtype=dtype, device=device, context=context, progress=False)
+        return load_model(model, dtype=dtype, **common)
     # float rows are floats, also for a GGUF file (whose own precision is the CHECKPOINT row)
-    return load_model(model, dtype=precision, device=device, context=context, progress=False, dequantize=True)
+    return load_model(model, dtype=precision, dequantize=True, **common)
 
 
 def _gguf_types(path: str) -> list[str]:
@@ -89,11 +88,12 @@ def _gguf_types(path: str) -> list[str]:
 def kernel_counts(model: torch.nn.Module) -> dict[str, int]:
     """How many linear layers run each kernel (``QuantizedLinear.kernel``; dense layers by name)."""
     from qwenkit.model.moe import RouterLinear
-    from qwenkit.quant.linear import QuantizedLinear  # quant/ builds the layers; this only reads them
+    from qwenkit.quant.dense import PackedBf16Linear  # quant/ builds the layers; this only reads them
+    from qwenkit.quant.linear import QuantizedLinear
 
     counts: dict[str, int] = {}
     for m in model.modules():
-        if isinstance(m, QuantizedLinear):
+        if isinstance(m, QuantizedLinear | PackedBf16Linear):
             name = m.kernel
         elif isinstance(m, RouterLinear):  # MoE routers and shared-expert gates: always float
             name = f"float router F.linear ({str(m.weight.dtype).removeprefix('torch.')})"

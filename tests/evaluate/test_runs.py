@@ -156,3 +156,15 @@ def test_cli_run_compare_and_one_line_errors(tiny_chat_model, tmp_path, capsys):
     assert qwenkit_main(["eval", str(tiny_chat_model), "--task", "ceval"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: C-Eval data is not redistributable") and err.count("\n") == 1
+
+
+def test_a_run_written_before_newer_settings_still_resumes(local, tmp_path):
+    settings = Settings(task="gsm8k", limit=1, max_new_tokens=2)
+    run(local, settings, tmp_path, progress=False)
+    saved = json.loads((tmp_path / "settings.json").read_text())
+    for key in ("lengths", "depths", "trials"):  # added with the passkey task
+        del saved[key]
+    (tmp_path / "settings.json").write_text(json.dumps(saved))
+    assert run(local, settings, tmp_path, progress=False)["timing"]["items_run"] == 0
+    with pytest.raises(EvalDataError, match="other settings \\(max_new_tokens\\)"):
+        run(local, Settings(task="gsm8k", limit=1, max_new_tokens=3), tmp_path, progress=False)

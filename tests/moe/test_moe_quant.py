@@ -9,6 +9,7 @@ from moe_models import hf_moe_model
 
 from qwenkit.checkpoint import load_model
 from qwenkit.cli import main
+from qwenkit.generate import tokenizer_for
 from qwenkit.model.moe import MoEMLP, RouterLinear, count_routed_tokens
 from qwenkit.quant import QuantizedLinear
 from qwenkit.quant.pipeline import quantize_checkpoint
@@ -75,6 +76,7 @@ def test_quantized_moe_checkpoint_reloads_exactly(moe_with_tokenizer, tmp_path, 
         out_ref,
         bits=bits,
         method=method,
+        encode=tokenizer_for(moe_with_tokenizer).encode,
         calib=calib if method == "gptq" else None,
         calib_samples=4,
         seq_len=32,

@@ -10,6 +10,7 @@ from factories import hf_model, qwen3_tokenizer_dir
 
 from qwenkit.checkpoint import load_model
 from qwenkit.cli import main
+from qwenkit.generate import tokenizer_for
 from qwenkit.quant import QuantizedLinear
 from qwenkit.quant.pipeline import quantize_checkpoint
 
@@ -73,6 +74,7 @@ def test_quantized_checkpoint_reloads_exactly(src, calib, tmp_path, capsys, meth
         tmp_path / "again",
         bits=bits,
         method=method,
+        encode=tokenizer_for(src).encode,
         group_size=group,
         calib=calib if method == "gptq" else None,
         calib_samples=4,
@@ -94,7 +96,15 @@ def test_quantized_checkpoint_reloads_exactly(src, calib, tmp_path, capsys, meth
 
 
 def test_gptq_with_default_calibration_text(src, tmp_path) -> None:
-    r = quantize_checkpoint(src, tmp_path / "q", bits=4, calib_samples=2, seq_len=64, progress=False)
+    r = quantize_checkpoint(
+        src,
+        tmp_path / "q",
+        bits=4,
+        encode=tokenizer_for(src).encode,
+        calib_samples=2,
+        seq_len=64,
+        progress=False,
+    )
     assert r.calibration_windows == 2 and r.calibration_tokens == 128
     assert "static act-order, calibrated on 2 x 64 tokens" in r.summary()  # the default
     assert r.config.act_order == "static" and not r.config.desc_act

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from qwenkit import kernels
 from qwenkit.quant.affine import AffineWeight
 from qwenkit.quant.gptq_format import IntWeight, QuantizationError
 from qwenkit.quant.kernels import KERNELS, choose_kernel
@@ -32,8 +33,11 @@ def _int_weight(
     return IntWeight(q, scales, zeros.to(torch.int16), g_idx.to(torch.int32), bits)
 
 
+FAST = kernels.available()  # qwenkit's AVX-512 kernels (built at set-up on this CPU)
+AVX = pytest.mark.skipif(not FAST, reason="qwenkit's AVX-512 kernels are not built on this CPU")
+
 CASES = [
-    # bits, out, in, group, sym, act_order, expected CPU kernel
+    # bits, out, in, group, sym, act_order, kernel (forced, so every kernel is tested on this CPU)
     (8, 192, 256, 256, True, False, "cpu_int8pack"),
     (8, 128, 320, 320, False, True, "cpu_int8pack"),
     (8, 192, 256, 64, True, False, "cpu_int8_as_int4x2"),
@@ -43,6 +47,11 @@ CASES = [
     (4, 256, 384, 384, False, False, "cpu_int4pack"),  # per channel: 128-wide kernel groups, scales repeated
     (4, 40, 256, 64, False, True, "dequant"),  # out not a multiple of 64
     (4, 64, 96, 48, True, False, "dequant"),  # no aten group size tiles 48
+    pytest.param(8, 192, 256, 256, True, False, "avx512_int8", marks=AVX),
+    pytest.param(8, 131, 320, 64, False, True, "avx512_int8", marks=AVX),  # odd rows, act-order
+    pytest.param(4, 192, 256, 128, True, False, "avx512_int4", marks=AVX),
+    pytest.param(4, 100, 512, 32, False, True, "avx512_int4", marks=AVX),
+    pytest.param(4, 256, 384, 384, False, False, "avx512_int4", marks=AVX),  # one group per row
 ]
 
 
@@ -51,7 +60,7 @@ CASES = [
 def test_kernel_matches_dequantized_matmul(bits, out_f, in_f, gs, sym, act_order, kernel, dtype) -> None:
     w = _int_weight(bits, out_f, in_f, gs, sym, act_order)
     bias = torch.randn(out_f) * 0.1
-    layer = QuantizedLinear.from_int(w, bias)
+    layer = QuantizedLinear.from_int(w, bias, kernel=kernel)
     assert layer.impl.key == kernel
     assert isinstance(layer.kernel, str) and layer.kernel
     assert (layer.perm is not None) == (act_order and gs < in_f)  # one group needs no permutation
@@ -89,10 +98,11 @@ def test_forced_dequant_kernel_is_exact() -> None:
 
 def test_kernel_choice_by_device() -> None:
     cpu = torch.device("cpu")
-    assert choose_kernel(8, 896, 896, 4864, cpu) == "cpu_int8pack"
-    assert choose_kernel(4, 128, 4864, 896, cpu) == "cpu_int4pack"
-    assert choose_kernel(8, 128, 896, 4864, cpu) == "cpu_int8_as_int4x2"
-    assert choose_kernel(4, 128, 896, 100, cpu) == "dequant"
+    assert choose_kernel(8, 896, 896, 4864, cpu) == ("avx512_int8" if FAST else "cpu_int8pack")
+    assert choose_kernel(4, 128, 4864, 896, cpu) == ("avx512_int4" if FAST else "cpu_int4pack")
+    assert choose_kernel(8, 128, 896, 4864, cpu) == ("avx512_int8" if FAST else "cpu_int8_as_int4x2")
+    assert choose_kernel(4, 128, 896, 100, cpu) == ("avx512_int4" if FAST else "dequant")
+    assert choose_kernel(4, 48, 96, 64, cpu) == "dequant"  # no kernel tiles groups of 48
     assert choose_kernel(8, 128, 896, 896, torch.device("meta")) == "dequant"
 
 
@@ -111,7 +121,14 @@ def test_unequal_act_order_groups_rejected() -> None:
 
 @pytest.mark.parametrize(
     ("bits", "kernel"),
-    [(4, "cpu_int4pack"), (8, "cpu_int8_as_int4x2"), (4, "dequant"), (8, "dequant")],
+    [
+        (4, "cpu_int4pack"),
+        (8, "cpu_int8_as_int4x2"),
+        (4, "dequant"),
+        (8, "dequant"),
+        pytest.param(4, "avx512_int4", marks=AVX),
+        pytest.param(8, "avx512_int8", marks=AVX),
+    ],
 )
 def test_affine_weights_with_float_minimums(bits: int, kernel: str) -> None:
     """GGUF-style blocks of 32 with a float minimum (Q4_1): no GPTQ zero point expresses them."""

@@ -39,7 +39,7 @@ def test_int8_close_to_float_and_int4_coarser() -> None:
         model = quantize_model_rtn(_mlp(), bits)
         assert all(isinstance(m, QuantizedLinear) for m in (model[0], model[2]))
         errs[bits] = float((model(x) - ref).norm() / ref.norm())
-    assert errs[8] < 0.01  # bf16 activations in the kernel dominate
+    assert errs[8] < 0.02  # the activations the kernel rounds (int8 per 32 on AVX-512, else bf16) dominate
     assert errs[8] < errs[4] < 0.1
 
 

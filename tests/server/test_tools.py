@@ -48,7 +48,8 @@ TIME = {
 }
 USER = [{"role": "user", "content": "What's the weather in Paris?"}]
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}\n</tool_call>'
-TWO_CALLS = CALL + '\n<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>'
+TIME_CALL = '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>'
+TWO_CALLS = CALL + "\n" + TIME_CALL
 THINK_CALL = "<think>\nI should call the weather tool.\n</think>\n\nChecking.\n" + CALL
 
 
@@ -124,6 +125,17 @@ def test_parallel_calls_stream_and_whole_agree(steered):
     assert all(x["id"].startswith("call_") for x in calls) and len({x["id"] for x in calls}) == 2
 
 
+def test_text_that_looks_like_a_tag_start_is_content(steered):
+    """``<tool`` and ``<tool_cal`` are held back while they might open a block, then sent as content."""
+    live = steered[0]
+    text = "Use <tool and <tool_cal here; x < y."
+    play(steered, text)
+    content, _, calls, finish = stream_parts(
+        client(live), model="tiny", max_tokens=100, messages=USER, tools=[WEATHER]
+    )
+    assert (content, calls, finish) == (text, [], "stop")
+
+
 def test_stream_helper_accumulates_calls(steered):
     live = steered[0]
     play(steered, TWO_CALLS, tools=[WEATHER, TIME])
@@ -157,22 +169,108 @@ def test_thinking_goes_to_reasoning_content(steered):
     assert calls[0]["arguments"] == m["tool_calls"][0]["function"]["arguments"]
 
 
-def test_malformed_call_is_content_not_500(steered):
+def test_malformed_call_is_content_not_500(steered, caplog):
+    """A block that never opens as a call (Python-style arguments) streams no call at all; one that
+    breaks after its arguments started streaming leaves that started call (a stream cannot take it
+    back) but ends with finish_reason "stop" and the same content. Both: the raw text, every
+    character of the markup, as content; a warning with the request id in the server log."""
     live = steered[0]
-    bad = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"\n</tool_call>'
-    play(steered, bad, tools=[WEATHER])
-    r = post(
-        live.url + "/v1/chat/completions", json={"messages": USER, "tools": [WEATHER], "max_tokens": 200}
+    pythonic = (
+        'Let me see.\n<tool_call>\n{"name": "get_weather", "arguments": {\'city\': \'Paris\'}}\n</tool_call>'
     )
-    assert r.status_code == 200
-    choice = r.json()["choices"][0]
-    assert choice["message"]["content"] == bad and choice["message"]["tool_calls"] is None
-    assert choice["finish_reason"] == "stop"
-    play(steered, bad, tools=[WEATHER])
-    content, _, calls, finish = stream_parts(
-        client(live), model="tiny", max_tokens=200, messages=USER, tools=[WEATHER]
+    broken = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"\n</tool_call>'
+    for bad, started in ((pythonic, []), (broken, [("get_weather", '{"city": "Paris"\n')])):
+        expected = bad.replace("\n<tool_call>", "<tool_call>")  # whitespace before markup is not content
+        caplog.clear()
+        play(steered, bad, tools=[WEATHER])
+        r = post(
+            live.url + "/v1/chat/completions",
+            json={"messages": USER, "tools": [WEATHER], "max_tokens": 200},
+        )
+        assert r.status_code == 200
+        choice = r.json()["choices"][0]
+        assert choice["message"]["content"] == expected and choice["message"]["tool_calls"] is None
+        assert choice["finish_reason"] == "stop"
+        (line,) = [rec.getMessage() for rec in caplog.records if "<tool_call> block" in rec.getMessage()]
+        assert line.startswith(r.json()["id"] + " choice 0: a <tool_call> block is not JSON")
+        caplog.clear()
+        play(steered, bad, tools=[WEATHER])
+        content, _, calls, finish = stream_parts(
+            client(live), model="tiny", max_tokens=200, messages=USER, tools=[WEATHER]
+        )
+        assert (content, finish) == (expected, "stop")
+        assert [(x["name"], x["arguments"]) for x in calls] == started
+        assert sum("<tool_call> block" in rec.getMessage() for rec in caplog.records) == 1
+        play(steered, bad, tools=[WEATHER])  # the SDK's stream helper takes it without raising
+        with client(live).chat.completions.stream(
+            model="tiny", max_tokens=200, messages=USER, tools=[WEATHER]
+        ) as s:
+            final = s.get_final_completion().choices[0]
+        assert (final.message.content, final.finish_reason) == (expected, "stop")
+
+
+def test_streamed_arguments_arrive_in_pieces_as_the_sdk_accumulates(steered):
+    """Raw chunks from the openai SDK: per call one delta with index, id, type, name and arguments "",
+    then argument pieces (many for a long call, each while the model was still writing), indexes 0 and
+    1 for parallel calls; the accumulated arguments equal the non-streamed ones byte for byte."""
+    live = steered[0]
+    note = {
+        "type": "function",
+        "function": {
+            "name": "save_note",
+            "parameters": {
+                "type": "object",
+                "properties": {"title": {"type": "string"}, "body": {"type": "string"}},
+                "required": ["title", "body"],
+            },
+        },
+    }
+    body = " ".join(f"step {i}," for i in range(12))
+    args = f'{{"title": "plan", "body": "{body}"}}'
+    reply = (
+        f'Saving it.\n<tool_call>\n{{"name": "save_note", "arguments": {args}}}\n</tool_call>\n{TIME_CALL}'
     )
-    assert (content, calls, finish) == (bad, [], "stop")
+    tools = [note, TIME]
+    c = client(live)
+    play(steered, reply)
+    whole = c.chat.completions.create(model="tiny", max_tokens=400, messages=USER, tools=tools)
+    m = whole.choices[0].message
+    assert m.content == "Saving it." and whole.choices[0].finish_reason == "tool_calls"
+    assert [t.function.name for t in m.tool_calls] == ["save_note", "get_time"]
+    assert m.tool_calls[0].function.arguments == args  # the model's text, not re-serialized
+
+    play(steered, reply)
+    deltas = []
+    for chunk in c.chat.completions.create(
+        model="tiny", max_tokens=400, messages=USER, tools=tools, stream=True
+    ):
+        if chunk.choices:
+            deltas.append(chunk.choices[0].delta)
+    content = "".join(d.content or "" for d in deltas)
+    assert content == "Saving it."  # no markup, not even a partial tag
+    call_deltas = [(i, tc) for i, d in enumerate(deltas) for tc in d.tool_calls or []]
+    heads = [(i, tc) for i, tc in call_deltas if tc.id is not None]
+    assert [(tc.index, tc.type, tc.function.name, tc.function.arguments) for _, tc in heads] == [
+        (0, "function", "save_note", ""),
+        (1, "function", "get_time", ""),
+    ]
+    for index, (start, head) in enumerate(heads):
+        pieces = [tc.function.arguments for i, tc in call_deltas if tc.index == index and tc.id is None]
+        assert all(tc.function.name is None for i, tc in call_deltas if tc.index == index and tc.id is None)
+        assert all(i > start for i, tc in call_deltas if tc.index == index and tc.id is None)
+        assert "".join(pieces) == m.tool_calls[index].function.arguments  # byte for byte
+        assert head.id == heads[index][1].id
+    long_pieces = [tc.function.arguments for _, tc in call_deltas if tc.index == 0 and tc.id is None]
+    assert len(long_pieces) > 10  # as the model wrote them, not one blob
+    assert heads[1][0] > max(i for i, tc in call_deltas if tc.index == 0)  # the first call ended first
+
+    play(steered, reply)  # the SDK's own accumulation agrees
+    with c.chat.completions.stream(model="tiny", max_tokens=400, messages=USER, tools=tools) as s:
+        arg_deltas = [e for e in s if e.type == "tool_calls.function.arguments.delta"]
+        final = s.get_final_completion()
+    got = [(t.function.name, t.function.arguments) for t in final.choices[0].message.tool_calls]
+    assert got == [(t.function.name, t.function.arguments) for t in m.tool_calls]
+    assert len([e for e in arg_deltas if e.index == 0]) > 10
 
 
 def test_parallel_tool_calls_false_keeps_one(steered):
@@ -272,6 +370,54 @@ def test_react_flow_for_models_without_tool_templates(steered_v1):
     play(steered_v1, "Thought: I now know the final answer\nFinal Answer: Sunny.")
     r = client(live).chat.completions.create(model="tiny", max_tokens=200, messages=USER, tools=[WEATHER])
     assert r.choices[0].message.content == "Sunny." and r.choices[0].message.tool_calls is None
+
+
+def test_react_malformed_action_input_is_content(steered_v1, caplog):
+    live = steered_v1[0]
+    reply = "Thought: I need the weather.\nAction: get_weather\nAction Input: Paris, in celsius"
+    for stream in (False, True):
+        caplog.clear()
+        play(steered_v1, reply + "\nObservation:")
+        kwargs = dict(model="tiny", max_tokens=200, messages=USER, tools=[WEATHER])
+        if stream:
+            content, _, calls, finish = stream_parts(client(live), **kwargs)
+        else:
+            r = client(live).chat.completions.create(**kwargs)
+            content, finish = r.choices[0].message.content, r.choices[0].finish_reason
+            calls = r.choices[0].message.tool_calls or []
+        assert (content, calls, finish) == (reply + "\n", [], "stop")  # verbatim, up to the stop word
+        (line,) = [rec.getMessage() for rec in caplog.records if "Action Input" in rec.getMessage()]
+        assert line.startswith("chatcmpl-") and "'get_weather' is not a JSON object" in line
+
+
+def test_react_forced_calls(steered_v1):
+    """tool_choice "required" and a named function on a v1 model: the grammar forces ReAct's
+    ``Action: <name>\\nAction Input: <JSON>``, so the (random) model always calls a listed (the named)
+    tool with arguments that validate; streamed and whole agree."""
+    c = client(steered_v1[0])
+    schemas = {"get_weather": WEATHER["function"]["parameters"], "get_time": TIME["function"]["parameters"]}
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    picked = []
+    for choice, seed in ((named, 1), ("required", 0), ("required", 2)):
+        kwargs = dict(
+            model="tiny",
+            messages=USER,
+            tools=[WEATHER, TIME],
+            tool_choice=choice,
+            temperature=1.0,
+            seed=seed,
+            max_tokens=60,
+        )
+        r = c.chat.completions.create(**kwargs)
+        (call,) = r.choices[0].message.tool_calls
+        assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
+        assert call.function.name == "get_weather" if choice is named else call.function.name in schemas
+        jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+        content, _, calls, finish = stream_parts(c, **kwargs)
+        assert (content, finish) == ("", "tool_calls")
+        assert [(x["name"], x["arguments"]) for x in calls] == [(call.function.name, call.function.arguments)]
+        picked.append(call.function.name)
+    assert sorted(picked[1:]) == ["get_time", "get_weather"]  # "required" lets the model choose
 
 
 # ---- validation ----------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ import pytest
 
 from qwenkit.engine import SamplingParams
 from qwenkit.generate import LLM
-from qwenkit.tools.grammar import enable_grammars, json_schema_grammar, tool_call_grammar
+from qwenkit.tools.grammar import enable_grammars, json_schema_grammar, react_call_grammar, tool_call_grammar
+from qwenkit.tools.react import parse_react
 
 SCHEMA = {
     "type": "object",
@@ -62,6 +63,22 @@ def test_tool_call_grammar_is_hermes(llm, prompts):
     )
     body = json.loads(c.text.removeprefix("<tool_call>\n").removesuffix("\n</tool_call>"))
     jsonschema.validate(body["arguments"], SCHEMA)
+
+
+def test_react_call_grammar_is_an_action(llm, prompts):
+    """Qwen v1's forced call: ``Action: <name>\\nAction Input: <JSON>``, which parse_react reads back."""
+    fns = [{"name": "get_weather", "parameters": SCHEMA}, {"name": "get_time"}]
+    for seed in range(2):
+        params = SamplingParams(max_tokens=60, temperature=1.0, seed=seed, grammar=react_call_grammar(fns))
+        c = llm.generate([prompts[0]], params)[0]
+        assert c.finish_reason == "stop", c.text
+        (call,) = parse_react(c.text).tool_calls
+        head = f"Action: {call.name}\nAction Input: "
+        assert c.text.startswith(head) and call.name in ("get_weather", "get_time")
+        if call.name == "get_weather":
+            jsonschema.validate(json.loads(c.text.removeprefix(head)), SCHEMA)
+        else:
+            assert c.text == head + "{}"
 
 
 def test_batched_with_unconstrained_requests_changes_nothing(llm, prompts):

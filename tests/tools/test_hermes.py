@@ -39,6 +39,14 @@ MALFORMED = 'Sure.\n<tool_call>\n{"name": "f", "arguments": {"a": 1}\n</tool_cal
 TRUNCATED = 'x<tool_call>\n{"name": "get_weather", "arguments": {"ci'
 PLAIN = "Paris is sunny <tool today.\n\n"
 CJK = '你好。<tool_call>\n{"name": "查询", "arguments": {"城市": "北京"}}\n</tool_call>'
+# The model's own spacing is kept: arguments are the text it wrote, not a re-serialization.
+COMPACT = '<tool_call>\n{"name": "f", "arguments": {"a":[1,2],"b":"x"}}\n</tool_call>'
+# A closing tag inside an argument string is text of the argument, not the end of the block.
+TAG_IN_STRING = '<tool_call>\n{"name": "echo", "arguments": {"text": "say </tool_call> \\" {"}}\n</tool_call>'
+# Python-style arguments: never started as a call, returned as text.
+PYTHONIC = '<tool_call>\n{"name": "f", "arguments": {\'a\': 1}}\n</tool_call>'
+# Malformed after the call started (the arguments never close).
+BROKEN_ARGS = 'Ok.<tool_call>\n{"name": "f", "arguments": {"a": "x"\n</tool_call>\nbye'
 
 CASES = {
     "parallel": (PARALLEL, {}),
@@ -51,6 +59,10 @@ CASES = {
     "plain": (PLAIN, {}),
     "cjk": (CJK, {}),
     "no_tools": (PARALLEL, {"tools": False}),
+    "compact": (COMPACT, {}),
+    "tag_in_string": (TAG_IN_STRING, {}),
+    "pythonic": (PYTHONIC, {}),
+    "broken_args": (BROKEN_ARGS, {}),
 }
 
 
@@ -99,6 +111,58 @@ def test_malformed_and_truncated_become_content_with_warning():
     assert len(m.warnings) == 1 and "not JSON" in m.warnings[0]
     t = parse_hermes(TRUNCATED)
     assert t.tool_calls == [] and t.content == TRUNCATED and len(t.warnings) == 1
+    assert "was cut off" in t.warnings[0]
+
+
+def test_arguments_are_the_text_the_model_wrote():
+    assert parse_hermes(COMPACT).tool_calls[0].arguments == '{"a":[1,2],"b":"x"}'
+    (call,) = parse_hermes(TAG_IN_STRING).tool_calls
+    assert json.loads(call.arguments) == {"text": 'say </tool_call> " {'}
+
+
+def test_pythonic_arguments_never_start_a_call():
+    parser = HermesParser()
+    events = [e for ch in PYTHONIC for e in parser.feed(ch)] + parser.finish()
+    assert [e.kind for e in events] == ["content"] and events[0].text == PYTHONIC
+    assert len(parser.warnings) == 1
+
+
+def test_call_broken_after_start_is_content_after_its_start():
+    parser = HermesParser()
+    events = [e for ch in BROKEN_ARGS for e in parser.feed(ch)] + parser.finish()
+    kinds = [e.kind for e in events if e.kind != "call_args"]
+    kinds = [k for i, k in enumerate(kinds) if i == 0 or k != kinds[i - 1]]  # runs of text as one
+    assert kinds == ["content", "call_start", "call_broken", "content"]
+    assert "".join(e.text for e in events if e.kind == "call_args") == '{"a": "x"\n'
+    m = collect(events, parser.warnings)
+    assert m.content == 'Ok.<tool_call>\n{"name": "f", "arguments": {"a": "x"\n</tool_call>bye'
+    assert m.tool_calls == [] and len(m.warnings) == 1
+
+
+def test_long_arguments_stream_while_the_model_writes(qwen3_tokenizer):
+    """Token by token, the arguments go out in many pieces, each as soon as its token is decoded:
+    all but the closing brace before the model has written the end of the block."""
+    long_text = " ".join(f"word{i}" for i in range(60))
+    args = f'{{"path": "a.txt", "text": "{long_text}"}}'
+    text = f'<tool_call>\n{{"name": "write", "arguments": {args}}}\n</tool_call>'
+    ids = qwen3_tokenizer.encode(text, allow_special=True)
+    detok = StreamingDetokenizer(qwen3_tokenizer, skip_special=True)
+    parser, seen, args_pieces, complete_when_sent, events = HermesParser(), "", [], [], []
+    for i in ids:
+        piece = detok.add(i)
+        seen += piece
+        for e in parser.feed(piece):
+            if e.kind == "call_args":
+                args_pieces.append(e.text)
+                complete_when_sent.append("}}" in seen)
+            elif e.kind != "call_start":
+                events.append(e)
+    assert not any(complete_when_sent[:-1])  # all but the last before the block's JSON was complete
+    events += parser.finish()
+    assert [e.kind for e in events] == ["tool_call"]
+    assert "".join(args_pieces) == events[0].call.arguments == args
+    assert json.loads(events[0].call.arguments)["text"] == long_text
+    assert len(args_pieces) > 30
 
 
 def test_without_tools_text_is_verbatim():
@@ -106,19 +170,40 @@ def test_without_tools_text_is_verbatim():
     assert parse_hermes(PLAIN).content == PLAIN  # a partial tag that never completes is text
 
 
+def _check_call_events(events: list) -> None:
+    """Each call: one start (name, no arguments yet), then argument pieces, then done or broken; a
+    done call's arguments are its pieces joined, byte for byte."""
+    pieces: dict[str, list[str]] = {}
+    for e in events:
+        if e.kind == "call_start":
+            assert e.call.id not in pieces and e.call.name
+            pieces[e.call.id] = []
+        elif e.kind == "call_args":
+            assert e.text and e.call.id in pieces
+            pieces[e.call.id].append(e.text)
+        elif e.kind in ("tool_call", "call_broken"):
+            joined = "".join(pieces.pop(e.call.id))
+            if e.kind == "tool_call":
+                assert joined == e.call.arguments and isinstance(json.loads(joined), dict)
+    assert pieces == {}, "a started call never finished"
+
+
 def _stream(pieces: list[str], options: dict) -> tuple:
     parser = HermesParser(**options)
     events = [e for p in pieces for e in parser.feed(p)] + parser.finish()
+    _check_call_events(events)
     for e in events:  # markup never leaks into streamed text
-        if e.kind != "tool_call" and options.get("tools", True) and not parser.warnings:
+        if options.get("tools", True) and (
+            e.kind == "reasoning" or (e.kind == "content" and not parser.warnings)
+        ):
             assert "<tool_call>" not in e.text and "</tool_call>" not in e.text
     m = collect(events, parser.warnings)
-    return m.content, m.reasoning, [(c.name, c.arguments) for c in m.tool_calls], len(m.warnings)
+    started = sum(e.kind == "call_start" for e in events)
+    return m.content, m.reasoning, [(c.name, c.arguments) for c in m.tool_calls], len(m.warnings), started
 
 
 def _whole(text: str, options: dict) -> tuple:
-    m = parse_hermes(text, **options)
-    return m.content, m.reasoning, [(c.name, c.arguments) for c in m.tool_calls], len(m.warnings)
+    return _stream([text], options)
 
 
 @pytest.fixture(scope="module")

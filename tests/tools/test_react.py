@@ -102,3 +102,20 @@ def test_openai_api_history_translation():
         out[1]["content"]
         == 'Thought: I need the weather.\nAction: get_weather\nAction Input: {"city": "Paris"}\nObservation: sunny'
     )
+
+
+def test_parse_react_reply_opening_with_action():
+    """A forced call has no thought: the reply opens with ``Action:``."""
+    m = parse_react('Action: get_weather\nAction Input: {"city":"Paris"}')
+    assert m.content == "" and [(c.name, json.loads(c.arguments)) for c in m.tool_calls] == [
+        ("get_weather", {"city": "Paris"})
+    ]
+
+
+def test_action_input_that_is_not_a_json_object_is_content():
+    """OpenAI ``arguments`` must be a JSON object: any other Action Input leaves the reply as text."""
+    for raw in ("Paris", '["Paris"]', '{"city": "Paris"'):
+        reply = f"Thought: weather.\nAction: get_weather\nAction Input: {raw}"
+        m = parse_react(reply)
+        assert (m.content, m.tool_calls) == (reply, [])
+        assert len(m.warnings) == 1 and "'get_weather' is not a JSON object" in m.warnings[0]

@@ -118,6 +118,7 @@ def load_model(
     tensor_parallel: TensorParallel | None = None,
     adapter: str | Path | None = None,
     dequantize: bool = False,
+    fast_kernels: bool = False,
 ) -> tuple[Transformer, ModelConfig]:
     """Load any supported checkpoint. ``context``/``batch`` size the memory check for the KV cache.
 
@@ -131,7 +132,9 @@ def load_model(
     no float copy); ``dequantize`` decodes them to ``dtype`` instead (float weights, as before; other
     checkpoints are unaffected). With
     ``quantize``, each linear layer is rounded to int8/int4 as its weight arrives, so the float model is
-    never held whole (a GGUF is then decoded to floats first and re-quantized)."""
+    never held whole (a GGUF is then decoded to floats first and re-quantized). ``fast_kernels``: for
+    inference on the CPU, repack bf16 linear layers for the AVX-512 kernels (``quant.dense``); the layers
+    then have no ``weight`` parameter to train."""
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for, but no CUDA device is available")
     source = open_checkpoint(path) if isinstance(path, str | Path) else path
@@ -198,6 +201,10 @@ def load_model(
         model.requires_grad_(False)
     if tensor_parallel is not None:
         parallelize(model, tensor_parallel)
+    elif fast_kernels and device == "cpu" and adapter is None:
+        from qwenkit.quant.dense import pack_dense_for_cpu
+
+        pack_dense_for_cpu(model)
     return model, model.config
 
 

@@ -12,7 +12,14 @@ import dataclasses
 import sys
 
 from qwenkit.chat import ChatSession
-from qwenkit.cli.common import add_model_args, add_sampling_args, load_llm, sampling_overrides
+from qwenkit.cli.common import (
+    add_model_args,
+    add_sampling_args,
+    add_tensor_parallel_arg,
+    lead_tensor_parallel,
+    load_llm,
+    sampling_overrides,
+)
 from qwenkit.engine import SamplingParams, SamplingParamsError
 
 HELP = """commands:
@@ -127,11 +134,17 @@ def main(argv: list[str] | None = None) -> int:
         "--code-interpreter", action="store_true", help="offer the built-in sandboxed Python tool (runs it)"
     )
     add_sampling_args(parser)
+    add_tensor_parallel_arg(parser)
     args = parser.parse_args(argv)
+    tools = chat_tools(args) if args.tools or args.code_interpreter else None  # file errors first
+    if args.tensor_parallel != 1:
+        return lead_tensor_parallel(args, lambda llm: run(args, llm, tools))
+    return run(args, load_llm(args), tools)
 
-    if args.tools or args.code_interpreter:
-        return tool_chat(args)
-    llm = load_llm(args)
+
+def run(args: argparse.Namespace, llm, tools: list | None = None) -> int:
+    if tools is not None:
+        return tool_chat(args, llm, tools)
     params = llm.default_params(**sampling_overrides(args))
     session = ChatSession(llm, params, system=args.system)
     if args.prompt is not None:
@@ -177,10 +190,9 @@ def ask_tool_result(name: str, arguments: str) -> str:
         return ""
 
 
-def tool_chat(args: argparse.Namespace) -> int:
-    """Chat where the model may call tools: calls are printed; you type results (the code interpreter
-    runs by itself). Each turn is one agent run over the whole history."""
-    from qwenkit.tools.agent import Agent, Tool, load_tool_specs, typed_tools
+def chat_tools(args: argparse.Namespace) -> list:
+    """The tools of ``--tools FILE`` (calls shown, results typed) and ``--code-interpreter`` (runs)."""
+    from qwenkit.tools.agent import Tool, load_tool_specs, typed_tools
     from qwenkit.tools.code_interpreter import FUNCTION, CodeInterpreter
 
     tools = typed_tools(load_tool_specs(args.tools), ask_tool_result) if args.tools else []
@@ -194,7 +206,14 @@ def tool_chat(args: argparse.Namespace) -> int:
             return out
 
         tools.append(Tool(FUNCTION["name"], run_code, FUNCTION["description"], FUNCTION["parameters"]))
-    llm = load_llm(args)
+    return tools
+
+
+def tool_chat(args: argparse.Namespace, llm, tools: list) -> int:
+    """Chat where the model may call tools: calls are printed; you type results (the code interpreter
+    runs by itself). Each turn is one agent run over the whole history."""
+    from qwenkit.tools.agent import Agent
+
     agent = Agent(llm, tools, params=llm.default_params(**sampling_overrides(args)))
     history = [{"role": "system", "content": args.system}] if args.system else []
     questions = [sys.stdin.read() if args.prompt == "-" else args.prompt] if args.prompt is not None else None

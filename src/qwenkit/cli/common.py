@@ -35,6 +35,13 @@ def add_model_args(parser: argparse.ArgumentParser, optional_model: bool = True)
         "--max-context", type=int, help="longest sequence to plan memory for (default: model's)"
     )
     parser.add_argument("--adapter", metavar="DIR", help="apply a peft-format LoRA adapter (not merged)")
+    parser.add_argument(
+        "--no-cuda-graphs",
+        dest="cuda_graphs",
+        action="store_false",
+        default=None,
+        help="on CUDA, run decode steps eagerly instead of replaying captured CUDA graphs",
+    )
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -103,6 +110,7 @@ def load_llm(args: argparse.Namespace, max_batch_size: int = 1, tensor_parallel=
         tensor_parallel=tensor_parallel,
         adapter=args.adapter,
         dequantize=gguf_dequantize(args, path),
+        cuda_graphs=args.cuda_graphs,
     )
 
 
@@ -116,18 +124,99 @@ def add_tensor_parallel_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def check_tensor_parallel(args: argparse.Namespace) -> None:
+    """Refuse a split the model cannot take, in one line, before any process starts."""
+    from qwenkit.checkpoint import open_checkpoint
+    from qwenkit.config import ModelConfig
+    from qwenkit.distributed import local_config
+
+    source = open_checkpoint(resolve_model(args.model))
+    local_config(ModelConfig.from_hf(source.hf_config), args.tensor_parallel)
+
+
+def lead_tensor_parallel(args: argparse.Namespace, body, load=None, server: bool = False) -> int:
+    """Run ``body(llm)`` here as rank 0 of ``--tensor-parallel N`` (this process keeps the terminal and
+    receives the signals), with N - 1 spawned ranks that replay each of its forwards on their shards
+    (``engine.lockstep``). ``load(args, tp)`` loads a rank's LLM (every rank the same way, so their KV
+    pools match; default ``load_llm``). When another rank dies, a ``server`` gets SIGTERM (it drains
+    and exits instead of waiting for its next request to fail); anything else (a chat waiting at its
+    prompt) is ended at once with the one-line error."""
+    import os
+    import signal
+    import sys
+
+    from qwenkit.distributed.launch import RankFailedError, lead_ranks
+
+    check_tensor_parallel(args)
+    load = load or _load_llm
+
+    def lead(tp) -> int:
+        from qwenkit.engine.lockstep import Lockstep
+
+        llm = load(args, tp)
+        lockstep = Lockstep()
+        lockstep.lead(llm.engine)
+        try:
+            return body(llm)
+        finally:
+            llm.driver.shutdown()
+            lockstep.stop()
+
+    def rank_failed(rank: int, exitcode: int) -> None:
+        if server and signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None):
+            os.kill(os.getpid(), signal.SIGTERM)  # the server is up (its handler is in): drain, exit
+            return
+        if exitcode != 2:  # exit status 2: the rank printed its own one-line error
+            how = f"was killed by signal {-exitcode}" if exitcode < 0 else f"exited with status {exitcode}"
+            print(f"error: tensor-parallel rank {rank} of {args.tensor_parallel} {how}", file=sys.stderr)
+        os._exit(2)  # now: the main thread may be blocked reading the terminal or in a collective
+
+    try:
+        return lead_ranks(
+            lead,
+            follow_tensor_parallel,
+            args.tensor_parallel,
+            (args, load),
+            device=args.device,
+            on_follower_failed=rank_failed,
+        )
+    except RankFailedError as e:
+        if e.exitcode == 2:  # the rank printed its own one-line error
+            return 2
+        raise
+
+
+def _load_llm(args: argparse.Namespace, tp):
+    return load_llm(args, tensor_parallel=tp)
+
+
+def follow_tensor_parallel(tp, args: argparse.Namespace, load) -> None:
+    """A rank other than 0: load this shard and replay rank 0's forwards until it stops."""
+    import os
+    import signal
+    import sys
+
+    from qwenkit.engine.lockstep import Lockstep
+    from qwenkit.errors import QwenkitError
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches every rank; rank 0 decides
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+    try:
+        llm = load(args, tp)
+    except QwenkitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    Lockstep().follow(llm.engine)
+
+
 def run_tensor_parallel(args: argparse.Namespace, rank_main) -> int:
     """Check the split here (one clear line, nothing started), then run ``rank_main(tp, args)`` in N
     processes. A rank that already printed its one-line error exits 2, and so does this command."""
     import random
 
-    from qwenkit.checkpoint import open_checkpoint
-    from qwenkit.config import ModelConfig
-    from qwenkit.distributed import local_config
     from qwenkit.distributed.launch import RankFailedError, run_ranks
 
-    source = open_checkpoint(resolve_model(args.model))
-    local_config(ModelConfig.from_hf(source.hf_config), args.tensor_parallel)
+    check_tensor_parallel(args)
     args.rank_seed = random.SystemRandom().randrange(2**31)  # one random state for every rank
     try:
         run_ranks(rank_main, args.tensor_parallel, (args,), device=args.device)
@@ -144,6 +233,9 @@ __all__ = [
     "add_sampling_args",
     "add_tensor_parallel_arg",
     "gguf_dequantize",
+    "check_tensor_parallel",
+    "follow_tensor_parallel",
+    "lead_tensor_parallel",
     "load_llm",
     "resolve_model",
     "run_tensor_parallel",

@@ -2,6 +2,8 @@
 
 qwenkit eval MODEL --task mmlu --limit 5 --output runs/mmlu
 qwenkit eval --endpoint http://127.0.0.1:8000 --task gsm8k --method generate
+qwenkit eval MODEL --task tooluse --limit 20 --output runs/tools
+qwenkit eval MODEL --task passkey --lengths 1024 4096 --output runs/passkey
 qwenkit eval --rescore runs/gsm8k --extractor lmeval-flexible
 qwenkit eval --compare runs/f32 runs/int8 runs/int4
 """
@@ -21,7 +23,7 @@ class EvalUsageError(QwenkitError, ValueError):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qwenkit eval", description=__doc__.split("\n\n")[0])
     add_model_args(p)
-    p.add_argument("--task", choices=["mmlu", "ceval", "gsm8k", "humaneval", "ppl"])
+    p.add_argument("--task", choices=["mmlu", "ceval", "gsm8k", "humaneval", "tooluse", "passkey", "ppl"])
     p.add_argument(
         "--method",
         choices=["loglik", "generate"],
@@ -31,14 +33,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shots", type=int, help="few-shot examples (MMLU/C-Eval base: 5 from dev with --data)")
     p.add_argument("--data", help="benchmark files in the published layout (default: from registry wheels)")
     p.add_argument("--split", help="MMLU/C-Eval split (default: test for MMLU, val for C-Eval)")
-    p.add_argument("--limit", type=int, help="MMLU/C-Eval: first N per subject; others: first N items")
-    p.add_argument("--subjects", nargs="+", help="MMLU/C-Eval subjects (file name stems)")
+    p.add_argument(
+        "--limit",
+        type=int,
+        help="MMLU/C-Eval/tooluse: first N per subject or category; others: first N items",
+    )
+    p.add_argument(
+        "--subjects",
+        nargs="+",
+        help="MMLU/C-Eval subjects (file name stems); tooluse: categories (simple, multiple, parallel, "
+        "parallel_multiple, irrelevance)",
+    )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--extractor", help="answer extractor name (see the README's catalogue)")
     p.add_argument("--timeout", type=float, default=10.0, help="HumanEval: seconds per program")
     p.add_argument("--window", type=int, default=2048, help="ppl: tokens per window")
     p.add_argument("--stride", type=int, default=512, help="ppl: new tokens scored per window (< window)")
+    p.add_argument("--lengths", nargs="+", type=int, help="passkey: prompt lengths in tokens")
+    p.add_argument("--depths", nargs="+", type=float, help="passkey: needle depths, 0 (start) to 1 (end)")
+    p.add_argument("--trials", type=int, default=1, help="passkey: keys per length and depth")
     p.add_argument("--output", help="directory for results.json and samples.jsonl (resumes if present)")
     p.add_argument("--endpoint", help="OpenAI-compatible server URL instead of a local model")
     p.add_argument("--api-key")
@@ -61,9 +75,13 @@ def main(argv: list[str]) -> int:
         print(format_results(results))
         return 0
     if not args.task:
-        raise EvalUsageError("--task is required (mmlu, ceval, gsm8k, humaneval or ppl)")
+        raise EvalUsageError("--task is required (mmlu, ceval, gsm8k, humaneval, tooluse, passkey or ppl)")
+    if args.task == "passkey" and args.data:
+        raise EvalUsageError("passkey is synthetic (built from --lengths/--depths/--trials): drop --data")
+    if args.task == "tooluse" and args.method == "loglik":
+        raise EvalUsageError("tooluse is generation through the chat template: drop --method loglik")
     method = args.method or ("loglik" if args.task in ("mmlu", "ceval") else "generate")
-    if args.task in ("gsm8k", "humaneval") and args.method is None:
+    if args.task in ("gsm8k", "humaneval", "passkey") and args.method is None:
         method = "loglik"  # base completion; --method generate for chat models
     settings = runner.Settings(
         task=args.task,
@@ -79,6 +97,9 @@ def main(argv: list[str]) -> int:
         timeout=args.timeout,
         window=args.window,
         stride=args.stride,
+        lengths=args.lengths,
+        depths=args.depths,
+        trials=args.trials,
     )
     if args.endpoint:
         from qwenkit.evaluate.backends import EndpointBackend
@@ -98,6 +119,7 @@ def main(argv: list[str]) -> int:
             max_batch_size=args.batch_size,
             max_seq_len=args.max_context,
             dequantize=gguf_dequantize(args, path),
+            cuda_graphs=args.cuda_graphs,
         )
         backend = LocalBackend(llm, batch_size=args.batch_size)
         record = runner.model_record(path, llm, args.dtype, args.quantize)
@@ -120,8 +142,22 @@ def format_results(results: dict) -> str:
             lines.append(f"  {key[4:]:<8} {100 * s[key]:.2f} ± {100 * (s.get('stderr_' + key[4:]) or 0):.2f}")
     if s.get("hard") is not None:
         lines.append(f"  hard     {100 * s['hard']:.2f}")
+    if s.get("selection") is not None:
+        lines.append(
+            f"  function selection {100 * s['selection']:.2f} ± {100 * (s['selection_stderr'] or 0):.2f}"
+        )
+    if s.get("false_positive_rate") is not None:
+        lines.append(f"  irrelevance: false-positive rate {100 * s['false_positive_rate']:.2f}")
     for name, c in (s.get("categories") or {}).items():
-        lines.append(f"  {name:<16} {100 * c['acc']:.2f} ± {100 * (c['stderr'] or 0):.2f}  (n={c['n']})")
+        extra = f", selection {100 * c['selection']:.2f}" if "selection" in c else ""
+        lines.append(
+            f"  {name:<16} {100 * c['acc']:.2f} ± {100 * (c['stderr'] or 0):.2f}  (n={c['n']}{extra})"
+        )
+    for key in ("lengths", "depths"):
+        for name, c in (s.get(key) or {}).items():
+            lines.append(
+                f"  {key[:-1]} {name:<10} {100 * c['acc']:.2f} ± {100 * (c['stderr'] or 0):.2f}  (n={c['n']})"
+            )
     for name, value in s.items():
         if isinstance(value, dict) and name not in ("categories", "subjects") and "acc" in value:
             lines.append(f"  [{name}] {100 * value['acc']:.2f} ± {100 * (value['stderr'] or 0):.2f}")

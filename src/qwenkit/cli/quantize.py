@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
 
+    from qwenkit.generate import tokenizer_for
     from qwenkit.quant.pipeline import quantize_checkpoint
 
     result = quantize_checkpoint(
@@ -101,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         bits=args.bits,
         group_size=args.group_size,
         method=args.method,
+        encode=lambda text: tokenizer_for(args.src).encode(text),  # read once the source is checked
         calib=args.calib,
         calib_samples=args.calib_samples,
         seq_len=args.seq_len,

@@ -17,7 +17,13 @@ import sys
 import time
 from pathlib import Path
 
-from qwenkit.cli.common import add_model_args, gguf_dequantize, resolve_model
+from qwenkit.cli.common import (
+    add_model_args,
+    add_tensor_parallel_arg,
+    gguf_dequantize,
+    lead_tensor_parallel,
+    resolve_model,
+)
 from qwenkit.errors import ConfigError
 
 _UNITS = {
@@ -125,16 +131,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=int(_env("response_cache", 512)),
         help="repeated deterministic requests remembered (0: off)",
     )
+    add_tensor_parallel_arg(parser)
+    parser.set_defaults(tensor_parallel=int(_env("tensor_parallel", 1)))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    import uvicorn
+    api_key = _check(args)
+    if args.tensor_parallel != 1:
+        note = f" on {args.tensor_parallel} tensor-parallel ranks"
+        return lead_tensor_parallel(args, lambda llm: serve(args, api_key, llm, note), load, server=True)
+    return serve(args, api_key, load(args))
 
-    from qwenkit.generate import LLM
-    from qwenkit.server import ServerConfig, create_app
 
+def _check(args: argparse.Namespace) -> str | None:
+    """Every option checked before a model loads (or a rank starts); returns the API key."""
     api_key = args.api_key
     if args.api_key_file:
         try:
@@ -148,26 +160,44 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.max_model_len is not None and int(args.max_model_len) < 2:
         raise ConfigError(f"--max-model-len must be at least 2, got {args.max_model_len}")
+    if args.threads is not None and int(args.threads) < 1:
+        raise ConfigError(f"--threads must be at least 1, got {args.threads}")
+    if args.kv_cache_memory:
+        parse_bytes(args.kv_cache_memory)
+    return api_key
+
+
+def load(args: argparse.Namespace, tp=None):
+    from qwenkit.generate import LLM
+
     if args.threads is not None:
-        if int(args.threads) < 1:
-            raise ConfigError(f"--threads must be at least 1, got {args.threads}")
         import torch
 
         torch.set_num_threads(int(args.threads))
-    path = resolve_model(args.model)
-    kv_bytes = parse_bytes(args.kv_cache_memory) if args.kv_cache_memory else None
-    llm = LLM.load(
-        path,
+    return LLM.load(
+        resolve_model(args.model),
         dtype=args.dtype,
         device=args.device,
         quantize=args.quantize,
         max_batch_size=args.max_batch,
         max_seq_len=int(args.max_model_len) if args.max_model_len else None,
-        kv_cache_memory=kv_bytes,
+        kv_cache_memory=parse_bytes(args.kv_cache_memory) if args.kv_cache_memory else None,
         prefix_caching=not args.no_prefix_caching,
+        progress=tp is None or tp.rank == 0,
+        tensor_parallel=tp,
         adapter=args.adapter,
         dequantize=gguf_dequantize(args, path),
+        cuda_graphs=args.cuda_graphs,
     )
+
+
+def serve(args: argparse.Namespace, api_key: str | None, llm, note: str = "") -> int:
+    """Run the HTTP server on a loaded model until a shutdown signal; drains, then returns 0."""
+    import uvicorn
+
+    from qwenkit.server import ServerConfig, create_app
+
+    path = resolve_model(args.model)
     name = args.served_model_name or (path.stem if path.suffix == ".gguf" else path.name)
     config = ServerConfig(
         served_model_name=name,
@@ -179,7 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     app = create_app(llm, config)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    print(f"serving {name} on http://{args.host}:{args.port} (web chat at /, API at /v1)", file=sys.stderr)
+    print(
+        f"serving {name}{note} on http://{args.host}:{args.port} (web chat at /, API at /v1)",
+        file=sys.stderr,
+    )
     server = DrainingServer(
         uvicorn.Config(
             app,

@@ -9,14 +9,16 @@ every front end drives the same engine.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from qwenkit.engine.blocks import BlockManager
 from qwenkit.engine.constraint import GrammarCompiler, apply_constraints
-from qwenkit.engine.kv_cache import PagedKVCache, StepAttention
+from qwenkit.engine.decode_graph import DecodeGraphs, supports_static_decode
+from qwenkit.engine.forward import ForwardCall, run_forward
+from qwenkit.engine.kv_cache import PagedKVCache
 from qwenkit.engine.request import FinishReason, Request, RequestId, TokenLogprob
 from qwenkit.engine.sampler import apply_penalties, sample, token_logprobs
 from qwenkit.engine.sampling import SamplingParams, SamplingParamsError
@@ -61,9 +63,12 @@ class Engine:
         kv_cache_tokens: int | None = None,
         prefix_caching: bool = True,
         block_size: int = BLOCK_SIZE,
+        cuda_graphs: bool | None = None,
     ) -> None:
         """prefill_chunk: tokens computed per step over all rows (the token budget).
-        kv_cache_tokens: the pool's size in tokens (default: every row at ``max_seq_len``)."""
+        kv_cache_tokens: the pool's size in tokens (default: every row at ``max_seq_len``).
+        cuda_graphs: run decode-only steps as CUDA graphs (``decode_graph.py``); None: on when the model
+        is on a CUDA device. True on the CPU runs the same static-shape step without capture."""
         self.model = model
         config = model.config
         self.vocab_size = config.vocab_size
@@ -79,7 +84,7 @@ class Engine:
         num_blocks = -(-pool_tokens // block_size)
         self.cache = PagedKVCache(
             config.num_hidden_layers,
-            num_blocks,
+            num_blocks + 1,  # the last block is never handed out: padded decode rows write there
             block_size,
             config.num_key_value_heads,
             config.head_dim,
@@ -87,6 +92,12 @@ class Engine:
             self.device,
         )
         self.blocks = BlockManager(num_blocks, block_size)
+        self.decode_graphs: DecodeGraphs | None = None
+        on_cuda = self.device.type == "cuda"
+        if (on_cuda if cuda_graphs is None else cuda_graphs) and supports_static_decode(model) is None:
+            self.decode_graphs = DecodeGraphs(
+                model, self.cache, max_batch_size, self.max_seq_len, dummy_block=num_blocks, capture=on_cuda
+            )
         self.scheduler = Scheduler(self.blocks, max_batch_size, prefill_chunk, prefix_caching)
         self.requests: dict[RequestId, Request] = {}
         self._aborted: list[StepOutput] = []
@@ -96,6 +107,9 @@ class Engine:
         # Turns SamplingParams.grammar into a per-request token mask; installed by whoever enables
         # constrained decoding (qwenkit.tools.grammar), so the engine needs no grammar library.
         self.grammar_compiler: GrammarCompiler | None = None
+        # Called with every forward before it runs: a tensor-parallel leader sends it to the other
+        # ranks, which run the same forward on their shards (``lockstep``).
+        self.before_forward: Callable[[ForwardCall], None] | None = None
 
     # ---- requests ----------------------------------------------------------------------------------
 
@@ -179,7 +193,16 @@ class Engine:
         if schedule.empty:
             return outputs
         rows = [rn for rn in schedule.rows if rn[1] == 1] + [rn for rn in schedule.rows if rn[1] > 1]
-        logits, where = self._forward(rows)
+        graphs = self.decode_graphs
+        if (
+            graphs is not None
+            and self.before_forward is None  # a tensor-parallel leader sends every forward out
+            and rows[-1][1] == 1
+            and graphs.accepts(len(rows), [r.ntk_alpha for r, _ in rows])
+        ):
+            logits, where = self._forward_static(rows)
+        else:
+            logits, where = self._forward(rows)
         by_id: dict[RequestId, StepOutput] = {}
         to_sample: list[tuple[Request, int]] = []  # (request, row of logits)
         for request, n in rows:
@@ -233,16 +256,32 @@ class Engine:
                 logits_index += range(first, offset + n)
             else:
                 where[id(request)] = (len(logits_index), 0)
-        dev = self.device
-        attention = StepAttention(self.cache, decode_rows, chunk_rows)
-        logits = self.model(
-            torch.tensor([ids], dtype=torch.long, device=dev),
-            positions=torch.tensor([positions], dtype=torch.long, device=dev),
-            cache=attention,
-            ntk_alphas=torch.tensor([alphas]) if any(a != 1.0 for a in alphas) else None,
-            logits_index=torch.tensor(logits_index, dtype=torch.long, device=dev),
-        ).float()  # (K, V)
+        call = ForwardCall(
+            ids,
+            positions,
+            alphas if any(a != 1.0 for a in alphas) else None,
+            logits_index,
+            decode_rows,
+            chunk_rows,
+        )
+        if self.before_forward is not None:
+            self.before_forward(call)
+        logits = run_forward(self.model, self.cache, call)  # (K, V)
         return logits, where
+
+    def _forward_static(
+        self, rows: list[tuple[Request, int]]
+    ) -> tuple[torch.Tensor, dict[int, tuple[int, int]]]:
+        """``_forward`` for a step of decoding rows only, through ``DecodeGraphs``: logits for every row."""
+        inputs: list[tuple[int, int, list[int]]] = []
+        where: dict[int, tuple[int, int]] = {}
+        for i, (request, _) in enumerate(rows):
+            start, prompt = request.num_computed, request.prompt_ids
+            token = prompt[start] if start < len(prompt) else request.output_ids[start - len(prompt)]
+            inputs.append((token, start, request.block_table))
+            wants_prompt = request.params.prompt_logprobs is not None and start < len(prompt)
+            where[id(request)] = (i, int(wants_prompt or start + 1 == request.num_tokens))
+        return self.decode_graphs.run(inputs), where
 
     def _record_prompt_logprobs(self, request: Request, start: int, logits: torch.Tensor) -> None:
         """Log-probabilities of prompt tokens start+1 .. from the logits at positions start .."""

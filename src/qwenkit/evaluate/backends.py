@@ -8,6 +8,7 @@ scoring), and greedy text for prompts or chat messages. The endpoint path uses o
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from qwenkit.errors import QwenkitError
+from qwenkit.tools.hermes import THINK_OPEN, parse_hermes
+from qwenkit.tools.react import STOP_WORDS, parse_react, react_messages
 
 
 class BackendError(QwenkitError, RuntimeError):
@@ -27,6 +30,10 @@ class Backend(Protocol):
     name: str  # "local" or "endpoint"
 
     def encode(self, text: str) -> list[int]: ...
+
+    def max_context(self) -> int | None:
+        """Tokens the model takes in one sequence, where known."""
+        ...
 
     def next_token_logprobs(self, contexts: Sequence[list[int]], candidates: list[int]) -> list[list[float]]:
         """For each context, log p(candidate | context) for every candidate token id."""
@@ -44,9 +51,25 @@ class Backend(Protocol):
         """Greedy replies with the model's own chat template."""
         ...
 
+    def chat_tools(
+        self, messages: Sequence[list[dict[str, Any]]], tools: Sequence[list[dict[str, Any]]], max_tokens: int
+    ) -> list[ToolReply]:
+        """Greedy replies offered ``tools`` (OpenAI form, one list per conversation), calls parsed."""
+        ...
+
     def describe(self) -> dict[str, Any]:
         """What the results file records about the model."""
         ...
+
+
+@dataclass
+class ToolReply:
+    """A reply to a request with tools: the raw text (local) or message (endpoint), and its parts."""
+
+    output: str
+    content: str
+    reasoning: str
+    calls: list[dict[str, str]]  # {"name", "arguments" (JSON text)}
 
 
 @dataclass
@@ -64,6 +87,9 @@ class LocalBackend:
 
     def encode(self, text: str) -> list[int]:
         return self.llm.tokenizer.encode(text)
+
+    def max_context(self) -> int | None:
+        return self.max_seq_len or self.llm.engine.max_seq_len
 
     @torch.inference_mode()
     def next_token_logprobs(self, contexts: Sequence[list[int]], candidates: list[int]) -> list[list[float]]:
@@ -139,6 +165,35 @@ class LocalBackend:
         params = _with(params, top_k=0, top_p=1.0)
         prompts = [self.llm.tokenizer.apply_chat_template(m, add_generation_prompt=True) for m in messages]
         return [c.text for c in self.llm.generate(prompts, params)]
+
+    def chat_tools(
+        self, messages: Sequence[list[dict[str, Any]]], tools: Sequence[list[dict[str, Any]]], max_tokens: int
+    ) -> list[ToolReply]:
+        """The template renders the tools and the reply is parsed as the server parses it: hermes
+        ``<tool_call>`` blocks (and a leading ``<think>``), or ReAct for a template without tools (v1)."""
+        tokenizer = self.llm.tokenizer
+        template = tokenizer.chat_template or ""
+        react = "tools" not in template
+        prompts = []
+        for conversation, offered in zip(messages, tools, strict=True):
+            if react:
+                functions = [t["function"] for t in offered]
+                prompts.append(tokenizer.apply_chat_template(react_messages(conversation, functions)))
+            else:
+                prompts.append(tokenizer.apply_chat_template(conversation, tools=offered))
+        params = self.llm.default_params(temperature=0.0, max_tokens=max_tokens, repetition_penalty=1.0)
+        params = _with(params, top_k=0, top_p=1.0, stop=STOP_WORDS if react else ())
+        replies = []
+        for prompt, completion in zip(prompts, self.llm.generate(prompts, params), strict=True):
+            text = completion.text
+            if react:
+                parsed = parse_react(text)
+            else:
+                opened = tokenizer.decode(prompt[-4:]).rstrip().endswith(THINK_OPEN)
+                parsed = parse_hermes(text, reasoning=THINK_OPEN in template, in_reasoning=opened)
+            calls = [{"name": c.name, "arguments": c.arguments} for c in parsed.tool_calls]
+            replies.append(ToolReply(text, parsed.content, parsed.reasoning, calls))
+        return replies
 
     def describe(self) -> dict[str, Any]:
         return {"backend": "local", **(self.record or {})}
@@ -253,6 +308,9 @@ class EndpointBackend:
     def encode(self, text: str) -> list[int]:
         return self._post("/tokenize", {"prompt": text, "add_special_tokens": False})["tokens"]
 
+    def max_context(self) -> int | None:
+        return None  # not part of the OpenAI API: passkey lengths default to 1k..32k
+
     def next_token_logprobs(self, contexts: Sequence[list[int]], candidates: list[int]) -> list[list[float]]:
         def one(context: list[int]) -> list[float]:
             body = {
@@ -298,6 +356,30 @@ class EndpointBackend:
             return self._post("/v1/chat/completions", body)["choices"][0]["message"]["content"] or ""
 
         return self._map(one, messages)
+
+    def chat_tools(
+        self, messages: Sequence[list[dict[str, Any]]], tools: Sequence[list[dict[str, Any]]], max_tokens: int
+    ) -> list[ToolReply]:
+        """The OpenAI ``tools`` field with ``tool_choice: auto``; the server parses the calls."""
+
+        def one(pair: tuple[list[dict[str, Any]], list[dict[str, Any]]]) -> ToolReply:
+            conversation, offered = pair
+            body = {
+                "messages": conversation,
+                "tools": offered,
+                "tool_choice": "auto",
+                "max_tokens": max_tokens,
+            }
+            message = self._post("/v1/chat/completions", {**body, **GREEDY})["choices"][0]["message"]
+            calls = []
+            for call in message.get("tool_calls") or []:
+                fn = call.get("function") or {}
+                calls.append({"name": str(fn.get("name", "")), "arguments": str(fn.get("arguments", ""))})
+            content = message.get("content") or ""
+            reasoning = message.get("reasoning_content") or ""
+            return ToolReply(json.dumps(message, ensure_ascii=False), content, reasoning, calls)
+
+        return self._map(one, list(zip(messages, tools, strict=True)))
 
     def describe(self) -> dict[str, Any]:
         return {"backend": "endpoint", "url": self.url, "model": self.model}

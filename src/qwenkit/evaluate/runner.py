@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qwenkit.evaluate import ceval, gsm8k, humaneval, mmlu
+from qwenkit.evaluate import ceval, gsm8k, humaneval, mmlu, passkey, tooluse
 from qwenkit.evaluate.backends import Backend
-from qwenkit.evaluate.data import GSM8K_SAMPLE, EvalDataError
+from qwenkit.evaluate.data import BFCL, GSM8K_SAMPLE, EvalDataError
 from qwenkit.evaluate.extract import CHOICE_EXTRACTORS, NUMBER_EXTRACTORS, numbers_equal, strip_thinking
 from qwenkit.evaluate.multiple_choice import MCItem, aggregate, rescore, score_generate, score_loglik
 from qwenkit.evaluate.results import (
@@ -34,7 +34,7 @@ from qwenkit.evaluate.stats import mean_stderr
 
 __all__ = ["Settings", "compare", "model_record", "plan", "rescore_dir", "run"]
 
-TASKS = ("mmlu", "ceval", "gsm8k", "humaneval", "ppl")
+TASKS = ("mmlu", "ceval", "gsm8k", "humaneval", "tooluse", "passkey", "ppl")
 
 
 @dataclass
@@ -53,6 +53,9 @@ class Settings:
     timeout: float = 10.0  # HumanEval per-program sandbox wall clock
     window: int = 2048  # ppl: tokens per window
     stride: int = 512  # ppl: new tokens scored per window
+    lengths: list[int] | None = None  # passkey: prompt lengths in tokens (None: 1k..32k as the context holds)
+    depths: list[float] | None = None  # passkey: where the key sits (0 start .. 1 end)
+    trials: int = 1  # passkey: keys per length and depth
 
     def key(self) -> dict[str, Any]:
         """The settings that change results (batch size does not: batched equals one at a time)."""
@@ -338,7 +341,97 @@ def _ppl_plan(s: Settings) -> Plan:
     return Plan([doc], run_chunk, agg, record)
 
 
-def plan(settings: Settings) -> Plan:
+def _tooluse_plan(s: Settings) -> Plan:
+    items = _first_per_subject(tooluse.read_bfcl(s.subjects, s.data), s.limit)  # type: ignore[arg-type]
+    record = {
+        "data": s.data or f"{BFCL.requirement} {BFCL.member} ({BFCL.note})",
+        "method": "chat-tools (the model's own tool format; tool_choice auto)",
+        "categories": sorted({i.category for i in items}, key=list(tooluse.CATEGORIES).index),
+        "scorer": "BFCL AST checker rules (function names, required/optional parameters, types, values)",
+        "max_new_tokens": s.max_new_tokens,
+        "aggregation": "macro over simple, multiple, parallel, parallel_multiple (BFCL non-live AST)",
+    }
+
+    def run_chunk(backend: Backend, chunk: list[tooluse.ToolItem]) -> list[dict]:
+        replies = backend.chat_tools(
+            [i.messages for i in chunk], [tooluse.openai_tools(i.functions) for i in chunk], s.max_new_tokens
+        )
+        rows = []
+        for item, reply in zip(chunk, replies, strict=True):
+            row = {
+                "id": item.id,
+                "subject": item.category,
+                "messages": item.messages,
+                "functions": [f["name"] for f in item.functions],
+                "output": reply.output,
+                "content": reply.content,
+                "calls": reply.calls,
+                "gold": item.answer,
+            }
+            if reply.reasoning:
+                row["thinking"] = reply.reasoning
+            rows.append(row | tooluse.score_row(item, reply.calls))
+        return rows
+
+    return Plan(items, run_chunk, tooluse.aggregate, record)
+
+
+def _passkey_plan(s: Settings, max_context: int | None) -> Plan:
+    items = passkey.needles(s.lengths, s.depths, s.trials, max_context)
+    if s.limit is not None:
+        items = items[: s.limit]
+    chat = s.method == "generate"
+    max_tokens = s.max_new_tokens if chat else min(s.max_new_tokens, passkey.BASE_MAX_TOKENS)
+    record = {
+        "data": "synthetic passkey retrieval (seeded keys in filler text; no long-context data ships here)",
+        "method": "chat" if chat else "base-completion",
+        "lengths": sorted({i.length for i in items}),
+        "depths": sorted({i.depth for i in items}),
+        "trials": s.trials,
+        "prompt_template_sha256": sha256_text(
+            passkey.prompt_text(passkey.Needle(0, 0.0, 0), 1, chat) + passkey.NEEDLE + passkey.FILLER
+        ),
+        "extractor": "first number in the reply equals the key",
+        "max_new_tokens": max_tokens,
+        "aggregation": "mean over items",
+    }
+
+    def run_chunk(backend: Backend, chunk: list[passkey.Needle]) -> list[dict]:
+        built = [passkey.build(n, backend.encode, chat, max_tokens) for n in chunk]
+        prompts = [text for text, _ in built]
+        if chat:
+            outputs = backend.chat([[{"role": "user", "content": q}] for q in prompts], max_tokens)
+        else:
+            outputs = backend.complete(prompts, max_tokens, ("\n",))
+        rows = []
+        for needle, (prompt, n_tokens), out in zip(chunk, built, outputs, strict=True):
+            answer, thinking = strip_thinking(out)
+            extracted = passkey.extract(answer)
+            row = {
+                "id": needle.id,
+                "length": needle.length,
+                "depth": needle.depth,
+                "prompt_tokens": n_tokens,
+                "prompt_sha256": sha256_text(prompt),  # the prompt is rebuilt exactly from the id
+                "output": out,
+                "extracted": extracted,
+                "gold": needle.key,
+                "correct": extracted == needle.key,
+            }
+            if thinking is not None:
+                row["thinking"] = thinking
+            rows.append(row)
+        return rows
+
+    return Plan(items, run_chunk, passkey.aggregate, record)
+
+
+def plan(settings: Settings, max_context: int | None = None) -> Plan:
+    """The task's items and how to run and score them (``max_context``: the model's, where known)."""
+    if settings.task == "tooluse":
+        return _tooluse_plan(settings)
+    if settings.task == "passkey":
+        return _passkey_plan(settings, max_context)
     if settings.task == "ppl":
         return _ppl_plan(settings)
     if settings.task in ("mmlu", "ceval"):
@@ -365,7 +458,7 @@ def run(
     model_record: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate; with ``output``, write/extend samples.jsonl and write results.json there."""
-    p = plan(settings)
+    p = plan(settings, backend.max_context() if settings.task == "passkey" else None)
     out = Path(output) if output else None
     rows: list[dict] = []
     if out is not None:
@@ -420,7 +513,9 @@ def _resume(out: Path, settings: Settings) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     settings_path = out / SETTINGS
     if settings_path.exists():
-        saved = json.loads(settings_path.read_text())
+        # settings added since the run was written take their defaults
+        defaults = Settings(task=settings.task).key()
+        saved = {**defaults, **json.loads(settings_path.read_text())}
         if saved != settings.key():
             changed = sorted(
                 k for k in set(saved) | set(settings.key()) if saved.get(k) != settings.key().get(k)
@@ -479,6 +574,19 @@ def rescore_dir(out: str | Path, extractor: str | None = None) -> dict[str, Any]
         results["scores"]["acc"] = mean_stderr([float(r["correct"]) for r in rows])[0]
         results["scores"]["stderr"] = mean_stderr([float(r["correct"]) for r in rows])[1]
         results["scores"]["extractor"] = name
+    elif task == "tooluse":
+        settings = results["record"]["settings"]
+        by_id = {i.id: i for i in tooluse.read_bfcl(settings.get("subjects"), settings.get("data"))}
+        for row in rows:
+            if row["id"] not in by_id:
+                raise EvalDataError(f"{out}: sample {row['id']} is not in the tool-use data")
+            row |= tooluse.score_row(by_id[row["id"]], row["calls"])
+        results["scores"] = tooluse.aggregate(rows)
+    elif task == "passkey":
+        for row in rows:
+            row["extracted"] = passkey.extract(strip_thinking(row["output"])[0])
+            row["correct"] = row["extracted"] == row["gold"]
+        results["scores"] = passkey.aggregate(rows)
     else:
         raise EvalDataError(f"rescoring {task} needs its programs rerun; it is not supported")
     results["record"]["rescored"] = True

@@ -24,7 +24,11 @@ def add_training_args(parser: argparse.ArgumentParser, lr: float = 2e-4) -> None
     parser.add_argument("--batch-size", type=int, default=4, help="examples per micro-batch per process")
     parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     parser.add_argument("--max-len", type=int, default=1024, help="longer examples are truncated (counted)")
-    parser.add_argument("--packing", action="store_true", help="pack short examples into --max-len rows")
+    parser.add_argument(
+        "--packing",
+        action="store_true",
+        help="pack short examples into --max-len rows (each still attends only to itself)",
+    )
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--lora-alpha", type=float, default=32.0)
     parser.add_argument("--lora-dropout", type=float, default=0.05)

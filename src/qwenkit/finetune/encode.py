@@ -31,6 +31,7 @@ class Example:
     ids: list[int]
     labels: list[int]
     where: str = ""
+    segments: tuple[int, ...] = ()  # lengths of the examples packed into this row (empty: not packed)
 
     @property
     def n_labelled(self) -> int:
@@ -44,11 +45,14 @@ class EncodeStats:
     dropped: int = 0  # nothing left to learn after truncation
     tokens: int = 0
     labelled_tokens: int = 0
+    packed_rows: int = 0  # rows the examples were packed into (0: not packed)
 
     def summary(self) -> str:
+        packed = f", packed into {self.packed_rows} rows" if self.packed_rows else ""
         return (
             f"{self.examples} examples, {self.tokens} tokens ({self.labelled_tokens} labelled), "
             f"{self.truncated} truncated to --max-len, {self.dropped} dropped (no labelled token left)"
+            f"{packed}"
         )
 
 
@@ -178,18 +182,21 @@ def encode_all(
 def pack(examples: list[Example], max_len: int) -> list[Example]:
     """Concatenate consecutive examples into rows of at most ``max_len`` tokens (fewer pad tokens).
 
-    Attention is causal over the whole row, so an example sees the ones packed before it, as in
-    pre-training and trl's plain packing; labels stay those of each example.
+    Each row remembers its examples' lengths (``segments``): the trainer restarts positions at 0 for each
+    and lets a token attend only within its own example, so a packed row computes exactly what its
+    examples would one by one. Each example's first token is unlabelled, as it is unpredicted alone.
     """
     rows: list[Example] = []
     cur_ids: list[int] = []
     cur_labels: list[int] = []
+    lengths: list[int] = []
     for ex in examples:
         if cur_ids and len(cur_ids) + len(ex.ids) > max_len:
-            rows.append(Example(cur_ids, cur_labels, "packed"))
-            cur_ids, cur_labels = [], []
-        cur_ids = cur_ids + ex.ids
-        cur_labels = cur_labels + ex.labels
+            rows.append(Example(cur_ids, cur_labels, "packed", tuple(lengths)))
+            cur_ids, cur_labels, lengths = [], [], []
+        cur_ids.extend(ex.ids)
+        cur_labels.extend([IGNORE, *ex.labels[1:]])
+        lengths.append(len(ex.ids))
     if cur_ids:
-        rows.append(Example(cur_ids, cur_labels, "packed"))
+        rows.append(Example(cur_ids, cur_labels, "packed", tuple(lengths)))
     return rows

@@ -196,6 +196,7 @@ def load_examples(
         raise DataError(f"{path}: no example has a labelled token within --max-len {args.max_len}")
     if args.packing:
         examples = pack(examples, args.max_len)
+        stats.packed_rows = len(examples)
     return examples, stats
 
 

@@ -79,9 +79,37 @@ def pad_batch(examples: Sequence[Example], pad_id: int, device: str) -> tuple[to
     return ids.to(device), labels.to(device)
 
 
-def token_losses(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+@dataclass
+class PackedLayout:
+    """Per-token positions and segment ids of a batch of packed rows (see ``encode.pack``)."""
+
+    positions: torch.Tensor  # (B, T) position within each token's own example
+    segment_ids: torch.Tensor  # (B, T) which example of its row a token belongs to; -1 for padding
+
+
+def packed_layout(examples: Sequence[Example], T: int, device: str) -> PackedLayout | None:
+    """The layout of a padded batch, or None when no row is packed (plain causal attention)."""
+    if not any(e.segments for e in examples):
+        return None
+    positions = torch.zeros((len(examples), T), dtype=torch.long)
+    segment_ids = torch.full((len(examples), T), -1, dtype=torch.long)
+    for i, e in enumerate(examples):
+        start = 0
+        for s, length in enumerate(e.segments or (len(e.ids),)):
+            positions[i, start : start + length] = torch.arange(length)
+            segment_ids[i, start : start + length] = s
+            start += length
+    return PackedLayout(positions.to(device), segment_ids.to(device))
+
+
+def token_losses(
+    model: nn.Module, ids: torch.Tensor, labels: torch.Tensor, layout: PackedLayout | None = None
+) -> torch.Tensor:
     """(B, T-1) float32 cross entropy of each next token, 0 where the label is -100."""
-    logits = model(ids)  # (B, T, V)
+    if layout is None:
+        logits = model(ids)  # (B, T, V)
+    else:
+        logits = model(ids, positions=layout.positions, segment_ids=layout.segment_ids)
     target = labels[:, 1:]
     ce = F.cross_entropy(
         logits[:, :-1].flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE, reduction="none"
@@ -180,8 +208,10 @@ class Trainer:
 
     def batch_loss(self, batch: list[int], normalizer: float) -> tuple[torch.Tensor, dict[str, float], int]:
         """(loss to backpropagate, summed metrics, tokens processed) for one micro-batch."""
-        ids, labels = pad_batch([self.examples[i] for i in batch], self.pad_id, self.args.device)
-        total = token_losses(self.model, ids, labels).sum()
+        examples = [self.examples[i] for i in batch]
+        ids, labels = pad_batch(examples, self.pad_id, self.args.device)
+        layout = packed_layout(examples, ids.shape[1], self.args.device)
+        total = token_losses(self.model, ids, labels, layout).sum()
         tokens = sum(len(self.examples[i].ids) for i in batch)
         return total / normalizer, {}, tokens
 
@@ -227,7 +257,9 @@ class Trainer:
             chunk = mine[b * self.args.batch_size : (b + 1) * self.args.batch_size]
             batch = [examples[j] for j in chunk] or [examples[0]]
             ids, labels = pad_batch(batch, self.pad_id, self.args.device)
-            losses = token_losses(self.model, ids, labels)
+            losses = token_losses(
+                self.model, ids, labels, packed_layout(batch, ids.shape[1], self.args.device)
+            )
             if chunk:
                 total += losses.sum().item()
                 count += sum(n_targets(e) for e in batch)

@@ -6,7 +6,7 @@ Notation:
 
 The attention never sees how the KV cache is stored: it hands this step's q/k/v to ``cache.attend``,
 which stores k/v and attends over everything each query may see. Without a cache it is plain causal
-attention.
+attention, or, given a mask (packed training rows), attention limited to what the mask allows.
 """
 
 from __future__ import annotations
@@ -36,10 +36,12 @@ class KVCache(Protocol):
 class AttentionInputs:
     """Per-step tensors shared by every layer: computed once, not per layer."""
 
-    cos: torch.Tensor  # (B, 1, T, rotary_dim) float32
+    cos: torch.Tensor  # (B, 1, T, rotary_dim): float32, or the activation dtype where RoPE runs in it
     sin: torch.Tensor
     logn: torch.Tensor | None  # (B, 1, T, 1) query scale for Qwen v1 LogN, or None
     cache: KVCache | None
+    # (B, 1, T, T) bool, True where a query may see a key; None means plain causal. Only without a cache.
+    mask: torch.Tensor | None = None
 
 
 class Attention(nn.Module):
@@ -76,7 +78,11 @@ class Attention(nn.Module):
         if inputs.logn is not None:
             q = q * inputs.logn.to(q.dtype)
 
-        if inputs.cache is None:
+        if inputs.mask is not None:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=inputs.mask, enable_gqa=self.n_kv != self.n_heads
+            )
+        elif inputs.cache is None:
             out = F.scaled_dot_product_attention(
                 q, k, v, is_causal=T > 1, enable_gqa=self.n_kv != self.n_heads
             )

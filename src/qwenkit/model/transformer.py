@@ -17,6 +17,14 @@ from qwenkit.model.norm import RMSNorm
 from qwenkit.model.rope import RotaryEmbedding, logn_scale, ntk_alpha_for_length
 
 
+def segment_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) segment ids -> (B, 1, T, T) bool: causal, and only within the query's own segment."""
+    T = segment_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return (same & causal)[:, None]
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -59,23 +67,33 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         ntk_alphas: list[float] | torch.Tensor | None = None,
         logits_index: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, V), or (K, V) at ``logits_index`` when given.
 
         positions: absolute position of each token (default 0..T-1). ntk_alphas: Qwen v1 dynamic-NTK alpha
         per row (or per token), fixed by each sequence's prompt length (``rope.ntk_alpha_for_length``).
         logits_index: (K,) indices into the flattened B*T tokens; only those get the output head.
+        segment_ids: (B, T) int, for rows that pack several sequences: a token attends only to earlier
+        tokens of its own segment (pass each segment's positions from 0 too). Not with a cache.
         """
         B, T = input_ids.shape
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        x = self.model.embed_tokens(input_ids)  # (B, T, hidden)
         cos, sin = self.rotary(positions, ntk_alphas)
+        if self.config.family != "qwen":
+            # transformers rotates in the activation dtype: cast once per step, not in every layer
+            cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         logn = None
         if self.config.use_logn_attn:
             logn = logn_scale(positions, self.config.max_position_embeddings)
-        inputs = AttentionInputs(cos=cos, sin=sin, logn=logn, cache=cache)
-
-        x = self.model.embed_tokens(input_ids)  # (B, T, hidden)
+        mask = None
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError("segment_ids apply to a whole-sequence forward, not to a KV-cache step")
+            mask = segment_mask(segment_ids)
+        inputs = AttentionInputs(cos=cos, sin=sin, logn=logn, cache=cache, mask=mask)
         for layer in self.model.layers:
             x = layer(x, inputs)
         if logits_index is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -27,6 +28,8 @@ from qwenkit.server.schemas import ChatCompletionRequest, CompletionRequest, Sam
 from qwenkit.server.state import ServerState
 from qwenkit.server.tool_use import ToolParser, ToolPlan, plan_tools, prompt_messages, uses_react
 from qwenkit.tokenizer import StreamingDetokenizer
+
+log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------------------
 # Sampling parameters
@@ -375,6 +378,7 @@ async def chat_completions(state: ServerState, body: ChatCompletionRequest, requ
             parser.feed(r.text)
             parser.finish()
             parsed, finish = parser.message(), parser.finish_reason(r.finish_reason)
+            _log_warnings(rid, c.index, parser)
             message["content"] = parsed.content or (None if parsed.tool_calls else "")
             message["tool_calls"] = [call.as_openai() for call in parsed.tool_calls] or None
             if plan.reasoning:
@@ -389,22 +393,28 @@ async def chat_completions(state: ServerState, body: ChatCompletionRequest, requ
     return JSONResponse({**head, "object": "chat.completion", "choices": choices, "usage": run.usage()})
 
 
-def _event_deltas(events: list, first_call: int) -> list[dict]:
+def _log_warnings(rid: str, index: int, parser: ToolParser) -> None:
+    for warning in parser.warnings:
+        log.warning("%s choice %d: %s", rid, index, warning)
+
+
+def _event_deltas(events: list, indices: dict[str, int]) -> list[dict]:
     """Parsed events as chat deltas: text as content/reasoning_content; a tool call as the OpenAI SDK
-    accumulates it (index, id, type and name once, then the arguments; every delta has ``function``).
-    ``first_call`` is the index the next call gets."""
+    accumulates it: its index, id, type and name once (with ``arguments: ""``), then each piece of its
+    arguments as the model writes it (every delta has ``function``). ``indices``: each started call's
+    index in this choice, by id (the next call gets the next index)."""
     deltas = []
-    index = first_call
     for e in events:
         if e.kind == "content":
             deltas.append({"content": e.text})
         elif e.kind == "reasoning":
             deltas.append({"reasoning_content": e.text})
-        else:
+        elif e.kind == "call_start":
+            index = indices.setdefault(e.call.id, len(indices))
             head = {"index": index, "id": e.call.id, "type": "function"}
             deltas.append({"tool_calls": [{**head, "function": {"name": e.call.name, "arguments": ""}}]})
-            deltas.append({"tool_calls": [{"index": index, "function": {"arguments": e.call.arguments}}]})
-            index += 1
+        elif e.kind == "call_args":
+            deltas.append({"tool_calls": [{"index": indices[e.call.id], "function": {"arguments": e.text}}]})
     return deltas
 
 
@@ -415,7 +425,7 @@ async def _chat_events(
     usage_field = {"usage": None} if body.include_usage else {}
     started: set[int] = set()
     parsers: dict[int, ToolParser] = {c.index: plan.parser() for c in run.choices} if plan.parses else {}
-    calls_sent: dict[int, int] = dict.fromkeys(parsers, 0)
+    call_indices: dict[int, dict[str, int]] = {i: {} for i in parsers}
 
     def chunk(index: int, delta: dict, finish: str | None = None, logprobs: dict | None = None) -> str:
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
@@ -438,8 +448,7 @@ async def _chat_events(
                 events = parser.feed(delta.text)
                 if delta.finish_reason is not None and delta.finish_reason != "error":
                     events += parser.finish()
-                messages = _event_deltas(events, calls_sent[choice.index])
-                calls_sent[choice.index] += sum(e.kind == "tool_call" for e in events)
+                messages = _event_deltas(events, call_indices[choice.index])
                 for i, message in enumerate(messages):
                     yield chunk(choice.index, said(choice.index, message), None, lps if i == 0 else None)
                 if lps and delta.logprobs and not messages:  # logprobs of held-back text go out in order
@@ -451,7 +460,10 @@ async def _chat_events(
                 if choice.index not in started:  # a choice with no text still says who spoke
                     started.add(choice.index)
                     yield chunk(choice.index, {"role": "assistant", "content": ""})
-                finish = parser.finish_reason(delta.finish_reason) if parser else delta.finish_reason
+                finish = delta.finish_reason
+                if parser is not None:
+                    finish = parser.finish_reason(finish)
+                    _log_warnings(head["id"], choice.index, parser)
                 yield chunk(choice.index, {}, finish)
         if body.include_usage:
             yield sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": run.usage()})

@@ -4,8 +4,8 @@ enforces them, and the parser that turns each choice's text into ``content``, ``
 
 A request without ``tools`` (or with ``tool_choice: "none"``) gets no tool parsing: ``<tool_call>`` text
 comes back verbatim in ``content`` (Qwen-Agent writes its own function-calling prompt and parses it).
-``"required"`` and a named function are enforced by constrained decoding, as are ``json_object`` and
-``json_schema`` response formats.
+``"required"`` and a named function are enforced by constrained decoding (hermes blocks, or for Qwen v1
+a ReAct ``Action`` / ``Action Input``), as are ``json_object`` and ``json_schema`` response formats.
 """
 
 from __future__ import annotations
@@ -17,8 +17,14 @@ from typing import Any
 from qwenkit.generate import LLM
 from qwenkit.server.errors import APIError
 from qwenkit.server.schemas import ChatCompletionRequest
-from qwenkit.tools.calls import Event, ParsedMessage, collect
-from qwenkit.tools.grammar import GrammarError, enable_grammars, json_schema_grammar, tool_call_grammar
+from qwenkit.tools.calls import Event, ParsedMessage, call_events, collect
+from qwenkit.tools.grammar import (
+    GrammarError,
+    enable_grammars,
+    json_schema_grammar,
+    react_call_grammar,
+    tool_call_grammar,
+)
 from qwenkit.tools.hermes import THINK_OPEN, HermesParser
 from qwenkit.tools.react import STOP_WORDS, parse_react, react_messages
 
@@ -139,10 +145,6 @@ def plan_tools(llm: LLM, body: ChatCompletionRequest, prompt_ids: list[int]) -> 
     template = llm.tokenizer.chat_template or ""
     plan = ToolPlan(functions, choice, named, parallel, reasoning=THINK_OPEN in template)
     plan.react = uses_react(llm, body)
-    if plan.react and choice in ("required", "named"):
-        raise APIError(
-            400, f'tool_choice "{choice}" needs a model whose chat template renders tools', "tool_choice"
-        )
     if plan.reasoning:
         tail = llm.tokenizer.decode(prompt_ids[-4:])
         plan.in_reasoning = tail.rstrip().endswith(THINK_OPEN)
@@ -150,7 +152,10 @@ def plan_tools(llm: LLM, body: ChatCompletionRequest, prompt_ids: list[int]) -> 
     try:
         if choice in ("required", "named"):
             chosen = [fn for fn in functions if choice == "required" or fn["name"] == named]
-            plan.grammar = tool_call_grammar(chosen, parallel=parallel and choice == "required")
+            if plan.react:  # ReAct parses one Action per turn
+                plan.grammar = react_call_grammar(chosen)
+            else:
+                plan.grammar = tool_call_grammar(chosen, parallel=parallel and choice == "required")
         elif constrained:
             plan.grammar = json_schema_grammar(schema)
         if plan.grammar is not None:
@@ -193,9 +198,11 @@ class ToolParser:
             tools=plan.parses_calls, reasoning=plan.reasoning, in_reasoning=plan.in_reasoning
         )
         self.events: list[Event] = []
-        self.calls = 0
-
+        self.calls = 0  # complete calls kept
+        self.started = 0  # calls started (their first delta sent)
+        self.dropped: set[str] = set()  # ids of calls past the first when parallel_tool_calls is false
         self.react_text: list[str] = []
+        self.react_warnings: list[str] = []
 
     def feed(self, text: str) -> list[Event]:
         if self.plan.react:  # a ReAct reply is decided by its last lines: parsed whole at the end
@@ -206,23 +213,31 @@ class ToolParser:
     def finish(self) -> list[Event]:
         if self.plan.react:
             m = parse_react("".join(self.react_text))
+            self.react_warnings = m.warnings
             events = [Event("content", m.content)] if m.content else []
-            return self._keep(events + [Event("tool_call", call=c) for c in m.tool_calls])
+            return self._keep(events + [e for c in m.tool_calls for e in call_events(c)])
         return self._keep(self.inner.finish())
 
     def _keep(self, events: list[Event]) -> list[Event]:
         kept = []
         for e in events:
-            if e.kind == "tool_call":
-                if self.calls and not self.plan.parallel:
-                    continue  # parallel_tool_calls: false keeps the first call only
-                self.calls += 1
+            if e.call is not None:
+                if e.kind == "call_start" and self.started and not self.plan.parallel:
+                    self.dropped.add(e.call.id)  # parallel_tool_calls: false keeps the first call only
+                if e.call.id in self.dropped:
+                    continue
+                self.started += e.kind == "call_start"
+                self.calls += e.kind == "tool_call"
             kept.append(e)
         self.events += kept
         return kept
+
+    @property
+    def warnings(self) -> list[str]:
+        return self.inner.warnings + self.react_warnings
 
     def finish_reason(self, reason: str) -> str:
         return "tool_calls" if self.calls and reason == "stop" else reason
 
     def message(self) -> ParsedMessage:
-        return collect(self.events, self.inner.warnings)
+        return collect(self.events, self.warnings)

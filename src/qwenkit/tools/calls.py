@@ -29,13 +29,30 @@ class ToolCall:
         }
 
 
+EventKind = Literal["content", "reasoning", "call_start", "call_args", "tool_call", "call_broken"]
+
+
 @dataclass
 class Event:
-    """One piece of parsed output: text for ``content`` or ``reasoning_content``, or a whole tool call."""
+    """One piece of parsed output, in the order a stream sends it.
 
-    kind: Literal["content", "reasoning", "tool_call"]
+    ``content`` / ``reasoning``: text. A tool call is ``call_start`` (its id and name), then
+    ``call_args`` pieces (``text``: the next characters of its arguments, as the model writes them), then
+    ``tool_call`` (complete: the arguments are the pieces joined) or ``call_broken`` (its JSON went bad
+    after it started: it is no call, and its raw text follows as content)."""
+
+    kind: EventKind
     text: str = ""
     call: ToolCall | None = None
+
+
+def call_events(call: ToolCall) -> list[Event]:
+    """A call known whole at once, as the events of a streamed one (its arguments in one piece)."""
+    return [
+        Event("call_start", call=call),
+        Event("call_args", call.arguments, call),
+        Event("tool_call", call=call),
+    ]
 
 
 @dataclass
@@ -50,7 +67,7 @@ def collect(events: list[Event], warnings: list[str]) -> ParsedMessage:
     return ParsedMessage(
         "".join(e.text for e in events if e.kind == "content"),
         "".join(e.text for e in events if e.kind == "reasoning"),
-        [e.call for e in events if e.call is not None],
+        [e.call for e in events if e.kind == "tool_call" and e.call is not None],
         list(warnings),
     )
 

@@ -66,6 +66,20 @@ def tool_call_grammar(functions: list[dict[str, Any]], *, parallel: bool = True)
     return "\n".join([start, call, *rules])
 
 
+def react_call_grammar(functions: list[dict[str, Any]]) -> str:
+    """Qwen v1's ReAct call to one of ``functions``: ``Action: <name>\\nAction Input: <arguments>``, the
+    arguments compact JSON matching its ``parameters``. The reply is the call (no thought before it);
+    the grammar ends where the model would write ``Observation:``."""
+    if not functions:
+        raise GrammarError("a tool-call grammar needs at least one function")
+    rules = []
+    for i, fn in enumerate(functions):
+        params = fn.get("parameters") or {"type": "object", "properties": {}}
+        head = f"Action: {fn['name']}\nAction Input: "
+        rules.append(f"call{i}: {_lark_string(head)} args{i}\nargs{i}: {_json_island(params)}")
+    return "\n".join(["start: " + " | ".join(f"call{i}" for i in range(len(functions))), *rules])
+
+
 # ---- compiling ------------------------------------------------------------------------------------
 
 

@@ -5,23 +5,30 @@ leading ``<think>...</think>`` block.
 
 One streaming state machine serves both modes (``parse_hermes`` feeds the whole text at once), so a
 streamed reply and the same reply parsed whole always agree. Markup never reaches ``content``: text that
-might be the start of a tag is held back until it is decided. A call is emitted once its block closes
-(or the output ends with a complete JSON body) and its JSON parsed; a block whose JSON is malformed is
-returned verbatim as content, with a warning, exactly as in the whole-text parse. Whitespace around the
-markup (the newlines the templates put between blocks) is not content.
+might be the start of a tag is held back until it is decided. A call starts (``call_start``) once its
+block opens with ``{"name": "...", "arguments": {"`` (or ``{}``); its arguments then go out as the model
+writes them, character for character (``call_args``), and the call completes when its block closes and
+the whole JSON parses. A block that never shows that opening is held and parsed whole at its end. A
+block whose JSON is malformed is returned verbatim as content, with a warning; if it had already
+started, a ``call_broken`` event comes first (a stream cannot take back what it sent). Whitespace around
+the markup (the newlines the templates put between blocks) is not content.
 """
 
 from __future__ import annotations
 
 import json
-import logging
+import re
 
-from qwenkit.tools.calls import Event, ParsedMessage, ToolCall, arguments_json, collect
-
-log = logging.getLogger(__name__)
+from qwenkit.tools.calls import Event, ParsedMessage, ToolCall, arguments_json, call_events, collect
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+# The opening that starts a call before its block closes: the name, then an arguments object that
+# begins like JSON (a key or ``}``), so a Python-style ``{'a': 1}`` is not started.
+CALL_HEADER = re.compile(
+    r'\s*\{\s*"name"\s*:\s*(?P<name>"(?:[^"\\\n]|\\.)+")\s*,\s*"(?P<key>arguments|parameters)"\s*:\s*'
+    r'(?P<args>\{)(?=\s*["}])'
+)
 
 
 def _partial_suffix(text: str, tag: str) -> int:
@@ -55,6 +62,54 @@ def parse_call_body(body: str) -> ToolCall | None:
     return None if arguments is None else ToolCall(obj["name"], arguments)
 
 
+class _OpenCall:
+    """A started call: where its arguments begin in the block's text, how far they have been scanned
+    and sent, and the JSON nesting there (strings tracked so brackets and tags inside them don't count)."""
+
+    def __init__(self, call: ToolCall, key: str, start: int) -> None:
+        self.call, self.key = call, key
+        self.start = self.scanned = self.sent = start
+        self.end: int | None = None  # just past the arguments' closing brace, once seen
+        self.depth, self.in_string, self.escaped = 0, False, False
+
+    def scan(self, body: str, final: bool) -> int | None:
+        """Advance over ``body``; returns where the block closes if a ``</tool_call>`` stands outside a
+        string before the arguments do (they are then malformed), else None."""
+        i = self.scanned
+        while i < len(body) and self.end is None:
+            c = body[i]
+            if self.in_string:
+                if self.escaped:
+                    self.escaped = False
+                elif c == "\\":
+                    self.escaped = True
+                elif c == '"':
+                    self.in_string = False
+            elif c == '"':
+                self.in_string = True
+            elif c in "{[":
+                self.depth += 1
+            elif c in "}]":
+                self.depth -= 1
+                if self.depth == 0:
+                    self.end = i + 1
+            elif c == "<":
+                if body.startswith(CALL_CLOSE, i):
+                    self.scanned = i
+                    return i
+                if not final and CALL_CLOSE.startswith(body[i:]):
+                    break  # maybe the closing tag: not sent as arguments until decided
+            i += 1
+        self.scanned = i
+        return None
+
+    def piece(self, body: str) -> str:
+        """The arguments text scanned since the last piece."""
+        upto = self.end if self.end is not None else self.scanned
+        text, self.sent = body[self.sent : upto], upto
+        return text
+
+
 class HermesParser:
     """Feed text deltas, get Events. ``tools``: parse ``<tool_call>`` blocks (off: they stay content,
     verbatim). ``reasoning``: split a leading ``<think>`` block off as reasoning; ``in_reasoning``: the
@@ -66,6 +121,8 @@ class HermesParser:
         self.at_start = True  # nothing decided yet: a <think> may still open
         self.strip_leading = in_reasoning  # drop whitespace after markup
         self.buf = ""
+        self.body = ""  # the open <tool_call> block's text so far
+        self.open: _OpenCall | None = None
         self.calls = 0
         self.warnings: list[str] = []
 
@@ -80,17 +137,13 @@ class HermesParser:
         events: list[Event] = []
         while self._step(events, final=True):
             pass
-        buf, self.buf = self.buf, ""
-        if self.mode == "call":
-            call = parse_call_body(buf)
-            if call is not None:
-                self._call(events, call)
-            else:
-                self._malformed(events, CALL_OPEN + buf)
+        if self.mode == "call":  # the output ended inside a block: complete if its JSON is whole
+            self._close_block(events, self.body, closed=False)
         elif self.mode == "reasoning":
-            self._emit(events, "reasoning", buf.rstrip())
-        elif buf and not (self.calls and buf.isspace()):
-            self._emit(events, "content", buf)
+            self._emit(events, "reasoning", self.buf.rstrip())
+        elif self.buf and not (self.calls and self.buf.isspace()):
+            self._emit(events, "content", self.buf)
+        self.buf = ""
         return events
 
     # ---- the state machine ------------------------------------------------------------------------
@@ -105,18 +158,76 @@ class HermesParser:
         if self.mode == "reasoning":
             return self._reasoning(events, final)
         if self.mode == "call":
-            end = self.buf.find(CALL_CLOSE)
-            if end < 0:
-                return False
-            body, self.buf = self.buf[:end], self.buf[end + len(CALL_CLOSE) :]
+            return self._call_step(events, final)
+        return self._content(events, final)
+
+    def _call_step(self, events: list[Event], final: bool) -> bool:
+        """Inside a block: start the call once its opening shows, send its arguments as they come, and
+        close the block at the first ``</tool_call>`` outside the arguments' strings."""
+        self.body, self.buf = self.body + self.buf, ""
+        if self.open is None:
+            header = CALL_HEADER.match(self.body)
+            if header is not None:
+                self._start(events, header)
+        if self.open is not None:
+            end = self.open.scan(self.body, final)
+            piece = self.open.piece(self.body)
+            if piece:
+                events.append(Event("call_args", piece, self.open.call))
+            if end is None and self.open.end is not None:
+                end = self.body.find(CALL_CLOSE, self.open.end)
+        else:
+            end = self.body.find(CALL_CLOSE)
+        if end is None or end < 0:
+            return False
+        self.buf = self.body[end + len(CALL_CLOSE) :]
+        self._close_block(events, self.body[:end], closed=True)
+        self.mode, self.strip_leading = "content", True
+        return True
+
+    def _start(self, events: list[Event], header: re.Match[str]) -> None:
+        try:
+            name = json.loads(header["name"])
+        except ValueError:
+            return  # not a JSON string: the block is parsed whole at its end
+        self.open = _OpenCall(ToolCall(name, ""), header["key"], header.start("args"))
+        events.append(Event("call_start", call=self.open.call))
+
+    def _close_block(self, events: list[Event], body: str, closed: bool) -> None:
+        """The block ended (at ``</tool_call>``, or with the output): a call, or its raw text."""
+        raw = CALL_OPEN + body + (CALL_CLOSE if closed else "")
+        opened, self.open, self.body = self.open, None, ""
+        if opened is None:
             call = parse_call_body(body)
             if call is not None:
-                self._call(events, call)
+                self.calls += 1
+                events += call_events(call)
             else:
-                self._malformed(events, CALL_OPEN + body + CALL_CLOSE)
-            self.mode, self.strip_leading = "content", True
-            return True
-        return self._content(events, final)
+                self._malformed(events, raw, closed)
+            return
+        if self._complete(opened, body):
+            opened.call.arguments = body[opened.start : opened.end]
+            self.calls += 1
+            events.append(Event("tool_call", call=opened.call))
+        else:
+            events.append(Event("call_broken", call=opened.call))
+            self._malformed(events, raw, closed)
+
+    @staticmethod
+    def _complete(opened: _OpenCall, body: str) -> bool:
+        """The started call's block is one JSON object naming it, with the streamed arguments."""
+        if opened.end is None:
+            return False
+        try:
+            obj, args = json.loads(body), json.loads(body[opened.start : opened.end])
+        except ValueError:
+            return False
+        return (
+            isinstance(obj, dict)
+            and obj.get("name") == opened.call.name
+            and isinstance(args, dict)
+            and obj.get(opened.key) == args
+        )
 
     def _reasoning(self, events: list[Event], final: bool) -> bool:
         end = self.buf.find(THINK_CLOSE)
@@ -155,17 +266,9 @@ class HermesParser:
         if text:
             events.append(Event(kind, text))  # type: ignore[arg-type]
 
-    def _call(self, events: list[Event], call: ToolCall) -> None:
-        self.calls += 1
-        events.append(Event("tool_call", call=call))
-
-    def _malformed(self, events: list[Event], raw: str) -> None:
-        warning = (
-            "a <tool_call> block is not JSON with a name and object arguments; "
-            f"returned as text: {raw[:200]!r}"
-        )
-        log.warning(warning)
-        self.warnings.append(warning)
+    def _malformed(self, events: list[Event], raw: str, closed: bool) -> None:
+        problem = "is not JSON with a name and object arguments" if closed else "was cut off"
+        self.warnings.append(f"a <tool_call> block {problem}; returned as text: {raw[:200]!r}")
         self._emit(events, "content", raw)
 
 

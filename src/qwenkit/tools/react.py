@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from qwenkit.tools.calls import ParsedMessage, ToolCall
+from qwenkit.tools.calls import ParsedMessage, ToolCall, arguments_json
 
 # examples/react_prompt.md
 TOOL_DESC = (
@@ -128,22 +128,26 @@ def react_messages(messages: list[dict[str, Any]], functions: list[dict[str, Any
 
 def parse_react(text: str) -> ParsedMessage:
     """openai_api.py's parse_response: the first Action/Action Input pair is a call (the stop word may
-    have been swallowed); otherwise the text after the last ``Final Answer:`` is the content."""
-    i, j = text.find("\nAction:"), text.find("\nAction Input:")
-    k = text.find("\nObservation:")
+    have been swallowed; the reply may open with ``Action:``, as a forced call does); otherwise the text
+    after the last ``Final Answer:`` is the content. An Action Input that is not a JSON object cannot be
+    sent as OpenAI ``arguments``: the reply is then returned verbatim as content, with a warning."""
+    padded = "\n" + text
+    i, j = padded.find("\nAction:"), padded.find("\nAction Input:")
+    k = padded.find("\nObservation:")
     if 0 <= i < j:
         if k < j:
-            text = text.rstrip() + "\nObservation:"
-            k = text.find("\nObservation:")
-        name = text[i + len("\nAction:") : j].strip()
-        raw_args = text[j + len("\nAction Input:") : k].strip()
+            padded = padded.rstrip() + "\nObservation:"
+            k = padded.find("\nObservation:")
+        name = padded[i + len("\nAction:") : j].strip()
+        raw_args = padded[j + len("\nAction Input:") : k].strip()
         if name:
-            try:
-                args = json.loads(raw_args)
-                arguments = json.dumps(args, ensure_ascii=False) if isinstance(args, dict) else raw_args
-            except ValueError:
-                arguments = raw_args
-            thought = text[:i].strip().removeprefix("Thought:").strip()
+            arguments = arguments_json(raw_args)
+            if arguments is None:
+                warning = (
+                    f"the Action Input of {name!r} is not a JSON object; returned as text: {raw_args[:200]!r}"
+                )
+                return ParsedMessage(text, "", [], [warning])
+            thought = padded[:i].strip().removeprefix("Thought:").strip()
             return ParsedMessage(thought, "", [ToolCall(name, arguments)], [])
     answer = text.rfind("\nFinal Answer: ")
     if answer >= 0:

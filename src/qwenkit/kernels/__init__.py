@@ -1,0 +1,61 @@
+"""Fast CPU matrix-vector kernels (C++, AVX-512 BF16/VNNI) for batch 1..16 decode, with a fallback.
+
+Imports only torch, the standard library and qwenkit.errors; model/ and quant/ may import it. API:
+
+    from qwenkit import kernels
+    kernels.available() -> bool        # loads (building once, ~30 s) or says once why not; False under
+                                       # QWENKIT_KERNELS=torch. Call it before using any op below.
+    p = kernels.prepare_bf16(w)                   # w (N, K) -> tiles of 16 rows (one stream each)
+    kernels.linear_bf16(x, p, bias=None)          # x (..., K) bf16 -> (..., N) bf16, fp32 accumulation
+    kernels.unpack_bf16(p, rows=None)             # the (N, K) weight or some rows (embedding lookup)
+    p = kernels.prepare_int8(codes, scale, shift, group_size, zero_point=0)  # codes (N, K) uint8
+    p = kernels.prepare_int4(codes, scale, shift, group_size, zero_point=0)  # codes uint8 in 0..15
+        # w[n, k] = (codes[n, k] - zero_point) * scale[g, n] + shift[g, n], g = k // group_size;
+        # scale/shift (K/group_size, N), shift may be None; group_size a multiple of 32 dividing K.
+        # GPTQ/RTN groups, per-channel (group_size = K); GGUF blocks of 32: Q8_0 = (q + 128, d, None,
+        # zero_point=128), Q4_0 = (q, d, None, zero_point=8), Q4_1 = (q, d, m, zero_point=0).
+    kernels.linear_int8(x, p, bias=None) / kernels.linear_int4(x, p, bias=None)
+        # x (..., K) bf16 or fp32 -> (..., N) in x's dtype; x is rounded to int8 per block of 32.
+    kernels.dequantize(p, dtype, rows=None) -> (N, K) or (len(rows), K) float weights
+    kernels.unpack_codes(p) -> (N, K) uint8 codes
+
+The ops are torch ops (torch.ops.qwenkit.*), CPU only, meant for M <= 16 rows (they accept any M, in
+passes of 8 rows over each weight tile, but torch's GEMMs win for prefill).
+`python -m qwenkit.kernels.build` prebuilds the library.
+"""
+
+from qwenkit.kernels.ops import (
+    ENV_SWITCH,
+    KernelInputError,
+    KernelsUnavailableError,
+    PackedBf16,
+    PackedInt,
+    available,
+    dequantize,
+    linear_bf16,
+    linear_int4,
+    linear_int8,
+    prepare_bf16,
+    prepare_int4,
+    prepare_int8,
+    unpack_bf16,
+    unpack_codes,
+)
+
+__all__ = [
+    "ENV_SWITCH",
+    "KernelInputError",
+    "KernelsUnavailableError",
+    "PackedBf16",
+    "PackedInt",
+    "available",
+    "dequantize",
+    "linear_bf16",
+    "linear_int4",
+    "linear_int8",
+    "prepare_bf16",
+    "prepare_int4",
+    "prepare_int8",
+    "unpack_bf16",
+    "unpack_codes",
+]

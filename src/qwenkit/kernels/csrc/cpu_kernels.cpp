@@ -1,0 +1,438 @@
+// qwenkit CPU kernels: matrix-vector products for batch-1..16 decode on AVX-512 (BF16 + VNNI) CPUs.
+//
+// Decode reads every weight once per token, so these kernels are written around one rule: each weight
+// byte comes from memory once per call, for all M activation rows (in passes over a cached tile), and the arithmetic on it is cheap enough to
+// keep up with memory. Threads split the output features N (at::parallel_for, torch's thread count).
+//
+//   linear_bf16(x bf16 (M,K), w (tiles), bias?, N)                 -> (M,N) bf16   (_mm512_dpbf16_ps)
+//   linear_int8(x (M,K), codes, scale, shift?, bias?, group_size, N, zero_point)   (_mm512_dpbusd_epi32)
+//   linear_int4(x (M,K), codes, scale, shift?, bias?, group_size, N, zero_point)
+//   stream_read(t) -> int64: xor of every 64-byte line (a memory-bandwidth probe for the benchmark)
+//
+// Integer weights are w[n,k] = (code[n,k] - zero_point) * scale + shift per group of `group_size` inputs
+// (zero_point one integer for the whole matrix: 8 for Q4_0 and symmetric int4, 128 for Q8_0). The
+// activations are quantized per row in blocks of 32 to int8 (scale = max|x| / 127), as llama.cpp does
+// for its q8 dot products; the shift term uses the sums of those same quantized blocks, so the result is
+// exactly dot(w, x_hat) in float and the rounding error of x never gets multiplied by the code offset.
+// Packed layout (made by qwenkit/kernels/ops.py), in tiles of 16 output rows (N padded with zero rows):
+//   bf16: (N/16, Kp * 16) with Kp = K rounded up to even; per 2 inputs k, k+1, 64 bytes: row r's pair at 4r.
+//   int8 codes: (N/16, K * 16) bytes; per 4 inputs k..k+3, 64 bytes: row r's 4 codes at 4r.
+//   int4 codes: (N/16, K * 8) bytes; per 8 inputs k..k+7, 64 bytes: byte 4r + i holds row r's code
+//               k+i in its low nibble and k+4+i in its high nibble.
+//   scale, shift: (N/16, K / group_size, 16) fp32 or fp16 (shift may be absent).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------------
+// helpers
+
+// Software prefetch distance in bytes ahead of each weight row stream. Rows of a tile are short
+// (K = 896 bf16 is 28 cache lines), too short for the hardware prefetchers to ramp up on their own.
+#ifndef QK_PREFETCH
+#define QK_PREFETCH 1024
+#endif
+inline void prefetch(const void* p) {
+  if constexpr (QK_PREFETCH > 0) _mm_prefetch(static_cast<const char*>(p) + QK_PREFETCH, _MM_HINT_T0);
+}
+
+inline __m512 load_bf16_as_f32(const uint16_t* p) {
+  __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+}
+
+inline __m512 maskz_load_bf16_as_f32(__mmask16 m, const uint16_t* p) {
+  __m512i v = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+}
+
+inline uint16_t f32_to_bf16(float f) {  // round to nearest even, as torch does
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // NaN stays NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+inline __mmask16 tail_mask16(int64_t n) { return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1u); }
+
+// Rows of x are processed in tiles of a power of two (padding with zero rows), so only five tile
+// sizes are compiled per kernel; the padding costs arithmetic, never memory traffic.
+inline int64_t tile_rows(int64_t m) { return m <= 1 ? 1 : m <= 2 ? 2 : m <= 4 ? 4 : m <= 8 ? 8 : 16; }
+
+// ---------------------------------------------------------------------------------------------------
+// bf16 x bf16 -> fp32 accumulate
+//
+// Weights in tiles of 16 rows, "N-major" like the integer ones: each 64-byte vector holds inputs k, k+1
+// of the 16 rows, so one dot product instruction advances 16 rows against a broadcast pair of x.
+
+constexpr int kTile = 16;   // output rows per tile (every packed layout)
+constexpr int kMaxMT = 8;   // activation rows per pass over a tile
+
+inline __m512i bcast_pair(const uint16_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
+}
+
+template <int MT>
+void bf16_tile(const uint16_t* x, int64_t kp, const uint16_t* tile, float* out, int64_t N, int64_t n0) {
+  __m512 a0[MT], a1[MT];  // two chains per row to hide the dot product's latency
+#pragma GCC unroll 8
+  for (int m = 0; m < MT; ++m) a0[m] = a1[m] = _mm512_setzero_ps();
+  const int64_t pairs = kp / 2;
+  int64_t j = 0;
+  for (; j + 2 <= pairs; j += 2) {
+    const uint16_t* wp = tile + j * 32;
+    prefetch(wp);
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wp);
+    const __m512bh w1 = (__m512bh)_mm512_loadu_si512(wp + 32);
+#pragma GCC unroll 8
+    for (int m = 0; m < MT; ++m) {
+      a0[m] = _mm512_dpbf16_ps(a0[m], (__m512bh)bcast_pair(x + m * kp + 2 * j), w0);
+      a1[m] = _mm512_dpbf16_ps(a1[m], (__m512bh)bcast_pair(x + m * kp + 2 * j + 2), w1);
+    }
+  }
+  if (j < pairs) {
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(tile + j * 32);
+    for (int m = 0; m < MT; ++m) a0[m] = _mm512_dpbf16_ps(a0[m], (__m512bh)bcast_pair(x + m * kp + 2 * j), w0);
+  }
+  const __mmask16 mk = tail_mask16(N - n0);
+  for (int m = 0; m < MT; ++m) _mm512_mask_storeu_ps(out + m * N + n0, mk, _mm512_add_ps(a0[m], a1[m]));
+}
+
+void check_bias(const c10::optional<at::Tensor>& bias, int64_t n) {
+  if (!bias.has_value()) return;
+  TORCH_CHECK(bias->device().is_cpu() && bias->dim() == 1 && bias->size(0) == n,
+              "qwenkit kernels: bias must be a CPU vector of ", n, " values, got shape ", bias->sizes());
+}
+
+// out (Mp, N) fp32 -> y (M, N) in y's dtype, adding the bias.
+void finish(const std::vector<float>& acc, int64_t M, int64_t N, const c10::optional<at::Tensor>& bias,
+            at::Tensor& y) {
+  std::vector<float> b;
+  if (bias.has_value()) {
+    at::Tensor bf = bias->to(at::kFloat).contiguous();
+    b.assign(bf.data_ptr<float>(), bf.data_ptr<float>() + N);
+  }
+  const bool to_bf16 = y.scalar_type() == at::kBFloat16;
+  for (int64_t m = 0; m < M; ++m) {
+    const float* a = acc.data() + m * N;
+    if (to_bf16) {
+      uint16_t* o = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()) + m * N;
+      for (int64_t n = 0; n < N; ++n) o[n] = f32_to_bf16(a[n] + (b.empty() ? 0.f : b[n]));
+    } else {
+      float* o = y.data_ptr<float>() + m * N;
+      for (int64_t n = 0; n < N; ++n) o[n] = a[n] + (b.empty() ? 0.f : b[n]);
+    }
+  }
+}
+
+// Rows padded to a whole number of passes (1, 2, 4, or multiples of 8), the padding all zeros.
+inline int64_t padded_rows(int64_t m) { return m <= kMaxMT ? tile_rows(m) : (m + kMaxMT - 1) / kMaxMT * kMaxMT; }
+
+// Runs body(tile index, m0, rows in this pass) over all tiles in parallel, each tile's passes together
+// so a tile is read from memory once.
+template <typename F>
+void parallel_tiles(int64_t n, int64_t rows, int64_t tile_bytes, const F& body) {
+  const int64_t tiles = (n + kTile - 1) / kTile;
+  const int64_t grain = std::max<int64_t>(1, (128 * 1024) / std::max<int64_t>(1, tile_bytes));
+  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t m0 = 0; m0 < rows; m0 += kMaxMT) body(t, m0, std::min<int64_t>(kMaxMT, rows - m0));
+  });
+}
+
+at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+                       int64_t N) {
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "qwenkit linear_bf16: tensors must be on the CPU");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16,
+              "qwenkit linear_bf16: x and w must be bfloat16, got ", x.scalar_type(), " and ", w.scalar_type());
+  TORCH_CHECK(x.dim() == 2, "qwenkit linear_bf16: x must be (M, K), got ", x.sizes());
+  const int64_t M = x.size(0), K = x.size(1), kp = (K + 1) / 2 * 2, tiles = (N + kTile - 1) / kTile;
+  TORCH_CHECK(w.is_contiguous() && w.dim() == 2 && w.size(0) == tiles && w.size(1) == kp * kTile,
+              "qwenkit linear_bf16: w must be contiguous (", tiles, ", ", kp * kTile, ") from prepare_bf16 for N=", N,
+              " and K=", K, ", got ", w.sizes());
+  check_bias(bias, N);
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  at::Tensor xc = x.contiguous();
+  const int64_t rows = padded_rows(M);
+  std::vector<uint16_t> xs(rows * kp, 0);  // rows and K padded with zeros
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
+  for (int64_t m = 0; m < M; ++m) std::memcpy(xs.data() + m * kp, xp + m * K, K * 2);
+  std::vector<float> acc(rows * N);
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  parallel_tiles(N, rows, kp * kTile * 2, [&](int64_t t, int64_t m0, int64_t mt) {
+    const uint16_t* tile = wp + t * kp * kTile;
+    const uint16_t* xm = xs.data() + m0 * kp;
+    float* o = acc.data() + m0 * N;
+    switch (mt) {
+      case 1: bf16_tile<1>(xm, kp, tile, o, N, t * kTile); break;
+      case 2: bf16_tile<2>(xm, kp, tile, o, N, t * kTile); break;
+      case 4: bf16_tile<4>(xm, kp, tile, o, N, t * kTile); break;
+      default: bf16_tile<8>(xm, kp, tile, o, N, t * kTile); break;
+    }
+  });
+  finish(acc, M, N, bias, y);
+  return y;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// int8 / int4 weights x int8 activations (VNNI u8 x s8 -> s32)
+//
+// Weights are stored in tiles of 16 output rows, "N-major": one 64-byte vector holds 4 consecutive
+// inputs of each of the 16 rows (int8), or 8 of them as nibbles (int4). A dot product instruction then
+// advances 16 rows at once against 4 broadcast activation bytes, the int32 sums of a block of 32 inputs
+// need no horizontal reduction, and each tile is one sequential stream through memory.
+
+// Activations quantized per row in blocks of 32.
+struct QuantizedRows {
+  int64_t rows = 0, K = 0, groups = 0;
+  std::vector<int8_t> q;        // (rows, K)
+  std::vector<float> scale;     // (rows, K / 32)
+  std::vector<int32_t> start;   // (rows, K / 32): -zero_point * sum(q of the block), the dot's start
+  std::vector<float> gsum;      // (rows, groups): sum of the dequantized x over each weight group
+};
+
+template <typename T>
+void quantize_rows(const T* x, int64_t rows, int64_t padded_rows, int64_t K, int64_t group_size,
+                   int64_t zero_point, QuantizedRows& qr) {
+  const int64_t blocks = K / 32;
+  qr.rows = padded_rows;  // the padding rows are zeros
+  qr.K = K;
+  qr.groups = K / group_size;
+  qr.q.assign(padded_rows * K, 0);
+  qr.scale.assign(padded_rows * blocks, 0.f);
+  qr.start.assign(padded_rows * blocks, 0);
+  qr.gsum.assign(padded_rows * qr.groups, 0.f);
+  for (int64_t m = 0; m < rows; ++m) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      const T* p = x + m * K + b * 32;
+      __m512 v0, v1;
+      if constexpr (std::is_same_v<T, float>) {
+        v0 = _mm512_loadu_ps(p);
+        v1 = _mm512_loadu_ps(p + 16);
+      } else {
+        v0 = load_bf16_as_f32(reinterpret_cast<const uint16_t*>(p));
+        v1 = load_bf16_as_f32(reinterpret_cast<const uint16_t*>(p) + 16);
+      }
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+      const float d = amax / 127.f;
+      const __m512 id = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+      const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, id));  // round to nearest even
+      const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, id));
+      int8_t* dst = qr.q.data() + m * K + b * 32;
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_cvtsepi32_epi8(q0));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16), _mm512_cvtsepi32_epi8(q1));
+      const int32_t qsum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+      qr.scale[m * blocks + b] = d;
+      qr.start[m * blocks + b] = -static_cast<int32_t>(zero_point) * qsum;  // (c - z).q = c.q - z * sum(q)
+      qr.gsum[m * qr.groups + (b * 32) / group_size] += d * static_cast<float>(qsum);
+    }
+  }
+}
+
+template <typename S>
+inline __m512 load16_f32(const S* p);
+template <>
+inline __m512 load16_f32<float>(const float* p) { return _mm512_loadu_ps(p); }
+template <>
+inline __m512 load16_f32<at::Half>(const at::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+inline __m512i bcast4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
+}
+
+// One tile of 16 rows against MT activation rows (m0 .. m0 + MT), written to out[m * N + row].
+template <int BITS, typename S, int MT>
+void int_tile(const QuantizedRows& qr, int64_t m0, const uint8_t* tile, const S* tscale, const S* tshift,
+              int64_t group_size, float* out, int64_t N, int64_t n0) {
+  const int64_t K = qr.K, blocks = K / 32, groups = qr.groups, blocks_per_group = group_size / 32;
+  constexpr int64_t kBlockBytes = BITS == 8 ? 512 : 256;  // 16 rows x 32 inputs
+  __m512 facc[MT];
+#pragma GCC unroll 8
+  for (int m = 0; m < MT; ++m) facc[m] = _mm512_setzero_ps();
+  const __m512i nibble = _mm512_set1_epi8(0x0f);
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m512 sv = load16_f32<S>(tscale + g * kTile);
+    if (tshift != nullptr) {
+      const __m512 sh = load16_f32<S>(tshift + g * kTile);
+#pragma GCC unroll 8
+      for (int m = 0; m < MT; ++m)
+        facc[m] = _mm512_fmadd_ps(sh, _mm512_set1_ps(qr.gsum[(m0 + m) * groups + g]), facc[m]);
+    }
+    for (int64_t b = g * blocks_per_group; b < (g + 1) * blocks_per_group; ++b) {
+      const uint8_t* wb = tile + b * kBlockBytes;
+      prefetch(wb);
+      prefetch(wb + 64 * (kBlockBytes / 128));
+      __m512i iacc[MT];
+#pragma GCC unroll 8
+      for (int m = 0; m < MT; ++m) iacc[m] = _mm512_set1_epi32(qr.start[(m0 + m) * blocks + b]);
+      if constexpr (BITS == 8) {
+#pragma GCC unroll 8
+        for (int q = 0; q < 8; ++q) {
+          const __m512i w = _mm512_loadu_si512(wb + q * 64);
+#pragma GCC unroll 8
+          for (int m = 0; m < MT; ++m)
+            iacc[m] = _mm512_dpbusd_epi32(iacc[m], w, bcast4(qr.q.data() + (m0 + m) * K + b * 32 + q * 4));
+        }
+      } else {
+#pragma GCC unroll 4
+        for (int o = 0; o < 4; ++o) {
+          const __m512i v = _mm512_loadu_si512(wb + o * 64);
+          const __m512i lo = _mm512_and_si512(v, nibble);
+          const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+#pragma GCC unroll 8
+          for (int m = 0; m < MT; ++m) {
+            const int8_t* xq = qr.q.data() + (m0 + m) * K + b * 32 + o * 8;
+            iacc[m] = _mm512_dpbusd_epi32(iacc[m], lo, bcast4(xq));
+            iacc[m] = _mm512_dpbusd_epi32(iacc[m], hi, bcast4(xq + 4));
+          }
+        }
+      }
+#pragma GCC unroll 8
+      for (int m = 0; m < MT; ++m) {
+        const __m512 s = _mm512_mul_ps(sv, _mm512_set1_ps(qr.scale[(m0 + m) * blocks + b]));
+        facc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[m]), s, facc[m]);
+      }
+    }
+  }
+  const __mmask16 mk = tail_mask16(N - n0);
+  for (int m = 0; m < MT; ++m) _mm512_mask_storeu_ps(out + m * N + n0, mk, facc[m]);
+}
+
+template <int BITS, typename S>
+void int_run(const QuantizedRows& qr, const uint8_t* codes, const S* scale, const S* shift, int64_t N,
+             int64_t group_size, float* out) {
+  const int64_t groups = qr.groups, tile_bytes = qr.K * kTile * BITS / 8;
+  parallel_tiles(N, qr.rows, tile_bytes, [&](int64_t t, int64_t m0, int64_t mt) {
+    const uint8_t* tile = codes + t * tile_bytes;
+    const S* ts = scale + t * groups * kTile;
+    const S* th = shift == nullptr ? nullptr : shift + t * groups * kTile;
+    float* o = out + m0 * N;
+    switch (mt) {
+      case 1: int_tile<BITS, S, 1>(qr, m0, tile, ts, th, group_size, o, N, t * kTile); break;
+      case 2: int_tile<BITS, S, 2>(qr, m0, tile, ts, th, group_size, o, N, t * kTile); break;
+      case 4: int_tile<BITS, S, 4>(qr, m0, tile, ts, th, group_size, o, N, t * kTile); break;
+      default: int_tile<BITS, S, 8>(qr, m0, tile, ts, th, group_size, o, N, t * kTile); break;
+    }
+  });
+}
+
+template <int BITS>
+at::Tensor linear_int(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                      const c10::optional<at::Tensor>& shift, const c10::optional<at::Tensor>& bias,
+                      int64_t group_size, int64_t N, int64_t zero_point) {
+  const char* name = BITS == 8 ? "qwenkit linear_int8" : "qwenkit linear_int4";
+  TORCH_CHECK(x.device().is_cpu() && codes.device().is_cpu() && scale.device().is_cpu(), name,
+              ": tensors must be on the CPU");
+  TORCH_CHECK(x.dim() == 2, name, ": x must be (M, K), got ", x.sizes());
+  const int64_t K = x.size(1), M = x.size(0);
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat, name,
+              ": x must be bfloat16 or float32, got ", x.scalar_type());
+  TORCH_CHECK(group_size > 0 && group_size % 32 == 0 && K % group_size == 0, name,
+              ": group_size must be a multiple of 32 that divides K=", K, ", got ", group_size);
+  const int64_t tiles = (N + kTile - 1) / kTile, groups = K / group_size;
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.dim() == 2 &&
+                  codes.size(0) == tiles && codes.size(1) == K * kTile * BITS / 8,
+              name, ": codes must be contiguous uint8 (", tiles, ", ", K * kTile * BITS / 8,
+              ") from prepare_int", BITS, " for N=", N, " and K=", K, ", got ", codes.scalar_type(), " ",
+              codes.sizes());
+  TORCH_CHECK((scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kHalf) && scale.is_contiguous() &&
+                  scale.dim() == 3 && scale.size(0) == tiles && scale.size(1) == groups && scale.size(2) == kTile,
+              name, ": scale must be contiguous float32/float16 (", tiles, ", ", groups, ", 16), got ",
+              scale.scalar_type(), " ", scale.sizes());
+  if (shift.has_value())
+    TORCH_CHECK(shift->scalar_type() == scale.scalar_type() && shift->is_contiguous() &&
+                    shift->sizes() == scale.sizes(),
+                name, ": shift must be like scale, got ", shift->scalar_type(), " ", shift->sizes());
+  TORCH_CHECK(zero_point >= 0 && zero_point < (1 << BITS), name, ": zero_point must lie in 0..", (1 << BITS) - 1,
+              ", got ", zero_point);
+  check_bias(bias, N);
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  at::Tensor xc = x.contiguous();
+  QuantizedRows qr;
+  const int64_t padded = padded_rows(M);
+  if (xc.scalar_type() == at::kFloat)
+    quantize_rows(xc.data_ptr<float>(), M, padded, K, group_size, zero_point, qr);
+  else
+    quantize_rows(xc.data_ptr<at::BFloat16>(), M, padded, K, group_size, zero_point, qr);
+  std::vector<float> acc(padded * N);
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  if (scale.scalar_type() == at::kFloat)
+    int_run<BITS, float>(qr, cp, scale.data_ptr<float>(), shift.has_value() ? shift->data_ptr<float>() : nullptr, N,
+                         group_size, acc.data());
+  else
+    int_run<BITS, at::Half>(qr, cp, scale.data_ptr<at::Half>(),
+                            shift.has_value() ? shift->data_ptr<at::Half>() : nullptr, N, group_size, acc.data());
+  finish(acc, M, N, bias, y);
+  return y;
+}
+
+at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                       const c10::optional<at::Tensor>& shift, const c10::optional<at::Tensor>& bias,
+                       int64_t group_size, int64_t N, int64_t zero_point) {
+  return linear_int<8>(x, codes, scale, shift, bias, group_size, N, zero_point);
+}
+
+at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                       const c10::optional<at::Tensor>& shift, const c10::optional<at::Tensor>& bias,
+                       int64_t group_size, int64_t N, int64_t zero_point) {
+  return linear_int<4>(x, codes, scale, shift, bias, group_size, N, zero_point);
+}
+
+// Reads every byte of t once (xor of its 64-byte lines): the memory-bandwidth probe of the benchmark.
+int64_t stream_read(const at::Tensor& t) {
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), "qwenkit stream_read: t must be a contiguous CPU tensor");
+  const uint8_t* p = static_cast<const uint8_t*>(t.data_ptr());
+  const int64_t lines = t.nbytes() / 64;
+  std::vector<int64_t> partial(at::get_num_threads() + 1, 0);
+  at::parallel_for(0, lines, 4096, [&](int64_t l0, int64_t l1) {
+    __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
+    int64_t l = l0;
+    for (; l + 2 <= l1; l += 2) {
+      a0 = _mm512_xor_si512(a0, _mm512_loadu_si512(p + l * 64));
+      a1 = _mm512_xor_si512(a1, _mm512_loadu_si512(p + l * 64 + 64));
+    }
+    if (l < l1) a0 = _mm512_xor_si512(a0, _mm512_loadu_si512(p + l * 64));
+    partial[at::get_thread_num()] ^= _mm512_reduce_or_epi64(_mm512_xor_si512(a0, a1));
+  });
+  int64_t r = 0;
+  for (int64_t v : partial) r ^= v;
+  return r;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(qwenkit, m) {
+  m.def("linear_bf16(Tensor x, Tensor w, Tensor? bias, int N) -> Tensor");
+  m.def(
+      "linear_int8(Tensor x, Tensor codes, Tensor scale, Tensor? shift, Tensor? bias, int group_size, int N, int zero_point) "
+      "-> Tensor");
+  m.def(
+      "linear_int4(Tensor x, Tensor codes, Tensor scale, Tensor? shift, Tensor? bias, int group_size, int N, int zero_point) "
+      "-> Tensor");
+  m.def("stream_read(Tensor t) -> int");
+}
+
+TORCH_LIBRARY_IMPL(qwenkit, CPU, m) {
+  m.impl("linear_bf16", &linear_bf16);
+  m.impl("linear_int8", &linear_int8);
+  m.impl("linear_int4", &linear_int4);
+  m.impl("stream_read", &stream_read);
+}

@@ -1,0 +1,302 @@
+"""Python face of the C++ CPU kernels: availability, weight packing, the linears and dequantization."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from qwenkit.errors import QwenkitError
+
+ENV_SWITCH = "QWENKIT_KERNELS"  # "torch" forces the plain PyTorch path
+_loaded: bool | None = None  # None: not tried yet in this process
+_load_lock = threading.Lock()
+
+
+TILE = 16  # output rows per tile of the packed layouts
+
+
+class KernelInputError(QwenkitError, ValueError):
+    """Weights handed to prepare_int8/prepare_int4 do not have the shapes or ranges the kernels need."""
+
+
+def _note(text: str) -> None:
+    print(f"qwenkit: {text}; using the plain PyTorch path", file=sys.stderr)
+
+
+def available() -> bool:
+    """True when the C++ kernels are loaded (building them on first use if needed).
+
+    False, after one line on stderr, when the CPU lacks AVX-512 BF16/VNNI, there is no compiler or the
+    build fails; False silently when QWENKIT_KERNELS=torch asks for the plain path.
+    """
+    global _loaded
+    if os.environ.get(ENV_SWITCH, "").strip().lower() == "torch":
+        return False
+    if _loaded is not None:
+        return _loaded
+    with _load_lock:  # threads asking at once build and load once
+        if _loaded is None:
+            _loaded = _load()
+    return _loaded
+
+
+def _load() -> bool:
+    """Load (or build, then load) the library; on failure say why in one line."""
+    from qwenkit.kernels import build  # not at import: `python -m qwenkit.kernels.build` runs it as main
+
+    reason = build.missing_isa()
+    if reason is None:
+        try:
+            build.load()
+        except (build.KernelBuildError, OSError) as e:  # OSError: e.g. the C++ source missing
+            reason = str(e)
+    if reason:
+        _note(f"CPU kernels unavailable: {reason}")
+    return reason is None
+
+
+class KernelsUnavailableError(QwenkitError, RuntimeError):
+    """A kernel op was called where available() is False (the caller should take the plain path)."""
+
+
+_ops: dict[str, Callable[..., torch.Tensor]] = {}  # op name -> its overload, looked up once
+
+
+def _op(name: str) -> Callable[..., torch.Tensor]:
+    op = _ops.get(name)
+    if op is None:
+        if not (_loaded or available()):
+            raise KernelsUnavailableError(
+                "the qwenkit CPU kernels are not available here; use the plain path"
+            )
+        op = _ops[name] = getattr(torch.ops.qwenkit, name).default
+    return op
+
+
+def _as_rows(x: torch.Tensor, k: int, what: str) -> torch.Tensor:
+    """x as (M, K): the kernels take rows; leading dims are restored by the caller."""
+    if x.shape[-1] != k:
+        raise KernelInputError(f"{what}: x has {x.shape[-1]} inputs, the weights {k}")
+    return x if x.dim() == 2 else x.reshape(-1, k)
+
+
+@dataclass(frozen=True)
+class PackedInt:
+    """Integer weights in the kernels' layout: w[n, k] = (code - zero_point) * scale[g, n] + shift[g, n].
+
+    Rows come in tiles of 16 (N padded with zero rows), each tile one sequential stream: codes
+    (N/16, K * 16) uint8 for 8 bits, where each 64 bytes hold 4 consecutive inputs of the 16 rows, or
+    (N/16, K * 8) for 4 bits, where each 64 bytes hold 8 inputs as nibbles (byte 4r + i: input i low,
+    input 4 + i high). scale and shift: (N/16, K / group_size, 16), float32 or float16; shift may be None.
+    """
+
+    bits: int
+    codes: torch.Tensor
+    scale: torch.Tensor
+    shift: torch.Tensor | None
+    group_size: int
+    in_features: int
+    out_features: int
+    zero_point: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes a matrix-vector product reads."""
+        return sum(t.nbytes for t in (self.codes, self.scale, self.shift) if t is not None)
+
+
+@dataclass(frozen=True)
+class PackedBf16:
+    """bf16 weights in tiles of 16 rows (N padded with zero rows): (N/16, Kp * 16) with Kp = K rounded up
+    to even, each 64 bytes holding inputs k, k+1 of the 16 rows, so a tile is one sequential stream."""
+
+    weight: torch.Tensor
+    in_features: int
+    out_features: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.nbytes
+
+
+def prepare_bf16(w: torch.Tensor) -> PackedBf16:
+    """Pack a (N, K) weight (any float dtype; rounded to bf16) for linear_bf16."""
+    if w.dim() != 2:
+        raise KernelInputError(f"prepare_bf16: w must be (N, K), got shape {tuple(w.shape)}")
+    n, k = w.shape
+    tiles, kp = -(-n // TILE), k + k % 2
+    t = torch.zeros(tiles * TILE, kp, dtype=torch.bfloat16)
+    t[:n, :k] = w
+    t = t.view(tiles, TILE, kp // 2, 2).transpose(1, 2)  # (tiles, Kp/2, 16 rows, 2)
+    return PackedBf16(t.reshape(tiles, -1).contiguous(), k, n)
+
+
+def linear_bf16(x: torch.Tensor, p: PackedBf16, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) bf16 @ w.T (+ bias) -> (..., N) bf16, fp32 accumulation. Best for M <= 16."""
+    y = _op("linear_bf16")(_as_rows(x, p.in_features, "linear_bf16"), p.weight, bias, p.out_features)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], p.out_features)
+
+
+def unpack_bf16(p: PackedBf16, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """The (N, K) bf16 weight back, or only `rows` of it (an embedding lookup)."""
+    tiles, k = p.weight.shape[0], p.in_features
+    kp = k + k % 2
+    w = p.weight.view(tiles, kp // 2, TILE, 2).transpose(1, 2).reshape(tiles * TILE, kp)
+    w = w[: p.out_features, :k]
+    return w if rows is None else w[rows]
+
+
+def _pick_scale_dtype(scale: torch.Tensor, shift: torch.Tensor | None) -> torch.dtype:
+    """float16 when it holds every value exactly (GGUF and GPTQ scales are float16), else float32:
+    packing never changes the weights unless the caller asks for float16."""
+    for t in (scale, shift):
+        if t is not None and not torch.equal(t.to(torch.float16).to(t.dtype), t):
+            return torch.float32
+    return torch.float16
+
+
+def _tiled(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(G, N) per-group values -> (N/16, G, 16), zero rows padding N."""
+    g, n = t.shape
+    tiles = -(-n // TILE)
+    out = torch.zeros(g, tiles * TILE, dtype=dtype)
+    out[:, :n] = t
+    return out.view(g, tiles, TILE).transpose(0, 1).contiguous()
+
+
+def _prepare(
+    bits: int,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor | None,
+    group_size: int,
+    zero_point: int,
+    scale_dtype: torch.dtype | None,
+) -> PackedInt:
+    what = f"prepare_int{bits}"
+    if not 0 <= zero_point < 2**bits:
+        raise KernelInputError(f"{what}: zero_point must lie in 0..{2**bits - 1}, got {zero_point}")
+    if codes.dim() != 2:
+        raise KernelInputError(f"{what}: codes must be (N, K), got shape {tuple(codes.shape)}")
+    n, k = codes.shape
+    if group_size <= 0 or group_size % 32 or k % group_size:
+        raise KernelInputError(
+            f"{what}: group_size must be a multiple of 32 dividing K={k}, got {group_size}"
+        )
+    groups = k // group_size
+    for name, t in (("scale", scale), ("shift", shift)):
+        if t is not None and tuple(t.shape) != (groups, n):
+            raise KernelInputError(
+                f"{what}: {name} must be (K/group_size, N) = {(groups, n)}, got {tuple(t.shape)}"
+            )
+    if codes.dtype != torch.uint8:
+        raise KernelInputError(f"{what}: codes must be uint8, got {codes.dtype}")
+    if bits == 4 and codes.numel() and int(codes.max()) > 15:
+        raise KernelInputError(f"{what}: 4-bit codes must lie in 0..15, got {int(codes.max())}")
+    sdt = scale_dtype or _pick_scale_dtype(scale, shift)
+    tiles = -(-n // TILE)
+    c = torch.zeros(tiles * TILE, k, dtype=torch.uint8)
+    c[:n] = codes
+    if bits == 8:  # (tiles, 16 rows, K/4, 4) -> (tiles, K/4, 16 rows, 4)
+        c = c.view(tiles, TILE, k // 4, 4).transpose(1, 2)
+    else:  # (tiles, 16 rows, K/8, 2 halves, 4) -> (tiles, K/8, 16 rows, 4): low nibble inputs 0-3, high 4-7
+        c = c.view(tiles, TILE, k // 8, 2, 4).transpose(1, 2)
+        c = c[:, :, :, 0] | (c[:, :, :, 1] << 4)
+    h = None if shift is None else _tiled(shift, sdt)
+    return PackedInt(
+        bits, c.reshape(tiles, -1).contiguous(), _tiled(scale, sdt), h, group_size, k, n, zero_point
+    )
+
+
+def prepare_int8(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor | None,
+    group_size: int,
+    zero_point: int = 0,
+    scale_dtype: torch.dtype | None = None,
+) -> PackedInt:
+    """Pack uint8 codes (N, K) with per-group scale/shift (K/group_size, N) for linear_int8.
+
+    w = (code - zero_point) * scale + shift: Q8_0 is codes = q + 128, zero_point=128, shift None.
+    scale_dtype None keeps the values exact (float16 if that holds them, else float32).
+    """
+    return _prepare(8, codes, scale, shift, group_size, zero_point, scale_dtype)
+
+
+def prepare_int4(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor | None,
+    group_size: int,
+    zero_point: int = 0,
+    scale_dtype: torch.dtype | None = None,
+) -> PackedInt:
+    """Pack 4-bit codes (N, K) as uint8 in 0..15 with per-group scale/shift (K/group_size, N).
+
+    Q4_0 is zero_point=8, shift None; Q4_1 is zero_point=0, shift = m; GPTQ asymmetric is
+    shift = -zero * scale.
+    """
+    return _prepare(4, codes, scale, shift, group_size, zero_point, scale_dtype)
+
+
+def _linear_int(bits: int, x: torch.Tensor, p: PackedInt, bias: torch.Tensor | None) -> torch.Tensor:
+    if p.bits != bits:
+        raise KernelInputError(f"linear_int{bits} got weights packed for {p.bits} bits")
+    rows = _as_rows(x, p.in_features, f"linear_int{bits}")
+    y = _op(f"linear_int{bits}")(
+        rows, p.codes, p.scale, p.shift, bias, p.group_size, p.out_features, p.zero_point
+    )
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], p.out_features)
+
+
+def linear_int8(x: torch.Tensor, p: PackedInt, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) bf16/fp32 @ dequantized weights.T (+ bias) -> (..., N) in x's dtype. Best for M <= 16.
+
+    x is rounded per row in blocks of 32 to int8 (as llama.cpp's q8 activations); the result is
+    dot(w, x_rounded) computed exactly in float.
+    """
+    return _linear_int(8, x, p, bias)
+
+
+def linear_int4(x: torch.Tensor, p: PackedInt, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """As linear_int8, for weights packed by prepare_int4."""
+    return _linear_int(4, x, p, bias)
+
+
+def unpack_codes(p: PackedInt) -> torch.Tensor:
+    """The (N, K) uint8 codes back from a PackedInt."""
+    tiles, k = p.codes.shape[0], p.in_features
+    if p.bits == 8:
+        c = p.codes.view(tiles, k // 4, TILE, 4).transpose(1, 2)
+    else:
+        c = p.codes.view(tiles, k // 8, TILE, 1, 4)
+        c = torch.cat((c & 0x0F, c >> 4), dim=3).transpose(1, 2)
+    return c.reshape(tiles * TILE, k)[: p.out_features]
+
+
+def _untiled(t: torch.Tensor, n: int) -> torch.Tensor:
+    """(N/16, G, 16) -> (N, G)."""
+    return t.transpose(1, 2).reshape(-1, t.shape[1])[:n]
+
+
+def dequantize(
+    p: PackedInt, dtype: torch.dtype = torch.float32, rows: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The float weights (N, K), or only `rows` of them (an embedding lookup), from a PackedInt."""
+    codes = unpack_codes(p)
+    scale = _untiled(p.scale, p.out_features)
+    shift = None if p.shift is None else _untiled(p.shift, p.out_features)
+    if rows is not None:
+        codes, scale = codes[rows], scale[rows]
+        shift = None if shift is None else shift[rows]
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    w = (codes.to(work) - p.zero_point) * scale.to(work).repeat_interleave(p.group_size, dim=1)
+    if shift is not None:
+        w += shift.to(work).repeat_interleave(p.group_size, dim=1)
+    return w.to(dtype)

@@ -1,0 +1,94 @@
+"""bfloat16 Linear layers in the AVX-512 kernels' tile layout, for CPU inference.
+
+PyTorch's bf16 matrix-vector product reads weights at about half the memory bandwidth on the CPUs we
+measured (``benchmarks/bench_cpu_kernels.py``); :func:`qwenkit.kernels.linear_bf16` reads them at about
+all of it, but only from its own layout (16 output rows per sequential stream). So at load time, for
+inference on the CPU, every plain bf16 ``nn.Linear`` is repacked once into that layout (the original is
+freed: one copy of each weight), and every call goes through the kernel,
+for prompts too: measured beside torch's GEMM at 64 and 512 rows it is within 0-30% of it, while
+unpacking the weight for torch costs more than the product. A tied input embedding reads its rows
+straight out of the packed output head.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwenkit import kernels
+from qwenkit.kernels.ops import TILE
+
+
+class PackedBf16Linear(nn.Module):
+    """``y = x @ W.T + b`` with a bf16 W in the kernels' tile layout."""
+
+    kernel = "qwenkit AVX-512 BF16 (vdpbf16ps)"
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.packed = kernels.prepare_bf16(weight)
+        self.register_buffer("packed_weight", self.packed.weight)  # memory accounting sees it
+        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.bfloat16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.bfloat16:
+            return kernels.linear_bf16(x, self.packed, self.bias)
+        return F.linear(x, self.unpacked().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def unpacked(self) -> torch.Tensor:
+        """The (out, in) bf16 weight (a copy)."""
+        return kernels.unpack_bf16(self.packed)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """(len(ids), in) rows of the weight, read from their tiles without unpacking the rest."""
+        w = self.packed.weight
+        kp = self.in_features + self.in_features % 2
+        v = w.view(w.shape[0], kp // 2, TILE, 2)[ids // TILE, :, ids % TILE]  # (len, Kp/2, 2)
+        return v.reshape(len(ids), kp)[:, : self.in_features]
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, packed bf16"
+
+
+class PackedBf16Embedding(nn.Module):
+    """The input embedding of a tied model: rows of the packed output head (one copy of the matrix)."""
+
+    def __init__(self, source: PackedBf16Linear) -> None:
+        super().__init__()
+        self.source = source
+        self.num_embeddings, self.embedding_dim = source.out_features, source.in_features
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.source.rows(ids.reshape(-1)).reshape(*ids.shape, self.embedding_dim)
+
+
+def pack_dense_for_cpu(model: nn.Module) -> int:
+    """Repack every plain bf16 ``nn.Linear`` of a CPU model for the AVX-512 kernels; returns how many.
+
+    Nothing changes (returns 0) when the kernels are not available, e.g. on another CPU, without a
+    compiler, or under ``QWENKIT_KERNELS=torch``. Routers and other ``nn.Linear`` subclasses keep their
+    own forward.
+    """
+    if not kernels.available():
+        return 0
+    embeddings: dict[int, list[str]] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        if isinstance(m, nn.Embedding):
+            embeddings.setdefault(id(m.weight), []).append(name)
+    count = 0
+    for name, m in list(model.named_modules()):
+        if type(m) is not nn.Linear or m.weight.dtype != torch.bfloat16 or m.weight.device.type != "cpu":
+            continue
+        packed = PackedBf16Linear(m.weight.detach(), m.bias)
+        _replace(model, name, packed)
+        for emb_name in embeddings.pop(id(m.weight), []):
+            _replace(model, emb_name, PackedBf16Embedding(packed))
+        count += 1
+    return count
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)

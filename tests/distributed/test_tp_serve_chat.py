@@ -1,0 +1,209 @@
+"""`qwenkit serve --tensor-parallel 2` and `qwenkit chat --tensor-parallel 2` on CPU (gloo).
+
+serve: a real server on 127.0.0.1 whose greedy answers, token for token (and their log-probabilities),
+equal the single-process server's, with requests that arrive while others decode; SIGTERM drains it (a
+streaming request finishes) and every rank exits 0; a server that loses a rank drains and stops with
+one line naming it. chat: the same conversation, sampled with a seed, prints exactly what one process
+prints (rank 0 keeps the terminal and samples; rank 1 follows)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+QWENKIT = [sys.executable, "-m", "qwenkit.cli"]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> str:
+    from factories import write_tiny_chat_model
+
+    return str(write_tiny_chat_model(tmp_path_factory.mktemp("tp") / "chat", num_key_value_heads=2))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(model: str, *extra: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "QWENKIT_RESPONSE_CACHE": "0"}
+    argv = [*QWENKIT, "serve", model, "--port", str(port), "--dtype", "float32"]
+    proc = subprocess.Popen(
+        [*argv, "--max-batch", "4", *extra],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def wait_healthy(proc: subprocess.Popen, url: str) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    raise AssertionError("qwenkit serve did not become healthy")
+
+
+REQUESTS = [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Name three rivers."}]}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Count to five, please."}]}),
+    ("/v1/completions", {"prompt": [9, 8, 7, 6, 5, 4, 3, 2, 1], "logprobs": 0}),
+    ("/v1/completions", {"prompt": "Once upon a time", "logprobs": 0}),
+]
+
+
+def answers(url: str) -> list[tuple[list[str], list[float], str]]:
+    """Greedy answers to REQUESTS sent at once (they join the batch while others decode)."""
+
+    def ask(i: int):
+        path, body = REQUESTS[i]
+        body = {**body, "temperature": 0, "max_tokens": 12 + 4 * i, "ignore_eos": True}
+        if path == "/v1/chat/completions":
+            body["logprobs"] = True
+        choice = httpx.post(url + path, json=body, timeout=60).json()["choices"][0]
+        if path == "/v1/chat/completions":
+            lps = choice["logprobs"]["content"]
+            return [t["token"] for t in lps], [t["logprob"] for t in lps], choice["message"]["content"]
+        lps = choice["logprobs"]
+        return lps["tokens"], lps["token_logprobs"], choice["text"]
+
+    with ThreadPoolExecutor(len(REQUESTS)) as pool:
+        return list(pool.map(ask, range(len(REQUESTS))))
+
+
+def kill_follower(proc: subprocess.Popen) -> None:
+    """Kill rank 1: the command's own process is rank 0, the spawned one is rank 1."""
+    import psutil
+
+    (follower,) = [p for p in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(p.cmdline())]
+    follower.kill()
+
+
+@pytest.mark.slow
+def test_serve_with_tensor_parallel_answers_like_one_process_and_drains(model):
+    single, single_url = start(model)
+    sharded, sharded_url = start(model, "--tensor-parallel", "2", "--graceful-timeout", "20")
+    doomed, doomed_url = start(model, "--tensor-parallel", "2")  # loses a rank below
+    servers = (single, sharded, doomed)
+    try:
+        wait_healthy(single, single_url)
+        wait_healthy(sharded, sharded_url)
+        wait_healthy(doomed, doomed_url)
+        # A rank that dies: rank 0 drains and leaves, the command names the rank (no half-up server).
+        kill_follower(doomed)
+
+        want = answers(single_url)
+        got = answers(sharded_url)
+        for (tokens, lps, text), (ref_tokens, ref_lps, ref_text) in zip(got, want, strict=True):
+            assert tokens == ref_tokens and text == ref_text and len(tokens) >= 12
+            assert max(abs(a - b) for a, b in zip(lps, ref_lps, strict=True)) < 1e-4
+
+        # SIGTERM mid-stream: the request still finishes, then rank 0 stops rank 1 and all exit 0.
+        payload = {"prompt": "Tell me a story", "max_tokens": 40, "ignore_eos": True, "stream": True}
+        lines = []
+        with httpx.stream("POST", sharded_url + "/v1/completions", json=payload, timeout=60) as s:
+            for line in s.iter_lines():
+                if line.startswith("data: ") and not lines:
+                    sharded.send_signal(signal.SIGTERM)
+                if line.startswith("data: "):
+                    lines.append(line)
+        assert lines[-1] == "data: [DONE]"
+        finishes = [json.loads(x[6:])["choices"][0]["finish_reason"] for x in lines[:-1]]
+        assert finishes[-1] == "length"
+        assert sharded.wait(timeout=40) == 0
+        assert doomed.wait(timeout=40) == 2
+    finally:
+        for proc in servers:
+            if proc.poll() is None:
+                proc.kill()
+    output = sharded.stdout.read()
+    assert "on 2 tensor-parallel ranks on http://127.0.0.1" in output and "Traceback" not in output
+    output = doomed.stdout.read()
+    assert "error: tensor-parallel rank 1 of 2 was killed by signal 9" in output and "Traceback" not in output
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(doomed_url + "/health", timeout=2)
+
+
+@pytest.mark.slow
+def test_chat_with_tensor_parallel_prints_what_one_process_prints(model):
+    script = "hello there\n:history\n:seed 11\nsecond question\n"
+    argv = [*QWENKIT, "chat", model, "--temperature", "0.8", "--seed", "7", "--max-new-tokens", "10"]
+    argv += ["--dtype", "float32"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def run(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [*argv, *extra], input=script, capture_output=True, text=True, timeout=60, env=env
+        )
+
+    single, sharded = run(), run("--tensor-parallel", "2")
+    assert single.returncode == 0 and sharded.returncode == 0, sharded.stderr
+    assert sharded.stdout == single.stdout
+    answers = [line for line in single.stdout.splitlines() if line.startswith("assistant: ")]
+    assert len(answers) == 1 and len(answers[0].strip()) > len("assistant: ") + 5  # real text, not blanks
+    assert "Traceback" not in sharded.stderr
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_a_tensor_parallel_chat_stops_the_answer_not_the_ranks(model):
+    """A terminal's Ctrl-C reaches every process of the group: rank 1 ignores it, rank 0 stops the answer;
+    a rank that dies ends the chat with one line."""
+    import pty
+
+    from test_chat_cli import Terminal  # tests/ is on sys.path (conftest)
+
+    master, slave = pty.openpty()
+    argv = [
+        *QWENKIT,
+        "chat",
+        model,
+        "--max-new-tokens",
+        "6000",
+        "--temperature",
+        "1",
+        "--tensor-parallel",
+        "2",
+    ]
+    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+    os.close(slave)
+    term = Terminal(master)
+    try:
+        term.read_until(b">>> ")
+        os.write(master, b":conf ignore_eos=True\n")
+        term.read_until(b">>> ")
+        for question in (b"tell me a long story", b"and another one"):
+            os.write(master, question + b"\n")
+            term.read_until(question + b"\r\n")
+            time.sleep(1.0)
+            os.killpg(proc.pid, signal.SIGINT)
+            term.read_until(b"[interrupted]")
+            term.read_until(b">>> ")
+        os.write(master, b":history\n")
+        out = term.read_until(b">>> ")
+        assert b"user: and another one" in out and b"assistant: " in out
+        # Rank 1 dies while the chat waits at its prompt: one line naming it, exit 2, nothing left running.
+        kill_follower(proc)
+        assert proc.wait(timeout=30) == 2
+        assert b"error: tensor-parallel rank 1 of 2 was killed by signal 9" in term.read_until(b"signal 9")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        os.close(master)

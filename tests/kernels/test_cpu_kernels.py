@@ -1,0 +1,311 @@
+"""The C++ CPU kernels against plain PyTorch float references, their build cache and their fallback."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qwenkit import kernels
+from qwenkit.kernels import build, ops
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+needs_isa = pytest.mark.skipif(build.missing_isa() is not None, reason=f"{build.missing_isa()}")
+
+# (N, K): the Qwen2.5-0.5B / 1.5B decode shapes (lm_head covered once, below) and odd ones.
+REAL_SHAPES = [(896, 896), (128, 896), (4864, 896), (896, 4864), (1536, 1536), (256, 1536), (8960, 1536)]
+ODD_SHAPES = [(131, 96), (1000, 160), (17, 32), (33, 288)]  # N not a multiple of 16, K = 32 * odd
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    if not kernels.available():
+        pytest.fail("kernels did not load on a CPU that has the ISA (see stderr)")
+
+
+def bf16_reference(x, w, bias):
+    y = x.double() @ w.double().T
+    return y if bias is None else y + bias.double()
+
+
+@needs_isa
+@pytest.mark.parametrize("m", [1, 3, 16, 20])
+@pytest.mark.parametrize("n,k", [*REAL_SHAPES, (131, 96), (17, 40), (45, 900), (8, 7)])
+def test_linear_bf16_matches_float_reference(loaded, m, n, k):
+    g = torch.Generator().manual_seed(n * 7 + k + m)
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+    w = (torch.randn(n, k, generator=g) * 0.05).to(torch.bfloat16)
+    bias = torch.randn(n, generator=g).to(torch.bfloat16) if m % 2 else None
+    p = kernels.prepare_bf16(w)
+    assert torch.equal(kernels.unpack_bf16(p), w)  # packing is lossless
+    rows = torch.tensor([n - 1, 0])
+    assert torch.equal(kernels.unpack_bf16(p, rows), w[rows])
+    y = kernels.linear_bf16(x, p, bias)
+    assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+    ref = bf16_reference(x, w, bias)
+    # the only rounding is the bf16 output (and fp32 accumulation order): half a bf16 ulp plus a hair
+    err = (y.double() - ref).abs()
+    assert (err <= ref.abs() * 2.0**-8 + 1e-5 * ref.abs().max()).all(), err.max()
+    # and the plain path agrees within its own bf16 rounding
+    torch.testing.assert_close(y.float(), F.linear(x, w, bias).float(), rtol=1.6e-2, atol=1e-2)
+
+
+@needs_isa
+def test_linear_bf16_lm_head_and_batch_dims(loaded):
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(151936, 896, generator=g) * 0.05).to(torch.bfloat16)
+    x = torch.randn(2, 1, 896, generator=g).to(torch.bfloat16)  # (B, T, K) keeps its leading dims
+    y = kernels.linear_bf16(x, kernels.prepare_bf16(w))
+    assert y.shape == (2, 1, 151936)
+    ref = bf16_reference(x.reshape(2, 896), w, None)
+    err = (y.reshape(2, -1).double() - ref).abs()
+    assert (err <= ref.abs() * 2.0**-8 + 1e-5 * ref.abs().max()).all()
+
+
+def quantize_activations(x: torch.Tensor) -> torch.Tensor:
+    """x rounded per row in blocks of 32 to int8 and back, as the kernels do (the 'x_hat')."""
+    m, k = x.shape
+    blocks = x.float().reshape(m, k // 32, 32)
+    amax = blocks.abs().amax(dim=-1, keepdim=True)
+    # a true division (torch computes `127.0 / t` as 127 * (1 / t), one rounding more than the kernel)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
+    q = torch.round(blocks * inv)
+    return (q * (amax / 127.0)).reshape(m, k)
+
+
+def make_int_weights(bits, n, k, group, mode, g):
+    """codes (N, K) uint8, scale/shift (K/group, N) float32 and the float weights they stand for."""
+    codes = torch.randint(0, 2**bits, (n, k), generator=g, dtype=torch.uint8)
+    groups = k // group
+    scale = torch.rand(groups, n, generator=g) * 0.01 + 0.001
+    zero = {"zero_point": 2 ** (bits - 1), "shift": 0, "both": 3}[mode]
+    shift = None if mode == "zero_point" else torch.randn(groups, n, generator=g) * 0.01
+    w = (codes.double() - zero) * scale.double().T.repeat_interleave(group, dim=1)
+    if shift is not None:
+        w += shift.double().T.repeat_interleave(group, dim=1)
+    return codes, scale, shift, zero, w
+
+
+# every group size on the small real shapes and the odd ones (the largest shape: its own test below)
+INT_CASES = sorted(
+    {
+        (n, k, group)
+        for (n, k) in [(896, 896), (256, 1536), *ODD_SHAPES]
+        for group in (32, 64, 96, 128, k)
+        if k % group == 0
+    }
+)
+M_DTYPE_MODE = [(1, torch.bfloat16, "zero_point"), (3, torch.float32, "shift"), (16, torch.bfloat16, "both")]
+
+
+@needs_isa
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("n,k,group", INT_CASES)
+@pytest.mark.parametrize("m,act_dtype,mode", M_DTYPE_MODE)
+def test_linear_int_matches_dequantized_reference(loaded, bits, n, k, group, m, act_dtype, mode):
+    check_int_linear(bits, n, k, group, m, act_dtype, mode)
+
+
+@needs_isa
+@pytest.mark.parametrize("bits", [8, 4])
+def test_linear_int_longest_k(loaded, bits):
+    check_int_linear(bits, 1536, 8960, 128, 16, torch.bfloat16, "both")  # Qwen2.5-1.5B down_proj
+
+
+@needs_isa
+@pytest.mark.parametrize("bits", [8, 4])
+def test_linear_int_many_rows(loaded, bits):
+    check_int_linear(bits, 131, 96, 32, 20, torch.float32, "both")  # passes of 8, 8 and 4 (padded)
+
+
+def check_int_linear(bits, n, k, group, m, act_dtype, mode):
+    g = torch.Generator().manual_seed(bits * 1000 + n + k + group + m)
+    codes, scale, shift, zero, w = make_int_weights(bits, n, k, group, mode, g)
+    prepare = kernels.prepare_int8 if bits == 8 else kernels.prepare_int4
+    p = prepare(codes, scale, shift, group, zero_point=zero)
+    # packing is lossless: the codes and the float weights come back exactly
+    assert torch.equal(kernels.unpack_codes(p), codes)
+    assert torch.equal(kernels.dequantize(p, torch.float64), w)
+    rows = torch.tensor([0, n - 1, n // 2])
+    assert torch.equal(kernels.dequantize(p, rows=rows), kernels.dequantize(p)[rows])
+    torch.testing.assert_close(kernels.dequantize(p), w.float(), rtol=1e-6, atol=1e-7)
+
+    x = torch.randn(m, k, generator=g).to(act_dtype)
+    bias = torch.randn(n, generator=g).to(act_dtype) if m != 3 else None
+    linear = kernels.linear_int8 if bits == 8 else kernels.linear_int4
+    y = linear(x, p, bias)
+    assert y.dtype == act_dtype and y.shape == (m, n)
+    b = 0 if bias is None else bias.double()
+    # The kernel computes dot(w, x_hat) exactly in float: only float rounding separates them.
+    exact = quantize_activations(x).double() @ w.T + b
+    out_ulp = 2.0**-8 if act_dtype == torch.bfloat16 else 1e-6
+    err = (y.double() - exact).abs()
+    assert (err <= exact.abs() * out_ulp + 2e-5 * exact.abs().max() + 1e-6).all(), err.max()
+    # Against the plain float path (dequantize, then matmul) the only difference is x's rounding,
+    # bounded by sum |w| * (block scale / 2).
+    plain = x.double() @ kernels.dequantize(p, torch.float64).T + b
+    half_step = (x.float().reshape(m, k // 32, 32).abs().amax(-1) / 254).repeat_interleave(32, dim=1)
+    bound = half_step.double() @ w.abs().T
+    assert ((y.double() - plain).abs() <= bound * 1.01 + exact.abs() * out_ulp + 1e-5).all()
+
+
+@needs_isa
+def test_float16_scales_are_picked_only_when_exact(loaded):
+    g = torch.Generator().manual_seed(1)
+    codes, scale, shift, _, _ = make_int_weights(4, 64, 128, 32, "shift", g)
+    assert kernels.prepare_int4(codes, scale, shift, 32).scale.dtype == torch.float32
+    s16, h16 = scale.half().float(), shift.half().float()  # GGUF / GPTQ scales are float16 already
+    p = kernels.prepare_int4(codes, s16, h16, 32)
+    assert p.scale.dtype == torch.float16 and p.shift.dtype == torch.float16
+    x = torch.randn(2, 128, generator=g)
+    w = kernels.dequantize(p)
+    exact = quantize_activations(x) @ w.T
+    torch.testing.assert_close(kernels.linear_int4(x, p), exact, rtol=1e-5, atol=1e-5)
+
+
+@needs_isa
+def test_bad_inputs_are_named(loaded):
+    x = torch.randn(1, 64)
+    w = kernels.prepare_bf16(torch.randn(8, 64))
+    with pytest.raises(RuntimeError, match="x and w must be bfloat16"):
+        kernels.linear_bf16(x, w)
+    with pytest.raises(kernels.KernelInputError, match="x has 32 inputs, the weights 64"):
+        kernels.linear_bf16(x[:, :32].to(torch.bfloat16), w)
+    with pytest.raises(RuntimeError, match=r"w must be contiguous \(1, 1024\) from prepare_bf16"):
+        torch.ops.qwenkit.linear_bf16(x.to(torch.bfloat16), w.weight[:, :512], None, 8)
+    codes = torch.zeros(8, 64, dtype=torch.uint8)
+    with pytest.raises(kernels.KernelInputError, match="group_size must be a multiple of 32"):
+        kernels.prepare_int8(codes, torch.ones(1, 8), None, 48)
+    with pytest.raises(kernels.KernelInputError, match=r"scale must be \(K/group_size, N\)"):
+        kernels.prepare_int8(codes, torch.ones(8, 2), None, 32)
+    with pytest.raises(kernels.KernelInputError, match="4-bit codes must lie in 0..15"):
+        kernels.prepare_int4(codes + 16, torch.ones(2, 8), None, 32)
+    p = kernels.prepare_int4(codes, torch.ones(2, 8), None, 32)
+    with pytest.raises(kernels.KernelInputError, match="packed for 4 bits"):
+        kernels.linear_int8(x, p)
+    with pytest.raises(kernels.KernelInputError, match="x has 32 inputs, the weights 64"):
+        kernels.linear_int4(torch.randn(1, 32), p)
+    with pytest.raises(RuntimeError, match="scale must be contiguous float32/float16"):
+        torch.ops.qwenkit.linear_int4(x, p.codes, p.scale[:, :1], None, None, 32, 8, 0)
+    with pytest.raises(RuntimeError, match="bias must be a CPU vector of 8 values"):
+        kernels.linear_int4(x, p, torch.ones(9))
+
+
+# --- build cache and fallback --------------------------------------------------------------------
+
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if k != ops.ENV_SWITCH}
+    full_env.update(PYTHONPATH=str(SRC), **env)
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=300
+    )
+
+
+@needs_isa
+def test_second_process_reuses_the_cached_library(loaded):
+    r = run_python("from qwenkit import kernels; print(kernels.available())")
+    assert r.returncode == 0 and r.stdout.strip() == "True", r.stderr
+    assert "building" not in r.stderr and r.stderr.strip() == "", r.stderr
+
+
+@needs_isa
+def test_prebuild_command_reports_the_library(loaded, capsys):
+    assert build.main() == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("qwenkit kernels: ready at ")
+    assert out[0].endswith(build.LIBRARY_NAME) and Path(out[0].split(" at ", 1)[1]).is_file()
+
+
+@pytest.fixture
+def fake_cache(tmp_path, monkeypatch, loaded):
+    """A private cache whose 'compiler' copies the library this session built, counting the builds."""
+    real = build.ensure_built()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    builds = []
+
+    def copy_compile(cxx, out):
+        builds.append(out)
+        shutil.copyfile(real, out)
+
+    monkeypatch.setattr(build, "_compile", copy_compile)
+    return builds
+
+
+@needs_isa
+def test_cache_entry_is_built_once_then_reused(fake_cache, tmp_path):
+    first = build.ensure_built(announce=False)
+    assert first.is_relative_to(tmp_path / "qwenkit" / "kernels") and len(fake_cache) == 1
+    assert build.ensure_built(announce=False) == first and len(fake_cache) == 1
+    assert [p.name for p in first.parent.parent.iterdir()] == [first.parent.name]  # no temp dirs left
+
+
+@needs_isa
+def test_damaged_cache_entry_is_rebuilt(fake_cache):
+    lib = build.ensure_built(announce=False)
+    good = lib.read_bytes()
+    lib.write_bytes(good[: len(good) // 2])  # a truncated file, as after a crash or a full disk
+    again = build.ensure_built(announce=False)
+    assert len(fake_cache) == 2 and again.read_bytes() == good
+
+
+@needs_isa
+def test_failed_build_is_refused_cleanly(fake_cache, monkeypatch, tmp_path):
+    def broken(cxx, out):
+        out.write_bytes(b"half")
+        raise build.KernelBuildError("g++ failed: error: something")
+
+    monkeypatch.setattr(build, "_compile", broken)
+    with pytest.raises(build.KernelBuildError, match="g\\+\\+ failed"):
+        build.ensure_built(announce=False)
+    assert list((tmp_path / "qwenkit" / "kernels").iterdir()) == []  # nothing half-written stays
+
+
+def test_no_compiler_falls_back_with_one_line(tmp_path):
+    code = "from qwenkit import kernels; print(kernels.available()); print(kernels.available())"
+    r = run_python(code, XDG_CACHE_HOME=str(tmp_path), CXX="false", PATH="/nonexistent")
+    assert r.returncode == 0 and r.stdout.split() == ["False", "False"], r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "plain PyTorch path" in lines[0], r.stderr
+    if build.missing_isa() is None:
+        assert "no C++ compiler found" in lines[0]
+    r = run_python(
+        "from qwenkit.kernels.build import main; main()", XDG_CACHE_HOME=str(tmp_path), PATH="/nonexistent"
+    )
+    assert r.returncode == 0 and len(r.stdout.strip().splitlines()) == 1 and "not built" in r.stdout
+
+
+def test_unwritable_cache_falls_back_with_one_line(tmp_path):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    r = run_python("from qwenkit import kernels; print(kernels.available())", XDG_CACHE_HOME=str(not_a_dir))
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "plain PyTorch path" in lines[0], r.stderr
+    if build.missing_isa() is None:
+        assert "cannot write the kernel cache" in lines[0]
+
+
+def test_missing_isa_falls_back_with_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(ops, "_loaded", None)
+    monkeypatch.setattr(build, "missing_isa", lambda: "this CPU lacks avx512_bf16")
+    monkeypatch.delenv(ops.ENV_SWITCH, raising=False)
+    assert kernels.available() is False and kernels.available() is False
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "qwenkit: CPU kernels unavailable: this CPU lacks avx512_bf16; using the plain PyTorch path"
+    ]
+
+
+def test_torch_switch_turns_the_kernels_off(monkeypatch, capsys):
+    monkeypatch.setenv(ops.ENV_SWITCH, "torch")
+    assert kernels.available() is False
+    assert capsys.readouterr().err == ""
+    r = run_python("from qwenkit import kernels; print(kernels.available())", QWENKIT_KERNELS="torch")
+    assert r.stdout.strip() == "False" and r.stderr == ""
