@@ -174,8 +174,9 @@ def load(args: argparse.Namespace, tp=None):
         import torch
 
         torch.set_num_threads(int(args.threads))
+    path = resolve_model(args.model)
     return LLM.load(
-        resolve_model(args.model),
+        path,
         dtype=args.dtype,
         device=args.device,
         quantize=args.quantize,
