@@ -14,10 +14,13 @@ from qwenkit.checkpoint import load_model
 from qwenkit.generate import tokenizer_for
 from qwenkit.quant import QuantizedLinear
 from qwenkit.quant.embedding import QuantizedEmbedding
+from qwenkit.quant.on_load import FLOAT_ACTIVATION_KERNELS
 
-# Max |logit difference| the int4/int8 CPU kernels may add on SmolLM2 (logits of magnitude ~30):
-# bfloat16 activations and scales round at 2^-8 relative. Measured: 0.60 over these prompts (12 steps).
-LOGIT_TOLERANCE = 1.0
+# Max |logit difference| the int4/int8 CPU kernels may add on SmolLM2 (logits of magnitude ~30).
+# Kernels with bfloat16 activations and scales (2^-8 relative): measured 0.60 over these prompts. Kernels
+# that also round activations to int8 per block of 32 (the AVX-512 VNNI ones, as llama.cpp does):
+# measured 1.83.
+FLOAT_ACTIVATION_TOLERANCE, INT8_ACTIVATION_TOLERANCE = 1.0, 2.5
 PROMPTS = [
     "What is the capital of France?",
     "Write a haiku about the sea.",
@@ -49,6 +52,7 @@ def test_layers_run_the_files_codes(in_precision, dequantized) -> None:
     assert not [n for n, m in in_precision.named_modules() if type(m) is nn.Linear]
     assert {m.bits for n, m in layers.items() if n.startswith("model.layers.")} == {4}  # Q4_1
     assert in_precision.lm_head.bits == 8  # Q8_0
+    assert in_precision.lm_head.impl.key in FLOAT_ACTIVATION_KERNELS  # logits without int8 activations
     emb = in_precision.model.embed_tokens
     assert isinstance(emb, QuantizedEmbedding) and emb.source is in_precision.lm_head  # one copy, tied
     ids = torch.tensor([0, 1, 2, 100, 49151])
@@ -87,10 +91,14 @@ def test_logits_and_greedy_answers_match_the_dequantized_model(smollm, in_precis
                         flips.append((text, step, float(top2[0] - top2[1])))
                 answers["q"].append(int(q.argmax()))
                 answers["f"].append(int(f.argmax()))
-    print(f"\nmax |logit diff| {worst:.3f}; answers that differ: {len(flips)} of {len(PROMPTS)} {flips}")
-    assert worst <= LOGIT_TOLERANCE
+    kernels = {m.impl.key for m in in_precision.modules() if isinstance(m, QuantizedLinear)}
+    float_only = kernels <= set(FLOAT_ACTIVATION_KERNELS)
+    tolerance = FLOAT_ACTIVATION_TOLERANCE if float_only else INT8_ACTIVATION_TOLERANCE
+    print(f"\nkernels {sorted(kernels)}; max |logit diff| {worst:.3f}; answers that differ: {len(flips)} of")
+    print(f"{len(PROMPTS)} {flips}")
+    assert worst <= tolerance
     for text, step, margin in flips:  # a flip only where the float model's top two are that close
-        assert margin <= 2 * LOGIT_TOLERANCE, (text, step, margin)
+        assert margin <= 2 * tolerance, (text, step, margin)
 
 
 def test_dequantize_loads_floats(dequantized) -> None:
@@ -138,7 +146,13 @@ def test_profile_names_the_kernels_of_a_gguf_in_its_own_precision(tmp_path, gguf
     path = gguf_writer(tmp_path / "q4.gguf", "qwen2", model.config.to_dict(), model.state_dict(), Q.Q4_0)
     own, floats = profile(path, ["checkpoint", "float32"], generate=4, encode=8)
     assert own.precision == "gguf Q4_0"
-    # projections, lm_head and the token embedding's own codes
-    assert own.kernels == {"aten._weight_int4pack_mm_for_cpu (bf16 activations)": 2 * 7 + 2}
+    # projections, lm_head and the token embedding's own codes, each on a registered kernel; the head
+    # and embedding on one with float activations
+    from qwenkit.quant.kernels import KERNELS
+
+    assert sum(own.kernels.values()) == 2 * 7 + 2
+    assert set(own.kernels) <= {k.description for k in KERNELS}
+    float_activations = {k.description for k in KERNELS if k.key in FLOAT_ACTIVATION_KERNELS}
+    assert sum(n for name, n in own.kernels.items() if name in float_activations) >= 2
     assert floats.kernels == {"dense F.linear (float32)": 2 * 7 + 1}  # --precisions float32: floats
     assert own.weight_bytes < floats.weight_bytes / 4

@@ -46,7 +46,8 @@ class LayerBuilder:
             return False
         module = self.model.get_submodule(module_name)
         if not isinstance(tensor, torch.Tensor):
-            layer = QuantizedLinear.from_affine(tensor, self._bias(module), device=self.device)
+            kernel = head_kernel(tensor, self.device) if module_name in (HEAD, EMBEDDING) else None
+            layer = QuantizedLinear.from_affine(tensor, self._bias(module), device=self.device, kernel=kernel)
         elif self.bits is None:
             return False
         elif isinstance(module, nn.Linear):
@@ -108,3 +109,18 @@ def round_in_row_blocks(weight: torch.Tensor, bits: int) -> IntWeight:
         g_idx=parts[0].g_idx,
         bits=bits,
     )
+
+
+# Kernels that keep the activations in floating point. The output head's error lands on the logits
+# directly: with a GGUF's Q8_0 head on a kernel that also rounds activations to int8, the bundled
+# SmolLM2's greedy answer to "What is the capital of France?" stopped being Paris (either alone kept it).
+FLOAT_ACTIVATION_KERNELS = ("cpu_int8pack", "cpu_int8_as_int4x2", "cpu_int4pack", "cuda_int4pack", "dequant")
+
+
+def head_kernel(w: AffineWeight, device: str) -> str | None:
+    """The first kernel (in the registry's order of speed) with float activations that runs ``w``."""
+    from qwenkit.quant.kernels import KERNELS, WeightSpec
+
+    spec, dev = WeightSpec.of(w), torch.device(device)
+    keys = [c.key for c in KERNELS if c.key in FLOAT_ACTIVATION_KERNELS and c.supports(spec, dev)]
+    return keys[0] if keys else None
