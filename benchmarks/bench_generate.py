@@ -1,7 +1,7 @@
 """Load time and generation speed of a model (default: the bundled SmolLM2-135M-Instruct GGUF).
 
 Prints a markdown table: load seconds, prefill tokens/s for a long prompt, and decode tokens/s at
-batch 1, 4 and 8 (aggregate over the batch), all greedy through the engine the CLI and server use.
+batch 1, 4, 8 and 16 (aggregate over the batch), all greedy through the engine the CLI and server use.
 
     .venv/bin/python benchmarks/bench_generate.py [MODEL] [--dtype auto|float32|bfloat16] [--tokens 128]
 """
@@ -48,11 +48,17 @@ def main() -> None:
     parser.add_argument("--quantize", choices=["int8", "int4"])
     parser.add_argument("--tokens", type=int, default=128, help="new tokens per request")
     parser.add_argument("--plain", action="store_true", help="PyTorch kernels only (no AVX-512 repacking)")
+    parser.add_argument("--dequantize", action="store_true", help="a GGUF's weights as floats (the old load)")
     args = parser.parse_args()
     path = args.model or default_model_path()
     start = time.perf_counter()
     model, config = load_model(
-        path, dtype=args.dtype, quantize=args.quantize, progress=False, fast_kernels=not args.plain
+        path,
+        dtype=args.dtype,
+        quantize=args.quantize,
+        progress=False,
+        fast_kernels=not args.plain,
+        dequantize=args.dequantize,
     )
     load_s = time.perf_counter() - start
     decode_rate(model, 1, 8)  # warm-up
@@ -64,7 +70,7 @@ def main() -> None:
     print("| measure | value |\n|---|---|")
     print(f"| load time | {load_s:.2f} s |")
     print(f"| prefill, 512-token prompt | {prefill_rate(model, 512):.0f} tokens/s |")
-    for batch in (1, 4, 8):
+    for batch in (1, 4, 8, 16):
         print(
             f"| decode, batch {batch} ({args.tokens} new tokens each) "
             f"| {decode_rate(model, batch, args.tokens):.1f} tokens/s |"
