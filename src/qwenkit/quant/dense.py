@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenkit import kernels
+from qwenkit.checkpoint.files import release_pages, trim_heap
 from qwenkit.kernels.ops import TILE
 
 
@@ -81,11 +82,17 @@ def pack_dense_for_cpu(model: nn.Module) -> int:
     for name, m in list(model.named_modules()):
         if type(m) is not nn.Linear or m.weight.dtype != torch.bfloat16 or m.weight.device.type != "cpu":
             continue
-        packed = PackedBf16Linear(m.weight.detach(), m.bias)
+        weight = m.weight.detach()
+        packed = PackedBf16Linear(weight, m.bias)
         _replace(model, name, packed)
         for emb_name in embeddings.pop(id(m.weight), []):
             _replace(model, emb_name, PackedBf16Embedding(packed))
+        # The float weight is now unreachable, but a memory-mapped checkpoint keeps its file open for the
+        # other tensors: drop its pages, or every weight would count twice until the process ends.
+        release_pages(weight.data_ptr(), weight.nbytes)
+        del weight, m
         count += 1
+    trim_heap()  # the packing temporaries
     return count
 
 
