@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=8)
     args = ap.parse_args()
     source = open_checkpoint(default_model_path())
-    model, _ = load_model(source, dtype="float32", progress=False)
+    model, _ = load_model(source, dtype="float32", progress=False, dequantize=True)
     windows = calibration_token_ids(tokenizer_for(source).encode, args.calib_samples, 512)
     targets: dict[str, tuple[torch.nn.Linear, HessianAccumulator]] = {}
     hooks = []

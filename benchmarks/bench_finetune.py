@@ -47,7 +47,7 @@ def worker(side: str, hf_dir: str, batch: int, seq_len: int, steps: int, warmup:
         from qwenkit.default_model import default_model_path
         from qwenkit.finetune.lora import LoRAConfig, apply_lora, lora_parameters
 
-        model, _ = load_model(default_model_path(), "float32", progress=False)
+        model, _ = load_model(default_model_path(), "float32", progress=False, dequantize=True)
         apply_lora(model, LoRAConfig(r=16, alpha=32, dropout=0.0, target_modules=tuple(TARGETS)))
         params = lora_parameters(model)
 

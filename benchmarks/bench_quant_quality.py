@@ -84,7 +84,7 @@ def file_group(model, group: int, partial: bool) -> int:
 
 def build(path, variant: str, calib: list[list[int]], damp: float, partial: bool):
     method, bits, group, sym, act, head = VARIANTS[variant]
-    model, _ = load_model(path, dtype="float32", progress=False)
+    model, _ = load_model(path, dtype="float32", progress=False, dequantize=True)
     if method in ("rtn", "gptq"):
         group = file_group(model, group, partial)
     if method == "runtime":
@@ -119,7 +119,7 @@ def main() -> None:
     step = len(ids) // n
     windows = [ids[i * step : i * step + args.eval_len] for i in range(n)]  # spread over the held-out part
     calib = calibration_token_ids(tokenizer.encode, args.calib_samples, args.seq_len, calib_text)
-    probe, _ = load_model(path, dtype="float32", progress=False)
+    probe, _ = load_model(path, dtype="float32", progress=False, dequantize=True)
     group4 = file_group(probe, 128, args.partial_groups)
     del probe
     print(
