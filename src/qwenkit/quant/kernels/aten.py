@@ -60,10 +60,13 @@ def _int4_rows(packed: torch.Tensor, ids: torch.Tensor, n: int, k: int) -> torch
     return (slabs >> shift) & 0xF
 
 
-def _per_kernel_group(t: torch.Tensor, group_size: int, g: int, k: int) -> torch.Tensor:
-    """(G, N) per-group values repeated for the kernel's (k/g, N) groups (g divides group_size)."""
-    rep = torch.arange(k // g, device=t.device) * g // group_size
-    return t[rep]
+def _kernel_groups(w: AffineWeight) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(kernel group g, scale, shift) with our (G, N) per-group values repeated for the kernel's (k/g, N)
+    groups (g divides group_size)."""
+    k = w.in_features
+    g = kernel_group(w.group_size, k)
+    rep = torch.arange(k // g, device=w.scale.device) * g // w.group_size
+    return g, w.scale.float()[rep], w.shift.float()[rep]
 
 
 def _scales_and_shifts(scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -134,10 +137,7 @@ class CpuInt4PackKernel(LinearKernel):
 
     def __init__(self, w: AffineWeight) -> None:
         super().__init__(w)
-        k = w.in_features
-        self.kgroup = kernel_group(w.group_size, k)
-        s = _per_kernel_group(w.scale.float(), w.group_size, self.kgroup, k)
-        b = _per_kernel_group(w.shift.float(), w.group_size, self.kgroup, k)
+        self.kgroup, s, b = _kernel_groups(w)
         self._pack(w.codes, s, b)
 
     def _pack(self, q: torch.Tensor, s: torch.Tensor, b: torch.Tensor) -> None:
@@ -222,9 +222,7 @@ class CudaInt4PackKernel(LinearKernel):
     def __init__(self, w: AffineWeight) -> None:
         super().__init__(w)
         k = w.in_features
-        self.kgroup = kernel_group(w.group_size, k)
-        s = _per_kernel_group(w.scale.float(), w.group_size, self.kgroup, k)
-        b = _per_kernel_group(w.shift.float(), w.group_size, self.kgroup, k)
+        self.kgroup, s, b = _kernel_groups(w)
         qi = w.codes.to(torch.int32)
         as_bytes = ((qi[:, ::2] << 4) | qi[:, 1::2]).to(torch.uint8)
         tiles = 8 if k % 128 == 0 else 4 if k % 64 == 0 else 2
