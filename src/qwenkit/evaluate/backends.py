@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from qwenkit.errors import QwenkitError
-from qwenkit.tools.hermes import THINK_OPEN, parse_hermes
-from qwenkit.tools.react import STOP_WORDS, parse_react, react_messages
+from qwenkit.tools.hermes import parse_hermes
+from qwenkit.tools.react import parse_react, react_messages
+from qwenkit.tools.template_style import prompt_opens_thinking, template_style
 
 
 class BackendError(QwenkitError, RuntimeError):
@@ -172,8 +173,8 @@ class LocalBackend:
         """The template renders the tools and the reply is parsed as the server parses it: hermes
         ``<tool_call>`` blocks (and a leading ``<think>``), or ReAct for a template without tools (v1)."""
         tokenizer = self.llm.tokenizer
-        template = tokenizer.chat_template or ""
-        react = "tools" not in template
+        style = template_style(tokenizer.chat_template)
+        react = style.react
         prompts = []
         for conversation, offered in zip(messages, tools, strict=True):
             if react:
@@ -182,15 +183,15 @@ class LocalBackend:
             else:
                 prompts.append(tokenizer.apply_chat_template(conversation, tools=offered))
         params = self.llm.default_params(temperature=0.0, max_tokens=max_tokens, repetition_penalty=1.0)
-        params = _with(params, top_k=0, top_p=1.0, stop=STOP_WORDS if react else ())
+        params = _with(params, top_k=0, top_p=1.0, stop=style.stop)
         replies = []
         for prompt, completion in zip(prompts, self.llm.generate(prompts, params), strict=True):
             text = completion.text
             if react:
                 parsed = parse_react(text)
             else:
-                opened = tokenizer.decode(prompt[-4:]).rstrip().endswith(THINK_OPEN)
-                parsed = parse_hermes(text, reasoning=THINK_OPEN in template, in_reasoning=opened)
+                opened = style.reasoning and prompt_opens_thinking(tokenizer.decode, prompt)
+                parsed = parse_hermes(text, reasoning=style.reasoning, in_reasoning=opened)
             calls = [{"name": c.name, "arguments": c.arguments} for c in parsed.tool_calls]
             replies.append(ToolReply(text, parsed.content, parsed.reasoning, calls))
         return replies

@@ -25,8 +25,9 @@ from qwenkit.tools.grammar import (
     react_call_grammar,
     tool_call_grammar,
 )
-from qwenkit.tools.hermes import THINK_OPEN, HermesParser
+from qwenkit.tools.hermes import HermesParser
 from qwenkit.tools.react import STOP_WORDS, parse_react, react_messages
+from qwenkit.tools.template_style import prompt_opens_thinking, template_style
 
 NAMED_USAGE = 'Correct usage: `{"type": "function", "function": {"name": "my_function"}}`'
 
@@ -123,9 +124,8 @@ def _response_schema(response_format: Any) -> tuple[bool, dict[str, Any] | None]
 
 def uses_react(llm: LLM, body: ChatCompletionRequest) -> bool:
     """Tools for a model whose chat template cannot render them (Qwen v1): the ReAct flow."""
-    return (
-        bool(body.tools) and body.tool_choice != "none" and "tools" not in (llm.tokenizer.chat_template or "")
-    )
+    react = template_style(llm.tokenizer.chat_template).react
+    return bool(body.tools) and body.tool_choice != "none" and react
 
 
 def prompt_messages(
@@ -142,12 +142,11 @@ def plan_tools(llm: LLM, body: ChatCompletionRequest, prompt_ids: list[int]) -> 
     functions = _functions(body.tools) if body.tools is not None else []
     choice, named = _choice(body.tool_choice, functions)
     parallel = body.parallel_tool_calls is not False
-    template = llm.tokenizer.chat_template or ""
-    plan = ToolPlan(functions, choice, named, parallel, reasoning=THINK_OPEN in template)
+    style = template_style(llm.tokenizer.chat_template)
+    plan = ToolPlan(functions, choice, named, parallel, reasoning=style.reasoning)
     plan.react = uses_react(llm, body)
     if plan.reasoning:
-        tail = llm.tokenizer.decode(prompt_ids[-4:])
-        plan.in_reasoning = tail.rstrip().endswith(THINK_OPEN)
+        plan.in_reasoning = prompt_opens_thinking(llm.tokenizer.decode, prompt_ids)
     constrained, schema = _response_schema(body.response_format)
     try:
         if choice in ("required", "named"):

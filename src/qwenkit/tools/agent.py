@@ -15,8 +15,9 @@ from qwenkit.engine import SamplingParams
 from qwenkit.errors import QwenkitError
 from qwenkit.generate import LLM
 from qwenkit.tools.calls import ParsedMessage, ToolCall
-from qwenkit.tools.hermes import THINK_OPEN, parse_hermes
-from qwenkit.tools.react import STOP_WORDS, parse_react, react_messages
+from qwenkit.tools.hermes import parse_hermes
+from qwenkit.tools.react import parse_react, react_messages
+from qwenkit.tools.template_style import prompt_opens_thinking, template_style
 
 log = logging.getLogger(__name__)
 
@@ -70,21 +71,23 @@ class Agent:
             raise ToolError(f"max_rounds must be >= 1, got {max_rounds}")
         self.llm, self.tools, self.max_rounds = llm, {t.name: t for t in tools}, max_rounds
         self.params = params or llm.default_params()
-        template = llm.tokenizer.chat_template or ""
-        self.react = "tools" not in template
-        self.reasoning = THINK_OPEN in template
+        self.style = template_style(llm.tokenizer.chat_template)
 
     def _reply(self, messages: list[dict[str, Any]]) -> tuple[str, ParsedMessage]:
         specs = [t.spec() for t in self.tools.values()]
         params = self.params
-        if self.react:
+        tokenizer = self.llm.tokenizer
+        if self.style.react:
             rendered = react_messages(messages, [s["function"] for s in specs])
-            ids = self.llm.tokenizer.apply_chat_template(rendered, add_generation_prompt=True)
-            params = replace(params, stop=(*params.stop, *STOP_WORDS))
+            ids = tokenizer.apply_chat_template(rendered, add_generation_prompt=True)
+            params = replace(params, stop=(*params.stop, *self.style.stop))
         else:
-            ids = self.llm.tokenizer.apply_chat_template(messages, tools=specs, add_generation_prompt=True)
+            ids = tokenizer.apply_chat_template(messages, tools=specs, add_generation_prompt=True)
         text = self.llm.generate([ids], params)[0].text
-        return text, parse_react(text) if self.react else parse_hermes(text, reasoning=self.reasoning)
+        if self.style.react:
+            return text, parse_react(text)
+        opened = self.style.reasoning and prompt_opens_thinking(tokenizer.decode, ids)
+        return text, parse_hermes(text, reasoning=self.style.reasoning, in_reasoning=opened)
 
     def run(self, messages: list[dict[str, Any]] | str) -> AgentResult:
         history = [{"role": "user", "content": messages}] if isinstance(messages, str) else list(messages)

@@ -1,0 +1,37 @@
+"""What a model's chat template does with tools and reasoning, read once for every caller.
+
+The server, the agent and the evaluator must agree on three facts about a model, or the same model
+answers differently through each: whether its template renders tools itself (Qwen2.5/Qwen3: hermes
+``<tool_call>`` blocks) or cannot (Qwen v1: the ReAct prompt is written for it, with ReAct's stop words),
+whether it has a ``<think>`` reasoning block, and whether a rendered prompt already opened that block
+(thinking templates that end the generation prompt with ``<think>``), so the reply starts inside it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from qwenkit.tools.hermes import THINK_OPEN
+from qwenkit.tools.react import STOP_WORDS
+
+
+@dataclass(frozen=True)
+class TemplateStyle:
+    react: bool  # the template cannot render tools: prompt with ReAct and stop at its observation words
+    reasoning: bool  # the template knows a <think> block
+
+    @property
+    def stop(self) -> tuple[str, ...]:
+        """Stop words a tool-using request needs on top of the caller's."""
+        return STOP_WORDS if self.react else ()
+
+
+def template_style(chat_template: str | None) -> TemplateStyle:
+    template = chat_template or ""
+    return TemplateStyle(react="tools" not in template, reasoning=THINK_OPEN in template)
+
+
+def prompt_opens_thinking(decode: Callable[[Sequence[int]], str], prompt_ids: Sequence[int]) -> bool:
+    """Whether the rendered prompt ends inside an opened ``<think>`` (its last few tokens decoded)."""
+    return decode(list(prompt_ids[-4:])).rstrip().endswith(THINK_OPEN)
