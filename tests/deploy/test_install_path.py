@@ -33,7 +33,9 @@ def test_readme_setup_is_make_setup_and_make_setup_is_the_install_script():
 def test_image_installs_only_through_the_install_script(dockerfile):
     runs = [rest for keyword, rest in dockerfile_instructions(dockerfile) if keyword == "RUN"]
     installs = [r for r in runs if "install" in r and "useradd" not in r]
-    assert installs == ["EDITABLE=0 TORCH_INDEX_URL=${TORCH_INDEX_URL} sh deploy/install.sh /opt/qwenkit"]
+    assert installs == [
+        "EDITABLE=0 KERNELS=venv TORCH_INDEX_URL=${TORCH_INDEX_URL} sh deploy/install.sh /opt/qwenkit"
+    ]
     assert not any(re.search(r"\b(pip|apt-get|apt|conda|uv)\b", r) for r in runs), runs
     copies = [rest for keyword, rest in dockerfile_instructions(dockerfile) if keyword == "COPY"]
     assert "deploy/install.sh deploy/constraints.txt ./deploy/" in copies

@@ -217,7 +217,7 @@ def test_second_process_reuses_the_cached_library(loaded):
 
 @needs_isa
 def test_prebuild_command_reports_the_library(loaded, capsys):
-    assert build.main() == 0
+    assert build.main([]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and out[0].startswith("qwenkit kernels: ready at ")
     assert out[0].endswith(build.LIBRARY_NAME) and Path(out[0].split(" at ", 1)[1]).is_file()
@@ -309,3 +309,77 @@ def test_torch_switch_turns_the_kernels_off(monkeypatch, capsys):
     assert capsys.readouterr().err == ""
     r = run_python("from qwenkit import kernels; print(kernels.available())", QWENKIT_KERNELS="torch")
     assert r.stdout.strip() == "False" and r.stderr == ""
+
+
+# --- a library stored in the venv (container images: built in the build stage, no compiler at run time) --
+
+VENV_CHECK = """
+import sys
+sys.prefix = {prefix!r}
+import torch
+from qwenkit import kernels
+ok = kernels.available()
+print(ok)
+if ok:
+    w = torch.randn(32, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    x = torch.randn(1, 64, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    got = kernels.linear_bf16(x, kernels.prepare_bf16(w)).float()
+    want = x.float() @ w.float().T
+    print(float((got - want).abs().max() / want.abs().max()))
+"""
+
+
+@pytest.fixture
+def venv_copy(tmp_path, monkeypatch, capsys, loaded):
+    """``--into-venv`` run for a stand-in venv prefix (the library comes from the session's cache)."""
+    prefix = tmp_path / "venv"
+    monkeypatch.setattr(build.sys, "prefix", str(prefix))
+    assert build.main(["--into-venv"]) == 0
+    lib = prefix / "share" / "qwenkit" / "kernels" / build.LIBRARY_NAME
+    assert capsys.readouterr().out.strip() == f"qwenkit kernels: stored in the venv at {lib}"
+    return prefix
+
+
+def run_without_compiler(prefix: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+    empty_cache = tmp_path / "cache"
+    return run_python(
+        VENV_CHECK.format(prefix=str(prefix)),
+        XDG_CACHE_HOME=str(empty_cache),
+        CXX="false",
+        PATH="/nonexistent",
+    )
+
+
+@needs_isa
+def test_library_stored_in_the_venv_loads_without_a_compiler(venv_copy, tmp_path):
+    stored = venv_copy / "share" / "qwenkit" / "kernels"
+    assert sorted(p.name for p in stored.iterdir()) == sorted(
+        [build.LIBRARY_NAME, build.LIBRARY_NAME + ".sha256", "key"]
+    )  # no temporary files left
+    assert build.venv_library() == stored / build.LIBRARY_NAME
+    r = run_without_compiler(venv_copy, tmp_path)
+    lines = r.stdout.split()
+    assert r.returncode == 0 and lines[0] == "True" and r.stderr == "", r.stderr
+    assert float(lines[1]) < 0.01  # the op computes (within bf16 output rounding)
+    assert not (tmp_path / "cache").exists()  # nothing was built or cached
+
+
+@needs_isa
+@pytest.mark.parametrize("damage", ["truncated", "other source"])
+def test_damaged_or_stale_venv_library_is_not_loaded(venv_copy, tmp_path, damage):
+    stored = venv_copy / "share" / "qwenkit" / "kernels"
+    if damage == "truncated":
+        lib = stored / build.LIBRARY_NAME
+        lib.write_bytes(lib.read_bytes()[:4096])
+    else:  # built from another qwenkit source or for another torch
+        (stored / "key").write_text("0" * 24 + "\n")
+    assert build.venv_library() is None
+    r = run_without_compiler(venv_copy, tmp_path)
+    assert r.returncode == 0 and r.stdout.strip() == "False"
+    (line,) = r.stderr.strip().splitlines()
+    assert "no C++ compiler found" in line and "plain PyTorch path" in line
+
+
+def test_build_command_refuses_unknown_arguments(capsys):
+    assert build.main(["--into"]) == 2
+    assert "usage: python -m qwenkit.kernels.build [--into-venv]" in capsys.readouterr().out

@@ -5,6 +5,11 @@ compiler and cached under ``${XDG_CACHE_HOME:-~/.cache}/qwenkit/kernels/<key>/``
 temporary directory that is renamed into place, and the cached file's SHA-256 is checked before it is
 loaded, so a process never loads a half-written or damaged library (a damaged entry is rebuilt).
 The compile flags name exactly the ISA extensions that `missing_isa` checks at run time.
+
+A container image has no compiler at run time: its build stage runs ``--into-venv``, which compiles
+for those flags whatever the build machine's CPU and stores the library inside the virtual
+environment (``<venv>/share/qwenkit/kernels/``), keyed by the source and torch but not the compiler.
+``load`` takes that copy first when its checksum and key hold, else the user cache as above.
 """
 
 from __future__ import annotations
@@ -83,12 +88,31 @@ def compile_flags() -> list[str]:
     return [*BASE_FLAGS, *ISA_FLAGS.values(), f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
 
 
-def cache_key(cxx_version: str) -> str:
+def _key(*extra: str) -> str:
     h = hashlib.sha256()
     h.update(SOURCE.read_bytes())
-    for part in (torch.__version__, str(torch.version.git_version), cxx_version, " ".join(compile_flags())):
+    for part in (torch.__version__, str(torch.version.git_version), *extra, " ".join(compile_flags())):
         h.update(b"\0" + part.encode())
     return h.hexdigest()[:24]
+
+
+def cache_key(cxx_version: str) -> str:
+    return _key(cxx_version)
+
+
+def venv_dir() -> Path:
+    """Where ``--into-venv`` stores a library built for this environment (a container image's venv)."""
+    return Path(sys.prefix) / "share" / "qwenkit" / "kernels"
+
+
+def venv_library() -> Path | None:
+    """The library ``--into-venv`` stored, if it is whole and was built from this source for this torch."""
+    entry = venv_dir()
+    try:
+        key = (entry / "key").read_text().strip()
+    except OSError:
+        return None
+    return cached_library(entry) if key == _key() else None
 
 
 def _sha256(path: Path) -> str:
@@ -170,9 +194,25 @@ def ensure_built(announce: bool = True) -> Path:
     return lib
 
 
+def into_venv() -> Path:
+    """Compile (or take from the user cache) and store the library in ``venv_dir``, replacing the files
+    one by one under temporary names, the checksum last, so a reader never trusts a half-written copy."""
+    built = ensure_built(announce=False)
+    entry = venv_dir()
+    entry.mkdir(parents=True, exist_ok=True)
+    files = {LIBRARY_NAME: built.read_bytes(), "key": (_key() + "\n").encode()}
+    files[LIBRARY_NAME + ".sha256"] = (hashlib.sha256(files[LIBRARY_NAME]).hexdigest() + "\n").encode()
+    for name, data in files.items():
+        tmp = entry / f".{name}.{os.getpid()}"
+        tmp.write_bytes(data)
+        tmp.replace(entry / name)
+    return entry / LIBRARY_NAME
+
+
 def load() -> None:
-    """Build if needed and load the ops into torch.ops.qwenkit. Raises KernelBuildError."""
-    lib = ensure_built()
+    """Load the ops into torch.ops.qwenkit: the venv's prebuilt copy, else the user cache's (building it
+    if needed). Raises KernelBuildError."""
+    lib = venv_library() or ensure_built()
     try:
         torch.ops.load_library(str(lib))
     except (OSError, RuntimeError) as e:
@@ -180,8 +220,24 @@ def load() -> None:
         raise KernelBuildError(f"the built library does not load ({e})") from e
 
 
-def main() -> int:
-    """Prebuild for `make setup`: exits 0 either way, with one line saying what happened."""
+def main(argv: list[str] | None = None) -> int:
+    """Prebuild for `make setup`: exits 0 either way, with one line saying what happened.
+
+    ``--into-venv`` (an image's build stage): compile for the AVX-512 flags even when this CPU lacks
+    them, since the image runs elsewhere, and store the library in the venv; exits 1 when it cannot.
+    """
+    args = sys.argv[1:] if argv is None else argv
+    if args == ["--into-venv"]:
+        try:
+            lib = into_venv()
+        except (KernelBuildError, OSError) as e:
+            print(f"qwenkit kernels: not stored in the venv ({e})")
+            return 1
+        print(f"qwenkit kernels: stored in the venv at {lib}")
+        return 0
+    if args:
+        print(f"usage: python -m qwenkit.kernels.build [--into-venv] (got {' '.join(args)})")
+        return 2
     reason = missing_isa()
     if reason:
         print(f"qwenkit kernels: not built, {reason}; the plain PyTorch path will be used")
