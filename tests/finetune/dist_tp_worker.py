@@ -1,0 +1,36 @@
+"""Run under torchrun (4 processes: 2 replicas x 2 tensor-parallel ranks) by test_tensor_parallel.py.
+
+usage: dist_tp_worker.py MODEL_DIR OUT_DIR; writes OUT_DIR/{fsdp-full,fsdp-lora}.pt (one step's gradients,
+gathered whole, and the weights after 3 steps) and a checkpoint at step 2 of the full run in OUT_DIR/ckpt.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from dist_common import build, grads, steps_and_weights
+
+from qwenkit.finetune.distributed import close_world, init_world
+
+
+def main() -> None:
+    model_dir, out = sys.argv[1], Path(sys.argv[2])
+    torch.set_num_threads(1)
+    world = init_world("cpu", tp=2)
+    for mode in ("fsdp-full", "fsdp-lora"):
+        strategy, method = mode.split("-")
+        ckpt = out / "ckpt" if method == "full" else None
+        trainer, prep = build(model_dir, method, world, strategy, batch_size=2)
+        result = {"grads": grads(trainer, prep)}
+        result["weights"] = steps_and_weights(trainer, prep, 3, ckpt_at=2 if ckpt else None, ckpt_dir=ckpt)
+        if world.is_main:
+            torch.save(result, out / f"{mode}.pt")
+    close_world(world)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""FSDP x tensor parallelism on a 2-D ("dp", "tp") device mesh, on gloo.
+
+4 processes as 2 replicas x 2 tensor-parallel ranks compute the gradients 1 process computes on the same
+global batch (full fine-tuning with tied embeddings, and LoRA; gradients gathered whole), and reach the
+same weights after 3 AdamW steps; their checkpoint resumes in 1 process. `qwenkit finetune
+--tensor-parallel 2` (1 replica x 2 ranks) writes, from rank 0, a consolidated checkpoint that loads in
+qwenkit and equals the 1-process result. Bad splits are refused in one line before any process starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from dist_common import build, grads, steps_and_weights, torchrun
+from factories import hf_model, save_hf, write_tiny_chat_model
+
+from qwenkit.checkpoint import load_model
+from qwenkit.cli import main as cli_main
+from qwenkit.finetune.distributed import World
+from qwenkit.finetune.run import finetune, load_checkpoint, work_dir
+from qwenkit.finetune.trainer import TrainArgs
+
+SRC = Path(__file__).parents[2] / "src"
+
+
+@pytest.fixture(scope="module")
+def tied_dir(tmp_path_factory):
+    """4 heads over 2 key/value heads (GQA): each tensor-parallel rank holds 2 query heads over 1."""
+    return save_hf(hf_model("qwen2", tie_word_embeddings=True), tmp_path_factory.mktemp("tied") / "m")
+
+
+@pytest.fixture(scope="module")
+def two_by_two(tied_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tp")
+    torchrun("dist_tp_worker.py", [tied_dir, out], out, nproc=4)
+    return out
+
+
+@pytest.fixture(scope="module")
+def chat_model_kv2(tmp_path_factory):
+    """The tiny Qwen3 chat model (q/k norm) with 2 key/value heads, so it splits over 2 ranks."""
+    return write_tiny_chat_model(tmp_path_factory.mktemp("kv2") / "m", num_key_value_heads=2)
+
+
+def assert_same_weights(got: dict, want: dict) -> None:
+    """Equal after a few AdamW steps at lr 1e-2. Adam divides by sqrt(v): a gradient at round-off level
+    (|g| ~ 1e-8 against 1e-2 elsewhere, summed in another order) still moves its weight by up to lr, so a
+    handful of such elements may differ by up to a few 1e-4; all but 0.1% of the elements agree to 1e-5."""
+    loose = total = 0
+    for n, w in want.items():
+        torch.testing.assert_close(got[n], w, rtol=0, atol=1e-2, msg=n)  # at most lr apart
+        loose += int(((got[n] - w).abs() > 1e-5).sum())
+        total += w.numel()
+    assert loose <= total // 1000, f"{loose} of {total} weights differ by more than 1e-5"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_two_replicas_by_two_tensor_ranks_equal_one_process(method, tied_dir, two_by_two):
+    tp = torch.load(two_by_two / f"fsdp-{method}.pt", weights_only=True)
+    trainer, prep = build(tied_dir, method, World(), "ddp", batch_size=4)  # the same global batch of 4
+    ref_grads = grads(trainer, prep)
+    assert tp["grads"].keys() == ref_grads.keys()
+    for n, g in ref_grads.items():
+        assert g.abs().sum() > 0, n
+        torch.testing.assert_close(tp["grads"][n], g, rtol=1e-4, atol=1e-7)  # whole, not scaled
+    ref_weights = steps_and_weights(trainer, prep, 3)
+    assert_same_weights(tp["weights"], ref_weights)
+    if method == "full":
+        # the tied embedding is one tensor split by vocabulary rows, trained once
+        assert "model.embed_tokens.weight" in ref_weights and "lm_head.weight" not in ref_weights
+        # the 2x2 run's step-2 checkpoint (gathered whole) resumes in 1 process to the same weights
+        t1, p1 = build(tied_dir, method, World(), "ddp", batch_size=4)
+        load_checkpoint(two_by_two / "ckpt", t1, p1, t1.args)
+        assert t1.step == 2
+        assert_same_weights(steps_and_weights(t1, p1, 1), ref_weights)
+
+
+def chat_data(path: Path) -> Path:
+    rows = [
+        {"messages": [{"role": "user", "content": f"{i}?"}, {"role": "assistant", "content": f"It is {i}."}]}
+        for i in range(4)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.slow
+def test_finetune_command_with_tensor_parallel_writes_the_one_process_checkpoint(chat_model_kv2, tmp_path):
+    """`qwenkit finetune --method full --tensor-parallel 2` (--nproc defaults to 2): rank 0 writes the whole
+    model, which loads in qwenkit and equals the model one process trains on the same batches."""
+    data = chat_data(tmp_path / "d.jsonl")
+    common = ["--method", "full", "--max-steps", "2", "--lr", "1e-2", "--batch-size", "2", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(SRC)}
+    cmd = [sys.executable, "-m", "qwenkit.cli", "finetune", str(chat_model_kv2), str(data)]
+    cmd += [str(tmp_path / "tp"), "--tensor-parallel", "2", *common]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not work_dir(tmp_path / "tp").exists()
+    args = TrainArgs(method="full", max_steps=2, lr=1e-2, batch_size=2, progress=False)
+    finetune(chat_model_kv2, data, tmp_path / "one", args)
+
+    tp, _ = load_model(tmp_path / "tp", "float32", progress=False)
+    one, _ = load_model(tmp_path / "one", "float32", progress=False)
+    base, _ = load_model(chat_model_kv2, "float32", progress=False)
+    assert tp.state_dict().keys() == one.state_dict().keys()
+    assert_same_weights(tp.state_dict(), one.state_dict())
+    ids = torch.tensor([[9707, 11, 1879, 0, 3555]])
+    with torch.no_grad():
+        got, want, before = tp(ids), one(ids), base(ids)
+    assert (want - before).abs().max() > 1e-2  # it trained
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+    logs = [json.loads(x) for x in (tmp_path / "tp" / "log.jsonl").read_text().splitlines()]
+    ones = [json.loads(x) for x in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
+    assert [round(x["loss"], 4) for x in logs] == [round(x["loss"], 4) for x in ones]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--tensor-parallel", "2"], "--tensor-parallel 2 does not divide the model's 1 key/value heads"),
+        (["--tensor-parallel", "4"], "--tensor-parallel 4 is more ranks than the model's 2 attention heads"),
+        (["--tensor-parallel", "0"], "--tensor-parallel must be at least 1, got 0"),
+        (["--nproc", "3", "--tensor-parallel", "3"], "--tensor-parallel 3 is more ranks"),
+    ],
+)
+def test_bad_split_of_the_model_is_refused_in_one_line(extra, message, tiny_chat_model, tmp_path, capsys):
+    argv = ["finetune", str(tiny_chat_model), str(chat_data(tmp_path / "d.jsonl")), str(tmp_path / "o")]
+    assert cli_main([*argv, *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "o").exists() and not work_dir(tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--nproc", "3", "--tensor-parallel", "2"], "--tensor-parallel 2 does not divide the 3 process(es)"),
+        (["--tensor-parallel", "2", "--strategy", "ddp"], "combines with --strategy fsdp"),
+        (["--tensor-parallel", "2", "--method", "qlora"], "does not split QLoRA's quantized base"),
+    ],
+)
+def test_bad_layout_is_refused_in_one_line(extra, message, chat_model_kv2, tmp_path, capsys):
+    argv = ["finetune", str(chat_model_kv2), str(chat_data(tmp_path / "d.jsonl")), str(tmp_path / "o")]
+    assert cli_main([*argv, *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "o").exists()
