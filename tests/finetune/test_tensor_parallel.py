@@ -1,8 +1,9 @@
 """FSDP x tensor parallelism on a 2-D ("dp", "tp") device mesh, on gloo.
 
 4 processes as 2 replicas x 2 tensor-parallel ranks compute the gradients 1 process computes on the same
-global batch (full fine-tuning with tied embeddings, and LoRA; gradients gathered whole), and reach the
-same weights after 3 AdamW steps; their checkpoint resumes in 1 process. `qwenkit finetune
+global batch (gathered whole: full fine-tuning of a Qwen3 model with tied embeddings and q/k norms, and
+LoRA on a Qwen2 model with qkv biases; both GQA), and reach the same weights after 3 AdamW steps; their
+checkpoint resumes in 1 process. `qwenkit finetune
 --tensor-parallel 2` (1 replica x 2 ranks) writes, from rank 0, a consolidated checkpoint that loads in
 qwenkit and equals the 1-process result. Bad splits are refused in one line before any process starts.
 """
@@ -30,15 +31,19 @@ SRC = Path(__file__).parents[2] / "src"
 
 
 @pytest.fixture(scope="module")
-def tied_dir(tmp_path_factory):
+def model_dirs(tmp_path_factory):
     """4 heads over 2 key/value heads (GQA): each tensor-parallel rank holds 2 query heads over 1."""
-    return save_hf(hf_model("qwen2", tie_word_embeddings=True), tmp_path_factory.mktemp("tied") / "m")
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "full": save_hf(hf_model("qwen3", tie_word_embeddings=True), root / "qwen3-tied"),
+        "lora": save_hf(hf_model("qwen2"), root / "qwen2"),
+    }
 
 
 @pytest.fixture(scope="module")
-def two_by_two(tied_dir, tmp_path_factory):
+def two_by_two(model_dirs, tmp_path_factory):
     out = tmp_path_factory.mktemp("tp")
-    torchrun("dist_tp_worker.py", [tied_dir, out], out, nproc=4)
+    torchrun("dist_tp_worker.py", [model_dirs["full"], model_dirs["lora"], out], out, nproc=4)
     return out
 
 
@@ -62,9 +67,10 @@ def assert_same_weights(got: dict, want: dict) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["full", "lora"])
-def test_two_replicas_by_two_tensor_ranks_equal_one_process(method, tied_dir, two_by_two):
-    tp = torch.load(two_by_two / f"fsdp-{method}.pt", weights_only=True)
-    trainer, prep = build(tied_dir, method, World(), "ddp", batch_size=4)  # the same global batch of 4
+def test_two_replicas_by_two_tensor_ranks_equal_one_process(method, model_dirs, two_by_two):
+    tp = torch.load(two_by_two / f"{method}.pt", weights_only=True)
+    # the same global batch of 4 in one process
+    trainer, prep = build(model_dirs[method], method, World(), "ddp", batch_size=4)
     ref_grads = grads(trainer, prep)
     assert tp["grads"].keys() == ref_grads.keys()
     for n, g in ref_grads.items():
@@ -75,8 +81,9 @@ def test_two_replicas_by_two_tensor_ranks_equal_one_process(method, tied_dir, tw
     if method == "full":
         # the tied embedding is one tensor split by vocabulary rows, trained once
         assert "model.embed_tokens.weight" in ref_weights and "lm_head.weight" not in ref_weights
+        assert "model.layers.0.self_attn.q_norm.weight" in ref_grads
         # the 2x2 run's step-2 checkpoint (gathered whole) resumes in 1 process to the same weights
-        t1, p1 = build(tied_dir, method, World(), "ddp", batch_size=4)
+        t1, p1 = build(model_dirs[method], method, World(), "ddp", batch_size=4)
         load_checkpoint(two_by_two / "ckpt", t1, p1, t1.args)
         assert t1.step == 2
         assert_same_weights(steps_and_weights(t1, p1, 1), ref_weights)
