@@ -1,8 +1,8 @@
 """Run under torchrun (4 processes: 2 replicas x 2 tensor-parallel ranks) by test_tensor_parallel.py.
 
 usage: dist_tp_worker.py FULL_MODEL_DIR LORA_MODEL_DIR OUT_DIR; writes OUT_DIR/{full,lora}.pt (one step's
-gradients, gathered whole, and the weights after 3 steps) and a checkpoint at step 2 of the full run in
-OUT_DIR/ckpt (one launch for both: process start-up is the slow part).
+gradients, gathered whole, and the weights after 3 steps) and each run's checkpoint at step 2 in
+OUT_DIR/ckpt-{full,lora} (one launch for both: process start-up is the slow part).
 """
 
 from __future__ import annotations
@@ -23,10 +23,9 @@ def main() -> None:
     torch.set_num_threads(1)
     world = init_world("cpu", tp=2)
     for method, model_dir in model_dirs.items():
-        ckpt = out / "ckpt" if method == "full" else None
         trainer, prep = build(model_dir, method, world, "fsdp", batch_size=2)
         result = {"grads": grads(trainer, prep)}
-        result["weights"] = steps_and_weights(trainer, prep, 3, ckpt_at=2 if ckpt else None, ckpt_dir=ckpt)
+        result["weights"] = steps_and_weights(trainer, prep, 3, ckpt_at=2, ckpt_dir=out / f"ckpt-{method}")
         if world.is_main:
             torch.save(result, out / f"{method}.pt")
     close_world(world)

@@ -3,9 +3,10 @@
 4 processes as 2 replicas x 2 tensor-parallel ranks compute the gradients 1 process computes on the same
 global batch (gathered whole: full fine-tuning of a Qwen3 model with tied embeddings and q/k norms, and
 LoRA on a Qwen2 model with qkv biases; both GQA), and reach the same weights after 3 AdamW steps; their
-checkpoint resumes in 1 process. `qwenkit finetune
---tensor-parallel 2` (1 replica x 2 ranks) writes, from rank 0, a consolidated checkpoint that loads in
-qwenkit and equals the 1-process result. Bad splits are refused in one line before any process starts.
+step-2 checkpoint resumes in 1 process (full) and holds the whole adapter, which loads in qwenkit (LoRA).
+`qwenkit finetune --tensor-parallel 2` (1 replica x 2 ranks) writes, from rank 0, a consolidated
+checkpoint that loads in qwenkit and equals the 1-process result. Bad splits are refused in one line
+before any process starts.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ import pytest
 import torch
 from dist_common import build, grads, steps_and_weights, torchrun
 from factories import hf_model, save_hf, write_tiny_chat_model
+from safetensors.torch import load_file
 
 from qwenkit.checkpoint import load_model
 from qwenkit.cli import main as cli_main
+from qwenkit.finetune.adapter_io import adapter_state_dict
 from qwenkit.finetune.distributed import World
 from qwenkit.finetune.run import finetune, load_checkpoint, work_dir
 from qwenkit.finetune.trainer import TrainArgs
@@ -84,9 +87,21 @@ def test_two_replicas_by_two_tensor_ranks_equal_one_process(method, model_dirs, 
         assert "model.layers.0.self_attn.q_norm.weight" in ref_grads
         # the 2x2 run's step-2 checkpoint (gathered whole) resumes in 1 process to the same weights
         t1, p1 = build(model_dirs[method], method, World(), "ddp", batch_size=4)
-        load_checkpoint(two_by_two / "ckpt", t1, p1, t1.args)
+        load_checkpoint(two_by_two / "ckpt-full", t1, p1, t1.args)
         assert t1.step == 2
         assert_same_weights(steps_and_weights(t1, p1, 1), ref_weights)
+    else:
+        # rank 0 wrote the whole adapter (peft format) at step 2: it equals 1 process's and loads in qwenkit
+        t1, p1 = build(model_dirs[method], method, World(), "ddp", batch_size=4)
+        steps_and_weights(t1, p1, 2)
+        want = adapter_state_dict(p1.base)
+        got = load_file(two_by_two / "ckpt-lora" / "adapter_model.safetensors")
+        assert got.keys() == want.keys() and len(got) == 2 * 7 * 2  # A and B, 7 projections, 2 layers
+        assert_same_weights(got, want)
+        model, _ = load_model(model_dirs[method], "float32", progress=False, adapter=two_by_two / "ckpt-lora")
+        ids = torch.tensor([[1, 2, 3, 4, 5]])
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids), t1.model(ids), rtol=1e-4, atol=1e-4)
 
 
 def chat_data(path: Path) -> Path:
