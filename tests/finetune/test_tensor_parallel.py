@@ -174,3 +174,25 @@ def test_bad_layout_is_refused_in_one_line(extra, message, chat_model_kv2, tmp_p
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "o").exists()
+
+
+def test_mixture_of_experts_is_refused():
+    import transformers
+    from factories import TINY
+
+    from qwenkit.config import ModelConfig
+    from qwenkit.errors import ConfigError
+    from qwenkit.finetune.tensor_parallel import check_model
+
+    moe = transformers.Qwen2MoeConfig(
+        **TINY,
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=64,
+    )
+    config = ModelConfig.from_hf(moe.to_dict())
+    assert config.num_experts == 8
+    with pytest.raises(ConfigError, match="--tensor-parallel does not split mixture-of-experts layers yet"):
+        check_model(config, 2, "full")
+    check_model(config, 1, "full")  # one rank splits nothing
