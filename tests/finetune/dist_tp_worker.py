@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from dist_common import build, grads, steps_and_weights
 
 from qwenkit.finetune.distributed import close_world, init_world
+from qwenkit.finetune.run import load_checkpoint
 
 
 def main() -> None:
@@ -26,6 +27,10 @@ def main() -> None:
         trainer, prep = build(model_dir, method, world, "fsdp", batch_size=2)
         result = {"grads": grads(trainer, prep)}
         result["weights"] = steps_and_weights(trainer, prep, 3, ckpt_at=2, ckpt_dir=out / f"ckpt-{method}")
+        if method == "full":  # resume the step-2 checkpoint in this layout too
+            trainer, prep = build(model_dir, method, world, "fsdp", batch_size=2)
+            load_checkpoint(out / "ckpt-full", trainer, prep, trainer.args)
+            result["resumed"] = steps_and_weights(trainer, prep, 1)
         if world.is_main:
             torch.save(result, out / f"{method}.pt")
     close_world(world)

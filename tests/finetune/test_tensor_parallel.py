@@ -3,10 +3,10 @@
 4 processes as 2 replicas x 2 tensor-parallel ranks compute the gradients 1 process computes on the same
 global batch (gathered whole: full fine-tuning of a Qwen3 model with tied embeddings and q/k norms, and
 LoRA on a Qwen2 model with qkv biases; both GQA), and reach the same weights after 3 AdamW steps; their
-step-2 checkpoint resumes in 1 process (full) and holds the whole adapter, which loads in qwenkit (LoRA).
-`qwenkit finetune --tensor-parallel 2` (1 replica x 2 ranks) writes, from rank 0, a consolidated
-checkpoint that loads in qwenkit and equals the 1-process result. Bad splits are refused in one line
-before any process starts.
+step-2 checkpoint resumes in 1 process and in 2x2 (full) and holds the whole adapter, which loads in
+qwenkit (LoRA). `qwenkit finetune --tensor-parallel 2` (1 replica x 2 ranks) writes, from rank 0, a
+consolidated checkpoint that loads in qwenkit and equals the 1-process result. Bad splits are refused in
+one line before any process starts.
 """
 
 from __future__ import annotations
@@ -90,6 +90,7 @@ def test_two_replicas_by_two_tensor_ranks_equal_one_process(method, model_dirs, 
         load_checkpoint(two_by_two / "ckpt-full", t1, p1, t1.args)
         assert t1.step == 2
         assert_same_weights(steps_and_weights(t1, p1, 1), ref_weights)
+        assert_same_weights(tp["resumed"], ref_weights)  # and in the 2x2 layout it was written from
     else:
         # rank 0 wrote the whole adapter (peft format) at step 2: it equals 1 process's and loads in qwenkit
         t1, p1 = build(model_dirs[method], method, World(), "ddp", batch_size=4)
