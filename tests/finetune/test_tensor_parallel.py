@@ -117,9 +117,12 @@ def chat_data(path: Path) -> Path:
 @pytest.mark.slow
 def test_finetune_command_with_tensor_parallel_writes_the_one_process_checkpoint(chat_model_kv2, tmp_path):
     """`qwenkit finetune --method full --tensor-parallel 2` (--nproc defaults to 2): rank 0 writes the whole
-    model, which loads in qwenkit and equals the model one process trains on the same batches."""
+    model, which loads in qwenkit and equals the model one process trains on the same batches (there in
+    one micro-batch of 2 without gradient checkpointing)."""
     data = chat_data(tmp_path / "d.jsonl")
-    common = ["--method", "full", "--max-steps", "2", "--lr", "1e-2", "--batch-size", "2", "--no-progress"]
+    common = ["--method", "full", "--max-steps", "2", "--lr", "1e-2", "--no-progress"]
+    # the same global batch of 2 as 1 x 2 micro-batches, with each layer recomputed in the backward
+    common += ["--batch-size", "1", "--grad-accum", "2", "--gradient-checkpointing"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(SRC)}
     cmd = [sys.executable, "-m", "qwenkit.cli", "finetune", str(chat_model_kv2), str(data)]
     cmd += [str(tmp_path / "tp"), "--tensor-parallel", "2", *common]
