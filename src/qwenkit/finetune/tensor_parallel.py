@@ -77,8 +77,8 @@ def module_styles(model: nn.Module) -> dict[str, object]:
 
 
 def parallelize_for_training(model: nn.Module, tp_mesh) -> nn.Module:
-    """Turn the plan's weights into DTensors on ``tp_mesh`` (each rank keeps its slice); norms and
-    everything else stay replicated plain tensors."""
+    """Turn the plan's weights into DTensors on ``tp_mesh`` (each rank keeps its slice) and the per-head
+    norms into replicated DTensors; the other norms stay plain tensors (their inputs are whole)."""
     from torch.distributed.tensor.parallel import parallelize_module
 
     for name, module in model.named_modules():
