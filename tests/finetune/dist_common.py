@@ -2,11 +2,31 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 
 from qwenkit.finetune.encode import IGNORE, Example
 from qwenkit.finetune.run import prepare_model, save_checkpoint
 from qwenkit.finetune.trainer import TrainArgs, Trainer
+
+HERE = Path(__file__).parent
+
+
+def torchrun(worker: str, args, cwd, nproc: int = 2) -> None:
+    """Run ``worker`` (a script in this folder) in ``nproc`` processes under torchrun; fail on any error."""
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(HERE.parents[1] / "src"), str(HERE), str(HERE.parent)]),
+    }
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd += [str(HERE / worker), *map(str, args)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=cwd)
+    assert r.returncode == 0, r.stderr[-3000:]
 
 
 def examples(n: int = 8) -> list[Example]:
@@ -20,10 +40,11 @@ def examples(n: int = 8) -> list[Example]:
     return out
 
 
-def args(method: str, strategy: str, batch_size: int) -> TrainArgs:
+def args(method: str, strategy: str, batch_size: int, tp: int = 1) -> TrainArgs:
     return TrainArgs(
         method=method,
         strategy=strategy,
+        tensor_parallel=tp,
         batch_size=batch_size,
         grad_accum=1,
         lr=1e-2,
@@ -37,7 +58,7 @@ def args(method: str, strategy: str, batch_size: int) -> TrainArgs:
 
 
 def build(model_dir, method, world, strategy, batch_size):
-    a = args(method, strategy, batch_size)
+    a = args(method, strategy, batch_size, world.tp)
     prep = prepare_model(model_dir, a, world, 16)
     if method == "lora":  # non-zero B so every LoRA gradient is non-trivial
         g = torch.Generator().manual_seed(1)
@@ -51,10 +72,11 @@ def build(model_dir, method, world, strategy, batch_size):
 
 
 def _like(p, full):
-    if hasattr(p, "device_mesh"):  # an FSDP shard: distribute the same full tensor the same way
-        from torch.distributed.tensor import distribute_tensor
+    if hasattr(p, "device_mesh"):  # an FSDP (x TP) shard: lay the same full tensor out the same way
+        from torch.distributed.tensor import Replicate, distribute_tensor
 
-        return distribute_tensor(full, p.device_mesh, p.placements)
+        whole = distribute_tensor(full, p.device_mesh, [Replicate()] * p.device_mesh.ndim)
+        return whole.redistribute(p.device_mesh, p.placements)
     return full
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from dist_common import build, grads, steps_and_weights
+from dist_common import build, grads, steps_and_weights, torchrun
 from factories import hf_model, save_hf
 
 from qwenkit.finetune.distributed import World
@@ -29,27 +29,8 @@ def tied_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def two_procs(tied_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("two")
-    torchrun([tied_dir, out], out)
+    torchrun("dist_worker.py", [tied_dir, out], out)
     return out
-
-
-def torchrun(args, tmp_path):
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(HERE.parents[1] / "src"), str(HERE), str(HERE.parent)]),
-    }
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        str(HERE / "dist_worker.py"),
-        *map(str, args),
-    ]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
 
 
 @pytest.mark.slow

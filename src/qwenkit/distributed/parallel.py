@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenkit.distributed.group import TensorParallel
+from qwenkit.distributed.plan import ROW_MODULES
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -48,10 +49,10 @@ def parallelize(model: nn.Module, tp: TensorParallel) -> nn.Module:
     """Add the collectives to a model built from ``plan.local_config`` and loaded with its slices."""
     if tp.world == 1:
         return model
-    for layer in model.model.layers:
-        for row_parallel in (layer.self_attn.o_proj, layer.mlp.down_proj):
-            row_parallel._tp_group = tp.group
-            row_parallel.register_forward_hook(_all_reduce_output)
+    row_parallel = [m for name, m in model.named_modules() if name.endswith(ROW_MODULES)]
+    for module in row_parallel:
+        module._tp_group = tp.group
+        module.register_forward_hook(_all_reduce_output)
     model.model.embed_tokens = VocabParallelEmbedding(model.model.embed_tokens.weight, tp)
     model.lm_head._tp_group = tp.group
     model.lm_head.register_forward_hook(_gather_logits)

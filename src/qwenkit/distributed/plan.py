@@ -16,22 +16,25 @@ from qwenkit.config import ModelConfig
 from qwenkit.distributed.group import TensorParallel
 from qwenkit.errors import ConfigError
 
-COLUMN = (
-    "self_attn.q_proj.weight",
-    "self_attn.q_proj.bias",
-    "self_attn.k_proj.weight",
-    "self_attn.k_proj.bias",
-    "self_attn.v_proj.weight",
-    "self_attn.v_proj.bias",
-    "mlp.gate_proj.weight",
-    "mlp.gate_proj.bias",
-    "mlp.up_proj.weight",
-    "mlp.up_proj.bias",
-    "embed_tokens.weight",
-    "lm_head.weight",
+# The plan itself, by module (suffixes of our module names); inference slices checkpoint tensors by it
+# (``shard_tensor``, ``parallel``) and training lays DTensors out by it (``finetune.tensor_parallel``).
+COLUMN_MODULES = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "embed_tokens",  # vocabulary rows
+    "lm_head",  # vocabulary rows
 )
-ROW = ("self_attn.o_proj.weight", "mlp.down_proj.weight")
-ROW_BIAS = ("self_attn.o_proj.bias", "mlp.down_proj.bias")  # added once: rank 0 keeps it, others zero
+ROW_MODULES = ("self_attn.o_proj", "mlp.down_proj")
+# Replicated like every norm, but applied to each of this rank's heads (Qwen3's q/k norm): a rank sees
+# only its own heads, so training sums these weights' gradients over the tensor-parallel ranks.
+PER_HEAD_MODULES = ("self_attn.q_norm", "self_attn.k_norm")
+
+COLUMN = tuple(f"{m}.{t}" for m in COLUMN_MODULES for t in ("weight", "bias"))
+ROW = tuple(f"{m}.weight" for m in ROW_MODULES)
+ROW_BIAS = tuple(f"{m}.bias" for m in ROW_MODULES)  # added once: rank 0 keeps it, others zero
 
 
 def check_shardable(config: ModelConfig, world: int) -> None:
@@ -44,6 +47,10 @@ def check_shardable(config: ModelConfig, world: int) -> None:
         raise ConfigError(
             "--tensor-parallel does not shard pre-quantized (GPTQ) checkpoints yet; load the float "
             "checkpoint instead"
+        )
+    if config.num_experts:
+        raise ConfigError(
+            "--tensor-parallel does not split mixture-of-experts layers yet; run this model without it"
         )
     heads, kv = config.num_attention_heads, config.num_key_value_heads
     if world > heads:

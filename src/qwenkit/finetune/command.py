@@ -48,7 +48,11 @@ def add_training_args(parser: argparse.ArgumentParser, lr: float = 2e-4) -> None
     parser.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--nproc", type=int, default=1, help="processes on this machine (via torchrun)")
-    parser.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"], help="with several processes")
+    parser.add_argument(
+        "--strategy",
+        choices=["ddp", "fsdp"],
+        help="with several processes (default ddp; fsdp with --tensor-parallel)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -77,7 +81,8 @@ def train_args(args: argparse.Namespace):
         device=args.device,
         packing=args.packing,
         qlora_bits=args.qlora_bits,
-        strategy=args.strategy,
+        strategy=args.strategy or ("fsdp" if getattr(args, "tensor_parallel", 1) > 1 else "ddp"),
+        tensor_parallel=getattr(args, "tensor_parallel", 1),
         lora_r=args.lora_r,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
@@ -112,10 +117,26 @@ def main(argv: list[str] | None = None) -> int:
     add_training_args(parser)
     parser.add_argument("--filter", action="store_true", help="mask sensitive data before training")
     parser.add_argument("--filter-keywords", help="keyword file for --filter (one per line)")
+    parser.add_argument(
+        "--tensor-parallel",
+        type=int,
+        default=1,
+        metavar="T",
+        help="split each replica over T processes (FSDP x tensor parallelism; --nproc defaults to T)",
+    )
     args = parser.parse_args(argv)
-    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        return relaunch("qwenkit.finetune", argv, args.nproc)
-    from qwenkit.finetune.run import finetune
+    from qwenkit.finetune.run import check_tensor_parallel, finetune
+
+    if "WORLD_SIZE" not in os.environ:
+        if args.tensor_parallel != 1:  # refuse a bad split here, once, before any process starts
+            from qwenkit.finetune.tensor_parallel import check_processes
+
+            if args.nproc == 1:
+                args.nproc = args.tensor_parallel
+            check_processes(args.nproc, args.tensor_parallel)
+            check_tensor_parallel(args.model, train_args(args))
+        if args.nproc > 1:
+            return relaunch("qwenkit.finetune", argv, args.nproc)
 
     record_filter = None
     if args.filter:

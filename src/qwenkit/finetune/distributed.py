@@ -1,16 +1,21 @@
-"""torch.distributed for training: the process group from torchrun's environment, DDP or FSDP2 wrapping.
+"""torch.distributed for training: the process group from torchrun's environment, DDP or FSDP2 wrapping,
+and FSDP2 x tensor parallelism on a 2-D ("dp", "tp") device mesh.
 
 gloo on CPU, NCCL on CUDA. One process without torchrun's variables is a world of one and wraps nothing.
 FSDP2 shards each decoder layer and then the root; the tied embedding and ``lm_head`` stay together in
-the root group (sharding them apart is refused by FSDP).
+the root group (sharding them apart is refused by FSDP). With ``tp`` > 1, ranks ``d*tp .. d*tp+tp-1``
+hold one data-parallel replica split by the tensor-parallel plan (``tensor_parallel``) and see the same
+batches; FSDP2 shards and averages over "dp" only.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -22,6 +27,8 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    tp: int = 1  # tensor-parallel ranks per data-parallel replica
+    mesh: Any = None  # DeviceMesh ("dp", "tp") when tp > 1
 
     @property
     def distributed(self) -> bool:
@@ -31,11 +38,21 @@ class World:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def dp_rank(self) -> int:
+        """Which data-parallel replica this process belongs to: what picks its share of a batch."""
+        return self.rank // self.tp
+
+    @property
+    def dp_size(self) -> int:
+        return self.size // self.tp
+
     def all_reduce_sum(self, value: float) -> float:
-        if not self.distributed:
+        """Sum over data-parallel replicas (tensor-parallel ranks of one replica hold the same value)."""
+        if self.dp_size == 1:
             return value
         t = torch.tensor([value], dtype=torch.float64)
-        dist.all_reduce(t)
+        dist.all_reduce(t, group=self.mesh["dp"].get_group() if self.mesh is not None else None)
         return float(t.item())
 
     def barrier(self) -> None:
@@ -43,9 +60,13 @@ class World:
             dist.barrier()
 
 
-def init_world(device: str) -> World:
-    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK), if any."""
+def init_world(device: str, tp: int = 1) -> World:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK), if any; with ``tp`` > 1,
+    lay the processes out as a (size / tp) x tp device mesh."""
+    from qwenkit.finetune.tensor_parallel import check_processes
+
     size = int(os.environ.get("WORLD_SIZE", "1"))
+    check_processes(size, tp)
     if size <= 1:
         return World()
     if not dist.is_initialized():
@@ -54,7 +75,12 @@ def init_world(device: str) -> World:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device.startswith("cuda"):
         torch.cuda.set_device(local)
-    return World(dist.get_rank(), dist.get_world_size(), local)
+    mesh = None
+    if tp > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(device.split(":")[0], (size // tp, tp), mesh_dim_names=("dp", "tp"))
+    return World(dist.get_rank(), dist.get_world_size(), local, tp, mesh)
 
 
 def close_world(world: World) -> None:
@@ -66,6 +92,19 @@ def close_world(world: World) -> None:
 
 def wrap(model: nn.Module, world: World, strategy: str) -> nn.Module:
     if not world.distributed:
+        return model
+    if world.tp > 1:  # FSDP2 over "dp" of tensor-parallel DTensors on "tp"
+        from torch.distributed.fsdp import fully_shard
+
+        from qwenkit.finetune.tensor_parallel import parallelize_for_training
+
+        # Gathering a 2-D sharded tensor whole (checkpoints, the grad norm) takes one collective per mesh
+        # dimension; DTensor warns about that on every rank at every gather. It is expected here.
+        logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
+        parallelize_for_training(model, world.mesh["tp"])
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=world.mesh["dp"])
+        fully_shard(model, mesh=world.mesh["dp"])
         return model
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel

@@ -193,7 +193,7 @@ class DPOTrainer(Trainer):
         self.model.eval()
         sums: dict[str, float] = {}
         total = 0.0
-        mine = pairs[self.world.rank :: self.world.size]
+        mine = pairs[self.world.dp_rank :: self.world.dp_size]
         for i in range(0, len(mine), self.args.batch_size):
             chunk = mine[i : i + self.args.batch_size]
             ref_c, ref_r = self.reference_logps(chunk, 1)

@@ -75,6 +75,8 @@ def prepare_model(model_path: str | Path, args: TrainArgs, world: World, batch_t
         raise ConfigError(f"unknown --method {args.method!r}; choose lora, qlora or full")
     if args.method == "full":
         check_exportable(model_path)
+    if args.tensor_parallel > 1:
+        check_tensor_parallel(model_path, args)
     dtype = resolve_dtype(args.dtype, args.device)
     model, config = load_model(
         model_path, dtype, args.device, progress=world.is_main and args.progress, dequantize=True
@@ -114,6 +116,19 @@ def prepare_model(model_path: str | Path, args: TrainArgs, world: World, batch_t
     wrapped = wrap(model, world, args.strategy)
     params = [p for p in model.parameters() if p.requires_grad]  # after wrapping: FSDP swaps in DTensors
     return Prepared(wrapped, model, params, names, lora, config.tie_word_embeddings)
+
+
+def check_tensor_parallel(model_path: str | Path, args: TrainArgs) -> None:
+    """Refuse, before loading any weight, a tensor-parallel split the model or the method cannot take."""
+    from qwenkit.checkpoint import open_checkpoint
+    from qwenkit.config import ModelConfig
+    from qwenkit.finetune.tensor_parallel import check_model
+
+    if args.strategy != "fsdp":
+        raise ConfigError(
+            f"--tensor-parallel combines with --strategy fsdp (FSDP over the replicas), not {args.strategy}"
+        )
+    check_model(ModelConfig.from_hf(open_checkpoint(model_path).hf_config), args.tensor_parallel, args.method)
 
 
 # ---- checkpoints --------------------------------------------------------------------------------------
@@ -222,7 +237,7 @@ def finetune(
         raise CheckpointError(f"{work} holds an unfinished run; pass --resume to continue it, or delete it")
     if args.batch_size < 1 or args.grad_accum < 1 or args.max_len < 2:
         raise ConfigError("--batch-size and --grad-accum must be at least 1, --max-len at least 2")
-    world = init_world(args.device)
+    world = init_world(args.device, args.tensor_parallel)
     try:
         tokenizer = tokenizer_for(model_path)
         load_data = load_data or (lambda tok, p: load_examples(tok, p, args, record_filter))

@@ -1,14 +1,15 @@
 """The training loop shared by SFT (full, LoRA, QLoRA) and DPO, in one process or under torchrun.
 
 Batches: step s of epoch e takes the global batch ``order_e[s*G : (s+1)*G]`` (wrapping around at the end
-of an epoch), ``G = batch_size * grad_accum * world_size``; micro-batch k of rank r is its slice
-``k*world + r``. The order is a permutation seeded by (seed, epoch) and dropout is reseeded from (seed,
-step, rank), so a run resumed from a checkpoint (in any process count with the same G) takes exactly the
-batches and random numbers of an uninterrupted one.
+of an epoch), ``G = batch_size * grad_accum * replicas``, where replicas are the data-parallel processes
+(the world size over the tensor-parallel size: the ranks of one tensor-parallel group take the same
+batch); micro-batch k of replica r is its slice ``k*replicas + r``. The order is a permutation seeded by
+(seed, epoch) and dropout is reseeded from (seed, step, replica), so a run resumed from a checkpoint (in
+any process layout with the same G) takes exactly the batches and random numbers of an uninterrupted one.
 
 Loss: summed token cross entropy divided by the labelled tokens of the whole global batch, times the
-world size (DDP and FSDP average gradients over processes), so gradients do not depend on how a batch is
-split into micro-batches and processes.
+number of replicas (DDP and FSDP average gradients over them), so gradients do not depend on how a batch
+is split into micro-batches and processes.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class TrainArgs:
     packing: bool = False
     qlora_bits: int = 4
     strategy: str = "ddp"  # ddp | fsdp, with more than one process
+    tensor_parallel: int = 1  # > 1: FSDP over replicas x this many tensor-parallel ranks each
     lora_r: int = 16
     lora_alpha: float = 32.0
     lora_dropout: float = 0.05
@@ -168,7 +170,7 @@ class Trainer:
     ) -> None:
         self.model, self.examples, self.args, self.world, self.pad_id = model, examples, args, world, pad_id
         self.params = params
-        self.global_batch = args.batch_size * args.grad_accum * world.size
+        self.global_batch = args.batch_size * args.grad_accum * world.dp_size
         self.steps_per_epoch = max(1, math.ceil(len(examples) / self.global_batch))
         self.total_steps = args.max_steps or args.epochs * self.steps_per_epoch
         decay = [p for p in params if p.dim() >= 2]
@@ -195,11 +197,8 @@ class Trainer:
     def micro_batches(self, step: int) -> tuple[list[list[int]], list[int]]:
         """(this rank's micro-batches, the whole global batch) of ``step``."""
         idx = self.global_indices(step)
-        b, w = self.args.batch_size, self.world.size
-        mine = [
-            idx[(k * w + self.world.rank) * b : (k * w + self.world.rank + 1) * b]
-            for k in range(self.args.grad_accum)
-        ]
+        b, w, r = self.args.batch_size, self.world.dp_size, self.world.dp_rank
+        mine = [idx[(k * w + r) * b : (k * w + r + 1) * b] for k in range(self.args.grad_accum)]
         return mine, idx
 
     # ---- one step --------------------------------------------------------------------------------------
@@ -217,7 +216,8 @@ class Trainer:
 
     def accumulate(self, step: int) -> tuple[float, int, dict[str, float]]:
         """Forward and backward over this rank's share of ``step``; returns (global loss, tokens, metrics)."""
-        torch.manual_seed(self.args.seed * 7919 + step * self.world.size + self.world.rank)
+        # tensor-parallel ranks of one replica draw the same dropout masks on their replicated inputs
+        torch.manual_seed(self.args.seed * 7919 + step * self.world.dp_size + self.world.dp_rank)
         random.seed(step)
         mine, idx = self.micro_batches(step)
         norm = self.normalizer(idx)
@@ -226,7 +226,7 @@ class Trainer:
         for k, batch in enumerate(mine):
             with gradient_sync(self.model, k == len(mine) - 1):
                 loss, extra, n = self.batch_loss(batch, norm)
-                (loss * self.world.size).backward()
+                (loss * self.world.dp_size).backward()
             loss_sum += loss.item()
             tokens += n
             for key, v in extra.items():
@@ -239,20 +239,20 @@ class Trainer:
     def train_step(self) -> StepResult:
         t0 = time.perf_counter()
         loss, tokens, metrics = self.accumulate(self.step)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.args.max_grad_norm or float("inf"))
+        grad_norm = clip_grad_norm(self.params, self.args.max_grad_norm or float("inf"))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return StepResult(loss, tokens, time.perf_counter() - t0, float(_full(grad_norm)), metrics)
+        return StepResult(loss, tokens, time.perf_counter() - t0, grad_norm, metrics)
 
     @torch.no_grad()
     def evaluate(self, examples: Sequence[Example]) -> float:
         """Mean token cross entropy over ``examples`` (split over processes, summed exactly)."""
         self.model.eval()
         total, count = 0.0, 0.0
-        mine = list(range(self.world.rank, len(examples), self.world.size))
-        n_batches = math.ceil(math.ceil(len(examples) / self.world.size) / self.args.batch_size)
+        mine = list(range(self.world.dp_rank, len(examples), self.world.dp_size))
+        n_batches = math.ceil(math.ceil(len(examples) / self.world.dp_size) / self.args.batch_size)
         for b in range(n_batches):  # the same number of forwards on every rank (FSDP gathers in each)
             chunk = mine[b * self.args.batch_size : (b + 1) * self.args.batch_size]
             batch = [examples[j] for j in chunk] or [examples[0]]
@@ -264,6 +264,26 @@ class Trainer:
                 total += losses.sum().item()
                 count += sum(n_targets(e) for e in batch)
         return self.world.all_reduce_sum(total) / max(1.0, self.world.all_reduce_sum(count))
+
+
+def clip_grad_norm(params: Sequence[nn.Parameter], max_norm: float) -> float:
+    """``clip_grad_norm_`` over parameters that may live on different device meshes (under FSDP x TP the
+    tensor-parallel weights are on the 2-D mesh, the replicated norms on "dp" alone): one norm per mesh,
+    combined, then every gradient scaled by the same factor. Returns the total norm before clipping."""
+    by_mesh: dict[Any, list[nn.Parameter]] = {}
+    for p in params:
+        if p.grad is not None:
+            by_mesh.setdefault(getattr(p.grad, "device_mesh", None), []).append(p)
+    if not by_mesh:
+        return 0.0
+    norms = [_full(torch.nn.utils.get_total_norm([p.grad for p in group])) for group in by_mesh.values()]
+    total = torch.stack([n.float().cpu() for n in norms]).norm()
+    coef = float(torch.clamp(max_norm / (total + 1e-6), max=1.0))  # as clip_grad_norm_ computes it
+    if coef < 1.0:
+        for group in by_mesh.values():
+            for p in group:
+                p.grad.mul_(coef)
+    return float(total)
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,202 @@
+"""FSDP x tensor parallelism on a 2-D ("dp", "tp") device mesh, on gloo.
+
+4 processes as 2 replicas x 2 tensor-parallel ranks compute the gradients 1 process computes on the same
+global batch (gathered whole: full fine-tuning of a Qwen3 model with tied embeddings and q/k norms, and
+LoRA on a Qwen2 model with qkv biases; both GQA), and reach the same weights after 3 AdamW steps; their
+step-2 checkpoint resumes in 1 process and in 2x2 (full) and holds the whole adapter, which loads in
+qwenkit (LoRA). `qwenkit finetune --tensor-parallel 2` (1 replica x 2 ranks) writes, from rank 0, a
+consolidated checkpoint that loads in qwenkit and equals the 1-process result. Bad splits are refused in
+one line before any process starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from dist_common import build, grads, steps_and_weights, torchrun
+from factories import hf_model, save_hf, write_tiny_chat_model
+from safetensors.torch import load_file
+
+from qwenkit.checkpoint import load_model
+from qwenkit.cli import main as cli_main
+from qwenkit.finetune.adapter_io import adapter_state_dict
+from qwenkit.finetune.distributed import World
+from qwenkit.finetune.run import finetune, load_checkpoint, work_dir
+from qwenkit.finetune.trainer import TrainArgs
+
+SRC = Path(__file__).parents[2] / "src"
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    """4 heads over 2 key/value heads (GQA): each tensor-parallel rank holds 2 query heads over 1."""
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "full": save_hf(hf_model("qwen3", tie_word_embeddings=True), root / "qwen3-tied"),
+        "lora": save_hf(hf_model("qwen2"), root / "qwen2"),
+    }
+
+
+@pytest.fixture(scope="module")
+def two_by_two(model_dirs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tp")
+    torchrun("dist_tp_worker.py", [model_dirs["full"], model_dirs["lora"], out], out, nproc=4)
+    return out
+
+
+@pytest.fixture(scope="module")
+def chat_model_kv2(tmp_path_factory):
+    """The tiny Qwen3 chat model (q/k norm) with 2 key/value heads, so it splits over 2 ranks."""
+    return write_tiny_chat_model(tmp_path_factory.mktemp("kv2") / "m", num_key_value_heads=2)
+
+
+def assert_same_weights(got: dict, want: dict) -> None:
+    """Equal after a few AdamW steps at lr 1e-2. Adam divides by sqrt(v): a gradient at round-off level
+    (|g| ~ 1e-8 against 1e-2 elsewhere, summed in another order) still moves its weight by up to lr, so a
+    handful of such elements may differ by up to a few 1e-4; all but 0.1% of the elements agree to 1e-5."""
+    loose = total = 0
+    for n, w in want.items():
+        torch.testing.assert_close(got[n], w, rtol=0, atol=1e-2, msg=n)  # at most lr apart
+        loose += int(((got[n] - w).abs() > 1e-5).sum())
+        total += w.numel()
+    assert loose <= total // 1000, f"{loose} of {total} weights differ by more than 1e-5"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_two_replicas_by_two_tensor_ranks_equal_one_process(method, model_dirs, two_by_two):
+    tp = torch.load(two_by_two / f"{method}.pt", weights_only=True)
+    # the same global batch of 4 in one process
+    trainer, prep = build(model_dirs[method], method, World(), "ddp", batch_size=4)
+    ref_grads = grads(trainer, prep)
+    assert tp["grads"].keys() == ref_grads.keys()
+    for n, g in ref_grads.items():
+        assert g.abs().sum() > 0, n
+        torch.testing.assert_close(tp["grads"][n], g, rtol=1e-4, atol=1e-7)  # whole, not scaled
+    ref_weights = steps_and_weights(trainer, prep, 3)
+    assert_same_weights(tp["weights"], ref_weights)
+    if method == "full":
+        # the tied embedding is one tensor split by vocabulary rows, trained once
+        assert "model.embed_tokens.weight" in ref_weights and "lm_head.weight" not in ref_weights
+        assert "model.layers.0.self_attn.q_norm.weight" in ref_grads
+        # the 2x2 run's step-2 checkpoint (gathered whole) resumes in 1 process to the same weights
+        t1, p1 = build(model_dirs[method], method, World(), "ddp", batch_size=4)
+        load_checkpoint(two_by_two / "ckpt-full", t1, p1, t1.args)
+        assert t1.step == 2
+        assert_same_weights(steps_and_weights(t1, p1, 1), ref_weights)
+        assert_same_weights(tp["resumed"], ref_weights)  # and in the 2x2 layout it was written from
+    else:
+        # rank 0 wrote the whole adapter (peft format) at step 2: it equals 1 process's and loads in qwenkit
+        t1, p1 = build(model_dirs[method], method, World(), "ddp", batch_size=4)
+        steps_and_weights(t1, p1, 2)
+        want = adapter_state_dict(p1.base)
+        got = load_file(two_by_two / "ckpt-lora" / "adapter_model.safetensors")
+        assert got.keys() == want.keys() and len(got) == 2 * 7 * 2  # A and B, 7 projections, 2 layers
+        assert_same_weights(got, want)
+        model, _ = load_model(model_dirs[method], "float32", progress=False, adapter=two_by_two / "ckpt-lora")
+        ids = torch.tensor([[1, 2, 3, 4, 5]])
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids), t1.model(ids), rtol=1e-4, atol=1e-4)
+
+
+def chat_data(path: Path) -> Path:
+    rows = [
+        {"messages": [{"role": "user", "content": f"{i}?"}, {"role": "assistant", "content": f"It is {i}."}]}
+        for i in range(4)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.slow
+def test_finetune_command_with_tensor_parallel_writes_the_one_process_checkpoint(chat_model_kv2, tmp_path):
+    """`qwenkit finetune --method full --tensor-parallel 2` (--nproc defaults to 2): rank 0 writes the whole
+    model, which loads in qwenkit and equals the model one process trains on the same batches (there in
+    one micro-batch of 2 without gradient checkpointing)."""
+    data = chat_data(tmp_path / "d.jsonl")
+    common = ["--method", "full", "--max-steps", "2", "--lr", "1e-2", "--no-progress"]
+    # the same global batch of 2 as 1 x 2 micro-batches, with each layer recomputed in the backward
+    common += ["--batch-size", "1", "--grad-accum", "2", "--gradient-checkpointing"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(SRC)}
+    cmd = [sys.executable, "-m", "qwenkit.cli", "finetune", str(chat_model_kv2), str(data)]
+    cmd += [str(tmp_path / "tp"), "--tensor-parallel", "2", *common]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not work_dir(tmp_path / "tp").exists()
+    args = TrainArgs(method="full", max_steps=2, lr=1e-2, batch_size=2, progress=False)
+    finetune(chat_model_kv2, data, tmp_path / "one", args)
+
+    tp, _ = load_model(tmp_path / "tp", "float32", progress=False)
+    one, _ = load_model(tmp_path / "one", "float32", progress=False)
+    base, _ = load_model(chat_model_kv2, "float32", progress=False)
+    assert tp.state_dict().keys() == one.state_dict().keys()
+    assert_same_weights(tp.state_dict(), one.state_dict())
+    ids = torch.tensor([[9707, 11, 1879, 0, 3555]])
+    with torch.no_grad():
+        got, want, before = tp(ids), one(ids), base(ids)
+    assert (want - before).abs().max() > 1e-2  # it trained
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+    logs = [json.loads(x) for x in (tmp_path / "tp" / "log.jsonl").read_text().splitlines()]
+    ones = [json.loads(x) for x in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
+    assert [round(x["loss"], 4) for x in logs] == [round(x["loss"], 4) for x in ones]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--tensor-parallel", "2"], "--tensor-parallel 2 does not divide the model's 1 key/value heads"),
+        (["--tensor-parallel", "4"], "--tensor-parallel 4 is more ranks than the model's 2 attention heads"),
+        (["--tensor-parallel", "0"], "--tensor-parallel must be at least 1, got 0"),
+        (["--nproc", "3", "--tensor-parallel", "3"], "--tensor-parallel 3 is more ranks"),
+    ],
+)
+def test_bad_split_of_the_model_is_refused_in_one_line(extra, message, tiny_chat_model, tmp_path, capsys):
+    argv = ["finetune", str(tiny_chat_model), str(chat_data(tmp_path / "d.jsonl")), str(tmp_path / "o")]
+    assert cli_main([*argv, *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "o").exists() and not work_dir(tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--nproc", "3", "--tensor-parallel", "2"], "--tensor-parallel 2 does not divide the 3 process(es)"),
+        (["--tensor-parallel", "2", "--strategy", "ddp"], "combines with --strategy fsdp"),
+        (["--tensor-parallel", "2", "--method", "qlora"], "does not split QLoRA's quantized base"),
+    ],
+)
+def test_bad_layout_is_refused_in_one_line(extra, message, chat_model_kv2, tmp_path, capsys):
+    argv = ["finetune", str(chat_model_kv2), str(chat_data(tmp_path / "d.jsonl")), str(tmp_path / "o")]
+    assert cli_main([*argv, *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "o").exists()
+
+
+def test_mixture_of_experts_is_refused():
+    import transformers
+    from factories import TINY
+
+    from qwenkit.config import ModelConfig
+    from qwenkit.errors import ConfigError
+    from qwenkit.finetune.tensor_parallel import check_model
+
+    moe = transformers.Qwen2MoeConfig(
+        **TINY,
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=64,
+    )
+    config = ModelConfig.from_hf(moe.to_dict())
+    assert config.num_experts == 8
+    with pytest.raises(ConfigError, match="--tensor-parallel does not split mixture-of-experts layers yet"):
+        check_model(config, 2, "full")
+    check_model(config, 1, "full")  # one rank splits nothing
