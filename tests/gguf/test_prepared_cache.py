@@ -96,7 +96,7 @@ def test_second_load_of_a_gguf_comes_from_the_cache_and_computes_the_same(cache,
 
 
 def test_quantize_on_load_is_cached_per_precision(cache, builds, tmp_path):
-    path = save_hf(hf_model("qwen2"), tmp_path / "hf")
+    path = save_hf(hf_model("qwen2", tie_word_embeddings=True), tmp_path / "hf")
     int8, _ = load_model(path, dtype="bfloat16", quantize="int8", progress=False)
     int4, _ = load_model(path, dtype="bfloat16", quantize="int4", progress=False)
     assert len(builds) == 2 and len(list(cache.glob("*.pt"))) == 2  # two entries, one per precision
@@ -105,6 +105,20 @@ def test_quantize_on_load_is_cached_per_precision(cache, builds, tmp_path):
     assert len(builds) == 2
     assert_same_model(int8, int8_again)
     assert_same_model(int4, int4_again)
+    assert int4_again.model.embed_tokens.source is int4_again.lm_head  # the tied pair is still one copy
+
+
+def test_a_gptq_checkpoint_is_cached(cache, builds, tmp_path):
+    from qwenkit.cli import main
+
+    src = save_hf(hf_model("qwen2"), tmp_path / "hf")
+    out = tmp_path / "gptq"
+    assert main(["quantize", str(src), str(out), "-q", "--method", "rtn"]) == 0
+    builds.clear()
+    first, _ = load_model(out, dtype="bfloat16", progress=False)
+    second, _ = load_model(out, dtype="bfloat16", progress=False)
+    assert len(builds) == 1
+    assert_same_model(first, second)
 
 
 def test_other_options_or_kernels_miss(cache, builds, gguf_file, monkeypatch):

@@ -56,6 +56,8 @@ def _import_without_gc(name: str):
     way scans all of them (0.1-0.2 s of a start), and so would every later one (0.2 s while a model
     loads). Frozen objects are never scanned again; collection works as usual for everything after.
     """
+    if "torch" in sys.modules or not gc.isenabled():  # a caller in Python that did its own imports
+        return importlib.import_module(name)
     gc.disable()
     try:
         return importlib.import_module(name)
