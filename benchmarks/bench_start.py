@@ -17,6 +17,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,6 +33,39 @@ for chunk in llm.create_chat_completion([{"role": "user", "content": sys.argv[3]
         print(time.time() - t0, flush=True)
         break
 """
+
+
+PHASES = r"""
+import sys, time
+t0 = time.perf_counter()
+import gc
+gc.disable()
+import torch
+t1 = time.perf_counter()
+import qwenkit.cli.chat, qwenkit.generate
+gc.freeze(); gc.enable()
+t2 = time.perf_counter()
+from qwenkit.checkpoint import load_model, open_checkpoint
+from qwenkit.default_model import default_model_path
+from qwenkit.generate import LLM, tokenizer_for
+source = open_checkpoint(default_model_path())
+tokenizer = tokenizer_for(source)
+t3 = time.perf_counter()
+model, _ = load_model(source, progress=False, fast_kernels=True)
+t4 = time.perf_counter()
+llm = LLM(model, tokenizer, max_batch_size=1)
+for delta in llm.stream(sys.argv[1], llm.default_params(max_tokens=1)):
+    break
+t5 = time.perf_counter()
+print(t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)
+"""
+PHASE_NAMES = [
+    "import torch",
+    "the CLI's other imports",
+    "GGUF header (cached) and tokenizer",
+    "loading the weights",
+    "prompt and first token",
+]
 
 
 def qwenkit_exe() -> str:
@@ -75,8 +109,14 @@ def main() -> None:
 
     model = default_model_path()
     chat = [qwenkit_exe(), "chat", "-p", QUESTION, "--max-new-tokens", "8"]
+    first_start = "qwenkit, first start (empty caches: parse, decode, pack, write the cache)"
     configs: dict[str, list[str] | None] = {
         "qwenkit, in the file's precision (default)": chat,
+        "qwenkit, prepared-model cache off (QWENKIT_PREPARED_CACHE=off)": [
+            "QWENKIT_PREPARED_CACHE=off",
+            *chat,
+        ],
+        first_start: chat,
         "qwenkit --gguf-dequantize (float weights, the old load)": [*chat, "--gguf-dequantize"],
         # one torch thread: shows what a thread team waiting for a busy core costs on a shared machine
         "qwenkit, OMP_NUM_THREADS=1": ["OMP_NUM_THREADS=1", *chat],
@@ -93,6 +133,10 @@ def main() -> None:
         for name, cmd in configs.items():
             if cmd is None:
                 continue
+            if name == first_start:
+                with tempfile.TemporaryDirectory() as empty:
+                    times[name].append(first_byte_seconds([f"QWENKIT_CACHE={empty}", *cmd]))
+                continue
             times[name].append(llama_cpp_seconds(model) if cmd == [] else first_byte_seconds(cmd))
     print(f"model: {model.name}; {args.runs} runs each, alternating; {os.cpu_count()} CPUs")
     print(f"question: {QUESTION!r}; time from process start to the first byte of the answer\n")
@@ -103,6 +147,18 @@ def main() -> None:
             print(f"| {name} | not installed | | |")
             continue
         print(f"| {name} | {statistics.median(ts):.2f} s | {min(ts):.2f} s | {max(ts):.2f} s |")
+    phases = [phase_seconds() for _ in range(args.runs)]
+    print("\nThe default start phase by phase (one fresh process per run, medians):\n")
+    print("| phase | median |")
+    print("|---|---|")
+    for i, name in enumerate(PHASE_NAMES):
+        print(f"| {name} | {statistics.median(p[i] for p in phases):.3f} s |")
+    print(f"| sum | {statistics.median(sum(p) for p in phases):.3f} s |")
+
+
+def phase_seconds() -> list[float]:
+    out = subprocess.run([sys.executable, "-c", PHASES, QUESTION], capture_output=True, text=True, check=True)
+    return [float(x) for x in out.stdout.split()]
 
 
 if __name__ == "__main__":
