@@ -40,6 +40,7 @@ class LayerBuilder:
     ) -> None:
         self.model, self.dtype, self.device, self.tied = model, dtype, device, tied
         self.bits = {None: None, "int8": 8, "int4": 4}[precision]
+        self._untrimmed = 0  # weights built since the heap was last trimmed
 
     def take(self, name: str, tensor: torch.Tensor | AffineWeight) -> bool:
         """Build the quantized layer ``name`` belongs to, if any; True when the tensor was consumed."""
@@ -61,8 +62,12 @@ class LayerBuilder:
             return False  # an untied embedding stays float under --quantize
         self._install(module_name, layer)
         shape = tensor.shape if isinstance(tensor, torch.Tensor) else tensor.codes.shape
-        if math.prod(shape) > TRIM_ELEMENTS:
-            trim_heap()  # glibc keeps freed temporaries; later, smaller layers would not reuse them all
+        self._untrimmed += math.prod(shape)
+        if self._untrimmed > TRIM_ELEMENTS:
+            # glibc keeps freed temporaries, and the layers' long-lived tensors between them fragment
+            # the heap: ~17 MB of SmolLM2's load, ~300 MB of Qwen2.5-0.5B's with --quantize
+            trim_heap()
+            self._untrimmed = 0
         return True
 
     def _round(self, tensor: torch.Tensor, bits: int, bias: torch.Tensor | None) -> QuantizedLinear:
@@ -90,8 +95,8 @@ class LayerBuilder:
         return None if bias is None or bias.is_meta else bias.detach()
 
 
-ROW_BLOCK_ELEMENTS = 1 << 23  # RTN's float32 temporaries stay ~32 MiB each, even for a 151936-row head
-TRIM_ELEMENTS = 1 << 20  # after building a layer this large, hand its freed temporaries back
+ROW_BLOCK_ELEMENTS = 1 << 21  # RTN's float32 temporaries stay ~8 MiB each, even for a 151936-row head
+TRIM_ELEMENTS = 1 << 23  # weights built between two trims of the heap (a few ms each)
 
 
 def round_in_row_blocks(

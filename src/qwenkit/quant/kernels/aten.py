@@ -61,7 +61,7 @@ def _int4_rows(packed: torch.Tensor, ids: torch.Tensor, n: int, k: int) -> torch
     return (slabs >> shift) & 0xF
 
 
-PACK_BLOCK_ELEMENTS = 1 << 22  # codes per packing step: the int32 copy aten wants stays 16 MiB
+PACK_BLOCK_ELEMENTS = 1 << 20  # codes per packing step: the int32 copy aten wants stays 4 MiB
 
 
 def _int4pack_cpu(q: torch.Tensor, nibbles: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
