@@ -5,8 +5,9 @@ it in fresh subprocesses at several dtypes, and with ``--quantize int8|int4`` (e
 weight arrives), and reports peak RSS over the interpreter's own baseline (python with torch and
 qwenkit's loading code imported, the C++ kernels' library loaded). Beside the quantized loads, the old
 way in the same run: load the float model whole, then quantize it. Builds run with the prepared-model
-cache off (``QWENKIT_PREPARED_CACHE=off``); the "from the prepared cache" rows load the same model again
-from an entry written just before (in a temporary ``QWENKIT_CACHE``). Goal: peak under 1.3 x the model's
+cache off (``QWENKIT_PREPARED_CACHE=off``; the GGUF header cache as the user has it); the "from the
+prepared cache" rows load the same model again from an entry written just before (in a temporary
+``QWENKIT_CACHE``). Goal: peak under 1.3 x the model's
 in-memory size (for --quantize: the quantized weights).
 
     .venv/bin/python benchmarks/bench_load.py [--keep DIR]
@@ -124,8 +125,9 @@ def row(label: str, path: Path, dtype: str, quantize: str, how: str) -> str:
     """One table row: load ``path`` in a fresh process and measure it (``cached``: after a first load
     that writes the prepared-model cache, in another fresh process)."""
     with tempfile.TemporaryDirectory() as cache:
-        switch = "on" if how == "cached" else "off"
-        env = {**os.environ, "QWENKIT_CACHE": cache, "QWENKIT_PREPARED_CACHE": switch}
+        env = {**os.environ, "QWENKIT_PREPARED_CACHE": "off"}  # the GGUF header cache stays the user's
+        if how == "cached":
+            env |= {"QWENKIT_CACHE": cache, "QWENKIT_PREPARED_CACHE": "on"}
         cmd = [sys.executable, "-c", CHILD, str(path), dtype, quantize, how]
         if how == "cached":
             subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)

@@ -95,8 +95,8 @@ class LayerBuilder:
         return None if bias is None or bias.is_meta else bias.detach()
 
 
-ROW_BLOCK_ELEMENTS = 1 << 21  # RTN's float32 temporaries stay ~8 MiB each, even for a 151936-row head
-TRIM_ELEMENTS = 1 << 23  # weights built between two trims of the heap (a few ms each)
+ROW_BLOCK_ELEMENTS = 1 << 19  # RTN's float32 temporaries stay ~2 MiB each, even for a 151936-row head
+TRIM_ELEMENTS = 1 << 22  # weights built between two trims of the heap (a few ms each)
 
 
 def round_in_row_blocks(
