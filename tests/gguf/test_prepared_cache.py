@@ -218,3 +218,10 @@ def test_an_unwritable_cache_or_the_switch_only_costs_the_speed_up(tmp_path, mon
     c, _ = load_model(gguf_file, progress=False)
     assert len(builds) == 3 and not (tmp_path / "cache").exists()
     assert_same_model(a, c)
+
+
+def test_no_entry_when_the_disk_is_nearly_full(cache, builds, gguf_file, monkeypatch):
+    monkeypatch.setattr(prepared_cache, "MIN_FREE_BYTES", 1 << 62)
+    load_model(gguf_file, progress=False)
+    load_model(gguf_file, progress=False)
+    assert len(builds) == 2 and not list(cache.glob("*"))

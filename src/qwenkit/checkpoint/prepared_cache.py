@@ -19,8 +19,11 @@ An entry is used only when all of these hold, otherwise the model is built again
   (:func:`checksum`) is the one written beside them.
 
 Change what a prepared module stores (a new packing, fused layers) and bump :data:`LAYOUT_VERSION`:
-older entries then miss and are replaced. Writes are atomic (temporary file, then rename); a cache
-directory that cannot be written only costs the speed-up; ``QWENKIT_PREPARED_CACHE=off`` turns it off.
+older entries then miss and are replaced. Writes are atomic (temporary file, then rename), and skipped
+when the disk would keep less than 1 GiB beyond twice the entry; a cache directory that cannot be
+written only costs the speed-up; ``QWENKIT_PREPARED_CACHE=off`` turns it off. An entry takes about
+what the model takes in memory; entries of a checkpoint whose files changed are removed when the new
+one is written (``rm -r ~/.cache/qwenkit/prepared`` removes them all).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import hashlib
 import importlib
 import os
 import pickle
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -51,6 +55,7 @@ FORMAT = 2  # the entry's own layout (the dict below)
 LAYOUT_VERSION = 1  # bump when a prepared module's tensors or attributes change meaning or layout
 HEAD_BYTES = 1 << 20
 ENV_SWITCH = "QWENKIT_PREPARED_CACHE"
+MIN_FREE_BYTES = 1 << 30  # an entry is written only if the disk keeps this much free beyond twice its size
 ALLOWED_PREFIXES = ("qwenkit.", "torch.nn.modules.")
 
 
@@ -114,6 +119,8 @@ def store(entry: CacheEntry, model: nn.Module) -> None:
     data = {"format": FORMAT, "key": entry.key, "checksum": checksum(model), "model": model}
     try:
         entry.path.parent.mkdir(parents=True, exist_ok=True)
+        if shutil.disk_usage(entry.path.parent).free < 2 * _storage_bytes(model) + MIN_FREE_BYTES:
+            return  # never fill the disk for a speed-up
         fd, tmp = tempfile.mkstemp(dir=entry.path.parent, prefix=entry.path.name, suffix=".tmp")
         os.close(fd)
         try:
@@ -131,6 +138,11 @@ def store(entry: CacheEntry, model: nn.Module) -> None:
     for old in entry.path.parent.glob(entry.stale):
         if not old.name.startswith(entry.current):
             old.unlink(missing_ok=True)  # the same checkpoint path, but an older version of its files
+
+
+def _storage_bytes(model: nn.Module) -> int:
+    storages = {s.data_ptr(): s.nbytes() for s in (t.untyped_storage() for t in model.state_dict().values())}
+    return sum(storages.values())
 
 
 def checksum(model: nn.Module) -> int:
