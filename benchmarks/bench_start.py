@@ -2,10 +2,13 @@
 
 Each run is a fresh process (interpreter, imports, load, prompt, first token), timed from ``Popen`` to the
 first byte on stdout (``chat -p`` writes and flushes each piece as it is decoded). Runs alternate between
-the configurations, so load on the machine affects them alike; medians over ``--runs``. The default run is
-the file in its own precision (Q4_1/Q8_0 codes, header cache warm); beside it the old float load
-(``--gguf-dequantize``), and llama.cpp's time to first token on the same file when llama-cpp-python is
-installed, and the default run with one torch thread. Goal: under 1.5 s.
+the configurations, so load on the machine affects them alike; medians over ``--runs``, with the CPU time
+each process had used by its first byte (less sensitive to other jobs holding the cores). The default run
+is the file in its own precision (Q4_1/Q8_0 codes, header and prepared-model caches warm); beside it the
+same with the prepared-model cache off (decoding and packing at every start), a first start (both caches
+empty: parse, decode, pack, write), the old float load (``--gguf-dequantize``), the default run with one
+torch thread, and llama.cpp's time to first token on the same file when llama-cpp-python is installed.
+Then, in one fresh process per run, the default start phase by phase (medians). Goal: under 1.5 s.
 
     .venv/bin/python benchmarks/bench_start.py [--runs 7]
 """
@@ -72,9 +75,9 @@ def qwenkit_exe() -> str:
     return str(Path(sys.executable).with_name("qwenkit"))
 
 
-def first_byte_seconds(cmd: list[str]) -> float:
+def first_byte_seconds(cmd: list[str]) -> tuple[float, float]:
     """Seconds from starting ``cmd`` (``VAR=value`` words first set its environment) to the first byte
-    it writes on stdout."""
+    it writes on stdout, and the CPU seconds the process had used by then."""
     env = dict(os.environ)
     while cmd and "=" in cmd[0]:
         key, _, value = cmd[0].partition("=")
@@ -84,11 +87,19 @@ def first_byte_seconds(cmd: list[str]) -> float:
     assert proc.stdout is not None
     first = proc.stdout.read(1)
     elapsed = time.perf_counter() - start
+    used = cpu_seconds(proc.pid)
     proc.kill()
     proc.wait()
     if not first:
         raise RuntimeError(f"{' '.join(cmd)} wrote nothing")
-    return elapsed
+    return elapsed, used
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds the process has used (less sensitive than wall time to other jobs
+    holding the cores; on an idle machine with one thread the two agree)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def llama_cpp_seconds(model: Path) -> float:
@@ -129,24 +140,33 @@ def main() -> None:
         configs["llama.cpp (llama-cpp-python)"] = []
     first_byte_seconds(chat)  # warm the page cache and the GGUF header cache
     times: dict[str, list[float]] = {name: [] for name in configs}
+    cpu: dict[str, list[float]] = {name: [] for name in configs}
     for _ in range(args.runs):
         for name, cmd in configs.items():
             if cmd is None:
                 continue
             if name == first_start:
                 with tempfile.TemporaryDirectory() as empty:
-                    times[name].append(first_byte_seconds([f"QWENKIT_CACHE={empty}", *cmd]))
+                    wall, used = first_byte_seconds([f"QWENKIT_CACHE={empty}", *cmd])
+                times[name].append(wall)
+                cpu[name].append(used)
                 continue
-            times[name].append(llama_cpp_seconds(model) if cmd == [] else first_byte_seconds(cmd))
+            if cmd == []:
+                times[name].append(llama_cpp_seconds(model))
+                continue
+            wall, used = first_byte_seconds(cmd)
+            times[name].append(wall)
+            cpu[name].append(used)
     print(f"model: {model.name}; {args.runs} runs each, alternating; {os.cpu_count()} CPUs")
     print(f"question: {QUESTION!r}; time from process start to the first byte of the answer\n")
-    print("| configuration | median | min | max |")
-    print("|---|---|---|---|")
+    print("| configuration | median | min | max | CPU time to first byte (median) |")
+    print("|---|---|---|---|---|")
     for name, ts in times.items():
         if not ts:
-            print(f"| {name} | not installed | | |")
+            print(f"| {name} | not installed | | | |")
             continue
-        print(f"| {name} | {statistics.median(ts):.2f} s | {min(ts):.2f} s | {max(ts):.2f} s |")
+        used = f"{statistics.median(cpu[name]):.2f} s" if cpu[name] else "-"
+        print(f"| {name} | {statistics.median(ts):.2f} s | {min(ts):.2f} s | {max(ts):.2f} s | {used} |")
     phases = [phase_seconds() for _ in range(args.runs)]
     print("\nThe default start phase by phase (one fresh process per run, medians):\n")
     print("| phase | median |")
