@@ -123,3 +123,14 @@ def test_quantized_load_peaks_near_the_quantized_size(tmp_path):
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["model"] > 45 * 2**20
     assert r["peak"] < 2.5 * r["model"], r
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gptq_codes_unpacked_in_blocks_equal_unpacked_at_once(monkeypatch, bits):
+    from qwenkit.quant import gptq_format
+
+    words = torch.randint(-(2**31), 2**31 - 1, (128 * bits // 32, 200), dtype=torch.int32, generator=GEN)
+    want = gptq_format._unpack_rows(words, bits).T.to(torch.uint8).contiguous()
+    monkeypatch.setattr(gptq_format, "UNPACK_BLOCK_ELEMENTS", 3 * want.shape[1])  # three columns a step
+    got = gptq_format._unpack_codes(words, bits)
+    assert got.dtype == torch.uint8 and got.is_contiguous() and torch.equal(got, want)

@@ -21,7 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from qwenkit.checkpoint import prepared_cache
-from qwenkit.checkpoint.files import WeightFiles, find_weight_files, iter_tensors
+from qwenkit.checkpoint.files import WeightFiles, find_weight_files, iter_tensors, release_pages
 from qwenkit.checkpoint.sanitize import sanitize
 from qwenkit.config import ModelConfig, read_hf_config
 from qwenkit.distributed import TensorParallel, local_config, parallelize, shard_tensor
@@ -334,9 +334,15 @@ def _assign_all(
                 loaded.add(name)
                 continue
             # Parameters take the model dtype; buffers (GPTQ qweight, scales, g_idx) keep their own.
-            tensor = tensor.to(dtype if name in parameters else target.dtype)
+            cast = tensor.to(dtype if name in parameters else target.dtype)
+            if cast.data_ptr() != tensor.data_ptr() and tensor.device.type == "cpu" and tensor.is_contiguous():
+                # a converted copy (float16 file, bfloat16 model): the source's pages were read once, done
+                release_pages(tensor.data_ptr(), tensor.nbytes)
+            tensor = cast
             _set_tensor(model, name, tensor.to(device))
             loaded.add(name)
+            if config.quantization and tensor_parallel is None:
+                _pack_when_complete(model, name)
     missing = sorted(set(expected) - loaded)
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
@@ -344,6 +350,25 @@ def _assign_all(
         raise CheckpointError(f"{source.path}: missing tensor(s) {shown}{more}")
     if config.tie_word_embeddings and isinstance(model.model.embed_tokens, nn.Embedding):
         model.lm_head.weight = model.model.embed_tokens.weight  # (a quantized pair shares codes already)
+
+
+def _pack_when_complete(model: nn.Module, name: str) -> None:
+    """Pack a GPTQ layer for its kernel as soon as its last checkpoint tensor is in, and drop the packed
+    checkpoint tensors' pages: holding every layer's checkpoint form until the end, then packing, peaked
+    at 2.5x the quantized model (Qwen2.5-0.5B shape, int4)."""
+    from qwenkit.quant import QuantizedLinear
+
+    module = model.get_submodule(name.rpartition(".")[0])
+    if not isinstance(module, QuantizedLinear) or module.impl is not None:
+        return
+    if any(b.is_meta for b in module._buffers.values() if b is not None):
+        return  # more of this layer's tensors (qweight, qzeros, scales, g_idx, bias) are still to come
+    consumed = [t for t in (module.qweight, module.qzeros) if t.device.type == "cpu"]
+    spans = [(t.data_ptr(), t.nbytes) for t in consumed]
+    del consumed
+    module.pack()  # drops the checkpoint buffers; bias and anything else it keeps are other tensors' pages
+    for address, nbytes in spans:
+        release_pages(address, nbytes)
 
 
 _EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.")

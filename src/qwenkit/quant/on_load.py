@@ -73,7 +73,7 @@ class LayerBuilder:
     def _round(self, tensor: torch.Tensor, bits: int, bias: torch.Tensor | None) -> QuantizedLinear:
         # each block cast as the float load would have held it, so RTN sees the same values; the source
         # block's pages (the file's, or a decoded copy's) are dropped as soon as it is rounded
-        release = tensor.device.type == "cpu"
+        release = tensor.device.type == "cpu" and tensor.is_contiguous()  # its span is its own memory
         codes = round_in_row_blocks(tensor, bits, self.dtype, self.device, release=release)
         if release:
             release_pages(tensor.data_ptr(), tensor.nbytes)  # the pages the blocks' edges shared
