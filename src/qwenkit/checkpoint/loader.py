@@ -335,7 +335,8 @@ def _assign_all(
                 continue
             # Parameters take the model dtype; buffers (GPTQ qweight, scales, g_idx) keep their own.
             cast = tensor.to(dtype if name in parameters else target.dtype)
-            if cast.data_ptr() != tensor.data_ptr() and tensor.device.type == "cpu" and tensor.is_contiguous():
+            copied = cast.data_ptr() != tensor.data_ptr()
+            if copied and tensor.device.type == "cpu" and tensor.is_contiguous():
                 # a converted copy (float16 file, bfloat16 model): the source's pages were read once, done
                 release_pages(tensor.data_ptr(), tensor.nbytes)
             tensor = cast
