@@ -7,8 +7,9 @@ qwenkit's loading code imported, the C++ kernels' library loaded). Beside the qu
 way in the same run: load the float model whole, then quantize it. Builds run with the prepared-model
 cache off (``QWENKIT_PREPARED_CACHE=off``; the GGUF header cache as the user has it); the "from the
 prepared cache" rows load the same model again from an entry written just before (in a temporary
-``QWENKIT_CACHE``). Goal: peak under 1.3 x the model's
-in-memory size (for --quantize: the quantized weights).
+``QWENKIT_CACHE``). Also a GPTQ-format int4 checkpoint
+of the same weights (written once beside the checkpoint by ``qwenkit quantize --method rtn``). Goal:
+peak under 1.3 x the model's in-memory size (for --quantize: the quantized weights).
 
     .venv/bin/python benchmarks/bench_load.py [--keep DIR]
 """
@@ -110,6 +111,14 @@ def main() -> None:
             if how == "cached":
                 label = f"{label}, from the prepared cache"
             print(row(label, path, dtype, quantize, how))
+        gptq = path.with_name(path.name + "-gptq-int4")
+        if not (gptq / "config.json").exists():  # a GPTQ-format int4 checkpoint of the same weights (RTN)
+            exe = str(Path(sys.executable).with_name("qwenkit"))
+            cmd = [exe, "quantize", str(path), str(gptq), "-q", "--method", "rtn", "--bits", "4"]
+            subprocess.run(cmd, check=True, capture_output=True)
+        label = "GPTQ int4 checkpoint (written by `qwenkit quantize --method rtn`)"
+        print(row(label, gptq, "bfloat16", "-", "-"))
+        print(row("GPTQ int4 checkpoint, from the prepared cache", gptq, "bfloat16", "-", "cached"))
         from qwenkit.default_model import default_model_path
 
         gguf = default_model_path()
