@@ -116,8 +116,8 @@ def load(entry: CacheEntry, config: ModelConfig, skeleton: nn.Module) -> nn.Modu
 
 def store(entry: CacheEntry, model: nn.Module) -> None:
     """Write the model for the next start; any failure only costs the speed-up."""
-    data = {"format": FORMAT, "key": entry.key, "checksum": checksum(model), "model": model}
     try:
+        data = {"format": FORMAT, "key": entry.key, "checksum": checksum(model), "model": model}
         entry.path.parent.mkdir(parents=True, exist_ok=True)
         if shutil.disk_usage(entry.path.parent).free < 2 * _storage_bytes(model) + MIN_FREE_BYTES:
             return  # never fill the disk for a speed-up
