@@ -18,8 +18,13 @@ An entry is used only when all of these hold, otherwise the model is built again
   sizes and every other parameter the skeleton's shape, and the checksum of every tensor's bytes
   (:func:`checksum`) is the one written beside them.
 
-Change what a prepared module stores (a new packing, fused layers) and bump :data:`LAYOUT_VERSION`:
-older entries then miss and are replaced. Writes are atomic (temporary file, then rename), and skipped
+The whole model is pickled, so whatever ``load_model`` builds (fused layers included) is cached as is,
+as long as every object in it is a tensor, a plain Python value, an ``nn.Module`` or a dataclass defined
+in qwenkit (or a ``torch.nn`` module); anything else (a function or op handle stored on a module, a
+lock, an enum) makes the write fail with one line and the cache unused. Change what a prepared module
+stores (a new packing, fused layers) and bump :data:`LAYOUT_VERSION`: older entries then miss and are
+replaced (any edit of qwenkit's source files already does, through the code version in the key).
+Writes are atomic (temporary file, then rename), and skipped
 when the disk would keep less than 1 GiB beyond twice the entry; a cache directory that cannot be
 written only costs the speed-up; ``QWENKIT_PREPARED_CACHE=off`` turns it off. An entry takes about
 what the model takes in memory; entries of a checkpoint whose files changed are removed when the new
