@@ -2,9 +2,14 @@
 
 Writes a random checkpoint with the exact Qwen2.5-0.5B shape (bfloat16 safetensors, sharded), then loads
 it in fresh subprocesses at several dtypes, and with ``--quantize int8|int4`` (each layer rounded as its
-weight arrives), and reports peak RSS over the interpreter's own baseline (python + torch imported).
-Beside the quantized loads, the old way in the same run: load the float model whole, then quantize it.
-Goal: peak under 1.3 x the model's in-memory size (for --quantize: the quantized weights).
+weight arrives), and reports peak RSS over the interpreter's own baseline (python with torch and
+qwenkit's loading code imported, the C++ kernels' library loaded). Beside the quantized loads, the old
+way in the same run: load the float model whole, then quantize it. Builds run with the prepared-model
+cache off (``QWENKIT_PREPARED_CACHE=off``; the GGUF header cache as the user has it); the "from the
+prepared cache" rows load the same model again from an entry written just before (in a temporary
+``QWENKIT_CACHE``). Also a GPTQ-format int4 checkpoint
+of the same weights (written once beside the checkpoint by ``qwenkit quantize --method rtn``). Goal:
+peak under 1.3 x the model's in-memory size (for --quantize: the quantized weights).
 
     .venv/bin/python benchmarks/bench_load.py [--keep DIR]
 """
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -28,8 +34,11 @@ def hwm_kib():
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM:"):
             return int(line.split()[1])
-base = hwm_kib()
 from qwenkit.checkpoint import load_model
+import qwenkit.checkpoint.gguf, qwenkit.quant.on_load, qwenkit.quant.dense  # code, not data: the baseline
+from qwenkit import kernels
+kernels.available()  # the C++ kernels' library, loaded (or found missing) once per process
+base = hwm_kib()
 quantize = sys.argv[3] if sys.argv[3] != "-" else None
 t = time.perf_counter()
 if sys.argv[4] == "dequantize":  # a GGUF file as floats (the old load)
@@ -92,12 +101,24 @@ def main() -> None:
             ("bfloat16", "int8", "after"),
             ("bfloat16", "int4", "on-load"),
             ("bfloat16", "int4", "after"),
+            ("bfloat16", "int8", "cached"),
+            ("bfloat16", "int4", "cached"),
         ]
         for dtype, quantize, how in runs:
             label = dtype if quantize == "-" else f"--quantize {quantize} ({dtype} activations)"
             if how == "after":
                 label = f"{label}: float load, then quantize (before)"
+            if how == "cached":
+                label = f"{label}, from the prepared cache"
             print(row(label, path, dtype, quantize, how))
+        gptq = path.with_name(path.name + "-gptq-int4")
+        if not (gptq / "config.json").exists():  # a GPTQ-format int4 checkpoint of the same weights (RTN)
+            exe = str(Path(sys.executable).with_name("qwenkit"))
+            cmd = [exe, "quantize", str(path), str(gptq), "-q", "--method", "rtn", "--bits", "4"]
+            subprocess.run(cmd, check=True, capture_output=True)
+        label = "GPTQ int4 checkpoint (written by `qwenkit quantize --method rtn`)"
+        print(row(label, gptq, "bfloat16", "-", "-"))
+        print(row("GPTQ int4 checkpoint, from the prepared cache", gptq, "bfloat16", "-", "cached"))
         from qwenkit.default_model import default_model_path
 
         gguf = default_model_path()
@@ -106,16 +127,20 @@ def main() -> None:
         print("|---|---|---|---|---|")
         print(row("in the file's precision (Q4_1/Q8_0 codes; default)", gguf, "bfloat16", "-", "-"))
         print(row("--gguf-dequantize (bfloat16 floats, the old load)", gguf, "bfloat16", "-", "dequantize"))
+        print(row("in the file's precision, from the prepared cache", gguf, "bfloat16", "-", "cached"))
 
 
 def row(label: str, path: Path, dtype: str, quantize: str, how: str) -> str:
-    """One table row: load ``path`` in a fresh process and measure it."""
-    out = subprocess.run(
-        [sys.executable, "-c", CHILD, str(path), dtype, quantize, how],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    """One table row: load ``path`` in a fresh process and measure it (``cached``: after a first load
+    that writes the prepared-model cache, in another fresh process)."""
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "QWENKIT_PREPARED_CACHE": "off"}  # the GGUF header cache stays the user's
+        if how == "cached":
+            env |= {"QWENKIT_CACHE": cache, "QWENKIT_PREPARED_CACHE": "on"}
+        cmd = [sys.executable, "-c", CHILD, str(path), dtype, quantize, how]
+        if how == "cached":
+            subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     r = json.loads(out.stdout.strip().splitlines()[-1])
     over = (r["peak_kib"] - r["base_kib"]) * 1024
     return (

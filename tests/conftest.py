@@ -16,3 +16,12 @@ def tiny_chat_model(tmp_path_factory):
     from factories import write_tiny_chat_model
 
     return write_tiny_chat_model(tmp_path_factory.mktemp("chat") / "tiny-qwen3")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _own_cache_dir(tmp_path_factory):
+    """Parsed GGUF headers and prepared models of the suite's throwaway checkpoints go to a directory of
+    the session (and CLI subprocesses inherit it), never to the user's ~/.cache/qwenkit."""
+    import os
+
+    os.environ["QWENKIT_CACHE"] = str(tmp_path_factory.mktemp("qwenkit-cache"))

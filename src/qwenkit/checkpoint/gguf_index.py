@@ -24,6 +24,8 @@ from typing import Any
 
 from gguf import GGMLQuantizationType, GGUFReader
 
+from qwenkit.checkpoint.user_cache import cache_root
+
 FORMAT = 1  # bump when the entry layout changes
 HEAD_BYTES = 1 << 20
 MIN_CACHED_BYTES = 16 << 20  # smaller files parse in milliseconds: not worth a cache entry
@@ -44,10 +46,6 @@ class TensorEntry:
 class GGUFIndex:
     metadata: dict[str, Any]
     tensors: list[TensorEntry]
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("QWENKIT_CACHE") or Path.home() / ".cache" / "qwenkit")
 
 
 def read_index(path: Path) -> GGUFIndex:

@@ -228,6 +228,22 @@ def _unpack_rows(words: torch.Tensor, bits: int) -> torch.Tensor:
     return vals.reshape(-1, words.shape[1]).to(torch.int16)
 
 
+UNPACK_BLOCK_ELEMENTS = 1 << 20  # weights unpacked per step: the int64 temporaries stay ~8 MiB each
+
+
+def _unpack_codes(qweight: torch.Tensor, bits: int) -> torch.Tensor:
+    """(in / per_word, out) int32 words -> (out, in) uint8 codes, a block of output columns at a time:
+    unpacking goes through int64 (8 bytes a weight), which at once for a quantized 151936-row output
+    head would be a 1 GB temporary."""
+    rows, cols = qweight.shape
+    n_in = rows * _per_word(bits)
+    out = torch.empty(cols, n_in, dtype=torch.uint8, device=qweight.device)
+    step = max(1, UNPACK_BLOCK_ELEMENTS // max(1, n_in))
+    for c in range(0, cols, step):
+        out[c : c + step] = _unpack_rows(qweight[:, c : c + step], bits).T
+    return out
+
+
 def pack_gptq(w: IntWeight, checkpoint_format: CheckpointFormat = "gptq") -> dict[str, torch.Tensor]:
     """IntWeight -> ``{"qweight", "qzeros", "scales", "g_idx"}`` as AutoGPTQ's ``pack()`` writes them."""
     maxq = 2**w.bits - 1
@@ -290,7 +306,7 @@ def unpack_gptq(
     if checkpoint_format == "gptq":
         zeros = (zeros + 1) & maxq  # mask after +1, like AutoGPTQ's reference dequantizer
     return IntWeight(
-        qweight=_unpack_rows(qweight, bits).T.to(torch.uint8).contiguous(),  # (out, in)
+        qweight=_unpack_codes(qweight, bits),  # (out, in)
         scales=scales,
         zeros=zeros.to(torch.int16).contiguous(),
         g_idx=g_idx.to(torch.int32),

@@ -16,6 +16,8 @@ own codes.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -38,6 +40,7 @@ class LayerBuilder:
     ) -> None:
         self.model, self.dtype, self.device, self.tied = model, dtype, device, tied
         self.bits = {None: None, "int8": 8, "int4": 4}[precision]
+        self._untrimmed = 0  # weights built since the heap was last trimmed
 
     def take(self, name: str, tensor: torch.Tensor | AffineWeight) -> bool:
         """Build the quantized layer ``name`` belongs to, if any; True when the tensor was consumed."""
@@ -58,16 +61,23 @@ class LayerBuilder:
         else:
             return False  # an untied embedding stays float under --quantize
         self._install(module_name, layer)
+        shape = tensor.shape if isinstance(tensor, torch.Tensor) else tensor.codes.shape
+        self._untrimmed += math.prod(shape)
+        if self._untrimmed > TRIM_ELEMENTS:
+            # glibc keeps freed temporaries, and the layers' long-lived tensors between them fragment
+            # the heap: ~17 MB of SmolLM2's load, ~300 MB of Qwen2.5-0.5B's with --quantize
+            trim_heap()
+            self._untrimmed = 0
         return True
 
     def _round(self, tensor: torch.Tensor, bits: int, bias: torch.Tensor | None) -> QuantizedLinear:
-        weight = tensor.to(self.device, self.dtype)  # what the float load held, so RTN sees the same values
-        codes = round_in_row_blocks(weight, bits)
-        if tensor.device.type == "cpu":  # done with the float weight: its file pages need not stay resident
-            release_pages(tensor.data_ptr(), tensor.nbytes)
-            if weight.numel() > ROW_BLOCK_ELEMENTS:
-                trim_heap()  # the row blocks' temporaries, before the kernel's own
-        del weight, tensor
+        # each block cast as the float load would have held it, so RTN sees the same values; the source
+        # block's pages (the file's, or a decoded copy's) are dropped as soon as it is rounded
+        release = tensor.device.type == "cpu" and tensor.is_contiguous()  # its span is its own memory
+        codes = round_in_row_blocks(tensor, bits, self.dtype, self.device, release=release)
+        if release:
+            release_pages(tensor.data_ptr(), tensor.nbytes)  # the pages the blocks' edges shared
+        del tensor
         return QuantizedLinear.from_int(codes, bias)
 
     def _install(self, module_name: str, layer: QuantizedLinear) -> None:
@@ -85,30 +95,50 @@ class LayerBuilder:
         return None if bias is None or bias.is_meta else bias.detach()
 
 
-ROW_BLOCK_ELEMENTS = 1 << 23  # RTN's float32 temporaries stay ~32 MiB each, even for a 151936-row head
+ROW_BLOCK_ELEMENTS = 1 << 19  # RTN's float32 temporaries stay ~2 MiB each, even for a 151936-row head
+TRIM_ELEMENTS = 1 << 22  # weights built between two trims of the heap (a few ms each)
 
 
-def round_in_row_blocks(weight: torch.Tensor, bits: int) -> IntWeight:
+def round_in_row_blocks(
+    weight: torch.Tensor,
+    bits: int,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    release: bool = False,
+) -> IntWeight:
     """``quantize_weight_rtn`` with the defaults of ``--quantize``, a block of rows at a time.
 
-    Rows are rounded independently (groups run along the input), so the result is the same as one call;
-    only the temporaries (several float32 copies of the matrix) shrink to one block's worth, which for a
-    tied embedding is the difference between ~2 GB and ~100 MB of peak memory.
+    Rows are rounded independently (groups run along the input), so the result is the same as one call
+    on ``weight.to(device, dtype)``; only the temporaries (the cast block and several float32 copies of
+    it) shrink to one block's worth, which for a tied embedding is the difference between ~2 GB and
+    ~100 MB of peak memory. The codes, scales and zeros are written into their final tensors block by
+    block. ``release``: drop each source block's pages once rounded (the caller is done with ``weight``).
     """
-    rows = max(1, ROW_BLOCK_ELEMENTS // weight.shape[1])
-    parts = [
-        quantize_weight_rtn(weight[i : i + rows], bits, DEFAULT_GROUP[bits], DEFAULT_SYM[bits])
-        for i in range(0, weight.shape[0], rows)
-    ]
-    if len(parts) == 1:
-        return parts[0]
-    return IntWeight(
-        qweight=torch.cat([p.qweight for p in parts]),
-        scales=torch.cat([p.scales for p in parts], dim=1),
-        zeros=torch.cat([p.zeros for p in parts], dim=1),
-        g_idx=parts[0].g_idx,
-        bits=bits,
-    )
+    out_f, in_f = weight.shape
+    rows = max(1, ROW_BLOCK_ELEMENTS // in_f)
+    result: IntWeight | None = None
+    for i in range(0, out_f, rows):
+        block = weight[i : i + rows]
+        cast = block.to(device or block.device, dtype or block.dtype)
+        part = quantize_weight_rtn(cast, bits, DEFAULT_GROUP[bits], DEFAULT_SYM[bits])
+        del cast
+        if release:
+            release_pages(block.data_ptr(), block.nbytes)
+        if rows >= out_f:
+            return part
+        if result is None:
+            result = IntWeight(
+                qweight=part.qweight.new_empty((out_f, in_f)),
+                scales=part.scales.new_empty((part.scales.shape[0], out_f)),
+                zeros=part.zeros.new_empty((part.zeros.shape[0], out_f)),
+                g_idx=part.g_idx,
+                bits=bits,
+            )
+        result.qweight[i : i + rows] = part.qweight
+        result.scales[:, i : i + rows] = part.scales
+        result.zeros[:, i : i + rows] = part.zeros
+    assert result is not None  # out_f > 0: the loader checked the shape
+    return result
 
 
 # Kernels that keep the activations in floating point. The output head's error lands on the logits

@@ -1,0 +1,328 @@
+"""The loaded model, ready to run, cached on disk so the next start skips decoding and packing.
+
+Loading a GGUF file in its own precision (or any checkpoint with ``--quantize`` or GPTQ weights) spends
+most of its time decoding blocks and packing codes into the kernels' layouts; for the bundled 135M model
+that was 0.7 s of a 2.2 s start. Here the finished model (every module with its packed tensors) is saved
+once with ``torch.save`` under ``$QWENKIT_CACHE/prepared/`` (default ``~/.cache/qwenkit``) and later
+memory-mapped back: no copy, no packing, and the pages stay clean file pages the kernel can drop.
+
+An entry is used only when all of these hold, otherwise the model is built again and the entry rewritten:
+
+* its key matches: the checkpoint's identity (size, modification time and a hash of the first MiB of
+  each file), the load options (dtype, ``--quantize``, ``--gguf-dequantize``, fast kernels), which CPU
+  kernels this process runs (built or not, ``QWENKIT_KERNELS``, the CPU's flags), the qwenkit code
+  (size and modification time of its source files), the torch version and :data:`LAYOUT_VERSION`;
+* it unpickles with only torch's ``weights_only`` types and qwenkit's own module and dataclass types
+  (plus ``torch.nn`` modules) resolvable: nothing else named in the file can run;
+* the model's config equals the checkpoint's, every linear layer has the skeleton's input and output
+  sizes and every other parameter the skeleton's shape, and the checksum of every tensor's bytes
+  (:func:`checksum`) is the one written beside them.
+
+The whole model is pickled, so whatever ``load_model`` builds (fused layers included) is cached as is,
+as long as every object in it is a tensor, a plain Python value, an ``nn.Module`` or a dataclass defined
+in qwenkit (or a ``torch.nn`` module); anything else (a function or op handle stored on a module, a
+lock, an enum) makes the write fail with one line and the cache unused. Change what a prepared module
+stores (a new packing, fused layers) and bump :data:`LAYOUT_VERSION`: older entries then miss and are
+replaced (any edit of qwenkit's source files already does, through the code version in the key).
+Writes are atomic (temporary file, then rename), and skipped
+when the disk would keep less than 1 GiB beyond twice the entry; a cache directory that cannot be
+written only costs the speed-up; ``QWENKIT_PREPARED_CACHE=off`` turns it off. An entry takes about
+what the model takes in memory; entries of a checkpoint whose files changed are removed when the new
+one is written (``rm -r ~/.cache/qwenkit/prepared`` removes them all).
+"""
+
+from __future__ import annotations
+
+import _compat_pickle
+import functools
+import gc
+import hashlib
+import importlib
+import os
+import pickle
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from qwenkit.checkpoint.user_cache import cache_root
+from qwenkit.config import ModelConfig
+
+FORMAT = 2  # the entry's own layout (the dict below)
+LAYOUT_VERSION = 1  # bump when a prepared module's tensors or attributes change meaning or layout
+HEAD_BYTES = 1 << 20
+ENV_SWITCH = "QWENKIT_PREPARED_CACHE"
+MIN_FREE_BYTES = 1 << 30  # an entry is written only if the disk keeps this much free beyond twice its size
+ALLOWED_PREFIXES = ("qwenkit.", "torch.nn.modules.")
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """Where a prepared model would live, and the full key it must carry."""
+
+    path: Path
+    key: str
+    stale: str  # glob of this checkpoint path's entries; those not starting with ``current`` are removed
+    current: str  # name prefix of the entries for this version of the checkpoint's files
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV_SWITCH, "").strip().lower() not in ("0", "off", "false", "no")
+
+
+def entry_for(source_path: Path, options: dict[str, Any]) -> CacheEntry:
+    """The entry for this checkpoint loaded with these options in this process."""
+    from qwenkit import kernels
+
+    version = {
+        "format": FORMAT,
+        "layout": LAYOUT_VERSION,
+        "qwenkit": _code_version(),
+        "torch": torch.__version__,
+        "cpu": _cpu_flags_hash(),
+        "identity": _identity(source_path),
+    }
+    choice = {
+        "kernels": kernels.available(),
+        "kernels_env": os.environ.get(kernels.ENV_SWITCH, "").strip().lower(),
+        **options,
+    }
+    source = str(source_path.resolve())
+    key = repr([source, sorted(version.items()), sorted(choice.items())])
+    # <checkpoint path>-<its files, qwenkit, torch, CPU>-<load options>: an entry of the same path with
+    # another middle part can never be used again and is removed when this one is written
+    current = f"{_short(source)}-{_short(repr(sorted(version.items())))}-"
+    path = cache_root() / "prepared" / f"{current}{_short(repr(sorted(choice.items())))}.pt"
+    return CacheEntry(path, key, f"{current.split('-')[0]}-*.pt", current)
+
+
+def load(entry: CacheEntry, config: ModelConfig, skeleton: nn.Module) -> nn.Module | None:
+    """The cached model if the entry exists and passes every check, else None (one line on stderr
+    when an entry was there but unusable)."""
+    if not entry.path.is_file():
+        return None
+    try:
+        with _gc_paused():
+            model = _read(entry, config, skeleton)
+    except Exception as e:  # anything wrong with the file means: build it again
+        print(f"qwenkit: rebuilding the prepared-model cache ({_reason(e)})", file=sys.stderr)
+        entry.path.unlink(missing_ok=True)
+        return None
+    return model
+
+
+def store(entry: CacheEntry, model: nn.Module) -> None:
+    """Write the model for the next start; any failure only costs the speed-up."""
+    try:
+        data = {"format": FORMAT, "key": entry.key, "checksum": checksum(model), "model": model}
+        entry.path.parent.mkdir(parents=True, exist_ok=True)
+        if shutil.disk_usage(entry.path.parent).free < 2 * _storage_bytes(model) + MIN_FREE_BYTES:
+            return  # never fill the disk for a speed-up
+        fd, tmp = tempfile.mkstemp(dir=entry.path.parent, prefix=entry.path.name, suffix=".tmp")
+        os.close(fd)
+        try:
+            torch.save(data, tmp)
+            _check_globals(tmp)
+            os.replace(tmp, entry.path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    except OSError:
+        return  # a read-only or full cache directory only costs the speed-up
+    except (RuntimeError, ValueError, TypeError, AttributeError, pickle.PicklingError) as e:
+        # something in the model that does not pickle, or that the reader would refuse
+        print(f"qwenkit: could not cache the prepared model ({_reason(e)})", file=sys.stderr)
+        return
+    for old in entry.path.parent.glob(entry.stale):
+        if not old.name.startswith(entry.current):
+            old.unlink(missing_ok=True)  # the same checkpoint path, but an older version of its files
+
+
+def _storage_bytes(model: nn.Module) -> int:
+    storages = {s.data_ptr(): s.nbytes() for s in (t.untyped_storage() for t in model.state_dict().values())}
+    return sum(storages.values())
+
+
+def checksum(model: nn.Module) -> int:
+    """Sum and XOR of the 64-bit words of every distinct tensor storage of the model's parameters and
+    buffers: any changed word changes the sum. Four times faster than CRC-32 (10 ms for the bundled
+    model's 100 MB); it guards against damage, not against someone forging an entry."""
+    total, xor, seen = 0, 0, set()
+    tensors = [t for _, t in model.named_parameters(remove_duplicate=False)]
+    tensors += [t for _, t in model.named_buffers(remove_duplicate=False) if t is not None]
+    for t in tensors:
+        storage = t.untyped_storage()
+        if storage.data_ptr() in seen or storage.nbytes() == 0:
+            continue
+        seen.add(storage.data_ptr())
+        raw = torch.empty(0, dtype=torch.uint8).set_(storage).numpy()  # the raw bytes, no copy
+        words = raw[: raw.size // 8 * 8].view(np.uint64)
+        total += int(words.sum(dtype=np.uint64)) + int(raw[words.size * 8 :].sum(dtype=np.uint64))
+        xor ^= int(np.bitwise_xor.reduce(words)) if words.size else 0
+    return ((total % 2**64) << 64) | xor
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection while ~700 tensors and ~1000 modules are unpickled: with torch
+    imported, the collections it triggers scan every object and took 0.19 s of a 0.27 s read."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+class CacheMismatch(Exception):
+    """An entry that does not describe the model asked for."""
+
+
+def _read(entry: CacheEntry, config: ModelConfig, skeleton: nn.Module) -> nn.Module:
+    data = torch.load(entry.path, mmap=True, weights_only=False, pickle_module=_restricted_pickle)
+    if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("key") != entry.key:
+        raise CacheMismatch("written for another checkpoint or version")
+    model = data["model"]
+    if type(model) is not type(skeleton) or getattr(model, "config", None) != config:
+        raise CacheMismatch("another model configuration")
+    _check_shapes(model, skeleton)
+    if checksum(model) != data.get("checksum"):
+        raise CacheMismatch("checksum mismatch: the file is damaged")
+    return model
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """The C unpickler (``weights_only``'s pure-Python one took 0.3 s for the bundled model's 700
+    tensors), resolving only what :func:`_allowed` admits: the standard way to restrict globals."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _compat_pickle.NAME_MAPPING:  # protocol 2 writes Python 2 names
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        full = f"{module}.{name}"
+        obj = _torch_allowed().get(full)
+        if obj is None:
+            obj = _allowed(full)
+        if obj is None:
+            raise CacheMismatch(f"the file names {full!r}, which a prepared model never holds")
+        return obj
+
+
+class _restricted_pickle:  # stands in for the ``pickle`` module in torch.load
+    Unpickler = _RestrictedUnpickler
+    load = staticmethod(pickle.load)  # only reached for the legacy format, which torch.save never writes
+
+
+@functools.cache
+def _torch_allowed() -> dict[str, Any]:
+    """torch's own ``weights_only`` allowlist: tensors, storages, dtypes, ``OrderedDict`` and friends."""
+    from torch._weights_only_unpickler import _get_allowed_globals
+
+    return _get_allowed_globals()
+
+
+def _allowed(name: str) -> Any:
+    """The object a qwenkit module/dataclass type or torch.nn module name means, else None."""
+    obj = _resolve(name) if name.startswith(ALLOWED_PREFIXES) else None
+    ok = isinstance(obj, type) and (issubclass(obj, nn.Module) or is_dataclass(obj))
+    return obj if ok else None
+
+
+def _check_shapes(model: nn.Module, skeleton: nn.Module) -> None:
+    """Every linear layer of the skeleton is there with its sizes; every other parameter with its shape."""
+    cached = dict(model.named_modules(remove_duplicate=False))
+    for name, module in skeleton.named_modules(remove_duplicate=False):
+        got = cached.get(name)
+        if got is None:
+            raise CacheMismatch(f"module {name!r} is missing")
+        if hasattr(module, "in_features") and hasattr(module, "out_features"):  # float or GPTQ linear
+            want = (module.in_features, module.out_features)
+            sizes = (getattr(got, "in_features", None), getattr(got, "out_features", None))
+            if sizes != want:
+                raise CacheMismatch(f"{name!r} has (in, out) sizes {sizes}, not {want}")
+            continue
+        for pname, p in module.named_parameters(recurse=False):
+            q = getattr(got, pname, None)
+            if isinstance(got, nn.Module) and isinstance(q, torch.Tensor) and q.shape == p.shape:
+                continue
+            if isinstance(module, nn.Embedding):
+                sizes = (getattr(got, "num_embeddings", None), getattr(got, "embedding_dim", None))
+                if sizes == (module.num_embeddings, module.embedding_dim):
+                    continue  # a quantized or packed embedding: no weight of its own
+            raise CacheMismatch(f"{name}.{pname} does not have shape {tuple(p.shape)}")
+    for t in model.state_dict().values():
+        if t.is_meta:
+            raise CacheMismatch("a tensor without data")
+
+
+def _check_globals(path: str | Path) -> None:
+    """Refuse, before writing it, a file the reader would refuse (its unpickler admits the same names)."""
+    torch_allowed = _torch_allowed()
+    for name in torch.serialization.get_unsafe_globals_in_checkpoint(path):
+        if name not in torch_allowed and _allowed(name) is None:
+            raise ValueError(f"the model holds a {name}, which the cache does not store")
+
+
+def _resolve(name: str) -> Any:
+    module, _, qualname = name.rpartition(".")
+    while module:
+        try:
+            obj: Any = importlib.import_module(module)
+        except ImportError:
+            module, _, outer = module.rpartition(".")
+            qualname = f"{outer}.{qualname}"
+            continue
+        for part in qualname.split("."):
+            obj = getattr(obj, part, None)
+        return obj
+    return None
+
+
+def _identity(path: Path) -> str:
+    """Size, modification time and first-MiB hash of the checkpoint file, or of each file directly in
+    the checkpoint directory."""
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}:".encode())
+        with f.open("rb") as fh:
+            h.update(fh.read(HEAD_BYTES))
+    return h.hexdigest()
+
+
+def _code_version() -> str:
+    """Name, size and modification time of every qwenkit source file: any edit or upgrade of the code
+    that builds the model misses the old entries (a few ms of ``stat``)."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")) + sorted(root.rglob("*.cpp")):
+        st = f.stat()
+        h.update(f"{f.relative_to(root)}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()
+
+
+def _cpu_flags_hash() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    flags = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    return _short(flags)
+
+
+def _short(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return text[:160]

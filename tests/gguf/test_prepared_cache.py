@@ -1,0 +1,227 @@
+"""The prepared-model cache: a second load of a GGUF file (or of a checkpoint with ``--quantize``) comes
+from disk with every tensor equal and the same greedy tokens; a changed checkpoint, other load options, a
+damaged entry or one naming foreign code are never used, and the model is built again."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from factories import hf_model, save_hf
+from gguf import GGMLQuantizationType as Q
+
+from qwenkit.checkpoint import load_model, loader, prepared_cache
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("QWENKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv(prepared_cache.ENV_SWITCH, raising=False)
+    return tmp_path / "cache" / "prepared"
+
+
+@pytest.fixture
+def builds(monkeypatch) -> list[int]:
+    """Counts the loads that build the model from the checkpoint (not from the cache)."""
+    calls: list[int] = []
+    real = loader._assign_all
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loader, "_assign_all", counting)
+    return calls
+
+
+@pytest.fixture
+def gguf_file(tmp_path, gguf_writer) -> Path:
+    model = hf_model("qwen2", hidden_size=128, intermediate_size=256)  # untied: output.weight in the file
+    return gguf_writer(tmp_path / "m.gguf", "qwen2", model.config.to_dict(), model.state_dict(), Q.Q4_0)
+
+
+def tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    named = dict(model.named_parameters(remove_duplicate=False))
+    return named | {n: b for n, b in model.named_buffers(remove_duplicate=False) if b is not None}
+
+
+def greedy(model: torch.nn.Module, steps: int = 6) -> list[int]:
+    ids = torch.tensor([[1, 5, 9, 200, 33]])
+    out = []
+    with torch.no_grad():
+        for _ in range(steps):
+            nxt = int(model(ids)[0, -1].argmax())
+            out.append(nxt)
+            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+    return out
+
+
+def mapped_ranges(path: Path) -> list[tuple[int, int]]:
+    """Address ranges of this process where ``path`` is memory-mapped."""
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] == str(path):
+            lo, hi = fields[0].split("-")
+            ranges.append((int(lo, 16), int(hi, 16)))
+    return ranges
+
+
+def assert_same_model(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    ta, tb = tensors(a), tensors(b)
+    assert ta.keys() == tb.keys() and len(ta) > 10
+    for name in ta:
+        assert ta[name].dtype == tb[name].dtype and torch.equal(ta[name], tb[name]), name
+    assert [type(m) for m in a.modules()] == [type(m) for m in b.modules()]
+    ids = torch.tensor([[3, 17, 250, 4, 99, 7]])
+    with torch.no_grad():
+        assert torch.equal(a(ids), b(ids))
+    assert greedy(a) == greedy(b)
+
+
+def test_second_load_of_a_gguf_comes_from_the_cache_and_computes_the_same(cache, builds, gguf_file):
+    first, _ = load_model(gguf_file, progress=False, fast_kernels=True)
+    assert len(builds) == 1 and len(list(cache.glob("*.pt"))) == 1
+    second, config = load_model(gguf_file, progress=False, fast_kernels=True)
+    assert len(builds) == 1  # not built again
+    assert config == first.config
+    assert_same_model(first, second)
+    # the cached tensors are the file's pages (memory-mapped), not a copy
+    (entry,) = cache.glob("*.pt")
+    biggest = max(tensors(second).values(), key=lambda t: t.nbytes)
+    assert any(lo <= biggest.data_ptr() < hi for lo, hi in mapped_ranges(entry))
+
+
+def test_quantize_on_load_is_cached_per_precision(cache, builds, tmp_path):
+    path = save_hf(hf_model("qwen2", tie_word_embeddings=True), tmp_path / "hf")
+    int8, _ = load_model(path, dtype="bfloat16", quantize="int8", progress=False)
+    int4, _ = load_model(path, dtype="bfloat16", quantize="int4", progress=False)
+    assert len(builds) == 2 and len(list(cache.glob("*.pt"))) == 2  # two entries, one per precision
+    int8_again, _ = load_model(path, dtype="bfloat16", quantize="int8", progress=False)
+    int4_again, _ = load_model(path, dtype="bfloat16", quantize="int4", progress=False)
+    assert len(builds) == 2
+    assert_same_model(int8, int8_again)
+    assert_same_model(int4, int4_again)
+    assert int4_again.model.embed_tokens.source is int4_again.lm_head  # the tied pair is still one copy
+
+
+def test_a_gptq_checkpoint_is_cached(cache, builds, tmp_path):
+    from qwenkit.cli import main
+
+    src = save_hf(hf_model("qwen2"), tmp_path / "hf")
+    out = tmp_path / "gptq"
+    assert main(["quantize", str(src), str(out), "-q", "--method", "rtn"]) == 0
+    builds.clear()
+    first, _ = load_model(out, dtype="bfloat16", progress=False)
+    second, _ = load_model(out, dtype="bfloat16", progress=False)
+    assert len(builds) == 1
+    assert_same_model(first, second)
+
+
+def test_other_options_or_kernels_miss(cache, builds, gguf_file, monkeypatch):
+    load_model(gguf_file, progress=False, dtype="bfloat16")
+    load_model(gguf_file, progress=False, dtype="float32")  # another dtype
+    monkeypatch.setenv("QWENKIT_KERNELS", "torch")
+    plain, _ = load_model(gguf_file, progress=False, dtype="bfloat16")  # another kernel choice
+    assert len(builds) == 3 and len(list(cache.glob("*.pt"))) == 3
+    again, _ = load_model(gguf_file, progress=False, dtype="bfloat16")
+    assert len(builds) == 3
+    assert_same_model(plain, again)
+
+
+def test_a_changed_checkpoint_is_built_again_and_its_old_entry_removed(cache, builds, gguf_file):
+    load_model(gguf_file, progress=False)
+    old = set(cache.glob("*.pt"))
+    st = gguf_file.stat()
+    os.utime(gguf_file, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # same bytes, newer file
+    load_model(gguf_file, progress=False)
+    assert len(builds) == 2
+    new = set(cache.glob("*.pt"))
+    assert len(new) == 1 and not new & old
+
+
+def damage_tensor_bytes(entry: Path) -> None:
+    """Flip one byte well inside the tensor data (the zip's records after the pickle)."""
+    data = bytearray(entry.read_bytes())
+    at = len(data) // 2
+    data[at] ^= 0xFF
+    entry.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["flipped byte", "truncated", "garbage"])
+def test_a_damaged_entry_is_rebuilt_with_one_line(cache, builds, gguf_file, capfd, damage):
+    fresh, _ = load_model(gguf_file, progress=False)
+    (entry,) = cache.glob("*.pt")
+    if damage == "flipped byte":
+        damage_tensor_bytes(entry)
+    elif damage == "truncated":
+        entry.write_bytes(entry.read_bytes()[: entry.stat().st_size // 3])
+    else:
+        entry.write_bytes(b"not a torch file")
+    capfd.readouterr()
+    model, _ = load_model(gguf_file, progress=False)
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(builds) == 2
+    assert len(err) == 1 and err[0].startswith("qwenkit: rebuilding the prepared-model cache (")
+    if damage == "flipped byte":  # only the checksum can see a changed byte of a memory-mapped tensor
+        assert "checksum mismatch" in err[0]
+    assert_same_model(fresh, model)
+    model, _ = load_model(gguf_file, progress=False)  # the rewritten entry is good again
+    assert len(builds) == 2 and capfd.readouterr().err == ""
+
+
+class _Payload:
+    """What a planted entry would run if the cache unpickled anything it was handed."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_an_entry_naming_foreign_code_is_refused_and_never_run(cache, builds, gguf_file, tmp_path, capfd):
+    load_model(gguf_file, progress=False)
+    (entry,) = cache.glob("*.pt")
+    marker = tmp_path / "ran"
+    torch.save({"format": prepared_cache.FORMAT, "model": _Payload(marker)}, entry, pickle_module=pickle)
+    load_model(gguf_file, progress=False)
+    assert not marker.exists()
+    assert len(builds) == 2
+    assert "which a prepared model never holds" in capfd.readouterr().err
+
+
+def test_a_model_of_another_shape_is_refused(cache, builds, gguf_file, tmp_path, gguf_writer, capfd):
+    """An entry whose key matches but whose layers have other sizes (never written by qwenkit, but the
+    file is not trusted blindly) is refused by the shape check."""
+    load_model(gguf_file, progress=False)
+    (entry,) = cache.glob("*.pt")
+    data = torch.load(entry, weights_only=False)
+    data["model"].model.layers[0].mlp.down_proj.in_features += 1
+    torch.save(data, entry)
+    load_model(gguf_file, progress=False)
+    assert len(builds) == 2
+    assert "down_proj" in capfd.readouterr().err
+
+
+def test_an_unwritable_cache_or_the_switch_only_costs_the_speed_up(tmp_path, monkeypatch, builds, gguf_file):
+    blocker = tmp_path / "file-not-dir"
+    blocker.write_text("")
+    monkeypatch.setenv("QWENKIT_CACHE", str(blocker))
+    a, _ = load_model(gguf_file, progress=False)
+    monkeypatch.setenv("QWENKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv(prepared_cache.ENV_SWITCH, "off")
+    load_model(gguf_file, progress=False)
+    c, _ = load_model(gguf_file, progress=False)
+    assert len(builds) == 3 and not (tmp_path / "cache").exists()
+    assert_same_model(a, c)
+
+
+def test_no_entry_when_the_disk_is_nearly_full(cache, builds, gguf_file, monkeypatch):
+    monkeypatch.setattr(prepared_cache, "MIN_FREE_BYTES", 1 << 62)
+    load_model(gguf_file, progress=False)
+    load_model(gguf_file, progress=False)
+    assert len(builds) == 2 and not list(cache.glob("*"))
