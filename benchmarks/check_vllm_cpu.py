@@ -85,7 +85,7 @@ print("RESULT " + json.dumps(rows))
 # Run as a file by vLLM's Python. The engine stays in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so
 # a refusal surfaces here as vLLM's own exception rather than "engine core initialization failed".
 VLLM_CHILD = r"""
-import json, sys, time
+import json, sys, time, traceback
 
 
 def main():
@@ -95,17 +95,22 @@ def main():
     def report(**kw):
         print("RESULT " + json.dumps(kw), flush=True)
 
+    def why(e):
+        traceback.print_exc()
+        frame = traceback.extract_tb(e.__traceback__)[-1]  # where vLLM raised, for a bare assert
+        return f"{type(e).__name__}: {e} [{frame.filename.split('/vllm/')[-1]}:{frame.lineno}: {frame.line}]"
+
     t = time.perf_counter()
     try:
         llm = LLM(model=path, dtype="bfloat16", enforce_eager=True, max_model_len=256, max_num_seqs=4, seed=0)
     except Exception as e:  # the refusal is the measurement
-        return report(loaded=False, error=f"{type(e).__name__}: {e}")
+        return report(loaded=False, error=why(e))
     load_s = time.perf_counter() - t
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, logprobs=5)
     try:
         outs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
     except Exception as e:
-        return report(loaded=True, load_s=load_s, error=f"{type(e).__name__}: {e}")
+        return report(loaded=True, load_s=load_s, error=why(e))
     gen = [
         {
             "token_ids": list(o.outputs[0].token_ids),
