@@ -97,8 +97,13 @@ def main():
 
     def why(e):
         traceback.print_exc()
-        frame = traceback.extract_tb(e.__traceback__)[-1]  # where vLLM raised, for a bare assert
-        return f"{type(e).__name__}: {e} [{frame.filename.split('/vllm/')[-1]}:{frame.lineno}: {frame.line}]"
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        if type(e).__name__ == "ValidationError" and len(lines) > 1:  # pydantic wraps vLLM's own check
+            return lines[1].split(" [type=")[0]
+        if lines:
+            return f"{type(e).__name__}: {lines[0]}"
+        frame = traceback.extract_tb(e.__traceback__)[-1]  # a bare assert: say where
+        return f"{type(e).__name__} at vllm/{frame.filename.split('/vllm/')[-1]}:{frame.lineno}: {frame.line}"
 
     t = time.perf_counter()
     try:
