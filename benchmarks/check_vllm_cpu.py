@@ -68,6 +68,7 @@ CASES = [
     Case("smollm2-int4-rowgroups", "smollm2", 4, "rtn", group=-1),
     Case("smollm2-int8", "smollm2", 8, "rtn"),
     Case("qwen2.5-0.5b-int4", "qwen2.5-0.5b", 4, "rtn"),
+    Case("qwen2.5-0.5b-int4-static", "qwen2.5-0.5b", 4, "gptq", "static"),
 ]
 
 QWENKIT_CHILD = r"""
