@@ -18,6 +18,7 @@ Imports only torch, the standard library and qwenkit.errors; model/ and quant/ m
         # x (..., K) bf16 or fp32 -> (..., N) in x's dtype; x is rounded to int8 per block of 32.
     kernels.dequantize(p, dtype, rows=None) -> (N, K) or (len(rows), K) float weights
     kernels.unpack_codes(p) -> (N, K) uint8 codes
+    kernels.concat_bf16([p, ...]) / kernels.concat_int([p, ...])  # outputs stacked (fused projections)
 
 The ops are torch ops (torch.ops.qwenkit.*), CPU only, meant for M <= 16 rows (they accept any M, in
 passes of 8 rows over each weight tile, but torch's GEMMs win for prefill).
@@ -31,6 +32,8 @@ from qwenkit.kernels.ops import (
     PackedBf16,
     PackedInt,
     available,
+    concat_bf16,
+    concat_int,
     dequantize,
     linear_bf16,
     linear_int4,
@@ -49,6 +52,8 @@ __all__ = [
     "PackedBf16",
     "PackedInt",
     "available",
+    "concat_bf16",
+    "concat_int",
     "dequantize",
     "linear_bf16",
     "linear_int4",

@@ -300,3 +300,48 @@ def dequantize(
     if shift is not None:
         w += shift.to(work).repeat_interleave(p.group_size, dim=1)
     return w.to(dtype)
+
+
+def concat_bf16(parts: list[PackedBf16]) -> PackedBf16:
+    """One PackedBf16 whose outputs are those of ``parts`` in order (q/k/v or gate/up fused at load).
+
+    Tiles are independent streams, so stacking them is exact: the fused product gives every output
+    bit for bit as its part alone. Every part but the last must fill whole tiles (N % 16 == 0)."""
+    _check_concat([(p.in_features, p.out_features) for p in parts], "concat_bf16")
+    weight = torch.cat([p.weight for p in parts])
+    return PackedBf16(weight, parts[0].in_features, sum(p.out_features for p in parts))
+
+
+def concat_int(parts: list[PackedInt]) -> PackedInt:
+    """As concat_bf16 for integer weights; the parts must agree on bits, group size, zero point, scale
+    dtype and whether they have a shift."""
+    _check_concat([(p.in_features, p.out_features) for p in parts], "concat_int")
+    first = parts[0]
+    for p in parts[1:]:
+        if (p.bits, p.group_size, p.zero_point, p.scale.dtype, p.shift is None) != (
+            first.bits,
+            first.group_size,
+            first.zero_point,
+            first.scale.dtype,
+            first.shift is None,
+        ):
+            raise KernelInputError("concat_int: parts differ in bits, group size, zero point or scales")
+    return PackedInt(
+        first.bits,
+        torch.cat([p.codes for p in parts]),
+        torch.cat([p.scale for p in parts]),
+        None if first.shift is None else torch.cat([p.shift for p in parts]),
+        first.group_size,
+        first.in_features,
+        sum(p.out_features for p in parts),
+        first.zero_point,
+    )
+
+
+def _check_concat(shapes: list[tuple[int, int]], what: str) -> None:
+    if not shapes:
+        raise KernelInputError(f"{what}: nothing to concatenate")
+    if len({k for k, _ in shapes}) != 1:
+        raise KernelInputError(f"{what}: parts have different input sizes {[k for k, _ in shapes]}")
+    if any(n % TILE for _, n in shapes[:-1]):
+        raise KernelInputError(f"{what}: every part but the last needs a multiple of {TILE} outputs")

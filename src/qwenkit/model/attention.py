@@ -58,6 +58,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=config.qkv_bias)
         self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=config.o_bias)
+        # q, k and v as one product (heads side by side), set only by an inference load on the fast CPU
+        # kernels (``quant.fused``), which then removes q_proj, k_proj and v_proj.
+        self.qkv_proj: nn.Module | None = None
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -67,14 +70,24 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
+        H, Hkv, D = self.n_heads, self.n_kv, self.head_dim
+        if self.qkv_proj is not None:
+            qkv = self.qkv_proj(x).view(B, T, H + 2 * Hkv, D)
+            q, k, v = qkv.split((H, Hkv, Hkv), dim=2)
+        else:
+            q = self.q_proj(x).view(B, T, H, D)
+            k = self.k_proj(x).view(B, T, Hkv, D)
+            v = self.v_proj(x).view(B, T, Hkv, D)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
-        q = apply_rope(q, inputs.cos, inputs.sin, self.rope_in_fp32)
-        k = apply_rope(k, inputs.cos, inputs.sin, self.rope_in_fp32)
+        v = v.transpose(1, 2)  # (B, heads, T, D)
+        if self.qkv_proj is not None and self.q_norm is None:
+            # q and k sit side by side: rotate them in one pass (RoPE acts on each head alone)
+            qk = apply_rope(qkv[:, :, : H + Hkv].transpose(1, 2), inputs.cos, inputs.sin, self.rope_in_fp32)
+            q, k = qk.split((H, Hkv), dim=1)
+        else:
+            q = apply_rope(q.transpose(1, 2), inputs.cos, inputs.sin, self.rope_in_fp32)
+            k = apply_rope(k.transpose(1, 2), inputs.cos, inputs.sin, self.rope_in_fp32)
         if inputs.logn is not None:
             q = q * inputs.logn.to(q.dtype)
 
@@ -88,5 +101,5 @@ class Attention(nn.Module):
             )
         else:
             out = inputs.cache.attend(self.layer_idx, q, k, v)
-        out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
+        out = out.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
         return self.o_proj(out)
