@@ -75,7 +75,7 @@ def test_fast_path_batched_equals_alone(path, quantize) -> None:
     # int4's groups of 128 do not tile the tiny FFN width 160: those two down_proj run another kernel
     assert len(fast) == len(layers) - (2 if quantize == "int4" else 0)
     assert all(layer.self_attn.qkv_proj is not None for layer in model.model.layers)  # fused layout
-    assert all(layer.mlp.gate_up_proj is not None for layer in model.model.layers)
+    assert all(layer.mlp.gate_up_silu is not None for layer in model.model.layers)
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     alone = [_run(Engine(model, max_batch_size=1), [p], params)[0] for p in PROMPTS]
     together = _run(Engine(model, max_batch_size=4, prefill_chunk=8), PROMPTS, params)

@@ -34,7 +34,7 @@ def test_fused_model_equals_separate_layers(path, quantize, monkeypatch) -> None
     separate, _ = load_model(path, dtype="bfloat16", quantize=quantize, progress=False, fast_kernels=True)
     for layer in fused.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        assert attn.qkv_proj is not None and mlp.gate_up_proj is not None
+        assert attn.qkv_proj is not None and mlp.gate_up_silu is not None
         assert not any(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj"))
         assert not any(hasattr(mlp, n) for n in ("gate_proj", "up_proj"))
         assert attn.qkv_proj.bias is not None  # Qwen2's q/k/v biases travel with the fused weight

@@ -204,10 +204,10 @@ def load_model(
         parallelize(model, tensor_parallel)
     elif fast_kernels and device == "cpu" and adapter is None:
         from qwenkit.quant.dense import pack_dense_for_cpu
-        from qwenkit.quant.fused import fuse_projections
+        from qwenkit.quant.fused import fuse_for_inference
 
         pack_dense_for_cpu(model)
-        fuse_projections(model)  # q/k/v and gate/up as one product each, where the kernels allow
+        fuse_for_inference(model)  # q/k/v and gate/up as one product each, where the kernels allow
     return model, model.config
 
 

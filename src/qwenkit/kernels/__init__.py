@@ -18,6 +18,8 @@ Imports only torch, the standard library and qwenkit.errors; model/ and quant/ m
         # x (..., K) bf16 or fp32 -> (..., N) in x's dtype; x is rounded to int8 per block of 32.
     kernels.dequantize(p, dtype, rows=None) -> (N, K) or (len(rows), K) float weights
     kernels.unpack_codes(p) -> (N, K) uint8 codes
+    kernels.rms_norm(x, w, eps), kernels.silu_mul(x), kernels.decode_attention(q, k, v, gather, pos, scale)
+        # the decode step's small ops (bf16), one call each
     kernels.concat_bf16([p, ...]) / kernels.concat_int([p, ...])  # outputs stacked (fused projections)
 
 The ops are torch ops (torch.ops.qwenkit.*), CPU only, meant for M <= 16 rows (they accept any M, in
@@ -34,6 +36,7 @@ from qwenkit.kernels.ops import (
     available,
     concat_bf16,
     concat_int,
+    decode_attention,
     dequantize,
     linear_bf16,
     linear_int4,
@@ -41,6 +44,8 @@ from qwenkit.kernels.ops import (
     prepare_bf16,
     prepare_int4,
     prepare_int8,
+    rms_norm,
+    silu_mul,
     unpack_bf16,
     unpack_codes,
 )
@@ -54,6 +59,7 @@ __all__ = [
     "available",
     "concat_bf16",
     "concat_int",
+    "decode_attention",
     "dequantize",
     "linear_bf16",
     "linear_int4",
@@ -61,6 +67,8 @@ __all__ = [
     "prepare_bf16",
     "prepare_int4",
     "prepare_int8",
+    "rms_norm",
+    "silu_mul",
     "unpack_bf16",
     "unpack_codes",
 ]

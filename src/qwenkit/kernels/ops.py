@@ -345,3 +345,29 @@ def _check_concat(shapes: list[tuple[int, int]], what: str) -> None:
         raise KernelInputError(f"{what}: parts have different input sizes {[k for k, _ in shapes]}")
     if any(n % TILE for _, n in shapes[:-1]):
         raise KernelInputError(f"{what}: every part but the last needs a multiple of {TILE} outputs")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``weight * bf16(rms_norm(x.float()))`` for bf16 x (..., K) and weight (K,), in one call."""
+    return _op("rms_norm")(x, weight, eps)
+
+
+def silu_mul(x: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for bf16 x = [gate | up] (..., 2F) -> (..., F), rounded as torch rounds it."""
+    return _op("silu_mul")(x)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    gather: torch.Tensor,
+    positions: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One query per row over its keys, read in place from the KV pool (no gathered copy).
+
+    q (B, H, D) bf16; pools (slots, Hkv, D) bf16; gather (B, S) int64 slot of each key; positions (B,):
+    row b sees keys 0..positions[b]. Returns (B, H, D) bf16; query head i reads KV head i // (H / Hkv).
+    """
+    return _op("decode_attention")(q, k_pool, v_pool, gather, positions, scale)
