@@ -1,4 +1,4 @@
-"""The decode step's small C++ ops (rms_norm, silu_mul, decode_attention) against plain PyTorch."""
+"""The decode step's small C++ ops (rms_norm, silu_mul, rope_, decode_attention) against plain PyTorch."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from qwenkit import kernels
 from qwenkit.engine.kv_cache import PagedKVCache, StepAttention
+from qwenkit.model.rope import apply_rope, apply_rope_
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="AVX-512 kernels not built on this CPU")
 
@@ -93,3 +94,20 @@ def test_step_attention_fast_decode_matches_sdpa_path(monkeypatch) -> None:
     slow.fast_decode = False
     want = slow.attend(0, q, k, v)
     torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=1e-2)
+
+
+@pytest.mark.parametrize(("in_fp32", "rot"), [(False, 64), (True, 64), (False, 32)])
+def test_rope_in_place_equals_apply_rope(in_fp32, rot) -> None:
+    """Bit for bit the model's apply_rope, on q and k heads read straight out of a fused qkv output
+    (partial rotary too), in bf16 steps or in float32 (Qwen v1)."""
+    g = _g(3)
+    qkv = torch.randn(2, 3, 20, 64, generator=g).bfloat16()  # (B, T, q + k + v heads, D)
+    cos, sin = torch.randn(2, 2, 1, 3, rot, generator=g)
+    if not in_fp32:
+        cos, sin = cos.bfloat16(), sin.bfloat16()
+    qk, v_before = qkv[:, :, :16], qkv[:, :, 16:].clone()
+    want = apply_rope(qk.transpose(1, 2), cos, sin, in_fp32).transpose(1, 2)
+    got = apply_rope_(qk, cos, sin, in_fp32)
+    assert got.data_ptr() == qkv.data_ptr()  # in place
+    assert torch.equal(got, want)
+    assert torch.equal(qkv[:, :, 16:], v_before)  # v untouched

@@ -18,7 +18,8 @@ Imports only torch, the standard library and qwenkit.errors; model/ and quant/ m
         # x (..., K) bf16 or fp32 -> (..., N) in x's dtype; x is rounded to int8 per block of 32.
     kernels.dequantize(p, dtype, rows=None) -> (N, K) or (len(rows), K) float weights
     kernels.unpack_codes(p) -> (N, K) uint8 codes
-    kernels.rms_norm(x, w, eps), kernels.silu_mul(x), kernels.decode_attention(q, k, v, gather, pos, scale)
+    kernels.rms_norm(x, w, eps), kernels.silu_mul(x), kernels.rope_(x, cos, sin),
+    kernels.decode_attention(q, k, v, gather, pos, scale)
         # the decode step's small ops (bf16), one call each
     kernels.concat_bf16([p, ...]) / kernels.concat_int([p, ...])  # outputs stacked (fused projections)
 
@@ -45,6 +46,7 @@ from qwenkit.kernels.ops import (
     prepare_int4,
     prepare_int8,
     rms_norm,
+    rope_,
     silu_mul,
     unpack_bf16,
     unpack_codes,
@@ -68,6 +70,7 @@ __all__ = [
     "prepare_int4",
     "prepare_int8",
     "rms_norm",
+    "rope_",
     "silu_mul",
     "unpack_bf16",
     "unpack_codes",

@@ -371,3 +371,10 @@ def decode_attention(
     row b sees keys 0..positions[b]. Returns (B, H, D) bf16; query head i reads KV head i // (H / Hkv).
     """
     return _op("decode_attention")(q, k_pool, v_pool, gather, positions, scale)
+
+
+def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotate-half RoPE in place on bf16 x (B, T, heads, D) (last dimension contiguous), the first rot
+    features of each head, with cos/sin (B, T, rot): bf16 rounds each step as torch does in bf16,
+    float32 rotates in float and rounds once (Qwen v1)."""
+    _op("rope_")(x, cos, sin)

@@ -20,7 +20,7 @@ from torch import nn
 
 from qwenkit.config import ModelConfig
 from qwenkit.model.norm import RMSNorm
-from qwenkit.model.rope import apply_rope
+from qwenkit.model.rope import apply_rope, apply_rope_
 
 
 class KVCache(Protocol):
@@ -82,9 +82,9 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         v = v.transpose(1, 2)  # (B, heads, T, D)
         if self.qkv_proj is not None and self.q_norm is None:
-            # q and k sit side by side: rotate them in one pass (RoPE acts on each head alone)
-            qk = apply_rope(qkv[:, :, : H + Hkv].transpose(1, 2), inputs.cos, inputs.sin, self.rope_in_fp32)
-            q, k = qk.split((H, Hkv), dim=1)
+            # q and k sit side by side: rotate them in one pass (RoPE acts on each head alone), in place
+            qk = apply_rope_(qkv[:, :, : H + Hkv], inputs.cos, inputs.sin, self.rope_in_fp32)
+            q, k = qk.transpose(1, 2).split((H, Hkv), dim=1)
         else:
             q = apply_rope(q.transpose(1, 2), inputs.cos, inputs.sin, self.rope_in_fp32)
             k = apply_rope(k.transpose(1, 2), inputs.cos, inputs.sin, self.rope_in_fp32)

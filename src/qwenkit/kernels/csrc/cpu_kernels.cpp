@@ -8,7 +8,7 @@
 //   linear_int8(x (M,K), codes, scale, shift?, bias?, group_size, N, zero_point)   (_mm512_dpbusd_epi32)
 //   linear_int4(x (M,K), codes, scale, shift?, bias?, group_size, N, zero_point)
 //   stream_read(t) -> int64: xor of every 64-byte line (a memory-bandwidth probe for the benchmark)
-//   rms_norm(x, weight, eps), silu_mul([gate | up]), decode_attention(q, k pool, v pool, gather, positions,
+//   rms_norm(x, weight, eps), silu_mul([gate | up]), rope_(x, cos, sin), decode_attention(q, k pool, v pool, gather, positions,
 //   scale): the decode step's small ops, one call each instead of several torch kernels
 //
 // Integer weights are w[n,k] = (code[n,k] - zero_point) * scale + shift per group of `group_size` inputs
@@ -568,6 +568,45 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& kc, const at:
   return out;
 }
 
+
+// Rotate-half RoPE in place on x (B, T, heads, D) bf16 (any strides but a contiguous last dimension),
+// the first `rot` features of every head; cos/sin (B, T, rot). In bf16 (cos/sin bf16) each product and
+// the sum are rounded to bf16, as torch's x * cos + rotate_half(x) * sin; in fp32 (cos/sin float32) the
+// products and sum stay float and only the result is rounded (Qwen v1's float32 rotation).
+void rope_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && x.dim() == 4 && x.stride(3) == 1,
+              "qwenkit rope_: x must be a bfloat16 (B, T, heads, D) CPU tensor with a contiguous last dimension");
+  const int64_t B = x.size(0), T = x.size(1), NH = x.size(2), D = x.size(3);
+  TORCH_CHECK(cos.dim() == 3 && cos.size(0) == B && cos.size(1) == T && cos.sizes() == sin.sizes() &&
+                  cos.scalar_type() == sin.scalar_type() && cos.size(2) % 2 == 0 && cos.size(2) <= D,
+              "qwenkit rope_: cos and sin must be (B, T, rot) with an even rot <= head dim");
+  const bool f32 = cos.scalar_type() == at::kFloat;
+  TORCH_CHECK(f32 || cos.scalar_type() == at::kBFloat16, "qwenkit rope_: cos/sin must be float32 or bfloat16");
+  const int64_t rot = cos.size(2), half = rot / 2;
+  at::Tensor cc = cos.contiguous(), sc = sin.contiguous();
+  auto bf = [](uint16_t v) { uint32_t u = uint32_t(v) << 16; float f; std::memcpy(&f, &u, 4); return f; };
+  auto r = [&](float v) { return bf(f32_to_bf16(v)); };
+  uint16_t* xp = reinterpret_cast<uint16_t*>(x.data_ptr<at::BFloat16>());
+  std::vector<float> c(rot), sn(rot), h(rot);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t o = (b * T + t) * rot;
+      for (int64_t i = 0; i < rot; ++i) {
+        c[i] = f32 ? cc.data_ptr<float>()[o + i] : bf(reinterpret_cast<const uint16_t*>(cc.data_ptr<at::BFloat16>())[o + i]);
+        sn[i] = f32 ? sc.data_ptr<float>()[o + i] : bf(reinterpret_cast<const uint16_t*>(sc.data_ptr<at::BFloat16>())[o + i]);
+      }
+      for (int64_t hd = 0; hd < NH; ++hd) {
+        uint16_t* v = xp + b * x.stride(0) + t * x.stride(1) + hd * x.stride(2);
+        for (int64_t i = 0; i < rot; ++i) h[i] = bf(v[i]);
+        for (int64_t i = 0; i < rot; ++i) {
+          const float other = i < half ? -h[i + half] : h[i - half];  // rotate_half: (-x2, x1)
+          const float y = f32 ? h[i] * c[i] + other * sn[i] : r(r(h[i] * c[i]) + r(other * sn[i]));
+          v[i] = f32_to_bf16(y);
+        }
+      }
+    }
+}
+
 }  // namespace
 
 TORCH_LIBRARY(qwenkit, m) {
@@ -581,6 +620,7 @@ TORCH_LIBRARY(qwenkit, m) {
   m.def("stream_read(Tensor t) -> int");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("silu_mul(Tensor x) -> Tensor");
+  m.def("rope_(Tensor(a!) x, Tensor cos, Tensor sin) -> ()");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor gather, Tensor positions, float scale) -> Tensor");
 }
 
@@ -591,5 +631,6 @@ TORCH_LIBRARY_IMPL(qwenkit, CPU, m) {
   m.impl("stream_read", &stream_read);
   m.impl("rms_norm", &rms_norm);
   m.impl("silu_mul", &silu_mul);
+  m.impl("rope_", &rope_);
   m.impl("decode_attention", &decode_attention);
 }
