@@ -112,6 +112,7 @@ def fuse_projections(model: nn.Module) -> int:
         fused = fuse_linears([getattr(m, n) for n in names])
         if fused is None:
             continue
+        fused.fused_from = names  # ``qwenkit profile`` counts the checkpoint's layers, not the products
         if isinstance(m, Attention):
             m.qkv_proj = fused
         else:
