@@ -30,6 +30,7 @@ passes of 8 rows over each weight tile, but torch's GEMMs win for prefill).
 
 from qwenkit.kernels.ops import (
     ENV_SWITCH,
+    SMALL_OP_ROWS,
     KernelInputError,
     KernelsUnavailableError,
     PackedBf16,
@@ -54,6 +55,7 @@ from qwenkit.kernels.ops import (
 
 __all__ = [
     "ENV_SWITCH",
+    "SMALL_OP_ROWS",
     "KernelInputError",
     "KernelsUnavailableError",
     "PackedBf16",

@@ -347,6 +347,11 @@ def _check_concat(shapes: list[tuple[int, int]], what: str) -> None:
         raise KernelInputError(f"{what}: every part but the last needs a multiple of {TILE} outputs")
 
 
+# The small ops below are one pass of scalar-ish code: they beat torch's chain of kernels for the few rows
+# of a decode step, torch's vectorized kernels win on a prompt's hundreds (callers check this).
+SMALL_OP_ROWS = 16
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``weight * bf16(rms_norm(x.float()))`` for bf16 x (..., K) and weight (K,), in one call."""
     return _op("rms_norm")(x, weight, eps)

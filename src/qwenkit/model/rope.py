@@ -126,8 +126,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, in_fp32: b
 
 def apply_rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, in_fp32: bool) -> torch.Tensor:
     """:func:`apply_rope` for x laid out (B, T, heads, D): in place in one kernel call where qwenkit's CPU
-    kernels run it (bf16 on the CPU, same rounding), else into a new tensor. Returns the rotated x."""
-    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.stride(-1) == 1 and kernels.available():
+    kernels run it (bf16 on the CPU, a decode step's few rows; same rounding), else into a new tensor.
+    Returns the rotated x."""
+    B, T = x.shape[:2]
+    if (
+        x.dtype == torch.bfloat16
+        and x.device.type == "cpu"
+        and B * T <= kernels.SMALL_OP_ROWS
+        and x.stride(-1) == 1
+        and kernels.available()
+    ):
         if not in_fp32:
             cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         kernels.rope_(x, cos[:, 0], sin[:, 0])

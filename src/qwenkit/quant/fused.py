@@ -26,6 +26,7 @@ from qwenkit.quant.dense import PackedBf16Linear
 from qwenkit.quant.kernels.avx512 import Avx512Int4Kernel, Avx512Int8Kernel
 from qwenkit.quant.linear import QuantizedLinear
 
+SMALL_ROWS = kernels.SMALL_OP_ROWS
 ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj")
 MLP_PARTS = ("gate_proj", "up_proj")
 
@@ -72,10 +73,12 @@ class GateUpSilu(nn.Module):
 
 
 class FastRMSNorm(RMSNorm):
-    """:class:`RMSNorm` as one kernel call for bf16 activations and weight (the same rounding steps)."""
+    """:class:`RMSNorm` as one kernel call for a decode step's few bf16 rows (the same rounding steps);
+    a prompt's many rows go through torch's vectorized kernels."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == self.weight.dtype == torch.bfloat16 and x.device.type == "cpu":
+        rows = x.numel() // max(1, x.shape[-1])
+        if x.dtype == self.weight.dtype == torch.bfloat16 and x.device.type == "cpu" and rows <= SMALL_ROWS:
             return kernels.rms_norm(x, self.weight, self.eps)
         return super().forward(x)
 

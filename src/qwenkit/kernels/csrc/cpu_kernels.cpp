@@ -588,12 +588,16 @@ void rope_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
   auto r = [&](float v) { return bf(f32_to_bf16(v)); };
   uint16_t* xp = reinterpret_cast<uint16_t*>(x.data_ptr<at::BFloat16>());
   std::vector<float> c(rot), sn(rot), h(rot);
+  const float* cf = f32 ? cc.data_ptr<float>() : nullptr;
+  const float* sf = f32 ? sc.data_ptr<float>() : nullptr;
+  const uint16_t* cb = f32 ? nullptr : reinterpret_cast<const uint16_t*>(cc.data_ptr<at::BFloat16>());
+  const uint16_t* sb = f32 ? nullptr : reinterpret_cast<const uint16_t*>(sc.data_ptr<at::BFloat16>());
   for (int64_t b = 0; b < B; ++b)
     for (int64_t t = 0; t < T; ++t) {
       const int64_t o = (b * T + t) * rot;
       for (int64_t i = 0; i < rot; ++i) {
-        c[i] = f32 ? cc.data_ptr<float>()[o + i] : bf(reinterpret_cast<const uint16_t*>(cc.data_ptr<at::BFloat16>())[o + i]);
-        sn[i] = f32 ? sc.data_ptr<float>()[o + i] : bf(reinterpret_cast<const uint16_t*>(sc.data_ptr<at::BFloat16>())[o + i]);
+        c[i] = f32 ? cf[o + i] : bf(cb[o + i]);
+        sn[i] = f32 ? sf[o + i] : bf(sb[o + i]);
       }
       for (int64_t hd = 0; hd < NH; ++hd) {
         uint16_t* v = xp + b * x.stride(0) + t * x.stride(1) + hd * x.stride(2);
