@@ -101,7 +101,8 @@ def kernel_counts(model: torch.nn.Module) -> dict[str, int]:
             name = f"dense F.linear ({str(m.weight.dtype).removeprefix('torch.')})"
         else:
             continue
-        counts[name] = counts.get(name, 0) + 1
+        # a fused q/k/v or gate/up product (quant.fused) runs each of its checkpoint layers
+        counts[name] = counts.get(name, 0) + (len(getattr(m, "fused_from", ())) or 1)
     return counts
 
 

@@ -43,7 +43,8 @@ def test_fast_model_matches_plain(path) -> None:
     plain, _ = load_model(path, dtype="bfloat16", progress=False)
     fast, _ = load_model(path, dtype="bfloat16", progress=False, fast_kernels=True)
     packed = [m for m in fast.modules() if isinstance(m, PackedBf16Linear)]
-    assert len(packed) == 2 * 7 + 1  # every projection and the head
+    # per layer fused q/k/v, o, fused gate/up and down (quant.fused); and the head
+    assert len(packed) == 2 * 4 + 1
     emb = fast.model.embed_tokens
     assert isinstance(emb, PackedBf16Embedding) and emb.source is fast.lm_head  # one copy, tied
     ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(1))
@@ -73,7 +74,12 @@ def test_fast_path_batched_equals_alone(path, quantize) -> None:
     fast = [m for m in layers if "AVX-512" in m.kernel]
     # int4's groups of 128 do not tile the tiny FFN width 160: those two down_proj run another kernel
     assert len(fast) == len(layers) - (2 if quantize == "int4" else 0)
+    assert all(layer.self_attn.qkv_proj is not None for layer in model.model.layers)  # fused layout
+    assert all(layer.mlp.gate_up_silu is not None for layer in model.model.layers)
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     alone = [_run(Engine(model, max_batch_size=1), [p], params)[0] for p in PROMPTS]
     together = _run(Engine(model, max_batch_size=4, prefill_chunk=8), PROMPTS, params)
     assert together == alone
+    # the static-shape decode step (the CUDA-graph path, run eagerly here) over the fused layout
+    static = _run(Engine(model, max_batch_size=4, prefill_chunk=8, cuda_graphs=True), PROMPTS, params)
+    assert static == alone

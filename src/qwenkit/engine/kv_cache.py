@@ -5,7 +5,9 @@ sequence's tokens live in the blocks of its block table, wherever those are. A s
 all rows' new tokens side by side (no padding through the linear layers). ``StepAttention`` is what the
 model sees (``qwenkit.model.KVCache``): it writes the step's k/v into their slots and attends, decoding
 rows together (one query each, keys gathered and masked to each row's length) and each prompt chunk on
-its own (plain causal attention when the chunk starts the sequence, gathered keys otherwise).
+its own (plain causal attention when the chunk starts the sequence, gathered keys otherwise). With
+qwenkit's CPU kernels and a bf16 pool, decoding rows read their keys in place in one kernel call
+(``kernels.decode_attention``) instead of a gathered copy and SDPA.
 
 Notation: N new tokens this step, Bd decoding rows, S keys visible, H / Hkv query / KV heads, D head dim.
 """
@@ -16,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from qwenkit import kernels
 
 
 class PagedKVCache:
@@ -87,6 +91,7 @@ class StepAttention:
                 # uninitialized memory. Padding reads the row's own first slot, which always holds K/V.
                 gather = torch.where(visible, gather, gather[:, :1])
             self.decode_gather = gather
+            self.decode_positions = positions
         self.chunks: list[_ChunkRow] = []
         offset = self.num_decode
         for table, start, n in chunk_rows:
@@ -100,6 +105,14 @@ class StepAttention:
             self.chunks.append(_ChunkRow(offset, n, gather, mask))
             offset += n
         self.slot_mapping = torch.cat(writes)  # (N,)
+        # Decoding rows read their keys in place, in one kernel call per layer (qwenkit's CPU kernels).
+        pool = cache.k[0]
+        self.fast_decode = (
+            pool.dtype == torch.bfloat16
+            and pool.device.type == "cpu"
+            and pool.shape[-1] % 16 == 0
+            and kernels.available()
+        )
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q (1, H, N, D), k/v (1, Hkv, N, D) for the step's tokens -> attention output (1, H, N, D)."""
@@ -108,7 +121,12 @@ class StepAttention:
         vc.index_copy_(0, self.slot_mapping, v[0].transpose(0, 1).to(vc.dtype))
         gqa = q.shape[1] != k.shape[1]
         parts: list[torch.Tensor] = []  # each (H, n, D)
-        if self.num_decode:
+        if self.num_decode and self.fast_decode and q.dtype == torch.bfloat16:
+            qd = q[0, :, : self.num_decode].transpose(0, 1)  # (Bd, H, D)
+            scale = q.shape[-1] ** -0.5
+            out = kernels.decode_attention(qd, kc, vc, self.decode_gather, self.decode_positions, scale)
+            parts.append(out.transpose(0, 1))  # (H, Bd, D)
+        elif self.num_decode:
             qd = q[0, :, : self.num_decode].transpose(0, 1)[:, :, None]  # (Bd, H, 1, D)
             keys = kc[self.decode_gather].transpose(1, 2)  # (Bd, Hkv, S, D)
             values = vc[self.decode_gather].transpose(1, 2)

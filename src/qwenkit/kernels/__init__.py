@@ -18,6 +18,10 @@ Imports only torch, the standard library and qwenkit.errors; model/ and quant/ m
         # x (..., K) bf16 or fp32 -> (..., N) in x's dtype; x is rounded to int8 per block of 32.
     kernels.dequantize(p, dtype, rows=None) -> (N, K) or (len(rows), K) float weights
     kernels.unpack_codes(p) -> (N, K) uint8 codes
+    kernels.rms_norm(x, w, eps), kernels.silu_mul(x), kernels.rope_(x, cos, sin),
+    kernels.decode_attention(q, k, v, gather, pos, scale)
+        # the decode step's small ops (bf16), one call each
+    kernels.concat_bf16([p, ...]) / kernels.concat_int([p, ...])  # outputs stacked (fused projections)
 
 The ops are torch ops (torch.ops.qwenkit.*), CPU only, meant for M <= 16 rows (they accept any M, in
 passes of 8 rows over each weight tile, but torch's GEMMs win for prefill).
@@ -26,11 +30,15 @@ passes of 8 rows over each weight tile, but torch's GEMMs win for prefill).
 
 from qwenkit.kernels.ops import (
     ENV_SWITCH,
+    SMALL_OP_ROWS,
     KernelInputError,
     KernelsUnavailableError,
     PackedBf16,
     PackedInt,
     available,
+    concat_bf16,
+    concat_int,
+    decode_attention,
     dequantize,
     linear_bf16,
     linear_int4,
@@ -38,17 +46,24 @@ from qwenkit.kernels.ops import (
     prepare_bf16,
     prepare_int4,
     prepare_int8,
+    rms_norm,
+    rope_,
+    silu_mul,
     unpack_bf16,
     unpack_codes,
 )
 
 __all__ = [
     "ENV_SWITCH",
+    "SMALL_OP_ROWS",
     "KernelInputError",
     "KernelsUnavailableError",
     "PackedBf16",
     "PackedInt",
     "available",
+    "concat_bf16",
+    "concat_int",
+    "decode_attention",
     "dequantize",
     "linear_bf16",
     "linear_int4",
@@ -56,6 +71,9 @@ __all__ = [
     "prepare_bf16",
     "prepare_int4",
     "prepare_int8",
+    "rms_norm",
+    "rope_",
+    "silu_mul",
     "unpack_bf16",
     "unpack_codes",
 ]

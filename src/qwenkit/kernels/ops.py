@@ -324,3 +324,86 @@ def dequantize(
     if shift is not None:
         w += shift.to(work).repeat_interleave(p.group_size, dim=1)
     return w.to(dtype)
+
+
+def concat_bf16(parts: list[PackedBf16]) -> PackedBf16:
+    """One PackedBf16 whose outputs are those of ``parts`` in order (q/k/v or gate/up fused at load).
+
+    Tiles are independent streams, so stacking them is exact: the fused product gives every output
+    bit for bit as its part alone. Every part but the last must fill whole tiles (N % 16 == 0)."""
+    _check_concat([(p.in_features, p.out_features) for p in parts], "concat_bf16")
+    weight = torch.cat([p.weight for p in parts])
+    return PackedBf16(weight, parts[0].in_features, sum(p.out_features for p in parts))
+
+
+def concat_int(parts: list[PackedInt]) -> PackedInt:
+    """As concat_bf16 for integer weights; the parts must agree on bits, group size, zero point, scale
+    dtype and whether they have a shift."""
+    _check_concat([(p.in_features, p.out_features) for p in parts], "concat_int")
+    first = parts[0]
+    for p in parts[1:]:
+        if (p.bits, p.group_size, p.zero_point, p.scale.dtype, p.shift is None) != (
+            first.bits,
+            first.group_size,
+            first.zero_point,
+            first.scale.dtype,
+            first.shift is None,
+        ):
+            raise KernelInputError("concat_int: parts differ in bits, group size, zero point or scales")
+    return PackedInt(
+        first.bits,
+        torch.cat([p.codes for p in parts]),
+        torch.cat([p.scale for p in parts]),
+        None if first.shift is None else torch.cat([p.shift for p in parts]),
+        first.group_size,
+        first.in_features,
+        sum(p.out_features for p in parts),
+        first.zero_point,
+    )
+
+
+def _check_concat(shapes: list[tuple[int, int]], what: str) -> None:
+    if not shapes:
+        raise KernelInputError(f"{what}: nothing to concatenate")
+    if len({k for k, _ in shapes}) != 1:
+        raise KernelInputError(f"{what}: parts have different input sizes {[k for k, _ in shapes]}")
+    if any(n % TILE for _, n in shapes[:-1]):
+        raise KernelInputError(f"{what}: every part but the last needs a multiple of {TILE} outputs")
+
+
+# The small ops below are one pass of scalar-ish code: they beat torch's chain of kernels for the few rows
+# of a decode step, torch's vectorized kernels win on a prompt's hundreds (callers check this).
+SMALL_OP_ROWS = 16
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``weight * bf16(rms_norm(x.float()))`` for bf16 x (..., K) and weight (K,), in one call."""
+    return _op("rms_norm")(x, weight, eps)
+
+
+def silu_mul(x: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for bf16 x = [gate | up] (..., 2F) -> (..., F), rounded as torch rounds it."""
+    return _op("silu_mul")(x)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    gather: torch.Tensor,
+    positions: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One query per row over its keys, read in place from the KV pool (no gathered copy).
+
+    q (B, H, D) bf16; pools (slots, Hkv, D) bf16; gather (B, S) int64 slot of each key; positions (B,):
+    row b sees keys 0..positions[b]. Returns (B, H, D) bf16; query head i reads KV head i // (H / Hkv).
+    """
+    return _op("decode_attention")(q, k_pool, v_pool, gather, positions, scale)
+
+
+def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotate-half RoPE in place on bf16 x (B, T, heads, D) (last dimension contiguous), the first rot
+    features of each head, with cos/sin (B, T, rot): bf16 rounds each step as torch does in bf16,
+    float32 rotates in float and rounds once (Qwen v1)."""
+    _op("rope_")(x, cos, sin)

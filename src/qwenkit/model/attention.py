@@ -20,7 +20,7 @@ from torch import nn
 
 from qwenkit.config import ModelConfig
 from qwenkit.model.norm import RMSNorm
-from qwenkit.model.rope import apply_rope
+from qwenkit.model.rope import apply_rope, apply_rope_
 
 
 class KVCache(Protocol):
@@ -58,6 +58,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=config.qkv_bias)
         self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=config.o_bias)
+        # q, k and v as one product (heads side by side), set only by an inference load on the fast CPU
+        # kernels (``quant.fused``), which then removes q_proj, k_proj and v_proj.
+        self.qkv_proj: nn.Module | None = None
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -67,16 +70,26 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         B, T, _ = x.shape
-        # Head counts come from the projections' outputs, not the config: under training's tensor
-        # parallelism (DTensor) a rank's q/k/v carry only its own whole heads.
-        q = self.q_proj(x).view(B, T, -1, self.head_dim)
-        k = self.k_proj(x).view(B, T, -1, self.head_dim)
-        v = self.v_proj(x).view(B, T, -1, self.head_dim)
+        H, Hkv, D = self.n_heads, self.n_kv, self.head_dim
+        if self.qkv_proj is not None:
+            qkv = self.qkv_proj(x).view(B, T, H + 2 * Hkv, D)
+            q, k, v = qkv.split((H, Hkv, Hkv), dim=2)
+        else:
+            # Head counts come from the projections' outputs, not the config: under training's tensor
+            # parallelism (DTensor) a rank's q/k/v carry only its own whole heads.
+            q = self.q_proj(x).view(B, T, -1, D)
+            k = self.k_proj(x).view(B, T, -1, D)
+            v = self.v_proj(x).view(B, T, -1, D)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
-        q = apply_rope(q, inputs.cos, inputs.sin, self.rope_in_fp32)
-        k = apply_rope(k, inputs.cos, inputs.sin, self.rope_in_fp32)
+        v = v.transpose(1, 2)  # (B, heads, T, D)
+        if self.qkv_proj is not None and self.q_norm is None:
+            # q and k sit side by side: rotate them in one pass (RoPE acts on each head alone), in place
+            qk = apply_rope_(qkv[:, :, : H + Hkv], inputs.cos, inputs.sin, self.rope_in_fp32)
+            q, k = qk.transpose(1, 2).split((H, Hkv), dim=1)
+        else:
+            q = apply_rope(q.transpose(1, 2), inputs.cos, inputs.sin, self.rope_in_fp32)
+            k = apply_rope(k.transpose(1, 2), inputs.cos, inputs.sin, self.rope_in_fp32)
         if inputs.logn is not None:
             q = q * inputs.logn.to(q.dtype)
 

@@ -19,6 +19,11 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(h, f, bias=bias)
         self.up_proj = nn.Linear(h, f, bias=bias)
         self.down_proj = nn.Linear(f, h, bias=bias)
+        # x -> silu(gate(x)) * up(x) in one module (one product, one activation op), set only by an
+        # inference load on the fast CPU kernels (``quant.fused``), which then removes gate_proj, up_proj.
+        self.gate_up_silu: nn.Module | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_silu is not None:
+            return self.down_proj(self.gate_up_silu(x))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from qwenkit import kernels
 from qwenkit.config import ModelConfig, YarnScaling
 
 
@@ -121,6 +122,25 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, in_fp32: b
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         x_rot = x_rot * cos + _rotate_half(x_rot) * sin
     return x_rot if x_pass.shape[-1] == 0 else torch.cat((x_rot, x_pass), dim=-1)
+
+
+def apply_rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, in_fp32: bool) -> torch.Tensor:
+    """:func:`apply_rope` for x laid out (B, T, heads, D): in place in one kernel call where qwenkit's CPU
+    kernels run it (bf16 on the CPU, a decode step's few rows; same rounding), else into a new tensor.
+    Returns the rotated x."""
+    B, T = x.shape[:2]
+    if (
+        x.dtype == torch.bfloat16
+        and x.device.type == "cpu"
+        and B * T <= kernels.SMALL_OP_ROWS
+        and x.stride(-1) == 1
+        and kernels.available()
+    ):
+        if not in_fp32:
+            cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        kernels.rope_(x, cos[:, 0], sin[:, 0])
+        return x
+    return apply_rope(x.transpose(1, 2), cos, sin, in_fp32).transpose(1, 2)
 
 
 def logn_scale(positions: torch.Tensor, trained_length: int) -> torch.Tensor:

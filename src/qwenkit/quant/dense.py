@@ -18,7 +18,7 @@ from torch import nn
 
 from qwenkit import kernels
 from qwenkit.checkpoint.files import release_pages, trim_heap
-from qwenkit.kernels.ops import TILE
+from qwenkit.kernels.ops import TILE, PackedBf16
 
 
 class PackedBf16Linear(nn.Module):
@@ -26,10 +26,11 @@ class PackedBf16Linear(nn.Module):
 
     kernel = "qwenkit AVX-512 BF16 (vdpbf16ps)"
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def __init__(self, weight: torch.Tensor | PackedBf16, bias: torch.Tensor | None) -> None:
+        """From a (out, in) weight (packed here), or one already packed (fused projections)."""
         super().__init__()
-        self.out_features, self.in_features = weight.shape
-        self.packed = kernels.prepare_bf16(weight)
+        self.packed = weight if isinstance(weight, PackedBf16) else kernels.prepare_bf16(weight)
+        self.out_features, self.in_features = self.packed.out_features, self.packed.in_features
         self.register_buffer("packed_weight", self.packed.weight)  # memory accounting sees it
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.bfloat16))
 

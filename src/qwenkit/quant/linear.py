@@ -111,6 +111,16 @@ class QuantizedLinear(nn.Module):
         m._install(w, None, bias, device, kernel)
         return m
 
+    @classmethod
+    def from_kernel(cls, impl: LinearKernel, bias: torch.Tensor | None = None) -> QuantizedLinear:
+        """A runtime layer around a kernel already built (fused projections: ``quant.fused``). It has no
+        GPTQ scales of its own, so it is for running, not for writing checkpoints."""
+        m = cls(impl.in_features, impl.out_features, impl.bits, impl.group_size)
+        m.register_buffer("bias", bias)
+        m.register_buffer("perm", None)
+        m.impl = impl
+        return m
+
     def pack(self, kernel: str | None = None) -> None:
         """Checkpoint state -> runtime state (after the loader has filled the AutoGPTQ buffers)."""
         if self.impl is not None:

@@ -8,6 +8,8 @@
 //   linear_int8(x (M,K), codes, scale, shift?, bias?, group_size, N, zero_point)   (_mm512_dpbusd_epi32)
 //   linear_int4(x (M,K), codes, scale, shift?, bias?, group_size, N, zero_point)
 //   stream_read(t) -> int64: xor of every 64-byte line (a memory-bandwidth probe for the benchmark)
+//   rms_norm(x, weight, eps), silu_mul([gate | up]), rope_(x, cos, sin), decode_attention(q, k pool, v pool, gather, positions,
+//   scale): the decode step's small ops, one call each instead of several torch kernels
 //
 // Integer weights are w[n,k] = (code[n,k] - zero_point) * scale + shift per group of `group_size` inputs
 // (zero_point one integer for the whole matrix: 8 for Q4_0 and symmetric int4, 128 for Q8_0). The
@@ -27,6 +29,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -417,6 +420,197 @@ int64_t stream_read(const at::Tensor& t) {
   return r;
 }
 
+
+// ---------------------------------------------------------------------------------------------------
+// Small per-layer ops of the decode step, where torch's own run as several kernels (one dispatch and
+// one temporary each), which at batch 1 costs more than the arithmetic.
+
+// y = weight * bf16(x * rsqrt(mean(x^2) + eps)), the norm in fp32: what qwenkit's RMSNorm computes for
+// bf16 x and weight (F.rms_norm on x.float(), cast back, then the weight multiply), one pass per row.
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16,
+              "qwenkit rms_norm: x and weight must be bfloat16 CPU tensors");
+  const int64_t K = x.size(-1);
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == K, "qwenkit rms_norm: weight must be (", K, ",)");
+  at::Tensor xc = x.contiguous(), wc = weight.contiguous();
+  at::Tensor y = at::empty_like(xc);
+  const int64_t M = K == 0 ? 0 : xc.numel() / K;
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(wc.data_ptr<at::BFloat16>());
+  uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
+  auto bf = [](uint16_t v) { uint32_t u = uint32_t(v) << 16; float f; std::memcpy(&f, &u, 4); return f; };
+  for (int64_t m = 0; m < M; ++m) {
+    const uint16_t* xr = xp + m * K;
+    double ss = 0.0;  // double: the mean does not depend on the order of summation at these sizes
+    for (int64_t k = 0; k < K; ++k) ss += double(bf(xr[k])) * double(bf(xr[k]));
+    const float r = 1.f / std::sqrt(float(ss / double(K)) + float(eps));
+    for (int64_t k = 0; k < K; ++k) yp[m * K + k] = f32_to_bf16(bf(wp[k]) * bf(f32_to_bf16(bf(xr[k]) * r)));
+  }
+  return y;
+}
+
+// e^x for 16 floats: Cephes' expf polynomial after reduction by ln 2 (about 1 ulp), 2^n by scalef, so
+// large |x| give inf and 0 as expf does.
+inline __m512 exp512(__m512 x) {
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// 16 floats rounded to bf16 (nearest even, as torch) and widened back.
+inline __m512 round_bf16(__m512 v) {
+  const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// silu(gate) * up for x = [gate | up] (..., 2F) bf16 -> (..., F) bf16, each product rounded as torch's
+// F.silu(gate) * up rounds it (silu to bf16, then the product to bf16).
+at::Tensor silu_mul(const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16, "qwenkit silu_mul: x must be bfloat16 on the CPU");
+  const int64_t F2 = x.size(-1);
+  TORCH_CHECK(F2 % 2 == 0, "qwenkit silu_mul: the last dimension must be even, got ", F2);
+  const int64_t F = F2 / 2;
+  at::Tensor xc = x.contiguous();
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = F;
+  at::Tensor y = at::empty(shape, x.options());
+  const int64_t M = F == 0 ? 0 : xc.numel() / F2;
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
+  uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
+  auto bf = [](uint16_t v) { uint32_t u = uint32_t(v) << 16; float f; std::memcpy(&f, &u, 4); return f; };
+  const __m512 one = _mm512_set1_ps(1.f);
+  for (int64_t m = 0; m < M; ++m) {
+    const uint16_t* gate = xp + m * F2;
+    const uint16_t* up = gate + F;
+    int64_t f = 0;
+    for (; f + 16 <= F; f += 16) {
+      const __m512 g = load_bf16_as_f32(gate + f);
+      const __m512 s = _mm512_div_ps(g, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+      const __m512 p = _mm512_mul_ps(round_bf16(s), load_bf16_as_f32(up + f));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(yp + m * F + f), (__m256i)_mm512_cvtneps_pbh(p));
+    }
+    for (; f < F; ++f) {
+      const float g = bf(gate[f]);
+      const float s = bf(f32_to_bf16(g / (1.f + std::exp(-g))));
+      yp[m * F + f] = f32_to_bf16(s * bf(up[f]));
+    }
+  }
+  return y;
+}
+
+// One query per row over its keys in the paged KV pool, read in place: q (B, H, D), k/v pools
+// (slots, Hkv, D), gather (B, S) slot of each key, positions (B,): row b sees keys 0..positions[b].
+// Query head i reads KV head i / (H / Hkv) (grouped-query attention). fp32 softmax and sums, bf16 out.
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& gather,
+                            const at::Tensor& positions, double scale) {
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && kc.scalar_type() == at::kBFloat16 && vc.scalar_type() == at::kBFloat16,
+              "qwenkit decode_attention: q and the pools must be bfloat16");
+  TORCH_CHECK(q.dim() == 3 && kc.dim() == 3 && vc.sizes() == kc.sizes() && kc.is_contiguous() && vc.is_contiguous(),
+              "qwenkit decode_attention: q (B, H, D), contiguous pools (slots, Hkv, D)");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hkv = kc.size(1), slots = kc.size(0);
+  TORCH_CHECK(kc.size(2) == D && H % Hkv == 0 && D % 16 == 0, "qwenkit decode_attention: head shapes do not match");
+  TORCH_CHECK(gather.scalar_type() == at::kLong && gather.dim() == 2 && gather.size(0) == B &&
+                  positions.scalar_type() == at::kLong && positions.numel() == B,
+              "qwenkit decode_attention: gather (B, S) and positions (B,) must be int64");
+  const int64_t S = gather.size(1), G = H / Hkv;
+  at::Tensor qc = q.contiguous(), gc = gather.contiguous(), pc = positions.contiguous();
+  const int64_t* gp = gc.data_ptr<int64_t>();
+  const int64_t* pp = pc.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(pp[b] >= 0 && pp[b] < S, "qwenkit decode_attention: position ", pp[b], " outside the ", S, " gathered keys");
+  for (int64_t i = 0; i < B * S; ++i)
+    TORCH_CHECK(gp[i] >= 0 && gp[i] < slots, "qwenkit decode_attention: slot ", gp[i], " outside the pool");
+  at::Tensor out = at::empty({B, H, D}, q.options());
+  const uint16_t* qp = reinterpret_cast<const uint16_t*>(qc.data_ptr<at::BFloat16>());
+  const uint16_t* kp = reinterpret_cast<const uint16_t*>(kc.data_ptr<at::BFloat16>());
+  const uint16_t* vp = reinterpret_cast<const uint16_t*>(vc.data_ptr<at::BFloat16>());
+  uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  const int64_t chunks = D / 16;
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> scores(S), acc(D);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / Hkv, h = t % Hkv, n = pp[b] + 1;
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t head = h * G + g;
+        const uint16_t* qh = qp + (b * H + head) * D;
+        float mx = -INFINITY;
+        for (int64_t j = 0; j < n; ++j) {
+          const uint16_t* kr = kp + (gp[b * S + j] * Hkv + h) * D;
+          __m512 a = _mm512_setzero_ps();
+          for (int64_t c = 0; c < chunks; ++c)
+            a = _mm512_fmadd_ps(load_bf16_as_f32(qh + 16 * c), load_bf16_as_f32(kr + 16 * c), a);
+          scores[j] = _mm512_reduce_add_ps(a) * float(scale);
+          mx = std::max(mx, scores[j]);
+        }
+        float sum = 0.f;
+        for (int64_t j = 0; j < n; ++j) sum += (scores[j] = std::exp(scores[j] - mx));
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int64_t j = 0; j < n; ++j) {
+          const uint16_t* vr = vp + (gp[b * S + j] * Hkv + h) * D;
+          const __m512 w = _mm512_set1_ps(scores[j] / sum);
+          for (int64_t c = 0; c < chunks; ++c)
+            _mm512_storeu_ps(acc.data() + 16 * c,
+                             _mm512_fmadd_ps(w, load_bf16_as_f32(vr + 16 * c), _mm512_loadu_ps(acc.data() + 16 * c)));
+        }
+        for (int64_t d = 0; d < D; ++d) op[(b * H + head) * D + d] = f32_to_bf16(acc[d]);
+      }
+    }
+  });
+  return out;
+}
+
+
+// Rotate-half RoPE in place on x (B, T, heads, D) bf16 (any strides but a contiguous last dimension),
+// the first `rot` features of every head; cos/sin (B, T, rot). In bf16 (cos/sin bf16) each product and
+// the sum are rounded to bf16, as torch's x * cos + rotate_half(x) * sin; in fp32 (cos/sin float32) the
+// products and sum stay float and only the result is rounded (Qwen v1's float32 rotation).
+void rope_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && x.dim() == 4 && x.stride(3) == 1,
+              "qwenkit rope_: x must be a bfloat16 (B, T, heads, D) CPU tensor with a contiguous last dimension");
+  const int64_t B = x.size(0), T = x.size(1), NH = x.size(2), D = x.size(3);
+  TORCH_CHECK(cos.dim() == 3 && cos.size(0) == B && cos.size(1) == T && cos.sizes() == sin.sizes() &&
+                  cos.scalar_type() == sin.scalar_type() && cos.size(2) % 2 == 0 && cos.size(2) <= D,
+              "qwenkit rope_: cos and sin must be (B, T, rot) with an even rot <= head dim");
+  const bool f32 = cos.scalar_type() == at::kFloat;
+  TORCH_CHECK(f32 || cos.scalar_type() == at::kBFloat16, "qwenkit rope_: cos/sin must be float32 or bfloat16");
+  const int64_t rot = cos.size(2), half = rot / 2;
+  at::Tensor cc = cos.contiguous(), sc = sin.contiguous();
+  auto bf = [](uint16_t v) { uint32_t u = uint32_t(v) << 16; float f; std::memcpy(&f, &u, 4); return f; };
+  auto r = [&](float v) { return bf(f32_to_bf16(v)); };
+  uint16_t* xp = reinterpret_cast<uint16_t*>(x.data_ptr<at::BFloat16>());
+  std::vector<float> c(rot), sn(rot), h(rot);
+  const float* cf = f32 ? cc.data_ptr<float>() : nullptr;
+  const float* sf = f32 ? sc.data_ptr<float>() : nullptr;
+  const uint16_t* cb = f32 ? nullptr : reinterpret_cast<const uint16_t*>(cc.data_ptr<at::BFloat16>());
+  const uint16_t* sb = f32 ? nullptr : reinterpret_cast<const uint16_t*>(sc.data_ptr<at::BFloat16>());
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t o = (b * T + t) * rot;
+      for (int64_t i = 0; i < rot; ++i) {
+        c[i] = f32 ? cf[o + i] : bf(cb[o + i]);
+        sn[i] = f32 ? sf[o + i] : bf(sb[o + i]);
+      }
+      for (int64_t hd = 0; hd < NH; ++hd) {
+        uint16_t* v = xp + b * x.stride(0) + t * x.stride(1) + hd * x.stride(2);
+        for (int64_t i = 0; i < rot; ++i) h[i] = bf(v[i]);
+        for (int64_t i = 0; i < rot; ++i) {
+          const float other = i < half ? -h[i + half] : h[i - half];  // rotate_half: (-x2, x1)
+          const float y = f32 ? h[i] * c[i] + other * sn[i] : r(r(h[i] * c[i]) + r(other * sn[i]));
+          v[i] = f32_to_bf16(y);
+        }
+      }
+    }
+}
+
 }  // namespace
 
 TORCH_LIBRARY(qwenkit, m) {
@@ -428,6 +622,10 @@ TORCH_LIBRARY(qwenkit, m) {
       "linear_int4(Tensor x, Tensor codes, Tensor scale, Tensor? shift, Tensor? bias, int group_size, int N, int zero_point) "
       "-> Tensor");
   m.def("stream_read(Tensor t) -> int");
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("silu_mul(Tensor x) -> Tensor");
+  m.def("rope_(Tensor(a!) x, Tensor cos, Tensor sin) -> ()");
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor gather, Tensor positions, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(qwenkit, CPU, m) {
@@ -435,4 +633,8 @@ TORCH_LIBRARY_IMPL(qwenkit, CPU, m) {
   m.impl("linear_int8", &linear_int8);
   m.impl("linear_int4", &linear_int4);
   m.impl("stream_read", &stream_read);
+  m.impl("rms_norm", &rms_norm);
+  m.impl("silu_mul", &silu_mul);
+  m.impl("rope_", &rope_);
+  m.impl("decode_attention", &decode_attention);
 }

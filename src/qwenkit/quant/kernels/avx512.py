@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from qwenkit import kernels
-from qwenkit.kernels.ops import TILE
+from qwenkit.kernels.ops import TILE, PackedInt
 from qwenkit.quant.affine import AffineWeight
 from qwenkit.quant.kernels.base import LinearKernel, WeightSpec
 
@@ -34,12 +34,17 @@ def tile_rows(t: torch.Tensor, ids: torch.Tensor, width: int) -> torch.Tensor:
 class _Avx512IntKernel(LinearKernel):
     bits_needed: int
 
-    def __init__(self, w: AffineWeight) -> None:
-        super().__init__(w)
-        zp = _zero_point(w)
-        prepare = kernels.prepare_int8 if w.bits == 8 else kernels.prepare_int4
-        shift = None if zp is not None else w.shift.float()
-        self.packed = prepare(w.codes.cpu(), w.scale.float(), shift, w.group_size, zero_point=zp or 0)
+    def __init__(self, w: AffineWeight | PackedInt) -> None:
+        """From an AffineWeight (packed here), or from weights already packed (``kernels.concat_int``
+        of fused projections)."""
+        super().__init__(w)  # a PackedInt has the same bits/group_size/in/out attributes
+        if isinstance(w, PackedInt):
+            self.packed = w
+        else:
+            zp = _zero_point(w)
+            prepare = kernels.prepare_int8 if w.bits == 8 else kernels.prepare_int4
+            shift = None if zp is not None else w.shift.float()
+            self.packed = prepare(w.codes.cpu(), w.scale.float(), shift, w.group_size, zero_point=zp or 0)
         self.register_buffer("qcodes", self.packed.codes)  # memory accounting and state_dict see them
         self.register_buffer("qscale", self.packed.scale)
         self.register_buffer("qshift", self.packed.shift)

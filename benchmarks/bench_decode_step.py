@@ -1,0 +1,93 @@
+"""Where a batch-1 decode step's time goes, with the inference fusions (``quant.fused``) on and off.
+
+Loads the Qwen2.5-0.5B-shape random checkpoint that ``bench_vs_llamacpp.py`` builds (built here if
+missing), once as ``generate``/``chat`` load it (q/k/v and gate/up fused, norms, RoPE and silu*mul as
+one kernel call each) and once with the separate layers of before, then decodes through the engine and
+prints ms per token split into the matrix-vector kernels (``qwenkit::linear_*``), every other op, and
+the rest (Python, the engine and the sampler), from a torch profile, beside the unprofiled wall time.
+Not a test: a measurement.
+
+    .venv/bin/python benchmarks/bench_decode_step.py [--precisions bf16,int8,int4] [--threads 1] [--tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from bench_vs_llamacpp import write_anchor  # benchmarks/, beside this script
+from shapes import QWEN25_05B
+from torch.profiler import ProfilerActivity, profile
+
+import qwenkit.quant.fused as fused
+from qwenkit.checkpoint import load_model
+from qwenkit.engine import Engine, SamplingParams
+
+PROMPT = [(i * 13) % 1000 + 10 for i in range(32)]
+
+
+def decode(engine: Engine, tokens: int) -> tuple[float, int]:
+    engine.add_request(PROMPT, SamplingParams(temperature=0, max_tokens=tokens + 1, ignore_eos=True))
+    engine.step()  # the prompt and the first token
+    start, produced = time.perf_counter(), 0
+    while engine.has_unfinished():
+        produced += sum(len(o.new_token_ids) for o in engine.step())
+    return time.perf_counter() - start, produced
+
+
+def measure(path: Path, quantize: str | None, fuse: bool, tokens: int) -> dict[str, float]:
+    original = fused.fuse_for_inference
+    if not fuse:
+        fused.fuse_for_inference = lambda model: 0  # the separate layers and torch's small ops
+    try:
+        model, _ = load_model(path, dtype="bfloat16", quantize=quantize, progress=False, fast_kernels=True)
+    finally:
+        fused.fuse_for_inference = original
+    engine = Engine(model, max_batch_size=1, max_seq_len=len(PROMPT) + tokens + 16, prefix_caching=False)
+    decode(engine, 8)  # warm-up
+    wall = min(seconds / n for seconds, n in (decode(engine, tokens) for _ in range(3)))
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        seconds, n = decode(engine, tokens)
+    events = prof.key_averages()
+    kernels = sum(e.self_cpu_time_total for e in events if e.key.startswith("qwenkit::linear")) / 1e3 / n
+    ops = sum(e.self_cpu_time_total for e in events) / 1e3 / n - kernels
+    profiled = seconds * 1e3 / n
+    return {
+        "ms": wall * 1e3,
+        "kernels": kernels,
+        "ops": ops,
+        "rest": max(0.0, profiled - kernels - ops),
+        "profiled": profiled,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--precisions", default="bf16,int8,int4")
+    ap.add_argument("--threads", type=int, default=1, help="1 keeps other jobs' load out of the split")
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--work", type=Path, default=Path.home() / ".cache/qwenkit/bench_vs_llamacpp")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    path = args.work / "qwen2.5-0.5b-random"
+    if not (path / "config.json").exists():
+        write_anchor(path, QWEN25_05B)
+    print(f"Qwen2.5-0.5B shape, batch 1, {args.tokens} tokens, {args.threads} thread(s); ms per token")
+    print("| precision | layers | wall | linear kernels | other ops | Python, engine, sampler |")
+    print("|---|---|---:|---:|---:|---:|")
+    for precision in args.precisions.split(","):
+        quantize = None if precision == "bf16" else precision
+        for fuse in (False, True):
+            r = measure(path, quantize, fuse, args.tokens)
+            layout = "fused" if fuse else "separate"
+            print(
+                f"| {precision} | {layout} | {r['ms']:.1f} | {r['kernels']:.1f} | {r['ops']:.1f} "
+                f"| {r['rest']:.1f} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()

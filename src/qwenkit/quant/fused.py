@@ -1,0 +1,126 @@
+"""q/k/v and gate/up projections fused into one product each, for inference on qwenkit's CPU kernels.
+
+Batch-1 decode is a chain of small calls: each linear call pays for the dispatch, a thread-team start
+and (int8/int4) rounding its activations to int8, all for a few hundred microseconds of weight
+reading. q, k and v read the same input, as do gate and up; so at load time, for inference
+(``load_model(fast_kernels=True)``), each attention's three projections become one ``qkv_proj`` and
+each MLP's gate and up one product whose output goes through one ``silu(gate) * up`` call
+(``gate_up_silu``). Their packed weights are the parts' tiles stacked
+(``kernels.concat_bf16``/``concat_int``), and tiles are computed independently, so every output is bit
+for bit what its part gave alone. The RMSNorms become one kernel call each as well. Training,
+adapters, tensor parallelism and anything that saves load without ``fast_kernels`` and keep the
+separate modules (and the checkpoint's names).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwenkit import kernels
+from qwenkit.model.attention import Attention
+from qwenkit.model.mlp import MLP
+from qwenkit.model.norm import RMSNorm
+from qwenkit.quant.dense import PackedBf16Linear
+from qwenkit.quant.kernels.avx512 import Avx512Int4Kernel, Avx512Int8Kernel
+from qwenkit.quant.linear import QuantizedLinear
+
+SMALL_ROWS = kernels.SMALL_OP_ROWS
+ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj")
+MLP_PARTS = ("gate_proj", "up_proj")
+
+
+def fuse_linears(parts: list[nn.Module]) -> nn.Module | None:
+    """One layer computing ``cat([p(x) for p in parts], -1)`` exactly, or None when the parts do not run
+    on one of qwenkit's kernels alike (another kernel, act-order, mixed biases, uneven tiles)."""
+    biases = [getattr(p, "bias", None) for p in parts]
+    if any(b is None for b in biases):
+        if not all(b is None for b in biases):
+            return None
+        bias = None
+    elif len({b.dtype for b in biases}) != 1:
+        return None
+    else:
+        bias = torch.cat(biases)
+    try:
+        if all(type(p) is PackedBf16Linear for p in parts):
+            return PackedBf16Linear(kernels.concat_bf16([p.packed for p in parts]), bias)
+        kernel = type(getattr(parts[0], "impl", None))
+        if kernel in (Avx512Int8Kernel, Avx512Int4Kernel) and all(
+            type(p) is QuantizedLinear and type(p.impl) is kernel and p.perm is None for p in parts
+        ):
+            packed = kernels.concat_int([p.impl.packed for p in parts])
+            return QuantizedLinear.from_kernel(kernel(packed), bias)
+    except kernels.KernelInputError:  # uneven tiles, or packings that differ
+        return None
+    return None
+
+
+class GateUpSilu(nn.Module):
+    """``silu(gate(x)) * up(x)`` from one fused product ``[gate | up]`` and one activation call."""
+
+    def __init__(self, linear: nn.Module) -> None:
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(x)
+        if y.dtype == torch.bfloat16 and y.device.type == "cpu":
+            return kernels.silu_mul(y)
+        gate, up = y.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+
+class FastRMSNorm(RMSNorm):
+    """:class:`RMSNorm` as one kernel call for a decode step's few bf16 rows (the same rounding steps);
+    a prompt's many rows go through torch's vectorized kernels."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // max(1, x.shape[-1])
+        if x.dtype == self.weight.dtype == torch.bfloat16 and x.device.type == "cpu" and rows <= SMALL_ROWS:
+            return kernels.rms_norm(x, self.weight, self.eps)
+        return super().forward(x)
+
+
+def fuse_for_inference(model: nn.Module) -> int:
+    """Fuse q/k/v and gate/up where :func:`fuse_linears` can and run the norms as one kernel call each;
+    returns how many projections were fused. Nothing changes without the kernels."""
+    if not kernels.available():
+        return 0
+    use_fast_norms(model)
+    return fuse_projections(model)
+
+
+def use_fast_norms(model: nn.Module) -> None:
+    """Every :class:`RMSNorm` of ``model`` becomes a :class:`FastRMSNorm` on the same weight."""
+    for name, m in list(model.named_modules()):
+        if type(m) is RMSNorm:
+            fast = FastRMSNorm(m.weight.shape[0], m.eps)
+            fast.weight = m.weight  # the same parameter
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, fast)
+
+
+def fuse_projections(model: nn.Module) -> int:
+    """Fuse q/k/v and gate/up in every layer where :func:`fuse_linears` can; returns how many fused."""
+    count = 0
+    for m in list(model.modules()):
+        if isinstance(m, Attention) and m.qkv_proj is None:
+            names = ATTENTION_PARTS
+        elif isinstance(m, MLP) and m.gate_up_silu is None:
+            names = MLP_PARTS
+        else:
+            continue
+        fused = fuse_linears([getattr(m, n) for n in names])
+        if fused is None:
+            continue
+        fused.fused_from = names  # ``qwenkit profile`` counts the checkpoint's layers, not the products
+        if isinstance(m, Attention):
+            m.qkv_proj = fused
+        else:
+            m.gate_up_silu = GateUpSilu(fused)
+        for n in names:
+            delattr(m, n)
+        count += 1
+    return count
