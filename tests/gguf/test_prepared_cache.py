@@ -13,6 +13,7 @@ import torch
 from factories import hf_model, save_hf
 from gguf import GGMLQuantizationType as Q
 
+from qwenkit import kernels
 from qwenkit.checkpoint import load_model, loader, prepared_cache
 
 
@@ -205,6 +206,22 @@ def test_a_model_of_another_shape_is_refused(cache, builds, gguf_file, tmp_path,
     load_model(gguf_file, progress=False)
     assert len(builds) == 2
     assert "down_proj" in capfd.readouterr().err
+
+
+@pytest.mark.skipif(not kernels.available(), reason="q/k/v fuse only on qwenkit's CPU kernels")
+def test_a_fused_product_of_another_size_is_refused(cache, builds, gguf_file, capfd):
+    """A fast load stores q/k/v as one product (``quant.fused``): it is checked against the sum of the
+    layers it replaced."""
+    load_model(gguf_file, progress=False, fast_kernels=True)
+    (entry,) = cache.glob("*.pt")
+    data = torch.load(entry, weights_only=False)
+    attention = data["model"].model.layers[1].self_attn
+    assert attention.qkv_proj.fused_from == ("q_proj", "k_proj", "v_proj")
+    attention.qkv_proj.out_features -= 1
+    torch.save(data, entry)
+    load_model(gguf_file, progress=False, fast_kernels=True)
+    assert len(builds) == 2
+    assert "the product fused from 'model.layers.1.self_attn.q_proj'" in capfd.readouterr().err
 
 
 def test_an_unwritable_cache_or_the_switch_only_costs_the_speed_up(tmp_path, monkeypatch, builds, gguf_file):

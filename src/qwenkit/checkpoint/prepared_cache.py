@@ -240,10 +240,24 @@ def _allowed(name: str) -> Any:
 def _check_shapes(model: nn.Module, skeleton: nn.Module) -> None:
     """Every linear layer of the skeleton is there with its sizes; every other parameter with its shape."""
     cached = dict(model.named_modules(remove_duplicate=False))
-    for name, module in skeleton.named_modules(remove_duplicate=False):
+    expected = dict(skeleton.named_modules(remove_duplicate=False))
+    for name, module in expected.items():
         got = cached.get(name)
         if got is None:
-            raise CacheMismatch(f"module {name!r} is missing")
+            got = _fused_product(cached, name)  # one product computing this layer and its siblings
+            if got is None:
+                raise CacheMismatch(f"module {name!r} is missing")
+            parent = name.rpartition(".")[0]
+            parts = [expected.get(f"{parent}.{part}") for part in got.fused_from]
+            if any(part is None for part in parts):
+                raise CacheMismatch(f"{name!r} is fused with layers the model does not have")
+            want = (module.in_features, sum(part.out_features for part in parts))
+            sizes = (getattr(got, "in_features", None), getattr(got, "out_features", None))
+            if sizes != want:
+                raise CacheMismatch(
+                    f"the product fused from {name!r} has (in, out) sizes {sizes}, not {want}"
+                )
+            continue
         if hasattr(module, "in_features") and hasattr(module, "out_features"):  # float or GPTQ linear
             want = (module.in_features, module.out_features)
             sizes = (getattr(got, "in_features", None), getattr(got, "out_features", None))
@@ -262,6 +276,16 @@ def _check_shapes(model: nn.Module, skeleton: nn.Module) -> None:
     for t in model.state_dict().values():
         if t.is_meta:
             raise CacheMismatch("a tensor without data")
+
+
+def _fused_product(cached: dict[str, nn.Module], name: str) -> nn.Module | None:
+    """The module under ``name``'s owner that computes it fused with its siblings (``quant.fused`` marks
+    such a product with ``fused_from``, the names of the layers it replaced), or None."""
+    parent, _, child = name.rpartition(".")
+    owner = cached.get(parent)
+    if owner is None:
+        return None
+    return next((m for m in owner.modules() if child in getattr(m, "fused_from", ())), None)
 
 
 def _check_globals(path: str | Path) -> None:
