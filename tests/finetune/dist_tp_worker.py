@@ -1,4 +1,4 @@
-"""Run under torchrun (4 processes: 2 replicas x 2 tensor-parallel ranks) by test_tensor_parallel.py.
+"""Run under torchrun (4 processes: 2 replicas x 2 tensor-parallel ranks) by test_fsdp_tensor_parallel.py.
 
 usage: dist_tp_worker.py FULL_MODEL_DIR LORA_MODEL_DIR OUT_DIR; writes OUT_DIR/{full,lora}.pt (one step's
 gradients, gathered whole, and the weights after 3 steps) and each run's checkpoint at step 2 in
