@@ -13,7 +13,7 @@ from factories import hf_model, save_hf
 
 import qwenkit.quant.fused as fused_module
 from qwenkit import kernels
-from qwenkit.checkpoint import load_model
+from qwenkit.checkpoint import load_model, prepared_cache
 from qwenkit.quant import QuantizedLinear
 from qwenkit.quant.affine import AffineWeight
 from qwenkit.quant.dense import PackedBf16Linear
@@ -29,6 +29,7 @@ def path(tmp_path_factory):
 
 @pytest.mark.parametrize("quantize", [None, "int8", "int4"])
 def test_fused_model_equals_separate_layers(path, quantize, monkeypatch) -> None:
+    monkeypatch.setenv(prepared_cache.ENV_SWITCH, "off")  # both models built here, neither from the cache
     fused, _ = load_model(path, dtype="bfloat16", quantize=quantize, progress=False, fast_kernels=True)
     monkeypatch.setattr(fused_module, "fuse_projections", lambda model: 0)
     separate, _ = load_model(path, dtype="bfloat16", quantize=quantize, progress=False, fast_kernels=True)
