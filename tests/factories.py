@@ -164,3 +164,15 @@ def write_tiny_chat_model(
     }
     (path / "generation_config.json").write_text(json.dumps(generation_config or gen))
     return path
+
+
+def run_engine(engine, prompts: list[list[int]], params) -> list[list[int]]:
+    """Every prompt through ``engine`` until all finish; ``params`` one SamplingParams for all, or one each.
+    Returns each request's generated token ids, in prompt order."""
+    each = params if isinstance(params, list) else [params] * len(prompts)
+    ids = [engine.add_request(p, sp) for p, sp in zip(prompts, each, strict=True)]
+    outs: dict[int, list[int]] = {i: [] for i in ids}
+    while engine.has_unfinished():
+        for o in engine.step():
+            outs[o.request_id] += o.new_token_ids
+    return [outs[i] for i in ids]

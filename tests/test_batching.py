@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from factories import hf_model, save_hf
+from factories import run_engine as run
 
 from qwenkit.checkpoint import load_model
 from qwenkit.engine import Engine, SamplingParams, SamplingParamsError
@@ -14,15 +15,6 @@ from qwenkit.engine import Engine, SamplingParams, SamplingParamsError
 def model(tmp_path_factory):
     path = save_hf(hf_model("qwen2"), tmp_path_factory.mktemp("m") / "qwen2")
     return load_model(path, dtype="float32")[0]
-
-
-def run(engine: Engine, prompts: list[list[int]], params: list[SamplingParams]) -> list[list[int]]:
-    ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
-    outs: dict[int, list[int]] = {i: [] for i in ids}
-    while engine.has_unfinished():
-        for o in engine.step():
-            outs[o.request_id] += o.new_token_ids
-    return [outs[i] for i in ids]
 
 
 PROMPTS = [list(range(5, 12)), list(range(100, 140)), [7], list(range(300, 321))]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from factories import hf_model, save_hf
+from factories import hf_model, run_engine, save_hf
 
 from qwenkit import kernels
 from qwenkit.checkpoint import load_model
@@ -55,15 +55,6 @@ def test_fast_model_matches_plain(path) -> None:
     assert float((got.argmax(-1) == want.argmax(-1)).float().mean()) > 0.9
 
 
-def _run(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
-    ids = [engine.add_request(p, params) for p in prompts]
-    outs: dict[int, list[int]] = {i: [] for i in ids}
-    while engine.has_unfinished():
-        for o in engine.step():
-            outs[o.request_id] += o.new_token_ids
-    return [outs[i] for i in ids]
-
-
 PROMPTS = [list(range(5, 12)), list(range(100, 140)), [7], list(range(300, 321))]
 
 
@@ -77,9 +68,9 @@ def test_fast_path_batched_equals_alone(path, quantize) -> None:
     assert all(layer.self_attn.qkv_proj is not None for layer in model.model.layers)  # fused layout
     assert all(layer.mlp.gate_up_silu is not None for layer in model.model.layers)
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-    alone = [_run(Engine(model, max_batch_size=1), [p], params)[0] for p in PROMPTS]
-    together = _run(Engine(model, max_batch_size=4, prefill_chunk=8), PROMPTS, params)
+    alone = [run_engine(Engine(model, max_batch_size=1), [p], params)[0] for p in PROMPTS]
+    together = run_engine(Engine(model, max_batch_size=4, prefill_chunk=8), PROMPTS, params)
     assert together == alone
     # the static-shape decode step (the CUDA-graph path, run eagerly here) over the fused layout
-    static = _run(Engine(model, max_batch_size=4, prefill_chunk=8, cuda_graphs=True), PROMPTS, params)
+    static = run_engine(Engine(model, max_batch_size=4, prefill_chunk=8, cuda_graphs=True), PROMPTS, params)
     assert static == alone
