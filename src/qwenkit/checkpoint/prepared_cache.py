@@ -57,8 +57,9 @@ from qwenkit.checkpoint.user_cache import cache_root
 from qwenkit.config import ModelConfig
 
 FORMAT = 2  # the entry's own layout (the dict below)
-# Bump when a prepared module's tensors or attributes change meaning or layout (2: fused q/k/v, gate/up).
-LAYOUT_VERSION = 2
+# Bump when a prepared module's tensors or attributes change meaning or layout (2: fused q/k/v, gate/up;
+# 3: each layer's decode_weights).
+LAYOUT_VERSION = 3
 HEAD_BYTES = 1 << 20
 ENV_SWITCH = "QWENKIT_PREPARED_CACHE"
 MIN_FREE_BYTES = 1 << 30  # an entry is written only if the disk keeps this much free beyond twice its size

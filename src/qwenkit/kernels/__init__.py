@@ -21,6 +21,8 @@ Imports only torch, the standard library and qwenkit.errors; model/ and quant/ m
     kernels.rms_norm(x, w, eps), kernels.silu_mul(x), kernels.rope_(x, cos, sin),
     kernels.decode_attention(q, k, v, gather, pos, scale)
         # the decode step's small ops (bf16), one call each
+    kernels.decode_layer(x, DecodeLayerWeights(...), k_pool, v_pool, slots, gather, pos, cos, sin)
+        # a whole decoder layer for a decode step's rows, as the ops above in one call
     kernels.concat_bf16([p, ...]) / kernels.concat_int([p, ...])  # outputs stacked (fused projections)
 
 The ops are torch ops (torch.ops.qwenkit.*), CPU only, meant for M <= 16 rows (they accept any M, in
@@ -31,6 +33,7 @@ passes of 8 rows over each weight tile, but torch's GEMMs win for prefill).
 from qwenkit.kernels.ops import (
     ENV_SWITCH,
     SMALL_OP_ROWS,
+    DecodeLayerWeights,
     KernelInputError,
     KernelsUnavailableError,
     PackedBf16,
@@ -39,6 +42,7 @@ from qwenkit.kernels.ops import (
     concat_bf16,
     concat_int,
     decode_attention,
+    decode_layer,
     dequantize,
     linear_bf16,
     linear_int4,
@@ -56,6 +60,7 @@ from qwenkit.kernels.ops import (
 __all__ = [
     "ENV_SWITCH",
     "SMALL_OP_ROWS",
+    "DecodeLayerWeights",
     "KernelInputError",
     "KernelsUnavailableError",
     "PackedBf16",
@@ -64,6 +69,7 @@ __all__ = [
     "concat_bf16",
     "concat_int",
     "decode_attention",
+    "decode_layer",
     "dequantize",
     "linear_bf16",
     "linear_int4",

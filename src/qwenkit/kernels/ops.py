@@ -407,3 +407,38 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     features of each head, with cos/sin (B, T, rot): bf16 rounds each step as torch does in bf16,
     float32 rotates in float and rounds once (Qwen v1)."""
     _op("rope_")(x, cos, sin)
+
+
+@dataclass(frozen=True)
+class DecodeLayerWeights:
+    """A decoder layer's weights as :func:`decode_layer`'s argument lists (built by ``quant.fused``).
+
+    tensors: input norm weight, post-attention norm weight, then for q/k/v, o, gate/up and down: packed
+    weight or codes, scale, shift, bias (an empty tensor where absent). ints: heads, KV heads, head dim,
+    then per linear: bits (16 for bf16), group size, outputs, zero point, bias mode (0 none, 1 added
+    before rounding, 2 added to the rounded output). floats: the two norms' eps, the attention scale.
+    """
+
+    tensors: list[torch.Tensor]
+    ints: list[int]
+    floats: list[float]
+
+
+def decode_layer(
+    x: torch.Tensor,
+    weights: DecodeLayerWeights,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    slots: torch.Tensor,
+    gather: torch.Tensor,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+) -> torch.Tensor:
+    """A whole decoder layer for a decode step's rows x (M <= 16, hidden) bf16, bit for bit what the
+    modules compute: writes the step's K/V into the pools at ``slots``, attends as
+    :func:`decode_attention` over ``gather``/``positions``, rotates with cos/sin (1, M, rot) as
+    :func:`rope_`. Returns (M, hidden)."""
+    return _op("decode_layer")(
+        x, weights.tensors, weights.ints, weights.floats, k_pool, v_pool, slots, gather, positions, cos, sin
+    )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qwenkit import kernels
 from qwenkit.config import ModelConfig
 from qwenkit.model.attention import Attention, AttentionInputs, KVCache
 from qwenkit.model.mlp import MLP
@@ -32,8 +33,23 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MoEMLP(config) if config.is_sparse_layer(layer_idx) else MLP(config)
+        # The whole layer as one kernel call for decode steps, set only by an inference load on the fast
+        # CPU kernels (``quant.fused``) where every part of the layer runs on them.
+        self.decode_weights: kernels.DecodeLayerWeights | None = None
+        self.rope_in_fp32 = config.family == "qwen"
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+        if self.decode_weights is not None and inputs.logn is None:
+            # a KV cache that can hand a pure decode step's pool to one kernel call (the engine's paged
+            # cache, on the fast kernels, when every row decodes one token)
+            pool_of = getattr(inputs.cache, "decode_pool", None)
+            pool = pool_of(self.self_attn.layer_idx) if pool_of is not None else None
+            if pool is not None and x.shape[0] == 1:
+                cos, sin = inputs.cos[:, 0], inputs.sin[:, 0]
+                if not self.rope_in_fp32:
+                    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+                y = kernels.decode_layer(x[0], self.decode_weights, *pool, cos, sin)
+                return y[None]
         x = x + self.self_attn(self.input_layernorm(x), inputs)
         return x + self.mlp(self.post_attention_layernorm(x))
 

@@ -22,6 +22,7 @@ from qwenkit import kernels
 from qwenkit.model.attention import Attention
 from qwenkit.model.mlp import MLP
 from qwenkit.model.norm import RMSNorm
+from qwenkit.model.transformer import DecoderLayer
 from qwenkit.quant.dense import PackedBf16Linear
 from qwenkit.quant.kernels.avx512 import Avx512Int4Kernel, Avx512Int8Kernel
 from qwenkit.quant.linear import QuantizedLinear
@@ -84,12 +85,79 @@ class FastRMSNorm(RMSNorm):
 
 
 def fuse_for_inference(model: nn.Module) -> int:
-    """Fuse q/k/v and gate/up where :func:`fuse_linears` can and run the norms as one kernel call each;
+    """Fuse q/k/v and gate/up where :func:`fuse_linears` can, run the norms as one kernel call each and
+    give every layer that runs wholly on the kernels its decode-step weights (:func:`plan_decode_layers`);
     returns how many projections were fused. Nothing changes without the kernels."""
     if not kernels.available():
         return 0
     use_fast_norms(model)
-    return fuse_projections(model)
+    count = fuse_projections(model)
+    plan_decode_layers(model)
+    return count
+
+
+def plan_decode_layers(model: nn.Module) -> int:
+    """Set ``decode_weights`` on every decoder layer whose parts all run on qwenkit's kernels (then a
+    decode step runs the layer as one ``kernels.decode_layer`` call); returns how many."""
+    count = 0
+    for m in model.modules():
+        if isinstance(m, DecoderLayer):
+            m.decode_weights = decode_layer_weights(m)
+            count += m.decode_weights is not None
+    return count
+
+
+_ABSENT = torch.empty(0)
+
+
+def decode_layer_weights(layer: DecoderLayer) -> kernels.DecodeLayerWeights | None:
+    """The layer's weights as ``kernels.decode_layer`` arguments (the same tensors, not copies), or None
+    where a part does not run on the kernels alike: MoE, q/k norms, unfused projections, act-order."""
+    attn, mlp = layer.self_attn, layer.mlp
+    norms = (layer.input_layernorm, layer.post_attention_layernorm)
+    if (
+        type(mlp) is not MLP
+        or mlp.gate_up_silu is None
+        or attn.qkv_proj is None
+        or attn.q_norm is not None
+        or any(type(n) is not FastRMSNorm or n.weight.dtype != torch.bfloat16 for n in norms)
+    ):
+        return None
+    tensors = [n.weight.detach() for n in norms]
+    ints = [attn.n_heads, attn.n_kv, attn.head_dim]
+    for linear in (attn.qkv_proj, attn.o_proj, mlp.gate_up_silu.linear, mlp.down_proj):
+        args = _linear_args(linear)
+        if args is None:
+            return None
+        tensors += args[0]
+        ints += args[1]
+    floats = [norms[0].eps, norms[1].eps, attn.head_dim**-0.5]
+    return kernels.DecodeLayerWeights(tensors, ints, floats)
+
+
+def _linear_args(m: nn.Module) -> tuple[list[torch.Tensor], list[int]] | None:
+    """(weight, scale, shift, bias) and (bits, group size, outputs, zero point, bias mode) of one linear
+    as ``kernels.decode_layer`` reads them, or None when it does not run on qwenkit's kernels."""
+    if type(m) is PackedBf16Linear:
+        bias = m.bias
+        mode = 0 if bias is None else 1  # the bf16 kernel adds it in fp32, before rounding
+        return [m.packed.weight, _ABSENT, _ABSENT, _ABSENT if bias is None else bias], [
+            16,
+            0,
+            m.out_features,
+            0,
+            mode,
+        ]
+    impl = getattr(m, "impl", None)
+    if type(m) is not QuantizedLinear or type(impl) not in (Avx512Int8Kernel, Avx512Int4Kernel):
+        return None
+    if m.perm is not None or impl.max_rows is not None:
+        return None
+    p = impl.packed
+    bias = None if m.bias is None else m.bias.detach().to(torch.bfloat16)  # QuantizedLinear's y + bias
+    shift = _ABSENT if p.shift is None else p.shift
+    tensors = [p.codes, p.scale, shift, _ABSENT if bias is None else bias]
+    return tensors, [p.bits, p.group_size, p.out_features, p.zero_point, 0 if bias is None else 2]
 
 
 def use_fast_norms(model: nn.Module) -> None:

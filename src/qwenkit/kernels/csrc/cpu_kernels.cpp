@@ -611,6 +611,103 @@ void rope_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
     }
 }
 
+
+// ---------------------------------------------------------------------------------------------------
+// A whole decoder layer for a decode step (1..16 rows, one new token each), in one call: the ops above
+// in the order and with the roundings qwenkit's modules use (norm, q/k/v product, RoPE, K/V into the
+// pool, attention, o_proj, residual, norm, gate/up product, silu * up, down, residual), so its output
+// equals the module path's bit for bit. At batch 1 a layer's dozen Python module calls and torch ops
+// cost about as much as its attention; here they are a few C++ calls.
+
+// One linear layer, read from decode_layer's argument lists.
+struct LayerLinear {
+  int64_t bits = 16;  // 16: bf16 tiles (linear_bf16); 8 / 4: integer codes (linear_int8 / linear_int4)
+  at::Tensor w, scale, shift, bias;  // shift, bias: undefined when absent
+  int64_t group_size = 0, N = 0, zero_point = 0;
+  bool bias_after_rounding = false;  // QuantizedLinear adds its bias to the rounded bf16 output
+};
+
+inline c10::optional<at::Tensor> present(const at::Tensor& t) {
+  return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt;
+}
+
+at::Tensor run_linear(const LayerLinear& l, const at::Tensor& x) {
+  const c10::optional<at::Tensor> in_kernel = l.bias_after_rounding ? c10::nullopt : present(l.bias);
+  at::Tensor y;
+  if (l.bits == 16)
+    y = linear_bf16(x, l.w, in_kernel, l.N);
+  else if (l.bits == 8)
+    y = linear_int<8>(x, l.w, l.scale, present(l.shift), in_kernel, l.group_size, l.N, l.zero_point);
+  else
+    y = linear_int<4>(x, l.w, l.scale, present(l.shift), in_kernel, l.group_size, l.N, l.zero_point);
+  return l.bias_after_rounding && l.bias.defined() ? at::add(y, l.bias) : y;
+}
+
+// tensors: [input norm weight, post-attention norm weight, then per linear (q/k/v, o, gate/up, down):
+//           weight or codes, scale, shift, bias] (an empty tensor where absent)
+// ints:    [H, Hkv, D, then per linear: bits, group_size, N, zero_point, bias mode (0 none, 1 added in
+//           fp32 before rounding, 2 added to the rounded output)]
+// floats:  [input norm eps, post-attention norm eps, attention scale]
+// x (M, hidden) bf16; pools (slots, Hkv, D) bf16, written at `slots` (M,); gather (M, S), positions (M,)
+// as decode_attention; cos/sin (1, M, rot) as rope_. Returns the layer's output (M, hidden).
+at::Tensor decode_layer(const at::Tensor& x, at::TensorList tensors, at::IntArrayRef ints, at::ArrayRef<double> floats,
+                        at::Tensor k_pool, at::Tensor v_pool, const at::Tensor& slots, const at::Tensor& gather,
+                        const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin) {
+  TORCH_CHECK(tensors.size() == 18 && ints.size() == 23 && floats.size() == 3,
+              "qwenkit decode_layer: expected 18 tensors, 23 ints and 3 floats, got ", tensors.size(), ", ",
+              ints.size(), " and ", floats.size());
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.size(0) >= 1 && x.size(0) <= 16,
+              "qwenkit decode_layer: x must be (rows, hidden) bfloat16 with 1..16 rows, got ", x.sizes());
+  const int64_t M = x.size(0), H = ints[0], Hkv = ints[1], D = ints[2];
+  TORCH_CHECK(k_pool.dim() == 3 && k_pool.size(1) == Hkv && k_pool.size(2) == D && v_pool.sizes() == k_pool.sizes() &&
+                  k_pool.is_contiguous() && v_pool.is_contiguous() && k_pool.scalar_type() == at::kBFloat16 &&
+                  v_pool.scalar_type() == at::kBFloat16,
+              "qwenkit decode_layer: the pools must be contiguous bfloat16 (slots, ", Hkv, ", ", D, ")");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.numel() == M,
+              "qwenkit decode_layer: slots must hold one int64 slot per row");
+  LayerLinear lin[4];
+  for (int i = 0; i < 4; ++i) {
+    LayerLinear& l = lin[i];
+    auto t = [&](int j) { const at::Tensor& v = tensors[2 + 4 * i + j]; return v.numel() ? v : at::Tensor(); };
+    l.w = tensors[2 + 4 * i];
+    l.scale = t(1);
+    l.shift = t(2);
+    l.bias = t(3);
+    const int64_t* c = ints.data() + 3 + 5 * i;
+    l.bits = c[0];
+    l.group_size = c[1];
+    l.N = c[2];
+    l.zero_point = c[3];
+    l.bias_after_rounding = c[4] == 2;
+    TORCH_CHECK(l.bits == 16 || l.bits == 8 || l.bits == 4, "qwenkit decode_layer: bits must be 16, 8 or 4");
+  }
+  TORCH_CHECK(lin[0].N == (H + 2 * Hkv) * D, "qwenkit decode_layer: the q/k/v product has ", lin[0].N,
+              " outputs, the heads need ", (H + 2 * Hkv) * D);
+  // attention
+  at::Tensor h = rms_norm(x, tensors[0], floats[0]);
+  at::Tensor qkv = run_linear(lin[0], h);  // (M, (H + 2 Hkv) D)
+  at::Tensor heads = qkv.view({1, M, H + 2 * Hkv, D});
+  at::Tensor qk = heads.narrow(2, 0, H + Hkv);
+  rope_(qk, cos, sin);
+  const int64_t* sp = slots.contiguous().data_ptr<int64_t>();
+  const int64_t nslots = k_pool.size(0), row = Hkv * D;
+  auto* kp = reinterpret_cast<uint16_t*>(k_pool.data_ptr<at::BFloat16>());
+  auto* vp = reinterpret_cast<uint16_t*>(v_pool.data_ptr<at::BFloat16>());
+  const auto* src = reinterpret_cast<const uint16_t*>(qkv.data_ptr<at::BFloat16>());
+  for (int64_t m = 0; m < M; ++m) {
+    TORCH_CHECK(sp[m] >= 0 && sp[m] < nslots, "qwenkit decode_layer: slot ", sp[m], " outside the pool");
+    const uint16_t* r = src + m * (H + 2 * Hkv) * D;
+    std::memcpy(kp + sp[m] * row, r + H * D, row * 2);
+    std::memcpy(vp + sp[m] * row, r + (H + Hkv) * D, row * 2);
+  }
+  at::Tensor q = qkv.view({M, H + 2 * Hkv, D}).narrow(1, 0, H);
+  at::Tensor attn = decode_attention(q, k_pool, v_pool, gather, positions, floats[2]).view({M, H * D});
+  at::Tensor y = at::add(x, run_linear(lin[1], attn));
+  // feed-forward
+  at::Tensor gate_up = run_linear(lin[2], rms_norm(y, tensors[1], floats[1]));
+  return at::add(y, run_linear(lin[3], silu_mul(gate_up)));
+}
+
 }  // namespace
 
 TORCH_LIBRARY(qwenkit, m) {
@@ -626,6 +723,9 @@ TORCH_LIBRARY(qwenkit, m) {
   m.def("silu_mul(Tensor x) -> Tensor");
   m.def("rope_(Tensor(a!) x, Tensor cos, Tensor sin) -> ()");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor gather, Tensor positions, float scale) -> Tensor");
+  m.def(
+      "decode_layer(Tensor x, Tensor[] tensors, int[] ints, float[] floats, Tensor(a!) k_pool, Tensor(b!) v_pool, "
+      "Tensor slots, Tensor gather, Tensor positions, Tensor cos, Tensor sin) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(qwenkit, CPU, m) {
@@ -637,4 +737,5 @@ TORCH_LIBRARY_IMPL(qwenkit, CPU, m) {
   m.impl("silu_mul", &silu_mul);
   m.impl("rope_", &rope_);
   m.impl("decode_attention", &decode_attention);
+  m.impl("decode_layer", &decode_layer);
 }

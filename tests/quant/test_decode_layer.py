@@ -1,0 +1,143 @@
+"""A decode step's layers as one kernel call each (``kernels.decode_layer``): the modules' results exactly.
+
+The C++ layer runs the same ops in the same order with the same roundings as the module path, so a
+decode step must give the very same logits and the very same K/V in the pool (bit for bit) with and
+without it, for every kernel kind and for the families' variations (q/k/v bias, untied head, Qwen v1's
+float32 RoPE). Layers it cannot run (Qwen3's q/k norms) keep the module path.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from factories import hf_model, run_engine, save_hf, write_v1_checkpoint
+
+from qwenkit import kernels
+from qwenkit.checkpoint import load_model, prepared_cache
+from qwenkit.engine import Engine, SamplingParams
+from qwenkit.engine.forward import ForwardCall, run_forward
+from qwenkit.engine.kv_cache import PagedKVCache
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="AVX-512 kernels not built on this CPU")
+
+BLOCK = 4
+PROMPTS = [list(range(5, 16)), [7], list(range(300, 306))]
+
+
+def _load(path, quantize, monkeypatch):
+    monkeypatch.setenv(prepared_cache.ENV_SWITCH, "off")
+    model, _ = load_model(path, dtype="bfloat16", quantize=quantize, progress=False, fast_kernels=True)
+    return model
+
+
+TABLES = [[3 * i, 3 * i + 1, 3 * i + 2, 3 * i + 20, 3 * i + 21] for i in range(len(PROMPTS))]
+
+
+def _written_slots(decode_steps: int) -> torch.Tensor:
+    """The pool slots _steps writes: every position of every row, prompt and decoded tokens."""
+    slots = [
+        t[p // BLOCK] * BLOCK + p % BLOCK
+        for t, pr in zip(TABLES, PROMPTS, strict=True)
+        for p in range(len(pr) + decode_steps)
+    ]
+    return torch.tensor(slots)
+
+
+def _steps(model, decode_steps: int) -> tuple[list[torch.Tensor], PagedKVCache]:
+    """Prefill PROMPTS (one chunk each), then greedy decode steps of all rows together; the logits of
+    every decode step and the pool."""
+    cfg = model.config
+    cache = PagedKVCache(
+        cfg.num_hidden_layers, 32, BLOCK, cfg.num_key_value_heads, cfg.head_dim, torch.bfloat16, "cpu"
+    )
+    tables = TABLES
+    ids, positions, chunk_rows, index = [], [], [], []
+    for table, prompt in zip(tables, PROMPTS, strict=True):
+        chunk_rows.append((table, 0, len(prompt)))
+        ids += prompt
+        positions += list(range(len(prompt)))
+        index.append(len(ids) - 1)
+    with torch.no_grad():
+        logits = run_forward(model, cache, ForwardCall(ids, positions, None, index, [], chunk_rows))
+        lengths = [len(p) for p in PROMPTS]
+        out = []
+        for _ in range(decode_steps):
+            tokens = logits.argmax(-1).tolist()
+            rows = [(t, n) for t, n in zip(tables, lengths, strict=True)]
+            call = ForwardCall(tokens, lengths, None, list(range(len(tokens))), rows, [])
+            logits = run_forward(model, cache, call)
+            out.append(logits)
+            lengths = [n + 1 for n in lengths]
+    return out, cache
+
+
+@pytest.mark.parametrize(
+    ("family", "quantize"),
+    [
+        ("qwen2", None),
+        ("qwen2", "int8"),
+        ("qwen2", "int4"),
+        ("llama", "int4"),
+        ("qwen", None),
+    ],
+)
+def test_decode_layer_equals_modules(tmp_path, monkeypatch, family, quantize) -> None:
+    if family == "qwen":  # v1: float32 RoPE, dynamic NTK (LogN off: with it the modules run)
+        path = write_v1_checkpoint(tmp_path / "m", {"use_logn_attn": False})
+    else:
+        # an FFN width int4's group of 128 divides, so every layer runs on qwenkit's kernels
+        model = hf_model(family, tie_word_embeddings=family == "qwen2", intermediate_size=256)
+        path = save_hf(model, tmp_path / "m")
+    model = _load(path, quantize, monkeypatch)
+    weights = [layer.decode_weights for layer in model.model.layers]
+    assert all(w is not None for w in weights)
+    calls = []
+    run_layer = kernels.decode_layer
+    monkeypatch.setattr(kernels, "decode_layer", lambda *a: calls.append(1) or run_layer(*a))
+    fused, fused_cache = _steps(model, 6)
+    assert len(calls) == 6 * len(weights)  # every decode step, every layer: one kernel call
+    for layer in model.model.layers:
+        layer.decode_weights = None  # the module path
+    plain, plain_cache = _steps(model, 6)
+    for a, b in zip(fused, plain, strict=True):
+        assert torch.equal(a, b)
+    used = _written_slots(6)
+    for k1, k2 in zip(fused_cache.k + fused_cache.v, plain_cache.k + plain_cache.v, strict=True):
+        assert torch.equal(k1[used], k2[used])
+
+
+def test_decode_layer_keeps_batch_invariance(tmp_path, monkeypatch) -> None:
+    path = save_hf(hf_model("qwen2", tie_word_embeddings=True, intermediate_size=256), tmp_path / "m")
+    model = _load(path, "int4", monkeypatch)
+    assert all(layer.decode_weights is not None for layer in model.model.layers)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    alone = [run_engine(Engine(model, max_batch_size=1), [p], params)[0] for p in PROMPTS]
+    together = run_engine(Engine(model, max_batch_size=8), PROMPTS, params)
+    assert together == alone
+
+
+@pytest.mark.parametrize(
+    ("family", "quantize"),
+    [("qwen3", None), ("qwen2", "int4")],  # q/k norms; an FFN of 160 (int4's down_proj on torch's kernel)
+)
+def test_layers_not_wholly_on_the_kernels_keep_the_module_path(tmp_path, monkeypatch, family, quantize):
+    path = save_hf(hf_model(family), tmp_path / "m")
+    model = _load(path, quantize, monkeypatch)
+    assert all(layer.decode_weights is None for layer in model.model.layers)
+    assert model.model.layers[0].self_attn.qkv_proj is not None  # fused projections still used
+
+
+def test_decode_layer_rejects_bad_input(tmp_path, monkeypatch) -> None:
+    path = save_hf(hf_model("qwen2"), tmp_path / "m")
+    model = _load(path, None, monkeypatch)
+    layer = model.model.layers[0]
+    cfg = model.config
+    pool = torch.zeros(8, cfg.num_key_value_heads, cfg.head_dim, dtype=torch.bfloat16)
+    x = torch.zeros(1, cfg.hidden_size, dtype=torch.bfloat16)
+    cos = torch.ones(1, 1, cfg.head_dim, dtype=torch.bfloat16)
+    one = torch.tensor([0])
+    with pytest.raises(RuntimeError, match="slot 9 outside the pool"):
+        kernels.decode_layer(x, layer.decode_weights, pool, pool, torch.tensor([9]), one[None], one, cos, cos)
+    with pytest.raises(RuntimeError, match="1..16 rows"):
+        rows = torch.zeros(17, cfg.hidden_size, dtype=torch.bfloat16)
+        kernels.decode_layer(rows, layer.decode_weights, pool, pool, one, one[None], one, cos, cos)
