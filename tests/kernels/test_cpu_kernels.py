@@ -124,6 +124,29 @@ def test_linear_int_many_rows(loaded, bits):
     check_int_linear(bits, 131, 96, 32, 20, torch.float32, "both")  # passes of 8, 8 and 4 (padded)
 
 
+@needs_isa
+@pytest.mark.parametrize("n,k,group", [(896, 896, 32), (131, 96, 32), (49152, 576, 32), (70, 256, 256)])
+@pytest.mark.parametrize("m,act_dtype,mode", [*M_DTYPE_MODE, (20, torch.float32, "zero_point")])
+def test_linear_int8_float_matches_dequantized_reference(loaded, n, k, group, m, act_dtype, mode):
+    """int8 weights against unrounded activations (output heads): only float rounding separates the
+    kernel from dequantize-then-matmul, far inside the int8-activation kernel's error."""
+    g = torch.Generator().manual_seed(n + k + group + m)
+    codes, scale, shift, zero, w = make_int_weights(8, n, k, group, mode, g)
+    p = kernels.prepare_int8(codes, scale, shift, group, zero_point=zero)
+    x = (torch.randn(m, k, generator=g) * 3).to(act_dtype)
+    bias = torch.randn(n, generator=g).to(act_dtype) if m != 3 else None
+    y = kernels.linear_int8_float(x, p, bias)
+    assert y.dtype == act_dtype and y.shape == (m, n)
+    exact = x.double() @ w.T + (0 if bias is None else bias.double())
+    out_ulp = 2.0**-8 if act_dtype == torch.bfloat16 else 1e-6
+    err = (y.double() - exact).abs()
+    # fp32 sums of K exact products (and the zero point's sum of x): a few ulps of the sum of |terms|
+    terms = x.double().abs() @ (w.abs() + zero * scale.double().T.repeat_interleave(group, dim=1)).T
+    assert (err <= exact.abs() * out_ulp + 1e-6 * terms + 1e-6).all(), float(err.max())
+    with pytest.raises(kernels.KernelInputError, match="packed for 4 bits"):
+        kernels.linear_int8_float(x, kernels.prepare_int4(codes >> 4, scale, shift, group))
+
+
 def check_int_linear(bits, n, k, group, m, act_dtype, mode):
     g = torch.Generator().manual_seed(bits * 1000 + n + k + group + m)
     codes, scale, shift, zero, w = make_int_weights(bits, n, k, group, mode, g)

@@ -16,6 +16,7 @@ Imports only torch, the standard library and qwenkit.errors; model/ and quant/ m
         # zero_point=128), Q4_0 = (q, d, None, zero_point=8), Q4_1 = (q, d, m, zero_point=0).
     kernels.linear_int8(x, p, bias=None) / kernels.linear_int4(x, p, bias=None)
         # x (..., K) bf16 or fp32 -> (..., N) in x's dtype; x is rounded to int8 per block of 32.
+    kernels.linear_int8_float(x, p, bias=None)    # as linear_int8, x kept in float (output heads)
     kernels.dequantize(p, dtype, rows=None) -> (N, K) or (len(rows), K) float weights
     kernels.unpack_codes(p) -> (N, K) uint8 codes
     kernels.rms_norm(x, w, eps), kernels.silu_mul(x), kernels.rope_(x, cos, sin),
@@ -47,6 +48,7 @@ from qwenkit.kernels.ops import (
     linear_bf16,
     linear_int4,
     linear_int8,
+    linear_int8_float,
     prepare_bf16,
     prepare_int4,
     prepare_int8,
@@ -74,6 +76,7 @@ __all__ = [
     "linear_bf16",
     "linear_int4",
     "linear_int8",
+    "linear_int8_float",
     "prepare_bf16",
     "prepare_int4",
     "prepare_int8",

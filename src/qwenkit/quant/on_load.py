@@ -144,7 +144,14 @@ def round_in_row_blocks(
 # Kernels that keep the activations in floating point. The output head's error lands on the logits
 # directly: with a GGUF's Q8_0 head on a kernel that also rounds activations to int8, the bundled
 # SmolLM2's greedy answer to "What is the capital of France?" stopped being Paris (either alone kept it).
-FLOAT_ACTIVATION_KERNELS = ("cpu_int8pack", "cpu_int8_as_int4x2", "cpu_int4pack", "cuda_int4pack", "dequant")
+FLOAT_ACTIVATION_KERNELS = (
+    "avx512_int8_float",
+    "cpu_int8pack",
+    "cpu_int8_as_int4x2",
+    "cpu_int4pack",
+    "cuda_int4pack",
+    "dequant",
+)
 
 
 def head_kernel(w: AffineWeight, device: str) -> str | None:

@@ -32,6 +32,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -399,6 +400,111 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& codes, const at::T
   return linear_int<4>(x, codes, scale, shift, bias, group_size, N, zero_point);
 }
 
+// ---------------------------------------------------------------------------------------------------
+// int8 weights x float activations: for layers whose error lands on the logits directly (a GGUF's Q8_0
+// output head), where rounding x to int8 too changed the bundled model's greedy answers. Each 64-byte
+// vector of codes (4 inputs of 16 rows) becomes 4 fp32 vectors, one per input, multiplied by that
+// input's value in fp32 (a code times a bf16 value is exact in fp32). Per group:
+// y += scale * (sum c x - zero_point * sum x) + shift * sum x.
+
+// x (MT, K) fp32; xsum (MT, groups): x summed over each group.
+template <typename S, int MT>
+void int8_float_tile(const float* x, const float* xsum, int64_t K, const uint8_t* tile, const S* tscale,
+                     const S* tshift, int64_t group_size, int64_t zero_point, float* out, int64_t N, int64_t n0) {
+  const int64_t groups = K / group_size;
+  const __m512i low_byte = _mm512_set1_epi32(0xff);
+  __m512 y[MT];
+#pragma GCC unroll 8
+  for (int m = 0; m < MT; ++m) y[m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 acc[MT];
+#pragma GCC unroll 8
+    for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t q = g * group_size / 4; q < (g + 1) * group_size / 4; ++q) {
+      const uint8_t* wb = tile + q * 64;
+      prefetch(wb);
+      const __m512i v = _mm512_loadu_si512(wb);
+#pragma GCC unroll 4
+      for (int k = 0; k < 4; ++k) {
+        const __m512 c = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, 8 * k), low_byte));
+#pragma GCC unroll 8
+        for (int m = 0; m < MT; ++m) acc[m] = _mm512_fmadd_ps(c, _mm512_set1_ps(x[m * K + 4 * q + k]), acc[m]);
+      }
+    }
+    const __m512 sv = load16_f32<S>(tscale + g * kTile);
+    const __m512 sh = tshift != nullptr ? load16_f32<S>(tshift + g * kTile) : _mm512_setzero_ps();
+#pragma GCC unroll 8
+    for (int m = 0; m < MT; ++m) {
+      const __m512 xs = _mm512_set1_ps(xsum[m * groups + g]);
+      const __m512 dot = _mm512_fnmadd_ps(_mm512_set1_ps(float(zero_point)), xs, acc[m]);
+      y[m] = _mm512_fmadd_ps(sv, dot, y[m]);
+      if (tshift != nullptr) y[m] = _mm512_fmadd_ps(sh, xs, y[m]);
+    }
+  }
+  const __mmask16 mk = tail_mask16(N - n0);
+  for (int m = 0; m < MT; ++m) _mm512_mask_storeu_ps(out + m * N + n0, mk, y[m]);
+}
+
+at::Tensor linear_int8_float(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                             const c10::optional<at::Tensor>& shift, const c10::optional<at::Tensor>& bias,
+                             int64_t group_size, int64_t N, int64_t zero_point) {
+  const char* name = "qwenkit linear_int8_float";
+  TORCH_CHECK(x.device().is_cpu() && codes.device().is_cpu() && scale.device().is_cpu(), name,
+              ": tensors must be on the CPU");
+  TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat), name,
+              ": x must be (M, K) bfloat16 or float32, got ", x.scalar_type(), " ", x.sizes());
+  const int64_t M = x.size(0), K = x.size(1), tiles = (N + kTile - 1) / kTile;
+  TORCH_CHECK(group_size > 0 && group_size % 4 == 0 && K % group_size == 0, name,
+              ": group_size must be a multiple of 4 that divides K=", K, ", got ", group_size);
+  const int64_t groups = K / group_size;
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.dim() == 2 && codes.size(0) == tiles &&
+                  codes.size(1) == K * kTile,
+              name, ": codes must be contiguous uint8 (", tiles, ", ", K * kTile, ") from prepare_int8, got ",
+              codes.sizes());
+  TORCH_CHECK((scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kHalf) && scale.is_contiguous() &&
+                  scale.dim() == 3 && scale.size(0) == tiles && scale.size(1) == groups && scale.size(2) == kTile,
+              name, ": scale must be contiguous float32/float16 (", tiles, ", ", groups, ", 16), got ", scale.sizes());
+  if (shift.has_value())
+    TORCH_CHECK(shift->scalar_type() == scale.scalar_type() && shift->is_contiguous() && shift->sizes() == scale.sizes(),
+                name, ": shift must be like scale");
+  TORCH_CHECK(zero_point >= 0 && zero_point < 256, name, ": zero_point must lie in 0..255, got ", zero_point);
+  check_bias(bias, N);
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  const int64_t rows = padded_rows(M);
+  at::Tensor xf = at::zeros({rows, K}, x.options().dtype(at::kFloat));
+  xf.narrow(0, 0, M).copy_(x);
+  const float* xp = xf.data_ptr<float>();
+  std::vector<float> xsum(rows * groups, 0.f);
+  for (int64_t m = 0; m < rows; ++m)
+    for (int64_t k = 0; k < K; ++k) xsum[m * groups + k / group_size] += xp[m * K + k];
+  std::vector<float> acc(rows * N);
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  auto run = [&](auto* sp, auto* hp) {
+    using S = std::remove_const_t<std::remove_pointer_t<decltype(sp)>>;
+    parallel_tiles(N, rows, K * kTile, [&](int64_t t, int64_t m0, int64_t mt) {
+      const uint8_t* tile = cp + t * K * kTile;
+      const S* ts = sp + t * groups * kTile;
+      const S* th = hp == nullptr ? nullptr : hp + t * groups * kTile;
+      const float* xm = xp + m0 * K;
+      const float* xs = xsum.data() + m0 * groups;
+      float* o = acc.data() + m0 * N;
+      switch (mt) {
+        case 1: int8_float_tile<S, 1>(xm, xs, K, tile, ts, th, group_size, zero_point, o, N, t * kTile); break;
+        case 2: int8_float_tile<S, 2>(xm, xs, K, tile, ts, th, group_size, zero_point, o, N, t * kTile); break;
+        case 4: int8_float_tile<S, 4>(xm, xs, K, tile, ts, th, group_size, zero_point, o, N, t * kTile); break;
+        default: int8_float_tile<S, 8>(xm, xs, K, tile, ts, th, group_size, zero_point, o, N, t * kTile); break;
+      }
+    });
+  };
+  if (scale.scalar_type() == at::kFloat)
+    run(scale.data_ptr<float>(), shift.has_value() ? shift->data_ptr<float>() : nullptr);
+  else
+    run(scale.data_ptr<at::Half>(), shift.has_value() ? shift->data_ptr<at::Half>() : nullptr);
+  finish(acc, M, N, bias, y);
+  return y;
+}
+
 // Reads every byte of t once (xor of its 64-byte lines): the memory-bandwidth probe of the benchmark.
 int64_t stream_read(const at::Tensor& t) {
   TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), "qwenkit stream_read: t must be a contiguous CPU tensor");
@@ -718,6 +824,9 @@ TORCH_LIBRARY(qwenkit, m) {
   m.def(
       "linear_int4(Tensor x, Tensor codes, Tensor scale, Tensor? shift, Tensor? bias, int group_size, int N, int zero_point) "
       "-> Tensor");
+  m.def(
+      "linear_int8_float(Tensor x, Tensor codes, Tensor scale, Tensor? shift, Tensor? bias, int group_size, int N, "
+      "int zero_point) -> Tensor");
   m.def("stream_read(Tensor t) -> int");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("silu_mul(Tensor x) -> Tensor");
@@ -732,6 +841,7 @@ TORCH_LIBRARY_IMPL(qwenkit, CPU, m) {
   m.impl("linear_bf16", &linear_bf16);
   m.impl("linear_int8", &linear_int8);
   m.impl("linear_int4", &linear_int4);
+  m.impl("linear_int8_float", &linear_int8_float);
   m.impl("stream_read", &stream_read);
   m.impl("rms_norm", &rms_norm);
   m.impl("silu_mul", &silu_mul);

@@ -94,3 +94,15 @@ class Avx512Int4Kernel(_Avx512IntKernel):
     key = "avx512_int4"
     description = "qwenkit AVX-512 VNNI int4 (int8 activations)"
     bits_needed = 4
+
+
+class Avx512Int8FloatKernel(Avx512Int8Kernel):
+    """int8 weights against activations kept in float (``kernels.linear_int8_float``): for an output
+    head, where the error lands on the logits (``quant.on_load.head_kernel`` picks it); about as fast as
+    the int8-activation kernel at one row, the arithmetic heavier at many."""
+
+    key = "avx512_int8_float"
+    description = "qwenkit AVX-512 int8 (float activations)"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.linear_int8_float(x, self.packed)
