@@ -32,6 +32,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -120,25 +121,34 @@ void check_bias(const c10::optional<at::Tensor>& bias, int64_t n) {
               "qwenkit kernels: bias must be a CPU vector of ", n, " values, got shape ", bias->sizes());
 }
 
-// out (Mp, N) fp32 -> y (M, N) in y's dtype, adding the bias.
-void finish(const std::vector<float>& acc, int64_t M, int64_t N, const c10::optional<at::Tensor>& bias,
-            at::Tensor& y) {
-  std::vector<float> b;
-  if (bias.has_value()) {
-    at::Tensor bf = bias->to(at::kFloat).contiguous();
-    b.assign(bf.data_ptr<float>(), bf.data_ptr<float>() + N);
-  }
+// The fp32 results of every (padded) row and output, filled by the tiles: no zeroing (each tile pass
+// writes its rows and outputs), which for a 152k-output head at 16 rows would be 10 MB of stores.
+struct Accumulator {
+  std::unique_ptr<float[]> data;
+  explicit Accumulator(int64_t n) : data(new float[n]) {}
+  float* get() { return data.get(); }
+  const float* get() const { return data.get(); }
+};
+
+// acc (Mp, N) fp32 -> y (M, N) in y's dtype, adding the bias; in parallel over the outputs (a head's
+// 152k outputs per row would otherwise be a serial tail of the call).
+void finish(const Accumulator& acc, int64_t M, int64_t N, const c10::optional<at::Tensor>& bias, at::Tensor& y) {
+  at::Tensor bf;
+  if (bias.has_value()) bf = bias->to(at::kFloat).contiguous();
+  const float* b = bias.has_value() ? bf.data_ptr<float>() : nullptr;
   const bool to_bf16 = y.scalar_type() == at::kBFloat16;
-  for (int64_t m = 0; m < M; ++m) {
-    const float* a = acc.data() + m * N;
-    if (to_bf16) {
-      uint16_t* o = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()) + m * N;
-      for (int64_t n = 0; n < N; ++n) o[n] = f32_to_bf16(a[n] + (b.empty() ? 0.f : b[n]));
-    } else {
-      float* o = y.data_ptr<float>() + m * N;
-      for (int64_t n = 0; n < N; ++n) o[n] = a[n] + (b.empty() ? 0.f : b[n]);
+  uint16_t* ob = to_bf16 ? reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()) : nullptr;
+  float* of = to_bf16 ? nullptr : y.data_ptr<float>();
+  at::parallel_for(0, M * N, 32768, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t m = i / N, n = i % N;
+      const float v = acc.get()[m * N + n] + (b == nullptr ? 0.f : b[n]);
+      if (to_bf16)
+        ob[i] = f32_to_bf16(v);
+      else
+        of[i] = v;
     }
-  }
+  });
 }
 
 // Rows padded to a whole number of passes (1, 2, 4, or multiples of 8), the padding all zeros.
@@ -174,12 +184,12 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, const c10::opti
   std::vector<uint16_t> xs(rows * kp, 0);  // rows and K padded with zeros
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
   for (int64_t m = 0; m < M; ++m) std::memcpy(xs.data() + m * kp, xp + m * K, K * 2);
-  std::vector<float> acc(rows * N);
+  Accumulator acc(rows * N);
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
   parallel_tiles(N, rows, kp * kTile * 2, [&](int64_t t, int64_t m0, int64_t mt) {
     const uint16_t* tile = wp + t * kp * kTile;
     const uint16_t* xm = xs.data() + m0 * kp;
-    float* o = acc.data() + m0 * N;
+    float* o = acc.get() + m0 * N;
     switch (mt) {
       case 1: bf16_tile<1>(xm, kp, tile, o, N, t * kTile); break;
       case 2: bf16_tile<2>(xm, kp, tile, o, N, t * kTile); break;
@@ -376,14 +386,14 @@ at::Tensor linear_int(const at::Tensor& x, const at::Tensor& codes, const at::Te
     quantize_rows(xc.data_ptr<float>(), M, padded, K, group_size, zero_point, qr);
   else
     quantize_rows(xc.data_ptr<at::BFloat16>(), M, padded, K, group_size, zero_point, qr);
-  std::vector<float> acc(padded * N);
+  Accumulator acc(padded * N);
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   if (scale.scalar_type() == at::kFloat)
     int_run<BITS, float>(qr, cp, scale.data_ptr<float>(), shift.has_value() ? shift->data_ptr<float>() : nullptr, N,
-                         group_size, acc.data());
+                         group_size, acc.get());
   else
     int_run<BITS, at::Half>(qr, cp, scale.data_ptr<at::Half>(),
-                            shift.has_value() ? shift->data_ptr<at::Half>() : nullptr, N, group_size, acc.data());
+                            shift.has_value() ? shift->data_ptr<at::Half>() : nullptr, N, group_size, acc.get());
   finish(acc, M, N, bias, y);
   return y;
 }
@@ -478,7 +488,7 @@ at::Tensor linear_int8_float(const at::Tensor& x, const at::Tensor& codes, const
   std::vector<float> xsum(rows * groups, 0.f);
   for (int64_t m = 0; m < rows; ++m)
     for (int64_t k = 0; k < K; ++k) xsum[m * groups + k / group_size] += xp[m * K + k];
-  std::vector<float> acc(rows * N);
+  Accumulator acc(rows * N);
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   auto run = [&](auto* sp, auto* hp) {
     using S = std::remove_const_t<std::remove_pointer_t<decltype(sp)>>;
@@ -488,7 +498,7 @@ at::Tensor linear_int8_float(const at::Tensor& x, const at::Tensor& codes, const
       const S* th = hp == nullptr ? nullptr : hp + t * groups * kTile;
       const float* xm = xp + m0 * K;
       const float* xs = xsum.data() + m0 * groups;
-      float* o = acc.data() + m0 * N;
+      float* o = acc.get() + m0 * N;
       switch (mt) {
         case 1: int8_float_tile<S, 1>(xm, xs, K, tile, ts, th, group_size, zero_point, o, N, t * kTile); break;
         case 2: int8_float_tile<S, 2>(xm, xs, K, tile, ts, th, group_size, zero_point, o, N, t * kTile); break;
