@@ -96,7 +96,7 @@ def test_step_attention_fast_decode_matches_sdpa_path(monkeypatch) -> None:
     torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=1e-2)
 
 
-@pytest.mark.parametrize(("in_fp32", "rot"), [(False, 64), (True, 64), (False, 32)])
+@pytest.mark.parametrize(("in_fp32", "rot"), [(False, 64), (True, 64), (False, 32), (False, 24)])
 def test_rope_in_place_equals_apply_rope(in_fp32, rot) -> None:
     """Bit for bit the model's apply_rope, on q and k heads read straight out of a fused qkv output
     (partial rotary too), in bf16 steps or in float32 (Qwen v1)."""

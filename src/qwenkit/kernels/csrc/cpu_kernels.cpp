@@ -60,6 +60,14 @@ inline __m512 maskz_load_bf16_as_f32(__mmask16 m, const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
 }
 
+// 16 floats rounded to bf16 (nearest even, as torch) and widened back.
+inline __m512 round_bf16(__m512 v) {
+  const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+inline void store_bf16(uint16_t* p, __m512 v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v)); }
+
 inline uint16_t f32_to_bf16(float f) {  // round to nearest even, as torch does
   uint32_t u;
   std::memcpy(&u, &f, 4);
@@ -557,10 +565,25 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   auto bf = [](uint16_t v) { uint32_t u = uint32_t(v) << 16; float f; std::memcpy(&f, &u, 4); return f; };
   for (int64_t m = 0; m < M; ++m) {
     const uint16_t* xr = xp + m * K;
-    double ss = 0.0;  // double: the mean does not depend on the order of summation at these sizes
-    for (int64_t k = 0; k < K; ++k) ss += double(bf(xr[k])) * double(bf(xr[k]));
+    // the sum of squares in double: a bf16 square is exact there, and the mean does not depend on
+    // the order of summation at these sizes
+    __m512d s0 = _mm512_setzero_pd(), s1 = _mm512_setzero_pd();
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+      const __m512 v = load_bf16_as_f32(xr + k);
+      const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+      const __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+      s0 = _mm512_fmadd_pd(lo, lo, s0);
+      s1 = _mm512_fmadd_pd(hi, hi, s1);
+    }
+    double ss = _mm512_reduce_add_pd(_mm512_add_pd(s0, s1));
+    for (int64_t i = k; i < K; ++i) ss += double(bf(xr[i])) * double(bf(xr[i]));
     const float r = 1.f / std::sqrt(float(ss / double(K)) + float(eps));
-    for (int64_t k = 0; k < K; ++k) yp[m * K + k] = f32_to_bf16(bf(wp[k]) * bf(f32_to_bf16(bf(xr[k]) * r)));
+    const __m512 rv = _mm512_set1_ps(r);
+    for (k = 0; k + 16 <= K; k += 16)
+      store_bf16(yp + m * K + k,
+                 _mm512_mul_ps(load_bf16_as_f32(wp + k), round_bf16(_mm512_mul_ps(load_bf16_as_f32(xr + k), rv))));
+    for (; k < K; ++k) yp[m * K + k] = f32_to_bf16(bf(wp[k]) * bf(f32_to_bf16(bf(xr[k]) * r)));
   }
   return y;
 }
@@ -582,11 +605,6 @@ inline __m512 exp512(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-// 16 floats rounded to bf16 (nearest even, as torch) and widened back.
-inline __m512 round_bf16(__m512 v) {
-  const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
 
 // silu(gate) * up for x = [gate | up] (..., 2F) bf16 -> (..., F) bf16, each product rounded as torch's
 // F.silu(gate) * up rounds it (silu to bf16, then the product to bf16).
@@ -717,6 +735,18 @@ void rope_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
       }
       for (int64_t hd = 0; hd < NH; ++hd) {
         uint16_t* v = xp + b * x.stride(0) + t * x.stride(1) + hd * x.stride(2);
+        if (!f32 && half % 16 == 0) {  // the same roundings, 16 features at a time
+          for (int64_t j = 0; j < half; j += 16) {
+            const __m512 a = load_bf16_as_f32(v + j), bb = load_bf16_as_f32(v + half + j);
+            const __m512 c1 = _mm512_loadu_ps(c.data() + j), c2 = _mm512_loadu_ps(c.data() + half + j);
+            const __m512 s1 = _mm512_loadu_ps(sn.data() + j), s2 = _mm512_loadu_ps(sn.data() + half + j);
+            const __m512 y1 = round_bf16(_mm512_sub_ps(round_bf16(_mm512_mul_ps(a, c1)), round_bf16(_mm512_mul_ps(bb, s1))));
+            const __m512 y2 = round_bf16(_mm512_add_ps(round_bf16(_mm512_mul_ps(bb, c2)), round_bf16(_mm512_mul_ps(a, s2))));
+            store_bf16(v + j, y1);
+            store_bf16(v + half + j, y2);
+          }
+          continue;
+        }
         for (int64_t i = 0; i < rot; ++i) h[i] = bf(v[i]);
         for (int64_t i = 0; i < rot; ++i) {
           const float other = i < half ? -h[i + half] : h[i - half];  // rotate_half: (-x2, x1)
