@@ -2,8 +2,8 @@
 
 The C++ layer runs the same ops in the same order with the same roundings as the module path, so a
 decode step must give the very same logits and the very same K/V in the pool (bit for bit) with and
-without it, for every kernel kind and for the families' variations (q/k/v bias, untied head, Qwen v1's
-float32 RoPE). Layers it cannot run (Qwen3's q/k norms) keep the module path.
+without it, for every kernel kind and for the families' variations (q/k/v bias, untied head, Qwen3's
+q/k norms, Qwen v1's float32 RoPE). Layers with a part off the kernels keep the module path.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from qwenkit.engine.kv_cache import PagedKVCache
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="AVX-512 kernels not built on this CPU")
 
 BLOCK = 4
-PROMPTS = [list(range(5, 16)), [7], list(range(300, 306))]
+# five rows: Qwen3's 4 query heads make 20 rows of q-norm (torch's steps), its 2 KV heads 10 (the kernel)
+PROMPTS = [list(range(5, 16)), [7], list(range(300, 306)), [9, 8], list(range(40, 49))]
 
 
 def _load(path, quantize, monkeypatch):
@@ -48,7 +49,7 @@ def _steps(model, decode_steps: int) -> tuple[list[torch.Tensor], PagedKVCache]:
     every decode step and the pool."""
     cfg = model.config
     cache = PagedKVCache(
-        cfg.num_hidden_layers, 32, BLOCK, cfg.num_key_value_heads, cfg.head_dim, torch.bfloat16, "cpu"
+        cfg.num_hidden_layers, 40, BLOCK, cfg.num_key_value_heads, cfg.head_dim, torch.bfloat16, "cpu"
     )
     tables = TABLES
     ids, positions, chunk_rows, index = [], [], [], []
@@ -78,6 +79,8 @@ def _steps(model, decode_steps: int) -> tuple[list[torch.Tensor], PagedKVCache]:
         ("qwen2", "int8"),
         ("qwen2", "int4"),
         ("llama", "int4"),
+        ("qwen3", None),
+        ("qwen3", "int8"),
         ("qwen", None),
     ],
 )
@@ -118,7 +121,7 @@ def test_decode_layer_keeps_batch_invariance(tmp_path, monkeypatch) -> None:
 
 @pytest.mark.parametrize(
     ("family", "quantize"),
-    [("qwen3", None), ("qwen2", "int4")],  # q/k norms; an FFN of 160 (int4's down_proj on torch's kernel)
+    [("qwen2", "int4")],  # an FFN of 160: int4's down_proj on torch's kernel
 )
 def test_layers_not_wholly_on_the_kernels_keep_the_module_path(tmp_path, monkeypatch, family, quantize):
     path = save_hf(hf_model(family), tmp_path / "m")

@@ -112,15 +112,15 @@ _ABSENT = torch.empty(0)
 
 def decode_layer_weights(layer: DecoderLayer) -> kernels.DecodeLayerWeights | None:
     """The layer's weights as ``kernels.decode_layer`` arguments (the same tensors, not copies), or None
-    where a part does not run on the kernels alike: MoE, q/k norms, unfused projections, act-order."""
+    where a part does not run on the kernels alike: MoE, unfused projections, act-order."""
     attn, mlp = layer.self_attn, layer.mlp
     norms = (layer.input_layernorm, layer.post_attention_layernorm)
+    head_norms = () if attn.q_norm is None else (attn.q_norm, attn.k_norm)
     if (
         type(mlp) is not MLP
         or mlp.gate_up_silu is None
         or attn.qkv_proj is None
-        or attn.q_norm is not None
-        or any(type(n) is not FastRMSNorm or n.weight.dtype != torch.bfloat16 for n in norms)
+        or any(type(n) is not FastRMSNorm or n.weight.dtype != torch.bfloat16 for n in norms + head_norms)
     ):
         return None
     tensors = [n.weight.detach() for n in norms]
@@ -132,6 +132,12 @@ def decode_layer_weights(layer: DecoderLayer) -> kernels.DecodeLayerWeights | No
         tensors += args[0]
         ints += args[1]
     floats = [norms[0].eps, norms[1].eps, attn.head_dim**-0.5]
+    if head_norms:  # Qwen3's q and k norms
+        tensors += [n.weight.detach() for n in head_norms]
+        floats += [n.eps for n in head_norms]
+    else:
+        tensors += [_ABSENT, _ABSENT]
+        floats += [0.0, 0.0]
     return kernels.DecodeLayerWeights(tensors, ints, floats)
 
 

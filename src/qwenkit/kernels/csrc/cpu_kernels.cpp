@@ -802,18 +802,28 @@ at::Tensor run_linear(const LayerLinear& l, const at::Tensor& x) {
   return l.bias_after_rounding && l.bias.defined() ? at::add(y, l.bias) : y;
 }
 
+// Qwen3's per-head RMSNorm of q or k (rows x heads of D features) exactly as the model's norm module
+// computes it: one kernel call for a decode step's 16 or fewer rows, else torch's steps (in float, cast
+// back, then the weight multiply).
+at::Tensor head_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  const int64_t D = x.size(-1), rows = x.numel() / D;
+  if (rows <= 16) return rms_norm(x, weight, eps);
+  return at::mul(weight, at::rms_norm(x.to(at::kFloat), {D}, c10::nullopt, eps).to(at::kBFloat16));
+}
+
 // tensors: [input norm weight, post-attention norm weight, then per linear (q/k/v, o, gate/up, down):
-//           weight or codes, scale, shift, bias] (an empty tensor where absent)
+//           weight or codes, scale, shift, bias, then the q and k norm weights (Qwen3)] (an empty
+//           tensor where absent)
 // ints:    [H, Hkv, D, then per linear: bits, group_size, N, zero_point, bias mode (0 none, 1 added in
 //           fp32 before rounding, 2 added to the rounded output)]
-// floats:  [input norm eps, post-attention norm eps, attention scale]
+// floats:  [input norm eps, post-attention norm eps, attention scale, q norm eps, k norm eps]
 // x (M, hidden) bf16; pools (slots, Hkv, D) bf16, written at `slots` (M,); gather (M, S), positions (M,)
 // as decode_attention; cos/sin (1, M, rot) as rope_. Returns the layer's output (M, hidden).
 at::Tensor decode_layer(const at::Tensor& x, at::TensorList tensors, at::IntArrayRef ints, at::ArrayRef<double> floats,
                         at::Tensor k_pool, at::Tensor v_pool, const at::Tensor& slots, const at::Tensor& gather,
                         const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin) {
-  TORCH_CHECK(tensors.size() == 18 && ints.size() == 23 && floats.size() == 3,
-              "qwenkit decode_layer: expected 18 tensors, 23 ints and 3 floats, got ", tensors.size(), ", ",
+  TORCH_CHECK(tensors.size() == 20 && ints.size() == 23 && floats.size() == 5,
+              "qwenkit decode_layer: expected 20 tensors, 23 ints and 5 floats, got ", tensors.size(), ", ",
               ints.size(), " and ", floats.size());
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.size(0) >= 1 && x.size(0) <= 16,
               "qwenkit decode_layer: x must be (rows, hidden) bfloat16 with 1..16 rows, got ", x.sizes());
@@ -846,6 +856,10 @@ at::Tensor decode_layer(const at::Tensor& x, at::TensorList tensors, at::IntArra
   at::Tensor h = rms_norm(x, tensors[0], floats[0]);
   at::Tensor qkv = run_linear(lin[0], h);  // (M, (H + 2 Hkv) D)
   at::Tensor heads = qkv.view({1, M, H + 2 * Hkv, D});
+  if (tensors[18].numel()) {  // Qwen3: each q and k head normalized before RoPE, as the modules do
+    heads.narrow(2, 0, H).copy_(head_norm(heads.narrow(2, 0, H), tensors[18], floats[3]));
+    heads.narrow(2, H, Hkv).copy_(head_norm(heads.narrow(2, H, Hkv), tensors[19], floats[4]));
+  }
   at::Tensor qk = heads.narrow(2, 0, H + Hkv);
   rope_(qk, cos, sin);
   const int64_t* sp = slots.contiguous().data_ptr<int64_t>();
