@@ -551,22 +551,31 @@ inline __m512 attn_dot(const __m512i* qv, const uint16_t* k, int64_t nq) {
   return a;
 }
 
-// Scaled scores of `count` keys (rows krows) for G query heads (qh, G x D) into sc[g * kAttnChunk + j];
-// every key is read from memory once, for all G heads, 16 keys at a time.
+// Prefetches the `bytes` of a key or value row (into L1 for T0, L2 for T1).
+template <_mm_hint HINT>
+inline void attn_prefetch_row(const uint16_t* row, int64_t bytes) {
+  for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(reinterpret_cast<const char*>(row) + o, HINT);
+}
+
+// Scaled scores of `count` keys (rows krows) for G query heads (qh, G x D) into sc[g * kAttnChunk + j]:
+// 16 keys at a time, each read from memory once for all G heads (and kept in L1 while they are scored).
+// The next 16 keys are prefetched, and these 16 keys' values (to L2) for the pass over the values.
 template <int NQ>
-void attn_scores(const uint16_t* qh, int64_t G, int64_t D, const uint16_t* const* krows, int64_t count,
-                 float scale, float* sc) {
+void attn_scores(const uint16_t* qh, int64_t G, int64_t D, const uint16_t* const* krows,
+                 const uint16_t* const* vrows, int64_t count, float scale, float* sc) {
   const int64_t nq = D / 16;
   constexpr int kMaxPieces = NQ > 0 ? (NQ + 1) / 2 : 1;
   std::vector<__m512i> qbuf(NQ > 0 ? 0 : (nq + 1) / 2);
   __m512i qfixed[kMaxPieces];
   __m512i* qv = NQ > 0 ? qfixed : qbuf.data();
   const __m512 sv = _mm512_set1_ps(scale);
-  for (int64_t g = 0; g < G; ++g) {
-    const uint16_t* q = qh + g * D;
-    for (int64_t i = 0; i < nq / 2; ++i) qv[i] = _mm512_loadu_si512(q + 32 * i);
-    if (nq % 2) qv[nq / 2] = _mm512_maskz_loadu_epi16(0xffff, q + 32 * (nq / 2));
-    for (int64_t j0 = 0; j0 < count; j0 += 16) {
+  for (int64_t j0 = 0; j0 < count; j0 += 16) {
+    for (int64_t j = j0 + 16; j < std::min<int64_t>(count, j0 + 32); ++j) attn_prefetch_row<_MM_HINT_T0>(krows[j], 2 * D);
+    for (int64_t j = j0; j < std::min<int64_t>(count, j0 + 16); ++j) attn_prefetch_row<_MM_HINT_T1>(vrows[j], 2 * D);
+    for (int64_t g = 0; g < G; ++g) {
+      const uint16_t* q = qh + g * D;
+      for (int64_t i = 0; i < nq / 2; ++i) qv[i] = _mm512_loadu_si512(q + 32 * i);
+      if (nq % 2) qv[nq / 2] = _mm512_maskz_loadu_epi16(0xffff, q + 32 * (nq / 2));
       __m512 r[16];
 #pragma GCC unroll 16
       for (int jj = 0; jj < 16; ++jj)  // keys past the end score the first key again; masked later
@@ -625,16 +634,16 @@ void attn_partial(const uint16_t* qh, int64_t G, int64_t D, const uint16_t* cons
                   const uint16_t* const* vrows, int64_t count, float scale, float* sc, float* m, float* sum,
                   float* acc) {
   switch (D / 16) {
-    case 1: attn_scores<1>(qh, G, D, krows, count, scale, sc); break;
-    case 2: attn_scores<2>(qh, G, D, krows, count, scale, sc); break;
-    case 3: attn_scores<3>(qh, G, D, krows, count, scale, sc); break;
-    case 4: attn_scores<4>(qh, G, D, krows, count, scale, sc); break;
-    case 5: attn_scores<5>(qh, G, D, krows, count, scale, sc); break;
-    case 6: attn_scores<6>(qh, G, D, krows, count, scale, sc); break;
-    case 7: attn_scores<7>(qh, G, D, krows, count, scale, sc); break;
-    case 8: attn_scores<8>(qh, G, D, krows, count, scale, sc); break;
-    case 16: attn_scores<16>(qh, G, D, krows, count, scale, sc); break;
-    default: attn_scores<0>(qh, G, D, krows, count, scale, sc); break;
+    case 1: attn_scores<1>(qh, G, D, krows, vrows, count, scale, sc); break;
+    case 2: attn_scores<2>(qh, G, D, krows, vrows, count, scale, sc); break;
+    case 3: attn_scores<3>(qh, G, D, krows, vrows, count, scale, sc); break;
+    case 4: attn_scores<4>(qh, G, D, krows, vrows, count, scale, sc); break;
+    case 5: attn_scores<5>(qh, G, D, krows, vrows, count, scale, sc); break;
+    case 6: attn_scores<6>(qh, G, D, krows, vrows, count, scale, sc); break;
+    case 7: attn_scores<7>(qh, G, D, krows, vrows, count, scale, sc); break;
+    case 8: attn_scores<8>(qh, G, D, krows, vrows, count, scale, sc); break;
+    case 16: attn_scores<16>(qh, G, D, krows, vrows, count, scale, sc); break;
+    default: attn_scores<0>(qh, G, D, krows, vrows, count, scale, sc); break;
   }
   for (int64_t g = 0; g < G; ++g) {
     float* s = sc + g * kAttnChunk;
@@ -658,6 +667,27 @@ void attn_partial(const uint16_t* qh, int64_t G, int64_t D, const uint16_t* cons
     int64_t d0 = 0;
     for (; d0 + 32 <= D; d0 += 32) attn_values_heads<2>(gh, p, vrows, count, d0, D, a);
     if (d0 < D) attn_values_heads<1>(gh, p, vrows, count, d0, D, a);
+  }
+}
+
+// Combines one (row, KV head)'s partial softmaxes (each m[G], sum[G], acc[G * D], `stride` floats
+// apart) in chunk order: rescaled to the common max, summed, divided; out: the G heads' bf16 rows.
+void attn_combine(const float* part, int64_t chunks, int64_t stride, int64_t G, int64_t D, uint16_t* out) {
+  std::vector<float> coef(chunks);
+  for (int64_t g = 0; g < G; ++g) {
+    float mx = -INFINITY, total = 0.f;
+    for (int64_t c = 0; c < chunks; ++c) mx = std::max(mx, part[c * stride + g]);
+    for (int64_t c = 0; c < chunks; ++c) {
+      coef[c] = std::exp(part[c * stride + g] - mx);
+      total += coef[c] * part[c * stride + G + g];
+    }
+    const __m512 inv = _mm512_set1_ps(1.f / total);
+    for (int64_t d = 0; d < D; d += 16) {
+      __m512 a = _mm512_setzero_ps();
+      for (int64_t c = 0; c < chunks; ++c)
+        a = _mm512_fmadd_ps(_mm512_set1_ps(coef[c]), _mm512_loadu_ps(part + c * stride + 2 * G + g * D + d), a);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + g * D + d), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(a, inv)));
+    }
   }
 }
 
@@ -696,6 +726,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& kc, const at:
   for (int64_t b = 0; b < B; ++b) first[b + 1] = first[b] + Hkv * ((pp[b] + kAttnChunk) / kAttnChunk);
   const int64_t tasks = first[B], stride = G * (D + 2);  // per task: m[G], sum[G], acc[G * D]
   std::vector<float> partial(tasks * stride);
+  std::vector<std::atomic<int32_t>> done(B * Hkv);  // chunks finished per (row, KV head), zeroed
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> sc(G * kAttnChunk);
     std::vector<const uint16_t*> krows(kAttnChunk), vrows(kAttnChunk);
@@ -713,31 +744,11 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& kc, const at:
       float* part = partial.data() + t * stride;
       attn_partial(qp + (b * H + h * G) * D, G, D, krows.data(), vrows.data(), count, float(scale), sc.data(), part,
                    part + G, part + 2 * G);
-    }
-  });
-  // Combine each (row, KV head)'s chunks in chunk order: rescale to the common max, sum, divide.
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> o(D), coef;
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / Hkv, h = i % Hkv, chunks = (first[b + 1] - first[b]) / Hkv;
-      const float* base = partial.data() + (first[b] + h * chunks) * stride;
-      coef.resize(chunks);
-      for (int64_t g = 0; g < G; ++g) {
-        float mx = -INFINITY, total = 0.f;
-        for (int64_t c = 0; c < chunks; ++c) mx = std::max(mx, base[c * stride + g]);
-        for (int64_t c = 0; c < chunks; ++c) {
-          coef[c] = std::exp(base[c * stride + g] - mx);
-          total += coef[c] * base[c * stride + G + g];
-        }
-        const __m512 inv = _mm512_set1_ps(1.f / total);
-        uint16_t* dst = op + (b * H + h * G + g) * D;
-        for (int64_t d = 0; d < D; d += 16) {
-          __m512 a = _mm512_setzero_ps();
-          for (int64_t c = 0; c < chunks; ++c)
-            a = _mm512_fmadd_ps(_mm512_set1_ps(coef[c]), _mm512_loadu_ps(base + c * stride + 2 * G + g * D + d), a);
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + d), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(a, inv)));
-        }
-      }
+      // Whichever thread finishes a (row, KV head)'s last chunk combines them (the same arithmetic
+      // whoever does it); acq_rel makes the other chunks' partials visible to it.
+      if (done[b * Hkv + h].fetch_add(1, std::memory_order_acq_rel) + 1 == chunks)
+        attn_combine(partial.data() + (first[b] + h * chunks) * stride, chunks, stride, G, D,
+                     op + (b * H + h * G) * D);
     }
   });
   return out;
