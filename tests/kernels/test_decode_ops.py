@@ -95,7 +95,7 @@ def _paged_rows(lengths, kv_heads, dim, heads, seed, q_scale=3.0):
     return q, k, v, gather, positions
 
 
-# Key counts around the kernel's chunk of 256 keys (partial softmaxes combined), group sizes 1, 3, 7
+# Key counts around the kernel's chunks of 128 keys (partial softmaxes combined), group sizes 1, 3, 7
 # and 10 (two passes of 8 heads over the values), head dims 64, 128, 48 (a half piece of 16), 320
 # (the head dim known only at run time).
 @pytest.mark.parametrize(
@@ -103,14 +103,15 @@ def _paged_rows(lengths, kv_heads, dim, heads, seed, q_scale=3.0):
     [(2, 2, 64), (9, 3, 64), (14, 2, 64), (2, 2, 128), (6, 2, 128), (14, 2, 128), (20, 2, 48), (4, 2, 320)],
 )
 def test_decode_attention_across_chunks_matches_sdpa(heads, kv_heads, dim) -> None:
-    q, k, v, gather, positions = _paged_rows([1, 255, 256, 257, 1000, 513], kv_heads, dim, heads, seed=4)
+    lengths = [1, 127, 128, 129, 255, 256, 257, 1000]
+    q, k, v, gather, positions = _paged_rows(lengths, kv_heads, dim, heads, seed=4)
     got = kernels.decode_attention(q, k, v, gather, positions, 1 / math.sqrt(dim))
     want = _sdpa_reference(q, k, v, gather, positions)
     torch.testing.assert_close(got.float(), want, rtol=2**-7, atol=1e-2)
 
 
 def test_decode_attention_one_dominant_key_in_a_late_chunk() -> None:
-    """A key that takes nearly all the weight, in the fourth chunk of 256: the chunks' partial sums are
+    """A key that takes nearly all the weight, in the eighth chunk of 128: the chunks' partial sums are
     rescaled to the common max, so the output is (almost) that key's value."""
     q, k, v, gather, positions = _paged_rows([1000], 2, 64, 14, seed=5, q_scale=0.3)
     base = torch.randn(2, 1, 64, generator=_g(7))
@@ -126,7 +127,7 @@ def test_decode_attention_one_dominant_key_in_a_late_chunk() -> None:
 def test_decode_attention_row_alone_equals_row_in_batch() -> None:
     """A row's output is bit-identical computed alone, inside a batch of 16 rows of other lengths, on
     1 or 2 threads, and run to run: the engine's greedy tokens must not depend on the batch."""
-    lengths = [1, 700, 256, 31, 257, 1000, 16, 512, 255, 90, 513, 2, 768, 400, 129, 64]
+    lengths = [1, 700, 256, 31, 257, 1000, 16, 512, 255, 90, 513, 2, 768, 400, 129, 128]
     q, k, v, gather, positions = _paged_rows(lengths, 2, 64, 14, seed=6)
     scale = 1 / math.sqrt(64)
     threads = torch.get_num_threads()

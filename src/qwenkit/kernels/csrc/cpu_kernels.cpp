@@ -514,7 +514,7 @@ at::Tensor silu_mul(const at::Tensor& x) {
 // combined in chunk order. A row's arithmetic is thus the same alone or in any batch, on any number of
 // threads, and run to run.
 
-constexpr int64_t kAttnChunk = 256;  // keys per partial softmax
+constexpr int64_t kAttnChunk = 128;  // keys per partial softmax
 constexpr int kAttnHeads = 8;        // query heads accumulated together in one pass over the values
 
 // Lane i of the result = horizontal sum of r[i]: 16 dot products' partial sums reduced by a transpose
