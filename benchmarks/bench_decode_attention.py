@@ -7,9 +7,9 @@ One decode step's attention per layer: B rows, one query each, over S keys read 
 as the engine lays it out (blocks of 16 slots, in shuffled order). The peer is what the engine runs
 without the kernel (``StepAttention.attend``'s SDPA path): gather the keys and values into a copy, then
 torch's scaled_dot_product_attention with a mask and grouped heads. Every model layer has a pool of its
-own (larger than the caches at B = 16, as in a real step), called in turn; the figure is the fastest pass
-over all layers over several rounds, divided by the layers, so a pass that lost its core to another
-process says nothing. The last column is the kernel's time for all the model's layers (one token at B = 1).
+own (larger than the caches at B = 16, as in a real step), called in turn; the figure is the fastest call
+over several rounds of passes over all layers, the peer's and the kernel's rounds interleaved. The last
+column is the kernel's time for all the model's layers (one decode step).
 """
 
 from __future__ import annotations
@@ -96,23 +96,28 @@ def kernel(step: Step, layer: Layer) -> torch.Tensor:
     return kernels.decode_attention(step.q, layer.k, layer.v, step.gather, step.positions, step.scale)
 
 
-def fastest_pass(call: Callable[[Layer], object], layers: list[Layer], rounds: int) -> float:
-    """Seconds per call: the fastest pass over all layers, divided by the layers."""
-    for layer in layers[:2]:
-        call(layer)
-    best = math.inf
+def fastest_calls(calls: list[Callable[[Layer], object]], layers: list[Layer], rounds: int) -> list[float]:
+    """Seconds of the fastest single call of each, over interleaved rounds, each a pass over all layers.
+
+    Single calls, not the mean of a pass: on a shared machine a call that loses its core to another
+    process says nothing about the kernel; interleaving gives both the same background load.
+    """
+    for call in calls:
+        call(layers[0])
+    best = [math.inf] * len(calls)
     for _ in range(rounds):
-        start = time.perf_counter()
-        for layer in layers:
-            call(layer)
-        best = min(best, time.perf_counter() - start)
-    return best / len(layers)
+        for i, call in enumerate(calls):
+            for layer in layers:
+                start = time.perf_counter()
+                call(layer)
+                best[i] = min(best[i], time.perf_counter() - start)
+    return best
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 16], help="decoding rows B per call")
-    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = ap.parse_args()
     if not kernels.available():
@@ -125,8 +130,7 @@ def main() -> None:
     for shape in SHAPES:
         for rows in args.rows:
             layers, step = build(shape, rows)
-            theirs = fastest_pass(partial(sdpa, step), layers, args.rounds)
-            mine = fastest_pass(partial(kernel, step), layers, args.rounds)
+            theirs, mine = fastest_calls([partial(sdpa, step), partial(kernel, step)], layers, args.rounds)
             heads = f"{shape.heads} / {shape.kv_heads} / {shape.dim}"
             print(
                 f"| {shape.model} | {heads} | {shape.keys} | {rows} | {theirs * 1e6:.0f} | {mine * 1e6:.0f} "
