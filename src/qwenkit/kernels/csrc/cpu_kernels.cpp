@@ -559,7 +559,8 @@ inline void attn_prefetch_row(const uint16_t* row, int64_t bytes) {
 
 // Scaled scores of `count` keys (rows krows) for G query heads (qh, G x D) into sc[g * kAttnChunk + j]:
 // 16 keys at a time, each read from memory once for all G heads (and kept in L1 while they are scored).
-// The next 16 keys are prefetched, and these 16 keys' values (to L2) for the pass over the values.
+// The gather table says where every key is, so all of the chunk's keys are prefetched to L2 up front
+// (scattered blocks defeat the hardware prefetchers), the next 16 to L1, and these 16 keys' values to L2.
 template <int NQ>
 void attn_scores(const uint16_t* qh, int64_t G, int64_t D, const uint16_t* const* krows,
                  const uint16_t* const* vrows, int64_t count, float scale, float* sc) {
@@ -569,6 +570,7 @@ void attn_scores(const uint16_t* qh, int64_t G, int64_t D, const uint16_t* const
   __m512i qfixed[kMaxPieces];
   __m512i* qv = NQ > 0 ? qfixed : qbuf.data();
   const __m512 sv = _mm512_set1_ps(scale);
+  for (int64_t j = 16; j < count; ++j) attn_prefetch_row<_MM_HINT_T1>(krows[j], 2 * D);
   for (int64_t j0 = 0; j0 < count; j0 += 16) {
     for (int64_t j = j0 + 16; j < std::min<int64_t>(count, j0 + 32); ++j) attn_prefetch_row<_MM_HINT_T0>(krows[j], 2 * D);
     for (int64_t j = j0; j < std::min<int64_t>(count, j0 + 16); ++j) attn_prefetch_row<_MM_HINT_T1>(vrows[j], 2 * D);
