@@ -594,23 +594,23 @@ void attn_values(const float* p, const uint16_t* const* vrows, int64_t count, in
   __m512 a[GH][NV];
 #pragma GCC unroll 8
   for (int g = 0; g < GH; ++g)
-#pragma GCC unroll 2
+#pragma GCC unroll 4
     for (int i = 0; i < NV; ++i) a[g][i] = _mm512_setzero_ps();
   for (int64_t j = 0; j < count; ++j) {
     const uint16_t* v = vrows[j] + d0;
     __m512 x[NV];
-#pragma GCC unroll 2
+#pragma GCC unroll 4
     for (int i = 0; i < NV; ++i) x[i] = load_bf16_as_f32(v + 16 * i);
 #pragma GCC unroll 8
     for (int g = 0; g < GH; ++g) {
       const __m512 w = _mm512_set1_ps(p[g * kAttnChunk + j]);
-#pragma GCC unroll 2
+#pragma GCC unroll 4
       for (int i = 0; i < NV; ++i) a[g][i] = _mm512_fmadd_ps(w, x[i], a[g][i]);
     }
   }
 #pragma GCC unroll 8
   for (int g = 0; g < GH; ++g)
-#pragma GCC unroll 2
+#pragma GCC unroll 4
     for (int i = 0; i < NV; ++i) _mm512_storeu_ps(acc + g * D + d0 + 16 * i, a[g][i]);
 }
 
@@ -667,6 +667,8 @@ void attn_partial(const uint16_t* qh, int64_t G, int64_t D, const uint16_t* cons
     const float* p = sc + g0 * kAttnChunk;
     float* a = acc + g0 * D;
     int64_t d0 = 0;
+    if (gh <= 6)  // 4 vectors per head still fit the registers: fewer passes over the values
+      for (; d0 + 64 <= D; d0 += 64) attn_values_heads<4>(gh, p, vrows, count, d0, D, a);
     for (; d0 + 32 <= D; d0 += 32) attn_values_heads<2>(gh, p, vrows, count, d0, D, a);
     if (d0 < D) attn_values_heads<1>(gh, p, vrows, count, d0, D, a);
   }
