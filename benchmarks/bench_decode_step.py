@@ -5,7 +5,9 @@ missing), once as ``generate``/``chat`` load it (q/k/v and gate/up fused, norms,
 one kernel call each) and once with the separate layers of before, then decodes through the engine and
 prints ms per token split into the matrix-vector kernels (``qwenkit::linear_*``), every other op, and
 the rest (Python, the engine and the sampler), from a torch profile, beside the unprofiled wall time.
-Not a test: a measurement.
+The prepared-model cache (``checkpoint.prepared_cache``) is off for this script's loads: the unfused
+load would otherwise store its model under the same key as the fused one, and the next fused int8/int4
+load would read the unfused model back. Not a test: a measurement.
 
     .venv/bin/python benchmarks/bench_decode_step.py [--precisions bf16,int8,int4] [--threads 1] [--tokens 64]
 """
@@ -13,6 +15,7 @@ Not a test: a measurement.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -22,7 +25,7 @@ from shapes import QWEN25_05B
 from torch.profiler import ProfilerActivity, profile
 
 import qwenkit.quant.fused as fused
-from qwenkit.checkpoint import load_model
+from qwenkit.checkpoint import load_model, prepared_cache
 from qwenkit.engine import Engine, SamplingParams
 
 PROMPT = [(i * 13) % 1000 + 10 for i in range(32)]
@@ -70,6 +73,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache/qwenkit/bench_vs_llamacpp")
     args = ap.parse_args()
+    # Every load prepares its own model: the cache keys on the checkpoint and options, not on the
+    # patched-out fusion, so a cached entry would hand one layout's model to the other's load.
+    os.environ[prepared_cache.ENV_SWITCH] = "off"
     torch.set_num_threads(args.threads)
     path = args.work / "qwen2.5-0.5b-random"
     if not (path / "config.json").exists():

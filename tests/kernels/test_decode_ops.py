@@ -67,6 +67,87 @@ def test_decode_attention_matches_sdpa(heads, kv_heads, dim) -> None:
     assert torch.equal(kernels.decode_attention(q, k, v, gather, positions, 1 / math.sqrt(dim)), got)
 
 
+def _sdpa_reference(q, k, v, gather, positions) -> torch.Tensor:
+    """fp32 SDPA over each row's gathered keys, masked to its position, grouped heads: (B, H, D) float."""
+    visible = torch.arange(gather.shape[1])[None] <= positions[:, None]
+    return F.scaled_dot_product_attention(
+        q[:, :, None].float(),
+        k[gather].transpose(1, 2).float(),
+        v[gather].transpose(1, 2).float(),
+        attn_mask=visible[:, None, None],
+        scale=1 / math.sqrt(q.shape[-1]),
+        enable_gqa=True,
+    )[:, :, 0]
+
+
+def _paged_rows(lengths, kv_heads, dim, heads, seed, q_scale=3.0):
+    """A KV pool in shuffled blocks of 16 slots and one query per row, rows of the given key counts."""
+    g = _g(seed)
+    span = max(lengths)
+    blocks = -(-span // 16)
+    order = torch.randperm(len(lengths) * blocks, generator=g).view(len(lengths), blocks)
+    gather = (order[:, :, None] * 16 + torch.arange(16)).reshape(len(lengths), -1)[:, :span].contiguous()
+    slots = len(lengths) * blocks * 16
+    k = torch.randn(slots, kv_heads, dim, generator=g).bfloat16()
+    v = torch.randn(slots, kv_heads, dim, generator=g).bfloat16()
+    q = (torch.randn(len(lengths), heads, dim, generator=g) * q_scale).bfloat16()  # peaked softmax
+    positions = torch.tensor(lengths) - 1
+    return q, k, v, gather, positions
+
+
+# Key counts around the kernel's chunks of 128 keys (partial softmaxes combined), group sizes 1, 3, 7
+# and 10 (two passes of 8 heads over the values), head dims 64, 128, 48 (a half piece of 16), 320
+# (the head dim known only at run time).
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "dim"),
+    [(2, 2, 64), (9, 3, 64), (14, 2, 64), (2, 2, 128), (6, 2, 128), (14, 2, 128), (20, 2, 48), (4, 2, 320)],
+)
+def test_decode_attention_across_chunks_matches_sdpa(heads, kv_heads, dim) -> None:
+    lengths = [1, 127, 128, 129, 255, 256, 257, 1000]
+    q, k, v, gather, positions = _paged_rows(lengths, kv_heads, dim, heads, seed=4)
+    got = kernels.decode_attention(q, k, v, gather, positions, 1 / math.sqrt(dim))
+    want = _sdpa_reference(q, k, v, gather, positions)
+    torch.testing.assert_close(got.float(), want, rtol=2**-7, atol=1e-2)
+
+
+def test_decode_attention_one_dominant_key_in_a_late_chunk() -> None:
+    """A key that takes nearly all the weight, in the eighth chunk of 128: the chunks' partial sums are
+    rescaled to the common max, so the output is (almost) that key's value."""
+    q, k, v, gather, positions = _paged_rows([1000], 2, 64, 14, seed=5, q_scale=0.3)
+    base = torch.randn(2, 1, 64, generator=_g(7))
+    q[0] = (q[0].view(2, 7, 64).float() + base).view(14, 64).bfloat16()  # a group's heads point one way
+    hot = int(gather[0, 900])
+    k[hot] = (base[:, 0] * 4).bfloat16()  # each head's score there ~ 4 |base|^2 / 8 ~ 32, elsewhere ~ 1
+    got = kernels.decode_attention(q, k, v, gather, positions, 1 / math.sqrt(64))
+    want = _sdpa_reference(q, k, v, gather, positions)
+    torch.testing.assert_close(got.float(), want, rtol=2**-7, atol=1e-2)
+    assert torch.allclose(got[0].float(), v[hot].repeat_interleave(7, 0).float(), atol=0.05)
+
+
+def test_decode_attention_row_alone_equals_row_in_batch() -> None:
+    """A row's output is bit-identical computed alone, inside a batch of 16 rows of other lengths, on
+    1 or 2 threads, and run to run: the engine's greedy tokens must not depend on the batch."""
+    lengths = [1, 700, 256, 31, 257, 1000, 16, 512, 255, 90, 513, 2, 768, 400, 129, 128]
+    q, k, v, gather, positions = _paged_rows(lengths, 2, 64, 14, seed=6)
+    scale = 1 / math.sqrt(64)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        batch = kernels.decode_attention(q, k, v, gather, positions, scale)
+        torch.set_num_threads(1)
+        one_thread = kernels.decode_attention(q, k, v, gather, positions, scale)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(batch, one_thread)
+    assert torch.equal(batch, kernels.decode_attention(q, k, v, gather, positions, scale))
+    for b, n in enumerate(lengths):
+        row = slice(b, b + 1)
+        alone = kernels.decode_attention(q[row], k, v, gather[row, :n], positions[row], scale)
+        assert torch.equal(alone, batch[row]), f"row {b} ({n} keys) differs alone"
+    want = _sdpa_reference(q, k, v, gather, positions)
+    torch.testing.assert_close(batch.float(), want, rtol=2**-7, atol=1e-2)
+
+
 def test_decode_attention_rejects_bad_input() -> None:
     q = torch.zeros(1, 4, 32, dtype=torch.bfloat16)
     pool = torch.zeros(8, 2, 32, dtype=torch.bfloat16)
