@@ -1,10 +1,13 @@
 """Where a batch-1 decode step's time goes, with the inference fusions (``quant.fused``) on and off.
 
 Loads the Qwen2.5-0.5B-shape random checkpoint that ``bench_vs_llamacpp.py`` builds (built here if
-missing), once as ``generate``/``chat`` load it (q/k/v and gate/up fused, norms, RoPE and silu*mul as
-one kernel call each) and once with the separate layers of before, then decodes through the engine and
-prints ms per token split into the matrix-vector kernels (``qwenkit::linear_*``), every other op, and
-the rest (Python, the engine and the sampler), from a torch profile, beside the unprofiled wall time.
+missing), once as ``generate``/``chat`` load it (q/k/v and gate/up fused, each decoder layer of a decode
+step one ``kernels.decode_layer`` call) and once with the separate layers and torch's small ops of
+before, then decodes through the engine (the two alternating) and prints ms per token split into the
+matrix-vector kernels called as ops (``qwenkit::linear_*``: every product of the separate layout, only
+the output head of the fused one), the whole-layer calls (the layers' products run inside them), every
+other op, and the rest (Python, the engine and the sampler), from a torch profile, beside the
+unprofiled wall time.
 The prepared-model cache (``checkpoint.prepared_cache``) is off for this script's loads: the unfused
 load would otherwise store its model under the same key as the fused one, and the next fused int8/int4
 load would read the unfused model back. Not a test: a measurement.
@@ -29,6 +32,7 @@ from qwenkit.checkpoint import load_model, prepared_cache
 from qwenkit.engine import Engine, SamplingParams
 
 PROMPT = [(i * 13) % 1000 + 10 for i in range(32)]
+LAYOUTS = ("separate", "fused")
 
 
 def decode(engine: Engine, tokens: int) -> tuple[float, int]:
@@ -40,29 +44,39 @@ def decode(engine: Engine, tokens: int) -> tuple[float, int]:
     return time.perf_counter() - start, produced
 
 
-def measure(path: Path, quantize: str | None, fuse: bool, tokens: int) -> dict[str, float]:
+def build(path: Path, quantize: str | None, fuse: bool, tokens: int) -> Engine:
+    """An engine on the model as ``generate``/``chat`` load it, or (fuse=False) with the separate layers
+    and torch's small ops of before the fusions (then no layer runs as one ``decode_layer`` call)."""
     original = fused.fuse_for_inference
     if not fuse:
-        fused.fuse_for_inference = lambda model: 0  # the separate layers and torch's small ops
+        fused.fuse_for_inference = lambda model: 0
     try:
         model, _ = load_model(path, dtype="bfloat16", quantize=quantize, progress=False, fast_kernels=True)
     finally:
         fused.fuse_for_inference = original
     engine = Engine(model, max_batch_size=1, max_seq_len=len(PROMPT) + tokens + 16, prefix_caching=False)
     decode(engine, 8)  # warm-up
-    wall = min(seconds / n for seconds, n in (decode(engine, tokens) for _ in range(3)))
+    return engine
+
+
+def split(engine: Engine, tokens: int) -> dict[str, float]:
+    """ms per token from one profiled decode: the matrix-vector kernels called as ops of their own, the
+    whole-layer calls (which run those kernels inside), every other op, and the rest (Python, engine)."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         seconds, n = decode(engine, tokens)
     events = prof.key_averages()
-    kernels = sum(e.self_cpu_time_total for e in events if e.key.startswith("qwenkit::linear")) / 1e3 / n
-    ops = sum(e.self_cpu_time_total for e in events) / 1e3 / n - kernels
+
+    def ms(prefix: str) -> float:
+        return sum(e.self_cpu_time_total for e in events if e.key.startswith(prefix)) / 1e3 / n
+
+    kernels, layers = ms("qwenkit::linear"), ms("qwenkit::decode_layer")
+    ops = sum(e.self_cpu_time_total for e in events) / 1e3 / n - kernels - layers
     profiled = seconds * 1e3 / n
     return {
-        "ms": wall * 1e3,
         "kernels": kernels,
+        "layers": layers,
         "ops": ops,
-        "rest": max(0.0, profiled - kernels - ops),
-        "profiled": profiled,
+        "rest": max(0.0, profiled - kernels - layers - ops),
     }
 
 
@@ -81,18 +95,28 @@ def main() -> None:
     if not (path / "config.json").exists():
         write_anchor(path, QWEN25_05B)
     print(f"Qwen2.5-0.5B shape, batch 1, {args.tokens} tokens, {args.threads} thread(s); ms per token")
-    print("| precision | layers | wall | linear kernels | other ops | Python, engine, sampler |")
-    print("|---|---|---:|---:|---:|---:|")
+    print("(wall: fastest of 3 rounds, the two layouts alternating; the split: one profiled decode each)")
+    print(
+        "| precision | layers | wall | linear kernels | whole-layer calls | other ops "
+        "| Python, engine, sampler |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|")
     for precision in args.precisions.split(","):
         quantize = None if precision == "bf16" else precision
-        for fuse in (False, True):
-            r = measure(path, quantize, fuse, args.tokens)
-            layout = "fused" if fuse else "separate"
+        engines = {layout: build(path, quantize, layout == "fused", args.tokens) for layout in LAYOUTS}
+        wall = dict.fromkeys(LAYOUTS, float("inf"))
+        for _ in range(3):
+            for layout, engine in engines.items():
+                seconds, n = decode(engine, args.tokens)
+                wall[layout] = min(wall[layout], seconds * 1e3 / n)
+        for layout, engine in engines.items():
+            r = split(engine, args.tokens)
             print(
-                f"| {precision} | {layout} | {r['ms']:.1f} | {r['kernels']:.1f} | {r['ops']:.1f} "
-                f"| {r['rest']:.1f} |",
+                f"| {precision} | {layout} | {wall[layout]:.1f} | {r['kernels']:.1f} | {r['layers']:.1f} "
+                f"| {r['ops']:.1f} | {r['rest']:.1f} |",
                 flush=True,
             )
+        del engines
 
 
 if __name__ == "__main__":
