@@ -142,8 +142,8 @@ def round_in_row_blocks(
 
 
 # Kernels that keep the activations in floating point. The output head's error lands on the logits
-# directly: with a GGUF's Q8_0 head on a kernel that also rounds activations to int8, the bundled
-# SmolLM2's greedy answer to "What is the capital of France?" stopped being Paris (either alone kept it).
+# directly: a GGUF's Q8_0 head on a kernel that also rounds activations to int8 added that rounding to
+# every logit (it once flipped one of the bundled SmolLM2's greedy answers).
 FLOAT_ACTIVATION_KERNELS = (
     "avx512_int8_float",
     "cpu_int8pack",
