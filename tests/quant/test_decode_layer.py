@@ -144,3 +144,22 @@ def test_decode_layer_rejects_bad_input(tmp_path, monkeypatch) -> None:
     with pytest.raises(RuntimeError, match="1..16 rows"):
         rows = torch.zeros(17, cfg.hidden_size, dtype=torch.bfloat16)
         kernels.decode_layer(rows, layer.decode_weights, pool, pool, one, one[None], one, cos, cos)
+
+
+def test_decode_layer_takes_strided_slots(tmp_path, monkeypatch) -> None:
+    path = save_hf(hf_model("qwen2"), tmp_path / "m")
+    model = _load(path, None, monkeypatch)
+    layer, cfg = model.model.layers[0], model.config
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, cfg.hidden_size, generator=g).bfloat16()
+    cos = torch.ones(1, 2, cfg.head_dim, dtype=torch.bfloat16)
+    gather = torch.tensor([[0, 1, 2], [4, 5, 6]])
+    positions = torch.tensor([2, 2])
+    outs = []
+    for slots in (torch.tensor([2, 6]), torch.tensor([2, 0, 6, 0])[::2]):  # the same slots, strided
+        pool_k = torch.zeros(8, cfg.num_key_value_heads, cfg.head_dim, dtype=torch.bfloat16)
+        pool_v = torch.zeros_like(pool_k)
+        y = kernels.decode_layer(x, layer.decode_weights, pool_k, pool_v, slots, gather, positions, cos, cos)
+        outs.append((y, pool_k, pool_v))
+    assert all(torch.equal(a, b) for a, b in zip(*outs, strict=True))
+    assert outs[0][1][[2, 6]].abs().sum() > 0  # the step's K went to its slots

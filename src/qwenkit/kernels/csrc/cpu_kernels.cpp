@@ -1055,7 +1055,8 @@ at::Tensor decode_layer(const at::Tensor& x, at::TensorList tensors, at::IntArra
   }
   at::Tensor qk = heads.narrow(2, 0, H + Hkv);
   rope_(qk, cos, sin);
-  const int64_t* sp = slots.contiguous().data_ptr<int64_t>();
+  const at::Tensor slots_c = slots.contiguous();  // kept alive: a copy when slots is a strided view
+  const int64_t* sp = slots_c.data_ptr<int64_t>();
   const int64_t nslots = k_pool.size(0), row = Hkv * D;
   auto* kp = reinterpret_cast<uint16_t*>(k_pool.data_ptr<at::BFloat16>());
   auto* vp = reinterpret_cast<uint16_t*>(v_pool.data_ptr<at::BFloat16>());
