@@ -242,3 +242,15 @@ def test_no_entry_when_the_disk_is_nearly_full(cache, builds, gguf_file, monkeyp
     load_model(gguf_file, progress=False)
     load_model(gguf_file, progress=False)
     assert len(builds) == 2 and not list(cache.glob("*"))
+
+
+def test_a_killed_writers_temporary_file_is_removed_on_the_next_store(cache, builds, gguf_file):
+    cache.mkdir(parents=True)
+    crashed, in_progress = cache / "old-entry.pt1234.tmp", cache / "other-entry.pt5678.tmp"
+    crashed.write_bytes(b"x" * 1000)
+    in_progress.write_bytes(b"y")
+    two_hours_ago = os.path.getmtime(crashed) - 2 * 3600
+    os.utime(crashed, (two_hours_ago, two_hours_ago))
+    load_model(gguf_file, dtype="bfloat16", progress=False, fast_kernels=True)
+    assert len(builds) == 1 and list(cache.glob("*.pt"))  # built and stored
+    assert not crashed.exists() and in_progress.exists()

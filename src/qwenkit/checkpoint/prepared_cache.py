@@ -43,6 +43,7 @@ import pickle
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, is_dataclass
@@ -145,6 +146,22 @@ def store(entry: CacheEntry, model: nn.Module) -> None:
     for old in entry.path.parent.glob(entry.stale):
         if not old.name.startswith(entry.current):
             old.unlink(missing_ok=True)  # the same checkpoint path, but an older version of its files
+    _remove_crashed_writes(entry.path.parent)
+
+
+STALE_WRITE_SECONDS = 3600  # a temporary file untouched this long is a killed writer's, not one in progress
+
+
+def _remove_crashed_writes(directory: Path) -> None:
+    """Delete the temporary files of writes that never finished (a process killed mid-save leaves its
+    ``.tmp``, often the size of a model); another process's write in progress is recent and stays."""
+    now = time.time()
+    for tmp in directory.glob("*.tmp"):
+        try:
+            if now - tmp.stat().st_mtime > STALE_WRITE_SECONDS:
+                tmp.unlink()
+        except OSError:
+            continue  # gone already, or not ours to remove
 
 
 def _storage_bytes(model: nn.Module) -> int:
