@@ -94,6 +94,11 @@ def test_second_load_of_a_gguf_comes_from_the_cache_and_computes_the_same(cache,
     (entry,) = cache.glob("*.pt")
     biggest = max(tensors(second).values(), key=lambda t: t.nbytes)
     assert any(lo <= biggest.data_ptr() < hi for lo, hi in mapped_ranges(entry))
+    if kernels.available():  # each layer's one-call decode weights come back as the layers' own tensors
+        layer = second.model.layers[0]
+        assert layer.decode_weights is not None
+        codes = layer.self_attn.qkv_proj.impl.packed.codes
+        assert layer.decode_weights.tensors[2].data_ptr() == codes.data_ptr()
 
 
 def test_quantize_on_load_is_cached_per_precision(cache, builds, tmp_path):
