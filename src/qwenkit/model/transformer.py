@@ -36,7 +36,6 @@ class DecoderLayer(nn.Module):
         # The whole layer as one kernel call for decode steps, set only by an inference load on the fast
         # CPU kernels (``quant.fused``) where every part of the layer runs on them.
         self.decode_weights: kernels.DecodeLayerWeights | None = None
-        self.rope_in_fp32 = config.family == "qwen"
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         if self.decode_weights is not None and inputs.logn is None:
@@ -46,7 +45,7 @@ class DecoderLayer(nn.Module):
             pool = pool_of(self.self_attn.layer_idx) if pool_of is not None else None
             if pool is not None and x.shape[0] == 1:
                 cos, sin = inputs.cos[:, 0], inputs.sin[:, 0]
-                if not self.rope_in_fp32:
+                if not self.self_attn.rope_in_fp32:
                     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
                 y = kernels.decode_layer(x[0], self.decode_weights, *pool, cos, sin)
                 return y[None]
