@@ -50,7 +50,7 @@ def test_serve_bundled_model_answers_and_drains_on_sigterm(tmp_path):
         assert script.status_code == 200 and "javascript" in script.headers["content-type"]
         models = httpx.get(url + "/v1/models", headers=auth).json()
         assert models["data"][0]["id"] == "SmolLM2-135M-Instruct.Q4_1"
-        question = [{"role": "user", "content": "What is the capital of France?"}]
+        question = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
         r = httpx.post(
             url + "/v1/chat/completions",
             headers=auth,
