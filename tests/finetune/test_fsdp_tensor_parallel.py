@@ -157,11 +157,7 @@ def test_finetune_command_with_tensor_parallel_writes_the_one_process_checkpoint
     ],
 )
 def test_bad_split_of_the_model_is_refused_in_one_line(extra, message, tiny_chat_model, tmp_path, capsys):
-    argv = ["finetune", str(tiny_chat_model), str(chat_data(tmp_path / "d.jsonl")), str(tmp_path / "o")]
-    assert cli_main([*argv, *extra]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and message in err[0], err
-    assert not (tmp_path / "o").exists() and not work_dir(tmp_path / "o").exists()
+    assert_refused(tiny_chat_model, extra, message, tmp_path, capsys)
 
 
 @pytest.mark.parametrize(
@@ -173,11 +169,16 @@ def test_bad_split_of_the_model_is_refused_in_one_line(extra, message, tiny_chat
     ],
 )
 def test_bad_layout_is_refused_in_one_line(extra, message, chat_model_kv2, tmp_path, capsys):
-    argv = ["finetune", str(chat_model_kv2), str(chat_data(tmp_path / "d.jsonl")), str(tmp_path / "o")]
+    assert_refused(chat_model_kv2, extra, message, tmp_path, capsys)
+
+
+def assert_refused(model, extra, message, tmp_path, capsys) -> None:
+    """`qwenkit finetune MODEL DATA OUT *extra` exits 2 with one line holding ``message``, writing nothing."""
+    argv = ["finetune", str(model), str(chat_data(tmp_path / "d.jsonl")), str(tmp_path / "o")]
     assert cli_main([*argv, *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
-    assert not (tmp_path / "o").exists()
+    assert not (tmp_path / "o").exists() and not work_dir(tmp_path / "o").exists()
 
 
 def test_mixture_of_experts_is_refused():

@@ -145,15 +145,9 @@ def _linear_args(m: nn.Module) -> tuple[list[torch.Tensor], list[int]] | None:
     """(weight, scale, shift, bias) and (bits, group size, outputs, zero point, bias mode) of one linear
     as ``kernels.decode_layer`` reads them, or None when it does not run on qwenkit's kernels."""
     if type(m) is PackedBf16Linear:
-        bias = m.bias
-        mode = 0 if bias is None else 1  # the bf16 kernel adds it in fp32, before rounding
-        return [m.packed.weight, _ABSENT, _ABSENT, _ABSENT if bias is None else bias], [
-            16,
-            0,
-            m.out_features,
-            0,
-            mode,
-        ]
+        bias = _ABSENT if m.bias is None else m.bias
+        mode = 0 if m.bias is None else 1  # the bf16 kernel adds it in fp32, before rounding
+        return [m.packed.weight, _ABSENT, _ABSENT, bias], [16, 0, m.out_features, 0, mode]
     impl = getattr(m, "impl", None)
     if type(m) is not QuantizedLinear or type(impl) not in (Avx512Int8Kernel, Avx512Int4Kernel):
         return None

@@ -371,24 +371,23 @@ void int_run(const QuantizedRows& qr, const uint8_t* codes, const S* scale, cons
   });
 }
 
-template <int BITS>
-at::Tensor linear_int(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
-                      const c10::optional<at::Tensor>& shift, const c10::optional<at::Tensor>& bias,
-                      int64_t group_size, int64_t N, int64_t zero_point) {
-  const char* name = BITS == 8 ? "qwenkit linear_int8" : "qwenkit linear_int4";
+// The checks every integer-weight linear makes of its arguments (weights from prepare_int8/int4).
+void check_int_args(const char* name, int bits, const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                    const c10::optional<at::Tensor>& shift, const c10::optional<at::Tensor>& bias,
+                    int64_t group_size, int64_t N, int64_t zero_point) {
   TORCH_CHECK(x.device().is_cpu() && codes.device().is_cpu() && scale.device().is_cpu(), name,
               ": tensors must be on the CPU");
   TORCH_CHECK(x.dim() == 2, name, ": x must be (M, K), got ", x.sizes());
-  const int64_t K = x.size(1), M = x.size(0);
+  const int64_t K = x.size(1);
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat, name,
               ": x must be bfloat16 or float32, got ", x.scalar_type());
   TORCH_CHECK(group_size > 0 && group_size % 32 == 0 && K % group_size == 0, name,
               ": group_size must be a multiple of 32 that divides K=", K, ", got ", group_size);
   const int64_t tiles = (N + kTile - 1) / kTile, groups = K / group_size;
   TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.dim() == 2 &&
-                  codes.size(0) == tiles && codes.size(1) == K * kTile * BITS / 8,
-              name, ": codes must be contiguous uint8 (", tiles, ", ", K * kTile * BITS / 8,
-              ") from prepare_int", BITS, " for N=", N, " and K=", K, ", got ", codes.scalar_type(), " ",
+                  codes.size(0) == tiles && codes.size(1) == K * kTile * bits / 8,
+              name, ": codes must be contiguous uint8 (", tiles, ", ", K * kTile * bits / 8,
+              ") from prepare_int", bits, " for N=", N, " and K=", K, ", got ", codes.scalar_type(), " ",
               codes.sizes());
   TORCH_CHECK((scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kHalf) && scale.is_contiguous() &&
                   scale.dim() == 3 && scale.size(0) == tiles && scale.size(1) == groups && scale.size(2) == kTile,
@@ -398,9 +397,18 @@ at::Tensor linear_int(const at::Tensor& x, const at::Tensor& codes, const at::Te
     TORCH_CHECK(shift->scalar_type() == scale.scalar_type() && shift->is_contiguous() &&
                     shift->sizes() == scale.sizes(),
                 name, ": shift must be like scale, got ", shift->scalar_type(), " ", shift->sizes());
-  TORCH_CHECK(zero_point >= 0 && zero_point < (1 << BITS), name, ": zero_point must lie in 0..", (1 << BITS) - 1,
+  TORCH_CHECK(zero_point >= 0 && zero_point < (1 << bits), name, ": zero_point must lie in 0..", (1 << bits) - 1,
               ", got ", zero_point);
   check_bias(bias, N);
+}
+
+template <int BITS>
+at::Tensor linear_int(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                      const c10::optional<at::Tensor>& shift, const c10::optional<at::Tensor>& bias,
+                      int64_t group_size, int64_t N, int64_t zero_point) {
+  check_int_args(BITS == 8 ? "qwenkit linear_int8" : "qwenkit linear_int4", BITS, x, codes, scale, shift, bias,
+                 group_size, N, zero_point);
+  const int64_t M = x.size(0), K = x.size(1);
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
   at::Tensor xc = x.contiguous();
@@ -482,27 +490,8 @@ void int8_float_tile(const float* x, const float* xsum, int64_t K, const uint8_t
 at::Tensor linear_int8_float(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
                              const c10::optional<at::Tensor>& shift, const c10::optional<at::Tensor>& bias,
                              int64_t group_size, int64_t N, int64_t zero_point) {
-  const char* name = "qwenkit linear_int8_float";
-  TORCH_CHECK(x.device().is_cpu() && codes.device().is_cpu() && scale.device().is_cpu(), name,
-              ": tensors must be on the CPU");
-  TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat), name,
-              ": x must be (M, K) bfloat16 or float32, got ", x.scalar_type(), " ", x.sizes());
-  const int64_t M = x.size(0), K = x.size(1), tiles = (N + kTile - 1) / kTile;
-  TORCH_CHECK(group_size > 0 && group_size % 4 == 0 && K % group_size == 0, name,
-              ": group_size must be a multiple of 4 that divides K=", K, ", got ", group_size);
-  const int64_t groups = K / group_size;
-  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.dim() == 2 && codes.size(0) == tiles &&
-                  codes.size(1) == K * kTile,
-              name, ": codes must be contiguous uint8 (", tiles, ", ", K * kTile, ") from prepare_int8, got ",
-              codes.sizes());
-  TORCH_CHECK((scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kHalf) && scale.is_contiguous() &&
-                  scale.dim() == 3 && scale.size(0) == tiles && scale.size(1) == groups && scale.size(2) == kTile,
-              name, ": scale must be contiguous float32/float16 (", tiles, ", ", groups, ", 16), got ", scale.sizes());
-  if (shift.has_value())
-    TORCH_CHECK(shift->scalar_type() == scale.scalar_type() && shift->is_contiguous() && shift->sizes() == scale.sizes(),
-                name, ": shift must be like scale");
-  TORCH_CHECK(zero_point >= 0 && zero_point < 256, name, ": zero_point must lie in 0..255, got ", zero_point);
-  check_bias(bias, N);
+  check_int_args("qwenkit linear_int8_float", 8, x, codes, scale, shift, bias, group_size, N, zero_point);
+  const int64_t M = x.size(0), K = x.size(1), groups = K / group_size;
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
   const int64_t rows = padded_rows(M);
