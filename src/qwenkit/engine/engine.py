@@ -300,7 +300,8 @@ class Engine:
     def _sample(
         self, to_sample: list[tuple[Request, int]], logits: torch.Tensor, by_id: dict[RequestId, StepOutput]
     ) -> None:
-        raw = logits[[row for _, row in to_sample]]  # (R, V)
+        rows = [row for _, row in to_sample]
+        raw = logits if rows == list(range(logits.shape[0])) else logits[rows]  # (R, V), no copy if all
         finite = torch.isfinite(raw.sum(-1)).tolist()  # one pass: NaN and inf both survive a sum
         for (request, _), ok in zip(to_sample, finite, strict=True):
             if not ok:

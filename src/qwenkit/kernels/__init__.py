@@ -25,6 +25,7 @@ Imports only torch, the standard library and qwenkit.errors; model/ and quant/ m
     kernels.decode_layer(x, DecodeLayerWeights(...), k_pool, v_pool, slots, gather, pos, cos, sin)
         # a whole decoder layer for a decode step's rows, as the ops above in one call
     kernels.concat_bf16([p, ...]) / kernels.concat_int([p, ...])  # outputs stacked (fused projections)
+    kernels.argmax(logits)                        # float32 (M, V) -> (M,) int64, as torch.argmax(-1)
 
 The ops are torch ops (torch.ops.qwenkit.*), CPU only, meant for M <= 16 rows (they accept any M, in
 passes of 8 rows over each weight tile, but torch's GEMMs win for prefill).
@@ -39,6 +40,7 @@ from qwenkit.kernels.ops import (
     KernelsUnavailableError,
     PackedBf16,
     PackedInt,
+    argmax,
     available,
     concat_bf16,
     concat_int,
@@ -67,6 +69,7 @@ __all__ = [
     "KernelsUnavailableError",
     "PackedBf16",
     "PackedInt",
+    "argmax",
     "available",
     "concat_bf16",
     "concat_int",

@@ -383,6 +383,12 @@ def _check_concat(shapes: list[tuple[int, int]], what: str) -> None:
         raise KernelInputError(f"{what}: every part but the last needs a multiple of {TILE} outputs")
 
 
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """``x.argmax(-1)`` for float32 logits (M, V): the first index of each row's maximum (or first NaN),
+    vectorized and in parallel over chunks of the rows (torch's is one scalar pass per row)."""
+    return _op("argmax_rows")(x)
+
+
 # The small ops below are one pass of scalar-ish code: they beat torch's chain of kernels for the few rows
 # of a decode step, torch's vectorized kernels win on a prompt's hundreds (callers check this).
 SMALL_OP_ROWS = 16
