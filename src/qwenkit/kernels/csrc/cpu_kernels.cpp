@@ -1,12 +1,16 @@
 // qwenkit CPU kernels: matrix-vector products for batch-1..16 decode on AVX-512 (BF16 + VNNI) CPUs.
 //
 // Decode reads every weight once per token, so these kernels are written around one rule: each weight
-// byte comes from memory once per call, for all M activation rows (in passes over a cached tile), and the arithmetic on it is cheap enough to
-// keep up with memory. Threads split the output features N (at::parallel_for, torch's thread count).
+// byte comes from memory once per call, for all M activation rows (in passes of up to 8 rows over a
+// tile held in cache). At 1-4 rows the arithmetic keeps up with memory; from 8 rows it is the bound, and
+// each pass fetches the next tile while it computes, so memory keeps streaming. Threads split the
+// output features N (at::parallel_for, torch's thread count).
 //
 //   linear_bf16(x bf16 (M,K), w (tiles), bias?, N)                 -> (M,N) bf16   (_mm512_dpbf16_ps)
 //   linear_int8(x (M,K), codes, scale, shift?, bias?, group_size, N, zero_point)   (_mm512_dpbusd_epi32)
 //   linear_int4(x (M,K), codes, scale, shift?, bias?, group_size, N, zero_point)
+//   linear_int8_float(...): as linear_int8, x kept in floating point (output heads)
+//   argmax_rows(logits fp32 (M,V)) -> (M,) int64, as torch.argmax(-1) (greedy sampling)
 //   stream_read(t) -> int64: xor of every 64-byte line (a memory-bandwidth probe for the benchmark)
 //   rms_norm(x, weight, eps), silu_mul([gate | up]), rope_(x, cos, sin), decode_attention(q, k pool, v pool, gather, positions,
 //   scale): the decode step's small ops, one call each instead of several torch kernels
@@ -267,7 +271,7 @@ struct QuantizedRows {
 
 // Rows per task of the small row-wise ops: a few thousand values, so a 16-row step of a wide layer
 // splits across the threads while a small one stays on the calling thread (a fork costs about a us).
-inline int64_t row_grain(int64_t per_row, int64_t values = 8192) { return std::max<int64_t>(1, values / std::max<int64_t>(1, per_row)); }
+inline int64_t row_grain(int64_t per_row) { return std::max<int64_t>(1, 8192 / std::max<int64_t>(1, per_row)); }
 
 // The calling thread's buffers, kept between calls: a decode step quantizes four inputs per layer.
 QuantizedRows& thread_rows() {
@@ -283,7 +287,7 @@ void quantize_rows(const T* x, int64_t rows, int64_t padded_rows, int64_t K, int
   qr.pass = std::min<int64_t>(padded_rows, kMaxMT);
   qr.K = K;
   qr.groups = K / group_size;
-  const int64_t P = qr.pass;
+  const int64_t P = qr.pass, blocks_per_group = group_size / 32;
   auto fit = [](auto& v, int64_t n) { if (static_cast<int64_t>(v.size()) < n) v.resize(n); };
   fit(qr.q, padded_rows * K / 4);
   fit(qr.scale, padded_rows * blocks);
@@ -322,7 +326,7 @@ void quantize_rows(const T* x, int64_t rows, int64_t padded_rows, int64_t K, int
         const int32_t qsum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
         sm[b * P] = d;
         startm[b * P] = -static_cast<int32_t>(zero_point) * qsum;  // (c - z).q = c.q - z * sum(q)
-        gm[(b * 32) / group_size * P] += d * static_cast<float>(qsum);
+        gm[b / blocks_per_group * P] += d * static_cast<float>(qsum);
       }
     }
   });
@@ -742,7 +746,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(wc.data_ptr<at::BFloat16>());
   uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
   auto bf = [](uint16_t v) { uint32_t u = uint32_t(v) << 16; float f; std::memcpy(&f, &u, 4); return f; };
-  at::parallel_for(0, M, row_grain(K, 16384), [&](int64_t m0, int64_t m1) {
+  at::parallel_for(0, M, row_grain(K), [&](int64_t m0, int64_t m1) {
   for (int64_t m = m0; m < m1; ++m) {
     const uint16_t* xr = xp + m * K;
     // the sum of squares in double: a bf16 square is exact there, and the mean does not depend on
