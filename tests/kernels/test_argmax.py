@@ -57,3 +57,16 @@ def test_strided_input_and_bad_input() -> None:
         kernels.argmax(x.bfloat16())
     with pytest.raises(RuntimeError, match="empty"):
         kernels.argmax(torch.zeros(2, 0))
+
+
+def test_the_sampler_takes_greedy_tokens_from_the_kernel(monkeypatch) -> None:
+    from qwenkit.engine import sampler
+
+    calls = []
+    real = kernels.argmax
+    monkeypatch.setattr(kernels, "argmax", lambda x: calls.append(x.shape) or real(x))
+    x = torch.randn(16, 49152)
+    x[3, [10, 20]] = 50.0  # a tie: the first index, as torch
+    assert torch.equal(sampler.greedy(x), x.argmax(-1)) and calls == [(16, 49152)]
+    # other dtypes (and devices) keep torch's argmax
+    assert torch.equal(sampler.greedy(x.double()), x.double().argmax(-1)) and len(calls) == 1
