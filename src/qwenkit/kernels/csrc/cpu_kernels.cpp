@@ -305,6 +305,7 @@ void quantize_rows(const T* x, int64_t rows, int64_t padded_rows, int64_t K, int
       float* sm = qr.scale.data() + qr.at(m, 0, blocks);
       int32_t* startm = qr.start.data() + qr.at(m, 0, blocks);
       float* gm = qr.gsum.data() + qr.at(m, 0, qr.groups);
+      int64_t g = 0, in_group = 0;  // block b's weight group, counted rather than divided
       for (int64_t b = 0; b < blocks; ++b) {
         const T* p = x + m * K + b * 32;
         __m512 v0, v1;
@@ -326,7 +327,8 @@ void quantize_rows(const T* x, int64_t rows, int64_t padded_rows, int64_t K, int
         const int32_t qsum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
         sm[b * P] = d;
         startm[b * P] = -static_cast<int32_t>(zero_point) * qsum;  // (c - z).q = c.q - z * sum(q)
-        gm[b / blocks_per_group * P] += d * static_cast<float>(qsum);
+        gm[g * P] += d * static_cast<float>(qsum);
+        if (++in_group == blocks_per_group) in_group = 0, ++g;
       }
     }
   });
