@@ -44,9 +44,8 @@ class DecoderLayer(nn.Module):
             pool_of = getattr(inputs.cache, "decode_pool", None)
             pool = pool_of(self.self_attn.layer_idx) if pool_of is not None else None
             if pool is not None and x.shape[0] == 1:
+                # cos/sin are already in the dtype RoPE runs in (Transformer.forward casts them once)
                 cos, sin = inputs.cos[:, 0], inputs.sin[:, 0]
-                if not self.self_attn.rope_in_fp32:
-                    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
                 y = kernels.decode_layer(x[0], self.decode_weights, *pool, cos, sin)
                 return y[None]
         x = x + self.self_attn(self.input_layernorm(x), inputs)

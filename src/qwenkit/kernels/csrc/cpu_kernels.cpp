@@ -68,10 +68,6 @@ inline void prefetch_lines(const uint8_t* p) {
   for (int64_t l = 0; l < BYTES; l += 64) _mm_prefetch(reinterpret_cast<const char*>(p + l), _MM_HINT_T1);
 }
 
-inline const uint8_t* next_tile(const uint8_t* tile, int64_t tile_bytes, int64_t t, int64_t N, int64_t rows) {
-  return rows >= 8 && t + 1 < (N + 15) / 16 ? tile + tile_bytes : nullptr;
-}
-
 inline __m512 load_bf16_as_f32(const uint16_t* p) {
   __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
@@ -112,6 +108,12 @@ inline int64_t tile_rows(int64_t m) { return m <= 1 ? 1 : m <= 2 ? 2 : m <= 4 ? 
 
 constexpr int kTile = 16;   // output rows per tile (every packed layout)
 constexpr int kMaxMT = 8;   // activation rows per pass over a tile
+
+// The tile after tile t for a pass of `rows` rows to prefetch (prefetch_lines), or nullptr: only full
+// passes are compute bound, and the last tile has no next.
+inline const uint8_t* next_tile(const uint8_t* tile, int64_t tile_bytes, int64_t t, int64_t N, int64_t rows) {
+  return rows >= kMaxMT && t + 1 < (N + kTile - 1) / kTile ? tile + tile_bytes : nullptr;
+}
 
 inline __m512i bcast_pair(const uint16_t* p) {
   int32_t v;
