@@ -8,8 +8,13 @@ engine the CLI and the server use, 16-token prompts, prefill excluded. Models: t
 ones ``bench_vs_llamacpp.py`` builds, made here when missing) in bfloat16 and with ``--quantize int8`` /
 ``int4``.
 
+The peer: with ``--llama-bin DIR`` (the directory holding llama.cpp's ``llama-batched-bench``, which
+``bench_vs_llamacpp.py`` builds beside libllama), each round also runs llama.cpp on the same model at the
+same bits (the bundled GGUF itself; the shapes' f16 / q8_0 / q4_0 GGUFs from ``bench_vs_llamacpp.py``),
+batch 1 and batch 16 in one process, the same 16-token prompts and new tokens, its S_TG (decode only).
+
     .venv/bin/python benchmarks/bench_batch_scaling.py [--models bundled,0.5b,1.5b]
-        [--precisions bf16,int8,int4] [--tokens 64] [--rounds 3] [--batch 16]
+        [--precisions bf16,int8,int4] [--tokens 64] [--rounds 3] [--batch 16] [--llama-bin DIR]
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import argparse
 import gc
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
@@ -28,21 +34,42 @@ from qwenkit.checkpoint import load_model
 from qwenkit.default_model import default_model_path
 
 QUANTIZE = {"bf16": None, "int8": "int8", "int4": "int4"}
+LLAMA_FTYPE = {"bf16": "f16", "int8": "q8_0", "int4": "q4_0"}  # llama.cpp's file at the same bits
+PROMPT = 16  # tokens per request, as decode_rate's default
 
 
-def runs(models: list[str], precisions: list[str], work: Path) -> list[tuple[str, Path, str | None]]:
-    """(label, checkpoint, --quantize) for every model and precision asked for."""
+def runs(models: list[str], precisions: list[str], work: Path) -> list[tuple[str, Path, str | None, Path]]:
+    """(label, checkpoint, --quantize, llama.cpp's GGUF at the same bits) for every model and precision."""
     out = []
     for model in models:
         if model == "bundled":
-            out.append(("SmolLM2-135M Q4_1 (bundled)", default_model_path(), None))
+            out.append(("SmolLM2-135M Q4_1 (bundled)", default_model_path(), None, default_model_path()))
             continue
         path = work / f"qwen2.5-{model}-random"
         if not path.exists():
             print(f"building the random Qwen2.5-{model.upper()} checkpoint at {path} ...", flush=True)
             write_anchor(path, SHAPES[model])
-        out += [(f"Qwen2.5-{model.upper()} {p}", path, QUANTIZE[p]) for p in precisions]
+        out += [
+            (f"Qwen2.5-{model.upper()} {p}", path, QUANTIZE[p], work / f"{path.name}-{LLAMA_FTYPE[p]}.gguf")
+            for p in precisions
+        ]
     return out
+
+
+def llama_rates(bench: Path, gguf: Path, batch: int, tokens: int, threads: int) -> tuple[float, float]:
+    """llama.cpp's aggregate decode tokens/s (S_TG of llama-batched-bench) at batch 1 and ``batch``."""
+    cmd = [str(bench), "-m", str(gguf), "-c", str(batch * (PROMPT + tokens) + 64), "-b", "512", "-ub", "512"]
+    cmd += ["-npp", str(PROMPT), "-ntg", str(tokens), "-npl", f"1,{batch}", "-t", str(threads)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    rates = {}
+    for line in done.stdout.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 8 and cells[2].isdigit():  # PP, TG, B, N_KV, T_PP, S_PP, T_TG, S_TG, ...
+            rates[int(cells[2])] = float(cells[7])
+    if done.returncode != 0 or set(rates) != {1, batch}:
+        tail = done.stderr[-2000:]
+        raise SystemExit(f"llama-batched-bench failed on {gguf} (exit {done.returncode}):\n{tail}")
+    return rates[1], rates[batch]
 
 
 def main() -> None:
@@ -53,6 +80,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache/qwenkit/bench_vs_llamacpp")
+    ap.add_argument("--llama-bin", type=Path, help="directory with llama.cpp's llama-batched-bench")
     args = ap.parse_args()
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
@@ -63,23 +91,46 @@ def main() -> None:
         if p not in QUANTIZE:
             ap.error(f"unknown precision {p!r}: choose from {', '.join(QUANTIZE)}")
 
+    bench = None
+    if args.llama_bin is not None:
+        bench = args.llama_bin / "llama-batched-bench"
+        if not bench.exists():
+            ap.error(f"no llama-batched-bench in {args.llama_bin} (bench_vs_llamacpp.py builds it)")
+    plan = runs(models, precisions, args.work)
+    missing = [str(gguf) for *_, gguf in plan if bench is not None and not gguf.exists()]
+    if missing:
+        ap.error("llama.cpp's GGUFs are missing (bench_vs_llamacpp.py converts them): " + ", ".join(missing))
+    threads = torch.get_num_threads()
     print(
-        f"{torch.get_num_threads()} threads, {args.tokens} new tokens per request after a 16-token prompt, "
+        f"{threads} threads, {args.tokens} new tokens per request after a {PROMPT}-token prompt, "
         f"batch 1 and batch {args.batch} alternating, median of {args.rounds} rounds "
         f"({time.strftime('%Y-%m-%d %H:%M')})\n"
     )
-    print(f"| model | batch 1 tok/s | batch {args.batch} tok/s | ratio | per-round ratios |")
-    print("|---|---:|---:|---:|---|")
-    for label, path, quantize in runs(models, precisions, args.work):
+    head = f"| model | batch 1 tok/s | batch {args.batch} tok/s | ratio | per-round ratios |"
+    rule = "|---|---:|---:|---:|---|"
+    if bench is not None:
+        head += f" llama.cpp | batch 1 | batch {args.batch} | ratio | qwenkit / llama.cpp at {args.batch} |"
+        rule += "---|---:|---:|---:|---:|"
+    print(head + "\n" + rule)
+    for label, path, quantize, gguf in plan:
         model, _ = load_model(path, dtype="bfloat16", quantize=quantize, progress=False, fast_kernels=True)
         decode_rate(model, args.batch, 4)  # warm-up: kernels, pools, the first allocations
-        one, many = [], []
+        one, many, peer_one, peer_many = [], [], [], []
         for _ in range(args.rounds):
             one.append(decode_rate(model, 1, args.tokens))
             many.append(decode_rate(model, args.batch, args.tokens))
+            if bench is not None:
+                a, b = llama_rates(bench, gguf, args.batch, args.tokens, threads)
+                peer_one.append(a)
+                peer_many.append(b)
         ratios = ", ".join(f"{b / a:.2f}" for a, b in zip(one, many, strict=True))
         a, b = statistics.median(one), statistics.median(many)
-        print(f"| {label} | {a:.1f} | {b:.1f} | **{b / a:.2f}** | {ratios} |", flush=True)
+        row = f"| {label} | {a:.1f} | {b:.1f} | **{b / a:.2f}** | {ratios} |"
+        if bench is not None:
+            pa, pb = statistics.median(peer_one), statistics.median(peer_many)
+            ftype = "Q4_1/Q8_0" if gguf == path else gguf.stem.rsplit("-", 1)[1]
+            row += f" {ftype} | {pa:.1f} | {pb:.1f} | {pb / pa:.2f} | {b / pb:.2f} |"
+        print(row, flush=True)
         del model
         gc.collect()
 

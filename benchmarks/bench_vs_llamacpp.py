@@ -190,9 +190,11 @@ def build_llama(work: Path) -> tuple[Path, Path]:
         ],
         check=True,
     )
-    subprocess.run(
-        ["cmake", "--build", str(build), "--target", "llama", "-j", str(os.cpu_count())], check=True
-    )
+    # libllama for llama-cpp-python; llama-batched-bench for bench_batch_scaling.py's peer column
+    for target in ("llama", "llama-batched-bench"):
+        subprocess.run(
+            ["cmake", "--build", str(build), "--target", target, "-j", str(os.cpu_count())], check=True
+        )
     return src, build / "bin"
 
 

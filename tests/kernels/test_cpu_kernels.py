@@ -120,6 +120,34 @@ def test_linear_int_longest_k(loaded, bits):
 
 @needs_isa
 @pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("m", [2, 5])
+def test_linear_int_few_rows_long_k(loaded, bits, m):
+    # one pass of rows whose activations are quantized in several runs of groups, across both threads
+    check_int_linear(bits, 256, 8960, 32, m, torch.bfloat16, "shift")
+
+
+@needs_isa
+@pytest.mark.parametrize("bits", [8, 4])
+def test_linear_int_is_the_same_on_one_or_two_threads(loaded, bits):
+    g = torch.Generator().manual_seed(bits)
+    codes, scale, shift, zero, _ = make_int_weights(bits, 512, 4608, 128, "both", g)
+    prepare = kernels.prepare_int8 if bits == 8 else kernels.prepare_int4
+    p = prepare(codes, scale, shift, 128, zero_point=zero)
+    linear = kernels.linear_int8 if bits == 8 else kernels.linear_int4
+    threads = torch.get_num_threads()
+    try:
+        for m in (1, 3, 8, 16):
+            x = torch.randn(m, 4608, generator=g).bfloat16()
+            torch.set_num_threads(1)
+            one = linear(x, p)
+            torch.set_num_threads(2)
+            assert torch.equal(linear(x, p), one), m
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_isa
+@pytest.mark.parametrize("bits", [8, 4])
 def test_linear_int_many_rows(loaded, bits):
     check_int_linear(bits, 131, 96, 32, 20, torch.float32, "both")  # passes of 8, 8 and 4 (padded)
 
