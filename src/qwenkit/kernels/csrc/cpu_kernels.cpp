@@ -121,8 +121,41 @@ inline __m512i bcast_pair(const uint16_t* p) {
   return _mm512_set1_epi32(v);
 }
 
+// Where the tile passes put their results: y (rows, N), bf16 or fp32, contiguous, with the bias (fp32)
+// added before the rounding to y's dtype. Each pass stores its rows' 16 outputs straight from its
+// registers, and the zero rows that pad a pass are dropped here (a separate pass over an fp32 buffer
+// cost 1-4 us a call at 16 rows, most of it reading back what the other thread had written).
+class Output {
+ public:
+  Output(at::Tensor& y, const c10::optional<at::Tensor>& bias)
+      : bias_(bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor()),
+        b_(bias_.defined() ? bias_.data_ptr<float>() : nullptr),
+        bf16_(y.scalar_type() == at::kBFloat16),
+        y_(y.data_ptr()),
+        rows_(y.size(0)),
+        N_(y.size(1)) {}
+
+  // Outputs n0 .. n0 + 15 (those below N) of row m, if m is a real row.
+  void store(int64_t m, int64_t n0, __m512 v) const {
+    if (m >= rows_) return;
+    const __mmask16 mk = tail_mask16(N_ - n0);
+    if (b_ != nullptr) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, b_ + n0));
+    if (bf16_)
+      _mm256_mask_storeu_epi16(static_cast<uint16_t*>(y_) + m * N_ + n0, mk, (__m256i)_mm512_cvtneps_pbh(v));
+    else
+      _mm512_mask_storeu_ps(static_cast<float*>(y_) + m * N_ + n0, mk, v);
+  }
+
+ private:
+  at::Tensor bias_;  // kept alive for b_
+  const float* b_;
+  bool bf16_;
+  void* y_;
+  int64_t rows_, N_;
+};
+
 template <int MT>
-void bf16_tile(const uint16_t* x, int64_t kp, const uint16_t* tile, float* out, int64_t N, int64_t n0,
+void bf16_tile(const uint16_t* x, int64_t kp, const uint16_t* tile, const Output& out, int64_t m0, int64_t n0,
                const uint8_t* next) {
   __m512 a0[MT], a1[MT];  // two chains per row to hide the dot product's latency
 #pragma GCC unroll 8
@@ -145,57 +178,13 @@ void bf16_tile(const uint16_t* x, int64_t kp, const uint16_t* tile, float* out, 
     const __m512bh w0 = (__m512bh)_mm512_loadu_si512(tile + j * 32);
     for (int m = 0; m < MT; ++m) a0[m] = _mm512_dpbf16_ps(a0[m], (__m512bh)bcast_pair(x + m * kp + 2 * j), w0);
   }
-  const __mmask16 mk = tail_mask16(N - n0);
-  for (int m = 0; m < MT; ++m) _mm512_mask_storeu_ps(out + m * N + n0, mk, _mm512_add_ps(a0[m], a1[m]));
+  for (int m = 0; m < MT; ++m) out.store(m0 + m, n0, _mm512_add_ps(a0[m], a1[m]));
 }
 
 void check_bias(const c10::optional<at::Tensor>& bias, int64_t n) {
   if (!bias.has_value()) return;
   TORCH_CHECK(bias->device().is_cpu() && bias->dim() == 1 && bias->size(0) == n,
               "qwenkit kernels: bias must be a CPU vector of ", n, " values, got shape ", bias->sizes());
-}
-
-// The fp32 results of every (padded) row and output, filled by the tiles (each tile pass writes its rows
-// and outputs, so nothing is zeroed). The storage is the calling thread's, kept between calls: a fresh
-// 3 MB buffer for a head's 49k outputs at 16 rows cost page faults on every call.
-class Accumulator {
- public:
-  explicit Accumulator(int64_t n) {
-    thread_local std::vector<float> storage;
-    if (static_cast<int64_t>(storage.size()) < n) storage.resize(n);
-    data_ = storage.data();
-  }
-  float* get() const { return data_; }
-
- private:
-  float* data_;
-};
-
-// acc (Mp, N) fp32 -> y (M, N) in y's dtype, adding the bias; 16 outputs at a time, in parallel over
-// blocks of outputs (a head's 152k outputs per row would otherwise be a serial tail of the call).
-void finish(const Accumulator& acc, int64_t M, int64_t N, const c10::optional<at::Tensor>& bias, at::Tensor& y) {
-  at::Tensor bf;
-  if (bias.has_value()) bf = bias->to(at::kFloat).contiguous();
-  const float* b = bias.has_value() ? bf.data_ptr<float>() : nullptr;
-  const bool to_bf16 = y.scalar_type() == at::kBFloat16;
-  uint16_t* ob = to_bf16 ? reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()) : nullptr;
-  float* of = to_bf16 ? nullptr : y.data_ptr<float>();
-  const int64_t blocks = (N + 1023) / 1024;
-  at::parallel_for(0, M * blocks, 32, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t m = i / blocks, n0 = (i % blocks) * 1024, n1 = std::min(N, n0 + 1024);
-      const float* a = acc.get() + m * N;
-      for (int64_t n = n0; n < n1; n += 16) {
-        const __mmask16 mk = tail_mask16(n1 - n);
-        __m512 v = _mm512_maskz_loadu_ps(mk, a + n);
-        if (b != nullptr) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, b + n));
-        if (to_bf16)
-          _mm256_mask_storeu_epi16(ob + m * N + n, mk, (__m256i)_mm512_cvtneps_pbh(v));
-        else
-          _mm512_mask_storeu_ps(of + m * N + n, mk, v);
-      }
-    }
-  });
 }
 
 // Rows padded to a whole number of passes (1, 2, 4, or multiples of 8), the padding all zeros.
@@ -231,21 +220,19 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, const c10::opti
   std::vector<uint16_t> xs(rows * kp, 0);  // rows and K padded with zeros
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
   for (int64_t m = 0; m < M; ++m) std::memcpy(xs.data() + m * kp, xp + m * K, K * 2);
-  Accumulator acc(rows * N);
+  const Output out(y, bias);
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
   parallel_tiles(N, rows, kp * kTile * 2, [&](int64_t t, int64_t m0, int64_t mt) {
     const uint16_t* tile = wp + t * kp * kTile;
     const uint16_t* xm = xs.data() + m0 * kp;
-    float* o = acc.get() + m0 * N;
     const uint8_t* next = next_tile(reinterpret_cast<const uint8_t*>(tile), kp * kTile * 2, t, N, rows);
     switch (mt) {
-      case 1: bf16_tile<1>(xm, kp, tile, o, N, t * kTile, next); break;
-      case 2: bf16_tile<2>(xm, kp, tile, o, N, t * kTile, next); break;
-      case 4: bf16_tile<4>(xm, kp, tile, o, N, t * kTile, next); break;
-      default: bf16_tile<8>(xm, kp, tile, o, N, t * kTile, next); break;
+      case 1: bf16_tile<1>(xm, kp, tile, out, m0, t * kTile, next); break;
+      case 2: bf16_tile<2>(xm, kp, tile, out, m0, t * kTile, next); break;
+      case 4: bf16_tile<4>(xm, kp, tile, out, m0, t * kTile, next); break;
+      default: bf16_tile<8>(xm, kp, tile, out, m0, t * kTile, next); break;
     }
   });
-  finish(acc, M, N, bias, y);
   return y;
 }
 
@@ -362,11 +349,11 @@ inline __m512i dpbusd_bcast(__m512i acc, __m512i w, const int32_t* p) {
   return acc;
 }
 
-// One tile of 16 rows against the MT activation rows of pass `p` (rows p * MT ..), written to
-// out[m * N + row].
+// One tile of 16 outputs (from n0) against the MT activation rows of pass `p` (rows m0 = p * MT ..),
+// stored to out.
 template <int BITS, typename S, int MT>
 void int_tile(const QuantizedRows& qr, int64_t p, const uint8_t* tile, const S* tscale, const S* tshift,
-              int64_t group_size, float* out, int64_t N, int64_t n0, const uint8_t* next) {
+              int64_t group_size, const Output& out, int64_t m0, int64_t n0, const uint8_t* next) {
   const int64_t K = qr.K, blocks = K / 32, groups = qr.groups, blocks_per_group = group_size / 32;
   constexpr int64_t kBlockBytes = BITS == 8 ? 512 : 256;  // 16 rows x 32 inputs
   const int32_t* xq = qr.q.data() + p * (K / 4) * MT;
@@ -424,26 +411,24 @@ void int_tile(const QuantizedRows& qr, int64_t p, const uint8_t* tile, const S* 
 #pragma GCC unroll 8
     for (int m = 0; m < MT; ++m) facc[m] = _mm512_fmadd_ps(gacc[m], sv, facc[m]);
   }
-  const __mmask16 mk = tail_mask16(N - n0);
-  for (int m = 0; m < MT; ++m) _mm512_mask_storeu_ps(out + m * N + n0, mk, facc[m]);
+  for (int m = 0; m < MT; ++m) out.store(m0 + m, n0, facc[m]);
 }
 
 template <int BITS, typename S>
 void int_run(const QuantizedRows& qr, const uint8_t* codes, const S* scale, const S* shift, int64_t N,
-             int64_t group_size, float* out) {
+             int64_t group_size, const Output& out) {
   const int64_t groups = qr.groups, tile_bytes = qr.K * kTile * BITS / 8;
   parallel_tiles(N, qr.rows, tile_bytes, [&](int64_t t, int64_t m0, int64_t mt) {
     const uint8_t* tile = codes + t * tile_bytes;
     const S* ts = scale + t * groups * kTile;
     const S* th = shift == nullptr ? nullptr : shift + t * groups * kTile;
-    float* o = out + m0 * N;
     const int64_t p = m0 / qr.pass;
     const uint8_t* next = next_tile(tile, tile_bytes, t, N, qr.rows);
     switch (mt) {
-      case 1: int_tile<BITS, S, 1>(qr, p, tile, ts, th, group_size, o, N, t * kTile, next); break;
-      case 2: int_tile<BITS, S, 2>(qr, p, tile, ts, th, group_size, o, N, t * kTile, next); break;
-      case 4: int_tile<BITS, S, 4>(qr, p, tile, ts, th, group_size, o, N, t * kTile, next); break;
-      default: int_tile<BITS, S, 8>(qr, p, tile, ts, th, group_size, o, N, t * kTile, next); break;
+      case 1: int_tile<BITS, S, 1>(qr, p, tile, ts, th, group_size, out, m0, t * kTile, next); break;
+      case 2: int_tile<BITS, S, 2>(qr, p, tile, ts, th, group_size, out, m0, t * kTile, next); break;
+      case 4: int_tile<BITS, S, 4>(qr, p, tile, ts, th, group_size, out, m0, t * kTile, next); break;
+      default: int_tile<BITS, S, 8>(qr, p, tile, ts, th, group_size, out, m0, t * kTile, next); break;
     }
   });
 }
@@ -495,15 +480,14 @@ at::Tensor linear_int(const at::Tensor& x, const at::Tensor& codes, const at::Te
     quantize_rows(xc.data_ptr<float>(), M, padded, K, group_size, zero_point, qr);
   else
     quantize_rows(xc.data_ptr<at::BFloat16>(), M, padded, K, group_size, zero_point, qr);
-  Accumulator acc(padded * N);
+  const Output out(y, bias);
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   if (scale.scalar_type() == at::kFloat)
     int_run<BITS, float>(qr, cp, scale.data_ptr<float>(), shift.has_value() ? shift->data_ptr<float>() : nullptr, N,
-                         group_size, acc.get());
+                         group_size, out);
   else
     int_run<BITS, at::Half>(qr, cp, scale.data_ptr<at::Half>(),
-                            shift.has_value() ? shift->data_ptr<at::Half>() : nullptr, N, group_size, acc.get());
-  finish(acc, M, N, bias, y);
+                            shift.has_value() ? shift->data_ptr<at::Half>() : nullptr, N, group_size, out);
   return y;
 }
 
@@ -545,8 +529,8 @@ inline __m512bh code_pairs(__m512i v) {
 // instructions; the products are exact either way.
 template <typename S, int MT, typename X>
 void int8_float_tile(const X* x, const float* xsum, int64_t K, const uint8_t* tile, const S* tscale,
-                     const S* tshift, int64_t group_size, int64_t zero_point, float* out, int64_t N, int64_t n0,
-                     const uint8_t* next) {
+                     const S* tshift, int64_t group_size, int64_t zero_point, const Output& out, int64_t m0,
+                     int64_t n0, const uint8_t* next) {
   const int64_t groups = K / group_size;
   const __m512i low_byte = _mm512_set1_epi32(0xff);
   __m512 y[MT];
@@ -587,8 +571,7 @@ void int8_float_tile(const X* x, const float* xsum, int64_t K, const uint8_t* ti
       if (tshift != nullptr) y[m] = _mm512_fmadd_ps(sh, xs, y[m]);
     }
   }
-  const __mmask16 mk = tail_mask16(N - n0);
-  for (int m = 0; m < MT; ++m) _mm512_mask_storeu_ps(out + m * N + n0, mk, y[m]);
+  for (int m = 0; m < MT; ++m) out.store(m0 + m, n0, y[m]);
 }
 
 at::Tensor linear_int8_float(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
@@ -605,8 +588,9 @@ at::Tensor linear_int8_float(const at::Tensor& x, const at::Tensor& codes, const
   const float* xfp = xf.data_ptr<float>();
   std::vector<float> xsum(rows * groups, 0.f);
   for (int64_t m = 0; m < rows; ++m)
-    for (int64_t k = 0; k < K; ++k) xsum[m * groups + k / group_size] += xfp[m * K + k];
-  Accumulator acc(rows * N);
+    for (int64_t g = 0; g < groups; ++g)
+      for (int64_t k = g * group_size; k < (g + 1) * group_size; ++k) xsum[m * groups + g] += xfp[m * K + k];
+  const Output out(y, bias);
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   auto run = [&](auto* xp, auto* sp, auto* hp) {
     using X = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
@@ -617,15 +601,13 @@ at::Tensor linear_int8_float(const at::Tensor& x, const at::Tensor& codes, const
       const S* th = hp == nullptr ? nullptr : hp + t * groups * kTile;
       const X* xm = xp + m0 * K;
       const float* xs = xsum.data() + m0 * groups;
-      float* o = acc.get() + m0 * N;
       const uint8_t* next = next_tile(tile, K * kTile, t, N, rows);
+      const int64_t n0 = t * kTile;
       switch (mt) {
-        case 1: int8_float_tile<S, 1>(xm, xs, K, tile, ts, th, group_size, zero_point, o, N, t * kTile, next); break;
-        case 2: int8_float_tile<S, 2>(xm, xs, K, tile, ts, th, group_size, zero_point, o, N, t * kTile, next); break;
-        case 4: int8_float_tile<S, 4>(xm, xs, K, tile, ts, th, group_size, zero_point, o, N, t * kTile, next); break;
-        default:
-          int8_float_tile<S, 8>(xm, xs, K, tile, ts, th, group_size, zero_point, o, N, t * kTile, next);
-          break;
+        case 1: int8_float_tile<S, 1>(xm, xs, K, tile, ts, th, group_size, zero_point, out, m0, n0, next); break;
+        case 2: int8_float_tile<S, 2>(xm, xs, K, tile, ts, th, group_size, zero_point, out, m0, n0, next); break;
+        case 4: int8_float_tile<S, 4>(xm, xs, K, tile, ts, th, group_size, zero_point, out, m0, n0, next); break;
+        default: int8_float_tile<S, 8>(xm, xs, K, tile, ts, th, group_size, zero_point, out, m0, n0, next); break;
       }
     });
   };
@@ -639,7 +621,6 @@ at::Tensor linear_int8_float(const at::Tensor& x, const at::Tensor& codes, const
     with_x(scale.data_ptr<float>(), shift.has_value() ? shift->data_ptr<float>() : nullptr);
   else
     with_x(scale.data_ptr<at::Half>(), shift.has_value() ? shift->data_ptr<at::Half>() : nullptr);
-  finish(acc, M, N, bias, y);
   return y;
 }
 
