@@ -185,6 +185,9 @@ def check_int_linear(bits, n, k, group, m, act_dtype, mode):
     assert torch.equal(kernels.dequantize(p, torch.float64), w)
     rows = torch.tensor([0, n - 1, n // 2])
     assert torch.equal(kernels.dequantize(p, rows=rows), kernels.dequantize(p)[rows])
+    # the kernel's row gather (embedding lookups in a packed head) is the reference bit for bit
+    assert torch.equal(kernels.dequantize_rows(p, rows), kernels.dequantize(p, rows=rows))
+    assert kernels.dequantize_rows(p, rows[:0]).shape == (0, k)
     torch.testing.assert_close(kernels.dequantize(p), w.float(), rtol=1e-6, atol=1e-7)
 
     x = torch.randn(m, k, generator=g).to(act_dtype)
@@ -218,6 +221,8 @@ def test_float16_scales_are_picked_only_when_exact(loaded):
     w = kernels.dequantize(p)
     exact = quantize_activations(x) @ w.T
     torch.testing.assert_close(kernels.linear_int4(x, p), exact, rtol=1e-5, atol=1e-5)
+    rows = torch.tensor([63, 0, 17, 17])
+    assert torch.equal(kernels.dequantize_rows(p, rows), w[rows])  # float16 tables too
 
 
 @needs_isa
@@ -246,6 +251,12 @@ def test_bad_inputs_are_named(loaded):
         torch.ops.qwenkit.linear_int4(x, p.codes, p.scale[:, :1], None, None, 32, 8, 0)
     with pytest.raises(RuntimeError, match="bias must be a CPU vector of 8 values"):
         kernels.linear_int4(x, p, torch.ones(9))
+    with pytest.raises(RuntimeError, match=r"row 8 outside 0..7"):
+        kernels.dequantize_rows(p, torch.tensor([0, 8]))
+    with pytest.raises(RuntimeError, match="row -1 outside"):
+        kernels.dequantize_rows(p, torch.tensor([-1]))
+    with pytest.raises(RuntimeError, match="ids must be 1-D int64"):
+        kernels.dequantize_rows(p, torch.tensor([0.0]))
 
 
 # --- build cache and fallback --------------------------------------------------------------------

@@ -338,6 +338,14 @@ def dequantize(
     return w.to(dtype)
 
 
+def dequantize_rows(p: PackedInt, rows: torch.Tensor) -> torch.Tensor:
+    """``dequantize(p, torch.float32, rows)`` bit for bit, in one kernel call reading only those rows'
+    bytes: an embedding lookup in packed weights (a tied, quantized head)."""
+    return _op("dequantize_rows")(
+        p.codes, p.scale, p.shift, rows, p.bits, p.group_size, p.in_features, p.out_features, p.zero_point
+    )
+
+
 def concat_bf16(parts: list[PackedBf16]) -> PackedBf16:
     """One PackedBf16 whose outputs are those of ``parts`` in order (q/k/v or gate/up fused at load).
 

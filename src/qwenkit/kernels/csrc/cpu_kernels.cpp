@@ -11,6 +11,8 @@
 //   linear_int4(x (M,K), codes, scale, shift?, bias?, group_size, N, zero_point)
 //   linear_int8_float(...): as linear_int8, x kept in floating point (output heads)
 //   argmax_rows(logits fp32 (M,V)) -> (M,) int64, as torch.argmax(-1) (greedy sampling)
+//   dequantize_rows(codes, scale, shift?, ids, bits, group_size, K, N, zero_point) -> (len(ids), K) fp32:
+//   rows of packed integer weights (an embedding lookup in a packed, tied head)
 //   stream_read(t) -> int64: xor of every 64-byte line (a memory-bandwidth probe for the benchmark)
 //   rms_norm(x, weight, eps), silu_mul([gate | up]), rope_(x, cos, sin), decode_attention(q, k pool, v pool, gather, positions,
 //   scale): the decode step's small ops, one call each instead of several torch kernels
@@ -622,6 +624,73 @@ at::Tensor linear_int8_float(const at::Tensor& x, const at::Tensor& codes, const
   else
     with_x(scale.data_ptr<at::Half>(), shift.has_value() ? shift->data_ptr<at::Half>() : nullptr);
   return y;
+}
+
+// Rows `ids` of packed integer weights as fp32, each value (code - zero_point) * scale, then + shift,
+// rounded in that order as the reference (kernels.dequantize) does. For an embedding that shares a
+// packed head's weights: a decode step looks up one row per sequence (torch's ten steps of unpacking
+// took 80 us for one row of the bundled model's head).
+at::Tensor dequantize_rows(const at::Tensor& codes, const at::Tensor& scale, const c10::optional<at::Tensor>& shift,
+                           const at::Tensor& ids, int64_t bits, int64_t group_size, int64_t K, int64_t N,
+                           int64_t zero_point) {
+  TORCH_CHECK(bits == 8 || bits == 4, "qwenkit dequantize_rows: bits must be 8 or 4, got ", bits);
+  TORCH_CHECK(group_size > 0 && K > 0 && K % group_size == 0 && K % 8 == 0 && N > 0,
+              "qwenkit dequantize_rows: K=", K, " must be a positive multiple of 8 and of group_size=", group_size);
+  const int64_t tiles = (N + kTile - 1) / kTile, groups = K / group_size, tile_bytes = K * kTile * bits / 8;
+  TORCH_CHECK(codes.device().is_cpu() && codes.scalar_type() == at::kByte && codes.is_contiguous() &&
+                  codes.dim() == 2 && codes.size(0) == tiles && codes.size(1) == tile_bytes,
+              "qwenkit dequantize_rows: codes must be contiguous uint8 (", tiles, ", ", tile_bytes, "), got ",
+              codes.sizes());
+  auto check_table = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.is_contiguous() && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf) &&
+                    t.sizes() == at::IntArrayRef({tiles, groups, kTile}) && t.scalar_type() == scale.scalar_type(),
+                "qwenkit dequantize_rows: ", name, " must be contiguous float32 or float16 (", tiles, ", ", groups,
+                ", 16) like the scale, got ", t.sizes());
+  };
+  check_table(scale, "scale");
+  if (shift.has_value()) check_table(*shift, "shift");
+  TORCH_CHECK(ids.scalar_type() == at::kLong && ids.dim() == 1, "qwenkit dequantize_rows: ids must be 1-D int64");
+  const at::Tensor idc = ids.contiguous();
+  const int64_t* ip = idc.data_ptr<int64_t>();
+  const int64_t R = idc.numel();
+  for (int64_t i = 0; i < R; ++i)
+    TORCH_CHECK(ip[i] >= 0 && ip[i] < N, "qwenkit dequantize_rows: row ", ip[i], " outside 0..", N - 1);
+  at::Tensor out = at::empty({R, K}, codes.options().dtype(at::kFloat));
+  float* op = out.data_ptr<float>();
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  const float z = static_cast<float>(zero_point);
+  auto run = [&](const auto* sp, const auto* hp) {
+    for (int64_t i = 0; i < R; ++i) {
+      const int64_t t = ip[i] / kTile, r = ip[i] % kTile;
+      const uint8_t* tile = cp + t * tile_bytes;
+      float* w = op + i * K;
+      // each 64 bytes: 4 inputs of the 16 rows (byte 4r + j), or 8 as nibbles (j low, 4 + j high)
+      if (bits == 8)
+        for (int64_t c = 0; c < K / 4; ++c)
+          for (int64_t j = 0; j < 4; ++j) w[4 * c + j] = static_cast<float>(tile[c * 64 + 4 * r + j]);
+      else
+        for (int64_t c = 0; c < K / 8; ++c)
+          for (int64_t j = 0; j < 4; ++j) {
+            const uint8_t b = tile[c * 64 + 4 * r + j];
+            w[8 * c + j] = static_cast<float>(b & 0x0f);
+            w[8 * c + 4 + j] = static_cast<float>(b >> 4);
+          }
+      for (int64_t g = 0; g < groups; ++g) {
+        const float sc = static_cast<float>(sp[(t * groups + g) * kTile + r]);
+        float* wg = w + g * group_size;
+        for (int64_t k = 0; k < group_size; ++k) wg[k] = (wg[k] - z) * sc;
+        if (hp != nullptr) {
+          const float sh = static_cast<float>(hp[(t * groups + g) * kTile + r]);
+          for (int64_t k = 0; k < group_size; ++k) wg[k] = wg[k] + sh;
+        }
+      }
+    }
+  };
+  if (scale.scalar_type() == at::kFloat)
+    run(scale.data_ptr<float>(), shift.has_value() ? shift->data_ptr<float>() : nullptr);
+  else
+    run(scale.data_ptr<at::Half>(), shift.has_value() ? shift->data_ptr<at::Half>() : nullptr);
+  return out;
 }
 
 // Reads every byte of t once (xor of its 64-byte lines): the memory-bandwidth probe of the benchmark.
@@ -1257,6 +1326,9 @@ TORCH_LIBRARY(qwenkit, m) {
       "int zero_point) -> Tensor");
   m.def("stream_read(Tensor t) -> int");
   m.def("argmax_rows(Tensor x) -> Tensor");
+  m.def(
+      "dequantize_rows(Tensor codes, Tensor scale, Tensor? shift, Tensor ids, int bits, int group_size, int K, int N, "
+      "int zero_point) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("silu_mul(Tensor x) -> Tensor");
   m.def("rope_(Tensor(a!) x, Tensor cos, Tensor sin) -> ()");
@@ -1273,6 +1345,7 @@ TORCH_LIBRARY_IMPL(qwenkit, CPU, m) {
   m.impl("linear_int8_float", &linear_int8_float);
   m.impl("stream_read", &stream_read);
   m.impl("argmax_rows", &argmax_rows);
+  m.impl("dequantize_rows", &dequantize_rows);
   m.impl("rms_norm", &rms_norm);
   m.impl("silu_mul", &silu_mul);
   m.impl("rope_", &rope_);

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from qwenkit import kernels
-from qwenkit.kernels.ops import TILE, PackedInt
+from qwenkit.kernels.ops import PackedInt
 from qwenkit.quant.affine import AffineWeight
 from qwenkit.quant.kernels.base import LinearKernel, WeightSpec
 
@@ -22,13 +22,6 @@ def _zero_point(w: AffineWeight) -> int | None:
     """The integer z with ``shift == -z * scale`` exactly (in float32) for every group, if there is one."""
     z = 2 ** (w.bits - 1)
     return z if torch.equal(w.shift.float(), -z * w.scale.float()) else None
-
-
-def tile_rows(t: torch.Tensor, ids: torch.Tensor, width: int) -> torch.Tensor:
-    """Rows ``ids`` of a (N/16, ...) tiled tensor viewed as (N/16, width, 16, per): (len, width, per)."""
-    per = t.shape[1] // (width * TILE)
-    v = t.view(t.shape[0], width, TILE, per)
-    return v[ids // TILE, :, ids % TILE]  # (len(ids), width, per)
 
 
 class _Avx512IntKernel(LinearKernel):
@@ -70,18 +63,7 @@ class _Avx512IntKernel(LinearKernel):
         return kernels.dequantize(self.packed, dtype)
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        p, k = self.packed, self.in_features
-        if p.bits == 8:  # each 64 bytes: 4 consecutive inputs of the 16 rows
-            q = tile_rows(p.codes, ids, k // 4).reshape(len(ids), k)
-        else:  # each 64 bytes: 8 inputs of the 16 rows as nibbles, inputs 0-3 low, 4-7 high
-            b = tile_rows(p.codes, ids, k // 8)  # (len, K/8, 4)
-            q = torch.cat((b & 0x0F, b >> 4), dim=2).reshape(len(ids), k)
-        groups = k // p.group_size
-        scale = p.scale[ids // TILE, :, ids % TILE].float()  # scale, shift: (N/16, G, 16) -> (len, G)
-        w = (q.float() - p.zero_point).view(len(ids), groups, -1) * scale[..., None]
-        if p.shift is not None:
-            w = w + p.shift[ids // TILE, :, ids % TILE].float()[..., None]
-        return w.reshape(len(ids), k).to(dtype)
+        return kernels.dequantize_rows(self.packed, ids).to(dtype)
 
 
 class Avx512Int8Kernel(_Avx512IntKernel):
