@@ -1219,6 +1219,26 @@ inline c10::optional<at::Tensor> present(const at::Tensor& t) {
   return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt;
 }
 
+// y += r for bf16 (rows, N) tensors of the same shape, y contiguous: each sum rounded to bf16 as torch's
+// bf16 add does (x + layer(x)); one loop here instead of a torch call with its dispatch and allocation.
+void add_bf16_(at::Tensor& y, const at::Tensor& r) {
+  TORCH_CHECK(y.scalar_type() == at::kBFloat16 && r.scalar_type() == at::kBFloat16 && y.sizes() == r.sizes() &&
+                  y.is_contiguous(),
+              "qwenkit decode_layer: residual add of ", r.sizes(), " to ", y.sizes());
+  const at::Tensor rc = r.contiguous();
+  uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
+  const uint16_t* rp = reinterpret_cast<const uint16_t*>(rc.data_ptr<at::BFloat16>());
+  const int64_t n = y.numel();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 mk = tail_mask16(n - i);
+    auto load = [&](const uint16_t* p) {
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, p)), 16));
+    };
+    const __m512 v = _mm512_add_ps(load(yp + i), load(rp + i));
+    _mm256_mask_storeu_epi16(yp + i, mk, (__m256i)_mm512_cvtneps_pbh(v));
+  }
+}
+
 at::Tensor run_linear(const LayerLinear& l, const at::Tensor& x) {
   const c10::optional<at::Tensor> in_kernel = l.bias_after_rounding ? c10::nullopt : present(l.bias);
   at::Tensor y;
@@ -1305,10 +1325,13 @@ at::Tensor decode_layer(const at::Tensor& x, at::TensorList tensors, at::IntArra
   }
   at::Tensor q = qkv.view({M, H + 2 * Hkv, D}).narrow(1, 0, H);
   at::Tensor attn = decode_attention(q, k_pool, v_pool, gather, positions, floats[2]).view({M, H * D});
-  at::Tensor y = at::add(x, run_linear(lin[1], attn));
+  at::Tensor y = run_linear(lin[1], attn);
+  add_bf16_(y, x);  // x + o(attn)
   // feed-forward
   at::Tensor gate_up = run_linear(lin[2], rms_norm(y, tensors[1], floats[1]));
-  return at::add(y, run_linear(lin[3], silu_mul(gate_up)));
+  at::Tensor out = run_linear(lin[3], silu_mul(gate_up));
+  add_bf16_(out, y);  // y + down(silu(gate) * up)
+  return out;
 }
 
 }  // namespace
