@@ -260,9 +260,11 @@ struct QuantizedRows {
   int64_t at(int64_t m, int64_t i, int64_t per_row) const { return ((m / pass) * per_row + i) * pass + m % pass; }
 };
 
-// Rows per task of the small row-wise ops: a few thousand values, so a 16-row step of a wide layer
-// splits across the threads while a small one stays on the calling thread (a fork costs about a us).
-inline int64_t row_grain(int64_t per_row) { return std::max<int64_t>(1, 8192 / std::max<int64_t>(1, per_row)); }
+// Rows per task of the small row-wise ops: `values` a task (a few thousand), so a 16-row step of a wide
+// layer splits across the threads while a small one stays on the calling thread (a fork costs about a us).
+inline int64_t row_grain(int64_t per_row, int64_t values = 8192) {
+  return std::max<int64_t>(1, values / std::max<int64_t>(1, per_row));
+}
 
 // The calling thread's buffers, kept between calls: a decode step quantizes four inputs per layer.
 QuantizedRows& thread_rows() {
@@ -810,7 +812,8 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(wc.data_ptr<at::BFloat16>());
   uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
   auto bf = [](uint16_t v) { uint32_t u = uint32_t(v) << 16; float f; std::memcpy(&f, &u, 4); return f; };
-  at::parallel_for(0, M, row_grain(K), [&](int64_t m0, int64_t m1) {
+  // two passes of light arithmetic: on one thread up to 16 x 896 values (a second one cost more than it saved)
+  at::parallel_for(0, M, row_grain(K, 16384), [&](int64_t m0, int64_t m1) {
   for (int64_t m = m0; m < m1; ++m) {
     const uint16_t* xr = xp + m * K;
     // the sum of squares in double: a bf16 square is exact there, and the mean does not depend on
