@@ -148,6 +148,22 @@ def test_decode_attention_row_alone_equals_row_in_batch() -> None:
     torch.testing.assert_close(batch.float(), want, rtol=2**-7, atol=1e-2)
 
 
+def test_decode_attention_reads_q_rows_in_place_and_long_contexts() -> None:
+    """q as decode_layer passes it (each row's query heads inside its wider q/k/v row) gives what a
+    contiguous q gives; a context of 17 chunks (2100 keys) combines like the short ones."""
+    q, k, v, gather, positions = _paged_rows([2100, 5, 300], 2, 64, 14, seed=8)
+    scale = 1 / math.sqrt(64)
+    qkv = torch.zeros(3, 14 + 2 * 2, 64, dtype=torch.bfloat16)
+    qkv[:, :14] = q
+    view = qkv.narrow(1, 0, 14)
+    assert not view.is_contiguous()
+    got = kernels.decode_attention(view, k, v, gather, positions, scale)
+    assert torch.equal(got, kernels.decode_attention(q, k, v, gather, positions, scale))
+    torch.testing.assert_close(
+        got.float(), _sdpa_reference(q, k, v, gather, positions), rtol=2**-7, atol=1e-2
+    )
+
+
 def test_decode_attention_rejects_bad_input() -> None:
     q = torch.zeros(1, 4, 32, dtype=torch.bfloat16)
     pool = torch.zeros(8, 2, 32, dtype=torch.bfloat16)

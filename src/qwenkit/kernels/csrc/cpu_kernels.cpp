@@ -1065,7 +1065,9 @@ void attn_partial(const uint16_t* qh, int64_t G, int64_t D, const uint16_t* cons
 // Combines one (row, KV head)'s partial softmaxes (each m[G], sum[G], acc[G * D], `stride` floats
 // apart) in chunk order: rescaled to the common max, summed, divided; out: the G heads' bf16 rows.
 void attn_combine(const float* part, int64_t chunks, int64_t stride, int64_t G, int64_t D, uint16_t* out) {
-  std::vector<float> coef(chunks);
+  float few[16];  // a context of up to 2048 keys: no allocation
+  std::vector<float> many(chunks > 16 ? chunks : 0);
+  float* coef = chunks > 16 ? many.data() : few;
   for (int64_t g = 0; g < G; ++g) {
     float mx = -INFINITY, total = 0.f;
     for (int64_t c = 0; c < chunks; ++c) mx = std::max(mx, part[c * stride + g]);
@@ -1099,7 +1101,10 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& kc, const at:
                   positions.scalar_type() == at::kLong && positions.numel() == B,
               "qwenkit decode_attention: gather (B, S) and positions (B,) must be int64");
   const int64_t S = gather.size(1), G = H / Hkv;
-  at::Tensor qc = q.contiguous(), gc = gather.contiguous(), pc = positions.contiguous();
+  // a row's heads must be contiguous; rows may be apart (decode_layer's q: a view into the q/k/v rows)
+  const at::Tensor qc = q.stride(2) == 1 && q.stride(1) == D ? q : q.contiguous();
+  const int64_t q_row = qc.stride(0);
+  const at::Tensor gc = gather.contiguous(), pc = positions.contiguous();
   const int64_t* gp = gc.data_ptr<int64_t>();
   const int64_t* pp = pc.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b)
@@ -1134,7 +1139,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& kc, const at:
         vrows[j] = vp + row;
       }
       float* part = partial.data() + t * stride;
-      attn_partial(qp + (b * H + h * G) * D, G, D, krows.data(), vrows.data(), count, float(scale), sc.data(), part,
+      attn_partial(qp + b * q_row + h * G * D, G, D, krows.data(), vrows.data(), count, float(scale), sc.data(), part,
                    part + G, part + 2 * G);
       // Whichever thread finishes a (row, KV head)'s last chunk combines them (the same arithmetic
       // whoever does it); acq_rel makes the other chunks' partials visible to it.
