@@ -117,12 +117,13 @@ def main() -> None:
         decode_rate(model, args.batch, 4)  # warm-up: kernels, pools, the first allocations
         one, many, peer_one, peer_many = [], [], [], []
         for _ in range(args.rounds):
-            one.append(decode_rate(model, 1, args.tokens))
-            many.append(decode_rate(model, args.batch, args.tokens))
             if bench is not None:
                 a, b = llama_rates(bench, gguf, args.batch, args.tokens, threads)
                 peer_one.append(a)
                 peer_many.append(b)
+                decode_rate(model, 1, 4)  # after the other process: this one's pages and caches again
+            one.append(decode_rate(model, 1, args.tokens))
+            many.append(decode_rate(model, args.batch, args.tokens))
         ratios = ", ".join(f"{b / a:.2f}" for a, b in zip(one, many, strict=True))
         a, b = statistics.median(one), statistics.median(many)
         row = f"| {label} | {a:.1f} | {b:.1f} | **{b / a:.2f}** | {ratios} |"
