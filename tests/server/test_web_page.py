@@ -104,6 +104,18 @@ def record_answer_text(page) -> None:
     )
 
 
+def trickle_downloads(page, bytes_per_second: int) -> None:
+    """Chromium's own network throttling: the answer's bytes reach the page over a second or more,
+    however fast the server generates, so its stream spans many frames (the page draws once a frame, and
+    a whole answer of the tiny model can arrive inside one). -1 turns it off."""
+    cdp = page.context.new_cdp_session(page)
+    cdp.send("Network.enable")
+    cdp.send(
+        "Network.emulateNetworkConditions",
+        {"offline": False, "latency": 0, "downloadThroughput": bytes_per_second, "uploadThroughput": -1},
+    )
+
+
 def answer(page, index: int, state: str = "done", timeout: float = 60_000):
     """The index-th assistant message, once it has reached `state`."""
     message = page.locator(".message.assistant").nth(index)
@@ -121,6 +133,7 @@ def test_streamed_answer_grows_and_equals_the_direct_answer_and_turns_carry_hist
     page.fill("#seed", "7")
     page.fill("#max_tokens", "24")
     record_answer_text(page)
+    trickle_downloads(page, 2_000)  # about 4 KB of events: 2 s
 
     page.click("#prompt")
     page.keyboard.type("line one")
@@ -155,6 +168,7 @@ def test_streamed_answer_grows_and_equals_the_direct_answer_and_turns_carry_hist
     assert " ".join(shown[-1].split()) == " ".join(expected.split())  # what the page shows
 
     # The second turn sends the whole conversation; the first answer as streamed is exactly the direct one.
+    trickle_downloads(page, -1)
     page.fill("#max_tokens", "2")
     page.fill("#prompt", "And again?")
     page.click("#send")
