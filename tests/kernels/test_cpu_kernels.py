@@ -257,6 +257,8 @@ def test_bad_inputs_are_named(loaded):
         kernels.dequantize_rows(p, torch.tensor([-1]))
     with pytest.raises(RuntimeError, match="ids must be 1-D int64"):
         kernels.dequantize_rows(p, torch.tensor([0.0]))
+    with pytest.raises(RuntimeError, match="dequantize_rows: scale must be contiguous float32/float16"):
+        torch.ops.qwenkit.dequantize_rows(p.codes, p.scale[:, :1], None, torch.tensor([0]), 4, 32, 64, 8, 0)
 
 
 # --- build cache and fallback --------------------------------------------------------------------

@@ -293,7 +293,7 @@ void quantize_rows(const T* x, int64_t rows, int64_t padded_rows, int64_t K, int
   }
   // Tasks are (pass, run of whole weight groups): a pass's rows are interleaved 4 bytes apart, so
   // threads splitting one pass's rows wrote into the same cache lines (at 8 rows, a K=4608 input took
-  // 48 us instead of 4). A few thousand values a task; one row of a small layer stays on this thread.
+  // 48 us instead of 13). A few thousand values a task; one row of a small layer stays on this thread.
   const int64_t passes = (rows + P - 1) / P;
   const int64_t groups_per_task = std::max<int64_t>(1, 8192 / (P * group_size));
   const int64_t runs = (qr.groups + groups_per_task - 1) / groups_per_task;
@@ -438,15 +438,10 @@ void int_run(const QuantizedRows& qr, const uint8_t* codes, const S* scale, cons
 }
 
 // The checks every integer-weight linear makes of its arguments (weights from prepare_int8/int4).
-void check_int_args(const char* name, int bits, const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
-                    const c10::optional<at::Tensor>& shift, const c10::optional<at::Tensor>& bias,
-                    int64_t group_size, int64_t N, int64_t zero_point) {
-  TORCH_CHECK(x.device().is_cpu() && codes.device().is_cpu() && scale.device().is_cpu(), name,
-              ": tensors must be on the CPU");
-  TORCH_CHECK(x.dim() == 2, name, ": x must be (M, K), got ", x.sizes());
-  const int64_t K = x.size(1);
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat, name,
-              ": x must be bfloat16 or float32, got ", x.scalar_type());
+// The checks of packed integer weights (from prepare_int8/int4) for K inputs and N outputs.
+void check_packed(const char* name, int bits, int64_t K, const at::Tensor& codes, const at::Tensor& scale,
+                  const c10::optional<at::Tensor>& shift, int64_t group_size, int64_t N, int64_t zero_point) {
+  TORCH_CHECK(codes.device().is_cpu() && scale.device().is_cpu(), name, ": tensors must be on the CPU");
   TORCH_CHECK(group_size > 0 && group_size % 32 == 0 && K % group_size == 0, name,
               ": group_size must be a multiple of 32 that divides K=", K, ", got ", group_size);
   const int64_t tiles = (N + kTile - 1) / kTile, groups = K / group_size;
@@ -465,6 +460,16 @@ void check_int_args(const char* name, int bits, const at::Tensor& x, const at::T
                 name, ": shift must be like scale, got ", shift->scalar_type(), " ", shift->sizes());
   TORCH_CHECK(zero_point >= 0 && zero_point < (1 << bits), name, ": zero_point must lie in 0..", (1 << bits) - 1,
               ", got ", zero_point);
+}
+
+void check_int_args(const char* name, int bits, const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                    const c10::optional<at::Tensor>& shift, const c10::optional<at::Tensor>& bias,
+                    int64_t group_size, int64_t N, int64_t zero_point) {
+  TORCH_CHECK(x.device().is_cpu(), name, ": tensors must be on the CPU");
+  TORCH_CHECK(x.dim() == 2, name, ": x must be (M, K), got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat, name,
+              ": x must be bfloat16 or float32, got ", x.scalar_type());
+  check_packed(name, bits, x.size(1), codes, scale, shift, group_size, N, zero_point);
   check_bias(bias, N);
 }
 
@@ -636,21 +641,8 @@ at::Tensor dequantize_rows(const at::Tensor& codes, const at::Tensor& scale, con
                            const at::Tensor& ids, int64_t bits, int64_t group_size, int64_t K, int64_t N,
                            int64_t zero_point) {
   TORCH_CHECK(bits == 8 || bits == 4, "qwenkit dequantize_rows: bits must be 8 or 4, got ", bits);
-  TORCH_CHECK(group_size > 0 && K > 0 && K % group_size == 0 && K % 8 == 0 && N > 0,
-              "qwenkit dequantize_rows: K=", K, " must be a positive multiple of 8 and of group_size=", group_size);
-  const int64_t tiles = (N + kTile - 1) / kTile, groups = K / group_size, tile_bytes = K * kTile * bits / 8;
-  TORCH_CHECK(codes.device().is_cpu() && codes.scalar_type() == at::kByte && codes.is_contiguous() &&
-                  codes.dim() == 2 && codes.size(0) == tiles && codes.size(1) == tile_bytes,
-              "qwenkit dequantize_rows: codes must be contiguous uint8 (", tiles, ", ", tile_bytes, "), got ",
-              codes.sizes());
-  auto check_table = [&](const at::Tensor& t, const char* name) {
-    TORCH_CHECK(t.is_contiguous() && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf) &&
-                    t.sizes() == at::IntArrayRef({tiles, groups, kTile}) && t.scalar_type() == scale.scalar_type(),
-                "qwenkit dequantize_rows: ", name, " must be contiguous float32 or float16 (", tiles, ", ", groups,
-                ", 16) like the scale, got ", t.sizes());
-  };
-  check_table(scale, "scale");
-  if (shift.has_value()) check_table(*shift, "shift");
+  check_packed("qwenkit dequantize_rows", bits, K, codes, scale, shift, group_size, N, zero_point);
+  const int64_t groups = K / group_size, tile_bytes = K * kTile * bits / 8;
   TORCH_CHECK(ids.scalar_type() == at::kLong && ids.dim() == 1, "qwenkit dequantize_rows: ids must be 1-D int64");
   const at::Tensor idc = ids.contiguous();
   const int64_t* ip = idc.data_ptr<int64_t>();
