@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from bench_generate import decode_rate  # benchmarks/, beside this script
@@ -38,21 +39,29 @@ LLAMA_FTYPE = {"bf16": "f16", "int8": "q8_0", "int4": "q4_0"}  # llama.cpp's fil
 PROMPT = 16  # tokens per request, as decode_rate's default
 
 
-def runs(models: list[str], precisions: list[str], work: Path) -> list[tuple[str, Path, str | None, Path]]:
-    """(label, checkpoint, --quantize, llama.cpp's GGUF at the same bits) for every model and precision."""
+class Run(NamedTuple):
+    label: str
+    checkpoint: Path
+    quantize: str | None  # qwenkit's --quantize
+    gguf: Path  # llama.cpp's file at the same bits
+    gguf_type: str
+
+
+def runs(models: list[str], precisions: list[str], work: Path) -> list[Run]:
+    """Every model and precision asked for, with its llama.cpp counterpart."""
     out = []
     for model in models:
         if model == "bundled":
-            out.append(("SmolLM2-135M Q4_1 (bundled)", default_model_path(), None, default_model_path()))
+            bundled = default_model_path()
+            out.append(Run("SmolLM2-135M Q4_1 (bundled)", bundled, None, bundled, "the same GGUF"))
             continue
         path = work / f"qwen2.5-{model}-random"
         if not path.exists():
             print(f"building the random Qwen2.5-{model.upper()} checkpoint at {path} ...", flush=True)
             write_anchor(path, SHAPES[model])
-        out += [
-            (f"Qwen2.5-{model.upper()} {p}", path, QUANTIZE[p], work / f"{path.name}-{LLAMA_FTYPE[p]}.gguf")
-            for p in precisions
-        ]
+        for p in precisions:
+            gguf = work / f"{path.name}-{LLAMA_FTYPE[p]}.gguf"
+            out.append(Run(f"Qwen2.5-{model.upper()} {p}", path, QUANTIZE[p], gguf, LLAMA_FTYPE[p]))
     return out
 
 
@@ -97,7 +106,7 @@ def main() -> None:
         if not bench.exists():
             ap.error(f"no llama-batched-bench in {args.llama_bin} (bench_vs_llamacpp.py builds it)")
     plan = runs(models, precisions, args.work)
-    missing = [str(gguf) for *_, gguf in plan if bench is not None and not gguf.exists()]
+    missing = [str(run.gguf) for run in plan if bench is not None and not run.gguf.exists()]
     if missing:
         ap.error("llama.cpp's GGUFs are missing (bench_vs_llamacpp.py converts them): " + ", ".join(missing))
     threads = torch.get_num_threads()
@@ -112,13 +121,15 @@ def main() -> None:
         head += f" llama.cpp | batch 1 | batch {args.batch} | ratio | qwenkit / llama.cpp at {args.batch} |"
         rule += "---|---:|---:|---:|---:|"
     print(head + "\n" + rule)
-    for label, path, quantize, gguf in plan:
-        model, _ = load_model(path, dtype="bfloat16", quantize=quantize, progress=False, fast_kernels=True)
+    for run in plan:
+        model, _ = load_model(
+            run.checkpoint, dtype="bfloat16", quantize=run.quantize, progress=False, fast_kernels=True
+        )
         decode_rate(model, args.batch, 4)  # warm-up: kernels, pools, the first allocations
         one, many, peer_one, peer_many = [], [], [], []
         for _ in range(args.rounds):
             if bench is not None:
-                a, b = llama_rates(bench, gguf, args.batch, args.tokens, threads)
+                a, b = llama_rates(bench, run.gguf, args.batch, args.tokens, threads)
                 peer_one.append(a)
                 peer_many.append(b)
                 decode_rate(model, 1, 4)  # after the other process: this one's pages and caches again
@@ -126,11 +137,10 @@ def main() -> None:
             many.append(decode_rate(model, args.batch, args.tokens))
         ratios = ", ".join(f"{b / a:.2f}" for a, b in zip(one, many, strict=True))
         a, b = statistics.median(one), statistics.median(many)
-        row = f"| {label} | {a:.1f} | {b:.1f} | **{b / a:.2f}** | {ratios} |"
+        row = f"| {run.label} | {a:.1f} | {b:.1f} | **{b / a:.2f}** | {ratios} |"
         if bench is not None:
             pa, pb = statistics.median(peer_one), statistics.median(peer_many)
-            ftype = "Q4_1/Q8_0" if gguf == path else gguf.stem.rsplit("-", 1)[1]
-            row += f" {ftype} | {pa:.1f} | {pb:.1f} | {pb / pa:.2f} | {b / pb:.2f} |"
+            row += f" {run.gguf_type} | {pa:.1f} | {pb:.1f} | {pb / pa:.2f} | {b / pb:.2f} |"
         print(row, flush=True)
         del model
         gc.collect()
