@@ -38,9 +38,7 @@ def main() -> None:
     os.environ[prepared_cache.ENV_SWITCH] = "off"  # two loads of one file that differ in one kernel
     path = default_model_path()
     ours, _ = load_model(path, dtype="bfloat16", progress=False, fast_kernels=True)
-    on_load.FLOAT_ACTIVATION_KERNELS = tuple(
-        k for k in on_load.FLOAT_ACTIVATION_KERNELS if k != "avx512_int8_float"
-    )
+    on_load.HEAD_KERNELS = tuple(k for k in on_load.HEAD_KERNELS if k != "avx512_int8_float")
     before, _ = load_model(path, dtype="bfloat16", progress=False, fast_kernels=True)
     heads = {before.lm_head.impl.key: before.lm_head, ours.lm_head.impl.key: ours.lm_head}
     print(

@@ -14,7 +14,7 @@ from qwenkit.checkpoint import load_model
 from qwenkit.generate import tokenizer_for
 from qwenkit.quant import QuantizedLinear
 from qwenkit.quant.embedding import QuantizedEmbedding
-from qwenkit.quant.on_load import FLOAT_ACTIVATION_KERNELS
+from qwenkit.quant.on_load import HEAD_KERNELS
 
 # Max |logit difference| the int4/int8 CPU kernels may add on SmolLM2 (logits of magnitude ~30).
 # Kernels with bfloat16 activations and scales (2^-8 relative): measured 0.60 over these prompts. Kernels
@@ -52,7 +52,7 @@ def test_layers_run_the_files_codes(in_precision, dequantized) -> None:
     assert not [n for n, m in in_precision.named_modules() if type(m) is nn.Linear]
     assert {m.bits for n, m in layers.items() if n.startswith("model.layers.")} == {4}  # Q4_1
     assert in_precision.lm_head.bits == 8  # Q8_0
-    assert in_precision.lm_head.impl.key in FLOAT_ACTIVATION_KERNELS  # logits without int8 activations
+    assert in_precision.lm_head.impl.key in HEAD_KERNELS  # logits without int8 activations
     emb = in_precision.model.embed_tokens
     assert isinstance(emb, QuantizedEmbedding) and emb.source is in_precision.lm_head  # one copy, tied
     ids = torch.tensor([0, 1, 2, 100, 49151])
@@ -92,8 +92,8 @@ def test_logits_and_greedy_answers_match_the_dequantized_model(smollm, in_precis
                 answers["q"].append(int(q.argmax()))
                 answers["f"].append(int(f.argmax()))
     kernels = {m.impl.key for m in in_precision.modules() if isinstance(m, QuantizedLinear)}
-    float_only = kernels <= set(FLOAT_ACTIVATION_KERNELS)
-    tolerance = FLOAT_ACTIVATION_TOLERANCE if float_only else INT8_ACTIVATION_TOLERANCE
+    head_only = kernels <= set(HEAD_KERNELS)
+    tolerance = FLOAT_ACTIVATION_TOLERANCE if head_only else INT8_ACTIVATION_TOLERANCE
     print(f"\nkernels {sorted(kernels)}; max |logit diff| {worst:.3f}; answers that differ: {len(flips)} of")
     print(f"{len(PROMPTS)} {flips}")
     assert worst <= tolerance
@@ -152,7 +152,7 @@ def test_profile_names_the_kernels_of_a_gguf_in_its_own_precision(tmp_path, gguf
 
     assert sum(own.kernels.values()) == 2 * 7 + 2
     assert set(own.kernels) <= {k.description for k in KERNELS}
-    float_activations = {k.description for k in KERNELS if k.key in FLOAT_ACTIVATION_KERNELS}
-    assert sum(n for name, n in own.kernels.items() if name in float_activations) >= 2
+    head_kernels = {k.description for k in KERNELS if k.key in HEAD_KERNELS}
+    assert sum(n for name, n in own.kernels.items() if name in head_kernels) >= 2
     assert floats.kernels == {"dense F.linear (float32)": 2 * 7 + 1}  # --precisions float32: floats
     assert own.weight_bytes < floats.weight_bytes / 4

@@ -294,8 +294,10 @@ def linear_int4(x: torch.Tensor, p: PackedInt, bias: torch.Tensor | None = None)
 
 
 def linear_int8_float(x: torch.Tensor, p: PackedInt, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """As linear_int8, with x kept in floating point (no int8 rounding of the activations): for layers
-    whose error lands on the logits directly, such as a GGUF's Q8_0 output head."""
+    """As linear_int8, with x rounded to 16 bits instead of 8 (per block of up to 256 inputs, by a
+    power-of-two step: a bf16 value at least 1/128 of its block's largest is exact, any other within
+    2^-15 of that largest): for layers whose error lands on the logits directly, such as a GGUF's Q8_0
+    output head."""
     if p.bits != 8:
         raise KernelInputError(f"linear_int8_float got weights packed for {p.bits} bits")
     rows = _as_rows(x, p.in_features, "linear_int8_float")

@@ -141,10 +141,11 @@ def round_in_row_blocks(
     return result
 
 
-# Kernels that keep the activations in floating point. The output head's error lands on the logits
-# directly: a GGUF's Q8_0 head on a kernel that also rounds activations to int8 added that rounding to
-# every logit (it once flipped one of the bundled SmolLM2's greedy answers).
-FLOAT_ACTIVATION_KERNELS = (
+# Kernels fit for an output head: activations kept in floating point, or rounded to 16 bits
+# (avx512_int8_float), never to 8. The output head's error lands on the logits directly: a GGUF's Q8_0
+# head on a kernel that also rounds activations to int8 added that rounding to every logit (it once
+# flipped one of the bundled SmolLM2's greedy answers).
+HEAD_KERNELS = (
     "avx512_int8_float",
     "cpu_int8pack",
     "cpu_int8_as_int4x2",
@@ -155,9 +156,9 @@ FLOAT_ACTIVATION_KERNELS = (
 
 
 def head_kernel(w: AffineWeight, device: str) -> str | None:
-    """The first kernel (in the registry's order of speed) with float activations that runs ``w``."""
+    """The first kernel (in the registry's order of speed) fit for an output head that runs ``w``."""
     from qwenkit.quant.kernels import KERNELS, WeightSpec
 
     spec, dev = WeightSpec.of(w), torch.device(device)
-    keys = [c.key for c in KERNELS if c.key in FLOAT_ACTIVATION_KERNELS and c.supports(spec, dev)]
+    keys = [c.key for c in KERNELS if c.key in HEAD_KERNELS and c.supports(spec, dev)]
     return keys[0] if keys else None

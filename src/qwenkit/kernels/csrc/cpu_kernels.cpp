@@ -9,7 +9,7 @@
 //   linear_bf16(x bf16 (M,K), w (tiles), bias?, N)                 -> (M,N) bf16   (_mm512_dpbf16_ps)
 //   linear_int8(x (M,K), codes, scale, shift?, bias?, group_size, N, zero_point)   (_mm512_dpbusd_epi32)
 //   linear_int4(x (M,K), codes, scale, shift?, bias?, group_size, N, zero_point)
-//   linear_int8_float(...): as linear_int8, x kept in floating point (output heads)
+//   linear_int8_float(...): as linear_int8, x rounded to 16 bits instead of 8 (output heads)
 //   argmax_rows(logits fp32 (M,V)) -> (M,) int64, as torch.argmax(-1) (greedy sampling)
 //   dequantize_rows(codes, scale, shift?, ids, bits, group_size, K, N, zero_point) -> (len(ids), K) fp32:
 //   rows of packed integer weights (an embedding lookup in a packed, tied head)
@@ -513,71 +513,130 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& codes, const at::T
 }
 
 // ---------------------------------------------------------------------------------------------------
-// int8 weights x float activations: for layers whose error lands on the logits directly (a GGUF's Q8_0
-// output head), where rounding x to int8 too changed the bundled model's greedy answers. The codes are
-// turned into floats and multiplied by x's own values, each product exact (a code times a bf16 value
-// fits fp32). Per group: y += scale * (sum c x - zero_point * sum x) + shift * sum x.
+// int8 weights x 16-bit activations: for layers whose error lands on the logits directly (a GGUF's Q8_0
+// output head), where rounding x to int8 changed the bundled model's greedy answers. Each block of x (up
+// to 256 inputs) is scaled by a power of two so its largest value lies in [2^14, 2^15) and rounded to
+// int16: a bf16 value within 2^7 of the block's largest is exact, any other is off by at most 2^-15 of
+// that largest (far below the bf16 output's rounding). The products then run as VNNI int16 pairs
+// (vpdpwssd), the codes widened by one AND or one shift per 64 bytes; converting every code to a float
+// instead cost more than the weights' memory traffic even at one row.
+// Per group: y += scale * sum_blocks 2^e (c.q - zero_point * sum q) + shift * sum_blocks 2^e sum q.
 
-// The codes of inputs k + i and k + i + 1 (i = 0 or 2) of a 64-byte code vector (byte 4r + j: row r's
-// input k + j) as bf16 pairs, lane r = (code k + i, code k + i + 1), as _mm512_dpbf16_ps wants them. A
-// code (0..255) has at most 8 significant bits, so its fp32 value's low 16 bits are zero: the upper half
-// is its exact bf16, and the pair is (first >> 16) | second.
-template <int I>
-inline __m512bh code_pairs(__m512i v) {
-  const __m512i low_byte = _mm512_set1_epi32(0xff);
-  const __m512 first = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, 8 * I), low_byte));
-  const __m512i second_bits = I == 2 ? _mm512_srli_epi32(v, 24) : _mm512_and_si512(_mm512_srli_epi32(v, 8), low_byte);
-  const __m512 second = _mm512_cvtepi32_ps(second_bits);
-  return (__m512bh)_mm512_or_si512(_mm512_srli_epi32(_mm512_castps_si512(first), 16), _mm512_castps_si512(second));
+// Inputs per 16-bit activation block: the largest multiple of 32 up to 256 that divides the group, so
+// a block's int32 sums cannot overflow (256 * 255 * 32767 < 2^31).
+inline int64_t wide_block(int64_t group_size) {
+  for (int64_t b = 256; b > 32; b -= 32)
+    if (group_size % b == 0) return b;
+  return 32;
 }
 
-// x (MT, K), fp32, or bf16 when X is uint16_t; xsum (MT, groups): x summed over each group.
-// fp32 x: each code vector becomes 4 fp32 vectors, one per input, each times its input's value (fp32
-// FMAs). bf16 x (what a bf16 model's head gets): the codes become bf16 pairs (exact: a code is at most
-// 255) and each pair of inputs is one _mm512_dpbf16_ps against x's pair, half the multiply
-// instructions; the products are exact either way.
-template <typename S, int MT, typename X>
-void int8_float_tile(const X* x, const float* xsum, int64_t K, const uint8_t* tile, const S* tscale,
-                     const S* tshift, int64_t group_size, int64_t zero_point, const Output& out, int64_t m0,
-                     int64_t n0, const uint8_t* next) {
-  const int64_t groups = K / group_size;
-  const __m512i low_byte = _mm512_set1_epi32(0xff);
+// x rounded per row and block to int16, each 4 inputs k..k+3 stored as (k, k+2, k + 1, k + 3) so the
+// pairs vpdpwssd wants, (k, k+2) and (k+1, k+3), are one 32-bit broadcast each; per (row, block) the
+// block's power-of-two step, and per (row, group) the dot's start -zero_point * sum(step * q) and the
+// shift's weight sum(step * q).
+struct WideRows {
+  int64_t rows = 0, K = 0, block = 0, blocks = 0, groups = 0;
+  std::vector<int16_t> q;     // (rows, K), pairs reordered
+  std::vector<float> step;    // (rows, blocks)
+  std::vector<float> start;   // (rows, groups)
+  std::vector<float> xsum;    // (rows, groups)
+};
+
+template <typename T>
+void quantize_wide(const T* x, int64_t rows, int64_t padded, int64_t K, int64_t group_size, int64_t zero_point,
+                   WideRows& w) {
+  w.rows = padded, w.K = K, w.block = wide_block(group_size), w.blocks = K / w.block, w.groups = K / group_size;
+  w.q.assign(padded * K, 0);
+  w.step.assign(padded * w.blocks, 0.f);
+  w.start.assign(padded * w.groups, 0.f);
+  w.xsum.assign(padded * w.groups, 0.f);
+  const int64_t per_group = group_size / w.block;
+  // word i of 32 takes input order[i]: each 4 inputs as (0, 2, 1, 3)
+  alignas(64) int16_t order[32];
+  for (int i = 0; i < 32; ++i) order[i] = static_cast<int16_t>((i & ~3) + (i & 3) / 2 + 2 * (i & 1));
+  const __m512i perm = _mm512_load_si512(order);
+  for (int64_t m = 0; m < rows; ++m) {
+    for (int64_t bl = 0; bl < w.blocks; ++bl) {
+      const T* p = x + m * K + bl * w.block;
+      auto load = [&](int64_t i) {
+        if constexpr (std::is_same_v<T, float>)
+          return _mm512_loadu_ps(p + i);
+        else
+          return load_bf16_as_f32(reinterpret_cast<const uint16_t*>(p) + i);
+      };
+      __m512 mx = _mm512_setzero_ps();
+      for (int64_t i = 0; i < w.block; i += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(load(i)));
+      const float amax = _mm512_reduce_max_ps(mx);
+      int e = 0;
+      std::frexp(amax, &e);  // amax < 2^e
+      const float up = amax > 0.f ? std::ldexp(1.f, 15 - e) : 0.f, step = amax > 0.f ? std::ldexp(1.f, e - 15) : 0.f;
+      const __m512 sv = _mm512_set1_ps(up);
+      __m512i qs = _mm512_setzero_si512();
+      for (int64_t i = 0; i < w.block; i += 32) {
+        const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(load(i), sv));  // round to nearest even
+        const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(load(i + 16), sv));
+        const __m512i words = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtsepi32_epi16(q0)),
+                                                 _mm512_cvtsepi32_epi16(q1), 1);
+        _mm512_storeu_si512(w.q.data() + m * K + bl * w.block + i, _mm512_permutexvar_epi16(perm, words));
+        qs = _mm512_add_epi32(qs, _mm512_add_epi32(q0, q1));
+      }
+      const float sum = step * static_cast<float>(_mm512_reduce_add_epi32(qs));  // exact: |sum q| < 2^24
+      w.step[m * w.blocks + bl] = step;
+      w.xsum[m * w.groups + bl / per_group] += sum;
+    }
+    for (int64_t g = 0; g < w.groups; ++g)
+      w.start[m * w.groups + g] = -static_cast<float>(zero_point) * w.xsum[m * w.groups + g];
+  }
+}
+
+// acc += w (int16 pairs) . the int16 pair at p broadcast to every lane, the broadcast in the instruction.
+inline __m512i dpwssd_bcast(__m512i acc, __m512i w, const int16_t* p) {
+  asm("vpdpwssd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*reinterpret_cast<const int32_t*>(p)));
+  return acc;
+}
+
+template <typename S, int MT>
+void wide_tile(const WideRows& xw, int64_t m0, const uint8_t* tile, const S* tscale, const S* tshift,
+               int64_t group_size, const Output& out, int64_t n0, const uint8_t* next) {
+  const int64_t K = xw.K, B = xw.block, groups = xw.groups, per_group = group_size / B;
+  const int16_t* xq = xw.q.data() + m0 * K;
+  const __m512i low_byte = _mm512_set1_epi16(0xff);
   __m512 y[MT];
 #pragma GCC unroll 8
   for (int m = 0; m < MT; ++m) y[m] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
-    __m512 acc[MT];
+    __m512 gacc[MT];
 #pragma GCC unroll 8
-    for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
-    for (int64_t q = g * group_size / 4; q < (g + 1) * group_size / 4; ++q) {
-      const uint8_t* wb = tile + q * 64;
-      prefetch(wb);
-      if (next != nullptr) prefetch_lines<64>(next + q * 64);
-      const __m512i v = _mm512_loadu_si512(wb);
-      if constexpr (std::is_same_v<X, uint16_t>) {
-        const __m512bh w01 = code_pairs<0>(v), w23 = code_pairs<2>(v);
+    for (int m = 0; m < MT; ++m) gacc[m] = _mm512_set1_ps(xw.start[(m0 + m) * groups + g]);
+    for (int64_t bl = g * per_group; bl < (g + 1) * per_group; ++bl) {
+      __m512i acc[MT];
+#pragma GCC unroll 8
+      for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_si512();
+      for (int64_t k = bl * B; k < (bl + 1) * B; k += 4) {
+        const uint8_t* wb = tile + k * 16;
+        prefetch(wb);
+        if (next != nullptr) prefetch_lines<64>(next + k * 16);
+        const __m512i v = _mm512_loadu_si512(wb);
+        const __m512i w02 = _mm512_and_si512(v, low_byte);  // lane r: codes of inputs k and k + 2
+        const __m512i w13 = _mm512_srli_epi16(v, 8);        // k + 1 and k + 3
 #pragma GCC unroll 8
         for (int m = 0; m < MT; ++m) {
-          acc[m] = _mm512_dpbf16_ps(acc[m], w01, (__m512bh)bcast_pair(x + m * K + 4 * q));
-          acc[m] = _mm512_dpbf16_ps(acc[m], w23, (__m512bh)bcast_pair(x + m * K + 4 * q + 2));
-        }
-      } else {
-#pragma GCC unroll 4
-        for (int k = 0; k < 4; ++k) {
-          const __m512 c = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, 8 * k), low_byte));
-#pragma GCC unroll 8
-          for (int m = 0; m < MT; ++m) acc[m] = _mm512_fmadd_ps(c, _mm512_set1_ps(x[m * K + 4 * q + k]), acc[m]);
+          acc[m] = dpwssd_bcast(acc[m], w02, xq + m * K + k);
+          acc[m] = dpwssd_bcast(acc[m], w13, xq + m * K + k + 2);
         }
       }
+#pragma GCC unroll 8
+      for (int m = 0; m < MT; ++m)
+        gacc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m]), _mm512_set1_ps(xw.step[(m0 + m) * xw.blocks + bl]),
+                                  gacc[m]);
     }
     const __m512 sv = load16_f32<S>(tscale + g * kTile);
-    const __m512 sh = tshift != nullptr ? load16_f32<S>(tshift + g * kTile) : _mm512_setzero_ps();
 #pragma GCC unroll 8
-    for (int m = 0; m < MT; ++m) {
-      const __m512 xs = _mm512_set1_ps(xsum[m * groups + g]);
-      const __m512 dot = _mm512_fnmadd_ps(_mm512_set1_ps(float(zero_point)), xs, acc[m]);
-      y[m] = _mm512_fmadd_ps(sv, dot, y[m]);
-      if (tshift != nullptr) y[m] = _mm512_fmadd_ps(sh, xs, y[m]);
+    for (int m = 0; m < MT; ++m) y[m] = _mm512_fmadd_ps(sv, gacc[m], y[m]);
+    if (tshift != nullptr) {
+      const __m512 sh = load16_f32<S>(tshift + g * kTile);
+#pragma GCC unroll 8
+      for (int m = 0; m < MT; ++m) y[m] = _mm512_fmadd_ps(sh, _mm512_set1_ps(xw.xsum[(m0 + m) * groups + g]), y[m]);
     }
   }
   for (int m = 0; m < MT; ++m) out.store(m0 + m, n0, y[m]);
@@ -591,45 +650,35 @@ at::Tensor linear_int8_float(const at::Tensor& x, const at::Tensor& codes, const
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
   const int64_t rows = padded_rows(M);
-  at::Tensor xr = at::zeros({rows, K}, x.options());  // x's dtype (bf16 or fp32), padded with zero rows
-  xr.narrow(0, 0, M).copy_(x);
-  const at::Tensor xf = xr.to(at::kFloat);
-  const float* xfp = xf.data_ptr<float>();
-  std::vector<float> xsum(rows * groups, 0.f);
-  for (int64_t m = 0; m < rows; ++m)
-    for (int64_t g = 0; g < groups; ++g)
-      for (int64_t k = g * group_size; k < (g + 1) * group_size; ++k) xsum[m * groups + g] += xfp[m * K + k];
+  const at::Tensor xc = x.contiguous();
+  thread_local WideRows wide;  // kept between calls; the tiles below read the caller's through xw
+  WideRows& xw = wide;
+  if (xc.scalar_type() == at::kFloat)
+    quantize_wide(xc.data_ptr<float>(), M, rows, K, group_size, zero_point, xw);
+  else
+    quantize_wide(xc.data_ptr<at::BFloat16>(), M, rows, K, group_size, zero_point, xw);
   const Output out(y, bias);
   const uint8_t* cp = codes.data_ptr<uint8_t>();
-  auto run = [&](auto* xp, auto* sp, auto* hp) {
-    using X = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
+  auto run = [&](auto* sp, auto* hp) {
     using S = std::remove_const_t<std::remove_pointer_t<decltype(sp)>>;
     parallel_tiles(N, rows, K * kTile, [&](int64_t t, int64_t m0, int64_t mt) {
       const uint8_t* tile = cp + t * K * kTile;
       const S* ts = sp + t * groups * kTile;
       const S* th = hp == nullptr ? nullptr : hp + t * groups * kTile;
-      const X* xm = xp + m0 * K;
-      const float* xs = xsum.data() + m0 * groups;
       const uint8_t* next = next_tile(tile, K * kTile, t, N, rows);
       const int64_t n0 = t * kTile;
       switch (mt) {
-        case 1: int8_float_tile<S, 1>(xm, xs, K, tile, ts, th, group_size, zero_point, out, m0, n0, next); break;
-        case 2: int8_float_tile<S, 2>(xm, xs, K, tile, ts, th, group_size, zero_point, out, m0, n0, next); break;
-        case 4: int8_float_tile<S, 4>(xm, xs, K, tile, ts, th, group_size, zero_point, out, m0, n0, next); break;
-        default: int8_float_tile<S, 8>(xm, xs, K, tile, ts, th, group_size, zero_point, out, m0, n0, next); break;
+        case 1: wide_tile<S, 1>(xw, m0, tile, ts, th, group_size, out, n0, next); break;
+        case 2: wide_tile<S, 2>(xw, m0, tile, ts, th, group_size, out, n0, next); break;
+        case 4: wide_tile<S, 4>(xw, m0, tile, ts, th, group_size, out, n0, next); break;
+        default: wide_tile<S, 8>(xw, m0, tile, ts, th, group_size, out, n0, next); break;
       }
     });
   };
-  auto with_x = [&](auto* sp, auto* hp) {
-    if (xr.scalar_type() == at::kBFloat16)
-      run(reinterpret_cast<const uint16_t*>(xr.data_ptr<at::BFloat16>()), sp, hp);
-    else
-      run(xfp, sp, hp);
-  };
   if (scale.scalar_type() == at::kFloat)
-    with_x(scale.data_ptr<float>(), shift.has_value() ? shift->data_ptr<float>() : nullptr);
+    run(scale.data_ptr<float>(), shift.has_value() ? shift->data_ptr<float>() : nullptr);
   else
-    with_x(scale.data_ptr<at::Half>(), shift.has_value() ? shift->data_ptr<at::Half>() : nullptr);
+    run(scale.data_ptr<at::Half>(), shift.has_value() ? shift->data_ptr<at::Half>() : nullptr);
   return y;
 }
 

@@ -79,12 +79,13 @@ class Avx512Int4Kernel(_Avx512IntKernel):
 
 
 class Avx512Int8FloatKernel(Avx512Int8Kernel):
-    """int8 weights against activations kept in float (``kernels.linear_int8_float``): for an output
-    head, where the error lands on the logits (``quant.on_load.head_kernel`` picks it); about as fast as
-    the int8-activation kernel at one row, the arithmetic heavier at many."""
+    """int8 weights against activations rounded to 16 bits, not 8 (``kernels.linear_int8_float``): for
+    an output head, where the error lands on the logits (``quant.on_load.head_kernel`` picks it); as fast
+    as the int8-activation kernel at one row (both stream the weights), half its speed at many rows
+    (16-bit products: half the multiplies per instruction)."""
 
     key = "avx512_int8_float"
-    description = "qwenkit AVX-512 int8 (float activations)"
+    description = "qwenkit AVX-512 VNNI int8 (16-bit activations)"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.linear_int8_float(x, self.packed)
