@@ -16,7 +16,8 @@ quantize`` default), gptq4-act (dynamic act-order), gptq4a (asym), gptq4a-act, g
 Group 128 is what is asked for; RTN and GPTQ variants use the size ``qwenkit quantize`` writes for the
 model (:func:`qwenkit.quant.group_size.choose_group_size`: 64 for SmolLM2, whose 576-wide layers 128
 does not tile). ``--partial-groups`` keeps 128 with a short last group, as the figures before
-2026-11-29 did. The ``runtime`` variants are ``--quantize``, which keeps 128 (no file, no other reader).
+2026-11-29 did. The ``runtime`` variants are ``--quantize``: 128 where it tiles a layer, else 64 or 32
+(no file, no other reader).
 """
 
 from __future__ import annotations

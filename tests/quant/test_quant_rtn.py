@@ -8,7 +8,7 @@ from torch import nn
 
 from qwenkit.quant.gptq_format import QuantizationError
 from qwenkit.quant.linear import QuantizedLinear
-from qwenkit.quant.rtn import quantize_model_rtn, quantize_weight_rtn
+from qwenkit.quant.rtn import default_group_size, quantize_model_rtn, quantize_weight_rtn
 
 
 @pytest.mark.parametrize(
@@ -67,3 +67,10 @@ def test_skips_lm_head_and_embeddings() -> None:
 def test_bad_arguments(bits: int, gs: int, message: str) -> None:
     with pytest.raises(QuantizationError, match=message):
         quantize_weight_rtn(torch.randn(8, 256), bits, gs)
+
+
+def test_runtime_groups_tile_every_layer():
+    """--quantize int4 keeps 128 where it tiles a layer and else takes the largest of 64 and 32 that does
+    (a short last group runs on no fast CPU kernel); int8 stays per channel; nothing tiles 144."""
+    assert [default_group_size(4, k) for k in (896, 576, 1536, 160, 144)] == [128, 64, 128, 32, 128]
+    assert default_group_size(8, 576) == -1

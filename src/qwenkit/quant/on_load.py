@@ -26,7 +26,7 @@ from qwenkit.quant.affine import AffineWeight
 from qwenkit.quant.embedding import QuantizedEmbedding
 from qwenkit.quant.gptq_format import IntWeight
 from qwenkit.quant.linear import QuantizedLinear
-from qwenkit.quant.rtn import DEFAULT_GROUP, DEFAULT_SYM, quantize_weight_rtn, replace_module
+from qwenkit.quant.rtn import DEFAULT_SYM, default_group_size, quantize_weight_rtn, replace_module
 
 EMBEDDING = "model.embed_tokens"
 HEAD = "lm_head"
@@ -120,7 +120,7 @@ def round_in_row_blocks(
     for i in range(0, out_f, rows):
         block = weight[i : i + rows]
         cast = block.to(device or block.device, dtype or block.dtype)
-        part = quantize_weight_rtn(cast, bits, DEFAULT_GROUP[bits], DEFAULT_SYM[bits])
+        part = quantize_weight_rtn(cast, bits, default_group_size(bits, in_f), DEFAULT_SYM[bits])
         del cast
         if release:
             release_pages(block.data_ptr(), block.nbytes)

@@ -23,6 +23,20 @@ DEFAULT_SKIP = ("lm_head",)
 # int8 per channel runs the fastest CPU kernel (aten._weight_int8pack_mm); int4 needs groups for accuracy.
 DEFAULT_GROUP = {8: -1, 4: 128}
 DEFAULT_SYM = {8: True, 4: False}
+# Smaller groups --quantize falls back to, largest first, for a layer the default does not tile.
+SMALLER_GROUPS = (64, 32)
+
+
+def default_group_size(bits: int, in_features: int) -> int:
+    """``--quantize``'s group size for a layer with ``in_features`` inputs: the default (int4: 128) where
+    it tiles the layer, else the largest of :data:`SMALLER_GROUPS` that does (SmolLM2's 576 inputs: 64).
+    A short last group runs on no fast CPU kernel (the AVX-512 ones need whole groups), and a smaller
+    group only costs one scale and zero per group, never quality. With no file written, no reader needs
+    one size for the whole model (``qwenkit quantize`` picks one: :mod:`qwenkit.quant.group_size`)."""
+    group = DEFAULT_GROUP[bits]
+    if group == -1 or in_features % group == 0:
+        return group
+    return next((g for g in SMALLER_GROUPS if in_features % g == 0), group)
 
 
 def quantize_weight_rtn(weight: torch.Tensor, bits: int, group_size: int = -1, sym: bool = True) -> IntWeight:
@@ -75,20 +89,21 @@ def quantize_model_rtn(
 ) -> nn.Module:
     """Replace every ``nn.Linear`` except ``skip`` (``lm_head`` by default) with an RTN-quantized one.
 
-    Defaults: int8 per channel symmetric, int4 groups of 128 asymmetric. An untied ``nn.Embedding`` stays
+    Defaults: int8 per channel symmetric, int4 groups of 128 asymmetric (64 or 32 for a layer that 128
+    does not tile: :func:`default_group_size`). An untied ``nn.Embedding`` stays
     float; one whose weight is tied to a quantized Linear becomes a :class:`QuantizedEmbedding` of it
     (the loader's ``--quantize`` passes ``skip=()``, so a tied model keeps one quantized copy). Returns
     the same model, modified in place.
     """
     check_bits_group(bits, -1)
-    group_size = DEFAULT_GROUP[bits] if group_size is None else group_size
     sym = DEFAULT_SYM[bits] if sym is None else sym
     tied: dict[int, list[tuple[str, nn.Embedding]]] = {}
     for name, m in model.named_modules(remove_duplicate=False):
         if isinstance(m, nn.Embedding):
             tied.setdefault(id(m.weight), []).append((name, m))
     for name, linear in _targets(model, skip):
-        w = quantize_weight_rtn(linear.weight, bits, group_size, sym)
+        group = default_group_size(bits, linear.in_features) if group_size is None else group_size
+        w = quantize_weight_rtn(linear.weight, bits, group, sym)
         bias = None if linear.bias is None else linear.bias.detach()
         new = QuantizedLinear.from_int(w, bias)
         replace_module(model, name, new)
