@@ -27,7 +27,14 @@ from tokenizers import Tokenizer
 from qwenkit.checkpoint.files import release_pages
 from qwenkit.checkpoint.gguf_config import ARCHITECTURES, build_hf_config
 from qwenkit.checkpoint.gguf_index import GGUFIndex, TensorEntry, read_index
-from qwenkit.checkpoint.gguf_quant import AFFINE_BITS, can_decode, decode_affine
+from qwenkit.checkpoint.gguf_quant import (
+    AFFINE_BITS,
+    REQUANTIZED,
+    REQUANTIZED_BITS,
+    can_decode,
+    decode_affine,
+    requantize_int8,
+)
 from qwenkit.checkpoint.gguf_tensors import (
     SUPPORTED_TYPES,
     HeadLayout,
@@ -91,9 +98,10 @@ class GGUFCheckpoint:
 
         Tensors are float32, except with ``keep_quantized``: then a projection or embedding weight whose
         block type maps exactly onto integer codes (``gguf_quant``) comes as an ``AffineWeight``, for
-        the loader to run in the file's own precision. A tied model yields no ``lm_head.weight``
-        (``hf_config["tie_word_embeddings"]`` says so), as its Hugging Face safetensors would not. F32
-        tensors are copy-on-write views of the file.
+        the loader to run in the file's own precision, and one in a type with groups of 16 (Q6_K, Q2_K,
+        Q3_K) as int8 codes rounded again from its floats (``gguf_quant.requantize_int8``). A tied model
+        yields no ``lm_head.weight`` (``hf_config["tie_word_embeddings"]`` says so), as its Hugging Face
+        safetensors would not. F32 tensors are copy-on-write views of the file.
         """
         for t in self._tensors:
             name = hf_name(t.name, self.architecture)
@@ -105,6 +113,9 @@ class GGUFCheckpoint:
                     codes = decode_affine(raw, t.tensor_type, shape)  # new arrays, no view of the file
                     release_pages(raw.ctypes.data, raw.nbytes)  # the file's pages: read once, done
                     yield from convert_affine(name, codes, self._heads)
+                elif keep_quantized and _requantized(name, t.tensor_type, shape):
+                    weights = dequantize_tensor(self._data(t), t.tensor_type, shape)
+                    yield from convert_affine(name, requantize_int8(weights), self._heads)
                 else:
                     weights = dequantize_tensor(self._data(t), t.tensor_type, shape)
                     yield from convert_tensor(name, weights, self._heads)
@@ -133,6 +144,8 @@ class GGUFCheckpoint:
             n = int(np.prod(shape, dtype=np.int64))
             if keep_quantized and _in_precision(name, t.tensor_type, shape):
                 total += n * AFFINE_BITS[t.tensor_type] // 8 + n // 32 * 8
+            elif keep_quantized and _requantized(name, t.tensor_type, shape):
+                total += n * REQUANTIZED_BITS // 8 + n // 32 * 8
             else:
                 total += n * dtype_size
         return total
@@ -243,3 +256,8 @@ def read_gguf(path: str | Path) -> GGUFCheckpoint:
 def _in_precision(name: str | None, qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> bool:
     """A weight that loads as integer codes: a projection or embedding in a type that maps exactly."""
     return name is not None and keeps_precision(name) and can_decode(qtype, shape)
+
+
+def _requantized(name: str | None, qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> bool:
+    """A projection or embedding weight in a type no kernel runs, loaded as int8 codes rounded again."""
+    return name is not None and keeps_precision(name) and qtype in REQUANTIZED and len(shape) == 2

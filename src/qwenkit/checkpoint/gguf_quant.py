@@ -10,17 +10,22 @@ type     bits  codes                                      scale, shift
 Q8_0     8     int8 q + 128                               d, -128 d
 Q4_0     4     nibble q                                   d, -8 d
 Q4_1     4     nibble q                                   d, m
-Q5_0     8     5-bit q (held in 8-bit codes)              d, -16 d
+Q5_0     8     5-bit q + 112 (in 8-bit codes)             d, -128 d
 Q5_1     8     5-bit q                                    d, m
 Q4_K     4     nibble q, 8 sub-blocks of 32 per 256       d * sc, -dmin * m (6-bit sc, m)
 Q5_K     8     5-bit q, 8 sub-blocks of 32 per 256        d * sc, -dmin * m
 =======  ====  =========================================  ===============================
 
-Each product ``code * scale`` is exact in float32 (at most 4-5 code bits times an 11-bit float16
-mantissa times a 6-bit sub-scale), and each scale and shift is exact, so ``code * scale + shift`` rounds
+Each product ``code * scale`` is exact in float32 (at most 8 code bits times an 11-bit float16
+mantissa, or for the K types 4-5 code bits times that mantissa times a 6-bit sub-scale), and each scale
+and shift is exact, so ``code * scale + shift`` rounds
 once, where gguf-py's own dequantizer rounds: the two agree bit for bit (tests/gguf/test_gguf_quant.py).
 Q6_K, Q2_K and Q3_K use groups of 16, which no quantized kernel runs, and Q6_K's 6-bit codes times its
-19-bit scales are not exact in float32; they stay on the float path.
+19-bit scales are not exact in float32. They are decoded to float by gguf-py and rounded again to int8
+codes per group of 32 (:func:`requantize_int8`, Q8_0's layout): each weight moves by at most half an int8
+step of its group (1/254 of the group's largest), an eighth of Q6_K's own step and about what a bfloat16
+copy's rounding moves it (1/512 of the weight itself), at half a bfloat16 copy's bytes. (Q6_K is the
+output tensor and half the ``ffn_down``/``attn_v`` of every Q4_K_M file.)
 
 Decoding is numpy over all blocks at once (a view of the memory-mapped bytes, no per-block Python).
 """
@@ -34,6 +39,7 @@ from gguf.constants import GGML_QUANT_SIZES
 from gguf.quants import Q4_K
 
 from qwenkit.quant.affine import AffineWeight
+from qwenkit.quant.quantizer import round_scale
 
 Q = GGMLQuantizationType
 GROUP = 32
@@ -58,6 +64,25 @@ def take_rows(w: AffineWeight, index: torch.Tensor | slice) -> AffineWeight:
         w.group_size,
         w.bits,
     )
+
+
+# Types loaded as int8 codes by rounding their decoded floats again (groups of 16: no kernel runs them).
+REQUANTIZED = (Q.Q2_K, Q.Q3_K, Q.Q6_K)
+REQUANTIZED_BITS = 8
+
+
+def requantize_int8(weight: torch.Tensor) -> AffineWeight:
+    """A float (out, in) weight as symmetric int8 codes per group of 32 (``in`` a multiple of 32): each
+    group's scale is its largest |w| / 127 rounded up to a float16 value, code = round(w / scale) + 128,
+    so ``|w - (code - 128) * scale| <= scale / 2``."""
+    out_f, in_f = weight.shape
+    if in_f % GROUP:
+        raise ValueError(f"cannot requantize a weight of {in_f} inputs in groups of {GROUP}")
+    groups = weight.float().reshape(out_f, in_f // GROUP, GROUP)
+    scale = round_scale(groups.abs().amax(-1, keepdim=True) / 127)  # (out, G, 1), never 0
+    codes = (torch.round(groups / scale).clamp(-127, 127) + 128).to(torch.uint8).reshape(out_f, in_f)
+    scale = scale.view(out_f, -1).T.contiguous()
+    return AffineWeight(codes, scale, -128 * scale, GROUP, REQUANTIZED_BITS)
 
 
 def can_decode(qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> bool:
@@ -122,8 +147,10 @@ def _q4_1(b: np.ndarray):
 
 
 def _q5_0(b: np.ndarray):
+    # q - 16 held as (q + 112) - 128: Q8_0's zero point, so both run the int8 kernel's integer zero point
+    # (no float shift) and a layer's Q5_0 and Q8_0 projections fuse into one product
     d = _f16(b[:, 0:2])
-    return _nibbles(b[:, 6:]) | _high_bits(b[:, 2:6]), d, -16 * d
+    return (_nibbles(b[:, 6:]) | _high_bits(b[:, 2:6])) + np.uint8(112), d, -128 * d
 
 
 def _q5_1(b: np.ndarray):
