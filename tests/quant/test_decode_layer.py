@@ -17,6 +17,7 @@ from qwenkit.checkpoint import load_model, prepared_cache
 from qwenkit.engine import Engine, SamplingParams
 from qwenkit.engine.forward import ForwardCall, run_forward
 from qwenkit.engine.kv_cache import PagedKVCache
+from qwenkit.quant.fused import fuse_for_inference
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="AVX-512 kernels not built on this CPU")
 
@@ -163,3 +164,28 @@ def test_decode_layer_takes_strided_slots(tmp_path, monkeypatch) -> None:
         outs.append((y, pool_k, pool_v))
     assert all(torch.equal(a, b) for a, b in zip(*outs, strict=True))
     assert outs[0][1][[2, 6]].abs().sum() > 0  # the step's K went to its slots
+
+
+def test_decode_layer_runs_q_k_v_of_different_kinds_as_three_products(tmp_path, monkeypatch) -> None:
+    """q/k at int4 and v at int8 (as a GGUF file's Q4_K q/k beside a Q6_K v) do not fuse into one
+    product; the layer still runs as one kernel call, with the three products side by side, and equals
+    the modules bit for bit."""
+    path = save_hf(hf_model("qwen2", intermediate_size=256), tmp_path / "m")
+    monkeypatch.setenv(prepared_cache.ENV_SWITCH, "off")
+    model, _ = load_model(path, dtype="bfloat16", quantize="int4", progress=False, fast_kernels=False)
+    int8, _ = load_model(path, dtype="bfloat16", quantize="int8", progress=False, fast_kernels=False)
+    for layer, other in zip(model.model.layers, int8.model.layers, strict=True):
+        layer.self_attn.v_proj = other.self_attn.v_proj
+    fuse_for_inference(model)
+    attn = model.model.layers[0].self_attn
+    assert attn.qkv_proj is None and {attn.q_proj.bits, attn.v_proj.bits} == {4, 8}
+    assert all(layer.decode_weights is not None for layer in model.model.layers)
+    fused, fused_cache = _steps(model, 4)
+    for layer in model.model.layers:
+        layer.decode_weights = None
+    plain, plain_cache = _steps(model, 4)
+    for a, b in zip(fused, plain, strict=True):
+        assert torch.equal(a, b)
+    used = _written_slots(4)
+    for k1, k2 in zip(fused_cache.k + fused_cache.v, plain_cache.k + plain_cache.v, strict=True):
+        assert torch.equal(k1[used], k2[used])

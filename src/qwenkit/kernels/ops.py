@@ -441,11 +441,13 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
 class DecodeLayerWeights:
     """A decoder layer's weights as :func:`decode_layer`'s argument lists (built by ``quant.fused``).
 
-    tensors: input norm weight, post-attention norm weight, then for q/k/v, o, gate/up and down: packed
-    weight or codes, scale, shift, bias; then the q and k norm weights (Qwen3); an empty tensor where
-    absent. ints: heads, KV heads, head dim, then per linear: bits (16 for bf16), group size, outputs,
-    zero point, bias mode (0 none, 1 added before rounding, 2 added to the rounded output). floats:
-    the two norms' eps, the attention scale, the q and k norms' eps.
+    tensors: input norm weight, post-attention norm weight, then for q/k/v (or q alone), o, gate/up and
+    down: packed weight or codes, scale, shift, bias; then the q and k norm weights (Qwen3); then k and
+    v as two more linears where q/k/v are three products (weights of different kinds); an empty tensor
+    where absent. ints: heads, KV heads, head dim, then per linear (k's and v's last): bits (16 for
+    bf16, 0 absent), group size, outputs, zero point, bias mode (0 none, 1 added before rounding, 2
+    added to the rounded output). floats: the two norms' eps, the attention scale, the q and k norms'
+    eps.
     """
 
     tensors: list[torch.Tensor]

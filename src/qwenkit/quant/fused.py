@@ -112,25 +112,34 @@ _ABSENT = torch.empty(0)
 
 def decode_layer_weights(layer: DecoderLayer) -> kernels.DecodeLayerWeights | None:
     """The layer's weights as ``kernels.decode_layer`` arguments (the same tensors, not copies), or None
-    where a part does not run on the kernels alike: MoE, unfused projections, act-order."""
+    where a part does not run on qwenkit's kernels: MoE, an unfused gate/up, act-order."""
     attn, mlp = layer.self_attn, layer.mlp
     norms = (layer.input_layernorm, layer.post_attention_layernorm)
     head_norms = () if attn.q_norm is None else (attn.q_norm, attn.k_norm)
     if (
         type(mlp) is not MLP
         or mlp.gate_up_silu is None
-        or attn.qkv_proj is None
         or any(type(n) is not FastRMSNorm or n.weight.dtype != torch.bfloat16 for n in norms + head_norms)
     ):
         return None
+    # q/k/v as one product, or as three where they did not fuse (weights of different kinds)
+    qkv = [attn.qkv_proj] if attn.qkv_proj is not None else [getattr(attn, n) for n in ATTENTION_PARTS]
     tensors = [n.weight.detach() for n in norms]
     ints = [attn.n_heads, attn.n_kv, attn.head_dim]
-    for linear in (attn.qkv_proj, attn.o_proj, mlp.gate_up_silu.linear, mlp.down_proj):
+    extra_tensors: list[torch.Tensor] = [_ABSENT] * 8
+    extra_ints = [0] * 10
+    for linear in (qkv[0], attn.o_proj, mlp.gate_up_silu.linear, mlp.down_proj):
         args = _linear_args(linear)
         if args is None:
             return None
         tensors += args[0]
         ints += args[1]
+    if len(qkv) == 3:
+        parts = [_linear_args(linear) for linear in qkv[1:]]
+        if any(a is None for a in parts):
+            return None
+        extra_tensors = [t for a in parts for t in a[0]]
+        extra_ints = [i for a in parts for i in a[1]]
     floats = [norms[0].eps, norms[1].eps, attn.head_dim**-0.5]
     if head_norms:  # Qwen3's q and k norms
         tensors += [n.weight.detach() for n in head_norms]
@@ -138,7 +147,7 @@ def decode_layer_weights(layer: DecoderLayer) -> kernels.DecodeLayerWeights | No
     else:
         tensors += [_ABSENT, _ABSENT]
         floats += [0.0, 0.0]
-    return kernels.DecodeLayerWeights(tensors, ints, floats)
+    return kernels.DecodeLayerWeights(tensors + extra_tensors, ints + extra_ints, floats)
 
 
 def _linear_args(m: nn.Module) -> tuple[list[torch.Tensor], list[int]] | None:

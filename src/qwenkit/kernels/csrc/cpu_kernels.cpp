@@ -1309,19 +1309,19 @@ at::Tensor head_norm(const at::Tensor& x, const at::Tensor& weight, double eps) 
   return at::mul(weight, at::rms_norm(x.to(at::kFloat), {D}, c10::nullopt, eps).to(at::kBFloat16));
 }
 
-// tensors: [input norm weight, post-attention norm weight, then per linear (q/k/v, o, gate/up, down):
-//           weight or codes, scale, shift, bias, then the q and k norm weights (Qwen3)] (an empty
-//           tensor where absent)
-// ints:    [H, Hkv, D, then per linear: bits, group_size, N, zero_point, bias mode (0 none, 1 added in
-//           fp32 before rounding, 2 added to the rounded output)]
+// tensors: [input norm weight, post-attention norm weight, then per linear (q/k/v or q alone, o, gate/up,
+//           down): weight or codes, scale, shift, bias, then the q and k norm weights (Qwen3), then
+//           k and v as two more linears when q/k/v are three products] (an empty tensor where absent)
+// ints:    [H, Hkv, D, then per linear: bits (0: absent), group_size, N, zero_point, bias mode (0 none,
+//           1 added in fp32 before rounding, 2 added to the rounded output); k's and v's last]
 // floats:  [input norm eps, post-attention norm eps, attention scale, q norm eps, k norm eps]
 // x (M, hidden) bf16; pools (slots, Hkv, D) bf16, written at `slots` (M,); gather (M, S), positions (M,)
 // as decode_attention; cos/sin (1, M, rot) as rope_. Returns the layer's output (M, hidden).
 at::Tensor decode_layer(const at::Tensor& x, at::TensorList tensors, at::IntArrayRef ints, at::ArrayRef<double> floats,
                         at::Tensor k_pool, at::Tensor v_pool, const at::Tensor& slots, const at::Tensor& gather,
                         const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin) {
-  TORCH_CHECK(tensors.size() == 20 && ints.size() == 23 && floats.size() == 5,
-              "qwenkit decode_layer: expected 20 tensors, 23 ints and 5 floats, got ", tensors.size(), ", ",
+  TORCH_CHECK(tensors.size() == 28 && ints.size() == 33 && floats.size() == 5,
+              "qwenkit decode_layer: expected 28 tensors, 33 ints and 5 floats, got ", tensors.size(), ", ",
               ints.size(), " and ", floats.size());
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.size(0) >= 1 && x.size(0) <= 16,
               "qwenkit decode_layer: x must be (rows, hidden) bfloat16 with 1..16 rows, got ", x.sizes());
@@ -1332,11 +1332,12 @@ at::Tensor decode_layer(const at::Tensor& x, at::TensorList tensors, at::IntArra
               "qwenkit decode_layer: the pools must be contiguous bfloat16 (slots, ", Hkv, ", ", D, ")");
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.numel() == M,
               "qwenkit decode_layer: slots must hold one int64 slot per row");
-  LayerLinear lin[4];
-  for (int i = 0; i < 4; ++i) {
+  LayerLinear lin[6];  // q/k/v (or q), o, gate/up, down, then k and v when q/k/v are three products
+  for (int i = 0; i < 6; ++i) {
     LayerLinear& l = lin[i];
-    auto t = [&](int j) { const at::Tensor& v = tensors[2 + 4 * i + j]; return v.numel() ? v : at::Tensor(); };
-    l.w = tensors[2 + 4 * i];
+    const int64_t first = i < 4 ? 2 + 4 * i : 20 + 4 * (i - 4);  // after the q and k norm weights
+    auto t = [&](int j) { const at::Tensor& v = tensors[first + j]; return v.numel() ? v : at::Tensor(); };
+    l.w = tensors[first];
     l.scale = t(1);
     l.shift = t(2);
     l.bias = t(3);
@@ -1346,13 +1347,21 @@ at::Tensor decode_layer(const at::Tensor& x, at::TensorList tensors, at::IntArra
     l.N = c[2];
     l.zero_point = c[3];
     l.bias_after_rounding = c[4] == 2;
-    TORCH_CHECK(l.bits == 16 || l.bits == 8 || l.bits == 4, "qwenkit decode_layer: bits must be 16, 8 or 4");
+    TORCH_CHECK(l.bits == 16 || l.bits == 8 || l.bits == 4 || (i >= 4 && l.bits == 0),
+                "qwenkit decode_layer: bits must be 16, 8 or 4");
   }
-  TORCH_CHECK(lin[0].N == (H + 2 * Hkv) * D, "qwenkit decode_layer: the q/k/v product has ", lin[0].N,
-              " outputs, the heads need ", (H + 2 * Hkv) * D);
+  const bool three = lin[4].bits != 0;
+  TORCH_CHECK(three == (lin[5].bits != 0), "qwenkit decode_layer: k and v come as two linears or none");
+  const int64_t qkv_n = three ? lin[0].N + lin[4].N + lin[5].N : lin[0].N;
+  TORCH_CHECK(qkv_n == (H + 2 * Hkv) * D && (!three || (lin[0].N == H * D && lin[4].N == Hkv * D)),
+              "qwenkit decode_layer: the q/k/v products have ", qkv_n, " outputs, the heads need ",
+              (H + 2 * Hkv) * D);
   // attention
   at::Tensor h = rms_norm(x, tensors[0], floats[0]);
-  at::Tensor qkv = run_linear(lin[0], h);  // (M, (H + 2 Hkv) D)
+  // (M, (H + 2 Hkv) D): one product, or q, k and v side by side (their weights differ in kind, as a
+  // GGUF file's Q4_K q/k and Q6_K v)
+  at::Tensor qkv = three ? at::cat({run_linear(lin[0], h), run_linear(lin[4], h), run_linear(lin[5], h)}, 1)
+                         : run_linear(lin[0], h);
   at::Tensor heads = qkv.view({1, M, H + 2 * Hkv, D});
   if (tensors[18].numel()) {  // Qwen3: each q and k head normalized before RoPE, as the modules do
     heads.narrow(2, 0, H).copy_(head_norm(heads.narrow(2, 0, H), tensors[18], floats[3]));
