@@ -17,9 +17,12 @@ Q5_K     8     5-bit q, 8 sub-blocks of 32 per 256        d * sc, -dmin * m
 =======  ====  =========================================  ===============================
 
 Each product ``code * scale`` is exact in float32 (at most 8 code bits times an 11-bit float16
-mantissa, or for the K types 4-5 code bits times that mantissa times a 6-bit sub-scale), and each scale
-and shift is exact, so ``code * scale + shift`` rounds
-once, where gguf-py's own dequantizer rounds: the two agree bit for bit (tests/gguf/test_gguf_quant.py).
+mantissa), and each scale and shift is exact, so ``code * scale + shift`` rounds once, where gguf-py's
+own dequantizer rounds: the two agree bit for bit (tests/gguf/test_gguf_quant.py). The K types are the
+exception: a sub-block's ``d * sc`` and ``dmin * m`` have up to 17 significant bits, and kept exact they
+need float32, 8 bytes per 32 weights (0.75 bytes a weight for Q4_K's 0.56). They are rounded to the
+nearest float16 value instead, so the kernels hold them at 2 bytes each: a weight moves by at most
+2^-11 of ``|code * scale| + |shift|``, under a hundredth of the block's own step.
 Q6_K, Q2_K and Q3_K use groups of 16, which no quantized kernel runs, and Q6_K's 6-bit codes times its
 19-bit scales are not exact in float32. They are decoded to float by gguf-py and rounded again to int8
 codes per group of 32 (:func:`requantize_int8`, Q8_0's layout): each weight moves by at most half an int8
@@ -158,10 +161,20 @@ def _q5_1(b: np.ndarray):
 
 
 def _k_scales(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Q4_K/Q5_K super-block header -> (nb, 8) sub-block scales ``d * sc`` and shifts ``-dmin * m``."""
+    """Q4_K/Q5_K super-block header -> (nb, 8) sub-block scales ``d * sc`` and shifts ``-dmin * m``,
+    each rounded to the nearest float16 value (see the module's note)."""
     d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
     sc, m = Q4_K.get_scale_min(b[:, 4:16])
-    return d[:, None] * sc.astype(np.float32), -(dmin[:, None] * m.astype(np.float32))
+    scale, shift = d[:, None] * sc.astype(np.float32), -(dmin[:, None] * m.astype(np.float32))
+    return _to_f16_values(scale), _to_f16_values(shift)
+
+
+def _to_f16_values(x: np.ndarray) -> np.ndarray:
+    """float32 values rounded to the nearest float16 value, kept as float32 (so the kernels pack them at
+    two bytes); values beyond float16's range keep float32."""
+    with np.errstate(over="ignore"):
+        r = x.astype(np.float16).astype(np.float32)
+    return np.where(np.isfinite(r), r, x)
 
 
 def _k_nibbles(qs: np.ndarray) -> np.ndarray:
