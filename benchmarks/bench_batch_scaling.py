@@ -6,7 +6,8 @@ speed drifts from minute to minute, so both sides of a ratio are taken side by s
 engine the CLI and the server use, 16-token prompts, prefill excluded. Models: the bundled SmolLM2 GGUF
 (Q4_1 layers, Q8_0 head) and random-weight checkpoints of the exact Qwen2.5-0.5B and 1.5B shapes (the
 ones ``bench_vs_llamacpp.py`` builds, made here when missing) in bfloat16 and with ``--quantize int8`` /
-``int4``.
+``int4``, and (``--precisions q4_k_m``, not by default) llama.cpp's Q4_K_M file of each shape, which
+qwenkit loads in its own precision (``bench_vs_llamacpp.py --pairs q4_k_m`` makes it).
 
 The peer: with ``--llama-bin DIR`` (the directory holding llama.cpp's ``llama-batched-bench``, which
 ``bench_vs_llamacpp.py`` builds beside libllama), each round also runs llama.cpp on the same model at the
@@ -34,8 +35,9 @@ from bench_vs_llamacpp import SHAPES, write_anchor
 from qwenkit.checkpoint import load_model
 from qwenkit.default_model import default_model_path
 
-QUANTIZE = {"bf16": None, "int8": "int8", "int4": "int4"}
-LLAMA_FTYPE = {"bf16": "f16", "int8": "q8_0", "int4": "q4_0"}  # llama.cpp's file at the same bits
+QUANTIZE = {"bf16": None, "int8": "int8", "int4": "int4", "q4_k_m": None}
+# llama.cpp's file at the same bits; q4_k_m: its Q4_K_M file, which qwenkit loads too (own precision)
+LLAMA_FTYPE = {"bf16": "f16", "int8": "q8_0", "int4": "q4_0", "q4_k_m": "q4_k_m"}
 PROMPT = 16  # tokens per request, as decode_rate's default
 
 
@@ -61,6 +63,9 @@ def runs(models: list[str], precisions: list[str], work: Path) -> list[Run]:
             write_anchor(path, SHAPES[model])
         for p in precisions:
             gguf = work / f"{path.name}-{LLAMA_FTYPE[p]}.gguf"
+            if p == "q4_k_m":  # both tools read the same file
+                out.append(Run(f"Qwen2.5-{model.upper()} Q4_K_M GGUF", gguf, None, gguf, "the same GGUF"))
+                continue
             out.append(Run(f"Qwen2.5-{model.upper()} {p}", path, QUANTIZE[p], gguf, LLAMA_FTYPE[p]))
     return out
 
@@ -106,7 +111,11 @@ def main() -> None:
         if not bench.exists():
             ap.error(f"no llama-batched-bench in {args.llama_bin} (bench_vs_llamacpp.py builds it)")
     plan = runs(models, precisions, args.work)
-    missing = [str(run.gguf) for run in plan if bench is not None and not run.gguf.exists()]
+    missing = [
+        str(run.gguf)
+        for run in plan
+        if (bench is not None or run.checkpoint == run.gguf) and not run.gguf.exists()
+    ]
     if missing:
         ap.error("llama.cpp's GGUFs are missing (bench_vs_llamacpp.py converts them): " + ", ".join(missing))
     threads = torch.get_num_threads()

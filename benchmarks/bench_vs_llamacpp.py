@@ -4,7 +4,9 @@ Builds the anchor models once (random weights, the exact Qwen2.5-0.5B and 1.5B s
 checkpoint with the real Qwen tokenizer), converts each to GGUF with llama.cpp's own converter
 (``convert_hf_to_gguf.py``, f16) and quantizer (``llama_model_quantize``: q8_0, q4_0), then times qwenkit
 and llama.cpp (through llama-cpp-python) alternately, each measurement in a fresh process, for several
-rounds. Pairs: bfloat16 vs f16, ``--quantize int8`` vs q8_0, ``--quantize int4`` vs q4_0. Prints decode
+rounds. Pairs: bfloat16 vs f16, ``--quantize int8`` vs q8_0, ``--quantize int4`` vs q4_0, and
+``q4_k_m``: llama.cpp's Q4_K_M file (its quantizer, ftype 15), which qwenkit loads itself, in the
+file's own precision (the type most GGUF files are published in; not run by default). Prints decode
 and prefill tokens/s (median over rounds), the ratio to llama.cpp, the fraction of the memory-bandwidth
 limit (weight bytes read per token x tokens/s over a bandwidth measured in the same run) and peak
 resident memory.
@@ -33,9 +35,14 @@ from pathlib import Path
 from shapes import QWEN25_05B, QWEN25_15B  # benchmarks/shapes.py, beside this script
 
 SHAPES = {"0.5b": QWEN25_05B, "1.5b": QWEN25_15B}
-# pair -> (qwenkit --quantize, llama.cpp file type)
-PAIRS = {"bf16": (None, "f16"), "int8": ("int8", "q8_0"), "int4": ("int4", "q4_0")}
-LLAMA_FTYPE = {"q8_0": 7, "q4_0": 2}  # enum llama_ftype
+# pair -> (qwenkit --quantize, or "gguf": qwenkit loads llama.cpp's file itself; llama.cpp file type)
+PAIRS = {
+    "bf16": (None, "f16"),
+    "int8": ("int8", "q8_0"),
+    "int4": ("int4", "q4_0"),
+    "q4_k_m": ("gguf", "q4_k_m"),  # the file type most GGUFs are published in, in its own precision
+}
+LLAMA_FTYPE = {"q8_0": 7, "q4_0": 2, "q4_k_m": 15}  # enum llama_ftype
 
 PROMPT_IDS = "[(i * 13) % 1000 + 10 for i in range({n})]"
 
@@ -254,8 +261,13 @@ def bandwidth_gbs(threads: int) -> float:
     return best
 
 
-def weight_bytes_per_token(config: dict, pair: str) -> float:
-    """Bytes of weights read to decode one token: every layer, plus the output head (embedding row free)."""
+def weight_bytes_per_token(config: dict, pair: str, gguf: Path) -> float:
+    """Bytes of weights read to decode one token: every layer, plus the output head (embedding row free).
+    For a GGUF pair, the file's own tensors (the anchors tie the head to the embedding table)."""
+    if PAIRS[pair][0] == "gguf":
+        from gguf import GGUFReader
+
+        return float(sum(int(t.n_bytes) for t in GGUFReader(str(gguf)).tensors))
     h, f, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
     heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
     d = h // heads
@@ -288,6 +300,10 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     src, lib = (args.llama_src, args.llama_lib) if args.llama_src else build_llama(args.work)
     shapes, pairs = args.shapes.split(","), args.pairs.split(",")
+    for name, asked, known in (("shape", shapes, SHAPES), ("pair", pairs, PAIRS)):
+        for a in asked:
+            if a not in known:
+                ap.error(f"unknown {name} {a!r}: choose from {', '.join(known)}")
 
     models: dict[tuple[str, str], tuple[Path, Path]] = {}
     for shape in shapes:
@@ -314,8 +330,8 @@ def main() -> None:
                             sys.executable,
                             "-c",
                             qk_code,
-                            str(hf),
-                            PAIRS[pair][0] or "none",
+                            str(gguf if PAIRS[pair][0] == "gguf" else hf),
+                            "none" if PAIRS[pair][0] in (None, "gguf") else PAIRS[pair][0],
                             str(args.prompt),
                             str(args.tokens),
                             str(args.threads),
@@ -368,9 +384,10 @@ def main() -> None:
                 for k in results[shape, pair, "qwenkit"][0]
             }
             ll = {k: statistics.median(x[k] for x in results[shape, pair, "llama.cpp"]) for k in q}
-            limit = bw * 1e9 / weight_bytes_per_token(SHAPES[shape], pair)
+            limit = bw * 1e9 / weight_bytes_per_token(SHAPES[shape], pair, models[shape, pair][1])
+            ours = {"bf16": "bfloat16", "q4_k_m": "the Q4_K_M file"}.get(pair, pair)
             print(
-                f"| Qwen2.5-{shape.upper()} | {pair if pair != 'bf16' else 'bfloat16'} | {PAIRS[pair][1]} "
+                f"| Qwen2.5-{shape.upper()} | {ours} | {PAIRS[pair][1]} "
                 f"| {q['decode']:.1f} | {ll['decode']:.1f} | {q['decode'] / ll['decode']:.2f} "
                 f"| {100 * q['decode'] / limit:.0f}% / {100 * ll['decode'] / limit:.0f}% "
                 f"| {q['prefill']:.0f} | {ll['prefill']:.0f} | {q['prefill'] / ll['prefill']:.2f} "
