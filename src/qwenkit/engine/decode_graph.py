@@ -87,6 +87,10 @@ class StaticDecodeAttention:
         hidden = torch.zeros(visible.shape, dtype=cache.k[0].dtype, device=packed.device)
         self.mask = hidden.masked_fill(~visible, float("-inf"))[:, None, None, :]
 
+    def decode_pool(self, layer: int) -> None:
+        """Never: the static-shape step runs the modules (the shapes a CUDA graph captures)."""
+        return None
+
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q (Bb, H, 1, D), k/v (Bb, Hkv, 1, D) -> (Bb, H, 1, D)."""
         kc, vc = self.cache.k[layer], self.cache.v[layer]

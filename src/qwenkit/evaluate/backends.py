@@ -209,6 +209,10 @@ class _PrefixCache:
         self.v: dict[int, torch.Tensor] = {}
         self.filling = True
 
+    def decode_pool(self, layer: int) -> None:
+        """Never: scoring runs the modules."""
+        return None
+
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         gqa = q.shape[1] != k.shape[1]
         if self.filling:

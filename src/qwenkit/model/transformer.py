@@ -38,16 +38,6 @@ class DecoderLayer(nn.Module):
         self.decode_weights: kernels.DecodeLayerWeights | None = None
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
-        if self.decode_weights is not None and inputs.logn is None:
-            # a KV cache that can hand a pure decode step's pool to one kernel call (the engine's paged
-            # cache, on the fast kernels, when every row decodes one token)
-            pool_of = getattr(inputs.cache, "decode_pool", None)
-            pool = pool_of(self.self_attn.layer_idx) if pool_of is not None else None
-            if pool is not None and x.shape[0] == 1:
-                # cos/sin are already in the dtype RoPE runs in (Transformer.forward casts them once)
-                cos, sin = inputs.cos[:, 0], inputs.sin[:, 0]
-                y = kernels.decode_layer(x[0], self.decode_weights, *pool, cos, sin)
-                return y[None]
         x = x + self.self_attn(self.input_layernorm(x), inputs)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -108,8 +98,22 @@ class Transformer(nn.Module):
                 raise ValueError("segment_ids apply to a whole-sequence forward, not to a KV-cache step")
             mask = segment_mask(segment_ids)
         inputs = AttentionInputs(cos=cos, sin=sin, logn=logn, cache=cache, mask=mask)
+        # A decode step the cache can hand to kernels.decode_layer (every row one token, B == 1 as the
+        # engine flattens its rows) runs each layer that has decode weights as one call, x kept 2-D.
+        whole = cache is not None and logn is None and B == 1
+        cos2, sin2 = (cos[:, 0], sin[:, 0]) if whole else (cos, sin)  # (1, rows, rot), RoPE's dtype
+        rows: torch.Tensor | None = None  # x[0] while consecutive layers run on the kernel
         for layer in self.model.layers:
+            weights = layer.decode_weights if whole else None
+            pool = cache.decode_pool(layer.self_attn.layer_idx) if weights is not None else None
+            if pool is not None:
+                rows = kernels.decode_layer(x[0] if rows is None else rows, weights, *pool, cos2, sin2)
+                continue
+            if rows is not None:
+                x, rows = rows[None], None
             x = layer(x, inputs)
+        if rows is not None:
+            x = rows[None]
         if logits_index is not None:
             x = x.reshape(B * T, -1)[logits_index]  # (K, hidden)
         return self.lm_head(self.model.norm(x))
