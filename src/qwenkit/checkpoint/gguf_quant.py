@@ -27,7 +27,7 @@ Q6_K, Q2_K and Q3_K use groups of 16, which no quantized kernel runs, and Q6_K's
 19-bit scales are not exact in float32. They are decoded to float by gguf-py and rounded again to int8
 codes per group of 32 (:func:`requantize_int8`, Q8_0's layout): each weight moves by at most half an int8
 step of its group (1/254 of the group's largest), an eighth of Q6_K's own step and about what a bfloat16
-copy's rounding moves it (1/512 of the weight itself), at half a bfloat16 copy's bytes. (Q6_K is the
+copy's rounding moves it (up to 1/256 of the weight itself), at half a bfloat16 copy's bytes. (Q6_K is the
 output tensor and half the ``ffn_down``/``attn_v`` of every Q4_K_M file.)
 
 Decoding is numpy over all blocks at once (a view of the memory-mapped bytes, no per-block Python).
@@ -171,10 +171,11 @@ def _k_scales(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _to_f16_values(x: np.ndarray) -> np.ndarray:
     """float32 values rounded to the nearest float16 value, kept as float32 (so the kernels pack them at
-    two bytes); values beyond float16's range keep float32."""
+    two bytes); values beyond float16's normal range (where it keeps fewer than 11 bits) stay float32."""
     with np.errstate(over="ignore"):
         r = x.astype(np.float16).astype(np.float32)
-    return np.where(np.isfinite(r), r, x)
+    normal = np.isfinite(r) & ((np.abs(x) >= np.finfo(np.float16).tiny) | (x == 0))
+    return np.where(normal, r, x)
 
 
 def _k_nibbles(qs: np.ndarray) -> np.ndarray:
