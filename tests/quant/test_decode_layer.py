@@ -73,6 +73,20 @@ def _steps(model, decode_steps: int) -> tuple[list[torch.Tensor], PagedKVCache]:
     return out, cache
 
 
+def _assert_kernel_path_equals_modules(model, decode_steps: int) -> None:
+    """Decode steps with every layer's decode_weights, then with none (the module path): the same logits
+    and the same K/V in every written slot, bit for bit."""
+    fused, fused_cache = _steps(model, decode_steps)
+    for layer in model.model.layers:
+        layer.decode_weights = None  # the module path
+    plain, plain_cache = _steps(model, decode_steps)
+    for a, b in zip(fused, plain, strict=True):
+        assert torch.equal(a, b)
+    used = _written_slots(decode_steps)
+    for k1, k2 in zip(fused_cache.k + fused_cache.v, plain_cache.k + plain_cache.v, strict=True):
+        assert torch.equal(k1[used], k2[used])
+
+
 @pytest.mark.parametrize(
     ("family", "quantize"),
     [
@@ -98,16 +112,8 @@ def test_decode_layer_equals_modules(tmp_path, monkeypatch, family, quantize) ->
     calls = []
     run_layer = kernels.decode_layer
     monkeypatch.setattr(kernels, "decode_layer", lambda *a: calls.append(1) or run_layer(*a))
-    fused, fused_cache = _steps(model, 6)
+    _assert_kernel_path_equals_modules(model, 6)
     assert len(calls) == 6 * len(weights)  # every decode step, every layer: one kernel call
-    for layer in model.model.layers:
-        layer.decode_weights = None  # the module path
-    plain, plain_cache = _steps(model, 6)
-    for a, b in zip(fused, plain, strict=True):
-        assert torch.equal(a, b)
-    used = _written_slots(6)
-    for k1, k2 in zip(fused_cache.k + fused_cache.v, plain_cache.k + plain_cache.v, strict=True):
-        assert torch.equal(k1[used], k2[used])
 
 
 def test_decode_layer_keeps_batch_invariance(tmp_path, monkeypatch) -> None:
@@ -180,12 +186,4 @@ def test_decode_layer_runs_q_k_v_of_different_kinds_as_three_products(tmp_path, 
     attn = model.model.layers[0].self_attn
     assert attn.qkv_proj is None and {attn.q_proj.bits, attn.v_proj.bits} == {4, 8}
     assert all(layer.decode_weights is not None for layer in model.model.layers)
-    fused, fused_cache = _steps(model, 4)
-    for layer in model.model.layers:
-        layer.decode_weights = None
-    plain, plain_cache = _steps(model, 4)
-    for a, b in zip(fused, plain, strict=True):
-        assert torch.equal(a, b)
-    used = _written_slots(4)
-    for k1, k2 in zip(fused_cache.k + fused_cache.v, plain_cache.k + plain_cache.v, strict=True):
-        assert torch.equal(k1[used], k2[used])
+    _assert_kernel_path_equals_modules(model, 4)
