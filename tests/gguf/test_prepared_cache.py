@@ -259,3 +259,47 @@ def test_a_killed_writers_temporary_file_is_removed_on_the_next_store(cache, bui
     load_model(gguf_file, dtype="bfloat16", progress=False, fast_kernels=True)
     assert len(builds) == 1 and list(cache.glob("*.pt"))  # built and stored
     assert not crashed.exists() and in_progress.exists()
+
+
+def test_the_cache_stays_under_its_size_by_removing_the_least_recently_used(
+    cache, builds, tmp_path, gguf_writer, monkeypatch
+):
+    model = hf_model("qwen2", hidden_size=128, intermediate_size=256)
+    files = [
+        gguf_writer(tmp_path / f"m{i}.gguf", "qwen2", model.config.to_dict(), model.state_dict(), Q.Q4_0)
+        for i in range(3)
+    ]
+    load_model(files[0], progress=False)
+    (a,) = cache.glob("*.pt")
+    monkeypatch.setenv(prepared_cache.MAX_SIZE_ENV, str(2.5 * a.stat().st_size / 2**30))  # room for two
+    load_model(files[1], progress=False)
+    (b,) = set(cache.glob("*.pt")) - {a}
+    load_model(files[0], progress=False)  # a hit: a is now used more recently than b
+    assert len(builds) == 2
+    load_model(files[2], progress=False)
+    (c,) = set(cache.glob("*.pt")) - {a, b}
+    assert set(cache.glob("*.pt")) == {a, c}  # b, the least recently used, made room
+    load_model(files[1], progress=False)  # b again: built, and a is now the oldest
+    assert len(builds) == 4 and set(cache.glob("*.pt")) == {b, c}
+
+
+def test_an_entry_larger_than_the_cache_is_not_written_and_evicts_nothing(
+    cache, builds, gguf_file, monkeypatch
+):
+    load_model(gguf_file, progress=False, dtype="bfloat16")
+    (kept,) = cache.glob("*.pt")
+    monkeypatch.setenv(prepared_cache.MAX_SIZE_ENV, str(kept.stat().st_size / 2 / 2**30))
+    load_model(gguf_file, progress=False, dtype="float32")
+    load_model(gguf_file, progress=False, dtype="float32")
+    assert len(builds) == 3 and list(cache.glob("*.pt")) == [kept]
+
+
+@pytest.mark.parametrize("value", ["lots", "-1", "0", "nan", "inf"])
+def test_a_bad_cache_size_is_named_and_the_default_used(cache, builds, gguf_file, monkeypatch, capfd, value):
+    monkeypatch.setenv(prepared_cache.MAX_SIZE_ENV, value)
+    load_model(gguf_file, progress=False)
+    err = capfd.readouterr().err
+    assert f"{prepared_cache.MAX_SIZE_ENV}={value!r} is not a positive number of GiB; using 20" in err
+    assert len(list(cache.glob("*.pt"))) == 1
+    load_model(gguf_file, progress=False)
+    assert len(builds) == 1

@@ -28,12 +28,15 @@ Writes are atomic (temporary file, then rename), and skipped
 when the disk would keep less than 1 GiB beyond twice the entry; a cache directory that cannot be
 written only costs the speed-up; ``QWENKIT_PREPARED_CACHE=off`` turns it off. An entry takes about
 what the model takes in memory; entries of a checkpoint whose files changed are removed when the new
-one is written (``rm -r ~/.cache/qwenkit/prepared`` removes them all).
+one is written, and the directory is kept under ``QWENKIT_PREPARED_CACHE_MAX_GB`` (GiB, default 20) by
+removing the entries used least recently (each use marks its entry); an entry larger than that alone
+is not written (``rm -r ~/.cache/qwenkit/prepared`` removes them all).
 """
 
 from __future__ import annotations
 
 import _compat_pickle
+import contextlib
 import functools
 import gc
 import hashlib
@@ -66,6 +69,8 @@ HEAD_BYTES = 1 << 20
 ENV_SWITCH = "QWENKIT_PREPARED_CACHE"
 MIN_FREE_BYTES = 1 << 30  # an entry is written only if the disk keeps this much free beyond twice its size
 ALLOWED_PREFIXES = ("qwenkit.", "torch.nn.modules.")
+MAX_SIZE_ENV = "QWENKIT_PREPARED_CACHE_MAX_GB"
+DEFAULT_MAX_GIB = 20.0
 
 
 @dataclass(frozen=True)
@@ -120,6 +125,7 @@ def load(entry: CacheEntry, config: ModelConfig, skeleton: nn.Module) -> nn.Modu
         print(f"qwenkit: rebuilding the prepared-model cache ({_reason(e)})", file=sys.stderr)
         entry.path.unlink(missing_ok=True)
         return None
+    _mark_used(entry.path)
     return model
 
 
@@ -128,14 +134,19 @@ def store(entry: CacheEntry, model: nn.Module) -> None:
     try:
         data = {"format": FORMAT, "key": entry.key, "checksum": checksum(model), "model": model}
         entry.path.parent.mkdir(parents=True, exist_ok=True)
-        if shutil.disk_usage(entry.path.parent).free < 2 * _storage_bytes(model) + MIN_FREE_BYTES:
+        size = _storage_bytes(model)
+        if shutil.disk_usage(entry.path.parent).free < 2 * size + MIN_FREE_BYTES:
             return  # never fill the disk for a speed-up
+        cap = max_bytes()
+        if size > cap:
+            return  # it alone would exceed the cache's size
         fd, tmp = tempfile.mkstemp(dir=entry.path.parent, prefix=entry.path.name, suffix=".tmp")
         os.close(fd)
         try:
             torch.save(data, tmp)
             _check_globals(tmp)
             os.replace(tmp, entry.path)
+            _mark_used(entry.path)
         finally:
             Path(tmp).unlink(missing_ok=True)
     except OSError:
@@ -148,6 +159,56 @@ def store(entry: CacheEntry, model: nn.Module) -> None:
         if not old.name.startswith(entry.current):
             old.unlink(missing_ok=True)  # the same checkpoint path, but an older version of its files
     _remove_crashed_writes(entry.path.parent)
+    _remove_least_recently_used(entry.path.parent, cap, keep=entry.path)
+
+
+def max_bytes() -> int:
+    """The cache directory's size limit: ``QWENKIT_PREPARED_CACHE_MAX_GB`` GiB (default 20); a value
+    that is not a positive number is named on stderr and the default used."""
+    text = os.environ.get(MAX_SIZE_ENV, "").strip()
+    gib = DEFAULT_MAX_GIB
+    if text:
+        try:
+            gib = float(text)
+            if not gib > 0 or gib == float("inf"):
+                raise ValueError
+        except ValueError:
+            message = f"{MAX_SIZE_ENV}={text!r} is not a positive number of GiB; using {DEFAULT_MAX_GIB:g}"
+            print(f"qwenkit: {message}", file=sys.stderr)
+            gib = DEFAULT_MAX_GIB
+    return int(gib * (1 << 30))
+
+
+def _mark_used(path: Path) -> None:
+    """Stamp the entry's modification time with now (the fine clock, not the file system's coarse
+    one): the least recently used entries are the first removed."""
+    now = time.time_ns()
+    with contextlib.suppress(OSError):  # a read-only cache: nothing will be removed from it either
+        os.utime(path, ns=(now, now))
+
+
+def _remove_least_recently_used(directory: Path, cap: int, keep: Path) -> None:
+    """Delete entries, least recently used first, until the directory's entries take at most ``cap``
+    bytes; ``keep`` (the entry just written) stays. An entry another process has mapped stays readable
+    to it (its pages live until unmapped)."""
+    entries = []
+    for path in directory.glob("*.pt"):
+        try:
+            st = path.stat()
+        except OSError:
+            continue  # removed meanwhile
+        entries.append((st.st_mtime_ns, st.st_size, path))
+    total = sum(size for _, size, _ in entries)
+    for _, size, path in sorted(entries, key=lambda e: (e[0], e[2].name)):
+        if total <= cap:
+            break
+        if path == keep:
+            continue
+        try:
+            path.unlink()
+        except OSError:
+            continue
+        total -= size
 
 
 STALE_WRITE_SECONDS = 3600  # a temporary file untouched this long is a killed writer's, not one in progress
