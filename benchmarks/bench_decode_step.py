@@ -1,8 +1,8 @@
 """Where a batch-1 decode step's time goes, with the inference fusions (``quant.fused``) on and off.
 
 Loads the Qwen2.5-0.5B-shape random checkpoint that ``bench_vs_llamacpp.py`` builds (built here if
-missing), once as ``generate``/``chat`` load it (q/k/v and gate/up fused, each decoder layer of a decode
-step one ``kernels.decode_layer`` call) and once with the separate layers and torch's small ops of
+missing), once as ``generate``/``chat`` load it (q/k/v and gate/up fused, a decode step's decoder layers
+one ``kernels.decode_layers`` call) and once with the separate layers and torch's small ops of
 before, then decodes through the engine (the two alternating) and prints ms per token split into the
 matrix-vector kernels called as ops (``qwenkit::linear_*``: every product of the separate layout, only
 the output head of the fused one), the whole-layer calls (the layers' products run inside them), every
@@ -46,7 +46,7 @@ def decode(engine: Engine, tokens: int) -> tuple[float, int]:
 
 def build(path: Path, quantize: str | None, fuse: bool, tokens: int) -> Engine:
     """An engine on the model as ``generate``/``chat`` load it, or (fuse=False) with the separate layers
-    and torch's small ops of before the fusions (then no layer runs as one ``decode_layer`` call)."""
+    and torch's small ops of before the fusions (then no layer runs in a ``decode_layers`` call)."""
     original = fused.fuse_for_inference
     if not fuse:
         fused.fuse_for_inference = lambda model: 0

@@ -1,9 +1,10 @@
-"""A decode step's layers as one kernel call each (``kernels.decode_layer``): the modules' results exactly.
+"""A decode step's layers in one kernel call (``kernels.decode_layers``): the modules' results exactly.
 
 The C++ layer runs the same ops in the same order with the same roundings as the module path, so a
 decode step must give the very same logits and the very same K/V in the pool (bit for bit) with and
 without it, for every kernel kind and for the families' variations (q/k/v bias, untied head, Qwen3's
-q/k norms, Qwen v1's float32 RoPE). Layers with a part off the kernels keep the module path.
+q/k norms, Qwen v1's float32 RoPE). Layers with a part off the kernels keep the module path, and the
+layers around them still run as one call per run of consecutive layers.
 """
 
 from __future__ import annotations
@@ -109,11 +110,26 @@ def test_decode_layer_equals_modules(tmp_path, monkeypatch, family, quantize) ->
     model = _load(path, quantize, monkeypatch)
     weights = [layer.decode_weights for layer in model.model.layers]
     assert all(w is not None for w in weights)
-    calls = []
-    run_layer = kernels.decode_layer
-    monkeypatch.setattr(kernels, "decode_layer", lambda *a: calls.append(1) or run_layer(*a))
+    calls = _count_layer_runs(monkeypatch)
     _assert_kernel_path_equals_modules(model, 6)
-    assert len(calls) == 6 * len(weights)  # every decode step, every layer: one kernel call
+    assert calls == [len(weights)] * 6  # every decode step: all its layers in one kernel call
+
+
+def _count_layer_runs(monkeypatch) -> list[int]:
+    """The number of layers of each ``kernels.decode_layers`` call from here on."""
+    calls: list[int] = []
+    run = kernels.decode_layers
+    monkeypatch.setattr(kernels, "decode_layers", lambda x, w, *a: calls.append(len(w)) or run(x, w, *a))
+    return calls
+
+
+def test_a_layer_off_the_kernels_splits_the_step_into_runs(tmp_path, monkeypatch) -> None:
+    path = save_hf(hf_model("qwen2", num_hidden_layers=4, intermediate_size=256), tmp_path / "m")
+    model = _load(path, "int8", monkeypatch)
+    model.model.layers[1].decode_weights = None  # as a layer with a part on torch's kernels
+    calls = _count_layer_runs(monkeypatch)
+    _assert_kernel_path_equals_modules(model, 3)
+    assert calls == [1, 2] * 3  # layer 0, then (module path for layer 1) layers 2-3, each step
 
 
 def test_decode_layer_keeps_batch_invariance(tmp_path, monkeypatch) -> None:
@@ -146,11 +162,16 @@ def test_decode_layer_rejects_bad_input(tmp_path, monkeypatch) -> None:
     x = torch.zeros(1, cfg.hidden_size, dtype=torch.bfloat16)
     cos = torch.ones(1, 1, cfg.head_dim, dtype=torch.bfloat16)
     one = torch.tensor([0])
+    w = [layer.decode_weights]
     with pytest.raises(RuntimeError, match="slot 9 outside the pool"):
-        kernels.decode_layer(x, layer.decode_weights, pool, pool, torch.tensor([9]), one[None], one, cos, cos)
+        kernels.decode_layers(x, w, [pool], [pool], torch.tensor([9]), one[None], one, cos, cos)
     with pytest.raises(RuntimeError, match="1..16 rows"):
         rows = torch.zeros(17, cfg.hidden_size, dtype=torch.bfloat16)
-        kernels.decode_layer(rows, layer.decode_weights, pool, pool, one, one[None], one, cos, cos)
+        kernels.decode_layers(rows, w, [pool], [pool], one, one[None], one, cos, cos)
+    with pytest.raises(RuntimeError, match="per layer, 28 tensors, 33 ints, 5 floats and a K and a V pool"):
+        kernels.decode_layers(x, w * 2, [pool], [pool], one, one[None], one, cos, cos)
+    with pytest.raises(RuntimeError, match="got 0 tensors"):
+        kernels.decode_layers(x, [], [], [], one, one[None], one, cos, cos)
 
 
 def test_decode_layer_takes_strided_slots(tmp_path, monkeypatch) -> None:
@@ -166,7 +187,8 @@ def test_decode_layer_takes_strided_slots(tmp_path, monkeypatch) -> None:
     for slots in (torch.tensor([2, 6]), torch.tensor([2, 0, 6, 0])[::2]):  # the same slots, strided
         pool_k = torch.zeros(8, cfg.num_key_value_heads, cfg.head_dim, dtype=torch.bfloat16)
         pool_v = torch.zeros_like(pool_k)
-        y = kernels.decode_layer(x, layer.decode_weights, pool_k, pool_v, slots, gather, positions, cos, cos)
+        w = [layer.decode_weights]
+        y = kernels.decode_layers(x, w, [pool_k], [pool_v], slots, gather, positions, cos, cos)
         outs.append((y, pool_k, pool_v))
     assert all(torch.equal(a, b) for a, b in zip(*outs, strict=True))
     assert outs[0][1][[2, 6]].abs().sum() > 0  # the step's K went to its slots
@@ -174,7 +196,7 @@ def test_decode_layer_takes_strided_slots(tmp_path, monkeypatch) -> None:
 
 def test_decode_layer_runs_q_k_v_of_different_kinds_as_three_products(tmp_path, monkeypatch) -> None:
     """q/k at int4 and v at int8 (as a GGUF file's Q4_K q/k beside a Q6_K v) do not fuse into one
-    product; the layer still runs as one kernel call, with the three products side by side, and equals
+    product; the layer still runs on the kernel, with the three products side by side, and equals
     the modules bit for bit."""
     path = save_hf(hf_model("qwen2", intermediate_size=256), tmp_path / "m")
     monkeypatch.setenv(prepared_cache.ENV_SWITCH, "off")

@@ -118,7 +118,7 @@ class StepAttention:
         self, layer: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """(K pool, V pool, slots, gather, positions) of ``layer`` when every row of the step decodes one
-        token on the fast kernels, few enough for ``kernels.decode_layer`` to run the whole layer; else
+        token on the fast kernels, few enough for ``kernels.decode_layers`` to run the whole layer; else
         None. The layer then writes the step's K/V at ``slots`` itself."""
         if self.chunks or not self.fast_decode or self.num_decode > kernels.SMALL_OP_ROWS:
             return None

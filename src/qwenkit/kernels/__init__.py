@@ -22,8 +22,8 @@ Imports only torch, the standard library and qwenkit.errors; model/ and quant/ m
     kernels.rms_norm(x, w, eps), kernels.silu_mul(x), kernels.rope_(x, cos, sin),
     kernels.decode_attention(q, k, v, gather, pos, scale)
         # the decode step's small ops (bf16), one call each
-    kernels.decode_layer(x, DecodeLayerWeights(...), k_pool, v_pool, slots, gather, pos, cos, sin)
-        # a whole decoder layer for a decode step's rows, as the ops above in one call
+    kernels.decode_layers(x, [DecodeLayerWeights(...), ...], k_pools, v_pools, slots, gather, pos, cos, sin)
+        # a decode step's decoder layers for its rows, each as the ops above, all in one call
     kernels.concat_bf16([p, ...]) / kernels.concat_int([p, ...])  # outputs stacked (fused projections)
     kernels.argmax(logits)                        # float32 (M, V) -> (M,) int64, as torch.argmax(-1)
 
@@ -45,7 +45,7 @@ from qwenkit.kernels.ops import (
     concat_bf16,
     concat_int,
     decode_attention,
-    decode_layer,
+    decode_layers,
     dequantize,
     dequantize_rows,
     linear_bf16,
@@ -75,7 +75,7 @@ __all__ = [
     "concat_bf16",
     "concat_int",
     "decode_attention",
-    "decode_layer",
+    "decode_layers",
     "dequantize",
     "dequantize_rows",
     "linear_bf16",

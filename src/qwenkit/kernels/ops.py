@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import chain
 
 import torch
 
@@ -439,7 +440,7 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
 
 @dataclass(frozen=True)
 class DecodeLayerWeights:
-    """A decoder layer's weights as :func:`decode_layer`'s argument lists (built by ``quant.fused``).
+    """A decoder layer's weights as :func:`decode_layers`' argument lists (built by ``quant.fused``).
 
     tensors: input norm weight, post-attention norm weight, then for q/k/v (or q alone), o, gate/up and
     down: packed weight or codes, scale, shift, bias; then the q and k norm weights (Qwen3); then k and
@@ -455,21 +456,25 @@ class DecodeLayerWeights:
     floats: list[float]
 
 
-def decode_layer(
+def decode_layers(
     x: torch.Tensor,
-    weights: DecodeLayerWeights,
-    k_pool: torch.Tensor,
-    v_pool: torch.Tensor,
+    weights: Sequence[DecodeLayerWeights],
+    k_pools: Sequence[torch.Tensor],
+    v_pools: Sequence[torch.Tensor],
     slots: torch.Tensor,
     gather: torch.Tensor,
     positions: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
 ) -> torch.Tensor:
-    """A whole decoder layer for a decode step's rows x (M <= 16, hidden) bf16, bit for bit what the
-    modules compute: writes the step's K/V into the pools at ``slots``, attends as
-    :func:`decode_attention` over ``gather``/``positions``, rotates with cos/sin (1, M, rot) as
-    :func:`rope_`. Returns (M, hidden)."""
-    return _op("decode_layer")(
-        x, weights.tensors, weights.ints, weights.floats, k_pool, v_pool, slots, gather, positions, cos, sin
+    """Consecutive decoder layers for a decode step's rows x (M <= 16, hidden) bf16, in one call, each
+    bit for bit what its modules compute: layer i writes the step's K/V into ``k_pools[i]``/``v_pools[i]``
+    at ``slots``, attends as :func:`decode_attention` over ``gather``/``positions`` and rotates with
+    cos/sin (1, M, rot) as :func:`rope_`. Returns (M, hidden). One call for all layers: a call per layer
+    cost about 15 us of Python and argument parsing, 7% of the bundled model's batch-1 step."""
+    tensors = list(chain.from_iterable(w.tensors for w in weights))
+    ints = list(chain.from_iterable(w.ints for w in weights))
+    floats = list(chain.from_iterable(w.floats for w in weights))
+    return _op("decode_layers")(
+        x, tensors, ints, floats, list(k_pools), list(v_pools), slots, gather, positions, cos, sin
     )

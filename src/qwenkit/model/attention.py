@@ -33,7 +33,7 @@ class KVCache(Protocol):
 
     def decode_pool(self, layer: int) -> tuple[torch.Tensor, ...] | None:
         """(K pool, V pool, slots, gather, positions) of ``layer`` when this step can run a whole layer as
-        one ``kernels.decode_layer`` call (the engine's paged cache, every row decoding one token on the
+        ``kernels.decode_layers`` call (the engine's paged cache, every row decoding one token on the
         CPU kernels), else None."""
         ...
 

@@ -42,6 +42,29 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+DecodeRun = tuple[list[kernels.DecodeLayerWeights], list[tuple[torch.Tensor, ...]]]
+
+
+def _decode_runs(layers: nn.ModuleList, cache: KVCache) -> dict[int, DecodeRun]:
+    """First layer index -> (decode weights, cache pools) of each run of consecutive layers that can go
+    to one ``kernels.decode_layers`` call: each has decode weights and a pool from the cache, and the run
+    shares the step's slots, gather table and positions (the pools' last three)."""
+    runs: dict[int, DecodeRun] = {}
+    start = None
+    for i, layer in enumerate(layers):
+        weights = layer.decode_weights
+        pool = cache.decode_pool(layer.self_attn.layer_idx) if weights is not None else None
+        if pool is None:
+            start = None
+            continue
+        if start is None or any(a is not b for a, b in zip(pool[2:], runs[start][1][0][2:], strict=True)):
+            start = i
+            runs[start] = ([], [])
+        runs[start][0].append(weights)
+        runs[start][1].append(pool)
+    return runs
+
+
 class DecoderStack(nn.Module):
     """Embeddings, layers and the final norm: ``model.*`` in checkpoint names."""
 
@@ -98,22 +121,23 @@ class Transformer(nn.Module):
                 raise ValueError("segment_ids apply to a whole-sequence forward, not to a KV-cache step")
             mask = segment_mask(segment_ids)
         inputs = AttentionInputs(cos=cos, sin=sin, logn=logn, cache=cache, mask=mask)
-        # A decode step the cache can hand to kernels.decode_layer (every row one token, B == 1 as the
-        # engine flattens its rows) runs each layer that has decode weights as one call, x kept 2-D.
-        whole = cache is not None and logn is None and B == 1
-        cos2, sin2 = (cos[:, 0], sin[:, 0]) if whole else (cos, sin)  # (1, rows, rot), RoPE's dtype
-        rows: torch.Tensor | None = None  # x[0] while consecutive layers run on the kernel
-        for layer in self.model.layers:
-            weights = layer.decode_weights if whole else None
-            pool = cache.decode_pool(layer.self_attn.layer_idx) if weights is not None else None
-            if pool is not None:
-                rows = kernels.decode_layer(x[0] if rows is None else rows, weights, *pool, cos2, sin2)
+        # A decode step the cache can hand to kernels.decode_layers (every row one token, B == 1 as the
+        # engine flattens its rows) runs each run of consecutive layers that have decode weights as one
+        # call, x kept 2-D; any other layer runs its modules.
+        layers = self.model.layers
+        runs = _decode_runs(layers, cache) if cache is not None and logn is None and B == 1 else {}
+        i = 0
+        while i < len(layers):
+            run = runs.get(i)
+            if run is None:
+                x = layers[i](x, inputs)
+                i += 1
                 continue
-            if rows is not None:
-                x, rows = rows[None], None
-            x = layer(x, inputs)
-        if rows is not None:
-            x = rows[None]
+            weights, pools = run
+            k_pools, v_pools = [p[0] for p in pools], [p[1] for p in pools]
+            rot = (cos[:, 0], sin[:, 0])  # (1, rows, rot), RoPE's dtype
+            x = kernels.decode_layers(x[0], weights, k_pools, v_pools, *pools[0][2:], *rot)[None]
+            i += len(weights)
         if logits_index is not None:
             x = x.reshape(B * T, -1)[logits_index]  # (K, hidden)
         return self.lm_head(self.model.norm(x))

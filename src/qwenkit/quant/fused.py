@@ -98,7 +98,7 @@ def fuse_for_inference(model: nn.Module) -> int:
 
 def plan_decode_layers(model: nn.Module) -> int:
     """Set ``decode_weights`` on every decoder layer whose parts all run on qwenkit's kernels (then a
-    decode step runs the layer as one ``kernels.decode_layer`` call); returns how many."""
+    decode step runs the layer inside one ``kernels.decode_layers`` call); returns how many."""
     count = 0
     for m in model.modules():
         if isinstance(m, DecoderLayer):
@@ -111,7 +111,7 @@ _ABSENT = torch.empty(0)
 
 
 def decode_layer_weights(layer: DecoderLayer) -> kernels.DecodeLayerWeights | None:
-    """The layer's weights as ``kernels.decode_layer`` arguments (the same tensors, not copies), or None
+    """The layer's weights as ``kernels.decode_layers`` arguments (the same tensors, not copies), or None
     where a part does not run on qwenkit's kernels: MoE, an unfused gate/up, act-order."""
     attn, mlp = layer.self_attn, layer.mlp
     norms = (layer.input_layernorm, layer.post_attention_layernorm)
@@ -152,7 +152,7 @@ def decode_layer_weights(layer: DecoderLayer) -> kernels.DecodeLayerWeights | No
 
 def _linear_args(m: nn.Module) -> tuple[list[torch.Tensor], list[int]] | None:
     """(weight, scale, shift, bias) and (bits, group size, outputs, zero point, bias mode) of one linear
-    as ``kernels.decode_layer`` reads them, or None when it does not run on qwenkit's kernels."""
+    as ``kernels.decode_layers`` reads them, or None when it does not run on qwenkit's kernels."""
     if type(m) is PackedBf16Linear:
         bias = _ABSENT if m.bias is None else m.bias
         mode = 0 if m.bias is None else 1  # the bf16 kernel adds it in fp32, before rounding
