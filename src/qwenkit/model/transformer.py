@@ -50,18 +50,18 @@ def _decode_runs(layers: nn.ModuleList, cache: KVCache) -> dict[int, DecodeRun]:
     to one ``kernels.decode_layers`` call: each has decode weights and a pool from the cache, and the run
     shares the step's slots, gather table and positions (the pools' last three)."""
     runs: dict[int, DecodeRun] = {}
-    start = None
+    run: DecodeRun | None = None
     for i, layer in enumerate(layers):
         weights = layer.decode_weights
         pool = cache.decode_pool(layer.self_attn.layer_idx) if weights is not None else None
         if pool is None:
-            start = None
+            run = None
             continue
-        if start is None or any(a is not b for a, b in zip(pool[2:], runs[start][1][0][2:], strict=True)):
-            start = i
-            runs[start] = ([], [])
-        runs[start][0].append(weights)
-        runs[start][1].append(pool)
+        first = run[1][0] if run is not None else None
+        if first is None or not (pool[2] is first[2] and pool[3] is first[3] and pool[4] is first[4]):
+            run = runs[i] = ([], [])
+        run[0].append(weights)
+        run[1].append(pool)
     return runs
 
 
