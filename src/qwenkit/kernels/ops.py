@@ -471,7 +471,7 @@ def decode_layers(
     bit for bit what its modules compute: layer i writes the step's K/V into ``k_pools[i]``/``v_pools[i]``
     at ``slots``, attends as :func:`decode_attention` over ``gather``/``positions`` and rotates with
     cos/sin (1, M, rot) as :func:`rope_`. Returns (M, hidden). One call for all layers: a call per layer
-    cost about 15 us of Python and argument parsing, 7% of the bundled model's batch-1 step."""
+    cost about 15 us of Python and argument parsing (the bundled model decodes 4.6% faster at batch 1)."""
     tensors = list(chain.from_iterable(w.tensors for w in weights))
     ints = list(chain.from_iterable(w.ints for w in weights))
     floats = list(chain.from_iterable(w.floats for w in weights))
