@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 from pathlib import Path
 
 import torch
+from bench_gguf_head import ms_per_call  # benchmarks/, beside this script
 
 from qwenkit import kernels
 from qwenkit.checkpoint import load_model, prepared_cache
@@ -55,16 +55,6 @@ def greedy_answers(model: torch.nn.Module, prompts: list[list[int]], tokens: int
 
 def first_difference(a: list[int], b: list[int]) -> int | None:
     return next((i for i, (u, v) in enumerate(zip(a, b, strict=True)) if u != v), None)
-
-
-def ms_per_call(kernel, x: torch.Tensor, calls: int = 30) -> float:
-    kernel(x)
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        kernel(x)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[calls // 2] * 1e3
 
 
 def main() -> None:
