@@ -32,8 +32,8 @@ class KVCache(Protocol):
         ...
 
     def decode_pool(self, layer: int) -> tuple[torch.Tensor, ...] | None:
-        """(K pool, V pool, slots, gather, positions) of ``layer`` when this step can run a whole layer as
-        ``kernels.decode_layers`` call (the engine's paged cache, every row decoding one token on the
+        """(K pool, V pool, slots, gather, positions) of ``layer`` when this step can run the whole layer
+        inside a ``kernels.decode_layers`` call (the engine's paged cache, every row decoding one token on the
         CPU kernels), else None."""
         ...
 
