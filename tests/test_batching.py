@@ -25,6 +25,7 @@ PROMPTS = [list(range(5, 12)), list(range(100, 140)), [7], list(range(300, 321))
     [
         SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
         SamplingParams(temperature=0.9, top_p=0.9, top_k=50, seed=1234, max_tokens=24, ignore_eos=True),
+        SamplingParams(temperature=0.8, top_p=0.7, seed=99, max_tokens=24, ignore_eos=True),  # top-p alone
         SamplingParams(
             temperature=1.0,
             min_p=0.05,

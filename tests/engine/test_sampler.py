@@ -13,10 +13,25 @@ from transformers.generation.logits_process import (
 )
 
 from qwenkit.engine.request import Request
-from qwenkit.engine.sampler import apply_penalties, filter_logits, sample
+from qwenkit.engine.sampler import NUCLEUS_START, apply_penalties, filter_logits, sample
 from qwenkit.engine.sampling import SamplingParams
+from qwenkit.engine.token_counts import TokenCounts
 
 V = 2000
+
+
+@pytest.fixture(autouse=True, params=["kernels", "torch"])
+def row_passes(request, monkeypatch):
+    """Every test twice: the sampler's row passes (argmax, top-k, logsumexp) on the CPU kernels, and on
+    torch's ops (another CPU, or ``QWENKIT_KERNELS=torch``)."""
+    from qwenkit import kernels
+    from qwenkit.engine import sampler
+
+    if request.param == "kernels" and not kernels.available():
+        pytest.skip("needs the AVX-512 kernels")
+    if request.param == "torch":
+        monkeypatch.setattr(sampler, "_on_kernels", lambda logits: False)
+    return request.param
 
 
 def reference(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
@@ -67,10 +82,9 @@ def test_penalties_equal_transformers():
         SamplingParams(presence_penalty=0.5, frequency_penalty=0.25, repetition_penalty=0.8),
     ):
         r = Request(0, prompt, p, output_ids=list(out))
-        r.seen = torch.zeros(V, dtype=torch.bool)
-        r.seen[prompt + out] = True
+        r.seen = TokenCounts(prompt + out)
         if p.presence_penalty or p.frequency_penalty:
-            r.output_counts = torch.bincount(torch.tensor(out), minlength=V).int()
+            r.output_counts = TokenCounts(out, counted=True)
         reqs.append(r)
     ours = apply_penalties(logits.clone(), reqs)
     history = torch.tensor([prompt + out])
@@ -103,3 +117,104 @@ def test_a_rows_draws_do_not_depend_on_the_batch():
     alone = [int(sample(logits[i : i + 1].clone(), [fresh(i)])[0]) for i in range(2)]
     together = sample(logits[:2].clone(), [fresh(0), fresh(1)]).tolist()
     assert together == alone
+
+
+def test_top_p_alone_grows_its_window_to_the_nucleus():
+    """A row with top-p and no top-k never sorts the vocabulary: its window of best candidates grows until
+    it holds the nucleus (here several hundred tokens of a flat row), its probabilities normalized over the
+    whole vocabulary; the kept set is transformers' own, beside a peaked row whose nucleus fits at once."""
+    g = torch.Generator().manual_seed(5)
+    flat = torch.randn(5000, generator=g) * 0.3
+    peaked = torch.randn(5000, generator=g) * 6
+    logits = torch.stack([flat, peaked, flat])
+    params = [
+        SamplingParams(temperature=1.0, top_p=0.9),
+        SamplingParams(temperature=0.7, top_p=0.8),
+        SamplingParams(temperature=0.5, top_p=0.6, min_p=0.2),
+    ]
+    ours = filter_logits(logits, params)
+    kept_counts = []
+    for row, p in enumerate(params):
+        ref = reference(logits[row], p)
+        kept = torch.isfinite(ref)
+        assert torch.equal(torch.isfinite(ours[row]), kept), p
+        assert torch.allclose(ours[row][kept], ref[kept], atol=1e-5)
+        assert torch.equal(filter_logits(logits[row : row + 1], [p])[0], ours[row])
+        kept_counts.append(int(kept.sum()))
+    assert kept_counts[0] > 4 * NUCLEUS_START and kept_counts[1] < NUCLEUS_START
+
+
+def test_top_p_alone_draws_follow_its_nucleus():
+    logits = torch.randn(1, 3000, generator=torch.Generator().manual_seed(8)) * 0.5
+    p = SamplingParams(temperature=1.0, top_p=0.3)
+    probs = filter_logits(logits, [p])[0].softmax(-1)
+    nucleus = int((probs > 0).sum())
+    assert NUCLEUS_START < nucleus < 1000  # the window had to grow
+    rows = [Request(i, [1], p, generator=torch.Generator().manual_seed(i)) for i in range(100)]
+    n = 20000
+    draws = [sample(logits.expand(len(rows), -1).clone(), rows) for _ in range(n // len(rows))]
+    counts = torch.bincount(torch.cat(draws), minlength=3000)
+    assert counts[probs == 0].sum() == 0  # never outside the nucleus
+    assert 0.5 * (counts / n - probs).abs().sum() < 0.08  # total variation against the filtered distribution
+
+
+def test_penalties_over_a_large_vocabulary_touch_only_seen_tokens():
+    """Rows with histories of different lengths (padded in one gather): each equals transformers'
+    repetition penalty and OpenAI's additive ones over the whole vocabulary; every other logit is
+    untouched, bit for bit."""
+    V = 151936
+    g = torch.Generator().manual_seed(6)
+    logits = torch.randn(3, V, generator=g) * 4
+    histories = [
+        ([5, 9, 9, 151935, 0], [3, 5, 5, 5]),
+        (torch.randint(0, V, (700,), generator=g).tolist(), [17, 17, 40000]),
+        ([2], []),
+    ]
+    params = [
+        SamplingParams(repetition_penalty=1.3),
+        SamplingParams(repetition_penalty=0.8, presence_penalty=0.5, frequency_penalty=0.25),
+        SamplingParams(repetition_penalty=1.1, presence_penalty=-0.4),
+    ]
+    reqs = []
+    for (prompt, out), p in zip(histories, params, strict=True):
+        r = Request(0, prompt, p, output_ids=list(out))
+        r.seen = TokenCounts(prompt + out)
+        if p.presence_penalty or p.frequency_penalty:
+            r.output_counts = TokenCounts(out, counted=True)
+        reqs.append(r)
+    ours = apply_penalties(logits.clone(), reqs)
+    for row, ((prompt, out), p) in enumerate(zip(histories, params, strict=True)):
+        ref = RepetitionPenaltyLogitsProcessor(p.repetition_penalty)(
+            torch.tensor([prompt + out]), logits[row : row + 1].clone()
+        )[0]
+        counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=V).float()
+        ref -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+        assert torch.equal(ours[row], ref), row
+        untouched = torch.ones(V, dtype=torch.bool)
+        untouched[prompt + out] = False
+        assert torch.equal(ours[row][untouched], logits[row][untouched])
+
+
+def test_token_counts_keep_first_appearance_order_and_counts():
+    counts = TokenCounts([7, 3, 7], counted=True)
+    for t in [*range(100, 130), 3]:
+        counts.add(t)
+    assert counts.ids.tolist() == [7, 3, *range(100, 130)]  # past the first 16 slots
+    assert counts.counts.tolist() == [2, 2] + [1] * 30
+    assert 3 in counts and 4 not in counts and len(counts) == 32
+    with pytest.raises(ValueError, match="without counting"):
+        _ = TokenCounts([1]).counts
+
+
+def test_whole_vocabulary_draws_follow_the_distribution():
+    """Rows without top-k or top-p draw by their cumulative probabilities: tokens min-p removed never
+    come out, and the rest come out as often as their probability."""
+    logits = torch.randn(1, 50, generator=torch.Generator().manual_seed(11)) * 2
+    p = SamplingParams(temperature=0.8, min_p=0.02)
+    probs = filter_logits(logits, [p])[0].softmax(-1)
+    assert 0 < int((probs == 0).sum()) < 50
+    rows = [Request(i, [1], p, generator=torch.Generator().manual_seed(i)) for i in range(100)]
+    draws = [sample(logits.expand(len(rows), -1).clone(), rows) for _ in range(100)]
+    counts = torch.bincount(torch.cat(draws), minlength=50)
+    assert counts[probs == 0].sum() == 0
+    assert 0.5 * (counts / 10000 - probs).abs().sum() < 0.04

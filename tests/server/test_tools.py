@@ -398,7 +398,10 @@ def test_react_forced_calls(steered_v1):
     schemas = {"get_weather": WEATHER["function"]["parameters"], "get_time": TIME["function"]["parameters"]}
     named = {"type": "function", "function": {"name": "get_weather"}}
     picked = []
-    for choice, seed in ((named, 1), ("required", 0), ("required", 2)):
+    runs = [(named, 1)] + [("required", seed) for seed in range(8)]
+    for choice, seed in runs:
+        if choice == "required" and {"get_time", "get_weather"} <= set(picked[1:]):
+            break
         kwargs = dict(
             model="tiny",
             messages=USER,
@@ -417,7 +420,7 @@ def test_react_forced_calls(steered_v1):
         assert (content, finish) == ("", "tool_calls")
         assert [(x["name"], x["arguments"]) for x in calls] == [(call.function.name, call.function.arguments)]
         picked.append(call.function.name)
-    assert sorted(picked[1:]) == ["get_time", "get_weather"]  # "required" lets the model choose
+    assert set(picked[1:]) == {"get_time", "get_weather"}  # "required" lets the model choose (seeds 0..7)
 
 
 # ---- validation ----------------------------------------------------------------------------------

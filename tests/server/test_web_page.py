@@ -90,13 +90,14 @@ def open_settings(page) -> None:
 
 
 def record_answer_text(page) -> None:
-    """Keep every text the newest answer shows, to see it grow while the answer streams."""
+    """Keep every text the newest answer shows (innerText: as rendered, a line break as a newline), to see
+    it grow while the answer streams."""
     page.evaluate(
         """() => {
         window.answerTexts = [];
         new MutationObserver(() => {
             const bodies = document.querySelectorAll('.message.assistant .body');
-            const text = bodies.length ? bodies[bodies.length - 1].textContent : '';
+            const text = bodies.length ? bodies[bodies.length - 1].innerText : '';
             if (text && window.answerTexts.at(-1) !== text) window.answerTexts.push(text);
         }).observe(document.getElementById('transcript'),
                    {childList: true, subtree: true, characterData: true});
@@ -155,7 +156,7 @@ def test_streamed_answer_grows_and_equals_the_direct_answer_and_turns_carry_hist
     # The answer appeared piece by piece while it streamed, not all at once at the end.
     shown = page.evaluate("() => window.answerTexts")
     assert len(shown) >= 2 and len(shown[0]) < len(shown[-1]), shown
-    assert first.locator(".body").text_content() == shown[-1]
+    assert first.locator(".body").inner_text() == shown[-1]
     assert re.search(r"\b24 tokens\b", first.locator(".meta").text_content())
 
     direct = httpx.post(

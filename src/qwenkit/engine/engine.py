@@ -23,6 +23,7 @@ from qwenkit.engine.request import FinishReason, Request, RequestId, TokenLogpro
 from qwenkit.engine.sampler import apply_penalties, sample, token_logprobs
 from qwenkit.engine.sampling import SamplingParams, SamplingParamsError
 from qwenkit.engine.scheduler import Scheduler
+from qwenkit.engine.token_counts import TokenCounts
 from qwenkit.model import Transformer
 
 BLOCK_SIZE = 16
@@ -151,10 +152,9 @@ class Engine:
             seed = params.seed if params.seed is not None else random.getrandbits(63)
             request.generator = torch.Generator(device=self.device).manual_seed(seed)
         if params.repetition_penalty != 1.0:
-            request.seen = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
-            request.seen[torch.tensor(request.prompt_ids, device=self.device)] = True
+            request.seen = TokenCounts(request.prompt_ids, self.device)
         if params.presence_penalty or params.frequency_penalty:
-            request.output_counts = torch.zeros(self.vocab_size, dtype=torch.int32, device=self.device)
+            request.output_counts = TokenCounts(device=self.device, counted=True)
         if params.grammar is not None:
             request.constraint = self.grammar_compiler(params.grammar)
         self.requests[request_id] = request
@@ -330,10 +330,10 @@ class Engine:
                 logprobs[i] = lp
         for request, token, lp in zip(requests, tokens.tolist(), logprobs, strict=True):
             request.output_ids.append(token)
-            if request.seen is not None:
-                request.seen[token] = True
+            if request.seen is not None and token not in request.seen:
+                request.seen.add(token)
             if request.output_counts is not None:
-                request.output_counts[token] += 1
+                request.output_counts.add(token)
             out = by_id[request.id]
             out.new_token_ids.append(token)
             if lp is not None:

@@ -10,6 +10,7 @@ import torch
 
 from qwenkit.engine.constraint import TokenConstraint
 from qwenkit.engine.sampling import SamplingParams
+from qwenkit.engine.token_counts import TokenCounts
 
 FinishReason = Literal["stop", "length", "abort", "error"]
 RequestId = Hashable
@@ -40,8 +41,8 @@ class Request:
     ntk_alpha: float = 1.0
     cache_key: bytes = b""  # mixed into block hashes: what besides the tokens changes the K/V
     generator: torch.Generator | None = None
-    seen: torch.Tensor | None = None  # bool (V,), for the repetition penalty
-    output_counts: torch.Tensor | None = None  # int (V,), for presence/frequency penalties
+    seen: TokenCounts | None = None  # prompt and output tokens, for the repetition penalty
+    output_counts: TokenCounts | None = None  # output tokens, counted, for presence/frequency penalties
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     num_preemptions: int = 0
     constraint: TokenConstraint | None = None  # the grammar's state, when params.grammar is set

@@ -26,6 +26,7 @@ Imports only torch, the standard library and qwenkit.errors; model/ and quant/ m
         # a decode step's decoder layers for its rows, each as the ops above, all in one call
     kernels.concat_bf16([p, ...]) / kernels.concat_int([p, ...])  # outputs stacked (fused projections)
     kernels.argmax(logits)                        # float32 (M, V) -> (M,) int64, as torch.argmax(-1)
+    kernels.topk(logits, k), kernels.logsumexp(logits, scales)  # the sampler's row passes
 
 The ops are torch ops (torch.ops.qwenkit.*), CPU only, meant for M <= 16 rows (they accept any M, in
 passes of 8 rows over each weight tile, but torch's GEMMs win for prefill).
@@ -52,12 +53,14 @@ from qwenkit.kernels.ops import (
     linear_int4,
     linear_int8,
     linear_int8_float,
+    logsumexp,
     prepare_bf16,
     prepare_int4,
     prepare_int8,
     rms_norm,
     rope_,
     silu_mul,
+    topk,
     unpack_bf16,
     unpack_codes,
 )
@@ -82,12 +85,14 @@ __all__ = [
     "linear_int4",
     "linear_int8",
     "linear_int8_float",
+    "logsumexp",
     "prepare_bf16",
     "prepare_int4",
     "prepare_int8",
     "rms_norm",
     "rope_",
     "silu_mul",
+    "topk",
     "unpack_bf16",
     "unpack_codes",
 ]

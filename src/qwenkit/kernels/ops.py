@@ -400,6 +400,19 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
     return _op("argmax_rows")(x)
 
 
+def topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.topk(x, k)`` for float32 logits (M, V) without NaN: the k largest of each row, sorted
+    descending, ties to the lower index; one vector pass per row against a running threshold (torch's
+    took 0.5 ms for 16 rows of a 49k vocabulary, this a tenth of that)."""
+    return _op("topk_rows")(x, k)
+
+
+def logsumexp(x: torch.Tensor, scales: Sequence[float]) -> torch.Tensor:
+    """``torch.logsumexp(x * scales[:, None], -1)`` for float32 logits (M, V) and a scale > 0 per row
+    (1 / its temperature), in one kernel: torch's took 2.5 ms for 16 rows of a 49k vocabulary."""
+    return _op("logsumexp_rows")(x, [float(s) for s in scales])
+
+
 # The small ops below are one pass of scalar-ish code: they beat torch's chain of kernels for the few rows
 # of a decode step, torch's vectorized kernels win on a prompt's hundreds (callers check this).
 SMALL_OP_ROWS = 16

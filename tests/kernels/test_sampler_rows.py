@@ -1,0 +1,67 @@
+"""kernels.topk and kernels.logsumexp, the sampler's passes over whole rows, against torch: random rows of
+the vocabularies the families use, k from 1 to the whole row, ties, -inf, strided input, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwenkit import kernels
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="needs the AVX-512 kernels")
+
+
+@pytest.mark.parametrize("vocab", [1, 7, 17, 2000, 49152, 151936])
+@pytest.mark.parametrize("rows", [1, 3, 16])
+def test_topk_matches_torch(vocab: int, rows: int) -> None:
+    g = torch.Generator().manual_seed(vocab * 7 + rows)
+    x = torch.randn(rows, vocab, generator=g) * 3
+    for k in sorted({1, min(20, vocab), min(64, vocab), min(1024, vocab), vocab}):
+        values, ids = kernels.topk(x, k)
+        want_values, want_ids = torch.topk(x, k)
+        assert torch.equal(values, want_values), k
+        assert torch.equal(x.gather(1, ids), values), k
+        differ = ids != want_ids  # only where torch orders equal values otherwise
+        assert torch.equal(values[differ], want_values[differ]), k
+
+
+def test_topk_ties_go_to_the_lower_index_and_minus_inf_counts() -> None:
+    inf = float("inf")
+    x = torch.tensor([[1.0, 3.0, 3.0, -inf, 2.0, 3.0, -inf], [-inf] * 7])
+    values, ids = kernels.topk(x, 7)
+    assert ids.tolist() == [[1, 2, 5, 4, 0, 3, 6], [0, 1, 2, 3, 4, 5, 6]]
+    assert values[0].tolist() == [3.0, 3.0, 3.0, 2.0, 1.0, -inf, -inf]
+    wide = torch.zeros(2, 5000)
+    wide[0, 4000:] = 1.0  # 1,000 equal best values after 4,000 equal others
+    assert kernels.topk(wide, 3)[1].tolist() == [[4000, 4001, 4002], [0, 1, 2]]
+
+
+def test_logsumexp_matches_torch_per_row_scale() -> None:
+    g = torch.Generator().manual_seed(3)
+    for vocab in (1, 17, 49152, 151936):
+        x = torch.randn(5, vocab, generator=g) * 4
+        scales = [1 / 0.7, 1.0, 5.0, 1e-3, 100.0]
+        want = torch.logsumexp(x * torch.tensor(scales)[:, None], -1)
+        torch.testing.assert_close(kernels.logsumexp(x, scales), want, rtol=1e-5, atol=1e-4)
+    x = torch.full((2, 40), -float("inf"))
+    x[1, 5] = 0.0
+    assert kernels.logsumexp(x, [2.0, 2.0]).tolist() == [-float("inf"), 0.0]
+    view = torch.randn(4, 3000)[:, ::3]
+    torch.testing.assert_close(kernels.logsumexp(view, [1.0] * 4), torch.logsumexp(view, -1))
+
+
+def test_bad_input_is_named() -> None:
+    x = torch.randn(2, 100)
+    with pytest.raises(RuntimeError, match="k must lie in 1..100"):
+        kernels.topk(x, 0)
+    with pytest.raises(RuntimeError, match="k must lie in 1..100"):
+        kernels.topk(x, 101)
+    with pytest.raises(RuntimeError, match="float32"):
+        kernels.topk(x.bfloat16(), 3)
+    x[1, 0] = float("nan")
+    with pytest.raises(RuntimeError, match="row 1 holds NaN"):
+        kernels.topk(x, 5)
+    with pytest.raises(RuntimeError, match="one scale per row"):
+        kernels.logsumexp(torch.randn(2, 10), [1.0])
+    with pytest.raises(RuntimeError, match="scales must be positive"):
+        kernels.logsumexp(torch.randn(2, 10), [1.0, 0.0])
