@@ -65,3 +65,41 @@ def test_bad_input_is_named() -> None:
         kernels.logsumexp(torch.randn(2, 10), [1.0])
     with pytest.raises(RuntimeError, match="scales must be positive"):
         kernels.logsumexp(torch.randn(2, 10), [1.0, 0.0])
+
+
+def reference_cdf_draw(x: torch.Tensor, scale: float, min_p: float, u: float) -> tuple[int, float]:
+    """The draw in float64, and how far u * total lies from the nearest boundary of the cumulative sum."""
+    e = torch.exp((x.double() - x.max()) * scale)
+    e[e < min_p] = 0
+    cdf = e.cumsum(0)
+    target = u * float(cdf[-1])
+    index = int(torch.searchsorted(cdf, torch.tensor([target], dtype=torch.float64), right=True)[0])
+    return min(index, x.numel() - 1), float((cdf - target).abs().min() / cdf[-1])
+
+
+@pytest.mark.parametrize("vocab", [1, 17, 2000, 151936])
+def test_sample_cdf_draws_what_the_float64_cumulative_sum_gives(vocab: int) -> None:
+    g = torch.Generator().manual_seed(vocab)
+    x = torch.randn(6, vocab, generator=g) * 3
+    x[:, ::7] = -float("inf") if vocab > 1 else x[:, ::7]  # never drawn
+    scales, min_ps = [1.0, 1 / 0.7, 2.0, 0.5, 1.0, 10.0], [0.0, 0.0, 0.05, 0.0, 0.3, 0.0]
+    us = torch.rand(6, generator=g).tolist()
+    us[0] = 0.0  # the first token with any probability
+    got = kernels.sample_cdf(x, scales, min_ps, us).tolist()
+    for m in range(6):
+        want, margin = reference_cdf_draw(x[m], scales[m], min_ps[m], us[m])
+        if margin > 1e-4:  # float32 sums may differ from float64 right at a boundary
+            assert got[m] == want, (m, got[m], want)
+        assert torch.isfinite(x[m, got[m]])
+        p = torch.softmax(x[m] * scales[m], 0)
+        assert p[got[m]] >= min_ps[m] * p.max()
+
+
+def test_sample_cdf_bad_input_is_named() -> None:
+    x = torch.randn(2, 10)
+    with pytest.raises(RuntimeError, match="one scale, min_p and uniform per row"):
+        kernels.sample_cdf(x, [1.0], [0.0, 0.0], [0.1, 0.2])
+    with pytest.raises(RuntimeError, match="row 1 needs scale > 0"):
+        kernels.sample_cdf(x, [1.0, 1.0], [0.0, 0.0], [0.1, 1.0])
+    with pytest.raises(RuntimeError, match="float32"):
+        kernels.sample_cdf(x.double(), [1.0, 1.0], [0.0, 0.0], [0.1, 0.2])

@@ -243,7 +243,14 @@ def sample(logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
     for group in _by_kind([requests[i].params for i in drawn], V):
         rows = [drawn[j] for j in group]
         mine = logits if len(rows) == logits.shape[0] else logits[rows]  # no copy when every row draws
-        candidates, ids = filter_candidates(mine, [requests[i].params for i in rows])
+        params = [requests[i].params for i in rows]
+        if not ranked(params[0], V) and _on_kernels(mine):  # the whole vocabulary, in one kernel
+            u = [float(_uniform(requests[i])) for i in rows]
+            tokens[rows] = kernels.sample_cdf(
+                mine, [1 / p.temperature for p in params], [p.min_p for p in params], u
+            )
+            continue
+        candidates, ids = filter_candidates(mine, params)
         probs = candidates.softmax(-1)
         if ids is None:  # the whole vocabulary: one uniform per row against its cumulative probabilities
             u = torch.stack([_uniform(requests[i]) for i in rows])[:, None]

@@ -26,7 +26,8 @@ Imports only torch, the standard library and qwenkit.errors; model/ and quant/ m
         # a decode step's decoder layers for its rows, each as the ops above, all in one call
     kernels.concat_bf16([p, ...]) / kernels.concat_int([p, ...])  # outputs stacked (fused projections)
     kernels.argmax(logits)                        # float32 (M, V) -> (M,) int64, as torch.argmax(-1)
-    kernels.topk(logits, k), kernels.logsumexp(logits, scales)  # the sampler's row passes
+    kernels.topk(logits, k), kernels.logsumexp(logits, scales)  # the sampler's row passes,
+    kernels.sample_cdf(logits, scales, min_ps, uniforms)        # and a whole-vocabulary draw
 
 The ops are torch ops (torch.ops.qwenkit.*), CPU only, meant for M <= 16 rows (they accept any M, in
 passes of 8 rows over each weight tile, but torch's GEMMs win for prefill).
@@ -59,6 +60,7 @@ from qwenkit.kernels.ops import (
     prepare_int8,
     rms_norm,
     rope_,
+    sample_cdf,
     silu_mul,
     topk,
     unpack_bf16,
@@ -91,6 +93,7 @@ __all__ = [
     "prepare_int8",
     "rms_norm",
     "rope_",
+    "sample_cdf",
     "silu_mul",
     "topk",
     "unpack_bf16",

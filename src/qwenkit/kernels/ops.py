@@ -413,6 +413,17 @@ def logsumexp(x: torch.Tensor, scales: Sequence[float]) -> torch.Tensor:
     return _op("logsumexp_rows")(x, [float(s) for s in scales])
 
 
+def sample_cdf(
+    x: torch.Tensor, scales: Sequence[float], min_ps: Sequence[float], uniforms: Sequence[float]
+) -> torch.Tensor:
+    """(M,) int64 draws from softmax(x * scale) of float32 logits (M, V) per row, tokens below min_p
+    times the most likely one removed: the first index whose cumulative probability exceeds the row's
+    uniform in [0, 1). One kernel, no (M, V) temporaries (torch's chain took 12 ms at 16 x 152k)."""
+    return _op("sample_cdf_rows")(
+        x, [float(s) for s in scales], [float(p) for p in min_ps], [float(u) for u in uniforms]
+    )
+
+
 # The small ops below are one pass of scalar-ish code: they beat torch's chain of kernels for the few rows
 # of a decode step, torch's vectorized kernels win on a prompt's hundreds (callers check this).
 SMALL_OP_ROWS = 16
