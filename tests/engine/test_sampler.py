@@ -72,6 +72,15 @@ def test_filters_equal_transformers_warpers(seed):
         assert torch.equal(filter_logits(logits[row : row + 1], [p])[0], ours[row])
 
 
+def penalized_request(prompt: list[int], out: list[int], p: SamplingParams) -> Request:
+    """A request that generated ``out`` after ``prompt``, its seen tokens counted as the engine counts."""
+    r = Request(0, prompt, p, output_ids=list(out))
+    r.seen = TokenCounts(prompt + out)
+    if p.presence_penalty or p.frequency_penalty:
+        r.output_counts = TokenCounts(out, counted=True)
+    return r
+
+
 def test_penalties_equal_transformers():
     logits = torch.randn(2, V, generator=torch.Generator().manual_seed(4))
     prompt = [5, 9, 9, 1000, 1999]
@@ -81,11 +90,7 @@ def test_penalties_equal_transformers():
         SamplingParams(repetition_penalty=1.3),
         SamplingParams(presence_penalty=0.5, frequency_penalty=0.25, repetition_penalty=0.8),
     ):
-        r = Request(0, prompt, p, output_ids=list(out))
-        r.seen = TokenCounts(prompt + out)
-        if p.presence_penalty or p.frequency_penalty:
-            r.output_counts = TokenCounts(out, counted=True)
-        reqs.append(r)
+        reqs.append(penalized_request(prompt, out, p))
     ours = apply_penalties(logits.clone(), reqs)
     history = torch.tensor([prompt + out])
     ref0 = RepetitionPenaltyLogitsProcessor(1.3)(history, logits[:1].clone())[0]
@@ -175,13 +180,7 @@ def test_penalties_over_a_large_vocabulary_touch_only_seen_tokens():
         SamplingParams(repetition_penalty=0.8, presence_penalty=0.5, frequency_penalty=0.25),
         SamplingParams(repetition_penalty=1.1, presence_penalty=-0.4),
     ]
-    reqs = []
-    for (prompt, out), p in zip(histories, params, strict=True):
-        r = Request(0, prompt, p, output_ids=list(out))
-        r.seen = TokenCounts(prompt + out)
-        if p.presence_penalty or p.frequency_penalty:
-            r.output_counts = TokenCounts(out, counted=True)
-        reqs.append(r)
+    reqs = [penalized_request(prompt, out, p) for (prompt, out), p in zip(histories, params, strict=True)]
     ours = apply_penalties(logits.clone(), reqs)
     for row, ((prompt, out), p) in enumerate(zip(histories, params, strict=True)):
         ref = RepetitionPenaltyLogitsProcessor(p.repetition_penalty)(

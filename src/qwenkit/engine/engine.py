@@ -330,7 +330,7 @@ class Engine:
                 logprobs[i] = lp
         for request, token, lp in zip(requests, tokens.tolist(), logprobs, strict=True):
             request.output_ids.append(token)
-            if request.seen is not None and token not in request.seen:
+            if request.seen is not None:
                 request.seen.add(token)
             if request.output_counts is not None:
                 request.output_counts.add(token)

@@ -968,6 +968,16 @@ std::tuple<at::Tensor, at::Tensor> topk_rows(const at::Tensor& x, int64_t k) {
   return {values, ids};
 }
 
+// The largest of a row's V floats (-inf for a row of -inf).
+inline float row_max(const float* r, int64_t V) {
+  __m512 mx = _mm512_set1_ps(-INFINITY);
+  for (int64_t i = 0; i < V; i += 16) {
+    const __mmask16 t = tail_mask16(V - i);
+    mx = _mm512_mask_max_ps(mx, t, mx, _mm512_maskz_loadu_ps(t, r + i));
+  }
+  return _mm512_reduce_max_ps(mx);
+}
+
 // log(sum_i e^(scales[m] * x_i)) of each row m (scales > 0: 1 / each row's temperature), in float32: the
 // max first, then the sum of e^(scale * (x_i - max)) in 16 lanes. -inf values add nothing; a row of -inf
 // gives -inf. Values may be -inf, not NaN.
@@ -985,12 +995,7 @@ at::Tensor logsumexp_rows(const at::Tensor& x, at::ArrayRef<double> scales) {
   at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       const float* r = xp + m * V;
-      __m512 mx = _mm512_set1_ps(-INFINITY);
-      for (int64_t i = 0; i < V; i += 16) {
-        const __mmask16 t = tail_mask16(V - i);
-        mx = _mm512_mask_max_ps(mx, t, mx, _mm512_maskz_loadu_ps(t, r + i));
-      }
-      const float top = _mm512_reduce_max_ps(mx);
+      const float top = row_max(r, V);
       if (top == -INFINITY) {
         op[m] = top;
         continue;
@@ -1034,12 +1039,7 @@ at::Tensor sample_cdf_rows(const at::Tensor& x, at::ArrayRef<double> scales, at:
   at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       const float* r = xp + m * V;
-      __m512 mx = _mm512_set1_ps(-INFINITY);
-      for (int64_t i = 0; i < V; i += 16) {
-        const __mmask16 t = tail_mask16(V - i);
-        mx = _mm512_mask_max_ps(mx, t, mx, _mm512_maskz_loadu_ps(t, r + i));
-      }
-      const float top = _mm512_reduce_max_ps(mx);
+      const float top = row_max(r, V);
       const __m512 sv = _mm512_set1_ps(static_cast<float>(scales[m])), tv = _mm512_set1_ps(top),
                    floor = _mm512_set1_ps(static_cast<float>(min_ps[m]));
       // e of 16 values from i, 0 past the end, below the min-p floor, or where x is -inf
