@@ -214,9 +214,10 @@ def _key(request: Request) -> int:
     return int(torch.randint(-(2**62), 2**62, (1,), generator=gen, device=gen.device))
 
 
-def _keyed_exp(key: int, ids: torch.Tensor) -> torch.Tensor:
+def _keyed_exp(key: int | torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Exp(1) values -log(u), u uniform in (0, 1) from the splitmix64 mix of ``key + id * golden``: a
-    counter-based stream, so a candidate's noise needs no draw for the rest of the vocabulary."""
+    counter-based stream, so a candidate's noise needs no draw for the rest of the vocabulary. ``key``: one
+    int, or int64 (R, 1) keys for rows of ``ids`` (R, K)."""
 
     def shr(z: torch.Tensor, s: int) -> torch.Tensor:  # logical shift of int64 as uint64
         return (z >> s) & ((1 << (64 - s)) - 1)
@@ -257,8 +258,8 @@ def sample(logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
             cdf = probs.cumsum(-1)
             picked = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_max(V - 1)
         else:  # the candidates: an exponential race, each candidate's noise tied to its token id
-            noise = torch.stack([_keyed_exp(_key(requests[i]), ids[j]) for j, i in enumerate(rows)])
-            picked = ids.gather(1, greedy(probs / noise)[:, None])
+            keys = torch.tensor([_key(requests[i]) for i in rows], device=ids.device)[:, None]
+            picked = ids.gather(1, greedy(probs / _keyed_exp(keys, ids))[:, None])
         tokens[rows] = picked[:, 0]
     return tokens
 
