@@ -103,3 +103,50 @@ def test_sample_cdf_bad_input_is_named() -> None:
         kernels.sample_cdf(x, [1.0, 1.0], [0.0, 0.0], [0.1, 1.0])
     with pytest.raises(RuntimeError, match="float32"):
         kernels.sample_cdf(x.double(), [1.0, 1.0], [0.0, 0.0], [0.1, 0.2])
+
+
+TOP_P_SETTINGS = ((1.0, 0.9, 0.0), (0.7, 0.5, 0.0), (0.2, 0.95, 0.05), (1.5, 0.3, 0.0))  # T, top-p, min-p
+
+
+def test_sample_top_p_draws_what_the_sampler_s_torch_path_draws() -> None:
+    """The nucleus from a histogram, edge tokens sorted, the race with noise hashed from token ids: the
+    same token as ``filter_candidates`` (sorted window) and ``_keyed_exp`` give with the same key, over
+    peaked and flat rows, temperatures, top-p and min-p."""
+    from qwenkit.engine.sampler import _keyed_exp, filter_candidates
+    from qwenkit.engine.sampling import SamplingParams
+
+    g = torch.Generator().manual_seed(21)
+    for sd in (0.3, 1.0, 3.0, 8.0):
+        x = torch.randn(32, 5000, generator=g) * sd
+        for temperature, top_p, min_p in TOP_P_SETTINGS:
+            params = [SamplingParams(temperature=temperature, top_p=top_p, min_p=min_p)] * 32
+            keys = torch.randint(-(2**62), 2**62, (32,), generator=g)
+            got = kernels.sample_top_p(x, [1 / temperature] * 32, [top_p] * 32, [min_p] * 32, keys.tolist())
+            candidates, ids = filter_candidates(x, params)
+            race = candidates.softmax(-1) / _keyed_exp(keys[:, None], ids)
+            want = ids.gather(1, race.argmax(-1, keepdim=True))[:, 0]
+            assert torch.equal(got, want), (sd, temperature, top_p, min_p)
+
+
+def test_sample_top_p_breaks_ties_at_the_edge_by_the_lower_id() -> None:
+    """Three best tokens, then 4,997 equal ones: the nucleus takes the equal ones with the lowest ids."""
+    x = torch.zeros(1, 5000)
+    x[0, 4997:] = 2.0  # the three best sit at the end, so lowest-id ties are not simply the first ids
+    e_tie = torch.exp(torch.tensor(-2.0 / 1.5)).item()
+    z = 3 + 4997 * e_tie
+    kept_ties = int((0.3 * z - 3) / e_tie) + 1  # tied tokens whose better mass stays below top_p
+    picks = {
+        int(kernels.sample_top_p(x, [1 / 1.5], [0.3], [0.0], [key])[0])
+        for key in torch.randint(-(2**62), 2**62, (300,), generator=torch.Generator().manual_seed(3)).tolist()
+    }
+    ties = {p for p in picks if p < 4997}
+    assert ties and max(ties) < kept_ties and max(ties) > kept_ties // 2  # spread over exactly those
+    assert picks & {4997, 4998, 4999}
+
+
+def test_sample_top_p_bad_input_is_named() -> None:
+    x = torch.randn(2, 10)
+    with pytest.raises(RuntimeError, match="one scale, top_p, min_p and key per row"):
+        kernels.sample_top_p(x, [1.0, 1.0], [0.9], [0.0, 0.0], [1, 2])
+    with pytest.raises(RuntimeError, match="row 0 needs scale > 0, top_p in"):
+        kernels.sample_top_p(x, [1.0, 1.0], [0.0, 0.9], [0.0, 0.0], [1, 2])

@@ -195,10 +195,16 @@ def filter_logits(logits: torch.Tensor, params: Sequence[SamplingParams]) -> tor
     return full
 
 
+def _top_p_alone(p: SamplingParams, vocab: int) -> bool:
+    """A ranked row by top-p alone: its candidates are its nucleus."""
+    return ranked(p, vocab) and not 0 < p.top_k < vocab
+
+
 def _by_kind(params: Sequence[SamplingParams], vocab: int) -> list[list[int]]:
-    """Row indices split into the ranked rows and the others (empty groups left out)."""
-    groups = [[i for i, p in enumerate(params) if ranked(p, vocab)]]
-    groups.append([i for i, p in enumerate(params) if not ranked(p, vocab)])
+    """Row indices split into rows with top-k, rows with top-p alone, and the others (empty groups left
+    out): each group is drawn one way."""
+    kinds = [lambda p: 0 < p.top_k < vocab, lambda p: _top_p_alone(p, vocab), lambda p: not ranked(p, vocab)]
+    groups = [[i for i, p in enumerate(params) if kind(p)] for kind in kinds]
     return [g for g in groups if g]
 
 
@@ -249,6 +255,16 @@ def sample(logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
             u = [float(_uniform(requests[i])) for i in rows]
             tokens[rows] = kernels.sample_cdf(
                 mine, [1 / p.temperature for p in params], [p.min_p for p in params], u
+            )
+            continue
+        if _top_p_alone(params[0], V) and _on_kernels(mine):  # the nucleus, in one kernel
+            keys = [_key(requests[i]) for i in rows]
+            tokens[rows] = kernels.sample_top_p(
+                mine,
+                [1 / p.temperature for p in params],
+                [p.top_p for p in params],
+                [p.min_p for p in params],
+                keys,
             )
             continue
         candidates, ids = filter_candidates(mine, params)

@@ -27,7 +27,8 @@ Imports only torch, the standard library and qwenkit.errors; model/ and quant/ m
     kernels.concat_bf16([p, ...]) / kernels.concat_int([p, ...])  # outputs stacked (fused projections)
     kernels.argmax(logits)                        # float32 (M, V) -> (M,) int64, as torch.argmax(-1)
     kernels.topk(logits, k), kernels.logsumexp(logits, scales)  # the sampler's row passes,
-    kernels.sample_cdf(logits, scales, min_ps, uniforms)        # and a whole-vocabulary draw
+    kernels.sample_cdf(logits, scales, min_ps, uniforms)        # and a whole-vocabulary draw,
+    kernels.sample_top_p(logits, scales, top_ps, min_ps, keys)  # a top-p draw without sorting
 
 The ops are torch ops (torch.ops.qwenkit.*), CPU only, meant for M <= 16 rows (they accept any M, in
 passes of 8 rows over each weight tile, but torch's GEMMs win for prefill).
@@ -61,6 +62,7 @@ from qwenkit.kernels.ops import (
     rms_norm,
     rope_,
     sample_cdf,
+    sample_top_p,
     silu_mul,
     topk,
     unpack_bf16,
@@ -94,6 +96,7 @@ __all__ = [
     "rms_norm",
     "rope_",
     "sample_cdf",
+    "sample_top_p",
     "silu_mul",
     "topk",
     "unpack_bf16",

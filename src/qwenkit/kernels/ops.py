@@ -424,6 +424,26 @@ def sample_cdf(
     )
 
 
+def sample_top_p(
+    x: torch.Tensor,
+    scales: Sequence[float],
+    top_ps: Sequence[float],
+    min_ps: Sequence[float],
+    keys: Sequence[int],
+) -> torch.Tensor:
+    """(M,) int64 top-p draws from softmax(x * scale) of float32 logits (M, V), min-p applied within the
+    nucleus, by the race argmax p / E with E hashed from each token's id and the row's key (the noise of
+    the sampler's ``_keyed_exp``). The nucleus comes from a histogram of the probabilities: nothing is
+    sorted but the tokens at its edge."""
+    return _op("sample_top_p_rows")(
+        x,
+        [float(s) for s in scales],
+        [float(p) for p in top_ps],
+        [float(p) for p in min_ps],
+        [int(k) for k in keys],
+    )
+
+
 # The small ops below are one pass of scalar-ish code: they beat torch's chain of kernels for the few rows
 # of a decode step, torch's vectorized kernels win on a prompt's hundreds (callers check this).
 SMALL_OP_ROWS = 16

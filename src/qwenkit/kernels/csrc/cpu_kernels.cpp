@@ -12,7 +12,8 @@
 //   linear_int8_float(...): as linear_int8, x rounded to 16 bits instead of 8 (output heads)
 //   argmax_rows(logits fp32 (M,V)) -> (M,) int64, as torch.argmax(-1) (greedy sampling)
 //   topk_rows(logits, k) -> values, ids (M, k); logsumexp_rows(logits, scales) -> (M,);
-//   sample_cdf_rows(logits, scales, min_ps, us) -> (M,) int64: the sampler's passes over whole rows
+//   sample_cdf_rows(logits, scales, min_ps, us), sample_top_p_rows(logits, scales, top_ps, min_ps, keys)
+//   -> (M,) int64: the sampler's passes over whole rows
 //   dequantize_rows(codes, scale, shift?, ids, bits, group_size, K, N, zero_point) -> (len(ids), K) fp32:
 //   rows of packed integer weights (an embedding lookup in a packed, tied head)
 //   stream_read(t) -> int64: xor of every 64-byte line (a memory-bandwidth probe for the benchmark)
@@ -1073,6 +1074,122 @@ at::Tensor sample_cdf_rows(const at::Tensor& x, at::ArrayRef<double> scales, at:
 }
 
 
+// splitmix64's mix of key + id * golden as an Exp(1) value -log(u), u in (0, 1): the same noise, bit for
+// bit in its uniform, as the sampler's ``_keyed_exp``.
+inline double keyed_exp(int64_t key, int64_t id) {
+  uint64_t z = static_cast<uint64_t>(id) * 0x9E3779B97F4A7C15ull + static_cast<uint64_t>(key);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  z ^= z >> 31;
+  return -std::log((static_cast<double>(z >> 11) + 0.5) * 0x1.0p-53);
+}
+
+// A top-p draw per row without sorting the row: e_i = e^(scale * (x_i - max)), Z = sum e. Token j is in
+// the nucleus when the mass of the tokens better than it (larger e, or equal e and a lower index) is
+// below top_p * Z; of those, tokens with e < min_p are dropped; the draw is the race argmax e_j / E_j
+// with E_j = keyed_exp(key, j). The nucleus boundary comes from a histogram of e by its float bits (16
+// buckets an octave), only the boundary bucket's tokens sorted. Tokens with e below (1 - top_p) * Z / V
+// cannot be in any nucleus (all such tokens together hold less than 1 - top_p of the mass) and are
+// skipped by a vector compare. x may hold -inf, not NaN.
+at::Tensor sample_top_p_rows(const at::Tensor& x, at::ArrayRef<double> scales, at::ArrayRef<double> top_ps,
+                             at::ArrayRef<double> min_ps, at::IntArrayRef keys) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) > 0,
+              "qwenkit sample_top_p_rows: x must be a float32 (M, V) CPU tensor, got ", x.scalar_type(), " ", x.sizes());
+  const at::Tensor xc = x.contiguous();
+  const int64_t M = xc.size(0), V = xc.size(1);
+  TORCH_CHECK(static_cast<int64_t>(scales.size()) == M && static_cast<int64_t>(top_ps.size()) == M &&
+                  static_cast<int64_t>(min_ps.size()) == M && static_cast<int64_t>(keys.size()) == M,
+              "qwenkit sample_top_p_rows: one scale, top_p, min_p and key per row: ", M, " rows");
+  for (int64_t m = 0; m < M; ++m)
+    TORCH_CHECK(scales[m] > 0 && top_ps[m] > 0 && top_ps[m] <= 1 && min_ps[m] >= 0 && min_ps[m] <= 1,
+                "qwenkit sample_top_p_rows: row ", m, " needs scale > 0, top_p in (0, 1] and min_p in [0, 1]");
+  at::Tensor out = at::empty({M}, xc.options().dtype(at::kLong));
+  const float* xp = xc.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  constexpr int kBuckets = 1024;
+  const auto bucket_of = [](float e) {  // e in (0, 1]: 0 for e = 1, larger as e shrinks
+    uint32_t u;
+    std::memcpy(&u, &e, 4);
+    return static_cast<int>(std::min<uint32_t>(kBuckets - 1, (0x3F800000u - u) >> 19));
+  };
+  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+    std::vector<float> mass(kBuckets);
+    std::vector<std::pair<float, int64_t>> edge;
+    alignas(64) float e16[16];
+    for (int64_t m = m0; m < m1; ++m) {
+      const float* r = xp + m * V;
+      const float top = row_max(r, V);
+      const __m512 sv = _mm512_set1_ps(static_cast<float>(scales[m])), tv = _mm512_set1_ps(top);
+      const auto exps = [&](int64_t i) {  // e of 16 values from i, 0 past the end or where x is -inf
+        const __mmask16 t = tail_mask16(V - i);
+        return _mm512_maskz_mov_ps(t, exp512(_mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(t, r + i), tv), sv)));
+      };
+      __m512 sum = _mm512_setzero_ps();
+      for (int64_t i = 0; i < V; i += 16) sum = _mm512_add_ps(sum, exps(i));
+      const float Z = _mm512_reduce_add_ps(sum), p = static_cast<float>(top_ps[m]) * Z;
+      const __m512 skip = _mm512_set1_ps((1.f - static_cast<float>(top_ps[m])) * Z / static_cast<float>(V));
+      // mass per bucket of the tokens that may be in the nucleus
+      std::fill(mass.begin(), mass.end(), 0.f);
+      for (int64_t i = 0; i < V; i += 16) {
+        const __m512 e = exps(i);
+        __mmask16 in = _mm512_cmp_ps_mask(e, skip, _CMP_GE_OQ) & _mm512_cmp_ps_mask(e, _mm512_setzero_ps(), _CMP_GT_OQ);
+        if (!in) continue;
+        _mm512_store_ps(e16, e);
+        for (; in; in &= in - 1) {
+          const int l = __builtin_ctz(in);
+          mass[bucket_of(e16[l])] += e16[l];
+        }
+      }
+      int boundary = 0;
+      float before = 0.f;  // mass of the buckets better than the boundary bucket
+      while (boundary < kBuckets - 1 && before + mass[boundary] < p) before += mass[boundary++];
+      // the boundary bucket's tokens, best first (ties to the lower index), kept while the mass before
+      // each is below p: the last kept one is the cut
+      edge.clear();
+      for (int64_t i = 0; i < V; i += 16) {
+        const __m512 e = exps(i);
+        __mmask16 in = _mm512_cmp_ps_mask(e, skip, _CMP_GE_OQ) & _mm512_cmp_ps_mask(e, _mm512_setzero_ps(), _CMP_GT_OQ);
+        if (!in) continue;
+        _mm512_store_ps(e16, e);
+        for (; in; in &= in - 1) {
+          const int l = __builtin_ctz(in);
+          if (bucket_of(e16[l]) == boundary) edge.emplace_back(e16[l], i + l);
+        }
+      }
+      std::sort(edge.begin(), edge.end(), [](const auto& a, const auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); });
+      std::pair<float, int64_t> cut{INFINITY, -1};  // tokens of the boundary bucket at or better than cut
+      float running = before;
+      for (const auto& t : edge) {
+        if (running >= p) break;
+        cut = t;
+        running += t.first;
+      }
+      const float floor = static_cast<float>(min_ps[m]);
+      double best = -1.0;
+      int64_t pick = -1;
+      for (int64_t i = 0; i < V; i += 16) {
+        const __m512 e = exps(i);
+        __mmask16 in = _mm512_cmp_ps_mask(e, skip, _CMP_GE_OQ) & _mm512_cmp_ps_mask(e, _mm512_setzero_ps(), _CMP_GT_OQ);
+        if (!in) continue;
+        _mm512_store_ps(e16, e);
+        for (; in; in &= in - 1) {
+          const int l = __builtin_ctz(in);
+          const float v = e16[l];
+          const int64_t j = i + l;
+          const int b = bucket_of(v);
+          const bool member = b < boundary || (b == boundary && (v > cut.first || (v == cut.first && j <= cut.second)));
+          if (!member || v < floor) continue;
+          const double ratio = v / keyed_exp(keys[m], j);
+          if (ratio > best) best = ratio, pick = j;
+        }
+      }
+      op[m] = pick >= 0 ? pick : 0;
+    }
+  });
+  return out;
+}
+
+
 // silu(gate) * up for x = [gate | up] (..., 2F) bf16 -> (..., F) bf16, each product rounded as torch's
 // F.silu(gate) * up rounds it (silu to bf16, then the product to bf16).
 at::Tensor silu_mul(const at::Tensor& x) {
@@ -1603,6 +1720,7 @@ TORCH_LIBRARY(qwenkit, m) {
   m.def("topk_rows(Tensor x, int k) -> (Tensor, Tensor)");
   m.def("logsumexp_rows(Tensor x, float[] scales) -> Tensor");
   m.def("sample_cdf_rows(Tensor x, float[] scales, float[] min_ps, float[] us) -> Tensor");
+  m.def("sample_top_p_rows(Tensor x, float[] scales, float[] top_ps, float[] min_ps, int[] keys) -> Tensor");
   m.def(
       "dequantize_rows(Tensor codes, Tensor scale, Tensor? shift, Tensor ids, int bits, int group_size, int K, int N, "
       "int zero_point) -> Tensor");
@@ -1625,6 +1743,7 @@ TORCH_LIBRARY_IMPL(qwenkit, CPU, m) {
   m.impl("topk_rows", &topk_rows);
   m.impl("logsumexp_rows", &logsumexp_rows);
   m.impl("sample_cdf_rows", &sample_cdf_rows);
+  m.impl("sample_top_p_rows", &sample_top_p_rows);
   m.impl("dequantize_rows", &dequantize_rows);
   m.impl("rms_norm", &rms_norm);
   m.impl("silu_mul", &silu_mul);
