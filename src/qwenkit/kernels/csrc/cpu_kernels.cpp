@@ -1130,32 +1130,29 @@ at::Tensor sample_top_p_rows(const at::Tensor& x, at::ArrayRef<double> scales, a
       const __m512 skip = _mm512_set1_ps((1.f - static_cast<float>(top_ps[m])) * Z / static_cast<float>(V));
       // mass per bucket of the tokens that may be in the nucleus
       std::fill(mass.begin(), mass.end(), 0.f);
-      for (int64_t i = 0; i < V; i += 16) {
-        const __m512 e = exps(i);
-        __mmask16 in = _mm512_cmp_ps_mask(e, skip, _CMP_GE_OQ) & _mm512_cmp_ps_mask(e, _mm512_setzero_ps(), _CMP_GT_OQ);
-        if (!in) continue;
-        _mm512_store_ps(e16, e);
-        for (; in; in &= in - 1) {
-          const int l = __builtin_ctz(in);
-          mass[bucket_of(e16[l])] += e16[l];
+      // calls f(e, j) for every token j that may be in the nucleus (e >= skip and e > 0), in order
+      const auto each_candidate = [&](const auto& f) {
+        for (int64_t i = 0; i < V; i += 16) {
+          const __m512 e = exps(i);
+          __mmask16 in = _mm512_cmp_ps_mask(e, skip, _CMP_GE_OQ) & _mm512_cmp_ps_mask(e, _mm512_setzero_ps(), _CMP_GT_OQ);
+          if (!in) continue;
+          _mm512_store_ps(e16, e);
+          for (; in; in &= in - 1) {
+            const int l = __builtin_ctz(in);
+            f(e16[l], i + l);
+          }
         }
-      }
+      };
+      each_candidate([&](float e, int64_t) { mass[bucket_of(e)] += e; });
       int boundary = 0;
       float before = 0.f;  // mass of the buckets better than the boundary bucket
       while (boundary < kBuckets - 1 && before + mass[boundary] < p) before += mass[boundary++];
       // the boundary bucket's tokens, best first (ties to the lower index), kept while the mass before
       // each is below p: the last kept one is the cut
       edge.clear();
-      for (int64_t i = 0; i < V; i += 16) {
-        const __m512 e = exps(i);
-        __mmask16 in = _mm512_cmp_ps_mask(e, skip, _CMP_GE_OQ) & _mm512_cmp_ps_mask(e, _mm512_setzero_ps(), _CMP_GT_OQ);
-        if (!in) continue;
-        _mm512_store_ps(e16, e);
-        for (; in; in &= in - 1) {
-          const int l = __builtin_ctz(in);
-          if (bucket_of(e16[l]) == boundary) edge.emplace_back(e16[l], i + l);
-        }
-      }
+      each_candidate([&](float e, int64_t j) {
+        if (bucket_of(e) == boundary) edge.emplace_back(e, j);
+      });
       std::sort(edge.begin(), edge.end(), [](const auto& a, const auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); });
       std::pair<float, int64_t> cut{INFINITY, -1};  // tokens of the boundary bucket at or better than cut
       float running = before;
@@ -1167,22 +1164,13 @@ at::Tensor sample_top_p_rows(const at::Tensor& x, at::ArrayRef<double> scales, a
       const float floor = static_cast<float>(min_ps[m]);
       double best = -1.0;
       int64_t pick = -1;
-      for (int64_t i = 0; i < V; i += 16) {
-        const __m512 e = exps(i);
-        __mmask16 in = _mm512_cmp_ps_mask(e, skip, _CMP_GE_OQ) & _mm512_cmp_ps_mask(e, _mm512_setzero_ps(), _CMP_GT_OQ);
-        if (!in) continue;
-        _mm512_store_ps(e16, e);
-        for (; in; in &= in - 1) {
-          const int l = __builtin_ctz(in);
-          const float v = e16[l];
-          const int64_t j = i + l;
-          const int b = bucket_of(v);
-          const bool member = b < boundary || (b == boundary && (v > cut.first || (v == cut.first && j <= cut.second)));
-          if (!member || v < floor) continue;
-          const double ratio = v / keyed_exp(keys[m], j);
-          if (ratio > best) best = ratio, pick = j;
-        }
-      }
+      each_candidate([&](float v, int64_t j) {
+        const int b = bucket_of(v);
+        const bool member = b < boundary || (b == boundary && (v > cut.first || (v == cut.first && j <= cut.second)));
+        if (!member || v < floor) return;
+        const double ratio = v / keyed_exp(keys[m], j);
+        if (ratio > best) best = ratio, pick = j;
+      });
       op[m] = pick >= 0 ? pick : 0;
     }
   });
