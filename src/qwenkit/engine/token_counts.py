@@ -3,11 +3,12 @@
 The penalties touch only tokens a request has seen (repetition: prompt and output; presence and
 frequency: output), a few hundred of a 150k vocabulary. Holding those ids, rather than a (V,) mask per
 request, makes a step's penalties cost O(seen tokens) instead of O(vocabulary) per row: at 16 rows of a
-49k vocabulary the dense masks took 6.7 ms a step, half again the model's own 13 ms.
+49k vocabulary the dense masks took 6.7 ms a step, half of the model's own 13 ms step.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 
 import torch
@@ -19,11 +20,17 @@ class TokenCounts:
     def __init__(
         self, tokens: Iterable[int] = (), device: torch.device | str = "cpu", counted: bool = False
     ) -> None:
-        self._where: dict[int, int] = {}  # token -> its slot
-        self._ids = torch.empty(16, dtype=torch.long, device=device)
-        self._counts = torch.zeros(16, dtype=torch.float32, device=device) if counted else None
-        for token in tokens:
-            self.add(token)
+        tokens = list(tokens)
+        distinct = list(dict.fromkeys(tokens))  # in order of first appearance
+        self._where: dict[int, int] = {t: slot for slot, t in enumerate(distinct)}  # token -> its slot
+        capacity = max(16, 2 * len(distinct))  # a prompt's tokens in one copy, room for the output's
+        self._ids = torch.empty(capacity, dtype=torch.long, device=device)
+        self._ids[: len(distinct)] = torch.tensor(distinct, dtype=torch.long)
+        self._counts = None
+        if counted:
+            per_token = Counter(tokens)
+            self._counts = torch.zeros(capacity, dtype=torch.float32, device=device)
+            self._counts[: len(distinct)] = torch.tensor([float(per_token[t]) for t in distinct])
 
     def __len__(self) -> int:
         return len(self._where)
