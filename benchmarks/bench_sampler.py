@@ -12,23 +12,29 @@ the same rows with their tails extended to Qwen's 151,936 (values drawn from eac
 With ``--engine`` it also runs the bundled model's decode through the engine under greedy, Qwen's
 defaults and top-p alone, to show the sampler's share of a step. Not a test: a measurement.
 
-    .venv/bin/python benchmarks/bench_sampler.py [--rows 1,16] [--engine] [--threads 2]
+    .venv/bin/python benchmarks/bench_sampler.py [--rows 1,16] [--engine] [--threads 2] [--previous FILE]
+
+``--previous FILE`` times an earlier ``sampler.py`` beside this one in the same process (for example
+``git show b76be4c:src/qwenkit/engine/sampler.py > /tmp/previous_sampler.py``, the sampler before it
+stopped sorting the vocabulary).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
 
 import torch
 
 from qwenkit.checkpoint import load_model
 from qwenkit.default_model import default_model_path
-from qwenkit.engine import Engine, SamplingParams
+from qwenkit.engine import Engine, SamplingParams, sampler
 from qwenkit.engine.request import Request
-from qwenkit.engine.sampler import apply_penalties, sample
 from qwenkit.engine.token_counts import TokenCounts
 from qwenkit.generate import tokenizer_for
 
@@ -65,22 +71,36 @@ def widen(logits: torch.Tensor, vocab: int, seed: int = 0) -> torch.Tensor:
 
 
 def qwenkit_step(
-    logits: torch.Tensor, params: SamplingParams, history: list[list[int]]
+    logits: torch.Tensor, params: SamplingParams, history: list[list[int]], module: ModuleType = sampler
 ) -> Callable[[], None]:
+    """One step of ``module``'s sampler (this checkout's, or ``--previous``'s) over the rows' logits."""
+    counted = hasattr(module, "TokenCounts")  # before it, the seen tokens were a bool (V,) mask
     requests = []
     for i, ids in enumerate(history):
         r = Request(i, ids, params, generator=None if params.greedy else torch.Generator().manual_seed(i))
         if params.repetition_penalty != 1.0:
-            r.seen = TokenCounts(ids)
+            r.seen = TokenCounts(ids) if counted else torch.zeros(logits.shape[1], dtype=torch.bool)
+            if not counted:
+                r.seen[torch.tensor(ids)] = True
         requests.append(r)
 
     def run() -> None:
         x = logits.clone()
         if params.repetition_penalty != 1.0:
-            x = apply_penalties(x, requests)
-        sample(x, requests)
+            x = module.apply_penalties(x, requests)
+        module.sample(x, requests)
 
     return run
+
+
+def load_sampler(path: Path) -> ModuleType:
+    """A sampler module from a file, e.g. ``git show REV:src/qwenkit/engine/sampler.py > FILE``."""
+    spec = importlib.util.spec_from_file_location("previous_sampler", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"cannot load a sampler module from {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def transformers_step(
@@ -143,14 +163,17 @@ def main() -> None:
     ap.add_argument("--engine", action="store_true", help="also the bundled model's decode rate per setting")
     ap.add_argument("--tokens", type=int, default=48, help="new tokens per request with --engine")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--previous", type=Path, help="an earlier sampler.py, timed beside this one")
     args = ap.parse_args()
+    previous = load_sampler(args.previous) if args.previous else None
     torch.set_num_threads(args.threads)
     rows = [int(r) for r in args.rows.split(",")]
     base = real_logits(max(rows))
     g = torch.Generator().manual_seed(1)
     print(f"ms per step (median of 30), {args.threads} threads, {time.strftime('%Y-%m-%d %H:%M')}\n")
-    print("| vocabulary | setting | rows | qwenkit ms | transformers ms | transformers / qwenkit |")
-    print("|---|---|---:|---:|---:|---:|")
+    before = " previous ms |" if previous else ""
+    print(f"| vocabulary | setting | rows |{before} qwenkit ms | transformers ms | transformers / qwenkit |")
+    print("|---|---|---:|" + "---:|" * (4 if previous else 3))
     for vocab in (base.shape[1], 151936):
         logits = base if vocab == base.shape[1] else widen(base, vocab)
         for name, params in SETTINGS.items():
@@ -159,7 +182,8 @@ def main() -> None:
                 history = torch.randint(0, vocab, (r, HISTORY), generator=g).tolist()
                 ours = ms_per_call(qwenkit_step(x, params, history))
                 theirs = ms_per_call(transformers_step(x, params, history))
-                print(f"| {vocab:,} | {name} | {r} | {ours:.3f} | {theirs:.3f} | {theirs / ours:.1f}x |")
+                was = f" {ms_per_call(qwenkit_step(x, params, history, previous)):.3f} |" if previous else ""
+                print(f"| {vocab:,} | {name} | {r} |{was} {ours:.3f} | {theirs:.3f} | {theirs / ours:.1f}x |")
     if not args.engine:
         return
     model, _ = load_model(default_model_path(), dtype="bfloat16", progress=False, fast_kernels=True)
