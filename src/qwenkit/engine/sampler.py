@@ -100,7 +100,7 @@ NUCLEUS_START = 64
 
 
 def ranked(p: SamplingParams, vocab: int) -> bool:
-    """Whether a row keeps only its best candidates (top-k or top-p): those rows go through ``topk``."""
+    """Whether a row keeps only its best candidates (top-k or top-p), not the whole vocabulary."""
     return 0 < p.top_k < vocab or p.top_p < 1.0
 
 
@@ -243,30 +243,26 @@ _GOLDEN, _MIX1, _MIX2 = -7046029254386353131, -4658895280553007687, -77235922931
 
 def sample(logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
     """Tokens (R,) for rows of already penalized float32 logits; greedy rows take the argmax."""
-    tokens = greedy(logits)
     drawn = [i for i, r in enumerate(requests) if not r.params.greedy]
-    if not drawn:
-        return tokens
+    if len(drawn) < len(requests):
+        tokens = greedy(logits)
+        if not drawn:
+            return tokens
+    else:  # every row draws: no argmax pass over the vocabulary for them
+        tokens = torch.empty(len(requests), dtype=torch.long, device=logits.device)
     V = logits.shape[1]
     for group in _by_kind([requests[i].params for i in drawn], V):
         rows = [drawn[j] for j in group]
         mine = logits if len(rows) == logits.shape[0] else logits[rows]  # no copy when every row draws
         params = [requests[i].params for i in rows]
-        if not ranked(params[0], V) and _on_kernels(mine):  # the whole vocabulary, in one kernel
-            u = [float(_uniform(requests[i])) for i in rows]
-            tokens[rows] = kernels.sample_cdf(
-                mine, [1 / p.temperature for p in params], [p.min_p for p in params], u
-            )
-            continue
-        if _top_p_alone(params[0], V) and _on_kernels(mine):  # the nucleus, in one kernel
-            keys = [_key(requests[i]) for i in rows]
-            tokens[rows] = kernels.sample_top_p(
-                mine,
-                [1 / p.temperature for p in params],
-                [p.top_p for p in params],
-                [p.min_p for p in params],
-                keys,
-            )
+        if _on_kernels(mine) and (not ranked(params[0], V) or _top_p_alone(params[0], V)):
+            scales, min_ps = [1 / p.temperature for p in params], [p.min_p for p in params]
+            if not ranked(params[0], V):  # the whole vocabulary, in one kernel
+                u = [float(_uniform(requests[i])) for i in rows]
+                tokens[rows] = kernels.sample_cdf(mine, scales, min_ps, u)
+            else:  # the nucleus, in one kernel
+                keys = [_key(requests[i]) for i in rows]
+                tokens[rows] = kernels.sample_top_p(mine, scales, [p.top_p for p in params], min_ps, keys)
             continue
         candidates, ids = filter_candidates(mine, params)
         probs = candidates.softmax(-1)
