@@ -13,7 +13,7 @@ import torch
 from factories import hf_model, save_hf
 from gguf import GGMLQuantizationType as Q
 
-from qwenkit import kernels
+from qwenkit import env_switch, kernels
 from qwenkit.checkpoint import load_model, loader, prepared_cache
 
 
@@ -240,6 +240,22 @@ def test_an_unwritable_cache_or_the_switch_only_costs_the_speed_up(tmp_path, mon
     c, _ = load_model(gguf_file, progress=False)
     assert len(builds) == 3 and not (tmp_path / "cache").exists()
     assert_same_model(a, c)
+
+
+def test_a_misspelt_switch_is_named_and_the_cache_stays_on(cache, builds, gguf_file, monkeypatch, capsys):
+    monkeypatch.setattr(env_switch, "_named", set())
+    monkeypatch.setenv(prepared_cache.ENV_SWITCH, "of")
+    load_model(gguf_file, progress=False)
+    load_model(gguf_file, progress=False)
+    assert len(builds) == 1 and len(list(cache.glob("*.pt"))) == 1  # the second load came from the cache
+    err = capsys.readouterr().err.splitlines()
+    named = [line for line in err if "QWENKIT_PREPARED_CACHE=" in line]
+    assert named == [
+        "qwenkit: QWENKIT_PREPARED_CACHE='of' is not one of 0, 1, false, no, off, on, true, yes; using 'on'"
+    ]
+    monkeypatch.setenv(prepared_cache.ENV_SWITCH, "OFF")
+    load_model(gguf_file, progress=False)
+    assert len(builds) == 2
 
 
 def test_no_entry_when_the_disk_is_nearly_full(cache, builds, gguf_file, monkeypatch):

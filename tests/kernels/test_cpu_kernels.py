@@ -418,6 +418,18 @@ def test_torch_switch_turns_the_kernels_off(monkeypatch, capsys):
     assert r.stdout.strip() == "False" and r.stderr == ""
 
 
+@needs_isa
+def test_a_misspelt_switch_is_named_once_not_ignored(loaded):
+    """QWENKIT_KERNELS=toch is no choice: one line names it and the setting used (the kernels)."""
+    code = "from qwenkit import kernels; print(kernels.available(), kernels.available())"
+    r = run_python(code, QWENKIT_KERNELS="toch")
+    assert r.returncode == 0 and r.stdout.strip() == "True True", r.stderr
+    named = "qwenkit: QWENKIT_KERNELS='toch' is not one of auto, torch; using 'auto'"
+    assert r.stderr.strip().splitlines() == [named]
+    r = run_python(code, QWENKIT_KERNELS=" Torch ")  # case and spaces do not matter
+    assert r.stdout.strip() == "False False" and r.stderr == ""
+
+
 # --- a library stored in the venv (container images: built in the build stage, no compiler at run time) --
 
 VENV_CHECK = """

@@ -59,6 +59,7 @@ from torch import nn
 
 from qwenkit.checkpoint.user_cache import cache_root
 from qwenkit.config import ModelConfig
+from qwenkit.env_switch import ON_OFF, env_choice
 
 FORMAT = 2  # the entry's own layout (the dict below)
 # Bump when a prepared module's tensors or attributes change meaning or layout (2: fused q/k/v, gate/up;
@@ -84,7 +85,7 @@ class CacheEntry:
 
 
 def enabled() -> bool:
-    return os.environ.get(ENV_SWITCH, "").strip().lower() not in ("0", "off", "false", "no")
+    return env_choice(ENV_SWITCH, ON_OFF, "on") == "on"
 
 
 def entry_for(source_path: Path, options: dict[str, Any]) -> CacheEntry:
@@ -101,7 +102,7 @@ def entry_for(source_path: Path, options: dict[str, Any]) -> CacheEntry:
     }
     choice = {
         "kernels": kernels.available(),
-        "kernels_env": os.environ.get(kernels.ENV_SWITCH, "").strip().lower(),
+        "kernels_env": env_choice(kernels.ENV_SWITCH, kernels.KERNEL_CHOICES, "auto"),
         **options,
     }
     source = str(source_path.resolve())

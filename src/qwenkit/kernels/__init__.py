@@ -37,6 +37,7 @@ passes of 8 rows over each weight tile, but torch's GEMMs win for prefill).
 
 from qwenkit.kernels.ops import (
     ENV_SWITCH,
+    KERNEL_CHOICES,
     SMALL_OP_ROWS,
     DecodeLayerWeights,
     KernelInputError,
@@ -71,6 +72,7 @@ from qwenkit.kernels.ops import (
 
 __all__ = [
     "ENV_SWITCH",
+    "KERNEL_CHOICES",
     "SMALL_OP_ROWS",
     "DecodeLayerWeights",
     "KernelInputError",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -11,9 +10,11 @@ from itertools import chain
 
 import torch
 
+from qwenkit.env_switch import env_choice
 from qwenkit.errors import QwenkitError
 
 ENV_SWITCH = "QWENKIT_KERNELS"  # "torch" forces the plain PyTorch path
+KERNEL_CHOICES = {"auto": "auto", "torch": "torch"}  # another value is named on stderr, then "auto"
 _loaded: bool | None = None  # None: not tried yet in this process
 _load_lock = threading.Lock()
 
@@ -36,7 +37,7 @@ def available() -> bool:
     build fails; False silently when QWENKIT_KERNELS=torch asks for the plain path.
     """
     global _loaded
-    if os.environ.get(ENV_SWITCH, "").strip().lower() == "torch":
+    if env_choice(ENV_SWITCH, KERNEL_CHOICES, "auto") == "torch":
         return False
     if _loaded is not None:
         return _loaded
