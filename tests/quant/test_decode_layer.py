@@ -119,7 +119,7 @@ def _count_layer_runs(monkeypatch) -> list[int]:
     """The number of layers of each ``kernels.decode_layers`` call from here on."""
     calls: list[int] = []
     run = kernels.decode_layers
-    monkeypatch.setattr(kernels, "decode_layers", lambda x, w, *a: calls.append(len(w)) or run(x, w, *a))
+    monkeypatch.setattr(kernels, "decode_layers", lambda x, r, *a: calls.append(r.layers) or run(x, r, *a))
     return calls
 
 
@@ -130,6 +130,33 @@ def test_a_layer_off_the_kernels_splits_the_step_into_runs(tmp_path, monkeypatch
     calls = _count_layer_runs(monkeypatch)
     _assert_kernel_path_equals_modules(model, 3)
     assert calls == [1, 2] * 3  # layer 0, then (module path for layer 1) layers 2-3, each step
+
+
+def test_the_held_run_follows_each_engines_pools(tmp_path, monkeypatch) -> None:
+    """The library holds a run's weights and K/V pools between steps. Two engines on one model, stepped
+    in turn, still each write and read their own pools (a run is made again when the pools change),
+    and one engine alone makes its run once, not once a step."""
+    path = save_hf(hf_model("qwen2", intermediate_size=256), tmp_path / "m")
+    model = _load(path, "int8", monkeypatch)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    prompts = PROMPTS[:2]
+    alone = [run_engine(Engine(model, max_batch_size=1), [p], params)[0] for p in prompts]
+    made: list[int] = []
+    make = kernels.decode_run
+    monkeypatch.setattr(kernels, "decode_run", lambda w, k, v: made.append(len(w)) or make(w, k, v))
+    engines = [Engine(model, max_batch_size=1) for _ in prompts]
+    for engine, prompt in zip(engines, prompts, strict=True):
+        engine.add_request(prompt, params)
+    outs: list[list[int]] = [[], []]
+    while any(e.has_unfinished() for e in engines):
+        for engine, out in zip(engines, outs, strict=True):
+            for o in engine.step():
+                out += o.new_token_ids
+    assert outs == alone
+    assert len(made) >= 7 * 2  # the pools changed at every step: a run each time
+    made.clear()
+    assert run_engine(engines[0], [prompts[1]], params)[0] == alone[1]
+    assert made == [model.config.num_hidden_layers]  # 7 decode steps, one run
 
 
 def test_decode_layer_keeps_batch_invariance(tmp_path, monkeypatch) -> None:
@@ -162,16 +189,16 @@ def test_decode_layer_rejects_bad_input(tmp_path, monkeypatch) -> None:
     x = torch.zeros(1, cfg.hidden_size, dtype=torch.bfloat16)
     cos = torch.ones(1, 1, cfg.head_dim, dtype=torch.bfloat16)
     one = torch.tensor([0])
-    w = [layer.decode_weights]
+    run = kernels.decode_run([layer.decode_weights], [pool], [pool])
     with pytest.raises(RuntimeError, match="slot 9 outside the pool"):
-        kernels.decode_layers(x, w, [pool], [pool], torch.tensor([9]), one[None], one, cos, cos)
+        kernels.decode_layers(x, run, torch.tensor([9]), one[None], one, cos, cos)
     with pytest.raises(RuntimeError, match="1..16 rows"):
         rows = torch.zeros(17, cfg.hidden_size, dtype=torch.bfloat16)
-        kernels.decode_layers(rows, w, [pool], [pool], one, one[None], one, cos, cos)
+        kernels.decode_layers(rows, run, one, one[None], one, cos, cos)
     with pytest.raises(RuntimeError, match="per layer, 28 tensors, 33 ints, 5 floats and a K and a V pool"):
-        kernels.decode_layers(x, w * 2, [pool], [pool], one, one[None], one, cos, cos)
+        kernels.decode_run([layer.decode_weights] * 2, [pool], [pool])
     with pytest.raises(RuntimeError, match="got 0 tensors"):
-        kernels.decode_layers(x, [], [], [], one, one[None], one, cos, cos)
+        kernels.decode_run([], [], [])
 
 
 def test_decode_layer_takes_strided_slots(tmp_path, monkeypatch) -> None:
@@ -187,8 +214,8 @@ def test_decode_layer_takes_strided_slots(tmp_path, monkeypatch) -> None:
     for slots in (torch.tensor([2, 6]), torch.tensor([2, 0, 6, 0])[::2]):  # the same slots, strided
         pool_k = torch.zeros(8, cfg.num_key_value_heads, cfg.head_dim, dtype=torch.bfloat16)
         pool_v = torch.zeros_like(pool_k)
-        w = [layer.decode_weights]
-        y = kernels.decode_layers(x, w, [pool_k], [pool_v], slots, gather, positions, cos, cos)
+        run = kernels.decode_run([layer.decode_weights], [pool_k], [pool_v])
+        y = kernels.decode_layers(x, run, slots, gather, positions, cos, cos)
         outs.append((y, pool_k, pool_v))
     assert all(torch.equal(a, b) for a, b in zip(*outs, strict=True))
     assert outs[0][1][[2, 6]].abs().sum() > 0  # the step's K went to its slots

@@ -22,7 +22,8 @@ Imports only torch, the standard library and qwenkit.errors; model/ and quant/ m
     kernels.rms_norm(x, w, eps), kernels.silu_mul(x), kernels.rope_(x, cos, sin),
     kernels.decode_attention(q, k, v, gather, pos, scale)
         # the decode step's small ops (bf16), one call each
-    kernels.decode_layers(x, [DecodeLayerWeights(...), ...], k_pools, v_pools, slots, gather, pos, cos, sin)
+    run = kernels.decode_run([DecodeLayerWeights(...), ...], k_pools, v_pools)  # held by the library
+    kernels.decode_layers(x, run, slots, gather, pos, cos, sin)
         # a decode step's decoder layers for its rows, each as the ops above, all in one call
     kernels.concat_bf16([p, ...]) / kernels.concat_int([p, ...])  # outputs stacked (fused projections)
     kernels.argmax(logits)                        # float32 (M, V) -> (M,) int64, as torch.argmax(-1)
@@ -40,6 +41,7 @@ from qwenkit.kernels.ops import (
     KERNEL_CHOICES,
     SMALL_OP_ROWS,
     DecodeLayerWeights,
+    DecodeRun,
     KernelInputError,
     KernelsUnavailableError,
     PackedBf16,
@@ -50,6 +52,7 @@ from qwenkit.kernels.ops import (
     concat_int,
     decode_attention,
     decode_layers,
+    decode_run,
     dequantize,
     dequantize_rows,
     linear_bf16,
@@ -75,6 +78,7 @@ __all__ = [
     "KERNEL_CHOICES",
     "SMALL_OP_ROWS",
     "DecodeLayerWeights",
+    "DecodeRun",
     "KernelInputError",
     "KernelsUnavailableError",
     "PackedBf16",
@@ -85,6 +89,7 @@ __all__ = [
     "concat_int",
     "decode_attention",
     "decode_layers",
+    "decode_run",
     "dequantize",
     "dequantize_rows",
     "linear_bf16",

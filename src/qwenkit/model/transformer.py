@@ -6,6 +6,8 @@ v1-specific behaviour left here is switched by config: dynamic NTK, LogN and flo
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -63,6 +65,34 @@ def _decode_runs(layers: nn.ModuleList, cache: KVCache) -> dict[int, DecodeRun]:
         run[0].append(weights)
         run[1].append(pool)
     return runs
+
+
+# Per model, the runs handed to the kernels (first layer -> the weights and pools a run was made of, and
+# the run), kept while the model lives: the library holds a run's arguments, and a step passes it as is
+# while its layers' weights and the cache's pools stay the same objects.
+_HELD_RUNS: weakref.WeakKeyDictionary[nn.Module, dict[int, tuple[list, list, kernels.DecodeRun]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _held_run(
+    model: nn.Module, first: int, weights: list, pools: list[tuple[torch.Tensor, ...]]
+) -> kernels.DecodeRun:
+    """The library's run for layers ``first``.. with these weights and pools: the held one if they are
+    the same objects, else a new one (held in its place; a model keeps one run per first layer)."""
+    held = _HELD_RUNS.setdefault(model, {})
+    kept = held.get(first)
+    if kept is not None:
+        kept_weights, kept_pools, run = kept
+        if (
+            len(kept_weights) == len(weights)
+            and all(a is b for a, b in zip(kept_weights, weights, strict=True))
+            and all(a[0] is b[0] and a[1] is b[1] for a, b in zip(kept_pools, pools, strict=True))
+        ):
+            return run
+    run = kernels.decode_run(weights, [p[0] for p in pools], [p[1] for p in pools])
+    held[first] = (list(weights), [p[:2] for p in pools], run)
+    return run
 
 
 class DecoderStack(nn.Module):
@@ -134,9 +164,9 @@ class Transformer(nn.Module):
                 i += 1
                 continue
             weights, pools = run
-            k_pools, v_pools = [p[0] for p in pools], [p[1] for p in pools]
             rot = (cos[:, 0], sin[:, 0])  # (1, rows, rot), RoPE's dtype
-            x = kernels.decode_layers(x[0], weights, k_pools, v_pools, *pools[0][2:], *rot)[None]
+            held = _held_run(self, i, weights, pools)
+            x = kernels.decode_layers(x[0], held, *pools[0][2:], *rot)[None]
             i += len(weights)
         if logits_index is not None:
             x = x.reshape(B * T, -1)[logits_index]  # (K, hidden)

@@ -19,8 +19,8 @@
 //   stream_read(t) -> int64: xor of every 64-byte line (a memory-bandwidth probe for the benchmark)
 //   rms_norm(x, weight, eps), silu_mul([gate | up]), rope_(x, cos, sin), decode_attention(q, k pool, v pool, gather, positions,
 //   scale): the decode step's small ops, one call each instead of several torch kernels
-//   decode_layers(x, per-layer weights, K pools, V pools, slots, gather, positions, cos, sin): a decode
-//   step's decoder layers, all of them in one call
+//   DecodeRun(per-layer weights, K pools, V pools): a run of decoder layers and their KV cache, held once;
+//   decode_layers(run, x, slots, gather, positions, cos, sin): a decode step through all of them, one call
 //
 // Integer weights are w[n,k] = (code[n,k] - zero_point) * scale + shift per group of `group_size` inputs
 // (zero_point one integer for the whole matrix: 8 for Q4_0 and symmetric int4, 128 for Q8_0). The
@@ -35,6 +35,7 @@
 //   scale, shift: (N/16, K / group_size, 16) fp32 or fp16 (shift may be absent).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/custom_class.h>
 #include <torch/library.h>
 
 #include <immintrin.h>
@@ -1671,22 +1672,40 @@ at::Tensor decode_layer(const at::Tensor& x, at::TensorList tensors, at::IntArra
   return out;
 }
 
-// A decode step's consecutive layers, each as decode_layer, in one call: layer l's arguments are the l-th
-// run of 28 tensors, 33 ints and 5 floats and its pools k_pools[l], v_pools[l]. A layer's own Python call
-// and argument parsing took about 15 us, a seventh of the bundled 135M model's layer at batch 1.
-at::Tensor decode_layers(const at::Tensor& x, at::TensorList tensors, at::IntArrayRef ints, at::ArrayRef<double> floats,
-                         at::TensorList k_pools, at::TensorList v_pools, const at::Tensor& slots, const at::Tensor& gather,
-                         const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin) {
-  const int64_t L = static_cast<int64_t>(k_pools.size());
-  TORCH_CHECK(L >= 1 && v_pools.size() == k_pools.size() && static_cast<int64_t>(tensors.size()) == 28 * L &&
-                  static_cast<int64_t>(ints.size()) == 33 * L && static_cast<int64_t>(floats.size()) == 5 * L,
-              "qwenkit decode_layers: expected, per layer, 28 tensors, 33 ints, 5 floats and a K and a V pool; got ",
-              tensors.size(), " tensors, ", ints.size(), " ints, ", floats.size(), " floats, ", k_pools.size(),
-              " K pools and ", v_pools.size(), " V pools");
+// A run of a model's consecutive decoder layers with their K/V pools, fixed for a model and its KV
+// cache, held here once: layer l's arguments are the l-th 28 tensors, 33 ints and 5 floats (as
+// decode_layer takes them) and its pools k_pools[l], v_pools[l]. Passing them with every step cost the
+// bundled 135M model about 90 us a step (converting ~900 tensors and ~1,000 ints), 2% of its batch-1 step.
+struct DecodeRun : torch::CustomClassHolder {
+  std::vector<at::Tensor> tensors, k_pools, v_pools;
+  std::vector<int64_t> ints;
+  std::vector<double> floats;
+
+  DecodeRun(std::vector<at::Tensor> tensors_, std::vector<int64_t> ints_, std::vector<double> floats_,
+            std::vector<at::Tensor> k_pools_, std::vector<at::Tensor> v_pools_)
+      : tensors(std::move(tensors_)), k_pools(std::move(k_pools_)), v_pools(std::move(v_pools_)),
+        ints(std::move(ints_)), floats(std::move(floats_)) {
+    const int64_t L = layers();
+    TORCH_CHECK(L >= 1 && v_pools.size() == k_pools.size() && static_cast<int64_t>(tensors.size()) == 28 * L &&
+                    static_cast<int64_t>(ints.size()) == 33 * L && static_cast<int64_t>(floats.size()) == 5 * L,
+                "qwenkit DecodeRun: expected, per layer, 28 tensors, 33 ints, 5 floats and a K and a V pool; got ",
+                tensors.size(), " tensors, ", ints.size(), " ints, ", floats.size(), " floats, ", k_pools.size(),
+                " K pools and ", v_pools.size(), " V pools");
+  }
+  int64_t layers() const { return static_cast<int64_t>(k_pools.size()); }
+};
+
+// A decode step through a run's layers, each as decode_layer, in one call.
+at::Tensor decode_layers(const c10::intrusive_ptr<DecodeRun>& run, const at::Tensor& x, const at::Tensor& slots,
+                         const at::Tensor& gather, const at::Tensor& positions, const at::Tensor& cos,
+                         const at::Tensor& sin) {
+  const at::TensorList tensors(run->tensors);
+  const at::IntArrayRef ints(run->ints);
+  const at::ArrayRef<double> floats(run->floats);
   at::Tensor h = x;
-  for (int64_t l = 0; l < L; ++l)
-    h = decode_layer(h, tensors.slice(28 * l, 28), ints.slice(33 * l, 33), floats.slice(5 * l, 5), k_pools[l],
-                     v_pools[l], slots, gather, positions, cos, sin);
+  for (int64_t l = 0; l < run->layers(); ++l)
+    h = decode_layer(h, tensors.slice(28 * l, 28), ints.slice(33 * l, 33), floats.slice(5 * l, 5), run->k_pools[l],
+                     run->v_pools[l], slots, gather, positions, cos, sin);
   return h;
 }
 
@@ -1716,9 +1735,13 @@ TORCH_LIBRARY(qwenkit, m) {
   m.def("silu_mul(Tensor x) -> Tensor");
   m.def("rope_(Tensor(a!) x, Tensor cos, Tensor sin) -> ()");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor gather, Tensor positions, float scale) -> Tensor");
+  m.class_<DecodeRun>("DecodeRun")
+      .def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>, std::vector<double>, std::vector<at::Tensor>,
+                       std::vector<at::Tensor>>())
+      .def("layers", &DecodeRun::layers);
   m.def(
-      "decode_layers(Tensor x, Tensor[] tensors, int[] ints, float[] floats, Tensor(a!)[] k_pools, "
-      "Tensor(b!)[] v_pools, Tensor slots, Tensor gather, Tensor positions, Tensor cos, Tensor sin) -> Tensor");
+      "decode_layers(__torch__.torch.classes.qwenkit.DecodeRun run, Tensor x, Tensor slots, Tensor gather, "
+      "Tensor positions, Tensor cos, Tensor sin) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(qwenkit, CPU, m) {
