@@ -1,29 +1,30 @@
 """Which layers of a decode step go to one ``kernels.decode_layers`` call (``transformer._decode_runs``):
-runs of consecutive layers with decode weights and a pool, sharing the step's slots, gather and positions."""
+runs of consecutive layers with decode weights, made once per model and cache and kept while the layers'
+weights and the cache's pools stay the same objects."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 import torch
+from torch import nn
 
-from qwenkit.model.transformer import _decode_runs
+from qwenkit.model import transformer
+from qwenkit.model.attention import DecodePools
 
 
-class Cache:
-    """Hands out a pool per layer: the same step tensors, except where a layer is given its own."""
+@pytest.fixture
+def made(monkeypatch) -> list[tuple[list, list, list]]:
+    """Records each run the library is asked to make (weights, K pools, V pools)."""
+    calls: list[tuple[list, list, list]] = []
 
-    def __init__(self, none_for=(), own_gather_for=()) -> None:
-        self.step = (torch.zeros(1), torch.zeros(1, 4), torch.zeros(1))
-        self.none_for, self.own_gather_for = set(none_for), set(own_gather_for)
+    def decode_run(weights, k, v):
+        calls.append((list(weights), list(k), list(v)))
+        return SimpleNamespace(layers=len(weights), weights=list(weights))
 
-    def decode_pool(self, layer: int):
-        if layer in self.none_for:
-            return None
-        slots, gather, positions = self.step
-        if layer in self.own_gather_for:
-            gather = gather.clone()
-        return (f"k{layer}", f"v{layer}", slots, gather, positions)
+    monkeypatch.setattr(transformer.kernels, "decode_run", decode_run)
+    return calls
 
 
 def layers(n: int, without_weights=()) -> list[SimpleNamespace]:
@@ -35,25 +36,37 @@ def layers(n: int, without_weights=()) -> list[SimpleNamespace]:
     ]
 
 
+def pools(n: int) -> DecodePools:
+    step = torch.zeros(1, dtype=torch.long)
+    return DecodePools([f"k{i}" for i in range(n)], [f"v{i}" for i in range(n)], step, step[None], step)
+
+
 def shape(runs) -> dict[int, list[str]]:
-    return {start: weights for start, (weights, _) in runs.items()}
+    return {start: run.weights for start, run in runs.items()}
 
 
-def test_all_layers_on_the_kernels_are_one_run():
-    runs = _decode_runs(layers(4), Cache())
+def test_all_layers_on_the_kernels_are_one_run(made):
+    runs = transformer._decode_runs(nn.Module(), layers(4), pools(4))
     assert shape(runs) == {0: ["w0", "w1", "w2", "w3"]}
-    assert [p[0] for p in runs[0][1]] == ["k0", "k1", "k2", "k3"]
+    assert made == [(["w0", "w1", "w2", "w3"], ["k0", "k1", "k2", "k3"], ["v0", "v1", "v2", "v3"])]
 
 
-def test_a_layer_without_weights_or_pool_splits_the_runs():
-    assert shape(_decode_runs(layers(5, without_weights={1}), Cache())) == {0: ["w0"], 2: ["w2", "w3", "w4"]}
-    assert shape(_decode_runs(layers(5), Cache(none_for={3}))) == {0: ["w0", "w1", "w2"], 4: ["w4"]}
-    assert _decode_runs(layers(3, without_weights={0, 1, 2}), Cache()) == {}
+def test_a_layer_without_weights_splits_the_runs(made):
+    runs = transformer._decode_runs(nn.Module(), layers(5, without_weights={1}), pools(5))
+    assert shape(runs) == {0: ["w0"], 2: ["w2", "w3", "w4"]}
+    assert [k for _, k, _ in made] == [["k0"], ["k2", "k3", "k4"]]
+    assert transformer._decode_runs(nn.Module(), layers(3, without_weights={0, 1, 2}), pools(3)) == {}
 
 
-def test_a_pool_with_other_step_tensors_starts_a_new_run():
-    assert shape(_decode_runs(layers(4), Cache(own_gather_for={2}))) == {
-        0: ["w0", "w1"],
-        2: ["w2"],
-        3: ["w3"],
-    }
+def test_runs_are_kept_while_weights_and_pools_are_the_same_objects(made):
+    model, stack, cache = nn.Module(), layers(3), pools(3)
+    first = transformer._decode_runs(model, stack, cache)
+    step = torch.ones(1, dtype=torch.long)  # another step: new slots, gather and positions, the same pools
+    again = transformer._decode_runs(model, stack, DecodePools(cache.k, cache.v, step, step[None], step))
+    assert again is first and len(made) == 1
+    other = pools(3)  # another cache (equal, but not the same lists)
+    assert transformer._decode_runs(model, stack, other) is not first and len(made) == 2
+    stack[1].decode_weights = "w1 again"  # a layer's weights replaced
+    runs = transformer._decode_runs(model, stack, other)
+    assert shape(runs) == {0: ["w0", "w1 again", "w2"]} and len(made) == 3
+    assert transformer._decode_runs(nn.Module(), stack, other) is not runs  # another model: its own

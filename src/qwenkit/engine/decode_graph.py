@@ -87,7 +87,7 @@ class StaticDecodeAttention:
         hidden = torch.zeros(visible.shape, dtype=cache.k[0].dtype, device=packed.device)
         self.mask = hidden.masked_fill(~visible, float("-inf"))[:, None, None, :]
 
-    def decode_pool(self, layer: int) -> None:
+    def decode_pools(self) -> None:
         """Never: the static-shape step runs the modules (the shapes a CUDA graph captures)."""
         return None
 

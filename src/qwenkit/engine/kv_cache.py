@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from qwenkit import kernels
+from qwenkit.model.attention import DecodePools
 
 
 class PagedKVCache:
@@ -114,16 +115,15 @@ class StepAttention:
             and kernels.available()
         )
 
-    def decode_pool(
-        self, layer: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """(K pool, V pool, slots, gather, positions) of ``layer`` when every row of the step decodes one
-        token on the fast kernels, few enough for ``kernels.decode_layers`` to run the whole layer; else
-        None. The layer then writes the step's K/V at ``slots`` itself."""
+    def decode_pools(self) -> DecodePools | None:
+        """The pools and this step's slots, gather table and positions when every row of the step decodes
+        one token on the fast kernels, few enough for ``kernels.decode_layers`` to run whole layers; else
+        None (each layer then writes the step's K/V itself, in ``attend``)."""
         if self.chunks or not self.fast_decode or self.num_decode > kernels.SMALL_OP_ROWS:
             return None
-        k, v = self.cache.k[layer], self.cache.v[layer]
-        return k, v, self.slot_mapping, self.decode_gather, self.decode_positions
+        return DecodePools(
+            self.cache.k, self.cache.v, self.slot_mapping, self.decode_gather, self.decode_positions
+        )
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q (1, H, N, D), k/v (1, Hkv, N, D) for the step's tokens -> attention output (1, H, N, D)."""

@@ -209,7 +209,7 @@ class _PrefixCache:
         self.v: dict[int, torch.Tensor] = {}
         self.filling = True
 
-    def decode_pool(self, layer: int) -> None:
+    def decode_pools(self) -> None:
         """Never: scoring runs the modules."""
         return None
 

@@ -23,6 +23,18 @@ from qwenkit.model.norm import RMSNorm
 from qwenkit.model.rope import apply_rope, apply_rope_
 
 
+@dataclass(frozen=True)
+class DecodePools:
+    """What a decode step's ``kernels.decode_layers`` calls need from the cache. The pool lists are the
+    cache's own, the same objects every step (the library holds runs made from them)."""
+
+    k: list[torch.Tensor]  # per layer index: (slots, Hkv, D), the step's K written at ``slots``
+    v: list[torch.Tensor]
+    slots: torch.Tensor  # (rows,) where each row's new K/V goes
+    gather: torch.Tensor  # (rows, S) slot of every key each row sees
+    positions: torch.Tensor  # (rows,) each row's position: it sees keys 0..position
+
+
 class KVCache(Protocol):
     """What attention needs from a KV cache; the engine owns the storage (and its layout) behind it."""
 
@@ -31,10 +43,10 @@ class KVCache(Protocol):
         query may see (cached and new, causal): (B, H, T, D)."""
         ...
 
-    def decode_pool(self, layer: int) -> tuple[torch.Tensor, ...] | None:
-        """(K pool, V pool, slots, gather, positions) of ``layer`` when this step can run the whole layer
-        inside a ``kernels.decode_layers`` call (the engine's paged cache, every row decoding one token on the
-        CPU kernels), else None."""
+    def decode_pools(self) -> DecodePools | None:
+        """The pools and the step's tensors when this step can run whole layers inside
+        ``kernels.decode_layers`` calls (the engine's paged cache, every row decoding one token on the CPU
+        kernels), else None."""
         ...
 
 

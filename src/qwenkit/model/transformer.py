@@ -7,13 +7,14 @@ v1-specific behaviour left here is switched by config: dynamic NTK, LogN and flo
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from qwenkit import kernels
 from qwenkit.config import ModelConfig
-from qwenkit.model.attention import Attention, AttentionInputs, KVCache
+from qwenkit.model.attention import Attention, AttentionInputs, DecodePools, KVCache
 from qwenkit.model.mlp import MLP
 from qwenkit.model.moe import MoEMLP
 from qwenkit.model.norm import RMSNorm
@@ -44,55 +45,47 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-DecodeRun = tuple[list[kernels.DecodeLayerWeights], list[tuple[torch.Tensor, ...]]]
+@dataclass(frozen=True)
+class _HeldRuns:
+    """A model's runs for one cache: made from these layer weights and pools, kept while they stay the
+    same objects (the library holds each run's arguments, so a step passes only what changes)."""
+
+    weights: list[kernels.DecodeLayerWeights | None]
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    runs: dict[int, kernels.DecodeRun]  # first layer index -> the run of consecutive layers from there
 
 
-def _decode_runs(layers: nn.ModuleList, cache: KVCache) -> dict[int, DecodeRun]:
-    """First layer index -> (decode weights, cache pools) of each run of consecutive layers that can go
-    to one ``kernels.decode_layers`` call: each has decode weights and a pool from the cache, and the run
-    shares the step's slots, gather table and positions (the pools' last three)."""
-    runs: dict[int, DecodeRun] = {}
-    run: DecodeRun | None = None
-    for i, layer in enumerate(layers):
-        weights = layer.decode_weights
-        pool = cache.decode_pool(layer.self_attn.layer_idx) if weights is not None else None
-        if pool is None:
-            run = None
-            continue
-        first = run[1][0] if run is not None else None
-        if first is None or not (pool[2] is first[2] and pool[3] is first[3] and pool[4] is first[4]):
-            run = runs[i] = ([], [])
-        run[0].append(weights)
-        run[1].append(pool)
+# Per model (while it lives): its runs for the cache it last decoded with.
+_HELD: weakref.WeakKeyDictionary[nn.Module, _HeldRuns] = weakref.WeakKeyDictionary()
+
+
+def _decode_runs(model: nn.Module, layers: nn.ModuleList, pools: DecodePools) -> dict[int, kernels.DecodeRun]:
+    """First layer index -> the run of consecutive layers from there with decode weights, each run one
+    ``kernels.decode_layers`` call; a layer without them (a part off the kernels) runs its modules."""
+    weights = [layer.decode_weights for layer in layers]
+    held = _HELD.get(model)
+    if (
+        held is not None
+        and held.k is pools.k
+        and held.v is pools.v
+        and len(held.weights) == len(weights)
+        and all(a is b for a, b in zip(held.weights, weights, strict=True))
+    ):
+        return held.runs
+    runs: dict[int, kernels.DecodeRun] = {}
+    i = 0
+    while i < len(layers):
+        end = i
+        while end < len(layers) and weights[end] is not None:
+            end += 1
+        if end > i:
+            idx = [layer.self_attn.layer_idx for layer in layers[i:end]]
+            run_weights = weights[i:end]
+            runs[i] = kernels.decode_run(run_weights, [pools.k[j] for j in idx], [pools.v[j] for j in idx])
+        i = max(end, i + 1)
+    _HELD[model] = _HeldRuns(weights, pools.k, pools.v, runs)
     return runs
-
-
-# Per model, the runs handed to the kernels (first layer -> the weights and pools a run was made of, and
-# the run), kept while the model lives: the library holds a run's arguments, and a step passes it as is
-# while its layers' weights and the cache's pools stay the same objects.
-_HELD_RUNS: weakref.WeakKeyDictionary[nn.Module, dict[int, tuple[list, list, kernels.DecodeRun]]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _held_run(
-    model: nn.Module, first: int, weights: list, pools: list[tuple[torch.Tensor, ...]]
-) -> kernels.DecodeRun:
-    """The library's run for layers ``first``.. with these weights and pools: the held one if they are
-    the same objects, else a new one (held in its place; a model keeps one run per first layer)."""
-    held = _HELD_RUNS.setdefault(model, {})
-    kept = held.get(first)
-    if kept is not None:
-        kept_weights, kept_pools, run = kept
-        if (
-            len(kept_weights) == len(weights)
-            and all(a is b for a, b in zip(kept_weights, weights, strict=True))
-            and all(a[0] is b[0] and a[1] is b[1] for a, b in zip(kept_pools, pools, strict=True))
-        ):
-            return run
-    run = kernels.decode_run(weights, [p[0] for p in pools], [p[1] for p in pools])
-    held[first] = (list(weights), [p[:2] for p in pools], run)
-    return run
 
 
 class DecoderStack(nn.Module):
@@ -155,7 +148,8 @@ class Transformer(nn.Module):
         # engine flattens its rows) runs each run of consecutive layers that have decode weights as one
         # call, x kept 2-D; any other layer runs its modules.
         layers = self.model.layers
-        runs = _decode_runs(layers, cache) if cache is not None and logn is None and B == 1 else {}
+        pools = cache.decode_pools() if cache is not None and logn is None and B == 1 else None
+        runs = _decode_runs(self, layers, pools) if pools is not None else {}
         i = 0
         while i < len(layers):
             run = runs.get(i)
@@ -163,11 +157,9 @@ class Transformer(nn.Module):
                 x = layers[i](x, inputs)
                 i += 1
                 continue
-            weights, pools = run
             rot = (cos[:, 0], sin[:, 0])  # (1, rows, rot), RoPE's dtype
-            held = _held_run(self, i, weights, pools)
-            x = kernels.decode_layers(x[0], held, *pools[0][2:], *rot)[None]
-            i += len(weights)
+            x = kernels.decode_layers(x[0], run, pools.slots, pools.gather, pools.positions, *rot)[None]
+            i += run.layers
         if logits_index is not None:
             x = x.reshape(B * T, -1)[logits_index]  # (K, hidden)
         return self.lm_head(self.model.norm(x))
