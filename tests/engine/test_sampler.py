@@ -217,3 +217,40 @@ def test_whole_vocabulary_draws_follow_the_distribution():
     counts = torch.bincount(torch.cat(draws), minlength=50)
     assert counts[probs == 0].sum() == 0
     assert 0.5 * (counts / 10000 - probs).abs().sum() < 0.04
+
+
+def test_draws_follow_transformers_over_random_settings_and_masked_rows():
+    """Random settings (temperature, top-k, top-p, min-p, some beyond the vocabulary) over rows with most
+    tokens masked to -inf (as a grammar masks them) or none: no token outside transformers' kept set ever
+    comes out, and the draws' total variation against its distribution (float64) stays within sampling
+    noise. Logits are continuous: at exact ties the kept set differs by design (top-k keeps exactly k,
+    ties to the lower index, where transformers keeps every token tied with the k-th)."""
+    rng = torch.Generator().manual_seed(3)
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=rng))]
+
+    n = 1000
+    for case in range(14):
+        vocab = pick([37, 500, 3000])
+        logits = torch.randn(vocab, generator=rng) * pick([0.5, 2.0, 8.0])
+        if case % 2:
+            keep = torch.randperm(vocab, generator=rng)[: max(1, int(vocab * pick([0.01, 0.3])))]
+            masked = torch.full_like(logits, float("-inf"))
+            masked[keep] = logits[keep]
+            logits = masked
+        p = SamplingParams(
+            temperature=pick([0.2, 0.7, 1.0, 1.5]),
+            top_k=pick([0, 0, 5, 50, 5000]),
+            top_p=pick([1.0, 0.9, 0.5, 0.99]),
+            min_p=pick([0.0, 0.05]),
+        )
+        probs = reference(logits.double(), p).softmax(-1)
+        rows = [
+            Request(i, [1], p, generator=torch.Generator().manual_seed(1000 * case + i)) for i in range(n)
+        ]
+        drawn = sample(logits.expand(n, -1).contiguous(), rows)
+        counts = torch.bincount(drawn, minlength=vocab).double()
+        assert counts[probs == 0].sum() == 0, (case, p)
+        noise = 0.5 * (probs * (1 - probs) / n).sqrt().sum() * (2 / torch.pi) ** 0.5
+        assert 0.5 * (counts / n - probs).abs().sum() < 3 * noise + 0.01, (case, p)
