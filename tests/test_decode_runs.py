@@ -66,6 +66,10 @@ def test_runs_are_kept_while_weights_and_pools_are_the_same_objects(made):
     assert again is first and len(made) == 1
     other = pools(3)  # another cache (equal, but not the same lists)
     assert transformer._decode_runs(model, stack, other) is not first and len(made) == 2
+    other.k[2] = "k2 again"  # a pool replaced in the cache's own list
+    assert transformer._decode_runs(model, stack, other) is not first and len(made) == 3
+    assert made[-1][1] == ["k0", "k1", "k2 again"]
+    made.pop()
     stack[1].decode_weights = "w1 again"  # a layer's weights replaced
     runs = transformer._decode_runs(model, stack, other)
     assert shape(runs) == {0: ["w0", "w1 again", "w2"]} and len(made) == 3

@@ -51,13 +51,16 @@ class _HeldRuns:
     same objects (the library holds each run's arguments, so a step passes only what changes)."""
 
     weights: list[kernels.DecodeLayerWeights | None]
-    k: list[torch.Tensor]
-    v: list[torch.Tensor]
+    pools: list[torch.Tensor]  # the cache's K pools, then its V pools, as they were when the runs were made
     runs: dict[int, kernels.DecodeRun]  # first layer index -> the run of consecutive layers from there
 
 
 # Per model (while it lives): its runs for the cache it last decoded with.
 _HELD: weakref.WeakKeyDictionary[nn.Module, _HeldRuns] = weakref.WeakKeyDictionary()
+
+
+def _same_objects(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
 
 
 def _decode_runs(model: nn.Module, layers: nn.ModuleList, pools: DecodePools) -> dict[int, kernels.DecodeRun]:
@@ -67,10 +70,8 @@ def _decode_runs(model: nn.Module, layers: nn.ModuleList, pools: DecodePools) ->
     held = _HELD.get(model)
     if (
         held is not None
-        and held.k is pools.k
-        and held.v is pools.v
-        and len(held.weights) == len(weights)
-        and all(a is b for a, b in zip(held.weights, weights, strict=True))
+        and _same_objects(held.weights, weights)
+        and _same_objects(held.pools, pools.k + pools.v)
     ):
         return held.runs
     runs: dict[int, kernels.DecodeRun] = {}
@@ -81,10 +82,9 @@ def _decode_runs(model: nn.Module, layers: nn.ModuleList, pools: DecodePools) ->
             end += 1
         if end > i:
             idx = [layer.self_attn.layer_idx for layer in layers[i:end]]
-            run_weights = weights[i:end]
-            runs[i] = kernels.decode_run(run_weights, [pools.k[j] for j in idx], [pools.v[j] for j in idx])
+            runs[i] = kernels.decode_run(weights[i:end], [pools.k[j] for j in idx], [pools.v[j] for j in idx])
         i = max(end, i + 1)
-    _HELD[model] = _HeldRuns(weights, pools.k, pools.v, runs)
+    _HELD[model] = _HeldRuns(weights, pools.k + pools.v, runs)
     return runs
 
 
