@@ -81,11 +81,14 @@ class StepAttention:
         self.decode_gather: torch.Tensor | None = None
         self.decode_mask: torch.Tensor | None = None
         if decode_rows:
-            span = max(pos for _, pos in decode_rows) + 1
+            pos_list = [pos for _, pos in decode_rows]
+            span = max(pos_list) + 1
             gather = cache.slots([table for table, _ in decode_rows], span)  # (Bd, S)
-            positions = torch.tensor([pos for _, pos in decode_rows], device=dev)
-            writes.append(gather.gather(1, positions[:, None])[:, 0])
-            if int(positions.min()) != span - 1:
+            size = cache.block_size
+            new_slots = [table[pos // size] * size + pos % size for table, pos in decode_rows]
+            positions, decode_slots = torch.tensor([pos_list, new_slots], device=dev)  # one tensor made
+            writes.append(decode_slots)
+            if min(pos_list) != span - 1:
                 visible = torch.arange(span, device=dev)[None, :] <= positions[:, None]  # (Bd, S)
                 self.decode_mask = visible[:, None, None, :]  # (Bd, 1, 1, S)
                 # A masked key still meets its value in (weights @ V): 0 * NaN is NaN, and the pool is
@@ -105,7 +108,7 @@ class StepAttention:
                 mask = (torch.arange(start + n, device=dev)[None, :] <= q_pos[:, None])[None, None]
             self.chunks.append(_ChunkRow(offset, n, gather, mask))
             offset += n
-        self.slot_mapping = torch.cat(writes)  # (N,)
+        self.slot_mapping = torch.cat(writes) if len(writes) > 1 else writes[0]  # (N,)
         # Decoding rows read their keys in place, in one kernel call per layer (qwenkit's CPU kernels).
         pool = cache.k[0]
         self.fast_decode = (
