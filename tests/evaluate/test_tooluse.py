@@ -327,11 +327,7 @@ class ScriptBook(ScriptedModel):
 
     def forward(self, ids, *, positions, logits_index, **kwargs):
         logits = self.inner(ids, positions=positions, logits_index=logits_index, **kwargs)
-        for row, pos in enumerate(positions[0, logits_index].tolist()):
-            for prompt_len, seq in self.book.items():
-                k = pos + 1 - prompt_len
-                if 0 <= k < len(seq):
-                    logits[row, seq[k]] = logits[row].max() + 50.0
+        self.steer(logits, positions, logits_index, list(self.book.items()))
         return logits
 
 

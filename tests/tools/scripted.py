@@ -31,13 +31,20 @@ class ScriptedModel(torch.nn.Module):
 
     def forward(self, ids, *, positions, logits_index, **kwargs):
         logits = self.inner(ids, positions=positions, logits_index=logits_index, **kwargs)
-        if self.script is not None:
-            prompt_len, seq = self.script
-            for row, pos in enumerate(positions[0, logits_index].tolist()):
+        self.steer(logits, positions, logits_index, [self.script] if self.script is not None else [])
+        return logits
+
+    @staticmethod
+    def steer(logits, positions, logits_index, scripts: list[tuple[int, list[int]]]) -> None:
+        """Favour each script's next token in the rows at its positions. logits: (K, V) at logits_index,
+        or (1, N, V) for every token (a decode step passes no index)."""
+        rows = logits if logits_index is not None else logits[0]
+        at = positions[0, logits_index] if logits_index is not None else positions[0]
+        for row, pos in enumerate(at.tolist()):
+            for prompt_len, seq in scripts:
                 k = pos + 1 - prompt_len
                 if 0 <= k < len(seq):
-                    logits[row, seq[k]] = logits[row].max() + 50.0
-        return logits
+                    rows[row, seq[k]] = rows[row].max() + 50.0
 
 
 def steer_next_request(llm, model: ScriptedModel) -> list[list[int]]:

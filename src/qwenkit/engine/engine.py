@@ -20,7 +20,7 @@ from qwenkit.engine.decode_graph import DecodeGraphs, supports_static_decode
 from qwenkit.engine.forward import ForwardCall, run_forward
 from qwenkit.engine.kv_cache import PagedKVCache
 from qwenkit.engine.request import FinishReason, Request, RequestId, TokenLogprob
-from qwenkit.engine.sampler import apply_penalties, sample, token_logprobs
+from qwenkit.engine.sampler import apply_penalties, finite_rows, sample, token_logprobs
 from qwenkit.engine.sampling import SamplingParams, SamplingParamsError
 from qwenkit.engine.scheduler import Scheduler
 from qwenkit.engine.token_counts import TokenCounts
@@ -302,7 +302,7 @@ class Engine:
     ) -> None:
         rows = [row for _, row in to_sample]
         raw = logits if rows == list(range(logits.shape[0])) else logits[rows]  # (R, V), no copy if all
-        finite = torch.isfinite(raw.sum(-1)).tolist()  # one pass: NaN and inf both survive a sum
+        finite = finite_rows(raw)
         for (request, _), ok in zip(to_sample, finite, strict=True):
             if not ok:
                 out = by_id[request.id]
@@ -315,13 +315,14 @@ class Engine:
         raw = raw[keep] if len(keep) < len(finite) else raw
         penalized = any(r.seen is not None or r.output_counts is not None for r in requests)
         constrained = any(r.constraint is not None for r in requests)
-        logits = raw.clone() if penalized or constrained else raw  # raw stays for the logprobs
+        wanted = [r.params.logprobs is not None for r in requests]
+        # raw stays for the logprobs; without them the penalties and masks may write into it
+        logits = raw.clone() if (penalized or constrained) and any(wanted) else raw
         if penalized:
             logits = apply_penalties(logits, requests)
         if constrained:
             logits = apply_constraints(logits, [r.constraint for r in requests])
         tokens = sample(logits, requests)
-        wanted = [r.params.logprobs is not None for r in requests]
         logprobs: list[TokenLogprob | None] = [None] * len(requests)
         if any(wanted):
             rows = [i for i, w in enumerate(wanted) if w]

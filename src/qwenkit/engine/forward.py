@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qwenkit import kernels
 from qwenkit.engine.kv_cache import PagedKVCache, StepAttention
 from qwenkit.model import Transformer
 
@@ -29,10 +30,17 @@ def run_forward(model: Transformer, cache: PagedKVCache, call: ForwardCall) -> t
     """Write the step's K/V into the pool and return float32 logits (K, V) at ``call.logits_index``."""
     dev = cache.device
     attention = StepAttention(cache, call.decode_rows, call.chunk_rows)
-    return model(
+    # every token's logits, in order (a decode step): no index op (torch's runs on OpenMP at 16 rows)
+    every = call.logits_index == list(range(len(call.ids)))
+    logits = model(
         torch.tensor([call.ids], dtype=torch.long, device=dev),
         positions=torch.tensor([call.positions], dtype=torch.long, device=dev),
         cache=attention,
         ntk_alphas=torch.tensor([call.ntk_alphas]) if call.ntk_alphas is not None else None,
-        logits_index=torch.tensor(call.logits_index, dtype=torch.long, device=dev),
-    ).float()
+        logits_index=None if every else torch.tensor(call.logits_index, dtype=torch.long, device=dev),
+    )
+    logits = logits[0] if every else logits  # (1, N, V) -> (N, V)
+    on_kernels = logits.device.type == "cpu" and logits.dtype == torch.bfloat16 and logits.dim() == 2
+    # widened on the kernels' threads: torch's copy would run on OpenMP, whose worker then spins for
+    # milliseconds beside the kernels' workers (on 2 cores, the next decode step ran at half speed)
+    return kernels.widen(logits) if on_kernels and kernels.available() else logits.float()

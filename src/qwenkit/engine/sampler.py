@@ -70,6 +70,14 @@ def _on_kernels(logits: torch.Tensor) -> bool:
     return cpu_float and kernels.available()
 
 
+def finite_rows(logits: torch.Tensor) -> list[bool]:
+    """Whether each row of float32 logits holds no inf or NaN: on the CPU kernels where they load (torch's
+    sum runs on OpenMP, see ``kernels.finite_rows``), else one sum a row (NaN and inf both survive it)."""
+    if _on_kernels(logits):
+        return kernels.finite_rows(logits).tolist()
+    return torch.isfinite(logits.sum(-1)).tolist()
+
+
 def greedy(logits: torch.Tensor) -> torch.Tensor:
     """``logits.argmax(-1)``; on the CPU kernels where they load (torch's is a scalar pass per row: 1 ms
     for a 16-row step over a 152k vocabulary)."""

@@ -27,6 +27,7 @@ Imports only torch, the standard library and qwenkit.errors; model/ and quant/ m
         # a decode step's decoder layers for its rows, each as the ops above, all in one call
     kernels.concat_bf16([p, ...]) / kernels.concat_int([p, ...])  # outputs stacked (fused projections)
     kernels.argmax(logits)                        # float32 (M, V) -> (M,) int64, as torch.argmax(-1)
+    kernels.widen(logits), kernels.finite_rows(logits)  # bf16 -> float32 logits; rows without inf/NaN
     kernels.topk(logits, k), kernels.logsumexp(logits, scales)  # the sampler's row passes,
     kernels.sample_cdf(logits, scales, min_ps, uniforms)        # and a whole-vocabulary draw,
     kernels.sample_top_p(logits, scales, top_ps, min_ps, keys)  # a top-p draw without sorting
@@ -55,6 +56,7 @@ from qwenkit.kernels.ops import (
     decode_run,
     dequantize,
     dequantize_rows,
+    finite_rows,
     linear_bf16,
     linear_int4,
     linear_int8,
@@ -71,6 +73,7 @@ from qwenkit.kernels.ops import (
     topk,
     unpack_bf16,
     unpack_codes,
+    widen,
 )
 
 __all__ = [
@@ -92,6 +95,7 @@ __all__ = [
     "decode_run",
     "dequantize",
     "dequantize_rows",
+    "finite_rows",
     "linear_bf16",
     "linear_int4",
     "linear_int8",
@@ -108,4 +112,5 @@ __all__ = [
     "topk",
     "unpack_bf16",
     "unpack_codes",
+    "widen",
 ]

@@ -401,6 +401,17 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
     return _op("argmax_rows")(x)
 
 
+def widen(x: torch.Tensor) -> torch.Tensor:
+    """``x.float()`` for bf16 logits (M, V), on the kernels' threads: a step's own torch ops run on OpenMP,
+    whose worker then spins for milliseconds beside the kernels' workers."""
+    return _op("widen_rows")(x)
+
+
+def finite_rows(x: torch.Tensor) -> torch.Tensor:
+    """(M,) bool: whether each row of float32 logits (M, V) holds no inf or NaN (as ``widen``, why)."""
+    return _op("finite_rows")(x)
+
+
 def topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.topk(x, k)`` for float32 logits (M, V) without NaN: the k largest of each row, sorted
     descending, ties to the lower index; one vector pass per row against a running threshold (torch's

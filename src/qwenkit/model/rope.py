@@ -72,6 +72,7 @@ class RotaryEmbedding(torch.nn.Module):
         freqs = inv_freq(config) if device.type == "meta" else inv_freq(config).to(device)
         self.register_buffer("inv_freq", freqs, persistent=False)
         self._alpha_cache: dict[float, torch.Tensor] = {}
+        self._table: tuple[torch.Tensor, torch.Tensor] | None = None  # CPU: cos, sin of positions 0..n-1
 
     def _inv_freq_for(self, alpha: float) -> torch.Tensor:
         if alpha == 1.0:
@@ -91,6 +92,28 @@ class RotaryEmbedding(torch.nn.Module):
         if isinstance(ntk_alphas, list):
             ntk_alphas = torch.tensor(ntk_alphas, dtype=torch.float32)[:, None].expand(positions.shape)
         distinct = [] if ntk_alphas is None else sorted(set(ntk_alphas.flatten().tolist()) - {1.0})
+        if not distinct and positions.device.type == "cpu" and positions.numel():
+            cos, sin = self._table_for(int(positions.max()) + 1)
+            return cos[positions][:, None], sin[positions][:, None]
+        return self._cos_sin(positions, ntk_alphas, distinct)
+
+    def _table_for(self, needed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin (n, rotary_dim) of positions 0..n-1, n a power of two >= needed, made once (and
+        again, twice as long, when a position passes it). A step then indexes rows instead of computing
+        cos and sin: torch's run on OpenMP even for a 16-row decode step, whose worker then spun for
+        milliseconds beside the kernels' workers. The values are what ``_cos_sin`` computes (the same
+        elementwise ops; ``test_rope_table_equals_computed``)."""
+        table = self._table
+        if table is None or table[0].shape[0] < needed:
+            n = 1 << max(needed - 1, 1023).bit_length()
+            positions = torch.arange(n, device=self.inv_freq.device)[None]
+            cos, sin = self._cos_sin(positions, None, [])
+            table = self._table = (cos[0, 0], sin[0, 0])
+        return table
+
+    def _cos_sin(
+        self, positions: torch.Tensor, ntk_alphas: torch.Tensor | None, distinct: list[float]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions[..., None].float() * self.inv_freq  # (B, T, rotary_dim/2)
         for alpha in distinct:
             where = (ntk_alphas == alpha).to(positions.device)

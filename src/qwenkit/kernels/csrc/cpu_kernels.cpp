@@ -4,13 +4,14 @@
 // byte comes from memory once per call, for all M activation rows (in passes of up to 8 rows over a
 // tile held in cache). At 1-4 rows the arithmetic keeps up with memory; from 8 rows it is the bound, and
 // each pass fetches the next tile while it computes, so memory keeps streaming. Threads split the
-// output features N (at::parallel_for, torch's thread count).
+// output features N (parallel_for: the kernels' own worker threads, torch's thread count).
 //
 //   linear_bf16(x bf16 (M,K), w (tiles), bias?, N)                 -> (M,N) bf16   (_mm512_dpbf16_ps)
 //   linear_int8(x (M,K), codes, scale, shift?, bias?, group_size, N, zero_point)   (_mm512_dpbusd_epi32)
 //   linear_int4(x (M,K), codes, scale, shift?, bias?, group_size, N, zero_point)
 //   linear_int8_float(...): as linear_int8, x rounded to 16 bits instead of 8 (output heads)
 //   argmax_rows(logits fp32 (M,V)) -> (M,) int64, as torch.argmax(-1) (greedy sampling)
+//   widen_rows(logits bf16 (M,V)) -> fp32, as .float(); finite_rows(logits fp32) -> (M,) bool: all finite
 //   topk_rows(logits, k) -> values, ids (M, k); logsumexp_rows(logits, scales) -> (M,);
 //   sample_cdf_rows(logits, scales, min_ps, us), sample_top_p_rows(logits, scales, top_ps, min_ps, keys)
 //   -> (M,) int64: the sampler's passes over whole rows
@@ -40,17 +41,199 @@
 
 #include <immintrin.h>
 
+#include <pthread.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <exception>
 #include <memory>
+#include <mutex>
+#include <thread>
 #include <tuple>
 #include <type_traits>
 #include <vector>
 
 namespace {
+
+// ---------------------------------------------------------------------------------------------------
+// The kernels' own worker threads
+
+// at::parallel_for runs on OpenMP, and libgomp keeps a team of workers for every thread that starts
+// parallel regions. Once two threads have (the one that loaded the model and the engine's driver thread,
+// in which `chat` and `serve` step it), libgomp manages more threads than there are cores and its
+// workers stop spinning between regions: each region waits for a sleeping worker to wake, about 50 us
+// on this machine, some 150 times a decode step. The bundled model decoded at 90 tokens/s in the driver
+// thread against 215 in the loading thread. These workers are the kernels' own: one set per process,
+// spinning briefly after each region and then sleeping, taken by one caller at a time (a second caller
+// thread, or a call from inside a chunk, runs its loop serially).
+class WorkerPool {
+ public:
+  static WorkerPool& get() {
+    static std::once_flag once;
+    std::call_once(once, [] {
+      slot() = new WorkerPool();  // never destroyed: its threads may still be waiting when the process exits
+      pthread_atfork(nullptr, nullptr, [] { slot() = new WorkerPool(); });  // a child has none of its threads
+    });
+    return *slot();
+  }
+
+  // f over [begin, end) split as at::parallel_for splits it: at most one chunk per thread (torch's
+  // thread count), none smaller than grain, the caller taking the first; an exception reaches the caller.
+  template <typename F>
+  void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
+    if (begin >= end) return;
+    const int64_t n = end - begin;
+    at::internal::lazy_init_num_threads();  // this thread's count from torch's setting
+    const int64_t threads = std::min<int64_t>(at::get_num_threads(), kMaxThreads);
+    if (n <= grain || n <= 1 || threads <= 1 || in_chunk() || !busy_.try_lock()) {
+      f(begin, end);
+      return;
+    }
+    std::lock_guard<std::mutex> hold(busy_, std::adopt_lock);
+    const int64_t g = std::max<int64_t>(grain, 1);
+    const int64_t tasks = std::min<int64_t>(threads, (n + g - 1) / g);
+    const int64_t chunk = (n + tasks - 1) / tasks;
+    grow(tasks - 1);
+    job_ = Job{&run_chunk<F>, &f, begin, end, chunk};
+    error_ = nullptr;
+    remaining_.store(tasks - 1, std::memory_order_relaxed);
+    const uint64_t generation = (state_.load(std::memory_order_relaxed) >> 8) + 1;
+    state_.store(generation << 8 | static_cast<uint64_t>(tasks), std::memory_order_seq_cst);
+    if (sleepers_.load(std::memory_order_seq_cst) > 0) {
+      std::lock_guard<std::mutex> lock(sleep_);
+      wake_.notify_all();
+    }
+    in_chunk() = true;
+    try {
+      f(begin, std::min(end, begin + chunk));
+    } catch (...) {
+      record(std::current_exception());
+    }
+    in_chunk() = false;
+    while (remaining_.load(std::memory_order_acquire) > 0) _mm_pause();
+    if (error_) std::rethrow_exception(error_);
+  }
+
+ private:
+  static constexpr int64_t kMaxThreads = 255;     // a job's chunks fit the state's low byte
+  static constexpr int64_t kSpinNs = 200 * 1000;  // after a region a worker spins this long, then sleeps
+
+  struct Job {
+    void (*run)(const void* f, int64_t begin, int64_t end);
+    const void* f;
+    int64_t begin, end, chunk;
+  };
+
+  template <typename F>
+  static void run_chunk(const void* f, int64_t begin, int64_t end) {
+    (*static_cast<const F*>(f))(begin, end);
+  }
+
+  static WorkerPool*& slot() {
+    static WorkerPool* pool = nullptr;
+    return pool;
+  }
+
+  static bool& in_chunk() {
+    thread_local bool inside = false;
+    return inside;
+  }
+
+  void record(std::exception_ptr e) {
+    std::lock_guard<std::mutex> lock(error_lock_);
+    if (!error_) error_ = e;
+  }
+
+  // Starts workers up to `workers`, each knowing the generation before the job about to be published.
+  void grow(int64_t workers) {
+    const uint64_t before = state_.load(std::memory_order_relaxed) >> 8;
+    while (static_cast<int64_t>(threads_.size()) < workers) {
+      const int64_t index = static_cast<int64_t>(threads_.size());
+      threads_.emplace_back([this, index, before] { work(index, before); });
+      threads_.back().detach();
+    }
+  }
+
+  void work(int64_t index, uint64_t seen) {
+    in_chunk() = true;
+    for (;;) {
+      uint64_t s = state_.load(std::memory_order_acquire);
+      const auto until = std::chrono::steady_clock::now() + std::chrono::nanoseconds(kSpinNs);
+      for (int64_t spins = 1; (s >> 8) == seen; ++spins) {
+        _mm_pause();
+        if (spins % 256 == 0 && std::chrono::steady_clock::now() > until) {
+          std::unique_lock<std::mutex> lock(sleep_);
+          sleepers_.fetch_add(1, std::memory_order_seq_cst);
+          wake_.wait(lock, [&] { return (state_.load(std::memory_order_seq_cst) >> 8) != seen; });
+          sleepers_.fetch_sub(1, std::memory_order_seq_cst);
+        }
+        s = state_.load(std::memory_order_acquire);
+      }
+      seen = s >> 8;
+      if (index + 1 < static_cast<int64_t>(s & 0xff)) {  // this job has a chunk for this worker
+        const Job job = job_;
+        const int64_t b = job.begin + (index + 1) * job.chunk;
+        try {
+          if (b < job.end) job.run(job.f, b, std::min(job.end, b + job.chunk));
+        } catch (...) {
+          record(std::current_exception());
+        }
+        remaining_.fetch_sub(1, std::memory_order_release);
+      }
+    }
+  }
+
+  std::mutex busy_;  // held by the caller of a parallel_for while its job runs
+  std::vector<std::thread> threads_;
+  Job job_{};
+  std::atomic<uint64_t> state_{0};     // generation << 8 | chunks of the current job
+  std::atomic<int64_t> remaining_{0};  // the workers' chunks of the current job not yet done
+  std::atomic<int64_t> sleepers_{0};
+  std::mutex sleep_;
+  std::condition_variable wake_;
+  std::mutex error_lock_;
+  std::exception_ptr error_;
+};
+
+// at::parallel_for, on OpenMP in the process's main thread while no other living thread has called the
+// kernels, else on the kernels' own threads (WorkerPool). With the main thread alone, OpenMP's team is
+// the only one and spins between regions, and torch's own ops in a step (exp, log and softmax fork even
+// for a few hundred values) share it; the kernels' threads spinning beside it would take turns with it
+// on the cores. While another thread works (the engine's driver in `chat` and `serve`), OpenMP's workers
+// sleep after every region (see WorkerPool), and the kernels use their own.
+inline std::atomic<int64_t>& living_other_threads() {
+  static std::atomic<int64_t> count{0};
+  return count;
+}
+
+struct OtherThread {  // counted from a thread's first kernel call until it ends
+  OtherThread() { living_other_threads().fetch_add(1, std::memory_order_relaxed); }
+  ~OtherThread() { living_other_threads().fetch_sub(1, std::memory_order_relaxed); }
+};
+
+inline bool openmp_alone() {
+  static const pid_t main_thread = getpid();
+  if (static_cast<pid_t>(syscall(SYS_gettid)) == main_thread)
+    return living_other_threads().load(std::memory_order_relaxed) == 0;
+  thread_local OtherThread counted;
+  (void)counted;
+  return false;
+}
+
+template <typename F>
+inline void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  if (openmp_alone())
+    at::parallel_for(begin, end, grain, f);
+  else
+    WorkerPool::get().parallel_for(begin, end, grain, f);
+}
 
 // ---------------------------------------------------------------------------------------------------
 // helpers
@@ -205,7 +388,7 @@ template <typename F>
 void parallel_tiles(int64_t n, int64_t rows, int64_t tile_bytes, const F& body) {
   const int64_t tiles = (n + kTile - 1) / kTile;
   const int64_t grain = std::max<int64_t>(1, (128 * 1024) / std::max<int64_t>(1, tile_bytes));
-  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+  parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t)
       for (int64_t m0 = 0; m0 < rows; m0 += kMaxMT) body(t, m0, std::min<int64_t>(kMaxMT, rows - m0));
   });
@@ -304,7 +487,7 @@ void quantize_rows(const T* x, int64_t rows, int64_t padded_rows, int64_t K, int
   const int64_t passes = (rows + P - 1) / P;
   const int64_t groups_per_task = std::max<int64_t>(1, 8192 / (P * group_size));
   const int64_t runs = (qr.groups + groups_per_task - 1) / groups_per_task;
-  at::parallel_for(0, passes * runs, 1, [&](int64_t t0, int64_t t1) {
+  parallel_for(0, passes * runs, 1, [&](int64_t t0, int64_t t1) {
     alignas(64) int8_t codes[32];
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t pass = t / runs, g0 = (t % runs) * groups_per_task;
@@ -748,8 +931,8 @@ int64_t stream_read(const at::Tensor& t) {
   TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), "qwenkit stream_read: t must be a contiguous CPU tensor");
   const uint8_t* p = static_cast<const uint8_t*>(t.data_ptr());
   const int64_t lines = t.nbytes() / 64;
-  std::vector<int64_t> partial(at::get_num_threads() + 1, 0);
-  at::parallel_for(0, lines, 4096, [&](int64_t l0, int64_t l1) {
+  std::atomic<int64_t> folded{0};
+  parallel_for(0, lines, 4096, [&](int64_t l0, int64_t l1) {
     __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
     int64_t l = l0;
     for (; l + 2 <= l1; l += 2) {
@@ -757,11 +940,9 @@ int64_t stream_read(const at::Tensor& t) {
       a1 = _mm512_xor_si512(a1, _mm512_loadu_si512(p + l * 64 + 64));
     }
     if (l < l1) a0 = _mm512_xor_si512(a0, _mm512_loadu_si512(p + l * 64));
-    partial[at::get_thread_num()] ^= _mm512_reduce_or_epi64(_mm512_xor_si512(a0, a1));
+    folded.fetch_xor(_mm512_reduce_or_epi64(_mm512_xor_si512(a0, a1)), std::memory_order_relaxed);
   });
-  int64_t r = 0;
-  for (int64_t v : partial) r ^= v;
-  return r;
+  return folded.load();
 }
 
 
@@ -823,7 +1004,7 @@ at::Tensor argmax_rows(const at::Tensor& x) {
   const int64_t M = xc.size(0), V = xc.size(1), chunks = (V + kArgmaxChunk - 1) / kArgmaxChunk;
   std::vector<ArgmaxPart> parts(M * chunks);
   const float* p = xc.data_ptr<float>();
-  at::parallel_for(0, M * chunks, 1, [&](int64_t i0, int64_t i1) {
+  parallel_for(0, M * chunks, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t m = i / chunks, c = i % chunks;
       parts[i] = argmax_chunk(p + m * V, c * kArgmaxChunk, std::min(V, (c + 1) * kArgmaxChunk));
@@ -839,6 +1020,48 @@ at::Tensor argmax_rows(const at::Tensor& x) {
     }
     o[m] = best.index;
   }
+  return out;
+}
+
+// bf16 logits (M, V) widened to float32 (exactly, as .float()), and whether each float32 row is all
+// finite: the engine's two passes over a step's logits, on these threads. torch's own ran on OpenMP,
+// whose worker, spinning after each such region, took a core from the kernels' workers for milliseconds.
+at::Tensor widen_rows(const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && x.dim() == 2,
+              "qwenkit widen_rows: x must be a bfloat16 (M, V) CPU tensor, got ", x.scalar_type(), " ", x.sizes());
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty(xc.sizes(), xc.options().dtype(at::kFloat));
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
+  float* yp = y.data_ptr<float>();
+  const int64_t n = xc.numel();
+  parallel_for(0, (n + 4095) / 4096, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t i = b0 * 4096; i < std::min(n, b1 * 4096); i += 16) {
+      const __mmask16 m = tail_mask16(n - i);
+      _mm512_mask_storeu_ps(yp + i, m, maskz_load_bf16_as_f32(m, xp + i));
+    }
+  });
+  return y;
+}
+
+at::Tensor finite_rows(const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2,
+              "qwenkit finite_rows: x must be a float32 (M, V) CPU tensor, got ", x.scalar_type(), " ", x.sizes());
+  const at::Tensor xc = x.contiguous();
+  const int64_t M = xc.size(0), V = xc.size(1);
+  at::Tensor out = at::empty({M}, xc.options().dtype(at::kBool));
+  bool* o = out.data_ptr<bool>();
+  const float* p = xc.data_ptr<float>();
+  const __m512i exponent = _mm512_set1_epi32(0x7f800000);
+  parallel_for(0, M, row_grain(V, 65536), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      __mmask16 bad = 0;  // any lane whose exponent is all ones: inf or NaN
+      for (int64_t j = 0; j < V; j += 16) {
+        const __m512i v = _mm512_maskz_loadu_epi32(tail_mask16(V - j), p + m * V + j);
+        bad |= _mm512_cmpeq_epi32_mask(_mm512_and_si512(v, exponent), exponent);
+      }
+      o[m] = bad == 0;
+    }
+  });
   return out;
 }
 
@@ -861,7 +1084,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
   auto bf = [](uint16_t v) { uint32_t u = uint32_t(v) << 16; float f; std::memcpy(&f, &u, 4); return f; };
   // two passes of light arithmetic: on one thread up to 16 x 896 values (a second one cost more than it saved)
-  at::parallel_for(0, M, row_grain(K, 16384), [&](int64_t m0, int64_t m1) {
+  parallel_for(0, M, row_grain(K, 16384), [&](int64_t m0, int64_t m1) {
   for (int64_t m = m0; m < m1; ++m) {
     const uint16_t* xr = xp + m * K;
     // the sum of squares in double: a bf16 square is exact there, and the mean does not depend on
@@ -927,7 +1150,7 @@ std::tuple<at::Tensor, at::Tensor> topk_rows(const at::Tensor& x, int64_t k) {
   using Entry = std::pair<float, int64_t>;
   const auto better = [](const Entry& a, const Entry& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); };
   const int64_t cap = std::max<int64_t>(4 * k, 256);  // candidates held before the k best are picked again
-  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+  parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
     std::vector<Entry> kept;
     kept.reserve(cap + 16);
     alignas(64) float pv[16];
@@ -994,7 +1217,7 @@ at::Tensor logsumexp_rows(const at::Tensor& x, at::ArrayRef<double> scales) {
   at::Tensor out = at::empty({M}, xc.options());
   const float* xp = xc.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+  parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       const float* r = xp + m * V;
       const float top = row_max(r, V);
@@ -1038,7 +1261,7 @@ at::Tensor sample_cdf_rows(const at::Tensor& x, at::ArrayRef<double> scales, at:
   at::Tensor out = at::empty({M}, xc.options().dtype(at::kLong));
   const float* xp = xc.data_ptr<float>();
   int64_t* op = out.data_ptr<int64_t>();
-  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+  parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       const float* r = xp + m * V;
       const float top = row_max(r, V);
@@ -1113,7 +1336,7 @@ at::Tensor sample_top_p_rows(const at::Tensor& x, at::ArrayRef<double> scales, a
     std::memcpy(&u, &e, 4);
     return static_cast<int>(std::min<uint32_t>(kBuckets - 1, (0x3F800000u - u) >> 19));
   };
-  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+  parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
     std::vector<float> mass(kBuckets);
     std::vector<std::pair<float, int64_t>> edge;
     alignas(64) float e16[16];
@@ -1195,7 +1418,7 @@ at::Tensor silu_mul(const at::Tensor& x) {
   uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
   auto bf = [](uint16_t v) { uint32_t u = uint32_t(v) << 16; float f; std::memcpy(&f, &u, 4); return f; };
   const __m512 one = _mm512_set1_ps(1.f);
-  at::parallel_for(0, M, row_grain(F2), [&](int64_t m0, int64_t m1) {
+  parallel_for(0, M, row_grain(F2), [&](int64_t m0, int64_t m1) {
   for (int64_t m = m0; m < m1; ++m) {
     const uint16_t* gate = xp + m * F2;
     const uint16_t* up = gate + F;
@@ -1445,7 +1668,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& kc, const at:
   const int64_t tasks = first[B], stride = G * (D + 2);  // per task: m[G], sum[G], acc[G * D]
   std::vector<float> partial(tasks * stride);
   std::vector<std::atomic<int32_t>> done(B * Hkv);  // chunks finished per (row, KV head), zeroed
-  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+  parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> sc(G * kAttnChunk);
     std::vector<const uint16_t*> krows(kAttnChunk), vrows(kAttnChunk);
     int64_t b = std::upper_bound(first.begin(), first.end(), t0) - first.begin() - 1;
@@ -1495,7 +1718,7 @@ void rope_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
   const float* sf = f32 ? sc.data_ptr<float>() : nullptr;
   const uint16_t* cb = f32 ? nullptr : reinterpret_cast<const uint16_t*>(cc.data_ptr<at::BFloat16>());
   const uint16_t* sb = f32 ? nullptr : reinterpret_cast<const uint16_t*>(sc.data_ptr<at::BFloat16>());
-  at::parallel_for(0, B * T, row_grain(NH * rot), [&](int64_t r0, int64_t r1) {
+  parallel_for(0, B * T, row_grain(NH * rot), [&](int64_t r0, int64_t r1) {
     std::vector<float> c(rot), sn(rot), h(rot);
     for (int64_t bt = r0; bt < r1; ++bt) {
       const int64_t b = bt / T, t = bt % T, o = bt * rot;
@@ -1724,6 +1947,8 @@ TORCH_LIBRARY(qwenkit, m) {
       "int zero_point) -> Tensor");
   m.def("stream_read(Tensor t) -> int");
   m.def("argmax_rows(Tensor x) -> Tensor");
+  m.def("widen_rows(Tensor x) -> Tensor");
+  m.def("finite_rows(Tensor x) -> Tensor");
   m.def("topk_rows(Tensor x, int k) -> (Tensor, Tensor)");
   m.def("logsumexp_rows(Tensor x, float[] scales) -> Tensor");
   m.def("sample_cdf_rows(Tensor x, float[] scales, float[] min_ps, float[] us) -> Tensor");
@@ -1751,6 +1976,8 @@ TORCH_LIBRARY_IMPL(qwenkit, CPU, m) {
   m.impl("linear_int8_float", &linear_int8_float);
   m.impl("stream_read", &stream_read);
   m.impl("argmax_rows", &argmax_rows);
+  m.impl("widen_rows", &widen_rows);
+  m.impl("finite_rows", &finite_rows);
   m.impl("topk_rows", &topk_rows);
   m.impl("logsumexp_rows", &logsumexp_rows);
   m.impl("sample_cdf_rows", &sample_cdf_rows);
