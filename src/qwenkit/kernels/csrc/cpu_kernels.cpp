@@ -220,7 +220,8 @@ struct OtherThread {  // counted from a thread's first kernel call until it ends
 
 inline bool openmp_alone() {
   static const pid_t main_thread = getpid();
-  if (static_cast<pid_t>(syscall(SYS_gettid)) == main_thread)
+  thread_local const pid_t this_thread = static_cast<pid_t>(syscall(SYS_gettid));  // one system call a thread
+  if (this_thread == main_thread)
     return living_other_threads().load(std::memory_order_relaxed) == 0;
   thread_local OtherThread counted;
   (void)counted;
