@@ -154,10 +154,9 @@ class WorkerPool {
   // Starts workers up to `workers`, each knowing the generation before the job about to be published.
   void grow(int64_t workers) {
     const uint64_t before = state_.load(std::memory_order_relaxed) >> 8;
-    while (static_cast<int64_t>(threads_.size()) < workers) {
-      const int64_t index = static_cast<int64_t>(threads_.size());
-      threads_.emplace_back([this, index, before] { work(index, before); });
-      threads_.back().detach();
+    for (; started_ < workers; ++started_) {
+      const int64_t index = started_;
+      std::thread([this, index, before] { work(index, before); }).detach();
     }
   }
 
@@ -191,7 +190,7 @@ class WorkerPool {
   }
 
   std::mutex busy_;  // held by the caller of a parallel_for while its job runs
-  std::vector<std::thread> threads_;
+  int64_t started_ = 0;  // worker threads started (detached: they live as long as the process)
   Job job_{};
   std::atomic<uint64_t> state_{0};     // generation << 8 | chunks of the current job
   std::atomic<int64_t> remaining_{0};  // the workers' chunks of the current job not yet done
