@@ -153,6 +153,29 @@ def test_linear_int_many_rows(loaded, bits):
     check_int_linear(bits, 131, 96, 32, 20, torch.float32, "both")  # passes of 8, 8 and 4 (padded)
 
 
+@needs_isa
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("m", [8, 12, 16])
+def test_linear_int_rounds_zero_and_extreme_rows_in_whole_passes(loaded, bits, m):
+    """Passes of 8 rows are rounded 8 at a time: an all-zero row, a row of one huge block and rows of
+    tiny values keep their own scales, and the padding rows of a half pass add nothing."""
+    g = torch.Generator().manual_seed(bits + m)
+    n, k, group = 48, 256, 64
+    codes, scale, shift, zero, w = make_int_weights(bits, n, k, group, "both", g)
+    prepare = kernels.prepare_int8 if bits == 8 else kernels.prepare_int4
+    p = prepare(codes, scale, shift, group, zero_point=zero)
+    x = torch.randn(m, k, generator=g)
+    x[1] = 0.0
+    x[2, 32:64] *= 1e4  # one block far larger than the rest of its row
+    x[3] *= 1e-6
+    x = x.to(torch.bfloat16)
+    y = (kernels.linear_int8 if bits == 8 else kernels.linear_int4)(x, p)
+    exact = quantize_activations(x).double() @ w.T
+    assert torch.equal(y[1], torch.zeros(n, dtype=torch.bfloat16))
+    err = (y.double() - exact).abs()
+    assert (err <= exact.abs() * 2.0**-8 + 2e-5 * exact.abs().amax(1, keepdim=True) + 1e-30).all(), err.max()
+
+
 def wide_block(group: int) -> int:
     """Inputs per 16-bit activation block: the largest multiple of 32 up to 256 dividing the group."""
     return next(b for b in range(256, 31, -32) if group % b == 0)
