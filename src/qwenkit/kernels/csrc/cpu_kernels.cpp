@@ -462,41 +462,27 @@ QuantizedRows& thread_rows() {
   return qr;
 }
 
-// Lane r of the result = op over the 8 lanes of a[r]: a transpose tree (unpack, then 64-bit unpack,
-// then 128-bit halves; attn_sum16's, on 8 lanes), 21 instructions for 8 reductions instead of 8
-// dependent chains of 6 that end in a scalar each.
-template <typename V, typename Op, typename Lo, typename Hi, typename Lo64, typename Hi64, typename Halves>
-inline V reduce8(const V (&a)[8], Op op, Lo lo, Hi hi, Lo64 lo64, Hi64 hi64, Halves halves) {
-  V t[4], u[2];
-#pragma GCC unroll 4
-  for (int i = 0; i < 4; ++i) t[i] = op(lo(a[2 * i], a[2 * i + 1]), hi(a[2 * i], a[2 * i + 1]));
-#pragma GCC unroll 2
-  for (int i = 0; i < 2; ++i) u[i] = op(lo64(t[2 * i], t[2 * i + 1]), hi64(t[2 * i], t[2 * i + 1]));
-  return op(halves(u[0], u[1], 0x20), halves(u[0], u[1], 0x31));
-}
-
+// Lane r of the result = the largest of a[r]'s 8 lanes (max8_ps) or their sum (sum8_epi32): a transpose
+// tree as attn_sum16's (pairs, then 64-bit pairs, then 128-bit halves), 21 instructions for 8 reductions
+// instead of 8 dependent chains of 6 that each end in a scalar.
 inline __m256 max8_ps(const __m256 (&a)[8]) {
-  return reduce8(
-      a, [](__m256 x, __m256 y) { return _mm256_max_ps(x, y); },
-      [](__m256 x, __m256 y) { return _mm256_unpacklo_ps(x, y); },
-      [](__m256 x, __m256 y) { return _mm256_unpackhi_ps(x, y); },
-      [](__m256 x, __m256 y) { return _mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(x), _mm256_castps_pd(y))); },
-      [](__m256 x, __m256 y) { return _mm256_castpd_ps(_mm256_unpackhi_pd(_mm256_castps_pd(x), _mm256_castps_pd(y))); },
-      [](__m256 x, __m256 y, int imm) {
-        return imm == 0x20 ? _mm256_permute2f128_ps(x, y, 0x20) : _mm256_permute2f128_ps(x, y, 0x31);
-      });
+  __m256 t[4], u[2];
+  for (int i = 0; i < 4; ++i)
+    t[i] = _mm256_max_ps(_mm256_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm256_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  for (int i = 0; i < 2; ++i) {
+    const __m256d x = _mm256_castps_pd(t[2 * i]), y = _mm256_castps_pd(t[2 * i + 1]);
+    u[i] = _mm256_max_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(x, y)), _mm256_castpd_ps(_mm256_unpackhi_pd(x, y)));
+  }
+  return _mm256_max_ps(_mm256_permute2f128_ps(u[0], u[1], 0x20), _mm256_permute2f128_ps(u[0], u[1], 0x31));
 }
 
 inline __m256i sum8_epi32(const __m256i (&a)[8]) {
-  return reduce8(
-      a, [](__m256i x, __m256i y) { return _mm256_add_epi32(x, y); },
-      [](__m256i x, __m256i y) { return _mm256_unpacklo_epi32(x, y); },
-      [](__m256i x, __m256i y) { return _mm256_unpackhi_epi32(x, y); },
-      [](__m256i x, __m256i y) { return _mm256_unpacklo_epi64(x, y); },
-      [](__m256i x, __m256i y) { return _mm256_unpackhi_epi64(x, y); },
-      [](__m256i x, __m256i y, int imm) {
-        return imm == 0x20 ? _mm256_permute2x128_si256(x, y, 0x20) : _mm256_permute2x128_si256(x, y, 0x31);
-      });
+  __m256i t[4], u[2];
+  for (int i = 0; i < 4; ++i)
+    t[i] = _mm256_add_epi32(_mm256_unpacklo_epi32(a[2 * i], a[2 * i + 1]), _mm256_unpackhi_epi32(a[2 * i], a[2 * i + 1]));
+  for (int i = 0; i < 2; ++i)
+    u[i] = _mm256_add_epi32(_mm256_unpacklo_epi64(t[2 * i], t[2 * i + 1]), _mm256_unpackhi_epi64(t[2 * i], t[2 * i + 1]));
+  return _mm256_add_epi32(_mm256_permute2x128_si256(u[0], u[1], 0x20), _mm256_permute2x128_si256(u[0], u[1], 0x31));
 }
 
 // 8 x 8 int32 transposed in place: a[r] lane j -> a[j] lane r.
