@@ -8,8 +8,8 @@ rounds. Pairs: bfloat16 vs f16, ``--quantize int8`` vs q8_0, ``--quantize int4``
 ``q4_k_m``: llama.cpp's Q4_K_M file (its quantizer, ftype 15), which qwenkit loads itself, in the
 file's own precision (the type most GGUF files are published in; not run by default). Prints decode
 and prefill tokens/s (median over rounds), the ratio to llama.cpp, the fraction of the memory-bandwidth
-limit (weight bytes read per token x tokens/s over a bandwidth measured in the same run) and peak
-resident memory.
+limit (bytes read per token, weights plus the keys and values at the mean context, x tokens/s over a
+read bandwidth measured in the same run) and peak resident memory.
 
 llama.cpp comes from the llama-cpp-python sdist: ``--llama-src`` is the unpacked sdist, ``--llama-lib``
 the directory holding its ``libllama.so`` built with native CPU flags. Without them the script builds
@@ -248,17 +248,32 @@ def convert(hf: Path, out_dir: Path, ftype: str, src: Path, lib: Path) -> Path:
 
 
 def bandwidth_gbs(threads: int) -> float:
-    """Read bandwidth: best of a few passes summing a 1 GiB tensor (bigger than every cache)."""
+    """Read bandwidth: the best of a few passes over a 1 GiB tensor (bigger than every cache), each pass
+    torch's sum and, where qwenkit's kernels load, their AVX-512 line read (``stream_read``), which
+    reads as the kernels do and so is the faster probe here (torch's sum alone let decode pass 100%)."""
     import torch
+
+    from qwenkit import kernels
 
     torch.set_num_threads(threads)
     x = torch.ones(2**28)  # 1 GiB of float32
+    reads = [x.sum]
+    if kernels.available():
+        reads.append(lambda: torch.ops.qwenkit.stream_read(x))
     best = 0.0
     for _ in range(5):
-        t = time.perf_counter()
-        x.sum()
-        best = max(best, x.numel() * 4 / (time.perf_counter() - t) / 1e9)
+        for read in reads:
+            t = time.perf_counter()
+            read()
+            best = max(best, x.nbytes / (time.perf_counter() - t) / 1e9)
     return best
+
+
+def kv_bytes_per_token(config: dict, context: float) -> float:
+    """Bytes of keys and values read to decode one token at ``context`` earlier tokens (16-bit, as both
+    tools keep them by default): after a long prompt they are a large part of what a token reads."""
+    d = config["hidden_size"] // config["num_attention_heads"]
+    return config["num_hidden_layers"] * 2 * config["num_key_value_heads"] * d * 2 * context
 
 
 def weight_bytes_per_token(config: dict, pair: str, gguf: Path) -> float:
@@ -384,7 +399,9 @@ def main() -> None:
                 for k in results[shape, pair, "qwenkit"][0]
             }
             ll = {k: statistics.median(x[k] for x in results[shape, pair, "llama.cpp"]) for k in q}
-            limit = bw * 1e9 / weight_bytes_per_token(SHAPES[shape], pair, models[shape, pair][1])
+            read = weight_bytes_per_token(SHAPES[shape], pair, models[shape, pair][1])
+            read += kv_bytes_per_token(SHAPES[shape], args.prompt + args.tokens / 2)  # mean context
+            limit = bw * 1e9 / read
             ours = {"bf16": "bfloat16", "q4_k_m": "the Q4_K_M file"}.get(pair, pair)
             print(
                 f"| Qwen2.5-{shape.upper()} | {ours} | {PAIRS[pair][1]} "
