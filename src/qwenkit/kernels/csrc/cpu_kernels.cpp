@@ -571,7 +571,8 @@ void quantize_rows(const T* x, int64_t rows, int64_t padded_rows, int64_t K, int
   fit(qr.start, padded_rows * blocks);
   fit(qr.gsum, padded_rows * qr.groups);
   std::fill(qr.gsum.begin(), qr.gsum.begin() + padded_rows * qr.groups, 0.f);
-  for (int64_t m = rows; m < padded_rows; ++m) {  // the padding rows are zeros
+  // The padding rows are zeros: written here for passes of 1-4 rows; quantize_block8 writes a pass of 8's.
+  for (int64_t m = P == 8 ? padded_rows : rows; m < padded_rows; ++m) {
     for (int64_t j = 0; j < K / 4; ++j) qr.q[qr.at(m, j, K / 4)] = 0;
     for (int64_t b = 0; b < blocks; ++b) qr.scale[qr.at(m, b, blocks)] = 0.f, qr.start[qr.at(m, b, blocks)] = 0;
   }
