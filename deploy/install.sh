@@ -32,7 +32,7 @@ if [ "${EDITABLE:-1}" = 1 ]; then
 else
     "$pip" install --quiet --no-cache-dir -c "$constraints" "$root$extras"
 fi
-# qwenkit's AVX-512 CPU kernels, compiled once into the user's cache (one line either way; without a
+# qwenkit's CPU kernels (AVX-512 or AVX2), compiled once into the user's cache (one line either way; without a
 # compiler or on another CPU qwenkit runs PyTorch's kernels and says so once).
 "$venv/bin/python" -m qwenkit.kernels.build || true
 if [ "${KERNELS:-}" = venv ]; then

@@ -17,6 +17,7 @@ from qwenkit.kernels import build, ops
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 needs_isa = pytest.mark.skipif(build.missing_isa() is not None, reason=f"{build.missing_isa()}")
+LEVEL = build.isa_level()  # the instruction-set level this CPU builds ("avx512" or "avx2")
 
 # (N, K): the Qwen2.5-0.5B / 1.5B decode shapes (lm_head covered once, below) and odd ones.
 REAL_SHAPES = [(896, 896), (128, 896), (4864, 896), (896, 4864), (1536, 1536), (256, 1536), (8960, 1536)]
@@ -349,18 +350,18 @@ def test_second_process_reuses_the_cached_library(loaded):
 def test_prebuild_command_reports_the_library(loaded, capsys):
     assert build.main([]) == 0
     out = capsys.readouterr().out.strip().splitlines()
-    assert len(out) == 1 and out[0].startswith("qwenkit kernels: ready at ")
+    assert len(out) == 1 and out[0].startswith(f"qwenkit kernels: {LEVEL} ready at ")
     assert out[0].endswith(build.LIBRARY_NAME) and Path(out[0].split(" at ", 1)[1]).is_file()
 
 
 @pytest.fixture
 def fake_cache(tmp_path, monkeypatch, loaded):
     """A private cache whose 'compiler' copies the library this session built, counting the builds."""
-    real = build.ensure_built()
+    real = build.ensure_built(LEVEL)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     builds = []
 
-    def copy_compile(cxx, out):
+    def copy_compile(cxx, level, out):
         builds.append(out)
         shutil.copyfile(real, out)
 
@@ -370,30 +371,30 @@ def fake_cache(tmp_path, monkeypatch, loaded):
 
 @needs_isa
 def test_cache_entry_is_built_once_then_reused(fake_cache, tmp_path):
-    first = build.ensure_built(announce=False)
+    first = build.ensure_built(LEVEL, announce=False)
     assert first.is_relative_to(tmp_path / "qwenkit" / "kernels") and len(fake_cache) == 1
-    assert build.ensure_built(announce=False) == first and len(fake_cache) == 1
+    assert build.ensure_built(LEVEL, announce=False) == first and len(fake_cache) == 1
     assert [p.name for p in first.parent.parent.iterdir()] == [first.parent.name]  # no temp dirs left
 
 
 @needs_isa
 def test_damaged_cache_entry_is_rebuilt(fake_cache):
-    lib = build.ensure_built(announce=False)
+    lib = build.ensure_built(LEVEL, announce=False)
     good = lib.read_bytes()
     lib.write_bytes(good[: len(good) // 2])  # a truncated file, as after a crash or a full disk
-    again = build.ensure_built(announce=False)
+    again = build.ensure_built(LEVEL, announce=False)
     assert len(fake_cache) == 2 and again.read_bytes() == good
 
 
 @needs_isa
 def test_failed_build_is_refused_cleanly(fake_cache, monkeypatch, tmp_path):
-    def broken(cxx, out):
+    def broken(cxx, level, out):
         out.write_bytes(b"half")
         raise build.KernelBuildError("g++ failed: error: something")
 
     monkeypatch.setattr(build, "_compile", broken)
     with pytest.raises(build.KernelBuildError, match="g\\+\\+ failed"):
-        build.ensure_built(announce=False)
+        build.ensure_built(LEVEL, announce=False)
     assert list((tmp_path / "qwenkit" / "kernels").iterdir()) == []  # nothing half-written stays
 
 
@@ -424,13 +425,59 @@ def test_unwritable_cache_falls_back_with_one_line(tmp_path):
 
 def test_missing_isa_falls_back_with_one_line(monkeypatch, capsys):
     monkeypatch.setattr(ops, "_loaded", None)
-    monkeypatch.setattr(build, "missing_isa", lambda: "this CPU lacks avx512_bf16")
+    monkeypatch.setattr(build, "_cpu_flags", lambda: {"sse4_2", "avx", "fma"})  # AVX without AVX2
     monkeypatch.delenv(ops.ENV_SWITCH, raising=False)
     assert kernels.available() is False and kernels.available() is False
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [
-        "qwenkit: CPU kernels unavailable: this CPU lacks avx512_bf16; using the plain PyTorch path"
-    ]
+    assert err == ["qwenkit: CPU kernels unavailable: this CPU lacks avx2, f16c; using the plain PyTorch path"]
+
+
+AVX512_FLAGS = set(build.ISA_LEVELS["avx512"])
+
+
+@pytest.mark.parametrize(
+    "flags,cap,level",
+    [
+        (AVX512_FLAGS | {"avx2"}, None, "avx512"),
+        (AVX512_FLAGS | {"avx2"}, "avx2", "avx2"),  # QWENKIT_KERNELS=avx2 on an AVX-512 CPU
+        ({"avx2", "fma", "f16c", "avx512f"}, None, "avx2"),  # AVX-512 without BF16/VNNI
+        ({"avx2", "fma"}, None, None),
+    ],
+)
+def test_the_best_level_the_cpu_has_is_built(monkeypatch, flags, cap, level):
+    monkeypatch.setattr(build, "_cpu_flags", lambda: flags)
+    assert build.isa_level(cap) == level
+    assert (build.missing_isa(cap) is None) == (level is not None)
+    if level:  # the flags a level compiles with are exactly the ones checked
+        assert set(build.compile_flags(level)) >= set(build.ISA_LEVELS[level].values())
+        assert level == "avx512" or not any("avx512" in f for f in build.compile_flags(level))
+    else:
+        assert build.missing_isa(cap) == "this CPU lacks f16c"
+
+
+def test_a_cpu_other_than_x86_64_linux_is_named(monkeypatch):
+    monkeypatch.setattr(build.platform, "machine", lambda: "aarch64")
+    assert build.isa_level() is None
+    assert build.missing_isa().startswith("the CPU kernels need Linux on x86-64 (this is Linux aarch64")
+
+
+@needs_isa
+def test_avx2_switch_loads_the_avx2_build(loaded, tmp_path):
+    """QWENKIT_KERNELS=avx2 takes the AVX2 build even on an AVX-512 CPU, and it computes the product."""
+    out = tmp_path / "y.pt"
+    code = (
+        "import torch\nfrom qwenkit import kernels\n"
+        "w = torch.randn(40, 96, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)\n"
+        "x = torch.randn(3, 96, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)\n"
+        "print(kernels.available(), kernels.ops.isa_level())\n"
+        f"torch.save(kernels.linear_bf16(x, kernels.prepare_bf16(w)), {str(out)!r})\n"
+    )
+    r = run_python(code, QWENKIT_KERNELS="avx2")
+    assert r.returncode == 0 and r.stdout.split() == ["True", "avx2"], r.stderr
+    w = torch.randn(40, 96, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    x = torch.randn(3, 96, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    want = bf16_reference(x, w, None)
+    assert (torch.load(out).double() - want).abs().max() <= 0.01 * want.abs().max()
 
 
 def test_torch_switch_turns_the_kernels_off(monkeypatch, capsys):
@@ -447,7 +494,7 @@ def test_a_misspelt_switch_is_named_once_not_ignored(loaded):
     code = "from qwenkit import kernels; print(kernels.available(), kernels.available())"
     r = run_python(code, QWENKIT_KERNELS="toch")
     assert r.returncode == 0 and r.stdout.strip() == "True True", r.stderr
-    named = "qwenkit: QWENKIT_KERNELS='toch' is not one of auto, torch; using 'auto'"
+    named = "qwenkit: QWENKIT_KERNELS='toch' is not one of auto, avx2, torch; using 'auto'"
     assert r.stderr.strip().splitlines() == [named]
     r = run_python(code, QWENKIT_KERNELS=" Torch ")  # case and spaces do not matter
     assert r.stdout.strip() == "False False" and r.stderr == ""
@@ -473,12 +520,16 @@ if ok:
 
 @pytest.fixture
 def venv_copy(tmp_path, monkeypatch, capsys, loaded):
-    """``--into-venv`` run for a stand-in venv prefix (the library comes from the session's cache)."""
+    """``--into-venv`` run for a stand-in venv prefix (the libraries come from the session's cache; the
+    level this CPU does not load is compiled once into it, as an image's build stage compiles both)."""
     prefix = tmp_path / "venv"
     monkeypatch.setattr(build.sys, "prefix", str(prefix))
     assert build.main(["--into-venv"]) == 0
-    lib = prefix / "share" / "qwenkit" / "kernels" / build.LIBRARY_NAME
-    assert capsys.readouterr().out.strip() == f"qwenkit kernels: stored in the venv at {lib}"
+    stored = prefix / "share" / "qwenkit" / "kernels"
+    assert capsys.readouterr().out.strip().splitlines() == [
+        f"qwenkit kernels: {level} stored in the venv at {stored / level / build.LIBRARY_NAME}"
+        for level in build.ISA_LEVELS
+    ]
     return prefix
 
 
@@ -495,10 +546,12 @@ def run_without_compiler(prefix: Path, tmp_path: Path) -> subprocess.CompletedPr
 @needs_isa
 def test_library_stored_in_the_venv_loads_without_a_compiler(venv_copy, tmp_path):
     stored = venv_copy / "share" / "qwenkit" / "kernels"
-    assert sorted(p.name for p in stored.iterdir()) == sorted(
-        [build.LIBRARY_NAME, build.LIBRARY_NAME + ".sha256", "key"]
-    )  # no temporary files left
-    assert build.venv_library() == stored / build.LIBRARY_NAME
+    assert sorted(p.name for p in stored.iterdir()) == sorted(build.ISA_LEVELS)
+    for level in build.ISA_LEVELS:
+        assert sorted(p.name for p in (stored / level).iterdir()) == sorted(
+            [build.LIBRARY_NAME, build.LIBRARY_NAME + ".sha256", "key"]
+        )  # no temporary files left
+        assert build.venv_library(level) == stored / level / build.LIBRARY_NAME
     r = run_without_compiler(venv_copy, tmp_path)
     lines = r.stdout.split()
     assert r.returncode == 0 and lines[0] == "True" and r.stderr == "", r.stderr
@@ -509,13 +562,13 @@ def test_library_stored_in_the_venv_loads_without_a_compiler(venv_copy, tmp_path
 @needs_isa
 @pytest.mark.parametrize("damage", ["truncated", "other source"])
 def test_damaged_or_stale_venv_library_is_not_loaded(venv_copy, tmp_path, damage):
-    stored = venv_copy / "share" / "qwenkit" / "kernels"
+    stored = venv_copy / "share" / "qwenkit" / "kernels" / LEVEL
     if damage == "truncated":
         lib = stored / build.LIBRARY_NAME
         lib.write_bytes(lib.read_bytes()[:4096])
     else:  # built from another qwenkit source or for another torch
         (stored / "key").write_text("0" * 24 + "\n")
-    assert build.venv_library() is None
+    assert build.venv_library(LEVEL) is None
     r = run_without_compiler(venv_copy, tmp_path)
     assert r.returncode == 0 and r.stdout.strip() == "False"
     (line,) = r.stderr.strip().splitlines()

@@ -4,11 +4,14 @@ The library is compiled once per (source, torch version, compiler version, flags
 compiler and cached under ``${XDG_CACHE_HOME:-~/.cache}/qwenkit/kernels/<key>/``. A build goes into a
 temporary directory that is renamed into place, and the cached file's SHA-256 is checked before it is
 loaded, so a process never loads a half-written or damaged library (a damaged entry is rebuilt).
-The compile flags name exactly the ISA extensions that `missing_isa` checks at run time.
+One source is built at one of two instruction-set levels (``ISA_LEVELS``): "avx512" (AVX-512 with
+BF16 and VNNI) where the CPU has it, else "avx2" (AVX2, FMA, F16C: the same source, its AVX-512
+intrinsics written on AVX2 by csrc/avx2_compat.h). The compile flags name exactly the ISA extensions
+that `isa_level` checks at run time.
 
 A container image has no compiler at run time: its build stage runs ``--into-venv``, which compiles
-for those flags whatever the build machine's CPU and stores the library inside the virtual
-environment (``<venv>/share/qwenkit/kernels/``), keyed by the source and torch but not the compiler.
+both levels whatever the build machine's CPU and stores them inside the virtual environment
+(``<venv>/share/qwenkit/kernels/<level>/``), keyed by the source and torch but not the compiler.
 ``load`` takes that copy first when its checksum and key hold, else the user cache as above.
 """
 
@@ -25,21 +28,27 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_kernels.cpp"
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCE = CSRC / "cpu_kernels.cpp"
+SOURCES = (SOURCE, CSRC / "avx2_compat.h")  # what a build reads: both are in its cache key
 LIBRARY_NAME = "qwenkit_cpu_kernels.so"
 
-# /proc/cpuinfo flag -> the compiler flag that lets the code use it. Nothing else is enabled.
-ISA_FLAGS = {
-    "avx512f": "-mavx512f",
-    "avx512bw": "-mavx512bw",
-    "avx512vl": "-mavx512vl",
-    "avx512_bf16": "-mavx512bf16",
-    "avx512_vnni": "-mavx512vnni",
-    "fma": "-mfma",
-    "f16c": "-mf16c",
+# The instruction-set levels the one source is built for, best first: /proc/cpuinfo flag -> the compiler
+# flag that lets the code use it (nothing else is enabled). "avx2" builds the same source through
+# csrc/avx2_compat.h, which writes the AVX-512 intrinsics it uses on AVX2 + FMA + F16C.
+ISA_LEVELS: dict[str, dict[str, str]] = {
+    "avx512": {
+        "avx512f": "-mavx512f",
+        "avx512bw": "-mavx512bw",
+        "avx512vl": "-mavx512vl",
+        "avx512_bf16": "-mavx512bf16",
+        "avx512_vnni": "-mavx512vnni",
+        "fma": "-mfma",
+        "f16c": "-mf16c",
+    },
+    "avx2": {"avx2": "-mavx2", "fma": "-mfma", "f16c": "-mf16c"},
 }
 BASE_FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-DNDEBUG", "-w")
-
 
 class KernelBuildError(RuntimeError):
     """The kernels could not be built (no compiler, the compiler failed, or the result does not load)."""
@@ -50,21 +59,41 @@ def cache_root() -> Path:
     return Path(base) / "qwenkit" / "kernels"
 
 
-def missing_isa() -> str | None:
-    """Why this CPU cannot run the kernels, or None when it can."""
+def _cpu_flags() -> set[str] | str:
+    """The CPU's feature flags, or why they cannot be known."""
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return f"the AVX-512 kernels need Linux on x86-64 (this is {platform.system()} {platform.machine()})"
+        return f"the CPU kernels need Linux on x86-64 (this is {platform.system()} {platform.machine()})"
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError as e:
         return f"cannot read /proc/cpuinfo ({e.strerror})"
-    flags: set[str] = set()
     for line in text.splitlines():
         if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            break
-    missing = [f for f in ISA_FLAGS if f not in flags]
-    return f"this CPU lacks {', '.join(missing)}" if missing else None
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def isa_level(cap: str | None = None) -> str | None:
+    """The best level in ISA_LEVELS this CPU runs, no better than ``cap`` (a level name), or None."""
+    flags = _cpu_flags()
+    if isinstance(flags, str):
+        return None
+    levels = list(ISA_LEVELS)
+    for level in levels[levels.index(cap) if cap else 0 :]:
+        if set(ISA_LEVELS[level]) <= flags:
+            return level
+    return None
+
+
+def missing_isa(cap: str | None = None) -> str | None:
+    """Why this CPU cannot run the kernels at any level up to ``cap``, or None when it can."""
+    flags = _cpu_flags()
+    if isinstance(flags, str):
+        return flags
+    if isa_level(cap) is not None:
+        return None
+    lowest = list(ISA_LEVELS)[-1]
+    return f"this CPU lacks {', '.join(f for f in ISA_LEVELS[lowest] if f not in flags)}"
 
 
 def compiler() -> str | None:
@@ -83,36 +112,38 @@ def compiler_version(cxx: str) -> str:
     return out.stdout.splitlines()[0] if out.stdout else "unknown"
 
 
-def compile_flags() -> list[str]:
+def compile_flags(level: str) -> list[str]:
     abi = int(torch.compiled_with_cxx11_abi())
-    return [*BASE_FLAGS, *ISA_FLAGS.values(), f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
+    return [*BASE_FLAGS, *ISA_LEVELS[level].values(), f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
 
 
-def _key(*extra: str) -> str:
+def _key(level: str, *extra: str) -> str:
     h = hashlib.sha256()
-    h.update(SOURCE.read_bytes())
-    for part in (torch.__version__, str(torch.version.git_version), *extra, " ".join(compile_flags())):
+    for source in SOURCES:
+        h.update(source.read_bytes())
+    flags = " ".join(compile_flags(level))
+    for part in (torch.__version__, str(torch.version.git_version), *extra, flags):
         h.update(b"\0" + part.encode())
     return h.hexdigest()[:24]
 
 
-def cache_key(cxx_version: str) -> str:
-    return _key(cxx_version)
+def cache_key(cxx_version: str, level: str) -> str:
+    return _key(level, cxx_version)
 
 
-def venv_dir() -> Path:
+def venv_dir(level: str) -> Path:
     """Where ``--into-venv`` stores a library built for this environment (a container image's venv)."""
-    return Path(sys.prefix) / "share" / "qwenkit" / "kernels"
+    return Path(sys.prefix) / "share" / "qwenkit" / "kernels" / level
 
 
-def venv_library() -> Path | None:
+def venv_library(level: str) -> Path | None:
     """The library ``--into-venv`` stored, if it is whole and was built from this source for this torch."""
-    entry = venv_dir()
+    entry = venv_dir(level)
     try:
         key = (entry / "key").read_text().strip()
     except OSError:
         return None
-    return cached_library(entry) if key == _key() else None
+    return cached_library(entry) if key == _key(level) else None
 
 
 def _sha256(path: Path) -> str:
@@ -128,10 +159,10 @@ def cached_library(entry: Path) -> Path | None:
         return None
 
 
-def _compile(cxx: str, out: Path) -> None:
+def _compile(cxx: str, level: str, out: Path) -> None:
     from torch.utils import cpp_extension  # slow to import; only needed to build
 
-    cmd = [cxx, *compile_flags()]
+    cmd = [cxx, *compile_flags(level)]
     cmd += [f"-I{p}" for p in cpp_extension.include_paths()]
     cmd += [str(SOURCE), "-o", str(out)]
     for p in cpp_extension.library_paths():
@@ -158,12 +189,12 @@ def _discard(entry: Path) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
-def ensure_built(announce: bool = True) -> Path:
-    """Path of the cached library, compiling it first if needed. Raises KernelBuildError."""
+def ensure_built(level: str, announce: bool = True) -> Path:
+    """Path of the cached library for ``level``, compiling it first if needed. Raises KernelBuildError."""
     cxx = compiler()
     if cxx is None:
         raise KernelBuildError("no C++ compiler found (install g++ or set CXX)")
-    entry = cache_root() / cache_key(compiler_version(cxx))
+    entry = cache_root() / cache_key(compiler_version(cxx), level)
     lib = cached_library(entry)
     if lib is not None:
         return lib
@@ -175,9 +206,9 @@ def ensure_built(announce: bool = True) -> Path:
     except OSError as e:
         raise KernelBuildError(f"cannot write the kernel cache {entry.parent} ({e.strerror})") from e
     if announce:
-        print(f"qwenkit: building the CPU kernels once into {entry} (about 30 s)", file=sys.stderr)
+        print(f"qwenkit: building the {level} CPU kernels once into {entry} (about 30 s)", file=sys.stderr)
     try:
-        _compile(cxx, tmp / LIBRARY_NAME)
+        _compile(cxx, level, tmp / LIBRARY_NAME)
         (tmp / (LIBRARY_NAME + ".sha256")).write_text(_sha256(tmp / LIBRARY_NAME) + "\n")
         try:
             tmp.rename(entry)
@@ -194,13 +225,13 @@ def ensure_built(announce: bool = True) -> Path:
     return lib
 
 
-def into_venv() -> Path:
-    """Compile (or take from the user cache) and store the library in ``venv_dir``, replacing the files
+def into_venv(level: str) -> Path:
+    """Compile ``level`` (or take it from the user cache) and store it in ``venv_dir``, replacing the files
     one by one under temporary names, the checksum last, so a reader never trusts a half-written copy."""
-    built = ensure_built(announce=False)
-    entry = venv_dir()
+    built = ensure_built(level, announce=False)
+    entry = venv_dir(level)
     entry.mkdir(parents=True, exist_ok=True)
-    files = {LIBRARY_NAME: built.read_bytes(), "key": (_key() + "\n").encode()}
+    files = {LIBRARY_NAME: built.read_bytes(), "key": (_key(level) + "\n").encode()}
     files[LIBRARY_NAME + ".sha256"] = (hashlib.sha256(files[LIBRARY_NAME]).hexdigest() + "\n").encode()
     for name, data in files.items():
         tmp = entry / f".{name}.{os.getpid()}"
@@ -209,10 +240,10 @@ def into_venv() -> Path:
     return entry / LIBRARY_NAME
 
 
-def load() -> None:
-    """Load the ops into torch.ops.qwenkit: the venv's prebuilt copy, else the user cache's (building it
-    if needed). Raises KernelBuildError."""
-    lib = venv_library() or ensure_built()
+def load(level: str) -> None:
+    """Load the ``level`` ops into torch.ops.qwenkit: the venv's prebuilt copy, else the user cache's
+    (building it if needed). Raises KernelBuildError."""
+    lib = venv_library(level) or ensure_built(level)
     try:
         torch.ops.load_library(str(lib))
     except (OSError, RuntimeError) as e:
@@ -223,31 +254,32 @@ def load() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Prebuild for `make setup`: exits 0 either way, with one line saying what happened.
 
-    ``--into-venv`` (an image's build stage): compile for the AVX-512 flags even when this CPU lacks
-    them, since the image runs elsewhere, and store the library in the venv; exits 1 when it cannot.
+    ``--into-venv`` (an image's build stage): compile every level in ISA_LEVELS whatever this CPU has,
+    since the image runs elsewhere, and store them in the venv; exits 1 when it cannot.
     """
     args = sys.argv[1:] if argv is None else argv
     if args == ["--into-venv"]:
-        try:
-            lib = into_venv()
-        except (KernelBuildError, OSError) as e:
-            print(f"qwenkit kernels: not stored in the venv ({e})")
-            return 1
-        print(f"qwenkit kernels: stored in the venv at {lib}")
+        for level in ISA_LEVELS:
+            try:
+                lib = into_venv(level)
+            except (KernelBuildError, OSError) as e:
+                print(f"qwenkit kernels: {level} not stored in the venv ({e})")
+                return 1
+            print(f"qwenkit kernels: {level} stored in the venv at {lib}")
         return 0
     if args:
         print(f"usage: python -m qwenkit.kernels.build [--into-venv] (got {' '.join(args)})")
         return 2
-    reason = missing_isa()
-    if reason:
-        print(f"qwenkit kernels: not built, {reason}; the plain PyTorch path will be used")
+    level = isa_level()
+    if level is None:
+        print(f"qwenkit kernels: not built, {missing_isa()}; the plain PyTorch path will be used")
         return 0
     try:
-        lib = ensure_built(announce=False)
+        lib = ensure_built(level, announce=False)
     except (KernelBuildError, OSError) as e:  # OSError: e.g. the C++ source missing from an install
         print(f"qwenkit kernels: not built ({e}); the plain PyTorch path will be used")
         return 0
-    print(f"qwenkit kernels: ready at {lib}")
+    print(f"qwenkit kernels: {level} ready at {lib}")
     return 0
 
 

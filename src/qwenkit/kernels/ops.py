@@ -13,9 +13,10 @@ import torch
 from qwenkit.env_switch import env_choice
 from qwenkit.errors import QwenkitError
 
-ENV_SWITCH = "QWENKIT_KERNELS"  # "torch" forces the plain PyTorch path
-KERNEL_CHOICES = {"auto": "auto", "torch": "torch"}  # another value is named on stderr, then "auto"
+ENV_SWITCH = "QWENKIT_KERNELS"  # "torch" forces the plain PyTorch path, "avx2" the AVX2 build
+KERNEL_CHOICES = {"auto": "auto", "torch": "torch", "avx2": "avx2"}  # another: named, then "auto"
 _loaded: bool | None = None  # None: not tried yet in this process
+_level: str | None = None  # the instruction-set level of the loaded library
 _load_lock = threading.Lock()
 
 
@@ -33,8 +34,10 @@ def _note(text: str) -> None:
 def available() -> bool:
     """True when the C++ kernels are loaded (building them on first use if needed).
 
-    False, after one line on stderr, when the CPU lacks AVX-512 BF16/VNNI, there is no compiler or the
-    build fails; False silently when QWENKIT_KERNELS=torch asks for the plain path.
+    The library is built for the best level the CPU has (AVX-512 BF16/VNNI, else AVX2; QWENKIT_KERNELS=avx2
+    takes AVX2 even where AVX-512 is there). False, after one line on stderr, when the CPU has neither,
+    there is no compiler or the build fails; False silently when QWENKIT_KERNELS=torch asks for the plain
+    path. The level is fixed by the first call in a process.
     """
     global _loaded
     if env_choice(ENV_SWITCH, KERNEL_CHOICES, "auto") == "torch":
@@ -51,15 +54,24 @@ def _load() -> bool:
     """Load (or build, then load) the library; on failure say why in one line."""
     from qwenkit.kernels import build  # not at import: `python -m qwenkit.kernels.build` runs it as main
 
-    reason = build.missing_isa()
-    if reason is None:
+    global _level
+    cap = "avx2" if env_choice(ENV_SWITCH, KERNEL_CHOICES, "auto") == "avx2" else None
+    level, reason = build.isa_level(cap), build.missing_isa(cap)
+    if level is not None:
         try:
-            build.load()
+            build.load(level)
         except (build.KernelBuildError, OSError) as e:  # OSError: e.g. the C++ source missing
             reason = str(e)
     if reason:
         _note(f"CPU kernels unavailable: {reason}")
-    return reason is None
+        return False
+    _level = level
+    return True
+
+
+def isa_level() -> str | None:
+    """The instruction-set level the loaded kernels were built for ("avx512", "avx2"), or None."""
+    return _level if available() else None
 
 
 class KernelsUnavailableError(QwenkitError, RuntimeError):

@@ -40,6 +40,9 @@
 #include <torch/library.h>
 
 #include <immintrin.h>
+#ifndef __AVX512F__
+#include "avx2_compat.h"  // build.py's "avx2" level: the AVX-512 intrinsics below, built on AVX2
+#endif
 
 #include <pthread.h>
 #include <sys/syscall.h>
@@ -644,8 +647,12 @@ inline __m512 load16_f32<at::Half>(const at::Half* p) {
 // acc += w (u8) . the 4 int8 codes at p broadcast to every lane (s8), the broadcast folded into the
 // instruction (compilers emit a separate broadcast for the intrinsics' set1).
 inline __m512i dpbusd_bcast(__m512i acc, __m512i w, const int32_t* p) {
+#ifdef __AVX512F__
   asm("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*p));
   return acc;
+#else
+  return _mm512_dpbusd_epi32(acc, w, _mm512_set1_epi32(*p));
+#endif
 }
 
 // One tile of 16 outputs (from n0) against the MT activation rows of pass `p` (rows m0 = p * MT ..),
@@ -886,8 +893,14 @@ void quantize_wide(const T* x, int64_t rows, int64_t padded, int64_t K, int64_t 
 
 // acc += w (int16 pairs) . the int16 pair at p broadcast to every lane, the broadcast in the instruction.
 inline __m512i dpwssd_bcast(__m512i acc, __m512i w, const int16_t* p) {
+#ifdef __AVX512F__
   asm("vpdpwssd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*reinterpret_cast<const int32_t*>(p)));
   return acc;
+#else
+  int32_t pair;
+  std::memcpy(&pair, p, 4);
+  return _mm512_dpwssd_epi32(acc, w, _mm512_set1_epi32(pair));
+#endif
 }
 
 template <typename S, int MT>
