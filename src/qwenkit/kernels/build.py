@@ -50,6 +50,7 @@ ISA_LEVELS: dict[str, dict[str, str]] = {
 }
 BASE_FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-DNDEBUG", "-w")
 
+
 class KernelBuildError(RuntimeError):
     """The kernels could not be built (no compiler, the compiler failed, or the result does not load)."""
 
