@@ -62,6 +62,31 @@ def test_dtype_cast_bfloat16(qwen2_dir):
     assert model.model.layers[0].self_attn.q_proj.bias.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("built", [True, False])
+def test_auto_dtype_on_the_cpu_is_bfloat16_where_it_runs_fast(monkeypatch, native, built):
+    """'auto': bfloat16 on a CPU with native bf16, and for inference on qwenkit's kernels (which run
+    bf16 products on AVX2 CPUs too); float32 for anything else on a CPU without native bf16."""
+    from qwenkit import kernels
+    from qwenkit.checkpoint import loader
+
+    monkeypatch.setattr(loader, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(kernels, "available", lambda: built)
+    assert loader.resolve_dtype("auto", "cpu") == (torch.bfloat16 if native else torch.float32)
+    fast = loader.resolve_dtype("auto", "cpu", fast_kernels=True)
+    assert fast == (torch.bfloat16 if native or built else torch.float32)
+    assert loader.resolve_dtype("float32", "cpu", fast_kernels=True) == torch.float32
+
+
+def test_inference_load_on_the_kernels_takes_bfloat16_for_auto(qwen2_dir):
+    from qwenkit import kernels
+
+    model, _ = load_model(qwen2_dir, progress=False, fast_kernels=True)
+    want = torch.bfloat16 if kernels.available() else torch.float32
+    native = load_model(qwen2_dir, progress=False)[0].model.norm.weight.dtype
+    assert model.model.norm.weight.dtype == (torch.bfloat16 if native == torch.bfloat16 else want)
+
+
 @pytest.mark.parametrize(
     ("edit", "message"),
     [

@@ -402,5 +402,6 @@ def _pool_tokens(
     from qwenkit.checkpoint.loader import resolve_dtype
     from qwenkit.memory import dtype_bytes
 
-    per_token = config.kv_cache_bytes_per_token(dtype_bytes(resolve_dtype(dtype, device)))
+    # the dtype load_model picks for inference (fast_kernels=True there)
+    per_token = config.kv_cache_bytes_per_token(dtype_bytes(resolve_dtype(dtype, device, device == "cpu")))
     return max(kv_cache_memory // per_token, 1)

@@ -28,7 +28,7 @@ def row_passes(request, monkeypatch):
     from qwenkit.engine import sampler
 
     if request.param == "kernels" and not kernels.available():
-        pytest.skip("needs the AVX-512 kernels")
+        pytest.skip("needs the CPU kernels")
     if request.param == "torch":
         monkeypatch.setattr(sampler, "_on_kernels", lambda logits: False)
     return request.param

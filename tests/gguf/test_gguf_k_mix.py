@@ -70,7 +70,7 @@ def test_q4_k_m_style_layers_all_run_on_the_int_kernels(tmp_path, gguf_writer):
     assert {types[f"blk.0.{n}.weight"] for n in ("attn_q", "attn_v", "ffn_down")} == {"Q5_0", "Q8_0", "Q6_K"}
     fast, _ = load_model(path, dtype="bfloat16", progress=False, fast_kernels=True)
     linears = [m for m in fast.modules() if isinstance(m, QuantizedLinear)]
-    assert linears and all("AVX-512" in m.kernel and m.bits == 8 for m in linears)
+    assert linears and all(m.kernel.startswith("qwenkit ") and m.bits == 8 for m in linears)
     if kernels.available():  # each layer one kernel call: q/k/v fused across Q5_0 and Q8_0
         assert all(layer.decode_weights is not None for layer in fast.model.layers)
     floats, _ = load_model(path, dtype="float32", progress=False, dequantize=True)

@@ -7,7 +7,7 @@ import torch
 
 from qwenkit import kernels
 
-pytestmark = pytest.mark.skipif(not kernels.available(), reason="needs the AVX-512 kernels")
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="needs the CPU kernels")
 
 CHUNK = 16384  # the kernel's chunk of a row
 

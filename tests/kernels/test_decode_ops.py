@@ -12,7 +12,7 @@ from qwenkit import kernels
 from qwenkit.engine.kv_cache import PagedKVCache, StepAttention
 from qwenkit.model.rope import apply_rope, apply_rope_
 
-pytestmark = pytest.mark.skipif(not kernels.available(), reason="AVX-512 kernels not built on this CPU")
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="CPU kernels not built on this CPU")
 
 
 def _g(seed: int = 0) -> torch.Generator:

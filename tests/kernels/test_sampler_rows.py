@@ -8,7 +8,7 @@ import torch
 
 from qwenkit import kernels
 
-pytestmark = pytest.mark.skipif(not kernels.available(), reason="needs the AVX-512 kernels")
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="needs the CPU kernels")
 
 
 @pytest.mark.parametrize("vocab", [1, 7, 17, 2000, 49152, 151936])

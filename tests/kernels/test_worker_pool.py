@@ -14,7 +14,7 @@ import torch
 
 from qwenkit import kernels
 
-pytestmark = pytest.mark.skipif(not kernels.available(), reason="AVX-512 kernels not built on this CPU")
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="CPU kernels not built on this CPU")
 
 
 def _case(seed: int):

@@ -20,7 +20,7 @@ from qwenkit.engine.forward import ForwardCall, run_forward
 from qwenkit.engine.kv_cache import PagedKVCache
 from qwenkit.quant.fused import fuse_for_inference
 
-pytestmark = pytest.mark.skipif(not kernels.available(), reason="AVX-512 kernels not built on this CPU")
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="CPU kernels not built on this CPU")
 
 BLOCK = 4
 # five rows: Qwen3's 4 query heads make 20 rows of q-norm (torch's steps), its 2 KV heads 10 (the kernel)

@@ -19,7 +19,7 @@ from qwenkit.quant.affine import AffineWeight
 from qwenkit.quant.dense import PackedBf16Linear
 from qwenkit.quant.fused import fuse_linears
 
-pytestmark = pytest.mark.skipif(not kernels.available(), reason="AVX-512 kernels not built on this CPU")
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="CPU kernels not built on this CPU")
 
 
 @pytest.fixture(scope="module")

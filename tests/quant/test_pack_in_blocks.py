@@ -61,6 +61,8 @@ def affine(n: int, k: int, bits: int, group: int) -> AffineWeight:
     ("cls", "bits"), [(aten.CpuInt4PackKernel, 4), (aten.CpuInt8AsInt4x2Kernel, 8)], ids=["int4", "int8x2"]
 )
 def test_aten_int4_planes_in_blocks_equal_planes_at_once(monkeypatch, cls, bits):
+    if not aten._cpu_int4_layout_ok():  # then the kernel is never chosen (supports() is False)
+        pytest.skip("aten packs int4 in a layout qwenkit does not know on this CPU")
     w = affine(640, 256, bits, 64)
     monkeypatch.setattr(aten, "PACK_BLOCK_ELEMENTS", 1 << 30)
     whole = cls(w)

@@ -8,6 +8,7 @@ from factories import hf_model, save_hf
 from qwenkit import kernels
 from qwenkit.cli import main
 from qwenkit.profile import ProfileError, parse_precisions, profile
+from qwenkit.quant.kernels.avx512 import INT_ISA_NAMES
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +24,10 @@ def test_profile_rows_per_precision(tiny) -> None:
         assert r.peak_encode_bytes > 0 and r.peak_generate_bytes > 0 and r.weight_bytes > 0
         assert sum(r.kernels.values()) == 2 * 7 + 1  # every projection and lm_head
     assert rows[0].kernels == {"dense F.linear (float32)": 15}
-    fast = kernels.available()  # qwenkit's AVX-512 kernels where built, else PyTorch's packed ones
-    int8 = "qwenkit AVX-512 VNNI int8" if fast else "aten._weight_int8pack_mm"
-    int4 = "qwenkit AVX-512 VNNI int4" if fast else "aten._weight_int4pack_mm_for_cpu"
+    fast = kernels.available()  # qwenkit's kernels where built, else PyTorch's packed ones
+    isa = INT_ISA_NAMES.get(kernels.isa_level() or "")
+    int8 = f"qwenkit {isa} int8" if fast else "aten._weight_int8pack_mm"
+    int4 = f"qwenkit {isa} int4" if fast else "aten._weight_int4pack_mm_for_cpu"
     assert [k for k in rows[1].kernels if k.startswith(int8)], rows[1].kernels
     assert [k for k in rows[2].kernels if k.startswith(int4)], rows[2].kernels
     assert rows[2].weight_bytes < rows[1].weight_bytes < rows[0].weight_bytes
@@ -38,9 +40,12 @@ def test_profile_cli_table(tiny, capsys) -> None:
     out = capsys.readouterr().out
     table = [line for line in out.splitlines() if line.startswith("| ")]
     assert len(table) == 3  # header + one row per precision
-    bf16 = "qwenkit AVX-512 BF16 (vdpbf16ps)" if kernels.available() else "dense F.linear (bfloat16)"
+    level = kernels.isa_level()
+    bf16 = {"avx512": "qwenkit AVX-512 BF16 (vdpbf16ps)", "avx2": "qwenkit AVX2 BF16 (FMA)"}.get(
+        level or "", "dense F.linear (bfloat16)"
+    )
     assert table[1].startswith(f"| bfloat16 | bfloat16 | {bf16} x15 |"), table[1]
-    int4 = "VNNI int4" if kernels.available() else "_weight_int4pack_mm_for_cpu"
+    int4 = f"{INT_ISA_NAMES[level]} int4" if level else "_weight_int4pack_mm_for_cpu"
     assert table[2].startswith("| int4 |") and int4 in table[2], table[2]
     for row in table[1:]:
         cells = [c.strip() for c in row.strip("|").split("|")]

@@ -95,14 +95,23 @@ def cpu_has_native_bf16() -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
-def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
-    """'auto': bfloat16 on CUDA (float16 where bf16 is missing) and on CPUs with native bf16, else float32."""
+def resolve_dtype(dtype: str | torch.dtype, device: str, fast_kernels: bool = False) -> torch.dtype:
+    """'auto': bfloat16 on CUDA (float16 where bf16 is missing); on the CPU, bfloat16 where it runs at full
+    speed: a CPU with native bf16, or inference on qwenkit's kernels (``fast_kernels``), whose bf16
+    products accumulate in float32 on AVX2 CPUs too (there bfloat16 decoded the Qwen2.5-0.5B shape 3.3x
+    faster than float32, its int4 layers 1.7x, and the bundled model 3.5x); else float32."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
         if device.startswith("cuda"):
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+        if cpu_has_native_bf16():
+            return torch.bfloat16
+        if fast_kernels:
+            from qwenkit import kernels
+
+            return torch.bfloat16 if kernels.available() else torch.float32
+        return torch.float32
     if dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
@@ -149,7 +158,7 @@ def load_model(
         from qwenkit.distributed.checks import check_same_checkpoint
 
         check_same_checkpoint(source, tensor_parallel)
-    torch_dtype = resolve_dtype(dtype, device)
+    torch_dtype = resolve_dtype(dtype, device, fast_kernels and device == "cpu")
     if quantize not in (None, "int8", "int4"):
         raise ConfigError(f"unknown --quantize {quantize!r}; choose int8 or int4")
     if quantize and config.quantization:

@@ -1,10 +1,11 @@
-"""Fast CPU matrix-vector kernels (C++, AVX-512 BF16/VNNI) for batch 1..16 decode, with a fallback.
+"""Fast CPU matrix-vector kernels (C++; AVX-512 BF16/VNNI, else AVX2) for batch 1..16 decode, with a fallback.
 
 Imports only torch, the standard library and qwenkit.errors; model/ and quant/ may import it. API:
 
     from qwenkit import kernels
     kernels.available() -> bool        # loads (building once, ~30 s) or says once why not; False under
                                        # QWENKIT_KERNELS=torch. Call it before using any op below.
+    kernels.isa_level() -> str | None  # "avx512" or "avx2": the instruction set the library was built for
     p = kernels.prepare_bf16(w)                   # w (N, K) -> tiles of 16 rows (one stream each)
     kernels.linear_bf16(x, p, bias=None)          # x (..., K) bf16 -> (..., N) bf16, fp32 accumulation
     kernels.unpack_bf16(p, rows=None)             # the (N, K) weight or some rows (embedding lookup)
@@ -57,6 +58,7 @@ from qwenkit.kernels.ops import (
     dequantize,
     dequantize_rows,
     finite_rows,
+    isa_level,
     linear_bf16,
     linear_int4,
     linear_int8,
@@ -96,6 +98,7 @@ __all__ = [
     "dequantize",
     "dequantize_rows",
     "finite_rows",
+    "isa_level",
     "linear_bf16",
     "linear_int4",
     "linear_int8",

@@ -1,4 +1,4 @@
-"""bfloat16 Linear layers in the AVX-512 kernels' tile layout, for CPU inference.
+"""bfloat16 Linear layers in the CPU kernels' tile layout, for CPU inference.
 
 PyTorch's bf16 matrix-vector product reads weights at about half the memory bandwidth on the CPUs we
 measured (``benchmarks/bench_cpu_kernels.py``); :func:`qwenkit.kernels.linear_bf16` reads them at about
@@ -24,7 +24,11 @@ from qwenkit.kernels.ops import TILE, PackedBf16
 class PackedBf16Linear(nn.Module):
     """``y = x @ W.T + b`` with a bf16 W in the kernels' tile layout."""
 
-    kernel = "qwenkit AVX-512 BF16 (vdpbf16ps)"
+    @property
+    def kernel(self) -> str:
+        """What runs this layer (``qwenkit profile`` prints it): the loaded build's instruction set."""
+        avx2 = kernels.isa_level() == "avx2"
+        return "qwenkit AVX2 BF16 (FMA)" if avx2 else "qwenkit AVX-512 BF16 (vdpbf16ps)"
 
     def __init__(self, weight: torch.Tensor | PackedBf16, bias: torch.Tensor | None) -> None:
         """From a (out, in) weight (packed here), or one already packed (fused projections)."""

@@ -12,6 +12,7 @@
 
 #include <immintrin.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -116,7 +117,8 @@ QK_INLINE qk_m512 qk_roundscale_ps(qk_m512 a) {
   return {_mm256_round_ps(a.lo, IMM & 0x0f), _mm256_round_ps(a.hi, IMM & 0x0f)};
 }
 // a * 2^floor(b), as vscalefps: two exact power-of-two steps so results that leave the normal range
-// still overflow to inf or underflow as a product would.
+// still overflow to inf or underflow as a product would; and its special cases for infinite b, which
+// exp512 relies on (its polynomial is NaN at x = -inf, and scalef(NaN, -inf) = +0, scalef(NaN, inf) = inf).
 QK_INLINE __m256 qk_scalef8(__m256 a, __m256 b) {
   const __m256 n = _mm256_min_ps(_mm256_max_ps(_mm256_floor_ps(b), _mm256_set1_ps(-252.0f)), _mm256_set1_ps(254.0f));
   const __m256i ni = _mm256_cvtps_epi32(n);
@@ -124,7 +126,14 @@ QK_INLINE __m256 qk_scalef8(__m256 a, __m256 b) {
   const __m256i bias = _mm256_set1_epi32(127);
   const __m256 p1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, bias), 23));
   const __m256 p2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, bias), 23));
-  return _mm256_mul_ps(_mm256_mul_ps(a, p1), p2);
+  __m256 r = _mm256_mul_ps(_mm256_mul_ps(a, p1), p2);
+  const __m256 inf = _mm256_set1_ps(INFINITY), zero = _mm256_setzero_ps();
+  const __m256 a_nan = _mm256_cmp_ps(a, a, _CMP_UNORD_Q);
+  const __m256 down = _mm256_cmp_ps(b, _mm256_sub_ps(zero, inf), _CMP_EQ_OQ), up = _mm256_cmp_ps(b, inf, _CMP_EQ_OQ);
+  // b = -inf: a * 0 (a NaN: +0; a infinite: NaN, as a * 0 gives); b = +inf: a * inf (a NaN: +inf; a = 0: NaN)
+  r = _mm256_blendv_ps(r, _mm256_blendv_ps(_mm256_mul_ps(a, zero), zero, a_nan), down);
+  r = _mm256_blendv_ps(r, _mm256_blendv_ps(_mm256_mul_ps(a, inf), inf, a_nan), up);
+  return r;
 }
 QK_INLINE qk_m512 qk_scalef_ps(qk_m512 a, qk_m512 b) { return {qk_scalef8(a.lo, b.lo), qk_scalef8(a.hi, b.hi)}; }
 

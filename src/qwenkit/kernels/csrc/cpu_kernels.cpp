@@ -655,6 +655,7 @@ inline __m512i dpbusd_bcast(__m512i acc, __m512i w, const int32_t* p) {
 #endif
 }
 
+#ifdef __AVX512F__
 // One tile of 16 outputs (from n0) against the MT activation rows of pass `p` (rows m0 = p * MT ..),
 // stored to out.
 template <int BITS, typename S, int MT>
@@ -718,6 +719,143 @@ void int_tile(const QuantizedRows& qr, int64_t p, const uint8_t* tile, const S* 
     for (int m = 0; m < MT; ++m) facc[m] = _mm512_fmadd_ps(gacc[m], sv, facc[m]);
   }
   for (int m = 0; m < MT; ++m) out.store(m0 + m, n0, facc[m]);
+}
+#else
+// The AVX2 form of the tile: vpmaddubsw (u8 x s8 pairs -> int16) and vpmaddwd in place of vpdpbusd, for
+// R rows of the pass and H 8-output halves of the tile (32 of each 64 bytes) at a time, so the accumulators
+// fit AVX2's 16 registers: int4 takes both halves for 1-2 rows (each broadcast serves 16 outputs; 15%
+// faster at one row), int8 and 4 rows one half at a time (the tile is read again from cache for the other
+// half and for further rows). int4 codes (0..15)
+// times int8 activations never saturate vpmaddubsw's int16 pairs, so a block's 8 pairs are summed in
+// int16 before one widening. int8 codes are made signed (code - 128, which int8_zero_point has already
+// moved into the block starts) and multiplied as |w| . sign(x, w), which keeps each int16 pair in range.
+// The float arithmetic is the AVX-512 tile's, in the same order.
+template <int BITS, typename S, int R, int H, int MT>
+void int_tile_rows(const QuantizedRows& qr, int64_t p, int64_t r0, int h0, const uint8_t* tile, const S* tscale,
+                   const S* tshift, int64_t group_size, float (*y)[16], const uint8_t* next) {
+  const int64_t K = qr.K, blocks = K / 32, groups = qr.groups, blocks_per_group = group_size / 32;
+  constexpr int64_t kBlockBytes = BITS == 8 ? 512 : 256;
+  const int32_t* xq = qr.q.data() + p * (K / 4) * MT + r0;
+  const float* xs = qr.scale.data() + p * blocks * MT + r0;
+  const int32_t* xstart = qr.start.data() + p * blocks * MT + r0;
+  const float* xg = qr.gsum.data() + p * groups * MT + r0;
+  const __m256i nibble = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8(char(0x80));
+  const auto half = [&](const qk_m512& v, int h) { return H == 2 ? (h == 0 ? v.lo : v.hi) : (h0 == 0 ? v.lo : v.hi); };
+  __m256 facc[R][H];
+  #pragma GCC unroll 4
+  for (int m = 0; m < R; ++m)
+    #pragma GCC unroll 4
+    for (int h = 0; h < H; ++h) facc[m][h] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    const qk_m512 sv = load16_f32<S>(tscale + g * kTile);
+    if (tshift != nullptr) {
+      const qk_m512 sh = load16_f32<S>(tshift + g * kTile);
+      #pragma GCC unroll 4
+      for (int m = 0; m < R; ++m)
+        #pragma GCC unroll 4
+        for (int h = 0; h < H; ++h) facc[m][h] = _mm256_fmadd_ps(half(sh, h), _mm256_set1_ps(xg[g * MT + m]), facc[m][h]);
+    }
+    __m256 gacc[R][H];
+    #pragma GCC unroll 4
+    for (int m = 0; m < R; ++m)
+      #pragma GCC unroll 4
+      for (int h = 0; h < H; ++h) gacc[m][h] = _mm256_setzero_ps();
+    for (int64_t b = g * blocks_per_group; b < (g + 1) * blocks_per_group; ++b) {
+      const uint8_t* wb = tile + b * kBlockBytes + (H == 2 ? 0 : 32 * h0);
+      const int32_t* xb = xq + b * 8 * MT;
+      if (next != nullptr) prefetch_lines<kBlockBytes>(next + b * kBlockBytes);
+      __m256i iacc[R][H];
+      if constexpr (BITS == 8) {
+        #pragma GCC unroll 4
+        for (int m = 0; m < R; ++m)
+          #pragma GCC unroll 4
+          for (int h = 0; h < H; ++h) iacc[m][h] = _mm256_set1_epi32(xstart[b * MT + m]);
+#pragma GCC unroll 8
+        for (int q = 0; q < 8; ++q) {
+          __m256i w[H], aw[H];
+          #pragma GCC unroll 4
+          for (int h = 0; h < H; ++h) {
+            w[h] = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + q * 64 + 32 * h)), flip);
+            aw[h] = _mm256_abs_epi8(w[h]);
+          }
+          #pragma GCC unroll 4
+          for (int m = 0; m < R; ++m) {
+            const __m256i xv = _mm256_set1_epi32(xb[q * MT + m]);
+            #pragma GCC unroll 4
+            for (int h = 0; h < H; ++h)
+              iacc[m][h] = _mm256_add_epi32(
+                  iacc[m][h], _mm256_madd_epi16(_mm256_maddubs_epi16(aw[h], _mm256_sign_epi8(xv, w[h])), ones));
+          }
+        }
+      } else {
+        __m256i sum16[R][H];
+        #pragma GCC unroll 4
+        for (int m = 0; m < R; ++m)
+          #pragma GCC unroll 4
+          for (int h = 0; h < H; ++h) sum16[m][h] = _mm256_setzero_si256();
+#pragma GCC unroll 4
+        for (int o = 0; o < 4; ++o) {
+          __m256i lo[H], hi[H];
+          #pragma GCC unroll 4
+          for (int h = 0; h < H; ++h) {
+            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + o * 64 + 32 * h));
+            lo[h] = _mm256_and_si256(v, nibble);
+            hi[h] = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+          }
+          #pragma GCC unroll 4
+          for (int m = 0; m < R; ++m) {
+            const __m256i x0 = _mm256_set1_epi32(xb[(2 * o) * MT + m]), x1 = _mm256_set1_epi32(xb[(2 * o + 1) * MT + m]);
+            #pragma GCC unroll 4
+            for (int h = 0; h < H; ++h) {
+              sum16[m][h] = _mm256_add_epi16(sum16[m][h], _mm256_maddubs_epi16(lo[h], x0));
+              sum16[m][h] = _mm256_add_epi16(sum16[m][h], _mm256_maddubs_epi16(hi[h], x1));
+            }
+          }
+        }
+        #pragma GCC unroll 4
+        for (int m = 0; m < R; ++m)
+          #pragma GCC unroll 4
+          for (int h = 0; h < H; ++h)
+            iacc[m][h] = _mm256_add_epi32(_mm256_set1_epi32(xstart[b * MT + m]), _mm256_madd_epi16(sum16[m][h], ones));
+      }
+      #pragma GCC unroll 4
+      for (int m = 0; m < R; ++m)
+        #pragma GCC unroll 4
+        for (int h = 0; h < H; ++h)
+          gacc[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[m][h]), _mm256_set1_ps(xs[b * MT + m]), gacc[m][h]);
+    }
+    #pragma GCC unroll 4
+    for (int m = 0; m < R; ++m)
+      #pragma GCC unroll 4
+      for (int h = 0; h < H; ++h) facc[m][h] = _mm256_fmadd_ps(gacc[m][h], half(sv, h), facc[m][h]);
+  }
+  #pragma GCC unroll 4
+  for (int m = 0; m < R; ++m)
+    #pragma GCC unroll 4
+    for (int h = 0; h < H; ++h) _mm256_storeu_ps(y[m] + 8 * (H == 2 ? h : h0), facc[m][h]);
+}
+
+template <int BITS, typename S, int MT>
+void int_tile(const QuantizedRows& qr, int64_t p, const uint8_t* tile, const S* tscale, const S* tshift,
+              int64_t group_size, const Output& out, int64_t m0, int64_t n0, const uint8_t* next) {
+  constexpr int R = MT < 4 ? MT : 4, H = BITS == 4 && R <= 2 ? 2 : 1;  // as measured fastest
+  alignas(32) float y[MT][16];
+  for (int64_t r0 = 0; r0 < MT; r0 += R)
+    for (int h0 = 0; h0 < 2; h0 += H)  // the next tile is fetched during the first of these passes only
+      int_tile_rows<BITS, S, R, H, MT>(qr, p, r0, h0, tile, tscale, tshift, group_size, y + r0,
+                                       r0 == 0 && h0 == 0 ? next : nullptr);
+  for (int m = 0; m < MT; ++m) out.store(m0 + m, n0, _mm512_loadu_ps(y[m]));
+}
+#endif
+
+// The zero point quantize_rows folds into the activation blocks' starts: the AVX2 int8 tile multiplies
+// code - 128, so there the starts carry the other 128 (c - z).q = (c - 128).q + (128 - z) sum(q).
+inline int64_t int8_zero_point(int bits, int64_t zero_point) {
+#ifdef __AVX512F__
+  return zero_point;
+#else
+  return bits == 8 ? zero_point - 128 : zero_point;
+#endif
 }
 
 template <int BITS, typename S>
@@ -788,9 +926,9 @@ at::Tensor linear_int(const at::Tensor& x, const at::Tensor& codes, const at::Te
   QuantizedRows& qr = thread_rows();
   const int64_t padded = padded_rows(M);
   if (xc.scalar_type() == at::kFloat)
-    quantize_rows(xc.data_ptr<float>(), M, padded, K, group_size, zero_point, qr);
+    quantize_rows(xc.data_ptr<float>(), M, padded, K, group_size, int8_zero_point(BITS, zero_point), qr);
   else
-    quantize_rows(xc.data_ptr<at::BFloat16>(), M, padded, K, group_size, zero_point, qr);
+    quantize_rows(xc.data_ptr<at::BFloat16>(), M, padded, K, group_size, int8_zero_point(BITS, zero_point), qr);
   const Output out(y, bias);
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   if (scale.scalar_type() == at::kFloat)

@@ -31,33 +31,43 @@ def kernel_group(group_size: int, in_features: int) -> int | None:
 
 
 @functools.cache
-def _cpu_int4_layout_ok() -> bool:
-    """Check once that aten's CPU int4 packing is the layout :func:`_unpack_cpu_int4` undoes."""
+def _cpu_int4_block() -> int | None:
+    """Rows per block of aten's CPU int4 packing on this CPU (64 on its AVX-512 build, 32 on its AVX2 one),
+    found once by packing known codes; None when it is neither layout :func:`_unpack_cpu_int4` undoes."""
     try:
         q = torch.randint(0, 16, (128, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
-        return torch.equal(_unpack_cpu_int4(packed, 128, 64), q.to(torch.uint8))
     except (RuntimeError, AttributeError):
-        return False
+        return None
+    for block in (64, 32):
+        if torch.equal(_unpack_cpu_int4(packed, 128, 64, block), q.to(torch.uint8)):
+            return block
+    return None
 
 
-def _unpack_cpu_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+def _cpu_int4_layout_ok() -> bool:
+    return _cpu_int4_block() is not None
+
+
+def _unpack_cpu_int4(packed: torch.Tensor, n: int, k: int, block: int | None = None) -> torch.Tensor:
     """aten's CPU int4 layout -> (n, k) uint8 codes.
 
-    Byte (block, k, j) of the (n/64, k, 32) view holds row ``64*block + j`` in its low nibble and row
-    ``64*block + 32 + j`` in its high nibble (checked by ``_cpu_int4_layout_ok``).
+    With B rows a block (``_cpu_int4_block``), byte (b, k, j) of the (n/B, k, B/2) view holds row
+    ``B*b + j`` in its low nibble and row ``B*b + B/2 + j`` in its high nibble.
     """
-    v = packed.view(n // 64, k, 32)
-    rows = torch.cat([v & 0xF, v >> 4], dim=2)  # (n/64, k, 64)
+    block = block or _cpu_int4_block() or 64
+    v = packed.view(n // block, k, block // 2)
+    rows = torch.cat([v & 0xF, v >> 4], dim=2)  # (n/B, k, B)
     return rows.permute(0, 2, 1).reshape(n, k)
 
 
 def _int4_rows(packed: torch.Tensor, ids: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """(len(ids), k) codes of rows ``ids`` from aten's CPU int4 layout, without unpacking the rest."""
-    v = packed.view(n // 64, k, 32)
-    block, j = ids // 64, ids % 64
-    slabs = v[block, :, j % 32]  # (len(ids), k)
-    shift = ((j >= 32).to(torch.uint8) * 4)[:, None]
+    size = _cpu_int4_block() or 64
+    v = packed.view(n // size, k, size // 2)
+    block, j = ids // size, ids % size
+    slabs = v[block, :, j % (size // 2)]  # (len(ids), k)
+    shift = ((j >= size // 2).to(torch.uint8) * 4)[:, None]
     return (slabs >> shift) & 0xF
 
 
@@ -67,7 +77,7 @@ PACK_BLOCK_ELEMENTS = 1 << 20  # codes per packing step: the int32 copy aten wan
 def _int4pack_cpu(q: torch.Tensor, nibbles: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """aten's CPU int4 layout of ``nibbles(q)`` for (n, k) uint8 codes, n a multiple of 64.
 
-    aten packs each 64 rows on their own (``_unpack_cpu_int4``) but wants int32 codes: packing a block of
+    aten packs each block of rows on its own (``_unpack_cpu_int4``) but wants int32 codes: packing a block of
     rows at a time into the result keeps that widened copy at one block instead of 4 bytes per weight
     (226 MB for SmolLM2's 49152 x 576 Q8_0 embedding as two nibble planes).
     """

@@ -1,7 +1,8 @@
-"""Kernels on qwenkit's own AVX-512 (BF16/VNNI) C++ ops (:mod:`qwenkit.kernels`), CPU, 1-16 rows a call.
+"""Kernels on qwenkit's own C++ ops (:mod:`qwenkit.kernels`; AVX-512 VNNI, else AVX2), CPU, 1-16 rows a call.
 
 Weights live in the ops' tile layout (16 output rows per sequential stream). Activations are rounded
-to int8 per block of 32 inputs (as llama.cpp's q8 activations) and dotted with VNNI; the result is
+to int8 per block of 32 inputs (as llama.cpp's q8 activations) and dotted with VNNI (on AVX2, with
+vpmaddubsw); the result is
 ``dot(w, x_rounded)`` computed exactly in float. Prompts go through the kernel too: at 64-512 rows it
 beat both PyTorch's packed int kernels (2-3x) and dequantize + GEMM (4-10x) at the Qwen2.5-0.5B FFN
 shapes. A weight whose shift is ``-z * scale`` for
@@ -22,6 +23,21 @@ def _zero_point(w: AffineWeight) -> int | None:
     """The integer z with ``shift == -z * scale`` exactly (in float32) for every group, if there is one."""
     z = 2 ** (w.bits - 1)
     return z if torch.equal(w.shift.float(), -z * w.scale.float()) else None
+
+
+# How ``qwenkit profile`` names the instruction set the loaded kernels were built for.
+INT_ISA_NAMES = {"avx512": "AVX-512 VNNI", "avx2": "AVX2"}
+
+
+class _IsaNamed:
+    """A kernel class's ``description`` with ``{isa}`` filled in from the loaded build, read from the
+    class or an instance alike (the registry lists the class descriptions)."""
+
+    def __init__(self, template: str) -> None:
+        self.template = template
+
+    def __get__(self, obj: object, owner: type) -> str:
+        return self.template.format(isa=INT_ISA_NAMES.get(kernels.isa_level() or "avx512"))
 
 
 class _Avx512IntKernel(LinearKernel):
@@ -68,13 +84,13 @@ class _Avx512IntKernel(LinearKernel):
 
 class Avx512Int8Kernel(_Avx512IntKernel):
     key = "avx512_int8"
-    description = "qwenkit AVX-512 VNNI int8 (int8 activations)"
+    description = _IsaNamed("qwenkit {isa} int8 (int8 activations)")  # type: ignore[assignment]
     bits_needed = 8
 
 
 class Avx512Int4Kernel(_Avx512IntKernel):
     key = "avx512_int4"
-    description = "qwenkit AVX-512 VNNI int4 (int8 activations)"
+    description = _IsaNamed("qwenkit {isa} int4 (int8 activations)")  # type: ignore[assignment]
     bits_needed = 4
 
 
@@ -85,7 +101,7 @@ class Avx512Int8FloatKernel(Avx512Int8Kernel):
     (16-bit products: half the multiplies per instruction)."""
 
     key = "avx512_int8_float"
-    description = "qwenkit AVX-512 VNNI int8 (16-bit activations)"
+    description = _IsaNamed("qwenkit {isa} int8 (16-bit activations)")  # type: ignore[assignment]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.linear_int8_float(x, self.packed)
