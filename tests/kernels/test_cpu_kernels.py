@@ -579,3 +579,18 @@ def test_damaged_or_stale_venv_library_is_not_loaded(venv_copy, tmp_path, damage
 def test_build_command_refuses_unknown_arguments(capsys):
     assert build.main(["--into"]) == 2
     assert "usage: python -m qwenkit.kernels.build [--into-venv]" in capsys.readouterr().out
+
+
+def test_every_file_a_build_reads_ships_in_the_package():
+    """A non-editable install (the images) must carry every source a build reads: the package data
+    globs of qwenkit.kernels cover build.SOURCES."""
+    import fnmatch
+
+    import tomllib
+
+    data = tomllib.loads((SRC.parent / "pyproject.toml").read_text())
+    globs = data["tool"]["setuptools"]["package-data"]["qwenkit.kernels"]
+    package = SRC / "qwenkit" / "kernels"
+    for source in build.SOURCES:
+        rel = source.relative_to(package).as_posix()
+        assert source.is_file() and any(fnmatch.fnmatch(rel, g) for g in globs), (rel, globs)
