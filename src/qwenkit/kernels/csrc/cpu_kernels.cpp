@@ -742,23 +742,23 @@ void int_tile_rows(const QuantizedRows& qr, int64_t p, int64_t r0, int h0, const
   const __m256i nibble = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8(char(0x80));
   const auto half = [&](const qk_m512& v, int h) { return H == 2 ? (h == 0 ? v.lo : v.hi) : (h0 == 0 ? v.lo : v.hi); };
   __m256 facc[R][H];
-  #pragma GCC unroll 4
+#pragma GCC unroll 4
   for (int m = 0; m < R; ++m)
-    #pragma GCC unroll 4
+#pragma GCC unroll 4
     for (int h = 0; h < H; ++h) facc[m][h] = _mm256_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
     const qk_m512 sv = load16_f32<S>(tscale + g * kTile);
     if (tshift != nullptr) {
       const qk_m512 sh = load16_f32<S>(tshift + g * kTile);
-      #pragma GCC unroll 4
+#pragma GCC unroll 4
       for (int m = 0; m < R; ++m)
-        #pragma GCC unroll 4
+#pragma GCC unroll 4
         for (int h = 0; h < H; ++h) facc[m][h] = _mm256_fmadd_ps(half(sh, h), _mm256_set1_ps(xg[g * MT + m]), facc[m][h]);
     }
     __m256 gacc[R][H];
-    #pragma GCC unroll 4
+#pragma GCC unroll 4
     for (int m = 0; m < R; ++m)
-      #pragma GCC unroll 4
+#pragma GCC unroll 4
       for (int h = 0; h < H; ++h) gacc[m][h] = _mm256_setzero_ps();
     for (int64_t b = g * blocks_per_group; b < (g + 1) * blocks_per_group; ++b) {
       const uint8_t* wb = tile + b * kBlockBytes + (H == 2 ? 0 : 32 * h0);
@@ -766,22 +766,22 @@ void int_tile_rows(const QuantizedRows& qr, int64_t p, int64_t r0, int h0, const
       if (next != nullptr) prefetch_lines<kBlockBytes>(next + b * kBlockBytes);
       __m256i iacc[R][H];
       if constexpr (BITS == 8) {
-        #pragma GCC unroll 4
+#pragma GCC unroll 4
         for (int m = 0; m < R; ++m)
-          #pragma GCC unroll 4
+#pragma GCC unroll 4
           for (int h = 0; h < H; ++h) iacc[m][h] = _mm256_set1_epi32(xstart[b * MT + m]);
 #pragma GCC unroll 8
         for (int q = 0; q < 8; ++q) {
           __m256i w[H], aw[H];
-          #pragma GCC unroll 4
+#pragma GCC unroll 4
           for (int h = 0; h < H; ++h) {
             w[h] = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + q * 64 + 32 * h)), flip);
             aw[h] = _mm256_abs_epi8(w[h]);
           }
-          #pragma GCC unroll 4
+#pragma GCC unroll 4
           for (int m = 0; m < R; ++m) {
             const __m256i xv = _mm256_set1_epi32(xb[q * MT + m]);
-            #pragma GCC unroll 4
+#pragma GCC unroll 4
             for (int h = 0; h < H; ++h)
               iacc[m][h] = _mm256_add_epi32(
                   iacc[m][h], _mm256_madd_epi16(_mm256_maddubs_epi16(aw[h], _mm256_sign_epi8(xv, w[h])), ones));
@@ -789,49 +789,49 @@ void int_tile_rows(const QuantizedRows& qr, int64_t p, int64_t r0, int h0, const
         }
       } else {
         __m256i sum16[R][H];
-        #pragma GCC unroll 4
+#pragma GCC unroll 4
         for (int m = 0; m < R; ++m)
-          #pragma GCC unroll 4
+#pragma GCC unroll 4
           for (int h = 0; h < H; ++h) sum16[m][h] = _mm256_setzero_si256();
 #pragma GCC unroll 4
         for (int o = 0; o < 4; ++o) {
           __m256i lo[H], hi[H];
-          #pragma GCC unroll 4
+#pragma GCC unroll 4
           for (int h = 0; h < H; ++h) {
             const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + o * 64 + 32 * h));
             lo[h] = _mm256_and_si256(v, nibble);
             hi[h] = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
           }
-          #pragma GCC unroll 4
+#pragma GCC unroll 4
           for (int m = 0; m < R; ++m) {
             const __m256i x0 = _mm256_set1_epi32(xb[(2 * o) * MT + m]), x1 = _mm256_set1_epi32(xb[(2 * o + 1) * MT + m]);
-            #pragma GCC unroll 4
+#pragma GCC unroll 4
             for (int h = 0; h < H; ++h) {
               sum16[m][h] = _mm256_add_epi16(sum16[m][h], _mm256_maddubs_epi16(lo[h], x0));
               sum16[m][h] = _mm256_add_epi16(sum16[m][h], _mm256_maddubs_epi16(hi[h], x1));
             }
           }
         }
-        #pragma GCC unroll 4
+#pragma GCC unroll 4
         for (int m = 0; m < R; ++m)
-          #pragma GCC unroll 4
+#pragma GCC unroll 4
           for (int h = 0; h < H; ++h)
             iacc[m][h] = _mm256_add_epi32(_mm256_set1_epi32(xstart[b * MT + m]), _mm256_madd_epi16(sum16[m][h], ones));
       }
-      #pragma GCC unroll 4
+#pragma GCC unroll 4
       for (int m = 0; m < R; ++m)
-        #pragma GCC unroll 4
+#pragma GCC unroll 4
         for (int h = 0; h < H; ++h)
           gacc[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[m][h]), _mm256_set1_ps(xs[b * MT + m]), gacc[m][h]);
     }
-    #pragma GCC unroll 4
+#pragma GCC unroll 4
     for (int m = 0; m < R; ++m)
-      #pragma GCC unroll 4
+#pragma GCC unroll 4
       for (int h = 0; h < H; ++h) facc[m][h] = _mm256_fmadd_ps(gacc[m][h], half(sv, h), facc[m][h]);
   }
-  #pragma GCC unroll 4
+#pragma GCC unroll 4
   for (int m = 0; m < R; ++m)
-    #pragma GCC unroll 4
+#pragma GCC unroll 4
     for (int h = 0; h < H; ++h) _mm256_storeu_ps(y[m] + 8 * (H == 2 ? h : h0), facc[m][h]);
 }
 
