@@ -740,7 +740,7 @@ void int_tile_rows(const QuantizedRows& qr, int64_t p, int64_t r0, int h0, const
   const int32_t* xstart = qr.start.data() + p * blocks * MT + r0;
   const float* xg = qr.gsum.data() + p * groups * MT + r0;
   const __m256i nibble = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8(char(0x80));
-  const auto half = [&](const qk_m512& v, int h) { return H == 2 ? (h == 0 ? v.lo : v.hi) : (h0 == 0 ? v.lo : v.hi); };
+  const auto half = [&](const qk_m512& v, int h) { return (H == 2 ? h : h0) == 0 ? v.lo : v.hi; };  // of 16 scales
   __m256 facc[R][H];
 #pragma GCC unroll 4
   for (int m = 0; m < R; ++m)
