@@ -893,7 +893,7 @@ inline void int8_block_4x2(const uint8_t* w, const int32_t* x, __m256i flip, __m
 
 // One block's int32 sums for rows 0-3 of the pass and both halves, the block's start included.
 template <int BITS, int MT>
-inline void int_block_4x2(const uint8_t* w, const int32_t* x, const int32_t* start, __m256i (*iacc)[2]) {
+__attribute__((always_inline)) inline void int_block_4x2(const uint8_t* w, const int32_t* x, const int32_t* start, __m256i (*iacc)[2]) {
   const __m256i ones = _mm256_set1_epi16(1);
   if constexpr (BITS == 8) {
     for (int m = 0; m < 4; ++m) iacc[m][0] = iacc[m][1] = _mm256_set1_epi32(start[m]);
@@ -1188,9 +1188,111 @@ inline __m512i dpwssd_bcast(__m512i acc, __m512i w, const int16_t* p) {
 #endif
 }
 
+#ifndef __AVX512F__
+// AVX2: one block of B int16 inputs (B/4 steps) for rows x0..x3 against both halves of a tile of int8
+// codes, sum[m][h] += the int32 sums of vpmaddwd. Written out for the same reason as int4_block_4x2.
+#define QK_W_ROW(xp, a0, a1)                                                                      \
+  "vpbroadcastd (%[" #xp "],%[i]), %[xv]\n\t"                                                     \
+  "vpmaddwd %[xv], %[e0], %[t]\n\tvpaddd %[t], %[" #a0 "], %[" #a0 "]\n\t"                           \
+  "vpmaddwd %[xv], %[e1], %[t]\n\tvpaddd %[t], %[" #a1 "], %[" #a1 "]\n\t"                           \
+  "vpbroadcastd 4(%[" #xp "],%[i]), %[xv]\n\t"                                                    \
+  "vpmaddwd %[xv], %[o0], %[t]\n\tvpaddd %[t], %[" #a0 "], %[" #a0 "]\n\t"                           \
+  "vpmaddwd %[xv], %[o1], %[t]\n\tvpaddd %[t], %[" #a1 "], %[" #a1 "]\n\t"
+// x[m] + k1 and w + k1 * 16 are the ends of the block; the loop counts a negative byte offset up to 0.
+inline void wide_block_4x2(const uint8_t* w, const int16_t* const* x, int64_t k0, int64_t k1, __m256i (*sum)[2]) {
+  __m256i e0, e1, o0, o1, xv, t;
+  int64_t i = (k0 - k1) * 2;
+  asm("1:\n\t"
+      "vmovdqu (%[w],%[i],8), %[o0]\n\tvmovdqu 32(%[w],%[i],8), %[o1]\n\t"
+      "vpsllw $8, %[o0], %[e0]\n\tvpsllw $8, %[o1], %[e1]\n\t"
+      "vpsrlw $8, %[e0], %[e0]\n\tvpsrlw $8, %[e1], %[e1]\n\t"  // lane r: codes of inputs k and k + 2
+      "vpsrlw $8, %[o0], %[o0]\n\tvpsrlw $8, %[o1], %[o1]\n\t"  // k + 1 and k + 3
+      QK_W_ROW(x0, s00, s01) QK_W_ROW(x1, s10, s11) QK_W_ROW(x2, s20, s21) QK_W_ROW(x3, s30, s31)
+      "add $8, %[i]\n\tjnz 1b\n\t"
+      : [s00] "+x"(sum[0][0]), [s01] "+x"(sum[0][1]), [s10] "+x"(sum[1][0]), [s11] "+x"(sum[1][1]),
+        [s20] "+x"(sum[2][0]), [s21] "+x"(sum[2][1]), [s30] "+x"(sum[3][0]), [s31] "+x"(sum[3][1]),
+        [e0] "=&x"(e0), [e1] "=&x"(e1), [o0] "=&x"(o0), [o1] "=&x"(o1), [xv] "=&x"(xv), [t] "=&x"(t), [i] "+r"(i)
+      : [w] "r"(w + k1 * 16), [x0] "r"(x[0] + k1), [x1] "r"(x[1] + k1), [x2] "r"(x[2] + k1), [x3] "r"(x[3] + k1)
+      : "cc", "memory");
+}
+#undef QK_W_ROW
+
+// Rows m0..m0+3 against both halves of a tile: wide_tile's arithmetic in its order, the integer part
+// in wide_block_4x2, the float sums in L1 (as int_tile_rows4x2).
+template <typename S>
+void wide_tile_rows4x2(const WideRows& xw, int64_t m0, const uint8_t* tile, const S* tscale, const S* tshift,
+                       int64_t group_size, float (*yout)[16], const uint8_t* next) {
+  const int64_t K = xw.K, B = xw.block, groups = xw.groups, per_group = group_size / B;
+  const int16_t* rows[4];
+  for (int m = 0; m < 4; ++m) rows[m] = xw.q.data() + (m0 + m) * K;
+  alignas(32) __m256 sums[2][4][2];
+  __m256(*acc)[4][2] = sums;
+  asm("" : "+r"(acc));
+  __m256(&Y)[4][2] = acc[0];
+  __m256(&G)[4][2] = acc[1];
+  for (int m = 0; m < 4; ++m) Y[m][0] = Y[m][1] = _mm256_setzero_ps();
+  if (per_group == 1 && tshift == nullptr) {  // a block per group (GGUF Q8_0 heads): no group sums
+    for (int64_t g = 0; g < groups; ++g) {
+      if (next != nullptr)
+        for (int64_t l = 0; l < B * 16; l += 64) _mm_prefetch(reinterpret_cast<const char*>(next + g * B * 16 + l), _MM_HINT_T1);
+      __m256i isum[4][2];
+      for (int m = 0; m < 4; ++m) isum[m][0] = isum[m][1] = _mm256_setzero_si256();
+      wide_block_4x2(tile, rows, g * B, (g + 1) * B, isum);
+      const qk_m512 sv = load16_f32<S>(tscale + g * kTile);
+      for (int m = 0; m < 4; ++m) {
+        const __m256 step = _mm256_set1_ps(xw.step[(m0 + m) * xw.blocks + g]);
+        const __m256 start = _mm256_set1_ps(xw.start[(m0 + m) * groups + g]);
+        Y[m][0] = _mm256_fmadd_ps(sv.lo, _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[m][0]), step, start), Y[m][0]);
+        Y[m][1] = _mm256_fmadd_ps(sv.hi, _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[m][1]), step, start), Y[m][1]);
+      }
+    }
+  } else
+  for (int64_t g = 0; g < groups; ++g) {
+    for (int m = 0; m < 4; ++m) G[m][0] = G[m][1] = _mm256_set1_ps(xw.start[(m0 + m) * groups + g]);
+    for (int64_t bl = g * per_group; bl < (g + 1) * per_group; ++bl) {
+      if (next != nullptr)
+        for (int64_t l = 0; l < B * 16; l += 64) _mm_prefetch(reinterpret_cast<const char*>(next + bl * B * 16 + l), _MM_HINT_T1);
+      __m256i isum[4][2];
+      for (int m = 0; m < 4; ++m) isum[m][0] = isum[m][1] = _mm256_setzero_si256();
+      wide_block_4x2(tile, rows, bl * B, (bl + 1) * B, isum);
+      for (int m = 0; m < 4; ++m) {
+        const __m256 step = _mm256_set1_ps(xw.step[(m0 + m) * xw.blocks + bl]);
+        for (int h = 0; h < 2; ++h) G[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[m][h]), step, G[m][h]);
+      }
+    }
+    const qk_m512 sv = load16_f32<S>(tscale + g * kTile);
+    for (int m = 0; m < 4; ++m) {
+      Y[m][0] = _mm256_fmadd_ps(sv.lo, G[m][0], Y[m][0]);
+      Y[m][1] = _mm256_fmadd_ps(sv.hi, G[m][1], Y[m][1]);
+    }
+    if (tshift != nullptr) {
+      const qk_m512 sh = load16_f32<S>(tshift + g * kTile);
+      for (int m = 0; m < 4; ++m) {
+        const __m256 xs = _mm256_set1_ps(xw.xsum[(m0 + m) * groups + g]);
+        Y[m][0] = _mm256_fmadd_ps(sh.lo, xs, Y[m][0]);
+        Y[m][1] = _mm256_fmadd_ps(sh.hi, xs, Y[m][1]);
+      }
+    }
+  }
+  for (int m = 0; m < 4; ++m) {
+    _mm256_storeu_ps(yout[m], Y[m][0]);
+    _mm256_storeu_ps(yout[m] + 8, Y[m][1]);
+  }
+}
+#endif
+
 template <typename S, int MT>
 void wide_tile(const WideRows& xw, int64_t m0, const uint8_t* tile, const S* tscale, const S* tshift,
                int64_t group_size, const Output& out, int64_t n0, const uint8_t* next) {
+#ifndef __AVX512F__
+  if constexpr (MT >= 4) {
+    alignas(32) float y4[MT][16];
+    for (int64_t r0 = 0; r0 < MT; r0 += 4)
+      wide_tile_rows4x2<S>(xw, m0 + r0, tile, tscale, tshift, group_size, y4 + r0, r0 == 0 ? next : nullptr);
+    for (int m = 0; m < MT; ++m) out.store(m0 + m, n0, _mm512_loadu_ps(y4[m]));
+    return;
+  }
+#endif
   const int64_t K = xw.K, B = xw.block, groups = xw.groups, per_group = group_size / B;
   const int16_t* xq = xw.q.data() + m0 * K;
   const __m512i low_byte = _mm512_set1_epi16(0xff);
