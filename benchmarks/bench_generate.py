@@ -44,7 +44,7 @@ def prefill_rate(model, length: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("model", nargs="?")
-    parser.add_argument("--dtype", default="auto", help="auto: bfloat16 where the CPU has native bf16")
+    parser.add_argument("--dtype", default="auto", help="auto: bf16 on CUDA, native-bf16 CPUs, the kernels")
     parser.add_argument("--quantize", choices=["int8", "int4"])
     parser.add_argument("--tokens", type=int, default=128, help="new tokens per request")
     parser.add_argument("--plain", action="store_true", help="PyTorch kernels only (no AVX-512 repacking)")

@@ -129,8 +129,10 @@ def test_linear_int_few_rows_long_k(loaded, bits, m):
 
 @needs_isa
 @pytest.mark.parametrize("bits", [8, 4, "8-wide"])
-@pytest.mark.parametrize("group,mode,scale_dtype", [(32, "shift", None), (32, "zero_point", torch.float16),
-                                                     (128, "both", None), (64, "zero_point", None)])
+@pytest.mark.parametrize(
+    "group,mode,scale_dtype",
+    [(32, "shift", None), (32, "zero_point", torch.float16), (128, "both", None), (64, "zero_point", None)],
+)
 def test_linear_int_row_alone_equals_row_in_a_batch(loaded, bits, group, mode, scale_dtype):
     """Batch invariance at the kernel: passes of 1, 2, 4 and 8 rows (the tile forms of each) give every
     row the same bits as that row alone."""

@@ -19,7 +19,10 @@ def add_model_args(parser: argparse.ArgumentParser, optional_model: bool = True)
         "--dtype",
         default="auto",
         choices=["auto", "float32", "bfloat16", "float16"],
-        help="weights and activations (auto: bfloat16 on CUDA and on CPUs with native bf16, else float32)",
+        help=(
+            "weights and activations (auto: bfloat16 on CUDA, on CPUs with native bf16 and where "
+            "qwenkit's CPU kernels run, else float32)"
+        ),
     )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run")
     parser.add_argument(
