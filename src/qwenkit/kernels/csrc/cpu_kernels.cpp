@@ -721,11 +721,11 @@ void int_tile(const QuantizedRows& qr, int64_t p, const uint8_t* tile, const S* 
   for (int m = 0; m < MT; ++m) out.store(m0 + m, n0, facc[m]);
 }
 #else
-// The AVX2 form of the tile: vpmaddubsw (u8 x s8 pairs -> int16) and vpmaddwd in place of vpdpbusd, for
-// R rows of the pass and H 8-output halves of the tile (32 of each 64 bytes) at a time, so the accumulators
-// fit AVX2's 16 registers: int4 takes both halves for 1-2 rows (each broadcast serves 16 outputs; 15%
-// faster at one row), int8 and 4 rows one half at a time (the tile is read again from cache for the other
-// half and for further rows). int4 codes (0..15)
+// The AVX2 form of the tile for passes of 1-2 rows: vpmaddubsw (u8 x s8 pairs -> int16) and vpmaddwd in
+// place of vpdpbusd, for R rows of the pass and H 8-output halves of the tile (32 of each 64 bytes) at a
+// time, so the accumulators fit AVX2's 16 registers: int4 takes both halves (each broadcast serves 16
+// outputs; 15% faster at one row), int8 one half at a time (the tile is read again from cache for the
+// other). Passes of 4-8 rows take int_tile_rows4x2. int4 codes (0..15)
 // times int8 activations never saturate vpmaddubsw's int16 pairs, so a block's 8 pairs are summed in
 // int16 before one widening. int8 codes are made signed (code - 128, which int8_zero_point has already
 // moved into the block starts) and multiplied as |w| . sign(x, w), which keeps each int16 pair in range.
@@ -835,10 +835,10 @@ void int_tile_rows(const QuantizedRows& qr, int64_t p, int64_t r0, int h0, const
     for (int h = 0; h < H; ++h) _mm256_storeu_ps(y[m] + 8 * (H == 2 ? h : h0), facc[m][h]);
 }
 
-// One block of 32 int4 inputs for rows 0-3 of an 8-row pass and both halves of the tile: sum[m][h] +=
-// the int16 pair sums of vpmaddubsw. Written out because GCC, given the same intrinsics, reassociated the
-// int16 sums across the block and spilled every product (16 rows of the 0.5B MLP: 0.72 -> 0.xx ms).
-// xb: the pass's 4-byte activation groups, 8 rows apart (row m of group j at xb[8 j + m]).
+// One block of 32 int4 inputs for 4 rows of a pass of MT rows and both halves of the tile: sum[m][h] +=
+// the int16 pair sums of vpmaddubsw. Written out: given the same intrinsics, GCC reassociated the int16
+// sums across the block, computed every product first and spilled them (an asm block keeps this order).
+// x: the pass's 4-byte activation groups, MT rows apart (row m of group j at x[MT j + m]).
 #define QK_I4_ROW(o, m, a0, a1)                                                                   \
   "vpbroadcastd " #o "*2*%c[st]+" #m "*4(%[x]), %[xv]\n\t"                                            \
   "vpmaddubsw %[xv], %[lo0], %[t]\n\tvpaddw %[t], %[" #a0 "], %[" #a0 "]\n\t"                      \
@@ -893,7 +893,8 @@ inline void int8_block_4x2(const uint8_t* w, const int32_t* x, __m256i flip, __m
 
 // One block's int32 sums for rows 0-3 of the pass and both halves, the block's start included.
 template <int BITS, int MT>
-__attribute__((always_inline)) inline void int_block_4x2(const uint8_t* w, const int32_t* x, const int32_t* start, __m256i (*iacc)[2]) {
+__attribute__((always_inline)) inline void int_block_4x2(const uint8_t* w, const int32_t* x, const int32_t* start,
+                                                         __m256i (*iacc)[2]) {
   const __m256i ones = _mm256_set1_epi16(1);
   if constexpr (BITS == 8) {
     for (int m = 0; m < 4; ++m) iacc[m][0] = iacc[m][1] = _mm256_set1_epi32(start[m]);
@@ -908,13 +909,14 @@ __attribute__((always_inline)) inline void int_block_4x2(const uint8_t* w, const
   }
 }
 
-// Rows r0..r0+3 of an 8-row pass against both halves of an int4 tile (the 16-row decode step's int4
-// products): int4_block_4x2 for the integer part, then the float arithmetic of int_tile_rows in the same
-// order, its sums kept in L1 (through a pointer GCC cannot see through; kept in registers, it spilled
-// them and its hoisted values at every group).
+// Rows r0..r0+3 of a pass of 4 or 8 rows against both halves of an int8 or int4 tile (prompts and decode
+// steps of 3-16 rows): int_block_4x2 for the integer part, then int_tile_rows' float arithmetic in the same
+// order, so a row's result is the same in any pass. Its float sums live in L1, through a pointer GCC
+// cannot see through (kept in registers, they and the values GCC hoisted were spilled at every group).
+// 16 rows of a 4864 x 896 product, g32 with minimums, one thread: int4 1.50 -> 0.97 ms, int8 1.92 -> 1.42.
 template <int BITS, typename S, int MT>
 void int_tile_rows4x2(const QuantizedRows& qr, int64_t p, int64_t r0, const uint8_t* tile, const S* tscale,
-                       const S* tshift, int64_t group_size, float (*y)[16], const uint8_t* next) {
+                      const S* tshift, int64_t group_size, float (*y)[16], const uint8_t* next) {
   const int64_t K = qr.K, blocks = K / 32, groups = qr.groups, blocks_per_group = group_size / 32;
   const int32_t* xq = qr.q.data() + p * (K / 4) * MT + r0;
   const float* xs = qr.scale.data() + p * blocks * MT + r0;
@@ -945,8 +947,8 @@ void int_tile_rows4x2(const QuantizedRows& qr, int64_t p, int64_t r0, const uint
         }
       }
     }
-  } else
-  for (int64_t g = 0; g < groups; ++g) {
+  }
+  for (int64_t g = 0; blocks_per_group > 1 && g < groups; ++g) {
     if (tshift != nullptr) {
       const qk_m512 sh = load16_f32<S>(tshift + g * kTile);
       for (int m = 0; m < 4; ++m) {
@@ -981,16 +983,15 @@ void int_tile_rows4x2(const QuantizedRows& qr, int64_t p, int64_t r0, const uint
 template <int BITS, typename S, int MT>
 void int_tile(const QuantizedRows& qr, int64_t p, const uint8_t* tile, const S* tscale, const S* tshift,
               int64_t group_size, const Output& out, int64_t m0, int64_t n0, const uint8_t* next) {
-  constexpr int R = MT < 4 ? MT : 4, H = BITS == 4 && R <= 2 ? 2 : 1;  // as measured fastest
   alignas(32) float y[MT][16];
-  if constexpr (MT >= 4) {
+  if constexpr (MT >= 4) {  // the next tile is fetched during the first of these passes only
     for (int64_t r0 = 0; r0 < MT; r0 += 4)
       int_tile_rows4x2<BITS, S, MT>(qr, p, r0, tile, tscale, tshift, group_size, y + r0, r0 == 0 ? next : nullptr);
-  } else
-  for (int64_t r0 = 0; r0 < MT; r0 += R)
-    for (int h0 = 0; h0 < 2; h0 += H)  // the next tile is fetched during the first of these passes only
-      int_tile_rows<BITS, S, R, H, MT>(qr, p, r0, h0, tile, tscale, tshift, group_size, y + r0,
-                                       r0 == 0 && h0 == 0 ? next : nullptr);
+  } else {
+    constexpr int H = BITS == 4 ? 2 : 1;  // as measured fastest
+    for (int h0 = 0; h0 < 2; h0 += H)
+      int_tile_rows<BITS, S, MT, H, MT>(qr, p, 0, h0, tile, tscale, tshift, group_size, y, h0 == 0 ? next : nullptr);
+  }
   for (int m = 0; m < MT; ++m) out.store(m0 + m, n0, _mm512_loadu_ps(y[m]));
 }
 #endif
@@ -1231,7 +1232,8 @@ void wide_tile_rows4x2(const WideRows& xw, int64_t m0, const uint8_t* tile, cons
   __m256(&Y)[4][2] = acc[0];
   __m256(&G)[4][2] = acc[1];
   for (int m = 0; m < 4; ++m) Y[m][0] = Y[m][1] = _mm256_setzero_ps();
-  if (per_group == 1 && tshift == nullptr) {  // a block per group (GGUF Q8_0 heads): no group sums
+  const bool by_block = per_group == 1 && tshift == nullptr;  // GGUF Q8_0 heads: no group sums
+  if (by_block) {
     for (int64_t g = 0; g < groups; ++g) {
       if (next != nullptr)
         for (int64_t l = 0; l < B * 16; l += 64) _mm_prefetch(reinterpret_cast<const char*>(next + g * B * 16 + l), _MM_HINT_T1);
@@ -1246,8 +1248,8 @@ void wide_tile_rows4x2(const WideRows& xw, int64_t m0, const uint8_t* tile, cons
         Y[m][1] = _mm256_fmadd_ps(sv.hi, _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[m][1]), step, start), Y[m][1]);
       }
     }
-  } else
-  for (int64_t g = 0; g < groups; ++g) {
+  }
+  for (int64_t g = 0; !by_block && g < groups; ++g) {
     for (int m = 0; m < 4; ++m) G[m][0] = G[m][1] = _mm256_set1_ps(xw.start[(m0 + m) * groups + g]);
     for (int64_t bl = g * per_group; bl < (g + 1) * per_group; ++bl) {
       if (next != nullptr)
