@@ -1232,11 +1232,14 @@ void wide_tile_rows4x2(const WideRows& xw, int64_t m0, const uint8_t* tile, cons
   __m256(&Y)[4][2] = acc[0];
   __m256(&G)[4][2] = acc[1];
   for (int m = 0; m < 4; ++m) Y[m][0] = Y[m][1] = _mm256_setzero_ps();
+  const auto fetch_next = [&](int64_t bl) {  // block bl of the next tile, into L2
+    if (next == nullptr) return;
+    for (int64_t l = 0; l < B * 16; l += 64) _mm_prefetch(reinterpret_cast<const char*>(next + bl * B * 16 + l), _MM_HINT_T1);
+  };
   const bool by_block = per_group == 1 && tshift == nullptr;  // GGUF Q8_0 heads: no group sums
   if (by_block) {
     for (int64_t g = 0; g < groups; ++g) {
-      if (next != nullptr)
-        for (int64_t l = 0; l < B * 16; l += 64) _mm_prefetch(reinterpret_cast<const char*>(next + g * B * 16 + l), _MM_HINT_T1);
+      fetch_next(g);
       __m256i isum[4][2];
       for (int m = 0; m < 4; ++m) isum[m][0] = isum[m][1] = _mm256_setzero_si256();
       wide_block_4x2(tile, rows, g * B, (g + 1) * B, isum);
@@ -1252,8 +1255,7 @@ void wide_tile_rows4x2(const WideRows& xw, int64_t m0, const uint8_t* tile, cons
   for (int64_t g = 0; !by_block && g < groups; ++g) {
     for (int m = 0; m < 4; ++m) G[m][0] = G[m][1] = _mm256_set1_ps(xw.start[(m0 + m) * groups + g]);
     for (int64_t bl = g * per_group; bl < (g + 1) * per_group; ++bl) {
-      if (next != nullptr)
-        for (int64_t l = 0; l < B * 16; l += 64) _mm_prefetch(reinterpret_cast<const char*>(next + bl * B * 16 + l), _MM_HINT_T1);
+      fetch_next(bl);
       __m256i isum[4][2];
       for (int m = 0; m < 4; ++m) isum[m][0] = isum[m][1] = _mm256_setzero_si256();
       wide_block_4x2(tile, rows, bl * B, (bl + 1) * B, isum);
