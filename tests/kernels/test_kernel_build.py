@@ -1,0 +1,288 @@
+"""The C++ CPU kernels' build: the cache, the instruction-set levels, the switch, the venv copy and the
+fallback to the plain path."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qwenkit import kernels
+from qwenkit.kernels import build, ops
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+needs_isa = pytest.mark.skipif(build.missing_isa() is not None, reason=f"{build.missing_isa()}")
+LEVEL = build.isa_level()  # the instruction-set level this CPU builds ("avx512" or "avx2")
+
+
+# --- build cache and fallback --------------------------------------------------------------------
+
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if k != ops.ENV_SWITCH}
+    full_env.update(PYTHONPATH=str(SRC), **env)
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=300
+    )
+
+
+@needs_isa
+def test_second_process_reuses_the_cached_library(loaded):
+    r = run_python("from qwenkit import kernels; print(kernels.available())")
+    assert r.returncode == 0 and r.stdout.strip() == "True", r.stderr
+    assert "building" not in r.stderr and r.stderr.strip() == "", r.stderr
+
+
+@needs_isa
+def test_prebuild_command_reports_the_library(loaded, capsys):
+    assert build.main([]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith(f"qwenkit kernels: {LEVEL} ready at ")
+    assert out[0].endswith(build.LIBRARY_NAME) and Path(out[0].split(" at ", 1)[1]).is_file()
+
+
+@pytest.fixture
+def fake_cache(tmp_path, monkeypatch, loaded):
+    """A private cache whose 'compiler' copies the library this session built, counting the builds."""
+    real = build.ensure_built(LEVEL)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    builds = []
+
+    def copy_compile(cxx, level, out):
+        builds.append(out)
+        shutil.copyfile(real, out)
+
+    monkeypatch.setattr(build, "_compile", copy_compile)
+    return builds
+
+
+@needs_isa
+def test_cache_entry_is_built_once_then_reused(fake_cache, tmp_path):
+    first = build.ensure_built(LEVEL, announce=False)
+    assert first.is_relative_to(tmp_path / "qwenkit" / "kernels") and len(fake_cache) == 1
+    assert build.ensure_built(LEVEL, announce=False) == first and len(fake_cache) == 1
+    assert [p.name for p in first.parent.parent.iterdir()] == [first.parent.name]  # no temp dirs left
+
+
+@needs_isa
+def test_damaged_cache_entry_is_rebuilt(fake_cache):
+    lib = build.ensure_built(LEVEL, announce=False)
+    good = lib.read_bytes()
+    lib.write_bytes(good[: len(good) // 2])  # a truncated file, as after a crash or a full disk
+    again = build.ensure_built(LEVEL, announce=False)
+    assert len(fake_cache) == 2 and again.read_bytes() == good
+
+
+@needs_isa
+def test_failed_build_is_refused_cleanly(fake_cache, monkeypatch, tmp_path):
+    def broken(cxx, level, out):
+        out.write_bytes(b"half")
+        raise build.KernelBuildError("g++ failed: error: something")
+
+    monkeypatch.setattr(build, "_compile", broken)
+    with pytest.raises(build.KernelBuildError, match="g\\+\\+ failed"):
+        build.ensure_built(LEVEL, announce=False)
+    assert list((tmp_path / "qwenkit" / "kernels").iterdir()) == []  # nothing half-written stays
+
+
+def test_no_compiler_falls_back_with_one_line(tmp_path):
+    code = "from qwenkit import kernels; print(kernels.available()); print(kernels.available())"
+    r = run_python(code, XDG_CACHE_HOME=str(tmp_path), CXX="false", PATH="/nonexistent")
+    assert r.returncode == 0 and r.stdout.split() == ["False", "False"], r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "plain PyTorch path" in lines[0], r.stderr
+    if build.missing_isa() is None:
+        assert "no C++ compiler found" in lines[0]
+    r = run_python(
+        "from qwenkit.kernels.build import main; main()", XDG_CACHE_HOME=str(tmp_path), PATH="/nonexistent"
+    )
+    assert r.returncode == 0 and len(r.stdout.strip().splitlines()) == 1 and "not built" in r.stdout
+
+
+def test_unwritable_cache_falls_back_with_one_line(tmp_path):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    r = run_python("from qwenkit import kernels; print(kernels.available())", XDG_CACHE_HOME=str(not_a_dir))
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "plain PyTorch path" in lines[0], r.stderr
+    if build.missing_isa() is None:
+        assert "cannot write the kernel cache" in lines[0]
+
+
+def test_missing_isa_falls_back_with_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(ops, "_loaded", None)
+    monkeypatch.setattr(build, "_cpu_flags", lambda: {"sse4_2", "avx", "fma"})  # AVX without AVX2
+    monkeypatch.delenv(ops.ENV_SWITCH, raising=False)
+    assert kernels.available() is False and kernels.available() is False
+    err = capsys.readouterr().err.strip().splitlines()
+    lacks = "this CPU lacks avx2, f16c"
+    assert err == [f"qwenkit: CPU kernels unavailable: {lacks}; using the plain PyTorch path"]
+
+
+AVX512_FLAGS = set(build.ISA_LEVELS["avx512"])
+
+
+@pytest.mark.parametrize(
+    "flags,cap,level",
+    [
+        (AVX512_FLAGS | {"avx2"}, None, "avx512"),
+        (AVX512_FLAGS | {"avx2"}, "avx2", "avx2"),  # QWENKIT_KERNELS=avx2 on an AVX-512 CPU
+        ({"avx2", "fma", "f16c", "avx512f"}, None, "avx2"),  # AVX-512 without BF16/VNNI
+        ({"avx2", "fma"}, None, None),
+    ],
+)
+def test_the_best_level_the_cpu_has_is_built(monkeypatch, flags, cap, level):
+    monkeypatch.setattr(build, "_cpu_flags", lambda: flags)
+    assert build.isa_level(cap) == level
+    assert (build.missing_isa(cap) is None) == (level is not None)
+    if level:  # the flags a level compiles with are exactly the ones checked
+        assert set(build.compile_flags(level)) >= set(build.ISA_LEVELS[level].values())
+        assert level == "avx512" or not any("avx512" in f for f in build.compile_flags(level))
+    else:
+        assert build.missing_isa(cap) == "this CPU lacks f16c"
+
+
+def test_a_cpu_other_than_x86_64_linux_is_named(monkeypatch):
+    monkeypatch.setattr(build.platform, "machine", lambda: "aarch64")
+    assert build.isa_level() is None
+    assert build.missing_isa().startswith("the CPU kernels need Linux on x86-64 (this is Linux aarch64")
+
+
+@needs_isa
+def test_avx2_switch_loads_the_avx2_build(loaded, tmp_path):
+    """QWENKIT_KERNELS=avx2 takes the AVX2 build even on an AVX-512 CPU, and it computes the product."""
+    out = tmp_path / "y.pt"
+    code = (
+        "import torch\nfrom qwenkit import kernels\n"
+        "w = torch.randn(40, 96, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)\n"
+        "x = torch.randn(3, 96, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)\n"
+        "print(kernels.available(), kernels.ops.isa_level())\n"
+        f"torch.save(kernels.linear_bf16(x, kernels.prepare_bf16(w)), {str(out)!r})\n"
+    )
+    r = run_python(code, QWENKIT_KERNELS="avx2")
+    assert r.returncode == 0 and r.stdout.split() == ["True", "avx2"], r.stderr
+    w = torch.randn(40, 96, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    x = torch.randn(3, 96, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    want = x.double() @ w.double().T  # the float reference
+    assert (torch.load(out).double() - want).abs().max() <= 0.01 * want.abs().max()
+
+
+def test_torch_switch_turns_the_kernels_off(monkeypatch, capsys):
+    monkeypatch.setenv(ops.ENV_SWITCH, "torch")
+    assert kernels.available() is False
+    assert capsys.readouterr().err == ""
+    r = run_python("from qwenkit import kernels; print(kernels.available())", QWENKIT_KERNELS="torch")
+    assert r.stdout.strip() == "False" and r.stderr == ""
+
+
+@needs_isa
+def test_a_misspelt_switch_is_named_once_not_ignored(loaded):
+    """QWENKIT_KERNELS=toch is no choice: one line names it and the setting used (the kernels)."""
+    code = "from qwenkit import kernels; print(kernels.available(), kernels.available())"
+    r = run_python(code, QWENKIT_KERNELS="toch")
+    assert r.returncode == 0 and r.stdout.strip() == "True True", r.stderr
+    named = "qwenkit: QWENKIT_KERNELS='toch' is not one of auto, avx2, torch; using 'auto'"
+    assert r.stderr.strip().splitlines() == [named]
+    r = run_python(code, QWENKIT_KERNELS=" Torch ")  # case and spaces do not matter
+    assert r.stdout.strip() == "False False" and r.stderr == ""
+
+
+# --- a library stored in the venv (container images: built in the build stage, no compiler at run time) --
+
+VENV_CHECK = """
+import sys
+sys.prefix = {prefix!r}
+import torch
+from qwenkit import kernels
+ok = kernels.available()
+print(ok)
+if ok:
+    w = torch.randn(32, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    x = torch.randn(1, 64, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    got = kernels.linear_bf16(x, kernels.prepare_bf16(w)).float()
+    want = x.float() @ w.float().T
+    print(float((got - want).abs().max() / want.abs().max()))
+"""
+
+
+@pytest.fixture
+def venv_copy(tmp_path, monkeypatch, capsys, loaded):
+    """``--into-venv`` run for a stand-in venv prefix (the libraries come from the session's cache; the
+    level this CPU does not load is compiled once into it, as an image's build stage compiles both)."""
+    prefix = tmp_path / "venv"
+    monkeypatch.setattr(build.sys, "prefix", str(prefix))
+    assert build.main(["--into-venv"]) == 0
+    stored = prefix / "share" / "qwenkit" / "kernels"
+    assert capsys.readouterr().out.strip().splitlines() == [
+        f"qwenkit kernels: {level} stored in the venv at {stored / level / build.LIBRARY_NAME}"
+        for level in build.ISA_LEVELS
+    ]
+    return prefix
+
+
+def run_without_compiler(prefix: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+    empty_cache = tmp_path / "cache"
+    return run_python(
+        VENV_CHECK.format(prefix=str(prefix)),
+        XDG_CACHE_HOME=str(empty_cache),
+        CXX="false",
+        PATH="/nonexistent",
+    )
+
+
+@needs_isa
+def test_library_stored_in_the_venv_loads_without_a_compiler(venv_copy, tmp_path):
+    stored = venv_copy / "share" / "qwenkit" / "kernels"
+    assert sorted(p.name for p in stored.iterdir()) == sorted(build.ISA_LEVELS)
+    for level in build.ISA_LEVELS:
+        assert sorted(p.name for p in (stored / level).iterdir()) == sorted(
+            [build.LIBRARY_NAME, build.LIBRARY_NAME + ".sha256", "key"]
+        )  # no temporary files left
+        assert build.venv_library(level) == stored / level / build.LIBRARY_NAME
+    r = run_without_compiler(venv_copy, tmp_path)
+    lines = r.stdout.split()
+    assert r.returncode == 0 and lines[0] == "True" and r.stderr == "", r.stderr
+    assert float(lines[1]) < 0.01  # the op computes (within bf16 output rounding)
+    assert not (tmp_path / "cache").exists()  # nothing was built or cached
+
+
+@needs_isa
+@pytest.mark.parametrize("damage", ["truncated", "other source"])
+def test_damaged_or_stale_venv_library_is_not_loaded(venv_copy, tmp_path, damage):
+    stored = venv_copy / "share" / "qwenkit" / "kernels" / LEVEL
+    if damage == "truncated":
+        lib = stored / build.LIBRARY_NAME
+        lib.write_bytes(lib.read_bytes()[:4096])
+    else:  # built from another qwenkit source or for another torch
+        (stored / "key").write_text("0" * 24 + "\n")
+    assert build.venv_library(LEVEL) is None
+    r = run_without_compiler(venv_copy, tmp_path)
+    assert r.returncode == 0 and r.stdout.strip() == "False"
+    (line,) = r.stderr.strip().splitlines()
+    assert "no C++ compiler found" in line and "plain PyTorch path" in line
+
+
+def test_build_command_refuses_unknown_arguments(capsys):
+    assert build.main(["--into"]) == 2
+    assert "usage: python -m qwenkit.kernels.build [--into-venv]" in capsys.readouterr().out
+
+
+def test_every_file_a_build_reads_ships_in_the_package():
+    """A non-editable install (the images) must carry every source a build reads: the package data
+    globs of qwenkit.kernels cover build.SOURCES."""
+    import fnmatch
+
+    import tomllib
+
+    data = tomllib.loads((SRC.parent / "pyproject.toml").read_text())
+    globs = data["tool"]["setuptools"]["package-data"]["qwenkit.kernels"]
+    package = SRC / "qwenkit" / "kernels"
+    for source in build.SOURCES:
+        rel = source.relative_to(package).as_posix()
+        assert source.is_file() and any(fnmatch.fnmatch(rel, g) for g in globs), (rel, globs)
