@@ -48,6 +48,28 @@ def test_linear_bf16_matches_float_reference(loaded, m, n, k):
 
 
 @needs_isa
+def test_linear_bf16_row_alone_equals_row_in_a_batch(loaded):
+    """Batch invariance at the kernel: every pass form (1, 2, 4 and 8 rows, and the 3-row passes of the
+    AVX2 build) sums a row in the same order. Inputs 0 and 897 are +-2^20 against weights of 1, so the
+    fp32 sums carry 2^20 (an ulp of 1/8) from the first pair to the last and cancel it there: each sum's
+    rounding then shows in the bf16 outputs, and so does any change in the order of the sums. K = 898
+    leaves a last odd pair of inputs."""
+    g = torch.Generator().manual_seed(3)
+    k = 898
+    x = torch.randn(20, k, generator=g)
+    x[:, 0], x[:, 897] = 2.0**20, -(2.0**20)
+    w = torch.randn(80, k, generator=g)
+    w[:, 0] = w[:, 897] = 1.0
+    p = kernels.prepare_bf16(w.to(torch.bfloat16))
+    x = x.to(torch.bfloat16)
+    alone = torch.cat([kernels.linear_bf16(x[i : i + 1], p) for i in range(20)])
+    exact = (x.double() @ w.to(torch.bfloat16).double().T).to(torch.bfloat16)
+    assert (alone != exact).float().mean() > 0.5  # the fp32 sums' rounding shows
+    for m in (2, 3, 4, 5, 6, 7, 8, 9, 16, 20):
+        assert torch.equal(kernels.linear_bf16(x[:m], p), alone[:m]), m
+
+
+@needs_isa
 def test_linear_bf16_lm_head_and_batch_dims(loaded):
     g = torch.Generator().manual_seed(0)
     w = (torch.randn(151936, 896, generator=g) * 0.05).to(torch.bfloat16)
