@@ -43,7 +43,9 @@ import sys, time
 t0 = time.perf_counter()
 import gc
 gc.disable()
-import torch
+from qwenkit.cli import bounded_openmp_spin  # as the CLI imports torch
+with bounded_openmp_spin():
+    import torch
 t1 = time.perf_counter()
 import qwenkit.cli.chat, qwenkit.generate
 gc.freeze(); gc.enable()
