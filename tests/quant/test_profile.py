@@ -41,9 +41,10 @@ def test_profile_cli_table(tiny, capsys) -> None:
     table = [line for line in out.splitlines() if line.startswith("| ")]
     assert len(table) == 3  # header + one row per precision
     level = kernels.isa_level()
-    bf16 = {"avx512": "qwenkit AVX-512 BF16 (vdpbf16ps)", "avx2": "qwenkit AVX2 BF16 (FMA)"}.get(
-        level or "", "dense F.linear (bfloat16)"
-    )
+    avx512 = "qwenkit AVX-512 BF16 (vdpbf16ps)"
+    if kernels.amx_in_use():
+        avx512 += ", AMX (tdpbf16ps) from 16 rows"
+    bf16 = {"avx512": avx512, "avx2": "qwenkit AVX2 BF16 (FMA)"}.get(level or "", "dense F.linear (bfloat16)")
     assert table[1].startswith(f"| bfloat16 | bfloat16 | {bf16} x15 |"), table[1]
     int4 = f"{INT_ISA_NAMES[level]} int4" if level else "_weight_int4pack_mm_for_cpu"
     assert table[2].startswith("| int4 |") and int4 in table[2], table[2]

@@ -8,6 +8,9 @@ Imports only torch, the standard library and qwenkit.errors; model/ and quant/ m
     kernels.isa_level() -> str | None  # "avx512" or "avx2": the instruction set the library was built for
     p = kernels.prepare_bf16(w)                   # w (N, K) -> tiles of 16 rows (one stream each)
     kernels.linear_bf16(x, p, bias=None)          # x (..., K) bf16 -> (..., N) bf16, fp32 accumulation
+    kernels.use_amx(on=True) -> bool              # AMX for 16+ rows where the CPU has it (same chains,
+                                                  # rare last-bit differences); QWENKIT_AMX=off at load
+    kernels.amx_in_use() -> bool
     kernels.unpack_bf16(p, rows=None)             # the (N, K) weight or some rows (embedding lookup)
     p = kernels.prepare_int8(codes, scale, shift, group_size, zero_point=0)  # codes (N, K) uint8
     p = kernels.prepare_int4(codes, scale, shift, group_size, zero_point=0)  # codes uint8 in 0..15
@@ -48,6 +51,7 @@ from qwenkit.kernels.ops import (
     KernelsUnavailableError,
     PackedBf16,
     PackedInt,
+    amx_in_use,
     argmax,
     available,
     concat_bf16,
@@ -75,6 +79,7 @@ from qwenkit.kernels.ops import (
     topk,
     unpack_bf16,
     unpack_codes,
+    use_amx,
     widen,
 )
 
@@ -88,6 +93,7 @@ __all__ = [
     "KernelsUnavailableError",
     "PackedBf16",
     "PackedInt",
+    "amx_in_use",
     "argmax",
     "available",
     "concat_bf16",
@@ -115,5 +121,6 @@ __all__ = [
     "topk",
     "unpack_bf16",
     "unpack_codes",
+    "use_amx",
     "widen",
 ]

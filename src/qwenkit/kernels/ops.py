@@ -10,11 +10,12 @@ from itertools import chain
 
 import torch
 
-from qwenkit.env_switch import env_choice
+from qwenkit.env_switch import ON_OFF, env_choice
 from qwenkit.errors import QwenkitError
 
 ENV_SWITCH = "QWENKIT_KERNELS"  # "torch" forces the plain PyTorch path, "avx2" the AVX2 build
 KERNEL_CHOICES = {"auto": "auto", "torch": "torch", "avx2": "avx2"}  # another: named, then "auto"
+AMX_SWITCH = "QWENKIT_AMX"  # "off": bf16 products of 16+ rows on AVX-512 even where AMX is there
 _loaded: bool | None = None  # None: not tried yet in this process
 _level: str | None = None  # the instruction-set level of the loaded library
 _load_lock = threading.Lock()
@@ -66,7 +67,29 @@ def _load() -> bool:
         _note(f"CPU kernels unavailable: {reason}")
         return False
     _level = level
+    global _amx
+    _amx = bool(torch.ops.qwenkit.use_amx(env_choice(AMX_SWITCH, ON_OFF, "on") == "on"))
     return True
+
+
+_amx = False  # AMX in use for bf16 products of 16+ rows
+
+
+def use_amx(on: bool = True) -> bool:
+    """Turn AMX on or off for bf16 products of 16 rows or more (prompts, large batches); True when it is
+    now in use: the kernels are loaded, the CPU has AMX-BF16 and Linux lets the process use its tiles.
+
+    Both paths add the same products in the same chains; AMX's adder rounds differently in rare cases,
+    so about one output in several thousand differs in its last bit (tests/kernels/test_amx.py)."""
+    global _amx
+    if available():
+        _amx = bool(torch.ops.qwenkit.use_amx(on))
+    return _amx
+
+
+def amx_in_use() -> bool:
+    """Whether bf16 products of 16+ rows run on AMX (see use_amx)."""
+    return available() and _amx
 
 
 def isa_level() -> str | None:

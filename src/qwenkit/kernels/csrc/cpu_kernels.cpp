@@ -7,6 +7,7 @@
 // output features N (parallel_for: the kernels' own worker threads, torch's thread count).
 //
 //   linear_bf16(x bf16 (M,K), w (tiles), bias?, N)                 -> (M,N) bf16   (_mm512_dpbf16_ps)
+//     (16+ rows on AMX, _tile_dpbf16ps, where the CPU has it; use_amx(bool) turns it on or off)
 //   linear_int8(x (M,K), codes, scale, shift?, bias?, group_size, N, zero_point)   (_mm512_dpbusd_epi32)
 //   linear_int4(x (M,K), codes, scale, shift?, bias?, group_size, N, zero_point)
 //   linear_int8_float(...): as linear_int8, x rounded to 16 bits instead of 8 (output heads)
@@ -39,6 +40,7 @@
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
+#include <cpuid.h>
 #include <immintrin.h>
 #ifndef __AVX512F__
 #include "avx2_compat.h"  // build.py's "avx2" level: the AVX-512 intrinsics below, built on AVX2
@@ -483,6 +485,133 @@ void parallel_tiles(int64_t n, int64_t rows, int64_t tile_bytes, const F& body) 
   });
 }
 
+
+#ifdef __AVX512F__
+// ---------------------------------------------------------------------------------------------------
+// bf16 x bf16 on AMX (Sapphire Rapids and later), for 16 rows or more
+//
+// The bf16 layout above is AMX's B-tile layout already: for one tile of 16 outputs, 16 consecutive
+// input pairs are a 16 x 64-byte block (row p: the pair k, k+1 of each output). So AMX reads the packed
+// weights as they are. TDPBF16PS does 16 x 16 x 32 products an instruction against vdpbf16ps's 16 x 2.
+//
+// The sums are bf16_tile's, bit for bit: its two chains per output (a0 takes the even pair-steps, a1 the
+// odd ones, summed at the end) become two accumulator tiles, one fed the even input pairs and one the odd.
+// The B tiles take every other 64-byte row (stride 128); the A tiles read x rearranged once per call so
+// that each 32-pair block holds its 16 even pairs, then its 16 odd ones. So a row's result does not
+// depend on how many rows share the call (tests/kernels: row alone == row in a batch).
+//
+// Tiles: tmm0-3 accumulators (even/odd x two 16-row blocks), tmm4-5 x, tmm6-7 weights; all 16 x 64 B.
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+constexpr int kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;  // <asm/prctl.h>, not in every libc
+
+// AMX usable: the CPU has AMX-TILE and AMX-BF16 and Linux lets this process use tile data (asked once).
+bool amx_supported() {
+  static const bool ok = [] {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    if (!((d >> 22) & 1) || !((d >> 24) & 1)) return false;  // AMX-BF16, AMX-TILE
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+}
+
+std::atomic<bool>& amx_wanted() {  // use_amx(False) turns it off (benchmarks and tests compare both)
+  static std::atomic<bool> on{true};
+  return on;
+}
+
+inline bool amx_on() { return amx_wanted().load(std::memory_order_relaxed) && amx_supported(); }
+
+constexpr int64_t kAmxMinRows = 16;  // below this the vector tiles are as fast (one weight stream)
+
+// x (M, K) -> (rows, kp) bf16, rows a multiple of 16 padded with zeros, each 32-pair block reordered
+// to its even pairs, then its odd pairs.
+std::vector<uint32_t> amx_rows(const uint16_t* x, int64_t M, int64_t K, int64_t rows, int64_t kp) {
+  std::vector<uint32_t> out(rows * (kp / 2), 0);
+  for (int64_t m = 0; m < M; ++m) {
+    uint32_t* o = out.data() + m * (kp / 2);
+    for (int64_t b = 0; b < kp / 2; b += 32)
+      for (int i = 0; i < 32; ++i) {
+        uint32_t pair;
+        std::memcpy(&pair, x + m * K + 2 * (b + i), 4);
+        o[b + (i & 1) * 16 + i / 2] = pair;
+      }
+  }
+  return out;
+}
+
+__attribute__((target("amx-tile,amx-bf16"))) void amx_bf16_tiles(const uint32_t* xr, int64_t rows, int64_t kp,
+                                                                  const uint16_t* w, int64_t t0, int64_t t1,
+                                                                  const Output& out) {
+  TileConfig cfg;
+  for (int i = 0; i < 8; ++i) cfg.colsb[i] = 64, cfg.rows[i] = 16;
+  _tile_loadconfig(&cfg);
+  const int64_t xstride = kp * 2, blocks = kp / 64;  // bytes per x row; 32-pair steps
+  alignas(64) float c[4][16][16];
+  for (int64_t t = t0; t < t1; ++t) {
+    const uint8_t* tile = reinterpret_cast<const uint8_t*>(w + t * kp * kTile);
+    for (int64_t m0 = 0; m0 < rows; m0 += 32) {
+      const bool two = m0 + 16 < rows;
+      const uint8_t* x0 = reinterpret_cast<const uint8_t*>(xr) + m0 * xstride;
+      const uint8_t* x1 = x0 + 16 * xstride;
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t b = 0; b < blocks; ++b) {
+        const uint8_t* wb = tile + b * 2048;  // 32 pairs x 64 bytes
+        _tile_loadd(6, wb, 128);               // the even pairs
+        _tile_loadd(7, wb + 64, 128);          // the odd pairs
+        _tile_loadd(4, x0 + b * 128, xstride);
+        _tile_loadd(5, x0 + b * 128 + 64, xstride);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 5, 7);
+        if (two) {
+          _tile_loadd(4, x1 + b * 128, xstride);
+          _tile_loadd(5, x1 + b * 128 + 64, xstride);
+          _tile_dpbf16ps(2, 4, 6);
+          _tile_dpbf16ps(3, 5, 7);
+        }
+      }
+      _tile_stored(0, c[0], 64);
+      _tile_stored(1, c[1], 64);
+      for (int m = 0; m < 16; ++m)
+        out.store(m0 + m, t * kTile, _mm512_add_ps(_mm512_load_ps(c[0][m]), _mm512_load_ps(c[1][m])));
+      if (two) {
+        _tile_stored(2, c[2], 64);
+        _tile_stored(3, c[3], 64);
+        for (int m = 0; m < 16; ++m)
+          out.store(m0 + 16 + m, t * kTile, _mm512_add_ps(_mm512_load_ps(c[2][m]), _mm512_load_ps(c[3][m])));
+      }
+    }
+  }
+  _tile_release();
+}
+
+// linear_bf16 on AMX: tiles split across threads, every row of x against each tile in turn.
+void linear_bf16_amx(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, int64_t tiles, const Output& out) {
+  const int64_t kp = K, rows = (M + 15) / 16 * 16;
+  const std::vector<uint32_t> xr = amx_rows(x, M, K, rows, kp);
+  parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) { amx_bf16_tiles(xr.data(), rows, kp, w, t0, t1, out); });
+}
+#endif
+
+bool use_amx(bool on) {
+#ifdef __AVX512F__
+  amx_wanted().store(on);
+  return amx_on();
+#else
+  (void)on;
+  return false;
+#endif
+}
+
 at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                        int64_t N) {
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "qwenkit linear_bf16: tensors must be on the CPU");
@@ -500,7 +629,12 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, const c10::opti
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
   const Output out(y, bias);
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
-#ifndef __AVX512F__
+#ifdef __AVX512F__
+  if (M >= kAmxMinRows && K % 64 == 0 && amx_on()) {
+    linear_bf16_amx(xp, M, K, wp, tiles, out);
+    return y;
+  }
+#else
   // At 4 and 8 rows bf16_tile's own pass is full (no padding rows) and as fast as bf16_tile3's 3 + 1 or
   // 3 + 3 + 2 (2 threads, Zen 3).
   if (M >= 3 && M != 4 && M != 8) {
@@ -2539,6 +2673,7 @@ at::Tensor decode_layers(const c10::intrusive_ptr<DecodeRun>& run, const at::Ten
 
 TORCH_LIBRARY(qwenkit, m) {
   m.def("linear_bf16(Tensor x, Tensor w, Tensor? bias, int N) -> Tensor");
+  m.def("use_amx(bool on) -> bool", &use_amx);  // no tensors: no dispatch key
   m.def(
       "linear_int8(Tensor x, Tensor codes, Tensor scale, Tensor? shift, Tensor? bias, int group_size, int N, int zero_point) "
       "-> Tensor");

@@ -1,0 +1,83 @@
+"""bf16 products of 16+ rows on AMX (tdpbf16ps) against the AVX-512 tiles (vdpbf16ps) they replace.
+
+Both read the same packed weights and add the same products in the same two chains per output; AMX's
+adder rounds differently in rare cases, so a few outputs in ten thousand may differ in their last bit.
+Where the CPU has no AMX the comparison cannot run; the first test checks that use_amx says so."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from qwenkit import kernels
+
+
+def cpu_has_amx_bf16() -> bool:
+    flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    return {"amx_bf16", "amx_tile", "avx512_bf16"} <= set(flags.split(":", 1)[1].split())
+
+
+@pytest.fixture
+def amx(loaded):
+    """AMX on for the test (skipped without it), and as it was after."""
+    if not kernels.use_amx(True):
+        pytest.skip("this CPU has no AMX-BF16 (or Linux refused its tile state)")
+    yield
+    kernels.use_amx(True)
+
+
+def test_use_amx_reports_the_cpu(loaded) -> None:
+    avx512 = kernels.isa_level() == "avx512"
+    assert kernels.use_amx(True) == (avx512 and cpu_has_amx_bf16())
+    assert kernels.use_amx(False) is False and kernels.amx_in_use() is False
+    assert kernels.use_amx(True) == kernels.amx_in_use()
+
+
+def both_paths(x, p, bias=None):
+    kernels.use_amx(True)
+    on = kernels.linear_bf16(x, p, bias)
+    kernels.use_amx(False)
+    off = kernels.linear_bf16(x, p, bias)
+    kernels.use_amx(True)
+    return on, off
+
+
+@pytest.mark.parametrize("m", [16, 17, 31, 32, 33, 48, 100])
+@pytest.mark.parametrize(("n", "k"), [(40, 64), (48, 128), (1152, 896), (136, 4864)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_amx_equals_the_vector_tiles_but_for_rare_last_bits(amx, m, n, k, with_bias) -> None:
+    g = torch.Generator().manual_seed(m * 7919 + n * 31 + k)
+    w = torch.randn(n, k, generator=g).bfloat16()
+    x = torch.randn(m, k, generator=g).bfloat16()
+    bias = torch.randn(n, generator=g).bfloat16() if with_bias else None
+    on, off = both_paths(x, kernels.prepare_bf16(w), bias)
+    ref = x.float() @ w.float().T + (0 if bias is None else bias.float())
+    assert (on.float() - ref).abs().max() <= 0.01 * ref.abs().max()
+    # Where they differ: by the last bit of the bf16 result, plus what fp32 rounding of the sums can move
+    # (2^-20 of the sum of |terms|; near-cancelling sums have small results and so small last bits).
+    terms = x.float().abs() @ w.float().abs().T + (0 if bias is None else bias.float().abs())
+    last_bit = 2.0 ** (torch.floor(torch.log2(off.float().abs().clamp(min=2.0**-126))) - 7)
+    diff = (on.float() - off.float()).abs()
+    assert (diff <= last_bit + 2.0**-20 * terms).all()
+    assert (diff > 0).float().mean() < 2e-3, f"{int((diff > 0).sum())} of {diff.numel()} differ"
+
+
+@pytest.mark.parametrize(("m", "k"), [(15, 896), (8, 128), (32, 96), (40, 130), (64, 33)])
+def test_fewer_than_16_rows_or_k_not_a_multiple_of_64_stay_on_the_vector_tiles(amx, m, k) -> None:
+    g = torch.Generator().manual_seed(m + k)
+    w, x = torch.randn(72, k, generator=g).bfloat16(), torch.randn(m, k, generator=g).bfloat16()
+    on, off = both_paths(x, kernels.prepare_bf16(w))
+    assert torch.equal(on, off)
+
+
+def test_a_rows_amx_result_does_not_depend_on_the_other_rows(amx) -> None:
+    """Among calls of 16+ rows (all on AMX) a row's output is the same whatever rows share the call."""
+    g = torch.Generator().manual_seed(5)
+    w = kernels.prepare_bf16(torch.randn(200, 896, generator=g).bfloat16())
+    x = torch.randn(100, 896, generator=g).bfloat16()
+    full = kernels.linear_bf16(x, w)
+    for m in (16, 17, 33, 64):
+        part = kernels.linear_bf16(x[100 - m :], w)  # row 99 at every position of a 16- or 32-row block
+        assert torch.equal(part, full[100 - m :]), m
