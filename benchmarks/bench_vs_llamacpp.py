@@ -295,6 +295,14 @@ def weight_bytes_per_token(config: dict, pair: str, gguf: Path) -> float:
 
 def child(cmd: list[str], env: dict[str, str] | None = None) -> dict:
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
+    if out.returncode == -11 and env is not None:  # only llama.cpp's children get an env
+        raise SystemExit(
+            "llama.cpp crashed (SIGSEGV) on its first prompt. llama-cpp-python 0.3.36's AMX int8 path does "
+            "that on some Sapphire Rapids machines (q4_0 and q8_0; llama.cpp issue 20824). Build it without "
+            "AMX and pass that build as --llama-lib: cmake with -DGGML_NATIVE=OFF, the CPU's AVX-512 "
+            "features on (-DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON "
+            "-DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON) and -DGGML_AMX_INT8=OFF (see the README)."
+        )
     if out.returncode != 0:
         raise RuntimeError(f"{cmd[:3]} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
