@@ -40,7 +40,12 @@ def test_stop_string_cuts_the_text_and_ends_the_request(llm):
     assert llm.driver.wait_idle() and llm.engine.blocks.usage == 0
 
 
-def test_many_prompts_equal_one_at_a_time(llm):
+def test_many_prompts_equal_one_at_a_time(tiny_chat_model):
+    """In bfloat16, where the CPU kernels run every linear layer and compute each row on its own. Not in
+    float32: torch's float32 products promise no such thing, and on an Intel Xeon (2026-12-01) they
+    rounded a prompt's rows differently with 17 rows in the step than with 5 (a sampled token changed
+    at step 20; the bfloat16 model and greedy float32 gave equal tokens there)."""
+    llm = LLM.load(tiny_chat_model, dtype="bfloat16", progress=False)
     prompts = ["Hello", "The capital of France", "def f(x):", "1 2 3 4"]
     together = llm.generate(prompts, SAMPLED)
     alone = [llm.generate(p, SAMPLED)[0] for p in prompts]

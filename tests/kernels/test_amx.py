@@ -2,10 +2,14 @@
 
 Both read the same packed weights and add the same products in the same two chains per output; AMX's
 adder rounds differently in rare cases, so a few outputs in ten thousand may differ in their last bit.
-Where the CPU has no AMX the comparison cannot run; the first test checks that use_amx says so."""
+Where the CPU has no AMX the comparison cannot run; the first test checks that use_amx says so. AMX is
+off unless asked for; every test leaves it as it found it."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,19 +24,36 @@ def cpu_has_amx_bf16() -> bool:
 
 
 @pytest.fixture
-def amx(loaded):
-    """AMX on for the test (skipped without it), and as it was after."""
+def as_found(loaded):
+    """Whatever a test does with use_amx, the setting afterwards is what it was before."""
+    before = kernels.amx_in_use()
+    yield
+    kernels.use_amx(before)
+
+
+@pytest.fixture
+def amx(as_found):
+    """AMX on for the test (skipped without it)."""
     if not kernels.use_amx(True):
         pytest.skip("this CPU has no AMX-BF16 (or Linux refused its tile state)")
-    yield
-    kernels.use_amx(True)
 
 
-def test_use_amx_reports_the_cpu(loaded) -> None:
+def test_use_amx_reports_the_cpu(as_found) -> None:
     avx512 = kernels.isa_level() == "avx512"
     assert kernels.use_amx(True) == (avx512 and cpu_has_amx_bf16())
-    assert kernels.use_amx(False) is False and kernels.amx_in_use() is False
     assert kernels.use_amx(True) == kernels.amx_in_use()
+    assert kernels.use_amx(False) is False and kernels.amx_in_use() is False
+
+
+def test_amx_is_off_unless_asked_for(loaded) -> None:
+    code = "from qwenkit import kernels; kernels.available(); print(kernels.amx_in_use())"
+    env = {k: v for k, v in os.environ.items() if k != "QWENKIT_AMX"}
+    has = kernels.isa_level() == "avx512" and cpu_has_amx_bf16()
+    for value, expected in ((None, "False"), ("off", "False"), ("on", str(has))):
+        run_env = env if value is None else env | {"QWENKIT_AMX": value}
+        cmd = [sys.executable, "-c", code]
+        out = subprocess.run(cmd, env=run_env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0 and out.stdout.split()[-1] == expected, (value, out.stdout, out.stderr)
 
 
 def both_paths(x, p, bias=None):
@@ -40,7 +61,6 @@ def both_paths(x, p, bias=None):
     on = kernels.linear_bf16(x, p, bias)
     kernels.use_amx(False)
     off = kernels.linear_bf16(x, p, bias)
-    kernels.use_amx(True)
     return on, off
 
 

@@ -6,8 +6,8 @@ all of it, but only from its own layout (16 output rows per sequential stream). 
 inference on the CPU, every plain bf16 ``nn.Linear`` is repacked once into that layout (the original is
 freed: one copy of each weight), and every call goes through the kernel,
 for prompts too: measured beside torch's GEMM at 64 and 512 rows it is within 0-30% of it, while
-unpacking the weight for torch costs more than the product. On CPUs with AMX (Sapphire Rapids and later)
-products of 16+ rows run on AMX tiles, which read this same layout (torch's GEMM uses AMX there too).
+unpacking the weight for torch costs more than the product. On CPUs with AMX (Sapphire Rapids and later),
+with QWENKIT_AMX=on, products of 16+ rows run on AMX tiles, which read this same layout.
 A tied input embedding reads its rows straight out of the packed output head.
 """
 
