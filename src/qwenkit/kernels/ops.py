@@ -18,6 +18,7 @@ KERNEL_CHOICES = {"auto": "auto", "torch": "torch", "avx2": "avx2"}  # another: 
 AMX_SWITCH = "QWENKIT_AMX"  # "on": bf16 products of 16+ rows on AMX where the CPU has it (use_amx)
 _loaded: bool | None = None  # None: not tried yet in this process
 _level: str | None = None  # the instruction-set level of the loaded library
+_amx = False  # bf16 products of 16+ rows on AMX (use_amx); the library's own switch, mirrored
 _load_lock = threading.Lock()
 
 
@@ -55,7 +56,7 @@ def _load() -> bool:
     """Load (or build, then load) the library; on failure say why in one line."""
     from qwenkit.kernels import build  # not at import: `python -m qwenkit.kernels.build` runs it as main
 
-    global _level
+    global _level, _amx
     cap = "avx2" if env_choice(ENV_SWITCH, KERNEL_CHOICES, "auto") == "avx2" else None
     level, reason = build.isa_level(cap), build.missing_isa(cap)
     if level is not None:
@@ -67,12 +68,8 @@ def _load() -> bool:
         _note(f"CPU kernels unavailable: {reason}")
         return False
     _level = level
-    global _amx
     _amx = bool(torch.ops.qwenkit.use_amx(env_choice(AMX_SWITCH, ON_OFF, "off") == "on"))
     return True
-
-
-_amx = False  # AMX in use for bf16 products of 16+ rows
 
 
 def use_amx(on: bool = True) -> bool:

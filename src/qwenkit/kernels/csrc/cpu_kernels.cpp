@@ -485,7 +485,6 @@ void parallel_tiles(int64_t n, int64_t rows, int64_t tile_bytes, const F& body) 
   });
 }
 
-
 #ifdef __AVX512F__
 // ---------------------------------------------------------------------------------------------------
 // bf16 x bf16 on AMX (Sapphire Rapids and later), for 16 rows or more
@@ -494,11 +493,11 @@ void parallel_tiles(int64_t n, int64_t rows, int64_t tile_bytes, const F& body) 
 // input pairs are a 16 x 64-byte block (row p: the pair k, k+1 of each output). So AMX reads the packed
 // weights as they are. TDPBF16PS does 16 x 16 x 32 products an instruction against vdpbf16ps's 16 x 2.
 //
-// The sums are bf16_tile's, bit for bit: its two chains per output (a0 takes the even pair-steps, a1 the
-// odd ones, summed at the end) become two accumulator tiles, one fed the even input pairs and one the odd.
-// The B tiles take every other 64-byte row (stride 128); the A tiles read x rearranged once per call so
-// that each 32-pair block holds its 16 even pairs, then its 16 odd ones. Still AMX's adder rounds
-// differently now and then (about one output in 5,000 differs in its last bits), so a row's result in a
+// The chains are bf16_tile's: its two per output (a0 takes the even pair-steps, a1 the odd ones, summed
+// at the end) become two accumulator tiles, one fed the even input pairs and one the odd. The B tiles
+// take every other 64-byte row (stride 128); the A tiles read x rearranged once per call so that each
+// 32-pair block holds its 16 even pairs, then its 16 odd ones. Still AMX's adder rounds differently
+// now and then (about one output in 5,000 differs in its last bits), so a row's result in a
 // call of 16+ rows is not always the one it gets in a smaller call: opt-in (use_amx).
 //
 // Tiles: tmm0-3 accumulators (even/odd x two 16-row blocks), tmm4-5 x, tmm6-7 weights; all 16 x 64 B.
