@@ -8,7 +8,7 @@ median first-token time over ``--prompts`` short prompts, then the best of 3 dec
 the kernels and on the plain PyTorch path (``QWENKIT_KERNELS=torch``). "CLI default" is what ``qwenkit``
 sets (``bounded_openmp_spin``); "libgomp default" is a Python program that imports torch itself.
 
-    .venv/bin/python benchmarks/bench_first_token.py [--rounds 2] [--prompts 200]
+    .venv/bin/python benchmarks/bench_first_token.py [--rounds 2] [--prompts 200] [--spin-counts 10000,30000]
 """
 
 from __future__ import annotations
@@ -46,11 +46,15 @@ for _ in range(3):
 print(json.dumps({"first_ms": statistics.median(waits) * 1e3, "decode": best}))
 """
 
-SETTINGS = {
-    "libgomp default": {},
-    f"GOMP_SPINCOUNT={OPENMP_SPIN_COUNT} (CLI default)": {"GOMP_SPINCOUNT": OPENMP_SPIN_COUNT},
-    "OMP_WAIT_POLICY=PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
-}
+
+def settings(spin_counts: list[str]) -> dict[str, dict[str, str]]:
+    """The configurations to compare: libgomp's default, each spin count (the CLI's marked), PASSIVE."""
+    out: dict[str, dict[str, str]] = {"libgomp default": {}}
+    for count in spin_counts:
+        mark = " (CLI default)" if count == OPENMP_SPIN_COUNT else ""
+        out[f"GOMP_SPINCOUNT={count}{mark}"] = {"GOMP_SPINCOUNT": count}
+    out["OMP_WAIT_POLICY=PASSIVE"] = {"OMP_WAIT_POLICY": "PASSIVE"}
+    return out
 
 
 def run(env: dict[str, str], prompts: int) -> dict:
@@ -66,16 +70,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--prompts", type=int, default=200)
+    ap.add_argument("--spin-counts", default=OPENMP_SPIN_COUNT, help="comma-separated GOMP_SPINCOUNT values")
     args = ap.parse_args()
+    counts = [c.strip() for c in args.spin_counts.split(",") if c.strip()]
+    if not all(c.isdigit() for c in counts):
+        raise SystemExit(f"--spin-counts: expected comma-separated whole numbers, got {args.spin_counts!r}")
+    configs = settings(counts)
     results: dict[tuple[str, str], list[dict]] = {}
     for _ in range(args.rounds):
-        for name, env in SETTINGS.items():
+        for name, env in configs.items():
             for path, extra in (("kernels", {}), ("torch", {"QWENKIT_KERNELS": "torch"})):
                 results.setdefault((name, path), []).append(run(env | extra, args.prompts))
     print(f"bundled model, {args.rounds} rounds, ranges over rounds\n")
     print("| OpenMP setting | first token, kernels (ms) | decode, kernels (pieces/s) | decode, plain torch |")
     print("|---|---:|---:|---:|")
-    for name in SETTINGS:
+    for name in configs:
         k, t = results[name, "kernels"], results[name, "torch"]
 
         def span(rows: list[dict], key: str, fmt: str) -> str:
