@@ -8,8 +8,8 @@ Imports only torch, the standard library and qwenkit.errors; model/ and quant/ m
     kernels.isa_level() -> str | None  # "avx512" or "avx2": the instruction set the library was built for
     p = kernels.prepare_bf16(w)                   # w (N, K) -> tiles of 16 rows (one stream each)
     kernels.linear_bf16(x, p, bias=None)          # x (..., K) bf16 -> (..., N) bf16, fp32 accumulation
-    kernels.use_amx(on=True) -> bool              # AMX for 16+ rows where the CPU has it; opt-in (rare
-                                                  # last-bit differences); QWENKIT_AMX=on at load
+    kernels.use_amx(on=True) -> bool              # bf16 products on AMX where the CPU has it; on by
+                                                  # default (QWENKIT_AMX=off at load: vector tiles)
     kernels.amx_in_use() -> bool
     kernels.unpack_bf16(p, rows=None)             # the (N, K) weight or some rows (embedding lookup)
     p = kernels.prepare_int8(codes, scale, shift, group_size, zero_point=0)  # codes (N, K) uint8

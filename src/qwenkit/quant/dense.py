@@ -6,8 +6,8 @@ all of it, but only from its own layout (16 output rows per sequential stream). 
 inference on the CPU, every plain bf16 ``nn.Linear`` is repacked once into that layout (the original is
 freed: one copy of each weight), and every call goes through the kernel,
 for prompts too: measured beside torch's GEMM at 64 and 512 rows it is within 0-30% of it, while
-unpacking the weight for torch costs more than the product. On CPUs with AMX (Sapphire Rapids and later),
-with QWENKIT_AMX=on, products of 16+ rows run on AMX tiles, which read this same layout.
+unpacking the weight for torch costs more than the product. On CPUs with AMX (Sapphire Rapids and later)
+the products run on AMX tiles, which read this same layout (QWENKIT_AMX=off: the vector tiles).
 A tied input embedding reads its rows straight out of the packed output head.
 """
 
@@ -31,7 +31,7 @@ class PackedBf16Linear(nn.Module):
         if kernels.isa_level() == "avx2":
             return "qwenkit AVX2 BF16 (FMA)"
         if kernels.amx_in_use():
-            return "qwenkit AVX-512 BF16 (vdpbf16ps), AMX (tdpbf16ps) from 16 rows"
+            return "qwenkit AMX BF16 (tdpbf16ps)"
         return "qwenkit AVX-512 BF16 (vdpbf16ps)"
 
     def __init__(self, weight: torch.Tensor | PackedBf16, bias: torch.Tensor | None) -> None:

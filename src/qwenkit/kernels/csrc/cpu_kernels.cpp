@@ -7,7 +7,7 @@
 // output features N (parallel_for: the kernels' own worker threads, torch's thread count).
 //
 //   linear_bf16(x bf16 (M,K), w (tiles), bias?, N)                 -> (M,N) bf16   (_mm512_dpbf16_ps)
-//     (16+ rows on AMX, _tile_dpbf16ps, where the CPU has it and use_amx(true) asked for it)
+//     (on AMX, _tile_dpbf16ps, where the CPU has it, K % 64 == 0 and use_amx has not turned it off)
 //   linear_int8(x (M,K), codes, scale, shift?, bias?, group_size, N, zero_point)   (_mm512_dpbusd_epi32)
 //   linear_int4(x (M,K), codes, scale, shift?, bias?, group_size, N, zero_point)
 //   linear_int8_float(...): as linear_int8, x rounded to 16 bits instead of 8 (output heads)
@@ -487,7 +487,7 @@ void parallel_tiles(int64_t n, int64_t rows, int64_t tile_bytes, const F& body) 
 
 #ifdef __AVX512F__
 // ---------------------------------------------------------------------------------------------------
-// bf16 x bf16 on AMX (Sapphire Rapids and later), for 16 rows or more
+// bf16 x bf16 on AMX (Sapphire Rapids and later), for every row count
 //
 // The bf16 layout above is AMX's B-tile layout already: for one tile of 16 outputs, 16 consecutive
 // input pairs are a 16 x 64-byte block (row p: the pair k, k+1 of each output). So AMX reads the packed
@@ -496,9 +496,12 @@ void parallel_tiles(int64_t n, int64_t rows, int64_t tile_bytes, const F& body) 
 // The chains are bf16_tile's: its two per output (a0 takes the even pair-steps, a1 the odd ones, summed
 // at the end) become two accumulator tiles, one fed the even input pairs and one the odd. The B tiles
 // take every other 64-byte row (stride 128); the A tiles read x rearranged once per call so that each
-// 32-pair block holds its 16 even pairs, then its 16 odd ones. Still AMX's adder rounds differently
-// now and then (about one output in 5,000 differs in its last bits), so a row's result in a
-// call of 16+ rows is not always the one it gets in a smaller call: opt-in (use_amx).
+// 32-pair block holds its 16 even pairs, then its 16 odd ones. Still AMX's adder rounds its own way
+// (tdpbf16ps does not round as a chain of vdpbf16ps would), so a row's result on AMX is not always the
+// vector tiles' one. Hence every row of a layer takes the same path, whatever M: a request's results
+// never depend on what shares its step. That costs nothing: with tiles of M rows when M < 16 and the
+// weight stream prefetched ahead, one row streams the weights at 92-98% of the read bandwidth against
+// the vector tiles' 83-85%, and 16 rows at 75-83% against 31-36% (Xeon, bench_cpu_kernels.py).
 //
 // Tiles: tmm0-3 accumulators (even/odd x two 16-row blocks), tmm4-5 x, tmm6-7 weights; all 16 x 64 B.
 
@@ -521,17 +524,22 @@ bool amx_supported() {
   return ok;
 }
 
-std::atomic<bool>& amx_wanted() {  // off until use_amx(true): see use_amx in ops.py for why
+std::atomic<bool>& amx_wanted() {  // off until use_amx(true), which ops.py's loader calls unless QWENKIT_AMX=off
   static std::atomic<bool> on{false};
   return on;
 }
 
 inline bool amx_on() { return amx_wanted().load(std::memory_order_relaxed) && amx_supported(); }
 
-constexpr int64_t kAmxMinRows = 16;  // below this the vector tiles are as fast (one weight stream)
+// How far ahead of its tile loads a pass prefetches the weight stream: at one row, tileloadd alone left
+// memory idle (10-14 GB/s against the vector tiles' 18, reads at 21); 8 KiB ahead beat 2 and 4 KiB.
+constexpr int64_t kAmxPrefetchBytes = 8192;
 
-// x (M, K) -> (rows, kp) bf16, rows a multiple of 16 padded with zeros, each 32-pair block reordered
-// to its even pairs, then its odd pairs.
+// Rows of x as the A tiles read them: M when M < 16 (tiles of M rows), else M rounded up to 16.
+inline int64_t amx_padded_rows(int64_t M) { return M < 16 ? M : (M + 15) / 16 * 16; }
+
+// x (M, K) -> (rows, kp) bf16, rows from amx_padded_rows (padding rows zero), each 32-pair block
+// reordered to its even pairs, then its odd pairs.
 std::vector<uint32_t> amx_rows(const uint16_t* x, int64_t M, int64_t K, int64_t rows, int64_t kp) {
   std::vector<uint32_t> out(rows * (kp / 2), 0);
   for (int64_t m = 0; m < M; ++m) {
@@ -549,8 +557,9 @@ std::vector<uint32_t> amx_rows(const uint16_t* x, int64_t M, int64_t K, int64_t 
 __attribute__((target("amx-tile,amx-bf16"))) void amx_bf16_tiles(const uint32_t* xr, int64_t rows, int64_t kp,
                                                                   const uint16_t* w, int64_t t0, int64_t t1,
                                                                   const Output& out) {
+  const int r = int(std::min<int64_t>(rows, 16));  // rows of the accumulator and x tiles
   TileConfig cfg;
-  for (int i = 0; i < 8; ++i) cfg.colsb[i] = 64, cfg.rows[i] = 16;
+  for (int i = 0; i < 8; ++i) cfg.colsb[i] = 64, cfg.rows[i] = i < 6 ? r : 16;  // weight tiles: 16 pairs
   _tile_loadconfig(&cfg);
   const int64_t xstride = kp * 2, blocks = kp / 64;  // bytes per x row; 32-pair steps
   alignas(64) float c[4][16][16];
@@ -566,6 +575,8 @@ __attribute__((target("amx-tile,amx-bf16"))) void amx_bf16_tiles(const uint32_t*
       _tile_zero(3);
       for (int64_t b = 0; b < blocks; ++b) {
         const uint8_t* wb = tile + b * 2048;  // 32 pairs x 64 bytes
+        if (m0 == 0)  // the first pass over this tile reads it from memory; later ones from cache
+          for (int l = 0; l < 2048; l += 64) _mm_prefetch(reinterpret_cast<const char*>(wb + kAmxPrefetchBytes + l), _MM_HINT_T0);
         _tile_loadd(6, wb, 128);               // the even pairs
         _tile_loadd(7, wb + 64, 128);          // the odd pairs
         _tile_loadd(4, x0 + b * 128, xstride);
@@ -581,7 +592,7 @@ __attribute__((target("amx-tile,amx-bf16"))) void amx_bf16_tiles(const uint32_t*
       }
       _tile_stored(0, c[0], 64);
       _tile_stored(1, c[1], 64);
-      for (int m = 0; m < 16; ++m)
+      for (int m = 0; m < r; ++m)
         out.store(m0 + m, t * kTile, _mm512_add_ps(_mm512_load_ps(c[0][m]), _mm512_load_ps(c[1][m])));
       if (two) {
         _tile_stored(2, c[2], 64);
@@ -596,7 +607,7 @@ __attribute__((target("amx-tile,amx-bf16"))) void amx_bf16_tiles(const uint32_t*
 
 // linear_bf16 on AMX: tiles split across threads, every row of x against each tile in turn.
 void linear_bf16_amx(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, int64_t tiles, const Output& out) {
-  const int64_t kp = K, rows = (M + 15) / 16 * 16;
+  const int64_t kp = K, rows = amx_padded_rows(M);
   const std::vector<uint32_t> xr = amx_rows(x, M, K, rows, kp);
   parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) { amx_bf16_tiles(xr.data(), rows, kp, w, t0, t1, out); });
 }
@@ -630,7 +641,7 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, const c10::opti
   const Output out(y, bias);
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
 #ifdef __AVX512F__
-  if (M >= kAmxMinRows && K % 64 == 0 && amx_on()) {
+  if (K % 64 == 0 && amx_on()) {
     linear_bf16_amx(xp, M, K, wp, tiles, out);
     return y;
   }
