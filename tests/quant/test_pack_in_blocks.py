@@ -89,7 +89,6 @@ def test_int8pack_codes_are_the_codes_minus_128():
 
 CHILD = r"""
 import json, sys
-import torch
 from qwenkit.checkpoint import load_model
 import qwenkit.quant.on_load
 from qwenkit import kernels
@@ -99,11 +98,24 @@ def hwm():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
 base = hwm()
-model, _ = load_model(sys.argv[1], dtype="bfloat16", quantize="int8", progress=False)
+quantize = None if sys.argv[2] == "none" else sys.argv[2]
+model, _ = load_model(sys.argv[1], dtype="bfloat16", quantize=quantize, progress=False, fast_kernels=True)
 size = sum({t.data_ptr(): t.nbytes for t in [*model.parameters(), *model.buffers()]}.values())
-head = model.lm_head.impl
-print(json.dumps({"peak": hwm() - base, "model": size, "head": type(head).__name__}))
+head = getattr(model.lm_head, "impl", model.lm_head)
+fused = model.model.layers[0].self_attn.qkv_proj is not None
+print(json.dumps({"peak": hwm() - base, "model": size, "head": type(head).__name__, "fused": fused}))
 """
+
+
+def load_peak(tmp_path, quantize: str | None, **shape) -> dict:
+    """Peak resident memory of loading a random tied-head qwen2 checkpoint of ``shape`` in a fresh
+    process (over its own start), beside the loaded model's bytes."""
+    model = hf_model("qwen2", num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True, **shape)
+    path = save_hf(model.to(torch.bfloat16), tmp_path / "m")
+    env = {"QWENKIT_PREPARED_CACHE": "off", "PYTHONPATH": ":".join(sys.path)}
+    cmd = [sys.executable, "-c", CHILD, str(path), quantize or "none"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.slow
@@ -114,18 +126,26 @@ def test_quantized_load_peaks_near_the_quantized_size(tmp_path):
     quantized model. In blocks the head's codes beside its packed copy are the one full-size transient
     left (the floor for this shape is ~1.7x; measured 1.69x). The bound leaves room for a shared
     machine's allocator, not for a second full-size copy of the floats."""
-    model = hf_model(
-        "qwen2", vocab_size=65536, hidden_size=512, intermediate_size=2048, num_hidden_layers=4,
-        num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True,
-    )  # fmt: skip
-    path = save_hf(model.to(torch.bfloat16), tmp_path / "m")
-    env = {"QWENKIT_PREPARED_CACHE": "off", "PYTHONPATH": ":".join(sys.path)}
-    out = subprocess.run(
-        [sys.executable, "-c", CHILD, str(path)], capture_output=True, text=True, check=True, env=env
+    r = load_peak(
+        tmp_path, "int8", vocab_size=65536, hidden_size=512, intermediate_size=2048, num_hidden_layers=4
     )
-    r = json.loads(out.stdout.strip().splitlines()[-1])
-    assert r["model"] > 45 * 2**20
+    assert r["model"] > 45 * 2**20, r
     assert r["peak"] < 2.5 * r["model"], r
+
+
+@pytest.mark.slow
+def test_bf16_load_on_the_kernels_peaks_near_the_model_size(tmp_path):
+    """A bf16 checkpoint repacked for the CPU kernels and its q/k/v and gate/up fused (what `chat` and
+    `serve` load). Packing through a padded then a transposed copy of each weight, and a list of every
+    module keeping the unfused parts alive while fusing, peaked at 2.1x the model (Qwen2.5-0.5B shape);
+    now the transient is about the largest weight (the tied head here, 0.28 of the model)."""
+    if not kernels_available():
+        pytest.skip("the CPU kernels are not available here: nothing is repacked")
+    r = load_peak(
+        tmp_path, None, vocab_size=32768, hidden_size=512, intermediate_size=2816, num_hidden_layers=8
+    )
+    assert r["fused"] and r["model"] > 100 * 2**20, r
+    assert r["peak"] < 1.6 * r["model"], r  # measured 1.37x (2.18x before)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -137,42 +157,3 @@ def test_gptq_codes_unpacked_in_blocks_equal_unpacked_at_once(monkeypatch, bits)
     monkeypatch.setattr(gptq_format, "UNPACK_BLOCK_ELEMENTS", 3 * want.shape[1])  # three columns a step
     got = gptq_format._unpack_codes(words, bits)
     assert got.dtype == torch.uint8 and got.is_contiguous() and torch.equal(got, want)
-
-
-BF16_CHILD = r"""
-import json, sys
-from qwenkit.checkpoint import load_model
-from qwenkit import kernels
-kernels.available()
-def hwm():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-base = hwm()
-model, _ = load_model(sys.argv[1], dtype="bfloat16", progress=False, fast_kernels=True)
-size = sum({t.data_ptr(): t.nbytes for t in [*model.parameters(), *model.buffers()]}.values())
-fused = model.model.layers[0].self_attn.qkv_proj is not None
-print(json.dumps({"peak": hwm() - base, "model": size, "fused": fused}))
-"""
-
-
-@pytest.mark.slow
-def test_bf16_load_on_the_kernels_peaks_near_the_model_size(tmp_path):
-    """A bf16 checkpoint repacked for the CPU kernels and its q/k/v and gate/up fused (what `chat` and
-    `serve` load). Packing through a padded then a transposed copy of each weight, and a list of every
-    module keeping the unfused parts alive while fusing, peaked at 2.1x the model (Qwen2.5-0.5B shape);
-    now the transient is about the largest weight (the tied head here, 0.28 of the model)."""
-    if not kernels_available():
-        pytest.skip("the CPU kernels are not available here: nothing is repacked")
-    model = hf_model(
-        "qwen2", vocab_size=32768, hidden_size=512, intermediate_size=2816, num_hidden_layers=8,
-        num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True,
-    )  # fmt: skip
-    path = save_hf(model.to(torch.bfloat16), tmp_path / "m")
-    env = {"QWENKIT_PREPARED_CACHE": "off", "PYTHONPATH": ":".join(sys.path)}
-    out = subprocess.run(
-        [sys.executable, "-c", BF16_CHILD, str(path)], capture_output=True, text=True, check=True, env=env
-    )
-    r = json.loads(out.stdout.strip().splitlines()[-1])
-    assert r["fused"] and r["model"] > 100 * 2**20, r
-    assert r["peak"] < 1.6 * r["model"], r  # measured 1.37x (2.18x before)
