@@ -25,6 +25,22 @@ def bf16_reference(x, w, bias):
     return y if bias is None else y + bias.double()
 
 
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 48, 131])
+@pytest.mark.parametrize("k", [1, 2, 7, 64, 130])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_prepare_bf16_is_the_padded_transposed_layout(n, k, dtype):
+    """Packed in place (one allocation) it is byte for byte the layout built the straightforward way:
+    rows padded to tiles of 16 and K to even with zeros, then each tile's input pairs made contiguous;
+    from another dtype (rounded to bf16) and from a transposed view too."""
+    tiles, kp = -(-n // 16), k + k % 2
+    for w in (torch.randn(n, k).to(dtype), torch.randn(k, n).to(dtype).T):
+        t = torch.zeros(tiles * 16, kp, dtype=torch.bfloat16)
+        t[:n, :k] = w
+        want = t.view(tiles, 16, kp // 2, 2).transpose(1, 2).reshape(tiles, -1)
+        got = kernels.prepare_bf16(w)
+        assert torch.equal(got.weight, want) and (got.in_features, got.out_features) == (k, n)
+
+
 @needs_isa
 @pytest.mark.parametrize("m", [1, 3, 16, 20])
 @pytest.mark.parametrize("n,k", [*REAL_SHAPES, (131, 96), (17, 40), (45, 900), (8, 7)])
