@@ -91,6 +91,8 @@ def test_k_not_a_multiple_of_64_stays_on_the_vector_tiles(amx, m, k) -> None:
     w, x = torch.randn(72, k, generator=g).bfloat16(), torch.randn(m, k, generator=g).bfloat16()
     on, off = both_paths(x, kernels.prepare_bf16(w))
     assert torch.equal(on, off)
+    kernels.use_amx(True)
+    assert not kernels.bf16_runs_on_amx(k) and kernels.bf16_runs_on_amx(k * 64)  # what profile names
 
 
 @pytest.mark.parametrize(("n", "k"), [(200, 896), (72, 128)])

@@ -11,6 +11,7 @@ Imports only torch, the standard library and qwenkit.errors; model/ and quant/ m
     kernels.use_amx(on=True) -> bool              # bf16 products on AMX where the CPU has it; on by
                                                   # default (QWENKIT_AMX=off at load: vector tiles)
     kernels.amx_in_use() -> bool
+    kernels.bf16_runs_on_amx(in_features) -> bool  # this layer's product on AMX (K a multiple of 64)
     kernels.unpack_bf16(p, rows=None)             # the (N, K) weight or some rows (embedding lookup)
     p = kernels.prepare_int8(codes, scale, shift, group_size, zero_point=0)  # codes (N, K) uint8
     p = kernels.prepare_int4(codes, scale, shift, group_size, zero_point=0)  # codes uint8 in 0..15
@@ -54,6 +55,7 @@ from qwenkit.kernels.ops import (
     amx_in_use,
     argmax,
     available,
+    bf16_runs_on_amx,
     concat_bf16,
     concat_int,
     decode_attention,
@@ -96,6 +98,7 @@ __all__ = [
     "amx_in_use",
     "argmax",
     "available",
+    "bf16_runs_on_amx",
     "concat_bf16",
     "concat_int",
     "decode_attention",

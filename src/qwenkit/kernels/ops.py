@@ -93,6 +93,14 @@ def amx_in_use() -> bool:
     return available() and _amx
 
 
+AMX_K_MULTIPLE = 64  # linear_bf16 takes AMX only for K a multiple of this (32 input pairs a tile step)
+
+
+def bf16_runs_on_amx(in_features: int) -> bool:
+    """Whether linear_bf16 over ``in_features`` inputs runs on AMX (else on the vector tiles)."""
+    return amx_in_use() and in_features % AMX_K_MULTIPLE == 0
+
+
 def isa_level() -> str | None:
     """The instruction-set level the loaded kernels were built for ("avx512", "avx2"), or None."""
     return _level if available() else None

@@ -30,7 +30,7 @@ class PackedBf16Linear(nn.Module):
         """What runs this layer (``qwenkit profile`` prints it): the loaded build's instruction set."""
         if kernels.isa_level() == "avx2":
             return "qwenkit AVX2 BF16 (FMA)"
-        if kernels.amx_in_use() and self.in_features % 64 == 0:  # as linear_bf16 picks AMX
+        if kernels.bf16_runs_on_amx(self.in_features):
             return "qwenkit AMX BF16 (tdpbf16ps)"
         return "qwenkit AVX-512 BF16 (vdpbf16ps)"
 

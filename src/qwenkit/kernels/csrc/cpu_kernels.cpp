@@ -576,7 +576,8 @@ __attribute__((target("amx-tile,amx-bf16"))) void amx_bf16_tiles(const uint32_t*
       for (int64_t b = 0; b < blocks; ++b) {
         const uint8_t* wb = tile + b * 2048;  // 32 pairs x 64 bytes
         if (m0 == 0)  // the first pass over this tile reads it from memory; later ones from cache
-          for (int l = 0; l < 2048; l += 64) _mm_prefetch(reinterpret_cast<const char*>(wb + kAmxPrefetchBytes + l), _MM_HINT_T0);
+          for (int l = 0; l < 2048; l += 64)
+            _mm_prefetch(reinterpret_cast<const char*>(wb + kAmxPrefetchBytes + l), _MM_HINT_T0);
         _tile_loadd(6, wb, 128);               // the even pairs
         _tile_loadd(7, wb + 64, 128);          // the odd pairs
         _tile_loadd(4, x0 + b * 128, xstride);
@@ -641,7 +642,7 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, const c10::opti
   const Output out(y, bias);
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
 #ifdef __AVX512F__
-  if (K % 64 == 0 && amx_on()) {
+  if (K % 64 == 0 && amx_on()) {  // ops.py's AMX_K_MULTIPLE mirrors this
     linear_bf16_amx(xp, M, K, wp, tiles, out);
     return y;
   }
