@@ -17,7 +17,7 @@ from qwenkit.kernels import build, ops
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 needs_isa = pytest.mark.skipif(build.missing_isa() is not None, reason=f"{build.missing_isa()}")
-LEVEL = build.isa_level()  # the instruction-set level this CPU builds ("avx512" or "avx2")
+LEVEL = build.isa_level()  # the instruction-set level this CPU builds ("avx512", "avxvnni" or "avx2")
 
 
 # --- build cache and fallback --------------------------------------------------------------------
@@ -133,8 +133,15 @@ AVX512_FLAGS = set(build.ISA_LEVELS["avx512"])
     [
         (AVX512_FLAGS | {"avx2"}, None, "avx512"),
         (AVX512_FLAGS | {"avx2"}, "avx2", "avx2"),  # QWENKIT_KERNELS=avx2 on an AVX-512 CPU
+        (AVX512_FLAGS | {"avx2"}, "avxvnni", "avx2"),  # a cap the CPU cannot meet: the next level down
+        (AVX512_FLAGS | {"avx2", "avx_vnni"}, None, "avx512"),  # Sapphire Rapids
+        (AVX512_FLAGS | {"avx2", "avx_vnni"}, "avxvnni", "avxvnni"),
+        (AVX512_FLAGS | {"avx2", "avx_vnni"}, "avx2", "avx2"),
+        ({"avx2", "fma", "f16c", "avx_vnni"}, None, "avxvnni"),  # Alder Lake and later client cores
         ({"avx2", "fma", "f16c", "avx512f"}, None, "avx2"),  # AVX-512 without BF16/VNNI
+        ({"avx2", "fma", "f16c", "avx512f", "avx512_vnni"}, None, "avx2"),  # Ice Lake: no VEX AVX-VNNI
         ({"avx2", "fma"}, None, None),
+        ({"avx2", "fma", "avx_vnni"}, None, None),
     ],
 )
 def test_the_best_level_the_cpu_has_is_built(monkeypatch, flags, cap, level):
@@ -173,6 +180,68 @@ def test_avx2_switch_loads_the_avx2_build(loaded, tmp_path):
     assert (torch.load(out).double() - want).abs().max() <= 0.01 * want.abs().max()
 
 
+# Integer products of every kind the tiles have (1-2 row and 4-row passes, int4 and int8, 8- and
+# 16-bit activations, group sizes from 32 to per-channel, shifts, zero points, fp16 and fp32 scales),
+# saved by a child process that loads one level.
+LEVEL_PRODUCTS = """
+import sys, torch
+from qwenkit import kernels
+assert kernels.available()
+print(kernels.ops.isa_level())
+g = torch.Generator().manual_seed(0)
+out = {}
+N, K = 48, 256
+for bits in (8, 4):
+    for group, shifted, zero in ((32, True, 0), (32, False, 2 ** (bits - 1)), (64, True, 0), (128, False, 0),
+                                 (K, False, 2 ** (bits - 1)), (K, True, 0)):
+        codes = torch.randint(0, 2 ** bits, (N, K), dtype=torch.uint8, generator=g)
+        scale = torch.rand(K // group, N, generator=g) * 0.02 + 1e-3
+        shift = torch.randn(K // group, N, generator=g) * 0.01 if shifted else None
+        for scale_dtype in (torch.float16, torch.float32):
+            prepare = kernels.prepare_int8 if bits == 8 else kernels.prepare_int4
+            p = prepare(codes, scale, shift, group, zero, scale_dtype)
+            for m in (1, 2, 3, 4, 5, 8, 11, 16, 21):
+                x = torch.randn(m, K, generator=g).to(torch.bfloat16)
+                key = f"int{bits} g{group} shift={shifted} z={zero} {scale_dtype} m={m}"
+                out[key] = (kernels.linear_int8 if bits == 8 else kernels.linear_int4)(x, p)
+                if bits == 8:
+                    out[key + " x16"] = kernels.linear_int8_float(x, p)
+torch.save(out, sys.argv[1])
+"""
+
+
+def levels_this_cpu_runs() -> list[str]:
+    return [level for level in build.ISA_LEVELS if build.isa_level(level) == level]
+
+
+@needs_isa
+def test_every_level_this_cpu_runs_gives_the_same_integer_products(loaded, tmp_path):
+    """The AVX-512, AVX-VNNI and AVX2 builds reach the same integer sums by different instructions
+    (vpdpbusd on 512 or 256 bits, vpmaddubsw chains) and do the same float arithmetic after them, so
+    each integer product is bit for bit the same on every level: a model answers the same on each.
+    Each level this CPU runs is loaded in a child process (QWENKIT_KERNELS caps the level)."""
+    levels = levels_this_cpu_runs()
+    if len(levels) < 2:
+        pytest.skip(f"this CPU runs one level only ({levels[0]}): nothing to compare it with")
+    results = {}
+    for level in levels:
+        out = tmp_path / f"{level}.pt"
+        r = subprocess.run(
+            [sys.executable, "-c", LEVEL_PRODUCTS, str(out)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={**os.environ, "PYTHONPATH": str(SRC), ops.ENV_SWITCH: "auto" if level == LEVEL else level},
+        )
+        assert r.returncode == 0 and r.stdout.split() == [level], r.stderr[-2000:]
+        results[level] = torch.load(out)
+    first, *others = levels
+    assert len(results[first]) == 2 * 6 * 2 * 9 + 6 * 2 * 9
+    for level in others:
+        differ = [k for k, y in results[first].items() if not torch.equal(y, results[level][k])]
+        assert not differ, f"{level} differs from {first} in {len(differ)} products, e.g. {differ[:3]}"
+
+
 def test_torch_switch_turns_the_kernels_off(monkeypatch, capsys):
     monkeypatch.setenv(ops.ENV_SWITCH, "torch")
     assert kernels.available() is False
@@ -187,7 +256,7 @@ def test_a_misspelt_switch_is_named_once_not_ignored(loaded):
     code = "from qwenkit import kernels; print(kernels.available(), kernels.available())"
     r = run_python(code, QWENKIT_KERNELS="toch")
     assert r.returncode == 0 and r.stdout.strip() == "True True", r.stderr
-    named = "qwenkit: QWENKIT_KERNELS='toch' is not one of auto, avx2, torch; using 'auto'"
+    named = "qwenkit: QWENKIT_KERNELS='toch' is not one of auto, avx2, avxvnni, torch; using 'auto'"
     assert r.stderr.strip().splitlines() == [named]
     r = run_python(code, QWENKIT_KERNELS=" Torch ")  # case and spaces do not matter
     assert r.stdout.strip() == "False False" and r.stderr == ""

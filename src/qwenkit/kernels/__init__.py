@@ -5,7 +5,7 @@ Imports only torch, the standard library and qwenkit.errors; model/ and quant/ m
     from qwenkit import kernels
     kernels.available() -> bool        # loads (building once, ~30 s) or says once why not; False under
                                        # QWENKIT_KERNELS=torch. Call it before using any op below.
-    kernels.isa_level() -> str | None  # "avx512" or "avx2": the instruction set the library was built for
+    kernels.isa_level() -> str | None  # "avx512", "avxvnni" or "avx2": the build's instruction set
     p = kernels.prepare_bf16(w)                   # w (N, K) -> tiles of 16 rows (one stream each)
     kernels.linear_bf16(x, p, bias=None)          # x (..., K) bf16 -> (..., N) bf16, fp32 accumulation
     kernels.use_amx(on=True) -> bool              # bf16 products on AMX where the CPU has it; on by

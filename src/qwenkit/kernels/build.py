@@ -4,10 +4,12 @@ The library is compiled once per (source, torch version, compiler version, flags
 compiler and cached under ``${XDG_CACHE_HOME:-~/.cache}/qwenkit/kernels/<key>/``. A build goes into a
 temporary directory that is renamed into place, and the cached file's SHA-256 is checked before it is
 loaded, so a process never loads a half-written or damaged library (a damaged entry is rebuilt).
-One source is built at one of two instruction-set levels (``ISA_LEVELS``): "avx512" (AVX-512 with
-BF16 and VNNI) where the CPU has it, else "avx2" (AVX2, FMA, F16C: the same source, its AVX-512
-intrinsics written on AVX2 by csrc/avx2_compat.h). The compile flags name exactly the ISA extensions
-that `isa_level` checks at run time.
+One source is built at one of three instruction-set levels (``ISA_LEVELS``): "avx512" (AVX-512 with
+BF16 and VNNI) where the CPU has it, else "avxvnni" (AVX2 with AVX-VNNI: Intel client cores since Alder
+Lake), else "avx2" (AVX2, FMA, F16C). The two below AVX-512 build the same source, its AVX-512 intrinsics
+written on AVX2 by csrc/avx2_compat.h; "avxvnni" adds 256-bit vpdpbusd/vpdpwssd to the integer tiles
+(the same sums, fewer instructions). The compile flags name exactly the ISA extensions that
+`isa_level` checks at run time.
 
 A container image has no compiler at run time: its build stage runs ``--into-venv``, which compiles
 both levels whatever the build machine's CPU and stores them inside the virtual environment
@@ -34,8 +36,8 @@ SOURCES = (SOURCE, CSRC / "avx2_compat.h")  # what a build reads: both are in it
 LIBRARY_NAME = "qwenkit_cpu_kernels.so"
 
 # The instruction-set levels the one source is built for, best first: /proc/cpuinfo flag -> the compiler
-# flag that lets the code use it (nothing else is enabled). "avx2" builds the same source through
-# csrc/avx2_compat.h, which writes the AVX-512 intrinsics it uses on AVX2 + FMA + F16C.
+# flag that lets the code use it (nothing else is enabled). "avxvnni" and "avx2" build the same source
+# through csrc/avx2_compat.h, which writes the AVX-512 intrinsics it uses on AVX2 + FMA + F16C.
 ISA_LEVELS: dict[str, dict[str, str]] = {
     "avx512": {
         "avx512f": "-mavx512f",
@@ -46,6 +48,7 @@ ISA_LEVELS: dict[str, dict[str, str]] = {
         "fma": "-mfma",
         "f16c": "-mf16c",
     },
+    "avxvnni": {"avx2": "-mavx2", "fma": "-mfma", "f16c": "-mf16c", "avx_vnni": "-mavxvnni"},
     "avx2": {"avx2": "-mavx2", "fma": "-mfma", "f16c": "-mf16c"},
 }
 BASE_FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-DNDEBUG", "-w")

@@ -13,8 +13,8 @@ import torch
 from qwenkit.env_switch import ON_OFF, env_choice
 from qwenkit.errors import QwenkitError
 
-ENV_SWITCH = "QWENKIT_KERNELS"  # "torch" forces the plain PyTorch path, "avx2" the AVX2 build
-KERNEL_CHOICES = {"auto": "auto", "torch": "torch", "avx2": "avx2"}  # another: named, then "auto"
+ENV_SWITCH = "QWENKIT_KERNELS"  # "torch": the plain PyTorch path; "avx2", "avxvnni": at most that build
+KERNEL_CHOICES = {"auto": "auto", "torch": "torch", "avxvnni": "avxvnni", "avx2": "avx2"}  # else "auto"
 AMX_SWITCH = "QWENKIT_AMX"  # "off": bf16 products on the AVX-512 vector tiles even where AMX exists
 _loaded: bool | None = None  # None: not tried yet in this process
 _level: str | None = None  # the instruction-set level of the loaded library
@@ -36,10 +36,10 @@ def _note(text: str) -> None:
 def available() -> bool:
     """True when the C++ kernels are loaded (building them on first use if needed).
 
-    The library is built for the best level the CPU has (AVX-512 BF16/VNNI, else AVX2; QWENKIT_KERNELS=avx2
-    takes AVX2 even where AVX-512 is there). False, after one line on stderr, when the CPU has neither,
-    there is no compiler or the build fails; False silently when QWENKIT_KERNELS=torch asks for the plain
-    path. The level is fixed by the first call in a process.
+    The library is built for the best level the CPU has (AVX-512 BF16/VNNI, else AVX2 with AVX-VNNI, else
+    AVX2; QWENKIT_KERNELS=avxvnni or =avx2 caps it, to compare or test the lower builds). False, after one
+    line on stderr, when the CPU has none of them, there is no compiler or the build fails; False silently
+    when QWENKIT_KERNELS=torch asks for the plain path. The level is fixed by the first call in a process.
     """
     global _loaded
     if env_choice(ENV_SWITCH, KERNEL_CHOICES, "auto") == "torch":
@@ -57,7 +57,8 @@ def _load() -> bool:
     from qwenkit.kernels import build  # not at import: `python -m qwenkit.kernels.build` runs it as main
 
     global _level, _amx
-    cap = "avx2" if env_choice(ENV_SWITCH, KERNEL_CHOICES, "auto") == "avx2" else None
+    choice = env_choice(ENV_SWITCH, KERNEL_CHOICES, "auto")
+    cap = choice if choice in ("avxvnni", "avx2") else None
     level, reason = build.isa_level(cap), build.missing_isa(cap)
     if level is not None:
         try:
@@ -102,7 +103,7 @@ def bf16_runs_on_amx(in_features: int) -> bool:
 
 
 def isa_level() -> str | None:
-    """The instruction-set level the loaded kernels were built for ("avx512", "avx2"), or None."""
+    """The instruction-set level the loaded kernels were built for ("avx512", "avxvnni", "avx2"), or None."""
     return _level if available() else None
 
 

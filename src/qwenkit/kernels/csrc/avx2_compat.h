@@ -1,7 +1,8 @@
 // The AVX-512 intrinsics cpu_kernels.cpp uses, written on AVX2 + FMA + F16C, for CPUs without AVX-512
 // (most laptops, AMD before Zen 4, Intel client cores since Alder Lake).
 //
-// cpu_kernels.cpp includes this file only when the compiler targets no AVX-512 (build.py's "avx2" level),
+// cpu_kernels.cpp includes this file only when the compiler targets no AVX-512 (build.py's "avx2" and
+// "avxvnni" levels; the latter's AVX-VNNI instructions replace the VNNI emulations below),
 // so the AVX-512 build is untouched by it. Each 512-bit type becomes a pair of 256-bit halves (lo holds
 // elements 0..7 / 0..15 / 0..3, hi the rest) and each intrinsic is renamed by a macro to a function here
 // that does the same to both halves, with AVX-512's results: the same integer results bit for bit, the
@@ -316,6 +317,9 @@ QK_INLINE qk_m512i qk_permutexvar_epi16(qk_m512i idx, qk_m512i a) {
 // u8 x s8 in groups of 4, summed into int32 lanes (vpdpbusd), exact: the bytes are widened to 16 bits
 // (vpmaddubsw would saturate at codes above 127).
 QK_INLINE __m256i qk_dpbusd8(__m256i acc, __m256i u, __m256i s) {
+#ifdef __AVXVNNI__
+  return _mm256_dpbusd_avx_epi32(acc, u, s);
+#endif
   const __m256i low = _mm256_set1_epi16(0x00ff);
   const __m256i u_even = _mm256_and_si256(u, low), u_odd = _mm256_srli_epi16(u, 8);
   const __m256i s_even = _mm256_srai_epi16(_mm256_slli_epi16(s, 8), 8), s_odd = _mm256_srai_epi16(s, 8);
@@ -326,6 +330,9 @@ QK_INLINE qk_m512i qk_dpbusd_epi32(qk_m512i acc, qk_m512i u, qk_m512i s) {
 }
 // s16 pairs x s16 pairs summed into int32 lanes (vpdpwssd): exactly vpmaddwd then an add.
 QK_INLINE qk_m512i qk_dpwssd_epi32(qk_m512i acc, qk_m512i a, qk_m512i b) {
+#ifdef __AVXVNNI__
+  return {_mm256_dpwssd_avx_epi32(acc.lo, a.lo, b.lo), _mm256_dpwssd_avx_epi32(acc.hi, a.hi, b.hi)};
+#endif
   return {_mm256_add_epi32(acc.lo, _mm256_madd_epi16(a.lo, b.lo)), _mm256_add_epi32(acc.hi, _mm256_madd_epi16(a.hi, b.hi))};
 }
 

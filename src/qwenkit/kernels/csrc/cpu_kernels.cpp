@@ -45,6 +45,11 @@
 #ifndef __AVX512F__
 #include "avx2_compat.h"  // build.py's "avx2" level: the AVX-512 intrinsics below, built on AVX2
 #endif
+// build.py's "avxvnni" level: the AVX2 build plus AVX-VNNI (Intel client cores since Alder Lake), whose
+// 256-bit vpdpbusd / vpdpwssd take the place of the integer tiles' vpmaddubsw + vpmaddwd + vpaddd.
+#if !defined(__AVX512F__) && defined(__AVXVNNI__)
+#define QK_AVXVNNI 1
+#endif
 
 #include <pthread.h>
 #include <sys/syscall.h>
@@ -970,6 +975,41 @@ void int_tile(const QuantizedRows& qr, int64_t p, const uint8_t* tile, const S* 
 // int16 before one widening. int8 codes are made signed (code - 128, which int8_zero_point has already
 // moved into the block starts) and multiplied as |w| . sign(x, w), which keeps each int16 pair in range.
 // The float arithmetic is the AVX-512 tile's, in the same order.
+#ifdef QK_AVXVNNI
+// One block (32 inputs) of R rows against H halves of the tile on AVX-VNNI: the int32 sums from the block
+// starts, the u8 codes (int4 nibbles or int8 bytes, zero point not removed: int8_zero_point) times the
+// s8 activations in vpdpbusd, exact as the AVX2 chains' sums are, so every result is the AVX2 build's.
+template <int BITS, int R, int H, int MT>
+__attribute__((always_inline)) inline void vnni_block(const uint8_t* wb, const int32_t* xb, const int32_t* start,
+                                                      __m256i (&iacc)[R][H]) {
+  const __m256i nibble = _mm256_set1_epi8(0x0f);
+#pragma GCC unroll 4
+  for (int m = 0; m < R; ++m)
+#pragma GCC unroll 4
+    for (int h = 0; h < H; ++h) iacc[m][h] = _mm256_set1_epi32(start[m]);
+#pragma GCC unroll 8
+  for (int q = 0; q < (BITS == 8 ? 8 : 4); ++q) {
+    __m256i lo[H], hi[H];
+#pragma GCC unroll 4
+    for (int h = 0; h < H; ++h) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + q * 64 + 32 * h));
+      lo[h] = BITS == 8 ? v : _mm256_and_si256(v, nibble);
+      if constexpr (BITS == 4) hi[h] = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+    }
+#pragma GCC unroll 4
+    for (int m = 0; m < R; ++m) {
+      const int64_t j = BITS == 8 ? q : 2 * q;  // the 4-input group of lo (int4: hi's is the next)
+#pragma GCC unroll 4
+      for (int h = 0; h < H; ++h) {
+        iacc[m][h] = _mm256_dpbusd_avx_epi32(iacc[m][h], lo[h], _mm256_set1_epi32(xb[j * MT + m]));
+        if constexpr (BITS == 4)
+          iacc[m][h] = _mm256_dpbusd_avx_epi32(iacc[m][h], hi[h], _mm256_set1_epi32(xb[(j + 1) * MT + m]));
+      }
+    }
+  }
+}
+#endif
+
 template <int BITS, typename S, int R, int H, int MT>
 void int_tile_rows(const QuantizedRows& qr, int64_t p, int64_t r0, int h0, const uint8_t* tile, const S* tscale,
                    const S* tshift, int64_t group_size, float (*y)[16], const uint8_t* next) {
@@ -1005,6 +1045,9 @@ void int_tile_rows(const QuantizedRows& qr, int64_t p, int64_t r0, int h0, const
       const int32_t* xb = xq + b * 8 * MT;
       if (next != nullptr) prefetch_lines<kBlockBytes>(next + b * kBlockBytes);
       __m256i iacc[R][H];
+#ifdef QK_AVXVNNI
+      vnni_block<BITS, R, H, MT>(wb, xb, xstart + b * MT, iacc);
+#else
       if constexpr (BITS == 8) {
 #pragma GCC unroll 4
         for (int m = 0; m < R; ++m)
@@ -1058,6 +1101,7 @@ void int_tile_rows(const QuantizedRows& qr, int64_t p, int64_t r0, int h0, const
           for (int h = 0; h < H; ++h)
             iacc[m][h] = _mm256_add_epi32(_mm256_set1_epi32(xstart[b * MT + m]), _mm256_madd_epi16(sum16[m][h], ones));
       }
+#endif
 #pragma GCC unroll 4
       for (int m = 0; m < R; ++m)
 #pragma GCC unroll 4
@@ -1131,10 +1175,66 @@ inline void int8_block_4x2(const uint8_t* w, const int32_t* x, __m256i flip, __m
 #undef QK_I8_STEP
 #undef QK_I8_ROW
 
+#ifdef QK_AVXVNNI
+// The same two blocks on AVX-VNNI: sum[m][h] += the int32 sums of vpdpbusd (u8 codes, s8 activations),
+// no int16 stage, the int8 codes as they are (their zero point in the block starts, as on AVX-512).
+#define QK_V4_ROW(o, m, a0, a1)                                                                   \
+  "vpbroadcastd " #o "*2*%c[st]+" #m "*4(%[x]), %[xv]\n\t"                                            \
+  "%{vex%} vpdpbusd %[xv], %[lo0], %[" #a0 "]\n\t%{vex%} vpdpbusd %[xv], %[lo1], %[" #a1 "]\n\t"          \
+  "vpbroadcastd " #o "*2*%c[st]+%c[st]+" #m "*4(%[x]), %[xv]\n\t"                                      \
+  "%{vex%} vpdpbusd %[xv], %[hi0], %[" #a0 "]\n\t%{vex%} vpdpbusd %[xv], %[hi1], %[" #a1 "]\n\t"
+#define QK_V4_STEP(o)                                                                             \
+  "vmovdqu " #o "*64(%[w]), %[hi0]\n\tvmovdqu " #o "*64+32(%[w]), %[hi1]\n\t"                      \
+  "vpand %[hi0], %[mask], %[lo0]\n\tvpand %[hi1], %[mask], %[lo1]\n\t"                             \
+  "vpsrlw $4, %[hi0], %[hi0]\n\tvpsrlw $4, %[hi1], %[hi1]\n\t"                                     \
+  "vpand %[hi0], %[mask], %[hi0]\n\tvpand %[hi1], %[mask], %[hi1]\n\t"                             \
+  QK_V4_ROW(o, 0, a00, a01) QK_V4_ROW(o, 1, a10, a11) QK_V4_ROW(o, 2, a20, a21) QK_V4_ROW(o, 3, a30, a31)
+template <int MT>
+inline void int4_block_4x2_vnni(const uint8_t* w, const int32_t* x, __m256i mask, __m256i (*sum)[2]) {
+  __m256i lo0, lo1, hi0, hi1, xv;
+  asm(QK_V4_STEP(0) QK_V4_STEP(1) QK_V4_STEP(2) QK_V4_STEP(3)
+      : [a00] "+x"(sum[0][0]), [a01] "+x"(sum[0][1]), [a10] "+x"(sum[1][0]), [a11] "+x"(sum[1][1]),
+        [a20] "+x"(sum[2][0]), [a21] "+x"(sum[2][1]), [a30] "+x"(sum[3][0]), [a31] "+x"(sum[3][1]),
+        [lo0] "=&x"(lo0), [lo1] "=&x"(lo1), [hi0] "=&x"(hi0), [hi1] "=&x"(hi1), [xv] "=&x"(xv)
+      : [w] "r"(w), [x] "r"(x), [st] "i"(4 * MT), [mask] "x"(mask), "m"(*reinterpret_cast<const uint8_t(*)[256]>(w)),
+        "m"(*reinterpret_cast<const int32_t(*)[8 * MT]>(x)));
+}
+#undef QK_V4_STEP
+#undef QK_V4_ROW
+
+#define QK_V8_ROW(q, m, a0, a1)                                                                   \
+  "vpbroadcastd " #q "*%c[st]+" #m "*4(%[x]), %[xv]\n\t"                                         \
+  "%{vex%} vpdpbusd %[xv], %[w0], %[" #a0 "]\n\t%{vex%} vpdpbusd %[xv], %[w1], %[" #a1 "]\n\t"
+#define QK_V8_STEP(q)                                                                             \
+  "vmovdqu " #q "*64(%[w]), %[w0]\n\tvmovdqu " #q "*64+32(%[w]), %[w1]\n\t"                         \
+  QK_V8_ROW(q, 0, s00, s01) QK_V8_ROW(q, 1, s10, s11) QK_V8_ROW(q, 2, s20, s21) QK_V8_ROW(q, 3, s30, s31)
+template <int MT>
+inline void int8_block_4x2_vnni(const uint8_t* w, const int32_t* x, __m256i (*sum)[2]) {
+  __m256i w0, w1, xv;
+  asm(QK_V8_STEP(0) QK_V8_STEP(1) QK_V8_STEP(2) QK_V8_STEP(3) QK_V8_STEP(4) QK_V8_STEP(5) QK_V8_STEP(6)
+          QK_V8_STEP(7)
+      : [s00] "+x"(sum[0][0]), [s01] "+x"(sum[0][1]), [s10] "+x"(sum[1][0]), [s11] "+x"(sum[1][1]),
+        [s20] "+x"(sum[2][0]), [s21] "+x"(sum[2][1]), [s30] "+x"(sum[3][0]), [s31] "+x"(sum[3][1]),
+        [w0] "=&x"(w0), [w1] "=&x"(w1), [xv] "=&x"(xv)
+      : [w] "r"(w), [x] "r"(x), [st] "i"(4 * MT), "m"(*reinterpret_cast<const uint8_t(*)[512]>(w)),
+        "m"(*reinterpret_cast<const int32_t(*)[8 * MT]>(x)));
+}
+#undef QK_V8_STEP
+#undef QK_V8_ROW
+#endif
+
 // One block's int32 sums for rows 0-3 of the pass and both halves, the block's start included.
 template <int BITS, int MT>
 __attribute__((always_inline)) inline void int_block_4x2(const uint8_t* w, const int32_t* x, const int32_t* start,
                                                          __m256i (*iacc)[2]) {
+#ifdef QK_AVXVNNI
+  for (int m = 0; m < 4; ++m) iacc[m][0] = iacc[m][1] = _mm256_set1_epi32(start[m]);
+  if constexpr (BITS == 8)
+    int8_block_4x2_vnni<MT>(w, x, iacc);
+  else
+    int4_block_4x2_vnni<MT>(w, x, _mm256_set1_epi8(0x0f), iacc);
+  return;
+#endif
   const __m256i ones = _mm256_set1_epi16(1);
   if constexpr (BITS == 8) {
     for (int m = 0; m < 4; ++m) iacc[m][0] = iacc[m][1] = _mm256_set1_epi32(start[m]);
@@ -1237,9 +1337,10 @@ void int_tile(const QuantizedRows& qr, int64_t p, const uint8_t* tile, const S* 
 #endif
 
 // The zero point quantize_rows folds into the activation blocks' starts: the AVX2 int8 tile multiplies
-// code - 128, so there the starts carry the other 128 (c - z).q = (c - 128).q + (128 - z) sum(q).
+// code - 128, so there the starts carry the other 128 (c - z).q = (c - 128).q + (128 - z) sum(q). The
+// AVX-512 and AVX-VNNI tiles multiply the u8 codes themselves.
 inline int64_t int8_zero_point(int bits, int64_t zero_point) {
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(QK_AVXVNNI)
   return zero_point;
 #else
   return bits == 8 ? zero_point - 128 : zero_point;
@@ -1432,13 +1533,14 @@ inline __m512i dpwssd_bcast(__m512i acc, __m512i w, const int16_t* p) {
 #ifndef __AVX512F__
 // AVX2: one block of B int16 inputs (B/4 steps) for rows x0..x3 against both halves of a tile of int8
 // codes, sum[m][h] += the int32 sums of vpmaddwd. Written out for the same reason as int4_block_4x2.
+#ifdef QK_AVXVNNI  // vpdpwssd: vpmaddwd and the add in one instruction (the same wrapping int32 sums)
+#define QK_W_MAC(xv, e, a) "%{vex%} vpdpwssd %[" #xv "], %[" #e "], %[" #a "]\n\t"
+#else
+#define QK_W_MAC(xv, e, a) "vpmaddwd %[" #xv "], %[" #e "], %[t]\n\tvpaddd %[t], %[" #a "], %[" #a "]\n\t"
+#endif
 #define QK_W_ROW(xp, a0, a1)                                                                      \
-  "vpbroadcastd (%[" #xp "],%[i]), %[xv]\n\t"                                                     \
-  "vpmaddwd %[xv], %[e0], %[t]\n\tvpaddd %[t], %[" #a0 "], %[" #a0 "]\n\t"                           \
-  "vpmaddwd %[xv], %[e1], %[t]\n\tvpaddd %[t], %[" #a1 "], %[" #a1 "]\n\t"                           \
-  "vpbroadcastd 4(%[" #xp "],%[i]), %[xv]\n\t"                                                    \
-  "vpmaddwd %[xv], %[o0], %[t]\n\tvpaddd %[t], %[" #a0 "], %[" #a0 "]\n\t"                           \
-  "vpmaddwd %[xv], %[o1], %[t]\n\tvpaddd %[t], %[" #a1 "], %[" #a1 "]\n\t"
+  "vpbroadcastd (%[" #xp "],%[i]), %[xv]\n\t" QK_W_MAC(xv, e0, a0) QK_W_MAC(xv, e1, a1)             \
+  "vpbroadcastd 4(%[" #xp "],%[i]), %[xv]\n\t" QK_W_MAC(xv, o0, a0) QK_W_MAC(xv, o1, a1)
 // x[m] + k1 and w + k1 * 16 are the ends of the block; the loop counts a negative byte offset up to 0.
 inline void wide_block_4x2(const uint8_t* w, const int16_t* const* x, int64_t k0, int64_t k1, __m256i (*sum)[2]) {
   __m256i e0, e1, o0, o1, xv, t;
@@ -1457,6 +1559,7 @@ inline void wide_block_4x2(const uint8_t* w, const int16_t* const* x, int64_t k0
       : "cc", "memory");
 }
 #undef QK_W_ROW
+#undef QK_W_MAC
 
 // Rows m0..m0+3 against both halves of a tile: wide_tile's arithmetic in its order, the integer part
 // in wide_block_4x2, the float sums in L1 (as int_tile_rows4x2).
