@@ -28,7 +28,7 @@ def test_tokens_in_the_byte_alphabet_keep_their_ids():
 
 
 def test_a_token_in_raw_text_is_respelled_and_found():
-    """"x日" stored as raw text is the tokenizer's "xæĹ¥" (日's UTF-8 bytes e6 97 a5 in the byte
+    """ "x日" stored as raw text is the tokenizer's "xæĹ¥" (日's UTF-8 bytes e6 97 a5 in the byte
     alphabet), the spelling its merges produce."""
     tokens = ["x", "æ", "Ĺ", "¥", "æĹ", "æĹ¥", "x日", "ä"]
     tok = build_tokenizer(vocab(tokens, ["æ Ĺ", "æĹ ¥", "x æĹ¥"]))
