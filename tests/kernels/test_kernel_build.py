@@ -155,6 +155,71 @@ def test_the_best_level_the_cpu_has_is_built(monkeypatch, flags, cap, level):
         assert build.missing_isa(cap) == "this CPU lacks f16c"
 
 
+@pytest.fixture
+def fresh_load(monkeypatch, loaded):
+    """ops' load state reset for one test (restored after it), on a CPU with every level."""
+    for name in ("_loaded", "_level", "_amx"):
+        monkeypatch.setattr(ops, name, getattr(ops, name))
+    monkeypatch.setattr(ops, "_loaded", None)
+    monkeypatch.setattr(build, "_cpu_flags", lambda: AVX512_FLAGS | {"avx2", "avx_vnni"})
+    monkeypatch.delenv(ops.ENV_SWITCH, raising=False)
+    tried: list[str] = []
+    return tried
+
+
+def failing_above(level: str, tried: list[str]):
+    """A stand-in for build.load: this session's library is already loaded; levels above ``level`` fail
+    as a compiler without their flags fails."""
+
+    def load(lvl: str) -> None:
+        tried.append(lvl)
+        if lvl != level:
+            raise build.LevelBuildError(f"g++ failed: error: unrecognized command-line option for {lvl}")
+
+    return load
+
+
+def test_a_level_the_compiler_cannot_build_falls_back_to_the_next(fresh_load, monkeypatch, capsys):
+    """An older g++ without -mavx512bf16 or -mavxvnni still gets the AVX2 kernels, with one line."""
+    monkeypatch.setattr(build, "load", failing_above("avx2", fresh_load))
+    assert kernels.available() is True and kernels.isa_level() == "avx2"
+    assert fresh_load == ["avx512", "avxvnni", "avx2"]
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "qwenkit: CPU kernels: avx512: g++ failed: error: unrecognized command-line option for avx512; "
+        "avxvnni: g++ failed: error: unrecognized command-line option for avxvnni; using the avx2 build"
+    ]
+
+
+def test_a_failure_of_no_level_in_particular_does_not_try_the_others(fresh_load, monkeypatch, capsys):
+    def no_compiler(level: str) -> None:
+        fresh_load.append(level)
+        raise build.KernelBuildError("no C++ compiler found (install g++ or set CXX)")
+
+    monkeypatch.setattr(build, "load", no_compiler)
+    assert kernels.available() is False and fresh_load == ["avx512"]
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "qwenkit: CPU kernels unavailable: no C++ compiler found (install g++ or set CXX); "
+        "using the plain PyTorch path"
+    ]
+
+
+def test_prebuild_names_the_level_built_and_the_ones_that_failed(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(build, "_cpu_flags", lambda: AVX512_FLAGS | {"avx2", "avx_vnni"})
+    tried: list[str] = []
+    fail = failing_above("avxvnni", tried)
+
+    def ensure_built(level: str, announce: bool = True) -> Path:
+        fail(level)
+        return tmp_path / level / build.LIBRARY_NAME
+
+    monkeypatch.setattr(build, "ensure_built", ensure_built)
+    assert build.main([]) == 0 and tried == ["avx512", "avxvnni"]
+    assert capsys.readouterr().out.strip().splitlines() == [
+        f"qwenkit kernels: avxvnni ready at {tmp_path / 'avxvnni' / build.LIBRARY_NAME} (not avx512: g++ "
+        "failed: error: unrecognized command-line option for avx512)"
+    ]
+
+
 def test_a_cpu_other_than_x86_64_linux_is_named(monkeypatch):
     monkeypatch.setattr(build.platform, "machine", lambda: "aarch64")
     assert build.isa_level() is None
@@ -283,7 +348,7 @@ if ok:
 @pytest.fixture
 def venv_copy(tmp_path, monkeypatch, capsys, loaded):
     """``--into-venv`` run for a stand-in venv prefix (the libraries come from the session's cache; the
-    level this CPU does not load is compiled once into it, as an image's build stage compiles both)."""
+    levels this CPU does not load are compiled once into it, as an image's build stage compiles them all)."""
     prefix = tmp_path / "venv"
     monkeypatch.setattr(build.sys, "prefix", str(prefix))
     assert build.main(["--into-venv"]) == 0

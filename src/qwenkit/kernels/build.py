@@ -12,7 +12,7 @@ written on AVX2 by csrc/avx2_compat.h; "avxvnni" adds 256-bit vpdpbusd/vpdpwssd 
 `isa_level` checks at run time.
 
 A container image has no compiler at run time: its build stage runs ``--into-venv``, which compiles
-both levels whatever the build machine's CPU and stores them inside the virtual environment
+every level whatever the build machine's CPU and stores them inside the virtual environment
 (``<venv>/share/qwenkit/kernels/<level>/``), keyed by the source and torch but not the compiler.
 ``load`` takes that copy first when its checksum and key hold, else the user cache as above.
 """
@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -58,6 +59,11 @@ class KernelBuildError(RuntimeError):
     """The kernels could not be built (no compiler, the compiler failed, or the result does not load)."""
 
 
+class LevelBuildError(KernelBuildError):
+    """The compiler ran but failed on this level's flags, or its library does not load: a lower level may
+    still build (an older compiler without -mavxvnni or -mavx512bf16)."""
+
+
 def cache_root() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "qwenkit" / "kernels"
@@ -77,16 +83,19 @@ def _cpu_flags() -> set[str] | str:
     return set()
 
 
-def isa_level(cap: str | None = None) -> str | None:
-    """The best level in ISA_LEVELS this CPU runs, no better than ``cap`` (a level name), or None."""
+def runnable_levels(cap: str | None = None) -> list[str]:
+    """The levels in ISA_LEVELS this CPU runs, no better than ``cap`` (a level name), best first."""
     flags = _cpu_flags()
     if isinstance(flags, str):
-        return None
+        return []
     levels = list(ISA_LEVELS)
-    for level in levels[levels.index(cap) if cap else 0 :]:
-        if set(ISA_LEVELS[level]) <= flags:
-            return level
-    return None
+    return [level for level in levels[levels.index(cap) if cap else 0 :] if set(ISA_LEVELS[level]) <= flags]
+
+
+def isa_level(cap: str | None = None) -> str | None:
+    """The best level in ISA_LEVELS this CPU runs, no better than ``cap`` (a level name), or None."""
+    levels = runnable_levels(cap)
+    return levels[0] if levels else None
 
 
 def missing_isa(cap: str | None = None) -> str | None:
@@ -180,7 +189,7 @@ def _compile(cxx: str, level: str, out: Path) -> None:
         first_error = next(
             (ln for ln in proc.stderr.splitlines() if "error" in ln), proc.stderr.strip()[-300:]
         )
-        raise KernelBuildError(f"{Path(cxx).name} failed: {first_error}")
+        raise LevelBuildError(f"{Path(cxx).name} failed: {first_error}")
 
 
 def _discard(entry: Path) -> None:
@@ -252,7 +261,22 @@ def load(level: str) -> None:
         torch.ops.load_library(str(lib))
     except (OSError, RuntimeError) as e:
         _discard(lib.parent)  # a library that passes its checksum yet fails to load: rebuild next time
-        raise KernelBuildError(f"the built library does not load ({e})") from e
+        raise LevelBuildError(f"the built library does not load ({e})") from e
+
+
+def first_that_builds(levels: list[str], make: Callable[[str], object]) -> tuple[str, list[str]]:
+    """The first of ``levels`` (best first) that ``make`` (load or ensure_built) succeeds for, and why
+    each better one failed ("level: reason"). A failure that is no level's own (no compiler, a cache
+    that cannot be written) ends the search; when none succeeds, the best level's error is raised."""
+    failed: list[tuple[str, KernelBuildError]] = []
+    for level in levels:
+        try:
+            make(level)
+        except LevelBuildError as e:
+            failed.append((level, e))
+            continue
+        return level, [f"{lvl}: {e}" for lvl, e in failed]
+    raise failed[0][1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -274,16 +298,20 @@ def main(argv: list[str] | None = None) -> int:
     if args:
         print(f"usage: python -m qwenkit.kernels.build [--into-venv] (got {' '.join(args)})")
         return 2
-    level = isa_level()
-    if level is None:
+    levels = runnable_levels()
+    if not levels:
         print(f"qwenkit kernels: not built, {missing_isa()}; the plain PyTorch path will be used")
         return 0
+    built: dict[str, Path] = {}
     try:
-        lib = ensure_built(level, announce=False)
+        level, failed = first_that_builds(
+            levels, lambda lvl: built.setdefault(lvl, ensure_built(lvl, announce=False))
+        )
     except (KernelBuildError, OSError) as e:  # OSError: e.g. the C++ source missing from an install
         print(f"qwenkit kernels: not built ({e}); the plain PyTorch path will be used")
         return 0
-    print(f"qwenkit kernels: {level} ready at {lib}")
+    lower = f" (not {'; '.join(failed)})" if failed else ""
+    print(f"qwenkit kernels: {level} ready at {built[level]}{lower}")
     return 0
 
 

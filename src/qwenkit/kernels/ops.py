@@ -59,15 +59,17 @@ def _load() -> bool:
     global _level, _amx
     choice = env_choice(ENV_SWITCH, KERNEL_CHOICES, "auto")
     cap = choice if choice in ("avxvnni", "avx2") else None
-    level, reason = build.isa_level(cap), build.missing_isa(cap)
-    if level is not None:
+    reason, level, failed = build.missing_isa(cap), None, []
+    if reason is None:  # the best level that builds: a compiler too old for one tries the next
         try:
-            build.load(level)
+            level, failed = build.first_that_builds(build.runnable_levels(cap), build.load)
         except (build.KernelBuildError, OSError) as e:  # OSError: e.g. the C++ source missing
             reason = str(e)
-    if reason:
+    if reason or level is None:
         _note(f"CPU kernels unavailable: {reason}")
         return False
+    if failed:
+        print(f"qwenkit: CPU kernels: {'; '.join(failed)}; using the {level} build", file=sys.stderr)
     _level = level
     _amx = bool(torch.ops.qwenkit.use_amx(env_choice(AMX_SWITCH, ON_OFF, "on") == "on"))
     return True
