@@ -90,6 +90,47 @@ def test_failed_build_is_refused_cleanly(fake_cache, monkeypatch, tmp_path):
     assert list((tmp_path / "qwenkit" / "kernels").iterdir()) == []  # nothing half-written stays
 
 
+@needs_isa
+def test_a_level_the_compiler_rejects_is_not_compiled_again(fake_cache, monkeypatch, tmp_path, capsys):
+    """An old g++ that rejects -mavxvnni rejects it at every start: the failure is noted beside the cache
+    entry (keyed by compiler, source and flags) and the next start goes straight to the next level."""
+    calls = []
+
+    def rejecting(cxx, level, out):
+        calls.append(level)
+        raise build.LevelBuildError("g++ failed: g++: error: unrecognized command-line option", lasting=True)
+
+    monkeypatch.setattr(build, "_compile", rejecting)
+    for _ in range(2):
+        with pytest.raises(build.LevelBuildError, match="unrecognized command-line option") as e:
+            build.ensure_built(LEVEL)
+        assert e.value.lasting
+    assert calls == [LEVEL]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"qwenkit: building the {LEVEL} CPU kernels once")
+    notes = list((tmp_path / "qwenkit" / "kernels").iterdir())
+    assert [p.suffix for p in notes] == [".failed"], notes  # the note only: nothing half-built
+    notes[0].unlink()  # deleting it (or a new compiler: a new key) tries again
+    with pytest.raises(build.LevelBuildError):
+        build.ensure_built(LEVEL, announce=False)
+    assert calls == [LEVEL, LEVEL]
+
+
+@needs_isa
+def test_a_compiler_killed_by_a_signal_is_tried_again(fake_cache, monkeypatch, tmp_path):
+    calls = []
+
+    def killed(cxx, level, out):
+        calls.append(level)
+        raise build.LevelBuildError("g++ failed: (killed)", lasting=False)
+
+    monkeypatch.setattr(build, "_compile", killed)
+    for _ in range(2):
+        with pytest.raises(build.LevelBuildError):
+            build.ensure_built(LEVEL, announce=False)
+    assert calls == [LEVEL, LEVEL] and list((tmp_path / "qwenkit" / "kernels").iterdir()) == []
+
+
 def test_no_compiler_falls_back_with_one_line(tmp_path):
     code = "from qwenkit import kernels; print(kernels.available()); print(kernels.available())"
     r = run_python(code, XDG_CACHE_HOME=str(tmp_path), CXX="false", PATH="/nonexistent")

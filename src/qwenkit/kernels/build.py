@@ -61,7 +61,13 @@ class KernelBuildError(RuntimeError):
 
 class LevelBuildError(KernelBuildError):
     """The compiler ran but failed on this level's flags, or its library does not load: a lower level may
-    still build (an older compiler without -mavxvnni or -mavx512bf16)."""
+    still build (an older compiler without -mavxvnni or -mavx512bf16). ``lasting``: the compiler itself
+    rejected the source or flags (it exited with an error, not a signal), so the same compiler will
+    again; ensure_built remembers that and does not try again at every start."""
+
+    def __init__(self, message: str, lasting: bool = False) -> None:
+        super().__init__(message)
+        self.lasting = lasting
 
 
 def cache_root() -> Path:
@@ -189,7 +195,7 @@ def _compile(cxx: str, level: str, out: Path) -> None:
         first_error = next(
             (ln for ln in proc.stderr.splitlines() if "error" in ln), proc.stderr.strip()[-300:]
         )
-        raise LevelBuildError(f"{Path(cxx).name} failed: {first_error}")
+        raise LevelBuildError(f"{Path(cxx).name} failed: {first_error}", lasting=proc.returncode > 0)
 
 
 def _discard(entry: Path) -> None:
@@ -211,6 +217,13 @@ def ensure_built(level: str, announce: bool = True) -> Path:
     lib = cached_library(entry)
     if lib is not None:
         return lib
+    note = failure_note(entry)
+    try:  # this compiler rejected this source and level before: it will again (a new one is a new key)
+        known_failure = note.read_text().strip()
+    except OSError:
+        known_failure = ""
+    if known_failure:
+        raise LevelBuildError(known_failure, lasting=True)
     if entry.exists():
         _discard(entry)
     try:
@@ -221,7 +234,12 @@ def ensure_built(level: str, announce: bool = True) -> Path:
     if announce:
         print(f"qwenkit: building the {level} CPU kernels once into {entry} (about 30 s)", file=sys.stderr)
     try:
-        _compile(cxx, level, tmp / LIBRARY_NAME)
+        try:
+            _compile(cxx, level, tmp / LIBRARY_NAME)
+        except LevelBuildError as e:
+            if e.lasting:
+                _remember_failure(note, str(e))
+            raise
         (tmp / (LIBRARY_NAME + ".sha256")).write_text(_sha256(tmp / LIBRARY_NAME) + "\n")
         try:
             tmp.rename(entry)
@@ -236,6 +254,22 @@ def ensure_built(level: str, announce: bool = True) -> Path:
     if lib is None:
         raise KernelBuildError(f"the built library in {entry} is missing or damaged")
     return lib
+
+
+def failure_note(entry: Path) -> Path:
+    """Where ensure_built notes that the compiler of ``entry``'s key rejected its source and flags."""
+    return entry.with_name(entry.name + ".failed")
+
+
+def _remember_failure(note: Path, message: str) -> None:
+    """Write the note whole (a temporary file renamed into place) or not at all; a cache that cannot be
+    written only costs a retry at the next start."""
+    tmp = note.with_name(f".{note.name}.{os.getpid()}")
+    try:
+        tmp.write_text(message + "\n")
+        tmp.replace(note)
+    except OSError:
+        tmp.unlink(missing_ok=True)
 
 
 def into_venv(level: str) -> Path:
