@@ -1130,12 +1130,14 @@ void int_tile_rows(const QuantizedRows& qr, int64_t p, int64_t r0, int h0, const
   "vpbroadcastd " #o "*2*%c[st]+%c[st]+" #m "*4(%[x]), %[xv]\n\t"                                          \
   "vpmaddubsw %[xv], %[hi0], %[t]\n\tvpaddw %[t], %[" #a0 "], %[" #a0 "]\n\t"                      \
   "vpmaddubsw %[xv], %[hi1], %[t]\n\tvpaddw %[t], %[" #a1 "], %[" #a1 "]\n\t"
-#define QK_I4_STEP(o)                                                                             \
+// Step o's 64 bytes of nibbles, both halves, unpacked: lo0/lo1 the low nibbles, hi0/hi1 the high ones.
+#define QK_I4_UNPACK(o)                                                                           \
   "vmovdqu " #o "*64(%[w]), %[hi0]\n\tvmovdqu " #o "*64+32(%[w]), %[hi1]\n\t"                      \
   "vpand %[hi0], %[mask], %[lo0]\n\tvpand %[hi1], %[mask], %[lo1]\n\t"                             \
   "vpsrlw $4, %[hi0], %[hi0]\n\tvpsrlw $4, %[hi1], %[hi1]\n\t"                                     \
-  "vpand %[hi0], %[mask], %[hi0]\n\tvpand %[hi1], %[mask], %[hi1]\n\t"                             \
-  QK_I4_ROW(o, 0, a00, a01) QK_I4_ROW(o, 1, a10, a11) QK_I4_ROW(o, 2, a20, a21) QK_I4_ROW(o, 3, a30, a31)
+  "vpand %[hi0], %[mask], %[hi0]\n\tvpand %[hi1], %[mask], %[hi1]\n\t"
+#define QK_I4_STEP(o) \
+  QK_I4_UNPACK(o) QK_I4_ROW(o, 0, a00, a01) QK_I4_ROW(o, 1, a10, a11) QK_I4_ROW(o, 2, a20, a21) QK_I4_ROW(o, 3, a30, a31)
 template <int MT>
 inline void int4_block_4x2(const uint8_t* w, const int32_t* x, __m256i mask, __m256i (*sum)[2]) {
   __m256i lo0, lo1, hi0, hi1, xv, t;
@@ -1183,12 +1185,8 @@ inline void int8_block_4x2(const uint8_t* w, const int32_t* x, __m256i flip, __m
   "%{vex%} vpdpbusd %[xv], %[lo0], %[" #a0 "]\n\t%{vex%} vpdpbusd %[xv], %[lo1], %[" #a1 "]\n\t"          \
   "vpbroadcastd " #o "*2*%c[st]+%c[st]+" #m "*4(%[x]), %[xv]\n\t"                                      \
   "%{vex%} vpdpbusd %[xv], %[hi0], %[" #a0 "]\n\t%{vex%} vpdpbusd %[xv], %[hi1], %[" #a1 "]\n\t"
-#define QK_V4_STEP(o)                                                                             \
-  "vmovdqu " #o "*64(%[w]), %[hi0]\n\tvmovdqu " #o "*64+32(%[w]), %[hi1]\n\t"                      \
-  "vpand %[hi0], %[mask], %[lo0]\n\tvpand %[hi1], %[mask], %[lo1]\n\t"                             \
-  "vpsrlw $4, %[hi0], %[hi0]\n\tvpsrlw $4, %[hi1], %[hi1]\n\t"                                     \
-  "vpand %[hi0], %[mask], %[hi0]\n\tvpand %[hi1], %[mask], %[hi1]\n\t"                             \
-  QK_V4_ROW(o, 0, a00, a01) QK_V4_ROW(o, 1, a10, a11) QK_V4_ROW(o, 2, a20, a21) QK_V4_ROW(o, 3, a30, a31)
+#define QK_V4_STEP(o) \
+  QK_I4_UNPACK(o) QK_V4_ROW(o, 0, a00, a01) QK_V4_ROW(o, 1, a10, a11) QK_V4_ROW(o, 2, a20, a21) QK_V4_ROW(o, 3, a30, a31)
 template <int MT>
 inline void int4_block_4x2_vnni(const uint8_t* w, const int32_t* x, __m256i mask, __m256i (*sum)[2]) {
   __m256i lo0, lo1, hi0, hi1, xv;
@@ -1222,6 +1220,7 @@ inline void int8_block_4x2_vnni(const uint8_t* w, const int32_t* x, __m256i (*su
 #undef QK_V8_STEP
 #undef QK_V8_ROW
 #endif
+#undef QK_I4_UNPACK
 
 // One block's int32 sums for rows 0-3 of the pass and both halves, the block's start included.
 template <int BITS, int MT>
