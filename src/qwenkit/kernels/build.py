@@ -310,6 +310,8 @@ def first_that_builds(levels: list[str], make: Callable[[str], object]) -> tuple
             failed.append((level, e))
             continue
         return level, [f"{lvl}: {e}" for lvl, e in failed]
+    if not failed:
+        raise KernelBuildError("this CPU runs no level of the kernels")
     raise failed[0][1]
 
 

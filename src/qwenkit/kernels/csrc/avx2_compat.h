@@ -319,11 +319,12 @@ QK_INLINE qk_m512i qk_permutexvar_epi16(qk_m512i idx, qk_m512i a) {
 QK_INLINE __m256i qk_dpbusd8(__m256i acc, __m256i u, __m256i s) {
 #ifdef __AVXVNNI__
   return _mm256_dpbusd_avx_epi32(acc, u, s);
-#endif
+#else
   const __m256i low = _mm256_set1_epi16(0x00ff);
   const __m256i u_even = _mm256_and_si256(u, low), u_odd = _mm256_srli_epi16(u, 8);
   const __m256i s_even = _mm256_srai_epi16(_mm256_slli_epi16(s, 8), 8), s_odd = _mm256_srai_epi16(s, 8);
   return _mm256_add_epi32(acc, _mm256_add_epi32(_mm256_madd_epi16(u_even, s_even), _mm256_madd_epi16(u_odd, s_odd)));
+#endif
 }
 QK_INLINE qk_m512i qk_dpbusd_epi32(qk_m512i acc, qk_m512i u, qk_m512i s) {
   return {qk_dpbusd8(acc.lo, u.lo, s.lo), qk_dpbusd8(acc.hi, u.hi, s.hi)};
@@ -332,8 +333,9 @@ QK_INLINE qk_m512i qk_dpbusd_epi32(qk_m512i acc, qk_m512i u, qk_m512i s) {
 QK_INLINE qk_m512i qk_dpwssd_epi32(qk_m512i acc, qk_m512i a, qk_m512i b) {
 #ifdef __AVXVNNI__
   return {_mm256_dpwssd_avx_epi32(acc.lo, a.lo, b.lo), _mm256_dpwssd_avx_epi32(acc.hi, a.hi, b.hi)};
-#endif
+#else
   return {_mm256_add_epi32(acc.lo, _mm256_madd_epi16(a.lo, b.lo)), _mm256_add_epi32(acc.hi, _mm256_madd_epi16(a.hi, b.hi))};
+#endif
 }
 
 // --- the renames -----------------------------------------------------------------------------------------

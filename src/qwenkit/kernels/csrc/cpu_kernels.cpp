@@ -43,7 +43,7 @@
 #include <cpuid.h>
 #include <immintrin.h>
 #ifndef __AVX512F__
-#include "avx2_compat.h"  // build.py's "avx2" level: the AVX-512 intrinsics below, built on AVX2
+#include "avx2_compat.h"  // build.py's "avx2" and "avxvnni" levels: the AVX-512 intrinsics, on AVX2
 #endif
 // build.py's "avxvnni" level: the AVX2 build plus AVX-VNNI (Intel client cores since Alder Lake), whose
 // 256-bit vpdpbusd / vpdpwssd take the place of the integer tiles' vpmaddubsw + vpmaddwd + vpaddd.
@@ -966,15 +966,6 @@ void int_tile(const QuantizedRows& qr, int64_t p, const uint8_t* tile, const S* 
   for (int m = 0; m < MT; ++m) out.store(m0 + m, n0, facc[m]);
 }
 #else
-// The AVX2 form of the tile for passes of 1-2 rows: vpmaddubsw (u8 x s8 pairs -> int16) and vpmaddwd in
-// place of vpdpbusd, for R rows of the pass and H 8-output halves of the tile (32 of each 64 bytes) at a
-// time, so the accumulators fit AVX2's 16 registers: int4 takes both halves (each broadcast serves 16
-// outputs; 15% faster at one row), int8 one half at a time (the tile is read again from cache for the
-// other). Passes of 4-8 rows take int_tile_rows4x2. int4 codes (0..15)
-// times int8 activations never saturate vpmaddubsw's int16 pairs, so a block's 8 pairs are summed in
-// int16 before one widening. int8 codes are made signed (code - 128, which int8_zero_point has already
-// moved into the block starts) and multiplied as |w| . sign(x, w), which keeps each int16 pair in range.
-// The float arithmetic is the AVX-512 tile's, in the same order.
 #ifdef QK_AVXVNNI
 // One block (32 inputs) of R rows against H halves of the tile on AVX-VNNI: the int32 sums from the block
 // starts, the u8 codes (int4 nibbles or int8 bytes, zero point not removed: int8_zero_point) times the
@@ -1010,6 +1001,16 @@ __attribute__((always_inline)) inline void vnni_block(const uint8_t* wb, const i
 }
 #endif
 
+// The AVX2 form of the tile for passes of 1-2 rows: vpmaddubsw (u8 x s8 pairs -> int16) and vpmaddwd in
+// place of vpdpbusd, for R rows of the pass and H 8-output halves of the tile (32 of each 64 bytes) at a
+// time, so the accumulators fit AVX2's 16 registers: int4 takes both halves (each broadcast serves 16
+// outputs; 15% faster at one row), int8 one half at a time (the tile is read again from cache for the
+// other). Passes of 4-8 rows take int_tile_rows4x2. int4 codes (0..15)
+// times int8 activations never saturate vpmaddubsw's int16 pairs, so a block's 8 pairs are summed in
+// int16 before one widening. int8 codes are made signed (code - 128, which int8_zero_point has already
+// moved into the block starts) and multiplied as |w| . sign(x, w), which keeps each int16 pair in range.
+// On AVX-VNNI, vnni_block does the integer part. The float arithmetic is the AVX-512 tile's, in the same
+// order.
 template <int BITS, typename S, int R, int H, int MT>
 void int_tile_rows(const QuantizedRows& qr, int64_t p, int64_t r0, int h0, const uint8_t* tile, const S* tscale,
                    const S* tshift, int64_t group_size, float (*y)[16], const uint8_t* next) {
