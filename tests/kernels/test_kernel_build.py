@@ -340,6 +340,35 @@ def test_every_level_this_cpu_runs_gives_the_same_integer_products(loaded, tmp_p
         assert not differ, f"{level} differs from {first} in {len(differ)} products, e.g. {differ[:3]}"
 
 
+@needs_isa
+def test_every_level_this_cpu_runs_answers_alike_through_chat(loaded):
+    """End to end: `qwenkit chat -p` on the bundled model (Q4_1 layers, Q8_0 head), greedy, answers the
+    same on each level this CPU runs (the whole decode step: quantized activations, integer and 16-bit
+    head tiles, the one-call decode layers)."""
+    levels = levels_this_cpu_runs()
+    if len(levels) < 2:
+        pytest.skip(f"this CPU runs one level only ({levels[0]}): nothing to compare it with")
+    exe = Path(sys.executable).with_name("qwenkit")
+    cmd = [
+        str(exe),
+        "chat",
+        "-p",
+        "Name three prime numbers.",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "24",
+    ]
+    answers = {}
+    for level in levels:
+        env = {**os.environ, "PYTHONPATH": str(SRC), ops.ENV_SWITCH: "auto" if level == LEVEL else level}
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+        assert r.returncode == 0, r.stderr[-2000:]
+        answers[level] = r.stdout
+    assert len(answers[levels[0]].split()) >= 5, answers
+    assert all(a == answers[levels[0]] for a in answers.values()), answers
+
+
 def test_torch_switch_turns_the_kernels_off(monkeypatch, capsys):
     monkeypatch.setenv(ops.ENV_SWITCH, "torch")
     assert kernels.available() is False
