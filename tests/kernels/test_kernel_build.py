@@ -168,11 +168,13 @@ AVX512_FLAGS = set(build.ISA_LEVELS["avx512"])
         (AVX512_FLAGS | {"avx2"}, "avx2", "avx2"),  # QWENKIT_KERNELS=avx2 on an AVX-512 CPU
         (AVX512_FLAGS | {"avx2"}, "avxvnni", "avx2"),  # a cap the CPU cannot meet: the next level down
         (AVX512_FLAGS | {"avx2", "avx_vnni"}, None, "avx512"),  # Sapphire Rapids
+        (AVX512_FLAGS | {"avx2", "avx_vnni"}, "avx512vnni", "avx512vnni"),
         (AVX512_FLAGS | {"avx2", "avx_vnni"}, "avxvnni", "avxvnni"),
         (AVX512_FLAGS | {"avx2", "avx_vnni"}, "avx2", "avx2"),
         ({"avx2", "fma", "f16c", "avx_vnni"}, None, "avxvnni"),  # Alder Lake and later client cores
-        ({"avx2", "fma", "f16c", "avx512f"}, None, "avx2"),  # AVX-512 without BF16/VNNI
-        ({"avx2", "fma", "f16c", "avx512f", "avx512_vnni"}, None, "avx2"),  # Ice Lake: no VEX AVX-VNNI
+        ({"avx2", "fma", "f16c", "avx512f"}, None, "avx2"),  # AVX-512 without BW/VL/VNNI
+        (AVX512_FLAGS - {"avx512_bf16"} | {"avx2"}, None, "avx512vnni"),  # Cascade/Ice Lake: VNNI, no BF16
+        (AVX512_FLAGS - {"avx512_bf16", "avx512_vnni"} | {"avx2"}, None, "avx2"),  # Skylake-SP
         ({"avx2", "fma"}, None, None),
         ({"avx2", "fma", "avx_vnni"}, None, None),
     ],
@@ -183,7 +185,8 @@ def test_the_best_level_the_cpu_has_is_built(monkeypatch, flags, cap, level):
     assert (build.missing_isa(cap) is None) == (level is not None)
     if level:  # the flags a level compiles with are exactly the ones checked
         assert set(build.compile_flags(level)) >= set(build.ISA_LEVELS[level].values())
-        assert level == "avx512" or not any("avx512" in f for f in build.compile_flags(level))
+        assert level.startswith("avx512") or not any("avx512" in f for f in build.compile_flags(level))
+        assert level == "avx512" or "-mavx512bf16" not in build.compile_flags(level)
     else:
         assert build.missing_isa(cap) == "this CPU lacks f16c"
 
@@ -213,13 +216,15 @@ def failing_above(level: str, tried: list[str]):
 
 
 def test_a_level_the_compiler_cannot_build_falls_back_to_the_next(fresh_load, monkeypatch, capsys):
-    """An older g++ without -mavx512bf16 or -mavxvnni still gets the AVX2 kernels, with one line."""
+    """A g++ that rejects every level above AVX2 (its AVX-512 and AVX-VNNI flags) still gets the AVX2
+    kernels, with one line naming why."""
     monkeypatch.setattr(build, "load", failing_above("avx2", fresh_load))
     assert kernels.available() is True and kernels.isa_level() == "avx2"
-    assert fresh_load == ["avx512", "avxvnni", "avx2"]
+    assert fresh_load == ["avx512", "avx512vnni", "avxvnni", "avx2"]
+    why = "g++ failed: error: unrecognized command-line option for"
     assert capsys.readouterr().err.strip().splitlines() == [
-        "qwenkit: CPU kernels: avx512: g++ failed: error: unrecognized command-line option for avx512; "
-        "avxvnni: g++ failed: error: unrecognized command-line option for avxvnni; using the avx2 build"
+        f"qwenkit: CPU kernels: avx512: {why} avx512; avx512vnni: {why} avx512vnni; avxvnni: {why} avxvnni; "
+        "using the avx2 build"
     ]
 
 
@@ -246,10 +251,11 @@ def test_prebuild_names_the_level_built_and_the_ones_that_failed(monkeypatch, ca
         return tmp_path / level / build.LIBRARY_NAME
 
     monkeypatch.setattr(build, "ensure_built", ensure_built)
-    assert build.main([]) == 0 and tried == ["avx512", "avxvnni"]
+    assert build.main([]) == 0 and tried == ["avx512", "avx512vnni", "avxvnni"]
     assert capsys.readouterr().out.strip().splitlines() == [
         f"qwenkit kernels: avxvnni ready at {tmp_path / 'avxvnni' / build.LIBRARY_NAME} (not avx512: g++ "
-        "failed: error: unrecognized command-line option for avx512)"
+        "failed: error: unrecognized command-line option for avx512; avx512vnni: g++ failed: error: "
+        "unrecognized command-line option for avx512vnni)"
     ]
 
 
@@ -304,6 +310,11 @@ for bits in (8, 4):
                 out[key] = (kernels.linear_int8 if bits == 8 else kernels.linear_int4)(x, p)
                 if bits == 8:
                     out[key + " x16"] = kernels.linear_int8_float(x, p)
+for n, k in ((40, 64), (48, 96), (136, 256)):  # bf16 on the vector tiles (the children run with AMX off)
+    w = torch.randn(n, k, generator=g).to(torch.bfloat16)
+    p = kernels.prepare_bf16(w)
+    for m in (1, 2, 3, 4, 5, 8, 11, 16, 21):
+        out[f"bf16 {n}x{k} m={m}"] = kernels.linear_bf16(torch.randn(m, k, generator=g).to(torch.bfloat16), p)
 torch.save(out, sys.argv[1])
 """
 
@@ -316,7 +327,8 @@ def levels_this_cpu_runs() -> list[str]:
 def test_every_level_this_cpu_runs_gives_the_same_integer_products(loaded, tmp_path):
     """The AVX-512, AVX-VNNI and AVX2 builds reach the same integer sums by different instructions
     (vpdpbusd on 512 or 256 bits, vpmaddubsw chains) and do the same float arithmetic after them, so
-    each integer product is bit for bit the same on every level: a model answers the same on each.
+    each integer product is bit for bit the same on every level: a model answers the same on each. The
+    bf16 products too, where vdpbf16ps is written as two FMAs (AMX, which rounds its own way, is off).
     Each level this CPU runs is loaded in a child process (QWENKIT_KERNELS caps the level)."""
     levels = levels_this_cpu_runs()
     if len(levels) < 2:
@@ -329,12 +341,17 @@ def test_every_level_this_cpu_runs_gives_the_same_integer_products(loaded, tmp_p
             capture_output=True,
             text=True,
             timeout=600,
-            env={**os.environ, "PYTHONPATH": str(SRC), ops.ENV_SWITCH: "auto" if level == LEVEL else level},
+            env={
+                **os.environ,
+                "PYTHONPATH": str(SRC),
+                ops.ENV_SWITCH: "auto" if level == LEVEL else level,
+                ops.AMX_SWITCH: "off",
+            },
         )
         assert r.returncode == 0 and r.stdout.split() == [level], r.stderr[-2000:]
         results[level] = torch.load(out)
     first, *others = levels
-    assert len(results[first]) == 2 * 6 * 2 * 9 + 6 * 2 * 9
+    assert len(results[first]) == 2 * 6 * 2 * 9 + 6 * 2 * 9 + 3 * 9
     for level in others:
         differ = [k for k, y in results[first].items() if not torch.equal(y, results[level][k])]
         assert not differ, f"{level} differs from {first} in {len(differ)} products, e.g. {differ[:3]}"
@@ -383,7 +400,9 @@ def test_a_misspelt_switch_is_named_once_not_ignored(loaded):
     code = "from qwenkit import kernels; print(kernels.available(), kernels.available())"
     r = run_python(code, QWENKIT_KERNELS="toch")
     assert r.returncode == 0 and r.stdout.strip() == "True True", r.stderr
-    named = "qwenkit: QWENKIT_KERNELS='toch' is not one of auto, avx2, avxvnni, torch; using 'auto'"
+    named = (
+        "qwenkit: QWENKIT_KERNELS='toch' is not one of auto, avx2, avx512vnni, avxvnni, torch; using 'auto'"
+    )
     assert r.stderr.strip().splitlines() == [named]
     r = run_python(code, QWENKIT_KERNELS=" Torch ")  # case and spaces do not matter
     assert r.stdout.strip() == "False False" and r.stderr == ""

@@ -45,7 +45,7 @@ def test_profile_cli_table(tiny, capsys) -> None:
     # on AMX: all but the two down_proj layers, whose K (160) is not a multiple of 64
     avx512 = f"qwenkit AMX BF16 (tdpbf16ps) x13; {vector} x2" if kernels.amx_in_use() else f"{vector} x15"
     avx2 = "qwenkit AVX2 BF16 (FMA) x15"  # AVX-VNNI has no bf16 products: its build runs AVX2's
-    names = {"avx512": avx512, "avxvnni": avx2, "avx2": avx2}
+    names = {"avx512": avx512, "avx512vnni": "qwenkit AVX-512 BF16 (FMA) x15", "avxvnni": avx2, "avx2": avx2}
     bf16 = names.get(level or "", "dense F.linear (bfloat16) x15")
     assert table[1].startswith(f"| bfloat16 | bfloat16 | {bf16} |"), table[1]
     int4 = f"{INT_ISA_NAMES[level]} int4" if level else "_weight_int4pack_mm_for_cpu"

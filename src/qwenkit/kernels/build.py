@@ -4,12 +4,14 @@ The library is compiled once per (source, torch version, compiler version, flags
 compiler and cached under ``${XDG_CACHE_HOME:-~/.cache}/qwenkit/kernels/<key>/``. A build goes into a
 temporary directory that is renamed into place, and the cached file's SHA-256 is checked before it is
 loaded, so a process never loads a half-written or damaged library (a damaged entry is rebuilt).
-One source is built at one of three instruction-set levels (``ISA_LEVELS``): "avx512" (AVX-512 with
-BF16 and VNNI) where the CPU has it, else "avxvnni" (AVX2 with AVX-VNNI: Intel client cores since Alder
-Lake), else "avx2" (AVX2, FMA, F16C). The two below AVX-512 build the same source, its AVX-512 intrinsics
-written on AVX2 by csrc/avx2_compat.h; "avxvnni" adds 256-bit vpdpbusd/vpdpwssd to the integer tiles
-(the same sums, fewer instructions). The compile flags name exactly the ISA extensions that
-`isa_level` checks at run time.
+One source is built at one of four instruction-set levels (``ISA_LEVELS``), the best the CPU has:
+"avx512" (AVX-512 with BF16 and VNNI), "avx512vnni" (AVX-512 with VNNI but no BF16: Cascade Lake and
+Ice Lake Xeons, Ice Lake and Tiger Lake laptops; the two bf16 instructions written on FMAs by
+csrc/avx512_nobf16.h), "avxvnni" (AVX2 with AVX-VNNI: Intel client cores since Alder Lake) and "avx2"
+(AVX2, FMA, F16C). The two below AVX-512 build the same source, its AVX-512 intrinsics written on AVX2
+by csrc/avx2_compat.h; "avxvnni" adds 256-bit vpdpbusd/vpdpwssd to the integer tiles (the same sums,
+fewer instructions). The compile flags name exactly the ISA extensions that `isa_level` checks at run
+time.
 
 A container image has no compiler at run time: its build stage runs ``--into-venv``, which compiles
 every level whatever the build machine's CPU and stores them inside the virtual environment
@@ -33,7 +35,7 @@ import torch
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCE = CSRC / "cpu_kernels.cpp"
-SOURCES = (SOURCE, CSRC / "avx2_compat.h")  # what a build reads: both are in its cache key
+SOURCES = (SOURCE, CSRC / "avx2_compat.h", CSRC / "avx512_nobf16.h")  # what a build reads: its cache key
 LIBRARY_NAME = "qwenkit_cpu_kernels.so"
 
 # The instruction-set levels the one source is built for, best first: /proc/cpuinfo flag -> the compiler
@@ -45,6 +47,14 @@ ISA_LEVELS: dict[str, dict[str, str]] = {
         "avx512bw": "-mavx512bw",
         "avx512vl": "-mavx512vl",
         "avx512_bf16": "-mavx512bf16",
+        "avx512_vnni": "-mavx512vnni",
+        "fma": "-mfma",
+        "f16c": "-mf16c",
+    },
+    "avx512vnni": {
+        "avx512f": "-mavx512f",
+        "avx512bw": "-mavx512bw",
+        "avx512vl": "-mavx512vl",
         "avx512_vnni": "-mavx512vnni",
         "fma": "-mfma",
         "f16c": "-mf16c",

@@ -13,8 +13,9 @@ import torch
 from qwenkit.env_switch import ON_OFF, env_choice
 from qwenkit.errors import QwenkitError
 
-ENV_SWITCH = "QWENKIT_KERNELS"  # "torch": the plain PyTorch path; "avx2", "avxvnni": at most that build
-KERNEL_CHOICES = {"auto": "auto", "torch": "torch", "avxvnni": "avxvnni", "avx2": "avx2"}  # else "auto"
+ENV_SWITCH = "QWENKIT_KERNELS"  # "torch": the plain PyTorch path; a level name: at most that build
+CAPS = ("avx512vnni", "avxvnni", "avx2")  # the levels below the best that QWENKIT_KERNELS can cap at
+KERNEL_CHOICES = {"auto": "auto", "torch": "torch"} | {cap: cap for cap in CAPS}  # another: named, "auto"
 AMX_SWITCH = "QWENKIT_AMX"  # "off": bf16 products on the AVX-512 vector tiles even where AMX exists
 _loaded: bool | None = None  # None: not tried yet in this process
 _level: str | None = None  # the instruction-set level of the loaded library
@@ -36,8 +37,9 @@ def _note(text: str) -> None:
 def available() -> bool:
     """True when the C++ kernels are loaded (building them on first use if needed).
 
-    The library is built for the best level the CPU has (AVX-512 BF16/VNNI, else AVX2 with AVX-VNNI, else
-    AVX2; QWENKIT_KERNELS=avxvnni or =avx2 caps it, to compare or test the lower builds). False, after one
+    The library is built for the best level the CPU has (AVX-512 BF16/VNNI, else AVX-512 VNNI, else AVX2
+    with AVX-VNNI, else AVX2; QWENKIT_KERNELS=avx512vnni, =avxvnni or =avx2 caps it, to compare or test
+    the lower builds). False, after one
     line on stderr, when the CPU has none of them, there is no compiler or the build fails; False silently
     when QWENKIT_KERNELS=torch asks for the plain path. The level is fixed by the first call in a process.
     """
@@ -58,7 +60,7 @@ def _load() -> bool:
 
     global _level, _amx
     choice = env_choice(ENV_SWITCH, KERNEL_CHOICES, "auto")
-    cap = choice if choice in ("avxvnni", "avx2") else None
+    cap = choice if choice in CAPS else None
     reason, level, failed = build.missing_isa(cap), None, []
     if reason is None:  # the best level that builds: a compiler too old for one tries the next
         try:
@@ -105,7 +107,7 @@ def bf16_runs_on_amx(in_features: int) -> bool:
 
 
 def isa_level() -> str | None:
-    """The instruction-set level the loaded kernels were built for ("avx512", "avxvnni", "avx2"), or None."""
+    """The instruction-set level the loaded kernels were built for (a key of build.ISA_LEVELS), or None."""
     return _level if available() else None
 
 

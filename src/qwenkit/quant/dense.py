@@ -28,8 +28,11 @@ class PackedBf16Linear(nn.Module):
     @property
     def kernel(self) -> str:
         """What runs this layer (``qwenkit profile`` prints it): the loaded build's instruction set."""
-        if kernels.isa_level() in ("avx2", "avxvnni"):  # the same bf16 tiles: AVX-VNNI has no bf16
+        level = kernels.isa_level()
+        if level in ("avx2", "avxvnni"):  # the same bf16 tiles: AVX-VNNI has no bf16
             return "qwenkit AVX2 BF16 (FMA)"
+        if level == "avx512vnni":  # AVX-512 without BF16: vdpbf16ps as two FMAs
+            return "qwenkit AVX-512 BF16 (FMA)"
         if kernels.bf16_runs_on_amx(self.in_features):
             return "qwenkit AMX BF16 (tdpbf16ps)"
         return "qwenkit AVX-512 BF16 (vdpbf16ps)"

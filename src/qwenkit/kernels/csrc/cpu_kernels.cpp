@@ -45,6 +45,9 @@
 #ifndef __AVX512F__
 #include "avx2_compat.h"  // build.py's "avx2" and "avxvnni" levels: the AVX-512 intrinsics, on AVX2
 #endif
+#if defined(__AVX512F__) && !defined(__AVX512BF16__)
+#include "avx512_nobf16.h"  // build.py's "avx512vnni" level: AVX-512 and VNNI, bf16 products on FMAs
+#endif
 // build.py's "avxvnni" level: the AVX2 build plus AVX-VNNI (Intel client cores since Alder Lake), whose
 // 256-bit vpdpbusd / vpdpwssd take the place of the integer tiles' vpmaddubsw + vpmaddwd + vpaddd.
 #if !defined(__AVX512F__) && defined(__AVXVNNI__)
@@ -620,7 +623,7 @@ void linear_bf16_amx(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w,
 #endif
 
 bool use_amx(bool on) {
-#ifdef __AVX512F__
+#if defined(__AVX512F__) && defined(__AVX512BF16__)  // the "avx512vnni" level stands for CPUs without AMX
   amx_wanted().store(on);
   return amx_on();
 #else

@@ -26,7 +26,12 @@ def _zero_point(w: AffineWeight) -> int | None:
 
 
 # How ``qwenkit profile`` names the instruction set the loaded kernels were built for.
-INT_ISA_NAMES = {"avx512": "AVX-512 VNNI", "avxvnni": "AVX-VNNI", "avx2": "AVX2"}
+INT_ISA_NAMES = {
+    "avx512": "AVX-512 VNNI",
+    "avx512vnni": "AVX-512 VNNI",
+    "avxvnni": "AVX-VNNI",
+    "avx2": "AVX2",
+}
 
 
 class _IsaNamed:
