@@ -324,7 +324,7 @@ def levels_this_cpu_runs() -> list[str]:
 
 
 @needs_isa
-def test_every_level_this_cpu_runs_gives_the_same_integer_products(loaded, tmp_path):
+def test_every_level_this_cpu_runs_gives_the_same_products(loaded, tmp_path):
     """The AVX-512, AVX-VNNI and AVX2 builds reach the same integer sums by different instructions
     (vpdpbusd on 512 or 256 bits, vpmaddubsw chains) and do the same float arithmetic after them, so
     each integer product is bit for bit the same on every level: a model answers the same on each. The
