@@ -1,11 +1,11 @@
-"""Fast CPU matrix-vector kernels (C++; AVX-512 BF16/VNNI, else AVX2) for batch 1..16 decode, with a fallback.
+"""Fast CPU matrix-vector kernels (C++; AVX-512, AVX-VNNI or AVX2) for batch 1..16 decode, with a fallback.
 
 Imports only torch, the standard library and qwenkit.errors; model/ and quant/ may import it. API:
 
     from qwenkit import kernels
     kernels.available() -> bool        # loads (building once, ~30 s) or says once why not; False under
                                        # QWENKIT_KERNELS=torch. Call it before using any op below.
-    kernels.isa_level() -> str | None  # "avx512", "avxvnni" or "avx2": the build's instruction set
+    kernels.isa_level() -> str | None  # the build's instruction set: a key of build.ISA_LEVELS
     p = kernels.prepare_bf16(w)                   # w (N, K) -> tiles of 16 rows (one stream each)
     kernels.linear_bf16(x, p, bias=None)          # x (..., K) bf16 -> (..., N) bf16, fp32 accumulation
     kernels.use_amx(on=True) -> bool              # bf16 products on AMX where the CPU has it; on by

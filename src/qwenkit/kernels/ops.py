@@ -39,9 +39,9 @@ def available() -> bool:
 
     The library is built for the best level the CPU has (AVX-512 BF16/VNNI, else AVX-512 VNNI, else AVX2
     with AVX-VNNI, else AVX2; QWENKIT_KERNELS=avx512vnni, =avxvnni or =avx2 caps it, to compare or test
-    the lower builds). False, after one
-    line on stderr, when the CPU has none of them, there is no compiler or the build fails; False silently
-    when QWENKIT_KERNELS=torch asks for the plain path. The level is fixed by the first call in a process.
+    the lower builds). False, after one line on stderr, when the CPU has none of them, there is no
+    compiler or the build fails; False silently when QWENKIT_KERNELS=torch asks for the plain path. The
+    level is fixed by the first call in a process.
     """
     global _loaded
     if env_choice(ENV_SWITCH, KERNEL_CHOICES, "auto") == "torch":
