@@ -36,7 +36,10 @@ def as_found(loaded):
 def amx(as_found):
     """AMX on for the test (skipped without it)."""
     if not kernels.use_amx(True):
-        pytest.skip("this CPU has no AMX-BF16 (or Linux refused its tile state)")
+        pytest.skip(
+            f"AMX not in use: the {kernels.isa_level()} build loaded (only avx512 has AMX), the CPU has no "
+            "AMX-BF16, or Linux refused its tile state"
+        )
 
 
 def test_use_amx_reports_the_cpu(as_found) -> None:
