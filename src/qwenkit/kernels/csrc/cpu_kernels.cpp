@@ -1008,7 +1008,7 @@ __attribute__((always_inline)) inline void vnni_block(const uint8_t* wb, const i
 // place of vpdpbusd, for R rows of the pass and H 8-output halves of the tile (32 of each 64 bytes) at a
 // time, so the accumulators fit AVX2's 16 registers: int4 takes both halves (each broadcast serves 16
 // outputs; 15% faster at one row), int8 one half at a time (the tile is read again from cache for the
-// other). Passes of 4-8 rows take int_tile_rows4x2. int4 codes (0..15)
+// other). Passes of 4-16 rows take int_tile_quads. int4 codes (0..15)
 // times int8 activations never saturate vpmaddubsw's int16 pairs, so a block's 8 pairs are summed in
 // int16 before one widening. int8 codes are made signed (code - 128, which int8_zero_point has already
 // moved into the block starts) and multiplied as |w| . sign(x, w), which keeps each int16 pair in range.
@@ -1134,22 +1134,20 @@ void int_tile_rows(const QuantizedRows& qr, int64_t p, int64_t r0, int h0, const
   "vpbroadcastd " #o "*2*%c[st]+%c[st]+" #m "*4(%[x]), %[xv]\n\t"                                          \
   "vpmaddubsw %[xv], %[hi0], %[t]\n\tvpaddw %[t], %[" #a0 "], %[" #a0 "]\n\t"                      \
   "vpmaddubsw %[xv], %[hi1], %[t]\n\tvpaddw %[t], %[" #a1 "], %[" #a1 "]\n\t"
-// Step o's 64 bytes of nibbles, both halves, unpacked: lo0/lo1 the low nibbles, hi0/hi1 the high ones.
-#define QK_I4_UNPACK(o)                                                                           \
-  "vmovdqu " #o "*64(%[w]), %[hi0]\n\tvmovdqu " #o "*64+32(%[w]), %[hi1]\n\t"                      \
-  "vpand %[hi0], %[mask], %[lo0]\n\tvpand %[hi1], %[mask], %[lo1]\n\t"                             \
-  "vpsrlw $4, %[hi0], %[hi0]\n\tvpsrlw $4, %[hi1], %[hi1]\n\t"                                     \
-  "vpand %[hi0], %[mask], %[hi0]\n\tvpand %[hi1], %[mask], %[hi1]\n\t"
+// Step o's nibbles, both halves, as unpack_int4_block left them: lo0/lo1 the low nibbles, hi0/hi1 the high ones.
+#define QK_I4_UNPACKED(o)                                                                         \
+  "vmovdqa " #o "*128(%[u]), %[lo0]\n\tvmovdqa " #o "*128+32(%[u]), %[lo1]\n\t"                     \
+  "vmovdqa " #o "*128+64(%[u]), %[hi0]\n\tvmovdqa " #o "*128+96(%[u]), %[hi1]\n\t"
 #define QK_I4_STEP(o) \
-  QK_I4_UNPACK(o) QK_I4_ROW(o, 0, a00, a01) QK_I4_ROW(o, 1, a10, a11) QK_I4_ROW(o, 2, a20, a21) QK_I4_ROW(o, 3, a30, a31)
+  QK_I4_UNPACKED(o) QK_I4_ROW(o, 0, a00, a01) QK_I4_ROW(o, 1, a10, a11) QK_I4_ROW(o, 2, a20, a21) QK_I4_ROW(o, 3, a30, a31)
 template <int MT>
-inline void int4_block_4x2(const uint8_t* w, const int32_t* x, __m256i mask, __m256i (*sum)[2]) {
+inline void int4_block_4x2(const uint8_t* u, const int32_t* x, __m256i (*sum)[2]) {
   __m256i lo0, lo1, hi0, hi1, xv, t;
   asm(QK_I4_STEP(0) QK_I4_STEP(1) QK_I4_STEP(2) QK_I4_STEP(3)
       : [a00] "+x"(sum[0][0]), [a01] "+x"(sum[0][1]), [a10] "+x"(sum[1][0]), [a11] "+x"(sum[1][1]),
         [a20] "+x"(sum[2][0]), [a21] "+x"(sum[2][1]), [a30] "+x"(sum[3][0]), [a31] "+x"(sum[3][1]),
         [lo0] "=&x"(lo0), [lo1] "=&x"(lo1), [hi0] "=&x"(hi0), [hi1] "=&x"(hi1), [xv] "=&x"(xv), [t] "=&x"(t)
-      : [w] "r"(w), [x] "r"(x), [st] "i"(4 * MT), [mask] "x"(mask), "m"(*reinterpret_cast<const uint8_t(*)[256]>(w)),
+      : [u] "r"(u), [x] "r"(x), [st] "i"(4 * MT), "m"(*reinterpret_cast<const uint8_t(*)[512]>(u)),
         "m"(*reinterpret_cast<const int32_t(*)[8 * MT]>(x)));
 }
 #undef QK_I4_STEP
@@ -1190,15 +1188,15 @@ inline void int8_block_4x2(const uint8_t* w, const int32_t* x, __m256i flip, __m
   "vpbroadcastd " #o "*2*%c[st]+%c[st]+" #m "*4(%[x]), %[xv]\n\t"                                      \
   "%{vex%} vpdpbusd %[xv], %[hi0], %[" #a0 "]\n\t%{vex%} vpdpbusd %[xv], %[hi1], %[" #a1 "]\n\t"
 #define QK_V4_STEP(o) \
-  QK_I4_UNPACK(o) QK_V4_ROW(o, 0, a00, a01) QK_V4_ROW(o, 1, a10, a11) QK_V4_ROW(o, 2, a20, a21) QK_V4_ROW(o, 3, a30, a31)
+  QK_I4_UNPACKED(o) QK_V4_ROW(o, 0, a00, a01) QK_V4_ROW(o, 1, a10, a11) QK_V4_ROW(o, 2, a20, a21) QK_V4_ROW(o, 3, a30, a31)
 template <int MT>
-inline void int4_block_4x2_vnni(const uint8_t* w, const int32_t* x, __m256i mask, __m256i (*sum)[2]) {
+inline void int4_block_4x2_vnni(const uint8_t* u, const int32_t* x, __m256i (*sum)[2]) {
   __m256i lo0, lo1, hi0, hi1, xv;
   asm(QK_V4_STEP(0) QK_V4_STEP(1) QK_V4_STEP(2) QK_V4_STEP(3)
       : [a00] "+x"(sum[0][0]), [a01] "+x"(sum[0][1]), [a10] "+x"(sum[1][0]), [a11] "+x"(sum[1][1]),
         [a20] "+x"(sum[2][0]), [a21] "+x"(sum[2][1]), [a30] "+x"(sum[3][0]), [a31] "+x"(sum[3][1]),
         [lo0] "=&x"(lo0), [lo1] "=&x"(lo1), [hi0] "=&x"(hi0), [hi1] "=&x"(hi1), [xv] "=&x"(xv)
-      : [w] "r"(w), [x] "r"(x), [st] "i"(4 * MT), [mask] "x"(mask), "m"(*reinterpret_cast<const uint8_t(*)[256]>(w)),
+      : [u] "r"(u), [x] "r"(x), [st] "i"(4 * MT), "m"(*reinterpret_cast<const uint8_t(*)[512]>(u)),
         "m"(*reinterpret_cast<const int32_t(*)[8 * MT]>(x)));
 }
 #undef QK_V4_STEP
@@ -1224,9 +1222,10 @@ inline void int8_block_4x2_vnni(const uint8_t* w, const int32_t* x, __m256i (*su
 #undef QK_V8_STEP
 #undef QK_V8_ROW
 #endif
-#undef QK_I4_UNPACK
+#undef QK_I4_UNPACKED
 
-// One block's int32 sums for rows 0-3 of the pass and both halves, the block's start included.
+// One block's int32 sums for rows 0-3 of the pass and both halves, the block's start included; w: the
+// block's int8 codes, or its int4 codes as unpack_int4_block left them.
 template <int BITS, int MT>
 __attribute__((always_inline)) inline void int_block_4x2(const uint8_t* w, const int32_t* x, const int32_t* start,
                                                          __m256i (*iacc)[2]) {
@@ -1235,7 +1234,7 @@ __attribute__((always_inline)) inline void int_block_4x2(const uint8_t* w, const
   if constexpr (BITS == 8)
     int8_block_4x2_vnni<MT>(w, x, iacc);
   else
-    int4_block_4x2_vnni<MT>(w, x, _mm256_set1_epi8(0x0f), iacc);
+    int4_block_4x2_vnni<MT>(w, x, iacc);
   return;
 #endif
   const __m256i ones = _mm256_set1_epi16(1);
@@ -1245,48 +1244,84 @@ __attribute__((always_inline)) inline void int_block_4x2(const uint8_t* w, const
   } else {
     __m256i sum16[4][2];
     for (int m = 0; m < 4; ++m) sum16[m][0] = sum16[m][1] = _mm256_setzero_si256();
-    int4_block_4x2<MT>(w, x, _mm256_set1_epi8(0x0f), sum16);
+    int4_block_4x2<MT>(w, x, sum16);
     for (int m = 0; m < 4; ++m)
       for (int h = 0; h < 2; ++h)
         iacc[m][h] = _mm256_add_epi32(_mm256_set1_epi32(start[m]), _mm256_madd_epi16(sum16[m][h], ones));
   }
 }
 
-// Rows r0..r0+3 of a pass of 4 or 8 rows against both halves of an int8 or int4 tile (prompts and decode
-// steps of 3-16 rows): int_block_4x2 for the integer part, then int_tile_rows' float arithmetic in the same
-// order, so a row's result is the same in any pass. Its float sums live in L1, through a pointer GCC
-// cannot see through (kept in registers, they and the values GCC hoisted were spilled at every group).
-// 16 rows of a 4864 x 896 product, g32 with minimums, one thread: int4 1.50 -> 0.97 ms, int8 1.92 -> 1.42.
+// A block's int4 codes (4 steps of 64 bytes) as the 4x2 tiles read them: per step, the low nibbles of
+// both halves, then the high ones (128 bytes).
+inline void unpack_int4_block(const uint8_t* w, uint8_t* u) {
+  const __m256i nibble = _mm256_set1_epi8(0x0f);
+  for (int o = 0; o < 4; ++o) {
+    const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 64 * o));
+    const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 64 * o + 32));
+    __m256i* out = reinterpret_cast<__m256i*>(u + 128 * o);
+    _mm256_store_si256(out, _mm256_and_si256(v0, nibble));
+    _mm256_store_si256(out + 1, _mm256_and_si256(v1, nibble));
+    _mm256_store_si256(out + 2, _mm256_and_si256(_mm256_srli_epi16(v0, 4), nibble));
+    _mm256_store_si256(out + 3, _mm256_and_si256(_mm256_srli_epi16(v1, 4), nibble));
+  }
+}
+
+constexpr int kMaxQuads = 4;  // 4-row groups a tile call works on: 16 rows, two passes of 8
+
+// `quads` groups of 4 rows (quad i: rows 4i..4i+3 from pass p's first, in passes of MT rows) against both
+// halves of an int8 or int4 tile (prompts and decode steps of 3-16 rows): block by block, so a block is
+// read from L1 (and int4 unpacked) once for all the quads, int_block_4x2 for a quad's integer part, then
+// int_tile_rows' float arithmetic in the same order, so a row's result is the same in any pass. The float
+// sums live in L1, through a pointer GCC cannot see through (kept in registers, they and the values GCC
+// hoisted were spilled at every group). 16 rows of a 4864 x 896 product, g32 with minimums, one thread:
+// int4 1.50 -> 0.97 ms, int8 1.92 -> 1.42 (a pass of 4 rows at a time, unpacking per pass).
 template <int BITS, typename S, int MT>
-void int_tile_rows4x2(const QuantizedRows& qr, int64_t p, int64_t r0, const uint8_t* tile, const S* tscale,
-                      const S* tshift, int64_t group_size, float (*y)[16], const uint8_t* next) {
+void int_tile_quads(const QuantizedRows& qr, int64_t p, int quads, const uint8_t* tile, const S* tscale,
+                    const S* tshift, int64_t group_size, float (*y)[16], const uint8_t* next) {
   const int64_t K = qr.K, blocks = K / 32, groups = qr.groups, blocks_per_group = group_size / 32;
-  const int32_t* xq = qr.q.data() + p * (K / 4) * MT + r0;
-  const float* xs = qr.scale.data() + p * blocks * MT + r0;
-  const int32_t* xstart = qr.start.data() + p * blocks * MT + r0;
-  const float* xg = qr.gsum.data() + p * groups * MT + r0;
+  const int32_t* xq[kMaxQuads];
+  const float* xs[kMaxQuads];
+  const int32_t* xstart[kMaxQuads];
+  const float* xg[kMaxQuads];
+  for (int i = 0; i < quads; ++i) {
+    const int64_t pass = p + 4 * i / MT, r0 = 4 * i % MT;
+    xq[i] = qr.q.data() + pass * (K / 4) * MT + r0;
+    xs[i] = qr.scale.data() + pass * blocks * MT + r0;
+    xstart[i] = qr.start.data() + pass * blocks * MT + r0;
+    xg[i] = qr.gsum.data() + pass * groups * MT + r0;
+  }
   constexpr int64_t kBlockBytes = BITS == 8 ? 512 : 256;
-  alignas(32) __m256 sums[2][4][2];
-  __m256(*acc)[4][2] = sums;
+  alignas(32) uint8_t unpacked[512];
+  alignas(32) __m256 sums[2][4 * kMaxQuads][2];
+  __m256(*acc)[4 * kMaxQuads][2] = sums;
   asm("" : "+r"(acc));
-  __m256(&F)[4][2] = acc[0];
-  __m256(&G)[4][2] = acc[1];
-  for (int m = 0; m < 4; ++m)
+  __m256(&F)[4 * kMaxQuads][2] = acc[0];
+  __m256(&G)[4 * kMaxQuads][2] = acc[1];
+  for (int m = 0; m < 4 * quads; ++m)
     for (int h = 0; h < 2; ++h) F[m][h] = _mm256_setzero_ps();
+  // the block's codes as int_block_4x2 reads them
+  const auto block_codes = [&](int64_t b) -> const uint8_t* {
+    if (next != nullptr) prefetch_lines<kBlockBytes>(next + b * kBlockBytes);
+    if constexpr (BITS == 8) return tile + b * kBlockBytes;
+    unpack_int4_block(tile + b * kBlockBytes, unpacked);
+    return unpacked;
+  };
   if (blocks_per_group == 1) {  // a group per block (GGUF, g32): no group sums, the same roundings
     for (int64_t b = 0; b < blocks; ++b) {
-      if (next != nullptr) prefetch_lines<kBlockBytes>(next + b * kBlockBytes);
-      __m256i iacc[4][2];
-      int_block_4x2<BITS, MT>(tile + b * kBlockBytes, xq + b * 8 * MT, xstart + b * MT, iacc);
+      const uint8_t* w = block_codes(b);
       const qk_m512 sv = load16_f32<S>(tscale + b * kTile);
       const qk_m512 sh = tshift != nullptr ? load16_f32<S>(tshift + b * kTile) : qk_m512{};
-      for (int m = 0; m < 4; ++m) {
-        const __m256 xsm = _mm256_set1_ps(xs[b * MT + m]), xgm = _mm256_set1_ps(xg[b * MT + m]);
-        for (int h = 0; h < 2; ++h) {
-          __m256 f = F[m][h];
-          if (tshift != nullptr) f = _mm256_fmadd_ps(h == 0 ? sh.lo : sh.hi, xgm, f);
-          const __m256 gsum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[m][h]), xsm, _mm256_setzero_ps());
-          F[m][h] = _mm256_fmadd_ps(gsum, h == 0 ? sv.lo : sv.hi, f);
+      for (int i = 0; i < quads; ++i) {
+        __m256i iacc[4][2];
+        int_block_4x2<BITS, MT>(w, xq[i] + b * 8 * MT, xstart[i] + b * MT, iacc);
+        for (int m = 0; m < 4; ++m) {
+          const __m256 xsm = _mm256_set1_ps(xs[i][b * MT + m]), xgm = _mm256_set1_ps(xg[i][b * MT + m]);
+          for (int h = 0; h < 2; ++h) {
+            __m256 f = F[4 * i + m][h];
+            if (tshift != nullptr) f = _mm256_fmadd_ps(h == 0 ? sh.lo : sh.hi, xgm, f);
+            const __m256 gsum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[m][h]), xsm, _mm256_setzero_ps());
+            F[4 * i + m][h] = _mm256_fmadd_ps(gsum, h == 0 ? sv.lo : sv.hi, f);
+          }
         }
       }
     }
@@ -1294,30 +1329,34 @@ void int_tile_rows4x2(const QuantizedRows& qr, int64_t p, int64_t r0, const uint
   for (int64_t g = 0; blocks_per_group > 1 && g < groups; ++g) {
     if (tshift != nullptr) {
       const qk_m512 sh = load16_f32<S>(tshift + g * kTile);
-      for (int m = 0; m < 4; ++m) {
-        const __m256 xgm = _mm256_set1_ps(xg[g * MT + m]);
-        F[m][0] = _mm256_fmadd_ps(sh.lo, xgm, F[m][0]);
-        F[m][1] = _mm256_fmadd_ps(sh.hi, xgm, F[m][1]);
-      }
+      for (int i = 0; i < quads; ++i)
+        for (int m = 0; m < 4; ++m) {
+          const __m256 xgm = _mm256_set1_ps(xg[i][g * MT + m]);
+          F[4 * i + m][0] = _mm256_fmadd_ps(sh.lo, xgm, F[4 * i + m][0]);
+          F[4 * i + m][1] = _mm256_fmadd_ps(sh.hi, xgm, F[4 * i + m][1]);
+        }
     }
-    for (int m = 0; m < 4; ++m)
+    for (int m = 0; m < 4 * quads; ++m)
       for (int h = 0; h < 2; ++h) G[m][h] = _mm256_setzero_ps();
     for (int64_t b = g * blocks_per_group; b < (g + 1) * blocks_per_group; ++b) {
-      if (next != nullptr) prefetch_lines<kBlockBytes>(next + b * kBlockBytes);
-      __m256i iacc[4][2];
-      int_block_4x2<BITS, MT>(tile + b * kBlockBytes, xq + b * 8 * MT, xstart + b * MT, iacc);
-      for (int m = 0; m < 4; ++m) {
-        const __m256 xsm = _mm256_set1_ps(xs[b * MT + m]);
-        for (int h = 0; h < 2; ++h) G[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[m][h]), xsm, G[m][h]);
+      const uint8_t* w = block_codes(b);
+      for (int i = 0; i < quads; ++i) {
+        __m256i iacc[4][2];
+        int_block_4x2<BITS, MT>(w, xq[i] + b * 8 * MT, xstart[i] + b * MT, iacc);
+        for (int m = 0; m < 4; ++m) {
+          const __m256 xsm = _mm256_set1_ps(xs[i][b * MT + m]);
+          for (int h = 0; h < 2; ++h)
+            G[4 * i + m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[m][h]), xsm, G[4 * i + m][h]);
+        }
       }
     }
     const qk_m512 sv = load16_f32<S>(tscale + g * kTile);
-    for (int m = 0; m < 4; ++m) {
+    for (int m = 0; m < 4 * quads; ++m) {
       F[m][0] = _mm256_fmadd_ps(G[m][0], sv.lo, F[m][0]);
       F[m][1] = _mm256_fmadd_ps(G[m][1], sv.hi, F[m][1]);
     }
   }
-  for (int m = 0; m < 4; ++m) {
+  for (int m = 0; m < 4 * quads; ++m) {
     _mm256_storeu_ps(y[m], F[m][0]);
     _mm256_storeu_ps(y[m] + 8, F[m][1]);
   }
@@ -1327,15 +1366,24 @@ template <int BITS, typename S, int MT>
 void int_tile(const QuantizedRows& qr, int64_t p, const uint8_t* tile, const S* tscale, const S* tshift,
               int64_t group_size, const Output& out, int64_t m0, int64_t n0, const uint8_t* next) {
   alignas(32) float y[MT][16];
-  if constexpr (MT >= 4) {  // the next tile is fetched during the first of these passes only
-    for (int64_t r0 = 0; r0 < MT; r0 += 4)
-      int_tile_rows4x2<BITS, S, MT>(qr, p, r0, tile, tscale, tshift, group_size, y + r0, r0 == 0 ? next : nullptr);
+  if constexpr (MT >= 4) {
+    int_tile_quads<BITS, S, MT>(qr, p, MT / 4, tile, tscale, tshift, group_size, y, next);
   } else {
     constexpr int H = BITS == 4 ? 2 : 1;  // as measured fastest
     for (int h0 = 0; h0 < 2; h0 += H)
       int_tile_rows<BITS, S, MT, H, MT>(qr, p, 0, h0, tile, tscale, tshift, group_size, y, h0 == 0 ? next : nullptr);
   }
   for (int m = 0; m < MT; ++m) out.store(m0 + m, n0, _mm512_loadu_ps(y[m]));
+}
+
+// Passes p and p + 1 of 8 rows each, as one call: every block of the tile read, and int4 unpacked, once
+// for the 16 rows (a decode step of 9-16 rows, a prompt's rows 16 at a time).
+template <int BITS, typename S>
+void int_tile_pair(const QuantizedRows& qr, int64_t p, const uint8_t* tile, const S* tscale, const S* tshift,
+                   int64_t group_size, const Output& out, int64_t m0, int64_t n0, const uint8_t* next) {
+  alignas(32) float y[16][16];
+  int_tile_quads<BITS, S, 8>(qr, p, 4, tile, tscale, tshift, group_size, y, next);
+  for (int m = 0; m < 16; ++m) out.store(m0 + m, n0, _mm512_loadu_ps(y[m]));
 }
 #endif
 
@@ -1364,7 +1412,16 @@ void int_run(const QuantizedRows& qr, const uint8_t* codes, const S* scale, cons
       case 1: int_tile<BITS, S, 1>(qr, p, tile, ts, th, group_size, out, m0, t * kTile, next); break;
       case 2: int_tile<BITS, S, 2>(qr, p, tile, ts, th, group_size, out, m0, t * kTile, next); break;
       case 4: int_tile<BITS, S, 4>(qr, p, tile, ts, th, group_size, out, m0, t * kTile, next); break;
-      default: int_tile<BITS, S, 8>(qr, p, tile, ts, th, group_size, out, m0, t * kTile, next); break;
+      default:
+#ifndef __AVX512F__
+        if (p % 2 == 1) break;  // with the pass before it (int_tile_pair)
+        if (m0 + 16 <= qr.rows) {
+          int_tile_pair<BITS, S>(qr, p, tile, ts, th, group_size, out, m0, t * kTile, next);
+          break;
+        }
+#endif
+        int_tile<BITS, S, 8>(qr, p, tile, ts, th, group_size, out, m0, t * kTile, next);
+        break;
     }
   });
 }
@@ -1565,7 +1622,7 @@ inline void wide_block_4x2(const uint8_t* w, const int16_t* const* x, int64_t k0
 #undef QK_W_MAC
 
 // Rows m0..m0+3 against both halves of a tile: wide_tile's arithmetic in its order, the integer part
-// in wide_block_4x2, the float sums in L1 (as int_tile_rows4x2).
+// in wide_block_4x2, the float sums in L1 (as int_tile_quads).
 template <typename S>
 void wide_tile_rows4x2(const WideRows& xw, int64_t m0, const uint8_t* tile, const S* tscale, const S* tshift,
                        int64_t group_size, float (*yout)[16], const uint8_t* next) {
