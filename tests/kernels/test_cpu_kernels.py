@@ -162,16 +162,17 @@ def test_linear_int_few_rows_long_k(loaded, bits, m):
     [(32, "shift", None), (32, "zero_point", torch.float16), (128, "both", None), (64, "zero_point", None)],
 )
 def test_linear_int_row_alone_equals_row_in_a_batch(loaded, bits, group, mode, scale_dtype):
-    """Batch invariance at the kernel: passes of 1, 2, 4 and 8 rows (the tile forms of each) give every
-    row the same bits as that row alone."""
+    """Batch invariance at the kernel: passes of 1, 2, 4 and 8 rows (the tile forms of each), and on
+    AVX2 / AVX-VNNI pairs of 8-row passes with one left over (24 rows) or none (40), give every row the
+    same bits as that row alone."""
     g = torch.Generator().manual_seed(group + len(mode))
     codes, scale, shift, zero, _ = make_int_weights(4 if bits == 4 else 8, 80, 896, group, mode, g)
     prepare = kernels.prepare_int4 if bits == 4 else kernels.prepare_int8
     p = prepare(codes, scale, shift, group, zero_point=zero, scale_dtype=scale_dtype)
     linear = {8: kernels.linear_int8, 4: kernels.linear_int4, "8-wide": kernels.linear_int8_float}[bits]
-    x = torch.randn(16, 896, generator=g)  # float32 out: a bf16 output would hide most rounding changes
-    alone = torch.cat([linear(x[i : i + 1], p) for i in range(16)])
-    for m in (2, 3, 4, 5, 8, 16):
+    x = torch.randn(40, 896, generator=g)  # float32 out: a bf16 output would hide most rounding changes
+    alone = torch.cat([linear(x[i : i + 1], p) for i in range(40)])
+    for m in (2, 3, 4, 5, 8, 16, 24, 40):
         assert torch.equal(linear(x[:m], p), alone[:m]), m
 
 
