@@ -1008,7 +1008,7 @@ __attribute__((always_inline)) inline void vnni_block(const uint8_t* wb, const i
 // place of vpdpbusd, for R rows of the pass and H 8-output halves of the tile (32 of each 64 bytes) at a
 // time, so the accumulators fit AVX2's 16 registers: int4 takes both halves (each broadcast serves 16
 // outputs; 15% faster at one row), int8 one half at a time (the tile is read again from cache for the
-// other). Passes of 4-16 rows take int_tile_quads. int4 codes (0..15)
+// other). Passes of 4-8 rows (two passes of 8 together) take int_tile_quads. int4 codes (0..15)
 // times int8 activations never saturate vpmaddubsw's int16 pairs, so a block's 8 pairs are summed in
 // int16 before one widening. int8 codes are made signed (code - 128, which int8_zero_point has already
 // moved into the block starts) and multiplied as |w| . sign(x, w), which keeps each int16 pair in range.
@@ -1134,7 +1134,8 @@ void int_tile_rows(const QuantizedRows& qr, int64_t p, int64_t r0, int h0, const
   "vpbroadcastd " #o "*2*%c[st]+%c[st]+" #m "*4(%[x]), %[xv]\n\t"                                          \
   "vpmaddubsw %[xv], %[hi0], %[t]\n\tvpaddw %[t], %[" #a0 "], %[" #a0 "]\n\t"                      \
   "vpmaddubsw %[xv], %[hi1], %[t]\n\tvpaddw %[t], %[" #a1 "], %[" #a1 "]\n\t"
-// Step o's nibbles, both halves, as unpack_int4_block left them: lo0/lo1 the low nibbles, hi0/hi1 the high ones.
+// Step o's nibbles, both halves, as unpack_int4_block left them: lo0/lo1 the low nibbles, hi0/hi1 the
+// high ones.
 #define QK_I4_UNPACKED(o)                                                                         \
   "vmovdqa " #o "*128(%[u]), %[lo0]\n\tvmovdqa " #o "*128+32(%[u]), %[lo1]\n\t"                     \
   "vmovdqa " #o "*128+64(%[u]), %[hi0]\n\tvmovdqa " #o "*128+96(%[u]), %[hi1]\n\t"
