@@ -126,7 +126,7 @@ def test_decode_attention_one_dominant_key_in_a_late_chunk() -> None:
 
 def test_decode_attention_row_alone_equals_row_in_batch() -> None:
     """A row's output is bit-identical computed alone, inside a batch of 16 rows of other lengths, on
-    1 or 2 threads, and run to run: the engine's greedy tokens must not depend on the batch."""
+    1, 2 or 4 threads, and run to run: the engine's greedy tokens must not depend on the batch."""
     lengths = [1, 700, 256, 31, 257, 1000, 16, 512, 255, 90, 513, 2, 768, 400, 129, 128]
     q, k, v, gather, positions = _paged_rows(lengths, 2, 64, 14, seed=6)
     scale = 1 / math.sqrt(64)
@@ -136,9 +136,12 @@ def test_decode_attention_row_alone_equals_row_in_batch() -> None:
         batch = kernels.decode_attention(q, k, v, gather, positions, scale)
         torch.set_num_threads(1)
         one_thread = kernels.decode_attention(q, k, v, gather, positions, scale)
+        torch.set_num_threads(4)  # more threads than cores: claims of tasks in any interleaving
+        four_threads = kernels.decode_attention(q, k, v, gather, positions, scale)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(batch, one_thread)
+    assert torch.equal(four_threads, one_thread)
     assert torch.equal(batch, kernels.decode_attention(q, k, v, gather, positions, scale))
     for b, n in enumerate(lengths):
         row = slice(b, b + 1)

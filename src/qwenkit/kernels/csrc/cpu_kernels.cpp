@@ -248,6 +248,27 @@ inline void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) 
     WorkerPool::get().parallel_for(begin, end, grain, f);
 }
 
+// f(i0, i1) over [0, n) in chunks of at least `chunk` that the threads claim as they finish the one
+// before, instead of parallel_for's equal parts fixed up front: a thread that runs slower (a hybrid
+// CPU's efficiency core, a time slice lost to another process, a VM's stolen cycles) takes fewer
+// chunks rather than holding up the end of the region. About 8 chunks a thread; `grain`: the least
+// work worth a thread, as parallel_for's. Which thread runs a chunk never changes its result.
+template <typename F>
+void parallel_chunks(int64_t n, int64_t grain, int64_t chunk, const F& f) {
+  if (n <= 0) return;
+  at::internal::lazy_init_num_threads();
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), (n + grain - 1) / std::max<int64_t>(grain, 1));
+  if (threads <= 1) {
+    f(0, n);
+    return;
+  }
+  const int64_t step = std::max<int64_t>({chunk, n / (8 * threads), 1});
+  std::atomic<int64_t> next{0};
+  parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t i0; (i0 = next.fetch_add(step, std::memory_order_relaxed)) < n;) f(i0, std::min(n, i0 + step));
+  });
+}
+
 // ---------------------------------------------------------------------------------------------------
 // helpers
 
@@ -460,8 +481,8 @@ void linear_bf16_rows3(const uint16_t* x, int64_t M, int64_t K, const uint16_t* 
     }
   std::vector<uint16_t> rest(2 * kp, 0);  // the rows left, as bf16_tile reads them
   for (int64_t m = full; m < M; ++m) std::memcpy(rest.data() + (m - full) * kp, x + m * K, K * 2);
-  const int64_t grain = std::max<int64_t>(1, (128 * 1024) / (kp * kTile * 2));
-  parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+  const int64_t tile_bytes = kp * kTile * 2, grain = std::max<int64_t>(1, (128 * 1024) / tile_bytes);
+  parallel_chunks(tiles, grain, (64 * 1024 + tile_bytes - 1) / tile_bytes, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const uint16_t* tile = w + t * kp * kTile;
       for (int64_t m0 = 0; m0 < full; m0 += 3) bf16_tile3(xf.data(), kp, tile, out, m0, t * kTile);
@@ -482,12 +503,13 @@ void check_bias(const c10::optional<at::Tensor>& bias, int64_t n) {
 inline int64_t padded_rows(int64_t m) { return m <= kMaxMT ? tile_rows(m) : (m + kMaxMT - 1) / kMaxMT * kMaxMT; }
 
 // Runs body(tile index, m0, rows in this pass) over all tiles in parallel, each tile's passes together
-// so a tile is read from memory once.
+// so a tile is read from memory once; chunks of at least 64 KB of weights (a claim costs a cache line
+// passed between cores, well under 1% of a chunk's time).
 template <typename F>
 void parallel_tiles(int64_t n, int64_t rows, int64_t tile_bytes, const F& body) {
-  const int64_t tiles = (n + kTile - 1) / kTile;
-  const int64_t grain = std::max<int64_t>(1, (128 * 1024) / std::max<int64_t>(1, tile_bytes));
-  parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+  const int64_t tiles = (n + kTile - 1) / kTile, bytes = std::max<int64_t>(1, tile_bytes);
+  const int64_t grain = std::max<int64_t>(1, (128 * 1024) / bytes);
+  parallel_chunks(tiles, grain, (64 * 1024 + bytes - 1) / bytes, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t)
       for (int64_t m0 = 0; m0 < rows; m0 += kMaxMT) body(t, m0, std::min<int64_t>(kMaxMT, rows - m0));
   });
@@ -618,7 +640,9 @@ __attribute__((target("amx-tile,amx-bf16"))) void amx_bf16_tiles(const uint32_t*
 void linear_bf16_amx(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, int64_t tiles, const Output& out) {
   const int64_t kp = K, rows = amx_padded_rows(M);
   const std::vector<uint32_t> xr = amx_rows(x, M, K, rows, kp);
-  parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) { amx_bf16_tiles(xr.data(), rows, kp, w, t0, t1, out); });
+  const int64_t tile_bytes = kp * kTile * 2;
+  parallel_chunks(tiles, 1, (64 * 1024 + tile_bytes - 1) / tile_bytes,
+                  [&](int64_t t0, int64_t t1) { amx_bf16_tiles(xr.data(), rows, kp, w, t0, t1, out); });
 }
 #endif
 
@@ -2581,9 +2605,12 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& kc, const at:
   const int64_t tasks = first[B], stride = G * (D + 2);  // per task: m[G], sum[G], acc[G * D]
   std::vector<float> partial(tasks * stride);
   std::vector<std::atomic<int32_t>> done(B * Hkv);  // chunks finished per (row, KV head), zeroed
-  parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> sc(G * kAttnChunk);
-    std::vector<const uint16_t*> krows(kAttnChunk), vrows(kAttnChunk);
+  parallel_chunks(tasks, 1, 1, [&](int64_t t0, int64_t t1) {
+    thread_local std::vector<float> sc;  // a thread's scratch, kept: it runs several chunks a call
+    thread_local std::vector<const uint16_t*> krows, vrows;
+    sc.resize(G * kAttnChunk);
+    krows.resize(kAttnChunk);
+    vrows.resize(kAttnChunk);
     int64_t b = std::upper_bound(first.begin(), first.end(), t0) - first.begin() - 1;
     for (int64_t t = t0; t < t1; ++t) {
       while (t >= first[b + 1]) ++b;
