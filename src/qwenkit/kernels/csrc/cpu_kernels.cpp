@@ -4,7 +4,7 @@
 // byte comes from memory once per call, for all M activation rows (in passes of up to 8 rows over a
 // tile held in cache). At 1-4 rows the arithmetic keeps up with memory; from 8 rows it is the bound, and
 // each pass fetches the next tile while it computes, so memory keeps streaming. Threads split the
-// output features N (parallel_for: the kernels' own worker threads, torch's thread count).
+// output features N, claiming chunks of tiles as they go (parallel_for, torch's thread count).
 //
 //   linear_bf16(x bf16 (M,K), w (tiles), bias?, N)                 -> (M,N) bf16   (_mm512_dpbf16_ps)
 //     (on AMX, _tile_dpbf16ps, where the CPU has it, K % 64 == 0 and use_amx has not turned it off)
@@ -240,32 +240,35 @@ inline bool openmp_alone() {
   return false;
 }
 
+// f over [begin, end) in equal parts, one a thread: the regions' fork and join.
 template <typename F>
-inline void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
+inline void parallel_parts(int64_t begin, int64_t end, int64_t grain, const F& f) {
   if (openmp_alone())
     at::parallel_for(begin, end, grain, f);
   else
     WorkerPool::get().parallel_for(begin, end, grain, f);
 }
 
-// f(i0, i1) over [0, n) in chunks of at least `chunk` that the threads claim as they finish the one
-// before, instead of parallel_for's equal parts fixed up front: a thread that runs slower (a hybrid
-// CPU's efficiency core, a time slice lost to another process, a VM's stolen cycles) takes fewer
-// chunks rather than holding up the end of the region. About 8 chunks a thread; `grain`: the least
-// work worth a thread, as parallel_for's. Which thread runs a chunk never changes its result.
+// f(i0, i1) over [begin, end) in chunks of at least `chunk` that the threads claim as they finish the
+// one before, instead of equal parts fixed up front: a thread that runs slower (a hybrid CPU's
+// efficiency core, a time slice lost to another process, a VM's stolen cycles) takes fewer chunks
+// rather than holding up the end of the region, as llama.cpp's matrix products do since 2024. About
+// 8 chunks a thread; `grain`: the least work worth a thread, as at::parallel_for's. Which thread runs
+// a chunk never changes a result: every caller's chunks write their own outputs.
 template <typename F>
-void parallel_chunks(int64_t n, int64_t grain, int64_t chunk, const F& f) {
+void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f, int64_t chunk = 1) {
+  const int64_t n = end - begin;
   if (n <= 0) return;
   at::internal::lazy_init_num_threads();
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), (n + grain - 1) / std::max<int64_t>(grain, 1));
   if (threads <= 1) {
-    f(0, n);
+    f(begin, end);
     return;
   }
   const int64_t step = std::max<int64_t>({chunk, n / (8 * threads), 1});
-  std::atomic<int64_t> next{0};
-  parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    for (int64_t i0; (i0 = next.fetch_add(step, std::memory_order_relaxed)) < n;) f(i0, std::min(n, i0 + step));
+  std::atomic<int64_t> next{begin};
+  parallel_parts(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t i0; (i0 = next.fetch_add(step, std::memory_order_relaxed)) < end;) f(i0, std::min(end, i0 + step));
   });
 }
 
@@ -482,14 +485,14 @@ void linear_bf16_rows3(const uint16_t* x, int64_t M, int64_t K, const uint16_t* 
   std::vector<uint16_t> rest(2 * kp, 0);  // the rows left, as bf16_tile reads them
   for (int64_t m = full; m < M; ++m) std::memcpy(rest.data() + (m - full) * kp, x + m * K, K * 2);
   const int64_t tile_bytes = kp * kTile * 2, grain = std::max<int64_t>(1, (128 * 1024) / tile_bytes);
-  parallel_chunks(tiles, grain, (64 * 1024 + tile_bytes - 1) / tile_bytes, [&](int64_t t0, int64_t t1) {
+  parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const uint16_t* tile = w + t * kp * kTile;
       for (int64_t m0 = 0; m0 < full; m0 += 3) bf16_tile3(xf.data(), kp, tile, out, m0, t * kTile);
       if (M - full == 2) bf16_tile<2>(rest.data(), kp, tile, out, full, t * kTile, nullptr);
       if (M - full == 1) bf16_tile<1>(rest.data(), kp, tile, out, full, t * kTile, nullptr);
     }
-  });
+  }, (64 * 1024 + tile_bytes - 1) / tile_bytes);
 }
 #endif
 
@@ -509,10 +512,10 @@ template <typename F>
 void parallel_tiles(int64_t n, int64_t rows, int64_t tile_bytes, const F& body) {
   const int64_t tiles = (n + kTile - 1) / kTile, bytes = std::max<int64_t>(1, tile_bytes);
   const int64_t grain = std::max<int64_t>(1, (128 * 1024) / bytes);
-  parallel_chunks(tiles, grain, (64 * 1024 + bytes - 1) / bytes, [&](int64_t t0, int64_t t1) {
+  parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t)
       for (int64_t m0 = 0; m0 < rows; m0 += kMaxMT) body(t, m0, std::min<int64_t>(kMaxMT, rows - m0));
-  });
+  }, (64 * 1024 + bytes - 1) / bytes);
 }
 
 #ifdef __AVX512F__
@@ -641,8 +644,9 @@ void linear_bf16_amx(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w,
   const int64_t kp = K, rows = amx_padded_rows(M);
   const std::vector<uint32_t> xr = amx_rows(x, M, K, rows, kp);
   const int64_t tile_bytes = kp * kTile * 2;
-  parallel_chunks(tiles, 1, (64 * 1024 + tile_bytes - 1) / tile_bytes,
-                  [&](int64_t t0, int64_t t1) { amx_bf16_tiles(xr.data(), rows, kp, w, t0, t1, out); });
+  parallel_for(
+      0, tiles, 1, [&](int64_t t0, int64_t t1) { amx_bf16_tiles(xr.data(), rows, kp, w, t0, t1, out); },
+      (64 * 1024 + tile_bytes - 1) / tile_bytes);
 }
 #endif
 
@@ -2612,7 +2616,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& kc, const at:
   const int64_t tasks = first[B], stride = G * (D + 2);  // per task: m[G], sum[G], acc[G * D]
   std::vector<float> partial(tasks * stride);
   std::vector<std::atomic<int32_t>> done(B * Hkv);  // chunks finished per (row, KV head), zeroed
-  parallel_chunks(tasks, 1, 1, [&](int64_t t0, int64_t t1) {
+  parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     thread_local std::vector<float> sc;  // a thread's scratch, kept: it runs several chunks a call
     thread_local std::vector<const uint16_t*> krows, vrows;
     sc.resize(G * kAttnChunk);
