@@ -249,12 +249,14 @@ inline void parallel_parts(int64_t begin, int64_t end, int64_t grain, const F& f
     WorkerPool::get().parallel_for(begin, end, grain, f);
 }
 
-// f(i0, i1) over [begin, end) in chunks of at least `chunk` that the threads claim as they finish the
-// one before, instead of equal parts fixed up front: a thread that runs slower (a hybrid CPU's
-// efficiency core, a time slice lost to another process, a VM's stolen cycles) takes fewer chunks
-// rather than holding up the end of the region, as llama.cpp's matrix products do since 2024. About
-// 8 chunks a thread; `grain`: the least work worth a thread, as at::parallel_for's. Which thread runs
-// a chunk never changes a result: every caller's chunks write their own outputs.
+// f(i0, i1) over [begin, end) in parts, one a thread as at::parallel_for splits it, each taken in chunks
+// of at least `chunk` (about 8 a thread): a thread works through its own part front to back, one
+// sequential stream as before, then takes chunks from the fronts of the parts still unfinished. So a
+// thread that runs slower (a hybrid CPU's efficiency core, a time slice lost to another process, a
+// VM's stolen cycles) has the end of its part done by the others instead of holding up the end of the
+// region, as llama.cpp's matrix products claim chunks since 2024. `grain`: the least work worth a
+// thread, as at::parallel_for's. Which thread runs a chunk never changes a result: every caller's
+// chunks write their own outputs.
 template <typename F>
 void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f, int64_t chunk = 1) {
   const int64_t n = end - begin;
@@ -265,10 +267,23 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f, int64_t
     f(begin, end);
     return;
   }
+  struct alignas(64) Part {  // a cache line each: a thread's claims on its own part stay in its cache
+    std::atomic<int64_t> next{0};
+    int64_t end = 0;
+  };
+  std::vector<Part> parts(threads);
+  for (int64_t p = 0; p < threads; ++p) {
+    parts[p].next.store(begin + n * p / threads, std::memory_order_relaxed);
+    parts[p].end = begin + n * (p + 1) / threads;
+  }
   const int64_t step = std::max<int64_t>({chunk, n / (8 * threads), 1});
-  std::atomic<int64_t> next{begin};
-  parallel_parts(0, threads, 1, [&](int64_t, int64_t) {
-    for (int64_t i0; (i0 = next.fetch_add(step, std::memory_order_relaxed)) < end;) f(i0, std::min(end, i0 + step));
+  parallel_parts(0, threads, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p)
+      for (int64_t k = 0; k < threads; ++k) {  // its own part, then the others'
+        Part& part = parts[(p + k) % threads];
+        for (int64_t i0; (i0 = part.next.fetch_add(step, std::memory_order_relaxed)) < part.end;)
+          f(i0, std::min(part.end, i0 + step));
+      }
   });
 }
 
@@ -1170,7 +1185,7 @@ void int_tile_rows(const QuantizedRows& qr, int64_t p, int64_t r0, int h0, const
 #define QK_I4_STEP(o) \
   QK_I4_UNPACKED(o) QK_I4_ROW(o, 0, a00, a01) QK_I4_ROW(o, 1, a10, a11) QK_I4_ROW(o, 2, a20, a21) QK_I4_ROW(o, 3, a30, a31)
 template <int MT>
-inline void int4_block_4x2(const uint8_t* u, const int32_t* x, __m256i (*sum)[2]) {
+__attribute__((always_inline)) inline void int4_block_4x2(const uint8_t* u, const int32_t* x, __m256i (*sum)[2]) {
   __m256i lo0, lo1, hi0, hi1, xv, t;
   asm(QK_I4_STEP(0) QK_I4_STEP(1) QK_I4_STEP(2) QK_I4_STEP(3)
       : [a00] "+x"(sum[0][0]), [a01] "+x"(sum[0][1]), [a10] "+x"(sum[1][0]), [a11] "+x"(sum[1][1]),
@@ -1195,7 +1210,7 @@ inline void int4_block_4x2(const uint8_t* u, const int32_t* x, __m256i (*sum)[2]
   "vpabsb %[w0], %[a0]\n\tvpabsb %[w1], %[a1]\n\t"                                                 \
   QK_I8_ROW(q, 0, s00, s01) QK_I8_ROW(q, 1, s10, s11) QK_I8_ROW(q, 2, s20, s21) QK_I8_ROW(q, 3, s30, s31)
 template <int MT>
-inline void int8_block_4x2(const uint8_t* w, const int32_t* x, __m256i flip, __m256i ones, __m256i (*sum)[2]) {
+__attribute__((always_inline)) inline void int8_block_4x2(const uint8_t* w, const int32_t* x, __m256i flip, __m256i ones, __m256i (*sum)[2]) {
   __m256i w0, w1, a0, a1, xv, t;
   asm(QK_I8_STEP(0) QK_I8_STEP(1) QK_I8_STEP(2) QK_I8_STEP(3) QK_I8_STEP(4) QK_I8_STEP(5) QK_I8_STEP(6)
           QK_I8_STEP(7)
@@ -1219,7 +1234,7 @@ inline void int8_block_4x2(const uint8_t* w, const int32_t* x, __m256i flip, __m
 #define QK_V4_STEP(o) \
   QK_I4_UNPACKED(o) QK_V4_ROW(o, 0, a00, a01) QK_V4_ROW(o, 1, a10, a11) QK_V4_ROW(o, 2, a20, a21) QK_V4_ROW(o, 3, a30, a31)
 template <int MT>
-inline void int4_block_4x2_vnni(const uint8_t* u, const int32_t* x, __m256i (*sum)[2]) {
+__attribute__((always_inline)) inline void int4_block_4x2_vnni(const uint8_t* u, const int32_t* x, __m256i (*sum)[2]) {
   __m256i lo0, lo1, hi0, hi1, xv;
   asm(QK_V4_STEP(0) QK_V4_STEP(1) QK_V4_STEP(2) QK_V4_STEP(3)
       : [a00] "+x"(sum[0][0]), [a01] "+x"(sum[0][1]), [a10] "+x"(sum[1][0]), [a11] "+x"(sum[1][1]),
@@ -1238,7 +1253,7 @@ inline void int4_block_4x2_vnni(const uint8_t* u, const int32_t* x, __m256i (*su
   "vmovdqu " #q "*64(%[w]), %[w0]\n\tvmovdqu " #q "*64+32(%[w]), %[w1]\n\t"                         \
   QK_V8_ROW(q, 0, s00, s01) QK_V8_ROW(q, 1, s10, s11) QK_V8_ROW(q, 2, s20, s21) QK_V8_ROW(q, 3, s30, s31)
 template <int MT>
-inline void int8_block_4x2_vnni(const uint8_t* w, const int32_t* x, __m256i (*sum)[2]) {
+__attribute__((always_inline)) inline void int8_block_4x2_vnni(const uint8_t* w, const int32_t* x, __m256i (*sum)[2]) {
   __m256i w0, w1, xv;
   asm(QK_V8_STEP(0) QK_V8_STEP(1) QK_V8_STEP(2) QK_V8_STEP(3) QK_V8_STEP(4) QK_V8_STEP(5) QK_V8_STEP(6)
           QK_V8_STEP(7)
@@ -1282,7 +1297,7 @@ __attribute__((always_inline)) inline void int_block_4x2(const uint8_t* w, const
 
 // A block's int4 codes (4 steps of 64 bytes) as the 4x2 tiles read them: per step, the low nibbles of
 // both halves, then the high ones (128 bytes).
-inline void unpack_int4_block(const uint8_t* w, uint8_t* u) {
+__attribute__((always_inline)) inline void unpack_int4_block(const uint8_t* w, uint8_t* u) {
   const __m256i nibble = _mm256_set1_epi8(0x0f);
   for (int o = 0; o < 4; ++o) {
     const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 64 * o));
@@ -1636,7 +1651,7 @@ inline __m512i dpwssd_bcast(__m512i acc, __m512i w, const int16_t* p) {
   "vpbroadcastd (%[" #xp "],%[i]), %[xv]\n\t" QK_W_MAC(xv, e0, a0) QK_W_MAC(xv, e1, a1)             \
   "vpbroadcastd 4(%[" #xp "],%[i]), %[xv]\n\t" QK_W_MAC(xv, o0, a0) QK_W_MAC(xv, o1, a1)
 // x[m] + k1 and w + k1 * 16 are the ends of the block; the loop counts a negative byte offset up to 0.
-inline void wide_block_4x2(const uint8_t* w, const int16_t* const* x, int64_t k0, int64_t k1, __m256i (*sum)[2]) {
+__attribute__((always_inline)) inline void wide_block_4x2(const uint8_t* w, const int16_t* const* x, int64_t k0, int64_t k1, __m256i (*sum)[2]) {
   alignas(32) static const uint16_t low_byte[16] = {0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
                                                     0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff};
   __m256i e0, e1, o0, o1, xv, t;
