@@ -521,8 +521,8 @@ void check_bias(const c10::optional<at::Tensor>& bias, int64_t n) {
 inline int64_t padded_rows(int64_t m) { return m <= kMaxMT ? tile_rows(m) : (m + kMaxMT - 1) / kMaxMT * kMaxMT; }
 
 // Runs body(tile index, m0, rows in this pass) over all tiles in parallel, each tile's passes together
-// so a tile is read from memory once; chunks of at least 64 KB of weights (a claim costs a cache line
-// passed between cores, well under 1% of a chunk's time).
+// so a tile is read from memory once; chunks of at least 64 KB of weights (a claim is an atomic add,
+// on a cache line the thread holds while it works through its own part).
 template <typename F>
 void parallel_tiles(int64_t n, int64_t rows, int64_t tile_bytes, const F& body) {
   const int64_t tiles = (n + kTile - 1) / kTile, bytes = std::max<int64_t>(1, tile_bytes);
@@ -1185,7 +1185,8 @@ void int_tile_rows(const QuantizedRows& qr, int64_t p, int64_t r0, int h0, const
 #define QK_I4_STEP(o) \
   QK_I4_UNPACKED(o) QK_I4_ROW(o, 0, a00, a01) QK_I4_ROW(o, 1, a10, a11) QK_I4_ROW(o, 2, a20, a21) QK_I4_ROW(o, 3, a30, a31)
 template <int MT>
-__attribute__((always_inline)) inline void int4_block_4x2(const uint8_t* u, const int32_t* x, __m256i (*sum)[2]) {
+__attribute__((always_inline)) inline void int4_block_4x2(
+    const uint8_t* u, const int32_t* x, __m256i (*sum)[2]) {
   __m256i lo0, lo1, hi0, hi1, xv, t;
   asm(QK_I4_STEP(0) QK_I4_STEP(1) QK_I4_STEP(2) QK_I4_STEP(3)
       : [a00] "+x"(sum[0][0]), [a01] "+x"(sum[0][1]), [a10] "+x"(sum[1][0]), [a11] "+x"(sum[1][1]),
@@ -1210,7 +1211,8 @@ __attribute__((always_inline)) inline void int4_block_4x2(const uint8_t* u, cons
   "vpabsb %[w0], %[a0]\n\tvpabsb %[w1], %[a1]\n\t"                                                 \
   QK_I8_ROW(q, 0, s00, s01) QK_I8_ROW(q, 1, s10, s11) QK_I8_ROW(q, 2, s20, s21) QK_I8_ROW(q, 3, s30, s31)
 template <int MT>
-__attribute__((always_inline)) inline void int8_block_4x2(const uint8_t* w, const int32_t* x, __m256i flip, __m256i ones, __m256i (*sum)[2]) {
+__attribute__((always_inline)) inline void int8_block_4x2(
+    const uint8_t* w, const int32_t* x, __m256i flip, __m256i ones, __m256i (*sum)[2]) {
   __m256i w0, w1, a0, a1, xv, t;
   asm(QK_I8_STEP(0) QK_I8_STEP(1) QK_I8_STEP(2) QK_I8_STEP(3) QK_I8_STEP(4) QK_I8_STEP(5) QK_I8_STEP(6)
           QK_I8_STEP(7)
@@ -1234,7 +1236,8 @@ __attribute__((always_inline)) inline void int8_block_4x2(const uint8_t* w, cons
 #define QK_V4_STEP(o) \
   QK_I4_UNPACKED(o) QK_V4_ROW(o, 0, a00, a01) QK_V4_ROW(o, 1, a10, a11) QK_V4_ROW(o, 2, a20, a21) QK_V4_ROW(o, 3, a30, a31)
 template <int MT>
-__attribute__((always_inline)) inline void int4_block_4x2_vnni(const uint8_t* u, const int32_t* x, __m256i (*sum)[2]) {
+__attribute__((always_inline)) inline void int4_block_4x2_vnni(
+    const uint8_t* u, const int32_t* x, __m256i (*sum)[2]) {
   __m256i lo0, lo1, hi0, hi1, xv;
   asm(QK_V4_STEP(0) QK_V4_STEP(1) QK_V4_STEP(2) QK_V4_STEP(3)
       : [a00] "+x"(sum[0][0]), [a01] "+x"(sum[0][1]), [a10] "+x"(sum[1][0]), [a11] "+x"(sum[1][1]),
@@ -1253,7 +1256,8 @@ __attribute__((always_inline)) inline void int4_block_4x2_vnni(const uint8_t* u,
   "vmovdqu " #q "*64(%[w]), %[w0]\n\tvmovdqu " #q "*64+32(%[w]), %[w1]\n\t"                         \
   QK_V8_ROW(q, 0, s00, s01) QK_V8_ROW(q, 1, s10, s11) QK_V8_ROW(q, 2, s20, s21) QK_V8_ROW(q, 3, s30, s31)
 template <int MT>
-__attribute__((always_inline)) inline void int8_block_4x2_vnni(const uint8_t* w, const int32_t* x, __m256i (*sum)[2]) {
+__attribute__((always_inline)) inline void int8_block_4x2_vnni(
+    const uint8_t* w, const int32_t* x, __m256i (*sum)[2]) {
   __m256i w0, w1, xv;
   asm(QK_V8_STEP(0) QK_V8_STEP(1) QK_V8_STEP(2) QK_V8_STEP(3) QK_V8_STEP(4) QK_V8_STEP(5) QK_V8_STEP(6)
           QK_V8_STEP(7)
@@ -1651,7 +1655,8 @@ inline __m512i dpwssd_bcast(__m512i acc, __m512i w, const int16_t* p) {
   "vpbroadcastd (%[" #xp "],%[i]), %[xv]\n\t" QK_W_MAC(xv, e0, a0) QK_W_MAC(xv, e1, a1)             \
   "vpbroadcastd 4(%[" #xp "],%[i]), %[xv]\n\t" QK_W_MAC(xv, o0, a0) QK_W_MAC(xv, o1, a1)
 // x[m] + k1 and w + k1 * 16 are the ends of the block; the loop counts a negative byte offset up to 0.
-__attribute__((always_inline)) inline void wide_block_4x2(const uint8_t* w, const int16_t* const* x, int64_t k0, int64_t k1, __m256i (*sum)[2]) {
+__attribute__((always_inline)) inline void wide_block_4x2(
+    const uint8_t* w, const int16_t* const* x, int64_t k0, int64_t k1, __m256i (*sum)[2]) {
   alignas(32) static const uint16_t low_byte[16] = {0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
                                                     0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff};
   __m256i e0, e1, o0, o1, xv, t;
