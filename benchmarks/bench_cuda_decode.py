@@ -1,13 +1,17 @@
 """Decode speed of the Qwen2.5-7B shape on a CUDA GPU, CUDA graphs on and off, through the real engine.
 
-Random bfloat16 weights are built directly on the GPU (no checkpoint file). For batch 1, 4 and 16 it
+Random bfloat16 weights are built directly on the GPU (no checkpoint file), twice: with the checkpoint's
+separate q/k/v and gate/up layers, and fused into one product each as ``load_model`` prepares a model
+for inference (``quant.fused``; what ``generate``, ``chat`` and ``serve`` run). For batch 1, 4 and 16 it
 decodes 128 new tokens after a 16-token prompt through ``Engine.step`` with CUDA graphs (the default on
-CUDA) and without (``cuda_graphs=False``: the eager engine path), alternating, several rounds, and
-prints the median aggregate tokens/s beside the bandwidth limit measured in the same run (device copy
-bandwidth / weight bytes read per step). Then correctness: greedy tokens with graphs equal those of
-the same static step run eagerly, and those of the eager engine path (float32 at the 7B width; in
-bfloat16 a difference is allowed only where the top two logits are a near tie). Each configuration
-catches and prints its own errors; every loop is bounded, and a watchdog ends the run if a kernel hangs.
+CUDA) and without (``cuda_graphs=False``: the eager engine path), both layouts, all four alternating,
+several rounds, and prints the median aggregate tokens/s beside the bandwidth limit measured in the same
+run (device copy bandwidth / weight bytes read per step). Then correctness, on the fused model: greedy
+tokens with graphs equal those of the same static step run eagerly, and those of the eager engine path
+(float32 at the 7B width; in bfloat16 a difference is allowed only where the top two logits are a near
+tie); and the fused model's greedy tokens against the separate layers' (a near tie allowed in both
+dtypes: the stacked product may sum in another order). Each configuration catches and prints its own
+errors; every loop is bounded, and a watchdog ends the run if a kernel hangs.
 
     PYTHONPATH=src .venv/bin/python benchmarks/bench_cuda_decode.py                       # CUDA, ~1-2 min
     PYTHONPATH=src .venv/bin/python benchmarks/bench_cuda_decode.py --device cpu --tiny   # the logic, CPU
@@ -19,6 +23,7 @@ static-shape step without capture: everything but the capture itself is exercise
 from __future__ import annotations
 
 import argparse
+import copy
 import faulthandler
 import statistics
 import sys
@@ -37,6 +42,7 @@ from qwenkit.config import ModelConfig  # noqa: E402
 from qwenkit.engine import Engine, SamplingParams  # noqa: E402
 from qwenkit.model import Transformer  # noqa: E402
 from qwenkit.model.rope import inv_freq  # noqa: E402
+from qwenkit.quant.fused import fuse_for_inference  # noqa: E402
 
 # Same head layout as the 7B (7 query heads per KV head, head_dim 16 here), small enough for a CPU.
 TINY = {
@@ -50,6 +56,8 @@ TINY = {
     "eos_token_id": 1,
 }
 MODEL_CARD_A100_BF16 = 40.9  # Qwen-7B model card, tokens/s, batch 1, BF16 on an A100
+LAYOUTS = ("separate", "fused")
+MODES = ("off", "on")  # CUDA graphs
 START = time.monotonic()
 
 
@@ -77,6 +85,14 @@ def build_model(
         torch.set_default_dtype(previous)
     model.rotary.inv_freq = inv_freq(config).to(device)  # as the loader computes it
     return model.eval().requires_grad_(False)
+
+
+def fused_copy(model: Transformer) -> Transformer:
+    """The same weights with q/k/v and gate/up fused, as ``load_model`` prepares an inference model."""
+    fused = copy.deepcopy(model)
+    count = fuse_for_inference(fused)
+    say(f"fused copy: {count} projections fused")
+    return fused
 
 
 def measure_bandwidth(device: torch.device, nbytes: int) -> float:
@@ -138,44 +154,47 @@ def graph_note(engine: Engine) -> str:
     return f"{kind}: {sorted(graphs.graphs) if graphs.capture else sorted(graphs.shapes_run)}"
 
 
-def speed(args, model: Transformer, device: torch.device, deadline: float) -> dict:
-    """Median tokens/s per (batch, graphs on/off)."""
+def speed(args, models: dict[str, Transformer], device: torch.device, deadline: float) -> dict:
+    """Median tokens/s per (batch, layout, graphs on/off)."""
     max_batch = max(args.batches)
     seq = args.prompt_len + args.new_tokens + 16
     engines = {
-        "off": Engine(model, max_batch_size=max_batch, max_seq_len=seq, cuda_graphs=False),
-        "on": Engine(model, max_batch_size=max_batch, max_seq_len=seq, cuda_graphs=True),
+        (layout, mode): Engine(
+            models[layout], max_batch_size=max_batch, max_seq_len=seq, cuda_graphs=mode == "on"
+        )
+        for layout in LAYOUTS
+        for mode in MODES
     }
-    rates: dict[tuple[int, str], list[float]] = {}
-    vocab = model.config.vocab_size
+    rates: dict[tuple[int, str, str], list[float]] = {}
+    vocab = models["fused"].config.vocab_size
     for batch in args.batches:
-        for mode, engine in engines.items():
+        for (layout, mode), engine in engines.items():
+            where = f"batch {batch:2d} {layout:8s} graphs {mode:3s}"
             try:
                 t = time.perf_counter()
                 generate(engine, prompts_for(batch, args.prompt_len, vocab), 8)  # warm-up (and capture)
-                took = time.perf_counter() - t
-                say(f"batch {batch:2d} graphs {mode:3s}: warm-up {took:.1f}s; {graph_note(engine)}")
+                say(f"{where}: warm-up {time.perf_counter() - t:.1f}s; {graph_note(engine)}")
             except Exception:
-                say(f"batch {batch:2d} graphs {mode:3s}: warm-up ERROR\n{traceback.format_exc()}")
+                say(f"{where}: warm-up ERROR\n{traceback.format_exc()}")
         for round_ in range(args.rounds):
             if time.monotonic() > deadline:
                 say(f"batch {batch}: time budget spent, skipping the remaining rounds")
                 break
-            for mode, engine in engines.items():
+            for (layout, mode), engine in engines.items():
+                where = f"batch {batch:2d} {layout:8s} graphs {mode:3s} round {round_ + 1}"
                 try:
                     prompts = prompts_for(batch, args.prompt_len, vocab, salt=round_ + 1)
                     _, seconds, tokens = generate(engine, prompts, args.new_tokens)
                     rate = tokens / seconds
-                    rates.setdefault((batch, mode), []).append(rate)
+                    rates.setdefault((batch, layout, mode), []).append(rate)
                     step_ms = 1000 * seconds * batch / tokens
                     say(
-                        f"batch {batch:2d} graphs {mode:3s} round {round_ + 1}: {tokens} tokens in "
-                        f"{seconds:.2f}s = {rate:8.1f} tokens/s ({step_ms:.2f} ms/step)"
+                        f"{where}: {tokens} tokens in {seconds:.2f}s = {rate:8.1f} tokens/s, "
+                        f"{step_ms:.2f} ms/step"
                     )
                 except Exception:
-                    where = f"batch {batch:2d} graphs {mode:3s} round {round_ + 1}"
                     say(f"{where}: ERROR\n{traceback.format_exc()}")
-    say(f"graphs-on engine: {graph_note(engines['on'])}")
+    say(f"fused graphs-on engine: {graph_note(engines['fused', 'on'])}")
     return {key: statistics.median(values) for key, values in rates.items()}
 
 
@@ -265,6 +284,17 @@ def correctness(model: Transformer, args, near_tie: bool, label: str) -> list[bo
     return results
 
 
+def layouts_agree(models: dict[str, Transformer], args, label: str) -> bool:
+    """Greedy tokens of the fused model against the separate layers' (eager engines, near ties allowed)."""
+    vocab = models["fused"].config.vocab_size
+    prompts = [prompts_for(1, n, vocab, salt=n)[0] for n in (5, 23, 40, 240)]
+    engines = [
+        Engine(models[layout], cuda_graphs=False, max_batch_size=4, max_seq_len=320) for layout in LAYOUTS
+    ]
+    name = f"{label}: fused q/k/v and gate/up vs separate layers"
+    return compare(name, models["separate"], *engines, prompts, args.check_tokens, True)
+
+
 def transformers_rate(shape: dict, device: torch.device, prompt_len: int, new_tokens: int) -> float:
     """The peer: transformers' own ``generate`` (eager, its default cache), batch 1, same shape and dtype;
     tokens/s over the whole call (the 16-token prefill is a small part of it)."""
@@ -298,18 +328,21 @@ def _version(package: str) -> str:
 
 def table(args, rates: dict, limit_rate: float | None) -> str:
     lines = [
-        "| batch | graphs off (eager) tokens/s | graphs on tokens/s | speed-up | graphs on, per row | "
-        "bandwidth limit per row | fraction of limit |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| batch | separate, graphs off | separate, graphs on | fused, graphs off | fused, graphs on "
+        "| fused vs separate (graphs on) | fused graphs on, per row | bandwidth limit per row "
+        "| fraction of limit |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    cell = lambda v: f"{v:.1f}" if v is not None else "error"  # noqa: E731
     for batch in args.batches:
-        off, on = rates.get((batch, "off")), rates.get((batch, "on"))
-        cell = lambda v: f"{v:.1f}" if v is not None else "error"  # noqa: E731
-        up = f"{on / off:.2f}x" if on and off else "-"
-        per_row = on / batch if on else None
+        got = {(layout, mode): rates.get((batch, layout, mode)) for layout in LAYOUTS for mode in MODES}
+        best, before = got["fused", "on"], got["separate", "on"]
+        gain = f"{best / before:.2f}x" if best and before else "-"
+        per_row = best / batch if best else None
         limit = f"{limit_rate:.0f}" if limit_rate else "-"
         frac = f"{per_row / limit_rate:.0%}" if per_row and limit_rate else "-"
-        lines.append(f"| {batch} | {cell(off)} | {cell(on)} | {up} | {cell(per_row)} | {limit} | {frac} |")
+        speeds = " | ".join(cell(got[key]) for key in got)
+        lines.append(f"| {batch} | {speeds} | {gain} | {cell(per_row)} | {limit} | {frac} |")
     return "\n".join(lines)
 
 
@@ -351,9 +384,11 @@ def main() -> int:
             f"built the model in {time.perf_counter() - t:.1f}s: {weights / 1e9:.2f} GB read per step, "
             f"bandwidth limit {limit_rate:.0f} tokens/s per row"
         )
-        rates = speed(args, model, device, deadline)
-        passed += correctness(model, args, near_tie=True, label="bfloat16")
-        del model
+        models = {"separate": model, "fused": fused_copy(model)}
+        rates = speed(args, models, device, deadline)
+        passed += correctness(models["fused"], args, near_tie=True, label="bfloat16")
+        passed.append(layouts_agree(models, args, "bfloat16"))
+        del model, models
         if device.type == "cuda":
             torch.cuda.empty_cache()
     except Exception:
@@ -363,8 +398,10 @@ def main() -> int:
         layers = 2 if args.tiny else 4
         model32 = build_model(shape, torch.float32, device, layers=layers)
         say(f"float32 check model: {layers} layers at the shape's full width")
-        passed += correctness(model32, args, near_tie=False, label="float32")
-        del model32
+        models32 = {"separate": model32, "fused": fused_copy(model32)}
+        passed += correctness(models32["fused"], args, near_tie=False, label="float32")
+        passed.append(layouts_agree(models32, args, "float32"))
+        del model32, models32
     except Exception:
         say(f"ERROR in the float32 check\n{traceback.format_exc()}")
         passed.append(False)
@@ -393,7 +430,7 @@ def main() -> int:
         print(f"Peer, same run: transformers {version} generate (eager, bf16), batch 1: {peer:.1f} tokens/s.")
     print(
         f"Reference: the Qwen-7B model card gives {MODEL_CARD_A100_BF16} tokens/s (batch 1, BF16, A100). "
-        "Target: >= 150 tokens/s at batch 1 with graphs on (H100/H200)."
+        "Target: >= 150 tokens/s at batch 1, fused, graphs on (H100/H200)."
     )
     verdict = "PASS" if passed and all(passed) else "FAIL"
     print(f"correctness: {verdict} ({sum(passed)}/{len(passed)} checks passed)")

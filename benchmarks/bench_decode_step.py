@@ -12,13 +12,18 @@ The prepared-model cache (``checkpoint.prepared_cache``) is off for this script'
 load would otherwise store its model under the same key as the fused one, and the next fused int8/int4
 load would read the unfused model back. Not a test: a measurement.
 
-    .venv/bin/python benchmarks/bench_decode_step.py [--precisions bf16,int8,int4] [--threads 1] [--tokens 64]
+Under ``QWENKIT_KERNELS=torch`` (the plain PyTorch path) the fused layout is plain ``nn.Linear`` layers with
+the parts' weights stacked, as on CUDA; ``fp32`` loads float32 weights there.
+
+    .venv/bin/python benchmarks/bench_decode_step.py [--precisions bf16,int8,int4,fp32] [--threads 1]
+        [--tokens 64] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -33,6 +38,7 @@ from qwenkit.engine import Engine, SamplingParams
 
 PROMPT = [(i * 13) % 1000 + 10 for i in range(32)]
 LAYOUTS = ("separate", "fused")
+DTYPES = {"bf16": "bfloat16", "fp32": "float32"}  # precisions that are a float dtype; others: --quantize
 
 
 def decode(engine: Engine, tokens: int) -> tuple[float, int]:
@@ -44,14 +50,14 @@ def decode(engine: Engine, tokens: int) -> tuple[float, int]:
     return time.perf_counter() - start, produced
 
 
-def build(path: Path, quantize: str | None, fuse: bool, tokens: int) -> Engine:
+def build(path: Path, dtype: str, quantize: str | None, fuse: bool, tokens: int) -> Engine:
     """An engine on the model as ``generate``/``chat`` load it, or (fuse=False) with the separate layers
     and torch's small ops of before the fusions (then no layer runs in a ``decode_layers`` call)."""
     original = fused.fuse_for_inference
     if not fuse:
-        fused.fuse_for_inference = lambda model: 0
+        fused.fuse_for_inference = lambda model, **_: 0
     try:
-        model, _ = load_model(path, dtype="bfloat16", quantize=quantize, progress=False, fast_kernels=True)
+        model, _ = load_model(path, dtype=dtype, quantize=quantize, progress=False, fast_kernels=True)
     finally:
         fused.fuse_for_inference = original
     engine = Engine(model, max_batch_size=1, max_seq_len=len(PROMPT) + tokens + 16, prefix_caching=False)
@@ -85,6 +91,7 @@ def main() -> None:
     ap.add_argument("--precisions", default="bf16,int8,int4")
     ap.add_argument("--threads", type=int, default=1, help="1 keeps other jobs' load out of the split")
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3, help="timed decodes per layout, alternating")
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache/qwenkit/bench_vs_llamacpp")
     args = ap.parse_args()
     # Every load prepares its own model: the cache keys on the checkpoint and options, not on the
@@ -95,25 +102,28 @@ def main() -> None:
     if not (path / "config.json").exists():
         write_anchor(path, QWEN25_05B)
     print(f"Qwen2.5-0.5B shape, batch 1, {args.tokens} tokens, {args.threads} thread(s); ms per token")
-    print("(wall: fastest of 3 rounds, the two layouts alternating; the split: one profiled decode each)")
     print(
-        "| precision | layers | wall | linear kernels | whole-layer calls | other ops "
-        "| Python, engine, sampler |"
+        f"(wall: median and fastest of {args.rounds} rounds, the two layouts alternating, both orders; "
+        "the split: one profiled decode each)"
     )
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print(
+        "| precision | layers | wall, median | wall, fastest | linear kernels | whole-layer calls "
+        "| other ops | Python, engine, sampler |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for precision in args.precisions.split(","):
-        quantize = None if precision == "bf16" else precision
-        engines = {layout: build(path, quantize, layout == "fused", args.tokens) for layout in LAYOUTS}
-        wall = dict.fromkeys(LAYOUTS, float("inf"))
-        for _ in range(3):
-            for layout, engine in engines.items():
-                seconds, n = decode(engine, args.tokens)
-                wall[layout] = min(wall[layout], seconds * 1e3 / n)
+        dtype, quantize = DTYPES.get(precision, "bfloat16"), None if precision in DTYPES else precision
+        engines = {layout: build(path, dtype, quantize, layout == "fused", args.tokens) for layout in LAYOUTS}
+        wall: dict[str, list[float]] = {layout: [] for layout in LAYOUTS}
+        for round_ in range(args.rounds):
+            for layout in LAYOUTS if round_ % 2 == 0 else LAYOUTS[::-1]:
+                seconds, n = decode(engines[layout], args.tokens)
+                wall[layout].append(seconds * 1e3 / n)
         for layout, engine in engines.items():
             r = split(engine, args.tokens)
             print(
-                f"| {precision} | {layout} | {wall[layout]:.1f} | {r['kernels']:.1f} | {r['layers']:.1f} "
-                f"| {r['ops']:.1f} | {r['rest']:.1f} |",
+                f"| {precision} | {layout} | {statistics.median(wall[layout]):.1f} | {min(wall[layout]):.1f} "
+                f"| {r['kernels']:.1f} | {r['layers']:.1f} | {r['ops']:.1f} | {r['rest']:.1f} |",
                 flush=True,
             )
         del engines

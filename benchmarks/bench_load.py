@@ -1,15 +1,16 @@
 """Peak resident memory while loading, against the in-memory model size.
 
 Writes a random checkpoint with the exact Qwen2.5-0.5B shape (bfloat16 safetensors, sharded), then loads
-it in fresh subprocesses at several dtypes, and with ``--quantize int8|int4`` (each layer rounded as its
-weight arrives), and reports peak RSS over the interpreter's own baseline (python with torch and
-qwenkit's loading code imported, the C++ kernels' library loaded). Beside the quantized loads, the old
-way in the same run: load the float model whole, then quantize it. Builds run with the prepared-model
-cache off (``QWENKIT_PREPARED_CACHE=off``; the GGUF header cache as the user has it); the "from the
-prepared cache" rows load the same model again from an entry written just before (in a temporary
-``QWENKIT_CACHE``). Also a GPTQ-format int4 checkpoint
-of the same weights (written once beside the checkpoint by ``qwenkit quantize --method rtn``). Goal:
-peak under 1.3 x the model's in-memory size (for --quantize: the quantized weights).
+it in fresh subprocesses at several dtypes (bfloat16 also as ``generate`` loads it for inference on the
+plain PyTorch path: q/k/v and gate/up stacked into one layer each), and with ``--quantize int8|int4``
+(each layer rounded as its weight arrives), and reports peak RSS over the interpreter's own baseline
+(python with torch and qwenkit's loading code imported, the C++ kernels' library loaded). Beside the
+quantized loads, the old way in the same run: load the float model whole, then quantize it. Builds run
+with the prepared-model cache off (``QWENKIT_PREPARED_CACHE=off``; the GGUF header cache as the user has
+it); the "from the prepared cache" rows load the same model again from an entry written just before (in a
+temporary ``QWENKIT_CACHE``). Also a GPTQ-format int4 checkpoint of the same weights (written once beside
+the checkpoint by ``qwenkit quantize --method rtn``). Goal: peak under 1.3 x the model's in-memory size
+(for --quantize: the quantized weights).
 
     .venv/bin/python benchmarks/bench_load.py [--keep DIR]
 """
@@ -43,6 +44,8 @@ quantize = sys.argv[3] if sys.argv[3] != "-" else None
 t = time.perf_counter()
 if sys.argv[4] == "dequantize":  # a GGUF file as floats (the old load)
     model, cfg = load_model(sys.argv[1], dtype=sys.argv[2], progress=False, dequantize=True)
+elif sys.argv[4] == "inference":  # as generate/chat load it (run under QWENKIT_KERNELS=torch: fused)
+    model, cfg = load_model(sys.argv[1], dtype=sys.argv[2], progress=False, fast_kernels=True)
 elif sys.argv[4] == "after":  # the old way: the whole float model, then quantized
     from qwenkit.quant import quantize_for_runtime
     model, cfg = load_model(sys.argv[1], dtype=sys.argv[2], progress=False)
@@ -96,6 +99,7 @@ def main() -> None:
         print("|---|---|---|---|---|")
         runs = [
             ("bfloat16", "-", "-"),
+            ("bfloat16", "-", "inference"),
             ("float32", "-", "-"),
             ("bfloat16", "int8", "on-load"),
             ("bfloat16", "int8", "after"),
@@ -110,6 +114,8 @@ def main() -> None:
                 label = f"{label}: float load, then quantize (before)"
             if how == "cached":
                 label = f"{label}, from the prepared cache"
+            if how == "inference":
+                label = f"{label}, inference load on the plain PyTorch path (q/k/v and gate/up stacked)"
             print(row(label, path, dtype, quantize, how))
         gptq = path.with_name(path.name + "-gptq-int4")
         if not (gptq / "config.json").exists():  # a GPTQ-format int4 checkpoint of the same weights (RTN)
@@ -137,6 +143,8 @@ def row(label: str, path: Path, dtype: str, quantize: str, how: str) -> str:
         env = {**os.environ, "QWENKIT_PREPARED_CACHE": "off"}  # the GGUF header cache stays the user's
         if how == "cached":
             env |= {"QWENKIT_CACHE": cache, "QWENKIT_PREPARED_CACHE": "on"}
+        if how == "inference":
+            env["QWENKIT_KERNELS"] = "torch"  # the path of CPUs without the kernels (and like CUDA's)
         cmd = [sys.executable, "-c", CHILD, str(path), dtype, quantize, how]
         if how == "cached":
             subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)

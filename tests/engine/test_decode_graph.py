@@ -280,10 +280,13 @@ def test_cuda_benchmark_script_logic_on_cpu():
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = done.stdout
-    assert out.count("] PASS ") == 4 and "FAIL" not in out and "ERROR" not in out
-    assert "correctness: PASS (4/4 checks passed)" in out
+    assert out.count("] PASS ") == 6 and "FAIL" not in out and "ERROR" not in out
+    assert "correctness: PASS (6/6 checks passed)" in out
+    assert out.count("] PASS bfloat16: fused q/k/v and gate/up vs separate layers") == 1
+    assert "fused copy: 4 projections fused" in out  # 2 layers x (q/k/v, gate/up)
     rows = [line for line in out.splitlines() if line.startswith(("| 1 |", "| 3 |"))]
-    assert len(rows) == 2 and all("error" not in row for row in rows)
+    # batch, four speeds (separate/fused x graphs off/on), the gain, per row, limit, fraction
+    assert len(rows) == 2 and all("error" not in row and row.count("|") == 10 for row in rows)
     assert "eager static step (no capture): [(1, " in out  # the static path ran in the graphs-on engine
     assert "Peer, same run: transformers" in out
 

@@ -143,9 +143,9 @@ def load_model(
     checkpoints are unaffected). With
     ``quantize``, each linear layer is rounded to int8/int4 as its weight arrives, so the float model is
     never held whole (a GGUF is then decoded to floats first and re-quantized). ``fast_kernels``: for
-    inference on the CPU, repack bf16 linear layers for the AVX-512 kernels (``quant.dense``) and fuse
-    q/k/v and gate/up into one product each (``quant.fused``); the layers then have no ``weight``
-    parameter to train, nor the checkpoint's module names."""
+    inference, repack bf16 linear layers for the CPU kernels (``quant.dense``, on the CPU) and fuse
+    q/k/v and gate/up into one product each (``quant.fused``, on any device); the layers then have no
+    ``weight`` parameter to train, nor the checkpoint's module names."""
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for, but no CUDA device is available")
     source = open_checkpoint(path) if isinstance(path, str | Path) else path
@@ -227,12 +227,13 @@ def load_model(
         model.requires_grad_(False)
     if tensor_parallel is not None:
         parallelize(model, tensor_parallel)
-    elif fast_kernels and device == "cpu" and adapter is None:
+    elif fast_kernels and adapter is None:
         from qwenkit.quant.dense import pack_dense_for_cpu
         from qwenkit.quant.fused import fuse_for_inference
 
-        pack_dense_for_cpu(model)
-        fuse_for_inference(model)  # q/k/v and gate/up as one product each, where the kernels allow
+        if device == "cpu":
+            pack_dense_for_cpu(model)
+        fuse_for_inference(model, release_parts=True)  # q/k/v and gate/up as one product each
     if cache is not None:
         prepared_cache.store(cache, model)
     return model, model.config

@@ -1,15 +1,20 @@
-"""q/k/v and gate/up projections fused into one product each, for inference on qwenkit's CPU kernels.
+"""q/k/v and gate/up projections fused into one product each, for inference.
 
-Batch-1 decode is a chain of small calls: each linear call pays for the dispatch, a thread-team start
-and (int8/int4) rounding its activations to int8, all for a few hundred microseconds of weight
-reading. q, k and v read the same input, as do gate and up; so at load time, for inference
-(``load_model(fast_kernels=True)``), each attention's three projections become one ``qkv_proj`` and
-each MLP's gate and up one product whose output goes through one ``silu(gate) * up`` call
-(``gate_up_silu``). Their packed weights are the parts' tiles stacked
-(``kernels.concat_bf16``/``concat_int``), and tiles are computed independently, so every output is bit
-for bit what its part gave alone. The RMSNorms become one kernel call each as well. Training,
-adapters, tensor parallelism and anything that saves load without ``fast_kernels`` and keep the
-separate modules (and the checkpoint's names).
+Batch-1 decode is a chain of small calls: each linear call pays for the dispatch (on a GPU, a kernel
+launch; on the CPU kernels, a thread-team start and, for int8/int4, rounding its activations to int8),
+all for a few hundred microseconds of weight reading or less. q, k and v read the same input, as do gate
+and up; so at load time, for inference (``load_model(fast_kernels=True)``), each attention's three
+projections become one ``qkv_proj`` and each MLP's gate and up one product whose output goes through
+one ``silu(gate) * up`` call (``gate_up_silu``); RoPE then rotates q and k in one pass.
+
+On qwenkit's CPU kernels the packed weights are the parts' tiles stacked (``kernels.concat_bf16``/
+``concat_int``), and tiles are computed independently, so every output is bit for bit what its part
+gave alone; there the RMSNorms become one kernel call each as well, and whole decoder layers one call
+(:func:`plan_decode_layers`). Elsewhere (CUDA, or the plain PyTorch path on the CPU) plain float layers
+are fused by stacking their weights into one ``nn.Linear``: each output is the same dot product, though
+the library may sum it in another order (float rounding, not a different result). Training, adapters,
+tensor parallelism and anything that saves load without ``fast_kernels`` and keep the separate modules
+(and the checkpoint's names).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenkit import kernels
-from qwenkit.checkpoint.files import trim_heap
+from qwenkit.checkpoint.files import release_pages, trim_heap
 from qwenkit.model.attention import Attention
 from qwenkit.model.mlp import MLP
 from qwenkit.model.norm import RMSNorm
@@ -34,8 +39,9 @@ MLP_PARTS = ("gate_proj", "up_proj")
 
 
 def fuse_linears(parts: list[nn.Module]) -> nn.Module | None:
-    """One layer computing ``cat([p(x) for p in parts], -1)`` exactly, or None when the parts do not run
-    on one of qwenkit's kernels alike (another kernel, act-order, mixed biases, uneven tiles)."""
+    """One layer computing ``cat([p(x) for p in parts], -1)``, or None when the parts are not alike: not
+    all on one of qwenkit's kernels (another kernel, act-order, uneven tiles) nor all plain float
+    ``nn.Linear`` layers of one dtype and device, or with and without biases mixed."""
     biases = [getattr(p, "bias", None) for p in parts]
     if any(b is None for b in biases):
         if not all(b is None for b in biases):
@@ -45,6 +51,8 @@ def fuse_linears(parts: list[nn.Module]) -> nn.Module | None:
         return None
     else:
         bias = torch.cat(biases)
+    if all(type(p) is nn.Linear for p in parts):
+        return _stacked_linear(parts, bias)
     try:
         if all(type(p) is PackedBf16Linear for p in parts):
             return PackedBf16Linear(kernels.concat_bf16([p.packed for p in parts]), bias)
@@ -59,6 +67,21 @@ def fuse_linears(parts: list[nn.Module]) -> nn.Module | None:
     return None
 
 
+def _stacked_linear(parts: list[nn.Linear], bias: torch.Tensor | None) -> nn.Linear | None:
+    """One ``nn.Linear`` whose weight is the parts' weights stacked (outputs in the parts' order)."""
+    weights = [p.weight.detach() for p in parts]
+    first = weights[0]
+    if first.device.type == "meta" or any(
+        w.dtype != first.dtype or w.device != first.device or w.shape[1] != first.shape[1] for w in weights
+    ):
+        return None
+    fused = nn.Linear(first.shape[1], sum(w.shape[0] for w in weights), bias=bias is not None, device="meta")
+    fused.weight = nn.Parameter(torch.cat(weights), requires_grad=False)
+    if bias is not None:
+        fused.bias = nn.Parameter(bias.to(first.dtype), requires_grad=False)
+    return fused
+
+
 class GateUpSilu(nn.Module):
     """``silu(gate(x)) * up(x)`` from one fused product ``[gate | up]`` and one activation call."""
 
@@ -68,7 +91,7 @@ class GateUpSilu(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.linear(x)
-        if y.dtype == torch.bfloat16 and y.device.type == "cpu":
+        if y.dtype == torch.bfloat16 and y.device.type == "cpu" and kernels.available():
             return kernels.silu_mul(y)
         gate, up = y.chunk(2, dim=-1)
         return F.silu(gate) * up
@@ -85,12 +108,14 @@ class FastRMSNorm(RMSNorm):
         return super().forward(x)
 
 
-def fuse_for_inference(model: nn.Module) -> int:
-    """Fuse q/k/v and gate/up where :func:`fuse_linears` can, run the norms as one kernel call each and
-    give every layer that runs wholly on the kernels its decode-step weights (:func:`plan_decode_layers`);
-    returns how many projections were fused. Nothing changes without the kernels."""
-    if not kernels.available():
-        return 0
+def fuse_for_inference(model: nn.Module, release_parts: bool = False) -> int:
+    """Fuse q/k/v and gate/up where :func:`fuse_linears` can; returns how many projections were fused.
+    On a CPU model with qwenkit's kernels, also run the norms as one kernel call each and give every
+    layer that runs wholly on the kernels its decode-step weights (:func:`plan_decode_layers`).
+    ``release_parts``: see :func:`fuse_projections` (the loader's own model only)."""
+    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+    if not (on_cpu and kernels.available()):
+        return fuse_projections(model, release_parts)
     use_fast_norms(model)
     count = fuse_projections(model)
     trim_heap()  # the parts, freed in the middle of the heap
@@ -181,8 +206,14 @@ def use_fast_norms(model: nn.Module) -> None:
             setattr(model.get_submodule(parent) if parent else model, child, fast)
 
 
-def fuse_projections(model: nn.Module) -> int:
-    """Fuse q/k/v and gate/up in every layer where :func:`fuse_linears` can; returns how many fused."""
+def fuse_projections(model: nn.Module, release_parts: bool = False) -> int:
+    """Fuse q/k/v and gate/up in every layer where :func:`fuse_linears` can; returns how many fused.
+
+    ``release_parts``: drop the pages of plain CPU parts' weights once fused (``checkpoint.files.
+    release_pages``). A memory-mapped checkpoint stays open for the other tensors, so the parts' pages,
+    read to stack them, would otherwise count beside the stacked copy until the process ends (a
+    Qwen2.5-0.5B-shape bf16 load on the plain path peaked 0.45 GB higher). Only for a model nobody
+    else holds parts of: pages of memory that is not a file's read back as zeros."""
     count = 0
     # Only the blocks: a list of every module would keep each part (and its weight) alive until the end,
     # and a bf16 Qwen2.5-0.5B load peaked 0.44 GB higher for it.
@@ -201,6 +232,10 @@ def fuse_projections(model: nn.Module) -> int:
             m.qkv_proj = fused
         else:
             m.gate_up_silu = GateUpSilu(fused)
+        if release_parts and type(fused) is nn.Linear and fused.weight.device.type == "cpu":
+            for n in names:
+                weight = getattr(m, n).weight
+                release_pages(weight.data_ptr(), weight.nbytes)
         for n in names:
             delattr(m, n)
         count += 1
