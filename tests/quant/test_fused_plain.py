@@ -64,8 +64,15 @@ def _checkpoint(family: str, tmp_path):
     return save_hf(hf_model(family, tie_word_embeddings=family == "qwen2"), tmp_path / family)
 
 
+@pytest.mark.parametrize("kernels_on", [False, True], ids=["plain", "kernels"])
 @pytest.mark.parametrize("family", ["qwen2", "qwen3", "qwen"])
-def test_plain_path_load_fuses_and_matches_separate_layers(family, tmp_path, plain_path, monkeypatch) -> None:
+def test_float_load_fuses_and_matches_separate_layers(family, kernels_on, tmp_path, monkeypatch) -> None:
+    """float32 layers stay plain ``nn.Linear`` layers on the CPU kernels' path too (only bf16 is
+    repacked), so they stack there as well."""
+    if kernels_on and not kernels.available():
+        pytest.skip("CPU kernels not built on this CPU")
+    if not kernels_on:
+        monkeypatch.setenv(kernels.ENV_SWITCH, "torch")
     path = _checkpoint(family, tmp_path)
     fused, _ = load_model(path, dtype="float32", progress=False, fast_kernels=True)
     monkeypatch.setattr(fused_module, "fuse_projections", lambda model, release_parts=False: 0)

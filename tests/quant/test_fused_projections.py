@@ -31,7 +31,7 @@ def path(tmp_path_factory):
 def test_fused_model_equals_separate_layers(path, quantize, monkeypatch) -> None:
     monkeypatch.setenv(prepared_cache.ENV_SWITCH, "off")  # both models built here, neither from the cache
     fused, _ = load_model(path, dtype="bfloat16", quantize=quantize, progress=False, fast_kernels=True)
-    monkeypatch.setattr(fused_module, "fuse_projections", lambda model: 0)
+    monkeypatch.setattr(fused_module, "fuse_projections", lambda model, release_parts=False: 0)
     separate, _ = load_model(path, dtype="bfloat16", quantize=quantize, progress=False, fast_kernels=True)
     for layer in fused.model.layers:
         attn, mlp = layer.self_attn, layer.mlp

@@ -117,7 +117,7 @@ def fuse_for_inference(model: nn.Module, release_parts: bool = False) -> int:
     if not (on_cpu and kernels.available()):
         return fuse_projections(model, release_parts)
     use_fast_norms(model)
-    count = fuse_projections(model)
+    count = fuse_projections(model, release_parts)  # float32 layers (not repacked) stack as on the plain path
     trim_heap()  # the parts, freed in the middle of the heap
     plan_decode_layers(model)
     return count
