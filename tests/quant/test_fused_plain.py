@@ -4,7 +4,7 @@ and the plain PyTorch path on the CPU (``QWENKIT_KERNELS=torch``, another CPU, n
 There the parts are plain ``nn.Linear`` layers and the fused one stacks their weights, so every output
 is the same dot product, summed perhaps in another order: the fused model must give the separate
 layers' logits within float32 rounding and the same greedy tokens, for each family's attention
-(Qwen2's q/k/v biases, Qwen3's q/k norms, Qwen v1's LogN and float32 RoPE).
+(Qwen2's q/k/v biases, Qwen3's q/k norms, Qwen v1's LogN and float32 RoPE) and a MoE's experts.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import qwenkit.quant.fused as fused_module
 from qwenkit import kernels
 from qwenkit.checkpoint import load_model
 from qwenkit.engine import Engine, SamplingParams
+from qwenkit.model.mlp import MLP
 from qwenkit.quant.fused import GateUpSilu, fuse_linears
 
 
@@ -61,11 +62,15 @@ def test_gate_up_silu_without_kernels_is_the_mlp(plain_path) -> None:
 def _checkpoint(family: str, tmp_path):
     if family == "qwen":
         return write_v1_checkpoint(tmp_path / "v1")
+    if family == "qwen2_moe":
+        from moe.moe_models import hf_moe_model
+
+        return save_hf(hf_moe_model("qwen2_moe-mixed"), tmp_path / family)
     return save_hf(hf_model(family, tie_word_embeddings=family == "qwen2"), tmp_path / family)
 
 
 @pytest.mark.parametrize("kernels_on", [False, True], ids=["plain", "kernels"])
-@pytest.mark.parametrize("family", ["qwen2", "qwen3", "qwen"])
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "qwen", "qwen2_moe"])
 def test_float_load_fuses_and_matches_separate_layers(family, kernels_on, tmp_path, monkeypatch) -> None:
     """float32 layers stay plain ``nn.Linear`` layers on the CPU kernels' path too (only bf16 is
     repacked), so they stack there as well."""
@@ -78,12 +83,16 @@ def test_float_load_fuses_and_matches_separate_layers(family, kernels_on, tmp_pa
     monkeypatch.setattr(fused_module, "fuse_projections", lambda model, release_parts=False: 0)
     separate, _ = load_model(path, dtype="float32", progress=False, fast_kernels=True)
     for layer in fused.model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
+        attn = layer.self_attn
         assert type(attn.qkv_proj) is nn.Linear and attn.qkv_proj.fused_from == ("q_proj", "k_proj", "v_proj")
-        assert type(mlp.gate_up_silu.linear) is nn.Linear
         assert not any(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj"))
-        assert not any(hasattr(mlp, n) for n in ("gate_proj", "up_proj"))
         assert (attn.qkv_proj.bias is not None) == (family != "qwen3")  # Qwen2 and v1 have q/k/v biases
+    # every dense FFN, routed expert and shared expert (a MoE's)
+    mlps = [m for m in fused.modules() if type(m) is MLP]
+    assert len(mlps) == {"qwen2_moe": 2 + 2 * (8 + 1)}.get(family, 2)  # layers 0, 2 dense; 1, 3 sparse
+    for mlp in mlps:
+        assert type(mlp.gate_up_silu.linear) is nn.Linear
+        assert not any(hasattr(mlp, n) for n in ("gate_proj", "up_proj"))
     assert all(layer.self_attn.qkv_proj is None for layer in separate.model.layers)
     # a prompt past v1's trained length (32), where its LogN scaling and dynamic NTK act
     ids = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(1))
