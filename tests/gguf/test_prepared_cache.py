@@ -213,7 +213,7 @@ def test_a_model_of_another_shape_is_refused(cache, builds, gguf_file, tmp_path,
     assert "down_proj" in capfd.readouterr().err
 
 
-@pytest.mark.skipif(not kernels.available(), reason="q/k/v fuse only on qwenkit's CPU kernels")
+@pytest.mark.skipif(not kernels.available(), reason="Q4_0 q/k/v fuse only on qwenkit's CPU kernels")
 def test_a_fused_product_of_another_size_is_refused(cache, builds, gguf_file, capfd):
     """A fast load stores q/k/v as one product (``quant.fused``): it is checked against the sum of the
     layers it replaced."""
