@@ -119,6 +119,11 @@ def prompts_for(batch: int, length: int, vocab: int, salt: int = 0) -> list[list
     return [[(salt * 7919 + row * 131 + i * 17 + 1) % vocab for i in range(length)] for row in range(batch)]
 
 
+def check_prompts(vocab: int) -> list[list[int]]:
+    """Four prompts of different lengths (batched, padded to 4 rows), one crossing the 256-token bucket."""
+    return [prompts_for(1, n, vocab, salt=n)[0] for n in (5, 23, 40, 240)]
+
+
 def generate(engine: Engine, prompts: list[list[int]], new_tokens: int) -> tuple[list[list[int]], float, int]:
     """Greedy tokens per prompt; decode seconds and tokens counted from the step after every row has its
     first token (the prefill) to the end."""
@@ -180,7 +185,8 @@ def speed(args, models: dict[str, Transformer], device: torch.device, deadline: 
             if time.monotonic() > deadline:
                 say(f"batch {batch}: time budget spent, skipping the remaining rounds")
                 break
-            for (layout, mode), engine in engines.items():
+            order = list(engines.items())  # alternating, both orders: drift does not favour one
+            for (layout, mode), engine in order if round_ % 2 == 0 else order[::-1]:
                 where = f"batch {batch:2d} {layout:8s} graphs {mode:3s} round {round_ + 1}"
                 try:
                     prompts = prompts_for(batch, args.prompt_len, vocab, salt=round_ + 1)
@@ -247,10 +253,8 @@ def compare(
 
 
 def correctness(model: Transformer, args, near_tie: bool, label: str) -> list[bool]:
-    """Four prompts of different lengths batched (padded to 4 rows), one crossing the 256-token bucket."""
-    vocab = model.config.vocab_size
-    lengths = (5, 23, 40, 240)
-    prompts = [prompts_for(1, n, vocab, salt=n)[0] for n in lengths]
+    """Greedy tokens with graphs against the same step uncaptured, and against the eager engine path."""
+    prompts = check_prompts(model.config.vocab_size)
     kwargs = dict(max_batch_size=4, max_seq_len=320)
     results = []
     graphs = Engine(model, cuda_graphs=True, **kwargs)
@@ -286,8 +290,7 @@ def correctness(model: Transformer, args, near_tie: bool, label: str) -> list[bo
 
 def layouts_agree(models: dict[str, Transformer], args, label: str) -> bool:
     """Greedy tokens of the fused model against the separate layers' (eager engines, near ties allowed)."""
-    vocab = models["fused"].config.vocab_size
-    prompts = [prompts_for(1, n, vocab, salt=n)[0] for n in (5, 23, 40, 240)]
+    prompts = check_prompts(models["fused"].config.vocab_size)
     engines = [
         Engine(models[layout], cuda_graphs=False, max_batch_size=4, max_seq_len=320) for layout in LAYOUTS
     ]
