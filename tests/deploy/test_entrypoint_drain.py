@@ -22,6 +22,8 @@ from deploy_files import BIN, DEPLOY, DOCKERFILES, dockerfile_env
 sys.path.insert(0, str(Path(__file__).parents[1] / "server"))
 from live import free_port
 
+from qwenkit.kernels.build import cache_root
+
 KEY = "sk-deploy-test"
 
 
@@ -44,6 +46,9 @@ def start_like_the_image(tmp_path: Path, model: Path, grace: float) -> tuple[sub
         HOME=str(tmp_path),
         PYTHONPATH=os.environ.get("PYTHONPATH", ""),
         OMP_NUM_THREADS="1",
+        # the image carries its CPU kernels prebuilt in its venv (install.sh KERNELS=venv); this venv's are
+        # in the user cache `make setup` filled: without it each start here compiles them again (30-60 s)
+        XDG_CACHE_HOME=str(cache_root().parents[1]),
         # what compose / the Deployment add
         QWENKIT_MODEL=str(read_only_copy(model, tmp_path)),
         QWENKIT_API_KEY_FILE=str(tmp_path / "secrets" / "api-key"),
