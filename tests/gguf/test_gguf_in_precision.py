@@ -5,12 +5,15 @@ model's top two logits are closer than that tolerance allows."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from factories import hf_model, v1_state_dict
 from torch import nn
 
 from qwenkit.checkpoint import load_model
+from qwenkit.engine.kv_cache import PagedKVCache, StepAttention
 from qwenkit.generate import tokenizer_for
 from qwenkit.quant import QuantizedLinear
 from qwenkit.quant.embedding import QuantizedEmbedding
@@ -73,6 +76,29 @@ def test_memory_check_counts_the_codes(smollm, in_precision) -> None:
     assert smollm.runtime_bytes(4, keep_quantized=False) > 4 * estimate  # the float32 load it replaces
 
 
+def cached_decoder(model: nn.Module, length: int) -> Callable[[list[int]], torch.Tensor]:
+    """Feed a sequence's new tokens through ``model`` with a KV cache of ``length`` positions, as the engine
+    does (a prompt in one chunk, then one token a step); returns the last position's logits."""
+    cfg, block = model.config, 16
+    blocks = -(-length // block)
+    cache = PagedKVCache(
+        cfg.num_hidden_layers, blocks, block, cfg.num_key_value_heads, cfg.head_dim, torch.float32, "cpu"
+    )
+    table, done = list(range(blocks)), 0
+
+    def feed(ids: list[int]) -> torch.Tensor:
+        nonlocal done
+        n = len(ids)
+        rows = ([(table, done)], []) if n == 1 else ([], [(table, done, n)])
+        with torch.no_grad():
+            step = StepAttention(cache, *rows)
+            logits = model(torch.tensor([ids]), positions=torch.arange(done, done + n)[None], cache=step)
+        done += n
+        return logits[0, -1]
+
+    return feed
+
+
 @pytest.mark.slow
 def test_logits_and_greedy_answers_match_the_dequantized_model(smollm, in_precision, dequantized) -> None:
     tokenizer = tokenizer_for(smollm)
@@ -80,17 +106,19 @@ def test_logits_and_greedy_answers_match_the_dequantized_model(smollm, in_precis
     for text in PROMPTS:
         ids = tokenizer.apply_chat_template([{"role": "user", "content": text}])
         answers: dict[str, list[int]] = {"q": [], "f": []}
-        with torch.no_grad():
-            for step in range(NEW_TOKENS):
-                q = in_precision(torch.tensor([ids + answers["q"]]))[0, -1]
-                f = dequantized(torch.tensor([ids + answers["f"]]))[0, -1]
-                if answers["q"] == answers["f"]:  # same prefix: the logits must agree
-                    worst = max(worst, float((q - f).abs().max()))
-                    top2 = f.topk(2).values
-                    if int(q.argmax()) != int(f.argmax()):
-                        flips.append((text, step, float(top2[0] - top2[1])))
-                answers["q"].append(int(q.argmax()))
-                answers["f"].append(int(f.argmax()))
+        feed_q = cached_decoder(in_precision, len(ids) + NEW_TOKENS)
+        feed_f = cached_decoder(dequantized, len(ids) + NEW_TOKENS)
+        q, f = feed_q(ids), feed_f(ids)
+        for step in range(NEW_TOKENS):
+            if step:
+                q, f = feed_q(answers["q"][-1:]), feed_f(answers["f"][-1:])
+            if answers["q"] == answers["f"]:  # same prefix: the logits must agree
+                worst = max(worst, float((q - f).abs().max()))
+                top2 = f.topk(2).values
+                if int(q.argmax()) != int(f.argmax()):
+                    flips.append((text, step, float(top2[0] - top2[1])))
+            answers["q"].append(int(q.argmax()))
+            answers["f"].append(int(f.argmax()))
     kernels = {m.impl.key for m in in_precision.modules() if isinstance(m, QuantizedLinear)}
     head_only = kernels <= set(HEAD_KERNELS)
     tolerance = FLOAT_ACTIVATION_TOLERANCE if head_only else INT8_ACTIVATION_TOLERANCE
