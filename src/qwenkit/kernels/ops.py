@@ -1,12 +1,12 @@
-"""Python face of the C++ CPU kernels: availability, weight packing, the linears and dequantization."""
+"""Python face of the C++ CPU kernels: availability, weight packing, the linears and dequantization.
+The decode step's small row ops (sampling, norms, attention, whole layers) are in ``step_ops``."""
 
 from __future__ import annotations
 
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from itertools import chain
 
 import torch
 
@@ -118,15 +118,16 @@ class KernelsUnavailableError(QwenkitError, RuntimeError):
 _ops: dict[str, Callable[..., torch.Tensor]] = {}  # op name -> its overload, looked up once
 
 
-def _op(name: str) -> Callable[..., torch.Tensor]:
-    op = _ops.get(name)
-    if op is None:
+def op(name: str) -> Callable[..., torch.Tensor]:
+    """The library's op ``name`` (torch.ops.qwenkit), looked up once; loads the library first."""
+    found = _ops.get(name)
+    if found is None:
         if not (_loaded or available()):
             raise KernelsUnavailableError(
                 "the qwenkit CPU kernels are not available here; use the plain path"
             )
-        op = _ops[name] = getattr(torch.ops.qwenkit, name).default
-    return op
+        found = _ops[name] = getattr(torch.ops.qwenkit, name).default
+    return found
 
 
 def _as_rows(x: torch.Tensor, k: int, what: str) -> torch.Tensor:
@@ -200,7 +201,7 @@ def prepare_bf16(w: torch.Tensor) -> PackedBf16:
 
 def linear_bf16(x: torch.Tensor, p: PackedBf16, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., K) bf16 @ w.T (+ bias) -> (..., N) bf16, fp32 accumulation. Best for M <= 16."""
-    y = _op("linear_bf16")(_as_rows(x, p.in_features, "linear_bf16"), p.weight, bias, p.out_features)
+    y = op("linear_bf16")(_as_rows(x, p.in_features, "linear_bf16"), p.weight, bias, p.out_features)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], p.out_features)
 
 
@@ -335,7 +336,7 @@ def _linear_int(bits: int, x: torch.Tensor, p: PackedInt, bias: torch.Tensor | N
     if p.bits != bits:
         raise KernelInputError(f"linear_int{bits} got weights packed for {p.bits} bits")
     rows = _as_rows(x, p.in_features, f"linear_int{bits}")
-    y = _op(f"linear_int{bits}")(
+    y = op(f"linear_int{bits}")(
         rows, p.codes, p.scale, p.shift, bias, p.group_size, p.out_features, p.zero_point
     )
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], p.out_features)
@@ -363,7 +364,7 @@ def linear_int8_float(x: torch.Tensor, p: PackedInt, bias: torch.Tensor | None =
     if p.bits != 8:
         raise KernelInputError(f"linear_int8_float got weights packed for {p.bits} bits")
     rows = _as_rows(x, p.in_features, "linear_int8_float")
-    y = _op("linear_int8_float")(
+    y = op("linear_int8_float")(
         rows, p.codes, p.scale, p.shift, bias, p.group_size, p.out_features, p.zero_point
     )
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], p.out_features)
@@ -405,7 +406,7 @@ def dequantize(
 def dequantize_rows(p: PackedInt, rows: torch.Tensor) -> torch.Tensor:
     """``dequantize(p, torch.float32, rows)`` bit for bit, in one kernel call reading only those rows'
     bytes: an embedding lookup in packed weights (a tied, quantized head)."""
-    return _op("dequantize_rows")(
+    return op("dequantize_rows")(
         p.codes, p.scale, p.shift, rows, p.bits, p.group_size, p.in_features, p.out_features, p.zero_point
     )
 
@@ -453,160 +454,3 @@ def _check_concat(shapes: list[tuple[int, int]], what: str) -> None:
         raise KernelInputError(f"{what}: parts have different input sizes {[k for k, _ in shapes]}")
     if any(n % TILE for _, n in shapes[:-1]):
         raise KernelInputError(f"{what}: every part but the last needs a multiple of {TILE} outputs")
-
-
-def argmax(x: torch.Tensor) -> torch.Tensor:
-    """``x.argmax(-1)`` for float32 logits (M, V): the first index of each row's maximum (or first NaN),
-    vectorized and in parallel over chunks of the rows (torch's is one scalar pass per row)."""
-    return _op("argmax_rows")(x)
-
-
-def widen(x: torch.Tensor) -> torch.Tensor:
-    """``x.float()`` for bf16 logits (M, V), on the kernels' threads: a step's own torch ops run on OpenMP,
-    whose worker then spins for milliseconds beside the kernels' workers."""
-    return _op("widen_rows")(x)
-
-
-def finite_rows(x: torch.Tensor) -> torch.Tensor:
-    """(M,) bool: whether each row of float32 logits (M, V) holds no inf or NaN (as ``widen``, why)."""
-    return _op("finite_rows")(x)
-
-
-def topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``torch.topk(x, k)`` for float32 logits (M, V) without NaN: the k largest of each row, sorted
-    descending, ties to the lower index; one vector pass per row against a running threshold (torch's
-    took 0.5 ms for 16 rows of a 49k vocabulary, this a tenth of that)."""
-    return _op("topk_rows")(x, k)
-
-
-def logsumexp(x: torch.Tensor, scales: Sequence[float]) -> torch.Tensor:
-    """``torch.logsumexp(x * scales[:, None], -1)`` for float32 logits (M, V) and a scale > 0 per row
-    (1 / its temperature), in one kernel: torch's took 2.5 ms for 16 rows of a 49k vocabulary."""
-    return _op("logsumexp_rows")(x, [float(s) for s in scales])
-
-
-def sample_cdf(
-    x: torch.Tensor, scales: Sequence[float], min_ps: Sequence[float], uniforms: Sequence[float]
-) -> torch.Tensor:
-    """(M,) int64 draws from softmax(x * scale) of float32 logits (M, V) per row, tokens below min_p
-    times the most likely one removed: the first index whose cumulative probability exceeds the row's
-    uniform in [0, 1). One kernel, no (M, V) temporaries (torch's chain took 12 ms at 16 x 152k)."""
-    return _op("sample_cdf_rows")(
-        x, [float(s) for s in scales], [float(p) for p in min_ps], [float(u) for u in uniforms]
-    )
-
-
-def sample_top_p(
-    x: torch.Tensor,
-    scales: Sequence[float],
-    top_ps: Sequence[float],
-    min_ps: Sequence[float],
-    keys: Sequence[int],
-) -> torch.Tensor:
-    """(M,) int64 top-p draws from softmax(x * scale) of float32 logits (M, V), min-p applied within the
-    nucleus, by the race argmax p / E with E hashed from each token's id and the row's key (the noise of
-    the sampler's ``_keyed_exp``). The nucleus comes from a histogram of the probabilities: nothing is
-    sorted but the tokens at its edge."""
-    return _op("sample_top_p_rows")(
-        x,
-        [float(s) for s in scales],
-        [float(p) for p in top_ps],
-        [float(p) for p in min_ps],
-        [int(k) for k in keys],
-    )
-
-
-# The small ops below are one pass of scalar-ish code: they beat torch's chain of kernels for the few rows
-# of a decode step, torch's vectorized kernels win on a prompt's hundreds (callers check this).
-SMALL_OP_ROWS = 16
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """``weight * bf16(rms_norm(x.float()))`` for bf16 x (..., K) and weight (K,), in one call."""
-    return _op("rms_norm")(x, weight, eps)
-
-
-def silu_mul(x: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up`` for bf16 x = [gate | up] (..., 2F) -> (..., F), rounded as torch rounds it."""
-    return _op("silu_mul")(x)
-
-
-def decode_attention(
-    q: torch.Tensor,
-    k_pool: torch.Tensor,
-    v_pool: torch.Tensor,
-    gather: torch.Tensor,
-    positions: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
-    """One query per row over its keys, read in place from the KV pool (no gathered copy).
-
-    q (B, H, D) bf16; pools (slots, Hkv, D) bf16; gather (B, S) int64 slot of each key; positions (B,):
-    row b sees keys 0..positions[b]. Returns (B, H, D) bf16; query head i reads KV head i // (H / Hkv).
-    """
-    return _op("decode_attention")(q, k_pool, v_pool, gather, positions, scale)
-
-
-def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-    """Rotate-half RoPE in place on bf16 x (B, T, heads, D) (last dimension contiguous), the first rot
-    features of each head, with cos/sin (B, T, rot): bf16 rounds each step as torch does in bf16,
-    float32 rotates in float and rounds once (Qwen v1)."""
-    _op("rope_")(x, cos, sin)
-
-
-@dataclass(frozen=True)
-class DecodeLayerWeights:
-    """A decoder layer's weights as :func:`decode_layers`' argument lists (built by ``quant.fused``).
-
-    tensors: input norm weight, post-attention norm weight, then for q/k/v (or q alone), o, gate/up and
-    down: packed weight or codes, scale, shift, bias; then the q and k norm weights (Qwen3); then k and
-    v as two more linears where q/k/v are three products (weights of different kinds); an empty tensor
-    where absent. ints: heads, KV heads, head dim, then per linear (k's and v's last): bits (16 for
-    bf16, 0 absent), group size, outputs, zero point, bias mode (0 none, 1 added before rounding, 2
-    added to the rounded output). floats: the two norms' eps, the attention scale, the q and k norms'
-    eps.
-    """
-
-    tensors: list[torch.Tensor]
-    ints: list[int]
-    floats: list[float]
-
-
-@dataclass(frozen=True)
-class DecodeRun:
-    """A run of consecutive decoder layers' weights and their K/V pools, held by the C++ library once
-    (:func:`decode_run`), so that a decode step passes only what changes: passing about 900 tensors and
-    1,000 ints with every step cost the bundled 135M model 90 us a step, 2% of its batch-1 step."""
-
-    handle: torch.ScriptObject
-    layers: int
-
-
-def decode_run(
-    weights: Sequence[DecodeLayerWeights], k_pools: Sequence[torch.Tensor], v_pools: Sequence[torch.Tensor]
-) -> DecodeRun:
-    """Layers ``weights`` with the pools ``k_pools[i]``/``v_pools[i]`` they write and read, for
-    :func:`decode_layers`. The run holds references to all of them."""
-    _op("decode_layers")  # loads the library, which defines the class
-    tensors = list(chain.from_iterable(w.tensors for w in weights))
-    ints = list(chain.from_iterable(w.ints for w in weights))
-    floats = list(chain.from_iterable(w.floats for w in weights))
-    handle = torch.classes.qwenkit.DecodeRun(tensors, ints, floats, list(k_pools), list(v_pools))
-    return DecodeRun(handle, len(weights))
-
-
-def decode_layers(
-    x: torch.Tensor,
-    run: DecodeRun,
-    slots: torch.Tensor,
-    gather: torch.Tensor,
-    positions: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-) -> torch.Tensor:
-    """Consecutive decoder layers for a decode step's rows x (M <= 16, hidden) bf16, in one call, each
-    bit for bit what its modules compute: layer i of the run writes the step's K/V into its pools at
-    ``slots``, attends as :func:`decode_attention` over ``gather``/``positions`` and rotates with cos/sin
-    (1, M, rot) as :func:`rope_`. Returns (M, hidden). One call for all layers: a call per layer cost
-    about 15 us of Python and argument parsing (the bundled model decodes 4.6% faster at batch 1)."""
-    return _op("decode_layers")(run.handle, x, slots, gather, positions, cos, sin)
