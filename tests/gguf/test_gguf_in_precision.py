@@ -13,7 +13,8 @@ from factories import hf_model, v1_state_dict
 from torch import nn
 
 from qwenkit.checkpoint import load_model
-from qwenkit.engine.kv_cache import PagedKVCache, StepAttention
+from qwenkit.engine.forward import ForwardCall, run_forward
+from qwenkit.engine.kv_cache import PagedKVCache
 from qwenkit.generate import tokenizer_for
 from qwenkit.quant import QuantizedLinear
 from qwenkit.quant.embedding import QuantizedEmbedding
@@ -77,8 +78,8 @@ def test_memory_check_counts_the_codes(smollm, in_precision) -> None:
 
 
 def cached_decoder(model: nn.Module, length: int) -> Callable[[list[int]], torch.Tensor]:
-    """Feed a sequence's new tokens through ``model`` with a KV cache of ``length`` positions, as the engine
-    does (a prompt in one chunk, then one token a step); returns the last position's logits."""
+    """Feed a sequence's new tokens through ``model`` with a KV cache of ``length`` positions through the
+    engine's forward call (a prompt in one chunk, then one token a step); returns the last logits."""
     cfg, block = model.config, 16
     blocks = -(-length // block)
     cache = PagedKVCache(
@@ -90,11 +91,11 @@ def cached_decoder(model: nn.Module, length: int) -> Callable[[list[int]], torch
         nonlocal done
         n = len(ids)
         rows = ([(table, done)], []) if n == 1 else ([], [(table, done, n)])
+        call = ForwardCall(ids, list(range(done, done + n)), None, [n - 1], *rows)
         with torch.no_grad():
-            step = StepAttention(cache, *rows)
-            logits = model(torch.tensor([ids]), positions=torch.arange(done, done + n)[None], cache=step)
+            logits = run_forward(model, cache, call)
         done += n
-        return logits[0, -1]
+        return logits[0]
 
     return feed
 
