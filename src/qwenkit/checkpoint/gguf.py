@@ -26,7 +26,7 @@ from tokenizers import Tokenizer
 
 from qwenkit.checkpoint.files import release_pages
 from qwenkit.checkpoint.gguf_config import ARCHITECTURES, build_hf_config
-from qwenkit.checkpoint.gguf_index import GGUFIndex, TensorEntry, read_index
+from qwenkit.checkpoint.gguf_index import GGUFHeaderError, GGUFIndex, TensorEntry, read_index
 from qwenkit.checkpoint.gguf_quant import (
     AFFINE_BITS,
     REQUANTIZED,
@@ -53,8 +53,6 @@ from qwenkit.checkpoint.gguf_tokenizer import (
 )
 from qwenkit.errors import CheckpointError
 from qwenkit.quant.affine import AffineWeight
-
-GGUF_MAGIC = b"GGUF"
 
 
 class GGUFError(CheckpointError):
@@ -211,22 +209,17 @@ def read_gguf(path: str | Path) -> GGUFCheckpoint:
     p = Path(path)
     if not p.is_file():
         raise GGUFError(f"{p}: no such file")
-    with p.open("rb") as f:
-        magic = f.read(4)
-    if magic != GGUF_MAGIC:
-        raise GGUFError(f"{p}: not a GGUF file (it starts with {magic!r}, not {GGUF_MAGIC!r})")
     try:
         index = read_index(p)
-    except (ValueError, IndexError, OverflowError, TypeError) as e:
-        # gguf-py fails with numpy's words (a reshape or view that comes up short); say what it means.
-        raise GGUFError(
-            f"{p}: truncated or corrupt GGUF file: its header or tensor data ends early "
-            f"({p.stat().st_size:,} bytes); download it again"
-        ) from e
+    except GGUFHeaderError as e:
+        raise GGUFError(f"{p}: {e}") from e
     size = p.stat().st_size
     for t in index.tensors:
         if t.offset + t.n_bytes > size:
-            raise GGUFError(f"{p}: truncated GGUF file (tensor {t.name} ends past the end of the file)")
+            raise GGUFError(
+                f"{p}: truncated GGUF file: tensor {t.name} ends past the end of the file "
+                f"({size:,} bytes); download it again"
+            )
 
     metadata = index.metadata
     arch = metadata.get("general.architecture")
