@@ -284,7 +284,7 @@ def _store(entry: Path, index: GGUFIndex) -> None:
         fd, tmp = tempfile.mkstemp(dir=entry.parent, prefix=entry.name, suffix=".tmp")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(data, f)
+                f.write(json.dumps(data))  # one C-encoder pass: json.dump encodes in Python, 3x slower
             os.replace(tmp, entry)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
