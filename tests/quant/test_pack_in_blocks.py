@@ -1,6 +1,7 @@
-"""Packing a block of rows at a time (to keep load-time temporaries small) gives exactly the bytes of
-packing the whole matrix at once, for every kernel layout that packs codes on the CPU; and loading a
-model whose output head dwarfs its layers peaks near the quantized model's size, not a multiple of it."""
+"""Packing codes for every kernel layout on the CPU (the C++ tiles in one pass, aten's planes a block of
+rows at a time to keep load-time temporaries small) gives exactly the bytes of the straightforward whole-
+matrix layout; and loading a model whose output head dwarfs its layers peaks near the quantized model's
+size, not a multiple of it."""
 
 from __future__ import annotations
 
@@ -39,16 +40,32 @@ def tiles_at_once(bits: int, c: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize(("n", "k"), [(16, 64), (200, 96), (1000, 128), (37, 32)])
-def test_avx512_tiles_in_blocks_equal_tiles_at_once(monkeypatch, bits, n, k):
+@pytest.mark.parametrize(("n", "k"), [(16, 64), (200, 96), (1000, 128), (37, 32), (1, 8), (17, 4096)])
+def test_avx512_tiles_equal_the_straightforward_layout(bits, n, k):
+    if not kernels_available():
+        pytest.skip("the CPU kernels are not available here: nothing is packed into tiles")
     c = codes(n, k, bits)
     want = tiles_at_once(bits, c)
-    monkeypatch.setattr(ops, "PACK_BLOCK_BYTES", 3 * ops.TILE * k)  # three tiles a step: many blocks
     got = ops._tile_codes(bits, c)
     assert got.dtype == torch.uint8 and torch.equal(got, want)
-    monkeypatch.setattr(ops, "PACK_BLOCK_BYTES", 1 << 30)  # one block
-    assert torch.equal(ops._tile_codes(bits, c), want)
     assert torch.equal(ops._tile_codes(bits, c.T.contiguous().T), want)  # a non-contiguous input
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the load packs
+    try:
+        assert torch.equal(ops._tile_codes(bits, c), want)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_tile_packing_refuses_what_it_cannot_lay_out():
+    if not kernels_available():
+        pytest.skip("the CPU kernels are not available here")
+    with pytest.raises(RuntimeError, match="K must be a multiple of 8"):
+        ops._tile_codes(4, codes(16, 12, 4))
+    with pytest.raises(RuntimeError, match="bits must be 8 or 4"):
+        ops._tile_codes(2, codes(16, 16, 2))
+    with pytest.raises(RuntimeError, match="must be .N, K. uint8"):
+        ops._tile_codes(8, codes(16, 16, 8).to(torch.int32))
 
 
 def affine(n: int, k: int, bits: int, group: int) -> AffineWeight:

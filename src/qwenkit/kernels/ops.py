@@ -266,38 +266,10 @@ def _prepare(
     return PackedInt(bits, _tile_codes(bits, codes), _tiled(scale, sdt), h, group_size, k, n, zero_point)
 
 
-PACK_BLOCK_BYTES = 1 << 22  # codes packed per step: the temporaries stay ~4 MiB for any matrix
-
-
 def _tile_codes(bits: int, codes: torch.Tensor) -> torch.Tensor:
-    """(N, K) uint8 codes -> (N/16, K * 16) or (N/16, K * 8) tiles, zero rows padding N.
-
-    Built a block of tiles at a time straight into the result, so packing a 151936 x 896 output head
-    needs the codes and the result, not two more full-size copies.
-    """
-    codes = codes.contiguous()
-    n, k = codes.shape
-    tiles = -(-n // TILE)
-    out = torch.empty(tiles, k * TILE * bits // 8, dtype=torch.uint8)
-    step = max(1, PACK_BLOCK_BYTES // max(1, k * TILE))  # tiles per block
-    for t0 in range(0, tiles, step):
-        t1 = min(tiles, t0 + step)
-        rows = codes[t0 * TILE : t1 * TILE]
-        if rows.shape[0] < (t1 - t0) * TILE:  # the last tile's missing rows are zeros
-            pad = torch.zeros((t1 - t0) * TILE - rows.shape[0], k, dtype=torch.uint8)
-            rows = torch.cat([rows, pad])
-        _tile_block(bits, rows, out[t0:t1])
-    return out
-
-
-def _tile_block(bits: int, rows: torch.Tensor, out: torch.Tensor) -> None:
-    """Pack (T * 16, K) codes into ``out`` (T tiles)."""
-    nt, k = out.shape[0], rows.shape[1]
-    if bits == 8:  # (tiles, 16 rows, K/4, 4) -> (tiles, K/4, 16 rows, 4)
-        out.view(nt, k // 4, TILE, 4).copy_(rows.view(nt, TILE, k // 4, 4).transpose(1, 2))
-    else:  # (tiles, 16 rows, K/8, 2 halves, 4) -> (tiles, K/8, 16 rows, 4): low nibble inputs 0-3, high 4-7
-        c = rows.view(nt, TILE, k // 8, 2, 4).transpose(1, 2)
-        torch.bitwise_or(c[:, :, :, 0], c[:, :, :, 1] << 4, out=out.view(nt, k // 8, TILE, 4))
+    """(N, K) uint8 codes -> (N/16, K * 16) or (N/16, K * 8) tiles, zero rows padding N: one pass in C++
+    (``pack_int_tiles``) straight into the result, no temporaries beside it."""
+    return op("pack_int_tiles")(codes, bits)
 
 
 def prepare_int8(

@@ -19,6 +19,7 @@
 //   dequantize_rows(codes, scale, shift?, ids, bits, group_size, K, N, zero_point) -> (len(ids), K) fp32:
 //   rows of packed integer weights (an embedding lookup in a packed, tied head)
 //   stream_read(t) -> int64: xor of every 64-byte line (a memory-bandwidth probe for the benchmark)
+//   pack_int_tiles(codes uint8 (N,K), bits) -> the int8 or int4 tiles below (a load's packing)
 //   rms_norm(x, weight, eps), silu_mul([gate | up]), rope_(x, cos, sin), decode_attention(q, k pool, v pool, gather, positions,
 //   scale): the decode step's small ops, one call each instead of several torch kernels
 //   DecodeRun(per-layer weights, K pools, V pools): a run of decoder layers and their KV cache, held once;
@@ -1840,6 +1841,41 @@ at::Tensor linear_int8_float(const at::Tensor& x, const at::Tensor& codes, const
   return y;
 }
 
+// (N, K) uint8 codes -> the integer tiles' layout (kernels.ops._tile_codes): per 16-row tile and per 4
+// inputs (int8) or 8 (int4), the 16 rows' 4 bytes side by side; int4 holds inputs j and j + 4 of each 8
+// as one byte's low and high nibble. Rows past N are zeros. One pass, a tile (at most 16 K bytes of
+// output, in L1) at a time: torch's strided copies and ORs of the same took 4.4 s of a 1.5B model's load.
+at::Tensor pack_int_tiles(const at::Tensor& codes, int64_t bits) {
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.dim() == 2, "qwenkit pack_int_tiles: codes must be (N, K) uint8");
+  TORCH_CHECK(bits == 8 || bits == 4, "qwenkit pack_int_tiles: bits must be 8 or 4");
+  const int64_t group = bits == 8 ? 4 : 8;
+  TORCH_CHECK(codes.size(1) % group == 0, "qwenkit pack_int_tiles: K must be a multiple of ", group);
+  const at::Tensor c = codes.contiguous();
+  const int64_t N = c.size(0), K = c.size(1), tiles = (N + kTile - 1) / kTile, tile_bytes = K * kTile * bits / 8;
+  at::Tensor out = at::empty({tiles, tile_bytes}, c.options());
+  const uint8_t* src = c.data_ptr<uint8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      uint8_t* o = dst + t * tile_bytes;
+      if ((t + 1) * kTile > N) std::memset(o, 0, tile_bytes);
+      for (int64_t r = 0; r < kTile && t * kTile + r < N; ++r) {
+        const uint8_t* in = src + (t * kTile + r) * K;
+        if (bits == 8) {
+          for (int64_t q = 0; q < K / 4; ++q) std::memcpy(o + (q * kTile + r) * 4, in + 4 * q, 4);
+        } else {
+          for (int64_t q = 0; q < K / 8; ++q) {
+            uint8_t* d = o + (q * kTile + r) * 4;
+            const uint8_t* s = in + 8 * q;
+            for (int j = 0; j < 4; ++j) d[j] = uint8_t(s[j] | (s[j + 4] << 4));
+          }
+        }
+      }
+    }
+  });
+  return out;
+}
+
 // Rows `ids` of packed integer weights as fp32, each value (code - zero_point) * scale, then + shift,
 // rounded in that order as the reference (kernels.dequantize) does. For an embedding that shares a
 // packed head's weights: a decode step looks up one row per sequence (torch's ten steps of unpacking
@@ -2918,6 +2954,7 @@ TORCH_LIBRARY(qwenkit, m) {
       "linear_int8_float(Tensor x, Tensor codes, Tensor scale, Tensor? shift, Tensor? bias, int group_size, int N, "
       "int zero_point) -> Tensor");
   m.def("stream_read(Tensor t) -> int");
+  m.def("pack_int_tiles(Tensor codes, int bits) -> Tensor");
   m.def("argmax_rows(Tensor x) -> Tensor");
   m.def("widen_rows(Tensor x) -> Tensor");
   m.def("finite_rows(Tensor x) -> Tensor");
@@ -2947,6 +2984,7 @@ TORCH_LIBRARY_IMPL(qwenkit, CPU, m) {
   m.impl("linear_int4", &linear_int4);
   m.impl("linear_int8_float", &linear_int8_float);
   m.impl("stream_read", &stream_read);
+  m.impl("pack_int_tiles", &pack_int_tiles);
   m.impl("argmax_rows", &argmax_rows);
   m.impl("widen_rows", &widen_rows);
   m.impl("finite_rows", &finite_rows);
