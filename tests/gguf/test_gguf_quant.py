@@ -87,3 +87,76 @@ def test_types_without_an_exact_mapping_are_not_decoded():
     assert not can_decode(Q.Q8_0, (2, 32, 256))  # stacked experts stay on the float path
     with pytest.raises(ValueError, match="cannot decode Q6_K"):
         decode_affine(np.zeros((32, 210), np.uint8), Q.Q6_K, (32, 256))
+
+
+def random_q6_k_blocks(out_f: int, in_f: int, seed: int) -> np.ndarray:
+    """Random Q6_K blocks (any bytes are valid codes and int8 sub-scales) with finite float16 d, among them
+    a zero d (every weight 0: the scale's float16 floor), a subnormal one and the largest sub-scales."""
+    _, type_size = GGML_QUANT_SIZES[Q.Q6_K]
+    g = np.random.default_rng(seed)
+    n_blocks = out_f * in_f // 256
+    b = g.integers(0, 256, size=(n_blocks, type_size), dtype=np.uint8)
+    d = (g.random(n_blocks) * 1e-3).astype(np.float16)
+    d[0], d[1] = 0.0, 1e-7
+    b[2, 192:208] = np.array([127, -128] * 8, dtype=np.int8).view(np.uint8)
+    b[:, 208:210] = d.view(np.uint8).reshape(n_blocks, 2)
+    return b.reshape(out_f, -1)
+
+
+@pytest.mark.parametrize("shape", [(4, 256), (37, 768), (256, 1536)])
+def test_q6_k_requantized_by_the_kernels_equals_gguf_pys_floats_rounded(shape):
+    """The kernels' one-pass Q6_K load gives requantize_int8's codes and scales, bit for bit."""
+    from qwenkit.checkpoint.gguf_quant import requantize_int8, requantize_q6_k
+    from qwenkit.kernels import available
+
+    if not available():
+        pytest.skip("the CPU kernels are not available here: Q6_K takes the gguf-py path")
+    data = random_q6_k_blocks(*shape, seed=shape[0])
+    floats = torch.from_numpy(gguf.quants.dequantize(data, Q.Q6_K).reshape(shape))
+    want = requantize_int8(floats)
+    got = requantize_q6_k(data, shape)
+    assert torch.equal(got.codes, want.codes)
+    assert torch.equal(got.scale, want.scale) and torch.equal(got.shift, want.shift)
+    assert (got.group_size, got.bits) == (want.group_size, want.bits) == (32, 8)
+    assert got.codes[0, :32].eq(128).all() and got.scale[0, 0] == 2**-14  # the zero block
+    # and the codes are the weights within half a step of their group
+    deq = (got.codes.float() - 128) * got.scale.T.repeat_interleave(32, dim=1)
+    assert ((deq - floats).abs() <= got.scale.T.repeat_interleave(32, dim=1) / 2).all()
+
+
+def test_q6_k_loads_through_the_kernels_with_the_reference_values(tmp_path, gguf_writer, monkeypatch):
+    """A file with a Q6_K projection loads to the same codes whether the kernels requantize it or the
+    gguf-py path does (the kernels switched off for that one call)."""
+    from factories import hf_model
+    from gguf_files import tiny_vocab
+
+    from qwenkit import kernels
+    from qwenkit.checkpoint import gguf as gguf_module
+    from qwenkit.checkpoint.gguf import read_gguf
+
+    if not kernels.available():
+        pytest.skip("the CPU kernels are not available here")
+    model = hf_model(
+        "qwen2", vocab_size=len(tiny_vocab()[0]), hidden_size=256, intermediate_size=512, num_hidden_layers=1
+    )
+    state = {n: p.detach() for n, p in model.named_parameters() if not n.endswith("down_proj.weight")}
+    down = model.model.layers[0].mlp.down_proj.weight
+    blocks = random_q6_k_blocks(down.shape[0], down.shape[1], seed=5)
+
+    def q6k_tensor(w: gguf.GGUFWriter) -> None:
+        w.add_tensor("blk.0.ffn_down.weight", blocks, raw_dtype=Q.Q6_K)
+
+    path = gguf_writer(tmp_path / "q6k.gguf", "qwen2", model.config.to_dict(), state, Q.F16, extra=q6k_tensor)
+
+    def down_weight():
+        return dict(read_gguf(path).tensors(keep_quantized=True))["model.layers.0.mlp.down_proj.weight"]
+
+    calls = []
+    real = gguf_module.requantize_q6_k
+    monkeypatch.setattr(gguf_module, "requantize_q6_k", lambda *a: calls.append(1) or real(*a))
+    fast = down_weight()
+    assert calls == [1]  # the kernels' pass did the work
+    monkeypatch.setattr(gguf_module, "kernels_available", lambda: False)
+    slow = down_weight()
+    assert calls == [1]
+    assert torch.equal(fast.codes, slow.codes) and torch.equal(fast.scale, slow.scale)

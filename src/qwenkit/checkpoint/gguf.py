@@ -34,6 +34,7 @@ from qwenkit.checkpoint.gguf_quant import (
     can_decode,
     decode_affine,
     requantize_int8,
+    requantize_q6_k,
 )
 from qwenkit.checkpoint.gguf_tensors import (
     SUPPORTED_TYPES,
@@ -52,6 +53,7 @@ from qwenkit.checkpoint.gguf_tokenizer import (
     build_tokenizer_config,
 )
 from qwenkit.errors import CheckpointError
+from qwenkit.kernels import available as kernels_available
 from qwenkit.quant.affine import AffineWeight
 
 
@@ -112,13 +114,23 @@ class GGUFCheckpoint:
                     release_pages(raw.ctypes.data, raw.nbytes)  # the file's pages: read once, done
                     yield from convert_affine(name, codes, self._heads)
                 elif keep_quantized and _requantized(name, t.tensor_type, shape):
-                    weights = dequantize_tensor(self._data(t), t.tensor_type, shape)
-                    yield from convert_affine(name, requantize_int8(weights), self._heads)
+                    yield from convert_affine(name, self._requantize(t), self._heads)
                 else:
                     weights = dequantize_tensor(self._data(t), t.tensor_type, shape)
                     yield from convert_tensor(name, weights, self._heads)
             except ValueError as e:
                 raise GGUFError(f"{self.path}: {e}") from None
+
+    def _requantize(self, t: TensorEntry) -> AffineWeight:
+        """A Q6_K, Q2_K or Q3_K weight as int8 codes: gguf-py's floats rounded by ``requantize_int8``; Q6_K
+        (most of a Q4_K_M file's other weights) in one pass of qwenkit's kernels where they run, with the
+        same codes and scales."""
+        if t.tensor_type == GGMLQuantizationType.Q6_K and kernels_available():
+            raw = self._bytes(t)
+            codes = requantize_q6_k(raw, t.shape)
+            release_pages(raw.ctypes.data, raw.nbytes)
+            return codes
+        return requantize_int8(dequantize_tensor(self._data(t), t.tensor_type, t.shape))
 
     def _bytes(self, t: TensorEntry) -> np.ndarray:
         """The tensor's raw bytes, a view of the memory map."""

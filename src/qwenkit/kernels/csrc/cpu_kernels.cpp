@@ -20,6 +20,7 @@
 //   rows of packed integer weights (an embedding lookup in a packed, tied head)
 //   stream_read(t) -> int64: xor of every 64-byte line (a memory-bandwidth probe for the benchmark)
 //   pack_int_tiles(codes uint8 (N,K), bits) -> the int8 or int4 tiles below (a load's packing)
+//   requantize_q6_k(Q6_K blocks, N, K) -> int8 codes (N,K), scales (N,K/32): a GGUF Q6_K weight's load
 //   rms_norm(x, weight, eps), silu_mul([gate | up]), rope_(x, cos, sin), decode_attention(q, k pool, v pool, gather, positions,
 //   scale): the decode step's small ops, one call each instead of several torch kernels
 //   DecodeRun(per-layer weights, K pools, V pools): a run of decoder layers and their KV cache, held once;
@@ -1876,6 +1877,60 @@ at::Tensor pack_int_tiles(const at::Tensor& codes, int64_t bits) {
   return out;
 }
 
+// A GGUF Q6_K weight (N rows of K / 256 blocks of 210 bytes: 128 of low nibbles, 64 of high bit pairs,
+// 16 int8 sub-block scales, the fp16 block scale) -> int8 codes per group of 32 inputs, with exactly the
+// values of gguf-py's dequantizer followed by qwenkit's requantize_int8 (checkpoint/gguf_quant.py):
+// w = (d * scale) * (q - 32) in fp32, per group s = round_scale(max |w| / 127) (rounded up to an fp16
+// value), code = round-half-even(w / s) clamped to +-127, + 128. One pass a row, no float copy of the
+// weight (gguf-py's decode and torch's rounding took 14 s and a 0.9 GB float copy for a 1.5B model's
+// Q6_K tensors). Returns codes (N, K) uint8 and the scales (N, K / 32) fp32.
+std::tuple<at::Tensor, at::Tensor> requantize_q6_k(const at::Tensor& blocks, int64_t N, int64_t K) {
+  constexpr int64_t kBlock = 256, kBlockBytes = 210, kGroup = 32;
+  TORCH_CHECK(blocks.scalar_type() == at::kByte && blocks.is_contiguous() && N >= 0 && K % kBlock == 0 &&
+                  blocks.numel() == N * (K / kBlock) * kBlockBytes,
+              "qwenkit requantize_q6_k: blocks must be N * K / 256 Q6_K blocks of 210 contiguous bytes");
+  at::Tensor codes = at::empty({N, K}, blocks.options());
+  at::Tensor scales = at::empty({N, K / kGroup}, blocks.options().dtype(at::kFloat));
+  const uint8_t* src = blocks.data_ptr<uint8_t>();
+  uint8_t* cp = codes.data_ptr<uint8_t>();
+  float* sp = scales.data_ptr<float>();
+  const float tiny = 6.103515625e-05f;  // float16's smallest normal, round_scale's floor
+  parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
+    float w[kBlock];
+    for (int64_t n = n0; n < n1; ++n) {
+      for (int64_t b = 0; b < K / kBlock; ++b) {
+        const uint8_t* blk = src + (n * (K / kBlock) + b) * kBlockBytes;
+        const uint8_t *ql = blk, *qh = blk + 128;
+        const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
+        const float d = float(c10::Half(uint16_t(blk[208] | (blk[209] << 8)), c10::Half::from_bits()));
+        for (int j = 0; j < 8; ++j) {  // 8 rows of 32 values, in gguf-py's order
+          const int h = j / 4, jj = j % 4;
+          for (int i = 0; i < 32; ++i) {
+            const int lo = (ql[h * 64 + (jj % 2) * 32 + i] >> (4 * (jj / 2))) & 0x0F;
+            const int hi = (qh[h * 32 + i] >> (2 * jj)) & 0x03;
+            const int v = j * 32 + i;
+            w[v] = (d * float(sc[v / 16])) * float((lo | (hi << 4)) - 32);
+          }
+        }
+        for (int g = 0; g < kBlock / kGroup; ++g) {
+          const float* x = w + g * kGroup;
+          float amax = 0.f;
+          for (int i = 0; i < kGroup; ++i) amax = std::max(amax, std::fabs(x[i]));
+          const float want = amax / 127.f;
+          c10::Half s16(std::max(want, tiny));
+          if (float(s16) < want) s16 = c10::Half(uint16_t(s16.x + 1), c10::Half::from_bits());
+          const float step = float(s16);
+          uint8_t* out = cp + n * K + b * kBlock + g * kGroup;
+          for (int i = 0; i < kGroup; ++i)
+            out[i] = uint8_t(std::min(127.f, std::max(-127.f, std::nearbyint(x[i] / step))) + 128.f);
+          sp[n * (K / kGroup) + b * (kBlock / kGroup) + g] = step;
+        }
+      }
+    }
+  });
+  return {codes, scales};
+}
+
 // Rows `ids` of packed integer weights as fp32, each value (code - zero_point) * scale, then + shift,
 // rounded in that order as the reference (kernels.dequantize) does. For an embedding that shares a
 // packed head's weights: a decode step looks up one row per sequence (torch's ten steps of unpacking
@@ -2955,6 +3010,7 @@ TORCH_LIBRARY(qwenkit, m) {
       "int zero_point) -> Tensor");
   m.def("stream_read(Tensor t) -> int");
   m.def("pack_int_tiles(Tensor codes, int bits) -> Tensor");
+  m.def("requantize_q6_k(Tensor blocks, int N, int K) -> (Tensor, Tensor)");
   m.def("argmax_rows(Tensor x) -> Tensor");
   m.def("widen_rows(Tensor x) -> Tensor");
   m.def("finite_rows(Tensor x) -> Tensor");
@@ -2985,6 +3041,7 @@ TORCH_LIBRARY_IMPL(qwenkit, CPU, m) {
   m.impl("linear_int8_float", &linear_int8_float);
   m.impl("stream_read", &stream_read);
   m.impl("pack_int_tiles", &pack_int_tiles);
+  m.impl("requantize_q6_k", &requantize_q6_k);
   m.impl("argmax_rows", &argmax_rows);
   m.impl("widen_rows", &widen_rows);
   m.impl("finite_rows", &finite_rows);
