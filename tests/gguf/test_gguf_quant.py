@@ -10,7 +10,9 @@ import pytest
 import torch
 from gguf.constants import GGML_QUANT_SIZES
 
+from qwenkit.checkpoint import gguf_quant
 from qwenkit.checkpoint.gguf_quant import AFFINE_BITS, can_decode, decode_affine, take_rows
+from qwenkit.kernels import available as kernels_available
 
 Q = gguf.GGMLQuantizationType
 QUANTIZABLE = (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1)  # gguf-py writes these itself
@@ -37,9 +39,19 @@ def random_k_blocks(qtype, out_f: int, in_f: int, seed: int) -> np.ndarray:
     return b.reshape(out_f, -1)
 
 
+@pytest.fixture(params=["kernels", "numpy"])
+def decoder(request, monkeypatch) -> str:
+    """Decode through qwenkit's C++ kernels, or through the numpy decoders (the path without them)."""
+    if request.param == "kernels" and not kernels_available():
+        pytest.skip("the CPU kernels are not available here")
+    if request.param == "numpy":
+        monkeypatch.setattr(gguf_quant, "kernels_available", lambda: False)
+    return request.param
+
+
 @pytest.mark.parametrize("qtype", QUANTIZABLE + HAND_BUILT, ids=lambda q: q.name)
 @pytest.mark.parametrize("shape", [(64, 256), (24, 768)])
-def test_codes_times_scale_plus_shift_equals_gguf_dequantize(qtype, shape):
+def test_codes_times_scale_plus_shift_equals_gguf_dequantize(qtype, shape, decoder):
     out_f, in_f = shape
     if qtype in QUANTIZABLE:
         data = gguf.quants.quantize(random_weight(out_f, in_f, seed=out_f), qtype)
@@ -132,6 +144,7 @@ def test_q6_k_loads_through_the_kernels_with_the_reference_values(tmp_path, gguf
 
     from qwenkit import kernels
     from qwenkit.checkpoint import gguf as gguf_module
+    from qwenkit.checkpoint import gguf_quant
     from qwenkit.checkpoint.gguf import read_gguf
 
     if not kernels.available():
@@ -156,7 +169,37 @@ def test_q6_k_loads_through_the_kernels_with_the_reference_values(tmp_path, gguf
     monkeypatch.setattr(gguf_module, "requantize_q6_k", lambda *a: calls.append(1) or real(*a))
     fast = down_weight()
     assert calls == [1]  # the kernels' pass did the work
-    monkeypatch.setattr(gguf_module, "kernels_available", lambda: False)
+    monkeypatch.setattr(gguf_quant, "kernels_available", lambda: False)
     slow = down_weight()
     assert calls == [1]
     assert torch.equal(fast.codes, slow.codes) and torch.equal(fast.scale, slow.scale)
+
+
+@pytest.mark.parametrize("qtype", QUANTIZABLE + HAND_BUILT, ids=lambda q: q.name)
+def test_the_kernels_decode_any_bytes_as_numpy_does(qtype, monkeypatch):
+    """Random bytes in every field (K types: d and dmin from tiny to past float16's range, so sub-block
+    scales overflow float16 or fall below its normal range and stay float32): the C++ decoder's codes,
+    scales and shifts are the numpy decoders', bit for bit."""
+    if not kernels_available():
+        pytest.skip("the CPU kernels are not available here")
+    block, type_size = GGML_QUANT_SIZES[qtype]
+    out_f, in_f = 40, 4 * 256
+    g = np.random.default_rng(int(qtype))
+    data = g.integers(0, 256, size=(out_f * in_f // block, type_size), dtype=np.uint8)
+    n = data.shape[0]
+    heads = 2 if qtype in (Q.Q4_0, Q.Q5_0, Q.Q8_0) else 4  # bytes of float16 scale (and min)
+    values = (g.standard_normal((n, heads // 2)) * 10.0 ** g.integers(-9, 5, (n, heads // 2))).astype(
+        np.float16
+    )
+    values[:4] = (
+        [[0.0], [6e4], [-6e4], [1e-7]][:4]
+        if heads == 2
+        else [[0.0, 0.0], [6e4, 6e4], [-1.0, 3e4], [1e-7, -1e-6]]
+    )
+    data[:, :heads] = values.view(np.uint8).reshape(n, heads)
+    fast = decode_affine(data, qtype, (out_f, in_f))
+    monkeypatch.setattr(gguf_quant, "kernels_available", lambda: False)
+    slow = decode_affine(data, qtype, (out_f, in_f))
+    assert torch.equal(fast.codes, slow.codes)
+    assert torch.equal(fast.scale, slow.scale) and torch.equal(fast.shift, slow.shift)
+    assert fast.scale.is_contiguous() and fast.shift.is_contiguous() and fast.codes.is_contiguous()

@@ -24,6 +24,7 @@ from gguf import GGMLQuantizationType
 from gguf.quants import quant_shape_to_byte_shape
 from tokenizers import Tokenizer
 
+from qwenkit.checkpoint import gguf_quant
 from qwenkit.checkpoint.files import release_pages
 from qwenkit.checkpoint.gguf_config import ARCHITECTURES, build_hf_config
 from qwenkit.checkpoint.gguf_index import GGUFHeaderError, GGUFIndex, TensorEntry, read_index
@@ -53,7 +54,6 @@ from qwenkit.checkpoint.gguf_tokenizer import (
     build_tokenizer_config,
 )
 from qwenkit.errors import CheckpointError
-from qwenkit.kernels import available as kernels_available
 from qwenkit.quant.affine import AffineWeight
 
 
@@ -125,7 +125,7 @@ class GGUFCheckpoint:
         """A Q6_K, Q2_K or Q3_K weight as int8 codes: gguf-py's floats rounded by ``requantize_int8``; Q6_K
         (most of a Q4_K_M file's other weights) in one pass of qwenkit's kernels where they run, with the
         same codes and scales."""
-        if t.tensor_type == GGMLQuantizationType.Q6_K and kernels_available():
+        if t.tensor_type == GGMLQuantizationType.Q6_K and gguf_quant.kernels_available():
             raw = self._bytes(t)
             codes = requantize_q6_k(raw, t.shape)
             release_pages(raw.ctypes.data, raw.nbytes)
