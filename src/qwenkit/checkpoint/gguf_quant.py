@@ -96,7 +96,8 @@ def requantize_int8(weight: torch.Tensor) -> AffineWeight:
 def requantize_q6_k(raw: np.ndarray, shape: tuple[int, ...]) -> AffineWeight:
     """:func:`requantize_int8` of a Q6_K weight's gguf-py floats, the same codes and scales, in one pass of
     qwenkit's kernels over the raw blocks (``raw``: the tensor's bytes; ``shape``: (out, in)). Needs
-    ``kernels.available()``; 15x faster and without the float copy of the weight."""
+    ``kernels.available()``. A 1.5B model's Q6_K tensors: 3.1 s on one thread instead of 14 s, and no float
+    copy of the weight (0.9 GB for its embedding)."""
     n, k = shape
     codes, scale = kernel_ops.op("requantize_q6_k")(
         torch.from_numpy(np.ascontiguousarray(raw).reshape(-1)), n, k
