@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from qwenkit.quant import rtn
 from qwenkit.quant.gptq_format import QuantizationError
 from qwenkit.quant.linear import QuantizedLinear
 from qwenkit.quant.rtn import default_group_size, quantize_model_rtn, quantize_weight_rtn
@@ -74,3 +75,32 @@ def test_runtime_groups_tile_every_layer():
     (a short last group runs on no fast CPU kernel); int8 stays per channel; nothing tiles 144."""
     assert [default_group_size(4, k) for k in (896, 576, 1536, 160, 144)] == [128, 64, 128, 32, 128]
     assert default_group_size(8, 576) == -1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize(("bits", "sym"), [(4, False), (4, True), (8, True), (8, False)])
+@pytest.mark.parametrize("group", [128, 64, -1, 100])
+def test_the_kernels_round_as_the_torch_arithmetic_does(monkeypatch, dtype, bits, sym, group):
+    """qwenkit's C++ rounding (CPU weights, kernels built) gives the torch path's codes, scales and zeros bit
+    for bit: short last groups (100 does not divide 320), all-zero, all-positive, all-negative and
+    constant groups, and weights whose scales fall below float16's normal range."""
+    from qwenkit.kernels import available
+
+    if not available():
+        pytest.skip("the CPU kernels are not available here")
+    g = torch.Generator().manual_seed(bits * 7 + group)
+    w = torch.randn(37, 320, generator=g) * 0.05
+    w[0] = 0.0
+    w[1, :128] = w[1, :128].abs() + 0.01
+    w[2, :128] = -w[2, :128].abs()
+    w[3, :128] = 0.25
+    w[4] *= 1e-6
+    w = w.to(dtype)
+    fast = quantize_weight_rtn(w, bits, group, sym)
+    monkeypatch.setattr(rtn, "kernels_available", lambda: False)
+    slow = quantize_weight_rtn(w, bits, group, sym)
+    assert torch.equal(fast.qweight, slow.qweight)
+    assert torch.equal(fast.scales, slow.scales) and torch.equal(fast.zeros, slow.zeros)
+    assert torch.equal(fast.g_idx, slow.g_idx) and fast.bits == slow.bits
+    assert fast.qweight.dtype == torch.uint8 and fast.zeros.dtype == torch.int16
+    assert fast.scales.is_contiguous() and fast.zeros.is_contiguous() and fast.qweight.is_contiguous()

@@ -14,6 +14,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from qwenkit.kernels import available as kernels_available
+from qwenkit.kernels import ops as kernel_ops
 from qwenkit.quant.embedding import QuantizedEmbedding
 from qwenkit.quant.gptq_format import IntWeight, QuantizationError, default_g_idx
 from qwenkit.quant.linear import QuantizedLinear
@@ -23,6 +25,8 @@ DEFAULT_SKIP = ("lm_head",)
 # int8 per channel runs the fastest CPU kernel (aten._weight_int8pack_mm); int4 needs groups for accuracy.
 DEFAULT_GROUP = {8: -1, 4: 128}
 DEFAULT_SYM = {8: True, 4: False}
+# Weights the kernels' quantize_rtn reads (CPU tensors); others take the torch arithmetic.
+KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Smaller groups --quantize falls back to, largest first, for a layer the default does not tile.
 SMALLER_GROUPS = (64, 32)
 
@@ -47,6 +51,10 @@ def quantize_weight_rtn(weight: torch.Tensor, bits: int, group_size: int = -1, s
     """
     out_f, in_f = weight.shape
     gs = check_bits_group(bits, group_size, in_f)
+    if weight.device.type == "cpu" and weight.dtype in KERNEL_DTYPES and kernels_available():
+        # one C++ pass a row, the same codes, scales and zeros as the torch arithmetic below
+        codes, scales, zeros = kernel_ops.op("quantize_rtn")(weight.detach(), bits, gs, sym)
+        return IntWeight(qweight=codes, scales=scales, zeros=zeros, g_idx=default_g_idx(in_f, gs), bits=bits)
     n_groups = -(-in_f // gs)
     w = weight.detach().float()
     if n_groups * gs != in_f:  # zero padding never changes a group's range: it always includes 0
