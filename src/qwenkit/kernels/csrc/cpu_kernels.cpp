@@ -1879,6 +1879,16 @@ at::Tensor pack_int_tiles(const at::Tensor& codes, int64_t bits) {
   return out;
 }
 
+constexpr float kF16Tiny = 6.103515625e-05f;  // float16's smallest normal value
+
+// quant/quantizer.py's round_scale: a scale rounded *up* to a float16 value (at least kF16Tiny), so the
+// group's whole range stays on the grid with the stored scale.
+inline float round_scale_up_f16(float scale) {
+  c10::Half s16(std::max(scale, kF16Tiny));
+  if (float(s16) < scale) s16 = c10::Half(uint16_t(s16.x + 1), c10::Half::from_bits());
+  return float(s16);
+}
+
 // Round-to-nearest quantization of an (N, K) bf16, fp16 or fp32 weight in groups of `group` inputs (the last
 // one shorter when `group` does not divide K), exactly as quant/rtn.py's quantize_weight_rtn computes it
 // in torch: per group the range [min(w, 0), max(w, 0)] (symmetric: +-max |w|; an all-zero group [-1, 1]),
@@ -1902,7 +1912,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_rtn(const at::Tensor& we
   float* sp = scales.data_ptr<float>();
   int16_t* zp = zeros.data_ptr<int16_t>();
   const void* src = w.data_ptr();
-  const float tiny = 6.103515625e-05f;
   parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
     std::vector<float> buffer(K);
     float* __restrict row = buffer.data();  // locals: byte stores below may not alias them (else no SIMD)
@@ -1935,9 +1944,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_rtn(const at::Tensor& we
         if (xmin == 0 && xmax == 0) xmin = -1.f, xmax = 1.f;
         const float scale = (xmax - xmin) / maxq;
         const float zero = sym ? float(1 << (bits - 1)) : std::nearbyint(-xmin / scale);
-        c10::Half s16(std::max(scale, tiny));
-        if (float(s16) < scale) s16 = c10::Half(uint16_t(s16.x + 1), c10::Half::from_bits());
-        const float step = float(s16), top = maxq;
+        const float step = round_scale_up_f16(scale), top = maxq;
         for (int64_t i = k0; i < k1; ++i)
           out[i] = uint8_t(int32_t(std::min(top, std::max(0.f, std::nearbyint(row[i] / step) + zero))));
         sp[g * N + n] = step;
@@ -1957,7 +1964,7 @@ inline float gguf_f16(const uint8_t* p) { return float(c10::Half(uint16_t(p[0] |
 
 inline float as_f16_value(float x) {
   const float r = float(c10::Half(x));
-  const bool normal = std::isfinite(r) && (std::fabs(x) >= 6.103515625e-05f || x == 0.f);
+  const bool normal = std::isfinite(r) && (std::fabs(x) >= kF16Tiny || x == 0.f);
   return normal ? r : x;
 }
 
@@ -2073,7 +2080,6 @@ std::tuple<at::Tensor, at::Tensor> requantize_q6_k(const at::Tensor& blocks, int
   const uint8_t* src = blocks.data_ptr<uint8_t>();
   uint8_t* cp = codes.data_ptr<uint8_t>();
   float* sp = scales.data_ptr<float>();
-  const float tiny = 6.103515625e-05f;  // float16's smallest normal, round_scale's floor
   parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
     float w[kBlock];
     const int64_t per_row = K / kBlock;
@@ -2101,10 +2107,7 @@ std::tuple<at::Tensor, at::Tensor> requantize_q6_k(const at::Tensor& blocks, int
           const float* x = w + g * kGroup;
           float amax = 0.f;
           for (int i = 0; i < kGroup; ++i) amax = std::max(amax, std::fabs(x[i]));
-          const float want = amax / 127.f;
-          c10::Half s16(std::max(want, tiny));
-          if (float(s16) < want) s16 = c10::Half(uint16_t(s16.x + 1), c10::Half::from_bits());
-          const float step = float(s16);
+          const float step = round_scale_up_f16(amax / 127.f);
           uint8_t* __restrict out = row_codes + b * kBlock + g * kGroup;
           for (int i = 0; i < kGroup; ++i)
             out[i] = uint8_t(int32_t(std::min(127.f, std::max(-127.f, std::nearbyint(x[i] / step))) + 128.f));
