@@ -20,8 +20,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType
-from gguf.quants import quant_shape_to_byte_shape
 from tokenizers import Tokenizer
 
 from qwenkit.checkpoint import gguf_quant
@@ -53,6 +51,7 @@ from qwenkit.checkpoint.gguf_tokenizer import (
     build_tokenizer,
     build_tokenizer_config,
 )
+from qwenkit.checkpoint.gguf_types import GGMLQuantizationType, quant_shape_to_byte_shape
 from qwenkit.errors import CheckpointError
 from qwenkit.quant.affine import AffineWeight
 

@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
+from qwenkit.checkpoint.gguf_types import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 from qwenkit.checkpoint.user_cache import cache_root
 
 FORMAT = 1  # bump when the entry layout changes

@@ -40,10 +40,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType
-from gguf.constants import GGML_QUANT_SIZES
-from gguf.quants import Q4_K
 
+from qwenkit.checkpoint.gguf_types import GGML_QUANT_SIZES, GGMLQuantizationType
 from qwenkit.kernels import available as kernels_available
 from qwenkit.kernels import ops as kernel_ops
 from qwenkit.quant.affine import AffineWeight
@@ -186,6 +184,8 @@ def _q5_1(b: np.ndarray):
 def _k_scales(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Q4_K/Q5_K super-block header -> (nb, 8) sub-block scales ``d * sc`` and shifts ``-dmin * m``,
     each rounded to the nearest float16 value (see the module's note)."""
+    from gguf.quants import Q4_K  # the fallback without the kernels: gguf-py is slow to import
+
     d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
     sc, m = Q4_K.get_scale_min(b[:, 4:16])
     scale, shift = d[:, None] * sc.astype(np.float32), -(dmin[:, None] * m.astype(np.float32))

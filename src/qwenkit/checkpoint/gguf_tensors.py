@@ -16,10 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType
-from gguf.quants import dequantize
 
 from qwenkit.checkpoint.gguf_quant import take_rows
+from qwenkit.checkpoint.gguf_types import GGMLQuantizationType
 from qwenkit.quant.affine import AffineWeight
 
 Q = GGMLQuantizationType
@@ -113,7 +112,14 @@ def dequantize_tensor(data: np.ndarray, qtype: GGMLQuantizationType, shape: tupl
     view of the (copy-on-write) memory map, so it is not copied; every other type is decoded into a
     fresh float32 array that torch then shares.
     """
-    array = dequantize(data, qtype)
+    if qtype == Q.F32:
+        array = data.view(np.float32)
+    elif qtype == Q.F16:
+        array = data.view(np.float16).astype(np.float32)
+    else:  # block types (and BF16): gguf-py's decoders, imported only here (0.2-0.3 s to import)
+        from gguf.quants import dequantize
+
+        array = dequantize(data, qtype)
     if array.dtype != np.float32:  # BF16/F16 are already widened by gguf-py; this is a guard
         array = array.astype(np.float32)
     return torch.from_numpy(array.reshape(shape))
