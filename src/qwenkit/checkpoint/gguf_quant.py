@@ -97,10 +97,9 @@ def requantize_q6_k(raw: np.ndarray, shape: tuple[int, ...]) -> AffineWeight:
     ``kernels.available()``. A 1.5B model's Q6_K tensors: 3.1 s on one thread instead of 14 s, and no float
     copy of the weight (0.9 GB for its embedding)."""
     n, k = shape
-    codes, scale = kernel_ops.op("requantize_q6_k")(
-        torch.from_numpy(np.ascontiguousarray(raw).reshape(-1)), n, k
+    codes, scale = kernel_ops.run_pass(
+        "requantize_q6_k", n * k, torch.from_numpy(np.ascontiguousarray(raw).reshape(-1)), n, k
     )
-    scale = scale.T.contiguous()
     return AffineWeight(codes, scale, -128 * scale, GROUP, REQUANTIZED_BITS)
 
 
@@ -122,10 +121,10 @@ def decode_affine(data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[in
     if blocks.shape[0] * block_size != out_f * in_f:
         raise ValueError(f"{qtype.name} data holds {blocks.shape[0]} blocks, not {out_f} x {in_f} weights")
     if kernels_available():  # one C++ pass, the same values as the numpy decoders below
-        codes, scale, shift = kernel_ops.op("decode_gguf_blocks")(
-            torch.from_numpy(blocks.reshape(-1)), int(qtype), out_f, in_f
+        codes, scale, shift = kernel_ops.run_pass(
+            "decode_gguf_blocks", out_f * in_f, torch.from_numpy(blocks.reshape(-1)), int(qtype), out_f, in_f
         )
-        return AffineWeight(codes, scale.T.contiguous(), shift.T.contiguous(), GROUP, AFFINE_BITS[qtype])
+        return AffineWeight(codes, scale, shift, GROUP, AFFINE_BITS[qtype])
     codes, scale, shift = _DECODERS[qtype](blocks)  # (nb, block) uint8, (nb, subblocks) float32 x2
     groups = in_f // GROUP
     return AffineWeight(

@@ -26,6 +26,7 @@ from qwenkit.checkpoint.sanitize import sanitize
 from qwenkit.config import ModelConfig, read_hf_config
 from qwenkit.distributed import TensorParallel, local_config, parallelize, shard_tensor
 from qwenkit.errors import CheckpointError, ConfigError
+from qwenkit.kernels.ops import load_threads
 from qwenkit.memory import check_fits
 from qwenkit.model import Transformer
 from qwenkit.model.rope import inv_freq
@@ -200,7 +201,7 @@ def load_model(
         from qwenkit.quant.on_load import LayerBuilder
 
         builder = LayerBuilder(model, quantize, torch_dtype, device, full_config.tie_word_embeddings)
-    with _one_thread(builder is not None and device == "cpu"):
+    with load_threads(builder is not None and device == "cpu"):
         _assign_all(
             model,
             full_config,
@@ -263,21 +264,6 @@ def _prepared_cache_entry(
         "fast_kernels": fast_kernels,
     }
     return prepared_cache.entry_for(Path(source.path), options)
-
-
-@contextmanager
-def _one_thread(enabled: bool) -> Iterator[None]:
-    """Build quantized layers on one thread: packing is hundreds of small, memory-bound ops per model,
-    and each parallel region costs more than it saves; on a machine whose other cores are busy, a
-    thread team waiting for a core made the bundled model's load 6x slower (2.2 s vs 12.8 s)."""
-    threads = torch.get_num_threads()
-    if enabled:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if enabled:
-            torch.set_num_threads(threads)
 
 
 @contextmanager

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -128,6 +129,49 @@ def op(name: str) -> Callable[..., torch.Tensor]:
             )
         found = _ops[name] = getattr(torch.ops.qwenkit, name).default
     return found
+
+
+# A weight of at least this many values gets its load pass (decode, requantize, round, pack) on every
+# thread the load has (see ``load_threads``); a smaller one takes a few milliseconds at most, less than a
+# thread team costs to start on a machine whose other cores are busy.
+PARALLEL_PASS_WEIGHTS = 1 << 22
+_pass_threads = 0  # the threads a big weight's pass runs on inside load_threads; 0: outside one
+
+
+@contextmanager
+def load_threads(enabled: bool) -> Iterator[None]:
+    """Within: torch runs on one thread, and a load pass over a big weight (:func:`run_pass`) on all of
+    the process's threads. A load is hundreds of small, memory-bound ops (transposes, scales, copies) and
+    each parallel region costs more than it saves: on a machine whose other cores were busy, a thread
+    team waiting for a core made the bundled model's load 6x slower (2.2 s vs 12.8 s). The passes over
+    the weights' blocks are the other kind: a 1.5B model's are seconds of arithmetic, and split over the
+    threads in chunks they take from each other, a thread that waits for its core only does less."""
+    global _pass_threads
+    if not enabled:
+        yield
+        return
+    threads, outer = torch.get_num_threads(), _pass_threads
+    torch.set_num_threads(1)
+    _pass_threads = threads
+    try:
+        yield
+    finally:
+        _pass_threads = outer
+        torch.set_num_threads(threads)
+
+
+def run_pass(name: str, weights: int, *args: object) -> object:
+    """The library's load pass ``name`` over a weight of ``weights`` values, with ``args``: on
+    ``load_threads``' threads where the weight is big enough (``PARALLEL_PASS_WEIGHTS``), else on
+    torch's current setting (one thread inside a load)."""
+    threads = _pass_threads
+    if threads <= 1 or weights < PARALLEL_PASS_WEIGHTS or torch.get_num_threads() != 1:
+        return op(name)(*args)
+    torch.set_num_threads(threads)
+    try:
+        return op(name)(*args)
+    finally:
+        torch.set_num_threads(1)
 
 
 def _as_rows(x: torch.Tensor, k: int, what: str) -> torch.Tensor:
@@ -269,7 +313,7 @@ def _prepare(
 def _tile_codes(bits: int, codes: torch.Tensor) -> torch.Tensor:
     """(N, K) uint8 codes -> (N/16, K * 16) or (N/16, K * 8) tiles, zero rows padding N: one pass in C++
     (``pack_int_tiles``) straight into the result, no temporaries beside it."""
-    return op("pack_int_tiles")(codes, bits)
+    return run_pass("pack_int_tiles", codes.numel(), codes, bits)
 
 
 def prepare_int8(

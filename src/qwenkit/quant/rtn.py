@@ -53,7 +53,9 @@ def quantize_weight_rtn(weight: torch.Tensor, bits: int, group_size: int = -1, s
     gs = check_bits_group(bits, group_size, in_f)
     if weight.device.type == "cpu" and weight.dtype in KERNEL_DTYPES and kernels_available():
         # one C++ pass a row, the same codes, scales and zeros as the torch arithmetic below
-        codes, scales, zeros = kernel_ops.op("quantize_rtn")(weight.detach(), bits, gs, sym)
+        codes, scales, zeros = kernel_ops.run_pass(
+            "quantize_rtn", weight.numel(), weight.detach(), bits, gs, sym
+        )
         return IntWeight(qweight=codes, scales=scales, zeros=zeros, g_idx=default_g_idx(in_f, gs), bits=bits)
     n_groups = -(-in_f // gs)
     w = weight.detach().float()

@@ -20,8 +20,8 @@
 //   rows of packed integer weights (an embedding lookup in a packed, tied head)
 //   stream_read(t) -> int64: xor of every 64-byte line (a memory-bandwidth probe for the benchmark)
 //   pack_int_tiles(codes uint8 (N,K), bits) -> the int8 or int4 tiles below (a load's packing)
-//   requantize_q6_k(Q6_K blocks, N, K) -> int8 codes (N,K), scales (N,K/32): a GGUF Q6_K weight's load
-//   decode_gguf_blocks(blocks, ggml type, N, K) -> codes (N,K), scale, shift (N,K/32): Q8_0, Q4_0/1, Q5_0/1, Q4_K, Q5_K
+//   requantize_q6_k(Q6_K blocks, N, K) -> int8 codes (N,K), scales (K/32,N): a GGUF Q6_K weight's load
+//   decode_gguf_blocks(blocks, ggml type, N, K) -> codes (N,K), scale, shift (K/32,N): Q8_0, Q4_0/1, Q5_0/1, Q4_K, Q5_K
 //   quantize_rtn(weight (N,K), bits, group, sym) -> codes (N,K), scales, zeros (G,N): --quantize's rounding
 //   rms_norm(x, weight, eps), silu_mul([gate | up]), rope_(x, cos, sin), decode_attention(q, k pool, v pool, gather, positions,
 //   scale): the decode step's small ops, one call each instead of several torch kernels
@@ -2020,15 +2020,22 @@ void gguf_decode_rows(const uint8_t* src, int64_t N, int64_t K, uint8_t* codes, 
   constexpr int64_t bytes = Q == 8 ? 34 : Q == 2 ? 18 : Q == 3 ? 20 : Q == 6 ? 22 : Q == 7 ? 24 : Q == 12 ? 144 : 176;
   const int64_t per_row = K / block, groups = K / 32;
   parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n)
+    std::vector<float> row_scale(groups), row_shift(groups);  // a row's groups, then written down column n
+    for (int64_t n = n0; n < n1; ++n) {
       for (int64_t b = 0; b < per_row; ++b)
         gguf_decode_block<Q>(src + (n * per_row + b) * bytes, codes + n * K + b * block,
-                             scale + n * groups + b * (block / 32), shift + n * groups + b * (block / 32));
+                             row_scale.data() + b * (block / 32), row_shift.data() + b * (block / 32));
+      for (int64_t g = 0; g < groups; ++g) {
+        scale[g * N + n] = row_scale[g];
+        shift[g * N + n] = row_shift[g];
+      }
+    }
   });
 }
 
 // (N rows of K weights in GGUF blocks of ggml type `qtype`) -> codes (N, K) uint8, scale and shift
-// (N, K / 32) fp32. One pass, no temporaries: numpy's decoders took 3.3-4.8 s of a 1.5B model's load.
+// (K / 32, N) fp32 (AffineWeight's layout: no transposed copies after). One pass, no temporaries: numpy's
+// decoders took 3.3-4.8 s of a 1.5B model's load.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_gguf_blocks(const at::Tensor& blocks, int64_t qtype, int64_t N,
                                                                   int64_t K) {
   const int64_t block = qtype >= 12 ? 256 : 32;
@@ -2047,7 +2054,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_gguf_blocks(const at::Tens
                   blocks.numel() == N * (K / block) * bytes,
               "qwenkit decode_gguf_blocks: blocks must be N * K / ", block, " contiguous blocks of ", bytes, " bytes");
   at::Tensor codes = at::empty({N, K}, blocks.options());
-  at::Tensor scale = at::empty({N, K / 32}, blocks.options().dtype(at::kFloat)), shift = at::empty_like(scale);
+  at::Tensor scale = at::empty({K / 32, N}, blocks.options().dtype(at::kFloat)), shift = at::empty_like(scale);
   const uint8_t* src = blocks.data_ptr<uint8_t>();
   uint8_t* c = codes.data_ptr<uint8_t>();
   float *sp = scale.data_ptr<float>(), *hp = shift.data_ptr<float>();
@@ -2069,23 +2076,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_gguf_blocks(const at::Tens
 // w = (d * scale) * (q - 32) in fp32, per group s = round_scale(max |w| / 127) (rounded up to an fp16
 // value), code = round-half-even(w / s) clamped to +-127, + 128. One pass a row, no float copy of the
 // weight (gguf-py's decode and torch's rounding took 14 s and a 0.9 GB float copy for a 1.5B model's
-// Q6_K tensors). Returns codes (N, K) uint8 and the scales (N, K / 32) fp32.
+// Q6_K tensors). Returns codes (N, K) uint8 and the scales (K / 32, N) fp32.
 std::tuple<at::Tensor, at::Tensor> requantize_q6_k(const at::Tensor& blocks, int64_t N, int64_t K) {
   constexpr int64_t kBlock = 256, kBlockBytes = 210, kGroup = 32;
   TORCH_CHECK(blocks.scalar_type() == at::kByte && blocks.is_contiguous() && N >= 0 && K % kBlock == 0 &&
                   blocks.numel() == N * (K / kBlock) * kBlockBytes,
               "qwenkit requantize_q6_k: blocks must be N * K / 256 Q6_K blocks of 210 contiguous bytes");
   at::Tensor codes = at::empty({N, K}, blocks.options());
-  at::Tensor scales = at::empty({N, K / kGroup}, blocks.options().dtype(at::kFloat));
+  at::Tensor scales = at::empty({K / kGroup, N}, blocks.options().dtype(at::kFloat));
   const uint8_t* src = blocks.data_ptr<uint8_t>();
   uint8_t* cp = codes.data_ptr<uint8_t>();
   float* sp = scales.data_ptr<float>();
   parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
     float w[kBlock];
-    const int64_t per_row = K / kBlock;
+    const int64_t per_row = K / kBlock, groups = K / kGroup;
+    std::vector<float> steps(groups);  // a row's scales, then written down column n
     for (int64_t n = n0; n < n1; ++n) {
       uint8_t* __restrict row_codes = cp + n * K;  // locals: the byte stores may not alias them (else no SIMD)
-      float* __restrict row_scales = sp + n * (K / kGroup);
+      float* __restrict row_scales = steps.data();
       for (int64_t b = 0; b < per_row; ++b) {
         const uint8_t* __restrict blk = src + (n * per_row + b) * kBlockBytes;
         const uint8_t *ql = blk, *qh = blk + 128;
@@ -2114,6 +2122,7 @@ std::tuple<at::Tensor, at::Tensor> requantize_q6_k(const at::Tensor& blocks, int
           row_scales[b * (kBlock / kGroup) + g] = step;
         }
       }
+      for (int64_t g = 0; g < groups; ++g) sp[g * N + n] = row_scales[g];
     }
   });
   return {codes, scales};
