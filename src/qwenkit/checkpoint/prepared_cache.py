@@ -43,9 +43,9 @@ import hashlib
 import importlib
 import os
 import pickle
+import secrets
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -141,8 +141,10 @@ def store(entry: CacheEntry, model: nn.Module) -> None:
         cap = max_bytes()
         if size > cap:
             return  # it alone would exceed the cache's size
-        fd, tmp = tempfile.mkstemp(dir=entry.path.parent, prefix=entry.path.name, suffix=".tmp")
-        os.close(fd)
+        # A name of its own, but no file yet: torch.save opening an existing (empty) file truncates it,
+        # and ext4 then writes the whole file to disk when it is closed (auto_da_alloc, for programs that
+        # replace files by truncating): 0.6 s a GiB on this VM's disk (2026-12-02), before the first token.
+        tmp = entry.path.with_name(f"{entry.path.name}.{os.getpid()}.{secrets.token_hex(8)}.tmp")
         try:
             with _without_zip_crc():
                 torch.save(data, tmp)
