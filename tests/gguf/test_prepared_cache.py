@@ -335,3 +335,25 @@ def test_entries_are_written_without_zip_crcs_and_torchs_own_setting_is_kept(cac
     model, _ = load_model(gguf_file, progress=False)
     assert len(builds) == 1
     assert_same_model(fresh, model)
+
+
+@pytest.mark.parametrize("n", [0, 7, 8, 8 * 4096 + 5, 8 * (1 << 20) + 3])
+@pytest.mark.parametrize("fill", ["random", "ones"])
+def test_the_kernels_checksum_is_numpys(n, fill, monkeypatch):
+    """Entries written with the kernels' checksum read where they are off (and back): the same numbers,
+    trailing bytes and the sum's wrap past 2^64 (every bit set) included."""
+    if not kernels.available():
+        pytest.skip("the CPU kernels are not available here")
+    g = torch.Generator().manual_seed(n)
+    raw = (
+        torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g)
+        if fill == "random"
+        else torch.full((n,), 255)
+    )
+    raw = raw.to(torch.uint8)
+    got = prepared_cache._sum_and_xor(raw)
+    monkeypatch.setattr(prepared_cache.kernel_ops, "loaded", lambda: False)
+    want = prepared_cache._sum_and_xor(raw)
+    assert got == want
+    if fill == "ones" and n >= 16:
+        assert want[1] == (2**64 - 1 if (n // 8) % 2 else 0)

@@ -55,6 +55,11 @@ def available() -> bool:
     return _loaded
 
 
+def loaded() -> bool:
+    """True when the library is already loaded in this process; unlike :func:`available`, never builds it."""
+    return _loaded is True
+
+
 def _load() -> bool:
     """Load (or build, then load) the library; on failure say why in one line."""
     from qwenkit.kernels import build  # not at import: `python -m qwenkit.kernels.build` runs it as main
