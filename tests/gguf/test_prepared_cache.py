@@ -115,6 +115,28 @@ def test_quantize_on_load_is_cached_per_precision(cache, builds, tmp_path):
     assert int4_again.model.embed_tokens.source is int4_again.lm_head  # the tied pair is still one copy
 
 
+def test_a_bf16_checkpoint_packed_for_the_kernels_is_cached_and_other_floats_are_not(cache, builds, tmp_path):
+    """bfloat16 weights are packed into the kernels' tiles at every load: that copy is cached and mapped
+    back; float32 (nothing packed) and the plain path (no fast kernels) build as before, uncached."""
+    path = save_hf(hf_model("qwen2", tie_word_embeddings=True), tmp_path / "hf")
+    first, _ = load_model(path, dtype="bfloat16", progress=False, fast_kernels=True)
+    expect_cached = kernels.available()  # without the kernels nothing is packed
+    assert len(list(cache.glob("*.pt"))) == int(expect_cached)
+    second, _ = load_model(path, dtype="bfloat16", progress=False, fast_kernels=True)
+    assert len(builds) == (1 if expect_cached else 2)
+    assert_same_model(first, second)
+    if expect_cached:
+        assert type(second.lm_head).__name__ == "PackedBf16Linear"
+        assert second.model.embed_tokens.source is second.lm_head  # the tied pair is still one copy
+        (entry,) = cache.glob("*.pt")
+        biggest = max(tensors(second).values(), key=lambda t: t.nbytes)
+        assert any(lo <= biggest.data_ptr() < hi for lo, hi in mapped_ranges(entry))
+    builds.clear()
+    load_model(path, dtype="float32", progress=False, fast_kernels=True)
+    load_model(path, dtype="bfloat16", progress=False, fast_kernels=False)
+    assert len(builds) == 2 and len(list(cache.glob("*.pt"))) == int(expect_cached)
+
+
 def test_a_gptq_checkpoint_is_cached(cache, builds, tmp_path):
     from qwenkit.cli import main
 

@@ -230,22 +230,11 @@ def prepare_bf16(w: torch.Tensor) -> PackedBf16:
     if w.dim() != 2:
         raise KernelInputError(f"prepare_bf16: w must be (N, K), got shape {tuple(w.shape)}")
     n, k = w.shape
-    tiles, kp = -(-n // TILE), k + k % 2
-    # Written in place into the one allocation it returns: a padded copy, then a transposed one, held
-    # three copies of each weight at once, and the freed ones fragmented the heap as the model's layers
-    # were packed one after another (a bf16 Qwen2.5-0.5B load peaked at 2.1x the model).
-    out = torch.empty(tiles, kp // 2, TILE, 2, dtype=torch.bfloat16)
-    if tiles * TILE != n or kp != k:
-        out.zero_()  # the padding rows and column
-    rows = out.permute(0, 2, 1, 3)  # (tiles, 16 rows, Kp/2, 2): a view of out in w's own order
-    full = n // TILE
-    for dest, src in ((rows[:full], w[: full * TILE]), (rows[full:, : n - full * TILE], w[full * TILE :])):
-        if src.numel():
-            src = src.reshape(dest.shape[0], -1, k)
-            dest[..., : k // 2, :].copy_(src[..., : k - k % 2].unflatten(-1, (k // 2, 2)))
-            if k % 2:
-                dest[..., k // 2, 0].copy_(src[..., k - 1])
-    return PackedBf16(out.view(tiles, -1), k, n)
+    # One pass of the library into the one allocation it returns (a padded copy, then a transposed one,
+    # held three copies of each weight at once; torch's strided copy into the tiles took 3 s of every
+    # start of a bf16 Qwen2.5-0.5B checkpoint).
+    tiles = run_pass("pack_bf16_tiles", w.numel(), w.to(torch.bfloat16).contiguous())
+    return PackedBf16(tiles, k, n)
 
 
 def linear_bf16(x: torch.Tensor, p: PackedBf16, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -21,6 +21,7 @@
 //   stream_read(t) -> int64: xor of every 64-byte line (a memory-bandwidth probe for the benchmark)
 //   checksum_words(bytes uint8) -> (sum, xor) of its 64-bit words: the prepared-model cache's checksum
 //   pack_int_tiles(codes uint8 (N,K), bits) -> the int8 or int4 tiles below (a load's packing)
+//   pack_bf16_tiles(w bf16 (N,K)) -> linear_bf16's tiles (a bf16 checkpoint's packing, at every start)
 //   requantize_q6_k(Q6_K blocks, N, K) -> int8 codes (N,K), scales (K/32,N): a GGUF Q6_K weight's load
 //   decode_gguf_blocks(blocks, ggml type, N, K) -> codes (N,K), scale, shift (K/32,N): Q8_0, Q4_0/1, Q5_0/1, Q4_K, Q5_K
 //   quantize_rtn(weight (N,K), bits, group, sym) -> codes (N,K), scales, zeros (G,N): --quantize's rounding
@@ -1880,6 +1881,34 @@ at::Tensor pack_int_tiles(const at::Tensor& codes, int64_t bits) {
   return out;
 }
 
+// (N, K) bf16 -> linear_bf16's tiles: (ceil(N/16), Kp * 16) with Kp = K rounded up to even, each 4 bytes
+// inputs 2q, 2q+1 of one of the tile's 16 rows; zero rows pad N, a zero column an odd K. One pass: torch's
+// strided copy into that layout took 3 s of every start of a bf16 Qwen2.5-0.5B checkpoint (2026-12-02).
+at::Tensor pack_bf16_tiles(const at::Tensor& w) {
+  TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.dim() == 2 && w.is_contiguous(),
+              "qwenkit pack_bf16_tiles: w must be a contiguous (N, K) bfloat16 tensor");
+  const int64_t N = w.size(0), K = w.size(1), tiles = (N + kTile - 1) / kTile, pairs = (K + 1) / 2;
+  const int64_t tile_values = pairs * 2 * kTile;
+  at::Tensor out = at::empty({tiles, tile_values}, w.options());
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(w.data_ptr());
+  uint16_t* dst = reinterpret_cast<uint16_t*>(out.data_ptr());
+  parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      uint16_t* __restrict o = dst + t * tile_values;
+      if ((t + 1) * kTile > N) std::memset(o, 0, tile_values * sizeof(uint16_t));
+      for (int64_t r = 0; r < kTile && t * kTile + r < N; ++r) {
+        const uint16_t* __restrict in = src + (t * kTile + r) * K;
+        for (int64_t q = 0; q < K / 2; ++q) std::memcpy(o + (q * kTile + r) * 2, in + 2 * q, 4);
+        if (K % 2) {
+          o[((pairs - 1) * kTile + r) * 2] = in[K - 1];
+          o[((pairs - 1) * kTile + r) * 2 + 1] = 0;
+        }
+      }
+    }
+  });
+  return out;
+}
+
 constexpr float kF16Tiny = 6.103515625e-05f;  // float16's smallest normal value
 
 // quant/quantizer.py's round_scale: a scale rounded *up* to a float16 value (at least kF16Tiny), so the
@@ -3233,6 +3262,7 @@ TORCH_LIBRARY(qwenkit, m) {
   m.def("stream_read(Tensor t) -> int");
   m.def("checksum_words(Tensor bytes) -> (int, int)");
   m.def("pack_int_tiles(Tensor codes, int bits) -> Tensor");
+  m.def("pack_bf16_tiles(Tensor w) -> Tensor");
   m.def("requantize_q6_k(Tensor blocks, int N, int K) -> (Tensor, Tensor)");
   m.def("decode_gguf_blocks(Tensor blocks, int qtype, int N, int K) -> (Tensor, Tensor, Tensor)");
   m.def("quantize_rtn(Tensor weight, int bits, int group, bool sym) -> (Tensor, Tensor, Tensor)");
@@ -3267,6 +3297,7 @@ TORCH_LIBRARY_IMPL(qwenkit, CPU, m) {
   m.impl("stream_read", &stream_read);
   m.impl("checksum_words", &checksum_words);
   m.impl("pack_int_tiles", &pack_int_tiles);
+  m.impl("pack_bf16_tiles", &pack_bf16_tiles);
   m.impl("requantize_q6_k", &requantize_q6_k);
   m.impl("decode_gguf_blocks", &decode_gguf_blocks);
   m.impl("quantize_rtn", &quantize_rtn);
