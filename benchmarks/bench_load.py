@@ -44,7 +44,8 @@ quantize = sys.argv[3] if sys.argv[3] != "-" else None
 t = time.perf_counter()
 if sys.argv[4] == "dequantize":  # a GGUF file as floats (the old load)
     model, cfg = load_model(sys.argv[1], dtype=sys.argv[2], progress=False, dequantize=True)
-elif sys.argv[4] == "inference":  # as generate/chat load it (run under QWENKIT_KERNELS=torch: fused)
+elif sys.argv[4] in ("inference", "packed", "packed-cached"):  # as generate/chat load it
+    # (inference: under QWENKIT_KERNELS=torch, fused; packed: bf16 packed into the kernels' tiles)
     model, cfg = load_model(sys.argv[1], dtype=sys.argv[2], progress=False, fast_kernels=True)
 elif sys.argv[4] == "after":  # the old way: the whole float model, then quantized
     from qwenkit.quant import quantize_for_runtime
@@ -100,6 +101,8 @@ def main() -> None:
         runs = [
             ("bfloat16", "-", "-"),
             ("bfloat16", "-", "inference"),
+            ("bfloat16", "-", "packed"),
+            ("bfloat16", "-", "packed-cached"),
             ("float32", "-", "-"),
             ("bfloat16", "int8", "on-load"),
             ("bfloat16", "int8", "after"),
@@ -116,6 +119,10 @@ def main() -> None:
                 label = f"{label}, from the prepared cache"
             if how == "inference":
                 label = f"{label}, inference load on the plain PyTorch path (q/k/v and gate/up stacked)"
+            if how == "packed":
+                label = f"{label}, inference load on the kernels (packed into their tiles, fused)"
+            if how == "packed-cached":
+                label = f"{label}, inference load on the kernels, from the prepared cache"
             print(row(label, path, dtype, quantize, how))
         gptq = path.with_name(path.name + "-gptq-int4")
         if not (gptq / "config.json").exists():  # a GPTQ-format int4 checkpoint of the same weights (RTN)
@@ -141,12 +148,12 @@ def row(label: str, path: Path, dtype: str, quantize: str, how: str) -> str:
     that writes the prepared-model cache, in another fresh process)."""
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, "QWENKIT_PREPARED_CACHE": "off"}  # the GGUF header cache stays the user's
-        if how == "cached":
+        if how in ("cached", "packed-cached"):
             env |= {"QWENKIT_CACHE": cache, "QWENKIT_PREPARED_CACHE": "on"}
         if how == "inference":
             env["QWENKIT_KERNELS"] = "torch"  # the path of CPUs without the kernels (and like CUDA's)
         cmd = [sys.executable, "-c", CHILD, str(path), dtype, quantize, how]
-        if how == "cached":
+        if how in ("cached", "packed-cached"):
             subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
         out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     r = json.loads(out.stdout.strip().splitlines()[-1])
