@@ -3,9 +3,10 @@
 Loading a GGUF file in its own precision (or any checkpoint with ``--quantize`` or GPTQ weights) spends
 most of its time decoding blocks and packing codes into the kernels' layouts; for the bundled 135M model
 that was 0.7 s of a 2.2 s start. A bfloat16 checkpoint on the kernels is packed into their tiles too: a
-fresh copy of every weight, 1.0-1.7 s for a Qwen2.5-0.5B at every start. Here the finished model (every module with its packed tensors) is saved
-once with ``torch.save`` under ``$QWENKIT_CACHE/prepared/`` (default ``~/.cache/qwenkit``) and later
-memory-mapped back: no copy, no packing, and the pages stay clean file pages the kernel can drop.
+fresh copy of every weight, 1.0-1.7 s for a Qwen2.5-0.5B at every start. Here the finished model (every
+module with its packed tensors) is saved once with ``torch.save`` under ``$QWENKIT_CACHE/prepared/``
+(default ``~/.cache/qwenkit``) and later memory-mapped back: no copy, no packing, and the pages stay
+clean file pages the kernel can drop.
 
 An entry is used only when all of these hold, otherwise the model is built again and the entry rewritten:
 
