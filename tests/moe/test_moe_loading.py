@@ -101,3 +101,28 @@ def test_bad_moe_config_is_one_line(single, tmp_path, change, message):
     cfg = json.loads((single / "config.json").read_text()) | change
     with pytest.raises(ConfigError, match=message):
         ModelConfig.from_hf(cfg)
+
+
+@pytest.mark.parametrize("variant", ["qwen2_moe", "qwen3_moe"])
+def test_a_bf16_moe_on_the_kernels_comes_back_from_the_prepared_cache(variant, tmp_path, monkeypatch, capfd):
+    """Experts and shared expert packed into the kernels' tiles are cached like a dense model's layers:
+    the second load maps the entry back (nothing built again, nothing said on stderr), same logits."""
+    from qwenkit import kernels
+    from qwenkit.checkpoint import loader
+
+    if not kernels.available():
+        pytest.skip("the CPU kernels are not available here: nothing is packed, nothing cached")
+    monkeypatch.setenv("QWENKIT_CACHE", str(tmp_path / "cache"))
+    builds = []
+    real = loader._assign_all
+    monkeypatch.setattr(loader, "_assign_all", lambda *a, **k: builds.append(1) or real(*a, **k))
+    path = tmp_path / variant
+    hf_moe_model(variant).save_pretrained(path)
+    capfd.readouterr()
+    first, _ = load_model(path, dtype="bfloat16", progress=False, fast_kernels=True)
+    second, _ = load_model(path, dtype="bfloat16", progress=False, fast_kernels=True)
+    assert len(builds) == 1 and len(list((tmp_path / "cache" / "prepared").glob("*.pt"))) == 1
+    assert capfd.readouterr().err == ""  # no "could not cache" or "rebuilding" line
+    ids = torch.arange(3, 20)[None]
+    with torch.no_grad():
+        assert torch.equal(first(ids), second(ids))
