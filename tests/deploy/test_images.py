@@ -8,6 +8,7 @@ import subprocess
 import pytest
 from deploy_files import DEPLOY, DOCKERFILES, dockerfile_env, dockerfile_instructions, tool
 
+from qwenkit.checkpoint import prepared_cache
 from qwenkit.cli.serve import build_parser
 
 
@@ -44,7 +45,10 @@ def test_image_is_multi_stage_pinned_non_root_and_serves_from_the_environment(do
     assert env["QWENKIT_HOST"] == "0.0.0.0" and env["QWENKIT_PORT"] == "8000"
     assert env["QWENKIT_DEVICE"] == ("cuda" if dockerfile.name.endswith("cuda") else "cpu")
     assert ("EXPOSE", env["QWENKIT_PORT"]) in runtime
-    # Every QWENKIT_ variable the image sets is an option `qwenkit serve` reads.
+    # No prepared-model cache: HOME is /tmp, a small emptyDir lost with the pod, so the packed copy would be
+    # written at every start and never read (and a large one would fill the volume).
+    assert env.pop(prepared_cache.ENV_SWITCH) == "off" and env["HOME"] == "/tmp"
+    # Every other QWENKIT_ variable the image sets is an option `qwenkit serve` reads.
     options = {a.dest for a in build_parser()._actions}
     assert {k.removeprefix("QWENKIT_").lower() for k in env if k.startswith("QWENKIT_")} <= options
 
