@@ -3104,6 +3104,22 @@ void add_bf16_(at::Tensor& y, const at::Tensor& r) {
   }
 }
 
+// y += bias in every row of a bf16 (rows, N) y, bias bf16 (N): as torch's bf16 add (each sum in fp32,
+// rounded to bf16), in place, without the add's dispatch and the new tensor it allocates (Qwen2's q/k/v
+// bias on an integer product: ~10 us a layer as at::add, a fiftieth of a 0.5B int4 batch-1 step).
+void add_bias_bf16_(at::Tensor& y, const at::Tensor& bias) {
+  const int64_t N = y.size(1);
+  const at::Tensor b = bias.contiguous();
+  const uint16_t* bp = reinterpret_cast<const uint16_t*>(b.data_ptr<at::BFloat16>());
+  uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
+  for (int64_t m = 0; m < y.size(0); ++m)
+    for (int64_t n = 0; n < N; n += 16) {
+      const __mmask16 mk = tail_mask16(N - n);
+      const __m512 v = _mm512_add_ps(maskz_load_bf16_as_f32(mk, yp + m * N + n), maskz_load_bf16_as_f32(mk, bp + n));
+      _mm256_mask_storeu_epi16(yp + m * N + n, mk, (__m256i)_mm512_cvtneps_pbh(v));
+    }
+}
+
 at::Tensor run_linear(const LayerLinear& l, const at::Tensor& x) {
   const c10::optional<at::Tensor> in_kernel = l.bias_after_rounding ? c10::nullopt : present(l.bias);
   at::Tensor y;
@@ -3113,7 +3129,12 @@ at::Tensor run_linear(const LayerLinear& l, const at::Tensor& x) {
     y = linear_int<8>(x, l.w, l.scale, present(l.shift), in_kernel, l.group_size, l.N, l.zero_point);
   else
     y = linear_int<4>(x, l.w, l.scale, present(l.shift), in_kernel, l.group_size, l.N, l.zero_point);
-  return l.bias_after_rounding && l.bias.defined() ? at::add(y, l.bias) : y;
+  if (!l.bias_after_rounding || !l.bias.defined()) return y;
+  if (l.bias.scalar_type() != at::kBFloat16 || y.scalar_type() != at::kBFloat16 || !y.is_contiguous() ||
+      l.bias.numel() != l.N)
+    return at::add(y, l.bias);
+  add_bias_bf16_(y, l.bias);
+  return y;
 }
 
 // Qwen3's per-head RMSNorm of q or k (rows x heads of D features) exactly as the model's norm module
