@@ -4,7 +4,9 @@ Writes a random checkpoint with the exact Qwen2.5-0.5B shape (bfloat16 safetenso
 it in fresh subprocesses at several dtypes (bfloat16 also as ``generate`` loads it for inference on the
 plain PyTorch path: q/k/v and gate/up stacked into one layer each), and with ``--quantize int8|int4``
 (each layer rounded as its weight arrives), and reports peak RSS over the interpreter's own baseline
-(python with torch and qwenkit's loading code imported, the C++ kernels' library loaded). Beside the
+(python with torch and qwenkit's loading code imported, the C++ kernels' library loaded), and of that
+peak, the pages of torch's own libraries that the load and the forward ran for the first time (code,
+the same for any model size: most of a small model's margin over its weights). Beside the
 quantized loads, the old way in the same run: load the float model whole, then quantize it. Builds run
 with the prepared-model cache off (``QWENKIT_PREPARED_CACHE=off``; the GGUF header cache as the user has
 it); the "from the prepared cache" rows load the same model again from an entry written just before (in a
@@ -35,11 +37,19 @@ def hwm_kib():
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM:"):
             return int(line.split()[1])
+def torch_code_kib():  # resident pages of torch's own libraries (code run for the first time counts too)
+    kib, ours = 0, False
+    for line in open("/proc/self/smaps"):
+        if line[0] in "0123456789abcdef" and "-" in line.split(" ", 1)[0]:
+            ours = "/torch/lib/" in line
+        elif ours and line.startswith("Rss:"):
+            kib += int(line.split()[1])
+    return kib
 from qwenkit.checkpoint import load_model
 import qwenkit.checkpoint.gguf, qwenkit.quant.on_load, qwenkit.quant.dense  # code, not data: the baseline
 from qwenkit import kernels
 kernels.available()  # the C++ kernels' library, loaded (or found missing) once per process
-base = hwm_kib()
+base, code = hwm_kib(), torch_code_kib()
 quantize = sys.argv[3] if sys.argv[3] != "-" else None
 t = time.perf_counter()
 if sys.argv[4] == "dequantize":  # a GGUF file as floats (the old load)
@@ -62,7 +72,8 @@ for tensor in [*model.parameters(), *model.buffers()]:  # a tied lm_head/embeddi
         seen.add(tensor.data_ptr())
         size += tensor.numel() * tensor.element_size()
 peak = hwm_kib()
-print(json.dumps({"base_kib": base, "peak_kib": peak, "model_bytes": size, "seconds": dt}))
+code = torch_code_kib() - code
+print(json.dumps({"base_kib": base, "peak_kib": peak, "code_kib": code, "model_bytes": size, "seconds": dt}))
 """
 
 
@@ -96,8 +107,9 @@ def main() -> None:
             write_checkpoint(path, QWEN25_05B)
         disk = sum(f.stat().st_size for f in path.glob("*.safetensors"))
         print(f"checkpoint: Qwen2.5-0.5B shape, {disk / 2**20:.0f} MiB of bfloat16 safetensors\n")
-        print("| load | model in memory | peak RSS over interpreter (load + 1 forward) | ratio | load time |")
-        print("|---|---|---|---|---|")
+        peak = "peak RSS over interpreter (load + 1 forward)"
+        print(f"| load | model in memory | {peak} | ratio | {CODE} | load time |")
+        print("|---|---|---|---|---|---|")
         runs = [
             ("bfloat16", "-", "-"),
             ("bfloat16", "-", "inference"),
@@ -136,11 +148,14 @@ def main() -> None:
 
         gguf = default_model_path()
         print(f"\nthe bundled {gguf.name} ({gguf.stat().st_size / 2**20:.0f} MiB file)\n")
-        print("| load | model in memory | peak RSS over interpreter | ratio | load time |")
-        print("|---|---|---|---|---|")
+        print(f"| load | model in memory | peak RSS over interpreter | ratio | {CODE} | load time |")
+        print("|---|---|---|---|---|---|")
         print(row("in the file's precision (Q4_1/Q8_0 codes; default)", gguf, "bfloat16", "-", "-"))
         print(row("--gguf-dequantize (bfloat16 floats, the old load)", gguf, "bfloat16", "-", "dequantize"))
         print(row("in the file's precision, from the prepared cache", gguf, "bfloat16", "-", "cached"))
+
+
+CODE = "of which torch's code, first run"
 
 
 def row(label: str, path: Path, dtype: str, quantize: str, how: str) -> str:
@@ -160,7 +175,7 @@ def row(label: str, path: Path, dtype: str, quantize: str, how: str) -> str:
     over = (r["peak_kib"] - r["base_kib"]) * 1024
     return (
         f"| {label} | {r['model_bytes'] / 2**20:.0f} MiB | {over / 2**20:.0f} MiB | "
-        f"{over / r['model_bytes']:.2f}x | {r['seconds']:.2f} s |"
+        f"{over / r['model_bytes']:.2f}x | {r['code_kib'] / 1024:.0f} MiB | {r['seconds']:.2f} s |"
     )
 
 

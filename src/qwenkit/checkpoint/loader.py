@@ -21,7 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from qwenkit.checkpoint import prepared_cache
-from qwenkit.checkpoint.files import WeightFiles, find_weight_files, iter_tensors, release_pages
+from qwenkit.checkpoint.files import HeapTrimmer, WeightFiles, find_weight_files, iter_tensors, release_pages
 from qwenkit.checkpoint.sanitize import sanitize
 from qwenkit.config import ModelConfig, read_hf_config
 from qwenkit.distributed import TensorParallel, local_config, parallelize, shard_tensor
@@ -305,6 +305,7 @@ def _assign_all(
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
     loaded: set[str] = set()
+    trimmer = HeapTrimmer()  # GPTQ layers packed as they complete free their unpacking temporaries
     bar = tqdm(
         total=source.total_bytes,
         unit="B",
@@ -347,7 +348,7 @@ def _assign_all(
             _set_tensor(model, name, tensor.to(device))
             loaded.add(name)
             if config.quantization and tensor_parallel is None:
-                _pack_when_complete(model, name)
+                _pack_when_complete(model, name, trimmer)
     missing = sorted(set(expected) - loaded)
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
@@ -357,7 +358,7 @@ def _assign_all(
         model.lm_head.weight = model.model.embed_tokens.weight  # (a quantized pair shares codes already)
 
 
-def _pack_when_complete(model: nn.Module, name: str) -> None:
+def _pack_when_complete(model: nn.Module, name: str, trimmer: HeapTrimmer) -> None:
     """Pack a GPTQ layer for its kernel as soon as its last checkpoint tensor is in, and drop the packed
     checkpoint tensors' pages: holding every layer's checkpoint form until the end, then packing, peaked
     at 2.5x the quantized model (Qwen2.5-0.5B shape, int4)."""
@@ -374,6 +375,7 @@ def _pack_when_complete(model: nn.Module, name: str) -> None:
     module.pack()  # drops the checkpoint buffers; bias and anything else it keeps are other tensors' pages
     for address, nbytes in spans:
         release_pages(address, nbytes)
+    trimmer.built(module.in_features * module.out_features)
 
 
 _EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.")

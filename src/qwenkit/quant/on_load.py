@@ -21,7 +21,7 @@ import math
 import torch
 from torch import nn
 
-from qwenkit.checkpoint.files import release_pages, trim_heap
+from qwenkit.checkpoint.files import HeapTrimmer, release_pages
 from qwenkit.quant.affine import AffineWeight
 from qwenkit.quant.embedding import QuantizedEmbedding
 from qwenkit.quant.gptq_format import IntWeight
@@ -40,7 +40,7 @@ class LayerBuilder:
     ) -> None:
         self.model, self.dtype, self.device, self.tied = model, dtype, device, tied
         self.bits = {None: None, "int8": 8, "int4": 4}[precision]
-        self._untrimmed = 0  # weights built since the heap was last trimmed
+        self._trimmer = HeapTrimmer()
 
     def take(self, name: str, tensor: torch.Tensor | AffineWeight) -> bool:
         """Build the quantized layer ``name`` belongs to, if any; True when the tensor was consumed."""
@@ -62,12 +62,7 @@ class LayerBuilder:
             return False  # an untied embedding stays float under --quantize
         self._install(module_name, layer)
         shape = tensor.shape if isinstance(tensor, torch.Tensor) else tensor.codes.shape
-        self._untrimmed += math.prod(shape)
-        if self._untrimmed > TRIM_ELEMENTS:
-            # glibc keeps freed temporaries, and the layers' long-lived tensors between them fragment
-            # the heap: ~17 MB of SmolLM2's load, ~300 MB of Qwen2.5-0.5B's with --quantize
-            trim_heap()
-            self._untrimmed = 0
+        self._trimmer.built(math.prod(shape))
         return True
 
     def _round(self, tensor: torch.Tensor, bits: int, bias: torch.Tensor | None) -> QuantizedLinear:
@@ -96,7 +91,6 @@ class LayerBuilder:
 
 
 ROW_BLOCK_ELEMENTS = 1 << 19  # RTN's float32 temporaries stay ~2 MiB each, even for a 151936-row head
-TRIM_ELEMENTS = 1 << 22  # weights built between two trims of the heap (a few ms each)
 
 
 def round_in_row_blocks(
