@@ -168,8 +168,8 @@ class HeapTrimmer:
     """Trims the heap once every ``every`` weights built during a load. glibc keeps freed temporaries,
     and the layers' long-lived tensors allocated between them fragment the heap, so it grows by what
     the build freed unless trimmed (~17 MB of SmolLM2's load and ~300 MB of Qwen2.5-0.5B's under
-    ``--quantize``; 100-230 MB of a Qwen2.5-0.5B-shape GPTQ int4 checkpoint's, 1.18x -> 1.6x its weights,
-    in the runs where the load ran fastest). A trim costs a few ms, hence not after every layer."""
+    ``--quantize``; 120-230 MB of a Qwen2.5-0.5B-shape GPTQ int4 checkpoint's, 1.18x -> 1.4-1.95x its
+    weights, in the runs where the load ran fastest). A trim costs about a ms, hence not every layer."""
 
     def __init__(self, every: int = 1 << 22) -> None:
         self.every = every
