@@ -3084,40 +3084,28 @@ inline c10::optional<at::Tensor> present(const at::Tensor& t) {
   return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt;
 }
 
-// y += r for bf16 (rows, N) tensors of the same shape, y contiguous: each sum rounded to bf16 as torch's
-// bf16 add does (x + layer(x)); one loop here instead of a torch call with its dispatch and allocation.
+// y += r for a bf16 (rows, N) y, contiguous, and r bf16 of y's shape or one (N) row added to every row
+// (the residual x + layer(x); Qwen2's q/k/v bias on an integer product): each sum rounded to bf16 as
+// torch's bf16 add does, in place; one loop here instead of a torch call with its dispatch and the
+// tensor it allocates (~10 us a layer as at::add, a fiftieth of a 0.5B int4 batch-1 step).
 void add_bf16_(at::Tensor& y, const at::Tensor& r) {
-  TORCH_CHECK(y.scalar_type() == at::kBFloat16 && r.scalar_type() == at::kBFloat16 && y.sizes() == r.sizes() &&
-                  y.is_contiguous(),
-              "qwenkit decode_layer: residual add of ", r.sizes(), " to ", y.sizes());
+  const int64_t N = y.dim() == 2 ? y.size(1) : -1;
+  const bool row = r.dim() == 1 && r.size(0) == N;
+  TORCH_CHECK(y.scalar_type() == at::kBFloat16 && r.scalar_type() == at::kBFloat16 && y.dim() == 2 &&
+                  y.is_contiguous() && (row || y.sizes() == r.sizes()),
+              "qwenkit decode_layer: add of a bfloat16 ", r.sizes(), " to a bfloat16 ", y.sizes());
   const at::Tensor rc = r.contiguous();
   uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
   const uint16_t* rp = reinterpret_cast<const uint16_t*>(rc.data_ptr<at::BFloat16>());
-  const int64_t n = y.numel();
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 mk = tail_mask16(n - i);
-    auto load = [&](const uint16_t* p) {
-      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, p)), 16));
-    };
-    const __m512 v = _mm512_add_ps(load(yp + i), load(rp + i));
-    _mm256_mask_storeu_epi16(yp + i, mk, (__m256i)_mm512_cvtneps_pbh(v));
-  }
-}
-
-// y += bias in every row of a bf16 (rows, N) y, bias bf16 (N): as torch's bf16 add (each sum in fp32,
-// rounded to bf16), in place, without the add's dispatch and the new tensor it allocates (Qwen2's q/k/v
-// bias on an integer product: ~10 us a layer as at::add, a fiftieth of a 0.5B int4 batch-1 step).
-void add_bias_bf16_(at::Tensor& y, const at::Tensor& bias) {
-  const int64_t N = y.size(1);
-  const at::Tensor b = bias.contiguous();
-  const uint16_t* bp = reinterpret_cast<const uint16_t*>(b.data_ptr<at::BFloat16>());
-  uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
-  for (int64_t m = 0; m < y.size(0); ++m)
+  for (int64_t m = 0; m < y.size(0); ++m) {
+    uint16_t* ym = yp + m * N;
+    const uint16_t* rm = rp + (row ? 0 : m * N);
     for (int64_t n = 0; n < N; n += 16) {
       const __mmask16 mk = tail_mask16(N - n);
-      const __m512 v = _mm512_add_ps(maskz_load_bf16_as_f32(mk, yp + m * N + n), maskz_load_bf16_as_f32(mk, bp + n));
-      _mm256_mask_storeu_epi16(yp + m * N + n, mk, (__m256i)_mm512_cvtneps_pbh(v));
+      const __m512 v = _mm512_add_ps(maskz_load_bf16_as_f32(mk, ym + n), maskz_load_bf16_as_f32(mk, rm + n));
+      _mm256_mask_storeu_epi16(ym + n, mk, (__m256i)_mm512_cvtneps_pbh(v));
     }
+  }
 }
 
 at::Tensor run_linear(const LayerLinear& l, const at::Tensor& x) {
@@ -3129,11 +3117,7 @@ at::Tensor run_linear(const LayerLinear& l, const at::Tensor& x) {
     y = linear_int<8>(x, l.w, l.scale, present(l.shift), in_kernel, l.group_size, l.N, l.zero_point);
   else
     y = linear_int<4>(x, l.w, l.scale, present(l.shift), in_kernel, l.group_size, l.N, l.zero_point);
-  if (!l.bias_after_rounding || !l.bias.defined()) return y;
-  if (l.bias.scalar_type() != at::kBFloat16 || y.scalar_type() != at::kBFloat16 || !y.is_contiguous() ||
-      l.bias.numel() != l.N)
-    return at::add(y, l.bias);
-  add_bias_bf16_(y, l.bias);
+  if (l.bias_after_rounding && l.bias.defined()) add_bf16_(y, l.bias);  // QuantizedLinear's y + bias
   return y;
 }
 
