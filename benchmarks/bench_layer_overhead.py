@@ -99,7 +99,7 @@ def main() -> None:
     timer = LayerTimer()
     kernels.decode_layers = timer
     threads = torch.get_num_threads()
-    print(f"{label}; {threads} threads; medians of {args.rounds} rounds of {args.tokens} steps\n")
+    print(f"{label}; {threads} thread(s); medians of {args.rounds} rounds of {args.tokens} steps\n")
     print("| batch | ms a step | in decode_layers | us a layer | outside decode_layers |")
     print("|---:|---:|---:|---:|---:|")
     try:
