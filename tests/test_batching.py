@@ -7,8 +7,11 @@ import torch
 from factories import hf_model, save_hf
 from factories import run_engine as run
 
+from qwenkit import kernels
 from qwenkit.checkpoint import load_model
 from qwenkit.engine import Engine, SamplingParams, SamplingParamsError
+from qwenkit.engine import engine as engine_module
+from qwenkit.engine import forward as forward_module
 
 
 @pytest.fixture(scope="module")
@@ -182,3 +185,39 @@ def test_one_bad_row_fails_alone(model):
     assert by_id[bad].finish_reason == "error" and "NaN/inf" in by_id[bad].error
     rest = drain(engine)
     assert by_id[good].new_token_ids + rest[good]["ids"] == alone
+
+
+@pytest.mark.skipif(not kernels.available(), reason="needs the CPU kernels")
+def test_bf16_logits_sample_as_their_float32_widening(tmp_path, monkeypatch):
+    """On the CPU kernels the sampler reads a bf16 model's logits as the head gives them (no float32
+    copy of the step's logits); every kind of request gets what it got from the widened logits."""
+    path = save_hf(hf_model("qwen2"), tmp_path / "qwen2")
+    bf16 = load_model(path, dtype="bfloat16", fast_kernels=True)[0]
+    mixed = [
+        SamplingParams(temperature=0, max_tokens=12, logprobs=3, ignore_eos=True),
+        SamplingParams(temperature=0.9, top_p=0.9, top_k=50, seed=1234, max_tokens=12, ignore_eos=True),
+        SamplingParams(temperature=0.8, top_p=0.7, seed=99, max_tokens=12, ignore_eos=True),  # top-p alone
+        SamplingParams(temperature=1.0, seed=5, max_tokens=12, ignore_eos=True, prompt_logprobs=2),
+        SamplingParams(
+            temperature=0.7, repetition_penalty=1.3, seed=7, max_tokens=12, logprobs=2, ignore_eos=True
+        ),
+    ]
+    prompts = [*PROMPTS, list(range(40, 52))]
+    seen: list[torch.dtype] = []
+    real_finite_rows = engine_module.finite_rows
+    monkeypatch.setattr(engine_module, "finite_rows", lambda x: seen.append(x.dtype) or real_finite_rows(x))
+
+    def outputs() -> list[dict]:
+        engine = Engine(bf16, max_batch_size=8)
+        ids = [engine.add_request(p, sp) for p, sp in zip(prompts, mixed, strict=True)]
+        got = drain(engine)
+        return [got[i] for i in ids]
+
+    direct = outputs()
+    assert set(seen) == {torch.bfloat16}
+    monkeypatch.setattr(forward_module, "on_kernels", lambda logits: False)  # widened first, as before
+    seen.clear()
+    widened = outputs()
+    assert set(seen) == {torch.float32}
+    assert direct == widened
+    assert all(len(r["ids"]) == 12 for r in direct) and len(direct[0]["logprobs"]) == 12

@@ -20,7 +20,7 @@ from qwenkit.engine.decode_graph import DecodeGraphs, supports_static_decode
 from qwenkit.engine.forward import ForwardCall, run_forward
 from qwenkit.engine.kv_cache import PagedKVCache
 from qwenkit.engine.request import FinishReason, Request, RequestId, TokenLogprob
-from qwenkit.engine.sampler import apply_penalties, finite_rows, sample, token_logprobs
+from qwenkit.engine.sampler import apply_penalties, as_float, finite_rows, sample, token_logprobs
 from qwenkit.engine.sampling import SamplingParams, SamplingParamsError
 from qwenkit.engine.scheduler import Scheduler
 from qwenkit.engine.token_counts import TokenCounts
@@ -316,8 +316,10 @@ class Engine:
         penalized = any(r.seen is not None or r.output_counts is not None for r in requests)
         constrained = any(r.constraint is not None for r in requests)
         wanted = [r.params.logprobs is not None for r in requests]
-        # raw stays for the logprobs; without them the penalties and masks may write into it
-        logits = raw.clone() if (penalized or constrained) and any(wanted) else raw
+        logits = raw
+        if penalized or constrained:  # they write into float32 logits; raw stays for the logprobs
+            logits = as_float(raw)
+            logits = logits.clone() if logits is raw and any(wanted) else logits
         if penalized:
             logits = apply_penalties(logits, requests)
         if constrained:

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from qwenkit import kernels
 from qwenkit.engine.kv_cache import PagedKVCache, StepAttention
+from qwenkit.engine.sampler import on_kernels
 from qwenkit.model import Transformer
 
 
@@ -27,7 +27,9 @@ class ForwardCall:
 
 
 def run_forward(model: Transformer, cache: PagedKVCache, call: ForwardCall) -> torch.Tensor:
-    """Write the step's K/V into the pool and return float32 logits (K, V) at ``call.logits_index``."""
+    """Write the step's K/V into the pool and return the logits (K, V) at ``call.logits_index``: float32,
+    or the model's bfloat16 ones where the CPU kernels' row passes read them (``sampler.on_kernels``; the
+    sampler widens what torch must see)."""
     dev = cache.device
     attention = StepAttention(cache, call.decode_rows, call.chunk_rows)
     # every token's logits, in order (a decode step): no index op (torch's runs on OpenMP at 16 rows)
@@ -40,7 +42,4 @@ def run_forward(model: Transformer, cache: PagedKVCache, call: ForwardCall) -> t
         logits_index=None if every else torch.tensor(call.logits_index, dtype=torch.long, device=dev),
     )
     logits = logits[0] if every else logits  # (1, N, V) -> (N, V)
-    on_kernels = logits.device.type == "cpu" and logits.dtype == torch.bfloat16 and logits.dim() == 2
-    # widened on the kernels' threads: torch's copy would run on OpenMP, whose worker then spins for
-    # milliseconds beside the kernels' workers (on 2 cores, the next decode step ran at half speed)
-    return kernels.widen(logits) if on_kernels and kernels.available() else logits.float()
+    return logits if on_kernels(logits) else logits.float()

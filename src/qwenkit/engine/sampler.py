@@ -64,16 +64,27 @@ def apply_penalties(logits: torch.Tensor, requests: Sequence[Request]) -> torch.
     return logits
 
 
-def _on_kernels(logits: torch.Tensor) -> bool:
-    """Whether the CPU kernels' row passes take these logits (float32 (R, V) on a CPU where they load)."""
-    cpu_float = logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 2
-    return cpu_float and kernels.available()
+def on_kernels(logits: torch.Tensor) -> bool:
+    """Whether the CPU kernels' row passes take these logits (float32 or bf16 (R, V) on a CPU where they
+    load). They read bf16 logits as they come from the model's head, so an all-greedy step (and a
+    sampled one drawn on the kernels) never copies the step's logits to float32."""
+    kinds = (torch.float32, torch.bfloat16)
+    return logits.device.type == "cpu" and logits.dtype in kinds and logits.dim() == 2 and kernels.available()
+
+
+def as_float(logits: torch.Tensor) -> torch.Tensor:
+    """The logits in float32 for torch's ops (penalties, masks, log-probabilities, top-k windows): bf16
+    ones widened on the kernels' threads (torch's copy runs on OpenMP, whose worker then spins for
+    milliseconds beside the kernels' workers); float32 ones as they are."""
+    if logits.dtype == torch.float32:
+        return logits
+    return kernels.widen(logits) if on_kernels(logits) else logits.float()
 
 
 def finite_rows(logits: torch.Tensor) -> list[bool]:
     """Whether each row of float32 logits holds no inf or NaN: on the CPU kernels where they load (torch's
     sum runs on OpenMP, see ``kernels.finite_rows``), else one sum a row (NaN and inf both survive it)."""
-    if _on_kernels(logits):
+    if on_kernels(logits):
         return kernels.finite_rows(logits).tolist()
     return torch.isfinite(logits.sum(-1)).tolist()
 
@@ -81,7 +92,7 @@ def finite_rows(logits: torch.Tensor) -> list[bool]:
 def greedy(logits: torch.Tensor) -> torch.Tensor:
     """``logits.argmax(-1)``; on the CPU kernels where they load (torch's is a scalar pass per row: 1 ms
     for a 16-row step over a 152k vocabulary)."""
-    return kernels.argmax(logits) if _on_kernels(logits) else logits.argmax(-1)
+    return kernels.argmax(logits) if on_kernels(logits) else logits.argmax(-1)
 
 
 # Up to this k the kernels' top-k beats torch's (16 rows of a 49k vocabulary: 0.12 against 0.59 ms at
@@ -91,14 +102,14 @@ KERNEL_TOPK_MAX = 1024
 
 def _topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.topk(logits, k)``: sorted descending; on the kernels for k up to ``KERNEL_TOPK_MAX``."""
-    if k <= KERNEL_TOPK_MAX and _on_kernels(logits):
+    if k <= KERNEL_TOPK_MAX and on_kernels(logits):
         return kernels.topk(logits, k)
     return torch.topk(logits, k, dim=-1)
 
 
 def _logsumexp(logits: torch.Tensor, temperatures: Sequence[float]) -> torch.Tensor:
     """(R,) log of each row's sum of e^(logit / its temperature)."""
-    if _on_kernels(logits):
+    if on_kernels(logits):
         return kernels.logsumexp(logits, [1.0 / t for t in temperatures])
     return torch.logsumexp(logits / torch.tensor(temperatures, device=logits.device)[:, None], dim=-1)
 
@@ -263,7 +274,7 @@ def sample(logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
         rows = [drawn[j] for j in group]
         mine = logits if len(rows) == logits.shape[0] else logits[rows]  # no copy when every row draws
         params = [requests[i].params for i in rows]
-        if _on_kernels(mine) and (not ranked(params[0], V) or _top_p_alone(params[0], V)):
+        if on_kernels(mine) and (not ranked(params[0], V) or _top_p_alone(params[0], V)):
             scales, min_ps = [1 / p.temperature for p in params], [p.min_p for p in params]
             if not ranked(params[0], V):  # the whole vocabulary, in one kernel
                 u = [float(_uniform(requests[i])) for i in rows]
@@ -272,7 +283,7 @@ def sample(logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
                 keys = [_key(requests[i]) for i in rows]
                 tokens[rows] = kernels.sample_top_p(mine, scales, [p.top_p for p in params], min_ps, keys)
             continue
-        candidates, ids = filter_candidates(mine, params)
+        candidates, ids = filter_candidates(as_float(mine), params)
         probs = candidates.softmax(-1)
         if ids is None:  # the whole vocabulary: one uniform per row against its cumulative probabilities
             u = torch.stack([_uniform(requests[i]) for i in rows])[:, None]
@@ -289,7 +300,7 @@ def token_logprobs(
     raw_logits: torch.Tensor, tokens: torch.Tensor, top_n: Sequence[int]
 ) -> list[TokenLogprob]:
     """The log-probability of ``tokens`` (R,) under raw logits (R, V), with the top_n[i] best per row."""
-    logprobs = torch.log_softmax(raw_logits, dim=-1)
+    logprobs = torch.log_softmax(as_float(raw_logits), dim=-1)
     chosen = logprobs.gather(1, tokens[:, None])[:, 0].tolist()
     most = max(top_n, default=0)
     top_values, top_ids = logprobs.topk(most, dim=-1) if most else (None, None)

@@ -31,8 +31,9 @@ Imports only torch, the standard library and qwenkit.errors; model/ and quant/ m
     kernels.decode_layers(x, run, slots, gather, pos, cos, sin)
         # a decode step's decoder layers for its rows, each as the ops above, all in one call
     kernels.concat_bf16([p, ...]) / kernels.concat_int([p, ...])  # outputs stacked (fused projections)
-    kernels.argmax(logits)                        # float32 (M, V) -> (M,) int64, as torch.argmax(-1)
+    kernels.argmax(logits)                        # float32 or bf16 (M, V) -> (M,) int64, as torch.argmax(-1)
     kernels.widen(logits), kernels.finite_rows(logits)  # bf16 -> float32 logits; rows without inf/NaN
+        # (argmax, finite_rows and the four below read float32 or bf16 logits alike)
     kernels.topk(logits, k), kernels.logsumexp(logits, scales)  # the sampler's row passes,
     kernels.sample_cdf(logits, scales, min_ps, uniforms)        # and a whole-vocabulary draw,
     kernels.sample_top_p(logits, scales, top_ps, min_ps, keys)  # a top-p draw without sorting

@@ -15,8 +15,11 @@ from qwenkit.kernels.ops import op
 
 
 def argmax(x: torch.Tensor) -> torch.Tensor:
-    """``x.argmax(-1)`` for float32 logits (M, V): the first index of each row's maximum (or first NaN),
-    vectorized and in parallel over chunks of the rows (torch's is one scalar pass per row)."""
+    """``x.argmax(-1)`` for float32 or bf16 logits (M, V): the first index of each row's maximum (or
+    first NaN), vectorized and in parallel over chunks of the rows (torch's is one scalar pass per row).
+    The sampler's row passes read bf16 logits as they come from the model's head, each value widened
+    as it is read, so a step's logits are not first copied to float32 (3 MB for 16 rows of a 49k
+    vocabulary, 10 MB of a 152k one)."""
     return op("argmax_rows")(x)
 
 
@@ -27,28 +30,30 @@ def widen(x: torch.Tensor) -> torch.Tensor:
 
 
 def finite_rows(x: torch.Tensor) -> torch.Tensor:
-    """(M,) bool: whether each row of float32 logits (M, V) holds no inf or NaN (as ``widen``, why)."""
+    """(M,) bool: whether each row of float32 or bf16 logits (M, V) holds no inf or NaN (as ``widen``,
+    why)."""
     return op("finite_rows")(x)
 
 
 def topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``torch.topk(x, k)`` for float32 logits (M, V) without NaN: the k largest of each row, sorted
-    descending, ties to the lower index; one vector pass per row against a running threshold (torch's
-    took 0.5 ms for 16 rows of a 49k vocabulary, this a tenth of that)."""
+    """``torch.topk(x.float(), k)`` for float32 or bf16 logits (M, V) without NaN: the k largest of each
+    row, sorted descending, ties to the lower index; one vector pass per row against a running threshold
+    (torch's took 0.5 ms for 16 rows of a 49k vocabulary, this a tenth of that)."""
     return op("topk_rows")(x, k)
 
 
 def logsumexp(x: torch.Tensor, scales: Sequence[float]) -> torch.Tensor:
-    """``torch.logsumexp(x * scales[:, None], -1)`` for float32 logits (M, V) and a scale > 0 per row
-    (1 / its temperature), in one kernel: torch's took 2.5 ms for 16 rows of a 49k vocabulary."""
+    """``torch.logsumexp(x.float() * scales[:, None], -1)`` for float32 or bf16 logits (M, V) and a
+    scale > 0 per row (1 / its temperature), in one kernel: torch's took 2.5 ms for 16 rows of a 49k
+    vocabulary."""
     return op("logsumexp_rows")(x, [float(s) for s in scales])
 
 
 def sample_cdf(
     x: torch.Tensor, scales: Sequence[float], min_ps: Sequence[float], uniforms: Sequence[float]
 ) -> torch.Tensor:
-    """(M,) int64 draws from softmax(x * scale) of float32 logits (M, V) per row, tokens below min_p
-    times the most likely one removed: the first index whose cumulative probability exceeds the row's
+    """(M,) int64 draws from softmax(x * scale) of float32 or bf16 logits (M, V) per row, tokens below
+    min_p times the most likely one removed: the first index whose cumulative probability exceeds the row's
     uniform in [0, 1). One kernel, no (M, V) temporaries (torch's chain took 12 ms at 16 x 152k)."""
     return op("sample_cdf_rows")(
         x, [float(s) for s in scales], [float(p) for p in min_ps], [float(u) for u in uniforms]
@@ -62,10 +67,10 @@ def sample_top_p(
     min_ps: Sequence[float],
     keys: Sequence[int],
 ) -> torch.Tensor:
-    """(M,) int64 top-p draws from softmax(x * scale) of float32 logits (M, V), min-p applied within the
-    nucleus, by the race argmax p / E with E hashed from each token's id and the row's key (the noise of
-    the sampler's ``_keyed_exp``). The nucleus comes from a histogram of the probabilities: nothing is
-    sorted but the tokens at its edge."""
+    """(M,) int64 top-p draws from softmax(x * scale) of float32 or bf16 logits (M, V), min-p applied
+    within the nucleus, by the race argmax p / E with E hashed from each token's id and the row's key
+    (the noise of the sampler's ``_keyed_exp``). The nucleus comes from a histogram of the
+    probabilities: nothing is sorted but the tokens at its edge."""
     return op("sample_top_p_rows")(
         x,
         [float(s) for s in scales],

@@ -2257,7 +2257,37 @@ std::tuple<int64_t, int64_t> checksum_words(const at::Tensor& bytes) {
 }
 
 // ---------------------------------------------------------------------------------------------------
-// argmax over the last dimension of float32 logits (M, V), as torch.argmax: the first index of the
+// Rows of logits as the sampler's passes read them: float32, or the model's own bf16 output, widened
+// exactly as it is read (a 16-row step of a 49k vocabulary no longer writes a 3 MB float32 copy first).
+inline __m512 maskz_load_row16(__mmask16 m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 maskz_load_row16(__mmask16 m, const uint16_t* p) { return maskz_load_bf16_as_f32(m, p); }
+inline __m512 load_row16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load_row16(const uint16_t* p) { return load_bf16_as_f32(p); }
+inline float row_value(const float* p, int64_t i) { return p[i]; }
+inline float row_value(const uint16_t* p, int64_t i) {
+  const uint32_t u = uint32_t(p[i]) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+// the float32 bits of 16 values (0 past the mask)
+inline __m512i maskz_load_row_bits(__mmask16 m, const float* p) { return _mm512_maskz_loadu_epi32(m, p); }
+inline __m512i maskz_load_row_bits(__mmask16 m, const uint16_t* p) {
+  return _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16);
+}
+
+// A (M, V) float32 or bf16 CPU tensor of logits, contiguous; f(pointer to its first row) for its type.
+template <typename F>
+auto with_logit_rows(const at::Tensor& x, const char* name, const F& f) {
+  TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) && x.dim() == 2,
+              "qwenkit ", name, ": x must be a float32 or bfloat16 (M, V) CPU tensor, got ", x.scalar_type(), " ",
+              x.sizes());
+  const at::Tensor xc = x.contiguous();
+  if (xc.scalar_type() == at::kFloat) return f(xc, xc.data_ptr<float>());
+  return f(xc, reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()));
+}
+
+// argmax over the last dimension of float32 or bf16 logits (M, V), as torch.argmax: the first index of the
 // largest value, or of the first NaN. torch's runs one row at a time, scalar: 1 ms for a step's 16 rows
 // of a 152k vocabulary, more than a layer. Rows are cut into chunks, each reduced in 16 lanes (a lane
 // keeps its first maximum), the chunks combined in order.
@@ -2269,7 +2299,8 @@ struct ArgmaxPart {
   bool nan;
 };
 
-ArgmaxPart argmax_chunk(const float* x, int64_t begin, int64_t end) {
+template <typename T>
+ArgmaxPart argmax_chunk(const T* x, int64_t begin, int64_t end) {
   __m512 best = _mm512_set1_ps(-INFINITY);
   __m512i best_at = _mm512_set1_epi32(0);
   __m512i at = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -2277,7 +2308,7 @@ ArgmaxPart argmax_chunk(const float* x, int64_t begin, int64_t end) {
   bool nan = false;
   int64_t i = begin;
   for (; i + 16 <= end; i += 16) {  // offsets from begin fit in 32 bits (a chunk)
-    const __m512 v = _mm512_loadu_ps(x + i);
+    const __m512 v = load_row16(x + i);
     nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) != 0;
     const __mmask16 up = _mm512_cmp_ps_mask(v, best, _CMP_GT_OQ);
     best = _mm512_mask_mov_ps(best, up, v);
@@ -2295,42 +2326,41 @@ ArgmaxPart argmax_chunk(const float* x, int64_t begin, int64_t end) {
       part = {values[l], index, false};
   }
   for (; i < end; ++i) {
-    if (x[i] != x[i])
+    const float v = row_value(x, i);
+    if (v != v)
       nan = true;
-    else if (x[i] > part.value)
-      part = {x[i], i, false};
+    else if (v > part.value)
+      part = {v, i, false};
   }
   if (nan)
     for (int64_t j = begin; j < end; ++j)
-      if (x[j] != x[j]) return {x[j], j, true};
+      if (row_value(x, j) != row_value(x, j)) return {row_value(x, j), j, true};
   return part;
 }
 
 at::Tensor argmax_rows(const at::Tensor& x) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2,
-              "qwenkit argmax_rows: x must be a float32 (M, V) CPU tensor, got ", x.scalar_type(), " ", x.sizes());
-  TORCH_CHECK(x.size(1) > 0, "qwenkit argmax_rows: rows must not be empty");
-  const at::Tensor xc = x.contiguous();
-  const int64_t M = xc.size(0), V = xc.size(1), chunks = (V + kArgmaxChunk - 1) / kArgmaxChunk;
-  std::vector<ArgmaxPart> parts(M * chunks);
-  const float* p = xc.data_ptr<float>();
-  parallel_for(0, M * chunks, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t m = i / chunks, c = i % chunks;
-      parts[i] = argmax_chunk(p + m * V, c * kArgmaxChunk, std::min(V, (c + 1) * kArgmaxChunk));
+  TORCH_CHECK(x.dim() != 2 || x.size(1) > 0, "qwenkit argmax_rows: rows must not be empty");
+  return with_logit_rows(x, "argmax_rows", [&](const at::Tensor& xc, const auto* p) {
+    const int64_t M = xc.size(0), V = xc.size(1), chunks = (V + kArgmaxChunk - 1) / kArgmaxChunk;
+    std::vector<ArgmaxPart> parts(M * chunks);
+    parallel_for(0, M * chunks, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t m = i / chunks, c = i % chunks;
+        parts[i] = argmax_chunk(p + m * V, c * kArgmaxChunk, std::min(V, (c + 1) * kArgmaxChunk));
+      }
+    });
+    at::Tensor out = at::empty({M}, xc.options().dtype(at::kLong));
+    int64_t* o = out.data_ptr<int64_t>();
+    for (int64_t m = 0; m < M; ++m) {
+      ArgmaxPart best = parts[m * chunks];
+      for (int64_t c = 1; c < chunks && !best.nan; ++c) {
+        const ArgmaxPart& part = parts[m * chunks + c];
+        if (part.nan || part.value > best.value) best = part;
+      }
+      o[m] = best.index;
     }
+    return out;
   });
-  at::Tensor out = at::empty({M}, xc.options().dtype(at::kLong));
-  int64_t* o = out.data_ptr<int64_t>();
-  for (int64_t m = 0; m < M; ++m) {
-    ArgmaxPart best = parts[m * chunks];
-    for (int64_t c = 1; c < chunks && !best.nan; ++c) {
-      const ArgmaxPart& part = parts[m * chunks + c];
-      if (part.nan || part.value > best.value) best = part;
-    }
-    o[m] = best.index;
-  }
-  return out;
 }
 
 // bf16 logits (M, V) widened to float32 (exactly, as .float()), and whether each float32 row is all
@@ -2354,25 +2384,23 @@ at::Tensor widen_rows(const at::Tensor& x) {
 }
 
 at::Tensor finite_rows(const at::Tensor& x) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2,
-              "qwenkit finite_rows: x must be a float32 (M, V) CPU tensor, got ", x.scalar_type(), " ", x.sizes());
-  const at::Tensor xc = x.contiguous();
-  const int64_t M = xc.size(0), V = xc.size(1);
-  at::Tensor out = at::empty({M}, xc.options().dtype(at::kBool));
-  bool* o = out.data_ptr<bool>();
-  const float* p = xc.data_ptr<float>();
-  const __m512i exponent = _mm512_set1_epi32(0x7f800000);
-  parallel_for(0, M, row_grain(V, 65536), [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) {
-      __mmask16 bad = 0;  // any lane whose exponent is all ones: inf or NaN
-      for (int64_t j = 0; j < V; j += 16) {
-        const __m512i v = _mm512_maskz_loadu_epi32(tail_mask16(V - j), p + m * V + j);
-        bad |= _mm512_cmpeq_epi32_mask(_mm512_and_si512(v, exponent), exponent);
+  return with_logit_rows(x, "finite_rows", [&](const at::Tensor& xc, const auto* p) {
+    const int64_t M = xc.size(0), V = xc.size(1);
+    at::Tensor out = at::empty({M}, xc.options().dtype(at::kBool));
+    bool* o = out.data_ptr<bool>();
+    const __m512i exponent = _mm512_set1_epi32(0x7f800000);
+    parallel_for(0, M, row_grain(V, 65536), [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) {
+        __mmask16 bad = 0;  // any lane whose exponent is all ones: inf or NaN
+        for (int64_t j = 0; j < V; j += 16) {
+          const __m512i v = maskz_load_row_bits(tail_mask16(V - j), p + m * V + j);
+          bad |= _mm512_cmpeq_epi32_mask(_mm512_and_si512(v, exponent), exponent);
+        }
+        o[m] = bad == 0;
       }
-      o[m] = bad == 0;
-    }
+    });
+    return out;
   });
-  return out;
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -2448,13 +2476,11 @@ inline __m512 exp512(__m512 x) {
 // One vector pass per row against a running threshold (the k-th best so far): after the first few
 // thousand values almost none pass, so a row costs about what its argmax does.
 std::tuple<at::Tensor, at::Tensor> topk_rows(const at::Tensor& x, int64_t k) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2,
-              "qwenkit topk_rows: x must be a float32 (M, V) CPU tensor, got ", x.scalar_type(), " ", x.sizes());
-  const int64_t M = x.size(0), V = x.size(1);
+  return with_logit_rows(x, "topk_rows", [&](const at::Tensor& xc, const auto* xp) {
+  const int64_t M = xc.size(0), V = xc.size(1);
   TORCH_CHECK(k >= 1 && k <= V, "qwenkit topk_rows: k must lie in 1..", V, ", got ", k);
-  const at::Tensor xc = x.contiguous();
-  at::Tensor values = at::empty({M, k}, xc.options()), ids = at::empty({M, k}, xc.options().dtype(at::kLong));
-  const float* xp = xc.data_ptr<float>();
+  at::Tensor values = at::empty({M, k}, xc.options().dtype(at::kFloat)),
+             ids = at::empty({M, k}, xc.options().dtype(at::kLong));
   float* vp = values.data_ptr<float>();
   int64_t* ip = ids.data_ptr<int64_t>();
   using Entry = std::pair<float, int64_t>;
@@ -2465,11 +2491,11 @@ std::tuple<at::Tensor, at::Tensor> topk_rows(const at::Tensor& x, int64_t k) {
     kept.reserve(cap + 16);
     alignas(64) float pv[16];
     for (int64_t m = m0; m < m1; ++m) {
-      const float* r = xp + m * V;
+      const auto* r = xp + m * V;
       kept.clear();
       for (int64_t i = 0; i < k; ++i) {
-        TORCH_CHECK(r[i] == r[i], "qwenkit topk_rows: row ", m, " holds NaN");
-        kept.emplace_back(r[i], i);
+        TORCH_CHECK(row_value(r, i) == row_value(r, i), "qwenkit topk_rows: row ", m, " holds NaN");
+        kept.emplace_back(row_value(r, i), i);
       }
       // Keep the k best of what is held (nth_element); the threshold is the worst of them: a later
       // value enters only if strictly greater, as an equal one has the higher index and loses the tie.
@@ -2481,7 +2507,7 @@ std::tuple<at::Tensor, at::Tensor> topk_rows(const at::Tensor& x, int64_t k) {
       float threshold = trim();
       int64_t i = k;
       for (; i + 16 <= V; i += 16) {
-        const __m512 v = _mm512_loadu_ps(r + i);
+        const __m512 v = load_row16(r + i);
         __mmask16 up = _mm512_cmp_ps_mask(v, _mm512_set1_ps(threshold), _CMP_GT_OQ);
         if (!up) continue;
         _mm512_store_ps(pv, v);
@@ -2492,7 +2518,7 @@ std::tuple<at::Tensor, at::Tensor> topk_rows(const at::Tensor& x, int64_t k) {
         if (static_cast<int64_t>(kept.size()) >= cap) threshold = trim();
       }
       for (; i < V; ++i)
-        if (r[i] > threshold) kept.emplace_back(r[i], i);
+        if (row_value(r, i) > threshold) kept.emplace_back(row_value(r, i), i);
       std::sort(kept.begin(), kept.end(), better);
       for (int64_t j = 0; j < k; ++j) {
         vp[m * k + j] = kept[j].first;
@@ -2500,15 +2526,17 @@ std::tuple<at::Tensor, at::Tensor> topk_rows(const at::Tensor& x, int64_t k) {
       }
     }
   });
-  return {values, ids};
+  return std::make_tuple(values, ids);
+  });
 }
 
 // The largest of a row's V floats (-inf for a row of -inf).
-inline float row_max(const float* r, int64_t V) {
+template <typename T>
+inline float row_max(const T* r, int64_t V) {
   __m512 mx = _mm512_set1_ps(-INFINITY);
   for (int64_t i = 0; i < V; i += 16) {
     const __mmask16 t = tail_mask16(V - i);
-    mx = _mm512_mask_max_ps(mx, t, mx, _mm512_maskz_loadu_ps(t, r + i));
+    mx = _mm512_mask_max_ps(mx, t, mx, maskz_load_row16(t, r + i));
   }
   return _mm512_reduce_max_ps(mx);
 }
@@ -2517,19 +2545,16 @@ inline float row_max(const float* r, int64_t V) {
 // max first, then the sum of e^(scale * (x_i - max)) in 16 lanes. -inf values add nothing; a row of -inf
 // gives -inf. Values may be -inf, not NaN.
 at::Tensor logsumexp_rows(const at::Tensor& x, at::ArrayRef<double> scales) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2,
-              "qwenkit logsumexp_rows: x must be a float32 (M, V) CPU tensor, got ", x.scalar_type(), " ", x.sizes());
-  const at::Tensor xc = x.contiguous();
+  return with_logit_rows(x, "logsumexp_rows", [&](const at::Tensor& xc, const auto* xp) {
   const int64_t M = xc.size(0), V = xc.size(1);
   TORCH_CHECK(static_cast<int64_t>(scales.size()) == M, "qwenkit logsumexp_rows: one scale per row: ", M, " rows, ",
               scales.size(), " scales");
   for (double sc : scales) TORCH_CHECK(sc > 0, "qwenkit logsumexp_rows: scales must be positive, got ", sc);
-  at::Tensor out = at::empty({M}, xc.options());
-  const float* xp = xc.data_ptr<float>();
+  at::Tensor out = at::empty({M}, xc.options().dtype(at::kFloat));
   float* op = out.data_ptr<float>();
   parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
-      const float* r = xp + m * V;
+      const auto* r = xp + m * V;
       const float top = row_max(r, V);
       if (top == -INFINITY) {
         op[m] = top;
@@ -2540,13 +2565,14 @@ at::Tensor logsumexp_rows(const at::Tensor& x, at::ArrayRef<double> scales) {
       __m512 total = _mm512_setzero_ps();
       for (int64_t i = 0; i < V; i += 16) {
         const __mmask16 t = tail_mask16(V - i);
-        const __m512 e = exp512(_mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(t, r + i), tv), sv));
+        const __m512 e = exp512(_mm512_mul_ps(_mm512_sub_ps(maskz_load_row16(t, r + i), tv), sv));
         total = _mm512_add_ps(total, _mm512_maskz_mov_ps(t, e));
       }
       op[m] = s * top + std::log(_mm512_reduce_add_ps(total));
     }
   });
   return out;
+  });
 }
 
 
@@ -2558,9 +2584,8 @@ at::Tensor logsumexp_rows(const at::Tensor& x, at::ArrayRef<double> scales) {
 // 16 rows of a 152k vocabulary, this about 1 ms. x may hold -inf, not NaN.
 at::Tensor sample_cdf_rows(const at::Tensor& x, at::ArrayRef<double> scales, at::ArrayRef<double> min_ps,
                            at::ArrayRef<double> us) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) > 0,
-              "qwenkit sample_cdf_rows: x must be a float32 (M, V) CPU tensor, got ", x.scalar_type(), " ", x.sizes());
-  const at::Tensor xc = x.contiguous();
+  TORCH_CHECK(x.dim() != 2 || x.size(1) > 0, "qwenkit sample_cdf_rows: rows must not be empty");
+  return with_logit_rows(x, "sample_cdf_rows", [&](const at::Tensor& xc, const auto* xp) {
   const int64_t M = xc.size(0), V = xc.size(1);
   TORCH_CHECK(static_cast<int64_t>(scales.size()) == M && static_cast<int64_t>(min_ps.size()) == M &&
                   static_cast<int64_t>(us.size()) == M,
@@ -2569,18 +2594,17 @@ at::Tensor sample_cdf_rows(const at::Tensor& x, at::ArrayRef<double> scales, at:
     TORCH_CHECK(scales[m] > 0 && min_ps[m] >= 0 && min_ps[m] <= 1 && us[m] >= 0 && us[m] < 1,
                 "qwenkit sample_cdf_rows: row ", m, " needs scale > 0, min_p in [0, 1] and u in [0, 1)");
   at::Tensor out = at::empty({M}, xc.options().dtype(at::kLong));
-  const float* xp = xc.data_ptr<float>();
   int64_t* op = out.data_ptr<int64_t>();
   parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
-      const float* r = xp + m * V;
+      const auto* r = xp + m * V;
       const float top = row_max(r, V);
       const __m512 sv = _mm512_set1_ps(static_cast<float>(scales[m])), tv = _mm512_set1_ps(top),
                    floor = _mm512_set1_ps(static_cast<float>(min_ps[m]));
       // e of 16 values from i, 0 past the end, below the min-p floor, or where x is -inf
       const auto e16 = [&](int64_t i) {
         const __mmask16 t = tail_mask16(V - i);
-        const __m512 e = exp512(_mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(t, r + i), tv), sv));
+        const __m512 e = exp512(_mm512_mul_ps(_mm512_sub_ps(maskz_load_row16(t, r + i), tv), sv));
         return _mm512_maskz_mov_ps(t & _mm512_cmp_ps_mask(e, floor, _CMP_GE_OQ), e);
       };
       __m512 sum = _mm512_setzero_ps();
@@ -2605,6 +2629,7 @@ at::Tensor sample_cdf_rows(const at::Tensor& x, at::ArrayRef<double> scales, at:
     }
   });
   return out;
+  });
 }
 
 
@@ -2627,9 +2652,8 @@ inline double keyed_exp(int64_t key, int64_t id) {
 // skipped by a vector compare. x may hold -inf, not NaN.
 at::Tensor sample_top_p_rows(const at::Tensor& x, at::ArrayRef<double> scales, at::ArrayRef<double> top_ps,
                              at::ArrayRef<double> min_ps, at::IntArrayRef keys) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) > 0,
-              "qwenkit sample_top_p_rows: x must be a float32 (M, V) CPU tensor, got ", x.scalar_type(), " ", x.sizes());
-  const at::Tensor xc = x.contiguous();
+  TORCH_CHECK(x.dim() != 2 || x.size(1) > 0, "qwenkit sample_top_p_rows: rows must not be empty");
+  return with_logit_rows(x, "sample_top_p_rows", [&](const at::Tensor& xc, const auto* xp) {
   const int64_t M = xc.size(0), V = xc.size(1);
   TORCH_CHECK(static_cast<int64_t>(scales.size()) == M && static_cast<int64_t>(top_ps.size()) == M &&
                   static_cast<int64_t>(min_ps.size()) == M && static_cast<int64_t>(keys.size()) == M,
@@ -2638,7 +2662,6 @@ at::Tensor sample_top_p_rows(const at::Tensor& x, at::ArrayRef<double> scales, a
     TORCH_CHECK(scales[m] > 0 && top_ps[m] > 0 && top_ps[m] <= 1 && min_ps[m] >= 0 && min_ps[m] <= 1,
                 "qwenkit sample_top_p_rows: row ", m, " needs scale > 0, top_p in (0, 1] and min_p in [0, 1]");
   at::Tensor out = at::empty({M}, xc.options().dtype(at::kLong));
-  const float* xp = xc.data_ptr<float>();
   int64_t* op = out.data_ptr<int64_t>();
   constexpr int kBuckets = 1024;
   const auto bucket_of = [](float e) {  // e in (0, 1]: 0 for e = 1, larger as e shrinks
@@ -2651,12 +2674,12 @@ at::Tensor sample_top_p_rows(const at::Tensor& x, at::ArrayRef<double> scales, a
     std::vector<std::pair<float, int64_t>> edge;
     alignas(64) float e16[16];
     for (int64_t m = m0; m < m1; ++m) {
-      const float* r = xp + m * V;
+      const auto* r = xp + m * V;
       const float top = row_max(r, V);
       const __m512 sv = _mm512_set1_ps(static_cast<float>(scales[m])), tv = _mm512_set1_ps(top);
       const auto exps = [&](int64_t i) {  // e of 16 values from i, 0 past the end or where x is -inf
         const __mmask16 t = tail_mask16(V - i);
-        return _mm512_maskz_mov_ps(t, exp512(_mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(t, r + i), tv), sv)));
+        return _mm512_maskz_mov_ps(t, exp512(_mm512_mul_ps(_mm512_sub_ps(maskz_load_row16(t, r + i), tv), sv)));
       };
       __m512 sum = _mm512_setzero_ps();
       for (int64_t i = 0; i < V; i += 16) sum = _mm512_add_ps(sum, exps(i));
@@ -2709,6 +2732,7 @@ at::Tensor sample_top_p_rows(const at::Tensor& x, at::ArrayRef<double> scales, a
     }
   });
   return out;
+  });
 }
 
 
