@@ -3017,7 +3017,10 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& kc, const at:
   const uint16_t* vp = reinterpret_cast<const uint16_t*>(vc.data_ptr<at::BFloat16>());
   uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
 
-  // Tasks (row, KV head, chunk), row-major; first[b] = the index of row b's first task.
+  // Tasks (row, chunk, KV head), row-major; first[b] = the index of row b's first task. A chunk's first
+  // task fetches its keys' and values' whole pool rows (every KV head's, side by side in the pool) into
+  // L2 for the chunk's other heads, which then need not wait on memory each for its own slice: 2-3%
+  // of the bundled model's 16-row step on the Zen 4 (adjacent steps alternated).
   std::vector<int64_t> first(B + 1, 0);
   for (int64_t b = 0; b < B; ++b) first[b + 1] = first[b] + Hkv * ((pp[b] + kAttnChunk) / kAttnChunk);
   const int64_t tasks = first[B], stride = G * (D + 2);  // per task: m[G], sum[G], acc[G * D]
@@ -3032,13 +3035,16 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& kc, const at:
     int64_t b = std::upper_bound(first.begin(), first.end(), t0) - first.begin() - 1;
     for (int64_t t = t0; t < t1; ++t) {
       while (t >= first[b + 1]) ++b;
-      const int64_t chunks = (first[b + 1] - first[b]) / Hkv, h = (t - first[b]) / chunks,
-                    c = (t - first[b]) % chunks, j0 = c * kAttnChunk,
-                    count = std::min<int64_t>(kAttnChunk, pp[b] + 1 - j0);
+      const int64_t chunks = (first[b + 1] - first[b]) / Hkv, c = (t - first[b]) / Hkv, h = (t - first[b]) % Hkv,
+                    j0 = c * kAttnChunk, count = std::min<int64_t>(kAttnChunk, pp[b] + 1 - j0);
       for (int64_t j = 0; j < count; ++j) {
-        const int64_t row = (gp[b * S + j0 + j] * Hkv + h) * D;
-        krows[j] = kp + row;
-        vrows[j] = vp + row;
+        const int64_t row = gp[b * S + j0 + j] * Hkv * D;
+        if (h == 0 && Hkv > 1) {
+          attn_prefetch_row<_MM_HINT_T1>(kp + row, 2 * Hkv * D);
+          attn_prefetch_row<_MM_HINT_T1>(vp + row, 2 * Hkv * D);
+        }
+        krows[j] = kp + row + h * D;
+        vrows[j] = vp + row + h * D;
       }
       float* part = partial.data() + t * stride;
       attn_partial(qp + b * q_row + h * G * D, G, D, krows.data(), vrows.data(), count, float(scale), sc.data(), part,
@@ -3046,8 +3052,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& kc, const at:
       // Whichever thread finishes a (row, KV head)'s last chunk combines them (the same arithmetic
       // whoever does it); acq_rel makes the other chunks' partials visible to it.
       if (done[b * Hkv + h].fetch_add(1, std::memory_order_acq_rel) + 1 == chunks)
-        attn_combine(partial.data() + (first[b] + h * chunks) * stride, chunks, stride, G, D,
-                     op + (b * H + h * G) * D);
+        attn_combine(partial.data() + (first[b] + h) * stride, chunks, Hkv * stride, G, D, op + (b * H + h * G) * D);
     }
   });
   return out;
