@@ -82,3 +82,45 @@ def test_a_forked_child_gets_threads_of_its_own():
     os.close(write)
     _, status = os.waitpid(pid, 0)
     assert os.read(read, 1) == b"1" and status == 0
+
+
+def _rows_alone_and_together(scales: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A log-sum-exp of 16 rows in one call (rows spread over the threads) and of each row alone (on the
+    calling thread), under the calling thread's floating-point mode."""
+    g = torch.Generator().manual_seed(2000)
+    x = (torch.randn(16, 2000, generator=g) * 4).bfloat16().float()
+    together = kernels.logsumexp(x, scales)
+    alone = torch.cat([kernels.logsumexp(x[r : r + 1], scales[r : r + 1]) for r in range(16)])
+    return together, alone
+
+
+@pytest.mark.parametrize("where", ["main thread (OpenMP)", "another thread (the kernels' pool)"])
+def test_a_row_alone_equals_the_row_in_a_batch_in_any_rounding_mode(where):
+    """A row's result is the same computed alone (on the calling thread) and in a batch (its rows spread
+    over the threads): the compiler must not contract the two paths' arithmetic differently (it did:
+    -ffp-contract=off now), and every chunk runs in the caller's floating-point mode, which the threads
+    started without (here rounding toward zero, set by fesetround after they exist)."""
+    import ctypes
+
+    libm = ctypes.CDLL("libm.so.6")
+    toward_zero = 0xC00  # FE_TOWARDZERO on x86-64
+    scales = [1 / (0.2 + 0.1 * i) for i in range(16)]
+    _rows_alone_and_together(scales)  # the threads exist, in the default mode
+
+    def check() -> tuple[bool, bool, bool]:
+        default, default_alone = _rows_alone_and_together(scales)
+        libm.fesetround(toward_zero)
+        try:
+            together, alone = _rows_alone_and_together(scales)
+        finally:
+            libm.fesetround(0)
+        return (
+            torch.equal(default, default_alone),
+            torch.equal(together, alone),
+            torch.equal(together, default),
+        )
+
+    default_same, toward_zero_same, mode_ignored = check() if where.startswith("main") else _in_thread(check)
+    assert default_same
+    assert toward_zero_same
+    assert not mode_ignored  # the mode did change the sums, so the check above could have failed

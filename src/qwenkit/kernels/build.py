@@ -62,7 +62,11 @@ ISA_LEVELS: dict[str, dict[str, str]] = {
     "avxvnni": {"avx2": "-mavx2", "fma": "-mfma", "f16c": "-mf16c", "avx_vnni": "-mavxvnni"},
     "avx2": {"avx2": "-mavx2", "fma": "-mfma", "f16c": "-mf16c"},
 }
-BASE_FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-DNDEBUG", "-w")
+# -ffp-contract=off: the arithmetic is what the source says (FMAs where it writes them). GCC's default
+# contracts a multiply and an add into an FMA where it sees fit, and it saw fit differently in the copies
+# of one loop it compiles for a call's serial path and for its threads' chunks: a row's log-sum-exp came
+# out an ulp apart alone and in a batch (tests/kernels/test_worker_pool.py).
+BASE_FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off", "-DNDEBUG", "-w")
 
 
 class KernelBuildError(RuntimeError):

@@ -246,13 +246,43 @@ inline bool openmp_alone() {
   return false;
 }
 
+// Runs its chunks under the floating-point mode (MXCSR's rounding, flush-to-zero and denormals-are-zero
+// bits) of the thread that made it, restoring the running thread's own after each. A worker thread keeps
+// the mode it started with, while the caller's may change later (torch.set_flush_denormal, fesetround,
+// a library that sets its own): a chunk's result must not depend on which thread runs it. Seen in the
+// test suite: after a test left threads behind, a row's log-sum-exp differed by an ulp call to call.
+class CallerMode {
+ public:
+  CallerMode() : mode_(_mm_getcsr() & kControl) {}
+  template <typename F>
+  void run(const F& f, int64_t begin, int64_t end) const {
+    const unsigned int own = _mm_getcsr();
+    if ((own & kControl) == mode_) {
+      f(begin, end);
+      return;
+    }
+    struct Restore {
+      unsigned int csr;
+      ~Restore() { _mm_setcsr(csr); }
+    } restore{own};
+    _mm_setcsr((own & ~kControl) | mode_);  // the status flags stay the thread's
+    f(begin, end);
+  }
+
+ private:
+  static constexpr unsigned int kControl = 0xFFC0;  // DAZ, the exception masks, rounding, FTZ
+  unsigned int mode_;
+};
+
 // f over [begin, end) in equal parts, one a thread: the regions' fork and join.
 template <typename F>
 inline void parallel_parts(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  const CallerMode mode;
+  const auto in_mode = [&](int64_t b, int64_t e) { mode.run(f, b, e); };
   if (openmp_alone())
-    at::parallel_for(begin, end, grain, f);
+    at::parallel_for(begin, end, grain, in_mode);
   else
-    WorkerPool::get().parallel_for(begin, end, grain, f);
+    WorkerPool::get().parallel_for(begin, end, grain, in_mode);
 }
 
 // f(i0, i1) over [begin, end) in parts, one a thread as at::parallel_for splits it, each taken in chunks
@@ -924,7 +954,7 @@ void quantize_rows(const T* x, int64_t rows, int64_t padded_rows, int64_t K, int
             const int32_t qsum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
             sm[b * P] = d;
             startm[b * P] = -static_cast<int32_t>(zero_point) * qsum;  // (c - z).q = c.q - z * sum(q)
-            gm[g * P] += d * static_cast<float>(qsum);
+            gm[g * P] = std::fma(d, static_cast<float>(qsum), gm[g * P]);  // as quantize_block8's FMA
           }
         }
       }
