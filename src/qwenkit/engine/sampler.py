@@ -82,11 +82,12 @@ def as_float(logits: torch.Tensor) -> torch.Tensor:
 
 
 def finite_rows(logits: torch.Tensor) -> list[bool]:
-    """Whether each row of float32 logits holds no inf or NaN: on the CPU kernels where they load (torch's
-    sum runs on OpenMP, see ``kernels.finite_rows``), else one sum a row (NaN and inf both survive it)."""
+    """Whether each row of the logits holds no inf or NaN: on the CPU kernels where they load (torch's
+    sum runs on OpenMP, see ``kernels.finite_rows``), else one float32 sum a row (NaN and inf both
+    survive it)."""
     if on_kernels(logits):
         return kernels.finite_rows(logits).tolist()
-    return torch.isfinite(logits.sum(-1)).tolist()
+    return torch.isfinite(as_float(logits).sum(-1)).tolist()
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
