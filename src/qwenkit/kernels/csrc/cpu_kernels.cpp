@@ -249,8 +249,8 @@ inline bool openmp_alone() {
 // Runs its chunks under the floating-point mode (MXCSR's rounding, flush-to-zero and denormals-are-zero
 // bits) of the thread that made it, restoring the running thread's own after each. A worker thread keeps
 // the mode it started with, while the caller's may change later (torch.set_flush_denormal, fesetround,
-// a library that sets its own): a chunk's result must not depend on which thread runs it. Seen in the
-// test suite: after a test left threads behind, a row's log-sum-exp differed by an ulp call to call.
+// a library that sets its own): a chunk's result must not depend on which thread runs it. A caller that
+// rounded toward zero (fesetround) after the threads existed got different rows from call to call.
 class CallerMode {
  public:
   CallerMode() : mode_(_mm_getcsr() & kControl) {}
