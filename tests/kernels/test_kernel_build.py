@@ -310,8 +310,6 @@ for bits in (8, 4):
                 x = torch.randn(m, K, generator=g).to(torch.bfloat16)
                 key = f"int{bits} g{group} shift={shifted} z={zero} {scale_dtype} m={m}"
                 out[key] = (kernels.linear_int8 if bits == 8 else kernels.linear_int4)(x, p)
-                if bits == 8:
-                    out[key + " x16"] = kernels.linear_int8_float(x, p)
 for n, k in ((40, 64), (48, 96), (136, 256)):  # bf16 on the vector tiles (the children run with AMX off)
     w = torch.randn(n, k, generator=g).to(torch.bfloat16)
     p = kernels.prepare_bf16(w)

@@ -21,7 +21,6 @@ Imports only torch, the standard library and qwenkit.errors; model/ and quant/ m
         # zero_point=128), Q4_0 = (q, d, None, zero_point=8), Q4_1 = (q, d, m, zero_point=0).
     kernels.linear_int8(x, p, bias=None) / kernels.linear_int4(x, p, bias=None)
         # x (..., K) bf16 or fp32 -> (..., N) in x's dtype; x is rounded to int8 per block of 32.
-    kernels.linear_int8_float(x, p, bias=None)    # as linear_int8, x rounded to 16 bits (heads)
     kernels.dequantize(p, dtype, rows=None) -> (N, K) or (len(rows), K) float weights
     kernels.unpack_codes(p) -> (N, K) uint8 codes
     kernels.rms_norm(x, w, eps), kernels.silu_mul(x), kernels.rope_(x, cos, sin),
@@ -61,7 +60,6 @@ from qwenkit.kernels.ops import (
     linear_bf16,
     linear_int4,
     linear_int8,
-    linear_int8_float,
     prepare_bf16,
     prepare_int4,
     prepare_int8,
@@ -114,7 +112,6 @@ __all__ = [
     "linear_bf16",
     "linear_int4",
     "linear_int8",
-    "linear_int8_float",
     "logsumexp",
     "prepare_bf16",
     "prepare_int4",

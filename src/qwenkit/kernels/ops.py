@@ -366,20 +366,6 @@ def linear_int4(x: torch.Tensor, p: PackedInt, bias: torch.Tensor | None = None)
     return _linear_int(4, x, p, bias)
 
 
-def linear_int8_float(x: torch.Tensor, p: PackedInt, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """As linear_int8, with x rounded to 16 bits instead of 8 (per block of up to 256 inputs, by a
-    power-of-two step: a bf16 value at least 1/128 of its block's largest is exact, any other within
-    2^-15 of that largest): for layers whose error lands on the logits directly, such as a GGUF's Q8_0
-    output head."""
-    if p.bits != 8:
-        raise KernelInputError(f"linear_int8_float got weights packed for {p.bits} bits")
-    rows = _as_rows(x, p.in_features, "linear_int8_float")
-    y = op("linear_int8_float")(
-        rows, p.codes, p.scale, p.shift, bias, p.group_size, p.out_features, p.zero_point
-    )
-    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], p.out_features)
-
-
 def unpack_codes(p: PackedInt) -> torch.Tensor:
     """The (N, K) uint8 codes back from a PackedInt."""
     tiles, k = p.codes.shape[0], p.in_features

@@ -49,8 +49,9 @@ class LayerBuilder:
             return False
         module = self.model.get_submodule(module_name)
         if not isinstance(tensor, torch.Tensor):
-            kernel = head_kernel(tensor, self.device) if module_name in (HEAD, EMBEDDING) else None
-            layer = QuantizedLinear.from_affine(tensor, self._bias(module), device=self.device, kernel=kernel)
+            # A file's own codes, the output head's too: every layer on the fastest kernel that runs it
+            # (README, "GGUF in its own precision": the head on int8 activations as llama.cpp runs it)
+            layer = QuantizedLinear.from_affine(tensor, self._bias(module), device=self.device)
         elif self.bits is None:
             return False
         elif isinstance(module, nn.Linear):
@@ -133,28 +134,3 @@ def round_in_row_blocks(
         result.zeros[:, i : i + rows] = part.zeros
     assert result is not None  # out_f > 0: the loader checked the shape
     return result
-
-
-# Kernels fit for a GGUF file's output head: activations kept in floating point, or rounded to 16 bits
-# (avx512_int8_float), never to 8. The output head's error lands on the logits directly: a GGUF's Q8_0
-# head on a kernel that also rounds activations to int8 added that rounding to every logit (it once
-# flipped one of the bundled SmolLM2's greedy answers). ``--quantize``'s head, rounded per channel to int8
-# here, runs on int8 activations like its layers (and llama.cpp's heads): its weights' own rounding is of
-# that size, and 16-bit activations would cost a 16-row step of Qwen2.5-0.5B a sixth more (README).
-HEAD_KERNELS = (
-    "avx512_int8_float",
-    "cpu_int8pack",
-    "cpu_int8_as_int4x2",
-    "cpu_int4pack",
-    "cuda_int4pack",
-    "dequant",
-)
-
-
-def head_kernel(w: AffineWeight, device: str) -> str | None:
-    """The first kernel (in the registry's order of speed) fit for an output head that runs ``w``."""
-    from qwenkit.quant.kernels import KERNELS, WeightSpec
-
-    spec, dev = WeightSpec.of(w), torch.device(device)
-    keys = [c.key for c in KERNELS if c.key in HEAD_KERNELS and c.supports(spec, dev)]
-    return keys[0] if keys else None

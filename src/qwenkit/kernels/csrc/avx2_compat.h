@@ -329,14 +329,6 @@ QK_INLINE __m256i qk_dpbusd8(__m256i acc, __m256i u, __m256i s) {
 QK_INLINE qk_m512i qk_dpbusd_epi32(qk_m512i acc, qk_m512i u, qk_m512i s) {
   return {qk_dpbusd8(acc.lo, u.lo, s.lo), qk_dpbusd8(acc.hi, u.hi, s.hi)};
 }
-// s16 pairs x s16 pairs summed into int32 lanes (vpdpwssd): exactly vpmaddwd then an add.
-QK_INLINE qk_m512i qk_dpwssd_epi32(qk_m512i acc, qk_m512i a, qk_m512i b) {
-#ifdef __AVXVNNI__
-  return {_mm256_dpwssd_avx_epi32(acc.lo, a.lo, b.lo), _mm256_dpwssd_avx_epi32(acc.hi, a.hi, b.hi)};
-#else
-  return {_mm256_add_epi32(acc.lo, _mm256_madd_epi16(a.lo, b.lo)), _mm256_add_epi32(acc.hi, _mm256_madd_epi16(a.hi, b.hi))};
-#endif
-}
 
 // --- the renames -----------------------------------------------------------------------------------------
 
@@ -414,4 +406,3 @@ QK_INLINE qk_m512i qk_dpwssd_epi32(qk_m512i acc, qk_m512i a, qk_m512i b) {
 #define _mm512_reduce_or_epi64 qk_reduce_or_epi64
 #define _mm512_permutexvar_epi16 qk_permutexvar_epi16
 #define _mm512_dpbusd_epi32 qk_dpbusd_epi32
-#define _mm512_dpwssd_epi32 qk_dpwssd_epi32

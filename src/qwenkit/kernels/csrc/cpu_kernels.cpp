@@ -10,7 +10,6 @@
 //     (on AMX, _tile_dpbf16ps, where the CPU has it, K % 64 == 0 and use_amx has not turned it off)
 //   linear_int8(x (M,K), codes, scale, shift?, bias?, group_size, N, zero_point)   (_mm512_dpbusd_epi32)
 //   linear_int4(x (M,K), codes, scale, shift?, bias?, group_size, N, zero_point)
-//   linear_int8_float(...): as linear_int8, x rounded to 16 bits instead of 8 (output heads)
 //   argmax_rows(logits fp32 (M,V)) -> (M,) int64, as torch.argmax(-1) (greedy sampling)
 //   widen_rows(logits bf16 (M,V)) -> fp32, as .float(); finite_rows(logits fp32) -> (M,) bool: all finite
 //   topk_rows(logits, k) -> values, ids (M, k); logsumexp_rows(logits, scales) -> (M,);
@@ -55,7 +54,7 @@
 #include "avx512_nobf16.h"  // build.py's "avx512vnni" level: AVX-512 and VNNI, bf16 products on FMAs
 #endif
 // build.py's "avxvnni" level: the AVX2 build plus AVX-VNNI (Intel client cores since Alder Lake), whose
-// 256-bit vpdpbusd / vpdpwssd take the place of the integer tiles' vpmaddubsw + vpmaddwd + vpaddd.
+// 256-bit vpdpbusd takes the place of the integer tiles' vpmaddubsw + vpmaddwd + vpaddd.
 #if !defined(__AVX512F__) && defined(__AVXVNNI__)
 #define QK_AVXVNNI 1
 #endif
@@ -1585,318 +1584,6 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& codes, const at::T
   return linear_int<4>(x, codes, scale, shift, bias, group_size, N, zero_point);
 }
 
-// ---------------------------------------------------------------------------------------------------
-// int8 weights x 16-bit activations: for layers whose error lands on the logits directly (a GGUF's Q8_0
-// output head), where rounding x to int8 changed the bundled model's greedy answers. Each block of x (up
-// to 256 inputs) is scaled by a power of two so its largest value lies in [2^14, 2^15) and rounded to
-// int16: a bf16 value within 2^7 of the block's largest is exact, any other is off by at most 2^-15 of
-// that largest (far below the bf16 output's rounding). The products then run as VNNI int16 pairs
-// (vpdpwssd), the codes widened by one AND or one shift per 64 bytes; converting every code to a float
-// instead cost more than the weights' memory traffic even at one row.
-// Per group: y += scale * sum_blocks 2^e (c.q - zero_point * sum q) + shift * sum_blocks 2^e sum q.
-
-// Inputs per 16-bit activation block: the largest multiple of 32 up to 256 that divides the group, so
-// a block's int32 sums cannot overflow (256 * 255 * 32767 < 2^31).
-inline int64_t wide_block(int64_t group_size) {
-  for (int64_t b = 256; b > 32; b -= 32)
-    if (group_size % b == 0) return b;
-  return 32;
-}
-
-// x rounded per row and block to int16, each 4 inputs k..k+3 stored as (k, k+2, k + 1, k + 3) so the
-// pairs vpdpwssd wants, (k, k+2) and (k+1, k+3), are one 32-bit broadcast each; per (row, block) the
-// block's power-of-two step, and per (row, group) the dot's start -zero_point * sum(step * q) and the
-// shift's weight sum(step * q).
-struct WideRows {
-  int64_t rows = 0, K = 0, block = 0, blocks = 0, groups = 0;
-  std::vector<int16_t> q;     // (rows, K), pairs reordered
-  std::vector<float> step;    // (rows, blocks)
-  std::vector<float> start;   // (rows, groups)
-  std::vector<float> xsum;    // (rows, groups)
-};
-
-template <typename T>
-void quantize_wide(const T* x, int64_t rows, int64_t padded, int64_t K, int64_t group_size, int64_t zero_point,
-                   WideRows& w) {
-  w.rows = padded, w.K = K, w.block = wide_block(group_size), w.blocks = K / w.block, w.groups = K / group_size;
-  w.q.assign(padded * K, 0);
-  w.step.assign(padded * w.blocks, 0.f);
-  w.start.assign(padded * w.groups, 0.f);
-  w.xsum.assign(padded * w.groups, 0.f);
-  const int64_t per_group = group_size / w.block;
-  // word i of 32 takes input order[i]: each 4 inputs as (0, 2, 1, 3)
-  alignas(64) int16_t order[32];
-  for (int i = 0; i < 32; ++i) order[i] = static_cast<int16_t>((i & ~3) + (i & 3) / 2 + 2 * (i & 1));
-  const __m512i perm = _mm512_load_si512(order);
-  for (int64_t m = 0; m < rows; ++m) {
-    for (int64_t bl = 0; bl < w.blocks; ++bl) {
-      const T* p = x + m * K + bl * w.block;
-      auto load = [&](int64_t i) {
-        if constexpr (std::is_same_v<T, float>)
-          return _mm512_loadu_ps(p + i);
-        else
-          return load_bf16_as_f32(reinterpret_cast<const uint16_t*>(p) + i);
-      };
-      __m512 mx = _mm512_setzero_ps();
-      for (int64_t i = 0; i < w.block; i += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(load(i)));
-      const float amax = _mm512_reduce_max_ps(mx);
-      int e = 0;
-      std::frexp(amax, &e);  // amax < 2^e
-      const float up = amax > 0.f ? std::ldexp(1.f, 15 - e) : 0.f, step = amax > 0.f ? std::ldexp(1.f, e - 15) : 0.f;
-      const __m512 sv = _mm512_set1_ps(up);
-      __m512i qs = _mm512_setzero_si512();
-      for (int64_t i = 0; i < w.block; i += 32) {
-        const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(load(i), sv));  // round to nearest even
-        const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(load(i + 16), sv));
-        const __m512i words = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtsepi32_epi16(q0)),
-                                                 _mm512_cvtsepi32_epi16(q1), 1);
-        _mm512_storeu_si512(w.q.data() + m * K + bl * w.block + i, _mm512_permutexvar_epi16(perm, words));
-        qs = _mm512_add_epi32(qs, _mm512_add_epi32(q0, q1));
-      }
-      const float sum = step * static_cast<float>(_mm512_reduce_add_epi32(qs));  // exact: |sum q| < 2^24
-      w.step[m * w.blocks + bl] = step;
-      w.xsum[m * w.groups + bl / per_group] += sum;
-    }
-    for (int64_t g = 0; g < w.groups; ++g)
-      w.start[m * w.groups + g] = -static_cast<float>(zero_point) * w.xsum[m * w.groups + g];
-  }
-}
-
-// acc += w (int16 pairs) . the int16 pair at p broadcast to every lane, the broadcast in the instruction.
-inline __m512i dpwssd_bcast(__m512i acc, __m512i w, const int16_t* p) {
-#ifdef __AVX512F__
-  asm("vpdpwssd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*reinterpret_cast<const int32_t*>(p)));
-  return acc;
-#else
-  int32_t pair;
-  std::memcpy(&pair, p, 4);
-  return _mm512_dpwssd_epi32(acc, w, _mm512_set1_epi32(pair));
-#endif
-}
-
-#ifndef __AVX512F__
-// AVX2: one block of B int16 inputs (B/4 steps) for rows x0..x3 against both halves of a tile of int8
-// codes, sum[m][h] += the int32 sums of vpmaddwd. Written out for the same reason as int4_block_4x2.
-//
-// The even codes are split off by an AND, which can issue on the shuffle port too, the odd ones by a
-// shift (two shifts and one before): the multiply-adds and the shifts share the other two vector
-// ports. llvm-mca (Ice Lake model) puts a step of the loop at 11 cycles before and 10 after on
-// AVX-VNNI, where the two vpdpwssd a sum takes per step (5 cycles each) are then the bound.
-#ifdef QK_AVXVNNI  // vpdpwssd: vpmaddwd and the add in one instruction (the same wrapping int32 sums)
-#define QK_W_MAC(xv, e, a) "%{vex%} vpdpwssd %[" #xv "], %[" #e "], %[" #a "]\n\t"
-#else
-#define QK_W_MAC(xv, e, a) "vpmaddwd %[" #xv "], %[" #e "], %[t]\n\tvpaddd %[t], %[" #a "], %[" #a "]\n\t"
-#endif
-#define QK_W_ROW(xp, a0, a1)                                                                      \
-  "vpbroadcastd (%[" #xp "],%[i]), %[xv]\n\t" QK_W_MAC(xv, e0, a0) QK_W_MAC(xv, e1, a1)             \
-  "vpbroadcastd 4(%[" #xp "],%[i]), %[xv]\n\t" QK_W_MAC(xv, o0, a0) QK_W_MAC(xv, o1, a1)
-// x[m] + k1 and w + k1 * 16 are the ends of the block; the loop counts a negative byte offset up to 0.
-__attribute__((always_inline)) inline void wide_block_4x2(
-    const uint8_t* w, const int16_t* const* x, int64_t k0, int64_t k1, __m256i (*sum)[2]) {
-  alignas(32) static const uint16_t low_byte[16] = {0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
-                                                    0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff};
-  __m256i e0, e1, o0, o1, xv, t;
-  int64_t i = (k0 - k1) * 2;
-  asm("1:\n\t"
-      "vmovdqu (%[w],%[i],8), %[o0]\n\tvmovdqu 32(%[w],%[i],8), %[o1]\n\t"
-      "vpand %[low], %[o0], %[e0]\n\tvpand %[low], %[o1], %[e1]\n\t"  // lane r: codes of inputs k and k + 2
-      "vpsrlw $8, %[o0], %[o0]\n\tvpsrlw $8, %[o1], %[o1]\n\t"        // k + 1 and k + 3
-      QK_W_ROW(x0, s00, s01) QK_W_ROW(x1, s10, s11) QK_W_ROW(x2, s20, s21) QK_W_ROW(x3, s30, s31)
-      "add $8, %[i]\n\tjnz 1b\n\t"
-      : [s00] "+x"(sum[0][0]), [s01] "+x"(sum[0][1]), [s10] "+x"(sum[1][0]), [s11] "+x"(sum[1][1]),
-        [s20] "+x"(sum[2][0]), [s21] "+x"(sum[2][1]), [s30] "+x"(sum[3][0]), [s31] "+x"(sum[3][1]),
-        [e0] "=&x"(e0), [e1] "=&x"(e1), [o0] "=&x"(o0), [o1] "=&x"(o1), [xv] "=&x"(xv), [t] "=&x"(t), [i] "+r"(i)
-      : [w] "r"(w + k1 * 16), [x0] "r"(x[0] + k1), [x1] "r"(x[1] + k1), [x2] "r"(x[2] + k1), [x3] "r"(x[3] + k1),
-        [low] "m"(*reinterpret_cast<const __m256i*>(low_byte))
-      : "cc", "memory");
-}
-#undef QK_W_ROW
-#undef QK_W_MAC
-
-// Rows m0..m0+3 against both halves of a tile: wide_tile's arithmetic in its order, the integer part
-// in wide_block_4x2, the float sums in L1 (as int_tile_quads).
-template <typename S>
-void wide_tile_rows4x2(const WideRows& xw, int64_t m0, const uint8_t* tile, const S* tscale, const S* tshift,
-                       int64_t group_size, float (*yout)[16], const uint8_t* next) {
-  const int64_t K = xw.K, B = xw.block, groups = xw.groups, per_group = group_size / B;
-  const int16_t* rows[4];
-  for (int m = 0; m < 4; ++m) rows[m] = xw.q.data() + (m0 + m) * K;
-  alignas(32) __m256 sums[2][4][2];
-  __m256(*acc)[4][2] = sums;
-  asm("" : "+r"(acc));
-  __m256(&Y)[4][2] = acc[0];
-  __m256(&G)[4][2] = acc[1];
-  for (int m = 0; m < 4; ++m) Y[m][0] = Y[m][1] = _mm256_setzero_ps();
-  const auto fetch_next = [&](int64_t bl) {  // block bl of the next tile, into L2
-    if (next == nullptr) return;
-    for (int64_t l = 0; l < B * 16; l += 64) _mm_prefetch(reinterpret_cast<const char*>(next + bl * B * 16 + l), _MM_HINT_T1);
-  };
-  const bool by_block = per_group == 1 && tshift == nullptr;  // GGUF Q8_0 heads: no group sums
-  if (by_block) {
-    for (int64_t g = 0; g < groups; ++g) {
-      fetch_next(g);
-      __m256i isum[4][2];
-      for (int m = 0; m < 4; ++m) isum[m][0] = isum[m][1] = _mm256_setzero_si256();
-      wide_block_4x2(tile, rows, g * B, (g + 1) * B, isum);
-      const qk_m512 sv = load16_f32<S>(tscale + g * kTile);
-      for (int m = 0; m < 4; ++m) {
-        const __m256 step = _mm256_set1_ps(xw.step[(m0 + m) * xw.blocks + g]);
-        const __m256 start = _mm256_set1_ps(xw.start[(m0 + m) * groups + g]);
-        Y[m][0] = _mm256_fmadd_ps(sv.lo, _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[m][0]), step, start), Y[m][0]);
-        Y[m][1] = _mm256_fmadd_ps(sv.hi, _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[m][1]), step, start), Y[m][1]);
-      }
-    }
-  }
-  for (int64_t g = 0; !by_block && g < groups; ++g) {
-    for (int m = 0; m < 4; ++m) G[m][0] = G[m][1] = _mm256_set1_ps(xw.start[(m0 + m) * groups + g]);
-    for (int64_t bl = g * per_group; bl < (g + 1) * per_group; ++bl) {
-      fetch_next(bl);
-      __m256i isum[4][2];
-      for (int m = 0; m < 4; ++m) isum[m][0] = isum[m][1] = _mm256_setzero_si256();
-      wide_block_4x2(tile, rows, bl * B, (bl + 1) * B, isum);
-      for (int m = 0; m < 4; ++m) {
-        const __m256 step = _mm256_set1_ps(xw.step[(m0 + m) * xw.blocks + bl]);
-        for (int h = 0; h < 2; ++h) G[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[m][h]), step, G[m][h]);
-      }
-    }
-    const qk_m512 sv = load16_f32<S>(tscale + g * kTile);
-    for (int m = 0; m < 4; ++m) {
-      Y[m][0] = _mm256_fmadd_ps(sv.lo, G[m][0], Y[m][0]);
-      Y[m][1] = _mm256_fmadd_ps(sv.hi, G[m][1], Y[m][1]);
-    }
-    if (tshift != nullptr) {
-      const qk_m512 sh = load16_f32<S>(tshift + g * kTile);
-      for (int m = 0; m < 4; ++m) {
-        const __m256 xs = _mm256_set1_ps(xw.xsum[(m0 + m) * groups + g]);
-        Y[m][0] = _mm256_fmadd_ps(sh.lo, xs, Y[m][0]);
-        Y[m][1] = _mm256_fmadd_ps(sh.hi, xs, Y[m][1]);
-      }
-    }
-  }
-  for (int m = 0; m < 4; ++m) {
-    _mm256_storeu_ps(yout[m], Y[m][0]);
-    _mm256_storeu_ps(yout[m] + 8, Y[m][1]);
-  }
-}
-#endif
-
-// acc[m] = the int32 dots of rows xq + m * K (WideRows' int16 pairs) with one tile's int8 codes over
-// inputs k0 .. k1, the next tile fetched alongside (prefetch_lines).
-template <int MT>
-__attribute__((always_inline)) inline void wide_dots(const uint8_t* tile, const int16_t* xq, int64_t K, int64_t k0,
-                                                     int64_t k1, const uint8_t* next, __m512i (&acc)[MT]) {
-  const __m512i low_byte = _mm512_set1_epi16(0xff);
-#pragma GCC unroll 8
-  for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_si512();
-  for (int64_t k = k0; k < k1; k += 4) {
-    const uint8_t* wb = tile + k * 16;
-    prefetch(wb);
-    if (next != nullptr) prefetch_lines<64>(next + k * 16);
-    const __m512i v = _mm512_loadu_si512(wb);
-    const __m512i w02 = _mm512_and_si512(v, low_byte);  // lane r: codes of inputs k and k + 2
-    const __m512i w13 = _mm512_srli_epi16(v, 8);        // k + 1 and k + 3
-#pragma GCC unroll 8
-    for (int m = 0; m < MT; ++m) {
-      acc[m] = dpwssd_bcast(acc[m], w02, xq + m * K + k);
-      acc[m] = dpwssd_bcast(acc[m], w13, xq + m * K + k + 2);
-    }
-  }
-}
-
-template <typename S, int MT>
-void wide_tile(const WideRows& xw, int64_t m0, const uint8_t* tile, const S* tscale, const S* tshift,
-               int64_t group_size, const Output& out, int64_t n0, const uint8_t* next) {
-#ifndef __AVX512F__
-  if constexpr (MT >= 4) {
-    alignas(32) float y4[MT][16];
-    for (int64_t r0 = 0; r0 < MT; r0 += 4)
-      wide_tile_rows4x2<S>(xw, m0 + r0, tile, tscale, tshift, group_size, y4 + r0, r0 == 0 ? next : nullptr);
-    for (int m = 0; m < MT; ++m) out.store(m0 + m, n0, _mm512_loadu_ps(y4[m]));
-    return;
-  }
-#endif
-  const int64_t K = xw.K, B = xw.block, groups = xw.groups, per_group = group_size / B;
-  const int16_t* xq = xw.q.data() + m0 * K;
-  const float* step = xw.step.data() + m0 * xw.blocks;
-  const float* start = xw.start.data() + m0 * groups;
-  const float* xsum = xw.xsum.data() + m0 * groups;
-  __m512 y[MT];
-#pragma GCC unroll 8
-  for (int m = 0; m < MT; ++m) y[m] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < groups; ++g) {
-    __m512 sum[MT];  // the group's dot in float, from its start: sum(step * dot) over its blocks
-    if (per_group == 1) {
-      // One block a group (GGUF Q8_0 heads) gets a loop of its own, without group sums held beside
-      // the accumulators through the block: 11-17% faster at 16 rows on the Zen 4, the same arithmetic.
-      __m512i acc[MT];
-      wide_dots<MT>(tile, xq, K, g * B, (g + 1) * B, next, acc);
-#pragma GCC unroll 8
-      for (int m = 0; m < MT; ++m)
-        sum[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m]), _mm512_set1_ps(step[m * xw.blocks + g]),
-                                 _mm512_set1_ps(start[m * groups + g]));
-    } else {
-#pragma GCC unroll 8
-      for (int m = 0; m < MT; ++m) sum[m] = _mm512_set1_ps(start[m * groups + g]);
-      for (int64_t bl = g * per_group; bl < (g + 1) * per_group; ++bl) {
-        __m512i acc[MT];
-        wide_dots<MT>(tile, xq, K, bl * B, (bl + 1) * B, next, acc);
-#pragma GCC unroll 8
-        for (int m = 0; m < MT; ++m)
-          sum[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m]), _mm512_set1_ps(step[m * xw.blocks + bl]), sum[m]);
-      }
-    }
-    const __m512 sv = load16_f32<S>(tscale + g * kTile);
-#pragma GCC unroll 8
-    for (int m = 0; m < MT; ++m) y[m] = _mm512_fmadd_ps(sv, sum[m], y[m]);
-    if (tshift != nullptr) {
-      const __m512 sh = load16_f32<S>(tshift + g * kTile);
-#pragma GCC unroll 8
-      for (int m = 0; m < MT; ++m) y[m] = _mm512_fmadd_ps(sh, _mm512_set1_ps(xsum[m * groups + g]), y[m]);
-    }
-  }
-  for (int m = 0; m < MT; ++m) out.store(m0 + m, n0, y[m]);
-}
-
-at::Tensor linear_int8_float(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
-                             const c10::optional<at::Tensor>& shift, const c10::optional<at::Tensor>& bias,
-                             int64_t group_size, int64_t N, int64_t zero_point) {
-  check_int_args("qwenkit linear_int8_float", 8, x, codes, scale, shift, bias, group_size, N, zero_point);
-  const int64_t M = x.size(0), K = x.size(1), groups = K / group_size;
-  at::Tensor y = at::empty({M, N}, x.options());
-  if (M == 0 || N == 0) return y;
-  const int64_t rows = padded_rows(M);
-  const at::Tensor xc = x.contiguous();
-  thread_local WideRows wide;  // kept between calls; the tiles below read the caller's through xw
-  WideRows& xw = wide;
-  if (xc.scalar_type() == at::kFloat)
-    quantize_wide(xc.data_ptr<float>(), M, rows, K, group_size, zero_point, xw);
-  else
-    quantize_wide(xc.data_ptr<at::BFloat16>(), M, rows, K, group_size, zero_point, xw);
-  const Output out(y, bias);
-  const uint8_t* cp = codes.data_ptr<uint8_t>();
-  auto run = [&](auto* sp, auto* hp) {
-    using S = std::remove_const_t<std::remove_pointer_t<decltype(sp)>>;
-    parallel_tiles(N, rows, K * kTile, [&](int64_t t, int64_t m0, int64_t mt) {
-      const uint8_t* tile = cp + t * K * kTile;
-      const S* ts = sp + t * groups * kTile;
-      const S* th = hp == nullptr ? nullptr : hp + t * groups * kTile;
-      const uint8_t* next = next_tile(tile, K * kTile, t, N, rows);
-      const int64_t n0 = t * kTile;
-      switch (mt) {
-        case 1: wide_tile<S, 1>(xw, m0, tile, ts, th, group_size, out, n0, next); break;
-        case 2: wide_tile<S, 2>(xw, m0, tile, ts, th, group_size, out, n0, next); break;
-        case 4: wide_tile<S, 4>(xw, m0, tile, ts, th, group_size, out, n0, next); break;
-        default: wide_tile<S, 8>(xw, m0, tile, ts, th, group_size, out, n0, next); break;
-      }
-    });
-  };
-  if (scale.scalar_type() == at::kFloat)
-    run(scale.data_ptr<float>(), shift.has_value() ? shift->data_ptr<float>() : nullptr);
-  else
-    run(scale.data_ptr<at::Half>(), shift.has_value() ? shift->data_ptr<at::Half>() : nullptr);
-  return y;
-}
-
 // (N, K) uint8 codes -> the integer tiles' layout (kernels.ops._tile_codes): per 16-row tile and per 4
 // inputs (int8) or 8 (int4), the 16 rows' 4 bytes side by side; int4 holds inputs j and j + 4 of each 8
 // as one byte's low and high nibble. Rows past N are zeros. One pass, a tile (at most 16 K bytes of
@@ -3341,9 +3028,6 @@ TORCH_LIBRARY(qwenkit, m) {
   m.def(
       "linear_int4(Tensor x, Tensor codes, Tensor scale, Tensor? shift, Tensor? bias, int group_size, int N, int zero_point) "
       "-> Tensor");
-  m.def(
-      "linear_int8_float(Tensor x, Tensor codes, Tensor scale, Tensor? shift, Tensor? bias, int group_size, int N, "
-      "int zero_point) -> Tensor");
   m.def("stream_read(Tensor t) -> int");
   m.def("checksum_words(Tensor bytes) -> (int, int)");
   m.def("pack_int_tiles(Tensor codes, int bits) -> Tensor");
@@ -3378,7 +3062,6 @@ TORCH_LIBRARY_IMPL(qwenkit, CPU, m) {
   m.impl("linear_bf16", &linear_bf16);
   m.impl("linear_int8", &linear_int8);
   m.impl("linear_int4", &linear_int4);
-  m.impl("linear_int8_float", &linear_int8_float);
   m.impl("stream_read", &stream_read);
   m.impl("checksum_words", &checksum_words);
   m.impl("pack_int_tiles", &pack_int_tiles);

@@ -17,14 +17,13 @@ from qwenkit.quant.kernels.aten import (
     CpuInt8PackKernel,
     CudaInt4PackKernel,
 )
-from qwenkit.quant.kernels.avx512 import Avx512Int4Kernel, Avx512Int8FloatKernel, Avx512Int8Kernel
+from qwenkit.quant.kernels.avx512 import Avx512Int4Kernel, Avx512Int8Kernel
 from qwenkit.quant.kernels.base import LinearKernel, WeightSpec
 from qwenkit.quant.kernels.dequant import DequantKernel
 
 KERNELS: list[type[LinearKernel]] = [
     Avx512Int8Kernel,
     Avx512Int4Kernel,
-    Avx512Int8FloatKernel,  # never first for a layer: picked for output heads (quant.on_load.head_kernel)
     CpuInt8PackKernel,
     CpuInt4PackKernel,
     CpuInt8AsInt4x2Kernel,

@@ -97,16 +97,3 @@ class Avx512Int4Kernel(_Avx512IntKernel):
     key = "avx512_int4"
     description = _IsaNamed("qwenkit {isa} int4 (int8 activations)")  # type: ignore[assignment]
     bits_needed = 4
-
-
-class Avx512Int8FloatKernel(Avx512Int8Kernel):
-    """int8 weights against activations rounded to 16 bits, not 8 (``kernels.linear_int8_float``): for
-    an output head, where the error lands on the logits (``quant.on_load.head_kernel`` picks it); as fast
-    as the int8-activation kernel at one row (both stream the weights), half its speed at many rows
-    (16-bit products: half the multiplies per instruction)."""
-
-    key = "avx512_int8_float"
-    description = _IsaNamed("qwenkit {isa} int8 (16-bit activations)")  # type: ignore[assignment]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.linear_int8_float(x, self.packed)
