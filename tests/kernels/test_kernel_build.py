@@ -286,9 +286,8 @@ def test_avx2_switch_loads_the_avx2_build(loaded, tmp_path):
     assert (torch.load(out).double() - want).abs().max() <= 0.01 * want.abs().max()
 
 
-# Integer products of every kind the tiles have (1-2 row and 4-row passes, int4 and int8, 8- and
-# 16-bit activations, group sizes from 32 to per-channel, shifts, zero points, fp16 and fp32 scales),
-# saved by a child process that loads one level.
+# Integer products of every kind the tiles have (1-2 row and 4-row passes, int4 and int8, group sizes
+# from 32 to per-channel, shifts, zero points, fp16 and fp32 scales), saved by a child process that loads one level.
 LEVEL_PRODUCTS = """
 import sys, torch
 from qwenkit import kernels
@@ -360,8 +359,8 @@ def test_every_level_this_cpu_runs_gives_the_same_products(loaded, tmp_path):
 @needs_isa
 def test_every_level_this_cpu_runs_answers_alike_through_chat(loaded):
     """End to end: `qwenkit chat -p` on the bundled model (Q4_1 layers, Q8_0 head), greedy, answers the
-    same on each level this CPU runs (the whole decode step: quantized activations, integer and 16-bit
-    head tiles, the one-call decode layers)."""
+    same on each level this CPU runs (the whole decode step: quantized activations, the integer
+    tiles of the layers and the head, the one-call decode layers)."""
     levels = levels_this_cpu_runs()
     if len(levels) < 2:
         pytest.skip(f"this CPU runs one level only ({levels[0]}): nothing to compare it with")
