@@ -287,7 +287,8 @@ def test_avx2_switch_loads_the_avx2_build(loaded, tmp_path):
 
 
 # Integer products of every kind the tiles have (1-2 row and 4-row passes, int4 and int8, group sizes
-# from 32 to per-channel, shifts, zero points, fp16 and fp32 scales), saved by a child process that loads one level.
+# from 32 to per-channel, shifts, zero points, fp16 and fp32 scales), saved by a child process that
+# loads one level.
 LEVEL_PRODUCTS = """
 import sys, torch
 from qwenkit import kernels
