@@ -212,16 +212,13 @@ QK_INLINE qk_m512d qk_castps_pd(qk_m512 a) { return {_mm256_castps_pd(a.lo), _mm
 QK_INLINE qk_m512 qk_castpd_ps(qk_m512d a) { return {_mm256_castpd_ps(a.lo), _mm256_castpd_ps(a.hi)}; }
 QK_INLINE __m256 qk_castps512_ps256(qk_m512 a) { return a.lo; }
 QK_INLINE __m256i qk_castsi512_si256(qk_m512i a) { return a.lo; }
-QK_INLINE qk_m512i qk_castsi256_si512(__m256i a) { return {a, _mm256_setzero_si256()}; }
 QK_INLINE __m256d qk_extractf64x4_pd(qk_m512d a, int i) { return i ? a.hi : a.lo; }
 QK_INLINE __m256i qk_extracti64x4_epi64(qk_m512i a, int i) { return i ? a.hi : a.lo; }
-QK_INLINE qk_m512i qk_inserti64x4(qk_m512i a, __m256i b, int i) { return i ? qk_m512i{a.lo, b} : qk_m512i{b, a.hi}; }
 
 // --- integer -------------------------------------------------------------------------------------------
 
 QK_INLINE qk_m512i qk_setzero_si512() { return {_mm256_setzero_si256(), _mm256_setzero_si256()}; }
 QK_INLINE qk_m512i qk_set1_epi32(int v) { return {_mm256_set1_epi32(v), _mm256_set1_epi32(v)}; }
-QK_INLINE qk_m512i qk_set1_epi16(short v) { return {_mm256_set1_epi16(v), _mm256_set1_epi16(v)}; }
 QK_INLINE qk_m512i qk_set1_epi8(char v) { return {_mm256_set1_epi8(v), _mm256_set1_epi8(v)}; }
 QK_INLINE qk_m512i qk_setr_epi32(int a0, int a1, int a2, int a3, int a4, int a5, int a6, int a7, int a8, int a9,
                                  int a10, int a11, int a12, int a13, int a14, int a15) {
@@ -307,13 +304,6 @@ QK_INLINE long long qk_reduce_or_epi64(qk_m512i a) {
   return _mm_cvtsi128_si64(_mm_or_si128(t, _mm_unpackhi_epi64(t, t)));
 }
 // Any permutation of 32 16-bit lanes (vpermw): through memory, as AVX2 has no 16-bit permute.
-QK_INLINE qk_m512i qk_permutexvar_epi16(qk_m512i idx, qk_m512i a) {
-  alignas(32) uint16_t in[32], at[32], out[32];
-  qk_storeu_si512(in, a);
-  qk_storeu_si512(at, idx);
-  for (int i = 0; i < 32; ++i) out[i] = in[at[i] & 31];
-  return qk_loadu_si512(out);
-}
 // u8 x s8 in groups of 4, summed into int32 lanes (vpdpbusd), exact: the bytes are widened to 16 bits
 // (vpmaddubsw would saturate at codes above 127).
 QK_INLINE __m256i qk_dpbusd8(__m256i acc, __m256i u, __m256i s) {
@@ -373,18 +363,13 @@ QK_INLINE qk_m512i qk_dpbusd_epi32(qk_m512i acc, qk_m512i u, qk_m512i s) {
 #define _mm512_castpd_ps qk_castpd_ps
 #define _mm512_castps512_ps256 qk_castps512_ps256
 #define _mm512_castsi512_si256 qk_castsi512_si256
-#define _mm512_castsi256_si512 qk_castsi256_si512
 #define _mm512_extractf64x4_pd qk_extractf64x4_pd
 #define _mm512_extracti64x4_epi64 qk_extracti64x4_epi64
-#define _mm512_inserti64x4 qk_inserti64x4
 #define _mm512_setzero_si512 qk_setzero_si512
 #define _mm512_set1_epi32 qk_set1_epi32
-#define _mm512_set1_epi16 qk_set1_epi16
 #define _mm512_set1_epi8 qk_set1_epi8
 #define _mm512_setr_epi32 qk_setr_epi32
 #define _mm512_loadu_si512 qk_loadu_si512
-#define _mm512_load_si512 qk_loadu_si512
-#define _mm512_storeu_si512 qk_storeu_si512
 #define _mm512_store_si512 qk_storeu_si512
 #define _mm512_maskz_loadu_epi32 qk_maskz_loadu_epi32
 #define _mm512_maskz_loadu_epi16 qk_maskz_loadu_epi16
@@ -398,11 +383,9 @@ QK_INLINE qk_m512i qk_dpbusd_epi32(qk_m512i acc, qk_m512i u, qk_m512i s) {
 #define _mm512_cvtps_epi32 qk_cvtps_epi32
 #define _mm512_cvtepi32_ps qk_cvtepi32_ps
 #define _mm512_cvtepu16_epi32 qk_cvtepu16_epi32
-#define _mm512_cvtsepi32_epi16 qk_cvtsepi32_epi16
 #define _mm512_cvtsepi32_epi8 qk_cvtsepi32_epi8
 #define _mm512_mask_mov_epi32 qk_mask_mov_epi32
 #define _mm512_cmpeq_epi32_mask qk_cmpeq_epi32_mask
 #define _mm512_reduce_add_epi32 qk_reduce_add_epi32
 #define _mm512_reduce_or_epi64 qk_reduce_or_epi64
-#define _mm512_permutexvar_epi16 qk_permutexvar_epi16
 #define _mm512_dpbusd_epi32 qk_dpbusd_epi32
