@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 
 from qwenkit.engine import SamplingParams
@@ -51,6 +54,30 @@ def test_many_prompts_equal_one_at_a_time(tiny_chat_model):
     alone = [llm.generate(p, SAMPLED)[0] for p in prompts]
     assert [c.token_ids for c in together] == [c.token_ids for c in alone]
     assert [c.prompt_ids for c in together] == [llm.tokenizer.encode(p) for p in prompts]
+
+
+def test_close_ends_requests_and_the_thread_and_frees_the_model(tiny_chat_model):
+    """An LLM's driver thread holds its engine and model: after close() (or a with block) the thread is
+    gone, a request still running ends with "abort", a new one raises, and the model is freed."""
+    with LLM.load(tiny_chat_model, dtype="float32", progress=False) as llm:
+        assert llm.generate("Hello", SAMPLED)[0].finish_reason == "length"
+        thread = llm.driver._thread
+        assert thread is not None and thread.is_alive()
+        long = SamplingParams(temperature=0, max_tokens=4000, ignore_eos=True)  # seconds of steps
+        running = llm.submit("Once upon a time", long)
+        deltas = iter(running)  # held: a reader that drops its iterator aborts the request itself
+        first = next(deltas)
+        assert first.finish_reason is None and first.token_ids  # it runs
+    assert not thread.is_alive()
+    rest = list(deltas)
+    assert rest[-1].finish_reason == "abort" and len(running.completion.token_ids) < 4000
+    with pytest.raises(RuntimeError, match="closed"):
+        llm.generate("Hello", SAMPLED)
+    running.abort()  # no-op: the request has ended
+    model = weakref.ref(llm.model)
+    del llm, running, deltas
+    gc.collect()
+    assert model() is None
 
 
 def test_partial_stop_suffix():

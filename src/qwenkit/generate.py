@@ -286,6 +286,18 @@ class LLM:
             cuda_graphs=cuda_graphs,
         )
 
+    def close(self) -> None:
+        """Stop the engine's thread: requests still running end with finish_reason "abort", and a later
+        request raises. Until then that thread holds the engine, model and KV pool, so an ``LLM`` that is
+        not closed stays in memory (until the process exits) however many references are dropped."""
+        self.driver.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     @property
     def model_config(self) -> ModelConfig:
         return self.config

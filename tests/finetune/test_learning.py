@@ -28,7 +28,7 @@ def test_lora_on_smollm2_learns_the_taught_behaviour(tmp_path):
     greedy = SamplingParams(temperature=0, max_tokens=4)
     before = [chat(llm, [{"role": "user", "content": q}], greedy) for q, _ in HELD_OUT[:4]]
     assert not any(a.startswith(MARK) for a in before)  # the behaviour is new
-    del llm
+    llm.close()
 
     out = finetune(model, train, tmp_path / "adapter", args, eval_path=held_out)
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -39,4 +39,5 @@ def test_lora_on_smollm2_learns_the_taught_behaviour(tmp_path):
 
     tuned = LLM.load(model, dtype="float32", progress=False, adapter=out)
     after = [chat(tuned, [{"role": "user", "content": q}], greedy) for q, _ in HELD_OUT[:4]]
+    tuned.close()
     assert all(a.startswith(MARK) for a in after), after

@@ -162,7 +162,7 @@ def lead_tensor_parallel(args: argparse.Namespace, body, load=None, server: bool
         try:
             return body(llm)
         finally:
-            llm.driver.shutdown()
+            llm.close()
             lockstep.stop()
 
     def rank_failed(rank: int, exitcode: int) -> None:

@@ -224,7 +224,7 @@ def serve(args: argparse.Namespace, api_key: str | None, llm, note: str = "") ->
         )
     )
     server.run()
-    llm.driver.shutdown()
+    llm.close()
     return 0
 
 

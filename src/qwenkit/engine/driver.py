@@ -79,6 +79,7 @@ class EngineDriver:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stop = False
+        self._closed = False
 
     def submit(
         self,
@@ -96,7 +97,8 @@ class EngineDriver:
         return stream
 
     def abort(self, request_id: RequestId) -> None:
-        self._send(("abort", request_id))
+        if not self._closed:  # a closed driver has ended every request already
+            self._send(("abort", request_id))
 
     def wait_idle(self, timeout: float = 30.0) -> bool:
         """Wait until every submitted request has finished and been forgotten (for tests and shutdown)."""
@@ -108,20 +110,37 @@ class EngineDriver:
         return False
 
     def shutdown(self) -> None:
-        self._stop = True
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        """Stop the thread between steps and end every request still open with finish_reason "abort"
+        (its reader gets nothing more); the driver then takes no new requests. The thread holds the
+        engine (and with it the model and KV pool) while it runs; after this they go with the driver."""
+        with self._lock:
+            self._closed = self._stop = True
+            self._wake.set()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout=10)
+            if thread.is_alive():  # inside a step longer than that: it stops after the step
+                return
+        ended = [(rid, stream) for rid, stream in self._streams.items()]
+        while not self._inbox.empty():  # added after the thread's last look at its inbox
+            message = self._inbox.get_nowait()
+            if message[0] == "add":
+                ended.append((message[1], message[4]))
+        self._streams.clear()
+        for rid, stream in ended:
+            stream._put(StepOutput(rid, [], "abort"))
 
     def _send(self, message: tuple) -> None:
         with self._lock:
+            if self._closed:
+                raise RuntimeError("this model has been closed (LLM.close): load it again to generate")
             if self._thread is None or not self._thread.is_alive():
                 self._stop = False
                 self._thread = threading.Thread(target=self._run, name="qwenkit-engine", daemon=True)
                 self._thread.start()
                 # Stop between steps at exit: a daemon thread killed inside a torch op aborts the process.
                 atexit.register(_shutdown_at_exit, weakref.ref(self))
-        self._inbox.put(message)
+            self._inbox.put(message)  # under the lock: a shutdown sees every message sent before it
         self._wake.set()
 
     def _run(self) -> None:
