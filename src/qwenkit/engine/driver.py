@@ -97,8 +97,7 @@ class EngineDriver:
         return stream
 
     def abort(self, request_id: RequestId) -> None:
-        if not self._closed:  # a closed driver has ended every request already
-            self._send(("abort", request_id))
+        self._send(("abort", request_id))
 
     def wait_idle(self, timeout: float = 30.0) -> bool:
         """Wait until every submitted request has finished and been forgotten (for tests and shutdown)."""
@@ -121,7 +120,7 @@ class EngineDriver:
             thread.join(timeout=10)
             if thread.is_alive():  # inside a step longer than that: it stops after the step
                 return
-        ended = [(rid, stream) for rid, stream in self._streams.items()]
+        ended = list(self._streams.items())
         while not self._inbox.empty():  # added after the thread's last look at its inbox
             message = self._inbox.get_nowait()
             if message[0] == "add":
@@ -133,6 +132,8 @@ class EngineDriver:
     def _send(self, message: tuple) -> None:
         with self._lock:
             if self._closed:
+                if message[0] == "abort":  # every request has ended with the shutdown
+                    return
                 raise RuntimeError("this model has been closed (LLM.close): load it again to generate")
             if self._thread is None or not self._thread.is_alive():
                 self._stop = False
