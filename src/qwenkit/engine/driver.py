@@ -78,8 +78,7 @@ class EngineDriver:
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._stop = False
-        self._closed = False
+        self._closed = False  # set once by shutdown: the thread stops, new requests raise
 
     def submit(
         self,
@@ -113,7 +112,7 @@ class EngineDriver:
         (its reader gets nothing more); the driver then takes no new requests. The thread holds the
         engine (and with it the model and KV pool) while it runs; after this they go with the driver."""
         with self._lock:
-            self._closed = self._stop = True
+            self._closed = True
             self._wake.set()
             thread = self._thread
         if thread is not None:
@@ -136,7 +135,6 @@ class EngineDriver:
                     return
                 raise RuntimeError("this model has been closed (LLM.close): load it again to generate")
             if self._thread is None or not self._thread.is_alive():
-                self._stop = False
                 self._thread = threading.Thread(target=self._run, name="qwenkit-engine", daemon=True)
                 self._thread.start()
                 # Stop between steps at exit: a daemon thread killed inside a torch op aborts the process.
@@ -146,7 +144,7 @@ class EngineDriver:
 
     def _run(self) -> None:
         engine = self.engine
-        while not self._stop:
+        while not self._closed:
             self._drain_inbox()
             if not engine.has_unfinished():
                 self._wake.wait(timeout=0.5)
