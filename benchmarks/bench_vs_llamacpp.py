@@ -6,7 +6,8 @@ checkpoint with the real Qwen tokenizer), converts each to GGUF with llama.cpp's
 and llama.cpp (through llama-cpp-python) alternately, each measurement in a fresh process, for several
 rounds. Pairs: bfloat16 vs f16, ``--quantize int8`` vs q8_0, ``--quantize int4`` vs q4_0, and
 ``q4_k_m``: llama.cpp's Q4_K_M file (its quantizer, ftype 15), which qwenkit loads itself, in the
-file's own precision (the type most GGUF files are published in; not run by default). Prints decode
+file's own precision (the type most GGUF files are published in; not run by default), and likewise
+``iq4_nl`` and ``iq4_xs`` (ftypes 25 and 30, which qwenkit runs as int8 codes of their values). Prints decode
 and prefill tokens/s (median over rounds), the ratio to llama.cpp, the fraction of the memory-bandwidth
 limit (bytes read per token, weights plus the keys and values at the mean context, x tokens/s over a
 read bandwidth measured in the same run) and peak resident memory.
@@ -41,8 +42,10 @@ PAIRS = {
     "int8": ("int8", "q8_0"),
     "int4": ("int4", "q4_0"),
     "q4_k_m": ("gguf", "q4_k_m"),  # the file type most GGUFs are published in, in its own precision
+    "iq4_nl": ("gguf", "iq4_nl"),  # llama.cpp's non-linear 4-bit types: qwenkit runs them as int8 codes
+    "iq4_xs": ("gguf", "iq4_xs"),
 }
-LLAMA_FTYPE = {"q8_0": 7, "q4_0": 2, "q4_k_m": 15}  # enum llama_ftype
+LLAMA_FTYPE = {"q8_0": 7, "q4_0": 2, "q4_k_m": 15, "iq4_nl": 25, "iq4_xs": 30}  # enum llama_ftype
 
 PROMPT_IDS = "[(i * 13) % 1000 + 10 for i in range({n})]"
 
@@ -410,7 +413,9 @@ def main() -> None:
             read = weight_bytes_per_token(SHAPES[shape], pair, models[shape, pair][1])
             read += kv_bytes_per_token(SHAPES[shape], args.prompt + args.tokens / 2)  # mean context
             limit = bw * 1e9 / read
-            ours = {"bf16": "bfloat16", "q4_k_m": "the Q4_K_M file"}.get(pair, pair)
+            ours = "bfloat16" if pair == "bf16" else pair
+            if PAIRS[pair][0] == "gguf":
+                ours = f"the {pair.upper()} file"
             print(
                 f"| Qwen2.5-{shape.upper()} | {ours} | {PAIRS[pair][1]} "
                 f"| {q['decode']:.1f} | {ll['decode']:.1f} | {q['decode'] / ll['decode']:.2f} "

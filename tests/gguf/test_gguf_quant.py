@@ -16,7 +16,8 @@ from qwenkit.kernels import available as kernels_available
 
 Q = gguf.GGMLQuantizationType
 QUANTIZABLE = (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1)  # gguf-py writes these itself
-HAND_BUILT = (Q.Q4_K, Q.Q5_K)  # gguf-py reads but cannot write them: random blocks with finite scales
+HAND_BUILT = (Q.Q4_K, Q.Q5_K, Q.IQ4_NL, Q.IQ4_XS)  # gguf-py reads but cannot write: random, finite d
+ROUNDED_SCALES = (Q.Q4_K, Q.Q5_K, Q.IQ4_XS)  # sub-block scales rounded to float16 values
 
 
 def random_weight(out_f: int, in_f: int, seed: int) -> np.ndarray:
@@ -28,14 +29,16 @@ def random_weight(out_f: int, in_f: int, seed: int) -> np.ndarray:
 
 
 def random_k_blocks(qtype, out_f: int, in_f: int, seed: int) -> np.ndarray:
-    """Random K-quant super-blocks: any bytes are valid codes and 6-bit scales; d and dmin finite float16."""
-    _, type_size = GGML_QUANT_SIZES[qtype]
+    """Random K-quant super-blocks (or IQ4 blocks): any bytes are valid codes, indices and 6-bit scales;
+    d (and dmin) finite float16."""
+    block, type_size = GGML_QUANT_SIZES[qtype]
+    heads = 1 if qtype in (Q.IQ4_NL, Q.IQ4_XS) else 2  # d, or d and dmin
     g = np.random.default_rng(seed)
-    n_blocks = out_f * in_f // 256
+    n_blocks = out_f * in_f // block
     b = g.integers(0, 256, size=(n_blocks, type_size), dtype=np.uint8)
-    d = (g.random((n_blocks, 2)) * 1e-2).astype(np.float16)  # d, dmin
+    d = (g.random((n_blocks, heads)) * 1e-2).astype(np.float16)
     d[0] = 0.0
-    b[:, 0:4] = d.view(np.uint8).reshape(n_blocks, 4)
+    b[:, 0 : 2 * heads] = d.view(np.uint8).reshape(n_blocks, 2 * heads)
     return b.reshape(out_f, -1)
 
 
@@ -68,7 +71,7 @@ def test_codes_times_scale_plus_shift_equals_gguf_dequantize(qtype, shape, decod
     gi = torch.arange(in_f) // 32
     # the same through plain per-column arithmetic, independent of dequantize()'s reshaping
     plain = w.codes.float() * w.scale[gi].T + w.shift[gi].T
-    if qtype in HAND_BUILT:  # sub-block scales and shifts rounded to float16 values (2 bytes packed)
+    if qtype in ROUNDED_SCALES:  # sub-block scales and shifts rounded to float16 values (2 bytes packed)
         assert torch.equal(w.scale, w.scale.half().float()) and torch.equal(w.shift, w.shift.half().float())
         bound = 2.0**-11 * (w.codes.float() * w.scale[gi].T.abs() + w.shift[gi].T.abs()) * (1 + 1e-6)
         assert ((w.dequantize() - reference).abs() <= bound).all()
@@ -83,6 +86,19 @@ def test_q5_codes_use_the_fifth_bit():
     data = gguf.quants.quantize(random_weight(32, 256, seed=3), Q.Q5_1)
     codes = decode_affine(data, Q.Q5_1, (32, 256)).codes
     assert int(codes.max()) == 31 and int(codes.min()) == 0
+
+
+@pytest.mark.parametrize("qtype", [Q.IQ4_NL, Q.IQ4_XS], ids=lambda q: q.name)
+def test_iq4_codes_are_the_table_values_on_q8_0s_zero_point(qtype, decoder):
+    """IQ4 indices pick int8 values from a table: the codes are exactly those values + 128 (every one of the
+    16 present), the shift -128 times the scale, so the int8 kernels run them on Q8_0's zero point."""
+    data = random_k_blocks(qtype, 32, 512, seed=7)
+    w = decode_affine(data, qtype, (32, 512))
+    table = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113]
+    assert sorted(int(c) - 128 for c in w.codes.unique()) == table
+    assert torch.equal(w.shift, -128 * w.scale)
+    if qtype == Q.IQ4_XS:  # a 6-bit ls - 32 per sub-block: negative and zero scales occur
+        assert (w.scale < 0).any() and (w.scale == 0).any() and (w.scale > 0).any()
 
 
 def test_row_slices_keep_codes_and_scales_together():
@@ -187,7 +203,7 @@ def test_the_kernels_decode_any_bytes_as_numpy_does(qtype, monkeypatch):
     g = np.random.default_rng(int(qtype))
     data = g.integers(0, 256, size=(out_f * in_f // block, type_size), dtype=np.uint8)
     n = data.shape[0]
-    heads = 2 if qtype in (Q.Q4_0, Q.Q5_0, Q.Q8_0) else 4  # bytes of float16 scale (and min)
+    heads = 2 if qtype in (Q.Q4_0, Q.Q5_0, Q.Q8_0, Q.IQ4_NL, Q.IQ4_XS) else 4  # bytes of float16 d (and min)
     values = (g.standard_normal((n, heads // 2)) * 10.0 ** g.integers(-9, 5, (n, heads // 2))).astype(
         np.float16
     )

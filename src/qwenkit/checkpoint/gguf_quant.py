@@ -14,15 +14,21 @@ Q5_0     8     5-bit q + 112 (in 8-bit codes)             d, -128 d
 Q5_1     8     5-bit q                                    d, m
 Q4_K     4     nibble q, 8 sub-blocks of 32 per 256       d * sc, -dmin * m (6-bit sc, m)
 Q5_K     8     5-bit q, 8 sub-blocks of 32 per 256        d * sc, -dmin * m
+IQ4_NL   8     table[nibble] + 128                        d, -128 d
+IQ4_XS   8     table[nibble] + 128, 8 sub-blocks per 256  d * (ls - 32), -128 d (6-bit ls)
 =======  ====  =========================================  ===============================
+
+The IQ4 types' nibbles index a fixed table of 16 int8 values (ggml's ``kvalues_iq4nl``, -127..113, not
+evenly spaced), so no 4-bit code times a scale gives them: they load as int8 codes (the table's value +
+128, Q8_0's zero point), the values exactly, at twice the file's bytes for those weights.
 
 Each product ``code * scale`` is exact in float32 (at most 8 code bits times an 11-bit float16
 mantissa), and each scale and shift is exact, so ``code * scale + shift`` rounds once, where gguf-py's
-own dequantizer rounds: the two agree bit for bit (tests/gguf/test_gguf_quant.py). The K types are the
-exception: a sub-block's ``d * sc`` and ``dmin * m`` have up to 17 significant bits, and kept exact they
-need float32, 8 bytes per 32 weights (0.75 bytes a weight for Q4_K's 0.56). They are rounded to the
-nearest float16 value instead, so the kernels hold them at 2 bytes each: a weight moves by at most
-2^-11 of ``|code * scale| + |shift|``, under a hundredth of the block's own step.
+own dequantizer rounds: the two agree bit for bit (tests/gguf/test_gguf_quant.py). The K types (and
+IQ4_XS) are the exception: a sub-block's ``d * sc`` and ``dmin * m`` have up to 17 significant bits, and
+kept exact they need float32, 8 bytes per 32 weights (0.75 bytes a weight for Q4_K's 0.56). They are
+rounded to the nearest float16 value instead, so the kernels hold them at 2 bytes each: a weight moves by
+at most 2^-11 of ``|code * scale| + |shift|``, under a hundredth of the block's own step.
 Q6_K, Q2_K and Q3_K use groups of 16, which no quantized kernel runs, and Q6_K's 6-bit codes times its
 19-bit scales are not exact in float32. They are decoded to float by gguf-py and rounded again to int8
 codes per group of 32 (:func:`requantize_int8`, Q8_0's layout): each weight moves by at most half an int8
@@ -58,7 +64,12 @@ AFFINE_BITS: dict[GGMLQuantizationType, int] = {
     Q.Q5_1: 8,
     Q.Q4_K: 4,
     Q.Q5_K: 8,
+    Q.IQ4_NL: 8,
+    Q.IQ4_XS: 8,
 }
+# ggml's kvalues_iq4nl: what IQ4_NL's and IQ4_XS's 4-bit indices stand for, as int8 codes + 128
+IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+IQ4_CODES = (np.array(IQ4_VALUES) + 128).astype(np.uint8)
 
 
 def take_rows(w: AffineWeight, index: torch.Tensor | slice) -> AffineWeight:
@@ -218,6 +229,21 @@ def _q5_k(b: np.ndarray):
     return _k_nibbles(b[:, 48:]) | high, scale, shift
 
 
+def _iq4_nl(b: np.ndarray):
+    d = _f16(b[:, 0:2])
+    return IQ4_CODES[_nibbles(b[:, 2:])], d, -128 * d
+
+
+def _iq4_xs(b: np.ndarray):
+    d = _f16(b[:, 0:2])
+    high = b[:, 2:4].copy().view(np.uint16)  # (nb, 1): 2 bits a sub-block
+    high = (high >> (2 * np.arange(8, dtype=np.uint16))) & 3
+    low = (b[:, 4:8, None] >> np.array([0, 4], dtype=np.uint8)).reshape(-1, 8) & 0x0F
+    scale = _to_f16_values(d[:, None] * ((low | (high.astype(np.uint8) << 4)).astype(np.float32) - 32))
+    nibbles = _nibbles(b[:, 8:].reshape(-1, 16)).reshape(-1, 256)  # 8 runs of IQ4_NL's layout
+    return IQ4_CODES[nibbles], scale, -128 * scale
+
+
 _DECODERS = {
     Q.Q8_0: _q8_0,
     Q.Q4_0: _q4_0,
@@ -226,4 +252,6 @@ _DECODERS = {
     Q.Q5_1: _q5_1,
     Q.Q4_K: _q4_k,
     Q.Q5_K: _q5_k,
+    Q.IQ4_NL: _iq4_nl,
+    Q.IQ4_XS: _iq4_xs,
 }

@@ -29,6 +29,7 @@ SUPPORTED_TYPES: frozenset[GGMLQuantizationType] = frozenset(
         Q.F32, Q.F16, Q.BF16,
         Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0,
         Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K,
+        Q.IQ4_NL, Q.IQ4_XS,
     }
 )  # fmt: skip
 

@@ -22,7 +22,8 @@
 //   pack_int_tiles(codes uint8 (N,K), bits) -> the int8 or int4 tiles below (a load's packing)
 //   pack_bf16_tiles(w bf16 (N,K)) -> linear_bf16's tiles (a bf16 checkpoint's packing, at every start)
 //   requantize_q6_k(Q6_K blocks, N, K) -> int8 codes (N,K), scales (K/32,N): a GGUF Q6_K weight's load
-//   decode_gguf_blocks(blocks, ggml type, N, K) -> codes (N,K), scale, shift (K/32,N): Q8_0, Q4_0/1, Q5_0/1, Q4_K, Q5_K
+//   decode_gguf_blocks(blocks, ggml type, N, K) -> codes (N,K), scale, shift (K/32,N): Q8_0, Q4_0/1, Q5_0/1, Q4_K, Q5_K,
+//   IQ4_NL, IQ4_XS
 //   quantize_rtn(weight (N,K), bits, group, sym) -> codes (N,K), scales, zeros (G,N): --quantize's rounding
 //   rms_norm(x, weight, eps), silu_mul([gate | up]), rope_(x, cos, sin), decode_attention(q, k pool, v pool, gather, positions,
 //   scale): the decode step's small ops, one call each instead of several torch kernels
@@ -1725,15 +1726,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_rtn(const at::Tensor& we
 
 // GGUF blocks -> integer codes, with one scale and shift per 32 weights (checkpoint/gguf_quant.py's
 // table, whose numpy decoders are the reference: the same values bit for bit). Q8_0 (ggml type 8), Q4_0 (2),
-// Q4_1 (3), Q5_0 (6), Q5_1 (7) hold one group a block; Q4_K (12) and Q5_K (13) eight sub-blocks of 32, whose
-// scales d * sc and shifts -(dmin * m) are rounded to float16 values (kept in fp32 where fp16 has no
-// normal value for them).
+// Q4_1 (3), Q5_0 (6), Q5_1 (7) and IQ4_NL (20) hold one group a block; Q4_K (12), Q5_K (13) and IQ4_XS (23)
+// eight sub-blocks of 32, whose scales (d * sc; IQ4_XS: d * (ls - 32)) and shifts -(dmin * m) are rounded to
+// float16 values (kept in fp32 where fp16 has no normal value for them). The IQ4 types' 4-bit indices pick
+// int8 values from a fixed table; their codes are those values + 128, Q8_0's zero point.
 inline float gguf_f16(const uint8_t* p) { return float(c10::Half(uint16_t(p[0] | (p[1] << 8)), c10::Half::from_bits())); }
 
 inline float as_f16_value(float x) {
   const float r = float(c10::Half(x));
   const bool normal = std::isfinite(r) && (std::fabs(x) >= kF16Tiny || x == 0.f);
   return normal ? r : x;
+}
+
+// The values IQ4_NL's and IQ4_XS's 4-bit indices stand for (ggml's kvalues_iq4nl).
+constexpr int8_t kIq4Values[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+
+constexpr int64_t gguf_block_size(int64_t qtype) { return qtype == 12 || qtype == 13 || qtype == 23 ? 256 : 32; }
+constexpr int64_t gguf_block_bytes(int64_t qtype) {
+  return qtype == 8 ? 34 : qtype == 2 ? 18 : qtype == 3 ? 20 : qtype == 6 ? 22 : qtype == 7 ? 24 : qtype == 12 ? 144
+       : qtype == 13 ? 176 : qtype == 20 ? 18 : qtype == 23 ? 136 : 0;
 }
 
 // One block of type Q: codes (32 or 256), scale and shift (1 or 8).
@@ -1758,6 +1769,25 @@ inline void gguf_decode_block(const uint8_t* __restrict b, uint8_t* __restrict c
     }
     scale[0] = gguf_f16(b);
     shift[0] = Q == 6 ? -128.f * scale[0] : gguf_f16(b + 2);
+  } else if constexpr (Q == 20) {  // IQ4_NL: d, nibbles (low: elements 0..15, high: 16..31) indexing the table
+    const uint8_t* qs = b + 2;
+    for (int i = 0; i < 16; ++i)
+      codes[i] = uint8_t(kIq4Values[qs[i] & 0x0F] + 128), codes[16 + i] = uint8_t(kIq4Values[qs[i] >> 4] + 128);
+    scale[0] = gguf_f16(b), shift[0] = -128.f * scale[0];
+  } else if constexpr (Q == 23) {  // IQ4_XS: d, 2 bytes of scale high bits, 4 of low nibbles, 8 runs of IQ4_NL's nibbles
+    const float d = gguf_f16(b);
+    const uint32_t high = uint32_t(b[2]) | uint32_t(b[3]) << 8;
+    const uint8_t* low = b + 4;
+    const uint8_t* qs = b + 8;
+    for (int j = 0; j < 8; ++j) {
+      const int ls = ((low[j / 2] >> (4 * (j % 2))) & 0x0F) | (((high >> (2 * j)) & 0x03) << 4);
+      scale[j] = as_f16_value(d * float(ls - 32));
+      shift[j] = -128.f * scale[j];
+      for (int i = 0; i < 16; ++i) {
+        codes[32 * j + i] = uint8_t(kIq4Values[qs[16 * j + i] & 0x0F] + 128);
+        codes[32 * j + 16 + i] = uint8_t(kIq4Values[qs[16 * j + i] >> 4] + 128);
+      }
+    }
   } else {  // Q4_K, Q5_K: d, dmin, 12 bytes of 6-bit scales and minimums, (Q5_K: 32 bytes of high bits,) nibbles
     static_assert(Q == 12 || Q == 13, "unknown GGUF block type");
     const float d = gguf_f16(b), dmin = gguf_f16(b + 2);
@@ -1784,8 +1814,7 @@ inline void gguf_decode_block(const uint8_t* __restrict b, uint8_t* __restrict c
 
 template <int Q>
 void gguf_decode_rows(const uint8_t* src, int64_t N, int64_t K, uint8_t* codes, float* scale, float* shift) {
-  constexpr int64_t block = Q >= 12 ? 256 : 32;
-  constexpr int64_t bytes = Q == 8 ? 34 : Q == 2 ? 18 : Q == 3 ? 20 : Q == 6 ? 22 : Q == 7 ? 24 : Q == 12 ? 144 : 176;
+  constexpr int64_t block = gguf_block_size(Q), bytes = gguf_block_bytes(Q);
   const int64_t per_row = K / block, groups = K / 32;
   parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
     std::vector<float> row_scale(groups), row_shift(groups);  // a row's groups, then written down column n
@@ -1806,18 +1835,8 @@ void gguf_decode_rows(const uint8_t* src, int64_t N, int64_t K, uint8_t* codes, 
 // decoders took 3.3-4.8 s of a 1.5B model's load.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_gguf_blocks(const at::Tensor& blocks, int64_t qtype, int64_t N,
                                                                   int64_t K) {
-  const int64_t block = qtype >= 12 ? 256 : 32;
-  int64_t bytes = 0;
-  switch (qtype) {
-    case 8: bytes = 34; break;
-    case 2: bytes = 18; break;
-    case 3: bytes = 20; break;
-    case 6: bytes = 22; break;
-    case 7: bytes = 24; break;
-    case 12: bytes = 144; break;
-    case 13: bytes = 176; break;
-    default: TORCH_CHECK(false, "qwenkit decode_gguf_blocks: ggml type ", qtype, " is not decoded to codes");
-  }
+  const int64_t block = gguf_block_size(qtype), bytes = gguf_block_bytes(qtype);
+  TORCH_CHECK(bytes > 0, "qwenkit decode_gguf_blocks: ggml type ", qtype, " is not decoded to codes");
   TORCH_CHECK(blocks.scalar_type() == at::kByte && blocks.is_contiguous() && N >= 0 && K % block == 0 &&
                   blocks.numel() == N * (K / block) * bytes,
               "qwenkit decode_gguf_blocks: blocks must be N * K / ", block, " contiguous blocks of ", bytes, " bytes");
@@ -1833,7 +1852,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_gguf_blocks(const at::Tens
     case 6: gguf_decode_rows<6>(src, N, K, c, sp, hp); break;
     case 7: gguf_decode_rows<7>(src, N, K, c, sp, hp); break;
     case 12: gguf_decode_rows<12>(src, N, K, c, sp, hp); break;
-    default: gguf_decode_rows<13>(src, N, K, c, sp, hp); break;
+    case 13: gguf_decode_rows<13>(src, N, K, c, sp, hp); break;
+    case 20: gguf_decode_rows<20>(src, N, K, c, sp, hp); break;
+    default: gguf_decode_rows<23>(src, N, K, c, sp, hp); break;
   }
   return {codes, scale, shift};
 }

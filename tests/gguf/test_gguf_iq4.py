@@ -1,0 +1,85 @@
+"""GGUF files in IQ4_NL and IQ4_XS (llama.cpp's non-linear 4-bit types, common for Qwen GGUFs): their
+4-bit indices pick values from a fixed int8 table, so they load as int8 codes holding exactly those values
+and run on the int8 kernels (a decode step's layers one ``kernels.decode_layers`` call each), and they
+answer as the file's float weights do."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from factories import hf_model
+from gguf.quants import dequantize
+from gguf_files import tiny_vocab
+from test_gguf_quant import random_k_blocks
+
+from qwenkit import kernels
+from qwenkit.checkpoint import load_model
+from qwenkit.checkpoint.gguf import read_gguf
+from qwenkit.quant import QuantizedLinear
+from qwenkit.quant.affine import AffineWeight
+
+Q = gguf.GGMLQuantizationType
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@pytest.fixture(scope="module")
+def iq4_file(tmp_path_factory) -> tuple:
+    """A 2-layer Qwen2 whose projections are random IQ4_XS blocks (layer 0) and IQ4_NL (layer 1), and
+    whose token embedding is IQ4_NL; norms stay F32, as llama.cpp writes them."""
+    model = hf_model("qwen2", vocab_size=len(tiny_vocab()[0]), hidden_size=256, intermediate_size=512,
+                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    state = {n: p.detach() for n, p in model.state_dict().items()}
+    blocks: dict[str, tuple[np.ndarray, Q]] = {}
+    for name in list(state):
+        part = name.split(".")[-2]
+        if (part in PROJECTIONS and name.endswith(".weight")) or name == "model.embed_tokens.weight":
+            layer = 1 if name == "model.embed_tokens.weight" else int(name.split(".")[2])
+            qtype = Q.IQ4_XS if layer == 0 else Q.IQ4_NL
+            out_f, in_f = state.pop(name).shape
+            blocks[name] = (random_k_blocks(qtype, out_f, in_f, seed=len(blocks)), qtype)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, 2)
+
+    def extra(w: gguf.GGUFWriter) -> None:
+        for name, (data, qtype) in blocks.items():
+            w.add_tensor(f"{names.get_name(name.rsplit('.', 1)[0])}.weight", data, raw_dtype=qtype)
+
+    from gguf_files import write_gguf
+
+    path = write_gguf(tmp_path_factory.mktemp("iq4") / "iq4.gguf", "qwen2", model.config.to_dict(), state,
+                      Q.F32, extra=extra)  # fmt: skip
+    return path, blocks
+
+
+def test_iq4_weights_load_as_int8_codes_with_the_files_values(iq4_file):
+    path, blocks = iq4_file
+    types = read_gguf(path).tensor_types
+    assert types["blk.0.attn_q.weight"] == "IQ4_XS" and types["blk.1.ffn_down.weight"] == "IQ4_NL"
+    assert types["token_embd.weight"] == "IQ4_NL"
+    loaded = dict(read_gguf(path).tensors(keep_quantized=True))
+    for name, (data, qtype) in blocks.items():
+        w = loaded[name]
+        assert isinstance(w, AffineWeight) and (w.bits, w.group_size) == (8, 32), name
+        want = torch.from_numpy(dequantize(data, qtype).reshape(w.codes.shape))
+        got = w.dequantize()
+        if qtype == Q.IQ4_NL:  # d is a float16: the values exactly
+            assert torch.equal(got, want), name
+        else:  # IQ4_XS's d * (ls - 32) rounded to a float16 value: within 2^-11 of each weight
+            assert ((got - want).abs() <= want.abs() * 2.0**-11 * (1 + 1e-6)).all(), name
+
+
+def test_iq4_model_runs_on_the_int8_kernels_and_answers_as_its_floats(iq4_file):
+    path, _ = iq4_file
+    fast, _ = load_model(path, dtype="bfloat16", progress=False, fast_kernels=True)
+    linears = [m for m in fast.modules() if isinstance(m, QuantizedLinear)]
+    assert linears and all(m.bits == 8 for m in linears)
+    if kernels.available():  # per layer q/k/v, o, gate/up, down; and the head (tied to the embedding)
+        assert len(linears) == 2 * 4 + 1 and all(m.kernel.startswith("qwenkit ") for m in linears)
+        assert all(layer.decode_weights is not None for layer in fast.model.layers)
+    floats, _ = load_model(path, dtype="float32", progress=False, dequantize=True)
+    ids = torch.tensor([[5, 9, 17, 33, 2, 40, 41, 7]])
+    with torch.no_grad():
+        got, want = fast(ids).float(), floats(ids)
+    # bf16 activations rounded to int8 per block of 32 against float32 (the Q6_K mix measured 2.3%)
+    assert (got - want).abs().max() <= 0.05 * want.abs().max(), float((got - want).abs().max())
