@@ -1,7 +1,8 @@
 """GGUF files in IQ4_NL and IQ4_XS (llama.cpp's non-linear 4-bit types, common for Qwen GGUFs): their
 4-bit indices pick values from a fixed int8 table, so they load as int8 codes holding exactly those values
-and run on the int8 kernels (a decode step's layers one ``kernels.decode_layers`` call each), and they
-answer as the file's float weights do."""
+(marked ``iq4``); on AVX-512 builds the IQ4 kernel holds them as 4-bit indices again and looks them up in
+the int4 tile, elsewhere the int8 kernels run them; a decode step's layers are one
+``kernels.decode_layers`` call each, and the model answers as the file's float weights do."""
 
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ def test_iq4_weights_load_as_int8_codes_with_the_files_values(iq4_file):
             assert ((got - want).abs() <= want.abs() * 2.0**-11 * (1 + 1e-6)).all(), name
 
 
-def test_iq4_model_runs_on_the_int8_kernels_and_answers_as_its_floats(iq4_file):
+def test_iq4_model_runs_on_the_kernels_and_answers_as_its_floats(iq4_file):
     path, _ = iq4_file
     fast, _ = load_model(path, dtype="bfloat16", progress=False, fast_kernels=True)
     linears = [m for m in fast.modules() if isinstance(m, QuantizedLinear)]
@@ -77,9 +78,35 @@ def test_iq4_model_runs_on_the_int8_kernels_and_answers_as_its_floats(iq4_file):
     if kernels.available():  # per layer q/k/v, o, gate/up, down; and the head (tied to the embedding)
         assert len(linears) == 2 * 4 + 1 and all(m.kernel.startswith("qwenkit ") for m in linears)
         assert all(layer.decode_weights is not None for layer in fast.model.layers)
+    if kernels.runs_iq4_table():  # held at 4 bits, looked up in the table by the int4 tile
+        assert all(m.impl.key == "avx512_iq4" and m.impl.packed.bits == 4 for m in linears)
+        assert all("IQ4 table" in m.kernel for m in linears)
     floats, _ = load_model(path, dtype="float32", progress=False, dequantize=True)
     ids = torch.tensor([[5, 9, 17, 33, 2, 40, 41, 7]])
     with torch.no_grad():
         got, want = fast(ids).float(), floats(ids)
     # bf16 activations rounded to int8 per block of 32 against float32 (the Q6_K mix measured 2.3%)
     assert (got - want).abs().max() <= 0.05 * want.abs().max(), float((got - want).abs().max())
+
+
+def test_iq4_kernel_gives_back_the_codes_and_rows_it_was_built_from(iq4_file):
+    """The IQ4 kernel keeps 4-bit indices but answers for the 8-bit codes it was given: codes(),
+    dequantize() and rows() are the AffineWeight's; codes outside the table are refused by name."""
+    from qwenkit.quant.gptq_format import QuantizationError
+    from qwenkit.quant.kernels import build_kernel
+
+    if not kernels.runs_iq4_table():
+        pytest.skip("IQ4 table codes run on the AVX-512 builds only")
+    path, _ = iq4_file
+    w = dict(read_gguf(path).tensors(keep_quantized=True))["model.layers.0.mlp.up_proj.weight"]
+    assert w.iq4
+    impl = build_kernel(w, torch.device("cpu"))
+    assert impl.key == "avx512_iq4"
+    assert torch.equal(impl.codes(), w.codes)
+    assert torch.equal(impl.dequantize(torch.float32), w.dequantize())
+    ids = torch.tensor([3, 0, w.out_features - 1])
+    assert torch.equal(impl.rows(ids, torch.float32), w.dequantize()[ids])
+    assert impl.packed.codes.nbytes * 2 == w.codes.nbytes  # half the bytes of int8 codes
+    bad = AffineWeight(w.codes ^ 1, w.scale, w.shift, w.group_size, w.bits, iq4=True)
+    with pytest.raises(QuantizationError, match="codes of the IQ4 table's values"):
+        build_kernel(bad, torch.device("cpu"))

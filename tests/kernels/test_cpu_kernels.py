@@ -326,3 +326,47 @@ def test_bad_inputs_are_named(loaded):
         kernels.dequantize_rows(p, torch.tensor([0.0]))
     with pytest.raises(RuntimeError, match="dequantize_rows: scale must be contiguous float32/float16"):
         torch.ops.qwenkit.dequantize_rows(p.codes, p.scale[:, :1], None, torch.tensor([0]), 4, 32, 64, 8, 0)
+
+
+IQ4_CASES = [(896, 896, 32), (4864, 896, 32), (131, 96, 32), (33, 288, 96), (256, 1536, 1536)]
+
+
+@needs_isa
+@pytest.mark.parametrize("n,k,group", IQ4_CASES)
+@pytest.mark.parametrize("m,act_dtype", [(1, torch.bfloat16), (3, torch.float32), (16, torch.bfloat16)])
+def test_linear_int4_iq4_table_codes(loaded, n, k, group, m, act_dtype):
+    """4-bit codes on zero point 128 index IQ4's value table: dequantize gives table value x scale, the
+    kernel's row gather agrees, and (AVX-512 builds) the int4 tile gives exactly what the int8 tile gives
+    on the table's bytes as 8-bit codes; other builds refuse with the reason."""
+    g = torch.Generator().manual_seed(n + k + m)
+    index = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    scale = torch.randn(k // group, n, generator=g) * 0.01  # IQ4_XS sub-block scales may be negative
+    p = kernels.prepare_int4(index, scale, None, group, zero_point=kernels.IQ4_ZERO_POINT)
+    table = torch.tensor(kernels.IQ4_VALUES, dtype=torch.float64)
+    w = table[index.long()] * scale.double().T.repeat_interleave(group, dim=1)
+    assert torch.equal(kernels.unpack_codes(p), index)
+    assert torch.equal(kernels.dequantize(p, torch.float64), w)
+    assert torch.equal(kernels.iq4_codes(index).double() - 128, table[index.long()])
+    rows = torch.tensor([0, n - 1, n // 2])
+    assert torch.equal(kernels.dequantize_rows(p, rows), kernels.dequantize(p, rows=rows))
+    x = torch.randn(m, k, generator=g).to(act_dtype)
+    if not kernels.runs_iq4_table():
+        with pytest.raises(RuntimeError, match="IQ4 table codes need the AVX-512 build"):
+            kernels.linear_int4(x, p)
+        return
+    y = kernels.linear_int4(x, p)
+    as_int8 = kernels.prepare_int8(kernels.iq4_codes(index), scale, None, group, zero_point=128)
+    assert torch.equal(y, kernels.linear_int8(x, as_int8))
+    exact = quantize_activations(x).double() @ w.T
+    out_ulp = 2.0**-8 if act_dtype == torch.bfloat16 else 1e-6
+    err = (y.double() - exact).abs()
+    assert (err <= exact.abs() * out_ulp + 2e-5 * exact.abs().max() + 1e-6).all(), err.max()
+
+
+def test_iq4_zero_point_is_only_for_4_bits():
+    codes = torch.zeros(8, 64, dtype=torch.uint8)
+    kernels.prepare_int4(codes, torch.ones(2, 8), None, 32, zero_point=kernels.IQ4_ZERO_POINT)  # accepted
+    with pytest.raises(kernels.KernelInputError, match=r"0..15 \(or be 128: IQ4 table codes\), got 127"):
+        kernels.prepare_int4(codes, torch.ones(2, 8), None, 32, zero_point=127)
+    with pytest.raises(kernels.KernelInputError, match="zero_point must lie in 0..255, got 256"):
+        kernels.prepare_int8(codes, torch.ones(2, 8), None, 32, zero_point=256)

@@ -67,9 +67,9 @@ AFFINE_BITS: dict[GGMLQuantizationType, int] = {
     Q.IQ4_NL: 8,
     Q.IQ4_XS: 8,
 }
-# ggml's kvalues_iq4nl: what IQ4_NL's and IQ4_XS's 4-bit indices stand for, as int8 codes + 128
-IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
-IQ4_CODES = (np.array(IQ4_VALUES) + 128).astype(np.uint8)
+# what IQ4_NL's and IQ4_XS's 4-bit indices stand for (ggml's kvalues_iq4nl), as int8 codes + 128
+IQ4_CODES = (np.array(kernel_ops.IQ4_VALUES) + 128).astype(np.uint8)
+IQ4_TYPES = (Q.IQ4_NL, Q.IQ4_XS)  # marked AffineWeight.iq4: kernels may hold their codes at 4 bits
 
 
 def take_rows(w: AffineWeight, index: torch.Tensor | slice) -> AffineWeight:
@@ -80,6 +80,7 @@ def take_rows(w: AffineWeight, index: torch.Tensor | slice) -> AffineWeight:
         w.shift[:, index].contiguous(),
         w.group_size,
         w.bits,
+        w.iq4,
     )
 
 
@@ -135,7 +136,7 @@ def decode_affine(data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[in
         codes, scale, shift = kernel_ops.run_pass(
             "decode_gguf_blocks", out_f * in_f, torch.from_numpy(blocks.reshape(-1)), int(qtype), out_f, in_f
         )
-        return AffineWeight(codes, scale, shift, GROUP, AFFINE_BITS[qtype])
+        return AffineWeight(codes, scale, shift, GROUP, AFFINE_BITS[qtype], qtype in IQ4_TYPES)
     codes, scale, shift = _DECODERS[qtype](blocks)  # (nb, block) uint8, (nb, subblocks) float32 x2
     groups = in_f // GROUP
     return AffineWeight(
@@ -144,6 +145,7 @@ def decode_affine(data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[in
         shift=torch.from_numpy(np.ascontiguousarray(shift.reshape(out_f, groups).T)),
         group_size=GROUP,
         bits=AFFINE_BITS[qtype],
+        iq4=qtype in IQ4_TYPES,
     )
 
 

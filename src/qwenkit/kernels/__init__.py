@@ -18,7 +18,9 @@ Imports only torch, the standard library and qwenkit.errors; model/ and quant/ m
         # w[n, k] = (codes[n, k] - zero_point) * scale[g, n] + shift[g, n], g = k // group_size;
         # scale/shift (K/group_size, N), shift may be None; group_size a multiple of 32 dividing K.
         # GPTQ/RTN groups, per-channel (group_size = K); GGUF blocks of 32: Q8_0 = (q + 128, d, None,
-        # zero_point=128), Q4_0 = (q, d, None, zero_point=8), Q4_1 = (q, d, m, zero_point=0).
+        # zero_point=128), Q4_0 = (q, d, None, zero_point=8), Q4_1 = (q, d, m, zero_point=0);
+        # IQ4_NL/IQ4_XS = (indices, d, None, zero_point=IQ4_ZERO_POINT): w = IQ4_VALUES[index] * d,
+        # where kernels.runs_iq4_table() (AVX-512 builds); kernels.iq4_codes(indices) -> int8 codes
     kernels.linear_int8(x, p, bias=None) / kernels.linear_int4(x, p, bias=None)
         # x (..., K) bf16 or fp32 -> (..., N) in x's dtype; x is rounded to int8 per block of 32.
     kernels.dequantize(p, dtype, rows=None) -> (N, K) or (len(rows), K) float weights
@@ -44,6 +46,8 @@ passes of 8 rows over each weight tile, but torch's GEMMs win for prefill).
 
 from qwenkit.kernels.ops import (
     ENV_SWITCH,
+    IQ4_VALUES,
+    IQ4_ZERO_POINT,
     KERNEL_CHOICES,
     KernelInputError,
     KernelsUnavailableError,
@@ -56,6 +60,8 @@ from qwenkit.kernels.ops import (
     concat_int,
     dequantize,
     dequantize_rows,
+    iq4_codes,
+    is_iq4_table,
     isa_level,
     linear_bf16,
     linear_int4,
@@ -63,6 +69,7 @@ from qwenkit.kernels.ops import (
     prepare_bf16,
     prepare_int4,
     prepare_int8,
+    runs_iq4_table,
     unpack_bf16,
     unpack_codes,
     use_amx,
@@ -88,6 +95,8 @@ from qwenkit.kernels.step_ops import (
 
 __all__ = [
     "ENV_SWITCH",
+    "IQ4_VALUES",
+    "IQ4_ZERO_POINT",
     "KERNEL_CHOICES",
     "SMALL_OP_ROWS",
     "DecodeLayerWeights",
@@ -108,6 +117,8 @@ __all__ = [
     "dequantize",
     "dequantize_rows",
     "finite_rows",
+    "iq4_codes",
+    "is_iq4_table",
     "isa_level",
     "linear_bf16",
     "linear_int4",
@@ -118,6 +129,7 @@ __all__ = [
     "prepare_int8",
     "rms_norm",
     "rope_",
+    "runs_iq4_table",
     "sample_cdf",
     "sample_top_p",
     "silu_mul",

@@ -25,6 +25,10 @@ _load_lock = threading.Lock()
 
 
 TILE = 16  # output rows per tile of the packed layouts
+# ggml's kvalues_iq4nl: the int8 values IQ4_NL's and IQ4_XS's 4-bit indices stand for. 4-bit codes with
+# zero point IQ4_ZERO_POINT (no linear 4-bit code has one) are such indices: w = (value + 128 - 128) * scale.
+IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+IQ4_ZERO_POINT = 128
 
 
 class KernelInputError(QwenkitError, ValueError):
@@ -280,8 +284,9 @@ def _prepare(
     scale_dtype: torch.dtype | None,
 ) -> PackedInt:
     what = f"prepare_int{bits}"
-    if not 0 <= zero_point < 2**bits:
-        raise KernelInputError(f"{what}: zero_point must lie in 0..{2**bits - 1}, got {zero_point}")
+    if not (0 <= zero_point < 2**bits or (bits == 4 and zero_point == IQ4_ZERO_POINT)):
+        table = f" (or be {IQ4_ZERO_POINT}: IQ4 table codes)" if bits == 4 else ""
+        raise KernelInputError(f"{what}: zero_point must lie in 0..{2**bits - 1}{table}, got {zero_point}")
     if codes.dim() != 2:
         raise KernelInputError(f"{what}: codes must be (N, K), got shape {tuple(codes.shape)}")
     n, k = codes.shape
@@ -337,7 +342,8 @@ def prepare_int4(
     """Pack 4-bit codes (N, K) as uint8 in 0..15 with per-group scale/shift (K/group_size, N).
 
     Q4_0 is zero_point=8, shift None; Q4_1 is zero_point=0, shift = m; GPTQ asymmetric is
-    shift = -zero * scale.
+    shift = -zero * scale. IQ4_NL/IQ4_XS are indices into ``IQ4_VALUES`` with zero_point=IQ4_ZERO_POINT
+    (w = IQ4_VALUES[code] * scale; AVX-512 builds only, see :func:`runs_iq4_table`).
     """
     return _prepare(4, codes, scale, shift, group_size, zero_point, scale_dtype)
 
@@ -366,8 +372,25 @@ def linear_int4(x: torch.Tensor, p: PackedInt, bias: torch.Tensor | None = None)
     return _linear_int(4, x, p, bias)
 
 
+def is_iq4_table(p: PackedInt) -> bool:
+    """True for 4-bit codes that index ``IQ4_VALUES``."""
+    return p.bits == 4 and p.zero_point == IQ4_ZERO_POINT
+
+
+def runs_iq4_table() -> bool:
+    """True when the loaded kernels run IQ4 table codes (the AVX-512 builds: the AVX2 tiles' int16 pair
+    sums would overflow on the table's bytes)."""
+    return available() and (isa_level() or "").startswith("avx512")
+
+
+def iq4_codes(indices: torch.Tensor) -> torch.Tensor:
+    """IQ4 indices (uint8, 0..15) -> the int8 codes they stand for (value + 128, uint8)."""
+    table = torch.tensor(IQ4_VALUES, dtype=torch.int16) + IQ4_ZERO_POINT
+    return table.to(torch.uint8)[indices.long()]
+
+
 def unpack_codes(p: PackedInt) -> torch.Tensor:
-    """The (N, K) uint8 codes back from a PackedInt."""
+    """The (N, K) uint8 codes back from a PackedInt (IQ4 table codes: the indices)."""
     tiles, k = p.codes.shape[0], p.in_features
     if p.bits == 8:
         c = p.codes.view(tiles, k // 4, TILE, 4).transpose(1, 2)
@@ -387,6 +410,8 @@ def dequantize(
 ) -> torch.Tensor:
     """The float weights (N, K), or only `rows` of them (an embedding lookup), from a PackedInt."""
     codes = unpack_codes(p)
+    if is_iq4_table(p):  # the indices' int8 codes (value + 128), on the same zero point
+        codes = iq4_codes(codes)
     scale = _untiled(p.scale, p.out_features)
     shift = None if p.shift is None else _untiled(p.shift, p.out_features)
     if rows is not None:

@@ -22,6 +22,9 @@ class AffineWeight:
     shift: torch.Tensor  # (G, out) float32
     group_size: int
     bits: int
+    # 8-bit codes that are IQ4_NL/IQ4_XS values + 128 (16 distinct values): a kernel may hold them as
+    # 4-bit indices into that table (``kernels.IQ4_VALUES``) and compute the same weights
+    iq4: bool = False
 
     def __post_init__(self) -> None:
         n, k = self.codes.shape
@@ -54,6 +57,7 @@ class AffineWeight:
             self.shift.to(device, torch.float32),
             self.group_size,
             self.bits,
+            self.iq4,
         )
 
 

@@ -30,10 +30,11 @@ from qwenkit.model.mlp import MLP
 from qwenkit.model.norm import RMSNorm
 from qwenkit.model.transformer import DecoderLayer
 from qwenkit.quant.dense import PackedBf16Linear
-from qwenkit.quant.kernels.avx512 import Avx512Int4Kernel, Avx512Int8Kernel
+from qwenkit.quant.kernels.avx512 import Avx512Int4Kernel, Avx512Int8Kernel, Avx512Iq4Kernel
 from qwenkit.quant.linear import QuantizedLinear
 
 SMALL_ROWS = kernels.SMALL_OP_ROWS
+QWENKIT_INT_KERNELS = (Avx512Int8Kernel, Avx512Int4Kernel, Avx512Iq4Kernel)  # weights as a PackedInt
 ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj")
 MLP_PARTS = ("gate_proj", "up_proj")
 
@@ -57,7 +58,7 @@ def fuse_linears(parts: list[nn.Module]) -> nn.Module | None:
         if all(type(p) is PackedBf16Linear for p in parts):
             return PackedBf16Linear(kernels.concat_bf16([p.packed for p in parts]), bias)
         kernel = type(getattr(parts[0], "impl", None))
-        if kernel in (Avx512Int8Kernel, Avx512Int4Kernel) and all(
+        if kernel in QWENKIT_INT_KERNELS and all(
             type(p) is QuantizedLinear and type(p.impl) is kernel and p.perm is None for p in parts
         ):
             packed = kernels.concat_int([p.impl.packed for p in parts])
@@ -185,7 +186,7 @@ def _linear_args(m: nn.Module) -> tuple[list[torch.Tensor], list[int]] | None:
         mode = 0 if m.bias is None else 1  # the bf16 kernel adds it in fp32, before rounding
         return [m.packed.weight, _ABSENT, _ABSENT, bias], [16, 0, m.out_features, 0, mode]
     impl = getattr(m, "impl", None)
-    if type(m) is not QuantizedLinear or type(impl) not in (Avx512Int8Kernel, Avx512Int4Kernel):
+    if type(m) is not QuantizedLinear or type(impl) not in QWENKIT_INT_KERNELS:
         return None
     if m.perm is not None or impl.max_rows is not None:
         return None

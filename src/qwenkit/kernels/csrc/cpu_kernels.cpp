@@ -10,6 +10,7 @@
 //     (on AMX, _tile_dpbf16ps, where the CPU has it, K % 64 == 0 and use_amx has not turned it off)
 //   linear_int8(x (M,K), codes, scale, shift?, bias?, group_size, N, zero_point)   (_mm512_dpbusd_epi32)
 //   linear_int4(x (M,K), codes, scale, shift?, bias?, group_size, N, zero_point)
+//     (zero_point 128, AVX-512 builds: the 4-bit codes index IQ4's value table, kIq4Values + 128)
 //   argmax_rows(logits fp32 (M,V)) -> (M,) int64, as torch.argmax(-1) (greedy sampling)
 //   widen_rows(logits bf16 (M,V)) -> fp32, as .float(); finite_rows(logits fp32) -> (M,) bool: all finite
 //   topk_rows(logits, k) -> values, ids (M, k); logsumexp_rows(logits, scales) -> (M,);
@@ -325,6 +326,15 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f, int64_t
 
 // ---------------------------------------------------------------------------------------------------
 // helpers
+
+// The values IQ4_NL's and IQ4_XS's 4-bit indices stand for (ggml's kvalues_iq4nl). 4-bit codes with zero
+// point 128 (no linear 4-bit code has one) are such indices: the weight is (kIq4Values[code] + 128 - 128)
+// * scale, the table's bytes + 128 taking the place of the nibbles in the unsigned side of vpdpbusd, so
+// IQ4 weights run at 4 bits instead of as int8 codes (AVX-512 builds; the AVX2 tile's int16 pair sums
+// would overflow on bytes up to 241).
+constexpr int8_t kIq4Values[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+constexpr int64_t kIq4ZeroPoint = 128;
+inline bool iq4_table(int64_t bits, int64_t zero_point) { return bits == 4 && zero_point == kIq4ZeroPoint; }
 
 // Software prefetch distance in bytes ahead of the weight streams; 0 (the default) issues none. Each
 // thread reads its tiles as one sequential stream, which the hardware prefetchers follow on their own:
@@ -984,8 +994,8 @@ inline __m512i dpbusd_bcast(__m512i acc, __m512i w, const int32_t* p) {
 
 #ifdef __AVX512F__
 // One tile of 16 outputs (from n0) against the MT activation rows of pass `p` (rows m0 = p * MT ..),
-// stored to out.
-template <int BITS, typename S, int MT>
+// stored to out. TABLE: int4 codes are IQ4 indices (kIq4Values), looked up with one vpshufb per 64 codes.
+template <int BITS, typename S, int MT, bool TABLE = false>
 void int_tile(const QuantizedRows& qr, int64_t p, const uint8_t* tile, const S* tscale, const S* tshift,
               int64_t group_size, const Output& out, int64_t m0, int64_t n0, const uint8_t* next) {
   const int64_t K = qr.K, blocks = K / 32, groups = qr.groups, blocks_per_group = group_size / 32;
@@ -998,6 +1008,8 @@ void int_tile(const QuantizedRows& qr, int64_t p, const uint8_t* tile, const S* 
 #pragma GCC unroll 8
   for (int m = 0; m < MT; ++m) facc[m] = _mm512_setzero_ps();
   const __m512i nibble = _mm512_set1_epi8(0x0f);
+  const __m512i table = _mm512_broadcast_i32x4(_mm_add_epi8(
+      _mm_loadu_si128(reinterpret_cast<const __m128i*>(kIq4Values)), _mm_set1_epi8(char(kIq4ZeroPoint))));
   for (int64_t g = 0; g < groups; ++g) {
     const __m512 sv = load16_f32<S>(tscale + g * kTile);
     if (tshift != nullptr) {
@@ -1029,8 +1041,9 @@ void int_tile(const QuantizedRows& qr, int64_t p, const uint8_t* tile, const S* 
 #pragma GCC unroll 4
         for (int o = 0; o < 4; ++o) {
           const __m512i v = _mm512_loadu_si512(wb + o * 64);
-          const __m512i lo = _mm512_and_si512(v, nibble);
-          const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+          __m512i lo = _mm512_and_si512(v, nibble);
+          __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+          if constexpr (TABLE) lo = _mm512_shuffle_epi8(table, lo), hi = _mm512_shuffle_epi8(table, hi);
 #pragma GCC unroll 8
           for (int m = 0; m < MT; ++m) {
             iacc[m] = dpbusd_bcast(iacc[m], lo, xb + (2 * o) * MT + m);
@@ -1482,7 +1495,12 @@ inline int64_t int8_zero_point(int bits, int64_t zero_point) {
 #endif
 }
 
-template <int BITS, typename S>
+#ifdef __AVX512F__
+#define QK_TABLE_ARG , TABLE
+#else
+#define QK_TABLE_ARG
+#endif
+template <int BITS, typename S, bool TABLE = false>
 void int_run(const QuantizedRows& qr, const uint8_t* codes, const S* scale, const S* shift, int64_t N,
              int64_t group_size, const Output& out) {
   const int64_t groups = qr.groups, tile_bytes = qr.K * kTile * BITS / 8;
@@ -1493,9 +1511,9 @@ void int_run(const QuantizedRows& qr, const uint8_t* codes, const S* scale, cons
     const int64_t p = m0 / qr.pass;
     const uint8_t* next = next_tile(tile, tile_bytes, t, N, qr.rows);
     switch (mt) {
-      case 1: int_tile<BITS, S, 1>(qr, p, tile, ts, th, group_size, out, m0, t * kTile, next); break;
-      case 2: int_tile<BITS, S, 2>(qr, p, tile, ts, th, group_size, out, m0, t * kTile, next); break;
-      case 4: int_tile<BITS, S, 4>(qr, p, tile, ts, th, group_size, out, m0, t * kTile, next); break;
+      case 1: int_tile<BITS, S, 1 QK_TABLE_ARG>(qr, p, tile, ts, th, group_size, out, m0, t * kTile, next); break;
+      case 2: int_tile<BITS, S, 2 QK_TABLE_ARG>(qr, p, tile, ts, th, group_size, out, m0, t * kTile, next); break;
+      case 4: int_tile<BITS, S, 4 QK_TABLE_ARG>(qr, p, tile, ts, th, group_size, out, m0, t * kTile, next); break;
       default:
 #ifndef __AVX512F__
         if (p % 2 == 1) break;  // with the pass before it (int_tile_pair)
@@ -1504,11 +1522,12 @@ void int_run(const QuantizedRows& qr, const uint8_t* codes, const S* scale, cons
           break;
         }
 #endif
-        int_tile<BITS, S, 8>(qr, p, tile, ts, th, group_size, out, m0, t * kTile, next);
+        int_tile<BITS, S, 8 QK_TABLE_ARG>(qr, p, tile, ts, th, group_size, out, m0, t * kTile, next);
         break;
     }
   });
 }
+#undef QK_TABLE_ARG
 
 // The checks every integer-weight linear makes of its arguments (weights from prepare_int8/int4).
 // The checks of packed integer weights (from prepare_int8/int4) for K inputs and N outputs.
@@ -1531,7 +1550,8 @@ void check_packed(const char* name, int bits, int64_t K, const at::Tensor& codes
     TORCH_CHECK(shift->scalar_type() == scale.scalar_type() && shift->is_contiguous() &&
                     shift->sizes() == scale.sizes(),
                 name, ": shift must be like scale, got ", shift->scalar_type(), " ", shift->sizes());
-  TORCH_CHECK(zero_point >= 0 && zero_point < (1 << bits), name, ": zero_point must lie in 0..", (1 << bits) - 1,
+  TORCH_CHECK((zero_point >= 0 && zero_point < (1 << bits)) || iq4_table(bits, zero_point), name,
+              ": zero_point must lie in 0..", (1 << bits) - 1, (bits == 4 ? " (or be 128: IQ4 table codes)" : ""),
               ", got ", zero_point);
 }
 
@@ -1553,6 +1573,9 @@ at::Tensor linear_int(const at::Tensor& x, const at::Tensor& codes, const at::Te
   check_int_args(BITS == 8 ? "qwenkit linear_int8" : "qwenkit linear_int4", BITS, x, codes, scale, shift, bias,
                  group_size, N, zero_point);
   const int64_t M = x.size(0), K = x.size(1);
+#ifndef __AVX512F__
+  TORCH_CHECK(!iq4_table(BITS, zero_point), "qwenkit linear_int4: IQ4 table codes need the AVX-512 build");
+#endif
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
   at::Tensor xc = x.contiguous();
@@ -1564,12 +1587,19 @@ at::Tensor linear_int(const at::Tensor& x, const at::Tensor& codes, const at::Te
     quantize_rows(xc.data_ptr<at::BFloat16>(), M, padded, K, group_size, int8_zero_point(BITS, zero_point), qr);
   const Output out(y, bias);
   const uint8_t* cp = codes.data_ptr<uint8_t>();
-  if (scale.scalar_type() == at::kFloat)
-    int_run<BITS, float>(qr, cp, scale.data_ptr<float>(), shift.has_value() ? shift->data_ptr<float>() : nullptr, N,
-                         group_size, out);
+  const auto run = [&](auto table) {
+    constexpr bool kTable = decltype(table)::value;
+    if (scale.scalar_type() == at::kFloat)
+      int_run<BITS, float, kTable>(qr, cp, scale.data_ptr<float>(),
+                                   shift.has_value() ? shift->data_ptr<float>() : nullptr, N, group_size, out);
+    else
+      int_run<BITS, at::Half, kTable>(qr, cp, scale.data_ptr<at::Half>(),
+                                      shift.has_value() ? shift->data_ptr<at::Half>() : nullptr, N, group_size, out);
+  };
+  if (iq4_table(BITS, zero_point))
+    run(std::true_type{});
   else
-    int_run<BITS, at::Half>(qr, cp, scale.data_ptr<at::Half>(),
-                            shift.has_value() ? shift->data_ptr<at::Half>() : nullptr, N, group_size, out);
+    run(std::false_type{});
   return y;
 }
 
@@ -1737,9 +1767,6 @@ inline float as_f16_value(float x) {
   const bool normal = std::isfinite(r) && (std::fabs(x) >= kF16Tiny || x == 0.f);
   return normal ? r : x;
 }
-
-// The values IQ4_NL's and IQ4_XS's 4-bit indices stand for (ggml's kvalues_iq4nl).
-constexpr int8_t kIq4Values[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
 
 constexpr int64_t gguf_block_size(int64_t qtype) { return qtype == 12 || qtype == 13 || qtype == 23 ? 256 : 32; }
 constexpr int64_t gguf_block_bytes(int64_t qtype) {
@@ -1917,7 +1944,8 @@ std::tuple<at::Tensor, at::Tensor> requantize_q6_k(const at::Tensor& blocks, int
   return {codes, scales};
 }
 
-// Rows `ids` of packed integer weights as fp32, each value (code - zero_point) * scale, then + shift,
+// Rows `ids` of packed integer weights as fp32, each value (code - zero_point) * scale, then + shift (an
+// IQ4 table code: (table byte - 128) * scale),
 // rounded in that order as the reference (kernels.dequantize) does. For an embedding that shares a
 // packed head's weights: a decode step looks up one row per sequence (torch's ten steps of unpacking
 // took 80 us for one row of the bundled model's head).
@@ -1937,6 +1965,7 @@ at::Tensor dequantize_rows(const at::Tensor& codes, const at::Tensor& scale, con
   float* op = out.data_ptr<float>();
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   const float z = static_cast<float>(zero_point);
+  const bool table = iq4_table(bits, zero_point);  // the codes are IQ4 indices: their table bytes
   auto run = [&](const auto* sp, const auto* hp) {
     for (int64_t i = 0; i < R; ++i) {
       const int64_t t = ip[i] / kTile, r = ip[i] % kTile;
@@ -1950,8 +1979,8 @@ at::Tensor dequantize_rows(const at::Tensor& codes, const at::Tensor& scale, con
         for (int64_t c = 0; c < K / 8; ++c)
           for (int64_t j = 0; j < 4; ++j) {
             const uint8_t b = tile[c * 64 + 4 * r + j];
-            w[8 * c + j] = static_cast<float>(b & 0x0f);
-            w[8 * c + 4 + j] = static_cast<float>(b >> 4);
+            w[8 * c + j] = static_cast<float>(table ? kIq4Values[b & 0x0f] + kIq4ZeroPoint : b & 0x0f);
+            w[8 * c + 4 + j] = static_cast<float>(table ? kIq4Values[b >> 4] + kIq4ZeroPoint : b >> 4);
           }
       for (int64_t g = 0; g < groups; ++g) {
         const float sc = static_cast<float>(sp[(t * groups + g) * kTile + r]);

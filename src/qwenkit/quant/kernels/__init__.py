@@ -17,11 +17,12 @@ from qwenkit.quant.kernels.aten import (
     CpuInt8PackKernel,
     CudaInt4PackKernel,
 )
-from qwenkit.quant.kernels.avx512 import Avx512Int4Kernel, Avx512Int8Kernel
+from qwenkit.quant.kernels.avx512 import Avx512Int4Kernel, Avx512Int8Kernel, Avx512Iq4Kernel
 from qwenkit.quant.kernels.base import LinearKernel, WeightSpec
 from qwenkit.quant.kernels.dequant import DequantKernel
 
 KERNELS: list[type[LinearKernel]] = [
+    Avx512Iq4Kernel,
     Avx512Int8Kernel,
     Avx512Int4Kernel,
     CpuInt8PackKernel,
@@ -40,17 +41,19 @@ def kernel_class(key: str) -> type[LinearKernel]:
 
 
 def choose_kernel(
-    bits: int, group_size: int, in_features: int, out_features: int, device: torch.device
+    bits: int, group_size: int, in_features: int, out_features: int, device: torch.device, iq4: bool = False
 ) -> str:
-    """Key of the first kernel in ``KERNELS`` that can run this layer on ``device``."""
-    spec = WeightSpec(bits, group_size, in_features, out_features)
+    """Key of the first kernel in ``KERNELS`` that can run this layer on ``device`` (``iq4``: the codes
+    are IQ4 table values, ``AffineWeight.iq4``)."""
+    spec = WeightSpec(bits, group_size, in_features, out_features, iq4)
     return next(cls.key for cls in KERNELS if cls.supports(spec, device))
 
 
 def build_kernel(w: AffineWeight, device: torch.device, key: str | None = None) -> LinearKernel:
     """The kernel ``key`` (default: the fastest that fits) built from ``w`` on ``device``."""
     spec = WeightSpec.of(w)
-    cls = kernel_class(key) if key else kernel_class(choose_kernel(*vars(spec).values(), device))
+    chosen = choose_kernel(w.bits, w.group_size, w.in_features, w.out_features, device, w.iq4)
+    cls = kernel_class(key or chosen)
     if not cls.supports(spec, device):
         needs = getattr(cls, "bits_needed", None)
         if needs is not None and needs != w.bits:

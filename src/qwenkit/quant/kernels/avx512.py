@@ -16,6 +16,7 @@ import torch
 from qwenkit import kernels
 from qwenkit.kernels.ops import PackedInt
 from qwenkit.quant.affine import AffineWeight
+from qwenkit.quant.gptq_format import QuantizationError
 from qwenkit.quant.kernels.base import LinearKernel, WeightSpec
 
 
@@ -97,3 +98,42 @@ class Avx512Int4Kernel(_Avx512IntKernel):
     key = "avx512_int4"
     description = _IsaNamed("qwenkit {isa} int4 (int8 activations)")  # type: ignore[assignment]
     bits_needed = 4
+
+
+class Avx512Iq4Kernel(_Avx512IntKernel):
+    """IQ4_NL/IQ4_XS weights (8-bit codes of their table values, ``AffineWeight.iq4``) held as 4-bit
+    indices: the AVX-512 int4 tile looks each up in the table (one ``vpshufb`` per 64 codes), so they
+    read half the bytes of the int8 codes and compute the same weights. The int8 kernel runs them
+    elsewhere (the AVX2 tiles' int16 pair sums would overflow on the table's bytes)."""
+
+    key = "avx512_iq4"
+    description = _IsaNamed("qwenkit {isa} int4 IQ4 table (int8 activations)")  # type: ignore[assignment]
+    bits_needed = 8
+
+    def __init__(self, w: AffineWeight | PackedInt) -> None:
+        if isinstance(w, AffineWeight):
+            w = _iq4_packed(w)
+        super().__init__(w)
+        self.bits = 8  # the weights' codes as given (``codes()``): the packing is the kernel's own
+
+    @classmethod
+    def supports(cls, spec: WeightSpec, device: torch.device) -> bool:
+        return spec.iq4 and super().supports(spec, device) and kernels.runs_iq4_table()
+
+    def codes(self) -> torch.Tensor:
+        return kernels.iq4_codes(kernels.unpack_codes(self.packed))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.linear_int4(x, self.packed)
+
+
+def _iq4_packed(w: AffineWeight) -> PackedInt:
+    """An IQ4-valued AffineWeight's codes as table indices, packed for the int4 tile with the table's zero
+    point. Raises if a code is not one of the table's, or the shift is not the zero point's."""
+    index = torch.full((256,), 255, dtype=torch.uint8)
+    index[kernels.iq4_codes(torch.arange(16)).long()] = torch.arange(16, dtype=torch.uint8)
+    indices = index[w.codes.cpu().long()]
+    if bool((indices == 255).any()) or _zero_point(w) != kernels.IQ4_ZERO_POINT:
+        raise QuantizationError("IQ4 weights must be codes of the IQ4 table's values on zero point 128")
+    zero_point = kernels.IQ4_ZERO_POINT
+    return kernels.prepare_int4(indices, w.scale.float(), None, w.group_size, zero_point=zero_point)

@@ -26,10 +26,11 @@ class WeightSpec:
     group_size: int
     in_features: int
     out_features: int
+    iq4: bool = False  # AffineWeight.iq4: 8-bit codes a kernel may hold as IQ4 table indices
 
     @classmethod
     def of(cls, w: AffineWeight) -> WeightSpec:
-        return cls(w.bits, w.group_size, w.in_features, w.out_features)
+        return cls(w.bits, w.group_size, w.in_features, w.out_features, w.iq4)
 
 
 class LinearKernel(nn.Module):
