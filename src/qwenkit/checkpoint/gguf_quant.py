@@ -20,7 +20,9 @@ IQ4_XS   8     table[nibble] + 128, 8 sub-blocks per 256  d * (ls - 32), -128 d 
 
 The IQ4 types' nibbles index a fixed table of 16 int8 values (ggml's ``kvalues_iq4nl``, -127..113, not
 evenly spaced), so no 4-bit code times a scale gives them: they load as int8 codes (the table's value +
-128, Q8_0's zero point), the values exactly, at twice the file's bytes for those weights.
+128, Q8_0's zero point), the values exactly, marked ``AffineWeight.iq4`` so that a kernel that looks the
+table up (``Avx512Iq4Kernel``, AVX-512 builds) holds them as 4-bit indices again; the int8 kernels run
+them elsewhere, at twice the file's bytes for those weights.
 
 Each product ``code * scale`` is exact in float32 (at most 8 code bits times an 11-bit float16
 mantissa), and each scale and shift is exact, so ``code * scale + shift`` rounds once, where gguf-py's
