@@ -70,7 +70,7 @@ AFFINE_BITS: dict[GGMLQuantizationType, int] = {
     Q.IQ4_XS: 8,
 }
 # what IQ4_NL's and IQ4_XS's 4-bit indices stand for (ggml's kvalues_iq4nl), as int8 codes + 128
-IQ4_CODES = (np.array(kernel_ops.IQ4_VALUES) + 128).astype(np.uint8)
+IQ4_CODES = kernel_ops.iq4_codes(torch.arange(16)).numpy()
 IQ4_TYPES = (Q.IQ4_NL, Q.IQ4_XS)  # marked AffineWeight.iq4: kernels may hold their codes at 4 bits
 
 

@@ -1799,7 +1799,8 @@ inline void gguf_decode_block(const uint8_t* __restrict b, uint8_t* __restrict c
   } else if constexpr (Q == 20) {  // IQ4_NL: d, nibbles (low: elements 0..15, high: 16..31) indexing the table
     const uint8_t* qs = b + 2;
     for (int i = 0; i < 16; ++i)
-      codes[i] = uint8_t(kIq4Values[qs[i] & 0x0F] + 128), codes[16 + i] = uint8_t(kIq4Values[qs[i] >> 4] + 128);
+      codes[i] = uint8_t(kIq4Values[qs[i] & 0x0F] + kIq4ZeroPoint),
+      codes[16 + i] = uint8_t(kIq4Values[qs[i] >> 4] + kIq4ZeroPoint);
     scale[0] = gguf_f16(b), shift[0] = -128.f * scale[0];
   } else if constexpr (Q == 23) {  // IQ4_XS: d, 2 bytes of scale high bits, 4 of low nibbles, 8 runs of IQ4_NL's nibbles
     const float d = gguf_f16(b);
@@ -1811,8 +1812,8 @@ inline void gguf_decode_block(const uint8_t* __restrict b, uint8_t* __restrict c
       scale[j] = as_f16_value(d * float(ls - 32));
       shift[j] = -128.f * scale[j];
       for (int i = 0; i < 16; ++i) {
-        codes[32 * j + i] = uint8_t(kIq4Values[qs[16 * j + i] & 0x0F] + 128);
-        codes[32 * j + 16 + i] = uint8_t(kIq4Values[qs[16 * j + i] >> 4] + 128);
+        codes[32 * j + i] = uint8_t(kIq4Values[qs[16 * j + i] & 0x0F] + kIq4ZeroPoint);
+        codes[32 * j + 16 + i] = uint8_t(kIq4Values[qs[16 * j + i] >> 4] + kIq4ZeroPoint);
       }
     }
   } else {  // Q4_K, Q5_K: d, dmin, 12 bytes of 6-bit scales and minimums, (Q5_K: 32 bytes of high bits,) nibbles
