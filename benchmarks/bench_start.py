@@ -7,10 +7,11 @@ each process had used by its first byte (less sensitive to other jobs holding th
 is the file in its own precision (Q4_1/Q8_0 codes, header and prepared-model caches warm); beside it the
 same with the prepared-model cache off (decoding and packing at every start), a first start (both caches
 empty: parse, decode, pack, write), the old float load (``--gguf-dequantize``), the default run with one
-torch thread, and llama.cpp's time to first token on the same file when llama-cpp-python is installed.
+torch thread, and llama.cpp's time to first token on the same file when llama-cpp-python is installed
+(or, with ``--llama-src``/``--llama-lib``, the sdist and libllama ``bench_vs_llamacpp.py`` builds).
 Then, in one fresh process per run, the default start phase by phase (medians). Goal: under 1.5 s.
 
-    .venv/bin/python benchmarks/bench_start.py [--runs 7]
+    .venv/bin/python benchmarks/bench_start.py [--runs 7] [--llama-src SDIST --llama-lib DIR]
 """
 
 from __future__ import annotations
@@ -104,12 +105,13 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def llama_cpp_seconds(model: Path) -> float:
+def llama_cpp_seconds(model: Path, env: dict[str, str] | None) -> float:
     out = subprocess.run(
         [sys.executable, "-c", LLAMA_CPP, str(model), repr(time.time()), QUESTION],
         capture_output=True,
         text=True,
         check=True,
+        env=env,
     )
     return float(out.stdout.split()[0])
 
@@ -117,6 +119,8 @@ def llama_cpp_seconds(model: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--llama-src", type=Path, help="llama-cpp-python's sdist (bench_vs_llamacpp.py)")
+    parser.add_argument("--llama-lib", type=Path, help="the directory holding the libllama built from it")
     args = parser.parse_args()
     from qwenkit.default_model import default_model_path
 
@@ -134,12 +138,19 @@ def main() -> None:
         # one torch thread: shows what a thread team waiting for a busy core costs on a shared machine
         "qwenkit, OMP_NUM_THREADS=1": ["OMP_NUM_THREADS=1", *chat],
     }
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        configs["llama.cpp (llama-cpp-python)"] = None
-    else:
+    llama_env = None  # the llama.cpp child's environment: this one, where llama-cpp-python is installed
+    if args.llama_src and args.llama_lib:
+        from bench_vs_llamacpp import llama_env as sdist_env  # benchmarks/, beside this script
+
+        llama_env = sdist_env(args.llama_src, args.llama_lib)
         configs["llama.cpp (llama-cpp-python)"] = []
+    else:
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            configs["llama.cpp (llama-cpp-python)"] = None
+        else:
+            configs["llama.cpp (llama-cpp-python)"] = []
     first_byte_seconds(chat)  # warm the page cache and the GGUF header cache
     times: dict[str, list[float]] = {name: [] for name in configs}
     cpu: dict[str, list[float]] = {name: [] for name in configs}
@@ -154,7 +165,7 @@ def main() -> None:
                 cpu[name].append(used)
                 continue
             if cmd == []:
-                times[name].append(llama_cpp_seconds(model))
+                times[name].append(llama_cpp_seconds(model, llama_env))
                 continue
             wall, used = first_byte_seconds(cmd)
             times[name].append(wall)
