@@ -6,8 +6,9 @@ speed drifts from minute to minute, so both sides of a ratio are taken side by s
 engine the CLI and the server use, 16-token prompts, prefill excluded. Models: the bundled SmolLM2 GGUF
 (Q4_1 layers, Q8_0 head) and random-weight checkpoints of the exact Qwen2.5-0.5B and 1.5B shapes (the
 ones ``bench_vs_llamacpp.py`` builds, made here when missing) in bfloat16 and with ``--quantize int8`` /
-``int4``, and (``--precisions q4_k_m``, not by default) llama.cpp's Q4_K_M file of each shape, which
-qwenkit loads in its own precision (``bench_vs_llamacpp.py --pairs q4_k_m`` makes it).
+``int4``, and (``--precisions q4_k_m,iq4_nl,iq4_xs``, not by default) llama.cpp's Q4_K_M, IQ4_NL and
+IQ4_XS files of each shape, which qwenkit loads in their own precision (``bench_vs_llamacpp.py --pairs
+q4_k_m,iq4_nl,iq4_xs`` makes them).
 
 The peer: with ``--llama-bin DIR`` (the directory holding llama.cpp's ``llama-batched-bench``, which
 ``bench_vs_llamacpp.py`` builds beside libllama), each round also runs llama.cpp on the same model at the
@@ -35,9 +36,10 @@ from bench_vs_llamacpp import SHAPES, write_anchor
 from qwenkit.checkpoint import load_model
 from qwenkit.default_model import default_model_path
 
-QUANTIZE = {"bf16": None, "int8": "int8", "int4": "int4", "q4_k_m": None}
-# llama.cpp's file at the same bits; q4_k_m: its Q4_K_M file, which qwenkit loads too (own precision)
-LLAMA_FTYPE = {"bf16": "f16", "int8": "q8_0", "int4": "q4_0", "q4_k_m": "q4_k_m"}
+QUANTIZE = {"bf16": None, "int8": "int8", "int4": "int4", "q4_k_m": None, "iq4_nl": None, "iq4_xs": None}
+GGUF_FILES = ("q4_k_m", "iq4_nl", "iq4_xs")  # llama.cpp's file, which qwenkit loads too (own precision)
+# llama.cpp's file at the same bits (for GGUF_FILES the file both tools read)
+LLAMA_FTYPE = {"bf16": "f16", "int8": "q8_0", "int4": "q4_0"} | {f: f for f in GGUF_FILES}
 PROMPT = 16  # tokens per request, as decode_rate's default
 
 
@@ -63,8 +65,10 @@ def runs(models: list[str], precisions: list[str], work: Path) -> list[Run]:
             write_anchor(path, SHAPES[model])
         for p in precisions:
             gguf = work / f"{path.name}-{LLAMA_FTYPE[p]}.gguf"
-            if p == "q4_k_m":  # both tools read the same file
-                out.append(Run(f"Qwen2.5-{model.upper()} Q4_K_M GGUF", gguf, None, gguf, "the same GGUF"))
+            if p in GGUF_FILES:  # both tools read the same file
+                out.append(
+                    Run(f"Qwen2.5-{model.upper()} {p.upper()} GGUF", gguf, None, gguf, "the same GGUF")
+                )
                 continue
             out.append(Run(f"Qwen2.5-{model.upper()} {p}", path, QUANTIZE[p], gguf, LLAMA_FTYPE[p]))
     return out
