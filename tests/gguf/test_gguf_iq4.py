@@ -107,6 +107,13 @@ def test_iq4_kernel_gives_back_the_codes_and_rows_it_was_built_from(iq4_file):
     ids = torch.tensor([3, 0, w.out_features - 1])
     assert torch.equal(impl.rows(ids, torch.float32), w.dequantize()[ids])
     assert impl.packed.codes.nbytes * 2 == w.codes.nbytes  # half the bytes of int8 codes
+    # a weight past one lookup chunk (2M codes: the lookup runs ~1M at a time), its last row included
+    g = torch.Generator().manual_seed(0)
+    table = kernels.iq4_codes(torch.arange(16))
+    big_codes = table[torch.randint(0, 16, (1024, 2048), generator=g)]
+    big_scale = torch.rand(2048 // 32, 1024, generator=g).half().float()
+    big = AffineWeight(big_codes, big_scale, -128 * big_scale, 32, 8, iq4=True)
+    assert torch.equal(build_kernel(big, torch.device("cpu")).codes(), big_codes)
     bad = AffineWeight(w.codes ^ 1, w.scale, w.shift, w.group_size, w.bits, iq4=True)
     with pytest.raises(QuantizationError, match="codes of the IQ4 table's values"):
         build_kernel(bad, torch.device("cpu"))

@@ -132,7 +132,11 @@ def _iq4_packed(w: AffineWeight) -> PackedInt:
     point. Raises if a code is not one of the table's, or the shift is not the zero point's."""
     index = torch.full((256,), 255, dtype=torch.uint8)
     index[kernels.iq4_codes(torch.arange(16)).long()] = torch.arange(16, dtype=torch.uint8)
-    indices = index[w.codes.cpu().long()]
+    codes = w.codes.cpu()
+    indices = torch.empty_like(codes)
+    rows = max(1, (1 << 20) // max(1, codes.shape[1]))  # the lookup's int64 copy: ~8 MB at a time
+    for r in range(0, codes.shape[0], rows):
+        indices[r : r + rows] = index[codes[r : r + rows].long()]
     if bool((indices == 255).any()) or _zero_point(w) != kernels.IQ4_ZERO_POINT:
         raise QuantizationError("IQ4 weights must be codes of the IQ4 table's values on zero point 128")
     zero_point = kernels.IQ4_ZERO_POINT
