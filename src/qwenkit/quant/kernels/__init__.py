@@ -52,8 +52,9 @@ def choose_kernel(
 def build_kernel(w: AffineWeight, device: torch.device, key: str | None = None) -> LinearKernel:
     """The kernel ``key`` (default: the fastest that fits) built from ``w`` on ``device``."""
     spec = WeightSpec.of(w)
-    chosen = choose_kernel(w.bits, w.group_size, w.in_features, w.out_features, device, w.iq4)
-    cls = kernel_class(key or chosen)
+    if not key:  # the fastest that fits
+        key = choose_kernel(w.bits, w.group_size, w.in_features, w.out_features, device, w.iq4)
+    cls = kernel_class(key)
     if not cls.supports(spec, device):
         needs = getattr(cls, "bits_needed", None)
         if needs is not None and needs != w.bits:
