@@ -7,7 +7,8 @@ and llama.cpp (through llama-cpp-python) alternately, each measurement in a fres
 rounds. Pairs: bfloat16 vs f16, ``--quantize int8`` vs q8_0, ``--quantize int4`` vs q4_0, and
 ``q4_k_m``: llama.cpp's Q4_K_M file (its quantizer, ftype 15), which qwenkit loads itself, in the
 file's own precision (the type most GGUF files are published in; not run by default), and likewise
-``iq4_nl`` and ``iq4_xs`` (ftypes 25 and 30, which qwenkit runs as int8 codes of their values). Prints decode
+``iq4_nl`` and ``iq4_xs`` (ftypes 25 and 30: 4-bit indices into IQ4's table), ``q5_0`` and ``q5_k_m``
+(ftypes 8 and 17: 5-bit codes; the 0.5B shape's 896-wide rows make Q5_K_M's K-quants Q5_1). Prints decode
 and prefill tokens/s (median over rounds), the ratio to llama.cpp, the fraction of the memory-bandwidth
 limit (bytes read per token, weights plus the keys and values at the mean context, x tokens/s over a
 read bandwidth measured in the same run) and peak resident memory.
@@ -44,8 +45,10 @@ PAIRS = {
     "q4_k_m": ("gguf", "q4_k_m"),  # the file type most GGUFs are published in, in its own precision
     "iq4_nl": ("gguf", "iq4_nl"),  # llama.cpp's non-linear 4-bit types: qwenkit runs them as int8 codes
     "iq4_xs": ("gguf", "iq4_xs"),
+    "q5_0": ("gguf", "q5_0"),  # 5-bit codes (the 5-bit kernel on AVX-512, int8 codes elsewhere)
+    "q5_k_m": ("gguf", "q5_k_m"),
 }
-LLAMA_FTYPE = {"q8_0": 7, "q4_0": 2, "q4_k_m": 15, "iq4_nl": 25, "iq4_xs": 30}  # enum llama_ftype
+LLAMA_FTYPE = {"q8_0": 7, "q4_0": 2, "q5_0": 8, "q4_k_m": 15, "q5_k_m": 17, "iq4_nl": 25, "iq4_xs": 30}
 
 PROMPT_IDS = "[(i * 13) % 1000 + 10 for i in range({n})]"
 

@@ -363,6 +363,63 @@ def test_linear_int4_iq4_table_codes(loaded, n, k, group, m, act_dtype):
     assert (err <= exact.abs() * out_ulp + 2e-5 * exact.abs().max() + 1e-6).all(), err.max()
 
 
+INT5_CASES = [
+    (896, 896, 32, False),
+    (4864, 896, 32, True),
+    (131, 96, 32, True),
+    (33, 288, 96, False),
+    (256, 1536, 1536, True),
+]
+
+
+@needs_isa
+@pytest.mark.parametrize("n,k,group,with_shift", INT5_CASES)
+@pytest.mark.parametrize("m,act_dtype", [(1, torch.bfloat16), (3, torch.float32), (16, torch.bfloat16)])
+def test_linear_int5_codes(loaded, n, k, group, with_shift, m, act_dtype):
+    """5-bit codes (GGUF Q5_0 on zero point 16, Q5_1/Q5_K with a shift): every code's fifth bit and
+    nibble come back from the packing, dequantize and the row gather give (code - z) x scale + shift,
+    and (AVX-512 builds) the 5-bit tile gives exactly what the int8 tile gives on the same codes as
+    8-bit codes, within float rounding of the exact dot; other builds refuse with the reason."""
+    g = torch.Generator().manual_seed(n + k + m + with_shift)
+    codes = torch.randint(0, 32, (n, k), generator=g, dtype=torch.uint8)
+    codes[0, :32] = torch.arange(32, dtype=torch.uint8)  # every value, at every position of a block
+    codes[-1, :32] = torch.arange(31, -1, -1, dtype=torch.uint8)
+    scale = torch.rand(k // group, n, generator=g) * 0.01
+    shift = -torch.rand(k // group, n, generator=g) * 0.2 if with_shift else None
+    zero_point = 0 if with_shift else 16
+    p = kernels.prepare_int5(codes, scale, shift, group, zero_point=zero_point)
+    assert p.codes.shape == (-(-n // 16), k * 10)
+    w = (codes.double() - zero_point) * scale.double().T.repeat_interleave(group, dim=1)
+    if shift is not None:
+        w += shift.double().T.repeat_interleave(group, dim=1)
+    assert torch.equal(kernels.unpack_codes(p), codes)
+    assert torch.equal(kernels.dequantize(p, torch.float64), w)
+    rows = torch.tensor([0, n - 1, n // 2])
+    assert torch.equal(kernels.dequantize_rows(p, rows), kernels.dequantize(p, rows=rows))
+    x = torch.randn(m, k, generator=g).to(act_dtype)
+    if not kernels.runs_int5():
+        with pytest.raises(RuntimeError, match="5-bit codes need the AVX-512 build"):
+            kernels.linear_int5(x, p)
+        return
+    y = kernels.linear_int5(x, p)
+    as_int8 = kernels.prepare_int8(codes, scale, shift, group, zero_point=zero_point)
+    assert torch.equal(y, kernels.linear_int8(x, as_int8))
+    exact = quantize_activations(x).double() @ w.T
+    out_ulp = 2.0**-8 if act_dtype == torch.bfloat16 else 1e-6
+    err = (y.double() - exact).abs()
+    assert (err <= exact.abs() * out_ulp + 2e-5 * exact.abs().max() + 1e-6).all(), err.max()
+
+
+def test_int5_codes_must_fit_5_bits():
+    codes = torch.full((8, 64), 32, dtype=torch.uint8)
+    with pytest.raises(kernels.KernelInputError, match="5-bit codes must lie in 0..31, got 32"):
+        kernels.prepare_int5(codes, torch.ones(2, 8), None, 32, zero_point=16)
+    with pytest.raises(kernels.KernelInputError, match="zero_point must lie in 0..31, got 32"):
+        kernels.prepare_int5(codes - 1, torch.ones(2, 8), None, 32, zero_point=32)
+    with pytest.raises(kernels.KernelInputError, match="multiple of 32 dividing K=48"):
+        kernels.prepare_int5(torch.zeros(8, 48, dtype=torch.uint8), torch.ones(1, 8), None, 48)
+
+
 def test_iq4_zero_point_is_only_for_4_bits():
     codes = torch.zeros(8, 64, dtype=torch.uint8)
     kernels.prepare_int4(codes, torch.ones(2, 8), None, 32, zero_point=kernels.IQ4_ZERO_POINT)  # accepted

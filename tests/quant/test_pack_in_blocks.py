@@ -62,7 +62,9 @@ def test_tile_packing_refuses_what_it_cannot_lay_out():
         pytest.skip("the CPU kernels are not available here")
     with pytest.raises(RuntimeError, match="K must be a multiple of 8"):
         ops._tile_codes(4, codes(16, 12, 4))
-    with pytest.raises(RuntimeError, match="bits must be 8 or 4"):
+    with pytest.raises(RuntimeError, match="K must be a multiple of 32"):
+        ops._tile_codes(5, codes(16, 48, 5))
+    with pytest.raises(RuntimeError, match="bits must be 8, 5 or 4"):
         ops._tile_codes(2, codes(16, 16, 2))
     with pytest.raises(RuntimeError, match="must be .N, K. uint8"):
         ops._tile_codes(8, codes(16, 16, 8).to(torch.int32))

@@ -22,7 +22,10 @@ The IQ4 types' nibbles index a fixed table of 16 int8 values (ggml's ``kvalues_i
 evenly spaced), so no 4-bit code times a scale gives them: they load as int8 codes (the table's value +
 128, Q8_0's zero point), the values exactly, marked ``AffineWeight.iq4`` so that a kernel that looks the
 table up (``Avx512Iq4Kernel``, AVX-512 builds) holds them as 4-bit indices again; the int8 kernels run
-them elsewhere, at twice the file's bytes for those weights.
+them elsewhere, at twice the file's bytes for those weights. The Q5 types' codes span 32 values (Q5_0's
+``q + 112`` on Q8_0's zero point, so its projections fuse with Q8_0 ones where they run as int8), marked
+``AffineWeight.q5_base``, so that the 5-bit kernel (``Avx512Int5Kernel``, AVX-512 builds) holds them at
+5 bits again.
 
 Each product ``code * scale`` is exact in float32 (at most 8 code bits times an 11-bit float16
 mantissa), and each scale and shift is exact, so ``code * scale + shift`` rounds once, where gguf-py's
@@ -45,6 +48,8 @@ load took 21.9 s on numpy and gguf-py (2026-12-01, Xeon, one thread), most of it
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -72,17 +77,17 @@ AFFINE_BITS: dict[GGMLQuantizationType, int] = {
 # what IQ4_NL's and IQ4_XS's 4-bit indices stand for (ggml's kvalues_iq4nl), as int8 codes + 128
 IQ4_CODES = kernel_ops.iq4_codes(torch.arange(16)).numpy()
 IQ4_TYPES = (Q.IQ4_NL, Q.IQ4_XS)  # marked AffineWeight.iq4: kernels may hold their codes at 4 bits
+# the 5-bit types' lowest 8-bit code (AffineWeight.q5_base): kernels may hold their codes at 5 bits
+Q5_BASES = {Q.Q5_0: 112, Q.Q5_1: 0, Q.Q5_K: 0}
 
 
 def take_rows(w: AffineWeight, index: torch.Tensor | slice) -> AffineWeight:
     """The weight's output rows ``index`` (a permutation or a slice), codes and scales alike."""
-    return AffineWeight(
-        w.codes[index].contiguous(),
-        w.scale[:, index].contiguous(),
-        w.shift[:, index].contiguous(),
-        w.group_size,
-        w.bits,
-        w.iq4,
+    return replace(
+        w,
+        codes=w.codes[index].contiguous(),
+        scale=w.scale[:, index].contiguous(),
+        shift=w.shift[:, index].contiguous(),
     )
 
 
@@ -138,7 +143,9 @@ def decode_affine(data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[in
         codes, scale, shift = kernel_ops.run_pass(
             "decode_gguf_blocks", out_f * in_f, torch.from_numpy(blocks.reshape(-1)), int(qtype), out_f, in_f
         )
-        return AffineWeight(codes, scale, shift, GROUP, AFFINE_BITS[qtype], qtype in IQ4_TYPES)
+        return AffineWeight(
+            codes, scale, shift, GROUP, AFFINE_BITS[qtype], qtype in IQ4_TYPES, Q5_BASES.get(qtype)
+        )
     codes, scale, shift = _DECODERS[qtype](blocks)  # (nb, block) uint8, (nb, subblocks) float32 x2
     groups = in_f // GROUP
     return AffineWeight(
@@ -148,6 +155,7 @@ def decode_affine(data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[in
         group_size=GROUP,
         bits=AFFINE_BITS[qtype],
         iq4=qtype in IQ4_TYPES,
+        q5_base=Q5_BASES.get(qtype),
     )
 
 

@@ -21,7 +21,9 @@ Imports only torch, the standard library and qwenkit.errors; model/ and quant/ m
         # zero_point=128), Q4_0 = (q, d, None, zero_point=8), Q4_1 = (q, d, m, zero_point=0);
         # IQ4_NL/IQ4_XS = (indices, d, None, zero_point=IQ4_ZERO_POINT): w = IQ4_VALUES[index] * d,
         # where kernels.runs_iq4_table() (AVX-512 builds); kernels.iq4_codes(indices) -> int8 codes
-    kernels.linear_int8(x, p, bias=None) / kernels.linear_int4(x, p, bias=None)
+    p = kernels.prepare_int5(codes, scale, shift, group_size, zero_point=0)  # codes uint8 in 0..31
+        # Q5_0 = (q, d, None, zero_point=16), Q5_1/Q5_K = (q, d, m, 0); where kernels.runs_int5()
+    kernels.linear_int8(x, p, bias=None) / linear_int5(x, p, bias=None) / linear_int4(x, p, bias=None)
         # x (..., K) bf16 or fp32 -> (..., N) in x's dtype; x is rounded to int8 per block of 32.
     kernels.dequantize(p, dtype, rows=None) -> (N, K) or (len(rows), K) float weights
     kernels.unpack_codes(p) -> (N, K) uint8 codes
@@ -65,10 +67,13 @@ from qwenkit.kernels.ops import (
     isa_level,
     linear_bf16,
     linear_int4,
+    linear_int5,
     linear_int8,
     prepare_bf16,
     prepare_int4,
+    prepare_int5,
     prepare_int8,
+    runs_int5,
     runs_iq4_table,
     unpack_bf16,
     unpack_codes,
@@ -122,13 +127,16 @@ __all__ = [
     "isa_level",
     "linear_bf16",
     "linear_int4",
+    "linear_int5",
     "linear_int8",
     "logsumexp",
     "prepare_bf16",
     "prepare_int4",
+    "prepare_int5",
     "prepare_int8",
     "rms_norm",
     "rope_",
+    "runs_int5",
     "runs_iq4_table",
     "sample_cdf",
     "sample_top_p",

@@ -197,7 +197,9 @@ class PackedInt:
     Rows come in tiles of 16 (N padded with zero rows), each tile one sequential stream: codes
     (N/16, K * 16) uint8 for 8 bits, where each 64 bytes hold 4 consecutive inputs of the 16 rows, or
     (N/16, K * 8) for 4 bits, where each 64 bytes hold 8 inputs as nibbles (byte 4r + i: input i low,
-    input 4 + i high). scale and shift: (N/16, K / group_size, 16), float32 or float16; shift may be None.
+    input 4 + i high), or (N/16, K * 10) for 5 bits, each 32 inputs as 4-bit's 256 bytes of low nibbles
+    and 64 bytes of fifth bits (byte 4r + i, bit q: input 4q + i). scale and shift: (N/16, K / group_size,
+    16), float32 or float16; shift may be None.
     """
 
     bits: int
@@ -302,15 +304,16 @@ def _prepare(
             )
     if codes.dtype != torch.uint8:
         raise KernelInputError(f"{what}: codes must be uint8, got {codes.dtype}")
-    if bits == 4 and codes.numel() and int(codes.max()) > 15:
-        raise KernelInputError(f"{what}: 4-bit codes must lie in 0..15, got {int(codes.max())}")
+    top = int(codes.max()) if bits < 8 and codes.numel() else 0
+    if top >= 2**bits:
+        raise KernelInputError(f"{what}: {bits}-bit codes must lie in 0..{2**bits - 1}, got {top}")
     sdt = scale_dtype or _pick_scale_dtype(scale, shift)
     h = None if shift is None else _tiled(shift, sdt)
     return PackedInt(bits, _tile_codes(bits, codes), _tiled(scale, sdt), h, group_size, k, n, zero_point)
 
 
 def _tile_codes(bits: int, codes: torch.Tensor) -> torch.Tensor:
-    """(N, K) uint8 codes -> (N/16, K * 16) or (N/16, K * 8) tiles, zero rows padding N: one pass in C++
+    """(N, K) uint8 codes -> (N/16, K * 2 * bits) tiles, zero rows padding N: one pass in C++
     (``pack_int_tiles``) straight into the result, no temporaries beside it."""
     return run_pass("pack_int_tiles", codes.numel(), codes, bits)
 
@@ -348,6 +351,19 @@ def prepare_int4(
     return _prepare(4, codes, scale, shift, group_size, zero_point, scale_dtype)
 
 
+def prepare_int5(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor | None,
+    group_size: int,
+    zero_point: int = 0,
+    scale_dtype: torch.dtype | None = None,
+) -> PackedInt:
+    """Pack 5-bit codes (N, K) as uint8 in 0..31 (GGUF Q5_0 is zero_point=16; Q5_1 and Q5_K carry a
+    shift) for linear_int5, which only the AVX-512 builds run (:func:`runs_int5`). K a multiple of 32."""
+    return _prepare(5, codes, scale, shift, group_size, zero_point, scale_dtype)
+
+
 def _linear_int(bits: int, x: torch.Tensor, p: PackedInt, bias: torch.Tensor | None) -> torch.Tensor:
     if p.bits != bits:
         raise KernelInputError(f"linear_int{bits} got weights packed for {p.bits} bits")
@@ -372,6 +388,11 @@ def linear_int4(x: torch.Tensor, p: PackedInt, bias: torch.Tensor | None = None)
     return _linear_int(4, x, p, bias)
 
 
+def linear_int5(x: torch.Tensor, p: PackedInt, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """As linear_int8, for weights packed by prepare_int5 (AVX-512 builds)."""
+    return _linear_int(5, x, p, bias)
+
+
 def is_iq4_table(p: PackedInt) -> bool:
     """True for 4-bit codes that index ``IQ4_VALUES``."""
     return p.bits == 4 and p.zero_point == IQ4_ZERO_POINT
@@ -380,6 +401,16 @@ def is_iq4_table(p: PackedInt) -> bool:
 def runs_iq4_table() -> bool:
     """True when the loaded kernels run IQ4 table codes (the AVX-512 builds: the AVX2 tiles' int16 pair
     sums would overflow on the table's bytes)."""
+    return _avx512_build()
+
+
+def runs_int5() -> bool:
+    """True when the loaded kernels run 5-bit codes (the AVX-512 builds; the AVX2 and AVX-VNNI tiles
+    have no 5-bit unpacking)."""
+    return _avx512_build()
+
+
+def _avx512_build() -> bool:
     return available() and (isa_level() or "").startswith("avx512")
 
 
@@ -394,6 +425,14 @@ def unpack_codes(p: PackedInt) -> torch.Tensor:
     tiles, k = p.codes.shape[0], p.in_features
     if p.bits == 8:
         c = p.codes.view(tiles, k // 4, TILE, 4).transpose(1, 2)
+    elif p.bits == 5:  # per 32 inputs: (4 x 64 nibble bytes, 64 bytes of fifth bits)
+        blocks = p.codes.view(tiles, k // 32, 5, TILE, 4)
+        nibbles = blocks[:, :, :4].unsqueeze(4)  # (tiles, blocks, 4 byte quads, TILE, 1, 4)
+        low = torch.cat((nibbles & 0x0F, nibbles >> 4), dim=4).transpose(3, 4)
+        low = low.reshape(tiles, k // 32, 8, TILE, 4)
+        bit = torch.arange(8, dtype=torch.uint8).view(1, 1, 8, 1, 1)
+        high = (blocks[:, :, 4:5] >> bit) & 1  # (tiles, blocks, 8 quads, TILE, 4)
+        c = (low | (high << 4)).permute(0, 3, 1, 2, 4)
     else:
         c = p.codes.view(tiles, k // 8, TILE, 1, 4)
         c = torch.cat((c & 0x0F, c >> 4), dim=3).transpose(1, 2)

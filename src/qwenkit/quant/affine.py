@@ -8,7 +8,7 @@ shift rather than integer zero points.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -25,6 +25,9 @@ class AffineWeight:
     # 8-bit codes that are IQ4_NL/IQ4_XS values + 128 (16 distinct values): a kernel may hold them as
     # 4-bit indices into that table (``kernels.IQ4_VALUES``) and compute the same weights
     iq4: bool = False
+    # 8-bit codes that all lie in q5_base .. q5_base + 31 (GGUF Q5_0 as q + 112, Q5_1 and Q5_K as q): a
+    # kernel may hold them at 5 bits (code - q5_base) and compute the same weights
+    q5_base: int | None = None
 
     def __post_init__(self) -> None:
         n, k = self.codes.shape
@@ -51,13 +54,11 @@ class AffineWeight:
         return affine_dequantize(self.codes, self.scale, self.shift, self.group_size, dtype)
 
     def to(self, device: torch.device | str) -> AffineWeight:
-        return AffineWeight(
-            self.codes.to(device),
-            self.scale.to(device, torch.float32),
-            self.shift.to(device, torch.float32),
-            self.group_size,
-            self.bits,
-            self.iq4,
+        return replace(
+            self,
+            codes=self.codes.to(device),
+            scale=self.scale.to(device, torch.float32),
+            shift=self.shift.to(device, torch.float32),
         )
 
 

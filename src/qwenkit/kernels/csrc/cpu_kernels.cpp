@@ -993,13 +993,22 @@ inline __m512i dpbusd_bcast(__m512i acc, __m512i w, const int32_t* p) {
 }
 
 #ifdef __AVX512F__
+// Bit 4 of every byte: bit `Q` of the 5-bit tile's high-bit byte (the code of quad Q's input), moved up
+// or down within its 16-bit word and masked to its own byte by the caller.
+template <int Q>
+inline __m512i high_bit_at_4(__m512i v) {
+  if constexpr (Q <= 4) return _mm512_slli_epi16(v, 4 - Q);
+  else return _mm512_srli_epi16(v, Q - 4);
+}
+
 // One tile of 16 outputs (from n0) against the MT activation rows of pass `p` (rows m0 = p * MT ..),
 // stored to out. TABLE: int4 codes are IQ4 indices (kIq4Values), looked up with one vpshufb per 64 codes.
+// BITS 5: a block's low nibbles as int4's, then 64 bytes whose bit q is the fifth bit of quad q's code.
 template <int BITS, typename S, int MT, bool TABLE = false>
 void int_tile(const QuantizedRows& qr, int64_t p, const uint8_t* tile, const S* tscale, const S* tshift,
               int64_t group_size, const Output& out, int64_t m0, int64_t n0, const uint8_t* next) {
   const int64_t K = qr.K, blocks = K / 32, groups = qr.groups, blocks_per_group = group_size / 32;
-  constexpr int64_t kBlockBytes = BITS == 8 ? 512 : 256;  // 16 rows x 32 inputs
+  constexpr int64_t kBlockBytes = 64 * BITS;  // 16 rows x 32 inputs
   const int32_t* xq = qr.q.data() + p * (K / 4) * MT;
   const float* xs = qr.scale.data() + p * blocks * MT;
   const int32_t* xstart = qr.start.data() + p * blocks * MT;
@@ -1007,7 +1016,7 @@ void int_tile(const QuantizedRows& qr, int64_t p, const uint8_t* tile, const S* 
   __m512 facc[MT];
 #pragma GCC unroll 8
   for (int m = 0; m < MT; ++m) facc[m] = _mm512_setzero_ps();
-  const __m512i nibble = _mm512_set1_epi8(0x0f);
+  const __m512i nibble = _mm512_set1_epi8(0x0f), fifth = _mm512_set1_epi8(0x10);
   const __m512i table = _mm512_broadcast_i32x4(_mm_add_epi8(
       _mm_loadu_si128(reinterpret_cast<const __m128i*>(kIq4Values)), _mm_set1_epi8(char(kIq4ZeroPoint))));
   for (int64_t g = 0; g < groups; ++g) {
@@ -1038,18 +1047,27 @@ void int_tile(const QuantizedRows& qr, int64_t p, const uint8_t* tile, const S* 
           for (int m = 0; m < MT; ++m) iacc[m] = dpbusd_bcast(iacc[m], w, xb + q * MT + m);
         }
       } else {
-#pragma GCC unroll 4
-        for (int o = 0; o < 4; ++o) {
+        const auto quads = [&](auto o_) {
+          constexpr int o = decltype(o_)::value;
           const __m512i v = _mm512_loadu_si512(wb + o * 64);
           __m512i lo = _mm512_and_si512(v, nibble);
           __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
           if constexpr (TABLE) lo = _mm512_shuffle_epi8(table, lo), hi = _mm512_shuffle_epi8(table, hi);
+          if constexpr (BITS == 5) {  // (high & 0x10) | nibble, one vpternlogd each
+            const __m512i h = _mm512_loadu_si512(wb + 256);
+            lo = _mm512_ternarylogic_epi32(high_bit_at_4<2 * o>(h), fifth, lo, 0xEA);
+            hi = _mm512_ternarylogic_epi32(high_bit_at_4<2 * o + 1>(h), fifth, hi, 0xEA);
+          }
 #pragma GCC unroll 8
           for (int m = 0; m < MT; ++m) {
             iacc[m] = dpbusd_bcast(iacc[m], lo, xb + (2 * o) * MT + m);
             iacc[m] = dpbusd_bcast(iacc[m], hi, xb + (2 * o + 1) * MT + m);
           }
-        }
+        };
+        quads(std::integral_constant<int, 0>{});
+        quads(std::integral_constant<int, 1>{});
+        quads(std::integral_constant<int, 2>{});
+        quads(std::integral_constant<int, 3>{});
       }
 #pragma GCC unroll 8
       for (int m = 0; m < MT; ++m)
@@ -1570,11 +1588,16 @@ template <int BITS>
 at::Tensor linear_int(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
                       const c10::optional<at::Tensor>& shift, const c10::optional<at::Tensor>& bias,
                       int64_t group_size, int64_t N, int64_t zero_point) {
-  check_int_args(BITS == 8 ? "qwenkit linear_int8" : "qwenkit linear_int4", BITS, x, codes, scale, shift, bias,
-                 group_size, N, zero_point);
+  static_assert(BITS == 8 || BITS == 5 || BITS == 4);
+  const char* name = BITS == 8 ? "qwenkit linear_int8" : BITS == 5 ? "qwenkit linear_int5" : "qwenkit linear_int4";
+  check_int_args(name, BITS, x, codes, scale, shift, bias, group_size, N, zero_point);
   const int64_t M = x.size(0), K = x.size(1);
 #ifndef __AVX512F__
   TORCH_CHECK(!iq4_table(BITS, zero_point), "qwenkit linear_int4: IQ4 table codes need the AVX-512 build");
+  if constexpr (BITS == 5) {  // the AVX2 and AVX-VNNI tiles have no 5-bit unpacking
+    TORCH_CHECK(false, "qwenkit linear_int5: 5-bit codes need the AVX-512 build");
+    return at::Tensor();
+  } else {
 #endif
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
@@ -1601,12 +1624,21 @@ at::Tensor linear_int(const at::Tensor& x, const at::Tensor& codes, const at::Te
   else
     run(std::false_type{});
   return y;
+#ifndef __AVX512F__
+  }
+#endif
 }
 
 at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
                        const c10::optional<at::Tensor>& shift, const c10::optional<at::Tensor>& bias,
                        int64_t group_size, int64_t N, int64_t zero_point) {
   return linear_int<8>(x, codes, scale, shift, bias, group_size, N, zero_point);
+}
+
+at::Tensor linear_int5(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                       const c10::optional<at::Tensor>& shift, const c10::optional<at::Tensor>& bias,
+                       int64_t group_size, int64_t N, int64_t zero_point) {
+  return linear_int<5>(x, codes, scale, shift, bias, group_size, N, zero_point);
 }
 
 at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
@@ -1617,12 +1649,13 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& codes, const at::T
 
 // (N, K) uint8 codes -> the integer tiles' layout (kernels.ops._tile_codes): per 16-row tile and per 4
 // inputs (int8) or 8 (int4), the 16 rows' 4 bytes side by side; int4 holds inputs j and j + 4 of each 8
-// as one byte's low and high nibble. Rows past N are zeros. One pass, a tile (at most 16 K bytes of
+// as one byte's low and high nibble. int5: each 32 inputs as int4's 256 bytes of low nibbles, then 64
+// bytes whose byte 4r + j holds, in bit q, the fifth bit of row r's input 4q + j. Rows past N are zeros. One pass, a tile (at most 16 K bytes of
 // output, in L1) at a time: torch's strided copies and ORs of the same took 4.4 s of a 1.5B model's load.
 at::Tensor pack_int_tiles(const at::Tensor& codes, int64_t bits) {
   TORCH_CHECK(codes.scalar_type() == at::kByte && codes.dim() == 2, "qwenkit pack_int_tiles: codes must be (N, K) uint8");
-  TORCH_CHECK(bits == 8 || bits == 4, "qwenkit pack_int_tiles: bits must be 8 or 4");
-  const int64_t group = bits == 8 ? 4 : 8;
+  TORCH_CHECK(bits == 8 || bits == 5 || bits == 4, "qwenkit pack_int_tiles: bits must be 8, 5 or 4");
+  const int64_t group = bits == 8 ? 4 : bits == 5 ? 32 : 8;
   TORCH_CHECK(codes.size(1) % group == 0, "qwenkit pack_int_tiles: K must be a multiple of ", group);
   const at::Tensor c = codes.contiguous();
   const int64_t N = c.size(0), K = c.size(1), tiles = (N + kTile - 1) / kTile, tile_bytes = K * kTile * bits / 8;
@@ -1637,6 +1670,19 @@ at::Tensor pack_int_tiles(const at::Tensor& codes, int64_t bits) {
         const uint8_t* in = src + (t * kTile + r) * K;
         if (bits == 8) {
           for (int64_t q = 0; q < K / 4; ++q) std::memcpy(o + (q * kTile + r) * 4, in + 4 * q, 4);
+        } else if (bits == 5) {
+          for (int64_t b = 0; b < K / 32; ++b) {
+            uint8_t* blk = o + b * 320;
+            const uint8_t* s = in + 32 * b;
+            for (int64_t q = 0; q < 4; ++q)
+              for (int j = 0; j < 4; ++j)
+                blk[(q * kTile + r) * 4 + j] = uint8_t((s[8 * q + j] & 0x0f) | ((s[8 * q + j + 4] & 0x0f) << 4));
+            for (int j = 0; j < 4; ++j) {
+              uint8_t high = 0;
+              for (int q = 0; q < 8; ++q) high |= uint8_t(((s[4 * q + j] >> 4) & 1) << q);
+              blk[256 + 4 * r + j] = high;
+            }
+          }
         } else {
           for (int64_t q = 0; q < K / 8; ++q) {
             uint8_t* d = o + (q * kTile + r) * 4;
@@ -1953,7 +1999,7 @@ std::tuple<at::Tensor, at::Tensor> requantize_q6_k(const at::Tensor& blocks, int
 at::Tensor dequantize_rows(const at::Tensor& codes, const at::Tensor& scale, const c10::optional<at::Tensor>& shift,
                            const at::Tensor& ids, int64_t bits, int64_t group_size, int64_t K, int64_t N,
                            int64_t zero_point) {
-  TORCH_CHECK(bits == 8 || bits == 4, "qwenkit dequantize_rows: bits must be 8 or 4, got ", bits);
+  TORCH_CHECK(bits == 8 || bits == 5 || bits == 4, "qwenkit dequantize_rows: bits must be 8, 5 or 4, got ", bits);
   check_packed("qwenkit dequantize_rows", bits, K, codes, scale, shift, group_size, N, zero_point);
   const int64_t groups = K / group_size, tile_bytes = K * kTile * bits / 8;
   TORCH_CHECK(ids.scalar_type() == at::kLong && ids.dim() == 1, "qwenkit dequantize_rows: ids must be 1-D int64");
@@ -1972,10 +2018,21 @@ at::Tensor dequantize_rows(const at::Tensor& codes, const at::Tensor& scale, con
       const int64_t t = ip[i] / kTile, r = ip[i] % kTile;
       const uint8_t* tile = cp + t * tile_bytes;
       float* w = op + i * K;
-      // each 64 bytes: 4 inputs of the 16 rows (byte 4r + j), or 8 as nibbles (j low, 4 + j high)
+      // each 64 bytes: 4 inputs of the 16 rows (byte 4r + j), or 8 as nibbles (j low, 4 + j high); 5 bits:
+      // per 32 inputs, 4 x 64 bytes of nibbles and 64 of fifth bits (pack_int_tiles)
       if (bits == 8)
         for (int64_t c = 0; c < K / 4; ++c)
           for (int64_t j = 0; j < 4; ++j) w[4 * c + j] = static_cast<float>(tile[c * 64 + 4 * r + j]);
+      else if (bits == 5)
+        for (int64_t b = 0; b < K / 32; ++b) {
+          const uint8_t* blk = tile + b * 320;
+          for (int64_t q = 0; q < 8; ++q)
+            for (int64_t j = 0; j < 4; ++j) {
+              const uint8_t nib = blk[(q / 2) * 64 + 4 * r + j] >> (4 * (q % 2)) & 0x0f;
+              const uint8_t high = (blk[256 + 4 * r + j] >> q) & 1;
+              w[32 * b + 4 * q + j] = static_cast<float>(nib | (high << 4));
+            }
+        }
       else
         for (int64_t c = 0; c < K / 8; ++c)
           for (int64_t j = 0; j < 4; ++j) {
@@ -2892,7 +2949,7 @@ void rope_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
 
 // One linear layer, read from decode_layer's argument lists.
 struct LayerLinear {
-  int64_t bits = 16;  // 16: bf16 tiles (linear_bf16); 8 / 4: integer codes (linear_int8 / linear_int4)
+  int64_t bits = 16;  // 16: bf16 tiles (linear_bf16); 8 / 5 / 4: integer codes (linear_int8/5/4)
   at::Tensor w, scale, shift, bias;  // shift, bias: undefined when absent
   int64_t group_size = 0, N = 0, zero_point = 0;
   bool bias_after_rounding = false;  // QuantizedLinear adds its bias to the rounded bf16 output
@@ -2933,6 +2990,8 @@ at::Tensor run_linear(const LayerLinear& l, const at::Tensor& x) {
     y = linear_bf16(x, l.w, in_kernel, l.N);
   else if (l.bits == 8)
     y = linear_int<8>(x, l.w, l.scale, present(l.shift), in_kernel, l.group_size, l.N, l.zero_point);
+  else if (l.bits == 5)
+    y = linear_int<5>(x, l.w, l.scale, present(l.shift), in_kernel, l.group_size, l.N, l.zero_point);
   else
     y = linear_int<4>(x, l.w, l.scale, present(l.shift), in_kernel, l.group_size, l.N, l.zero_point);
   if (l.bias_after_rounding && l.bias.defined()) add_bf16_(y, l.bias);  // QuantizedLinear's y + bias
@@ -2986,8 +3045,8 @@ at::Tensor decode_layer(const at::Tensor& x, at::TensorList tensors, at::IntArra
     l.N = c[2];
     l.zero_point = c[3];
     l.bias_after_rounding = c[4] == 2;
-    TORCH_CHECK(l.bits == 16 || l.bits == 8 || l.bits == 4 || (i >= 4 && l.bits == 0),
-                "qwenkit decode_layer: bits must be 16, 8 or 4");
+    TORCH_CHECK(l.bits == 16 || l.bits == 8 || l.bits == 5 || l.bits == 4 || (i >= 4 && l.bits == 0),
+                "qwenkit decode_layer: bits must be 16, 8, 5 or 4");
   }
   const bool three = lin[4].bits != 0;
   TORCH_CHECK(three == (lin[5].bits != 0), "qwenkit decode_layer: k and v come as two linears or none");
@@ -3079,6 +3138,9 @@ TORCH_LIBRARY(qwenkit, m) {
   m.def(
       "linear_int4(Tensor x, Tensor codes, Tensor scale, Tensor? shift, Tensor? bias, int group_size, int N, int zero_point) "
       "-> Tensor");
+  m.def(
+      "linear_int5(Tensor x, Tensor codes, Tensor scale, Tensor? shift, Tensor? bias, int group_size, int N, int zero_point) "
+      "-> Tensor");
   m.def("stream_read(Tensor t) -> int");
   m.def("checksum_words(Tensor bytes) -> (int, int)");
   m.def("pack_int_tiles(Tensor codes, int bits) -> Tensor");
@@ -3113,6 +3175,7 @@ TORCH_LIBRARY_IMPL(qwenkit, CPU, m) {
   m.impl("linear_bf16", &linear_bf16);
   m.impl("linear_int8", &linear_int8);
   m.impl("linear_int4", &linear_int4);
+  m.impl("linear_int5", &linear_int5);
   m.impl("stream_read", &stream_read);
   m.impl("checksum_words", &checksum_words);
   m.impl("pack_int_tiles", &pack_int_tiles);

@@ -17,12 +17,13 @@ from qwenkit.quant.kernels.aten import (
     CpuInt8PackKernel,
     CudaInt4PackKernel,
 )
-from qwenkit.quant.kernels.avx512 import Avx512Int4Kernel, Avx512Int8Kernel, Avx512Iq4Kernel
+from qwenkit.quant.kernels.avx512 import Avx512Int4Kernel, Avx512Int5Kernel, Avx512Int8Kernel, Avx512Iq4Kernel
 from qwenkit.quant.kernels.base import LinearKernel, WeightSpec
 from qwenkit.quant.kernels.dequant import DequantKernel
 
 KERNELS: list[type[LinearKernel]] = [
     Avx512Iq4Kernel,
+    Avx512Int5Kernel,
     Avx512Int8Kernel,
     Avx512Int4Kernel,
     CpuInt8PackKernel,
@@ -41,11 +42,21 @@ def kernel_class(key: str) -> type[LinearKernel]:
 
 
 def choose_kernel(
-    bits: int, group_size: int, in_features: int, out_features: int, device: torch.device, iq4: bool = False
+    bits: int,
+    group_size: int,
+    in_features: int,
+    out_features: int,
+    device: torch.device,
+    *,
+    iq4: bool = False,
+    q5: bool = False,
 ) -> str:
     """Key of the first kernel in ``KERNELS`` that can run this layer on ``device`` (``iq4``: the codes
-    are IQ4 table values, ``AffineWeight.iq4``)."""
-    spec = WeightSpec(bits, group_size, in_features, out_features, iq4)
+    are IQ4 table values, ``AffineWeight.iq4``; ``q5``: they fit 5 bits, ``AffineWeight.q5_base``)."""
+    return _first_kernel(WeightSpec(bits, group_size, in_features, out_features, iq4, q5), device)
+
+
+def _first_kernel(spec: WeightSpec, device: torch.device) -> str:
     return next(cls.key for cls in KERNELS if cls.supports(spec, device))
 
 
@@ -53,7 +64,7 @@ def build_kernel(w: AffineWeight, device: torch.device, key: str | None = None) 
     """The kernel ``key`` (default: the fastest that fits) built from ``w`` on ``device``."""
     spec = WeightSpec.of(w)
     if not key:  # the fastest that fits
-        key = choose_kernel(w.bits, w.group_size, w.in_features, w.out_features, device, w.iq4)
+        key = _first_kernel(spec, device)
     cls = kernel_class(key)
     if not cls.supports(spec, device):
         needs = getattr(cls, "bits_needed", None)

@@ -27,10 +27,11 @@ class WeightSpec:
     in_features: int
     out_features: int
     iq4: bool = False  # AffineWeight.iq4: 8-bit codes a kernel may hold as IQ4 table indices
+    q5: bool = False  # AffineWeight.q5_base set: 8-bit codes a kernel may hold at 5 bits
 
     @classmethod
     def of(cls, w: AffineWeight) -> WeightSpec:
-        return cls(w.bits, w.group_size, w.in_features, w.out_features, w.iq4)
+        return cls(w.bits, w.group_size, w.in_features, w.out_features, w.iq4, w.q5_base is not None)
 
 
 class LinearKernel(nn.Module):
