@@ -8,10 +8,10 @@ rounds. Pairs: bfloat16 vs f16, ``--quantize int8`` vs q8_0, ``--quantize int4``
 ``q4_k_m``: llama.cpp's Q4_K_M file (its quantizer, ftype 15), which qwenkit loads itself, in the
 file's own precision (the type most GGUF files are published in; not run by default), and likewise
 ``iq4_nl`` and ``iq4_xs`` (ftypes 25 and 30: 4-bit indices into IQ4's table), ``q5_0`` and ``q5_k_m``
-(ftypes 8 and 17: 5-bit codes; the 0.5B shape's 896-wide rows turn most of Q5_K_M's K-quants into Q5_1). Prints decode
-and prefill tokens/s (median over rounds), the ratio to llama.cpp, the fraction of the memory-bandwidth
-limit (bytes read per token, weights plus the keys and values at the mean context, x tokens/s over a
-read bandwidth measured in the same run) and peak resident memory.
+(ftypes 8 and 17: 5-bit codes; the 0.5B shape's 896-wide rows turn most of Q5_K_M's K-quants into
+Q5_1). Prints decode and prefill tokens/s (median over rounds), the ratio to llama.cpp, the fraction of
+the memory-bandwidth limit (bytes read per token, weights plus the keys and values at the mean context,
+x tokens/s over a read bandwidth measured in the same run) and peak resident memory.
 
 llama.cpp comes from the llama-cpp-python sdist: ``--llama-src`` is the unpacked sdist, ``--llama-lib``
 the directory holding its ``libllama.so`` built with native CPU flags. Without them the script builds
