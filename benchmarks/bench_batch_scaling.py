@@ -6,7 +6,7 @@ speed drifts from minute to minute, so both sides of a ratio are taken side by s
 engine the CLI and the server use, 16-token prompts, prefill excluded. Models: the bundled SmolLM2 GGUF
 (Q4_1 layers, Q8_0 head) and random-weight checkpoints of the exact Qwen2.5-0.5B and 1.5B shapes (the
 ones ``bench_vs_llamacpp.py`` builds, made here when missing) in bfloat16 and with ``--quantize int8`` /
-``int4``, and (``--precisions q4_k_m,iq4_nl,iq4_xs,q5_0,q5_k_m``, not by default) llama.cpp's files of
+``int4``, and (``--precisions q4_k_m,iq4_nl,iq4_xs,q5_0,q5_k_m,q6_k``, not by default) llama.cpp's files of
 each shape in those types, which qwenkit loads in their own precision (``bench_vs_llamacpp.py --pairs``
 with the same names makes them).
 
@@ -36,7 +36,7 @@ from bench_vs_llamacpp import SHAPES, write_anchor
 from qwenkit.checkpoint import load_model
 from qwenkit.default_model import default_model_path
 
-GGUF_FILES = ("q4_k_m", "iq4_nl", "iq4_xs", "q5_0", "q5_k_m")  # llama.cpp's files qwenkit loads too
+GGUF_FILES = ("q4_k_m", "iq4_nl", "iq4_xs", "q5_0", "q5_k_m", "q6_k")  # llama.cpp's files qwenkit loads too
 QUANTIZE = {"bf16": None, "int8": "int8", "int4": "int4"} | {f: None for f in GGUF_FILES}
 # llama.cpp's file at the same bits (for GGUF_FILES the file both tools read)
 LLAMA_FTYPE = {"bf16": "f16", "int8": "q8_0", "int4": "q4_0"} | {f: f for f in GGUF_FILES}

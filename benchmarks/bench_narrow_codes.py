@@ -1,7 +1,9 @@
-"""A GGUF file's Q5 and IQ4 weights at their own width against the same weights as int8 codes (not a test).
+"""A GGUF file's Q5, Q6_K and IQ4 weights at their own width against int8 codes (not a test).
 
-On the AVX-512 builds qwenkit holds Q5_0/Q5_1/Q5_K codes at 5 bits (``avx512_int5``) and IQ4_NL/IQ4_XS
-indices at 4 bits (``avx512_iq4``); elsewhere they run as 8-bit codes, with the same results. This loads
+On the AVX-512 builds qwenkit holds Q5_0/Q5_1/Q5_K codes at 5 bits (``avx512_int5``), Q6_K as the file
+does (``avx512_q6_k``) and IQ4_NL/IQ4_XS indices at 4 bits (``avx512_iq4``); elsewhere they run as 8-bit
+codes (the same results; Q6_K rounded again to int8 codes per group of 32, a weight moving by at most half
+an int8 step). This loads
 the file both ways in one process (the narrow kernels switched off for the second load, and the
 prepared-model cache off for both, so each is packed here) and alternates batch-1 and batch-16 decode
 between them for several rounds (this machine's speed drifts from minute to minute), then times a
@@ -32,6 +34,7 @@ def load(path: str, narrow: bool):
     with (
         mock.patch.object(kernels, "runs_int5", lambda: False),
         mock.patch.object(kernels, "runs_iq4_table", lambda: False),
+        mock.patch.object(kernels, "runs_q6_k", lambda: False),
     ):
         model, _ = load_model(path, dtype="bfloat16", progress=False, fast_kernels=True)
     return model
@@ -51,7 +54,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,16")
     args = ap.parse_args()
     os.environ["QWENKIT_PREPARED_CACHE"] = "off"  # each load packs its own weights
-    if not (kernels.runs_int5() or kernels.runs_iq4_table()):
+    if not (kernels.runs_int5() or kernels.runs_iq4_table() or kernels.runs_q6_k()):
         raise SystemExit("the narrow kernels run on the AVX-512 builds only; nothing to compare here")
     models = {"own width": load(args.file, True), "int8 codes": load(args.file, False)}
     for name, model in models.items():

@@ -9,9 +9,10 @@ rounds. Pairs: bfloat16 vs f16, ``--quantize int8`` vs q8_0, ``--quantize int4``
 file's own precision (the type most GGUF files are published in; not run by default), and likewise
 ``iq4_nl`` and ``iq4_xs`` (ftypes 25 and 30: 4-bit indices into IQ4's table), ``q5_0`` and ``q5_k_m``
 (ftypes 8 and 17: 5-bit codes; the 0.5B shape's 896-wide rows turn most of Q5_K_M's K-quants into
-Q5_1). Prints decode and prefill tokens/s (median over rounds), the ratio to llama.cpp, the fraction of
-the memory-bandwidth limit (bytes read per token, weights plus the keys and values at the mean context,
-x tokens/s over a read bandwidth measured in the same run) and peak resident memory.
+Q5_1), ``q6_k`` (ftype 18; the 0.5B shape's 896-wide rows fall back to Q8_0). Prints decode and
+prefill tokens/s (median over rounds), the ratio to llama.cpp, the fraction of the memory-bandwidth limit
+(bytes read per token, weights plus the keys and values at the mean context, x tokens/s over a read
+bandwidth measured in the same run) and peak resident memory.
 
 llama.cpp comes from the llama-cpp-python sdist: ``--llama-src`` is the unpacked sdist, ``--llama-lib``
 the directory holding its ``libllama.so`` built with native CPU flags. Without them the script builds
@@ -47,8 +48,18 @@ PAIRS = {
     "iq4_xs": ("gguf", "iq4_xs"),
     "q5_0": ("gguf", "q5_0"),  # 5-bit codes (the 5-bit kernel on AVX-512, int8 codes elsewhere)
     "q5_k_m": ("gguf", "q5_k_m"),
+    "q6_k": ("gguf", "q6_k"),  # Q6_K as the file holds it (its own kernel on AVX-512, int8 codes elsewhere)
 }
-LLAMA_FTYPE = {"q8_0": 7, "q4_0": 2, "q5_0": 8, "q4_k_m": 15, "q5_k_m": 17, "iq4_nl": 25, "iq4_xs": 30}
+LLAMA_FTYPE = {
+    "q8_0": 7,
+    "q4_0": 2,
+    "q5_0": 8,
+    "q4_k_m": 15,
+    "q5_k_m": 17,
+    "q6_k": 18,
+    "iq4_nl": 25,
+    "iq4_xs": 30,
+}
 
 PROMPT_IDS = "[(i * 13) % 1000 + 10 for i in range({n})]"
 

@@ -152,9 +152,36 @@ def test_q6_k_requantized_by_the_kernels_equals_gguf_pys_floats_rounded(shape):
     assert ((deq - floats).abs() <= got.scale.T.repeat_interleave(32, dim=1) / 2).all()
 
 
+@pytest.mark.parametrize("shape", [(4, 256), (37, 768), (256, 1536)])
+def test_q6_k_decoded_exactly_for_the_q6_k_kernel(shape):
+    """Where the Q6_K kernel runs, Q6_K loads as the file holds it: codes 0..63 on zero point 32, scales
+    d x an int8 per 16 inputs with d kept beside them, and codes x scale + shift is gguf-py's float for
+    every weight, bit for bit (a zero d, a subnormal one and the largest sub-scales among them)."""
+    from qwenkit import kernels
+    from qwenkit.checkpoint.gguf_quant import decode_q6_k
+
+    if not kernels.runs_q6_k():
+        pytest.skip("the Q6_K kernel runs on the AVX-512 builds only")
+    data = random_q6_k_blocks(*shape, seed=shape[0])
+    floats = torch.from_numpy(gguf.quants.dequantize(data, Q.Q6_K).reshape(shape))
+    w = decode_q6_k(data, shape)
+    assert (w.bits, w.group_size, w.codes.dtype) == (8, 16, torch.uint8) and int(w.codes.max()) <= 63
+    assert torch.equal(w.dequantize(), floats)
+    assert torch.equal(w.shift, -32 * w.scale)
+    d = w.superscale.repeat_interleave(16, dim=0)
+    blocks = data.reshape(-1, 210)
+    assert torch.equal(
+        w.superscale.T.reshape(-1),
+        torch.from_numpy(blocks[:, 208:210].copy().view(np.float16)).float().reshape(-1),
+    )
+    sub = torch.from_numpy(blocks[:, 192:208].copy().view(np.int8)).reshape(shape[0], -1).T.float()
+    assert torch.equal(w.scale, d * sub)
+
+
 def test_q6_k_loads_through_the_kernels_with_the_reference_values(tmp_path, gguf_writer, monkeypatch):
-    """A file with a Q6_K projection loads to the same codes whether the kernels requantize it or the
-    gguf-py path does (the kernels switched off for that one call)."""
+    """Where the Q6_K kernel does not run, a file with a Q6_K projection loads to the same int8 codes
+    whether the kernels requantize it or the gguf-py path does (the kernels switched off for that one
+    call)."""
     from factories import hf_model
     from gguf_files import tiny_vocab
 
@@ -180,6 +207,7 @@ def test_q6_k_loads_through_the_kernels_with_the_reference_values(tmp_path, gguf
     def down_weight():
         return dict(read_gguf(path).tensors(keep_quantized=True))["model.layers.0.mlp.down_proj.weight"]
 
+    monkeypatch.setattr(kernels, "runs_q6_k", lambda: False)  # as on the AVX2 builds
     calls = []
     real = gguf_module.requantize_q6_k
     monkeypatch.setattr(gguf_module, "requantize_q6_k", lambda *a: calls.append(1) or real(*a))

@@ -410,6 +410,66 @@ def test_linear_int5_codes(loaded, n, k, group, with_shift, m, act_dtype):
     assert (err <= exact.abs() * out_ulp + 2e-5 * exact.abs().max() + 1e-6).all(), err.max()
 
 
+Q6_K_CASES = [(896, 4864), (256, 1536), (131, 256), (33, 768)]
+
+
+@needs_isa
+@pytest.mark.parametrize("n,k", Q6_K_CASES)
+@pytest.mark.parametrize("m,act_dtype", [(1, torch.bfloat16), (3, torch.float32), (16, torch.bfloat16)])
+def test_linear_q6_k(loaded, n, k, m, act_dtype):
+    """GGUF Q6_K as the file holds it: codes 0..63 on zero point 32, an int8 scale per 16 inputs (the
+    extremes -128 and 127 among them) and d per 256. The packing gives back codes and scales, dequantize
+    and the row gather give d x sub x (q - 32) exactly, and (AVX-512 builds) the product is within float
+    rounding of the exact dot with the rounded activations; other builds refuse with the reason."""
+    g = torch.Generator().manual_seed(n + k + m)
+    codes = torch.randint(0, 64, (n, k), generator=g, dtype=torch.uint8)
+    codes[0, :64] = torch.arange(64, dtype=torch.uint8)  # every code, at every position of two blocks
+    sub = torch.randint(-128, 128, (k // 16, n), generator=g).to(torch.int8)
+    sub[0, 0], sub[1, 0] = -128, 127
+    d = (torch.rand(k // 256, n, generator=g) * 1e-3).half().float()
+    d[0, -1] = 0.0  # a zero super-block
+    p = kernels.prepare_q6_k(codes, sub, d)
+    assert p.codes.shape == (-(-n // 16), k // 32 * 416) and (p.group_size, p.zero_point) == (256, 32)
+    assert torch.equal(kernels.unpack_codes(p), codes)
+    assert torch.equal(kernels.q6_k_sub_scales(p), sub.T)
+    w = (
+        (codes.double() - 32)
+        * sub.double().T.repeat_interleave(16, dim=1)
+        * d.double().T.repeat_interleave(256, 1)
+    )
+    assert torch.equal(kernels.dequantize(p, torch.float64), w)
+    rows = torch.tensor([0, n - 1, n // 2])
+    assert torch.equal(kernels.dequantize_rows(p, rows), kernels.dequantize(p, rows=rows))
+    assert torch.equal(kernels.dequantize(p, rows=rows), w[rows].float())
+    x = torch.randn(m, k, generator=g).to(act_dtype)
+    if not kernels.runs_q6_k():
+        with pytest.raises(RuntimeError, match="6-bit codes need the AVX-512 build"):
+            kernels.linear_q6_k(x, p)
+        return
+    y = kernels.linear_q6_k(x, p)
+    assert y.dtype == act_dtype and y.shape == (m, n)
+    exact = quantize_activations(x).double() @ w.T
+    out_ulp = 2.0**-8 if act_dtype == torch.bfloat16 else 1e-6
+    err = (y.double() - exact).abs()
+    assert (err <= exact.abs() * out_ulp + 2e-5 * exact.abs().max() + 1e-6).all(), err.max()
+    # each row alone as in the batch (every pass form sums a row the same way)
+    assert torch.equal(kernels.linear_q6_k(x[-1:], p), y[-1:])
+
+
+def test_q6_k_packing_refuses_what_it_cannot_hold():
+    codes = torch.zeros(8, 256, dtype=torch.uint8)
+    sub, d = torch.zeros(16, 8, dtype=torch.int8), torch.ones(1, 8)
+    kernels.prepare_q6_k(codes, sub, d)  # accepted
+    with pytest.raises(kernels.KernelInputError, match="codes must lie in 0..63, got 64"):
+        kernels.prepare_q6_k(codes + 64, sub, d)
+    with pytest.raises(kernels.KernelInputError, match="K a multiple of 256"):
+        kernels.prepare_q6_k(codes[:, :128], sub[:8], d)
+    with pytest.raises(kernels.KernelInputError, match=r"sub must be \(K/16, N\) = \(16, 8\) int8"):
+        kernels.prepare_q6_k(codes, sub.to(torch.int16), d)
+    with pytest.raises(kernels.KernelInputError, match="float16 values"):
+        kernels.prepare_q6_k(codes, sub, d + 1e-5)
+
+
 def test_int5_codes_must_fit_5_bits():
     codes = torch.full((8, 64), 32, dtype=torch.uint8)
     with pytest.raises(kernels.KernelInputError, match="5-bit codes must lie in 0..31, got 32"):

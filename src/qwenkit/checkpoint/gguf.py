@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from qwenkit import kernels
 from qwenkit.checkpoint import gguf_quant
 from qwenkit.checkpoint.files import release_pages
 from qwenkit.checkpoint.gguf_config import ARCHITECTURES, build_hf_config
@@ -32,6 +33,7 @@ from qwenkit.checkpoint.gguf_quant import (
     REQUANTIZED_BITS,
     can_decode,
     decode_affine,
+    decode_q6_k,
     requantize_int8,
     requantize_q6_k,
 )
@@ -97,8 +99,9 @@ class GGUFCheckpoint:
 
         Tensors are float32, except with ``keep_quantized``: then a projection or embedding weight whose
         block type maps exactly onto integer codes (``gguf_quant``) comes as an ``AffineWeight``, for
-        the loader to run in the file's own precision, and one in a type with groups of 16 (Q6_K, Q2_K,
-        Q3_K) as int8 codes rounded again from its floats (``gguf_quant.requantize_int8``). A tied model
+        the loader to run in the file's own precision, Q6_K exactly where its kernel runs, and otherwise
+        one in a type with groups of 16 (Q6_K, Q2_K, Q3_K) as int8 codes rounded again from its floats
+        (``gguf_quant.requantize_int8``). A tied model
         yields no ``lm_head.weight`` (``hf_config["tie_word_embeddings"]`` says so), as its Hugging Face
         safetensors would not. F32 tensors are copy-on-write views of the file.
         """
@@ -123,10 +126,11 @@ class GGUFCheckpoint:
     def _requantize(self, t: TensorEntry) -> AffineWeight:
         """A Q6_K, Q2_K or Q3_K weight as int8 codes: gguf-py's floats rounded by ``requantize_int8``; Q6_K
         (most of a Q4_K_M file's other weights) in one pass of qwenkit's kernels where they run, with the
-        same codes and scales."""
+        same codes and scales, or exactly as the file holds it where the Q6_K kernel runs."""
         if t.tensor_type == GGMLQuantizationType.Q6_K and gguf_quant.kernels_available():
             raw = self._bytes(t)
-            codes = requantize_q6_k(raw, t.shape)
+            # exactly, for the Q6_K kernel where it runs (AVX-512 builds); else rounded to int8 codes
+            codes = decode_q6_k(raw, t.shape) if kernels.runs_q6_k() else requantize_q6_k(raw, t.shape)
             release_pages(raw.ctypes.data, raw.nbytes)
             return codes
         return requantize_int8(dequantize_tensor(self._data(t), t.tensor_type, t.shape))

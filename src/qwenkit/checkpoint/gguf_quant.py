@@ -34,12 +34,14 @@ IQ4_XS) are the exception: a sub-block's ``d * sc`` and ``dmin * m`` have up to 
 kept exact they need float32, 8 bytes per 32 weights (0.75 bytes a weight for Q4_K's 0.56). They are
 rounded to the nearest float16 value instead, so the kernels hold them at 2 bytes each: a weight moves by
 at most 2^-11 of ``|code * scale| + |shift|``, under a hundredth of the block's own step.
-Q6_K, Q2_K and Q3_K use groups of 16, which no quantized kernel runs, and Q6_K's 6-bit codes times its
-19-bit scales are not exact in float32. They are decoded to float by gguf-py and rounded again to int8
-codes per group of 32 (:func:`requantize_int8`, Q8_0's layout): each weight moves by at most half an int8
-step of its group (1/254 of the group's largest), an eighth of Q6_K's own step and about what a bfloat16
-copy's rounding moves it (up to 1/256 of the weight itself), at half a bfloat16 copy's bytes. (Q6_K is the
-output tensor and half the ``ffn_down``/``attn_v`` of every Q4_K_M file.)
+Q6_K (the output tensor and half the ``ffn_down``/``attn_v`` of every Q4_K_M file) has an int8 scale
+per 16 weights times a float16 d per 256. Where its kernel runs (``Avx512Q6KKernel``, AVX-512 builds) it
+loads exactly (:func:`decode_q6_k`: codes 0..63 on zero point 32, ``scale = d * sc`` per 16, exact in
+float32, and d as ``AffineWeight.superscale``). Elsewhere, and Q2_K and Q3_K everywhere (groups of 16,
+which no other kernel runs), they are decoded to float by gguf-py and rounded again to int8 codes per
+group of 32 (:func:`requantize_int8`, Q8_0's layout): each weight moves by at most half an int8 step of
+its group (1/254 of the group's largest), an eighth of Q6_K's own step and about what a bfloat16 copy's
+rounding moves it (up to 1/256 of the weight itself), at half a bfloat16 copy's bytes.
 
 Decoding is one pass of qwenkit's C++ kernels over the blocks where they run (``decode_gguf_blocks``,
 ``requantize_q6_k``), else numpy over all blocks at once (a view of the memory-mapped bytes, no per-block
@@ -88,6 +90,7 @@ def take_rows(w: AffineWeight, index: torch.Tensor | slice) -> AffineWeight:
         codes=w.codes[index].contiguous(),
         scale=w.scale[:, index].contiguous(),
         shift=w.shift[:, index].contiguous(),
+        superscale=None if w.superscale is None else w.superscale[:, index].contiguous(),
     )
 
 
@@ -120,6 +123,18 @@ def requantize_q6_k(raw: np.ndarray, shape: tuple[int, ...]) -> AffineWeight:
         "requantize_q6_k", n * k, torch.from_numpy(np.ascontiguousarray(raw).reshape(-1)), n, k
     )
     return AffineWeight(codes, scale, -128 * scale, GROUP, REQUANTIZED_BITS)
+
+
+def decode_q6_k(raw: np.ndarray, shape: tuple[int, ...]) -> AffineWeight:
+    """A Q6_K weight exactly (``raw``: its bytes; ``shape``: (out, in)), for the Q6_K kernel: codes q in
+    0..63 on zero point 32, scale ``d * sc`` per 16 inputs (exact in float32: an 11-bit d times an int8),
+    and d itself as ``superscale``. One pass of qwenkit's kernels; only where ``kernels.runs_q6_k()``."""
+    n, k = shape
+    codes, sub, d = kernel_ops.run_pass(
+        "decode_q6_k", n * k, torch.from_numpy(np.ascontiguousarray(raw).reshape(-1)), n, k
+    )
+    scale = d.repeat_interleave(16, dim=0) * sub.float()
+    return AffineWeight(codes, scale, -kernel_ops.Q6_K_ZERO_POINT * scale, 16, 8, superscale=d)
 
 
 def can_decode(qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> bool:

@@ -23,6 +23,8 @@ Imports only torch, the standard library and qwenkit.errors; model/ and quant/ m
         # where kernels.runs_iq4_table() (AVX-512 builds); kernels.iq4_codes(indices) -> int8 codes
     p = kernels.prepare_int5(codes, scale, shift, group_size, zero_point=0)  # codes uint8 in 0..31
         # Q5_0 = (q, d, None, zero_point=16), Q5_1/Q5_K = (q, d, m, 0); where kernels.runs_int5()
+    p = kernels.prepare_q6_k(codes, sub, d)  # GGUF Q6_K: q 0..63, int8 scales per 16, d per 256
+        # w = d * sub * (q - 32); linear_q6_k(x, p) where kernels.runs_q6_k(); q6_k_sub_scales(p)
     kernels.linear_int8(x, p, bias=None) / linear_int5(x, p, bias=None) / linear_int4(x, p, bias=None)
         # x (..., K) bf16 or fp32 -> (..., N) in x's dtype; x is rounded to int8 per block of 32.
     kernels.dequantize(p, dtype, rows=None) -> (N, K) or (len(rows), K) float weights
@@ -51,6 +53,8 @@ from qwenkit.kernels.ops import (
     IQ4_VALUES,
     IQ4_ZERO_POINT,
     KERNEL_CHOICES,
+    Q6_K_GROUP,
+    Q6_K_ZERO_POINT,
     KernelInputError,
     KernelsUnavailableError,
     PackedBf16,
@@ -69,12 +73,16 @@ from qwenkit.kernels.ops import (
     linear_int4,
     linear_int5,
     linear_int8,
+    linear_q6_k,
     prepare_bf16,
     prepare_int4,
     prepare_int5,
     prepare_int8,
+    prepare_q6_k,
+    q6_k_sub_scales,
     runs_int5,
     runs_iq4_table,
+    runs_q6_k,
     unpack_bf16,
     unpack_codes,
     use_amx,
@@ -103,6 +111,8 @@ __all__ = [
     "IQ4_VALUES",
     "IQ4_ZERO_POINT",
     "KERNEL_CHOICES",
+    "Q6_K_GROUP",
+    "Q6_K_ZERO_POINT",
     "SMALL_OP_ROWS",
     "DecodeLayerWeights",
     "DecodeRun",
@@ -129,15 +139,19 @@ __all__ = [
     "linear_int4",
     "linear_int5",
     "linear_int8",
+    "linear_q6_k",
     "logsumexp",
     "prepare_bf16",
     "prepare_int4",
     "prepare_int5",
     "prepare_int8",
+    "prepare_q6_k",
+    "q6_k_sub_scales",
     "rms_norm",
     "rope_",
     "runs_int5",
     "runs_iq4_table",
+    "runs_q6_k",
     "sample_cdf",
     "sample_top_p",
     "silu_mul",

@@ -364,6 +364,44 @@ def prepare_int5(
     return _prepare(5, codes, scale, shift, group_size, zero_point, scale_dtype)
 
 
+Q6_K_GROUP, Q6_K_ZERO_POINT = 256, 32  # Q6_K's d covers 256 inputs; its codes are q - 32
+
+
+def prepare_q6_k(codes: torch.Tensor, sub: torch.Tensor, d: torch.Tensor) -> PackedInt:
+    """Pack a GGUF Q6_K weight for linear_q6_k: codes (N, K) uint8 in 0..63, int8 sub-block scales
+    (K/16, N) and d (K/256, N), the weight being ``d * sub * (code - 32)``. K a multiple of 256; d is
+    held as float16 (the file's own width; a value it cannot hold is refused)."""
+    if codes.dim() != 2 or codes.dtype != torch.uint8 or codes.shape[1] % Q6_K_GROUP:
+        raise KernelInputError(
+            f"prepare_q6_k: codes must be (N, K) uint8 with K a multiple of {Q6_K_GROUP}, got "
+            f"{codes.dtype} {tuple(codes.shape)}"
+        )
+    n, k = codes.shape
+    if codes.numel() and int(codes.max()) > 63:
+        raise KernelInputError(f"prepare_q6_k: codes must lie in 0..63, got {int(codes.max())}")
+    if sub.dtype != torch.int8 or tuple(sub.shape) != (k // 16, n):
+        raise KernelInputError(f"prepare_q6_k: sub must be (K/16, N) = {(k // 16, n)} int8, got {sub.dtype} "
+                               f"{tuple(sub.shape)}")  # fmt: skip
+    if tuple(d.shape) != (k // Q6_K_GROUP, n) or not torch.equal(d.half().float(), d.float()):
+        raise KernelInputError(f"prepare_q6_k: d must be (K/256, N) = {(k // Q6_K_GROUP, n)} float16 values")
+    tiles = run_pass("pack_q6_k_tiles", codes.numel(), codes.contiguous(), sub.contiguous())
+    return PackedInt(6, tiles, _tiled(d, torch.float16), None, Q6_K_GROUP, k, n, Q6_K_ZERO_POINT)
+
+
+def linear_q6_k(x: torch.Tensor, p: PackedInt, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """As linear_int8, for weights packed by prepare_q6_k (AVX-512 builds)."""
+    rows = _as_rows(x, p.in_features, "linear_q6_k")
+    y = op("linear_q6_k")(rows, p.codes, p.scale, None, bias, p.group_size, p.out_features, p.zero_point)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], p.out_features)
+
+
+def q6_k_sub_scales(p: PackedInt) -> torch.Tensor:
+    """The (N, K/16) int8 sub-block scales a Q6_K PackedInt carries in its tiles."""
+    tiles, k = p.codes.shape[0], p.in_features
+    sub = p.codes.view(tiles, k // 32, 416)[:, :, 384:].reshape(tiles, k // 32, 2, TILE)
+    return sub.permute(0, 3, 1, 2).reshape(tiles * TILE, k // 16)[: p.out_features].view(torch.int8)
+
+
 def _linear_int(bits: int, x: torch.Tensor, p: PackedInt, bias: torch.Tensor | None) -> torch.Tensor:
     if p.bits != bits:
         raise KernelInputError(f"linear_int{bits} got weights packed for {p.bits} bits")
@@ -404,6 +442,11 @@ def runs_iq4_table() -> bool:
     return _avx512_build()
 
 
+def runs_q6_k() -> bool:
+    """True when the loaded kernels run GGUF Q6_K weights as the file holds them (the AVX-512 builds)."""
+    return _avx512_build()
+
+
 def runs_int5() -> bool:
     """True when the loaded kernels run 5-bit codes (the AVX-512 builds; the AVX2 and AVX-VNNI tiles
     have no 5-bit unpacking)."""
@@ -425,6 +468,15 @@ def unpack_codes(p: PackedInt) -> torch.Tensor:
     tiles, k = p.codes.shape[0], p.in_features
     if p.bits == 8:
         c = p.codes.view(tiles, k // 4, TILE, 4).transpose(1, 2)
+    elif p.bits == 6:  # per 32 inputs: 4 x 64 nibble bytes, 2 x 64 bytes of high bit pairs, the scales
+        blocks = p.codes.view(tiles, k // 32, 416)
+        nibbles = blocks[:, :, :256].reshape(tiles, k // 32, 4, TILE, 1, 4)
+        low = torch.cat((nibbles & 0x0F, nibbles >> 4), dim=4).transpose(3, 4)
+        low = low.reshape(tiles, k // 32, 8, TILE, 4)
+        pairs = blocks[:, :, 256:384].reshape(tiles, k // 32, 2, 1, TILE, 4)
+        shifts = (2 * torch.arange(4, dtype=torch.uint8)).view(1, 1, 1, 4, 1, 1)
+        high = ((pairs >> shifts) & 3).reshape(tiles, k // 32, 8, TILE, 4)
+        c = (low | (high << 4)).permute(0, 3, 1, 2, 4)
     elif p.bits == 5:  # per 32 inputs: (4 x 64 nibble bytes, 64 bytes of fifth bits)
         blocks = p.codes.view(tiles, k // 32, 5, TILE, 4)
         nibbles = blocks[:, :, :4].unsqueeze(4)  # (tiles, blocks, 4 byte quads, TILE, 1, 4)
@@ -451,6 +503,10 @@ def dequantize(
     codes = unpack_codes(p)
     if is_iq4_table(p):  # the indices' int8 codes (value + 128), on the same zero point
         codes = iq4_codes(codes)
+    if p.bits == 6:  # Q6_K: (q - 32) x its sub-block's int8 scale, exact, then x d (one rounding)
+        sub = q6_k_sub_scales(p)
+        codes = (codes.to(torch.int32) - p.zero_point) * sub.to(torch.int32).repeat_interleave(16, dim=1)
+        p = PackedInt(p.bits, p.codes, p.scale, p.shift, p.group_size, p.in_features, p.out_features, 0)
     scale = _untiled(p.scale, p.out_features)
     shift = None if p.shift is None else _untiled(p.shift, p.out_features)
     if rows is not None:

@@ -28,6 +28,9 @@ class AffineWeight:
     # 8-bit codes that all lie in q5_base .. q5_base + 31 (GGUF Q5_0 as q + 112, Q5_1 and Q5_K as q): a
     # kernel may hold them at 5 bits (code - q5_base) and compute the same weights
     q5_base: int | None = None
+    # GGUF Q6_K's d (K/256, out) where ``scale`` (groups of 16) is d x an int8 sub-block scale and the
+    # codes 0..63 sit on zero point 32: a kernel may hold the int8 scales and d, as the file does
+    superscale: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         n, k = self.codes.shape
@@ -59,6 +62,7 @@ class AffineWeight:
             codes=self.codes.to(device),
             scale=self.scale.to(device, torch.float32),
             shift=self.shift.to(device, torch.float32),
+            superscale=None if self.superscale is None else self.superscale.to(device, torch.float32),
         )
 
 

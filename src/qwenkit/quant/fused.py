@@ -30,11 +30,18 @@ from qwenkit.model.mlp import MLP
 from qwenkit.model.norm import RMSNorm
 from qwenkit.model.transformer import DecoderLayer
 from qwenkit.quant.dense import PackedBf16Linear
-from qwenkit.quant.kernels.avx512 import Avx512Int4Kernel, Avx512Int5Kernel, Avx512Int8Kernel, Avx512Iq4Kernel
+from qwenkit.quant.kernels.avx512 import (
+    Avx512Int4Kernel,
+    Avx512Int5Kernel,
+    Avx512Int8Kernel,
+    Avx512Iq4Kernel,
+    Avx512Q6KKernel,
+)
 from qwenkit.quant.linear import QuantizedLinear
 
 SMALL_ROWS = kernels.SMALL_OP_ROWS
-QWENKIT_INT_KERNELS = (Avx512Int8Kernel, Avx512Int4Kernel, Avx512Iq4Kernel, Avx512Int5Kernel)  # a PackedInt
+# their weights are a PackedInt
+QWENKIT_INT_KERNELS = (Avx512Int8Kernel, Avx512Int4Kernel, Avx512Iq4Kernel, Avx512Int5Kernel, Avx512Q6KKernel)
 ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj")
 MLP_PARTS = ("gate_proj", "up_proj")
 

@@ -11,6 +11,7 @@
 //   linear_int8(x (M,K), codes, scale, shift?, bias?, group_size, N, zero_point)   (_mm512_dpbusd_epi32)
 //   linear_int4(x (M,K), codes, scale, shift?, bias?, group_size, N, zero_point)
 //     (zero_point 128, AVX-512 builds: the 4-bit codes index IQ4's value table, kIq4Values + 128)
+//   linear_int5(...), linear_q6_k(...): the same for 5-bit codes and GGUF Q6_K (AVX-512 builds)
 //   argmax_rows(logits fp32 (M,V)) -> (M,) int64, as torch.argmax(-1) (greedy sampling)
 //   widen_rows(logits bf16 (M,V)) -> fp32, as .float(); finite_rows(logits fp32) -> (M,) bool: all finite
 //   topk_rows(logits, k) -> values, ids (M, k); logsumexp_rows(logits, scales) -> (M,);
@@ -23,6 +24,8 @@
 //   pack_int_tiles(codes uint8 (N,K), bits) -> the int8 or int4 tiles below (a load's packing)
 //   pack_bf16_tiles(w bf16 (N,K)) -> linear_bf16's tiles (a bf16 checkpoint's packing, at every start)
 //   requantize_q6_k(Q6_K blocks, N, K) -> int8 codes (N,K), scales (K/32,N): a GGUF Q6_K weight's load
+//   where linear_q6_k does not run; there decode_q6_k(blocks, N, K) -> codes (N,K), sub-block scales
+//   (K/16,N) int8, d (K/256,N), and pack_q6_k_tiles(codes, sub) -> linear_q6_k's tiles (AVX-512 builds)
 //   decode_gguf_blocks(blocks, ggml type, N, K) -> codes (N,K), scale, shift (K/32,N): Q8_0, Q4_0/1, Q5_0/1, Q4_K, Q5_K,
 //   IQ4_NL, IQ4_XS
 //   quantize_rtn(weight (N,K), bits, group, sym) -> codes (N,K), scales, zeros (G,N): --quantize's rounding
@@ -336,6 +339,12 @@ constexpr int8_t kIq4Values[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 
 constexpr int64_t kIq4ZeroPoint = 128;
 inline bool iq4_table(int64_t bits, int64_t zero_point) { return bits == 4 && zero_point == kIq4ZeroPoint; }
 
+// GGUF Q6_K as the kernels hold it ("6 bits"): per 32 inputs of a 16-row tile, 256 bytes of low nibbles (as
+// int4), 128 bytes of high bit pairs (byte 4r + j of the first 64: bits 2v, 2v + 1 of quad v's code, quads
+// 0-3; of the next 64, quads 4-7), then the int8 scales of the block's two sub-blocks of 16 for the 16
+// rows; the code is q (0..63) on zero point 32, and the float scale d, per 256 inputs (the group).
+constexpr int64_t kQ6BlockBytes = 416, kQ6Group = 256, kQ6ZeroPoint = 32;
+
 // Software prefetch distance in bytes ahead of the weight streams; 0 (the default) issues none. Each
 // thread reads its tiles as one sequential stream, which the hardware prefetchers follow on their own:
 // on the Zen 4 we measured, prefetching 1-4 KB ahead made a decode step's matrix-vector products 8-25%
@@ -397,6 +406,11 @@ inline int64_t tile_rows(int64_t m) { return m <= 1 ? 1 : m <= 2 ? 2 : m <= 4 ? 
 // of the 16 rows, so one dot product instruction advances 16 rows against a broadcast pair of x.
 
 constexpr int kTile = 16;   // output rows per tile (every packed layout)
+
+// Bytes of one 16-row tile of K inputs at `bits` (6: Q6_K's layout, kQ6BlockBytes per 32 inputs).
+inline int64_t int_tile_bytes(int64_t bits, int64_t K) {
+  return bits == 6 ? K / 32 * kQ6BlockBytes : K * kTile * bits / 8;
+}
 constexpr int kMaxMT = 8;   // activation rows per pass over a tile
 
 // The tile after tile t for a pass of `rows` rows to prefetch (prefetch_lines), or nullptr: only full
@@ -786,6 +800,7 @@ struct QuantizedRows {
   std::vector<float> scale;     // (rows / pass, K / 32, pass)
   std::vector<int32_t> start;   // (rows / pass, K / 32, pass): -zero_point * sum(q of the block), the dot's start
   std::vector<float> gsum;      // (rows / pass, groups, pass): sum of the dequantized x over each weight group
+  std::vector<int32_t> half;    // (rows / pass, K / 32, pass): sum(q) of each block's first 16 (Q6_K's sub-blocks)
   // Index of row m's entry i of a per-row table with `per_row` entries per row.
   int64_t at(int64_t m, int64_t i, int64_t per_row) const { return ((m / pass) * per_row + i) * pass + m % pass; }
 };
@@ -853,7 +868,7 @@ inline void transpose8_epi32(__m256i (&a)[8]) {
 // pass's block (8 x 8 int32 entries), scale/start: its 8 entries, gsum: the 8 entries of its group.
 template <typename T>
 inline void quantize_block8(const T* const (&rows)[8], int64_t b, int64_t zero_point, int32_t* q, float* scale,
-                            int32_t* start, float* gsum) {
+                            int32_t* start, float* gsum, int32_t* half) {
   __m512 v0[8], v1[8];
   __m256 mx[8];
 #pragma GCC unroll 8
@@ -876,7 +891,7 @@ inline void quantize_block8(const T* const (&rows)[8], int64_t b, int64_t zero_p
                                       _mm256_cmp_ps(amax, _mm256_setzero_ps(), _CMP_GT_OQ));
   alignas(32) float id[8];
   _mm256_store_ps(id, inv);
-  __m256i codes[8], sums[8];
+  __m256i codes[8], sums[8], firsts[8];
 #pragma GCC unroll 8
   for (int r = 0; r < 8; ++r) {
     const __m512 iv = _mm512_set1_ps(id[r]);
@@ -885,7 +900,9 @@ inline void quantize_block8(const T* const (&rows)[8], int64_t b, int64_t zero_p
     codes[r] = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm512_cvtsepi32_epi8(q0)), _mm512_cvtsepi32_epi8(q1), 1);
     const __m512i qs = _mm512_add_epi32(q0, q1);
     sums[r] = _mm256_add_epi32(_mm512_castsi512_si256(qs), _mm512_extracti64x4_epi64(qs, 1));
+    if (half != nullptr) firsts[r] = _mm256_add_epi32(_mm512_castsi512_si256(q0), _mm512_extracti64x4_epi64(q0, 1));
   }
+  if (half != nullptr) _mm256_storeu_si256(reinterpret_cast<__m256i*>(half), sum8_epi32(firsts));
   transpose8_epi32(codes);  // codes[j]: the 4 codes of inputs 4j..4j+3 of each row
 #pragma GCC unroll 8
   for (int j = 0; j < 8; ++j) _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + j * 8), codes[j]);
@@ -896,9 +913,10 @@ inline void quantize_block8(const T* const (&rows)[8], int64_t b, int64_t zero_p
   _mm256_storeu_ps(gsum, _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(qsum), _mm256_loadu_ps(gsum)));
 }
 
+// halves: also each block's sum over its first 16 inputs (qr.half), for weights with sub-blocks of 16.
 template <typename T>
 void quantize_rows(const T* x, int64_t rows, int64_t padded_rows, int64_t K, int64_t group_size,
-                   int64_t zero_point, QuantizedRows& qr) {
+                   int64_t zero_point, QuantizedRows& qr, bool halves = false) {
   const int64_t blocks = K / 32;
   qr.rows = padded_rows;
   qr.pass = std::min<int64_t>(padded_rows, kMaxMT);
@@ -910,11 +928,15 @@ void quantize_rows(const T* x, int64_t rows, int64_t padded_rows, int64_t K, int
   fit(qr.scale, padded_rows * blocks);
   fit(qr.start, padded_rows * blocks);
   fit(qr.gsum, padded_rows * qr.groups);
+  if (halves) fit(qr.half, padded_rows * blocks);
   std::fill(qr.gsum.begin(), qr.gsum.begin() + padded_rows * qr.groups, 0.f);
   // The padding rows are zeros: written here for passes of 1-4 rows; quantize_block8 writes a pass of 8's.
   for (int64_t m = P == 8 ? padded_rows : rows; m < padded_rows; ++m) {
     for (int64_t j = 0; j < K / 4; ++j) qr.q[qr.at(m, j, K / 4)] = 0;
-    for (int64_t b = 0; b < blocks; ++b) qr.scale[qr.at(m, b, blocks)] = 0.f, qr.start[qr.at(m, b, blocks)] = 0;
+    for (int64_t b = 0; b < blocks; ++b) {
+      qr.scale[qr.at(m, b, blocks)] = 0.f, qr.start[qr.at(m, b, blocks)] = 0;
+      if (halves) qr.half[qr.at(m, b, blocks)] = 0;
+    }
   }
   // Tasks are (pass, run of whole weight groups): a pass's rows are interleaved 4 bytes apart, so
   // threads splitting one pass's rows wrote into the same cache lines (at 8 rows, a K=4608 input took
@@ -934,7 +956,8 @@ void quantize_rows(const T* x, int64_t rows, int64_t padded_rows, int64_t K, int
           for (int64_t b = g * blocks_per_group; b < (g + 1) * blocks_per_group; ++b)
             quantize_block8(rowp, b, zero_point, qr.q.data() + (pass * (K / 4) + b * 8) * 8,
                             qr.scale.data() + (pass * blocks + b) * 8, qr.start.data() + (pass * blocks + b) * 8,
-                            qr.gsum.data() + (pass * qr.groups + g) * 8);
+                            qr.gsum.data() + (pass * qr.groups + g) * 8,
+                            halves ? qr.half.data() + (pass * blocks + b) * 8 : nullptr);
         continue;
       }
       for (int64_t m = pass * P; m < std::min(rows, pass * P + P); ++m) {
@@ -964,6 +987,7 @@ void quantize_rows(const T* x, int64_t rows, int64_t padded_rows, int64_t K, int
             const int32_t qsum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
             sm[b * P] = d;
             startm[b * P] = -static_cast<int32_t>(zero_point) * qsum;  // (c - z).q = c.q - z * sum(q)
+            if (halves) qr.half[qr.at(m, b, blocks)] = _mm512_reduce_add_epi32(q0);
             gm[g * P] = std::fma(d, static_cast<float>(qsum), gm[g * P]);  // as quantize_block8's FMA
           }
         }
@@ -1072,6 +1096,80 @@ void int_tile(const QuantizedRows& qr, int64_t p, const uint8_t* tile, const S* 
 #pragma GCC unroll 8
       for (int m = 0; m < MT; ++m)
         gacc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[m]), _mm512_set1_ps(xs[b * MT + m]), gacc[m]);
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < MT; ++m) facc[m] = _mm512_fmadd_ps(gacc[m], sv, facc[m]);
+  }
+  for (int m = 0; m < MT; ++m) out.store(m0 + m, n0, facc[m]);
+}
+
+// Bits 4-5 of every byte: quad Q's two high bits (bits 2 (Q % 4) and 2 (Q % 4) + 1 of its pair byte).
+template <int Q>
+inline __m512i high_pair_at_4(__m512i v) {
+  constexpr int s = 2 * (Q % 4);
+  if constexpr (s < 4) return _mm512_slli_epi16(v, 4 - s);
+  else if constexpr (s == 4) return v;
+  else return _mm512_srli_epi16(v, s - 4);
+}
+
+// int_tile for GGUF Q6_K (kQ6BlockBytes per 32 inputs): a block's two sub-blocks of 16 are summed apart,
+// each from -32 x its activations' sum (the zero point), times its int8 scale in int32 (exact: at most
+// 16 x 127 x 32 x 128 a sub-block), then the block as int_tile's, times d once per 256 inputs.
+template <typename S, int MT>
+void q6k_tile(const QuantizedRows& qr, int64_t p, const uint8_t* tile, const S* tscale, const Output& out,
+              int64_t m0, int64_t n0, const uint8_t* next) {
+  const int64_t K = qr.K, blocks = K / 32, groups = K / kQ6Group;
+  const int32_t* xq = qr.q.data() + p * (K / 4) * MT;
+  const float* xs = qr.scale.data() + p * blocks * MT;
+  const int32_t* xstart = qr.start.data() + p * blocks * MT;  // -32 x the block's sum
+  const int32_t* xhalf = qr.half.data() + p * blocks * MT;    // the sum of its first 16
+  __m512 facc[MT];
+#pragma GCC unroll 8
+  for (int m = 0; m < MT; ++m) facc[m] = _mm512_setzero_ps();
+  const __m512i nibble = _mm512_set1_epi8(0x0f), pair = _mm512_set1_epi8(0x30);
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m512 sv = load16_f32<S>(tscale + g * kTile);
+    __m512 gacc[MT];
+#pragma GCC unroll 8
+    for (int m = 0; m < MT; ++m) gacc[m] = _mm512_setzero_ps();
+    for (int64_t b = g * (kQ6Group / 32); b < (g + 1) * (kQ6Group / 32); ++b) {
+      const uint8_t* wb = tile + b * kQ6BlockBytes;
+      const int32_t* xb = xq + b * 8 * MT;
+      prefetch(wb);
+      if (next != nullptr) prefetch_lines<kQ6BlockBytes>(next + b * kQ6BlockBytes);
+      __m512i first[MT], second[MT];
+#pragma GCC unroll 8
+      for (int m = 0; m < MT; ++m) {
+        const int32_t h = xhalf[b * MT + m];
+        first[m] = _mm512_set1_epi32(-kQ6ZeroPoint * h);
+        second[m] = _mm512_set1_epi32(xstart[b * MT + m] + kQ6ZeroPoint * h);
+      }
+      const __m512i high[2] = {_mm512_loadu_si512(wb + 256), _mm512_loadu_si512(wb + 320)};
+      const auto quads = [&](auto o_) {
+        constexpr int o = decltype(o_)::value;
+        const __m512i v = _mm512_loadu_si512(wb + o * 64);
+        __m512i lo = _mm512_and_si512(v, nibble);
+        __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+        lo = _mm512_ternarylogic_epi32(high_pair_at_4<2 * o>(high[o / 2]), pair, lo, 0xEA);  // (h & 0x30) | lo
+        hi = _mm512_ternarylogic_epi32(high_pair_at_4<2 * o + 1>(high[o / 2]), pair, hi, 0xEA);
+        __m512i(&acc)[MT] = o < 2 ? first : second;
+#pragma GCC unroll 8
+        for (int m = 0; m < MT; ++m) {
+          acc[m] = dpbusd_bcast(acc[m], lo, xb + (2 * o) * MT + m);
+          acc[m] = dpbusd_bcast(acc[m], hi, xb + (2 * o + 1) * MT + m);
+        }
+      };
+      quads(std::integral_constant<int, 0>{});
+      quads(std::integral_constant<int, 1>{});
+      quads(std::integral_constant<int, 2>{});
+      quads(std::integral_constant<int, 3>{});
+      const __m512i sa = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + 384)));
+      const __m512i sb = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + 400)));
+#pragma GCC unroll 8
+      for (int m = 0; m < MT; ++m) {
+        const __m512i iacc = _mm512_add_epi32(_mm512_mullo_epi32(first[m], sa), _mm512_mullo_epi32(second[m], sb));
+        gacc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc), _mm512_set1_ps(xs[b * MT + m]), gacc[m]);
+      }
     }
 #pragma GCC unroll 8
     for (int m = 0; m < MT; ++m) facc[m] = _mm512_fmadd_ps(gacc[m], sv, facc[m]);
@@ -1521,13 +1619,24 @@ inline int64_t int8_zero_point(int bits, int64_t zero_point) {
 template <int BITS, typename S, bool TABLE = false>
 void int_run(const QuantizedRows& qr, const uint8_t* codes, const S* scale, const S* shift, int64_t N,
              int64_t group_size, const Output& out) {
-  const int64_t groups = qr.groups, tile_bytes = qr.K * kTile * BITS / 8;
+  const int64_t groups = qr.groups, tile_bytes = int_tile_bytes(BITS, qr.K);
   parallel_tiles(N, qr.rows, tile_bytes, [&](int64_t t, int64_t m0, int64_t mt) {
     const uint8_t* tile = codes + t * tile_bytes;
     const S* ts = scale + t * groups * kTile;
     const S* th = shift == nullptr ? nullptr : shift + t * groups * kTile;
     const int64_t p = m0 / qr.pass;
     const uint8_t* next = next_tile(tile, tile_bytes, t, N, qr.rows);
+    if constexpr (BITS == 6) {
+#ifdef __AVX512F__
+      switch (mt) {
+        case 1: q6k_tile<S, 1>(qr, p, tile, ts, out, m0, t * kTile, next); break;
+        case 2: q6k_tile<S, 2>(qr, p, tile, ts, out, m0, t * kTile, next); break;
+        case 4: q6k_tile<S, 4>(qr, p, tile, ts, out, m0, t * kTile, next); break;
+        default: q6k_tile<S, 8>(qr, p, tile, ts, out, m0, t * kTile, next); break;
+      }
+#endif
+      return;
+    }
     switch (mt) {
       case 1: int_tile<BITS, S, 1 QK_TABLE_ARG>(qr, p, tile, ts, th, group_size, out, m0, t * kTile, next); break;
       case 2: int_tile<BITS, S, 2 QK_TABLE_ARG>(qr, p, tile, ts, th, group_size, out, m0, t * kTile, next); break;
@@ -1555,10 +1664,12 @@ void check_packed(const char* name, int bits, int64_t K, const at::Tensor& codes
   TORCH_CHECK(group_size > 0 && group_size % 32 == 0 && K % group_size == 0, name,
               ": group_size must be a multiple of 32 that divides K=", K, ", got ", group_size);
   const int64_t tiles = (N + kTile - 1) / kTile, groups = K / group_size;
+  TORCH_CHECK(bits != 6 || (group_size == kQ6Group && zero_point == kQ6ZeroPoint && !shift.has_value()), name,
+              ": Q6_K weights have groups of ", kQ6Group, ", zero point ", kQ6ZeroPoint, " and no shift");
   TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.dim() == 2 &&
-                  codes.size(0) == tiles && codes.size(1) == K * kTile * bits / 8,
-              name, ": codes must be contiguous uint8 (", tiles, ", ", K * kTile * bits / 8,
-              ") from prepare_int", bits, " for N=", N, " and K=", K, ", got ", codes.scalar_type(), " ",
+                  codes.size(0) == tiles && codes.size(1) == int_tile_bytes(bits, K),
+              name, ": codes must be contiguous uint8 (", tiles, ", ", int_tile_bytes(bits, K),
+              ") from prepare_int", bits, " or prepare_q6_k for N=", N, " and K=", K, ", got ", codes.scalar_type(), " ",
               codes.sizes());
   TORCH_CHECK((scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kHalf) && scale.is_contiguous() &&
                   scale.dim() == 3 && scale.size(0) == tiles && scale.size(1) == groups && scale.size(2) == kTile,
@@ -1588,14 +1699,17 @@ template <int BITS>
 at::Tensor linear_int(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
                       const c10::optional<at::Tensor>& shift, const c10::optional<at::Tensor>& bias,
                       int64_t group_size, int64_t N, int64_t zero_point) {
-  static_assert(BITS == 8 || BITS == 5 || BITS == 4);
-  const char* name = BITS == 8 ? "qwenkit linear_int8" : BITS == 5 ? "qwenkit linear_int5" : "qwenkit linear_int4";
+  static_assert(BITS == 8 || BITS == 6 || BITS == 5 || BITS == 4);
+  const char* name = BITS == 8   ? "qwenkit linear_int8"
+                     : BITS == 6 ? "qwenkit linear_q6_k"
+                     : BITS == 5 ? "qwenkit linear_int5"
+                                 : "qwenkit linear_int4";
   check_int_args(name, BITS, x, codes, scale, shift, bias, group_size, N, zero_point);
   const int64_t M = x.size(0), K = x.size(1);
 #ifndef __AVX512F__
   TORCH_CHECK(!iq4_table(BITS, zero_point), "qwenkit linear_int4: IQ4 table codes need the AVX-512 build");
-  if constexpr (BITS == 5) {  // the AVX2 and AVX-VNNI tiles have no 5-bit unpacking
-    TORCH_CHECK(false, "qwenkit linear_int5: 5-bit codes need the AVX-512 build");
+  if constexpr (BITS == 5 || BITS == 6) {  // the AVX2 and AVX-VNNI tiles have no 5- or 6-bit unpacking
+    TORCH_CHECK(false, name, ": ", BITS, "-bit codes need the AVX-512 build");
     return at::Tensor();
   } else {
 #endif
@@ -1604,10 +1718,12 @@ at::Tensor linear_int(const at::Tensor& x, const at::Tensor& codes, const at::Te
   at::Tensor xc = x.contiguous();
   QuantizedRows& qr = thread_rows();
   const int64_t padded = padded_rows(M);
+  constexpr bool kHalves = BITS == 6;  // Q6_K's sub-blocks of 16 start from their own sums
   if (xc.scalar_type() == at::kFloat)
-    quantize_rows(xc.data_ptr<float>(), M, padded, K, group_size, int8_zero_point(BITS, zero_point), qr);
+    quantize_rows(xc.data_ptr<float>(), M, padded, K, group_size, int8_zero_point(BITS, zero_point), qr, kHalves);
   else
-    quantize_rows(xc.data_ptr<at::BFloat16>(), M, padded, K, group_size, int8_zero_point(BITS, zero_point), qr);
+    quantize_rows(xc.data_ptr<at::BFloat16>(), M, padded, K, group_size, int8_zero_point(BITS, zero_point), qr,
+                  kHalves);
   const Output out(y, bias);
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   const auto run = [&](auto table) {
@@ -1633,6 +1749,12 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& codes, const at::T
                        const c10::optional<at::Tensor>& shift, const c10::optional<at::Tensor>& bias,
                        int64_t group_size, int64_t N, int64_t zero_point) {
   return linear_int<8>(x, codes, scale, shift, bias, group_size, N, zero_point);
+}
+
+at::Tensor linear_q6_k(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                       const c10::optional<at::Tensor>& shift, const c10::optional<at::Tensor>& bias,
+                       int64_t group_size, int64_t N, int64_t zero_point) {
+  return linear_int<6>(x, codes, scale, shift, bias, group_size, N, zero_point);
 }
 
 at::Tensor linear_int5(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
@@ -1694,6 +1816,85 @@ at::Tensor pack_int_tiles(const at::Tensor& codes, int64_t bits) {
     }
   });
   return out;
+}
+
+// (N, K) uint8 codes 0..63 and (K/16, N) int8 sub-block scales of a GGUF Q6_K weight -> its tiles
+// (kQ6BlockBytes per 32 inputs, int_tile_bytes). Rows past N are zeros. One pass, a tile at a time.
+at::Tensor pack_q6_k_tiles(const at::Tensor& codes, const at::Tensor& sub) {
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.dim() == 2 && codes.size(1) % kQ6Group == 0,
+              "qwenkit pack_q6_k_tiles: codes must be (N, K) uint8 with K a multiple of ", kQ6Group);
+  const int64_t N = codes.size(0), K = codes.size(1), tiles = (N + kTile - 1) / kTile;
+  TORCH_CHECK(sub.scalar_type() == at::kChar && sub.dim() == 2 && sub.size(0) == K / 16 && sub.size(1) == N,
+              "qwenkit pack_q6_k_tiles: sub-block scales must be (K/16, N) = (", K / 16, ", ", N, ") int8");
+  const at::Tensor c = codes.contiguous(), sc = sub.contiguous();
+  const int64_t tile_bytes = int_tile_bytes(6, K);
+  at::Tensor out = at::empty({tiles, tile_bytes}, c.options());
+  const uint8_t* src = c.data_ptr<uint8_t>();
+  const int8_t* sp = sc.data_ptr<int8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      uint8_t* o = dst + t * tile_bytes;
+      if ((t + 1) * kTile > N) std::memset(o, 0, tile_bytes);
+      for (int64_t r = 0; r < kTile && t * kTile + r < N; ++r) {
+        const int64_t n = t * kTile + r;
+        const uint8_t* in = src + n * K;
+        for (int64_t b = 0; b < K / 32; ++b) {
+          uint8_t* blk = o + b * kQ6BlockBytes;
+          const uint8_t* q = in + 32 * b;
+          for (int v = 0; v < 4; ++v)  // byte pair o of quads 2o, 2o + 1 as int4's nibbles
+            for (int j = 0; j < 4; ++j)
+              blk[v * 64 + 4 * r + j] = uint8_t((q[8 * v + j] & 0x0f) | ((q[8 * v + 4 + j] & 0x0f) << 4));
+          for (int j = 0; j < 4; ++j) {
+            uint8_t high[2] = {0, 0};
+            for (int v = 0; v < 8; ++v) high[v / 4] |= uint8_t(((q[4 * v + j] >> 4) & 3) << (2 * (v % 4)));
+            blk[256 + 4 * r + j] = high[0];
+            blk[320 + 4 * r + j] = high[1];
+          }
+          blk[384 + r] = uint8_t(sp[(2 * b) * N + n]);
+          blk[400 + r] = uint8_t(sp[(2 * b + 1) * N + n]);
+        }
+      }
+    }
+  });
+  return out;
+}
+
+// GGUF Q6_K blocks (N * K / 256 of 210 bytes) -> codes (N, K) uint8 q in 0..63 (the weight is
+// d * sc * (q - 32)), the int8 sub-block scales sc (K/16, N) and d (K/256, N) float32: the file's values
+// in the order pack_q6_k_tiles takes them, one pass.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_q6_k(const at::Tensor& blocks, int64_t N, int64_t K) {
+  constexpr int64_t kBlockBytes = 210;
+  TORCH_CHECK(blocks.scalar_type() == at::kByte && blocks.is_contiguous() && N >= 0 && K % kQ6Group == 0 &&
+                  blocks.numel() == N * (K / kQ6Group) * kBlockBytes,
+              "qwenkit decode_q6_k: blocks must be N * K / 256 Q6_K blocks of 210 contiguous bytes");
+  at::Tensor codes = at::empty({N, K}, blocks.options());
+  at::Tensor sub = at::empty({K / 16, N}, blocks.options().dtype(at::kChar));
+  at::Tensor d = at::empty({K / kQ6Group, N}, blocks.options().dtype(at::kFloat));
+  const uint8_t* src = blocks.data_ptr<uint8_t>();
+  uint8_t* cp = codes.data_ptr<uint8_t>();
+  int8_t* sp = sub.data_ptr<int8_t>();
+  float* dp = d.data_ptr<float>();
+  parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
+    const int64_t per_row = K / kQ6Group;
+    for (int64_t n = n0; n < n1; ++n) {
+      for (int64_t b = 0; b < per_row; ++b) {
+        const uint8_t* blk = src + (n * per_row + b) * kBlockBytes;
+        const uint8_t *ql = blk, *qh = blk + 128;
+        uint8_t* out = cp + n * K + b * kQ6Group;
+        for (int j = 0; j < 8; ++j) {  // 8 runs of 32 values, in gguf-py's order (requantize_q6_k's)
+          const int h = j / 4, jj = j % 4, low_shift = 4 * (jj / 2), high_shift = 2 * jj;
+          const uint8_t* lq = ql + h * 64 + (jj % 2) * 32;
+          const uint8_t* hq = qh + h * 32;
+          for (int i = 0; i < 32; ++i)
+            out[j * 32 + i] = uint8_t(((lq[i] >> low_shift) & 0x0F) | (((hq[i] >> high_shift) & 0x03) << 4));
+        }
+        for (int s = 0; s < 16; ++s) sp[(b * 16 + s) * N + n] = int8_t(blk[192 + s]);
+        dp[b * N + n] = float(c10::Half(uint16_t(blk[208] | (blk[209] << 8)), c10::Half::from_bits()));
+      }
+    }
+  });
+  return {codes, sub, d};
 }
 
 // (N, K) bf16 -> linear_bf16's tiles: (ceil(N/16), Kp * 16) with Kp = K rounded up to even, each 4 bytes
@@ -1999,9 +2200,10 @@ std::tuple<at::Tensor, at::Tensor> requantize_q6_k(const at::Tensor& blocks, int
 at::Tensor dequantize_rows(const at::Tensor& codes, const at::Tensor& scale, const c10::optional<at::Tensor>& shift,
                            const at::Tensor& ids, int64_t bits, int64_t group_size, int64_t K, int64_t N,
                            int64_t zero_point) {
-  TORCH_CHECK(bits == 8 || bits == 5 || bits == 4, "qwenkit dequantize_rows: bits must be 8, 5 or 4, got ", bits);
+  TORCH_CHECK(bits == 8 || bits == 6 || bits == 5 || bits == 4,
+              "qwenkit dequantize_rows: bits must be 8, 6 (Q6_K), 5 or 4, got ", bits);
   check_packed("qwenkit dequantize_rows", bits, K, codes, scale, shift, group_size, N, zero_point);
-  const int64_t groups = K / group_size, tile_bytes = K * kTile * bits / 8;
+  const int64_t groups = K / group_size, tile_bytes = int_tile_bytes(bits, K);
   TORCH_CHECK(ids.scalar_type() == at::kLong && ids.dim() == 1, "qwenkit dequantize_rows: ids must be 1-D int64");
   const at::Tensor idc = ids.contiguous();
   const int64_t* ip = idc.data_ptr<int64_t>();
@@ -2023,6 +2225,17 @@ at::Tensor dequantize_rows(const at::Tensor& codes, const at::Tensor& scale, con
       if (bits == 8)
         for (int64_t c = 0; c < K / 4; ++c)
           for (int64_t j = 0; j < 4; ++j) w[4 * c + j] = static_cast<float>(tile[c * 64 + 4 * r + j]);
+      else if (bits == 6)  // (q - 32) x the sub-block's int8 scale here; x d below, as its group scale
+        for (int64_t b = 0; b < K / 32; ++b) {
+          const uint8_t* blk = tile + b * kQ6BlockBytes;
+          for (int64_t v = 0; v < 8; ++v)
+            for (int64_t j = 0; j < 4; ++j) {
+              const uint8_t nib = blk[(v / 2) * 64 + 4 * r + j] >> (4 * (v % 2)) & 0x0f;
+              const uint8_t high = (blk[256 + (v / 4) * 64 + 4 * r + j] >> (2 * (v % 4))) & 3;
+              const float sc = static_cast<float>(static_cast<int8_t>(blk[384 + (v / 4) * 16 + r]));
+              w[32 * b + 4 * v + j] = (static_cast<float>(nib | (high << 4)) - z) * sc;
+            }
+        }
       else if (bits == 5)
         for (int64_t b = 0; b < K / 32; ++b) {
           const uint8_t* blk = tile + b * 320;
@@ -2043,7 +2256,10 @@ at::Tensor dequantize_rows(const at::Tensor& codes, const at::Tensor& scale, con
       for (int64_t g = 0; g < groups; ++g) {
         const float sc = static_cast<float>(sp[(t * groups + g) * kTile + r]);
         float* wg = w + g * group_size;
-        for (int64_t k = 0; k < group_size; ++k) wg[k] = (wg[k] - z) * sc;
+        if (bits == 6)  // the zero point is already off (Q6_K's sub-block scales)
+          for (int64_t k = 0; k < group_size; ++k) wg[k] = wg[k] * sc;
+        else
+          for (int64_t k = 0; k < group_size; ++k) wg[k] = (wg[k] - z) * sc;
         if (hp != nullptr) {
           const float sh = static_cast<float>(hp[(t * groups + g) * kTile + r]);
           for (int64_t k = 0; k < group_size; ++k) wg[k] = wg[k] + sh;
@@ -2949,7 +3165,7 @@ void rope_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
 
 // One linear layer, read from decode_layer's argument lists.
 struct LayerLinear {
-  int64_t bits = 16;  // 16: bf16 tiles (linear_bf16); 8 / 5 / 4: integer codes (linear_int8/5/4)
+  int64_t bits = 16;  // 16: bf16 tiles (linear_bf16); 8 / 5 / 4: integer codes (linear_int8/5/4); 6: Q6_K
   at::Tensor w, scale, shift, bias;  // shift, bias: undefined when absent
   int64_t group_size = 0, N = 0, zero_point = 0;
   bool bias_after_rounding = false;  // QuantizedLinear adds its bias to the rounded bf16 output
@@ -2990,6 +3206,8 @@ at::Tensor run_linear(const LayerLinear& l, const at::Tensor& x) {
     y = linear_bf16(x, l.w, in_kernel, l.N);
   else if (l.bits == 8)
     y = linear_int<8>(x, l.w, l.scale, present(l.shift), in_kernel, l.group_size, l.N, l.zero_point);
+  else if (l.bits == 6)
+    y = linear_int<6>(x, l.w, l.scale, present(l.shift), in_kernel, l.group_size, l.N, l.zero_point);
   else if (l.bits == 5)
     y = linear_int<5>(x, l.w, l.scale, present(l.shift), in_kernel, l.group_size, l.N, l.zero_point);
   else
@@ -3045,8 +3263,8 @@ at::Tensor decode_layer(const at::Tensor& x, at::TensorList tensors, at::IntArra
     l.N = c[2];
     l.zero_point = c[3];
     l.bias_after_rounding = c[4] == 2;
-    TORCH_CHECK(l.bits == 16 || l.bits == 8 || l.bits == 5 || l.bits == 4 || (i >= 4 && l.bits == 0),
-                "qwenkit decode_layer: bits must be 16, 8, 5 or 4");
+    TORCH_CHECK(l.bits == 16 || l.bits == 8 || l.bits == 6 || l.bits == 5 || l.bits == 4 || (i >= 4 && l.bits == 0),
+                "qwenkit decode_layer: bits must be 16, 8, 6 (Q6_K), 5 or 4");
   }
   const bool three = lin[4].bits != 0;
   TORCH_CHECK(three == (lin[5].bits != 0), "qwenkit decode_layer: k and v come as two linears or none");
@@ -3139,6 +3357,11 @@ TORCH_LIBRARY(qwenkit, m) {
       "linear_int4(Tensor x, Tensor codes, Tensor scale, Tensor? shift, Tensor? bias, int group_size, int N, int zero_point) "
       "-> Tensor");
   m.def(
+      "linear_q6_k(Tensor x, Tensor codes, Tensor scale, Tensor? shift, Tensor? bias, int group_size, int N, int zero_point) "
+      "-> Tensor");
+  m.def("pack_q6_k_tiles(Tensor codes, Tensor sub) -> Tensor");
+  m.def("decode_q6_k(Tensor blocks, int N, int K) -> (Tensor, Tensor, Tensor)");
+  m.def(
       "linear_int5(Tensor x, Tensor codes, Tensor scale, Tensor? shift, Tensor? bias, int group_size, int N, int zero_point) "
       "-> Tensor");
   m.def("stream_read(Tensor t) -> int");
@@ -3176,6 +3399,9 @@ TORCH_LIBRARY_IMPL(qwenkit, CPU, m) {
   m.impl("linear_int8", &linear_int8);
   m.impl("linear_int4", &linear_int4);
   m.impl("linear_int5", &linear_int5);
+  m.impl("linear_q6_k", &linear_q6_k);
+  m.impl("pack_q6_k_tiles", &pack_q6_k_tiles);
+  m.impl("decode_q6_k", &decode_q6_k);
   m.impl("stream_read", &stream_read);
   m.impl("checksum_words", &checksum_words);
   m.impl("pack_int_tiles", &pack_int_tiles);

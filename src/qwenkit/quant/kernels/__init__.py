@@ -17,13 +17,20 @@ from qwenkit.quant.kernels.aten import (
     CpuInt8PackKernel,
     CudaInt4PackKernel,
 )
-from qwenkit.quant.kernels.avx512 import Avx512Int4Kernel, Avx512Int5Kernel, Avx512Int8Kernel, Avx512Iq4Kernel
+from qwenkit.quant.kernels.avx512 import (
+    Avx512Int4Kernel,
+    Avx512Int5Kernel,
+    Avx512Int8Kernel,
+    Avx512Iq4Kernel,
+    Avx512Q6KKernel,
+)
 from qwenkit.quant.kernels.base import LinearKernel, WeightSpec
 from qwenkit.quant.kernels.dequant import DequantKernel
 
 KERNELS: list[type[LinearKernel]] = [
     Avx512Iq4Kernel,
     Avx512Int5Kernel,
+    Avx512Q6KKernel,
     Avx512Int8Kernel,
     Avx512Int4Kernel,
     CpuInt8PackKernel,
@@ -50,10 +57,13 @@ def choose_kernel(
     *,
     iq4: bool = False,
     q5: bool = False,
+    q6_k: bool = False,
 ) -> str:
     """Key of the first kernel in ``KERNELS`` that can run this layer on ``device`` (``iq4``: the codes
-    are IQ4 table values, ``AffineWeight.iq4``; ``q5``: they fit 5 bits, ``AffineWeight.q5_base``)."""
-    return _first_kernel(WeightSpec(bits, group_size, in_features, out_features, iq4, q5), device)
+    are IQ4 table values, ``AffineWeight.iq4``; ``q5``: they fit 5 bits, ``AffineWeight.q5_base``;
+    ``q6_k``: GGUF Q6_K, ``AffineWeight.superscale``)."""
+    spec = WeightSpec(bits, group_size, in_features, out_features, iq4, q5, q6_k)
+    return _first_kernel(spec, device)
 
 
 def _first_kernel(spec: WeightSpec, device: torch.device) -> str:

@@ -75,7 +75,13 @@ class _Avx512IntKernel(LinearKernel):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        linear = {8: kernels.linear_int8, 5: kernels.linear_int5, 4: kernels.linear_int4}[self.packed.bits]
+        bits = self.packed.bits
+        linear = {
+            8: kernels.linear_int8,
+            6: kernels.linear_q6_k,
+            5: kernels.linear_int5,
+            4: kernels.linear_int4,
+        }[bits]
         return linear(x, self.packed)
 
     def codes(self) -> torch.Tensor:
@@ -147,6 +153,48 @@ class Avx512Int5Kernel(_Avx512IntKernel):
     def codes(self) -> torch.Tensor:
         codes, p = kernels.unpack_codes(self.packed), self.packed
         return codes if p.shift is not None else codes + (INT5_ZERO_POINT_AS_8 - p.zero_point)
+
+
+class Avx512Q6KKernel(_Avx512IntKernel):
+    """GGUF Q6_K weights (codes 0..63, scale d x an int8 per 16 inputs, ``AffineWeight.superscale``) as
+    the file holds them: 6-bit codes (low nibbles as the int4 tile's, high bit pairs beside them), the
+    int8 scales inline in the tile stream and d per 256 inputs, 0.8125 bytes a weight instead of int8
+    codes' 1.06 (and exactly the file's weights, where the int8 codes were rounded again). The tile sums
+    each sub-block of 16 apart and scales it in int32. AVX-512 builds; elsewhere Q6_K loads as int8 codes."""
+
+    key = "avx512_q6_k"
+    description = _IsaNamed("qwenkit {isa} Q6_K (int8 activations)")  # type: ignore[assignment]
+    bits_needed = 8
+
+    def __init__(self, w: AffineWeight | PackedInt) -> None:
+        if isinstance(w, AffineWeight):
+            w = _q6_k_packed(w)
+        super().__init__(w)
+        self.bits = 8  # the weights' codes as given (``codes()``): the packing is the kernel's own
+
+    @classmethod
+    def supports(cls, spec: WeightSpec, device: torch.device) -> bool:
+        return (
+            spec.q6_k
+            and device.type == "cpu"
+            and spec.group_size == 16
+            and spec.in_features % kernels.Q6_K_GROUP == 0
+            and kernels.runs_q6_k()
+        )
+
+
+def _q6_k_packed(w: AffineWeight) -> PackedInt:
+    """A Q6_K AffineWeight's codes, int8 sub-block scales (``scale / superscale``) and d, packed. Raises
+    when the scales are not d times int8 values, or the shift not the zero point's."""
+    d = w.superscale.float().cpu()
+    scale = w.scale.float().cpu()
+    d16 = d.repeat_interleave(kernels.Q6_K_GROUP // 16, dim=0)
+    sub = torch.where(d16 != 0, scale / torch.where(d16 != 0, d16, 1.0), 0.0).round()
+    if not (torch.equal(sub * d16, scale) and bool((sub.abs() <= 128).all()) and bool((sub < 128).all())):
+        raise QuantizationError("Q6_K weights must have scales of d times an int8 per 16 inputs")
+    if not torch.equal(w.shift.float().cpu(), -kernels.Q6_K_ZERO_POINT * scale):
+        raise QuantizationError(f"Q6_K weights must sit on zero point {kernels.Q6_K_ZERO_POINT}")
+    return kernels.prepare_q6_k(w.codes.cpu(), sub.to(torch.int8), d)
 
 
 # The 8-bit zero point a 5-bit zero point stands for (Q5_0 loads as q + 112 on Q8_0's 128; 5 bits: q on 16).

@@ -28,10 +28,12 @@ class WeightSpec:
     out_features: int
     iq4: bool = False  # AffineWeight.iq4: 8-bit codes a kernel may hold as IQ4 table indices
     q5: bool = False  # AffineWeight.q5_base set: 8-bit codes a kernel may hold at 5 bits
+    q6_k: bool = False  # AffineWeight.superscale set: GGUF Q6_K, int8 scales per 16 times d per 256
 
     @classmethod
     def of(cls, w: AffineWeight) -> WeightSpec:
-        return cls(w.bits, w.group_size, w.in_features, w.out_features, w.iq4, w.q5_base is not None)
+        q5, q6_k = w.q5_base is not None, w.superscale is not None
+        return cls(w.bits, w.group_size, w.in_features, w.out_features, w.iq4, q5, q6_k)
 
 
 class LinearKernel(nn.Module):
