@@ -468,15 +468,11 @@ def unpack_codes(p: PackedInt) -> torch.Tensor:
     tiles, k = p.codes.shape[0], p.in_features
     if p.bits == 8:
         c = p.codes.view(tiles, k // 4, TILE, 4).transpose(1, 2)
-    elif p.bits == 6:  # per 32 inputs: 4 x 64 nibble bytes, 2 x 64 bytes of high bit pairs, the scales
-        blocks = p.codes.view(tiles, k // 32, 416)
-        nibbles = blocks[:, :, :256].reshape(tiles, k // 32, 4, TILE, 1, 4)
-        low = torch.cat((nibbles & 0x0F, nibbles >> 4), dim=4).transpose(3, 4)
-        low = low.reshape(tiles, k // 32, 8, TILE, 4)
-        pairs = blocks[:, :, 256:384].reshape(tiles, k // 32, 2, 1, TILE, 4)
-        shifts = (2 * torch.arange(4, dtype=torch.uint8)).view(1, 1, 1, 4, 1, 1)
-        high = ((pairs >> shifts) & 3).reshape(tiles, k // 32, 8, TILE, 4)
-        c = (low | (high << 4)).permute(0, 3, 1, 2, 4)
+    elif p.bits == 6:  # per 32 inputs, per sub-block: 3 x 64 bytes (quads 0-2, quad 3 two bits in each)
+        runs = p.codes.view(tiles, k // 32, 416)[:, :, :384].reshape(tiles, k // 32, 2, 3, TILE, 4)
+        shifts = (2 * torch.arange(3, dtype=torch.uint8)).view(1, 1, 1, 3, 1, 1)
+        fourth = ((runs >> 6) << shifts).sum(dim=3, keepdim=True, dtype=torch.uint8)
+        c = torch.cat((runs & 0x3F, fourth), dim=3).reshape(tiles, k // 32, 8, TILE, 4).permute(0, 3, 1, 2, 4)
     elif p.bits == 5:  # per 32 inputs: (4 x 64 nibble bytes, 64 bytes of fifth bits)
         blocks = p.codes.view(tiles, k // 32, 5, TILE, 4)
         nibbles = blocks[:, :, :4].unsqueeze(4)  # (tiles, blocks, 4 byte quads, TILE, 1, 4)

@@ -339,10 +339,11 @@ constexpr int8_t kIq4Values[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 
 constexpr int64_t kIq4ZeroPoint = 128;
 inline bool iq4_table(int64_t bits, int64_t zero_point) { return bits == 4 && zero_point == kIq4ZeroPoint; }
 
-// GGUF Q6_K as the kernels hold it ("6 bits"): per 32 inputs of a 16-row tile, 256 bytes of low nibbles (as
-// int4), 128 bytes of high bit pairs (byte 4r + j of the first 64: bits 2v, 2v + 1 of quad v's code, quads
-// 0-3; of the next 64, quads 4-7), then the int8 scales of the block's two sub-blocks of 16 for the 16
-// rows; the code is q (0..63) on zero point 32, and the float scale d, per 256 inputs (the group).
+// GGUF Q6_K as the kernels hold it ("6 bits"): per 32 inputs of a 16-row tile, two runs of 192 bytes, one
+// per sub-block of 16 (quads 4s .. 4s + 3, quad v: inputs 4v .. 4v + 3 of the 16 rows, byte 4r + j), each
+// three 64-byte vectors holding the first three quads' 6-bit codes in bits 0-5 and the fourth quad's code
+// two bits at a time in their bits 6-7 (low, middle, high pair); then the int8 scales of the two
+// sub-blocks for the 16 rows. The code is q (0..63) on zero point 32; the float scale d is per 256 inputs.
 constexpr int64_t kQ6BlockBytes = 416, kQ6Group = 256, kQ6ZeroPoint = 32;
 
 // Software prefetch distance in bytes ahead of the weight streams; 0 (the default) issues none. Each
@@ -1103,15 +1104,6 @@ void int_tile(const QuantizedRows& qr, int64_t p, const uint8_t* tile, const S* 
   for (int m = 0; m < MT; ++m) out.store(m0 + m, n0, facc[m]);
 }
 
-// Bits 4-5 of every byte: quad Q's two high bits (bits 2 (Q % 4) and 2 (Q % 4) + 1 of its pair byte).
-template <int Q>
-inline __m512i high_pair_at_4(__m512i v) {
-  constexpr int s = 2 * (Q % 4);
-  if constexpr (s < 4) return _mm512_slli_epi16(v, 4 - s);
-  else if constexpr (s == 4) return v;
-  else return _mm512_srli_epi16(v, s - 4);
-}
-
 // int_tile for GGUF Q6_K (kQ6BlockBytes per 32 inputs): a block's two sub-blocks of 16 are summed apart,
 // each from -32 x its activations' sum (the zero point), times its int8 scale in int32 (exact: at most
 // 16 x 127 x 32 x 128 a sub-block), then the block as int_tile's, times d once per 256 inputs.
@@ -1126,7 +1118,8 @@ void q6k_tile(const QuantizedRows& qr, int64_t p, const uint8_t* tile, const S* 
   __m512 facc[MT];
 #pragma GCC unroll 8
   for (int m = 0; m < MT; ++m) facc[m] = _mm512_setzero_ps();
-  const __m512i nibble = _mm512_set1_epi8(0x0f), pair = _mm512_set1_epi8(0x30);
+  // bitwise selects (ternlog 0xE4: C ? A : B) by these masks, and the codes' six bits
+  const __m512i low2 = _mm512_set1_epi8(0x03), low4 = _mm512_set1_epi8(0x0f), six = _mm512_set1_epi8(0x3f);
   for (int64_t g = 0; g < groups; ++g) {
     const __m512 sv = load16_f32<S>(tscale + g * kTile);
     __m512 gacc[MT];
@@ -1144,25 +1137,19 @@ void q6k_tile(const QuantizedRows& qr, int64_t p, const uint8_t* tile, const S* 
         first[m] = _mm512_set1_epi32(-kQ6ZeroPoint * h);
         second[m] = _mm512_set1_epi32(xstart[b * MT + m] + kQ6ZeroPoint * h);
       }
-      const __m512i high[2] = {_mm512_loadu_si512(wb + 256), _mm512_loadu_si512(wb + 320)};
-      const auto quads = [&](auto o_) {
-        constexpr int o = decltype(o_)::value;
-        const __m512i v = _mm512_loadu_si512(wb + o * 64);
-        __m512i lo = _mm512_and_si512(v, nibble);
-        __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
-        lo = _mm512_ternarylogic_epi32(high_pair_at_4<2 * o>(high[o / 2]), pair, lo, 0xEA);  // (h & 0x30) | lo
-        hi = _mm512_ternarylogic_epi32(high_pair_at_4<2 * o + 1>(high[o / 2]), pair, hi, 0xEA);
-        __m512i(&acc)[MT] = o < 2 ? first : second;
+      // A sub-block's run: quads a, b, c in bits 0-5 of v0, v1, v2; quad e's pairs in their bits 6-7.
+      const auto run = [&](const uint8_t* r, const int32_t* xr, __m512i(&acc)[MT]) {
+        const __m512i v0 = _mm512_loadu_si512(r), v1 = _mm512_loadu_si512(r + 64), v2 = _mm512_loadu_si512(r + 128);
+        const __m512i e1 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(v0, 6), _mm512_srli_epi16(v1, 4), low2, 0xE4);
+        const __m512i e = _mm512_and_si512(_mm512_ternarylogic_epi32(e1, _mm512_srli_epi16(v2, 2), low4, 0xE4), six);
+        const __m512i q[4] = {_mm512_and_si512(v0, six), _mm512_and_si512(v1, six), _mm512_and_si512(v2, six), e};
+#pragma GCC unroll 4
+        for (int v = 0; v < 4; ++v)
 #pragma GCC unroll 8
-        for (int m = 0; m < MT; ++m) {
-          acc[m] = dpbusd_bcast(acc[m], lo, xb + (2 * o) * MT + m);
-          acc[m] = dpbusd_bcast(acc[m], hi, xb + (2 * o + 1) * MT + m);
-        }
+          for (int m = 0; m < MT; ++m) acc[m] = dpbusd_bcast(acc[m], q[v], xr + v * MT + m);
       };
-      quads(std::integral_constant<int, 0>{});
-      quads(std::integral_constant<int, 1>{});
-      quads(std::integral_constant<int, 2>{});
-      quads(std::integral_constant<int, 3>{});
+      run(wb, xb, first);
+      run(wb + 192, xb + 4 * MT, second);
       const __m512i sa = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + 384)));
       const __m512i sb = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + 400)));
 #pragma GCC unroll 8
@@ -1842,15 +1829,12 @@ at::Tensor pack_q6_k_tiles(const at::Tensor& codes, const at::Tensor& sub) {
         for (int64_t b = 0; b < K / 32; ++b) {
           uint8_t* blk = o + b * kQ6BlockBytes;
           const uint8_t* q = in + 32 * b;
-          for (int v = 0; v < 4; ++v)  // byte pair o of quads 2o, 2o + 1 as int4's nibbles
-            for (int j = 0; j < 4; ++j)
-              blk[v * 64 + 4 * r + j] = uint8_t((q[8 * v + j] & 0x0f) | ((q[8 * v + 4 + j] & 0x0f) << 4));
-          for (int j = 0; j < 4; ++j) {
-            uint8_t high[2] = {0, 0};
-            for (int v = 0; v < 8; ++v) high[v / 4] |= uint8_t(((q[4 * v + j] >> 4) & 3) << (2 * (v % 4)));
-            blk[256 + 4 * r + j] = high[0];
-            blk[320 + 4 * r + j] = high[1];
-          }
+          for (int sb = 0; sb < 2; ++sb)  // a sub-block's run: quads 4 sb .. 4 sb + 3
+            for (int j = 0; j < 4; ++j) {
+              const uint8_t e = q[16 * sb + 12 + j];  // the fourth quad's code, two bits per vector
+              for (int v = 0; v < 3; ++v)
+                blk[sb * 192 + v * 64 + 4 * r + j] = uint8_t((q[16 * sb + 4 * v + j] & 0x3f) | (((e >> (2 * v)) & 3) << 6));
+            }
           blk[384 + r] = uint8_t(sp[(2 * b) * N + n]);
           blk[400 + r] = uint8_t(sp[(2 * b + 1) * N + n]);
         }
@@ -2230,10 +2214,11 @@ at::Tensor dequantize_rows(const at::Tensor& codes, const at::Tensor& scale, con
           const uint8_t* blk = tile + b * kQ6BlockBytes;
           for (int64_t v = 0; v < 8; ++v)
             for (int64_t j = 0; j < 4; ++j) {
-              const uint8_t nib = blk[(v / 2) * 64 + 4 * r + j] >> (4 * (v % 2)) & 0x0f;
-              const uint8_t high = (blk[256 + (v / 4) * 64 + 4 * r + j] >> (2 * (v % 4))) & 3;
+              const uint8_t* run = blk + (v / 4) * 192 + 4 * r + j;
+              const uint8_t code = v % 4 < 3 ? run[(v % 4) * 64] & 0x3f
+                                             : (run[0] >> 6) | ((run[64] >> 6) << 2) | ((run[128] >> 6) << 4);
               const float sc = static_cast<float>(static_cast<int8_t>(blk[384 + (v / 4) * 16 + r]));
-              w[32 * b + 4 * v + j] = (static_cast<float>(nib | (high << 4)) - z) * sc;
+              w[32 * b + 4 * v + j] = (static_cast<float>(code) - z) * sc;
             }
         }
       else if (bits == 5)
