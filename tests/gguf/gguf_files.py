@@ -113,3 +113,33 @@ def write_gguf(
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+QUANTIZED_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def write_quantized_qwen2(
+    path: Path,
+    model: torch.nn.Module,
+    blocks_for: Callable[[str, torch.Tensor, int], tuple[np.ndarray, gguf.GGMLQuantizationType]],
+    also: tuple[str, ...] = ("model.embed_tokens.weight",),
+) -> tuple[Path, dict[str, tuple[np.ndarray, gguf.GGMLQuantizationType]]]:
+    """A Qwen2 GGUF of ``model`` whose projections (and the weights named in ``also``) are the raw blocks
+    ``blocks_for(name, weight, index)`` makes (``index``: a seed, 0, 1, ... in file order); the rest
+    (norms, biases, an untied head not in ``also``) F32, as llama.cpp writes them. Returns the path and
+    the blocks by name."""
+    state = {n: p.detach() for n, p in model.state_dict().items()}
+    blocks: dict[str, tuple[np.ndarray, gguf.GGMLQuantizationType]] = {}
+    for name in list(state):
+        part = name.split(".")[-2]
+        if (part in QUANTIZED_PARTS and name.endswith(".weight")) or name in also:
+            blocks[name] = blocks_for(name, state.pop(name), len(blocks))
+    layers = model.config.num_hidden_layers
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, layers)
+
+    def extra(w: gguf.GGUFWriter) -> None:
+        for name, (data, qtype) in blocks.items():
+            w.add_tensor(f"{names.get_name(name.rsplit('.', 1)[0])}.weight", data, raw_dtype=qtype)
+
+    config = model.config.to_dict()
+    return write_gguf(path, "qwen2", config, state, gguf.GGMLQuantizationType.F32, extra=extra), blocks

@@ -12,7 +12,7 @@ import pytest
 import torch
 from factories import hf_model
 from gguf.quants import dequantize
-from gguf_files import tiny_vocab
+from gguf_files import tiny_vocab, write_quantized_qwen2
 from test_gguf_quant import random_k_blocks
 
 from qwenkit import kernels
@@ -22,7 +22,6 @@ from qwenkit.quant import QuantizedLinear
 from qwenkit.quant.affine import AffineWeight
 
 Q = gguf.GGMLQuantizationType
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @pytest.fixture(scope="module")
@@ -31,26 +30,13 @@ def iq4_file(tmp_path_factory) -> tuple:
     whose token embedding is IQ4_NL; norms stay F32, as llama.cpp writes them."""
     model = hf_model("qwen2", vocab_size=len(tiny_vocab()[0]), hidden_size=256, intermediate_size=512,
                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
-    state = {n: p.detach() for n, p in model.state_dict().items()}
-    blocks: dict[str, tuple[np.ndarray, Q]] = {}
-    for name in list(state):
-        part = name.split(".")[-2]
-        if (part in PROJECTIONS and name.endswith(".weight")) or name == "model.embed_tokens.weight":
-            layer = 1 if name == "model.embed_tokens.weight" else int(name.split(".")[2])
-            qtype = Q.IQ4_XS if layer == 0 else Q.IQ4_NL
-            out_f, in_f = state.pop(name).shape
-            blocks[name] = (random_k_blocks(qtype, out_f, in_f, seed=len(blocks)), qtype)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, 2)
 
-    def extra(w: gguf.GGUFWriter) -> None:
-        for name, (data, qtype) in blocks.items():
-            w.add_tensor(f"{names.get_name(name.rsplit('.', 1)[0])}.weight", data, raw_dtype=qtype)
+    def blocks_for(name: str, weight: torch.Tensor, seed: int) -> tuple[np.ndarray, Q]:
+        layer = 1 if name == "model.embed_tokens.weight" else int(name.split(".")[2])
+        qtype = Q.IQ4_XS if layer == 0 else Q.IQ4_NL
+        return random_k_blocks(qtype, *weight.shape, seed=seed), qtype
 
-    from gguf_files import write_gguf
-
-    path = write_gguf(tmp_path_factory.mktemp("iq4") / "iq4.gguf", "qwen2", model.config.to_dict(), state,
-                      Q.F32, extra=extra)  # fmt: skip
-    return path, blocks
+    return write_quantized_qwen2(tmp_path_factory.mktemp("iq4") / "iq4.gguf", model, blocks_for)
 
 
 def test_iq4_weights_load_as_int8_codes_with_the_files_values(iq4_file):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from factories import hf_model
 from gguf.quants import dequantize, quantize
-from gguf_files import tiny_vocab, write_gguf
+from gguf_files import tiny_vocab, write_quantized_qwen2
 from test_gguf_quant import random_k_blocks, random_weight
 
 from qwenkit import kernels
@@ -24,7 +24,6 @@ from qwenkit.quant.gptq_format import QuantizationError
 from qwenkit.quant.kernels import build_kernel
 
 Q = gguf.GGMLQuantizationType
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CPU = torch.device("cpu")
 
 
@@ -42,27 +41,14 @@ def _qtype(name: str) -> Q:
 def q5_file(tmp_path_factory) -> tuple:
     model = hf_model("qwen2", vocab_size=len(tiny_vocab()[0]), hidden_size=256, intermediate_size=512,
                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
-    state = {n: p.detach() for n, p in model.state_dict().items()}
-    blocks: dict[str, tuple[np.ndarray, Q]] = {}
-    for name in list(state):
-        part = name.split(".")[-2]
-        if (part in PROJECTIONS and name.endswith(".weight")) or name == "model.embed_tokens.weight":
-            qtype = _qtype(name)
-            out_f, in_f = state.pop(name).shape
-            if qtype == Q.Q5_K:  # gguf-py cannot write K-quants: random super-blocks, finite d and dmin
-                data = random_k_blocks(qtype, out_f, in_f, seed=len(blocks))
-            else:
-                data = quantize(random_weight(out_f, in_f, seed=len(blocks)), qtype)
-            blocks[name] = (data, qtype)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, 2)
 
-    def extra(w: gguf.GGUFWriter) -> None:
-        for name, (data, qtype) in blocks.items():
-            w.add_tensor(f"{names.get_name(name.rsplit('.', 1)[0])}.weight", data, raw_dtype=qtype)
+    def blocks_for(name: str, weight: torch.Tensor, seed: int) -> tuple[np.ndarray, Q]:
+        qtype = _qtype(name)
+        if qtype == Q.Q5_K:  # gguf-py cannot write K-quants: random super-blocks, finite d and dmin
+            return random_k_blocks(qtype, *weight.shape, seed=seed), qtype
+        return quantize(random_weight(*weight.shape, seed=seed), qtype), qtype
 
-    path = write_gguf(tmp_path_factory.mktemp("q5") / "q5.gguf", "qwen2", model.config.to_dict(), state,
-                      Q.F32, extra=extra)  # fmt: skip
-    return path, blocks
+    return write_quantized_qwen2(tmp_path_factory.mktemp("q5") / "q5.gguf", model, blocks_for)
 
 
 def test_q5_weights_load_as_8_bit_codes_spanning_32_values(q5_file):

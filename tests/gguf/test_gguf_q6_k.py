@@ -11,7 +11,7 @@ import pytest
 import torch
 from factories import hf_model
 from gguf.quants import dequantize
-from gguf_files import tiny_vocab, write_gguf
+from gguf_files import tiny_vocab, write_quantized_qwen2
 from test_gguf_quant import random_q6_k_blocks
 
 from qwenkit import kernels
@@ -23,7 +23,6 @@ from qwenkit.quant.gptq_format import QuantizationError
 from qwenkit.quant.kernels import build_kernel
 
 Q = gguf.GGMLQuantizationType
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CPU = torch.device("cpu")
 needs_q6_k = pytest.mark.skipif(not kernels.runs_q6_k(), reason="the Q6_K kernel runs on AVX-512 builds only")
 
@@ -52,30 +51,17 @@ def small_q6_k_blocks(out_f: int, in_f: int, seed: int) -> np.ndarray:
 def q6_k_file(tmp_path_factory) -> tuple:
     model = hf_model("qwen2", vocab_size=len(tiny_vocab()[0]), hidden_size=256, intermediate_size=512,
                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
-    state = {n: p.detach() for n, p in model.state_dict().items()}
-    blocks: dict[str, tuple[np.ndarray, Q]] = {}
-    for name in list(state):
-        part = name.split(".")[-2]
-        if (part in PROJECTIONS and name.endswith(".weight")) or name in (
-            "model.embed_tokens.weight",
-            "lm_head.weight",
-        ):
-            qtype = _qtype(name)
-            weight = state.pop(name)
-            if qtype == Q.Q6_K:
-                data = small_q6_k_blocks(*weight.shape, seed=len(blocks))
-            else:
-                data = gguf.quants.quantize(weight.float().numpy(), qtype)
-            blocks[name] = (data, qtype)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, 2)
 
-    def extra(w: gguf.GGUFWriter) -> None:
-        for name, (data, qtype) in blocks.items():
-            w.add_tensor(f"{names.get_name(name.rsplit('.', 1)[0])}.weight", data, raw_dtype=qtype)
+    def blocks_for(name: str, weight: torch.Tensor, seed: int) -> tuple[np.ndarray, Q]:
+        qtype = _qtype(name)
+        if qtype == Q.Q6_K:
+            return small_q6_k_blocks(*weight.shape, seed=seed), qtype
+        return gguf.quants.quantize(weight.float().numpy(), qtype), qtype
 
-    path = write_gguf(tmp_path_factory.mktemp("q6k") / "q6k.gguf", "qwen2", model.config.to_dict(), state,
-                      Q.F32, extra=extra)  # fmt: skip
-    return path, blocks
+    path = tmp_path_factory.mktemp("q6k") / "q6k.gguf"
+    return write_quantized_qwen2(
+        path, model, blocks_for, also=("model.embed_tokens.weight", "lm_head.weight")
+    )
 
 
 @needs_q6_k

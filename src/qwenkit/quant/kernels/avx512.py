@@ -50,19 +50,23 @@ class _Avx512IntKernel(LinearKernel):
     bits_needed: int
 
     def __init__(self, w: AffineWeight | PackedInt) -> None:
-        """From an AffineWeight (packed here), or from weights already packed (``kernels.concat_int``
-        of fused projections)."""
-        super().__init__(w)  # a PackedInt has the same bits/group_size/in/out attributes
-        if isinstance(w, PackedInt):
-            self.packed = w
-        else:
-            zp = _zero_point(w)
-            prepare = kernels.prepare_int8 if w.bits == 8 else kernels.prepare_int4
-            shift = None if zp is not None else w.shift.float()
-            self.packed = prepare(w.codes.cpu(), w.scale.float(), shift, w.group_size, zero_point=zp or 0)
+        """From an AffineWeight (packed here by ``pack``), or from weights already packed
+        (``kernels.concat_int`` of fused projections)."""
+        packed = w if isinstance(w, PackedInt) else self.pack(w)
+        super().__init__(packed)  # a PackedInt has the same bits/group_size/in/out attributes
+        self.packed = packed
+        self.bits = self.bits_needed  # the codes' width as given (``codes()``); the packing is the kernel's
         self.register_buffer("qcodes", self.packed.codes)  # memory accounting and state_dict see them
         self.register_buffer("qscale", self.packed.scale)
         self.register_buffer("qshift", self.packed.shift)
+
+    @staticmethod
+    def pack(w: AffineWeight) -> PackedInt:
+        """The kernel's own layout of ``w`` (int8/int4 codes, a zero point where one fits)."""
+        zp = _zero_point(w)
+        prepare = kernels.prepare_int8 if w.bits == 8 else kernels.prepare_int4
+        shift = None if zp is not None else w.shift.float()
+        return prepare(w.codes.cpu(), w.scale.float(), shift, w.group_size, zero_point=zp or 0)
 
     @classmethod
     def supports(cls, spec: WeightSpec, device: torch.device) -> bool:
@@ -116,11 +120,9 @@ class Avx512Iq4Kernel(_Avx512IntKernel):
     description = _IsaNamed("qwenkit {isa} int4 IQ4 table (int8 activations)")  # type: ignore[assignment]
     bits_needed = 8
 
-    def __init__(self, w: AffineWeight | PackedInt) -> None:
-        if isinstance(w, AffineWeight):
-            w = _iq4_packed(w)
-        super().__init__(w)
-        self.bits = 8  # the weights' codes as given (``codes()``): the packing is the kernel's own
+    @staticmethod
+    def pack(w: AffineWeight) -> PackedInt:
+        return _iq4_packed(w)
 
     @classmethod
     def supports(cls, spec: WeightSpec, device: torch.device) -> bool:
@@ -140,11 +142,9 @@ class Avx512Int5Kernel(_Avx512IntKernel):
     description = _IsaNamed("qwenkit {isa} int5 (int8 activations)")  # type: ignore[assignment]
     bits_needed = 8
 
-    def __init__(self, w: AffineWeight | PackedInt) -> None:
-        if isinstance(w, AffineWeight):
-            w = _int5_packed(w)
-        super().__init__(w)
-        self.bits = 8  # the weights' codes as given (``codes()``): the packing is the kernel's own
+    @staticmethod
+    def pack(w: AffineWeight) -> PackedInt:
+        return _int5_packed(w)
 
     @classmethod
     def supports(cls, spec: WeightSpec, device: torch.device) -> bool:
@@ -156,21 +156,20 @@ class Avx512Int5Kernel(_Avx512IntKernel):
 
 
 class Avx512Q6KKernel(_Avx512IntKernel):
-    """GGUF Q6_K weights (codes 0..63, scale d x an int8 per 16 inputs, ``AffineWeight.superscale``) as
-    the file holds them: 6-bit codes (low nibbles as the int4 tile's, high bit pairs beside them), the
-    int8 scales inline in the tile stream and d per 256 inputs, 0.8125 bytes a weight instead of int8
-    codes' 1.06 (and exactly the file's weights, where the int8 codes were rounded again). The tile sums
-    each sub-block of 16 apart and scales it in int32. AVX-512 builds; elsewhere Q6_K loads as int8 codes."""
+    """GGUF Q6_K weights (codes 0..63, scale d x an int8 per 16 inputs, ``AffineWeight.superscale``) as the
+    file holds them: 6-bit codes (per sub-block of 16, three quads' codes in three vectors' low six bits, the
+    fourth quad's two bits at a time in their top bits), the int8 scales inline in the tile stream and d
+    per 256 inputs, 0.8125 bytes a weight instead of int8 codes' 1.06 (and exactly the file's weights,
+    where the int8 codes were rounded again). The tile sums each sub-block of 16 apart and scales it in
+    int32. AVX-512 builds; elsewhere Q6_K loads as int8 codes."""
 
     key = "avx512_q6_k"
     description = _IsaNamed("qwenkit {isa} Q6_K (int8 activations)")  # type: ignore[assignment]
     bits_needed = 8
 
-    def __init__(self, w: AffineWeight | PackedInt) -> None:
-        if isinstance(w, AffineWeight):
-            w = _q6_k_packed(w)
-        super().__init__(w)
-        self.bits = 8  # the weights' codes as given (``codes()``): the packing is the kernel's own
+    @staticmethod
+    def pack(w: AffineWeight) -> PackedInt:
+        return _q6_k_packed(w)
 
     @classmethod
     def supports(cls, spec: WeightSpec, device: torch.device) -> bool:
