@@ -801,7 +801,7 @@ struct QuantizedRows {
   std::vector<float> scale;     // (rows / pass, K / 32, pass)
   std::vector<int32_t> start;   // (rows / pass, K / 32, pass): -zero_point * sum(q of the block), the dot's start
   std::vector<float> gsum;      // (rows / pass, groups, pass): sum of the dequantized x over each weight group
-  std::vector<int32_t> half;    // (rows / pass, K / 32, pass): sum(q) of each block's first 16 (Q6_K's sub-blocks)
+  std::vector<int32_t> half;    // (rows / pass, K / 32, pass): -zero_point * sum(q) of each block's first 16
   // Index of row m's entry i of a per-row table with `per_row` entries per row.
   int64_t at(int64_t m, int64_t i, int64_t per_row) const { return ((m / pass) * per_row + i) * pass + m % pass; }
 };
@@ -903,7 +903,9 @@ inline void quantize_block8(const T* const (&rows)[8], int64_t b, int64_t zero_p
     sums[r] = _mm256_add_epi32(_mm512_castsi512_si256(qs), _mm512_extracti64x4_epi64(qs, 1));
     if (half != nullptr) firsts[r] = _mm256_add_epi32(_mm512_castsi512_si256(q0), _mm512_extracti64x4_epi64(q0, 1));
   }
-  if (half != nullptr) _mm256_storeu_si256(reinterpret_cast<__m256i*>(half), sum8_epi32(firsts));
+  if (half != nullptr)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(half),
+                        _mm256_mullo_epi32(_mm256_set1_epi32(-static_cast<int32_t>(zero_point)), sum8_epi32(firsts)));
   transpose8_epi32(codes);  // codes[j]: the 4 codes of inputs 4j..4j+3 of each row
 #pragma GCC unroll 8
   for (int j = 0; j < 8; ++j) _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + j * 8), codes[j]);
@@ -988,7 +990,7 @@ void quantize_rows(const T* x, int64_t rows, int64_t padded_rows, int64_t K, int
             const int32_t qsum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
             sm[b * P] = d;
             startm[b * P] = -static_cast<int32_t>(zero_point) * qsum;  // (c - z).q = c.q - z * sum(q)
-            if (halves) qr.half[qr.at(m, b, blocks)] = _mm512_reduce_add_epi32(q0);
+            if (halves) qr.half[qr.at(m, b, blocks)] = -static_cast<int32_t>(zero_point) * _mm512_reduce_add_epi32(q0);
             gm[g * P] = std::fma(d, static_cast<float>(qsum), gm[g * P]);  // as quantize_block8's FMA
           }
         }
@@ -1114,7 +1116,7 @@ void q6k_tile(const QuantizedRows& qr, int64_t p, const uint8_t* tile, const S* 
   const int32_t* xq = qr.q.data() + p * (K / 4) * MT;
   const float* xs = qr.scale.data() + p * blocks * MT;
   const int32_t* xstart = qr.start.data() + p * blocks * MT;  // -32 x the block's sum
-  const int32_t* xhalf = qr.half.data() + p * blocks * MT;    // the sum of its first 16
+  const int32_t* xhalf = qr.half.data() + p * blocks * MT;    // -32 x the sum of its first 16
   __m512 facc[MT];
 #pragma GCC unroll 8
   for (int m = 0; m < MT; ++m) facc[m] = _mm512_setzero_ps();
@@ -1132,10 +1134,9 @@ void q6k_tile(const QuantizedRows& qr, int64_t p, const uint8_t* tile, const S* 
       if (next != nullptr) prefetch_lines<kQ6BlockBytes>(next + b * kQ6BlockBytes);
       __m512i first[MT], second[MT];
 #pragma GCC unroll 8
-      for (int m = 0; m < MT; ++m) {
-        const int32_t h = xhalf[b * MT + m];
-        first[m] = _mm512_set1_epi32(-kQ6ZeroPoint * h);
-        second[m] = _mm512_set1_epi32(xstart[b * MT + m] + kQ6ZeroPoint * h);
+      for (int m = 0; m < MT; ++m) {  // broadcasts from memory; the second start by a vector subtract
+        first[m] = _mm512_set1_epi32(xhalf[b * MT + m]);
+        second[m] = _mm512_sub_epi32(_mm512_set1_epi32(xstart[b * MT + m]), first[m]);
       }
       // A sub-block's run: quads a, b, c in bits 0-5 of v0, v1, v2; quad e's pairs in their bits 6-7.
       const auto run = [&](const uint8_t* r, const int32_t* xr, __m512i(&acc)[MT]) {
