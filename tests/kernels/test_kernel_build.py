@@ -125,6 +125,32 @@ def test_a_level_the_compiler_rejects_is_not_compiled_again(
     assert calls == [LEVEL, LEVEL]
 
 
+FULL_DISK = "cpu_kernels.cpp:3411:1: fatal error: error writing to /tmp/ccoB9QYx.s: No space left on device"
+OLD_FLAGS = "g++: error: unrecognized command-line option '-mavxvnni'"
+
+
+@pytest.mark.parametrize(("message", "lasting"), [(FULL_DISK, False), (OLD_FLAGS, True)])
+def test_a_full_disk_is_not_noted_as_the_compilers_verdict(tmp_path, message, lasting):
+    """A compiler that ran out of disk (as one CI run did while another checkout filled it) fails only
+    this time; noting it as lasting would keep the kernels off for every later start after the disk was
+    freed. A flag the compiler does not know fails every time."""
+    cxx = tmp_path / "g++"
+    cxx.write_text(f"#!/bin/sh\necho \"{message}\" >&2\nexit 1\n")
+    cxx.chmod(0o755)
+    with pytest.raises(build.LevelBuildError) as caught:
+        build._compile(str(cxx), "avx2", tmp_path / "lib.so")
+    assert caught.value.lasting is lasting and str(caught.value) == f"g++ failed: {message}"
+
+
+@needs_isa
+def test_a_note_of_a_full_disk_left_by_an_older_version_is_dropped(fake_cache, tmp_path):
+    entry = build.cache_root() / build.cache_key(build.compiler_version(build.compiler()), LEVEL)
+    entry.parent.mkdir(parents=True)
+    build.failure_note(entry).write_text(f"g++ failed: {FULL_DISK}\n")
+    assert build.ensure_built(LEVEL, announce=False) == entry / build.LIBRARY_NAME
+    assert len(fake_cache) == 1 and not build.failure_note(entry).exists()
+
+
 def test_no_compiler_falls_back_with_one_line(tmp_path):
     code = "from qwenkit import kernels; print(kernels.available()); print(kernels.available())"
     r = run_python(code, XDG_CACHE_HOME=str(tmp_path), CXX="false", PATH="/nonexistent")

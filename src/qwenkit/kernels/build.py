@@ -21,6 +21,7 @@ every level whatever the build machine's CPU and stores them inside the virtual 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import platform
@@ -209,7 +210,23 @@ def _compile(cxx: str, level: str, out: Path) -> None:
         first_error = next(
             (ln for ln in proc.stderr.splitlines() if "error" in ln), proc.stderr.strip()[-300:]
         )
-        raise LevelBuildError(f"{Path(cxx).name} failed: {first_error}", lasting=proc.returncode > 0)
+        lasting = proc.returncode > 0 and not _trouble_outside_the_source(proc.stderr)
+        raise LevelBuildError(f"{Path(cxx).name} failed: {first_error}", lasting=lasting)
+
+
+# Compiler failures the machine caused, not the source or flags: a full disk, a read-only or failing
+# temporary directory, too little memory, cc1plus killed. Noting one as lasting would refuse the kernels
+# to every later start (and every checkout sharing the cache) after the disk is freed.
+_MACHINE_TROUBLE = tuple(
+    os.strerror(code).lower()
+    for code in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.ENOMEM, errno.EROFS, errno.EMFILE, errno.ENFILE)
+) + ("error writing to", "virtual memory exhausted", "signal terminated program", "killed signal")
+
+
+def _trouble_outside_the_source(stderr: str) -> bool:
+    """Whether the compiler's messages blame the machine (disk, memory, a killed process)."""
+    text = stderr.lower()
+    return any(sign in text for sign in _MACHINE_TROUBLE)
 
 
 def _discard(entry: Path) -> None:
@@ -236,7 +253,9 @@ def ensure_built(level: str, announce: bool = True) -> Path:
         known_failure = note.read_text().strip()
     except OSError:
         known_failure = ""
-    if known_failure:
+    if known_failure and _trouble_outside_the_source(known_failure):
+        note.unlink(missing_ok=True)  # noted by an older qwenkit that took a full disk for a verdict
+    elif known_failure:
         raise LevelBuildError(known_failure, lasting=True)
     if entry.exists():
         _discard(entry)
