@@ -135,7 +135,7 @@ def test_a_full_disk_is_not_noted_as_the_compilers_verdict(tmp_path, message, la
     this time; noting it as lasting would keep the kernels off for every later start after the disk was
     freed. A flag the compiler does not know fails every time."""
     cxx = tmp_path / "g++"
-    cxx.write_text(f"#!/bin/sh\necho \"{message}\" >&2\nexit 1\n")
+    cxx.write_text(f'#!/bin/sh\necho "{message}" >&2\nexit 1\n')
     cxx.chmod(0o755)
     with pytest.raises(build.LevelBuildError) as caught:
         build._compile(str(cxx), "avx2", tmp_path / "lib.so")

@@ -217,10 +217,22 @@ def _compile(cxx: str, level: str, out: Path) -> None:
 # Compiler failures the machine caused, not the source or flags: a full disk, a read-only or failing
 # temporary directory, too little memory, cc1plus killed. Noting one as lasting would refuse the kernels
 # to every later start (and every checkout sharing the cache) after the disk is freed.
-_MACHINE_TROUBLE = tuple(
-    os.strerror(code).lower()
-    for code in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.ENOMEM, errno.EROFS, errno.EMFILE, errno.ENFILE)
-) + ("error writing to", "virtual memory exhausted", "signal terminated program", "killed signal")
+_MACHINE_ERRNOS = (
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EIO,
+    errno.ENOMEM,
+    errno.EROFS,
+    errno.EMFILE,
+    errno.ENFILE,
+)
+_MACHINE_TROUBLE = (
+    *(os.strerror(code).lower() for code in _MACHINE_ERRNOS),
+    "error writing to",
+    "virtual memory exhausted",
+    "signal terminated program",
+    "killed signal",
+)
 
 
 def _trouble_outside_the_source(stderr: str) -> bool:
