@@ -378,8 +378,8 @@ INT5_CASES = [
 def test_linear_int5_codes(loaded, n, k, group, with_shift, m, act_dtype):
     """5-bit codes (GGUF Q5_0 on zero point 16, Q5_1/Q5_K with a shift): every code's fifth bit and
     nibble come back from the packing, dequantize and the row gather give (code - z) x scale + shift,
-    and (AVX-512 builds) the 5-bit tile gives exactly what the int8 tile gives on the same codes as
-    8-bit codes, within float rounding of the exact dot; other builds refuse with the reason."""
+    and the 5-bit tile (every build) gives exactly what the int8 tile gives on the same codes as 8-bit
+    codes, within float rounding of the exact dot."""
     g = torch.Generator().manual_seed(n + k + m + with_shift)
     codes = torch.randint(0, 32, (n, k), generator=g, dtype=torch.uint8)
     codes[0, :32] = torch.arange(32, dtype=torch.uint8)  # every value, at every position of a block
@@ -397,10 +397,7 @@ def test_linear_int5_codes(loaded, n, k, group, with_shift, m, act_dtype):
     rows = torch.tensor([0, n - 1, n // 2])
     assert torch.equal(kernels.dequantize_rows(p, rows), kernels.dequantize(p, rows=rows))
     x = torch.randn(m, k, generator=g).to(act_dtype)
-    if not kernels.runs_int5():
-        with pytest.raises(RuntimeError, match="5-bit codes need the AVX-512 build"):
-            kernels.linear_int5(x, p)
-        return
+    assert kernels.runs_int5()
     y = kernels.linear_int5(x, p)
     as_int8 = kernels.prepare_int8(codes, scale, shift, group, zero_point=zero_point)
     assert torch.equal(y, kernels.linear_int8(x, as_int8))
@@ -468,6 +465,25 @@ def test_q6_k_packing_refuses_what_it_cannot_hold():
         kernels.prepare_q6_k(codes, sub.to(torch.int16), d)
     with pytest.raises(kernels.KernelInputError, match="float16 values"):
         kernels.prepare_q6_k(codes, sub, d + 1e-5)
+
+
+@needs_isa
+@pytest.mark.parametrize("m", [1, 2, 4, 16])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_int5_sums_at_their_largest_stay_exact(loaded, m, sign):
+    """Every code 31 against every activation at +-127: AVX2's int16 pair sums of a whole block would
+    wrap (16 x 31 x 127 > 32767), so the 5-bit tiles widen every two steps; the result is the exact
+    dot, 31 x 127 x K times the scales, in every path (1-2 rows, quads, pairs of passes)."""
+    n, k = 32, 256
+    codes = torch.full((n, k), 31, dtype=torch.uint8)
+    scale = torch.full((k // 32, n), 0.5)
+    p = kernels.prepare_int5(codes, scale, None, 32, zero_point=0)
+    x = torch.full((m, k), sign)
+    y = kernels.linear_int5(x, p)
+    # x rounds to +-127 with block scale 1/127: each input adds +-31 x 0.5
+    assert torch.equal(y, torch.full((m, n), sign * 31 * 0.5 * k))
+    as_int8 = kernels.prepare_int8(codes, scale, None, 32, zero_point=0)
+    assert torch.equal(y, kernels.linear_int8(x, as_int8))
 
 
 def test_int5_codes_must_fit_5_bits():

@@ -24,7 +24,7 @@ evenly spaced), so no 4-bit code times a scale gives them: they load as int8 cod
 table up (``Avx512Iq4Kernel``, AVX-512 builds) holds them as 4-bit indices again; the int8 kernels run
 them elsewhere, at twice the file's bytes for those weights. The Q5 types' codes span 32 values (Q5_0's
 ``q + 112`` on Q8_0's zero point, so its projections fuse with Q8_0 ones where they run as int8), marked
-``AffineWeight.q5_base``, so that the 5-bit kernel (``Avx512Int5Kernel``, AVX-512 builds) holds them at
+``AffineWeight.q5_base``, so that the 5-bit kernel (``Avx512Int5Kernel``, every build) holds them at
 5 bits again.
 
 Each product ``code * scale`` is exact in float32 (at most 8 code bits times an 11-bit float16

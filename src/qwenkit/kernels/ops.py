@@ -360,7 +360,7 @@ def prepare_int5(
     scale_dtype: torch.dtype | None = None,
 ) -> PackedInt:
     """Pack 5-bit codes (N, K) as uint8 in 0..31 (GGUF Q5_0 is zero_point=16; Q5_1 and Q5_K carry a
-    shift) for linear_int5, which only the AVX-512 builds run (:func:`runs_int5`). K a multiple of 32."""
+    shift) for linear_int5 (:func:`runs_int5`). K a multiple of 32."""
     return _prepare(5, codes, scale, shift, group_size, zero_point, scale_dtype)
 
 
@@ -427,7 +427,7 @@ def linear_int4(x: torch.Tensor, p: PackedInt, bias: torch.Tensor | None = None)
 
 
 def linear_int5(x: torch.Tensor, p: PackedInt, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """As linear_int8, for weights packed by prepare_int5 (AVX-512 builds)."""
+    """As linear_int8, for weights packed by prepare_int5."""
     return _linear_int(5, x, p, bias)
 
 
@@ -448,9 +448,8 @@ def runs_q6_k() -> bool:
 
 
 def runs_int5() -> bool:
-    """True when the loaded kernels run 5-bit codes (the AVX-512 builds; the AVX2 and AVX-VNNI tiles
-    have no 5-bit unpacking)."""
-    return _avx512_build()
+    """True when the loaded kernels run 5-bit codes (every build: AVX-512, AVX-VNNI and AVX2)."""
+    return available()
 
 
 def _avx512_build() -> bool:

@@ -11,7 +11,7 @@
 //   linear_int8(x (M,K), codes, scale, shift?, bias?, group_size, N, zero_point)   (_mm512_dpbusd_epi32)
 //   linear_int4(x (M,K), codes, scale, shift?, bias?, group_size, N, zero_point)
 //     (zero_point 128, AVX-512 builds: the 4-bit codes index IQ4's value table, kIq4Values + 128)
-//   linear_int5(...), linear_q6_k(...): the same for 5-bit codes and GGUF Q6_K (AVX-512 builds)
+//   linear_int5(...), linear_q6_k(...): the same for 5-bit codes (every build) and GGUF Q6_K (AVX-512 builds)
 //   argmax_rows(logits fp32 (M,V)) -> (M,) int64, as torch.argmax(-1) (greedy sampling)
 //   widen_rows(logits bf16 (M,V)) -> fp32, as .float(); finite_rows(logits fp32) -> (M,) bool: all finite
 //   topk_rows(logits, k) -> values, ids (M, k); logsumexp_rows(logits, scales) -> (M,);
@@ -81,6 +81,7 @@
 #include <thread>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -1165,38 +1166,75 @@ void q6k_tile(const QuantizedRows& qr, int64_t p, const uint8_t* tile, const S* 
   for (int m = 0; m < MT; ++m) out.store(m0 + m, n0, facc[m]);
 }
 #else
+// Bit 4 of every byte: bit Q of a 5-bit block's fifth-bit bytes (quad Q's), as high_bit_at_4, masked.
+template <int Q>
+__attribute__((always_inline)) inline __m256i fifth_bit_at_4(__m256i v) {
+  const __m256i bit4 = _mm256_set1_epi8(0x10);
+  if constexpr (Q <= 4) return _mm256_and_si256(_mm256_slli_epi16(v, 4 - Q), bit4);
+  else return _mm256_and_si256(_mm256_srli_epi16(v, Q - 4), bit4);
+}
+
+// Step O of a 4- or 5-bit block, one half: v the 32 bytes of nibbles, fifth the half's 32 fifth-bit bytes
+// (BITS 5). lo: the codes of quad 2O (inputs 8O..8O+3), hi: of quad 2O + 1, one byte each (0..15 or 0..31).
+template <int BITS, int O>
+__attribute__((always_inline)) inline void unpack_step(__m256i v, __m256i fifth, __m256i& lo, __m256i& hi) {
+  const __m256i nibble = _mm256_set1_epi8(0x0f);
+  lo = _mm256_and_si256(v, nibble);
+  hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+  if constexpr (BITS == 5) {
+    lo = _mm256_or_si256(lo, fifth_bit_at_4<2 * O>(fifth));
+    hi = _mm256_or_si256(hi, fifth_bit_at_4<2 * O + 1>(fifth));
+  }
+}
+
+template <int... O, typename F>
+__attribute__((always_inline)) inline void for_steps(std::integer_sequence<int, O...>, F&& f) {
+  (f(std::integral_constant<int, O>{}), ...);
+}
+
 #ifdef QK_AVXVNNI
 // One block (32 inputs) of R rows against H halves of the tile on AVX-VNNI: the int32 sums from the block
-// starts, the u8 codes (int4 nibbles or int8 bytes, zero point not removed: int8_zero_point) times the
+// starts, the u8 codes (int4/int5 codes or int8 bytes, zero point not removed: int8_zero_point) times the
 // s8 activations in vpdpbusd, exact as the AVX2 chains' sums are, so every result is the AVX2 build's.
 template <int BITS, int R, int H, int MT>
 __attribute__((always_inline)) inline void vnni_block(const uint8_t* wb, const int32_t* xb, const int32_t* start,
                                                       __m256i (&iacc)[R][H]) {
-  const __m256i nibble = _mm256_set1_epi8(0x0f);
 #pragma GCC unroll 4
   for (int m = 0; m < R; ++m)
 #pragma GCC unroll 4
     for (int h = 0; h < H; ++h) iacc[m][h] = _mm256_set1_epi32(start[m]);
+  if constexpr (BITS == 8) {
 #pragma GCC unroll 8
-  for (int q = 0; q < (BITS == 8 ? 8 : 4); ++q) {
+    for (int q = 0; q < 8; ++q) {
+      __m256i w[H];
+#pragma GCC unroll 4
+      for (int h = 0; h < H; ++h) w[h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + q * 64 + 32 * h));
+#pragma GCC unroll 4
+      for (int m = 0; m < R; ++m)
+#pragma GCC unroll 4
+        for (int h = 0; h < H; ++h)
+          iacc[m][h] = _mm256_dpbusd_avx_epi32(iacc[m][h], w[h], _mm256_set1_epi32(xb[q * MT + m]));
+    }
+    return;
+  }
+  __m256i fifth[H];
+  if constexpr (BITS == 5)
+    for (int h = 0; h < H; ++h) fifth[h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 256 + 32 * h));
+  for_steps(std::make_integer_sequence<int, 4>{}, [&](auto o_) {
+    constexpr int o = decltype(o_)::value;
     __m256i lo[H], hi[H];
 #pragma GCC unroll 4
-    for (int h = 0; h < H; ++h) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + q * 64 + 32 * h));
-      lo[h] = BITS == 8 ? v : _mm256_and_si256(v, nibble);
-      if constexpr (BITS == 4) hi[h] = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
-    }
+    for (int h = 0; h < H; ++h)
+      unpack_step<BITS, o>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + o * 64 + 32 * h)),
+                           BITS == 5 ? fifth[h] : __m256i{}, lo[h], hi[h]);
 #pragma GCC unroll 4
-    for (int m = 0; m < R; ++m) {
-      const int64_t j = BITS == 8 ? q : 2 * q;  // the 4-input group of lo (int4: hi's is the next)
+    for (int m = 0; m < R; ++m)
 #pragma GCC unroll 4
       for (int h = 0; h < H; ++h) {
-        iacc[m][h] = _mm256_dpbusd_avx_epi32(iacc[m][h], lo[h], _mm256_set1_epi32(xb[j * MT + m]));
-        if constexpr (BITS == 4)
-          iacc[m][h] = _mm256_dpbusd_avx_epi32(iacc[m][h], hi[h], _mm256_set1_epi32(xb[(j + 1) * MT + m]));
+        iacc[m][h] = _mm256_dpbusd_avx_epi32(iacc[m][h], lo[h], _mm256_set1_epi32(xb[(2 * o) * MT + m]));
+        iacc[m][h] = _mm256_dpbusd_avx_epi32(iacc[m][h], hi[h], _mm256_set1_epi32(xb[(2 * o + 1) * MT + m]));
       }
-    }
-  }
+  });
 }
 #endif
 
@@ -1214,12 +1252,12 @@ template <int BITS, typename S, int R, int H, int MT>
 void int_tile_rows(const QuantizedRows& qr, int64_t p, int64_t r0, int h0, const uint8_t* tile, const S* tscale,
                    const S* tshift, int64_t group_size, float (*y)[16], const uint8_t* next) {
   const int64_t K = qr.K, blocks = K / 32, groups = qr.groups, blocks_per_group = group_size / 32;
-  constexpr int64_t kBlockBytes = BITS == 8 ? 512 : 256;
+  constexpr int64_t kBlockBytes = 64 * BITS;  // 16 rows x 32 inputs
   const int32_t* xq = qr.q.data() + p * (K / 4) * MT + r0;
   const float* xs = qr.scale.data() + p * blocks * MT + r0;
   const int32_t* xstart = qr.start.data() + p * blocks * MT + r0;
   const float* xg = qr.gsum.data() + p * groups * MT + r0;
-  const __m256i nibble = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8(char(0x80));
+  const __m256i ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8(char(0x80));
   const auto half = [&](const qk_m512& v, int h) { return (H == 2 ? h : h0) == 0 ? v.lo : v.hi; };  // of 16 scales
   __m256 facc[R][H];
 #pragma GCC unroll 4
@@ -1271,20 +1309,26 @@ void int_tile_rows(const QuantizedRows& qr, int64_t p, int64_t r0, int h0, const
           }
         }
       } else {
-        __m256i sum16[R][H];
+        // int16 pair sums, widened to int32 every kWiden steps: int4 after all 4 (16 products of at most
+        // 15 x 128 each), int5 after 2 (8 of at most 31 x 128), within int16 either way
+        constexpr int kWiden = BITS == 4 ? 4 : 2;
+        __m256i sum16[R][H], fifth[H];
 #pragma GCC unroll 4
         for (int m = 0; m < R; ++m)
 #pragma GCC unroll 4
-          for (int h = 0; h < H; ++h) sum16[m][h] = _mm256_setzero_si256();
-#pragma GCC unroll 4
-        for (int o = 0; o < 4; ++o) {
+          for (int h = 0; h < H; ++h) {
+            sum16[m][h] = _mm256_setzero_si256();
+            iacc[m][h] = _mm256_set1_epi32(xstart[b * MT + m]);
+          }
+        if constexpr (BITS == 5)
+          for (int h = 0; h < H; ++h) fifth[h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 256 + 32 * h));
+        for_steps(std::make_integer_sequence<int, 4>{}, [&](auto o_) {
+          constexpr int o = decltype(o_)::value;
           __m256i lo[H], hi[H];
 #pragma GCC unroll 4
-          for (int h = 0; h < H; ++h) {
-            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + o * 64 + 32 * h));
-            lo[h] = _mm256_and_si256(v, nibble);
-            hi[h] = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
-          }
+          for (int h = 0; h < H; ++h)
+            unpack_step<BITS, o>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + o * 64 + 32 * h)),
+                                 BITS == 5 ? fifth[h] : __m256i{}, lo[h], hi[h]);
 #pragma GCC unroll 4
           for (int m = 0; m < R; ++m) {
             const __m256i x0 = _mm256_set1_epi32(xb[(2 * o) * MT + m]), x1 = _mm256_set1_epi32(xb[(2 * o + 1) * MT + m]);
@@ -1294,12 +1338,16 @@ void int_tile_rows(const QuantizedRows& qr, int64_t p, int64_t r0, int h0, const
               sum16[m][h] = _mm256_add_epi16(sum16[m][h], _mm256_maddubs_epi16(hi[h], x1));
             }
           }
-        }
+          if constexpr (o % kWiden == kWiden - 1) {
 #pragma GCC unroll 4
-        for (int m = 0; m < R; ++m)
+            for (int m = 0; m < R; ++m)
 #pragma GCC unroll 4
-          for (int h = 0; h < H; ++h)
-            iacc[m][h] = _mm256_add_epi32(_mm256_set1_epi32(xstart[b * MT + m]), _mm256_madd_epi16(sum16[m][h], ones));
+              for (int h = 0; h < H; ++h) {
+                iacc[m][h] = _mm256_add_epi32(iacc[m][h], _mm256_madd_epi16(sum16[m][h], ones));
+                sum16[m][h] = _mm256_setzero_si256();
+              }
+          }
+        });
       }
 #endif
 #pragma GCC unroll 4
@@ -1330,8 +1378,7 @@ void int_tile_rows(const QuantizedRows& qr, int64_t p, int64_t r0, int h0, const
   "vpbroadcastd " #o "*2*%c[st]+%c[st]+" #m "*4(%[x]), %[xv]\n\t"                                          \
   "vpmaddubsw %[xv], %[hi0], %[t]\n\tvpaddw %[t], %[" #a0 "], %[" #a0 "]\n\t"                      \
   "vpmaddubsw %[xv], %[hi1], %[t]\n\tvpaddw %[t], %[" #a1 "], %[" #a1 "]\n\t"
-// Step o's nibbles, both halves, as unpack_int4_block left them: lo0/lo1 the low nibbles, hi0/hi1 the
-// high ones.
+// Step o's codes, both halves, as unpack_block left them: lo0/lo1 quad 2o's, hi0/hi1 quad 2o + 1's.
 #define QK_I4_UNPACKED(o)                                                                         \
   "vmovdqa " #o "*128(%[u]), %[lo0]\n\tvmovdqa " #o "*128+32(%[u]), %[lo1]\n\t"                     \
   "vmovdqa " #o "*128+64(%[u]), %[hi0]\n\tvmovdqa " #o "*128+96(%[u]), %[hi1]\n\t"
@@ -1347,6 +1394,18 @@ __attribute__((always_inline)) inline void int4_block_4x2(
         [lo0] "=&x"(lo0), [lo1] "=&x"(lo1), [hi0] "=&x"(hi0), [hi1] "=&x"(hi1), [xv] "=&x"(xv), [t] "=&x"(t)
       : [u] "r"(u), [x] "r"(x), [st] "i"(4 * MT), "m"(*reinterpret_cast<const uint8_t(*)[512]>(u)),
         "m"(*reinterpret_cast<const int32_t(*)[8 * MT]>(x)));
+}
+// Steps 0 and 1 only (8 products a lane: 5-bit codes widen after them, int5_block_4x2).
+template <int MT>
+__attribute__((always_inline)) inline void int4_half_block_4x2(
+    const uint8_t* u, const int32_t* x, __m256i (*sum)[2]) {
+  __m256i lo0, lo1, hi0, hi1, xv, t;
+  asm(QK_I4_STEP(0) QK_I4_STEP(1)
+      : [a00] "+x"(sum[0][0]), [a01] "+x"(sum[0][1]), [a10] "+x"(sum[1][0]), [a11] "+x"(sum[1][1]),
+        [a20] "+x"(sum[2][0]), [a21] "+x"(sum[2][1]), [a30] "+x"(sum[3][0]), [a31] "+x"(sum[3][1]),
+        [lo0] "=&x"(lo0), [lo1] "=&x"(lo1), [hi0] "=&x"(hi0), [hi1] "=&x"(hi1), [xv] "=&x"(xv), [t] "=&x"(t)
+      : [u] "r"(u), [x] "r"(x), [st] "i"(4 * MT), "m"(*reinterpret_cast<const uint8_t(*)[256]>(u)),
+        "m"(*reinterpret_cast<const int32_t(*)[4 * MT]>(x)));
 }
 #undef QK_I4_STEP
 #undef QK_I4_ROW
@@ -1426,7 +1485,7 @@ __attribute__((always_inline)) inline void int8_block_4x2_vnni(
 #undef QK_I4_UNPACKED
 
 // One block's int32 sums for rows 0-3 of the pass and both halves, the block's start included; w: the
-// block's int8 codes, or its int4 codes as unpack_int4_block left them.
+// block's int8 codes, or its int4/int5 codes as unpack_block left them.
 template <int BITS, int MT>
 __attribute__((always_inline)) inline void int_block_4x2(const uint8_t* w, const int32_t* x, const int32_t* start,
                                                          __m256i (*iacc)[2]) {
@@ -1435,13 +1494,22 @@ __attribute__((always_inline)) inline void int_block_4x2(const uint8_t* w, const
   if constexpr (BITS == 8)
     int8_block_4x2_vnni<MT>(w, x, iacc);
   else
-    int4_block_4x2_vnni<MT>(w, x, iacc);
+    int4_block_4x2_vnni<MT>(w, x, iacc);  // 5-bit codes alike: vpdpbusd has no int16 stage
   return;
 #endif
   const __m256i ones = _mm256_set1_epi16(1);
   if constexpr (BITS == 8) {
     for (int m = 0; m < 4; ++m) iacc[m][0] = iacc[m][1] = _mm256_set1_epi32(start[m]);
     int8_block_4x2<MT>(w, x, _mm256_set1_epi8(char(0x80)), ones, iacc);
+  } else if constexpr (BITS == 5) {  // two steps at a time, so the int16 pair sums stay in range
+    for (int m = 0; m < 4; ++m) iacc[m][0] = iacc[m][1] = _mm256_set1_epi32(start[m]);
+    for (int half = 0; half < 2; ++half) {
+      __m256i sum16[4][2];
+      for (int m = 0; m < 4; ++m) sum16[m][0] = sum16[m][1] = _mm256_setzero_si256();
+      int4_half_block_4x2<MT>(w + 256 * half, x + 4 * MT * half, sum16);
+      for (int m = 0; m < 4; ++m)
+        for (int h = 0; h < 2; ++h) iacc[m][h] = _mm256_add_epi32(iacc[m][h], _mm256_madd_epi16(sum16[m][h], ones));
+    }
   } else {
     __m256i sum16[4][2];
     for (int m = 0; m < 4; ++m) sum16[m][0] = sum16[m][1] = _mm256_setzero_si256();
@@ -1452,26 +1520,31 @@ __attribute__((always_inline)) inline void int_block_4x2(const uint8_t* w, const
   }
 }
 
-// A block's int4 codes (4 steps of 64 bytes) as the 4x2 tiles read them: per step, the low nibbles of
-// both halves, then the high ones (128 bytes).
-__attribute__((always_inline)) inline void unpack_int4_block(const uint8_t* w, uint8_t* u) {
-  const __m256i nibble = _mm256_set1_epi8(0x0f);
-  for (int o = 0; o < 4; ++o) {
-    const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 64 * o));
-    const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 64 * o + 32));
+// A block's int4 or int5 codes (4 steps of 64 bytes; int5: then 64 fifth-bit bytes) as the 4x2 tiles read
+// them, a byte a code: per step, quad 2o of both halves, then quad 2o + 1 (128 bytes).
+template <int BITS>
+__attribute__((always_inline)) inline void unpack_block(const uint8_t* w, uint8_t* u) {
+  __m256i fifth[2];
+  if constexpr (BITS == 5)
+    for (int h = 0; h < 2; ++h) fifth[h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 256 + 32 * h));
+  for_steps(std::make_integer_sequence<int, 4>{}, [&](auto o_) {
+    constexpr int o = decltype(o_)::value;
     __m256i* out = reinterpret_cast<__m256i*>(u + 128 * o);
-    _mm256_store_si256(out, _mm256_and_si256(v0, nibble));
-    _mm256_store_si256(out + 1, _mm256_and_si256(v1, nibble));
-    _mm256_store_si256(out + 2, _mm256_and_si256(_mm256_srli_epi16(v0, 4), nibble));
-    _mm256_store_si256(out + 3, _mm256_and_si256(_mm256_srli_epi16(v1, 4), nibble));
-  }
+    for (int h = 0; h < 2; ++h) {
+      __m256i lo, hi;
+      unpack_step<BITS, o>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 64 * o + 32 * h)),
+                           BITS == 5 ? fifth[h] : __m256i{}, lo, hi);
+      _mm256_store_si256(out + h, lo);
+      _mm256_store_si256(out + 2 + h, hi);
+    }
+  });
 }
 
 constexpr int kMaxQuads = 4;  // 4-row groups a tile call works on: 16 rows, two passes of 8
 
 // `quads` groups of 4 rows (quad i: rows 4i..4i+3 from pass p's first, in passes of MT rows) against both
 // halves of an int8 or int4 tile (prompts and decode steps of 3-16 rows): block by block, so a block is
-// read from L1 (and int4 unpacked) once for all the quads, int_block_4x2 for a quad's integer part, then
+// read from L1 (and int4/int5 unpacked) once for all the quads, int_block_4x2 for a quad's integer part, then
 // int_tile_rows' float arithmetic in the same order, so a row's result is the same in any pass. The float
 // sums live in L1, through a pointer GCC cannot see through (kept in registers, they and the values GCC
 // hoisted were spilled at every group). 16 rows of a 4864 x 896 product, g32 with minimums, one thread:
@@ -1491,7 +1564,7 @@ void int_tile_quads(const QuantizedRows& qr, int64_t p, int quads, const uint8_t
     xstart[i] = qr.start.data() + pass * blocks * MT + r0;
     xg[i] = qr.gsum.data() + pass * groups * MT + r0;
   }
-  constexpr int64_t kBlockBytes = BITS == 8 ? 512 : 256;
+  constexpr int64_t kBlockBytes = 64 * BITS;  // 16 rows x 32 inputs
   alignas(32) uint8_t unpacked[512];
   alignas(32) __m256 sums[2][4 * kMaxQuads][2];
   __m256(*acc)[4 * kMaxQuads][2] = sums;
@@ -1504,7 +1577,7 @@ void int_tile_quads(const QuantizedRows& qr, int64_t p, int quads, const uint8_t
   const auto block_codes = [&](int64_t b) -> const uint8_t* {
     if (next != nullptr) prefetch_lines<kBlockBytes>(next + b * kBlockBytes);
     if constexpr (BITS == 8) return tile + b * kBlockBytes;
-    unpack_int4_block(tile + b * kBlockBytes, unpacked);
+    unpack_block<BITS>(tile + b * kBlockBytes, unpacked);
     return unpacked;
   };
   if (blocks_per_group == 1) {  // a group per block (GGUF, g32): no group sums, the same roundings
@@ -1570,14 +1643,14 @@ void int_tile(const QuantizedRows& qr, int64_t p, const uint8_t* tile, const S* 
   if constexpr (MT >= 4) {
     int_tile_quads<BITS, S, MT>(qr, p, MT / 4, tile, tscale, tshift, group_size, y, next);
   } else {
-    constexpr int H = BITS == 4 ? 2 : 1;  // as measured fastest
+    constexpr int H = BITS == 8 ? 1 : 2;  // as measured fastest (int4)
     for (int h0 = 0; h0 < 2; h0 += H)
       int_tile_rows<BITS, S, MT, H, MT>(qr, p, 0, h0, tile, tscale, tshift, group_size, y, h0 == 0 ? next : nullptr);
   }
   for (int m = 0; m < MT; ++m) out.store(m0 + m, n0, _mm512_loadu_ps(y[m]));
 }
 
-// Passes p and p + 1 of 8 rows each, as one call: every block of the tile read, and int4 unpacked, once
+// Passes p and p + 1 of 8 rows each, as one call: every block of the tile read, and int4/int5 unpacked, once
 // for the 16 rows (a decode step of 9-16 rows, a prompt's rows 16 at a time).
 template <int BITS, typename S>
 void int_tile_pair(const QuantizedRows& qr, int64_t p, const uint8_t* tile, const S* tscale, const S* tshift,
@@ -1696,7 +1769,7 @@ at::Tensor linear_int(const at::Tensor& x, const at::Tensor& codes, const at::Te
   const int64_t M = x.size(0), K = x.size(1);
 #ifndef __AVX512F__
   TORCH_CHECK(!iq4_table(BITS, zero_point), "qwenkit linear_int4: IQ4 table codes need the AVX-512 build");
-  if constexpr (BITS == 5 || BITS == 6) {  // the AVX2 and AVX-VNNI tiles have no 5- or 6-bit unpacking
+  if constexpr (BITS == 6) {  // the AVX2 and AVX-VNNI tiles have no Q6_K unpacking
     TORCH_CHECK(false, name, ": ", BITS, "-bit codes need the AVX-512 build");
     return at::Tensor();
   } else {

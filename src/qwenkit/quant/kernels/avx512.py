@@ -135,8 +135,8 @@ class Avx512Iq4Kernel(_Avx512IntKernel):
 class Avx512Int5Kernel(_Avx512IntKernel):
     """GGUF Q5_0/Q5_1/Q5_K weights (8-bit codes spanning 32 values, ``AffineWeight.q5_base``) held at 5
     bits: each 32 inputs' low nibbles as the int4 tile's, their fifth bits in 64 bytes more, merged in
-    registers (a shift and a ``vpternlogd`` per 64 codes). 0.625 bytes a code instead of 1, the same
-    weights and results as the int8 kernel (AVX-512 builds; the int8 kernel runs them elsewhere)."""
+    registers (AVX-512: a shift and a ``vpternlogd`` per 64 codes; AVX2: a shift, an AND and an OR per
+    32). 0.625 bytes a code instead of 1, the same weights and results as the int8 kernel, every build."""
 
     key = "avx512_int5"
     description = _IsaNamed("qwenkit {isa} int5 (int8 activations)")  # type: ignore[assignment]
