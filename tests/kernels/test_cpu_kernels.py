@@ -416,8 +416,8 @@ Q6_K_CASES = [(896, 4864), (256, 1536), (131, 256), (33, 768)]
 def test_linear_q6_k(loaded, n, k, m, act_dtype):
     """GGUF Q6_K as the file holds it: codes 0..63 on zero point 32, an int8 scale per 16 inputs (the
     extremes -128 and 127 among them) and d per 256. The packing gives back codes and scales, dequantize
-    and the row gather give d x sub x (q - 32) exactly, and (AVX-512 builds) the product is within float
-    rounding of the exact dot with the rounded activations; other builds refuse with the reason."""
+    and the row gather give d x sub x (q - 32) exactly, and the product (every build) is within float
+    rounding of the exact dot with the rounded activations."""
     g = torch.Generator().manual_seed(n + k + m)
     codes = torch.randint(0, 64, (n, k), generator=g, dtype=torch.uint8)
     codes[0, :64] = torch.arange(64, dtype=torch.uint8)  # every code, at every position of two blocks
@@ -439,10 +439,7 @@ def test_linear_q6_k(loaded, n, k, m, act_dtype):
     assert torch.equal(kernels.dequantize_rows(p, rows), kernels.dequantize(p, rows=rows))
     assert torch.equal(kernels.dequantize(p, rows=rows), w[rows].float())
     x = torch.randn(m, k, generator=g).to(act_dtype)
-    if not kernels.runs_q6_k():
-        with pytest.raises(RuntimeError, match="6-bit codes need the AVX-512 build"):
-            kernels.linear_q6_k(x, p)
-        return
+    assert kernels.runs_q6_k()
     y = kernels.linear_q6_k(x, p)
     assert y.dtype == act_dtype and y.shape == (m, n)
     exact = quantize_activations(x).double() @ w.T
@@ -451,6 +448,24 @@ def test_linear_q6_k(loaded, n, k, m, act_dtype):
     assert (err <= exact.abs() * out_ulp + 2e-5 * exact.abs().max() + 1e-6).all(), err.max()
     # each row alone as in the batch (every pass form sums a row the same way)
     assert torch.equal(kernels.linear_q6_k(x[-1:], p), y[-1:])
+
+
+@needs_isa
+@pytest.mark.parametrize("m", [1, 2, 4, 16])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+@pytest.mark.parametrize("scale", [127, -128])
+def test_q6_k_sums_at_their_largest_stay_exact(loaded, m, sign, scale):
+    """Every code 63 against every activation at +-127, every sub-block scale at an extreme: AVX2 sums
+    two quads' pairs in int16 (2 x 2 x 63 x 127 < 32767) before scaling them in int32; a wrapped sum
+    would be off by 65536 x the scale. The product is the exact dot, 31 x scale x d a weight."""
+    n, k = 32, 512
+    codes = torch.full((n, k), 63, dtype=torch.uint8)
+    sub = torch.full((k // 16, n), scale, dtype=torch.int8)
+    d = torch.full((k // 256, n), 2.0**-10)
+    p = kernels.prepare_q6_k(codes, sub, d)
+    y = kernels.linear_q6_k(torch.full((m, k), sign), p)
+    exact = sign * 31 * scale * 2.0**-10 * k
+    assert torch.allclose(y.double(), torch.full((m, n), exact, dtype=torch.float64), rtol=1e-6), y[0, :4]
 
 
 def test_q6_k_packing_refuses_what_it_cannot_hold():

@@ -129,7 +129,7 @@ class GGUFCheckpoint:
         same codes and scales, or exactly as the file holds it where the Q6_K kernel runs."""
         if t.tensor_type == GGMLQuantizationType.Q6_K and gguf_quant.kernels_available():
             raw = self._bytes(t)
-            # exactly, for the Q6_K kernel where it runs (AVX-512 builds); else rounded to int8 codes
+            # exactly, for the Q6_K kernel (every build); rounded to int8 codes if it is switched off
             codes = decode_q6_k(raw, t.shape) if kernels.runs_q6_k() else requantize_q6_k(raw, t.shape)
             release_pages(raw.ctypes.data, raw.nbytes)
             return codes

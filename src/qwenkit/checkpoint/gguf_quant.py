@@ -35,7 +35,7 @@ kept exact they need float32, 8 bytes per 32 weights (0.75 bytes a weight for Q4
 rounded to the nearest float16 value instead, so the kernels hold them at 2 bytes each: a weight moves by
 at most 2^-11 of ``|code * scale| + |shift|``, under a hundredth of the block's own step.
 Q6_K (the output tensor and half the ``ffn_down``/``attn_v`` of every Q4_K_M file) has an int8 scale
-per 16 weights times a float16 d per 256. Where its kernel runs (``Avx512Q6KKernel``, AVX-512 builds) it
+per 16 weights times a float16 d per 256. Where its kernel runs (``Avx512Q6KKernel``, every build) it
 loads exactly (:func:`decode_q6_k`: codes 0..63 on zero point 32, ``scale = d * sc`` per 16, exact in
 float32, and d as ``AffineWeight.superscale``). Elsewhere, and Q2_K and Q3_K everywhere (groups of 16,
 which no other kernel runs), they are decoded to float by gguf-py and rounded again to int8 codes per

@@ -389,7 +389,7 @@ def prepare_q6_k(codes: torch.Tensor, sub: torch.Tensor, d: torch.Tensor) -> Pac
 
 
 def linear_q6_k(x: torch.Tensor, p: PackedInt, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """As linear_int8, for weights packed by prepare_q6_k (AVX-512 builds)."""
+    """As linear_int8, for weights packed by prepare_q6_k."""
     rows = _as_rows(x, p.in_features, "linear_q6_k")
     y = op("linear_q6_k")(rows, p.codes, p.scale, None, bias, p.group_size, p.out_features, p.zero_point)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], p.out_features)
@@ -443,8 +443,8 @@ def runs_iq4_table() -> bool:
 
 
 def runs_q6_k() -> bool:
-    """True when the loaded kernels run GGUF Q6_K weights as the file holds them (the AVX-512 builds)."""
-    return _avx512_build()
+    """True when the loaded kernels run GGUF Q6_K weights as the file holds them (every build)."""
+    return available()
 
 
 def runs_int5() -> bool:

@@ -11,7 +11,7 @@
 //   linear_int8(x (M,K), codes, scale, shift?, bias?, group_size, N, zero_point)   (_mm512_dpbusd_epi32)
 //   linear_int4(x (M,K), codes, scale, shift?, bias?, group_size, N, zero_point)
 //     (zero_point 128, AVX-512 builds: the 4-bit codes index IQ4's value table, kIq4Values + 128)
-//   linear_int5(...), linear_q6_k(...): the same for 5-bit codes (every build) and GGUF Q6_K (AVX-512 builds)
+//   linear_int5(...), linear_q6_k(...): the same for 5-bit codes and GGUF Q6_K
 //   argmax_rows(logits fp32 (M,V)) -> (M,) int64, as torch.argmax(-1) (greedy sampling)
 //   widen_rows(logits bf16 (M,V)) -> fp32, as .float(); finite_rows(logits fp32) -> (M,) bool: all finite
 //   topk_rows(logits, k) -> values, ids (M, k); logsumexp_rows(logits, scales) -> (M,);
@@ -25,7 +25,7 @@
 //   pack_bf16_tiles(w bf16 (N,K)) -> linear_bf16's tiles (a bf16 checkpoint's packing, at every start)
 //   requantize_q6_k(Q6_K blocks, N, K) -> int8 codes (N,K), scales (K/32,N): a GGUF Q6_K weight's load
 //   where linear_q6_k does not run; there decode_q6_k(blocks, N, K) -> codes (N,K), sub-block scales
-//   (K/16,N) int8, d (K/256,N), and pack_q6_k_tiles(codes, sub) -> linear_q6_k's tiles (AVX-512 builds)
+//   (K/16,N) int8, d (K/256,N), and pack_q6_k_tiles(codes, sub) -> linear_q6_k's tiles
 //   decode_gguf_blocks(blocks, ggml type, N, K) -> codes (N,K), scale, shift (K/32,N): Q8_0, Q4_0/1, Q5_0/1, Q4_K, Q5_K,
 //   IQ4_NL, IQ4_XS
 //   quantize_rtn(weight (N,K), bits, group, sym) -> codes (N,K), scales, zeros (G,N): --quantize's rounding
@@ -1659,6 +1659,81 @@ void int_tile_pair(const QuantizedRows& qr, int64_t p, const uint8_t* tile, cons
   int_tile_quads<BITS, S, 8>(qr, p, 4, tile, tscale, tshift, group_size, y, next);
   for (int m = 0; m < 16; ++m) out.store(m0 + m, n0, _mm512_loadu_ps(y[m]));
 }
+
+// GGUF Q6_K on AVX2/AVX-VNNI, R rows of a pass against half h0 of the tile (its 8 outputs), the AVX-512
+// q6k_tile's integer sums and float arithmetic in the same order, so the products are its bit for bit.
+// A sub-block's 4 quads of 6-bit codes go through vpmaddubsw in pairs (two pair sums of at most 63 x 128
+// fit int16) and vpmaddwd by the sub-block's int8 scale, set in both int16 halves of each output's lane:
+// the scaling costs nothing over the widening the int8 tile does anyway. The sub-block's zero point
+// (-32 x its activations' sum) is scaled with one vpmulld.
+template <typename S, int MT, int R>
+void q6k_rows(const QuantizedRows& qr, int64_t p, int64_t r0, int h0, const uint8_t* tile, const S* tscale,
+              float (*y)[16], const uint8_t* next) {
+  const int64_t K = qr.K, blocks = K / 32, groups = K / kQ6Group;
+  const int32_t* xq = qr.q.data() + p * (K / 4) * MT + r0;
+  const float* xs = qr.scale.data() + p * blocks * MT + r0;
+  const int32_t* xstart = qr.start.data() + p * blocks * MT + r0;  // -32 x the block's sum
+  const int32_t* xhalf = qr.half.data() + p * blocks * MT + r0;    // -32 x the sum of its first 16
+  const __m256i six = _mm256_set1_epi8(0x3f), low2 = _mm256_set1_epi8(0x03), low16 = _mm256_set1_epi32(0xffff);
+  __m256 facc[R];
+  for (int m = 0; m < R; ++m) facc[m] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    const qk_m512 sv = load16_f32<S>(tscale + g * kTile);
+    __m256 gacc[R];
+    for (int m = 0; m < R; ++m) gacc[m] = _mm256_setzero_ps();
+    for (int64_t b = g * (kQ6Group / 32); b < (g + 1) * (kQ6Group / 32); ++b) {
+      const uint8_t* wb = tile + b * kQ6BlockBytes;
+      const int32_t* xb = xq + b * 8 * MT;
+      if (next != nullptr && h0 == 0 && r0 == 0) prefetch_lines<kQ6BlockBytes>(next + b * kQ6BlockBytes);
+      __m256i iacc[R];
+      // sub-block sb: its scale in both int16 halves of each output's lane; the start times it
+      const auto sub_block = [&](int sb) {
+        const __m256i s32 = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(wb + 384 + 16 * sb + 8 * h0)));
+        const __m256i s16 = _mm256_or_si256(_mm256_and_si256(s32, low16), _mm256_slli_epi32(s32, 16));
+        const uint8_t* r = wb + 192 * sb + 32 * h0;
+        const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r));
+        const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + 64));
+        const __m256i v2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + 128));
+        const __m256i e = _mm256_or_si256(
+            _mm256_and_si256(_mm256_srli_epi16(v0, 6), low2),
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v1, 4), _mm256_slli_epi16(low2, 2)),
+                            _mm256_and_si256(_mm256_srli_epi16(v2, 2), _mm256_slli_epi16(low2, 4))));
+        const __m256i q[4] = {_mm256_and_si256(v0, six), _mm256_and_si256(v1, six), _mm256_and_si256(v2, six), e};
+        const int32_t* xr = xb + 4 * sb * MT;
+#pragma GCC unroll 4
+        for (int m = 0; m < R; ++m) {
+          const int32_t start = sb == 0 ? xhalf[b * MT + m] : xstart[b * MT + m] - xhalf[b * MT + m];
+          __m256i acc = _mm256_mullo_epi32(_mm256_set1_epi32(start), s32);
+#pragma GCC unroll 2
+          for (int v = 0; v < 4; v += 2) {
+            const __m256i pair = _mm256_add_epi16(_mm256_maddubs_epi16(q[v], _mm256_set1_epi32(xr[v * MT + m])),
+                                                  _mm256_maddubs_epi16(q[v + 1], _mm256_set1_epi32(xr[(v + 1) * MT + m])));
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(pair, s16));
+          }
+          iacc[m] = sb == 0 ? acc : _mm256_add_epi32(iacc[m], acc);
+        }
+      };
+      sub_block(0);
+      sub_block(1);
+#pragma GCC unroll 4
+      for (int m = 0; m < R; ++m)
+        gacc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[m]), _mm256_set1_ps(xs[b * MT + m]), gacc[m]);
+    }
+    for (int m = 0; m < R; ++m) facc[m] = _mm256_fmadd_ps(gacc[m], h0 == 0 ? sv.lo : sv.hi, facc[m]);
+  }
+  for (int m = 0; m < R; ++m) _mm256_storeu_ps(y[r0 + m] + 8 * h0, facc[m]);
+}
+
+// q6k_tile on AVX2/AVX-VNNI: rows two at a time, each half of the tile apart (the registers of one half).
+template <typename S, int MT>
+void q6k_tile(const QuantizedRows& qr, int64_t p, const uint8_t* tile, const S* tscale, const Output& out,
+              int64_t m0, int64_t n0, const uint8_t* next) {
+  alignas(32) float y[MT][16];
+  constexpr int R = MT == 1 ? 1 : 2;
+  for (int h0 = 0; h0 < 2; ++h0)
+    for (int64_t r0 = 0; r0 < MT; r0 += R) q6k_rows<S, MT, R>(qr, p, r0, h0, tile, tscale, y, next);
+  for (int m = 0; m < MT; ++m) out.store(m0 + m, n0, _mm512_loadu_ps(y[m]));
+}
 #endif
 
 // The zero point quantize_rows folds into the activation blocks' starts: the AVX2 int8 tile multiplies
@@ -1688,14 +1763,12 @@ void int_run(const QuantizedRows& qr, const uint8_t* codes, const S* scale, cons
     const int64_t p = m0 / qr.pass;
     const uint8_t* next = next_tile(tile, tile_bytes, t, N, qr.rows);
     if constexpr (BITS == 6) {
-#ifdef __AVX512F__
       switch (mt) {
         case 1: q6k_tile<S, 1>(qr, p, tile, ts, out, m0, t * kTile, next); break;
         case 2: q6k_tile<S, 2>(qr, p, tile, ts, out, m0, t * kTile, next); break;
         case 4: q6k_tile<S, 4>(qr, p, tile, ts, out, m0, t * kTile, next); break;
         default: q6k_tile<S, 8>(qr, p, tile, ts, out, m0, t * kTile, next); break;
       }
-#endif
       return;
     }
     switch (mt) {
@@ -1769,10 +1842,6 @@ at::Tensor linear_int(const at::Tensor& x, const at::Tensor& codes, const at::Te
   const int64_t M = x.size(0), K = x.size(1);
 #ifndef __AVX512F__
   TORCH_CHECK(!iq4_table(BITS, zero_point), "qwenkit linear_int4: IQ4 table codes need the AVX-512 build");
-  if constexpr (BITS == 6) {  // the AVX2 and AVX-VNNI tiles have no Q6_K unpacking
-    TORCH_CHECK(false, name, ": ", BITS, "-bit codes need the AVX-512 build");
-    return at::Tensor();
-  } else {
 #endif
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
@@ -1801,9 +1870,6 @@ at::Tensor linear_int(const at::Tensor& x, const at::Tensor& codes, const at::Te
   else
     run(std::false_type{});
   return y;
-#ifndef __AVX512F__
-  }
-#endif
 }
 
 at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,

@@ -161,7 +161,7 @@ class Avx512Q6KKernel(_Avx512IntKernel):
     fourth quad's two bits at a time in their top bits), the int8 scales inline in the tile stream and d
     per 256 inputs, 0.8125 bytes a weight instead of int8 codes' 1.06 (and exactly the file's weights,
     where the int8 codes were rounded again). The tile sums each sub-block of 16 apart and scales it in
-    int32. AVX-512 builds; elsewhere Q6_K loads as int8 codes."""
+    int32 (AVX2: ``vpmaddwd`` by the scale widens two quads' pair sums). Every build of the kernels."""
 
     key = "avx512_q6_k"
     description = _IsaNamed("qwenkit {isa} Q6_K (int8 activations)")  # type: ignore[assignment]
