@@ -1,7 +1,7 @@
 """GGUF files in IQ4_NL and IQ4_XS (llama.cpp's non-linear 4-bit types, common for Qwen GGUFs): their
 4-bit indices pick values from a fixed int8 table, so they load as int8 codes holding exactly those values
-(marked ``iq4``); on AVX-512 builds the IQ4 kernel holds them as 4-bit indices again and looks them up in
-the int4 tile, elsewhere the int8 kernels run them; a decode step's layers are one
+(marked ``iq4``); the IQ4 kernel holds them as 4-bit indices again and looks them up in the int4 tile
+(the int8 kernels run them where it is switched off); a decode step's layers are one
 ``kernels.decode_layers`` call each, and the model answers as the file's float weights do."""
 
 from __future__ import annotations
@@ -81,8 +81,7 @@ def test_iq4_kernel_gives_back_the_codes_and_rows_it_was_built_from(iq4_file):
     from qwenkit.quant.gptq_format import QuantizationError
     from qwenkit.quant.kernels import build_kernel
 
-    if not kernels.runs_iq4_table():
-        pytest.skip("IQ4 table codes run on the AVX-512 builds only")
+    assert kernels.runs_iq4_table()
     path, _ = iq4_file
     w = dict(read_gguf(path).tensors(keep_quantized=True))["model.layers.0.mlp.up_proj.weight"]
     assert w.iq4

@@ -21,8 +21,8 @@ IQ4_XS   8     table[nibble] + 128, 8 sub-blocks per 256  d * (ls - 32), -128 d 
 The IQ4 types' nibbles index a fixed table of 16 int8 values (ggml's ``kvalues_iq4nl``, -127..113, not
 evenly spaced), so no 4-bit code times a scale gives them: they load as int8 codes (the table's value +
 128, Q8_0's zero point), the values exactly, marked ``AffineWeight.iq4`` so that a kernel that looks the
-table up (``Avx512Iq4Kernel``, AVX-512 builds) holds them as 4-bit indices again; the int8 kernels run
-them elsewhere, at twice the file's bytes for those weights. The Q5 types' codes span 32 values (Q5_0's
+table up (``Avx512Iq4Kernel``, every build) holds them as 4-bit indices again (the int8 kernels ran
+them before, at twice the file's bytes for those weights). The Q5 types' codes span 32 values (Q5_0's
 ``q + 112`` on Q8_0's zero point, so its projections fuse with Q8_0 ones where they run as int8), marked
 ``AffineWeight.q5_base``, so that the 5-bit kernel (``Avx512Int5Kernel``, every build) holds them at
 5 bits again.

@@ -346,7 +346,7 @@ def prepare_int4(
 
     Q4_0 is zero_point=8, shift None; Q4_1 is zero_point=0, shift = m; GPTQ asymmetric is
     shift = -zero * scale. IQ4_NL/IQ4_XS are indices into ``IQ4_VALUES`` with zero_point=IQ4_ZERO_POINT
-    (w = IQ4_VALUES[code] * scale; AVX-512 builds only, see :func:`runs_iq4_table`).
+    (w = IQ4_VALUES[code] * scale, :func:`runs_iq4_table`).
     """
     return _prepare(4, codes, scale, shift, group_size, zero_point, scale_dtype)
 
@@ -437,9 +437,8 @@ def is_iq4_table(p: PackedInt) -> bool:
 
 
 def runs_iq4_table() -> bool:
-    """True when the loaded kernels run IQ4 table codes (the AVX-512 builds: the AVX2 tiles' int16 pair
-    sums would overflow on the table's bytes)."""
-    return _avx512_build()
+    """True when the loaded kernels run IQ4 table codes (every build)."""
+    return available()
 
 
 def runs_q6_k() -> bool:
@@ -450,10 +449,6 @@ def runs_q6_k() -> bool:
 def runs_int5() -> bool:
     """True when the loaded kernels run 5-bit codes (every build: AVX-512, AVX-VNNI and AVX2)."""
     return available()
-
-
-def _avx512_build() -> bool:
-    return available() and (isa_level() or "").startswith("avx512")
 
 
 def iq4_codes(indices: torch.Tensor) -> torch.Tensor:

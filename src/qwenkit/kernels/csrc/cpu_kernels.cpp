@@ -10,7 +10,7 @@
 //     (on AMX, _tile_dpbf16ps, where the CPU has it, K % 64 == 0 and use_amx has not turned it off)
 //   linear_int8(x (M,K), codes, scale, shift?, bias?, group_size, N, zero_point)   (_mm512_dpbusd_epi32)
 //   linear_int4(x (M,K), codes, scale, shift?, bias?, group_size, N, zero_point)
-//     (zero_point 128, AVX-512 builds: the 4-bit codes index IQ4's value table, kIq4Values + 128)
+//     (zero_point 128: the 4-bit codes index IQ4's value table, kIq4Values + 128)
 //   linear_int5(...), linear_q6_k(...): the same for 5-bit codes and GGUF Q6_K
 //   argmax_rows(logits fp32 (M,V)) -> (M,) int64, as torch.argmax(-1) (greedy sampling)
 //   widen_rows(logits bf16 (M,V)) -> fp32, as .float(); finite_rows(logits fp32) -> (M,) bool: all finite
@@ -334,8 +334,9 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f, int64_t
 // The values IQ4_NL's and IQ4_XS's 4-bit indices stand for (ggml's kvalues_iq4nl). 4-bit codes with zero
 // point 128 (no linear 4-bit code has one) are such indices: the weight is (kIq4Values[code] + 128 - 128)
 // * scale, the table's bytes + 128 taking the place of the nibbles in the unsigned side of vpdpbusd, so
-// IQ4 weights run at 4 bits instead of as int8 codes (AVX-512 builds; the AVX2 tile's int16 pair sums
-// would overflow on bytes up to 241).
+// IQ4 weights run at 4 bits instead of as int8 codes. AVX2 and AVX-VNNI look the nibbles up into int8
+// codes in the int8 tile's layout and run those (the int4 tile's int16 pair sums would overflow on
+// bytes up to 241).
 constexpr int8_t kIq4Values[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
 constexpr int64_t kIq4ZeroPoint = 128;
 inline bool iq4_table(int64_t bits, int64_t zero_point) { return bits == 4 && zero_point == kIq4ZeroPoint; }
@@ -1192,6 +1193,30 @@ __attribute__((always_inline)) inline void for_steps(std::integer_sequence<int, 
   (f(std::integral_constant<int, O>{}), ...);
 }
 
+// A block's int4 or int5 codes (4 steps of 64 bytes; int5: then 64 fifth-bit bytes) as the 4x2 tiles read
+// them, a byte a code: per step, quad 2o of both halves, then quad 2o + 1 (128 bytes).
+// TABLE: IQ4 indices, looked up into their int8 codes (kIq4Values + 128), as the int8 tile's layout.
+template <int BITS, bool TABLE = false>
+__attribute__((always_inline)) inline void unpack_block(const uint8_t* w, uint8_t* u) {
+  const __m256i table = _mm256_broadcastsi128_si256(_mm_add_epi8(
+      _mm_loadu_si128(reinterpret_cast<const __m128i*>(kIq4Values)), _mm_set1_epi8(char(kIq4ZeroPoint))));
+  __m256i fifth[2];
+  if constexpr (BITS == 5)
+    for (int h = 0; h < 2; ++h) fifth[h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 256 + 32 * h));
+  for_steps(std::make_integer_sequence<int, 4>{}, [&](auto o_) {
+    constexpr int o = decltype(o_)::value;
+    __m256i* out = reinterpret_cast<__m256i*>(u + 128 * o);
+    for (int h = 0; h < 2; ++h) {
+      __m256i lo, hi;
+      unpack_step<BITS, o>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 64 * o + 32 * h)),
+                           BITS == 5 ? fifth[h] : __m256i{}, lo, hi);
+      if constexpr (TABLE) lo = _mm256_shuffle_epi8(table, lo), hi = _mm256_shuffle_epi8(table, hi);
+      _mm256_store_si256(out + h, lo);
+      _mm256_store_si256(out + 2 + h, hi);
+    }
+  });
+}
+
 #ifdef QK_AVXVNNI
 // One block (32 inputs) of R rows against H halves of the tile on AVX-VNNI: the int32 sums from the block
 // starts, the u8 codes (int4/int5 codes or int8 bytes, zero point not removed: int8_zero_point) times the
@@ -1248,7 +1273,7 @@ __attribute__((always_inline)) inline void vnni_block(const uint8_t* wb, const i
 // moved into the block starts) and multiplied as |w| . sign(x, w), which keeps each int16 pair in range.
 // On AVX-VNNI, vnni_block does the integer part. The float arithmetic is the AVX-512 tile's, in the same
 // order.
-template <int BITS, typename S, int R, int H, int MT>
+template <int BITS, typename S, int R, int H, int MT, bool TABLE = false>
 void int_tile_rows(const QuantizedRows& qr, int64_t p, int64_t r0, int h0, const uint8_t* tile, const S* tscale,
                    const S* tshift, int64_t group_size, float (*y)[16], const uint8_t* next) {
   const int64_t K = qr.K, blocks = K / 32, groups = qr.groups, blocks_per_group = group_size / 32;
@@ -1258,6 +1283,8 @@ void int_tile_rows(const QuantizedRows& qr, int64_t p, int64_t r0, int h0, const
   const int32_t* xstart = qr.start.data() + p * blocks * MT + r0;
   const float* xg = qr.gsum.data() + p * groups * MT + r0;
   const __m256i ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8(char(0x80));
+  constexpr int kCodeBits = TABLE ? 8 : BITS;  // the codes the arithmetic takes
+  alignas(32) uint8_t table_codes[TABLE ? 512 : 1];
   const auto half = [&](const qk_m512& v, int h) { return (H == 2 ? h : h0) == 0 ? v.lo : v.hi; };  // of 16 scales
   __m256 facc[R][H];
 #pragma GCC unroll 4
@@ -1280,13 +1307,17 @@ void int_tile_rows(const QuantizedRows& qr, int64_t p, int64_t r0, int h0, const
       for (int h = 0; h < H; ++h) gacc[m][h] = _mm256_setzero_ps();
     for (int64_t b = g * blocks_per_group; b < (g + 1) * blocks_per_group; ++b) {
       const uint8_t* wb = tile + b * kBlockBytes + (H == 2 ? 0 : 32 * h0);
+      if constexpr (TABLE) {  // IQ4 indices: looked up into int8 codes, the int8 tile's layout, run as those
+        unpack_block<4, true>(tile + b * kBlockBytes, table_codes);
+        wb = table_codes + (H == 2 ? 0 : 32 * h0);
+      }
       const int32_t* xb = xq + b * 8 * MT;
       if (next != nullptr) prefetch_lines<kBlockBytes>(next + b * kBlockBytes);
       __m256i iacc[R][H];
 #ifdef QK_AVXVNNI
-      vnni_block<BITS, R, H, MT>(wb, xb, xstart + b * MT, iacc);
+      vnni_block<kCodeBits, R, H, MT>(wb, xb, xstart + b * MT, iacc);
 #else
-      if constexpr (BITS == 8) {
+      if constexpr (kCodeBits == 8) {
 #pragma GCC unroll 4
         for (int m = 0; m < R; ++m)
 #pragma GCC unroll 4
@@ -1520,26 +1551,6 @@ __attribute__((always_inline)) inline void int_block_4x2(const uint8_t* w, const
   }
 }
 
-// A block's int4 or int5 codes (4 steps of 64 bytes; int5: then 64 fifth-bit bytes) as the 4x2 tiles read
-// them, a byte a code: per step, quad 2o of both halves, then quad 2o + 1 (128 bytes).
-template <int BITS>
-__attribute__((always_inline)) inline void unpack_block(const uint8_t* w, uint8_t* u) {
-  __m256i fifth[2];
-  if constexpr (BITS == 5)
-    for (int h = 0; h < 2; ++h) fifth[h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 256 + 32 * h));
-  for_steps(std::make_integer_sequence<int, 4>{}, [&](auto o_) {
-    constexpr int o = decltype(o_)::value;
-    __m256i* out = reinterpret_cast<__m256i*>(u + 128 * o);
-    for (int h = 0; h < 2; ++h) {
-      __m256i lo, hi;
-      unpack_step<BITS, o>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 64 * o + 32 * h)),
-                           BITS == 5 ? fifth[h] : __m256i{}, lo, hi);
-      _mm256_store_si256(out + h, lo);
-      _mm256_store_si256(out + 2 + h, hi);
-    }
-  });
-}
-
 constexpr int kMaxQuads = 4;  // 4-row groups a tile call works on: 16 rows, two passes of 8
 
 // `quads` groups of 4 rows (quad i: rows 4i..4i+3 from pass p's first, in passes of MT rows) against both
@@ -1549,7 +1560,7 @@ constexpr int kMaxQuads = 4;  // 4-row groups a tile call works on: 16 rows, two
 // sums live in L1, through a pointer GCC cannot see through (kept in registers, they and the values GCC
 // hoisted were spilled at every group). 16 rows of a 4864 x 896 product, g32 with minimums, one thread:
 // int4 1.50 -> 0.97 ms, int8 1.92 -> 1.42 (a pass of 4 rows at a time, unpacking per pass).
-template <int BITS, typename S, int MT>
+template <int BITS, typename S, int MT, bool TABLE = false>
 void int_tile_quads(const QuantizedRows& qr, int64_t p, int quads, const uint8_t* tile, const S* tscale,
                     const S* tshift, int64_t group_size, float (*y)[16], const uint8_t* next) {
   const int64_t K = qr.K, blocks = K / 32, groups = qr.groups, blocks_per_group = group_size / 32;
@@ -1577,7 +1588,7 @@ void int_tile_quads(const QuantizedRows& qr, int64_t p, int quads, const uint8_t
   const auto block_codes = [&](int64_t b) -> const uint8_t* {
     if (next != nullptr) prefetch_lines<kBlockBytes>(next + b * kBlockBytes);
     if constexpr (BITS == 8) return tile + b * kBlockBytes;
-    unpack_block<BITS>(tile + b * kBlockBytes, unpacked);
+    unpack_block<BITS, TABLE>(tile + b * kBlockBytes, unpacked);
     return unpacked;
   };
   if (blocks_per_group == 1) {  // a group per block (GGUF, g32): no group sums, the same roundings
@@ -1587,7 +1598,7 @@ void int_tile_quads(const QuantizedRows& qr, int64_t p, int quads, const uint8_t
       const qk_m512 sh = tshift != nullptr ? load16_f32<S>(tshift + b * kTile) : qk_m512{};
       for (int i = 0; i < quads; ++i) {
         __m256i iacc[4][2];
-        int_block_4x2<BITS, MT>(w, xq[i] + b * 8 * MT, xstart[i] + b * MT, iacc);
+        int_block_4x2<TABLE ? 8 : BITS, MT>(w, xq[i] + b * 8 * MT, xstart[i] + b * MT, iacc);
         for (int m = 0; m < 4; ++m) {
           const __m256 xsm = _mm256_set1_ps(xs[i][b * MT + m]), xgm = _mm256_set1_ps(xg[i][b * MT + m]);
           for (int h = 0; h < 2; ++h) {
@@ -1616,7 +1627,7 @@ void int_tile_quads(const QuantizedRows& qr, int64_t p, int quads, const uint8_t
       const uint8_t* w = block_codes(b);
       for (int i = 0; i < quads; ++i) {
         __m256i iacc[4][2];
-        int_block_4x2<BITS, MT>(w, xq[i] + b * 8 * MT, xstart[i] + b * MT, iacc);
+        int_block_4x2<TABLE ? 8 : BITS, MT>(w, xq[i] + b * 8 * MT, xstart[i] + b * MT, iacc);
         for (int m = 0; m < 4; ++m) {
           const __m256 xsm = _mm256_set1_ps(xs[i][b * MT + m]);
           for (int h = 0; h < 2; ++h)
@@ -1636,27 +1647,28 @@ void int_tile_quads(const QuantizedRows& qr, int64_t p, int quads, const uint8_t
   }
 }
 
-template <int BITS, typename S, int MT>
+template <int BITS, typename S, int MT, bool TABLE = false>
 void int_tile(const QuantizedRows& qr, int64_t p, const uint8_t* tile, const S* tscale, const S* tshift,
               int64_t group_size, const Output& out, int64_t m0, int64_t n0, const uint8_t* next) {
   alignas(32) float y[MT][16];
   if constexpr (MT >= 4) {
-    int_tile_quads<BITS, S, MT>(qr, p, MT / 4, tile, tscale, tshift, group_size, y, next);
+    int_tile_quads<BITS, S, MT, TABLE>(qr, p, MT / 4, tile, tscale, tshift, group_size, y, next);
   } else {
-    constexpr int H = BITS == 8 ? 1 : 2;  // as measured fastest (int4)
+    constexpr int H = BITS == 8 || TABLE ? 1 : 2;  // as measured fastest (int4)
     for (int h0 = 0; h0 < 2; h0 += H)
-      int_tile_rows<BITS, S, MT, H, MT>(qr, p, 0, h0, tile, tscale, tshift, group_size, y, h0 == 0 ? next : nullptr);
+      int_tile_rows<BITS, S, MT, H, MT, TABLE>(qr, p, 0, h0, tile, tscale, tshift, group_size, y,
+                                                h0 == 0 ? next : nullptr);
   }
   for (int m = 0; m < MT; ++m) out.store(m0 + m, n0, _mm512_loadu_ps(y[m]));
 }
 
 // Passes p and p + 1 of 8 rows each, as one call: every block of the tile read, and int4/int5 unpacked, once
 // for the 16 rows (a decode step of 9-16 rows, a prompt's rows 16 at a time).
-template <int BITS, typename S>
+template <int BITS, typename S, bool TABLE = false>
 void int_tile_pair(const QuantizedRows& qr, int64_t p, const uint8_t* tile, const S* tscale, const S* tshift,
                    int64_t group_size, const Output& out, int64_t m0, int64_t n0, const uint8_t* next) {
   alignas(32) float y[16][16];
-  int_tile_quads<BITS, S, 8>(qr, p, 4, tile, tscale, tshift, group_size, y, next);
+  int_tile_quads<BITS, S, 8, TABLE>(qr, p, 4, tile, tscale, tshift, group_size, y, next);
   for (int m = 0; m < 16; ++m) out.store(m0 + m, n0, _mm512_loadu_ps(y[m]));
 }
 
@@ -1811,15 +1823,11 @@ inline int64_t int8_zero_point(int bits, int64_t zero_point) {
 #if defined(__AVX512F__) || defined(QK_AVXVNNI)
   return zero_point;
 #else
-  return bits == 8 ? zero_point - 128 : zero_point;
+  return bits == 8 || iq4_table(bits, zero_point) ? zero_point - 128 : zero_point;  // IQ4: int8 codes too
 #endif
 }
 
-#ifdef __AVX512F__
 #define QK_TABLE_ARG , TABLE
-#else
-#define QK_TABLE_ARG
-#endif
 template <int BITS, typename S, bool TABLE = false>
 void int_run(const QuantizedRows& qr, const uint8_t* codes, const S* scale, const S* shift, int64_t N,
              int64_t group_size, const Output& out) {
@@ -1847,7 +1855,7 @@ void int_run(const QuantizedRows& qr, const uint8_t* codes, const S* scale, cons
 #ifndef __AVX512F__
         if (p % 2 == 1) break;  // with the pass before it (int_tile_pair)
         if (m0 + 16 <= qr.rows) {
-          int_tile_pair<BITS, S>(qr, p, tile, ts, th, group_size, out, m0, t * kTile, next);
+          int_tile_pair<BITS, S, TABLE>(qr, p, tile, ts, th, group_size, out, m0, t * kTile, next);
           break;
         }
 #endif
@@ -1908,9 +1916,6 @@ at::Tensor linear_int(const at::Tensor& x, const at::Tensor& codes, const at::Te
                                  : "qwenkit linear_int4";
   check_int_args(name, BITS, x, codes, scale, shift, bias, group_size, N, zero_point);
   const int64_t M = x.size(0), K = x.size(1);
-#ifndef __AVX512F__
-  TORCH_CHECK(!iq4_table(BITS, zero_point), "qwenkit linear_int4: IQ4 table codes need the AVX-512 build");
-#endif
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
   at::Tensor xc = x.contiguous();

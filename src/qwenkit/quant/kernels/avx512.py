@@ -112,9 +112,10 @@ class Avx512Int4Kernel(_Avx512IntKernel):
 
 class Avx512Iq4Kernel(_Avx512IntKernel):
     """IQ4_NL/IQ4_XS weights (8-bit codes of their table values, ``AffineWeight.iq4``) held as 4-bit
-    indices: the AVX-512 int4 tile looks each up in the table (one ``vpshufb`` per 64 codes), so they
-    read half the bytes of the int8 codes and compute the same weights. The int8 kernel runs them
-    elsewhere (the AVX2 tiles' int16 pair sums would overflow on the table's bytes)."""
+    indices: the AVX-512 int4 tile looks each up in the table (one ``vpshufb`` per 64 codes); AVX2 and
+    AVX-VNNI look a block's up into int8 codes in L1 and run the int8 tile's arithmetic on them (the int4
+    tile's int16 pair sums would overflow on the table's bytes). Either way they read half the bytes of
+    the int8 codes and compute the same weights."""
 
     key = "avx512_iq4"
     description = _IsaNamed("qwenkit {isa} int4 IQ4 table (int8 activations)")  # type: ignore[assignment]
