@@ -1,9 +1,9 @@
 """A GGUF file's Q5, Q6_K and IQ4 weights at their own width against int8 codes (not a test).
 
-On the AVX-512 builds qwenkit holds Q5_0/Q5_1/Q5_K codes at 5 bits (``avx512_int5``), Q6_K as the file
-does (``avx512_q6_k``) and IQ4_NL/IQ4_XS indices at 4 bits (``avx512_iq4``); elsewhere they run as 8-bit
-codes (the same results; Q6_K rounded again to int8 codes per group of 32, a weight moving by at most half
-an int8 step). This loads
+qwenkit holds Q5_0/Q5_1/Q5_K codes at 5 bits (``avx512_int5``), Q6_K as the file does (``avx512_q6_k``)
+and IQ4_NL/IQ4_XS indices at 4 bits (``avx512_iq4``) on every build of its kernels (AVX2 and AVX-VNNI
+since 2026-12-03); switched off, they run as 8-bit codes (the same results; Q6_K rounded again to int8
+codes per group of 32, a weight moving by at most half an int8 step), as before. This loads
 the file both ways in one process (the narrow kernels switched off for the second load, and the
 prepared-model cache off for both, so each is packed here) and alternates batch-1 and batch-16 decode
 between them for several rounds (this machine's speed drifts from minute to minute), then times a
