@@ -1193,6 +1193,23 @@ __attribute__((always_inline)) inline void for_steps(std::integer_sequence<int, 
   (f(std::integral_constant<int, O>{}), ...);
 }
 
+// The fifth-bit bytes of H halves of a 5-bit block at wb (nothing for 4-bit codes).
+template <int BITS, int H>
+__attribute__((always_inline)) inline void load_fifth(const uint8_t* wb, __m256i (&fifth)[H]) {
+  if constexpr (BITS == 5)
+    for (int h = 0; h < H; ++h) fifth[h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 256 + 32 * h));
+}
+
+// unpack_step for H halves of the block at wb (half h at wb + 32 h).
+template <int BITS, int O, int H>
+__attribute__((always_inline)) inline void unpack_halves(const uint8_t* wb, const __m256i (&fifth)[H],
+                                                         __m256i (&lo)[H], __m256i (&hi)[H]) {
+#pragma GCC unroll 4
+  for (int h = 0; h < H; ++h)
+    unpack_step<BITS, O>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + O * 64 + 32 * h)),
+                         BITS == 5 ? fifth[h] : __m256i{}, lo[h], hi[h]);
+}
+
 // A block's int4 or int5 codes (4 steps of 64 bytes; int5: then 64 fifth-bit bytes) as the 4x2 tiles read
 // them, a byte a code: per step, quad 2o of both halves, then quad 2o + 1 (128 bytes).
 // TABLE: IQ4 indices, looked up into their int8 codes (kIq4Values + 128), as the int8 tile's layout.
@@ -1201,18 +1218,16 @@ __attribute__((always_inline)) inline void unpack_block(const uint8_t* w, uint8_
   const __m256i table = _mm256_broadcastsi128_si256(_mm_add_epi8(
       _mm_loadu_si128(reinterpret_cast<const __m128i*>(kIq4Values)), _mm_set1_epi8(char(kIq4ZeroPoint))));
   __m256i fifth[2];
-  if constexpr (BITS == 5)
-    for (int h = 0; h < 2; ++h) fifth[h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 256 + 32 * h));
+  load_fifth<BITS, 2>(w, fifth);
   for_steps(std::make_integer_sequence<int, 4>{}, [&](auto o_) {
     constexpr int o = decltype(o_)::value;
     __m256i* out = reinterpret_cast<__m256i*>(u + 128 * o);
+    __m256i lo[2], hi[2];
+    unpack_halves<BITS, o, 2>(w, fifth, lo, hi);
     for (int h = 0; h < 2; ++h) {
-      __m256i lo, hi;
-      unpack_step<BITS, o>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 64 * o + 32 * h)),
-                           BITS == 5 ? fifth[h] : __m256i{}, lo, hi);
-      if constexpr (TABLE) lo = _mm256_shuffle_epi8(table, lo), hi = _mm256_shuffle_epi8(table, hi);
-      _mm256_store_si256(out + h, lo);
-      _mm256_store_si256(out + 2 + h, hi);
+      if constexpr (TABLE) lo[h] = _mm256_shuffle_epi8(table, lo[h]), hi[h] = _mm256_shuffle_epi8(table, hi[h]);
+      _mm256_store_si256(out + h, lo[h]);
+      _mm256_store_si256(out + 2 + h, hi[h]);
     }
   });
 }
@@ -1243,15 +1258,11 @@ __attribute__((always_inline)) inline void vnni_block(const uint8_t* wb, const i
     return;
   }
   __m256i fifth[H];
-  if constexpr (BITS == 5)
-    for (int h = 0; h < H; ++h) fifth[h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 256 + 32 * h));
+  load_fifth<BITS, H>(wb, fifth);
   for_steps(std::make_integer_sequence<int, 4>{}, [&](auto o_) {
     constexpr int o = decltype(o_)::value;
     __m256i lo[H], hi[H];
-#pragma GCC unroll 4
-    for (int h = 0; h < H; ++h)
-      unpack_step<BITS, o>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + o * 64 + 32 * h)),
-                           BITS == 5 ? fifth[h] : __m256i{}, lo[h], hi[h]);
+    unpack_halves<BITS, o, H>(wb, fifth, lo, hi);
 #pragma GCC unroll 4
     for (int m = 0; m < R; ++m)
 #pragma GCC unroll 4
@@ -1351,15 +1362,11 @@ void int_tile_rows(const QuantizedRows& qr, int64_t p, int64_t r0, int h0, const
             sum16[m][h] = _mm256_setzero_si256();
             iacc[m][h] = _mm256_set1_epi32(xstart[b * MT + m]);
           }
-        if constexpr (BITS == 5)
-          for (int h = 0; h < H; ++h) fifth[h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 256 + 32 * h));
+        load_fifth<BITS, H>(wb, fifth);
         for_steps(std::make_integer_sequence<int, 4>{}, [&](auto o_) {
           constexpr int o = decltype(o_)::value;
           __m256i lo[H], hi[H];
-#pragma GCC unroll 4
-          for (int h = 0; h < H; ++h)
-            unpack_step<BITS, o>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + o * 64 + 32 * h)),
-                                 BITS == 5 ? fifth[h] : __m256i{}, lo[h], hi[h]);
+          unpack_halves<BITS, o, H>(wb, fifth, lo, hi);
 #pragma GCC unroll 4
           for (int m = 0; m < R; ++m) {
             const __m256i x0 = _mm256_set1_epi32(xb[(2 * o) * MT + m]), x1 = _mm256_set1_epi32(xb[(2 * o + 1) * MT + m]);
