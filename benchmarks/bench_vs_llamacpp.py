@@ -44,11 +44,11 @@ PAIRS = {
     "int8": ("int8", "q8_0"),
     "int4": ("int4", "q4_0"),
     "q4_k_m": ("gguf", "q4_k_m"),  # the file type most GGUFs are published in, in its own precision
-    "iq4_nl": ("gguf", "iq4_nl"),  # llama.cpp's non-linear 4-bit types: qwenkit runs them as int8 codes
+    "iq4_nl": ("gguf", "iq4_nl"),  # llama.cpp's non-linear 4-bit types: 4-bit indices into their table
     "iq4_xs": ("gguf", "iq4_xs"),
-    "q5_0": ("gguf", "q5_0"),  # 5-bit codes (the 5-bit kernel on AVX-512, int8 codes elsewhere)
+    "q5_0": ("gguf", "q5_0"),  # 5-bit codes (the 5-bit kernel; int8 codes without the C++ kernels)
     "q5_k_m": ("gguf", "q5_k_m"),
-    "q6_k": ("gguf", "q6_k"),  # Q6_K as the file holds it (its own kernel on AVX-512, int8 codes elsewhere)
+    "q6_k": ("gguf", "q6_k"),  # Q6_K as the file holds it (its own kernel; int8 codes without C++ kernels)
 }
 LLAMA_FTYPE = {
     "q8_0": 7,
