@@ -1433,7 +1433,7 @@ __attribute__((always_inline)) inline void int4_block_4x2(
       : [u] "r"(u), [x] "r"(x), [st] "i"(4 * MT), "m"(*reinterpret_cast<const uint8_t(*)[512]>(u)),
         "m"(*reinterpret_cast<const int32_t(*)[8 * MT]>(x)));
 }
-// Steps 0 and 1 only (8 products a lane: 5-bit codes widen after them, int5_block_4x2).
+// Steps 0 and 1 only (8 products a lane: int_block_4x2 widens 5-bit codes' sums after each two steps).
 template <int MT>
 __attribute__((always_inline)) inline void int4_half_block_4x2(
     const uint8_t* u, const int32_t* x, __m256i (*sum)[2]) {
@@ -1561,7 +1561,7 @@ __attribute__((always_inline)) inline void int_block_4x2(const uint8_t* w, const
 constexpr int kMaxQuads = 4;  // 4-row groups a tile call works on: 16 rows, two passes of 8
 
 // `quads` groups of 4 rows (quad i: rows 4i..4i+3 from pass p's first, in passes of MT rows) against both
-// halves of an int8 or int4 tile (prompts and decode steps of 3-16 rows): block by block, so a block is
+// halves of an int8, int4, int5 or IQ4 tile (prompts and decode steps of 3-16 rows): block by block, so a block is
 // read from L1 (and int4/int5 unpacked) once for all the quads, int_block_4x2 for a quad's integer part, then
 // int_tile_rows' float arithmetic in the same order, so a row's result is the same in any pass. The float
 // sums live in L1, through a pointer GCC cannot see through (kept in registers, they and the values GCC
