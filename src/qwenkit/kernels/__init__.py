@@ -20,7 +20,7 @@ Imports only torch, the standard library and qwenkit.errors; model/ and quant/ m
         # GPTQ/RTN groups, per-channel (group_size = K); GGUF blocks of 32: Q8_0 = (q + 128, d, None,
         # zero_point=128), Q4_0 = (q, d, None, zero_point=8), Q4_1 = (q, d, m, zero_point=0);
         # IQ4_NL/IQ4_XS = (indices, d, None, zero_point=IQ4_ZERO_POINT): w = IQ4_VALUES[index] * d,
-        # where kernels.runs_iq4_table() (AVX-512 builds); kernels.iq4_codes(indices) -> int8 codes
+        # where kernels.runs_iq4_table() (every build); kernels.iq4_codes(indices) -> int8 codes
     p = kernels.prepare_int5(codes, scale, shift, group_size, zero_point=0)  # codes uint8 in 0..31
         # Q5_0 = (q, d, None, zero_point=16), Q5_1/Q5_K = (q, d, m, 0); where kernels.runs_int5()
     p = kernels.prepare_q6_k(codes, sub, d)  # GGUF Q6_K: q 0..63, int8 scales per 16, d per 256
