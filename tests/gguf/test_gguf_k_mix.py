@@ -1,8 +1,8 @@
 """A file as llama.cpp's Q4_K_M writes one for Qwen2.5's 896-wide layers: Q5_0 projections, a Q8_0 v_proj
 and a Q6_K down_proj. Q5_0 codes share Q8_0's zero point, so a layer's q/k/v still fuse into one product;
-Q6_K runs on its own kernel on AVX-512 builds (tests/gguf/test_gguf_q6_k.py) and elsewhere comes as int8
-codes rounded again per group of 32; so every layer of a decode step is one ``kernels.decode_layers``
-call and nothing runs in bfloat16."""
+Q6_K runs on its own kernel (tests/gguf/test_gguf_q6_k.py) or, with the C++ kernels switched off or
+missing, comes as int8 codes rounded again per group of 32; so every layer of a decode step is one
+``kernels.decode_layers`` call and nothing runs in bfloat16."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """GGUF files in Q5_0, Q5_1 and Q5_K (the projections of llama.cpp's Q4_K_M files of 896-wide models, and
-Q5_K_M files): their codes load as 8-bit codes spanning 32 values (marked ``q5_base``); on AVX-512 builds
-the 5-bit kernel holds them at 5 bits again (0.625 bytes a code, not 1) and computes exactly what the
-int8 kernel computes on the same codes; elsewhere the int8 kernels run them. A layer mixing Q5_0 and Q8_0
+Q5_K_M files): their codes load as 8-bit codes spanning 32 values (marked ``q5_base``); the 5-bit kernel
+(every build of the C++ kernels) holds them at 5 bits again (0.625 bytes a code, not 1) and computes
+exactly what the int8 kernel computes on the same codes; switched off, the int8 kernels run them. A layer mixing Q5_0 and Q8_0
 projections runs them as products side by side, still one ``kernels.decode_layers`` call."""
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def test_q5_decode_steps_match_the_int8_kernel(q5_file, decode_rows, monkeypatch
     """The whole model's decode logits on the 5-bit kernel equal, bit for bit, those of the same file
     with every Q5 weight on the int8 kernel (the codes and scales are the same; so are the sums)."""
     if not kernels.runs_int5():
-        pytest.skip("5-bit codes run on the AVX-512 builds only")
+        pytest.skip("the 5-bit kernel needs qwenkit's C++ kernels (none built here)")
     from qwenkit.checkpoint import open_checkpoint
     from qwenkit.generate import LLM, tokenizer_for
 
@@ -124,7 +124,7 @@ def test_q5_kernel_gives_back_the_codes_and_rows_it_was_built_from(q5_file):
     on zero point 128 and Q5_1's q with its minimum alike): codes(), dequantize() and rows() are the
     AffineWeight's; codes outside 32 values are refused by name."""
     if not kernels.runs_int5():
-        pytest.skip("5-bit codes run on the AVX-512 builds only")
+        pytest.skip("the 5-bit kernel needs qwenkit's C++ kernels (none built here)")
     path, _ = q5_file
     loaded = dict(read_gguf(path).tensors(keep_quantized=True))
     for name in ("model.layers.0.mlp.up_proj.weight", "model.embed_tokens.weight",
