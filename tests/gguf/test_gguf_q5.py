@@ -1,8 +1,9 @@
 """GGUF files in Q5_0, Q5_1 and Q5_K (the projections of llama.cpp's Q4_K_M files of 896-wide models, and
 Q5_K_M files): their codes load as 8-bit codes spanning 32 values (marked ``q5_base``); the 5-bit kernel
 (every build of the C++ kernels) holds them at 5 bits again (0.625 bytes a code, not 1) and computes
-exactly what the int8 kernel computes on the same codes; switched off, the int8 kernels run them. A layer mixing Q5_0 and Q8_0
-projections runs them as products side by side, still one ``kernels.decode_layers`` call."""
+exactly what the int8 kernel computes on the same codes; switched off, the int8 kernels run them. A layer
+mixing Q5_0 and Q8_0 projections runs them as products side by side, still one ``kernels.decode_layers``
+call."""
 
 from __future__ import annotations
 

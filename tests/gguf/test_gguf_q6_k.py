@@ -1,7 +1,8 @@
 """GGUF Q6_K (the output and token embedding of most K-quant files, half their ``ffn_down``/``attn_v``, and
-whole Q6_K files): where qwenkit's C++ kernels build (AVX-512, AVX-VNNI, AVX2) it loads exactly as the
-file holds it (codes 0..63, an int8 scale per 16 inputs, d per 256) and runs on the Q6_K kernel at the
-file's 0.82 bytes a weight; without them it is rounded again to int8 codes (tests/gguf/test_gguf_quant.py). Every layer stays one ``decode_layers`` call."""
+whole Q6_K files): where qwenkit's C++ kernels build (AVX-512, AVX-VNNI, AVX2) it loads exactly as the file
+holds it (codes 0..63, an int8 scale per 16 inputs, d per 256) and runs on the Q6_K kernel at the file's
+0.82 bytes a weight; without them it is rounded again to int8 codes (tests/gguf/test_gguf_quant.py). Every
+layer stays one ``decode_layers`` call."""
 
 from __future__ import annotations
 
