@@ -527,3 +527,18 @@ def test_every_file_a_build_reads_ships_in_the_package():
     for source in build.SOURCES:
         rel = source.relative_to(package).as_posix()
         assert source.is_file() and any(fnmatch.fnmatch(rel, g) for g in globs), (rel, globs)
+
+
+def test_every_header_the_kernels_include_is_in_the_cache_key():
+    """cpu_kernels.cpp includes its parts (and they the compatibility headers): an edit to any of them
+    must change the cache key, or a stale library would be loaded for new source."""
+    import re
+
+    included = set()
+    for source in build.SOURCES:
+        included |= set(re.findall(r'^#include "([^"]+)"', source.read_text(), flags=re.M))
+    assert len(included) >= 10
+    for name in included:
+        assert build.CSRC / name in build.SOURCES, name
+    parts = set(re.findall(r'^#include "([^"]+)"', build.SOURCE.read_text(), flags=re.M))
+    assert {p.name for p in build.SOURCES} == parts | {"cpu_kernels.cpp"}  # no header left unused

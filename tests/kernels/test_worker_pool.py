@@ -1,4 +1,4 @@
-"""The kernels' own worker threads (``WorkerPool`` in cpu_kernels.cpp): outside the process's main thread
+"""The kernels' own worker threads (``WorkerPool`` in csrc/worker_pool.h): outside the process's main thread
 (the engine's driver thread, in which ``chat`` and ``serve`` step a model) the ops split their work over
 them instead of OpenMP. Results must not depend on which thread calls, nor on two threads calling at
 once (the second runs its loop serially), and a forked child must get working threads of its own."""

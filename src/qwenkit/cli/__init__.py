@@ -82,7 +82,7 @@ def bounded_openmp_spin() -> Iterator[None]:
     sandbox, a peer in a benchmark) see the user's environment.
 
     Why: in `chat` and `serve` the engine's driver thread runs torch's small ops on OpenMP and the
-    kernels' matrix products on their own workers (cpu_kernels.cpp, WorkerPool). With libgomp's default
+    kernels' matrix products on their own workers (csrc/worker_pool.h, WorkerPool). With libgomp's default
     its worker keeps spinning for milliseconds after each op and holds the core the kernels' worker
     needs: a short prompt's first token took 55-90 ms on the bundled model instead of 26-46 (2 cores,
     2026-12-01). Ten thousand spins still bridge the gaps between torch's ops in a plain-PyTorch step

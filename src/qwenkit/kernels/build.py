@@ -36,7 +36,8 @@ import torch
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCE = CSRC / "cpu_kernels.cpp"
-SOURCES = (SOURCE, CSRC / "avx2_compat.h", CSRC / "avx512_nobf16.h")  # what a build reads: its cache key
+# What a build reads, so its cache key: the translation unit and every header it includes (its parts).
+SOURCES = (SOURCE, *sorted(CSRC.glob("*.h")))
 LIBRARY_NAME = "qwenkit_cpu_kernels.so"
 
 # The instruction-set levels the one source is built for, best first: /proc/cpuinfo flag -> the compiler
