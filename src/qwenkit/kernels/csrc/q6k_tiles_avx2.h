@@ -4,12 +4,12 @@
 #pragma once
 
 #ifndef __AVX512F__
-// Half h0 of Q6_K block wb's sub-block sb: its 4 quads' codes (0..63, a byte each), and its int8 scale per
-// output as int32 (s32) and in both int16 halves of each output's lane (s16, for vpmaddwd).
+// Half h0 of Q6_K block wb's sub-block sb: its 4 quads' codes (0..63, a byte each), and its int8 scale
+// per output in both int16 halves of each output's lane (s16, for vpmaddwd).
 __attribute__((always_inline)) inline void q6k_unpack_half(const uint8_t* wb, int sb, int h0, __m256i (&q)[4],
-                                                           __m256i& s16, __m256i& s32) {
+                                                           __m256i& s16) {
   const __m256i six = _mm256_set1_epi8(0x3f), low2 = _mm256_set1_epi8(0x03), low16 = _mm256_set1_epi32(0xffff);
-  s32 = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(wb + 384 + 16 * sb + 8 * h0)));
+  const __m256i s32 = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(wb + 384 + 16 * sb + 8 * h0)));
   s16 = _mm256_or_si256(_mm256_and_si256(s32, low16), _mm256_slli_epi32(s32, 16));
   const uint8_t* r = wb + 192 * sb + 32 * h0;
   const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r));
@@ -23,13 +23,29 @@ __attribute__((always_inline)) inline void q6k_unpack_half(const uint8_t* wb, in
                                          _mm256_and_si256(_mm256_srli_epi16(v2, 2), _mm256_slli_epi16(low2, 4))));
 }
 
-// One row's sum over a sub-block, times its scale: start (-32 x the activations' sum) x s32, then two
-// quads at a time, their pair sums in int16, widened by vpmaddwd with s16. x: the row's 4-byte activation
-// groups of the sub-block, MT apart.
+// Half h0 of block wb's two sub-block scales per output as one int16 pair in each output's lane (sub-block
+// 0 low, 1 high): what q6k_zero_point multiplies the activations' two sub-block sums by.
+__attribute__((always_inline)) inline __m256i q6k_scale_pair(const uint8_t* wb, int h0) {
+  const __m256i s0 = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(wb + 384 + 8 * h0)));
+  const __m256i s1 = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(wb + 400 + 8 * h0)));
+  return _mm256_or_si256(_mm256_and_si256(s0, _mm256_set1_epi32(0xffff)), _mm256_slli_epi32(s1, 16));
+}
+
+// One row's block zero-point term, sum over the sub-blocks of scale x (-32 x the activations' sum): the
+// two sums (-32 x at most 16 x 127, so sum = half >> 5 exactly fits int16) side by side in every lane,
+// one vpmaddwd against the scale pair, x 32 by a shift. (One vpmulld per sub-block before: it was the
+// passes' slowest instruction, and its int32 scales held two more registers.)
+__attribute__((always_inline)) inline __m256i q6k_zero_point(__m256i scale_pair, int32_t half, int32_t start) {
+  const uint32_t sums = (uint32_t(half >> 5) & 0xffffu) | (uint32_t((start - half) >> 5) << 16);
+  return _mm256_slli_epi32(_mm256_madd_epi16(scale_pair, _mm256_set1_epi32(int32_t(sums))), 5);
+}
+
+// One row's sum over a sub-block's codes, times its scale: two quads at a time, their pair sums in int16
+// (two of at most 2 x 63 x 127 fit), widened by vpmaddwd with s16. x: the row's 4-byte activation groups
+// of the sub-block, MT apart.
 template <int MT>
-__attribute__((always_inline)) inline __m256i q6k_sub_sum(const __m256i (&q)[4], __m256i s16, __m256i s32,
-                                                          int32_t start, const int32_t* x) {
-  __m256i sum = _mm256_mullo_epi32(_mm256_set1_epi32(start), s32);
+__attribute__((always_inline)) inline __m256i q6k_sub_sum(const __m256i (&q)[4], __m256i s16, const int32_t* x) {
+  __m256i sum = _mm256_setzero_si256();
 #pragma GCC unroll 2
   for (int v = 0; v < 4; v += 2) {
     const __m256i pair = _mm256_add_epi16(_mm256_maddubs_epi16(q[v], _mm256_set1_epi32(x[v * MT])),
@@ -41,10 +57,9 @@ __attribute__((always_inline)) inline __m256i q6k_sub_sum(const __m256i (&q)[4],
 
 // GGUF Q6_K on AVX2/AVX-VNNI, R rows of a pass against half h0 of the tile (its 8 outputs), the AVX-512
 // q6k_tile's integer sums and float arithmetic in the same order, so the products are its bit for bit.
-// A sub-block's 4 quads of 6-bit codes go through vpmaddubsw in pairs (two pair sums of at most 63 x 128
-// fit int16) and vpmaddwd by the sub-block's int8 scale, set in both int16 halves of each output's lane:
-// the scaling costs nothing over the widening the int8 tile does anyway. The sub-block's zero point
-// (-32 x its activations' sum) is scaled with one vpmulld.
+// A sub-block's 4 quads of 6-bit codes go through vpmaddubsw in pairs and vpmaddwd by the sub-block's int8
+// scale, set in both int16 halves of each output's lane: the scaling costs nothing over the widening the
+// int8 tile does anyway. The block's zero-point term is q6k_zero_point's.
 template <typename S, int MT, int R>
 void q6k_rows(const QuantizedRows& qr, int64_t p, int64_t r0, int h0, const uint8_t* tile, const S* tscale,
               float (*y)[16], const uint8_t* next) {
@@ -64,18 +79,15 @@ void q6k_rows(const QuantizedRows& qr, int64_t p, int64_t r0, int h0, const uint
       const int32_t* xb = xq + b * 8 * MT;
       if (next != nullptr && h0 == 0 && r0 == 0) prefetch_lines<kQ6BlockBytes>(next + b * kQ6BlockBytes);
       __m256i iacc[R];
-      const auto sub_block = [&](int sb) {
-        __m256i q[4], s16, s32;
-        q6k_unpack_half(wb, sb, h0, q, s16, s32);
+      const __m256i scale_pair = q6k_scale_pair(wb, h0);
 #pragma GCC unroll 4
-        for (int m = 0; m < R; ++m) {
-          const int32_t start = sb == 0 ? xhalf[b * MT + m] : xstart[b * MT + m] - xhalf[b * MT + m];
-          const __m256i acc = q6k_sub_sum<MT>(q, s16, s32, start, xb + 4 * sb * MT + m);
-          iacc[m] = sb == 0 ? acc : _mm256_add_epi32(iacc[m], acc);
-        }
-      };
-      sub_block(0);
-      sub_block(1);
+      for (int m = 0; m < R; ++m) iacc[m] = q6k_zero_point(scale_pair, xhalf[b * MT + m], xstart[b * MT + m]);
+      for (int sb = 0; sb < 2; ++sb) {
+        __m256i q[4], s16;
+        q6k_unpack_half(wb, sb, h0, q, s16);
+#pragma GCC unroll 4
+        for (int m = 0; m < R; ++m) iacc[m] = _mm256_add_epi32(iacc[m], q6k_sub_sum<MT>(q, s16, xb + 4 * sb * MT + m));
+      }
 #pragma GCC unroll 4
       for (int m = 0; m < R; ++m)
         gacc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[m]), _mm256_set1_ps(xs[b * MT + m]), gacc[m]);
@@ -109,16 +121,13 @@ void q6k_many_rows(const QuantizedRows& qr, int64_t p, int h0, const uint8_t* ti
       const uint8_t* wb = tile + b * kQ6BlockBytes;
       const int32_t* xb = xq + b * 8 * MT;
       if (next != nullptr && h0 == 0) prefetch_lines<kQ6BlockBytes>(next + b * kQ6BlockBytes);
-      __m256i q[2][4], s16[2], s32[2];
-      for (int sb = 0; sb < 2; ++sb) q6k_unpack_half(wb, sb, h0, q[sb], s16[sb], s32[sb]);
+      __m256i q[2][4], s16[2];
+      for (int sb = 0; sb < 2; ++sb) q6k_unpack_half(wb, sb, h0, q[sb], s16[sb]);
+      const __m256i scale_pair = q6k_scale_pair(wb, h0);
       for (int m = 0; m < MT; ++m) {
-        __m256i iacc = _mm256_setzero_si256();
+        __m256i iacc = q6k_zero_point(scale_pair, xhalf[b * MT + m], xstart[b * MT + m]);
 #pragma GCC unroll 2
-        for (int sb = 0; sb < 2; ++sb) {
-          const int32_t start = sb == 0 ? xhalf[b * MT + m] : xstart[b * MT + m] - xhalf[b * MT + m];
-          const __m256i sum = q6k_sub_sum<MT>(q[sb], s16[sb], s32[sb], start, xb + 4 * sb * MT + m);
-          iacc = sb == 0 ? sum : _mm256_add_epi32(iacc, sum);
-        }
+        for (int sb = 0; sb < 2; ++sb) iacc = _mm256_add_epi32(iacc, q6k_sub_sum<MT>(q[sb], s16[sb], xb + 4 * sb * MT + m));
         G[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc), _mm256_set1_ps(xs[b * MT + m]), G[m]);
       }
     }
