@@ -530,8 +530,8 @@ def test_every_file_a_build_reads_ships_in_the_package():
 
 
 def test_every_header_the_kernels_include_is_in_the_cache_key():
-    """cpu_kernels.cpp includes its parts (and they the compatibility headers): an edit to any of them
-    must change the cache key, or a stale library would be loaded for new source."""
+    """cpu_kernels.cpp includes its parts and the ISA compatibility headers: an edit to any of them must
+    change the cache key, or a stale library would be loaded for new source."""
     import re
 
     included = set()
