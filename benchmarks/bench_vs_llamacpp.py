@@ -318,7 +318,7 @@ def child(cmd: list[str], env: dict[str, str] | None = None) -> dict:
             "that on some Sapphire Rapids machines (q4_0 and q8_0; llama.cpp issue 20824). Build it without "
             "AMX and pass that build as --llama-lib: cmake with -DGGML_NATIVE=OFF, the CPU's AVX-512 "
             "features on (-DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON "
-            "-DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON) and -DGGML_AMX_INT8=OFF (see the README)."
+            "-DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON) and -DGGML_AMX_INT8=OFF (see docs/cpu-speed.md)."
         )
     if out.returncode != 0:
         raise RuntimeError(f"{cmd[:3]} failed:\n{out.stderr[-2000:]}")

@@ -50,7 +50,8 @@ class LayerBuilder:
         module = self.model.get_submodule(module_name)
         if not isinstance(tensor, torch.Tensor):
             # A file's own codes, the output head's too: every layer on the fastest kernel that runs it
-            # (README, "GGUF in its own precision": the head on int8 activations as llama.cpp runs it)
+            # (docs/cpu-speed.md, "What changed on the Zen 4, 2026-12-02 11:52-13:05": the head on
+            # int8 activations as llama.cpp runs it)
             layer = QuantizedLinear.from_affine(tensor, self._bias(module), device=self.device)
         elif self.bits is None:
             return False
