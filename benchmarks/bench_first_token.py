@@ -6,7 +6,7 @@ core the kernels need. Each configuration is a fresh process (libgomp reads its 
 loads it), configurations alternating over ``--rounds``: the bundled model through ``LLM.stream``, the
 median first-token time over ``--prompts`` short prompts, then the best of 3 decodes of 128 pieces, on
 the kernels and on the plain PyTorch path (``QWENKIT_KERNELS=torch``). "CLI default" is what ``qwenkit``
-sets (``bounded_openmp_spin``); "libgomp default" is a Python program that imports torch itself.
+sets (``quiet_library_threads``); "libgomp default" is a Python program that imports torch itself.
 
     .venv/bin/python benchmarks/bench_first_token.py [--rounds 2] [--prompts 200] [--spin-counts 10000,30000]
 """

@@ -44,8 +44,8 @@ import sys, time
 t0 = time.perf_counter()
 import gc
 gc.disable()
-from qwenkit.cli import bounded_openmp_spin  # as the CLI imports torch
-with bounded_openmp_spin():
+from qwenkit.cli import quiet_library_threads  # as the CLI imports torch
+with quiet_library_threads():
     import torch
 t1 = time.perf_counter()
 import qwenkit.cli.chat, qwenkit.generate

@@ -1,7 +1,9 @@
-"""The CLI loads torch's OpenMP with a bounded spin and leaves the user's environment as it found it.
+"""The CLI loads torch's OpenMP with a bounded spin and numpy's OpenBLAS with one thread, and leaves the
+user's environment as it found it.
 
-Each case is a fresh interpreter (libgomp reads the variable once, when torch loads it); a finder on
-``sys.meta_path`` records ``GOMP_SPINCOUNT`` at the moment ``import torch`` starts."""
+Each case is a fresh interpreter (libgomp and OpenBLAS read their variables once, when loaded); a finder
+on ``sys.meta_path`` records ``GOMP_SPINCOUNT`` at the moment ``import torch`` starts and
+``OPENBLAS_NUM_THREADS`` when ``numpy`` starts; the process's threads are counted after the import."""
 
 from __future__ import annotations
 
@@ -16,11 +18,13 @@ from qwenkit.cli import OPENMP_SPIN_COUNT
 
 PROBE = r"""
 import json, os, sys
-seen = []
+seen, blas = [], []
 class Spy:
     def find_spec(self, name, path=None, target=None):
         if name == "torch":
             seen.append(os.environ.get("GOMP_SPINCOUNT"))
+        if name == "numpy":
+            blas.append(os.environ.get("OPENBLAS_NUM_THREADS"))
         return None
 if sys.argv[1] == "torch-first":
     import torch
@@ -28,12 +32,15 @@ sys.meta_path.insert(0, Spy())
 from qwenkit.cli import _import_without_gc
 _import_without_gc("qwenkit.cli.chat")
 import torch
-print(json.dumps({"at_import": seen[:1], "after": os.environ.get("GOMP_SPINCOUNT"), "torch": torch.__name__}))
+print(json.dumps({"at_import": seen[:1], "after": os.environ.get("GOMP_SPINCOUNT"), "torch": torch.__name__,
+                  "blas_at_import": blas[:1], "blas_after": os.environ.get("OPENBLAS_NUM_THREADS"),
+                  "threads": len(os.listdir("/proc/self/task"))}))
 """
 
 
 def probe(case: str, **env: str) -> dict:
-    clean = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    mine = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "OPENBLAS_NUM_THREADS")
+    clean = {k: v for k, v in os.environ.items() if k not in mine}
     r = subprocess.run(
         [sys.executable, "-c", PROBE, case], env=clean | env, capture_output=True, text=True, timeout=120
     )
@@ -41,8 +48,27 @@ def probe(case: str, **env: str) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def without_threads(result: dict) -> dict:
+    return {k: v for k, v in result.items() if k != "threads"}
+
+
 def test_torch_loads_with_the_bounded_spin_and_the_variable_is_gone_after():
-    assert probe("fresh") == {"at_import": [OPENMP_SPIN_COUNT], "after": None, "torch": "torch"}
+    assert without_threads(probe("fresh")) == {
+        "at_import": [OPENMP_SPIN_COUNT],
+        "after": None,
+        "torch": "torch",
+        "blas_at_import": ["1"],
+        "blas_after": None,
+    }
+
+
+def test_openblas_starts_no_workers():
+    """With OpenBLAS's default, numpy's import starts a worker per further core (each spinning ~0.1 s of
+    CPU): the CLI's import has that many threads fewer than one the user pinned to a thread count."""
+    ours = probe("fresh")["threads"]
+    default = probe("fresh", OPENBLAS_NUM_THREADS=str(os.cpu_count()))
+    assert default["blas_at_import"] == [str(os.cpu_count())] and default["blas_after"] == str(os.cpu_count())
+    assert default["threads"] - ours == os.cpu_count() - 1
 
 
 @pytest.mark.parametrize(
@@ -53,9 +79,11 @@ def test_torch_loads_with_the_bounded_spin_and_the_variable_is_gone_after():
     ],
 )
 def test_a_users_own_openmp_setting_is_kept(env, expected):
-    assert probe("fresh", **env) == expected | {"torch": "torch"}
+    ours = {"torch": "torch", "blas_at_import": ["1"], "blas_after": None}
+    assert without_threads(probe("fresh", **env)) == expected | ours
 
 
 def test_nothing_is_set_once_torch_is_already_loaded():
     # torch imported before the CLI: the finder never sees its import, and the variable is never set
-    assert probe("torch-first") == {"at_import": [], "after": None, "torch": "torch"}
+    expected = {"at_import": [], "after": None, "torch": "torch", "blas_at_import": [], "blas_after": None}
+    assert without_threads(probe("torch-first")) == expected
