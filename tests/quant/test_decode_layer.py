@@ -9,6 +9,8 @@ layers around them still run as one call per run of consecutive layers.
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from factories import hf_model, run_engine, save_hf, write_v1_checkpoint
@@ -36,33 +38,40 @@ def _load(path, quantize, monkeypatch):
 TABLES = [[3 * i, 3 * i + 1, 3 * i + 2, 3 * i + 20, 3 * i + 21] for i in range(len(PROMPTS))]
 
 
-def _written_slots(decode_steps: int) -> torch.Tensor:
+# sixteen rows: a step of 9-16 rows runs as two groups side by side on two threads (decode_row_groups)
+PROMPTS16 = [list(range(50 + 7 * i, 50 + 7 * i + 1 + i % 9)) for i in range(16)]
+TABLES16 = [[5 * i + j for j in range(5)] for i in range(16)]
+
+
+def _written_slots(decode_steps: int, prompts=PROMPTS, tables=TABLES) -> torch.Tensor:
     """The pool slots _steps writes: every position of every row, prompt and decoded tokens."""
     slots = [
         t[p // BLOCK] * BLOCK + p % BLOCK
-        for t, pr in zip(TABLES, PROMPTS, strict=True)
+        for t, pr in zip(tables, prompts, strict=True)
         for p in range(len(pr) + decode_steps)
     ]
     return torch.tensor(slots)
 
 
-def _steps(model, decode_steps: int) -> tuple[list[torch.Tensor], PagedKVCache]:
-    """Prefill PROMPTS (one chunk each), then greedy decode steps of all rows together; the logits of
+def _steps(
+    model, decode_steps: int, prompts=PROMPTS, tables=TABLES
+) -> tuple[list[torch.Tensor], PagedKVCache]:
+    """Prefill ``prompts`` (one chunk each), then greedy decode steps of all rows together; the logits of
     every decode step and the pool."""
     cfg = model.config
+    blocks = 1 + max(max(t) for t in tables)
     cache = PagedKVCache(
-        cfg.num_hidden_layers, 40, BLOCK, cfg.num_key_value_heads, cfg.head_dim, torch.bfloat16, "cpu"
+        cfg.num_hidden_layers, blocks, BLOCK, cfg.num_key_value_heads, cfg.head_dim, torch.bfloat16, "cpu"
     )
-    tables = TABLES
     ids, positions, chunk_rows, index = [], [], [], []
-    for table, prompt in zip(tables, PROMPTS, strict=True):
+    for table, prompt in zip(tables, prompts, strict=True):
         chunk_rows.append((table, 0, len(prompt)))
         ids += prompt
         positions += list(range(len(prompt)))
         index.append(len(ids) - 1)
     with torch.no_grad():
         logits = run_forward(model, cache, ForwardCall(ids, positions, None, index, [], chunk_rows))
-        lengths = [len(p) for p in PROMPTS]
+        lengths = [len(p) for p in prompts]
         out = []
         for _ in range(decode_steps):
             tokens = logits.argmax(-1).tolist()
@@ -236,3 +245,113 @@ def test_decode_layer_runs_q_k_v_of_different_kinds_as_three_products(tmp_path, 
     assert attn.qkv_proj is None and {attn.q_proj.bits, attn.v_proj.bits} == {4, 8}
     assert all(layer.decode_weights is not None for layer in model.model.layers)
     _assert_kernel_path_equals_modules(model, 4)
+
+
+def _row_groups(model, rows: int) -> int:
+    """decode_row_groups for a run of all of ``model``'s layers (on small pools: the choice depends on
+    the layers and the thread count only)."""
+    cfg = model.config
+    pool = torch.zeros(4, cfg.num_key_value_heads, cfg.head_dim, dtype=torch.bfloat16)
+    weights = [layer.decode_weights for layer in model.model.layers]
+    return kernels.decode_row_groups(
+        kernels.decode_run(weights, [pool] * len(weights), [pool] * len(weights)), rows
+    )
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "llama"])
+def test_a_step_of_sixteen_rows_in_two_row_groups_equals_the_modules(tmp_path, monkeypatch, family):
+    """On two threads a 16-row decode step of small int4 layers goes through the layers as two groups of
+    8 rows side by side (each group's ops on its own thread); the logits and K/V stay bit for bit the
+    modules', and those of the same step on one thread (every op in one piece)."""
+    model = hf_model(family, tie_word_embeddings=family == "qwen2", intermediate_size=256)
+    model = _load(save_hf(model, tmp_path / "m"), "int4", monkeypatch)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert [_row_groups(model, m) for m in (1, 8, 9, 16)] == [1, 1, 2, 2]
+        grouped, grouped_cache = _steps(model, 4, PROMPTS16, TABLES16)
+        torch.set_num_threads(1)
+        assert _row_groups(model, 16) == 1
+        whole, whole_cache = _steps(model, 4, PROMPTS16, TABLES16)
+    finally:
+        torch.set_num_threads(threads)
+    weights = [layer.decode_weights for layer in model.model.layers]
+    for layer in model.model.layers:
+        layer.decode_weights = None  # the module path
+    plain, plain_cache = _steps(model, 4, PROMPTS16, TABLES16)
+    for layer, w in zip(model.model.layers, weights, strict=True):
+        layer.decode_weights = w
+    used = _written_slots(4, PROMPTS16, TABLES16)
+    for other, other_cache in ((whole, whole_cache), (plain, plain_cache)):
+        assert all(torch.equal(a, b) for a, b in zip(grouped, other, strict=True))
+        pools = zip(grouped_cache.k + grouped_cache.v, other_cache.k + other_cache.v, strict=True)
+        assert all(torch.equal(a[used], b[used]) for a, b in pools)
+
+
+@pytest.mark.parametrize(
+    ("quantize", "sizes"),
+    [
+        ("int8", {}),
+        (None, {}),
+        ("int4", {"hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 1}),
+    ],
+)
+def test_int8_bf16_and_larger_layers_keep_the_rows_together(tmp_path, monkeypatch, quantize, sizes):
+    """Row groups only for small int4 layers: int8 and bf16 layers, and int4 ones of 12.6M multiply-adds
+    a row (Qwen3-0.6B's width), ran slower split (each thread reads every weight)."""
+    model = hf_model("qwen2", **{"intermediate_size": 256, **sizes})
+    model = _load(save_hf(model, tmp_path / "m"), quantize, monkeypatch)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert _row_groups(model, 16) == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_row_groups_decode_in_the_engines_driver_thread_as_alone(tmp_path, monkeypatch) -> None:
+    """Sixteen requests decoding together give each one's tokens alone, with the engine stepped in the
+    calling thread (OpenMP's threads) and in another thread, as ``chat`` and ``serve`` step it (the
+    kernels' own workers), both under inference mode, which the second group's thread must take over."""
+    path = save_hf(hf_model("qwen2", tie_word_embeddings=True, intermediate_size=256), tmp_path / "m")
+    model = _load(path, "int4", monkeypatch)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    alone = [run_engine(Engine(model, max_batch_size=1), [p], params)[0] for p in PROMPTS16]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert _row_groups(model, 16) == 2
+        together = run_engine(Engine(model, max_batch_size=16), PROMPTS16, params)
+        in_thread: list[list[list[int]]] = []
+        driver = threading.Thread(
+            target=lambda: in_thread.append(run_engine(Engine(model, max_batch_size=16), PROMPTS16, params))
+        )
+        driver.start()
+        driver.join()
+    finally:
+        torch.set_num_threads(threads)
+    assert together == alone
+    assert in_thread == [alone]
+
+
+def test_an_error_in_the_second_row_group_reaches_the_caller(tmp_path, monkeypatch) -> None:
+    """A bad slot in a row of the second group (run on the other thread) raises in the caller, with the
+    message decode_layer gives for it."""
+    model = _load(save_hf(hf_model("qwen2", intermediate_size=256), tmp_path / "m"), "int4", monkeypatch)
+    cfg, layer = model.config, model.model.layers[0]
+    pool = torch.zeros(32, cfg.num_key_value_heads, cfg.head_dim, dtype=torch.bfloat16)
+    run = kernels.decode_run([layer.decode_weights], [pool], [pool.clone()])
+    x = torch.zeros(16, cfg.hidden_size, dtype=torch.bfloat16)
+    slots = torch.arange(16)
+    slots[12] = 99
+    cos = torch.ones(1, 16, cfg.head_dim, dtype=torch.bfloat16)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert kernels.decode_row_groups(run, 16) == 2
+        with pytest.raises(RuntimeError, match="slot 99 outside the pool"):
+            kernels.decode_layers(
+                x, run, slots, torch.arange(16)[:, None], torch.zeros(16, dtype=torch.long), cos, cos
+            )
+    finally:
+        torch.set_num_threads(threads)

@@ -170,5 +170,15 @@ def decode_layers(
     bit for bit what its modules compute: layer i of the run writes the step's K/V into its pools at
     ``slots``, attends as :func:`decode_attention` over ``gather``/``positions`` and rotates with cos/sin
     (1, M, rot) as :func:`rope_`. Returns (M, hidden). One call for all layers: a call per layer cost
-    about 15 us of Python and argument parsing (the bundled model decodes 4.6% faster at batch 1)."""
+    about 15 us of Python and argument parsing (the bundled model decodes 4.6% faster at batch 1). The
+    rows go through in :func:`decode_row_groups` groups side by side, with the same results."""
     return op("decode_layers")(run.handle, x, slots, gather, positions, cos, sin)
+
+
+def decode_row_groups(run: DecodeRun, rows: int) -> int:
+    """How many groups of rows :func:`decode_layers` takes through ``run``'s layers side by side, each on
+    one thread with all of its work: 2 for 9-16 rows of small int4 layers (at most 8M multiply-adds a
+    layer and row) where the kernels run on two threads, else 1 (every op split across the threads).
+    The bundled model's 16-row steps decode 12% faster so on two cores (2026-12-04); larger layers, int8
+    and bf16 ones lose by it (csrc/decode_layers.h, ``DecodeRun::row_groups``)."""
+    return int(op("decode_row_groups")(run.handle, rows))

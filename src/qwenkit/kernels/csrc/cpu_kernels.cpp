@@ -52,6 +52,7 @@
 // every header here.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
@@ -158,6 +159,7 @@ TORCH_LIBRARY(qwenkit, m) {
   m.def(
       "decode_layers(__torch__.torch.classes.qwenkit.DecodeRun run, Tensor x, Tensor slots, Tensor gather, "
       "Tensor positions, Tensor cos, Tensor sin) -> Tensor");
+  m.def("decode_row_groups(__torch__.torch.classes.qwenkit.DecodeRun run, int rows) -> int", &decode_row_groups);
 }
 
 TORCH_LIBRARY_IMPL(qwenkit, CPU, m) {

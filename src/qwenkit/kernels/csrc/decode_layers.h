@@ -163,6 +163,7 @@ struct DecodeRun : torch::CustomClassHolder {
   std::vector<at::Tensor> tensors, k_pools, v_pools;
   std::vector<int64_t> ints;
   std::vector<double> floats;
+  bool small_int4 = false;  // every product int4 codes, at most kRowGroupMacs multiply-adds a layer and row
 
   DecodeRun(std::vector<at::Tensor> tensors_, std::vector<int64_t> ints_, std::vector<double> floats_,
             std::vector<at::Tensor> k_pools_, std::vector<at::Tensor> v_pools_)
@@ -174,20 +175,87 @@ struct DecodeRun : torch::CustomClassHolder {
                 "qwenkit DecodeRun: expected, per layer, 28 tensors, 33 ints, 5 floats and a K and a V pool; got ",
                 tensors.size(), " tensors, ", ints.size(), " ints, ", floats.size(), " floats, ", k_pools.size(),
                 " K pools and ", v_pools.size(), " V pools");
+    small_int4 = true;
+    for (int64_t l = 0; l < L; ++l) small_int4 = small_int4 && layer_is_small_int4(ints.data() + 33 * l);
   }
   int64_t layers() const { return static_cast<int64_t>(k_pools.size()); }
+
+  // Groups of rows a decode step of `rows` rows splits into, each taken through every layer by one
+  // thread with every loop inside it on that thread: 2 where two threads run the kernels, the rows need
+  // two of the integer tiles' passes of 8 (9-16 rows) and the layers are small int4 ones; else 1 (the
+  // rows together, each op split across the threads). A layer runs a dozen parallel regions and between
+  // them serial work (norms, residual adds, K/V copies, the regions' forks and joins): at 16 rows of the
+  // bundled model the second thread waited a third of the step (perf). Split, each thread works its
+  // rows through. Each row's arithmetic is the same either way (the tiles compute every row on its
+  // own), so are the results. Measured per layer at 16 rows, groups against one piece (2 cores,
+  // 2026-12-04): int4 1.39x at 1.6M multiply-adds a layer and row, 1.18x at 3.5M (the bundled model),
+  // 1.09x at 6.3M, 1.04x at 15.5M, and the whole Qwen2.5-0.5B int4 step (24 such layers streaming from
+  // memory, each thread reading every weight) 0.92x; int8 0.90-1.10x; bf16 0.67-0.90x (AMX's tiles
+  // take 16 rows). Not with more threads (a group of 8 rows would hold one thread and leave the others
+  // idle), nor below 9 rows (4 rows a thread: 0.77-0.89x).
+  int64_t row_groups(int64_t rows) const {
+    if (!small_int4 || rows <= kMaxMT || nested_in_region()) return 1;
+    at::internal::lazy_init_num_threads();
+    return at::get_num_threads() == 2 ? 2 : 1;
+  }
+
+ private:
+  static constexpr int64_t kRowGroupMacs = 8 << 20;  // a layer's multiply-adds a row (the bundled model 3.5M)
+
+  // ints: decode_layer's 33 for one layer (H, Hkv, D, then per linear its bits, group size, N, zero
+  // point and bias mode: q/k/v or q, o, gate/up, down, then k and v)
+  static bool layer_is_small_int4(const int64_t* ints) {
+    const int64_t H = ints[0], D = ints[2];
+    const auto bits = [&](int i) { return ints[3 + 5 * i]; };
+    const auto N = [&](int i) { return ints[3 + 5 * i + 2]; };
+    for (int i = 0; i < 6; ++i)
+      if (bits(i) != 0 && bits(i) != 4) return false;
+    const int64_t hidden = N(1), qkv = N(0) + (bits(4) != 0 ? N(4) + N(5) : 0);
+    const int64_t macs = hidden * qkv + hidden * H * D + hidden * N(2) + N(3) * (N(2) / 2);
+    return macs <= kRowGroupMacs;
+  }
 };
 
-// A decode step through a run's layers, each as decode_layer, in one call.
+// A decode step through a run's layers, each as decode_layer, in one call; the rows in
+// run->row_groups(M) groups taken through the layers side by side.
 at::Tensor decode_layers(const c10::intrusive_ptr<DecodeRun>& run, const at::Tensor& x, const at::Tensor& slots,
                          const at::Tensor& gather, const at::Tensor& positions, const at::Tensor& cos,
                          const at::Tensor& sin) {
   const at::TensorList tensors(run->tensors);
   const at::IntArrayRef ints(run->ints);
   const at::ArrayRef<double> floats(run->floats);
-  at::Tensor h = x;
-  for (int64_t l = 0; l < run->layers(); ++l)
-    h = decode_layer(h, tensors.slice(28 * l, 28), ints.slice(33 * l, 33), floats.slice(5 * l, 5), run->k_pools[l],
-                     run->v_pools[l], slots, gather, positions, cos, sin);
-  return h;
+  const auto through_layers = [&](int64_t r0, int64_t n) {
+    const bool all = r0 == 0 && n == x.size(0);
+    at::Tensor h = all ? x : x.narrow(0, r0, n);
+    const at::Tensor s = all ? slots : slots.narrow(0, r0, n), g = all ? gather : gather.narrow(0, r0, n);
+    const at::Tensor p = all ? positions : positions.narrow(0, r0, n);
+    const at::Tensor c = all ? cos : cos.narrow(1, r0, n), sn = all ? sin : sin.narrow(1, r0, n);
+    for (int64_t l = 0; l < run->layers(); ++l)
+      h = decode_layer(h, tensors.slice(28 * l, 28), ints.slice(33 * l, 33), floats.slice(5 * l, 5), run->k_pools[l],
+                       run->v_pools[l], s, g, p, c, sn);
+    return h;
+  };
+  TORCH_CHECK(x.dim() == 2 && slots.dim() == 1 && gather.dim() == 2 && positions.dim() == 1 && cos.dim() == 3 &&
+                  sin.dim() == 3,
+              "qwenkit decode_layers: x (rows, hidden), slots and positions (rows,), gather (rows, S) and cos/sin "
+              "(1, rows, rot) expected");
+  const int64_t M = x.size(0), groups = run->row_groups(M);
+  if (groups == 1) return through_layers(0, M);
+  TORCH_CHECK(slots.size(0) == M && gather.size(0) == M && positions.size(0) == M && cos.size(1) == M &&
+                  sin.size(1) == M,
+              "qwenkit decode_layers: slots, gather, positions, cos and sin must have one entry per row of x (", M,
+              ")");
+  at::Tensor out = at::empty_like(x);
+  const at::ThreadLocalState caller;  // inference mode and the like: the other thread's ops run under them too
+  parallel_parts(0, groups, 1, [&](int64_t g0, int64_t g1) {
+    const at::ThreadLocalStateGuard as_caller(caller);
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t r0 = M * g / groups, r1 = M * (g + 1) / groups;
+      out.narrow(0, r0, r1 - r0).copy_(through_layers(r0, r1 - r0));
+    }
+  });
+  return out;
 }
+
+// The groups a decode step of `rows` rows through `run` splits into (DecodeRun::row_groups), for tests.
+int64_t decode_row_groups(const c10::intrusive_ptr<DecodeRun>& run, int64_t rows) { return run->row_groups(rows); }

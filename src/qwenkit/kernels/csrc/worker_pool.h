@@ -86,6 +86,12 @@ class WorkerPool {
     return inside;
   }
 
+ public:
+  // Whether this thread runs a chunk of a job (a worker, or a caller in its own chunk).
+  static bool inside() { return in_chunk(); }
+
+ private:
+
   void record(std::exception_ptr e) {
     std::lock_guard<std::mutex> lock(error_lock_);
     if (!error_) error_ = e;
@@ -195,9 +201,18 @@ class CallerMode {
   unsigned int mode_;
 };
 
+// Whether this thread already runs a part of a region (OpenMP's or the kernels' own): a loop it starts
+// then runs on it alone (decode_layers' row groups run whole layers so). Checked before openmp_alone,
+// which would count an OpenMP worker as another thread calling the kernels.
+inline bool nested_in_region() { return at::in_parallel_region() || WorkerPool::inside(); }
+
 // f over [begin, end) in equal parts, one a thread: the regions' fork and join.
 template <typename F>
 inline void parallel_parts(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  if (nested_in_region()) {
+    f(begin, end);
+    return;
+  }
   const CallerMode mode;
   const auto in_mode = [&](int64_t b, int64_t e) { mode.run(f, b, e); };
   if (openmp_alone())
@@ -220,7 +235,7 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f, int64_t
   if (n <= 0) return;
   at::internal::lazy_init_num_threads();
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), (n + grain - 1) / std::max<int64_t>(grain, 1));
-  if (threads <= 1) {
+  if (threads <= 1 || nested_in_region()) {
     f(begin, end);
     return;
   }
