@@ -190,7 +190,7 @@ struct DecodeRun : torch::CustomClassHolder {
   // own), so are the results. Measured per layer at 16 rows, groups against one piece (2 cores,
   // 2026-12-04): int4 1.39x at 1.6M multiply-adds a layer and row, 1.18x at 3.5M (the bundled model),
   // 1.09x at 6.3M, 1.04x at 15.5M, and the whole Qwen2.5-0.5B int4 step (24 such layers streaming from
-  // memory, each thread reading every weight) 0.92x; int8 0.90-1.10x; bf16 0.67-0.90x (AMX's tiles
+  // memory, each thread reading every weight) 0.92-0.97x; int8 0.90-1.10x; bf16 0.67-0.90x (AMX's tiles
   // take 16 rows). Not with more threads (a group of 8 rows would hold one thread and leave the others
   // idle), nor below 9 rows (4 rows a thread: 0.77-0.89x).
   int64_t row_groups(int64_t rows) const {
