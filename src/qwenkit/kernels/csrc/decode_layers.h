@@ -224,6 +224,10 @@ at::Tensor decode_layers(const c10::intrusive_ptr<DecodeRun>& run, const at::Ten
   const at::TensorList tensors(run->tensors);
   const at::IntArrayRef ints(run->ints);
   const at::ArrayRef<double> floats(run->floats);
+  TORCH_CHECK(x.dim() == 2 && slots.dim() == 1 && gather.dim() == 2 && positions.dim() == 1 && cos.dim() == 3 &&
+                  sin.dim() == 3,
+              "qwenkit decode_layers: x (rows, hidden), slots and positions (rows,), gather (rows, S) and cos/sin "
+              "(1, rows, rot) expected");
   const auto through_layers = [&](int64_t r0, int64_t n) {
     const bool all = r0 == 0 && n == x.size(0);
     at::Tensor h = all ? x : x.narrow(0, r0, n);
@@ -235,10 +239,6 @@ at::Tensor decode_layers(const c10::intrusive_ptr<DecodeRun>& run, const at::Ten
                        run->v_pools[l], s, g, p, c, sn);
     return h;
   };
-  TORCH_CHECK(x.dim() == 2 && slots.dim() == 1 && gather.dim() == 2 && positions.dim() == 1 && cos.dim() == 3 &&
-                  sin.dim() == 3,
-              "qwenkit decode_layers: x (rows, hidden), slots and positions (rows,), gather (rows, S) and cos/sin "
-              "(1, rows, rot) expected");
   const int64_t M = x.size(0), groups = run->row_groups(M);
   if (groups == 1) return through_layers(0, M);
   TORCH_CHECK(slots.size(0) == M && gather.size(0) == M && positions.size(0) == M && cos.size(1) == M &&
