@@ -10,6 +10,8 @@ layers around them still run as one call per run of consecutive layers.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -247,6 +249,17 @@ def test_decode_layer_runs_q_k_v_of_different_kinds_as_three_products(tmp_path, 
     _assert_kernel_path_equals_modules(model, 4)
 
 
+@contextmanager
+def _threads(n: int) -> Iterator[None]:
+    """torch's (and the kernels') thread count set to ``n`` within, the caller's again after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _row_groups(model, rows: int) -> int:
     """decode_row_groups for a run of all of ``model``'s layers (on small pools: the choice depends on
     the layers and the thread count only)."""
@@ -265,16 +278,12 @@ def test_a_step_of_sixteen_rows_in_two_row_groups_equals_the_modules(tmp_path, m
     modules', and those of the same step on one thread (every op in one piece)."""
     model = hf_model(family, tie_word_embeddings=family == "qwen2", intermediate_size=256)
     model = _load(save_hf(model, tmp_path / "m"), "int4", monkeypatch)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
+    with _threads(2):
         assert [_row_groups(model, m) for m in (1, 8, 9, 16)] == [1, 1, 2, 2]
         grouped, grouped_cache = _steps(model, 4, PROMPTS16, TABLES16)
-        torch.set_num_threads(1)
+    with _threads(1):
         assert _row_groups(model, 16) == 1
         whole, whole_cache = _steps(model, 4, PROMPTS16, TABLES16)
-    finally:
-        torch.set_num_threads(threads)
     weights = [layer.decode_weights for layer in model.model.layers]
     for layer in model.model.layers:
         layer.decode_weights = None  # the module path
@@ -301,12 +310,8 @@ def test_int8_bf16_and_larger_layers_keep_the_rows_together(tmp_path, monkeypatc
     a row (Qwen3-0.6B's width), ran slower split (each thread reads every weight)."""
     model = hf_model("qwen2", **{"intermediate_size": 256, **sizes})
     model = _load(save_hf(model, tmp_path / "m"), quantize, monkeypatch)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
+    with _threads(2):
         assert _row_groups(model, 16) == 1
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_row_groups_decode_in_the_engines_driver_thread_as_alone(tmp_path, monkeypatch) -> None:
@@ -317,9 +322,7 @@ def test_row_groups_decode_in_the_engines_driver_thread_as_alone(tmp_path, monke
     model = _load(path, "int4", monkeypatch)
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     alone = [run_engine(Engine(model, max_batch_size=1), [p], params)[0] for p in PROMPTS16]
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
+    with _threads(2):
         assert _row_groups(model, 16) == 2
         together = run_engine(Engine(model, max_batch_size=16), PROMPTS16, params)
         in_thread: list[list[list[int]]] = []
@@ -328,8 +331,6 @@ def test_row_groups_decode_in_the_engines_driver_thread_as_alone(tmp_path, monke
         )
         driver.start()
         driver.join()
-    finally:
-        torch.set_num_threads(threads)
     assert together == alone
     assert in_thread == [alone]
 
@@ -345,13 +346,9 @@ def test_an_error_in_the_second_row_group_reaches_the_caller(tmp_path, monkeypat
     slots = torch.arange(16)
     slots[12] = 99
     cos = torch.ones(1, 16, cfg.head_dim, dtype=torch.bfloat16)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
+    with _threads(2):
         assert kernels.decode_row_groups(run, 16) == 2
         with pytest.raises(RuntimeError, match="slot 99 outside the pool"):
             kernels.decode_layers(
                 x, run, slots, torch.arange(16)[:, None], torch.zeros(16, dtype=torch.long), cos, cos
             )
-    finally:
-        torch.set_num_threads(threads)
