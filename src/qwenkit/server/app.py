@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from qwenkit.generate import LLM
 from qwenkit.server import completions as routes
@@ -34,28 +35,43 @@ mimetypes.add_type("text/javascript", ".mjs")
 _PROTECTED = ("/v1/", "/tokenize", "/detokenize", "/tokenizer_info")
 
 
+class RequestGate:
+    """The API key and draining checks, before a request reaches its route.
+
+    Plain ASGI rather than ``@app.middleware("http")``: Starlette's ``BaseHTTPMiddleware`` passes every
+    chunk of a streamed response through a memory stream and a task of its own, which at 16 streams
+    took about a quarter of the event loop's time per generated token."""
+
+    def __init__(self, app: ASGIApp, state: ServerState) -> None:
+        self.app, self.state = app, state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        refusal = self._refusal(Request(scope)) if scope["type"] == "http" else None
+        if refusal is None:
+            await self.app(scope, receive, send)
+        else:
+            await error_response(refusal)(scope, receive, send)
+
+    def _refusal(self, request: Request) -> APIError | None:
+        state = self.state
+        if state.config.api_key and request.url.path.startswith(_PROTECTED) and request.method != "OPTIONS":
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not state.key_matches(given.strip()):
+                return APIError(
+                    401, "a valid API key is required: Authorization: Bearer KEY", None, "invalid_api_key"
+                )
+        if state.draining and request.method == "POST":
+            return APIError(503, "the server is shutting down", None, "shutting_down", {"Retry-After": "5"})
+        return None
+
+
 def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
     state = ServerState(llm, config or ServerConfig())
     app = FastAPI(title="qwenkit", version=_version(), docs_url="/docs", redoc_url=None)
     app.state.qwenkit = state
     install_handlers(app)
 
-    @app.middleware("http")
-    async def _gate(request: Request, call_next):
-        path = request.url.path
-        if state.config.api_key and path.startswith(_PROTECTED) and request.method != "OPTIONS":
-            scheme, _, given = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not state.key_matches(given.strip()):
-                return error_response(
-                    APIError(
-                        401, "a valid API key is required: Authorization: Bearer KEY", None, "invalid_api_key"
-                    )
-                )
-        if state.draining and request.method == "POST":
-            return error_response(
-                APIError(503, "the server is shutting down", None, "shutting_down", {"Retry-After": "5"})
-            )
-        return await call_next(request)
+    app.add_middleware(RequestGate, state=state)
 
     if state.config.allowed_origins:
         app.add_middleware(

@@ -93,6 +93,9 @@ def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
 # Running choices
 
 
+_TICK = object()  # queued by Run.deltas' timer: time to check the deadlines
+
+
 @dataclass
 class Choice:
     index: int
@@ -168,11 +171,20 @@ class Run:
         remaining = len(self.choices)
         timeout = self.state.config.request_timeout
         deadline = None if timeout is None else self.arrived + timeout
+        # The deadlines are checked at a tick the loop queues behind the deltas (one timer a second,
+        # not a wait_for task for every token).
+        loop, tick = asyncio.get_running_loop(), None
+
+        def arm() -> None:
+            nonlocal tick
+            wait = self._wait(deadline)
+            tick = None if wait is None else loop.call_later(wait, queue.put_nowait, (None, _TICK))
+
+        arm()
         try:
             while remaining:
-                try:
-                    choice, item = await asyncio.wait_for(queue.get(), self._wait(deadline))
-                except TimeoutError:
+                choice, item = await queue.get()
+                if item is _TICK:
                     now = time.perf_counter()
                     drain = self.state.drain_deadline
                     if drain is not None and now >= drain:
@@ -182,14 +194,15 @@ class Run:
                             "grace period (--graceful-timeout)",
                             None,
                             "server_shutdown",
-                        ) from None
+                        )
                     if deadline is not None and now >= deadline:
                         raise APIError(
                             408,
                             f"the request took longer than --request-timeout ({timeout:g} s) and was stopped",
                             None,
                             "timeout",
-                        ) from None
+                        )
+                    arm()
                     continue
                 if isinstance(item, Exception):
                     raise item
@@ -200,6 +213,8 @@ class Run:
                     self._finished(choice, item.completion)
                 yield choice, item
         finally:
+            if tick is not None:
+                tick.cancel()
             for task in tasks:
                 task.cancel()
             self.abort()
