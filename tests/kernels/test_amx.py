@@ -98,10 +98,11 @@ def test_k_not_a_multiple_of_64_stays_on_the_vector_tiles(amx, m, k) -> None:
     assert not kernels.bf16_runs_on_amx(k) and kernels.bf16_runs_on_amx(k * 64)  # what profile names
 
 
-@pytest.mark.parametrize(("n", "k"), [(200, 896), (72, 128)])
+@pytest.mark.parametrize(("n", "k"), [(200, 896), (72, 128), (40, 4864)])
 def test_a_rows_amx_result_does_not_depend_on_the_other_rows(amx, n, k) -> None:
     """A row's output is the same whatever rows share the call, from one row (tiles of M rows) to blocks
-    of 16 and 32 with zero padding rows: the batch invariance the engine relies on."""
+    of 16 and 32 with zero padding rows, and in either panel of rows when x outgrows one (K = 4864: 96-row
+    panels): the batch invariance the engine relies on."""
     g = torch.Generator().manual_seed(5)
     w = kernels.prepare_bf16(torch.randn(n, k, generator=g).bfloat16())
     x = torch.randn(100, k, generator=g).bfloat16()
