@@ -177,6 +177,35 @@ def test_linear_int_row_alone_equals_row_in_a_batch(loaded, bits, group, mode, s
 
 
 @needs_isa
+@pytest.mark.parametrize("kind", ["int8", "int4", "bf16", "bf16 vector tiles"])
+def test_rows_past_a_panel_equal_each_row_alone(loaded, kind):
+    """Where x is over 1 MiB (here K = 16384: 32-row panels, for the integer tiles' codes and scales and
+    for bf16) the threads take their tiles through x a panel of rows at a time; 72 rows (panels of 32, 32
+    and 8) give each row the bits it has alone, on AMX and on the vector tiles alike."""
+    g = torch.Generator().manual_seed(len(kind))
+    k, x = 16384, torch.randn(72, 16384, generator=g)
+    if kind.startswith("bf16"):
+        p = kernels.prepare_bf16(torch.randn(48, k, generator=g).bfloat16())
+        x = x.bfloat16()
+        linear = kernels.linear_bf16
+    else:
+        bits = int(kind[3])
+        codes, scale, shift, zero, _ = make_int_weights(bits, 48, k, 32, "both", g)
+        p = (kernels.prepare_int4 if bits == 4 else kernels.prepare_int8)(
+            codes, scale, shift, 32, zero_point=zero
+        )
+        linear = kernels.linear_int8 if bits == 8 else kernels.linear_int4
+    amx = kernels.amx_in_use()
+    kernels.use_amx(amx and kind != "bf16 vector tiles")
+    try:
+        alone = torch.cat([linear(x[i : i + 1], p) for i in range(72)])
+        assert torch.equal(linear(x, p), alone)
+        assert torch.equal(linear(x[5:45], p), alone[5:45])
+    finally:
+        kernels.use_amx(amx)
+
+
+@needs_isa
 @pytest.mark.parametrize("bits", [8, 4])
 def test_linear_int_is_the_same_on_any_number_of_threads(loaded, bits):
     """Each thread's tiles read the calling thread's rounded activations (the buffers are per thread),

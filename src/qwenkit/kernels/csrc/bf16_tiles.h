@@ -164,7 +164,7 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, const c10::opti
       case 4: bf16_tile<4>(xm, kp, tile, out, m0, t * kTile, next); break;
       default: bf16_tile<8>(xm, kp, tile, out, m0, t * kTile, next); break;
     }
-  });
+  }, kp * 2);
   return y;
 }
 

@@ -49,7 +49,7 @@ void int_run(const QuantizedRows& qr, const uint8_t* codes, const S* scale, cons
         int_tile<BITS, S, 8 QK_TABLE_ARG>(qr, p, tile, ts, th, group_size, out, m0, t * kTile, next);
         break;
     }
-  });
+  }, qr.K + qr.K / 32 * 16 + groups * 4);  // a row's codes, block scales, starts and halves, group sums
 }
 #undef QK_TABLE_ARG
 
