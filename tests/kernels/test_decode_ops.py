@@ -197,12 +197,13 @@ def test_step_attention_fast_decode_matches_sdpa_path(monkeypatch) -> None:
 
 
 @pytest.mark.parametrize(("in_fp32", "rot"), [(False, 64), (True, 64), (False, 32), (False, 24)])
-def test_rope_in_place_equals_apply_rope(in_fp32, rot) -> None:
+@pytest.mark.parametrize(("b", "t"), [(2, 3), (1, 300)])  # decode rows; a prompt chunk
+def test_rope_in_place_equals_apply_rope(in_fp32, rot, b, t) -> None:
     """Bit for bit the model's apply_rope, on q and k heads read straight out of a fused qkv output
-    (partial rotary too), in bf16 steps or in float32 (Qwen v1)."""
+    (partial rotary too), in bf16 steps or in float32 (Qwen v1), for a decode step's rows and a prompt's."""
     g = _g(3)
-    qkv = torch.randn(2, 3, 20, 64, generator=g).bfloat16()  # (B, T, q + k + v heads, D)
-    cos, sin = torch.randn(2, 2, 1, 3, rot, generator=g)
+    qkv = torch.randn(b, t, 20, 64, generator=g).bfloat16()  # (B, T, q + k + v heads, D)
+    cos, sin = torch.randn(2, b, 1, t, rot, generator=g)
     if not in_fp32:
         cos, sin = cos.bfloat16(), sin.bfloat16()
     qk, v_before = qkv[:, :, :16], qkv[:, :, 16:].clone()
@@ -211,3 +212,16 @@ def test_rope_in_place_equals_apply_rope(in_fp32, rot) -> None:
     assert got.data_ptr() == qkv.data_ptr()  # in place
     assert torch.equal(got, want)
     assert torch.equal(qkv[:, :, 16:], v_before)  # v untouched
+
+
+def test_rope_with_gradients_leaves_x_alone_and_passes_them() -> None:
+    """Training (x needs gradients): not in place, through torch's ops, so the gradient reaches x."""
+    g = _g(4)
+    x = torch.randn(1, 40, 4, 64, generator=g).bfloat16().requires_grad_()
+    cos, sin = torch.randn(2, 1, 1, 40, 64, generator=g).bfloat16()
+    before = x.detach().clone()
+    y = apply_rope_(x, cos, sin, False)
+    assert y.data_ptr() != x.data_ptr() and torch.equal(x.detach(), before)
+    y.float().sum().backward()
+    want = apply_rope(before.transpose(1, 2), cos, sin, False).transpose(1, 2)
+    assert torch.equal(y.detach(), want) and x.grad is not None and x.grad.abs().sum() > 0

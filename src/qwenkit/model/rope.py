@@ -149,14 +149,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, in_fp32: b
 
 def apply_rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, in_fp32: bool) -> torch.Tensor:
     """:func:`apply_rope` for x laid out (B, T, heads, D): in place in one kernel call where qwenkit's CPU
-    kernels run it (bf16 on the CPU, a decode step's few rows; same rounding), else into a new tensor.
-    Returns the rotated x."""
-    B, T = x.shape[:2]
+    kernels run it (bf16 on the CPU; the same rounding), else into a new tensor. Returns the rotated x.
+
+    The kernel serves prompts too: on the Xeon a 512-token chunk of 16 heads of 64 took 94 us against
+    torch's chain of ops' 342 us (float32 cos/sin, Qwen v1: 0.64 against 4.0 ms at heads of 128)."""
     if (
         x.dtype == torch.bfloat16
         and x.device.type == "cpu"
-        and B * T <= kernels.SMALL_OP_ROWS
         and x.stride(-1) == 1
+        and not (x.requires_grad and torch.is_grad_enabled())  # the kernel has no backward
         and kernels.available()
     ):
         if not in_fp32:
