@@ -31,6 +31,33 @@ def test_rms_norm_equals_torch_steps(shape) -> None:
     assert float((got != want).float().mean()) < 1e-3
 
 
+def test_fast_rms_norm_gives_a_prompts_rows_the_bits_each_has_alone() -> None:
+    """The model's norm layer runs the kernel for a prompt's rows as for a decode step's: each of 512 rows
+    normed together is that row normed alone (torch's kernel, which prompts used before, sums in another
+    order at some widths and row counts: 10 of these outputs). With gradients it is torch's layer, and
+    the gradient reaches x."""
+    from qwenkit.quant.fused import FastRMSNorm
+
+    g = _g(9)
+    norm = FastRMSNorm(896, 1e-6).bfloat16()
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(896, generator=g) + 0.5)
+        x = (torch.randn(1, 512, 896, generator=g) * 3).bfloat16()
+        together = norm(x)
+        alone = torch.cat([norm(x[:, i : i + 1]) for i in range(512)], dim=1)
+    assert torch.equal(together, alone)
+    torch.testing.assert_close(
+        together,
+        norm.weight * F.rms_norm(x.float(), (896,), eps=1e-6).bfloat16(),
+        rtol=2**-7,
+        atol=0,  # one bf16 step
+    )
+    xg = x.clone().requires_grad_()
+    y = norm(xg)
+    y.float().sum().backward()
+    assert xg.grad is not None and xg.grad.abs().sum() > 0
+
+
 def test_silu_mul_equals_torch() -> None:
     x = (torch.randn(4, 1, 2 * 4871, generator=_g()) * 4).bfloat16()  # odd width: the scalar tail too
     x[0, 0, :6] = torch.tensor([-100.0, 100.0, 0.0, -0.0, float("inf"), 30.0])

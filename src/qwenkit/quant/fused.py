@@ -39,7 +39,6 @@ from qwenkit.quant.kernels.avx512 import (
 )
 from qwenkit.quant.linear import QuantizedLinear
 
-SMALL_ROWS = kernels.SMALL_OP_ROWS
 # their weights are a PackedInt
 QWENKIT_INT_KERNELS = (Avx512Int8Kernel, Avx512Int4Kernel, Avx512Iq4Kernel, Avx512Int5Kernel, Avx512Q6KKernel)
 ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj")
@@ -106,12 +105,16 @@ class GateUpSilu(nn.Module):
 
 
 class FastRMSNorm(RMSNorm):
-    """:class:`RMSNorm` as one kernel call for a decode step's few bf16 rows (the same rounding steps);
-    a prompt's many rows go through torch's vectorized kernels."""
+    """:class:`RMSNorm` as one kernel call for bf16 rows on the CPU, a decode step's and a prompt's alike,
+    so a token's norm is the same whichever way it is computed (torch's vectorized kernel sums in another
+    order for some widths and row counts). On the Xeon, 512 rows of 896: 57 us against torch's 257."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // max(1, x.shape[-1])
-        if x.dtype == self.weight.dtype == torch.bfloat16 and x.device.type == "cpu" and rows <= SMALL_ROWS:
+        if (
+            x.dtype == self.weight.dtype == torch.bfloat16
+            and x.device.type == "cpu"
+            and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
+        ):
             return kernels.rms_norm(x, self.weight, self.eps)
         return super().forward(x)
 
