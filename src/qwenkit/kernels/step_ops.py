@@ -1,7 +1,8 @@
-"""The decode step's small row ops on the C++ CPU kernels: the sampler's passes over a step's logits, the
-decoder layer's norm, SwiGLU, RoPE and attention, and whole decoder layers in one call. Each is one pass
-of scalar-ish code for the few rows of a decode step (torch's vectorized kernels win on a prompt's
-hundreds; callers check ``SMALL_OP_ROWS``)."""
+"""The decode step's row ops on the C++ CPU kernels: the sampler's passes over a step's logits, the decoder
+layer's norm, SwiGLU, RoPE and attention, and whole decoder layers in one call. The norm, SwiGLU and RoPE
+serve a prompt's hundreds of rows too (faster than torch's chains of kernels there, and with the same
+rounding for a token either way); whole layers in one call are for a decode step's few rows (callers
+check ``SMALL_OP_ROWS``)."""
 
 from __future__ import annotations
 
@@ -80,7 +81,7 @@ def sample_top_p(
     )
 
 
-SMALL_OP_ROWS = 16  # up to this many rows the ops below beat torch's chain of kernels
+SMALL_OP_ROWS = 16  # a step of at most this many decoding rows runs its layers in one decode_layers call
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
