@@ -60,7 +60,7 @@ class _ChunkRow:
     offset: int  # where the row's tokens start in the step's flat batch
     length: int
     gather: torch.Tensor | None  # (S,) slots of every key the row sees, or None: plain causal
-    mask: torch.Tensor | None  # (1, 1, length, S)
+    mask: torch.Tensor | None  # (1, 1, length, S): bool, additive in the step's dtype after layer 0
 
 
 class StepAttention:
@@ -155,6 +155,10 @@ class StepAttention:
                 vr = v[:, :, row.offset : row.offset + row.length]
                 out = F.scaled_dot_product_attention(qr, kr, vr, is_causal=row.length > 1, enable_gqa=gqa)
             else:
+                if row.mask.dtype == torch.bool:  # additive, once a step (SDPA converts bool every call)
+                    visible = row.mask
+                    row.mask = torch.zeros(visible.shape, dtype=q.dtype, device=q.device)
+                    row.mask.masked_fill_(~visible, float("-inf"))
                 kr = kc[row.gather].transpose(0, 1)[None]  # (1, Hkv, S, D)
                 vr = vc[row.gather].transpose(0, 1)[None]
                 out = F.scaled_dot_product_attention(qr, kr, vr, attn_mask=row.mask, enable_gqa=gqa)
