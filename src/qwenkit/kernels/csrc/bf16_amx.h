@@ -65,12 +65,10 @@ inline int64_t amx_a_tile(int64_t i, int64_t b, int parity, int64_t blocks, int 
   return ((i * blocks + b) * 2 + parity) * r * 16;  // in uint32 (pairs)
 }
 
-// Rows of x a thread takes through its run of weight tiles at a time: as many as keep their A tiles
-// within kAmxPanelBytes (half the L2 of a Sapphire Rapids core), a multiple of 32, at least 32. Each weight
-// tile then meets the panel's tiles of x in L2, not the whole of x in L3: 512 rows of the 896 x 4864
-// product, 5.15 -> 3.64 ms (96-row panels; at width 896 up to 576 rows are one panel).
-constexpr int64_t kAmxPanelBytes = 1 << 20;
-inline int64_t amx_panel_rows(int64_t K) { return std::max<int64_t>(32, kAmxPanelBytes / (2 * K) / 32 * 32); }
+// Rows of x a thread takes through its run of weight tiles at a time (tiles.h's panels; whole pairs of
+// 16-row blocks): each weight tile then meets the panel's tiles of x in L2, not the whole of x in L3. 512
+// rows of the 896 x 4864 product, 5.15 -> 3.64 ms (96-row panels; at width 896 up to 576 rows are one).
+inline int64_t amx_panel_rows(int64_t K) { return panel_rows(2 * K, 32); }
 
 std::vector<uint32_t> amx_rows(const uint16_t* x, int64_t M, int64_t K, int64_t rows) {
   const int r = int(std::min<int64_t>(rows, 16));
@@ -87,8 +85,9 @@ std::vector<uint32_t> amx_rows(const uint16_t* x, int64_t M, int64_t K, int64_t 
           lo = _mm512_loadu_si512(x + m * K + 64 * b);
           hi = _mm512_loadu_si512(x + m * K + 64 * b + 32);
         }
-        _mm512_storeu_si512(out.data() + amx_a_tile(i, b, 0, blocks, r) + j * 16, _mm512_permutex2var_epi32(lo, even, hi));
-        _mm512_storeu_si512(out.data() + amx_a_tile(i, b, 1, blocks, r) + j * 16, _mm512_permutex2var_epi32(lo, odd, hi));
+        uint32_t* row = out.data() + j * 16;
+        _mm512_storeu_si512(row + amx_a_tile(i, b, 0, blocks, r), _mm512_permutex2var_epi32(lo, even, hi));
+        _mm512_storeu_si512(row + amx_a_tile(i, b, 1, blocks, r), _mm512_permutex2var_epi32(lo, odd, hi));
       }
     }
   });
@@ -155,10 +154,8 @@ void linear_bf16_amx(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w,
   const int64_t kp = K, rows = amx_padded_rows(M);
   const std::vector<uint32_t> xr = amx_rows(x, M, K, rows);
   const int64_t tile_bytes = kp * kTile * 2;
-  // Past one panel of rows each thread takes one run of tiles: a chunk streams every panel of x once.
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t chunk = rows > amx_panel_rows(kp) ? (tiles + threads - 1) / threads
-                                                  : (64 * 1024 + tile_bytes - 1) / tile_bytes;
+  const int64_t chunk =
+      rows > amx_panel_rows(kp) ? one_run_a_thread(tiles) : (64 * 1024 + tile_bytes - 1) / tile_bytes;
   parallel_for(
       0, tiles, 1, [&](int64_t t0, int64_t t1) { amx_bf16_tiles(xr.data(), rows, kp, w, t0, t1, out); }, chunk);
 }

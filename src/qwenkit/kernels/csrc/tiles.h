@@ -69,6 +69,18 @@ inline int64_t padded_rows(int64_t m) { return m <= kMaxMT ? tile_rows(m) : (m +
 // Xeons and EPYCs these kernels run on), so each tile meets the panel in L2 rather than all of x in L3.
 constexpr int64_t kPanelBytes = 1 << 20;
 
+// Rows of x, `row_bytes` each, in one panel: a multiple of `multiple`, at least one multiple.
+inline int64_t panel_rows(int64_t row_bytes, int64_t multiple) {
+  return std::max<int64_t>(multiple, kPanelBytes / std::max<int64_t>(1, row_bytes) / multiple * multiple);
+}
+
+// Tiles a chunk of a product whose x takes several panels: one run a thread, so each run streams the
+// panels once (smaller chunks would each stream all of x again).
+inline int64_t one_run_a_thread(int64_t tiles) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  return (tiles + threads - 1) / threads;
+}
+
 // Runs body(tile index, m0, rows in this pass) over all tiles in parallel, each tile's passes together
 // so a tile is read from memory once; chunks of at least 64 KB of weights (a claim is an atomic add,
 // on a cache line the thread holds while it works through its own part). row_bytes: what x holds per row
@@ -78,15 +90,14 @@ template <typename F>
 void parallel_tiles(int64_t n, int64_t rows, int64_t tile_bytes, const F& body, int64_t row_bytes = 0) {
   const int64_t tiles = (n + kTile - 1) / kTile, bytes = std::max<int64_t>(1, tile_bytes);
   const int64_t grain = std::max<int64_t>(1, (128 * 1024) / bytes);
-  const int64_t panel = std::max<int64_t>(2 * kMaxMT, kPanelBytes / std::max<int64_t>(1, row_bytes) / (2 * kMaxMT) * (2 * kMaxMT));
+  const int64_t panel = panel_rows(row_bytes, 2 * kMaxMT);
   if (row_bytes > 0 && rows > panel) {
-    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
     parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
       for (int64_t p0 = 0; p0 < rows; p0 += panel)
         for (int64_t t = t0; t < t1; ++t)
           for (int64_t m0 = p0; m0 < std::min(rows, p0 + panel); m0 += kMaxMT)
             body(t, m0, std::min<int64_t>(kMaxMT, rows - m0));
-    }, (tiles + threads - 1) / threads);
+    }, one_run_a_thread(tiles));
     return;
   }
   parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
