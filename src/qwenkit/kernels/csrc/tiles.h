@@ -90,18 +90,13 @@ template <typename F>
 void parallel_tiles(int64_t n, int64_t rows, int64_t tile_bytes, const F& body, int64_t row_bytes = 0) {
   const int64_t tiles = (n + kTile - 1) / kTile, bytes = std::max<int64_t>(1, tile_bytes);
   const int64_t grain = std::max<int64_t>(1, (128 * 1024) / bytes);
-  const int64_t panel = panel_rows(row_bytes, 2 * kMaxMT);
-  if (row_bytes > 0 && rows > panel) {
-    parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
-      for (int64_t p0 = 0; p0 < rows; p0 += panel)
-        for (int64_t t = t0; t < t1; ++t)
-          for (int64_t m0 = p0; m0 < std::min(rows, p0 + panel); m0 += kMaxMT)
-            body(t, m0, std::min<int64_t>(kMaxMT, rows - m0));
-    }, one_run_a_thread(tiles));
-    return;
-  }
+  const int64_t fit = panel_rows(row_bytes, 2 * kMaxMT);
+  const bool panels = row_bytes > 0 && rows > fit;
+  const int64_t panel = panels ? fit : rows;  // one panel: each tile's passes together, as ever
   parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t)
-      for (int64_t m0 = 0; m0 < rows; m0 += kMaxMT) body(t, m0, std::min<int64_t>(kMaxMT, rows - m0));
-  }, (64 * 1024 + bytes - 1) / bytes);
+    for (int64_t p0 = 0; p0 < rows; p0 += panel)
+      for (int64_t t = t0; t < t1; ++t)
+        for (int64_t m0 = p0; m0 < std::min(rows, p0 + panel); m0 += kMaxMT)
+          body(t, m0, std::min<int64_t>(kMaxMT, rows - m0));
+  }, panels ? one_run_a_thread(tiles) : (64 * 1024 + bytes - 1) / bytes);
 }
