@@ -1,7 +1,8 @@
 """bf16 products on AMX (tdpbf16ps) against the AVX-512 tiles (vdpbf16ps) they replace.
 
-Both read the same packed weights and add the same products in two chains per output; AMX's adder
-rounds its own way, so a few outputs in ten thousand differ in their last bit. So every row of a layer
+Both read the same packed weights; the vector tiles add each output's products in two chains (even and
+odd input pairs), AMX in one of 32-input steps, and its adder rounds its own way, so a few outputs in ten
+thousand differ in their last bit. So every row of a layer
 takes one path whatever the row count, and a row's result must not depend on the rows beside it.
 Where the CPU has no AMX the comparison cannot run; the first test checks that use_amx says so. AMX is
 on by default where it can be; every test leaves it as it found it."""
