@@ -76,3 +76,35 @@ def test_fast_path_batched_equals_alone(path, quantize) -> None:
     # the static-shape decode step (the CUDA-graph path, run eagerly here) over the fused layout
     static = run_engine(Engine(model, max_batch_size=4, prefill_chunk=8, cuda_graphs=True), PROMPTS, params)
     assert static == alone
+
+
+@pytest.fixture(scope="module")
+def path_head_dim_32(tmp_path_factory):
+    model = hf_model("qwen2", tie_word_embeddings=True, hidden_size=128, num_attention_heads=4)
+    return save_hf(model, tmp_path_factory.mktemp("fast32") / "m")
+
+
+def test_prompts_on_the_prefill_attention_kernel_keep_batch_and_chunk_invariance(
+    path_head_dim_32, monkeypatch
+) -> None:
+    """Where AMX runs, prompt chunks attend on kernels.prefill_attention (head dim 32 here): a request's
+    greedy tokens are the same alone in one chunk as in a batch cut into chunks of 8 and 5 tokens."""
+    if not kernels.prefill_attention_runs(32):
+        pytest.skip("kernels.prefill_attention needs AMX (this CPU or kernel build has none)")
+    calls: list[int] = []
+    real = kernels.prefill_attention
+
+    def counted(q, *args):
+        calls.append(q.shape[0])
+        return real(q, *args)
+
+    monkeypatch.setattr(kernels, "prefill_attention", counted)
+    model, _ = load_model(path_head_dim_32, dtype="bfloat16", progress=False, fast_kernels=True)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    alone = [run_engine(Engine(model, max_batch_size=1), [p], params)[0] for p in PROMPTS]
+    # each prompt in one chunk (a one-token prompt is a decode row)
+    assert set(calls) == {len(p) for p in PROMPTS if len(p) > 1}
+    for chunk in (8, 5):
+        calls.clear()
+        assert run_engine(Engine(model, max_batch_size=4, prefill_chunk=chunk), PROMPTS, params) == alone
+        assert 1 < max(calls) <= chunk  # the prompts went in pieces

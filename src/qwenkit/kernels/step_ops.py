@@ -12,7 +12,7 @@ from itertools import chain
 
 import torch
 
-from qwenkit.kernels.ops import op
+from qwenkit.kernels.ops import available, op
 
 
 def argmax(x: torch.Tensor) -> torch.Tensor:
@@ -108,6 +108,24 @@ def decode_attention(
     row b sees keys 0..positions[b]. Returns (B, H, D) bf16; query head i reads KV head i // (H / Hkv).
     """
     return op("decode_attention")(q, k_pool, v_pool, gather, positions, scale)
+
+
+def prefill_attention_runs(head_dim: int) -> bool:
+    """Whether :func:`prefill_attention` runs here: AMX in use and a head dim it takes (a multiple of 32,
+    up to 256). Elsewhere torch's SDPA attends a prompt chunk."""
+    return available() and torch.ops.qwenkit.prefill_attention_runs(head_dim)
+
+
+def prefill_attention(
+    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor, start: int, scale: float
+) -> torch.Tensor:
+    """Causal attention of a prompt chunk's n queries (positions start .. start + n - 1) over keys 0 ..
+    start + n - 1, read in place from the KV pool on AMX (no gathered copy, no mask).
+
+    q (n, H, D) bf16, each row's heads D apart; pools (slots, Hkv, D) bf16 holding the chunk's own keys
+    already; slots (start + n,) int64: where key position j is. Returns (n, H, D) bf16.
+    """
+    return op("prefill_attention")(q, k_pool, v_pool, slots, start, scale)
 
 
 def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:

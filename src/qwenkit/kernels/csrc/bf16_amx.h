@@ -32,6 +32,11 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
+// Loads cfg as the tile configuration. GCC's _tile_loadconfig tells the compiler it reads only 8 bytes of
+// the struct, so with constant rows and widths it dropped their stores (prefill_attention's tiles then
+// faulted on an all-zero configuration); this names the whole struct as the instruction's operand.
+inline void load_tile_config(const TileConfig& cfg) { __asm__ volatile("ldtilecfg %0" ::"m"(cfg)); }
+
 constexpr int kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;  // <asm/prctl.h>, not in every libc
 
 // AMX usable: the CPU has AMX-TILE and AMX-BF16 and Linux lets this process use tile data (asked once).
@@ -95,7 +100,7 @@ __attribute__((target("amx-tile,amx-bf16"))) void amx_bf16_tiles(const XTiles& x
   const int r = int(std::min<int64_t>(rows, 16));  // rows of the accumulator and x tiles
   TileConfig cfg;
   for (int i = 0; i < 8; ++i) cfg.colsb[i] = 64, cfg.rows[i] = i < 6 ? r : 16;  // weight tiles: 16 pairs
-  _tile_loadconfig(&cfg);
+  load_tile_config(cfg);
   const int64_t steps = kp / 32, tile_bytes = kp * kTile * 2;
   alignas(64) float c[16][16];
   const int64_t panel = amx_panel_rows(kp);

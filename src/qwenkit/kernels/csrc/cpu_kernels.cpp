@@ -31,6 +31,7 @@
 //   quantize_rtn(weight (N,K), bits, group, sym) -> codes (N,K), scales, zeros (G,N): --quantize's rounding
 //   rms_norm(x, weight, eps), silu_mul([gate | up]), rope_(x, cos, sin), decode_attention(q, k pool, v pool, gather, positions,
 //   scale): the decode step's small ops, one call each instead of several torch kernels
+//   prefill_attention(q, k pool, v pool, slots, start, scale): a prompt chunk's causal attention on AMX, keys in place
 //   DecodeRun(per-layer weights, K pools, V pools): a run of decoder layers and their KV cache, held once;
 //   decode_layers(run, x, slots, gather, positions, cos, sin): a decode step through all of them, one call
 //
@@ -110,6 +111,7 @@ namespace {
 #include "logit_rows.h"
 #include "step_ops.h"
 #include "decode_attention.h"
+#include "prefill_attention.h"
 #include "decode_layers.h"
 
 }  // namespace
@@ -152,6 +154,8 @@ TORCH_LIBRARY(qwenkit, m) {
   m.def("silu_mul(Tensor x) -> Tensor");
   m.def("rope_(Tensor(a!) x, Tensor cos, Tensor sin) -> ()");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor gather, Tensor positions, float scale) -> Tensor");
+  m.def("prefill_attention(Tensor q, Tensor k, Tensor v, Tensor slots, int start, float scale) -> Tensor");
+  m.def("prefill_attention_runs(int head_dim) -> bool", &prefill_attention_runs);  // no tensors: no dispatch key
   m.class_<DecodeRun>("DecodeRun")
       .def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>, std::vector<double>, std::vector<at::Tensor>,
                        std::vector<at::Tensor>>())
@@ -189,5 +193,6 @@ TORCH_LIBRARY_IMPL(qwenkit, CPU, m) {
   m.impl("silu_mul", &silu_mul);
   m.impl("rope_", &rope_);
   m.impl("decode_attention", &decode_attention);
+  m.impl("prefill_attention", &prefill_attention);
   m.impl("decode_layers", &decode_layers);
 }
