@@ -109,6 +109,8 @@ def test_bad_arguments_are_refused_by_name(amx) -> None:
         kernels.prefill_attention(q, kp, vp, slots[:-1], 4, 0.125)
     with pytest.raises(RuntimeError, match="head shapes"):
         kernels.prefill_attention(q[:, :3], kp, vp, slots, 4, 0.125)
+    with pytest.raises(RuntimeError, match="scale must be positive"):
+        kernels.prefill_attention(q, kp, vp, slots, 4, 0.0)
     with pytest.raises(RuntimeError, match="multiple of 32"):
         kernels.prefill_attention(
             q[..., :48], kp[..., :48].contiguous(), vp[..., :48].contiguous(), slots, 4, 0.1

@@ -12,24 +12,29 @@
 constexpr int64_t kAttnChunk = 128;  // keys per partial softmax
 constexpr int kAttnHeads = 8;        // query heads accumulated together in one pass over the values
 
-// Lane i of the result = horizontal sum of r[i]: 16 dot products' partial sums reduced by a transpose
-// tree (45 instructions for 16 sums instead of 16 full horizontal reductions).
-inline __m512 attn_sum16(const __m512 (&r)[16]) {
+// Lane i of the result = r[i]'s 16 lanes combined by op (an add or a max): 16 horizontal reductions by a
+// transpose tree (45 instructions for 16 results instead of 16 full horizontal reductions).
+template <typename Op>
+inline __m512 lanes16(const __m512 (&r)[16], Op op) {
   __m512 t[8], u[4], w[2];
 #pragma GCC unroll 8
   for (int i = 0; i < 8; ++i)  // 128-bit lane: [r2i, r2i+1, r2i, r2i+1] partials
-    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]), _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]));
+    t[i] = op(_mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]), _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]));
 #pragma GCC unroll 4
   for (int i = 0; i < 4; ++i) {  // 128-bit lane: [r4i .. r4i+3] partials
     const __m512d a = _mm512_castps_pd(t[2 * i]), b = _mm512_castps_pd(t[2 * i + 1]);
-    u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+    u[i] = op(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
   }
 #pragma GCC unroll 2
   for (int i = 0; i < 2; ++i)  // 128-bit lanes: [r8i..8i+3, same, r8i+4..8i+7, same]
-    w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
-                         _mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                       _mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(3, 1, 3, 1)));
+    w[i] = op(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+              _mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  return op(_mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(2, 0, 2, 0)),
+            _mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+inline __m512 attn_sum16(const __m512 (&r)[16]) {
+  return lanes16(r, [](__m512 a, __m512 b) { return _mm512_add_ps(a, b); });
 }
 
 // q . k in 16 lanes of partial sums, by bf16 pair products (exact in fp32). qv: the query in pieces of

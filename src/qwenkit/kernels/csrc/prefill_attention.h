@@ -10,12 +10,15 @@
 // additive mask that the kernel adds score by score.
 //
 // Here each KV head's keys and values are first laid out once per call as AMX B tiles (K transposed
-// by 32-dim steps, V in key pairs), then each (query head, block of 16 queries) is one task: scores of
-// 128 keys at a time by tdpbf16ps (Q tiles read in place), an online softmax over them in fp32 (exp512),
-// the probabilities rounded to bf16 as the A tiles of P . V, and the running output kept in fp32 and
-// accumulated on AMX too. Blocks past a query block's last position are never computed; the diagonal
-// block is masked lane by lane. A query's arithmetic depends only on its position and its keys, never
-// on how the prompt was cut into chunks or what else the step holds (key blocks start at position 0).
+// by 32-dim steps, V in key pairs), then each (KV head, block of 16 queries) is one task, taking every
+// block of 128 keys through the G query heads that share it: scores by tdpbf16ps (16 queries x 16 keys
+// x 32 dims an instruction), an online softmax over them in fp32 in powers of 2 (exp2_bf16: the
+// probabilities are rounded to bf16 anyway), and the running output kept in fp32 and accumulated on AMX
+// too. Blocks past a query block's last position are never computed; the diagonal block is masked lane
+// by lane. A query's arithmetic depends only on its position and its keys, never on how the prompt was
+// cut into chunks or what else the step holds (key blocks start at position 0): tested bit for bit.
+// On the Xeon (2 cores), 512 queries of Qwen2.5-0.5B's heads after 3,584 cached keys: 6.1 ms against
+// 11.6 ms for the engine's gather + SDPA (/tmp script, 2026-12-04); D = 128 (Qwen2.5-1.5B) 1.4x.
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)  // the levels without AMX: torch's SDPA does it
 constexpr int64_t kPrefillKeys = 128;  // keys per softmax step (8 score tiles of 16)
@@ -109,42 +112,49 @@ __attribute__((target("amx-tile,amx-bf16"))) void prefill_step(const PrefillHead
     _tile_stored(0, sc + 16 * c, 4 * kPrefillKeys);
     _tile_stored(1, sc + 16 * (c + 1), 4 * kPrefillKeys);
   }
-  float alpha[16];
-  bool rescale = false;
+  // The online softmax, in powers of 2 (sv = scale * log2 e), 16 rows at a time: each row's maximum
+  // (the 16 reduced together by lanes16), then its probabilities and their sum. Keys after a row's
+  // position are masked where the block reaches past it.
+  const auto row_mask = [&](int r, int c) -> __mmask16 {
+    const int64_t seen = first_pos + std::min<int64_t>(r, rows - 1) - (k0 + 16 * c) + 1;  // padding rows: the last's
+    return seen >= 16 ? __mmask16(0xffff) : seen <= 0 ? __mmask16(0) : __mmask16((1u << seen) - 1);
+  };
+  const bool diagonal = k0 + kPrefillKeys - 1 > first_pos;  // some row's keys end in this block
+  const __m512 ninf = _mm512_set1_ps(-INFINITY);
+  __m512 part[16];
   for (int r = 0; r < 16; ++r) {
-    const int64_t pos = first_pos + std::min<int64_t>(r, rows - 1);  // padding rows copy the last row's mask
-    const bool diagonal = k0 + kPrefillKeys - 1 > pos;                // some of these keys come after the query
-    __m512 v[kPrefillKeys / 16];
-    __mmask16 mk[kPrefillKeys / 16];
-    __m512 mx = _mm512_set1_ps(-INFINITY);
+    __m512 mx = ninf;
     for (int c = 0; c < kPrefillKeys / 16; ++c) {
-      v[c] = _mm512_mul_ps(_mm512_load_ps(sc + r * kPrefillKeys + 16 * c), sv);
-      if (diagonal) {
-        const int64_t seen = pos - (k0 + 16 * c) + 1;  // keys of these 16 the query sees
-        mk[c] = seen >= 16 ? __mmask16(0xffff) : seen <= 0 ? __mmask16(0) : __mmask16((1u << seen) - 1);
-        v[c] = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), mk[c], v[c]);
-      }
-      mx = _mm512_max_ps(mx, v[c]);
+      const __m512 x = _mm512_load_ps(sc + r * kPrefillKeys + 16 * c);
+      mx = diagonal ? _mm512_mask_max_ps(mx, row_mask(r, c), mx, x) : _mm512_max_ps(mx, x);
     }
-    const float m_new = std::max(hd.m[r], _mm512_reduce_max_ps(mx));  // finite: key 0 is in the first block
-    alpha[r] = m_new == hd.m[r] ? 1.f : std::exp2(hd.m[r] - m_new);
-    rescale |= alpha[r] != 1.f;
-    hd.m[r] = m_new;
-    const __m512 mv = _mm512_set1_ps(m_new);
+    part[r] = mx;
+  }
+  const __m512 m_old = _mm512_loadu_ps(hd.m);
+  const __m512 m_new = _mm512_max_ps(m_old, _mm512_mul_ps(lanes16(part, [](__m512 a, __m512 b) { return _mm512_max_ps(a, b); }), sv));
+  const __m512 alpha = exp2_bf16(_mm512_sub_ps(m_old, m_new));  // exactly 1 where the maximum held
+  _mm512_storeu_ps(hd.m, m_new);
+  alignas(64) float alpha_row[16], m_row[16];
+  _mm512_store_ps(alpha_row, alpha);
+  _mm512_store_ps(m_row, m_new);
+  for (int r = 0; r < 16; ++r) {
+    const __m512 mv = _mm512_set1_ps(m_row[r]);
     __m512 sum = _mm512_setzero_ps();
     for (int c = 0; c < kPrefillKeys / 16; c += 2) {
-      __m512 p0 = exp2_bf16(_mm512_sub_ps(v[c], mv)), p1 = exp2_bf16(_mm512_sub_ps(v[c + 1], mv));
-      if (diagonal) p0 = _mm512_maskz_mov_ps(mk[c], p0), p1 = _mm512_maskz_mov_ps(mk[c + 1], p1);
+      __m512 p0 = exp2_bf16(_mm512_fmsub_ps(_mm512_load_ps(sc + r * kPrefillKeys + 16 * c), sv, mv));
+      __m512 p1 = exp2_bf16(_mm512_fmsub_ps(_mm512_load_ps(sc + r * kPrefillKeys + 16 * c + 16), sv, mv));
+      if (diagonal) p0 = _mm512_maskz_mov_ps(row_mask(r, c), p0), p1 = _mm512_maskz_mov_ps(row_mask(r, c + 1), p1);
       sum = _mm512_add_ps(sum, _mm512_add_ps(p0, p1));
       _mm512_storeu_si512(pb + r * kPrefillKeys + 16 * c, (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
     }
-    hd.l[r] = hd.l[r] * alpha[r] + _mm512_reduce_add_ps(sum);
+    part[r] = sum;
   }
-  if (rescale)
-    for (int r = 0; r < 16; ++r)
-      if (alpha[r] != 1.f)
-        for (int64_t d = 0; d < D; d += 16)
-          _mm512_storeu_ps(hd.o + r * D + d, _mm512_mul_ps(_mm512_loadu_ps(hd.o + r * D + d), _mm512_set1_ps(alpha[r])));
+  const __m512 l_old = _mm512_loadu_ps(hd.l);
+  _mm512_storeu_ps(hd.l, _mm512_fmadd_ps(l_old, alpha, lanes16(part, [](__m512 a, __m512 b) { return _mm512_add_ps(a, b); })));
+  for (int r = 0; r < 16; ++r)  // the running output follows each row's new maximum
+    if (alpha_row[r] != 1.f)
+      for (int64_t d = 0; d < D; d += 16)
+        _mm512_storeu_ps(hd.o + r * D + d, _mm512_mul_ps(_mm512_loadu_ps(hd.o + r * D + d), _mm512_set1_ps(alpha_row[r])));
   // o += P . V: up to 64 dims at a time in tmm0-3 (free again), each P tile loaded once for them. A tile
   // load of what the vector stores just wrote waits for them; loading each P tile once per 16 dims took a
   // fifth of the kernel's time.
@@ -192,7 +202,7 @@ void prefill_block(const uint16_t* q, int64_t q_row, int64_t h0, int64_t G, int6
   std::vector<PrefillHead> heads(G);
   for (int64_t g = 0; g < G; ++g) {
     heads[g] = {qbuf.data() + g * 16 * D, obuf.data() + g * 16 * D, ml.data() + g * 32, ml.data() + g * 32 + 16};
-    for (int r = 0; r < 16; ++r) heads[g].m[r] = -INFINITY, heads[g].l[r] = 0.f;
+    for (int r = 0; r < 16; ++r) heads[g].m[r] = -1e30f, heads[g].l[r] = 0.f;  // finite: exp2 of m - m' is 0, not NaN
     for (int64_t r = 0; r < rows; ++r) std::memcpy(heads[g].qb + r * D, q + (i0 + r) * q_row + (h0 + g) * D, 2 * D);
   }
   alignas(64) float sc[16 * kPrefillKeys];     // scores of one key block
@@ -234,6 +244,7 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& kc, const at
   TORCH_CHECK(kc.size(2) == D && Hkv > 0 && H % Hkv == 0, "qwenkit prefill_attention: head shapes do not match");
   TORCH_CHECK(prefill_attention_runs(D), "qwenkit prefill_attention: needs AMX in use and a head dim that is a multiple "
               "of 32 up to 256, got ", D);
+  TORCH_CHECK(scale > 0, "qwenkit prefill_attention: the scale must be positive, got ", scale);
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.dim() == 1 && start >= 0 && slots.size(0) == start + n,
               "qwenkit prefill_attention: slots must be int64 (start + n,)");
   const at::Tensor sl = slots.contiguous();
