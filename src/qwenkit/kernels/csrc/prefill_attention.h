@@ -17,8 +17,9 @@
 // too. Blocks past a query block's last position are never computed; the diagonal block is masked lane
 // by lane. A query's arithmetic depends only on its position and its keys, never on how the prompt was
 // cut into chunks or what else the step holds (key blocks start at position 0): tested bit for bit.
-// On the Xeon (2 cores), 512 queries of Qwen2.5-0.5B's heads after 3,584 cached keys: 6.1 ms against
-// 11.6 ms for the engine's gather + SDPA (/tmp script, 2026-12-04); D = 128 (Qwen2.5-1.5B) 1.4x.
+// On the Xeon (2 cores), 512 queries of Qwen2.5-0.5B's heads after 3,584 cached keys: 6.35 ms against
+// 11.42 ms for the engine's gather + SDPA; at head dim 128 1.2-1.6x (bench_prefill_attention.py,
+// 2026-12-04). What bounds it there, and what did not help, is in docs/cpu-speed.md.
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)  // the levels without AMX: torch's SDPA does it
 constexpr int64_t kPrefillKeys = 128;  // keys per softmax step (8 score tiles of 16)
