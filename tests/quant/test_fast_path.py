@@ -78,10 +78,15 @@ def test_fast_path_batched_equals_alone(path, quantize) -> None:
     assert static == alone
 
 
-@pytest.fixture(scope="module")
-def path_head_dim_32(tmp_path_factory):
-    model = hf_model("qwen2", tie_word_embeddings=True, hidden_size=128, num_attention_heads=4)
-    return save_hf(model, tmp_path_factory.mktemp("fast32") / "m")
+@pytest.fixture(scope="module", params=["qwen2", "qwen3", "llama"])
+def path_head_dim_32(request, tmp_path_factory):
+    """Head dim 32 (prefill_attention's smallest): Qwen2 (q a view into the fused q/k/v rows), Qwen3 (q
+    normed, a tensor of its own) and Llama."""
+    if request.param == "qwen3":
+        model = hf_model("qwen3", tie_word_embeddings=True)  # head_dim 32 by the factory
+    else:
+        model = hf_model(request.param, tie_word_embeddings=True, hidden_size=128, num_attention_heads=4)
+    return save_hf(model, tmp_path_factory.mktemp(f"fast32-{request.param}") / "m")
 
 
 def test_prompts_on_the_prefill_attention_kernel_keep_batch_and_chunk_invariance(
