@@ -29,7 +29,7 @@ constexpr int64_t kPrefillKeys = 128;  // keys per softmax step (8 score tiles o
 // holds keys (2t, 2t + 1) of each of the 16 dims. Keys past S are zero (their scores are masked, and a
 // zero value keeps 0 * garbage out of the sums).
 struct PrefillKV {
-  int64_t D, key_blocks;  // key_blocks: of kPrefillKeys
+  int64_t D;
   std::vector<uint32_t> k, v;
   const uint32_t* k_tile(int64_t key16, int64_t step) const { return k.data() + (key16 * (D / 32) + step) * 256; }
   const uint32_t* v_tile(int64_t key32, int64_t dims16) const { return v.data() + (key32 * (D / 16) + dims16) * 256; }
@@ -50,8 +50,7 @@ PrefillKV prefill_kv(const uint16_t* kp, const uint16_t* vp, const int64_t* slot
                      int64_t D, int64_t hk) {
   PrefillKV t;
   t.D = D;
-  t.key_blocks = (S + kPrefillKeys - 1) / kPrefillKeys;
-  const int64_t keys = t.key_blocks * kPrefillKeys;
+  const int64_t keys = (S + kPrefillKeys - 1) / kPrefillKeys * kPrefillKeys;  // whole key blocks
   t.k.assign(keys * D / 2, 0);
   t.v.assign(keys * D / 2, 0);
   parallel_for(0, keys / 32, 4, [&](int64_t b0, int64_t b1) {
