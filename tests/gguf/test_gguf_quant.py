@@ -112,7 +112,7 @@ def test_row_slices_keep_codes_and_scales_together():
 def test_types_without_an_exact_mapping_are_not_decoded():
     assert not can_decode(Q.Q6_K, (32, 256))  # groups of 16, 6-bit codes x 19-bit scales not exact
     assert not can_decode(Q.F16, (32, 256))
-    assert not can_decode(Q.Q8_0, (2, 32, 256))  # stacked experts stay on the float path
+    assert not can_decode(Q.Q8_0, (2, 32, 256))  # stacked experts are decoded one (out, in) matrix at a time
     with pytest.raises(ValueError, match="cannot decode Q6_K"):
         decode_affine(np.zeros((32, 210), np.uint8), Q.Q6_K, (32, 256))
 

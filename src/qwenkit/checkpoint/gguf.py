@@ -44,6 +44,7 @@ from qwenkit.checkpoint.gguf_tensors import (
     convert_tensor,
     dequantize_tensor,
     hf_name,
+    is_stacked,
     keeps_precision,
     split_names,
 )
@@ -101,39 +102,29 @@ class GGUFCheckpoint:
         block type maps exactly onto integer codes (``gguf_quant``) comes as an ``AffineWeight``, for
         the loader to run in the file's own precision, Q6_K exactly where its kernel runs, and otherwise
         one in a type with groups of 16 (Q6_K, Q2_K, Q3_K) as int8 codes rounded again from its floats
-        (``gguf_quant.requantize_int8``). A tied model
-        yields no ``lm_head.weight`` (``hf_config["tie_word_embeddings"]`` says so), as its Hugging Face
-        safetensors would not. F32 tensors are copy-on-write views of the file.
+        (``gguf_quant.requantize_int8``). A MoE layer's stacked routed experts come as one weight per
+        expert (``mlp.experts.{e}.gate_proj.weight``), in codes or floats alike. A tied model yields no
+        ``lm_head.weight`` (``hf_config["tie_word_embeddings"]`` says so), as its Hugging Face safetensors
+        would not. F32 tensors are copy-on-write views of the file.
         """
         for t in self._tensors:
             name = hf_name(t.name, self.architecture)
             assert name is not None  # checked when the file was opened
-            shape = t.shape
+            shape, matrix = t.shape, _matrix_shape(name, t.shape)
             try:
-                if keep_quantized and _in_precision(name, t.tensor_type, shape):
-                    raw = self._bytes(t)
-                    codes = decode_affine(raw, t.tensor_type, shape)  # new arrays, no view of the file
-                    release_pages(raw.ctypes.data, raw.nbytes)  # the file's pages: read once, done
-                    yield from convert_affine(name, codes, self._heads)
-                elif keep_quantized and _requantized(name, t.tensor_type, shape):
-                    yield from convert_affine(name, self._requantize(t), self._heads)
-                else:
+                if not (keep_quantized and _loads_as_codes(name, t.tensor_type, matrix)):
                     weights = dequantize_tensor(self._data(t), t.tensor_type, shape)
                     yield from convert_tensor(name, weights, self._heads)
+                elif not is_stacked(name):
+                    yield from convert_affine(name, _codes(t.tensor_type, self._bytes(t), shape), self._heads)
+                else:  # stacked experts: one expert's rows of blocks at a time, each its own layer
+                    raw, experts = self._bytes(t), split_names(name, shape)
+                    step = t.n_bytes // len(experts)
+                    for e, expert in enumerate(experts):
+                        codes = _codes(t.tensor_type, raw[e * step : (e + 1) * step], matrix)
+                        yield from convert_affine(expert, codes, self._heads)
             except ValueError as e:
                 raise GGUFError(f"{self.path}: {e}") from None
-
-    def _requantize(self, t: TensorEntry) -> AffineWeight:
-        """A Q6_K, Q2_K or Q3_K weight as int8 codes: gguf-py's floats rounded by ``requantize_int8``; Q6_K
-        (most of a Q4_K_M file's other weights) in one pass of qwenkit's kernels where they run, with the
-        same codes and scales, or exactly as the file holds it where the Q6_K kernel runs."""
-        if t.tensor_type == GGMLQuantizationType.Q6_K and gguf_quant.kernels_available():
-            raw = self._bytes(t)
-            # exactly, for the Q6_K kernel (every build); rounded to int8 codes if it is switched off
-            codes = decode_q6_k(raw, t.shape) if kernels.runs_q6_k() else requantize_q6_k(raw, t.shape)
-            release_pages(raw.ctypes.data, raw.nbytes)
-            return codes
-        return requantize_int8(dequantize_tensor(self._data(t), t.tensor_type, t.shape))
 
     def _bytes(self, t: TensorEntry) -> np.ndarray:
         """The tensor's raw bytes, a view of the memory map."""
@@ -154,10 +145,10 @@ class GGUFCheckpoint:
         total = 0
         for t in self._tensors:
             name, shape = hf_name(t.name, self.architecture), t.shape
-            n = int(np.prod(shape, dtype=np.int64))
-            if keep_quantized and _in_precision(name, t.tensor_type, shape):
+            n, matrix = int(np.prod(shape, dtype=np.int64)), _matrix_shape(name, shape)
+            if keep_quantized and _in_precision(name, t.tensor_type, matrix):
                 total += n * AFFINE_BITS[t.tensor_type] // 8 + n // 32 * 8
-            elif keep_quantized and _requantized(name, t.tensor_type, shape):
+            elif keep_quantized and _requantized(name, t.tensor_type, matrix):
                 total += n * REQUANTIZED_BITS // 8 + n // 32 * 8
             else:
                 total += n * dtype_size
@@ -261,6 +252,11 @@ def read_gguf(path: str | Path) -> GGUFCheckpoint:
     return GGUFCheckpoint(p, index)
 
 
+def _matrix_shape(name: str | None, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The (out, in) shape of the matrices a tensor holds: one expert's of stacked experts, else its own."""
+    return shape[1:] if name is not None and is_stacked(name) else shape
+
+
 def _in_precision(name: str | None, qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> bool:
     """A weight that loads as integer codes: a projection or embedding in a type that maps exactly."""
     return name is not None and keeps_precision(name) and can_decode(qtype, shape)
@@ -269,3 +265,33 @@ def _in_precision(name: str | None, qtype: GGMLQuantizationType, shape: tuple[in
 def _requantized(name: str | None, qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> bool:
     """A projection or embedding weight in a type no kernel runs, loaded as int8 codes rounded again."""
     return name is not None and keeps_precision(name) and qtype in REQUANTIZED and len(shape) == 2
+
+
+def _loads_as_codes(name: str | None, qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> bool:
+    """A weight that loads as integer codes, exactly or rounded again; ``shape``: one matrix's
+    (``_matrix_shape``)."""
+    return _in_precision(name, qtype, shape) or _requantized(name, qtype, shape)
+
+
+def _codes(qtype: GGMLQuantizationType, raw: np.ndarray, shape: tuple[int, ...]) -> AffineWeight:
+    """One (out, in) matrix's blocks (``raw``, a view of the file) as integer codes: exactly where the
+    type maps onto them, else rounded again (:func:`_requantize`). The file's pages are released
+    once read."""
+    if not can_decode(qtype, shape):
+        return _requantize(qtype, raw, shape)
+    codes = decode_affine(raw, qtype, shape)  # new arrays, no view of the file
+    release_pages(raw.ctypes.data, raw.nbytes)  # the file's pages: read once, done
+    return codes
+
+
+def _requantize(qtype: GGMLQuantizationType, raw: np.ndarray, shape: tuple[int, ...]) -> AffineWeight:
+    """A Q6_K, Q2_K or Q3_K weight as int8 codes: gguf-py's floats rounded by ``requantize_int8``; Q6_K
+    (most of a Q4_K_M file's other weights) in one pass of qwenkit's kernels where they run, with the
+    same codes and scales, or exactly as the file holds it where the Q6_K kernel runs."""
+    if qtype == GGMLQuantizationType.Q6_K and gguf_quant.kernels_available():
+        # exactly, for the Q6_K kernel (every build); rounded to int8 codes if it is switched off
+        codes = decode_q6_k(raw, shape) if kernels.runs_q6_k() else requantize_q6_k(raw, shape)
+        release_pages(raw.ctypes.data, raw.nbytes)
+        return codes
+    data = raw.reshape(quant_shape_to_byte_shape(shape, qtype))
+    return requantize_int8(dequantize_tensor(data, qtype, shape))

@@ -150,18 +150,24 @@ def split_names(name: str, shape: tuple[int, ...]) -> list[str]:
     return [name]
 
 
-# Weights that may stay as integer codes: the projections a QuantizedLinear replaces and the token
-# embedding. Routers and stacked MoE experts (3-D) stay on the float path: no kernel runs them quantized.
+# Weights that may stay as integer codes: the projections a QuantizedLinear replaces (a MoE layer's
+# routed experts too: llama.cpp's stacked tensor is split into one layer per expert) and the token
+# embedding. Routers stay float: a small error in a router logit changes which experts run.
 _IN_PRECISION = re.compile(
     r"^(lm_head|model\.embed_tokens"
     r"|model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|self_attn\.qkv|mlp\.(gate|up|down)_proj"
-    r"|mlp\.shared_expert\.(gate|up|down)_proj))\.weight$"
+    r"|mlp\.shared_expert\.(gate|up|down)_proj|mlp\.experts\.(gate|up|down)_proj))\.weight$"
 )
 
 
 def keeps_precision(name: str) -> bool:
     """True for a weight that is loaded as integer codes when its GGUF type allows (see gguf_quant)."""
     return _IN_PRECISION.match(name) is not None
+
+
+def is_stacked(name: str) -> bool:
+    """True for llama.cpp's stacked routed experts (``ffn_*_exps``: (experts, rows, cols))."""
+    return _STACKED.match(name) is not None
 
 
 def convert_affine(name: str, w: AffineWeight, heads: HeadLayout) -> Iterator[tuple[str, AffineWeight]]:
