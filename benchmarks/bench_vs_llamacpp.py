@@ -35,14 +35,17 @@ import sys
 import time
 from pathlib import Path
 
-from shapes import QWEN25_05B, QWEN25_15B  # benchmarks/shapes.py, beside this script
+from shapes import QWEN3_30B_A3B, QWEN25_05B, QWEN25_15B  # benchmarks/shapes.py, beside this script
 
-SHAPES = {"0.5b": QWEN25_05B, "1.5b": QWEN25_15B}
+SHAPES = {"0.5b": QWEN25_05B, "1.5b": QWEN25_15B, "30b-a3b": QWEN3_30B_A3B}
+NAMES = {"0.5b": "Qwen2.5-0.5B", "1.5b": "Qwen2.5-1.5B", "30b-a3b": "Qwen3-30B-A3B"}
 # pair -> (qwenkit --quantize, or "gguf": qwenkit loads llama.cpp's file itself; llama.cpp file type)
 PAIRS = {
     "bf16": (None, "f16"),
     "int8": ("int8", "q8_0"),
     "int4": ("int4", "q4_0"),
+    "q8_0": ("gguf", "q8_0"),  # llama.cpp's own file, loaded by qwenkit in its precision
+    "q4_0": ("gguf", "q4_0"),
     "q4_k_m": ("gguf", "q4_k_m"),  # the file type most GGUFs are published in, in its own precision
     "iq4_nl": ("gguf", "iq4_nl"),  # llama.cpp's non-linear 4-bit types: 4-bit indices into their table
     "iq4_xs": ("gguf", "iq4_xs"),
@@ -286,24 +289,44 @@ def bandwidth_gbs(threads: int) -> float:
     return best
 
 
+def head_dim(config: dict) -> int:
+    return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+
+
 def kv_bytes_per_token(config: dict, context: float) -> float:
     """Bytes of keys and values read to decode one token at ``context`` earlier tokens (16-bit, as both
     tools keep them by default): after a long prompt they are a large part of what a token reads."""
-    d = config["hidden_size"] // config["num_attention_heads"]
-    return config["num_hidden_layers"] * 2 * config["num_key_value_heads"] * d * 2 * context
+    return config["num_hidden_layers"] * 2 * config["num_key_value_heads"] * head_dim(config) * 2 * context
+
+
+def active_share(name: str, config: dict) -> float:
+    """The share of a tensor one token reads: a MoE layer's stacked routed experts, top-k of them."""
+    return config["num_experts_per_tok"] / config["num_experts"] if "_exps." in name else 1.0
 
 
 def weight_bytes_per_token(config: dict, pair: str, gguf: Path) -> float:
-    """Bytes of weights read to decode one token: every layer, plus the output head (embedding row free).
-    For a GGUF pair, the file's own tensors (the anchors tie the head to the embedding table)."""
+    """Bytes of weights read to decode one token: every layer (of a MoE, the router and top-k experts),
+    plus the output head (an embedding row is free). For a GGUF pair, the file's own tensors."""
     if PAIRS[pair][0] == "gguf":
         from gguf import GGUFReader
 
-        return float(sum(int(t.n_bytes) for t in GGUFReader(str(gguf)).tensors))
-    h, f, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+        tensors = GGUFReader(str(gguf)).tensors
+        untied = any(t.name == "output.weight" for t in tensors)
+        return float(
+            sum(
+                int(t.n_bytes) * active_share(t.name, config)
+                for t in tensors
+                if not (untied and t.name == "token_embd.weight")
+            )
+        )
+    h, layers, d = config["hidden_size"], config["num_hidden_layers"], head_dim(config)
     heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
-    d = h // heads
-    per_layer = h * heads * d * 2 + h * kv * d * 2 + 3 * h * f
+    if config.get("num_experts"):
+        ffn = 3 * h * config["moe_intermediate_size"] * config["num_experts_per_tok"]
+        ffn += 3 * h * config.get("shared_expert_intermediate_size", 0)
+    else:
+        ffn = 3 * h * config["intermediate_size"]
+    per_layer = h * heads * d * 2 + h * kv * d * 2 + ffn
     head = config["vocab_size"] * h
     bits = {"bf16": 16, "int8": 8.5, "int4": 4.5}[pair]  # codes plus scales, about
     head_bits = 16 if pair == "bf16" else 8.5  # --quantize keeps the output head at int8
@@ -332,6 +355,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument(
+        "--layers", type=int, help="cut every shape to this many layers (30b-a3b's 48 take 61 GB in bf16)"
+    )
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache/qwenkit/bench_vs_llamacpp")
     ap.add_argument("--llama-src", type=Path, help="unpacked llama-cpp-python sdist")
@@ -345,12 +371,18 @@ def main() -> None:
             if a not in known:
                 ap.error(f"unknown {name} {a!r}: choose from {', '.join(known)}")
 
+    configs = {s: dict(SHAPES[s]) for s in shapes}
+    if args.layers:
+        for config in configs.values():
+            config["num_hidden_layers"] = min(args.layers, config["num_hidden_layers"])
     models: dict[tuple[str, str], tuple[Path, Path]] = {}
     for shape in shapes:
-        hf = args.work / f"qwen2.5-{shape}-random"
+        cut = configs[shape]["num_hidden_layers"] < SHAPES[shape]["num_hidden_layers"]
+        layers = f"-{configs[shape]['num_hidden_layers']}l" if cut else ""
+        hf = args.work / f"{NAMES[shape].lower()}{layers}-random"
         if not hf.exists():
             print(f"writing {hf}", file=sys.stderr)
-            write_anchor(hf, SHAPES[shape])
+            write_anchor(hf, configs[shape])
         for pair in pairs:
             models[shape, pair] = hf, convert(hf, args.work, PAIRS[pair][1], src, lib)
     bw = bandwidth_gbs(args.threads)
@@ -424,14 +456,21 @@ def main() -> None:
                 for k in results[shape, pair, "qwenkit"][0]
             }
             ll = {k: statistics.median(x[k] for x in results[shape, pair, "llama.cpp"]) for k in q}
-            read = weight_bytes_per_token(SHAPES[shape], pair, models[shape, pair][1])
-            read += kv_bytes_per_token(SHAPES[shape], args.prompt + args.tokens / 2)  # mean context
+            read = weight_bytes_per_token(configs[shape], pair, models[shape, pair][1])
+            read += kv_bytes_per_token(configs[shape], args.prompt + args.tokens / 2)  # mean context
             limit = bw * 1e9 / read
             ours = "bfloat16" if pair == "bf16" else pair
             if PAIRS[pair][0] == "gguf":
                 ours = f"the {pair.upper()} file"
+            name, layers, full = (
+                NAMES[shape],
+                configs[shape]["num_hidden_layers"],
+                SHAPES[shape]["num_hidden_layers"],
+            )
+            if layers < full:
+                name += f" ({layers} of {full} layers)"
             print(
-                f"| Qwen2.5-{shape.upper()} | {ours} | {PAIRS[pair][1]} "
+                f"| {name} | {ours} | {PAIRS[pair][1]} "
                 f"| {q['decode']:.1f} | {ll['decode']:.1f} | {q['decode'] / ll['decode']:.2f} "
                 f"| {100 * q['decode'] / limit:.0f}% / {100 * ll['decode'] / limit:.0f}% "
                 f"| {q['prefill']:.0f} | {ll['prefill']:.0f} | {q['prefill'] / ll['prefill']:.2f} "

@@ -42,6 +42,31 @@ QWEN15_MOE_A27B = {
     "eos_token_id": 151643,
 }
 
+# Qwen3-30B-A3B: 30.5 B parameters, 3.3 B active per token; 128 routed experts of width 768 (top-8,
+# renormalized), no shared expert, 48 layers, 32 query heads of 128 over 4 KV heads, q/k norms.
+QWEN3_30B_A3B = {
+    "model_type": "qwen3_moe",
+    "architectures": ["Qwen3MoeForCausalLM"],
+    "vocab_size": 151936,
+    "hidden_size": 2048,
+    "intermediate_size": 6144,
+    "moe_intermediate_size": 768,
+    "num_experts": 128,
+    "num_experts_per_tok": 8,
+    "norm_topk_prob": True,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    "num_hidden_layers": 48,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "head_dim": 128,
+    "max_position_embeddings": 40960,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "tie_word_embeddings": False,
+    "eos_token_id": 151645,
+}
+
 # Qwen2.5-1.5B(-Instruct): 1.54 B parameters, tied embeddings.
 QWEN25_15B = {
     **QWEN25_05B,

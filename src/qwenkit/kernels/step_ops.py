@@ -154,6 +154,29 @@ class DecodeLayerWeights:
 
 
 @dataclass(frozen=True)
+class ExpertWeights:
+    """A MoE layer's routed experts as :func:`moe_experts` reads them (built by ``quant.fused``): for
+    expert e, ``tensors[e]`` its gate/up then its down product (packed weight or codes, scale, shift,
+    bias each; an empty tensor where absent) and ``ints[e]`` per product its bits, group size, outputs,
+    zero point and bias mode, as in :class:`DecodeLayerWeights`."""
+
+    tensors: list[list[torch.Tensor]]
+    ints: list[list[int]]
+
+
+def moe_experts(
+    x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: ExpertWeights
+) -> torch.Tensor:
+    """Routed experts of a MoE layer over bf16 rows x (M, hidden): each row's ``weights``-weighted sum of
+    its experts ``ids`` (M, top_k), bit for bit what ``MoEMLP``'s loop over experts computes, in one call
+    that is passed only the experts some row picks."""
+    active = torch.unique(ids).tolist()
+    tensors = [t for e in active for t in experts.tensors[e]]
+    ints = [v for e in active for v in (e, *experts.ints[e])]
+    return op("moe_experts")(x, ids, weights, tensors, ints)
+
+
+@dataclass(frozen=True)
 class DecodeRun:
     """A run of consecutive decoder layers' weights and their K/V pools, held by the C++ library once
     (:func:`decode_run`), so that a decode step passes only what changes: passing about 900 tensors and

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qwenkit import kernels
 from qwenkit.config import ModelConfig
 from qwenkit.model.mlp import MLP
 
@@ -64,6 +65,9 @@ class MoEMLP(nn.Module):
             self.shared_expert_gate = RouterLinear(h, 1)
         # Tokens routed to each expert, accumulated while ``count_routed_tokens`` is active.
         self.routed_tokens: torch.Tensor | None = None
+        # The routed experts as one ``kernels.moe_experts`` call's arguments, set only by an inference load
+        # on the fast CPU kernels (``quant.fused``): the same results as the loop over experts below.
+        self.expert_weights: kernels.ExpertWeights | None = None
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (N, h) -> (weights (N, K) in x's dtype, expert ids (N, K)), as transformers computes them."""
@@ -84,6 +88,14 @@ class MoEMLP(nn.Module):
 
     def _dispatch(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Sum of each token's experts: sort (token, expert) pairs by expert, one call per active expert."""
+        if (
+            self.expert_weights is not None
+            and self.routed_tokens is None
+            and x.dtype == torch.bfloat16
+            and x.device.type == "cpu"
+            and not (torch.is_grad_enabled() and x.requires_grad)
+        ):
+            return kernels.moe_experts(x, ids, weights, self.expert_weights)
         n_tokens, k = ids.shape
         flat = ids.reshape(-1)  # (N*K,) expert of each (token, rank) pair
         order = torch.argsort(flat, stable=True)  # pairs grouped by expert, tokens ascending within

@@ -27,6 +27,7 @@ from qwenkit import kernels
 from qwenkit.checkpoint.files import release_pages, trim_heap
 from qwenkit.model.attention import Attention
 from qwenkit.model.mlp import MLP
+from qwenkit.model.moe import MoEMLP
 from qwenkit.model.norm import RMSNorm
 from qwenkit.model.transformer import DecoderLayer
 from qwenkit.quant.dense import PackedBf16Linear
@@ -131,7 +132,34 @@ def fuse_for_inference(model: nn.Module, release_parts: bool = False) -> int:
     count = fuse_projections(model, release_parts)  # float32 layers (not repacked) stack as on the plain path
     trim_heap()  # the parts, freed in the middle of the heap
     plan_decode_layers(model)
+    plan_moe_experts(model)
     return count
+
+
+def plan_moe_experts(model: nn.Module) -> int:
+    """Set ``expert_weights`` on every MoE block whose routed experts all run on qwenkit's kernels with
+    gate/up fused (then its experts run in one ``kernels.moe_experts`` call); returns how many."""
+    count = 0
+    for m in model.modules():
+        if isinstance(m, MoEMLP):
+            m.expert_weights = expert_weights(m)
+            count += m.expert_weights is not None
+    return count
+
+
+def expert_weights(block: MoEMLP) -> kernels.ExpertWeights | None:
+    """The block's routed experts as ``kernels.moe_experts`` arguments (the same tensors, not copies),
+    or None where one of them does not run on qwenkit's kernels."""
+    tensors, ints = [], []
+    for expert in block.experts:
+        if expert.gate_up_silu is None:
+            return None
+        products = [_linear_args(expert.gate_up_silu.linear), _linear_args(expert.down_proj)]
+        if any(args is None for args in products):
+            return None
+        tensors.append([t for args in products for t in args[0]])
+        ints.append([i for args in products for i in args[1]])
+    return kernels.ExpertWeights(tensors, ints)
 
 
 def plan_decode_layers(model: nn.Module) -> int:

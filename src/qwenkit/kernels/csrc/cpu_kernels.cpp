@@ -113,6 +113,7 @@ namespace {
 #include "decode_attention.h"
 #include "prefill_attention.h"
 #include "decode_layers.h"
+#include "moe_experts.h"
 
 }  // namespace
 
@@ -164,6 +165,7 @@ TORCH_LIBRARY(qwenkit, m) {
       "decode_layers(__torch__.torch.classes.qwenkit.DecodeRun run, Tensor x, Tensor slots, Tensor gather, "
       "Tensor positions, Tensor cos, Tensor sin) -> Tensor");
   m.def("decode_row_groups(__torch__.torch.classes.qwenkit.DecodeRun run, int rows) -> int", &decode_row_groups);
+  m.def("moe_experts(Tensor x, Tensor ids, Tensor weights, Tensor[] tensors, int[] ints) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(qwenkit, CPU, m) {
@@ -195,4 +197,5 @@ TORCH_LIBRARY_IMPL(qwenkit, CPU, m) {
   m.impl("decode_attention", &decode_attention);
   m.impl("prefill_attention", &prefill_attention);
   m.impl("decode_layers", &decode_layers);
+  m.impl("moe_experts", &moe_experts);
 }
