@@ -96,7 +96,8 @@ def kernel_counts(model: torch.nn.Module) -> dict[str, int]:
         if isinstance(m, QuantizedLinear | PackedBf16Linear):
             name = m.kernel
         elif isinstance(m, RouterLinear):  # MoE routers and shared-expert gates: always float
-            name = f"float router F.linear ({str(m.weight.dtype).removeprefix('torch.')})"
+            product = "qwenkit bf16 tiles" if m.packed is not None else "F.linear"
+            name = f"float router {product} ({str(m.weight.dtype).removeprefix('torch.')})"
         elif isinstance(m, torch.nn.Linear):
             name = f"dense F.linear ({str(m.weight.dtype).removeprefix('torch.')})"
         else:

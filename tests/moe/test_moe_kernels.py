@@ -78,3 +78,16 @@ def test_bad_arguments_are_refused_by_name(model):
         op(x, ids, weights, [], [])
     with pytest.raises(RuntimeError, match="8 tensors and 11 ints per expert"):
         op(x, ids, weights, block.expert_weights.tensors[0], [0])
+
+
+def test_routers_run_on_the_bf16_kernel(model):
+    """The router keeps its float weight (never quantized) and runs its product on the packed copy: the
+    float32 product of the same bf16 numbers, rounded once to bf16."""
+    g = torch.Generator().manual_seed(7)
+    for block in _blocks(model):
+        assert block.gate.packed is not None
+        x = torch.randn(5, model.config.hidden_size, generator=g).bfloat16()
+        want = x.float() @ block.gate.weight.float().T
+        got = block.gate(x)
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), want, rtol=2**-8, atol=1e-6)

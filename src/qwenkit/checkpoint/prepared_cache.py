@@ -67,8 +67,9 @@ from qwenkit.kernels import ops as kernel_ops
 FORMAT = 2  # the entry's own layout (the dict below)
 # Bump when a prepared module's tensors or attributes change meaning or layout (2: fused q/k/v, gate/up;
 # 3: each layer's decode_weights; 4: decode_weights with q/k/v as one or three products, GGUF Q5_0 codes
-# re-centred, K-type scales as float16 values, Q6_K/Q2_K/Q3_K as int8 codes).
-LAYOUT_VERSION = 4
+# re-centred, K-type scales as float16 values, Q6_K/Q2_K/Q3_K as int8 codes; 5: MoE blocks' expert_weights,
+# routers' packed weights, GGUF experts as integer codes).
+LAYOUT_VERSION = 5
 HEAD_BYTES = 1 << 20
 ENV_SWITCH = "QWENKIT_PREPARED_CACHE"
 MIN_FREE_BYTES = 1 << 30  # an entry is written only if the disk keeps this much free beyond twice its size

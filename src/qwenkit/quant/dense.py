@@ -20,6 +20,7 @@ from torch import nn
 from qwenkit import kernels
 from qwenkit.checkpoint.files import release_pages, trim_heap
 from qwenkit.kernels.ops import TILE, PackedBf16
+from qwenkit.model.moe import RouterLinear
 
 
 class PackedBf16Linear(nn.Module):
@@ -81,8 +82,8 @@ def pack_dense_for_cpu(model: nn.Module) -> int:
     """Repack every plain bf16 ``nn.Linear`` of a CPU model for the AVX-512 kernels; returns how many.
 
     Nothing changes (returns 0) when the kernels are not available, e.g. on another CPU, without a
-    compiler, or under ``QWENKIT_KERNELS=torch``. Routers and other ``nn.Linear`` subclasses keep their
-    own forward.
+    compiler, or under ``QWENKIT_KERNELS=torch``. A MoE router keeps its module and float weight and gets
+    the packed copy beside it (a router is small); other ``nn.Linear`` subclasses keep their own forward.
     """
     if not kernels.available():
         return 0
@@ -92,7 +93,11 @@ def pack_dense_for_cpu(model: nn.Module) -> int:
             embeddings.setdefault(id(m.weight), []).append(name)
     count = 0
     for name, m in list(model.named_modules()):
-        if type(m) is not nn.Linear or m.weight.dtype != torch.bfloat16 or m.weight.device.type != "cpu":
+        if type(m) not in (nn.Linear, RouterLinear) or not _bf16_on_cpu(m.weight):
+            continue
+        if type(m) is RouterLinear:  # stays a router (float, never quantized); the kernel runs its product
+            m.packed = kernels.prepare_bf16(m.weight.detach())
+            count += 1
             continue
         weight = m.weight.detach()
         packed = PackedBf16Linear(weight, m.bias)
@@ -106,6 +111,10 @@ def pack_dense_for_cpu(model: nn.Module) -> int:
         count += 1
     trim_heap()  # the packing temporaries
     return count
+
+
+def _bf16_on_cpu(weight: torch.Tensor) -> bool:
+    return weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:

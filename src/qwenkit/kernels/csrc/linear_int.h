@@ -15,41 +15,52 @@ inline int64_t int8_zero_point(int bits, int64_t zero_point) {
 }
 
 #define QK_TABLE_ARG , TABLE
+// Tile t of a product against rows m0 .. m0 + mt - 1 (one pass; the AVX2 builds take two passes of 8 at
+// once, from the pass before): the tile kernel for the codes' width and the pass's rows.
+template <int BITS, typename S, bool TABLE = false>
+void int_tile_task(const QuantizedRows& qr, const uint8_t* codes, const S* scale, const S* shift, int64_t N,
+                   int64_t group_size, const Output& out, int64_t t, int64_t m0, int64_t mt) {
+  const int64_t groups = qr.groups, tile_bytes = int_tile_bytes(BITS, qr.K);
+  const uint8_t* tile = codes + t * tile_bytes;
+  const S* ts = scale + t * groups * kTile;
+  const S* th = shift == nullptr ? nullptr : shift + t * groups * kTile;
+  const int64_t p = m0 / qr.pass;
+  const uint8_t* next = next_tile(tile, tile_bytes, t, N, qr.rows);
+  if constexpr (BITS == 6) {
+    switch (mt) {
+      case 1: q6k_tile<S, 1>(qr, p, tile, ts, out, m0, t * kTile, next); break;
+      case 2: q6k_tile<S, 2>(qr, p, tile, ts, out, m0, t * kTile, next); break;
+      case 4: q6k_tile<S, 4>(qr, p, tile, ts, out, m0, t * kTile, next); break;
+      default: q6k_tile<S, 8>(qr, p, tile, ts, out, m0, t * kTile, next); break;
+    }
+    return;
+  }
+  switch (mt) {
+    case 1: int_tile<BITS, S, 1 QK_TABLE_ARG>(qr, p, tile, ts, th, group_size, out, m0, t * kTile, next); break;
+    case 2: int_tile<BITS, S, 2 QK_TABLE_ARG>(qr, p, tile, ts, th, group_size, out, m0, t * kTile, next); break;
+    case 4: int_tile<BITS, S, 4 QK_TABLE_ARG>(qr, p, tile, ts, th, group_size, out, m0, t * kTile, next); break;
+    default:
+#ifndef __AVX512F__
+      if (p % 2 == 1) break;  // with the pass before it (int_tile_pair)
+      if (m0 + 16 <= qr.rows) {
+        int_tile_pair<BITS, S, TABLE>(qr, p, tile, ts, th, group_size, out, m0, t * kTile, next);
+        break;
+      }
+#endif
+      int_tile<BITS, S, 8 QK_TABLE_ARG>(qr, p, tile, ts, th, group_size, out, m0, t * kTile, next);
+      break;
+  }
+}
+
+// What x holds per row as the integer tiles read it: its codes, block scales, starts and halves, group sums.
+inline int64_t int_row_bytes(const QuantizedRows& qr) { return qr.K + qr.K / 32 * 16 + qr.groups * 4; }
+
 template <int BITS, typename S, bool TABLE = false>
 void int_run(const QuantizedRows& qr, const uint8_t* codes, const S* scale, const S* shift, int64_t N,
              int64_t group_size, const Output& out) {
-  const int64_t groups = qr.groups, tile_bytes = int_tile_bytes(BITS, qr.K);
-  parallel_tiles(N, qr.rows, tile_bytes, [&](int64_t t, int64_t m0, int64_t mt) {
-    const uint8_t* tile = codes + t * tile_bytes;
-    const S* ts = scale + t * groups * kTile;
-    const S* th = shift == nullptr ? nullptr : shift + t * groups * kTile;
-    const int64_t p = m0 / qr.pass;
-    const uint8_t* next = next_tile(tile, tile_bytes, t, N, qr.rows);
-    if constexpr (BITS == 6) {
-      switch (mt) {
-        case 1: q6k_tile<S, 1>(qr, p, tile, ts, out, m0, t * kTile, next); break;
-        case 2: q6k_tile<S, 2>(qr, p, tile, ts, out, m0, t * kTile, next); break;
-        case 4: q6k_tile<S, 4>(qr, p, tile, ts, out, m0, t * kTile, next); break;
-        default: q6k_tile<S, 8>(qr, p, tile, ts, out, m0, t * kTile, next); break;
-      }
-      return;
-    }
-    switch (mt) {
-      case 1: int_tile<BITS, S, 1 QK_TABLE_ARG>(qr, p, tile, ts, th, group_size, out, m0, t * kTile, next); break;
-      case 2: int_tile<BITS, S, 2 QK_TABLE_ARG>(qr, p, tile, ts, th, group_size, out, m0, t * kTile, next); break;
-      case 4: int_tile<BITS, S, 4 QK_TABLE_ARG>(qr, p, tile, ts, th, group_size, out, m0, t * kTile, next); break;
-      default:
-#ifndef __AVX512F__
-        if (p % 2 == 1) break;  // with the pass before it (int_tile_pair)
-        if (m0 + 16 <= qr.rows) {
-          int_tile_pair<BITS, S, TABLE>(qr, p, tile, ts, th, group_size, out, m0, t * kTile, next);
-          break;
-        }
-#endif
-        int_tile<BITS, S, 8 QK_TABLE_ARG>(qr, p, tile, ts, th, group_size, out, m0, t * kTile, next);
-        break;
-    }
-  }, qr.K + qr.K / 32 * 16 + groups * 4);  // a row's codes, block scales, starts and halves, group sums
+  parallel_tiles(N, qr.rows, int_tile_bytes(BITS, qr.K), [&](int64_t t, int64_t m0, int64_t mt) {
+    int_tile_task<BITS, S, TABLE>(qr, codes, scale, shift, N, group_size, out, t, m0, mt);
+  }, int_row_bytes(qr));
 }
 #undef QK_TABLE_ARG
 

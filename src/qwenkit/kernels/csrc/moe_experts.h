@@ -3,6 +3,97 @@
 // (one translation unit: the parts share its includes and helpers and are not compiled alone).
 #pragma once
 
+// One weight's share of a grouped product: its rows' activations, quantized as linear_int quantizes them,
+// its codes and scales, and where its outputs go.
+template <typename S>
+struct GroupPart {
+  QuantizedRows qr;
+  const uint8_t* codes = nullptr;
+  const S* scale = nullptr;
+  const S* shift = nullptr;
+  at::Tensor y;
+};
+
+template <int BITS, typename S, bool TABLE>
+std::vector<at::Tensor> int_group(const std::vector<at::Tensor>& xs, const std::vector<const LayerLinear*>& ls) {
+  const LayerLinear& kind = *ls[0];
+  std::vector<GroupPart<S>> parts(ls.size());
+  std::vector<Output> outs;
+  outs.reserve(ls.size());
+  for (size_t i = 0; i < ls.size(); ++i) {
+    const at::Tensor x = xs[i].contiguous();
+    GroupPart<S>& part = parts[i];
+    const int64_t M = x.size(0);
+    quantize_rows(x.data_ptr<at::BFloat16>(), M, padded_rows(M), x.size(1), kind.group_size,
+                  int8_zero_point(BITS, kind.zero_point), part.qr, BITS == 6);
+    part.codes = ls[i]->w.data_ptr<uint8_t>();
+    part.scale = ls[i]->scale.data_ptr<S>();
+    part.shift = ls[i]->shift.defined() ? ls[i]->shift.data_ptr<S>() : nullptr;
+    part.y = at::empty({M, kind.N}, x.options());
+    outs.emplace_back(part.y, c10::nullopt);
+  }
+  const int64_t tiles = (kind.N + kTile - 1) / kTile, tile_bytes = int_tile_bytes(BITS, parts[0].qr.K);
+  const int64_t items = tiles * static_cast<int64_t>(parts.size());
+  parallel_for(0, items, std::max<int64_t>(1, (128 * 1024) / tile_bytes), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const GroupPart<S>& part = parts[i / tiles];
+      for (int64_t m0 = 0; m0 < part.qr.rows; m0 += kMaxMT)
+        int_tile_task<BITS, S, TABLE>(part.qr, part.codes, part.scale, part.shift, kind.N, kind.group_size,
+                                      outs[i / tiles], i % tiles, m0, std::min<int64_t>(kMaxMT, part.qr.rows - m0));
+    }
+  });
+  std::vector<at::Tensor> ys;
+  for (auto& part : parts) ys.push_back(part.y);
+  return ys;
+}
+
+// Whether ls can run as one grouped product: integer weights of one kind (bits, group size, outputs, zero
+// point, scale dtype, with or without shift), no bias, each x small enough to be read from cache by every
+// tile (a prompt's larger share takes run_linear's panels).
+bool groupable(const std::vector<at::Tensor>& xs, const std::vector<const LayerLinear*>& ls) {
+  const LayerLinear& k = *ls[0];
+  if (k.bits == 16) return false;
+  for (size_t i = 0; i < ls.size(); ++i) {
+    const LayerLinear& l = *ls[i];
+    if (l.bits != k.bits || l.group_size != k.group_size || l.N != k.N || l.zero_point != k.zero_point ||
+        l.scale.scalar_type() != k.scale.scalar_type() || l.shift.defined() != k.shift.defined() || l.bias.defined() ||
+        xs[i].size(0) * xs[i].size(1) * 2 > kPanelBytes)
+      return false;
+  }
+  return true;
+}
+
+// y_i = ls[i](xs[i]) for every i, each output what run_linear gives it (the same quantized rows, the same
+// tile kernels), in one parallel region over all the weights' tiles where groupable: for a decode step's
+// experts, 8 small products' forks, joins and ragged ends cost a fifth of reading their weights.
+std::vector<at::Tensor> run_linears(const std::vector<at::Tensor>& xs, const std::vector<const LayerLinear*>& ls) {
+  if (ls.empty()) return {};
+  if (!groupable(xs, ls)) {
+    std::vector<at::Tensor> ys;
+    for (size_t i = 0; i < ls.size(); ++i) ys.push_back(run_linear(*ls[i], xs[i]));
+    return ys;
+  }
+  const LayerLinear& k = *ls[0];
+  for (size_t i = 0; i < ls.size(); ++i)
+    check_int_args("qwenkit moe_experts", static_cast<int>(k.bits), xs[i], ls[i]->w, ls[i]->scale, present(ls[i]->shift),
+                   c10::nullopt, k.group_size, k.N, k.zero_point);
+  const bool half = k.scale.scalar_type() == at::kHalf;
+  const auto run = [&](auto bits_c, auto table_c) {
+    constexpr int kBits = decltype(bits_c)::value;
+    constexpr bool kTable = decltype(table_c)::value;
+    return half ? int_group<kBits, at::Half, kTable>(xs, ls) : int_group<kBits, float, kTable>(xs, ls);
+  };
+  using F = std::false_type;
+  switch (k.bits) {
+    case 8: return run(std::integral_constant<int, 8>{}, F{});
+    case 6: return run(std::integral_constant<int, 6>{}, F{});
+    case 5: return run(std::integral_constant<int, 5>{}, F{});
+    default:
+      if (iq4_table(4, k.zero_point)) return run(std::integral_constant<int, 4>{}, std::true_type{});
+      return run(std::integral_constant<int, 4>{}, F{});
+  }
+}
+
 // What MoEMLP._dispatch computes, with its roundings, so the result is bit for bit the same: each active
 // expert runs once over the rows routed to it (rows ascending), gate/up product, silu * up, down product
 // (run_linear, silu_mul: the kernels its modules call); each (row, rank) output is multiplied by its
@@ -36,11 +127,15 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
   at::Tensor pairs = at::empty({M, K, hidden}, x.options());  // each (row, rank)'s weighted expert output
   at::BFloat16* pp = pairs.data_ptr<at::BFloat16>();
   std::vector<char> done(M * K, 0);
+  std::vector<LayerLinear> products(2 * E);  // expert i's gate/up at 2i, its down at 2i + 1
+  std::vector<std::vector<int64_t>> slots(E);  // (row, rank) slots routed to expert i, rows ascending
+  std::vector<at::Tensor> xs;  // the routed rows of each expert that some row picks
+  std::vector<const LayerLinear*> gate_ups, downs;
+  std::vector<int64_t> active;
   for (int64_t i = 0; i < E; ++i) {
     const int64_t expert = ints[11 * i];
-    LayerLinear products[2];  // gate/up, down
     for (int j = 0; j < 2; ++j) {
-      LayerLinear& l = products[j];
+      LayerLinear& l = products[2 * i + j];
       auto t = [&](int k) { const at::Tensor& v = tensors[8 * i + 4 * j + k]; return v.numel() ? v : at::Tensor(); };
       l.w = tensors[8 * i + 4 * j];
       l.scale = t(1);
@@ -55,39 +150,45 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
       TORCH_CHECK(l.bits == 16 || l.bits == 8 || l.bits == 6 || l.bits == 5 || l.bits == 4,
                   "qwenkit moe_experts: bits must be 16, 8, 6 (Q6_K), 5 or 4, got ", l.bits, " for expert ", expert);
     }
-    TORCH_CHECK(products[1].N == hidden, "qwenkit moe_experts: expert ", expert, "'s down product has ",
-                products[1].N, " outputs, x has ", hidden, " features");
-    std::vector<int64_t> rows, slots;  // rows routed to this expert (ascending) and their (row, rank) slots
+    TORCH_CHECK(products[2 * i + 1].N == hidden, "qwenkit moe_experts: expert ", expert, "'s down product has ",
+                products[2 * i + 1].N, " outputs, x has ", hidden, " features");
+    std::vector<int64_t> rows;
     for (int64_t m = 0; m < M; ++m)
       for (int64_t r = 0; r < K; ++r)
         if (idp[m * K + r] == expert) {
           rows.push_back(m);
-          slots.push_back(m * K + r);
+          slots[i].push_back(m * K + r);
         }
     if (rows.empty()) continue;
     const bool all = static_cast<int64_t>(rows.size()) == M;  // every row, in order (each picks an expert once)
-    const at::Tensor xs = all ? xc : xc.index_select(0, at::tensor(rows, at::kLong));
-    const at::Tensor y = run_linear(products[1], silu_mul(run_linear(products[0], xs))).contiguous();
+    xs.push_back(all ? xc : xc.index_select(0, at::tensor(rows, at::kLong)));
+    gate_ups.push_back(&products[2 * i]);
+    downs.push_back(&products[2 * i + 1]);
+    active.push_back(i);
+  }
+  std::vector<at::Tensor> hs = run_linears(xs, gate_ups);
+  for (auto& h : hs) h = silu_mul(h);
+  const std::vector<at::Tensor> ys = run_linears(hs, downs);
+  for (size_t a = 0; a < active.size(); ++a) {
+    const at::Tensor y = ys[a].contiguous();
     const at::BFloat16* yp = y.data_ptr<at::BFloat16>();
-    for (size_t j = 0; j < rows.size(); ++j) {
-      const float w = static_cast<float>(wp[slots[j]]);
-      at::BFloat16* out = pp + slots[j] * hidden;
-      for (int64_t c = 0; c < hidden; ++c) out[c] = at::BFloat16(static_cast<float>(yp[j * hidden + c]) * w);
-      done[slots[j]] = 1;
+    const std::vector<int64_t>& to = slots[active[a]];
+    for (size_t j = 0; j < to.size(); ++j) {  // times its routing weight, rounded to bf16
+      const __m512 w = _mm512_set1_ps(static_cast<float>(wp[to[j]]));
+      const uint16_t* row = reinterpret_cast<const uint16_t*>(yp) + j * hidden;
+      uint16_t* out = reinterpret_cast<uint16_t*>(pp) + to[j] * hidden;
+      for (int64_t c = 0; c < hidden; c += 16) {
+        const __mmask16 mk = tail_mask16(hidden - c);
+        const __m512 v = _mm512_mul_ps(maskz_load_bf16_as_f32(mk, row + c), w);
+        _mm256_mask_storeu_epi16(out + c, mk, (__m256i)_mm512_cvtneps_pbh(v));
+      }
+      done[to[j]] = 1;
     }
   }
   for (int64_t s = 0; s < M * K; ++s)
     TORCH_CHECK(done[s], "qwenkit moe_experts: row ", s / K, " picks expert ", idp[s], ", which is not listed");
-  at::Tensor out = at::empty({M, hidden}, x.options());
-  at::BFloat16* op = out.data_ptr<at::BFloat16>();
-  for (int64_t m = 0; m < M; ++m) {
-    const at::BFloat16* first = pp + m * K * hidden;
-    at::BFloat16* o = op + m * hidden;
-    std::memcpy(o, first, hidden * sizeof(at::BFloat16));
-    for (int64_t r = 1; r < K; ++r) {
-      const at::BFloat16* p = first + r * hidden;
-      for (int64_t c = 0; c < hidden; ++c) o[c] = at::BFloat16(static_cast<float>(o[c]) + static_cast<float>(p[c]));
-    }
-  }
+  // each row's K outputs added in rank order, each sum rounded to bf16
+  at::Tensor out = pairs.select(1, 0).contiguous();
+  for (int64_t r = 1; r < K; ++r) add_bf16_(out, pairs.select(1, r));
   return out;
 }
