@@ -30,7 +30,9 @@ def made(monkeypatch) -> list[tuple[list, list, list]]:
 def layers(n: int, without_weights=()) -> list[SimpleNamespace]:
     return [
         SimpleNamespace(
-            decode_weights=None if i in without_weights else f"w{i}", self_attn=SimpleNamespace(layer_idx=i)
+            decode_weights=None if i in without_weights else f"w{i}",
+            self_attn=SimpleNamespace(layer_idx=i),
+            mlp=SimpleNamespace(routed_tokens=None),  # a MoE block counting tokens holds a tensor here
         )
         for i in range(n)
     ]
@@ -56,6 +58,14 @@ def test_a_layer_without_weights_splits_the_runs(made):
     assert shape(runs) == {0: ["w0"], 2: ["w2", "w3", "w4"]}
     assert [k for _, k, _ in made] == [["k0"], ["k2", "k3", "k4"]]
     assert transformer._decode_runs(nn.Module(), layers(3, without_weights={0, 1, 2}), pools(3)) == {}
+
+
+def test_a_moe_layer_counting_its_routed_tokens_splits_the_runs_while_it_counts(made):
+    model, stack, cache = nn.Module(), layers(3), pools(3)
+    stack[1].mlp.routed_tokens = torch.zeros(4)  # count_routed_tokens: its modules count
+    assert shape(transformer._decode_runs(model, stack, cache)) == {0: ["w0"], 2: ["w2"]}
+    stack[1].mlp.routed_tokens = None
+    assert shape(transformer._decode_runs(model, stack, cache)) == {0: ["w0", "w1", "w2"]}
 
 
 def test_runs_are_kept_while_weights_and_pools_are_the_same_objects(made):

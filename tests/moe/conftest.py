@@ -1,8 +1,10 @@
 import sys
 from pathlib import Path
 
-# The GGUF writer the GGUF tests use (llama.cpp's names and layout) writes our MoE files too.
+# The GGUF writer the GGUF tests use (llama.cpp's names and layout) writes our MoE files too, and the
+# decode-layer tests' steps check MoE layers in one kernel call.
 sys.path.insert(0, str(Path(__file__).parent.parent / "gguf"))
+sys.path.insert(0, str(Path(__file__).parent.parent / "quant"))
 
 import shutil
 

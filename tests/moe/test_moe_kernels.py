@@ -8,11 +8,12 @@ import pytest
 import torch
 from gguf_files import Q
 from moe_models import hf_moe_model
+from test_decode_layer import PROMPTS, _assert_kernel_path_equals_modules, _count_layer_runs, _load, _steps
 from test_moe_gguf import _write
 
 from qwenkit import kernels
 from qwenkit.checkpoint import load_model
-from qwenkit.model.moe import MoEMLP
+from qwenkit.model.moe import MoEMLP, count_routed_tokens
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="the CPU kernels are not available here")
 
@@ -91,3 +92,37 @@ def test_routers_run_on_the_bf16_kernel(model):
         got = block.gate(x)
         assert got.dtype == torch.bfloat16
         torch.testing.assert_close(got.float(), want, rtol=2**-8, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("variant", "quantize"),
+    [("qwen3_moe", None), ("qwen3_moe", "int8"), ("qwen3_moe", "int4"), ("qwen3_moe-top1-mixed", "int4")],
+)
+def test_moe_layers_decode_in_one_call_as_their_modules(tmp_path, monkeypatch, variant, quantize):
+    """A decode step takes Qwen3-MoE layers (router, softmax, top k, experts) through kernels.decode_layers
+    with the dense ones: the logits and every K/V slot bit for bit the modules'."""
+    hf_moe_model(variant).save_pretrained(tmp_path / "m")
+    model = _load(tmp_path / "m", quantize, monkeypatch)
+    weights = [layer.decode_weights for layer in model.model.layers]
+    assert all(w is not None for w in weights)
+    assert any(w.experts is not None for w in weights)
+    calls = _count_layer_runs(monkeypatch)
+    _assert_kernel_path_equals_modules(model, 6)
+    assert calls == [len(weights)] * 6  # every decode step: all its layers in one kernel call
+
+
+def test_a_shared_expert_or_counting_keeps_the_module_path(tmp_path, monkeypatch):
+    hf_moe_model("qwen2_moe").save_pretrained(tmp_path / "shared")
+    model = _load(tmp_path / "shared", "int4", monkeypatch)
+    assert all(layer.decode_weights is None for layer in model.model.layers)  # Qwen2-MoE's shared expert
+    hf_moe_model("qwen3_moe").save_pretrained(tmp_path / "m")
+    model = _load(tmp_path / "m", "int4", monkeypatch)
+    calls = _count_layer_runs(monkeypatch)
+    with count_routed_tokens(model) as stats:
+        _steps(model, 3)
+    assert calls == []  # every layer ran its modules, which count
+    routed = sum(stats.total)
+    _steps(model, 3)
+    assert calls == [model.config.num_hidden_layers] * 3
+    tokens = sum(len(p) for p in PROMPTS) + 3 * len(PROMPTS)  # the prompts, then 3 decode steps of each
+    assert routed == tokens * model.config.num_experts_per_tok * model.config.num_hidden_layers

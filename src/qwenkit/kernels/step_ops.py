@@ -136,24 +136,6 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
 
 
 @dataclass(frozen=True)
-class DecodeLayerWeights:
-    """A decoder layer's weights as :func:`decode_layers`' argument lists (built by ``quant.fused``).
-
-    tensors: input norm weight, post-attention norm weight, then for q/k/v (or q alone), o, gate/up and
-    down: packed weight or codes, scale, shift, bias; then the q and k norm weights (Qwen3); then k and
-    v as two more linears where q/k/v are three products (weights of different kinds); an empty tensor
-    where absent. ints: heads, KV heads, head dim, then per linear (k's and v's last): bits (16 for
-    bf16, 0 absent), group size, outputs, zero point, bias mode (0 none, 1 added before rounding, 2
-    added to the rounded output). floats: the two norms' eps, the attention scale, the q and k norms'
-    eps.
-    """
-
-    tensors: list[torch.Tensor]
-    ints: list[int]
-    floats: list[float]
-
-
-@dataclass(frozen=True)
 class ExpertWeights:
     """A MoE layer's routed experts as :func:`moe_experts` reads them (built by ``quant.fused``): for
     expert e, ``tensors[e]`` its gate/up then its down product (packed weight or codes, scale, shift,
@@ -177,6 +159,27 @@ def moe_experts(
 
 
 @dataclass(frozen=True)
+class DecodeLayerWeights:
+    """A decoder layer's weights as :func:`decode_layers`' argument lists (built by ``quant.fused``).
+
+    tensors: input norm weight, post-attention norm weight, then for q/k/v (or q alone), o, gate/up and
+    down: packed weight or codes, scale, shift, bias; then the q and k norm weights (Qwen3); then k and
+    v as two more linears where q/k/v are three products (weights of different kinds); then a MoE
+    layer's router weight packed for :func:`linear_bf16`; an empty tensor where absent. ints: heads, KV
+    heads, head dim, then per linear (k's and v's last): bits (16 for bf16, 0 absent), group size,
+    outputs, zero point, bias mode (0 none, 1 added before rounding, 2 added to the rounded output); then
+    a MoE layer's routed experts, top k and whether the top k weights are renormalized (0, 0, 0 for a
+    dense layer, whose gate/up and down a MoE layer has absent). floats: the two norms' eps, the
+    attention scale, the q and k norms' eps. experts: a MoE layer's routed experts.
+    """
+
+    tensors: list[torch.Tensor]
+    ints: list[int]
+    floats: list[float]
+    experts: ExpertWeights | None = None
+
+
+@dataclass(frozen=True)
 class DecodeRun:
     """A run of consecutive decoder layers' weights and their K/V pools, held by the C++ library once
     (:func:`decode_run`), so that a decode step passes only what changes: passing about 900 tensors and
@@ -195,7 +198,12 @@ def decode_run(
     tensors = list(chain.from_iterable(w.tensors for w in weights))
     ints = list(chain.from_iterable(w.ints for w in weights))
     floats = list(chain.from_iterable(w.floats for w in weights))
-    handle = torch.classes.qwenkit.DecodeRun(tensors, ints, floats, list(k_pools), list(v_pools))
+    experts = [w.experts for w in weights if w.experts is not None]
+    expert_tensors = [t for e in experts for per_expert in e.tensors for t in per_expert]
+    expert_ints = [i for e in experts for per_expert in e.ints for i in per_expert]
+    handle = torch.classes.qwenkit.DecodeRun(
+        tensors, ints, floats, list(k_pools), list(v_pools), expert_tensors, expert_ints
+    )
     return DecodeRun(handle, len(weights))
 
 

@@ -66,7 +66,11 @@ def _same_objects(a: list, b: list) -> bool:
 def _decode_runs(model: nn.Module, layers: nn.ModuleList, pools: DecodePools) -> dict[int, kernels.DecodeRun]:
     """First layer index -> the run of consecutive layers from there with decode weights, each run one
     ``kernels.decode_layers`` call; a layer without them (a part off the kernels) runs its modules."""
-    weights = [layer.decode_weights for layer in layers]
+    # a MoE layer counting its routed tokens (count_routed_tokens) runs its modules, which count
+    weights = [
+        None if getattr(layer.mlp, "routed_tokens", None) is not None else layer.decode_weights
+        for layer in layers
+    ]
     held = _HELD.get(model)
     if (
         held is not None

@@ -131,8 +131,8 @@ def fuse_for_inference(model: nn.Module, release_parts: bool = False) -> int:
     use_fast_norms(model)
     count = fuse_projections(model, release_parts)  # float32 layers (not repacked) stack as on the plain path
     trim_heap()  # the parts, freed in the middle of the heap
+    plan_moe_experts(model)  # first: a MoE layer's decode weights hold its experts'
     plan_decode_layers(model)
-    plan_moe_experts(model)
     return count
 
 
@@ -178,14 +178,18 @@ _ABSENT = torch.empty(0)
 
 def decode_layer_weights(layer: DecoderLayer) -> kernels.DecodeLayerWeights | None:
     """The layer's weights as ``kernels.decode_layers`` arguments (the same tensors, not copies), or None
-    where a part does not run on qwenkit's kernels: MoE, an unfused gate/up, act-order."""
+    where a part does not run on qwenkit's kernels: an unfused gate/up, act-order, a MoE layer's experts
+    off the kernels or its shared expert (Qwen2-MoE)."""
     attn, mlp = layer.self_attn, layer.mlp
     norms = (layer.input_layernorm, layer.post_attention_layernorm)
     head_norms = () if attn.q_norm is None else (attn.q_norm, attn.k_norm)
-    if (
-        type(mlp) is not MLP
-        or mlp.gate_up_silu is None
-        or any(type(n) is not FastRMSNorm or n.weight.dtype != torch.bfloat16 for n in norms + head_norms)
+    moe = type(mlp) is MoEMLP
+    if moe:
+        runs = mlp.expert_weights is not None and mlp.shared_expert is None and mlp.gate.packed is not None
+    else:
+        runs = type(mlp) is MLP and mlp.gate_up_silu is not None
+    if not runs or any(
+        type(n) is not FastRMSNorm or n.weight.dtype != torch.bfloat16 for n in norms + head_norms
     ):
         return None
     # q/k/v as one product, or as three where they did not fuse (weights of different kinds)
@@ -194,12 +198,16 @@ def decode_layer_weights(layer: DecoderLayer) -> kernels.DecodeLayerWeights | No
     ints = [attn.n_heads, attn.n_kv, attn.head_dim]
     extra_tensors: list[torch.Tensor] = [_ABSENT] * 8
     extra_ints = [0] * 10
-    for linear in (qkv[0], attn.o_proj, mlp.gate_up_silu.linear, mlp.down_proj):
+    ffn = () if moe else (mlp.gate_up_silu.linear, mlp.down_proj)
+    for linear in (qkv[0], attn.o_proj, *ffn):
         args = _linear_args(linear)
         if args is None:
             return None
         tensors += args[0]
         ints += args[1]
+    if moe:  # no dense gate/up and down
+        tensors += [_ABSENT] * 8
+        ints += [0] * 10
     if len(qkv) == 3:
         parts = [_linear_args(linear) for linear in qkv[1:]]
         if any(a is None for a in parts):
@@ -213,7 +221,14 @@ def decode_layer_weights(layer: DecoderLayer) -> kernels.DecodeLayerWeights | No
     else:
         tensors += [_ABSENT, _ABSENT]
         floats += [0.0, 0.0]
-    return kernels.DecodeLayerWeights(tensors + extra_tensors, ints + extra_ints, floats)
+    if moe:  # the router on the bf16 kernel, and how it picks
+        router, routing = [mlp.gate.packed.weight], [mlp.num_experts, mlp.top_k, int(mlp.norm_topk_prob)]
+    else:
+        router, routing = [_ABSENT], [0, 0, 0]
+    experts = mlp.expert_weights if moe else None
+    return kernels.DecodeLayerWeights(
+        tensors + extra_tensors + router, ints + extra_ints + routing, floats, experts
+    )
 
 
 def _linear_args(m: nn.Module) -> tuple[list[torch.Tensor], list[int]] | None:

@@ -112,8 +112,9 @@ namespace {
 #include "step_ops.h"
 #include "decode_attention.h"
 #include "prefill_attention.h"
-#include "decode_layers.h"
+#include "layer_linear.h"
 #include "moe_experts.h"
+#include "decode_layers.h"
 
 }  // namespace
 
@@ -159,7 +160,7 @@ TORCH_LIBRARY(qwenkit, m) {
   m.def("prefill_attention_runs(int head_dim) -> bool", &prefill_attention_runs);  // no tensors: no dispatch key
   m.class_<DecodeRun>("DecodeRun")
       .def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>, std::vector<double>, std::vector<at::Tensor>,
-                       std::vector<at::Tensor>>())
+                       std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<int64_t>>())
       .def("layers", &DecodeRun::layers);
   m.def(
       "decode_layers(__torch__.torch.classes.qwenkit.DecodeRun run, Tensor x, Tensor slots, Tensor gather, "

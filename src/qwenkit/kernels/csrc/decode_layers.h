@@ -10,59 +10,6 @@
 // a layer's dozen Python module calls and torch ops cost about as much as its attention; here they are a few
 // C++ calls.
 
-// One linear layer, read from decode_layer's argument lists.
-struct LayerLinear {
-  int64_t bits = 16;  // 16: bf16 tiles (linear_bf16); 8 / 5 / 4: integer codes (linear_int8/5/4); 6: Q6_K
-  at::Tensor w, scale, shift, bias;  // shift, bias: undefined when absent
-  int64_t group_size = 0, N = 0, zero_point = 0;
-  bool bias_after_rounding = false;  // QuantizedLinear adds its bias to the rounded bf16 output
-};
-
-inline c10::optional<at::Tensor> present(const at::Tensor& t) {
-  return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt;
-}
-
-// y += r for a bf16 (rows, N) y, contiguous, and r bf16 of y's shape or one (N) row added to every row
-// (the residual x + layer(x); Qwen2's q/k/v bias on an integer product): each sum rounded to bf16 as
-// torch's bf16 add does, in place; one loop here instead of a torch call with its dispatch and the
-// tensor it allocates (~10 us a layer as at::add, a fiftieth of a 0.5B int4 batch-1 step).
-void add_bf16_(at::Tensor& y, const at::Tensor& r) {
-  const int64_t N = y.dim() == 2 ? y.size(1) : -1;
-  const bool row = r.dim() == 1 && r.size(0) == N;
-  TORCH_CHECK(y.scalar_type() == at::kBFloat16 && r.scalar_type() == at::kBFloat16 && y.dim() == 2 &&
-                  y.is_contiguous() && (row || y.sizes() == r.sizes()),
-              "qwenkit decode_layer: add of a bfloat16 ", r.sizes(), " to a bfloat16 ", y.sizes());
-  const at::Tensor rc = r.contiguous();
-  uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
-  const uint16_t* rp = reinterpret_cast<const uint16_t*>(rc.data_ptr<at::BFloat16>());
-  for (int64_t m = 0; m < y.size(0); ++m) {
-    uint16_t* ym = yp + m * N;
-    const uint16_t* rm = rp + (row ? 0 : m * N);
-    for (int64_t n = 0; n < N; n += 16) {
-      const __mmask16 mk = tail_mask16(N - n);
-      const __m512 v = _mm512_add_ps(maskz_load_bf16_as_f32(mk, ym + n), maskz_load_bf16_as_f32(mk, rm + n));
-      _mm256_mask_storeu_epi16(ym + n, mk, (__m256i)_mm512_cvtneps_pbh(v));
-    }
-  }
-}
-
-at::Tensor run_linear(const LayerLinear& l, const at::Tensor& x) {
-  const c10::optional<at::Tensor> in_kernel = l.bias_after_rounding ? c10::nullopt : present(l.bias);
-  at::Tensor y;
-  if (l.bits == 16)
-    y = linear_bf16(x, l.w, in_kernel, l.N);
-  else if (l.bits == 8)
-    y = linear_int<8>(x, l.w, l.scale, present(l.shift), in_kernel, l.group_size, l.N, l.zero_point);
-  else if (l.bits == 6)
-    y = linear_int<6>(x, l.w, l.scale, present(l.shift), in_kernel, l.group_size, l.N, l.zero_point);
-  else if (l.bits == 5)
-    y = linear_int<5>(x, l.w, l.scale, present(l.shift), in_kernel, l.group_size, l.N, l.zero_point);
-  else
-    y = linear_int<4>(x, l.w, l.scale, present(l.shift), in_kernel, l.group_size, l.N, l.zero_point);
-  if (l.bias_after_rounding && l.bias.defined()) add_bf16_(y, l.bias);  // QuantizedLinear's y + bias
-  return y;
-}
-
 // Qwen3's per-head RMSNorm of q or k (rows x heads of D features) exactly as the model's norm module
 // computes it: one kernel call for a decode step's 16 or fewer rows, else torch's steps (in float, cast
 // back, then the weight multiply).
@@ -74,21 +21,34 @@ at::Tensor head_norm(const at::Tensor& x, const at::Tensor& weight, double eps) 
 
 // tensors: [input norm weight, post-attention norm weight, then per linear (q/k/v or q alone, o, gate/up,
 //           down): weight or codes, scale, shift, bias, then the q and k norm weights (Qwen3), then
-//           k and v as two more linears when q/k/v are three products] (an empty tensor where absent)
+//           k and v as two more linears when q/k/v are three products, then a MoE layer's router weight
+//           packed for linear_bf16] (an empty tensor where absent)
 // ints:    [H, Hkv, D, then per linear: bits (0: absent), group_size, N, zero_point, bias mode (0 none,
-//           1 added in fp32 before rounding, 2 added to the rounded output); k's and v's last]
+//           1 added in fp32 before rounding, 2 added to the rounded output); k's and v's last; then a MoE
+//           layer's experts E (0: a dense feed-forward), top k and whether the top k weights are
+//           renormalized]
 // floats:  [input norm eps, post-attention norm eps, attention scale, q norm eps, k norm eps]
+// experts, expert_ints: a MoE layer's E routed experts, 8 tensors and 10 ints each (gate/up, then down,
+//           as the linears above); empty for a dense layer.
 // x (M, hidden) bf16; pools (slots, Hkv, D) bf16, written at `slots` (M,); gather (M, S), positions (M,)
 // as decode_attention; cos/sin (1, M, rot) as rope_. Returns the layer's output (M, hidden).
+constexpr int64_t kLayerTensors = 29, kLayerInts = 36, kLayerFloats = 5;
 at::Tensor decode_layer(const at::Tensor& x, at::TensorList tensors, at::IntArrayRef ints, at::ArrayRef<double> floats,
                         at::Tensor k_pool, at::Tensor v_pool, const at::Tensor& slots, const at::Tensor& gather,
-                        const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin) {
-  TORCH_CHECK(tensors.size() == 28 && ints.size() == 33 && floats.size() == 5,
-              "qwenkit decode_layer: expected 28 tensors, 33 ints and 5 floats, got ", tensors.size(), ", ",
-              ints.size(), " and ", floats.size());
+                        const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin,
+                        at::TensorList experts, at::IntArrayRef expert_ints) {
+  TORCH_CHECK(static_cast<int64_t>(tensors.size()) == kLayerTensors && static_cast<int64_t>(ints.size()) == kLayerInts &&
+                  static_cast<int64_t>(floats.size()) == kLayerFloats,
+              "qwenkit decode_layer: expected ", kLayerTensors, " tensors, ", kLayerInts, " ints and ", kLayerFloats,
+              " floats, got ", tensors.size(), ", ", ints.size(), " and ", floats.size());
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.size(0) >= 1 && x.size(0) <= 16,
               "qwenkit decode_layer: x must be (rows, hidden) bfloat16 with 1..16 rows, got ", x.sizes());
   const int64_t M = x.size(0), H = ints[0], Hkv = ints[1], D = ints[2];
+  const int64_t E = ints[33], top_k = ints[34];
+  TORCH_CHECK(static_cast<int64_t>(experts.size()) == 8 * E && static_cast<int64_t>(expert_ints.size()) == 10 * E &&
+                  (E == 0 || (top_k >= 1 && top_k <= E && tensors[28].numel())),
+              "qwenkit decode_layer: a MoE layer's ", E, " experts need 8 tensors and 10 ints each, a router and "
+              "1..", E, " picks; got ", experts.size(), " tensors, ", expert_ints.size(), " ints, top k ", top_k);
   TORCH_CHECK(k_pool.dim() == 3 && k_pool.size(1) == Hkv && k_pool.size(2) == D && v_pool.sizes() == k_pool.sizes() &&
                   k_pool.is_contiguous() && v_pool.is_contiguous() && k_pool.scalar_type() == at::kBFloat16 &&
                   v_pool.scalar_type() == at::kBFloat16,
@@ -97,20 +57,11 @@ at::Tensor decode_layer(const at::Tensor& x, at::TensorList tensors, at::IntArra
               "qwenkit decode_layer: slots must hold one int64 slot per row");
   LayerLinear lin[6];  // q/k/v (or q), o, gate/up, down, then k and v when q/k/v are three products
   for (int i = 0; i < 6; ++i) {
-    LayerLinear& l = lin[i];
     const int64_t first = i < 4 ? 2 + 4 * i : 20 + 4 * (i - 4);  // after the q and k norm weights
-    auto t = [&](int j) { const at::Tensor& v = tensors[first + j]; return v.numel() ? v : at::Tensor(); };
-    l.w = tensors[first];
-    l.scale = t(1);
-    l.shift = t(2);
-    l.bias = t(3);
-    const int64_t* c = ints.data() + 3 + 5 * i;
-    l.bits = c[0];
-    l.group_size = c[1];
-    l.N = c[2];
-    l.zero_point = c[3];
-    l.bias_after_rounding = c[4] == 2;
-    TORCH_CHECK(l.bits == 16 || l.bits == 8 || l.bits == 6 || l.bits == 5 || l.bits == 4 || (i >= 4 && l.bits == 0),
+    lin[i] = read_linear(tensors, first, ints.data() + 3 + 5 * i);
+    const int64_t bits = lin[i].bits;
+    const bool may_be_absent = i >= 4 || (E > 0 && i >= 2);  // k and v apart; a MoE layer's dense FFN
+    TORCH_CHECK(bits == 16 || bits == 8 || bits == 6 || bits == 5 || bits == 4 || (may_be_absent && bits == 0),
                 "qwenkit decode_layer: bits must be 16, 8, 6 (Q6_K), 5 or 4");
   }
   const bool three = lin[4].bits != 0;
@@ -149,9 +100,17 @@ at::Tensor decode_layer(const at::Tensor& x, at::TensorList tensors, at::IntArra
   at::Tensor y = run_linear(lin[1], attn);
   add_bf16_(y, x);  // x + o(attn)
   // feed-forward
-  at::Tensor gate_up = run_linear(lin[2], rms_norm(y, tensors[1], floats[1]));
-  at::Tensor out = run_linear(lin[3], silu_mul(gate_up));
-  add_bf16_(out, y);  // y + down(silu(gate) * up)
+  const at::Tensor h2 = rms_norm(y, tensors[1], floats[1]);
+  at::Tensor out;
+  if (E == 0) {
+    out = run_linear(lin[3], silu_mul(run_linear(lin[2], h2)));
+  } else {  // MoEMLP.route, then the routed experts (moe_experts): torch's own softmax, topk and sum
+    const at::Tensor logits = linear_bf16(h2, tensors[28], c10::nullopt, E);
+    auto [weights, ids] = at::topk(at::softmax(logits, -1, at::kFloat), top_k, -1);
+    if (ints[35]) weights = weights / weights.sum(-1, true);
+    out = run_experts(h2, ids, weights.to(at::kBFloat16), layer_experts(ids, experts, expert_ints));
+  }
+  add_bf16_(out, y);  // y + feed-forward(norm(y))
   return out;
 }
 
@@ -160,23 +119,33 @@ at::Tensor decode_layer(const at::Tensor& x, at::TensorList tensors, at::IntArra
 // decode_layer takes them) and its pools k_pools[l], v_pools[l]. Passing them with every step cost the
 // bundled 135M model about 90 us a step (converting ~900 tensors and ~1,000 ints), 2% of its batch-1 step.
 struct DecodeRun : torch::CustomClassHolder {
-  std::vector<at::Tensor> tensors, k_pools, v_pools;
-  std::vector<int64_t> ints;
+  std::vector<at::Tensor> tensors, k_pools, v_pools, experts;
+  std::vector<int64_t> ints, expert_ints;
   std::vector<double> floats;
+  std::vector<int64_t> first_expert;  // layer l's experts: experts first_expert[l] .. first_expert[l + 1] - 1
   bool small_int4 = false;  // every product int4 codes, at most kRowGroupMacs multiply-adds a layer and row
 
   DecodeRun(std::vector<at::Tensor> tensors_, std::vector<int64_t> ints_, std::vector<double> floats_,
-            std::vector<at::Tensor> k_pools_, std::vector<at::Tensor> v_pools_)
+            std::vector<at::Tensor> k_pools_, std::vector<at::Tensor> v_pools_, std::vector<at::Tensor> experts_,
+            std::vector<int64_t> expert_ints_)
       : tensors(std::move(tensors_)), k_pools(std::move(k_pools_)), v_pools(std::move(v_pools_)),
-        ints(std::move(ints_)), floats(std::move(floats_)) {
+        experts(std::move(experts_)), ints(std::move(ints_)), expert_ints(std::move(expert_ints_)),
+        floats(std::move(floats_)) {
     const int64_t L = layers();
-    TORCH_CHECK(L >= 1 && v_pools.size() == k_pools.size() && static_cast<int64_t>(tensors.size()) == 28 * L &&
-                    static_cast<int64_t>(ints.size()) == 33 * L && static_cast<int64_t>(floats.size()) == 5 * L,
-                "qwenkit DecodeRun: expected, per layer, 28 tensors, 33 ints, 5 floats and a K and a V pool; got ",
-                tensors.size(), " tensors, ", ints.size(), " ints, ", floats.size(), " floats, ", k_pools.size(),
-                " K pools and ", v_pools.size(), " V pools");
+    TORCH_CHECK(L >= 1 && v_pools.size() == k_pools.size() && static_cast<int64_t>(tensors.size()) == kLayerTensors * L &&
+                    static_cast<int64_t>(ints.size()) == kLayerInts * L &&
+                    static_cast<int64_t>(floats.size()) == kLayerFloats * L,
+                "qwenkit DecodeRun: expected, per layer, ", kLayerTensors, " tensors, ", kLayerInts, " ints, ",
+                kLayerFloats, " floats and a K and a V pool; got ", tensors.size(), " tensors, ", ints.size(), " ints, ",
+                floats.size(), " floats, ", k_pools.size(), " K pools and ", v_pools.size(), " V pools");
+    first_expert.push_back(0);
+    for (int64_t l = 0; l < L; ++l) first_expert.push_back(first_expert.back() + ints[kLayerInts * l + 33]);
+    TORCH_CHECK(static_cast<int64_t>(experts.size()) == 8 * first_expert.back() &&
+                    static_cast<int64_t>(expert_ints.size()) == 10 * first_expert.back(),
+                "qwenkit DecodeRun: the layers' ", first_expert.back(), " experts need 8 tensors and 10 ints each; got ",
+                experts.size(), " and ", expert_ints.size());
     small_int4 = true;
-    for (int64_t l = 0; l < L; ++l) small_int4 = small_int4 && layer_is_small_int4(ints.data() + 33 * l);
+    for (int64_t l = 0; l < L; ++l) small_int4 = small_int4 && layer_is_small_int4(ints.data() + kLayerInts * l);
   }
   int64_t layers() const { return static_cast<int64_t>(k_pools.size()); }
 
@@ -202,9 +171,10 @@ struct DecodeRun : torch::CustomClassHolder {
  private:
   static constexpr int64_t kRowGroupMacs = 8 << 20;  // a layer's multiply-adds a row (the bundled model 3.5M)
 
-  // ints: decode_layer's 33 for one layer (H, Hkv, D, then per linear its bits, group size, N, zero
-  // point and bias mode: q/k/v or q, o, gate/up, down, then k and v)
+  // ints: decode_layer's for one layer (H, Hkv, D, then per linear its bits, group size, N, zero point and
+  // bias mode: q/k/v or q, o, gate/up, down, then k and v; then the experts of a MoE layer, which is not)
   static bool layer_is_small_int4(const int64_t* ints) {
+    if (ints[33] != 0) return false;
     const int64_t H = ints[0], D = ints[2];
     const auto bits = [&](int i) { return ints[3 + 5 * i]; };
     const auto N = [&](int i) { return ints[3 + 5 * i + 2]; };
@@ -234,9 +204,13 @@ at::Tensor decode_layers(const c10::intrusive_ptr<DecodeRun>& run, const at::Ten
     const at::Tensor s = all ? slots : slots.narrow(0, r0, n), g = all ? gather : gather.narrow(0, r0, n);
     const at::Tensor p = all ? positions : positions.narrow(0, r0, n);
     const at::Tensor c = all ? cos : cos.narrow(1, r0, n), sn = all ? sin : sin.narrow(1, r0, n);
-    for (int64_t l = 0; l < run->layers(); ++l)
-      h = decode_layer(h, tensors.slice(28 * l, 28), ints.slice(33 * l, 33), floats.slice(5 * l, 5), run->k_pools[l],
-                       run->v_pools[l], s, g, p, c, sn);
+    for (int64_t l = 0; l < run->layers(); ++l) {
+      const int64_t e0 = run->first_expert[l], e = run->first_expert[l + 1] - e0;
+      h = decode_layer(h, tensors.slice(kLayerTensors * l, kLayerTensors), ints.slice(kLayerInts * l, kLayerInts),
+                       floats.slice(kLayerFloats * l, kLayerFloats), run->k_pools[l], run->v_pools[l], s, g, p, c, sn,
+                       at::TensorList(run->experts).slice(8 * e0, 8 * e),
+                       at::IntArrayRef(run->expert_ints).slice(10 * e0, 10 * e));
+    }
     return h;
   };
   const int64_t M = x.size(0), groups = run->row_groups(M);

@@ -94,20 +94,34 @@ std::vector<at::Tensor> run_linears(const std::vector<at::Tensor>& xs, const std
   }
 }
 
-// What MoEMLP._dispatch computes, with its roundings, so the result is bit for bit the same: each active
-// expert runs once over the rows routed to it (rows ascending), gate/up product, silu * up, down product
-// (run_linear, silu_mul: the kernels its modules call); each (row, rank) output is multiplied by its
-// routing weight and rounded to bf16; a row's K outputs are then added in rank order, each sum rounded to
-// bf16, as torch's bf16 ops round. At decode the Python loop over experts (sort, count, a host sync,
-// slices, a module call per expert, gathers, K - 1 adds) cost about as much as reading the experts'
-// weights: 1.2 ms against 0.84 for one Qwen3-30B-A3B layer at batch 1 (2026-12-04).
+// A routed expert: its id and its two products (gate/up fused, down).
+struct Expert {
+  int64_t id;
+  LayerLinear gate_up, down;
+};
+
+// Expert `id` from 8 tensors at tensors[first] and 10 ints at c (gate/up, then down, as read_linear reads them).
+Expert read_expert(int64_t id, at::TensorList tensors, int64_t first, const int64_t* c) {
+  Expert e{id, read_linear(tensors, first, c), read_linear(tensors, first + 4, c + 5)};
+  for (const LayerLinear* l : {&e.gate_up, &e.down})
+    TORCH_CHECK(l->bits == 16 || l->bits == 8 || l->bits == 6 || l->bits == 5 || l->bits == 4,
+                "qwenkit moe_experts: bits must be 16, 8, 6 (Q6_K), 5 or 4, got ", l->bits, " for expert ", id);
+  return e;
+}
+
+// What MoEMLP._dispatch computes, with its roundings, so the result is bit for bit the same: each picked
+// expert runs once over the rows routed to it (rows ascending): gate/up product, silu * up, down product
+// (run_linear's kernels, the experts' integer products in one parallel region: run_linears); each (row,
+// rank) output is multiplied by its routing weight and rounded to bf16; a row's K outputs are then added
+// in rank order, each sum rounded to bf16, as torch's bf16 ops round. At decode the Python loop over
+// experts (sort, count, a host sync, slices, a module call per expert, gathers, K - 1 adds) cost about as
+// much as reading the experts' weights: 1.2 ms against 0.84 for one Qwen3-30B-A3B layer at batch 1
+// (2026-12-04).
 //
 // x (M, hidden) bf16; ids (M, K) int64 expert of each (row, rank); weights (M, K) bf16 routing weights;
-// tensors: per listed expert, its gate/up then its down product as decode_layer reads a linear (weight or
-// codes, scale, shift, bias; an empty tensor where absent); ints: per listed expert, its id, then per
-// product bits, group size, N, zero point, bias mode. Every expert some row picks must be listed.
-at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights, at::TensorList tensors,
-                       at::IntArrayRef ints) {
+// experts: every expert some row picks (others are skipped).
+at::Tensor run_experts(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights,
+                       const std::vector<Expert>& experts) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.device().is_cpu(),
               "qwenkit moe_experts: x must be (rows, hidden) bfloat16 on the CPU, got ", x.scalar_type(), " ",
               x.sizes());
@@ -116,10 +130,6 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
   TORCH_CHECK(weights.sizes() == ids.sizes() && weights.scalar_type() == at::kBFloat16,
               "qwenkit moe_experts: weights must be bfloat16 like ids ", ids.sizes(), ", got ", weights.scalar_type(),
               " ", weights.sizes());
-  const int64_t E = static_cast<int64_t>(tensors.size()) / 8;
-  TORCH_CHECK(static_cast<int64_t>(tensors.size()) == 8 * E && static_cast<int64_t>(ints.size()) == 11 * E,
-              "qwenkit moe_experts: expected 8 tensors and 11 ints per expert, got ", tensors.size(), " and ",
-              ints.size());
   const int64_t M = x.size(0), K = ids.size(1), hidden = x.size(1);
   const at::Tensor xc = x.contiguous(), idc = ids.contiguous(), wc = weights.contiguous();
   const int64_t* idp = idc.data_ptr<int64_t>();
@@ -127,62 +137,42 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
   at::Tensor pairs = at::empty({M, K, hidden}, x.options());  // each (row, rank)'s weighted expert output
   at::BFloat16* pp = pairs.data_ptr<at::BFloat16>();
   std::vector<char> done(M * K, 0);
-  std::vector<LayerLinear> products(2 * E);  // expert i's gate/up at 2i, its down at 2i + 1
-  std::vector<std::vector<int64_t>> slots(E);  // (row, rank) slots routed to expert i, rows ascending
-  std::vector<at::Tensor> xs;  // the routed rows of each expert that some row picks
+  std::vector<std::vector<int64_t>> slots;  // (row, rank) slots routed to each expert run, rows ascending
+  std::vector<at::Tensor> xs;               // and their rows of x
   std::vector<const LayerLinear*> gate_ups, downs;
-  std::vector<int64_t> active;
-  for (int64_t i = 0; i < E; ++i) {
-    const int64_t expert = ints[11 * i];
-    for (int j = 0; j < 2; ++j) {
-      LayerLinear& l = products[2 * i + j];
-      auto t = [&](int k) { const at::Tensor& v = tensors[8 * i + 4 * j + k]; return v.numel() ? v : at::Tensor(); };
-      l.w = tensors[8 * i + 4 * j];
-      l.scale = t(1);
-      l.shift = t(2);
-      l.bias = t(3);
-      const int64_t* c = ints.data() + 11 * i + 1 + 5 * j;
-      l.bits = c[0];
-      l.group_size = c[1];
-      l.N = c[2];
-      l.zero_point = c[3];
-      l.bias_after_rounding = c[4] == 2;
-      TORCH_CHECK(l.bits == 16 || l.bits == 8 || l.bits == 6 || l.bits == 5 || l.bits == 4,
-                  "qwenkit moe_experts: bits must be 16, 8, 6 (Q6_K), 5 or 4, got ", l.bits, " for expert ", expert);
-    }
-    TORCH_CHECK(products[2 * i + 1].N == hidden, "qwenkit moe_experts: expert ", expert, "'s down product has ",
-                products[2 * i + 1].N, " outputs, x has ", hidden, " features");
-    std::vector<int64_t> rows;
+  for (const Expert& e : experts) {
+    TORCH_CHECK(e.down.N == hidden, "qwenkit moe_experts: expert ", e.id, "'s down product has ", e.down.N,
+                " outputs, x has ", hidden, " features");
+    std::vector<int64_t> rows, to;
     for (int64_t m = 0; m < M; ++m)
       for (int64_t r = 0; r < K; ++r)
-        if (idp[m * K + r] == expert) {
+        if (idp[m * K + r] == e.id) {
           rows.push_back(m);
-          slots[i].push_back(m * K + r);
+          to.push_back(m * K + r);
         }
     if (rows.empty()) continue;
     const bool all = static_cast<int64_t>(rows.size()) == M;  // every row, in order (each picks an expert once)
     xs.push_back(all ? xc : xc.index_select(0, at::tensor(rows, at::kLong)));
-    gate_ups.push_back(&products[2 * i]);
-    downs.push_back(&products[2 * i + 1]);
-    active.push_back(i);
+    slots.push_back(std::move(to));
+    gate_ups.push_back(&e.gate_up);
+    downs.push_back(&e.down);
   }
   std::vector<at::Tensor> hs = run_linears(xs, gate_ups);
   for (auto& h : hs) h = silu_mul(h);
   const std::vector<at::Tensor> ys = run_linears(hs, downs);
-  for (size_t a = 0; a < active.size(); ++a) {
+  for (size_t a = 0; a < ys.size(); ++a) {
     const at::Tensor y = ys[a].contiguous();
-    const at::BFloat16* yp = y.data_ptr<at::BFloat16>();
-    const std::vector<int64_t>& to = slots[active[a]];
-    for (size_t j = 0; j < to.size(); ++j) {  // times its routing weight, rounded to bf16
-      const __m512 w = _mm512_set1_ps(static_cast<float>(wp[to[j]]));
-      const uint16_t* row = reinterpret_cast<const uint16_t*>(yp) + j * hidden;
-      uint16_t* out = reinterpret_cast<uint16_t*>(pp) + to[j] * hidden;
+    const uint16_t* yp = reinterpret_cast<const uint16_t*>(y.data_ptr<at::BFloat16>());
+    for (size_t j = 0; j < slots[a].size(); ++j) {  // times its routing weight, rounded to bf16
+      const int64_t s = slots[a][j];
+      const __m512 w = _mm512_set1_ps(static_cast<float>(wp[s]));
+      uint16_t* out = reinterpret_cast<uint16_t*>(pp) + s * hidden;
       for (int64_t c = 0; c < hidden; c += 16) {
         const __mmask16 mk = tail_mask16(hidden - c);
-        const __m512 v = _mm512_mul_ps(maskz_load_bf16_as_f32(mk, row + c), w);
+        const __m512 v = _mm512_mul_ps(maskz_load_bf16_as_f32(mk, yp + j * hidden + c), w);
         _mm256_mask_storeu_epi16(out + c, mk, (__m256i)_mm512_cvtneps_pbh(v));
       }
-      done[to[j]] = 1;
+      done[s] = 1;
     }
   }
   for (int64_t s = 0; s < M * K; ++s)
@@ -191,4 +181,33 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
   at::Tensor out = pairs.select(1, 0).contiguous();
   for (int64_t r = 1; r < K; ++r) add_bf16_(out, pairs.select(1, r));
   return out;
+}
+
+// The experts of a layer (8 tensors and 10 ints each, expert e the e-th) that ids picks, ascending.
+std::vector<Expert> layer_experts(const at::Tensor& ids, at::TensorList tensors, at::IntArrayRef ints) {
+  const int64_t E = static_cast<int64_t>(tensors.size()) / 8;
+  std::vector<char> picked(E, 0);
+  const at::Tensor idc = ids.contiguous();
+  const int64_t* idp = idc.data_ptr<int64_t>();
+  for (int64_t i = 0; i < idc.numel(); ++i) {
+    TORCH_CHECK(idp[i] >= 0 && idp[i] < E, "qwenkit decode_layer: expert ", idp[i], " outside 0..", E - 1);
+    picked[idp[i]] = 1;
+  }
+  std::vector<Expert> experts;
+  for (int64_t e = 0; e < E; ++e)
+    if (picked[e]) experts.push_back(read_expert(e, tensors, 8 * e, ints.data() + 10 * e));
+  return experts;
+}
+
+// The op: tensors and ints list the experts some row picks, 8 tensors and 11 ints each (its id, then as
+// layer_experts reads them).
+at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights, at::TensorList tensors,
+                       at::IntArrayRef ints) {
+  const int64_t E = static_cast<int64_t>(tensors.size()) / 8;
+  TORCH_CHECK(static_cast<int64_t>(tensors.size()) == 8 * E && static_cast<int64_t>(ints.size()) == 11 * E,
+              "qwenkit moe_experts: expected 8 tensors and 11 ints per expert, got ", tensors.size(), " and ",
+              ints.size());
+  std::vector<Expert> experts;
+  for (int64_t i = 0; i < E; ++i) experts.push_back(read_expert(ints[11 * i], tensors, 8 * i, ints.data() + 11 * i + 1));
+  return run_experts(x, ids, weights, experts);
 }
