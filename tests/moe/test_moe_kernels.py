@@ -126,3 +126,31 @@ def test_a_shared_expert_or_counting_keeps_the_module_path(tmp_path, monkeypatch
     assert calls == [model.config.num_hidden_layers] * 3
     tokens = sum(len(p) for p in PROMPTS) + 3 * len(PROMPTS)  # the prompts, then 3 decode steps of each
     assert routed == tokens * model.config.num_experts_per_tok * model.config.num_hidden_layers
+
+
+def test_a_moe_gguf_comes_back_from_the_prepared_cache_with_its_one_call_experts(tmp_path, monkeypatch):
+    """The prepared-model cache keeps what the one-call paths need (the experts' and routers' packed
+    weights, each layer's decode weights), so the second start decodes as the first."""
+    from qwenkit.checkpoint import loader, prepared_cache
+
+    monkeypatch.setenv("QWENKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv(prepared_cache.ENV_SWITCH, raising=False)
+    builds: list[int] = []
+    real = loader._assign_all
+    monkeypatch.setattr(loader, "_assign_all", lambda *a, **k: builds.append(1) or real(*a, **k))
+    path, _ = _write(tmp_path, "qwen3_moe", Q.Q4_0)
+    first = load_model(path, dtype="bfloat16", progress=False, fast_kernels=True)[0]
+    again = load_model(path, dtype="bfloat16", progress=False, fast_kernels=True)[0]
+    assert builds == [1]  # the second load came from the cache
+    for model in (first, again):
+        assert all(
+            layer.decode_weights is not None and layer.decode_weights.experts for layer in model.model.layers
+        )
+        assert all(b.gate.packed is not None and b.expert_weights is not None for b in _blocks(model))
+    x = torch.randn(3, first.config.hidden_size, generator=torch.Generator().manual_seed(2)).bfloat16()
+    with torch.no_grad():
+        for a, b in zip(_blocks(first), _blocks(again), strict=True):
+            assert torch.equal(a(x[None]), b(x[None]))
+    ids = torch.tensor([[5, 9, 17, 33, 2, 40, 41, 7]])
+    with torch.no_grad():
+        assert torch.equal(first(ids), again(ids))
