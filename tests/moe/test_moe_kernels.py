@@ -96,11 +96,19 @@ def test_routers_run_on_the_bf16_kernel(model):
 
 @pytest.mark.parametrize(
     ("variant", "quantize"),
-    [("qwen3_moe", None), ("qwen3_moe", "int8"), ("qwen3_moe", "int4"), ("qwen3_moe-top1-mixed", "int4")],
+    [
+        ("qwen3_moe", None),
+        ("qwen3_moe", "int8"),
+        ("qwen3_moe", "int4"),
+        ("qwen3_moe-top1-mixed", "int4"),
+        ("qwen2_moe", "int4"),
+        ("qwen2_moe-mixed", None),
+    ],
 )
 def test_moe_layers_decode_in_one_call_as_their_modules(tmp_path, monkeypatch, variant, quantize):
-    """A decode step takes Qwen3-MoE layers (router, softmax, top k, experts) through kernels.decode_layers
-    with the dense ones: the logits and every K/V slot bit for bit the modules'."""
+    """A decode step takes MoE layers (router, softmax, top k, experts; Qwen2-MoE's gated shared expert)
+    through kernels.decode_layers with the dense ones: the logits and every K/V slot bit for bit the
+    modules'."""
     hf_moe_model(variant).save_pretrained(tmp_path / "m")
     model = _load(tmp_path / "m", quantize, monkeypatch)
     weights = [layer.decode_weights for layer in model.model.layers]
@@ -111,10 +119,7 @@ def test_moe_layers_decode_in_one_call_as_their_modules(tmp_path, monkeypatch, v
     assert calls == [len(weights)] * 6  # every decode step: all its layers in one kernel call
 
 
-def test_a_shared_expert_or_counting_keeps_the_module_path(tmp_path, monkeypatch):
-    hf_moe_model("qwen2_moe").save_pretrained(tmp_path / "shared")
-    model = _load(tmp_path / "shared", "int4", monkeypatch)
-    assert all(layer.decode_weights is None for layer in model.model.layers)  # Qwen2-MoE's shared expert
+def test_a_layer_counting_its_routed_tokens_keeps_the_module_path(tmp_path, monkeypatch):
     hf_moe_model("qwen3_moe").save_pretrained(tmp_path / "m")
     model = _load(tmp_path / "m", "int4", monkeypatch)
     calls = _count_layer_runs(monkeypatch)

@@ -206,7 +206,7 @@ def test_decode_layer_rejects_bad_input(tmp_path, monkeypatch) -> None:
     with pytest.raises(RuntimeError, match="1..16 rows"):
         rows = torch.zeros(17, cfg.hidden_size, dtype=torch.bfloat16)
         kernels.decode_layers(rows, run, one, one[None], one, cos, cos)
-    with pytest.raises(RuntimeError, match="per layer, 29 tensors, 36 ints, 5 floats and a K and a V pool"):
+    with pytest.raises(RuntimeError, match="per layer, 30 tensors, 36 ints, 5 floats and a K and a V pool"):
         kernels.decode_run([layer.decode_weights] * 2, [pool], [pool])
     with pytest.raises(RuntimeError, match="got 0 tensors"):
         kernels.decode_run([], [], [])

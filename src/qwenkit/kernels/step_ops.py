@@ -165,11 +165,12 @@ class DecodeLayerWeights:
     tensors: input norm weight, post-attention norm weight, then for q/k/v (or q alone), o, gate/up and
     down: packed weight or codes, scale, shift, bias; then the q and k norm weights (Qwen3); then k and
     v as two more linears where q/k/v are three products (weights of different kinds); then a MoE
-    layer's router weight packed for :func:`linear_bf16`; an empty tensor where absent. ints: heads, KV
+    layer's router weight and its shared expert's gate (Qwen2-MoE) packed for :func:`linear_bf16`; an
+    empty tensor where absent (a MoE layer's gate/up and down are its shared expert's). ints: heads, KV
     heads, head dim, then per linear (k's and v's last): bits (16 for bf16, 0 absent), group size,
     outputs, zero point, bias mode (0 none, 1 added before rounding, 2 added to the rounded output); then
     a MoE layer's routed experts, top k and whether the top k weights are renormalized (0, 0, 0 for a
-    dense layer, whose gate/up and down a MoE layer has absent). floats: the two norms' eps, the
+    dense layer). floats: the two norms' eps, the
     attention scale, the q and k norms' eps. experts: a MoE layer's routed experts.
     """
 

@@ -179,13 +179,16 @@ _ABSENT = torch.empty(0)
 def decode_layer_weights(layer: DecoderLayer) -> kernels.DecodeLayerWeights | None:
     """The layer's weights as ``kernels.decode_layers`` arguments (the same tensors, not copies), or None
     where a part does not run on qwenkit's kernels: an unfused gate/up, act-order, a MoE layer's experts
-    off the kernels or its shared expert (Qwen2-MoE)."""
+    or shared expert off the kernels."""
     attn, mlp = layer.self_attn, layer.mlp
     norms = (layer.input_layernorm, layer.post_attention_layernorm)
     head_norms = () if attn.q_norm is None else (attn.q_norm, attn.k_norm)
     moe = type(mlp) is MoEMLP
+    shared = mlp.shared_expert if moe else None  # Qwen2-MoE's, in the dense FFN's slots
     if moe:
-        runs = mlp.expert_weights is not None and mlp.shared_expert is None and mlp.gate.packed is not None
+        runs = mlp.expert_weights is not None and mlp.gate.packed is not None
+        if shared is not None:
+            runs = runs and shared.gate_up_silu is not None and mlp.shared_expert_gate.packed is not None
     else:
         runs = type(mlp) is MLP and mlp.gate_up_silu is not None
     if not runs or any(
@@ -198,14 +201,15 @@ def decode_layer_weights(layer: DecoderLayer) -> kernels.DecodeLayerWeights | No
     ints = [attn.n_heads, attn.n_kv, attn.head_dim]
     extra_tensors: list[torch.Tensor] = [_ABSENT] * 8
     extra_ints = [0] * 10
-    ffn = () if moe else (mlp.gate_up_silu.linear, mlp.down_proj)
+    dense = shared if moe else mlp
+    ffn = () if dense is None else (dense.gate_up_silu.linear, dense.down_proj)
     for linear in (qkv[0], attn.o_proj, *ffn):
         args = _linear_args(linear)
         if args is None:
             return None
         tensors += args[0]
         ints += args[1]
-    if moe:  # no dense gate/up and down
+    if dense is None:  # a MoE layer without a shared expert: no gate/up and down
         tensors += [_ABSENT] * 8
         ints += [0] * 10
     if len(qkv) == 3:
@@ -221,10 +225,14 @@ def decode_layer_weights(layer: DecoderLayer) -> kernels.DecodeLayerWeights | No
     else:
         tensors += [_ABSENT, _ABSENT]
         floats += [0.0, 0.0]
-    if moe:  # the router on the bf16 kernel, and how it picks
-        router, routing = [mlp.gate.packed.weight], [mlp.num_experts, mlp.top_k, int(mlp.norm_topk_prob)]
+    if moe:  # the router (and the shared expert's gate) on the bf16 kernel, and how it picks
+        shared_gate = _ABSENT if shared is None else mlp.shared_expert_gate.packed.weight
+        router, routing = (
+            [mlp.gate.packed.weight, shared_gate],
+            [mlp.num_experts, mlp.top_k, int(mlp.norm_topk_prob)],
+        )
     else:
-        router, routing = [_ABSENT], [0, 0, 0]
+        router, routing = [_ABSENT, _ABSENT], [0, 0, 0]
     experts = mlp.expert_weights if moe else None
     return kernels.DecodeLayerWeights(
         tensors + extra_tensors + router, ints + extra_ints + routing, floats, experts

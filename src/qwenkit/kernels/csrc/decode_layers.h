@@ -22,7 +22,8 @@ at::Tensor head_norm(const at::Tensor& x, const at::Tensor& weight, double eps) 
 // tensors: [input norm weight, post-attention norm weight, then per linear (q/k/v or q alone, o, gate/up,
 //           down): weight or codes, scale, shift, bias, then the q and k norm weights (Qwen3), then
 //           k and v as two more linears when q/k/v are three products, then a MoE layer's router weight
-//           packed for linear_bf16] (an empty tensor where absent)
+//           and its shared expert's gate (Qwen2-MoE), packed for linear_bf16] (an empty tensor where
+//           absent; a MoE layer's gate/up and down are its shared expert's, or absent)
 // ints:    [H, Hkv, D, then per linear: bits (0: absent), group_size, N, zero_point, bias mode (0 none,
 //           1 added in fp32 before rounding, 2 added to the rounded output); k's and v's last; then a MoE
 //           layer's experts E (0: a dense feed-forward), top k and whether the top k weights are
@@ -32,7 +33,7 @@ at::Tensor head_norm(const at::Tensor& x, const at::Tensor& weight, double eps) 
 //           as the linears above); empty for a dense layer.
 // x (M, hidden) bf16; pools (slots, Hkv, D) bf16, written at `slots` (M,); gather (M, S), positions (M,)
 // as decode_attention; cos/sin (1, M, rot) as rope_. Returns the layer's output (M, hidden).
-constexpr int64_t kLayerTensors = 29, kLayerInts = 36, kLayerFloats = 5;
+constexpr int64_t kLayerTensors = 30, kLayerInts = 36, kLayerFloats = 5;
 at::Tensor decode_layer(const at::Tensor& x, at::TensorList tensors, at::IntArrayRef ints, at::ArrayRef<double> floats,
                         at::Tensor k_pool, at::Tensor v_pool, const at::Tensor& slots, const at::Tensor& gather,
                         const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin,
@@ -60,7 +61,7 @@ at::Tensor decode_layer(const at::Tensor& x, at::TensorList tensors, at::IntArra
     const int64_t first = i < 4 ? 2 + 4 * i : 20 + 4 * (i - 4);  // after the q and k norm weights
     lin[i] = read_linear(tensors, first, ints.data() + 3 + 5 * i);
     const int64_t bits = lin[i].bits;
-    const bool may_be_absent = i >= 4 || (E > 0 && i >= 2);  // k and v apart; a MoE layer's dense FFN
+    const bool may_be_absent = i >= 4 || (E > 0 && i >= 2);  // k and v apart; a MoE layer's shared expert
     TORCH_CHECK(bits == 16 || bits == 8 || bits == 6 || bits == 5 || bits == 4 || (may_be_absent && bits == 0),
                 "qwenkit decode_layer: bits must be 16, 8, 6 (Q6_K), 5 or 4");
   }
@@ -109,6 +110,12 @@ at::Tensor decode_layer(const at::Tensor& x, at::TensorList tensors, at::IntArra
     auto [weights, ids] = at::topk(at::softmax(logits, -1, at::kFloat), top_k, -1);
     if (ints[35]) weights = weights / weights.sum(-1, true);
     out = run_experts(h2, ids, weights.to(at::kBFloat16), layer_experts(ids, experts, expert_ints));
+    if (lin[2].bits != 0) {  // Qwen2-MoE's shared expert behind its sigmoid gate, as MoEMLP.forward adds it
+      TORCH_CHECK(lin[3].bits != 0 && tensors[29].numel(), "qwenkit decode_layer: a shared expert needs its ",
+                  "down product and its gate");
+      const at::Tensor shared = run_linear(lin[3], silu_mul(run_linear(lin[2], h2)));
+      out = at::add(out, at::mul(at::sigmoid(linear_bf16(h2, tensors[29], c10::nullopt, 1)), shared));
+    }
   }
   add_bf16_(out, y);  // y + feed-forward(norm(y))
   return out;
