@@ -170,8 +170,8 @@ class DecodeLayerWeights:
     heads, head dim, then per linear (k's and v's last): bits (16 for bf16, 0 absent), group size,
     outputs, zero point, bias mode (0 none, 1 added before rounding, 2 added to the rounded output); then
     a MoE layer's routed experts, top k and whether the top k weights are renormalized (0, 0, 0 for a
-    dense layer). floats: the two norms' eps, the
-    attention scale, the q and k norms' eps. experts: a MoE layer's routed experts.
+    dense layer). floats: the two norms' eps, the attention scale, the q and k norms' eps. experts: a
+    MoE layer's routed experts.
     """
 
     tensors: list[torch.Tensor]

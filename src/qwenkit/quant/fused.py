@@ -150,16 +150,10 @@ def plan_moe_experts(model: nn.Module) -> int:
 def expert_weights(block: MoEMLP) -> kernels.ExpertWeights | None:
     """The block's routed experts as ``kernels.moe_experts`` arguments (the same tensors, not copies),
     or None where one of them does not run on qwenkit's kernels."""
-    tensors, ints = [], []
-    for expert in block.experts:
-        if expert.gate_up_silu is None:
-            return None
-        products = [_linear_args(expert.gate_up_silu.linear), _linear_args(expert.down_proj)]
-        if any(args is None for args in products):
-            return None
-        tensors.append([t for args in products for t in args[0]])
-        ints.append([i for args in products for i in args[1]])
-    return kernels.ExpertWeights(tensors, ints)
+    experts = [_ffn_args(expert) for expert in block.experts]
+    if any(args is None for args in experts):
+        return None
+    return kernels.ExpertWeights([args[0] for args in experts], [args[1] for args in experts])
 
 
 def plan_decode_layers(model: nn.Module) -> int:
@@ -187,10 +181,9 @@ def decode_layer_weights(layer: DecoderLayer) -> kernels.DecodeLayerWeights | No
     shared = mlp.shared_expert if moe else None  # Qwen2-MoE's, in the dense FFN's slots
     if moe:
         runs = mlp.expert_weights is not None and mlp.gate.packed is not None
-        if shared is not None:
-            runs = runs and shared.gate_up_silu is not None and mlp.shared_expert_gate.packed is not None
+        runs = runs and (shared is None or mlp.shared_expert_gate.packed is not None)
     else:
-        runs = type(mlp) is MLP and mlp.gate_up_silu is not None
+        runs = type(mlp) is MLP
     if not runs or any(
         type(n) is not FastRMSNorm or n.weight.dtype != torch.bfloat16 for n in norms + head_norms
     ):
@@ -201,17 +194,18 @@ def decode_layer_weights(layer: DecoderLayer) -> kernels.DecodeLayerWeights | No
     ints = [attn.n_heads, attn.n_kv, attn.head_dim]
     extra_tensors: list[torch.Tensor] = [_ABSENT] * 8
     extra_ints = [0] * 10
-    dense = shared if moe else mlp
-    ffn = () if dense is None else (dense.gate_up_silu.linear, dense.down_proj)
-    for linear in (qkv[0], attn.o_proj, *ffn):
+    for linear in (qkv[0], attn.o_proj):
         args = _linear_args(linear)
         if args is None:
             return None
         tensors += args[0]
         ints += args[1]
-    if dense is None:  # a MoE layer without a shared expert: no gate/up and down
-        tensors += [_ABSENT] * 8
-        ints += [0] * 10
+    dense = shared if moe else mlp  # a MoE layer without a shared expert has no gate/up and down
+    ffn = ([_ABSENT] * 8, [0] * 10) if dense is None else _ffn_args(dense)
+    if ffn is None:
+        return None
+    tensors += ffn[0]
+    ints += ffn[1]
     if len(qkv) == 3:
         parts = [_linear_args(linear) for linear in qkv[1:]]
         if any(a is None for a in parts):
@@ -237,6 +231,17 @@ def decode_layer_weights(layer: DecoderLayer) -> kernels.DecodeLayerWeights | No
     return kernels.DecodeLayerWeights(
         tensors + extra_tensors + router, ints + extra_ints + routing, floats, experts
     )
+
+
+def _ffn_args(mlp: MLP) -> tuple[list[torch.Tensor], list[int]] | None:
+    """A SwiGLU FFN's fused gate/up then down as :func:`_linear_args` gives them (8 tensors, 10 ints), or
+    None where gate/up did not fuse or a part does not run on qwenkit's kernels."""
+    if mlp.gate_up_silu is None:
+        return None
+    parts = [_linear_args(mlp.gate_up_silu.linear), _linear_args(mlp.down_proj)]
+    if any(args is None for args in parts):
+        return None
+    return [t for args in parts for t in args[0]], [i for args in parts for i in args[1]]
 
 
 def _linear_args(m: nn.Module) -> tuple[list[torch.Tensor], list[int]] | None:
