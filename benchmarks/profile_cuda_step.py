@@ -30,7 +30,15 @@ from shapes import QWEN25_7B  # noqa: E402
 
 from qwenkit.engine import Engine, SamplingParams  # noqa: E402
 
-MATMUL_MARKS = ("gemm", "gemv", "cutlass", "sm90_xmma", "splitk", "nvjet")
+MATMUL_MARKS = (
+    "gemm",
+    "gemv",
+    "cutlass",
+    "sm90_xmma",
+    "splitk",
+    "nvjet",
+    "aten::linear",
+)  # CUDA kernels, CPU op
 
 
 def decode_engine(model, graphs: bool, prompt_len: int) -> Engine:
@@ -141,9 +149,10 @@ def main() -> int:
     launches = sum(n for _, n, _ in rows)
     matmul = [r for r in rows if any(mark in r[0].lower() for mark in MATMUL_MARKS)]
     mm_ms, mm_n = sum(r[2] for r in matmul), sum(r[1] for r in matmul)
+    unit, clock = ("kernels", "GPU time") if device.type == "cuda" else ("operators", "host time")
     print(
-        f"static step run eagerly: {launches} kernels, {total:.2f} ms of GPU time; matrix products "
-        f"{mm_n} kernels {mm_ms:.2f} ms; the other {launches - mm_n} kernels {total - mm_ms:.2f} ms"
+        f"static step run eagerly: {launches} {unit}, {total:.2f} ms of {clock}; matrix products "
+        f"{mm_n} {unit} {mm_ms:.2f} ms; the other {launches - mm_n} {unit} {total - mm_ms:.2f} ms"
     )
     print("| kernel | launches/step | ms/step |\n|---|---:|---:|")
     for name, n, ms in rows[:30]:

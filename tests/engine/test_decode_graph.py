@@ -291,6 +291,30 @@ def test_cuda_benchmark_script_logic_on_cpu():
     assert "Peer, same run: transformers" in out
 
 
+def test_step_profile_script_runs_on_cpu():
+    """benchmarks/profile_cuda_step.py on a CPU counts the static step's outermost operators: the tiny
+    model's 2 layers x (q/k/v, o, gate/up, down) + lm_head = 9 matrix products a step, fused as loaded."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "profile_cuda_step.py"), "--device", "cpu", "--tiny"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={"PYTHONPATH": str(root / "src"), "PATH": "/usr/bin:/bin"},
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = done.stdout
+    assert "fused copy: 4 projections fused" in out
+    assert re.search(r"matrix products 9 operators [0-9.]+ ms", out), out
+    assert re.search(r"^\| aten::linear \| 9 \| [0-9.]+ \|$", out, re.M), out
+    assert re.search(r"^\| aten::scaled_dot_product_attention \| 2 \|", out, re.M), out
+
+
 @pytest.mark.parametrize("flag, expected", [([], None), (["--no-cuda-graphs"], False)])
 def test_cli_flag_reaches_the_engine(tiny_chat_model, monkeypatch, capsys, flag, expected):
     """``--no-cuda-graphs`` is passed down to LLM.load (unset: None, the engine's automatic choice)."""
