@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -5,6 +6,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(2)
+if not torch.cuda.is_available():
+    # Triton kernels (quant/kernels/triton_affine.py) run on Triton's CPU interpreter here. Triton reads
+    # this when it is first imported, so it is set before any test can import it.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 import pytest  # noqa: E402

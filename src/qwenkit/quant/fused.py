@@ -38,6 +38,7 @@ from qwenkit.quant.kernels.avx512 import (
     Avx512Iq4Kernel,
     Avx512Q6KKernel,
 )
+from qwenkit.quant.kernels.triton_affine import CudaTritonInt8Kernel
 from qwenkit.quant.linear import QuantizedLinear
 
 # their weights are a PackedInt
@@ -48,8 +49,9 @@ MLP_PARTS = ("gate_proj", "up_proj")
 
 def fuse_linears(parts: list[nn.Module]) -> nn.Module | None:
     """One layer computing ``cat([p(x) for p in parts], -1)``, or None when the parts are not alike: not
-    all on one of qwenkit's kernels (another kernel, act-order, uneven tiles) nor all plain float
-    ``nn.Linear`` layers of one dtype and device, or with and without biases mixed."""
+    all on one of qwenkit's kernels (CPU tiles, or CUDA's Triton int8 with equal groups; not another
+    kernel, act-order, uneven tiles) nor all plain float ``nn.Linear`` layers of one dtype and device, or
+    with and without biases mixed."""
     biases = [getattr(p, "bias", None) for p in parts]
     if any(b is None for b in biases):
         if not all(b is None for b in biases):
@@ -70,6 +72,11 @@ def fuse_linears(parts: list[nn.Module]) -> nn.Module | None:
         ):
             packed = kernels.concat_int([p.impl.packed for p in parts])
             return QuantizedLinear.from_kernel(kernel(packed), bias)
+        if kernel is CudaTritonInt8Kernel and all(
+            type(p) is QuantizedLinear and type(p.impl) is kernel and p.perm is None for p in parts
+        ):
+            stacked = kernel.stacked([p.impl for p in parts])
+            return None if stacked is None else QuantizedLinear.from_kernel(stacked, bias)
     except kernels.KernelInputError:  # uneven tiles, or packings that differ
         return None
     return None

@@ -26,6 +26,7 @@ from qwenkit.quant.kernels.avx512 import (
 )
 from qwenkit.quant.kernels.base import LinearKernel, WeightSpec
 from qwenkit.quant.kernels.dequant import DequantKernel
+from qwenkit.quant.kernels.triton_affine import CudaTritonInt8Kernel
 
 KERNELS: list[type[LinearKernel]] = [
     Avx512Iq4Kernel,
@@ -37,6 +38,7 @@ KERNELS: list[type[LinearKernel]] = [
     CpuInt4PackKernel,
     CpuInt8AsInt4x2Kernel,
     CudaInt4PackKernel,
+    CudaTritonInt8Kernel,
     DequantKernel,
 ]
 
@@ -87,4 +89,13 @@ def build_kernel(w: AffineWeight, device: torch.device, key: str | None = None) 
     return cls(w.to(device))
 
 
-__all__ = ["KERNELS", "LinearKernel", "WeightSpec", "build_kernel", "choose_kernel", "kernel_class"]
+__all__ = [
+    "KERNELS",
+    "CudaTritonInt8Kernel",
+    "DequantKernel",
+    "LinearKernel",
+    "WeightSpec",
+    "build_kernel",
+    "choose_kernel",
+    "kernel_class",
+]
