@@ -67,14 +67,12 @@ def fuse_linears(parts: list[nn.Module]) -> nn.Module | None:
         if all(type(p) is PackedBf16Linear for p in parts):
             return PackedBf16Linear(kernels.concat_bf16([p.packed for p in parts]), bias)
         kernel = type(getattr(parts[0], "impl", None))
-        if kernel in QWENKIT_INT_KERNELS and all(
-            type(p) is QuantizedLinear and type(p.impl) is kernel and p.perm is None for p in parts
-        ):
+        if not all(type(p) is QuantizedLinear and type(p.impl) is kernel and p.perm is None for p in parts):
+            return None
+        if kernel in QWENKIT_INT_KERNELS:
             packed = kernels.concat_int([p.impl.packed for p in parts])
             return QuantizedLinear.from_kernel(kernel(packed), bias)
-        if kernel is CudaTritonInt8Kernel and all(
-            type(p) is QuantizedLinear and type(p.impl) is kernel and p.perm is None for p in parts
-        ):
+        if kernel is CudaTritonInt8Kernel:
             stacked = kernel.stacked([p.impl for p in parts])
             return None if stacked is None else QuantizedLinear.from_kernel(stacked, bias)
     except kernels.KernelInputError:  # uneven tiles, or packings that differ
