@@ -19,6 +19,9 @@ tensor parallelism and anything that saves load without ``fast_kernels`` and kee
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -144,12 +147,7 @@ def fuse_for_inference(model: nn.Module, release_parts: bool = False) -> int:
 def plan_moe_experts(model: nn.Module) -> int:
     """Set ``expert_weights`` on every MoE block whose routed experts all run on qwenkit's kernels with
     gate/up fused (then its experts run in one ``kernels.moe_experts`` call); returns how many."""
-    count = 0
-    for m in model.modules():
-        if isinstance(m, MoEMLP):
-            m.expert_weights = expert_weights(m)
-            count += m.expert_weights is not None
-    return count
+    return _set_on_each(model, MoEMLP, "expert_weights", expert_weights)
 
 
 def expert_weights(block: MoEMLP) -> kernels.ExpertWeights | None:
@@ -164,11 +162,18 @@ def expert_weights(block: MoEMLP) -> kernels.ExpertWeights | None:
 def plan_decode_layers(model: nn.Module) -> int:
     """Set ``decode_weights`` on every decoder layer whose parts all run on qwenkit's kernels (then a
     decode step runs the layer inside one ``kernels.decode_layers`` call); returns how many."""
+    return _set_on_each(model, DecoderLayer, "decode_weights", decode_layer_weights)
+
+
+def _set_on_each(
+    model: nn.Module, kind: type[nn.Module], attribute: str, make: Callable[[Any], object | None]
+) -> int:
+    """``module.attribute = make(module)`` on every module of ``kind``; how many got something."""
     count = 0
     for m in model.modules():
-        if isinstance(m, DecoderLayer):
-            m.decode_weights = decode_layer_weights(m)
-            count += m.decode_weights is not None
+        if isinstance(m, kind):
+            setattr(m, attribute, make(m))
+            count += getattr(m, attribute) is not None
     return count
 
 
