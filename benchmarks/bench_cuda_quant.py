@@ -36,15 +36,11 @@ from shapes import QWEN25_7B  # noqa: E402
 
 from qwenkit.engine import Engine, SamplingParams  # noqa: E402
 from qwenkit.quant import quantize_for_runtime  # noqa: E402
-from qwenkit.quant.affine import affine_dequantize  # noqa: E402
 from qwenkit.quant.fused import fuse_for_inference  # noqa: E402
-from qwenkit.quant.kernels.triton_affine import affine_matmul  # noqa: E402
+from qwenkit.quant.kernels.triton_affine import affine_int8_matmul  # noqa: E402
 from qwenkit.quant.linear import QuantizedLinear  # noqa: E402
 
-# int8-dequant: int8 without the Triton kernel (dequantize per call); int4-aten: int4 on PyTorch's
-# _weight_int4pack_mm instead of the Triton int4 kernel (the int8 head still on Triton)
-PRECISIONS = ("bf16", "int8", "int8-dequant", "int4", "int4-aten")
-TRITON_SETTING = {"": "1", "dequant": "0", "aten": "int8"}  # QWENKIT_TRITON per variant
+PRECISIONS = ("bf16", "int8", "int8-dequant", "int4")  # int8-dequant: int8 without the Triton kernel
 # Qwen-7B model card (A100-SXM4-80G, batch 1, 1-token context, 2048 new tokens): tokens/s, peak GB
 MODEL_CARD = {"bf16": (40.93, 16.99), "int8": (37.47, 11.20), "int4": (50.09, 8.21)}
 # the Qwen2.5-7B layer shapes a decode step multiplies (fused q/k/v, o, fused gate/up, down, the head)
@@ -57,7 +53,7 @@ def prepared_model(shape: dict, precision: str, device: torch.device):
     if precision != "bf16":
         width, _, variant = precision.partition("-")
         previous = os.environ.get("QWENKIT_TRITON")
-        os.environ["QWENKIT_TRITON"] = TRITON_SETTING[variant]
+        os.environ["QWENKIT_TRITON"] = "0" if variant == "dequant" else "1"
         try:
             quantize_for_runtime(model, width)
         finally:
@@ -68,7 +64,7 @@ def prepared_model(shape: dict, precision: str, device: torch.device):
     return model
 
 
-SWEEP = {  # column name -> affine_matmul's tile arguments ({}: its defaults, ``tiles``)
+SWEEP = {  # column name -> affine_int8_matmul's tile arguments ({}: its defaults, ``tiles``)
     "default": {},
     "split 2": {"split_k": 2},
     "split 4": {"split_k": 4},
@@ -79,37 +75,32 @@ SWEEP = {  # column name -> affine_matmul's tile arguments ({}: its defaults, ``
 }
 
 
-def sweep(device: torch.device, rows: int, bandwidth: float, bits: int) -> bool:
-    """The Triton kernel's tile choices on each 7B layer shape, ``rows`` rows: int8 per channel, int4 in
-    groups of 128 (as ``--quantize`` makes them). Microseconds (median of CUDA-event timings) and the
-    share of the copy bandwidth its code bytes take; each result checked against the dequantized weight
-    (False if any is off)."""
+def sweep(device: torch.device, rows: int, bandwidth: float) -> bool:
+    """The Triton int8 kernel's tile choices on each 7B layer shape, per-channel int8, ``rows`` rows:
+    microseconds (median of CUDA-event timings) and the share of the copy bandwidth its bytes take;
+    each result checked against the dequantized weight (False if any is off)."""
     import triton.testing
 
-    from qwenkit.quant.kernels.triton_affine import pack_nibbles
-
-    groups_of = "per-channel groups" if bits == 8 else "groups of 128"
-    print(f"\nTriton int{bits} tiles, {rows} row(s), {groups_of}; us and share of copy bandwidth:")
+    print(f"\nTriton int8 tiles, {rows} row(s), per-channel groups; us and share of copy bandwidth:")
     print("| layer | " + " | ".join(SWEEP) + " |")
     print("|---|" + "---:|" * len(SWEEP))
     ok = True
     for name, (n, k) in LAYER_SHAPES.items():
-        group = k if bits == 8 else 128
-        codes = torch.randint(0, 2**bits, (n, k), dtype=torch.uint8, device=device)
-        scale = torch.rand(k // group, n, device=device) * 0.01
-        shift = -(2 ** (bits - 1)) * scale
+        codes = torch.randint(0, 256, (n, k), dtype=torch.uint8, device=device)
+        scale = torch.rand(1, n, device=device) * 0.01
+        shift = -128 * scale
         x = torch.randn(rows, k, device=device, dtype=torch.bfloat16)
-        weight = affine_dequantize(codes, scale, shift, group, torch.bfloat16)
-        ref = F.linear(x.float(), weight.float())
-        del weight
-        stored = codes if bits == 8 else pack_nibbles(codes)
+        ref = F.linear(
+            x.float(),
+            (codes.float() * scale.T.bfloat16().float() + shift.T.bfloat16().float()).bfloat16().float(),
+        )
         cells = []
         for tile_args in SWEEP.values():
             try:
-                run = functools.partial(affine_matmul, x, stored, scale, shift, group, bits, **tile_args)
+                run = functools.partial(affine_int8_matmul, x, codes, scale, shift, k, **tile_args)
                 error = float((run().float() - ref).norm() / ref.norm())
                 us = 1000 * triton.testing.do_bench(run, warmup=5, rep=40, return_mode="median")
-                cells.append(f"{us:.0f} ({stored.numel() / (us * 1e-6) / bandwidth:.0%})")
+                cells.append(f"{us:.0f} ({n * k / (us * 1e-6) / bandwidth:.0%})")
                 if not error < 1e-2:
                     cells[-1] += f" ERROR {error:.1e}"
                     ok = False
@@ -237,8 +228,7 @@ def main() -> int:
             f"| {precision} | {rate:.1f} | {card_rate} | {sizes} | {agree:.1%} | {rel:.3f} | {layer_note} |"
         )
     if args.sweep and device.type == "cuda":
-        for bits in (8, 4):
-            ok = sweep(device, 1, bandwidth, bits) and ok
+        ok = sweep(device, 1, bandwidth) and ok
     print(f"\ncorrectness: {'PASS' if ok else 'FAIL'}")
     return 0 if ok else 1
 

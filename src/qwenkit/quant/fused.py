@@ -41,7 +41,7 @@ from qwenkit.quant.kernels.avx512 import (
     Avx512Iq4Kernel,
     Avx512Q6KKernel,
 )
-from qwenkit.quant.kernels.triton_affine import CudaTritonInt4Kernel, CudaTritonInt8Kernel
+from qwenkit.quant.kernels.triton_affine import CudaTritonInt8Kernel
 from qwenkit.quant.linear import QuantizedLinear
 
 # their weights are a PackedInt
@@ -52,7 +52,7 @@ MLP_PARTS = ("gate_proj", "up_proj")
 
 def fuse_linears(parts: list[nn.Module]) -> nn.Module | None:
     """One layer computing ``cat([p(x) for p in parts], -1)``, or None when the parts are not alike: not
-    all on one of qwenkit's kernels (CPU tiles, or CUDA's Triton ones with equal groups; not another
+    all on one of qwenkit's kernels (CPU tiles, or CUDA's Triton int8 with equal groups; not another
     kernel, act-order, uneven tiles) nor all plain float ``nn.Linear`` layers of one dtype and device, or
     with and without biases mixed."""
     biases = [getattr(p, "bias", None) for p in parts]
@@ -75,7 +75,7 @@ def fuse_linears(parts: list[nn.Module]) -> nn.Module | None:
         if kernel in QWENKIT_INT_KERNELS:
             packed = kernels.concat_int([p.impl.packed for p in parts])
             return QuantizedLinear.from_kernel(kernel(packed), bias)
-        if kernel in (CudaTritonInt8Kernel, CudaTritonInt4Kernel):
+        if kernel is CudaTritonInt8Kernel:
             stacked = kernel.stacked([p.impl for p in parts])
             return None if stacked is None else QuantizedLinear.from_kernel(stacked, bias)
     except kernels.KernelInputError:  # uneven tiles, or packings that differ

@@ -26,7 +26,7 @@ from qwenkit.quant.kernels.avx512 import (
 )
 from qwenkit.quant.kernels.base import LinearKernel, WeightSpec
 from qwenkit.quant.kernels.dequant import DequantKernel
-from qwenkit.quant.kernels.triton_affine import CudaTritonInt4Kernel, CudaTritonInt8Kernel
+from qwenkit.quant.kernels.triton_affine import CudaTritonInt8Kernel
 
 KERNELS: list[type[LinearKernel]] = [
     Avx512Iq4Kernel,
@@ -37,7 +37,6 @@ KERNELS: list[type[LinearKernel]] = [
     CpuInt8PackKernel,
     CpuInt4PackKernel,
     CpuInt8AsInt4x2Kernel,
-    CudaTritonInt4Kernel,
     CudaInt4PackKernel,
     CudaTritonInt8Kernel,
     DequantKernel,
@@ -92,7 +91,6 @@ def build_kernel(w: AffineWeight, device: torch.device, key: str | None = None) 
 
 __all__ = [
     "KERNELS",
-    "CudaTritonInt4Kernel",
     "CudaTritonInt8Kernel",
     "DequantKernel",
     "LinearKernel",

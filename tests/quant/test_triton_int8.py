@@ -1,4 +1,4 @@
-"""The CUDA int8/int4 kernel (``quant/kernels/triton_affine.py``) run on the CPU through Triton's interpreter.
+"""The CUDA int8 kernel (``quant/kernels/triton_affine.py``) run on the CPU through Triton's interpreter.
 
 The interpreter runs the kernel's own indexing, masks, group lookups and rounding with NumPy, so every
 output is checked against the weight ``affine_dequantize`` gives. Two interpreter limits shape the checks:
@@ -18,15 +18,8 @@ import torch.nn.functional as F
 
 from qwenkit.quant.affine import AffineWeight
 from qwenkit.quant.fused import fuse_linears
-from qwenkit.quant.kernels import (
-    KERNELS,
-    CudaTritonInt4Kernel,
-    CudaTritonInt8Kernel,
-    DequantKernel,
-    WeightSpec,
-    triton_affine,
-)
-from qwenkit.quant.kernels.triton_affine import affine_matmul, block_k, pack_nibbles, unpack_nibbles
+from qwenkit.quant.kernels import KERNELS, CudaTritonInt8Kernel, DequantKernel, WeightSpec, triton_affine
+from qwenkit.quant.kernels.triton_affine import affine_int8_matmul, block_k
 from qwenkit.quant.linear import QuantizedLinear
 
 pytest.importorskip("triton")  # in the test extra
@@ -36,19 +29,13 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def affine_weight(n: int, k: int, group: int, seed: int, bits: int = 8) -> AffineWeight:
+def affine_weight(n: int, k: int, group: int, seed: int) -> AffineWeight:
     g = torch.Generator().manual_seed(seed)
     groups = -(-k // group)
-    codes = torch.randint(0, 2**bits, (n, k), dtype=torch.uint8, generator=g)
+    codes = torch.randint(0, 256, (n, k), dtype=torch.uint8, generator=g)
     scale = torch.rand(groups, n, generator=g) * 0.01 + 0.001
-    shift = -(2 ** (bits - 1)) * scale + torch.randn(groups, n, generator=g) * 0.01
-    return AffineWeight(codes, scale, shift, group, bits)
-
-
-def product(x: torch.Tensor, w: AffineWeight, **tiles) -> torch.Tensor:
-    """The kernel's product, its codes stored as the kernel takes them (4-bit: two to a byte)."""
-    codes = w.codes if w.bits == 8 else pack_nibbles(w.codes)
-    return affine_matmul(x, codes, w.scale, w.shift, w.group_size, w.bits, **tiles)
+    shift = -128 * scale + torch.randn(groups, n, generator=g) * 0.01
+    return AffineWeight(codes, scale, shift, group, 8)
 
 
 def reference(x: torch.Tensor, w: AffineWeight) -> torch.Tensor:
@@ -61,24 +48,22 @@ def reference(x: torch.Tensor, w: AffineWeight) -> torch.Tensor:
 SHAPES = [(1, 48, 256, 256), (3, 40, 512, 128), (16, 32, 96, 32), (5, 24, 64, 64), (20, 16, 128, 128)]
 
 
-@pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("m, n, k, group", SHAPES)
-def test_float16_matches_the_dequantized_weight(m, n, k, group, bits):
-    w = affine_weight(n, k, group, seed=m + n, bits=bits)
+def test_float16_matches_the_dequantized_weight(m, n, k, group):
+    w = affine_weight(n, k, group, seed=m + n)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)).to(torch.float16)
-    y = product(x, w)
+    y = affine_int8_matmul(x, w.codes, w.scale, w.shift, group)
     ref = reference(x, w)
     assert y.dtype == torch.float16 and y.shape == (m, n)
     # float16 output rounding (2^-11 relative) and float32 accumulation
     torch.testing.assert_close(y.double(), ref, rtol=1e-3, atol=1e-3 * float(ref.abs().max()))
 
 
-@pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("m, n, k, group", SHAPES[:3])
-def test_bfloat16_within_the_interpreters_truncation(m, n, k, group, bits):
-    w = affine_weight(n, k, group, seed=7, bits=bits)
+def test_bfloat16_within_the_interpreters_truncation(m, n, k, group):
+    w = affine_weight(n, k, group, seed=7)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
-    y = product(x, w)
+    y = affine_int8_matmul(x, w.codes, w.scale, w.shift, group)
     ref = reference(x, w)
     relative = float((y.double() - ref).norm() / ref.norm())
     # truncated casts of the weight (one bfloat16 step at most) and of the output: about 1e-2; a wrong
@@ -86,20 +71,20 @@ def test_bfloat16_within_the_interpreters_truncation(m, n, k, group, bits):
     assert relative < 2e-2, relative
 
 
-@pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("split_k", [2, 4])
-def test_split_inputs_sum_to_the_same_product(split_k, bits):
+def test_split_inputs_sum_to_the_same_product(split_k):
     """K split over programs (float32 partial outputs added after): the same product within float16's
     rounding, for groups that straddle the split and groups inside it; the same bits on every run."""
     for group in (64, 512):
-        w = affine_weight(40, 1024, group, seed=group, bits=bits)
+        w = affine_weight(40, 1024, group, seed=group)
         x = torch.randn(3, 1024, generator=torch.Generator().manual_seed(8)).to(torch.float16)
-        y = product(x, w, split_k=split_k)
+        y = affine_int8_matmul(x, w.codes, w.scale, w.shift, group, split_k=split_k)
         ref = reference(x, w)
         torch.testing.assert_close(y.double(), ref, rtol=1e-3, atol=1e-3 * float(ref.abs().max()))
-        assert torch.equal(y, product(x, w, split_k=split_k))
+        again = affine_int8_matmul(x, w.codes, w.scale, w.shift, group, split_k=split_k)
+        assert torch.equal(y, again)
     with pytest.raises(ValueError, match="do not split into 3 equal slices"):
-        product(x, w, split_k=3)  # 4 tiles of 256
+        affine_int8_matmul(x, w.codes, w.scale, w.shift, 512, split_k=3)  # 4 tiles of 256
 
 
 def test_tiles_follow_the_layer_width():
@@ -109,8 +94,8 @@ def test_tiles_follow_the_layer_width():
     assert triton_affine.tiles(152064) == (64, 4)
     w = affine_weight(80, 128, 128, seed=2)  # several programs of 16 outputs, the last partly masked
     x = torch.randn(2, 128, generator=torch.Generator().manual_seed(5)).to(torch.float16)
-    wide = product(x, w, block_n=64, num_warps=4)
-    narrow = product(x, w)
+    wide = affine_int8_matmul(x, w.codes, w.scale, w.shift, 128, block_n=64, num_warps=4)
+    narrow = affine_int8_matmul(x, w.codes, w.scale, w.shift, 128)
     torch.testing.assert_close(wide, narrow, rtol=1e-3, atol=1e-3)
 
 
@@ -118,18 +103,14 @@ def test_a_scale_in_the_wrong_group_is_caught():
     """The check above can fail: the same codes with the two groups' scales swapped are far off."""
     w = affine_weight(32, 256, 128, seed=3)
     x = torch.randn(2, 256, generator=torch.Generator().manual_seed(2)).to(torch.float16)
-    swapped = product(x, AffineWeight(w.codes, w.scale.flip(0).contiguous(), w.shift, 128, 8))
+    swapped = affine_int8_matmul(x, w.codes, w.scale.flip(0).contiguous(), w.shift, 128)
     ref = reference(x, w)
     assert float((swapped.double() - ref).norm() / ref.norm()) > 0.1
 
 
-KERNEL_CLASSES = {8: CudaTritonInt8Kernel, 4: CudaTritonInt4Kernel}
-
-
-@pytest.mark.parametrize("bits", [8, 4])
-def test_kernel_class_runs_half_precision_on_the_kernel_and_float32_exactly(bits):
-    w = affine_weight(40, 128, 64, seed=5, bits=bits)
-    kernel, plain = KERNEL_CLASSES[bits](w), DequantKernel(w)
+def test_kernel_class_runs_half_precision_on_the_kernel_and_float32_exactly():
+    w = affine_weight(40, 128, 64, seed=5)
+    kernel, plain = CudaTritonInt8Kernel(w), DequantKernel(w)
     x16 = torch.randn(3, 128, generator=torch.Generator().manual_seed(4)).to(torch.float16)
     ref = plain(x16.float()).double()
     torch.testing.assert_close(kernel(x16).double(), ref, rtol=2e-3, atol=2e-3 * float(ref.abs().max()))
@@ -137,43 +118,27 @@ def test_kernel_class_runs_half_precision_on_the_kernel_and_float32_exactly(bits
     assert torch.equal(kernel(x32), plain(x32))  # float32 is never rounded through a tensor-core product
     assert torch.equal(kernel.codes(), w.codes)
     assert torch.equal(kernel.dequantize(torch.float32), w.dequantize(torch.float32))
-    ids = torch.tensor([7, 0, 39])
-    assert torch.equal(kernel.rows(ids, torch.bfloat16), w.dequantize(torch.bfloat16)[ids])
     assert kernel.max_rows == 16  # a prompt's rows run dequantize + matmul
-    # 4-bit codes are held two to a byte: half the int8 kernel's bytes
-    assert kernel.qdata.numel() == 40 * 128 * bits // 8
 
 
-def test_nibbles_pack_even_inputs_low():
-    codes = torch.tensor([[1, 2, 3, 4], [15, 0, 0, 15]], dtype=torch.uint8)
-    packed = pack_nibbles(codes)
-    assert packed.tolist() == [[0x21, 0x43], [0x0F, 0xF0]]
-    assert torch.equal(unpack_nibbles(packed), codes)
-
-
-@pytest.mark.parametrize("bits", [8, 4])
-def test_stacked_parts_give_each_parts_outputs(bits):
+def test_stacked_parts_give_each_parts_outputs():
     """q/k/v fused: the stacked kernel's outputs are the parts' outputs side by side, each the same dot
     product as its part computed; parts with other groups are not stacked."""
-    cls = KERNEL_CLASSES[bits]
-    parts = [cls(affine_weight(n, 256, 128, seed=n, bits=bits)) for n in (64, 16, 16)]
+    parts = [CudaTritonInt8Kernel(affine_weight(n, 256, 128, seed=n)) for n in (64, 16, 16)]
     x = torch.randn(2, 256, generator=torch.Generator().manual_seed(9)).to(torch.float16)
-    stacked = cls.stacked(parts)
-    assert type(stacked) is cls
+    stacked = CudaTritonInt8Kernel.stacked(parts)
     assert torch.equal(stacked(x), torch.cat([p(x) for p in parts], dim=-1))
-    other = cls(affine_weight(16, 256, 64, seed=1, bits=bits))
-    assert cls.stacked([parts[0], other]) is None
+    other = CudaTritonInt8Kernel(affine_weight(16, 256, 64, seed=1))
+    assert CudaTritonInt8Kernel.stacked([parts[0], other]) is None
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_fuse_linears_stacks_triton_layers_with_their_biases(bits):
-    cls = KERNEL_CLASSES[bits]
+def test_fuse_linears_stacks_triton_layers_with_their_biases():
     layers = [
-        QuantizedLinear.from_kernel(cls(affine_weight(n, 128, 128, seed=n, bits=bits)), torch.randn(n))
+        QuantizedLinear.from_kernel(CudaTritonInt8Kernel(affine_weight(n, 128, 128, seed=n)), torch.randn(n))
         for n in (32, 16)
     ]
     fused = fuse_linears(layers)
-    assert isinstance(fused, QuantizedLinear) and type(fused.impl) is cls
+    assert isinstance(fused, QuantizedLinear) and isinstance(fused.impl, CudaTritonInt8Kernel)
     x = torch.randn(1, 5, 128, generator=torch.Generator().manual_seed(3)).to(torch.float16)
     assert torch.equal(fused(x), torch.cat([layer(x) for layer in layers], dim=-1))
 
@@ -183,16 +148,11 @@ def test_tiles_and_where_the_kernel_is_chosen(monkeypatch):
     assert block_k(128, 3584) == 128  # GPTQ groups of 128
     assert block_k(32, 4096) == 32  # GGUF Q8_0 blocks
     assert block_k(8, 64) is None and block_k(100, 100) is None  # no tile of 16 or more fits
-    assert block_k(16, 64, bits=4) is None and block_k(32, 64, bits=4) == 32  # 4-bit: 2 x 16 at least
-    for bits in (8, 4):
-        assert not KERNEL_CLASSES[bits].supports(WeightSpec(bits, 128, 3584, 3584), torch.device("cpu"))
+    spec = WeightSpec(8, 128, 3584, 3584)
+    assert not CudaTritonInt8Kernel.supports(spec, torch.device("cpu"))
     assert not CudaTritonInt8Kernel.supports(WeightSpec(4, 128, 3584, 3584), torch.device("cpu"))
-    # int4: the Triton kernel first, then PyTorch's; int8: Triton before the dequantizing fallback
+    # tried before the dequantizing fallback, after PyTorch's int4 kernel
     order = [cls.key for cls in KERNELS]
-    assert order.index("cuda_triton_int4") < order.index("cuda_int4pack")
     assert order.index("cuda_int4pack") < order.index("cuda_triton_int8") < order.index("dequant")
-    assert triton_affine.triton_available(8) and triton_affine.triton_available(4)
-    monkeypatch.setenv("QWENKIT_TRITON", "int8")  # int4 on PyTorch's kernel, to compare
-    assert triton_affine.triton_available(8) and not triton_affine.triton_available(4)
     monkeypatch.setenv("QWENKIT_TRITON", "0")
-    assert not triton_affine.triton_available(8) and not triton_affine.triton_available(4)
+    assert not triton_affine.triton_available()
