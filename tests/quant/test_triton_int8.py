@@ -156,3 +156,40 @@ def test_tiles_and_where_the_kernel_is_chosen(monkeypatch):
     assert order.index("cuda_int4pack") < order.index("cuda_triton_int8") < order.index("dequant")
     monkeypatch.setenv("QWENKIT_TRITON", "0")
     assert not triton_affine.triton_available()
+
+
+def test_a_kernel_that_cannot_run_falls_back_once_with_a_note(monkeypatch, capsys):
+    """Triton failing to build or launch (an old driver, a broken install) costs speed, not the answer:
+    the layer dequantizes and multiplies, says so once, and does not try Triton again."""
+    monkeypatch.setattr(triton_affine, "_FAILED", None)
+    calls = []
+
+    def broken():
+        calls.append(1)
+        raise RuntimeError("no launcher")
+
+    monkeypatch.setattr(triton_affine, "_kernel", broken)
+    w = affine_weight(24, 64, 64, seed=4)
+    kernel, plain = CudaTritonInt8Kernel(w), DequantKernel(w)
+    x = torch.randn(2, 64, generator=torch.Generator().manual_seed(3)).to(torch.float16)
+    assert torch.equal(kernel(x), plain(x))
+    assert torch.equal(kernel(x), plain(x))
+    assert len(calls) == 1
+    err = capsys.readouterr().err
+    assert err.count("qwenkit: the Triton int8 kernel failed (RuntimeError: no launcher)") == 1
+    assert "int8 layers on CUDA dequantize per call instead" in err
+    assert not triton_affine.triton_available()  # new layers are not built on it either
+
+
+def test_no_c_compiler_means_no_triton_kernel(monkeypatch, capsys):
+    """Triton compiles a C launcher at first use: without cc/gcc/clang (and no CC) it is not chosen."""
+    monkeypatch.setattr(triton_affine, "_FAILED", None)
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(triton_affine.shutil, "which", lambda name: None)
+    assert not triton_affine.triton_available()
+    assert not triton_affine.triton_available()
+    err = capsys.readouterr().err
+    assert err.count("qwenkit: Triton needs a C compiler (cc, gcc or clang)") == 1
+    monkeypatch.setattr(triton_affine, "_FAILED", None)
+    monkeypatch.setenv("CC", "/usr/bin/cc")
+    assert triton_affine.triton_available()

@@ -9,9 +9,10 @@ it, then a tensor-core product with float32 accumulation. It takes every 8-bit a
 GPTQ int8 (groups, zero points, act-order through the layer's permutation), GGUF Q8_0, and the int8
 output head that ``--quantize int4`` keeps.
 
-Triton ships with PyTorch's CUDA wheels on Linux; without it (or off CUDA) the layer keeps the next
-kernel in ``KERNELS``. Tests run the same kernel on the CPU through Triton's interpreter
-(``TRITON_INTERPRET=1``).
+Triton ships with PyTorch's CUDA wheels on Linux; without it, without the C compiler it builds its
+launcher with, or off CUDA, the layer keeps the next kernel in ``KERNELS`` (saying why once), and a
+kernel that fails to compile or launch falls back the same way. Tests run the same kernel on the CPU
+through Triton's interpreter (``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import shutil
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -143,8 +146,28 @@ def affine_int8_matmul(
     return y if split_k == 1 else y.sum(0).to(x.dtype)
 
 
+_FAILED: str | None = None  # why the kernel cannot run in this process, once it could not
+
+
+def _give_up(reason: str) -> None:
+    """Stop using the kernel in this process, saying why once (the layers then dequantize per call)."""
+    global _FAILED
+    if _FAILED is None:
+        _FAILED = reason
+        print(f"qwenkit: {reason}; int8 layers on CUDA dequantize per call instead", file=sys.stderr)
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None and os.environ.get("QWENKIT_TRITON", "1") != "0"
+    """Triton importable with a C compiler for the launcher it builds, not switched off
+    (``QWENKIT_TRITON=0``), and not failed earlier in this process."""
+    if os.environ.get("QWENKIT_TRITON", "1") == "0" or _FAILED is not None:
+        return False
+    if importlib.util.find_spec("triton") is None:
+        return False
+    if not (os.environ.get("CC") or any(shutil.which(cc) for cc in ("cc", "gcc", "clang"))):
+        _give_up("Triton needs a C compiler (cc, gcc or clang) to build its kernel launcher")
+        return False
+    return True
 
 
 class CudaTritonInt8Kernel(DequantKernel):
@@ -179,6 +202,10 @@ class CudaTritonInt8Kernel(DequantKernel):
         return cls(AffineWeight(codes, scale, shift, first.group_size, 8))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype not in (torch.bfloat16, torch.float16):  # float32 models: exact, not tensor-core tf32
-            return F.linear(x, self.dequantize(x.dtype))
-        return affine_int8_matmul(x, self.qdata, self.scale, self.shift, self.group_size)
+        # float32 models stay exact (no tensor-core tf32); a kernel that failed here is not tried again
+        if x.dtype in (torch.bfloat16, torch.float16) and _FAILED is None:
+            try:
+                return affine_int8_matmul(x, self.qdata, self.scale, self.shift, self.group_size)
+            except Exception as e:  # Triton could not compile or launch it on this machine
+                _give_up(f"the Triton int8 kernel failed ({type(e).__name__}: {e})")
+        return F.linear(x, self.dequantize(x.dtype))
