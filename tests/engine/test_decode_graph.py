@@ -249,37 +249,30 @@ def test_cuda_graph_capture_matches_eager(tmp_path):
     assert len(graphs.graphs) >= 3 and set(graphs.graphs) == graphs.shapes_run
 
 
-@pytest.mark.slow
-def test_cuda_benchmark_script_logic_on_cpu():
-    """The GPU benchmark's whole flow (build, bandwidth, speed table, correctness checks) on a tiny CPU
-    model, so the script the GPU run depends on cannot rot unnoticed."""
+def run_benchmark(script: str, *args: str) -> str:
+    """stdout of ``benchmarks/<script>`` run on the CPU in a fresh interpreter; fails on a non-zero exit."""
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
-    args = [
-        "--device",
-        "cpu",
-        "--tiny",
-        "--batches",
-        "1,3",
-        "--new-tokens",
-        "8",
-        "--rounds",
-        "1",
-        "--check-tokens",
-        "6",
-    ]
     done = subprocess.run(
-        [sys.executable, str(root / "benchmarks" / "bench_cuda_decode.py"), *args],
+        [sys.executable, str(root / "benchmarks" / script), "--device", "cpu", "--tiny", *args],
         capture_output=True,
         text=True,
         timeout=240,
         env={"PYTHONPATH": str(root / "src"), "PATH": "/usr/bin:/bin"},
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    out = done.stdout
+    return done.stdout
+
+
+@pytest.mark.slow
+def test_cuda_benchmark_script_logic_on_cpu():
+    """The GPU benchmark's whole flow (build, bandwidth, speed table, correctness checks) on a tiny CPU
+    model, so the script the GPU run depends on cannot rot unnoticed."""
+    args = ["--batches", "1,3", "--new-tokens", "8", "--rounds", "1", "--check-tokens", "6"]
+    out = run_benchmark("bench_cuda_decode.py", *args)
     assert out.count("] PASS ") == 6 and "FAIL" not in out and "ERROR" not in out
     assert "correctness: PASS (6/6 checks passed)" in out
     assert out.count("] PASS bfloat16: fused q/k/v and gate/up vs separate layers") == 1
@@ -295,24 +288,29 @@ def test_step_profile_script_runs_on_cpu():
     """benchmarks/profile_cuda_step.py on a CPU counts the static step's outermost operators: the tiny
     model's 2 layers x (q/k/v, o, gate/up, down) + lm_head = 9 matrix products a step, fused as loaded."""
     import re
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[2]
-    done = subprocess.run(
-        [sys.executable, str(root / "benchmarks" / "profile_cuda_step.py"), "--device", "cpu", "--tiny"],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env={"PYTHONPATH": str(root / "src"), "PATH": "/usr/bin:/bin"},
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    out = done.stdout
+    out = run_benchmark("profile_cuda_step.py")
     assert "fused copy: 4 projections fused" in out
     assert re.search(r"matrix products 9 operators [0-9.]+ ms", out), out
     assert re.search(r"^\| aten::linear \| 9 \| [0-9.]+ \|$", out, re.M), out
     assert re.search(r"^\| aten::scaled_dot_product_attention \| 2 \|", out, re.M), out
+
+
+def test_quantized_gpu_benchmark_runs_on_cpu():
+    """benchmarks/bench_cuda_quant.py's flow on a CPU: every precision row, its error checks passing, and
+    the quantized rows within a few percent of bfloat16's logits (the tiny model's int8/int4 layers)."""
+    import re
+
+    out = run_benchmark("bench_cuda_quant.py", "--new-tokens", "8", "--rounds", "1")
+    assert "correctness: PASS" in out and "ERROR" not in out
+    rows = {
+        m.group(1): m.group(0) for m in re.finditer(r"^\| (bf16|int8|int8-dequant|int4) \|.*$", out, re.M)
+    }
+    assert set(rows) == {"bf16", "int8", "int8-dequant", "int4"}
+    for name, row in rows.items():
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert float(cells[1]) > 0  # tokens/s
+        assert float(cells[7]) < (0.001 if name == "bf16" else 0.1)  # logits error against bf16
 
 
 @pytest.mark.parametrize("flag, expected", [([], None), (["--no-cuda-graphs"], False)])
