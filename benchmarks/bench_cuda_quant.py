@@ -44,11 +44,18 @@ PRECISIONS = ("bf16", "int8", "int8-dequant", "int4")  # int8-dequant: int8 with
 # Qwen-7B model card (A100-SXM4-80G, batch 1, 1-token context, 2048 new tokens): tokens/s, peak GB
 MODEL_CARD = {"bf16": (40.93, 16.99), "int8": (37.47, 11.20), "int4": (50.09, 8.21)}
 # the Qwen2.5-7B layer shapes a decode step multiplies (fused q/k/v, o, fused gate/up, down, the head)
-LAYER_SHAPES = {"qkv": (4608, 3584), "o": (3584, 3584), "gate_up": (37888, 3584), "down": (3584, 18944)}
-LAYER_SHAPES["lm_head"] = (152064, 3584)
+LAYER_SHAPES = {
+    "qkv": (4608, 3584),
+    "o": (3584, 3584),
+    "gate_up": (37888, 3584),
+    "down": (3584, 18944),
+    "lm_head": (152064, 3584),
+}
 
 
 def prepared_model(shape: dict, precision: str, device: torch.device):
+    """Random bf16 weights, quantized as ``--quantize`` does ("int8-dequant": with the Triton kernel off)
+    and fused as ``load_model`` fuses them."""
     model = build_model(shape, torch.bfloat16, device)
     if precision != "bf16":
         width, _, variant = precision.partition("-")
@@ -57,9 +64,10 @@ def prepared_model(shape: dict, precision: str, device: torch.device):
         try:
             quantize_for_runtime(model, width)
         finally:
-            os.environ.pop("QWENKIT_TRITON") if previous is None else os.environ.update(
-                QWENKIT_TRITON=previous
-            )
+            if previous is None:
+                del os.environ["QWENKIT_TRITON"]
+            else:
+                os.environ["QWENKIT_TRITON"] = previous
     fuse_for_inference(model)
     return model
 
