@@ -111,6 +111,7 @@ def test_a_scale_in_the_wrong_group_is_caught():
 def test_kernel_class_runs_half_precision_on_the_kernel_and_float32_exactly():
     w = affine_weight(40, 128, 64, seed=5)
     kernel, plain = CudaTritonInt8Kernel(w), DequantKernel(w)
+    assert QuantizedLinear.from_kernel(kernel).kernel == CudaTritonInt8Kernel.description
     x16 = torch.randn(3, 128, generator=torch.Generator().manual_seed(4)).to(torch.float16)
     ref = plain(x16.float()).double()
     torch.testing.assert_close(kernel(x16).double(), ref, rtol=2e-3, atol=2e-3 * float(ref.abs().max()))
@@ -179,6 +180,8 @@ def test_a_kernel_that_cannot_run_falls_back_once_with_a_note(monkeypatch, capsy
     assert err.count("qwenkit: the Triton int8 kernel failed (RuntimeError: no launcher)") == 1
     assert "int8 layers on CUDA dequantize per call instead" in err
     assert not triton_affine.triton_available()  # new layers are not built on it either
+    layer = QuantizedLinear.from_kernel(kernel)
+    assert layer.kernel == "dequantize + matmul per call (fallback)"  # what `qwenkit profile` prints
 
 
 def test_no_c_compiler_means_no_triton_kernel(monkeypatch, capsys):

@@ -49,7 +49,7 @@ class QuantizedLinear(nn.Module):
     @property
     def kernel(self) -> str:
         """What runs this layer (``qwenkit profile`` prints it)."""
-        return "unpacked" if self.impl is None else self.impl.description
+        return "unpacked" if self.impl is None else self.impl.running()
 
     # ---- construction --------------------------------------------------------------------------------
 

@@ -72,5 +72,9 @@ class LinearKernel(nn.Module):
         """(len(ids), in) rows, equal to ``dequantize(dtype)[ids]``."""
         return self.dequantize(dtype)[ids]
 
+    def running(self) -> str:
+        """What runs this layer now: the description, unless the kernel has fallen back to another way."""
+        return self.description
+
     def extra_repr(self) -> str:
-        return f"{self.description}, {self.bits}-bit, group {self.group_size}"
+        return f"{self.running()}, {self.bits}-bit, group {self.group_size}"

@@ -201,6 +201,9 @@ class CudaTritonInt8Kernel(DequantKernel):
         shift = torch.cat([p.shift for p in parts], dim=1)
         return cls(AffineWeight(codes, scale, shift, first.group_size, 8))
 
+    def running(self) -> str:
+        return self.description if _FAILED is None else DequantKernel.description
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # float32 models stay exact (no tensor-core tf32); a kernel that failed here is not tried again
         if x.dtype in (torch.bfloat16, torch.float16) and _FAILED is None:
