@@ -113,3 +113,111 @@ def test_a_rows_amx_result_does_not_depend_on_the_other_rows(amx, n, k) -> None:
     for m in (2, 7, 15, 16, 17, 33, 64):
         part = kernels.linear_bf16(x[100 - m :], w)  # row 99 at every position of a block
         assert torch.equal(part, full[100 - m :]), m
+
+
+def cpu_has_amx_int8() -> bool:
+    flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    return "amx_int8" in flags.split(":", 1)[1].split()
+
+
+@pytest.fixture
+def amx_int(amx):
+    """AMX on, integer products of many rows on AMX-INT8 (skipped without it)."""
+    if kernels.int_amx_rows() is None:
+        pytest.skip("the CPU has no AMX-INT8")
+
+
+def test_int_amx_rows_follows_use_amx(as_found) -> None:
+    on = kernels.use_amx(True)
+    expected = 32 if on and cpu_has_amx_int8() else None
+    assert kernels.int_amx_rows() == expected
+    kernels.use_amx(False)
+    assert kernels.int_amx_rows() is None
+
+
+# (bits, zero point, with shift): the weights each packing gives AMX: int8 codes read in place (zero point
+# 0, tdpbsud) or made signed (128: Q8_0), int4 with a zero point (Q4_0) or a shift (Q4_1, GPTQ), IQ4 table
+# indices (zero point 128 at 4 bits), 5-bit codes (Q5_0, Q5_1).
+INT_FORMATS = [
+    (8, 0, True),
+    (8, 128, False),
+    (4, 8, False),
+    (4, 0, True),
+    (4, 128, False),
+    (5, 16, False),
+    (5, 0, True),
+]
+
+
+def int_weights(bits: int, zero_point: int, with_shift: bool, n: int, k: int, group: int, g, scale_dtype):
+    top = 16 if bits == 4 else 2**bits
+    codes = torch.randint(0, top, (n, k), generator=g, dtype=torch.uint8)
+    scale = torch.rand(k // group, n, generator=g) * 0.02 + 1e-3
+    shift = torch.randn(k // group, n, generator=g) * 0.01 if with_shift else None
+    prepare = {8: kernels.prepare_int8, 5: kernels.prepare_int5, 4: kernels.prepare_int4}[bits]
+    linear = {8: kernels.linear_int8, 5: kernels.linear_int5, 4: kernels.linear_int4}[bits]
+    return prepare(codes, scale, shift, group, zero_point, scale_dtype=scale_dtype), linear
+
+
+@pytest.mark.parametrize("fmt", INT_FORMATS, ids=lambda f: f"int{f[0]}-z{f[1]}{'-shift' if f[2] else ''}")
+@pytest.mark.parametrize("m", [31, 32, 33, 48, 100])
+@pytest.mark.parametrize(("n", "k", "group"), [(40, 64, 32), (72, 896, 128), (136, 4864, 32), (33, 160, 160)])
+def test_integer_products_on_amx_equal_the_vector_tiles_bit_for_bit(amx_int, fmt, m, n, k, group) -> None:
+    """AMX's integer sums are exact, and the float arithmetic after them is the vector tiles' in their order,
+    so the outputs are identical, for every format, group size (one group per block, several, one per row)
+    and row count around the switch (31 rows stay on the vector tiles; 33 and 100 pad a block of 16)."""
+    g = torch.Generator().manual_seed(m * 7919 + n * 31 + k + fmt[0] + fmt[1])
+    bits, zero_point, with_shift = fmt
+    half = (m + n) % 2 == 0  # float16 and float32 scales, bf16 and fp32 activations, with and without bias
+    scale_dtype = torch.float16 if half else torch.float32
+    p, linear = int_weights(bits, zero_point, with_shift, n, k, group, g, scale_dtype)
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16 if half else torch.float32)
+    x[1] = 0  # a row of zeros: its blocks' scales are 0
+    x[2, : k // 2] *= 1e3  # blocks of very different scales in one row
+    bias = torch.randn(n, generator=g) if m % 3 == 0 else None
+    on, off = both_int_paths(linear, x, p, bias)
+    assert torch.equal(on, off)
+
+
+def both_int_paths(linear, x, p, bias=None):
+    kernels.use_amx(True)
+    on = linear(x, p, bias)
+    kernels.use_amx(False)
+    off = linear(x, p, bias)
+    kernels.use_amx(True)
+    return on, off
+
+
+def test_integer_products_on_amx_over_several_panels_of_rows(amx_int) -> None:
+    """x larger than a panel (1 MiB: ~140 rows at K = 4864) is taken through the tiles a panel at a time,
+    each tile's codes made signed again for each; the results are still the vector tiles'."""
+    g = torch.Generator().manual_seed(11)
+    p, linear = int_weights(4, 0, True, 200, 4864, 128, g, torch.float32)
+    x = torch.randn(300, 4864, generator=g).bfloat16()
+    on, off = both_int_paths(linear, x, p)
+    assert torch.equal(on, off)
+
+
+def test_a_rows_integer_result_does_not_depend_on_the_other_rows(amx_int) -> None:
+    """From one row (vector tiles) to 100 (AMX, zero-padded to 112), a row's output is the same: prompts and
+    decode steps may share a step without changing each other's tokens."""
+    g = torch.Generator().manual_seed(12)
+    p, linear = int_weights(4, 8, False, 72, 896, 32, g, torch.float32)
+    x = torch.randn(100, 896, generator=g).bfloat16()
+    full = linear(x, p)
+    alone = torch.cat([linear(x[i : i + 1], p) for i in range(0, 100, 9)])
+    assert torch.equal(alone, full[::9])
+    for m in (31, 32, 33, 47, 64):
+        assert torch.equal(linear(x[100 - m :], p), full[100 - m :]), m
+
+
+def test_the_prompt_benchmark_prints_both_paths(amx_int) -> None:
+    """benchmarks/bench_int_prompts.py runs and prints a row per format and shape, both paths timed."""
+    root = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, str(root / "benchmarks/bench_int_prompts.py"), "--rows", "32", "--rounds", "1"]
+    out = subprocess.run([*cmd, "--calls", "1"], capture_output=True, text=True, timeout=300, cwd=root)
+    assert out.returncode == 0, out.stderr
+    rows = [line.split("|")[1:-1] for line in out.stdout.splitlines() if line.startswith("| int")]
+    assert len(rows) == 5 * 4 + 5  # 5 formats x 4 layer shapes (the head aside), then the step table
+    for cells in rows[:20]:
+        assert float(cells[2]) > 0 and float(cells[4]) > 0 and cells[6].strip().endswith("x")

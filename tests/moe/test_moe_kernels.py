@@ -39,7 +39,7 @@ def test_every_block_runs_its_experts_in_one_call(model):
     assert blocks and all(b.expert_weights is not None for b in blocks)
 
 
-@pytest.mark.parametrize("rows", [1, 3, 16, 40])
+@pytest.mark.parametrize("rows", [1, 3, 16, 40, 200])
 def test_one_call_equals_the_loop_over_experts(model, rows):
     g = torch.Generator().manual_seed(rows)
     for block in _blocks(model):

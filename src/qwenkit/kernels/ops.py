@@ -88,7 +88,8 @@ def _load() -> bool:
 
 
 def use_amx(on: bool = True) -> bool:
-    """Turn AMX on or off for bf16 products (every row count, layers whose K is a multiple of 64); True
+    """Turn AMX on or off for bf16 products (every row count, layers whose K is a multiple of 64) and
+    integer products of many rows (:func:`int_amx_rows`); True
     when it is now in use: the kernels are loaded, the CPU has AMX-BF16 and Linux lets the process use
     its tiles. On by default where it can be (``QWENKIT_AMX=off`` at load turns it off).
 
@@ -106,6 +107,17 @@ def use_amx(on: bool = True) -> bool:
 def amx_in_use() -> bool:
     """Whether bf16 products run on AMX (see use_amx)."""
     return available() and _amx
+
+
+def int_amx_rows() -> int | None:
+    """The row count from which integer products (int8 codes with zero point 0 or 128, int4, int5, IQ4;
+    not Q6_K) run on AMX-INT8, or None where they never do (no AMX-INT8, or AMX turned off).
+
+    Unlike bf16's, AMX's integer sums are exact, so these products equal the vector tiles' bit for bit and
+    the row count may choose the path: prompts take AMX, decode steps the vector tiles."""
+    if not amx_in_use():
+        return None
+    return int(torch.ops.qwenkit.int_amx_rows()) or None
 
 
 AMX_K_MULTIPLE = 64  # linear_bf16 takes AMX only for K a multiple of this (32 input pairs a tile step)

@@ -12,6 +12,7 @@
 //   linear_int4(x (M,K), codes, scale, shift?, bias?, group_size, N, zero_point)
 //     (zero_point 128: the 4-bit codes index IQ4's value table, kIq4Values + 128)
 //   linear_int5(...), linear_q6_k(...): the same for 5-bit codes and GGUF Q6_K
+//     (int8/int5/int4 of 32 rows and more on AMX, _tile_dpbssd, where the CPU has AMX-INT8 and AMX is in use)
 //   argmax_rows(logits fp32 (M,V)) -> (M,) int64, as torch.argmax(-1) (greedy sampling)
 //   widen_rows(logits bf16 (M,V)) -> fp32, as .float(); finite_rows(logits fp32) -> (M,) bool: all finite
 //   topk_rows(logits, k) -> values, ids (M, k); logsumexp_rows(logits, scales) -> (M,);
@@ -103,6 +104,7 @@ namespace {
 #include "int_tiles_avx512.h"
 #include "int_tiles_avx2.h"
 #include "q6k_tiles_avx2.h"
+#include "int_amx.h"
 #include "linear_int.h"
 #include "int_packing.h"
 #include "quantize_rtn.h"
@@ -121,6 +123,7 @@ namespace {
 TORCH_LIBRARY(qwenkit, m) {
   m.def("linear_bf16(Tensor x, Tensor w, Tensor? bias, int N) -> Tensor");
   m.def("use_amx(bool on) -> bool", &use_amx);  // no tensors: no dispatch key
+  m.def("int_amx_rows() -> int", &int_amx_rows);
   m.def(
       "linear_int8(Tensor x, Tensor codes, Tensor scale, Tensor? shift, Tensor? bias, int group_size, int N, int zero_point) "
       "-> Tensor");

@@ -25,6 +25,9 @@ struct QuantizedRows {
   int64_t at(int64_t m, int64_t i, int64_t per_row) const { return ((m / pass) * per_row + i) * pass + m % pass; }
 };
 
+// What x holds per row as the integer tiles read it: its codes, block scales, starts and halves, group sums.
+inline int64_t int_row_bytes(const QuantizedRows& qr) { return qr.K + qr.K / 32 * 16 + qr.groups * 4; }
+
 // Rows per task of the small row-wise ops: `values` a task (a few thousand), so a 16-row step of a wide
 // layer splits across the threads while a small one stays on the calling thread (a fork costs about a us).
 inline int64_t row_grain(int64_t per_row, int64_t values = 8192) {

@@ -65,9 +65,6 @@ void int_tile_task(const QuantizedRows& qr, const uint8_t* codes, const S* scale
   }
 }
 
-// What x holds per row as the integer tiles read it: its codes, block scales, starts and halves, group sums.
-inline int64_t int_row_bytes(const QuantizedRows& qr) { return qr.K + qr.K / 32 * 16 + qr.groups * 4; }
-
 template <int BITS, typename S, bool TABLE = false>
 void int_run(const QuantizedRows& qr, const uint8_t* codes, const S* scale, const S* shift, int64_t N,
              int64_t group_size, const Output& out) {
@@ -131,7 +128,8 @@ at::Tensor linear_int(const at::Tensor& x, const at::Tensor& codes, const at::Te
   if (M == 0 || N == 0) return y;
   at::Tensor xc = x.contiguous();
   QuantizedRows& qr = thread_rows();
-  const int64_t padded = padded_rows(M);
+  const bool amx = amx_int_runs<BITS>(zero_point, M);  // the same results either way (int_amx.h)
+  const int64_t padded = amx ? amx_int_rows(M) : padded_rows(M);
   constexpr bool kHalves = BITS == 6;  // Q6_K's sub-blocks of 16 start from their own sums
   if (xc.scalar_type() == at::kFloat)
     quantize_rows(xc.data_ptr<float>(), M, padded, K, group_size, int8_zero_point(BITS, zero_point), qr, kHalves);
@@ -142,6 +140,19 @@ at::Tensor linear_int(const at::Tensor& x, const at::Tensor& codes, const at::Te
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   const auto run = [&](auto table) {
     constexpr bool kTable = decltype(table)::value;
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+    if (amx) {
+      if (scale.scalar_type() == at::kFloat)
+        int_run_amx<BITS, float, kTable>(qr, M, cp, scale.data_ptr<float>(),
+                                         shift.has_value() ? shift->data_ptr<float>() : nullptr, N, group_size,
+                                         zero_point, out);
+      else
+        int_run_amx<BITS, at::Half, kTable>(qr, M, cp, scale.data_ptr<at::Half>(),
+                                            shift.has_value() ? shift->data_ptr<at::Half>() : nullptr, N, group_size,
+                                            zero_point, out);
+      return;
+    }
+#endif
     if (scale.scalar_type() == at::kFloat)
       int_run<BITS, float, kTable>(qr, cp, scale.data_ptr<float>(),
                                    shift.has_value() ? shift->data_ptr<float>() : nullptr, N, group_size, out);

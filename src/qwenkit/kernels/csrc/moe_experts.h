@@ -12,6 +12,8 @@ struct GroupPart {
   const S* scale = nullptr;
   const S* shift = nullptr;
   at::Tensor y;
+  bool amx = false;             // rows enough for AMX (amx_int_runs): the part's tiles run there
+  std::vector<int8_t> xblocks;  // then its codes as AMX reads them (codes_by_block)
 };
 
 template <int BITS, typename S, bool TABLE>
@@ -24,8 +26,12 @@ std::vector<at::Tensor> int_group(const std::vector<at::Tensor>& xs, const std::
     const at::Tensor x = xs[i].contiguous();
     GroupPart<S>& part = parts[i];
     const int64_t M = x.size(0);
-    quantize_rows(x.data_ptr<at::BFloat16>(), M, padded_rows(M), x.size(1), kind.group_size,
-                  int8_zero_point(BITS, kind.zero_point), part.qr, BITS == 6);
+    part.amx = amx_int_runs<BITS>(kind.zero_point, M);  // the same results either way (int_amx.h)
+    quantize_rows(x.data_ptr<at::BFloat16>(), M, part.amx ? amx_int_rows(M) : padded_rows(M), x.size(1),
+                  kind.group_size, int8_zero_point(BITS, kind.zero_point), part.qr, BITS == 6);
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+    if (part.amx) codes_by_block(part.qr, M, part.xblocks);
+#endif
     part.codes = ls[i]->w.data_ptr<uint8_t>();
     part.scale = ls[i]->scale.data_ptr<S>();
     part.shift = ls[i]->shift.defined() ? ls[i]->shift.data_ptr<S>() : nullptr;
@@ -37,6 +43,14 @@ std::vector<at::Tensor> int_group(const std::vector<at::Tensor>& xs, const std::
   parallel_for(0, items, std::max<int64_t>(1, (128 * 1024) / tile_bytes), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const GroupPart<S>& part = parts[i / tiles];
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+      if (part.amx) {  // a prompt's share: every row against this tile on AMX, x whole in one panel
+        amx_int_tiles<BITS, S, TABLE>(part.qr, part.xblocks.data(), part.codes, part.scale, part.shift,
+                                      kind.group_size, kind.zero_point, outs[i / tiles], i % tiles, i % tiles + 1,
+                                      part.qr.rows);
+        continue;
+      }
+#endif
       for (int64_t m0 = 0; m0 < part.qr.rows; m0 += kMaxMT)
         int_tile_task<BITS, S, TABLE>(part.qr, part.codes, part.scale, part.shift, kind.N, kind.group_size,
                                       outs[i / tiles], i % tiles, m0, std::min<int64_t>(kMaxMT, part.qr.rows - m0));
