@@ -71,10 +71,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--calls", type=int, default=3, help="calls a round per path")
     args = parser.parse_args()
-    if not kernels.available() or not kernels.use_amx(True) or kernels.int_amx_rows() is None:
+    if not kernels.available() or not kernels.use_amx(True) or kernels.int_amx_rows(4) is None:
         raise SystemExit("no AMX-INT8 here (or the kernels did not load): nothing to compare")
-    rows_on_amx = kernels.int_amx_rows()
-    print(f"threads {torch.get_num_threads()}; integer products of {rows_on_amx} rows and more take AMX\n")
+    int4, int8 = kernels.int_amx_rows(4), kernels.int_amx_rows(8)
+    print(f"threads {torch.get_num_threads()}; int4 products of {int4} rows and more on AMX, int8 of {int8}")
+    print("(below them both columns are the vector tiles)\n")
     for model in args.models:
         for rows in args.rows:
             print(f"#### {model}, {rows} rows\n")

@@ -123,16 +123,15 @@ def cpu_has_amx_int8() -> bool:
 @pytest.fixture
 def amx_int(amx):
     """AMX on, integer products of many rows on AMX-INT8 (skipped without it)."""
-    if kernels.int_amx_rows() is None:
+    if kernels.int_amx_rows(4) is None:
         pytest.skip("the CPU has no AMX-INT8")
 
 
 def test_int_amx_rows_follows_use_amx(as_found) -> None:
-    on = kernels.use_amx(True)
-    expected = 32 if on and cpu_has_amx_int8() else None
-    assert kernels.int_amx_rows() == expected
+    on = kernels.use_amx(True) and cpu_has_amx_int8()
+    assert [kernels.int_amx_rows(bits) for bits in (8, 6, 5, 4)] == ([64, None, 48, 48] if on else [None] * 4)
     kernels.use_amx(False)
-    assert kernels.int_amx_rows() is None
+    assert kernels.int_amx_rows(4) is None and kernels.int_amx_rows(8) is None
 
 
 # (bits, zero point, with shift): the weights each packing gives AMX: int8 codes read in place (zero point
@@ -160,12 +159,12 @@ def int_weights(bits: int, zero_point: int, with_shift: bool, n: int, k: int, gr
 
 
 @pytest.mark.parametrize("fmt", INT_FORMATS, ids=lambda f: f"int{f[0]}-z{f[1]}{'-shift' if f[2] else ''}")
-@pytest.mark.parametrize("m", [31, 32, 33, 48, 100])
+@pytest.mark.parametrize("m", [31, 47, 48, 64, 100])
 @pytest.mark.parametrize(("n", "k", "group"), [(40, 64, 32), (72, 896, 128), (136, 4864, 32), (33, 160, 160)])
 def test_integer_products_on_amx_equal_the_vector_tiles_bit_for_bit(amx_int, fmt, m, n, k, group) -> None:
     """AMX's integer sums are exact, and the float arithmetic after them is the vector tiles' in their order,
     so the outputs are identical, for every format, group size (one group per block, several, one per row)
-    and row count around the switch (31 rows stay on the vector tiles; 33 and 100 pad a block of 16)."""
+    and row count around the switch (int4/int5 from 48 rows, int8 from 64; 100 pads a block of 16)."""
     g = torch.Generator().manual_seed(m * 7919 + n * 31 + k + fmt[0] + fmt[1])
     bits, zero_point, with_shift = fmt
     half = (m + n) % 2 == 0  # float16 and float32 scales, bf16 and fp32 activations, with and without bias
@@ -199,22 +198,22 @@ def test_integer_products_on_amx_over_several_panels_of_rows(amx_int) -> None:
 
 
 def test_a_rows_integer_result_does_not_depend_on_the_other_rows(amx_int) -> None:
-    """From one row (vector tiles) to 100 (AMX, zero-padded to 112), a row's output is the same: prompts and
-    decode steps may share a step without changing each other's tokens."""
+    """From one row (vector tiles) to 100 (AMX from 48, zero-padded to 112), a row's output is the same:
+    prompts and decode steps may share a step without changing each other's tokens."""
     g = torch.Generator().manual_seed(12)
     p, linear = int_weights(4, 8, False, 72, 896, 32, g, torch.float32)
     x = torch.randn(100, 896, generator=g).bfloat16()
     full = linear(x, p)
     alone = torch.cat([linear(x[i : i + 1], p) for i in range(0, 100, 9)])
     assert torch.equal(alone, full[::9])
-    for m in (31, 32, 33, 47, 64):
+    for m in (31, 47, 48, 49, 64, 65):
         assert torch.equal(linear(x[100 - m :], p), full[100 - m :]), m
 
 
 def test_the_prompt_benchmark_prints_both_paths(amx_int) -> None:
     """benchmarks/bench_int_prompts.py runs and prints a row per format and shape, both paths timed."""
     root = Path(__file__).resolve().parents[2]
-    cmd = [sys.executable, str(root / "benchmarks/bench_int_prompts.py"), "--rows", "32", "--rounds", "1"]
+    cmd = [sys.executable, str(root / "benchmarks/bench_int_prompts.py"), "--rows", "64", "--rounds", "1"]
     out = subprocess.run([*cmd, "--calls", "1"], capture_output=True, text=True, timeout=300, cwd=root)
     assert out.returncode == 0, out.stderr
     rows = [line.split("|")[1:-1] for line in out.stdout.splitlines() if line.startswith("| int")]

@@ -12,7 +12,7 @@ Imports only torch, the standard library and qwenkit.errors; model/ and quant/ m
                                                   # default (QWENKIT_AMX=off at load: vector tiles)
     kernels.amx_in_use() -> bool
     kernels.bf16_runs_on_amx(in_features) -> bool  # this layer's product on AMX (K a multiple of 64)
-    kernels.int_amx_rows() -> int | None  # integer products of this many rows and more on AMX-INT8
+    kernels.int_amx_rows(bits) -> int | None  # integer products of this many rows and more on AMX-INT8
     kernels.unpack_bf16(p, rows=None)             # the (N, K) weight or some rows (embedding lookup)
     p = kernels.prepare_int8(codes, scale, shift, group_size, zero_point=0)  # codes (N, K) uint8
     p = kernels.prepare_int4(codes, scale, shift, group_size, zero_point=0)  # codes uint8 in 0..15

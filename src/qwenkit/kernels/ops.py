@@ -109,15 +109,15 @@ def amx_in_use() -> bool:
     return available() and _amx
 
 
-def int_amx_rows() -> int | None:
-    """The row count from which integer products (int8 codes with zero point 0 or 128, int4, int5, IQ4;
-    not Q6_K) run on AMX-INT8, or None where they never do (no AMX-INT8, or AMX turned off).
+def int_amx_rows(bits: int) -> int | None:
+    """The row count from which integer products of ``bits``-bit codes (8: zero point 0 or 128; 4, 5, IQ4;
+    not Q6_K) run on AMX-INT8, or None where they never do (no AMX-INT8, AMX turned off, Q6_K).
 
     Unlike bf16's, AMX's integer sums are exact, so these products equal the vector tiles' bit for bit and
     the row count may choose the path: prompts take AMX, decode steps the vector tiles."""
     if not amx_in_use():
         return None
-    return int(torch.ops.qwenkit.int_amx_rows()) or None
+    return int(torch.ops.qwenkit.int_amx_rows(bits)) or None
 
 
 AMX_K_MULTIPLE = 64  # linear_bf16 takes AMX only for K a multiple of this (32 input pairs a tile step)

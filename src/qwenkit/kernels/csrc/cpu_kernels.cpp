@@ -12,7 +12,7 @@
 //   linear_int4(x (M,K), codes, scale, shift?, bias?, group_size, N, zero_point)
 //     (zero_point 128: the 4-bit codes index IQ4's value table, kIq4Values + 128)
 //   linear_int5(...), linear_q6_k(...): the same for 5-bit codes and GGUF Q6_K
-//     (int8/int5/int4 of 32 rows and more on AMX, _tile_dpbssd, where the CPU has AMX-INT8 and AMX is in use)
+//     (int5/int4 of 48 rows and more, int8 of 64, on AMX, _tile_dpbssd, where the CPU has AMX-INT8 and AMX is in use)
 //   argmax_rows(logits fp32 (M,V)) -> (M,) int64, as torch.argmax(-1) (greedy sampling)
 //   widen_rows(logits bf16 (M,V)) -> fp32, as .float(); finite_rows(logits fp32) -> (M,) bool: all finite
 //   topk_rows(logits, k) -> values, ids (M, k); logsumexp_rows(logits, scales) -> (M,);
@@ -123,7 +123,7 @@ namespace {
 TORCH_LIBRARY(qwenkit, m) {
   m.def("linear_bf16(Tensor x, Tensor w, Tensor? bias, int N) -> Tensor");
   m.def("use_amx(bool on) -> bool", &use_amx);  // no tensors: no dispatch key
-  m.def("int_amx_rows() -> int", &int_amx_rows);
+  m.def("int_amx_rows(int bits) -> int", &int_amx_rows);
   m.def(
       "linear_int8(Tensor x, Tensor codes, Tensor scale, Tensor? shift, Tensor? bias, int group_size, int N, int zero_point) "
       "-> Tensor");

@@ -37,15 +37,15 @@ INT_ISA_NAMES = {
 
 class _IsaNamed:
     """A kernel class's ``description`` with ``{isa}`` filled in from the loaded build, and ``{amx}`` with
-    the rows from which prompts run on AMX-INT8 where they do (``kernels.int_amx_rows``; Q6_K's tiles never
-    do, and its template has no ``{amx}``), read from the class or an instance alike (the registry lists
-    the class descriptions)."""
+    the rows from which prompts run on AMX-INT8 where they do (``kernels.int_amx_rows(bits)``, the codes'
+    width as the tiles hold them; Q6_K's tiles never do, and its template has no ``{amx}``), read from the
+    class or an instance alike (the registry lists the class descriptions)."""
 
-    def __init__(self, template: str) -> None:
-        self.template = template
+    def __init__(self, template: str, bits: int = 8) -> None:
+        self.template, self.bits = template, bits
 
     def __get__(self, obj: object, owner: type) -> str:
-        rows = kernels.int_amx_rows()
+        rows = kernels.int_amx_rows(self.bits)
         return self.template.format(
             isa=INT_ISA_NAMES.get(kernels.isa_level() or "avx512"),
             amx=f"; AMX-INT8 from {rows} rows" if rows else "",
@@ -112,7 +112,7 @@ class Avx512Int8Kernel(_Avx512IntKernel):
 
 class Avx512Int4Kernel(_Avx512IntKernel):
     key = "avx512_int4"
-    description = _IsaNamed("qwenkit {isa} int4 (int8 activations{amx})")  # type: ignore[assignment]
+    description = _IsaNamed("qwenkit {isa} int4 (int8 activations{amx})", bits=4)  # type: ignore[assignment]
     bits_needed = 4
 
 
@@ -124,7 +124,7 @@ class Avx512Iq4Kernel(_Avx512IntKernel):
     the int8 codes and compute the same weights."""
 
     key = "avx512_iq4"
-    description = _IsaNamed("qwenkit {isa} int4 IQ4 table (int8 activations{amx})")  # type: ignore[assignment]
+    description = _IsaNamed("qwenkit {isa} int4 IQ4 table (int8 activations{amx})", bits=4)  # type: ignore[assignment]
     bits_needed = 8
 
     @staticmethod
@@ -146,7 +146,7 @@ class Avx512Int5Kernel(_Avx512IntKernel):
     32). 0.625 bytes a code instead of 1, the same weights and results as the int8 kernel, every build."""
 
     key = "avx512_int5"
-    description = _IsaNamed("qwenkit {isa} int5 (int8 activations{amx})")  # type: ignore[assignment]
+    description = _IsaNamed("qwenkit {isa} int5 (int8 activations{amx})", bits=5)  # type: ignore[assignment]
     bits_needed = 8
 
     @staticmethod
