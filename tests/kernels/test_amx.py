@@ -188,8 +188,8 @@ def both_int_paths(linear, x, p, bias=None):
 
 
 def test_integer_products_on_amx_over_several_panels_of_rows(amx_int) -> None:
-    """x larger than a panel (1 MiB: ~140 rows at K = 4864) is taken through the tiles a panel at a time,
-    each tile's codes made signed again for each; the results are still the vector tiles'."""
+    """x larger than a panel (256 rows at K = 4864 on AMX) is taken through the tiles a panel at a time,
+    each tile's codes made B tiles again for each; the results are still the vector tiles'."""
     g = torch.Generator().manual_seed(11)
     p, linear = int_weights(4, 0, True, 200, 4864, 128, g, torch.float32)
     x = torch.randn(300, 4864, generator=g).bfloat16()
