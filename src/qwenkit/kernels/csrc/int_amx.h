@@ -13,11 +13,11 @@
 //
 // Layout: AMX's B tile is the packed weights' own layout (per 4 inputs, 64 bytes: 4 codes of each of 16
 // outputs), so a block of 32 inputs is one B tile of 8 rows: int8 codes read in place (zero point 0) or
-// made signed (128), int4/int5/IQ4 codes unpacked, once per tile and call, into a thread's scratch. The A
-// tiles are x's int8 codes, 16 rows x 32 bytes, each contiguous (512 bytes, 8 whole cache lines), copied out
-// of quantize_rows' passes once. A
-// block's 16 x 16 int32 sums go to L1 and into the float sums as int_tile's; two blocks in flight (tiles 0-1,
-// 2-3, 4-5), so AMX computes one while the vector units scale the other.
+// made signed (128), int4/int5/IQ4 codes unpacked, once per tile and panel of rows, into a thread's
+// scratch. The A tiles are x's int8 codes, 16 rows x 32 bytes, each contiguous (512 bytes, 8 whole cache
+// lines), copied out of quantize_rows' passes once. A block's 16 x 16 int32 sums are stored to L1 and put
+// into the float sums as int_tile's, four blocks behind the tile work (four sum tiles in turn), so AMX
+// computes while the vector units scale what it stored before.
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 // Rows from which an integer product of BITS-bit codes takes AMX; below, the vector tiles (the same
@@ -45,7 +45,7 @@ bool amx_int_runs(int64_t zero_point, int64_t M) {
 }
 
 // Rows of x quantize_rows should write for AMX: whole blocks of 16 (the padding rows all zeros).
-inline int64_t amx_int_rows(int64_t M) { return (M + 15) / 16 * 16; }
+inline int64_t amx_padded_int_rows(int64_t M) { return (M + 15) / 16 * 16; }
 
 // x's int8 codes as the A tiles read them, from quantize_rows' passes of 8 (an 8 x 8 transpose of 4-byte
 // groups per block): block b of rows 16i..16i+15 at (i * K / 32 + b) * 512, row r of it 32 bytes at 32 r.
@@ -253,7 +253,7 @@ __attribute__((target("amx-tile,amx-int8"))) void amx_int_tiles(const QuantizedR
   _tile_release();
 }
 
-// int_run on AMX, for rows quantized by quantize_rows to amx_int_rows(M) rows.
+// int_run on AMX, for rows quantized by quantize_rows to amx_padded_int_rows(M) rows.
 template <int BITS, typename S, bool TABLE = false>
 void int_run_amx(const QuantizedRows& qr, int64_t M, const uint8_t* codes, const S* scale, const S* shift, int64_t N,
                  int64_t group_size, int64_t zero_point, const Output& out) {
@@ -282,6 +282,6 @@ template <int BITS>
 bool amx_int_runs(int64_t, int64_t) {
   return false;
 }
-inline int64_t amx_int_rows(int64_t M) { return M; }
+inline int64_t amx_padded_int_rows(int64_t M) { return M; }
 int64_t int_amx_rows(int64_t) { return 0; }
 #endif

@@ -129,7 +129,7 @@ at::Tensor linear_int(const at::Tensor& x, const at::Tensor& codes, const at::Te
   at::Tensor xc = x.contiguous();
   QuantizedRows& qr = thread_rows();
   const bool amx = amx_int_runs<BITS>(zero_point, M);  // the same results either way (int_amx.h)
-  const int64_t padded = amx ? amx_int_rows(M) : padded_rows(M);
+  const int64_t padded = amx ? amx_padded_int_rows(M) : padded_rows(M);
   constexpr bool kHalves = BITS == 6;  // Q6_K's sub-blocks of 16 start from their own sums
   if (xc.scalar_type() == at::kFloat)
     quantize_rows(xc.data_ptr<float>(), M, padded, K, group_size, int8_zero_point(BITS, zero_point), qr, kHalves);

@@ -27,7 +27,7 @@ std::vector<at::Tensor> int_group(const std::vector<at::Tensor>& xs, const std::
     GroupPart<S>& part = parts[i];
     const int64_t M = x.size(0);
     part.amx = amx_int_runs<BITS>(kind.zero_point, M);  // the same results either way (int_amx.h)
-    quantize_rows(x.data_ptr<at::BFloat16>(), M, part.amx ? amx_int_rows(M) : padded_rows(M), x.size(1),
+    quantize_rows(x.data_ptr<at::BFloat16>(), M, part.amx ? amx_padded_int_rows(M) : padded_rows(M), x.size(1),
                   kind.group_size, int8_zero_point(BITS, kind.zero_point), part.qr, BITS == 6);
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
     if (part.amx) codes_by_block(part.qr, M, part.xblocks);
