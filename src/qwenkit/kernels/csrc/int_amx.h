@@ -224,7 +224,7 @@ __attribute__((target("amx-tile,amx-int8"))) void amx_int_tiles(const QuantizedR
   }
   load_tile_config(cfg);
   const int64_t K = qr.K, groups = qr.groups, tile_bytes = int_tile_bytes(BITS, K);
-  constexpr bool kInPlace = BITS == 8;  // zero point 0 (tdpbsud) in place; 128 made signed below
+  const bool unsigned_codes = BITS == 8 && zero_point == 0;  // int8 codes in place (tdpbsud); else made B tiles
   thread_local std::vector<int8_t> scratch;
   if (static_cast<int64_t>(scratch.size()) < K * kTile) scratch.resize(K * kTile);
   for (int64_t p0 = 0; p0 < qr.rows; p0 += panel) {
@@ -232,7 +232,6 @@ __attribute__((target("amx-tile,amx-int8"))) void amx_int_tiles(const QuantizedR
       const uint8_t* tile = codes + t * tile_bytes;
       const S* ts = scale + t * groups * kTile;
       const S* th = shift == nullptr ? nullptr : shift + t * groups * kTile;
-      const bool unsigned_codes = kInPlace && zero_point == 0;
       const int8_t* bw = reinterpret_cast<const int8_t*>(tile);
       if (!unsigned_codes) {
         signed_codes<BITS, TABLE>(tile, K, zero_point, scratch.data());
