@@ -177,6 +177,35 @@ def test_linear_int_row_alone_equals_row_in_a_batch(loaded, bits, group, mode, s
 
 
 @needs_isa
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("group,mode", [(32, "zero_point"), (128, "both")])
+def test_decode_prefetch_changes_no_bits(loaded, bits, group, mode):
+    """Passes of 1-4 rows with the next tile prefetched and without (on AVX2 int8 then takes both halves
+    of a tile in one pass instead of one at a time) give the same bits, each the dequantized reference's
+    within tolerance, whatever this CPU's default; the switch reports what it was set to."""
+    g = torch.Generator().manual_seed(bits + group)
+    codes, scale, shift, zero, _ = make_int_weights(bits, 80, 896, group, mode, g)  # 5 tiles: 4 with a next
+    prepare = kernels.prepare_int4 if bits == 4 else kernels.prepare_int8
+    p = prepare(codes, scale, shift, group, zero_point=zero)
+    linear = kernels.linear_int8 if bits == 8 else kernels.linear_int4
+    x = torch.randn(4, 896, generator=g)
+    default = kernels.decode_prefetch()
+    try:
+        results = {}
+        for on in (False, True):
+            assert kernels.decode_prefetch(on) is on
+            assert kernels.decode_prefetch() is on
+            results[on] = [linear(x[:m], p) for m in (1, 2, 3, 4)]
+            check_int_linear(bits, 96, 1536, group, 1, torch.bfloat16, mode)
+            check_int_linear(bits, 96, 1536, group, 2, torch.float32, mode)
+        for m, (off, on) in enumerate(zip(results[False], results[True], strict=True), start=1):
+            assert torch.equal(off, on), m
+    finally:
+        kernels.decode_prefetch(default)
+    assert kernels.decode_prefetch() is default
+
+
+@needs_isa
 @pytest.mark.parametrize("kind", ["int8", "int4", "bf16", "bf16 vector tiles"])
 def test_rows_past_a_panel_equal_each_row_alone(loaded, kind):
     """Where x is over 1 MiB (here K = 16384: 32-row panels, for the integer tiles' codes and scales and

@@ -13,6 +13,8 @@ Imports only torch, the standard library and qwenkit.errors; model/ and quant/ m
     kernels.amx_in_use() -> bool
     kernels.bf16_runs_on_amx(in_features) -> bool  # this layer's product on AMX (K a multiple of 64)
     kernels.int_amx_rows(bits) -> int | None  # integer products of this many rows and more on AMX-INT8
+    kernels.decode_prefetch(on=None) -> bool      # 1-4 row integer products prefetch the next tile
+                                                  # (default: Intel, AMD Zen 2); None only asks
     kernels.unpack_bf16(p, rows=None)             # the (N, K) weight or some rows (embedding lookup)
     p = kernels.prepare_int8(codes, scale, shift, group_size, zero_point=0)  # codes (N, K) uint8
     p = kernels.prepare_int4(codes, scale, shift, group_size, zero_point=0)  # codes uint8 in 0..15
@@ -65,6 +67,7 @@ from qwenkit.kernels.ops import (
     bf16_runs_on_amx,
     concat_bf16,
     concat_int,
+    decode_prefetch,
     dequantize,
     dequantize_rows,
     int_amx_rows,
@@ -136,6 +139,7 @@ __all__ = [
     "concat_int",
     "decode_attention",
     "decode_layers",
+    "decode_prefetch",
     "decode_row_groups",
     "decode_run",
     "dequantize",

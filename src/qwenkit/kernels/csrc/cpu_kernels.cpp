@@ -124,6 +124,7 @@ TORCH_LIBRARY(qwenkit, m) {
   m.def("linear_bf16(Tensor x, Tensor w, Tensor? bias, int N) -> Tensor");
   m.def("use_amx(bool on) -> bool", &use_amx);  // no tensors: no dispatch key
   m.def("int_amx_rows(int bits) -> int", &int_amx_rows);
+  m.def("decode_prefetch(int mode) -> bool", &decode_prefetch);
   m.def(
       "linear_int8(Tensor x, Tensor codes, Tensor scale, Tensor? shift, Tensor? bias, int group_size, int N, int zero_point) "
       "-> Tensor");
