@@ -125,10 +125,11 @@ def decode_prefetch(on: bool | None = None) -> bool:
     they work on one, as passes of 8 rows and more always do; ``on`` switches it, None only asks.
 
     On by default where it was measured faster: Intel CPUs (Xeon, 2026-12-04: batch-1 int4/int8 decode
-    10-24% faster) and AMD Zen 2 (2026-12-04: int4 4-22%, int8 7%, with int8 passes then taking both
-    halves of a tile at once). Other AMD CPUs leave the streams to the hardware prefetchers until
-    measured (a different prefetch made Zen 4 8-11% slower). Results are the same bit for bit either way,
-    so benchmarks can compare both in one process. False where the kernels are not loaded."""
+    10-24% faster) and AMD Zen 2 (2026-12-04, benchmarks/bench_decode_prefetch.py: 1.11-1.25x, with
+    AVX2's int8 passes then taking both halves of a tile at once). Other AMD CPUs leave the streams to
+    the hardware prefetchers until measured (a different prefetch made Zen 4 8-11% slower). Results are
+    the same bit for bit either way, so benchmarks can compare both in one process. False where the
+    kernels are not loaded."""
     if not available():
         return False
     return bool(torch.ops.qwenkit.decode_prefetch(-1 if on is None else int(on)))
