@@ -22,27 +22,12 @@ import time
 from pathlib import Path
 
 import torch
-from bench_generate import decode_rate  # benchmarks/, beside this script
-from bench_vs_llamacpp import SHAPES, write_anchor
+from bench_batch_scaling import runs  # benchmarks/, beside this script
+from bench_generate import decode_rate
+from bench_vs_llamacpp import SHAPES
 
 from qwenkit import kernels
 from qwenkit.checkpoint import load_model
-from qwenkit.default_model import default_model_path
-
-
-def plan(models: list[str], precisions: list[str], work: Path) -> list[tuple[str, Path, str | None]]:
-    """(label, checkpoint, --quantize) for every model and precision asked for."""
-    out: list[tuple[str, Path, str | None]] = []
-    for model in models:
-        if model == "bundled":
-            out.append(("SmolLM2-135M Q4_1 (bundled)", default_model_path(), None))
-            continue
-        path = work / f"qwen2.5-{model}-random"
-        if not path.exists():
-            print(f"building the random Qwen2.5-{model.upper()} checkpoint at {path} ...", flush=True)
-            write_anchor(path, SHAPES[model])
-        out += [(f"Qwen2.5-{model.upper()} {p}", path, p) for p in precisions]
-    return out
 
 
 def main() -> None:
@@ -72,9 +57,9 @@ def main() -> None:
     )
     print("| model | off tok/s | on tok/s | on / off | per-round on / off |\n|---|---:|---:|---:|---|")
     try:
-        for label, path, quantize in plan(models, precisions, args.work):
+        for run in runs(models, precisions, args.work):
             model, _ = load_model(
-                path, dtype="bfloat16", quantize=quantize, progress=False, fast_kernels=True
+                run.checkpoint, dtype="bfloat16", quantize=run.quantize, progress=False, fast_kernels=True
             )
             decode_rate(model, 1, 4)  # warm-up: kernels, pools, the first allocations
             rates: dict[bool, list[float]] = {False: [], True: []}
@@ -84,7 +69,7 @@ def main() -> None:
                     rates[on].append(decode_rate(model, 1, args.tokens))
             off, on = statistics.median(rates[False]), statistics.median(rates[True])
             rounds = ", ".join(f"{b / a:.2f}" for a, b in zip(rates[False], rates[True], strict=True))
-            print(f"| {label} | {off:.1f} | {on:.1f} | **{on / off:.2f}** | {rounds} |", flush=True)
+            print(f"| {run.label} | {off:.1f} | {on:.1f} | **{on / off:.2f}** | {rounds} |", flush=True)
             del model
             gc.collect()
     finally:
