@@ -115,8 +115,8 @@ __attribute__((always_inline)) inline void vnni_block(const uint8_t* wb, const i
 // place of vpdpbusd, for R rows of the pass and H 8-output halves of the tile (32 of each 64 bytes) at a
 // time, so the accumulators fit AVX2's 16 registers: int4 takes both halves (each broadcast serves 16
 // outputs; 15% faster at one row), int8 one half at a time (the tile is read again from cache for the
-// other) unless the next tile is being prefetched (int_tile). Passes of 4-8 rows (two passes of 8 together) take int_tile_quads. int4 codes (0..15)
-// times int8 activations never saturate vpmaddubsw's int16 pairs, so a block's 8 pairs are summed in
+// other) unless the next tile is being prefetched (int_tile). Passes of 4-8 rows (two passes of 8
+// together) take int_tile_quads. int4 codes (0..15) times int8 activations never saturate vpmaddubsw's int16 pairs, so a block's 8 pairs are summed in
 // int16 before one widening. int8 codes are made signed (code - 128, which int8_zero_point has already
 // moved into the block starts) and multiplied as |w| . sign(x, w), which keeps each int16 pair in range.
 // On AVX-VNNI, vnni_block does the integer part. The float arithmetic is the AVX-512 tile's, in the same
@@ -501,8 +501,7 @@ void int_tile(const QuantizedRows& qr, int64_t p, const uint8_t* tile, const S* 
     // While the next tile is fetched (prefetch_decode_tiles), both halves in one pass: the tile's own
     // loads and the next tile's prefetches then run side by side through the whole tile. One half at a
     // time, the first pass drew every line of the tile and the whole next tile from memory, and memory
-    // idled in the second (Zen 2, 2026-12-04, medians of 9 alternating processes: Qwen2.5-0.5B int8
-    // decode 26.0 -> 27.9 tok/s, 1.5B 9.5 -> 10.2, against one half at a time without the prefetch).
+    // idled in the second (on the Zen 2 that made int8 decode 7-17% slower than no prefetch at all).
     // Without it, one half at a time (the tile read again from cache for the other), as measured fastest.
     if (next != nullptr) {
       int_tile_rows<BITS, S, MT, 2, MT, TABLE>(qr, p, 0, 0, tile, tscale, tshift, group_size, y, next);
