@@ -26,6 +26,7 @@ import gc
 import statistics
 import subprocess
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -74,6 +75,22 @@ def runs(models: list[str], precisions: list[str], work: Path) -> list[Run]:
     return out
 
 
+def models_and_precisions(
+    ap: argparse.ArgumentParser, args: argparse.Namespace, allowed: Iterable[str]
+) -> tuple[list[str], list[str]]:
+    """``--models`` and ``--precisions`` as lists, each name checked (``ap.error`` names a wrong one)."""
+    allowed = list(allowed)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    for m in models:
+        if m != "bundled" and m not in SHAPES:
+            ap.error(f"unknown model {m!r}: choose from bundled, {', '.join(SHAPES)}")
+    for p in precisions:
+        if p not in allowed:
+            ap.error(f"unknown precision {p!r}: choose from {', '.join(allowed)}")
+    return models, precisions
+
+
 def llama_rates(bench: Path, gguf: Path, batch: int, tokens: int, threads: int) -> tuple[float, float]:
     """llama.cpp's aggregate decode tokens/s (S_TG of llama-batched-bench) at batch 1 and ``batch``."""
     cmd = [str(bench), "-m", str(gguf), "-c", str(batch * (PROMPT + tokens) + 64), "-b", "512", "-ub", "512"]
@@ -100,14 +117,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache/qwenkit/bench_vs_llamacpp")
     ap.add_argument("--llama-bin", type=Path, help="directory with llama.cpp's llama-batched-bench")
     args = ap.parse_args()
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
-    for m in models:
-        if m != "bundled" and m not in SHAPES:
-            ap.error(f"unknown model {m!r}: choose from bundled, {', '.join(SHAPES)}")
-    for p in precisions:
-        if p not in QUANTIZE:
-            ap.error(f"unknown precision {p!r}: choose from {', '.join(QUANTIZE)}")
+    models, precisions = models_and_precisions(ap, args, QUANTIZE)
 
     bench = None
     if args.llama_bin is not None:

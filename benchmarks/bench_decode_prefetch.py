@@ -22,9 +22,8 @@ import time
 from pathlib import Path
 
 import torch
-from bench_batch_scaling import runs  # benchmarks/, beside this script
+from bench_batch_scaling import models_and_precisions, runs  # benchmarks/, beside this script
 from bench_generate import decode_rate
-from bench_vs_llamacpp import SHAPES
 
 from qwenkit import kernels
 from qwenkit.checkpoint import load_model
@@ -38,14 +37,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache/qwenkit/bench_vs_llamacpp")
     args = ap.parse_args()
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
-    for m in models:
-        if m != "bundled" and m not in SHAPES:
-            ap.error(f"unknown model {m!r}: choose from bundled, {', '.join(SHAPES)}")
-    for p in precisions:
-        if p not in ("int8", "int4"):
-            ap.error(f"unknown precision {p!r}: choose from int8, int4")
+    models, precisions = models_and_precisions(ap, args, ("int8", "int4"))
     if not kernels.available():
         raise SystemExit("the C++ kernels are not loaded here: nothing to compare")
     default = kernels.decode_prefetch()
