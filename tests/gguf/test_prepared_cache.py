@@ -379,3 +379,26 @@ def test_the_kernels_checksum_is_numpys(n, fill, monkeypatch):
     assert got == want
     if fill == "ones" and n >= 16:
         assert want[1] == (2**64 - 1 if (n // 8) % 2 else 0)
+
+
+def test_the_code_version_follows_every_source_file_the_kernels_headers_included(tmp_path):
+    """An edit of Python, C++ or a kernel header (the packings live there) changes the version, so entries
+    packed by other code miss; other files do not."""
+    (tmp_path / "csrc").mkdir()
+    files = [tmp_path / "model.py", tmp_path / "csrc" / "kernels.cpp", tmp_path / "csrc" / "int_packing.h"]
+    for f in [*files, tmp_path / "README.txt"]:
+        f.write_text("x = 1\n")
+    before = prepared_cache._code_version(tmp_path)
+    assert prepared_cache._code_version(tmp_path) == before
+    (tmp_path / "README.txt").write_text("changed\n")
+    assert prepared_cache._code_version(tmp_path) == before
+    for i, f in enumerate(files):
+        st = f.stat()
+        os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9 * (i + 1)))
+        after = prepared_cache._code_version(tmp_path)
+        assert after != before, f.name
+        before = after
+    (tmp_path / "csrc" / "new_tiles.h").write_text("")
+    assert prepared_cache._code_version(tmp_path) != before
+    package = Path(prepared_cache.__file__).parents[1]
+    assert prepared_cache._code_version() == prepared_cache._code_version(package)
