@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 
 import httpx
+import pytest
 from live import free_port
 
 
@@ -78,3 +80,36 @@ def test_serve_bundled_model_answers_and_drains_on_sigterm(tmp_path):
             proc.kill()
     output = proc.stdout.read()
     assert "serving SmolLM2-135M-Instruct.Q4_1 on http://127.0.0.1" in output and "Traceback" not in output
+
+
+def run_serve(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "qwenkit.cli", "serve", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_a_taken_port_is_one_line_before_the_model_loads():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = run_serve("--port", str(port))
+    assert r.returncode == 2, r.stderr
+    assert r.stderr == f"error: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+    assert r.stdout == ""  # no "serving ..." line, no load progress: nothing slow ran first
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--port", "99999"], "error: --port must be at most 65535, got 99999\n"),
+        (["--port", "0"], "error: --port must be positive, got 0\n"),
+        (
+            ["--host", "192.0.2.1", "--port", "8123"],  # an address of no interface here (TEST-NET-1)
+            "error: cannot listen on 192.0.2.1:8123: Cannot assign requested address\n",
+        ),
+    ],
+)
+def test_a_port_or_host_the_server_cannot_listen_on_is_one_line(args, message):
+    r = run_serve(*args)
+    assert (r.returncode, r.stderr) == (2, message)

@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -139,10 +140,35 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     api_key = _check(args)
-    if args.tensor_parallel != 1:
-        note = f" on {args.tensor_parallel} tensor-parallel ranks"
-        return lead_tensor_parallel(args, lambda llm: serve(args, api_key, llm, note), load, server=True)
-    return serve(args, api_key, load(args))
+    listener = listen_socket(args.host, args.port)  # a taken port fails now, not after the model's load
+    try:
+        if args.tensor_parallel != 1:
+            note = f" on {args.tensor_parallel} tensor-parallel ranks"
+
+            def serve_on(llm) -> int:
+                return serve(args, api_key, llm, listener, note)
+
+            return lead_tensor_parallel(args, serve_on, load, server=True)
+        return serve(args, api_key, load(args), listener)
+    finally:
+        listener.close()
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before anything slow runs; uvicorn listens on it. A port that is taken
+    or a host that is not this machine's is a one-line error."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+    except socket.gaierror as e:
+        raise ConfigError(f"--host {host}: {e.strerror}") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart reuses the port
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
 
 
 def _check(args: argparse.Namespace) -> str | None:
@@ -158,6 +184,8 @@ def _check(args: argparse.Namespace) -> str | None:
     for name in ("max_batch", "max_queue", "port"):
         if getattr(args, name) < (0 if name == "max_queue" else 1):
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.port > 65535:
+        raise ConfigError(f"--port must be at most 65535, got {args.port}")
     if args.max_model_len is not None and int(args.max_model_len) < 2:
         raise ConfigError(f"--max-model-len must be at least 2, got {args.max_model_len}")
     if args.threads is not None and int(args.threads) < 1:
@@ -192,8 +220,9 @@ def load(args: argparse.Namespace, tp=None):
     )
 
 
-def serve(args: argparse.Namespace, api_key: str | None, llm, note: str = "") -> int:
-    """Run the HTTP server on a loaded model until a shutdown signal; drains, then returns 0."""
+def serve(args: argparse.Namespace, api_key: str | None, llm, listener: socket.socket, note: str = "") -> int:
+    """Run the HTTP server on a loaded model, on the bound ``listener``, until a shutdown signal; drains,
+    then returns 0."""
     import uvicorn
 
     from qwenkit.server import ServerConfig, create_app
@@ -223,7 +252,7 @@ def serve(args: argparse.Namespace, api_key: str | None, llm, note: str = "") ->
             timeout_graceful_shutdown=args.graceful_timeout,
         )
     )
-    server.run()
+    server.run(sockets=[listener])
     llm.close()
     return 0
 
