@@ -5,11 +5,18 @@ from __future__ import annotations
 import json
 
 import jsonschema
+import llguidance
 import pytest
 
 from qwenkit.engine import SamplingParams
 from qwenkit.generate import LLM
-from qwenkit.tools.grammar import enable_grammars, json_schema_grammar, react_call_grammar, tool_call_grammar
+from qwenkit.tools.grammar import (
+    declared_properties_only,
+    enable_grammars,
+    json_schema_grammar,
+    react_call_grammar,
+    tool_call_grammar,
+)
 from qwenkit.tools.react import parse_react
 
 SCHEMA = {
@@ -106,3 +113,59 @@ def test_batched_with_unconstrained_requests_changes_nothing(llm, prompts):
         together.append(s.completion.token_ids)
     assert together == alone
     jsonschema.validate(json.loads(llm.tokenizer.decode(together[3], skip_special=True)), SCHEMA)
+
+
+# The README's example: properties listed, nothing said about other keys.
+PERSON = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer"}},
+    "required": ["name", "age"],
+}
+
+
+def test_an_object_takes_only_its_listed_properties_unless_its_schema_opens_it(llm, prompts):
+    """Objects with ``properties`` and nothing said about other keys take only those, at any depth, in
+    response formats and tool arguments alike; ``additionalProperties`` or ``patternProperties`` open an
+    object, and one without ``properties`` stays open (``json_object``)."""
+    nested = {"type": "object", "properties": {"who": PERSON, "tags": {"type": "array", "items": PERSON}}}
+    closed = declared_properties_only(nested)
+    assert closed["additionalProperties"] is False
+    assert closed["properties"]["who"]["additionalProperties"] is False
+    assert closed["properties"]["tags"]["items"]["additionalProperties"] is False
+    assert "additionalProperties" not in nested and "additionalProperties" not in PERSON  # copies
+    for opened in ({**PERSON, "additionalProperties": True}, {**PERSON, "patternProperties": {"^x": {}}}):
+        assert declared_properties_only(opened) == opened
+    assert declared_properties_only({"type": "object"}) == {"type": "object"}
+    assert declared_properties_only({"type": "object", "properties": {}})["additionalProperties"] is False
+
+    compiler = enable_grammars(llm)
+
+    def accepts(grammar: str, text: str) -> bool:
+        matcher = llguidance.LLMatcher(compiler.lltokenizer, grammar, log_level=0)
+        return (
+            all(matcher.consume_token(t) for t in llm.tokenizer.encode_plain(text)) and matcher.is_accepting()
+        )
+
+    assert accepts(json_schema_grammar(PERSON), '{"name":"Ann","age":3}')
+    assert not accepts(json_schema_grammar(PERSON), '{"name":"Ann","age":3,"city":"Rome"}')
+    assert accepts(
+        json_schema_grammar({**PERSON, "additionalProperties": True}), '{"name":"Ann","age":3,"x":1}'
+    )
+    assert accepts(json_schema_grammar(None), '{"any":1}')
+    call = tool_call_grammar([{"name": "add", "parameters": nested}], parallel=False)
+    assert accepts(
+        call, '<tool_call>\n{"name": "add", "arguments": {"who":{"name":"A","age":1}}}\n</tool_call>'
+    )
+    assert not accepts(
+        call, '<tool_call>\n{"name": "add", "arguments": {"who":{"name":"A","age":1,"x":2}}}\n</tool_call>'
+    )
+
+    # and a random model, which never knows when to stop, now stops: the object has nowhere else to go
+    for seed in range(3):
+        params = SamplingParams(
+            max_tokens=80, temperature=1.0, seed=seed, grammar=json_schema_grammar(PERSON)
+        )
+        c = llm.generate([prompts[1]], params)[0]
+        assert c.finish_reason == "stop", c.text
+        value = json.loads(c.text)
+        jsonschema.validate(value, {**PERSON, "additionalProperties": False})

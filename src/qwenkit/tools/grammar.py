@@ -38,14 +38,52 @@ def _lark_string(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
+# Where a JSON schema keeps its subschemas: a schema, a list of schemas, or a name -> schema mapping.
+_SUBSCHEMA = ("additionalProperties", "items", "contains", "not", "if", "then", "else", "unevaluatedItems")
+_SUBSCHEMA_LISTS = ("prefixItems", "anyOf", "allOf", "oneOf")
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+
+def declared_properties_only(schema: Any) -> Any:
+    """``schema`` with ``"additionalProperties": false`` on every object that has ``properties`` (none
+    too: a tool without arguments) and says nothing about other keys, at any depth (a copy; the caller's
+    schema is left as it was).
+
+    JSON Schema lets such an object take any further keys, and under a grammar a model that does not
+    know when to stop takes them without end (the bundled model wrote ``"address"`` again and again
+    until ``max_tokens``). vLLM's default grammar engine (xgrammar's strict mode) and OpenAI's strict
+    structured outputs do the same; a schema that wants more keys says so with ``additionalProperties``
+    (or ``patternProperties``), and an object schema without ``properties`` stays open."""
+    if isinstance(schema, list):
+        return [declared_properties_only(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _SUBSCHEMA:
+        if isinstance(out.get(key), dict | list):
+            out[key] = declared_properties_only(out[key])
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [declared_properties_only(s) for s in out[key]]
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: declared_properties_only(s) for name, s in out[key].items()}
+    open_keys = ("additionalProperties", "patternProperties", "unevaluatedProperties")
+    if isinstance(out.get("properties"), dict) and not any(k in out for k in open_keys):
+        out["additionalProperties"] = False
+    return out
+
+
 def _json_island(schema: dict[str, Any]) -> str:
+    schema = declared_properties_only(schema)
     return "%json " + json.dumps({**schema, "x-guidance": COMPACT_JSON}, ensure_ascii=False)
 
 
 def json_schema_grammar(schema: dict[str, Any] | None) -> str:
-    """Compact JSON matching ``schema`` (None: any JSON object, as ``json_object`` asks)."""
+    """Compact JSON matching ``schema`` (None: any JSON object, as ``json_object`` asks), objects with
+    ``properties`` taking only those (:func:`declared_properties_only`)."""
     return llguidance.LLMatcher.grammar_from_json_schema(
-        schema if schema is not None else {"type": "object"}, overrides=COMPACT_JSON
+        declared_properties_only(schema) if schema is not None else {"type": "object"}, overrides=COMPACT_JSON
     )
 
 
