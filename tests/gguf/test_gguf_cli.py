@@ -18,3 +18,25 @@ def test_tokenize_and_template_read_the_gguf_tokenizer(smollm_path, hf_smollm_to
     assert rendered.rstrip("\n") == hf_smollm_tokenizer.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=True
     ).rstrip("\n")
+
+
+def test_template_with_tools_a_template_cannot_render_shows_the_react_prompt(capsys, tmp_path, smollm_path):
+    """SmolLM2's template has no tools section: the server prompts it with ReAct, and `template` prints
+    that prompt (saying so on stderr) instead of silently dropping the tools."""
+    from qwenkit.generate import tokenizer_for
+    from qwenkit.tools.react import react_messages
+
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    function = {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {}}}}
+    (tmp_path / "m.json").write_text(json.dumps(messages))
+    (tmp_path / "t.json").write_text(json.dumps([{"type": "function", "function": function}]))
+    model = str(smollm_path)
+    assert main(["template", model, str(tmp_path / "m.json"), "--tools", str(tmp_path / "t.json")]) == 0
+    out, err = capsys.readouterr()
+    assert out == tokenizer_for(model).render_chat_template(react_messages(messages, [function]))
+    assert "get_weather" in out and "Action Input:" in out
+    assert err.startswith("qwenkit template: this template cannot render tools; the prompt below carries")
+    (tmp_path / "bad.json").write_text('[{"type": "function"}]')
+    assert main(["template", model, str(tmp_path / "m.json"), "--tools", str(tmp_path / "bad.json")]) == 2
+    shape = '{"type": "function", "function": {"name": ...}}'
+    assert capsys.readouterr().err == f"qwenkit template: error: tools must be a JSON list of {shape}\n"

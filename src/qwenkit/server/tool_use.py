@@ -10,7 +10,6 @@ a ReAct ``Action`` / ``Action Input``), as are ``json_object`` and ``json_schema
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +25,7 @@ from qwenkit.tools.grammar import (
     tool_call_grammar,
 )
 from qwenkit.tools.hermes import HermesParser
-from qwenkit.tools.react import STOP_WORDS, parse_react, react_messages
+from qwenkit.tools.react import STOP_WORDS, parse_react
 from qwenkit.tools.template_style import prompt_opens_thinking, template_style
 
 NAMED_USAGE = 'Correct usage: `{"type": "function", "function": {"name": "my_function"}}`'
@@ -132,9 +131,8 @@ def prompt_messages(
     llm: LLM, body: ChatCompletionRequest, messages: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
     """The messages the template renders: ReAct text for v1 models, else arguments as objects."""
-    if uses_react(llm, body):
-        return react_messages(messages, _functions(body.tools))
-    return template_messages(messages)
+    functions = _functions(body.tools) if uses_react(llm, body) else []
+    return template_style(llm.tokenizer.chat_template).prompt_messages(messages, functions)
 
 
 def plan_tools(llm: LLM, body: ChatCompletionRequest, prompt_ids: list[int]) -> ToolPlan:
@@ -164,28 +162,6 @@ def plan_tools(llm: LLM, body: ChatCompletionRequest, prompt_ids: list[int]) -> 
             400, str(e), "tools" if choice in ("required", "named") else "response_format"
         ) from None
     return plan
-
-
-def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Assistant tool-call arguments sent back as JSON strings become objects before the template
-    renders them (Qwen2.5's template pipes them through ``tojson``, which would encode them twice)."""
-    out = []
-    for m in messages:
-        calls = m.get("tool_calls")
-        if calls:
-            fixed = []
-            for call in calls:
-                fn = call.get("function") if isinstance(call, dict) else None
-                if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
-                    try:
-                        args = json.loads(fn["arguments"])
-                    except ValueError:
-                        args = {}
-                    call = {**call, "function": {**fn, "arguments": args if isinstance(args, dict) else {}}}
-                fixed.append(call)
-            m = {**m, "tool_calls": fixed}
-        out.append(m)
-    return out
 
 
 class ToolParser:

@@ -9,11 +9,13 @@ whether it has a ``<think>`` reasoning block, and whether a rendered prompt alre
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from qwenkit.tools.hermes import THINK_OPEN
-from qwenkit.tools.react import STOP_WORDS
+from qwenkit.tools.react import STOP_WORDS, react_messages
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,16 @@ class TemplateStyle:
         """Stop words a tool-using request needs on top of the caller's."""
         return STOP_WORDS if self.react else ()
 
+    def prompt_messages(
+        self, messages: list[dict[str, Any]], functions: list[dict[str, Any]]
+    ) -> list[dict[str, Any]]:
+        """The messages the template renders for a request offering ``functions`` (OpenAI ``function``
+        objects; none: no tools): the ReAct prompt written into them where the template cannot render
+        tools (then render them without ``tools``), else as sent, call arguments as objects."""
+        if functions and self.react:
+            return react_messages(messages, functions)
+        return template_messages(messages)
+
 
 def template_style(chat_template: str | None) -> TemplateStyle:
     template = chat_template or ""
@@ -35,3 +47,25 @@ def template_style(chat_template: str | None) -> TemplateStyle:
 def prompt_opens_thinking(decode: Callable[[Sequence[int]], str], prompt_ids: Sequence[int]) -> bool:
     """Whether the rendered prompt ends inside an opened ``<think>`` (its last few tokens decoded)."""
     return decode(list(prompt_ids[-4:])).rstrip().endswith(THINK_OPEN)
+
+
+def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Assistant tool-call arguments sent back as JSON strings become objects before the template
+    renders them (Qwen2.5's template pipes them through ``tojson``, which would encode them twice)."""
+    out = []
+    for m in messages:
+        calls = m.get("tool_calls")
+        if calls:
+            fixed = []
+            for call in calls:
+                fn = call.get("function") if isinstance(call, dict) else None
+                if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+                    try:
+                        args = json.loads(fn["arguments"])
+                    except ValueError:
+                        args = {}
+                    call = {**call, "function": {**fn, "arguments": args if isinstance(args, dict) else {}}}
+                fixed.append(call)
+            m = {**m, "tool_calls": fixed}
+        out.append(m)
+    return out
