@@ -57,7 +57,7 @@ def parse_precisions(text: str, quantized_checkpoint: bool) -> list[str]:
         raise ProfileError("--precisions is empty")
     for p in names:
         if p not in (*PRECISIONS, CHECKPOINT):
-            raise ProfileError(f"unknown precision {p!r}; choose from {', '.join(PRECISIONS)}")
+            raise ProfileError(f"unknown precision {p!r}; choose from {', '.join((CHECKPOINT, *PRECISIONS))}")
         if quantized_checkpoint and p != CHECKPOINT:
             raise ProfileError(f"the model is already quantized; it runs only at its own precision, not {p}")
     return names
@@ -248,8 +248,10 @@ def profile(
     generate: int = 2048,
     encode: int = 2048,
     isolate: bool = True,
+    progress: bool = False,
 ) -> list[ProfileRow]:
-    """One :class:`ProfileRow` per precision, each in a fresh subprocess (unless ``isolate=False``)."""
+    """One :class:`ProfileRow` per precision, each in a fresh subprocess (unless ``isolate=False``);
+    ``progress``: a line on stderr as each starts (the defaults take minutes a precision on a CPU)."""
     if context < 1 or generate < 0 or encode < 0 or not (generate or encode):
         raise ProfileError(
             "--context must be at least 1, --generate/--encode at least 0, and one of them positive"
@@ -258,7 +260,9 @@ def profile(
         model=str(model), dtype=dtype, device=device, context=context, generate=generate, encode=encode
     )
     rows = []
-    for precision in precisions:
+    for i, precision in enumerate(precisions):
+        if progress:
+            print(f"qwenkit profile: {precision} ({i + 1} of {len(precisions)})", file=sys.stderr, flush=True)
         if not isolate:
             rows.append(profile_in_process(precision=precision, **kwargs))
             continue

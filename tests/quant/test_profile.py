@@ -37,7 +37,8 @@ def test_profile_cli_table(tiny, capsys) -> None:
     assert (
         main(["profile", str(tiny), "--generate", "4", "--encode", "8", "--precisions", "bfloat16,int4"]) == 0
     )
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert err == "qwenkit profile: bfloat16 (1 of 2)\nqwenkit profile: int4 (2 of 2)\n"  # progress
     table = [line for line in out.splitlines() if line.startswith("| ")]
     assert len(table) == 3  # header + one row per precision
     level = kernels.isa_level()
@@ -61,7 +62,7 @@ def test_profile_cli_table(tiny, capsys) -> None:
     [
         (
             ["--precisions", "int3"],
-            "error: unknown precision 'int3'; choose from float32, bfloat16, float16, int8, int4",
+            "error: unknown precision 'int3'; choose from checkpoint, float32, bfloat16, float16, int8, int4",
         ),
         (["--generate", "0", "--encode", "0"], "error: --context must be at least 1"),
     ],

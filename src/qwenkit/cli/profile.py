@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         context=args.context,
         generate=args.generate,
         encode=args.encode,
+        progress=True,
     )
     if args.json:
         print(json.dumps([asdict(r) for r in rows], indent=2))
