@@ -4,6 +4,7 @@ interruption, rescoring without the model, the CLI and its comparison table."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -168,3 +169,22 @@ def test_a_run_written_before_newer_settings_still_resumes(local, tmp_path):
     assert run(local, settings, tmp_path, progress=False)["timing"]["items_run"] == 0
     with pytest.raises(EvalDataError, match="other settings \\(max_new_tokens\\)"):
         run(local, Settings(task="gsm8k", limit=1, max_new_tokens=3), tmp_path, progress=False)
+
+
+def test_a_standard_error_not_known_reads_n_a_not_a_number():
+    """One item leaves nothing to estimate a variance from: its standard error, and a macro average's
+    over groups with such items, is unknown, printed ``± n/a`` (before: ``± nan``, or ``± 0.00``), and a
+    comparison gives no verdict on it."""
+    from qwenkit.cli.eval import format_results
+    from qwenkit.evaluate.results import plus_minus
+    from qwenkit.evaluate.stats import macro_stderr, mean_stderr
+
+    assert mean_stderr([1.0])[0] == 1.0 and math.isnan(mean_stderr([1.0])[1])
+    assert math.isnan(macro_stderr([[1.0], [0.0, 1.0]])[1])
+    mean, se = macro_stderr([[1.0, 0.0], [0.0, 1.0, 1.0, 0.0]])
+    assert mean == 0.5 and se == pytest.approx((0.5 / 2 + 1 / 3 / 4) ** 0.5 / 2)  # sample variances / n
+    assert (plus_minus(None), plus_minus(float("nan")), plus_minus(0.0123)) == ("± n/a", "± n/a", "± 1.23")
+    rows = [{"subject": s, "correct": True} for s in ("logic", "computer_network")]
+    scores = aggregate(rows, ceval.category_of, "macro")
+    text = format_results({"task": "ceval", "record": {}, "scores": scores})
+    assert "overall  100.00 ± n/a" in text and "nan" not in text, text

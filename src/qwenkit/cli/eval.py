@@ -129,42 +129,38 @@ def main(argv: list[str]) -> int:
 
 
 def format_results(results: dict) -> str:
+    from qwenkit.evaluate.results import plus_minus
+
     s = results["scores"]
     rec = results["record"]
     lines = [f"{results['task']}: {rec.get('method', '')} ({rec.get('data', '')})"]
     if s.get("acc") is not None:
         lines.append(
-            f"  overall  {100 * s['acc']:.2f} ± {100 * (s.get('stderr') or 0):.2f}  "
+            f"  overall  {100 * s['acc']:.2f} {plus_minus(s.get('stderr'))}  "
             f"({s.get('aggregation', '')}, n={s.get('n')})"
         )
     for key in ("acc_micro", "acc_macro"):
         if key in s:
-            lines.append(f"  {key[4:]:<8} {100 * s[key]:.2f} ± {100 * (s.get('stderr_' + key[4:]) or 0):.2f}")
+            lines.append(f"  {key[4:]:<8} {100 * s[key]:.2f} {plus_minus(s.get('stderr_' + key[4:]))}")
     if s.get("hard") is not None:
         lines.append(f"  hard     {100 * s['hard']:.2f}")
     if s.get("selection") is not None:
-        lines.append(
-            f"  function selection {100 * s['selection']:.2f} ± {100 * (s['selection_stderr'] or 0):.2f}"
-        )
+        lines.append(f"  function selection {100 * s['selection']:.2f} {plus_minus(s['selection_stderr'])}")
     if s.get("false_positive_rate") is not None:
         lines.append(f"  irrelevance: false-positive rate {100 * s['false_positive_rate']:.2f}")
     for name, c in (s.get("categories") or {}).items():
         extra = f", selection {100 * c['selection']:.2f}" if "selection" in c else ""
-        lines.append(
-            f"  {name:<16} {100 * c['acc']:.2f} ± {100 * (c['stderr'] or 0):.2f}  (n={c['n']}{extra})"
-        )
+        lines.append(f"  {name:<16} {100 * c['acc']:.2f} {plus_minus(c['stderr'])}  (n={c['n']}{extra})")
     for key in ("lengths", "depths"):
         for name, c in (s.get(key) or {}).items():
             lines.append(
-                f"  {key[:-1]} {name:<10} {100 * c['acc']:.2f} ± {100 * (c['stderr'] or 0):.2f}  (n={c['n']})"
+                f"  {key[:-1]} {name:<10} {100 * c['acc']:.2f} {plus_minus(c['stderr'])}  (n={c['n']})"
             )
     for name, value in s.items():
         if isinstance(value, dict) and name not in ("categories", "subjects") and "acc" in value:
-            lines.append(f"  [{name}] {100 * value['acc']:.2f} ± {100 * (value['stderr'] or 0):.2f}")
+            lines.append(f"  [{name}] {100 * value['acc']:.2f} {plus_minus(value['stderr'])}")
         if isinstance(value, dict) and "pass@1" in value and value["pass@1"] is not None:
-            lines.append(
-                f"  [cut {name}] pass@1 {100 * value['pass@1']:.2f} ± {100 * (value['stderr'] or 0):.2f}"
-            )
+            lines.append(f"  [cut {name}] pass@1 {100 * value['pass@1']:.2f} {plus_minus(value['stderr'])}")
     subjects = s.get("subjects") or {}
     if 1 < len(subjects) <= 60:
         lines.append("  per subject:")

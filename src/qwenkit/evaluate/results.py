@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -111,12 +112,13 @@ def compare(paths: Sequence[str | Path]) -> str:
             if s is None or s.get("acc") is None:
                 cells.append("-".rjust(22))
                 continue
-            cell = f"{100 * s['acc']:.2f}±{100 * (s.get('stderr') or 0):.2f}"
+            cell = f"{100 * s['acc']:.2f}" + plus_minus(s.get("stderr")).replace(" ", "")
             base = first.get(t)
             if base is not None and base is not s and base.get("acc") is not None:
                 diff = s["acc"] - base["acc"]
-                se = ((s.get("stderr") or 0) ** 2 + (base.get("stderr") or 0) ** 2) ** 0.5
-                cell += f" ({100 * diff:+.2f}{'*' if abs(diff) > se else ''})"
+                errors = [_known(s.get("stderr")), _known(base.get("stderr"))]
+                beyond = None not in errors and abs(diff) > math.hypot(*errors)  # unknown: no verdict
+                cell += f" ({100 * diff:+.2f}{'*' if beyond else ''})"
             cells.append(cell.rjust(22))
         lines.append(label[:43].ljust(44) + "".join(cells))
     lines.append(
@@ -130,3 +132,14 @@ def _run_label(path: Path, results: dict) -> str:
     model = Path(rec.get("model_path") or rec.get("url") or path.parent.name).stem
     precision = rec.get("quantization") or rec.get("dtype") or ""
     return f"{model} {precision}".strip()
+
+
+def _known(stderr: float | None) -> float | None:
+    """A standard error, or None where it is not known (one item: none to estimate it from)."""
+    return None if stderr is None or math.isnan(stderr) else stderr
+
+
+def plus_minus(stderr: float | None) -> str:
+    """``± 1.23`` (percent), or ``± n/a`` where the standard error is not known."""
+    known = _known(stderr)
+    return "± n/a" if known is None else f"± {100 * known:.2f}"

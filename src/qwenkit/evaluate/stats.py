@@ -19,14 +19,14 @@ def mean_stderr(values: Sequence[float]) -> tuple[float, float]:
 
 
 def macro_stderr(groups: Sequence[Sequence[float]]) -> tuple[float, float]:
-    """Mean over groups of each group's mean, and its standard error (groups independent)."""
+    """Mean over groups of each group's mean, and its standard error (groups independent): not known
+    (nan) when a group has one item, whose variance there is nothing to estimate from."""
     stats = [mean_stderr(g) for g in groups if g]
     if not stats:
         return float("nan"), float("nan")
     k = len(stats)
     mean = sum(m for m, _ in stats) / k
-    var = sum((se if not math.isnan(se) else 0.0) ** 2 for _, se in stats) / k**2
-    return mean, math.sqrt(var)
+    return mean, math.sqrt(sum(se**2 for _, se in stats)) / k
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
