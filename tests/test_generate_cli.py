@@ -109,3 +109,5 @@ def test_info_on_gguf_shows_metadata_license(capsys):
     assert main(["info", str(default_model_path())]) == 0
     out = capsys.readouterr().out
     assert "llama" in out and "apache-2.0" in out.lower()
+    assert main(["info"]) == 0  # the bundled model, as generate/chat/serve/profile default: where it lives
+    assert capsys.readouterr().out == out and out.startswith(f"model: {default_model_path()}\n")

@@ -7,6 +7,7 @@ import argparse
 import torch
 
 from qwenkit.checkpoint import open_checkpoint
+from qwenkit.cli.common import resolve_model
 from qwenkit.config import ModelConfig
 from qwenkit.distributed import local_config
 from qwenkit.license import find_license
@@ -127,10 +128,10 @@ def _yn(flag: bool) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qwenkit info", description="Describe a model before running it.")
-    parser.add_argument("model", help="model directory or .gguf file")
+    parser.add_argument("model", nargs="?", help="model directory or .gguf file (default: the bundled model)")
     parser.add_argument(
         "--tensor-parallel", type=int, default=1, metavar="N", help="also show memory per rank on N ranks"
     )
     args = parser.parse_args(argv)
-    print(describe(args.model, args.tensor_parallel))
+    print(describe(str(resolve_model(args.model)), args.tensor_parallel))
     return 0
