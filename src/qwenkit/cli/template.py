@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from qwenkit.errors import QwenkitError
+from qwenkit.tools.calls import offered_functions
 from qwenkit.tools.template_style import template_style
 
 
@@ -24,17 +25,6 @@ def _read_json(path: str, what: str) -> Any:
         raise _InputError(f"cannot read {what} file {path}: {e.strerror}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise _InputError(f"{what} file {path} is not valid JSON: {e}") from None
-
-
-def _functions(tools: Any) -> list[dict[str, Any]]:
-    """The ``function`` objects of OpenAI tool definitions (none when there are no tools)."""
-    if tools is None:
-        return []
-    functions = [t.get("function") for t in tools if isinstance(t, dict)] if isinstance(tools, list) else []
-    named = [f for f in functions if isinstance(f, dict) and isinstance(f.get("name"), str)]
-    if not isinstance(tools, list) or not tools or len(named) != len(tools):
-        raise _InputError('tools must be a JSON list of {"type": "function", "function": {"name": ...}}')
-    return named
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = tokenizer_for(args.model_dir)
         gen = not args.no_generation_prompt
         style = template_style(tokenizer.chat_template)
-        data = style.prompt_messages(data, _functions(tools))
+        data = style.prompt_messages(data, offered_functions(tools) if tools is not None else [])
         if tools and style.react:
             print(
                 "qwenkit template: this template cannot render tools; the prompt below carries the ReAct "

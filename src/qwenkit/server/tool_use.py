@@ -16,7 +16,7 @@ from typing import Any
 from qwenkit.generate import LLM
 from qwenkit.server.errors import APIError
 from qwenkit.server.schemas import ChatCompletionRequest
-from qwenkit.tools.calls import Event, ParsedMessage, call_events, collect
+from qwenkit.tools.calls import Event, ParsedMessage, ToolSpecError, call_events, collect, offered_functions
 from qwenkit.tools.grammar import (
     GrammarError,
     enable_grammars,
@@ -61,24 +61,10 @@ class ToolPlan:
 
 
 def _functions(tools: list[Any]) -> list[dict[str, Any]]:
-    if not tools:
-        raise APIError(400, "`tools` must not be an empty array", "tools")
-    functions = []
-    for i, tool in enumerate(tools):
-        fn = tool.get("function") if isinstance(tool, dict) else None
-        if (
-            not isinstance(tool, dict)
-            or tool.get("type", "function") != "function"
-            or not isinstance(fn, dict)
-        ):
-            raise APIError(400, f'tools[{i}] must be {{"type": "function", "function": {{...}}}}', "tools")
-        if not isinstance(fn.get("name"), str) or not fn["name"]:
-            raise APIError(400, f"tools[{i}].function.name must be a non-empty string", "tools")
-        params = fn.get("parameters")
-        if params is not None and not isinstance(params, dict):
-            raise APIError(400, f"tools[{i}].function.parameters must be a JSON schema object", "tools")
-        functions.append(fn)
-    return functions
+    try:
+        return offered_functions(tools)
+    except ToolSpecError as e:
+        raise APIError(400, str(e), "tools") from None
 
 
 def _choice(value: Any, functions: list[dict[str, Any]]) -> tuple[str, str | None]:

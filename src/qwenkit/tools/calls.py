@@ -7,6 +7,32 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from qwenkit.errors import QwenkitError
+
+
+class ToolSpecError(QwenkitError, ValueError):
+    """Tool definitions that are not OpenAI's shape; the message names the first bad one."""
+
+
+def offered_functions(tools: Any) -> list[dict[str, Any]]:
+    """The ``function`` objects of OpenAI tool definitions (``[{"type": "function", "function": {...}}]``),
+    checked as the server and the CLI take them."""
+    if not isinstance(tools, list) or not tools:
+        empty = isinstance(tools, list)
+        raise ToolSpecError("`tools` must not be an empty array" if empty else "`tools` must be an array")
+    functions = []
+    for i, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(fn, dict) or tool.get("type", "function") != "function":
+            raise ToolSpecError(f'tools[{i}] must be {{"type": "function", "function": {{...}}}}')
+        if not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise ToolSpecError(f"tools[{i}].function.name must be a non-empty string")
+        params = fn.get("parameters")
+        if params is not None and not isinstance(params, dict):
+            raise ToolSpecError(f"tools[{i}].function.parameters must be a JSON schema object")
+        functions.append(fn)
+    return functions
+
 
 def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
