@@ -137,6 +137,8 @@ def test_an_object_takes_only_its_listed_properties_unless_its_schema_opens_it(l
         assert declared_properties_only(opened) == opened
     assert declared_properties_only({"type": "object"}) == {"type": "object"}
     assert declared_properties_only({"type": "object", "properties": {}})["additionalProperties"] is False
+    parts = declared_properties_only({"allOf": [PERSON, {"properties": {"city": {"type": "string"}}}]})
+    assert all("additionalProperties" not in part for part in parts["allOf"])  # each part: some keys only
 
     compiler = enable_grammars(llm)
 

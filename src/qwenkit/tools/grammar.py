@@ -44,7 +44,7 @@ _SUBSCHEMA_LISTS = ("prefixItems", "anyOf", "allOf", "oneOf")
 _SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 
 
-def declared_properties_only(schema: Any) -> Any:
+def declared_properties_only(schema: Any, close: bool = True) -> Any:
     """``schema`` with ``"additionalProperties": false`` on every object that has ``properties`` (none
     too: a tool without arguments) and says nothing about other keys, at any depth (a copy; the caller's
     schema is left as it was).
@@ -53,7 +53,8 @@ def declared_properties_only(schema: Any) -> Any:
     know when to stop takes them without end (the bundled model wrote ``"address"`` again and again
     until ``max_tokens``). vLLM's default grammar engine (xgrammar's strict mode) and OpenAI's strict
     structured outputs do the same; a schema that wants more keys says so with ``additionalProperties``
-    (or ``patternProperties``), and an object schema without ``properties`` stays open."""
+    (or ``patternProperties``), and an object schema without ``properties`` stays open. The parts of an
+    ``allOf`` each describe some keys of one object, so they stay open themselves (``close`` False)."""
     if isinstance(schema, list):
         return [declared_properties_only(s) for s in schema]
     if not isinstance(schema, dict):
@@ -64,12 +65,12 @@ def declared_properties_only(schema: Any) -> Any:
             out[key] = declared_properties_only(out[key])
     for key in _SUBSCHEMA_LISTS:
         if isinstance(out.get(key), list):
-            out[key] = [declared_properties_only(s) for s in out[key]]
+            out[key] = [declared_properties_only(s, close=key != "allOf") for s in out[key]]
     for key in _SUBSCHEMA_MAPS:
         if isinstance(out.get(key), dict):
             out[key] = {name: declared_properties_only(s) for name, s in out[key].items()}
     open_keys = ("additionalProperties", "patternProperties", "unevaluatedProperties")
-    if isinstance(out.get("properties"), dict) and not any(k in out for k in open_keys):
+    if close and isinstance(out.get("properties"), dict) and not any(k in out for k in open_keys):
         out["additionalProperties"] = False
     return out
 
