@@ -161,3 +161,41 @@ def test_chat_tools_shows_call_and_takes_typed_result(steered, tmp_path, monkeyp
     assert '[tool call] get_weather({"city": "Paris"})' in capsys.readouterr().out
     assert [m["content"] for m in result.messages if m["role"] == "tool"] == ["sunny, 21C"]
     assert result.answer == "It is sunny."
+
+
+# Qwen2.5's way with a call's arguments: always through tojson (a string would be encoded twice).
+TOJSON_TEMPLATE = (
+    "{%- if tools %}{%- endif %}{%- for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+    "{%- for c in m.tool_calls or [] %}\n<tool_call>\n"
+    '{"name": "{{ c.function.name }}", "arguments": {{ c.function.arguments | tojson }}}\n</tool_call>'
+    "{%- endfor %}<|im_end|>\n{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}"
+)
+
+
+def test_a_history_with_arguments_as_json_text_is_rendered_once_encoded(steered, monkeypatch):
+    """A conversation handed to the agent in OpenAI's shape (arguments as JSON text) renders as the
+    server renders it: the template sees the arguments as an object, not a string encoded twice."""
+    llm = steered[0]
+    monkeypatch.setattr(llm.tokenizer, "chat_template", TOJSON_TEMPLATE)
+    prompts = []
+    generate = llm.generate
+    monkeypatch.setattr(llm, "generate", lambda ids, params: prompts.append(ids[0]) or generate(ids, params))
+    queue(steered, "Done.")
+    history = [
+        {"role": "user", "content": "What is 2+3?"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "5"},
+    ]
+    assert Agent(llm, [ADD], params=PARAMS).run(history).answer == "Done."
+    text = llm.tokenizer.decode(prompts[0])
+    assert '"arguments": {"a": 2, "b": 3}' in text and '\\"a\\"' not in text, text

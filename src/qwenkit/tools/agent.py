@@ -16,7 +16,7 @@ from qwenkit.errors import QwenkitError
 from qwenkit.generate import LLM
 from qwenkit.tools.calls import ParsedMessage, ToolCall
 from qwenkit.tools.hermes import parse_hermes
-from qwenkit.tools.react import parse_react, react_messages
+from qwenkit.tools.react import parse_react
 from qwenkit.tools.template_style import prompt_opens_thinking, template_style
 
 log = logging.getLogger(__name__)
@@ -77,12 +77,11 @@ class Agent:
         specs = [t.spec() for t in self.tools.values()]
         params = self.params
         tokenizer = self.llm.tokenizer
+        rendered = self.style.prompt_messages(messages, [s["function"] for s in specs])
+        offered = None if self.style.react else specs  # ReAct: the tools are in the messages' text
+        ids = tokenizer.apply_chat_template(rendered, tools=offered, add_generation_prompt=True)
         if self.style.react:
-            rendered = react_messages(messages, [s["function"] for s in specs])
-            ids = tokenizer.apply_chat_template(rendered, add_generation_prompt=True)
             params = replace(params, stop=(*params.stop, *self.style.stop))
-        else:
-            ids = tokenizer.apply_chat_template(messages, tools=specs, add_generation_prompt=True)
         text = self.llm.generate([ids], params)[0].text
         if self.style.react:
             return text, parse_react(text)
