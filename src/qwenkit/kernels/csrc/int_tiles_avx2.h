@@ -116,8 +116,8 @@ __attribute__((always_inline)) inline void vnni_block(const uint8_t* wb, const i
 // time, so the accumulators fit AVX2's 16 registers: int4 takes both halves (each broadcast serves 16
 // outputs; 15% faster at one row), int8 one half at a time (the tile is read again from cache for the
 // other) unless the next tile is being prefetched (int_tile). Passes of 4-8 rows (two passes of 8
-// together) take int_tile_quads. int4 codes (0..15) times int8 activations never saturate vpmaddubsw's int16 pairs, so a block's 8 pairs are summed in
-// int16 before one widening. int8 codes are made signed (code - 128, which int8_zero_point has already
+// together) take int_tile_quads. int4 codes (0..15) times int8 activations never saturate vpmaddubsw's
+// int16 pairs, so a block's 8 pairs are summed in int16 before one widening. int8 codes are made signed (code - 128, which int8_zero_point has already
 // moved into the block starts) and multiplied as |w| . sign(x, w), which keeps each int16 pair in range.
 // On AVX-VNNI, vnni_block does the integer part. The float arithmetic is the AVX-512 tile's, in the same
 // order.

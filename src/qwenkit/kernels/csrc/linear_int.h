@@ -21,9 +21,9 @@ inline int64_t int8_zero_point(int bits, int64_t zero_point) {
 // 264-272 -> 282-289, a Qwen3-30B-A3B layer's experts 1.04-1.09 -> 0.91-0.95 ms. On a Zen 2 EPYC (AVX2,
 // 2026-12-04, benchmarks/bench_decode_prefetch.py, both ways alternating in one process, 7 rounds) the
 // bundled model 98.5 -> 109.9 tok/s, Qwen2.5-0.5B int4 37.0 -> 41.2, int8 23.9 -> 28.0, 1.5B int4
-// 14.7 -> 17.1, int8 8.8 -> 11.1 (int8 with both halves of a tile in one pass, int_tile). On the Zen 4 a prefetch 1 KB ahead of each stream had made int8/int4
-// 8-11% slower (docs/cpu-speed.md), so other AMD CPUs (Zen 1, 3, 4) leave decode's streams to the
-// hardware prefetchers until measured there.
+// 14.7 -> 17.1, int8 8.8 -> 11.1 (int8 with both halves of a tile in one pass, int_tile). On the Zen 4
+// a prefetch 1 KB ahead of each stream had made int8/int4 8-11% slower (docs/cpu-speed.md), so other
+// AMD CPUs (Zen 1, 3, 4) leave decode's streams to the hardware prefetchers until measured there.
 // decode_prefetch turns it on or off (tests, and A/Bs in one process on a CPU not yet measured).
 std::atomic<bool>& decode_prefetch_wanted() {
   static std::atomic<bool> on{__builtin_cpu_is("intel") || __builtin_cpu_is("znver2")};
