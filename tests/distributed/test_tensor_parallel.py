@@ -1,5 +1,6 @@
 """Distribution invariant for tensor parallelism: N processes (gloo, CPU) compute what one process
-computes, for Qwen v1, Qwen2 and Qwen3 tiny random models; bad splits and bad groups give clear errors."""
+computes, for Qwen v1, Qwen2 and Qwen3 tiny random models, float and under ``--quantize``; bad splits and
+bad groups give clear errors."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from factories import hf_model, save_hf, write_v1_checkpoint
-from tp_worker import PROMPT, greedy, load_expecting_error, run_models, weight_bytes_held
+from tp_worker import PROMPT, greedy, load_expecting_error, run_models, run_quantized, weight_bytes_held
 
 from qwenkit.checkpoint import load_model
 from qwenkit.cli import main as qwenkit
@@ -72,6 +73,59 @@ def test_tensor_parallel_equals_one_process(models, single, world, tmp_path):
         shard = local_config(ModelConfig.from_dir(models[name]), world)
         assert held == [weight_bytes(shard, torch.float32)] * world
     assert ranks[0]["qwen2"]["kv_heads"] == 4 // world  # the KV cache per rank is 1/world too
+
+
+@pytest.fixture(scope="module")
+def wide_models(tmp_path_factory) -> dict[str, str]:
+    """Wide enough that int4's groups of 128 split whole over 2 ranks (o_proj's 256 inputs, down's 512)
+    and not over 4 (64 of o_proj's inputs a rank); Qwen2 with q/k/v biases and its own float embedding,
+    Qwen3 with the embedding tied to the int8 head."""
+    root = tmp_path_factory.mktemp("tp-wide")
+    wide = dict(hidden_size=256, intermediate_size=512, num_attention_heads=8, num_key_value_heads=4)
+    return {
+        "qwen2": str(save_hf(hf_model("qwen2", **wide), root / "qwen2")),
+        "qwen3-tied": str(
+            save_hf(hf_model("qwen3", head_dim=32, tie_word_embeddings=True, **wide), root / "qwen3")
+        ),
+    }  # fmt: skip
+
+
+def one_process(path: str, quantize: str | None) -> dict[str, torch.Tensor]:
+    model, _ = load_model(path, dtype="float32", quantize=quantize, progress=False)
+    with torch.no_grad():
+        return {"logits": model(PROMPT), "tokens": greedy(model, None, steps=6)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_quantized_tensor_parallel_equals_one_process(wide_models, quantize, tmp_path):
+    """Each rank rounds its shard as one process rounds the whole model: column-parallel rows as they
+    are, row-parallel layers whole and then split by columns with their groups' scales."""
+    run_ranks(run_quantized, 2, (wide_models, quantize, str(tmp_path)), timeout_s=120)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for name, path in wide_models.items():
+        ref = one_process(path, quantize)
+        for rank, got in enumerate(ranks):
+            diff = (got[name]["logits"] - ref["logits"]).abs().max().item()
+            # the all-reduce's float sums differ in their last bits, which can move the next layer's
+            # int8 activations across a rounding edge (about 1e-3 on these logits); nothing more
+            assert diff < 1e-2, f"{name} {quantize} rank {rank}: logits differ by {diff:.2e}"
+            assert torch.equal(got[name]["tokens"], ref["tokens"]), f"{name} {quantize} rank {rank}"
+
+
+@pytest.mark.slow
+def test_int4_groups_that_straddle_two_ranks_are_rounded_per_rank_as_well_as_one_process_rounds(
+    wide_models, tmp_path
+):
+    """Over 4 ranks o_proj's 64 inputs a rank cut its groups of 128: each rank rounds its own columns
+    in groups of 64 instead. A different rounding, not a worse one: as close to the float model."""
+    path = wide_models["qwen2"]
+    run_ranks(run_quantized, 4, ({"qwen2": path}, "int4", str(tmp_path)), timeout_s=120)
+    floats, ref = one_process(path, None)["logits"], one_process(path, "int4")["logits"]
+    got = torch.load(tmp_path / "rank0.pt")["qwen2"]["logits"]
+    assert (got - ref).abs().max() > 1e-2  # not the one-process rounding ...
+    # ... but as near the float model's logits (random weights: int4 moves them by ~0.2 here)
+    assert (got - floats).abs().mean() < 1.25 * (ref - floats).abs().mean()
 
 
 def test_kv_heads_that_do_not_divide_are_refused_with_the_splits_that_work():
@@ -159,3 +213,25 @@ def test_generate_with_tensor_parallel_prints_the_single_process_tokens(tmp_path
     assert err == [
         "error: --tensor-parallel 4 is more ranks than the model's 2 attention heads; use at most 2"
     ]
+
+
+@pytest.mark.slow
+def test_generate_quantized_with_tensor_parallel_prints_the_single_process_logprobs(tmp_path, capfd):
+    """`qwenkit generate --quantize int4 --tensor-parallel 2`: each rank rounds its shard, and the answer
+    is the one-process int4 answer (not the float one), log-probabilities included."""
+    from factories import write_tiny_chat_model
+
+    wide = dict(hidden_size=256, intermediate_size=512, num_attention_heads=8, num_key_value_heads=4)
+    path = str(write_tiny_chat_model(tmp_path / "chat", **wide))
+    argv = ["generate", path, "--prompt-ids", "9,8,7,6", "--max-new-tokens", "3", "--json", "--logprobs", "1"]
+    argv += ["--dtype", "float32", "--temperature", "0"]
+    runs = {}
+    for name, extra in (("float", []), ("int4", ["--quantize", "int4"])):
+        assert qwenkit([*argv, *extra]) == 0
+        runs[name] = json.loads(capfd.readouterr().out)
+    assert qwenkit([*argv, "--quantize", "int4", "--tensor-parallel", "2"]) == 0
+    sharded = json.loads(capfd.readouterr().out)
+    assert sharded["output_token_ids"] == runs["int4"]["output_token_ids"]
+    assert sharded["logprobs"] == pytest.approx(runs["int4"]["logprobs"], abs=1e-4)
+    moved = [abs(a - b) for a, b in zip(runs["int4"]["logprobs"], runs["float"]["logprobs"], strict=True)]
+    assert max(moved) > 1e-3  # int4 did round the weights

@@ -47,6 +47,17 @@ def run_models(tp: TensorParallel, models: dict[str, str], out_dir: str) -> None
     torch.save(results, Path(out_dir) / f"rank{tp.rank}.pt")
 
 
+def run_quantized(tp: TensorParallel, models: dict[str, str], quantize: str, out_dir: str) -> None:
+    """As run_models, each model loaded with ``--quantize`` (each rank rounds its own shard)."""
+    torch.set_num_threads(1)
+    results = {}
+    for name, path in models.items():
+        model, _ = load_model(path, dtype="float32", quantize=quantize, tensor_parallel=tp, progress=False)
+        with torch.no_grad():
+            results[name] = {"logits": model(PROMPT), "tokens": greedy(model, tp, steps=6)}
+    torch.save(results, Path(out_dir) / f"rank{tp.rank}.pt")
+
+
 def load_expecting_error(tp: TensorParallel, paths: list[str], out_dir: str, die_rank: int) -> None:
     """Load rank-specific paths (to mismatch them on purpose); ``die_rank`` exits at once, unclean."""
     torch.set_num_threads(1)

@@ -107,3 +107,22 @@ def test_memory_check_sizes_the_quantized_model(model_dir, monkeypatch) -> None:
     load_model(model_dir, dtype="float32", quantize="int4", progress=False)
     as_float, as_int4 = needs
     assert as_int4 < as_float * 0.6
+
+
+@pytest.mark.parametrize(("bits", "world"), [(8, 2), (8, 4), (4, 2), (4, 4)])
+def test_a_column_share_dequantizes_to_exactly_those_columns_of_the_whole(bits, world):
+    """A tensor-parallel rank's row-parallel layer: the whole weight rounded, then split by input columns
+    with its groups' scales (int8: one group a row; int4: groups of 128 over 512 inputs)."""
+    torch.manual_seed(0)
+    whole = on_load.round_in_row_blocks(torch.randn(48, 512), bits)
+    full = whole.dequantize()
+    parts = [on_load.column_share(whole, rank, world) for rank in range(world)]
+    assert torch.equal(torch.cat([p.dequantize() for p in parts], dim=1), full)
+    assert all(p.in_features == 512 // world and p.qweight.is_contiguous() for p in parts)
+
+
+def test_a_column_share_whose_groups_straddle_two_ranks_is_refused():
+    """int4's groups of 128 over 384 inputs cut by 2 ranks (192 each): no whole groups, no share."""
+    whole = on_load.round_in_row_blocks(torch.randn(32, 384), 4)
+    assert whole.scales.shape[0] == 3 and on_load.column_share(whole, 0, 2) is None
+    assert on_load.column_share(whole, 0, 3) is not None  # 128 a rank: whole groups

@@ -25,6 +25,7 @@ from qwenkit.checkpoint.files import HeapTrimmer, WeightFiles, find_weight_files
 from qwenkit.checkpoint.sanitize import sanitize
 from qwenkit.config import ModelConfig, read_hf_config
 from qwenkit.distributed import TensorParallel, local_config, parallelize, shard_tensor
+from qwenkit.distributed.plan import ROW
 from qwenkit.errors import CheckpointError, ConfigError
 from qwenkit.kernels import ops as kernel_ops
 from qwenkit.memory import check_fits
@@ -153,8 +154,6 @@ def load_model(
     full_config = ModelConfig.from_hf(source.hf_config)
     config = full_config
     if tensor_parallel is not None and tensor_parallel.world > 1:
-        if quantize:
-            raise ConfigError("--tensor-parallel with --quantize is not supported yet; drop one of them")
         config = local_config(full_config, tensor_parallel.world)
         from qwenkit.distributed.checks import check_same_checkpoint
 
@@ -327,6 +326,7 @@ def _assign_all(
                     f"for a {config.family} model"
                 )
             target = expected[name]
+            whole = tensor
             if tensor_parallel is not None:
                 tensor = shard_tensor(name, tensor, tensor_parallel)
                 shape = tuple(tensor.shape)
@@ -335,9 +335,12 @@ def _assign_all(
                     f"{source.path}: tensor {name!r}{_expert_note(name, config)} has shape "
                     f"{shape}, but config.json implies {tuple(target.shape)}"
                 )
-            if builder is not None and builder.take(name, tensor):
+            # a row-parallel weight under --quantize is rounded whole, as one process rounds it, then split
+            split = _row_split(name, tensor_parallel)
+            if builder is not None and builder.take(name, tensor, whole if split else None, split):
                 loaded.add(name)
                 continue
+            del whole
             # Parameters take the model dtype; buffers (GPTQ qweight, scales, g_idx) keep their own.
             cast = tensor.to(dtype if name in parameters else target.dtype)
             copied = cast.data_ptr() != tensor.data_ptr()
@@ -356,6 +359,13 @@ def _assign_all(
         raise CheckpointError(f"{source.path}: missing tensor(s) {shown}{more}")
     if config.tie_word_embeddings and isinstance(model.model.embed_tokens, nn.Embedding):
         model.lm_head.weight = model.model.embed_tokens.weight  # (a quantized pair shares codes already)
+
+
+def _row_split(name: str, tensor_parallel: TensorParallel | None) -> tuple[int, int] | None:
+    """(rank, world) for a row-parallel weight (its input columns split over the ranks), else None."""
+    if tensor_parallel is None or tensor_parallel.world == 1 or not name.endswith(ROW):
+        return None
+    return tensor_parallel.rank, tensor_parallel.world
 
 
 def _pack_when_complete(model: nn.Module, name: str, trimmer: HeapTrimmer) -> None:

@@ -8,7 +8,6 @@ import dataclasses
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from qwenkit.distributed.group import TensorParallel
@@ -16,19 +15,21 @@ from qwenkit.distributed.plan import ROW_MODULES
 
 
 class VocabParallelEmbedding(nn.Module):
-    """An embedding holding rows [start, start + rows) of the vocabulary: ids outside look up zeros,
-    and the all-reduce fills in every row from the rank that holds it (exactly: one term is non-zero)."""
+    """An embedding holding rows [start, start + rows) of the vocabulary (``local``: a float
+    ``nn.Embedding``, or a ``QuantizedEmbedding`` under ``--quantize``): ids outside look up zeros, and
+    the all-reduce fills in every row from the rank that holds it (exactly: one term is non-zero)."""
 
-    def __init__(self, weight: nn.Parameter, tp: TensorParallel) -> None:
+    def __init__(self, local: nn.Module, tp: TensorParallel) -> None:
         super().__init__()
-        self.weight = weight
-        self.start = tp.rank * weight.shape[0]
+        self.local = local
+        self.rows = local.num_embeddings
+        self.start = tp.rank * self.rows
         self.group = tp.group
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         local = ids - self.start
-        outside = (local < 0) | (local >= self.weight.shape[0])
-        out = F.embedding(local.masked_fill(outside, 0), self.weight)  # (B, T, hidden)
+        outside = (local < 0) | (local >= self.rows)
+        out = self.local(local.masked_fill(outside, 0))  # (B, T, hidden)
         out = out.masked_fill(outside.unsqueeze(-1), 0)
         dist.all_reduce(out, group=self.group)
         return out
@@ -53,7 +54,7 @@ def parallelize(model: nn.Module, tp: TensorParallel) -> nn.Module:
     for module in row_parallel:
         module._tp_group = tp.group
         module.register_forward_hook(_all_reduce_output)
-    model.model.embed_tokens = VocabParallelEmbedding(model.model.embed_tokens.weight, tp)
+    model.model.embed_tokens = VocabParallelEmbedding(model.model.embed_tokens, tp)
     model.lm_head._tp_group = tp.group
     model.lm_head.register_forward_hook(_gather_logits)
     # What the model now computes, as an engine sees it: this rank's heads (its KV-cache share), and

@@ -24,7 +24,7 @@ from torch import nn
 from qwenkit.checkpoint.files import HeapTrimmer, release_pages
 from qwenkit.quant.affine import AffineWeight
 from qwenkit.quant.embedding import QuantizedEmbedding
-from qwenkit.quant.gptq_format import IntWeight
+from qwenkit.quant.gptq_format import IntWeight, default_g_idx
 from qwenkit.quant.linear import QuantizedLinear
 from qwenkit.quant.rtn import DEFAULT_SYM, default_group_size, quantize_weight_rtn, replace_module
 
@@ -42,8 +42,19 @@ class LayerBuilder:
         self.bits = {None: None, "int8": 8, "int4": 4}[precision]
         self._trimmer = HeapTrimmer()
 
-    def take(self, name: str, tensor: torch.Tensor | AffineWeight) -> bool:
-        """Build the quantized layer ``name`` belongs to, if any; True when the tensor was consumed."""
+    def take(
+        self,
+        name: str,
+        tensor: torch.Tensor | AffineWeight,
+        whole: torch.Tensor | None = None,
+        split: tuple[int, int] | None = None,
+    ) -> bool:
+        """Build the quantized layer ``name`` belongs to, if any; True when the tensor was consumed.
+
+        ``tensor`` is this process's part of the weight; for a tensor-parallel rank's row-parallel layer,
+        ``whole`` is the full weight and ``split`` (rank, world) says which of ``world`` equal runs of its
+        input columns the rank holds: it is rounded whole, as one process rounds it (int8's one scale a
+        row spans all the columns), and the rank keeps its columns' codes (:func:`column_share`)."""
         module_name, _, attr = name.rpartition(".")
         if attr != "weight":
             return False
@@ -57,7 +68,13 @@ class LayerBuilder:
             return False
         elif isinstance(module, nn.Linear):
             bits = 8 if module_name == HEAD else self.bits
-            layer = self._round(tensor, bits, self._bias(module))
+            share = None
+            if whole is not None and split is not None:
+                share = column_share(round_in_row_blocks(whole, bits, self.dtype, self.device), *split)
+            if share is not None:
+                layer = QuantizedLinear.from_int(share, self._bias(module))
+            else:  # also where groups straddle two ranks' columns: the rank's own, in groups of their own
+                layer = self._round(tensor, bits, self._bias(module))
         elif module_name == EMBEDDING and self.tied:
             layer = self._round(tensor, 8, None)  # the tied lm_head, at the head's precision
         else:
@@ -90,6 +107,30 @@ class LayerBuilder:
         """The bias if it arrived first; otherwise the loader sets it on the new layer when it comes."""
         bias = getattr(module, "bias", None)
         return None if bias is None or bias.is_meta else bias.detach()
+
+
+def column_share(w: IntWeight, rank: int, world: int) -> IntWeight | None:
+    """Run ``rank`` of ``world`` equal runs of ``w``'s input columns, with the scales and zeros of their
+    groups: its dequantized weight is exactly those columns of ``w``'s. None where a group would straddle
+    two runs (``--quantize int4``'s groups of 128 over a 448-column run), since every rank's kernel needs
+    whole groups of one size."""
+    in_f = w.in_features
+    cols = in_f // world
+    lo, hi = rank * cols, (rank + 1) * cols
+    groups = w.scales.shape[0]
+    if groups == 1:  # one group a row (int8): every run keeps it
+        return IntWeight(w.qweight[:, lo:hi].contiguous(), w.scales, w.zeros, w.g_idx[lo:hi].clone(), w.bits)
+    size = in_f // groups
+    if in_f % groups or cols % size or not torch.equal(w.g_idx, default_g_idx(in_f, size)):
+        return None
+    g0, g1 = lo // size, hi // size
+    return IntWeight(
+        w.qweight[:, lo:hi].contiguous(),
+        w.scales[g0:g1].contiguous(),
+        w.zeros[g0:g1].contiguous(),
+        default_g_idx(cols, size),
+        w.bits,
+    )
 
 
 ROW_BLOCK_ELEMENTS = 1 << 19  # RTN's float32 temporaries stay ~2 MiB each, even for a 151936-row head
