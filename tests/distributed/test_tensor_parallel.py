@@ -128,6 +128,70 @@ def test_int4_groups_that_straddle_two_ranks_are_rounded_per_rank_as_well_as_one
     assert (got - floats).abs().mean() < 1.25 * (ref - floats).abs().mean()
 
 
+@pytest.fixture(scope="module")
+def gptq_models(wide_models, tmp_path_factory) -> dict[str, str]:
+    """AutoGPTQ checkpoints of the wide Qwen2: int4 in groups of 128 (whole over 2 ranks, not 4), int4 in
+    groups of 32 and int8 per channel (whole over 4)."""
+    from qwenkit.quant.pipeline import quantize_checkpoint
+
+    root = tmp_path_factory.mktemp("tp-gptq")
+    out = {}
+    for bits, group in ((4, 128), (4, 32), (8, -1)):
+        path = root / f"int{bits}-g{group}"
+        quantize_checkpoint(
+            wide_models["qwen2"], path, bits=bits, group_size=group, method="rtn", progress=False
+        )
+        out[f"int{bits}-g{group}"] = str(path)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 4])
+def test_gptq_tensor_parallel_equals_one_process(gptq_models, world, tmp_path):
+    """Each rank loads only its slices of the packed GPTQ tensors (whole groups, whole words)."""
+    models = {n: p for n, p in gptq_models.items() if world == 2 or n != "int4-g128"}
+    run_ranks(run_models, world, (models, str(tmp_path)), timeout_s=120)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    for name, path in models.items():
+        ref = one_process(path, None)
+        for rank, result in enumerate(ranks):
+            diff = (result[name]["logits"] - ref["logits"]).abs().max().item()
+            assert diff < 1e-2, f"{name} rank {rank} of {world}: logits differ by {diff:.2e}"
+            assert torch.equal(result[name]["tokens"], ref["tokens"]), f"{name} rank {rank} of {world}"
+
+
+def gptq_config(group: int = 128, bits: int = 4, head_dim: int | None = None, **fields) -> ModelConfig:
+    quantization = {"quant_method": "gptq", "bits": bits, "group_size": group, "desc_act": False, **fields}
+    shape = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2)
+    if head_dim:
+        shape |= dict(head_dim=head_dim, rotary_dim=head_dim)
+    return ModelConfig(family="qwen2", num_attention_heads=8, num_key_value_heads=4, **shape,
+                       quantization=quantization)  # fmt: skip
+
+
+def test_gptq_splits_that_cut_groups_or_words_are_refused_naming_the_splits_that_work():
+    with pytest.raises(
+        ConfigError,
+        match=r"^--tensor-parallel 4 would cut the GPTQ groups of 128 of o_proj's 256 inputs \(64 a rank\); "
+        r"this checkpoint splits over 1, 2 ranks$",
+    ):
+        check_shardable(gptq_config(128), 4)
+    check_shardable(gptq_config(128), 2)
+    check_shardable(gptq_config(32), 4)
+    # head_dim 4: k_proj's 16 outputs give 4 a rank over 4 ranks, half a word of 8 int4 codes
+    narrow = gptq_config(-1, head_dim=4)
+    with pytest.raises(ConfigError, match=r"each rank 4 of k_proj's 16 GPTQ outputs, not whole words of 8"):
+        check_shardable(narrow, 4)
+
+
+def test_gptq_with_dynamic_act_order_groups_is_refused():
+    dynamic = gptq_config(128, desc_act=True)
+    with pytest.raises(ConfigError, match=r"act-order and dynamic groups \(desc_act without static_groups\)"):
+        check_shardable(dynamic, 2)
+    static = gptq_config(128, desc_act=False, static_groups=True, meta={"act_order": "static"})
+    check_shardable(static, 2)  # static groups follow the column order: they split
+
+
 def test_kv_heads_that_do_not_divide_are_refused_with_the_splits_that_work():
     config = ModelConfig(
         family="qwen2",
@@ -188,6 +252,8 @@ def test_info_prints_memory_per_rank(models, capsys):
     assert "memory per rank with --tensor-parallel 4" in out
     section = out.split("memory per rank")[1]
     assert per_rank in section.splitlines()[1] and whole not in section
+    int4_per_rank = format_bytes(weight_bytes(local_config(config, 4), torch.bfloat16, "int4"))
+    assert section.splitlines()[4].split() == ["int4", "(weight-only)", *int4_per_rank.split()]
     assert qwenkit(["info", models["qwen2"], "--tensor-parallel", "3"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "does not divide the model's 8 attention heads" in err

@@ -84,8 +84,13 @@ def describe(path: str, tensor_parallel: int = 1) -> str:
             f"memory per rank with --tensor-parallel {tensor_parallel} "
             "(heads, FFN columns and vocabulary split; norms copied):",
         ]
-        for label, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
-            out.append(f"  {label:<20} {format_bytes(weight_bytes(shard, dtype)):>12}")
+        for label, dtype, quant in (
+            ("float32", torch.float32, None),
+            ("bfloat16", torch.bfloat16, None),
+            ("int8 (weight-only)", torch.bfloat16, "int8"),  # --quantize: each rank rounds its own slices
+            ("int4 (weight-only)", torch.bfloat16, "int4"),
+        ):
+            out.append(f"  {label:<20} {format_bytes(weight_bytes(shard, dtype, quant)):>12}")
         out.append("KV cache per 1,000 tokens per rank:")
         for label, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
             out.append(f"  {label:<20} {format_bytes(kv_cache_bytes(shard, dtype, 1000)):>12}")

@@ -4,17 +4,28 @@ Column-parallel (split the output rows): q/k/v projections by whole heads, gate/
 embedding and the output head by vocabulary rows. Row-parallel (split the input columns): o_proj and
 down_proj, whose partial outputs are summed by one all-reduce each (``parallel``). Norms are replicated.
 A rank's model is the ordinary model built from ``local_config``: the network code does not change.
+
+A GPTQ checkpoint's packed tensors split the same way (``GPTQ_BUFFERS``): a column-parallel layer's
+``qweight``, ``scales`` and ``qzeros`` by their output dimension (the last; ``qzeros`` packs the outputs
+32 / bits to a word) with ``g_idx`` whole; a row-parallel layer's ``qweight`` by its packed input rows,
+``scales`` and ``qzeros`` by whole groups, ``g_idx`` renumbered from the rank's first group. That needs
+whole groups and whole packed words on every rank (``check_shardable`` says where they are not) and
+groups in column order: act-order with dynamic groups is refused.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import torch
 
 from qwenkit.config import ModelConfig
 from qwenkit.distributed.group import TensorParallel
 from qwenkit.errors import ConfigError
+
+if TYPE_CHECKING:
+    from qwenkit.quant.gptq_format import GPTQConfig
 
 # The plan itself, by module (suffixes of our module names); inference slices checkpoint tensors by it
 # (``shard_tensor``, ``parallel``) and training lays DTensors out by it (``finetune.tensor_parallel``).
@@ -32,6 +43,8 @@ ROW_MODULES = ("self_attn.o_proj", "mlp.down_proj")
 # only its own heads, so training sums these weights' gradients over the tensor-parallel ranks.
 PER_HEAD_MODULES = ("self_attn.q_norm", "self_attn.k_norm")
 
+GPTQ_BUFFERS = ("qweight", "qzeros", "scales", "g_idx")  # a GPTQ layer's packed checkpoint tensors
+
 COLUMN = tuple(f"{m}.{t}" for m in COLUMN_MODULES for t in ("weight", "bias"))
 ROW = tuple(f"{m}.weight" for m in ROW_MODULES)
 ROW_BIAS = tuple(f"{m}.bias" for m in ROW_MODULES)  # added once: rank 0 keeps it, others zero
@@ -43,14 +56,15 @@ def check_shardable(config: ModelConfig, world: int) -> None:
         raise ConfigError(f"--tensor-parallel must be at least 1, got {world}")
     if world == 1:
         return
-    if config.quantization:
-        raise ConfigError(
-            "--tensor-parallel does not shard pre-quantized (GPTQ) checkpoints yet; load the float "
-            "checkpoint instead"
-        )
     if config.num_experts:
         raise ConfigError(
             "--tensor-parallel does not split mixture-of-experts layers yet; run this model without it"
+        )
+    if config.quantization and _gptq(config).act_order == "dynamic":
+        raise ConfigError(
+            "--tensor-parallel cannot split this GPTQ checkpoint: it was made with act-order and dynamic "
+            "groups (desc_act without static_groups), so each rank's input columns would need every "
+            "group's scales; use a checkpoint without desc_act, or run it in one process"
         )
     heads, kv = config.num_attention_heads, config.num_key_value_heads
     if world > heads:
@@ -65,16 +79,59 @@ def check_shardable(config: ModelConfig, world: int) -> None:
         ("vocabulary rows", config.vocab_size),
     ):
         if n % world:
-            fits = [d for d in range(1, min(heads, kv) + 1) if _divides_all(config, d)]
             raise ConfigError(
                 f"--tensor-parallel {world} does not divide the model's {n} {what}; "
-                f"this model splits over {', '.join(map(str, fits))} ranks"
+                f"this model splits over {_splits_that_work(config)} ranks"
             )
+    problem = _gptq_split_problem(config, world)
+    if problem:
+        raise ConfigError(f"{problem}; this checkpoint splits over {_splits_that_work(config)} ranks")
+
+
+def _gptq(config: ModelConfig) -> GPTQConfig:
+    """The checkpoint's GPTQ fields, as the quantized layers read them."""
+    from qwenkit.quant.gptq_format import GPTQConfig  # distributed/ reads quant's one parser, lazily
+
+    return GPTQConfig.from_dict(config.quantization)
+
+
+def _splits_that_work(config: ModelConfig) -> str:
+    heads, kv = config.num_attention_heads, config.num_key_value_heads
+    return ", ".join(str(d) for d in range(1, min(heads, kv) + 1) if _divides_all(config, d))
 
 
 def _divides_all(config: ModelConfig, world: int) -> bool:
     sizes = (config.num_attention_heads, config.num_key_value_heads, config.intermediate_size)
-    return all(n % world == 0 for n in (*sizes, config.vocab_size))
+    divides = all(n % world == 0 for n in (*sizes, config.vocab_size))
+    return divides and _gptq_split_problem(config, world) is None
+
+
+def _gptq_split_problem(config: ModelConfig, world: int) -> str | None:
+    """Why a GPTQ checkpoint does not split over ``world`` ranks (None where it does): every rank needs
+    whole groups of a row-parallel layer's inputs and whole packed words (``GPTQ_BUFFERS``)."""
+    if not config.quantization or world == 1:
+        return None
+    gptq = _gptq(config)
+    per_word = 32 // gptq.bits
+    head_width = config.num_attention_heads * config.head_dim
+    kv_width = config.num_key_value_heads * config.head_dim
+    outputs = {"q_proj": head_width, "k_proj": kv_width, "gate_proj": config.intermediate_size}
+    for layer, n in outputs.items():
+        if n % world == 0 and (n // world) % per_word:
+            return (
+                f"--tensor-parallel {world} would give each rank {n // world} of {layer}'s {n} GPTQ "
+                f"outputs, not whole words of {per_word}"
+            )
+    group = gptq.group_size
+    for layer, k in (("o_proj", head_width), ("down_proj", config.intermediate_size)):
+        local = k // world
+        if k % world == 0 and ((group != -1 and local % group) or local % per_word):
+            unit = f"groups of {group}" if group != -1 else f"words of {per_word}"
+            return (
+                f"--tensor-parallel {world} would cut the GPTQ {unit} of {layer}'s {k} inputs "
+                f"({local} a rank)"
+            )
+    return None
 
 
 def local_config(config: ModelConfig, world: int) -> ModelConfig:
@@ -98,6 +155,16 @@ def shard_tensor(name: str, tensor: torch.Tensor, tp: TensorParallel) -> torch.T
     the rank's memory holds only its own part once loading is done."""
     if tp.world == 1:
         return tensor
+    module, _, leaf = name.rpartition(".")
+    if leaf in GPTQ_BUFFERS and module.endswith(COLUMN_MODULES):
+        if leaf == "g_idx":  # the input columns, all on every rank
+            return tensor.clone()
+        return _slice(tensor, tensor.dim() - 1, tp).clone()  # the outputs: scales' and (packed) qzeros' last
+    if leaf in GPTQ_BUFFERS and module.endswith(ROW_MODULES):
+        if leaf != "g_idx" and tensor.shape[0] == 1:  # one group a row (group_size -1): every rank keeps it
+            return tensor.clone()
+        part = _slice(tensor, 0, tp)  # qweight's packed input rows, whole groups of scales and qzeros
+        return (part - part[0]).clone() if leaf == "g_idx" else part.clone()
     if name.endswith(COLUMN):
         return _slice(tensor, 0, tp).clone()
     if name.endswith(ROW):
