@@ -1,6 +1,6 @@
 """Distribution invariant for tensor parallelism: N processes (gloo, CPU) compute what one process
-computes, for Qwen v1, Qwen2 and Qwen3 tiny random models, float and under ``--quantize``; bad splits and
-bad groups give clear errors."""
+computes, for Qwen v1, Qwen2, Qwen3 and Qwen MoE tiny random models, float, under ``--quantize`` and from
+GPTQ checkpoints; bad splits and bad groups give clear errors."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent.parent / "moe"))
 from factories import hf_model, save_hf, write_v1_checkpoint
+from moe_models import VARIANTS, hf_moe_model
 from tp_worker import PROMPT, greedy, load_expecting_error, run_models, run_quantized, weight_bytes_held
 
 from qwenkit.checkpoint import load_model
@@ -190,6 +192,49 @@ def test_gptq_with_dynamic_act_order_groups_is_refused():
         check_shardable(dynamic, 2)
     static = gptq_config(128, desc_act=False, static_groups=True, meta={"act_order": "static"})
     check_shardable(static, 2)  # static groups follow the column order: they split
+
+
+@pytest.fixture(scope="module")
+def moe_models(tmp_path_factory) -> dict[str, str]:
+    """Every MoE variant (shared expert or none, dense layers mixed in, top-1 to top-4), with expert
+    widths that give each of 2 ranks whole 32-input blocks of int8 activations (as every Qwen MoE does)."""
+    root = tmp_path_factory.mktemp("tp-moe")
+    out = {}
+    for variant in VARIANTS:
+        shared = {"shared_expert_intermediate_size": 128} if variant.startswith("qwen2") else {}
+        out[variant] = str(save_hf(hf_moe_model(variant, moe_intermediate_size=64, **shared), root / variant))
+    return out
+
+
+@pytest.mark.slow
+def test_mixture_of_experts_tensor_parallel_equals_one_process(moe_models, tmp_path):
+    """Each expert splits as a dense MLP, the router stays whole, the block's output is summed once."""
+    (tmp_path / "float").mkdir(), (tmp_path / "int8").mkdir()
+    run_ranks(run_models, 2, (moe_models, str(tmp_path / "float")), timeout_s=120)
+    sparse_only = {v: p for v, p in moe_models.items() if "mixed" not in v}  # whole int8 blocks a rank
+    run_ranks(run_quantized, 2, (sparse_only, "int8", str(tmp_path / "int8")), timeout_s=120)
+    for kind, models, quantize in (("float", moe_models, None), ("int8", sparse_only, "int8")):
+        ranks = [torch.load(tmp_path / kind / f"rank{r}.pt") for r in range(2)]
+        for name, path in models.items():
+            ref = one_process(path, quantize)
+            for rank, result in enumerate(ranks):
+                diff = (result[name]["logits"] - ref["logits"]).abs().max().item()
+                assert diff < (1e-4 if quantize is None else 1e-2), f"{name} {kind} rank {rank}: {diff:.2e}"
+                assert torch.equal(result[name]["tokens"], ref["tokens"]), f"{name} {kind} rank {rank}"
+
+
+def test_expert_widths_that_do_not_divide_are_refused():
+    shape = dict(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=2)
+    experts = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=30)
+    experts |= dict(shared_expert_intermediate_size=96)
+    moe = ModelConfig(family="qwen2_moe", num_attention_heads=8, num_key_value_heads=4, **shape, **experts)
+    with pytest.raises(
+        ConfigError,
+        match=r"^--tensor-parallel 4 does not divide the model's 30 experts' FFN width "
+        r"\(moe_intermediate_size\); this model splits over 1, 2 ranks$",
+    ):
+        check_shardable(moe, 4)
+    check_shardable(moe, 2)
 
 
 def test_kv_heads_that_do_not_divide_are_refused_with_the_splits_that_work():

@@ -25,7 +25,7 @@ from qwenkit.checkpoint.files import HeapTrimmer, WeightFiles, find_weight_files
 from qwenkit.checkpoint.sanitize import sanitize
 from qwenkit.config import ModelConfig, read_hf_config
 from qwenkit.distributed import TensorParallel, local_config, parallelize, shard_tensor
-from qwenkit.distributed.plan import ROW
+from qwenkit.distributed.plan import split_role
 from qwenkit.errors import CheckpointError, ConfigError
 from qwenkit.kernels import ops as kernel_ops
 from qwenkit.memory import check_fits
@@ -363,7 +363,10 @@ def _assign_all(
 
 def _row_split(name: str, tensor_parallel: TensorParallel | None) -> tuple[int, int] | None:
     """(rank, world) for a row-parallel weight (its input columns split over the ranks), else None."""
-    if tensor_parallel is None or tensor_parallel.world == 1 or not name.endswith(ROW):
+    module, _, leaf = name.rpartition(".")
+    if tensor_parallel is None or tensor_parallel.world == 1:
+        return None
+    if leaf != "weight" or split_role(module) != "row":
         return None
     return tensor_parallel.rank, tensor_parallel.world
 

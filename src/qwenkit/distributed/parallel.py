@@ -50,7 +50,10 @@ def parallelize(model: nn.Module, tp: TensorParallel) -> nn.Module:
     """Add the collectives to a model built from ``plan.local_config`` and loaded with its slices."""
     if tp.world == 1:
         return model
-    row_parallel = [m for name, m in model.named_modules() if name.endswith(ROW_MODULES)]
+    # each dense row-parallel layer's output, and a mixture-of-experts block's once (its experts' and
+    # shared expert's down_proj partial sums, weighted by a routing every rank computes alike)
+    moe_blocks = [m for name, m in model.named_modules() if name.endswith(".mlp") and hasattr(m, "experts")]
+    row_parallel = [m for name, m in model.named_modules() if name.endswith(ROW_MODULES)] + moe_blocks
     for module in row_parallel:
         module._tp_group = tp.group
         module.register_forward_hook(_all_reduce_output)

@@ -5,6 +5,10 @@ embedding and the output head by vocabulary rows. Row-parallel (split the input 
 down_proj, whose partial outputs are summed by one all-reduce each (``parallel``). Norms are replicated.
 A rank's model is the ordinary model built from ``local_config``: the network code does not change.
 
+A mixture-of-experts layer splits each expert as a dense MLP (``EXPERT_PARENTS``: every routed expert's
+and the shared expert's gate/up by their FFN columns, down by its inputs), keeps the router and the
+shared expert's gate whole (every rank routes every token alike), and sums the block's output once.
+
 A GPTQ checkpoint's packed tensors split the same way (``GPTQ_BUFFERS``): a column-parallel layer's
 ``qweight``, ``scales`` and ``qzeros`` by their output dimension (the last; ``qzeros`` packs the outputs
 32 / bits to a word) with ``g_idx`` whole; a row-parallel layer's ``qweight`` by its packed input rows,
@@ -39,15 +43,26 @@ COLUMN_MODULES = (
     "lm_head",  # vocabulary rows
 )
 ROW_MODULES = ("self_attn.o_proj", "mlp.down_proj")
+# Where a mixture-of-experts layer's expert MLPs live; their gate_proj/up_proj split as columns, their
+# down_proj as rows (``split_role``), and ``parallel`` sums the whole block's output, not each expert's.
+EXPERT_PARENTS = (".mlp.experts.", ".mlp.shared_expert.")
 # Replicated like every norm, but applied to each of this rank's heads (Qwen3's q/k norm): a rank sees
 # only its own heads, so training sums these weights' gradients over the tensor-parallel ranks.
 PER_HEAD_MODULES = ("self_attn.q_norm", "self_attn.k_norm")
 
 GPTQ_BUFFERS = ("qweight", "qzeros", "scales", "g_idx")  # a GPTQ layer's packed checkpoint tensors
 
-COLUMN = tuple(f"{m}.{t}" for m in COLUMN_MODULES for t in ("weight", "bias"))
-ROW = tuple(f"{m}.weight" for m in ROW_MODULES)
-ROW_BIAS = tuple(f"{m}.bias" for m in ROW_MODULES)  # added once: rank 0 keeps it, others zero
+
+def split_role(module: str) -> str | None:
+    """ "column" (split outputs), "row" (split inputs) or None (whole on every rank) for a module name."""
+    if module.endswith(COLUMN_MODULES):
+        return "column"
+    if module.endswith(ROW_MODULES):
+        return "row"
+    if any(parent in module for parent in EXPERT_PARENTS):
+        leaf = module.rpartition(".")[2]
+        return {"gate_proj": "column", "up_proj": "column", "down_proj": "row"}.get(leaf)
+    return None
 
 
 def check_shardable(config: ModelConfig, world: int) -> None:
@@ -56,28 +71,19 @@ def check_shardable(config: ModelConfig, world: int) -> None:
         raise ConfigError(f"--tensor-parallel must be at least 1, got {world}")
     if world == 1:
         return
-    if config.num_experts:
-        raise ConfigError(
-            "--tensor-parallel does not split mixture-of-experts layers yet; run this model without it"
-        )
     if config.quantization and _gptq(config).act_order == "dynamic":
         raise ConfigError(
             "--tensor-parallel cannot split this GPTQ checkpoint: it was made with act-order and dynamic "
             "groups (desc_act without static_groups), so each rank's input columns would need every "
             "group's scales; use a checkpoint without desc_act, or run it in one process"
         )
-    heads, kv = config.num_attention_heads, config.num_key_value_heads
+    heads = config.num_attention_heads
     if world > heads:
         raise ConfigError(
             f"--tensor-parallel {world} is more ranks than the model's {heads} attention heads; "
             f"use at most {heads}"
         )
-    for what, n in (
-        ("attention heads", heads),
-        ("key/value heads", kv),
-        ("FFN width (intermediate_size)", config.intermediate_size),
-        ("vocabulary rows", config.vocab_size),
-    ):
+    for what, n in _split_sizes(config):
         if n % world:
             raise ConfigError(
                 f"--tensor-parallel {world} does not divide the model's {n} {what}; "
@@ -100,9 +106,24 @@ def _splits_that_work(config: ModelConfig) -> str:
     return ", ".join(str(d) for d in range(1, min(heads, kv) + 1) if _divides_all(config, d))
 
 
+def _split_sizes(config: ModelConfig) -> list[tuple[str, int]]:
+    """What every rank takes an equal share of, by name."""
+    sizes = [
+        ("attention heads", config.num_attention_heads),
+        ("key/value heads", config.num_key_value_heads),
+        ("FFN width (intermediate_size)", config.intermediate_size),
+        ("vocabulary rows", config.vocab_size),
+    ]
+    if config.num_experts:
+        sizes.append(("experts' FFN width (moe_intermediate_size)", config.moe_intermediate_size))
+    if config.shared_expert_intermediate_size:
+        width = config.shared_expert_intermediate_size
+        sizes.append(("shared expert's FFN width (shared_expert_intermediate_size)", width))
+    return sizes
+
+
 def _divides_all(config: ModelConfig, world: int) -> bool:
-    sizes = (config.num_attention_heads, config.num_key_value_heads, config.intermediate_size)
-    divides = all(n % world == 0 for n in (*sizes, config.vocab_size))
+    divides = all(n % world == 0 for _, n in _split_sizes(config))
     return divides and _gptq_split_problem(config, world) is None
 
 
@@ -116,6 +137,12 @@ def _gptq_split_problem(config: ModelConfig, world: int) -> str | None:
     head_width = config.num_attention_heads * config.head_dim
     kv_width = config.num_key_value_heads * config.head_dim
     outputs = {"q_proj": head_width, "k_proj": kv_width, "gate_proj": config.intermediate_size}
+    inputs = {"o_proj": head_width, "down_proj": config.intermediate_size}
+    if config.num_experts:
+        outputs["the experts' gate_proj"] = inputs["the experts' down_proj"] = config.moe_intermediate_size
+    if config.shared_expert_intermediate_size:
+        width = config.shared_expert_intermediate_size
+        outputs["the shared expert's gate_proj"] = inputs["the shared expert's down_proj"] = width
     for layer, n in outputs.items():
         if n % world == 0 and (n // world) % per_word:
             return (
@@ -123,7 +150,7 @@ def _gptq_split_problem(config: ModelConfig, world: int) -> str | None:
                 f"outputs, not whole words of {per_word}"
             )
     group = gptq.group_size
-    for layer, k in (("o_proj", head_width), ("down_proj", config.intermediate_size)):
+    for layer, k in inputs.items():
         local = k // world
         if k % world == 0 and ((group != -1 and local % group) or local % per_word):
             unit = f"groups of {group}" if group != -1 else f"words of {per_word}"
@@ -144,6 +171,8 @@ def local_config(config: ModelConfig, world: int) -> ModelConfig:
         num_attention_heads=config.num_attention_heads // world,
         num_key_value_heads=config.num_key_value_heads // world,
         intermediate_size=config.intermediate_size // world,
+        moe_intermediate_size=config.moe_intermediate_size // world,
+        shared_expert_intermediate_size=config.shared_expert_intermediate_size // world,
         vocab_size=config.vocab_size // world,
         head_dim=config.head_dim,
         rotary_dim=config.rotary_dim,
@@ -156,20 +185,21 @@ def shard_tensor(name: str, tensor: torch.Tensor, tp: TensorParallel) -> torch.T
     if tp.world == 1:
         return tensor
     module, _, leaf = name.rpartition(".")
-    if leaf in GPTQ_BUFFERS and module.endswith(COLUMN_MODULES):
+    role = split_role(module)
+    if role == "column" and leaf in GPTQ_BUFFERS:
         if leaf == "g_idx":  # the input columns, all on every rank
             return tensor.clone()
         return _slice(tensor, tensor.dim() - 1, tp).clone()  # the outputs: scales' and (packed) qzeros' last
-    if leaf in GPTQ_BUFFERS and module.endswith(ROW_MODULES):
+    if role == "row" and leaf in GPTQ_BUFFERS:
         if leaf != "g_idx" and tensor.shape[0] == 1:  # one group a row (group_size -1): every rank keeps it
             return tensor.clone()
         part = _slice(tensor, 0, tp)  # qweight's packed input rows, whole groups of scales and qzeros
         return (part - part[0]).clone() if leaf == "g_idx" else part.clone()
-    if name.endswith(COLUMN):
+    if role == "column" and leaf in ("weight", "bias"):
         return _slice(tensor, 0, tp).clone()
-    if name.endswith(ROW):
+    if role == "row" and leaf == "weight":
         return _slice(tensor, 1, tp).clone()
-    if name.endswith(ROW_BIAS):
+    if role == "row" and leaf == "bias":  # added once: rank 0 keeps it, the others zeros
         return tensor.clone() if tp.rank == 0 else torch.zeros_like(tensor)
     # Copied too: one view kept into the memory-mapped file would keep every page this rank read mapped
     # (and counted in its resident memory) for as long as the model lives.

@@ -39,6 +39,10 @@ def check_model(config: ModelConfig, tp: int, method: str) -> None:
     """Refuse, with the numbers, a split inference's plan refuses (heads, FFN, vocabulary, MoE)."""
     if tp == 1:
         return
+    if config.num_experts:  # inference splits experts (distributed.plan); training's plan does not yet
+        raise ConfigError(
+            "--tensor-parallel does not split mixture-of-experts layers yet; run this model without it"
+        )
     if method == "qlora":
         raise ConfigError(
             "--tensor-parallel does not split QLoRA's quantized base; use --method lora or full with it"
