@@ -16,7 +16,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "moe"))
 from factories import hf_model, save_hf, write_v1_checkpoint
 from moe_models import VARIANTS, hf_moe_model
-from tp_worker import PROMPT, greedy, load_expecting_error, run_models, run_quantized, weight_bytes_held
+from tp_worker import (
+    PROMPT,
+    greedy,
+    load_expecting_error,
+    run_models,
+    run_quantized,
+    run_with_adapter,
+    weight_bytes_held,
+)
 
 from qwenkit.checkpoint import load_model
 from qwenkit.cli import main as qwenkit
@@ -235,6 +243,34 @@ def test_expert_widths_that_do_not_divide_are_refused():
     ):
         check_shardable(moe, 4)
     check_shardable(moe, 2)
+
+
+@pytest.mark.slow
+def test_a_lora_adapter_under_tensor_parallel_equals_one_process(wide_models, tmp_path):
+    """A peft adapter on every projection: each rank takes B's rows of the layers split by outputs and
+    A's columns of those split by inputs, whose partial updates the layer's all-reduce sums."""
+    import peft
+    import transformers
+
+    path = wide_models["qwen2"]
+    base = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    tuned = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    tuned.save_pretrained(tmp_path / "adapter")
+    run_ranks(run_with_adapter, 2, (path, str(tmp_path / "adapter"), str(tmp_path)), timeout_s=120)
+    model, _ = load_model(path, dtype="float32", adapter=tmp_path / "adapter", progress=False)
+    with torch.no_grad():
+        ref, tokens = model(PROMPT), greedy(model, None, steps=6)
+    assert (ref - one_process(path, None)["logits"]).abs().max() > 1e-2  # the adapter changes the logits
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert (got["logits"] - ref).abs().max() < 1e-4, f"rank {rank}"
+        assert torch.equal(got["tokens"], tokens)
 
 
 def test_kv_heads_that_do_not_divide_are_refused_with_the_splits_that_work():

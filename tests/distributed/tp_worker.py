@@ -58,6 +58,15 @@ def run_quantized(tp: TensorParallel, models: dict[str, str], quantize: str, out
     torch.save(results, Path(out_dir) / f"rank{tp.rank}.pt")
 
 
+def run_with_adapter(tp: TensorParallel, path: str, adapter: str, out_dir: str) -> None:
+    """The model with a LoRA adapter on top, each rank holding its slices of every pair."""
+    torch.set_num_threads(1)
+    model, _ = load_model(path, dtype="float32", adapter=adapter, tensor_parallel=tp, progress=False)
+    with torch.no_grad():
+        result = {"logits": model(PROMPT), "tokens": greedy(model, tp, steps=6)}
+    torch.save(result, Path(out_dir) / f"rank{tp.rank}.pt")
+
+
 def load_expecting_error(tp: TensorParallel, paths: list[str], out_dir: str, die_rank: int) -> None:
     """Load rank-specific paths (to mismatch them on purpose); ``die_rank`` exits at once, unclean."""
     torch.set_num_threads(1)

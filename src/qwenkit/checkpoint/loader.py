@@ -7,6 +7,7 @@ will need is checked against what is free.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Iterator
@@ -25,7 +26,7 @@ from qwenkit.checkpoint.files import HeapTrimmer, WeightFiles, find_weight_files
 from qwenkit.checkpoint.sanitize import sanitize
 from qwenkit.config import ModelConfig, read_hf_config
 from qwenkit.distributed import TensorParallel, local_config, parallelize, shard_tensor
-from qwenkit.distributed.plan import split_role
+from qwenkit.distributed.plan import shard_lora, split_role
 from qwenkit.errors import CheckpointError, ConfigError
 from qwenkit.kernels import ops as kernel_ops
 from qwenkit.memory import check_fits
@@ -219,11 +220,12 @@ def load_model(
     model.rotary.inv_freq = inv_freq(config).to(device)
     model.eval().requires_grad_(False)
     if adapter is not None:
-        if tensor_parallel is not None:
-            raise ConfigError("--adapter cannot be combined with --tensor-parallel yet")
         from qwenkit.finetune.adapter_io import load_adapter
 
-        load_adapter(model, adapter)
+        part = None
+        if tensor_parallel is not None:  # this rank's rows of B or columns of A, as its layers' slices
+            part = functools.partial(shard_lora, tp=tensor_parallel)
+        load_adapter(model, adapter, part)
         model.requires_grad_(False)
     if tensor_parallel is not None:
         parallelize(model, tensor_parallel)

@@ -206,6 +206,20 @@ def shard_tensor(name: str, tensor: torch.Tensor, tp: TensorParallel) -> torch.T
     return tensor.clone()
 
 
+def shard_lora(
+    module: str, lora_a: torch.Tensor, lora_b: torch.Tensor, tp: TensorParallel
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's part of a LoRA pair on ``module``: B's rows of a column-parallel layer (its outputs),
+    A's columns of a row-parallel one (its inputs, whose partial update the layer's all-reduce sums with
+    its output); the rank r of A and B is never split."""
+    role = split_role(module) if tp.world > 1 else None
+    if role == "column":
+        return lora_a, _slice(lora_b, 0, tp).clone()
+    if role == "row":
+        return _slice(lora_a, 1, tp).clone(), lora_b
+    return lora_a, lora_b
+
+
 def _slice(tensor: torch.Tensor, dim: int, tp: TensorParallel) -> torch.Tensor:
     size = tensor.shape[dim] // tp.world
     return tensor.narrow(dim, tp.rank * size, size)

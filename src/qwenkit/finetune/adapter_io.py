@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,9 @@ from qwenkit.checkpoint.saver import write_safetensors
 from qwenkit.errors import CheckpointError
 from qwenkit.finetune.lora import VLLM_DEFAULT_MAX_RANK, LoRAConfig, LoRALinear, apply_lora, lora_modules
 from qwenkit.finetune.v1_names import from_v1, is_v1, to_v1
+
+# (module name, lora_A, lora_B) -> the part of the pair a model holds (a tensor-parallel rank's slices)
+PairPart = Callable[[str, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -172,8 +176,11 @@ def _read_tensors(d: Path) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def load_adapter(model: nn.Module, path: str | Path) -> LoRAConfig:
-    """Wrap the adapter's modules in ``LoRALinear`` and fill them; shapes must match this model exactly."""
+def load_adapter(model: nn.Module, path: str | Path, part: PairPart | None = None) -> LoRAConfig:
+    """Wrap the adapter's modules in ``LoRALinear`` and fill them; shapes must match this model exactly.
+
+    ``part``: (module name, lora_A, lora_B) -> the pair this model holds of them (a tensor-parallel rank's
+    slices, ``distributed.plan.shard_lora``); the pairs are checked against the model after it."""
     config, grouped, _ = read_adapter(path)
 
     def scaling_of(name: str, r: int) -> float:
@@ -183,6 +190,9 @@ def load_adapter(model: nn.Module, path: str | Path) -> LoRAConfig:
         modules = from_v1(grouped, scaling_of)
     else:
         modules = {n: (pair, scaling_of(n, pair["lora_A"].shape[0])) for n, pair in grouped.items()}
+    if part is not None:
+        for name, (pair, _) in modules.items():
+            pair["lora_A"], pair["lora_B"] = part(name, pair["lora_A"], pair["lora_B"])
     missing = [n for n in modules if not _has_linear(model, n)]
     if missing:
         raise CheckpointError(f"{path}: adapter targets {missing[0]}, which this model does not have")
