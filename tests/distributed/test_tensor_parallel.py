@@ -14,6 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "moe"))
+sys.path.insert(0, str(Path(__file__).parent.parent / "gguf"))
 from factories import hf_model, save_hf, write_v1_checkpoint
 from moe_models import VARIANTS, hf_moe_model
 from tp_worker import (
@@ -271,6 +272,55 @@ def test_a_lora_adapter_under_tensor_parallel_equals_one_process(wide_models, tm
         got = torch.load(tmp_path / f"rank{rank}.pt")
         assert (got["logits"] - ref).abs().max() < 1e-4, f"rank {rank}"
         assert torch.equal(got["tokens"], tokens)
+
+
+@pytest.fixture(scope="module")
+def gguf_models(tmp_path_factory) -> dict[str, str]:
+    """GGUF files of the wide Qwen2 in Q8_0, Q4_1, Q5_0, and Q4_0 with Q6_K down_proj (256-input blocks)."""
+    import gguf
+    from gguf_files import q6_k_blocks, write_gguf
+
+    Q = gguf.GGMLQuantizationType
+    root = tmp_path_factory.mktemp("tp-gguf")
+    model = hf_model(
+        "qwen2", hidden_size=256, intermediate_size=512, num_attention_heads=8, num_key_value_heads=4
+    )
+    config = model.config.to_dict()
+    out = {}
+    for qtype in (Q.Q8_0, Q.Q4_1, Q.Q5_0):
+        state = {n: p.detach() for n, p in model.state_dict().items()}
+        out[qtype.name] = str(write_gguf(root / f"{qtype.name}.gguf", "qwen2", config, state, qtype))
+    state = {n: p.detach() for n, p in model.state_dict().items() if "down_proj" not in n}
+
+    def q6_k_down(w: gguf.GGUFWriter) -> None:
+        for i in range(2):
+            w.add_tensor(f"blk.{i}.ffn_down.weight", q6_k_blocks(256, 512, i), raw_dtype=Q.Q6_K)
+
+    out["Q4_0+Q6_K"] = str(write_gguf(root / "mix.gguf", "qwen2", config, state, Q.Q4_0, extra=q6_k_down))
+    return out
+
+
+@pytest.mark.slow
+def test_gguf_tensor_parallel_runs_in_the_files_own_precision(gguf_models, tmp_path):
+    """Each rank keeps its share of the file's codes (rows, or columns with their groups' scales): the
+    single-process logits and tokens, with no float copy of any projection."""
+    (tmp_path / "2").mkdir(), (tmp_path / "4").mkdir()
+    run_ranks(run_models, 2, (gguf_models, str(tmp_path / "2")), timeout_s=180)
+    mix = {"Q4_0+Q6_K": gguf_models["Q4_0+Q6_K"]}
+    run_ranks(run_models, 4, (mix, str(tmp_path / "4")), timeout_s=180)
+    norms = 2 * (2 * 256) * 4 + 256 * 4  # float32 bytes of the layers' two norms each and the final one
+    for name, path in gguf_models.items():
+        ref = one_process(path, None)
+        for rank in range(2):
+            got = torch.load(tmp_path / "2" / f"rank{rank}.pt")[name]
+            assert (got["logits"] - ref["logits"]).abs().max() < 1e-2, f"{name} rank {rank}"
+            assert torch.equal(got["tokens"], ref["tokens"]), f"{name} rank {rank}"
+            assert got["weight_bytes"] == norms  # every projection, the embedding and the head in codes
+    # over 4 ranks down_proj's 128 inputs a rank cut Q6_K's 256-input blocks: that layer's share in floats
+    got = torch.load(tmp_path / "4" / "rank0.pt")["Q4_0+Q6_K"]
+    assert got["weight_bytes"] == norms + 2 * 256 * 128 * 4
+    floats = one_process(gguf_models["Q4_0+Q6_K"], None)["logits"]
+    assert (got["logits"] - floats).abs().max() < 0.1
 
 
 def test_kv_heads_that_do_not_divide_are_refused_with_the_splits_that_work():

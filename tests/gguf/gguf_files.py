@@ -9,6 +9,7 @@ from typing import Any
 import gguf
 import numpy as np
 import torch
+from gguf.constants import GGML_QUANT_SIZES
 
 from qwenkit.checkpoint.gguf_tokenizer import bytes_to_unicode
 
@@ -143,3 +144,13 @@ def write_quantized_qwen2(
 
     config = model.config.to_dict()
     return write_gguf(path, "qwen2", config, state, gguf.GGMLQuantizationType.F32, extra=extra), blocks
+
+
+def q6_k_blocks(out_f: int, in_f: int, seed: int) -> np.ndarray:
+    """Random Q6_K super-blocks (ql 128, qh 64, 16 int8 scales, float16 d) with small scales."""
+    _, size = GGML_QUANT_SIZES[Q.Q6_K]
+    g = np.random.default_rng(seed)
+    b = g.integers(0, 256, size=(out_f * in_f // 256, size), dtype=np.uint8)
+    b[:, 192:208] = g.integers(-8, 9, size=(b.shape[0], 16)).astype(np.int8).view(np.uint8)
+    b[:, 208:210] = (g.random((b.shape[0], 1)) * 2e-3).astype(np.float16).view(np.uint8)
+    return b.reshape(out_f, -1)

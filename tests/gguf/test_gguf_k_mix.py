@@ -7,11 +7,10 @@ missing, comes as int8 codes rounded again per group of 32; so every layer of a 
 from __future__ import annotations
 
 import gguf
-import numpy as np
 import torch
 from factories import hf_model
-from gguf.constants import GGML_QUANT_SIZES
 from gguf.quants import dequantize
+from gguf_files import q6_k_blocks
 
 from qwenkit import kernels
 from qwenkit.checkpoint import load_model
@@ -21,16 +20,6 @@ from qwenkit.quant import QuantizedLinear
 from qwenkit.quant.affine import AffineWeight
 
 Q = gguf.GGMLQuantizationType
-
-
-def q6_k_blocks(out_f: int, in_f: int, seed: int) -> np.ndarray:
-    """Random Q6_K super-blocks (ql 128, qh 64, 16 int8 scales, float16 d) with small scales."""
-    _, size = GGML_QUANT_SIZES[Q.Q6_K]
-    g = np.random.default_rng(seed)
-    b = g.integers(0, 256, size=(out_f * in_f // 256, size), dtype=np.uint8)
-    b[:, 192:208] = g.integers(-8, 9, size=(b.shape[0], 16)).astype(np.int8).view(np.uint8)
-    b[:, 208:210] = (g.random((b.shape[0], 1)) * 2e-3).astype(np.float16).view(np.uint8)
-    return b.reshape(out_f, -1)
 
 
 def test_requantized_codes_are_within_half_a_step():

@@ -26,7 +26,7 @@ from qwenkit.checkpoint.files import HeapTrimmer, WeightFiles, find_weight_files
 from qwenkit.checkpoint.sanitize import sanitize
 from qwenkit.config import ModelConfig, read_hf_config
 from qwenkit.distributed import TensorParallel, local_config, parallelize, shard_tensor
-from qwenkit.distributed.plan import shard_lora, split_role
+from qwenkit.distributed.plan import rank_range, shard_lora, split_role
 from qwenkit.errors import CheckpointError, ConfigError
 from qwenkit.kernels import ops as kernel_ops
 from qwenkit.memory import check_fits
@@ -34,6 +34,7 @@ from qwenkit.model import Transformer
 from qwenkit.model.rope import inv_freq
 
 if TYPE_CHECKING:
+    from qwenkit.quant.affine import AffineWeight
     from qwenkit.quant.on_load import LayerBuilder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -166,12 +167,14 @@ def load_model(
         raise ConfigError(
             f"{path} is already quantized ({config.quantization.get('quant_method')}); drop --quantize"
         )
-    # Integer codes stay integer codes unless floats are asked for, or the weights are re-quantized, or
-    # split across ranks (the sharding plans cut float tensors).
-    keep_quantized = not (dequantize or quantize or tensor_parallel is not None)
+    # Integer codes stay integer codes unless floats are asked for or the weights are re-quantized (a
+    # tensor-parallel rank keeps its share of them: _shard_codes).
+    keep_quantized = not (dequantize or quantize)
     runtime_bytes = getattr(source, "runtime_bytes", None)
     # a GGUF knows its codes' bytes; --quantize sizes the quantized model (never the float one it was)
     weights = runtime_bytes(torch_dtype.itemsize, keep_quantized) if runtime_bytes and not quantize else None
+    if weights is not None and tensor_parallel is not None:
+        weights //= tensor_parallel.world  # a rank's share (its norms' copies are a rounding error)
     context = context or min(config.max_context, 2048)
     check_fits(config, torch_dtype, device, context, batch, quantize, weights=weights)
 
@@ -329,7 +332,10 @@ def _assign_all(
                 )
             target = expected[name]
             whole = tensor
-            if tensor_parallel is not None:
+            if tensor_parallel is not None and not isinstance(tensor, torch.Tensor):  # GGUF codes
+                tensor = _shard_codes(name, tensor, tensor_parallel)
+                shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else tuple(tensor.codes.shape)
+            elif tensor_parallel is not None:
                 tensor = shard_tensor(name, tensor, tensor_parallel)
                 shape = tuple(tensor.shape)
             if shape != tuple(target.shape):
@@ -361,6 +367,19 @@ def _assign_all(
         raise CheckpointError(f"{source.path}: missing tensor(s) {shown}{more}")
     if config.tie_word_embeddings and isinstance(model.model.embed_tokens, nn.Embedding):
         model.lm_head.weight = model.model.embed_tokens.weight  # (a quantized pair shares codes already)
+
+
+def _shard_codes(name: str, w: AffineWeight, tp: TensorParallel) -> AffineWeight | torch.Tensor:
+    """A rank's share of a GGUF weight in its own codes: its outputs' rows, or its inputs' columns with
+    their groups' scales; where a group (or Q6_K's 256-input block) would straddle two ranks, that
+    layer's share decoded to floats instead (the codes cannot be cut)."""
+    role = split_role(name.rpartition(".")[0])
+    if role == "column":
+        return w.output_rows(*rank_range(w.out_features, tp))
+    if role == "row":
+        share = w.input_columns(*rank_range(w.in_features, tp))
+        return share if share is not None else shard_tensor(name, w.dequantize(torch.float32), tp)
+    return w
 
 
 def _row_split(name: str, tensor_parallel: TensorParallel | None) -> tuple[int, int] | None:

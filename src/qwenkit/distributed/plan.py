@@ -220,6 +220,12 @@ def shard_lora(
     return lora_a, lora_b
 
 
+def rank_range(n: int, tp: TensorParallel) -> tuple[int, int]:
+    """[lo, hi) of ``n`` items that this rank holds: the ``tp.rank``-th of ``tp.world`` equal runs."""
+    size = n // tp.world
+    return tp.rank * size, (tp.rank + 1) * size
+
+
 def _slice(tensor: torch.Tensor, dim: int, tp: TensorParallel) -> torch.Tensor:
     size = tensor.shape[dim] // tp.world
     return tensor.narrow(dim, tp.rank * size, size)

@@ -56,6 +56,32 @@ class AffineWeight:
         """(out, in) float weight."""
         return affine_dequantize(self.codes, self.scale, self.shift, self.group_size, dtype)
 
+    def output_rows(self, lo: int, hi: int) -> AffineWeight:
+        """Outputs lo .. hi - 1 (a tensor-parallel rank's share of a layer split by its outputs)."""
+        sup = self.superscale
+        return replace(
+            self,
+            codes=self.codes[lo:hi].contiguous(),
+            scale=self.scale[:, lo:hi].contiguous(),
+            shift=self.shift[:, lo:hi].contiguous(),
+            superscale=None if sup is None else sup[:, lo:hi].contiguous(),
+        )
+
+    def input_columns(self, lo: int, hi: int) -> AffineWeight | None:
+        """Inputs lo .. hi - 1 with their groups' scales (a rank's share of a layer split by its inputs),
+        or None where the run does not begin and end on group edges (nor on Q6_K's 256-input blocks)."""
+        k, g, sup = self.in_features, self.group_size, self.superscale
+        ends_whole = hi % g == 0 or hi == k
+        if lo % g or not ends_whole or (sup is not None and (lo % 256 or hi % 256)):
+            return None
+        return replace(
+            self,
+            codes=self.codes[:, lo:hi].contiguous(),
+            scale=self.scale[lo // g : -(-hi // g)].contiguous(),
+            shift=self.shift[lo // g : -(-hi // g)].contiguous(),
+            superscale=None if sup is None else sup[lo // 256 : hi // 256].contiguous(),
+        )
+
     def to(self, device: torch.device | str) -> AffineWeight:
         return replace(
             self,
