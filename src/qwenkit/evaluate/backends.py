@@ -18,9 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from qwenkit.errors import QwenkitError
-from qwenkit.tools.hermes import parse_hermes
-from qwenkit.tools.react import parse_react, react_messages
-from qwenkit.tools.template_style import prompt_opens_thinking, template_style
+from qwenkit.tools.template_style import template_style
 
 
 class BackendError(QwenkitError, RuntimeError):
@@ -174,24 +172,15 @@ class LocalBackend:
         ``<tool_call>`` blocks (and a leading ``<think>``), or ReAct for a template without tools (v1)."""
         tokenizer = self.llm.tokenizer
         style = template_style(tokenizer.chat_template)
-        react = style.react
-        prompts = []
-        for conversation, offered in zip(messages, tools, strict=True):
-            if react:
-                functions = [t["function"] for t in offered]
-                prompts.append(tokenizer.apply_chat_template(react_messages(conversation, functions)))
-            else:
-                prompts.append(tokenizer.apply_chat_template(conversation, tools=offered))
+        prompts = [
+            style.tool_prompt(tokenizer, m, offered) for m, offered in zip(messages, tools, strict=True)
+        ]
         params = self.llm.default_params(temperature=0.0, max_tokens=max_tokens, repetition_penalty=1.0)
         params = _with(params, top_k=0, top_p=1.0, stop=style.stop)
         replies = []
         for prompt, completion in zip(prompts, self.llm.generate(prompts, params), strict=True):
             text = completion.text
-            if react:
-                parsed = parse_react(text)
-            else:
-                opened = style.reasoning and prompt_opens_thinking(tokenizer.decode, prompt)
-                parsed = parse_hermes(text, reasoning=style.reasoning, in_reasoning=opened)
+            parsed = style.parse_reply(tokenizer.decode, prompt, text)
             calls = [{"name": c.name, "arguments": c.arguments} for c in parsed.tool_calls]
             replies.append(ToolReply(text, parsed.content, parsed.reasoning, calls))
         return replies

@@ -15,9 +15,7 @@ from qwenkit.engine import SamplingParams
 from qwenkit.errors import QwenkitError
 from qwenkit.generate import LLM
 from qwenkit.tools.calls import ParsedMessage, ToolCall
-from qwenkit.tools.hermes import parse_hermes
-from qwenkit.tools.react import parse_react
-from qwenkit.tools.template_style import prompt_opens_thinking, template_style
+from qwenkit.tools.template_style import template_style
 
 log = logging.getLogger(__name__)
 
@@ -74,19 +72,11 @@ class Agent:
         self.style = template_style(llm.tokenizer.chat_template)
 
     def _reply(self, messages: list[dict[str, Any]]) -> tuple[str, ParsedMessage]:
-        specs = [t.spec() for t in self.tools.values()]
-        params = self.params
         tokenizer = self.llm.tokenizer
-        rendered = self.style.prompt_messages(messages, [s["function"] for s in specs])
-        offered = None if self.style.react else specs  # ReAct: the tools are in the messages' text
-        ids = tokenizer.apply_chat_template(rendered, tools=offered, add_generation_prompt=True)
-        if self.style.react:
-            params = replace(params, stop=(*params.stop, *self.style.stop))
+        ids = self.style.tool_prompt(tokenizer, messages, [t.spec() for t in self.tools.values()])
+        params = replace(self.params, stop=(*self.params.stop, *self.style.stop))
         text = self.llm.generate([ids], params)[0].text
-        if self.style.react:
-            return text, parse_react(text)
-        opened = self.style.reasoning and prompt_opens_thinking(tokenizer.decode, ids)
-        return text, parse_hermes(text, reasoning=self.style.reasoning, in_reasoning=opened)
+        return text, self.style.parse_reply(tokenizer.decode, ids, text)
 
     def run(self, messages: list[dict[str, Any]] | str) -> AgentResult:
         history = [{"role": "user", "content": messages}] if isinstance(messages, str) else list(messages)

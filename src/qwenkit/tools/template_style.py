@@ -14,8 +14,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from qwenkit.tools.hermes import THINK_OPEN
-from qwenkit.tools.react import STOP_WORDS, react_messages
+from qwenkit.tokenizer import Tokenizer
+from qwenkit.tools.calls import ParsedMessage
+from qwenkit.tools.hermes import THINK_OPEN, parse_hermes
+from qwenkit.tools.react import STOP_WORDS, parse_react, react_messages
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,24 @@ class TemplateStyle:
     def stop(self) -> tuple[str, ...]:
         """Stop words a tool-using request needs on top of the caller's."""
         return STOP_WORDS if self.react else ()
+
+    def tool_prompt(
+        self, tokenizer: Tokenizer, messages: list[dict[str, Any]], tools: list[dict[str, Any]]
+    ) -> list[int]:
+        """The prompt ids of a request offering ``tools`` (OpenAI tool objects), as the server renders it:
+        through the template's own tools, or the ReAct prompt written into the messages."""
+        rendered = self.prompt_messages(messages, [t["function"] for t in tools])
+        return tokenizer.apply_chat_template(rendered, tools=None if self.react or not tools else tools)
+
+    def parse_reply(
+        self, decode: Callable[[Sequence[int]], str], prompt_ids: Sequence[int], text: str
+    ) -> ParsedMessage:
+        """A whole reply to ``tool_prompt``'s prompt: ReAct's action, or hermes ``<tool_call>`` blocks and a
+        leading ``<think>`` (opened by the prompt itself where the template does so)."""
+        if self.react:
+            return parse_react(text)
+        opened = self.reasoning and prompt_opens_thinking(decode, prompt_ids)
+        return parse_hermes(text, reasoning=self.reasoning, in_reasoning=opened)
 
     def prompt_messages(
         self, messages: list[dict[str, Any]], functions: list[dict[str, Any]]
