@@ -11,6 +11,10 @@ Two measurements per precision (float32, bfloat16, int8, int4, or a GPTQ checkpo
 Each precision runs in a fresh Python subprocess, so one precision's peak never hides in another's and
 allocator caches do not carry over. Loading peaks are excluded on Linux by resetting the peak RSS
 (``/proc/self/clear_refs``) once the model is loaded; elsewhere ``ru_maxrss`` includes loading.
+
+With ``tensor_parallel`` N, that subprocess starts N ranks, each loading its shard and running the same
+greedy steps (every rank holds the whole logits, so every rank picks the same tokens and their forwards'
+collectives pair up); the speed is rank 0's, the weights and peaks the largest rank's.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from qwenkit.distributed import TensorParallel
 from qwenkit.errors import QwenkitError
 
 PRECISIONS = ("float32", "bfloat16", "float16", "int8", "int4")
@@ -49,6 +54,7 @@ class ProfileRow:
     peak_generate_bytes: int = 0
     memory_kind: str = "peak RSS"
     baseline_bytes: int = 0  # RSS of the process with torch imported, before the model is loaded
+    tensor_parallel: int = 1  # ranks; weight_bytes and the peaks are then per rank (the largest)
 
 
 def parse_precisions(text: str, quantized_checkpoint: bool) -> list[str]:
@@ -63,10 +69,12 @@ def parse_precisions(text: str, quantized_checkpoint: bool) -> list[str]:
     return names
 
 
-def _load(model: str, precision: str, dtype: str, device: str, context: int):
+def _load(model: str, precision: str, dtype: str, device: str, context: int, tensor_parallel=None):
     from qwenkit.checkpoint import load_model
 
-    common = dict(device=device, context=context, progress=False, fast_kernels=True)
+    common = dict(
+        device=device, context=context, progress=False, fast_kernels=True, tensor_parallel=tensor_parallel
+    )
     if precision in ("int8", "int4"):
         return load_model(model, dtype=dtype, quantize=precision, **common)
     if precision == CHECKPOINT:
@@ -184,12 +192,15 @@ def profile_in_process(
     context: int = 1,
     generate: int = 2048,
     encode: int = 2048,
+    tensor_parallel: TensorParallel | None = None,
 ) -> ProfileRow:
-    """Measure one precision in this process (``profile`` runs this in a fresh subprocess per precision)."""
+    """Measure one precision in this process (``profile`` runs this in a fresh subprocess per precision);
+    with ``tensor_parallel``, this rank's share, every rank of the group calling it alike."""
     from qwenkit.engine import Engine, SamplingParams
 
     baseline = 0 if device.startswith("cuda") else _rss()
-    loaded, config = _load(model, precision, dtype, device, max(context + generate, encode) + 1)
+    size = max(context + generate, encode) + 1
+    loaded, config = _load(model, precision, dtype, device, size, tensor_parallel)
     vocab = config.vocab_size
     memory = _PeakMemory(device)
     engine_dtype = str(loaded.model.norm.weight.dtype).removeprefix("torch.")
@@ -206,6 +217,7 @@ def profile_in_process(
         _unique_bytes(loaded),
         memory_kind=memory.kind,
         baseline_bytes=baseline,
+        tensor_parallel=1 if tensor_parallel is None else tensor_parallel.world,
     )
     ids = [(7 * i + 11) % min(vocab, 1000) + 1 for i in range(max(encode, context))]
     greedy = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
@@ -249,9 +261,11 @@ def profile(
     encode: int = 2048,
     isolate: bool = True,
     progress: bool = False,
+    tensor_parallel: int = 1,
 ) -> list[ProfileRow]:
     """One :class:`ProfileRow` per precision, each in a fresh subprocess (unless ``isolate=False``);
-    ``progress``: a line on stderr as each starts (the defaults take minutes a precision on a CPU)."""
+    ``progress``: a line on stderr as each starts (the defaults take minutes a precision on a CPU);
+    ``tensor_parallel``: ranks the subprocess splits the model over (always isolated)."""
     if context < 1 or generate < 0 or encode < 0 or not (generate or encode):
         raise ProfileError(
             "--context must be at least 1, --generate/--encode at least 0, and one of them positive"
@@ -263,10 +277,10 @@ def profile(
     for i, precision in enumerate(precisions):
         if progress:
             print(f"qwenkit profile: {precision} ({i + 1} of {len(precisions)})", file=sys.stderr, flush=True)
-        if not isolate:
+        if not isolate and tensor_parallel == 1:
             rows.append(profile_in_process(precision=precision, **kwargs))
             continue
-        request = json.dumps({**kwargs, "precision": precision})
+        request = json.dumps({**kwargs, "precision": precision, "ranks": tensor_parallel})
         proc = subprocess.run(
             [sys.executable, "-c", "import qwenkit.profile as p; p._child()"],
             input=request,
@@ -283,12 +297,42 @@ def profile(
 
 def _child() -> None:
     request = json.loads(sys.stdin.read())
+    ranks = request.pop("ranks", 1)
     try:
-        row = profile_in_process(**request)
+        row = profile_in_process(**request) if ranks == 1 else _profile_ranks(request, ranks)
     except QwenkitError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(json.dumps(asdict(row)))
+
+
+def _profile_ranks(request: dict, ranks: int) -> ProfileRow:
+    """One precision over ``ranks`` tensor-parallel processes: rank 0's speed, the largest rank's bytes."""
+    import tempfile
+
+    from qwenkit.distributed.launch import RankFailedError, run_ranks
+
+    with tempfile.TemporaryDirectory() as out:
+        try:
+            run_ranks(_profile_rank, ranks, (request, out), device=request["device"], timeout_s=600)
+        except RankFailedError as e:
+            errors = sorted(Path(out).glob("*.error"))
+            raise ProfileError(errors[0].read_text() if errors else str(e)) from None
+        rows = [ProfileRow(**json.loads((Path(out) / f"rank{r}.json").read_text())) for r in range(ranks)]
+    merged = rows[0]
+    for name in ("weight_bytes", "peak_encode_bytes", "peak_generate_bytes", "baseline_bytes"):
+        setattr(merged, name, max(getattr(r, name) for r in rows))
+    return merged
+
+
+def _profile_rank(tp: TensorParallel, request: dict, out: str) -> None:
+    torch.manual_seed(0)
+    try:
+        row = profile_in_process(**request, tensor_parallel=tp)
+    except QwenkitError as e:
+        (Path(out) / f"rank{tp.rank}.error").write_text(str(e))
+        raise SystemExit(2) from None
+    (Path(out) / f"rank{tp.rank}.json").write_text(json.dumps(asdict(row)))
 
 
 def markdown(rows: list[ProfileRow], context: int, generate: int, encode: int, device: str) -> str:
@@ -313,6 +357,9 @@ def markdown(rows: list[ProfileRow], context: int, generate: int, encode: int, d
     note = (
         f"device: {device}, {threads} threads, torch {torch.__version__}; each precision in a fresh process"
     )
+    ranks = max((r.tensor_parallel for r in rows), default=1)
+    if ranks > 1:
+        note += f"; {ranks} tensor-parallel ranks: weights and peaks per rank (the largest)"
     base = max((r.baseline_bytes for r in rows), default=0)
     if base:
         note += f"; peaks include the process itself (about {base / mib:.0f} MiB with torch loaded, no model)"

@@ -77,3 +77,23 @@ def test_quantized_checkpoint_runs_only_as_itself() -> None:
     assert parse_precisions("checkpoint", quantized_checkpoint=True) == ["checkpoint"]
     with pytest.raises(ProfileError, match="already quantized"):
         parse_precisions("int4", quantized_checkpoint=True)
+
+
+@pytest.mark.slow
+def test_profile_with_tensor_parallel_reports_per_rank_memory(tmp_path, capsys) -> None:
+    """`--tensor-parallel 2`: each precision over 2 ranks (GQA 8/4 heads splits); a rank holds about half
+    the weights (norms copied), and a split the model cannot take is one line before anything starts."""
+    path = save_hf(hf_model("qwen2", num_attention_heads=8, num_key_value_heads=4), tmp_path / "m")
+    single = profile(path, ["float32", "int8"], generate=6, encode=12)
+    split = profile(path, ["float32", "int8"], generate=6, encode=12, tensor_parallel=2)
+    for one, two in zip(single, split, strict=True):
+        assert (one.tensor_parallel, two.tensor_parallel) == (1, 2) and two.precision == one.precision
+        assert 0.45 < two.weight_bytes / one.weight_bytes < 0.6, (one.weight_bytes, two.weight_bytes)
+        assert two.tokens_per_second > 0 and two.peak_generate_bytes > two.weight_bytes
+    capsys.readouterr()  # transformers' saving progress
+    assert main(["profile", str(path), "--generate", "4", "--encode", "0", "--tensor-parallel", "3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "error: --tensor-parallel 3 does not divide the model's 8 attention heads; "
+        "this model splits over 1, 2, 4 ranks"
+    ]

@@ -5,6 +5,7 @@ Examples::
     qwenkit profile                                    # bundled SmolLM2: its Q4_1 codes, float32, ... int4
     qwenkit profile Qwen2.5-0.5B-Instruct --generate 512 --encode 2048 --precisions bfloat16,int4
     qwenkit profile Qwen2.5-0.5B-Instruct-GPTQ-Int4    # a quantized checkpoint: its own precision
+    qwenkit profile Qwen2.5-7B-Instruct --device cuda --tensor-parallel 2   # per-rank memory on 2 GPUs
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from dataclasses import asdict
 
 
 def main(argv: list[str] | None = None) -> int:
+    from qwenkit.cli.common import add_tensor_parallel_arg
+
     parser = argparse.ArgumentParser(
         prog="qwenkit profile",
         description="Generation speed and peak memory per precision (each measured in a fresh process).",
@@ -44,14 +47,17 @@ def main(argv: list[str] | None = None) -> int:
         "--encode", type=int, default=2048, help="prompt tokens to encode at once (default 2048; 0 skips)"
     )
     parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    add_tensor_parallel_arg(parser)
     args = parser.parse_args(argv)
 
     from qwenkit.checkpoint import open_checkpoint
-    from qwenkit.cli.common import resolve_model
+    from qwenkit.cli.common import check_tensor_parallel, resolve_model
     from qwenkit.config import ModelConfig
     from qwenkit.profile import CHECKPOINT, markdown, parse_precisions, profile
 
     path = resolve_model(args.model)
+    if args.tensor_parallel > 1:
+        check_tensor_parallel(argparse.Namespace(model=str(path), tensor_parallel=args.tensor_parallel))
     quantized = ModelConfig.from_hf(open_checkpoint(path).hf_config).quantization is not None
     if args.precisions:
         text = args.precisions
@@ -75,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         generate=args.generate,
         encode=args.encode,
         progress=True,
+        tensor_parallel=args.tensor_parallel,
     )
     if args.json:
         print(json.dumps([asdict(r) for r in rows], indent=2))
