@@ -87,11 +87,11 @@ def check_shardable(config: ModelConfig, world: int) -> None:
         if n % world:
             raise ConfigError(
                 f"--tensor-parallel {world} does not divide the model's {n} {what}; "
-                f"this model splits over {_splits_that_work(config)} ranks"
+                f"this model splits over {_splits_that_work(config)}"
             )
     problem = _gptq_split_problem(config, world)
     if problem:
-        raise ConfigError(f"{problem}; this checkpoint splits over {_splits_that_work(config)} ranks")
+        raise ConfigError(f"{problem}; this checkpoint splits over {_splits_that_work(config)}")
 
 
 def _gptq(config: ModelConfig) -> GPTQConfig:
@@ -102,8 +102,10 @@ def _gptq(config: ModelConfig) -> GPTQConfig:
 
 
 def _splits_that_work(config: ModelConfig) -> str:
+    """ "1, 2, 4 ranks", or "1 rank only" (run it in one process)."""
     heads, kv = config.num_attention_heads, config.num_key_value_heads
-    return ", ".join(str(d) for d in range(1, min(heads, kv) + 1) if _divides_all(config, d))
+    fits = [str(d) for d in range(1, min(heads, kv) + 1) if _divides_all(config, d)]
+    return "1 rank only" if fits == ["1"] else f"{', '.join(fits)} ranks"
 
 
 def _split_sizes(config: ModelConfig) -> list[tuple[str, int]]:
