@@ -358,9 +358,8 @@ def _assign_all(
             tensor = cast
             _set_tensor(model, name, tensor.to(device))
             loaded.add(name)
-            if (
-                config.quantization and tensor_parallel is None
-            ):  # a rank's slices are copies: no pages to drop
+            # packed as each layer completes; a rank's slices are copies (no file pages to drop): at the end
+            if config.quantization and tensor_parallel is None:
                 _pack_when_complete(model, name, trimmer)
     missing = sorted(set(expected) - loaded)
     if missing:
