@@ -4,7 +4,9 @@ serve: a real server on 127.0.0.1 whose greedy answers, token for token (and the
 equal the single-process server's, with requests that arrive while others decode; SIGTERM drains it (a
 streaming request finishes) and every rank exits 0; a server that loses a rank drains and stops with
 one line naming it. chat: the same conversation, sampled with a seed, prints exactly what one process
-prints (rank 0 keeps the terminal and samples; rank 1 follows)."""
+prints (rank 0 keeps the terminal and samples; rank 1 follows). Across machines: two torchrun agents
+(node ranks 0 and 1, here both on 127.0.0.1) run `generate` and `serve` with the single process's
+answers."""
 
 from __future__ import annotations
 
@@ -207,3 +209,87 @@ def test_ctrl_c_in_a_tensor_parallel_chat_stops_the_answer_not_the_ranks(model):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         os.close(master)
+
+
+def launch_nodes(*argv: str) -> list[subprocess.Popen]:
+    """Two torchrun agents, as two machines would start them (static rendezvous, node ranks 0 and 1, one
+    process each), here both on 127.0.0.1, running ``qwenkit <argv>``."""
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "QWENKIT_RESPONSE_CACHE": "0"}
+    agents = []
+    for node in (0, 1):
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node)]
+        launcher += ["--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port)]
+        agents.append(
+            subprocess.Popen(
+                [*launcher, "-m", "qwenkit.cli", *argv],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    return agents
+
+
+@pytest.mark.slow
+def test_generate_across_two_launched_nodes_prints_the_single_process_answer(model):
+    argv = ["generate", model, "--prompt-ids", "9,8,7,6", "--max-new-tokens", "8", "--json"]
+    argv += ["--logprobs", "1", "--dtype", "float32", "--temperature", "0"]
+    single = subprocess.run([*QWENKIT, *argv], capture_output=True, text=True, timeout=60)
+    nodes = launch_nodes(*argv)
+    outs = [node.communicate(timeout=120) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outs[0][1][-2000:]
+    got, want = json.loads(outs[0][0]), json.loads(single.stdout)
+    assert {**got, "timings": None} == {**want, "timings": None} and len(got["output_token_ids"]) == 8
+    assert outs[1][0] == ""  # rank 1 writes nothing
+
+
+@pytest.mark.slow
+def test_serve_across_two_launched_nodes_answers_like_one_process(model):
+    """torchrun's rank 0 serves HTTP (only it binds the port) and rank 1 follows; SIGTERM to rank 0's
+    process drains it, releases rank 1, and both launchers exit 0."""
+    import psutil
+
+    port = free_port()
+    single, single_url = start(model)
+    nodes = launch_nodes("serve", model, "--port", str(port), "--dtype", "float32", "--max-batch", "4")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(single, single_url)
+        deadline = time.monotonic() + 90
+        while True:
+            assert all(node.poll() is None for node in nodes), nodes[0].stderr.read()[-2000:]
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline, "the launched server did not become healthy"
+                time.sleep(0.3)
+        want, got = answers(single_url), answers(url)
+        for (tokens, lps, text), (ref_tokens, ref_lps, ref_text) in zip(got, want, strict=True):
+            assert tokens == ref_tokens and text == ref_text and len(tokens) >= 12
+            assert max(abs(a - b) for a, b in zip(lps, ref_lps, strict=True)) < 1e-4
+        (rank0,) = psutil.Process(nodes[0].pid).children()  # the worker torchrun started on node 0
+        rank0.send_signal(signal.SIGTERM)
+        assert [node.wait(timeout=60) for node in nodes] == [0, 0]
+    finally:
+        for proc in (single, *nodes):
+            if proc.poll() is None:
+                proc.kill()
+    out0 = nodes[0].stdout.read() + nodes[0].stderr.read()
+    assert "on 2 tensor-parallel ranks on http://127.0.0.1" in out0 and "Traceback" not in out0
+    assert "Traceback" not in nodes[1].stderr.read()
+
+
+def test_a_tensor_parallel_size_other_than_the_launchers_is_refused(model, monkeypatch, capsys):
+    from qwenkit.cli import main
+
+    launched = {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    for name, value in launched.items():
+        monkeypatch.setenv(name, value)
+    assert main(["generate", model, "--prompt-ids", "1,2", "--tensor-parallel", "4"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: --tensor-parallel 4 does not match the 2 processes the launcher started (WORLD_SIZE); "
+        "leave it out under torchrun"
+    ]

@@ -19,6 +19,7 @@ from qwenkit.cli.common import (
     lead_tensor_parallel,
     load_llm,
     sampling_overrides,
+    wants_tensor_parallel,
 )
 from qwenkit.engine import SamplingParams, SamplingParamsError
 
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     add_tensor_parallel_arg(parser)
     args = parser.parse_args(argv)
     tools = chat_tools(args) if args.tools or args.code_interpreter else None  # file errors first
-    if args.tensor_parallel != 1:
+    if wants_tensor_parallel(args):
         return lead_tensor_parallel(args, lambda llm: run(args, llm, tools))
     return run(args, load_llm(args), tools)
 

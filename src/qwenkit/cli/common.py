@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 from pathlib import Path
 
 from qwenkit.engine import SamplingParams
@@ -127,6 +128,33 @@ def add_tensor_parallel_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def wants_tensor_parallel(args: argparse.Namespace) -> bool:
+    """``--tensor-parallel N`` above 1, or a launcher (torchrun, across machines) started this process
+    as one rank of several: then ``args.tensor_parallel`` becomes its world size (a different N is an
+    error)."""
+    from qwenkit.distributed import launched_world
+    from qwenkit.errors import ConfigError
+
+    world = launched_world()
+    if world > 1:
+        if args.tensor_parallel not in (1, world):
+            raise ConfigError(
+                f"--tensor-parallel {args.tensor_parallel} does not match the {world} processes the launcher "
+                "started (WORLD_SIZE); leave it out under torchrun"
+            )
+        args.tensor_parallel = world
+    return args.tensor_parallel != 1
+
+
+def launched_rank() -> int | None:
+    """This process's RANK when a launcher started it as one of several, else None."""
+    import os
+
+    from qwenkit.distributed import launched_world
+
+    return int(os.environ["RANK"]) if launched_world() > 1 else None
+
+
 def check_tensor_parallel(args: argparse.Namespace) -> None:
     """Refuse a split the model cannot take, in one line, before any process starts."""
     from qwenkit.checkpoint import open_checkpoint
@@ -174,6 +202,8 @@ def lead_tensor_parallel(args: argparse.Namespace, body, load=None, server: bool
             print(f"error: tensor-parallel rank {rank} of {args.tensor_parallel} {how}", file=sys.stderr)
         os._exit(2)  # now: the main thread may be blocked reading the terminal or in a collective
 
+    if launched_rank() is not None:
+        return _launched(args, lead, lambda tp: follow_tensor_parallel(tp, args, load))
     try:
         return lead_ranks(
             lead,
@@ -187,6 +217,23 @@ def lead_tensor_parallel(args: argparse.Namespace, body, load=None, server: bool
         if e.exitcode == 2:  # the rank printed its own one-line error
             return 2
         raise
+
+
+def _launched(args: argparse.Namespace, lead, follow) -> int:
+    """This rank of a group a launcher started (torchrun: every rank on its own, on any machine): rank 0
+    leads, the others follow; the launcher watches the processes (it stops the others when one dies)."""
+    import torch.distributed as dist
+
+    from qwenkit.distributed import init_tensor_parallel
+
+    tp = init_tensor_parallel(device=args.device)
+    try:
+        if tp.rank == 0:
+            return lead(tp)
+        follow(tp)
+        return 0
+    finally:
+        dist.destroy_process_group()
 
 
 def _load_llm(args: argparse.Namespace, tp):
@@ -221,6 +268,9 @@ def run_tensor_parallel(args: argparse.Namespace, rank_main) -> int:
 
     check_tensor_parallel(args)
     args.rank_seed = random.SystemRandom().randrange(2**31)  # one random state for every rank
+    if launched_rank() is not None:  # started by torchrun: this rank alone, rank 0's seed for all
+        every_rank = functools.partial(_seeded, rank_main, args=args)
+        return _launched(args, every_rank, every_rank)
     try:
         run_ranks(rank_main, args.tensor_parallel, (args,), device=args.device)
     except RankFailedError as e:
@@ -244,3 +294,14 @@ __all__ = [
     "run_tensor_parallel",
     "sampling_overrides",
 ]
+
+
+def _seeded(rank_main, tp, *, args: argparse.Namespace) -> int:
+    """``rank_main(tp, args)`` with rank 0's random seed on every rank (sampling must agree)."""
+    import torch.distributed as dist
+
+    seed = [args.rank_seed]
+    dist.broadcast_object_list(seed, src=0)
+    args.rank_seed = seed[0]
+    rank_main(tp, args)
+    return 0

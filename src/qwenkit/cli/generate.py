@@ -13,6 +13,7 @@ from qwenkit.cli.common import (
     load_llm,
     run_tensor_parallel,
     sampling_overrides,
+    wants_tensor_parallel,
 )
 from qwenkit.errors import QwenkitError
 
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     add_sampling_args(parser)
     add_tensor_parallel_arg(parser)
     args = parser.parse_args(argv)
-    if args.tensor_parallel != 1:
+    if wants_tensor_parallel(args):
         if args.prompt == "-":
             args.prompt = sys.stdin.read()  # read once here; the ranks cannot share stdin
         return run_tensor_parallel(args, rank_main)

@@ -22,8 +22,10 @@ from qwenkit.cli.common import (
     add_model_args,
     add_tensor_parallel_arg,
     gguf_dequantize,
+    launched_rank,
     lead_tensor_parallel,
     resolve_model,
+    wants_tensor_parallel,
 )
 from qwenkit.errors import ConfigError
 
@@ -140,9 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     api_key = _check(args)
-    listener = listen_socket(args.host, args.port)  # a taken port fails now, not after the model's load
+    split = wants_tensor_parallel(args)
+    # a taken port fails now, not after the model's load; under torchrun only rank 0 listens
+    listener = listen_socket(args.host, args.port) if launched_rank() in (None, 0) else None
     try:
-        if args.tensor_parallel != 1:
+        if split:
             note = f" on {args.tensor_parallel} tensor-parallel ranks"
 
             def serve_on(llm) -> int:
@@ -151,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
             return lead_tensor_parallel(args, serve_on, load, server=True)
         return serve(args, api_key, load(args), listener)
     finally:
-        listener.close()
+        if listener is not None:
+            listener.close()
 
 
 def listen_socket(host: str, port: int) -> socket.socket:

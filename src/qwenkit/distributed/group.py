@@ -30,6 +30,14 @@ class TensorParallel:
             raise ConfigError(f"tensor-parallel rank {self.rank} is not in 0..{self.world - 1}")
 
 
+def launched_world() -> int:
+    """The WORLD_SIZE a launcher (torchrun, on one machine or across several) started this process in;
+    1 when none did."""
+    if "RANK" not in os.environ or "MASTER_ADDR" not in os.environ:
+        return 1
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init_tensor_parallel(
     world: int | None = None,
     rank: int | None = None,
