@@ -280,6 +280,17 @@ def run_tensor_parallel(args: argparse.Namespace, rank_main) -> int:
     return 0
 
 
+def _seeded(rank_main, tp, *, args: argparse.Namespace) -> int:
+    """``rank_main(tp, args)`` with rank 0's random seed on every rank (sampling must agree)."""
+    import torch.distributed as dist
+
+    seed = [args.rank_seed]
+    dist.broadcast_object_list(seed, src=0)
+    args.rank_seed = seed[0]
+    rank_main(tp, args)
+    return 0
+
+
 __all__ = [
     "SamplingParams",
     "add_model_args",
@@ -294,14 +305,3 @@ __all__ = [
     "run_tensor_parallel",
     "sampling_overrides",
 ]
-
-
-def _seeded(rank_main, tp, *, args: argparse.Namespace) -> int:
-    """``rank_main(tp, args)`` with rank 0's random seed on every rank (sampling must agree)."""
-    import torch.distributed as dist
-
-    seed = [args.rank_seed]
-    dist.broadcast_object_list(seed, src=0)
-    args.rank_seed = seed[0]
-    rank_main(tp, args)
-    return 0
