@@ -326,7 +326,6 @@ def _profile_ranks(request: dict, ranks: int) -> ProfileRow:
 
 
 def _profile_rank(tp: TensorParallel, request: dict, out: str) -> None:
-    torch.manual_seed(0)
     try:
         row = profile_in_process(**request, tensor_parallel=tp)
     except QwenkitError as e:
