@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import time
 import weakref
 
 import pytest
@@ -130,3 +131,29 @@ def test_default_params_follow_generation_config(tmp_path):
     )
     p2 = LLM.load(sampled, dtype="float32", progress=False).default_params(top_k=5)
     assert (p2.temperature, p2.top_k, p2.top_p, p2.repetition_penalty) == (0.6, 5, 1.0, 1.0)
+
+
+def test_generate_queues_its_prompts_together_so_the_engines_steps_do_not_depend_on_timing(llm, monkeypatch):
+    """Tensor-parallel ranks each run the same `generate`: all its requests must be in the engine before
+    its first step, however slowly the caller got to them (a driver thread racing the submissions could
+    otherwise batch them differently on each rank)."""
+    engine = llm.engine
+    seen: list[int] = []
+    step = engine.step
+
+    def counting_step():
+        seen.append(len(engine.requests))
+        return step()
+
+    monkeypatch.setattr(engine, "step", counting_step)
+    slow_encode = llm.encode
+
+    def encode(prompt):  # a slow caller: the driver thread would take the first request alone
+        time.sleep(0.05)
+        return slow_encode(prompt)
+
+    monkeypatch.setattr(llm, "encode", encode)
+    params = llm.default_params(max_tokens=3, temperature=0.0, ignore_eos=True)
+    completions = llm.generate(["one", "two two", "three three three", "four"], params)
+    assert [len(c.token_ids) for c in completions] == [3, 3, 3, 3]
+    assert seen[0] == 4

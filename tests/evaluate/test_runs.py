@@ -188,3 +188,33 @@ def test_a_standard_error_not_known_reads_n_a_not_a_number():
     scores = aggregate(rows, ceval.category_of, "macro")
     text = format_results({"task": "ceval", "record": {}, "scores": scores})
     assert "overall  100.00 ± n/a" in text and "nan" not in text, text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "task",
+    [["--task", "ceval", "--data", str(CEVAL)], ["--task", "gsm8k", "--method", "generate", "--limit", "6"]],
+    ids=["ceval-loglik", "gsm8k-generate"],
+)
+def test_eval_with_tensor_parallel_scores_every_item_as_one_process(task, tmp_path, capsys):
+    """Every rank scores the same items in the same batches (generation queued all at once per batch, so
+    the ranks' engines step alike); rank 0 alone writes the run."""
+    from factories import write_tiny_chat_model
+
+    model = write_tiny_chat_model(tmp_path / "m", num_key_value_heads=2)
+    common = ["eval", str(model), *task, "--dtype", "float32", "--no-progress", "--max-new-tokens", "24"]
+    assert qwenkit_main([*common, "--output", str(tmp_path / "one")]) == 0
+    assert qwenkit_main([*common, "--output", str(tmp_path / "two"), "--tensor-parallel", "2"]) == 0
+    one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    assert two["scores"] == one["scores"] and one["scores"]["n"] >= 5
+
+    def samples(d: str) -> list[dict]:
+        return [json.loads(line) for line in (tmp_path / d / "samples.jsonl").read_text().splitlines()]
+
+    floats = ("scores", "probs")  # letter log-probabilities: the all-reduce's sums may differ in last bits
+    for got, want in zip(samples("two"), samples("one"), strict=True):
+        assert {k: v for k, v in got.items() if k not in floats} == {
+            k: v for k, v in want.items() if k not in floats
+        }
+        for key in floats:
+            assert got.get(key) == pytest.approx(want.get(key), abs=1e-5)

@@ -6,14 +6,27 @@ qwenkit eval MODEL --task tooluse --limit 20 --output runs/tools
 qwenkit eval MODEL --task passkey --lengths 1024 4096 --output runs/passkey
 qwenkit eval --rescore runs/gsm8k --extractor lmeval-flexible
 qwenkit eval --compare runs/f32 runs/int8 runs/int4
+qwenkit eval Qwen2.5-72B-Instruct --task mmlu --device cuda --tensor-parallel 4
 """
 
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-from qwenkit.cli.common import add_model_args, gguf_dequantize, resolve_model
+from qwenkit.cli.common import (
+    add_model_args,
+    add_tensor_parallel_arg,
+    gguf_dequantize,
+    resolve_model,
+    run_tensor_parallel,
+    wants_tensor_parallel,
+)
 from qwenkit.errors import QwenkitError
+
+if TYPE_CHECKING:
+    from qwenkit.distributed import TensorParallel
+    from qwenkit.evaluate.runner import Settings
 
 
 class EvalUsageError(QwenkitError, ValueError):
@@ -60,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rescore", metavar="DIR", help="recompute DIR/results.json from its samples")
     p.add_argument("--compare", nargs="+", metavar="RESULTS", help="print a table of results files")
     p.add_argument("--no-progress", action="store_true")
+    add_tensor_parallel_arg(p)
     return p
 
 
@@ -74,6 +88,33 @@ def main(argv: list[str]) -> int:
         results = runner.rescore_dir(args.rescore, args.extractor)
         print(format_results(results))
         return 0
+    settings = _settings(args)
+    if not args.endpoint and wants_tensor_parallel(args):
+        return run_tensor_parallel(args, rank_main)
+    return _evaluate(args, settings)
+
+
+def rank_main(tp, args: argparse.Namespace) -> None:
+    """One tensor-parallel rank: every rank scores the same items in the same batches (the network's
+    collectives pair up); only rank 0 writes results and prints."""
+    import os
+    import sys
+
+    if tp.rank != 0:
+        sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115
+        args.output, args.no_progress = None, True
+    try:
+        _evaluate(args, _settings(args), tp)
+    except QwenkitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    sys.stdout.flush()
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    """The run's settings from the command line, refusing options that do not fit together."""
+    from qwenkit.evaluate import runner
+
     if not args.task:
         raise EvalUsageError("--task is required (mmlu, ceval, gsm8k, humaneval, tooluse, passkey or ppl)")
     if args.task == "passkey" and args.data:
@@ -83,7 +124,7 @@ def main(argv: list[str]) -> int:
     method = args.method or ("loglik" if args.task in ("mmlu", "ceval") else "generate")
     if args.task in ("gsm8k", "humaneval", "passkey") and args.method is None:
         method = "loglik"  # base completion; --method generate for chat models
-    settings = runner.Settings(
+    return runner.Settings(
         task=args.task,
         method=method,
         shots=args.shots,
@@ -101,6 +142,12 @@ def main(argv: list[str]) -> int:
         depths=args.depths,
         trials=args.trials,
     )
+
+
+def _evaluate(args: argparse.Namespace, settings: Settings, tp: TensorParallel | None = None) -> int:
+    """Score a model (this rank's shard under ``tp``) or an endpoint, print the results."""
+    from qwenkit.evaluate import runner
+
     if args.endpoint:
         from qwenkit.evaluate.backends import EndpointBackend
 
@@ -120,6 +167,7 @@ def main(argv: list[str]) -> int:
             max_seq_len=args.max_context,
             dequantize=gguf_dequantize(args, path),
             cuda_graphs=args.cuda_graphs,
+            tensor_parallel=tp,
         )
         backend = LocalBackend(llm, batch_size=args.batch_size)
         record = runner.model_record(path, llm, args.dtype, args.quantize)

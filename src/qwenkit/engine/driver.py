@@ -95,6 +95,17 @@ class EngineDriver:
         self._send(("add", request_id, list(prompt_ids), params, stream))
         return stream
 
+    def submit_many(self, requests: Sequence[tuple[Sequence[int], SamplingParams]]) -> list[RequestStream]:
+        """Queue requests together: the engine takes all of them before its next step, so the steps do
+        not depend on how fast the caller submitted (tensor-parallel ranks that each run the same
+        requests must batch them alike)."""
+        for prompt_ids, params in requests:
+            self.engine.validate(prompt_ids, params)
+        batch = [(f"req-{next(self._ids)}", list(ids), params) for ids, params in requests]
+        streams = [RequestStream(rid, self, None) for rid, _, _ in batch]
+        self._send(("add_many", [(*item, stream) for item, stream in zip(batch, streams, strict=True)]))
+        return streams
+
     def abort(self, request_id: RequestId) -> None:
         self._send(("abort", request_id))
 
@@ -124,6 +135,8 @@ class EngineDriver:
             message = self._inbox.get_nowait()
             if message[0] == "add":
                 ended.append((message[1], message[4]))
+            elif message[0] == "add_many":
+                ended += [(request[0], request[3]) for request in message[1]]
         self._streams.clear()
         for rid, stream in ended:
             stream._put(StepOutput(rid, [], "abort"))
@@ -174,15 +187,20 @@ class EngineDriver:
                 return
             kind = message[0]
             if kind == "add":
-                _, rid, ids, params, stream = message
-                try:
-                    self.engine.add_request(ids, params, request_id=rid)
-                except Exception as exc:
-                    stream._put(StepOutput(rid, [], "error", error=str(exc)))
-                    continue
-                self._streams[rid] = stream
+                self._add(*message[1:])
+            elif kind == "add_many":
+                for request in message[1]:
+                    self._add(*request)
             else:  # "abort"
                 self.engine.abort(message[1])
+
+    def _add(self, rid: RequestId, ids: list[int], params: SamplingParams, stream: RequestStream) -> None:
+        try:
+            self.engine.add_request(ids, params, request_id=rid)
+        except Exception as exc:
+            stream._put(StepOutput(rid, [], "error", error=str(exc)))
+            return
+        self._streams[rid] = stream
 
     def _fail_all(self, error: str) -> None:
         for rid, stream in list(self._streams.items()):
