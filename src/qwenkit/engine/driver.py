@@ -92,7 +92,7 @@ class EngineDriver:
         if request_id is None:
             request_id = f"req-{next(self._ids)}"
         stream = RequestStream(request_id, self, loop)
-        self._send(("add", request_id, list(prompt_ids), params, stream))
+        self._send(("add", [(request_id, list(prompt_ids), params, stream)]))
         return stream
 
     def submit_many(self, requests: Sequence[tuple[Sequence[int], SamplingParams]]) -> list[RequestStream]:
@@ -101,10 +101,12 @@ class EngineDriver:
         requests must batch them alike)."""
         for prompt_ids, params in requests:
             self.engine.validate(prompt_ids, params)
-        batch = [(f"req-{next(self._ids)}", list(ids), params) for ids, params in requests]
-        streams = [RequestStream(rid, self, None) for rid, _, _ in batch]
-        self._send(("add_many", [(*item, stream) for item, stream in zip(batch, streams, strict=True)]))
-        return streams
+        batch = []
+        for prompt_ids, params in requests:
+            request_id = f"req-{next(self._ids)}"
+            batch.append((request_id, list(prompt_ids), params, RequestStream(request_id, self, None)))
+        self._send(("add", batch))
+        return [stream for *_, stream in batch]
 
     def abort(self, request_id: RequestId) -> None:
         self._send(("abort", request_id))
@@ -134,9 +136,7 @@ class EngineDriver:
         while not self._inbox.empty():  # added after the thread's last look at its inbox
             message = self._inbox.get_nowait()
             if message[0] == "add":
-                ended.append((message[1], message[4]))
-            elif message[0] == "add_many":
-                ended += [(request[0], request[3]) for request in message[1]]
+                ended += [(request_id, stream) for request_id, _, _, stream in message[1]]
         self._streams.clear()
         for rid, stream in ended:
             stream._put(StepOutput(rid, [], "abort"))
@@ -186,9 +186,7 @@ class EngineDriver:
             except queue.Empty:
                 return
             kind = message[0]
-            if kind == "add":
-                self._add(*message[1:])
-            elif kind == "add_many":
+            if kind == "add":  # one request, or a batch the engine takes before its next step
                 for request in message[1]:
                     self._add(*request)
             else:  # "abort"
