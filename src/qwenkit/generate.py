@@ -349,11 +349,9 @@ class LLM:
         is given). Bad input raises here, before anything runs."""
         params = params or self.default_params()
         ids = self.encode(prompt)
-        return TextStream(self.driver.submit(ids, params, request_id, loop), self._text_state(ids, params))
-
-    def _text_state(self, ids: list[int], params: SamplingParams) -> TextState:
         hidden = self.eos_token_ids | frozenset(params.stop_token_ids)
-        return TextState(self.tokenizer, Completion(ids), params.stop, hidden)
+        state = TextState(self.tokenizer, Completion(ids), params.stop, hidden)
+        return TextStream(self.driver.submit(ids, params, request_id, loop), state)
 
     def generate(
         self,
@@ -368,12 +366,10 @@ class LLM:
             prompts = [prompts]  # type: ignore[list-item]
         params = params or self.default_params()
         encoded = [self.encode(p) for p in prompts]
-        # all queued at once (checked first): the engine's steps then never depend on submission speed
-        requests = self.driver.submit_many([(ids, params) for ids in encoded])
-        streams = [
-            TextStream(request, self._text_state(ids, params))
-            for request, ids in zip(requests, encoded, strict=True)
-        ]
+        for ids in encoded:
+            self.engine.validate(ids, params)
+        with self.driver.together():  # queued as one batch: the steps never depend on submission speed
+            streams = [self.submit(ids, params) for ids in encoded]
         try:
             for stream in streams:
                 for _ in stream:

@@ -16,6 +16,7 @@ import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import contextmanager
 
 from qwenkit.engine.engine import Engine, StepOutput
 from qwenkit.engine.request import RequestId
@@ -79,6 +80,7 @@ class EngineDriver:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._closed = False  # set once by shutdown: the thread stops, new requests raise
+        self._held = threading.local()  # .batch: this thread's requests held by together() (unset: none)
 
     def submit(
         self,
@@ -92,21 +94,29 @@ class EngineDriver:
         if request_id is None:
             request_id = f"req-{next(self._ids)}"
         stream = RequestStream(request_id, self, loop)
-        self._send(("add", [(request_id, list(prompt_ids), params, stream)]))
+        request = (request_id, list(prompt_ids), params, stream)
+        held = getattr(self._held, "batch", None)
+        if held is not None:
+            held.append(request)
+        else:
+            self._send(("add", [request]))
         return stream
 
-    def submit_many(self, requests: Sequence[tuple[Sequence[int], SamplingParams]]) -> list[RequestStream]:
-        """Queue requests together: the engine takes all of them before its next step, so the steps do
-        not depend on how fast the caller submitted (tensor-parallel ranks that each run the same
-        requests must batch them alike)."""
-        for prompt_ids, params in requests:
-            self.engine.validate(prompt_ids, params)
-        batch = []
-        for prompt_ids, params in requests:
-            request_id = f"req-{next(self._ids)}"
-            batch.append((request_id, list(prompt_ids), params, RequestStream(request_id, self, None)))
-        self._send(("add", batch))
-        return [stream for *_, stream in batch]
+    @contextmanager
+    def together(self) -> Iterator[None]:
+        """Within: this thread's submissions are held back and queued as one batch at the end, which the
+        engine takes whole before its next step. So the steps do not depend on how fast the caller
+        submitted (tensor-parallel ranks that each run the same requests must batch them alike)."""
+        if getattr(self._held, "batch", None) is not None:  # already inside: one batch
+            yield
+            return
+        self._held.batch = []
+        try:
+            yield
+        finally:
+            batch, self._held.batch = self._held.batch, None
+            if batch:
+                self._send(("add", batch))
 
     def abort(self, request_id: RequestId) -> None:
         self._send(("abort", request_id))
