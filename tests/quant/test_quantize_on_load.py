@@ -116,7 +116,8 @@ def test_a_column_share_dequantizes_to_exactly_those_columns_of_the_whole(bits, 
     torch.manual_seed(0)
     whole = on_load.round_in_row_blocks(torch.randn(48, 512), bits)
     full = whole.dequantize()
-    parts = [on_load.column_share(whole, rank, world) for rank in range(world)]
+    cols = 512 // world
+    parts = [on_load.column_share(whole, r * cols, (r + 1) * cols) for r in range(world)]
     assert torch.equal(torch.cat([p.dequantize() for p in parts], dim=1), full)
     assert all(p.in_features == 512 // world and p.qweight.is_contiguous() for p in parts)
 
@@ -124,5 +125,5 @@ def test_a_column_share_dequantizes_to_exactly_those_columns_of_the_whole(bits, 
 def test_a_column_share_whose_groups_straddle_two_ranks_is_refused():
     """int4's groups of 128 over 384 inputs cut by 2 ranks (192 each): no whole groups, no share."""
     whole = on_load.round_in_row_blocks(torch.randn(32, 384), 4)
-    assert whole.scales.shape[0] == 3 and on_load.column_share(whole, 0, 2) is None
-    assert on_load.column_share(whole, 0, 3) is not None  # 128 a rank: whole groups
+    assert whole.scales.shape[0] == 3 and on_load.column_share(whole, 0, 192) is None
+    assert on_load.column_share(whole, 0, 128) is not None  # 3 ranks, 128 a rank: whole groups

@@ -344,8 +344,8 @@ def _assign_all(
                     f"{shape}, but config.json implies {tuple(target.shape)}"
                 )
             # a row-parallel weight under --quantize is rounded whole, as one process rounds it, then split
-            split = _row_split(name, tensor_parallel)
-            if builder is not None and builder.take(name, tensor, whole if split else None, split):
+            columns = _row_columns(name, whole, tensor_parallel)
+            if builder is not None and builder.take(name, tensor, whole if columns else None, columns):
                 loaded.add(name)
                 continue
             del whole
@@ -383,14 +383,14 @@ def _shard_codes(name: str, w: AffineWeight, tp: TensorParallel) -> AffineWeight
     return w
 
 
-def _row_split(name: str, tensor_parallel: TensorParallel | None) -> tuple[int, int] | None:
-    """(rank, world) for a row-parallel weight (its input columns split over the ranks), else None."""
+def _row_columns(name: str, whole: Any, tensor_parallel: TensorParallel | None) -> tuple[int, int] | None:
+    """The (start, end) of this rank's input columns of a row-parallel float weight, else None."""
     module, _, leaf = name.rpartition(".")
-    if tensor_parallel is None or tensor_parallel.world == 1:
+    if tensor_parallel is None or tensor_parallel.world == 1 or not isinstance(whole, torch.Tensor):
         return None
     if leaf != "weight" or split_role(module) != "row":
         return None
-    return tensor_parallel.rank, tensor_parallel.world
+    return rank_range(whole.shape[1], tensor_parallel)
 
 
 def _pack_when_complete(model: nn.Module, name: str, trimmer: HeapTrimmer) -> None:

@@ -47,14 +47,14 @@ class LayerBuilder:
         name: str,
         tensor: torch.Tensor | AffineWeight,
         whole: torch.Tensor | None = None,
-        split: tuple[int, int] | None = None,
+        columns: tuple[int, int] | None = None,
     ) -> bool:
         """Build the quantized layer ``name`` belongs to, if any; True when the tensor was consumed.
 
         ``tensor`` is this process's part of the weight; for a tensor-parallel rank's row-parallel layer,
-        ``whole`` is the full weight and ``split`` (rank, world) says which of ``world`` equal runs of its
-        input columns the rank holds: it is rounded whole, as one process rounds it (int8's one scale a
-        row spans all the columns), and the rank keeps its columns' codes (:func:`column_share`)."""
+        ``whole`` is the full weight and ``columns`` the (start, end) of the input columns the rank holds:
+        it is rounded whole, as one process rounds it (int8's one scale a row spans all the columns), and
+        the rank keeps its columns' codes (:func:`column_share`)."""
         module_name, _, attr = name.rpartition(".")
         if attr != "weight":
             return False
@@ -69,8 +69,8 @@ class LayerBuilder:
         elif isinstance(module, nn.Linear):
             bits = 8 if module_name == HEAD else self.bits
             share = None
-            if whole is not None and split is not None:
-                share = column_share(round_in_row_blocks(whole, bits, self.dtype, self.device), *split)
+            if whole is not None and columns is not None:
+                share = column_share(round_in_row_blocks(whole, bits, self.dtype, self.device), *columns)
             if share is not None:
                 layer = QuantizedLinear.from_int(share, self._bias(module))
             else:  # also where groups straddle two ranks' columns: the rank's own, in groups of their own
@@ -109,26 +109,22 @@ class LayerBuilder:
         return None if bias is None or bias.is_meta else bias.detach()
 
 
-def column_share(w: IntWeight, rank: int, world: int) -> IntWeight | None:
-    """Run ``rank`` of ``world`` equal runs of ``w``'s input columns, with the scales and zeros of their
-    groups: its dequantized weight is exactly those columns of ``w``'s. None where a group would straddle
-    two runs (``--quantize int4``'s groups of 128 over a 448-column run), since every rank's kernel needs
-    whole groups of one size."""
-    in_f = w.in_features
-    cols = in_f // world
-    lo, hi = rank * cols, (rank + 1) * cols
-    groups = w.scales.shape[0]
+def column_share(w: IntWeight, lo: int, hi: int) -> IntWeight | None:
+    """Input columns lo .. hi - 1 of ``w`` with the scales and zeros of their groups (a tensor-parallel
+    rank's share, as ``AffineWeight.input_columns`` for codes with float shifts): its dequantized weight
+    is exactly those columns of ``w``'s. None where the run does not begin and end on group edges
+    (``--quantize int4``'s groups of 128 over a 448-column run): every kernel needs whole groups."""
+    in_f, groups = w.in_features, w.scales.shape[0]
     if groups == 1:  # one group a row (int8): every run keeps it
         return IntWeight(w.qweight[:, lo:hi].contiguous(), w.scales, w.zeros, w.g_idx[lo:hi].clone(), w.bits)
     size = in_f // groups
-    if in_f % groups or cols % size or not torch.equal(w.g_idx, default_g_idx(in_f, size)):
+    if in_f % groups or lo % size or hi % size or not torch.equal(w.g_idx, default_g_idx(in_f, size)):
         return None
-    g0, g1 = lo // size, hi // size
     return IntWeight(
         w.qweight[:, lo:hi].contiguous(),
-        w.scales[g0:g1].contiguous(),
-        w.zeros[g0:g1].contiguous(),
-        default_g_idx(cols, size),
+        w.scales[lo // size : hi // size].contiguous(),
+        w.zeros[lo // size : hi // size].contiguous(),
+        default_g_idx(hi - lo, size),
         w.bits,
     )
 
