@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 
 from qwenkit.errors import ConfigError
@@ -94,7 +93,15 @@ def train_args(args: argparse.Namespace):
 
 
 def relaunch(module: str, argv: list[str], nproc: int) -> int:
-    """Run this command under torchrun with ``nproc`` local processes (gloo on CPU, NCCL on CUDA)."""
+    """Run this command under torchrun with ``nproc`` local processes (gloo on CPU, NCCL on CUDA).
+
+    torchrun's agent runs in this process, so a rank's failure comes back as its exit status and one line
+    naming it (the rank has printed its own error), not as the agent's traceback."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
     if nproc < 1:
         raise ConfigError(f"--nproc must be at least 1, got {nproc}")
     rest, skip = [], False
@@ -107,8 +114,19 @@ def relaunch(module: str, argv: list[str], nproc: int) -> int:
             continue
         if not a.startswith("--nproc="):
             rest.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    return subprocess.call([*cmd, "-m", module, *rest], env=os.environ.copy())
+    # The machine's cores shared out (torchrun alone gives each process one thread, and says so).
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    args = get_args_parser().parse_args(["--standalone", f"--nproc_per_node={nproc}", "-m", module, *rest])
+    try:
+        run(args)
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        if failure.exitcode < 0:
+            print(f"error: rank {rank} was stopped by {failure.signal_name()}", file=sys.stderr)
+            return 1
+        return failure.exitcode
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

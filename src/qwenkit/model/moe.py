@@ -109,9 +109,13 @@ class MoEMLP(nn.Module):
             self.routed_tokens += counts.to(self.routed_tokens.device)
         xs = x.index_select(0, order // k)  # (N*K, h) each pair's token, grouped by expert
         ys = torch.empty_like(xs)
+        # While training, an expert no token picked still runs, on zero rows: its parameters then get a zero
+        # gradient instead of none, as one stacked expert tensor (transformers 5) would. Otherwise ranks of
+        # DDP or FSDP would hold gradients for different experts and their reductions would not line up.
+        every = self.training and torch.is_grad_enabled()
         start = 0
         for expert, n in enumerate(counts.tolist()):  # one host sync per layer, not per token
-            if n:
+            if n or every:
                 ys[start : start + n] = self.experts[expert](xs[start : start + n])
                 start += n
         ys = ys * weights.reshape(-1)[order, None]  # (N*K, h) weighted, as transformers weights them
