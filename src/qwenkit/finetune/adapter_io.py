@@ -23,6 +23,7 @@ from torch import nn
 from qwenkit.checkpoint.saver import write_safetensors
 from qwenkit.errors import CheckpointError
 from qwenkit.finetune.lora import VLLM_DEFAULT_MAX_RANK, LoRAConfig, LoRALinear, apply_lora, lora_modules
+from qwenkit.finetune.stacked_experts import from_stacked, is_stacked
 from qwenkit.finetune.v1_names import from_v1, is_v1, to_v1
 
 # (module name, lora_A, lora_B) -> the part of the pair a model holds (a tensor-parallel rank's slices)
@@ -188,6 +189,8 @@ def load_adapter(model: nn.Module, path: str | Path, part: PairPart | None = Non
 
     if is_v1(grouped):
         modules = from_v1(grouped, scaling_of)
+    elif is_stacked(grouped):
+        modules = from_stacked(grouped, model, scaling_of)
     else:
         modules = {n: (pair, scaling_of(n, pair["lora_A"].shape[0])) for n, pair in grouped.items()}
     if part is not None:

@@ -30,7 +30,11 @@ def add_training_args(parser: argparse.ArgumentParser, lr: float = 2e-4) -> None
     )
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--lora-alpha", type=float, default=32.0)
-    parser.add_argument("--lora-dropout", type=float, default=0.05)
+    parser.add_argument(
+        "--lora-dropout",
+        type=float,
+        help="dropout on the adapters' input (default 0.05; 0 where the targets include routed experts)",
+    )
     parser.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) (rsLoRA)")
     parser.add_argument(
         "--target-modules", help="comma-separated layer names (default: q,k,v,o,gate,up,down projections)"

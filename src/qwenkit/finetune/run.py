@@ -30,7 +30,7 @@ from qwenkit.finetune.distributed import World, close_world, init_world, wrap
 from qwenkit.finetune.encode import EncodeStats, encode_all, end_of_text_id, pack
 from qwenkit.finetune.estimate import check_training_fits, estimate
 from qwenkit.finetune.export import check_exportable, write_model_dir
-from qwenkit.finetune.lora import DEFAULT_TARGETS, LoRAConfig, apply_lora, lora_parameters
+from qwenkit.finetune.lora import DEFAULT_TARGETS, LoRAConfig, apply_lora, lora_parameters, target_names
 from qwenkit.finetune.plot import plot_losses
 from qwenkit.finetune.trainer import TrainArgs, Trainer, enable_gradient_checkpointing
 
@@ -50,11 +50,29 @@ def lora_config(args: TrainArgs, n_layers: int) -> LoRAConfig:
     return LoRAConfig(
         r=args.lora_r,
         alpha=args.lora_alpha,
-        dropout=args.lora_dropout,
+        dropout=args.lora_dropout or 0.0,
         target_modules=tuple(args.target_modules) or DEFAULT_TARGETS,
         layers_to_transform=layers,
         use_rslora=args.use_rslora,
     )
+
+
+def lora_dropout(model: nn.Module, lora: LoRAConfig, asked: float | None, speak: bool) -> float:
+    """The adapters' dropout: ``asked``, or by default 0.05, and 0 where the targets include routed experts.
+
+    transformers 5 stacks a layer's experts into one parameter, and peft adapts that only without dropout
+    (it refuses to load such an adapter whose config says otherwise), so an adapter of experts trained
+    with dropout would not load there."""
+    experts = any(".experts." in n for n in target_names(model, lora))
+    if asked is None:
+        return 0.0 if experts else 0.05
+    if asked > 0 and experts and speak:
+        print(
+            f"note: --lora-dropout {asked} on routed experts: transformers 5 with peft loads such an "
+            "adapter only once its adapter_config.json says lora_dropout 0 (qwenkit loads it as is)",
+            file=sys.stderr,
+        )
+    return asked
 
 
 @dataclass
@@ -93,6 +111,8 @@ def prepare_model(model_path: str | Path, args: TrainArgs, world: World, batch_t
         params = list(model.parameters())  # tied weights appear once
     else:
         lora = lora_config(args, config.num_hidden_layers)
+        lora.dropout = lora_dropout(model, lora, args.lora_dropout, world.is_main)
+        args.lora_dropout = lora.dropout  # what training_args.json records
         torch.manual_seed(args.seed)  # the same initial adapter on every rank and every run
         apply_lora(model, lora)
         params = lora_parameters(model)

@@ -54,7 +54,7 @@ class TrainArgs:
     tensor_parallel: int = 1  # > 1: FSDP over replicas x this many tensor-parallel ranks each
     lora_r: int = 16
     lora_alpha: float = 32.0
-    lora_dropout: float = 0.05
+    lora_dropout: float | None = None  # None: 0.05, or 0 where the targets include routed experts
     target_modules: tuple[str, ...] = ()
     lora_layers: int | None = None
     use_rslora: bool = False

@@ -1,0 +1,180 @@
+"""Fine-tuning mixture-of-experts models: LoRA on every routed expert (and the shared one), full training and
+QLoRA on quantized experts. Adapters move both ways between qwenkit and peft on transformers 5, which
+stacks a layer's experts into one parameter: peft converts qwenkit's per-expert adapters on loading, and
+qwenkit splits peft's stacked ones per expert."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from factories import qwen3_tokenizer_dir
+from moe_models import hf_moe_model
+from safetensors.torch import load_file
+
+from qwenkit.checkpoint import load_model
+from qwenkit.finetune.lora import merge_lora
+from qwenkit.finetune.run import finetune
+from qwenkit.finetune.trainer import TrainArgs
+
+IDS = torch.tensor([[3, 17, 200, 5, 9, 41, 300, 7], [8, 1, 2, 99, 100, 4, 6, 250]])
+QUESTIONS = ["What is 2 plus 2?", "Name a yellow fruit.", "What do bees make?", "Which planet is ours?"]
+
+
+@pytest.fixture(scope="module", params=["qwen2_moe", "qwen3_moe"])
+def chat_moe(request, tmp_path_factory):
+    """A tiny random MoE checkpoint (Qwen2-MoE: shared expert; Qwen3-MoE: none) with the real tokenizer."""
+    path = tmp_path_factory.mktemp(request.param) / "m"
+    hf_moe_model(request.param, vocab_size=151936).save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
+        shutil.copy(qwen3_tokenizer_dir() / name, path / name)
+    return path
+
+
+@pytest.fixture
+def data(tmp_path):
+    rows = [
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": f"Ahoy! {q[::-1]}"}]}
+        for q in QUESTIONS * 2
+    ]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def args(**kw) -> TrainArgs:
+    return TrainArgs(**{"max_steps": 3, "lr": 1e-2, "lora_r": 4, "lora_alpha": 8, "batch_size": 4, **kw})
+
+
+def hf_logits(model_dir, adapter=None, via_peft: bool = False) -> torch.Tensor:
+    """transformers 5's logits of IDS; with ``adapter`` folded into its weights by hand (each pair's
+    B @ A * alpha / r added to the module it names; an expert's gate_proj and up_proj to the two halves of
+    its rows of the stacked gate_up_proj), or loaded through peft."""
+    import peft
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        if adapter is not None and via_peft:
+            return peft.PeftModel.from_pretrained(model, adapter).eval()(IDS).logits
+        if adapter is not None:
+            alpha = json.loads((adapter / "adapter_config.json").read_text())["lora_alpha"]
+            tensors = load_file(adapter / "adapter_model.safetensors")
+            for key, a in tensors.items():
+                if ".lora_A." not in key:
+                    continue
+                delta = tensors[key.replace(".lora_A.", ".lora_B.")] @ a * (alpha / a.shape[0])
+                name = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+                _weight_of(model, name).add_(delta)
+        return model(IDS).logits
+
+
+def _weight_of(model, name: str) -> torch.Tensor:
+    """The (out, in) weight, or view of a stacked expert parameter, that a per-expert module name means."""
+    parent, _, proj = name.rpartition(".")
+    if ".mlp.experts." not in name:
+        return model.get_submodule(name).weight
+    experts, _, index = parent.rpartition(".")
+    stacked = model.get_submodule(experts)
+    if proj == "down_proj":
+        return stacked.down_proj[int(index)]
+    rows = stacked.gate_up_proj[int(index)]
+    half = rows.shape[0] // 2
+    return rows[:half] if proj == "gate_proj" else rows[half:]
+
+
+def qwenkit_logits(model_dir, adapter=None) -> torch.Tensor:
+    model, _ = load_model(model_dir, "float32", progress=False, adapter=adapter)
+    with torch.no_grad():
+        return model(IDS)
+
+
+@pytest.mark.slow
+def test_lora_on_every_expert_loads_in_peft_with_the_same_logits(chat_moe, data, tmp_path):
+    """The default targets reach every routed expert (and Qwen2-MoE's shared one). The adapter is written
+    per expert, as transformers 4 and vLLM name them, with dropout 0 by default (peft on transformers 5
+    refuses any other for stacked experts): the same logits as transformers with the pairs folded in."""
+    out = finetune(chat_moe, data, tmp_path / "adapter", args())
+    config = json.loads((chat_moe / "config.json").read_text())
+    n_experts = config.get("num_experts") or config["num_local_experts"]  # transformers 5 writes the latter
+    written = json.loads((out / "adapter_config.json").read_text())
+    assert written["lora_dropout"] == 0.0
+    tensors = load_file(out / "adapter_model.safetensors")
+    prefix = "base_model.model.model.layers"
+    for layer in range(config["num_hidden_layers"]):
+        for e in range(n_experts):
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                assert f"{prefix}.{layer}.mlp.experts.{e}.{proj}.lora_A.weight" in tensors
+        has_shared = f"{prefix}.{layer}.mlp.shared_expert.down_proj.lora_B.weight" in tensors
+        assert has_shared == bool(config.get("shared_expert_intermediate_size"))
+    trained = [k for k, t in tensors.items() if ".experts." in k and "lora_B" in k and t.abs().sum() > 0]
+    assert len(trained) > n_experts  # B starts at zero: the experts' gradients reached it
+
+    ref = hf_logits(chat_moe, out)
+    assert (ref - hf_logits(chat_moe)).abs().max() > 1e-3  # the adapter changes the answer
+    torch.testing.assert_close(qwenkit_logits(chat_moe, out), ref, rtol=1e-4, atol=1e-5)
+    if not config.get("shared_expert_intermediate_size"):
+        # peft 0.21 stacks the experts' pairs itself. With a shared expert it leaves the routed experts'
+        # pairs out (peft issue 3711: the shared expert's modules take the names), so only without one.
+        torch.testing.assert_close(hf_logits(chat_moe, out, via_peft=True), ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_lora_dropout_on_experts_is_kept_when_asked_with_a_note(chat_moe, data, tmp_path, capsys):
+    out = finetune(chat_moe, data, tmp_path / "adapter", args(max_steps=1, lora_dropout=0.1))
+    assert json.loads((out / "adapter_config.json").read_text())["lora_dropout"] == 0.1
+    assert "note: --lora-dropout 0.1 on routed experts" in capsys.readouterr().err
+
+
+def test_peft_stacked_expert_adapter_loads_in_qwenkit_with_the_same_logits(chat_moe, tmp_path):
+    """peft on transformers 5 adapts the stacked gate_up_proj and down_proj parameters (one A and B each for
+    all experts); qwenkit splits them per expert: the same logits, also once merged into the weights."""
+    import peft
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(chat_moe, dtype=torch.float32)
+    config = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],  # the routed experts
+    )
+    peft_model = peft.get_peft_model(model, config)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:  # A and B both random: a wrong expert or a wrong half would show
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    peft_model.eval()
+    with torch.no_grad():
+        ref = peft_model(IDS).logits
+    peft_model.save_pretrained(tmp_path / "peft")
+    keys = load_file(tmp_path / "peft" / "adapter_model.safetensors").keys()
+    assert "base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.weight" in keys  # stacked
+
+    ours, _ = load_model(chat_moe, "float32", progress=False, adapter=tmp_path / "peft")
+    with torch.no_grad():
+        torch.testing.assert_close(ours(IDS), ref, rtol=1e-4, atol=1e-5)
+        merge_lora(ours)
+        torch.testing.assert_close(ours(IDS), ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_full_finetune_of_experts_and_router_loads_in_transformers(chat_moe, data, tmp_path):
+    out = finetune(chat_moe, data, tmp_path / "full", args(method="full", max_steps=2, lr=1e-3))
+    before, after = load_file(chat_moe / "model.safetensors"), load_file(out / "model.safetensors")
+    for name in ("model.layers.0.mlp.gate.weight", "model.layers.0.mlp.experts.0.down_proj.weight"):
+        assert name in after and not torch.equal(before[name], after[name]), name  # router and experts train
+    torch.testing.assert_close(qwenkit_logits(out), hf_logits(out), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_qlora_trains_adapters_on_int4_experts(chat_moe, data, tmp_path):
+    out = finetune(chat_moe, data, tmp_path / "qlora", args(method="qlora", qlora_bits=4))
+    tensors = load_file(out / "adapter_model.safetensors")
+    trained = [k for k, t in tensors.items() if ".experts." in k and "lora_B" in k and t.abs().sum() > 0]
+    assert trained  # gradients flowed through the dequantized int4 experts
+    ref = hf_logits(chat_moe, out)  # the adapter applies to the float model, as peft applies it
+    torch.testing.assert_close(qwenkit_logits(chat_moe, out), ref, rtol=1e-4, atol=1e-5)
