@@ -122,10 +122,24 @@ def test_lora_on_every_expert_loads_in_peft_with_the_same_logits(chat_moe, data,
 
 
 @pytest.mark.slow
+def test_lora_on_the_router_when_named(chat_moe, data, tmp_path):
+    """The router (``mlp.gate``) is left alone by default and adapted when named, as peft adapts it."""
+    out = finetune(chat_moe, data, tmp_path / "adapter", args(target_modules=("gate", "q_proj")))
+    tensors = load_file(out / "adapter_model.safetensors")
+    routers = [k for k in tensors if k.endswith("mlp.gate.lora_B.weight")]
+    assert routers and all(tensors[k].abs().sum() > 0 for k in routers)  # trained: routing weights' gradient
+    ref = hf_logits(chat_moe, out)
+    torch.testing.assert_close(qwenkit_logits(chat_moe, out), ref, rtol=1e-4, atol=1e-5)
+    if not json.loads((chat_moe / "config.json").read_text()).get("shared_expert_intermediate_size"):
+        # peft 0.21 refuses a Qwen2-MoE router as a module target (its conversion maps it for Qwen3-MoE)
+        torch.testing.assert_close(hf_logits(chat_moe, out, via_peft=True), ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
 def test_lora_dropout_on_experts_is_kept_when_asked_with_a_note(chat_moe, data, tmp_path, capsys):
     out = finetune(chat_moe, data, tmp_path / "adapter", args(max_steps=1, lora_dropout=0.1))
     assert json.loads((out / "adapter_config.json").read_text())["lora_dropout"] == 0.1
-    assert "note: --lora-dropout 0.1 on routed experts" in capsys.readouterr().err
+    assert "note: --lora-dropout 0.1 on routed experts or routers" in capsys.readouterr().err
 
 
 def test_peft_stacked_expert_adapter_loads_in_qwenkit_with_the_same_logits(chat_moe, tmp_path):
@@ -139,7 +153,8 @@ def test_peft_stacked_expert_adapter_loads_in_qwenkit_with_the_same_logits(chat_
         r=4,
         lora_alpha=8,
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],  # the routed experts
+        # the routed experts, and the router
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight"],
     )
     peft_model = peft.get_peft_model(model, config)
     g = torch.Generator().manual_seed(1)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenkit.errors import ConfigError
+from qwenkit.model.moe import RouterLinear
 from qwenkit.quant import QuantizedLinear
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -131,10 +132,13 @@ def layer_index(name: str) -> int | None:
 
 
 def target_names(model: nn.Module, config: LoRAConfig) -> list[str]:
-    """Linear (or quantized linear) modules whose name ends with a target, in the chosen layers."""
+    """Linear (or quantized linear) modules whose name ends with a target, in the chosen layers. A MoE
+    router (``mlp.gate``, ``mlp.shared_expert_gate``) is one too, when named: peft adapts it on
+    transformers 5 as ``gate.weight``."""
     names = []
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear | QuantizedLinear) or name.endswith("lora_A") or "lora_" in name:
+        linear = isinstance(module, nn.Linear | QuantizedLinear | RouterLinear)
+        if not linear or name.endswith("lora_A") or "lora_" in name:
             continue
         if not any(name == t or name.endswith("." + t) for t in config.target_modules):
             continue

@@ -58,18 +58,20 @@ def lora_config(args: TrainArgs, n_layers: int) -> LoRAConfig:
 
 
 def lora_dropout(model: nn.Module, lora: LoRAConfig, asked: float | None, speak: bool) -> float:
-    """The adapters' dropout: ``asked``, or by default 0.05, and 0 where the targets include routed experts.
+    """The adapters' dropout: ``asked``, or by default 0.05, and 0 where the targets include routed experts
+    or a router.
 
-    transformers 5 stacks a layer's experts into one parameter, and peft adapts that only without dropout
-    (it refuses to load such an adapter whose config says otherwise), so an adapter of experts trained
-    with dropout would not load there."""
-    experts = any(".experts." in n for n in target_names(model, lora))
+    transformers 5 stacks a layer's experts into one parameter and makes the router a module of its own;
+    peft adapts both as parameters, which it does only without dropout (it refuses to load such an adapter
+    whose config says otherwise), so an adapter of them trained with dropout would not load there."""
+    names = target_names(model, lora)
+    moe = any(".experts." in n or n.endswith(".mlp.gate") for n in names)
     if asked is None:
-        return 0.0 if experts else 0.05
-    if asked > 0 and experts and speak:
+        return 0.0 if moe else 0.05
+    if asked > 0 and moe and speak:
         print(
-            f"note: --lora-dropout {asked} on routed experts: transformers 5 with peft loads such an "
-            "adapter only once its adapter_config.json says lora_dropout 0 (qwenkit loads it as is)",
+            f"note: --lora-dropout {asked} on routed experts or routers: transformers 5 with peft loads such "
+            "an adapter only once its adapter_config.json says lora_dropout 0 (qwenkit loads it as is)",
             file=sys.stderr,
         )
     return asked
