@@ -19,7 +19,7 @@ from __future__ import annotations
 from torch import nn
 
 from qwenkit.config import ModelConfig
-from qwenkit.distributed.plan import COLUMN_MODULES, PER_HEAD_MODULES, ROW_MODULES, check_shardable
+from qwenkit.distributed.plan import PER_HEAD_MODULES, check_shardable, split_role
 from qwenkit.errors import ConfigError
 from qwenkit.finetune.lora import LoRALinear
 
@@ -36,13 +36,9 @@ def check_processes(processes: int, tp: int) -> None:
 
 
 def check_model(config: ModelConfig, tp: int, method: str) -> None:
-    """Refuse, with the numbers, a split inference's plan refuses (heads, FFN, vocabulary, MoE)."""
+    """Refuse, with the numbers, a split inference's plan refuses (heads, FFN, vocabulary, experts)."""
     if tp == 1:
         return
-    if config.num_experts:  # inference splits experts (distributed.plan); training's plan does not yet
-        raise ConfigError(
-            "--tensor-parallel does not split mixture-of-experts layers yet; run this model without it"
-        )
     if method == "qlora":
         raise ConfigError(
             "--tensor-parallel does not split QLoRA's quantized base; use --method lora or full with it"
@@ -57,7 +53,8 @@ def module_styles(model: nn.Module) -> dict[str, object]:
 
     styles: dict[str, object] = {}
     for name, module in model.named_modules():
-        if name.endswith(COLUMN_MODULES):
+        role = split_role(name)
+        if role == "column":
             if isinstance(module, nn.Embedding):  # vocabulary rows: torch calls that Rowwise for an Embedding
                 styles[name] = RowwiseParallel(input_layouts=Replicate())
             elif isinstance(module, LoRALinear):
@@ -67,7 +64,7 @@ def module_styles(model: nn.Module) -> dict[str, object]:
                 styles[name] = ColwiseParallel(output_layouts=Replicate())  # whole logits for the loss
             else:
                 styles[name] = ColwiseParallel()
-        elif name.endswith(ROW_MODULES):
+        elif role == "row":
             if isinstance(module, LoRALinear):
                 styles[f"{name}.base_layer"] = RowwiseParallel()
                 styles[f"{name}.lora_A"] = RowwiseParallel()
@@ -91,7 +88,12 @@ def parallelize_for_training(model: nn.Module, tp_mesh) -> nn.Module:
                 "--tensor-parallel cannot split a LoRA adapter on lm_head; leave it out of --target-modules"
             )
     tied = model.lm_head.weight is model.model.embed_tokens.weight
+    trainable = {name: p.requires_grad for name, p in model.named_parameters(remove_duplicate=False)}
     parallelize_module(model, tp_mesh, module_styles(model))
+    # The styles register new Parameters (SequenceParallel's replicated q/k norms among them), which are
+    # trainable by default: a LoRA run would then train the frozen norms too, and save none of it.
+    for name, p in model.named_parameters(remove_duplicate=False):
+        p.requires_grad_(trainable[name])
     if tied:  # both were split into the same vocabulary rows; keep them one parameter
         model.lm_head.weight = model.model.embed_tokens.weight
     return model
