@@ -12,6 +12,12 @@ the base (its partial (.., r) outputs are summed by one all-reduce), B replicate
 
 Qwen3's q/k norms are replicated but see only a rank's own heads: their weights become replicated DTensors
 over inputs split by heads, so autograd sums their gradients over the tensor-parallel ranks.
+
+Mixture-of-experts layers: each routed expert and the shared expert split as a dense MLP (the plan's
+``split_role``), each expert's down projection all-reduced on its own; the router stays whole, so its
+gradient and every rank's routing are whole too. Inference sums the whole block once instead; doing that
+here needs the routing weights' gradient summed over the ranks as well (the experts' outputs they weigh
+would be partial sums), which DTensor does not do through the dispatch's index operations.
 """
 
 from __future__ import annotations
