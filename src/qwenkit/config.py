@@ -85,6 +85,8 @@ class ModelConfig:
     norm_topk_prob: bool = False  # renormalize the top-k routing weights to sum to 1
     decoder_sparse_step: int = 1  # layer i is sparse when (i + 1) % step == 0 ...
     mlp_only_layers: tuple[int, ...] = ()  # ... and i is not listed here
+    # Training's load-balancing loss weight: router_aux_loss_coef where output_router_logits turns it on
+    router_aux_loss_coef: float = 0.0
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -400,6 +402,9 @@ def _moe(cfg: dict[str, Any]) -> dict[str, Any]:
         norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
         decoder_sparse_step=int(cfg.get("decoder_sparse_step", 1)),
         mlp_only_layers=tuple(sorted(set(mlp_only))),
+        router_aux_loss_coef=(
+            float(cfg.get("router_aux_loss_coef", 0.001)) if cfg.get("output_router_logits") else 0.0
+        ),
     )
 
 

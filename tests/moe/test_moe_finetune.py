@@ -193,3 +193,67 @@ def test_qlora_trains_adapters_on_int4_experts(chat_moe, data, tmp_path):
     assert trained  # gradients flowed through the dequantized int4 experts
     ref = hf_logits(chat_moe, out)  # the adapter applies to the float model, as peft applies it
     torch.testing.assert_close(qwenkit_logits(chat_moe, out), ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["qwen2_moe-mixed", "qwen3_moe"])
+def test_load_balancing_loss_and_gradients_equal_transformers(variant, tmp_path):
+    """A config with output_router_logits turns the load-balancing loss on, with its router_aux_loss_coef:
+    on a padded batch, the aux loss, the total loss and the gradients (routers, experts, attention) equal
+    transformers 5's with labels and an attention mask, also with gradient checkpointing, and the routers'
+    gradients move with it."""
+    import transformers
+    from factories import save_hf
+
+    from qwenkit.finetune.distributed import World
+    from qwenkit.finetune.encode import IGNORE, Example
+    from qwenkit.finetune.run import prepare_model
+    from qwenkit.finetune.trainer import Trainer, pad_batch
+
+    model_dir = save_hf(
+        hf_moe_model(variant, output_router_logits=True, router_aux_loss_coef=0.3), tmp_path / "m"
+    )
+    g = torch.Generator().manual_seed(0)
+    examples = []
+    for length, cut in ((11, 4), (7, 2), (9, 5)):
+        ids = torch.randint(0, 512, (length,), generator=g).tolist()
+        examples.append(Example(ids, [IGNORE] * cut + ids[cut:]))
+
+    def ours(coef, checkpointing=False):
+        args = TrainArgs(method="full", batch_size=3, progress=False, router_aux_loss_coef=coef)
+        args.gradient_checkpointing = checkpointing
+        prep = prepare_model(model_dir, args, World(), 16)
+        trainer = Trainer(prep.model, examples, args, World(), 0, prep.params)
+        loss, _, metrics = trainer.accumulate(0)
+        grads = {n: p.grad.clone() for n, p in prep.base.named_parameters()}
+        return loss, metrics, grads, trainer.micro_batches(0)[0][0]
+
+    loss, metrics, grads, order = ours(None)  # the config's: on, 0.3
+    ids, labels = pad_batch([examples[i] for i in order], 0, "cpu")
+    mask = (torch.arange(ids.shape[1])[None] < torch.tensor([[len(examples[i].ids)] for i in order])).long()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).train()
+    out = hf(input_ids=ids, attention_mask=mask, labels=labels)
+    out.loss.backward()
+    assert out.aux_loss is not None
+    assert metrics["aux_loss"] == pytest.approx(out.aux_loss.item(), rel=1e-5)
+    assert loss == pytest.approx(out.loss.item(), rel=1e-5)
+
+    sparse = 1  # a sparse layer in both variants
+    stacked = hf.model.layers[sparse].mlp.experts
+    inter = stacked.down_proj.shape[-1]
+    pairs = {
+        f"model.layers.{sparse}.mlp.gate.weight": hf.model.layers[sparse].mlp.gate.weight.grad,
+        "model.layers.0.self_attn.q_proj.weight": hf.model.layers[0].self_attn.q_proj.weight.grad,
+        f"model.layers.{sparse}.mlp.experts.3.gate_proj.weight": stacked.gate_up_proj.grad[3, :inter],
+        f"model.layers.{sparse}.mlp.experts.3.up_proj.weight": stacked.gate_up_proj.grad[3, inter:],
+        f"model.layers.{sparse}.mlp.experts.5.down_proj.weight": stacked.down_proj.grad[5],
+        "model.embed_tokens.weight": hf.model.embed_tokens.weight.grad,
+    }
+    for name, want in pairs.items():
+        torch.testing.assert_close(grads[name], want, rtol=1e-4, atol=1e-6, msg=name)
+    # recomputing each layer in the backward leaves the term and its gradients as they are
+    _, _, recomputed, _ = ours(None, checkpointing=True)
+    for name, grad in grads.items():
+        torch.testing.assert_close(recomputed[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    _, _, without, _ = ours(0.0)
+    router = f"model.layers.{sparse}.mlp.gate.weight"
+    assert (without[router] - grads[router]).abs().max() > 1e-3  # the term reaches the routers

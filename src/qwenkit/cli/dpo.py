@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     from qwenkit.finetune.run import finetune
 
     targs = train_args(args)
+    targs.router_aux_loss_coef = 0.0  # DPO's loss is its own: no load-balancing term on MoE models
     out = finetune(
         args.model,
         args.data,

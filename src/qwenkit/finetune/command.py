@@ -93,6 +93,7 @@ def train_args(args: argparse.Namespace):
         lora_layers=args.lora_layers,
         use_rslora=args.rslora,
         progress=not args.no_progress,
+        router_aux_loss_coef=getattr(args, "router_aux_loss_coef", None),
     )
 
 
@@ -139,6 +140,13 @@ def main(argv: list[str] | None = None) -> int:
     add_training_args(parser)
     parser.add_argument("--filter", action="store_true", help="mask sensitive data before training")
     parser.add_argument("--filter-keywords", help="keyword file for --filter (one per line)")
+    parser.add_argument(
+        "--router-aux-loss-coef",
+        type=float,
+        metavar="C",
+        help="mixture-of-experts models: add C x the load-balancing loss (default: the config's "
+        "router_aux_loss_coef where it sets output_router_logits, else 0; Qwen's configs say 0.001)",
+    )
     parser.add_argument(
         "--tensor-parallel",
         type=int,

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from qwenkit.checkpoint import load_model
 from qwenkit.checkpoint.loader import resolve_dtype
 from qwenkit.checkpoint.output_dir import atomic_output_dir, check_out_dir, write_json
+from qwenkit.config import ModelConfig
 from qwenkit.errors import CheckpointError, ConfigError
 from qwenkit.finetune.adapter_io import adapter_state_dict, save_adapter
 from qwenkit.finetune.data import DataError, Record, read_records
@@ -77,6 +78,19 @@ def lora_dropout(model: nn.Module, lora: LoRAConfig, asked: float | None, speak:
     return asked
 
 
+def router_aux_loss_coef(config: ModelConfig, asked: float | None) -> float:
+    """The load-balancing loss weight: ``asked``, or the config's (0 unless it sets output_router_logits)."""
+    if asked is None:
+        return config.router_aux_loss_coef
+    if asked < 0:
+        raise ConfigError(f"--router-aux-loss-coef must not be negative, got {asked}")
+    if asked and not config.num_experts:
+        raise ConfigError(
+            "--router-aux-loss-coef applies to mixture-of-experts models; this model has no experts"
+        )
+    return asked
+
+
 @dataclass
 class Prepared:
     """A model ready to train: trainable parameters chosen, wrapped for the process group."""
@@ -107,6 +121,7 @@ def prepare_model(model_path: str | Path, args: TrainArgs, world: World, batch_t
 
         quant_bits = args.qlora_bits
         quantize_model_rtn(model, bits=quant_bits)  # decoder layers only; the head stays float, as QLoRA
+    args.router_aux_loss_coef = router_aux_loss_coef(config, args.router_aux_loss_coef)
     lora = None
     if args.method == "full":
         model.requires_grad_(True)

@@ -14,6 +14,7 @@ is split into micro-batches and processes.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -28,6 +29,8 @@ from torch.utils.checkpoint import checkpoint
 
 from qwenkit.finetune.distributed import World, gradient_sync, unwrap
 from qwenkit.finetune.encode import IGNORE, Example
+from qwenkit.finetune.router_loss import load_balancing_loss
+from qwenkit.model.moe import MoEMLP, collect_router_logits
 
 
 @dataclass
@@ -59,6 +62,8 @@ class TrainArgs:
     lora_layers: int | None = None
     use_rslora: bool = False
     progress: bool = True
+    # MoE load-balancing loss weight; None: the model config's (on where output_router_logits is)
+    router_aux_loss_coef: float | None = None
 
     # fields that must match for --resume to continue the same run
     RESUME_KEYS = ("method", "lr", "max_len", "seed", "packing", "lora_r", "lora_alpha", "target_modules")
@@ -184,6 +189,7 @@ class Trainer:
             self.optimizer, lr_lambda(self.total_steps, warmup)
         )
         self.step = 0
+        self.step_indices: list[int] = []  # the global batch of the step being accumulated
         self.eval_metrics: dict[str, float] = {}  # extra held-out figures a subclass reports
 
     # ---- which examples -------------------------------------------------------------------------------
@@ -206,13 +212,30 @@ class Trainer:
         return float(sum(n_targets(self.examples[i]) for i in idx))
 
     def batch_loss(self, batch: list[int], normalizer: float) -> tuple[torch.Tensor, dict[str, float], int]:
-        """(loss to backpropagate, summed metrics, tokens processed) for one micro-batch."""
+        """(loss to backpropagate, summed metrics, tokens processed) for one micro-batch.
+
+        With a load-balancing weight c (mixture-of-experts models), c times the micro-batch's balancing loss
+        is added, weighted by its share of the global batch's tokens: one micro-batch holding the whole
+        batch gives transformers' loss exactly (cross entropy + c * aux)."""
         examples = [self.examples[i] for i in batch]
         ids, labels = pad_batch(examples, self.pad_id, self.args.device)
         layout = packed_layout(examples, ids.shape[1], self.args.device)
-        total = token_losses(self.model, ids, labels, layout).sum()
-        tokens = sum(len(self.examples[i].ids) for i in batch)
-        return total / normalizer, {}, tokens
+        coef = self.args.router_aux_loss_coef or 0.0
+        collect = collect_router_logits(unwrap(self.model)) if coef else contextlib.nullcontext([])
+        with collect as router_logits:
+            total = token_losses(self.model, ids, labels, layout).sum()
+        tokens = sum(len(e.ids) for e in examples)
+        loss, extra = total / normalizer, {}
+        if router_logits:
+            real = torch.zeros(ids.shape, device=ids.device)
+            for i, e in enumerate(examples):
+                real[i, : len(e.ids)] = 1
+            top_k = next(m.top_k for m in unwrap(self.model).modules() if isinstance(m, MoEMLP))
+            aux = load_balancing_loss(router_logits, top_k, real)
+            step_tokens = sum(len(self.examples[i].ids) for i in self.step_indices)
+            loss = loss + coef * aux * (tokens / step_tokens)
+            extra["aux_loss"] = aux.item() * len(batch)  # summed, then divided by the batch's examples
+        return loss, extra, tokens
 
     def accumulate(self, step: int) -> tuple[float, int, dict[str, float]]:
         """Forward and backward over this rank's share of ``step``; returns (global loss, tokens, metrics)."""
@@ -220,6 +243,7 @@ class Trainer:
         torch.manual_seed(self.args.seed * 7919 + step * self.world.dp_size + self.world.dp_rank)
         random.seed(step)
         mine, idx = self.micro_batches(step)
+        self.step_indices = idx  # the whole global batch of this step (its token count weighs the aux loss)
         norm = self.normalizer(idx)
         loss_sum, tokens, metrics = 0.0, 0, {}
         self.model.train()

@@ -70,13 +70,19 @@ class MoEMLP(nn.Module):
             self.shared_expert_gate = RouterLinear(h, 1)
         # Tokens routed to each expert, accumulated while ``count_routed_tokens`` is active.
         self.routed_tokens: torch.Tensor | None = None
+        # Every forward's router logits (N, E), appended while ``collect_router_logits`` is active (the
+        # load-balancing loss of training reads them).
+        self.router_logits: list[torch.Tensor] | None = None
         # The routed experts as one ``kernels.moe_experts`` call's arguments, set only by an inference load
         # on the fast CPU kernels (``quant.fused``): the same results as the loop over experts below.
         self.expert_weights: kernels.ExpertWeights | None = None
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (N, h) -> (weights (N, K) in x's dtype, expert ids (N, K)), as transformers computes them."""
-        probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float32)  # (N, E)
+        logits = self.gate(x)  # (N, E)
+        if self.router_logits is not None:
+            self.router_logits.append(logits)
+        probs = F.softmax(logits, dim=-1, dtype=torch.float32)
         weights, ids = torch.topk(probs, self.top_k, dim=-1)  # (N, K)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -174,3 +180,19 @@ def count_routed_tokens(model: nn.Module) -> Iterator[RouterStats]:
         for layer, block in sorted(blocks.items()):
             stats.per_layer[layer] = block.routed_tokens.tolist()
             block.routed_tokens = None
+
+
+@contextmanager
+def collect_router_logits(model: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """The router logits (N, E) of every MoE layer's forwards inside the block, in call order (layer order
+    within one forward). Empty for a dense model. Forwards recomputed after the block (gradient
+    checkpointing's backward) add nothing."""
+    blocks = [m for m in model.modules() if isinstance(m, MoEMLP)]
+    logits: list[torch.Tensor] = []
+    for block in blocks:
+        block.router_logits = logits
+    try:
+        yield logits
+    finally:
+        for block in blocks:
+            block.router_logits = None
