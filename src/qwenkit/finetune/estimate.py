@@ -56,15 +56,27 @@ def estimate(
     # full: grads in the model dtype + two float32 Adam moments (the weights are counted above);
     # LoRA: the float32 adapter, its grads, two Adam moments
     state = trainable * (b + 8) if method == "full" else trainable * (4 + 4 + 8)
-    h, f, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    h, L = config.hidden_size, config.num_hidden_layers
     q = config.num_attention_heads * config.head_dim
     kv = config.num_key_value_heads * config.head_dim
-    per_token_layer = (4 * h + 2 * q + 2 * kv + 2 * q + 5 * f) * b  # saved tensors per token and layer
+    attention = 4 * h + 2 * q + 2 * kv + 2 * q  # saved values per token and layer, before the FFN
+    per_layer = [(attention + _ffn_saved(config, i)) * b for i in range(L)]  # bytes per token
     tokens = batch * seq_len
     logits = tokens * config.vocab_size * 4 * 3  # float32 logits, log-softmax, their gradient
-    activations = tokens * per_token_layer * L + logits
-    checkpointed = tokens * (h * b * L + per_token_layer) + logits
+    activations = tokens * sum(per_layer) + logits
+    checkpointed = tokens * (h * b * L + max(per_layer)) + logits
     return TrainingMemory(weights, trainable, state, activations, checkpointed, checkpointing)
+
+
+def _ffn_saved(config: ModelConfig, layer: int) -> int:
+    """Values a token's FFN keeps for the backward: a SwiGLU's 5 of its width (gate, up, their SiLU and
+    product, down's input); a MoE layer's for each of its k experts and the shared one, plus the router's
+    logits and probabilities and the k copies of the token going into and coming out of the experts."""
+    if not config.is_sparse_layer(layer):
+        return 5 * config.intermediate_size
+    k = config.num_experts_per_tok
+    width = k * config.moe_intermediate_size + config.shared_expert_intermediate_size
+    return 5 * width + 2 * config.num_experts + 3 * k * config.hidden_size
 
 
 def check_training_fits(mem: TrainingMemory, device: str, free: int | None = None) -> None:
