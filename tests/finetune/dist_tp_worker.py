@@ -1,8 +1,10 @@
-"""Run under torchrun (4 processes: 2 replicas x 2 tensor-parallel ranks) by test_fsdp_tensor_parallel.py.
+"""Run under torchrun by test_fsdp_tensor_parallel.py: as many processes as given, laid out as replicas x 2
+tensor-parallel ranks.
 
-usage: dist_tp_worker.py FULL_MODEL_DIR LORA_MODEL_DIR OUT_DIR; writes OUT_DIR/{full,lora}.pt (one step's
-gradients, gathered whole, and the weights after 3 steps) and each run's checkpoint at step 2 in
-OUT_DIR/ckpt-{full,lora} (one launch for both: process start-up is the slow part).
+usage: dist_tp_worker.py OUT_DIR PREFIX METHOD=MODEL_DIR [METHOD=MODEL_DIR ...] [--checkpoints]; writes
+OUT_DIR/PREFIX{method}.pt (one step's gradients, gathered whole, and the weights after 3 steps) for each
+method (full, lora); with --checkpoints also each run's checkpoint at step 2 in OUT_DIR/ckpt-{method}, and
+for full the weights after resuming it. One launch for all: process start-up is the slow part.
 """
 
 from __future__ import annotations
@@ -20,19 +22,23 @@ from qwenkit.finetune.run import load_checkpoint
 
 
 def main() -> None:
-    model_dirs, out = {"full": sys.argv[1], "lora": sys.argv[2]}, Path(sys.argv[3])
+    out, prefix = Path(sys.argv[1]), sys.argv[2]
+    checkpoints = "--checkpoints" in sys.argv
+    runs = dict(a.split("=", 1) for a in sys.argv[3:] if a != "--checkpoints")
     torch.set_num_threads(1)
     world = init_world("cpu", tp=2)
-    for method, model_dir in model_dirs.items():
-        trainer, prep = build(model_dir, method, world, "fsdp", batch_size=2)
+    batch_size = 4 // world.dp_size  # a global batch of 4, however many replicas
+    for method, model_dir in runs.items():
+        ckpt = out / f"ckpt-{method}" if checkpoints else None
+        trainer, prep = build(model_dir, method, world, "fsdp", batch_size=batch_size)
         result = {"grads": grads(trainer, prep)}
-        result["weights"] = steps_and_weights(trainer, prep, 3, ckpt_at=2, ckpt_dir=out / f"ckpt-{method}")
-        if method == "full":  # resume the step-2 checkpoint in this layout too
-            trainer, prep = build(model_dir, method, world, "fsdp", batch_size=2)
-            load_checkpoint(out / "ckpt-full", trainer, prep, trainer.args)
+        result["weights"] = steps_and_weights(trainer, prep, 3, ckpt_at=2 if ckpt else None, ckpt_dir=ckpt)
+        if ckpt and method == "full":  # resume the step-2 checkpoint in this layout too
+            trainer, prep = build(model_dir, method, world, "fsdp", batch_size=batch_size)
+            load_checkpoint(ckpt, trainer, prep, trainer.args)
             result["resumed"] = steps_and_weights(trainer, prep, 1)
         if world.is_main:
-            torch.save(result, out / f"{method}.pt")
+            torch.save(result, out / f"{prefix}{method}.pt")
     close_world(world)
 
 

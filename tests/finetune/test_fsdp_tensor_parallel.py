@@ -47,7 +47,8 @@ def model_dirs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def two_by_two(model_dirs, tmp_path_factory):
     out = tmp_path_factory.mktemp("tp")
-    torchrun("dist_tp_worker.py", [model_dirs["full"], model_dirs["lora"], out], out, nproc=4)
+    runs = [f"full={model_dirs['full']}", f"lora={model_dirs['lora']}"]
+    torchrun("dist_tp_worker.py", [out, "", *runs, "--checkpoints"], out, nproc=4)
     return out
 
 
@@ -115,7 +116,9 @@ def test_mixture_of_experts_over_two_tensor_ranks_equals_one_process(variant, tm
     frozen), one step's gradients (router included) and the weights after 3 steps equal one process's.
     The ranks route every token alike at every step; if they did not, their collectives would not line up."""
     model_dir = save_hf(hf_moe_model(variant), tmp_path / "moe")
-    torchrun("dist_tp_moe_worker.py", [model_dir, tmp_path], tmp_path, nproc=2)
+    torchrun(
+        "dist_tp_worker.py", [tmp_path, "moe-", f"full={model_dir}", f"lora={model_dir}"], tmp_path, nproc=2
+    )
     for method in ("full", "lora"):
         tp = torch.load(tmp_path / f"moe-{method}.pt", weights_only=True)
         trainer, prep = build(model_dir, method, World(), "ddp", batch_size=4)
