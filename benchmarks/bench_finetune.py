@@ -1,13 +1,21 @@
 """LoRA training speed and peak memory: qwenkit vs transformers + peft, same model, data and settings.
 
-Model: the bundled SmolLM2-135M-Instruct (its GGUF dequantized to float32; transformers reads the same
-weights from a Hugging Face directory written by ``qwenkit convert --to hf``). LoRA r=16, alpha=32, no
-dropout, on q,k,v,o,gate,up,down of every layer; AdamW; the same fixed token batch; loss = mean token
-cross entropy over all tokens. Each side runs in its own fresh process (peak RSS is per process), the
-two alternate, and each reports training tokens/s over the timed steps (after warm-up steps) and its
-peak RSS above the process's RSS before the model was loaded.
+Models (``--model``):
+- ``smollm2``: the bundled SmolLM2-135M-Instruct (its GGUF dequantized to float32; transformers reads the
+  same weights from a Hugging Face directory written by ``qwenkit convert --to hf``);
+- ``qwen3-moe``: a random Qwen3-MoE in Qwen3-30B-A3B's proportions at a CPU-sized scale (hidden 512,
+  8 layers, 32 experts of width 256, 4 a token, vocabulary 32,000). LoRA then reaches every expert:
+  qwenkit adapts each expert's gate/up/down (its per-expert layout); peft on transformers 5 adapts the
+  stacked ``gate_up_proj`` and ``down_proj`` parameters (``target_parameters``; rank r per expert, gate
+  and up sharing one A), so the trainable counts differ a little and are printed.
 
-    .venv/bin/python benchmarks/bench_finetune.py [--batch 4] [--seq-len 256] [--steps 4] [--rounds 2]
+LoRA r=16, alpha=32, no dropout, on q,k,v,o,gate,up,down of every layer; AdamW; the same fixed token
+batch; loss = mean token cross entropy over all tokens. Each side runs in its own fresh process (peak RSS
+is per process), the two alternate, and each reports training tokens/s over the timed steps (after
+warm-up steps) and its peak RSS above the process's RSS before the model was loaded.
+
+    .venv/bin/python benchmarks/bench_finetune.py [--model smollm2|qwen3-moe] [--batch 4] [--seq-len 256]
+        [--steps 4] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -34,20 +42,51 @@ def peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+MOE_SHAPE = dict(
+    vocab_size=32000,
+    hidden_size=512,
+    intermediate_size=1536,
+    moe_intermediate_size=256,
+    num_experts=32,
+    num_experts_per_tok=4,
+    norm_topk_prob=True,
+    num_hidden_layers=8,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    head_dim=64,
+    max_position_embeddings=4096,
+)
+
+
+def write_moe(path: Path) -> Path:
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(**MOE_SHAPE))
+    model.save_pretrained(path)
+    return path
+
+
 def worker(side: str, hf_dir: str, batch: int, seq_len: int, steps: int, warmup: int) -> dict:
+    import json as json_
+
     import torch
     import torch.nn.functional as F
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    ids = torch.randint(0, 49152, (batch, seq_len))
+    vocab = json_.loads((Path(hf_dir) / "config.json").read_text())["vocab_size"]
+    moe = json_.loads((Path(hf_dir) / "config.json").read_text())["model_type"] == "qwen3_moe"
+    ids = torch.randint(0, vocab, (batch, seq_len))
     base_rss = rss_mib()
     if side == "qwenkit":
         from qwenkit.checkpoint import load_model
         from qwenkit.default_model import default_model_path
         from qwenkit.finetune.lora import LoRAConfig, apply_lora, lora_parameters
 
-        model, _ = load_model(default_model_path(), "float32", progress=False, dequantize=True)
+        source = hf_dir if moe else default_model_path()
+        model, _ = load_model(source, "float32", progress=False, dequantize=True)
         apply_lora(model, LoRAConfig(r=16, alpha=32, dropout=0.0, target_modules=tuple(TARGETS)))
         params = lora_parameters(model)
 
@@ -60,9 +99,14 @@ def worker(side: str, hf_dir: str, batch: int, seq_len: int, steps: int, warmup:
         model = transformers.AutoModelForCausalLM.from_pretrained(
             hf_dir, dtype=torch.float32, attn_implementation="sdpa"
         )
-        model = peft.get_peft_model(
-            model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS)
+        # MoE: the attention projections as modules, the stacked experts as parameters (naming the
+        # experts' projections as modules too would make peft add its own converted pairs beside them)
+        stacked = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"] if moe else None
+        modules = TARGETS[:4] if moe else TARGETS
+        config = peft.LoraConfig(
+            r=16, lora_alpha=32, lora_dropout=0.0, target_modules=modules, target_parameters=stacked
         )
+        model = peft.get_peft_model(model, config)
         params = [p for p in model.parameters() if p.requires_grad]
 
         def logits_of(x):
@@ -92,6 +136,7 @@ def worker(side: str, hf_dir: str, batch: int, seq_len: int, steps: int, warmup:
 
 def main() -> None:
     p = argparse.ArgumentParser()
+    p.add_argument("--model", choices=["smollm2", "qwen3-moe"], default="smollm2")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--steps", type=int, default=4)
@@ -108,7 +153,10 @@ def main() -> None:
     from qwenkit.default_model import default_model_path
 
     with tempfile.TemporaryDirectory() as tmp:
-        hf_dir = convert_gguf_to_hf(default_model_path(), Path(tmp) / "smollm2-hf", dtype="float32")
+        if a.model == "qwen3-moe":
+            hf_dir = write_moe(Path(tmp) / "qwen3-moe")
+        else:
+            hf_dir = convert_gguf_to_hf(default_model_path(), Path(tmp) / "smollm2-hf", dtype="float32")
         results: dict[str, list[dict]] = {"qwenkit": [], "transformers+peft": []}
         for _ in range(a.rounds):
             for side in ("qwenkit", "peft"):
@@ -118,7 +166,8 @@ def main() -> None:
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
                 r = json.loads(out.strip().splitlines()[-1])
                 results["qwenkit" if side == "qwenkit" else "transformers+peft"].append(r)
-    print(f"LoRA r=16 on SmolLM2-135M float32, batch {a.batch} x {a.seq_len} tokens, {a.steps} timed steps")
+    name = "a random Qwen3-MoE (32 experts, 4 a token)" if a.model == "qwen3-moe" else "SmolLM2-135M"
+    print(f"LoRA r=16 on {name} float32, batch {a.batch} x {a.seq_len} tokens, {a.steps} timed steps")
     print("| | training tokens/s (best of rounds) | peak RSS over pre-load (MiB) | trainable params |")
     print("|---|---|---|---|")
     for name, rs in results.items():
