@@ -292,3 +292,27 @@ def test_activation_estimate_covers_what_autograd_keeps(variant, tmp_path):
         token_losses(model, ids, ids).sum()
     planned = estimate(config, torch.float32, "full", 0, batch, seq, checkpointing=False).activations
     assert saved <= planned <= 1.5 * saved, (saved, planned)
+
+
+def test_an_idle_quantized_expert_trains_its_adapter_to_zero_gradients_without_dequantizing():
+    """While training, an expert no token picked runs on zero rows so that its adapter gets a zero
+    gradient (every rank then holds one). On a quantized base that call dequantizes nothing."""
+    from torch import nn
+
+    from qwenkit.finetune.lora import LoRAConfig, apply_lora, lora_modules
+    from qwenkit.quant import QuantizedLinear, quantize_model_rtn
+
+    model = nn.Sequential()
+    model.add_module("down_proj", nn.Linear(64, 32, bias=False))
+    quantize_model_rtn(model, bits=4, group_size=32, skip=())
+    assert isinstance(model.down_proj, QuantizedLinear)
+    apply_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.0, target_modules=("down_proj",)))
+    lora = lora_modules(model)["down_proj"]
+    lora.train()
+    calls = []
+    lora.base_layer.dequantize_packed = lambda dtype: calls.append(dtype)  # must not be reached
+    y = lora(torch.zeros(0, 64, requires_grad=True))
+    y.sum().backward()
+    assert y.shape == (0, 32) and calls == []
+    assert torch.equal(lora.lora_A.weight.grad, torch.zeros(4, 64))
+    assert torch.equal(lora.lora_B.weight.grad, torch.zeros(32, 4))

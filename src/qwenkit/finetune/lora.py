@@ -86,6 +86,8 @@ def dequantized_weight(layer: QuantizedLinear, dtype: torch.dtype) -> torch.Tens
 def frozen_base_forward(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The base layer's output, differentiable in x even when the base is quantized."""
     if isinstance(base, QuantizedLinear) and (torch.is_grad_enabled() or base.training):
+        if x.numel() == 0:  # an idle expert while training (its adapter still runs): nothing to dequantize
+            return x.new_zeros(*x.shape[:-1], base.out_features)
         y = _DequantizedMatmul.apply(x, base)
         return y if base.bias is None else y + base.bias.to(y.dtype)
     return base(x)
