@@ -148,15 +148,22 @@ def test_finetune_command_with_two_processes(tiny_chat_model, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_rank_error_under_nproc_is_one_line_per_rank_and_no_traceback(tiny_chat_model, tmp_path):
-    """A bad input found by the ranks ends the command with their error and exit status 2, as without
-    --nproc; torchrun's agent (run in the command's process) adds no traceback of its own."""
+def test_errors_under_nproc_are_one_line_and_no_traceback(tiny_chat_model, tmp_path):
+    """A missing input is refused once, before any process starts. A bad record, which the ranks find,
+    ends the command with their error and exit status 2, as without --nproc; torchrun's agent (run in the
+    command's process) adds no traceback of its own. Nothing is written either way."""
     env = {**os.environ, "PYTHONPATH": str(HERE.parents[1] / "src")}
-    data = tmp_path / "none.jsonl"
-    cmd = [sys.executable, "-m", "qwenkit.cli", "finetune", str(tiny_chat_model), str(data)]
-    cmd += [str(tmp_path / "out"), "--nproc", "2", "--no-progress"]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2, r.stderr[-3000:]
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert sorted(lines) == [f"error (rank {k}): {data}: no such file" for k in (0, 1)]
-    assert not (tmp_path / "out").exists()
+
+    def run(data):
+        cmd = [sys.executable, "-m", "qwenkit.cli", "finetune", str(tiny_chat_model), str(data)]
+        cmd += [str(tmp_path / "out"), "--nproc", "2", "--no-progress"]
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2, r.stderr[-3000:]
+        assert not (tmp_path / "out").exists() and not (tmp_path / "out.training").exists()
+        return [ln for ln in r.stderr.splitlines() if ln.strip() and not ln.startswith(("memory", "  "))]
+
+    assert run(tmp_path / "none.jsonl") == [f"error: {tmp_path / 'none.jsonl'}: no such file"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "robot", "content": "hi"}]}) + "\n")
+    found = f"{bad}:1: field 'messages[0].role' is 'robot'; expected one of system, user, assistant, tool"
+    assert sorted(run(bad)) == [f"error (rank {k}): {found}" for k in (0, 1)]

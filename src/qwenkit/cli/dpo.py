@@ -8,7 +8,7 @@ import os
 import sys
 
 from qwenkit.errors import ConfigError
-from qwenkit.finetune.command import add_training_args, relaunch, train_args
+from qwenkit.finetune.command import add_training_args, check_inputs, relaunch, train_args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.method == "full":
         raise ConfigError("qwenkit dpo trains an adapter (--method lora or qlora): the base is the reference")
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        check_inputs(args)
         return relaunch("qwenkit.cli.dpo", argv, args.nproc)
     from qwenkit.finetune.dpo import DPOTrainer, load_pairs
     from qwenkit.finetune.run import finetune

@@ -12,5 +12,7 @@ from qwenkit.finetune.command import main
 try:
     sys.exit(main(sys.argv[1:]))
 except QwenkitError as e:
-    print(f"error (rank {os.environ.get('RANK', '0')}): {e}", file=sys.stderr)
+    # one write of the whole line: the ranks share the terminal, and print's separate writes interleave
+    sys.stderr.flush()
+    os.write(2, f"error (rank {os.environ.get('RANK', '0')}): {e}\n".encode())
     sys.exit(2)

@@ -97,6 +97,17 @@ def train_args(args: argparse.Namespace):
     )
 
 
+def check_inputs(args: argparse.Namespace) -> None:
+    """Refuse, once and before any process starts, input files every rank would refuse alike."""
+    from pathlib import Path
+
+    if not Path(args.model).exists():
+        raise ConfigError(f"{args.model}: no such model directory or file")
+    for path in (args.data, args.eval_data):
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(f"{path}: no such file")
+
+
 def relaunch(module: str, argv: list[str], nproc: int) -> int:
     """Run this command under torchrun with ``nproc`` local processes (gloo on CPU, NCCL on CUDA).
 
@@ -166,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             check_processes(args.nproc, args.tensor_parallel)
             check_tensor_parallel(args.model, train_args(args))
         if args.nproc > 1:
+            check_inputs(args)
             return relaunch("qwenkit.finetune", argv, args.nproc)
 
     record_filter = None
