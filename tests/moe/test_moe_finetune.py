@@ -316,3 +316,28 @@ def test_an_idle_quantized_expert_trains_its_adapter_to_zero_gradients_without_d
     assert y.shape == (0, 32) and calls == []
     assert torch.equal(lora.lora_A.weight.grad, torch.zeros(4, 64))
     assert torch.equal(lora.lora_B.weight.grad, torch.zeros(32, 4))
+
+
+def test_a_stacked_adapter_of_another_expert_count_is_refused(tmp_path):
+    """8 experts' stacked pairs on a 4-expert model: the rows divide all the same (as rank 8 for 4
+    experts), so the adapter's own rank decides, and the load is refused naming both counts."""
+    from factories import save_hf
+    from safetensors.torch import save_file
+
+    from qwenkit.errors import CheckpointError
+
+    model_dir = save_hf(hf_moe_model("qwen3_moe", num_experts=4, num_experts_per_tok=2), tmp_path / "m")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    key = "base_model.model.model.layers.0.mlp.experts.base_layer"
+    pairs = {
+        f"{key}.lora_A.weight": torch.randn(8 * 4, 64),
+        f"{key}.lora_B.weight": torch.randn(2 * 32, 8 * 4),
+    }
+    save_file(pairs, adapter / "adapter_model.safetensors")
+    with pytest.raises(
+        CheckpointError, match="32 rank rows, 8 experts of rank 4, but this model has 4 experts"
+    ):
+        load_model(model_dir, "float32", progress=False, adapter=adapter)

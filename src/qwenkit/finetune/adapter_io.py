@@ -190,7 +190,7 @@ def load_adapter(model: nn.Module, path: str | Path, part: PairPart | None = Non
     if is_v1(grouped):
         modules = from_v1(grouped, scaling_of)
     elif is_stacked(grouped):
-        modules = from_stacked(grouped, model, scaling_of)
+        modules = from_stacked(grouped, model, scaling_of, lambda name: config.for_module(name)[0])
     else:
         modules = {n: (pair, scaling_of(n, pair["lora_A"].shape[0])) for n, pair in grouped.items()}
     if part is not None:

@@ -35,17 +35,22 @@ def is_stacked(names) -> bool:
 
 
 def from_stacked(
-    modules: dict[str, Pair], model: nn.Module, scaling_of: Callable[[str, int], float]
+    modules: dict[str, Pair],
+    model: nn.Module,
+    scaling_of: Callable[[str, int], float],
+    rank_of: Callable[[str], int],
 ) -> dict[str, tuple[Pair, float]]:
-    """Module pairs with the stacked ones split per expert; each with its scaling (``scaling_of(name, r)``,
-    named ``...mlp.experts.gate_up_proj`` or ``...down_proj`` as peft's rank and alpha patterns see it)."""
+    """Module pairs with the stacked ones split per expert; each with its scaling (``scaling_of(name, r)``)
+    and checked against its rank in the adapter's config (``rank_of(name)``): a stacked pair of another
+    expert count has rows that divide all the same. Names are ``...mlp.experts.gate_up_proj`` or
+    ``...down_proj``, as peft's rank and alpha patterns see them."""
     out: dict[str, tuple[Pair, float]] = {}
     for name, pair in modules.items():
         m = _STACKED.match(name)
         if m is None:
             out[name] = (pair, scaling_of(name, pair["lora_A"].shape[0]))
         else:
-            out.update(_split(m.group(1), pair, _experts(model, m.group(1)), scaling_of))
+            out.update(_split(m.group(1), pair, _experts(model, m.group(1)), scaling_of, rank_of))
     return out
 
 
@@ -60,7 +65,11 @@ def _experts(model: nn.Module, name: str) -> nn.ModuleList:
 
 
 def _split(
-    name: str, pair: Pair, experts: nn.ModuleList, scaling_of: Callable[[str, int], float]
+    name: str,
+    pair: Pair,
+    experts: nn.ModuleList,
+    scaling_of: Callable[[str, int], float],
+    rank_of: Callable[[str], int],
 ) -> dict[str, tuple[Pair, float]]:
     a, b = pair["lora_A"], pair["lora_B"]
     n = len(experts)
@@ -80,7 +89,12 @@ def _split(
             f"fit neither gate_up_proj ({2 * inter} x {hidden}) nor down_proj ({hidden} x {inter}) "
             f"of {n} experts"
         )
-    r = a.shape[0] // n
+    r = rank_of(f"{name}.{parameter}")
+    if a.shape[0] != n * r:
+        raise CheckpointError(
+            f"{name}: adapter for another model: its {parameter} pair has {a.shape[0]} rank rows, "
+            f"{a.shape[0] / r:g} experts of rank {r}, but this model has {n} experts"
+        )
     scaling = scaling_of(f"{name}.{parameter}", r)
     a_each = a.reshape(n, r, a.shape[1])  # (E, r, in)
     b_each = b.reshape(b.shape[0], r, n)  # (out, r, E)
