@@ -13,11 +13,8 @@ the base (its partial (.., r) outputs are summed by one all-reduce), B replicate
 Qwen3's q/k norms are replicated but see only a rank's own heads: their weights become replicated DTensors
 over inputs split by heads, so autograd sums their gradients over the tensor-parallel ranks.
 
-Mixture-of-experts layers: each routed expert and the shared expert split as a dense MLP (the plan's
-``split_role``), each expert's down projection all-reduced on its own; the router stays whole, so its
-gradient and every rank's routing are whole too. Inference sums the whole block once instead; doing that
-here needs the routing weights' gradient summed over the ranks as well (the experts' outputs they weigh
-would be partial sums), which DTensor does not do through the dispatch's index operations.
+Mixture-of-experts layers split their experts the same way but compute them on local shards, summed
+once a block (``tensor_parallel_moe``); the router stays whole, so every rank routes alike.
 """
 
 from __future__ import annotations
@@ -25,9 +22,10 @@ from __future__ import annotations
 from torch import nn
 
 from qwenkit.config import ModelConfig
-from qwenkit.distributed.plan import PER_HEAD_MODULES, check_shardable, split_role
+from qwenkit.distributed.plan import EXPERT_PARENTS, PER_HEAD_MODULES, check_shardable, split_role
 from qwenkit.errors import ConfigError
 from qwenkit.finetune.lora import LoRALinear
+from qwenkit.finetune.tensor_parallel_moe import parallelize_experts
 
 
 def check_processes(processes: int, tp: int) -> None:
@@ -60,6 +58,8 @@ def module_styles(model: nn.Module) -> dict[str, object]:
     styles: dict[str, object] = {}
     for name, module in model.named_modules():
         role = split_role(name)
+        if any(parent in name for parent in EXPERT_PARENTS):
+            continue  # experts compute on their local shards, summed once a block (tensor_parallel_moe)
         if role == "column":
             if isinstance(module, nn.Embedding):  # vocabulary rows: torch calls that Rowwise for an Embedding
                 styles[name] = RowwiseParallel(input_layouts=Replicate())
@@ -96,6 +96,7 @@ def parallelize_for_training(model: nn.Module, tp_mesh) -> nn.Module:
     tied = model.lm_head.weight is model.model.embed_tokens.weight
     trainable = {name: p.requires_grad for name, p in model.named_parameters(remove_duplicate=False)}
     parallelize_module(model, tp_mesh, module_styles(model))
+    parallelize_experts(model, tp_mesh)
     # The styles register new Parameters (SequenceParallel's replicated q/k norms among them), which are
     # trainable by default: a LoRA run would then train the frozen norms too, and save none of it.
     for name, p in model.named_parameters(remove_duplicate=False):
