@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from qwenkit.errors import ConfigError
 from qwenkit.finetune.lora import LoRALinear
 from qwenkit.model.moe import MoEMLP
 
@@ -93,7 +94,9 @@ def _shard(linear: nn.Module, dim: int, mesh) -> None:
     from torch.distributed.tensor import DTensor, Shard
 
     if dim == 1 and getattr(linear, "bias", None) is not None:
-        raise NotImplementedError("an input-split expert layer with a bias (no Qwen MoE model has one)")
+        raise ConfigError(
+            "--tensor-parallel cannot split an expert's down projection with a bias (no Qwen MoE has one)"
+        )
     rank, world = mesh.get_local_rank(), mesh.size()
     for name, p in list(linear.named_parameters(recurse=False)):
         local = p.detach().chunk(world, dim=dim if name == "weight" else 0)[rank].contiguous()
