@@ -58,12 +58,13 @@ MOE_SHAPE = dict(
 )
 
 
-def write_moe(path: Path) -> Path:
+def write_moe(path: Path, **shape: int) -> Path:
+    """A random Qwen3-MoE checkpoint of ``MOE_SHAPE``, or of it with ``shape``'s sizes instead."""
     import torch
     import transformers
 
     torch.manual_seed(0)
-    model = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(**MOE_SHAPE))
+    model = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(**{**MOE_SHAPE, **shape}))
     model.save_pretrained(path)
     return path
 

@@ -24,24 +24,12 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 def write_moe(path: Path, experts: int) -> Path:
-    import torch
-    import transformers
+    from bench_finetune import write_moe as write_shape  # the same random Qwen3-MoE, smaller
 
-    torch.manual_seed(0)
-    config = transformers.Qwen3MoeConfig(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=160,
-        moe_intermediate_size=32,
-        num_experts=experts,
-        num_experts_per_tok=4,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-    )
-    transformers.Qwen3MoeForCausalLM(config).save_pretrained(path)
-    return path
+    shape = dict(vocab_size=512, hidden_size=64, intermediate_size=160, moe_intermediate_size=32)
+    shape |= dict(num_experts=experts, num_hidden_layers=4, num_attention_heads=4, head_dim=16)
+    shape |= dict(norm_topk_prob=False)
+    return write_shape(path, **shape)
 
 
 def worker(model_dir: str, method: str, steps: int) -> None:
