@@ -33,7 +33,7 @@ def add_training_args(parser: argparse.ArgumentParser, lr: float = 2e-4) -> None
     parser.add_argument(
         "--lora-dropout",
         type=float,
-        help="dropout on the adapters' input (default 0.05; 0 where the targets include routed experts)",
+        help="dropout on the adapters' input (default 0.05; 0 where targets include MoE experts or routers)",
     )
     parser.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) (rsLoRA)")
     parser.add_argument(

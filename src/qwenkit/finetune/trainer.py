@@ -59,7 +59,7 @@ class TrainArgs:
     tensor_parallel: int = 1  # > 1: FSDP over replicas x this many tensor-parallel ranks each
     lora_r: int = 16
     lora_alpha: float = 32.0
-    lora_dropout: float | None = None  # None: 0.05, or 0 where the targets include routed experts
+    lora_dropout: float | None = None  # None: 0.05, or 0 where the targets include MoE experts or routers
     target_modules: tuple[str, ...] = ()
     lora_layers: int | None = None
     use_rslora: bool = False
