@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from qwenkit.errors import ConfigError
 
@@ -99,8 +100,6 @@ def train_args(args: argparse.Namespace):
 
 def check_inputs(args: argparse.Namespace) -> None:
     """Refuse, once and before any process starts, input files every rank would refuse alike."""
-    from pathlib import Path
-
     if not Path(args.model).exists():
         raise ConfigError(f"{args.model}: no such model directory or file")
     for path in (args.data, args.eval_data):

@@ -80,7 +80,6 @@ def parallelize_experts(model: nn.Module, tp_mesh) -> None:
                 if isinstance(layer, LoRALinear):
                     _shard(layer.base_layer, dim, tp_mesh)
                     _shard(layer.lora_B if dim == 0 else layer.lora_A, dim, tp_mesh)
-                    _compute_locally(layer.lora_A if dim == 0 else layer.lora_B)
                     partial.append(f"{prefix}.{'lora_A' if dim == 0 else 'lora_B'}.weight")
                 else:
                     _shard(layer, dim, tp_mesh)
@@ -102,10 +101,6 @@ def _shard(linear: nn.Module, dim: int, mesh) -> None:
         local = p.detach().chunk(world, dim=dim if name == "weight" else 0)[rank].contiguous()
         shard = DTensor.from_local(local, mesh, [Shard(dim if name == "weight" else 0)], run_check=False)
         linear.register_parameter(name, nn.Parameter(shard, requires_grad=p.requires_grad))
-    _compute_locally(linear)
-
-
-def _compute_locally(linear: nn.Module) -> None:
     linear.forward = types.MethodType(_local_forward, linear)
 
 

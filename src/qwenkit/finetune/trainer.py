@@ -198,6 +198,8 @@ class Trainer:
         )
         self.step = 0
         self.step_indices: list[int] = []  # the global batch of the step being accumulated
+        # experts a token is routed to (MoE models: what the load-balancing loss counts), else 0
+        self.moe_top_k = next((m.top_k for m in unwrap(model).modules() if isinstance(m, MoEMLP)), 0)
         self.eval_metrics: dict[str, float] = {}  # extra held-out figures a subclass reports
 
     # ---- which examples -------------------------------------------------------------------------------
@@ -235,11 +237,9 @@ class Trainer:
         tokens = sum(len(e.ids) for e in examples)
         loss, extra = total / normalizer, {}
         if router_logits:
-            real = torch.zeros(ids.shape, device=ids.device)
-            for i, e in enumerate(examples):
-                real[i, : len(e.ids)] = 1
-            top_k = next(m.top_k for m in unwrap(self.model).modules() if isinstance(m, MoEMLP))
-            aux = load_balancing_loss(router_logits, top_k, real)
+            lengths = torch.tensor([len(e.ids) for e in examples], device=ids.device)
+            real = torch.arange(ids.shape[1], device=ids.device) < lengths[:, None]  # (B, T) real tokens
+            aux = load_balancing_loss(router_logits, self.moe_top_k, real)
             step_tokens = sum(len(self.examples[i].ids) for i in self.step_indices)
             loss = loss + coef * aux * (tokens / step_tokens)
             extra["aux_loss"] = aux.item() * len(batch)  # summed, then divided by the batch's examples
