@@ -181,6 +181,53 @@ def test_finetune_command_with_tensor_parallel_writes_the_one_process_checkpoint
     assert [round(x["loss"], 4) for x in logs] == [round(x["loss"], 4) for x in ones]
 
 
+@pytest.mark.slow
+def test_dpo_command_with_tensor_parallel_equals_one_process(chat_model_kv2, tmp_path):
+    """`qwenkit dpo --tensor-parallel 2` (Qwen3, q/k norms): the same losses and DPO metrics at every step as
+    one process on the same pairs, and an adapter of the same tensors that gives its logits; the reference
+    (adapters off) is computed on the split model too."""
+    import functools
+
+    from finetune.test_dpo import write_pairs
+
+    from qwenkit.finetune.dpo import DPOTrainer, load_pairs
+
+    pairs = write_pairs(tmp_path / "p.jsonl", 0, 4)
+    common = ["--max-steps", "3", "--lr", "1e-2", "--lora-r", "4", "--lora-dropout", "0", "--batch-size", "2"]
+    common += ["--beta", "0.5", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(SRC)}
+    cmd = [sys.executable, "-m", "qwenkit.cli", "dpo", str(chat_model_kv2), str(pairs), str(tmp_path / "tp")]
+    r = subprocess.run(
+        [*cmd, "--tensor-parallel", "2", *common], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    args = TrainArgs(max_steps=3, lr=1e-2, lora_r=4, lora_dropout=0.0, batch_size=2, progress=False)
+    finetune(
+        chat_model_kv2,
+        pairs,
+        tmp_path / "one",
+        args,
+        make_trainer=functools.partial(DPOTrainer, beta=0.5),
+        load_data=lambda tok, path: load_pairs(tok, path, args.max_len),
+    )
+    logs = [json.loads(x) for x in (tmp_path / "tp" / "log.jsonl").read_text().splitlines()]
+    ones = [json.loads(x) for x in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
+    assert len(logs) == len(ones) == 3
+    for got, want in zip(logs, ones, strict=True):
+        for key in ("loss", "rewards/margins", "logps/chosen", "logps/rejected"):
+            assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-5), key
+    assert abs(ones[-1]["rewards/margins"]) > 1e-3  # the adapter moved away from the reference
+    got = load_file(tmp_path / "tp" / "adapter_model.safetensors")
+    want = load_file(tmp_path / "one" / "adapter_model.safetensors")
+    assert got.keys() == want.keys()
+    assert_same_weights(got, want)
+    ids = torch.tensor([[9707, 11, 1879, 0, 3555]])
+    tp, _ = load_model(chat_model_kv2, "float32", progress=False, adapter=tmp_path / "tp")
+    one, _ = load_model(chat_model_kv2, "float32", progress=False, adapter=tmp_path / "one")
+    with torch.no_grad():
+        torch.testing.assert_close(tp(ids), one(ids), rtol=1e-3, atol=1e-3)
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
@@ -206,9 +253,19 @@ def test_bad_layout_is_refused_in_one_line(extra, message, chat_model_kv2, tmp_p
     assert_refused(chat_model_kv2, extra, message, tmp_path, capsys)
 
 
-def assert_refused(model, extra, message, tmp_path, capsys) -> None:
-    """`qwenkit finetune MODEL DATA OUT *extra` exits 2 with one line holding ``message``, writing nothing."""
-    argv = ["finetune", str(model), str(chat_data(tmp_path / "d.jsonl")), str(tmp_path / "o")]
+def test_dpo_refuses_a_bad_split_in_one_line(tiny_chat_model, tmp_path, capsys):
+    from finetune.test_dpo import write_pairs
+
+    pairs = write_pairs(tmp_path / "p.jsonl", 0, 4)
+    message = "--tensor-parallel 2 does not divide the model's 1 key/value heads"
+    assert_refused(tiny_chat_model, ["--tensor-parallel", "2"], message, tmp_path, capsys, ["dpo", pairs])
+
+
+def assert_refused(model, extra, message, tmp_path, capsys, command=None) -> None:
+    """`qwenkit finetune MODEL DATA OUT *extra` (or ``command`` = [name, data]) exits 2 with one line holding
+    ``message``, writing nothing."""
+    name, data = command or ("finetune", chat_data(tmp_path / "d.jsonl"))
+    argv = [name, str(model), str(data), str(tmp_path / "o")]
     assert cli_main([*argv, *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err

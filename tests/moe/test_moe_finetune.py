@@ -341,3 +341,97 @@ def test_a_stacked_adapter_of_another_expert_count_is_refused(tmp_path):
         CheckpointError, match="32 rank rows, 8 experts of rank 4, but this model has 4 experts"
     ):
         load_model(model_dir, "float32", progress=False, adapter=adapter)
+
+
+@pytest.mark.parametrize("variant", ["qwen2_moe-mixed", "qwen3_moe"])
+def test_dpo_adds_the_load_balancing_loss_as_trl_does(variant, tmp_path):
+    """DPO on a config with output_router_logits: each pair's loss gains c x the balancing loss of the
+    policy's forward over all chosen and rejected rows (pads masked), as trl adds transformers' aux_loss.
+    The loss and the adapters' gradients equal that computed on transformers + peft, and the term moves
+    the gradients (it is not silently off)."""
+    import peft
+    import torch.nn.functional as F
+    import transformers
+    from factories import save_hf
+
+    from qwenkit.finetune.distributed import World
+    from qwenkit.finetune.dpo import Completion, DPOTrainer, PreferencePair
+    from qwenkit.finetune.encode import IGNORE
+    from qwenkit.finetune.lora import lora_modules
+    from qwenkit.finetune.run import prepare_model
+    from qwenkit.finetune.trainer import pad_batch
+
+    model_dir = save_hf(
+        hf_moe_model(variant, output_router_logits=True, router_aux_loss_coef=0.3), tmp_path / "m"
+    )
+    g = torch.Generator().manual_seed(1)
+
+    def completion(length: int, cut: int) -> Completion:
+        ids = torch.randint(0, 512, (length,), generator=g).tolist()
+        return Completion(ids, [IGNORE] * cut + ids[cut:])
+
+    pairs = [
+        PreferencePair(completion(9, 4), completion(6, 4)),
+        PreferencePair(completion(7, 3), completion(11, 3)),
+    ]
+    beta, targets = 0.5, ("q_proj", "v_proj")
+
+    def ours(coef):
+        args = TrainArgs(batch_size=2, progress=False, lora_r=4, lora_alpha=8, lora_dropout=0.0)
+        args.target_modules, args.router_aux_loss_coef = targets, coef
+        prep = prepare_model(model_dir, args, World(), 16)
+        with torch.no_grad():  # B = 0 would make policy == reference
+            for m in lora_modules(prep.base).values():
+                m.lora_B.weight.copy_(
+                    torch.randn(m.lora_B.weight.shape, generator=torch.Generator().manual_seed(2))
+                )
+        trainer = DPOTrainer(prep.model, pairs, args, World(), 0, prep.params, beta=beta)
+        loss, metrics, _ = trainer.batch_loss([0, 1], normalizer=2.0)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in prep.base.named_parameters() if p.grad is not None}
+        return loss.item(), metrics, grads, lora_modules(prep.base)
+
+    loss, metrics, grads, modules = ours(None)  # the config's: on, 0.3
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    policy = peft.get_peft_model(
+        hf, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=list(targets))
+    ).train()
+    with torch.no_grad():
+        for name, m in modules.items():
+            theirs = policy.get_submodule(f"base_model.model.{name}")
+            theirs.lora_A["default"].weight.copy_(m.lora_A.weight)
+            theirs.lora_B["default"].weight.copy_(m.lora_B.weight)
+    seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    ids, labels = pad_batch(seqs, 0, "cpu")
+    mask = (torch.arange(ids.shape[1])[None] < torch.tensor([[len(s.ids)] for s in seqs])).long()
+
+    def logps(out) -> torch.Tensor:
+        target = labels[:, 1:]
+        lp = torch.gather(F.log_softmax(out.logits[:, :-1].float(), -1), 2, target.clamp(min=0)[..., None])
+        return (lp.squeeze(-1) * (target != IGNORE)).sum(-1)
+
+    with torch.no_grad(), policy.disable_adapter():
+        ref = logps(policy(input_ids=ids, attention_mask=mask))
+    out = policy(input_ids=ids, attention_mask=mask)
+    pi = logps(out)
+    assert out.aux_loss is not None
+    margin = beta * ((pi[:2] - ref[:2]) - (pi[2:] - ref[2:]))
+    want = (-F.logsigmoid(margin) + 0.3 * out.aux_loss).mean()  # trl: losses + coef * aux_loss, then the mean
+    want.backward()
+
+    assert metrics["aux_loss"] / 2 == pytest.approx(out.aux_loss.item(), rel=1e-5)
+    assert loss == pytest.approx(want.item(), rel=1e-5)
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj"):
+        theirs = policy.get_submodule(f"base_model.model.{name}")
+        for part in ("lora_A", "lora_B"):
+            torch.testing.assert_close(
+                grads[f"{name}.{part}.weight"],
+                getattr(theirs, part)["default"].weight.grad,
+                rtol=1e-4,
+                atol=1e-6,
+            )
+    _, without, plain, _ = ours(0.0)
+    assert "aux_loss" not in without
+    key = "model.layers.1.self_attn.q_proj.lora_A.weight"
+    assert (plain[key] - grads[key]).abs().max() > 1e-4  # the term reaches the adapters

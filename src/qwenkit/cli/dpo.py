@@ -8,7 +8,7 @@ import os
 import sys
 
 from qwenkit.errors import ConfigError
-from qwenkit.finetune.command import add_training_args, check_inputs, relaunch, train_args
+from qwenkit.finetune.command import add_training_args, launch_ranks, train_args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,14 +22,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.method == "full":
         raise ConfigError("qwenkit dpo trains an adapter (--method lora or qlora): the base is the reference")
-    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        check_inputs(args)
-        return relaunch("qwenkit.cli.dpo", argv, args.nproc)
+    if (launched := launch_ranks("qwenkit.cli.dpo", argv, args)) is not None:
+        return launched
     from qwenkit.finetune.dpo import DPOTrainer, load_pairs
     from qwenkit.finetune.run import finetune
 
     targs = train_args(args)
-    targs.router_aux_loss_coef = 0.0  # DPO's loss is its own: no load-balancing term on MoE models
     out = finetune(
         args.model,
         args.data,

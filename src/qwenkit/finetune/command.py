@@ -43,6 +43,13 @@ def add_training_args(parser: argparse.ArgumentParser, lr: float = 2e-4) -> None
     parser.add_argument("--lora-layers", type=int, help="adapt only the top N decoder layers")
     parser.add_argument("--qlora-bits", type=int, default=4, choices=[4, 8])
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument(
+        "--router-aux-loss-coef",
+        type=float,
+        metavar="C",
+        help="mixture-of-experts models: add C x the load-balancing loss (default: the config's "
+        "router_aux_loss_coef where it sets output_router_logits, else 0; Qwen's configs say 0.001)",
+    )
     parser.add_argument("--eval-data", help="held-out data; its loss is logged")
     parser.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps")
     parser.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (for --resume)")
@@ -52,6 +59,13 @@ def add_training_args(parser: argparse.ArgumentParser, lr: float = 2e-4) -> None
     parser.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--nproc", type=int, default=1, help="processes on this machine (via torchrun)")
+    parser.add_argument(
+        "--tensor-parallel",
+        type=int,
+        default=1,
+        metavar="T",
+        help="split each replica over T processes (FSDP x tensor parallelism; --nproc defaults to T)",
+    )
     parser.add_argument(
         "--strategy",
         choices=["ddp", "fsdp"],
@@ -85,8 +99,8 @@ def train_args(args: argparse.Namespace):
         device=args.device,
         packing=args.packing,
         qlora_bits=args.qlora_bits,
-        strategy=args.strategy or ("fsdp" if getattr(args, "tensor_parallel", 1) > 1 else "ddp"),
-        tensor_parallel=getattr(args, "tensor_parallel", 1),
+        strategy=args.strategy or ("fsdp" if args.tensor_parallel > 1 else "ddp"),
+        tensor_parallel=args.tensor_parallel,
         lora_r=args.lora_r,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
@@ -94,7 +108,7 @@ def train_args(args: argparse.Namespace):
         lora_layers=args.lora_layers,
         use_rslora=args.rslora,
         progress=not args.no_progress,
-        router_aux_loss_coef=getattr(args, "router_aux_loss_coef", None),
+        router_aux_loss_coef=args.router_aux_loss_coef,
     )
 
 
@@ -105,6 +119,26 @@ def check_inputs(args: argparse.Namespace) -> None:
     for path in (args.data, args.eval_data):
         if path is not None and not Path(path).is_file():
             raise ConfigError(f"{path}: no such file")
+
+
+def launch_ranks(module: str, argv: list[str], args: argparse.Namespace) -> int | None:
+    """In the launching process of a run over several processes: refuse a bad split or missing input once,
+    then run ``module`` on every rank and return the exit status. None where this process trains itself
+    (one process, or a rank torchrun started)."""
+    if "WORLD_SIZE" in os.environ:
+        return None
+    if args.tensor_parallel != 1:
+        from qwenkit.finetune.run import check_tensor_parallel
+        from qwenkit.finetune.tensor_parallel import check_processes
+
+        if args.nproc == 1:
+            args.nproc = args.tensor_parallel
+        check_processes(args.nproc, args.tensor_parallel)
+        check_tensor_parallel(args.model, train_args(args))
+    if args.nproc == 1:
+        return None
+    check_inputs(args)
+    return relaunch(module, argv, args.nproc)
 
 
 def relaunch(module: str, argv: list[str], nproc: int) -> int:
@@ -150,34 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     add_training_args(parser)
     parser.add_argument("--filter", action="store_true", help="mask sensitive data before training")
     parser.add_argument("--filter-keywords", help="keyword file for --filter (one per line)")
-    parser.add_argument(
-        "--router-aux-loss-coef",
-        type=float,
-        metavar="C",
-        help="mixture-of-experts models: add C x the load-balancing loss (default: the config's "
-        "router_aux_loss_coef where it sets output_router_logits, else 0; Qwen's configs say 0.001)",
-    )
-    parser.add_argument(
-        "--tensor-parallel",
-        type=int,
-        default=1,
-        metavar="T",
-        help="split each replica over T processes (FSDP x tensor parallelism; --nproc defaults to T)",
-    )
     args = parser.parse_args(argv)
-    from qwenkit.finetune.run import check_tensor_parallel, finetune
-
-    if "WORLD_SIZE" not in os.environ:
-        if args.tensor_parallel != 1:  # refuse a bad split here, once, before any process starts
-            from qwenkit.finetune.tensor_parallel import check_processes
-
-            if args.nproc == 1:
-                args.nproc = args.tensor_parallel
-            check_processes(args.nproc, args.tensor_parallel)
-            check_tensor_parallel(args.model, train_args(args))
-        if args.nproc > 1:
-            check_inputs(args)
-            return relaunch("qwenkit.finetune", argv, args.nproc)
+    if (launched := launch_ranks("qwenkit.finetune", argv, args)) is not None:
+        return launched
+    from qwenkit.finetune.run import finetune
 
     record_filter = None
     if args.filter:

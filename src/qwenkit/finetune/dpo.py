@@ -4,7 +4,8 @@
 log-probabilities of completion y's tokens under the policy / reference (Rafailov et al. 2023). The
 reference needs no second copy of the weights: it is the same model with every adapter disabled, and its
 log-probabilities are computed once per pair and kept. Logged with trl's names: ``rewards/chosen``,
-``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies``, ``logps/chosen``, ``logps/rejected``.
+``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies``, ``logps/chosen``, ``logps/rejected``
+(and ``aux_loss`` where a mixture-of-experts model's load-balancing loss is on).
 
 Data: ``{"prompt", "chosen", "rejected"}`` where each is a string or a list of messages, or
 ``{"messages": [prompt turns], "chosen", "rejected"}``. The completion is the last assistant turn, rendered
@@ -174,12 +175,20 @@ class DPOTrainer(Trainer):
         return torch.tensor([r[0] for r in ref]), torch.tensor([r[1] for r in ref])
 
     def pair_losses(self, pairs: list[PreferencePair]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Per-pair losses and metrics. On a mixture-of-experts model with the load-balancing loss on, c
+        times the balancing loss of the policy's forward over all 2n completions is added to each pair's
+        loss, as trl does: their mean is then trl's loss for the batch."""
         ref_c, ref_r = self.reference_logps(pairs, 0)
-        lp = sequence_logps(
-            self.model, [p.chosen for p in pairs] + [p.rejected for p in pairs], self.pad_id, self.args.device
-        )
+        seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+        with self.routed() as router_logits:
+            lp = sequence_logps(self.model, seqs, self.pad_id, self.args.device)
         n = len(pairs)
-        return dpo_loss(lp[:n], lp[n:], ref_c.to(lp.device), ref_r.to(lp.device), self.beta)
+        losses, metrics = dpo_loss(lp[:n], lp[n:], ref_c.to(lp.device), ref_r.to(lp.device), self.beta)
+        if router_logits:
+            aux = self.balancing_loss(router_logits, [len(s.ids) for s in seqs])
+            losses = losses + self.args.router_aux_loss_coef * aux
+            metrics["aux_loss"] = aux.detach().expand(n)
+        return losses, metrics
 
     def batch_loss(self, batch: list[int], normalizer: float):
         pairs = [self.examples[i] for i in batch]

@@ -221,6 +221,20 @@ class Trainer:
     def normalizer(self, idx: list[int]) -> float:
         return float(sum(n_targets(self.examples[i]) for i in idx))
 
+    def routed(self) -> contextlib.AbstractContextManager[list[torch.Tensor]]:
+        """Collects the routers' logits of the forwards run inside it, where the load-balancing loss is on
+        (an empty list otherwise)."""
+        if self.args.router_aux_loss_coef:
+            return collect_router_logits(unwrap(self.model))
+        return contextlib.nullcontext([])
+
+    def balancing_loss(self, router_logits: list[torch.Tensor], lengths: list[int]) -> torch.Tensor:
+        """The load-balancing loss of one right-padded forward over rows of these lengths (pads left out,
+        as transformers leaves out what the attention mask masks)."""
+        device = router_logits[0].device
+        real = torch.arange(max(lengths), device=device) < torch.tensor(lengths, device=device)[:, None]
+        return load_balancing_loss(router_logits, self.moe_top_k, real)
+
     def batch_loss(self, batch: list[int], normalizer: float) -> tuple[torch.Tensor, dict[str, float], int]:
         """(loss to backpropagate, summed metrics, tokens processed) for one micro-batch.
 
@@ -230,18 +244,14 @@ class Trainer:
         examples = [self.examples[i] for i in batch]
         ids, labels = pad_batch(examples, self.pad_id, self.args.device)
         layout = packed_layout(examples, ids.shape[1], self.args.device)
-        coef = self.args.router_aux_loss_coef or 0.0
-        collect = collect_router_logits(unwrap(self.model)) if coef else contextlib.nullcontext([])
-        with collect as router_logits:
+        with self.routed() as router_logits:
             total = token_losses(self.model, ids, labels, layout).sum()
         tokens = sum(len(e.ids) for e in examples)
         loss, extra = total / normalizer, {}
         if router_logits:
-            lengths = torch.tensor([len(e.ids) for e in examples], device=ids.device)
-            real = torch.arange(ids.shape[1], device=ids.device) < lengths[:, None]  # (B, T) real tokens
-            aux = load_balancing_loss(router_logits, self.moe_top_k, real)
+            aux = self.balancing_loss(router_logits, [len(e.ids) for e in examples])
             step_tokens = sum(len(self.examples[i].ids) for i in self.step_indices)
-            loss = loss + coef * aux * (tokens / step_tokens)
+            loss = loss + self.args.router_aux_loss_coef * aux * (tokens / step_tokens)
             extra["aux_loss"] = aux.item() * len(batch)  # summed, then divided by the batch's examples
         return loss, extra, tokens
 
