@@ -54,8 +54,9 @@ def test_json_output_has_real_ids_and_logprobs(model_dir, capsys):
     assert out["finish_reason"] in ("length", "stop") and out["timings"]["decode_seconds"] >= 0
 
 
-def test_streams_text_then_summary(model_dir, capsys):
-    assert main(["generate", str(model_dir), "-p", "Hello", "--max-new-tokens", "4", "--seed", "1"]) == 0
+@pytest.mark.parametrize("flag", ["--max-new-tokens", "--max-tokens"])
+def test_streams_text_then_summary(model_dir, capsys, flag):
+    assert main(["generate", str(model_dir), "-p", "Hello", flag, "4", "--seed", "1"]) == 0
     captured = capsys.readouterr()
     assert captured.out.endswith("\n")
     assert "1 prompt tokens, 4 new tokens" in captured.err and "decode" in captured.err

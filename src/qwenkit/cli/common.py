@@ -51,7 +51,13 @@ def add_model_args(parser: argparse.ArgumentParser, optional_model: bool = True)
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     """Unset options stay None so the model's generation_config.json defaults apply."""
     g = parser.add_argument_group("sampling (defaults come from generation_config.json)")
-    g.add_argument("--max-new-tokens", type=int, dest="max_tokens")
+    g.add_argument(
+        "--max-new-tokens",
+        "--max-tokens",
+        type=int,
+        dest="max_tokens",
+        help="(--max-tokens: the OpenAI name)",
+    )
     g.add_argument("--temperature", type=float, help="0 for greedy")
     g.add_argument("--top-p", type=float)
     g.add_argument("--top-k", type=int)
