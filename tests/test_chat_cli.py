@@ -42,6 +42,7 @@ def test_commands_history_and_errors_over_stdin(tiny_chat_model):
                 ":conf temperature=__import__('os')",
                 ":seed x",
                 ":frobnicate",
+                ":clear",
                 ":clear-history",
                 ":history",
                 ":system Be brief.",
@@ -65,6 +66,7 @@ def test_commands_history_and_errors_over_stdin(tiny_chat_model):
     after_clear = out.split("[history cleared]")[1]
     assert "[history is empty]" in after_clear and "user: hello there" not in after_clear
     assert "user: second question" in after_clear and "never reached" not in out
+    assert "\033" not in out  # :clear writes no terminal codes into a pipe
     assert "Traceback" not in r.stderr
 
 

@@ -78,7 +78,8 @@ def run_command(session: ChatSession, initial: SamplingParams, line: str) -> boo
     if name in ("help", "h"):
         print(HELP)
     elif name == "clear":
-        print("\033[2J\033[H", end="")
+        if sys.stdout.isatty():  # no terminal codes in a pipe or a file
+            print("\033[2J\033[H", end="")
     elif name == "clear-history":
         session.history.clear()
         print("[history cleared]")
