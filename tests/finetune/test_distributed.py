@@ -148,6 +148,63 @@ def test_finetune_command_with_two_processes(tiny_chat_model, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_dpo_command_with_two_processes_equals_one(strategy, tiny_chat_model, tmp_path):
+    """`qwenkit dpo --nproc 2`: the replicas share out the reference pass and the held-out pairs (3 over 2
+    ranks, one at a time: one rank has a forward with nothing to score, which FSDP needs it to run), and
+    log one process's losses and metrics, and its adapter."""
+    import functools
+
+    from finetune.test_dpo import write_pairs
+    from safetensors.torch import load_file
+
+    from qwenkit.finetune.dpo import DPOTrainer
+    from qwenkit.finetune.preference_data import load_pairs
+    from qwenkit.finetune.run import finetune
+    from qwenkit.finetune.trainer import TrainArgs
+
+    train, held = write_pairs(tmp_path / "t.jsonl", 0, 4), write_pairs(tmp_path / "h.jsonl", 50, 3)
+    common = ["--max-steps", "2", "--lr", "1e-2", "--lora-r", "4", "--lora-dropout", "0", "--beta", "0.5"]
+    common += ["--eval-data", str(held), "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parents[1] / "src")}
+    cmd = [
+        sys.executable,
+        "-m",
+        "qwenkit.cli",
+        "dpo",
+        str(tiny_chat_model),
+        str(train),
+        str(tmp_path / "two"),
+    ]
+    cmd += ["--nproc", "2", "--strategy", strategy, "--batch-size", "1", *common]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    args = TrainArgs(max_steps=2, lr=1e-2, lora_r=4, lora_dropout=0.0, batch_size=2, progress=False)
+    finetune(
+        tiny_chat_model,
+        train,
+        tmp_path / "one",
+        args,
+        eval_path=held,
+        make_trainer=functools.partial(DPOTrainer, beta=0.5),
+        load_data=lambda tok, path: load_pairs(tok, path, args.max_len),
+    )
+    two = [json.loads(x) for x in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
+    one = [json.loads(x) for x in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
+    assert [sorted(r) for r in two] == [sorted(r) for r in one] and len(one) == 3
+    for got, want in zip(two, one, strict=True):
+        for key in want:
+            if key.startswith(("loss", "eval_", "rewards/", "logps/")):
+                assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
+    assert abs(one[-1]["eval_rewards/margins"]) > 1e-3
+    a = load_file(tmp_path / "two" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "one" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
 def test_errors_under_nproc_are_one_line_and_no_traceback(tiny_chat_model, tmp_path):
     """A missing input is refused once, before any process starts. A bad record, which the ranks find,
     ends the command with their error and exit status 2, as without --nproc; torchrun's agent (run in the

@@ -4,16 +4,19 @@ training raises the chosen-over-rejected margin on held-out pairs."""
 from __future__ import annotations
 
 import json
+import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from qwenkit.checkpoint import load_model
 from qwenkit.cli import main as cli_main
 from qwenkit.finetune.distributed import World
-from qwenkit.finetune.dpo import DPOTrainer, load_pairs
+from qwenkit.finetune.dpo import DPOTrainer
 from qwenkit.finetune.encode import IGNORE
 from qwenkit.finetune.lora import LoRAConfig, apply_lora, lora_modules, lora_parameters
+from qwenkit.finetune.preference_data import load_pairs
 from qwenkit.finetune.trainer import TrainArgs
 from qwenkit.generate import tokenizer_for
 
@@ -37,12 +40,37 @@ def write_pairs(path, start, n):
     return path
 
 
-def test_dpo_loss_and_rewards_equal_reference(tiny_chat_model, tmp_path):
+def logp(model, seq) -> float:
+    """A completion's summed log-probability, one token at a time (no batching, no padding)."""
+    ids = torch.tensor([seq.ids])
+    with torch.no_grad():
+        lp = F.log_softmax(model(ids)[0, :-1].float(), -1)
+    return sum(float(lp[t - 1, seq.ids[t]]) for t in range(1, len(seq.ids)) if seq.labels[t] != IGNORE)
+
+
+def reference_loss(loss_type: str, beta: float, eps: float, pc, pr, rc, rr, n_c: int, n_r: int) -> float:
+    """trl 1.16's per-pair losses, written out here from their formulas."""
+    d = torch.tensor((pc - rc) - (pr - rr), dtype=torch.float64)
+    if loss_type == "sigmoid":
+        return float(-F.logsigmoid(beta * d))
+    if loss_type == "hinge":
+        return float(torch.relu(1 - beta * d))
+    if loss_type == "ipo":
+        return float(((pc - rc) / n_c - (pr - rr) / n_r - 1 / (2 * beta)) ** 2)
+    clean, flipped = -(1 - eps) * F.logsigmoid(beta * d), -eps * F.logsigmoid(-beta * d)
+    return float((clean - flipped) / (1 - 2 * eps))
+
+
+@pytest.mark.parametrize(
+    ("loss_type", "eps"), [("sigmoid", 0.0), ("hinge", 0.0), ("ipo", 0.0), ("robust", 0.2)]
+)
+def test_dpo_loss_and_rewards_equal_reference(loss_type, eps, tiny_chat_model, tmp_path):
     tok = tokenizer_for(tiny_chat_model)
     pairs, _ = load_pairs(tok, write_pairs(tmp_path / "p.jsonl", 0, 3), max_len=256)
     # The completion is only the final reply + <|im_end|>.
     lab = pairs[0].chosen.labels
     assert tok.decode([t for t in lab if t != IGNORE]) == "Gladly: 0 is fine.<|im_end|>"
+    assert pairs[0].chosen.targets == len(tok.encode("Gladly: 0 is fine.")) + 1
 
     model, _ = load_model(tiny_chat_model, "float32", progress=False)
     apply_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.0))
@@ -58,26 +86,58 @@ def test_dpo_loss_and_rewards_equal_reference(tiny_chat_model, tmp_path):
         151643,
         lora_parameters(model),
         beta=0.3,
+        loss_type=loss_type,
+        label_smoothing=eps,
     )
+    trainer.before_training(None)
     loss, metrics, _ = trainer.batch_loss([0, 1, 2], normalizer=3.0)
 
     base, _ = load_model(tiny_chat_model, "float32", progress=False)
-
-    def logp(m, seq):
-        ids = torch.tensor([seq.ids])
-        with torch.no_grad():
-            lp = F.log_softmax(m(ids)[0, :-1].float(), -1)
-        return sum(float(lp[t - 1, seq.ids[t]]) for t in range(1, len(seq.ids)) if seq.labels[t] != IGNORE)
-
     ref_losses, margins = [], []
     for p in pairs:
-        rc = 0.3 * (logp(model, p.chosen) - logp(base, p.chosen))
-        rr = 0.3 * (logp(model, p.rejected) - logp(base, p.rejected))
-        ref_losses.append(-F.logsigmoid(torch.tensor(rc - rr)).item())
-        margins.append(rc - rr)
+        pc, pr, rc, rr = (
+            logp(model, p.chosen),
+            logp(model, p.rejected),
+            logp(base, p.chosen),
+            logp(base, p.rejected),
+        )
+        ref_losses.append(
+            reference_loss(loss_type, 0.3, eps, pc, pr, rc, rr, p.chosen.targets, p.rejected.targets)
+        )
+        margins.append(0.3 * ((pc - rc) - (pr - rr)))
     assert abs(loss.item() - sum(ref_losses) / 3) < 1e-4
     assert abs(metrics["rewards/margins"] - sum(margins)) < 1e-3
     assert abs(loss.item()) > 1e-3 and abs(sum(margins)) > 1e-3  # the adapter makes a difference
+
+
+def test_full_dpo_keeps_the_weights_before_training_as_its_reference(tiny_chat_model, tmp_path):
+    """--method full: after an optimizer step the reference is still the model as it was before training
+    (computed up front), not the weights being trained."""
+    tok = tokenizer_for(tiny_chat_model)
+    pairs, _ = load_pairs(tok, write_pairs(tmp_path / "p.jsonl", 0, 3), max_len=256)
+    model, _ = load_model(tiny_chat_model, "float32", progress=False)
+    model.requires_grad_(True)
+    args = TrainArgs(method="full", batch_size=3, lr=1e-3, progress=False)
+    trainer = DPOTrainer(model, pairs, args, World(), 151643, list(model.parameters()), beta=0.3)
+    trainer.before_training(None)
+    first = trainer.train_step()
+    assert first.loss == pytest.approx(math.log(2), abs=1e-6)  # policy == reference at step 0
+    loss, metrics, _ = trainer.batch_loss([0, 1, 2], normalizer=3.0)
+
+    base, _ = load_model(tiny_chat_model, "float32", progress=False)
+    want, margins = 0.0, 0.0
+    for p in pairs:
+        pc, pr, rc, rr = (
+            logp(model, p.chosen),
+            logp(model, p.rejected),
+            logp(base, p.chosen),
+            logp(base, p.rejected),
+        )
+        want += reference_loss("sigmoid", 0.3, 0.0, pc, pr, rc, rr, 1, 1) / 3
+        margins += 0.3 * ((pc - rc) - (pr - rr))
+    assert loss.item() == pytest.approx(want, abs=1e-5)
+    assert metrics["rewards/margins"] == pytest.approx(margins, abs=1e-4)
+    assert margins > 1e-3  # the step moved the policy towards the chosen replies
 
 
 def test_dpo_command_raises_the_held_out_margin(tiny_chat_model, tmp_path):
@@ -117,3 +177,195 @@ def test_dpo_command_raises_the_held_out_margin(tiny_chat_model, tmp_path):
         k in log[1] for k in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen")
     )
     assert (out / "adapter_model.safetensors").is_file()
+
+
+SAME_PAIR = [
+    # trl's explicit prompt, as messages
+    {
+        "prompt": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi?"}],
+        "chosen": [{"role": "assistant", "content": "Hello!"}],
+        "rejected": [{"role": "assistant", "content": "Go away."}],
+    },
+    # trl's implicit prompt: two whole conversations
+    {
+        "chosen": [
+            {"role": "system", "content": "Be kind."},
+            {"role": "user", "content": "Hi?"},
+            {"role": "assistant", "content": "Hello!"},
+        ],
+        "rejected": [
+            {"role": "system", "content": "Be kind."},
+            {"role": "user", "content": "Hi?"},
+            {"role": "assistant", "content": "Go away."},
+        ],
+    },
+    # LLaMA-Factory, alpaca style
+    {"system": "Be kind.", "instruction": "Hi?", "input": "", "chosen": "Hello!", "rejected": "Go away."},
+    # LLaMA-Factory, ShareGPT style
+    {
+        "system": "Be kind.",
+        "conversations": [{"from": "human", "value": "Hi?"}],
+        "chosen": {"from": "gpt", "value": "Hello!"},
+        "rejected": {"from": "gpt", "value": "Go away."},
+    },
+]
+
+
+def test_every_preference_format_encodes_the_same_pair(tiny_chat_model):
+    from qwenkit.finetune.preference_data import encode_pair
+
+    tok = tokenizer_for(tiny_chat_model)
+    encoded = [encode_pair(tok, f"r{i}", obj, 256) for i, obj in enumerate(SAME_PAIR)]
+    want = encoded[0]
+    assert tok.decode(want.chosen.ids).startswith(
+        "<|im_start|>system\nBe kind.<|im_end|>\n<|im_start|>user\nHi?"
+    )
+    assert tok.decode([t for t in want.rejected.labels if t != IGNORE]) == "Go away.<|im_end|>"
+    for got in encoded[1:]:
+        assert (got.chosen, got.rejected) == (want.chosen, want.rejected)
+    # alpaca: instruction and input joined by a newline, after the history's turns
+    alpaca = {
+        "instruction": "Sum",
+        "input": "2 and 3",
+        "history": [["Hi", "Hello"]],
+        "chosen": "5",
+        "rejected": "6",
+    }
+    messages = {
+        "messages": [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello"},
+            {"role": "user", "content": "Sum\n2 and 3"},
+        ],
+        "chosen": "5",
+        "rejected": "6",
+    }
+    assert encode_pair(tok, "a", alpaca, 256) == encode_pair(tok, "a", messages, 256)
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        ({"prompt": "Hi", "chosen": "a"}, "r: field 'rejected' is missing"),
+        (
+            {
+                "chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "a"}],
+                "rejected": [{"role": "user", "content": "Hey"}, {"role": "assistant", "content": "b"}],
+            },
+            "r: without a 'prompt', 'chosen' and 'rejected' must be whole conversations that share every",
+        ),
+        (
+            {"chosen": "a", "rejected": "b"},
+            "r: expected a 'prompt', 'messages', 'conversations' or 'instruction'",
+        ),
+        (
+            {"instruction": "", "chosen": "a", "rejected": "b"},
+            "r: fields 'instruction' and 'input' are both empty",
+        ),
+        (
+            {"instruction": "x", "history": [["only one"]], "chosen": "a", "rejected": "b"},
+            "r: field 'history' must be a list of [query, reply] string pairs",
+        ),
+        (
+            {"conversations": [{"from": "robot", "value": "x"}], "chosen": "a", "rejected": "b"},
+            "r: field 'conversations[0].from' must be one of",
+        ),
+        (
+            {"prompt": "x", "chosen": {"from": "gpt"}, "rejected": "b"},
+            "r: field 'chosen.value' must be a string",
+        ),
+        (
+            {"prompt": "x", "chosen": "a", "rejected": [{"role": "user", "content": "b"}]},
+            "r: field 'rejected' has no assistant turn",
+        ),
+    ],
+)
+def test_malformed_preference_records_are_refused_by_name(record, message, tiny_chat_model):
+    from qwenkit.finetune.data import DataError
+    from qwenkit.finetune.preference_data import encode_pair
+
+    with pytest.raises(DataError) as e:
+        encode_pair(tokenizer_for(tiny_chat_model), "r", record, 256)
+    assert message in str(e.value)
+
+
+def test_full_dpo_command_trains_resumes_and_writes_a_whole_model(tiny_chat_model, tmp_path, monkeypatch):
+    """`qwenkit dpo --method full` (IPO loss here) raises the held-out margin and writes a model that loads;
+    interrupted and resumed from its checkpoint (the reference recomputed on the base, before the
+    checkpoint's weights are loaded) it reaches the uninterrupted run's weights and losses."""
+    from qwenkit.finetune.run import work_dir
+    from qwenkit.finetune.trainer import Trainer
+
+    train = write_pairs(tmp_path / "train.jsonl", 0, 8)
+    held = write_pairs(tmp_path / "held.jsonl", 100, 4)
+    argv = [str(tiny_chat_model), str(train)]
+    opts = [
+        "--method",
+        "full",
+        "--eval-data",
+        str(held),
+        "--max-steps",
+        "4",
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-3",
+    ]
+    opts += ["--loss-type", "ipo", "--beta", "0.5", "--save-every", "2", "--no-progress"]
+    assert cli_main(["dpo", *argv, str(tmp_path / "whole"), *opts]) == 0
+
+    real_step = Trainer.train_step
+
+    def crash_at_3(self):
+        if self.step == 2:
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", crash_at_3)
+    assert cli_main(["dpo", *argv, str(tmp_path / "resumed"), *opts]) == 130  # as Ctrl-C ends it
+    assert not (tmp_path / "resumed").exists()
+    assert (work_dir(tmp_path / "resumed") / "checkpoints" / "step-2").is_dir()
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    assert cli_main(["dpo", *argv, str(tmp_path / "resumed"), *opts, "--resume"]) == 0
+
+    whole = [json.loads(x) for x in (tmp_path / "whole" / "log.jsonl").read_text().splitlines()]
+    resumed = [json.loads(x) for x in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
+    evals = [r for r in whole if "eval_loss" in r]
+    assert evals[0]["eval_rewards/margins"] == 0.0 and evals[0]["eval_loss"] == pytest.approx(
+        1.0
+    )  # (0 - 1/2b)^2
+    assert evals[-1]["eval_rewards/margins"] > 0.1 and evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    losses = [r["loss"] for r in whole if "loss" in r]
+    assert len(losses) == 4 and [r["loss"] for r in resumed if "loss" in r] == pytest.approx(losses, rel=1e-6)
+    a, _ = load_model(tmp_path / "whole", "float32", progress=False)
+    b, _ = load_model(tmp_path / "resumed", "float32", progress=False)
+    base, _ = load_model(tiny_chat_model, "float32", progress=False)
+    ids = torch.tensor([[9707, 11, 1879, 0, 3555]])
+    with torch.no_grad():
+        got, want, before = b(ids), a(ids), base(ids)
+    assert (want - before).abs().max() > 1e-3  # it trained the whole model
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--label-smoothing", "0.1"], "--label-smoothing applies to --loss-type robust"),
+        (
+            ["--loss-type", "robust", "--label-smoothing", "0.5"],
+            "--label-smoothing must be in [0, 0.5), got 0.5",
+        ),
+        (["--beta", "0"], "--beta must be positive, got 0.0"),
+    ],
+)
+def test_bad_loss_settings_are_refused_in_one_line(extra, message, tiny_chat_model, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert (
+        cli_main(
+            ["dpo", str(tiny_chat_model), str(write_pairs(tmp_path / "p.jsonl", 0, 2)), str(out), *extra]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not out.exists()

@@ -130,13 +130,16 @@ def test_mixture_of_experts_over_two_tensor_ranks_equals_one_process(variant, tm
             assert ref_grads["model.layers.0.mlp.gate.weight"].abs().sum() > 0
         else:
             assert ref_grads["model.layers.0.mlp.experts.0.down_proj.lora_A.weight"].abs().sum() > 0
-        # 3 full AdamW steps on every expert and the router leave more elements with round-off level
-        # gradients than a dense model (Qwen3-MoE: 0.19% of them beyond 1e-5, 4 beyond 1e-4): none beyond 1e-3
+        # AdamW divides each gradient by its own running size, so an element whose gradient is 1e-4 and
+        # differs by 1e-7 (the ranks sum in another order) moves about lr * 1e-3 = 1e-5 differently a step.
+        # A MoE has many such small gradients (experts that few tokens pick). 3 full steps, Qwen3-MoE:
+        # 0.19% of elements beyond 1e-5 on a Zen 2 EPYC, 1.2% on a Zen 5 (max 1.15e-3, in lm_head, whose
+        # one step's gradients there agree to 1.7e-7): at most 2%, none beyond lr / 5
         want = steps_and_weights(trainer, prep, 3)
         loose = sum(int(((tp["weights"][n] - w).abs() > 1e-5).sum()) for n, w in want.items())
-        assert loose <= sum(w.numel() for w in want.values()) // 200
+        assert loose <= sum(w.numel() for w in want.values()) // 50
         for n, w in want.items():
-            torch.testing.assert_close(tp["weights"][n], w, rtol=0, atol=1e-3, msg=n)
+            torch.testing.assert_close(tp["weights"][n], w, rtol=0, atol=2e-3, msg=n)
 
 
 def chat_data(path: Path) -> Path:
@@ -190,7 +193,8 @@ def test_dpo_command_with_tensor_parallel_equals_one_process(chat_model_kv2, tmp
 
     from finetune.test_dpo import write_pairs
 
-    from qwenkit.finetune.dpo import DPOTrainer, load_pairs
+    from qwenkit.finetune.dpo import DPOTrainer
+    from qwenkit.finetune.preference_data import load_pairs
 
     pairs = write_pairs(tmp_path / "p.jsonl", 0, 4)
     common = ["--max-steps", "3", "--lr", "1e-2", "--lora-r", "4", "--lora-dropout", "0", "--batch-size", "2"]

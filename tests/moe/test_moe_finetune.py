@@ -355,9 +355,10 @@ def test_dpo_adds_the_load_balancing_loss_as_trl_does(variant, tmp_path):
     from factories import save_hf
 
     from qwenkit.finetune.distributed import World
-    from qwenkit.finetune.dpo import Completion, DPOTrainer, PreferencePair
+    from qwenkit.finetune.dpo import DPOTrainer
     from qwenkit.finetune.encode import IGNORE
     from qwenkit.finetune.lora import lora_modules
+    from qwenkit.finetune.preference_data import Completion, PreferencePair
     from qwenkit.finetune.run import prepare_model
     from qwenkit.finetune.trainer import pad_batch
 
@@ -386,6 +387,7 @@ def test_dpo_adds_the_load_balancing_loss_as_trl_does(variant, tmp_path):
                     torch.randn(m.lora_B.weight.shape, generator=torch.Generator().manual_seed(2))
                 )
         trainer = DPOTrainer(prep.model, pairs, args, World(), 0, prep.params, beta=beta)
+        trainer.before_training(None)  # the reference log-probs, on the weights as they are
         loss, metrics, _ = trainer.batch_loss([0, 1], normalizer=2.0)
         loss.backward()
         grads = {n: p.grad.clone() for n, p in prep.base.named_parameters() if p.grad is not None}

@@ -1,4 +1,4 @@
-"""``qwenkit dpo MODEL DATA OUT``: preference tuning (DPO) of a LoRA/QLoRA adapter."""
+"""``qwenkit dpo MODEL DATA OUT``: preference tuning (DPO, IPO, SLiC, rDPO) of an adapter or a whole model."""
 
 from __future__ import annotations
 
@@ -7,24 +7,38 @@ import functools
 import os
 import sys
 
-from qwenkit.errors import ConfigError
 from qwenkit.finetune.command import add_training_args, launch_ranks, train_args
+from qwenkit.finetune.dpo import LOSS_TYPES, check_loss
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(
         prog="qwenkit dpo",
-        description="DPO on {prompt, chosen, rejected} pairs; the reference is the base without the adapter.",
+        description="Preference tuning (DPO and its variants) on {prompt, chosen, rejected} pairs; the "
+        "reference is the base without the adapter, or with --method full the model before training.",
     )
     add_training_args(parser, lr=5e-5)
     parser.add_argument("--beta", type=float, default=0.1, help="DPO temperature (default 0.1)")
+    parser.add_argument(
+        "--loss-type",
+        default="sigmoid",
+        choices=LOSS_TYPES,
+        help="sigmoid (DPO, default), hinge (SLiC), ipo (length-normalized, as trl), robust (rDPO)",
+    )
+    parser.add_argument(
+        "--label-smoothing",
+        type=float,
+        default=0.0,
+        metavar="E",
+        help="--loss-type robust: the assumed share of flipped labels, in [0, 0.5)",
+    )
     args = parser.parse_args(argv)
-    if args.method == "full":
-        raise ConfigError("qwenkit dpo trains an adapter (--method lora or qlora): the base is the reference")
+    check_loss(args.loss_type, args.beta, args.label_smoothing)
     if (launched := launch_ranks("qwenkit.cli.dpo", argv, args)) is not None:
         return launched
-    from qwenkit.finetune.dpo import DPOTrainer, load_pairs
+    from qwenkit.finetune.dpo import DPOTrainer
+    from qwenkit.finetune.preference_data import load_pairs
     from qwenkit.finetune.run import finetune
 
     targs = train_args(args)
@@ -36,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         eval_path=args.eval_data,
         resume=args.resume,
         overwrite=args.overwrite,
-        make_trainer=functools.partial(DPOTrainer, beta=args.beta),
+        make_trainer=functools.partial(
+            DPOTrainer, beta=args.beta, loss_type=args.loss_type, label_smoothing=args.label_smoothing
+        ),
         load_data=lambda tok, path: load_pairs(tok, path, targs.max_len),
     )
     if int(os.environ.get("RANK", "0")) == 0:

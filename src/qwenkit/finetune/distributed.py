@@ -51,9 +51,13 @@ class World:
         """Sum over data-parallel replicas (tensor-parallel ranks of one replica hold the same value)."""
         if self.dp_size == 1:
             return value
-        t = torch.tensor([value], dtype=torch.float64)
-        dist.all_reduce(t, group=self.mesh["dp"].get_group() if self.mesh is not None else None)
-        return float(t.item())
+        return float(self.sum_over_replicas(torch.tensor([value], dtype=torch.float64)).item())
+
+    def sum_over_replicas(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed element-wise over data-parallel replicas (a CPU tensor, in place)."""
+        if self.dp_size > 1:
+            dist.all_reduce(t, group=self.mesh["dp"].get_group() if self.mesh is not None else None)
+        return t
 
     def barrier(self) -> None:
         if self.distributed:

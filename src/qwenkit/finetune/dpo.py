@@ -1,32 +1,41 @@
-"""Direct Preference Optimization of a LoRA adapter; the frozen reference is the base with adapters off.
+"""Direct Preference Optimization: of a LoRA/QLoRA adapter against the base with adapters off, or of the whole
+model (``--method full``) against its weights before training.
 
-``loss = -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))`` where ``pi_y`` / ``ref_y`` are the summed
-log-probabilities of completion y's tokens under the policy / reference (Rafailov et al. 2023). The
-reference needs no second copy of the weights: it is the same model with every adapter disabled, and its
-log-probabilities are computed once per pair and kept. Logged with trl's names: ``rewards/chosen``,
+The loss compares each pair's log-ratios ``pi_y - ref_y`` (``pi_y`` / ``ref_y``: the summed log-probabilities
+of completion y's tokens under the policy / the reference; Rafailov et al. 2023), as trl 1.16 defines them
+for ``delta = (pi_c - ref_c) - (pi_r - ref_r)``:
+
+- ``sigmoid`` (DPO): ``-log sigmoid(beta * delta)``
+- ``hinge`` (SLiC): ``relu(1 - beta * delta)``
+- ``ipo`` (IPO): ``(delta' - 1 / (2 beta))^2``, delta' from each log-ratio divided by its completion's length
+- ``robust`` (rDPO, label smoothing e): ``((1-e) * -log sigmoid(beta delta) - e * -log sigmoid(-beta delta))
+  / (1 - 2e)``
+
+The reference needs no second copy of the weights: its log-probabilities are computed for every training
+and held-out pair before the first step (the base with adapters off, or the untouched full model; also
+when resuming, before the checkpoint is loaded) and kept. Logged with trl's names: ``rewards/chosen``,
 ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies``, ``logps/chosen``, ``logps/rejected``
 (and ``aux_loss`` where a mixture-of-experts model's load-balancing loss is on).
 
-Data: ``{"prompt", "chosen", "rejected"}`` where each is a string or a list of messages, or
-``{"messages": [prompt turns], "chosen", "rejected"}``. The completion is the last assistant turn, rendered
-with the model's chat template like any SFT example.
+Data: see ``preference_data``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
+import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
-from qwenkit.finetune.data import DataError, check_messages, read_objects
-from qwenkit.finetune.encode import IGNORE, encode_messages
+from qwenkit.errors import ConfigError
+from qwenkit.finetune.encode import IGNORE
 from qwenkit.finetune.lora import adapters_disabled
+from qwenkit.finetune.preference_data import Completion, PreferencePair
 from qwenkit.finetune.trainer import Trainer, pad_batch
-from qwenkit.tokenizer import Tokenizer, TokenizerError
 
+LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")
 METRICS = (
     "rewards/chosen",
     "rewards/rejected",
@@ -37,90 +46,16 @@ METRICS = (
 )
 
 
-@dataclass
-class Completion:
-    ids: list[int]
-    labels: list[int]
-
-
-@dataclass
-class PreferencePair:
-    chosen: Completion
-    rejected: Completion
-    where: str = ""
-
-    @property
-    def chosen_ids(self) -> list[int]:
-        return self.chosen.ids
-
-    @property
-    def rejected_ids(self) -> list[int]:
-        return self.rejected.ids
-
-
-def _reply(where: str, value: Any, name: str) -> dict[str, Any]:
-    if isinstance(value, str):
-        return {"role": "assistant", "content": value}
-    msgs = check_messages(where, value, name)
-    if msgs[-1]["role"] != "assistant":
-        raise DataError(f"{where}: field '{name}' must end with an assistant message")
-    return msgs[-1]
-
-
-def _prompt(where: str, obj: dict[str, Any]) -> list[dict[str, Any]]:
-    if "prompt" in obj:
-        p = obj["prompt"]
-        if isinstance(p, str):
-            if not p:
-                raise DataError(f"{where}: field 'prompt' is empty")
-            return [{"role": "user", "content": p}]
-        return check_messages(where, p, "prompt", need_assistant=False)
-    if "messages" in obj:
-        return check_messages(where, obj["messages"], "messages", need_assistant=False)
-    raise DataError(f"{where}: expected a 'prompt' (or 'messages') field with 'chosen' and 'rejected'")
-
-
-def only_last_turn(labels: list[int]) -> list[int]:
-    """Keep the labels of the last labelled run (the completion); the prompt's own replies are context."""
-    end = max(i for i, label in enumerate(labels) if label != IGNORE)
-    start = end
-    while start > 0 and labels[start - 1] != IGNORE:
-        start -= 1
-    return [label if start <= i <= end else IGNORE for i, label in enumerate(labels)]
-
-
-def encode_pair(tokenizer: Tokenizer, where: str, obj: dict[str, Any], max_len: int) -> PreferencePair | None:
-    prompt = _prompt(where, obj)
-    seqs = []
-    for name in ("chosen", "rejected"):
-        if name not in obj:
-            raise DataError(f"{where}: field '{name}' is missing")
-        try:
-            ids, labels = encode_messages(
-                tokenizer, [*prompt, _reply(where, obj[name], name)], obj.get("tools")
-            )
-        except TokenizerError as e:
-            raise DataError(f"{where}: {e}") from None
-        labels = only_last_turn(labels)[:max_len]
-        if all(label == IGNORE for label in labels[1:]):
-            return None
-        seqs.append(Completion(ids[:max_len], labels))
-    return PreferencePair(seqs[0], seqs[1], where)
-
-
-def load_pairs(
-    tokenizer: Tokenizer, path: str | Path, max_len: int
-) -> tuple[list[PreferencePair], dict[str, int]]:
-    pairs, dropped = [], 0
-    for where, obj in read_objects(path):
-        pair = encode_pair(tokenizer, where, obj, max_len)
-        if pair is None:
-            dropped += 1
-        else:
-            pairs.append(pair)
-    if not pairs:
-        raise DataError(f"{path}: no preference pair has a completion within --max-len {max_len}")
-    return pairs, {"pairs": len(pairs), "dropped": dropped}
+def check_loss(loss_type: str, beta: float, label_smoothing: float) -> None:
+    """Refuse settings trl would refuse, or that would silently do nothing."""
+    if loss_type not in LOSS_TYPES:
+        raise ConfigError(f"unknown --loss-type {loss_type!r}; choose {', '.join(LOSS_TYPES)}")
+    if not beta > 0:
+        raise ConfigError(f"--beta must be positive, got {beta}")
+    if label_smoothing and loss_type != "robust":
+        raise ConfigError("--label-smoothing applies to --loss-type robust")
+    if not 0 <= label_smoothing < 0.5:
+        raise ConfigError(f"--label-smoothing must be in [0, 0.5), got {label_smoothing}")
 
 
 def sequence_logps(model, seqs: list[Completion], pad_id: int, device: str) -> torch.Tensor:
@@ -134,12 +69,34 @@ def sequence_logps(model, seqs: list[Completion], pad_id: int, device: str) -> t
 
 
 def dpo_loss(
-    pi_c: torch.Tensor, pi_r: torch.Tensor, ref_c: torch.Tensor, ref_r: torch.Tensor, beta: float
+    pi_c: torch.Tensor,
+    pi_r: torch.Tensor,
+    ref_c: torch.Tensor,
+    ref_r: torch.Tensor,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    lengths: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-pair sigmoid DPO loss and trl's per-pair metrics."""
-    chosen_reward = beta * (pi_c - ref_c)
-    rejected_reward = beta * (pi_r - ref_r)
-    losses = -F.logsigmoid(chosen_reward - rejected_reward)
+    """Per-pair loss of ``loss_type`` (the module docstring) and trl's per-pair metrics. ``lengths``: the
+    chosen and rejected completions' token counts, which ``ipo`` divides by."""
+    chosen_ratio, rejected_ratio = pi_c - ref_c, pi_r - ref_r
+    delta = chosen_ratio - rejected_ratio
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(beta * delta)
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * delta)
+    elif loss_type == "ipo":
+        if lengths is None:
+            raise ValueError("the ipo loss needs the completions' lengths")
+        per_token = chosen_ratio / lengths[0].clamp(min=1) - rejected_ratio / lengths[1].clamp(min=1)
+        losses = (per_token - 1 / (2 * beta)) ** 2
+    elif loss_type == "robust":
+        e = label_smoothing
+        losses = (-(1 - e) * F.logsigmoid(beta * delta) + e * F.logsigmoid(-beta * delta)) / (1 - 2 * e)
+    else:
+        raise ValueError(f"unknown loss type {loss_type!r}")
+    chosen_reward, rejected_reward = beta * chosen_ratio, beta * rejected_ratio
     metrics = {
         "rewards/chosen": chosen_reward.detach(),
         "rewards/rejected": rejected_reward.detach(),
@@ -152,42 +109,85 @@ def dpo_loss(
 
 
 class DPOTrainer(Trainer):
-    beta: float = 0.1
-
-    def __init__(self, *args: Any, beta: float = 0.1, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        beta: float = 0.1,
+        loss_type: str = "sigmoid",
+        label_smoothing: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
-        self.beta = beta
-        self._ref: dict[tuple[int, int], tuple[float, float]] = {}
+        check_loss(loss_type, beta, label_smoothing)
+        self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
+        self._ref: dict[int, tuple[float, float]] = {}  # id(pair) -> reference (chosen, rejected) log-probs
 
     def normalizer(self, idx: list[int]) -> float:
         return float(len(idx))
 
-    def reference_logps(self, pairs: list[PreferencePair], key: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reference log-probs, computed once per pair (base model = adapters off, no dropout anywhere)."""
-        missing = [i for i, _ in enumerate(pairs) if (key, id(pairs[i])) not in self._ref]
-        if missing:
-            with torch.no_grad(), adapters_disabled(self.model):
-                seqs = [pairs[i].chosen for i in missing] + [pairs[i].rejected for i in missing]
-                lp = sequence_logps(self.model, seqs, self.pad_id, self.args.device)
-            for j, i in enumerate(missing):
-                self._ref[(key, id(pairs[i]))] = (float(lp[j]), float(lp[len(missing) + j]))
-        ref = [self._ref[(key, id(p))] for p in pairs]
-        return torch.tensor([r[0] for r in ref]), torch.tensor([r[1] for r in ref])
+    def before_training(self, eval_pairs: list[PreferencePair] | None) -> None:
+        """The reference log-probabilities of every training and held-out pair, on the weights as they are
+        now: the base (adapters off), or for full fine-tuning the model before its first step. Replicas
+        share the pairs out and sum the results; each runs the same number of forwards (FSDP gathers in
+        each)."""
+        pairs = [*self.examples, *(eval_pairs or [])]
+        w, r, b = self.world.dp_size, self.world.dp_rank, self.args.batch_size
+        found = torch.zeros(len(pairs), 2, dtype=torch.float64)
+        n_batches = math.ceil(math.ceil(len(pairs) / w) / b)
+        self.model.eval()
+        bar = tqdm(
+            total=n_batches,
+            desc="reference log-probabilities",
+            disable=not (self.world.is_main and self.args.progress),
+            dynamic_ncols=True,
+        )
+        with bar, torch.no_grad(), adapters_disabled(self.model):
+            for k in range(n_batches):
+                chunk = list(range(r + k * b * w, min(len(pairs), r + (k + 1) * b * w), w))
+                batch = [pairs[i] for i in chunk] or [pairs[0]]
+                lp = self.logps(batch)
+                if chunk:
+                    found[chunk] = torch.stack([lp[: len(batch)], lp[len(batch) :]], 1).double().cpu()
+                bar.update(1)
+        found = self.world.sum_over_replicas(found)
+        self._ref = {id(p): (float(found[i, 0]), float(found[i, 1])) for i, p in enumerate(pairs)}
+
+    def logps(self, pairs: list[PreferencePair]) -> torch.Tensor:
+        """(2n,) summed log-probabilities of the pairs' completions under the model: all chosen, then all
+        rejected, in one padded forward."""
+        seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+        return sequence_logps(self.model, seqs, self.pad_id, self.args.device)
+
+    def reference_logps(self, pairs: list[PreferencePair]) -> tuple[torch.Tensor, torch.Tensor]:
+        ref = [self._ref[id(p)] for p in pairs]
+        return torch.tensor([x[0] for x in ref]), torch.tensor([x[1] for x in ref])
+
+    def losses(
+        self, pairs: list[PreferencePair], lp: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Per-pair losses and metrics from the policy's log-probs ``lp`` (all chosen, then all rejected)."""
+        n = len(pairs)
+        ref_c, ref_r = (x.to(lp.device) for x in self.reference_logps(pairs))
+        lengths = tuple(
+            torch.tensor([float(getattr(p, side).targets) for p in pairs], device=lp.device)
+            for side in ("chosen", "rejected")
+        )
+        return dpo_loss(
+            lp[:n], lp[n:], ref_c, ref_r, self.beta, self.loss_type, self.label_smoothing, lengths
+        )
 
     def pair_losses(self, pairs: list[PreferencePair]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Per-pair losses and metrics. On a mixture-of-experts model with the load-balancing loss on, c
         times the balancing loss of the policy's forward over all 2n completions is added to each pair's
         loss, as trl does: their mean is then trl's loss for the batch."""
-        ref_c, ref_r = self.reference_logps(pairs, 0)
-        seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
         with self.routed() as router_logits:
-            lp = sequence_logps(self.model, seqs, self.pad_id, self.args.device)
-        n = len(pairs)
-        losses, metrics = dpo_loss(lp[:n], lp[n:], ref_c.to(lp.device), ref_r.to(lp.device), self.beta)
+            lp = self.logps(pairs)
+        losses, metrics = self.losses(pairs, lp)
         if router_logits:
-            aux = self.balancing_loss(router_logits, [len(s.ids) for s in seqs])
+            lengths = [len(p.chosen.ids) for p in pairs] + [len(p.rejected.ids) for p in pairs]
+            aux = self.balancing_loss(router_logits, lengths)
             losses = losses + self.args.router_aux_loss_coef * aux
-            metrics["aux_loss"] = aux.detach().expand(n)
+            metrics["aux_loss"] = aux.detach().expand(len(pairs))
         return losses, metrics
 
     def batch_loss(self, batch: list[int], normalizer: float):
@@ -198,24 +198,23 @@ class DPOTrainer(Trainer):
 
     @torch.no_grad()
     def evaluate(self, pairs) -> float:
-        """Mean DPO loss on held-out pairs; their mean metrics go to ``eval_metrics`` (eval_rewards/...)."""
+        """Mean loss on held-out pairs; their mean metrics go to ``eval_metrics`` (eval_rewards/...)."""
         self.model.eval()
         sums: dict[str, float] = {}
         total = 0.0
         mine = pairs[self.world.dp_rank :: self.world.dp_size]
-        for i in range(0, len(mine), self.args.batch_size):
-            chunk = mine[i : i + self.args.batch_size]
-            ref_c, ref_r = self.reference_logps(chunk, 1)
-            lp = sequence_logps(
-                self.model,
-                [p.chosen for p in chunk] + [p.rejected for p in chunk],
-                self.pad_id,
-                self.args.device,
-            )
-            losses, metrics = dpo_loss(lp[: len(chunk)], lp[len(chunk) :], ref_c, ref_r, self.beta)
+        b = self.args.batch_size
+        n_batches = math.ceil(math.ceil(len(pairs) / self.world.dp_size) / b)
+        for k in range(n_batches):  # the same number of forwards on every rank (FSDP gathers in each)
+            chunk = mine[k * b : (k + 1) * b]
+            batch = chunk or pairs[:1]
+            lp = self.logps(batch)
+            if not chunk:
+                continue
+            losses, metrics = self.losses(chunk, lp)
             total += float(losses.sum())
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v.sum())
+            for key, v in metrics.items():
+                sums[key] = sums.get(key, 0.0) + float(v.sum())
         n = len(pairs)
-        self.eval_metrics = {f"eval_{k}": self.world.all_reduce_sum(v) / n for k, v in sums.items()}
+        self.eval_metrics = {f"eval_{k}": self.world.all_reduce_sum(sums.get(k, 0.0)) / n for k in METRICS}
         return self.world.all_reduce_sum(total) / n

@@ -285,6 +285,7 @@ def finetune(
         trainer = (make_trainer or Trainer)(
             prep.model, examples, args, world, end_of_text_id(tokenizer), prep.params
         )
+        trainer.before_training(eval_examples)
         history: list[dict] = []
         if resume:
             ckpt = latest_checkpoint(work)

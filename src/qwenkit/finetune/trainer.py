@@ -221,6 +221,10 @@ class Trainer:
     def normalizer(self, idx: list[int]) -> float:
         return float(sum(n_targets(self.examples[i]) for i in idx))
 
+    def before_training(self, eval_examples: Sequence[Any] | None) -> None:
+        """Runs once on the weights training starts from, before a checkpoint is loaded for --resume
+        (DPO computes its reference there); nothing to do for supervised fine-tuning."""
+
     def routed(self) -> contextlib.AbstractContextManager[list[torch.Tensor]]:
         """Collects the routers' logits of the forwards run inside it, where the load-balancing loss is on
         (an empty list otherwise)."""
