@@ -356,6 +356,7 @@ def test_full_dpo_command_trains_resumes_and_writes_a_whole_model(tiny_chat_mode
             "--label-smoothing must be in [0, 0.5), got 0.5",
         ),
         (["--beta", "0"], "--beta must be positive, got 0.0"),
+        (["--packing"], "--packing applies to finetune"),
     ],
 )
 def test_bad_loss_settings_are_refused_in_one_line(extra, message, tiny_chat_model, tmp_path, capsys):

@@ -7,6 +7,7 @@ import functools
 import os
 import sys
 
+from qwenkit.errors import ConfigError
 from qwenkit.finetune.command import add_training_args, launch_ranks, train_args
 from qwenkit.finetune.dpo import LOSS_TYPES, check_loss
 
@@ -35,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     check_loss(args.loss_type, args.beta, args.label_smoothing)
+    if args.packing:
+        raise ConfigError(
+            "--packing applies to finetune: a preference pair's two completions are scored apart"
+        )
     if (launched := launch_ranks("qwenkit.cli.dpo", argv, args)) is not None:
         return launched
     from qwenkit.finetune.dpo import DPOTrainer
