@@ -48,6 +48,17 @@ def logp(model, seq) -> float:
     return sum(float(lp[t - 1, seq.ids[t]]) for t in range(1, len(seq.ids)) if seq.labels[t] != IGNORE)
 
 
+def reference_free_batch_loss(loss_type: str, beta: float, gamma: float, rows) -> float:
+    """SimPO's and ORPO's loss of a batch of (pc, pr, n_c, n_r), from trl's CPO (cpo_alpha 0) and ORPO code
+    written out: mean token log-probabilities; ORPO adds the chosen tokens' mean cross entropy."""
+    t = torch.tensor(rows, dtype=torch.float64)
+    avg_c, avg_r = t[:, 0] / t[:, 2], t[:, 1] / t[:, 3]
+    if loss_type == "simpo":
+        return float((-F.logsigmoid(beta * (avg_c - avg_r) - gamma)).mean())
+    odds = (avg_c - avg_r) - (torch.log(1 - torch.exp(avg_c)) - torch.log(1 - torch.exp(avg_r)))
+    return float(-t[:, 0].sum() / t[:, 2].sum() - (beta * F.logsigmoid(odds)).mean())
+
+
 def reference_loss(loss_type: str, beta: float, eps: float, pc, pr, rc, rr, n_c: int, n_r: int) -> float:
     """trl 1.16's per-pair losses, written out here from their formulas."""
     d = torch.tensor((pc - rc) - (pr - rr), dtype=torch.float64)
@@ -62,7 +73,8 @@ def reference_loss(loss_type: str, beta: float, eps: float, pc, pr, rc, rr, n_c:
 
 
 @pytest.mark.parametrize(
-    ("loss_type", "eps"), [("sigmoid", 0.0), ("hinge", 0.0), ("ipo", 0.0), ("robust", 0.2)]
+    ("loss_type", "eps"),
+    [("sigmoid", 0.0), ("hinge", 0.0), ("ipo", 0.0), ("robust", 0.2), ("simpo", 0.0), ("orpo", 0.0)],
 )
 def test_dpo_loss_and_rewards_equal_reference(loss_type, eps, tiny_chat_model, tmp_path):
     tok = tokenizer_for(tiny_chat_model)
@@ -92,6 +104,17 @@ def test_dpo_loss_and_rewards_equal_reference(loss_type, eps, tiny_chat_model, t
     trainer.before_training(None)
     loss, metrics, _ = trainer.batch_loss([0, 1, 2], normalizer=3.0)
 
+    if loss_type in ("simpo", "orpo"):  # no reference: rewards are beta x mean token log-probabilities
+        rows = [
+            (logp(model, p.chosen), logp(model, p.rejected), p.chosen.targets, p.rejected.targets)
+            for p in pairs
+        ]
+        want = reference_free_batch_loss(loss_type, 0.3, 0.5, rows)
+        assert trainer._ref == {}  # and none was computed
+        assert loss.item() == pytest.approx(want, abs=1e-5)
+        margins = [0.3 * (pc / n_c - pr / n_r) for pc, pr, n_c, n_r in rows]
+        assert metrics["rewards/margins"] == pytest.approx(sum(margins), abs=1e-4)
+        return
     base, _ = load_model(tiny_chat_model, "float32", progress=False)
     ref_losses, margins = [], []
     for p in pairs:
@@ -357,6 +380,7 @@ def test_full_dpo_command_trains_resumes_and_writes_a_whole_model(tiny_chat_mode
         ),
         (["--beta", "0"], "--beta must be positive, got 0.0"),
         (["--packing"], "--packing applies to finetune"),
+        (["--simpo-gamma", "1"], "--simpo-gamma applies to --loss-type simpo"),
     ],
 )
 def test_bad_loss_settings_are_refused_in_one_line(extra, message, tiny_chat_model, tmp_path, capsys):
@@ -370,3 +394,20 @@ def test_bad_loss_settings_are_refused_in_one_line(extra, message, tiny_chat_mod
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("loss_type", ["simpo", "orpo"])
+def test_reference_free_losses_through_the_command(loss_type, tiny_chat_model, tmp_path, capsys):
+    """`qwenkit dpo --loss-type simpo|orpo`: no reference pass, and training widens the held-out margin of
+    the chosen replies' mean token log-probability over the rejected ones'."""
+    out = tmp_path / "o"
+    argv = ["dpo", str(tiny_chat_model), str(write_pairs(tmp_path / "t.jsonl", 0, 16)), str(out)]
+    argv += ["--eval-data", str(write_pairs(tmp_path / "h.jsonl", 100, 4)), "--loss-type", loss_type]
+    argv += ["--max-steps", "8", "--batch-size", "4", "--lr", "1e-2", "--lora-r", "4", "--lora-dropout", "0"]
+    assert cli_main([*argv, "--beta", "1.0"]) == 0  # with progress bars: the reference pass would show one
+    err = capsys.readouterr().err
+    assert "training" in err and "reference log-probabilities" not in err
+    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    evals = [r for r in log if "eval_loss" in r]
+    assert evals[-1]["eval_rewards/margins"] > evals[0]["eval_rewards/margins"] + 0.5
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] and evals[-1]["eval_rewards/accuracies"] == 1.0

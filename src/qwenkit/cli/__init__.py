@@ -25,7 +25,7 @@ COMMANDS = {
     "serve": "OpenAI-compatible API server with a web chat page",
     "eval": "benchmarks (MMLU, C-Eval, GSM8K, HumanEval, tool use, passkey) on a model or an endpoint",
     "finetune": "supervised fine-tuning: LoRA, QLoRA or full (one or many processes)",
-    "dpo": "preference tuning (DPO, IPO, SLiC, rDPO) of an adapter or a whole model",
+    "dpo": "preference tuning (DPO, IPO, SLiC, rDPO, SimPO, ORPO) of an adapter or a whole model",
     "merge": "fold a LoRA adapter into the model and write a plain checkpoint",
     "filter": "find and mask or drop sensitive data in training files",
 }

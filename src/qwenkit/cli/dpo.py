@@ -1,4 +1,4 @@
-"""``qwenkit dpo MODEL DATA OUT``: preference tuning (DPO, IPO, SLiC, rDPO) of an adapter or a whole model."""
+"""``qwenkit dpo MODEL DATA OUT``: preference tuning (DPO and its variants) of an adapter or a whole model."""
 
 from __future__ import annotations
 
@@ -25,7 +25,14 @@ def main(argv: list[str] | None = None) -> int:
         "--loss-type",
         default="sigmoid",
         choices=LOSS_TYPES,
-        help="sigmoid (DPO, default), hinge (SLiC), ipo (length-normalized, as trl), robust (rDPO)",
+        help="sigmoid (DPO, default), hinge (SLiC), ipo (length-normalized, as trl), robust (rDPO); "
+        "without a reference: simpo (SimPO), orpo (ORPO)",
+    )
+    parser.add_argument(
+        "--simpo-gamma",
+        type=float,
+        metavar="G",
+        help="--loss-type simpo: the target reward margin (default 0.5, trl's default)",
     )
     parser.add_argument(
         "--label-smoothing",
@@ -35,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         help="--loss-type robust: the assumed share of flipped labels, in [0, 0.5)",
     )
     args = parser.parse_args(argv)
-    check_loss(args.loss_type, args.beta, args.label_smoothing)
+    check_loss(args.loss_type, args.beta, args.label_smoothing, args.simpo_gamma)
     if args.packing:
         raise ConfigError(
             "--packing applies to finetune: a preference pair's two completions are scored apart"
@@ -56,7 +63,11 @@ def main(argv: list[str] | None = None) -> int:
         resume=args.resume,
         overwrite=args.overwrite,
         make_trainer=functools.partial(
-            DPOTrainer, beta=args.beta, loss_type=args.loss_type, label_smoothing=args.label_smoothing
+            DPOTrainer,
+            beta=args.beta,
+            loss_type=args.loss_type,
+            label_smoothing=args.label_smoothing,
+            simpo_gamma=args.simpo_gamma,
         ),
         load_data=lambda tok, path: load_pairs(tok, path, targs.max_len),
     )

@@ -11,6 +11,14 @@ for ``delta = (pi_c - ref_c) - (pi_r - ref_r)``:
 - ``robust`` (rDPO, label smoothing e): ``((1-e) * -log sigmoid(beta delta) - e * -log sigmoid(-beta delta))
   / (1 - 2e)``
 
+and two without a reference, on each completion's mean token log-probability ``a_y = pi_y / length_y``:
+
+- ``simpo`` (SimPO, Meng et al. 2024; trl's CPO with ``cpo_alpha=0``):
+  ``-log sigmoid(beta (a_c - a_r) - gamma)``
+- ``orpo`` (ORPO, Hong et al. 2024, as trl): the chosen completions' cross entropy (per token, over the
+  micro-batch) ``- beta log sigmoid(log odds_c - log odds_r)``, ``log odds_y = a_y - log(1 - exp(a_y))``;
+  rewards are ``beta a_y``
+
 The reference needs no second copy of the weights: its log-probabilities are computed for every training
 and held-out pair before the first step (the base with adapters off, or the untouched full model; also
 when resuming, before the checkpoint is loaded) and kept. Logged with trl's names: ``rewards/chosen``,
@@ -35,7 +43,8 @@ from qwenkit.finetune.lora import adapters_disabled
 from qwenkit.finetune.preference_data import Completion, PreferencePair
 from qwenkit.finetune.trainer import Trainer, pad_batch
 
-LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")
+LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "simpo", "orpo")
+REFERENCE_FREE = ("simpo", "orpo")
 METRICS = (
     "rewards/chosen",
     "rewards/rejected",
@@ -46,8 +55,10 @@ METRICS = (
 )
 
 
-def check_loss(loss_type: str, beta: float, label_smoothing: float) -> None:
+def check_loss(loss_type: str, beta: float, label_smoothing: float, simpo_gamma: float | None = None) -> None:
     """Refuse settings trl would refuse, or that would silently do nothing."""
+    if simpo_gamma is not None and loss_type != "simpo":
+        raise ConfigError("--simpo-gamma applies to --loss-type simpo")
     if loss_type not in LOSS_TYPES:
         raise ConfigError(f"unknown --loss-type {loss_type!r}; choose {', '.join(LOSS_TYPES)}")
     if not beta > 0:
@@ -68,18 +79,54 @@ def sequence_logps(model, seqs: list[Completion], pad_id: int, device: str) -> t
     return (logp * mask).sum(-1)
 
 
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, without cancellation on either side of -ln 2."""
+    return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def reference_free_loss(
+    pi_c: torch.Tensor,
+    pi_r: torch.Tensor,
+    beta: float,
+    loss_type: str,
+    lengths: tuple[torch.Tensor, torch.Tensor],
+    simpo_gamma: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(per-pair losses, chosen rewards, rejected rewards) of SimPO or ORPO. ORPO's cross entropy is per
+    token over the n pairs given, so each pair carries n/T of the summed token losses: their mean is trl's."""
+    avg_c, avg_r = pi_c / lengths[0].clamp(min=1), pi_r / lengths[1].clamp(min=1)
+    if loss_type == "simpo":
+        losses = -F.logsigmoid(beta * (avg_c - avg_r) - simpo_gamma)
+    else:
+        log_odds = (avg_c - avg_r) - (log1mexp(avg_c) - log1mexp(avg_r))
+        nll = -pi_c * (len(pi_c) / lengths[0].sum().clamp(min=1))
+        losses = nll - beta * F.logsigmoid(log_odds)
+    return losses, beta * avg_c, beta * avg_r
+
+
 def dpo_loss(
     pi_c: torch.Tensor,
     pi_r: torch.Tensor,
-    ref_c: torch.Tensor,
-    ref_r: torch.Tensor,
+    ref_c: torch.Tensor | None,
+    ref_r: torch.Tensor | None,
     beta: float,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
     lengths: tuple[torch.Tensor, torch.Tensor] | None = None,
+    simpo_gamma: float = 0.5,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-pair loss of ``loss_type`` (the module docstring) and trl's per-pair metrics. ``lengths``: the
-    chosen and rejected completions' token counts, which ``ipo`` divides by."""
+    chosen and rejected completions' token counts, which ``ipo``, ``simpo`` and ``orpo`` divide by; the
+    last two take no reference (None)."""
+    if loss_type in REFERENCE_FREE:
+        if lengths is None:
+            raise ValueError(f"the {loss_type} loss needs the completions' lengths")
+        losses, chosen_reward, rejected_reward = reference_free_loss(
+            pi_c, pi_r, beta, loss_type, lengths, simpo_gamma
+        )
+        return losses, _metrics(chosen_reward, rejected_reward, pi_c, pi_r)
+    if ref_c is None or ref_r is None:
+        raise ValueError(f"the {loss_type} loss needs the reference's log-probabilities")
     chosen_ratio, rejected_ratio = pi_c - ref_c, pi_r - ref_r
     delta = chosen_ratio - rejected_ratio
     if loss_type == "sigmoid":
@@ -96,8 +143,11 @@ def dpo_loss(
         losses = (-(1 - e) * F.logsigmoid(beta * delta) + e * F.logsigmoid(-beta * delta)) / (1 - 2 * e)
     else:
         raise ValueError(f"unknown loss type {loss_type!r}")
-    chosen_reward, rejected_reward = beta * chosen_ratio, beta * rejected_ratio
-    metrics = {
+    return losses, _metrics(beta * chosen_ratio, beta * rejected_ratio, pi_c, pi_r)
+
+
+def _metrics(chosen_reward, rejected_reward, pi_c, pi_r) -> dict[str, torch.Tensor]:
+    return {
         "rewards/chosen": chosen_reward.detach(),
         "rewards/rejected": rejected_reward.detach(),
         "rewards/margins": (chosen_reward - rejected_reward).detach(),
@@ -105,7 +155,6 @@ def dpo_loss(
         "logps/chosen": pi_c.detach(),
         "logps/rejected": pi_r.detach(),
     }
-    return losses, metrics
 
 
 class DPOTrainer(Trainer):
@@ -115,11 +164,13 @@ class DPOTrainer(Trainer):
         beta: float = 0.1,
         loss_type: str = "sigmoid",
         label_smoothing: float = 0.0,
+        simpo_gamma: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        check_loss(loss_type, beta, label_smoothing)
+        check_loss(loss_type, beta, label_smoothing, simpo_gamma)
         self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
+        self.simpo_gamma = 0.5 if simpo_gamma is None else simpo_gamma  # trl's and the paper's default
         self._ref: dict[int, tuple[float, float]] = {}  # id(pair) -> reference (chosen, rejected) log-probs
 
     def normalizer(self, idx: list[int]) -> float:
@@ -129,7 +180,9 @@ class DPOTrainer(Trainer):
         """The reference log-probabilities of every training and held-out pair, on the weights as they are
         now: the base (adapters off), or for full fine-tuning the model before its first step. Replicas
         share the pairs out and sum the results; each runs the same number of forwards (FSDP gathers in
-        each)."""
+        each). SimPO and ORPO have no reference."""
+        if self.loss_type in REFERENCE_FREE:
+            return
         pairs = [*self.examples, *(eval_pairs or [])]
         w, r, b = self.world.dp_size, self.world.dp_rank, self.args.batch_size
         found = torch.zeros(len(pairs), 2, dtype=torch.float64)
@@ -167,13 +220,23 @@ class DPOTrainer(Trainer):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Per-pair losses and metrics from the policy's log-probs ``lp`` (all chosen, then all rejected)."""
         n = len(pairs)
-        ref_c, ref_r = (x.to(lp.device) for x in self.reference_logps(pairs))
+        ref_c = ref_r = None
+        if self.loss_type not in REFERENCE_FREE:
+            ref_c, ref_r = (x.to(lp.device) for x in self.reference_logps(pairs))
         lengths = tuple(
             torch.tensor([float(getattr(p, side).targets) for p in pairs], device=lp.device)
             for side in ("chosen", "rejected")
         )
         return dpo_loss(
-            lp[:n], lp[n:], ref_c, ref_r, self.beta, self.loss_type, self.label_smoothing, lengths
+            lp[:n],
+            lp[n:],
+            ref_c,
+            ref_r,
+            self.beta,
+            self.loss_type,
+            self.label_smoothing,
+            lengths,
+            self.simpo_gamma,
         )
 
     def pair_losses(self, pairs: list[PreferencePair]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
