@@ -14,6 +14,7 @@ from qwenkit.errors import CheckpointError
 from qwenkit.finetune.adapter_io import PREFIX, save_adapter
 from qwenkit.finetune.lora import (
     LoRAConfig,
+    adapters_disabled,
     apply_lora,
     dequantized_weight,
     lora_modules,
@@ -190,6 +191,18 @@ def test_merge_command_output_equals_adapter_logits(qwen2_dir, tmp_path):
     assert not lora_modules(merged)
     with torch.no_grad():
         torch.testing.assert_close(merged(IDS), model(IDS), rtol=0, atol=1e-4)
+    # bfloat16: the report's "as stored" figure is what the written weights give (computed in float32)
+    from qwenkit.finetune.merge import PROBE, merge
+
+    report = merge(qwen2_dir, tmp_path / "a", tmp_path / "bf16", dtype="bfloat16")
+    stored, _ = load_model(tmp_path / "bf16", "float32", progress=False)
+    with torch.no_grad():
+        adapted = model(PROBE)
+        want = float((stored(PROBE) - adapted).abs().max())
+        with adapters_disabled(model):
+            effect = float((model(PROBE) - adapted).abs().max())
+    assert report.float32 < 1e-4 < report.stored and report.stored == pytest.approx(want, rel=1e-3)
+    assert report.effect == pytest.approx(effect, rel=1e-5) and report.effect > 1e-2
     assert cli_main(["merge", str(qwen2_dir), str(tmp_path / "missing"), str(tmp_path / "m2")]) == 2
     assert not (tmp_path / "m2").exists()
 

@@ -18,6 +18,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
-    diff = merge(args.model, args.adapter, args.out, args.dtype, args.overwrite)
-    print(f"wrote {args.out} (merged vs adapter logits, float32: max |diff| {diff:.2e})", file=sys.stderr)
+    r = merge(args.model, args.adapter, args.out, args.dtype, args.overwrite)
+    print(f"wrote {args.out}", file=sys.stderr)
+    print(f"  the adapter moves the probe's logits by up to {r.effect:.3g}", file=sys.stderr)
+    print(f"  merged vs adapter, float32: max |diff| {r.float32:.2e}", file=sys.stderr)
+    if args.dtype != "float32":
+        print(f"  merged vs adapter, as stored ({args.dtype}): max |diff| {r.stored:.2e}", file=sys.stderr)
     return 0
