@@ -153,14 +153,9 @@ def test_dpo_command_with_two_processes_equals_one(strategy, tiny_chat_model, tm
     """`qwenkit dpo --nproc 2`: the replicas share out the reference pass and the held-out pairs (3 over 2
     ranks, one at a time: one rank has a forward with nothing to score, which FSDP needs it to run), and
     log one process's losses and metrics, and its adapter."""
-    import functools
-
-    from finetune.test_dpo import write_pairs
+    from finetune.test_dpo import run_dpo, write_pairs
     from safetensors.torch import load_file
 
-    from qwenkit.finetune.dpo import DPOTrainer
-    from qwenkit.finetune.preference_data import load_pairs
-    from qwenkit.finetune.run import finetune
     from qwenkit.finetune.trainer import TrainArgs
 
     train, held = write_pairs(tmp_path / "t.jsonl", 0, 4), write_pairs(tmp_path / "h.jsonl", 50, 3)
@@ -180,15 +175,7 @@ def test_dpo_command_with_two_processes_equals_one(strategy, tiny_chat_model, tm
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     args = TrainArgs(max_steps=2, lr=1e-2, lora_r=4, lora_dropout=0.0, batch_size=2, progress=False)
-    finetune(
-        tiny_chat_model,
-        train,
-        tmp_path / "one",
-        args,
-        eval_path=held,
-        make_trainer=functools.partial(DPOTrainer, beta=0.5),
-        load_data=lambda tok, path: load_pairs(tok, path, args.max_len),
-    )
+    run_dpo(tiny_chat_model, train, tmp_path / "one", args, eval_path=held, beta=0.5)
     two = [json.loads(x) for x in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
     one = [json.loads(x) for x in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
     assert [sorted(r) for r in two] == [sorted(r) for r in one] and len(one) == 3

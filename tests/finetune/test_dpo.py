@@ -3,6 +3,7 @@ training raises the chosen-over-rejected margin on held-out pairs."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 
@@ -17,6 +18,7 @@ from qwenkit.finetune.dpo import DPOTrainer
 from qwenkit.finetune.encode import IGNORE
 from qwenkit.finetune.lora import LoRAConfig, apply_lora, lora_modules, lora_parameters
 from qwenkit.finetune.preference_data import load_pairs
+from qwenkit.finetune.run import finetune
 from qwenkit.finetune.trainer import TrainArgs
 from qwenkit.generate import tokenizer_for
 
@@ -46,6 +48,24 @@ def logp(model, seq) -> float:
     with torch.no_grad():
         lp = F.log_softmax(model(ids)[0, :-1].float(), -1)
     return sum(float(lp[t - 1, seq.ids[t]]) for t in range(1, len(seq.ids)) if seq.labels[t] != IGNORE)
+
+
+def policy_and_reference(model, base, pair) -> tuple[float, float, float, float]:
+    """(policy chosen, policy rejected, reference chosen, reference rejected) summed log-probabilities."""
+    return tuple(logp(m, c) for m in (model, base) for c in (pair.chosen, pair.rejected))
+
+
+def run_dpo(model_dir, data, out, args: TrainArgs, eval_path=None, **loss):
+    """qwenkit's DPO in this process, as `qwenkit dpo` runs it (loss: DPOTrainer's beta, loss_type...)."""
+    return finetune(
+        model_dir,
+        data,
+        out,
+        args,
+        eval_path=eval_path,
+        make_trainer=functools.partial(DPOTrainer, **loss),
+        load_data=lambda tok, path: load_pairs(tok, path, args.max_len),
+    )
 
 
 def reference_free_batch_loss(loss_type: str, beta: float, gamma: float, rows) -> float:
@@ -118,12 +138,7 @@ def test_dpo_loss_and_rewards_equal_reference(loss_type, eps, tiny_chat_model, t
     base, _ = load_model(tiny_chat_model, "float32", progress=False)
     ref_losses, margins = [], []
     for p in pairs:
-        pc, pr, rc, rr = (
-            logp(model, p.chosen),
-            logp(model, p.rejected),
-            logp(base, p.chosen),
-            logp(base, p.rejected),
-        )
+        pc, pr, rc, rr = policy_and_reference(model, base, p)
         ref_losses.append(
             reference_loss(loss_type, 0.3, eps, pc, pr, rc, rr, p.chosen.targets, p.rejected.targets)
         )
@@ -150,12 +165,7 @@ def test_full_dpo_keeps_the_weights_before_training_as_its_reference(tiny_chat_m
     base, _ = load_model(tiny_chat_model, "float32", progress=False)
     want, margins = 0.0, 0.0
     for p in pairs:
-        pc, pr, rc, rr = (
-            logp(model, p.chosen),
-            logp(model, p.rejected),
-            logp(base, p.chosen),
-            logp(base, p.rejected),
-        )
+        pc, pr, rc, rr = policy_and_reference(model, base, p)
         want += reference_loss("sigmoid", 0.3, 0.0, pc, pr, rc, rr, 1, 1) / 3
         margins += 0.3 * ((pc - rc) - (pr - rr))
     assert loss.item() == pytest.approx(want, abs=1e-5)
@@ -291,7 +301,7 @@ def test_every_preference_format_encodes_the_same_pair(tiny_chat_model):
         ),
         (
             {"conversations": [{"from": "robot", "value": "x"}], "chosen": "a", "rejected": "b"},
-            "r: field 'conversations[0].from' must be one of",
+            "r: field 'conversations[0].from' is 'robot'; expected one of",
         ),
         (
             {"prompt": "x", "chosen": {"from": "gpt"}, "rejected": "b"},

@@ -189,12 +189,7 @@ def test_dpo_command_with_tensor_parallel_equals_one_process(chat_model_kv2, tmp
     """`qwenkit dpo --tensor-parallel 2` (Qwen3, q/k norms): the same losses and DPO metrics at every step as
     one process on the same pairs, and an adapter of the same tensors that gives its logits; the reference
     (adapters off) is computed on the split model too."""
-    import functools
-
-    from finetune.test_dpo import write_pairs
-
-    from qwenkit.finetune.dpo import DPOTrainer
-    from qwenkit.finetune.preference_data import load_pairs
+    from finetune.test_dpo import run_dpo, write_pairs
 
     pairs = write_pairs(tmp_path / "p.jsonl", 0, 4)
     common = ["--max-steps", "3", "--lr", "1e-2", "--lora-r", "4", "--lora-dropout", "0", "--batch-size", "2"]
@@ -206,14 +201,7 @@ def test_dpo_command_with_tensor_parallel_equals_one_process(chat_model_kv2, tmp
     )
     assert r.returncode == 0, r.stderr[-3000:]
     args = TrainArgs(max_steps=3, lr=1e-2, lora_r=4, lora_dropout=0.0, batch_size=2, progress=False)
-    finetune(
-        chat_model_kv2,
-        pairs,
-        tmp_path / "one",
-        args,
-        make_trainer=functools.partial(DPOTrainer, beta=0.5),
-        load_data=lambda tok, path: load_pairs(tok, path, args.max_len),
-    )
+    run_dpo(chat_model_kv2, pairs, tmp_path / "one", args, beta=0.5)
     logs = [json.loads(x) for x in (tmp_path / "tp" / "log.jsonl").read_text().splitlines()]
     ones = [json.loads(x) for x in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
     assert len(logs) == len(ones) == 3

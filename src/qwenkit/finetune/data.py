@@ -142,20 +142,23 @@ def check_messages(where: str, messages: Any, name: str, need_assistant: bool = 
     return out
 
 
-def conversations_to_messages(where: str, turns: Any) -> list[dict[str, Any]]:
+def sharegpt_turn(where: str, turn: Any, name: str) -> dict[str, Any]:
+    """One Qwen/ShareGPT ``{"from", "value"}`` turn as an OpenAI message; ``name`` is its field's path."""
+    if not isinstance(turn, dict):
+        raise DataError(f"{where}: field '{name}' must be an object")
+    who = turn.get("from")
+    if who not in SHAREGPT_ROLES:
+        raise DataError(
+            f"{where}: field '{name}.from' is {who!r}; expected one of {', '.join(SHAREGPT_ROLES)}"
+        )
+    if not isinstance(turn.get("value"), str):
+        raise DataError(f"{where}: field '{name}.value' must be a string")
+    return {"role": SHAREGPT_ROLES[who], "content": turn["value"]}
+
+
+def conversations_to_messages(where: str, turns: Any, need_assistant: bool = True) -> list[dict[str, Any]]:
     """Qwen/ShareGPT ``from``/``value`` turns -> OpenAI messages."""
     if not isinstance(turns, list) or not turns:
         raise DataError(f"{where}: field 'conversations' must be a non-empty list")
-    messages = []
-    for i, t in enumerate(turns):
-        f = f"conversations[{i}]"
-        if not isinstance(t, dict):
-            raise DataError(f"{where}: field '{f}' must be an object")
-        who = t.get("from")
-        if who not in SHAREGPT_ROLES:
-            known = ", ".join(SHAREGPT_ROLES)
-            raise DataError(f"{where}: field '{f}.from' is {who!r}; expected one of {known}")
-        if not isinstance(t.get("value"), str):
-            raise DataError(f"{where}: field '{f}.value' must be a string")
-        messages.append({"role": SHAREGPT_ROLES[who], "content": t["value"]})
-    return check_messages(where, messages, "conversations")
+    messages = [sharegpt_turn(where, t, f"conversations[{i}]") for i, t in enumerate(turns)]
+    return check_messages(where, messages, "conversations", need_assistant)

@@ -20,7 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qwenkit.finetune.data import SHAREGPT_ROLES, DataError, check_messages, read_objects
+from qwenkit.finetune.data import (
+    DataError,
+    check_messages,
+    conversations_to_messages,
+    read_objects,
+    sharegpt_turn,
+)
 from qwenkit.finetune.encode import IGNORE, encode_messages
 from qwenkit.tokenizer import Tokenizer, TokenizerError
 
@@ -51,20 +57,12 @@ class PreferencePair:
         return self.rejected.ids
 
 
-def _sharegpt_turn(where: str, turn: Any, name: str) -> dict[str, Any]:
-    if not isinstance(turn, dict) or turn.get("from") not in SHAREGPT_ROLES:
-        raise DataError(f"{where}: field '{name}.from' must be one of {', '.join(SHAREGPT_ROLES)}")
-    if not isinstance(turn.get("value"), str):
-        raise DataError(f"{where}: field '{name}.value' must be a string")
-    return {"role": SHAREGPT_ROLES[turn["from"]], "content": turn["value"]}
-
-
 def _reply(where: str, value: Any, name: str) -> dict[str, Any]:
     """A reply given as a string, one message (role/content or from/value) or messages ending in one."""
     if isinstance(value, str):
         return {"role": "assistant", "content": value}
     if isinstance(value, dict):
-        value = [_sharegpt_turn(where, value, name) if "from" in value else value]
+        value = [sharegpt_turn(where, value, name) if "from" in value else value]
     msgs = check_messages(where, value, name)
     if msgs[-1]["role"] != "assistant":
         raise DataError(f"{where}: field '{name}' must end with an assistant message")
@@ -91,13 +89,6 @@ def _alpaca_prompt(where: str, obj: dict[str, Any]) -> list[dict[str, Any]]:
         {"role": role, "content": text} for q, a in history for role, text in (("user", q), ("assistant", a))
     ]
     return [*turns, {"role": "user", "content": "\n".join(t for t in (instruction, extra) if t)}]
-
-
-def _conversation_prompt(where: str, obj: dict[str, Any]) -> list[dict[str, Any]]:
-    turns = obj["conversations"]
-    if not isinstance(turns, list) or not turns:
-        raise DataError(f"{where}: field 'conversations' must be a non-empty list")
-    return [_sharegpt_turn(where, t, f"conversations[{i}]") for i, t in enumerate(turns)]
 
 
 def _split_conversations(where: str, obj: dict[str, Any]) -> tuple[list[dict[str, Any]], dict, dict]:
@@ -133,9 +124,7 @@ def pair_messages(where: str, obj: dict[str, Any]) -> tuple[list[dict[str, Any]]
     elif "messages" in obj:
         prompt = check_messages(where, obj["messages"], "messages", need_assistant=False)
     elif "conversations" in obj:
-        prompt = check_messages(
-            where, _conversation_prompt(where, obj), "conversations", need_assistant=False
-        )
+        prompt = conversations_to_messages(where, obj["conversations"], need_assistant=False)
     elif "instruction" in obj or "input" in obj:
         prompt = _alpaca_prompt(where, obj)
     elif isinstance(obj["chosen"], list) and isinstance(obj["rejected"], list):
