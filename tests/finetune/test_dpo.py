@@ -421,3 +421,20 @@ def test_reference_free_losses_through_the_command(loss_type, tiny_chat_model, t
     evals = [r for r in log if "eval_loss" in r]
     assert evals[-1]["eval_rewards/margins"] > evals[0]["eval_rewards/margins"] + 0.5
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] and evals[-1]["eval_rewards/accuracies"] == 1.0
+
+
+def test_qlora_dpo_scores_reference_and_policy_through_one_base_computation(tiny_chat_model, tmp_path):
+    """QLoRA: the adapters start at zero, so at the first step and at the step-0 evaluation the policy is
+    the reference and every pair's loss is exactly log 2 with zero margins. The training forward runs the
+    int4 base as its dequantized weight in a float matmul; the reference and held-out passes (no
+    gradients) must compute the base the same way, not through the inference kernel."""
+    out = tmp_path / "q"
+    argv = ["dpo", str(tiny_chat_model), str(write_pairs(tmp_path / "t.jsonl", 0, 8)), str(out), "--method"]
+    argv += ["qlora", "--eval-data", str(write_pairs(tmp_path / "h.jsonl", 100, 4)), "--max-steps", "2"]
+    assert cli_main([*argv, "--batch-size", "4", "--lr", "1e-2", "--lora-r", "4", "--no-progress"]) == 0
+    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert log[0]["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert log[0]["eval_rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    assert log[1]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert log[1]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    assert log[2]["eval_rewards/margins"] > 1e-3  # it did train

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from qwenkit.errors import ConfigError
 from qwenkit.finetune.encode import IGNORE
-from qwenkit.finetune.lora import adapters_disabled
+from qwenkit.finetune.lora import adapters_disabled, training_base
 from qwenkit.finetune.preference_data import Completion, PreferencePair
 from qwenkit.finetune.trainer import Trainer, pad_batch
 
@@ -194,7 +194,7 @@ class DPOTrainer(Trainer):
             disable=not (self.world.is_main and self.args.progress),
             dynamic_ncols=True,
         )
-        with bar, torch.no_grad(), adapters_disabled(self.model):
+        with bar, torch.no_grad(), adapters_disabled(self.model), training_base():
             for k in range(n_batches):
                 chunk = list(range(r + k * b * w, min(len(pairs), r + (k + 1) * b * w), w))
                 batch = [pairs[i] for i in chunk] or [pairs[0]]
@@ -271,7 +271,8 @@ class DPOTrainer(Trainer):
         for k in range(n_batches):  # the same number of forwards on every rank (FSDP gathers in each)
             chunk = mine[k * b : (k + 1) * b]
             batch = chunk or pairs[:1]
-            lp = self.logps(batch)
+            with training_base():  # as the reference was scored
+                lp = self.logps(batch)
             if not chunk:
                 continue
             losses, metrics = self.losses(chunk, lp)

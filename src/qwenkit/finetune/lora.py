@@ -10,6 +10,7 @@ copy of any weight outlives its layer's use.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import re
 from collections.abc import Iterator
@@ -83,9 +84,27 @@ def dequantized_weight(layer: QuantizedLinear, dtype: torch.dtype) -> torch.Tens
     return out
 
 
+_TRAINING_BASE = contextvars.ContextVar("qwenkit_training_base", default=False)
+
+
+@contextlib.contextmanager
+def training_base() -> Iterator[None]:
+    """Within: a quantized base under an adapter computes as the training forward does (its dequantized
+    weight in a float matmul), also without gradients, instead of through the inference kernel (which
+    rounds the activations to 8 bits, differently with the batch). DPO scores its reference and held-out
+    pairs so, or the policy at its first step would not be exactly its reference."""
+    token = _TRAINING_BASE.set(True)
+    try:
+        yield
+    finally:
+        _TRAINING_BASE.reset(token)
+
+
 def frozen_base_forward(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The base layer's output, differentiable in x even when the base is quantized."""
-    if isinstance(base, QuantizedLinear) and (torch.is_grad_enabled() or base.training):
+    if isinstance(base, QuantizedLinear) and (
+        torch.is_grad_enabled() or base.training or _TRAINING_BASE.get()
+    ):
         if x.numel() == 0:  # an idle expert while training (its adapter still runs): nothing to dequantize
             return x.new_zeros(*x.shape[:-1], base.out_features)
         y = _DequantizedMatmul.apply(x, base)
