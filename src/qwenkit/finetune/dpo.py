@@ -170,7 +170,7 @@ class DPOTrainer(Trainer):
         super().__init__(*args, **kwargs)
         check_loss(loss_type, beta, label_smoothing, simpo_gamma)
         self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
-        self.simpo_gamma = 0.5 if simpo_gamma is None else simpo_gamma  # trl's and the paper's default
+        self.simpo_gamma = 0.5 if simpo_gamma is None else simpo_gamma  # trl's default
         self._ref: dict[int, tuple[float, float]] = {}  # id(pair) -> reference (chosen, rejected) log-probs
 
     def normalizer(self, idx: list[int]) -> float:

@@ -90,9 +90,9 @@ _TRAINING_BASE = contextvars.ContextVar("qwenkit_training_base", default=False)
 @contextlib.contextmanager
 def training_base() -> Iterator[None]:
     """Within: a quantized base under an adapter computes as the training forward does (its dequantized
-    weight in a float matmul), also without gradients, instead of through the inference kernel (which
-    rounds the activations to 8 bits, differently with the batch). DPO scores its reference and held-out
-    pairs so, or the policy at its first step would not be exactly its reference."""
+    weight in a float matmul), also without gradients, instead of through the inference kernel (whose
+    integer products, on 8-bit activations, differ from it in the last digits). DPO scores its reference
+    and held-out pairs so, or the policy at its first step would not be exactly its reference."""
     token = _TRAINING_BASE.set(True)
     try:
         yield

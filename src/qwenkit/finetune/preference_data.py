@@ -5,7 +5,7 @@ The formats the field's tools write, one pair a JSONL line (or a .json list):
 - trl's explicit prompt: ``{"prompt", "chosen", "rejected"}``, each a string or a list of messages (the
   replies end with an assistant message), or ``{"messages": [prompt turns], "chosen", "rejected"}``.
 - trl's implicit prompt: ``{"chosen": [conversation], "rejected": [conversation]}``, two whole conversations
-  that share every turn before their last reply (Anthropic HH and most hub datasets).
+  that share every turn before their last reply (Anthropic HH's layout).
 - LLaMA-Factory's alpaca style: ``{"instruction", "input"?, "chosen", "rejected", "system"?, "history"?}``
   (the prompt is instruction and input joined by a newline; ``history`` is ``[[query, reply], ...]``).
 - LLaMA-Factory's ShareGPT style: ``{"conversations": [from/value turns], "chosen": {"from": "gpt",
@@ -28,6 +28,7 @@ from qwenkit.finetune.data import (
     sharegpt_turn,
 )
 from qwenkit.finetune.encode import IGNORE, encode_messages
+from qwenkit.finetune.trainer import n_targets
 from qwenkit.tokenizer import Tokenizer, TokenizerError
 
 
@@ -38,8 +39,8 @@ class Completion:
 
     @property
     def targets(self) -> int:
-        """Tokens predicted and labelled (the completion's length; the first token is never predicted)."""
-        return sum(label != IGNORE for label in self.labels[1:])
+        """The completion's length: tokens predicted and labelled."""
+        return n_targets(self)
 
 
 @dataclass
