@@ -20,7 +20,12 @@ def main(argv: list[str] | None = None) -> int:
         "reference is the base without the adapter, or with --method full the model before training.",
     )
     add_training_args(parser, lr=5e-5)
-    parser.add_argument("--beta", type=float, default=0.1, help="DPO temperature (default 0.1)")
+    parser.add_argument(
+        "--beta",
+        type=float,
+        default=0.1,
+        help="DPO's temperature; SimPO's reward scale; ORPO's odds-ratio weight (default 0.1)",
+    )
     parser.add_argument(
         "--loss-type",
         default="sigmoid",
