@@ -148,6 +148,25 @@ def test_dpo_loss_and_rewards_equal_reference(loss_type, eps, tiny_chat_model, t
     assert abs(loss.item()) > 1e-3 and abs(sum(margins)) > 1e-3  # the adapter makes a difference
 
 
+def test_sft_weight_adds_the_chosen_replies_cross_entropy(tiny_chat_model, tmp_path):
+    """RPO: the DPO loss plus w x the chosen replies' mean token cross entropy over the batch (trl's
+    loss_type ["sigmoid", "sft"] with loss_weights [1, w])."""
+    tok = tokenizer_for(tiny_chat_model)
+    pairs, _ = load_pairs(tok, write_pairs(tmp_path / "p.jsonl", 0, 3), max_len=256)
+    model, _ = load_model(tiny_chat_model, "float32", progress=False)
+    apply_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.0))
+    args = TrainArgs(batch_size=3, progress=False)
+    trainer = DPOTrainer(
+        model, pairs, args, World(), 151643, lora_parameters(model), beta=0.3, sft_weight=0.7
+    )
+    trainer.before_training(None)
+    loss, _, _ = trainer.batch_loss([0, 1, 2], normalizer=3.0)
+    chosen = [logp(model, p.chosen) for p in pairs]
+    nll = -sum(chosen) / sum(p.chosen.targets for p in pairs)
+    assert loss.item() == pytest.approx(math.log(2) + 0.7 * nll, abs=1e-5)  # the adapter starts at zero
+    assert nll > 1.0
+
+
 def test_full_dpo_keeps_the_weights_before_training_as_its_reference(tiny_chat_model, tmp_path):
     """--method full: after an optimizer step the reference is still the model as it was before training
     (computed up front), not the weights being trained."""
@@ -391,6 +410,8 @@ def test_full_dpo_command_trains_resumes_and_writes_a_whole_model(tiny_chat_mode
         (["--beta", "0"], "--beta must be positive, got 0.0"),
         (["--packing"], "--packing applies to finetune"),
         (["--simpo-gamma", "1"], "--simpo-gamma applies to --loss-type simpo"),
+        (["--sft-weight", "-1"], "--sft-weight must not be negative, got -1.0"),
+        (["--loss-type", "orpo", "--sft-weight", "1"], "ORPO's loss already holds the chosen replies' cross"),
     ],
 )
 def test_bad_loss_settings_are_refused_in_one_line(extra, message, tiny_chat_model, tmp_path, capsys):

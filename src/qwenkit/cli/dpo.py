@@ -40,6 +40,13 @@ def main(argv: list[str] | None = None) -> int:
         help="--loss-type simpo: the target reward margin (default 0.5, trl's default)",
     )
     parser.add_argument(
+        "--sft-weight",
+        type=float,
+        default=0.0,
+        metavar="W",
+        help="add W x the chosen replies' cross entropy (RPO with the DPO loss; LLaMA-Factory's pref_ftx)",
+    )
+    parser.add_argument(
         "--label-smoothing",
         type=float,
         default=0.0,
@@ -47,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         help="--loss-type robust: the assumed share of flipped labels, in [0, 0.5)",
     )
     args = parser.parse_args(argv)
-    check_loss(args.loss_type, args.beta, args.label_smoothing, args.simpo_gamma)
+    check_loss(args.loss_type, args.beta, args.label_smoothing, args.simpo_gamma, args.sft_weight)
     if args.packing:
         raise ConfigError(
             "--packing applies to finetune: a preference pair's two completions are scored apart"
@@ -73,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             loss_type=args.loss_type,
             label_smoothing=args.label_smoothing,
             simpo_gamma=args.simpo_gamma,
+            sft_weight=args.sft_weight,
         ),
         load_data=lambda tok, path: load_pairs(tok, path, targs.max_len),
     )

@@ -19,6 +19,9 @@ and two without a reference, on each completion's mean token log-probability ``a
   micro-batch) ``- beta log sigmoid(log odds_c - log odds_r)``, ``log odds_y = a_y - log(1 - exp(a_y))``;
   rewards are ``beta a_y``
 
+``sft_weight`` w adds w times the chosen replies' cross entropy to any of the others (trl's
+``loss_type=[..., "sft"]`` with ``loss_weights=[1, w]``: RPO with DPO; LLaMA-Factory's ``pref_ftx``).
+
 The reference needs no second copy of the weights: its log-probabilities are computed for every training
 and held-out pair before the first step (the base with adapters off, or the untouched full model; also
 when resuming, before the checkpoint is loaded) and kept. Logged with trl's names: ``rewards/chosen``,
@@ -55,8 +58,18 @@ METRICS = (
 )
 
 
-def check_loss(loss_type: str, beta: float, label_smoothing: float, simpo_gamma: float | None = None) -> None:
+def check_loss(
+    loss_type: str,
+    beta: float,
+    label_smoothing: float,
+    simpo_gamma: float | None = None,
+    sft_weight: float = 0.0,
+) -> None:
     """Refuse settings trl would refuse, or that would silently do nothing."""
+    if sft_weight < 0:
+        raise ConfigError(f"--sft-weight must not be negative, got {sft_weight}")
+    if sft_weight and loss_type == "orpo":
+        raise ConfigError("--sft-weight: ORPO's loss already holds the chosen replies' cross entropy")
     if simpo_gamma is not None and loss_type != "simpo":
         raise ConfigError("--simpo-gamma applies to --loss-type simpo")
     if loss_type not in LOSS_TYPES:
@@ -84,6 +97,12 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
 
 
+def chosen_cross_entropy(pi_c: torch.Tensor, chosen_lengths: torch.Tensor) -> torch.Tensor:
+    """Per-pair shares of the chosen replies' cross entropy per token over these n pairs (n/T of each
+    pair's summed token losses), so that their mean is that cross entropy, as trl computes it."""
+    return -pi_c * (len(pi_c) / chosen_lengths.sum().clamp(min=1))
+
+
 def reference_free_loss(
     pi_c: torch.Tensor,
     pi_r: torch.Tensor,
@@ -92,15 +111,13 @@ def reference_free_loss(
     lengths: tuple[torch.Tensor, torch.Tensor],
     simpo_gamma: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(per-pair losses, chosen rewards, rejected rewards) of SimPO or ORPO. ORPO's cross entropy is per
-    token over the n pairs given, so each pair carries n/T of the summed token losses: their mean is trl's."""
+    """(per-pair losses, chosen rewards, rejected rewards) of SimPO or ORPO."""
     avg_c, avg_r = pi_c / lengths[0].clamp(min=1), pi_r / lengths[1].clamp(min=1)
     if loss_type == "simpo":
         losses = -F.logsigmoid(beta * (avg_c - avg_r) - simpo_gamma)
     else:
         log_odds = (avg_c - avg_r) - (log1mexp(avg_c) - log1mexp(avg_r))
-        nll = -pi_c * (len(pi_c) / lengths[0].sum().clamp(min=1))
-        losses = nll - beta * F.logsigmoid(log_odds)
+        losses = chosen_cross_entropy(pi_c, lengths[0]) - beta * F.logsigmoid(log_odds)
     return losses, beta * avg_c, beta * avg_r
 
 
@@ -114,10 +131,22 @@ def dpo_loss(
     label_smoothing: float = 0.0,
     lengths: tuple[torch.Tensor, torch.Tensor] | None = None,
     simpo_gamma: float = 0.5,
+    sft_weight: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-pair loss of ``loss_type`` (the module docstring) and trl's per-pair metrics. ``lengths``: the
-    chosen and rejected completions' token counts, which ``ipo``, ``simpo`` and ``orpo`` divide by; the
-    last two take no reference (None)."""
+    chosen and rejected completions' token counts, which ``ipo``, ``simpo``, ``orpo`` and ``sft_weight``
+    divide by; ``simpo`` and ``orpo`` take no reference (None)."""
+    losses, metrics = _preference_loss(
+        pi_c, pi_r, ref_c, ref_r, beta, loss_type, label_smoothing, lengths, simpo_gamma
+    )
+    if sft_weight:
+        if lengths is None:
+            raise ValueError("sft_weight needs the completions' lengths")
+        losses = losses + sft_weight * chosen_cross_entropy(pi_c, lengths[0])
+    return losses, metrics
+
+
+def _preference_loss(pi_c, pi_r, ref_c, ref_r, beta, loss_type, label_smoothing, lengths, simpo_gamma):
     if loss_type in REFERENCE_FREE:
         if lengths is None:
             raise ValueError(f"the {loss_type} loss needs the completions' lengths")
@@ -165,10 +194,12 @@ class DPOTrainer(Trainer):
         loss_type: str = "sigmoid",
         label_smoothing: float = 0.0,
         simpo_gamma: float | None = None,
+        sft_weight: float = 0.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        check_loss(loss_type, beta, label_smoothing, simpo_gamma)
+        check_loss(loss_type, beta, label_smoothing, simpo_gamma, sft_weight)
+        self.sft_weight = sft_weight
         self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
         self.simpo_gamma = 0.5 if simpo_gamma is None else simpo_gamma  # trl's default
         self._ref: dict[int, tuple[float, float]] = {}  # id(pair) -> reference (chosen, rejected) log-probs
@@ -237,6 +268,7 @@ class DPOTrainer(Trainer):
             self.label_smoothing,
             lengths,
             self.simpo_gamma,
+            self.sft_weight,
         )
 
     def pair_losses(self, pairs: list[PreferencePair]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
