@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -245,6 +245,7 @@ class LLM:
         adapter: str | Path | None = None,
         dequantize: bool = False,
         cuda_graphs: bool | None = None,
+        adapters: Mapping[str, str | Path] | None = None,
     ) -> LLM:
         """Load a checkpoint directory or GGUF file. ``kv_cache_memory`` (bytes) sizes the KV pool; by
         default it holds every batch row at the full context. The memory check counts that pool.
@@ -253,7 +254,9 @@ class LLM:
         with the same random state; the logits every rank sees are the same gathered ones, so the engines
         take the same steps in lockstep (``kv_cache_memory`` is then per rank). ``dequantize``: a GGUF
         file's quantized weights as ``dtype`` floats rather than in their own precision. ``cuda_graphs``:
-        decode steps as CUDA graphs (None: on for a CUDA device; see ``Engine``)."""
+        decode steps as CUDA graphs (None: on for a CUDA device; see ``Engine``). ``adapter``: a LoRA
+        adapter every request runs through; ``adapters``: name -> adapter, each request running through
+        the one its ``SamplingParams.adapter`` names, or the base model (``load_model``)."""
         from qwenkit.default_model import bundled_sampling
 
         source = open_checkpoint(path)
@@ -274,6 +277,7 @@ class LLM:
             adapter=adapter,
             dequantize=dequantize,
             fast_kernels=True,
+            adapters=adapters,
         )
         return cls(
             model,

@@ -13,7 +13,7 @@ from factories import write_tiny_chat_model
 
 from qwenkit.checkpoint import load_model
 from qwenkit.cli import main as qwenkit
-from qwenkit.finetune.lora import lora_modules
+from qwenkit.model.served_adapters import served_projections
 from qwenkit.quant import QuantizedLinear
 
 IDS = torch.tensor([[151644, 872, 198, 9707, 11, 1246, 525, 498, 30, 151645, 198, 151644, 77091, 198]])
@@ -77,7 +77,7 @@ def test_qlora_trains_on_gptq_checkpoint_and_the_adapter_loads_in_peft(gptq_dir,
 
     # qwenkit: the GPTQ model itself (its int4 layers, act-order permutation included) with --adapter
     ours_model, _ = load_model(gptq_dir, "float32", progress=False, adapter=out)
-    assert isinstance(lora_modules(ours_model)["model.layers.0.mlp.down_proj"].base_layer, QuantizedLinear)
+    assert isinstance(served_projections(ours_model)["model.layers.0.mlp.down_proj"].base, QuantizedLinear)
     assert any(m.perm is not None for m in ours_model.modules() if isinstance(m, QuantizedLinear))
     base, quant = dequantized_hf_model(gptq_dir)
     peft_model = peft.PeftModel.from_pretrained(base, out).eval()

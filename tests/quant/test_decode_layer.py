@@ -22,7 +22,8 @@ from qwenkit.checkpoint import load_model, prepared_cache
 from qwenkit.engine import Engine, SamplingParams
 from qwenkit.engine.forward import ForwardCall, run_forward
 from qwenkit.engine.kv_cache import PagedKVCache
-from qwenkit.quant.fused import fuse_for_inference
+from qwenkit.model.served_adapters import LoRAPair, LoRAProjection, serve_adapters
+from qwenkit.quant.fused import fuse_for_inference, plan_decode_layers
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="CPU kernels not built on this CPU")
 
@@ -56,10 +57,10 @@ def _written_slots(decode_steps: int, prompts=PROMPTS, tables=TABLES) -> torch.T
 
 
 def _steps(
-    model, decode_steps: int, prompts=PROMPTS, tables=TABLES
+    model, decode_steps: int, prompts=PROMPTS, tables=TABLES, adapters: list[int] | None = None
 ) -> tuple[list[torch.Tensor], PagedKVCache]:
     """Prefill ``prompts`` (one chunk each), then greedy decode steps of all rows together; the logits of
-    every decode step and the pool."""
+    every decode step and the pool. ``adapters``: each row's served adapter slot."""
     cfg = model.config
     blocks = 1 + max(max(t) for t in tables)
     cache = PagedKVCache(
@@ -71,27 +72,29 @@ def _steps(
         ids += prompt
         positions += list(range(len(prompt)))
         index.append(len(ids) - 1)
+    per_token = None if adapters is None else [a for a, p in zip(adapters, prompts, strict=True) for _ in p]
     with torch.no_grad():
-        logits = run_forward(model, cache, ForwardCall(ids, positions, None, index, [], chunk_rows))
+        call = ForwardCall(ids, positions, None, index, [], chunk_rows, per_token)
+        logits = run_forward(model, cache, call)
         lengths = [len(p) for p in prompts]
         out = []
         for _ in range(decode_steps):
             tokens = logits.argmax(-1).tolist()
             rows = [(t, n) for t, n in zip(tables, lengths, strict=True)]
-            call = ForwardCall(tokens, lengths, None, list(range(len(tokens))), rows, [])
+            call = ForwardCall(tokens, lengths, None, list(range(len(tokens))), rows, [], adapters)
             logits = run_forward(model, cache, call)
             out.append(logits)
             lengths = [n + 1 for n in lengths]
     return out, cache
 
 
-def _assert_kernel_path_equals_modules(model, decode_steps: int) -> None:
+def _assert_kernel_path_equals_modules(model, decode_steps: int, adapters: list[int] | None = None) -> None:
     """Decode steps with every layer's decode_weights, then with none (the module path): the same logits
     and the same K/V in every written slot, bit for bit."""
-    fused, fused_cache = _steps(model, decode_steps)
+    fused, fused_cache = _steps(model, decode_steps, adapters=adapters)
     for layer in model.model.layers:
         layer.decode_weights = None  # the module path
-    plain, plain_cache = _steps(model, decode_steps)
+    plain, plain_cache = _steps(model, decode_steps, adapters=adapters)
     for a, b in zip(fused, plain, strict=True):
         assert torch.equal(a, b)
     used = _written_slots(decode_steps)
@@ -206,7 +209,7 @@ def test_decode_layer_rejects_bad_input(tmp_path, monkeypatch) -> None:
     with pytest.raises(RuntimeError, match="1..16 rows"):
         rows = torch.zeros(17, cfg.hidden_size, dtype=torch.bfloat16)
         kernels.decode_layers(rows, run, one, one[None], one, cos, cos)
-    with pytest.raises(RuntimeError, match="per layer, 30 tensors, 36 ints, 5 floats and a K and a V pool"):
+    with pytest.raises(RuntimeError, match="per layer, 38 tensors, 36 ints, 5 floats and a K and a V pool"):
         kernels.decode_run([layer.decode_weights] * 2, [pool], [pool])
     with pytest.raises(RuntimeError, match="got 0 tensors"):
         kernels.decode_run([], [], [])
@@ -247,6 +250,71 @@ def test_decode_layer_runs_q_k_v_of_different_kinds_as_three_products(tmp_path, 
     assert attn.qkv_proj is None and {attn.q_proj.bits, attn.v_proj.bits} == {4, 8}
     assert all(layer.decode_weights is not None for layer in model.model.layers)
     _assert_kernel_path_equals_modules(model, 4)
+    # served adapters on the three products: their updates stacked over q/k/v's outputs side by side
+    _serve_adapters(model)
+    assert type(attn.v_proj) is LoRAProjection
+    _assert_kernel_path_equals_modules(model, 4, ADAPTER_ROWS)
+
+
+# each row's served adapter: the base model, the first adapter or the second (PROMPTS' five rows)
+ADAPTER_ROWS = [0, 1, 2, 1, 0]
+
+
+def _serve_adapters(model) -> None:
+    """Two random served adapters (every projection at rank 4; q, v and down at rank 3), then the layers'
+    decode weights made again with their updates (as the loader does)."""
+    g = torch.Generator().manual_seed(7)
+    cfg = model.config
+    kv = cfg.num_key_value_heads * cfg.head_dim
+    shapes = {
+        "self_attn.q_proj": (cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim),
+        "self_attn.k_proj": (cfg.hidden_size, kv),
+        "self_attn.v_proj": (cfg.hidden_size, kv),
+        "self_attn.o_proj": (cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size),
+        "mlp.gate_proj": (cfg.hidden_size, cfg.intermediate_size),
+        "mlp.up_proj": (cfg.hidden_size, cfg.intermediate_size),
+        "mlp.down_proj": (cfg.intermediate_size, cfg.hidden_size),
+    }
+
+    def pairs(rank: int, modules) -> dict[str, LoRAPair]:
+        return {
+            f"model.layers.{i}.{m}": LoRAPair(
+                torch.randn(rank, shapes[m][0], generator=g) * 0.3,
+                torch.randn(shapes[m][1], rank, generator=g) * 0.3,
+                2.0 / rank,
+            )
+            for i in range(cfg.num_hidden_layers)
+            for m in modules
+        }
+
+    serve_adapters(
+        model,
+        {"a": pairs(4, shapes), "b": pairs(3, ["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"])},
+    )
+    plan_decode_layers(model)
+
+
+@pytest.mark.parametrize(
+    ("family", "quantize"), [("qwen2", None), ("qwen2", "int4"), ("qwen3", "int8"), ("llama", "int4")]
+)
+def test_decode_layer_with_served_adapters_equals_modules(tmp_path, monkeypatch, family, quantize) -> None:
+    """Rows through different served adapters (and the base model) in one decode step: each layer is still
+    one kernel call with the adapters' updates, bit for bit the modules' (``LoRAProjection``); a row of
+    the base model gets exactly the logits it gets with no adapters loaded at all, and an adapter's rows
+    differ from them."""
+    model = hf_model(family, tie_word_embeddings=family == "qwen2", intermediate_size=256)
+    path = save_hf(model, tmp_path / "m")
+    base, _ = _steps(_load(path, quantize, monkeypatch), 4)
+    model = _load(path, quantize, monkeypatch)
+    _serve_adapters(model)
+    assert all(layer.decode_weights is not None for layer in model.model.layers)
+    adapted, _ = _steps(model, 4, adapters=ADAPTER_ROWS)
+    first = adapted[0]
+    for row, slot in enumerate(ADAPTER_ROWS):
+        assert torch.equal(first[row], base[0][row]) == (slot == 0)
+    calls = _count_layer_runs(monkeypatch)
+    _assert_kernel_path_equals_modules(model, 4, ADAPTER_ROWS)
+    assert calls == [model.config.num_hidden_layers] * 4
 
 
 @contextmanager
@@ -271,23 +339,30 @@ def _row_groups(model, rows: int) -> int:
     )
 
 
-@pytest.mark.parametrize("family", ["qwen2", "qwen3", "llama"])
-def test_a_step_of_sixteen_rows_in_two_row_groups_equals_the_modules(tmp_path, monkeypatch, family):
+@pytest.mark.parametrize(
+    ("family", "served"), [("qwen2", False), ("qwen3", False), ("llama", False), ("qwen2", True)]
+)
+def test_a_step_of_sixteen_rows_in_two_row_groups_equals_the_modules(tmp_path, monkeypatch, family, served):
     """On two threads a 16-row decode step of small int4 layers goes through the layers as two groups of
     8 rows side by side (each group's ops on its own thread); the logits and K/V stay bit for bit the
-    modules', and those of the same step on one thread (every op in one piece)."""
+    modules', and those of the same step on one thread (every op in one piece). ``served``: the rows run
+    through two served adapters and the base model, each group with its own rows' adapters."""
     model = hf_model(family, tie_word_embeddings=family == "qwen2", intermediate_size=256)
     model = _load(save_hf(model, tmp_path / "m"), "int4", monkeypatch)
+    adapters = None
+    if served:
+        _serve_adapters(model)
+        adapters = [(i * 7) % 3 for i in range(16)]
     with _threads(2):
         assert [_row_groups(model, m) for m in (1, 8, 9, 16)] == [1, 1, 2, 2]
-        grouped, grouped_cache = _steps(model, 4, PROMPTS16, TABLES16)
+        grouped, grouped_cache = _steps(model, 4, PROMPTS16, TABLES16, adapters)
     with _threads(1):
         assert _row_groups(model, 16) == 1
-        whole, whole_cache = _steps(model, 4, PROMPTS16, TABLES16)
+        whole, whole_cache = _steps(model, 4, PROMPTS16, TABLES16, adapters)
     weights = [layer.decode_weights for layer in model.model.layers]
     for layer in model.model.layers:
         layer.decode_weights = None  # the module path
-    plain, plain_cache = _steps(model, 4, PROMPTS16, TABLES16)
+    plain, plain_cache = _steps(model, 4, PROMPTS16, TABLES16, adapters)
     for layer, w in zip(model.model.layers, weights, strict=True):
         layer.decode_weights = w
     used = _written_slots(4, PROMPTS16, TABLES16)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
@@ -32,6 +32,7 @@ from qwenkit.kernels import ops as kernel_ops
 from qwenkit.memory import check_fits
 from qwenkit.model import Transformer
 from qwenkit.model.rope import inv_freq
+from qwenkit.model.served_adapters import AdapterNotServable, LoRAPair, check_servable, serve_adapters
 
 if TYPE_CHECKING:
     from qwenkit.quant.affine import AffineWeight
@@ -133,14 +134,19 @@ def load_model(
     adapter: str | Path | None = None,
     dequantize: bool = False,
     fast_kernels: bool = False,
+    adapters: Mapping[str, str | Path] | None = None,
 ) -> tuple[Transformer, ModelConfig]:
     """Load any supported checkpoint. ``context``/``batch`` size the memory check for the KV cache.
 
     With ``tensor_parallel`` (every rank of the group calls this together), the model is this rank's
     shard: built from the shard's config, loaded with only this rank's slices, and returning full logits;
     the returned config is the shard's heads and FFN width (its KV cache is this rank's share) with the
-    whole vocabulary. ``adapter``: a peft-format LoRA directory applied on top (unmerged, through
-    finetune's layer type).
+    whole vocabulary. ``adapter``: a peft-format LoRA directory applied to every token (unmerged);
+    ``adapters``: name -> directory, each applied to the requests that name it (``SamplingParams.
+    adapter``), the others running on the base model. Both run as side paths beside the base layers,
+    which stay as fast as without them (``model.served_adapters``); an ``adapter`` under tensor
+    parallelism, or one that adapts routed experts or routers, wraps its layers in finetune's
+    ``LoRALinear`` instead (unfused, unpacked: slower).
 
     A GGUF file's quantized projections and embedding run in the file's own precision (integer codes,
     no float copy); ``dequantize`` decodes them to ``dtype`` instead (float weights, as before; other
@@ -180,6 +186,8 @@ def load_model(
 
     with torch.device("meta"), _no_init():
         model = Transformer(config)
+    served = _served_adapters(model, adapter, adapters, tensor_parallel)
+    wrapped_adapter = adapter if served is None else None  # finetune's LoRALinear layers
     if config.quantization:
         from qwenkit.quant import prepare_quantized_model
 
@@ -193,12 +201,12 @@ def load_model(
         dequantize,
         fast_kernels,
         keep_quantized,
-        prepared=tensor_parallel is None and adapter is None,
+        prepared=tensor_parallel is None and wrapped_adapter is None,
     )
     if cache is not None:
         cached = prepared_cache.load(cache, config, model)
         if cached is not None:
-            return cached, cached.config  # type: ignore[return-value]
+            return _with_served(cached, served, adapter), cached.config  # type: ignore[arg-type]
     builder = None
     if keep_quantized or quantize:
         from qwenkit.quant.on_load import LayerBuilder
@@ -222,17 +230,17 @@ def load_model(
         finalize_quantized_model(model)  # pack for the device's kernel now, not on the first forward
     model.rotary.inv_freq = inv_freq(config).to(device)
     model.eval().requires_grad_(False)
-    if adapter is not None:
+    if wrapped_adapter is not None:
         from qwenkit.finetune.adapter_io import load_adapter
 
         part = None
         if tensor_parallel is not None:  # this rank's rows of B or columns of A, as its layers' slices
             part = functools.partial(shard_lora, tp=tensor_parallel)
-        load_adapter(model, adapter, part)
+        load_adapter(model, wrapped_adapter, part)
         model.requires_grad_(False)
     if tensor_parallel is not None:
         parallelize(model, tensor_parallel)
-    elif fast_kernels and adapter is None:
+    elif fast_kernels and wrapped_adapter is None:
         from qwenkit.quant.dense import pack_dense_for_cpu
         from qwenkit.quant.fused import fuse_for_inference
 
@@ -241,7 +249,56 @@ def load_model(
         fuse_for_inference(model, release_parts=True)  # q/k/v and gate/up as one product each
     if cache is not None:
         prepared_cache.store(cache, model)
-    return model, model.config
+    return _with_served(model, served, adapter), model.config
+
+
+def _served_adapters(
+    model: Transformer,
+    adapter: str | Path | None,
+    adapters: Mapping[str, str | Path] | None,
+    tensor_parallel: TensorParallel | None,
+) -> dict[str, dict[str, LoRAPair]] | None:
+    """Name -> the pairs of each adapter to serve as side paths (read, checked by name only, on the
+    model's skeleton); None where there is none, or where the one ``adapter`` must be wrapped instead."""
+    if adapter is not None and adapters:
+        raise ConfigError("give one adapter for every request or named adapters, not both")
+    if adapter is None and not adapters:
+        return None
+    from qwenkit.finetune.adapter_io import adapter_pairs
+
+    named = {_adapter_name(adapter): adapter} if adapter is not None else dict(adapters or {})
+    if tensor_parallel is not None:
+        if adapters:
+            raise ConfigError("named adapters (--lora-modules) do not run under tensor parallelism yet")
+        return None
+    served = {name: adapter_pairs(model, path)[1] for name, path in named.items()}
+    for name, pairs in served.items():
+        for module in pairs:
+            try:
+                check_servable(module, name)
+            except AdapterNotServable:
+                if adapter is None:
+                    raise
+                return None
+    return served
+
+
+def _adapter_name(path: str | Path) -> str:
+    return Path(path).resolve().name or str(path)
+
+
+def _with_served(
+    model: Transformer, served: dict[str, dict[str, LoRAPair]] | None, adapter: str | Path | None
+) -> Transformer:
+    """``model`` with the adapters as side paths (the one ``adapter``: the default of every token)."""
+    if served is None:
+        return model
+    serve_adapters(model, served, default=_adapter_name(adapter) if adapter is not None else None)
+    if any(layer.decode_weights is not None for layer in model.model.layers):
+        from qwenkit.quant.fused import plan_decode_layers
+
+        plan_decode_layers(model)  # the whole-layer decode calls, now with the adapters' updates
+    return model
 
 
 def _prepared_cache_entry(

@@ -134,9 +134,33 @@ def build_parser() -> argparse.ArgumentParser:
         default=int(_env("response_cache", 512)),
         help="repeated deterministic requests remembered (0: off)",
     )
+    e.add_argument(
+        "--lora-modules",
+        nargs="+",
+        metavar="NAME=DIR",
+        default=(_env("lora_modules") or "").split(),
+        help="peft-format LoRA adapters served beside the base model, each chosen by a request's "
+        '"model": NAME (vLLM\'s flag; the base model stays served under its own name)',
+    )
     add_tensor_parallel_arg(parser)
     parser.set_defaults(tensor_parallel=int(_env("tensor_parallel", 1)))
     return parser
+
+
+def lora_modules(items: list[str]) -> dict[str, str]:
+    """``--lora-modules`` NAME=DIR items -> {name: directory}, each checked."""
+    modules: dict[str, str] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        name, path = name.strip(), path.strip()
+        if not sep or not name or not path:
+            raise ConfigError(f"--lora-modules takes NAME=DIR items, got {item!r}")
+        if name in modules:
+            raise ConfigError(f"--lora-modules names {name!r} twice")
+        if not Path(path).is_dir():
+            raise ConfigError(f"--lora-modules {name}: {path} is not a directory")
+        modules[name] = path
+    return modules
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,6 +221,18 @@ def _check(args: argparse.Namespace) -> str | None:
         raise ConfigError(f"--threads must be at least 1, got {args.threads}")
     if args.kv_cache_memory:
         parse_bytes(args.kv_cache_memory)
+    if args.lora_modules:
+        lora_modules(args.lora_modules)
+        if args.adapter:
+            raise ConfigError(
+                "give --adapter (every request) or --lora-modules (chosen per request), not both"
+            )
+        if args.tensor_parallel > 1:
+            raise ConfigError(
+                "--lora-modules does not run under --tensor-parallel yet; merge the adapter instead"
+            )
+        if args.served_model_name in lora_modules(args.lora_modules):
+            raise ConfigError(f"--served-model-name {args.served_model_name!r} is also a --lora-modules name")
     return api_key
 
 
@@ -220,6 +256,7 @@ def load(args: argparse.Namespace, tp=None):
         progress=tp is None or tp.rank == 0,
         tensor_parallel=tp,
         adapter=args.adapter,
+        adapters=lora_modules(args.lora_modules) or None,
         dequantize=gguf_dequantize(args, path),
         cuda_graphs=args.cuda_graphs,
     )
@@ -234,7 +271,11 @@ def serve(args: argparse.Namespace, api_key: str | None, llm, listener: socket.s
 
     path = resolve_model(args.model)
     name = args.served_model_name or (path.stem if path.suffix == ".gguf" else path.name)
+    adapters = lora_modules(args.lora_modules)
+    if name in adapters:
+        raise ConfigError(f"the model is served as {name!r}, which is also a --lora-modules name")
     config = ServerConfig(
+        lora_modules=tuple(adapters.items()),
         served_model_name=name,
         api_key=api_key,
         allowed_origins=tuple(args.allowed_origins),

@@ -132,6 +132,22 @@ class Engine:
             raise SamplingParamsError(f"stop token id {bad[0]} is outside the vocabulary")
         if params.grammar is not None and self.grammar_compiler is None:
             raise SamplingParamsError("constrained decoding (a grammar) is not enabled on this engine")
+        self._adapter_slot(params.adapter)
+
+    def _adapter_slot(self, name: str | None) -> int:
+        """The served adapter slot of a request naming adapter ``name`` (None: the default)."""
+        bank = self.model.adapters
+        if bank is None:
+            if name is not None:
+                raise SamplingParamsError(
+                    f"adapter {name!r} was asked for, but this model serves no adapters"
+                )
+            return 0
+        try:
+            return bank.slot(name)
+        except KeyError:
+            served = ", ".join(bank.names)
+            raise SamplingParamsError(f"adapter {name!r} is not served here (served: {served})") from None
 
     def add_request(
         self, prompt_ids: Sequence[int], params: SamplingParams | None = None, request_id: RequestId = None
@@ -146,8 +162,11 @@ class Engine:
             raise SamplingParamsError(f"request id {request_id!r} is already in use")
         request = Request(request_id, list(prompt_ids), params)
         request.ntk_alpha = self.model.ntk_alpha(len(prompt_ids))
-        if request.ntk_alpha != 1.0:
-            request.cache_key = f"ntk={request.ntk_alpha}".encode()
+        request.adapter_slot = self._adapter_slot(params.adapter)
+        keys = [f"ntk={request.ntk_alpha}"] if request.ntk_alpha != 1.0 else []
+        if request.adapter_slot:  # an adapter's K/V are not the base model's
+            keys.append(f"adapter={self.model.adapters.name(request.adapter_slot)}")
+        request.cache_key = ",".join(keys).encode()
         if not params.greedy:
             seed = params.seed if params.seed is not None else random.getrandbits(63)
             request.generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -236,6 +255,7 @@ class Engine:
         ids: list[int] = []
         positions: list[int] = []
         alphas: list[float] = []
+        slots: list[int] = []
         logits_index: list[int] = []
         where: dict[int, tuple[int, int]] = {}
         decode_rows, chunk_rows = [], []
@@ -245,6 +265,7 @@ class Engine:
             ids += request.all_ids[start:end]
             positions += range(start, end)
             alphas += [request.ntk_alpha] * n
+            slots += [request.adapter_slot] * n
             if n == 1:
                 decode_rows.append((request.block_table, start))
             else:
@@ -263,6 +284,7 @@ class Engine:
             logits_index,
             decode_rows,
             chunk_rows,
+            slots if self.model.adapters is not None else None,
         )
         if self.before_forward is not None:
             self.before_forward(call)

@@ -24,6 +24,7 @@ class ForwardCall:
     logits_index: list[int]  # which tokens get logits
     decode_rows: list[tuple[list[int], int]]  # (block table, position) of one-token rows
     chunk_rows: list[tuple[list[int], int, int]]  # (block table, start, length) of the other rows
+    adapter_slots: list[int] | None = None  # per token, with served adapters
 
 
 def run_forward(model: Transformer, cache: PagedKVCache, call: ForwardCall) -> torch.Tensor:
@@ -40,6 +41,7 @@ def run_forward(model: Transformer, cache: PagedKVCache, call: ForwardCall) -> t
         cache=attention,
         ntk_alphas=torch.tensor([call.ntk_alphas]) if call.ntk_alphas is not None else None,
         logits_index=None if every else torch.tensor(call.logits_index, dtype=torch.long, device=dev),
+        adapter_slots=call.adapter_slots,
     )
     logits = logits[0] if every else logits  # (1, N, V) -> (N, V)
     return logits if on_kernels(logits) else logits.float()

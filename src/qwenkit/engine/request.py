@@ -39,6 +39,7 @@ class Request:
     finish_reason: FinishReason | None = None
     error: str | None = None
     ntk_alpha: float = 1.0
+    adapter_slot: int = 0  # the served adapter its tokens run through (0: the base model)
     cache_key: bytes = b""  # mixed into block hashes: what besides the tokens changes the K/V
     generator: torch.Generator | None = None
     seen: TokenCounts | None = None  # prompt and output tokens, for the repetition penalty

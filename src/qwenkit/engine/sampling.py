@@ -30,6 +30,9 @@ class SamplingParams:
     # A grammar the output must match (the grammar engine's own text, e.g. llguidance's); compiled by the
     # engine's ``grammar_compiler`` into a per-request token mask. A string keeps the params hashable.
     grammar: str | None = None
+    # The served LoRA adapter this request runs through, by name (``model.served_adapters``); None: the
+    # engine's default (the base model, or the one adapter loaded with ``--adapter``).
+    adapter: str | None = None
 
     def __post_init__(self) -> None:
         checks = [

@@ -25,6 +25,7 @@ from qwenkit.errors import CheckpointError
 from qwenkit.finetune.lora import VLLM_DEFAULT_MAX_RANK, LoRAConfig, LoRALinear, apply_lora, lora_modules
 from qwenkit.finetune.stacked_experts import from_stacked, is_stacked
 from qwenkit.finetune.v1_names import from_v1, is_v1, to_v1
+from qwenkit.model.served_adapters import LoRAPair
 
 # (module name, lora_A, lora_B) -> the part of the pair a model holds (a tensor-parallel rank's slices)
 PairPart = Callable[[str, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -176,12 +177,9 @@ def _read_tensors(d: Path) -> dict[str, torch.Tensor]:
     raise CheckpointError(f"{d}: neither {WEIGHTS_NAME} nor {LEGACY_WEIGHTS_NAME} found")
 
 
-@torch.no_grad()
-def load_adapter(model: nn.Module, path: str | Path, part: PairPart | None = None) -> LoRAConfig:
-    """Wrap the adapter's modules in ``LoRALinear`` and fill them; shapes must match this model exactly.
-
-    ``part``: (module name, lora_A, lora_B) -> the pair this model holds of them (a tensor-parallel rank's
-    slices, ``distributed.plan.shard_lora``); the pairs are checked against the model after it."""
+def adapter_pairs(model: nn.Module, path: str | Path) -> tuple[LoRAConfig, dict[str, LoRAPair]]:
+    """The adapter's config and its update of each module, under this model's module names (a Qwen v1
+    adapter's fused ``c_attn`` split into q/k/v, stacked experts into one pair per expert)."""
     config, grouped, _ = read_adapter(path)
 
     def scaling_of(name: str, r: int) -> float:
@@ -193,23 +191,32 @@ def load_adapter(model: nn.Module, path: str | Path, part: PairPart | None = Non
         modules = from_stacked(grouped, model, scaling_of, lambda name: config.for_module(name)[0])
     else:
         modules = {n: (pair, scaling_of(n, pair["lora_A"].shape[0])) for n, pair in grouped.items()}
+    return config, {n: LoRAPair(p["lora_A"], p["lora_B"], scaling) for n, (p, scaling) in modules.items()}
+
+
+@torch.no_grad()
+def load_adapter(model: nn.Module, path: str | Path, part: PairPart | None = None) -> LoRAConfig:
+    """Wrap the adapter's modules in ``LoRALinear`` and fill them; shapes must match this model exactly.
+
+    ``part``: (module name, lora_A, lora_B) -> the pair this model holds of them (a tensor-parallel rank's
+    slices, ``distributed.plan.shard_lora``); the pairs are checked against the model after it."""
+    config, pairs = adapter_pairs(model, path)
     if part is not None:
-        for name, (pair, _) in modules.items():
-            pair["lora_A"], pair["lora_B"] = part(name, pair["lora_A"], pair["lora_B"])
-    missing = [n for n in modules if not _has_linear(model, n)]
+        pairs = {n: LoRAPair(*part(n, p.a, p.b), p.scaling) for n, p in pairs.items()}
+    missing = [n for n in pairs if not _has_linear(model, n)]
     if missing:
         raise CheckpointError(f"{path}: adapter targets {missing[0]}, which this model does not have")
     # Exact module names: only the modules the file names get an adapter.
     exact = {
-        "target_modules": tuple(modules),
+        "target_modules": tuple(pairs),
         "layers_to_transform": None,
         "rank_pattern": {},
         "alpha_pattern": {},
     }
     apply_lora(model, LoRAConfig(**{**config.__dict__, **exact}))
     wrapped = lora_modules(model)
-    for name, (pair, scaling) in modules.items():
-        _fill(wrapped[name], name, pair, scaling, path)
+    for name, pair in pairs.items():
+        _fill(wrapped[name], name, pair, path)
     return config
 
 
@@ -221,8 +228,8 @@ def _has_linear(model: nn.Module, name: str) -> bool:
     return hasattr(m, "in_features") and hasattr(m, "out_features")
 
 
-def _fill(m: LoRALinear, name: str, pair: dict[str, torch.Tensor], scaling: float, path) -> None:
-    a, b = pair["lora_A"], pair["lora_B"]
+def _fill(m: LoRALinear, name: str, pair: LoRAPair, path) -> None:
+    a, b, scaling = pair.a, pair.b, pair.scaling
     r = a.shape[0]
     if (
         a.dim() != 2

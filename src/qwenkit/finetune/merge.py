@@ -17,6 +17,7 @@ from qwenkit.checkpoint import load_model
 from qwenkit.checkpoint.loader import DTYPES
 from qwenkit.checkpoint.output_dir import atomic_output_dir, check_out_dir
 from qwenkit.errors import ConfigError
+from qwenkit.finetune.adapter_io import load_adapter
 from qwenkit.finetune.export import check_exportable, write_model_dir
 from qwenkit.finetune.lora import adapters_disabled, merge_lora
 
@@ -46,7 +47,8 @@ def merge(
     out = Path(out)
     check_out_dir(out, overwrite, Path(model_path))
     check_exportable(model_path)
-    model, config = load_model(model_path, "float32", adapter=adapter, progress=False, dequantize=True)
+    model, config = load_model(model_path, "float32", progress=False, dequantize=True)
+    load_adapter(model, adapter)  # LoRALinear layers, which merge_lora folds in
     probe = PROBE.clamp(max=config.vocab_size - 1)
     with torch.no_grad():
         before = model(probe)

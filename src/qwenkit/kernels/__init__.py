@@ -35,6 +35,7 @@ Imports only torch, the standard library and qwenkit.errors; model/ and quant/ m
     kernels.rms_norm(x, w, eps), kernels.silu_mul(x), kernels.rope_(x, cos, sin),
     kernels.decode_attention(q, k, v, gather, pos, scale)
         # the decode step's small ops (bf16), one call each
+    kernels.lora_add_(y, x, a, bt, slots)         # served LoRA adapters' updates of y's rows, in place
     run = kernels.decode_run([DecodeLayerWeights(...), ...], k_pools, v_pools)  # held by the library
     kernels.decode_layers(x, run, slots, gather, pos, cos, sin)
         # a decode step's decoder layers for its rows, each as the ops above, all in one call
@@ -104,6 +105,7 @@ from qwenkit.kernels.step_ops import (
     decode_run,
     finite_rows,
     logsumexp,
+    lora_add_,
     moe_experts,
     prefill_attention,
     prefill_attention_runs,
@@ -155,6 +157,7 @@ __all__ = [
     "linear_int8",
     "linear_q6_k",
     "logsumexp",
+    "lora_add_",
     "moe_experts",
     "prefill_attention",
     "prefill_attention_runs",

@@ -94,6 +94,15 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
     return op("silu_mul")(x)
 
 
+def lora_add_(
+    y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, slots: torch.Tensor
+) -> None:
+    """Served LoRA adapters' updates, in place: row m of bf16 y (M, N) gains ``bf16(bt[s-1].T @ (a[s-1]
+    @ x[m]))`` for its slot s = slots[m] (0: none), with float32 a (S, R, K), bt (S, R, N) and bf16 x
+    (M, K); each row's sums in an order fixed whatever the other rows are."""
+    op("lora_add_")(y, x, a, bt, slots)
+
+
 def decode_attention(
     q: torch.Tensor,
     k_pool: torch.Tensor,
@@ -170,8 +179,9 @@ class DecodeLayerWeights:
     heads, head dim, then per linear (k's and v's last): bits (16 for bf16, 0 absent), group size,
     outputs, zero point, bias mode (0 none, 1 added before rounding, 2 added to the rounded output); then
     a MoE layer's routed experts, top k and whether the top k weights are renormalized (0, 0, 0 for a
-    dense layer). floats: the two norms' eps, the attention scale, the q and k norms' eps. experts: a
-    MoE layer's routed experts.
+    dense layer); then served LoRA adapters' a and bt (:func:`lora_add_`) of q/k/v (their outputs side
+    by side), o, gate/up and down (empty where absent). floats: the two norms' eps, the attention scale,
+    the q and k norms' eps. experts: a MoE layer's routed experts.
     """
 
     tensors: list[torch.Tensor]
@@ -216,14 +226,16 @@ def decode_layers(
     positions: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
+    adapters: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Consecutive decoder layers for a decode step's rows x (M <= 16, hidden) bf16, in one call, each
     bit for bit what its modules compute: layer i of the run writes the step's K/V into its pools at
     ``slots``, attends as :func:`decode_attention` over ``gather``/``positions`` and rotates with cos/sin
     (1, M, rot) as :func:`rope_`. Returns (M, hidden). One call for all layers: a call per layer cost
     about 15 us of Python and argument parsing (the bundled model decodes 4.6% faster at batch 1). The
-    rows go through in :func:`decode_row_groups` groups side by side, with the same results."""
-    return op("decode_layers")(run.handle, x, slots, gather, positions, cos, sin)
+    rows go through in :func:`decode_row_groups` groups side by side, with the same results.
+    ``adapters``: each row's served LoRA adapter slot, for the layers' :func:`lora_add_` updates."""
+    return op("decode_layers")(run.handle, x, slots, gather, positions, cos, sin, adapters)
 
 
 def decode_row_groups(run: DecodeRun, rows: int) -> int:

@@ -6,7 +6,9 @@ v1-specific behaviour left here is switched by config: dynamic NTK, LogN and flo
 
 from __future__ import annotations
 
+import contextlib
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +21,7 @@ from qwenkit.model.mlp import MLP
 from qwenkit.model.moe import MoEMLP
 from qwenkit.model.norm import RMSNorm
 from qwenkit.model.rope import RotaryEmbedding, logn_scale, ntk_alpha_for_length
+from qwenkit.model.served_adapters import AdapterBank
 
 
 def segment_mask(segment_ids: torch.Tensor) -> torch.Tensor:
@@ -113,6 +116,8 @@ class Transformer(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = RotaryEmbedding(config)
+        # LoRA adapters served beside the base weights (``served_adapters.serve_adapters``), or None
+        self.adapters: AdapterBank | None = None
 
     def forward(
         self,
@@ -122,6 +127,7 @@ class Transformer(nn.Module):
         ntk_alphas: list[float] | torch.Tensor | None = None,
         logits_index: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
+        adapter_slots: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, V), or (K, V) at ``logits_index`` when given.
 
@@ -130,7 +136,28 @@ class Transformer(nn.Module):
         logits_index: (K,) indices into the flattened B*T tokens; only those get the output head.
         segment_ids: (B, T) int, for rows that pack several sequences: a token attends only to earlier
         tokens of its own segment (pass each segment's positions from 0 too). Not with a cache.
+        adapter_slots: with served adapters, the slot of each of the B*T tokens (``AdapterBank``; default:
+        the bank's default adapter for every token).
         """
+        B, T = input_ids.shape
+        selected = (
+            self.adapters.selected(adapter_slots, B * T, input_ids.device)
+            if self.adapters is not None
+            else contextlib.nullcontext(False)
+        )
+        with selected as adapted:
+            return self._forward(input_ids, positions, cache, ntk_alphas, logits_index, segment_ids, adapted)
+
+    def _forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None,
+        cache: KVCache | None,
+        ntk_alphas: list[float] | torch.Tensor | None,
+        logits_index: torch.Tensor | None,
+        segment_ids: torch.Tensor | None,
+        adapted: bool,
+    ) -> torch.Tensor:
         B, T = input_ids.shape
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
@@ -150,7 +177,7 @@ class Transformer(nn.Module):
         inputs = AttentionInputs(cos=cos, sin=sin, logn=logn, cache=cache, mask=mask)
         # A decode step the cache can hand to kernels.decode_layers (every row one token, B == 1 as the
         # engine flattens its rows) runs each run of consecutive layers that have decode weights as one
-        # call, x kept 2-D; any other layer runs its modules.
+        # call, x kept 2-D, served adapters' updates included; any other layer runs its modules.
         layers = self.model.layers
         pools = cache.decode_pools() if cache is not None and logn is None and B == 1 else None
         runs = _decode_runs(self, layers, pools) if pools is not None else {}
@@ -162,7 +189,10 @@ class Transformer(nn.Module):
                 i += 1
                 continue
             rot = (cos[:, 0], sin[:, 0])  # (1, rows, rot), RoPE's dtype
-            x = kernels.decode_layers(x[0], run, pools.slots, pools.gather, pools.positions, *rot)[None]
+            slots = self.adapters.slots if adapted else None
+            x = kernels.decode_layers(x[0], run, pools.slots, pools.gather, pools.positions, *rot, slots)[
+                None
+            ]
             i += run.layers
         if logits_index is not None:
             x = x.reshape(B * T, -1)[logits_index]  # (K, hidden)

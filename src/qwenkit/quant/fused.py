@@ -32,6 +32,7 @@ from qwenkit.model.attention import Attention
 from qwenkit.model.mlp import MLP
 from qwenkit.model.moe import MoEMLP
 from qwenkit.model.norm import RMSNorm
+from qwenkit.model.served_adapters import LoRAProjection, stack_lora
 from qwenkit.model.transformer import DecoderLayer
 from qwenkit.quant.dense import PackedBf16Linear
 from qwenkit.quant.kernels.avx512 import (
@@ -238,9 +239,24 @@ def decode_layer_weights(layer: DecoderLayer) -> kernels.DecodeLayerWeights | No
     else:
         router, routing = [_ABSENT, _ABSENT], [0, 0, 0]
     experts = mlp.expert_weights if moe else None
+    products = [qkv, [attn.o_proj]]
+    if dense is not None:
+        products += [[dense.gate_up_silu.linear], [dense.down_proj]]
+    lora = [t for parts in products for t in _lora_args(parts)] + [_ABSENT] * 4 * (dense is None)
     return kernels.DecodeLayerWeights(
-        tensors + extra_tensors + router, ints + extra_ints + routing, floats, experts
+        tensors + extra_tensors + router + lora, ints + extra_ints + routing, floats, experts
     )
+
+
+def _lora_args(parts: list[nn.Module]) -> list[torch.Tensor]:
+    """The served adapters' (a, bt) of one product of the layer (``kernels.lora_add_``): q/k/v's, when
+    they are three products, stacked over their outputs side by side; two empty tensors where none of
+    the parts has a side path."""
+    if not any(type(p) is LoRAProjection for p in parts):
+        return [_ABSENT, _ABSENT]
+    if len(parts) == 1:
+        return [parts[0].lora_a, parts[0].lora_bt]
+    return list(stack_lora(parts))
 
 
 def _ffn_args(mlp: MLP) -> tuple[list[torch.Tensor], list[int]] | None:
@@ -256,7 +272,10 @@ def _ffn_args(mlp: MLP) -> tuple[list[torch.Tensor], list[int]] | None:
 
 def _linear_args(m: nn.Module) -> tuple[list[torch.Tensor], list[int]] | None:
     """(weight, scale, shift, bias) and (bits, group size, outputs, zero point, bias mode) of one linear
-    as ``kernels.decode_layers`` reads them, or None when it does not run on qwenkit's kernels."""
+    as ``kernels.decode_layers`` reads them, or None when it does not run on qwenkit's kernels. A
+    projection with served adapters gives its base's (:func:`decode_layer_weights` adds the rest)."""
+    if type(m) is LoRAProjection:
+        m = m.base
     if type(m) is PackedBf16Linear:
         bias = _ABSENT if m.bias is None else m.bias
         mode = 0 if m.bias is None else 1  # the bf16 kernel adds it in fp32, before rounding

@@ -98,7 +98,12 @@ def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
             "owned_by": "qwenkit",
             "max_model_len": llm.engine.max_seq_len,
         }
-        return {"object": "list", "data": [card]}
+        # vLLM's cards of served LoRA adapters: root is the adapter's directory, parent the base model
+        adapters = [
+            {**card, "id": name, "root": path, "parent": state.model_name}
+            for name, path in state.config.lora_modules
+        ]
+        return {"object": "list", "data": [card, *adapters]}
 
     @app.get("/health")
     async def health() -> Response:

@@ -369,10 +369,14 @@ def chat_prompt(llm: LLM, body: ChatCompletionRequest) -> list[int]:
 
 async def chat_completions(state: ServerState, body: ChatCompletionRequest, request: Request):
     llm = state.llm
-    state.check_model(body.model)
+    adapter = state.check_model(body.model)
     prompt_ids = await asyncio.to_thread(chat_prompt, llm, body)
     plan = await asyncio.to_thread(plan_tools, llm, body, prompt_ids)
-    extra = {"logprobs": (body.top_logprobs or 0) if body.logprobs else None, "grammar": plan.grammar}
+    extra = {
+        "logprobs": (body.top_logprobs or 0) if body.logprobs else None,
+        "grammar": plan.grammar,
+        "adapter": adapter,
+    }
     params = sampling_params(llm, body, len(prompt_ids), None, **extra)
     if plan.stop:
         params = replace(params, stop=(*params.stop, *plan.stop))
@@ -380,7 +384,8 @@ async def chat_completions(state: ServerState, body: ChatCompletionRequest, requ
     run.start()
     created, rid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
     hidden = llm.eos_token_ids | frozenset(params.stop_token_ids)
-    head = {"id": rid, "created": created, "model": state.model_name, "system_fingerprint": state.fingerprint}
+    model = state.response_model(adapter)
+    head = {"id": rid, "created": created, "model": model, "system_fingerprint": state.fingerprint}
     if body.stream:
         return streaming_response(_chat_events(run, head, body, hidden, plan))
     await collect(run, request)
@@ -493,7 +498,7 @@ async def _chat_events(
 
 async def completions(state: ServerState, body: CompletionRequest, request: Request):
     llm = state.llm
-    state.check_model(body.model)
+    adapter = state.check_model(body.model)
     if body.suffix:
         raise APIError(400, "suffix is not supported", "suffix", "unsupported")
     prompts = [llm.encode(p) for p in body.prompts()]
@@ -503,6 +508,7 @@ async def completions(state: ServerState, body: CompletionRequest, request: Requ
         extra = {
             "logprobs": body.logprobs,
             "prompt_logprobs": body.logprobs if (body.echo and wants_logprobs) else None,
+            "adapter": adapter,
         }
         params = sampling_params(llm, body, len(prompt_ids), 16, **extra)
         for p in choice_params(params, body.n):
@@ -510,7 +516,8 @@ async def completions(state: ServerState, body: CompletionRequest, request: Requ
     run = Run(state, choices)
     run.start()
     created, rid = int(time.time()), f"cmpl-{uuid.uuid4().hex}"
-    head = {"id": rid, "created": created, "model": state.model_name, "system_fingerprint": state.fingerprint}
+    model = state.response_model(adapter)
+    head = {"id": rid, "created": created, "model": model, "system_fingerprint": state.fingerprint}
     if body.stream:
         return streaming_response(_completion_events(run, head, body))
     await collect(run, request)

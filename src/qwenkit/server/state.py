@@ -20,6 +20,7 @@ class ServerConfig:
     max_queue: int = 256  # waiting requests (beyond the running batch) before 429
     request_timeout: float | None = None  # seconds, arrival to last token
     response_cache_entries: int = 512  # 0 turns the response cache off
+    lora_modules: tuple[tuple[str, str], ...] = ()  # (name, directory) of each adapter served by name
 
 
 @dataclass
@@ -45,14 +46,25 @@ class ServerState:
     def model_name(self) -> str:
         return self.config.served_model_name
 
-    def check_model(self, name: str | None) -> None:
-        if name is not None and name != self.model_name:
-            raise APIError(
-                400,
-                f"the model {name!r} does not exist; this server serves {self.model_name!r}",
-                "model",
-                "model_not_found",
-            )
+    def check_model(self, name: str | None) -> str | None:
+        """The adapter a request for model ``name`` runs through (None: the server's default); an
+        unknown name is refused."""
+        adapters = dict(self.config.lora_modules)
+        if name is None or name == self.model_name:
+            return None
+        if name in adapters:
+            return name
+        served = ", ".join(repr(n) for n in (self.model_name, *adapters))
+        raise APIError(
+            404,
+            f"the model {name!r} does not exist; this server serves {served}",
+            "model",
+            "model_not_found",
+        )
+
+    def response_model(self, adapter: str | None) -> str:
+        """The "model" field of a response: the adapter's name where the request named one."""
+        return adapter or self.model_name
 
     def waiting_estimate(self) -> int:
         return max(self.active - self.llm.engine.scheduler.max_batch, 0)

@@ -30,11 +30,13 @@
 //   decode_gguf_blocks(blocks, ggml type, N, K) -> codes (N,K), scale, shift (K/32,N): Q8_0, Q4_0/1, Q5_0/1, Q4_K, Q5_K,
 //   IQ4_NL, IQ4_XS
 //   quantize_rtn(weight (N,K), bits, group, sym) -> codes (N,K), scales, zeros (G,N): --quantize's rounding
+//   lora_add_(y, x, a, bt, slots): served LoRA adapters' updates of a projection's rows, in place
 //   rms_norm(x, weight, eps), silu_mul([gate | up]), rope_(x, cos, sin), decode_attention(q, k pool, v pool, gather, positions,
 //   scale): the decode step's small ops, one call each instead of several torch kernels
 //   prefill_attention(q, k pool, v pool, slots, start, scale): a prompt chunk's causal attention on AMX, keys in place
 //   DecodeRun(per-layer weights, K pools, V pools): a run of decoder layers and their KV cache, held once;
-//   decode_layers(run, x, slots, gather, positions, cos, sin): a decode step through all of them, one call
+//   decode_layers(run, x, slots, gather, positions, cos, sin, adapters?): a decode step through all of them, one
+//   call (adapters: each row's served LoRA adapter slot)
 //
 // Integer weights are w[n,k] = (code[n,k] - zero_point) * scale + shift per group of `group_size` inputs
 // (zero_point one integer for the whole matrix: 8 for Q4_0 and symmetric int4, 128 for Q8_0). The
@@ -114,6 +116,7 @@ namespace {
 #include "step_ops.h"
 #include "decode_attention.h"
 #include "prefill_attention.h"
+#include "lora_update.h"
 #include "layer_linear.h"
 #include "moe_experts.h"
 #include "decode_layers.h"
@@ -158,6 +161,7 @@ TORCH_LIBRARY(qwenkit, m) {
       "int zero_point) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("silu_mul(Tensor x) -> Tensor");
+  m.def("lora_add_(Tensor(a!) y, Tensor x, Tensor a, Tensor bt, Tensor slots) -> ()");
   m.def("rope_(Tensor(a!) x, Tensor cos, Tensor sin) -> ()");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor gather, Tensor positions, float scale) -> Tensor");
   m.def("prefill_attention(Tensor q, Tensor k, Tensor v, Tensor slots, int start, float scale) -> Tensor");
@@ -168,7 +172,7 @@ TORCH_LIBRARY(qwenkit, m) {
       .def("layers", &DecodeRun::layers);
   m.def(
       "decode_layers(__torch__.torch.classes.qwenkit.DecodeRun run, Tensor x, Tensor slots, Tensor gather, "
-      "Tensor positions, Tensor cos, Tensor sin) -> Tensor");
+      "Tensor positions, Tensor cos, Tensor sin, Tensor? adapters) -> Tensor");
   m.def("decode_row_groups(__torch__.torch.classes.qwenkit.DecodeRun run, int rows) -> int", &decode_row_groups);
   m.def("moe_experts(Tensor x, Tensor ids, Tensor weights, Tensor[] tensors, int[] ints) -> Tensor");
 }
@@ -198,6 +202,7 @@ TORCH_LIBRARY_IMPL(qwenkit, CPU, m) {
   m.impl("dequantize_rows", &dequantize_rows);
   m.impl("rms_norm", &rms_norm);
   m.impl("silu_mul", &silu_mul);
+  m.impl("lora_add_", &lora_add_);
   m.impl("rope_", &rope_);
   m.impl("decode_attention", &decode_attention);
   m.impl("prefill_attention", &prefill_attention);

@@ -22,8 +22,9 @@ at::Tensor head_norm(const at::Tensor& x, const at::Tensor& weight, double eps) 
 // tensors: [input norm weight, post-attention norm weight, then per linear (q/k/v or q alone, o, gate/up,
 //           down): weight or codes, scale, shift, bias, then the q and k norm weights (Qwen3), then
 //           k and v as two more linears when q/k/v are three products, then a MoE layer's router weight
-//           and its shared expert's gate (Qwen2-MoE), packed for linear_bf16] (an empty tensor where
-//           absent; a MoE layer's gate/up and down are its shared expert's, or absent)
+//           and its shared expert's gate (Qwen2-MoE), packed for linear_bf16, then served LoRA adapters'
+//           a and bt (lora_add_) of q/k/v (all three outputs side by side), o, gate/up and down] (an empty
+//           tensor where absent; a MoE layer's gate/up and down are its shared expert's, or absent)
 // ints:    [H, Hkv, D, then per linear: bits (0: absent), group_size, N, zero_point, bias mode (0 none,
 //           1 added in fp32 before rounding, 2 added to the rounded output); k's and v's last; then a MoE
 //           layer's experts E (0: a dense feed-forward), top k and whether the top k weights are
@@ -32,12 +33,20 @@ at::Tensor head_norm(const at::Tensor& x, const at::Tensor& weight, double eps) 
 // experts, expert_ints: a MoE layer's E routed experts, 8 tensors and 10 ints each (gate/up, then down,
 //           as the linears above); empty for a dense layer.
 // x (M, hidden) bf16; pools (slots, Hkv, D) bf16, written at `slots` (M,); gather (M, S), positions (M,)
-// as decode_attention; cos/sin (1, M, rot) as rope_. Returns the layer's output (M, hidden).
-constexpr int64_t kLayerTensors = 30, kLayerInts = 36, kLayerFloats = 5;
+// as decode_attention; cos/sin (1, M, rot) as rope_; adapters (M,) each row's adapter slot for lora_add_
+// (undefined: none). Returns the layer's output (M, hidden).
+constexpr int64_t kLayerTensors = 38, kLayerInts = 36, kLayerFloats = 5;
+
+// y += the served adapters' update of a product with input x, where the layer has one for it (tensors
+// first, first + 1: a and bt) and the step has adapter rows.
+void add_lora(at::Tensor& y, const at::Tensor& x, at::TensorList tensors, int64_t first, const at::Tensor& adapters) {
+  if (adapters.defined() && tensors[first].numel()) lora_add_(y, x, tensors[first], tensors[first + 1], adapters);
+}
+
 at::Tensor decode_layer(const at::Tensor& x, at::TensorList tensors, at::IntArrayRef ints, at::ArrayRef<double> floats,
                         at::Tensor k_pool, at::Tensor v_pool, const at::Tensor& slots, const at::Tensor& gather,
                         const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin,
-                        at::TensorList experts, at::IntArrayRef expert_ints) {
+                        at::TensorList experts, at::IntArrayRef expert_ints, const at::Tensor& adapters) {
   TORCH_CHECK(static_cast<int64_t>(tensors.size()) == kLayerTensors && static_cast<int64_t>(ints.size()) == kLayerInts &&
                   static_cast<int64_t>(floats.size()) == kLayerFloats,
               "qwenkit decode_layer: expected ", kLayerTensors, " tensors, ", kLayerInts, " ints and ", kLayerFloats,
@@ -77,6 +86,7 @@ at::Tensor decode_layer(const at::Tensor& x, at::TensorList tensors, at::IntArra
   // GGUF file's Q4_K q/k and Q6_K v)
   at::Tensor qkv = three ? at::cat({run_linear(lin[0], h), run_linear(lin[4], h), run_linear(lin[5], h)}, 1)
                          : run_linear(lin[0], h);
+  add_lora(qkv, h, tensors, 30, adapters);
   at::Tensor heads = qkv.view({1, M, H + 2 * Hkv, D});
   if (tensors[18].numel()) {  // Qwen3: each q and k head normalized before RoPE, as the modules do
     heads.narrow(2, 0, H).copy_(head_norm(heads.narrow(2, 0, H), tensors[18], floats[3]));
@@ -99,12 +109,22 @@ at::Tensor decode_layer(const at::Tensor& x, at::TensorList tensors, at::IntArra
   at::Tensor q = qkv.view({M, H + 2 * Hkv, D}).narrow(1, 0, H);
   at::Tensor attn = decode_attention(q, k_pool, v_pool, gather, positions, floats[2]).view({M, H * D});
   at::Tensor y = run_linear(lin[1], attn);
+  add_lora(y, attn, tensors, 32, adapters);
   add_bf16_(y, x);  // x + o(attn)
   // feed-forward
   const at::Tensor h2 = rms_norm(y, tensors[1], floats[1]);
+  // the dense feed-forward, or a MoE layer's shared expert: down(silu(gate) * up), with their adapters
+  const auto feed_forward = [&]() {
+    at::Tensor gate_up = run_linear(lin[2], h2);
+    add_lora(gate_up, h2, tensors, 34, adapters);
+    const at::Tensor act = silu_mul(gate_up);
+    at::Tensor down = run_linear(lin[3], act);
+    add_lora(down, act, tensors, 36, adapters);
+    return down;
+  };
   at::Tensor out;
   if (E == 0) {
-    out = run_linear(lin[3], silu_mul(run_linear(lin[2], h2)));
+    out = feed_forward();
   } else {  // MoEMLP.route, then the routed experts (moe_experts): torch's own softmax, topk and sum
     const at::Tensor logits = linear_bf16(h2, tensors[28], c10::nullopt, E);
     auto [weights, ids] = at::topk(at::softmax(logits, -1, at::kFloat), top_k, -1);
@@ -113,7 +133,7 @@ at::Tensor decode_layer(const at::Tensor& x, at::TensorList tensors, at::IntArra
     if (lin[2].bits != 0) {  // Qwen2-MoE's shared expert behind its sigmoid gate, as MoEMLP.forward adds it
       TORCH_CHECK(lin[3].bits != 0 && tensors[29].numel(), "qwenkit decode_layer: a shared expert needs its ",
                   "down product and its gate");
-      const at::Tensor shared = run_linear(lin[3], silu_mul(run_linear(lin[2], h2)));
+      const at::Tensor shared = feed_forward();
       out = at::add(out, at::mul(at::sigmoid(linear_bf16(h2, tensors[29], c10::nullopt, 1)), shared));
     }
   }
@@ -122,7 +142,7 @@ at::Tensor decode_layer(const at::Tensor& x, at::TensorList tensors, at::IntArra
 }
 
 // A run of a model's consecutive decoder layers with their K/V pools, fixed for a model and its KV
-// cache, held here once: layer l's arguments are the l-th 28 tensors, 33 ints and 5 floats (as
+// cache, held here once: layer l's arguments are the l-th 38 tensors, 36 ints and 5 floats (as
 // decode_layer takes them) and its pools k_pools[l], v_pools[l]. Passing them with every step cost the
 // bundled 135M model about 90 us a step (converting ~900 tensors and ~1,000 ints), 2% of its batch-1 step.
 struct DecodeRun : torch::CustomClassHolder {
@@ -197,7 +217,7 @@ struct DecodeRun : torch::CustomClassHolder {
 // run->row_groups(M) groups taken through the layers side by side.
 at::Tensor decode_layers(const c10::intrusive_ptr<DecodeRun>& run, const at::Tensor& x, const at::Tensor& slots,
                          const at::Tensor& gather, const at::Tensor& positions, const at::Tensor& cos,
-                         const at::Tensor& sin) {
+                         const at::Tensor& sin, const c10::optional<at::Tensor>& adapters) {
   const at::TensorList tensors(run->tensors);
   const at::IntArrayRef ints(run->ints);
   const at::ArrayRef<double> floats(run->floats);
@@ -211,21 +231,22 @@ at::Tensor decode_layers(const c10::intrusive_ptr<DecodeRun>& run, const at::Ten
     const at::Tensor s = all ? slots : slots.narrow(0, r0, n), g = all ? gather : gather.narrow(0, r0, n);
     const at::Tensor p = all ? positions : positions.narrow(0, r0, n);
     const at::Tensor c = all ? cos : cos.narrow(1, r0, n), sn = all ? sin : sin.narrow(1, r0, n);
+    const at::Tensor a = !adapters.has_value() ? at::Tensor() : all ? *adapters : adapters->narrow(0, r0, n);
     for (int64_t l = 0; l < run->layers(); ++l) {
       const int64_t e0 = run->first_expert[l], e = run->first_expert[l + 1] - e0;
       h = decode_layer(h, tensors.slice(kLayerTensors * l, kLayerTensors), ints.slice(kLayerInts * l, kLayerInts),
                        floats.slice(kLayerFloats * l, kLayerFloats), run->k_pools[l], run->v_pools[l], s, g, p, c, sn,
                        at::TensorList(run->experts).slice(8 * e0, 8 * e),
-                       at::IntArrayRef(run->expert_ints).slice(10 * e0, 10 * e));
+                       at::IntArrayRef(run->expert_ints).slice(10 * e0, 10 * e), a);
     }
     return h;
   };
   const int64_t M = x.size(0), groups = run->row_groups(M);
   if (groups == 1) return through_layers(0, M);
   TORCH_CHECK(slots.size(0) == M && gather.size(0) == M && positions.size(0) == M && cos.size(1) == M &&
-                  sin.size(1) == M,
-              "qwenkit decode_layers: slots, gather, positions, cos and sin must have one entry per row of x (", M,
-              ")");
+                  sin.size(1) == M && (!adapters.has_value() || adapters->size(0) == M),
+              "qwenkit decode_layers: slots, gather, positions, cos, sin and adapters must have one entry per row of x (",
+              M, ")");
   at::Tensor out = at::empty_like(x);
   const at::ThreadLocalState caller;  // inference mode and the like: the other thread's ops run under them too
   parallel_parts(0, groups, 1, [&](int64_t g0, int64_t g1) {
