@@ -176,3 +176,24 @@ def run_engine(engine, prompts: list[list[int]], params) -> list[list[int]]:
         for o in engine.step():
             outs[o.request_id] += o.new_token_ids
     return [outs[i] for i in ids]
+
+
+def write_lora_adapter(
+    model_dir: Path, out: Path, seed: int, r: int = 4, targets=None, alpha: float = 8.0, std: float = 0.2
+) -> Path:
+    """A peft-format LoRA adapter for ``model_dir`` with random, non-zero B (a fresh adapter, B = 0, would
+    change nothing), written by qwenkit's own trainer code."""
+    from qwenkit.checkpoint import load_model
+    from qwenkit.finetune.adapter_io import save_adapter
+    from qwenkit.finetune.lora import LoRAConfig, apply_lora, lora_modules
+
+    model, _ = load_model(model_dir, "float32", progress=False)
+    config = LoRAConfig(r=r, alpha=alpha, dropout=0.0, **({"target_modules": targets} if targets else {}))
+    apply_lora(model, config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * std)
+    out.mkdir()
+    save_adapter(model, out, config, str(model_dir))
+    return out

@@ -25,7 +25,6 @@ def error_of(response: httpx.Response) -> dict:
         ({"messages": HELLO, "top_p": 0}, "top_p", "greater than 0"),
         ({"messages": HELLO, "n": 100}, "n", "less than or equal to 16"),
         ({"messages": HELLO, "max_tokens": 10**6}, "max_tokens", "maximum context length is 8192"),
-        ({"messages": HELLO, "model": "gpt-4"}, "model", "'gpt-4' does not exist"),
         ({"messages": []}, "messages", "at least 1 item"),
         ({"messages": [{"content": "hi"}]}, "messages.0.role", "Field required"),
         ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role", "Input should be"),
@@ -46,6 +45,17 @@ def test_bad_requests_are_400_naming_the_field(server, body, param, words):
     assert r.status_code == 400, r.text
     err = error_of(r)
     assert err["param"] == param and words in err["message"] and err["type"] == "invalid_request_error"
+
+
+def test_unknown_model_is_404(server):
+    r = httpx.post(server.url + CHAT, json={"messages": HELLO, "model": "gpt-4"})
+    assert r.status_code == 404, r.text
+    err = error_of(r)
+    assert (
+        err["param"] == "model"
+        and err["code"] == "model_not_found"
+        and "'gpt-4' does not exist" in err["message"]
+    )
 
 
 def test_bad_json_and_wrong_shapes(server):

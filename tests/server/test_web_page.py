@@ -402,3 +402,49 @@ def test_event_stream_parser_is_indifferent_to_where_network_reads_split_the_byt
         stream,
     )
     assert [json.loads(e) for e in events] == [['{"a":1}', "no-space", "two\nlines", "crlf\njoined", "é€😀"]]
+
+
+def test_a_server_with_lora_adapters_gets_a_model_picker(tiny_chat_model, tmp_path, open_page):
+    """With adapters served beside the base model (--lora-modules) the page shows a picker of the models;
+    the one picked is asked, the answer equals the API's for that model, and the pick is kept."""
+    from factories import write_lora_adapter
+    from live import LiveServer
+
+    from qwenkit.generate import LLM
+    from qwenkit.server import ServerConfig, create_app
+
+    adapter = str(write_lora_adapter(tiny_chat_model, tmp_path / "poet", seed=2, std=0.5))
+    llm = LLM.load(tiny_chat_model, max_batch_size=4, progress=False, adapters={"poet": adapter})
+    config = ServerConfig(served_model_name=MODEL, lora_modules=(("poet", adapter),))
+    try:
+        with LiveServer(create_app(llm, config)) as live:
+            page = open_page(live.url)
+            pick = page.locator("#model-pick")
+            expect(pick).to_be_visible()
+            assert pick.locator("option").all_inner_texts() == [MODEL, "poet"]
+            assert pick.input_value() == MODEL and page.locator("#model").is_hidden()
+            bodies = chat_bodies(page)
+            pick.select_option("poet")
+            open_settings(page)
+            page.fill("#temperature", "0")
+            page.fill("#max_tokens", "12")
+            page.fill("#prompt", "Name three colours.")
+            page.click("#send")
+            shown = answer(page, 0).locator(".body").inner_text()
+            assert bodies[0]["model"] == "poet"
+            assert page.locator(".message.assistant .who").first.text_content() == "poet"
+            messages = [{"role": "user", "content": "Name three colours."}]
+            direct = {
+                m: httpx.post(
+                    f"{live.url}/v1/chat/completions",
+                    json={"model": m, "messages": messages, "temperature": 0, "max_tokens": 12},
+                    timeout=60,
+                ).json()["choices"][0]["message"]["content"]
+                for m in ("poet", MODEL)
+            }
+            assert direct["poet"] != direct[MODEL]
+            assert " ".join(shown.split()) == " ".join(direct["poet"].split())
+            page.reload()
+            expect(page.locator("#model-pick")).to_have_value("poet")  # kept in this browser
+    finally:
+        llm.close()

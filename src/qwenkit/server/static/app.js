@@ -10,6 +10,7 @@ const sendButton = $("send");
 const stopButton = $("stop");
 const errorBox = $("error");
 const modelLabel = $("model");
+const modelPick = $("model-pick");
 const apiKeyInput = $("api-key");
 const systemInput = $("system");
 
@@ -17,6 +18,7 @@ const systemInput = $("system");
 const SAMPLING = { temperature: Number, top_p: Number, top_k: parseInt, max_tokens: parseInt, seed: parseInt };
 const SETTINGS_KEY = "qwenkit.chat.settings";
 const API_KEY_KEY = "qwenkit.chat.apiKey";
+const MODEL_KEY = "qwenkit.chat.model";
 
 let history = []; // [{role, content}], without the system prompt (it is read from its box at each send)
 let modelId = null;
@@ -302,9 +304,14 @@ function emptyHint() {
 async function refreshModel() {
   try {
     const ids = await listModels(apiKeyInput.value);
-    modelId = ids[0] ?? null;
+    const kept = store.get(MODEL_KEY);
+    modelId = ids.includes(kept) ? kept : (ids[0] ?? null);
     modelLabel.textContent = modelId ?? "no model";
     modelLabel.title = ids.join(", ");
+    // several models (a base and its LoRA adapters): a picker instead of the name
+    modelPick.replaceChildren(...ids.map((id) => new Option(id, id, false, id === modelId)));
+    modelPick.hidden = ids.length < 2;
+    modelLabel.hidden = ids.length >= 2;
   } catch (error) {
     modelId = null;
     modelLabel.textContent = "model unavailable";
@@ -314,6 +321,11 @@ async function refreshModel() {
 }
 
 // ---- wiring --------------------------------------------------------------------------------------
+
+modelPick.addEventListener("change", () => {
+  modelId = modelPick.value;
+  store.set(MODEL_KEY, modelId);
+});
 
 function autosize() {
   prompt.style.height = "auto";
