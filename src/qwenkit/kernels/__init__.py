@@ -35,7 +35,7 @@ Imports only torch, the standard library and qwenkit.errors; model/ and quant/ m
     kernels.rms_norm(x, w, eps), kernels.silu_mul(x), kernels.rope_(x, cos, sin),
     kernels.decode_attention(q, k, v, gather, pos, scale)
         # the decode step's small ops (bf16), one call each
-    kernels.lora_add_(y, x, a, bt, slots)         # served LoRA adapters' updates of y's rows, in place
+    kernels.lora_add_(y, x, *kernels.pack_lora(at, bt), slots)  # served LoRA adapters' updates, in place
     run = kernels.decode_run([DecodeLayerWeights(...), ...], k_pools, v_pools)  # held by the library
     kernels.decode_layers(x, run, slots, gather, pos, cos, sin)
         # a decode step's decoder layers for its rows, each as the ops above, all in one call
@@ -107,6 +107,7 @@ from qwenkit.kernels.step_ops import (
     logsumexp,
     lora_add_,
     moe_experts,
+    pack_lora,
     prefill_attention,
     prefill_attention_runs,
     rms_norm,
@@ -159,6 +160,7 @@ __all__ = [
     "logsumexp",
     "lora_add_",
     "moe_experts",
+    "pack_lora",
     "prefill_attention",
     "prefill_attention_runs",
     "prepare_bf16",

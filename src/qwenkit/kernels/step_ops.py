@@ -94,13 +94,26 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
     return op("silu_mul")(x)
 
 
+def pack_lora(at: torch.Tensor, bt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`lora_add_`'s tiles of float32 at (S, K, R), A transposed, and bt (S, R, N), B transposed,
+    R a multiple of 16: (S, R/16, K, 16) and (S, ceil(N/16), R, 16), N zero-padded, so that every pass
+    of the kernel reads its weights straight through memory."""
+    S, K, R = at.shape
+    N = bt.shape[2]
+    at_tiles = at.reshape(S, K, R // 16, 16).permute(0, 2, 1, 3).contiguous()
+    padded = torch.nn.functional.pad(bt, (0, -N % 16))
+    bt_tiles = padded.reshape(S, R, -1, 16).permute(0, 2, 1, 3).contiguous()
+    return at_tiles, bt_tiles
+
+
 def lora_add_(
-    y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, slots: torch.Tensor
+    y: torch.Tensor, x: torch.Tensor, at: torch.Tensor, bt: torch.Tensor, slots: torch.Tensor
 ) -> None:
-    """Served LoRA adapters' updates, in place: row m of bf16 y (M, N) gains ``bf16(bt[s-1].T @ (a[s-1]
-    @ x[m]))`` for its slot s = slots[m] (0: none), with float32 a (S, R, K), bt (S, R, N) and bf16 x
-    (M, K); each row's sums in an order fixed whatever the other rows are."""
-    op("lora_add_")(y, x, a, bt, slots)
+    """Served LoRA adapters' updates, in place: row m of bf16 y (M, N) gains ``bf16(B_s A_s x[m])`` for
+    its slot s = slots[m] (0: none), with bf16 x (M, K) and the adapters' pairs in :func:`pack_lora`'s
+    tiles (at, bt); each row's sums in an order fixed whatever the other rows are, A and B read once for
+    all the rows of an adapter."""
+    op("lora_add_")(y, x, at, bt, slots)
 
 
 def decode_attention(
@@ -179,7 +192,7 @@ class DecodeLayerWeights:
     heads, head dim, then per linear (k's and v's last): bits (16 for bf16, 0 absent), group size,
     outputs, zero point, bias mode (0 none, 1 added before rounding, 2 added to the rounded output); then
     a MoE layer's routed experts, top k and whether the top k weights are renormalized (0, 0, 0 for a
-    dense layer); then served LoRA adapters' a and bt (:func:`lora_add_`) of q/k/v (their outputs side
+    dense layer); then served LoRA adapters' at and bt (:func:`lora_add_`) of q/k/v (their outputs side
     by side), o, gate/up and down (empty where absent). floats: the two norms' eps, the attention scale,
     the q and k norms' eps. experts: a MoE layer's routed experts.
     """

@@ -91,20 +91,24 @@ class AdapterBank:
 
 
 class LoRAProjection(nn.Module):
-    """A base projection plus, per adapter slot, a low-rank update: ``lora_a`` (adapters, R, in) and
-    ``lora_bt`` (adapters, R, out), B transposed with the scaling in it, float32, zero-padded to the
-    largest rank. On the CPU kernels (bf16) one ``kernels.lora_add_`` call adds every token's update."""
+    """A base projection plus, per adapter slot, a low-rank update: ``lora_at`` (adapters, in, R), A
+    transposed, and ``lora_bt`` (adapters, R, out), B transposed with the scaling in it; float32, each
+    adapter's rank zero-padded to R, a multiple of 16 (``kernels.lora_add_``'s vectors). On the CPU
+    kernels (bf16) one ``kernels.lora_add_`` call adds every token's update, from ``tiles``: the pair
+    again in the kernel's layout (``kernels.pack_lora``), a second copy of what is, beside the base
+    weights, a few percent of them."""
 
     def __init__(
-        self, base: nn.Module, bank: AdapterBank, lora_a: torch.Tensor, lora_bt: torch.Tensor
+        self, base: nn.Module, bank: AdapterBank, lora_at: torch.Tensor, lora_bt: torch.Tensor
     ) -> None:
         super().__init__()
         self.base, self.bank = base, bank
-        self.register_buffer("lora_a", lora_a, persistent=False)
+        self.register_buffer("lora_at", lora_at, persistent=False)
         self.register_buffer("lora_bt", lora_bt, persistent=False)
-        self.in_features, self.out_features = lora_a.shape[2], lora_bt.shape[2]
-        self.adapted = frozenset(i + 1 for i in range(lora_a.shape[0]) if lora_bt[i].any())
-        self.on_kernels = lora_a.device.type == "cpu" and kernels.available()
+        self.in_features, self.out_features = lora_at.shape[1], lora_bt.shape[2]
+        self.adapted = frozenset(i + 1 for i in range(lora_at.shape[0]) if lora_bt[i].any())
+        self.on_kernels = lora_at.device.type == "cpu" and kernels.available()
+        self.tiles = kernels.pack_lora(lora_at, lora_bt) if self.on_kernels else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -115,8 +119,7 @@ class LoRAProjection(nn.Module):
             kernels.lora_add_(
                 y.view(-1, y.shape[-1]),
                 x.reshape(-1, x.shape[-1]),
-                self.lora_a,
-                self.lora_bt,
+                *self.tiles,
                 self.bank.slots,
             )
             return y
@@ -129,24 +132,24 @@ class LoRAProjection(nn.Module):
 
     def _update(self, x: torch.Tensor, slot: int) -> torch.Tensor:
         """``B (A x)`` in float32, as ``LoRALinear`` computes it."""
-        return (x.float() @ self.lora_a[slot - 1].T) @ self.lora_bt[slot - 1]
+        return (x.float() @ self.lora_at[slot - 1]) @ self.lora_bt[slot - 1]
 
 
 def stack_lora(parts: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(a, bt) of the parts' outputs side by side, from those that are :class:`LoRAProjection` (the
-    others add nothing): a's ranks stacked, bt block-diagonal. Each output's update is then its own
+    """(at, bt) of the parts' outputs side by side, from those that are :class:`LoRAProjection` (the
+    others add nothing): the ranks stacked, bt block-diagonal. Each output's update is then its own
     part's, bit for bit (the other parts' ranks add exact zeros)."""
-    adapters = next(p.lora_a.shape[0] for p in parts if isinstance(p, LoRAProjection))
-    ranks = [p.lora_a.shape[1] if isinstance(p, LoRAProjection) else 0 for p in parts]
-    a = torch.zeros(adapters, sum(ranks), parts[0].in_features)
+    adapters = next(p.lora_at.shape[0] for p in parts if isinstance(p, LoRAProjection))
+    ranks = [p.lora_at.shape[2] if isinstance(p, LoRAProjection) else 0 for p in parts]
+    at = torch.zeros(adapters, parts[0].in_features, sum(ranks))
     bt = torch.zeros(adapters, sum(ranks), sum(p.out_features for p in parts))
     row = col = 0
     for p, r in zip(parts, ranks, strict=True):
         if r:
-            a[:, row : row + r] = p.lora_a
+            at[:, :, row : row + r] = p.lora_at
             bt[:, row : row + r, col : col + p.out_features] = p.lora_bt
         row, col = row + r, col + p.out_features
-    return a, bt
+    return at, bt
 
 
 def served_projections(model: nn.Module) -> dict[str, LoRAProjection]:
@@ -178,20 +181,21 @@ def serve_adapters(
         base = model.get_submodule(path)
         device = next(t.device for t in [*base.parameters(), *base.buffers()])
         rank = max(sum(p.a.shape[0] for _, p in parts) for parts in by_slot.values())
-        lora_a = torch.zeros(len(adapters), rank, base.in_features)
+        rank = -(-rank // 16) * 16  # whole vectors of 16 for the kernel (zeros add nothing)
+        lora_at = torch.zeros(len(adapters), base.in_features, rank)
         lora_bt = torch.zeros(len(adapters), rank, base.out_features)
         for slot, parts in by_slot.items():
             col = 0
             for rows, pair in parts:
                 r = pair.a.shape[0]
-                lora_a[slot - 1, col : col + r] = pair.a.float()
+                lora_at[slot - 1, :, col : col + r] = pair.a.float().T
                 lora_bt[slot - 1, col : col + r, rows] = pair.b.float().T * pair.scaling
                 col += r
         parent, _, child = path.rpartition(".")
         setattr(
             model.get_submodule(parent),
             child,
-            LoRAProjection(base, bank, lora_a.to(device), lora_bt.to(device)),
+            LoRAProjection(base, bank, lora_at.contiguous().to(device), lora_bt.to(device)),
         )
     model.adapters = bank
     return bank

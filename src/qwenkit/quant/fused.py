@@ -249,14 +249,14 @@ def decode_layer_weights(layer: DecoderLayer) -> kernels.DecodeLayerWeights | No
 
 
 def _lora_args(parts: list[nn.Module]) -> list[torch.Tensor]:
-    """The served adapters' (a, bt) of one product of the layer (``kernels.lora_add_``): q/k/v's, when
+    """The served adapters' tiles of one product of the layer (``kernels.lora_add_``): q/k/v's, when
     they are three products, stacked over their outputs side by side; two empty tensors where none of
     the parts has a side path."""
     if not any(type(p) is LoRAProjection for p in parts):
         return [_ABSENT, _ABSENT]
     if len(parts) == 1:
-        return [parts[0].lora_a, parts[0].lora_bt]
-    return list(stack_lora(parts))
+        return list(parts[0].tiles)
+    return list(kernels.pack_lora(*stack_lora(parts)))
 
 
 def _ffn_args(mlp: MLP) -> tuple[list[torch.Tensor], list[int]] | None:

@@ -30,7 +30,7 @@
 //   decode_gguf_blocks(blocks, ggml type, N, K) -> codes (N,K), scale, shift (K/32,N): Q8_0, Q4_0/1, Q5_0/1, Q4_K, Q5_K,
 //   IQ4_NL, IQ4_XS
 //   quantize_rtn(weight (N,K), bits, group, sym) -> codes (N,K), scales, zeros (G,N): --quantize's rounding
-//   lora_add_(y, x, a, bt, slots): served LoRA adapters' updates of a projection's rows, in place
+//   lora_add_(y, x, at, bt, slots): served LoRA adapters' updates of a projection's rows, in place
 //   rms_norm(x, weight, eps), silu_mul([gate | up]), rope_(x, cos, sin), decode_attention(q, k pool, v pool, gather, positions,
 //   scale): the decode step's small ops, one call each instead of several torch kernels
 //   prefill_attention(q, k pool, v pool, slots, start, scale): a prompt chunk's causal attention on AMX, keys in place
@@ -161,7 +161,7 @@ TORCH_LIBRARY(qwenkit, m) {
       "int zero_point) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("silu_mul(Tensor x) -> Tensor");
-  m.def("lora_add_(Tensor(a!) y, Tensor x, Tensor a, Tensor bt, Tensor slots) -> ()");
+  m.def("lora_add_(Tensor(a!) y, Tensor x, Tensor at, Tensor bt, Tensor slots) -> ()");
   m.def("rope_(Tensor(a!) x, Tensor cos, Tensor sin) -> ()");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor gather, Tensor positions, float scale) -> Tensor");
   m.def("prefill_attention(Tensor q, Tensor k, Tensor v, Tensor slots, int start, float scale) -> Tensor");

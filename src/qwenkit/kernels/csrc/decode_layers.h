@@ -23,7 +23,7 @@ at::Tensor head_norm(const at::Tensor& x, const at::Tensor& weight, double eps) 
 //           down): weight or codes, scale, shift, bias, then the q and k norm weights (Qwen3), then
 //           k and v as two more linears when q/k/v are three products, then a MoE layer's router weight
 //           and its shared expert's gate (Qwen2-MoE), packed for linear_bf16, then served LoRA adapters'
-//           a and bt (lora_add_) of q/k/v (all three outputs side by side), o, gate/up and down] (an empty
+//           at and bt (lora_add_) of q/k/v (all three outputs side by side), o, gate/up and down] (an empty
 //           tensor where absent; a MoE layer's gate/up and down are its shared expert's, or absent)
 // ints:    [H, Hkv, D, then per linear: bits (0: absent), group_size, N, zero_point, bias mode (0 none,
 //           1 added in fp32 before rounding, 2 added to the rounded output); k's and v's last; then a MoE
@@ -38,7 +38,7 @@ at::Tensor head_norm(const at::Tensor& x, const at::Tensor& weight, double eps) 
 constexpr int64_t kLayerTensors = 38, kLayerInts = 36, kLayerFloats = 5;
 
 // y += the served adapters' update of a product with input x, where the layer has one for it (tensors
-// first, first + 1: a and bt) and the step has adapter rows.
+// first, first + 1: at and bt) and the step has adapter rows.
 void add_lora(at::Tensor& y, const at::Tensor& x, at::TensorList tensors, int64_t first, const at::Tensor& adapters) {
   if (adapters.defined() && tensors[first].numel()) lora_add_(y, x, tensors[first], tensors[first + 1], adapters);
 }
