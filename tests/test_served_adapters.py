@@ -177,3 +177,32 @@ def test_bad_adapter_requests_and_loads_are_refused_clearly(base_dir, adapters, 
         CheckpointError, match=r"adapter 'w' is for another model shape: model\.layers\.0\.self_attn\.o_proj"
     ):
         load_model(base_dir, "float32", progress=False, adapters={"w": wrong})
+
+
+@pytest.mark.skipif(not kernels.available(), reason="CPU kernels not built on this CPU")
+def test_a_prepared_model_from_the_cache_takes_adapters_too(base_dir, adapters, monkeypatch):
+    """The base model is cached packed (without adapters); a later load maps it back and serves the
+    adapters beside it: the same logits as a load that packs afresh."""
+    monkeypatch.setenv(prepared_cache.ENV_SWITCH, "on")
+    kwargs = dict(progress=False, quantize="int4", fast_kernels=True, adapters=adapters)
+    hits = []
+    load = prepared_cache.load
+
+    def counted(*args):
+        model = load(*args)
+        hits.append(model is not None)
+        return model
+
+    monkeypatch.setattr(prepared_cache, "load", counted)
+    first, _ = load_model(base_dir, "bfloat16", **kwargs)  # packs, and stores the base
+    again, _ = load_model(base_dir, "bfloat16", **kwargs)  # from the cache
+    assert hits == [False, True]
+    monkeypatch.setenv(prepared_cache.ENV_SWITCH, "off")
+    fresh, _ = load_model(base_dir, "bfloat16", **kwargs)
+    assert again.adapters.names == ["a", "b"]
+    assert all(layer.decode_weights is not None for layer in again.model.layers)
+    n = IDS.shape[1]
+    with torch.no_grad():
+        for slot in (0, 1, 2):
+            logits = [m(IDS, adapter_slots=[slot] * n) for m in (first, again, fresh)]
+            assert torch.equal(logits[0], logits[1]) and torch.equal(logits[1], logits[2])

@@ -252,3 +252,60 @@ def test_rope_with_gradients_leaves_x_alone_and_passes_them() -> None:
     y.float().sum().backward()
     want = apply_rope(before.transpose(1, 2), cos, sin, False).transpose(1, 2)
     assert torch.equal(y.detach(), want) and x.grad is not None and x.grad.abs().sum() > 0
+
+
+def _lora_case(S: int, M: int, K: int, N: int, R: int, seed: int = 0):
+    g = _g(seed)
+    x = torch.randn(M, K, generator=g).bfloat16()
+    y = torch.randn(M, N, generator=g).bfloat16()
+    at = torch.randn(S, K, R, generator=g) * 0.1
+    bt = torch.randn(S, R, N, generator=g) * 0.1
+    return x, y, at, bt
+
+
+@pytest.mark.parametrize(("K", "N", "R"), [(64, 96, 16), (576, 960, 48), (70, 33, 32), (1536, 576, 16)])
+def test_lora_add_equals_torch_and_leaves_base_rows_alone(K, N, R) -> None:
+    """Each row gains bf16(B_s A_s x) of its slot, as torch's float32 products rounded then added (within a
+    bf16 step: the sums run in another order); rows of slot 0 keep their bits."""
+    x, y, at, bt = _lora_case(3, 11, K, N, R)
+    slots = torch.tensor([0, 1, 2, 3, 1, 1, 0, 2, 3, 3, 1])
+    got = y.clone()
+    kernels.lora_add_(got, x, *kernels.pack_lora(at, bt), slots)
+    want = y.clone()
+    for m, s in enumerate(slots.tolist()):
+        if s:
+            want[m] = y[m] + ((x[m].float() @ at[s - 1]) @ bt[s - 1]).bfloat16()
+    assert torch.equal(got[slots == 0], y[slots == 0])
+    torch.testing.assert_close(got, want, rtol=2**-7, atol=1e-2)
+    assert not torch.equal(got[slots != 0], y[slots != 0])
+
+
+def test_lora_add_rows_do_not_depend_on_the_rows_beside_them() -> None:
+    """A row's update is the same bits alone, in a block of 8 rows of its adapter, or among other adapters'
+    rows (the kernel takes an adapter's rows up to 8 at a time, so 11 rows make blocks of 8 and 3)."""
+    x, y, at, bt = _lora_case(2, 11, 576, 960, 48, seed=1)
+    tiles = kernels.pack_lora(at, bt)
+    together = y.clone()
+    kernels.lora_add_(together, x, *tiles, torch.ones(11, dtype=torch.long))
+    mixed = y.clone()
+    mixed_slots = torch.tensor([1, 2] * 5 + [1])
+    kernels.lora_add_(mixed, x, *tiles, mixed_slots)
+    for m in range(11):
+        alone = y[m : m + 1].clone()
+        kernels.lora_add_(alone, x[m : m + 1], *tiles, torch.ones(1, dtype=torch.long))
+        assert torch.equal(alone[0], together[m])
+        if mixed_slots[m] == 1:
+            assert torch.equal(alone[0], mixed[m])
+
+
+def test_lora_add_refuses_bad_input() -> None:
+    x, y, at, bt = _lora_case(2, 2, 64, 96, 16)
+    tiles = kernels.pack_lora(at, bt)
+    with pytest.raises(RuntimeError, match="adapter slot 3 outside 0..2"):
+        kernels.lora_add_(y, x, *tiles, torch.tensor([0, 3]))
+    with pytest.raises(RuntimeError, match="one int64 adapter slot per row"):
+        kernels.lora_add_(y, x, *tiles, torch.tensor([1]))
+    with pytest.raises(RuntimeError, match=r"must be contiguous float32 \(kernels.pack_lora\)"):
+        kernels.lora_add_(y, x, at, bt, torch.tensor([1, 1]))  # not packed
+    with pytest.raises(RuntimeError, match="must be bfloat16 CPU tensors"):
+        kernels.lora_add_(y.float(), x, *tiles, torch.tensor([1, 1]))
