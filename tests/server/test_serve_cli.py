@@ -113,3 +113,33 @@ def test_a_taken_port_is_one_line_before_the_model_loads():
 def test_a_port_or_host_the_server_cannot_listen_on_is_one_line(args, message):
     r = run_serve(*args)
     assert (r.returncode, r.stderr) == (2, message)
+
+
+def test_lora_modules_from_the_environment_serve_a_trained_adapter(tmp_path):
+    """`QWENKIT_LORA_MODULES` as a container sets it: an adapter of the bundled model served beside it, chosen
+    by the request's model name, its answer what the library gives through that adapter."""
+    from factories import write_lora_adapter
+
+    from qwenkit.default_model import default_model_path
+    from qwenkit.engine import SamplingParams
+    from qwenkit.generate import LLM
+
+    adapter = write_lora_adapter(default_model_path(), tmp_path / "terse", seed=5, r=8, std=0.3)
+    proc, url = start_server({"QWENKIT_LORA_MODULES": f"terse={adapter}"})
+    question = [{"role": "user", "content": "Tell me a short story about a cat."}]
+    try:
+        ids = [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]]
+        assert ids == ["SmolLM2-135M-Instruct.Q4_1", "terse"]
+        answers = {}
+        for model in ids:
+            body = {"model": model, "messages": question, "max_tokens": 16, "temperature": 0}
+            r = httpx.post(url + "/v1/chat/completions", json=body, timeout=120).json()
+            assert r["model"] == model
+            answers[model] = r["choices"][0]["message"]["content"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    with LLM.load(default_model_path(), progress=False, adapter=adapter) as llm:
+        prompt = llm.tokenizer.apply_chat_template(question, add_generation_prompt=True)
+        direct = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16))[0].text
+    assert answers["terse"] == direct != answers["SmolLM2-135M-Instruct.Q4_1"]
