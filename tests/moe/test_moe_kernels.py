@@ -159,3 +159,42 @@ def test_a_moe_gguf_comes_back_from_the_prepared_cache_with_its_one_call_experts
     ids = torch.tensor([[5, 9, 17, 33, 2, 40, 41, 7]])
     with torch.no_grad():
         assert torch.equal(first(ids), again(ids))
+
+
+# the servable projections of a MoE model: attention's, the dense layers' FFN and the shared expert's
+SERVABLE = ("q_proj", "k_proj", "v_proj", "o_proj", "0.mlp.gate_proj", "0.mlp.up_proj", "0.mlp.down_proj")
+SHARED = ("shared_expert.gate_proj", "shared_expert.up_proj", "shared_expert.down_proj")
+
+
+def test_served_adapters_on_a_moe_model_run_in_the_layer_calls(tmp_path, monkeypatch):
+    """Adapters of attention, a dense layer's FFN and the shared experts, served on a Qwen2-MoE model of
+    dense and sparse layers: every layer still decodes in the one kernel call, bit for bit its modules,
+    each row through its own adapter; one adapting routed experts is refused by name."""
+    from factories import write_lora_adapter
+    from test_decode_layer import ADAPTER_ROWS
+
+    from qwenkit.checkpoint import prepared_cache
+    from qwenkit.model.served_adapters import AdapterNotServable
+
+    monkeypatch.setenv(prepared_cache.ENV_SWITCH, "off")
+    path = tmp_path / "hf"
+    hf_moe_model("qwen2_moe-mixed").save_pretrained(path)
+    adapters = {
+        "a": write_lora_adapter(path, tmp_path / "a", seed=1, targets=SERVABLE + SHARED),
+        "b": write_lora_adapter(path, tmp_path / "b", seed=2, r=2, targets=("v_proj", *SHARED)),
+    }
+    base = load_model(path, dtype="bfloat16", progress=False, fast_kernels=True)[0]
+    model = load_model(path, dtype="bfloat16", progress=False, fast_kernels=True, adapters=adapters)[0]
+    assert all(layer.decode_weights is not None for layer in model.model.layers)
+    shared = model.model.layers[1].mlp.shared_expert
+    assert type(shared.gate_up_silu.linear).__name__ == "LoRAProjection"
+    plain, _ = _steps(base, 3)
+    served, _ = _steps(model, 3, adapters=ADAPTER_ROWS)
+    for row, slot in enumerate(ADAPTER_ROWS):
+        assert torch.equal(served[0][row], plain[0][row]) == (slot == 0)
+    calls = _count_layer_runs(monkeypatch)
+    _assert_kernel_path_equals_modules(model, 3, ADAPTER_ROWS)
+    assert calls == [len(model.model.layers)] * 3
+    experts = write_lora_adapter(path, tmp_path / "experts", seed=3, targets=("gate_proj",))
+    with pytest.raises(AdapterNotServable, match=r"adapts model\.layers\.1\.mlp\.experts\.0\.gate_proj"):
+        load_model(path, dtype="bfloat16", progress=False, adapters={"e": experts})

@@ -17,6 +17,7 @@ the tokens routed to it) and the output head (only the tokens whose logits are a
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -51,10 +52,20 @@ class AdapterBank:
     def __init__(self, names: Sequence[str], default: str | None = None) -> None:
         self.names = list(names)
         self.default = BASE_SLOT if default is None else self.slot(default)
-        # for the running forward: each token's slot (a (tokens,) int64 tensor), and the tokens of each
-        # adapter in use, (slot, their indices, or None for every token); empty where all are the base's
-        self.slots: torch.Tensor | None = None
-        self.groups: list[tuple[int, torch.Tensor | None]] = []
+        # The running forward's selection, per thread: a forward outside the engine's thread (router
+        # statistics, a test) never sees the engine's.
+        self._running = threading.local()
+
+    @property
+    def slots(self) -> torch.Tensor | None:
+        """Each token's slot in the running forward ((tokens,) int64), or None where all are the base's."""
+        return getattr(self._running, "slots", None)
+
+    @property
+    def groups(self) -> list[tuple[int, torch.Tensor | None]]:
+        """The running forward's tokens of each adapter in use: (slot, their indices, or None for every
+        token); empty where all are the base model's."""
+        return getattr(self._running, "groups", [])
 
     def slot(self, name: str | None) -> int:
         """The slot of adapter ``name`` (None: the default); KeyError for a name not served."""
@@ -77,17 +88,18 @@ class AdapterBank:
         if len(slots) != tokens:
             raise ValueError(f"{len(slots)} adapter slots for {tokens} tokens")
         used = sorted(set(slots) - {BASE_SLOT})
+        running = self._running
         if used:
-            self.slots = torch.tensor(slots, dtype=torch.long)
+            where = torch.tensor(slots, dtype=torch.long)
             if len(used) == 1 and len(set(slots)) == 1:
-                self.groups = [(used[0], None)]
+                running.groups = [(used[0], None)]
             else:
-                self.groups = [(s, (self.slots == s).nonzero()[:, 0].to(device)) for s in used]
-            self.slots = self.slots.to(device)
+                running.groups = [(s, (where == s).nonzero()[:, 0].to(device)) for s in used]
+            running.slots = where.to(device)
         try:
             yield bool(used)
         finally:
-            self.slots, self.groups = None, []
+            running.slots, running.groups = None, []
 
 
 class LoRAProjection(nn.Module):
