@@ -3,6 +3,7 @@ base kept fused and packed for the kernels, each request running through the ada
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import pytest
@@ -206,3 +207,18 @@ def test_a_prepared_model_from_the_cache_takes_adapters_too(base_dir, adapters, 
         for slot in (0, 1, 2):
             logits = [m(IDS, adapter_slots=[slot] * n) for m in (first, again, fresh)]
             assert torch.equal(logits[0], logits[1]) and torch.equal(logits[1], logits[2])
+
+
+def test_the_memory_check_counts_the_adapters(base_dir, adapters, monkeypatch):
+    """Served adapters take memory (float32 pairs and their kernel tiles): a machine with just room for the
+    base model is told so before anything loads."""
+    from qwenkit import memory
+    from qwenkit.config import ModelConfig
+    from qwenkit.errors import OutOfMemoryError
+
+    config = ModelConfig.from_hf(json.loads((base_dir / "config.json").read_text()))
+    need = memory.check_fits(config, torch.float32, "cpu", 64, free=1 << 40)
+    monkeypatch.setattr(memory, "free_bytes", lambda device: need + 1024)
+    load_model(base_dir, "float32", progress=False, context=64)
+    with pytest.raises(OutOfMemoryError, match="not enough free RAM"):
+        load_model(base_dir, "float32", progress=False, context=64, adapters=adapters)

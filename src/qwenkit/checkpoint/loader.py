@@ -29,7 +29,7 @@ from qwenkit.distributed import TensorParallel, local_config, parallelize, shard
 from qwenkit.distributed.plan import rank_range, shard_lora, split_role
 from qwenkit.errors import CheckpointError, ConfigError
 from qwenkit.kernels import ops as kernel_ops
-from qwenkit.memory import check_fits
+from qwenkit.memory import check_fits, weight_bytes
 from qwenkit.model import Transformer
 from qwenkit.model.rope import inv_freq
 from qwenkit.model.served_adapters import AdapterNotServable, LoRAPair, check_servable, serve_adapters
@@ -182,12 +182,16 @@ def load_model(
     if weights is not None and tensor_parallel is not None:
         weights //= tensor_parallel.world  # a rank's share (its norms' copies are a rounding error)
     context = context or min(config.max_context, 2048)
-    check_fits(config, torch_dtype, device, context, batch, quantize, weights=weights)
-
     with torch.device("meta"), _no_init():
         model = Transformer(config)
     served = _served_adapters(model, adapter, adapters, tensor_parallel)
     wrapped_adapter = adapter if served is None else None  # finetune's LoRALinear layers
+    if served:  # float32 pairs, and their copy in the kernel's tiles
+        pairs = [p for each in served.values() for p in each.values()]
+        weights = (weights or weight_bytes(config, torch_dtype, quantize)) + sum(
+            8 * (p.a.numel() + p.b.numel()) for p in pairs
+        )
+    check_fits(config, torch_dtype, device, context, batch, quantize, weights=weights)
     if config.quantization:
         from qwenkit.quant import prepare_quantized_model
 
