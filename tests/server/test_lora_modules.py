@@ -134,3 +134,20 @@ def test_bad_lora_modules_exit_2_with_one_line(args, message):
         [sys.executable, "-m", "qwenkit.cli", "serve", "--port", "1", *args], capture_output=True, text=True
     )
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_metrics_name_the_adapters_of_running_requests(lora_server):
+    """vLLM's vllm:lora_requests_info: the adapters of the requests running now, and how many are served."""
+
+    def info() -> str:
+        text = httpx.get(lora_server.url + "/metrics").text
+        return next(line for line in text.splitlines() if line.startswith("vllm:lora_requests_info{"))
+
+    assert 'running_lora_adapters=""' in info() and 'max_lora="2"' in info()
+    body = {"model": "poet", "messages": MESSAGES, "max_tokens": 4000, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", lora_server.url + "/v1/chat/completions", json=body, timeout=120) as stream:
+        lines = stream.iter_lines()  # held: a generator dropped mid-way would close the stream
+        for line in lines:
+            if line.startswith("data: "):
+                break  # the request is running
+        assert 'running_lora_adapters="poet"' in info()

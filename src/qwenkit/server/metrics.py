@@ -5,6 +5,8 @@ Gauges are read from the engine when scraped; counters and histograms are fed by
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -13,7 +15,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from qwenkit.engine.engine import Engine
 
@@ -43,8 +45,32 @@ class _PrefixCacheCollector:
             yield family
 
 
+class _LoraCollector:
+    """vLLM's ``vllm:lora_requests_info``: the served adapters of the running and of the waiting requests
+    as labels (comma-separated), the number served as ``max_lora``, the scrape time as the value."""
+
+    def __init__(self, engine: Engine, adapters: tuple[str, ...]) -> None:
+        self.engine, self.adapters = engine, adapters
+
+    def collect(self):
+        scheduler = self.engine.scheduler
+        # copies made in one C call each, so the engine thread cannot change them halfway
+        running, waiting = list(scheduler.running), list(scheduler.waiting)
+
+        def names(requests) -> str:
+            return ",".join(sorted({r.params.adapter for r in requests if r.params.adapter}))
+
+        family = GaugeMetricFamily(
+            "vllm:lora_requests_info",
+            "Running stats on lora requests.",
+            labels=["running_lora_adapters", "max_lora", "waiting_lora_adapters"],
+        )
+        family.add_metric([names(running), str(len(self.adapters)), names(waiting)], time.time())
+        yield family
+
+
 class ServerMetrics:
-    def __init__(self, engine: Engine, model_name: str) -> None:
+    def __init__(self, engine: Engine, model_name: str, adapters: tuple[str, ...] = ()) -> None:
         self.registry = CollectorRegistry()
         labels = ["model_name"]
         r, m = self.registry, model_name
@@ -60,6 +86,8 @@ class ServerMetrics:
             lambda: engine.stats().kv_usage,
         )
         r.register(_PrefixCacheCollector(engine, m))
+        if adapters:
+            r.register(_LoraCollector(engine, adapters))
         self.prompt_tokens = Counter(
             "vllm:prompt_tokens", "Prompt tokens processed.", labels, registry=r
         ).labels(m)

@@ -36,7 +36,8 @@ class ServerState:
     drain_deadline: float | None = None
 
     def __post_init__(self) -> None:
-        self.metrics = ServerMetrics(self.llm.engine, self.config.served_model_name)
+        adapters = tuple(name for name, _ in self.config.lora_modules)
+        self.metrics = ServerMetrics(self.llm.engine, self.config.served_model_name, adapters)
         entries = self.config.response_cache_entries
         self.response_cache = ResponseCache(entries) if entries > 0 else None
         digest = hashlib.sha256(repr(self.llm.config).encode()).hexdigest()[:12]
