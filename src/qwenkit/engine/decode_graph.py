@@ -125,7 +125,7 @@ def supports_static_decode(model: Transformer) -> str | None:
         return "mixture-of-experts layers pick experts on the host"
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return "tensor-parallel ranks exchange activations between processes"
-    if model.adapters is not None:
+    if getattr(model, "adapters", None) is not None:
         return "served LoRA adapters group each step's tokens by adapter on the host"
     return None
 

@@ -25,6 +25,7 @@ from qwenkit.engine.sampling import SamplingParams, SamplingParamsError
 from qwenkit.engine.scheduler import Scheduler
 from qwenkit.engine.token_counts import TokenCounts
 from qwenkit.model import Transformer
+from qwenkit.model.served_adapters import AdapterBank
 
 BLOCK_SIZE = 16
 
@@ -76,6 +77,8 @@ class Engine:
         self.max_seq_len = max_seq_len or config.max_context
         self.eos_token_ids = frozenset(config.eos_token_ids if eos_token_ids is None else eos_token_ids)
         self.device, self.dtype = next(model.parameters()).device, _activation_dtype(model)
+        # the LoRA adapters the model serves (``model.served_adapters``), fixed when it was loaded
+        self.adapters: AdapterBank | None = getattr(model, "adapters", None)
         pool_tokens = kv_cache_tokens or max_batch_size * self.max_seq_len
         if pool_tokens < self.max_seq_len:
             raise SamplingParamsError(
@@ -136,7 +139,7 @@ class Engine:
 
     def _adapter_slot(self, name: str | None) -> int:
         """The served adapter slot of a request naming adapter ``name`` (None: the default)."""
-        bank = self.model.adapters
+        bank = self.adapters
         if bank is None:
             if name is not None:
                 raise SamplingParamsError(
@@ -165,7 +168,7 @@ class Engine:
         request.adapter_slot = self._adapter_slot(params.adapter)
         keys = [f"ntk={request.ntk_alpha}"] if request.ntk_alpha != 1.0 else []
         if request.adapter_slot:  # an adapter's K/V are not the base model's
-            keys.append(f"adapter={self.model.adapters.name(request.adapter_slot)}")
+            keys.append(f"adapter={self.adapters.name(request.adapter_slot)}")
         request.cache_key = ",".join(keys).encode()
         if not params.greedy:
             seed = params.seed if params.seed is not None else random.getrandbits(63)
@@ -284,7 +287,7 @@ class Engine:
             logits_index,
             decode_rows,
             chunk_rows,
-            slots if self.model.adapters is not None else None,
+            slots if self.adapters is not None else None,
         )
         if self.before_forward is not None:
             self.before_forward(call)
