@@ -222,7 +222,7 @@ def _check(args: argparse.Namespace) -> str | None:
     if args.kv_cache_memory:
         parse_bytes(args.kv_cache_memory)
     if args.lora_modules:
-        lora_modules(args.lora_modules)
+        served = lora_modules(args.lora_modules)
         if args.adapter:
             raise ConfigError(
                 "give --adapter (every request) or --lora-modules (chosen per request), not both"
@@ -231,7 +231,7 @@ def _check(args: argparse.Namespace) -> str | None:
             raise ConfigError(
                 "--lora-modules does not run under --tensor-parallel yet; merge the adapter instead"
             )
-        if args.served_model_name in lora_modules(args.lora_modules):
+        if args.served_model_name in served:
             raise ConfigError(f"--served-model-name {args.served_model_name!r} is also a --lora-modules name")
     return api_key
 

@@ -62,10 +62,22 @@ class AdapterBank:
         return getattr(self._running, "slots", None)
 
     @property
+    def used(self) -> frozenset[int]:
+        """The adapter slots the running forward's tokens use (empty: all are the base model's)."""
+        return getattr(self._running, "used", frozenset())
+
+    @property
     def groups(self) -> list[tuple[int, torch.Tensor | None]]:
         """The running forward's tokens of each adapter in use: (slot, their indices, or None for every
-        token); empty where all are the base model's."""
-        return getattr(self._running, "groups", [])
+        token). Made on first use, once a forward: only torch's path (not the kernels') indexes by them."""
+        running = self._running
+        if getattr(running, "groups", None) is None:
+            slots = running.slots
+            if len(running.used) == 1 and bool((slots == next(iter(running.used))).all()):
+                running.groups = [(next(iter(running.used)), None)]
+            else:
+                running.groups = [(s, (slots == s).nonzero()[:, 0]) for s in sorted(running.used)]
+        return running.groups
 
     def slot(self, name: str | None) -> int:
         """The slot of adapter ``name`` (None: the default); KeyError for a name not served."""
@@ -87,19 +99,14 @@ class AdapterBank:
             slots = [self.default] * tokens
         if len(slots) != tokens:
             raise ValueError(f"{len(slots)} adapter slots for {tokens} tokens")
-        used = sorted(set(slots) - {BASE_SLOT})
         running = self._running
-        if used:
-            where = torch.tensor(slots, dtype=torch.long)
-            if len(used) == 1 and len(set(slots)) == 1:
-                running.groups = [(used[0], None)]
-            else:
-                running.groups = [(s, (where == s).nonzero()[:, 0].to(device)) for s in used]
-            running.slots = where.to(device)
+        running.used = frozenset(slots) - {BASE_SLOT}
+        running.slots = torch.tensor(slots, dtype=torch.long, device=device) if running.used else None
+        running.groups = None
         try:
-            yield bool(used)
+            yield bool(running.used)
         finally:
-            running.slots, running.groups = None, []
+            running.used, running.slots, running.groups = frozenset(), None, None
 
 
 class LoRAProjection(nn.Module):
@@ -124,8 +131,7 @@ class LoRAProjection(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        groups = [(s, rows) for s, rows in self.bank.groups if s in self.adapted]
-        if not groups:
+        if not self.adapted & self.bank.used:
             return y
         if self.on_kernels and y.dtype == x.dtype == torch.bfloat16 and y.is_contiguous():
             kernels.lora_add_(
@@ -135,6 +141,7 @@ class LoRAProjection(nn.Module):
                 self.bank.slots,
             )
             return y
+        groups = [(s, rows) for s, rows in self.bank.groups if s in self.adapted]
         if groups[0][1] is None:  # every token through one adapter
             return y + self._update(x, groups[0][0]).to(y.dtype)
         flat_x, flat_y = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
