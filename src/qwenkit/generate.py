@@ -24,7 +24,7 @@ from qwenkit.distributed import TensorParallel, local_config
 from qwenkit.engine import Engine, FinishReason, SamplingParams, StepOutput, TokenLogprob
 from qwenkit.engine.driver import EngineDriver, RequestStream
 from qwenkit.engine.request import RequestId
-from qwenkit.errors import GenerationError, NonFiniteLogitsError
+from qwenkit.errors import ConfigError, GenerationError, NonFiniteLogitsError
 from qwenkit.model import Transformer
 from qwenkit.model.moe import RouterStats, count_routed_tokens
 from qwenkit.tokenizer import HFTokenizer, StreamingDetokenizer, Tokenizer, load_tokenizer
@@ -202,6 +202,8 @@ class TextStream:
 class LLM:
     """A loaded model with its tokenizer, engine and the driver thread that steps the engine."""
 
+    tensor_parallel = False  # one rank of several (``load``): each holds its slices of the weights
+
     def __init__(
         self,
         model: Transformer,
@@ -279,7 +281,7 @@ class LLM:
             fast_kernels=True,
             adapters=adapters,
         )
-        return cls(
+        llm = cls(
             model,
             tokenizer,
             max_batch_size=max_batch_size,
@@ -289,6 +291,8 @@ class LLM:
             fallback_sampling=bundled_sampling(Path(path)),
             cuda_graphs=cuda_graphs,
         )
+        llm.tensor_parallel = tensor_parallel is not None
+        return llm
 
     def close(self) -> None:
         """Stop the engine's thread: requests still running end with finish_reason "abort", and a later
@@ -338,6 +342,49 @@ class LLM:
         with count_routed_tokens(self.model) as stats, torch.no_grad():
             self.model(torch.tensor([ids], device=device))
         return stats
+
+    @property
+    def adapters(self) -> list[str]:
+        """The names of the LoRA adapters served (``SamplingParams.adapter``), in the order loaded."""
+        bank = self.engine.adapters
+        return [] if bank is None else bank.served
+
+    def load_adapter(self, name: str, path: str | Path, replace: bool = False) -> None:
+        """Serve the peft LoRA adapter at ``path`` as ``name`` from now on, beside those served already
+        (vLLM's runtime adapter loading). ``replace``: ``name`` is served and takes the new weights;
+        requests running on the old ones finish on them. Raises ``AdapterNotFound`` (no adapter at
+        ``path``), ``AdapterNotServable`` or ``CheckpointError`` (it does not fit this model), and
+        ValueError for a name already served (without ``replace``) or not served (with it); a refused
+        adapter changes nothing."""
+        from qwenkit.checkpoint.loader import servable_adapter
+        from qwenkit.quant.fused import refresh_decode_layers
+
+        self._check_adapters_change()
+        pairs = servable_adapter(self.model, name, path)  # read here, not in the engine's thread
+
+        def change() -> None:
+            self.engine.add_adapter(name, pairs, replace)
+            refresh_decode_layers(self.model)
+
+        self.driver.between_steps(change).result()
+
+    def unload_adapter(self, name: str) -> None:
+        """Stop serving adapter ``name``: requests naming it are refused from now on, those running
+        finish. KeyError for a name not served."""
+        self._check_adapters_change()
+        self.driver.between_steps(lambda: self.engine.remove_adapter(name)).result()
+
+    def _check_adapters_change(self) -> None:
+        if self.tensor_parallel:
+            raise ConfigError("adapters cannot be loaded or unloaded under tensor parallelism yet")
+        from qwenkit.finetune.lora import LoRALinear
+
+        if any(isinstance(m, LoRALinear) for m in self.model.modules()):
+            raise ConfigError(
+                "this model runs its one adapter inside its layers (it adapts modules that served "
+                "adapters cannot: routed experts, routers, the output head or the embedding), so it "
+                "serves no others"
+            )
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
         return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)

@@ -268,23 +268,28 @@ def _served_adapters(
         raise ConfigError("give one adapter for every request or named adapters, not both")
     if adapter is None and not adapters:
         return None
-    from qwenkit.finetune.adapter_io import adapter_pairs
-
     named = {_adapter_name(adapter): adapter} if adapter is not None else dict(adapters or {})
     if tensor_parallel is not None:
         if adapters:
             raise ConfigError("named adapters (--lora-modules) do not run under tensor parallelism yet")
         return None
-    served = {name: adapter_pairs(model, path)[1] for name, path in named.items()}
-    for name, pairs in served.items():
-        for module in pairs:
-            try:
-                check_servable(module, name)
-            except AdapterNotServable:
-                if adapter is None:
-                    raise
-                return None
-    return served
+    try:
+        return {name: servable_adapter(model, name, path) for name, path in named.items()}
+    except AdapterNotServable:
+        if adapter is None:
+            raise
+        return None  # the one adapter of every request is wrapped instead
+
+
+def servable_adapter(model: Transformer, name: str, path: str | Path) -> dict[str, LoRAPair]:
+    """Adapter ``name``'s pairs from ``path``, checked (by module name) to be servable as side paths:
+    ``AdapterNotFound`` where there is no adapter, ``AdapterNotServable`` or ``CheckpointError``."""
+    from qwenkit.finetune.adapter_io import adapter_pairs
+
+    pairs = adapter_pairs(model, path)[1]
+    for module in pairs:
+        check_servable(module, name)
+    return pairs
 
 
 def _adapter_name(path: str | Path) -> str:
@@ -297,11 +302,10 @@ def _with_served(
     """``model`` with the adapters as side paths (the one ``adapter``: the default of every token)."""
     if served is None:
         return model
-    serve_adapters(model, served, default=_adapter_name(adapter) if adapter is not None else None)
-    if any(layer.decode_weights is not None for layer in model.model.layers):
-        from qwenkit.quant.fused import plan_decode_layers
+    from qwenkit.quant.fused import refresh_decode_layers
 
-        plan_decode_layers(model)  # the whole-layer decode calls, now with the adapters' updates
+    serve_adapters(model, served, default=_adapter_name(adapter) if adapter is not None else None)
+    refresh_decode_layers(model)  # the whole-layer decode calls, now with the adapters' updates
     return model
 
 

@@ -15,14 +15,17 @@ import queue
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from concurrent.futures import Future
 from contextlib import contextmanager
+from typing import TypeVar
 
 from qwenkit.engine.engine import Engine, StepOutput
 from qwenkit.engine.request import RequestId
 from qwenkit.engine.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class RequestStream:
@@ -121,6 +124,13 @@ class EngineDriver:
     def abort(self, request_id: RequestId) -> None:
         self._send(("abort", request_id))
 
+    def between_steps(self, change: Callable[[], T]) -> Future[T]:
+        """Run ``change`` in the engine's thread before its next step (a change to what the engine
+        serves, which no step may see half made); the future holds its result or exception."""
+        future: Future[T] = Future()
+        self._send(("call", change, future))
+        return future
+
     def wait_idle(self, timeout: float = 30.0) -> bool:
         """Wait until every submitted request has finished and been forgotten (for tests and shutdown)."""
         deadline = time.monotonic() + timeout
@@ -147,6 +157,8 @@ class EngineDriver:
             message = self._inbox.get_nowait()
             if message[0] == "add":
                 ended += [(request_id, stream) for request_id, _, _, stream in message[1]]
+            elif message[0] == "call":
+                message[2].set_exception(RuntimeError("this model has been closed (LLM.close)"))
         self._streams.clear()
         for rid, stream in ended:
             stream._put(StepOutput(rid, [], "abort"))
@@ -199,6 +211,12 @@ class EngineDriver:
             if kind == "add":  # one request, or a batch the engine takes before its next step
                 for request in message[1]:
                     self._add(*request)
+            elif kind == "call":
+                _, change, future = message
+                try:
+                    future.set_result(change())
+                except Exception as exc:
+                    future.set_exception(exc)
             else:  # "abort"
                 self.engine.abort(message[1])
 

@@ -25,7 +25,7 @@ from qwenkit.engine.sampling import SamplingParams, SamplingParamsError
 from qwenkit.engine.scheduler import Scheduler
 from qwenkit.engine.token_counts import TokenCounts
 from qwenkit.model import Transformer
-from qwenkit.model.served_adapters import AdapterBank
+from qwenkit.model.served_adapters import AdapterBank, LoRAPair, add_adapter, remove_adapter
 
 BLOCK_SIZE = 16
 
@@ -77,7 +77,7 @@ class Engine:
         self.max_seq_len = max_seq_len or config.max_context
         self.eos_token_ids = frozenset(config.eos_token_ids if eos_token_ids is None else eos_token_ids)
         self.device, self.dtype = next(model.parameters()).device, _activation_dtype(model)
-        # the LoRA adapters the model serves (``model.served_adapters``), fixed when it was loaded
+        # the LoRA adapters the model serves (``model.served_adapters``); ``add_adapter`` changes them
         self.adapters: AdapterBank | None = getattr(model, "adapters", None)
         pool_tokens = kv_cache_tokens or max_batch_size * self.max_seq_len
         if pool_tokens < self.max_seq_len:
@@ -149,8 +149,24 @@ class Engine:
         try:
             return bank.slot(name)
         except KeyError:
-            served = ", ".join(bank.names)
+            served = ", ".join(bank.served) or "none"
             raise SamplingParamsError(f"adapter {name!r} is not served here (served: {served})") from None
+
+    def add_adapter(self, name: str, pairs: dict[str, LoRAPair], replace: bool = False) -> None:
+        """Serve LoRA adapter ``name`` from the next step on (``served_adapters.add_adapter``): between
+        steps only (the driver's thread). With ``replace`` its new weights take the name, and requests
+        already running on the old ones finish on them."""
+        busy = {request.adapter_slot for request in self.requests.values()}
+        add_adapter(self.model, name, pairs, busy, replace)
+        self.adapters = self.model.adapters
+        if self.decode_graphs is not None and supports_static_decode(self.model) is not None:
+            self.decode_graphs = None  # captured without the side paths
+
+    def remove_adapter(self, name: str) -> None:
+        """Stop serving adapter ``name``: new requests naming it are refused, those running finish."""
+        if self.adapters is None:
+            raise KeyError(name)
+        remove_adapter(self.model, name)
 
     def add_request(
         self, prompt_ids: Sequence[int], params: SamplingParams | None = None, request_id: RequestId = None
@@ -168,7 +184,7 @@ class Engine:
         request.adapter_slot = self._adapter_slot(params.adapter)
         keys = [f"ntk={request.ntk_alpha}"] if request.ntk_alpha != 1.0 else []
         if request.adapter_slot:  # an adapter's K/V are not the base model's
-            keys.append(f"adapter={self.adapters.name(request.adapter_slot)}")
+            keys.append(f"adapter={self.adapters.key(request.adapter_slot)}")
         request.cache_key = ",".join(keys).encode()
         if not params.greedy:
             seed = params.seed if params.seed is not None else random.getrandbits(63)

@@ -123,12 +123,16 @@ def _group(tensors: dict[str, torch.Tensor], where) -> dict[str, dict[str, torch
     return grouped
 
 
+class AdapterNotFound(CheckpointError):
+    """No adapter at the path: no directory there, or one without an adapter config."""
+
+
 def read_adapter(path: str | Path) -> tuple[LoRAConfig, dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
     """(config, {module name: {"lora_A": A, "lora_B": B}}, raw config) from a peft adapter directory."""
     d = Path(path)
     cfg_file = d / CONFIG_NAME
     if not cfg_file.is_file():
-        raise CheckpointError(f"{d} is not an adapter directory: {CONFIG_NAME} not found")
+        raise AdapterNotFound(f"{d} is not an adapter directory: {CONFIG_NAME} not found")
     try:
         raw = json.loads(cfg_file.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:

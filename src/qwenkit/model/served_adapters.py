@@ -8,7 +8,8 @@ it names (vLLM's ``--lora-modules``). So here a projection keeps its fast base a
 projection's update is its parts' pairs stacked, A's rows side by side and B block-diagonal, so each
 part's outputs get exactly that part's own update.
 
-Slot 0 is the base model; adapters take slots 1..n in the order they were given. Only projections of
+Slot 0 is the base model; adapters take slots 1..n in the order they were given, and one loaded while
+serving (``add_adapter``) takes a freed slot or a new one. Only projections of
 the decoder layers that see every token of the step in order take a side path: attention's, a dense
 FFN's and a MoE layer's shared expert. A MoE layer's routed experts and router (each expert sees only
 the tokens routed to it) and the output head (only the tokens whose logits are asked for) do not.
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -47,14 +48,44 @@ class LoRAPair:
 
 
 class AdapterBank:
-    """The adapters a model serves, by name, and which of them each token of the running forward uses."""
+    """The adapters a model serves, by slot, and which of them each token of the running forward uses.
 
-    def __init__(self, names: Sequence[str], default: str | None = None) -> None:
-        self.names = list(names)
-        self.default = BASE_SLOT if default is None else self.slot(default)
+    Adapters come and go while serving: one unloaded frees its slot (its weights stay until a new
+    adapter takes it, so requests already running on it finish on them), and a new one takes a free
+    slot that no request uses, or a new slot."""
+
+    def __init__(self) -> None:
+        self.names: list[str | None] = []  # slot - 1 -> its adapter's name; None: a free slot
+        # slot - 1 -> what caches know this load of the slot by: a name loaded again (other weights) is
+        # another key, so no cached K/V of the old weights is ever reused for the new ones
+        self.keys: list[str] = []
+        self.default = BASE_SLOT
+        self._loads = 0
         # The running forward's selection, per thread: a forward outside the engine's thread (router
         # statistics, a test) never sees the engine's.
         self._running = threading.local()
+
+    @property
+    def served(self) -> list[str]:
+        """The names of the adapters served, in slot order."""
+        return [name for name in self.names if name is not None]
+
+    def take(self, name: str, busy: Collection[int] = ()) -> int:
+        """A slot for adapter ``name``: the first free one no request in ``busy`` still runs on, else
+        a new one."""
+        free = [s for s, n in enumerate(self.names, 1) if n is None and s not in busy]
+        if free:
+            slot = free[0]
+        else:
+            self.names.append(None)
+            self.keys.append("")
+            slot = len(self.names)
+        self._loads += 1
+        self.names[slot - 1], self.keys[slot - 1] = name, f"{name}#{self._loads}"
+        return slot
+
+    def key(self, slot: int) -> str:
+        return self.keys[slot - 1]
 
     @property
     def slots(self) -> torch.Tensor | None:
@@ -83,13 +114,9 @@ class AdapterBank:
         """The slot of adapter ``name`` (None: the default); KeyError for a name not served."""
         if name is None:
             return self.default
-        try:
+        if name in self.names:
             return self.names.index(name) + 1
-        except ValueError:
-            raise KeyError(name) from None
-
-    def name(self, slot: int) -> str | None:
-        return None if slot == BASE_SLOT else self.names[slot - 1]
+        raise KeyError(name)
 
     @contextlib.contextmanager
     def selected(self, slots: Sequence[int] | None, tokens: int, device: torch.device) -> Iterator[bool]:
@@ -115,19 +142,40 @@ class LoRAProjection(nn.Module):
     adapter's rank zero-padded to R, a multiple of 16 (``kernels.lora_add_``'s vectors). On the CPU
     kernels (bf16) one ``kernels.lora_add_`` call adds every token's update, from ``tiles``: the pair
     again in the kernel's layout (``kernels.pack_lora``), a second copy of what is, beside the base
-    weights, a few percent of them."""
+    weights, a few percent of them. Every projection of a model holds a pair for each of the bank's
+    slots (zeros where its adapter leaves it alone): the kernel indexes the pairs by slot."""
 
-    def __init__(
-        self, base: nn.Module, bank: AdapterBank, lora_at: torch.Tensor, lora_bt: torch.Tensor
-    ) -> None:
+    def __init__(self, base: nn.Module, bank: AdapterBank) -> None:
         super().__init__()
         self.base, self.bank = base, bank
-        self.register_buffer("lora_at", lora_at, persistent=False)
-        self.register_buffer("lora_bt", lora_bt, persistent=False)
-        self.in_features, self.out_features = lora_at.shape[1], lora_bt.shape[2]
-        self.adapted = frozenset(i + 1 for i in range(lora_at.shape[0]) if lora_bt[i].any())
-        self.on_kernels = lora_at.device.type == "cpu" and kernels.available()
-        self.tiles = kernels.pack_lora(lora_at, lora_bt) if self.on_kernels else None
+        self.in_features, self.out_features = base.in_features, base.out_features
+        device = next(t.device for t in [*base.parameters(), *base.buffers()])
+        k, n = self.in_features, self.out_features
+        self.register_buffer("lora_at", torch.zeros(0, k, 16, device=device), persistent=False)
+        self.register_buffer("lora_bt", torch.zeros(0, 16, n, device=device), persistent=False)
+        self.adapted: frozenset[int] = frozenset()  # the slots whose update is not zero
+        self.on_kernels = device.type == "cpu" and kernels.available()
+        self.tiles: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def write(self, slots: int, pairs: dict[int, tuple[torch.Tensor, torch.Tensor] | None]) -> None:
+        """Hold ``slots`` adapters (at least as many as now) and set these slots' (at, bt), A and B
+        transposed with the scaling in bt, float32 (None: no update). The other slots keep theirs."""
+        held, _, rank = self.lora_at.shape
+        ranks = [at.shape[1] for at, _ in filter(None, pairs.values())]
+        rank = max([rank, *(-(-r // 16) * 16 for r in ranks)])  # whole vectors of 16 (zeros add nothing)
+        device = self.lora_at.device
+        at = torch.zeros(slots, self.in_features, rank, device=device)
+        bt = torch.zeros(slots, rank, self.out_features, device=device)
+        at[:held, :, : self.lora_at.shape[2]] = self.lora_at
+        bt[:held, : self.lora_bt.shape[1]] = self.lora_bt
+        for slot, pair in pairs.items():
+            at[slot - 1], bt[slot - 1] = 0, 0
+            if pair is not None:
+                r = pair[0].shape[1]
+                at[slot - 1, :, :r], bt[slot - 1, :r] = pair
+        self.lora_at, self.lora_bt = at, bt
+        self.adapted = frozenset(s + 1 for s in range(slots) if bt[s].any())
+        self.tiles = kernels.pack_lora(at, bt) if self.on_kernels else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -189,35 +237,102 @@ def serve_adapters(
     ``model.adapters``; ``default``: the adapter of tokens that name none (None: the base model).
     Raises :class:`AdapterNotServable` naming a module the side path does not serve, and
     ``CheckpointError`` for a module this model lacks or a pair of the wrong shape."""
-    bank = AdapterBank(list(adapters), default)
-    updates: dict[str, dict[int, list[tuple[slice, LoRAPair]]]] = {}
-    for slot, (adapter, pairs) in enumerate(adapters.items(), 1):
+    updates = _updates(model, adapters)
+    bank = AdapterBank()
+    _install(model, bank, {name: bank.take(name) for name in adapters}, updates)
+    bank.default = BASE_SLOT if default is None else bank.slot(default)
+    model.adapters = bank
+    return bank
+
+
+def add_adapter(
+    model: nn.Module,
+    name: str,
+    pairs: dict[str, LoRAPair],
+    busy: Collection[int] = (),
+    replace: bool = False,
+) -> int:
+    """Serve one more adapter on ``model`` (which may serve none yet); returns its slot. ``busy``: the
+    slots requests still run on, which it must not take. ``replace``: ``name`` is served already and
+    its new weights take a new slot, so requests running on the old ones finish on them. Nothing
+    changes where the adapter is refused (the errors of :func:`serve_adapters`, ValueError for a name
+    served already or, with ``replace``, not served)."""
+    bank: AdapterBank = getattr(model, "adapters", None) or AdapterBank()
+    served = name in bank.served
+    if served != replace:
+        raise ValueError(f"adapter {name!r} is {'already' if served else 'not'} served")
+    if replace and bank.slot(name) == bank.default:
+        raise ValueError(f"adapter {name!r} is the default of every request and cannot be replaced")
+    updates = _updates(model, {name: pairs})
+    old = bank.slot(name) if replace else None
+    slot = bank.take(name, {*busy, *([old] if old else [])})
+    if old is not None:
+        bank.names[old - 1] = None
+    _install(model, bank, {name: slot}, updates)
+    model.adapters = bank
+    return slot
+
+
+def remove_adapter(model: nn.Module, name: str) -> None:
+    """Stop serving adapter ``name``: requests that name it are refused from now on; those running on
+    it finish on its weights, which stay until a new adapter takes the slot. KeyError if not served."""
+    bank: AdapterBank | None = getattr(model, "adapters", None)
+    slot = bank.slot(name) if bank is not None and name is not None else None
+    if slot is None:
+        raise KeyError(name)
+    if slot == bank.default:
+        raise ValueError(f"adapter {name!r} is the default of every request and cannot be unloaded")
+    bank.names[slot - 1] = None
+
+
+_Updates = dict[str, dict[str, list[tuple[slice, LoRAPair]]]]  # module path -> adapter -> (rows, pair)
+
+
+def _updates(model: nn.Module, adapters: dict[str, dict[str, LoRAPair]]) -> _Updates:
+    """Where each adapter's pairs go in this model, every one checked before anything changes."""
+    updates: _Updates = {}
+    for adapter, pairs in adapters.items():
         for name, pair in pairs.items():
             target = _resolve(model, name, adapter)
             _check_shape(model.get_submodule(target.path), target, name, pair, adapter)
-            updates.setdefault(target.path, {}).setdefault(slot, []).append((target.rows, pair))
-    for path, by_slot in updates.items():
-        base = model.get_submodule(path)
-        device = next(t.device for t in [*base.parameters(), *base.buffers()])
-        rank = max(sum(p.a.shape[0] for _, p in parts) for parts in by_slot.values())
-        rank = -(-rank // 16) * 16  # whole vectors of 16 for the kernel (zeros add nothing)
-        lora_at = torch.zeros(len(adapters), base.in_features, rank)
-        lora_bt = torch.zeros(len(adapters), rank, base.out_features)
-        for slot, parts in by_slot.items():
-            col = 0
-            for rows, pair in parts:
-                r = pair.a.shape[0]
-                lora_at[slot - 1, :, col : col + r] = pair.a.float().T
-                lora_bt[slot - 1, col : col + r, rows] = pair.b.float().T * pair.scaling
-                col += r
-        parent, _, child = path.rpartition(".")
-        setattr(
-            model.get_submodule(parent),
-            child,
-            LoRAProjection(base, bank, lora_at.contiguous().to(device), lora_bt.to(device)),
+            updates.setdefault(target.path, {}).setdefault(adapter, []).append((target.rows, pair))
+    return updates
+
+
+def _install(model: nn.Module, bank: AdapterBank, slots: dict[str, int], updates: _Updates) -> None:
+    """Write the adapters ``slots`` names (name -> slot) into every projection, wrapping the ones they
+    are the first to adapt; the other projections get zeros in those slots."""
+    for path in updates:
+        module = model.get_submodule(path)
+        if not isinstance(module, LoRAProjection):
+            parent, _, child = path.rpartition(".")
+            setattr(model.get_submodule(parent), child, LoRAProjection(module, bank))
+    for path, projection in served_projections(model).items():
+        by_adapter = updates.get(path, {})
+        projection.write(
+            len(bank.names),
+            {slot: _pair(projection, by_adapter.get(name)) for name, slot in slots.items()},
         )
-    model.adapters = bank
-    return bank
+
+
+def _pair(
+    projection: LoRAProjection, parts: list[tuple[slice, LoRAPair]] | None
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """One adapter's (at, bt) for ``projection`` from its parts' pairs (several where it is fused):
+    their ranks side by side, each B in its part's rows."""
+    if not parts:
+        return None
+    rank = sum(pair.a.shape[0] for _, pair in parts)
+    at = torch.zeros(projection.in_features, rank)
+    bt = torch.zeros(rank, projection.out_features)
+    col = 0
+    for rows, pair in parts:
+        r = pair.a.shape[0]
+        at[:, col : col + r] = pair.a.float().T
+        bt[col : col + r, rows] = pair.b.float().T * pair.scaling
+        col += r
+    device = projection.lora_at.device
+    return at.to(device), bt.to(device)
 
 
 def check_servable(name: str, adapter: str) -> None:

@@ -166,6 +166,15 @@ def plan_decode_layers(model: nn.Module) -> int:
     return _set_on_each(model, DecoderLayer, "decode_weights", decode_layer_weights)
 
 
+def refresh_decode_layers(model: nn.Module) -> None:
+    """Plan the whole-layer decode calls again where the model has them, after a change to the tensors
+    they take (served adapters added): the plans hold those tensors, not the modules."""
+    if any(
+        getattr(m, "decode_weights", None) is not None for m in model.modules() if isinstance(m, DecoderLayer)
+    ):
+        plan_decode_layers(model)
+
+
 def _set_on_each(
     model: nn.Module, kind: type[nn.Module], attribute: str, make: Callable[[Any], object | None]
 ) -> int:

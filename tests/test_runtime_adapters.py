@@ -1,0 +1,190 @@
+"""LoRA adapters loaded and unloaded while a model serves (``LLM.load_adapter``, ``Engine.add_adapter``):
+the same tokens and log-probabilities as adapters given at load time, requests already running finish on
+the weights they started with, and a refused adapter changes nothing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from factories import hf_model, run_engine, save_hf, write_lora_adapter, write_tiny_chat_model
+
+from qwenkit.checkpoint import load_model, prepared_cache
+from qwenkit.engine import Engine, SamplingParams
+from qwenkit.engine.sampling import SamplingParamsError
+from qwenkit.errors import CheckpointError
+from qwenkit.finetune.adapter_io import AdapterNotFound
+from qwenkit.generate import LLM
+from qwenkit.model.served_adapters import AdapterNotServable, served_projections
+from qwenkit.quant.fused import refresh_decode_layers
+
+PROMPTS = [list(range(5, 16)), [7, 3], list(range(300, 306)), [9, 8, 1], list(range(40, 49))]
+ROWS = [None, "a", "b", "a", "c"]  # the adapter each prompt runs through
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    # a chat checkpoint (LLM needs its tokenizer) whose every layer runs on the kernels
+    path = tmp_path_factory.mktemp("runtime") / "m"
+    shape = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
+    return write_tiny_chat_model(path, num_key_value_heads=2, **shape)
+
+
+@pytest.fixture(scope="module")
+def adapters(base_dir):
+    root = base_dir.parent
+    return {
+        "a": write_lora_adapter(base_dir, root / "a", seed=1, r=4),
+        # fewer modules than "a": loaded first, "a" then wraps modules "b" left alone
+        "b": write_lora_adapter(base_dir, root / "b", seed=2, r=2, targets=("q_proj", "v_proj", "down_proj")),
+        # a rank past the 16 the first adapters pad to: every projection's pairs grow
+        "c": write_lora_adapter(base_dir, root / "c", seed=3, r=20, targets=("o_proj", "up_proj")),
+    }
+
+
+@pytest.fixture(autouse=True)
+def _no_prepared_cache(monkeypatch):
+    monkeypatch.setenv(prepared_cache.ENV_SWITCH, "off")
+
+
+def params(adapter: str | None, max_tokens: int = 8) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, logprobs=2, adapter=adapter)
+
+
+def answers(llm: LLM, rows: list[str | None]) -> list[tuple[list[int], list]]:
+    """Each prompt through its row's adapter, submitted together: (token ids, log-probabilities)."""
+    with llm.driver.together():
+        streams = [llm.submit(p, params(a)) for p, a in zip(PROMPTS, rows, strict=True)]
+    for stream in streams:
+        for _ in stream:
+            pass
+    return [(s.completion.token_ids, s.completion.logprobs) for s in streams]
+
+
+def test_adapters_loaded_while_serving_answer_as_those_loaded_at_start(base_dir, adapters):
+    """On the kernels' bf16 path (fused base, whole-layer decode calls): adapters loaded one by one into
+    a model that served none, in an order where later ones wrap new modules and raise the rank, give the
+    tokens and log-probabilities of the same adapters given at load time, batched with the base model."""
+    with LLM.load(base_dir, dtype="bfloat16", progress=False, adapters=adapters) as at_start:
+        expected = answers(at_start, ROWS)
+    with LLM.load(base_dir, dtype="bfloat16", progress=False) as llm:
+        assert llm.adapters == [] and llm.model.model.layers[1].decode_weights is not None
+        base_only = answers(llm, [None] * len(PROMPTS))
+        for name in ("b", "a", "c"):
+            llm.load_adapter(name, adapters[name])
+        assert llm.adapters == ["b", "a", "c"]
+        assert answers(llm, ROWS) == expected
+        assert base_only[0] == expected[0]
+        assert all(base_only[i][0] != expected[i][0] for i in (1, 2, 3, 4))  # each adapter matters
+
+
+def test_an_unloaded_adapters_slot_is_reused_without_its_weights(base_dir, adapters):
+    """Unloading frees the slot; the adapter loaded next takes it, and where it adapts fewer modules than
+    the one before, those modules' updates in that slot are zeros, not the old adapter's."""
+    with LLM.load(base_dir, dtype="bfloat16", progress=False, adapters={"c": adapters["c"]}) as only_c:
+        expected = answers(only_c, ["c"] * len(PROMPTS))
+    with LLM.load(base_dir, dtype="bfloat16", progress=False, adapters={"a": adapters["a"]}) as llm:
+        llm.unload_adapter("a")
+        assert llm.adapters == []
+        with pytest.raises(SamplingParamsError, match=r"adapter 'a' is not served here \(served: none\)"):
+            llm.submit([1, 2], params("a"))
+        llm.load_adapter("c", adapters["c"])
+        assert llm.model.adapters.names == ["c"]  # slot 1, a's before
+        assert answers(llm, ["c"] * len(PROMPTS)) == expected
+
+
+def step_until(engine: Engine, rid, tokens: int, out: list[int]) -> None:
+    while len(out) < tokens and engine.has_unfinished():
+        for o in engine.step():
+            if o.request_id == rid:
+                out += o.new_token_ids
+
+
+def replace_adapter(engine: Engine, name: str, path) -> None:
+    """What ``LLM.load_adapter(..., replace=True)`` runs between steps."""
+    from qwenkit.checkpoint.loader import servable_adapter
+
+    engine.add_adapter(name, servable_adapter(engine.model, name, path), replace=True)
+    refresh_decode_layers(engine.model)
+
+
+def test_requests_running_on_a_replaced_or_unloaded_adapter_finish_on_its_weights(base_dir, adapters):
+    """A request halfway through its answer on adapter "a" when "a" takes other weights (vLLM's
+    ``load_inplace``) or is unloaded decodes on to the same tokens as if nothing had happened; requests
+    after the replacement run on the new weights, and none reuses K/V cached under the old ones."""
+    model, _ = load_model(
+        base_dir, "bfloat16", progress=False, fast_kernels=True, adapters={"a": adapters["a"]}
+    )
+    prompt = list(range(60, 80))
+    engine = Engine(model, max_batch_size=2, block_size=4)
+    untouched = run_engine(engine, [prompt], params("a", 16))[0]
+
+    rid = engine.add_request(prompt, params("a", 16))
+    out: list[int] = []
+    step_until(engine, rid, 6, out)
+    replace_adapter(engine, "a", adapters["c"])
+    step_until(engine, rid, 16, out)
+    assert out == untouched
+
+    c_model, _ = load_model(
+        base_dir, "bfloat16", progress=False, fast_kernels=True, adapters={"a": adapters["c"]}
+    )
+    as_c = run_engine(Engine(c_model), [prompt], params("a", 16))[0]
+    assert as_c != untouched
+    rid = engine.add_request(prompt, params("a", 16))
+    first: list[int] = []
+    engine_outputs = engine.step()
+    cached = next(o.num_cached_tokens for o in engine_outputs if o.request_id == rid)
+    assert cached == 0  # the prompt was cached under the old weights of "a" only
+    first += next(o.new_token_ids for o in engine_outputs if o.request_id == rid)
+    step_until(engine, rid, 16, first)
+    assert first == as_c
+
+    rid = engine.add_request(prompt, params("a", 16))
+    out = []
+    step_until(engine, rid, 4, out)
+    engine.remove_adapter("a")
+    step_until(engine, rid, 16, out)
+    assert out == as_c
+    with pytest.raises(SamplingParamsError, match="adapter 'a' is not served here"):
+        engine.add_request(prompt, params("a"))
+
+
+def test_refused_adapters_change_nothing(base_dir, adapters, tmp_path):
+    """Every refusal names its cause, and the model serves and answers as before it."""
+    with LLM.load(base_dir, dtype="bfloat16", progress=False, adapters={"a": adapters["a"]}) as llm:
+        before = answers(llm, ["a", None, "a", None, "a"])
+        projections = {
+            n: (p.lora_at.clone(), p.lora_bt.clone()) for n, p in served_projections(llm.model).items()
+        }
+        head = write_lora_adapter(base_dir, tmp_path / "head", seed=5, r=2, targets=("q_proj", "lm_head"))
+        other = save_hf(hf_model("qwen2", hidden_size=32, intermediate_size=64), tmp_path / "other")
+        wrong = write_lora_adapter(other, tmp_path / "wrong", seed=6, r=2, targets=("o_proj",))
+        refusals = [
+            (lambda: llm.load_adapter("h", head), AdapterNotServable, "adapter 'h' adapts lm_head"),
+            (lambda: llm.load_adapter("w", wrong), CheckpointError, "adapter 'w' is for another model shape"),
+            (
+                lambda: llm.load_adapter("x", tmp_path / "none"),
+                AdapterNotFound,
+                "is not an adapter directory",
+            ),
+            (lambda: llm.load_adapter("a", adapters["b"]), ValueError, "adapter 'a' is already served"),
+            (lambda: llm.load_adapter("b", adapters["b"], replace=True), ValueError, "'b' is not served"),
+            (lambda: llm.unload_adapter("b"), KeyError, "b"),
+        ]
+        for call, error, message in refusals:
+            with pytest.raises(error, match=message):
+                call()
+        assert llm.adapters == ["a"]
+        for name, p in served_projections(llm.model).items():
+            assert torch.equal(p.lora_at, projections[name][0]) and torch.equal(
+                p.lora_bt, projections[name][1]
+            )
+        assert answers(llm, ["a", None, "a", None, "a"]) == before
+    # the one adapter of every request (--adapter) cannot be unloaded or replaced
+    with LLM.load(base_dir, dtype="float32", progress=False, adapter=adapters["a"]) as one:
+        for call in (
+            lambda: one.unload_adapter("a"),
+            lambda: one.load_adapter("a", adapters["c"], replace=True),
+        ):
+            with pytest.raises(ValueError, match="default of every request"):
+                call()
