@@ -143,3 +143,40 @@ def test_lora_modules_from_the_environment_serve_a_trained_adapter(tmp_path):
         prompt = llm.tokenizer.apply_chat_template(question, add_generation_prompt=True)
         direct = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16))[0].text
     assert answers["terse"] == direct != answers["SmolLM2-135M-Instruct.Q4_1"]
+
+
+def test_an_adapter_loaded_at_run_time_answers_as_one_given_at_start(tmp_path):
+    """`QWENKIT_ALLOW_RUNTIME_LORA=1` behind an API key: an adapter of the bundled model loaded over HTTP
+    (vLLM's /v1/load_lora_adapter) answers as the library does through it, and unloads."""
+    from factories import write_lora_adapter
+
+    from qwenkit.default_model import default_model_path
+    from qwenkit.engine import SamplingParams
+    from qwenkit.generate import LLM
+
+    adapter = write_lora_adapter(default_model_path(), tmp_path / "terse", seed=5, r=8, std=0.3)
+    proc, url = start_server({"QWENKIT_ALLOW_RUNTIME_LORA": "1", "QWENKIT_API_KEY": "k"})
+    auth = {"Authorization": "Bearer k"}
+    question = [{"role": "user", "content": "Tell me a short story about a cat."}]
+    body = {"model": "terse", "messages": question, "max_tokens": 16, "temperature": 0}
+    try:
+        r = httpx.post(
+            url + "/v1/load_lora_adapter",
+            json={"lora_name": "terse", "lora_path": str(adapter)},
+            headers=auth,
+            timeout=60,
+        )
+        assert (r.status_code, r.text) == (200, "Success: LoRA adapter 'terse' added successfully.")
+        r = httpx.post(url + "/v1/chat/completions", json=body, headers=auth, timeout=120).json()
+        served = r["choices"][0]["message"]["content"]
+        r = httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "terse"}, headers=auth, timeout=60)
+        assert r.status_code == 200
+        r = httpx.post(url + "/v1/chat/completions", json=body, headers=auth, timeout=60)
+        assert r.status_code == 404
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    with LLM.load(default_model_path(), progress=False, adapter=adapter) as llm:
+        prompt = llm.tokenizer.apply_chat_template(question, add_generation_prompt=True)
+        direct = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16))[0].text
+    assert served == direct

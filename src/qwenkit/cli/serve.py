@@ -60,6 +60,17 @@ def _env(name: str, default: object = None) -> object:
     return os.environ.get(f"QWENKIT_{name.upper().replace('-', '_')}", default)
 
 
+def _env_flag(name: str) -> bool:
+    """A switch from the environment: 1/true/yes/on or 0/false/no/off (unset: off)."""
+    value = str(_env(name, "")).strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    variable = f"QWENKIT_{name.upper()}"
+    raise ConfigError(f"{variable} must be 1/true/yes/on or 0/false/no/off, got {value!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qwenkit serve", description="Serve a model over an OpenAI-compatible API."
@@ -127,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("threads"),
         help="CPU threads for the model's compute (default: PyTorch's, one per core)",
     )
-    e.add_argument("--no-prefix-caching", action="store_true", default=bool(_env("no_prefix_caching")))
+    e.add_argument("--no-prefix-caching", action="store_true", default=_env_flag("no_prefix_caching"))
     e.add_argument(
         "--response-cache",
         type=int,
@@ -141,6 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=(_env("lora_modules") or "").split(),
         help="peft-format LoRA adapters served beside the base model, each chosen by a request's "
         '"model": NAME (vLLM\'s flag; the base model stays served under its own name)',
+    )
+    e.add_argument(
+        "--allow-runtime-lora",
+        action="store_true",
+        default=_env_flag("allow_runtime_lora"),
+        help="turn on POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's), which read "
+        "adapter directories from this machine's disk: set --api-key where others can reach the server",
     )
     add_tensor_parallel_arg(parser)
     parser.set_defaults(tensor_parallel=int(_env("tensor_parallel", 1)))
@@ -233,6 +251,13 @@ def _check(args: argparse.Namespace) -> str | None:
             )
         if args.served_model_name in served:
             raise ConfigError(f"--served-model-name {args.served_model_name!r} is also a --lora-modules name")
+    if args.allow_runtime_lora and args.adapter:
+        raise ConfigError(
+            "--allow-runtime-lora serves adapters chosen per request; give them with --lora-modules "
+            "rather than --adapter (every request)"
+        )
+    if args.allow_runtime_lora and args.tensor_parallel > 1:
+        raise ConfigError("--allow-runtime-lora does not run under --tensor-parallel yet")
     return api_key
 
 
@@ -276,6 +301,7 @@ def serve(args: argparse.Namespace, api_key: str | None, llm, listener: socket.s
         raise ConfigError(f"the model is served as {name!r}, which is also a --lora-modules name")
     config = ServerConfig(
         lora_modules=tuple(adapters.items()),
+        runtime_lora=args.allow_runtime_lora,
         served_model_name=name,
         api_key=api_key,
         allowed_origins=tuple(args.allowed_origins),

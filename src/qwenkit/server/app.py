@@ -17,13 +17,16 @@ from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from qwenkit.generate import LLM
+from qwenkit.server import adapters as adapter_routes
 from qwenkit.server import completions as routes
 from qwenkit.server.errors import APIError, error_response, install_handlers
 from qwenkit.server.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    LoadLoRAAdapterRequest,
     TokenizeRequest,
+    UnloadLoRAAdapterRequest,
 )
 from qwenkit.server.state import ServerConfig, ServerState
 
@@ -101,9 +104,17 @@ def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
         # vLLM's cards of served LoRA adapters: root is the adapter's directory, parent the base model
         adapters = [
             {**card, "id": name, "root": path, "parent": state.model_name}
-            for name, path in state.config.lora_modules
+            for name, path in state.adapters.items()
         ]
         return {"object": "list", "data": [card, *adapters]}
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(body: LoadLoRAAdapterRequest) -> Response:
+        return await adapter_routes.load_lora_adapter(state, body)
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(body: UnloadLoRAAdapterRequest) -> Response:
+        return await adapter_routes.unload_lora_adapter(state, body)
 
     @app.get("/health")
     async def health() -> Response:

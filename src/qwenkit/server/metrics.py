@@ -6,6 +6,7 @@ Gauges are read from the engine when scraped; counters and histograms are fed by
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 
 from prometheus_client import (
     CollectorRegistry,
@@ -49,8 +50,8 @@ class _LoraCollector:
     """vLLM's ``vllm:lora_requests_info``: the served adapters of the running and of the waiting requests
     as labels (comma-separated), the number served as ``max_lora``, the scrape time as the value."""
 
-    def __init__(self, engine: Engine, adapters: tuple[str, ...]) -> None:
-        self.engine, self.adapters = engine, adapters
+    def __init__(self, engine: Engine, adapters: Mapping[str, str]) -> None:
+        self.engine, self.adapters = engine, adapters  # the server's, changed by loads at run time
 
     def collect(self):
         scheduler = self.engine.scheduler
@@ -70,7 +71,8 @@ class _LoraCollector:
 
 
 class ServerMetrics:
-    def __init__(self, engine: Engine, model_name: str, adapters: tuple[str, ...] = ()) -> None:
+    def __init__(self, engine: Engine, model_name: str, adapters: Mapping[str, str] | None = None) -> None:
+        """``adapters``: the adapters served by name (None: the server serves none, and never will)."""
         self.registry = CollectorRegistry()
         labels = ["model_name"]
         r, m = self.registry, model_name
@@ -86,7 +88,7 @@ class ServerMetrics:
             lambda: engine.stats().kv_usage,
         )
         r.register(_PrefixCacheCollector(engine, m))
-        if adapters:
+        if adapters is not None:
             r.register(_LoraCollector(engine, adapters))
         self.prompt_tokens = Counter(
             "vllm:prompt_tokens", "Prompt tokens processed.", labels, registry=r

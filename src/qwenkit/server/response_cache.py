@@ -18,12 +18,21 @@ class ResponseCache:
     def __init__(self, max_entries: int = 512) -> None:
         self.max_entries = max_entries
         self._entries: OrderedDict[tuple, Completion] = OrderedDict()
+        # adapter name -> how many times its weights changed: a key holds the count when it was made,
+        # so an answer that finishes on old weights after a change is stored where no one looks
+        self._changes: dict[str | None, int] = {}
 
-    @staticmethod
-    def key(prompt_ids: list[int], params: SamplingParams) -> tuple | None:
+    def key(self, prompt_ids: list[int], params: SamplingParams) -> tuple | None:
         if not params.greedy and params.seed is None:
             return None
-        return (tuple(prompt_ids), astuple(params))
+        weights = (params.adapter, self._changes.get(params.adapter, 0))
+        return (weights, tuple(prompt_ids), astuple(params))
+
+    def forget(self, adapter: str) -> None:
+        """Adapter ``adapter``'s weights changed: drop its answers, and never store one made before."""
+        self._changes[adapter] = self._changes.get(adapter, 0) + 1
+        for key in [k for k in self._entries if k[0][0] == adapter]:
+            del self._entries[key]
 
     def get(self, key: tuple | None) -> Completion | None:
         if key is None or key not in self._entries:

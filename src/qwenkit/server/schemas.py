@@ -134,3 +134,15 @@ class TokenizeRequest(_Lenient):
 class DetokenizeRequest(_Lenient):
     model: str | None = None
     tokens: list[int]
+
+
+class LoadLoRAAdapterRequest(_Lenient):
+    """vLLM's ``/v1/load_lora_adapter`` body; ``load_inplace`` gives a served name new weights."""
+
+    lora_name: str | None = None
+    lora_path: str | None = None
+    load_inplace: bool = False
+
+
+class UnloadLoRAAdapterRequest(_Lenient):
+    lora_name: str | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import secrets
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ class ServerConfig:
     request_timeout: float | None = None  # seconds, arrival to last token
     response_cache_entries: int = 512  # 0 turns the response cache off
     lora_modules: tuple[tuple[str, str], ...] = ()  # (name, directory) of each adapter served by name
+    runtime_lora: bool = False  # /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's) are on
 
 
 @dataclass
@@ -36,8 +38,11 @@ class ServerState:
     drain_deadline: float | None = None
 
     def __post_init__(self) -> None:
-        adapters = tuple(name for name, _ in self.config.lora_modules)
-        self.metrics = ServerMetrics(self.llm.engine, self.config.served_model_name, adapters)
+        # the adapters served by name -> their directory: --lora-modules', then those loaded at run time
+        self.adapters: dict[str, str] = dict(self.config.lora_modules)
+        self.adapters_changing = asyncio.Lock()  # one load or unload at a time
+        lora = self.adapters if self.adapters or self.config.runtime_lora else None
+        self.metrics = ServerMetrics(self.llm.engine, self.config.served_model_name, lora)
         entries = self.config.response_cache_entries
         self.response_cache = ResponseCache(entries) if entries > 0 else None
         digest = hashlib.sha256(repr(self.llm.config).encode()).hexdigest()[:12]
@@ -50,18 +55,23 @@ class ServerState:
     def check_model(self, name: str | None) -> str | None:
         """The adapter a request for model ``name`` runs through (None: the server's default); an
         unknown name is refused."""
-        adapters = dict(self.config.lora_modules)
         if name is None or name == self.model_name:
             return None
-        if name in adapters:
+        if name in self.adapters:
             return name
-        served = ", ".join(repr(n) for n in (self.model_name, *adapters))
+        served = ", ".join(repr(n) for n in (self.model_name, *self.adapters))
         raise APIError(
             404,
             f"the model {name!r} does not exist; this server serves {served}",
             "model",
             "model_not_found",
         )
+
+    def forget_answers(self, adapter: str) -> None:
+        """Adapter ``adapter`` changed (loaded, replaced or unloaded): no remembered answer of it is
+        given again."""
+        if self.response_cache is not None:
+            self.response_cache.forget(adapter)
 
     def response_model(self, adapter: str | None) -> str:
         """The "model" field of a response: the adapter's name where the request named one."""

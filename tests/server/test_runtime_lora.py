@@ -1,0 +1,182 @@
+"""vLLM's runtime LoRA routes (``--allow-runtime-lora``): ``POST /v1/load_lora_adapter`` and
+``/v1/unload_lora_adapter`` on a live server, its answers checked against adapters given at start, with
+the official openai client for the requests that use them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import httpx
+import openai
+import pytest
+from factories import hf_model, save_hf, write_lora_adapter
+from live import LiveServer
+
+from qwenkit.engine import SamplingParams
+from qwenkit.generate import LLM
+from qwenkit.server import ServerConfig, create_app
+from qwenkit.server.adapters import RUNTIME_LORA_OFF
+
+MESSAGES = [{"role": "user", "content": "Name three colours."}]
+KEY = "secret"
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_chat_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("runtime-lora")
+    return {
+        name: str(write_lora_adapter(tiny_chat_model, root / name, seed, std=0.5))
+        for name, seed in (("sql", 1), ("poet", 2))
+    }
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_chat_model, adapters):
+    """Each adapter's greedy answer where it was given at load time, and the base model's."""
+    with LLM.load(tiny_chat_model, progress=False, adapters=adapters) as llm:
+        ids = llm.tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True)
+        return {
+            name: llm.generate([ids], SamplingParams(temperature=0, max_tokens=12, adapter=name))[0].text
+            for name in ("sql", "poet", None)
+        }
+
+
+@pytest.fixture
+def live(tiny_chat_model):
+    """A server of the base model alone, adapters loadable at run time, behind an API key."""
+    llm = LLM.load(tiny_chat_model, max_batch_size=4, progress=False)
+    config = ServerConfig(served_model_name="tiny", api_key=KEY, runtime_lora=True)
+    with LiveServer(create_app(llm, config)) as server:
+        yield server
+    llm.close()
+
+
+def post(live, route: str, **body) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {KEY}"}
+    return httpx.post(f"{live.url}/v1/{route}", json=body, headers=headers, timeout=60)
+
+
+def ask(client, model: str) -> str:
+    r = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=12, temperature=0)
+    assert r.model == model
+    return r.choices[0].message.content
+
+
+def test_load_replace_and_unload_while_serving(live, adapters, expected):
+    client = openai.OpenAI(base_url=f"{live.url}/v1", api_key=KEY, max_retries=0)
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    r = post(live, "load_lora_adapter", lora_name="sql", lora_path=adapters["sql"])
+    assert (r.status_code, r.text) == (200, "Success: LoRA adapter 'sql' added successfully.")
+    cards = client.models.list().data
+    assert [c.id for c in cards] == ["tiny", "sql"]
+    assert cards[1].root == adapters["sql"] and cards[1].parent == "tiny"
+    assert ask(client, "sql") == expected["sql"] != expected[None]
+    assert ask(client, "tiny") == expected[None]
+    metrics = httpx.get(f"{live.url}/metrics").text
+    assert 'max_lora="1"' in metrics
+
+    # vLLM's load_inplace: the name keeps serving, on the new weights; the response cache held the old
+    # answer of "sql" (greedy, asked just now) and must not give it again
+    r = post(live, "load_lora_adapter", lora_name="sql", lora_path=adapters["poet"], load_inplace=True)
+    assert (r.status_code, r.text) == (200, "Success: LoRA adapter 'sql' added successfully.")
+    assert ask(client, "sql") == expected["poet"] != expected["sql"]
+    assert client.models.list().data[1].root == adapters["poet"]
+
+    r = post(live, "unload_lora_adapter", lora_name="sql")
+    assert (r.status_code, r.text) == (200, "Success: LoRA adapter 'sql' removed successfully.")
+    with pytest.raises(
+        openai.NotFoundError, match="the model 'sql' does not exist; this server serves 'tiny'"
+    ):
+        ask(client, "sql")
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    # a freed slot taken by the next adapter
+    assert post(live, "load_lora_adapter", lora_name="poet", lora_path=adapters["poet"]).status_code == 200
+    assert ask(client, "poet") == expected["poet"]
+
+
+def test_bad_loads_and_unloads_are_refused_as_vllm_does(live, adapters, tiny_chat_model, tmp_path):
+    def error(r: httpx.Response) -> tuple[int, str]:
+        return r.status_code, r.json()["error"]["message"]
+
+    assert post(live, "load_lora_adapter", lora_name="sql", lora_path=adapters["sql"]).status_code == 200
+    both = "Both 'lora_name' and 'lora_path' must be provided."
+    assert error(post(live, "load_lora_adapter", lora_name="x")) == (400, both)
+    assert error(post(live, "load_lora_adapter", lora_path=adapters["sql"])) == (400, both)
+    assert error(post(live, "load_lora_adapter", lora_name="sql", lora_path=adapters["poet"])) == (
+        400,
+        "The lora adapter 'sql' has already been loaded.",
+    )
+    status, message = error(post(live, "load_lora_adapter", lora_name="x", lora_path=str(tmp_path / "none")))
+    assert status == 404 and "is not an adapter directory" in message
+    status, message = error(post(live, "load_lora_adapter", lora_name="tiny", lora_path=adapters["sql"]))
+    assert status == 400 and "is the base model's name" in message
+    # an adapter of another model's shape, and one of a module served adapters cannot adapt
+    other = save_hf(hf_model("qwen3", hidden_size=48, intermediate_size=64), tmp_path / "other")
+    wrong = write_lora_adapter(other, tmp_path / "wrong", seed=3, r=2, targets=("o_proj",))
+    status, message = error(post(live, "load_lora_adapter", lora_name="w", lora_path=str(wrong)))
+    assert status == 400 and "adapter 'w' is for another model shape" in message
+    head = write_lora_adapter(tiny_chat_model, tmp_path / "head", seed=4, r=2, targets=("q_proj", "lm_head"))
+    status, message = error(post(live, "load_lora_adapter", lora_name="h", lora_path=str(head)))
+    assert status == 400 and "adapter 'h' adapts lm_head" in message
+    assert error(post(live, "unload_lora_adapter", lora_name="x")) == (
+        404,
+        "The lora adapter 'x' cannot be found.",
+    )
+    assert error(post(live, "unload_lora_adapter"))[0] == 400
+    # the API key guards them as it guards every /v1 route
+    r = httpx.post(f"{live.url}/v1/unload_lora_adapter", json={"lora_name": "sql"}, timeout=10)
+    assert r.status_code == 401
+    # nothing refused changed what is served
+    models = httpx.get(f"{live.url}/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert [m["id"] for m in models["data"]] == ["tiny", "sql"]
+
+
+def test_the_routes_are_off_unless_turned_on(chat_llm, adapters):
+    with LiveServer(create_app(chat_llm, ServerConfig(served_model_name="tiny"))) as live:
+        for route, body in (
+            ("load_lora_adapter", {"lora_name": "sql", "lora_path": adapters["sql"]}),
+            ("unload_lora_adapter", {"lora_name": "sql"}),
+        ):
+            r = httpx.post(f"{live.url}/v1/{route}", json=body, timeout=10)
+            assert r.status_code == 404 and r.json()["error"]["message"] == RUNTIME_LORA_OFF
+        assert "--allow-runtime-lora" in RUNTIME_LORA_OFF
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["--allow-runtime-lora", "--adapter", "."], {}, "rather than --adapter"),
+        (["--allow-runtime-lora", "--tensor-parallel", "2"], {}, "does not run under --tensor-parallel"),
+        ([], {"QWENKIT_ALLOW_RUNTIME_LORA": "maybe"}, "QWENKIT_ALLOW_RUNTIME_LORA must be 1/true"),
+    ],
+)
+def test_bad_runtime_lora_options_exit_2_with_one_line(args, env, message):
+    import os
+
+    r = subprocess.run(
+        [sys.executable, "-m", "qwenkit.cli", "serve", "--port", "1", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+    )
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_an_answer_made_on_weights_since_replaced_is_never_given_again():
+    """The response cache's side of a replaced adapter: what was stored is dropped, and an answer that
+    was under way during the change (its key made before it) is stored where no later request looks."""
+    from qwenkit.generate import Completion
+    from qwenkit.server.response_cache import ResponseCache
+
+    cache = ResponseCache()
+    on = {name: SamplingParams(temperature=0, adapter=name) for name in ("sql", "poet")}
+    for params in on.values():
+        cache.put(cache.key([1, 2], params), Completion([1, 2], [7], "old", "stop"))
+    under_way = cache.key([3], on["sql"])
+    cache.forget("sql")
+    cache.put(under_way, Completion([3], [8], "old", "stop"))
+    assert cache.get(cache.key([1, 2], on["sql"])) is None and cache.get(cache.key([3], on["sql"])) is None
+    assert cache.get(cache.key([1, 2], on["poet"])).text == "old"  # other adapters' answers stay
+    cache.put(cache.key([1, 2], on["sql"]), Completion([1, 2], [9], "new", "stop"))
+    assert cache.get(cache.key([1, 2], on["sql"])).text == "new"
