@@ -180,3 +180,14 @@ def test_an_answer_made_on_weights_since_replaced_is_never_given_again():
     assert cache.get(cache.key([1, 2], on["poet"])).text == "old"  # other adapters' answers stay
     cache.put(cache.key([1, 2], on["sql"]), Completion([1, 2], [9], "new", "stop"))
     assert cache.get(cache.key([1, 2], on["sql"])).text == "new"
+
+
+def test_switches_from_the_environment_read_false_as_off(monkeypatch):
+    """``QWENKIT_NO_PREFIX_CACHING=false`` (as a container's env file writes it) is off, not on."""
+    from qwenkit.cli.serve import build_parser
+
+    for value, on in (("false", False), ("0", False), ("", False), ("true", True), ("YES", True)):
+        monkeypatch.setenv("QWENKIT_NO_PREFIX_CACHING", value)
+        monkeypatch.setenv("QWENKIT_ALLOW_RUNTIME_LORA", value)
+        args = build_parser().parse_args([])
+        assert (args.no_prefix_caching, args.allow_runtime_lora) == (on, on)
