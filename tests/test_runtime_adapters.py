@@ -188,3 +188,50 @@ def test_refused_adapters_change_nothing(base_dir, adapters, tmp_path):
         ):
             with pytest.raises(ValueError, match="default of every request"):
                 call()
+
+
+def test_an_engine_on_the_static_decode_path_leaves_it_for_a_loaded_adapter(base_dir, adapters):
+    """The static decode path (CUDA graphs; run eagerly here) has no side paths: an engine on it steps
+    off it once an adapter is loaded, and answers as an engine of a model given the adapter at load."""
+    from qwenkit.checkpoint.loader import servable_adapter
+
+    model, _ = load_model(base_dir, "float32", progress=False)
+    engine = Engine(model, cuda_graphs=True)
+    assert engine.decode_graphs is not None
+    rows = [params(None), params("a")]
+    base = run_engine(engine, PROMPTS[:1], rows[0])
+    engine.add_adapter("a", servable_adapter(model, "a", adapters["a"]))
+    assert engine.decode_graphs is None
+    at_start, _ = load_model(base_dir, "float32", progress=False, adapters={"a": adapters["a"]})
+    both = run_engine(engine, PROMPTS[:2], rows)
+    assert both == run_engine(Engine(at_start), PROMPTS[:2], rows) and both[0] == base[0]
+
+
+def test_a_load_that_would_not_fit_is_refused_before_anything_changes(base_dir, adapters, monkeypatch):
+    """The memory a new adapter takes (a slot in every projection, ranks raised) is checked against the
+    free memory first; the estimate bounds what the load then takes, and is not far above it."""
+    from qwenkit import memory
+    from qwenkit.checkpoint.loader import servable_adapter
+    from qwenkit.errors import OutOfMemoryError
+    from qwenkit.model.served_adapters import added_bytes
+
+    with LLM.load(base_dir, dtype="bfloat16", progress=False, adapters={"a": adapters["a"]}) as llm:
+
+        def held() -> int:
+            return sum(
+                t.numel() * t.element_size()
+                for p in served_projections(llm.model).values()
+                for t in (p.lora_at, p.lora_bt, *(p.tiles or ()))
+            )
+
+        before = held()
+        need = added_bytes(llm.model, "c", servable_adapter(llm.model, "c", adapters["c"]))
+        monkeypatch.setattr(memory, "free_bytes", lambda device: need - 1)
+        with pytest.raises(
+            OutOfMemoryError, match="not enough free RAM to serve adapter 'c': it needs up to"
+        ):
+            llm.load_adapter("c", adapters["c"])
+        assert held() == before and llm.adapters == ["a"]
+        monkeypatch.setattr(memory, "free_bytes", lambda device: need)
+        llm.load_adapter("c", adapters["c"])
+        assert before < held() <= before + need < before + 2 * (held() - before)

@@ -24,7 +24,7 @@ from qwenkit.distributed import TensorParallel, local_config
 from qwenkit.engine import Engine, FinishReason, SamplingParams, StepOutput, TokenLogprob
 from qwenkit.engine.driver import EngineDriver, RequestStream
 from qwenkit.engine.request import RequestId
-from qwenkit.errors import ConfigError, GenerationError, NonFiniteLogitsError
+from qwenkit.errors import ConfigError, GenerationError, NonFiniteLogitsError, OutOfMemoryError
 from qwenkit.model import Transformer
 from qwenkit.model.moe import RouterStats, count_routed_tokens
 from qwenkit.tokenizer import HFTokenizer, StreamingDetokenizer, Tokenizer, load_tokenizer
@@ -354,13 +354,14 @@ class LLM:
         (vLLM's runtime adapter loading). ``replace``: ``name`` is served and takes the new weights;
         requests running on the old ones finish on them. Raises ``AdapterNotFound`` (no adapter at
         ``path``), ``AdapterNotServable`` or ``CheckpointError`` (it does not fit this model), and
-        ValueError for a name already served (without ``replace``) or not served (with it); a refused
-        adapter changes nothing."""
+        ValueError for a name already served (without ``replace``) or not served (with it), and
+        OutOfMemoryError where it would not fit in the free memory; a refused adapter changes nothing."""
         from qwenkit.checkpoint.loader import servable_adapter
         from qwenkit.quant.fused import refresh_decode_layers
 
         self._check_adapters_change()
         pairs = servable_adapter(self.model, name, path)  # read here, not in the engine's thread
+        _check_adapter_fits(self.model, name, pairs)
 
         def change() -> None:
             self.engine.add_adapter(name, pairs, replace)
@@ -444,6 +445,22 @@ class LLM:
                 yield delta
         finally:
             text_stream.abort()
+
+
+def _check_adapter_fits(model: Transformer, name: str, pairs: dict) -> None:
+    """OutOfMemoryError where serving one more adapter would take more memory than is free."""
+    from qwenkit.memory import format_bytes, free_bytes
+    from qwenkit.model.served_adapters import added_bytes
+
+    need, device = added_bytes(model, name, pairs), model.model.norm.weight.device
+    have = free_bytes(str(device))
+    if need > have:
+        where = "GPU memory" if device.type == "cuda" else "RAM"
+        raise OutOfMemoryError(
+            f"not enough free {where} to serve adapter {name!r}: it needs up to {format_bytes(need)} "
+            f"more (its slot in every adapted projection), but {format_bytes(have)} is free; unload "
+            "adapters no longer used first (their slots are reused)"
+        )
 
 
 def _raise_if_failed(completion: Completion) -> None:

@@ -95,7 +95,9 @@ def test_load_replace_and_unload_while_serving(live, adapters, expected):
     assert ask(client, "poet") == expected["poet"]
 
 
-def test_bad_loads_and_unloads_are_refused_as_vllm_does(live, adapters, tiny_chat_model, tmp_path):
+def test_bad_loads_and_unloads_are_refused_as_vllm_does(
+    live, adapters, tiny_chat_model, tmp_path, monkeypatch
+):
     def error(r: httpx.Response) -> tuple[int, str]:
         return r.status_code, r.json()["error"]["message"]
 
@@ -124,6 +126,13 @@ def test_bad_loads_and_unloads_are_refused_as_vllm_does(live, adapters, tiny_cha
         "The lora adapter 'x' cannot be found.",
     )
     assert error(post(live, "unload_lora_adapter"))[0] == 400
+    # an adapter that would not fit in the free memory: 507, not retried by clients
+    from qwenkit import memory
+
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 0)
+    status, message = error(post(live, "load_lora_adapter", lora_name="poet", lora_path=adapters["poet"]))
+    assert status == 507 and "not enough free RAM to serve adapter 'poet'" in message
+    monkeypatch.undo()
     # the API key guards them as it guards every /v1 route
     r = httpx.post(f"{live.url}/v1/unload_lora_adapter", json={"lora_name": "sql"}, timeout=10)
     assert r.status_code == 401

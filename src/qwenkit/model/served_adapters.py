@@ -273,6 +273,27 @@ def add_adapter(
     return slot
 
 
+def added_bytes(model: nn.Module, name: str, pairs: dict[str, LoRAPair]) -> int:
+    """At most how much more memory serving adapter ``name`` takes, the moment it is added included:
+    a new slot in every projection's float32 pairs and kernel tiles (each rank padded to 16, raised
+    where this adapter's is higher), and the old copy of the largest projection while it is rewritten.
+    Checks the pairs as :func:`add_adapter` does."""
+    bank: AdapterBank = getattr(model, "adapters", None) or AdapterBank()
+    updates = _updates(model, {name: pairs})
+    slots = len(bank.names) + 1  # a free slot may be taken instead: an upper bound
+    growth = largest = 0
+    for path in {*served_projections(model), *updates}:
+        m = model.get_submodule(path)
+        held, rank = (m.lora_at.shape[0], m.lora_at.shape[2]) if isinstance(m, LoRAProjection) else (0, 0)
+        if path in updates:
+            rank = max(rank, -(-sum(p.a.shape[0] for _, p in updates[path][name]) // 16) * 16)
+        per_slot = 8 * (m.in_features + m.out_features)  # at and bt, and their tiles, float32
+        old = held * m.lora_at.shape[2] * per_slot if held else 0
+        new = slots * rank * per_slot
+        growth, largest = growth + new - old, max(largest, old)
+    return growth + largest
+
+
 def remove_adapter(model: nn.Module, name: str) -> None:
     """Stop serving adapter ``name``: requests that name it are refused from now on; those running on
     it finish on its weights, which stay until a new adapter takes the slot. KeyError if not served."""

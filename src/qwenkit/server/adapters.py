@@ -11,6 +11,7 @@ import asyncio
 
 from fastapi.responses import PlainTextResponse
 
+from qwenkit.errors import OutOfMemoryError
 from qwenkit.finetune.adapter_io import AdapterNotFound
 from qwenkit.server.errors import APIError
 from qwenkit.server.schemas import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
@@ -37,6 +38,8 @@ async def load_lora_adapter(state: ServerState, body: LoadLoRAAdapterRequest) ->
             await asyncio.to_thread(state.llm.load_adapter, name, path, replace)
         except AdapterNotFound as e:
             raise APIError(404, str(e), "lora_path", "not_found") from None
+        except OutOfMemoryError as e:  # no retry helps until adapters are unloaded
+            raise APIError(507, str(e), "lora_path", "insufficient_memory") from None
         except ValueError as e:  # CheckpointError, ConfigError, AdapterNotServable: it does not fit
             raise APIError(400, str(e), "lora_path", "invalid_value") from None
         state.adapters[name] = path
