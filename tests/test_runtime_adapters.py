@@ -15,7 +15,6 @@ from qwenkit.errors import CheckpointError
 from qwenkit.finetune.adapter_io import AdapterNotFound
 from qwenkit.generate import LLM
 from qwenkit.model.served_adapters import AdapterNotServable, served_projections
-from qwenkit.quant.fused import refresh_decode_layers
 
 PROMPTS = [list(range(5, 16)), [7, 3], list(range(300, 306)), [9, 8, 1], list(range(40, 49))]
 ROWS = [None, "a", "b", "a", "c"]  # the adapter each prompt runs through
@@ -104,7 +103,6 @@ def replace_adapter(engine: Engine, name: str, path) -> None:
     from qwenkit.checkpoint.loader import servable_adapter
 
     engine.add_adapter(name, servable_adapter(engine.model, name, path), replace=True)
-    refresh_decode_layers(engine.model)
 
 
 def test_requests_running_on_a_replaced_or_unloaded_adapter_finish_on_its_weights(base_dir, adapters):

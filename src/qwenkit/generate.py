@@ -357,17 +357,11 @@ class LLM:
         ValueError for a name already served (without ``replace``) or not served (with it), and
         OutOfMemoryError where it would not fit in the free memory; a refused adapter changes nothing."""
         from qwenkit.checkpoint.loader import servable_adapter
-        from qwenkit.quant.fused import refresh_decode_layers
 
         self._check_adapters_change()
         pairs = servable_adapter(self.model, name, path)  # read here, not in the engine's thread
         _check_adapter_fits(self.model, name, pairs)
-
-        def change() -> None:
-            self.engine.add_adapter(name, pairs, replace)
-            refresh_decode_layers(self.model)
-
-        self.driver.between_steps(change).result()
+        self.driver.between_steps(lambda: self.engine.add_adapter(name, pairs, replace)).result()
 
     def unload_adapter(self, name: str) -> None:
         """Stop serving adapter ``name``: requests naming it are refused from now on, those running

@@ -26,6 +26,7 @@ from qwenkit.engine.scheduler import Scheduler
 from qwenkit.engine.token_counts import TokenCounts
 from qwenkit.model import Transformer
 from qwenkit.model.served_adapters import AdapterBank, LoRAPair, add_adapter, remove_adapter
+from qwenkit.quant.fused import refresh_decode_layers
 
 BLOCK_SIZE = 16
 
@@ -158,6 +159,7 @@ class Engine:
         already running on the old ones finish on them."""
         busy = {request.adapter_slot for request in self.requests.values()}
         add_adapter(self.model, name, pairs, busy, replace)
+        refresh_decode_layers(self.model)  # the whole-layer decode calls hold the old side paths' tiles
         self.adapters = self.model.adapters
         if self.decode_graphs is not None and supports_static_decode(self.model) is not None:
             self.decode_graphs = None  # captured without the side paths
