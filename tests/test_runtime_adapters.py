@@ -76,19 +76,28 @@ def test_adapters_loaded_while_serving_answer_as_those_loaded_at_start(base_dir,
         assert all(base_only[i][0] != expected[i][0] for i in (1, 2, 3, 4))  # each adapter matters
 
 
-def test_an_unloaded_adapters_slot_is_reused_without_its_weights(base_dir, adapters):
+@pytest.mark.parametrize("new", ["b", "c"])
+def test_an_unloaded_adapters_slot_is_reused_without_its_weights(base_dir, adapters, new):
     """Unloading frees the slot; the adapter loaded next takes it, and where it adapts fewer modules than
-    the one before, those modules' updates in that slot are zeros, not the old adapter's."""
-    with LLM.load(base_dir, dtype="bfloat16", progress=False, adapters={"c": adapters["c"]}) as only_c:
-        expected = answers(only_c, ["c"] * len(PROMPTS))
+    the one before, those modules' updates in that slot are zeros, not the old adapter's. "b" fits the
+    rank held, so its pairs and kernel tiles are written in place; "c" raises it, so they are rebuilt."""
+    with LLM.load(base_dir, dtype="bfloat16", progress=False, adapters={new: adapters[new]}) as only_new:
+        expected = answers(only_new, [new] * len(PROMPTS))
     with LLM.load(base_dir, dtype="bfloat16", progress=False, adapters={"a": adapters["a"]}) as llm:
         llm.unload_adapter("a")
         assert llm.adapters == []
         with pytest.raises(SamplingParamsError, match=r"adapter 'a' is not served here \(served: none\)"):
             llm.submit([1, 2], params("a"))
-        llm.load_adapter("c", adapters["c"])
-        assert llm.model.adapters.names == ["c"]  # slot 1, a's before
-        assert answers(llm, ["c"] * len(PROMPTS)) == expected
+        held = {n: (p.lora_at, p.tiles[0]) for n, p in served_projections(llm.model).items()}
+        llm.load_adapter(new, adapters[new])
+        assert llm.model.adapters.names == [new]  # slot 1, a's before
+        now = served_projections(llm.model)
+        rebuilt = {
+            n for n, (at, tiles) in held.items() if now[n].lora_at is not at or now[n].tiles[0] is not tiles
+        }
+        raised = {n for n in held if n.endswith(("o_proj", "gate_up_silu.linear"))}  # c's rank 20
+        assert rebuilt == (set() if new == "b" else raised) and len(raised) == 4
+        assert answers(llm, [new] * len(PROMPTS)) == expected
 
 
 def step_until(engine: Engine, rid, tokens: int, out: list[int]) -> None:

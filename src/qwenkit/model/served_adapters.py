@@ -159,23 +159,39 @@ class LoRAProjection(nn.Module):
 
     def write(self, slots: int, pairs: dict[int, tuple[torch.Tensor, torch.Tensor] | None]) -> None:
         """Hold ``slots`` adapters (at least as many as now) and set these slots' (at, bt), A and B
-        transposed with the scaling in bt, float32 (None: no update). The other slots keep theirs."""
+        transposed with the scaling in bt, float32 (None: no update). The other slots keep theirs. In
+        place where the slots and the rank suffice (one slot's copy and tiles, not every slot's: an
+        adapter loaded while serving holds up the running requests for less)."""
         held, _, rank = self.lora_at.shape
         ranks = [at.shape[1] for at, _ in filter(None, pairs.values())]
         rank = max([rank, *(-(-r // 16) * 16 for r in ranks)])  # whole vectors of 16 (zeros add nothing)
-        device = self.lora_at.device
-        at = torch.zeros(slots, self.in_features, rank, device=device)
-        bt = torch.zeros(slots, rank, self.out_features, device=device)
-        at[:held, :, : self.lora_at.shape[2]] = self.lora_at
-        bt[:held, : self.lora_bt.shape[1]] = self.lora_bt
+        grows = slots > held or rank > self.lora_at.shape[2]
+        if grows:
+            device = self.lora_at.device
+            at = torch.zeros(slots, self.in_features, rank, device=device)
+            bt = torch.zeros(slots, rank, self.out_features, device=device)
+            at[:held, :, : self.lora_at.shape[2]] = self.lora_at
+            bt[:held, : self.lora_bt.shape[1]] = self.lora_bt
+            self.lora_at, self.lora_bt = at, bt
+        at, bt = self.lora_at, self.lora_bt
+        adapted = set(self.adapted)
         for slot, pair in pairs.items():
             at[slot - 1], bt[slot - 1] = 0, 0
+            adapted.discard(slot)
             if pair is not None:
                 r = pair[0].shape[1]
                 at[slot - 1, :, :r], bt[slot - 1, :r] = pair
-        self.lora_at, self.lora_bt = at, bt
-        self.adapted = frozenset(s + 1 for s in range(slots) if bt[s].any())
-        self.tiles = kernels.pack_lora(at, bt) if self.on_kernels else None
+                adapted.add(slot)
+        self.adapted = frozenset(adapted)
+        if not self.on_kernels:
+            return
+        if grows or self.tiles is None:
+            self.tiles = kernels.pack_lora(at, bt)
+            return
+        for slot in pairs:  # the tiles of these slots only, into the same tensors
+            tiles = kernels.pack_lora(at[slot - 1 : slot], bt[slot - 1 : slot])
+            for held_tiles, new in zip(self.tiles, tiles, strict=True):
+                held_tiles[slot - 1 : slot] = new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
