@@ -200,3 +200,10 @@ def test_switches_from_the_environment_read_false_as_off(monkeypatch):
         monkeypatch.setenv("QWENKIT_ALLOW_RUNTIME_LORA", value)
         args = build_parser().parse_args([])
         assert (args.no_prefix_caching, args.allow_runtime_lora) == (on, on)
+
+
+def test_a_server_anyone_can_load_adapters_into_says_so():
+    from qwenkit.cli.serve import runtime_lora_warning
+
+    assert runtime_lora_warning(False, None) is None and runtime_lora_warning(True, "k") is None
+    assert runtime_lora_warning(True, None).startswith("warning: --allow-runtime-lora without --api-key")

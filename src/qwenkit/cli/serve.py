@@ -261,6 +261,16 @@ def _check(args: argparse.Namespace) -> str | None:
     return api_key
 
 
+def runtime_lora_warning(allowed: bool, api_key: str | None) -> str | None:
+    """What to tell the operator of a server whose runtime LoRA routes anyone can call."""
+    if not allowed or api_key:
+        return None
+    return (
+        "warning: --allow-runtime-lora without --api-key: anyone who can reach this server can make it "
+        "read adapter directories from its disk (/v1/load_lora_adapter)"
+    )
+
+
 def load(args: argparse.Namespace, tp=None):
     from qwenkit.generate import LLM
 
@@ -315,6 +325,9 @@ def serve(args: argparse.Namespace, api_key: str | None, llm, listener: socket.s
         f"serving {name}{note} on http://{args.host}:{args.port} (web chat at /, API at /v1)",
         file=sys.stderr,
     )
+    warning = runtime_lora_warning(args.allow_runtime_lora, api_key)
+    if warning:
+        print(warning, file=sys.stderr)
     server = DrainingServer(
         uvicorn.Config(
             app,
