@@ -3,7 +3,8 @@ chosen per request as ``serve --lora-modules`` does), finetune's LoRALinear laye
 (how ``--adapter`` ran before 2026-12-05), the base model alone, and transformers + peft (the usual way
 to run an unmerged adapter in Python; Hugging Face checkpoints only).
 
-Every adapter is rank ``--rank`` on all seven projections (the trainer's default targets) with random B.
+Every adapter is rank ``--rank`` on all seven projections (the trainer's default targets; on a MoE model
+every routed expert's three too) with random B.
 Tokens/s are decode steps only (the prompt's forward excluded), greedy, aggregate over the batch; the
 median of ``--rounds`` rounds, the configurations alternating within each round.
 
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 from bench_vs_llamacpp import write_anchor  # benchmarks/, beside this script
-from shapes import QWEN25_05B
+from shapes import QWEN3_30B_A3B, QWEN25_05B
 
 from qwenkit.checkpoint import load_model
 from qwenkit.default_model import default_model_path
@@ -111,8 +112,11 @@ def main() -> None:
     ap.add_argument(
         "--models",
         default="bundled,0.5b",
-        help="bundled (SmolLM2-135M Q4_1 GGUF), 0.5b (Qwen2.5-0.5B shape, bf16)",
+        help="bundled (SmolLM2-135M Q4_1 GGUF), 0.5b (Qwen2.5-0.5B shape, bf16), moe (Qwen3-30B-A3B "
+        "shape at --moe-layers layers, bf16; the adapter's seven projections include every routed "
+        "expert's three; no peft row: transformers 5 stacks the experts, which peft adapts otherwise)",
     )
+    ap.add_argument("--moe-layers", type=int, default=2)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--adapters", type=int, default=4, help="adapters served together")
     ap.add_argument("--tokens", type=int, default=64)
@@ -128,6 +132,10 @@ def main() -> None:
     for name in args.models.split(","):
         if name == "bundled":
             path, hf = default_model_path(), False
+        elif name == "moe":
+            path, hf = args.work / f"qwen3-30b-a3b-{args.moe_layers}layers-random", False
+            if not (path / "config.json").exists():
+                write_anchor(path, {**QWEN3_30B_A3B, "num_hidden_layers": args.moe_layers})
         else:
             path, hf = args.work / "qwen2.5-0.5b-random", True
             if not (path / "config.json").exists():

@@ -169,7 +169,8 @@ SHARED = ("shared_expert.gate_proj", "shared_expert.up_proj", "shared_expert.dow
 def test_served_adapters_on_a_moe_model_run_in_the_layer_calls(tmp_path, monkeypatch):
     """Adapters of attention, a dense layer's FFN and the shared experts, served on a Qwen2-MoE model of
     dense and sparse layers: every layer still decodes in the one kernel call, bit for bit its modules,
-    each row through its own adapter; one adapting routed experts is refused by name."""
+    each row through its own adapter; one adapting a router is refused by name (routed experts:
+    test_moe_served_adapters.py)."""
     from factories import write_lora_adapter
     from test_decode_layer import ADAPTER_ROWS
 
@@ -195,6 +196,6 @@ def test_served_adapters_on_a_moe_model_run_in_the_layer_calls(tmp_path, monkeyp
     calls = _count_layer_runs(monkeypatch)
     _assert_kernel_path_equals_modules(model, 3, ADAPTER_ROWS)
     assert calls == [len(model.model.layers)] * 3
-    experts = write_lora_adapter(path, tmp_path / "experts", seed=3, targets=("gate_proj",))
-    with pytest.raises(AdapterNotServable, match=r"adapts model\.layers\.1\.mlp\.experts\.0\.gate_proj"):
-        load_model(path, dtype="bfloat16", progress=False, adapters={"e": experts})
+    router = write_lora_adapter(path, tmp_path / "router", seed=3, targets=("gate",))
+    with pytest.raises(AdapterNotServable, match=r"adapts model\.layers\.1\.mlp\.gate; served adapters"):
+        load_model(path, dtype="bfloat16", progress=False, adapters={"r": router})

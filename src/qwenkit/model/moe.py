@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,9 @@ from torch import nn
 from qwenkit import kernels
 from qwenkit.config import ModelConfig
 from qwenkit.model.mlp import MLP
+
+if TYPE_CHECKING:
+    from qwenkit.model.served_adapters import AdapterBank
 
 
 class RouterLinear(nn.Module):
@@ -76,6 +80,11 @@ class MoEMLP(nn.Module):
         # The routed experts as one ``kernels.moe_experts`` call's arguments, set only by an inference load
         # on the fast CPU kernels (``quant.fused``): the same results as the loop over experts below.
         self.expert_weights: kernels.ExpertWeights | None = None
+        # Served LoRA adapters of the routed experts (``served_adapters``): the model's bank, and the
+        # slots whose adapter adapts some expert here. Each expert's side paths then see only the slots
+        # of the tokens routed to it, and tokens of those slots take the loop over experts.
+        self.adapters: AdapterBank | None = None
+        self.expert_adapters: tuple[int, ...] = ()  # a tuple: the prepared-model cache stores no sets
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (N, h) -> (weights (N, K) in x's dtype, expert ids (N, K)), as transformers computes them."""
@@ -99,8 +108,11 @@ class MoEMLP(nn.Module):
 
     def _dispatch(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Sum of each token's experts: sort (token, expert) pairs by expert, one call per active expert."""
+        bank = self.adapters
+        adapted = bank is not None and bool(bank.used.intersection(self.expert_adapters))
         if (
-            self.expert_weights is not None
+            not adapted
+            and self.expert_weights is not None
             and self.routed_tokens is None
             and x.dtype == torch.bfloat16
             and x.device.type == "cpu"
@@ -119,10 +131,18 @@ class MoEMLP(nn.Module):
         # gradient instead of none, as one stacked expert tensor (transformers 5) would. Otherwise ranks of
         # DDP or FSDP would hold gradients for different experts and their reductions would not line up.
         every = self.training and torch.is_grad_enabled()
+        if adapted:  # each pair's adapter slot, grouped as xs is (one more host sync per layer)
+            slots = bank.slots.index_select(0, order // k)
+            on_host = slots.tolist()
         start = 0
         for expert, n in enumerate(counts.tolist()):  # one host sync per layer, not per token
             if n or every:
-                ys[start : start + n] = self.experts[expert](xs[start : start + n])
+                rows = slice(start, start + n)
+                if adapted:
+                    with bank.narrowed(slots[rows], frozenset(on_host[rows])):
+                        ys[rows] = self.experts[expert](xs[rows])
+                else:
+                    ys[rows] = self.experts[expert](xs[rows])
                 start += n
         ys = ys * weights.reshape(-1)[order, None]  # (N*K, h) weighted, as transformers weights them
         # Back to (token, rank) order with a gather (CPU scatter-add is slow in bfloat16), then add each

@@ -9,10 +9,10 @@ projection's update is its parts' pairs stacked, A's rows side by side and B blo
 part's outputs get exactly that part's own update.
 
 Slot 0 is the base model; adapters take slots 1..n in the order they were given, and one loaded while
-serving (``add_adapter``) takes a freed slot or a new one. Only projections of
-the decoder layers that see every token of the step in order take a side path: attention's, a dense
-FFN's and a MoE layer's shared expert. A MoE layer's routed experts and router (each expert sees only
-the tokens routed to it) and the output head (only the tokens whose logits are asked for) do not.
+serving (``add_adapter``) takes a freed slot or a new one. The decoder layers' projections take side
+paths: attention's, a dense FFN's, a MoE layer's shared expert and its routed experts (each expert's
+side paths see the slots of the tokens routed to it: ``AdapterBank.narrowed``). A router and the output
+head (only the tokens whose logits are asked for) do not.
 """
 
 from __future__ import annotations
@@ -29,13 +29,14 @@ from qwenkit import kernels
 from qwenkit.errors import CheckpointError
 from qwenkit.model.attention import Attention
 from qwenkit.model.mlp import MLP
+from qwenkit.model.moe import MoEMLP
 
 BASE_SLOT = 0
 
 
 class AdapterNotServable(CheckpointError):
-    """The adapter adapts a module the per-token side path does not serve (a routed expert, a router,
-    the output head or the embedding)."""
+    """The adapter adapts a module the per-token side path does not serve (a router, the output head or
+    the embedding)."""
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,18 @@ class AdapterBank:
         if name in self.names:
             return self.names.index(name) + 1
         raise KeyError(name)
+
+    @contextlib.contextmanager
+    def narrowed(self, slots: torch.Tensor, used: frozenset[int]) -> Iterator[None]:
+        """Within: the running forward's tokens are these (a routed expert's), of these ``slots``
+        (``used``: their set, known on the host)."""
+        running = self._running
+        saved = running.slots, running.used, running.groups
+        running.slots, running.used, running.groups = slots, used - {BASE_SLOT}, None
+        try:
+            yield
+        finally:
+            running.slots, running.used, running.groups = saved
 
     @contextlib.contextmanager
     def selected(self, slots: Sequence[int] | None, tokens: int, device: torch.device) -> Iterator[bool]:
@@ -350,6 +363,11 @@ def _install(model: nn.Module, bank: AdapterBank, slots: dict[str, int], updates
             len(bank.names),
             {slot: _pair(projection, by_adapter.get(name)) for name, slot in slots.items()},
         )
+    for block in model.modules():
+        if isinstance(block, MoEMLP):
+            experts = [p.adapted for p in block.experts.modules() if isinstance(p, LoRAProjection)]
+            block.adapters = bank if experts else None
+            block.expert_adapters = tuple(sorted(frozenset().union(*experts)))
 
 
 def _pair(
@@ -374,15 +392,11 @@ def _pair(
 
 def check_servable(name: str, adapter: str) -> None:
     """Raise :class:`AdapterNotServable` unless module ``name`` (the checkpoint's) sees every token."""
-    if (
-        not name.startswith("model.layers.")
-        or ".mlp.experts." in name
-        or name.endswith(("mlp.gate", "_gate"))
-    ):
+    if not name.startswith("model.layers.") or name.endswith(("mlp.gate", "_gate")):
         raise AdapterNotServable(
             f"adapter {adapter!r} adapts {name}; served adapters may adapt the decoder layers' attention "
-            "and dense or shared-expert FFN projections only (not routed experts, routers, the output "
-            "head or the embedding)"
+            "and FFN projections (a MoE layer's experts and shared expert included), not its routers, "
+            "the output head or the embedding"
         )
 
 

@@ -70,8 +70,13 @@ def _decode_runs(model: nn.Module, layers: nn.ModuleList, pools: DecodePools) ->
     """First layer index -> the run of consecutive layers from there with decode weights, each run one
     ``kernels.decode_layers`` call; a layer without them (a part off the kernels) runs its modules."""
     # a MoE layer counting its routed tokens (count_routed_tokens) runs its modules, which count
+    # and one whose routed experts serve an adapter of this step's tokens runs them one by one
+    used = model.adapters.used if model.adapters is not None else frozenset()
     weights = [
-        None if getattr(layer.mlp, "routed_tokens", None) is not None else layer.decode_weights
+        None
+        if getattr(layer.mlp, "routed_tokens", None) is not None
+        or used.intersection(getattr(layer.mlp, "expert_adapters", ()))
+        else layer.decode_weights
         for layer in layers
     ]
     held = _HELD.get(model)
