@@ -377,7 +377,7 @@ class LLM:
         if any(isinstance(m, LoRALinear) for m in self.model.modules()):
             raise ConfigError(
                 "this model runs its one adapter inside its layers (it adapts modules that served "
-                "adapters cannot: routed experts, routers, the output head or the embedding), so it "
+                "adapters cannot: routers, the output head or the embedding), so it "
                 "serves no others"
             )
 
