@@ -88,13 +88,12 @@ def test_an_unloaded_adapters_slot_is_reused_without_its_weights(base_dir, adapt
         assert llm.adapters == []
         with pytest.raises(SamplingParamsError, match=r"adapter 'a' is not served here \(served: none\)"):
             llm.submit([1, 2], params("a"))
-        held = {n: (p.lora_at, p.tiles[0]) for n, p in served_projections(llm.model).items()}
+        held = {n: p.tiles for n, p in served_projections(llm.model).items()}
+        assert all(tiles is not None for tiles in held.values())  # the kernels' copy only
         llm.load_adapter(new, adapters[new])
         assert llm.model.adapters.names == [new]  # slot 1, a's before
         now = served_projections(llm.model)
-        rebuilt = {
-            n for n, (at, tiles) in held.items() if now[n].lora_at is not at or now[n].tiles[0] is not tiles
-        }
+        rebuilt = {n for n, tiles in held.items() if now[n].tiles[0] is not tiles[0]}
         raised = {n for n in held if n.endswith(("o_proj", "gate_up_silu.linear"))}  # c's rank 20
         assert rebuilt == (set() if new == "b" else raised) and len(raised) == 4
         assert answers(llm, [new] * len(PROMPTS)) == expected
@@ -160,9 +159,7 @@ def test_refused_adapters_change_nothing(base_dir, adapters, tmp_path):
     """Every refusal names its cause, and the model serves and answers as before it."""
     with LLM.load(base_dir, dtype="bfloat16", progress=False, adapters={"a": adapters["a"]}) as llm:
         before = answers(llm, ["a", None, "a", None, "a"])
-        projections = {
-            n: (p.lora_at.clone(), p.lora_bt.clone()) for n, p in served_projections(llm.model).items()
-        }
+        projections = {n: [t.clone() for t in p.pairs()] for n, p in served_projections(llm.model).items()}
         head = write_lora_adapter(base_dir, tmp_path / "head", seed=5, r=2, targets=("q_proj", "lm_head"))
         other = save_hf(hf_model("qwen2", hidden_size=32, intermediate_size=64), tmp_path / "other")
         wrong = write_lora_adapter(other, tmp_path / "wrong", seed=6, r=2, targets=("o_proj",))
@@ -183,9 +180,7 @@ def test_refused_adapters_change_nothing(base_dir, adapters, tmp_path):
                 call()
         assert llm.adapters == ["a"]
         for name, p in served_projections(llm.model).items():
-            assert torch.equal(p.lora_at, projections[name][0]) and torch.equal(
-                p.lora_bt, projections[name][1]
-            )
+            assert all(map(torch.equal, p.pairs(), projections[name]))
         assert answers(llm, ["a", None, "a", None, "a"]) == before
     # the one adapter of every request (--adapter) cannot be unloaded or replaced
     with LLM.load(base_dir, dtype="float32", progress=False, adapter=adapters["a"]) as one:
@@ -228,7 +223,7 @@ def test_a_load_that_would_not_fit_is_refused_before_anything_changes(base_dir, 
             return sum(
                 t.numel() * t.element_size()
                 for p in served_projections(llm.model).values()
-                for t in (p.lora_at, p.lora_bt, *(p.tiles or ()))
+                for t in (*(p.tiles or ()), *((p.lora_at, p.lora_bt) if p.tiles is None else ()))
             )
 
         before = held()

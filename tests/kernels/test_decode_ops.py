@@ -265,12 +265,14 @@ def _lora_case(S: int, M: int, K: int, N: int, R: int, seed: int = 0):
 
 @pytest.mark.parametrize(("K", "N", "R"), [(64, 96, 16), (576, 960, 48), (70, 33, 32), (1536, 576, 16)])
 def test_lora_add_equals_torch_and_leaves_base_rows_alone(K, N, R) -> None:
-    """Each row gains bf16(B_s A_s x) of its slot, as torch's float32 products rounded then added (within a
-    bf16 step: the sums run in another order); rows of slot 0 keep their bits."""
+    """Each row gains bf16(B_s A_s x) of its slot, as torch's float32 products of the pairs as the tiles
+    hold them (bf16) rounded then added (within a bf16 step: the sums run in another order); rows of
+    slot 0 keep their bits."""
     x, y, at, bt = _lora_case(3, 11, K, N, R)
     slots = torch.tensor([0, 1, 2, 3, 1, 1, 0, 2, 3, 3, 1])
     got = y.clone()
     kernels.lora_add_(got, x, *kernels.pack_lora(at, bt), slots)
+    at, bt = at.bfloat16().float(), bt.bfloat16().float()
     want = y.clone()
     for m, s in enumerate(slots.tolist()):
         if s:
@@ -305,7 +307,9 @@ def test_lora_add_refuses_bad_input() -> None:
         kernels.lora_add_(y, x, *tiles, torch.tensor([0, 3]))
     with pytest.raises(RuntimeError, match="one int64 adapter slot per row"):
         kernels.lora_add_(y, x, *tiles, torch.tensor([1]))
-    with pytest.raises(RuntimeError, match=r"must be contiguous float32 \(kernels.pack_lora\)"):
+    with pytest.raises(RuntimeError, match=r"must be contiguous bfloat16 \(kernels.pack_lora\)"):
         kernels.lora_add_(y, x, at, bt, torch.tensor([1, 1]))  # not packed
+    with pytest.raises(RuntimeError, match=r"must be contiguous bfloat16 \(kernels.pack_lora\)"):
+        kernels.lora_add_(y, x, *(t.float() for t in tiles), torch.tensor([1, 1]))  # tiles of float32
     with pytest.raises(RuntimeError, match="must be bfloat16 CPU tensors"):
         kernels.lora_add_(y.float(), x, *tiles, torch.tensor([1, 1]))

@@ -77,7 +77,7 @@ def test_expert_adapters_served_equal_finetunes_layers(setup):
 
 @pytest.mark.skipif(not kernels.available(), reason="the CPU kernels are not available here")
 def test_expert_adapters_on_the_kernels(setup, monkeypatch):
-    """bf16 on the kernels: within rounding of LoRALinear's logits; rows of the adapter of the experts
+    """bf16 on the kernels: within bf16 rounding of the float32 logits; rows of the adapter of the experts
     take the module path in the MoE layers while a step without them keeps every layer in one call; an
     engine's mixed batch gives each request the tokens of a model loaded with only its adapter."""
     path, adapters = setup
@@ -86,12 +86,17 @@ def test_expert_adapters_on_the_kernels(setup, monkeypatch):
     blocks = [m for m in model.modules() if isinstance(m, MoEMLP)]
     assert all(b.expert_weights is not None for b in blocks)  # the one-call experts stay for other rows
     plain, _ = load_model(path, "bfloat16", progress=False, fast_kernels=True)
+    exact, _ = load_model(path, "float32", progress=False, adapters=named)  # LoRALinear's, to 3e-5 (above)
+    n = IDS.shape[1]
     with torch.no_grad():
-        ours = model(IDS, adapter_slots=[1] * IDS.shape[1]).float()
+        ours = model(IDS, adapter_slots=[1] * n).float()
         base = plain(IDS).float()
+        want = exact(IDS, adapter_slots=[1] * n)
     theirs = wrapped_logits(path, adapters["e"], "bfloat16")
-    effect = (theirs - base).abs().max()
-    assert effect > 0.05 and (ours - theirs).abs().max() < effect / 10
+    # bf16 activations through routed layers: the served path is no further from the float32 answer than
+    # twice finetune's own layers in bf16 are, and both are far nearer to it than the adapter moves them
+    assert (want - base).abs().max() > 0.5
+    assert (ours - want).abs().max() < 2 * (theirs - want).abs().max() < (want - base).abs().max() / 5
 
     layers = len(model.model.layers)
     calls = _count_layer_runs(monkeypatch)

@@ -150,67 +150,104 @@ class AdapterBank:
 
 
 class LoRAProjection(nn.Module):
-    """A base projection plus, per adapter slot, a low-rank update: ``lora_at`` (adapters, in, R), A
-    transposed, and ``lora_bt`` (adapters, R, out), B transposed with the scaling in it; float32, each
-    adapter's rank zero-padded to R, a multiple of 16 (``kernels.lora_add_``'s vectors). On the CPU
-    kernels (bf16) one ``kernels.lora_add_`` call adds every token's update, from ``tiles``: the pair
-    again in the kernel's layout (``kernels.pack_lora``), a second copy of what is, beside the base
-    weights, a few percent of them. Every projection of a model holds a pair for each of the bank's
-    slots (zeros where its adapter leaves it alone): the kernel indexes the pairs by slot."""
+    """A base projection plus, per adapter slot, a low-rank update ``y += B (A x)``, the scaling in B,
+    each adapter's rank zero-padded to R, a multiple of 16 (``kernels.lora_add_``'s vectors). One copy of
+    the pairs, in the form the projection computes with: on the CPU kernels (a bf16 model) the kernel's
+    bf16 tiles (``kernels.pack_lora``; the products run in float32), one ``kernels.lora_add_`` call
+    adding every token's update; elsewhere float32 ``lora_at`` (adapters, in, R), A transposed, and
+    ``lora_bt`` (adapters, R, out), B transposed, for torch's products (as ``LoRALinear`` computes).
+    Every projection of a model holds a pair for each of the bank's slots (zeros where its adapter leaves
+    it alone): the kernel indexes the pairs by slot."""
 
-    def __init__(self, base: nn.Module, bank: AdapterBank) -> None:
+    def __init__(self, base: nn.Module, bank: AdapterBank, on_kernels: bool) -> None:
         super().__init__()
         self.base, self.bank = base, bank
         self.in_features, self.out_features = base.in_features, base.out_features
         device = next(t.device for t in [*base.parameters(), *base.buffers()])
-        k, n = self.in_features, self.out_features
-        self.register_buffer("lora_at", torch.zeros(0, k, 16, device=device), persistent=False)
-        self.register_buffer("lora_bt", torch.zeros(0, 16, n, device=device), persistent=False)
+        self.on_kernels = on_kernels and device.type == "cpu" and kernels.available()
         self.adapted: frozenset[int] = frozenset()  # the slots whose update is not zero
-        self.on_kernels = device.type == "cpu" and kernels.available()
+        at, bt = torch.zeros(0, self.in_features, 16, device=device), torch.zeros(0, 16, self.out_features)
+        self.lora_at: torch.Tensor | None = None
+        self.lora_bt: torch.Tensor | None = None
         self.tiles: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._hold(at, bt.to(device))
+
+    @property
+    def held(self) -> tuple[int, int]:
+        """(slots, R) of the pairs held."""
+        if self.tiles is not None:
+            return self.tiles[0].shape[0], self.tiles[1].shape[2]
+        return self.lora_at.shape[0], self.lora_at.shape[2]
+
+    def pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(at, bt) of every slot as torch's products take them: the tiles unpacked where those are what
+        is held (a copy: the kernels' path never needs it, only a forward off it and a rebuild)."""
+        if self.tiles is None:
+            return self.lora_at, self.lora_bt
+        at_tiles, bt_tiles = self.tiles
+        slots, vectors, k, _ = at_tiles.shape
+        at = at_tiles.permute(0, 2, 1, 3).reshape(slots, k, vectors * 16).float()
+        blocks, rank = bt_tiles.shape[1], bt_tiles.shape[2]
+        bt = bt_tiles.permute(0, 2, 1, 3).reshape(slots, rank, blocks * 16)
+        return at, bt[:, :, : self.out_features].float()
+
+    def _hold(self, at: torch.Tensor, bt: torch.Tensor) -> None:
+        if self.on_kernels and not len(at):  # none yet: pack_lora's shapes, empty
+            _, k, rank = at.shape
+            blocks = -(-self.out_features // 16)
+            empty = at.new_zeros(0, dtype=torch.bfloat16)
+            self.tiles = empty.reshape(0, rank // 16, k, 16), empty.reshape(0, blocks, rank, 16)
+        elif self.on_kernels:
+            self.tiles = kernels.pack_lora(at, bt)
+        else:
+            self.lora_at, self.lora_bt = at, bt
 
     def write(self, slots: int, pairs: dict[int, tuple[torch.Tensor, torch.Tensor] | None]) -> None:
         """Hold ``slots`` adapters (at least as many as now) and set these slots' (at, bt), A and B
         transposed with the scaling in bt, float32 (None: no update). The other slots keep theirs. In
-        place where the slots and the rank suffice (one slot's copy and tiles, not every slot's: an
-        adapter loaded while serving holds up the running requests for less)."""
-        held, _, rank = self.lora_at.shape
+        place where the slots and the rank suffice (one slot's pairs, not every slot's: an adapter loaded
+        while serving holds up the running requests for less)."""
+        held, rank = self.held
         ranks = [at.shape[1] for at, _ in filter(None, pairs.values())]
-        rank = max([rank, *(-(-r // 16) * 16 for r in ranks)])  # whole vectors of 16 (zeros add nothing)
-        grows = slots > held or rank > self.lora_at.shape[2]
-        if grows:
-            device = self.lora_at.device
-            at = torch.zeros(slots, self.in_features, rank, device=device)
-            bt = torch.zeros(slots, rank, self.out_features, device=device)
-            at[:held, :, : self.lora_at.shape[2]] = self.lora_at
-            bt[:held, : self.lora_bt.shape[1]] = self.lora_bt
-            self.lora_at, self.lora_bt = at, bt
-        at, bt = self.lora_at, self.lora_bt
+        new_rank = max([rank, *(-(-r // 16) * 16 for r in ranks)])  # whole vectors of 16 (zeros add nothing)
+        device = self.base_device
         adapted = set(self.adapted)
+        written = {}
         for slot, pair in pairs.items():
-            at[slot - 1], bt[slot - 1] = 0, 0
+            at = torch.zeros(self.in_features, new_rank, device=device)
+            bt = torch.zeros(new_rank, self.out_features, device=device)
             adapted.discard(slot)
             if pair is not None:
                 r = pair[0].shape[1]
-                at[slot - 1, :, :r], bt[slot - 1, :r] = pair
+                at[:, :r], bt[:r] = pair
                 adapted.add(slot)
+            written[slot] = at, bt
         self.adapted = frozenset(adapted)
-        if not self.on_kernels:
+        if slots > held or new_rank > rank:  # rebuild every slot's pairs, larger
+            old_at, old_bt = self.pairs()
+            at = torch.zeros(slots, self.in_features, new_rank, device=device)
+            bt = torch.zeros(slots, new_rank, self.out_features, device=device)
+            at[:held, :, :rank], bt[:held, :rank] = old_at, old_bt
+            for slot, (a, b) in written.items():
+                at[slot - 1], bt[slot - 1] = a, b
+            self._hold(at, bt)
             return
-        if grows or self.tiles is None:
-            self.tiles = kernels.pack_lora(at, bt)
-            return
-        for slot in pairs:  # the tiles of these slots only, into the same tensors
-            tiles = kernels.pack_lora(at[slot - 1 : slot], bt[slot - 1 : slot])
-            for held_tiles, new in zip(self.tiles, tiles, strict=True):
-                held_tiles[slot - 1 : slot] = new
+        for slot, (a, b) in written.items():  # into the same tensors
+            if self.tiles is None:
+                self.lora_at[slot - 1], self.lora_bt[slot - 1] = a, b
+            else:
+                for held_tiles, new in zip(self.tiles, kernels.pack_lora(a[None], b[None]), strict=True):
+                    held_tiles[slot - 1] = new[0]
+
+    @property
+    def base_device(self) -> torch.device:
+        return (self.tiles[0] if self.tiles is not None else self.lora_at).device
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         if not self.adapted & self.bank.used:
             return y
-        if self.on_kernels and y.dtype == x.dtype == torch.bfloat16 and y.is_contiguous():
+        if self.tiles is not None and y.dtype == x.dtype == torch.bfloat16 and y.is_contiguous():
             kernels.lora_add_(
                 y.view(-1, y.shape[-1]),
                 x.reshape(-1, x.shape[-1]),
@@ -218,32 +255,35 @@ class LoRAProjection(nn.Module):
                 self.bank.slots,
             )
             return y
+        at, bt = self.pairs()
         groups = [(s, rows) for s, rows in self.bank.groups if s in self.adapted]
         if groups[0][1] is None:  # every token through one adapter
-            return y + self._update(x, groups[0][0]).to(y.dtype)
+            return y + _update(x, at[groups[0][0] - 1], bt[groups[0][0] - 1]).to(y.dtype)
         flat_x, flat_y = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
         for s, rows in groups:
-            flat_y.index_add_(0, rows, self._update(flat_x[rows], s).to(y.dtype))
+            flat_y.index_add_(0, rows, _update(flat_x[rows], at[s - 1], bt[s - 1]).to(y.dtype))
         return y
 
-    def _update(self, x: torch.Tensor, slot: int) -> torch.Tensor:
-        """``B (A x)`` in float32, as ``LoRALinear`` computes it."""
-        return (x.float() @ self.lora_at[slot - 1]) @ self.lora_bt[slot - 1]
+
+def _update(x: torch.Tensor, at: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:
+    """``B (A x)`` in float32, as ``LoRALinear`` computes it."""
+    return (x.float() @ at) @ bt
 
 
 def stack_lora(parts: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor]:
     """(at, bt) of the parts' outputs side by side, from those that are :class:`LoRAProjection` (the
     others add nothing): the ranks stacked, bt block-diagonal. Each output's update is then its own
     part's, bit for bit (the other parts' ranks add exact zeros)."""
-    adapters = next(p.lora_at.shape[0] for p in parts if isinstance(p, LoRAProjection))
-    ranks = [p.lora_at.shape[2] if isinstance(p, LoRAProjection) else 0 for p in parts]
+    pairs = [p.pairs() if isinstance(p, LoRAProjection) else None for p in parts]
+    adapters = next(pair[0].shape[0] for pair in pairs if pair is not None)
+    ranks = [0 if pair is None else pair[0].shape[2] for pair in pairs]
     at = torch.zeros(adapters, parts[0].in_features, sum(ranks))
     bt = torch.zeros(adapters, sum(ranks), sum(p.out_features for p in parts))
     row = col = 0
-    for p, r in zip(parts, ranks, strict=True):
+    for p, pair, r in zip(parts, pairs, ranks, strict=True):
         if r:
-            at[:, :, row : row + r] = p.lora_at
-            bt[:, row : row + r, col : col + p.out_features] = p.lora_bt
+            at[:, :, row : row + r] = pair[0]
+            bt[:, row : row + r, col : col + p.out_features] = pair[1]
         row, col = row + r, col + p.out_features
     return at, bt
 
@@ -304,22 +344,24 @@ def add_adapter(
 
 def added_bytes(model: nn.Module, name: str, pairs: dict[str, LoRAPair]) -> int:
     """At most how much more memory serving adapter ``name`` takes, the moment it is added included:
-    a new slot in every projection's float32 pairs and kernel tiles (each rank padded to 16, raised
-    where this adapter's is higher), and the old copy of the largest projection while it is rewritten.
+    a new slot in every projection's float32 pairs (each rank padded to 16, raised where this adapter's
+    is higher), and the old copies of the largest projection while it is rebuilt.
     Checks the pairs as :func:`add_adapter` does."""
     bank: AdapterBank = getattr(model, "adapters", None) or AdapterBank()
     updates = _updates(model, {name: pairs})
     slots = len(bank.names) + 1  # a free slot may be taken instead: an upper bound
+    held_bytes = 2 if _pairs_on_kernels(model) else 4  # bf16 tiles, or float32 pairs
     growth = largest = 0
     for path in {*served_projections(model), *updates}:
         m = model.get_submodule(path)
-        held, rank = (m.lora_at.shape[0], m.lora_at.shape[2]) if isinstance(m, LoRAProjection) else (0, 0)
+        held, rank = m.held if isinstance(m, LoRAProjection) else (0, 0)
+        per_rank = m.in_features + -(-m.out_features // 16) * 16  # N padded to the tiles' 16
+        old = held * rank * per_rank * held_bytes
         if path in updates:
             rank = max(rank, -(-sum(p.a.shape[0] for _, p in updates[path][name]) // 16) * 16)
-        per_slot = 8 * (m.in_features + m.out_features)  # at and bt, and their tiles, float32
-        old = held * m.lora_at.shape[2] * per_slot if held else 0
-        new = slots * rank * per_slot
-        growth, largest = growth + new - old, max(largest, old)
+        new = slots * rank * per_rank * held_bytes
+        # a rebuild holds the old pairs, a float32 copy of them and of the new pairs at once
+        growth, largest = growth + new - old, max(largest, held * rank * per_rank * 4 * 2 + old)
     return growth + largest
 
 
@@ -352,11 +394,12 @@ def _updates(model: nn.Module, adapters: dict[str, dict[str, LoRAPair]]) -> _Upd
 def _install(model: nn.Module, bank: AdapterBank, slots: dict[str, int], updates: _Updates) -> None:
     """Write the adapters ``slots`` names (name -> slot) into every projection, wrapping the ones they
     are the first to adapt; the other projections get zeros in those slots."""
+    on_kernels = _pairs_on_kernels(model)
     for path in updates:
         module = model.get_submodule(path)
         if not isinstance(module, LoRAProjection):
             parent, _, child = path.rpartition(".")
-            setattr(model.get_submodule(parent), child, LoRAProjection(module, bank))
+            setattr(model.get_submodule(parent), child, LoRAProjection(module, bank, on_kernels))
     for path, projection in served_projections(model).items():
         by_adapter = updates.get(path, {})
         projection.write(
@@ -368,6 +411,13 @@ def _install(model: nn.Module, bank: AdapterBank, slots: dict[str, int], updates
             experts = [p.adapted for p in block.experts.modules() if isinstance(p, LoRAProjection)]
             block.adapters = bank if experts else None
             block.expert_adapters = tuple(sorted(frozenset().union(*experts)))
+
+
+def _pairs_on_kernels(model: nn.Module) -> bool:
+    """Whether the side paths hold the kernels' tiles: where the model computes in bf16 on the CPU
+    kernels (their activations), else torch's float32 pairs."""
+    norm = model.model.norm.weight
+    return norm.dtype == torch.bfloat16 and norm.device.type == "cpu" and kernels.available()
 
 
 def _pair(
@@ -386,7 +436,7 @@ def _pair(
         at[:, col : col + r] = pair.a.float().T
         bt[col : col + r, rows] = pair.b.float().T * pair.scaling
         col += r
-    device = projection.lora_at.device
+    device = projection.base_device
     return at.to(device), bt.to(device)
 
 
