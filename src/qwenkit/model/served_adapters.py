@@ -163,14 +163,14 @@ class LoRAProjection(nn.Module):
         super().__init__()
         self.base, self.bank = base, bank
         self.in_features, self.out_features = base.in_features, base.out_features
-        device = next(t.device for t in [*base.parameters(), *base.buffers()])
-        self.on_kernels = on_kernels and device.type == "cpu" and kernels.available()
+        self.device = next(t.device for t in [*base.parameters(), *base.buffers()])
+        self.on_kernels = on_kernels and self.device.type == "cpu" and kernels.available()
         self.adapted: frozenset[int] = frozenset()  # the slots whose update is not zero
-        at, bt = torch.zeros(0, self.in_features, 16, device=device), torch.zeros(0, 16, self.out_features)
         self.lora_at: torch.Tensor | None = None
         self.lora_bt: torch.Tensor | None = None
         self.tiles: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._hold(at, bt.to(device))
+        k, n = self.in_features, self.out_features
+        self._hold(torch.zeros(0, k, 16, device=self.device), torch.zeros(0, 16, n, device=self.device))
 
     @property
     def held(self) -> tuple[int, int]:
@@ -210,7 +210,7 @@ class LoRAProjection(nn.Module):
         held, rank = self.held
         ranks = [at.shape[1] for at, _ in filter(None, pairs.values())]
         new_rank = max([rank, *(-(-r // 16) * 16 for r in ranks)])  # whole vectors of 16 (zeros add nothing)
-        device = self.base_device
+        device = self.device
         adapted = set(self.adapted)
         written = {}
         for slot, pair in pairs.items():
@@ -238,10 +238,6 @@ class LoRAProjection(nn.Module):
             else:
                 for held_tiles, new in zip(self.tiles, kernels.pack_lora(a[None], b[None]), strict=True):
                     held_tiles[slot - 1] = new[0]
-
-    @property
-    def base_device(self) -> torch.device:
-        return (self.tiles[0] if self.tiles is not None else self.lora_at).device
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -436,8 +432,7 @@ def _pair(
         at[:, col : col + r] = pair.a.float().T
         bt[col : col + r, rows] = pair.b.float().T * pair.scaling
         col += r
-    device = projection.base_device
-    return at.to(device), bt.to(device)
+    return at.to(projection.device), bt.to(projection.device)
 
 
 def check_servable(name: str, adapter: str) -> None:
