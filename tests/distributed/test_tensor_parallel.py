@@ -19,11 +19,13 @@ from factories import hf_model, save_hf, write_v1_checkpoint
 from moe_models import VARIANTS, hf_moe_model
 from tp_worker import (
     PROMPT,
+    SLOTS,
     greedy,
     load_expecting_error,
     run_models,
     run_quantized,
     run_with_adapter,
+    run_with_served_adapters,
     weight_bytes_held,
 )
 
@@ -238,6 +240,37 @@ def test_expert_widths_that_do_not_divide_are_refused():
     ):
         check_shardable(moe, 4)
     check_shardable(moe, 2)
+
+
+@pytest.mark.slow
+def test_served_adapters_under_tensor_parallel_equal_one_process(wide_models, tmp_path):
+    """``--lora-modules`` over 2 ranks: every rank serves its slices of each adapter's pairs as side
+    paths (A's columns where the layer splits its inputs, whose partial updates the layer's all-reduce
+    sums; B's rows where it splits its outputs), routed experts and the shared expert included; tokens of
+    different adapters in one forward get the one-process logits of each."""
+    from factories import write_lora_adapter
+
+    moe = tmp_path / "moe"
+    hf_moe_model("qwen2_moe").save_pretrained(moe)
+    cases = {}
+    for name, path in (("dense", wide_models["qwen2"]), ("moe", str(moe))):
+        root = tmp_path / f"{name}-adapters"
+        root.mkdir()
+        adapters = {
+            "a": write_lora_adapter(Path(path), root / "a", seed=1, r=4),
+            "b": write_lora_adapter(Path(path), root / "b", seed=2, r=2, targets=("q_proj", "down_proj")),
+        }
+        cases[name] = (path, {k: str(v) for k, v in adapters.items()})
+    run_ranks(run_with_served_adapters, 2, (cases, str(tmp_path)), timeout_s=180)
+    got = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    for name, (path, adapters) in cases.items():
+        model, _ = load_model(path, dtype="float32", adapters=adapters, progress=False)
+        with torch.no_grad():
+            want = {k: model(PROMPT, adapter_slots=slots) for k, slots in SLOTS.items()}
+        assert (want["a"] - want["base"]).abs().max() > 1e-2  # the adapter changes the logits
+        for rank in range(2):
+            for k in SLOTS:
+                assert (got[rank][name][k] - want[k]).abs().max() < 1e-4, (name, rank, k)
 
 
 @pytest.mark.slow

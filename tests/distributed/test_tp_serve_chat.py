@@ -293,3 +293,48 @@ def test_a_tensor_parallel_size_other_than_the_launchers_is_refused(model, monke
         "error: --tensor-parallel 4 does not match the 2 processes the launcher started (WORLD_SIZE); "
         "leave it out under torchrun"
     ]
+
+
+@pytest.mark.slow
+def test_serve_lora_modules_with_tensor_parallel_answers_like_one_process(model, tmp_path):
+    """`--lora-modules` over 2 ranks: each rank serves its slices of the adapters; requests naming an
+    adapter, the other or the base model, sent at once, get the one-process server's greedy tokens."""
+    from pathlib import Path
+
+    from factories import write_lora_adapter
+
+    modules = [
+        f"{name}={write_lora_adapter(Path(model), tmp_path / name, seed, std=0.5)}"
+        for name, seed in (("a", 1), ("b", 2))
+    ]
+    single, single_url = start(model, "--lora-modules", *modules)
+    sharded, sharded_url = start(model, "--tensor-parallel", "2", "--lora-modules", *modules)
+    try:
+        wait_healthy(single, single_url)
+        wait_healthy(sharded, sharded_url)
+
+        def ask(url: str, name: str) -> list[str]:
+            body = {
+                "model": name,
+                "messages": [{"role": "user", "content": "Name three rivers."}],
+                "max_tokens": 12,
+                "temperature": 0,
+                "ignore_eos": True,
+                "logprobs": True,
+            }
+            choice = httpx.post(url + "/v1/chat/completions", json=body, timeout=60).json()["choices"][0]
+            return [t["token"] for t in choice["logprobs"]["content"]]
+
+        names = ["a", "chat", "b", "a"]
+        with ThreadPoolExecutor(len(names)) as pool:
+            want = list(pool.map(lambda n: ask(single_url, n), names))
+            got = list(pool.map(lambda n: ask(sharded_url, n), names))
+        assert got == want and len({tuple(t) for t in want}) == 3
+    finally:
+        for proc in (single, sharded):
+            proc.send_signal(signal.SIGTERM)
+        for proc in (single, sharded):
+            try:
+                proc.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                proc.kill()

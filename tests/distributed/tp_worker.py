@@ -67,6 +67,22 @@ def run_with_adapter(tp: TensorParallel, path: str, adapter: str, out_dir: str) 
     torch.save(result, Path(out_dir) / f"rank{tp.rank}.pt")
 
 
+# each forward's adapter slot per token of PROMPT's two rows: none, "a" for all, "a" and "b" side by side
+SLOTS = {"base": [0] * 16, "a": [1] * 16, "a|b": [1] * 8 + [2] * 8}
+
+
+def run_with_served_adapters(tp: TensorParallel, cases: dict[str, tuple[str, dict]], out_dir: str) -> None:
+    """Each model with named adapters as side paths, each rank holding its slices of every pair: the
+    logits of PROMPT with each of ``SLOTS``."""
+    torch.set_num_threads(1)
+    results = {}
+    for name, (path, adapters) in cases.items():
+        model, _ = load_model(path, dtype="float32", adapters=adapters, tensor_parallel=tp, progress=False)
+        with torch.no_grad():
+            results[name] = {k: model(PROMPT, adapter_slots=slots) for k, slots in SLOTS.items()}
+    torch.save(results, Path(out_dir) / f"rank{tp.rank}.pt")
+
+
 def load_expecting_error(tp: TensorParallel, paths: list[str], out_dir: str, die_rank: int) -> None:
     """Load rank-specific paths (to mismatch them on purpose); ``die_rank`` exits at once, unclean."""
     torch.set_num_threads(1)

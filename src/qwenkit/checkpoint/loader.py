@@ -144,9 +144,9 @@ def load_model(
     whole vocabulary. ``adapter``: a peft-format LoRA directory applied to every token (unmerged);
     ``adapters``: name -> directory, each applied to the requests that name it (``SamplingParams.
     adapter``), the others running on the base model. Both run as side paths beside the base layers,
-    which stay as fast as without them (``model.served_adapters``); an ``adapter`` under tensor
-    parallelism, or one that adapts routed experts or routers, wraps its layers in finetune's
-    ``LoRALinear`` instead (unfused, unpacked: slower).
+    which stay as fast as without them (``model.served_adapters``; under tensor parallelism each rank
+    serves its slices of the pairs); an ``adapter`` that adapts a router, the output head or the
+    embedding wraps its layers in finetune's ``LoRALinear`` instead (unfused, unpacked: slower).
 
     A GGUF file's quantized projections and embedding run in the file's own precision (integer codes,
     no float copy); ``dequantize`` decodes them to ``dtype`` instead (float weights, as before; other
@@ -243,8 +243,10 @@ def load_model(
         load_adapter(model, wrapped_adapter, part)
         model.requires_grad_(False)
     if tensor_parallel is not None:
-        parallelize(model, tensor_parallel)
-    elif fast_kernels and wrapped_adapter is None:
+        # the side paths before the collectives: a layer split by its inputs then sums its adapters'
+        # partial updates with its own partial output in the one all-reduce
+        return parallelize(_with_served(model, served, adapter), tensor_parallel), model.config
+    if fast_kernels and wrapped_adapter is None:
         from qwenkit.quant.dense import pack_dense_for_cpu
         from qwenkit.quant.fused import fuse_for_inference
 
@@ -269,16 +271,19 @@ def _served_adapters(
     if adapter is None and not adapters:
         return None
     named = {_adapter_name(adapter): adapter} if adapter is not None else dict(adapters or {})
-    if tensor_parallel is not None:
-        if adapters:
-            raise ConfigError("named adapters (--lora-modules) do not run under tensor parallelism yet")
-        return None
     try:
-        return {name: servable_adapter(model, name, path) for name, path in named.items()}
+        served = {name: servable_adapter(model, name, path) for name, path in named.items()}
     except AdapterNotServable:
         if adapter is None:
             raise
         return None  # the one adapter of every request is wrapped instead
+    if tensor_parallel is None:
+        return served
+    # this rank's rows of B or columns of A, as its layers' slices (the skeleton is this rank's)
+    return {
+        name: {m: LoRAPair(*shard_lora(m, p.a, p.b, tensor_parallel), p.scaling) for m, p in pairs.items()}
+        for name, pairs in served.items()
+    }
 
 
 def servable_adapter(model: Transformer, name: str, path: str | Path) -> dict[str, LoRAPair]:

@@ -245,10 +245,6 @@ def _check(args: argparse.Namespace) -> str | None:
             raise ConfigError(
                 "give --adapter (every request) or --lora-modules (chosen per request), not both"
             )
-        if args.tensor_parallel > 1:
-            raise ConfigError(
-                "--lora-modules does not run under --tensor-parallel yet; merge the adapter instead"
-            )
         if args.served_model_name in served:
             raise ConfigError(f"--served-model-name {args.served_model_name!r} is also a --lora-modules name")
     if args.allow_runtime_lora and args.adapter:
