@@ -448,3 +448,42 @@ def test_a_server_with_lora_adapters_gets_a_model_picker(tiny_chat_model, tmp_pa
             expect(page.locator("#model-pick")).to_have_value("poet")  # kept in this browser
     finally:
         llm.close()
+
+
+def test_adapters_loaded_or_unloaded_while_the_page_is_open_show_in_its_picker(
+    tiny_chat_model, tmp_path, open_page
+):
+    """With runtime LoRA loading on, the page looks at the served models again when it is come back to
+    (window focus), and when the model it asked for is gone (404): an adapter loaded meanwhile joins the
+    picker, one unloaded leaves it, with the server's error shown."""
+    from factories import write_lora_adapter
+    from live import LiveServer
+
+    from qwenkit.generate import LLM
+    from qwenkit.server import ServerConfig, create_app
+
+    adapter = str(write_lora_adapter(tiny_chat_model, tmp_path / "poet", seed=2, std=0.5))
+    llm = LLM.load(tiny_chat_model, max_batch_size=4, progress=False)
+    config = ServerConfig(served_model_name=MODEL, runtime_lora=True)
+    try:
+        with LiveServer(create_app(llm, config)) as live:
+            page = open_page(live.url)
+            expect(page.locator("#model")).to_have_text(MODEL)
+            assert page.locator("#model-pick").is_hidden()
+            body = {"lora_name": "poet", "lora_path": adapter}
+            assert httpx.post(f"{live.url}/v1/load_lora_adapter", json=body, timeout=60).status_code == 200
+            page.evaluate("window.dispatchEvent(new Event('focus'))")
+            pick = page.locator("#model-pick")
+            expect(pick).to_be_visible()
+            assert pick.locator("option").all_inner_texts() == [MODEL, "poet"]
+            pick.select_option("poet")
+            body = {"lora_name": "poet"}
+            assert httpx.post(f"{live.url}/v1/unload_lora_adapter", json=body, timeout=60).status_code == 200
+            page.fill("#prompt", "Name three colours.")
+            page.click("#send")
+            error = page.wait_for_selector("#error:not([hidden])")
+            assert "the model 'poet' does not exist" in error.text_content()
+            expect(pick).to_be_hidden()
+            expect(page.locator("#model")).to_have_text(MODEL)
+    finally:
+        llm.close()

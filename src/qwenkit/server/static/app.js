@@ -251,6 +251,7 @@ async function send(text) {
     else {
       outcome = "error";
       failure = error instanceof ApiError ? error.message : `could not reach the server: ${error.message}`;
+      if (error.status === 404) refreshModel(); // the model asked for is gone (an adapter unloaded)
     }
   } finally {
     if (running === controller) setRunning(null);
@@ -321,6 +322,9 @@ async function refreshModel() {
 }
 
 // ---- wiring --------------------------------------------------------------------------------------
+
+// adapters come and go on a server with runtime LoRA loading: look again when the page is come back to
+window.addEventListener("focus", () => refreshModel());
 
 modelPick.addEventListener("change", () => {
   modelId = modelPick.value;
