@@ -115,14 +115,23 @@ def test_a_port_or_host_the_server_cannot_listen_on_is_one_line(args, message):
     assert (r.returncode, r.stderr) == (2, message)
 
 
+def bundled_answer(adapter, question: list[dict]) -> str:
+    """The library's greedy 16-token answer of the bundled model through ``adapter``."""
+    from qwenkit.default_model import default_model_path
+    from qwenkit.engine import SamplingParams
+    from qwenkit.generate import LLM
+
+    with LLM.load(default_model_path(), progress=False, adapter=adapter) as llm:
+        prompt = llm.tokenizer.apply_chat_template(question, add_generation_prompt=True)
+        return llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16))[0].text
+
+
 def test_lora_modules_from_the_environment_serve_a_trained_adapter(tmp_path):
     """`QWENKIT_LORA_MODULES` as a container sets it: an adapter of the bundled model served beside it, chosen
     by the request's model name, its answer what the library gives through that adapter."""
     from factories import write_lora_adapter
 
     from qwenkit.default_model import default_model_path
-    from qwenkit.engine import SamplingParams
-    from qwenkit.generate import LLM
 
     adapter = write_lora_adapter(default_model_path(), tmp_path / "terse", seed=5, r=8, std=0.3)
     proc, url = start_server({"QWENKIT_LORA_MODULES": f"terse={adapter}"})
@@ -139,9 +148,7 @@ def test_lora_modules_from_the_environment_serve_a_trained_adapter(tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
-    with LLM.load(default_model_path(), progress=False, adapter=adapter) as llm:
-        prompt = llm.tokenizer.apply_chat_template(question, add_generation_prompt=True)
-        direct = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16))[0].text
+    direct = bundled_answer(adapter, question)
     assert answers["terse"] == direct != answers["SmolLM2-135M-Instruct.Q4_1"]
 
 
@@ -151,8 +158,6 @@ def test_an_adapter_loaded_at_run_time_answers_as_one_given_at_start(tmp_path):
     from factories import write_lora_adapter
 
     from qwenkit.default_model import default_model_path
-    from qwenkit.engine import SamplingParams
-    from qwenkit.generate import LLM
 
     adapter = write_lora_adapter(default_model_path(), tmp_path / "terse", seed=5, r=8, std=0.3)
     proc, url = start_server({"QWENKIT_ALLOW_RUNTIME_LORA": "1", "QWENKIT_API_KEY": "k"})
@@ -176,7 +181,5 @@ def test_an_adapter_loaded_at_run_time_answers_as_one_given_at_start(tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
-    with LLM.load(default_model_path(), progress=False, adapter=adapter) as llm:
-        prompt = llm.tokenizer.apply_chat_template(question, add_generation_prompt=True)
-        direct = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16))[0].text
+    direct = bundled_answer(adapter, question)
     assert served == direct

@@ -164,7 +164,7 @@ class LoRAProjection(nn.Module):
         self.base, self.bank = base, bank
         self.in_features, self.out_features = base.in_features, base.out_features
         self.device = next(t.device for t in [*base.parameters(), *base.buffers()])
-        self.on_kernels = on_kernels and self.device.type == "cpu" and kernels.available()
+        self.on_kernels = on_kernels  # _pairs_on_kernels: a bf16 model on the CPU kernels
         self.adapted: frozenset[int] = frozenset()  # the slots whose update is not zero
         self.lora_at: torch.Tensor | None = None
         self.lora_bt: torch.Tensor | None = None
@@ -340,8 +340,8 @@ def add_adapter(
 
 def added_bytes(model: nn.Module, name: str, pairs: dict[str, LoRAPair]) -> int:
     """At most how much more memory serving adapter ``name`` takes, the moment it is added included:
-    a new slot in every projection's float32 pairs (each rank padded to 16, raised where this adapter's
-    is higher), and the old copies of the largest projection while it is rebuilt.
+    a new slot in every projection's pairs (bf16 tiles or float32, each rank padded to 16, raised where
+    this adapter's is higher), and the old copies of the largest projection while it is rebuilt.
     Checks the pairs as :func:`add_adapter` does."""
     bank: AdapterBank = getattr(model, "adapters", None) or AdapterBank()
     updates = _updates(model, {name: pairs})
@@ -365,9 +365,9 @@ def remove_adapter(model: nn.Module, name: str) -> None:
     """Stop serving adapter ``name``: requests that name it are refused from now on; those running on
     it finish on its weights, which stay until a new adapter takes the slot. KeyError if not served."""
     bank: AdapterBank | None = getattr(model, "adapters", None)
-    slot = bank.slot(name) if bank is not None and name is not None else None
-    if slot is None:
+    if bank is None:
         raise KeyError(name)
+    slot = bank.slot(name)
     if slot == bank.default:
         raise ValueError(f"adapter {name!r} is the default of every request and cannot be unloaded")
     bank.names[slot - 1] = None
