@@ -20,7 +20,14 @@ them under ``--work`` (``pip download llama-cpp-python --no-binary :all:``, then
 ``-DGGML_NATIVE=ON``; tens of minutes on two cores). llama-cpp-python also needs ``diskcache``, and the
 converter needs ``transformers`` (both in the test extra's environment).
 
-    .venv/bin/python benchmarks/bench_vs_llamacpp.py --llama-src DIR --llama-lib DIR \
+llama-cpp-python drives llama.cpp from Python a token at a time (and copies each step's logits into
+numpy), which costs llama.cpp some of its rate on small models. So, where the build holds llama.cpp's own
+``llama-bench`` (``--llama-bin DIR``; the script's own build does), each round also times that, the
+field's usual figure, in the same conditions: decode of ``--tokens`` tokens after ``--prompt`` tokens
+of context (``-d``), prefill of ``--prompt`` tokens from an empty cache. Its columns and ratios follow
+the llama-cpp-python ones.
+
+    .venv/bin/python benchmarks/bench_vs_llamacpp.py --llama-src DIR --llama-lib DIR [--llama-bin DIR] \
         [--shapes 0.5b,1.5b] [--pairs bf16,int8,int4] [--tokens 128] [--prompt 512] [--rounds 3]
 """
 
@@ -178,7 +185,8 @@ def llama_env(src: Path, lib: Path) -> dict[str, str]:
 
 
 def build_llama(work: Path) -> tuple[Path, Path]:
-    """Download the llama-cpp-python sdist and build its libllama with native CPU flags."""
+    """Download the llama-cpp-python sdist and build its libllama (and llama-bench, llama-batched-bench)
+    with native CPU flags."""
     import tarfile
 
     dl = work / "sdist"
@@ -217,8 +225,9 @@ def build_llama(work: Path) -> tuple[Path, Path]:
         ],
         check=True,
     )
-    # libllama for llama-cpp-python; llama-batched-bench for bench_batch_scaling.py's peer column
-    for target in ("llama", "llama-batched-bench"):
+    # libllama for llama-cpp-python; llama-bench for the native column; llama-batched-bench for
+    # bench_batch_scaling.py's peer column
+    for target in ("llama", "llama-bench", "llama-batched-bench"):
         subprocess.run(
             ["cmake", "--build", str(build), "--target", target, "-j", str(os.cpu_count())], check=True
         )
@@ -348,6 +357,45 @@ def child(cmd: list[str], env: dict[str, str] | None = None) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def vm_hwm_mib(pid: int) -> float:
+    """Process ``pid``'s peak resident memory so far (0 once it has gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def llama_bench(bench: Path, gguf: Path, prompt: int, tokens: int, threads: int) -> dict:
+    """llama.cpp's own ``llama-bench``: decode of ``tokens`` after ``prompt`` tokens of context and
+    prefill of ``prompt`` tokens (one repetition each, after its warm-up), and its peak RSS."""
+    import tempfile
+
+    cmd = [str(bench), "-m", str(gguf), "-t", str(threads), "-r", "1", "-o", "json"]
+    tests = {
+        "decode": ["-p", "0", "-n", str(tokens), "-d", str(prompt)],
+        "prefill": ["-p", str(prompt), "-n", "0"],
+    }
+    result = {"peak_mib": 0.0}
+    for test, extra in tests.items():
+        with tempfile.TemporaryFile("w+") as err:
+            proc = subprocess.Popen([*cmd, *extra], stdout=subprocess.PIPE, stderr=err, text=True)
+            # its VmHWM, read while it runs: rusage's maxrss would carry this process's over the exec
+            while proc.poll() is None:
+                result["peak_mib"] = max(result["peak_mib"], vm_hwm_mib(proc.pid))
+                time.sleep(0.05)
+            if proc.returncode != 0:
+                err.seek(0)
+                raise RuntimeError(
+                    f"llama-bench failed on {gguf} (exit {proc.returncode}):\n{err.read()[-2000:]}"
+                )
+        result[test] = float(json.loads(proc.stdout.read())[0]["avg_ts"])
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="0.5b,1.5b")
@@ -362,9 +410,14 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache/qwenkit/bench_vs_llamacpp")
     ap.add_argument("--llama-src", type=Path, help="unpacked llama-cpp-python sdist")
     ap.add_argument("--llama-lib", type=Path, help="directory with its libllama.so (native build)")
+    ap.add_argument("--llama-bin", type=Path, help="directory with llama.cpp's llama-bench (native column)")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     src, lib = (args.llama_src, args.llama_lib) if args.llama_src else build_llama(args.work)
+    bench_dir = args.llama_bin or (None if args.llama_src else lib)
+    bench = bench_dir / "llama-bench" if bench_dir is not None else None
+    if args.llama_bin is not None and not bench.exists():
+        ap.error(f"no llama-bench in {args.llama_bin} (cmake --build BUILD --target llama-bench)")
     shapes, pairs = args.shapes.split(","), args.pairs.split(",")
     for name, asked, known in (("shape", shapes, SHAPES), ("pair", pairs, PAIRS)):
         for a in asked:
@@ -424,10 +477,15 @@ def main() -> None:
                         llama_env(src, lib),
                     ),
                 ]
+                if bench is not None:
+                    runs.append(("llama-bench", [str(bench), str(gguf)], None))
                 if r % 2:
                     runs.reverse()  # alternate who goes first
                 for tool, cmd, env in runs:
-                    res = child(cmd, env)
+                    if tool == "llama-bench":
+                        res = llama_bench(bench, gguf, args.prompt, args.tokens, args.threads)
+                    else:
+                        res = child(cmd, env)
                     results.setdefault((shape, pair, tool), []).append(res)
                     print(
                         f"round {r + 1} {shape} {pair} {tool}: decode {res['decode']:.1f} tok/s, "
@@ -444,38 +502,50 @@ def main() -> None:
         f"{args.prompt}-token prompt, greedy; median of {args.rounds} rounds; read bandwidth {bw:.1f} GB/s; "
         f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}\n"
     )
-    print(
-        "| shape | qwenkit | llama.cpp | decode tok/s qwenkit | llama.cpp | ratio | % of bandwidth limit "
-        "qwenkit / llama.cpp | prefill tok/s qwenkit | llama.cpp | ratio | peak RSS MiB qwenkit | llama.cpp |"
-    )
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for shape in shapes:
-        for pair in pairs:
-            q = {
-                k: statistics.median(x[k] for x in results[shape, pair, "qwenkit"])
-                for k in results[shape, pair, "qwenkit"][0]
-            }
-            ll = {k: statistics.median(x[k] for x in results[shape, pair, "llama.cpp"]) for k in q}
-            read = weight_bytes_per_token(configs[shape], pair, models[shape, pair][1])
-            read += kv_bytes_per_token(configs[shape], args.prompt + args.tokens / 2)  # mean context
-            limit = bw * 1e9 / read
-            ours = "bfloat16" if pair == "bf16" else pair
-            if PAIRS[pair][0] == "gguf":
-                ours = f"the {pair.upper()} file"
-            name, layers, full = (
-                NAMES[shape],
-                configs[shape]["num_hidden_layers"],
-                SHAPES[shape]["num_hidden_layers"],
-            )
-            if layers < full:
-                name += f" ({layers} of {full} layers)"
+
+    def row(shape: str, pair: str, peer: str) -> str:
+        q = {
+            k: statistics.median(x[k] for x in results[shape, pair, "qwenkit"])
+            for k in results[shape, pair, "qwenkit"][0]
+        }
+        ll = {k: statistics.median(x[k] for x in results[shape, pair, peer]) for k in q}
+        read = weight_bytes_per_token(configs[shape], pair, models[shape, pair][1])
+        read += kv_bytes_per_token(configs[shape], args.prompt + args.tokens / 2)  # mean context
+        limit = bw * 1e9 / read
+        ours = "bfloat16" if pair == "bf16" else pair
+        if PAIRS[pair][0] == "gguf":
+            ours = f"the {pair.upper()} file"
+        name, layers, full = (
+            NAMES[shape],
+            configs[shape]["num_hidden_layers"],
+            SHAPES[shape]["num_hidden_layers"],
+        )
+        if layers < full:
+            name += f" ({layers} of {full} layers)"
+        return (
+            f"| {name} | {ours} | {PAIRS[pair][1]} "
+            f"| {q['decode']:.1f} | {ll['decode']:.1f} | {q['decode'] / ll['decode']:.2f} "
+            f"| {100 * q['decode'] / limit:.0f}% / {100 * ll['decode'] / limit:.0f}% "
+            f"| {q['prefill']:.0f} | {ll['prefill']:.0f} | {q['prefill'] / ll['prefill']:.2f} "
+            f"| {q['peak_mib']:.0f} | {ll['peak_mib']:.0f} |"
+        )
+
+    peers = ["llama.cpp"] + (["llama-bench"] if bench is not None else [])
+    for peer in peers:
+        if peer == "llama-bench":
             print(
-                f"| {name} | {ours} | {PAIRS[pair][1]} "
-                f"| {q['decode']:.1f} | {ll['decode']:.1f} | {q['decode'] / ll['decode']:.2f} "
-                f"| {100 * q['decode'] / limit:.0f}% / {100 * ll['decode'] / limit:.0f}% "
-                f"| {q['prefill']:.0f} | {ll['prefill']:.0f} | {q['prefill'] / ll['prefill']:.2f} "
-                f"| {q['peak_mib']:.0f} | {ll['peak_mib']:.0f} |"
+                f"\nllama.cpp's own llama-bench (the same build and files): decode of {args.tokens} tokens "
+                f"at a depth of {args.prompt} (-d), prefill of {args.prompt} from empty; median of "
+                f"{args.rounds} rounds\n"
             )
+        print(
+            f"| shape | qwenkit | llama.cpp | decode tok/s qwenkit | {peer} | ratio | % of bandwidth limit "
+            f"qwenkit / {peer} | prefill tok/s qwenkit | {peer} | ratio | peak RSS MiB qwenkit | {peer} |"
+        )
+        print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for shape in shapes:
+            for pair in pairs:
+                print(row(shape, pair, peer))
 
 
 if __name__ == "__main__":
