@@ -6,7 +6,9 @@ running model; it serves no requests, so it has no stall to compare).
 The engine decodes ``--batch`` requests through the adapters served at start while the main thread
 loads a new adapter, replaces it (vLLM's ``load_inplace``) and unloads it, ``--rounds`` times. A stall
 is the longest gap between two tokens of a running request; the same requests decoded without any load
-give the gap that is normal for the machine.
+give the gap that is normal for the machine. Twice: with the adapters' slots grown as adapters come (the
+default: the first load past the slots held rebuilds every projection's pairs) and held from the start
+(``serve --max-loras``: every load writes one slot in place).
 
     .venv/bin/python benchmarks/bench_adapter_loading.py [--rank 16] [--served 4] [--rounds 5]
 """
@@ -75,14 +77,15 @@ def main() -> None:
     paths = [make_adapter(path, root / f"a{i}", args.rank, seed=i) for i in range(args.served + 2)]
     served = {f"a{i}": str(p) for i, p in enumerate(paths[: args.served])}
     new, newer = paths[args.served :]
-    calls: dict[str, list[float]] = {"load": [], "replace (load_inplace)": [], "unload": []}
+    kinds = ("load", "replace (load_inplace)", "unload")
+    calls: dict[str, dict[str, list[float]]] = {}
 
-    def timed(kind: str, call) -> None:
-        start = time.perf_counter()
-        call()
-        calls[kind].append(time.perf_counter() - start)
+    def churn(llm: LLM, times: dict[str, list[float]]) -> None:
+        def timed(kind: str, call) -> None:
+            start = time.perf_counter()
+            call()
+            times[kind].append(time.perf_counter() - start)
 
-    def churn() -> None:
         for _ in range(args.rounds):
             time.sleep(0.3)
             timed("load", lambda: llm.load_adapter("x", new))
@@ -92,11 +95,27 @@ def main() -> None:
             timed("unload", lambda: llm.unload_adapter("x"))
         time.sleep(0.3)
 
-    llm = LLM.load(path, dtype="bfloat16", max_batch_size=args.batch, progress=False, adapters=served)
     tokens = 400  # enough to outlast the churn at this shape's speed on 2 cores
-    quiet = decode_gaps(llm, args.batch, tokens, list(served), lambda: None)
-    busy = decode_gaps(llm, args.batch, tokens, list(served), churn)
-    llm.close()
+    gaps: dict[str, list[float]] = {}
+    # slots grown as adapters come (the default), and held from the start (serve --max-loras): the served
+    # adapters and "x", at the adapters' rank
+    for mode, reserve in (("grown", None), ("held", args.served + 1)):
+        llm = LLM.load(
+            path,
+            dtype="bfloat16",
+            max_batch_size=args.batch,
+            progress=False,
+            adapters=served,
+            max_loras=reserve,
+            max_lora_rank=args.rank,
+        )
+        if reserve is None:
+            gaps["no loads"] = decode_gaps(llm, args.batch, tokens, list(served), lambda: None)
+        calls[mode] = times = {kind: [] for kind in kinds}
+        gaps[mode] = decode_gaps(
+            llm, args.batch, tokens, list(served), lambda llm=llm, times=times: churn(llm, times)
+        )
+        llm.close()
 
     import peft
     import transformers
@@ -118,18 +137,26 @@ def main() -> None:
         f"served, {args.batch} requests decoding; medians of {args.rounds} calls; "
         f"{torch.get_num_threads()} threads"
     )
-    print("| call | qwenkit (ms) | peft `PeftModel` (ms) |")
-    print("|---|---:|---:|")
-    for kind, times in calls.items():
+    print(
+        "| call | qwenkit, slots grown as adapters come (ms) | slots held from the start, --max-loras "
+        "(ms) | peft `PeftModel` (ms) |"
+    )
+    print("|---|---:|---:|---:|")
+    for kind in kinds:
         peer = {"load": ms(peft_calls["load"]), "unload": ms(peft_calls["unload"])}.get(kind, "-")
-        print(f"| {kind} | {ms(times)} | {peer} |")
-    q, b = sorted(quiet), sorted(busy)
+        print(f"| {kind} | {ms(calls['grown'][kind])} | {ms(calls['held'][kind])} | {peer} |")
     print()
     print("| gap between two tokens of a running request (ms) | median | 99th pct | longest |")
     print("|---|---:|---:|---:|")
-    for name, gaps in (("no loads", q), ("loads, replaces, unloads meanwhile", b)):
-        p99 = gaps[int(0.99 * (len(gaps) - 1))]
-        print(f"| {name} | {1000 * statistics.median(gaps):.0f} | {1000 * p99:.0f} | {1000 * gaps[-1]:.0f} |")
+    rows = {
+        "no loads": "no loads",
+        "grown": "loads, replaces, unloads meanwhile (slots grown)",
+        "held": "the same, slots held from the start (--max-loras)",
+    }
+    for key, name in rows.items():
+        g = sorted(gaps[key])
+        p99 = g[int(0.99 * (len(g) - 1))]
+        print(f"| {name} | {1000 * statistics.median(g):.0f} | {1000 * p99:.0f} | {1000 * g[-1]:.0f} |")
 
 
 if __name__ == "__main__":

@@ -248,6 +248,8 @@ class LLM:
         dequantize: bool = False,
         cuda_graphs: bool | None = None,
         adapters: Mapping[str, str | Path] | None = None,
+        max_loras: int | None = None,
+        max_lora_rank: int = 16,
     ) -> LLM:
         """Load a checkpoint directory or GGUF file. ``kv_cache_memory`` (bytes) sizes the KV pool; by
         default it holds every batch row at the full context. The memory check counts that pool.
@@ -258,7 +260,11 @@ class LLM:
         file's quantized weights as ``dtype`` floats rather than in their own precision. ``cuda_graphs``:
         decode steps as CUDA graphs (None: on for a CUDA device; see ``Engine``). ``adapter``: a LoRA
         adapter every request runs through; ``adapters``: name -> adapter, each request running through
-        the one its ``SamplingParams.adapter`` names, or the base model (``load_model``)."""
+        the one its ``SamplingParams.adapter`` names, or the base model (``load_model``).
+        ``max_loras``: hold pairs for that many adapters of rank up to ``max_lora_rank`` from the start
+        (vLLM's flags; ``served_adapters.reserve_adapters``), so adapters loaded later
+        (:meth:`load_adapter`) never stall the running requests by a rebuild and their memory is
+        checked now; more or larger ones are refused. None: grown as adapters come, no limit."""
         from qwenkit.default_model import bundled_sampling
 
         source = open_checkpoint(path)
@@ -281,6 +287,8 @@ class LLM:
             fast_kernels=True,
             adapters=adapters,
         )
+        if max_loras is not None:
+            _reserve_adapters(model, max_loras, max_lora_rank, tensor_parallel is not None, adapter)
         llm = cls(
             model,
             tokenizer,
@@ -439,6 +447,36 @@ class LLM:
                 yield delta
         finally:
             text_stream.abort()
+
+
+def _reserve_adapters(
+    model: Transformer, slots: int, rank: int, tensor_parallel: bool, adapter: str | Path | None
+) -> None:
+    """``reserve_adapters`` where it applies, its memory checked first (OutOfMemoryError)."""
+    from qwenkit.memory import format_bytes, free_bytes
+    from qwenkit.model.served_adapters import reserve_adapters, reserved_bytes
+    from qwenkit.quant.fused import refresh_decode_layers
+
+    if tensor_parallel:
+        raise ConfigError("adapter slots cannot be reserved under tensor parallelism yet")
+    if adapter is not None:
+        raise ConfigError("adapter slots are for adapters chosen per request, not one every request runs")
+    if slots < 1 or rank < 1:
+        raise ConfigError(f"--max-loras and --max-lora-rank must be at least 1, got {slots} and {rank}")
+    need, device = reserved_bytes(model, slots, rank), model.model.norm.weight.device
+    have = free_bytes(str(device))
+    if need > have:
+        where = "GPU memory" if device.type == "cuda" else "RAM"
+        raise OutOfMemoryError(
+            f"not enough free {where} to reserve {slots} adapter slots of rank {rank}: they need up to "
+            f"{format_bytes(need)}, but {format_bytes(have)} is free; ask for fewer (--max-loras) or a "
+            "lower rank (--max-lora-rank)"
+        )
+    try:
+        reserve_adapters(model, slots, rank)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    refresh_decode_layers(model)  # the whole-layer decode calls, with the side paths' tiles
 
 
 def _check_adapter_fits(model: Transformer, name: str, pairs: dict) -> None:

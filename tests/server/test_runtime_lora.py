@@ -158,6 +158,13 @@ def test_the_routes_are_off_unless_turned_on(chat_llm, adapters):
         (["--allow-runtime-lora", "--adapter", "."], {}, "rather than --adapter"),
         (["--allow-runtime-lora", "--tensor-parallel", "2"], {}, "does not run under --tensor-parallel"),
         ([], {"QWENKIT_ALLOW_RUNTIME_LORA": "maybe"}, "QWENKIT_ALLOW_RUNTIME_LORA must be 1/true"),
+        (["--max-lora-rank", "8"], {}, "give --max-loras too"),
+        (["--max-loras", "2"], {}, "give --lora-modules or --allow-runtime-lora too"),
+        (["--allow-runtime-lora", "--max-loras", "0"], {}, "--max-loras must be at least 1, got 0"),
+        (["--allow-runtime-lora", "--max-loras", "2", "--max-lora-rank", "-1"], {}, "at least 1, got -1"),
+        ([], {"QWENKIT_MAX_LORAS": "many"}, "QWENKIT_MAX_LORAS must be an integer, got 'many'"),
+        ([], {"QWENKIT_MAX_BATCH": "16.5"}, "QWENKIT_MAX_BATCH must be an integer, got '16.5'"),
+        ([], {"QWENKIT_GRACEFUL_TIMEOUT": "soon"}, "QWENKIT_GRACEFUL_TIMEOUT must be a number"),
     ],
 )
 def test_bad_runtime_lora_options_exit_2_with_one_line(args, env, message):
@@ -170,6 +177,26 @@ def test_bad_runtime_lora_options_exit_2_with_one_line(args, env, message):
         env={**os.environ, **env},
     )
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_past_the_reserved_adapter_slots_a_load_gets_400_naming_the_flag(tiny_chat_model, adapters, expected):
+    """``--max-loras 1``: the first adapter takes the slot, a second is refused (400) until the first is
+    unloaded, and replacing the one served reuses its slot."""
+    llm = LLM.load(tiny_chat_model, max_batch_size=4, progress=False, max_loras=1, max_lora_rank=16)
+    config = ServerConfig(served_model_name="tiny", api_key=KEY, runtime_lora=True)
+    with llm, LiveServer(create_app(llm, config)) as live:
+        assert post(live, "load_lora_adapter", lora_name="sql", lora_path=adapters["sql"]).status_code == 200
+        r = post(live, "load_lora_adapter", lora_name="poet", lora_path=adapters["poet"])
+        assert r.status_code == 400 and "the 1 reserved (--max-loras 1)" in r.json()["error"]["message"]
+        r = post(live, "load_lora_adapter", lora_name="sql", lora_path=adapters["poet"], load_inplace=True)
+        assert r.status_code == 200 and llm.model.adapters.names == ["sql"]
+        assert post(live, "unload_lora_adapter", lora_name="sql").status_code == 200
+        assert (
+            post(live, "load_lora_adapter", lora_name="poet", lora_path=adapters["poet"]).status_code == 200
+        )
+        client = openai.OpenAI(base_url=f"{live.url}/v1", api_key=KEY, max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["tiny", "poet"]
+        assert ask(client, "poet") == expected["poet"]
 
 
 def test_an_answer_made_on_weights_since_replaced_is_never_given_again():

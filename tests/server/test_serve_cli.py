@@ -153,14 +153,17 @@ def test_lora_modules_from_the_environment_serve_a_trained_adapter(tmp_path):
 
 
 def test_an_adapter_loaded_at_run_time_answers_as_one_given_at_start(tmp_path):
-    """`QWENKIT_ALLOW_RUNTIME_LORA=1` behind an API key: an adapter of the bundled model loaded over HTTP
-    (vLLM's /v1/load_lora_adapter) answers as the library does through it, and unloads."""
+    """`QWENKIT_ALLOW_RUNTIME_LORA=1` behind an API key, one adapter slot held from the start
+    (`QWENKIT_MAX_LORAS=1`, rank 8): an adapter of the bundled model loaded over HTTP (vLLM's
+    /v1/load_lora_adapter) answers as the library does through it, a second is refused while it is
+    served, and it unloads."""
     from factories import write_lora_adapter
 
     from qwenkit.default_model import default_model_path
 
     adapter = write_lora_adapter(default_model_path(), tmp_path / "terse", seed=5, r=8, std=0.3)
-    proc, url = start_server({"QWENKIT_ALLOW_RUNTIME_LORA": "1", "QWENKIT_API_KEY": "k"})
+    env = {"QWENKIT_ALLOW_RUNTIME_LORA": "1", "QWENKIT_API_KEY": "k", "QWENKIT_MAX_LORAS": "1"}
+    proc, url = start_server({**env, "QWENKIT_MAX_LORA_RANK": "8"})
     auth = {"Authorization": "Bearer k"}
     question = [{"role": "user", "content": "Tell me a short story about a cat."}]
     body = {"model": "terse", "messages": question, "max_tokens": 16, "temperature": 0}
@@ -172,6 +175,13 @@ def test_an_adapter_loaded_at_run_time_answers_as_one_given_at_start(tmp_path):
             timeout=60,
         )
         assert (r.status_code, r.text) == (200, "Success: LoRA adapter 'terse' added successfully.")
+        r = httpx.post(
+            url + "/v1/load_lora_adapter",
+            json={"lora_name": "second", "lora_path": str(adapter)},
+            headers=auth,
+            timeout=60,
+        )
+        assert r.status_code == 400 and "(--max-loras 1)" in r.json()["error"]["message"]
         r = httpx.post(url + "/v1/chat/completions", json=body, headers=auth, timeout=120).json()
         served = r["choices"][0]["message"]["content"]
         r = httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "terse"}, headers=auth, timeout=60)

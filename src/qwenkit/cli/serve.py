@@ -60,6 +60,19 @@ def _env(name: str, default: object = None) -> object:
     return os.environ.get(f"QWENKIT_{name.upper().replace('-', '_')}", default)
 
 
+def _env_number(name: str, default: int | float | None, kind: type = int) -> int | float | None:
+    """A number from the environment (``QWENKIT_NAME``), or ``default`` where it is unset; a value that
+    is not one is refused by name."""
+    value = _env(name)
+    if value is None or str(value).strip() == "":
+        return default
+    try:
+        return kind(str(value).strip())
+    except ValueError:
+        what = "an integer" if kind is int else "a number"
+        raise ConfigError(f"QWENKIT_{name.upper()} must be {what}, got {value!r}") from None
+
+
 def _env_flag(name: str) -> bool:
     """A switch from the environment: 1/true/yes/on or 0/false/no/off (unset: off)."""
     value = str(_env(name, "")).strip().lower()
@@ -85,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = parser.add_argument_group("server")
     g.add_argument("--host", default=_env("host", "127.0.0.1"), help="address to bind (default 127.0.0.1)")
-    g.add_argument("--port", type=int, default=int(_env("port", 8000)))
+    g.add_argument("--port", type=int, default=_env_number("port", 8000))
     g.add_argument("--api-key", default=_env("api_key"), help="require Authorization: Bearer KEY on /v1")
     g.add_argument("--api-key-file", default=_env("api_key_file"), help="read the API key from this file")
     g.add_argument(
@@ -102,23 +115,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--request-timeout",
         type=float,
-        default=_env("request_timeout"),
+        default=_env_number("request_timeout", None, float),
         help="seconds before a request is stopped and its memory freed",
     )
     g.add_argument(
         "--graceful-timeout",
         type=float,
-        default=float(_env("graceful_timeout", 30)),
+        default=_env_number("graceful_timeout", 30.0, float),
         help="seconds running requests get to finish after SIGTERM",
     )
     e = parser.add_argument_group("engine")
     e.add_argument(
-        "--max-batch", type=int, default=int(_env("max_batch", 16)), help="requests decoded together"
+        "--max-batch", type=int, default=_env_number("max_batch", 16), help="requests decoded together"
     )
     e.add_argument(
         "--max-queue",
         type=int,
-        default=int(_env("max_queue", 256)),
+        default=_env_number("max_queue", 256),
         help="waiting requests before new ones get 429",
     )
     e.add_argument(
@@ -142,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--response-cache",
         type=int,
-        default=int(_env("response_cache", 512)),
+        default=_env_number("response_cache", 512),
         help="repeated deterministic requests remembered (0: off)",
     )
     e.add_argument(
@@ -160,8 +173,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="turn on POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's), which read "
         "adapter directories from this machine's disk: set --api-key where others can reach the server",
     )
+    e.add_argument(
+        "--max-loras",
+        type=int,
+        default=_env_number("max_loras", None),
+        help="hold memory for this many adapters (--lora-modules and loaded ones) from the start, so a "
+        "load never stalls running requests; more are refused (vLLM's flag; default: grow as they come)",
+    )
+    e.add_argument(
+        "--max-lora-rank",
+        type=int,
+        default=_env_number("max_lora_rank", None),
+        help="with --max-loras: the highest adapter rank the held memory takes (default 16); higher "
+        "ones are refused",
+    )
     add_tensor_parallel_arg(parser)
-    parser.set_defaults(tensor_parallel=int(_env("tensor_parallel", 1)))
+    parser.set_defaults(tensor_parallel=_env_number("tensor_parallel", 1))
     return parser
 
 
@@ -254,6 +281,19 @@ def _check(args: argparse.Namespace) -> str | None:
         )
     if args.allow_runtime_lora and args.tensor_parallel > 1:
         raise ConfigError("--allow-runtime-lora does not run under --tensor-parallel yet")
+    if args.max_lora_rank is not None and args.max_loras is None:
+        raise ConfigError("--max-lora-rank sizes the memory --max-loras holds; give --max-loras too")
+    if args.max_loras is not None:
+        if not (args.allow_runtime_lora or args.lora_modules):
+            raise ConfigError(
+                "--max-loras holds memory for adapters chosen per request; give --lora-modules or "
+                "--allow-runtime-lora too"
+            )
+        if args.tensor_parallel > 1:
+            raise ConfigError("--max-loras does not run under --tensor-parallel yet")
+        for flag, value in (("--max-loras", args.max_loras), ("--max-lora-rank", args.max_lora_rank)):
+            if value is not None and value < 1:
+                raise ConfigError(f"{flag} must be at least 1, got {value}")
     return api_key
 
 
@@ -288,6 +328,8 @@ def load(args: argparse.Namespace, tp=None):
         tensor_parallel=tp,
         adapter=args.adapter,
         adapters=lora_modules(args.lora_modules) or None,
+        max_loras=args.max_loras,
+        max_lora_rank=args.max_lora_rank or 16,
         dequantize=gguf_dequantize(args, path),
         cuda_graphs=args.cuda_graphs,
     )

@@ -39,6 +39,14 @@ class AdapterNotServable(CheckpointError):
     the embedding)."""
 
 
+class AdapterSlotsFull(ValueError):
+    """Every slot reserved for adapters (``reserve_adapters``, vLLM's ``--max-loras``) is taken."""
+
+
+class AdapterRankTooHigh(ValueError):
+    """The adapter's rank is above the rank reserved for adapters (vLLM's ``--max-lora-rank``)."""
+
+
 @dataclass(frozen=True)
 class LoRAPair:
     """One module's update in one adapter: ``delta = scaling * B @ A`` (peft's lora_A, lora_B)."""
@@ -61,6 +69,9 @@ class AdapterBank:
         # another key, so no cached K/V of the old weights is ever reused for the new ones
         self.keys: list[str] = []
         self.default = BASE_SLOT
+        # reserve_adapters: at most this many slots, of at most this rank (None: grown as adapters come)
+        self.capacity: int | None = None
+        self.max_rank: int | None = None
         self._loads = 0
         # The running forward's selection, per thread: a forward outside the engine's thread (router
         # statistics, a test) never sees the engine's.
@@ -77,6 +88,12 @@ class AdapterBank:
         free = [s for s, n in enumerate(self.names, 1) if n is None and s not in busy]
         if free:
             slot = free[0]
+        elif self.capacity is not None and len(self.names) >= self.capacity:
+            raise AdapterSlotsFull(
+                f"no free slot for adapter {name!r}: the {self.capacity} reserved (--max-loras "
+                f"{self.capacity}) each hold an adapter served, or the old weights of one replaced that "
+                "running requests still use; unload an adapter first"
+            )
         else:
             self.names.append(None)
             self.keys.append("")
@@ -202,6 +219,22 @@ class LoRAProjection(nn.Module):
         else:
             self.lora_at, self.lora_bt = at, bt
 
+    def reserve(self, slots: int, rank: int) -> None:
+        """Hold pairs for at least ``slots`` adapters of at least ``rank`` (a multiple of 16), so that
+        adapters up to those are written in place (:meth:`write`) without a rebuild."""
+        held, held_rank = self.held
+        if slots > held or rank > held_rank:
+            self._grow(max(slots, held), max(rank, held_rank))
+
+    def _grow(self, slots: int, rank: int) -> None:
+        """Rebuild every slot's pairs, larger: the held ones copied, the new ones zero."""
+        held, held_rank = self.held
+        old_at, old_bt = self.pairs()
+        at = torch.zeros(slots, self.in_features, rank, device=self.device)
+        bt = torch.zeros(slots, rank, self.out_features, device=self.device)
+        at[:held, :, :held_rank], bt[:held, :held_rank] = old_at, old_bt
+        self._hold(at, bt)
+
     def write(self, slots: int, pairs: dict[int, tuple[torch.Tensor, torch.Tensor] | None]) -> None:
         """Hold ``slots`` adapters (at least as many as now) and set these slots' (at, bt), A and B
         transposed with the scaling in bt, float32 (None: no update). The other slots keep theirs. In
@@ -210,34 +243,23 @@ class LoRAProjection(nn.Module):
         held, rank = self.held
         ranks = [at.shape[1] for at, _ in filter(None, pairs.values())]
         new_rank = max([rank, *(-(-r // 16) * 16 for r in ranks)])  # whole vectors of 16 (zeros add nothing)
-        device = self.device
+        if slots > held or new_rank > rank:
+            self._grow(max(slots, held), new_rank)
         adapted = set(self.adapted)
-        written = {}
         for slot, pair in pairs.items():
-            at = torch.zeros(self.in_features, new_rank, device=device)
-            bt = torch.zeros(new_rank, self.out_features, device=device)
+            at = torch.zeros(self.in_features, new_rank, device=self.device)
+            bt = torch.zeros(new_rank, self.out_features, device=self.device)
             adapted.discard(slot)
             if pair is not None:
                 r = pair[0].shape[1]
                 at[:, :r], bt[:r] = pair
                 adapted.add(slot)
-            written[slot] = at, bt
-        self.adapted = frozenset(adapted)
-        if slots > held or new_rank > rank:  # rebuild every slot's pairs, larger
-            old_at, old_bt = self.pairs()
-            at = torch.zeros(slots, self.in_features, new_rank, device=device)
-            bt = torch.zeros(slots, new_rank, self.out_features, device=device)
-            at[:held, :, :rank], bt[:held, :rank] = old_at, old_bt
-            for slot, (a, b) in written.items():
-                at[slot - 1], bt[slot - 1] = a, b
-            self._hold(at, bt)
-            return
-        for slot, (a, b) in written.items():  # into the same tensors
             if self.tiles is None:
-                self.lora_at[slot - 1], self.lora_bt[slot - 1] = a, b
+                self.lora_at[slot - 1], self.lora_bt[slot - 1] = at, bt
             else:
-                for held_tiles, new in zip(self.tiles, kernels.pack_lora(a[None], b[None]), strict=True):
+                for held_tiles, new in zip(self.tiles, kernels.pack_lora(at[None], bt[None]), strict=True):
                     held_tiles[slot - 1] = new[0]
+        self.adapted = frozenset(adapted)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -319,9 +341,10 @@ def add_adapter(
 ) -> int:
     """Serve one more adapter on ``model`` (which may serve none yet); returns its slot. ``busy``: the
     slots requests still run on, which it must not take. ``replace``: ``name`` is served already and
-    its new weights take a new slot, so requests running on the old ones finish on them. Nothing
-    changes where the adapter is refused (the errors of :func:`serve_adapters`, ValueError for a name
-    served already or, with ``replace``, not served)."""
+    its new weights take a slot no request runs on (its own where none does), so requests running on
+    the old ones finish on them. Nothing changes where the adapter is refused (the errors of
+    :func:`serve_adapters`; ValueError for a name served already or, with ``replace``, not served;
+    :class:`AdapterSlotsFull` and :class:`AdapterRankTooHigh` past what :func:`reserve_adapters` set)."""
     bank: AdapterBank = getattr(model, "adapters", None) or AdapterBank()
     served = name in bank.served
     if served != replace:
@@ -330,9 +353,14 @@ def add_adapter(
         raise ValueError(f"adapter {name!r} is the default of every request and cannot be replaced")
     updates = _updates(model, {name: pairs})
     old = bank.slot(name) if replace else None
-    slot = bank.take(name, {*busy, *([old] if old else [])})
-    if old is not None:
+    if old is not None:  # its slot is free to take again unless a request still runs on it (busy)
         bank.names[old - 1] = None
+    try:
+        slot = bank.take(name, busy)
+    except AdapterSlotsFull:
+        if old is not None:
+            bank.names[old - 1] = name
+        raise
     _install(model, bank, {name: slot}, updates)
     model.adapters = bank
     return slot
@@ -346,18 +374,25 @@ def added_bytes(model: nn.Module, name: str, pairs: dict[str, LoRAPair]) -> int:
     bank: AdapterBank = getattr(model, "adapters", None) or AdapterBank()
     updates = _updates(model, {name: pairs})
     slots = len(bank.names) + 1  # a free slot may be taken instead: an upper bound
+    if bank.capacity is not None:
+        slots = min(slots, bank.capacity)  # beyond it the adapter is refused, not grown into
     held_bytes = 2 if _pairs_on_kernels(model) else 4  # bf16 tiles, or float32 pairs
     growth = largest = 0
     for path in {*served_projections(model), *updates}:
         m = model.get_submodule(path)
-        held, rank = m.held if isinstance(m, LoRAProjection) else (0, 0)
+        held, held_rank = m.held if isinstance(m, LoRAProjection) else (0, 0)
         per_rank = m.in_features + -(-m.out_features // 16) * 16  # N padded to the tiles' 16
-        old = held * rank * per_rank * held_bytes
+        rank = held_rank
         if path in updates:
             rank = max(rank, -(-sum(p.a.shape[0] for _, p in updates[path][name]) // 16) * 16)
-        new = slots * rank * per_rank * held_bytes
+        new_slots = max(slots, held)
+        if new_slots == held and rank == held_rank:
+            continue  # written in place
+        old = held * held_rank * per_rank * held_bytes
+        new = new_slots * rank * per_rank * held_bytes
         # a rebuild holds the old pairs, a float32 copy of them and of the new pairs at once
-        growth, largest = growth + new - old, max(largest, held * rank * per_rank * 4 * 2 + old)
+        growth = growth + new - old
+        largest = max(largest, (held * held_rank + new_slots * rank) * per_rank * 4 + old)
     return growth + largest
 
 
@@ -373,15 +408,87 @@ def remove_adapter(model: nn.Module, name: str) -> None:
     bank.names[slot - 1] = None
 
 
+def reserve_adapters(model: nn.Module, slots: int, rank: int) -> AdapterBank:
+    """Hold pairs for ``slots`` adapters of rank up to ``rank`` in every projection a served adapter
+    may adapt (attention's, a dense FFN's, a MoE layer's shared expert; a MoE layer's routed experts
+    get theirs when an adapter for them comes, as they are many), zeros until adapters come (vLLM's
+    ``--max-loras`` and ``--max-lora-rank``). Adapters loaded later up to those are then written in
+    place, holding up the running requests for one slot's pairs rather than a rebuild of all, and the
+    memory is taken (and checked) once, at start; more or larger ones are refused. Adapters served
+    already count: ValueError where they are more or of a higher rank."""
+    if slots < 1 or rank < 1:
+        raise ValueError(f"adapter slots and rank must be at least 1, got {slots} and {rank}")
+    bank: AdapterBank = getattr(model, "adapters", None) or AdapterBank()
+    served = sum(name is not None for name in bank.names)
+    if served > slots:
+        raise ValueError(f"{served} adapters are served, more than the {slots} slots asked for")
+    parts = reservable_parts(model)
+    for path, count in parts.items():
+        module = model.get_submodule(path)
+        if isinstance(module, LoRAProjection) and module.held[1] > -(-count * rank // 16) * 16:
+            raise ValueError(
+                f"an adapter served already has a rank above {rank} (--max-lora-rank): {path} holds "
+                f"rank {module.held[1]} where {rank} asks for {-(-count * rank // 16) * 16}"
+            )
+    _install(model, bank, {}, {path: {} for path in parts})
+    for path, count in parts.items():
+        model.get_submodule(path).reserve(slots, -(-count * rank // 16) * 16)
+    bank.capacity, bank.max_rank = slots, rank
+    model.adapters = bank
+    return bank
+
+
+def reservable_parts(model: nn.Module) -> dict[str, int]:
+    """Every projection :func:`reserve_adapters` holds pairs in -> how many checkpoint modules it
+    computes (a fused q/k/v three, gate/up two): its rank is theirs side by side."""
+    names = []
+    for i, layer in enumerate(model.model.layers):
+        prefix = f"model.layers.{i}"
+        names += [f"{prefix}.self_attn.{p}_proj" for p in ("q", "k", "v", "o")]
+        mlp = layer.mlp
+        if isinstance(mlp, MoEMLP):
+            if getattr(mlp, "shared_expert", None) is None:
+                continue
+            prefix += ".mlp.shared_expert"
+        else:
+            prefix += ".mlp"
+        names += [f"{prefix}.{p}_proj" for p in ("gate", "up", "down")]
+    parts: dict[str, int] = {}
+    for name in names:
+        path = _resolve(model, name, "reserved").path
+        parts[path] = parts.get(path, 0) + 1
+    return parts
+
+
+def reserved_bytes(model: nn.Module, slots: int, rank: int) -> int:
+    """At most how much memory :func:`reserve_adapters` takes: the pairs (bf16 tiles or float32) and,
+    while the largest is built, its float32 copies."""
+    held_bytes = 2 if _pairs_on_kernels(model) else 4
+    total = largest = 0
+    for path, count in reservable_parts(model).items():
+        m = model.get_submodule(path)
+        per_rank = m.in_features + -(-m.out_features // 16) * 16
+        size = slots * -(-count * rank // 16) * 16 * per_rank
+        total, largest = total + size * held_bytes, max(largest, size * 4 * 2)
+    return total + largest
+
+
 _Updates = dict[str, dict[str, list[tuple[slice, LoRAPair]]]]  # module path -> adapter -> (rows, pair)
 
 
 def _updates(model: nn.Module, adapters: dict[str, dict[str, LoRAPair]]) -> _Updates:
     """Where each adapter's pairs go in this model, every one checked before anything changes."""
     updates: _Updates = {}
+    bank: AdapterBank | None = getattr(model, "adapters", None)
+    max_rank = bank.max_rank if isinstance(bank, AdapterBank) else None
     for adapter, pairs in adapters.items():
         for name, pair in pairs.items():
             target = _resolve(model, name, adapter)
+            if max_rank is not None and pair.a.shape[0] > max_rank:
+                raise AdapterRankTooHigh(
+                    f"adapter {adapter!r} has rank {pair.a.shape[0]} ({name}), above the {max_rank} "
+                    "reserved for adapters (--max-lora-rank)"
+                )
             _check_shape(model.get_submodule(target.path), target, name, pair, adapter)
             updates.setdefault(target.path, {}).setdefault(adapter, []).append((target.rows, pair))
     return updates
