@@ -362,8 +362,10 @@ class LLM:
         (vLLM's runtime adapter loading). ``replace``: ``name`` is served and takes the new weights;
         requests running on the old ones finish on them. Raises ``AdapterNotFound`` (no adapter at
         ``path``), ``AdapterNotServable`` or ``CheckpointError`` (it does not fit this model), and
-        ValueError for a name already served (without ``replace``) or not served (with it), and
-        OutOfMemoryError where it would not fit in the free memory; a refused adapter changes nothing."""
+        ValueError for a name already served (without ``replace``) or not served (with it) and past the
+        slots or rank held (``max_loras``, ``max_lora_rank``: ``AdapterSlotsFull``,
+        ``AdapterRankTooHigh``), and OutOfMemoryError where it would not fit in the free memory; a
+        refused adapter changes nothing."""
         from qwenkit.checkpoint.loader import servable_adapter
 
         self._check_adapters_change()
