@@ -354,3 +354,20 @@ def test_reserving_checks_memory_first_and_counts_the_adapters_served(base_dir, 
     for kwargs, message in refusals:
         with pytest.raises(ConfigError, match=message):
             LLM.load(base_dir, dtype="bfloat16", progress=False, **kwargs)
+
+
+def test_reserved_paths_name_the_projections_holding_pairs(base_dir, adapters):
+    """What tensor-parallel loading checks first: every module an adapter adapts must hold pairs already
+    (there a projection wrapped later would add its update after its layer's all-reduce)."""
+    from qwenkit.checkpoint.loader import servable_adapter
+    from qwenkit.model.served_adapters import reserved_paths
+
+    plain, _ = load_model(base_dir, "bfloat16", progress=False, fast_kernels=True)
+    pairs = servable_adapter(plain, "a", adapters["a"])
+    assert set(reserved_paths(plain, "a", pairs).values()) == {None}
+    held, _ = load_model(base_dir, "bfloat16", progress=False, fast_kernels=True, reserve_adapters=(1, 8))
+    paths = reserved_paths(held, "a", pairs)
+    assert paths["model.layers.0.self_attn.k_proj"] == "model.layers.0.self_attn.qkv_proj"
+    assert (
+        paths["model.layers.1.mlp.down_proj"] == "model.layers.1.mlp.down_proj" and None not in paths.values()
+    )

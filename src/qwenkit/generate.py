@@ -203,6 +203,7 @@ class LLM:
     """A loaded model with its tokenizer, engine and the driver thread that steps the engine."""
 
     tensor_parallel = False  # one rank of several (``load``): each holds its slices of the weights
+    tp: TensorParallel | None = None  # which, and of how many
 
     def __init__(
         self,
@@ -273,6 +274,8 @@ class LLM:
         seq_len = max_seq_len or config.max_context
         shard = local_config(config, tensor_parallel.world) if tensor_parallel else config
         kv_tokens = _pool_tokens(shard, dtype, device, max_batch_size, seq_len, kv_cache_memory)
+        if max_loras is not None and adapter is not None:
+            raise ConfigError("adapter slots are for adapters chosen per request, not one every request runs")
         model, _ = load_model(
             source,
             dtype=dtype,
@@ -286,9 +289,8 @@ class LLM:
             dequantize=dequantize,
             fast_kernels=True,
             adapters=adapters,
+            reserve_adapters=None if max_loras is None else (max_loras, max_lora_rank),
         )
-        if max_loras is not None:
-            _reserve_adapters(model, max_loras, max_lora_rank, tensor_parallel is not None, adapter)
         llm = cls(
             model,
             tokenizer,
@@ -300,6 +302,7 @@ class LLM:
             cuda_graphs=cuda_graphs,
         )
         llm.tensor_parallel = tensor_parallel is not None
+        llm.tp = tensor_parallel
         return llm
 
     def close(self) -> None:
@@ -369,9 +372,16 @@ class LLM:
         from qwenkit.checkpoint.loader import servable_adapter
 
         self._check_adapters_change()
-        pairs = servable_adapter(self.model, name, path)  # read here, not in the engine's thread
+        whole = servable_adapter(self.model, name, path)  # read here, not in the engine's thread
+        pairs = whole
+        if self.tp is not None:  # this rank's slices; the engine sends the whole to the other ranks
+            from qwenkit.checkpoint.loader import shard_adapter
+
+            pairs = shard_adapter(whole, self.tp)
+            _check_reserved(self.model, name, pairs)
         _check_adapter_fits(self.model, name, pairs)
-        self.driver.between_steps(lambda: self.engine.add_adapter(name, pairs, replace)).result()
+        change = lambda: self.engine.add_adapter(name, pairs, replace, whole=whole)  # noqa: E731
+        self.driver.between_steps(change).result()
 
     def unload_adapter(self, name: str) -> None:
         """Stop serving adapter ``name``: requests naming it are refused from now on, those running
@@ -380,8 +390,12 @@ class LLM:
         self.driver.between_steps(lambda: self.engine.remove_adapter(name)).result()
 
     def _check_adapters_change(self) -> None:
-        if self.tensor_parallel:
-            raise ConfigError("adapters cannot be loaded or unloaded under tensor parallelism yet")
+        bank = self.engine.adapters
+        if self.tensor_parallel and (bank is None or bank.capacity is None):
+            raise ConfigError(
+                "under tensor parallelism adapters are loaded only into slots held from the start "
+                "(--max-loras): each rank's side paths must come before its layers' collectives"
+            )
         from qwenkit.finetune.lora import LoRALinear
 
         if any(isinstance(m, LoRALinear) for m in self.model.modules()):
@@ -451,34 +465,18 @@ class LLM:
             text_stream.abort()
 
 
-def _reserve_adapters(
-    model: Transformer, slots: int, rank: int, tensor_parallel: bool, adapter: str | Path | None
-) -> None:
-    """``reserve_adapters`` where it applies, its memory checked first (OutOfMemoryError)."""
-    from qwenkit.memory import format_bytes, free_bytes
-    from qwenkit.model.served_adapters import reserve_adapters, reserved_bytes
-    from qwenkit.quant.fused import refresh_decode_layers
+def _check_reserved(model: Transformer, name: str, pairs: dict) -> None:
+    """ConfigError unless every module adapter ``name`` adapts holds pairs already (under tensor
+    parallelism, where a projection wrapped now would add its update after its layer's all-reduce)."""
+    from qwenkit.model.served_adapters import reserved_paths
 
-    if tensor_parallel:
-        raise ConfigError("adapter slots cannot be reserved under tensor parallelism yet")
-    if adapter is not None:
-        raise ConfigError("adapter slots are for adapters chosen per request, not one every request runs")
-    if slots < 1 or rank < 1:
-        raise ConfigError(f"--max-loras and --max-lora-rank must be at least 1, got {slots} and {rank}")
-    need, device = reserved_bytes(model, slots, rank), model.model.norm.weight.device
-    have = free_bytes(str(device))
-    if need > have:
-        where = "GPU memory" if device.type == "cuda" else "RAM"
-        raise OutOfMemoryError(
-            f"not enough free {where} to reserve {slots} adapter slots of rank {rank}: they need up to "
-            f"{format_bytes(need)}, but {format_bytes(have)} is free; ask for fewer (--max-loras) or a "
-            "lower rank (--max-lora-rank)"
-        )
-    try:
-        reserve_adapters(model, slots, rank)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    refresh_decode_layers(model)  # the whole-layer decode calls, with the side paths' tiles
+    for module, path in reserved_paths(model, name, pairs).items():
+        if path is None:
+            raise ConfigError(
+                f"adapter {name!r} adapts {module}, which holds no adapter pairs on this tensor-parallel "
+                "model (a MoE layer's routed experts get theirs only when served from the start, with "
+                "--lora-modules)"
+            )
 
 
 def _check_adapter_fits(model: Transformer, name: str, pairs: dict) -> None:

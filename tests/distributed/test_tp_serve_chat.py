@@ -338,3 +338,60 @@ def test_serve_lora_modules_with_tensor_parallel_answers_like_one_process(model,
                 proc.wait(timeout=40)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def test_adapters_loaded_while_serving_with_tensor_parallel_answer_like_one_process(model, tmp_path):
+    """`--allow-runtime-lora --max-loras 2` over 2 ranks: adapters loaded over HTTP (and one replaced in
+    place) reach both ranks' held slots, in the slot rank 0 chose, and requests naming them get the
+    greedy tokens of a one-process server given the same adapters at start; a third is refused."""
+    from pathlib import Path
+
+    from factories import write_lora_adapter
+
+    paths = {
+        name: str(write_lora_adapter(Path(model), tmp_path / name, seed, std=0.5))
+        for name, seed in (("a", 1), ("b", 2), ("c", 3))
+    }
+    single, single_url = start(model, "--lora-modules", f"a={paths['c']}", f"b={paths['b']}")
+    sharded, sharded_url = start(
+        model, "--tensor-parallel", "2", "--allow-runtime-lora", "--max-loras", "2", "--max-lora-rank", "8"
+    )
+    try:
+        wait_healthy(single, single_url)
+        wait_healthy(sharded, sharded_url)
+
+        def load(name: str, path: str, inplace: bool = False) -> httpx.Response:
+            body = {"lora_name": name, "lora_path": path, "load_inplace": inplace}
+            return httpx.post(sharded_url + "/v1/load_lora_adapter", json=body, timeout=60)
+
+        assert load("a", paths["a"]).status_code == 200
+        assert load("b", paths["b"]).status_code == 200
+        assert load("a", paths["c"], inplace=True).status_code == 200  # its own slot: none runs on it
+        refused = load("c", paths["c"])
+        assert refused.status_code == 400 and "(--max-loras 2)" in refused.json()["error"]["message"]
+
+        def ask(url: str, name: str) -> list[str]:
+            body = {
+                "model": name,
+                "messages": [{"role": "user", "content": "Name three rivers."}],
+                "max_tokens": 12,
+                "temperature": 0,
+                "ignore_eos": True,
+                "logprobs": True,
+            }
+            choice = httpx.post(url + "/v1/chat/completions", json=body, timeout=60).json()["choices"][0]
+            return [t["token"] for t in choice["logprobs"]["content"]]
+
+        names = ["a", "chat", "b", "a"]
+        with ThreadPoolExecutor(len(names)) as pool:
+            want = list(pool.map(lambda n: ask(single_url, n), names))
+            got = list(pool.map(lambda n: ask(sharded_url, n), names))
+        assert got == want and len({tuple(t) for t in want}) == 3
+    finally:
+        for proc in (single, sharded):
+            proc.send_signal(signal.SIGTERM)
+        for proc in (single, sharded):
+            try:
+                proc.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                proc.kill()

@@ -156,7 +156,7 @@ def test_the_routes_are_off_unless_turned_on(chat_llm, adapters):
     ("args", "env", "message"),
     [
         (["--allow-runtime-lora", "--adapter", "."], {}, "rather than --adapter"),
-        (["--allow-runtime-lora", "--tensor-parallel", "2"], {}, "does not run under --tensor-parallel"),
+        (["--allow-runtime-lora", "--tensor-parallel", "2"], {}, "give --max-loras N"),
         ([], {"QWENKIT_ALLOW_RUNTIME_LORA": "maybe"}, "QWENKIT_ALLOW_RUNTIME_LORA must be 1/true"),
         (["--max-lora-rank", "8"], {}, "give --max-loras too"),
         (["--max-loras", "2"], {}, "give --lora-modules or --allow-runtime-lora too"),

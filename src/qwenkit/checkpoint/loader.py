@@ -27,7 +27,7 @@ from qwenkit.checkpoint.sanitize import sanitize
 from qwenkit.config import ModelConfig, read_hf_config
 from qwenkit.distributed import TensorParallel, local_config, parallelize, shard_tensor
 from qwenkit.distributed.plan import rank_range, shard_lora, split_role
-from qwenkit.errors import CheckpointError, ConfigError
+from qwenkit.errors import CheckpointError, ConfigError, OutOfMemoryError
 from qwenkit.kernels import ops as kernel_ops
 from qwenkit.memory import check_fits, weight_bytes
 from qwenkit.model import Transformer
@@ -135,6 +135,7 @@ def load_model(
     dequantize: bool = False,
     fast_kernels: bool = False,
     adapters: Mapping[str, str | Path] | None = None,
+    reserve_adapters: tuple[int, int] | None = None,
 ) -> tuple[Transformer, ModelConfig]:
     """Load any supported checkpoint. ``context``/``batch`` size the memory check for the KV cache.
 
@@ -155,7 +156,9 @@ def load_model(
     never held whole (a GGUF is then decoded to floats first and re-quantized). ``fast_kernels``: for
     inference, repack bf16 linear layers for the CPU kernels (``quant.dense``, on the CPU) and fuse
     q/k/v and gate/up into one product each (``quant.fused``, on any device); the layers then have no
-    ``weight`` parameter to train, nor the checkpoint's module names."""
+    ``weight`` parameter to train, nor the checkpoint's module names. ``reserve_adapters``: (slots,
+    rank) of adapters to hold pairs for from the start (``served_adapters.reserve_adapters``; under
+    tensor parallelism before the collectives, as the served adapters), its memory checked first."""
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for, but no CUDA device is available")
     source = open_checkpoint(path) if isinstance(path, str | Path) else path
@@ -210,7 +213,8 @@ def load_model(
     if cache is not None:
         cached = prepared_cache.load(cache, config, model)
         if cached is not None:
-            return _with_served(cached, served, adapter), cached.config  # type: ignore[arg-type]
+            model = _with_served(cached, served, adapter)  # type: ignore[arg-type]
+            return _with_reserved(model, reserve_adapters), cached.config
     builder = None
     if keep_quantized or quantize:
         from qwenkit.quant.on_load import LayerBuilder
@@ -245,7 +249,8 @@ def load_model(
     if tensor_parallel is not None:
         # the side paths before the collectives: a layer split by its inputs then sums its adapters'
         # partial updates with its own partial output in the one all-reduce
-        return parallelize(_with_served(model, served, adapter), tensor_parallel), model.config
+        model = _with_reserved(_with_served(model, served, adapter), reserve_adapters)
+        return parallelize(model, tensor_parallel), model.config
     if fast_kernels and wrapped_adapter is None:
         from qwenkit.quant.dense import pack_dense_for_cpu
         from qwenkit.quant.fused import fuse_for_inference
@@ -255,7 +260,7 @@ def load_model(
         fuse_for_inference(model, release_parts=True)  # q/k/v and gate/up as one product each
     if cache is not None:
         prepared_cache.store(cache, model)
-    return _with_served(model, served, adapter), model.config
+    return _with_reserved(_with_served(model, served, adapter), reserve_adapters), model.config
 
 
 def _served_adapters(
@@ -279,11 +284,12 @@ def _served_adapters(
         return None  # the one adapter of every request is wrapped instead
     if tensor_parallel is None:
         return served
-    # this rank's rows of B or columns of A, as its layers' slices (the skeleton is this rank's)
-    return {
-        name: {m: LoRAPair(*shard_lora(m, p.a, p.b, tensor_parallel), p.scaling) for m, p in pairs.items()}
-        for name, pairs in served.items()
-    }
+    return {name: shard_adapter(pairs, tensor_parallel) for name, pairs in served.items()}
+
+
+def shard_adapter(pairs: dict[str, LoRAPair], tp: TensorParallel) -> dict[str, LoRAPair]:
+    """This rank's rows of B or columns of A, as its layers' slices (its model is this rank's shard)."""
+    return {m: LoRAPair(*shard_lora(m, p.a, p.b, tp), p.scaling) for m, p in pairs.items()}
 
 
 def servable_adapter(model: Transformer, name: str, path: str | Path) -> dict[str, LoRAPair]:
@@ -311,6 +317,36 @@ def _with_served(
 
     serve_adapters(model, served, default=_adapter_name(adapter) if adapter is not None else None)
     refresh_decode_layers(model)  # the whole-layer decode calls, now with the adapters' updates
+    return model
+
+
+def _with_reserved(model: Transformer, reserve: tuple[int, int] | None) -> Transformer:
+    """``model`` holding pairs for ``reserve`` = (slots, rank) adapters (``reserve_adapters``), where
+    asked; OutOfMemoryError where they would not fit in the free memory, ConfigError where the adapters
+    served already exceed them."""
+    if reserve is None:
+        return model
+    from qwenkit.memory import format_bytes, free_bytes
+    from qwenkit.model import served_adapters
+    from qwenkit.quant.fused import refresh_decode_layers
+
+    slots, rank = reserve
+    if slots < 1 or rank < 1:
+        raise ConfigError(f"--max-loras and --max-lora-rank must be at least 1, got {slots} and {rank}")
+    need, device = served_adapters.reserved_bytes(model, slots, rank), model.model.norm.weight.device
+    have = free_bytes(str(device))
+    if need > have:
+        where = "GPU memory" if device.type == "cuda" else "RAM"
+        raise OutOfMemoryError(
+            f"not enough free {where} to reserve {slots} adapter slots of rank {rank}: they need up to "
+            f"{format_bytes(need)}, but {format_bytes(have)} is free; ask for fewer (--max-loras) or a "
+            "lower rank (--max-lora-rank)"
+        )
+    try:
+        served_adapters.reserve_adapters(model, slots, rank)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    refresh_decode_layers(model)  # the whole-layer decode calls, with the side paths' tiles
     return model
 
 

@@ -262,7 +262,7 @@ def follow_tensor_parallel(tp, args: argparse.Namespace, load) -> None:
     except QwenkitError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    Lockstep().follow(llm.engine)
+    Lockstep().follow(llm.engine, tp)
 
 
 def run_tensor_parallel(args: argparse.Namespace, rank_main) -> int:

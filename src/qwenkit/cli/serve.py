@@ -279,8 +279,11 @@ def _check(args: argparse.Namespace) -> str | None:
             "--allow-runtime-lora serves adapters chosen per request; give them with --lora-modules "
             "rather than --adapter (every request)"
         )
-    if args.allow_runtime_lora and args.tensor_parallel > 1:
-        raise ConfigError("--allow-runtime-lora does not run under --tensor-parallel yet")
+    if args.allow_runtime_lora and args.tensor_parallel > 1 and args.max_loras is None:
+        raise ConfigError(
+            "--allow-runtime-lora under --tensor-parallel loads adapters into slots every rank holds from "
+            "the start: give --max-loras N (and --max-lora-rank R) too"
+        )
     if args.max_lora_rank is not None and args.max_loras is None:
         raise ConfigError("--max-lora-rank sizes the memory --max-loras holds; give --max-loras too")
     if args.max_loras is not None:
@@ -289,8 +292,6 @@ def _check(args: argparse.Namespace) -> str | None:
                 "--max-loras holds memory for adapters chosen per request; give --lora-modules or "
                 "--allow-runtime-lora too"
             )
-        if args.tensor_parallel > 1:
-            raise ConfigError("--max-loras does not run under --tensor-parallel yet")
         for flag, value in (("--max-loras", args.max_loras), ("--max-lora-rank", args.max_lora_rank)):
             if value is not None and value < 1:
                 raise ConfigError(f"{flag} must be at least 1, got {value}")

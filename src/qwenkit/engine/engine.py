@@ -17,7 +17,7 @@ import torch
 from qwenkit.engine.blocks import BlockManager
 from qwenkit.engine.constraint import GrammarCompiler, apply_constraints
 from qwenkit.engine.decode_graph import DecodeGraphs, supports_static_decode
-from qwenkit.engine.forward import ForwardCall, run_forward
+from qwenkit.engine.forward import AdapterWrite, ForwardCall, run_forward
 from qwenkit.engine.kv_cache import PagedKVCache
 from qwenkit.engine.request import FinishReason, Request, RequestId, TokenLogprob
 from qwenkit.engine.sampler import apply_penalties, as_float, finite_rows, sample, token_logprobs
@@ -115,6 +115,8 @@ class Engine:
         # Called with every forward before it runs: a tensor-parallel leader sends it to the other
         # ranks, which run the same forward on their shards (``lockstep``).
         self.before_forward: Callable[[ForwardCall], None] | None = None
+        # a tensor-parallel leader sends every adapter written between steps out too
+        self.adapter_written: Callable[[AdapterWrite], None] | None = None
 
     # ---- requests ----------------------------------------------------------------------------------
 
@@ -153,16 +155,26 @@ class Engine:
             served = ", ".join(bank.served) or "none"
             raise SamplingParamsError(f"adapter {name!r} is not served here (served: {served})") from None
 
-    def add_adapter(self, name: str, pairs: dict[str, LoRAPair], replace: bool = False) -> None:
+    def add_adapter(
+        self,
+        name: str,
+        pairs: dict[str, LoRAPair],
+        replace: bool = False,
+        whole: dict[str, LoRAPair] | None = None,
+    ) -> int:
         """Serve LoRA adapter ``name`` from the next step on (``served_adapters.add_adapter``): between
-        steps only (the driver's thread). With ``replace`` its new weights take the name, and requests
-        already running on the old ones finish on them."""
+        steps only (the driver's thread); returns its slot. With ``replace`` its new weights take the
+        name, and requests already running on the old ones finish on them. ``whole``: the pairs before
+        this rank's slicing (tensor parallel), which ``adapter_written`` sends to the other ranks."""
         busy = {request.adapter_slot for request in self.requests.values()}
-        add_adapter(self.model, name, pairs, busy, replace)
+        slot = add_adapter(self.model, name, pairs, busy, replace)
+        if self.adapter_written is not None:
+            self.adapter_written(AdapterWrite(slot, name, whole if whole is not None else pairs))
         refresh_decode_layers(self.model)  # the whole-layer decode calls hold the old side paths' tiles
         self.adapters = self.model.adapters
         if self.decode_graphs is not None and supports_static_decode(self.model) is not None:
             self.decode_graphs = None  # captured without the side paths
+        return slot
 
     def remove_adapter(self, name: str) -> None:
         """Stop serving adapter ``name``: new requests naming it are refused, those running finish."""

@@ -14,6 +14,7 @@ import torch
 from qwenkit.engine.kv_cache import PagedKVCache, StepAttention
 from qwenkit.engine.sampler import on_kernels
 from qwenkit.model import Transformer
+from qwenkit.model.served_adapters import LoRAPair
 
 
 @dataclass
@@ -25,6 +26,16 @@ class ForwardCall:
     decode_rows: list[tuple[list[int], int]]  # (block table, position) of one-token rows
     chunk_rows: list[tuple[list[int], int, int]]  # (block table, start, length) of the other rows
     adapter_slots: list[int] | None = None  # per token, with served adapters
+
+
+@dataclass
+class AdapterWrite:
+    """An adapter the leader's engine wrote into ``slot`` between two steps, its pairs whole (each
+    follower takes its own slices), for the other ranks to write into theirs before the next forward."""
+
+    slot: int
+    name: str
+    pairs: dict[str, LoRAPair]
 
 
 def run_forward(model: Transformer, cache: PagedKVCache, call: ForwardCall) -> torch.Tensor:

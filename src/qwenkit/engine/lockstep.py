@@ -3,7 +3,9 @@
 Only rank 0 schedules, samples and answers clients, so requests may arrive at any time and in any
 order. Before each forward it sends the forward (a ``ForwardCall``: token ids, positions and KV block
 tables, plain lists) to the other ranks, which run it on their own shards and KV pools of the same
-layout; the model's collectives then line up, one forward at a time. The calls travel on a gloo group
+layout; the model's collectives then line up, one forward at a time. An adapter loaded while serving
+(into slots held from the start) goes the same way between two forwards (``AdapterWrite``), in the slot
+rank 0 chose. The calls travel on a gloo group
 of their own without a practical timeout: a follower waiting for the next request is idle, not hung
 (if rank 0 dies, its connections close and the followers fail at once). The model's own collectives
 keep their short timeout.
@@ -16,8 +18,12 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from qwenkit.checkpoint.loader import shard_adapter
+from qwenkit.distributed import TensorParallel
 from qwenkit.engine.engine import Engine
-from qwenkit.engine.forward import ForwardCall, run_forward
+from qwenkit.engine.forward import AdapterWrite, ForwardCall, run_forward
+from qwenkit.model.served_adapters import write_slot
+from qwenkit.quant.fused import refresh_decode_layers
 
 IDLE_TIMEOUT = timedelta(days=365)
 
@@ -31,23 +37,30 @@ class Lockstep:
         self.group = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
 
     def lead(self, engine: Engine) -> None:
-        """Send every forward ``engine`` runs to the followers first (rank 0)."""
+        """Send every forward ``engine`` runs, and every adapter it writes between steps, to the
+        followers first (rank 0)."""
         engine.before_forward = self._send
+        engine.adapter_written = self._send
 
     def stop(self) -> None:
         """Release the followers (rank 0, once the engine has stopped stepping)."""
         self._send(None)
 
-    def follow(self, engine: Engine) -> None:
-        """Run rank 0's forwards on this rank's shard and KV pool until rank 0 stops (ranks > 0)."""
-        while (call := self._receive()) is not None:
+    def follow(self, engine: Engine, tp: TensorParallel) -> None:
+        """Run rank 0's forwards on this rank's shard and KV pool, and write the adapters it loads
+        into this rank's slots (their slices), until rank 0 stops (ranks > 0)."""
+        while (message := self._receive()) is not None:
+            if isinstance(message, AdapterWrite):
+                write_slot(engine.model, message.slot, message.name, shard_adapter(message.pairs, tp))
+                refresh_decode_layers(engine.model)
+                continue
             with torch.inference_mode():
-                run_forward(engine.model, engine.cache, call)
+                run_forward(engine.model, engine.cache, message)
 
-    def _send(self, call: ForwardCall | None) -> None:
-        dist.broadcast_object_list([call], src=0, group=self.group)
+    def _send(self, message: ForwardCall | AdapterWrite | None) -> None:
+        dist.broadcast_object_list([message], src=0, group=self.group)
 
-    def _receive(self) -> ForwardCall | None:
-        box: list[ForwardCall | None] = [None]
+    def _receive(self) -> ForwardCall | AdapterWrite | None:
+        box: list[ForwardCall | AdapterWrite | None] = [None]
         dist.broadcast_object_list(box, src=0, group=self.group)
         return box[0]

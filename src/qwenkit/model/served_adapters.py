@@ -366,6 +366,28 @@ def add_adapter(
     return slot
 
 
+def write_slot(model: nn.Module, slot: int, name: str, pairs: dict[str, LoRAPair]) -> None:
+    """Write adapter ``name`` into ``slot`` of ``model``'s pairs, the slot another rank's
+    :func:`add_adapter` chose (a tensor-parallel follower, which has no requests of its own to keep
+    slots for: the leader decides, and has checked the adapter)."""
+    bank: AdapterBank = model.adapters
+    while len(bank.names) < slot:
+        bank.names.append(None)
+        bank.keys.append("")
+    bank.names[slot - 1], bank.keys[slot - 1] = name, name
+    _install(model, bank, {name: slot}, _updates(model, {name: pairs}))
+
+
+def reserved_paths(model: nn.Module, name: str, pairs: dict[str, LoRAPair]) -> dict[str, str | None]:
+    """Each module adapter ``name`` adapts -> the projection holding its pairs already, or None where
+    serving it would wrap a projection first."""
+    paths: dict[str, str | None] = {}
+    for module, target in ((m, _resolve(model, m, name)) for m in pairs):
+        held = isinstance(model.get_submodule(target.path), LoRAProjection)
+        paths[module] = target.path if held else None
+    return paths
+
+
 def added_bytes(model: nn.Module, name: str, pairs: dict[str, LoRAPair]) -> int:
     """At most how much more memory serving adapter ``name`` takes, the moment it is added included:
     a new slot in every projection's pairs (bf16 tiles or float32, each rank padded to 16, raised where
