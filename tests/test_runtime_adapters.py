@@ -229,9 +229,7 @@ def test_a_load_that_would_not_fit_is_refused_before_anything_changes(base_dir, 
         before = held()
         need = added_bytes(llm.model, "c", servable_adapter(llm.model, "c", adapters["c"]))
         monkeypatch.setattr(memory, "free_bytes", lambda device: need - 1)
-        with pytest.raises(
-            OutOfMemoryError, match="not enough free RAM to serve adapter 'c': it needs up to"
-        ):
+        with pytest.raises(OutOfMemoryError, match=r"not enough free RAM to serve adapter 'c' \(.*\): up to"):
             llm.load_adapter("c", adapters["c"])
         assert held() == before and llm.adapters == ["a"]
         monkeypatch.setattr(memory, "free_bytes", lambda device: need)

@@ -24,7 +24,7 @@ from qwenkit.distributed import TensorParallel, local_config
 from qwenkit.engine import Engine, FinishReason, SamplingParams, StepOutput, TokenLogprob
 from qwenkit.engine.driver import EngineDriver, RequestStream
 from qwenkit.engine.request import RequestId
-from qwenkit.errors import ConfigError, GenerationError, NonFiniteLogitsError, OutOfMemoryError
+from qwenkit.errors import ConfigError, GenerationError, NonFiniteLogitsError
 from qwenkit.model import Transformer
 from qwenkit.model.moe import RouterStats, count_routed_tokens
 from qwenkit.tokenizer import HFTokenizer, StreamingDetokenizer, Tokenizer, load_tokenizer
@@ -481,18 +481,15 @@ def _check_reserved(model: Transformer, name: str, pairs: dict) -> None:
 
 def _check_adapter_fits(model: Transformer, name: str, pairs: dict) -> None:
     """OutOfMemoryError where serving one more adapter would take more memory than is free."""
-    from qwenkit.memory import format_bytes, free_bytes
+    from qwenkit.memory import check_free
     from qwenkit.model.served_adapters import added_bytes
 
-    need, device = added_bytes(model, name, pairs), model.model.norm.weight.device
-    have = free_bytes(str(device))
-    if need > have:
-        where = "GPU memory" if device.type == "cuda" else "RAM"
-        raise OutOfMemoryError(
-            f"not enough free {where} to serve adapter {name!r}: it needs up to {format_bytes(need)} "
-            f"more (its slot in every adapted projection), but {format_bytes(have)} is free; unload "
-            "adapters no longer used first (their slots are reused)"
-        )
+    check_free(
+        added_bytes(model, name, pairs),
+        model.model.norm.weight.device,
+        f"serve adapter {name!r} (its slot in every adapted projection)",
+        "unload adapters no longer used first (their slots are reused)",
+    )
 
 
 def _raise_if_failed(completion: Completion) -> None:

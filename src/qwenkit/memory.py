@@ -67,6 +67,18 @@ def free_bytes(device: str) -> int:
     return int(psutil.virtual_memory().available)
 
 
+def check_free(need: int, device: torch.device, what: str, advice: str) -> None:
+    """OutOfMemoryError unless ``need`` bytes are free on ``device``: "not enough free RAM to
+    {what}: ... {advice}"."""
+    have = free_bytes(str(device))
+    if need > have:
+        where = "GPU memory" if device.type == "cuda" else "RAM"
+        raise OutOfMemoryError(
+            f"not enough free {where} to {what}: up to {format_bytes(need)}, but {format_bytes(have)} "
+            f"is free; {advice}"
+        )
+
+
 def check_fits(
     config: ModelConfig,
     dtype: torch.dtype,

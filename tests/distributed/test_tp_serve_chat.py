@@ -296,6 +296,35 @@ def test_a_tensor_parallel_size_other_than_the_launchers_is_refused(model, monke
 
 
 @pytest.mark.slow
+def adapter_answers(url: str, names: tuple[str, ...] = ("a", "chat", "b", "a")) -> list[list[str]]:
+    """Greedy tokens of one question asked at once through each adapter (or the base model) named."""
+
+    def ask(name: str) -> list[str]:
+        body = {
+            "model": name,
+            "messages": [{"role": "user", "content": "Name three rivers."}],
+            "max_tokens": 12,
+            "temperature": 0,
+            "ignore_eos": True,
+            "logprobs": True,
+        }
+        choice = httpx.post(url + "/v1/chat/completions", json=body, timeout=60).json()["choices"][0]
+        return [t["token"] for t in choice["logprobs"]["content"]]
+
+    with ThreadPoolExecutor(len(names)) as pool:
+        return list(pool.map(ask, names))
+
+
+def stop(*procs: subprocess.Popen) -> None:
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 def test_serve_lora_modules_with_tensor_parallel_answers_like_one_process(model, tmp_path):
     """`--lora-modules` over 2 ranks: each rank serves its slices of the adapters; requests naming an
     adapter, the other or the base model, sent at once, get the one-process server's greedy tokens."""
@@ -313,31 +342,10 @@ def test_serve_lora_modules_with_tensor_parallel_answers_like_one_process(model,
         wait_healthy(single, single_url)
         wait_healthy(sharded, sharded_url)
 
-        def ask(url: str, name: str) -> list[str]:
-            body = {
-                "model": name,
-                "messages": [{"role": "user", "content": "Name three rivers."}],
-                "max_tokens": 12,
-                "temperature": 0,
-                "ignore_eos": True,
-                "logprobs": True,
-            }
-            choice = httpx.post(url + "/v1/chat/completions", json=body, timeout=60).json()["choices"][0]
-            return [t["token"] for t in choice["logprobs"]["content"]]
-
-        names = ["a", "chat", "b", "a"]
-        with ThreadPoolExecutor(len(names)) as pool:
-            want = list(pool.map(lambda n: ask(single_url, n), names))
-            got = list(pool.map(lambda n: ask(sharded_url, n), names))
+        want, got = adapter_answers(single_url), adapter_answers(sharded_url)
         assert got == want and len({tuple(t) for t in want}) == 3
     finally:
-        for proc in (single, sharded):
-            proc.send_signal(signal.SIGTERM)
-        for proc in (single, sharded):
-            try:
-                proc.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop(single, sharded)
 
 
 def test_adapters_loaded_while_serving_with_tensor_parallel_answer_like_one_process(model, tmp_path):
@@ -370,28 +378,7 @@ def test_adapters_loaded_while_serving_with_tensor_parallel_answer_like_one_proc
         refused = load("c", paths["c"])
         assert refused.status_code == 400 and "(--max-loras 2)" in refused.json()["error"]["message"]
 
-        def ask(url: str, name: str) -> list[str]:
-            body = {
-                "model": name,
-                "messages": [{"role": "user", "content": "Name three rivers."}],
-                "max_tokens": 12,
-                "temperature": 0,
-                "ignore_eos": True,
-                "logprobs": True,
-            }
-            choice = httpx.post(url + "/v1/chat/completions", json=body, timeout=60).json()["choices"][0]
-            return [t["token"] for t in choice["logprobs"]["content"]]
-
-        names = ["a", "chat", "b", "a"]
-        with ThreadPoolExecutor(len(names)) as pool:
-            want = list(pool.map(lambda n: ask(single_url, n), names))
-            got = list(pool.map(lambda n: ask(sharded_url, n), names))
+        want, got = adapter_answers(single_url), adapter_answers(sharded_url)
         assert got == want and len({tuple(t) for t in want}) == 3
     finally:
-        for proc in (single, sharded):
-            proc.send_signal(signal.SIGTERM)
-        for proc in (single, sharded):
-            try:
-                proc.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop(single, sharded)

@@ -27,7 +27,7 @@ from qwenkit.checkpoint.sanitize import sanitize
 from qwenkit.config import ModelConfig, read_hf_config
 from qwenkit.distributed import TensorParallel, local_config, parallelize, shard_tensor
 from qwenkit.distributed.plan import rank_range, shard_lora, split_role
-from qwenkit.errors import CheckpointError, ConfigError, OutOfMemoryError
+from qwenkit.errors import CheckpointError, ConfigError
 from qwenkit.kernels import ops as kernel_ops
 from qwenkit.memory import check_fits, weight_bytes
 from qwenkit.model import Transformer
@@ -326,22 +326,19 @@ def _with_reserved(model: Transformer, reserve: tuple[int, int] | None) -> Trans
     served already exceed them."""
     if reserve is None:
         return model
-    from qwenkit.memory import format_bytes, free_bytes
+    from qwenkit.memory import check_free
     from qwenkit.model import served_adapters
     from qwenkit.quant.fused import refresh_decode_layers
 
     slots, rank = reserve
     if slots < 1 or rank < 1:
         raise ConfigError(f"--max-loras and --max-lora-rank must be at least 1, got {slots} and {rank}")
-    need, device = served_adapters.reserved_bytes(model, slots, rank), model.model.norm.weight.device
-    have = free_bytes(str(device))
-    if need > have:
-        where = "GPU memory" if device.type == "cuda" else "RAM"
-        raise OutOfMemoryError(
-            f"not enough free {where} to reserve {slots} adapter slots of rank {rank}: they need up to "
-            f"{format_bytes(need)}, but {format_bytes(have)} is free; ask for fewer (--max-loras) or a "
-            "lower rank (--max-lora-rank)"
-        )
+    check_free(
+        served_adapters.reserved_bytes(model, slots, rank),
+        model.model.norm.weight.device,
+        f"reserve {slots} adapter slots of rank {rank}",
+        "ask for fewer (--max-loras) or a lower rank (--max-lora-rank)",
+    )
     try:
         served_adapters.reserve_adapters(model, slots, rank)
     except ValueError as e:
