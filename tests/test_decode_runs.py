@@ -84,3 +84,32 @@ def test_runs_are_kept_while_weights_and_pools_are_the_same_objects(made):
     runs = transformer._decode_runs(model, stack, other)
     assert shape(runs) == {0: ["w0", "w1 again", "w2"]} and len(made) == 3
     assert transformer._decode_runs(nn.Module(), stack, other) is not runs  # another model: its own
+
+
+def test_only_routing_layers_are_looked_into_and_their_adapters_split_the_runs(made):
+    """A dense layer's feed-forward has no routing state: a step that keeps the runs reads only its decode
+    weights. A MoE layer whose routed experts serve an adapter of this step's tokens runs its
+    modules for that step."""
+    asked: list[str] = []
+
+    class Dense:  # a feed-forward without routing state that records what it is asked for
+        def __getattr__(self, name):
+            asked.append(name)
+            raise AttributeError(name)
+
+    stack = layers(4)
+    for i in (0, 1, 3):
+        stack[i].mlp = Dense()
+    stack[2].mlp.expert_adapters = (1,)  # layer 2 routes; its experts serve adapter slot 1
+    model = nn.Module()
+    model.adapters = SimpleNamespace(used=frozenset())
+    cache = pools(4)
+    first = transformer._decode_runs(model, stack, cache)
+    assert shape(first) == {0: ["w0", "w1", "w2", "w3"]}
+    asked.clear()
+    assert transformer._decode_runs(model, stack, cache) is first
+    assert asked == []  # a step keeping the runs did not look into the dense layers' feed-forwards
+    model.adapters.used = frozenset({1})  # this step's tokens use adapter 1: layer 2 runs its modules
+    assert shape(transformer._decode_runs(model, stack, cache)) == {0: ["w0", "w1"], 3: ["w3"]}
+    model.adapters.used = frozenset({2})  # an adapter its experts do not serve
+    assert shape(transformer._decode_runs(model, stack, cache)) == {0: ["w0", "w1", "w2", "w3"]}
