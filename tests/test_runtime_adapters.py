@@ -270,7 +270,8 @@ def test_reserved_slots_take_adapters_in_place_and_answer_as_those_loaded_at_sta
 
 
 def test_past_the_reserved_slots_or_rank_a_load_is_refused_and_changes_nothing(base_dir, adapters, tmp_path):
-    from qwenkit.model.served_adapters import AdapterRankTooHigh, AdapterSlotsFull
+    from qwenkit.model.adapter_bank import AdapterSlotsFull
+    from qwenkit.model.served_adapters import AdapterRankTooHigh
 
     d = write_lora_adapter(base_dir, tmp_path / "d", seed=4, r=2)
     with LLM.load(base_dir, dtype="bfloat16", progress=False, max_loras=2, max_lora_rank=16) as llm:
@@ -301,7 +302,8 @@ def test_replacing_at_full_slots_waits_for_the_requests_on_the_old_weights(base_
     """With every reserved slot taken, the new weights of a replaced adapter need its own slot, which a
     running request still uses: refused (nothing changes, the request finishes as it would have), and
     taken once that request has finished."""
-    from qwenkit.model.served_adapters import AdapterSlotsFull, reserve_adapters
+    from qwenkit.model.adapter_bank import AdapterSlotsFull
+    from qwenkit.model.served_adapters import reserve_adapters
     from qwenkit.quant.fused import refresh_decode_layers
 
     model, _ = load_model(

@@ -22,7 +22,8 @@ from qwenkit.checkpoint import load_model, prepared_cache
 from qwenkit.engine import Engine, SamplingParams
 from qwenkit.engine.forward import ForwardCall, run_forward
 from qwenkit.engine.kv_cache import PagedKVCache
-from qwenkit.model.served_adapters import LoRAPair, LoRAProjection, serve_adapters
+from qwenkit.model.adapter_bank import LoRAPair
+from qwenkit.model.served_adapters import LoRAProjection, serve_adapters
 from qwenkit.quant.fused import fuse_for_inference, plan_decode_layers
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="CPU kernels not built on this CPU")

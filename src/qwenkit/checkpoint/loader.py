@@ -31,8 +31,9 @@ from qwenkit.errors import CheckpointError, ConfigError
 from qwenkit.kernels import ops as kernel_ops
 from qwenkit.memory import check_fits, weight_bytes
 from qwenkit.model import Transformer
+from qwenkit.model.adapter_bank import LoRAPair
 from qwenkit.model.rope import inv_freq
-from qwenkit.model.served_adapters import AdapterNotServable, LoRAPair, check_servable, serve_adapters
+from qwenkit.model.served_adapters import AdapterNotServable, check_servable, serve_adapters
 
 if TYPE_CHECKING:
     from qwenkit.quant.affine import AffineWeight

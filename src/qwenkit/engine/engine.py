@@ -25,7 +25,8 @@ from qwenkit.engine.sampling import SamplingParams, SamplingParamsError
 from qwenkit.engine.scheduler import Scheduler
 from qwenkit.engine.token_counts import TokenCounts
 from qwenkit.model import Transformer
-from qwenkit.model.served_adapters import AdapterBank, LoRAPair, add_adapter, remove_adapter
+from qwenkit.model.adapter_bank import AdapterBank, LoRAPair
+from qwenkit.model.served_adapters import add_adapter, remove_adapter
 from qwenkit.quant.fused import refresh_decode_layers
 
 BLOCK_SIZE = 16

@@ -14,7 +14,7 @@ import torch
 from qwenkit.engine.kv_cache import PagedKVCache, StepAttention
 from qwenkit.engine.sampler import on_kernels
 from qwenkit.model import Transformer
-from qwenkit.model.served_adapters import LoRAPair
+from qwenkit.model.adapter_bank import LoRAPair
 
 
 @dataclass

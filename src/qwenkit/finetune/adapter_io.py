@@ -25,7 +25,7 @@ from qwenkit.errors import CheckpointError
 from qwenkit.finetune.lora import VLLM_DEFAULT_MAX_RANK, LoRAConfig, LoRALinear, apply_lora, lora_modules
 from qwenkit.finetune.stacked_experts import from_stacked, is_stacked
 from qwenkit.finetune.v1_names import from_v1, is_v1, to_v1
-from qwenkit.model.served_adapters import LoRAPair
+from qwenkit.model.adapter_bank import LoRAPair
 
 # (module name, lora_A, lora_B) -> the part of the pair a model holds (a tensor-parallel rank's slices)
 PairPart = Callable[[str, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]

@@ -33,7 +33,7 @@ from qwenkit.config import ModelConfig
 from qwenkit.model.mlp import MLP
 
 if TYPE_CHECKING:
-    from qwenkit.model.served_adapters import AdapterBank
+    from qwenkit.model.adapter_bank import AdapterBank
 
 
 class RouterLinear(nn.Module):

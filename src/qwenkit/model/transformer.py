@@ -16,12 +16,12 @@ from torch import nn
 
 from qwenkit import kernels
 from qwenkit.config import ModelConfig
+from qwenkit.model.adapter_bank import AdapterBank
 from qwenkit.model.attention import Attention, AttentionInputs, DecodePools, KVCache
 from qwenkit.model.mlp import MLP
 from qwenkit.model.moe import MoEMLP
 from qwenkit.model.norm import RMSNorm
 from qwenkit.model.rope import RotaryEmbedding, logn_scale, ntk_alpha_for_length
-from qwenkit.model.served_adapters import AdapterBank
 
 
 def segment_mask(segment_ids: torch.Tensor) -> torch.Tensor:
