@@ -95,3 +95,11 @@ def test_prefix_reuse_leaves_one_token_and_skips_prompt_logprobs():
     scoring = req("score", 32, SamplingParams(max_tokens=0, prompt_logprobs=0))
     s.add(scoring)
     assert s.schedule().rows[-1] == (scoring, 32) and scoring.num_cached_tokens == 0
+
+
+def test_token_ids_are_slices_of_prompt_and_output_together():
+    r = Request(0, [10, 11, 12], P, output_ids=[20, 21])
+    whole = [10, 11, 12, 20, 21]
+    for start in range(6):
+        for end in range(start, 7):  # past the end as a list slice is: clipped
+            assert r.token_ids(start, end) == whole[start:end], (start, end)

@@ -294,7 +294,7 @@ class Engine:
         for request, n in rows:
             start, end = request.num_computed, request.num_computed + n
             offset = len(ids)
-            ids += request.all_ids[start:end]
+            ids += request.token_ids(start, end)
             positions += range(start, end)
             alphas += [request.ntk_alpha] * n
             slots += [request.adapter_slot] * n

@@ -48,9 +48,15 @@ class Request:
     num_preemptions: int = 0
     constraint: TokenConstraint | None = None  # the grammar's state, when params.grammar is set
 
-    @property
-    def all_ids(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
+    def token_ids(self, start: int, end: int) -> list[int]:
+        """Tokens ``start..end - 1`` of the prompt and output together, without joining the whole
+        sequence: a decode step asks each row for one token, and the join cost the step O(context) a row."""
+        p = len(self.prompt_ids)
+        if start >= p:
+            return self.output_ids[start - p : end - p]
+        if end <= p:
+            return self.prompt_ids[start:end]
+        return self.prompt_ids[start:] + self.output_ids[: end - p]
 
     @property
     def num_tokens(self) -> int:

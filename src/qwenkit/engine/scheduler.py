@@ -134,7 +134,7 @@ class Scheduler:
         if len(have) < num_blocks:
             size = self.blocks.block_size
             have += block_hashes(
-                request.all_ids[len(have) * size : num_blocks * size],
+                request.token_ids(len(have) * size, num_blocks * size),
                 size,
                 have[-1] if have else request.cache_key,
             )
