@@ -330,10 +330,9 @@ class Engine:
         inputs: list[tuple[int, int, list[int]]] = []
         where: dict[int, tuple[int, int]] = {}
         for i, (request, _) in enumerate(rows):
-            start, prompt = request.num_computed, request.prompt_ids
-            token = prompt[start] if start < len(prompt) else request.output_ids[start - len(prompt)]
-            inputs.append((token, start, request.block_table))
-            wants_prompt = request.params.prompt_logprobs is not None and start < len(prompt)
+            start = request.num_computed
+            inputs.append((request.token_ids(start, start + 1)[0], start, request.block_table))
+            wants_prompt = request.params.prompt_logprobs is not None and start < len(request.prompt_ids)
             where[id(request)] = (i, int(wants_prompt or start + 1 == request.num_tokens))
         return self.decode_graphs.run(inputs), where
 
