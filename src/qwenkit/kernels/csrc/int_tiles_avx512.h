@@ -87,6 +87,8 @@ void int_tile(const QuantizedRows& qr, int64_t p, const uint8_t* tile, const S* 
 #pragma GCC unroll 8
     for (int m = 0; m < MT; ++m) facc[m] = _mm512_fmadd_ps(gacc[m], sv, facc[m]);
   }
+  // unrolled, so facc stays in registers (a loop over it kept the array on the stack, stored every group)
+#pragma GCC unroll 8
   for (int m = 0; m < MT; ++m) out.store(m0 + m, n0, facc[m]);
 }
 
@@ -146,6 +148,8 @@ void q6k_tile(const QuantizedRows& qr, int64_t p, const uint8_t* tile, const S* 
 #pragma GCC unroll 8
     for (int m = 0; m < MT; ++m) facc[m] = _mm512_fmadd_ps(gacc[m], sv, facc[m]);
   }
+  // unrolled, so facc stays in registers (a loop over it kept the array on the stack, stored every group)
+#pragma GCC unroll 8
   for (int m = 0; m < MT; ++m) out.store(m0 + m, n0, facc[m]);
 }
 #endif
