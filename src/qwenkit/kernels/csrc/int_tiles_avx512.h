@@ -46,7 +46,9 @@ void int_tile(const QuantizedRows& qr, int64_t p, const uint8_t* tile, const S* 
       const uint8_t* wb = tile + b * kBlockBytes;
       const int32_t* xb = xq + b * 8 * MT;
       prefetch(wb);
-      if (next != nullptr) prefetch_lines<kBlockBytes>(next + b * kBlockBytes);
+      // into L1: on the Zen 4 (2026-12-05) a 8-row pass over weights from memory then took 1.06-1.09x its
+      // time from cache instead of 1.17x (576-wide products), and the bundled model's 16-row step 3-5% less
+      if (next != nullptr) prefetch_lines<kBlockBytes, _MM_HINT_T0>(next + b * kBlockBytes);
       __m512i iacc[MT];
 #pragma GCC unroll 8
       for (int m = 0; m < MT; ++m) iacc[m] = _mm512_set1_epi32(xstart[b * MT + m]);

@@ -37,11 +37,11 @@ inline void prefetch(const void* p) {
 // worked on. With that many rows a tile's arithmetic takes longer than reading it, the hardware
 // prefetchers stop running ahead of the loads, and memory would idle while the cores compute: fetching
 // the next tile meanwhile made 16-row products of the 0.5B model 20-25% faster. (At 1-4 rows the passes
-// are memory bound and the hardware prefetchers keep up; see QK_PREFETCH.)
-template <int64_t BYTES>
+// are memory bound and the hardware prefetchers keep up; see QK_PREFETCH.) HINT T0 fetches into L1 instead.
+template <int64_t BYTES, _mm_hint HINT = _MM_HINT_T1>
 inline void prefetch_lines(const uint8_t* p) {
 #pragma GCC unroll 8
-  for (int64_t l = 0; l < BYTES; l += 64) _mm_prefetch(reinterpret_cast<const char*>(p + l), _MM_HINT_T1);
+  for (int64_t l = 0; l < BYTES; l += 64) _mm_prefetch(reinterpret_cast<const char*>(p + l), HINT);
 }
 
 inline __m512 load_bf16_as_f32(const uint16_t* p) {
