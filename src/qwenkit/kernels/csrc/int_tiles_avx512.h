@@ -12,6 +12,8 @@ inline __m512i high_bit_at_4(__m512i v) {
   else return _mm512_srli_epi16(v, Q - 4);
 }
 
+constexpr int64_t kNextTileL1Bytes = 24 << 10;  // of a 32 KB L1 (48 KB on recent Intel cores)
+
 // One tile of 16 outputs (from n0) against the MT activation rows of pass `p` (rows m0 = p * MT ..),
 // stored to out. TABLE: int4 codes are IQ4 indices (kIq4Values), looked up with one vpshufb per 64 codes.
 // BITS 5: a block's low nibbles as int4's, then 64 bytes whose bit q is the fifth bit of quad q's code.
@@ -24,6 +26,11 @@ void int_tile(const QuantizedRows& qr, int64_t p, const uint8_t* tile, const S* 
   const float* xs = qr.scale.data() + p * blocks * MT;
   const int32_t* xstart = qr.start.data() + p * blocks * MT;
   const float* xg = qr.gsum.data() + p * groups * MT;
+  // The next tile goes to L1 where it fits there beside this one and the activations: on the Zen 4
+  // (2026-12-05) an 8-row pass of a 576-wide product over weights from memory then took 1.06-1.09x its
+  // time from cache instead of 1.17x, and the bundled model's 16-row step 3-5% less; where they do not fit
+  // (Qwen2.5-0.5B's 16 rows of 896 inputs), into L1 made the step 2-4% slower, so L2 as before.
+  const bool next_to_l1 = 2 * blocks * kBlockBytes + K * qr.rows <= kNextTileL1Bytes;
   __m512 facc[MT];
 #pragma GCC unroll 8
   for (int m = 0; m < MT; ++m) facc[m] = _mm512_setzero_ps();
@@ -46,9 +53,10 @@ void int_tile(const QuantizedRows& qr, int64_t p, const uint8_t* tile, const S* 
       const uint8_t* wb = tile + b * kBlockBytes;
       const int32_t* xb = xq + b * 8 * MT;
       prefetch(wb);
-      // into L1: on the Zen 4 (2026-12-05) a 8-row pass over weights from memory then took 1.06-1.09x its
-      // time from cache instead of 1.17x (576-wide products), and the bundled model's 16-row step 3-5% less
-      if (next != nullptr) prefetch_lines<kBlockBytes, _MM_HINT_T0>(next + b * kBlockBytes);
+      if (next != nullptr) {
+        if (next_to_l1) prefetch_lines<kBlockBytes, _MM_HINT_T0>(next + b * kBlockBytes);
+        else prefetch_lines<kBlockBytes>(next + b * kBlockBytes);
+      }
       __m512i iacc[MT];
 #pragma GCC unroll 8
       for (int m = 0; m < MT; ++m) iacc[m] = _mm512_set1_epi32(xstart[b * MT + m]);
