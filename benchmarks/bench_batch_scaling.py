@@ -3,7 +3,8 @@
 Issue 13 asks that 16 requests decoding together yield at least 6x the tokens/s of one. Each model is
 loaded once; batch 1 and batch 16 then alternate for several rounds in the same process (this machine's
 speed drifts from minute to minute, so both sides of a ratio are taken side by side), greedy through the
-engine the CLI and the server use, 16-token prompts, prefill excluded. Models: the bundled SmolLM2 GGUF
+engine the CLI and the server use, 16-token prompts (``--prompt``: longer, to decode at a depth), prefill
+excluded. Models: the bundled SmolLM2 GGUF
 (Q4_1 layers, Q8_0 head) and random-weight checkpoints of the exact Qwen2.5-0.5B and 1.5B shapes (the
 ones ``bench_vs_llamacpp.py`` builds, made here when missing) in bfloat16 and with ``--quantize int8`` /
 ``int4``, and (``--precisions q4_k_m,iq4_nl,iq4_xs,q5_0,q5_k_m,q6_k``, not by default) llama.cpp's files of
@@ -13,10 +14,10 @@ with the same names makes them).
 The peer: with ``--llama-bin DIR`` (the directory holding llama.cpp's ``llama-batched-bench``, which
 ``bench_vs_llamacpp.py`` builds beside libllama), each round also runs llama.cpp on the same model at the
 same bits (the bundled GGUF itself; the shapes' f16 / q8_0 / q4_0 GGUFs from ``bench_vs_llamacpp.py``),
-batch 1 and batch 16 in one process, the same 16-token prompts and new tokens, its S_TG (decode only).
+batch 1 and batch 16 in one process, the same prompt lengths and new tokens, its S_TG (decode only).
 
     .venv/bin/python benchmarks/bench_batch_scaling.py [--models bundled,0.5b,1.5b]
-        [--precisions bf16,int8,int4] [--tokens 64] [--rounds 3] [--batch 16] [--llama-bin DIR]
+        [--precisions bf16,int8,int4] [--tokens 64] [--prompt 16] [--rounds 3] [--batch 16] [--llama-bin DIR]
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ GGUF_FILES = ("q4_k_m", "iq4_nl", "iq4_xs", "q5_0", "q5_k_m", "q6_k")  # llama.c
 QUANTIZE = {"bf16": None, "int8": "int8", "int4": "int4"} | {f: None for f in GGUF_FILES}
 # llama.cpp's file at the same bits (for GGUF_FILES the file both tools read)
 LLAMA_FTYPE = {"bf16": "f16", "int8": "q8_0", "int4": "q4_0"} | {f: f for f in GGUF_FILES}
-PROMPT = 16  # tokens per request, as decode_rate's default
 
 
 class Run(NamedTuple):
@@ -91,10 +91,12 @@ def models_and_precisions(
     return models, precisions
 
 
-def llama_rates(bench: Path, gguf: Path, batch: int, tokens: int, threads: int) -> tuple[float, float]:
+def llama_rates(
+    bench: Path, gguf: Path, batch: int, prompt: int, tokens: int, threads: int
+) -> tuple[float, float]:
     """llama.cpp's aggregate decode tokens/s (S_TG of llama-batched-bench) at batch 1 and ``batch``."""
-    cmd = [str(bench), "-m", str(gguf), "-c", str(batch * (PROMPT + tokens) + 64), "-b", "512", "-ub", "512"]
-    cmd += ["-npp", str(PROMPT), "-ntg", str(tokens), "-npl", f"1,{batch}", "-t", str(threads)]
+    cmd = [str(bench), "-m", str(gguf), "-c", str(batch * (prompt + tokens) + 64), "-b", "512", "-ub", "512"]
+    cmd += ["-npp", str(prompt), "-ntg", str(tokens), "-npl", f"1,{batch}", "-t", str(threads)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     rates = {}
     for line in done.stdout.splitlines():
@@ -112,6 +114,7 @@ def main() -> None:
     ap.add_argument("--models", default="bundled,0.5b,1.5b", help="bundled, 0.5b, 1.5b (comma separated)")
     ap.add_argument("--precisions", default="bf16,int8,int4", help="for the Qwen2.5 shapes")
     ap.add_argument("--tokens", type=int, default=64, help="new tokens per request")
+    ap.add_argument("--prompt", type=int, default=16, help="prompt tokens per request (the decode depth)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache/qwenkit/bench_vs_llamacpp")
@@ -134,7 +137,7 @@ def main() -> None:
         ap.error("llama.cpp's GGUFs are missing (bench_vs_llamacpp.py converts them): " + ", ".join(missing))
     threads = torch.get_num_threads()
     print(
-        f"{threads} threads, {args.tokens} new tokens per request after a {PROMPT}-token prompt, "
+        f"{threads} threads, {args.tokens} new tokens per request after a {args.prompt}-token prompt, "
         f"batch 1 and batch {args.batch} alternating, median of {args.rounds} rounds "
         f"({time.strftime('%Y-%m-%d %H:%M')})\n"
     )
@@ -148,16 +151,16 @@ def main() -> None:
         model, _ = load_model(
             run.checkpoint, dtype="bfloat16", quantize=run.quantize, progress=False, fast_kernels=True
         )
-        decode_rate(model, args.batch, 4)  # warm-up: kernels, pools, the first allocations
+        decode_rate(model, args.batch, 4, args.prompt)  # warm-up: kernels, pools, the first allocations
         one, many, peer_one, peer_many = [], [], [], []
         for _ in range(args.rounds):
             if bench is not None:
-                a, b = llama_rates(bench, run.gguf, args.batch, args.tokens, threads)
+                a, b = llama_rates(bench, run.gguf, args.batch, args.prompt, args.tokens, threads)
                 peer_one.append(a)
                 peer_many.append(b)
-                decode_rate(model, 1, 4)  # after the other process: this one's pages and caches again
-            one.append(decode_rate(model, 1, args.tokens))
-            many.append(decode_rate(model, args.batch, args.tokens))
+                decode_rate(model, 1, 4, args.prompt)  # after the other process: our pages and caches again
+            one.append(decode_rate(model, 1, args.tokens, args.prompt))
+            many.append(decode_rate(model, args.batch, args.tokens, args.prompt))
         ratios = ", ".join(f"{b / a:.2f}" for a, b in zip(one, many, strict=True))
         a, b = statistics.median(one), statistics.median(many)
         row = f"| {run.label} | {a:.1f} | {b:.1f} | **{b / a:.2f}** | {ratios} |"

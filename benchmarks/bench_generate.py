@@ -19,8 +19,9 @@ from qwenkit.engine import Engine, SamplingParams
 
 
 def decode_rate(model, batch: int, new_tokens: int, prompt_len: int = 16) -> float:
-    """Aggregate decode tokens/s for ``batch`` requests generating together (prefill excluded)."""
-    engine = Engine(model, max_batch_size=batch)
+    """Aggregate decode tokens/s for ``batch`` requests generating together (prefill excluded: every
+    prompt is computed in one step, however long, so all rows then decode side by side)."""
+    engine = Engine(model, max_batch_size=batch, prefill_chunk=max(512, batch * prompt_len))
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     for b in range(batch):
         engine.add_request([(7 * b + i) % 1000 + 10 for i in range(prompt_len)], params)
