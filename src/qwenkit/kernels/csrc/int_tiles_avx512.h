@@ -12,7 +12,7 @@ inline __m512i high_bit_at_4(__m512i v) {
   else return _mm512_srli_epi16(v, Q - 4);
 }
 
-constexpr int64_t kNextTileL1Bytes = 24 << 10;  // of a 32 KB L1 (48 KB on recent Intel cores)
+constexpr int64_t kNextTileL1Bytes = 16 << 10;  // of a 32 KB L1 (48 KB on recent Intel cores)
 
 // One tile of 16 outputs (from n0) against the MT activation rows of pass `p` (rows m0 = p * MT ..),
 // stored to out. TABLE: int4 codes are IQ4 indices (kIq4Values), looked up with one vpshufb per 64 codes.
@@ -28,8 +28,9 @@ void int_tile(const QuantizedRows& qr, int64_t p, const uint8_t* tile, const S* 
   const float* xg = qr.gsum.data() + p * groups * MT;
   // The next tile goes to L1 where it fits there beside this one and the activations: on the Zen 4
   // (2026-12-05) an 8-row pass of a 576-wide product over weights from memory then took 1.06-1.09x its
-  // time from cache instead of 1.17x, and the bundled model's 16-row step 3-5% less; where they do not fit
-  // (Qwen2.5-0.5B's 16 rows of 896 inputs), into L1 made the step 2-4% slower, so L2 as before.
+  // time from cache instead of 1.17x, and the bundled model's 16-row step 3-5% less (14 KB). Larger, into
+  // L1 was slower: Qwen2.5-0.5B's 16-row int4 step 2-4% (28 KB), the bundled model's int8 head 1.16x at 8
+  // rows (23 KB) and 1.10x at 16 (28 KB); so L2 for them, as before.
   const bool next_to_l1 = 2 * blocks * kBlockBytes + K * qr.rows <= kNextTileL1Bytes;
   __m512 facc[MT];
 #pragma GCC unroll 8
