@@ -69,7 +69,7 @@ def test_silu_mul_equals_torch() -> None:
     assert int((got != want).sum()) <= 5  # of 38968: exp within an ulp of torch's, rounded to bf16
 
 
-@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(14, 2, 64), (4, 4, 32), (12, 2, 128)])
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(14, 2, 64), (4, 4, 32), (12, 2, 128), (6, 2, 16)])
 def test_decode_attention_matches_sdpa(heads, kv_heads, dim) -> None:
     g = _g(1)
     slots, rows, span = 160, 3, 40

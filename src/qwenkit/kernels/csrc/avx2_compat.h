@@ -272,6 +272,13 @@ QK_INLINE qk_m512i qk_xor_si512(qk_m512i a, qk_m512i b) {
   return {_mm256_xor_si256(a.lo, b.lo), _mm256_xor_si256(a.hi, b.hi)};
 }
 QK_INLINE qk_m512i qk_slli_epi32(qk_m512i a, int n) { return {_mm256_slli_epi32(a.lo, n), _mm256_slli_epi32(a.hi, n)}; }
+// 16-bit interleaves within each 128-bit lane, as AVX-512's
+QK_INLINE qk_m512i qk_unpacklo_epi16(qk_m512i a, qk_m512i b) {
+  return {_mm256_unpacklo_epi16(a.lo, b.lo), _mm256_unpacklo_epi16(a.hi, b.hi)};
+}
+QK_INLINE qk_m512i qk_unpackhi_epi16(qk_m512i a, qk_m512i b) {
+  return {_mm256_unpackhi_epi16(a.lo, b.lo), _mm256_unpackhi_epi16(a.hi, b.hi)};
+}
 QK_INLINE qk_m512i qk_srli_epi16(qk_m512i a, int n) { return {_mm256_srli_epi16(a.lo, n), _mm256_srli_epi16(a.hi, n)}; }
 QK_INLINE qk_m512i qk_cvtps_epi32(qk_m512 a) { return {_mm256_cvtps_epi32(a.lo), _mm256_cvtps_epi32(a.hi)}; }
 QK_INLINE qk_m512 qk_cvtepi32_ps(qk_m512i a) { return {_mm256_cvtepi32_ps(a.lo), _mm256_cvtepi32_ps(a.hi)}; }
@@ -380,6 +387,8 @@ QK_INLINE qk_m512i qk_dpbusd_epi32(qk_m512i acc, qk_m512i u, qk_m512i s) {
 #define _mm512_xor_si512 qk_xor_si512
 #define _mm512_slli_epi32 qk_slli_epi32
 #define _mm512_srli_epi16 qk_srli_epi16
+#define _mm512_unpacklo_epi16 qk_unpacklo_epi16
+#define _mm512_unpackhi_epi16 qk_unpackhi_epi16
 #define _mm512_cvtps_epi32 qk_cvtps_epi32
 #define _mm512_cvtepi32_ps qk_cvtepi32_ps
 #define _mm512_cvtepu16_epi32 qk_cvtepu16_epi32
