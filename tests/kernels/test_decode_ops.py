@@ -122,12 +122,24 @@ def _paged_rows(lengths, kv_heads, dim, heads, seed, q_scale=3.0):
     return q, k, v, gather, positions
 
 
-# Key counts around the kernel's chunks of 128 keys (partial softmaxes combined), group sizes 1, 3, 7
-# and 10 (two passes of 8 heads over the values), head dims 64, 128, 48 (a half piece of 16), 320
-# (the head dim known only at run time).
+# Key counts around the kernel's chunks of 128 keys (partial softmaxes combined), group sizes 1, 3, 5, 6, 7,
+# 8 and 10 (two passes of 8 heads over the values), head dims 64, 128, 48 (a half piece of 16), 320 (the
+# head dim known only at run time); the scores by transposed keys at 5, 7 and 8 heads of 64.
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "dim"),
-    [(2, 2, 64), (9, 3, 64), (14, 2, 64), (2, 2, 128), (6, 2, 128), (14, 2, 128), (20, 2, 48), (4, 2, 320)],
+    [
+        (2, 2, 64),
+        (9, 3, 64),
+        (14, 2, 64),
+        (10, 2, 64),
+        (16, 2, 64),
+        (2, 2, 128),
+        (6, 2, 128),
+        (12, 2, 128),
+        (14, 2, 128),
+        (20, 2, 48),
+        (4, 2, 320),
+    ],
 )
 def test_decode_attention_across_chunks_matches_sdpa(heads, kv_heads, dim) -> None:
     lengths = [1, 127, 128, 129, 255, 256, 257, 1000]

@@ -208,6 +208,7 @@ QK_INLINE double qk_reduce_add_pd(qk_m512d a) {
 // --- casts ---------------------------------------------------------------------------------------------
 
 QK_INLINE qk_m512 qk_castsi512_ps(qk_m512i a) { return {_mm256_castsi256_ps(a.lo), _mm256_castsi256_ps(a.hi)}; }
+QK_INLINE qk_m512i qk_castps_si512(qk_m512 a) { return {_mm256_castps_si256(a.lo), _mm256_castps_si256(a.hi)}; }
 QK_INLINE qk_m512d qk_castps_pd(qk_m512 a) { return {_mm256_castps_pd(a.lo), _mm256_castps_pd(a.hi)}; }
 QK_INLINE qk_m512 qk_castpd_ps(qk_m512d a) { return {_mm256_castpd_ps(a.lo), _mm256_castpd_ps(a.hi)}; }
 QK_INLINE __m256 qk_castps512_ps256(qk_m512 a) { return a.lo; }
@@ -366,6 +367,7 @@ QK_INLINE qk_m512i qk_dpbusd_epi32(qk_m512i acc, qk_m512i u, qk_m512i s) {
 #define _mm512_unpackhi_pd qk_unpackhi_pd
 #define _mm512_reduce_add_pd qk_reduce_add_pd
 #define _mm512_castsi512_ps qk_castsi512_ps
+#define _mm512_castps_si512 qk_castps_si512
 #define _mm512_castps_pd qk_castps_pd
 #define _mm512_castpd_ps qk_castpd_ps
 #define _mm512_castps512_ps256 qk_castps512_ps256

@@ -90,6 +90,95 @@ void attn_scores(const uint16_t* qh, int64_t G, int64_t D, const uint16_t* const
   }
 }
 
+// r[i] <- column i of the 16 x 16 matrix of 32-bit elements whose rows are r[0..15] (4 stages of 16
+// shuffles; unpacks within 128-bit lanes, then whole lanes).
+inline void transpose16(__m512 (&r)[16]) {
+#pragma GCC unroll 8
+  for (int i = 0; i < 16; i += 2) {  // lane L: rows i, i+1 at columns 4L, 4L+1 | 4L+2, 4L+3
+    const __m512 a = _mm512_unpacklo_ps(r[i], r[i + 1]), b = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    r[i] = a, r[i + 1] = b;
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 16; i += 4) {  // r[i + k], lane L: column 4L + k of rows i..i+3
+    const __m512d t0 = _mm512_castps_pd(r[i]), t1 = _mm512_castps_pd(r[i + 1]);
+    const __m512d t2 = _mm512_castps_pd(r[i + 2]), t3 = _mm512_castps_pd(r[i + 3]);
+    r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(t0, t2)), r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(t0, t2));
+    r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(t1, t3)), r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(t1, t3));
+  }
+#pragma GCC unroll 4
+  for (int k = 0; k < 4; ++k) {  // column 4L + k: lane L of r[k], r[4 + k], r[8 + k], r[12 + k]
+    const __m512 a02 = _mm512_shuffle_f32x4(r[k], r[4 + k], _MM_SHUFFLE(2, 0, 2, 0));
+    const __m512 a13 = _mm512_shuffle_f32x4(r[k], r[4 + k], _MM_SHUFFLE(3, 1, 3, 1));
+    const __m512 b02 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], _MM_SHUFFLE(2, 0, 2, 0));
+    const __m512 b13 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], _MM_SHUFFLE(3, 1, 3, 1));
+    r[k] = _mm512_shuffle_f32x4(a02, b02, _MM_SHUFFLE(2, 0, 2, 0));
+    r[8 + k] = _mm512_shuffle_f32x4(a02, b02, _MM_SHUFFLE(3, 1, 3, 1));
+    r[4 + k] = _mm512_shuffle_f32x4(a13, b13, _MM_SHUFFLE(2, 0, 2, 0));
+    r[12 + k] = _mm512_shuffle_f32x4(a13, b13, _MM_SHUFFLE(3, 1, 3, 1));
+  }
+}
+
+// attn_scores for GH query heads (4..8) and head dim 32 * NB: each 16 keys' 16 x (D / 2) bf16 pairs
+// transposed once (64 shuffles per 16 pairs), then every head's scores accumulate in key-wide lanes, one
+// vdpbf16ps per pair with the head's query pair broadcast: no per-head horizontal sums (45 instructions
+// per head and 16 keys, and a dependent tail the out-of-order window could not hide at 7 heads).
+template <int GH, int NB>
+void attn_scores_t(const uint16_t* qh, const uint16_t* const* krows, const uint16_t* const* vrows, int64_t count,
+                   float scale, float* sc) {
+  constexpr int64_t D = 32 * NB;
+  const __m512 sv = _mm512_set1_ps(scale);
+  for (int64_t j = 16; j < count; ++j) attn_prefetch_row<_MM_HINT_T1>(krows[j], 2 * D);
+  for (int64_t j0 = 0; j0 < count; j0 += 16) {
+    for (int64_t j = j0 + 16; j < std::min<int64_t>(count, j0 + 32); ++j) attn_prefetch_row<_MM_HINT_T0>(krows[j], 2 * D);
+    for (int64_t j = j0; j < std::min<int64_t>(count, j0 + 16); ++j) attn_prefetch_row<_MM_HINT_T1>(vrows[j], 2 * D);
+    __m512 acc[GH];
+#pragma GCC unroll 8
+    for (int g = 0; g < GH; ++g) acc[g] = _mm512_setzero_ps();
+    for (int b = 0; b < NB; ++b) {
+      __m512 r[16];
+#pragma GCC unroll 16
+      for (int jj = 0; jj < 16; ++jj)  // keys past the end score the first key again; masked later
+        r[jj] = _mm512_loadu_ps(krows[j0 + jj < count ? j0 + jj : 0] + 32 * b);
+      transpose16(r);
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i) {
+        const __m512bh k = (__m512bh)_mm512_castps_si512(r[i]);
+#pragma GCC unroll 8
+        for (int g = 0; g < GH; ++g) {
+          int32_t pair;
+          std::memcpy(&pair, qh + g * D + 32 * b + 2 * i, 4);
+          acc[g] = _mm512_dpbf16_ps(acc[g], k, (__m512bh)_mm512_set1_epi32(pair));
+        }
+      }
+    }
+#pragma GCC unroll 8
+    for (int g = 0; g < GH; ++g) _mm512_storeu_ps(sc + g * kAttnChunk + j0, _mm512_mul_ps(acc[g], sv));
+  }
+}
+
+// attn_scores_t for G = GH heads (head dim 64) where it was measured faster; else false. Its transposes
+// (128 shuffles per 16 keys) cost less than the G heads' horizontal sums (45 each) from 3 heads on, but
+// with the keys streaming from memory it only gains from 4 (Zen 4, 2026-12-05, 8 rows of 640 keys a call,
+// 24-30 layers' pools in turn: 4 heads 6-10% faster, 5 heads 10%, 7 heads 15%, 8 heads 20%; 3 heads 15-25%
+// slower, as were 6 and 7 heads of 128, by 4-7%, though all faster from cache). Only where vdpbf16ps is the
+// CPU's own: the avx2 build (its products written on FMAs) ran 3-4% slower with it.
+inline bool attn_scores_t_heads(int64_t G, const uint16_t* qh, const uint16_t* const* krows,
+                                const uint16_t* const* vrows, int64_t count, float scale, float* sc) {
+#ifdef __AVX512BF16__
+  constexpr int NB = 2;
+  switch (G) {
+    case 4: attn_scores_t<4, NB>(qh, krows, vrows, count, scale, sc); return true;
+    case 5: attn_scores_t<5, NB>(qh, krows, vrows, count, scale, sc); return true;
+    case 6: attn_scores_t<6, NB>(qh, krows, vrows, count, scale, sc); return true;
+    case 7: attn_scores_t<7, NB>(qh, krows, vrows, count, scale, sc); return true;
+    case 8: attn_scores_t<8, NB>(qh, krows, vrows, count, scale, sc); return true;
+    default: return false;
+  }
+#else
+  return false;
+#endif
+}
+
 // acc[g * D + d0 + i] = sum_j p[g * kAttnChunk + j] * v_j[d0 + i] for GH heads over NP pieces of 32 dims
 // from d0 (the last one 16 wide where D ends there), the weights p in bf16 as torch's flash attention
 // rounds them for its P @ V: two keys a vdpbf16ps, their values interleaved by one unpack per 32 dims, so
@@ -164,7 +253,8 @@ void attn_partial(const uint16_t* qh, int64_t G, int64_t D, const uint16_t* cons
                   const uint16_t* const* vrows, int64_t count, float scale, float* sc, float* m, float* sum,
                   float* acc) {
   uint16_t* pb = reinterpret_cast<uint16_t*>(sc + G * kAttnChunk);  // the bf16 weights, G x kAttnChunk
-  switch (D / 16) {
+  const bool transposed = D == 64 && attn_scores_t_heads(G, qh, krows, vrows, count, scale, sc);
+  if (!transposed) switch (D / 16) {
     case 1: attn_scores<1>(qh, G, D, krows, vrows, count, scale, sc); break;
     case 2: attn_scores<2>(qh, G, D, krows, vrows, count, scale, sc); break;
     case 3: attn_scores<3>(qh, G, D, krows, vrows, count, scale, sc); break;
