@@ -2,6 +2,8 @@
 
     PYTHONPATH=src .venv/bin/python benchmarks/bench_decode_attention.py              # B = 1 and 16
     PYTHONPATH=src .venv/bin/python benchmarks/bench_decode_attention.py --rows 1 --threads 1
+    PYTHONPATH=src .venv/bin/python benchmarks/bench_decode_attention.py --rows 8 --threads 1 --keys 40 640 \
+        --shapes 8/2/64 16/2/64 28/4/128     # the three models' shapes and these (H/Hkv/D, 24 layers)
 
 One decode step's attention per layer: B rows, one query each, over S keys read from a KV pool laid out
 as the engine lays it out (blocks of 16 slots, in shuffled order). The peer is what the engine runs
@@ -19,7 +21,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
@@ -114,12 +116,26 @@ def fastest_calls(calls: list[Callable[[Layer], object]], layers: list[Layer], r
     return best
 
 
+def custom_shape(text: str) -> Shape:
+    """A shape from the command line: H/Hkv/D, 640 keys, 24 layers."""
+    try:
+        heads, kv_heads, dim = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise SystemExit(f"--shapes takes H/Hkv/D, three whole numbers, got {text!r}") from None
+    if heads % kv_heads or dim % 16:
+        raise SystemExit(f"--shapes {text}: H must be a multiple of Hkv and D of 16")
+    return Shape(f"{heads} / {kv_heads} / {dim}", heads, kv_heads, dim, 640, 24)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 16], help="decoding rows B per call")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--keys", type=int, nargs="+", help="S keys per row instead of each shape's own")
+    ap.add_argument("--shapes", nargs="+", default=[], help="more shapes, H/Hkv/D (24 layers each)")
     args = ap.parse_args()
+    shapes = SHAPES + [custom_shape(text) for text in args.shapes]
     if not kernels.available():
         raise SystemExit("qwenkit's CPU kernels are not available on this machine")
     torch.set_num_threads(args.threads)
@@ -127,7 +143,7 @@ def main() -> None:
     print("(peer: gathered keys + torch SDPA, as the engine runs without the kernel)\n")
     print("| model shape | H / Hkv / D | S | B | torch SDPA µs | qwenkit µs | speed-up | qwenkit ms/token |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
-    for shape in SHAPES:
+    for shape in [replace(base, keys=keys) for base in shapes for keys in args.keys or [base.keys]]:
         for rows in args.rows:
             layers, step = build(shape, rows)
             theirs, mine = fastest_calls([partial(sdpa, step), partial(kernel, step)], layers, args.rounds)
