@@ -60,10 +60,23 @@ inline void attn_prefetch_row(const uint16_t* row, int64_t bytes) {
   for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(reinterpret_cast<const char*>(row) + o, HINT);
 }
 
+// The scores' prefetches: every key of the chunk but the first 16 into L2 up front (the gather table says
+// where they are; scattered blocks defeat the hardware prefetchers), then at each 16 keys from j0 the next
+// 16 keys into L1 and these 16 keys' values into L2. Always inlined, so the callers' constant head dims
+// unroll the row loops (called, the 7-head scores ran 15% slower).
+__attribute__((always_inline)) inline void attn_prefetch_keys(const uint16_t* const* krows, int64_t count, int64_t D) {
+  for (int64_t j = 16; j < count; ++j) attn_prefetch_row<_MM_HINT_T1>(krows[j], 2 * D);
+}
+__attribute__((always_inline)) inline void attn_prefetch_next(const uint16_t* const* krows,
+                                                              const uint16_t* const* vrows, int64_t j0, int64_t count,
+                                                              int64_t D) {
+  for (int64_t j = j0 + 16; j < std::min<int64_t>(count, j0 + 32); ++j) attn_prefetch_row<_MM_HINT_T0>(krows[j], 2 * D);
+  for (int64_t j = j0; j < std::min<int64_t>(count, j0 + 16); ++j) attn_prefetch_row<_MM_HINT_T1>(vrows[j], 2 * D);
+}
+
 // Scaled scores of `count` keys (rows krows) for G query heads (qh, G x D) into sc[g * kAttnChunk + j]:
-// 16 keys at a time, each read from memory once for all G heads (and kept in L1 while they are scored).
-// The gather table says where every key is, so all of the chunk's keys are prefetched to L2 up front
-// (scattered blocks defeat the hardware prefetchers), the next 16 to L1, and these 16 keys' values to L2.
+// 16 keys at a time, each read from memory once for all G heads (and kept in L1 while they are scored),
+// prefetched as attn_prefetch_keys / attn_prefetch_next say.
 template <int NQ>
 void attn_scores(const uint16_t* qh, int64_t G, int64_t D, const uint16_t* const* krows,
                  const uint16_t* const* vrows, int64_t count, float scale, float* sc) {
@@ -73,10 +86,9 @@ void attn_scores(const uint16_t* qh, int64_t G, int64_t D, const uint16_t* const
   __m512i qfixed[kMaxPieces];
   __m512i* qv = NQ > 0 ? qfixed : qbuf.data();
   const __m512 sv = _mm512_set1_ps(scale);
-  for (int64_t j = 16; j < count; ++j) attn_prefetch_row<_MM_HINT_T1>(krows[j], 2 * D);
+  attn_prefetch_keys(krows, count, D);
   for (int64_t j0 = 0; j0 < count; j0 += 16) {
-    for (int64_t j = j0 + 16; j < std::min<int64_t>(count, j0 + 32); ++j) attn_prefetch_row<_MM_HINT_T0>(krows[j], 2 * D);
-    for (int64_t j = j0; j < std::min<int64_t>(count, j0 + 16); ++j) attn_prefetch_row<_MM_HINT_T1>(vrows[j], 2 * D);
+    attn_prefetch_next(krows, vrows, j0, count, D);
     for (int64_t g = 0; g < G; ++g) {
       const uint16_t* q = qh + g * D;
       for (int64_t i = 0; i < nq / 2; ++i) qv[i] = _mm512_loadu_si512(q + 32 * i);
@@ -127,10 +139,9 @@ void attn_scores_t(const uint16_t* qh, const uint16_t* const* krows, const uint1
                    float scale, float* sc) {
   constexpr int64_t D = 32 * NB;
   const __m512 sv = _mm512_set1_ps(scale);
-  for (int64_t j = 16; j < count; ++j) attn_prefetch_row<_MM_HINT_T1>(krows[j], 2 * D);
+  attn_prefetch_keys(krows, count, D);
   for (int64_t j0 = 0; j0 < count; j0 += 16) {
-    for (int64_t j = j0 + 16; j < std::min<int64_t>(count, j0 + 32); ++j) attn_prefetch_row<_MM_HINT_T0>(krows[j], 2 * D);
-    for (int64_t j = j0; j < std::min<int64_t>(count, j0 + 16); ++j) attn_prefetch_row<_MM_HINT_T1>(vrows[j], 2 * D);
+    attn_prefetch_next(krows, vrows, j0, count, D);
     __m512 acc[GH];
 #pragma GCC unroll 8
     for (int g = 0; g < GH; ++g) acc[g] = _mm512_setzero_ps();
