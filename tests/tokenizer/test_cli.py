@@ -12,7 +12,26 @@ from qwenkit.cli import template, tokenize
 
 def test_tokenize_pieces(capsys, v1_dir):
     assert tokenize.main([str(v1_dir), " Hello world"]) == 0
-    assert capsys.readouterr().out == "21927\tĠHello\n1879\tĠworld\n"
+    assert capsys.readouterr().out == '21927\tĠHello\t" Hello"\n1879\tĠworld\t" world"\n'
+
+
+def test_tokenize_shows_each_tokens_text(capsys):
+    """The third column is the token's bytes: a character split across tokens shows its bytes as \\xNN,
+    and quote, backslash, newline and tab are escaped, so each token stays one line; a special token
+    (parsed only with --allow-special) shows its text."""
+    assert tokenize.main([str(QWEN3_DIR), '世界\n"a\\b"\t<|im_end|>', "--allow-special"]) == 0
+    rows = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    assert rows == [
+        ["99489", "ä¸ĸçķĮ", '"世界"'],
+        ["198", "Ċ", '"\\n"'],
+        ["56693", '"a', '"\\"a"'],
+        ["43456", "\\b", '"\\\\b"'],
+        ["1", '"', '"\\""'],
+        ["197", "ĉ", '"\\t"'],
+        ["151645", "<|im_end|>", '"<|im_end|>"'],
+    ]
+    assert tokenize.shown("界".encode()[:2]) == '"\\xe7\\x95"'
+    assert tokenize.shown(b'a\\"\n\t\r') == '"a\\\\\\"\\n\\t\\r"'
 
 
 def test_tokenize_count_and_json(capsys):
@@ -34,7 +53,7 @@ def test_tokenize_bad_dir(capsys, tmp_path):
     assert tokenize.main([str(tmp_path), "x"]) == 2
     err = capsys.readouterr().err
     expected = f"no tokenizer in {tmp_path}: looked for tokenizer.json or qwen.tiktoken"
-    assert err == f"qwenkit tokenize: error: {expected}\n"
+    assert err == f"error: {expected}\n"
 
 
 def test_template_prints_exact_prompt(capsys, tmp_path, qwen3):
@@ -57,7 +76,7 @@ def test_template_bad_input(capsys, tmp_path):
     (tmp_path / "bad.json").write_text("{oops")
     assert template.main([str(QWEN3_DIR), str(tmp_path / "bad.json")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("qwenkit template: error: messages file") and err.count("\n") == 1
+    assert err.startswith("error: messages file") and err.count("\n") == 1
     assert template.main([str(QWEN3_DIR), str(tmp_path / "missing.json")]) == 2
     assert "cannot read messages file" in capsys.readouterr().err
     (tmp_path / "obj.json").write_text('"just a string"')
@@ -65,7 +84,4 @@ def test_template_bad_input(capsys, tmp_path):
     assert "must hold a JSON list of messages" in capsys.readouterr().err
     (tmp_path / "norole.json").write_text('[{"content": "x"}]')
     assert template.main([str(QWEN3_DIR), str(tmp_path / "norole.json")]) == 2
-    assert (
-        capsys.readouterr().err
-        == "qwenkit template: error: chat message 0 must be an object with a string 'role'\n"
-    )
+    assert capsys.readouterr().err == "error: chat message 0 must be an object with a string 'role'\n"

@@ -33,16 +33,33 @@ COMMANDS = {
 
 def _usage() -> str:
     width = max(map(len, COMMANDS))
-    lines = ["usage: qwenkit <command> [options]", "", "commands:"]
+    lines = [
+        "usage: qwenkit <command> [options]   (qwenkit --version: the installed version)",
+        "",
+        "commands:",
+    ]
     lines += [f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()]
     lines += ["", "Run `qwenkit <command> --help` for a command's options."]
     return "\n".join(lines)
+
+
+def _version() -> str:
+    """The installed distribution's version (pyproject.toml's), without importing torch."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("qwenkit")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(f"qwenkit {_version()}")
         return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:

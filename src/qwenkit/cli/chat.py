@@ -21,6 +21,7 @@ from qwenkit.cli.common import (
     sampling_overrides,
     wants_tensor_parallel,
 )
+from qwenkit.cli.parser import CommandParser
 from qwenkit.engine import SamplingParams, SamplingParamsError
 
 HELP = """commands:
@@ -123,7 +124,7 @@ def answer(session: ChatSession, text: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="qwenkit chat", description="Chat with a model in the terminal.")
+    parser = CommandParser(prog="qwenkit chat", description="Chat with a model in the terminal.")
     add_model_args(parser)
     parser.add_argument("-p", "--prompt", help="answer this one question and exit ('-' reads stdin)")
     parser.add_argument("--system", help="system prompt")

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from qwenkit.cli.parser import CommandParser
 from qwenkit.errors import ConfigError
 
 DTYPES = ("bfloat16", "float16", "float32")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="qwenkit convert",
         description="Convert a Qwen v1 directory to the Qwen1.5 (qwen2) layout, or a .gguf file to a "
         "Hugging Face directory. The output is written under a temporary name and appears only when "

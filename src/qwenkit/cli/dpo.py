@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import sys
 
+from qwenkit.cli.parser import CommandParser
 from qwenkit.errors import ConfigError
 from qwenkit.finetune.command import add_training_args, launch_ranks, train_args
 from qwenkit.finetune.dpo import LOSS_TYPES, check_loss
@@ -14,7 +14,7 @@ from qwenkit.finetune.dpo import LOSS_TYPES, check_loss
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="qwenkit dpo",
         description="Preference tuning (DPO and its variants) on {prompt, chosen, rejected} pairs; the "
         "reference is the base without the adapter, or with --method full the model before training.",

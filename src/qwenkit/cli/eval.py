@@ -22,6 +22,7 @@ from qwenkit.cli.common import (
     run_tensor_parallel,
     wants_tensor_parallel,
 )
+from qwenkit.cli.parser import CommandParser
 from qwenkit.errors import QwenkitError
 
 if TYPE_CHECKING:
@@ -34,7 +35,7 @@ class EvalUsageError(QwenkitError, ValueError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qwenkit eval", description=__doc__.split("\n\n")[0])
+    p = CommandParser(prog="qwenkit eval", description=__doc__.split("\n\n")[0])
     add_model_args(p)
     p.add_argument("--task", choices=["mmlu", "ceval", "gsm8k", "humaneval", "tooluse", "passkey", "ppl"])
     p.add_argument(

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
+from qwenkit.cli.parser import CommandParser
 from qwenkit.finetune.sensitive import filter_file, read_keywords
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="qwenkit filter", description=__doc__)
+    parser = CommandParser(prog="qwenkit filter", description=__doc__)
     parser.add_argument("data", help="JSONL (or .json list) training or preference data")
     parser.add_argument("out", help="filtered JSONL, written whole or not at all")
     parser.add_argument("--mode", default="mask", choices=["mask", "drop"])

@@ -15,6 +15,7 @@ from qwenkit.cli.common import (
     sampling_overrides,
     wants_tensor_parallel,
 )
+from qwenkit.cli.parser import CommandParser
 from qwenkit.errors import QwenkitError
 
 
@@ -33,7 +34,7 @@ def parse_prompt_ids(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="qwenkit generate", description="Continue a prompt.")
+    parser = CommandParser(prog="qwenkit generate", description="Continue a prompt.")
     add_model_args(parser)
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("-p", "--prompt", help="prompt text ('-' reads stdin)")

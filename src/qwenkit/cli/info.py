@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 from qwenkit.checkpoint import open_checkpoint
 from qwenkit.cli.common import resolve_model
+from qwenkit.cli.parser import CommandParser
 from qwenkit.config import ModelConfig
 from qwenkit.distributed import local_config
 from qwenkit.license import find_license
@@ -132,7 +131,7 @@ def _yn(flag: bool) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="qwenkit info", description="Describe a model before running it.")
+    parser = CommandParser(prog="qwenkit info", description="Describe a model before running it.")
     parser.add_argument("model", nargs="?", help="model directory or .gguf file (default: the bundled model)")
     parser.add_argument(
         "--tensor-parallel", type=int, default=1, metavar="N", help="also show memory per rank on N ranks"

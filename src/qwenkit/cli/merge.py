@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
+from qwenkit.cli.parser import CommandParser
 from qwenkit.finetune.merge import merge
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="qwenkit merge", description=__doc__)
+    parser = CommandParser(prog="qwenkit merge", description=__doc__)
     parser.add_argument("model", help="the float base model (directory or .gguf) the adapter was trained on")
     parser.add_argument("adapter", help="peft-format adapter directory")
     parser.add_argument("out", help="output model directory")

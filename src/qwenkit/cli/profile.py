@@ -14,11 +14,13 @@ import argparse
 import json
 from dataclasses import asdict
 
+from qwenkit.cli.parser import CommandParser
+
 
 def main(argv: list[str] | None = None) -> int:
     from qwenkit.cli.common import add_tensor_parallel_arg
 
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="qwenkit profile",
         description="Generation speed and peak memory per precision (each measured in a fresh process).",
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from qwenkit.cli.parser import CommandParser
 from qwenkit.quant.group_size import READER_GROUP_SIZES
 from qwenkit.quant.pipeline import DEFAULT_CALIB_SAMPLES, DEFAULT_SEQ_LEN
 
@@ -19,7 +20,7 @@ FALLBACK_SIZES = ", ".join(map(str, READER_GROUP_SIZES))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="qwenkit quantize",
         description="Quantize a model's linear layers to int4/int8 and write an AutoGPTQ-format checkpoint "
         "(the layout Qwen's published Int4/Int8 models use, which AutoGPTQ-format readers take). "

@@ -27,6 +27,7 @@ from qwenkit.cli.common import (
     resolve_model,
     wants_tensor_parallel,
 )
+from qwenkit.cli.parser import CommandParser
 from qwenkit.errors import ConfigError
 
 _UNITS = {
@@ -85,9 +86,7 @@ def _env_flag(name: str) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="qwenkit serve", description="Serve a model over an OpenAI-compatible API."
-    )
+    parser = CommandParser(prog="qwenkit serve", description="Serve a model over an OpenAI-compatible API.")
     add_model_args(parser)
     parser.set_defaults(
         model=_env("model"),

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
+from qwenkit.cli.parser import CommandParser
 from qwenkit.errors import QwenkitError
 from qwenkit.tools.calls import offered_functions
 from qwenkit.tools.template_style import template_style
@@ -29,7 +29,7 @@ def _read_json(path: str, what: str) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     """Render messages (OpenAI JSON: a list, or {"messages": [...], "tools": [...]}) with the template."""
-    parser = argparse.ArgumentParser(prog="qwenkit template", description=__doc__)
+    parser = CommandParser(prog="qwenkit template", description=__doc__)
     parser.add_argument("model_dir", help="model directory with the tokenizer files, or a .gguf file")
     parser.add_argument("messages", help="JSON file of messages ('-' reads standard input)")
     parser.add_argument("--tools", help="JSON file of tool definitions (OpenAI format)")
@@ -70,6 +70,6 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.write(tokenizer.render_chat_template(data, tools=tools, add_generation_prompt=gen))
             sys.stdout.flush()
     except (QwenkitError, _InputError) as e:
-        print(f"qwenkit template: error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

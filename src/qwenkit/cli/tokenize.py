@@ -1,17 +1,18 @@
-"""`qwenkit tokenize MODEL_DIR TEXT`: show the ids and pieces a model's tokenizer gives for a text."""
+"""`qwenkit tokenize MODEL_DIR TEXT`: show the ids and pieces a model's tokenizer gives for a text, and the
+text each token stands for (byte-level pieces such as `Ġthe` or `ä¸` are not what a reader expects)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
+from qwenkit.cli.parser import CommandParser
 from qwenkit.errors import QwenkitError
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Print `id<TAB>piece` per token (or the count, or a JSON id list). Errors: one line, exit 2."""
-    parser = argparse.ArgumentParser(prog="qwenkit tokenize", description=__doc__)
+    """Print `id<TAB>piece<TAB>"text"` a token (or the count, or a JSON id list); errors: one line, exit 2."""
+    parser = CommandParser(prog="qwenkit tokenize", description=__doc__)
     parser.add_argument("model_dir", help="model directory (tokenizer.json or qwen.tiktoken) or .gguf file")
     parser.add_argument("text", help="text to tokenize; '-' reads standard input")
     parser.add_argument("--count", action="store_true", help="print only the number of tokens")
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = tokenizer_for(args.model_dir)
         ids = tokenizer.encode(text, allow_special=args.allow_special)
     except (QwenkitError, OSError, UnicodeDecodeError) as e:
-        print(f"qwenkit tokenize: error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 2
     if args.count:
         print(len(ids))
@@ -36,5 +37,14 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(ids))
     else:
         for token_id in ids:
-            print(f"{token_id}\t{tokenizer.id_to_piece(token_id)}")
+            print(f"{token_id}\t{tokenizer.id_to_piece(token_id)}\t{shown(tokenizer.token_bytes(token_id))}")
     return 0
+
+
+def shown(text: bytes) -> str:
+    """A token's bytes as a quoted line: UTF-8 as itself, a byte of a character split across tokens as
+    \\xNN, and backslash, quote, newline, tab and carriage return escaped, so every token is one line."""
+    escaped = text.replace(b"\\", b"\\\\").decode("utf-8", errors="backslashreplace")
+    for char, escape in (('"', '\\"'), ("\n", "\\n"), ("\t", "\\t"), ("\r", "\\r")):
+        escaped = escaped.replace(char, escape)
+    return f'"{escaped}"'

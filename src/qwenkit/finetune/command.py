@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from qwenkit.cli.parser import CommandParser
 from qwenkit.errors import ConfigError
 
 
@@ -180,7 +181,7 @@ def relaunch(module: str, argv: list[str], nproc: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="qwenkit finetune", description="Supervised fine-tuning.")
+    parser = CommandParser(prog="qwenkit finetune", description="Supervised fine-tuning.")
     add_training_args(parser)
     parser.add_argument("--filter", action="store_true", help="mask sensitive data before training")
     parser.add_argument("--filter-keywords", help="keyword file for --filter (one per line)")

@@ -1,0 +1,17 @@
+"""The commands' argument parser: a bad option is one line on stderr and exit 2, as every other user error.
+
+argparse's own error prints the whole usage block first (13-19 lines for `chat` and `serve`) and then
+``prog: error: ...``; the README promises one line, the same shape as the errors the commands raise.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import NoReturn
+
+
+class CommandParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose errors are ``error: <what>; see `<prog> --help``` and exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
