@@ -43,3 +43,45 @@ def test_bad_choice_through_the_console_script():
         "error: argument --dtype: invalid choice: 'float7' (choose from 'auto', 'float32', 'bfloat16', "
         "'float16'); see `qwenkit chat --help`\n"
     )
+
+
+def test_a_file_that_cannot_be_written_is_one_line(capsys):
+    """OSError (a read-only directory, a full disk, a path through a file) is the user's to mend: one
+    line with the reason and the path, exit 2, not a traceback."""
+    from qwenkit.cli import run_command
+
+    def denied(argv):
+        raise PermissionError(13, "Permission denied", "/data/out/.x.partial-1")
+
+    def moved(argv):
+        raise IsADirectoryError(21, "Is a directory", "/tmp/.out.1", None, "out")  # as os.replace raises
+
+    assert run_command(denied, []) == 2
+    assert capsys.readouterr().err == "error: Permission denied: /data/out/.x.partial-1\n"
+    assert run_command(moved, []) == 2
+    assert capsys.readouterr().err == "error: Is a directory: /tmp/.out.1 -> out\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--lr", "-1"], "--lr must be a positive number, got -1.0"),
+        (["--lr", "nan"], "--lr must be a positive number, got nan"),
+        (["--epochs", "0"], "--epochs must be at least 1, got 0"),
+        (["--max-steps", "0"], "--max-steps must be at least 1, got 0"),
+        (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+        (["--lora-r", "0"], "--lora-r must be at least 1, got 0"),
+        (["--warmup-ratio", "1"], "--warmup-ratio must be in [0, 1), got 1.0"),
+        (["--lora-dropout", "-0.1"], "--lora-dropout must be in [0, 1), got -0.1"),
+        (["--weight-decay", "-1"], "--weight-decay must be 0 or more, got -1.0"),
+        (["--max-len", "1"], "--max-len must be at least 2 (a token and the next), got 1"),
+    ],
+)
+@pytest.mark.parametrize("command", ["finetune", "dpo"])
+def test_training_numbers_no_run_can_use_are_refused_first(command, args, message, tmp_path, capsys):
+    """Before anything loads (torch's optimizer raised a traceback for a negative rate; --epochs 0 wrote
+    an untrained adapter; --max-steps 0 meant no limit)."""
+    argv = [command, str(tmp_path / "model"), str(tmp_path / "data.jsonl"), str(tmp_path / "out"), *args]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+    assert not (tmp_path / "out").exists()

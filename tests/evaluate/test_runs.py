@@ -218,3 +218,59 @@ def test_eval_with_tensor_parallel_scores_every_item_as_one_process(task, tmp_pa
         }
         for key in floats:
             assert got.get(key) == pytest.approx(want.get(key), abs=1e-5)
+
+
+def test_a_run_of_another_model_is_not_resumed(local, tmp_path):
+    """The samples of one model must not be scored under another's name: resuming into an --output asks
+    for the same model files, dtype, quantization and adapter (the results' record names them)."""
+    settings = Settings(task="gsm8k", limit=1, max_new_tokens=2)
+    first = {"backend": "local", "model_files_sha256": "a" * 64, "dtype": "bfloat16", "quantization": None}
+    run(local, settings, tmp_path, progress=False, model_record=first)
+    assert json.loads((tmp_path / "settings.json").read_text())["model"] == {
+        "model_files_sha256": "a" * 64,
+        "dtype": "bfloat16",
+        "quantization": None,
+    }
+    again = run(local, settings, tmp_path, progress=False, model_record=first)
+    assert again["timing"]["items_run"] == 0
+    for changed, fields in (({"dtype": "float32"}, "dtype"), ({"quantization": "int4"}, "quantization")):
+        with pytest.raises(EvalDataError, match=f"holds a run of another model \\({fields} differ\\)"):
+            run(local, settings, tmp_path, progress=False, model_record={**first, **changed})
+
+
+def test_a_refused_run_leaves_nothing_that_blocks_the_next(local, tmp_path):
+    """A settings file without samples (the run was refused or stopped before its first chunk) is
+    replaced by the next run's, instead of refusing the corrected command."""
+    (tmp_path / "settings.json").write_text(json.dumps({"task": "gsm8k", "max_new_tokens": 99}))
+    results = run(local, Settings(task="gsm8k", limit=1, max_new_tokens=2), tmp_path, progress=False)
+    assert results["timing"]["items_run"] == 1
+    assert json.loads((tmp_path / "settings.json").read_text())["max_new_tokens"] == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--limit", "0"], "error: --limit must be at least 1, got 0\n"),
+        (["--limit", "-1"], "error: --limit must be at least 1, got -1\n"),
+        (["--batch-size", "0"], "error: --batch-size must be at least 1, got 0\n"),
+    ],
+)
+def test_counts_that_evaluate_nothing_are_refused(tiny_chat_model, tmp_path, capsys, args, message):
+    out = tmp_path / "run"
+    assert qwenkit_main(["eval", str(tiny_chat_model), "--task", "gsm8k", "--output", str(out), *args]) == 2
+    assert capsys.readouterr().err == message
+    assert not out.exists()
+
+
+def test_an_output_that_cannot_be_a_directory_is_refused_before_loading(tiny_chat_model, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for output, message in (
+        (tmp_path / "afile", f"error: --output {tmp_path / 'afile'} is a file; give a directory\n"),
+        (
+            tmp_path / "afile" / "run",
+            f"error: cannot write {afile / 'run'}: {afile} is a file, not a directory\n",
+        ),
+    ):
+        assert qwenkit_main(["eval", str(tiny_chat_model), "--task", "gsm8k", "--output", str(output)]) == 2
+        assert capsys.readouterr().err == message

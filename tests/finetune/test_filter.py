@@ -93,3 +93,38 @@ def test_filter_command_masks_and_drops(tmp_path, capsys):
     assert (tmp_path / "dropped.jsonl").read_text() == ""
     assert cli_main(["filter", str(tmp_path / "missing.jsonl"), str(tmp_path / "x.jsonl")]) == 2
     assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_filter_refuses_outputs_it_would_lose_or_clobber(tmp_path, capsys):
+    """OUT and the report are checked before anything is read or written: an existing OUT needs
+    --overwrite (the input itself is never replaced), and a report path that cannot be written leaves
+    no filtered file behind."""
+    src = tmp_path / "d.jsonl"
+    src.write_text(json.dumps({"text": "mail me at a@b.io"}) + "\n")
+    afile, out = tmp_path / "afile", tmp_path / "o.jsonl"
+    afile.write_text("x")
+    cases = [
+        (
+            [str(src), str(src), "--overwrite"],
+            f"error: {src} is the input data; write the filtered data to another file\n",
+        ),
+        (
+            [str(src), str(tmp_path / "afile")],
+            f"error: {tmp_path / 'afile'} already exists; pass --overwrite to replace it\n",
+        ),
+        ([str(src), str(tmp_path)], f"error: {tmp_path} is a directory; give a file name\n"),
+        (
+            [str(src), str(tmp_path / "o.jsonl"), "--report", str(tmp_path / "afile" / "r.json")],
+            f"error: cannot write {afile / 'r.json'}: {afile} is a file, not a directory\n",
+        ),
+        (
+            [str(src), str(tmp_path / "o.jsonl"), "--report", str(tmp_path / "o.jsonl")],
+            f"error: OUT and --report are the same file {out}; give the report its own name\n",
+        ),
+    ]
+    for args, message in cases:
+        assert cli_main(["filter", *args]) == 2
+        assert capsys.readouterr().err == message
+    assert not (tmp_path / "o.jsonl").exists() and (tmp_path / "afile").read_text() == "x"
+    assert cli_main(["filter", str(src), str(tmp_path / "afile"), "--overwrite"]) == 0
+    assert json.loads((tmp_path / "afile").read_text()) == {"text": "mail me at [EMAIL]"}

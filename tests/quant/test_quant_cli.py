@@ -156,3 +156,42 @@ def test_missing_source_and_quantized_source(tmp_path, capsys, src) -> None:
     capsys.readouterr()
     assert main(["quantize", str(q), str(tmp_path / "qq"), "-q", "--method", "rtn"]) == 2
     assert "is already quantized (gptq)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("group_size", [32, -1])  # -1 adds a note, which once replaced the calibration text
+def test_gptq_calibrates_on_the_calib_file(src, tmp_path, group_size) -> None:
+    """The --calib text is what GPTQ sees: a short file gives one window of exactly its tokens (the notes
+    loop once reused the variable that held the text, so the default text or a note was used instead)."""
+    text = "A short calibration file."
+    path = tmp_path / "short.txt"
+    path.write_text(text)
+    encode = tokenizer_for(src).encode
+    r = quantize_checkpoint(
+        src, tmp_path / "q", bits=4, group_size=group_size, encode=encode, calib=path, progress=False
+    )
+    assert r.calibration_windows == 1 and r.calibration_tokens == len(encode(text))
+
+
+def test_a_qwen_v1_checkpoint_is_converted_first(tmp_path, capsys) -> None:
+    """quantize writes qwen2 tensor names; a v1 config beside them would load in neither v1's code nor
+    AutoGPTQ, so a v1 source is refused with the command that converts it."""
+    from factories import write_v1_checkpoint
+
+    v1 = write_v1_checkpoint(tmp_path / "v1")
+    assert main(["quantize", str(v1), str(tmp_path / "out"), "-q", "--method", "rtn"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"error: {v1} is a Qwen v1 checkpoint: convert it to the Qwen1.5 layout first "
+        f"(qwenkit convert {v1} OUT), then quantize OUT\n"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_quantize_at_load_of_a_quantized_checkpoint_names_its_path(src, tmp_path, capsys) -> None:
+    """--quantize on a GPTQ checkpoint: one line naming the directory (it once printed the source object's
+    dump, its whole config included)."""
+    q = tmp_path / "q"
+    assert main(["quantize", str(src), str(q), "-q", "--method", "rtn"]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(q), "-p", "Hi", "--quantize", "int8", "--max-new-tokens", "1"]) == 2
+    assert capsys.readouterr().err == f"error: {q} is already quantized (gptq); drop --quantize\n"

@@ -175,7 +175,7 @@ def load_model(
         raise ConfigError(f"unknown --quantize {quantize!r}; choose int8 or int4")
     if quantize and config.quantization:
         raise ConfigError(
-            f"{path} is already quantized ({config.quantization.get('quant_method')}); drop --quantize"
+            f"{source.path} is already quantized ({config.quantization.get('quant_method')}); drop --quantize"
         )
     # Integer codes stay integer codes unless floats are asked for or the weights are re-quantized (a
     # tensor-parallel rank keeps its share of them: _shard_codes).

@@ -30,6 +30,19 @@ def check_out_dir(out: Path, overwrite: bool, source: Path | None = None) -> Non
         raise CheckpointError(f"{out} already exists; pass --overwrite to replace it")
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out} exists and is not a directory")
+    check_writable(out)
+
+
+def check_writable(path: Path) -> None:
+    """Refuse, before any work, a ``path`` that cannot be created: an ancestor that is a file, or a
+    nearest existing directory this user may not write in (the work would be lost at the end)."""
+    parent = Path(os.path.abspath(path)).parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CheckpointError(f"cannot write {path}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CheckpointError(f"cannot write {path}: no permission to write in {parent}")
 
 
 @contextmanager

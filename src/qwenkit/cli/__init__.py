@@ -1,7 +1,7 @@
 """``qwenkit <command>``: dispatches lazily to one module per command, so ``--help`` is instant.
 
-Errors a user can cause (bad paths, bad values, models that do not fit) print one line and exit 2;
-Ctrl-C exits 130. Anything else is a bug and keeps its traceback.
+Errors a user can cause (bad paths, bad values, models that do not fit, a file that cannot be read or
+written) print one line and exit 2; Ctrl-C exits 130. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -144,6 +144,17 @@ def run_command(entry, argv: list[str]) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as e:  # a path that cannot be read or written, a full disk: the user's to mend
+        print(f"error: {os_error_line(e)}", file=sys.stderr)
+        return 2
+
+
+def os_error_line(e: OSError) -> str:
+    """``Permission denied: /data/out`` rather than ``[Errno 13] Permission denied: '/data/out'``."""
+    what = e.strerror or str(e)
+    if e.filename is not None and e.filename2 is not None:
+        return f"{what}: {e.filename} -> {e.filename2}"
+    return f"{what}: {e.filename}" if e.filename is not None else what
 
 
 if __name__ == "__main__":

@@ -12,8 +12,10 @@ qwenkit eval Qwen2.5-72B-Instruct --task mmlu --device cuda --tensor-parallel 4
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+from qwenkit.checkpoint.output_dir import check_writable
 from qwenkit.cli.common import (
     add_model_args,
     add_tensor_parallel_arg,
@@ -90,6 +92,11 @@ def main(argv: list[str]) -> int:
         print(format_results(results))
         return 0
     settings = _settings(args)
+    if args.output:  # before the model loads: a path that cannot hold the run
+        output = Path(args.output)
+        if output.exists() and not output.is_dir():
+            raise EvalUsageError(f"--output {output} is a file; give a directory")
+        check_writable(output)
     if not args.endpoint and wants_tensor_parallel(args):
         return run_tensor_parallel(args, rank_main)
     return _evaluate(args, settings)
@@ -122,6 +129,9 @@ def _settings(args: argparse.Namespace) -> Settings:
         raise EvalUsageError("passkey is synthetic (built from --lengths/--depths/--trials): drop --data")
     if args.task == "tooluse" and args.method == "loglik":
         raise EvalUsageError("tooluse is generation through the chat template: drop --method loglik")
+    for flag, value in (("--limit", args.limit), ("--batch-size", args.batch_size), ("--shots", args.shots)):
+        if value is not None and value < (0 if flag == "--shots" else 1):
+            raise EvalUsageError(f"{flag} must be at least {0 if flag == '--shots' else 1}, got {value}")
     method = args.method or ("loglik" if args.task in ("mmlu", "ceval") else "generate")
     if args.task in ("gsm8k", "humaneval", "passkey") and args.method is None:
         method = "loglik"  # base completion; --method generate for chat models

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+from pathlib import Path
 
+from qwenkit.checkpoint.output_dir import check_writable
 from qwenkit.cli.parser import CommandParser
+from qwenkit.errors import ConfigError
 from qwenkit.finetune.sensitive import filter_file, read_keywords
 
 
@@ -16,7 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", default="mask", choices=["mask", "drop"])
     parser.add_argument("--keywords", help="file of extra words to find, one per line")
     parser.add_argument("--report", help="also write the full report (every finding) as JSON here")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT (or report)")
     args = parser.parse_args(argv)
+    check_outputs(Path(args.data), [Path(p) for p in (args.out, args.report) if p], args.overwrite)
     report = filter_file(args.data, args.out, read_keywords(args.keywords), args.mode)
     for w in report.where:
         print(f"{w['where']} {w['field']} {w['kind']} [{w['start']}:{w['end']}]", file=sys.stderr)
@@ -25,3 +31,18 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.report, "w", encoding="utf-8") as f:
             json.dump(report.to_json(), f, indent=2, ensure_ascii=False)
     return 0
+
+
+def check_outputs(data: Path, outputs: list[Path], overwrite: bool) -> None:
+    """Before anything is read: OUT and the report must be new files (or --overwrite), writable, distinct,
+    and never the data itself (the findings would be lost with it)."""
+    if len(outputs) == 2 and os.path.abspath(outputs[0]) == os.path.abspath(outputs[1]):
+        raise ConfigError(f"OUT and --report are the same file {outputs[0]}; give the report its own name")
+    for out in outputs:
+        if data.exists() and out.exists() and out.samefile(data):
+            raise ConfigError(f"{out} is the input data; write the filtered data to another file")
+        if out.is_dir():
+            raise ConfigError(f"{out} is a directory; give a file name")
+        if out.exists() and not overwrite:
+            raise ConfigError(f"{out} already exists; pass --overwrite to replace it")
+        check_writable(out)

@@ -47,8 +47,9 @@ def run(
     p = plan(settings, backend.max_context() if settings.task == "passkey" else None)
     out = Path(output) if output else None
     rows: list[dict] = []
+    record = model_record or backend.describe()
     if out is not None:
-        rows = _resume(out, settings)
+        rows = _resume(out, settings, model_identity(record))
     done = {r["id"] for r in rows}
     todo = [i for i in p.items if item_id(i) not in done]
     chunk_size = max(settings.batch_size * 4, 16)
@@ -79,7 +80,7 @@ def run(
         "scores": p.aggregate(rows),
         "record": {
             **environment(),
-            **(model_record or backend.describe()),
+            **record,
             **p.record,
             "settings": asdict(settings),
             "batch_size": settings.batch_size,
@@ -95,24 +96,49 @@ def run(
     return results
 
 
-def _resume(out: Path, settings: Settings) -> list[dict]:
+# What names the model a run's samples came from: its files' hash and how it was loaded, or the endpoint.
+IDENTITY_KEYS = (
+    "model_files_sha256",
+    "dtype",
+    "quantization",
+    "adapter",
+    "chat_template_sha256",
+    "url",
+    "model",
+)
+
+
+def model_identity(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: record[k] for k in IDENTITY_KEYS if k in record}
+
+
+def _resume(out: Path, settings: Settings, identity: dict[str, Any]) -> list[dict]:
+    """The rows a run into ``out`` already holds, refusing one of other settings or another model (its
+    samples would be mixed into these results under this model's name). A settings file without samples
+    (a run refused or stopped before its first chunk) holds nothing to keep and is replaced."""
     out.mkdir(parents=True, exist_ok=True)
-    settings_path = out / SETTINGS
-    if settings_path.exists():
-        # settings added since the run was written take their defaults
-        defaults = Settings(task=settings.task).key()
+    settings_path, samples = out / SETTINGS, out / SAMPLES
+    wanted = {**settings.key(), "model": identity}
+    if settings_path.exists() and samples.exists() and samples.stat().st_size:
+        # settings added since the run was written take their defaults; a run written before the model
+        # was recorded is taken to be this model's
+        defaults = {**Settings(task=settings.task).key(), "model": identity}
         saved = {**defaults, **json.loads(settings_path.read_text())}
-        if saved != settings.key():
-            changed = sorted(
-                k for k in set(saved) | set(settings.key()) if saved.get(k) != settings.key().get(k)
-            )
+        if saved != wanted:
+            changed = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+            if changed == ["model"]:
+                fields = sorted(
+                    k for k in set(saved["model"]) | set(identity) if saved["model"].get(k) != identity.get(k)
+                )
+                raise EvalDataError(
+                    f"{out} holds a run of another model ({', '.join(fields)} differ); use another --output"
+                )
             raise EvalDataError(
                 f"{out} holds a run with other settings ({', '.join(changed)}); use another --output"
             )
     else:
-        write_json_atomic(settings_path, settings.key())
+        write_json_atomic(settings_path, wanted)
     rows = []
-    samples = out / SAMPLES
     if samples.exists():
         lines = samples.read_text(encoding="utf-8").splitlines()
         for n, line in enumerate(lines):

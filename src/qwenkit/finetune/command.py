@@ -113,6 +113,42 @@ def train_args(args: argparse.Namespace):
     )
 
 
+def check_numbers(args: argparse.Namespace) -> None:
+    """Refuse training settings no run can use, before anything loads (torch's optimizer raised a
+    traceback for a negative rate; --epochs 0 wrote an untrained adapter; --max-steps 0 meant no limit)."""
+    import math
+
+    at_least_one = {
+        "--epochs": args.epochs,
+        "--max-steps": args.max_steps,
+        "--batch-size": args.batch_size,
+        "--grad-accum": args.grad_accum,
+        "--lora-r": args.lora_r,
+        "--lora-layers": args.lora_layers,
+    }
+    for flag, value in at_least_one.items():
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be at least 1, got {value}")
+    if args.max_len < 2:
+        raise ConfigError(f"--max-len must be at least 2 (a token and the next), got {args.max_len}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise ConfigError(f"--lr must be a positive number, got {args.lr}")
+    if not 0 <= args.warmup_ratio < 1:
+        raise ConfigError(f"--warmup-ratio must be in [0, 1), got {args.warmup_ratio}")
+    if args.lora_dropout is not None and not 0 <= args.lora_dropout < 1:
+        raise ConfigError(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
+    for flag, value in (
+        ("--weight-decay", args.weight_decay),
+        ("--max-grad-norm", args.max_grad_norm),
+        ("--eval-every", args.eval_every),
+        ("--save-every", args.save_every),
+    ):
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"{flag} must be 0 or more, got {value}")
+    if not (math.isfinite(args.lora_alpha) and args.lora_alpha > 0):
+        raise ConfigError(f"--lora-alpha must be a positive number, got {args.lora_alpha}")
+
+
 def check_inputs(args: argparse.Namespace) -> None:
     """Refuse, once and before any process starts, input files every rank would refuse alike."""
     if not Path(args.model).exists():
@@ -126,6 +162,7 @@ def launch_ranks(module: str, argv: list[str], args: argparse.Namespace) -> int 
     """In the launching process of a run over several processes: refuse a bad split or missing input once,
     then run ``module`` on every rank and return the exit status. None where this process trains itself
     (one process, or a rank torchrun started)."""
+    check_numbers(args)
     if "WORLD_SIZE" in os.environ:
         return None
     if args.tensor_parallel != 1:

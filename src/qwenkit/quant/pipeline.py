@@ -182,11 +182,16 @@ def quantize_checkpoint(
     config = ModelConfig.from_hf(source.hf_config)
     if config.quantization:
         raise QuantizationError(f"{src} is already quantized ({config.quantization.get('quant_method')})")
+    if config.family == "qwen":  # the tensors come out in qwen2 names, which v1's config and code do not read
+        raise QuantizationError(
+            f"{src} is a Qwen v1 checkpoint: convert it to the Qwen1.5 layout first "
+            f"(qwenkit convert {src} OUT), then quantize OUT"
+        )
     widths = _linear_widths(config)
     group = choose_group_size(widths, group_size, partial_groups)
-    for text in (group.note(), per_row_int4_note(widths) if bits == 4 and group_size == -1 else None):
-        if text:
-            note(text)
+    for message in (group.note(), per_row_int4_note(widths) if bits == 4 and group_size == -1 else None):
+        if message:  # not `text`: that is the calibration text (once reused here, --calib was ignored)
+            note(message)
     qconfig = GPTQConfig(
         bits=bits, group_size=group.group_size, act_order=act_order, sym=sym, damp_percent=damp_percent
     )
