@@ -35,6 +35,23 @@ def default_model_path() -> Path:
 BUNDLED_SAMPLING: dict[str, object] = {"temperature": 0.2, "top_p": 0.9, "max_tokens": 512}
 
 
+# Chat defaults for models that ship no generation_config.json: moderate sampling, as Qwen's chat models
+# use (their exact published values vary by release).
+FALLBACK_SAMPLING: dict[str, object] = {
+    "temperature": 0.7,
+    "top_p": 0.8,
+    "top_k": 20,
+    "repetition_penalty": 1.05,
+    "max_tokens": 512,
+}
+
+
+def sampling_without_config(path: Path) -> dict[str, object]:
+    """The sampling a model file with no generation_config.json (a GGUF) runs with: the bundled model's
+    publisher's settings, else FALLBACK_SAMPLING."""
+    return bundled_sampling(path) or dict(FALLBACK_SAMPLING)
+
+
 def bundled_sampling(path: Path) -> dict[str, object] | None:
     """The recommended sampling settings if ``path`` is the bundled model, else None."""
     if path.name != FILENAME:

@@ -20,6 +20,7 @@ from qwenkit.checkpoint import load_model, open_checkpoint
 from qwenkit.checkpoint.gguf import GGUFCheckpoint
 from qwenkit.checkpoint.loader import CheckpointSource
 from qwenkit.config import ModelConfig
+from qwenkit.default_model import FALLBACK_SAMPLING
 from qwenkit.distributed import TensorParallel, local_config
 from qwenkit.engine import Engine, FinishReason, SamplingParams, StepOutput, TokenLogprob
 from qwenkit.engine.driver import EngineDriver, RequestStream
@@ -29,15 +30,6 @@ from qwenkit.model import Transformer
 from qwenkit.model.moe import RouterStats, count_routed_tokens
 from qwenkit.tokenizer import HFTokenizer, StreamingDetokenizer, Tokenizer, load_tokenizer
 
-# Chat defaults for models that ship no generation_config.json: moderate sampling, as Qwen's chat models
-# use (their exact published values vary by release).
-FALLBACK_SAMPLING: dict[str, object] = {
-    "temperature": 0.7,
-    "top_p": 0.8,
-    "top_k": 20,
-    "repetition_penalty": 1.05,
-    "max_tokens": 512,
-}
 # What transformers assumes for anything a generation_config.json leaves out (do_sample False: greedy).
 TRANSFORMERS_DEFAULTS: dict[str, object] = {
     "temperature": 1.0,

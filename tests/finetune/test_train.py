@@ -79,7 +79,9 @@ def chat_data(path, n=12, start=0):
     return path
 
 
-def test_resume_reaches_the_same_adapter_as_an_uninterrupted_run(tiny_chat_model, tmp_path, monkeypatch):
+def test_resume_reaches_the_same_adapter_as_an_uninterrupted_run(
+    tiny_chat_model, tmp_path, monkeypatch, capsys
+):
     data = chat_data(tmp_path / "d.jsonl")
     args = TrainArgs(
         max_steps=6,
@@ -105,13 +107,19 @@ def test_resume_reaches_the_same_adapter_as_an_uninterrupted_run(tiny_chat_model
 
     monkeypatch.setattr(Trainer, "train_step", crash_at_5)
     out = tmp_path / "resumed"
+    capsys.readouterr()
     with pytest.raises(KeyboardInterrupt):
         finetune(tiny_chat_model, data, out, args)
     assert not out.exists()  # nothing half-written in OUT
     assert sorted(p.name for p in (work_dir(out) / "checkpoints").iterdir()) == ["step-2", "step-4"]
+    step4 = work_dir(out) / "checkpoints" / "step-4"
+    assert f"interrupted at step 4; --resume continues from {step4}\n" in capsys.readouterr().err
     with pytest.raises(QwenkitError, match="pass --resume"):
         finetune(tiny_chat_model, data, out, args)
     monkeypatch.setattr(Trainer, "train_step", real_step)
+    other = chat_data(tmp_path / "other.jsonl", n=4)  # other examples: not the same batches
+    with pytest.raises(QwenkitError, match="the training examples differ from those of the run in"):
+        finetune(tiny_chat_model, other, out, args, resume=True)
     finetune(tiny_chat_model, data, out, args, resume=True)
 
     from safetensors.torch import load_file

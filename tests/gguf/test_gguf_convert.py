@@ -40,7 +40,24 @@ def test_gguf_convert_smollm2_files(smollm_hf_dir, smollm, hf_smollm_tokenizer) 
     config = json.loads((smollm_hf_dir / "config.json").read_text())
     assert config == {**smollm.hf_config, "torch_dtype": "float32"}
     generation = json.loads((smollm_hf_dir / "generation_config.json").read_text())
-    assert generation == {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
+    # the ids, and the sampling the file runs with (the bundled model's publisher's): without do_sample the
+    # directory would decode greedily where the file sampled
+    assert generation == {
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 2,
+        "do_sample": True,
+        "top_k": 0,
+        "temperature": 0.2,
+        "top_p": 0.9,
+        "max_new_tokens": 512,
+    }
+    sampled = transformers.GenerationConfig.from_pretrained(smollm_hf_dir)
+    assert (sampled.do_sample, sampled.temperature, sampled.top_p, sampled.top_k) == (True, 0.2, 0.9, 0)
+    from qwenkit.generate import LLM
+
+    params = LLM.load(smollm_hf_dir, dtype="float32").default_params()
+    assert (params.temperature, params.top_p, params.top_k, params.max_tokens) == (0.2, 0.9, 0, 512)
 
     tok = transformers.AutoTokenizer.from_pretrained(smollm_hf_dir)
     assert tok.chat_template == hf_smollm_tokenizer.chat_template

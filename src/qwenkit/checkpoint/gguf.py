@@ -207,6 +207,22 @@ class GGUFCheckpoint:
         }
 
 
+def generation_config_to_save(ckpt: GGUFCheckpoint) -> dict[str, Any]:
+    """generation_config.json for a directory made from a GGUF file: its special ids and the sampling the
+    file runs with (it carries none; a config without ``do_sample`` would make the directory decode
+    greedily, as transformers reads it, where the file sampled)."""
+    from qwenkit.default_model import sampling_without_config
+
+    sampling = sampling_without_config(ckpt.path)
+    out: dict[str, Any] = {**ckpt.generation_config, "do_sample": True, "top_k": 0}  # 0: off, as unset here
+    for key in ("temperature", "top_p", "top_k", "repetition_penalty"):
+        if key in sampling:
+            out[key] = sampling[key]
+    if "max_tokens" in sampling:
+        out["max_new_tokens"] = sampling["max_tokens"]
+    return out
+
+
 def read_gguf(path: str | Path) -> GGUFCheckpoint:
     """Open a GGUF file and check it can be read: magic, completeness, architecture, tensor types.
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from qwenkit.checkpoint.gguf import read_gguf
+from qwenkit.checkpoint.gguf import generation_config_to_save, read_gguf
 from qwenkit.checkpoint.output_dir import atomic_output_dir, check_out_dir, write_json
 from qwenkit.checkpoint.saver import save_sharded
 from qwenkit.errors import CheckpointError
@@ -44,7 +44,7 @@ def convert_gguf_to_hf(
             ckpt.tensors(), tmp, shard_bytes=shard_bytes, metadata={"source": "gguf"}, dtype=torch_dtype
         )
         write_json(tmp / "config.json", config)
-        write_json(tmp / "generation_config.json", ckpt.generation_config)
+        write_json(tmp / "generation_config.json", generation_config_to_save(ckpt))
         if "tokenizer.ggml.model" in ckpt.metadata:
             ckpt.tokenizer.save(str(tmp / "tokenizer.json"))
             write_json(tmp / "tokenizer_config.json", ckpt.tokenizer_config)

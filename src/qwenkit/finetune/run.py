@@ -116,6 +116,18 @@ def prepare_model(model_path: str | Path, args: TrainArgs, world: World, batch_t
         model_path, dtype, args.device, progress=world.is_main and args.progress, dequantize=True
     )
     quant_bits = None
+    if config.quantization and args.method != "full" and world.is_main:  # say what a quantized base means
+        q = config.quantization
+        ignored = (
+            "; --qlora-bits does not apply"
+            if args.method == "qlora" and q.get("bits") != args.qlora_bits
+            else ""
+        )
+        print(
+            f"note: {model_path} is already quantized ({q.get('bits')}-bit {q.get('quant_method')}): the "
+            f"adapters train over its own integer weights (QLoRA){ignored}",
+            file=sys.stderr,
+        )
     if args.method == "qlora" and not config.quantization:
         from qwenkit.quant import quantize_model_rtn
 
@@ -178,7 +190,13 @@ def _state_dict_options(world: World):
 
 
 def save_checkpoint(
-    path: Path, trainer: Trainer, prep: Prepared, history: list[dict], args: TrainArgs, world: World
+    path: Path,
+    trainer: Trainer,
+    prep: Prepared,
+    history: list[dict],
+    args: TrainArgs,
+    world: World,
+    data_id: str = "",
 ) -> None:
     """Trainable weights, optimizer, scheduler, step and log, gathered whole (any process count resumes)."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -194,6 +212,7 @@ def save_checkpoint(
             "step": trainer.step,
             "history": history,
             "args": args.to_json(),
+            "data": data_id,
         }
         with atomic_output_dir(path, overwrite=True) as tmp:
             torch.save(state, tmp / STATE_FILE)
@@ -213,7 +232,9 @@ def latest_checkpoint(work: Path) -> Path:
     return steps[-1][1]
 
 
-def load_checkpoint(path: Path, trainer: Trainer, prep: Prepared, args: TrainArgs) -> list[dict]:
+def load_checkpoint(
+    path: Path, trainer: Trainer, prep: Prepared, args: TrainArgs, data_id: str = ""
+) -> list[dict]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
@@ -221,6 +242,11 @@ def load_checkpoint(path: Path, trainer: Trainer, prep: Prepared, args: TrainArg
     for key in TrainArgs.RESUME_KEYS:
         if saved.get(key) != now.get(key):
             raise ConfigError(f"--resume: {key} was {saved.get(key)!r} in {path}, now {now.get(key)!r}")
+    if state.get("data") and data_id and state["data"] != data_id:  # older checkpoints have none
+        raise ConfigError(
+            f"--resume: the training examples differ from those of the run in {path} (another data file, "
+            "filter or --max-len), so it would not see the same batches; train into a new OUT"
+        )
     set_state_dict(
         prep.model,
         trainer.optimizer,
@@ -250,6 +276,20 @@ def load_examples(
         examples = pack(examples, args.max_len)
         stats.packed_rows = len(examples)
     return examples, stats
+
+
+def examples_fingerprint(examples: Sequence[Any]) -> str:
+    """A hash of the token ids of every example, in order: what a resumed run must see again."""
+    import hashlib
+    from array import array
+
+    digest = hashlib.sha256()
+    for e in examples:
+        parts = (e.ids,) if hasattr(e, "ids") else (e.chosen_ids, e.rejected_ids)
+        for ids in parts:
+            digest.update(array("q", ids).tobytes())
+            digest.update(b"|")
+    return digest.hexdigest()
 
 
 def finetune(
@@ -287,16 +327,22 @@ def finetune(
         )
         trainer.before_training(eval_examples)
         history: list[dict] = []
+        data_id = examples_fingerprint(examples)
         if resume:
             ckpt = latest_checkpoint(work)
-            history = load_checkpoint(ckpt, trainer, prep, args)
+            history = load_checkpoint(ckpt, trainer, prep, args, data_id)
             if world.is_main:
                 print(f"resuming from {ckpt} (step {trainer.step})", file=sys.stderr)
         if world.is_main:
             (work / "checkpoints").mkdir(parents=True, exist_ok=True)
             summary = stats.summary() if hasattr(stats, "summary") else json.dumps(stats)
             print(f"data: {summary}", file=sys.stderr)
-        _loop(trainer, prep, args, world, work, history, eval_examples)
+        try:
+            _loop(trainer, prep, args, world, work, history, eval_examples, data_id)
+        except KeyboardInterrupt:
+            if world.is_main:
+                print(f"\n{_interrupted(work, trainer.step)}", file=sys.stderr)
+            raise
         _finish(model_path, out, overwrite, trainer, prep, args, world, history, stats, tokenizer)
     finally:
         close_world(world)
@@ -307,7 +353,15 @@ def _length(e: Any) -> int:
     return len(e.ids) if hasattr(e, "ids") else max(len(e.chosen_ids), len(e.rejected_ids))
 
 
-def _loop(trainer, prep, args, world, work, history, eval_examples) -> None:
+def _interrupted(work: Path, step: int) -> str:
+    """What Ctrl-C leaves: the step, and whether --resume has a checkpoint to continue from."""
+    try:
+        return f"interrupted at step {step}; --resume continues from {latest_checkpoint(work)}"
+    except CheckpointError:
+        return f"interrupted at step {step}; no checkpoint was saved (--save-every N keeps them for --resume)"
+
+
+def _loop(trainer, prep, args, world, work, history, eval_examples, data_id: str = "") -> None:
     if eval_examples and trainer.step == 0 and not any("eval_loss" in h for h in history):
         _log(
             history,
@@ -345,7 +399,13 @@ def _loop(trainer, prep, args, world, work, history, eval_examples) -> None:
             bar.update(1)
             if args.save_every and trainer.step % args.save_every == 0 and not last:
                 save_checkpoint(
-                    work / "checkpoints" / f"step-{trainer.step}", trainer, prep, history, args, world
+                    work / "checkpoints" / f"step-{trainer.step}",
+                    trainer,
+                    prep,
+                    history,
+                    args,
+                    world,
+                    data_id,
                 )
 
 

@@ -260,13 +260,13 @@ def _round_floats(model: nn.Module, dtype: torch.dtype) -> None:
 
 def _write_side_files(source, out: Path) -> None:
     """Tokenizer, generation config and license: copied from a directory, generated from a GGUF."""
-    from qwenkit.checkpoint.gguf import GGUFCheckpoint
+    from qwenkit.checkpoint.gguf import GGUFCheckpoint, generation_config_to_save
 
     if isinstance(source, GGUFCheckpoint):
         if "tokenizer.ggml.model" in source.metadata:
             source.tokenizer.save(str(out / "tokenizer.json"))
             write_json(out / "tokenizer_config.json", source.tokenizer_config)
-        write_json(out / "generation_config.json", source.generation_config)
+        write_json(out / "generation_config.json", generation_config_to_save(source))
         return
     for name in SIDE_FILES:
         f = source.path / name
