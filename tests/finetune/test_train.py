@@ -205,3 +205,26 @@ def test_qlora_and_filter_through_the_command(tiny_chat_model, tmp_path, capsys)
     model, _ = load_model(tiny_chat_model, "float32", progress=False, adapter=out)
     assert len(served_projections(model)) == 7  # one decoder layer, seven projections
     assert any(float(m.pairs()[1].abs().sum()) > 0 for m in served_projections(model).values())
+
+
+def test_only_the_newest_checkpoints_are_kept(tiny_chat_model, tmp_path, monkeypatch):
+    """--save-every 1 over a long run once left one directory a step; the newest --keep-checkpoints stay
+    (--resume takes the newest), 0 keeps every one."""
+    data = chat_data(tmp_path / "d.jsonl", n=4)
+    real_step = Trainer.train_step
+
+    def crash_at_5(self):
+        if self.step == 5:
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", crash_at_5)
+    for keep, expected in ((2, ["step-4", "step-5"]), (0, [f"step-{i}" for i in range(1, 6)])):
+        out = tmp_path / f"keep{keep}"
+        args = TrainArgs(
+            max_steps=8, batch_size=2, lr=1e-3, save_every=1, keep_checkpoints=keep, progress=False
+        )
+        with pytest.raises(KeyboardInterrupt):
+            finetune(tiny_chat_model, data, out, args)
+        names = sorted((work_dir(out) / "checkpoints").iterdir(), key=lambda p: int(p.name[5:]))
+        assert [p.name for p in names] == expected

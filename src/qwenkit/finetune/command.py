@@ -54,6 +54,13 @@ def add_training_args(parser: argparse.ArgumentParser, lr: float = 2e-4) -> None
     parser.add_argument("--eval-data", help="held-out data; its loss is logged")
     parser.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps")
     parser.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (for --resume)")
+    parser.add_argument(
+        "--keep-checkpoints",
+        type=int,
+        default=3,
+        metavar="N",
+        help="keep the newest N checkpoints, deleting older ones (default 3; 0 keeps all)",
+    )
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT when done")
     parser.add_argument("--seed", type=int, default=0)
@@ -94,6 +101,7 @@ def train_args(args: argparse.Namespace):
         max_grad_norm=args.max_grad_norm,
         gradient_checkpointing=args.gradient_checkpointing,
         save_every=args.save_every,
+        keep_checkpoints=args.keep_checkpoints,
         eval_every=args.eval_every,
         seed=args.seed,
         dtype=args.dtype,
@@ -142,6 +150,7 @@ def check_numbers(args: argparse.Namespace) -> None:
         ("--max-grad-norm", args.max_grad_norm),
         ("--eval-every", args.eval_every),
         ("--save-every", args.save_every),
+        ("--keep-checkpoints", args.keep_checkpoints),
     ):
         if not (math.isfinite(value) and value >= 0):
             raise ConfigError(f"{flag} must be 0 or more, got {value}")

@@ -232,6 +232,17 @@ def latest_checkpoint(work: Path) -> Path:
     return steps[-1][1]
 
 
+def prune_checkpoints(work: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` complete checkpoints (--resume takes the newest)."""
+    steps = sorted(
+        (int(p.name.removeprefix("step-")), p)
+        for p in (work / "checkpoints").glob("step-*")
+        if (p / STATE_FILE).is_file()
+    )
+    for _, path in steps[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def load_checkpoint(
     path: Path, trainer: Trainer, prep: Prepared, args: TrainArgs, data_id: str = ""
 ) -> list[dict]:
@@ -335,7 +346,11 @@ def finetune(
                 print(f"resuming from {ckpt} (step {trainer.step})", file=sys.stderr)
         if world.is_main:
             (work / "checkpoints").mkdir(parents=True, exist_ok=True)
-            summary = stats.summary() if hasattr(stats, "summary") else json.dumps(stats)
+            summary = (
+                stats.summary()
+                if hasattr(stats, "summary")
+                else ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in stats.items())  # "4 pairs, 0 dropped"
+            )
             print(f"data: {summary}", file=sys.stderr)
         try:
             _loop(trainer, prep, args, world, work, history, eval_examples, data_id)
@@ -407,6 +422,8 @@ def _loop(trainer, prep, args, world, work, history, eval_examples, data_id: str
                     world,
                     data_id,
                 )
+                if world.is_main and args.keep_checkpoints:
+                    prune_checkpoints(work, args.keep_checkpoints)
 
 
 def _log(history: list[dict], world: World, work: Path, record: dict) -> None:

@@ -49,6 +49,7 @@ class TrainArgs:
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = False
     save_every: int = 0
+    keep_checkpoints: int = 3  # the newest N of OUT.training/checkpoints; 0 keeps every one
     eval_every: int = 0
     seed: int = 0
     dtype: str = "float32"
