@@ -22,7 +22,7 @@ def test_cli_converts_and_verifies(tmp_path, capsys):
     assert lines[0].startswith(
         f"wrote {out} (Qwen1.5 / qwen2 layout): 27 tensors, 0.00 GB in 4 shard(s), float32"
     )
-    assert "files: config.json, generation_config.json, LICENSE, NOTICE" in captured.out
+    assert "other files: config.json, generation_config.json, LICENSE, NOTICE" in captured.out
     assert (
         "note: the source uses dynamic NTK RoPE and LogN attention scaling, which Qwen2 does not have"
         in captured.out

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         f"wrote {result.out_dir} (Qwen1.5 / qwen2 layout): {result.tensors} tensors, "
         f"{result.bytes_written / 1e9:.2f} GB in {result.shards} shard(s), {result.torch_dtype}"
     )
-    print(f"  files: {', '.join(result.files)}")
+    print(f"  other files: {', '.join(result.files)}")
     if result.dropped_zero_biases:
         print(
             f"  dropped {result.dropped_zero_biases} all-zero GPTQ bias tensor(s) "
