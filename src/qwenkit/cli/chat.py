@@ -21,7 +21,7 @@ from qwenkit.cli.common import (
     sampling_overrides,
     wants_tensor_parallel,
 )
-from qwenkit.cli.parser import CommandParser
+from qwenkit.command_parser import CommandParser
 from qwenkit.engine import SamplingParams, SamplingParamsError
 
 HELP = """commands:

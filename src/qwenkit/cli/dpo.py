@@ -6,7 +6,7 @@ import functools
 import os
 import sys
 
-from qwenkit.cli.parser import CommandParser
+from qwenkit.command_parser import CommandParser
 from qwenkit.errors import ConfigError
 from qwenkit.finetune.command import add_training_args, launch_ranks, train_args
 from qwenkit.finetune.dpo import LOSS_TYPES, check_loss

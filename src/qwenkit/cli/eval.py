@@ -24,7 +24,7 @@ from qwenkit.cli.common import (
     run_tensor_parallel,
     wants_tensor_parallel,
 )
-from qwenkit.cli.parser import CommandParser
+from qwenkit.command_parser import CommandParser
 from qwenkit.errors import QwenkitError
 
 if TYPE_CHECKING:

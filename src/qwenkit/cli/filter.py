@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from qwenkit.checkpoint.output_dir import check_writable
-from qwenkit.cli.parser import CommandParser
+from qwenkit.command_parser import CommandParser
 from qwenkit.errors import ConfigError
 from qwenkit.finetune.sensitive import filter_file, read_keywords
 

@@ -6,7 +6,7 @@ import torch
 
 from qwenkit.checkpoint import open_checkpoint
 from qwenkit.cli.common import resolve_model
-from qwenkit.cli.parser import CommandParser
+from qwenkit.command_parser import CommandParser
 from qwenkit.config import ModelConfig
 from qwenkit.distributed import local_config
 from qwenkit.license import find_license

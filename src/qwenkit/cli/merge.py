@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from qwenkit.cli.parser import CommandParser
+from qwenkit.command_parser import CommandParser
 from qwenkit.finetune.merge import merge
 
 

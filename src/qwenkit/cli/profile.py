@@ -14,7 +14,7 @@ import argparse
 import json
 from dataclasses import asdict
 
-from qwenkit.cli.parser import CommandParser
+from qwenkit.command_parser import CommandParser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from qwenkit.cli.parser import CommandParser
+from qwenkit.command_parser import CommandParser
 from qwenkit.quant.group_size import READER_GROUP_SIZES
 from qwenkit.quant.pipeline import DEFAULT_CALIB_SAMPLES, DEFAULT_SEQ_LEN
 

@@ -27,7 +27,7 @@ from qwenkit.cli.common import (
     resolve_model,
     wants_tensor_parallel,
 )
-from qwenkit.cli.parser import CommandParser
+from qwenkit.command_parser import CommandParser
 from qwenkit.errors import ConfigError
 
 _UNITS = {

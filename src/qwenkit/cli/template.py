@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from qwenkit.cli.parser import CommandParser
+from qwenkit.command_parser import CommandParser
 from qwenkit.errors import QwenkitError
 from qwenkit.tools.calls import offered_functions
 from qwenkit.tools.template_style import template_style

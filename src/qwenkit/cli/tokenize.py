@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import sys
 
-from qwenkit.cli.parser import CommandParser
+from qwenkit.command_parser import CommandParser
 from qwenkit.errors import QwenkitError
 
 

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from qwenkit.cli.parser import CommandParser
+from qwenkit.command_parser import CommandParser
 from qwenkit.errors import ConfigError
 
 

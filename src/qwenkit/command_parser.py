@@ -2,6 +2,7 @@
 
 argparse's own error prints the whole usage block first (13-19 lines for `chat` and `serve`) and then
 ``prog: error: ...``; the README promises one line, the same shape as the errors the commands raise.
+Beside cli/ rather than in it: finetune's command lives in finetune/, which may not import cli/.
 """
 
 from __future__ import annotations
