@@ -129,9 +129,13 @@ def _settings(args: argparse.Namespace) -> Settings:
         raise EvalUsageError("passkey is synthetic (built from --lengths/--depths/--trials): drop --data")
     if args.task == "tooluse" and args.method == "loglik":
         raise EvalUsageError("tooluse is generation through the chat template: drop --method loglik")
-    for flag, value in (("--limit", args.limit), ("--batch-size", args.batch_size), ("--shots", args.shots)):
-        if value is not None and value < (0 if flag == "--shots" else 1):
-            raise EvalUsageError(f"{flag} must be at least {0 if flag == '--shots' else 1}, got {value}")
+    for flag, value, least in (
+        ("--limit", args.limit, 1),
+        ("--batch-size", args.batch_size, 1),
+        ("--shots", args.shots, 0),
+    ):
+        if value is not None and value < least:
+            raise EvalUsageError(f"{flag} must be at least {least}, got {value}")
     method = args.method or ("loglik" if args.task in ("mmlu", "ceval") else "generate")
     if args.task in ("gsm8k", "humaneval", "passkey") and args.method is None:
         method = "loglik"  # base completion; --method generate for chat models
