@@ -221,25 +221,26 @@ def save_checkpoint(
     world.barrier()
 
 
-def latest_checkpoint(work: Path) -> Path:
+def _checkpoints(work: Path) -> list[Path]:
+    """The complete checkpoints in ``work``, oldest first."""
     steps = sorted(
         (int(p.name.removeprefix("step-")), p)
         for p in (work / "checkpoints").glob("step-*")
         if (p / STATE_FILE).is_file()
     )
-    if not steps:
+    return [p for _, p in steps]
+
+
+def latest_checkpoint(work: Path) -> Path:
+    found = _checkpoints(work)
+    if not found:
         raise CheckpointError(f"--resume: no checkpoint in {work / 'checkpoints'}")
-    return steps[-1][1]
+    return found[-1]
 
 
 def prune_checkpoints(work: Path, keep: int) -> None:
     """Delete all but the newest ``keep`` complete checkpoints (--resume takes the newest)."""
-    steps = sorted(
-        (int(p.name.removeprefix("step-")), p)
-        for p in (work / "checkpoints").glob("step-*")
-        if (p / STATE_FILE).is_file()
-    )
-    for _, path in steps[:-keep]:
+    for path in _checkpoints(work)[:-keep]:
         shutil.rmtree(path, ignore_errors=True)
 
 
