@@ -11,6 +11,8 @@ def test_tokenize_and_template_read_the_gguf_tokenizer(smollm_path, hf_smollm_to
     assert main(["tokenize", str(smollm_path), "Hello world, 12345!", "--json"]) == 0
     ids = json.loads(capsys.readouterr().out)
     assert ids == hf_smollm_tokenizer.encode("Hello world, 12345!", add_special_tokens=False)
+    assert main(["tokenize", "Hello world, 12345!", "--json"]) == 0  # no model: the bundled one, as chat
+    assert json.loads(capsys.readouterr().out) == ids
     messages = [{"role": "user", "content": "Hi"}]
     (tmp_path / "m.json").write_text(json.dumps(messages))
     assert main(["template", str(smollm_path), str(tmp_path / "m.json")]) == 0

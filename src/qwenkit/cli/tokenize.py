@@ -1,4 +1,4 @@
-"""`qwenkit tokenize MODEL_DIR TEXT`: show the ids and pieces a model's tokenizer gives for a text, and the
+"""`qwenkit tokenize [MODEL_DIR] TEXT`: show the ids and pieces a model's tokenizer gives for a text, and the
 text each token stands for (byte-level pieces such as `Ġthe` or `ä¸` are not what a reader expects)."""
 
 from __future__ import annotations
@@ -13,7 +13,11 @@ from qwenkit.errors import QwenkitError
 def main(argv: list[str] | None = None) -> int:
     """Print `id<TAB>piece<TAB>"text"` a token (or the count, or a JSON id list); errors: one line, exit 2."""
     parser = CommandParser(prog="qwenkit tokenize", description=__doc__)
-    parser.add_argument("model_dir", help="model directory (tokenizer.json or qwen.tiktoken) or .gguf file")
+    parser.add_argument(
+        "model_dir",
+        nargs="?",
+        help="model directory (tokenizer.json or qwen.tiktoken) or .gguf file (default: the bundled model)",
+    )
     parser.add_argument("text", help="text to tokenize; '-' reads standard input")
     parser.add_argument("--count", action="store_true", help="print only the number of tokens")
     parser.add_argument("--json", action="store_true", help="print the ids as a JSON list")
@@ -22,11 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
+    from qwenkit.cli.common import resolve_model
     from qwenkit.generate import tokenizer_for
 
     try:
         text = sys.stdin.read() if args.text == "-" else args.text
-        tokenizer = tokenizer_for(args.model_dir)
+        tokenizer = tokenizer_for(resolve_model(args.model_dir))
         ids = tokenizer.encode(text, allow_special=args.allow_special)
     except (QwenkitError, OSError, UnicodeDecodeError) as e:
         print(f"error: {e}", file=sys.stderr)
