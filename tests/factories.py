@@ -197,3 +197,19 @@ def write_lora_adapter(
     out.mkdir()
     save_adapter(model, out, config, str(model_dir))
     return out
+
+
+def interrupt_training_after(monkeypatch, steps: int):
+    """Make a training run raise KeyboardInterrupt (as Ctrl-C) once ``steps`` optimizer steps are done;
+    returns the real ``Trainer.train_step`` to put back."""
+    from qwenkit.finetune.trainer import Trainer
+
+    real_step = Trainer.train_step
+
+    def interrupted(self):
+        if self.step == steps:
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", interrupted)
+    return real_step

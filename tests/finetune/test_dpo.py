@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from factories import interrupt_training_after
 
 from qwenkit.checkpoint import load_model
 from qwenkit.cli import main as cli_main
@@ -105,6 +106,7 @@ def test_dpo_loss_and_rewards_equal_reference(loss_type, eps, tiny_chat_model, t
     assert pairs[0].chosen.targets == len(tok.encode("Gladly: 0 is fine.")) + 1
 
     model, _ = load_model(tiny_chat_model, "float32", progress=False)
+    torch.manual_seed(0)  # lora_A's init: the same whichever tests ran before in this process
     apply_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.0))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -366,14 +368,7 @@ def test_full_dpo_command_trains_resumes_and_writes_a_whole_model(tiny_chat_mode
     opts += ["--loss-type", "ipo", "--beta", "0.5", "--save-every", "2", "--no-progress"]
     assert cli_main(["dpo", *argv, str(tmp_path / "whole"), *opts]) == 0
 
-    real_step = Trainer.train_step
-
-    def crash_at_3(self):
-        if self.step == 2:
-            raise KeyboardInterrupt
-        return real_step(self)
-
-    monkeypatch.setattr(Trainer, "train_step", crash_at_3)
+    real_step = interrupt_training_after(monkeypatch, 2)
     assert cli_main(["dpo", *argv, str(tmp_path / "resumed"), *opts]) == 130  # as Ctrl-C ends it
     assert not (tmp_path / "resumed").exists()
     assert (work_dir(tmp_path / "resumed") / "checkpoints" / "step-2").is_dir()

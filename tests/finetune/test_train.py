@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from factories import hf_model, save_hf
+from factories import hf_model, interrupt_training_after, save_hf
 
 from qwenkit.checkpoint import load_model
 from qwenkit.errors import OutOfMemoryError, QwenkitError
@@ -98,14 +98,7 @@ def test_resume_reaches_the_same_adapter_as_an_uninterrupted_run(
     full = finetune(tiny_chat_model, data, tmp_path / "full", args)
     assert not work_dir(full).exists()
 
-    real_step = Trainer.train_step
-
-    def crash_at_5(self):
-        if self.step == 4:
-            raise KeyboardInterrupt
-        return real_step(self)
-
-    monkeypatch.setattr(Trainer, "train_step", crash_at_5)
+    real_step = interrupt_training_after(monkeypatch, 4)
     out = tmp_path / "resumed"
     capsys.readouterr()
     with pytest.raises(KeyboardInterrupt):
@@ -211,14 +204,7 @@ def test_only_the_newest_checkpoints_are_kept(tiny_chat_model, tmp_path, monkeyp
     """--save-every 1 over a long run once left one directory a step; the newest --keep-checkpoints stay
     (--resume takes the newest), 0 keeps every one."""
     data = chat_data(tmp_path / "d.jsonl", n=4)
-    real_step = Trainer.train_step
-
-    def crash_at_5(self):
-        if self.step == 5:
-            raise KeyboardInterrupt
-        return real_step(self)
-
-    monkeypatch.setattr(Trainer, "train_step", crash_at_5)
+    interrupt_training_after(monkeypatch, 5)
     for keep, expected in ((2, ["step-4", "step-5"]), (0, [f"step-{i}" for i in range(1, 6)])):
         out = tmp_path / f"keep{keep}"
         args = TrainArgs(
