@@ -102,3 +102,14 @@ def test_cli_dispatches_gguf_to_the_gguf_converter(tmp_path, capsys, monkeypatch
     assert main([str(gguf), str(tmp_path / "hf"), "--to", "hf", "--dtype", "bfloat16"]) == 0
     assert calls[-1][2] == "bfloat16"
     assert "(Hugging Face layout)" in capsys.readouterr().out
+
+
+def test_cli_refuses_an_output_on_a_filesystem_of_no_size(tmp_path, capsys):
+    """/proc reports 0 bytes in all: refused before any work, not after as a "disk full" at 0.00 GB."""
+    src = write_source(tmp_path / "src", shards=1)
+    out = "/proc/qwenkit-never/out"
+    assert qwenkit.cli.main(["convert", str(src), out, "--no-progress"]) == 2
+    assert (
+        capsys.readouterr().err
+        == f"error: cannot write {out}: /proc is on a filesystem that holds no files\n"
+    )

@@ -147,7 +147,9 @@ def test_disk_full_with_overwrite_keeps_the_old_output(tmp_path, monkeypatch):
 
 def test_not_enough_free_space_is_refused_before_writing(tmp_path, monkeypatch):
     src = write_source(tmp_path / "src", shards=1)
-    monkeypatch.setattr(v1_to_qwen2.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
+    monkeypatch.setattr(
+        v1_to_qwen2.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000, "total": 10**12})()
+    )
     with pytest.raises(CheckpointError, match=r"not enough disk space .* needs about 0.00 GB, 0.00 GB free"):
         convert_v1_to_qwen2(src, tmp_path / "out", progress=False)
     assert leftovers(tmp_path) == []

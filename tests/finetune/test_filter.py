@@ -128,3 +128,23 @@ def test_filter_refuses_outputs_it_would_lose_or_clobber(tmp_path, capsys):
     assert not (tmp_path / "o.jsonl").exists() and (tmp_path / "afile").read_text() == "x"
     assert cli_main(["filter", str(src), str(tmp_path / "afile"), "--overwrite"]) == 0
     assert json.loads((tmp_path / "afile").read_text()) == {"text": "mail me at [EMAIL]"}
+
+
+def test_filter_refuses_input_with_nothing_to_check(tmp_path, capsys):
+    """An empty file, or a record with no text outside role-like keys, is refused by name: passing it
+    on would report a clean data set that was never looked at. Nothing is written."""
+    empty, textless, out = tmp_path / "empty.jsonl", tmp_path / "textless.jsonl", tmp_path / "o.jsonl"
+    empty.write_text("\n\n")
+    textless.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "hi"}]})
+        + "\n"
+        + json.dumps({"messages": [{"role": "user", "content": ""}], "score": 3})
+        + "\n"
+    )
+    assert cli_main(["filter", str(empty), str(out)]) == 2
+    assert capsys.readouterr().err == f"error: {empty}: no records to filter (the file is empty)\n"
+    assert cli_main(["filter", str(textless), str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {textless}:2: the record holds no text to check (no string values)\n"
+    )
+    assert not out.exists()

@@ -35,7 +35,8 @@ def check_out_dir(out: Path, overwrite: bool, source: Path | None = None) -> Non
 
 def check_writable(path: Path) -> None:
     """Refuse, before any work, a ``path`` that cannot be created: an ancestor that is a file, or a
-    nearest existing directory this user may not write in (the work would be lost at the end)."""
+    nearest existing directory this user may not write in, or one on a filesystem of no size such as
+    /proc (the work would be lost at the end)."""
     parent = Path(os.path.abspath(path)).parent
     while not parent.exists():
         parent = parent.parent
@@ -43,6 +44,8 @@ def check_writable(path: Path) -> None:
         raise CheckpointError(f"cannot write {path}: {parent} is a file, not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise CheckpointError(f"cannot write {path}: no permission to write in {parent}")
+    if shutil.disk_usage(parent).total == 0:
+        raise CheckpointError(f"cannot write {path}: {parent} is on a filesystem that holds no files")
 
 
 @contextmanager

@@ -182,12 +182,26 @@ def scrub(obj: Any, detector: Detector, path: str, found: list[tuple[str, Findin
     return obj
 
 
+def has_text(obj: Any) -> bool:
+    """Whether a record holds any string outside the role-like keys: one without is not training data,
+    and passing it on unchecked would look like a clean example."""
+    if isinstance(obj, str):
+        return bool(obj)
+    if isinstance(obj, dict):
+        return any(has_text(v) for k, v in obj.items() if k not in _SKIP_KEYS)
+    if isinstance(obj, list):
+        return any(has_text(v) for v in obj)
+    return False
+
+
 def filter_object(
     where: str, obj: dict[str, Any], detector: Detector, mode: str, report: Report
 ) -> dict[str, Any] | None:
     """The masked record, or None when ``mode == "drop"`` and something was found."""
     if mode not in ("mask", "drop"):
         raise FilterError(f"unknown filter mode {mode!r}; choose mask or drop")
+    if not has_text(obj):
+        raise FilterError(f"{where}: the record holds no text to check (no string values)")
     found: list[tuple[str, Finding]] = []
     masked = scrub(obj, detector, "", found)
     report.examples += 1
@@ -230,6 +244,8 @@ def filter_file(src: str | Path, out: str | Path, keywords: list[str], mode: str
         result = filter_object(where, obj, detector, mode, report)
         if result is not None:
             kept.append(result)
+    if not report.examples:
+        raise FilterError(f"{src}: no records to filter (the file is empty)")
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
     try:
