@@ -114,6 +114,12 @@ def test_gsm8k_resume_after_interruption_and_rescore(local, tmp_path):
         assert r["correct"] == numbers_equal(r["gold"], lmeval_flexible(r["scored_text"]))
     assert rescored["record"]["extractor"] == "lmeval-flexible" and rescored["record"]["rescored"]
     assert json.loads((out / "results.json").read_text())["scores"]["extractor"] == "lmeval-flexible"
+    from qwenkit.cli.eval import format_results
+
+    timing = again["timing"]
+    assert format_results(rescored).splitlines()[-1] == (
+        f"  when generated: 1 items in {timing['seconds']:.1f} s ({timing['items_per_second']:.2f} items/s)"
+    )
 
 
 def test_humaneval_run_reports_both_cuts(local, tmp_path):

@@ -235,7 +235,8 @@ def format_results(results: dict) -> str:
         )
     t = results.get("timing", {})
     if t.get("items_per_second"):
+        when = "when generated: " if rec.get("rescored") else ""  # rescoring times nothing itself
         lines.append(
-            f"  {t['items_run']} items in {t['seconds']:.1f} s ({t['items_per_second']:.2f} items/s)"
+            f"  {when}{t['items_run']} items in {t['seconds']:.1f} s ({t['items_per_second']:.2f} items/s)"
         )
     return "\n".join(lines)
