@@ -70,6 +70,63 @@ def test_commands_history_and_errors_over_stdin(tiny_chat_model):
     assert "Traceback" not in r.stderr
 
 
+def test_a_failed_answer_or_a_mistyped_setting_keeps_the_chat(tiny_chat_model):
+    """Errors while answering (a setting the engine refuses, a message too long for the window) are one
+    line and the chat goes on, its history without the failed turn; :conf checks each value's type."""
+    script = "\n".join(
+        [
+            "hello",
+            ":conf top_k=2.7",
+            ":conf seed=1.5",
+            ":conf stop=5",
+            ":conf temperature='hot'",
+            ":conf stop='a b' max_tokens=3",
+            ":conf stop='open",
+            ":seed",
+            ":conf adapter='foo'",
+            "this turn fails",
+            ":reset-conf",
+            "word " * 80,
+            "third",
+            ":history",
+        ]
+    )
+    r = run_chat(
+        tiny_chat_model, script + "\n", "--max-new-tokens", "4", "--max-context", "64", "--seed", "7"
+    )
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    for message in [
+        "error: top_k must be an integer, got 2.7",
+        "error: seed must be an integer or None, got 1.5",
+        "error: stop must be a list or a string, got 5",
+        "error: temperature must be a number, got 'hot'",
+        "stop=('a b',)",
+        'error: a quote or bracket is not closed in "stop=\'open"',
+        "[seed = 7]",
+        "error: adapter 'foo' was asked for, but this model serves no adapters",
+        "error: the message needs ",
+    ]:
+        assert message in out, message
+    history = out.rsplit("[settings reset]", 1)[1]  # what :history printed at the end
+    assert "user: hello" in history and "user: third" in history
+    assert "this turn fails" not in history and "word word" not in history
+    assert "Traceback" not in r.stderr
+
+
+def test_chat_refuses_an_empty_question_and_a_bad_context(tiny_chat_model):
+    for args, message in [
+        (["-p", "  "], "error: the question is empty\n"),
+        (
+            ["-p", "hi", "--max-context", "-5"],
+            "error: argument --max-context: must be at least 2 tokens (a prompt token and one to generate), "
+            "got -5; see `qwenkit chat --help`\n",
+        ),
+    ]:
+        r = run_chat(tiny_chat_model, "", *args)
+        assert (r.returncode, r.stderr) == (2, message)
+
+
 def test_conf_really_applies_to_the_next_answer(tiny_chat_model, llm):
     # Greedy, one token: the reply must be exactly the model's first greedy token after the chat prompt.
     prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])

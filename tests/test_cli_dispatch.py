@@ -85,3 +85,16 @@ def test_training_numbers_no_run_can_use_are_refused_first(command, args, messag
     assert main(argv) == 2
     assert capsys.readouterr().err == f"error: {message}\n"
     assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_while_the_command_imports_is_quiet(monkeypatch, capsys):
+    """Importing a command takes torch's import (most of a second): Ctrl-C there exits 130 with no
+    traceback, as it does later."""
+    import qwenkit.cli
+
+    def interrupted(name):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(qwenkit.cli, "_import_without_gc", interrupted)
+    assert qwenkit.cli.main(["chat", "-p", "hi"]) == 130
+    assert capsys.readouterr().err == "\n"

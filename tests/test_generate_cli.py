@@ -66,6 +66,7 @@ def test_streams_text_then_summary(model_dir, capsys, flag):
     ("args", "message"),
     [
         (["--prompt-ids", "1,x"], "--prompt-ids must be comma-separated integers"),
+        (["--prompt-ids", "1,,2"], "--prompt-ids must be comma-separated integers, got '1,,2'"),
         (["--prompt-ids", "999999999"], "prompt token id 999999999 is outside the vocabulary"),
         (["-p", "hi", "--temperature", "-1"], "temperature must be >= 0, got -1"),
         (["-p", "hi", "--top-p", "0"], "top_p must be in (0, 1]"),

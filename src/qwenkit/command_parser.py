@@ -8,6 +8,7 @@ Beside cli/ rather than in it: finetune's command lives in finetune/, which may 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from typing import NoReturn
 
 
@@ -16,3 +17,18 @@ class CommandParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
+
+
+def int_at_least(low: int, unit: str = "") -> Callable[[str], int]:
+    """An argparse ``type``: an integer of at least ``low``, else the option's one-line error."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}{unit}, got {value}")
+        return value
+
+    return parse

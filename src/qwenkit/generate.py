@@ -260,6 +260,10 @@ class LLM:
         checked now; more or larger ones are refused. None: grown as adapters come, no limit."""
         from qwenkit.default_model import bundled_sampling
 
+        if max_seq_len is not None and (isinstance(max_seq_len, bool) or max_seq_len < 2):
+            raise ConfigError(
+                f"max_seq_len must be at least 2 (a prompt token and one to generate), got {max_seq_len}"
+            )
         source = open_checkpoint(path)
         tokenizer = tokenizer_for(source)
         config = ModelConfig.from_hf(source.hf_config)

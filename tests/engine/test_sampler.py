@@ -254,3 +254,35 @@ def test_draws_follow_transformers_over_random_settings_and_masked_rows():
         assert counts[probs == 0].sum() == 0, (case, p)
         noise = 0.5 * (probs * (1 - probs) / n).sqrt().sum() * (2 / torch.pi) ** 0.5
         assert 0.5 * (counts / n - probs).abs().sum() < 3 * noise + 0.01, (case, p)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"top_k": 2.7}, "top_k must be an integer, got 2.7"),
+        ({"seed": 1.5}, "seed must be an integer or None, got 1.5"),
+        ({"max_tokens": True}, "max_tokens must be an integer, got True"),
+        ({"temperature": "hot"}, "temperature must be a number, got 'hot'"),
+        ({"top_p": None}, "top_p must be a number, got None"),
+        ({"stop": 5}, "stop must be a list or a string, got 5"),
+        ({"stop": ["a", 3]}, "stop must hold strings, got ('a', 3)"),
+        ({"stop_token_ids": [1.0]}, "stop_token_ids must hold integers, got (1.0,)"),
+        ({"adapter": 3}, "adapter must be a string or None, got 3"),
+        ({"ignore_eos": 1}, "ignore_eos must be True or False, got 1"),
+    ],
+)
+def test_sampling_params_refuse_a_wrong_type_by_name(fields, message):
+    """A float top_k or seed used to pass and fail inside the engine's kernels, mid-step."""
+    from qwenkit.engine.sampling import SamplingParamsError
+
+    with pytest.raises(SamplingParamsError) as raised:
+        SamplingParams(**fields)
+    assert str(raised.value) == message
+
+
+def test_sampling_params_take_one_stop_string_or_a_list():
+    assert SamplingParams(stop="###").stop == ("###",)
+    assert SamplingParams(stop=["a b", "c"], stop_token_ids=[7]) == SamplingParams(
+        stop=("a b", "c"), stop_token_ids=(7,)
+    )
+    assert SamplingParams(temperature=1).temperature == 1  # an int where a float goes is a number

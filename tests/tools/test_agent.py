@@ -199,3 +199,27 @@ def test_a_history_with_arguments_as_json_text_is_rendered_once_encoded(steered,
     assert Agent(llm, [ADD], params=PARAMS).run(history).answer == "Done."
     text = llm.tokenizer.decode(prompts[0])
     assert '"arguments": {"a": 2, "b": 3}' in text and '\\"a\\"' not in text, text
+
+
+def test_tool_chat_keeps_the_chat_commands(steered, monkeypatch, capsys):
+    """`chat --code-interpreter` (and --tools): the chat commands work as in a plain chat (they never reach
+    the model), the interpreter runs the model's code, and :history shows the calls of the turn."""
+    import io
+
+    from qwenkit.cli import chat as chat_cli
+
+    llm = steered[0]
+    monkeypatch.setattr(chat_cli, "load_llm", lambda args: llm)
+    monkeypatch.setattr("sys.stdin", io.StringIO(":help\nWhat is 6*7?\n:history\n:exit\nnever asked\n"))
+    queue(steered, call("code_interpreter", '{"code": "print(6*7)"}'), "It is 42.")
+    assert chat_cli.main(["--code-interpreter", "--temperature", "0", "--max-tokens", "120"]) == 0
+    out = capsys.readouterr().out
+    assert "  :help                 this help" in out and "[output]\n42\n" in out
+    history = out.split("It is 42.\n", 1)[1]
+    assert history.splitlines() == [
+        "user: What is 6*7?",
+        'assistant: [calls code_interpreter({"code": "print(6*7)"})]',
+        "tool: 42",
+        "assistant: It is 42.",
+    ]
+    assert not steered[1]  # every queued reply was asked for, and nothing more

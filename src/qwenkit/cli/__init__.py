@@ -65,7 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"qwenkit: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = _import_without_gc(f"qwenkit.cli.{command}")
+    try:  # the import takes torch's (most of a second): Ctrl-C in it is as quiet as later
+        module = _import_without_gc(f"qwenkit.cli.{command}")
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        return 130
     return run_command(module.main, rest)
 
 

@@ -9,7 +9,10 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import json
+import re
 import sys
+from collections.abc import Iterator
 
 from qwenkit.chat import ChatSession
 from qwenkit.cli.common import (
@@ -23,13 +26,14 @@ from qwenkit.cli.common import (
 )
 from qwenkit.command_parser import CommandParser
 from qwenkit.engine import SamplingParams, SamplingParamsError
+from qwenkit.errors import ConfigError, QwenkitError
 
 HELP = """commands:
   :help                 this help
   :clear                clear the screen
   :clear-history        forget the conversation so far
   :history              show the conversation so far
-  :seed N               set the sampling seed
+  :seed [N]             show or set the sampling seed
   :conf key=value ...   change sampling settings (e.g. :conf temperature=0.5 top_k=20); :conf alone shows them
   :reset-conf           back to the settings the chat started with
   :system TEXT          set the system prompt (empty to remove) and clear the history
@@ -43,6 +47,17 @@ CONF_KEYS = tuple(
 
 class CommandError(ValueError):
     """A chat command could not be carried out; the chat goes on."""
+
+
+ASSIGNMENT = re.compile(r"""(?:[^\s'"\[]+|'[^']*'|"[^"]*"|\[[^\]]*\])+""")
+
+
+def split_assignments(text: str) -> list[str]:
+    """``key=value`` items split on spaces outside quotes and brackets, which are kept: ``stop='a b'`` and
+    ``stop=['a', 'b c']`` are one item each."""
+    if ASSIGNMENT.sub("", text).strip():  # what no item matched: a quote left open
+        raise CommandError(f"a quote or bracket is not closed in {text!r}")
+    return ASSIGNMENT.findall(text)
 
 
 def parse_conf(params: SamplingParams, assignments: list[str]) -> SamplingParams:
@@ -61,16 +76,14 @@ def parse_conf(params: SamplingParams, assignments: list[str]) -> SamplingParams
             raise CommandError(
                 f"value for {key} must be a literal such as 0.7, 20, None or 'text'; got {raw!r}"
             ) from None
-        if key == "stop":
-            value = (value,) if isinstance(value, str) else tuple(value or ())
-        changes[key] = value
+        changes[key] = () if key == "stop" and value is None else value
     try:
         return dataclasses.replace(params, **changes)
     except (SamplingParamsError, TypeError) as e:
         raise CommandError(str(e)) from None
 
 
-def run_command(session: ChatSession, initial: SamplingParams, line: str) -> bool:
+def run_command(session: ChatSession | ToolChatSession, initial: SamplingParams, line: str) -> bool:
     """Carry out one ``:command``; return False to leave the chat."""
     name, _, arg = line[1:].partition(" ")
     arg = arg.strip()
@@ -88,7 +101,13 @@ def run_command(session: ChatSession, initial: SamplingParams, line: str) -> boo
         if not session.history:
             print("[history is empty]")
         for m in session.history:
-            print(f"{m['role']}: {m['content']}")
+            calls = [
+                f"[calls {f['name']}({json.dumps(f['arguments'], ensure_ascii=False)})]"
+                for f in (c["function"] for c in m.get("tool_calls") or ())
+            ]
+            print(f"{m['role']}: " + " ".join(filter(None, [m.get("content"), *calls])))
+    elif name == "seed" and not arg:
+        print(f"[seed = {session.params.seed}]")
     elif name == "seed":
         try:
             session.params = dataclasses.replace(session.params, seed=int(arg))
@@ -97,7 +116,7 @@ def run_command(session: ChatSession, initial: SamplingParams, line: str) -> boo
         print(f"[seed = {session.params.seed}]")
     elif name == "conf":
         if arg:
-            session.params = parse_conf(session.params, arg.split())
+            session.params = parse_conf(session.params, split_assignments(arg))
         print("[" + ", ".join(f"{k}={getattr(session.params, k)!r}" for k in CONF_KEYS) + "]")
     elif name == "reset-conf":
         session.params = initial
@@ -111,7 +130,9 @@ def run_command(session: ChatSession, initial: SamplingParams, line: str) -> boo
     return True
 
 
-def answer(session: ChatSession, text: str) -> None:
+def answer(session: ChatSession | ToolChatSession, text: str) -> None:
+    """Print the reply as it comes. Ctrl-C stops it; an error (the message does not fit, a setting the
+    engine refuses) is one line. Either way the chat goes on, its history as the session left it."""
     stream = session.ask(text)
     try:
         for piece in stream:
@@ -121,6 +142,8 @@ def answer(session: ChatSession, text: str) -> None:
     except KeyboardInterrupt:
         stream.close()
         print("\n[interrupted]")
+    except QwenkitError as e:
+        print(f"error: {e}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     add_sampling_args(parser)
     add_tensor_parallel_arg(parser)
     args = parser.parse_args(argv)
+    if args.prompt is not None and args.prompt != "-" and not args.prompt.strip():
+        raise ConfigError("the question is empty")
     tools = chat_tools(args) if args.tools or args.code_interpreter else None  # file errors first
     if wants_tensor_parallel(args):
         return lead_tensor_parallel(args, lambda llm: run(args, llm, tools))
@@ -146,12 +171,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace, llm, tools: list | None = None) -> int:
-    if tools is not None:
-        return tool_chat(args, llm, tools)
     params = llm.default_params(**sampling_overrides(args))
-    session = ChatSession(llm, params, system=args.system)
+    if tools is None:
+        session: ChatSession | ToolChatSession = ChatSession(llm, params, system=args.system)
+    else:
+        session = ToolChatSession(llm, tools, params, system=args.system)
     if args.prompt is not None:
         question = sys.stdin.read() if args.prompt == "-" else args.prompt
+        if not question.strip():
+            raise ConfigError("the question is empty")
         for piece in session.ask(question):
             sys.stdout.write(piece)
             sys.stdout.flush()
@@ -163,6 +191,8 @@ def run(args: argparse.Namespace, llm, tools: list | None = None) -> int:
         import readline  # noqa: F401 - line editing and history for input()
 
         print("qwenkit chat: type a message, :help for commands, Ctrl-D to leave.")
+        if tools is not None:
+            print("Tools are on: each answer prints whole, after the tool calls it makes.")
     while True:
         try:
             line = input("\n>>> " if interactive else "")
@@ -183,6 +213,27 @@ def run(args: argparse.Namespace, llm, tools: list | None = None) -> int:
                 print(f"error: {e}")
             continue
         answer(session, line)
+
+
+class ToolChatSession:
+    """A chat where the model may call tools, with ChatSession's history, system prompt and settings (so
+    the chat commands work alike). Each turn is one agent run over the whole history; its answer comes
+    whole, once the calls are done (a reply is parsed for calls before any of it is shown)."""
+
+    def __init__(self, llm, tools: list, params: SamplingParams, system: str | None = None) -> None:
+        from qwenkit.tools.agent import Agent
+
+        self.agent = Agent(llm, tools, params=params)
+        self.params, self.system = params, system
+        self.history: list[dict] = []
+
+    def ask(self, user_text: str) -> Iterator[str]:
+        """The turn joins the history when the agent finishes (Ctrl-C or an error leaves it as it was)."""
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        self.agent.params = self.params
+        result = self.agent.run([*head, *self.history, {"role": "user", "content": user_text}])
+        self.history = result.messages[len(head) :]
+        yield result.answer if result.answer is not None else f"[stopped after {result.rounds} rounds]"
 
 
 def ask_tool_result(name: str, arguments: str) -> str:
@@ -210,29 +261,3 @@ def chat_tools(args: argparse.Namespace) -> list:
 
         tools.append(Tool(FUNCTION["name"], run_code, FUNCTION["description"], FUNCTION["parameters"]))
     return tools
-
-
-def tool_chat(args: argparse.Namespace, llm, tools: list) -> int:
-    """Chat where the model may call tools: calls are printed; you type results (the code interpreter
-    runs by itself). Each turn is one agent run over the whole history."""
-    from qwenkit.tools.agent import Agent
-
-    agent = Agent(llm, tools, params=llm.default_params(**sampling_overrides(args)))
-    history = [{"role": "system", "content": args.system}] if args.system else []
-    questions = [sys.stdin.read() if args.prompt == "-" else args.prompt] if args.prompt is not None else None
-    while True:
-        if questions is not None:
-            if not questions:
-                return 0
-            line = questions.pop()
-        else:
-            try:
-                line = input("\n>>> ").strip()
-            except EOFError:
-                print()
-                return 0
-            if not line:
-                continue
-        result = agent.run([*history, {"role": "user", "content": line}])
-        history = result.messages
-        print(result.answer if result.answer is not None else f"[stopped after {result.rounds} rounds]")

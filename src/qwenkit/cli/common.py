@@ -6,6 +6,7 @@ import argparse
 import functools
 from pathlib import Path
 
+from qwenkit.command_parser import int_at_least
 from qwenkit.engine import SamplingParams
 
 
@@ -36,7 +37,9 @@ def add_model_args(parser: argparse.ArgumentParser, optional_model: bool = True)
         "own precision: less memory, faster start)",
     )
     parser.add_argument(
-        "--max-context", type=int, help="longest sequence to plan memory for (default: model's)"
+        "--max-context",
+        type=int_at_least(2, " tokens (a prompt token and one to generate)"),
+        help="longest sequence to plan memory for (default: model's)",
     )
     parser.add_argument("--adapter", metavar="DIR", help="apply a peft-format LoRA adapter (not merged)")
     parser.add_argument(

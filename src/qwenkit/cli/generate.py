@@ -24,13 +24,12 @@ class PromptError(QwenkitError, ValueError):
 
 
 def parse_prompt_ids(text: str) -> list[int]:
-    try:
-        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
+    if not text.strip():
+        raise PromptError("--prompt-ids is empty")
+    try:  # every item an integer: "1,,2" is a slip, not the prompt 1,2
+        return [int(t) for t in text.split(",")]
     except ValueError:
         raise PromptError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
-    if not ids:
-        raise PromptError("--prompt-ids is empty")
-    return ids
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,6 +35,7 @@ class SamplingParams:
     adapter: str | None = None
 
     def __post_init__(self) -> None:
+        self._check_types()
         checks = [
             (
                 self.max_tokens >= 1 or (self.max_tokens == 0 and self.prompt_logprobs is not None),
@@ -66,6 +67,40 @@ class SamplingParams:
             if not ok:
                 raise SamplingParamsError(message)
 
+    def _check_types(self) -> None:
+        """Each field's type, before any range check compares it: a float ``top_k`` or ``seed`` would
+        otherwise pass here and fail inside the engine's kernels, mid-step. ``stop`` (like vLLM's) may be
+        one string or a list; it is kept as a tuple, so the params stay hashable."""
+        for name in ("stop", "stop_token_ids"):
+            value = getattr(self, name)
+            if isinstance(value, str) and name == "stop":
+                value = (value,)
+            if not isinstance(value, list | tuple):
+                raise SamplingParamsError(
+                    f"{name} must be a list{' or a string' if name == 'stop' else ''}, got {value!r}"
+                )
+            object.__setattr__(self, name, tuple(value))
+        if not all(isinstance(s, str) for s in self.stop):
+            raise SamplingParamsError(f"stop must hold strings, got {self.stop!r}")
+        if not all(_is_int(t) for t in self.stop_token_ids):
+            raise SamplingParamsError(f"stop_token_ids must hold integers, got {self.stop_token_ids!r}")
+        for name, optional in INTEGER_FIELDS.items():
+            value = getattr(self, name)
+            if not (_is_int(value) or (optional and value is None)):
+                raise SamplingParamsError(
+                    f"{name} must be an integer{' or None' if optional else ''}, got {value!r}"
+                )
+        for name in NUMBER_FIELDS:
+            value = getattr(self, name)
+            if not (_is_int(value) or isinstance(value, float)):
+                raise SamplingParamsError(f"{name} must be a number, got {value!r}")
+        for name in ("grammar", "adapter"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise SamplingParamsError(f"{name} must be a string or None, got {value!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise SamplingParamsError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
+
     @property
     def greedy(self) -> bool:
         """Temperature 0 (or so close to it that dividing by it would overflow) means argmax."""
@@ -73,3 +108,24 @@ class SamplingParams:
 
 
 GREEDY_BELOW = 1e-5
+# name -> whether None is allowed
+INTEGER_FIELDS = {
+    "max_tokens": False,
+    "top_k": False,
+    "seed": True,
+    "logprobs": True,
+    "prompt_logprobs": True,
+}
+NUMBER_FIELDS = (
+    "temperature",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+)
+
+
+def _is_int(value: object) -> bool:
+    """An int that is not a bool (True is an int to Python, never a count to a user)."""
+    return isinstance(value, int) and not isinstance(value, bool)
