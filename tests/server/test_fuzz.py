@@ -39,6 +39,9 @@ FIELDS = {
     "stream": st.booleans(),
     "stream_options": st.fixed_dictionaries({"include_usage": st.booleans() | json_value}) | json_value,
     "echo": st.booleans(),
+    "logit_bias": st.dictionaries(st.sampled_from(["1", "65", "x", "-3", "99999999"]), st.floats(-200, 200))
+    | json_value,
+    "best_of": st.integers(0, 3) | json_value,
     "ignore_eos": st.booleans(),
     "chat_template_kwargs": st.dictionaries(
         st.sampled_from(["enable_thinking", "x"]), json_value, max_size=2

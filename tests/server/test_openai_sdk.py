@@ -134,6 +134,10 @@ def test_models_and_async_client(server):
     async def go():
         client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
         models = await client.models.list()
+        one = await client.models.retrieve("tiny")
+        assert one.model_dump() == models.data[0].model_dump()
+        with pytest.raises(openai.NotFoundError, match="the model 'other' does not exist"):
+            await client.models.retrieve("other")
         stream = await client.chat.completions.create(
             model="tiny", messages=MESSAGES, max_tokens=5, temperature=0, stream=True
         )

@@ -153,6 +153,20 @@ def test_request_timeout_stops_and_frees(make_server, chat_llm):
     body = {"messages": HELLO, "max_tokens": 5000, "ignore_eos": True}
     r = httpx.post(live.url + CHAT, json=body, timeout=60)
     assert r.status_code == 408 and "--request-timeout" in error_of(r)["message"]
+    assert r.headers["x-should-retry"] == "false"
+    # the official client retries a 408 twice by default; told not to, it sends the request once
+    import openai
+
+    sent: list[httpx.Request] = []
+    hooks = {"request": [sent.append]}
+    client = openai.OpenAI(
+        base_url=live.url + "/v1", api_key="-", http_client=httpx.Client(event_hooks=hooks)
+    )
+    with pytest.raises(openai.APIStatusError) as raised:
+        client.chat.completions.create(
+            model="tiny", messages=HELLO, max_tokens=5000, extra_body={"ignore_eos": True}
+        )
+    assert raised.value.status_code == 408 and len(sent) == 1
     with httpx.stream("POST", live.url + CHAT, json={**body, "stream": True}, timeout=60) as s:
         events = [line for line in s.iter_lines() if line.startswith("data: ")]
     assert '"error"' in events[-2] and events[-1] == "data: [DONE]"

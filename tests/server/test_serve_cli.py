@@ -61,14 +61,20 @@ def test_serve_bundled_model_answers_and_drains_on_sigterm(tmp_path):
         ).json()
         assert "Paris" in r["choices"][0]["message"]["content"]
 
-        payload = {"messages": question, "max_tokens": 60, "ignore_eos": True, "stream": True}
-        lines = []
+        payload = {"messages": question, "max_tokens": 400, "ignore_eos": True, "stream": True}
+        lines, while_draining = [], []
         with httpx.stream("POST", url + "/v1/chat/completions", headers=auth, json=payload, timeout=120) as s:
             for line in s.iter_lines():
                 if line.startswith("data: ") and not lines:
                     proc.send_signal(signal.SIGTERM)  # mid-stream: this request must still finish
+                    # ... while the listener stays open: not ready, and new requests refused with a 503
+                    while_draining = draining_answers(url, auth)
                 if line.startswith("data: "):
                     lines.append(line)
+        assert while_draining == [
+            (503, {"status": "draining"}),
+            (503, {"message": "the server is shutting down", "code": "shutting_down"}),
+        ]
         assert lines[-1] == "data: [DONE]"
         chunks = [json.loads(x[6:]) for x in lines[:-1]]
         assert all("choices" in c for c in chunks), [c for c in chunks if "choices" not in c]
@@ -80,6 +86,21 @@ def test_serve_bundled_model_answers_and_drains_on_sigterm(tmp_path):
             proc.kill()
     output = proc.stdout.read()
     assert "serving SmolLM2-135M-Instruct.Q4_1 on http://127.0.0.1" in output and "Traceback" not in output
+
+
+def draining_answers(url: str, auth: dict) -> list[tuple[int, dict]]:
+    """/health and a new chat request, on new connections, once the server has taken the signal."""
+    deadline = time.monotonic() + 10
+    while (health := httpx.get(url + "/health", timeout=5)).status_code == 200:
+        assert time.monotonic() < deadline, "still healthy 10 s after SIGTERM"
+        time.sleep(0.05)
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    refused = httpx.post(url + "/v1/chat/completions", headers=auth, json=body, timeout=5)
+    error = refused.json()["error"]
+    return [
+        (health.status_code, health.json()),
+        (refused.status_code, {k: error[k] for k in ("message", "code")}),
+    ]
 
 
 def run_serve(*args: str) -> subprocess.CompletedProcess:

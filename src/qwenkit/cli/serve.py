@@ -15,6 +15,7 @@ import re
 import signal
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -381,8 +382,11 @@ def serve(args: argparse.Namespace, api_key: str | None, llm, listener: socket.s
 
 
 class DrainingServer:
-    """uvicorn's server, marking the app not-ready (503 on /health and new POSTs) as soon as a shutdown
-    signal arrives, before uvicorn stops listening and waits for running requests."""
+    """uvicorn's server, draining on SIGTERM with the listener still open: while requests run, /health
+    and new POSTs answer 503 (a load balancer or readiness probe sees "not ready", a client sees a
+    retryable refusal rather than "connection refused"); once none runs, or the grace period is nearly
+    over, uvicorn stops listening and exits. SIGINT (Ctrl-C at a terminal) and a second signal stop
+    listening at once, as uvicorn does, still letting running requests end within the grace period."""
 
     def __new__(cls, config):
         import uvicorn
@@ -390,14 +394,29 @@ class DrainingServer:
         class _Server(uvicorn.Server):
             def handle_exit(self, sig: int, frame) -> None:
                 state = config.app.state.qwenkit
-                if not state.draining:
+                first = not state.draining
+                if first:
                     # Stop running requests just before uvicorn would cancel them, so each ends with a
                     # clean error event (or a 503) rather than a cancelled task and a logged traceback.
                     grace = config.timeout_graceful_shutdown or 0
                     state.drain_deadline = time.perf_counter() + max(grace - min(1.0, grace / 2), 0)
                 state.draining = True
+                if first and sig == signal.SIGTERM and state.active:
+                    threading.Thread(target=self._stop_when_idle, args=(sig, frame), daemon=True).start()
+                else:
+                    self._stop(sig, frame)
+
+            def _stop_when_idle(self, sig: int, frame) -> None:
+                state = config.app.state.qwenkit
+                while state.active and time.perf_counter() < state.drain_deadline + 1.0:
+                    if self.should_exit:  # a second signal stopped it meanwhile
+                        return
+                    time.sleep(0.05)
+                self._stop(sig, frame)
+
+            def _stop(self, sig: int, frame) -> None:
                 super().handle_exit(sig, frame)
-                if sig == signal.SIGTERM:  # a requested, completed drain exits 0 (uvicorn re-raises it)
-                    self._captured_signals.remove(sig)
+                if sig == signal.SIGTERM and sig in self._captured_signals:
+                    self._captured_signals.remove(sig)  # a requested drain exits 0 (uvicorn re-raises it)
 
         return _Server(config)

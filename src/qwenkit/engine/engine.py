@@ -20,7 +20,14 @@ from qwenkit.engine.decode_graph import DecodeGraphs, supports_static_decode
 from qwenkit.engine.forward import AdapterWrite, ForwardCall, run_forward
 from qwenkit.engine.kv_cache import PagedKVCache
 from qwenkit.engine.request import FinishReason, Request, RequestId, TokenLogprob
-from qwenkit.engine.sampler import apply_penalties, as_float, finite_rows, sample, token_logprobs
+from qwenkit.engine.sampler import (
+    apply_logit_bias,
+    apply_penalties,
+    as_float,
+    finite_rows,
+    sample,
+    token_logprobs,
+)
 from qwenkit.engine.sampling import SamplingParams, SamplingParamsError
 from qwenkit.engine.scheduler import Scheduler
 from qwenkit.engine.token_counts import TokenCounts
@@ -137,6 +144,9 @@ class Engine:
         bad = [t for t in params.stop_token_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise SamplingParamsError(f"stop token id {bad[0]} is outside the vocabulary")
+        bad = [t for t, _ in params.logit_bias if not 0 <= t < self.vocab_size]
+        if bad:
+            raise SamplingParamsError(f"logit_bias token id {bad[0]} is outside the vocabulary")
         if params.grammar is not None and self.grammar_compiler is None:
             raise SamplingParamsError("constrained decoding (a grammar) is not enabled on this engine")
         self._adapter_slot(params.adapter)
@@ -368,11 +378,14 @@ class Engine:
         raw = raw[keep] if len(keep) < len(finite) else raw
         penalized = any(r.seen is not None or r.output_counts is not None for r in requests)
         constrained = any(r.constraint is not None for r in requests)
+        biased = any(r.params.logit_bias for r in requests)
         wanted = [r.params.logprobs is not None for r in requests]
         logits = raw
-        if penalized or constrained:  # they write into float32 logits; raw stays for the logprobs
+        if penalized or constrained or biased:  # they write into float32 logits; raw stays for the logprobs
             logits = as_float(raw)
             logits = logits.clone() if logits is raw and any(wanted) else logits
+        if biased:
+            logits = apply_logit_bias(logits, requests)
         if penalized:
             logits = apply_penalties(logits, requests)
         if constrained:

@@ -41,6 +41,16 @@ def _seen_rows(
     return ids, torch.where(pad, counts[:, :1], counts)
 
 
+def apply_logit_bias(logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
+    """Each request's ``logit_bias`` added to its row (before penalties, as OpenAI applies it)."""
+    for row, request in enumerate(requests):
+        if request.params.logit_bias:
+            ids, values = zip(*request.params.logit_bias, strict=True)
+            index = torch.tensor(ids, device=logits.device)
+            logits[row, index] += torch.tensor(values, dtype=logits.dtype, device=logits.device)
+    return logits
+
+
 def apply_penalties(logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
     """Repetition penalty over every token seen (prompt + output); presence/frequency over the output.
     Only the seen tokens' logits are read and written (``TokenCounts``), per row as transformers'

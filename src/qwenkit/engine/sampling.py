@@ -27,6 +27,9 @@ class SamplingParams:
     logprobs: int | None = None  # return each token's log-probability and this many top alternatives
     prompt_logprobs: int | None = None  # the same for the prompt's tokens (for evaluation); no prefix cache
     stop: tuple[str, ...] = field(default=())  # stop strings: applied by the text layer, not the engine
+    # (token id, value) pairs added to the logits before penalties and sampling (OpenAI's logit_bias:
+    # -100 bans a token, +100 all but forces it); a dict is accepted and kept as sorted pairs
+    logit_bias: tuple[tuple[int, float], ...] = ()
     # A grammar the output must match (the grammar engine's own text, e.g. llguidance's); compiled by the
     # engine's ``grammar_compiler`` into a per-request token mask. A string keeps the params hashable.
     grammar: str | None = None
@@ -55,6 +58,10 @@ class SamplingParams:
                 f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}",
             ),
             (
+                all(-100 <= v <= 100 for _, v in self.logit_bias),
+                f"logit_bias values must be in [-100, 100], got {self.logit_bias!r}",
+            ),
+            (
                 self.logprobs is None or 0 <= self.logprobs <= 20,
                 f"logprobs must be in [0, 20], got {self.logprobs}",
             ),
@@ -80,6 +87,15 @@ class SamplingParams:
                     f"{name} must be a list{' or a string' if name == 'stop' else ''}, got {value!r}"
                 )
             object.__setattr__(self, name, tuple(value))
+        bias = self.logit_bias
+        if isinstance(bias, dict):
+            bias = sorted(bias.items())
+        if not isinstance(bias, list | tuple) or not all(
+            isinstance(pair, list | tuple) and len(pair) == 2 and _is_int(pair[0]) and _is_number(pair[1])
+            for pair in bias
+        ):
+            raise SamplingParamsError(f"logit_bias must map token ids to numbers, got {self.logit_bias!r}")
+        object.__setattr__(self, "logit_bias", tuple((int(t), float(v)) for t, v in bias))
         if not all(isinstance(s, str) for s in self.stop):
             raise SamplingParamsError(f"stop must hold strings, got {self.stop!r}")
         if not all(_is_int(t) for t in self.stop_token_ids):
@@ -92,7 +108,7 @@ class SamplingParams:
                 )
         for name in NUMBER_FIELDS:
             value = getattr(self, name)
-            if not (_is_int(value) or isinstance(value, float)):
+            if not _is_number(value):
                 raise SamplingParamsError(f"{name} must be a number, got {value!r}")
         for name in ("grammar", "adapter"):
             value = getattr(self, name)
@@ -129,3 +145,7 @@ NUMBER_FIELDS = (
 def _is_int(value: object) -> bool:
     """An int that is not a bool (True is an int to Python, never a count to a user)."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return _is_int(value) or isinstance(value, float)

@@ -94,6 +94,14 @@ def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict:
+        return {"object": "list", "data": model_cards()}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict:
+        state.check_model(model_id)  # an unknown one: the 404 every route gives
+        return next(card for card in model_cards() if card["id"] == model_id)
+
+    def model_cards() -> list[dict]:
         card = {
             "id": state.model_name,
             "object": "model",
@@ -106,7 +114,7 @@ def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
             {**card, "id": name, "root": path, "parent": state.model_name}
             for name, path in state.adapters.items()
         ]
-        return {"object": "list", "data": [card, *adapters]}
+        return [card, *adapters]
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(body: LoadLoRAAdapterRequest) -> Response:

@@ -71,15 +71,42 @@ def sampling_params(
         seed=body.seed,
         stop=tuple(body.stop or ()),
         stop_token_ids=tuple(body.stop_token_ids or ()),
+        logit_bias=body.logit_bias_pairs(),
         ignore_eos=body.ignore_eos,
         **extra,
     )
+    if asked == 0 and extra.get("prompt_logprobs") is None:
+        raise APIError(
+            400,
+            "max_tokens must be at least 1 "
+            "(0 only with echo and logprobs on /v1/completions, to score a prompt)",
+            "max_tokens",
+            "invalid_value",
+        )
     try:
         params = llm.default_params(**overrides)
         default = min(default_max or params.max_tokens, room)
         return replace(params, max_tokens=asked if asked is not None else default)
-    except SamplingParamsError as e:
-        raise APIError(400, str(e), None, "invalid_value") from None
+    except SamplingParamsError as e:  # "<field> must ...": the field is the request's of that name
+        field = str(e).split(" ", 1)[0]
+        raise APIError(
+            400, str(e), field if field in type(body).model_fields else None, "invalid_value"
+        ) from None
+
+
+def refuse_unsupported(body: SamplingFields) -> None:
+    """Fields of the OpenAI API this server does not carry out: a 400 naming each, never a silent
+    answer without them."""
+    extra = body.model_extra or {}
+    for name, instead in (("functions", "tools"), ("function_call", "tool_choice")):
+        if extra.get(name) is not None:
+            raise APIError(
+                400, f"{name} (the legacy form) is not supported; use {instead}", name, "unsupported"
+            )
+    if getattr(body, "best_of", None) not in (None, 1):
+        raise APIError(400, "best_of is not supported; ask for n choices instead", "best_of", "unsupported")
+    if getattr(body, "suffix", None):
+        raise APIError(400, "suffix is not supported", "suffix", "unsupported")
 
 
 def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
@@ -201,6 +228,7 @@ class Run:
                             f"the request took longer than --request-timeout ({timeout:g} s) and was stopped",
                             None,
                             "timeout",
+                            {"x-should-retry": "false"},  # the openai clients would run it twice more
                         )
                     arm()
                     continue
@@ -370,6 +398,7 @@ def chat_prompt(llm: LLM, body: ChatCompletionRequest) -> list[int]:
 async def chat_completions(state: ServerState, body: ChatCompletionRequest, request: Request):
     llm = state.llm
     adapter = state.check_model(body.model)
+    refuse_unsupported(body)
     prompt_ids = await asyncio.to_thread(chat_prompt, llm, body)
     plan = await asyncio.to_thread(plan_tools, llm, body, prompt_ids)
     extra = {
@@ -499,8 +528,7 @@ async def _chat_events(
 async def completions(state: ServerState, body: CompletionRequest, request: Request):
     llm = state.llm
     adapter = state.check_model(body.model)
-    if body.suffix:
-        raise APIError(400, "suffix is not supported", "suffix", "unsupported")
+    refuse_unsupported(body)
     prompts = [llm.encode(p) for p in body.prompts()]
     wants_logprobs = body.logprobs is not None
     choices: list[Choice] = []

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_N = 16
 MAX_STOP = 16
@@ -22,27 +22,64 @@ class StreamOptions(_Lenient):
     include_usage: bool = False
 
 
+def number(default: Any = None, **bounds: float) -> Any:
+    """A float field: a JSON number (an int too), never a string, a boolean, NaN or infinity."""
+    return Field(default, strict=True, allow_inf_nan=False, **bounds)
+
+
+def integer(default: Any = None, **bounds: Any) -> Any:
+    """An int field: a JSON integer, never "5", 5.0 or true (which lax parsing would take as 5 or 1)."""
+    return Field(default, strict=True, **bounds)
+
+
+def flag(default: bool = False) -> Any:
+    """A bool field: a JSON boolean, never "yes" or 1."""
+    return Field(default, strict=True)
+
+
 class SamplingFields(_Lenient):
-    """Fields shared by chat and text completions."""
+    """Fields shared by chat and text completions. Numbers and booleans are parsed strictly, and an
+    explicit null means the default for every field (the OpenAI API marks them nullable)."""
 
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=0)
-    max_completion_tokens: int | None = Field(None, ge=0)
-    temperature: float | None = Field(None, ge=0, le=100)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1)  # -1 or 0: off (vLLM uses -1)
-    min_p: float | None = Field(None, ge=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0, le=10)
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    seed: int | None = Field(None, ge=0, lt=2**63)
-    n: int = Field(1, ge=1, le=MAX_N)
+    max_tokens: int | None = integer(ge=0)
+    max_completion_tokens: int | None = integer(ge=0)
+    temperature: float | None = number(ge=0, le=100)
+    top_p: float | None = number(gt=0, le=1)
+    top_k: int | None = integer(ge=-1)  # -1 or 0: off (vLLM uses -1)
+    min_p: float | None = number(ge=0, le=1)
+    repetition_penalty: float | None = number(gt=0, le=10)
+    presence_penalty: float | None = number(ge=-2, le=2)
+    frequency_penalty: float | None = number(ge=-2, le=2)
+    seed: int | None = integer(ge=0, lt=2**63)
+    n: int = integer(1, ge=1, le=MAX_N)
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP)
-    ignore_eos: bool = False
-    stream: bool = False
+    logit_bias: dict[str, float] | None = None
+    ignore_eos: bool = flag()
+    stream: bool = flag()
     stream_options: StreamOptions | None = None
     user: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields}
+        return data
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (value or {}).items():
+            if not key.strip().isdigit():
+                raise ValueError(f"keys must be token ids, got {key!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"values must be in [-100, 100], got {bias} for token {key}")
+        return value
+
+    def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        return tuple(sorted((int(k), v) for k, v in (self.logit_bias or {}).items()))
 
     @field_validator("stop")
     @classmethod
@@ -90,21 +127,22 @@ class ChatMessage(_Lenient):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    logprobs: bool = flag()
+    top_logprobs: int | None = integer(ge=0, le=20)
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None  # none | auto | required | {"type": "function", ...}
     parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None  # text | json_object | json_schema
     chat_template_kwargs: dict[str, Any] | None = None
-    add_generation_prompt: bool = True
+    add_generation_prompt: bool = flag(True)
 
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(min_length=1)
-    echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = flag()
+    logprobs: int | None = integer(ge=0, le=20)
     suffix: str | None = None
+    best_of: int | None = integer(ge=1, le=MAX_N)
 
     @field_validator("prompt")
     @classmethod

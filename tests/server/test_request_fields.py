@@ -1,0 +1,86 @@
+"""Request fields as OpenAI's API defines them: null means the default, numbers and booleans are JSON
+numbers and booleans (never "5" or true for a count), logit_bias is applied, and the fields this server
+does not carry out are refused by name rather than ignored."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
+HELLO = [{"role": "user", "content": "hello"}]
+
+
+def post(server, path: str, body: dict) -> httpx.Response:
+    return httpx.post(server.url + path, json=body, timeout=120)
+
+
+def test_null_means_the_default(server):
+    base = {"messages": HELLO, "max_tokens": 4, "temperature": 0}
+    plain = post(server, CHAT, base).json()["choices"]
+    nulls = {"n": None, "logprobs": None, "stream": None, "ignore_eos": None, "add_generation_prompt": None}
+    assert post(server, CHAT, {**base, **nulls}).json()["choices"] == plain
+    text = {"prompt": "hello", "max_tokens": 4, "temperature": 0}
+    assert (
+        post(server, COMPLETIONS, {**text, "n": None, "echo": None, "best_of": None}).json()["choices"]
+        == post(server, COMPLETIONS, text).json()["choices"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("path", "fields", "param", "words"),
+    [
+        (CHAT, {"max_tokens": "5"}, "max_tokens", "valid integer"),
+        (CHAT, {"max_tokens": True}, "max_tokens", "valid integer"),
+        (CHAT, {"n": 2.0}, "n", "valid integer"),
+        (CHAT, {"stream": "yes"}, "stream", "valid boolean"),
+        (CHAT, {"temperature": "0.5"}, "temperature", "valid number"),
+        (COMPLETIONS, {"logprobs": True}, "logprobs", "valid integer"),
+        (
+            CHAT,
+            {"max_tokens": 0},
+            "max_tokens",
+            "max_tokens must be at least 1 (0 only with echo and logprobs",
+        ),
+        (CHAT, {"logit_bias": {"abc": 5}}, "logit_bias", "keys must be token ids, got 'abc'"),
+        (
+            CHAT,
+            {"logit_bias": {"5": 1000}},
+            "logit_bias",
+            "values must be in [-100, 100], got 1000.0 for token 5",
+        ),
+        (
+            CHAT,
+            {"functions": [{"name": "f"}]},
+            "functions",
+            "functions (the legacy form) is not supported; use tools",
+        ),
+        (COMPLETIONS, {"best_of": 3}, "best_of", "best_of is not supported; ask for n choices instead"),
+    ],
+)
+def test_a_wrong_type_or_unsupported_field_is_a_400_naming_it(server, path, fields, param, words):
+    body = {"messages": HELLO} if path == CHAT else {"prompt": "hello"}
+    r = post(server, path, {**body, "max_tokens": 2, **fields})
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["param"] == param and words in error["message"], error
+
+
+def test_nan_temperature_is_refused_as_not_finite(server):
+    raw = '{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": NaN}'
+    r = httpx.post(server.url + CHAT, content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
+    assert "finite number" in r.json()["error"]["message"]
+
+
+def test_logit_bias_forces_and_bans_tokens(server):
+    body = {"prompt": "hello", "max_tokens": 3, "temperature": 0}
+    piece = httpx.post(server.url + "/detokenize", json={"tokens": [65]}).json()["prompt"]
+    forced = post(server, COMPLETIONS, {**body, "logit_bias": {"65": 100}}).json()["choices"][0]
+    assert forced["text"] == piece * 3
+    first = post(server, COMPLETIONS, {**body, "max_tokens": 1}).json()["choices"][0]["text"]
+    ids = httpx.post(server.url + "/tokenize", json={"prompt": first, "add_special_tokens": False}).json()
+    banned = {str(t): -100 for t in ids["tokens"]}
+    other = post(server, COMPLETIONS, {**body, "max_tokens": 1, "logit_bias": banned}).json()["choices"][0]
+    assert len(ids["tokens"]) == 1 and other["text"] != first
+    out_of_vocabulary = post(server, COMPLETIONS, {**body, "logit_bias": {"99999999": 1}}).json()["error"]
+    assert "logit_bias token id 99999999 is outside the vocabulary" in out_of_vocabulary["message"]
