@@ -84,6 +84,18 @@ def test_bad_input_one_line_error(model_dir, capsys, args, message):
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
 
 
+def test_a_context_past_the_models_own_is_said(model_dir, capsys):
+    own = json.loads((model_dir / "config.json").read_text())["max_position_embeddings"]
+    args = ["generate", str(model_dir), "-p", "hi", "--max-new-tokens", "2", "--max-context", str(own + 1)]
+    assert main(args) == 0
+    assert capsys.readouterr().err.startswith(
+        f"warning: --max-context {own + 1} is past the model's own context of {own} tokens; "
+        f"positions past {own} were never trained and answers that reach them may be poor\n"
+    )
+    assert main([*args[:-1], str(own)]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_missing_model_is_one_line(tmp_path, capsys):
     assert main(["generate", str(tmp_path / "nope"), "-p", "x"]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -84,3 +84,18 @@ def test_logit_bias_forces_and_bans_tokens(server):
     assert len(ids["tokens"]) == 1 and other["text"] != first
     out_of_vocabulary = post(server, COMPLETIONS, {**body, "logit_bias": {"99999999": 1}}).json()["error"]
     assert "logit_bias token id 99999999 is outside the vocabulary" in out_of_vocabulary["message"]
+
+
+def test_tokenize_renders_messages_as_the_chat_request_does(server):
+    """/tokenize with messages and tools counts the prompt a chat request with them gets (the tools'
+    prompt included), not the messages alone."""
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    bare = httpx.post(server.url + "/tokenize", json={"messages": HELLO}).json()["count"]
+    counted = httpx.post(server.url + "/tokenize", json={"messages": HELLO, "tools": tools}).json()["count"]
+    used = post(server, CHAT, {"messages": HELLO, "tools": tools, "max_tokens": 1}).json()["usage"]
+    assert counted == used["prompt_tokens"] > bare
+
+
+def test_a_wrong_method_is_a_client_error(server):
+    r = httpx.get(server.url + CHAT)
+    assert r.status_code == 405 and r.json()["error"]["type"] == "invalid_request_error"

@@ -448,13 +448,28 @@ def test_react_forced_calls(steered_v1):
             "response_format",
             "schema",
         ),
+        (
+            {
+                "tools": [
+                    {
+                        "type": "function",
+                        "function": {"name": "f", "parameters": {"properties": {"a": {"type": "nonsense"}}}},
+                    }
+                ],
+                "tool_choice": "required",
+            },
+            "tools",
+            # llguidance's problem alone, not our generated grammar quoted after it
+            "the schema cannot be used for constrained decoding: failed to compile JSON schema: "
+            "Invalid type: nonsense",
+        ),
     ],
 )
 def test_bad_tool_fields_are_400(server, extra, param, words):
     r = post(server.url + "/v1/chat/completions", json={"messages": USER, **extra})
     assert r.status_code == 400, r.text
     err = r.json()["error"]
-    assert err["param"] == param and words in err["message"]
+    assert err["param"] == param and words in err["message"] and "\n" not in err["message"]
 
 
 # ---- constrained decoding (random model) ---------------------------------------------------------

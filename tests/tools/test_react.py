@@ -107,8 +107,8 @@ def test_openai_api_history_translation():
 def test_parse_react_reply_opening_with_action():
     """A forced call has no thought: the reply opens with ``Action:``."""
     m = parse_react('Action: get_weather\nAction Input: {"city":"Paris"}')
-    assert m.content == "" and [(c.name, json.loads(c.arguments)) for c in m.tool_calls] == [
-        ("get_weather", {"city": "Paris"})
+    assert m.content == "" and [(c.name, c.arguments) for c in m.tool_calls] == [
+        ("get_weather", '{"city":"Paris"}')  # as the model wrote it, not re-serialized with spaces
     ]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import sys
 from pathlib import Path
 
 from qwenkit.command_parser import int_at_least
@@ -112,7 +113,7 @@ def load_llm(args: argparse.Namespace, max_batch_size: int = 1, tensor_parallel=
     from qwenkit.generate import LLM
 
     path = resolve_model(args.model)
-    return LLM.load(
+    llm = LLM.load(
         path,
         dtype=args.dtype,
         device=args.device,
@@ -125,6 +126,20 @@ def load_llm(args: argparse.Namespace, max_batch_size: int = 1, tensor_parallel=
         dequantize=gguf_dequantize(args, path),
         cuda_graphs=args.cuda_graphs,
     )
+    warn_past_context(llm, "--max-context")
+    return llm
+
+
+def warn_past_context(llm, option: str) -> None:
+    """A context asked past the model's own is allowed (it is the user's experiment) but said once: the
+    positions past it were never trained, and answers that reach them may be poor."""
+    own, asked = llm.model.config.max_context, llm.engine.max_seq_len
+    if asked > own:
+        print(
+            f"warning: {option} {asked} is past the model's own context of {own} tokens; "
+            f"positions past {own} were never trained and answers that reach them may be poor",
+            file=sys.stderr,
+        )
 
 
 def add_tensor_parallel_arg(parser: argparse.ArgumentParser) -> None:

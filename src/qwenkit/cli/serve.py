@@ -27,6 +27,7 @@ from qwenkit.cli.common import (
     lead_tensor_parallel,
     resolve_model,
     wants_tensor_parallel,
+    warn_past_context,
 )
 from qwenkit.command_parser import CommandParser
 from qwenkit.errors import ConfigError
@@ -316,7 +317,7 @@ def load(args: argparse.Namespace, tp=None):
 
         torch.set_num_threads(int(args.threads))
     path = resolve_model(args.model)
-    return LLM.load(
+    llm = LLM.load(
         path,
         dtype=args.dtype,
         device=args.device,
@@ -334,6 +335,9 @@ def load(args: argparse.Namespace, tp=None):
         dequantize=gguf_dequantize(args, path),
         cuda_graphs=args.cuda_graphs,
     )
+    if tp is None or tp.rank == 0:
+        warn_past_context(llm, "--max-model-len")
+    return llm
 
 
 def serve(args: argparse.Namespace, api_key: str | None, llm, listener: socket.socket, note: str = "") -> int:

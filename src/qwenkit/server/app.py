@@ -139,11 +139,8 @@ def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
         state.check_model(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", "prompt")
-        if body.messages is not None:
-            messages = [m.as_template_message() for m in body.messages]
-            ids = llm.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=body.add_generation_prompt
-            )
+        if body.messages is not None:  # the prompt a chat request with these fields gets
+            ids = routes.chat_prompt(llm, body.as_chat_request())
         else:
             ids = llm.tokenizer.encode(body.prompt)
         return {"count": len(ids), "max_model_len": llm.engine.max_seq_len, "tokens": ids}

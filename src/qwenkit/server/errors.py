@@ -46,7 +46,7 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
     return {
         "error": {
             "message": message,
-            "type": _TYPES.get(status, "server_error"),
+            "type": _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error"),
             "param": param,
             "code": code,
         }

@@ -162,11 +162,22 @@ class CompletionRequest(SamplingFields):
 
 
 class TokenizeRequest(_Lenient):
+    """vLLM's ``/tokenize``: a prompt, or messages rendered as a chat request with the same fields would
+    render them (``tools`` and ``chat_template_kwargs`` included)."""
+
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    tools: list[dict[str, Any]] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
+
+    def as_chat_request(self) -> ChatCompletionRequest:
+        fields = ("messages", "tools", "chat_template_kwargs", "add_generation_prompt")
+        return ChatCompletionRequest.model_validate(
+            {**(self.model_extra or {}), **self.model_dump(include=set(fields))}
+        )
 
 
 class DetokenizeRequest(_Lenient):

@@ -99,10 +99,11 @@ def collect(events: list[Event], warnings: list[str]) -> ParsedMessage:
 
 
 def arguments_json(value: Any) -> str | None:
-    """Arguments as a JSON object text; a JSON string holding an object is unwrapped. None if neither."""
+    """Arguments as a JSON object text: a text holding an object is kept as the model wrote it (its
+    spacing, not re-serialized), an object is encoded. None if neither."""
     if isinstance(value, str):
         try:
-            value = json.loads(value)
+            return value.strip() if isinstance(json.loads(value), dict) else None
         except ValueError:
             return None
     return json.dumps(value, ensure_ascii=False) if isinstance(value, dict) else None

@@ -9,6 +9,7 @@ model cannot wander in whitespace until ``max_tokens`` runs out.
 from __future__ import annotations
 
 import json
+import re
 import threading
 from functools import lru_cache
 from typing import Any
@@ -165,8 +166,9 @@ class GrammarCompiler:
     def check(self, grammar: str) -> None:
         """Raise GrammarError naming the problem if ``grammar`` does not compile."""
         failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self.lltokenizer)
-        if failed:
-            raise GrammarError(f"the schema cannot be used for constrained decoding: {messages[0]}")
+        if failed:  # llguidance's first line names the problem; the rest quotes our generated grammar
+            problem = re.sub(r"^at \d+\(\d+\): ", "", messages[0].splitlines()[0])
+            raise GrammarError(f"the schema cannot be used for constrained decoding: {problem}")
 
     def __call__(self, grammar: str) -> GrammarConstraint:
         matcher = llguidance.LLMatcher(self.lltokenizer, grammar, log_level=0)
