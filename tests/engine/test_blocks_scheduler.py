@@ -48,11 +48,35 @@ def test_budget_chunks_prompts_and_decodes_first():
     rows = s.schedule().rows
     assert [(r.id, n) for r, n in rows] == [("a", 20)]  # the budget is spent on a's first chunk
     a.num_computed += 20
-    rows = s.schedule().rows
+    rows = s.schedule().rows  # b waits: a's prompt takes half the budget, and b starts on the rest
+    assert [(r.id, n) for r, n in rows] == [("a", 10), ("b", 10)]
+    a.num_computed += 10
+    b.num_computed += 10
+    rows = s.schedule().rows  # nobody waits: the oldest prompt takes the whole budget again
     assert [(r.id, n) for r, n in rows] == [("a", 20)]
     a.num_computed += 20
-    rows = s.schedule().rows
-    assert [(r.id, n) for r, n in rows] == [("a", 10), ("b", 10)]
+    b.num_computed += 20
+    b.output_ids.append(7)  # b decodes (one token to compute); a has two (a preempted one's recompute)
+    a.output_ids += [7, 8]
+    s.add(req("c", 30, start=200))
+    rows = s.schedule().rows  # the decoding row first, then a within its half, then c on the rest
+    assert [(r.id, n) for r, n in rows] == [("b", 1), ("a", 2), ("c", 17)]
+
+
+def test_a_decoding_request_never_waits_behind_a_long_prompt():
+    s = Scheduler(BlockManager(64, 16), max_batch=4, token_budget=16)
+    short, long = req("short", 4), req("long", 200, start=100)
+    s.add(short)
+    s.schedule()
+    short.num_computed = 4
+    short.output_ids.append(1)
+    s.add(long)
+    for _ in range(3):  # long takes its prompt in chunks; short decodes in every one of those steps
+        rows = s.schedule().rows
+        assert [(r.id, n) for r, n in rows] == [("short", 1), ("long", 15)]
+        short.num_computed += 1
+        short.output_ids.append(1)
+        long.num_computed += 15
 
 
 def test_preempts_newest_when_blocks_run_out():

@@ -61,21 +61,33 @@ class Scheduler:
     def schedule(self) -> Schedule:
         out = Schedule()
         budget = self.token_budget
-        # Running requests first, oldest first; the newest give way when blocks run out.
-        i = 0
-        while i < len(self.running) and budget > 0:
-            request = self.running[i]
-            n = min(request.num_tokens - request.num_computed, budget)
+        # Running requests first: decoding ones (a token each), then those still taking their prompt,
+        # oldest first. While another request waits for a row, a prompt takes at most half the budget,
+        # so a short request arriving behind a long prompt starts within a step or two instead of after
+        # the whole prompt (and no decoding request ever stalls behind a prefill).
+        share = self.token_budget
+        if self.waiting and len(self.running) < self.max_batch:
+            share = max(1, self.token_budget // 2)
+        order = [r for r in self.running if _left(r) <= 1] + [r for r in self.running if _left(r) > 1]
+        taken: set[int] = set()  # ids of requests this step computes, or preempted by it
+        for request in order:
+            if budget <= 0:
+                break
+            if id(request) in taken:  # preempted while an earlier row grew
+                continue
+            n = min(_left(request), budget, share)
             while not self._grow(request, request.num_computed + n):
-                victim = self.running[-1]
+                # the newest request not in this step gives way (the growing one itself, at the last)
+                victim = next((r for r in reversed(self.running) if id(r) not in taken), request)
                 self._preempt(victim)
                 out.preempted.append(victim)
+                taken.add(id(victim))
                 if victim is request:
                     break
             else:
                 out.rows.append((request, n))
+                taken.add(id(request))
                 budget -= n
-                i += 1
         if not out.preempted:
             self._admit(out, budget)
         return out
@@ -197,3 +209,8 @@ class Scheduler:
         self.blocks.free(request.block_table)
         request.block_table = []
         request.num_cached_blocks = 0
+
+
+def _left(request: Request) -> int:
+    """Tokens the request has yet to compute: one while it decodes, more while it takes its prompt."""
+    return request.num_tokens - request.num_computed
