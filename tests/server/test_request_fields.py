@@ -4,6 +4,8 @@ does not carry out are refused by name rather than ignored."""
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 
@@ -99,3 +101,32 @@ def test_tokenize_renders_messages_as_the_chat_request_does(server):
 def test_a_wrong_method_is_a_client_error(server):
     r = httpx.get(server.url + CHAT)
     assert r.status_code == 405 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.fixture(scope="module")
+def bundled_server():
+    """The bundled SmolLM2: a template without reasoning, so replies take the plain (parser-less) path."""
+    from live import LiveServer
+
+    from qwenkit.default_model import default_model_path
+    from qwenkit.generate import LLM
+    from qwenkit.server import ServerConfig, create_app
+
+    with LLM.load(default_model_path(), progress=False) as llm:
+        app = create_app(llm, ServerConfig(served_model_name="smol", response_cache_entries=0))
+        with LiveServer(app) as live:
+            yield live
+
+
+def test_stream_and_whole_logprobs_agree_when_a_stop_string_takes_all_the_text(bundled_server):
+    body = {"messages": HELLO, "max_tokens": 8, "temperature": 0, "logprobs": True}
+    text = post(bundled_server, CHAT, body).json()["choices"][0]["message"]["content"]
+    stopped = {**body, "stop": [text[:6]]}  # matches at the very start, over tokens: the content is empty
+    whole = post(bundled_server, CHAT, stopped).json()["choices"][0]
+    with httpx.stream("POST", bundled_server.url + CHAT, json={**stopped, "stream": True}, timeout=120) as s:
+        chunks = [json.loads(line[6:])["choices"][0] for line in s.iter_lines() if line.startswith("data: {")]
+    streamed = [t for c in chunks if c["logprobs"] for t in c["logprobs"]["content"]]
+    assert whole["message"]["content"] == ""
+    assert "".join(c["delta"].get("content") or "" for c in chunks) == ""
+    assert [t["token"] for t in streamed] == [t["token"] for t in whole["logprobs"]["content"]]
+    assert len(streamed) >= 2, (text, streamed)

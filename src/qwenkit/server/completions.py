@@ -491,7 +491,7 @@ async def _chat_events(
             parser = parsers.get(choice.index)
             lps = chat_logprobs(llm, delta.logprobs, hidden) if body.logprobs else None
             if parser is None:
-                if delta.text:
+                if delta.text or (lps and delta.logprobs):  # held-back text's logprobs go out too
                     yield chunk(choice.index, said(choice.index, {"content": delta.text}), None, lps)
             else:
                 events = parser.feed(delta.text)
