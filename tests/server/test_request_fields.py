@@ -130,3 +130,19 @@ def test_stream_and_whole_logprobs_agree_when_a_stop_string_takes_all_the_text(b
     assert "".join(c["delta"].get("content") or "" for c in chunks) == ""
     assert [t["token"] for t in streamed] == [t["token"] for t in whole["logprobs"]["content"]]
     assert len(streamed) >= 2, (text, streamed)
+
+
+def test_system_fingerprint_tells_another_dtype_or_weights_apart(chat_llm, tiny_chat_model):
+    """What a client resuming work against an endpoint can compare: the same model and settings give the
+    same fingerprint; another dtype, or other weights under the same config, give another."""
+    import torch
+
+    from qwenkit.generate import LLM
+    from qwenkit.server.state import model_fingerprint
+
+    same = LLM.load(tiny_chat_model, dtype="float32", progress=False)
+    bf16 = LLM.load(tiny_chat_model, dtype="bfloat16", progress=False)
+    prints = [model_fingerprint(llm) for llm in (chat_llm, same, bf16)]
+    with torch.no_grad():
+        same.model.model.norm.weight.add_(1.0)
+    assert prints[0] == prints[1] and len({*prints, model_fingerprint(same)}) == 3

@@ -45,8 +45,7 @@ class ServerState:
         self.metrics = ServerMetrics(self.llm.engine, self.config.served_model_name, lora)
         entries = self.config.response_cache_entries
         self.response_cache = ResponseCache(entries) if entries > 0 else None
-        digest = hashlib.sha256(repr(self.llm.config).encode()).hexdigest()[:12]
-        self.fingerprint = f"fp_qwenkit_{digest}"
+        self.fingerprint = f"fp_qwenkit_{model_fingerprint(self.llm)}"
 
     @property
     def model_name(self) -> str:
@@ -85,3 +84,16 @@ class ServerState:
         return secrets.compare_digest(
             hashlib.sha256(given.encode()).digest(), hashlib.sha256(expected.encode()).digest()
         )
+
+
+def model_fingerprint(llm) -> str:
+    """OpenAI's ``system_fingerprint``: what the answers depend on, so a client (``qwenkit eval`` resuming
+    a run) can tell that the server behind a name changed. The config and chat template, and each
+    weight's name, shape, dtype and first 4,096 values: another checkpoint, dtype or quantization
+    changes it, at the cost of reading a few megabytes at start-up rather than every weight."""
+    digest = hashlib.sha256(repr(llm.config).encode())
+    digest.update((getattr(llm.tokenizer, "chat_template", None) or "").encode())
+    for name, tensor in llm.model.state_dict().items():
+        digest.update(f"{name} {tuple(tensor.shape)} {tensor.dtype}".encode())
+        digest.update(tensor.detach().reshape(-1)[:4096].float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:12]
