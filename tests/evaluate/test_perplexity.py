@@ -100,3 +100,15 @@ def test_ppl_task_through_the_cli(tiny_chat_model, tmp_path, capsys):
     scores = json.loads((tmp_path / "run" / "results.json").read_text())["scores"]
     assert f"perplexity {scores['token_perplexity']:.3f} per token" in out
     assert scores["tokens_scored"] > 100 and scores["bytes"] == len(TEXT.encode())
+
+
+def test_a_directory_given_as_the_text_is_named_a_directory(tiny_chat_model, tmp_path, capsys):
+    from qwenkit.cli import main
+
+    args = ["eval", str(tiny_chat_model), "--task", "ppl", "--data", str(tmp_path), "--no-progress"]
+    assert main(args) == 2
+    assert capsys.readouterr().err == f"error: perplexity needs a text file: {tmp_path} is a directory\n"
+    assert main([*args[:4], "--data", str(tmp_path / "missing.txt")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: perplexity needs a text file: {tmp_path / 'missing.txt'} does not exist\n"
+    )

@@ -240,7 +240,7 @@ def test_a_run_of_another_model_is_not_resumed(local, tmp_path):
     again = run(local, settings, tmp_path, progress=False, model_record=first)
     assert again["timing"]["items_run"] == 0
     for changed, fields in (({"dtype": "float32"}, "dtype"), ({"quantization": "int4"}, "quantization")):
-        with pytest.raises(EvalDataError, match=f"holds a run of another model \\({fields} differ\\)"):
+        with pytest.raises(EvalDataError, match=f"holds a run of another model \\({fields} differs\\)"):
             run(local, settings, tmp_path, progress=False, model_record={**first, **changed})
 
 
@@ -280,3 +280,52 @@ def test_an_output_that_cannot_be_a_directory_is_refused_before_loading(tiny_cha
     ):
         assert qwenkit_main(["eval", str(tiny_chat_model), "--task", "gsm8k", "--output", str(output)]) == 2
         assert capsys.readouterr().err == message
+
+
+def test_ctrl_c_says_what_is_kept_and_the_same_command_resumes(
+    tiny_chat_model, tmp_path, capsys, monkeypatch
+):
+    """The first chunk of 16 is written; Ctrl-C in the second leaves those, and says how to go on."""
+    from qwenkit.evaluate.backends import LocalBackend
+
+    out = tmp_path / "run"
+    args = ["eval", str(tiny_chat_model), "--task", "gsm8k", "--limit", "17", "--batch-size", "1"]
+    args += ["--max-new-tokens", "2", "--dtype", "float32", "--no-progress", "--output", str(out)]
+    complete, calls = LocalBackend.complete, []
+
+    def interrupted_second_time(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return complete(self, *a, **k)
+
+    monkeypatch.setattr(LocalBackend, "complete", interrupted_second_time)
+    assert qwenkit_main(args) == 130
+    assert capsys.readouterr().err == (
+        f"interrupted: 16 samples kept in {out / 'samples.jsonl'}; rerun the same command to resume\n"
+    )
+    monkeypatch.setattr(LocalBackend, "complete", complete)
+    assert qwenkit_main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["timing"]["items_run"] == 1 and results["scores"]["n"] == 17
+
+
+def test_an_adapter_is_applied_and_named(tiny_chat_model, tmp_path, capsys):
+    """``--adapter`` runs the model through the LoRA adapter (the letter scores move), the record names the
+    adapter's files, and a run without it is not resumed into that directory."""
+    from factories import write_lora_adapter
+
+    from qwenkit.evaluate.results import files_sha256
+
+    adapter = write_lora_adapter(tiny_chat_model, tmp_path / "lora", seed=3)
+    args = ["eval", str(tiny_chat_model), "--task", "mmlu", "--limit", "1", "--subjects", "virology"]
+    args += ["--dtype", "float32", "--no-progress"]
+    assert qwenkit_main([*args, "--output", str(tmp_path / "base")]) == 0
+    assert qwenkit_main([*args, "--output", str(tmp_path / "lora-run"), "--adapter", str(adapter)]) == 0
+    base, tuned = (json.loads((tmp_path / d / "samples.jsonl").read_text()) for d in ("base", "lora-run"))
+    assert base["scores"] != pytest.approx(tuned["scores"], abs=1e-4)
+    record = json.loads((tmp_path / "lora-run" / "results.json").read_text())["record"]
+    assert record["adapter"] == files_sha256(adapter) and record["adapter_path"] == str(adapter)
+    capsys.readouterr()
+    assert qwenkit_main([*args, "--output", str(tmp_path / "lora-run")]) == 2
+    assert "holds a run of another model (adapter differs)" in capsys.readouterr().err

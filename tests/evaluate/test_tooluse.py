@@ -425,6 +425,7 @@ def test_endpoint_run_through_qwenkit_serve_matches_local(
     local_rows = run_rows(LocalBackend(steered_local), bfcl_subset, tmp_path / "local")[1]
     with steered_server(tiny_chat_model) as served:
         live, llm, pending = served
+        pending.append(llm.tokenizer.encode("hi", allow_special=True))  # the run's system_fingerprint ask
         for reply in REPLIES.values():
             pending.append(llm.tokenizer.encode(reply, allow_special=True))
         results, rows = run_rows(EndpointBackend(live.url, concurrency=1), bfcl_subset, tmp_path / "endpoint")

@@ -12,6 +12,7 @@ qwenkit eval Qwen2.5-72B-Instruct --task mmlu --device cuda --tensor-parallel 4
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,6 +27,7 @@ from qwenkit.cli.common import (
 )
 from qwenkit.command_parser import CommandParser
 from qwenkit.errors import QwenkitError
+from qwenkit.evaluate.extract import CHOICE_EXTRACTORS, NUMBER_EXTRACTORS
 
 if TYPE_CHECKING:
     from qwenkit.distributed import TensorParallel
@@ -62,7 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=512)
-    p.add_argument("--extractor", help="answer extractor name (see the README's catalogue)")
+    p.add_argument(
+        "--extractor",
+        help=f"answer extractor: {', '.join(CHOICE_EXTRACTORS)} (MMLU/C-Eval --method generate), "
+        f"{', '.join(NUMBER_EXTRACTORS)} (GSM8K)",
+    )
     p.add_argument("--timeout", type=float, default=10.0, help="HumanEval: seconds per program")
     p.add_argument("--window", type=int, default=2048, help="ppl: tokens per window")
     p.add_argument("--stride", type=int, default=512, help="ppl: new tokens scored per window (< window)")
@@ -72,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="directory for results.json and samples.jsonl (resumes if present)")
     p.add_argument("--endpoint", help="OpenAI-compatible server URL instead of a local model")
     p.add_argument("--api-key")
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="--endpoint: seconds to wait for each answer (default 600)",
+    )
     p.add_argument("--model", dest="served_model", help="model name to send to the endpoint")
     p.add_argument("--rescore", metavar="DIR", help="recompute DIR/results.json from its samples")
     p.add_argument("--compare", nargs="+", metavar="RESULTS", help="print a table of results files")
@@ -91,15 +103,56 @@ def main(argv: list[str]) -> int:
         results = runner.rescore_dir(args.rescore, args.extractor)
         print(format_results(results))
         return 0
+    _check_model_source(args)
     settings = _settings(args)
-    if args.output:  # before the model loads: a path that cannot hold the run
+    if args.output:  # before the model loads: a path that cannot hold the run, or one in use
+        from qwenkit.evaluate.lock import check_free
+
         output = Path(args.output)
         if output.exists() and not output.is_dir():
             raise EvalUsageError(f"--output {output} is a file; give a directory")
         check_writable(output)
-    if not args.endpoint and wants_tensor_parallel(args):
-        return run_tensor_parallel(args, rank_main)
-    return _evaluate(args, settings)
+        check_free(output)
+    try:
+        if not args.endpoint and wants_tensor_parallel(args):
+            return run_tensor_parallel(args, rank_main)
+        return _evaluate(args, settings)
+    except KeyboardInterrupt:
+        print(_interrupted(args.output), file=sys.stderr)
+        return 130
+
+
+def _check_model_source(args: argparse.Namespace) -> None:
+    """One model: a local one (the positional, or the bundled default) or an endpoint, never both; the
+    endpoint's own options only with it."""
+    if args.endpoint and args.model:
+        raise EvalUsageError(f"give a model ({args.model}) or --endpoint ({args.endpoint}), not both")
+    if not args.endpoint:
+        given = [
+            flag
+            for flag, value in (
+                ("--api-key", args.api_key),
+                ("--model", args.served_model),
+                ("--request-timeout", args.request_timeout),
+            )
+            if value is not None
+        ]
+        if given:
+            verb = "goes" if len(given) == 1 else "go"
+            raise EvalUsageError(f"{' and '.join(given)} {verb} with --endpoint (a server to evaluate)")
+    if args.request_timeout is not None and args.request_timeout <= 0:
+        raise EvalUsageError(f"--request-timeout must be above 0 seconds, got {args.request_timeout:g}")
+
+
+def _interrupted(output: str | None) -> str:
+    """What Ctrl-C leaves: the samples written so far, and how to go on from them."""
+    if not output:
+        return "interrupted: nothing is kept without --output"
+    from qwenkit.evaluate.results import SAMPLES
+
+    samples = Path(output) / SAMPLES
+    kept = sum(1 for line in samples.open(encoding="utf-8") if line.strip()) if samples.exists() else 0
+    return f"interrupted: {kept} samples kept in {samples}; rerun the same command to resume"
 
 
 def rank_main(tp, args: argparse.Namespace) -> None:
@@ -139,7 +192,7 @@ def _settings(args: argparse.Namespace) -> Settings:
     method = args.method or ("loglik" if args.task in ("mmlu", "ceval") else "generate")
     if args.task in ("gsm8k", "humaneval", "passkey") and args.method is None:
         method = "loglik"  # base completion; --method generate for chat models
-    return runner.Settings(
+    settings = runner.Settings(
         task=args.task,
         method=method,
         shots=args.shots,
@@ -157,6 +210,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         depths=args.depths,
         trials=args.trials,
     )
+    runner.check_settings(settings)  # before the model loads
+    return settings
 
 
 def _evaluate(args: argparse.Namespace, settings: Settings, tp: TensorParallel | None = None) -> int:
@@ -166,7 +221,13 @@ def _evaluate(args: argparse.Namespace, settings: Settings, tp: TensorParallel |
     if args.endpoint:
         from qwenkit.evaluate.backends import EndpointBackend
 
-        backend = EndpointBackend(args.endpoint, args.served_model, args.api_key, concurrency=args.batch_size)
+        backend = EndpointBackend(
+            args.endpoint,
+            args.served_model,
+            args.api_key,
+            concurrency=args.batch_size,
+            timeout=args.request_timeout or 600.0,
+        )
         record = None
     else:
         from qwenkit.evaluate.backends import LocalBackend
@@ -183,9 +244,10 @@ def _evaluate(args: argparse.Namespace, settings: Settings, tp: TensorParallel |
             dequantize=gguf_dequantize(args, path),
             cuda_graphs=args.cuda_graphs,
             tensor_parallel=tp,
+            adapter=args.adapter,
         )
         backend = LocalBackend(llm, batch_size=args.batch_size)
-        record = runner.model_record(path, llm, args.dtype, args.quantize)
+        record = runner.model_record(path, llm, args.dtype, args.quantize, args.adapter)
     results = runner.run(backend, settings, args.output, progress=not args.no_progress, model_record=record)
     print(format_results(results))
     return 0

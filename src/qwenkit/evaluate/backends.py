@@ -258,17 +258,23 @@ def _with(params: Any, **changes: Any) -> Any:
 GREEDY = {"temperature": 0, "repetition_penalty": 1.0}
 
 
+class EndpointRefusal(BackendError):
+    """The endpoint answered, with an HTTP status other than 200."""
+
+
 @dataclass
 class EndpointBackend:
     """An OpenAI-compatible server. Letter scoring sends each context + candidate as token ids with
     ``echo`` and ``logprobs=0`` and ``max_tokens=0``, and reads the last prompt token's log-probability
-    (the contract lm-eval's ``local-completions`` relies on)."""
+    (the contract lm-eval's ``local-completions`` relies on). A reply that is not what that contract
+    says (not JSON, a field missing) or none within ``timeout`` seconds is a one-line ``BackendError``
+    naming the endpoint."""
 
     url: str
     model: str | None = None
     api_key: str | None = None
     concurrency: int = 4
-    timeout: float = 600.0
+    timeout: float = 600.0  # seconds a request may wait for its answer (--request-timeout)
     name: str = "endpoint"
 
     def __post_init__(self) -> None:
@@ -285,27 +291,59 @@ class EndpointBackend:
 
         if self.model:
             body = {"model": self.model, **body}
+        where = f"endpoint {self.url}{path}"
         try:
             response = self._client.post(self.url + path, json=body)
-        except httpx.HTTPError as e:
-            raise BackendError(f"endpoint {self.url}{path}: {e}") from None
-        if response.status_code != 200:
+        except httpx.TimeoutException:
             raise BackendError(
-                f"endpoint {self.url}{path} answered {response.status_code}: {response.text[:200]}"
-            )
-        return response.json()
+                f"{where} did not answer within {self.timeout:g} s (--request-timeout)"
+            ) from None
+        except httpx.HTTPError as e:
+            raise BackendError(f"{where}: {e}") from None
+        if response.status_code != 200:
+            raise EndpointRefusal(f"{where} answered {response.status_code}: {_excerpt(response.text)}")
+        try:
+            reply = response.json()
+        except ValueError:
+            kind = response.headers.get("content-type", "no content type")
+            raise BackendError(
+                f"{where} answered with a body that is not JSON ({kind}): {_excerpt(response.text)}"
+            ) from None
+        if not isinstance(reply, dict):
+            raise BackendError(f"{where} answered JSON that is not an object: {_excerpt(response.text)}")
+        return reply
+
+    def _field(self, reply: dict[str, Any], path: str, *keys: str | int) -> Any:
+        """``reply[k0][k1]...``, or a one-line error naming the endpoint and the field it lacks."""
+        value: Any = reply
+        for n, key in enumerate(keys):
+            try:
+                value = value[key]
+            except (KeyError, IndexError, TypeError):
+                field = "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in keys[: n + 1])
+                raise BackendError(
+                    f"endpoint {self.url}{path} answered without {field.lstrip('.')}: "
+                    f"{_excerpt(json.dumps(reply))}"
+                ) from None
+        return value
 
     def _map(self, fn: Any, items: Sequence[Any]) -> list[Any]:
-        with ThreadPoolExecutor(max_workers=max(1, self.concurrency)) as pool:
+        pool = ThreadPoolExecutor(max_workers=max(1, self.concurrency))
+        try:
             return list(pool.map(fn, items))
+        finally:  # after a failure, requests not yet sent stay unsent (each could wait --request-timeout)
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def encode(self, text: str) -> list[int]:
-        return self._post("/tokenize", {"prompt": text, "add_special_tokens": False})["tokens"]
+        reply = self._post("/tokenize", {"prompt": text, "add_special_tokens": False})
+        return self._field(reply, "/tokenize", "tokens")
 
     def max_context(self) -> int | None:
         return None  # not part of the OpenAI API: passkey lengths default to 1k..32k
 
     def next_token_logprobs(self, contexts: Sequence[list[int]], candidates: list[int]) -> list[list[float]]:
+        path = "/v1/completions"
+
         def one(context: list[int]) -> list[float]:
             body = {
                 "prompt": [[*context, c] for c in candidates],
@@ -314,25 +352,36 @@ class EndpointBackend:
                 "logprobs": 0,
                 "temperature": 0,
             }
-            choices = sorted(self._post("/v1/completions", body)["choices"], key=lambda c: c["index"])
-            values = [c["logprobs"]["token_logprobs"][-1] for c in choices]
+            reply = self._post(path, body)
+            n = len(self._field(reply, path, "choices"))
+            order = sorted(range(n), key=lambda i: self._field(reply, path, "choices", i, "index"))
+            values = [self._field(reply, path, "choices", i, "logprobs", "token_logprobs", -1) for i in order]
             if len(values) != len(candidates) or any(v is None for v in values):
-                raise BackendError("the endpoint returned no prompt log-probabilities (echo + logprobs)")
+                raise BackendError(
+                    f"endpoint {self.url}{path} returned no prompt log-probabilities (echo + logprobs)"
+                )
             return values
 
         return self._map(one, contexts)
 
     def sequence_logprobs(self, sequences: Sequence[list[int]]) -> list[list[float]]:
+        path = "/v1/completions"
+
         def one(seq: list[int]) -> list[float]:
             body = {"prompt": seq, "max_tokens": 0, "echo": True, "logprobs": 0, "temperature": 0}
-            values = self._post("/v1/completions", body)["choices"][0]["logprobs"]["token_logprobs"][1:]
+            reply = self._post(path, body)
+            values = self._field(reply, path, "choices", 0, "logprobs", "token_logprobs")[1:]
             if any(v is None for v in values):
-                raise BackendError("the endpoint returned no prompt log-probabilities (echo + logprobs)")
+                raise BackendError(
+                    f"endpoint {self.url}{path} returned no prompt log-probabilities (echo + logprobs)"
+                )
             return values
 
         return self._map(one, sequences)
 
     def complete(self, prompts: Sequence[str], max_tokens: int, stop: Sequence[str]) -> list[str]:
+        path = "/v1/completions"
+
         def one(prompt: str) -> str:
             body = {
                 "prompt": prompt,
@@ -340,14 +389,16 @@ class EndpointBackend:
                 "temperature": 0,
                 "stop": list(stop)[:4] or None,
             }
-            return self._post("/v1/completions", body)["choices"][0]["text"]
+            return self._field(self._post(path, body), path, "choices", 0, "text")
 
         return self._map(one, prompts)
 
     def chat(self, messages: Sequence[list[dict[str, str]]], max_tokens: int) -> list[str]:
+        path = "/v1/chat/completions"
+
         def one(conversation: list[dict[str, str]]) -> str:
             body = {"messages": conversation, "max_tokens": max_tokens, **GREEDY}
-            return self._post("/v1/chat/completions", body)["choices"][0]["message"]["content"] or ""
+            return self._field(self._post(path, body), path, "choices", 0, "message", "content") or ""
 
         return self._map(one, messages)
 
@@ -355,6 +406,7 @@ class EndpointBackend:
         self, messages: Sequence[list[dict[str, Any]]], tools: Sequence[list[dict[str, Any]]], max_tokens: int
     ) -> list[ToolReply]:
         """The OpenAI ``tools`` field with ``tool_choice: auto``; the server parses the calls."""
+        path = "/v1/chat/completions"
 
         def one(pair: tuple[list[dict[str, Any]], list[dict[str, Any]]]) -> ToolReply:
             conversation, offered = pair
@@ -364,7 +416,13 @@ class EndpointBackend:
                 "tool_choice": "auto",
                 "max_tokens": max_tokens,
             }
-            message = self._post("/v1/chat/completions", {**body, **GREEDY})["choices"][0]["message"]
+            reply = self._post(path, {**body, **GREEDY})
+            message = self._field(reply, path, "choices", 0, "message")
+            if not isinstance(message, dict):
+                raise BackendError(
+                    f"endpoint {self.url}{path} answered a choices[0].message that is not an object: "
+                    f"{_excerpt(json.dumps(reply))}"
+                )
             calls = []
             for call in message.get("tool_calls") or []:
                 fn = call.get("function") or {}
@@ -376,4 +434,25 @@ class EndpointBackend:
         return self._map(one, list(zip(messages, tools, strict=True)))
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": "endpoint", "url": self.url, "model": self.model}
+        return {
+            "backend": "endpoint",
+            "url": self.url,
+            "model": self.model,
+            "system_fingerprint": self.system_fingerprint(),
+        }
+
+    def system_fingerprint(self) -> str | None:
+        """The server's ``system_fingerprint`` from a one-token chat answer: what tells a resumed run
+        that another model (or dtype, or quantization) now answers behind the same URL and name, where
+        the server sets it (qwenkit serve does; None otherwise, or where the endpoint has no chat)."""
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, **GREEDY}
+        try:
+            return self._post("/v1/chat/completions", body).get("system_fingerprint")
+        except EndpointRefusal:  # no chat here; an endpoint that is down or silent fails the run now
+            return None
+
+
+def _excerpt(text: str, length: int = 120) -> str:
+    """The start of a reply body on one line (an HTML page or a traceback has many)."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= length else flat[:length] + "..."

@@ -83,10 +83,15 @@ def score_generate(
     replies = backend.chat([[{"role": "user", "content": p}] for p in prompts], max_tokens)
     rows = []
     for item, prompt, reply in zip(items, prompts, replies, strict=True):
-        answer, thinking = strip_thinking(reply)
-        pred = extractor(answer, item.choices, item.question) if answer.strip() else ""
-        rows.append(_row(item, prompt, output=reply, pred=pred, thinking=thinking))
+        pred = _extract(reply, item.choices, item.question, extractor)
+        rows.append(_row(item, prompt, output=reply, pred=pred, thinking=strip_thinking(reply)[1]))
     return rows
+
+
+def _extract(reply: str, choices: Sequence[str], question: str, extractor: Callable[..., str]) -> str:
+    """The letter a chat reply chose: its thinking stripped, then the extractor ("" for no answer)."""
+    answer, _ = strip_thinking(reply)
+    return extractor(answer, tuple(choices), question) if answer.strip() else ""
 
 
 def _row(item: MCItem, prompt: str, output: str | None, pred: str, **extra) -> dict:
@@ -102,17 +107,17 @@ def _row(item: MCItem, prompt: str, output: str | None, pred: str, **extra) -> d
     }
 
 
-def rescore(rows: Sequence[dict], extractor: Callable[..., str] | None, items: dict[str, MCItem]) -> None:
-    """Re-extract saved chat outputs (or re-argmax saved scores) in place, without running the model."""
-    for row in rows:
-        if row.get("scores"):
-            scores = row["scores"]
-            row["extracted"] = max(LETTERS, key=lambda letter: scores[letter])
-        elif extractor is not None and row.get("output") is not None:
-            item = items[row["id"]]
-            answer, _ = strip_thinking(row["output"])
-            row["extracted"] = extractor(answer, item.choices, item.question) if answer.strip() else ""
-        row["correct"] = bool(row["gold"]) and row["extracted"] == row["gold"]
+def rejudge(row: dict, extractor: Callable[..., str] | None) -> dict:
+    """A saved row's prediction and verdict again, without the model: the most probable letter of its
+    saved scores (loglik), or ``extractor`` on its saved reply (generate)."""
+    if row.get("scores"):
+        scores = row["scores"]
+        pred = max(LETTERS, key=lambda letter: scores[letter])
+    elif extractor is not None and row.get("output") is not None:
+        pred = _extract(row["output"], row["choices"], row["question"], extractor)
+    else:
+        pred = row["extracted"]
+    return {"extracted": pred, "correct": bool(row["gold"]) and pred == row["gold"]}
 
 
 def aggregate(rows: Sequence[dict], category_of: Callable[[str], str], headline: str) -> dict:

@@ -65,6 +65,8 @@ def perplexity(backend: Backend, text: str, window: int, stride: int) -> dict[st
 
 def read_text(path: str | Path) -> str:
     p = Path(path)
+    if p.is_dir():
+        raise EvalDataError(f"perplexity needs a text file: {p} is a directory")
     if not p.is_file():
         raise EvalDataError(f"perplexity needs a text file: {p} does not exist")
     try:

