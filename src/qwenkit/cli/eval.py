@@ -24,6 +24,7 @@ from qwenkit.cli.common import (
     resolve_model,
     run_tensor_parallel,
     wants_tensor_parallel,
+    warn_past_context,
 )
 from qwenkit.command_parser import CommandParser
 from qwenkit.errors import QwenkitError
@@ -246,6 +247,8 @@ def _evaluate(args: argparse.Namespace, settings: Settings, tp: TensorParallel |
             tensor_parallel=tp,
             adapter=args.adapter,
         )
+        if tp is None or tp.rank == 0:
+            warn_past_context(llm, "--max-context")
         backend = LocalBackend(llm, batch_size=args.batch_size)
         record = runner.model_record(path, llm, args.dtype, args.quantize, args.adapter)
     results = runner.run(backend, settings, args.output, progress=not args.no_progress, model_record=record)
