@@ -1,0 +1,92 @@
+"""A request's fields as the engine's SamplingParams: the model's defaults under them, max_tokens fitted
+to the context window, the seeds of n choices, and the OpenAI fields this server refuses by name."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from qwenkit.engine import SamplingParams, SamplingParamsError
+from qwenkit.generate import LLM
+from qwenkit.server.errors import APIError
+from qwenkit.server.schemas import ChatCompletionRequest, SamplingFields
+
+
+def sampling_params(
+    llm: LLM, body: SamplingFields, prompt_len: int, default_max: int | None, **extra: object
+) -> SamplingParams:
+    """The request's SamplingParams over the model's defaults, with max_tokens fitted to the context."""
+    window = llm.engine.max_seq_len
+    if prompt_len >= window:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {window} tokens. However, your prompt has "
+            f"{prompt_len} tokens. Please reduce the length of the prompt.",
+            "messages" if isinstance(body, ChatCompletionRequest) else "prompt",
+            "context_length_exceeded",
+        )
+    asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    room = window - prompt_len
+    if asked is not None and asked > room:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {window} tokens. However, you requested "
+            f"{prompt_len + asked} tokens ({prompt_len} in the prompt, {asked} for the completion). "
+            "Please reduce the length of the prompt or completion.",
+            "max_tokens",
+            "context_length_exceeded",
+        )
+    top_k = body.top_k if body.top_k is None or body.top_k > 0 else 0
+    overrides = dict(
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=top_k,
+        min_p=body.min_p,
+        repetition_penalty=body.repetition_penalty,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        seed=body.seed,
+        stop=tuple(body.stop or ()),
+        stop_token_ids=tuple(body.stop_token_ids or ()),
+        logit_bias=body.logit_bias_pairs(),
+        ignore_eos=body.ignore_eos,
+        **extra,
+    )
+    if asked == 0 and extra.get("prompt_logprobs") is None:
+        raise APIError(
+            400,
+            "max_tokens must be at least 1 "
+            "(0 only with echo and logprobs on /v1/completions, to score a prompt)",
+            "max_tokens",
+            "invalid_value",
+        )
+    try:
+        params = llm.default_params(**overrides)
+        default = min(default_max or params.max_tokens, room)
+        return replace(params, max_tokens=asked if asked is not None else default)
+    except SamplingParamsError as e:  # "<field> must ...": the field is the request's of that name
+        field = str(e).split(" ", 1)[0]
+        raise APIError(
+            400, str(e), field if field in type(body).model_fields else None, "invalid_value"
+        ) from None
+
+
+def refuse_unsupported(body: SamplingFields) -> None:
+    """Fields of the OpenAI API this server does not carry out: a 400 naming each, never a silent
+    answer without them."""
+    extra = body.model_extra or {}
+    for name, instead in (("functions", "tools"), ("function_call", "tool_choice")):
+        if extra.get(name) is not None:
+            raise APIError(
+                400, f"{name} (the legacy form) is not supported; use {instead}", name, "unsupported"
+            )
+    if getattr(body, "best_of", None) not in (None, 1):
+        raise APIError(400, "best_of is not supported; ask for n choices instead", "best_of", "unsupported")
+    if getattr(body, "suffix", None):
+        raise APIError(400, "suffix is not supported", "suffix", "unsupported")
+
+
+def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
+    """n choices of one prompt: seeded requests get seed, seed+1, ... so they differ yet reproduce."""
+    if n == 1 or params.seed is None:
+        return [params] * n
+    return [replace(params, seed=params.seed + i) for i in range(n)]
