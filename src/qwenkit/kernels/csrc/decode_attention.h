@@ -345,13 +345,18 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& kc, const at:
   // a row's heads must be contiguous; rows may be apart (decode_layer's q: a view into the q/k/v rows)
   const at::Tensor qc = q.stride(2) == 1 && q.stride(1) == D ? q : q.contiguous();
   const int64_t q_row = qc.stride(0);
-  const at::Tensor gc = gather.contiguous(), pc = positions.contiguous();
+  // Rows may share one gather row (stride 0: a prompt chunk's queries, each its own row, all over the
+  // chunk's keys), read in place rather than copied n times.
+  const at::Tensor gc = gather.stride(1) == 1 ? gather : gather.contiguous(), pc = positions.contiguous();
   const int64_t* gp = gc.data_ptr<int64_t>();
   const int64_t* pp = pc.data_ptr<int64_t>();
+  const int64_t g_row = gc.stride(0);
   for (int64_t b = 0; b < B; ++b)
     TORCH_CHECK(pp[b] >= 0 && pp[b] < S, "qwenkit decode_attention: position ", pp[b], " outside the ", S, " gathered keys");
-  for (int64_t i = 0; i < B * S; ++i)
-    TORCH_CHECK(gp[i] >= 0 && gp[i] < slots, "qwenkit decode_attention: slot ", gp[i], " outside the pool");
+  for (int64_t b = 0; b < (g_row == 0 ? std::min<int64_t>(B, 1) : B); ++b)
+    for (int64_t j = 0; j < S; ++j)
+      TORCH_CHECK(gp[b * g_row + j] >= 0 && gp[b * g_row + j] < slots, "qwenkit decode_attention: slot ",
+                  gp[b * g_row + j], " outside the pool");
   at::Tensor out = at::empty({B, H, D}, q.options());
   if (B == 0 || H == 0) return out;
   const uint16_t* qp = reinterpret_cast<const uint16_t*>(qc.data_ptr<at::BFloat16>());
@@ -380,7 +385,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& kc, const at:
       const int64_t chunks = (first[b + 1] - first[b]) / Hkv, c = (t - first[b]) / Hkv, h = (t - first[b]) % Hkv,
                     j0 = c * kAttnChunk, count = std::min<int64_t>(kAttnChunk, pp[b] + 1 - j0);
       for (int64_t j = 0; j < count; ++j) {
-        const int64_t row = gp[b * S + j0 + j] * Hkv * D;
+        const int64_t row = gp[b * g_row + j0 + j] * Hkv * D;
         if (h == 0 && Hkv > 1) {
           attn_prefetch_row<_MM_HINT_T1>(kp + row, 2 * Hkv * D);
           attn_prefetch_row<_MM_HINT_T1>(vp + row, 2 * Hkv * D);
