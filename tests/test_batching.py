@@ -224,7 +224,7 @@ def test_bf16_logits_sample_as_their_float32_widening(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(not kernels.available(), reason="needs the CPU kernels")
-def test_bf16_prompt_logprobs_do_not_depend_on_how_prompts_are_cut(tmp_path_factory):
+def test_bf16_prompt_logprobs_do_not_depend_on_how_prompts_are_cut(tmp_path_factory, monkeypatch):
     """On the kernels' bfloat16 path a query's attention depends only on its position and keys: a
     prompt's log-probabilities are the same bits whether it ran whole and alone, or cut into small chunks
     sharing steps with other prompts (torch's SDPA differed here, by up to 0.45 nats on the bundled
@@ -242,3 +242,7 @@ def test_bf16_prompt_logprobs_do_not_depend_on_how_prompts_are_cut(tmp_path_fact
     whole = [prompt_logprobs(512, [p])[0] for p in PROMPTS]
     assert prompt_logprobs(8, PROMPTS) == whole
     assert prompt_logprobs(5, PROMPTS[::-1]) == whole[::-1]
+    from qwenkit.engine import kv_cache
+
+    monkeypatch.setattr(kv_cache, "PARTIALS_BYTES", 1)  # one query a kernel call: the same bits again
+    assert prompt_logprobs(512, PROMPTS) == whole

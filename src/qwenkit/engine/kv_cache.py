@@ -72,6 +72,30 @@ class _ChunkRow:
         return self._positions
 
 
+# decode_attention keeps every (query, 128-key block, KV head)'s partial softmax until it combines them:
+# queries go in groups whose partials stay under this (a 7B shape's 512 queries at 32k keys would want ~2 GB)
+PARTIALS_BYTES = 64 << 20
+
+
+def _chunk_as_decoding_rows(
+    queries: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, row: _ChunkRow, scale: float
+) -> torch.Tensor:
+    """A prompt chunk's attention, each query (n, H, D) as a decoding row over the chunk's keys (one
+    gather row, shared): a query's arithmetic depends on its position and keys alone, so groups of
+    queries give the same bits as one call."""
+    n, heads, dim = queries.shape
+    per_query = heads * (dim + 2) * 4 * (-(-(row.start + n) // 128))
+    group = max(1, PARTIALS_BYTES // per_query)
+    gather, positions = row.slots[None].expand(n, -1), row.positions()
+    parts = [
+        kernels.decode_attention(
+            queries[i : i + group], kc, vc, gather[i : i + group], positions[i : i + group], scale
+        )
+        for i in range(0, n, group)
+    ]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 class StepAttention:
     """Implements ``qwenkit.model.KVCache`` for one step; built once, used by every layer."""
 
@@ -167,9 +191,8 @@ class StepAttention:
                 scale, queries = q.shape[-1] ** -0.5, qr[0].transpose(0, 1)  # (n, H, D)
                 if self.fast_prefill:
                     out = kernels.prefill_attention(queries, kc, vc, row.slots, row.start, scale)
-                else:  # each query as a decoding row over the chunk's keys (one gather row, shared)
-                    gather = row.slots[None].expand(row.length, -1)
-                    out = kernels.decode_attention(queries, kc, vc, gather, row.positions(), scale)
+                else:
+                    out = _chunk_as_decoding_rows(queries, kc, vc, row, scale)
                 parts.append(out.transpose(0, 1))  # (H, n, D)
                 continue
             if row.start == 0:
