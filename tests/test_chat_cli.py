@@ -115,15 +115,17 @@ def test_a_failed_answer_or_a_mistyped_setting_keeps_the_chat(tiny_chat_model):
 
 
 def test_chat_refuses_an_empty_question_and_a_bad_context(tiny_chat_model):
-    for args, message in [
-        (["-p", "  "], "error: the question is empty\n"),
+    for stdin, args, message in [
+        ("", ["-p", "  "], "error: the question is empty\n"),
+        (" \n", ["-p", "-"], "error: the question is empty\n"),  # read before the model loads
         (
+            "",
             ["-p", "hi", "--max-context", "-5"],
             "error: argument --max-context: must be at least 2 tokens (a prompt token and one to generate), "
             "got -5; see `qwenkit chat --help`\n",
         ),
     ]:
-        r = run_chat(tiny_chat_model, "", *args)
+        r = run_chat(tiny_chat_model, stdin, *args)
         assert (r.returncode, r.stderr) == (2, message)
 
 

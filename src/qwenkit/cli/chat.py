@@ -162,7 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     add_sampling_args(parser)
     add_tensor_parallel_arg(parser)
     args = parser.parse_args(argv)
-    if args.prompt is not None and args.prompt != "-" and not args.prompt.strip():
+    if args.prompt == "-":  # read now: an empty question is refused before the model loads
+        args.prompt = sys.stdin.read()
+    if args.prompt is not None and not args.prompt.strip():
         raise ConfigError("the question is empty")
     tools = chat_tools(args) if args.tools or args.code_interpreter else None  # file errors first
     if wants_tensor_parallel(args):
@@ -177,10 +179,7 @@ def run(args: argparse.Namespace, llm, tools: list | None = None) -> int:
     else:
         session = ToolChatSession(llm, tools, params, system=args.system)
     if args.prompt is not None:
-        question = sys.stdin.read() if args.prompt == "-" else args.prompt
-        if not question.strip():
-            raise ConfigError("the question is empty")
-        for piece in session.ask(question):
+        for piece in session.ask(args.prompt):
             sys.stdout.write(piece)
             sys.stdout.flush()
         print()
