@@ -36,6 +36,14 @@ def test_null_means_the_default(server):
         (CHAT, {"max_tokens": True}, "max_tokens", "valid integer"),
         (CHAT, {"n": 2.0}, "n", "valid integer"),
         (CHAT, {"stream": "yes"}, "stream", "valid boolean"),
+        (CHAT, {"parallel_tool_calls": "no"}, "parallel_tool_calls", "valid boolean"),
+        (
+            CHAT,
+            {"stream": True, "stream_options": {"include_usage": "yes"}},
+            "stream_options.include_usage",
+            "valid boolean",
+        ),
+        ("/tokenize", {"add_special_tokens": "no"}, "add_special_tokens", "valid boolean"),
         (CHAT, {"temperature": "0.5"}, "temperature", "valid number"),
         (COMPLETIONS, {"logprobs": True}, "logprobs", "valid integer"),
         (
@@ -61,7 +69,7 @@ def test_null_means_the_default(server):
     ],
 )
 def test_a_wrong_type_or_unsupported_field_is_a_400_naming_it(server, path, fields, param, words):
-    body = {"messages": HELLO} if path == CHAT else {"prompt": "hello"}
+    body = {"messages": HELLO} if path != COMPLETIONS else {"prompt": "hello"}
     r = post(server, path, {**body, "max_tokens": 2, **fields})
     error = r.json()["error"]
     assert r.status_code == 400 and error["param"] == param and words in error["message"], error

@@ -19,7 +19,7 @@ class _Lenient(BaseModel):
 
 
 class StreamOptions(_Lenient):
-    include_usage: bool = False
+    include_usage: bool = Field(False, strict=True)  # "yes" or "no" would pass lax parsing as True/False
 
 
 def number(default: Any = None, **bounds: float) -> Any:
@@ -131,7 +131,7 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = integer(ge=0, le=20)
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None  # none | auto | required | {"type": "function", ...}
-    parallel_tool_calls: bool | None = None
+    parallel_tool_calls: bool | None = Field(None, strict=True)  # lax parsing takes "no" as false
     response_format: dict[str, Any] | None = None  # text | json_object | json_schema
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = flag(True)
@@ -170,8 +170,8 @@ class TokenizeRequest(_Lenient):
     messages: list[ChatMessage] | None = None
     tools: list[dict[str, Any]] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
-    add_special_tokens: bool = True
-    add_generation_prompt: bool = True
+    add_special_tokens: bool = flag(True)
+    add_generation_prompt: bool = flag(True)
 
     def as_chat_request(self) -> ChatCompletionRequest:
         fields = ("messages", "tools", "chat_template_kwargs", "add_generation_prompt")
