@@ -463,6 +463,17 @@ def test_react_forced_calls(steered_v1):
             "the schema cannot be used for constrained decoding: failed to compile JSON schema: "
             "Invalid type: nonsense",
         ),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"schema": {"type": "string", "pattern": "(("}},
+                }
+            },
+            "response_format",
+            # regex-syntax's cause is on a later line than its "regex parse error:"
+            "the schema cannot be used for constrained decoding: regex parse error: unclosed group",
+        ),
     ],
 )
 def test_bad_tool_fields_are_400(server, extra, param, words):

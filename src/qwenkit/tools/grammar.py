@@ -167,7 +167,11 @@ class GrammarCompiler:
         """Raise GrammarError naming the problem if ``grammar`` does not compile."""
         failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self.lltokenizer)
         if failed:  # llguidance's first line names the problem; the rest quotes our generated grammar
-            problem = re.sub(r"^at \d+\(\d+\): ", "", messages[0].splitlines()[0])
+            lines = messages[0].splitlines()
+            problem = re.sub(r"^at \d+\(\d+\): ", "", lines[0])
+            if problem.endswith(":"):  # "regex parse error:" names its cause on a later "error: ..." line
+                cause = next((ln.strip()[7:] for ln in lines[1:] if ln.strip().startswith("error: ")), "")
+                problem = f"{problem} {cause}".rstrip()
             raise GrammarError(f"the schema cannot be used for constrained decoding: {problem}")
 
     def __call__(self, grammar: str) -> GrammarConstraint:
