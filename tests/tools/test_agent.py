@@ -100,8 +100,8 @@ def test_code_interpreter_escape_attempts_are_stopped_and_reported(name, tmp_pat
 
 
 def test_code_interpreter_in_the_loop(steered, tmp_path):
-    interpreter = CodeInterpreter(timeout=2, workdir=tmp_path)
-    tool = Tool(FUNCTION["name"], interpreter, FUNCTION["description"], FUNCTION["parameters"])
+    tool = CodeInterpreter(timeout=2, workdir=tmp_path).tool()  # the README's "ready tool"
+    assert tool.spec()["function"] == FUNCTION
     code = CodeInterpreter.arguments("open('n.txt', 'w').write('41')\nprint(int(open('n.txt').read()) + 1)")
     hog = CodeInterpreter.arguments("while True:\n    pass")
     queue(steered, call("code_interpreter", code), call("code_interpreter", hog), "It is 42.")
@@ -109,6 +109,13 @@ def test_code_interpreter_in_the_loop(steered, tmp_path):
     outputs = [m["content"] for m in result.messages if m["role"] == "tool"]
     assert outputs[0] == "42" and "[stopped: timeout]" in outputs[1]
     assert result.answer == "It is 42."  # the model (and its process) carried on after the runaway code
+
+
+def test_an_agent_refuses_what_is_not_a_tool_by_name(steered):
+    with pytest.raises(ToolError, match=r"got CodeInterpreter \(use CodeInterpreter\(\)\.tool\(\)\)"):
+        Agent(steered[0], [CodeInterpreter()])
+    with pytest.raises(ToolError, match="tools must be Tool objects, got function"):
+        Agent(steered[0], [lambda: 1])
 
 
 # ---- qwenkit chat --tools ------------------------------------------------------------------------

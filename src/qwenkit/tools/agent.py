@@ -62,6 +62,10 @@ class Agent:
     def __init__(
         self, llm: LLM, tools: list[Tool], *, max_rounds: int = 5, params: SamplingParams | None = None
     ) -> None:
+        for t in tools:
+            if not isinstance(t, Tool):  # a bare callable would fail later, on an attribute, mid-run
+                hint = " (use CodeInterpreter().tool())" if type(t).__name__ == "CodeInterpreter" else ""
+                raise ToolError(f"tools must be Tool objects, got {type(t).__name__}{hint}")
         names = [t.name for t in tools]
         if len(set(names)) != len(names):
             raise ToolError(f"tool names must be unique, got {names}")

@@ -9,8 +9,12 @@ import json
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qwenkit.sandbox import run_python
+
+if TYPE_CHECKING:
+    from qwenkit.tools.agent import Tool
 
 SCHEMA = {
     "type": "object",
@@ -52,6 +56,12 @@ class CodeInterpreter:
         if not result.ok:
             parts.append(f"[stopped: {result.reason}]")
         return "\n".join(parts) if parts else "[no output]"
+
+    def tool(self) -> Tool:
+        """This interpreter as an Agent's ``code_interpreter`` tool (the Agent takes Tools, not callables)."""
+        from qwenkit.tools.agent import Tool  # the agent loads the model stack; the sandbox alone does not
+
+        return Tool(FUNCTION["name"], self, FUNCTION["description"], FUNCTION["parameters"])
 
     @staticmethod
     def arguments(text: str) -> str:
