@@ -61,6 +61,10 @@ def test_unknown_model_is_404(server):
 def test_bad_json_and_wrong_shapes(server):
     r = httpx.post(server.url + CHAT, content=b'{"messages": [', headers={"content-type": "application/json"})
     assert r.status_code == 400 and "not valid JSON" in error_of(r)["message"]
+    deep = b'{"messages": [{"role": "user", "content": "hi"}], "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    r = httpx.post(server.url + CHAT, content=deep, headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    assert error_of(r)["message"] == "the body is not valid JSON: it is nested too deeply"
     r = httpx.post(server.url + CHAT, json=[1, 2])
     assert r.status_code == 400 and "JSON object" in error_of(r)["message"]
     r = httpx.post(server.url + "/v1/completions", json={"prompt": [[]]})

@@ -84,6 +84,8 @@ def install_handlers(app) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if isinstance(exc.__cause__, RecursionError):  # FastAPI's "error parsing the body" names no cause
+            return error_response(APIError(400, "the body is not valid JSON: it is nested too deeply", None))
         return error_response(APIError(exc.status_code, str(exc.detail)))
 
     @app.exception_handler(Exception)
