@@ -103,9 +103,13 @@ def draining_answers(url: str, auth: dict) -> list[tuple[int, dict]]:
     ]
 
 
-def run_serve(*args: str) -> subprocess.CompletedProcess:
+def run_serve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "qwenkit.cli", "serve", *args], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "qwenkit.cli", "serve", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -134,6 +138,32 @@ def test_a_taken_port_is_one_line_before_the_model_loads():
 def test_a_port_or_host_the_server_cannot_listen_on_is_one_line(args, message):
     r = run_serve(*args)
     assert (r.returncode, r.stderr) == (2, message)
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (
+            [],
+            {"QWENKIT_DEVICE": "tpu"},
+            "error: unknown --device 'tpu' (QWENKIT_DEVICE); choose cpu or cuda\n",
+        ),
+        (
+            ["--request-timeout", "0"],
+            {},
+            "error: --request-timeout must be a positive number of seconds, got 0.0\n",
+        ),
+        (
+            [],
+            {"QWENKIT_REQUEST_TIMEOUT": "nan"},
+            "error: --request-timeout must be a positive number of seconds, got nan\n",
+        ),
+        (["--graceful-timeout", "-5"], {}, "error: --graceful-timeout must be 0 or more seconds, got -5.0\n"),
+    ],
+)
+def test_a_device_or_timeout_the_server_cannot_use_is_one_line_before_the_model_loads(args, env, message):
+    r = run_serve("--port", str(free_port()), *args, env=env)
+    assert (r.returncode, r.stderr, r.stdout) == (2, message, "")
 
 
 def bundled_answer(adapter, question: list[dict]) -> str:

@@ -261,6 +261,15 @@ def _check(args: argparse.Namespace) -> str | None:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.port > 65535:
         raise ConfigError(f"--port must be at most 65535, got {args.port}")
+    if args.device not in ("cpu", "cuda"):  # QWENKIT_DEVICE skips argparse's choices
+        raise ConfigError(f"unknown --device {args.device!r} (QWENKIT_DEVICE); choose cpu or cuda")
+    # A negative, zero or NaN timeout would end every request at once, or cut the drain short.
+    if args.request_timeout is not None and not args.request_timeout > 0:
+        raise ConfigError(
+            f"--request-timeout must be a positive number of seconds, got {args.request_timeout}"
+        )
+    if not 0 <= args.graceful_timeout < float("inf"):
+        raise ConfigError(f"--graceful-timeout must be 0 or more seconds, got {args.graceful_timeout}")
     if args.max_model_len is not None and int(args.max_model_len) < 2:
         raise ConfigError(f"--max-model-len must be at least 2, got {args.max_model_len}")
     if args.threads is not None and int(args.threads) < 1:
