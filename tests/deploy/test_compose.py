@@ -30,6 +30,7 @@ def test_service_mounts_the_model_read_only_and_reads_the_key_from_a_secret(name
     assert env["QWENKIT_API_KEY_FILE"] == f"/run/secrets/{secret}"
     assert COMPOSE["secrets"][secret]["file"].endswith("api-key.txt}")
     assert "deploy/api-key.txt" in (ROOT / ".gitignore").read_text().splitlines()
+    assert "deploy/api-key.txt" in (ROOT / ".dockerignore").read_text().splitlines()  # not in a build context
     assert seconds(service["stop_grace_period"]) > float(env["QWENKIT_GRACEFUL_TIMEOUT"])
     assert service["read_only"] is True and service["tmpfs"] == ["/tmp"]
     assert (ROOT / service["build"]["dockerfile"]).exists() and service["build"]["context"] == ".."
