@@ -437,6 +437,11 @@ def test_react_forced_calls(steered_v1):
             "not in `tools`",
         ),
         ({"tools": [{"type": "function"}]}, "tools", "tools[0]"),
+        (
+            {"tools": [WEATHER, TIME, WEATHER]},
+            "tools",
+            "tools[2].function.name 'get_weather' is also tools[0]'s",
+        ),
         ({"response_format": {"type": "yaml"}}, "response_format", "json_schema"),
         (
             {

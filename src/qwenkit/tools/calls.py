@@ -27,6 +27,10 @@ def offered_functions(tools: Any) -> list[dict[str, Any]]:
             raise ToolSpecError(f'tools[{i}] must be {{"type": "function", "function": {{...}}}}')
         if not isinstance(fn.get("name"), str) or not fn["name"]:
             raise ToolSpecError(f"tools[{i}].function.name must be a non-empty string")
+        # two functions of one name: a call to it (or a tool_choice naming it) could mean either
+        first = next((j for j, seen in enumerate(functions) if seen["name"] == fn["name"]), None)
+        if first is not None:
+            raise ToolSpecError(f"tools[{i}].function.name {fn['name']!r} is also tools[{first}]'s")
         params = fn.get("parameters")
         if params is not None and not isinstance(params, dict):
             raise ToolSpecError(f"tools[{i}].function.parameters must be a JSON schema object")
