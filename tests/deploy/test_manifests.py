@@ -8,7 +8,8 @@ import math
 import kubernetes_validate
 import pytest
 import torch
-from deploy_files import DOCKERFILES, by_kind, dockerfile_env
+import yaml
+from deploy_files import DEPLOY, DOCKERFILES, by_kind, dockerfile_env
 
 from qwenkit.cli.serve import build_parser, parse_bytes
 from qwenkit.config import ModelConfig
@@ -185,5 +186,11 @@ def test_gpu_pods_land_only_on_gpus_with_room_for_weights_plus_kv_pool(rendered)
     assert c["resources"]["limits"]["nvidia.com/gpu"] == 1 and env_of(objects)["QWENKIT_DEVICE"] == "cuda"
     hpa = by_kind(objects, "HorizontalPodAutoscaler")["spec"]
     assert hpa["metrics"][0]["pods"]["metric"]["name"] == "vllm_num_requests_waiting"
+    # the rule that turns the server's own gauge into that per-pod metric ships beside the overlay
+    values = yaml.safe_load((DEPLOY / "k8s/overlays/gpu/prometheus-adapter-values.yaml").read_text())
+    (rule,) = values["rules"]["custom"]
+    assert rule["name"]["as"] == hpa["metrics"][0]["pods"]["metric"]["name"]
+    assert rule["seriesQuery"].startswith("vllm:num_requests_waiting{")
+    assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}
     strategy = by_kind(objects, "Deployment")["spec"]["strategy"]["rollingUpdate"]
     assert strategy == {"maxSurge": 0, "maxUnavailable": 1}
