@@ -438,6 +438,27 @@ def test_react_forced_calls(steered_v1):
         ),
         ({"tools": [{"type": "function"}]}, "tools", "tools[0]"),
         (
+            {
+                "messages": [
+                    *USER,
+                    {
+                        "role": "assistant",
+                        "tool_calls": [
+                            {
+                                "id": "c1",
+                                "type": "function",
+                                "function": {"name": "get_weather", "arguments": "{x"},
+                            }
+                        ],
+                    },
+                    {"role": "tool", "tool_call_id": "c1", "content": "22 C"},
+                ]
+            },
+            "messages",
+            # not rendered as a call with no arguments, which the client never sent
+            "messages[1].tool_calls[0].function.arguments must be a JSON object, got '{x'",
+        ),
+        (
             {"tools": [WEATHER, TIME, WEATHER]},
             "tools",
             "tools[2].function.name 'get_weather' is also tools[0]'s",

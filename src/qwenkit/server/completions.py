@@ -29,6 +29,7 @@ from qwenkit.server.schemas import ChatCompletionRequest, CompletionRequest
 from qwenkit.server.state import ServerState
 from qwenkit.server.tool_use import ToolParser, ToolPlan, plan_tools, prompt_messages, uses_react
 from qwenkit.tokenizer import StreamingDetokenizer
+from qwenkit.tools.calls import ToolSpecError
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +298,10 @@ def legacy_logprobs(llm: LLM, items: list[tuple[int, TokenLogprob | None]], star
 
 
 def chat_prompt(llm: LLM, body: ChatCompletionRequest) -> list[int]:
-    messages = prompt_messages(llm, body, [m.as_template_message() for m in body.messages])
+    try:
+        messages = prompt_messages(llm, body, [m.as_template_message() for m in body.messages])
+    except ToolSpecError as e:
+        raise APIError(400, str(e), "messages") from None
     kwargs = dict(body.chat_template_kwargs or {})
     for key in ("enable_thinking",):  # also accepted at the top level, as some clients send it
         if key in (body.model_extra or {}):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qwenkit.tokenizer import Tokenizer
-from qwenkit.tools.calls import ParsedMessage
+from qwenkit.tools.calls import ParsedMessage, ToolSpecError
 from qwenkit.tools.hermes import THINK_OPEN, parse_hermes
 from qwenkit.tools.react import STOP_WORDS, parse_react, react_messages
 
@@ -73,18 +73,23 @@ def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Assistant tool-call arguments sent back as JSON strings become objects before the template
     renders them (Qwen2.5's template pipes them through ``tojson``, which would encode them twice)."""
     out = []
-    for m in messages:
+    for i, m in enumerate(messages):
         calls = m.get("tool_calls")
         if calls:
             fixed = []
-            for call in calls:
+            for j, call in enumerate(calls):
                 fn = call.get("function") if isinstance(call, dict) else None
                 if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
                     try:
-                        args = json.loads(fn["arguments"])
+                        args = json.loads(fn["arguments"]) if fn["arguments"].strip() else {}
                     except ValueError:
-                        args = {}
-                    call = {**call, "function": {**fn, "arguments": args if isinstance(args, dict) else {}}}
+                        args = None
+                    if not isinstance(args, dict):  # rendering {} instead would show the model another call
+                        raise ToolSpecError(
+                            f"messages[{i}].tool_calls[{j}].function.arguments must be a JSON object, "
+                            f"got {fn['arguments'][:100]!r}"
+                        )
+                    call = {**call, "function": {**fn, "arguments": args}}
                 fixed.append(call)
             m = {**m, "tool_calls": fixed}
         out.append(m)
