@@ -235,3 +235,46 @@ def test_degrades_with_a_warning_without_namespaces(monkeypatch, caplog):
         r = run("print('still runs')")
     assert r.ok and r.stdout == "still runs\n" and "netns" not in r.isolation
     assert any("cannot create namespaces" in m for m in caplog.messages)
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("setpriv") or not Path("/usr/bin/python3").exists(),
+    reason="runs the sandbox as an ordinary user: needs root (setpriv) and /usr/bin/python3",
+)
+def test_an_ordinary_user_gets_the_namespaces_too():
+    """Not root, the sandbox still has no network and a private /tmp (in a user namespace of its own)."""
+    import json
+    import subprocess
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    port = server.getsockname()[1]
+    marker = f"/tmp/qwenkit-sandbox-user-{secrets.token_hex(4)}"
+    program = (
+        f"import socket\nopen({marker!r}, 'w')\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)"
+    )
+    # sandbox.py alone (standard library only), where the unprivileged uid can read it
+    here = Path(tempfile.mkdtemp(prefix="qwenkit-sandbox-user-"))
+    here.chmod(0o755)
+    shutil.copy(sandbox.__file__, here / "sandbox_copy.py")
+    driver = (
+        f"import json, sys; sys.path.insert(0, {str(here)!r}); import sandbox_copy as s; "
+        f"r = s.run_python({program!r}, timeout=10); print(json.dumps([r.isolation, r.ok, r.stderr]))"
+    )
+    try:
+        out = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c", driver],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={"PATH": "/usr/bin:/bin", "HOME": "/tmp"},
+            cwd=here,
+        )
+        isolation, ok, stderr = json.loads(out.stdout)
+    finally:
+        shutil.rmtree(here)
+        server.close()
+    assert "netns" in isolation and "mountns" in isolation and not ok, out.stderr
+    assert "OSError" in stderr or "Error" in stderr  # the connection failed: no network
+    assert not Path(marker).exists()  # its /tmp was a private tmpfs

@@ -20,7 +20,8 @@ Isolation, each step degrading with one logged warning where the system does not
   caps what stdout/stderr can grow to), open files, no core dumps, and ``max_processes`` processes;
 - a new network namespace (no network at all), a new PID namespace (the child sees only its own
   processes, and they all die with it), and a new mount namespace in which ``/tmp``, ``/var/tmp`` and
-  ``/dev/shm`` are small private tmpfs mounts (writes there vanish with the run);
+  ``/dev/shm`` are small private tmpfs mounts (writes there vanish with the run); when we are not root,
+  inside a user namespace of the run's own (where the system allows unprivileged ones);
 - when we are root: a dedicated unprivileged uid per run (so it cannot write outside its directory
   or read files only root may read, and the process limit applies), ``no_new_privs``;
 - a scrubbed environment, ``python -I`` (no user site, no ``PYTHON*`` variables), its own private
@@ -282,8 +283,7 @@ def _command(
     else:
         _warn_once("prlimit not found: the sandbox runs without resource limits")
     if _namespaces_work():
-        argv += ["unshare", "--net", "--pid", "--fork", "--kill-child", "--mount", "--mount-proc"]
-        argv += ["sh", "-c", _MOUNT_SCRIPT, "sandbox"]
+        argv += [*_unshare(), "sh", "-c", _MOUNT_SCRIPT, "sandbox"]
         isolation += ["netns", "pidns", "mountns"]
     else:
         _warn_once("cannot create namespaces (unshare): the sandbox has network access and a shared /tmp")
@@ -322,11 +322,20 @@ def _can_drop_privileges() -> bool:
     return True
 
 
+def _unshare() -> list[str]:
+    """The namespaces' command. Not root, they are created inside a user namespace of their own (our
+    uid as its root, no more rights outside), the one way the kernel lets an ordinary user have them:
+    without it `qwenkit chat --code-interpreter` run by a user had the network and the real /tmp."""
+    namespaces = ["--net", "--pid", "--fork", "--kill-child", "--mount", "--mount-proc"]
+    user = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
+    return ["unshare", *user, *namespaces]
+
+
 @cache
 def _namespaces_work() -> bool:
     try:
         probe = subprocess.run(
-            ["unshare", "--net", "--pid", "--fork", "--kill-child", "--mount", "--mount-proc", "true"],
+            [*_unshare(), "true"],
             capture_output=True,
             timeout=10,
         )
