@@ -3,6 +3,7 @@ code interpreter under escape attempts."""
 
 from __future__ import annotations
 
+import gc
 import sys
 from pathlib import Path
 
@@ -99,6 +100,21 @@ def test_code_interpreter_escape_attempts_are_stopped_and_reported(name, tmp_pat
     assert "connected" not in report and "allocated" not in report and len(report) < 4_000
 
 
+def test_code_interpreters_own_scratch_directory_goes_with_it(tmp_path):
+    interpreter = CodeInterpreter(timeout=5)
+    workdir = interpreter.workdir
+    assert interpreter("open('kept.txt', 'w').write('1')\nprint(open('kept.txt').read())") == "1"
+    assert (workdir / "kept.txt").read_text() == "1"  # kept between calls
+    del interpreter
+    gc.collect()
+    assert not workdir.exists()  # not one more qwenkit-ci-* directory left in /tmp per chat
+    given = CodeInterpreter(timeout=5, workdir=tmp_path)
+    given("open('mine.txt', 'w').write('2')")
+    del given
+    gc.collect()
+    assert (tmp_path / "mine.txt").read_text() == "2"  # a directory the caller gave stays
+
+
 def test_code_interpreter_in_the_loop(steered, tmp_path):
     tool = CodeInterpreter(timeout=2, workdir=tmp_path).tool()  # the README's "ready tool"
     assert tool.spec()["function"] == FUNCTION
@@ -111,9 +127,9 @@ def test_code_interpreter_in_the_loop(steered, tmp_path):
     assert result.answer == "It is 42."  # the model (and its process) carried on after the runaway code
 
 
-def test_an_agent_refuses_what_is_not_a_tool_by_name(steered):
+def test_an_agent_refuses_what_is_not_a_tool_by_name(steered, tmp_path):
     with pytest.raises(ToolError, match=r"got CodeInterpreter \(use CodeInterpreter\(\)\.tool\(\)\)"):
-        Agent(steered[0], [CodeInterpreter()])
+        Agent(steered[0], [CodeInterpreter(workdir=tmp_path)])
     with pytest.raises(ToolError, match="tools must be Tool objects, got function"):
         Agent(steered[0], [lambda: 1])
 

@@ -6,8 +6,10 @@ outcome reported back to the model as text: what it printed, and why it stopped 
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
-from dataclasses import dataclass, field
+import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,7 +38,12 @@ class CodeInterpreter:
     timeout: float = 10.0
     memory_mb: int = 512
     max_output: int = 8_000
-    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="qwenkit-ci-")))
+    workdir: Path | None = None  # None: a scratch directory of its own
+
+    def __post_init__(self) -> None:
+        if self.workdir is None:  # removed with the interpreter (or at exit), not left behind in /tmp
+            self.workdir = Path(tempfile.mkdtemp(prefix="qwenkit-ci-"))
+            weakref.finalize(self, shutil.rmtree, self.workdir, ignore_errors=True)
 
     def __call__(self, code: str) -> str:
         result = run_python(
