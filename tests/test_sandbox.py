@@ -251,8 +251,11 @@ def test_an_ordinary_user_gets_the_namespaces_too():
     server.listen(1)
     port = server.getsockname()[1]
     marker = f"/tmp/qwenkit-sandbox-user-{secrets.token_hex(4)}"
+    # it tries to bare the real /tmp under its private one (its namespace's root could, with capabilities)
     program = (
-        f"import socket\nopen({marker!r}, 'w')\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)"
+        "import socket, subprocess\n"
+        "print(subprocess.run(['umount', '-l', '/tmp'], capture_output=True).returncode)\n"
+        f"open({marker!r}, 'w')\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)"
     )
     # sandbox.py alone (standard library only), where the unprivileged uid can read it
     here = Path(tempfile.mkdtemp(prefix="qwenkit-sandbox-user-"))
@@ -260,7 +263,8 @@ def test_an_ordinary_user_gets_the_namespaces_too():
     shutil.copy(sandbox.__file__, here / "sandbox_copy.py")
     driver = (
         f"import json, sys; sys.path.insert(0, {str(here)!r}); import sandbox_copy as s; "
-        f"r = s.run_python({program!r}, timeout=10); print(json.dumps([r.isolation, r.ok, r.stderr]))"
+        f"r = s.run_python({program!r}, timeout=10); "
+        "print(json.dumps([r.isolation, r.ok, r.stdout, r.stderr]))"
     )
     try:
         out = subprocess.run(
@@ -271,10 +275,11 @@ def test_an_ordinary_user_gets_the_namespaces_too():
             env={"PATH": "/usr/bin:/bin", "HOME": "/tmp"},
             cwd=here,
         )
-        isolation, ok, stderr = json.loads(out.stdout)
+        isolation, ok, stdout, stderr = json.loads(out.stdout)
     finally:
         shutil.rmtree(here)
         server.close()
     assert "netns" in isolation and "mountns" in isolation and not ok, out.stderr
+    assert stdout.split() == ["32"]  # umount refused: no capabilities left in its namespace
     assert "OSError" in stderr or "Error" in stderr  # the connection failed: no network
     assert not Path(marker).exists()  # its /tmp was a private tmpfs

@@ -21,7 +21,8 @@ Isolation, each step degrading with one logged warning where the system does not
 - a new network namespace (no network at all), a new PID namespace (the child sees only its own
   processes, and they all die with it), and a new mount namespace in which ``/tmp``, ``/var/tmp`` and
   ``/dev/shm`` are small private tmpfs mounts (writes there vanish with the run); when we are not root,
-  inside a user namespace of the run's own (where the system allows unprivileged ones);
+  inside a user namespace of the run's own (where the system allows unprivileged ones), the program
+  left without capabilities there so that it cannot undo the mounts;
 - when we are root: a dedicated unprivileged uid per run (so it cannot write outside its directory
   or read files only root may read, and the process limit applies), ``no_new_privs``;
 - a scrubbed environment, ``python -I`` (no user site, no ``PYTHON*`` variables), its own private
@@ -283,10 +284,13 @@ def _command(
     else:
         _warn_once("prlimit not found: the sandbox runs without resource limits")
     if _namespaces_work():
-        argv += [*_unshare(), "sh", "-c", _MOUNT_SCRIPT, "sandbox"]
+        argv += [*_unshare(), "sh", "-c", _MOUNT_SCRIPT, "sandbox", *_drop_namespace_root()]
         isolation += ["netns", "pidns", "mountns"]
     else:
-        _warn_once("cannot create namespaces (unshare): the sandbox has network access and a shared /tmp")
+        _warn_once(
+            "cannot create namespaces (unshare; setpriv too when not root): "
+            "the sandbox has network access and a shared /tmp"
+        )
     if uid is not None:
         argv += ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--no-new-privs", "--"]
         isolation.append("uid")
@@ -331,11 +335,22 @@ def _unshare() -> list[str]:
     return ["unshare", *user, *namespaces]
 
 
+def _drop_namespace_root() -> list[str]:
+    """Not root, the program would run as its user namespace's root, with the capabilities to undo the
+    mounts (``umount -l /tmp`` bared the real /tmp): once the mounts are made, every capability goes
+    (an empty bounding set, so exec grants none) and it keeps uid 0 in name only."""
+    if os.geteuid() == 0:
+        return []
+    return ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--no-new-privs", "--"]
+
+
 @cache
 def _namespaces_work() -> bool:
+    if os.geteuid() != 0 and not shutil.which("setpriv"):
+        return False  # namespaces the program could undo (see _drop_namespace_root) are not isolation
     try:
         probe = subprocess.run(
-            [*_unshare(), "true"],
+            [*_unshare(), *_drop_namespace_root(), "true"],
             capture_output=True,
             timeout=10,
         )
