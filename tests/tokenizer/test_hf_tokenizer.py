@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
+import time
 import unicodedata
 
 import pytest
@@ -78,3 +80,62 @@ def test_built_from_objects(qwen3):
     assert tok.eos_token_ids == {151643, 151645}
     messages = [{"role": "user", "content": "hi"}]
     assert tok.apply_chat_template(messages) == qwen3.apply_chat_template(messages)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from(["<|im_end|>", "<think>", "<tool_call>", "a", " b", "\n", "中文", "  "]), max_size=12
+    )
+)
+def test_plain_ids_equal_transformers_with_and_without_added_token_text(qwen3, hf_qwen3, pieces):
+    """Plain text has two paths (the library's whole pipeline where no added token's text occurs, else
+    without the added-token split); both give transformers' ids with the added tokens switched off."""
+    text = "".join(pieces)
+    assert qwen3.encode(text) == hf_qwen3._encode_without_added_tokens(text)
+
+
+def test_a_long_plain_text_is_read_while_other_threads_run(qwen3):
+    """The server tokenizes a prompt in a worker thread; the event loop (/health) must go on meanwhile.
+    Holding the interpreter, pre-tokenizing 2 MB stopped every other thread for about 2 s."""
+    text = "\n".join(t for t in CORPUS if not has_special_text(t))
+    text = text * (2_000_000 // len(text))
+    done = threading.Event()
+    took: list[float] = []
+
+    def encode() -> None:
+        start = time.perf_counter()
+        qwen3.encode(text)
+        took.append(time.perf_counter() - start)
+        done.set()
+
+    worker = threading.Thread(target=encode)
+    last = time.perf_counter()
+    longest_gap = 0.0
+    worker.start()
+    while not done.is_set():
+        now = time.perf_counter()
+        longest_gap, last = max(longest_gap, now - last), now
+        time.sleep(0.001)
+    worker.join()
+    assert took[0] > 0.8  # long enough for a stall to show (normalizing the text alone holds it 0.1-0.2 s)
+    assert longest_gap < 0.5, f"other threads stopped {longest_gap:.2f} s of the {took[0]:.2f} s"
+
+
+def test_truncation_or_padding_in_the_file_does_not_cut_prompts(tmp_path):
+    spec = json.loads((QWEN3_DIR / "tokenizer.json").read_text())
+    spec["truncation"] = {"direction": "Right", "max_length": 4, "strategy": "LongestFirst", "stride": 0}
+    spec["padding"] = {
+        "strategy": {"Fixed": 16},
+        "direction": "Right",
+        "pad_to_multiple_of": None,
+        "pad_id": 151643,
+        "pad_type_id": 0,
+        "pad_token": "<|endoftext|>",
+    }
+    tok = HFTokenizer(tokenizers.Tokenizer.from_str(json.dumps(spec)))
+    text = "one two three four five six"
+    ids = tok.encode(text)
+    assert len(ids) == 6 and tok.decode(ids) == text
+    assert tok.encode(text + " <think>") == [*ids, *tok.encode(" <think>")]  # the other path too
+    assert len(tok.encode(text, allow_special=True)) == 6

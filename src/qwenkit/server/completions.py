@@ -449,7 +449,8 @@ async def completions(state: ServerState, body: CompletionRequest, request: Requ
     llm = state.llm
     adapter = state.check_model(body.model)
     refuse_unsupported(body)
-    prompts = [llm.encode(p) for p in body.prompts()]
+    # in a worker thread, as chat's: a long prompt is read while the event loop answers others (/health)
+    prompts = await asyncio.to_thread(lambda: [llm.encode(p) for p in body.prompts()])
     wants_logprobs = body.logprobs is not None
     choices: list[Choice] = []
     for prompt_ids in prompts:
