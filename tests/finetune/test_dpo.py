@@ -407,6 +407,10 @@ def test_full_dpo_command_trains_resumes_and_writes_a_whole_model(tiny_chat_mode
         (["--simpo-gamma", "1"], "--simpo-gamma applies to --loss-type simpo"),
         (["--sft-weight", "-1"], "--sft-weight must not be negative, got -1.0"),
         (["--loss-type", "orpo", "--sft-weight", "1"], "ORPO's loss already holds the chosen replies' cross"),
+        (["--beta", "inf"], "--beta must be a finite number, got inf"),
+        (["--sft-weight", "nan"], "--sft-weight must be a finite number, got nan"),
+        (["--loss-type", "simpo", "--simpo-gamma", "nan"], "--simpo-gamma must be a finite number, got nan"),
+        (["--router-aux-loss-coef", "nan"], "--router-aux-loss-coef must be 0 or more, got nan"),
     ],
 )
 def test_bad_loss_settings_are_refused_in_one_line(extra, message, tiny_chat_model, tmp_path, capsys):

@@ -214,3 +214,20 @@ def test_only_the_newest_checkpoints_are_kept(tiny_chat_model, tmp_path, monkeyp
             finetune(tiny_chat_model, data, out, args)
         names = sorted((work_dir(out) / "checkpoints").iterdir(), key=lambda p: int(p.name[5:]))
         assert [p.name for p in names] == expected
+
+
+def test_a_diverged_loss_stops_the_run_in_one_line(tiny_chat_model, tmp_path, capsys):
+    """A learning rate that blows the weights up once trained on NaN to the last step, then failed with a
+    traceback drawing loss.png; now the first non-finite loss stops the run, naming the step and rate."""
+    from qwenkit.cli import main as cli_main
+
+    out = tmp_path / "o"
+    argv = ["finetune", str(tiny_chat_model), str(chat_data(tmp_path / "d.jsonl", n=4)), str(out)]
+    argv += ["--lr", "1e30", "--max-steps", "4", "--batch-size", "1", "--no-progress"]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert not any("Traceback" in line for line in err)
+    assert err[-1].startswith("error: the loss is nan at step 2 (lr 8.54e+29): training diverged and ")
+    assert err[-1].endswith(f"nothing was written; lower --lr and start again (delete {work_dir(out)} first)")
+    assert not out.exists()
+    assert [json.loads(x)["step"] for x in (work_dir(out) / "log.jsonl").read_text().splitlines()] == [1]

@@ -151,8 +151,9 @@ def check_numbers(args: argparse.Namespace) -> None:
         ("--eval-every", args.eval_every),
         ("--save-every", args.save_every),
         ("--keep-checkpoints", args.keep_checkpoints),
+        ("--router-aux-loss-coef", args.router_aux_loss_coef),
     ):
-        if not (math.isfinite(value) and value >= 0):
+        if value is not None and not (math.isfinite(value) and value >= 0):
             raise ConfigError(f"{flag} must be 0 or more, got {value}")
     if not (math.isfinite(args.lora_alpha) and args.lora_alpha > 0):
         raise ConfigError(f"--lora-alpha must be a positive number, got {args.lora_alpha}")

@@ -65,7 +65,10 @@ def check_loss(
     simpo_gamma: float | None = None,
     sft_weight: float = 0.0,
 ) -> None:
-    """Refuse settings trl would refuse, or that would silently do nothing."""
+    """Refuse settings trl would refuse, or that would silently do nothing (or train on NaN losses)."""
+    for flag, value in (("--beta", beta), ("--sft-weight", sft_weight), ("--simpo-gamma", simpo_gamma)):
+        if value is not None and not math.isfinite(value):
+            raise ConfigError(f"{flag} must be a finite number, got {value}")
     if sft_weight < 0:
         raise ConfigError(f"--sft-weight must not be negative, got {sft_weight}")
     if sft_weight and loss_type == "orpo":

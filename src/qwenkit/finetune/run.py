@@ -9,6 +9,7 @@ checkpoint in ``OUT.training/``.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 from collections.abc import Callable, Sequence
@@ -24,7 +25,7 @@ from qwenkit.checkpoint import load_model
 from qwenkit.checkpoint.loader import resolve_dtype
 from qwenkit.checkpoint.output_dir import atomic_output_dir, check_out_dir, write_json
 from qwenkit.config import ModelConfig
-from qwenkit.errors import CheckpointError, ConfigError
+from qwenkit.errors import CheckpointError, ConfigError, QwenkitError
 from qwenkit.finetune.adapter_io import adapter_state_dict, save_adapter
 from qwenkit.finetune.data import DataError, Record, read_records
 from qwenkit.finetune.distributed import World, close_world, init_world, wrap
@@ -36,6 +37,10 @@ from qwenkit.finetune.plot import plot_losses
 from qwenkit.finetune.trainer import TrainArgs, Trainer, enable_gradient_checkpointing
 
 STATE_FILE = "trainer_state.pt"
+
+
+class TrainingDiverged(QwenkitError, FloatingPointError):
+    """The loss became NaN or infinite: every later step would train on it and the result is garbage."""
 
 
 def work_dir(out: Path) -> Path:
@@ -396,6 +401,11 @@ def _loop(trainer, prep, args, world, work, history, eval_examples, data_id: str
         while trainer.step < trainer.total_steps:
             lr = trainer.scheduler.get_last_lr()[0]
             r = trainer.train_step()
+            if not math.isfinite(r.loss):  # the global loss: every rank stops alike
+                raise TrainingDiverged(
+                    f"the loss is {r.loss} at step {trainer.step} (lr {lr:.3g}): training diverged and "
+                    f"nothing was written; lower --lr and start again (delete {work} first)"
+                )
             record = {
                 "step": trainer.step,
                 "epoch": round(trainer.step / trainer.steps_per_epoch, 4),
