@@ -148,3 +148,23 @@ def test_filter_refuses_input_with_nothing_to_check(tmp_path, capsys):
         f"error: {textless}:2: the record holds no text to check (no string values)\n"
     )
     assert not out.exists()
+
+
+def test_finetune_refuses_filter_keywords_without_filter(tmp_path, capsys):
+    """`finetune --filter-keywords words.txt` without --filter once trained on the unfiltered data, the
+    keywords and every e-mail address included, without a word; now it is refused before anything loads."""
+    words = tmp_path / "words.txt"
+    words.write_text("bluebird\n")
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"text": "project Bluebird, bob@example.com"}) + "\n")
+    out = tmp_path / "o"
+    assert (
+        cli_main(
+            ["finetune", str(tmp_path / "no-model"), str(data), str(out), "--filter-keywords", str(words)]
+        )
+        == 2
+    )
+    assert capsys.readouterr().err == (
+        "error: --filter-keywords applies with --filter; pass both to mask sensitive data\n"
+    )
+    assert not out.exists() and not (tmp_path / "o.training").exists()

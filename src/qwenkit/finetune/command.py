@@ -233,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--filter", action="store_true", help="mask sensitive data before training")
     parser.add_argument("--filter-keywords", help="keyword file for --filter (one per line)")
     args = parser.parse_args(argv)
+    if args.filter_keywords and not args.filter:  # the data would train unfiltered, keywords and all
+        raise ConfigError("--filter-keywords applies with --filter; pass both to mask sensitive data")
     if (launched := launch_ranks("qwenkit.finetune", argv, args)) is not None:
         return launched
     from qwenkit.finetune.run import finetune
