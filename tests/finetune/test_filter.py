@@ -37,6 +37,9 @@ CATALOGUE = [
     ("aws AKIAIOSFODNN7EXAMPLE", [("secret", "AKIAIOSFODNN7EXAMPLE")]),
     ("password = hunter2hunter2", [("secret", "hunter2hunter2")]),
     ("password is short=abc", []),
+    ("login with password=hunter2 now", [("secret", "hunter2")]),  # under 8: once passed unmasked
+    ('passwd: "p@ss"', [("secret", "p@ss")]),
+    ("Reset your password: click the link", []),
     ("project Bluebird launch", [("keyword", "Bluebird")]),
     ("内部代号青龙计划", [("keyword", "青龙")]),
 ]
