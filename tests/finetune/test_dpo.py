@@ -343,7 +343,9 @@ def test_malformed_preference_records_are_refused_by_name(record, message, tiny_
     assert message in str(e.value)
 
 
-def test_full_dpo_command_trains_resumes_and_writes_a_whole_model(tiny_chat_model, tmp_path, monkeypatch):
+def test_full_dpo_command_trains_resumes_and_writes_a_whole_model(
+    tiny_chat_model, tmp_path, monkeypatch, capsys
+):
     """`qwenkit dpo --method full` (IPO loss here) raises the held-out margin and writes a model that loads;
     interrupted and resumed from its checkpoint (the reference recomputed on the base, before the
     checkpoint's weights are loaded) it reaches the uninterrupted run's weights and losses."""
@@ -373,7 +375,17 @@ def test_full_dpo_command_trains_resumes_and_writes_a_whole_model(tiny_chat_mode
     assert not (tmp_path / "resumed").exists()
     assert (work_dir(tmp_path / "resumed") / "checkpoints" / "step-2").is_dir()
     monkeypatch.setattr(Trainer, "train_step", real_step)
+    capsys.readouterr()
+    # Another loss once resumed without a word, the rest of the run on another objective.
+    for other, said in (
+        (["--beta", "0.7"], "beta was 0.5"),
+        (["--loss-type", "hinge"], "loss_type was 'ipo'"),
+    ):
+        assert cli_main(["dpo", *argv, str(tmp_path / "resumed"), *opts, *other, "--resume"]) == 2
+        err = capsys.readouterr().err.splitlines()[-1]
+        assert err.startswith(f"error: --resume: {said} in {work_dir(tmp_path / 'resumed')}"), err
     assert cli_main(["dpo", *argv, str(tmp_path / "resumed"), *opts, "--resume"]) == 0
+    assert json.loads((tmp_path / "resumed" / "training_args.json").read_text())["beta"] == 0.5
 
     whole = [json.loads(x) for x in (tmp_path / "whole" / "log.jsonl").read_text().splitlines()]
     resumed = [json.loads(x) for x in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]

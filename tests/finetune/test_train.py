@@ -3,6 +3,7 @@ clear refusals (bad data, too little memory) with nothing written."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -113,6 +114,16 @@ def test_resume_reaches_the_same_adapter_as_an_uninterrupted_run(
     other = chat_data(tmp_path / "other.jsonl", n=4)  # other examples: not the same batches
     with pytest.raises(QwenkitError, match="the training examples differ from those of the run in"):
         finetune(tiny_chat_model, other, out, args, resume=True)
+    # Settings that change the steps still to come once resumed silently into another run.
+    for changed, message in (
+        (dict(batch_size=4), r"global_batch \(--batch-size x --grad-accum x replicas\) was 4 in .*, now 8"),
+        (dict(batch_size=1, grad_accum=2), "global_batch .* was 4 in .*, now 2"),
+        (dict(use_rslora=True), "use_rslora was False in .*, now True"),
+        (dict(lora_dropout=0.0), "lora_dropout was 0.1 in .*, now 0.0"),
+        (dict(weight_decay=0.1), "weight_decay was 0.0 in .*, now 0.1"),
+    ):
+        with pytest.raises(QwenkitError, match=f"^--resume: {message}$"):
+            finetune(tiny_chat_model, data, out, dataclasses.replace(args, **changed), resume=True)
     finetune(tiny_chat_model, data, out, args, resume=True)
 
     from safetensors.torch import load_file

@@ -207,6 +207,16 @@ class DPOTrainer(Trainer):
         self.simpo_gamma = 0.5 if simpo_gamma is None else simpo_gamma  # trl's default
         self._ref: dict[int, tuple[float, float]] = {}  # id(pair) -> reference (chosen, rejected) log-probs
 
+    def run_settings(self) -> dict[str, Any]:
+        return {
+            **super().run_settings(),
+            "beta": self.beta,
+            "loss_type": self.loss_type,
+            "label_smoothing": self.label_smoothing,
+            "simpo_gamma": self.simpo_gamma,
+            "sft_weight": self.sft_weight,
+        }
+
     def normalizer(self, idx: list[int]) -> float:
         return float(len(idx))
 

@@ -217,6 +217,7 @@ def save_checkpoint(
             "step": trainer.step,
             "history": history,
             "args": args.to_json(),
+            "settings": trainer.run_settings(),
             "data": data_id,
         }
         with atomic_output_dir(path, overwrite=True) as tmp:
@@ -259,6 +260,12 @@ def load_checkpoint(
     for key in TrainArgs.RESUME_KEYS:
         if saved.get(key) != now.get(key):
             raise ConfigError(f"--resume: {key} was {saved.get(key)!r} in {path}, now {now.get(key)!r}")
+    for key, value in state.get("settings", {}).items():  # older checkpoints have none
+        if trainer.run_settings().get(key) != value:
+            what = "global_batch (--batch-size x --grad-accum x replicas)" if key == "global_batch" else key
+            raise ConfigError(
+                f"--resume: {what} was {value!r} in {path}, now {trainer.run_settings().get(key)!r}"
+            )
     if state.get("data") and data_id and state["data"] != data_id:  # older checkpoints have none
         raise ConfigError(
             f"--resume: the training examples differ from those of the run in {path} (another data file, "
@@ -466,7 +473,10 @@ def _finish(model_path, out, overwrite, trainer, prep, args, world, history, sta
             train = [(h["step"], h["loss"]) for h in history if "loss" in h]
             evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
             plot_losses(tmp / "loss.png", train, evals)
-            write_json(tmp / "training_args.json", {"model": str(model_path), **args.to_json()})
+            write_json(
+                tmp / "training_args.json",
+                {"model": str(model_path), **args.to_json(), **trainer.run_settings()},
+            )
             write_json(tmp / "data_report.json", stats if isinstance(stats, dict) else stats.__dict__)
         shutil.rmtree(work_dir(out), ignore_errors=True)
     world.barrier()
