@@ -193,9 +193,10 @@ def relaunch(module: str, argv: list[str], nproc: int) -> int:
     """Run this command under torchrun with ``nproc`` local processes (gloo on CPU, NCCL on CUDA).
 
     torchrun's agent runs in this process, so a rank's failure comes back as its exit status and one line
-    naming it (the rank has printed its own error), not as the agent's traceback."""
+    naming it (the rank has printed its own error), and Ctrl-C as 130, not as the agent's traceback."""
     import logging
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -214,9 +215,13 @@ def relaunch(module: str, argv: list[str], nproc: int) -> int:
     # The machine's cores shared out (torchrun alone gives each process one thread, and says so).
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    # its own level: "Received 2 death signal, shutting down workers" on Ctrl-C
+    logging.getLogger("torch.distributed.elastic.agent.server.api").setLevel(logging.CRITICAL)
     args = get_args_parser().parse_args(["--standalone", f"--nproc_per_node={nproc}", "-m", module, *rest])
     try:
         run(args)
+    except SignalException:  # Ctrl-C: the agent stopped the ranks; rank 0 said where --resume continues
+        return 130
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         if failure.exitcode < 0:
