@@ -470,3 +470,19 @@ def test_qlora_dpo_scores_reference_and_policy_through_one_base_computation(tiny
     assert log[1]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert log[1]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
     assert log[2]["eval_rewards/margins"] > 1e-3  # it did train
+
+
+def test_an_empty_preference_file_is_refused_as_empty(tiny_chat_model, tmp_path, capsys):
+    """An empty (or blank-line) file once blamed --max-len ("no preference pair has a completion within
+    --max-len 1024"), sending the user after the wrong setting; now it says the file holds no records,
+    as finetune does. Pairs all cut by --max-len still say so."""
+    empty, out = tmp_path / "p.jsonl", tmp_path / "o"
+    empty.write_text("\n\n")
+    assert cli_main(["dpo", str(tiny_chat_model), str(empty), str(out)]) == 2
+    assert capsys.readouterr().err == f"error: {empty}: no records\n"
+    pairs = write_pairs(tmp_path / "t.jsonl", 0, 2)
+    assert cli_main(["dpo", str(tiny_chat_model), str(pairs), str(out), "--max-len", "4"]) == 2
+    assert capsys.readouterr().err.endswith(
+        f"error: {pairs}: no preference pair has a completion within --max-len 4\n"
+    )
+    assert not out.exists() and not (tmp_path / "o.training").exists()

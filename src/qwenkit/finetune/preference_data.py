@@ -179,6 +179,8 @@ def load_pairs(
             dropped += 1
         else:
             pairs.append(pair)
+    if not pairs and not dropped:  # not "within --max-len": there was nothing to cut
+        raise DataError(f"{path}: no records")
     if not pairs:
         raise DataError(f"{path}: no preference pair has a completion within --max-len {max_len}")
     return pairs, {"pairs": len(pairs), "dropped": dropped}
