@@ -332,6 +332,10 @@ def test_every_preference_format_encodes_the_same_pair(tiny_chat_model):
             {"prompt": "x", "chosen": "a", "rejected": [{"role": "user", "content": "b"}]},
             "r: field 'rejected' has no assistant turn",
         ),
+        (
+            {"prompt": "x", "chosen": 5, "rejected": "b"},
+            "r: field 'chosen' must be a string, a message or a list of messages (got int)",
+        ),
     ],
 )
 def test_malformed_preference_records_are_refused_by_name(record, message, tiny_chat_model):
