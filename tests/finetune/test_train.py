@@ -166,6 +166,18 @@ def test_bad_data_and_memory_refusals_write_nothing(tiny_chat_model, tmp_path, m
     assert not any(p.name.startswith("o") for p in tmp_path.iterdir() if p.name not in ("d.jsonl",))
 
 
+def test_overwrite_never_replaces_the_data_it_trains_on(tiny_chat_model, tmp_path):
+    """OUT --overwrite on the directory that holds the training (or held-out) data once trained, then
+    deleted the data with the old OUT; it is refused like an OUT holding the model."""
+    out = tmp_path / "run"
+    data = chat_data((out.mkdir() or out) / "d.jsonl", n=2)
+    args = TrainArgs(max_steps=1, progress=False)
+    for train, held in ((data, None), (chat_data(tmp_path / "t.jsonl", n=2), data)):
+        with pytest.raises(QwenkitError, match=f"^output {out} would replace the source {data}; choose"):
+            finetune(tiny_chat_model, train, out, args, eval_path=held, overwrite=True)
+    assert [p.name for p in out.iterdir()] == ["d.jsonl"] and not work_dir(out).exists()
+
+
 def test_qlora_and_filter_through_the_command(tiny_chat_model, tmp_path, capsys):
     """finetune --method qlora --filter: sensitive text is masked before tokenizing, the int4 base trains
     an adapter that then loads onto the float model."""

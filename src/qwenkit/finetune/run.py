@@ -332,7 +332,9 @@ def finetune(
     from qwenkit.generate import tokenizer_for
 
     out = Path(out)
-    check_out_dir(out, overwrite, Path(model_path))
+    for source in (model_path, data_path, eval_path):  # --overwrite replaces OUT, never an input inside it
+        if source is not None:
+            check_out_dir(out, overwrite, Path(source))
     work = work_dir(out)
     if work.exists() and not resume:
         raise CheckpointError(f"{work} holds an unfinished run; pass --resume to continue it, or delete it")
