@@ -124,6 +124,14 @@ def test_filter_refuses_outputs_it_would_lose_or_clobber(tmp_path, capsys):
             [str(src), str(tmp_path / "o.jsonl"), "--report", str(tmp_path / "o.jsonl")],
             f"error: OUT and --report are the same file {out}; give the report its own name\n",
         ),
+        (  # once replaced the keyword list with the filtered data
+            [str(src), str(afile), "--keywords", str(afile), "--overwrite"],
+            f"error: {afile} is the --keywords file; write the output to another file\n",
+        ),
+        (
+            [str(src), str(out), "--report", str(afile), "--keywords", str(afile), "--overwrite"],
+            f"error: {afile} is the --keywords file; write the output to another file\n",
+        ),
     ]
     for args, message in cases:
         assert cli_main(["filter", *args]) == 2
