@@ -254,3 +254,41 @@ def test_a_diverged_loss_stops_the_run_in_one_line(tiny_chat_model, tmp_path, ca
     assert err[-1].endswith(f"nothing was written; lower --lr and start again (delete {work_dir(out)} first)")
     assert not out.exists()
     assert [json.loads(x)["step"] for x in (work_dir(out) / "log.jsonl").read_text().splitlines()] == [1]
+
+
+def test_resume_on_another_model_is_refused_in_one_line(tiny_chat_model, tmp_path, monkeypatch):
+    """--resume with another MODEL once loaded the checkpoint's adapter into it when the shapes agreed
+    (another model's weights under this run's adapter), and raised torch's size-mismatch traceback when
+    they did not; now either is one line."""
+    import shutil
+
+    from factories import write_tiny_chat_model
+
+    from qwenkit.errors import CheckpointError, ConfigError
+    from qwenkit.finetune.run import STATE_FILE
+
+    data = chat_data(tmp_path / "d.jsonl", n=4)
+    args = TrainArgs(max_steps=4, batch_size=2, lr=1e-3, lora_r=2, save_every=1, progress=False)
+    out = tmp_path / "o"
+    real_step = interrupt_training_after(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(tiny_chat_model, data, out, args)
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    ckpt = work_dir(out) / "checkpoints" / "step-2"
+    same_shape = shutil.copytree(tiny_chat_model, tmp_path / "same-shape")
+    with pytest.raises(ConfigError) as e:
+        finetune(same_shape, data, out, args, resume=True)
+    assert str(e.value) == (
+        f"--resume: the run in {ckpt} trained {tiny_chat_model.resolve()}, not {same_shape.resolve()}; "
+        "resume it on that model, or train into a new OUT"
+    )
+    wider = write_tiny_chat_model(tmp_path / "wider", hidden_size=64)
+    state = torch.load(ckpt / STATE_FILE, weights_only=True)
+    del state["base_model"]  # as a checkpoint written before it was recorded
+    torch.save(state, ckpt / STATE_FILE)
+    with pytest.raises(CheckpointError) as e:
+        finetune(wider, data, out, args, resume=True)
+    assert str(e.value).startswith(f"--resume: {ckpt} does not fit this model: size mismatch for model.")
+    assert "\n" not in str(e.value)
+    finetune(tiny_chat_model, data, out, args, resume=True)
+    assert json.loads((out / "log.jsonl").read_text().splitlines()[-1])["step"] == 4

@@ -106,6 +106,7 @@ class Prepared:
     trainable_names: list[str]
     lora: LoRAConfig | None
     tied: bool
+    source: str = ""  # the model's resolved path: what a checkpoint must be resumed on
 
 
 def prepare_model(model_path: str | Path, args: TrainArgs, world: World, batch_tokens: int) -> Prepared:
@@ -169,7 +170,8 @@ def prepare_model(model_path: str | Path, args: TrainArgs, world: World, batch_t
         enable_gradient_checkpointing(model)
     wrapped = wrap(model, world, args.strategy)
     params = [p for p in model.parameters() if p.requires_grad]  # after wrapping: FSDP swaps in DTensors
-    return Prepared(wrapped, model, params, names, lora, config.tie_word_embeddings)
+    source = str(Path(model_path).resolve())
+    return Prepared(wrapped, model, params, names, lora, config.tie_word_embeddings, source)
 
 
 def check_tensor_parallel(model_path: str | Path, args: TrainArgs) -> None:
@@ -219,6 +221,7 @@ def save_checkpoint(
             "args": args.to_json(),
             "settings": trainer.run_settings(),
             "data": data_id,
+            "base_model": prep.source,
         }
         with atomic_output_dir(path, overwrite=True) as tmp:
             torch.save(state, tmp / STATE_FILE)
@@ -271,13 +274,22 @@ def load_checkpoint(
             f"--resume: the training examples differ from those of the run in {path} (another data file, "
             "filter or --max-len), so it would not see the same batches; train into a new OUT"
         )
-    set_state_dict(
-        prep.model,
-        trainer.optimizer,
-        model_state_dict=state["model"],
-        optim_state_dict=state["optimizer"],
-        options=StateDictOptions(full_state_dict=True, strict=False),
-    )
+    if state.get("base_model") and prep.source and state["base_model"] != prep.source:  # older: none
+        raise ConfigError(
+            f"--resume: the run in {path} trained {state['base_model']}, not {prep.source}; resume it on "
+            "that model, or train into a new OUT"
+        )
+    try:
+        set_state_dict(
+            prep.model,
+            trainer.optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optimizer"],
+            options=StateDictOptions(full_state_dict=True, strict=False),
+        )
+    except RuntimeError as e:  # another model's shapes: torch lists every tensor, with a traceback
+        first = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e))
+        raise CheckpointError(f"--resume: {path} does not fit this model: {first}") from None
     trainer.scheduler.load_state_dict(state["scheduler"])
     trainer.step = int(state["step"])
     return list(state["history"])
