@@ -157,6 +157,8 @@ def check_numbers(args: argparse.Namespace) -> None:
             raise ConfigError(f"{flag} must be 0 or more, got {value}")
     if not (math.isfinite(args.lora_alpha) and args.lora_alpha > 0):
         raise ConfigError(f"--lora-alpha must be a positive number, got {args.lora_alpha}")
+    if args.eval_every and not args.eval_data:  # once ignored: no held-out loss was ever logged
+        raise ConfigError("--eval-every applies with --eval-data (the held-out data to evaluate)")
 
 
 def check_inputs(args: argparse.Namespace) -> None:
