@@ -141,6 +141,18 @@ def test_filter_refuses_outputs_it_would_lose_or_clobber(tmp_path, capsys):
     assert json.loads((tmp_path / "afile").read_text()) == {"text": "mail me at [EMAIL]"}
 
 
+def test_an_empty_keyword_file_is_refused(tmp_path, capsys):
+    """An empty (or comments-only) --keywords file once filtered as if no keywords were asked for."""
+    src, words, out = tmp_path / "d.jsonl", tmp_path / "w.txt", tmp_path / "o.jsonl"
+    src.write_text(json.dumps({"text": "project Bluebird"}) + "\n")
+    words.write_text("# our code names\n\n")
+    assert cli_main(["filter", str(src), str(out), "--keywords", str(words)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {words}: the keyword file holds no keywords (one a line; # starts a comment)\n"
+    )
+    assert not out.exists()
+
+
 def test_filter_refuses_input_with_nothing_to_check(tmp_path, capsys):
     """An empty file, or a record with no text outside role-like keys, is refused by name: passing it
     on would report a clean data set that was never looked at. Nothing is written."""

@@ -233,7 +233,10 @@ def read_keywords(path: str | Path | None) -> list[str]:
         raise FilterError(f"{path}: keyword file not found") from None
     except UnicodeDecodeError:
         raise FilterError(f"{path}: keyword file is not valid UTF-8") from None
-    return [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
+    words = [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
+    if not words:  # once a silent no-op: the data passed with none of the words the user meant to find
+        raise FilterError(f"{path}: the keyword file holds no keywords (one a line; # starts a comment)")
+    return words
 
 
 def filter_file(src: str | Path, out: str | Path, keywords: list[str], mode: str = "mask") -> Report:
