@@ -292,3 +292,17 @@ def test_resume_on_another_model_is_refused_in_one_line(tiny_chat_model, tmp_pat
     assert "\n" not in str(e.value)
     finetune(tiny_chat_model, data, out, args, resume=True)
     assert json.loads((out / "log.jsonl").read_text().splitlines()[-1])["step"] == 4
+
+
+def test_loss_png_leaves_out_non_finite_losses(tmp_path):
+    """A NaN held-out loss once raised ValueError in loss.png's drawing, after training, losing the run's
+    output; the finite points are drawn, and the same as without it."""
+    from qwenkit.finetune.plot import plot_losses
+
+    train = [(1, 2.0), (2, 1.5), (3, 1.0)]
+    plot_losses(tmp_path / "nan.png", train, [(0, 2.2), (3, float("nan"))])
+    plot_losses(tmp_path / "inf.png", [*train, (4, float("inf"))], [(0, 2.2)])
+    plot_losses(tmp_path / "ref.png", train, [(0, 2.2)])
+    ref = (tmp_path / "ref.png").read_bytes()
+    assert ref[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "nan.png").read_bytes() == ref == (tmp_path / "inf.png").read_bytes()
