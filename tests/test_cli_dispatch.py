@@ -75,6 +75,7 @@ def test_a_file_that_cannot_be_written_is_one_line(capsys):
         (["--lora-dropout", "-0.1"], "--lora-dropout must be in [0, 1), got -0.1"),
         (["--weight-decay", "-1"], "--weight-decay must be 0 or more, got -1.0"),
         (["--max-len", "1"], "--max-len must be at least 2 (a token and the next), got 1"),
+        (["--eval-every", "5"], "--eval-every applies with --eval-data (the held-out data to evaluate)"),
     ],
 )
 @pytest.mark.parametrize("command", ["finetune", "dpo"])

@@ -211,3 +211,38 @@ def test_errors_under_nproc_are_one_line_and_no_traceback(tiny_chat_model, tmp_p
     bad.write_text(json.dumps({"messages": [{"role": "robot", "content": "hi"}]}) + "\n")
     found = f"{bad}:1: field 'messages[0].role' is 'robot'; expected one of system, user, assistant, tool"
     assert sorted(run(bad)) == [f"error (rank {k}): {found}" for k in (0, 1)]
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_nproc_says_where_to_resume_without_tracebacks(tiny_chat_model, tmp_path):
+    """Ctrl-C (SIGINT to the terminal's process group) on `finetune --nproc 2` once printed each rank's
+    KeyboardInterrupt traceback and the torchrun agent's SignalException (~170 lines) and exited 1; now
+    rank 0's line says where --resume continues, and the command exits 130."""
+    import signal
+    import time
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(
+        "".join(json.dumps({"text": f"The number {i} comes after {i - 1}."}) + "\n" for i in range(8))
+    )
+    out = tmp_path / "o"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parents[1] / "src")}
+    cmd = [sys.executable, "-m", "qwenkit.cli", "finetune", str(tiny_chat_model), str(data), str(out)]
+    cmd += ["--nproc", "2", "--batch-size", "1", "--max-steps", "100000", "--save-every", "1"]
+    cmd += ["--lora-r", "2", "--no-progress"]
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not list(tmp_path.glob("o.training/checkpoints/step-*/trainer_state.pt")):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+            time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "SignalException" not in err, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("interrupted at step ") and "; --resume continues from " in last, err[-3000:]
+    assert not out.exists()

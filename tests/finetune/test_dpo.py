@@ -332,6 +332,10 @@ def test_every_preference_format_encodes_the_same_pair(tiny_chat_model):
             {"prompt": "x", "chosen": "a", "rejected": [{"role": "user", "content": "b"}]},
             "r: field 'rejected' has no assistant turn",
         ),
+        (
+            {"prompt": "x", "chosen": 5, "rejected": "b"},
+            "r: field 'chosen' must be a string, a message or a list of messages (got int)",
+        ),
     ],
 )
 def test_malformed_preference_records_are_refused_by_name(record, message, tiny_chat_model):
@@ -343,7 +347,9 @@ def test_malformed_preference_records_are_refused_by_name(record, message, tiny_
     assert message in str(e.value)
 
 
-def test_full_dpo_command_trains_resumes_and_writes_a_whole_model(tiny_chat_model, tmp_path, monkeypatch):
+def test_full_dpo_command_trains_resumes_and_writes_a_whole_model(
+    tiny_chat_model, tmp_path, monkeypatch, capsys
+):
     """`qwenkit dpo --method full` (IPO loss here) raises the held-out margin and writes a model that loads;
     interrupted and resumed from its checkpoint (the reference recomputed on the base, before the
     checkpoint's weights are loaded) it reaches the uninterrupted run's weights and losses."""
@@ -373,7 +379,17 @@ def test_full_dpo_command_trains_resumes_and_writes_a_whole_model(tiny_chat_mode
     assert not (tmp_path / "resumed").exists()
     assert (work_dir(tmp_path / "resumed") / "checkpoints" / "step-2").is_dir()
     monkeypatch.setattr(Trainer, "train_step", real_step)
+    capsys.readouterr()
+    # Another loss once resumed without a word, the rest of the run on another objective.
+    for other, said in (
+        (["--beta", "0.7"], "beta was 0.5"),
+        (["--loss-type", "hinge"], "loss_type was 'ipo'"),
+    ):
+        assert cli_main(["dpo", *argv, str(tmp_path / "resumed"), *opts, *other, "--resume"]) == 2
+        err = capsys.readouterr().err.splitlines()[-1]
+        assert err.startswith(f"error: --resume: {said} in {work_dir(tmp_path / 'resumed')}"), err
     assert cli_main(["dpo", *argv, str(tmp_path / "resumed"), *opts, "--resume"]) == 0
+    assert json.loads((tmp_path / "resumed" / "training_args.json").read_text())["beta"] == 0.5
 
     whole = [json.loads(x) for x in (tmp_path / "whole" / "log.jsonl").read_text().splitlines()]
     resumed = [json.loads(x) for x in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
@@ -407,6 +423,10 @@ def test_full_dpo_command_trains_resumes_and_writes_a_whole_model(tiny_chat_mode
         (["--simpo-gamma", "1"], "--simpo-gamma applies to --loss-type simpo"),
         (["--sft-weight", "-1"], "--sft-weight must not be negative, got -1.0"),
         (["--loss-type", "orpo", "--sft-weight", "1"], "ORPO's loss already holds the chosen replies' cross"),
+        (["--beta", "inf"], "--beta must be a finite number, got inf"),
+        (["--sft-weight", "nan"], "--sft-weight must be a finite number, got nan"),
+        (["--loss-type", "simpo", "--simpo-gamma", "nan"], "--simpo-gamma must be a finite number, got nan"),
+        (["--router-aux-loss-coef", "nan"], "--router-aux-loss-coef must be 0 or more, got nan"),
     ],
 )
 def test_bad_loss_settings_are_refused_in_one_line(extra, message, tiny_chat_model, tmp_path, capsys):
@@ -454,3 +474,19 @@ def test_qlora_dpo_scores_reference_and_policy_through_one_base_computation(tiny
     assert log[1]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert log[1]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
     assert log[2]["eval_rewards/margins"] > 1e-3  # it did train
+
+
+def test_an_empty_preference_file_is_refused_as_empty(tiny_chat_model, tmp_path, capsys):
+    """An empty (or blank-line) file once blamed --max-len ("no preference pair has a completion within
+    --max-len 1024"), sending the user after the wrong setting; now it says the file holds no records,
+    as finetune does. Pairs all cut by --max-len still say so."""
+    empty, out = tmp_path / "p.jsonl", tmp_path / "o"
+    empty.write_text("\n\n")
+    assert cli_main(["dpo", str(tiny_chat_model), str(empty), str(out)]) == 2
+    assert capsys.readouterr().err == f"error: {empty}: no records\n"
+    pairs = write_pairs(tmp_path / "t.jsonl", 0, 2)
+    assert cli_main(["dpo", str(tiny_chat_model), str(pairs), str(out), "--max-len", "4"]) == 2
+    assert capsys.readouterr().err.endswith(
+        f"error: {pairs}: no preference pair has a completion within --max-len 4\n"
+    )
+    assert not out.exists() and not (tmp_path / "o.training").exists()

@@ -37,6 +37,9 @@ CATALOGUE = [
     ("aws AKIAIOSFODNN7EXAMPLE", [("secret", "AKIAIOSFODNN7EXAMPLE")]),
     ("password = hunter2hunter2", [("secret", "hunter2hunter2")]),
     ("password is short=abc", []),
+    ("login with password=hunter2 now", [("secret", "hunter2")]),  # under 8: once passed unmasked
+    ('passwd: "p@ss"', [("secret", "p@ss")]),
+    ("Reset your password: click the link", []),
     ("project Bluebird launch", [("keyword", "Bluebird")]),
     ("内部代号青龙计划", [("keyword", "青龙")]),
 ]
@@ -121,6 +124,14 @@ def test_filter_refuses_outputs_it_would_lose_or_clobber(tmp_path, capsys):
             [str(src), str(tmp_path / "o.jsonl"), "--report", str(tmp_path / "o.jsonl")],
             f"error: OUT and --report are the same file {out}; give the report its own name\n",
         ),
+        (  # once replaced the keyword list with the filtered data
+            [str(src), str(afile), "--keywords", str(afile), "--overwrite"],
+            f"error: {afile} is the --keywords file; write the output to another file\n",
+        ),
+        (
+            [str(src), str(out), "--report", str(afile), "--keywords", str(afile), "--overwrite"],
+            f"error: {afile} is the --keywords file; write the output to another file\n",
+        ),
     ]
     for args, message in cases:
         assert cli_main(["filter", *args]) == 2
@@ -128,6 +139,18 @@ def test_filter_refuses_outputs_it_would_lose_or_clobber(tmp_path, capsys):
     assert not (tmp_path / "o.jsonl").exists() and (tmp_path / "afile").read_text() == "x"
     assert cli_main(["filter", str(src), str(tmp_path / "afile"), "--overwrite"]) == 0
     assert json.loads((tmp_path / "afile").read_text()) == {"text": "mail me at [EMAIL]"}
+
+
+def test_an_empty_keyword_file_is_refused(tmp_path, capsys):
+    """An empty (or comments-only) --keywords file once filtered as if no keywords were asked for."""
+    src, words, out = tmp_path / "d.jsonl", tmp_path / "w.txt", tmp_path / "o.jsonl"
+    src.write_text(json.dumps({"text": "project Bluebird"}) + "\n")
+    words.write_text("# our code names\n\n")
+    assert cli_main(["filter", str(src), str(out), "--keywords", str(words)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {words}: the keyword file holds no keywords (one a line; # starts a comment)\n"
+    )
+    assert not out.exists()
 
 
 def test_filter_refuses_input_with_nothing_to_check(tmp_path, capsys):
@@ -148,3 +171,23 @@ def test_filter_refuses_input_with_nothing_to_check(tmp_path, capsys):
         f"error: {textless}:2: the record holds no text to check (no string values)\n"
     )
     assert not out.exists()
+
+
+def test_finetune_refuses_filter_keywords_without_filter(tmp_path, capsys):
+    """`finetune --filter-keywords words.txt` without --filter once trained on the unfiltered data, the
+    keywords and every e-mail address included, without a word; now it is refused before anything loads."""
+    words = tmp_path / "words.txt"
+    words.write_text("bluebird\n")
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"text": "project Bluebird, bob@example.com"}) + "\n")
+    out = tmp_path / "o"
+    assert (
+        cli_main(
+            ["finetune", str(tmp_path / "no-model"), str(data), str(out), "--filter-keywords", str(words)]
+        )
+        == 2
+    )
+    assert capsys.readouterr().err == (
+        "error: --filter-keywords applies with --filter; pass both to mask sensitive data\n"
+    )
+    assert not out.exists() and not (tmp_path / "o.training").exists()

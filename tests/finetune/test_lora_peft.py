@@ -206,6 +206,14 @@ def test_merge_command_output_equals_adapter_logits(qwen2_dir, tmp_path):
     assert report.effect == pytest.approx(effect, rel=1e-5) and report.effect > 1e-2
     assert cli_main(["merge", str(qwen2_dir), str(tmp_path / "missing"), str(tmp_path / "m2")]) == 2
     assert not (tmp_path / "m2").exists()
+    # OUT = the adapter's own directory with --overwrite once merged, then deleted the adapter
+    a = str(tmp_path / "a")
+    with pytest.raises(CheckpointError, match=f"^output {a} would replace the source {a}; choose another"):
+        merge(qwen2_dir, a, a, overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
 
 
 def test_generate_cli_with_adapter(tiny_chat_model, tmp_path, capsys):

@@ -3,6 +3,7 @@ clear refusals (bad data, too little memory) with nothing written."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -113,6 +114,16 @@ def test_resume_reaches_the_same_adapter_as_an_uninterrupted_run(
     other = chat_data(tmp_path / "other.jsonl", n=4)  # other examples: not the same batches
     with pytest.raises(QwenkitError, match="the training examples differ from those of the run in"):
         finetune(tiny_chat_model, other, out, args, resume=True)
+    # Settings that change the steps still to come once resumed silently into another run.
+    for changed, message in (
+        (dict(batch_size=4), r"global_batch \(--batch-size x --grad-accum x replicas\) was 4 in .*, now 8"),
+        (dict(batch_size=1, grad_accum=2), "global_batch .* was 4 in .*, now 2"),
+        (dict(use_rslora=True), "use_rslora was False in .*, now True"),
+        (dict(lora_dropout=0.0), "lora_dropout was 0.1 in .*, now 0.0"),
+        (dict(weight_decay=0.1), "weight_decay was 0.0 in .*, now 0.1"),
+    ):
+        with pytest.raises(QwenkitError, match=f"^--resume: {message}$"):
+            finetune(tiny_chat_model, data, out, dataclasses.replace(args, **changed), resume=True)
     finetune(tiny_chat_model, data, out, args, resume=True)
 
     from safetensors.torch import load_file
@@ -153,6 +164,18 @@ def test_bad_data_and_memory_refusals_write_nothing(tiny_chat_model, tmp_path, m
     with pytest.raises(OutOfMemoryError, match=r"training needs about .* GiB .* but only 0\.00 GiB is free"):
         finetune(tiny_chat_model, data, tmp_path / "o2", args)
     assert not any(p.name.startswith("o") for p in tmp_path.iterdir() if p.name not in ("d.jsonl",))
+
+
+def test_overwrite_never_replaces_the_data_it_trains_on(tiny_chat_model, tmp_path):
+    """OUT --overwrite on the directory that holds the training (or held-out) data once trained, then
+    deleted the data with the old OUT; it is refused like an OUT holding the model."""
+    out = tmp_path / "run"
+    data = chat_data((out.mkdir() or out) / "d.jsonl", n=2)
+    args = TrainArgs(max_steps=1, progress=False)
+    for train, held in ((data, None), (chat_data(tmp_path / "t.jsonl", n=2), data)):
+        with pytest.raises(QwenkitError, match=f"^output {out} would replace the source {data}; choose"):
+            finetune(tiny_chat_model, train, out, args, eval_path=held, overwrite=True)
+    assert [p.name for p in out.iterdir()] == ["d.jsonl"] and not work_dir(out).exists()
 
 
 def test_qlora_and_filter_through_the_command(tiny_chat_model, tmp_path, capsys):
@@ -214,3 +237,72 @@ def test_only_the_newest_checkpoints_are_kept(tiny_chat_model, tmp_path, monkeyp
             finetune(tiny_chat_model, data, out, args)
         names = sorted((work_dir(out) / "checkpoints").iterdir(), key=lambda p: int(p.name[5:]))
         assert [p.name for p in names] == expected
+
+
+def test_a_diverged_loss_stops_the_run_in_one_line(tiny_chat_model, tmp_path, capsys):
+    """A learning rate that blows the weights up once trained on NaN to the last step, then failed with a
+    traceback drawing loss.png; now the first non-finite loss stops the run, naming the step and rate."""
+    from qwenkit.cli import main as cli_main
+
+    out = tmp_path / "o"
+    argv = ["finetune", str(tiny_chat_model), str(chat_data(tmp_path / "d.jsonl", n=4)), str(out)]
+    argv += ["--lr", "1e30", "--max-steps", "4", "--batch-size", "1", "--no-progress"]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert not any("Traceback" in line for line in err)
+    assert err[-1].startswith("error: the loss is nan at step 2 (lr 8.54e+29): training diverged and ")
+    assert err[-1].endswith(f"nothing was written; lower --lr and start again (delete {work_dir(out)} first)")
+    assert not out.exists()
+    assert [json.loads(x)["step"] for x in (work_dir(out) / "log.jsonl").read_text().splitlines()] == [1]
+
+
+def test_resume_on_another_model_is_refused_in_one_line(tiny_chat_model, tmp_path, monkeypatch):
+    """--resume with another MODEL once loaded the checkpoint's adapter into it when the shapes agreed
+    (another model's weights under this run's adapter), and raised torch's size-mismatch traceback when
+    they did not; now either is one line."""
+    import shutil
+
+    from factories import write_tiny_chat_model
+
+    from qwenkit.errors import CheckpointError, ConfigError
+    from qwenkit.finetune.run import STATE_FILE
+
+    data = chat_data(tmp_path / "d.jsonl", n=4)
+    args = TrainArgs(max_steps=4, batch_size=2, lr=1e-3, lora_r=2, save_every=1, progress=False)
+    out = tmp_path / "o"
+    real_step = interrupt_training_after(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(tiny_chat_model, data, out, args)
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    ckpt = work_dir(out) / "checkpoints" / "step-2"
+    same_shape = shutil.copytree(tiny_chat_model, tmp_path / "same-shape")
+    with pytest.raises(ConfigError) as e:
+        finetune(same_shape, data, out, args, resume=True)
+    assert str(e.value) == (
+        f"--resume: the run in {ckpt} trained {tiny_chat_model.resolve()}, not {same_shape.resolve()}; "
+        "resume it on that model, or train into a new OUT"
+    )
+    wider = write_tiny_chat_model(tmp_path / "wider", hidden_size=64)
+    state = torch.load(ckpt / STATE_FILE, weights_only=True)
+    del state["base_model"]  # as a checkpoint written before it was recorded
+    torch.save(state, ckpt / STATE_FILE)
+    with pytest.raises(CheckpointError) as e:
+        finetune(wider, data, out, args, resume=True)
+    assert str(e.value).startswith(f"--resume: {ckpt} does not fit this model: size mismatch for model.")
+    assert "\n" not in str(e.value)
+    finetune(tiny_chat_model, data, out, args, resume=True)
+    assert json.loads((out / "log.jsonl").read_text().splitlines()[-1])["step"] == 4
+
+
+def test_loss_png_leaves_out_non_finite_losses(tmp_path):
+    """A NaN held-out loss once raised ValueError in loss.png's drawing, after training, losing the run's
+    output; the finite points are drawn, and the same as without it."""
+    from qwenkit.finetune.plot import plot_losses
+
+    train = [(1, 2.0), (2, 1.5), (3, 1.0)]
+    plot_losses(tmp_path / "nan.png", train, [(0, 2.2), (3, float("nan"))])
+    plot_losses(tmp_path / "inf.png", [*train, (4, float("inf"))], [(0, 2.2)])
+    plot_losses(tmp_path / "ref.png", train, [(0, 2.2)])
+    ref = (tmp_path / "ref.png").read_bytes()
+    assert ref[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "nan.png").read_bytes() == ref == (tmp_path / "inf.png").read_bytes()

@@ -22,7 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", help="also write the full report (every finding) as JSON here")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT (or report)")
     args = parser.parse_args(argv)
-    check_outputs(Path(args.data), [Path(p) for p in (args.out, args.report) if p], args.overwrite)
+    outputs = [Path(p) for p in (args.out, args.report) if p]
+    check_outputs(Path(args.data), outputs, args.overwrite, Path(args.keywords) if args.keywords else None)
     report = filter_file(args.data, args.out, read_keywords(args.keywords), args.mode)
     for w in report.where:
         print(f"{w['where']} {w['field']} {w['kind']} [{w['start']}:{w['end']}]", file=sys.stderr)
@@ -33,14 +34,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def check_outputs(data: Path, outputs: list[Path], overwrite: bool) -> None:
+def check_outputs(data: Path, outputs: list[Path], overwrite: bool, keywords: Path | None = None) -> None:
     """Before anything is read: OUT and the report must be new files (or --overwrite), writable, distinct,
-    and never the data itself (the findings would be lost with it)."""
+    and never the data itself (the findings would be lost with it) nor the keyword file."""
     if len(outputs) == 2 and os.path.abspath(outputs[0]) == os.path.abspath(outputs[1]):
         raise ConfigError(f"OUT and --report are the same file {outputs[0]}; give the report its own name")
     for out in outputs:
         if data.exists() and out.exists() and out.samefile(data):
             raise ConfigError(f"{out} is the input data; write the filtered data to another file")
+        if keywords is not None and keywords.exists() and out.exists() and out.samefile(keywords):
+            raise ConfigError(f"{out} is the --keywords file; write the output to another file")
         if out.is_dir():
             raise ConfigError(f"{out} is a directory; give a file name")
         if out.exists() and not overwrite:

@@ -1,6 +1,7 @@
 """``torchrun --nproc_per_node N -m qwenkit.finetune MODEL DATA OUT [...]``: the finetune command per process.
 
-User errors print one line (with the rank) and exit 2, as ``qwenkit finetune`` does.
+User errors print one line (with the rank) and exit 2, as ``qwenkit finetune`` does; Ctrl-C exits 130
+without a traceback from each rank.
 """
 
 import os
@@ -16,3 +17,5 @@ except QwenkitError as e:
     sys.stderr.flush()
     os.write(2, f"error (rank {os.environ.get('RANK', '0')}): {e}\n".encode())
     sys.exit(2)
+except KeyboardInterrupt:  # Ctrl-C reaches every rank; rank 0 has said where --resume continues
+    sys.exit(130)

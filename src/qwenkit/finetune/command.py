@@ -151,11 +151,14 @@ def check_numbers(args: argparse.Namespace) -> None:
         ("--eval-every", args.eval_every),
         ("--save-every", args.save_every),
         ("--keep-checkpoints", args.keep_checkpoints),
+        ("--router-aux-loss-coef", args.router_aux_loss_coef),
     ):
-        if not (math.isfinite(value) and value >= 0):
+        if value is not None and not (math.isfinite(value) and value >= 0):
             raise ConfigError(f"{flag} must be 0 or more, got {value}")
     if not (math.isfinite(args.lora_alpha) and args.lora_alpha > 0):
         raise ConfigError(f"--lora-alpha must be a positive number, got {args.lora_alpha}")
+    if args.eval_every and not args.eval_data:  # once ignored: no held-out loss was ever logged
+        raise ConfigError("--eval-every applies with --eval-data (the held-out data to evaluate)")
 
 
 def check_inputs(args: argparse.Namespace) -> None:
@@ -192,9 +195,10 @@ def relaunch(module: str, argv: list[str], nproc: int) -> int:
     """Run this command under torchrun with ``nproc`` local processes (gloo on CPU, NCCL on CUDA).
 
     torchrun's agent runs in this process, so a rank's failure comes back as its exit status and one line
-    naming it (the rank has printed its own error), not as the agent's traceback."""
+    naming it (the rank has printed its own error), and Ctrl-C as 130, not as the agent's traceback."""
     import logging
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -213,9 +217,13 @@ def relaunch(module: str, argv: list[str], nproc: int) -> int:
     # The machine's cores shared out (torchrun alone gives each process one thread, and says so).
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    # its own level: "Received 2 death signal, shutting down workers" on Ctrl-C
+    logging.getLogger("torch.distributed.elastic.agent.server.api").setLevel(logging.CRITICAL)
     args = get_args_parser().parse_args(["--standalone", f"--nproc_per_node={nproc}", "-m", module, *rest])
     try:
         run(args)
+    except SignalException:  # Ctrl-C: the agent stopped the ranks; rank 0 said where --resume continues
+        return 130
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         if failure.exitcode < 0:
@@ -232,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--filter", action="store_true", help="mask sensitive data before training")
     parser.add_argument("--filter-keywords", help="keyword file for --filter (one per line)")
     args = parser.parse_args(argv)
+    if args.filter_keywords and not args.filter:  # the data would train unfiltered, keywords and all
+        raise ConfigError("--filter-keywords applies with --filter; pass both to mask sensitive data")
     if (launched := launch_ranks("qwenkit.finetune", argv, args)) is not None:
         return launched
     from qwenkit.finetune.run import finetune

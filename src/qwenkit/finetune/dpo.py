@@ -65,7 +65,10 @@ def check_loss(
     simpo_gamma: float | None = None,
     sft_weight: float = 0.0,
 ) -> None:
-    """Refuse settings trl would refuse, or that would silently do nothing."""
+    """Refuse settings trl would refuse, or that would silently do nothing (or train on NaN losses)."""
+    for flag, value in (("--beta", beta), ("--sft-weight", sft_weight), ("--simpo-gamma", simpo_gamma)):
+        if value is not None and not math.isfinite(value):
+            raise ConfigError(f"{flag} must be a finite number, got {value}")
     if sft_weight < 0:
         raise ConfigError(f"--sft-weight must not be negative, got {sft_weight}")
     if sft_weight and loss_type == "orpo":
@@ -203,6 +206,16 @@ class DPOTrainer(Trainer):
         self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
         self.simpo_gamma = 0.5 if simpo_gamma is None else simpo_gamma  # trl's default
         self._ref: dict[int, tuple[float, float]] = {}  # id(pair) -> reference (chosen, rejected) log-probs
+
+    def run_settings(self) -> dict[str, Any]:
+        return {
+            **super().run_settings(),
+            "beta": self.beta,
+            "loss_type": self.loss_type,
+            "label_smoothing": self.label_smoothing,
+            "simpo_gamma": self.simpo_gamma,
+            "sft_weight": self.sft_weight,
+        }
 
     def normalizer(self, idx: list[int]) -> float:
         return float(len(idx))

@@ -46,6 +46,7 @@ def merge(
         raise ConfigError(f"unknown dtype {dtype!r}; choose {', '.join(DTYPES)}")
     out = Path(out)
     check_out_dir(out, overwrite, Path(model_path))
+    check_out_dir(out, overwrite, Path(adapter))  # --overwrite into the adapter's own directory lost it
     check_exportable(model_path)
     model, config = load_model(model_path, "float32", progress=False, dequantize=True)
     load_adapter(model, adapter)  # LoRALinear layers, which merge_lora folds in

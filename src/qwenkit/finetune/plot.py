@@ -7,6 +7,7 @@ and tick marks (no text: the numbers are in the JSONL log beside it).
 from __future__ import annotations
 
 import itertools
+import math
 import struct
 import zlib
 from pathlib import Path
@@ -35,7 +36,10 @@ def plot_losses(
     width: int = 640,
     height: int = 400,
 ) -> None:
-    """(step, loss) series as lines on a white canvas with axes; the y range spans both series."""
+    """(step, loss) series as lines on a white canvas with axes; the y range spans both series. A NaN or
+    infinite loss (a held-out loss overflowing in float16) is left out: it once failed the finished run."""
+    train = [(x, y) for x, y in train if math.isfinite(y)]
+    evals = [(x, y) for x, y in evals if math.isfinite(y)]
     img = [bytearray(b"\xff" * (3 * width)) for _ in range(height)]
     m = 40  # margin
     points = list(train) + list(evals)

@@ -64,6 +64,11 @@ def _reply(where: str, value: Any, name: str) -> dict[str, Any]:
         return {"role": "assistant", "content": value}
     if isinstance(value, dict):
         value = [sharegpt_turn(where, value, name) if "from" in value else value]
+    if not isinstance(value, list):  # check_messages would say "a non-empty list", hiding the string form
+        raise DataError(
+            f"{where}: field '{name}' must be a string, a message or a list of messages "
+            f"(got {type(value).__name__})"
+        )
     msgs = check_messages(where, value, name)
     if msgs[-1]["role"] != "assistant":
         raise DataError(f"{where}: field '{name}' must end with an assistant message")
@@ -179,6 +184,8 @@ def load_pairs(
             dropped += 1
         else:
             pairs.append(pair)
+    if not pairs and not dropped:  # not "within --max-len": there was nothing to cut
+        raise DataError(f"{path}: no records")
     if not pairs:
         raise DataError(f"{path}: no preference pair has a completion within --max-len {max_len}")
     return pairs, {"pairs": len(pairs), "dropped": dropped}

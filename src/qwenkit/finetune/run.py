@@ -9,6 +9,7 @@ checkpoint in ``OUT.training/``.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 from collections.abc import Callable, Sequence
@@ -24,7 +25,7 @@ from qwenkit.checkpoint import load_model
 from qwenkit.checkpoint.loader import resolve_dtype
 from qwenkit.checkpoint.output_dir import atomic_output_dir, check_out_dir, write_json
 from qwenkit.config import ModelConfig
-from qwenkit.errors import CheckpointError, ConfigError
+from qwenkit.errors import CheckpointError, ConfigError, QwenkitError
 from qwenkit.finetune.adapter_io import adapter_state_dict, save_adapter
 from qwenkit.finetune.data import DataError, Record, read_records
 from qwenkit.finetune.distributed import World, close_world, init_world, wrap
@@ -36,6 +37,10 @@ from qwenkit.finetune.plot import plot_losses
 from qwenkit.finetune.trainer import TrainArgs, Trainer, enable_gradient_checkpointing
 
 STATE_FILE = "trainer_state.pt"
+
+
+class TrainingDiverged(QwenkitError, FloatingPointError):
+    """The loss became NaN or infinite: every later step would train on it and the result is garbage."""
 
 
 def work_dir(out: Path) -> Path:
@@ -101,6 +106,7 @@ class Prepared:
     trainable_names: list[str]
     lora: LoRAConfig | None
     tied: bool
+    source: str = ""  # the model's resolved path: what a checkpoint must be resumed on
 
 
 def prepare_model(model_path: str | Path, args: TrainArgs, world: World, batch_tokens: int) -> Prepared:
@@ -164,7 +170,8 @@ def prepare_model(model_path: str | Path, args: TrainArgs, world: World, batch_t
         enable_gradient_checkpointing(model)
     wrapped = wrap(model, world, args.strategy)
     params = [p for p in model.parameters() if p.requires_grad]  # after wrapping: FSDP swaps in DTensors
-    return Prepared(wrapped, model, params, names, lora, config.tie_word_embeddings)
+    source = str(Path(model_path).resolve())
+    return Prepared(wrapped, model, params, names, lora, config.tie_word_embeddings, source)
 
 
 def check_tensor_parallel(model_path: str | Path, args: TrainArgs) -> None:
@@ -212,7 +219,9 @@ def save_checkpoint(
             "step": trainer.step,
             "history": history,
             "args": args.to_json(),
+            "settings": trainer.run_settings(),
             "data": data_id,
+            "base_model": prep.source,
         }
         with atomic_output_dir(path, overwrite=True) as tmp:
             torch.save(state, tmp / STATE_FILE)
@@ -254,18 +263,33 @@ def load_checkpoint(
     for key in TrainArgs.RESUME_KEYS:
         if saved.get(key) != now.get(key):
             raise ConfigError(f"--resume: {key} was {saved.get(key)!r} in {path}, now {now.get(key)!r}")
+    for key, value in state.get("settings", {}).items():  # older checkpoints have none
+        if trainer.run_settings().get(key) != value:
+            what = "global_batch (--batch-size x --grad-accum x replicas)" if key == "global_batch" else key
+            raise ConfigError(
+                f"--resume: {what} was {value!r} in {path}, now {trainer.run_settings().get(key)!r}"
+            )
     if state.get("data") and data_id and state["data"] != data_id:  # older checkpoints have none
         raise ConfigError(
             f"--resume: the training examples differ from those of the run in {path} (another data file, "
             "filter or --max-len), so it would not see the same batches; train into a new OUT"
         )
-    set_state_dict(
-        prep.model,
-        trainer.optimizer,
-        model_state_dict=state["model"],
-        optim_state_dict=state["optimizer"],
-        options=StateDictOptions(full_state_dict=True, strict=False),
-    )
+    if state.get("base_model") and prep.source and state["base_model"] != prep.source:  # older: none
+        raise ConfigError(
+            f"--resume: the run in {path} trained {state['base_model']}, not {prep.source}; resume it on "
+            "that model, or train into a new OUT"
+        )
+    try:
+        set_state_dict(
+            prep.model,
+            trainer.optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optimizer"],
+            options=StateDictOptions(full_state_dict=True, strict=False),
+        )
+    except RuntimeError as e:  # another model's shapes: torch lists every tensor, with a traceback
+        first = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e))
+        raise CheckpointError(f"--resume: {path} does not fit this model: {first}") from None
     trainer.scheduler.load_state_dict(state["scheduler"])
     trainer.step = int(state["step"])
     return list(state["history"])
@@ -320,7 +344,9 @@ def finetune(
     from qwenkit.generate import tokenizer_for
 
     out = Path(out)
-    check_out_dir(out, overwrite, Path(model_path))
+    for source in (model_path, data_path, eval_path):  # --overwrite replaces OUT, never an input inside it
+        if source is not None:
+            check_out_dir(out, overwrite, Path(source))
     work = work_dir(out)
     if work.exists() and not resume:
         raise CheckpointError(f"{work} holds an unfinished run; pass --resume to continue it, or delete it")
@@ -396,6 +422,11 @@ def _loop(trainer, prep, args, world, work, history, eval_examples, data_id: str
         while trainer.step < trainer.total_steps:
             lr = trainer.scheduler.get_last_lr()[0]
             r = trainer.train_step()
+            if not math.isfinite(r.loss):  # the global loss: every rank stops alike
+                raise TrainingDiverged(
+                    f"the loss is {r.loss} at step {trainer.step} (lr {lr:.3g}): training diverged and "
+                    f"nothing was written; lower --lr and start again (delete {work} first)"
+                )
             record = {
                 "step": trainer.step,
                 "epoch": round(trainer.step / trainer.steps_per_epoch, 4),
@@ -456,7 +487,10 @@ def _finish(model_path, out, overwrite, trainer, prep, args, world, history, sta
             train = [(h["step"], h["loss"]) for h in history if "loss" in h]
             evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
             plot_losses(tmp / "loss.png", train, evals)
-            write_json(tmp / "training_args.json", {"model": str(model_path), **args.to_json()})
+            write_json(
+                tmp / "training_args.json",
+                {"model": str(model_path), **args.to_json(), **trainer.run_settings()},
+            )
             write_json(tmp / "data_report.json", stats if isinstance(stats, dict) else stats.__dict__)
         shutil.rmtree(work_dir(out), ignore_errors=True)
     world.barrier()

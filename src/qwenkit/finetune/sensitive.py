@@ -48,8 +48,14 @@ _SECRETS = [
         r"(?<![A-Za-z0-9])(?:sk-[A-Za-z0-9_-]{20,}|AKIA[0-9A-Z]{16}|ghp_[A-Za-z0-9]{36}|xox[abprs]-[A-Za-z0-9-]{10,})"
     ),
     re.compile(
-        r"(?i)(?:api[_-]?key|secret[_-]?key|access[_-]?token|auth[_-]?token|token|password|passwd|secret)"
+        r"(?i)(?:api[_-]?key|secret[_-]?key|access[_-]?token|auth[_-]?token|token|secret)"
         r"\s*[:=]\s*[\"']?([^\s\"',;]{8,})"
+    ),
+    # Passwords are shorter: ``password=hunter2`` slipped through the 8 above. From 4 characters with a
+    # digit or symbol (``Reset your password: click ...`` keeps its prose), or 8 of any kind.
+    re.compile(
+        r"(?i)(?:password|passwd)\s*[:=]\s*[\"']?"
+        r"((?=[^\s\"',;]*[^A-Za-z\s\"',;])[^\s\"',;]{4,}|[^\s\"',;]{8,})"
     ),
 ]
 
@@ -113,7 +119,8 @@ class Detector:
 
         for p in _SECRETS[:3]:
             add("secret", p)
-        add("secret", _SECRETS[3], group=1)
+        for p in _SECRETS[3:]:
+            add("secret", p, group=1)
         add("email", _EMAIL)
         add("id_card", _ID, valid_cn_id)
         add("phone", _CN_MOBILE)
@@ -226,7 +233,10 @@ def read_keywords(path: str | Path | None) -> list[str]:
         raise FilterError(f"{path}: keyword file not found") from None
     except UnicodeDecodeError:
         raise FilterError(f"{path}: keyword file is not valid UTF-8") from None
-    return [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
+    words = [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
+    if not words:  # once a silent no-op: the data passed with none of the words the user meant to find
+        raise FilterError(f"{path}: the keyword file holds no keywords (one a line; # starts a comment)")
+    return words
 
 
 def filter_file(src: str | Path, out: str | Path, keywords: list[str], mode: str = "mask") -> Report:

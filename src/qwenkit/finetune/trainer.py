@@ -68,8 +68,26 @@ class TrainArgs:
     # MoE load-balancing loss weight; None: the model config's (on where output_router_logits is)
     router_aux_loss_coef: float | None = None
 
-    # fields that must match for --resume to continue the same run
-    RESUME_KEYS = ("method", "lr", "max_len", "seed", "packing", "lora_r", "lora_alpha", "target_modules")
+    # fields that must match for --resume to continue the same run (each changes the steps that follow)
+    RESUME_KEYS = (
+        "method",
+        "lr",
+        "max_len",
+        "seed",
+        "packing",
+        "lora_r",
+        "lora_alpha",
+        "target_modules",
+        "lora_layers",
+        "lora_dropout",
+        "use_rslora",
+        "qlora_bits",
+        "dtype",
+        "warmup_ratio",
+        "weight_decay",
+        "max_grad_norm",
+        "router_aux_loss_coef",
+    )
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -202,6 +220,11 @@ class Trainer:
         # experts a token is routed to (MoE models: what the load-balancing loss counts), else 0
         self.moe_top_k = next((m.top_k for m in unwrap(model).modules() if isinstance(m, MoEMLP)), 0)
         self.eval_metrics: dict[str, float] = {}  # extra held-out figures a subclass reports
+
+    def run_settings(self) -> dict[str, Any]:
+        """What --resume must find unchanged beyond ``TrainArgs.RESUME_KEYS``: the global batch (any process
+        count may take it on; another size draws other batches), and a subclass's loss settings."""
+        return {"global_batch": self.global_batch}
 
     # ---- which examples -------------------------------------------------------------------------------
     def global_indices(self, step: int) -> list[int]:
