@@ -36,7 +36,7 @@ def convert_gguf_to_hf(
     """
     out = Path(out_dir)
     torch_dtype = _dtype(dtype)
-    check_out_dir(out, overwrite)
+    check_out_dir(out, overwrite, source=Path(gguf_path))  # not the directory that holds the GGUF
     ckpt = read_gguf(gguf_path)  # checks the whole file before anything is written
     with atomic_output_dir(out, overwrite) as tmp:
         config: dict[str, Any] = {**ckpt.hf_config, "torch_dtype": _dtype_name(torch_dtype)}
