@@ -34,7 +34,7 @@ from qwenkit.quant.calibration import calibration_token_ids
 from qwenkit.quant.checkpoint_io import NOT_QUANTIZED, finalize_quantized_model, save_gptq
 from qwenkit.quant.gptq import gptq_quantize_model
 from qwenkit.quant.gptq_format import ACT_ORDERS, SUPPORTED_BITS, ActOrder, GPTQConfig, QuantizationError
-from qwenkit.quant.group_size import GroupChoice, choose_group_size, per_row_int4_note
+from qwenkit.quant.group_size import GroupChoice, choose_group_size, per_row_int4_note, reader_size_note
 from qwenkit.quant.rtn import quantize_model_rtn
 
 Method = Literal["gptq", "rtn"]
@@ -189,7 +189,8 @@ def quantize_checkpoint(
         )
     widths = _linear_widths(config)
     group = choose_group_size(widths, group_size, partial_groups)
-    for message in (group.note(), per_row_int4_note(widths) if bits == 4 and group_size == -1 else None):
+    per_row = per_row_int4_note(widths) if bits == 4 and group_size == -1 else None
+    for message in (group.note(), reader_size_note(group), per_row):
         if message:  # not `text`: that is the calibration text (once reused here, --calib was ignored)
             note(message)
     qconfig = GPTQConfig(
