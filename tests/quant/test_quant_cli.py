@@ -121,6 +121,7 @@ def test_gptq_with_default_calibration_text(src, tmp_path) -> None:
             ["--calib", "/nonexistent/calib.txt"],
             "error: calibration file /nonexistent/calib.txt does not exist",
         ),
+        (["--calib", "/"], "error: calibration file / is a directory; pass a UTF-8 text file"),
         (["--calib-samples", "0"], "error: --calib-samples 0 must be positive"),
         (["--method", "rtn", "--act-order", "static"], "error: --act-order reorders GPTQ's columns"),
         (

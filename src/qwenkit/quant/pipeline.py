@@ -236,6 +236,8 @@ def _linear_widths(config) -> dict[str, int]:
 
 def _read_calibration(path: str | Path) -> str:
     p = Path(path)
+    if p.is_dir():  # "does not exist" would send the user looking for a path that is there
+        raise QuantizationError(f"calibration file {p} is a directory; pass a UTF-8 text file")
     if not p.is_file():
         raise QuantizationError(f"calibration file {p} does not exist")
     try:
