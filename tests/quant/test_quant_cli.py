@@ -137,6 +137,25 @@ def test_bad_input_is_one_line(src, tmp_path, capsys, args, message) -> None:
     assert not (tmp_path / "out").exists()
 
 
+def test_gptq_without_a_tokenizer_fails_before_the_weights_load(src, tmp_path, capsys, monkeypatch) -> None:
+    """GPTQ needs the tokenizer for its calibration windows; a source without one once loaded every weight
+    first (minutes for a large model) and only then said so."""
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(src / name, bare / name)
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the tokenizer was checked")
+
+    monkeypatch.setattr("qwenkit.checkpoint.load_model", no_load)
+    assert main(["quantize", str(bare), str(tmp_path / "out"), "-q"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: no tokenizer in {bare}: looked for tokenizer.json or qwen.tiktoken"
+    )
+    assert not (tmp_path / "out").exists()
+
+
 def test_existing_out_dir_needs_overwrite(src, tmp_path, capsys) -> None:
     out = tmp_path / "out"
     out.mkdir()

@@ -196,14 +196,16 @@ def quantize_checkpoint(
     qconfig = GPTQConfig(
         bits=bits, group_size=group.group_size, act_order=act_order, sym=sym, damp_percent=damp_percent
     )
+    windows: list[list[int]] = []
+    if method == "gptq":  # before the weights load: a missing tokenizer fails in seconds, not minutes
+        windows = calibration_token_ids(encode, calib_samples, seq_len, text)
+        if not windows:
+            raise QuantizationError("the calibration text produced no tokens")
     model, _ = load_model(source, dtype="float32", device=device, progress=progress, dequantize=True)
     _round_floats(model, torch.float16)
     result = QuantizeResult(out, qconfig, method, group=group, notes=notes)
 
     if method == "gptq":
-        windows = calibration_token_ids(encode, calib_samples, seq_len, text)
-        if not windows:
-            raise QuantizationError("the calibration text produced no tokens")
         result.calibration_windows = len(windows)
         result.calibration_tokens = sum(len(w) for w in windows)
         gptq_quantize_model(model, windows, qconfig, progress=progress, skip=NOT_QUANTIZED)
