@@ -156,6 +156,22 @@ def test_gptq_without_a_tokenizer_fails_before_the_weights_load(src, tmp_path, c
     assert not (tmp_path / "out").exists()
 
 
+def test_a_tokenizer_beyond_the_vocab_is_refused_in_one_line(tmp_path, capsys) -> None:
+    """Calibration ids the embedding has no row for once ended in an IndexError traceback."""
+    small = tmp_path / "small"
+    hf_model("qwen2", vocab_size=512, num_hidden_layers=1).save_pretrained(small)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
+        shutil.copy(qwen3_tokenizer_dir() / name, small / name)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("Hello world")  # Qwen's ids 9707 (Hello) and 1879 ( world)
+    assert main(["quantize", str(small), str(tmp_path / "out"), "-q", "--calib", str(calib)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: the tokenizer of {small} gives token id 9707, beyond the model's vocab_size 512: "
+        "the tokenizer files do not belong to this model"
+    )
+    assert not (tmp_path / "out").exists()
+
+
 def test_existing_out_dir_needs_overwrite(src, tmp_path, capsys) -> None:
     out = tmp_path / "out"
     out.mkdir()

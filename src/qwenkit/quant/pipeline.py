@@ -201,6 +201,12 @@ def quantize_checkpoint(
         windows = calibration_token_ids(encode, calib_samples, seq_len, text)
         if not windows:
             raise QuantizationError("the calibration text produced no tokens")
+        top = max(max(w) for w in windows)
+        if top >= config.vocab_size:  # else the embedding lookup fails mid-calibration with an IndexError
+            raise QuantizationError(
+                f"the tokenizer of {src} gives token id {top}, beyond the model's vocab_size "
+                f"{config.vocab_size}: the tokenizer files do not belong to this model"
+            )
     model, _ = load_model(source, dtype="float32", device=device, progress=progress, dequantize=True)
     _round_floats(model, torch.float16)
     result = QuantizeResult(out, qconfig, method, group=group, notes=notes)
