@@ -7,6 +7,7 @@ import shutil
 import pytest
 import torch
 from factories import hf_model, qwen3_tokenizer_dir
+from safetensors.torch import load_file, save_file
 
 from qwenkit.checkpoint import load_model
 from qwenkit.cli import main
@@ -168,6 +169,23 @@ def test_a_tokenizer_beyond_the_vocab_is_refused_in_one_line(tmp_path, capsys) -
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"error: the tokenizer of {small} gives token id 9707, beyond the model's vocab_size 512: "
         "the tokenizer files do not belong to this model"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method", ["gptq", "rtn"])
+def test_a_source_holding_nan_is_refused_in_one_line(src, calib, tmp_path, capsys, method) -> None:
+    """GPTQ once ended in a Cholesky traceback on a NaN weight, and RTN wrote the NaN into the output."""
+    bad = tmp_path / "bad"
+    shutil.copytree(src, bad)
+    tensors = load_file(bad / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    save_file(tensors, bad / "model.safetensors")
+    args = ["quantize", str(bad), str(tmp_path / "out"), "-q", "--method", method, "--calib", str(calib)]
+    assert main(args[: 6 if method == "rtn" else None]) == 2  # rtn takes no --calib
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "error: model.layers.1.mlp.up_proj.weight holds NaN or infinite values; "
+        "the source checkpoint is corrupt"
     )
     assert not (tmp_path / "out").exists()
 

@@ -259,10 +259,13 @@ def _read_calibration(path: str | Path) -> str:
 
 @torch.no_grad()
 def _round_floats(model: nn.Module, dtype: torch.dtype) -> None:
-    """Round every float parameter to ``dtype`` in place (values, not storage), refusing overflow."""
+    """Round every float parameter to ``dtype`` in place (values, not storage), refusing overflow and a
+    source that already holds NaN/inf (GPTQ's Cholesky then fails with a traceback, RTN writes it on)."""
     for name, p in model.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            raise QuantizationError(f"{name} holds NaN or infinite values; the source checkpoint is corrupt")
         rounded = p.to(dtype)
-        if not bool(torch.isfinite(rounded).all()) and bool(torch.isfinite(p).all()):
+        if not bool(torch.isfinite(rounded).all()):
             raise QuantizationError(
                 f"{name} has values beyond {dtype} range; it cannot be stored in a GPTQ file"
             )
