@@ -190,6 +190,20 @@ def test_a_source_holding_nan_is_refused_in_one_line(src, calib, tmp_path, capsy
     assert not (tmp_path / "out").exists()
 
 
+def test_a_hessian_gptq_cannot_invert_is_one_line(src, tmp_path, capsys) -> None:
+    """Three calibration tokens for 64 inputs and almost no damping: Cholesky fails. That was a LinAlgError
+    traceback; now the layer, its numbers and the two ways out."""
+    calib = tmp_path / "short.txt"
+    calib.write_text("hi there")
+    args = ["quantize", str(src), str(tmp_path / "out"), "-q", "--calib", str(calib), "--damp", "1e-12"]
+    assert main(args) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "error: GPTQ cannot invert the Hessian of model.layers.0.self_attn.q_proj (64 inputs, 2 calibration "
+        "tokens): raise --damp (now 1e-12) or calibrate on more text"
+    )
+    assert not (tmp_path / "out").exists()
+
+
 def test_existing_out_dir_needs_overwrite(src, tmp_path, capsys) -> None:
     out = tmp_path / "out"
     out.mkdir()
