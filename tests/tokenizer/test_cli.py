@@ -49,6 +49,19 @@ def test_tokenize_stdin(capsys, monkeypatch):
     assert json.loads(capsys.readouterr().out) == [9707, 1879]
 
 
+def test_tokenize_text_that_is_not_utf8(capsys, monkeypatch):
+    """Bytes that are not UTF-8 reach Python as surrogates (a C locale's stdin, any argv); the tokenizer
+    then raised UnicodeEncodeError with a traceback."""
+    stdin = io.TextIOWrapper(io.BytesIO(b"a\x85b"), encoding="utf-8", errors="surrogateescape")
+    monkeypatch.setattr("sys.stdin", stdin)
+    assert tokenize.main([str(QWEN3_DIR), "-", "--count"]) == 2
+    assert (
+        capsys.readouterr().err == "error: standard input is not UTF-8 text (an invalid byte at position 1)\n"
+    )
+    assert tokenize.main([str(QWEN3_DIR), "ab\udcffc"]) == 2
+    assert capsys.readouterr().err == "error: TEXT is not UTF-8 text (an invalid byte at position 2)\n"
+
+
 def test_tokenize_bad_dir(capsys, tmp_path):
     assert tokenize.main([str(tmp_path), "x"]) == 2
     err = capsys.readouterr().err
