@@ -85,6 +85,24 @@ def test_template_prints_exact_prompt(capsys, tmp_path, qwen3):
     assert capsys.readouterr().out == qwen3.render_chat_template(messages, tools=tools)
 
 
+def test_template_messages_that_are_not_utf8(capsys, tmp_path, monkeypatch):
+    """From standard input the bad byte arrived as a surrogate: the prompt printed with it, and --ids
+    ended in a TypeError traceback."""
+    data = b'[{"role": "user", "content": "a\xffb"}]'
+    (tmp_path / "m.json").write_bytes(data)
+    assert template.main([str(QWEN3_DIR), str(tmp_path / "m.json")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: messages file {tmp_path / 'm.json'} is not UTF-8 text (an invalid byte at position 31)\n"
+    )
+    stdin = io.TextIOWrapper(io.BytesIO(data), encoding="utf-8", errors="surrogateescape")
+    monkeypatch.setattr("sys.stdin", stdin)
+    assert template.main([str(QWEN3_DIR), "-", "--ids"]) == 2
+    assert (
+        capsys.readouterr().err
+        == "error: messages file - is not UTF-8 text (an invalid byte at position 31)\n"
+    )
+
+
 def test_template_bad_input(capsys, tmp_path):
     (tmp_path / "bad.json").write_text("{oops")
     assert template.main([str(QWEN3_DIR), str(tmp_path / "bad.json")]) == 2
