@@ -204,6 +204,25 @@ def test_a_hessian_gptq_cannot_invert_is_one_line(src, tmp_path, capsys) -> None
     assert not (tmp_path / "out").exists()
 
 
+def test_a_width_4bit_words_cannot_pack_is_refused_naming_the_layer(tmp_path, capsys) -> None:
+    """An FFN 100 wide: 8 int4 codes a word do not fit 100. That was found only when the file was written,
+    after all the work, as 'cannot pack 100 rows at 4 bits' with no layer named."""
+    odd = tmp_path / "odd"
+    hf_model("qwen2", vocab_size=512, intermediate_size=100, num_hidden_layers=1).save_pretrained(odd)
+    capsys.readouterr()  # transformers' progress bar
+    out = tmp_path / "out"
+    assert main(["quantize", str(odd), str(out), "-q", "--method", "rtn", "--group-size", "-1"]) == 2
+    assert capsys.readouterr().err == (
+        "error: model.layers.0.mlp.gate_proj has 100 outputs, which 4-bit GPTQ words cannot pack "
+        "(a multiple of 8 is needed); --bits 8 packs it\n"
+    )
+    assert not out.exists()
+    assert (
+        main(["quantize", str(odd), str(out), "-q", "--method", "rtn", "--group-size", "-1", "--bits", "8"])
+        == 0
+    )
+
+
 def test_existing_out_dir_needs_overwrite(src, tmp_path, capsys) -> None:
     out = tmp_path / "out"
     out.mkdir()

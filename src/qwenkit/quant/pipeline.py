@@ -187,7 +187,7 @@ def quantize_checkpoint(
             f"{src} is a Qwen v1 checkpoint: convert it to the Qwen1.5 layout first "
             f"(qwenkit convert {src} OUT), then quantize OUT"
         )
-    widths = _linear_widths(config)
+    widths = _linear_widths(config, bits)
     group = choose_group_size(widths, group_size, partial_groups)
     per_row = per_row_int4_note(widths) if bits == 4 and group_size == -1 else None
     for message in (group.note(), reader_size_note(group), per_row):
@@ -229,17 +229,30 @@ def quantize_checkpoint(
     return result
 
 
-def _linear_widths(config) -> dict[str, int]:
-    """Input width of every Linear that will be quantized, from the model built on the meta device."""
+def _linear_widths(config, bits: int) -> dict[str, int]:
+    """Input width of every Linear that will be quantized, from the model built on the meta device.
+
+    A width the AutoGPTQ words cannot pack (qweight packs inputs, qzeros outputs, 32 // bits a word) is
+    refused here, naming the layer, rather than when the file is written after all the work."""
     from qwenkit.model import Transformer
 
     with torch.device("meta"):
         model = Transformer(config)
-    return {
-        name: m.in_features
+    linears = {
+        name: m
         for name, m in model.named_modules()
         if isinstance(m, nn.Linear) and name.split(".")[-1] not in NOT_QUANTIZED
     }
+    per_word = 32 // bits
+    for name, m in linears.items():
+        for count, what in ((m.in_features, "inputs"), (m.out_features, "outputs")):
+            if count % per_word:
+                hint = "; --bits 8 packs it" if bits == 4 and count % 4 == 0 else ""
+                raise QuantizationError(
+                    f"{name} has {count} {what}, which {bits}-bit GPTQ words cannot pack (a multiple of "
+                    f"{per_word} is needed){hint}"
+                )
+    return {name: m.in_features for name, m in linears.items()}
 
 
 def _read_calibration(path: str | Path) -> str:
