@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -221,6 +222,19 @@ def test_a_width_4bit_words_cannot_pack_is_refused_naming_the_layer(tmp_path, ca
         main(["quantize", str(odd), str(out), "-q", "--method", "rtn", "--group-size", "-1", "--bits", "8"])
         == 0
     )
+
+
+def test_the_config_names_the_dtype_the_file_holds(src, tmp_path) -> None:
+    """A source saved by transformers 5 says "dtype": "float32"; copied as it was, transformers read the
+    float16 checkpoint as float32 (it reads dtype before torch_dtype)."""
+    import transformers
+
+    assert json.loads((src / "config.json").read_text())["dtype"] == "float32"
+    out = tmp_path / "out"
+    assert main(["quantize", str(src), str(out), "-q", "--method", "rtn"]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["dtype"], cfg["torch_dtype"]) == ("float16", "float16")
+    assert transformers.AutoConfig.from_pretrained(out).dtype == torch.float16
 
 
 def test_existing_out_dir_needs_overwrite(src, tmp_path, capsys) -> None:
