@@ -203,3 +203,27 @@ def test_non_finite_logits_reported(qwen2_dir):
     (out,) = engine.step()  # the row fails with a reason; the engine itself keeps going
     assert out.finish_reason == "error" and "NaN/inf logits in float32" in out.error
     assert not engine.has_unfinished() and engine.blocks.usage == 0
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        # int(2.7) once ran a 2-layer model, and bool("false") tied the embeddings of an untied model
+        ("num_hidden_layers", 2.7, "config.json: num_hidden_layers must be a whole number, not 2.7"),
+        ("hidden_size", "8", "config.json: hidden_size must be a whole number, not '8'"),
+        ("vocab_size", True, "config.json: vocab_size must be a whole number, not True"),
+        (
+            "tie_word_embeddings",
+            "false",
+            "config.json: tie_word_embeddings must be true or false, not 'false'",
+        ),
+        ("use_dynamic_ntk", 1, "config.json: use_dynamic_ntk must be true or false, not 1"),
+    ],
+)
+def test_a_value_of_the_wrong_type_is_refused_by_name(key, value, message):
+    base = {"vocab_size": 8, "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1}
+    family = "qwen" if key == "use_dynamic_ntk" else "qwen2"
+    with pytest.raises(ConfigError) as e:
+        ModelConfig.from_hf({"model_type": family, **base, "num_attention_heads": 2, key: value})
+    assert str(e.value) == message
+    assert ModelConfig.from_hf({"model_type": "qwen2", **base, "num_attention_heads": 2, "hidden_size": 8.0})

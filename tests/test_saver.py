@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -52,3 +55,21 @@ def test_parse_size():
     )
     with pytest.raises(ConfigError, match="cannot read size 'lots'"):
         parse_size("lots")
+
+
+def test_sigterm_while_writing_removes_the_partial_directory(tmp_path):
+    """SIGTERM (timeout, kill, a container stop) once killed the process mid-write and left the hidden
+    ``.out.partial-*`` directory, a model's size, behind; now it unwinds: exit 143, nothing left."""
+    script = (
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "from qwenkit.checkpoint.output_dir import atomic_output_dir\n"
+        "with atomic_output_dir(Path(sys.argv[1]) / 'out') as tmp:\n"
+        "    (tmp / 'model.safetensors').write_bytes(b'half')\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    (tmp / 'config.json').write_text('{}')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 143, done.stderr
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # this process's handler is untouched

@@ -211,6 +211,7 @@ class ModelConfig:
         act = cfg.get("hidden_act", cfg.get("activation_function", "silu"))
         if act not in ("silu", "swish"):
             raise ConfigError(f"unsupported hidden_act {act!r}; Qwen and Llama use silu (SwiGLU)")
+        _check_value_types(cfg)
         reader = _FAMILY_READERS[model_type]
         try:
             return reader(cfg)
@@ -227,6 +228,33 @@ class ModelConfig:
     def from_dir(cls, path: str | Path) -> ModelConfig:
         """Read ``config.json`` (and ``quantize_config.json``) from a checkpoint directory."""
         return cls.from_hf(read_hf_config(path))
+
+
+# Sizes and switches the readers turn into int/bool: int(2.7) and bool("false") would run another model.
+_INT_KEYS = (
+    "vocab_size", "padded_vocab_size", "hidden_size", "n_embd", "intermediate_size", "ffn_hidden_size",
+    "num_hidden_layers", "n_layer", "num_attention_heads", "n_head", "num_key_value_heads", "head_dim",
+    "kv_channels", "max_position_embeddings", "seq_length", "n_positions", "num_experts",
+    "num_local_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
+    "decoder_sparse_step",
+)  # fmt: skip
+_BOOL_KEYS = (
+    "tie_word_embeddings", "use_dynamic_ntk", "use_logn_attn", "no_bias", "attention_bias", "mlp_bias",
+    "qkv_bias", "use_sliding_window", "norm_topk_prob",
+)  # fmt: skip
+
+
+def _check_value_types(cfg: dict[str, Any]) -> None:
+    """Refuse, naming the key, a size that is not a whole number or a switch that is not true/false."""
+    for key in _INT_KEYS:
+        value = cfg.get(key)
+        whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+        if value is not None and (isinstance(value, bool) or not whole):
+            raise ConfigError(f"config.json: {key} must be a whole number, not {value!r}")
+    for key in _BOOL_KEYS:
+        value = cfg.get(key)
+        if value is not None and not isinstance(value, bool):
+            raise ConfigError(f"config.json: {key} must be true or false, not {value!r}")
 
 
 def read_hf_config(directory: str | Path) -> dict[str, Any]:

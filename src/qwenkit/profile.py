@@ -290,7 +290,8 @@ def profile(
         )
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            raise ProfileError(f"profiling {precision} failed: {last}")
+            # the child's own "error: " prefix, or the CLI prints "error: ... failed: error: ..."
+            raise ProfileError(f"profiling {precision} failed: {last.removeprefix('error: ')}")
         rows.append(ProfileRow(**json.loads(proc.stdout.strip().splitlines()[-1])))
     return rows
 

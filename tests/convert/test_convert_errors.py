@@ -34,6 +34,19 @@ def test_refuses_a_source_that_is_not_qwen_v1(tmp_path):
     assert leftovers(tmp_path) == []
 
 
+def test_refuses_tied_embeddings(tmp_path):
+    """The output always has its own lm_head (tie false), while the source, read as tied, uses wte:
+    converting once gave logits 27 apart, and only --verify noticed."""
+    src = write_source(tmp_path / "src", cfg={"tie_word_embeddings": True})
+    with pytest.raises(ConfigError) as e:
+        convert_v1_to_qwen2(src, tmp_path / "out", progress=False)
+    assert str(e.value) == (
+        "tie_word_embeddings: true is not a Qwen v1 setting (every release has its own lm_head); "
+        "set it to false in config.json"
+    )
+    assert leftovers(tmp_path) == []
+
+
 def test_refuses_a_directory_without_config(tmp_path):
     (tmp_path / "src").mkdir()
     with pytest.raises(CheckpointError, match=r"has no config\.json"):

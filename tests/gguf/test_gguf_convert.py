@@ -85,6 +85,33 @@ def test_gguf_convert_refuses_existing_dir_unless_overwrite(tmp_path, gguf_write
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "t.gguf"]
 
 
+def test_gguf_convert_refuses_to_overwrite_the_directory_holding_the_gguf(tmp_path, gguf_writer) -> None:
+    """--overwrite onto the GGUF's own directory would delete the source file with the old directory."""
+    model = hf_model("qwen2", vocab_size=len(tiny_vocab()[0]))
+    path = gguf_writer(tmp_path / "t.gguf", "qwen2", model.config.to_dict(),
+                       {n: p.detach() for n, p in model.named_parameters()}, Q.F16)  # fmt: skip
+    before = path.read_bytes()
+    with pytest.raises(CheckpointError, match=f"output {tmp_path} would replace the source {path}"):
+        convert_gguf_to_hf(path, tmp_path, overwrite=True)
+    assert path.read_bytes() == before
+
+
+def test_gguf_convert_to_float16_refuses_a_value_it_would_make_inf(tmp_path, gguf_writer) -> None:
+    """--dtype float16 once wrote inf for a weight of 1e6 without a word (``--to qwen2`` refused it)."""
+    model = hf_model("qwen2", vocab_size=len(tiny_vocab()[0]))
+    state = {n: p.detach().clone() for n, p in model.named_parameters()}
+    state["model.layers.0.mlp.up_proj.weight"][0, 0] = 1e6
+    path = gguf_writer(tmp_path / "t.gguf", "qwen2", model.config.to_dict(), state, Q.F32)
+    with pytest.raises(CheckpointError) as e:
+        convert_gguf_to_hf(path, tmp_path / "out", dtype="float16")
+    assert str(e.value) == (
+        "model.layers.0.mlp.up_proj.weight holds 1e+06, which overflows float16; "
+        "convert to bfloat16 or float32"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.gguf"]
+    convert_gguf_to_hf(path, tmp_path / "out", dtype="bfloat16")  # bfloat16 holds it
+
+
 def test_gguf_convert_failure_leaves_nothing(tmp_path) -> None:
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"not a gguf")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from factories import hf_model, save_hf
 
 from qwenkit import kernels
@@ -71,6 +72,15 @@ def test_profile_bad_input(tiny, capsys, args, message) -> None:
     assert main(["profile", str(tiny), *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith(message) and err.count("\n") == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_failed_precision_is_one_error_line(tiny, capsys) -> None:
+    """The child's "error: " is not repeated after the parent's."""
+    assert main(["profile", str(tiny), "--precisions", "int4", "--device", "cuda", "--generate", "2"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "error: profiling int4 failed: --device cuda was asked for, but no CUDA device is available"
+    )
 
 
 def test_quantized_checkpoint_runs_only_as_itself() -> None:

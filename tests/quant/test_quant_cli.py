@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
 import torch
 from factories import hf_model, qwen3_tokenizer_dir
+from safetensors.torch import load_file, save_file
 
 from qwenkit.checkpoint import load_model
 from qwenkit.cli import main
@@ -121,6 +123,7 @@ def test_gptq_with_default_calibration_text(src, tmp_path) -> None:
             ["--calib", "/nonexistent/calib.txt"],
             "error: calibration file /nonexistent/calib.txt does not exist",
         ),
+        (["--calib", "/"], "error: calibration file / is a directory; pass a UTF-8 text file"),
         (["--calib-samples", "0"], "error: --calib-samples 0 must be positive"),
         (["--method", "rtn", "--act-order", "static"], "error: --act-order reorders GPTQ's columns"),
         (
@@ -134,6 +137,104 @@ def test_bad_input_is_one_line(src, tmp_path, capsys, args, message) -> None:
     err = capsys.readouterr().err
     assert err.startswith(message) and err.count("\n") == 1, err
     assert not (tmp_path / "out").exists()
+
+
+def test_gptq_without_a_tokenizer_fails_before_the_weights_load(src, tmp_path, capsys, monkeypatch) -> None:
+    """GPTQ needs the tokenizer for its calibration windows; a source without one once loaded every weight
+    first (minutes for a large model) and only then said so."""
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(src / name, bare / name)
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the tokenizer was checked")
+
+    monkeypatch.setattr("qwenkit.checkpoint.load_model", no_load)
+    assert main(["quantize", str(bare), str(tmp_path / "out"), "-q"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: no tokenizer in {bare}: looked for tokenizer.json or qwen.tiktoken"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_tokenizer_beyond_the_vocab_is_refused_in_one_line(tmp_path, capsys) -> None:
+    """Calibration ids the embedding has no row for once ended in an IndexError traceback."""
+    small = tmp_path / "small"
+    hf_model("qwen2", vocab_size=512, num_hidden_layers=1).save_pretrained(small)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
+        shutil.copy(qwen3_tokenizer_dir() / name, small / name)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("Hello world")  # Qwen's ids 9707 (Hello) and 1879 ( world)
+    assert main(["quantize", str(small), str(tmp_path / "out"), "-q", "--calib", str(calib)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: the tokenizer of {small} gives token id 9707, beyond the model's vocab_size 512: "
+        "the tokenizer files do not belong to this model"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method", ["gptq", "rtn"])
+def test_a_source_holding_nan_is_refused_in_one_line(src, calib, tmp_path, capsys, method) -> None:
+    """GPTQ once ended in a Cholesky traceback on a NaN weight, and RTN wrote the NaN into the output."""
+    bad = tmp_path / "bad"
+    shutil.copytree(src, bad)
+    tensors = load_file(bad / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    save_file(tensors, bad / "model.safetensors")
+    args = ["quantize", str(bad), str(tmp_path / "out"), "-q", "--method", method, "--calib", str(calib)]
+    assert main(args[: 6 if method == "rtn" else None]) == 2  # rtn takes no --calib
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "error: model.layers.1.mlp.up_proj.weight holds NaN or infinite values; "
+        "the source checkpoint is corrupt"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_hessian_gptq_cannot_invert_is_one_line(src, tmp_path, capsys) -> None:
+    """Three calibration tokens for 64 inputs and almost no damping: Cholesky fails. That was a LinAlgError
+    traceback; now the layer, its numbers and the two ways out."""
+    calib = tmp_path / "short.txt"
+    calib.write_text("hi there")
+    args = ["quantize", str(src), str(tmp_path / "out"), "-q", "--calib", str(calib), "--damp", "1e-12"]
+    assert main(args) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "error: GPTQ cannot invert the Hessian of model.layers.0.self_attn.q_proj (64 inputs, 2 calibration "
+        "tokens): raise --damp (now 1e-12) or calibrate on more text"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_width_4bit_words_cannot_pack_is_refused_naming_the_layer(tmp_path, capsys) -> None:
+    """An FFN 100 wide: 8 int4 codes a word do not fit 100. That was found only when the file was written,
+    after all the work, as 'cannot pack 100 rows at 4 bits' with no layer named."""
+    odd = tmp_path / "odd"
+    hf_model("qwen2", vocab_size=512, intermediate_size=100, num_hidden_layers=1).save_pretrained(odd)
+    capsys.readouterr()  # transformers' progress bar
+    out = tmp_path / "out"
+    assert main(["quantize", str(odd), str(out), "-q", "--method", "rtn", "--group-size", "-1"]) == 2
+    assert capsys.readouterr().err == (
+        "error: model.layers.0.mlp.gate_proj has 100 outputs, which 4-bit GPTQ words cannot pack "
+        "(a multiple of 8 is needed); --bits 8 packs it\n"
+    )
+    assert not out.exists()
+    assert (
+        main(["quantize", str(odd), str(out), "-q", "--method", "rtn", "--group-size", "-1", "--bits", "8"])
+        == 0
+    )
+
+
+def test_the_config_names_the_dtype_the_file_holds(src, tmp_path) -> None:
+    """A source saved by transformers 5 says "dtype": "float32"; copied as it was, transformers read the
+    float16 checkpoint as float32 (it reads dtype before torch_dtype)."""
+    import transformers
+
+    assert json.loads((src / "config.json").read_text())["dtype"] == "float32"
+    out = tmp_path / "out"
+    assert main(["quantize", str(src), str(out), "-q", "--method", "rtn"]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["dtype"], cfg["torch_dtype"]) == ("float16", "float16")
+    assert transformers.AutoConfig.from_pretrained(out).dtype == torch.float16
 
 
 def test_existing_out_dir_needs_overwrite(src, tmp_path, capsys) -> None:

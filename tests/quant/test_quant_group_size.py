@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from qwenkit.checkpoint import load_model
 from qwenkit.cli import main
 from qwenkit.quant import QuantizationError
-from qwenkit.quant.group_size import choose_group_size, per_row_int4_note
+from qwenkit.quant.group_size import choose_group_size, per_row_int4_note, reader_size_note
 
 KINDS = ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj")
 
@@ -102,6 +102,7 @@ def test_cli_writes_the_group_size_it_reports(src, tmp_path, capsys, args, group
     assert main(["quantize", str(src), str(out), "-q", "--method", "rtn", *args]) == 0
     err = capsys.readouterr().err
     assert ("short last group" in err) == ("--partial-groups" in args)
+    assert ("note: group size 40 is not one vLLM's GPTQ kernels take" in err) == (group == 40)
     assert json.loads((out / "quantize_config.json").read_text())["group_size"] == group
     tensors = load_file(out / "model.safetensors")
     assert tensors["model.layers.0.self_attn.q_proj.scales"].shape[0] == rows  # 80 columns
@@ -117,3 +118,33 @@ def test_int4_per_row_groups_name_the_reader_that_refuses_them() -> None:
         "kernel (transformers on CPU) takes only 32, 64, 128, 256"
     )
     assert per_row_int4_note({"model.layers.0.mlp.down_proj": 256}) is None
+
+
+@pytest.mark.parametrize(
+    ("requested", "note"),
+    [
+        (64, None),
+        (-1, None),
+        (
+            96,  # tiles 576 and 1536, so it is kept: once without a word, yet vLLM and transformers refuse it
+            "group size 96 is not one vLLM's GPTQ kernels take (-1, 32, 64, 128), nor GPTQModel's "
+            "(transformers on CPU: 16 to 1024 in powers of 2); qwenkit and AutoGPTQ read it",
+        ),
+        (
+            192,
+            "group size 192 is not one vLLM's GPTQ kernels take (-1, 32, 64, 128), nor GPTQModel's "
+            "(transformers on CPU: 16 to 1024 in powers of 2); qwenkit and AutoGPTQ read it",
+        ),
+    ],
+)
+def test_a_size_readers_refuse_is_kept_with_a_note(requested: int, note: str | None) -> None:
+    choice = choose_group_size(_smollm2_widths(1), requested)
+    assert choice.group_size == requested and choice.note() is None
+    assert reader_size_note(choice) == note
+
+
+def test_a_power_of_two_vllm_refuses_names_vllm_only() -> None:
+    choice = choose_group_size({"model.layers.0.mlp.down_proj": 1536}, 256)
+    assert reader_size_note(choice) == (
+        "group size 256 is not one vLLM's GPTQ kernels take (-1, 32, 64, 128); qwenkit and AutoGPTQ read it"
+    )

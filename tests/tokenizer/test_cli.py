@@ -49,6 +49,19 @@ def test_tokenize_stdin(capsys, monkeypatch):
     assert json.loads(capsys.readouterr().out) == [9707, 1879]
 
 
+def test_tokenize_text_that_is_not_utf8(capsys, monkeypatch):
+    """Bytes that are not UTF-8 reach Python as surrogates (a C locale's stdin, any argv); the tokenizer
+    then raised UnicodeEncodeError with a traceback."""
+    stdin = io.TextIOWrapper(io.BytesIO(b"a\x85b"), encoding="utf-8", errors="surrogateescape")
+    monkeypatch.setattr("sys.stdin", stdin)
+    assert tokenize.main([str(QWEN3_DIR), "-", "--count"]) == 2
+    assert (
+        capsys.readouterr().err == "error: standard input is not UTF-8 text (an invalid byte at position 1)\n"
+    )
+    assert tokenize.main([str(QWEN3_DIR), "ab\udcffc"]) == 2
+    assert capsys.readouterr().err == "error: TEXT is not UTF-8 text (an invalid byte at position 2)\n"
+
+
 def test_tokenize_bad_dir(capsys, tmp_path):
     assert tokenize.main([str(tmp_path), "x"]) == 2
     err = capsys.readouterr().err
@@ -70,6 +83,24 @@ def test_template_prints_exact_prompt(capsys, tmp_path, qwen3):
     assert capsys.readouterr().out == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
     assert template.main([str(QWEN3_DIR), str(tmp_path / "m.json"), "--tools", str(tmp_path / "t.json")]) == 0
     assert capsys.readouterr().out == qwen3.render_chat_template(messages, tools=tools)
+
+
+def test_template_messages_that_are_not_utf8(capsys, tmp_path, monkeypatch):
+    """From standard input the bad byte arrived as a surrogate: the prompt printed with it, and --ids
+    ended in a TypeError traceback."""
+    data = b'[{"role": "user", "content": "a\xffb"}]'
+    (tmp_path / "m.json").write_bytes(data)
+    assert template.main([str(QWEN3_DIR), str(tmp_path / "m.json")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: messages file {tmp_path / 'm.json'} is not UTF-8 text (an invalid byte at position 31)\n"
+    )
+    stdin = io.TextIOWrapper(io.BytesIO(data), encoding="utf-8", errors="surrogateescape")
+    monkeypatch.setattr("sys.stdin", stdin)
+    assert template.main([str(QWEN3_DIR), "-", "--ids"]) == 2
+    assert (
+        capsys.readouterr().err
+        == "error: messages file - is not UTF-8 text (an invalid byte at position 31)\n"
+    )
 
 
 def test_template_bad_input(capsys, tmp_path):

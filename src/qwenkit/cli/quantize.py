@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=128,
         help="input columns sharing one scale/zero; -1 for one group per row (default 128). When it does "
-        f"not divide a layer's input width, the largest of {FALLBACK_SIZES} that divides every layer is used",
+        f"not divide a layer's input width, the largest of {FALLBACK_SIZES} below it that tiles every "
+        "layer is used",
     )
     parser.add_argument(
         "--partial-groups",

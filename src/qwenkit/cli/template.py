@@ -20,10 +20,15 @@ class _InputError(Exception):
 def _read_json(path: str, what: str) -> Any:
     try:
         text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+        text.encode("utf-8")  # stdin's undecodable bytes arrive as surrogates, which the tokenizer refuses
         return json.loads(text)
     except OSError as e:
         raise _InputError(f"cannot read {what} file {path}: {e.strerror}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except UnicodeError as e:
+        raise _InputError(
+            f"{what} file {path} is not UTF-8 text (an invalid byte at position {e.start})"
+        ) from None
+    except json.JSONDecodeError as e:
         raise _InputError(f"{what} file {path} is not valid JSON: {e}") from None
 
 

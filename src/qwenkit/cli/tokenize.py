@@ -29,8 +29,14 @@ def main(argv: list[str] | None = None) -> int:
     from qwenkit.cli.common import resolve_model
     from qwenkit.generate import tokenizer_for
 
+    source = "standard input" if args.text == "-" else "TEXT"
     try:
         text = sys.stdin.read() if args.text == "-" else args.text
+        text.encode("utf-8")  # undecodable bytes arrive as surrogates, which the tokenizer cannot take
+    except UnicodeError as e:
+        print(f"error: {source} is not UTF-8 text (an invalid byte at position {e.start})", file=sys.stderr)
+        return 2
+    try:
         tokenizer = tokenizer_for(resolve_model(args.model_dir))
         ids = tokenizer.encode(text, allow_special=args.allow_special)
     except (QwenkitError, OSError, UnicodeDecodeError) as e:

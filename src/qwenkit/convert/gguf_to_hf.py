@@ -8,6 +8,8 @@ renamed at the end, so an interrupted conversion never leaves a half-written che
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ import torch
 from qwenkit.checkpoint.gguf import generation_config_to_save, read_gguf
 from qwenkit.checkpoint.output_dir import atomic_output_dir, check_out_dir, write_json
 from qwenkit.checkpoint.saver import save_sharded
+from qwenkit.convert.v1_to_qwen2 import FLOAT16_OVERFLOW
 from qwenkit.errors import CheckpointError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -36,12 +39,16 @@ def convert_gguf_to_hf(
     """
     out = Path(out_dir)
     torch_dtype = _dtype(dtype)
-    check_out_dir(out, overwrite)
+    check_out_dir(out, overwrite, source=Path(gguf_path))  # not the directory that holds the GGUF
     ckpt = read_gguf(gguf_path)  # checks the whole file before anything is written
     with atomic_output_dir(out, overwrite) as tmp:
         config: dict[str, Any] = {**ckpt.hf_config, "torch_dtype": _dtype_name(torch_dtype)}
         save_sharded(
-            ckpt.tensors(), tmp, shard_bytes=shard_bytes, metadata={"source": "gguf"}, dtype=torch_dtype
+            _refuse_float16_overflow(ckpt.tensors(), torch_dtype),
+            tmp,
+            shard_bytes=shard_bytes,
+            metadata={"source": "gguf"},
+            dtype=torch_dtype,
         )
         write_json(tmp / "config.json", config)
         write_json(tmp / "generation_config.json", generation_config_to_save(ckpt))
@@ -49,6 +56,21 @@ def convert_gguf_to_hf(
             ckpt.tokenizer.save(str(tmp / "tokenizer.json"))
             write_json(tmp / "tokenizer_config.json", ckpt.tokenizer_config)
     return out
+
+
+def _refuse_float16_overflow(
+    tensors: Iterator[tuple[str, torch.Tensor]], dtype: torch.dtype
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Pass the tensors on; one that float16 would turn into inf is refused (as ``--to qwen2`` does)."""
+    for name, tensor in tensors:
+        if dtype == torch.float16 and tensor.is_floating_point() and tensor.numel():
+            lo, hi = torch.aminmax(tensor)  # a reduction: no tensor-sized temporary
+            peak = max(-float(lo), float(hi))
+            if math.isfinite(peak) and peak >= FLOAT16_OVERFLOW:
+                raise CheckpointError(
+                    f"{name} holds {peak:g}, which overflows float16; convert to bfloat16 or float32"
+                )
+        yield name, tensor
 
 
 def _dtype(dtype: str | torch.dtype) -> torch.dtype:

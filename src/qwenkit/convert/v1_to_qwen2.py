@@ -90,6 +90,11 @@ def convert_v1_to_qwen2(
     config = ModelConfig.from_hf(hf)
     if config.rotary_dim != config.head_dim:
         raise ConfigError(f"rotary_pct {config.rotary_dim / config.head_dim:g} < 1 has no qwen2 equivalent")
+    if config.tie_word_embeddings:  # the output says false and keeps lm_head: another model than the source
+        raise ConfigError(
+            "tie_word_embeddings: true is not a Qwen v1 setting (every release has its own lm_head); "
+            "set it to false in config.json"
+        )
     target = _target_dtype(dtype, config)
     check_out_dir(out, overwrite, source=src)
     weights = find_weight_files(src)  # a missing shard fails here, before anything is written

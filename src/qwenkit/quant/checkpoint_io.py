@@ -128,6 +128,8 @@ def save_gptq(
     qcfg = config.to_dict()
     (out / "quantize_config.json").write_text(json.dumps(qcfg, indent=2) + "\n")
     cfg = {**hf_config, "quantization_config": qcfg, "torch_dtype": "float16"}
+    if "dtype" in cfg:  # transformers 5's name for it, read before torch_dtype: the source's would stay
+        cfg["dtype"] = "float16"
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     return out
 

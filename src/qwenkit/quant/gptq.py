@@ -239,7 +239,7 @@ def gptq_quantize_model(
     samples = _as_samples(calibration, device)
     inputs = _capture_layer_inputs(model, layers[0], samples)
     bar = tqdm(total=len(layers), desc="GPTQ", unit="layer", disable=not progress)
-    for layer in layers:
+    for index, layer in enumerate(layers):
         for names in _sequential_groups(layer, config.true_sequential, skip):
             acc = {n: HessianAccumulator(layer.get_submodule(n).in_features, device) for n in names}
             handles = [
@@ -263,15 +263,23 @@ def gptq_quantize_model(
                     replace_module(layer, n, QuantizedLinear.from_int(w, bias))
                     acc.pop(n)
                     continue
-                w = gptq_quantize_weight(
-                    linear.weight,
-                    acc.pop(n).hessian,
-                    config.bits,
-                    config.group_size,
-                    config.sym,
-                    config.damp_percent,
-                    config.act_order,
-                )
+                tokens = acc[n].tokens
+                try:
+                    w = gptq_quantize_weight(
+                        linear.weight,
+                        acc.pop(n).hessian,
+                        config.bits,
+                        config.group_size,
+                        config.sym,
+                        config.damp_percent,
+                        config.act_order,
+                    )
+                except torch.linalg.LinAlgError:  # too little damping for a rank-deficient Hessian
+                    raise QuantizationError(
+                        f"GPTQ cannot invert the Hessian of model.layers.{index}.{n} ({linear.in_features} "
+                        f"inputs, {tokens} calibration tokens): raise --damp (now {config.damp_percent:g}) "
+                        "or calibrate on more text"
+                    ) from None
                 bias = None if linear.bias is None else linear.bias.detach()
                 replace_module(layer, n, QuantizedLinear.from_int(w, bias))
         # The quantized layer's outputs are the next layer's inputs (errors are not compounded blindly).

@@ -25,6 +25,7 @@ from qwenkit.quant.gptq_format import QuantizationError
 # CPU kernel (16, 32, 64, 128). Largest first.
 READER_GROUP_SIZES = (128, 64, 32)
 TORCH_INT4_GROUPS = (32, 64, 128, 256)  # torch's CPU int4 matmul, which GPTQModel's CPU kernel calls
+GPTQMODEL_GROUPS = (16, 32, 64, 128, 256, 512, 1024)  # GPTQModel's TorchLinear (transformers on CPU)
 PARTIAL_GROUP_READERS = "vLLM (weight shape) and GPTQModel's CPU int4 kernel (K not divisible by group)"
 
 
@@ -95,6 +96,19 @@ def per_row_int4_note(widths: Mapping[str, int]) -> str | None:
     return (
         f"4-bit with --group-size -1 makes groups as wide as the rows ({', '.join(map(str, wide))}); "
         f"GPTQModel's CPU int4 kernel (transformers on CPU) takes only {sizes}"
+    )
+
+
+def reader_size_note(choice: GroupChoice) -> str | None:
+    """A size that tiles every layer but is not one vLLM's kernels take (96, 256): the file loads in qwenkit
+    and AutoGPTQ only, which the user would otherwise learn from the first reader that refuses it."""
+    size = choice.group_size
+    if size == -1 or size in READER_GROUP_SIZES or choice.partial:  # partial groups have their own note
+        return None
+    nor = ", nor GPTQModel's (transformers on CPU: 16 to 1024 in powers of 2)"
+    return (
+        f"group size {size} is not one vLLM's GPTQ kernels take (-1, 32, 64, 128)"
+        f"{'' if size in GPTQMODEL_GROUPS else nor}; qwenkit and AutoGPTQ read it"
     )
 
 

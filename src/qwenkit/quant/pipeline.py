@@ -34,7 +34,7 @@ from qwenkit.quant.calibration import calibration_token_ids
 from qwenkit.quant.checkpoint_io import NOT_QUANTIZED, finalize_quantized_model, save_gptq
 from qwenkit.quant.gptq import gptq_quantize_model
 from qwenkit.quant.gptq_format import ACT_ORDERS, SUPPORTED_BITS, ActOrder, GPTQConfig, QuantizationError
-from qwenkit.quant.group_size import GroupChoice, choose_group_size, per_row_int4_note
+from qwenkit.quant.group_size import GroupChoice, choose_group_size, per_row_int4_note, reader_size_note
 from qwenkit.quant.rtn import quantize_model_rtn
 
 Method = Literal["gptq", "rtn"]
@@ -187,22 +187,31 @@ def quantize_checkpoint(
             f"{src} is a Qwen v1 checkpoint: convert it to the Qwen1.5 layout first "
             f"(qwenkit convert {src} OUT), then quantize OUT"
         )
-    widths = _linear_widths(config)
+    widths = _linear_widths(config, bits)
     group = choose_group_size(widths, group_size, partial_groups)
-    for message in (group.note(), per_row_int4_note(widths) if bits == 4 and group_size == -1 else None):
+    per_row = per_row_int4_note(widths) if bits == 4 and group_size == -1 else None
+    for message in (group.note(), reader_size_note(group), per_row):
         if message:  # not `text`: that is the calibration text (once reused here, --calib was ignored)
             note(message)
     qconfig = GPTQConfig(
         bits=bits, group_size=group.group_size, act_order=act_order, sym=sym, damp_percent=damp_percent
     )
+    windows: list[list[int]] = []
+    if method == "gptq":  # before the weights load: a missing tokenizer fails in seconds, not minutes
+        windows = calibration_token_ids(encode, calib_samples, seq_len, text)
+        if not windows:
+            raise QuantizationError("the calibration text produced no tokens")
+        top = max(max(w) for w in windows)
+        if top >= config.vocab_size:  # else the embedding lookup fails mid-calibration with an IndexError
+            raise QuantizationError(
+                f"the tokenizer of {src} gives token id {top}, beyond the model's vocab_size "
+                f"{config.vocab_size}: the tokenizer files do not belong to this model"
+            )
     model, _ = load_model(source, dtype="float32", device=device, progress=progress, dequantize=True)
     _round_floats(model, torch.float16)
     result = QuantizeResult(out, qconfig, method, group=group, notes=notes)
 
     if method == "gptq":
-        windows = calibration_token_ids(encode, calib_samples, seq_len, text)
-        if not windows:
-            raise QuantizationError("the calibration text produced no tokens")
         result.calibration_windows = len(windows)
         result.calibration_tokens = sum(len(w) for w in windows)
         gptq_quantize_model(model, windows, qconfig, progress=progress, skip=NOT_QUANTIZED)
@@ -220,21 +229,36 @@ def quantize_checkpoint(
     return result
 
 
-def _linear_widths(config) -> dict[str, int]:
-    """Input width of every Linear that will be quantized, from the model built on the meta device."""
+def _linear_widths(config, bits: int) -> dict[str, int]:
+    """Input width of every Linear that will be quantized, from the model built on the meta device.
+
+    A width the AutoGPTQ words cannot pack (qweight packs inputs, qzeros outputs, 32 // bits a word) is
+    refused here, naming the layer, rather than when the file is written after all the work."""
     from qwenkit.model import Transformer
 
     with torch.device("meta"):
         model = Transformer(config)
-    return {
-        name: m.in_features
+    linears = {
+        name: m
         for name, m in model.named_modules()
         if isinstance(m, nn.Linear) and name.split(".")[-1] not in NOT_QUANTIZED
     }
+    per_word = 32 // bits
+    for name, m in linears.items():
+        for count, what in ((m.in_features, "inputs"), (m.out_features, "outputs")):
+            if count % per_word:
+                hint = "; --bits 8 packs it" if bits == 4 and count % 4 == 0 else ""
+                raise QuantizationError(
+                    f"{name} has {count} {what}, which {bits}-bit GPTQ words cannot pack (a multiple of "
+                    f"{per_word} is needed){hint}"
+                )
+    return {name: m.in_features for name, m in linears.items()}
 
 
 def _read_calibration(path: str | Path) -> str:
     p = Path(path)
+    if p.is_dir():  # "does not exist" would send the user looking for a path that is there
+        raise QuantizationError(f"calibration file {p} is a directory; pass a UTF-8 text file")
     if not p.is_file():
         raise QuantizationError(f"calibration file {p} does not exist")
     try:
@@ -248,10 +272,13 @@ def _read_calibration(path: str | Path) -> str:
 
 @torch.no_grad()
 def _round_floats(model: nn.Module, dtype: torch.dtype) -> None:
-    """Round every float parameter to ``dtype`` in place (values, not storage), refusing overflow."""
+    """Round every float parameter to ``dtype`` in place (values, not storage), refusing overflow and a
+    source that already holds NaN/inf (GPTQ's Cholesky then fails with a traceback, RTN writes it on)."""
     for name, p in model.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            raise QuantizationError(f"{name} holds NaN or infinite values; the source checkpoint is corrupt")
         rounded = p.to(dtype)
-        if not bool(torch.isfinite(rounded).all()) and bool(torch.isfinite(p).all()):
+        if not bool(torch.isfinite(rounded).all()):
             raise QuantizationError(
                 f"{name} has values beyond {dtype} range; it cannot be stored in a GPTQ file"
             )
