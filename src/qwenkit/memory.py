@@ -13,28 +13,58 @@ from qwenkit.config import ModelConfig
 from qwenkit.errors import OutOfMemoryError
 
 GiB = 1024**3
-# Bits per weight of the quantized linear layers, including per-group scales and zero points.
-_QUANT_BITS = {"int8": 8.0 + 32 / 128, "int4": 4.0 + 32 / 128}
+# Bytes each output row keeps per group of inputs beside its codes, as the CPU kernels hold them: the
+# float32 scale and uint8 zero a layer exports, plus the kernel's own float32 scale and shift (int4) or
+# float16 scale (int8, one group per row). Leaving them out put SmolLM2's int4 15% under its real size.
+_GROUP_BYTES = {"int8": 4 + 1 + 2, "int4": 4 + 1 + 4 + 4}
+_CODE_BITS = {"int8": 8, "int4": 4}
 
 
 def dtype_bytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def linear_parameters(config: ModelConfig, active: bool = False) -> int:
-    """Parameters in the decoder layers' projections (the part weight-only quantization shrinks).
+def linear_shapes(config: ModelConfig, active: bool = False) -> list[tuple[int, int]]:
+    """(parameters, input width) of the decoder layers' projections, summed over layers by kind: the part
+    weight-only quantization shrinks, whose group sizes follow each input width.
 
     MoE layers count their routed and shared experts (the float router is not a projection here);
     ``active`` counts only the top-k experts a token runs.
     """
-    h, f = config.hidden_size, config.intermediate_size
+    h, f, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     q = config.num_attention_heads * config.head_dim
     kv = config.num_key_value_heads * config.head_dim
     sparse = len(config.sparse_layers)
     experts = config.num_experts_per_tok if active else config.num_experts
-    moe = experts * 3 * h * config.moe_intermediate_size + 3 * h * config.shared_expert_intermediate_size
-    attn = config.num_hidden_layers * (h * (q + 2 * kv) + q * h)
-    return attn + (config.num_hidden_layers - sparse) * 3 * h * f + sparse * moe
+    mi, si = config.moe_intermediate_size, config.shared_expert_intermediate_size
+    return [
+        (layers * h * (q + 2 * kv), h),  # q, k, v
+        (layers * q * h, q),  # o
+        ((layers - sparse) * 2 * h * f, h),  # gate, up
+        ((layers - sparse) * f * h, f),  # down
+        (sparse * (experts * 2 * h * mi + 2 * h * si), h),
+        (sparse * experts * mi * h, mi),
+        (sparse * si * h, si),
+    ]
+
+
+def linear_parameters(config: ModelConfig, active: bool = False) -> int:
+    """Parameters in the decoder layers' projections (see :func:`linear_shapes`)."""
+    return sum(n for n, _ in linear_shapes(config, active))
+
+
+def quantized_bytes(parameters: int, in_features: int, quantize: str) -> int:
+    """Bytes of ``parameters`` weights with ``in_features`` inputs a row under ``--quantize``: codes plus
+    each row's per-group scales at the group size ``--quantize`` picks for that width."""
+    from qwenkit.quant.rtn import default_group_size  # the one place that choice is made
+
+    if parameters == 0:
+        return 0
+    group = default_group_size(_CODE_BITS[quantize], in_features)
+    group = in_features if group == -1 else group
+    groups_per_row = -(-in_features // group)
+    rows = parameters // in_features
+    return parameters * _CODE_BITS[quantize] // 8 + rows * groups_per_row * _GROUP_BYTES[quantize]
 
 
 def weight_bytes(
@@ -50,8 +80,10 @@ def weight_bytes(
     total = params * dtype_bytes(dtype)
     if quantize is None:
         return total
-    linear, head = linear_parameters(config, active), config.vocab_size * config.hidden_size
-    quantized = int(linear * _QUANT_BITS[quantize] / 8 + head * _QUANT_BITS["int8"] / 8)
+    shapes = linear_shapes(config, active)
+    linear, head = sum(n for n, _ in shapes), config.vocab_size * config.hidden_size
+    quantized = sum(quantized_bytes(n, width, quantize) for n, width in shapes)
+    quantized += quantized_bytes(head, config.hidden_size, "int8")
     return total - (linear + head) * dtype_bytes(dtype) + quantized
 
 
