@@ -67,8 +67,8 @@ def find_license(path: str | Path, metadata_license: str | None = None) -> Licen
         if card.is_file():
             m = re.search(r"^license:\s*(\S+)", card.read_text(errors="replace")[:4000], re.MULTILINE)
             if m:
-                found = identify(m.group(1))
-                name = m.group(1)
+                name = m.group(1).strip("\"'")  # YAML may quote it
+                found = identify(name)
                 return LicenseInfo(
                     name, found[1] if found else f"license '{name}' (see the model card)", "README.md"
                 )

@@ -34,8 +34,14 @@ def test_gguf_convert_smollm2_logits_equal_transformers_gguf(smollm_hf_dir, hf_s
 @pytest.mark.slow
 def test_gguf_convert_smollm2_files(smollm_hf_dir, smollm, hf_smollm_tokenizer) -> None:
     names = sorted(p.name for p in smollm_hf_dir.iterdir())
-    assert names == ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                     "tokenizer_config.json"]  # fmt: skip
+    assert names == ["README.md", "config.json", "generation_config.json", "model.safetensors",
+                     "tokenizer.json", "tokenizer_config.json"]  # fmt: skip
+    card = (smollm_hf_dir / "README.md").read_text()
+    assert card.startswith("---\nlicense: apache-2.0\n---\n")  # the GGUF's general.license, kept
+    from qwenkit.license import find_license
+
+    found = find_license(smollm_hf_dir)
+    assert (found.name, found.source) == ("apache-2.0", "README.md") and "Apache License 2.0" in found.terms
     assert not list(smollm_hf_dir.parent.glob(".smollm2.*"))  # no temporary directory left behind
     config = json.loads((smollm_hf_dir / "config.json").read_text())
     assert config == {**smollm.hf_config, "torch_dtype": "float32"}

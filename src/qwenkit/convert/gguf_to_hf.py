@@ -8,7 +8,9 @@ renamed at the end, so an interrupted conversion never leaves a half-written che
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -55,7 +57,20 @@ def convert_gguf_to_hf(
         if "tokenizer.ggml.model" in ckpt.metadata:
             ckpt.tokenizer.save(str(tmp / "tokenizer.json"))
             write_json(tmp / "tokenizer_config.json", ckpt.tokenizer_config)
+        if ckpt.license:
+            (tmp / "README.md").write_text(model_card(Path(gguf_path).name, ckpt.license), encoding="utf-8")
     return out
+
+
+def model_card(source: str, license_id: str) -> str:
+    """A model card whose front matter carries the GGUF's ``general.license``, where Hugging Face tools
+    (and ``qwenkit info``) read a directory's license; without it the license was lost in conversion."""
+    bare = re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.+-]*", license_id)
+    return (
+        f"---\nlicense: {license_id if bare else json.dumps(license_id)}\n---\n\n"
+        f"Converted from `{source}` by `qwenkit convert --to hf` (weights dequantized from the GGUF). "
+        "The license above is the one the GGUF file's metadata names.\n"
+    )
 
 
 def _refuse_float16_overflow(
