@@ -66,6 +66,7 @@ def test_profile_cli_table(tiny, capsys) -> None:
             "error: unknown precision 'int3'; choose from checkpoint, float32, bfloat16, float16, int8, int4",
         ),
         (["--generate", "0", "--encode", "0"], "error: --context must be at least 1"),
+        (["--precisions", ""], "error: --precisions is empty"),  # once: every precision, 2,048 tokens each
     ],
 )
 def test_profile_bad_input(tiny, capsys, args, message) -> None:
