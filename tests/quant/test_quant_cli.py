@@ -110,6 +110,23 @@ def test_gptq_with_default_calibration_text(src, tmp_path) -> None:
     assert r.calibration_windows == 2 and r.calibration_tokens == 128
     assert "static act-order, calibrated on 2 x 64 tokens" in r.summary()  # the default
     assert r.config.act_order == "static" and not r.config.desc_act
+    assert not [n for n in r.notes if "--seq-len" in n]
+
+
+def test_calibration_past_the_trained_context_is_noted(src, tmp_path) -> None:
+    r = quantize_checkpoint(
+        src,
+        tmp_path / "q",
+        bits=4,
+        encode=tokenizer_for(src).encode,
+        calib_samples=1,
+        seq_len=300,
+        progress=False,
+    )
+    assert [n for n in r.notes if "--seq-len" in n] == [
+        "--seq-len 300 is past the model's own context of 256 tokens: the layers are calibrated on "
+        "activations of positions it was never trained on"
+    ]
 
 
 @pytest.mark.parametrize(

@@ -193,6 +193,11 @@ def quantize_checkpoint(
     for message in (group.note(), reader_size_note(group), per_row):
         if message:  # not `text`: that is the calibration text (once reused here, --calib was ignored)
             note(message)
+    if method == "gptq" and seq_len > config.max_context:
+        note(
+            f"--seq-len {seq_len} is past the model's own context of {config.max_context} tokens: the layers "
+            "are calibrated on activations of positions it was never trained on"
+        )
     qconfig = GPTQConfig(
         bits=bits, group_size=group.group_size, act_order=act_order, sym=sym, damp_percent=damp_percent
     )
