@@ -72,4 +72,24 @@ def test_sigterm_while_writing_removes_the_partial_directory(tmp_path):
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True)
     assert done.returncode == 143, done.stderr
     assert list(tmp_path.iterdir()) == []
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # this process's handler is untouched
+
+
+@pytest.mark.parametrize("own_handler", [False, True])
+def test_a_finished_write_leaves_the_sigterm_handler_as_it_was(tmp_path, own_handler):
+    """The handler is the writer's only while it writes; a program's own (the server's) is never replaced."""
+    from qwenkit.checkpoint.output_dir import atomic_output_dir
+
+    def handler(signum, frame):  # a program's own
+        pass
+
+    previous = signal.signal(signal.SIGTERM, handler if own_handler else signal.SIG_DFL)
+    try:
+        with atomic_output_dir(tmp_path / "out") as tmp:
+            (tmp / "config.json").write_text("{}")
+            inside = signal.getsignal(signal.SIGTERM)
+        after = signal.getsignal(signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert (inside is handler) == own_handler and inside is not signal.SIG_DFL
+    assert after is (handler if own_handler else signal.SIG_DFL)
+    assert (tmp_path / "out" / "config.json").read_text() == "{}"
