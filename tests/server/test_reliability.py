@@ -143,13 +143,28 @@ def test_queue_full_is_429_and_accepted_requests_finish(make_server, chat_llm):
 
 def test_queue_full_response_shape(make_server):
     live = make_server(max_queue=0)
-    body = {"messages": HELLO, "max_tokens": 300, "ignore_eos": True, "n": 16}
+    body = {"messages": HELLO, "max_tokens": 300, "ignore_eos": True, "n": 8}  # every row of the 8
     first = threading.Thread(target=lambda: httpx.post(live.url + CHAT, json=body, timeout=120))
     first.start()
     time.sleep(0.5)
     r = httpx.post(live.url + CHAT, json={"messages": HELLO, "max_tokens": 1}, timeout=60)
     first.join()
     assert r.status_code == 429 and r.headers["retry-after"] == "1" and error_of(r)["code"] == "queue_full"
+
+
+def test_max_queue_counts_only_requests_that_would_wait(make_server):
+    """An idle server runs what fits its 8 rows, even under --max-queue 0; only the choices past the
+    rows count against the queue."""
+    live = make_server(max_queue=0, response_cache_entries=0)
+    one = httpx.post(live.url + CHAT, json={"messages": HELLO, "max_tokens": 2}, timeout=60)
+    assert one.status_code == 200 and one.json()["usage"]["completion_tokens"] == 2
+    rows = httpx.post(live.url + CHAT, json={"messages": HELLO, "max_tokens": 2, "n": 8}, timeout=60)
+    assert rows.status_code == 200 and len(rows.json()["choices"]) == 8
+    past = httpx.post(live.url + CHAT, json={"messages": HELLO, "max_tokens": 2, "n": 9}, timeout=60)
+    assert past.status_code == 429 and error_of(past)["code"] == "queue_full"
+    live = make_server(max_queue=1, response_cache_entries=0)
+    nine = httpx.post(live.url + CHAT, json={"messages": HELLO, "max_tokens": 2, "n": 9}, timeout=60)
+    assert nine.status_code == 200 and len(nine.json()["choices"]) == 9
 
 
 def test_request_timeout_stops_and_frees(make_server, chat_llm):

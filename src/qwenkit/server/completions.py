@@ -62,7 +62,13 @@ class Run:
 
     def start(self) -> None:
         llm, loop = self.state.llm, asyncio.get_running_loop()
-        if self.state.waiting_estimate() + len(self.choices) > self.state.config.max_queue:
+        cache = self.state.response_cache
+        for choice in self.choices:
+            if cache is not None:
+                choice.cache_key = cache.key(choice.prompt_ids, choice.params)
+                choice.cached = cache.get(choice.cache_key)
+        submitted = sum(choice.cached is None for choice in self.choices)  # a cached answer waits for nothing
+        if submitted and self.state.waiting_estimate(submitted) > self.state.config.max_queue:
             raise APIError(
                 429,
                 f"the server is busy: more than {self.state.config.max_queue} requests are waiting",
@@ -70,11 +76,6 @@ class Run:
                 "queue_full",
                 {"Retry-After": "1"},
             )
-        cache = self.state.response_cache
-        for choice in self.choices:
-            if cache is not None:
-                choice.cache_key = cache.key(choice.prompt_ids, choice.params)
-                choice.cached = cache.get(choice.cache_key)
         try:
             for choice in self.choices:
                 if choice.cached is None:
