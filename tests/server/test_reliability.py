@@ -218,3 +218,15 @@ def test_tokenizer_endpoints(server, chat_llm):
     }
     info = httpx.get(server.url + "/tokenizer_info").json()
     assert info["eos_token"] in ("<|im_end|>", "<|endoftext|>") and "<|im_start|>" in info["chat_template"]
+
+
+def test_head_probes_and_405_allow(server):
+    """Probes and load balancers that send HEAD get the GET route's status and headers, no body; a
+    wrong method is a 405 that says which methods the route takes (RFC 9110's Allow)."""
+    for path in ("/health", "/metrics", "/v1/models", "/"):
+        head, get = httpx.head(server.url + path), httpx.get(server.url + path)
+        assert (head.status_code, head.content) == (200, b""), path
+        assert head.headers["content-type"] == get.headers["content-type"], path
+    wrong = httpx.get(server.url + CHAT)
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
+    assert error_of(wrong)["message"] == "Method Not Allowed"

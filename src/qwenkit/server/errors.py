@@ -86,7 +86,8 @@ def install_handlers(app) -> None:
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if isinstance(exc.__cause__, RecursionError):  # FastAPI's "error parsing the body" names no cause
             return error_response(APIError(400, "the body is not valid JSON: it is nested too deeply", None))
-        return error_response(APIError(exc.status_code, str(exc.detail)))
+        # with its headers: a 405's Allow names the methods the route takes
+        return error_response(APIError(exc.status_code, str(exc.detail), headers=exc.headers))
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> JSONResponse:
