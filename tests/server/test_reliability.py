@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -190,6 +191,28 @@ def test_request_timeout_stops_and_frees(make_server, chat_llm):
         events = [line for line in s.iter_lines() if line.startswith("data: ")]
     assert '"error"' in events[-2] and events[-1] == "data: [DONE]"
     assert chat_llm.driver.wait_idle() and chat_llm.engine.blocks.usage == 0
+
+
+def metric(live, series: str) -> float:
+    """The value of the first /metrics line that starts with ``series``."""
+    line = next(x for x in httpx.get(live.url + "/metrics").text.splitlines() if x.startswith(series))
+    return float(line.rsplit(" ", 1)[1])
+
+
+def test_stopped_requests_count_the_tokens_they_generated(make_server, chat_llm):
+    """A stream stopped by --request-timeout (or a client gone) still generated, and sent, its tokens:
+    vllm:generation_tokens_total counts them, and its first token's latency is observed."""
+    live = make_server(request_timeout=1.0, response_cache_entries=0)
+    body = {"prompt": "Hello", "max_tokens": 5000, "ignore_eos": True, "stream": True, "logprobs": 0}
+    with httpx.stream("POST", live.url + "/v1/completions", json=body, timeout=60) as s:
+        chunks = [json.loads(x[6:]) for x in s.iter_lines() if x.startswith("data: {")]
+    streamed = sum(len(c["choices"][0]["logprobs"]["tokens"]) for c in chunks if c.get("choices"))
+    assert chunks[-1]["error"]["code"] == "timeout" and streamed > 0
+    assert chat_llm.driver.wait_idle()
+    generated = metric(live, "vllm:generation_tokens_total{")
+    assert streamed <= generated <= streamed + 16  # those read after the deadline's tick, unsent
+    assert metric(live, "vllm:time_to_first_token_seconds_count{") == 1
+    assert metric(live, 'vllm:request_success_total{finished_reason="abort"') == 1
 
 
 def test_response_cache_serves_repeats_with_real_usage(make_server):
