@@ -67,7 +67,12 @@ def test_bad_json_and_wrong_shapes(server):
     assert r.status_code == 400
     assert error_of(r)["message"] == "the body is not valid JSON: it is nested too deeply"
     r = httpx.post(server.url + CHAT, json=[1, 2])
-    assert r.status_code == 400 and "JSON object" in error_of(r)["message"]
+    assert r.status_code == 400 and error_of(r)["message"] == "the body must be a JSON object"
+    # a JSON object of another content type (curl -d without -H sends a form's) is refused as such
+    form = httpx.post(server.url + CHAT, content=b'{"messages": []}', headers={"content-type": "text/plain"})
+    assert form.status_code == 400 and error_of(form)["message"] == (
+        "the body must be a JSON object sent as Content-Type: application/json; this one came as text/plain"
+    )
     r = httpx.post(server.url + "/v1/completions", json={"prompt": [[]]})
     assert r.status_code == 400 and error_of(r)["param"] == "prompt"
     r = httpx.post(server.url + "/v1/completions", json={"prompt": [10**9]})

@@ -70,6 +70,9 @@ def install_handlers(app) -> None:
             message, param = f"the body is not valid JSON: {first.get('msg', '')}", None
         elif not loc:
             message, param = "the body must be a JSON object", None
+            kind = request.headers.get("content-type", "")
+            if "json" not in kind.lower():  # FastAPI reads no other type (curl -d sends a form's)
+                message += f" sent as Content-Type: application/json; this one came as {kind or 'no type'}"
         else:
             param = ".".join(loc) or None
             message = f"{param or 'body'}: {first.get('msg', 'invalid value')}"
