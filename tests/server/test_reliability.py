@@ -230,6 +230,12 @@ def test_response_cache_serves_repeats_with_real_usage(make_server):
     assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == again["usage"]["prompt_tokens"]
     metrics = httpx.get(live.url + "/metrics").text
     assert 'qwenkit:response_cache_hits_total{model_name="tiny"} 1.0' in metrics
+    # the repeat is a request, but its tokens were not computed again: throughput counts the first only
+    assert metric(live, 'vllm:request_success_total{finished_reason="length"') == 2
+    assert metric(live, "vllm:generation_tokens_total{") == 6
+    assert metric(live, "vllm:prompt_tokens_total{") == first["usage"]["prompt_tokens"]
+    assert metric(live, "vllm:time_per_output_token_seconds_count{") == 1
+    assert metric(live, "vllm:e2e_request_latency_seconds_count{") == 2
     sampled = {**body, "temperature": 1.0}  # unseeded sampling is never cached
     httpx.post(live.url + CHAT, json=sampled)
     httpx.post(live.url + CHAT, json=sampled)

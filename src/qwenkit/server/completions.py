@@ -192,6 +192,7 @@ class Run:
             len(completion.token_ids),
             ttft,
             now - self.arrived,
+            from_cache=choice.cached is not None,
         )
 
     def usage(self) -> dict:
