@@ -197,7 +197,9 @@ class Run:
 
     def usage(self) -> dict:
         results = [c.result for c in self.choices if c.result is not None]
-        prompts = {id(c.prompt_ids): c for c in self.choices}.values()
+        # each prompt once, by its first choice: the one that computed it (its copies, n > 1, read it
+        # from the prefix cache, which says nothing of what was cached when the request came)
+        prompts = {id(c.prompt_ids): c for c in reversed(self.choices)}.values()
         prompt_tokens = sum(len(c.prompt_ids) for c in prompts)
         completion_tokens = sum(len(r.token_ids) for r in results)
         cached = sum(
