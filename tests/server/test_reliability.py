@@ -220,6 +220,24 @@ def test_stopped_requests_count_the_tokens_they_generated(make_server, chat_llm)
     assert metric(live, 'vllm:request_success_total{finished_reason="abort"') == 1
 
 
+def test_a_request_stopped_while_it_waited_counts_no_prompt_tokens(make_server, chat_llm):
+    """vllm:prompt_tokens_total counts computed prompts: a request stopped while it waited for a row
+    (its client gone) computed none of its prompt, and adds nothing."""
+    live = make_server(response_cache_entries=0)
+    rows = {"prompt": "Hello", "max_tokens": 5000, "ignore_eos": True, "n": 8, "stream": True}
+    waiter = {"prompt": "Hello there, friend", "max_tokens": 5, "stream": True}
+    with httpx.stream("POST", live.url + "/v1/completions", json=rows, timeout=60) as busy:
+        lines = busy.iter_lines()  # held: a dropped iterator would close the stream
+        next(lines)  # all 8 rows run
+        with httpx.stream("POST", live.url + "/v1/completions", json=waiter, timeout=60):
+            time.sleep(0.5)  # it waits for a row, then its client leaves
+        time.sleep(0.5)
+    assert chat_llm.driver.wait_idle()
+    prompt = len(chat_llm.encode("Hello"))
+    assert metric(live, 'vllm:request_success_total{finished_reason="abort"') == 9
+    assert metric(live, "vllm:prompt_tokens_total{") == 8 * prompt
+
+
 def test_response_cache_serves_repeats_with_real_usage(make_server):
     live = make_server(response_cache_entries=8)
     body = {"messages": HELLO, "max_tokens": 6, "temperature": 0}

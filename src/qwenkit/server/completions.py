@@ -89,14 +89,16 @@ class Run:
         """Stop every unfinished choice (client gone, timeout, error); their KV blocks are freed."""
         for choice in self.choices:
             if choice.stream is not None:
-                # the tokens it made before it was stopped were generated all the same (and streamed)
+                # the tokens it made before it was stopped were generated all the same (and streamed);
+                # its prompt counts once computed, as vLLM's (one stopped while it waited computed none)
                 generated = len(choice.stream.completion.token_ids)
                 choice.stream.abort()
                 choice.stream = None
                 self.state.active -= 1
+                prompt = len(choice.prompt_ids) if generated else 0
                 ttft = None if choice.first_token_at is None else choice.first_token_at - self.arrived
                 self.state.metrics.finished(
-                    "abort", len(choice.prompt_ids), generated, ttft, time.perf_counter() - self.arrived
+                    "abort", prompt, generated, ttft, time.perf_counter() - self.arrived
                 )
 
     async def deltas(self) -> AsyncIterator[tuple[Choice, Delta]]:
