@@ -66,3 +66,17 @@ def test_shared_prefix_is_cached_faster_and_identical(server, uncached):
     # Lower medians of four: the cached prompt computes one block instead of ~300. (The 5x figure is the
     # serving benchmark's to show; a shared 2-core machine makes timing in tests noisy.)
     assert sorted(plain_ttft)[1] > sorted(cached_ttft)[1], (plain_ttft, cached_ttft)
+
+
+def test_copies_of_a_new_prompt_report_no_cached_tokens(server, chat_llm):
+    """n copies of a prompt never seen compute it once (the copies read its blocks from the prefix
+    cache), and usage says so: none of its tokens was cached when the request came."""
+    prompt = list(range(1000, 1040))  # 2 full blocks of 16 and 8 tokens more, in no earlier prompt
+    stats = chat_llm.engine.stats
+    hits = stats().prefix_hits
+    body = {"prompt": prompt, "max_tokens": 2, "temperature": 0, "n": 3}
+    usage = httpx.post(server.url + "/v1/completions", json=body, timeout=60).json()["usage"]
+    assert stats().prefix_hits - hits == 2 * 32  # the two copies' blocks
+    assert usage["prompt_tokens"] == 40 and usage["prompt_tokens_details"]["cached_tokens"] == 0
+    again = httpx.post(server.url + "/v1/completions", json=body, timeout=60).json()["usage"]
+    assert again["prompt_tokens_details"]["cached_tokens"] == 32

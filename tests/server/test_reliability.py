@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -66,7 +67,12 @@ def test_bad_json_and_wrong_shapes(server):
     assert r.status_code == 400
     assert error_of(r)["message"] == "the body is not valid JSON: it is nested too deeply"
     r = httpx.post(server.url + CHAT, json=[1, 2])
-    assert r.status_code == 400 and "JSON object" in error_of(r)["message"]
+    assert r.status_code == 400 and error_of(r)["message"] == "the body must be a JSON object"
+    # a JSON object of another content type (curl -d without -H sends a form's) is refused as such
+    form = httpx.post(server.url + CHAT, content=b'{"messages": []}', headers={"content-type": "text/plain"})
+    assert form.status_code == 400 and error_of(form)["message"] == (
+        "the body must be a JSON object sent as Content-Type: application/json; this one came as text/plain"
+    )
     r = httpx.post(server.url + "/v1/completions", json={"prompt": [[]]})
     assert r.status_code == 400 and error_of(r)["param"] == "prompt"
     r = httpx.post(server.url + "/v1/completions", json={"prompt": [10**9]})
@@ -143,13 +149,28 @@ def test_queue_full_is_429_and_accepted_requests_finish(make_server, chat_llm):
 
 def test_queue_full_response_shape(make_server):
     live = make_server(max_queue=0)
-    body = {"messages": HELLO, "max_tokens": 300, "ignore_eos": True, "n": 16}
+    body = {"messages": HELLO, "max_tokens": 300, "ignore_eos": True, "n": 8}  # every row of the 8
     first = threading.Thread(target=lambda: httpx.post(live.url + CHAT, json=body, timeout=120))
     first.start()
     time.sleep(0.5)
     r = httpx.post(live.url + CHAT, json={"messages": HELLO, "max_tokens": 1}, timeout=60)
     first.join()
     assert r.status_code == 429 and r.headers["retry-after"] == "1" and error_of(r)["code"] == "queue_full"
+
+
+def test_max_queue_counts_only_requests_that_would_wait(make_server):
+    """An idle server runs what fits its 8 rows, even under --max-queue 0; only the choices past the
+    rows count against the queue."""
+    live = make_server(max_queue=0, response_cache_entries=0)
+    one = httpx.post(live.url + CHAT, json={"messages": HELLO, "max_tokens": 2}, timeout=60)
+    assert one.status_code == 200 and one.json()["usage"]["completion_tokens"] == 2
+    rows = httpx.post(live.url + CHAT, json={"messages": HELLO, "max_tokens": 2, "n": 8}, timeout=60)
+    assert rows.status_code == 200 and len(rows.json()["choices"]) == 8
+    past = httpx.post(live.url + CHAT, json={"messages": HELLO, "max_tokens": 2, "n": 9}, timeout=60)
+    assert past.status_code == 429 and error_of(past)["code"] == "queue_full"
+    live = make_server(max_queue=1, response_cache_entries=0)
+    nine = httpx.post(live.url + CHAT, json={"messages": HELLO, "max_tokens": 2, "n": 9}, timeout=60)
+    assert nine.status_code == 200 and len(nine.json()["choices"]) == 9
 
 
 def test_request_timeout_stops_and_frees(make_server, chat_llm):
@@ -177,6 +198,46 @@ def test_request_timeout_stops_and_frees(make_server, chat_llm):
     assert chat_llm.driver.wait_idle() and chat_llm.engine.blocks.usage == 0
 
 
+def metric(live, series: str) -> float:
+    """The value of the first /metrics line that starts with ``series``."""
+    line = next(x for x in httpx.get(live.url + "/metrics").text.splitlines() if x.startswith(series))
+    return float(line.rsplit(" ", 1)[1])
+
+
+def test_stopped_requests_count_the_tokens_they_generated(make_server, chat_llm):
+    """A stream stopped by --request-timeout (or a client gone) still generated, and sent, its tokens:
+    vllm:generation_tokens_total counts them, and its first token's latency is observed."""
+    live = make_server(request_timeout=1.0, response_cache_entries=0)
+    body = {"prompt": "Hello", "max_tokens": 5000, "ignore_eos": True, "stream": True, "logprobs": 0}
+    with httpx.stream("POST", live.url + "/v1/completions", json=body, timeout=60) as s:
+        chunks = [json.loads(x[6:]) for x in s.iter_lines() if x.startswith("data: {")]
+    streamed = sum(len(c["choices"][0]["logprobs"]["tokens"]) for c in chunks if c.get("choices"))
+    assert chunks[-1]["error"]["code"] == "timeout" and streamed > 0
+    assert chat_llm.driver.wait_idle()
+    generated = metric(live, "vllm:generation_tokens_total{")
+    assert streamed <= generated <= streamed + 16  # those read after the deadline's tick, unsent
+    assert metric(live, "vllm:time_to_first_token_seconds_count{") == 1
+    assert metric(live, 'vllm:request_success_total{finished_reason="abort"') == 1
+
+
+def test_a_request_stopped_while_it_waited_counts_no_prompt_tokens(make_server, chat_llm):
+    """vllm:prompt_tokens_total counts computed prompts: a request stopped while it waited for a row
+    (its client gone) computed none of its prompt, and adds nothing."""
+    live = make_server(response_cache_entries=0)
+    rows = {"prompt": "Hello", "max_tokens": 5000, "ignore_eos": True, "n": 8, "stream": True}
+    waiter = {"prompt": "Hello there, friend", "max_tokens": 5, "stream": True}
+    with httpx.stream("POST", live.url + "/v1/completions", json=rows, timeout=60) as busy:
+        lines = busy.iter_lines()  # held: a dropped iterator would close the stream
+        next(lines)  # all 8 rows run
+        with httpx.stream("POST", live.url + "/v1/completions", json=waiter, timeout=60):
+            time.sleep(0.5)  # it waits for a row, then its client leaves
+        time.sleep(0.5)
+    assert chat_llm.driver.wait_idle()
+    prompt = len(chat_llm.encode("Hello"))
+    assert metric(live, 'vllm:request_success_total{finished_reason="abort"') == 9
+    assert metric(live, "vllm:prompt_tokens_total{") == 8 * prompt
+
+
 def test_response_cache_serves_repeats_with_real_usage(make_server):
     live = make_server(response_cache_entries=8)
     body = {"messages": HELLO, "max_tokens": 6, "temperature": 0}
@@ -187,6 +248,12 @@ def test_response_cache_serves_repeats_with_real_usage(make_server):
     assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == again["usage"]["prompt_tokens"]
     metrics = httpx.get(live.url + "/metrics").text
     assert 'qwenkit:response_cache_hits_total{model_name="tiny"} 1.0' in metrics
+    # the repeat is a request, but its tokens were not computed again: throughput counts the first only
+    assert metric(live, 'vllm:request_success_total{finished_reason="length"') == 2
+    assert metric(live, "vllm:generation_tokens_total{") == 6
+    assert metric(live, "vllm:prompt_tokens_total{") == first["usage"]["prompt_tokens"]
+    assert metric(live, "vllm:time_per_output_token_seconds_count{") == 1
+    assert metric(live, "vllm:e2e_request_latency_seconds_count{") == 2
     sampled = {**body, "temperature": 1.0}  # unseeded sampling is never cached
     httpx.post(live.url + CHAT, json=sampled)
     httpx.post(live.url + CHAT, json=sampled)
@@ -203,3 +270,15 @@ def test_tokenizer_endpoints(server, chat_llm):
     }
     info = httpx.get(server.url + "/tokenizer_info").json()
     assert info["eos_token"] in ("<|im_end|>", "<|endoftext|>") and "<|im_start|>" in info["chat_template"]
+
+
+def test_head_probes_and_405_allow(server):
+    """Probes and load balancers that send HEAD get the GET route's status and headers, no body; a
+    wrong method is a 405 that says which methods the route takes (RFC 9110's Allow)."""
+    for path in ("/health", "/metrics", "/v1/models", "/"):
+        head, get = httpx.head(server.url + path), httpx.get(server.url + path)
+        assert (head.status_code, head.content) == (200, b""), path
+        assert head.headers["content-type"] == get.headers["content-type"], path
+    wrong = httpx.get(server.url + CHAT)
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
+    assert error_of(wrong)["message"] == "Method Not Allowed"

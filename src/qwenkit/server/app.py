@@ -36,6 +36,7 @@ STATIC_DIR = Path(__file__).parent / "static"
 mimetypes.add_type("text/javascript", ".js")
 mimetypes.add_type("text/javascript", ".mjs")
 _PROTECTED = ("/v1/", "/tokenize", "/detokenize", "/tokenizer_info")
+_HEAD_PATHS = ("/", "/health", "/metrics", "/v1/models")
 
 
 class RequestGate:
@@ -173,6 +174,12 @@ def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
             return FileResponse(STATIC_DIR / "index.html")
 
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    # HEAD as GET where probes and load balancers look (FastAPI, unlike Starlette, adds none); kept out
+    # of the OpenAPI schema, where it would repeat the GET's operation id
+    for route in [r for r in app.routes if getattr(r, "path", None) in _HEAD_PATHS]:
+        if "GET" in route.methods:
+            app.add_api_route(route.path, route.endpoint, methods=["HEAD"], include_in_schema=False)
 
     return app
 

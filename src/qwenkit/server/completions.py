@@ -62,7 +62,13 @@ class Run:
 
     def start(self) -> None:
         llm, loop = self.state.llm, asyncio.get_running_loop()
-        if self.state.waiting_estimate() + len(self.choices) > self.state.config.max_queue:
+        cache = self.state.response_cache
+        for choice in self.choices:
+            if cache is not None:
+                choice.cache_key = cache.key(choice.prompt_ids, choice.params)
+                choice.cached = cache.get(choice.cache_key)
+        submitted = sum(choice.cached is None for choice in self.choices)  # a cached answer waits for nothing
+        if submitted and self.state.waiting_estimate(submitted) > self.state.config.max_queue:
             raise APIError(
                 429,
                 f"the server is busy: more than {self.state.config.max_queue} requests are waiting",
@@ -70,11 +76,6 @@ class Run:
                 "queue_full",
                 {"Retry-After": "1"},
             )
-        cache = self.state.response_cache
-        for choice in self.choices:
-            if cache is not None:
-                choice.cache_key = cache.key(choice.prompt_ids, choice.params)
-                choice.cached = cache.get(choice.cache_key)
         try:
             for choice in self.choices:
                 if choice.cached is None:
@@ -88,11 +89,16 @@ class Run:
         """Stop every unfinished choice (client gone, timeout, error); their KV blocks are freed."""
         for choice in self.choices:
             if choice.stream is not None:
+                # the tokens it made before it was stopped were generated all the same (and streamed);
+                # its prompt counts once computed, as vLLM's (one stopped while it waited computed none)
+                generated = len(choice.stream.completion.token_ids)
                 choice.stream.abort()
                 choice.stream = None
                 self.state.active -= 1
+                prompt = len(choice.prompt_ids) if generated else 0
+                ttft = None if choice.first_token_at is None else choice.first_token_at - self.arrived
                 self.state.metrics.finished(
-                    "abort", len(choice.prompt_ids), 0, None, time.perf_counter() - self.arrived
+                    "abort", prompt, generated, ttft, time.perf_counter() - self.arrived
                 )
 
     async def deltas(self) -> AsyncIterator[tuple[Choice, Delta]]:
@@ -188,11 +194,14 @@ class Run:
             len(completion.token_ids),
             ttft,
             now - self.arrived,
+            from_cache=choice.cached is not None,
         )
 
     def usage(self) -> dict:
         results = [c.result for c in self.choices if c.result is not None]
-        prompts = {id(c.prompt_ids): c for c in self.choices}.values()
+        # each prompt once, by its first choice: the one that computed it (its copies, n > 1, read it
+        # from the prefix cache, which says nothing of what was cached when the request came)
+        prompts = {id(c.prompt_ids): c for c in reversed(self.choices)}.values()
         prompt_tokens = sum(len(c.prompt_ids) for c in prompts)
         completion_tokens = sum(len(r.token_ids) for r in results)
         cached = sum(

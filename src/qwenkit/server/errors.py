@@ -70,6 +70,9 @@ def install_handlers(app) -> None:
             message, param = f"the body is not valid JSON: {first.get('msg', '')}", None
         elif not loc:
             message, param = "the body must be a JSON object", None
+            kind = request.headers.get("content-type", "")
+            if "json" not in kind.lower():  # FastAPI reads no other type (curl -d sends a form's)
+                message += f" sent as Content-Type: application/json; this one came as {kind or 'no type'}"
         else:
             param = ".".join(loc) or None
             message = f"{param or 'body'}: {first.get('msg', 'invalid value')}"
@@ -86,7 +89,8 @@ def install_handlers(app) -> None:
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if isinstance(exc.__cause__, RecursionError):  # FastAPI's "error parsing the body" names no cause
             return error_response(APIError(400, "the body is not valid JSON: it is nested too deeply", None))
-        return error_response(APIError(exc.status_code, str(exc.detail)))
+        # with its headers: a 405's Allow names the methods the route takes
+        return error_response(APIError(exc.status_code, str(exc.detail), headers=exc.headers))
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> JSONResponse:

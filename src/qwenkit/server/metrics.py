@@ -129,17 +129,27 @@ class ServerMetrics:
         self.model_name = m
 
     def finished(
-        self, reason: str | None, prompt_tokens: int, output_tokens: int, ttft: float | None, e2e: float
+        self,
+        reason: str | None,
+        prompt_tokens: int,
+        output_tokens: int,
+        ttft: float | None,
+        e2e: float,
+        from_cache: bool = False,
     ) -> None:
-        """Record one finished choice."""
+        """Record one finished choice. One answered from the response cache (``from_cache``) counts as a
+        request with its latency, but its tokens were neither processed nor generated: the token
+        counters (throughput on vLLM's dashboards) and the time per output token leave it out."""
         self._success.labels(self.model_name, reason or "abort").inc()
-        self.prompt_tokens.inc(prompt_tokens)
-        self.generation_tokens.inc(output_tokens)
         self.e2e.observe(e2e)
         if ttft is not None:
             self.ttft.observe(ttft)
-            if output_tokens > 1:
-                self.tpot.observe((e2e - ttft) / (output_tokens - 1))
+        if from_cache:
+            return
+        self.prompt_tokens.inc(prompt_tokens)
+        self.generation_tokens.inc(output_tokens)
+        if ttft is not None and output_tokens > 1:
+            self.tpot.observe((e2e - ttft) / (output_tokens - 1))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

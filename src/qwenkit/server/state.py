@@ -76,8 +76,11 @@ class ServerState:
         """The "model" field of a response: the adapter's name where the request named one."""
         return adapter or self.model_name
 
-    def waiting_estimate(self) -> int:
-        return max(self.active - self.llm.engine.scheduler.max_batch, 0)
+    def waiting_estimate(self, more: int = 0) -> int:
+        """Requests that would wait for a batch row were ``more`` submitted now: those past the rows, not
+        every new one (an idle server under ``--max-queue 0`` still runs a request, or ``n`` choices that
+        fit its rows)."""
+        return max(self.active + more - self.llm.engine.scheduler.max_batch, 0)
 
     def key_matches(self, given: str) -> bool:
         expected = self.config.api_key or ""
