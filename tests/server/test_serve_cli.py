@@ -244,3 +244,33 @@ def test_an_adapter_loaded_at_run_time_answers_as_one_given_at_start(tmp_path):
         proc.wait(timeout=60)
     direct = bundled_answer(adapter, question)
     assert served == direct
+
+
+def test_sigterm_while_a_long_prompt_is_read_drains_with_the_listener_open():
+    """A request still being tokenized is not yet counted as running; SIGTERM then closed the listener at
+    once, so probes and new clients saw "connection refused" instead of the drain's 503s."""
+    import threading
+
+    proc, url = start_server({"QWENKIT_GRACEFUL_TIMEOUT": "300"})
+    prompt = "The quick brown fox jumps over the lazy dog, again and again. " * 100_000  # 6 MB
+    answer: list[httpx.Response] = []
+    sender = threading.Thread(
+        target=lambda: answer.append(
+            httpx.post(url + "/v1/completions", json={"prompt": prompt, "max_tokens": 1}, timeout=120)
+        )
+    )
+    try:
+        sender.start()
+        time.sleep(0.5)  # the body is sent and being read; its tokens take seconds to count
+        proc.send_signal(signal.SIGTERM)
+        assert draining_answers(url, {}) == [
+            (503, {"status": "draining"}),
+            (503, {"message": "the server is shutting down", "code": "shutting_down"}),
+        ]
+        sender.join(timeout=120)
+        assert answer[0].status_code == 400 and "prompt" in answer[0].json()["error"]["message"]
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "Traceback" not in proc.stdout.read()

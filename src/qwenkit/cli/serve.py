@@ -414,14 +414,19 @@ class DrainingServer:
                     grace = config.timeout_graceful_shutdown or 0
                     state.drain_deadline = time.perf_counter() + max(grace - min(1.0, grace / 2), 0)
                 state.draining = True
-                if first and sig == signal.SIGTERM and state.active:
+                if first and sig == signal.SIGTERM and self._busy():
                     threading.Thread(target=self._stop_when_idle, args=(sig, frame), daemon=True).start()
                 else:
                     self._stop(sig, frame)
 
+            def _busy(self) -> bool:
+                """Requests submitted to the engine, or still being read and tokenized (uvicorn's request
+                tasks: a long prompt takes seconds before it counts as submitted)."""
+                return bool(config.app.state.qwenkit.active or self.server_state.tasks)
+
             def _stop_when_idle(self, sig: int, frame) -> None:
                 state = config.app.state.qwenkit
-                while state.active and time.perf_counter() < state.drain_deadline + 1.0:
+                while self._busy() and time.perf_counter() < state.drain_deadline + 1.0:
                     if self.should_exit:  # a second signal stopped it meanwhile
                         return
                     time.sleep(0.05)
