@@ -7,14 +7,19 @@ instead of a hang.
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch.distributed as dist
 
-from qwenkit.errors import ConfigError
+from qwenkit.errors import ConfigError, RankLostError
 
 DEFAULT_TIMEOUT_S = 60.0
+
+_on_rank_lost: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -66,3 +71,28 @@ def init_tensor_parallel(
             timeout=timedelta(seconds=timeout_s),
         )
     return tp
+
+
+def on_rank_lost(handler: Callable[[], None] | None) -> None:
+    """Run ``handler()`` in this process when a collective fails, before RankLostError is raised: the
+    launcher's ranks leave quietly there (it names the rank that died in one line), where gloo's error
+    would otherwise reach the terminal as a traceback from whichever thread ran the forward."""
+    global _on_rank_lost
+    _on_rank_lost = handler
+
+
+@contextmanager
+def collective(what: str) -> Iterator[None]:
+    """A collective named ``what``: its failure (a peer gone: gloo's RuntimeError) becomes RankLostError,
+    after this process's ``on_rank_lost`` handler has run."""
+    try:
+        yield
+    except RuntimeError as e:
+        if _on_rank_lost is not None:
+            _on_rank_lost()
+        # gloo's first line, without its source path and advice: "Read error [...]: Connection reset by peer"
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        reason = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0]
+        raise RankLostError(
+            f"a tensor-parallel {what} failed: another rank died or stopped answering ({reason})"
+        ) from None
