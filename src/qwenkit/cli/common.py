@@ -180,13 +180,17 @@ def launched_rank() -> int | None:
 
 
 def check_tensor_parallel(args: argparse.Namespace) -> None:
-    """Refuse a split the model cannot take, in one line, before any process starts."""
+    """Refuse a split the model cannot take, or more ranks than this machine has GPUs for, in one line,
+    before any process starts."""
     from qwenkit.checkpoint import open_checkpoint
     from qwenkit.config import ModelConfig
     from qwenkit.distributed import local_config
+    from qwenkit.distributed.group import local_gpu
 
     source = open_checkpoint(resolve_model(args.model))
     local_config(ModelConfig.from_hf(source.hf_config), args.tensor_parallel)
+    if args.device.startswith("cuda") and launched_rank() is None:  # torchrun: each machine its own
+        local_gpu(args.tensor_parallel - 1, args.tensor_parallel)
 
 
 def lead_tensor_parallel(args: argparse.Namespace, body, load=None, server: bool = False) -> int:

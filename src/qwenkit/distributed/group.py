@@ -43,6 +43,22 @@ def launched_world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def local_gpu(local_rank: int, world: int) -> int:
+    """The GPU of this machine that rank ``local_rank`` runs on: its own, or a one-line error where the
+    machine has too few (two ranks on one GPU are refused by NCCL, and none at all is not CUDA)."""
+    import torch
+
+    count = torch.cuda.device_count()
+    if count == 0:
+        raise ConfigError("--device cuda was asked for, but no CUDA device is available")
+    if local_rank >= count:
+        raise ConfigError(
+            f"--tensor-parallel {world} runs one rank a GPU, and this machine has {count} GPU(s); "
+            f"use --tensor-parallel {count} or fewer, or more machines (torchrun)"
+        )
+    return local_rank
+
+
 def init_tensor_parallel(
     world: int | None = None,
     rank: int | None = None,
@@ -57,10 +73,10 @@ def init_tensor_parallel(
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     tp = TensorParallel(rank, world)
     if device.startswith("cuda"):
+        # one GPU per rank on each machine: LOCAL_RANK under torchrun, the rank when qwenkit starts them
         import torch
 
-        # one GPU per rank on each machine: LOCAL_RANK under torchrun, the rank when qwenkit starts them
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+        torch.cuda.set_device(local_gpu(int(os.environ.get("LOCAL_RANK", rank)), world))
     if not dist.is_initialized():
         backend = "nccl" if device.startswith("cuda") else "gloo"
         dist.init_process_group(
