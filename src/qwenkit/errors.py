@@ -21,5 +21,10 @@ class GenerationError(QwenkitError, RuntimeError):
     """A request failed while it ran (the engine reports why; other requests are unaffected)."""
 
 
+class RankLostError(QwenkitError, RuntimeError):
+    """A tensor-parallel collective failed: another rank died or stopped answering (the launcher, which
+    watches the processes, names the rank)."""
+
+
 class NonFiniteLogitsError(GenerationError, FloatingPointError):
     """The model produced NaN or inf logits (fp16 overflow, a broken checkpoint)."""

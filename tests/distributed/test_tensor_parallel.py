@@ -371,6 +371,30 @@ def test_a_bad_split_is_refused_before_any_collective(models):
         load_model(models["qwen2"], dtype="float32", tensor_parallel=TensorParallel(0, 16), progress=False)
 
 
+@pytest.mark.parametrize(
+    ("gpus", "message"),
+    [
+        (0, "--device cuda was asked for, but no CUDA device is available"),
+        (
+            1,
+            "--tensor-parallel 2 runs one rank a GPU, and this machine has 1 GPU(s); "
+            "use --tensor-parallel 1 or fewer, or more machines (torchrun)",
+        ),
+    ],
+)
+@pytest.mark.parametrize("command", ["generate", "chat", "eval"])
+def test_more_ranks_than_gpus_is_refused_before_any_process_starts(
+    models, monkeypatch, capfd, gpus, message, command
+):
+    """Each rank sets its own GPU: with none it divided by zero in every rank (a traceback each), and with
+    too few two ranks would share one, which NCCL refuses."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    argv = [command, models["qwen2"], "--device", "cuda", "--tensor-parallel", "2"]
+    argv += {"eval": ["--task", "gsm8k"]}.get(command, ["-p", "hi"])
+    assert qwenkit(argv) == 2
+    assert capfd.readouterr().err == f"error: {message}\n"
+
+
 @pytest.mark.slow
 def test_mismatched_checkpoints_across_ranks_fail_on_every_rank(models, tmp_path):
     paths = [models["qwen2"], models["qwen3-tied"]]

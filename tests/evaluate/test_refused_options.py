@@ -1,7 +1,7 @@
 """Options a run would ignore, or that would score something other than what its results record, are
 refused in one line before the model loads: a split the data does not have, an extractor for a method
 that reads no reply, few-shot for a task without it, a sandbox timeout that fails every program, a
-local model together with an endpoint."""
+local model (or how to load one) together with an endpoint."""
 
 from __future__ import annotations
 
@@ -65,6 +65,20 @@ def test_a_model_and_an_endpoint_together_are_refused(tiny_chat_model, capsys):
     assert capsys.readouterr().err == (
         f"error: give a model ({tiny_chat_model}) or --endpoint (http://127.0.0.1:9), not both\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--tensor-parallel", "2"], "--tensor-parallel goes with a local model"),
+        (["--quantize", "int4", "--adapter", "out"], "--quantize and --adapter go with a local model"),
+    ],
+)
+def test_local_model_options_with_an_endpoint_are_refused(capsys, args, message):
+    """They were ignored: the run scored the server as it runs, not the split or quantized model asked."""
+    argv = ["eval", "--endpoint", "http://127.0.0.1:9", "--task", "gsm8k", *args]
+    assert qwenkit_main(argv) == 2
+    assert capsys.readouterr().err == f"error: {message}; --endpoint evaluates a server as it runs\n"
 
 
 def test_the_split_scored_is_the_split_recorded(local, tmp_path):

@@ -180,13 +180,17 @@ def launched_rank() -> int | None:
 
 
 def check_tensor_parallel(args: argparse.Namespace) -> None:
-    """Refuse a split the model cannot take, in one line, before any process starts."""
+    """Refuse a split the model cannot take, or more ranks than this machine has GPUs for, in one line,
+    before any process starts."""
     from qwenkit.checkpoint import open_checkpoint
     from qwenkit.config import ModelConfig
     from qwenkit.distributed import local_config
+    from qwenkit.distributed.group import local_gpu
 
     source = open_checkpoint(resolve_model(args.model))
     local_config(ModelConfig.from_hf(source.hf_config), args.tensor_parallel)
+    if args.device.startswith("cuda") and launched_rank() is None:  # torchrun: each machine its own
+        local_gpu(args.tensor_parallel - 1, args.tensor_parallel)
 
 
 def lead_tensor_parallel(args: argparse.Namespace, body, load=None, server: bool = False) -> int:
@@ -200,7 +204,7 @@ def lead_tensor_parallel(args: argparse.Namespace, body, load=None, server: bool
     import signal
     import sys
 
-    from qwenkit.distributed.launch import RankFailedError, lead_ranks
+    from qwenkit.distributed.launch import RankFailedError, describe_exit, lead_ranks
 
     check_tensor_parallel(args)
     load = load or _load_llm
@@ -221,8 +225,9 @@ def lead_tensor_parallel(args: argparse.Namespace, body, load=None, server: bool
         if server and signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None):
             os.kill(os.getpid(), signal.SIGTERM)  # the server is up (its handler is in): drain, exit
             return
+        sys.stdout.flush()  # the answer streamed so far, then the line
         if exitcode != 2:  # exit status 2: the rank printed its own one-line error
-            how = f"was killed by signal {-exitcode}" if exitcode < 0 else f"exited with status {exitcode}"
+            how = describe_exit(exitcode)
             print(f"error: tensor-parallel rank {rank} of {args.tensor_parallel} {how}", file=sys.stderr)
         os._exit(2)  # now: the main thread may be blocked reading the terminal or in a collective
 

@@ -128,6 +128,21 @@ def _check_model_source(args: argparse.Namespace) -> None:
     endpoint's own options only with it."""
     if args.endpoint and args.model:
         raise EvalUsageError(f"give a model ({args.model}) or --endpoint ({args.endpoint}), not both")
+    if args.endpoint:  # how to load a local model: the endpoint's server has loaded its own
+        given = [
+            flag
+            for flag, value in (
+                ("--tensor-parallel", args.tensor_parallel != 1),
+                ("--quantize", args.quantize),
+                ("--adapter", args.adapter),
+            )
+            if value
+        ]
+        if given:
+            verb = "goes" if len(given) == 1 else "go"
+            raise EvalUsageError(
+                f"{' and '.join(given)} {verb} with a local model; --endpoint evaluates a server as it runs"
+            )
     if not args.endpoint:
         given = [
             flag

@@ -59,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
 
     path = resolve_model(args.model)
     if args.tensor_parallel > 1:
-        check_tensor_parallel(argparse.Namespace(model=str(path), tensor_parallel=args.tensor_parallel))
+        check_tensor_parallel(
+            argparse.Namespace(model=str(path), tensor_parallel=args.tensor_parallel, device=args.device)
+        )
     quantized = ModelConfig.from_hf(open_checkpoint(path).hf_config).quantization is not None
     if args.precisions is not None:  # "" is refused as empty, not taken as "all of them"
         text = args.precisions

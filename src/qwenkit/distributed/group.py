@@ -7,14 +7,19 @@ instead of a hang.
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch.distributed as dist
 
-from qwenkit.errors import ConfigError
+from qwenkit.errors import ConfigError, RankLostError
 
 DEFAULT_TIMEOUT_S = 60.0
+
+_on_rank_lost: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,22 @@ def launched_world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def local_gpu(local_rank: int, world: int) -> int:
+    """The GPU of this machine that rank ``local_rank`` runs on: its own, or a one-line error where the
+    machine has too few (two ranks on one GPU are refused by NCCL, and none at all is not CUDA)."""
+    import torch
+
+    count = torch.cuda.device_count()
+    if count == 0:
+        raise ConfigError("--device cuda was asked for, but no CUDA device is available")
+    if local_rank >= count:
+        raise ConfigError(
+            f"--tensor-parallel {world} runs one rank a GPU, and this machine has {count} GPU(s); "
+            f"use --tensor-parallel {count} or fewer, or more machines (torchrun)"
+        )
+    return local_rank
+
+
 def init_tensor_parallel(
     world: int | None = None,
     rank: int | None = None,
@@ -52,10 +73,10 @@ def init_tensor_parallel(
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     tp = TensorParallel(rank, world)
     if device.startswith("cuda"):
+        # one GPU per rank on each machine: LOCAL_RANK under torchrun, the rank when qwenkit starts them
         import torch
 
-        # one GPU per rank on each machine: LOCAL_RANK under torchrun, the rank when qwenkit starts them
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+        torch.cuda.set_device(local_gpu(int(os.environ.get("LOCAL_RANK", rank)), world))
     if not dist.is_initialized():
         backend = "nccl" if device.startswith("cuda") else "gloo"
         dist.init_process_group(
@@ -66,3 +87,28 @@ def init_tensor_parallel(
             timeout=timedelta(seconds=timeout_s),
         )
     return tp
+
+
+def on_rank_lost(handler: Callable[[], None] | None) -> None:
+    """Run ``handler()`` in this process when a collective fails, before RankLostError is raised: the
+    launcher's ranks leave quietly there (it names the rank that died in one line), where gloo's error
+    would otherwise reach the terminal as a traceback from whichever thread ran the forward."""
+    global _on_rank_lost
+    _on_rank_lost = handler
+
+
+@contextmanager
+def collective(what: str) -> Iterator[None]:
+    """A collective named ``what``: its failure (a peer gone: gloo's RuntimeError) becomes RankLostError,
+    after this process's ``on_rank_lost`` handler has run."""
+    try:
+        yield
+    except RuntimeError as e:
+        if _on_rank_lost is not None:
+            _on_rank_lost()
+        # gloo's first line, without its source path and advice: "Read error [...]: Connection reset by peer"
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        reason = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0]
+        raise RankLostError(
+            f"a tensor-parallel {what} failed: another rank died or stopped answering ({reason})"
+        ) from None

@@ -4,7 +4,12 @@ names the rank, so nothing is left half-started or waiting forever on a collecti
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import os
+import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -13,8 +18,12 @@ from typing import Any
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from qwenkit.distributed.group import DEFAULT_TIMEOUT_S, TensorParallel, init_tensor_parallel
+from qwenkit.distributed.group import DEFAULT_TIMEOUT_S, TensorParallel, init_tensor_parallel, on_rank_lost
 from qwenkit.errors import QwenkitError
+
+# The exit status of a rank that left because a collective failed (another rank died): the launcher
+# names the rank that died, not the ones that stopped because of it.
+LOST_STATUS = 4
 
 
 class RankFailedError(QwenkitError):
@@ -40,6 +49,8 @@ def _rank_main(
     fn: Callable[..., Any],
     args: tuple[Any, ...],
 ) -> None:
+    _die_with_launcher()
+    on_rank_lost(_leave_quietly)
     tp = init_tensor_parallel(
         world, rank, device=device, init_method=f"tcp://127.0.0.1:{port}", timeout_s=timeout_s
     )
@@ -47,6 +58,57 @@ def _rank_main(
         fn(tp, *args)
     finally:
         dist.destroy_process_group()
+
+
+def _die_with_launcher() -> None:
+    """Have the kernel kill this rank when the process that started it dies (Linux), however it dies:
+    a launcher stopped by SIGTERM or SIGKILL must not leave a rank generating on, or one waiting
+    forever for forwards. Also keep tqdm off a multiprocessing lock: a rank killed while holding that
+    semaphore makes the launcher's resource tracker print a leak warning after the one-line error."""
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the launcher's own clean-up still stops the ranks
+        return
+    parent = mp.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # it died before the line above
+        os._exit(LOST_STATUS)
+
+
+def _leave_quietly() -> None:
+    """A collective failed (another rank died): end this rank now, what it printed so far flushed, and
+    let the launcher name the rank that died."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe, a closed devnull
+            stream.flush()
+    os._exit(LOST_STATUS)
+
+
+def describe_exit(code: int) -> str:
+    """How a rank ended, for the one line that names it."""
+    if code == LOST_STATUS:
+        return "lost the other ranks (a collective failed or timed out)"
+    return f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+
+
+def _failure(
+    procs: dict[int, Any], world: int, first: RankFailedError | None = None
+) -> RankFailedError | None:
+    """The error naming the rank that failed in its own right (``first``'s, the one seen first, unless it
+    only left because another died: such a rank exits LOST_STATUS and is named only if no other
+    failed), or None while none has failed."""
+    failed = [(rank, p.exitcode) for rank, p in procs.items() if p.exitcode not in (None, 0)]
+    if not failed:
+        return None
+    own = [(rank, code) for rank, code in failed if code != LOST_STATUS]
+    if first is not None and first.exitcode != LOST_STATUS:
+        own = [(first.rank, first.exitcode)]
+    rank, code = (own or failed)[0]
+    others = [r for r, _ in failed if r != rank]
+    also = f" (then rank(s) {', '.join(map(str, others))} stopped too)" if others else ""
+    return RankFailedError(f"tensor-parallel rank {rank} of {world} {describe_exit(code)}{also}", rank, code)
 
 
 def run_ranks(
@@ -66,13 +128,9 @@ def run_ranks(
     ]
     for p in procs:
         p.start()
-    first_failed = None
+    ranks, first = dict(enumerate(procs)), None
     try:
-        while any(p.is_alive() for p in procs):
-            failed = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
-            if failed:
-                first_failed = failed[0]
-                break
+        while any(p.is_alive() for p in procs) and (first := _failure(ranks, world)) is None:
             time.sleep(0.05)
         # The others get one collective timeout to notice and exit with their own error.
         deadline = time.monotonic() + timeout_s + 5
@@ -83,14 +141,9 @@ def run_ranks(
             if p.is_alive():
                 p.kill()
                 p.join()
-    failed = [r for r, p in enumerate(procs) if p.exitcode != 0]
-    if failed:
-        rank = first_failed if first_failed is not None else failed[0]
-        code = procs[rank].exitcode
-        how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
-        others = [r for r in failed if r != rank]
-        also = f" (then rank(s) {', '.join(map(str, others))} stopped too)" if others else ""
-        raise RankFailedError(f"tensor-parallel rank {rank} of {world} {how}{also}", rank, code)
+    failure = _failure(ranks, world, first)
+    if failure is not None:
+        raise failure
 
 
 def lead_ranks(
@@ -118,7 +171,11 @@ def lead_ranks(
         p.start()
     finished, done = False, threading.Event()
     if on_follower_failed is not None:
+        on_follower_failed = _once(on_follower_failed)
         threading.Thread(target=_watch, args=(procs, done, on_follower_failed), daemon=True).start()
+        # A forward that fails because a follower died: report that follower before the error reaches
+        # the thread that ran the forward (an answer being streamed).
+        on_rank_lost(lambda: _report_lost(procs, on_follower_failed))
     try:
         tp = init_tensor_parallel(
             world, 0, device=device, init_method=f"tcp://127.0.0.1:{port}", timeout_s=timeout_s
@@ -131,14 +188,13 @@ def lead_ranks(
             dist.destroy_process_group()
     except RuntimeError:  # a collective failed: say which follower is gone, if one is
         time.sleep(0.5)  # let a dying follower's exit status arrive
-        for rank, p in procs.items():
-            if p.exitcode not in (None, 0):
-                code = p.exitcode
-                how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
-                raise RankFailedError(f"tensor-parallel rank {rank} of {world} {how}", rank, code) from None
+        failure = _failure(procs, world)
+        if failure is not None:
+            raise failure from None
         raise
     finally:
         done.set()
+        on_rank_lost(None)
         # Released followers leave at once; after an error here, nobody is left to release them.
         deadline = time.monotonic() + (timeout_s if finished else 0)
         for p in procs.values():
@@ -148,12 +204,36 @@ def lead_ranks(
                 p.join()
 
 
+def _once(fn: Callable[[int, int], None]) -> Callable[[int, int], None]:
+    """``fn`` that runs on its first call only (the watcher and a failed forward may both report)."""
+    lock, called = threading.Lock(), []
+
+    def call(rank: int, exitcode: int) -> None:
+        with lock:
+            if called:
+                return
+            called.append(True)
+        fn(rank, exitcode)
+
+    return call
+
+
+def _report_lost(procs: dict[int, Any], on_failed: Callable[[int, int], None], wait_s: float = 2.0) -> None:
+    """A collective of the leader failed: wait a moment for the follower that died to be seen dead,
+    then report it (nothing if none died: a follower that stopped answering is the timeout's error)."""
+    deadline = time.monotonic() + wait_s
+    while (failure := _failure(procs, len(procs) + 1)) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if failure is not None:
+        on_failed(failure.rank, failure.exitcode)
+
+
 def _watch(procs: dict[int, Any], done: threading.Event, on_failed: Callable[[int, int], None]) -> None:
     """Call ``on_failed(rank, exitcode)`` once, when a follower exits with an error while the leader runs."""
     while not done.wait(0.1):
-        failed = [(rank, p.exitcode) for rank, p in procs.items() if p.exitcode not in (None, 0)]
-        if failed:
-            on_failed(*failed[0])
+        failure = _failure(procs, len(procs) + 1)
+        if failure is not None:
+            on_failed(failure.rank, failure.exitcode)
             return
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from qwenkit.distributed.group import TensorParallel
+from qwenkit.distributed.group import TensorParallel, collective
 from qwenkit.distributed.plan import ROW_MODULES
 
 
@@ -31,18 +31,21 @@ class VocabParallelEmbedding(nn.Module):
         outside = (local < 0) | (local >= self.rows)
         out = self.local(local.masked_fill(outside, 0))  # (B, T, hidden)
         out = out.masked_fill(outside.unsqueeze(-1), 0)
-        dist.all_reduce(out, group=self.group)
+        with collective("all-reduce"):
+            dist.all_reduce(out, group=self.group)
         return out
 
 
 def _all_reduce_output(module: nn.Module, args: object, output: torch.Tensor) -> torch.Tensor:
-    dist.all_reduce(output, group=module._tp_group)
+    with collective("all-reduce"):
+        dist.all_reduce(output, group=module._tp_group)
     return output
 
 
 def _gather_logits(module: nn.Module, args: object, output: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(output) for _ in range(dist.get_world_size(module._tp_group))]
-    dist.all_gather(parts, output.contiguous(), group=module._tp_group)
+    with collective("all-gather"):
+        dist.all_gather(parts, output.contiguous(), group=module._tp_group)
     return torch.cat(parts, dim=-1)  # (.., V): vocabulary slices in rank order
 
 

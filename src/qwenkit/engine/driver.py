@@ -23,6 +23,7 @@ from typing import TypeVar
 from qwenkit.engine.engine import Engine, StepOutput
 from qwenkit.engine.request import RequestId
 from qwenkit.engine.sampling import SamplingParams
+from qwenkit.errors import RankLostError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -187,6 +188,10 @@ class EngineDriver:
                 continue
             try:
                 outputs = engine.step()
+            except RankLostError as exc:  # not a bug here: the launcher names the rank that died
+                log.error("engine step failed: %s", exc)
+                self._fail_all(str(exc))
+                continue
             except Exception as exc:  # a bug, not bad input: fail the running requests, keep serving
                 log.exception("engine step failed")
                 self._fail_all(f"internal error: {type(exc).__name__}: {exc}")

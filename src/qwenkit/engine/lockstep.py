@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from qwenkit.checkpoint.loader import shard_adapter
 from qwenkit.distributed import TensorParallel
+from qwenkit.distributed.group import collective
 from qwenkit.engine.engine import Engine
 from qwenkit.engine.forward import AdapterWrite, ForwardCall, run_forward
 from qwenkit.model.served_adapters import write_slot
@@ -58,9 +59,11 @@ class Lockstep:
                 run_forward(engine.model, engine.cache, message)
 
     def _send(self, message: ForwardCall | AdapterWrite | None) -> None:
-        dist.broadcast_object_list([message], src=0, group=self.group)
+        with collective("broadcast of rank 0's forward"):
+            dist.broadcast_object_list([message], src=0, group=self.group)
 
     def _receive(self) -> ForwardCall | AdapterWrite | None:
         box: list[ForwardCall | AdapterWrite | None] = [None]
-        dist.broadcast_object_list(box, src=0, group=self.group)
+        with collective("broadcast of rank 0's forward"):
+            dist.broadcast_object_list(box, src=0, group=self.group)
         return box[0]

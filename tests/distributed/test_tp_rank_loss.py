@@ -1,0 +1,136 @@
+"""A tensor-parallel run that loses a process mid-run ends in one line, not a traceback wall or orphans.
+
+A rank killed while `generate`, `chat` or `serve` is decoding: the command prints the one line naming it
+(the surviving ranks' failed collectives stay quiet) and exits 2. A launcher killed outright: its ranks
+die with it instead of generating on, unseen."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import psutil
+import pytest
+
+QWENKIT = [sys.executable, "-m", "qwenkit.cli"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "QWENKIT_RESPONSE_CACHE": "0"}
+LONG = ["--max-new-tokens", "6000", "--temperature", "0", "--dtype", "float32", "--tensor-parallel", "2"]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> str:
+    from factories import write_tiny_chat_model
+
+    return str(write_tiny_chat_model(tmp_path_factory.mktemp("tp") / "chat", num_key_value_heads=2))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ranks(proc: subprocess.Popen) -> list[psutil.Process]:
+    """The spawned ranks of a command, in the order they were started."""
+    spawned = [p for p in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(p.cmdline())]
+    return sorted(spawned, key=lambda p: (p.create_time(), p.pid))
+
+
+def start_decoding(argv: list[str]) -> tuple[subprocess.Popen, list[psutil.Process]]:
+    """Start ``argv`` and return once it has streamed some text (every rank is then decoding)."""
+    proc = subprocess.Popen(
+        argv, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
+    os.read(proc.stdout.fileno(), 1)  # blocks until the first streamed byte
+    time.sleep(0.5)
+    return proc, ranks(proc)
+
+
+def assert_gone(procs: list[psutil.Process], within_s: float = 10) -> None:
+    _, alive = psutil.wait_procs(procs, timeout=within_s)
+    for p in alive:
+        p.kill()
+    assert not alive, f"ranks left running: {[p.pid for p in alive]}"
+
+
+@pytest.mark.slow
+def test_a_rank_killed_while_generating_is_one_line(model):
+    proc, procs = start_decoding([*QWENKIT, "generate", model, "-p", "Tell me a story", *LONG])
+    try:
+        procs[1].kill()
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 2
+    # rank 0's all-reduce failed too; it left quietly, the launcher names the rank that died
+    assert err.decode().splitlines() == [
+        "error: tensor-parallel rank 1 of 2 was killed by signal 9 (then rank(s) 0 stopped too)"
+    ]
+    assert_gone(procs)
+
+
+@pytest.mark.slow
+def test_a_rank_killed_while_chat_answers_is_one_line(model):
+    proc, procs = start_decoding([*QWENKIT, "chat", model, "-p", "Tell me a story", *LONG])
+    try:
+        procs[0].kill()  # rank 1: the command's own process is rank 0
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 2
+    assert err.decode().splitlines() == ["error: tensor-parallel rank 1 of 2 was killed by signal 9"]
+    assert_gone(procs)
+
+
+@pytest.mark.slow
+def test_a_killed_launcher_takes_its_ranks_with_it(model):
+    proc, procs = start_decoding([*QWENKIT, "generate", model, "-p", "Tell me a story", *LONG])
+    try:
+        assert len(procs) == 2
+        proc.kill()
+        assert_gone(procs)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.mark.slow
+def test_a_rank_killed_while_serving_a_stream_drains_without_a_traceback(model):
+    port = free_port()
+    argv = [*QWENKIT, "serve", model, "--port", str(port), "--dtype", "float32", "--tensor-parallel", "2"]
+    proc = subprocess.Popen(argv, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline, "the server did not become healthy"
+                time.sleep(0.3)
+        (follower,) = ranks(proc)
+        payload = {"prompt": "Once", "max_tokens": 6000, "temperature": 0, "ignore_eos": True, "stream": True}
+        lines = []
+        with httpx.stream("POST", url + "/v1/completions", json=payload, timeout=60) as s:
+            for line in s.iter_lines():
+                if line.startswith("data: ") and len(lines) == 3:
+                    follower.kill()
+                if line.startswith("data: "):
+                    lines.append(line)
+        assert proc.wait(timeout=60) == 2
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert lines[-1] == "data: [DONE]" and '"error"' in lines[-2], lines[-3:]
+    output = proc.stdout.read()
+    assert "Traceback" not in output, output[-3000:]
+    assert output.rstrip().endswith("error: tensor-parallel rank 1 of 2 was killed by signal 9")
