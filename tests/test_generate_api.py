@@ -6,6 +6,7 @@ import gc
 import time
 import weakref
 
+import numpy as np
 import pytest
 
 from qwenkit.engine import SamplingParams
@@ -104,6 +105,30 @@ def test_a_bad_prompt_in_a_batch_starts_nothing(llm):
     with pytest.raises(SamplingParamsError, match="outside the vocabulary"):
         llm.generate(["Hello", [10**9]], SAMPLED)
     assert llm.driver.wait_idle() and not llm.engine.has_unfinished()
+
+
+@pytest.mark.parametrize(
+    ("prompts", "message"),
+    [
+        ([[1.5, 2]], "prompt token ids must be integers, got 1.5"),  # used to run as token 1
+        ([[2, True]], "prompt token ids must be integers, got True"),  # used to run as token 1
+        (None, "prompts must be a string or a list of prompts, got None"),
+        (5, "prompts must be a string or a list of prompts, got 5"),
+        (["Hello", None], "a prompt must be a string or a list of token ids, got None"),
+    ],
+)
+def test_a_prompt_that_is_not_token_ids_is_refused_by_name(llm, prompts, message):
+    from qwenkit.engine import SamplingParamsError
+
+    with pytest.raises(SamplingParamsError) as raised:
+        llm.generate(prompts, SAMPLED)
+    assert str(raised.value) == message
+    with pytest.raises(SamplingParamsError, match="prompt_ids must be a list of token ids, got 'Hello'"):
+        llm.engine.validate("Hello", SAMPLED)
+    assert llm.driver.wait_idle() and not llm.engine.has_unfinished()
+    ids = llm.tokenizer.encode("Hello")
+    numpy_ids = [np.int64(t) for t in ids]  # integers of another type are token ids all the same
+    assert llm.generate([numpy_ids], SAMPLED)[0].token_ids == llm.generate([ids], SAMPLED)[0].token_ids
 
 
 def test_stop_token_ids_are_not_in_the_text(llm):

@@ -22,7 +22,7 @@ from qwenkit.checkpoint.loader import CheckpointSource
 from qwenkit.config import ModelConfig
 from qwenkit.default_model import FALLBACK_SAMPLING
 from qwenkit.distributed import TensorParallel, local_config
-from qwenkit.engine import Engine, FinishReason, SamplingParams, StepOutput, TokenLogprob
+from qwenkit.engine import Engine, FinishReason, SamplingParams, SamplingParamsError, StepOutput, TokenLogprob
 from qwenkit.engine.driver import EngineDriver, RequestStream
 from qwenkit.engine.request import RequestId
 from qwenkit.errors import ConfigError, GenerationError, NonFiniteLogitsError
@@ -402,7 +402,11 @@ class LLM:
             )
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
-        return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        if not isinstance(prompt, Sequence):  # None or a bare int failed in list() with a TypeError
+            raise SamplingParamsError(f"a prompt must be a string or a list of token ids, got {prompt!r:.60}")
+        return list(prompt)
 
     def submit(
         self,
@@ -428,6 +432,8 @@ class LLM:
 
         Every prompt is checked before any starts, so one bad prompt leaves nothing running.
         """
+        if not isinstance(prompts, Sequence):
+            raise SamplingParamsError(f"prompts must be a string or a list of prompts, got {prompts!r:.60}")
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         params = params or self.default_params()

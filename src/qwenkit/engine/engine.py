@@ -8,6 +8,7 @@ every front end drives the same engine.
 
 from __future__ import annotations
 
+import numbers
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -130,6 +131,12 @@ class Engine:
 
     def validate(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
         """Raise SamplingParamsError if this request cannot run. Reads only fixed state: any thread."""
+        if isinstance(prompt_ids, str | bytes) or not isinstance(prompt_ids, Sequence):
+            raise SamplingParamsError(f"prompt_ids must be a list of token ids, got {prompt_ids!r:.60}")
+        # 1.5 or True would pass the vocabulary check and run as another token (int(1.5) == int(True))
+        bad = [t for t in prompt_ids if not isinstance(t, numbers.Integral) or isinstance(t, bool)]
+        if bad:
+            raise SamplingParamsError(f"prompt token ids must be integers, got {bad[0]!r}")
         if not prompt_ids:
             raise SamplingParamsError("the prompt is empty: give at least one token")
         bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
