@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from qwenkit.engine import SamplingParams
+from qwenkit.errors import ModelClosedError
 from qwenkit.generate import LLM, _partial_stop_suffix
 
 
@@ -73,8 +74,13 @@ def test_close_ends_requests_and_the_thread_and_frees_the_model(tiny_chat_model)
     assert not thread.is_alive()
     rest = list(deltas)
     assert rest[-1].finish_reason == "abort" and len(running.completion.token_ids) < 4000
-    with pytest.raises(RuntimeError, match="closed"):
+    closed = r"^this model has been closed \(LLM.close\)"  # a QwenkitError: one line, not a RuntimeError
+    with pytest.raises(ModelClosedError, match=closed):
         llm.generate("Hello", SAMPLED)
+    with pytest.raises(ModelClosedError, match=closed):
+        list(llm.stream("Hello", SAMPLED))
+    with pytest.raises(ModelClosedError, match=closed):
+        llm.submit("Hello", SAMPLED)
     running.abort()  # no-op: the request has ended
     model = weakref.ref(llm.model)
     del llm, running, deltas

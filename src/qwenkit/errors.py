@@ -21,5 +21,9 @@ class GenerationError(QwenkitError, RuntimeError):
     """A request failed while it ran (the engine reports why; other requests are unaffected)."""
 
 
+class ModelClosedError(QwenkitError, RuntimeError):
+    """A request (or an adapter change) reached a model after ``LLM.close``: load it again to use it."""
+
+
 class NonFiniteLogitsError(GenerationError, FloatingPointError):
     """The model produced NaN or inf logits (fp16 overflow, a broken checkpoint)."""

@@ -23,6 +23,7 @@ from typing import TypeVar
 from qwenkit.engine.engine import Engine, StepOutput
 from qwenkit.engine.request import RequestId
 from qwenkit.engine.sampling import SamplingParams
+from qwenkit.errors import ModelClosedError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -158,7 +159,7 @@ class EngineDriver:
             if message[0] == "add":
                 ended += [(request_id, stream) for request_id, _, _, stream in message[1]]
             elif message[0] == "call":
-                message[2].set_exception(RuntimeError("this model has been closed (LLM.close)"))
+                message[2].set_exception(ModelClosedError("this model has been closed (LLM.close)"))
         self._streams.clear()
         for rid, stream in ended:
             stream._put(StepOutput(rid, [], "abort"))
@@ -168,7 +169,7 @@ class EngineDriver:
             if self._closed:
                 if message[0] == "abort":  # every request has ended with the shutdown
                     return
-                raise RuntimeError("this model has been closed (LLM.close): load it again to generate")
+                raise ModelClosedError("this model has been closed (LLM.close): load it again to generate")
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="qwenkit-engine", daemon=True)
                 self._thread.start()
