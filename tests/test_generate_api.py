@@ -137,6 +137,28 @@ def test_a_prompt_that_is_not_token_ids_is_refused_by_name(llm, prompts, message
     assert llm.generate([numpy_ids], SAMPLED)[0].token_ids == llm.generate([ids], SAMPLED)[0].token_ids
 
 
+def test_a_request_id_in_use_is_refused_at_submit_and_never_taken_by_a_generated_one(llm):
+    """A caller's id already running used to be accepted and its request to end in "error" when the
+    engine's thread met it; a caller's "req-N" made the N-th unnamed request fail that way."""
+    from qwenkit.engine import SamplingParamsError
+
+    long = SamplingParams(**{**SAMPLED.__dict__, "max_tokens": 40})
+    named = llm.submit("Once upon a time", long, request_id="x")
+    with pytest.raises(SamplingParamsError, match="^request id 'x' is already in use$"):
+        llm.submit("The sky is", SAMPLED, request_id="x")
+    taken = [llm.submit("Hi", long, request_id=f"req-{n}") for n in range(40)]  # every id it may try next
+    unnamed = llm.submit("The sky is", SAMPLED)
+    assert unnamed.request_id not in {s.request_id for s in taken}
+    assert list(unnamed)[-1].finish_reason == "length" and len(unnamed.completion.token_ids) == 24
+    assert list(named)[-1].finish_reason == "length" and len(named.completion.token_ids) == 40
+    again = llm.submit("The sky is", SAMPLED, request_id="x")  # free again once its request has ended
+    assert list(again)[-1].finish_reason == "length"
+    assert again.completion.token_ids == unnamed.completion.token_ids
+    for s in taken:
+        s.abort()
+    assert llm.driver.wait_idle() and llm.engine.blocks.usage == 0
+
+
 def test_stop_token_ids_are_not_in_the_text(llm):
     """A non-special stop token ends the request but is not shown, as in the OpenAI API."""
     full = llm.generate("Once upon a time", SAMPLED)[0]
