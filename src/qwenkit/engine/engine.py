@@ -131,6 +131,8 @@ class Engine:
 
     def validate(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
         """Raise SamplingParamsError if this request cannot run. Reads only fixed state: any thread."""
+        if not isinstance(params, SamplingParams):  # a dict of them failed mid-check on a missing attribute
+            raise SamplingParamsError(f"params must be a SamplingParams, got {params!r:.60}")
         if isinstance(prompt_ids, str | bytes) or not isinstance(prompt_ids, Sequence):
             raise SamplingParamsError(f"prompt_ids must be a list of token ids, got {prompt_ids!r:.60}")
         # 1.5 or True would pass the vocabulary check and run as another token (int(1.5) == int(True))
