@@ -133,6 +133,8 @@ def test_a_prompt_that_is_not_token_ids_is_refused_by_name(llm, prompts, message
         llm.engine.validate("Hello", SAMPLED)
     with pytest.raises(SamplingParamsError, match=r"^params must be a SamplingParams, got \{'max_tokens'"):
         llm.generate("Hello", {"max_tokens": 2})
+    with pytest.raises(SamplingParamsError, match=r"^params must be a SamplingParams"):
+        llm.submit("Hello", {"max_tokens": 2})
     assert llm.driver.wait_idle() and not llm.engine.has_unfinished()
     ids = llm.tokenizer.encode("Hello")
     numpy_ids = [np.int64(t) for t in ids]  # integers of another type are token ids all the same

@@ -419,6 +419,7 @@ class LLM:
         is given). Bad input raises here, before anything runs."""
         params = params or self.default_params()
         ids = self.encode(prompt)
+        self.engine.validate(ids, params)  # before the text state reads params
         hidden = self.eos_token_ids | frozenset(params.stop_token_ids)
         state = TextState(self.tokenizer, Completion(ids), params.stop, hidden)
         return TextStream(self.driver.submit(ids, params, request_id, loop), state)
