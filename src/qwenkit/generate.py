@@ -345,6 +345,8 @@ class LLM:
         gives empty stats.
         """
         ids = self.encode(prompt)
+        # the engine's checks: an id past the vocabulary failed deep in the embedding, with a traceback
+        self.engine.validate(ids, SamplingParams())
         device = self.model.model.norm.weight.device
         with count_routed_tokens(self.model) as stats, torch.no_grad():
             self.model(torch.tensor([ids], device=device))
