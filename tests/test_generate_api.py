@@ -163,6 +163,18 @@ def test_a_request_id_in_use_is_refused_at_submit_and_never_taken_by_a_generated
     assert llm.driver.wait_idle() and llm.engine.blocks.usage == 0
 
 
+def test_load_refuses_an_unknown_device_or_an_empty_batch_by_name(tiny_chat_model):
+    """device="tpu" failed inside torch (a list of twenty device types); max_batch_size=0 was reported
+    as "the KV cache holds 0 tokens"."""
+    from qwenkit.engine import SamplingParamsError
+    from qwenkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^unknown device 'tpu'; choose cpu or cuda \(cuda:N\)$"):
+        LLM.load(tiny_chat_model, device="tpu", progress=False)
+    with pytest.raises(SamplingParamsError, match="^max_batch_size must be at least 1, got 0$"):
+        LLM.load(tiny_chat_model, dtype="float32", max_batch_size=0, progress=False)
+
+
 def test_stop_token_ids_are_not_in_the_text(llm):
     """A non-special stop token ends the request but is not shown, as in the OpenAI API."""
     full = llm.generate("Once upon a time", SAMPLED)[0]

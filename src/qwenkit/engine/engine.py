@@ -89,6 +89,9 @@ class Engine:
         self.device, self.dtype = next(model.parameters()).device, _activation_dtype(model)
         # the LoRA adapters the model serves (``model.served_adapters``); ``add_adapter`` changes them
         self.adapters: AdapterBank | None = getattr(model, "adapters", None)
+        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+            # 0 was reported as a KV cache of 0 tokens
+            raise SamplingParamsError(f"max_batch_size must be at least 1, got {max_batch_size!r}")
         pool_tokens = kv_cache_tokens or max_batch_size * self.max_seq_len
         if pool_tokens < self.max_seq_len:
             raise SamplingParamsError(
