@@ -196,6 +196,8 @@ def test_refused_adapters_change_nothing(base_dir, adapters, tmp_path):
             with pytest.raises(error, match=message) as raised:
                 call()
             assert isinstance(raised.value, QwenkitError)
+        with pytest.raises(AdapterNameError, match="non-empty string, got ''$"):  # at load: served as ''
+            LLM.load(base_dir, dtype="float32", progress=False, adapters={"": adapters["b"]})
         assert issubclass(AdapterNameError, ValueError) and issubclass(
             AdapterNotServed, KeyError
         )  # as before

@@ -210,6 +210,8 @@ def serve_adapters(
     ``model.adapters``; ``default``: the adapter of tokens that name none (None: the base model).
     Raises :class:`AdapterNotServable` naming a module the side path does not serve, and
     ``CheckpointError`` for a module this model lacks or a pair of the wrong shape."""
+    for name in adapters:
+        _check_name(name)
     updates = _updates(model, adapters)
     bank = AdapterBank()
     _install(model, bank, {name: bank.take(name) for name in adapters}, updates)
@@ -231,8 +233,7 @@ def add_adapter(
     the old ones finish on them. Nothing changes where the adapter is refused (the errors of
     :func:`serve_adapters`; ValueError for a name served already or, with ``replace``, not served;
     :class:`AdapterSlotsFull` and :class:`AdapterRankTooHigh` past what :func:`reserve_adapters` set)."""
-    if not isinstance(name, str) or not name:  # None names a free slot: it was loaded and never served
-        raise AdapterNameError(f"an adapter's name must be a non-empty string, got {name!r}")
+    _check_name(name)
     bank: AdapterBank = getattr(model, "adapters", None) or AdapterBank()
     served = name in bank.served
     if served != replace:
@@ -252,6 +253,13 @@ def add_adapter(
     _install(model, bank, {name: slot}, updates)
     model.adapters = bank
     return slot
+
+
+def _check_name(name: object) -> None:
+    """A name requests can ask for: None names a free slot (an adapter loaded under it is never served)
+    and '' would be served as a model called ''."""
+    if not isinstance(name, str) or not name:
+        raise AdapterNameError(f"an adapter's name must be a non-empty string, got {name!r}")
 
 
 def write_slot(model: nn.Module, slot: int, name: str, pairs: dict[str, LoRAPair]) -> None:
