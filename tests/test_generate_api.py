@@ -139,6 +139,7 @@ def test_a_prompt_that_is_not_token_ids_is_refused_by_name(llm, prompts, message
     ids = llm.tokenizer.encode("Hello")
     numpy_ids = [np.int64(t) for t in ids]  # integers of another type are token ids all the same
     assert llm.generate([numpy_ids], SAMPLED)[0].token_ids == llm.generate([ids], SAMPLED)[0].token_ids
+    assert llm.generate(numpy_ids, SAMPLED)[0].token_ids == llm.generate(ids, SAMPLED)[0].token_ids  # one
 
 
 def test_a_request_id_in_use_is_refused_at_submit_and_never_taken_by_a_generated_one(llm):

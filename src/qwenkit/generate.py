@@ -9,6 +9,7 @@ streams, so any number of them can share one ``LLM``.
 from __future__ import annotations
 
 import asyncio
+import numbers
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -437,7 +438,7 @@ class LLM:
         """
         if not isinstance(prompts, Sequence):
             raise SamplingParamsError(f"prompts must be a string or a list of prompts, got {prompts!r:.60}")
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], numbers.Integral)):  # one prompt
             prompts = [prompts]  # type: ignore[list-item]
         params = params or self.default_params()
         encoded = [self.encode(p) for p in prompts]
