@@ -176,6 +176,24 @@ def test_load_refuses_an_unknown_device_or_an_empty_batch_by_name(tiny_chat_mode
         LLM.load(tiny_chat_model, dtype="float32", max_batch_size=0, progress=False)
 
 
+def test_a_stream_read_the_wrong_way_says_how_and_ends_its_request(llm):
+    """An assert (an AssertionError, and under python -O a failure on a None queue) said which way to
+    read; now a QwenkitError does, and the request is aborted, its KV memory freed."""
+    import asyncio
+
+    from qwenkit.engine.driver import StreamKindError
+
+    async def both() -> None:
+        with pytest.raises(StreamKindError, match=r"^this stream was opened for asyncio \(loop=...\)"):
+            list(llm.submit("Hello", SAMPLED, loop=asyncio.get_running_loop()))
+        with pytest.raises(StreamKindError, match="^this stream was opened without an event loop"):
+            async for _ in llm.submit("Hello", SAMPLED):
+                pass
+
+    asyncio.run(both())
+    assert llm.driver.wait_idle() and llm.engine.blocks.usage == 0
+
+
 def test_stop_token_ids_are_not_in_the_text(llm):
     """A non-special stop token ends the request but is not shown, as in the OpenAI API."""
     full = llm.generate("Once upon a time", SAMPLED)[0]

@@ -23,10 +23,15 @@ from typing import TypeVar
 from qwenkit.engine.engine import Engine, StepOutput
 from qwenkit.engine.request import RequestId
 from qwenkit.engine.sampling import SamplingParams, SamplingParamsError
-from qwenkit.errors import ModelClosedError
+from qwenkit.errors import ModelClosedError, QwenkitError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+class StreamKindError(QwenkitError, TypeError):
+    """A stream read with ``for`` that was opened for asyncio (``loop=``), or with ``async for`` that was
+    not (an assert said so, and under ``python -O`` the read failed on a None queue)."""
 
 
 class RequestStream:
@@ -57,7 +62,8 @@ class RequestStream:
             self._driver.abort(self.request_id)
 
     def __iter__(self) -> Iterator[StepOutput]:
-        assert self._sync is not None, "this stream was opened for asyncio: use `async for`"
+        if self._sync is None:
+            raise StreamKindError("this stream was opened for asyncio (loop=...): use `async for`")
         while not self.finished:
             try:
                 output = self._sync.get(timeout=0.2)  # a timeout keeps Ctrl-C responsive
@@ -67,7 +73,8 @@ class RequestStream:
             yield output
 
     async def __aiter__(self) -> AsyncIterator[StepOutput]:
-        assert self._async is not None, "this stream was opened without an event loop: use `for`"
+        if self._async is None:
+            raise StreamKindError("this stream was opened without an event loop: use `for`")
         while not self.finished:
             output = await self._async.get()
             self.finished = output.finish_reason is not None
