@@ -41,3 +41,13 @@ def test_a_message_that_cannot_fit_is_a_clear_error(llm):
     huge = [{"role": "user", "content": "word " * 400}]
     with pytest.raises(ContextOverflowError, match="does not fit the 160-token window"):
         build_prompt(llm, huge, SamplingParams(max_tokens=40))
+
+
+@pytest.mark.parametrize("messages", [None, "hi"])
+def test_messages_that_are_not_a_list_are_named(llm, messages):
+    """None failed with TypeError in list(); "hi" became two messages, 'h' and 'i'."""
+    from qwenkit.chat import chat
+    from qwenkit.tokenizer import TokenizerError
+
+    with pytest.raises(TokenizerError, match=r"^chat messages must be a non-empty list of \{'role'"):
+        chat(llm, messages, SamplingParams(max_tokens=2))

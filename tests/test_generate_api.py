@@ -6,9 +6,11 @@ import gc
 import time
 import weakref
 
+import numpy as np
 import pytest
 
 from qwenkit.engine import SamplingParams
+from qwenkit.errors import ModelClosedError
 from qwenkit.generate import LLM, _partial_stop_suffix
 
 
@@ -72,8 +74,13 @@ def test_close_ends_requests_and_the_thread_and_frees_the_model(tiny_chat_model)
     assert not thread.is_alive()
     rest = list(deltas)
     assert rest[-1].finish_reason == "abort" and len(running.completion.token_ids) < 4000
-    with pytest.raises(RuntimeError, match="closed"):
+    closed = r"^this model has been closed \(LLM.close\)"  # a QwenkitError: one line, not a RuntimeError
+    with pytest.raises(ModelClosedError, match=closed):
         llm.generate("Hello", SAMPLED)
+    with pytest.raises(ModelClosedError, match=closed):
+        list(llm.stream("Hello", SAMPLED))
+    with pytest.raises(ModelClosedError, match=closed):
+        llm.submit("Hello", SAMPLED)
     running.abort()  # no-op: the request has ended
     model = weakref.ref(llm.model)
     del llm, running, deltas
@@ -104,6 +111,87 @@ def test_a_bad_prompt_in_a_batch_starts_nothing(llm):
     with pytest.raises(SamplingParamsError, match="outside the vocabulary"):
         llm.generate(["Hello", [10**9]], SAMPLED)
     assert llm.driver.wait_idle() and not llm.engine.has_unfinished()
+
+
+@pytest.mark.parametrize(
+    ("prompts", "message"),
+    [
+        ([[1.5, 2]], "prompt token ids must be integers, got 1.5"),  # used to run as token 1
+        ([[2, True]], "prompt token ids must be integers, got True"),  # used to run as token 1
+        (None, "prompts must be a string or a list of prompts, got None"),
+        (5, "prompts must be a string or a list of prompts, got 5"),
+        (["Hello", None], "a prompt must be a string or a list of token ids, got None"),
+    ],
+)
+def test_a_prompt_that_is_not_token_ids_is_refused_by_name(llm, prompts, message):
+    from qwenkit.engine import SamplingParamsError
+
+    with pytest.raises(SamplingParamsError) as raised:
+        llm.generate(prompts, SAMPLED)
+    assert str(raised.value) == message
+    with pytest.raises(SamplingParamsError, match="prompt_ids must be a list of token ids, got 'Hello'"):
+        llm.engine.validate("Hello", SAMPLED)
+    with pytest.raises(SamplingParamsError, match=r"^params must be a SamplingParams, got \{'max_tokens'"):
+        llm.generate("Hello", {"max_tokens": 2})
+    with pytest.raises(SamplingParamsError, match=r"^params must be a SamplingParams"):
+        llm.submit("Hello", {"max_tokens": 2})
+    assert llm.driver.wait_idle() and not llm.engine.has_unfinished()
+    ids = llm.tokenizer.encode("Hello")
+    numpy_ids = [np.int64(t) for t in ids]  # integers of another type are token ids all the same
+    assert llm.generate([numpy_ids], SAMPLED)[0].token_ids == llm.generate([ids], SAMPLED)[0].token_ids
+    assert llm.generate(numpy_ids, SAMPLED)[0].token_ids == llm.generate(ids, SAMPLED)[0].token_ids  # one
+
+
+def test_a_request_id_in_use_is_refused_at_submit_and_never_taken_by_a_generated_one(llm):
+    """A caller's id already running used to be accepted and its request to end in "error" when the
+    engine's thread met it; a caller's "req-N" made the N-th unnamed request fail that way."""
+    from qwenkit.engine import SamplingParamsError
+
+    long = SamplingParams(**{**SAMPLED.__dict__, "max_tokens": 40})
+    named = llm.submit("Once upon a time", long, request_id="x")
+    with pytest.raises(SamplingParamsError, match="^request id 'x' is already in use$"):
+        llm.submit("The sky is", SAMPLED, request_id="x")
+    taken = [llm.submit("Hi", long, request_id=f"req-{n}") for n in range(40)]  # every id it may try next
+    unnamed = llm.submit("The sky is", SAMPLED)
+    assert unnamed.request_id not in {s.request_id for s in taken}
+    assert list(unnamed)[-1].finish_reason == "length" and len(unnamed.completion.token_ids) == 24
+    assert list(named)[-1].finish_reason == "length" and len(named.completion.token_ids) == 40
+    again = llm.submit("The sky is", SAMPLED, request_id="x")  # free again once its request has ended
+    assert list(again)[-1].finish_reason == "length"
+    assert again.completion.token_ids == unnamed.completion.token_ids
+    for s in taken:
+        s.abort()
+    assert llm.driver.wait_idle() and llm.engine.blocks.usage == 0
+
+
+def test_load_refuses_an_unknown_device_or_an_empty_batch_by_name(tiny_chat_model):
+    """device="tpu" failed inside torch (a list of twenty device types); max_batch_size=0 was reported
+    as "the KV cache holds 0 tokens"."""
+    from qwenkit.engine import SamplingParamsError
+    from qwenkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^unknown device 'tpu'; choose cpu or cuda \(cuda:N\)$"):
+        LLM.load(tiny_chat_model, device="tpu", progress=False)
+    with pytest.raises(SamplingParamsError, match="^max_batch_size must be at least 1, got 0$"):
+        LLM.load(tiny_chat_model, dtype="float32", max_batch_size=0, progress=False)
+
+
+def test_a_stream_read_the_wrong_way_says_how_and_ends_its_request(llm):
+    """An assert (an AssertionError, and under python -O a failure on a None queue) said which way to
+    read; now a QwenkitError does, and the request is aborted, its KV memory freed."""
+    import asyncio
+
+    from qwenkit.engine.driver import StreamKindError
+
+    async def both() -> None:
+        with pytest.raises(StreamKindError, match=r"^this stream was opened for asyncio \(loop=...\)"):
+            list(llm.submit("Hello", SAMPLED, loop=asyncio.get_running_loop()))
+        with pytest.raises(StreamKindError, match="^this stream was opened without an event loop"):
+            async for _ in llm.submit("Hello", SAMPLED):
+                pass
+
+    asyncio.run(both())
+    assert llm.driver.wait_idle() and llm.engine.blocks.usage == 0
 
 
 def test_stop_token_ids_are_not_in_the_text(llm):

@@ -11,10 +11,15 @@ from factories import hf_model, run_engine, save_hf, write_lora_adapter, write_t
 from qwenkit.checkpoint import load_model, prepared_cache
 from qwenkit.engine import Engine, SamplingParams
 from qwenkit.engine.sampling import SamplingParamsError
-from qwenkit.errors import CheckpointError
+from qwenkit.errors import CheckpointError, QwenkitError
 from qwenkit.finetune.adapter_io import AdapterNotFound
 from qwenkit.generate import LLM
-from qwenkit.model.served_adapters import AdapterNotServable, served_projections
+from qwenkit.model.served_adapters import (
+    AdapterNameError,
+    AdapterNotServable,
+    AdapterNotServed,
+    served_projections,
+)
 
 PROMPTS = [list(range(5, 16)), [7, 3], list(range(300, 306)), [9, 8, 1], list(range(40, 49))]
 ROWS = [None, "a", "b", "a", "c"]  # the adapter each prompt runs through
@@ -171,13 +176,31 @@ def test_refused_adapters_change_nothing(base_dir, adapters, tmp_path):
                 AdapterNotFound,
                 "is not an adapter directory",
             ),
-            (lambda: llm.load_adapter("a", adapters["b"]), ValueError, "adapter 'a' is already served"),
-            (lambda: llm.load_adapter("b", adapters["b"], replace=True), ValueError, "'b' is not served"),
-            (lambda: llm.unload_adapter("b"), KeyError, "b"),
+            (
+                lambda: llm.load_adapter("a", adapters["b"]),
+                AdapterNameError,
+                "^adapter 'a' is already served$",
+            ),
+            (
+                lambda: llm.load_adapter("b", adapters["b"], replace=True),
+                AdapterNameError,
+                "'b' is not served",
+            ),
+            # None used to be loaded into a slot that stays free (served under no name), '' served as ''
+            (lambda: llm.load_adapter(None, adapters["b"]), AdapterNameError, "non-empty string, got None$"),
+            (lambda: llm.load_adapter("", adapters["b"]), AdapterNameError, "non-empty string, got ''$"),
+            # a KeyError whose message was only "'b'"
+            (lambda: llm.unload_adapter("b"), AdapterNotServed, r"^adapter 'b' is not served \(served: a\)$"),
         ]
         for call, error, message in refusals:
-            with pytest.raises(error, match=message):
+            with pytest.raises(error, match=message) as raised:
                 call()
+            assert isinstance(raised.value, QwenkitError)
+        with pytest.raises(AdapterNameError, match="non-empty string, got ''$"):  # at load: served as ''
+            LLM.load(base_dir, dtype="float32", progress=False, adapters={"": adapters["b"]})
+        assert issubclass(AdapterNameError, ValueError) and issubclass(
+            AdapterNotServed, KeyError
+        )  # as before
         assert llm.adapters == ["a"]
         for name, p in served_projections(llm.model).items():
             assert all(map(torch.equal, p.pairs(), projections[name]))

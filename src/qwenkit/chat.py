@@ -31,7 +31,8 @@ def build_prompt(
 ) -> list[int]:
     """Prompt ids for ``messages``, dropping the oldest turns until prompt + reply fit the window."""
     window = llm.engine.max_seq_len
-    msgs = list(messages)
+    # the template's own check names anything else (list(None) raised TypeError, list("hi") made letters)
+    msgs = list(messages) if isinstance(messages, list | tuple) else messages
     while True:
         ids = llm.tokenizer.apply_chat_template(
             msgs, tools=tools, add_generation_prompt=True, **template_kwargs

@@ -26,5 +26,9 @@ class RankLostError(QwenkitError, RuntimeError):
     watches the processes, names the rank)."""
 
 
+class ModelClosedError(QwenkitError, RuntimeError):
+    """A request (or an adapter change) reached a model after ``LLM.close``: load it again to use it."""
+
+
 class NonFiniteLogitsError(GenerationError, FloatingPointError):
     """The model produced NaN or inf logits (fp16 overflow, a broken checkpoint)."""

@@ -9,6 +9,7 @@ streams, so any number of them can share one ``LLM``.
 from __future__ import annotations
 
 import asyncio
+import numbers
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from qwenkit.checkpoint.loader import CheckpointSource
 from qwenkit.config import ModelConfig
 from qwenkit.default_model import FALLBACK_SAMPLING
 from qwenkit.distributed import TensorParallel, local_config
-from qwenkit.engine import Engine, FinishReason, SamplingParams, StepOutput, TokenLogprob
+from qwenkit.engine import Engine, FinishReason, SamplingParams, SamplingParamsError, StepOutput, TokenLogprob
 from qwenkit.engine.driver import EngineDriver, RequestStream
 from qwenkit.engine.request import RequestId
 from qwenkit.errors import ConfigError, GenerationError, NonFiniteLogitsError
@@ -345,6 +346,8 @@ class LLM:
         gives empty stats.
         """
         ids = self.encode(prompt)
+        # the engine's checks: an id past the vocabulary failed deep in the embedding, with a traceback
+        self.engine.validate(ids, SamplingParams())
         device = self.model.model.norm.weight.device
         with count_routed_tokens(self.model) as stats, torch.no_grad():
             self.model(torch.tensor([ids], device=device))
@@ -402,7 +405,11 @@ class LLM:
             )
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
-        return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        if not isinstance(prompt, Sequence):  # None or a bare int failed in list() with a TypeError
+            raise SamplingParamsError(f"a prompt must be a string or a list of token ids, got {prompt!r:.60}")
+        return list(prompt)
 
     def submit(
         self,
@@ -415,6 +422,7 @@ class LLM:
         is given). Bad input raises here, before anything runs."""
         params = params or self.default_params()
         ids = self.encode(prompt)
+        self.engine.validate(ids, params)  # before the text state reads params
         hidden = self.eos_token_ids | frozenset(params.stop_token_ids)
         state = TextState(self.tokenizer, Completion(ids), params.stop, hidden)
         return TextStream(self.driver.submit(ids, params, request_id, loop), state)
@@ -428,7 +436,9 @@ class LLM:
 
         Every prompt is checked before any starts, so one bad prompt leaves nothing running.
         """
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        if not isinstance(prompts, Sequence):
+            raise SamplingParamsError(f"prompts must be a string or a list of prompts, got {prompts!r:.60}")
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], numbers.Integral)):  # one prompt
             prompts = [prompts]  # type: ignore[list-item]
         params = params or self.default_params()
         encoded = [self.encode(p) for p in prompts]

@@ -280,6 +280,26 @@ def test_sampling_params_refuse_a_wrong_type_by_name(fields, message):
     assert str(raised.value) == message
 
 
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"temperature": float("inf")}, "temperature must be finite, got inf"),
+        ({"repetition_penalty": float("inf")}, "repetition_penalty must be finite, got inf"),
+        ({"seed": 2**64}, f"seed must fit in 64 bits ({-(2**63)}..{2**64 - 1}), got {2**64}"),
+        ({"seed": -(2**63) - 1}, f"seed must fit in 64 bits ({-(2**63)}..{2**64 - 1}), got {-(2**63) - 1}"),
+    ],
+)
+def test_sampling_params_refuse_what_the_engine_cannot_run(fields, message):
+    """temperature=inf failed inside the sampler's kernel ("internal error", a logged traceback) and a
+    seed past 64 bits inside torch ("Overflow when unpacking long long"), both mid-request."""
+    from qwenkit.engine.sampling import SamplingParamsError
+
+    with pytest.raises(SamplingParamsError) as raised:
+        SamplingParams(**fields)
+    assert str(raised.value) == message
+    assert SamplingParams(seed=2**64 - 1).seed == 2**64 - 1 and SamplingParams(seed=-(2**63)).seed == -(2**63)
+
+
 def test_sampling_params_take_one_stop_string_or_a_list():
     assert SamplingParams(stop="###").stop == ("###",)
     assert SamplingParams(stop=["a b", "c"], stop_token_ids=[7]) == SamplingParams(

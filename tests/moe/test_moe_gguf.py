@@ -266,3 +266,25 @@ def test_moe_gguf_expert_count_mismatch_is_one_line(tmp_path):
     )
     with pytest.raises(GGUFError, match=r"expert_count 6 disagrees with blk.0.ffn_up_exps \(8 experts\)"):
         read_gguf(path)
+
+
+@pytest.mark.parametrize("variant", ["qwen2_moe", "qwen3_moe"])
+def test_moe_gguf_layer_without_its_router_names_the_router(tmp_path, variant):
+    """A layer with experts but no ffn_gate_inp was taken as dense, and the load then called its first
+    expert (qwen3moe) or its shared expert (qwen2moe) an unexpected tensor of "a dense layer in
+    config.json"; the router is what is missing."""
+    from qwenkit.errors import QwenkitError
+
+    hf = hf_moe_model(variant, vocab_size=VOCAB)
+    hf.save_pretrained(tmp_path / "hf")
+    sd = _stacked(load_file(tmp_path / "hf" / "model.safetensors"), hf.config)
+    del sd["model.layers.1.mlp.gate.weight"]
+
+    def moe_keys(w) -> None:
+        w.add_expert_count(hf.config.num_experts)
+        w.add_expert_used_count(hf.config.num_experts_per_tok)
+
+    path = write_gguf(tmp_path / "bad.gguf", ARCH[variant], hf.config.to_dict(), sd, extra=moe_keys)
+    assert read_gguf(path).hf_config["mlp_only_layers"] == []
+    with pytest.raises(QwenkitError, match=r"missing tensor\(s\) model\.layers\.1\.mlp\.gate\.weight$"):
+        load_model(path, dtype="float32", progress=False)

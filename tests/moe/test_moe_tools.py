@@ -109,6 +109,25 @@ def test_router_stats_api_and_cli(moe_with_tokenizer, capsys):
         assert f"layer {layer:3d}: 160 routings" in err and f"counts {counts}" in err
 
 
+def test_router_stats_of_a_bad_prompt_is_one_line(moe_with_tokenizer, capsys):
+    """An id past the vocabulary (or an empty prompt) went into the model's forward unchecked: an
+    IndexError traceback from the embedding on the CLI, a RuntimeError from torch in the API."""
+    from qwenkit.engine import SamplingParamsError
+
+    llm = LLM(
+        load_model(moe_with_tokenizer, dtype="float32", progress=False)[0], tokenizer_for(moe_with_tokenizer)
+    )
+    with pytest.raises(SamplingParamsError, match=r"^prompt token id 999999 is outside the vocabulary"):
+        llm.router_stats([5, 999999])
+    with pytest.raises(SamplingParamsError, match="^the prompt is empty"):
+        llm.router_stats([])
+    args = ["generate", str(moe_with_tokenizer), "--prompt-ids", "5,999999", "--router-stats"]
+    assert main(args) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: prompt token id 999999 is outside the vocabulary (0..151935)"
+    ]
+
+
 def test_router_stats_on_a_dense_model_is_one_line(tiny_chat_model, capsys):
     assert main(["generate", str(tiny_chat_model), "--prompt", "hi", "--router-stats"]) == 2
     err = capsys.readouterr().err

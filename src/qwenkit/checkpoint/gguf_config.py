@@ -104,11 +104,15 @@ def _moe_config(
     architecture: str, metadata: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]], layers: int
 ) -> dict[str, Any]:
     """qwen2_moe / qwen3_moe keys. Counts come from metadata, widths from the tensors, and a layer
-    without a router (``ffn_gate_inp``) is dense (``mlp_only_layers``)."""
-    sparse = [i for i in range(layers) if f"blk.{i}.ffn_gate_inp.weight" in shapes]
+    with neither a router (``ffn_gate_inp``) nor experts is dense (``mlp_only_layers``): one with only
+    one of them stays sparse, so the loader names the tensor it lacks."""
+    moe = ("ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
+    sparse = [i for i in range(layers) if any(f"blk.{i}.{t}.weight" in shapes for t in moe)]
     if not sparse:
         raise ValueError(f"a {architecture} file with no ffn_gate_inp (router) tensor in any layer")
-    first = sparse[0]
+    first = next((i for i in sparse if f"blk.{i}.ffn_up_exps.weight" in shapes), None)
+    if first is None:
+        raise ValueError(f"a {architecture} file with no ffn_up_exps (experts) tensor in any layer")
     experts, moe_ffn, _ = shapes[f"blk.{first}.ffn_up_exps.weight"]
     stated = metadata.get(f"{architecture}.expert_count")
     if stated is not None and int(stated) != experts:

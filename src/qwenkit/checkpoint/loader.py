@@ -160,6 +160,8 @@ def load_model(
     ``weight`` parameter to train, nor the checkpoint's module names. ``reserve_adapters``: (slots,
     rank) of adapters to hold pairs for from the start (``served_adapters.reserve_adapters``; under
     tensor parallelism before the collectives, as the served adapters), its memory checked first."""
+    if not isinstance(device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", device):  # torch's own error
+        raise ConfigError(f"unknown device {device!r}; choose cpu or cuda (cuda:N)")  # lists 20 types
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for, but no CUDA device is available")
     source = open_checkpoint(path) if isinstance(path, str | Path) else path

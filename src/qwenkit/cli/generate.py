@@ -89,8 +89,9 @@ def run(args: argparse.Namespace, tp=None) -> int:
     if args.router_stats:
         if not llm.config.num_experts:
             raise PromptError("--router-stats needs a mixture-of-experts model; this one is dense")
+        stats = llm.router_stats(prompt)  # bad prompt ids raise here, before the heading is printed
         print("router statistics (prompt tokens per expert):", file=sys.stderr)
-        print(llm.router_stats(prompt).table(), file=sys.stderr)
+        print(stats.table(), file=sys.stderr)
 
     if args.json:
         c = llm.generate(prompt, params)[0]

@@ -22,11 +22,16 @@ from typing import TypeVar
 
 from qwenkit.engine.engine import Engine, StepOutput
 from qwenkit.engine.request import RequestId
-from qwenkit.engine.sampling import SamplingParams
-from qwenkit.errors import RankLostError
+from qwenkit.engine.sampling import SamplingParams, SamplingParamsError
+from qwenkit.errors import ModelClosedError, QwenkitError, RankLostError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+class StreamKindError(QwenkitError, TypeError):
+    """A stream read with ``for`` that was opened for asyncio (``loop=``), or with ``async for`` that was
+    not (an assert said so, and under ``python -O`` the read failed on a None queue)."""
 
 
 class RequestStream:
@@ -57,7 +62,8 @@ class RequestStream:
             self._driver.abort(self.request_id)
 
     def __iter__(self) -> Iterator[StepOutput]:
-        assert self._sync is not None, "this stream was opened for asyncio: use `async for`"
+        if self._sync is None:
+            raise StreamKindError("this stream was opened for asyncio (loop=...): use `async for`")
         while not self.finished:
             try:
                 output = self._sync.get(timeout=0.2)  # a timeout keeps Ctrl-C responsive
@@ -67,7 +73,8 @@ class RequestStream:
             yield output
 
     async def __aiter__(self) -> AsyncIterator[StepOutput]:
-        assert self._async is not None, "this stream was opened without an event loop: use `for`"
+        if self._async is None:
+            raise StreamKindError("this stream was opened without an event loop: use `for`")
         while not self.finished:
             output = await self._async.get()
             self.finished = output.finish_reason is not None
@@ -81,6 +88,9 @@ class EngineDriver:
         self._streams: dict[RequestId, RequestStream] = {}
         self._wake = threading.Event()
         self._ids = itertools.count()
+        # ids of requests submitted and not yet ended (under _lock): a caller's id that is in use is
+        # refused at submit, and generated ids skip the ids callers chose
+        self._open_ids: set[RequestId] = set()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._closed = False  # set once by shutdown: the thread stops, new requests raise
@@ -95,8 +105,12 @@ class EngineDriver:
     ) -> RequestStream:
         """Queue a request (validated here, in the caller's thread, so bad input raises at once)."""
         self.engine.validate(prompt_ids, params)
-        if request_id is None:
-            request_id = f"req-{next(self._ids)}"
+        with self._lock:
+            if request_id is None:
+                request_id = next(i for i in (f"req-{n}" for n in self._ids) if i not in self._open_ids)
+            elif request_id in self._open_ids:
+                raise SamplingParamsError(f"request id {request_id!r} is already in use")
+            self._open_ids.add(request_id)
         stream = RequestStream(request_id, self, loop)
         request = (request_id, list(prompt_ids), params, stream)
         held = getattr(self._held, "batch", None)
@@ -159,7 +173,7 @@ class EngineDriver:
             if message[0] == "add":
                 ended += [(request_id, stream) for request_id, _, _, stream in message[1]]
             elif message[0] == "call":
-                message[2].set_exception(RuntimeError("this model has been closed (LLM.close)"))
+                message[2].set_exception(ModelClosedError("this model has been closed (LLM.close)"))
         self._streams.clear()
         for rid, stream in ended:
             stream._put(StepOutput(rid, [], "abort"))
@@ -169,7 +183,7 @@ class EngineDriver:
             if self._closed:
                 if message[0] == "abort":  # every request has ended with the shutdown
                     return
-                raise RuntimeError("this model has been closed (LLM.close): load it again to generate")
+                raise ModelClosedError("this model has been closed (LLM.close): load it again to generate")
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="qwenkit-engine", daemon=True)
                 self._thread.start()
@@ -200,11 +214,13 @@ class EngineDriver:
                 stream = self._streams.get(output.request_id)
                 if stream is None:
                     continue
-                delivered = stream._put(output)
-                if output.finish_reason is not None or not delivered:
+                if output.finish_reason is not None:  # its id is free before its reader sees the end
                     del self._streams[output.request_id]
-                    if not delivered:
-                        engine.abort(output.request_id)
+                    self._forget(output.request_id)
+                if not stream._put(output) and output.finish_reason is None:
+                    del self._streams[output.request_id]
+                    self._forget(output.request_id)
+                    engine.abort(output.request_id)
 
     def _drain_inbox(self) -> None:
         while True:
@@ -229,13 +245,20 @@ class EngineDriver:
         try:
             self.engine.add_request(ids, params, request_id=rid)
         except Exception as exc:
+            self._forget(rid)
             stream._put(StepOutput(rid, [], "error", error=str(exc)))
             return
         self._streams[rid] = stream
 
+    def _forget(self, rid: RequestId) -> None:
+        """The request has ended: its id may be used again."""
+        with self._lock:
+            self._open_ids.discard(rid)
+
     def _fail_all(self, error: str) -> None:
         for rid, stream in list(self._streams.items()):
             self.engine.abort(rid)
+            self._forget(rid)
             stream._put(StepOutput(rid, [], "error", error=error))
         self._streams.clear()
         try:

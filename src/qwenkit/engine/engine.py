@@ -8,6 +8,7 @@ every front end drives the same engine.
 
 from __future__ import annotations
 
+import numbers
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -88,6 +89,9 @@ class Engine:
         self.device, self.dtype = next(model.parameters()).device, _activation_dtype(model)
         # the LoRA adapters the model serves (``model.served_adapters``); ``add_adapter`` changes them
         self.adapters: AdapterBank | None = getattr(model, "adapters", None)
+        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+            # 0 was reported as a KV cache of 0 tokens
+            raise SamplingParamsError(f"max_batch_size must be at least 1, got {max_batch_size!r}")
         pool_tokens = kv_cache_tokens or max_batch_size * self.max_seq_len
         if pool_tokens < self.max_seq_len:
             raise SamplingParamsError(
@@ -130,6 +134,14 @@ class Engine:
 
     def validate(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
         """Raise SamplingParamsError if this request cannot run. Reads only fixed state: any thread."""
+        if not isinstance(params, SamplingParams):  # a dict of them failed mid-check on a missing attribute
+            raise SamplingParamsError(f"params must be a SamplingParams, got {params!r:.60}")
+        if isinstance(prompt_ids, str | bytes) or not isinstance(prompt_ids, Sequence):
+            raise SamplingParamsError(f"prompt_ids must be a list of token ids, got {prompt_ids!r:.60}")
+        # 1.5 or True would pass the vocabulary check and run as another token (int(1.5) == int(True))
+        bad = [t for t in prompt_ids if not isinstance(t, numbers.Integral) or isinstance(t, bool)]
+        if bad:
+            raise SamplingParamsError(f"prompt token ids must be integers, got {bad[0]!r}")
         if not prompt_ids:
             raise SamplingParamsError("the prompt is empty: give at least one token")
         bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]

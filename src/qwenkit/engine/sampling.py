@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from qwenkit.errors import QwenkitError
@@ -45,10 +46,20 @@ class SamplingParams:
                 f"max_tokens must be >= 1 (0 only with prompt_logprobs), got {self.max_tokens}",
             ),
             (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
+            # inf would pass every range check and divide the logits to zeros inside the sampler's kernel
+            (math.isfinite(self.temperature), f"temperature must be finite, got {self.temperature}"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (self.top_k >= 0, f"top_k must be >= 0 (0 disables it), got {self.top_k}"),
             (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
             (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
+            (
+                math.isfinite(self.repetition_penalty),
+                f"repetition_penalty must be finite, got {self.repetition_penalty}",
+            ),
+            (
+                self.seed is None or SEED_RANGE[0] <= self.seed <= SEED_RANGE[1],
+                f"seed must fit in 64 bits ({SEED_RANGE[0]}..{SEED_RANGE[1]}), got {self.seed}",
+            ),
             (
                 -2 <= self.presence_penalty <= 2,
                 f"presence_penalty must be in [-2, 2], got {self.presence_penalty}",
@@ -124,6 +135,8 @@ class SamplingParams:
 
 
 GREEDY_BELOW = 1e-5
+# The seeds torch.Generator.manual_seed takes; past them it fails in the engine's thread, mid-request.
+SEED_RANGE = (-(2**63), 2**64 - 1)
 # name -> whether None is allowed
 INTEGER_FIELDS = {
     "max_tokens": False,

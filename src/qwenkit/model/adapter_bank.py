@@ -15,10 +15,12 @@ from dataclasses import dataclass
 
 import torch
 
+from qwenkit.errors import QwenkitError
+
 BASE_SLOT = 0
 
 
-class AdapterSlotsFull(ValueError):
+class AdapterSlotsFull(QwenkitError, ValueError):
     """Every slot reserved for adapters (``reserve_adapters``, vLLM's ``--max-loras``) is taken."""
 
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from qwenkit import kernels
-from qwenkit.errors import CheckpointError
+from qwenkit.errors import CheckpointError, QwenkitError
 from qwenkit.model.adapter_bank import BASE_SLOT, AdapterBank, AdapterSlotsFull, LoRAPair
 from qwenkit.model.attention import Attention
 from qwenkit.model.mlp import MLP
@@ -36,7 +36,19 @@ class AdapterNotServable(CheckpointError):
     the embedding)."""
 
 
-class AdapterRankTooHigh(ValueError):
+class AdapterNameError(QwenkitError, ValueError):
+    """An adapter name that cannot be served: not a non-empty string, served already (to add), not served
+    (to replace), or the default of every request."""
+
+
+class AdapterNotServed(QwenkitError, KeyError):
+    """Removing an adapter that is not served (a KeyError, as a lookup by name)."""
+
+    def __str__(self) -> str:  # a KeyError prints its argument quoted; this is a sentence
+        return str(self.args[0])
+
+
+class AdapterRankTooHigh(QwenkitError, ValueError):
     """The adapter's rank is above the rank reserved for adapters (vLLM's ``--max-lora-rank``)."""
 
 
@@ -198,6 +210,8 @@ def serve_adapters(
     ``model.adapters``; ``default``: the adapter of tokens that name none (None: the base model).
     Raises :class:`AdapterNotServable` naming a module the side path does not serve, and
     ``CheckpointError`` for a module this model lacks or a pair of the wrong shape."""
+    for name in adapters:
+        _check_name(name)
     updates = _updates(model, adapters)
     bank = AdapterBank()
     _install(model, bank, {name: bank.take(name) for name in adapters}, updates)
@@ -219,12 +233,13 @@ def add_adapter(
     the old ones finish on them. Nothing changes where the adapter is refused (the errors of
     :func:`serve_adapters`; ValueError for a name served already or, with ``replace``, not served;
     :class:`AdapterSlotsFull` and :class:`AdapterRankTooHigh` past what :func:`reserve_adapters` set)."""
+    _check_name(name)
     bank: AdapterBank = getattr(model, "adapters", None) or AdapterBank()
     served = name in bank.served
     if served != replace:
-        raise ValueError(f"adapter {name!r} is {'already' if served else 'not'} served")
+        raise AdapterNameError(f"adapter {name!r} is {'already' if served else 'not'} served")
     if replace and bank.slot(name) == bank.default:
-        raise ValueError(f"adapter {name!r} is the default of every request and cannot be replaced")
+        raise AdapterNameError(f"adapter {name!r} is the default of every request and cannot be replaced")
     updates = _updates(model, {name: pairs})
     old = bank.slot(name) if replace else None
     if old is not None:  # its slot is free to take again unless a request still runs on it (busy)
@@ -238,6 +253,13 @@ def add_adapter(
     _install(model, bank, {name: slot}, updates)
     model.adapters = bank
     return slot
+
+
+def _check_name(name: object) -> None:
+    """A name requests can ask for: None names a free slot (an adapter loaded under it is never served)
+    and '' would be served as a model called ''."""
+    if not isinstance(name, str) or not name:
+        raise AdapterNameError(f"an adapter's name must be a non-empty string, got {name!r}")
 
 
 def write_slot(model: nn.Module, slot: int, name: str, pairs: dict[str, LoRAPair]) -> None:
@@ -296,11 +318,12 @@ def remove_adapter(model: nn.Module, name: str) -> None:
     """Stop serving adapter ``name``: requests that name it are refused from now on; those running on
     it finish on its weights, which stay until a new adapter takes the slot. KeyError if not served."""
     bank: AdapterBank | None = getattr(model, "adapters", None)
-    if bank is None:
-        raise KeyError(name)
+    if bank is None or name is None or name not in bank.served:
+        served = ", ".join(bank.served) if bank is not None and bank.served else "none"
+        raise AdapterNotServed(f"adapter {name!r} is not served (served: {served})")
     slot = bank.slot(name)
     if slot == bank.default:
-        raise ValueError(f"adapter {name!r} is the default of every request and cannot be unloaded")
+        raise AdapterNameError(f"adapter {name!r} is the default of every request and cannot be unloaded")
     bank.names[slot - 1] = None
 
 
