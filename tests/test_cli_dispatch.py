@@ -19,6 +19,15 @@ def test_version(capsys):
     assert capsys.readouterr().out.startswith("qwenkit 0.")
 
 
+@pytest.mark.parametrize("module", ["qwenkit", "qwenkit.cli"])
+def test_python_dash_m_runs_the_command(module):
+    """`python -m qwenkit` once failed ("No module named qwenkit.__main__"); both spellings run the CLI."""
+    done = subprocess.run([sys.executable, "-m", module, "--version"], capture_output=True, text=True)
+    assert (done.returncode, done.stdout) == (0, f"qwenkit {version('qwenkit')}\n"), done.stderr
+    done = subprocess.run([sys.executable, "-m", module, "nosuch"], capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.startswith("qwenkit: unknown command 'nosuch'\n")
+
+
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_bad_option_is_one_line(command, capsys):
     """argparse's own error printed the usage block (13-19 lines) before the error; each command's
