@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,8 @@ import time
 import httpx
 import psutil
 import pytest
+
+from qwenkit.distributed.launch import free_port
 
 QWENKIT = [sys.executable, "-m", "qwenkit.cli"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "QWENKIT_RESPONSE_CACHE": "0"}
@@ -27,12 +28,6 @@ def model(tmp_path_factory) -> str:
     from factories import write_tiny_chat_model
 
     return str(write_tiny_chat_model(tmp_path_factory.mktemp("tp") / "chat", num_key_value_heads=2))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ranks(proc: subprocess.Popen) -> list[psutil.Process]:

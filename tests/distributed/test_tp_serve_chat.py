@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+
+from qwenkit.distributed.launch import free_port
 
 QWENKIT = [sys.executable, "-m", "qwenkit.cli"]
 
@@ -30,12 +31,6 @@ def model(tmp_path_factory) -> str:
     from factories import write_tiny_chat_model
 
     return str(write_tiny_chat_model(tmp_path_factory.mktemp("tp") / "chat", num_key_value_heads=2))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(model: str, *extra: str) -> tuple[subprocess.Popen, str]:
