@@ -160,17 +160,37 @@ def test_queue_full_response_shape(make_server):
 
 def test_max_queue_counts_only_requests_that_would_wait(make_server):
     """An idle server runs what fits its 8 rows, even under --max-queue 0; only the choices past the
-    rows count against the queue."""
+    rows count against the queue, and a request that could never fit is a 400."""
     live = make_server(max_queue=0, response_cache_entries=0)
     one = httpx.post(live.url + CHAT, json={"messages": HELLO, "max_tokens": 2}, timeout=60)
     assert one.status_code == 200 and one.json()["usage"]["completion_tokens"] == 2
     rows = httpx.post(live.url + CHAT, json={"messages": HELLO, "max_tokens": 2, "n": 8}, timeout=60)
     assert rows.status_code == 200 and len(rows.json()["choices"]) == 8
+    # 9 choices never fit 8 rows and no queue: a 400 naming the limits, not a 429 to retry forever
     past = httpx.post(live.url + CHAT, json={"messages": HELLO, "max_tokens": 2, "n": 9}, timeout=60)
-    assert past.status_code == 429 and error_of(past)["code"] == "queue_full"
+    assert past.status_code == 400 and error_of(past)["param"] == "n"
+    assert "--max-queue" in error_of(past)["message"] and "at most 8" in error_of(past)["message"]
     live = make_server(max_queue=1, response_cache_entries=0)
     nine = httpx.post(live.url + CHAT, json={"messages": HELLO, "max_tokens": 2, "n": 9}, timeout=60)
     assert nine.status_code == 200 and len(nine.json()["choices"]) == 9
+
+
+def test_a_body_past_max_request_size_is_413_and_the_server_goes_on(make_server):
+    live = make_server(max_request_bytes=4096, response_cache_entries=0)
+    big = {"messages": [{"role": "user", "content": "x" * 5000}], "max_tokens": 1}
+    sized = httpx.post(live.url + CHAT, json=big, timeout=60)  # refused from its Content-Length
+    assert sized.status_code == 413 and error_of(sized)["code"] == "body_too_large"
+    assert "--max-request-size" in error_of(sized)["message"]
+
+    def chunks():  # no Content-Length: counted as it comes, refused once past the limit
+        body = json.dumps(big).encode()
+        for i in range(0, len(body), 1000):
+            yield body[i : i + 1000]
+
+    streamed = httpx.post(live.url + CHAT, content=chunks(), headers={"Content-Type": "application/json"})
+    assert streamed.status_code == 413 and error_of(streamed)["code"] == "body_too_large"
+    small = httpx.post(live.url + CHAT, json={"messages": HELLO, "max_tokens": 2}, timeout=60)
+    assert small.status_code == 200 and small.json()["usage"]["completion_tokens"] == 2
 
 
 def test_request_timeout_stops_and_frees(make_server, chat_llm):

@@ -159,6 +159,12 @@ def test_a_port_or_host_the_server_cannot_listen_on_is_one_line(args, message):
             "error: --request-timeout must be a positive number of seconds, got nan\n",
         ),
         (["--graceful-timeout", "-5"], {}, "error: --graceful-timeout must be 0 or more seconds, got -5.0\n"),
+        (["--max-request-size", "0"], {}, "error: --max-request-size must be at least 1 byte, got '0'\n"),
+        (
+            [],
+            {"QWENKIT_MAX_REQUEST_SIZE": "lots"},
+            "error: --max-request-size: cannot read 'lots' as a size; write it like 2GiB, 512MiB or 1GB\n",
+        ),
     ],
 )
 def test_a_device_or_timeout_the_server_cannot_use_is_one_line_before_the_model_loads(args, env, message):

@@ -50,12 +50,12 @@ _UNITS = {
 }
 
 
-def parse_bytes(text: str) -> int:
-    """'2GiB', '512MB', '1.5g', '1073741824' -> bytes."""
+def parse_bytes(text: str, option: str) -> int:
+    """'2GiB', '512MB', '1.5g', '1073741824' -> bytes; a refusal names ``option``."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
     unit = match.group(2).lower() if match else None
     if not match or unit not in _UNITS:
-        raise ConfigError(f"cannot read {text!r} as a size; write it like 2GiB, 512MiB or 1GB")
+        raise ConfigError(f"{option}: cannot read {text!r} as a size; write it like 2GiB, 512MiB or 1GB")
     return int(float(match.group(1)) * _UNITS[unit])
 
 
@@ -118,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=_env_number("request_timeout", None, float),
         help="seconds before a request is stopped and its memory freed",
+    )
+    g.add_argument(
+        "--max-request-size",
+        default=_env("max_request_size", "64MiB"),
+        help="largest request body taken, e.g. 64MiB (default); larger ones get 413 before being read",
     )
     g.add_argument(
         "--graceful-timeout",
@@ -275,7 +280,9 @@ def _check(args: argparse.Namespace) -> str | None:
     if args.threads is not None and int(args.threads) < 1:
         raise ConfigError(f"--threads must be at least 1, got {args.threads}")
     if args.kv_cache_memory:
-        parse_bytes(args.kv_cache_memory)
+        parse_bytes(args.kv_cache_memory, "--kv-cache-memory")
+    if parse_bytes(args.max_request_size, "--max-request-size") < 1:
+        raise ConfigError(f"--max-request-size must be at least 1 byte, got {args.max_request_size!r}")
     if args.lora_modules:
         served = lora_modules(args.lora_modules)
         if args.adapter:
@@ -333,7 +340,9 @@ def load(args: argparse.Namespace, tp=None):
         quantize=args.quantize,
         max_batch_size=args.max_batch,
         max_seq_len=int(args.max_model_len) if args.max_model_len else None,
-        kv_cache_memory=parse_bytes(args.kv_cache_memory) if args.kv_cache_memory else None,
+        kv_cache_memory=parse_bytes(args.kv_cache_memory, "--kv-cache-memory")
+        if args.kv_cache_memory
+        else None,
         prefix_caching=not args.no_prefix_caching,
         progress=tp is None or tp.rank == 0,
         tensor_parallel=tp,
@@ -370,6 +379,7 @@ def serve(args: argparse.Namespace, api_key: str | None, llm, listener: socket.s
         max_queue=args.max_queue,
         request_timeout=float(args.request_timeout) if args.request_timeout else None,
         response_cache_entries=args.response_cache,
+        max_request_bytes=parse_bytes(args.max_request_size, "--max-request-size"),
     )
     app = create_app(llm, config)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from qwenkit.generate import LLM
 from qwenkit.server import adapters as adapter_routes
 from qwenkit.server import completions as routes
-from qwenkit.server.errors import APIError, error_response, install_handlers
+from qwenkit.server.errors import APIError, BodyTooLarge, error_response, install_handlers
 from qwenkit.server.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -40,7 +40,7 @@ _HEAD_PATHS = ("/", "/health", "/metrics", "/v1/models")
 
 
 class RequestGate:
-    """The API key and draining checks, before a request reaches its route.
+    """The API key, draining and body-size checks, before a request reaches its route.
 
     Plain ASGI rather than ``@app.middleware("http")``: Starlette's ``BaseHTTPMiddleware`` passes every
     chunk of a streamed response through a memory stream and a task of its own, which at 16 streams
@@ -51,10 +51,33 @@ class RequestGate:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         refusal = self._refusal(Request(scope)) if scope["type"] == "http" else None
-        if refusal is None:
-            await self.app(scope, receive, send)
-        else:
+        if refusal is not None:
             await error_response(refusal)(scope, receive, send)
+            return
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit, read, started = self.state.config.max_request_bytes, 0, False
+
+        async def counted_receive() -> dict:  # a body sent without Content-Length is counted as it comes
+            nonlocal read
+            message = await receive()
+            read += len(message.get("body", b""))
+            if read > limit:
+                raise BodyTooLarge(limit)
+            return message
+
+        async def noted_send(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, noted_send)
+        except BodyTooLarge as e:  # read outside FastAPI's body parsing (which makes it a 413 itself)
+            if started:
+                raise
+            await error_response(e.api_error())(scope, receive, send)
 
     def _refusal(self, request: Request) -> APIError | None:
         state = self.state
@@ -64,6 +87,9 @@ class RequestGate:
                 return APIError(
                     401, "a valid API key is required: Authorization: Bearer KEY", None, "invalid_api_key"
                 )
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > state.config.max_request_bytes:
+            return BodyTooLarge(state.config.max_request_bytes).api_error()
         if state.draining and request.method == "POST":
             return APIError(503, "the server is shutting down", None, "shutting_down", {"Retry-After": "5"})
         return None

@@ -68,6 +68,15 @@ class Run:
                 choice.cache_key = cache.key(choice.prompt_ids, choice.params)
                 choice.cached = cache.get(choice.cache_key)
         submitted = sum(choice.cached is None for choice in self.choices)  # a cached answer waits for nothing
+        rows, queue = self.state.llm.engine.scheduler.max_batch, self.state.config.max_queue
+        if submitted > rows + queue:  # never fits, however long the client waits: not a 429 to retry
+            raise APIError(
+                400,
+                f"n={submitted} choices can never be taken by this server: it runs {rows} rows and "
+                f"queues {queue} more (--max-batch, --max-queue); ask for at most {rows + queue}",
+                "n",
+                "invalid_value",
+            )
         if submitted and self.state.waiting_estimate(submitted) > self.state.config.max_queue:
             raise APIError(
                 429,

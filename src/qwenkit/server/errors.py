@@ -42,6 +42,17 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
 
+class BodyTooLarge(Exception):
+    """Raised from a request's ``receive`` once its body passes ``--max-request-size`` (FastAPI turns
+    an error while it reads a body into a 400 whose cause is this; the handler makes it a 413)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the request body is larger than {limit} bytes (--max-request-size)")
+
+    def api_error(self) -> APIError:
+        return APIError(413, str(self), None, "body_too_large")
+
+
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
     return {
         "error": {
@@ -87,6 +98,8 @@ def install_handlers(app) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if isinstance(exc.__cause__, BodyTooLarge):
+            return error_response(exc.__cause__.api_error())
         if isinstance(exc.__cause__, RecursionError):  # FastAPI's "error parsing the body" names no cause
             return error_response(APIError(400, "the body is not valid JSON: it is nested too deeply", None))
         # with its headers: a 405's Allow names the methods the route takes

@@ -23,6 +23,7 @@ class ServerConfig:
     response_cache_entries: int = 512  # 0 turns the response cache off
     lora_modules: tuple[tuple[str, str], ...] = ()  # (name, directory) of each adapter served by name
     runtime_lora: bool = False  # /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's) are on
+    max_request_bytes: int = 64 << 20  # a body past this is a 413, before it is held in memory
 
 
 @dataclass
