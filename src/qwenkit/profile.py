@@ -317,8 +317,7 @@ def _profile_ranks(request: dict, ranks: int) -> ProfileRow:
         try:
             run_ranks(_profile_rank, ranks, (request, out), device=request["device"], timeout_s=600)
         except RankFailedError as e:
-            errors = sorted(Path(out).glob("*.error"))
-            raise ProfileError(errors[0].read_text() if errors else str(e)) from None
+            raise ProfileError(e.detail or str(e)) from None
         rows = [ProfileRow(**json.loads((Path(out) / f"rank{r}.json").read_text())) for r in range(ranks)]
     merged = rows[0]
     for name in ("weight_bytes", "peak_encode_bytes", "peak_generate_bytes", "baseline_bytes"):
@@ -327,11 +326,7 @@ def _profile_ranks(request: dict, ranks: int) -> ProfileRow:
 
 
 def _profile_rank(tp: TensorParallel, request: dict, out: str) -> None:
-    try:
-        row = profile_in_process(**request, tensor_parallel=tp)
-    except QwenkitError as e:
-        (Path(out) / f"rank{tp.rank}.error").write_text(str(e))
-        raise SystemExit(2) from None
+    row = profile_in_process(**request, tensor_parallel=tp)  # an error reaches run_ranks as e.detail
     (Path(out) / f"rank{tp.rank}.json").write_text(json.dumps(asdict(row)))
 
 

@@ -22,6 +22,7 @@ from tp_worker import (
     SLOTS,
     greedy,
     load_expecting_error,
+    raise_on_ranks,
     run_models,
     run_quantized,
     run_with_adapter,
@@ -405,6 +406,20 @@ def test_mismatched_checkpoints_across_ranks_fail_on_every_rank(models, tmp_path
     for rank in (0, 1):
         message = (tmp_path / f"rank{rank}.txt").read_text()
         assert message.startswith("CheckpointError: tensor-parallel ranks 1 have a different checkpoint")
+
+
+def test_an_error_every_rank_meets_is_said_once_as_one_process_says_it():
+    with pytest.raises(RankFailedError) as raised:
+        run_ranks(raise_on_ranks, 2, ([0, 1], "model.safetensors is not a readable safetensors file"))
+    assert str(raised.value) == "model.safetensors is not a readable safetensors file"
+    assert (raised.value.rank, raised.value.exitcode) == (0, 2)
+
+
+def test_an_error_of_one_rank_alone_is_said_under_its_number():
+    with pytest.raises(RankFailedError) as raised:
+        run_ranks(raise_on_ranks, 2, ([1], "not enough memory for shard 1"), timeout_s=20)
+    assert str(raised.value) == "tensor-parallel rank 1 of 2: not enough memory for shard 1"
+    assert raised.value.detail == "not enough memory for shard 1"
 
 
 @pytest.mark.slow

@@ -377,3 +377,22 @@ def test_adapters_loaded_while_serving_with_tensor_parallel_answer_like_one_proc
         assert got == want and len({tuple(t) for t in want}) == 3
     finally:
         stop(single, sharded)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["chat", "serve", "generate"])
+def test_a_checkpoint_every_rank_fails_to_read_is_one_error_line(model, tmp_path, command):
+    """Every rank meets the broken file; the user reads its error once (each rank printed it before)."""
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(model, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    argv = [*QWENKIT, command, str(broken), "--tensor-parallel", "2"]
+    argv += ["--port", str(free_port())] if command == "serve" else ["-p", "hi"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert lines[0].startswith(f"error: {weights} is not a readable safetensors file"), r.stderr

@@ -98,3 +98,13 @@ def load_expecting_error(tp: TensorParallel, paths: list[str], out_dir: str, die
     (Path(out_dir) / f"rank{tp.rank}.txt").write_text(message)
     if message != "loaded":
         raise SystemExit(2)
+
+
+def raise_on_ranks(tp: TensorParallel, ranks: list[int], message: str) -> None:
+    """Raise a QwenkitError on ``ranks`` (the others wait at a collective that then fails under them)."""
+    from qwenkit.distributed.group import collective
+
+    if tp.rank in ranks:
+        raise QwenkitError(message)
+    with collective("a barrier"):
+        dist.barrier(group=tp.group)

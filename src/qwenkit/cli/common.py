@@ -204,7 +204,7 @@ def lead_tensor_parallel(args: argparse.Namespace, body, load=None, server: bool
     import signal
     import sys
 
-    from qwenkit.distributed.launch import RankFailedError, describe_exit, lead_ranks
+    from qwenkit.distributed.launch import RankFailedError, lead_ranks
 
     check_tensor_parallel(args)
     load = load or _load_llm
@@ -221,31 +221,24 @@ def lead_tensor_parallel(args: argparse.Namespace, body, load=None, server: bool
             llm.close()
             lockstep.stop()
 
-    def rank_failed(rank: int, exitcode: int) -> None:
+    def rank_failed(error: RankFailedError) -> None:
         if server and signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None):
             os.kill(os.getpid(), signal.SIGTERM)  # the server is up (its handler is in): drain, exit
             return
         sys.stdout.flush()  # the answer streamed so far, then the line
-        if exitcode != 2:  # exit status 2: the rank printed its own one-line error
-            how = describe_exit(exitcode)
-            print(f"error: tensor-parallel rank {rank} of {args.tensor_parallel} {how}", file=sys.stderr)
+        print(f"error: {error}", file=sys.stderr, flush=True)
         os._exit(2)  # now: the main thread may be blocked reading the terminal or in a collective
 
     if launched_rank() is not None:
         return _launched(args, lead, lambda tp: follow_tensor_parallel(tp, args, load))
-    try:
-        return lead_ranks(
-            lead,
-            follow_tensor_parallel,
-            args.tensor_parallel,
-            (args, load),
-            device=args.device,
-            on_follower_failed=rank_failed,
-        )
-    except RankFailedError as e:
-        if e.exitcode == 2:  # the rank printed its own one-line error
-            return 2
-        raise
+    return lead_ranks(
+        lead,
+        follow_tensor_parallel,
+        args.tensor_parallel,
+        (args, load),
+        device=args.device,
+        on_follower_failed=rank_failed,
+    )
 
 
 def _launched(args: argparse.Namespace, lead, follow) -> int:
@@ -276,36 +269,26 @@ def follow_tensor_parallel(tp, args: argparse.Namespace, load) -> None:
     import sys
 
     from qwenkit.engine.lockstep import Lockstep
-    from qwenkit.errors import QwenkitError
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches every rank; rank 0 decides
     sys.stdout = open(os.devnull, "w")  # noqa: SIM115
-    try:
-        llm = load(args, tp)
-    except QwenkitError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    llm = load(args, tp)  # a load error goes to the launcher, which says it once for all ranks
     Lockstep().follow(llm.engine, tp)
 
 
 def run_tensor_parallel(args: argparse.Namespace, rank_main) -> int:
     """Check the split here (one clear line, nothing started), then run ``rank_main(tp, args)`` in N
-    processes. A rank that already printed its one-line error exits 2, and so does this command."""
+    processes. A rank's error (a QwenkitError it raises) is this command's one line, said once."""
     import random
 
-    from qwenkit.distributed.launch import RankFailedError, run_ranks
+    from qwenkit.distributed.launch import run_ranks
 
     check_tensor_parallel(args)
     args.rank_seed = random.SystemRandom().randrange(2**31)  # one random state for every rank
     if launched_rank() is not None:  # started by torchrun: this rank alone, rank 0's seed for all
         every_rank = functools.partial(_seeded, rank_main, args=args)
         return _launched(args, every_rank, every_rank)
-    try:
-        run_ranks(rank_main, args.tensor_parallel, (args,), device=args.device)
-    except RankFailedError as e:
-        if e.exitcode == 2:
-            return 2
-        raise
+    run_ranks(rank_main, args.tensor_parallel, (args,), device=args.device)
     return 0
 
 

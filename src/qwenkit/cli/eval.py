@@ -180,11 +180,7 @@ def rank_main(tp, args: argparse.Namespace) -> None:
     if tp.rank != 0:
         sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115
         args.output, args.no_progress = None, True
-    try:
-        _evaluate(args, _settings(args), tp)
-    except QwenkitError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    _evaluate(args, _settings(args), tp)  # an error goes to the launcher, which says it once for all ranks
     sys.stdout.flush()
 
 

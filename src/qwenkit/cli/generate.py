@@ -61,16 +61,10 @@ def rank_main(tp, args: argparse.Namespace) -> None:
 
     import torch
 
-    from qwenkit.errors import QwenkitError
-
     torch.manual_seed(args.rank_seed)
     if tp.rank != 0:
         sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115
-    try:
-        run(args, tp)
-    except QwenkitError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    run(args, tp)  # an error goes to the launcher, which says it once for all ranks
     sys.stdout.flush()
 
 

@@ -27,11 +27,34 @@ LOST_STATUS = 4
 
 
 class RankFailedError(QwenkitError):
-    """A tensor-parallel rank exited with an error (or was killed)."""
+    """A tensor-parallel rank exited with an error (or was killed). ``detail`` is the rank's own error
+    (a QwenkitError it raised), which the message then is: every rank loading the same broken file fails
+    alike, and the user reads that once, as a single process would say it."""
 
-    def __init__(self, message: str, rank: int, exitcode: int) -> None:
+    def __init__(self, message: str, rank: int, exitcode: int, detail: str | None = None) -> None:
         super().__init__(message)
-        self.rank, self.exitcode = rank, exitcode
+        self.rank, self.exitcode, self.detail = rank, exitcode, detail
+
+
+class _RankErrors:
+    """The ranks' own errors, each sent up a pipe of its own as the rank fails (ranks print none). Pipes,
+    not a multiprocessing queue: a queue's locks are semaphores, which a launcher ended by ``os._exit``
+    leaves to the resource tracker's leak warning."""
+
+    def __init__(self, ctx, ranks: range) -> None:
+        ends = {rank: ctx.Pipe(duplex=False) for rank in ranks}
+        self._readers = {rank: reader for rank, (reader, _) in ends.items()}
+        self.writers = {rank: writer for rank, (_, writer) in ends.items()}
+        self._seen: dict[int, str] = {}
+        self._lock = threading.Lock()
+
+    def seen(self) -> dict[int, str]:
+        with self._lock:
+            for rank, reader in self._readers.items():
+                with contextlib.suppress(EOFError, OSError):
+                    if rank not in self._seen and reader.poll():
+                        self._seen[rank] = reader.recv()
+            return dict(self._seen)
 
 
 def free_port() -> int:
@@ -48,6 +71,7 @@ def _rank_main(
     timeout_s: float,
     fn: Callable[..., Any],
     args: tuple[Any, ...],
+    errors: Any,
 ) -> None:
     _die_with_launcher()
     on_rank_lost(_leave_quietly)
@@ -56,6 +80,9 @@ def _rank_main(
     )
     try:
         fn(tp, *args)
+    except QwenkitError as e:  # the launcher says it, once for every rank that failed alike
+        errors.send(str(e)[:8000])  # well inside a pipe's buffer: the send never waits for a reader
+        raise SystemExit(2) from None
     finally:
         dist.destroy_process_group()
 
@@ -94,11 +121,15 @@ def describe_exit(code: int) -> str:
 
 
 def _failure(
-    procs: dict[int, Any], world: int, first: RankFailedError | None = None
+    procs: dict[int, Any],
+    world: int,
+    errors: _RankErrors,
+    first: RankFailedError | None = None,
 ) -> RankFailedError | None:
     """The error naming the rank that failed in its own right (``first``'s, the one seen first, unless it
     only left because another died: such a rank exits LOST_STATUS and is named only if no other
-    failed), or None while none has failed."""
+    failed), or None while none has failed. A rank's own error is the message: as it is where rank 0
+    failed alike, else under the rank's number."""
     failed = [(rank, p.exitcode) for rank, p in procs.items() if p.exitcode not in (None, 0)]
     if not failed:
         return None
@@ -106,6 +137,12 @@ def _failure(
     if first is not None and first.exitcode != LOST_STATUS:
         own = [(first.rank, first.exitcode)]
     rank, code = (own or failed)[0]
+    details = errors.seen()
+    detail = details.get(rank)
+    if detail is not None and detail == details.get(0):
+        return RankFailedError(detail, 0, code, detail)
+    if detail is not None:
+        return RankFailedError(f"tensor-parallel rank {rank} of {world}: {detail}", rank, code, detail)
     others = [r for r, _ in failed if r != rank]
     also = f" (then rank(s) {', '.join(map(str, others))} stopped too)" if others else ""
     return RankFailedError(f"tensor-parallel rank {rank} of {world} {describe_exit(code)}{also}", rank, code)
@@ -119,18 +156,23 @@ def run_ranks(
     timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> None:
     """Run ``fn(TensorParallel, *args)`` in ``world`` new processes (spawned, so CUDA is safe) and wait.
-    ``fn`` must be importable by name. Raises RankFailedError naming the first rank that failed."""
+    ``fn`` must be importable by name; a QwenkitError it raises is the RankFailedError's message.
+    Raises RankFailedError naming the first rank that failed."""
     ctx = mp.get_context("spawn")
-    port = free_port()
+    port, errors = free_port(), _RankErrors(ctx, range(world))
     procs = [
-        ctx.Process(target=_rank_main, args=(r, world, port, device, timeout_s, fn, args), daemon=True)
+        ctx.Process(
+            target=_rank_main,
+            args=(r, world, port, device, timeout_s, fn, args, errors.writers[r]),
+            daemon=True,
+        )
         for r in range(world)
     ]
     for p in procs:
         p.start()
     ranks, first = dict(enumerate(procs)), None
     try:
-        while any(p.is_alive() for p in procs) and (first := _failure(ranks, world)) is None:
+        while any(p.is_alive() for p in procs) and (first := _failure(ranks, world, errors)) is None:
             time.sleep(0.05)
         # The others get one collective timeout to notice and exit with their own error.
         deadline = time.monotonic() + timeout_s + 5
@@ -141,7 +183,7 @@ def run_ranks(
             if p.is_alive():
                 p.kill()
                 p.join()
-    failure = _failure(ranks, world, first)
+    failure = _failure(ranks, world, errors, first)
     if failure is not None:
         raise failure
 
@@ -153,29 +195,34 @@ def lead_ranks(
     args: tuple[Any, ...] = (),
     device: str = "cpu",
     timeout_s: float = DEFAULT_TIMEOUT_S,
-    on_follower_failed: Callable[[int, int], None] | None = None,
+    on_follower_failed: Callable[[RankFailedError], None] | None = None,
 ) -> Any:
     """Be rank 0 in this process (it keeps the terminal, stdin and the signals a user or a container
     runtime sends) and run ``follow(tp, *args)`` in ``world - 1`` spawned processes; returns what
     ``lead(tp)`` returns. A collective that fails because a follower died raises RankFailedError naming
-    it. ``on_follower_failed(rank, exitcode)`` is called (from a watcher thread) as soon as a follower
-    dies, for a leader that would otherwise only notice at its next collective (an idle server).
+    it. ``on_follower_failed(error)`` is called (from a watcher thread) as soon as a follower dies, for
+    a leader that would otherwise only notice at its next collective (an idle server); it is not called
+    once ``lead`` has failed itself (a load error every rank meets is then said once, by the leader).
     Followers still running at the end are given one collective timeout to leave, then stopped."""
     ctx = mp.get_context("spawn")
-    port = free_port()
+    port, errors = free_port(), _RankErrors(ctx, range(1, world))
     procs = {
-        r: ctx.Process(target=_rank_main, args=(r, world, port, device, timeout_s, follow, args), daemon=True)
+        r: ctx.Process(
+            target=_rank_main,
+            args=(r, world, port, device, timeout_s, follow, args, errors.writers[r]),
+            daemon=True,
+        )
         for r in range(1, world)
     }
     for p in procs.values():
         p.start()
     finished, done = False, threading.Event()
+    report = _Once(on_follower_failed)
     if on_follower_failed is not None:
-        on_follower_failed = _once(on_follower_failed)
-        threading.Thread(target=_watch, args=(procs, done, on_follower_failed), daemon=True).start()
+        threading.Thread(target=_watch, args=(procs, errors, done, report), daemon=True).start()
         # A forward that fails because a follower died: report that follower before the error reaches
         # the thread that ran the forward (an answer being streamed).
-        on_rank_lost(lambda: _report_lost(procs, on_follower_failed))
+        on_rank_lost(lambda: _report_lost(procs, errors, report))
     try:
         tp = init_tensor_parallel(
             world, 0, device=device, init_method=f"tcp://127.0.0.1:{port}", timeout_s=timeout_s
@@ -187,10 +234,14 @@ def lead_ranks(
         finally:
             dist.destroy_process_group()
     except RuntimeError:  # a collective failed: say which follower is gone, if one is
+        report.claim()
         time.sleep(0.5)  # let a dying follower's exit status arrive
-        failure = _failure(procs, world)
+        failure = _failure(procs, world, errors)
         if failure is not None:
             raise failure from None
+        raise
+    except BaseException:
+        report.claim()  # the leader's own error is the one said; a follower failing alike says nothing
         raise
     finally:
         done.set()
@@ -204,36 +255,42 @@ def lead_ranks(
                 p.join()
 
 
-def _once(fn: Callable[[int, int], None]) -> Callable[[int, int], None]:
-    """``fn`` that runs on its first call only (the watcher and a failed forward may both report)."""
-    lock, called = threading.Lock(), []
+class _Once:
+    """``fn(error)`` run on the first report only (the watcher and a failed forward may both report),
+    and on none once the leader has claimed the failure as its own. ``claim`` waits for a report under
+    way: one that ends the process (a chat's) must not be printed beside the leader's."""
 
-    def call(rank: int, exitcode: int) -> None:
-        with lock:
-            if called:
+    def __init__(self, fn: Callable[[RankFailedError], None] | None) -> None:
+        self.fn, self.lock, self.done = fn, threading.RLock(), False
+
+    def __call__(self, error: RankFailedError) -> None:
+        with self.lock:
+            if self.done or self.fn is None:
                 return
-            called.append(True)
-        fn(rank, exitcode)
+            self.done = True
+            self.fn(error)
 
-    return call
+    def claim(self) -> None:
+        with self.lock:
+            self.done = True
 
 
-def _report_lost(procs: dict[int, Any], on_failed: Callable[[int, int], None], wait_s: float = 2.0) -> None:
+def _report_lost(procs: dict[int, Any], errors: _RankErrors, report: _Once, wait_s: float = 2.0) -> None:
     """A collective of the leader failed: wait a moment for the follower that died to be seen dead,
     then report it (nothing if none died: a follower that stopped answering is the timeout's error)."""
     deadline = time.monotonic() + wait_s
-    while (failure := _failure(procs, len(procs) + 1)) is None and time.monotonic() < deadline:
+    while (failure := _failure(procs, len(procs) + 1, errors)) is None and time.monotonic() < deadline:
         time.sleep(0.05)
     if failure is not None:
-        on_failed(failure.rank, failure.exitcode)
+        report(failure)
 
 
-def _watch(procs: dict[int, Any], done: threading.Event, on_failed: Callable[[int, int], None]) -> None:
-    """Call ``on_failed(rank, exitcode)`` once, when a follower exits with an error while the leader runs."""
+def _watch(procs: dict[int, Any], errors: _RankErrors, done: threading.Event, report: _Once) -> None:
+    """Report once, when a follower exits with an error while the leader runs."""
     while not done.wait(0.1):
-        failure = _failure(procs, len(procs) + 1)
+        failure = _failure(procs, len(procs) + 1, errors)
         if failure is not None:
-            on_failed(failure.rank, failure.exitcode)
+            report(failure)
             return
 
 
