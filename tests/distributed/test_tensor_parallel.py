@@ -28,6 +28,7 @@ from tp_worker import (
     run_with_adapter,
     run_with_served_adapters,
     weight_bytes_held,
+    write_threads,
 )
 
 from qwenkit.checkpoint import load_model
@@ -406,6 +407,33 @@ def test_mismatched_checkpoints_across_ranks_fail_on_every_rank(models, tmp_path
     for rank in (0, 1):
         message = (tmp_path / f"rank{rank}.txt").read_text()
         assert message.startswith("CheckpointError: tensor-parallel ranks 1 have a different checkpoint")
+
+
+@pytest.mark.parametrize(("world", "omp"), [(2, None), (1, "1")])
+def test_ranks_on_the_cpu_share_the_cores_unless_omp_num_threads_says(world, omp, tmp_path, monkeypatch):
+    """(torch caps OMP_NUM_THREADS at the cores, so the user's choice shown is one below them.)"""
+    from qwenkit.distributed.launch import usable_cores
+
+    if omp is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp)
+    run_ranks(write_threads, world, (str(tmp_path),))
+    expected = omp or str(max(1, usable_cores() // world))
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(world)] == [expected] * world
+
+
+def test_more_ranks_than_cores_is_warned_before_they_start(models, monkeypatch, capsys):
+    import argparse
+
+    from qwenkit.cli import common
+
+    monkeypatch.setattr("qwenkit.distributed.launch.usable_cores", lambda: 1)
+    common.check_tensor_parallel(argparse.Namespace(model=models["qwen2"], tensor_parallel=2, device="cpu"))
+    assert capsys.readouterr().err == (
+        "warning: --tensor-parallel 2 on 1 CPU cores: the ranks share cores and will run slower than one "
+        "process; it saves memory per process, not time\n"
+    )
 
 
 def test_an_error_every_rank_meets_is_said_once_as_one_process_says_it():

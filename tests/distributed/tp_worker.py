@@ -108,3 +108,8 @@ def raise_on_ranks(tp: TensorParallel, ranks: list[int], message: str) -> None:
         raise QwenkitError(message)
     with collective("a barrier"):
         dist.barrier(group=tp.group)
+
+
+def write_threads(tp: TensorParallel, out_dir: str) -> None:
+    """Write the torch threads this rank was given."""
+    (Path(out_dir) / f"rank{tp.rank}.txt").write_text(str(torch.get_num_threads()))

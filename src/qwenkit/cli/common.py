@@ -186,11 +186,19 @@ def check_tensor_parallel(args: argparse.Namespace) -> None:
     from qwenkit.config import ModelConfig
     from qwenkit.distributed import local_config
     from qwenkit.distributed.group import local_gpu
+    from qwenkit.distributed.launch import usable_cores
 
     source = open_checkpoint(resolve_model(args.model))
     local_config(ModelConfig.from_hf(source.hf_config), args.tensor_parallel)
     if args.device.startswith("cuda") and launched_rank() is None:  # torchrun: each machine its own
         local_gpu(args.tensor_parallel - 1, args.tensor_parallel)
+    cores = usable_cores()
+    if args.device == "cpu" and launched_rank() is None and args.tensor_parallel > cores:
+        print(
+            f"warning: --tensor-parallel {args.tensor_parallel} on {cores} CPU cores: the ranks share "
+            "cores and will run slower than one process; it saves memory per process, not time",
+            file=sys.stderr,
+        )
 
 
 def lead_tensor_parallel(args: argparse.Namespace, body, load=None, server: bool = False) -> int:
