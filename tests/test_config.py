@@ -87,3 +87,29 @@ def test_qwen3_explicit_head_dim_and_gqa():
     )
     assert cfg.head_dim == 128 and cfg.qk_norm and not cfg.qkv_bias
     assert cfg.kv_cache_bytes_per_token(2) == 2 * 28 * 8 * 128 * 2
+
+
+QWEN3_SMALL = {
+    "model_type": "qwen3",
+    "vocab_size": 151936,
+    "hidden_size": 1024,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "max_position_embeddings": 131072,
+}
+
+
+def test_yarn_takes_its_factor_or_the_context_ratio_and_refuses_neither():
+    import pytest
+
+    from qwenkit.errors import ConfigError
+
+    given = ModelConfig.from_hf({**QWEN3_SMALL, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    assert given.rope_scaling.factor == 4.0 and given.rope_scaling.original_max_position_embeddings == 131072
+    ratio = {"rope_type": "yarn", "original_max_position_embeddings": 32768}
+    assert ModelConfig.from_hf({**QWEN3_SMALL, "rope_scaling": ratio}).rope_scaling.factor == 4.0
+    with pytest.raises(ConfigError, match="rope_scaling type yarn needs a factor"):
+        ModelConfig.from_hf({**QWEN3_SMALL, "rope_scaling": {"rope_type": "yarn"}})  # was a silent 1.0

@@ -301,7 +301,12 @@ def _rope(cfg: dict[str, Any]) -> tuple[float, YarnScaling | None]:
         raise ConfigError(f"unsupported rope_scaling type {rope_type!r}; qwenkit supports default and yarn")
     factor = params.get("factor")
     original = params.get("original_max_position_embeddings", cfg.get("max_position_embeddings"))
-    if factor is None:
+    if factor is None:  # as transformers: the context's growth over the pretrained one, where both are given
+        if "original_max_position_embeddings" not in params or not cfg.get("max_position_embeddings"):
+            raise ConfigError(
+                "rope_scaling type yarn needs a factor (or original_max_position_embeddings beside "
+                "max_position_embeddings, whose ratio it is)"
+            )
         factor = cfg["max_position_embeddings"] / original
     return theta, YarnScaling(
         factor=float(factor),
