@@ -284,7 +284,7 @@ def test_resume_on_another_model_is_refused_in_one_line(tiny_chat_model, tmp_pat
     )
     wider = write_tiny_chat_model(tmp_path / "wider", hidden_size=64)
     state = torch.load(ckpt / STATE_FILE, weights_only=True)
-    del state["base_model"]  # as a checkpoint written before it was recorded
+    del state["base_model"], state["base_model_files"]  # as a checkpoint written before they were recorded
     torch.save(state, ckpt / STATE_FILE)
     with pytest.raises(CheckpointError) as e:
         finetune(wider, data, out, args, resume=True)
@@ -292,6 +292,31 @@ def test_resume_on_another_model_is_refused_in_one_line(tiny_chat_model, tmp_pat
     assert "\n" not in str(e.value)
     finetune(tiny_chat_model, data, out, args, resume=True)
     assert json.loads((out / "log.jsonl").read_text().splitlines()[-1])["step"] == 4
+
+
+def test_resume_on_other_files_at_the_same_path_is_refused(tmp_path, monkeypatch):
+    """The model's path alone was checked: files replaced there (another download of it) took the
+    run's adapter and optimizer state silently."""
+    from factories import write_tiny_chat_model
+
+    from qwenkit.errors import ConfigError
+
+    model = write_tiny_chat_model(tmp_path / "m")
+    data = chat_data(tmp_path / "d.jsonl", n=4)
+    args = TrainArgs(max_steps=4, batch_size=2, lr=1e-3, lora_r=2, save_every=1, progress=False)
+    out = tmp_path / "o"
+    real_step = interrupt_training_after(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(model, data, out, args)
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(model / "model.safetensors")  # the same shapes, other weights, at the same path
+    weights = {name: t + 0.01 for name, t in weights.items()}
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ConfigError) as e:
+        finetune(model, data, out, args, resume=True)
+    assert str(e.value).startswith(f"--resume: the files of {model.resolve()} changed since the run in ")
 
 
 def test_loss_png_leaves_out_non_finite_losses(tmp_path):

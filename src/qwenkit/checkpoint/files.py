@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
 import json
 import os
 import sys
@@ -23,6 +24,35 @@ from qwenkit.errors import CheckpointError
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
+
+
+_IDENTITY_SUFFIXES = (".safetensors", ".bin", ".json", ".gguf", ".tiktoken", ".model")
+
+
+def files_sha256(path: Path, sample: int | None = None) -> str:
+    """One hash over a checkpoint file, or over a directory's weight, config and tokenizer files (names
+    and contents). ``sample`` bytes: each file's size and its first and last ``sample`` bytes instead
+    of all of it (a safetensors header and the last tensor's values): seconds saved on a large model
+    where what is asked is "the same files?", not proof against tampering."""
+    files = (
+        [path]
+        if path.is_file()
+        else sorted(f for f in path.iterdir() if f.is_file() and f.suffix in _IDENTITY_SUFFIXES)
+    )
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.name.encode())
+        with open(f, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if sample is not None and size > 2 * sample:
+                digest.update(f"{size}".encode())
+                digest.update(fh.read(sample))
+                fh.seek(size - sample)
+                digest.update(fh.read(sample))
+                continue
+            while block := fh.read(1 << 20):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from qwenkit.checkpoint.files import files_sha256
+
 SAMPLES, RESULTS, SETTINGS = "samples.jsonl", "results.json", "settings.json"
 
 
@@ -70,24 +72,6 @@ def model_record(
         "adapter_path": str(adapter) if adapter else None,
         "chat_template_sha256": sha256_text(template) if template else None,
     }
-
-
-def files_sha256(path: Path) -> str:
-    """One hash over a checkpoint file, or over a directory's weight, config and tokenizer files (names
-    and contents)."""
-    suffixes = (".safetensors", ".bin", ".json", ".gguf", ".tiktoken", ".model")
-    files = (
-        [path]
-        if path.is_file()
-        else sorted(f for f in path.iterdir() if f.is_file() and f.suffix in suffixes)
-    )
-    digest = hashlib.sha256()
-    for f in files:
-        digest.update(f.name.encode())
-        with open(f, "rb") as fh:
-            while block := fh.read(1 << 20):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 def known_stderr(stderr: float | None) -> float | None:

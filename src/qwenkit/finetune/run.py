@@ -22,6 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from qwenkit.checkpoint import load_model
+from qwenkit.checkpoint.files import files_sha256
 from qwenkit.checkpoint.loader import resolve_dtype
 from qwenkit.checkpoint.output_dir import atomic_output_dir, check_out_dir, write_json
 from qwenkit.config import ModelConfig
@@ -107,6 +108,7 @@ class Prepared:
     lora: LoRAConfig | None
     tied: bool
     source: str = ""  # the model's resolved path: what a checkpoint must be resumed on
+    source_files: str = ""  # files_sha256 of its files, sampled: the same path may hold other files later
 
 
 def prepare_model(model_path: str | Path, args: TrainArgs, world: World, batch_tokens: int) -> Prepared:
@@ -171,7 +173,8 @@ def prepare_model(model_path: str | Path, args: TrainArgs, world: World, batch_t
     wrapped = wrap(model, world, args.strategy)
     params = [p for p in model.parameters() if p.requires_grad]  # after wrapping: FSDP swaps in DTensors
     source = str(Path(model_path).resolve())
-    return Prepared(wrapped, model, params, names, lora, config.tie_word_embeddings, source)
+    files = files_sha256(Path(source), sample=1 << 20)
+    return Prepared(wrapped, model, params, names, lora, config.tie_word_embeddings, source, files)
 
 
 def check_tensor_parallel(model_path: str | Path, args: TrainArgs) -> None:
@@ -222,6 +225,7 @@ def save_checkpoint(
             "settings": trainer.run_settings(),
             "data": data_id,
             "base_model": prep.source,
+            "base_model_files": prep.source_files,
         }
         with atomic_output_dir(path, overwrite=True) as tmp:
             torch.save(state, tmp / STATE_FILE)
@@ -278,6 +282,11 @@ def load_checkpoint(
         raise ConfigError(
             f"--resume: the run in {path} trained {state['base_model']}, not {prep.source}; resume it on "
             "that model, or train into a new OUT"
+        )
+    if state.get("base_model_files") and prep.source_files and state["base_model_files"] != prep.source_files:
+        raise ConfigError(
+            f"--resume: the files of {prep.source} changed since the run in {path} started (another "
+            "download or version of the model?); resume on the files it trained, or train into a new OUT"
         )
     try:
         set_state_dict(
