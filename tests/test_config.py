@@ -24,6 +24,19 @@ QWEN_7B = {
 }
 
 
+QWEN3_SMALL = {
+    "model_type": "qwen3",
+    "vocab_size": 151936,
+    "hidden_size": 1024,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "max_position_embeddings": 131072,
+}
+
+
 def test_qwen_7b_parameter_count_matches_its_index_file():
     cfg = ModelConfig.from_hf(QWEN_7B)
     # model.safetensors.index.json total_size 15,442,649,088 bytes of 2-byte floats (qwen_facts §1.2)
@@ -71,35 +84,9 @@ def test_aug_2023_v1_spellings():
 
 
 def test_qwen3_explicit_head_dim_and_gqa():
-    cfg = ModelConfig.from_hf(
-        {
-            "model_type": "qwen3",
-            "vocab_size": 151936,
-            "hidden_size": 1024,
-            "intermediate_size": 3072,
-            "num_hidden_layers": 28,
-            "num_attention_heads": 16,
-            "num_key_value_heads": 8,
-            "head_dim": 128,
-            "tie_word_embeddings": True,
-            "rope_theta": 1000000,
-        }
-    )
+    cfg = ModelConfig.from_hf({**QWEN3_SMALL, "tie_word_embeddings": True, "rope_theta": 1000000})
     assert cfg.head_dim == 128 and cfg.qk_norm and not cfg.qkv_bias
     assert cfg.kv_cache_bytes_per_token(2) == 2 * 28 * 8 * 128 * 2
-
-
-QWEN3_SMALL = {
-    "model_type": "qwen3",
-    "vocab_size": 151936,
-    "hidden_size": 1024,
-    "intermediate_size": 3072,
-    "num_hidden_layers": 28,
-    "num_attention_heads": 16,
-    "num_key_value_heads": 8,
-    "head_dim": 128,
-    "max_position_embeddings": 131072,
-}
 
 
 def test_yarn_takes_its_factor_or_the_context_ratio_and_refuses_neither():

@@ -145,7 +145,7 @@ def test_service_monitor_scrapes_the_services_metrics_port(rendered):
 
 def quantity(text: str) -> int:
     """A Kubernetes memory quantity ('6Gi') in bytes."""
-    return parse_bytes(text + "B" if text.endswith("i") else text)
+    return parse_bytes(text + "B" if text.endswith("i") else text, "a manifest quantity")
 
 
 def needed_bytes(objects: list[dict]) -> tuple[str, int]:
@@ -156,9 +156,9 @@ def needed_bytes(objects: list[dict]) -> tuple[str, int]:
     )
     env = env_of(objects)
     assert env["QWENKIT_DTYPE"] == "bfloat16"
-    return name, weight_bytes(config, torch.bfloat16) + parse_bytes(env["QWENKIT_KV_CACHE_MEMORY"]) + (
-        RUNTIME_BYTES
-    )
+    return name, weight_bytes(config, torch.bfloat16) + parse_bytes(
+        env["QWENKIT_KV_CACHE_MEMORY"], "QWENKIT_KV_CACHE_MEMORY"
+    ) + (RUNTIME_BYTES)
 
 
 def test_cpu_memory_request_is_weights_plus_kv_pool_plus_runtime(rendered):

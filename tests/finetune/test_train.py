@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -216,6 +217,7 @@ def test_qlora_and_filter_through_the_command(tiny_chat_model, tmp_path, capsys)
     assert cli_main(argv) == 0
     err = capsys.readouterr().err
     assert "filter: 2 examples: 1 with sensitive data (email 1); 0 dropped" in err
+    assert "warning" not in err  # a step of 2 examples out of 2
     log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert len(log) == 2 and all(r["loss"] > 0 and r["grad_norm"] > 0 for r in log)
     model, _ = load_model(tiny_chat_model, "float32", progress=False, adapter=out)
@@ -256,6 +258,19 @@ def test_a_diverged_loss_stops_the_run_in_one_line(tiny_chat_model, tmp_path, ca
     assert [json.loads(x)["step"] for x in (work_dir(out) / "log.jsonl").read_text().splitlines()] == [1]
 
 
+def run_stopped_at_step_2(model, tmp_path, monkeypatch) -> tuple[Path, TrainArgs, Path]:
+    """A 4-step LoRA run into ``tmp_path / "o"`` interrupted after step 2 (its checkpoint saved):
+    (data, args, out) to resume it with."""
+    data = chat_data(tmp_path / "d.jsonl", n=4)
+    args = TrainArgs(max_steps=4, batch_size=2, lr=1e-3, lora_r=2, save_every=1, progress=False)
+    out = tmp_path / "o"
+    real_step = interrupt_training_after(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(model, data, out, args)
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    return data, args, out
+
+
 def test_resume_on_another_model_is_refused_in_one_line(tiny_chat_model, tmp_path, monkeypatch):
     """--resume with another MODEL once loaded the checkpoint's adapter into it when the shapes agreed
     (another model's weights under this run's adapter), and raised torch's size-mismatch traceback when
@@ -267,13 +282,7 @@ def test_resume_on_another_model_is_refused_in_one_line(tiny_chat_model, tmp_pat
     from qwenkit.errors import CheckpointError, ConfigError
     from qwenkit.finetune.run import STATE_FILE
 
-    data = chat_data(tmp_path / "d.jsonl", n=4)
-    args = TrainArgs(max_steps=4, batch_size=2, lr=1e-3, lora_r=2, save_every=1, progress=False)
-    out = tmp_path / "o"
-    real_step = interrupt_training_after(monkeypatch, 2)
-    with pytest.raises(KeyboardInterrupt):
-        finetune(tiny_chat_model, data, out, args)
-    monkeypatch.setattr(Trainer, "train_step", real_step)
+    data, args, out = run_stopped_at_step_2(tiny_chat_model, tmp_path, monkeypatch)
     ckpt = work_dir(out) / "checkpoints" / "step-2"
     same_shape = shutil.copytree(tiny_chat_model, tmp_path / "same-shape")
     with pytest.raises(ConfigError) as e:
@@ -302,13 +311,7 @@ def test_resume_on_other_files_at_the_same_path_is_refused(tmp_path, monkeypatch
     from qwenkit.errors import ConfigError
 
     model = write_tiny_chat_model(tmp_path / "m")
-    data = chat_data(tmp_path / "d.jsonl", n=4)
-    args = TrainArgs(max_steps=4, batch_size=2, lr=1e-3, lora_r=2, save_every=1, progress=False)
-    out = tmp_path / "o"
-    real_step = interrupt_training_after(monkeypatch, 2)
-    with pytest.raises(KeyboardInterrupt):
-        finetune(model, data, out, args)
-    monkeypatch.setattr(Trainer, "train_step", real_step)
+    data, args, out = run_stopped_at_step_2(model, tmp_path, monkeypatch)
     from safetensors.torch import load_file, save_file
 
     weights = load_file(model / "model.safetensors")  # the same shapes, other weights, at the same path
@@ -317,6 +320,16 @@ def test_resume_on_other_files_at_the_same_path_is_refused(tmp_path, monkeypatch
     with pytest.raises(ConfigError) as e:
         finetune(model, data, out, args, resume=True)
     assert str(e.value).startswith(f"--resume: the files of {model.resolve()} changed since the run in ")
+
+
+def test_a_step_larger_than_the_data_is_warned(tiny_chat_model, tmp_path, capsys):
+    data = chat_data(tmp_path / "d.jsonl", n=3)
+    args = TrainArgs(max_steps=1, batch_size=2, grad_accum=2, lr=1e-3, lora_r=2, progress=False)
+    finetune(tiny_chat_model, data, tmp_path / "o", args)
+    assert (
+        "warning: a step takes 4 examples (--batch-size x --grad-accum x replicas) and there are 3: "
+        "each step sees some of them more than once\n"
+    ) in capsys.readouterr().err
 
 
 def test_loss_png_leaves_out_non_finite_losses(tmp_path):

@@ -388,6 +388,12 @@ def finetune(
                 else ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in stats.items())  # "4 pairs, 0 dropped"
             )
             print(f"data: {summary}", file=sys.stderr)
+            if trainer.global_batch > len(examples):
+                print(
+                    f"warning: a step takes {trainer.global_batch} examples (--batch-size x --grad-accum x "
+                    f"replicas) and there are {len(examples)}: each step sees some of them more than once",
+                    file=sys.stderr,
+                )
         try:
             _loop(trainer, prep, args, world, work, history, eval_examples, data_id)
         except KeyboardInterrupt:
