@@ -63,6 +63,8 @@ def run(
     """Evaluate; with ``output``, write/extend samples.jsonl and write results.json there (holding the
     directory's lock throughout)."""
     p = plan(settings, backend.max_context() if settings.task == "passkey" else None)
+    if not p.items:  # an empty file, or a folder without the split's files: no score to report
+        raise EvalDataError(f"{p.record['data']} holds no {settings.task} items: nothing to evaluate")
     record = model_record or backend.describe()
     if output is None:
         return _run(backend, settings, p, record, None, progress)
