@@ -45,6 +45,12 @@ CEVAL = Path(__file__).parent / "fixtures" / "ceval"
             "--shots does not apply to mmlu --method generate",
         ),
         (["--task", "humaneval", "--timeout", "0"], "--timeout must be above 0 seconds, got 0"),
+        (["--task", "gsm8k", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1, got 0"),
+        (
+            ["--task", "ppl", "--data", "corpus.txt", "--window", "512", "--stride", "512"],
+            "perplexity needs --window of at least 2 and --stride from 1 to window - 1; got --window 512 "
+            "--stride 512",
+        ),
         (["--task", "gsm8k", "--subjects", "algebra"], "--subjects does not apply to gsm8k"),
         (
             ["--task", "gsm8k", "--request-timeout", "5"],

@@ -219,6 +219,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         ("--limit", args.limit, 1),
         ("--batch-size", args.batch_size, 1),
         ("--shots", args.shots, 0),
+        ("--max-new-tokens", args.max_new_tokens, 1),
     ):
         if value is not None and value < least:
             raise EvalUsageError(f"{flag} must be at least {least}, got {value}")
