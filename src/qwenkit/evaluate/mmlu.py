@@ -9,11 +9,12 @@ Qwen and lm-eval), macro beside it.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
-from qwenkit.evaluate.data import MMLU_TEST, EvalDataError, read_member
-from qwenkit.evaluate.multiple_choice import MCItem, check_row
+from qwenkit.evaluate.data import MMLU_TEST, EvalDataError, read_member, utf8
+from qwenkit.evaluate.multiple_choice import MCItem, check_answer, check_row
 
 CATEGORIES = {  # Qwen's evaluate_mmlu.py grouping
     "STEM": "abstract_algebra anatomy astronomy college_biology college_chemistry "
@@ -60,12 +61,10 @@ def read_split(data_dir: str | Path, split: str, subjects: list[str] | None = No
         subject = path.name[: -len(f"_{split}.csv")]
         if wanted and subject not in wanted:
             continue
-        with open(path, newline="", encoding="utf-8") as f:
-            for n, row in enumerate(csv.reader(f)):
-                check_row(row, f"{path}:{n + 1}")
-                items.append(
-                    MCItem(f"{subject}/{split}/{n}", subject, row[0], tuple(row[1:5]), row[5].strip())
-                )
+        for n, row in enumerate(csv.reader(io.StringIO(utf8(path.read_bytes(), str(path)), newline=""))):
+            check_row(row, f"{path}:{n + 1}")
+            answer = check_answer(row[5], f"{path}:{n + 1}")
+            items.append(MCItem(f"{subject}/{split}/{n}", subject, row[0], tuple(row[1:5]), answer))
     if wanted - {i.subject for i in items}:
         raise EvalDataError(
             f"unknown MMLU subjects for {folder}: {', '.join(sorted(wanted - {i.subject for i in items}))}"

@@ -33,6 +33,15 @@ def check_row(row: Sequence[str], where: str) -> None:
         raise EvalDataError(f"{where}: expected question, A, B, C, D, answer; got {len(row)} columns")
 
 
+def check_answer(answer: str, where: str, optional: bool = False) -> str:
+    """The gold letter, which must be one of A..D (or empty where the split publishes none, ``optional``):
+    another (a 0-3 index, a lower-case letter) would make every prediction wrong."""
+    answer = answer.strip()
+    if answer not in LETTERS and not (optional and not answer):
+        raise EvalDataError(f"{where}: the answer {answer!r} is not one of A, B, C, D")
+    return answer
+
+
 def letter_token_ids(backend: Backend, spelling: Sequence[str]) -> list[int]:
     """The token id of each letter spelling (" A" after "Answer:", "A" after "答案："); must be one each."""
     ids = []

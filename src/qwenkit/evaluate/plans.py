@@ -96,6 +96,11 @@ def check_settings(s: Settings) -> None:
     for name in OPTIONAL:
         if getattr(s, name) is not None and name not in used:
             raise EvalDataError(f"--{name} does not apply to {_described(s)}{_UNUSED_WHY.get(name, '')}")
+    if s.task == "ppl" and (s.window < 2 or not 1 <= s.stride < s.window):
+        raise EvalDataError(
+            f"perplexity needs --window of at least 2 and --stride from 1 to window - 1; got --window "
+            f"{s.window} --stride {s.stride}"
+        )
     if s.timeout <= 0:
         raise EvalDataError(f"--timeout must be above 0 seconds, got {s.timeout:g}")
     if s.extractor is not None:

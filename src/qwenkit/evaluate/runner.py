@@ -63,6 +63,8 @@ def run(
     """Evaluate; with ``output``, write/extend samples.jsonl and write results.json there (holding the
     directory's lock throughout)."""
     p = plan(settings, backend.max_context() if settings.task == "passkey" else None)
+    if not p.items:  # an empty file, or a folder without the split's files: no score to report
+        raise EvalDataError(f"{p.record['data']} holds no {settings.task} items: nothing to evaluate")
     record = model_record or backend.describe()
     if output is None:
         return _run(backend, settings, p, record, None, progress)
@@ -150,7 +152,7 @@ def _resume(out: Path, settings: Settings, identity: dict[str, Any]) -> list[dic
         # settings added since the run was written take their defaults; a run written before the model
         # was recorded is taken to be this model's
         defaults = {**Settings(task=settings.task).key(), "model": identity}
-        saved = {**defaults, **json.loads(settings_path.read_text())}
+        saved = {**defaults, **_read_object(settings_path, "run's settings")}
         if saved != wanted:
             changed = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
             if changed == ["model"]:
@@ -189,6 +191,8 @@ def read_samples(samples: Path) -> list[dict]:
                 raise EvalDataError(f"{samples} line {n} is not JSON") from None
             dropped += 1  # a line cut short by an interruption
             continue
+        if not isinstance(row, dict) or not isinstance(row.get("id"), str):
+            raise EvalDataError(f"{samples} line {n} is not a sample of qwenkit eval (no item id)")
         item = row["id"]
         if item in rows:
             if line.strip() != first[item][1]:  # as text: a NaN never equals itself
@@ -204,6 +208,18 @@ def read_samples(samples: Path) -> list[dict]:
     return list(rows.values())
 
 
+def _read_object(path: Path, what: str) -> dict[str, Any]:
+    """A run directory's JSON file, which must hold an object: one damaged (by hand, a full disk) is a
+    one-line error naming it."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        value = None
+    if not isinstance(value, dict):
+        raise EvalDataError(f"{path} is damaged: not a JSON object ({what})")
+    return value
+
+
 def _write_samples(samples: Path, rows: list[dict]) -> None:
     tmp = samples.with_name(samples.name + ".tmp")
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
@@ -217,8 +233,13 @@ def rescore_dir(out: str | Path, extractor: str | None = None) -> dict[str, Any]
     if not (out / SAMPLES).exists() or not (out / RESULTS).exists():
         raise EvalDataError(f"{out} has no {SAMPLES} and {RESULTS} to rescore")
     with output_lock(out):
-        results = json.loads((out / RESULTS).read_text())
-        saved = Settings.from_saved({"task": results["task"], **results["record"].get("settings", {})})
+        results = _read_object(out / RESULTS, "run's results")
+        record = results.get("record")
+        if results.get("task") not in TASKS or not isinstance(record, dict):
+            raise EvalDataError(
+                f"{out / RESULTS} is not the results of a qwenkit eval run (no task or record)"
+            )
+        saved = Settings.from_saved({"task": results["task"], **(record.get("settings") or {})})
         settings = without_unused(saved)
         if extractor:
             settings = replace(settings, extractor=extractor)
@@ -227,7 +248,13 @@ def rescore_dir(out: str | Path, extractor: str | None = None) -> dict[str, Any]
             raise EvalDataError(f"--rescore cannot score {settings.task} again: {how.cannot_rejudge}")
         rows = read_samples(out / SAMPLES)
         for row in rows:
-            row |= how.rejudge(row)
+            try:
+                row |= how.rejudge(row)
+            except KeyError as e:  # a row edited, or written by another task
+                raise EvalDataError(
+                    f"{out / SAMPLES}: sample {row['id']!r} lacks {e.args[0]!r}, which {settings.task} "
+                    "scoring reads"
+                ) from None
         results["scores"] = how.aggregate(rows)
         results["record"] |= {**how.record, "settings": asdict(settings), "rescored": True}
         _write_samples(out / SAMPLES, rows)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qwenkit.evaluate.data import BFCL, EvalDataError, read_member
+from qwenkit.evaluate.data import BFCL, EvalDataError, json_lines, read_member
 from qwenkit.evaluate.stats import macro_stderr, mean_stderr
 
 # our name -> BFCL v4 file stem; the first four are BFCL's "non-live AST" group
@@ -106,7 +106,7 @@ def read_bfcl(categories: list[str] | None = None, data: str | Path | None = Non
             if len(turns) != 1 or not isinstance(q.get("function"), list):
                 raise EvalDataError(f"{stem}: {q.get('id')} is not a one-turn item with functions")
             answer = None if category == "irrelevance" else answers.get(q["id"])
-            if category != "irrelevance" and answer is None:
+            if category != "irrelevance" and not isinstance(answer, list):
                 raise EvalDataError(f"{stem}: {q['id']} has no possible answer")
             items.append(ToolItem(q["id"], category, turns[0], q["function"], answer))
     return items
@@ -114,20 +114,21 @@ def read_bfcl(categories: list[str] | None = None, data: str | Path | None = Non
 
 def _read_lines(data: str | Path | None, name: str) -> list[dict[str, Any]]:
     if data is None:
-        text = read_member(BFCL, member=BFCL.member + name).decode("utf-8")
+        raw, where = read_member(BFCL, member=BFCL.member + name), BFCL.member + name
     else:
         path = Path(data) / name
         if not path.is_file():
             raise EvalDataError(f"BFCL file {path} does not exist (point --data at bfcl_eval/data)")
-        text = path.read_text(encoding="utf-8")
-    try:
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as e:
-        raise EvalDataError(f"{name} is not JSON lines: {e}") from None
+        raw, where = path.read_bytes(), str(path)
+    rows = json_lines(raw, where)
+    for n, row in rows:
+        if not isinstance(row.get("id"), str):
+            raise EvalDataError(f"{where} line {n} has no id")
+    return [row for _, row in rows]
 
 
 def _answers(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, dict[str, list[Any]]]]]:
-    return {r["id"]: r["ground_truth"] for r in rows}
+    return {r["id"]: r.get("ground_truth") for r in rows}
 
 
 def openai_tools(functions: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -1,0 +1,159 @@
+"""A --data file that is not in the published layout (cut short, not UTF-8, rows of the wrong shape or
+types, a gold answer the scorer cannot match, no items at all) is refused in one line naming the file and
+line, exit 2, with nothing written to --output: it never runs, crashes, or scores every item wrong."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import pytest
+
+from qwenkit.cli import main as qwenkit_main
+
+GSM8K_ROW = '{"question": "What is 2+2?", "answer": "2+2=4\\n#### 4"}\n'
+HE_ROW = (
+    '{"task_id": "t/0", "prompt": "def f():\\n", "entry_point": "f", "canonical_solution": "", "test": ""}\n'
+)
+CEVAL_HEADER = "id,question,A,B,C,D,answer\n"
+
+
+def write(root: Path, files: dict[str, bytes | str]) -> None:
+    for name, content in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+
+
+CASES = [
+    # (task, files under --data, the name --data gives, extra options, message with {d} for --data)
+    (
+        "gsm8k",
+        {"t.jsonl": GSM8K_ROW + '{"question": "x", "ans'},
+        "t.jsonl",
+        [],
+        "{d} line 2 is not JSON (Unterminated string starting at: line 1 column 19 (char 18))",
+    ),
+    ("gsm8k", {"t.jsonl": ""}, "t.jsonl", [], "{d} holds no gsm8k items: nothing to evaluate"),
+    ("gsm8k", {"t.jsonl": "[1, 2]\n"}, "t.jsonl", [], "{d} line 1 is not a JSON object"),
+    (
+        "gsm8k",
+        {"t.jsonl": '{"q": "x", "answer": "#### 4"}\n'},
+        "t.jsonl",
+        [],
+        "{d} line 1 (a GSM8K row) lacks question",
+    ),
+    (
+        "gsm8k",
+        {"t.jsonl": '{"question": 5, "answer": 4}\n'},
+        "t.jsonl",
+        [],
+        "{d} line 1 (a GSM8K row): question, answer must be text",
+    ),
+    (
+        "gsm8k",
+        {"t.jsonl": GSM8K_ROW + '{"question": "x", "answer": "no final line"}\n'},
+        "t.jsonl",
+        [],
+        "{d} line 2: the answer ends in no number (GSM8K's '#### N' line)",
+    ),
+    ("gsm8k", {"t.jsonl": b'{"question": "\xff"}\n'}, "t.jsonl", [], "{d} is not UTF-8 text (byte 14)"),
+    ("humaneval", {"h.jsonl": '"a string"\n'}, "h.jsonl", [], "{d} line 1 is not a JSON object"),
+    (
+        "humaneval",
+        {"h.jsonl.gz": b"not gzip"},
+        "h.jsonl.gz",
+        [],
+        "{d} is not a whole gzip file (Not a gzipped file (b'no'))",
+    ),
+    (
+        "humaneval",
+        {"h.jsonl.gz": gzip.compress(HE_ROW.encode())[:-9]},
+        "h.jsonl.gz",
+        [],
+        "{d} is not a whole gzip file (Compressed file ended before the end-of-stream marker was reached)",
+    ),
+    (
+        "humaneval",
+        {"h.jsonl": HE_ROW.replace('"prompt": "def f():\\n"', '"prompt": 2')},
+        "h.jsonl",
+        [],
+        "{d} line 1 (a HumanEval row): prompt must be text",
+    ),
+    ("humaneval", {"h.jsonl": "\n"}, "h.jsonl", [], "{d} holds no humaneval items: nothing to evaluate"),
+    (
+        "mmlu",
+        {"data/test/anatomy_test.csv": "What?,a,b,c,d,B\nWho?,a,b,c,d,2\n"},
+        ".",
+        ["--shots", "0"],
+        "{d}/data/test/anatomy_test.csv:2: the answer '2' is not one of A, B, C, D",
+    ),
+    (
+        "mmlu",
+        {"data/test/anatomy_test.csv": b"What\xe9?,a,b,c,d,B\n"},
+        ".",
+        ["--shots", "0"],
+        "{d}/data/test/anatomy_test.csv is not UTF-8 text (byte 4)",
+    ),
+    (
+        "mmlu",
+        {"data/test/README": "x"},
+        ".",
+        ["--shots", "0"],
+        "{d} (test) holds no mmlu items: nothing to evaluate",
+    ),
+    (
+        "ceval",
+        {"val/logic_val.csv": CEVAL_HEADER + "0,问,a,b,c,d,B\n1,问,a,b\n"},
+        ".",
+        ["--shots", "0"],
+        "{d}/val/logic_val.csv:3: the row has fewer columns than the header",
+    ),
+    (
+        "ceval",
+        {"val/logic_val.csv": CEVAL_HEADER + "0,问,a,b,c,d,\n"},
+        ".",
+        ["--shots", "0"],
+        "{d}/val/logic_val.csv:2: the answer '' is not one of A, B, C, D",
+    ),
+    (
+        "tooluse",
+        {"BFCL_v4_irrelevance.json": '{"question": [[{"role": "user", "content": "hi"}]], "function": []}\n'},
+        ".",
+        ["--subjects", "irrelevance"],
+        "{d}/BFCL_v4_irrelevance.json line 1 has no id",
+    ),
+]
+
+
+@pytest.mark.parametrize(("task", "files", "given", "extra", "message"), CASES)
+def test_malformed_data_is_one_line_naming_file_and_line(
+    tiny_chat_model, tmp_path, capsys, task, files, given, extra, message
+):
+    root = tmp_path / "data"
+    write(root, files)
+    data = str(root / given) if given != "." else str(root)
+    out = tmp_path / "run"
+    argv = ["eval", str(tiny_chat_model), "--task", task, "--data", data, *extra, "--output", str(out)]
+    assert qwenkit_main([*argv, "--no-progress", "--max-new-tokens", "4"]) == 2
+    assert capsys.readouterr().err == "error: " + message.format(d=data) + "\n"
+    assert not out.exists()
+
+
+def test_a_c_eval_test_split_may_leave_the_answer_empty(tmp_path):
+    """C-Eval's test split publishes no answers (graded by submission): its rows are read, not refused."""
+    from qwenkit.evaluate import ceval
+
+    write(tmp_path, {"test/logic_test.csv": "id,question,A,B,C,D\n0,问,a,b,c,d\n"})
+    items = ceval.read_split(tmp_path, "test")
+    assert [(i.id, i.choices, i.answer) for i in items] == [("logic/test/0", ("a", "b", "c", "d"), "")]
+
+
+def test_quoted_multi_line_mmlu_questions_still_read(tmp_path):
+    from qwenkit.evaluate import mmlu
+
+    write(tmp_path, {"test/anatomy_test.csv": '"Line one\nline two?",a,"b, c",c,d,C\n'})
+    items = mmlu.read_split(tmp_path, "test")
+    assert [(i.question, i.choices, i.answer) for i in items] == [
+        ("Line one\nline two?", ("a", "b, c", "c", "d"), "C")
+    ]
