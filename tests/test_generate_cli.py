@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -82,6 +85,26 @@ def test_bad_input_one_line_error(model_dir, capsys, args, message):
     assert main(["generate", str(model_dir), *args]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_a_prompt_that_is_not_utf8_is_one_line(model_dir, capsys):
+    """Bytes that are not UTF-8 (arriving as surrogates from argv, or from stdin in either locale) ended in
+    a UnicodeEncodeError traceback from the tokenizer, or a UnicodeDecodeError from the read."""
+    assert main(["generate", str(model_dir), "-p", "ab\udcff", "--max-new-tokens", "2"]) == 2
+    assert capsys.readouterr().err == "error: the prompt is not UTF-8 text (an invalid byte at position 2)\n"
+    for encoding in ("utf-8:surrogateescape", "utf-8:strict"):  # the C locale's stdin, a UTF-8 locale's
+        r = subprocess.run(
+            [sys.executable, "-m", "qwenkit", "generate", str(model_dir), "-p", "-", "--max-new-tokens", "2"],
+            input=b"abc\xff",
+            capture_output=True,
+            env={**os.environ, "PYTHONIOENCODING": encoding},
+            timeout=120,
+        )
+        assert (r.returncode, r.stdout, r.stderr) == (
+            2,
+            b"",
+            b"error: standard input is not UTF-8 text (an invalid byte at position 3)\n",
+        )
 
 
 def test_a_context_past_the_models_own_is_said(model_dir, capsys):

@@ -11,8 +11,10 @@ from qwenkit.cli.common import (
     add_sampling_args,
     add_tensor_parallel_arg,
     load_llm,
+    read_stdin,
     run_tensor_parallel,
     sampling_overrides,
+    utf8_text,
     wants_tensor_parallel,
 )
 from qwenkit.command_parser import CommandParser
@@ -50,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if wants_tensor_parallel(args):
         if args.prompt == "-":
-            args.prompt = sys.stdin.read()  # read once here; the ranks cannot share stdin
+            args.prompt = read_stdin()  # read once here; the ranks cannot share stdin
         return run_tensor_parallel(args, rank_main)
     return run(args)
 
@@ -73,7 +75,7 @@ def run(args: argparse.Namespace, tp=None) -> int:
     if args.prompt_ids is not None:
         prompt = parse_prompt_ids(args.prompt_ids)
     else:
-        prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+        prompt = read_stdin() if args.prompt == "-" else utf8_text(args.prompt, "the prompt")
         if not prompt:
             raise PromptError("the prompt is empty")
     llm = load_llm(args, tensor_parallel=tp)
