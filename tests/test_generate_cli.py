@@ -87,6 +87,19 @@ def test_bad_input_one_line_error(model_dir, capsys, args, message):
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
 
 
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_float16_runs_on_weights_quantized_at_load(model_dir, capsys, quantize):
+    """--dtype float16 with --quantize (or a quantized GGUF such as the bundled model) failed in the
+    engine's thread: 'error: internal error: RuntimeError: qwenkit linear_int4: x must be bfloat16 or
+    float32, got Half', after the step's traceback."""
+    args = ["generate", str(model_dir), "--prompt-ids", "9707,11", "--json", "--temperature", "0"]
+    assert main([*args, "--max-new-tokens", "3", "--dtype", "float16", "--quantize", quantize]) == 0
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert len(out["output_token_ids"]) == 3 and out["finish_reason"] == "length"
+    assert "Traceback" not in captured.err
+
+
 def test_a_prompt_that_is_not_utf8_is_one_line(model_dir, capsys):
     """Bytes that are not UTF-8 (arriving as surrogates from argv, or from stdin in either locale) ended in
     a UnicodeEncodeError traceback from the tokenizer, or a UnicodeDecodeError from the read."""
