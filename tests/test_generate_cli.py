@@ -74,6 +74,8 @@ def test_streams_text_then_summary(model_dir, capsys, flag):
         (["-p", "hi", "--temperature", "-1"], "temperature must be >= 0, got -1"),
         (["-p", "hi", "--top-p", "0"], "top_p must be in (0, 1]"),
         (["-p", "hi", "--max-context", "1000000000"], "not enough free RAM"),
+        # streamed text showed no log-probabilities: the option was dropped without a word
+        (["-p", "hi", "--logprobs", "3"], "error: --logprobs is reported in the --json output; add --json"),
         pytest.param(
             ["-p", "hi", "--device", "cuda"],
             "no CUDA device is available",

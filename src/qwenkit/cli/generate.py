@@ -41,7 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("-p", "--prompt", help="prompt text ('-' reads stdin)")
     src.add_argument("--prompt-ids", help="prompt as token ids, e.g. 1,2,3")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
-    parser.add_argument("--logprobs", type=int, default=None, help="also report this many top alternatives")
+    parser.add_argument(
+        "--logprobs", type=int, default=None, help="with --json: also report this many top alternatives"
+    )
     parser.add_argument(
         "--router-stats",
         action="store_true",
@@ -50,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     add_sampling_args(parser)
     add_tensor_parallel_arg(parser)
     args = parser.parse_args(argv)
+    if args.logprobs is not None and not args.json:  # streamed text has no place for them: said, not dropped
+        raise PromptError("--logprobs is reported in the --json output; add --json")
     if wants_tensor_parallel(args):
         if args.prompt == "-":
             args.prompt = read_stdin()  # read once here; the ranks cannot share stdin
