@@ -129,6 +129,43 @@ def test_chat_refuses_an_empty_question_and_a_bad_context(tiny_chat_model):
         assert (r.returncode, r.stderr) == (2, message)
 
 
+@pytest.mark.parametrize("encoding", ["utf-8:surrogateescape", "utf-8:strict"])
+def test_text_that_is_not_utf8_is_one_line(tiny_chat_model, encoding):
+    """A question or typed line with bytes that are not UTF-8 ended the chat with a traceback (TypeError
+    from the template's encoding, or UnicodeDecodeError from a strict stdin, which also lost the lines
+    after it); now it is one error line, and a typed one keeps the chat."""
+    env = {**os.environ, "PYTHONIOENCODING": encoding}
+
+    def chat(stdin: bytes, *args: str) -> subprocess.CompletedProcess:
+        command = [*QWENKIT, "chat", str(tiny_chat_model), "--max-new-tokens", "2", *args]
+        return subprocess.run(command, input=stdin, capture_output=True, env=env, timeout=120)
+
+    r = chat(b"\xffabc", "-p", "-")
+    assert (r.returncode, r.stdout, r.stderr) == (
+        2,
+        b"",
+        b"error: standard input is not UTF-8 text (an invalid byte at position 0)\n",
+    )
+    r = subprocess.run(
+        [*QWENKIT, "chat", str(tiny_chat_model), "-p", os.fsdecode(b"ab\xff")],
+        capture_output=True,
+        env=env,
+        timeout=120,
+    )
+    assert (r.returncode, r.stderr) == (
+        2,
+        b"error: the question is not UTF-8 text (an invalid byte at position 2)\n",
+    )
+    r = chat(b"hi\xff\n:history\nhello\n:history\n")
+    assert r.returncode == 0 and r.stderr == b""
+    lines = r.stdout.decode().splitlines()
+    assert lines[:2] == [
+        "error: the message is not UTF-8 text (an invalid byte at position 2)",
+        "[history is empty]",
+    ]
+    assert "user: hello" in lines and lines.count("[history is empty]") == 1
+
+
 def test_conf_really_applies_to_the_next_answer(tiny_chat_model, llm):
     # Greedy, one token: the reply must be exactly the model's first greedy token after the chat prompt.
     prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])

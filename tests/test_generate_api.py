@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import re
 import time
 import weakref
 
@@ -174,6 +175,24 @@ def test_load_refuses_an_unknown_device_or_an_empty_batch_by_name(tiny_chat_mode
         LLM.load(tiny_chat_model, device="tpu", progress=False)
     with pytest.raises(SamplingParamsError, match="^max_batch_size must be at least 1, got 0$"):
         LLM.load(tiny_chat_model, dtype="float32", max_batch_size=0, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("max_seq_len", "100", "max_seq_len must be an integer, got '100'"),
+        ("max_seq_len", 100.5, "max_seq_len must be an integer, got 100.5"),
+        ("max_batch_size", "2", "max_batch_size must be an integer, got '2'"),
+        ("kv_cache_memory", "1GB", "kv_cache_memory must be an integer, got '1GB'"),
+    ],
+)
+def test_load_refuses_sizes_that_are_not_integers_by_name(tiny_chat_model, option, value, message):
+    """A str or float size failed with a bare TypeError ("'<' not supported between instances of 'str'
+    and 'int'"; 100.5 only after the weights had loaded)."""
+    from qwenkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        LLM.load(tiny_chat_model, dtype="float32", progress=False, **{option: value})
 
 
 def test_a_stream_read_the_wrong_way_says_how_and_ends_its_request(llm):

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -71,6 +74,8 @@ def test_streams_text_then_summary(model_dir, capsys, flag):
         (["-p", "hi", "--temperature", "-1"], "temperature must be >= 0, got -1"),
         (["-p", "hi", "--top-p", "0"], "top_p must be in (0, 1]"),
         (["-p", "hi", "--max-context", "1000000000"], "not enough free RAM"),
+        # streamed text showed no log-probabilities: the option was dropped without a word
+        (["-p", "hi", "--logprobs", "3"], "error: --logprobs is reported in the --json output; add --json"),
         pytest.param(
             ["-p", "hi", "--device", "cuda"],
             "no CUDA device is available",
@@ -82,6 +87,39 @@ def test_bad_input_one_line_error(model_dir, capsys, args, message):
     assert main(["generate", str(model_dir), *args]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_float16_runs_on_weights_quantized_at_load(model_dir, capsys, quantize):
+    """--dtype float16 with --quantize (or a quantized GGUF such as the bundled model) failed in the
+    engine's thread: 'error: internal error: RuntimeError: qwenkit linear_int4: x must be bfloat16 or
+    float32, got Half', after the step's traceback."""
+    args = ["generate", str(model_dir), "--prompt-ids", "9707,11", "--json", "--temperature", "0"]
+    assert main([*args, "--max-new-tokens", "3", "--dtype", "float16", "--quantize", quantize]) == 0
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert len(out["output_token_ids"]) == 3 and out["finish_reason"] == "length"
+    assert "Traceback" not in captured.err
+
+
+def test_a_prompt_that_is_not_utf8_is_one_line(model_dir, capsys):
+    """Bytes that are not UTF-8 (arriving as surrogates from argv, or from stdin in either locale) ended in
+    a UnicodeEncodeError traceback from the tokenizer, or a UnicodeDecodeError from the read."""
+    assert main(["generate", str(model_dir), "-p", "ab\udcff", "--max-new-tokens", "2"]) == 2
+    assert capsys.readouterr().err == "error: the prompt is not UTF-8 text (an invalid byte at position 2)\n"
+    for encoding in ("utf-8:surrogateescape", "utf-8:strict"):  # the C locale's stdin, a UTF-8 locale's
+        r = subprocess.run(
+            [sys.executable, "-m", "qwenkit", "generate", str(model_dir), "-p", "-", "--max-new-tokens", "2"],
+            input=b"abc\xff",
+            capture_output=True,
+            env={**os.environ, "PYTHONIOENCODING": encoding},
+            timeout=120,
+        )
+        assert (r.returncode, r.stdout, r.stderr) == (
+            2,
+            b"",
+            b"error: standard input is not UTF-8 text (an invalid byte at position 3)\n",
+        )
 
 
 def test_a_context_past_the_models_own_is_said(model_dir, capsys):

@@ -261,7 +261,15 @@ class LLM:
         checked now; more or larger ones are refused. None: grown as adapters come, no limit."""
         from qwenkit.default_model import bundled_sampling
 
-        if max_seq_len is not None and (isinstance(max_seq_len, bool) or max_seq_len < 2):
+        # each sizes the KV pool: a str or float failed later with a bare TypeError, some after the load
+        for name, value in (
+            ("max_batch_size", max_batch_size),
+            ("max_seq_len", max_seq_len),
+            ("kv_cache_memory", kv_cache_memory),
+        ):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+                raise ConfigError(f"{name} must be an integer, got {value!r}")
+        if max_seq_len is not None and max_seq_len < 2:
             raise ConfigError(
                 f"max_seq_len must be at least 2 (a prompt token and one to generate), got {max_seq_len}"
             )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 
+import pytest
 from tokenizer_data import QWEN3_DIR
 
 from qwenkit.cli import template, tokenize
@@ -41,6 +42,13 @@ def test_tokenize_count_and_json(capsys):
     assert json.loads(capsys.readouterr().out) == [9707, 1879]
     assert tokenize.main([str(QWEN3_DIR), "<|im_end|>", "--json", "--allow-special"]) == 0
     assert json.loads(capsys.readouterr().out) == [151645]
+    with pytest.raises(SystemExit) as exit_:  # the count alone was printed, --json dropped
+        tokenize.main([str(QWEN3_DIR), "12345", "--count", "--json"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr() == (
+        "",
+        "error: argument --json: not allowed with argument --count; see `qwenkit tokenize --help`\n",
+    )
 
 
 def test_tokenize_stdin(capsys, monkeypatch):

@@ -139,3 +139,19 @@ def test_truncation_or_padding_in_the_file_does_not_cut_prompts(tmp_path):
     assert len(ids) == 6 and tok.decode(ids) == text
     assert tok.encode(text + " <think>") == [*ids, *tok.encode(" <think>")]  # the other path too
     assert len(tok.encode(text, allow_special=True)) == 6
+
+
+def test_text_from_bytes_that_are_not_utf8_is_refused_by_both_tokenizers(qwen3, v1):
+    """A str holding a lone surrogate (undecodable bytes, as argv or a C-locale stdin hand them over) is a
+    TokenizerError naming its position: `tokenizers` raised UnicodeEncodeError (TypeError from a chat
+    template's pieces) and tiktoken encoded it silently as U+FFFD (id 5691), a prompt the user never
+    wrote."""
+    from qwenkit.tokenizer import TokenizerError
+
+    for tok in (qwen3, v1):
+        for allow_special in (False, True):
+            with pytest.raises(TokenizerError, match=r"lone surrogate '\\udcff' at position 1 "):
+                tok.encode("a\udcffb", allow_special=allow_special)
+    with pytest.raises(TokenizerError, match="the rendered chat prompt is not valid Unicode"):
+        qwen3.apply_chat_template([{"role": "user", "content": "hi\udcff"}])
+    assert v1.encode("a\ufffdb") == [64, 5691, 65]  # a real U+FFFD is text like any other

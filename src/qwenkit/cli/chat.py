@@ -16,12 +16,16 @@ from collections.abc import Iterator
 
 from qwenkit.chat import ChatSession
 from qwenkit.cli.common import (
+    NotUTF8Error,
     add_model_args,
     add_sampling_args,
     add_tensor_parallel_arg,
     lead_tensor_parallel,
     load_llm,
+    read_stdin,
     sampling_overrides,
+    stdin_keeps_bad_bytes,
+    utf8_text,
     wants_tensor_parallel,
 )
 from qwenkit.command_parser import CommandParser
@@ -163,7 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     add_tensor_parallel_arg(parser)
     args = parser.parse_args(argv)
     if args.prompt == "-":  # read now: an empty question is refused before the model loads
-        args.prompt = sys.stdin.read()
+        args.prompt = read_stdin()
+    elif args.prompt is not None:
+        utf8_text(args.prompt, "the question")
     if args.prompt is not None and not args.prompt.strip():
         raise ConfigError("the question is empty")
     tools = chat_tools(args) if args.tools or args.code_interpreter else None  # file errors first
@@ -186,6 +192,7 @@ def run(args: argparse.Namespace, llm, tools: list | None = None) -> int:
         return 0
 
     interactive = sys.stdin.isatty()
+    stdin_keeps_bad_bytes()
     if interactive:
         import readline  # noqa: F401 - line editing and history for input()
 
@@ -194,12 +201,15 @@ def run(args: argparse.Namespace, llm, tools: list | None = None) -> int:
             print("Tools are on: each answer prints whole, after the tool calls it makes.")
     while True:
         try:
-            line = input("\n>>> " if interactive else "")
+            line = utf8_text(input("\n>>> " if interactive else ""), "the message")
         except EOFError:
             print()
             return 0
         except KeyboardInterrupt:
             print("\n[Ctrl-D or :exit to leave]")
+            continue
+        except NotUTF8Error as e:  # the chat goes on
+            print(f"error: {e}")
             continue
         line = line.strip()
         if not line:

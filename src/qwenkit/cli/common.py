@@ -4,11 +4,42 @@ from __future__ import annotations
 
 import argparse
 import functools
+import io
 import sys
 from pathlib import Path
 
 from qwenkit.command_parser import int_at_least
 from qwenkit.engine import SamplingParams
+from qwenkit.errors import QwenkitError
+
+
+class NotUTF8Error(QwenkitError, ValueError):
+    """Text given to a command (an argument, standard input, a typed line) is not UTF-8."""
+
+
+def utf8_text(text: str, what: str) -> str:
+    """``text`` as given, refused where it came from bytes that are not UTF-8: Python hands those over as
+    lone surrogates (argv; stdin in the C locale), which reached the tokenizer and ended in a traceback."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise NotUTF8Error(f"{what} is not UTF-8 text (an invalid byte at position {e.start})") from None
+    return text
+
+
+def read_stdin(what: str = "standard input") -> str:
+    """All of standard input as UTF-8 text."""
+    stdin_keeps_bad_bytes()
+    return utf8_text(sys.stdin.read(), what)
+
+
+def stdin_keeps_bad_bytes() -> None:
+    """Standard input decodes bytes that are not UTF-8 to surrogates, as in the C locale, so that
+    ``utf8_text`` names their position. A strict stdin (a UTF-8 locale) raised UnicodeDecodeError from
+    the read, with a position within its buffer, and lost the rest of that buffer: the lines after a
+    bad one, for the chat."""
+    if isinstance(sys.stdin, io.TextIOWrapper):
+        sys.stdin.reconfigure(errors="surrogateescape")
 
 
 def add_model_args(parser: argparse.ArgumentParser, optional_model: bool = True) -> None:
@@ -312,6 +343,7 @@ def _seeded(rank_main, tp, *, args: argparse.Namespace) -> int:
 
 
 __all__ = [
+    "NotUTF8Error",
     "SamplingParams",
     "add_model_args",
     "add_sampling_args",
@@ -321,7 +353,10 @@ __all__ = [
     "gguf_dequantize",
     "lead_tensor_parallel",
     "load_llm",
+    "read_stdin",
     "resolve_model",
     "run_tensor_parallel",
     "sampling_overrides",
+    "stdin_keeps_bad_bytes",
+    "utf8_text",
 ]

@@ -11,8 +11,10 @@ from qwenkit.cli.common import (
     add_sampling_args,
     add_tensor_parallel_arg,
     load_llm,
+    read_stdin,
     run_tensor_parallel,
     sampling_overrides,
+    utf8_text,
     wants_tensor_parallel,
 )
 from qwenkit.command_parser import CommandParser
@@ -39,7 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("-p", "--prompt", help="prompt text ('-' reads stdin)")
     src.add_argument("--prompt-ids", help="prompt as token ids, e.g. 1,2,3")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
-    parser.add_argument("--logprobs", type=int, default=None, help="also report this many top alternatives")
+    parser.add_argument(
+        "--logprobs", type=int, default=None, help="with --json: also report this many top alternatives"
+    )
     parser.add_argument(
         "--router-stats",
         action="store_true",
@@ -48,9 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     add_sampling_args(parser)
     add_tensor_parallel_arg(parser)
     args = parser.parse_args(argv)
+    if args.logprobs is not None and not args.json:  # streamed text has no place for them: said, not dropped
+        raise PromptError("--logprobs is reported in the --json output; add --json")
     if wants_tensor_parallel(args):
         if args.prompt == "-":
-            args.prompt = sys.stdin.read()  # read once here; the ranks cannot share stdin
+            args.prompt = read_stdin()  # read once here; the ranks cannot share stdin
         return run_tensor_parallel(args, rank_main)
     return run(args)
 
@@ -73,7 +79,7 @@ def run(args: argparse.Namespace, tp=None) -> int:
     if args.prompt_ids is not None:
         prompt = parse_prompt_ids(args.prompt_ids)
     else:
-        prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+        prompt = read_stdin() if args.prompt == "-" else utf8_text(args.prompt, "the prompt")
         if not prompt:
             raise PromptError("the prompt is empty")
     llm = load_llm(args, tensor_parallel=tp)

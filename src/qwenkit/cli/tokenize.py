@@ -19,8 +19,9 @@ def main(argv: list[str] | None = None) -> int:
         help="model directory (tokenizer.json or qwen.tiktoken) or .gguf file (default: the bundled model)",
     )
     parser.add_argument("text", help="text to tokenize; '-' reads standard input")
-    parser.add_argument("--count", action="store_true", help="print only the number of tokens")
-    parser.add_argument("--json", action="store_true", help="print the ids as a JSON list")
+    shape = parser.add_mutually_exclusive_group()  # both at once printed the count alone
+    shape.add_argument("--count", action="store_true", help="print only the number of tokens")
+    shape.add_argument("--json", action="store_true", help="print the ids as a JSON list")
     parser.add_argument(
         "--allow-special", action="store_true", help="parse special-token text (e.g. <|im_end|>) as tokens"
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from functools import cached_property
@@ -33,6 +34,21 @@ def token_text(value: Any) -> str | None:
     if isinstance(value, Mapping) and isinstance(value.get("content"), str):
         return value["content"]
     return None
+
+
+# What a str decoded from bytes that are not UTF-8 holds (Python's surrogateescape: argv, a C-locale stdin);
+# no UTF-8 tokenizer can take it (the `tokenizers` library raised TypeError or UnicodeEncodeError).
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_unicode(text: str, what: str = "the text") -> None:
+    """TokenizerError where ``text`` holds a lone surrogate, naming its position."""
+    found = LONE_SURROGATE.search(text)
+    if found is not None:
+        raise TokenizerError(
+            f"{what} is not valid Unicode: a lone surrogate {found.group()!r} at position {found.start()} "
+            "(bytes that were not UTF-8, decoded with errors='surrogateescape'?)"
+        )
 
 
 def _ids(value: Any) -> set[int]:
@@ -114,6 +130,7 @@ class Tokenizer(ABC):
         """Text -> ids. By default special-token text is plain text (injection safe)."""
         if not isinstance(text, str):
             raise TokenizerError(f"can only encode str, got {type(text).__name__}")
+        check_unicode(text)
         return self.encode_with_added(text) if allow_special else self.encode_plain(text)
 
     @cached_property
@@ -185,7 +202,9 @@ class Tokenizer(ABC):
         Without such text the ids equal the reference (transformers) ids for the same rendered text.
         """
         ids: list[int] = []
-        for piece, from_user in self.chat_pieces(messages, tools, add_generation_prompt, **template_kwargs):
+        pieces = self.chat_pieces(messages, tools, add_generation_prompt, **template_kwargs)
+        check_unicode("".join(piece for piece, _ in pieces), "the rendered chat prompt")
+        for piece, from_user in pieces:
             ids += self.encode_plain(piece) if from_user else self.encode_with_added(piece)
         return ids
 

@@ -92,6 +92,8 @@ class _Avx512IntKernel(LinearKernel):
             5: kernels.linear_int5,
             4: kernels.linear_int4,
         }[bits]
+        if x.dtype == torch.float16:  # the ops take bfloat16 or float32: --dtype float16 runs in float32
+            return linear(x.float(), self.packed).to(torch.float16)
         return linear(x, self.packed)
 
     def codes(self) -> torch.Tensor:
