@@ -244,6 +244,22 @@ def test_a_run_of_another_model_is_not_resumed(local, tmp_path):
             run(local, settings, tmp_path, progress=False, model_record={**first, **changed})
 
 
+def test_a_setting_the_task_never_reads_does_not_block_resuming(local, tmp_path):
+    """Letter scoring generates nothing: a run given --max-new-tokens 64 (or a perplexity --window) resumes
+    without it, as it scored the same; a setting the task reads still has to match."""
+    first = run(
+        local,
+        Settings(task="mmlu", limit=1, subjects=["virology"], max_new_tokens=64, window=100),
+        tmp_path,
+        progress=False,
+    )
+    again = run(local, Settings(task="mmlu", limit=1, subjects=["virology"]), tmp_path, progress=False)
+    assert again["timing"]["items_run"] == 0
+    assert json.dumps(again["scores"], sort_keys=True) == json.dumps(first["scores"], sort_keys=True)
+    with pytest.raises(EvalDataError, match=r"holds a run with other settings \(limit\)"):
+        run(local, Settings(task="mmlu", limit=2, subjects=["virology"]), tmp_path, progress=False)
+
+
 def test_a_refused_run_leaves_nothing_that_blocks_the_next(local, tmp_path):
     """A settings file without samples (the run was refused or stopped before its first chunk) is
     replaced by the next run's, instead of refusing the corrected command."""

@@ -27,6 +27,7 @@ from qwenkit.evaluate.plans import (
     item_id,
     plan,
     scoring,
+    used_settings,
     without_unused,
 )
 from qwenkit.evaluate.results import (
@@ -153,8 +154,12 @@ def _resume(out: Path, settings: Settings, identity: dict[str, Any]) -> list[dic
         # was recorded is taken to be this model's
         defaults = {**Settings(task=settings.task).key(), "model": identity}
         saved = {**defaults, **_read_object(settings_path, "run's settings")}
-        if saved != wanted:
-            changed = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+        # only what the task reads: a letter-scoring run given --max-new-tokens scored what one without did
+        read = {*used_settings(settings), "model"}
+        saved = {k: v for k, v in saved.items() if k in read}
+        asked = {k: v for k, v in wanted.items() if k in read}
+        if saved != asked:
+            changed = sorted(k for k in set(saved) | set(asked) if saved.get(k) != asked.get(k))
             if changed == ["model"]:
                 fields = sorted(
                     k for k in set(saved["model"]) | set(identity) if saved["model"].get(k) != identity.get(k)
