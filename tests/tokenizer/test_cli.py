@@ -33,6 +33,11 @@ def test_tokenize_shows_each_tokens_text(capsys):
     ]
     assert tokenize.shown("界".encode()[:2]) == '"\\xe7\\x95"'
     assert tokenize.shown(b'a\\"\n\t\r') == '"a\\\\\\"\\n\\t\\r"'
+    # control characters printed raw acted on the terminal: ESC started a colour, BEL rang, BS erased
+    assert tokenize.shown(b"\x1b[31m\x07\x08\x00\x7f") == '"\\x1b[31m\\x07\\x08\\x00\\x7f"'
+    assert tokenize.shown("\x85\u2028\u2029é".encode()) == '"\\u0085\\u2028\\u2029é"'
+    assert tokenize.shown(b"\x85") == '"\\x85"'  # the lone byte, not the character U+0085
+    assert tokenize.shown(b"\\x1b") == '"\\\\x1b"'  # a written backslash stays told apart
 
 
 def test_tokenize_count_and_json(capsys):
