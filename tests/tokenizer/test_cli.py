@@ -33,6 +33,11 @@ def test_tokenize_shows_each_tokens_text(capsys):
     ]
     assert tokenize.shown("界".encode()[:2]) == '"\\xe7\\x95"'
     assert tokenize.shown(b'a\\"\n\t\r') == '"a\\\\\\"\\n\\t\\r"'
+    # control characters printed raw acted on the terminal: ESC started a colour, BEL rang, BS erased
+    assert tokenize.shown(b"\x1b[31m\x07\x08\x00\x7f") == '"\\x1b[31m\\x07\\x08\\x00\\x7f"'
+    assert tokenize.shown("\x85\u2028\u2029é".encode()) == '"\\u0085\\u2028\\u2029é"'
+    assert tokenize.shown(b"\x85") == '"\\x85"'  # the lone byte, not the character U+0085
+    assert tokenize.shown(b"\\x1b") == '"\\\\x1b"'  # a written backslash stays told apart
 
 
 def test_tokenize_count_and_json(capsys):
@@ -109,6 +114,19 @@ def test_template_messages_that_are_not_utf8(capsys, tmp_path, monkeypatch):
         capsys.readouterr().err
         == "error: messages file - is not UTF-8 text (an invalid byte at position 31)\n"
     )
+    # a JSON escape of half a surrogate pair is a lone surrogate to json.loads: it printed as a raw byte
+    # 0xff in the prompt (a UnicodeEncodeError traceback where stdout is strict) and --ids was a traceback
+    (tmp_path / "s.json").write_text('[{"role": "user", "content": "a\\udcffb"}]')
+    for ids in ([], ["--ids"]):
+        assert template.main([str(QWEN3_DIR), str(tmp_path / "s.json"), *ids]) == 2
+        assert capsys.readouterr() == (
+            "",
+            f"error: messages file {tmp_path / 's.json'} is not valid Unicode: it escapes half a surrogate "
+            "pair (\\udcff), which is no character\n",
+        )
+    (tmp_path / "pair.json").write_text('[{"role": "user", "content": "\\ud83d\\ude00"}]')
+    assert template.main([str(QWEN3_DIR), str(tmp_path / "pair.json"), "--ids"]) == 0
+    assert json.loads(capsys.readouterr().out) == [151644, 872, 198, 141334, 151645, 198, 151644, 77091, 198]
 
 
 def test_template_bad_input(capsys, tmp_path):

@@ -9,6 +9,7 @@ from typing import Any
 
 from qwenkit.command_parser import CommandParser
 from qwenkit.errors import QwenkitError
+from qwenkit.tokenizer.base import LONE_SURROGATE
 from qwenkit.tools.calls import offered_functions
 from qwenkit.tools.template_style import template_style
 
@@ -21,7 +22,7 @@ def _read_json(path: str, what: str) -> Any:
     try:
         text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
         text.encode("utf-8")  # stdin's undecodable bytes arrive as surrogates, which the tokenizer refuses
-        return json.loads(text)
+        data = json.loads(text)
     except OSError as e:
         raise _InputError(f"cannot read {what} file {path}: {e.strerror}") from None
     except UnicodeError as e:
@@ -30,6 +31,15 @@ def _read_json(path: str, what: str) -> Any:
         ) from None
     except json.JSONDecodeError as e:
         raise _InputError(f"{what} file {path} is not valid JSON: {e}") from None
+    # JSON's \udXXX escapes may name half a surrogate pair, which json.loads takes as a lone surrogate:
+    # printed raw as a stray byte, or a UnicodeEncodeError traceback where stdout is strict
+    found = LONE_SURROGATE.search(json.dumps(data, ensure_ascii=False))
+    if found is not None:
+        raise _InputError(
+            f"{what} file {path} is not valid Unicode: it escapes half a surrogate pair "
+            f"(\\u{ord(found.group()):04x}), which is no character"
+        )
+    return data
 
 
 def main(argv: list[str] | None = None) -> int:

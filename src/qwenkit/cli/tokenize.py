@@ -4,6 +4,7 @@ text each token stands for (byte-level pieces such as `Ġthe` or `ä¸` are not 
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 from qwenkit.command_parser import CommandParser
@@ -55,8 +56,21 @@ def main(argv: list[str] | None = None) -> int:
 
 def shown(text: bytes) -> str:
     """A token's bytes as a quoted line: UTF-8 as itself, a byte of a character split across tokens as
-    \\xNN, and backslash, quote, newline, tab and carriage return escaped, so every token is one line."""
+    \\xNN, and backslash, quote, newline, tab and carriage return escaped, so every token is one line.
+    Other control characters (ESC, BEL, backspace, NUL, DEL, C1) and the Unicode line and paragraph
+    separators are escaped too (\\xNN below 0x80, else \\uNNNN): printed raw, they acted on the
+    terminal (colours, a bell, erased text) instead of showing what the token holds."""
     escaped = text.replace(b"\\", b"\\\\").decode("utf-8", errors="backslashreplace")
     for char, escape in (('"', '\\"'), ("\n", "\\n"), ("\t", "\\t"), ("\r", "\\r")):
         escaped = escaped.replace(char, escape)
-    return f'"{escaped}"'
+    return f'"{UNPRINTABLE.sub(_escape_char, escaped)}"'
+
+
+# C0 controls but \t \n \r (escaped by name above), DEL, C1 controls, U+2028 and U+2029
+UNPRINTABLE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _escape_char(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    # a C1 character as \\u0085: \\x85 already means the lone byte 0x85 of a split character
+    return f"\\x{code:02x}" if code < 0x80 else f"\\u{code:04x}"
