@@ -77,16 +77,35 @@ class _ChunkRow:
 PARTIALS_BYTES = 64 << 20
 
 
-def _chunk_as_decoding_rows(
-    queries: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, row: _ChunkRow, scale: float
+def kernel_attention_runs(dtype: torch.dtype, device: torch.device, head_dim: int) -> bool:
+    """Whether :func:`chunk_attention` and ``kernels.decode_attention`` take K/V of this dtype, device and
+    head size (bf16 on the CPU with qwenkit's kernels); elsewhere torch's SDPA attends."""
+    return dtype == torch.bfloat16 and device.type == "cpu" and head_dim % 16 == 0 and kernels.available()
+
+
+def chunk_attention(
+    queries: torch.Tensor,
+    kc: torch.Tensor,
+    vc: torch.Tensor,
+    slots: torch.Tensor,
+    start: int,
+    scale: float,
+    positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """A prompt chunk's attention, each query (n, H, D) as a decoding row over the chunk's keys (one
-    gather row, shared): a query's arithmetic depends on its position and keys alone, so groups of
-    queries give the same bits as one call."""
+    """Causal attention of a run of n queries (n, H, D) at positions start .. start + n - 1 over the keys
+    at ``slots`` (start + n,) of the pools (where :func:`kernel_attention_runs`): as tiles on AMX
+    (``kernels.prefill_attention``), elsewhere each query as a decoding row (one gather row, shared). A
+    query's arithmetic depends on its position and keys alone, so how a prompt is cut into runs, and what
+    runs beside it, never changes its bits (torch's SDPA rounds a query's result by the call's query
+    count). ``positions``: the queries' positions, where the caller keeps them between layers."""
     n, heads, dim = queries.shape
-    per_query = heads * (dim + 2) * 4 * (-(-(row.start + n) // 128))
+    if kernels.prefill_attention_runs(dim):
+        return kernels.prefill_attention(queries, kc, vc, slots, start, scale)
+    if positions is None:
+        positions = torch.arange(start, start + n, device=slots.device)
+    per_query = heads * (dim + 2) * 4 * (-(-(start + n) // 128))
     group = max(1, PARTIALS_BYTES // per_query)
-    gather, positions = row.slots[None].expand(n, -1), row.positions()
+    gather = slots[None].expand(n, -1)
     parts = [
         kernels.decode_attention(
             queries[i : i + group], kc, vc, gather[i : i + group], positions[i : i + group], scale
@@ -145,15 +164,7 @@ class StepAttention:
         # On the Zen 4 (2 cores, 2026-12-06) the decoding-row form also ran the bundled model's 512- and
         # 2,048-token prompts 5-15% faster than SDPA.
         pool = cache.k[0]
-        self.fast_decode = (
-            pool.dtype == torch.bfloat16
-            and pool.device.type == "cpu"
-            and pool.shape[-1] % 16 == 0
-            and kernels.available()
-        )
-        self.fast_prefill = (
-            bool(self.chunks) and self.fast_decode and kernels.prefill_attention_runs(pool.shape[-1])
-        )
+        self.fast_decode = kernel_attention_runs(pool.dtype, pool.device, pool.shape[-1])
 
     def decode_pools(self) -> DecodePools | None:
         """The pools and this step's slots, gather table and positions when every row of the step decodes
@@ -189,10 +200,7 @@ class StepAttention:
             qr = q[:, :, row.offset : row.offset + row.length]  # (1, H, n, D)
             if self.fast_decode and q.dtype == torch.bfloat16 and not q.requires_grad:
                 scale, queries = q.shape[-1] ** -0.5, qr[0].transpose(0, 1)  # (n, H, D)
-                if self.fast_prefill:
-                    out = kernels.prefill_attention(queries, kc, vc, row.slots, row.start, scale)
-                else:
-                    out = _chunk_as_decoding_rows(queries, kc, vc, row, scale)
+                out = chunk_attention(queries, kc, vc, row.slots, row.start, scale, row.positions())
                 parts.append(out.transpose(0, 1))  # (H, n, D)
                 continue
             if row.start == 0:

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
+from qwenkit.engine.kv_cache import chunk_attention, kernel_attention_runs
 from qwenkit.errors import QwenkitError
 from qwenkit.tools.template_style import template_style
 
@@ -74,8 +75,9 @@ class ToolReply:
 @dataclass
 class LocalBackend:
     """A loaded ``LLM``. Letter scoring runs the network directly over right-padded batches (one forward
-    per context, no KV cache needed; causal attention makes padding invisible to real tokens); text
-    generation goes through the engine, batched."""
+    per context, no KV cache needed; causal attention makes padding invisible to real tokens), with the
+    engine's attention where its kernels run, so its log-probabilities are a server's; text generation
+    goes through the engine, batched."""
 
     llm: Any  # qwenkit.generate.LLM
     batch_size: int = 8
@@ -112,8 +114,8 @@ class LocalBackend:
         """Score contexts sharing their first ``prefix_len`` tokens: the prefix runs once, then the rest of
         each context in right-padded batches attending over it."""
         model, dev = self.llm.model, self._device
-        cache = _PrefixCache() if prefix_len else None
-        if cache is not None:
+        cache = _ScoringAttention(prefix=bool(prefix_len))
+        if prefix_len:
             model(torch.tensor([contexts[members[0]][:prefix_len]], device=dev), cache=cache)
             cache.filling = False
         cand = torch.tensor(candidates, device=dev)
@@ -145,7 +147,8 @@ class LocalBackend:
         for seq in sequences:  # one at a time: windows are long, and this keeps memory to one window
             ids = torch.tensor([seq], device=self._device)
             alpha = model.ntk_alpha(len(seq))
-            logits = model(ids, ntk_alphas=[alpha] if alpha != 1.0 else None)[0, :-1].float()  # (T-1, V)
+            attention = _ScoringAttention(prefix=False)
+            logits = model(ids, cache=attention, ntk_alphas=[alpha] if alpha != 1.0 else None)[0, :-1].float()
             lps = torch.log_softmax(logits, dim=-1).gather(1, ids[0, 1:, None])[:, 0]
             out.append(lps.cpu().tolist())
         return out
@@ -189,32 +192,63 @@ class LocalBackend:
         return {"backend": "local", **(self.record or {})}
 
 
-class _PrefixCache:
-    """The KV of one shared prefix (few-shot examples): filled by one forward, then every row of a batch
-    attends over it before its own tokens (causally). Satisfies ``qwenkit.model.attention.KVCache``."""
+class _ScoringAttention:
+    """The attention of a scoring forward (``qwenkit.model.attention.KVCache``): causal over each row of
+    a right-padded batch, after the KV of one shared prefix (few-shot examples) where one was filled by a
+    first forward. Where the engine's kernels run (bf16 on the CPU) each row is the engine's own
+    ``chunk_attention``, so a context's log-probabilities are the bits a server's engine gives for it
+    (torch's SDPA, used elsewhere, rounds a query's result by the call's query count: through the int8
+    activations of quantized layers that moved the bundled model's letters by up to 0.3 nats)."""
 
-    def __init__(self) -> None:
-        self.k: dict[int, torch.Tensor] = {}
+    def __init__(self, prefix: bool) -> None:
+        self.k: dict[int, torch.Tensor] = {}  # the prefix's (1, Hkv, P, D)
         self.v: dict[int, torch.Tensor] = {}
-        self.filling = True
+        self.filling = prefix
 
     def decode_pools(self) -> None:
         """Never: scoring runs the modules."""
         return None
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        gqa = q.shape[1] != k.shape[1]
         if self.filling:
             self.k[layer], self.v[layer] = k, v
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        batch, _, t, _ = q.shape
-        pk, pv = self.k[layer], self.v[layer]  # (1, Hkv, P, D)
+        pk, pv = self.k.get(layer), self.v.get(layer)
+        if self.filling or pk is None:
+            pk = pv = None
+        batch, heads, t, dim = q.shape
+        if kernel_attention_runs(q.dtype, q.device, dim) and not q.requires_grad:
+            return self._rows(q, k, v, pk, pv)
+        gqa = heads != k.shape[1]
+        if pk is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=gqa)
         p = pk.shape[2]
         keys = torch.cat([pk.expand(batch, -1, -1, -1), k], dim=2)  # (B, Hkv, P+T, D)
         values = torch.cat([pv.expand(batch, -1, -1, -1), v], dim=2)
         mask = torch.ones(t, p + t, dtype=torch.bool, device=q.device)
         mask[:, p:] = torch.tril(mask[:, p:])  # own tokens causally; the whole prefix always
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
+
+    @staticmethod
+    def _rows(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pk: torch.Tensor | None, pv: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Each row's queries over the prefix's keys and its own, read from one pool of all of them."""
+        batch, _, t, dim = q.shape
+        parts_k = [k.transpose(1, 2).reshape(batch * t, -1, dim)]  # (B*T, Hkv, D): row b at b*T
+        parts_v = [v.transpose(1, 2).reshape(batch * t, -1, dim)]
+        p = 0
+        if pk is not None:
+            p = pk.shape[2]
+            parts_k.insert(0, pk[0].transpose(0, 1))
+            parts_v.insert(0, pv[0].transpose(0, 1))
+        kc, vc = torch.cat(parts_k).contiguous(), torch.cat(parts_v).contiguous()
+        prefix = torch.arange(p, device=q.device)
+        scale, out = dim**-0.5, []
+        for b in range(batch):
+            slots = torch.cat([prefix, torch.arange(p + b * t, p + (b + 1) * t, device=q.device)])
+            queries = q[b].transpose(0, 1).contiguous()  # (T, H, D)
+            out.append(chunk_attention(queries, kc, vc, slots, p, scale).transpose(0, 1))  # (H, T, D)
+        return torch.stack(out)
 
 
 def _shared_prefix_groups(contexts: Sequence[list[int]], min_shared: int) -> list[tuple[int, list[int]]]:
