@@ -87,10 +87,16 @@ def init_world(device: str, tp: int = 1) -> World:
     return World(dist.get_rank(), dist.get_world_size(), local, tp, mesh)
 
 
-def close_world(world: World) -> None:
-    """A barrier first: tearing gloo down while a peer still has work in flight can abort the process."""
+def close_world(world: World, failing: bool = False) -> None:
+    """A barrier first: tearing gloo down while a peer still has work in flight can abort the process.
+    ``failing`` (an error or Ctrl-C is on its way out): a peer may be gone already, and the barrier's
+    "connection closed by peer" must not replace the error with gloo's traceback."""
     if world.distributed and dist.is_initialized():
-        dist.barrier()
+        try:
+            dist.barrier()
+        except RuntimeError:
+            if not failing:
+                raise
         dist.destroy_process_group()
 
 

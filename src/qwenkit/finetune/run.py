@@ -362,6 +362,7 @@ def finetune(
     if args.batch_size < 1 or args.grad_accum < 1 or args.max_len < 2:
         raise ConfigError("--batch-size and --grad-accum must be at least 1, --max-len at least 2")
     world = init_world(args.device, args.tensor_parallel)
+    finished = False
     try:
         tokenizer = tokenizer_for(model_path)
         load_data = load_data or (lambda tok, p: load_examples(tok, p, args, record_filter))
@@ -401,8 +402,9 @@ def finetune(
                 print(f"\n{_interrupted(work, trainer.step)}", file=sys.stderr)
             raise
         _finish(model_path, out, overwrite, trainer, prep, args, world, history, stats, tokenizer)
+        finished = True
     finally:
-        close_world(world)
+        close_world(world, failing=not finished)
     return out
 
 
