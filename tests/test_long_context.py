@@ -70,3 +70,27 @@ def test_a_prompt_past_the_original_window_runs_under_yarn_as_in_transformers(tm
     assert main(["info", str(path)]) == 0
     info = capsys.readouterr().out
     assert "trained context" in info and "64 (runs to 256)" in info and "yarn x4 from 64" in info
+
+
+def test_a_perplexity_window_past_the_context_is_refused(tmp_path, capsys):
+    """Perplexity windows run the network directly, not through the engine that checks the context: a
+    --window past it scored positions the model never saw (exit 0, a perplexity of untrained positions)."""
+    path = write_tiny_chat_model(tmp_path / "m", max_position_embeddings=64)
+    capsys.readouterr()  # transformers' save progress
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("The stones by the road are warm. A dog sleeps in the shade. " * 20, encoding="utf-8")
+    args = ["eval", str(path), "--task", "ppl", "--data", str(corpus), "--no-progress", "--dtype", "float32"]
+    assert main([*args, "--window", "128", "--stride", "64", "--output", str(tmp_path / "a")]) == 2
+    assert capsys.readouterr().err == (
+        "error: --window 128 is past the model's context of 64 tokens: give a window of at most 64\n"
+    )
+    assert main([*args, "--window", "64", "--stride", "32", "--output", str(tmp_path / "b")]) == 0
+    scores = json.loads((tmp_path / "b" / "results.json").read_text())["scores"]
+    assert scores["windows"] > 1 and scores["tokens_scored"] > 200
+    # the context asked for is the limit (said once, as for every command)
+    args += ["--max-context", "128", "--window", "128", "--stride", "64", "--output", str(tmp_path / "c")]
+    assert main(args) == 0
+    assert capsys.readouterr().err.startswith("warning: --max-context 128 is past the model's own context")
+    # a text shorter than the window stays within the context: nothing to refuse
+    corpus.write_text("A dog sleeps in the shade.", encoding="utf-8")
+    assert main([*args[:-6], "--window", "128", "--stride", "64", "--output", str(tmp_path / "d")]) == 0
