@@ -94,3 +94,24 @@ def test_a_perplexity_window_past_the_context_is_refused(tmp_path, capsys):
     # a text shorter than the window stays within the context: nothing to refuse
     corpus.write_text("A dog sleeps in the shade.", encoding="utf-8")
     assert main([*args[:-6], "--window", "128", "--stride", "64", "--output", str(tmp_path / "d")]) == 0
+
+
+def test_qwen_v1_ntk_and_logn_in_chunks_beside_shorter_requests(tmp_path):
+    """Qwen v1 (seq_length 64, dynamic NTK and LogN) with prompts 3x past it, computed in 16-token chunks
+    in one batch with shorter requests (one crossing 64 while decoding, under preemption): each request's
+    greedy tokens are the v1 reference's, whose NTK alpha is fixed by the whole prompt's length."""
+    from factories import write_v1_checkpoint
+    from qwen_v1_reference import v1_greedy
+    from safetensors.torch import load_file
+
+    path = write_v1_checkpoint(tmp_path / "v1", {"seq_length": 64})
+    cfg = json.loads((path / "config.json").read_text())
+    sd = load_file(path / "model.safetensors")
+    model, _ = load_model(path, dtype="float32")
+    base = torch.randint(0, 512, (200,), generator=torch.Generator().manual_seed(5)).tolist()
+    prompts = [base[:150], base[:100], base[:60], base, base[:20]]
+    assert [model.ntk_alpha(len(p)) for p in prompts] == [7, 3, 1, 7, 1]
+    engine = Engine(model, max_batch_size=4, max_seq_len=300, prefill_chunk=16, kv_cache_tokens=400)
+    outs = run_engine(engine, prompts, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
+    assert engine.preemptions > 0
+    assert outs == [v1_greedy(sd, cfg, p, 30) for p in prompts]
