@@ -188,9 +188,16 @@ class ModelConfig:
     @property
     def max_context(self) -> int:
         """The longest sequence the model is meant to run: the trained window, except that Qwen v1 with
-        dynamic NTK extends it (the original's LogN table stops at 32768 positions)."""
+        dynamic NTK extends it (the original's LogN table stops at 32768 positions) and static YaRN
+        stretches its original window by its factor. Qwen2.5's documented YaRN setting adds rope_scaling
+        and leaves max_position_embeddings at the original 32768, meaning 131072 (as vLLM reads it)."""
         if self.use_dynamic_ntk:
             return max(self.max_position_embeddings, 32768)
+        if self.rope_scaling is not None:
+            yarn = self.rope_scaling
+            return max(
+                self.max_position_embeddings, round(yarn.original_max_position_embeddings * yarn.factor)
+            )
         return self.max_position_embeddings
 
     def kv_cache_bytes_per_token(self, bytes_per_element: int) -> int:

@@ -37,7 +37,7 @@ def describe(path: str, tensor_parallel: int = 1) -> str:
         ("layers", cfg.num_hidden_layers),
         ("FFN width", cfg.intermediate_size),
         ("vocab", cfg.vocab_size),
-        ("trained context", cfg.max_position_embeddings),
+        ("trained context", _context(cfg)),
         ("RoPE base / scaling", rope),
         (
             "dynamic NTK / LogN",
@@ -124,6 +124,16 @@ def _moe_rows(cfg: ModelConfig) -> list[tuple[str, object]]:
         ),
         ("active parameters per token", f"{active:,} ({active / 1e9:.2f} B)"),
     ]
+
+
+def _context(cfg: ModelConfig) -> str:
+    """The trained window, and the longer one the model runs to where dynamic NTK or YaRN extends it."""
+    trained = str(cfg.max_position_embeddings)
+    return (
+        trained
+        if cfg.max_context == cfg.max_position_embeddings
+        else f"{trained} (runs to {cfg.max_context})"
+    )
 
 
 def _yn(flag: bool) -> str:

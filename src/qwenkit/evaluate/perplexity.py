@@ -41,6 +41,13 @@ def perplexity(backend: Backend, text: str, window: int, stride: int) -> dict[st
     if len(ids) < 2:
         raise EvalDataError("the text is shorter than two tokens: nothing to score")
     spans = windows(len(ids), window, stride)
+    limit = backend.max_context()
+    if limit is not None and min(window, len(ids)) > limit:
+        # the network would run past its context (no engine checks this path) and score untrained positions
+        raise EvalDataError(
+            f"--window {window} is past the model's context of {limit} tokens: "
+            f"give a window of at most {limit}"
+        )
     nll, count = 0.0, 0
     for (begin, _end, first), lps in zip(
         spans, backend.sequence_logprobs([ids[b:e] for b, e, _ in spans]), strict=True

@@ -1,0 +1,117 @@
+"""Long context as users switch it on: static YaRN configs, past the original window, end to end."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from factories import run_engine, write_tiny_chat_model
+from test_config import QWEN3_SMALL
+
+from qwenkit.checkpoint import load_model
+from qwenkit.cli import main
+from qwenkit.config import ModelConfig
+from qwenkit.engine import Engine, SamplingParams
+
+QWEN25_7B = {**QWEN3_SMALL, "model_type": "qwen2", "max_position_embeddings": 32768}
+YARN_X4 = {"factor": 4.0, "original_max_position_embeddings": 32768}
+
+
+def test_yarn_context_is_the_original_window_times_its_factor():
+    """Qwen2.5's documented YaRN setting adds rope_scaling and leaves max_position_embeddings at 32768;
+    the model then runs to 131072 tokens (as vLLM reads it). It was held to 32768, so a longer prompt was
+    refused and --max-context 131072 warned that the positions were never trained."""
+    published = ModelConfig.from_hf({**QWEN25_7B, "rope_scaling": {"type": "yarn", **YARN_X4}})
+    assert published.max_position_embeddings == 32768 and published.max_context == 131072
+    # transformers 5 writes the same setting as rope_parameters
+    v5 = {**QWEN25_7B, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, **YARN_X4}}
+    assert ModelConfig.from_hf(v5).max_context == 131072
+    # Qwen3's documented form also raises max_position_embeddings: the same context
+    qwen3 = {**QWEN3_SMALL, "rope_scaling": {"rope_type": "yarn", **YARN_X4}}
+    assert ModelConfig.from_hf(qwen3).max_context == 131072
+    assert ModelConfig.from_hf(QWEN25_7B).max_context == 32768  # no scaling: the trained window
+
+
+def test_a_prompt_past_the_original_window_runs_under_yarn_as_in_transformers(tmp_path, capsys):
+    """A 150-token prompt on a model whose YaRN x4 stretches a 64-token window: generated in prompt
+    chunks, then decoded, with transformers' greedy tokens, and no warning."""
+    import transformers
+
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+    path = write_tiny_chat_model(tmp_path / "m", max_position_embeddings=64, rope_scaling=yarn)
+    assert json.loads((path / "config.json").read_text())["max_position_embeddings"] == 64
+    prompt = torch.randint(0, 151936, (150,), generator=torch.Generator().manual_seed(4)).tolist()
+    args = ["generate", str(path), "--prompt-ids", ",".join(map(str, prompt)), "--json"]
+    args += ["--dtype", "float32", "--temperature", "0", "--max-new-tokens", "8"]
+    assert main(args) == 0, capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "warning" not in captured.err and "error" not in captured.err
+    out = json.loads(captured.out)
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+    def hf_greedy(ids: list[int]) -> list[int]:
+        out = hf.generate(
+            torch.tensor([ids]), max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
+        return out[0, len(ids) :].tolist()
+
+    ref = hf_greedy(prompt)
+    assert out["output_token_ids"] == ref and out["finish_reason"] == "length"
+    # The engine's default window too, the long prompt in 16-token chunks beside a short request
+    model, _ = load_model(path, dtype="float32")
+    engine = Engine(model, max_batch_size=2, prefill_chunk=16)
+    assert engine.max_seq_len == 256
+    outs = run_engine(
+        engine, [prompt, prompt[:20]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    )
+    assert outs == [ref, hf_greedy(prompt[:20])]
+
+    assert main(["info", str(path)]) == 0
+    info = capsys.readouterr().out
+    assert "trained context" in info and "64 (runs to 256)" in info and "yarn x4 from 64" in info
+
+
+def test_a_perplexity_window_past_the_context_is_refused(tmp_path, capsys):
+    """Perplexity windows run the network directly, not through the engine that checks the context: a
+    --window past it scored positions the model never saw (exit 0, a perplexity of untrained positions)."""
+    path = write_tiny_chat_model(tmp_path / "m", max_position_embeddings=64)
+    capsys.readouterr()  # transformers' save progress
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("The stones by the road are warm. A dog sleeps in the shade. " * 20, encoding="utf-8")
+    args = ["eval", str(path), "--task", "ppl", "--data", str(corpus), "--no-progress", "--dtype", "float32"]
+    assert main([*args, "--window", "128", "--stride", "64", "--output", str(tmp_path / "a")]) == 2
+    assert capsys.readouterr().err == (
+        "error: --window 128 is past the model's context of 64 tokens: give a window of at most 64\n"
+    )
+    assert main([*args, "--window", "64", "--stride", "32", "--output", str(tmp_path / "b")]) == 0
+    scores = json.loads((tmp_path / "b" / "results.json").read_text())["scores"]
+    assert scores["windows"] > 1 and scores["tokens_scored"] > 200
+    # the context asked for is the limit (said once, as for every command)
+    args += ["--max-context", "128", "--window", "128", "--stride", "64", "--output", str(tmp_path / "c")]
+    assert main(args) == 0
+    assert capsys.readouterr().err.startswith("warning: --max-context 128 is past the model's own context")
+    # a text shorter than the window stays within the context: nothing to refuse
+    corpus.write_text("A dog sleeps in the shade.", encoding="utf-8")
+    assert main([*args[:-6], "--window", "128", "--stride", "64", "--output", str(tmp_path / "d")]) == 0
+
+
+def test_qwen_v1_ntk_and_logn_in_chunks_beside_shorter_requests(tmp_path):
+    """Qwen v1 (seq_length 64, dynamic NTK and LogN) with prompts 3x past it, computed in 16-token chunks
+    in one batch with shorter requests (one crossing 64 while decoding, under preemption): each request's
+    greedy tokens are the v1 reference's, whose NTK alpha is fixed by the whole prompt's length."""
+    from factories import write_v1_checkpoint
+    from qwen_v1_reference import v1_greedy
+    from safetensors.torch import load_file
+
+    path = write_v1_checkpoint(tmp_path / "v1", {"seq_length": 64})
+    cfg = json.loads((path / "config.json").read_text())
+    sd = load_file(path / "model.safetensors")
+    model, _ = load_model(path, dtype="float32")
+    base = torch.randint(0, 512, (200,), generator=torch.Generator().manual_seed(5)).tolist()
+    prompts = [base[:150], base[:100], base[:60], base, base[:20]]
+    assert [model.ntk_alpha(len(p)) for p in prompts] == [7, 3, 1, 7, 1]
+    engine = Engine(model, max_batch_size=4, max_seq_len=300, prefill_chunk=16, kv_cache_tokens=400)
+    outs = run_engine(engine, prompts, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
+    assert engine.preemptions > 0
+    assert outs == [v1_greedy(sd, cfg, p, 30) for p in prompts]
