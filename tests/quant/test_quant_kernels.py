@@ -142,7 +142,7 @@ def test_affine_weights_with_float_minimums(bits: int, kernel: str) -> None:
     w = AffineWeight(codes, scale, shift, gs, bits)
     layer = QuantizedLinear.from_affine(w, kernel=kernel)
     assert layer.impl.key == kernel
-    x = torch.randn(3, in_f)
+    x = torch.randn(3, in_f, generator=g)  # its own draw: the int8 activations make the error vary
     ref = x @ w.dequantize().T
     err = (layer(x) - ref).abs().max() / ref.abs().max()
     assert err < (1e-5 if kernel == "dequant" else 1e-2), float(err)
