@@ -204,6 +204,8 @@ class _ScoringAttention:
         self.k: dict[int, torch.Tensor] = {}  # the prefix's (1, Hkv, P, D)
         self.v: dict[int, torch.Tensor] = {}
         self.filling = prefix
+        # each row's key slots and query positions, by (rows, width, prefix): the same at every layer
+        self._where: dict[tuple[int, int, int], tuple[list[torch.Tensor], torch.Tensor]] = {}
 
     def decode_pools(self) -> None:
         """Never: scoring runs the modules."""
@@ -228,9 +230,13 @@ class _ScoringAttention:
         mask[:, p:] = torch.tril(mask[:, p:])  # own tokens causally; the whole prefix always
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
 
-    @staticmethod
     def _rows(
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pk: torch.Tensor | None, pv: torch.Tensor | None
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        pk: torch.Tensor | None,
+        pv: torch.Tensor | None,
     ) -> torch.Tensor:
         """Each row's queries over the prefix's keys and its own, read from one pool of all of them."""
         batch, _, t, dim = q.shape
@@ -241,13 +247,20 @@ class _ScoringAttention:
             p = pk.shape[2]
             parts_k.insert(0, pk[0].transpose(0, 1))
             parts_v.insert(0, pv[0].transpose(0, 1))
-        kc, vc = torch.cat(parts_k).contiguous(), torch.cat(parts_v).contiguous()
-        prefix = torch.arange(p, device=q.device)
+        kc, vc = torch.cat(parts_k), torch.cat(parts_v)
+        if (batch, t, p) not in self._where:
+            prefix = torch.arange(p, device=q.device)
+            slots = [
+                torch.cat([prefix, torch.arange(p + b * t, p + (b + 1) * t, device=q.device)])
+                for b in range(batch)
+            ]
+            self._where[batch, t, p] = slots, torch.arange(p, p + t, device=q.device)
+        slots, positions = self._where[batch, t, p]
         scale, out = dim**-0.5, []
         for b in range(batch):
-            slots = torch.cat([prefix, torch.arange(p + b * t, p + (b + 1) * t, device=q.device)])
             queries = q[b].transpose(0, 1).contiguous()  # (T, H, D)
-            out.append(chunk_attention(queries, kc, vc, slots, p, scale).transpose(0, 1))  # (H, T, D)
+            rows = chunk_attention(queries, kc, vc, slots[b], p, scale, positions)
+            out.append(rows.transpose(0, 1))  # (H, T, D)
         return torch.stack(out)
 
 
