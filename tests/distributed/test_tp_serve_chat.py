@@ -86,6 +86,20 @@ def answers(url: str) -> list[tuple[list[str], list[float], str]]:
         return list(pool.map(ask, range(len(REQUESTS))))
 
 
+def scores(url: str) -> list[tuple[list[float], int]]:
+    """Two scoring requests (echo, logprobs, max_tokens 0) on one 40-token context, one after the other:
+    the second reads the first's blocks and their kept log-probabilities, recomputing one position in a
+    copy of a block (every rank copies its own pool's)."""
+    context = list(range(500, 540))
+    out = []
+    for candidate in (7, 8):
+        body = {"prompt": [*context, candidate], "max_tokens": 0, "echo": True, "logprobs": 0}
+        reply = httpx.post(url + "/v1/completions", json={**body, "temperature": 0}, timeout=60).json()
+        cached = reply["usage"]["prompt_tokens_details"]["cached_tokens"]
+        out.append((reply["choices"][0]["logprobs"]["token_logprobs"][1:], cached))
+    return out
+
+
 def kill_follower(proc: subprocess.Popen) -> None:
     """Kill rank 1: the command's own process is rank 0, the spawned one is rank 1."""
     import psutil
@@ -111,6 +125,10 @@ def test_serve_with_tensor_parallel_answers_like_one_process_and_drains(model):
         got = answers(sharded_url)
         for (tokens, lps, text), (ref_tokens, ref_lps, ref_text) in zip(got, want, strict=True):
             assert tokens == ref_tokens and text == ref_text and len(tokens) >= 12
+            assert max(abs(a - b) for a, b in zip(lps, ref_lps, strict=True)) < 1e-4
+        (first, none), (second, cached) = scores(sharded_url)
+        assert none == 0 and cached == 31
+        for (lps, _), (ref_lps, _) in zip([(first, 0), (second, 0)], scores(single_url), strict=True):
             assert max(abs(a - b) for a, b in zip(lps, ref_lps, strict=True)) < 1e-4
 
         # SIGTERM mid-stream: the request still finishes, then rank 0 stops rank 1 and all exit 0.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from qwenkit.engine.blocks import BlockManager, block_hashes
-from qwenkit.engine.request import Request
+from qwenkit.engine.request import Request, TokenLogprob
 from qwenkit.engine.sampling import SamplingParams
 from qwenkit.engine.scheduler import Scheduler
 
@@ -105,7 +105,7 @@ def test_admission_waits_for_blocks_and_rows():
     assert [r.id for r, _ in s.schedule().rows] == ["b"]
 
 
-def test_prefix_reuse_leaves_one_token_and_skips_prompt_logprobs():
+def test_prefix_reuse_leaves_one_token_and_skips_blocks_without_prompt_logprobs():
     s = Scheduler(BlockManager(16, 16), max_batch=4, token_budget=512)
     a = req("a", 32)
     s.add(a)
@@ -119,6 +119,74 @@ def test_prefix_reuse_leaves_one_token_and_skips_prompt_logprobs():
     scoring = req("score", 32, SamplingParams(max_tokens=0, prompt_logprobs=0))
     s.add(scoring)
     assert s.schedule().rows[-1] == (scoring, 32) and scoring.num_cached_tokens == 0
+
+
+SCORE = SamplingParams(max_tokens=0, prompt_logprobs=1)
+
+
+def computed_with_logprobs(s: Scheduler, r: Request) -> list[int]:
+    """What the engine does for a scoring request: compute it whole, record every prompt token's
+    log-probability (one alternative each), publish its blocks, and finish it."""
+    s.add(r)
+    s.schedule()
+    r.num_computed = r.num_tokens
+    r.prompt_logprobs = [None] + [TokenLogprob(t, -t / 100, [(t + 1, -0.5)]) for t in r.prompt_ids[1:]]
+    s.on_computed(r)
+    blocks = r.block_table
+    s.remove(r)
+    return blocks
+
+
+def test_a_scoring_request_reuses_blocks_that_kept_logprobs_and_recomputes_one_position_in_a_copy():
+    s = Scheduler(BlockManager(16, 16), max_batch=4, token_budget=512)
+    a = req("a", 40, SCORE)
+    held = computed_with_logprobs(s, a)
+    assert set(s.blocks.logprobs) == set(a.block_hashes[:2])  # the partial third block keeps nothing
+    refs = list(s.blocks.ref_counts)
+
+    b = req("b", 36, SamplingParams(max_tokens=0, prompt_logprobs=0))  # the same first 36 tokens
+    s.add(b)
+    step = s.schedule()
+    assert step.rows == [(b, 36 - 31)] and b.num_computed == 31 and b.num_cached_tokens == 31
+    # block 0 shared; block 1 a private copy that position 31 is computed again into
+    assert b.block_table[0] == held[0] and b.block_table[1] not in held
+    assert step.copies == [(held[1], b.block_table[1])]
+    assert s.blocks.ref_counts[held[1]] == refs[held[1]] == 0  # the source is not held
+    assert s.blocks.ref_counts[held[0]] == 1
+    # the kept log-probabilities of positions 0..31, cut to the alternatives b asked for
+    assert len(b.prompt_logprobs) == 32 and b.prompt_logprobs[0] is None
+    assert [(e.token_id, e.logprob, e.top) for e in b.prompt_logprobs[1:]] == [
+        (t, -t / 100, []) for t in range(1, 32)
+    ]
+    # the copy is never published: the cached block stays the one that holds the prefix
+    b.num_computed = 36
+    s.on_computed(b)
+    assert s.blocks.cached[b.block_hashes[1]] == held[1]
+
+    wider = req("wider", 36, SamplingParams(max_tokens=0, prompt_logprobs=2))  # more than was kept
+    s.add(wider)
+    assert s.schedule().rows[-1] == (wider, 36) and wider.num_cached_tokens == 0
+
+
+def test_a_copy_costs_no_block_more_than_computing_the_prompt_whole():
+    """The copy's source is let go at admission, so a pool that fits the prompt fits its reuse: here
+    the source is handed out again in the same step, after the copy is made (the forward makes copies
+    before it writes)."""
+    s = Scheduler(BlockManager(3, 16), max_batch=4, token_budget=512)
+    held = computed_with_logprobs(s, req("a", 40, SCORE))  # blocks 0 and 1 cached, with log-probs
+    other = req("other", 10, start=500)
+    s.add(other)
+    s.schedule()  # takes the one block nothing is cached in
+    b = req("b", 36, SCORE)
+    s.add(b)
+    assert b not in [r for r, _ in s.schedule().rows]  # three blocks, two free: b waits
+    assert b.block_table == [] and b.copy_source is None and s.blocks.ref_counts[:2] == [0, 0]
+    s.remove(other)
+    step = s.schedule()
+    assert step.rows == [(b, 5)] and b.num_cached_tokens == 31
+    ((source, copy),) = step.copies
+    assert source == held[1] and b.block_table[0] == held[0] and b.block_table[1] == copy
+    assert source in b.block_table  # handed out again, for positions 32.., written after the copy
 
 
 def test_token_ids_are_slices_of_prompt_and_output_together():

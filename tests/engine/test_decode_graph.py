@@ -68,8 +68,8 @@ class Recorder:
             setattr(engine, name, self._wrap(getattr(engine, name), name == "_forward_static"))
 
     def _wrap(self, forward, static: bool):
-        def call(rows):
-            logits, where = forward(rows)
+        def call(rows, *copies):
+            logits, where = forward(rows, *copies)
             self.static_steps += static
             step = {}
             for request, _ in rows:

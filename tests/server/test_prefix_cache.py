@@ -80,3 +80,27 @@ def test_copies_of_a_new_prompt_report_no_cached_tokens(server, chat_llm):
     assert usage["prompt_tokens"] == 40 and usage["prompt_tokens_details"]["cached_tokens"] == 0
     again = httpx.post(server.url + "/v1/completions", json=body, timeout=60).json()["usage"]
     assert again["prompt_tokens_details"]["cached_tokens"] == 32
+
+
+def test_scoring_requests_read_kept_log_probabilities_and_equal_an_uncached_server(server, uncached):
+    """lm-eval's loglikelihood requests (echo, logprobs, max_tokens 0): a question's candidates share its
+    context, and questions share their few-shot examples. The server computes those once and reads the
+    prompt log-probabilities they kept; the answers equal a server without a prefix cache."""
+    shots = list(range(2000, 2070))  # 4 full blocks of 16 and 6 tokens more, in no other test's prompt
+
+    def scores(url: str, question: list[int]) -> tuple[list[list[float]], int]:
+        body = {"prompt": [[*shots, *question, c] for c in (31, 32, 33, 34)], "max_tokens": 0}
+        body |= {"echo": True, "logprobs": 1, "temperature": 0}
+        reply = httpx.post(url + "/v1/completions", json=body, timeout=60).json()
+        choices = sorted(reply["choices"], key=lambda c: c["index"])
+        values = [[c["logprobs"]["token_logprobs"], c["logprobs"]["top_logprobs"]] for c in choices]
+        return values, reply["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    for question in ([7, 8, 9, 10, 11], [12, 13]):
+        cached, cached_tokens = scores(server.url, question)
+        plain, none = scores(uncached.url, question)
+        assert none == 0 and cached_tokens >= 3 * 63  # at least three candidates read the shots' blocks
+        for (got, got_top), (want, want_top) in zip(cached, plain, strict=True):
+            assert got[0] is None and got_top[0] is None
+            assert got[1:] == pytest.approx(want[1:], abs=1e-5)
+            assert [list(t) for t in got_top[1:]] == [list(t) for t in want_top[1:]]

@@ -5,6 +5,10 @@ a sequence holds a list of them (its block table). A block that is full is ident
 tokens and of everything before it (plus a key for anything else that changes its K/V, such as Qwen
 v1's NTK alpha), so a later request with the same prefix reuses it instead of recomputing. Blocks no
 one holds stay cached in least-recently-freed order until the pool needs them.
+
+A cached block may also keep the log-probabilities of its tokens (a request that asked for its prompt's
+computed them), so a later scoring request with the same prefix reads them instead of recomputing the
+block: they depend on the same tokens and key as its K/V.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import hashlib
 from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import Any
 
 
 def block_hashes(token_ids: Sequence[int], block_size: int, parent: bytes = b"") -> list[bytes]:
@@ -37,6 +42,8 @@ class BlockManager:
         self.ref_counts = [0] * num_blocks
         self.block_hash: list[bytes | None] = [None] * num_blocks
         self.cached: dict[bytes, int] = {}  # hash -> block holding that prefix
+        # hash -> (alternatives per token, its tokens' log-probabilities), while the hash is cached
+        self.logprobs: dict[bytes, tuple[int, list[Any]]] = {}
         self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # evict from front
         self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
         self.prefix_hits = 0  # of those, tokens found
@@ -53,12 +60,14 @@ class BlockManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def match_prefix(self, hashes: Sequence[bytes]) -> list[int]:
-        """Take a reference on the cached blocks of the longest known prefix; return them."""
+    def match_prefix(self, hashes: Sequence[bytes], logprobs_top: int | None = None) -> list[int]:
+        """Take a reference on the cached blocks of the longest known prefix; return them. With
+        ``logprobs_top``, the prefix ends at the first block not keeping its tokens' log-probabilities
+        with at least that many alternatives."""
         found: list[int] = []
         for h in hashes:
             block = self.cached.get(h)
-            if block is None:
+            if block is None or (logprobs_top is not None and not self.has_logprobs(h, logprobs_top)):
                 break
             found.append(block)
         for block in found:
@@ -94,6 +103,15 @@ class BlockManager:
             self.block_hash[block] = block_hash
             self.cached[block_hash] = block
 
+    def keep_logprobs(self, block_hash: bytes, top: int, entries: list[Any]) -> None:
+        """Keep a cached block's per-token log-probabilities (with ``top`` alternatives each)."""
+        if block_hash in self.cached and not self.has_logprobs(block_hash, top):
+            self.logprobs[block_hash] = (top, entries)
+
+    def has_logprobs(self, block_hash: bytes, top: int) -> bool:
+        kept = self.logprobs.get(block_hash)
+        return kept is not None and kept[0] >= top
+
     def _take(self, block: int) -> None:
         if self.ref_counts[block] == 0:
             del self.free_queue[block]
@@ -103,4 +121,5 @@ class BlockManager:
         h = self.block_hash[block]
         if h is not None:
             del self.cached[h]
+            self.logprobs.pop(h, None)
             self.block_hash[block] = None

@@ -273,18 +273,19 @@ class Engine:
             and rows[-1][1] == 1
             and graphs.accepts(len(rows), [r.ntk_alpha for r, _ in rows])
         ):
+            self.cache.copy_blocks(schedule.copies)
             logits, where = self._forward_static(rows)
         else:
-            logits, where = self._forward(rows)
+            logits, where = self._forward(rows, schedule.copies)
         by_id: dict[RequestId, StepOutput] = {}
         to_sample: list[tuple[Request, int]] = []  # (request, row of logits)
         for request, n in rows:
             start = request.num_computed
             request.num_computed += n
-            self.scheduler.on_computed(request)
             first, count = where[id(request)]
-            if request.params.prompt_logprobs is not None:
+            if request.params.prompt_logprobs is not None:  # before publishing: blocks keep them
                 self._record_prompt_logprobs(request, start, logits[first : first + count])
+            self.scheduler.on_computed(request)
             if request.num_computed < request.num_tokens:
                 continue  # more of the prompt (or of a preempted request's tokens) to compute
             out = by_id[request.id] = StepOutput(request.id, [], num_cached_tokens=request.num_cached_tokens)
@@ -303,9 +304,11 @@ class Engine:
         self.steps += 1
         return outputs + list(by_id.values())
 
-    def _forward(self, rows: list[tuple[Request, int]]) -> tuple[torch.Tensor, dict[int, tuple[int, int]]]:
-        """Run the model over the rows' new tokens (decoding rows first); return the logits rows asked
-        for and, per request, (first logits row, count)."""
+    def _forward(
+        self, rows: list[tuple[Request, int]], copies: list[tuple[int, int]]
+    ) -> tuple[torch.Tensor, dict[int, tuple[int, int]]]:
+        """Copy the blocks ``copies`` names, then run the model over the rows' new tokens (decoding rows
+        first); return the logits rows asked for and, per request, (first logits row, count)."""
         ids: list[int] = []
         positions: list[int] = []
         alphas: list[float] = []
@@ -339,6 +342,7 @@ class Engine:
             decode_rows,
             chunk_rows,
             slots if self.adapters is not None else None,
+            copies,
         )
         if self.before_forward is not None:
             self.before_forward(call)

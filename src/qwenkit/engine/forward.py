@@ -7,7 +7,7 @@ forward on its own shard of the model and its own pool of the same layout (``loc
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,6 +26,7 @@ class ForwardCall:
     decode_rows: list[tuple[list[int], int]]  # (block table, position) of one-token rows
     chunk_rows: list[tuple[list[int], int, int]]  # (block table, start, length) of the other rows
     adapter_slots: list[int] | None = None  # per token, with served adapters
+    block_copies: list[tuple[int, int]] = field(default_factory=list)  # (source, destination), first
 
 
 @dataclass
@@ -43,6 +44,7 @@ def run_forward(model: Transformer, cache: PagedKVCache, call: ForwardCall) -> t
     or the model's bfloat16 ones where the CPU kernels' row passes read them (``sampler.on_kernels``; the
     sampler widens what torch must see)."""
     dev = cache.device
+    cache.copy_blocks(call.block_copies)
     attention = StepAttention(cache, call.decode_rows, call.chunk_rows)
     # every token's logits, in order (a decode step): no index op (torch's runs on OpenMP at 16 rows)
     every = call.logits_index == list(range(len(call.ids)))

@@ -46,6 +46,17 @@ class PagedKVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy every layer's K/V of block ``source`` into block ``destination``, for each pair."""
+        if not pairs:
+            return
+        size = self.block_size
+        offsets = torch.arange(size, device=self.device)
+        source = (torch.tensor([s for s, _ in pairs], device=self.device)[:, None] * size + offsets).flatten()
+        target = (torch.tensor([d for _, d in pairs], device=self.device)[:, None] * size + offsets).flatten()
+        for pool in self.k + self.v:
+            pool[target] = pool[source]
+
     def slots(self, block_tables: list[list[int]], length: int) -> torch.Tensor:
         """Slot index of every position [0, length) of each sequence: (rows, length). Positions past a
         sequence's blocks point at its last block (callers mask them)."""

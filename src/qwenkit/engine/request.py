@@ -34,6 +34,7 @@ class Request:
     num_computed: int = 0  # tokens whose K/V are in the cache
     block_table: list[int] = field(default_factory=list)
     num_cached_blocks: int = 0  # leading blocks already published in the prefix cache
+    copy_source: int | None = None  # a cached block to copy into its block table's next, at admission
     block_hashes: list[bytes] = field(default_factory=list)  # prefix hashes of full blocks, kept
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at admission
     finish_reason: FinishReason | None = None

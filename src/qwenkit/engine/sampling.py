@@ -26,7 +26,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # return each token's log-probability and this many top alternatives
-    prompt_logprobs: int | None = None  # the same for the prompt's tokens (for evaluation); no prefix cache
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (for evaluation)
     stop: tuple[str, ...] = field(default=())  # stop strings: applied by the text layer, not the engine
     # (token id, value) pairs added to the logits before penalties and sampling (OpenAI's logit_bias:
     # -100 bans a token, +100 all but forces it); a dict is accepted and kept as sorted pairs

@@ -7,6 +7,11 @@ is taken in chunks and never stalls the others. Running requests are served firs
 when there are free batch rows and KV blocks for them. When the pool runs dry mid-generation, the newest
 running request is preempted: its blocks are freed and it is recomputed later (its prefix blocks are
 usually still cached), never corrupted.
+
+A request that wants its prompt's log-probabilities (evaluation's scoring) reuses cached blocks that kept
+theirs. The first token after such a prefix is predicted from the prefix's last position, so that one
+position is computed again, into a copy of its block: a cached block is never written while others may
+read it.
 """
 
 from __future__ import annotations
@@ -15,13 +20,15 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from qwenkit.engine.blocks import BlockManager, block_hashes
-from qwenkit.engine.request import Request
+from qwenkit.engine.request import Request, TokenLogprob
 
 
 @dataclass
 class Schedule:
     rows: list[tuple[Request, int]] = field(default_factory=list)  # (request, tokens to compute)
     preempted: list[Request] = field(default_factory=list)
+    # (source, destination) blocks to copy before the step's forward writes anything
+    copies: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
@@ -115,6 +122,9 @@ class Scheduler:
                 break
             self.running.append(request)
             out.rows.append((request, n))
+            if request.copy_source is not None:  # into the first block _grow gave it
+                out.copies.append((request.copy_source, request.block_table[request.num_cached_blocks]))
+                request.copy_source = None
             budget -= n
             pending |= self._unpublished(request)
         self.waiting.extendleft(reversed(held_back))
@@ -129,16 +139,29 @@ class Scheduler:
         hashes = self._hashes(request, full)
         for index in range(request.num_cached_blocks, full):
             self.blocks.cache_block(request.block_table[index], hashes[index])
+        top, size = request.params.prompt_logprobs, self.blocks.block_size
+        if top is not None:  # the engine has recorded the log-probabilities of the computed positions
+            for index in range(request.num_cached_blocks, min(full, len(request.prompt_logprobs) // size)):
+                entries = request.prompt_logprobs[index * size : (index + 1) * size]
+                self.blocks.keep_logprobs(hashes[index], top, entries)
         request.num_cached_blocks = full
 
     # ---- internals ---------------------------------------------------------------------------------
 
     def _usable_blocks(self, request: Request) -> int:
         """Full blocks a new request may take from the cache: at least one token is left to compute
-        (its logits give the next token); a request that wants prompt log-probabilities takes none."""
-        if not self.prefix_caching or request.params.prompt_logprobs is not None:
+        (its logits give the next token)."""
+        if not self.prefix_caching:
             return 0
         return (request.num_tokens - 1) // self.blocks.block_size
+
+    @staticmethod
+    def _logprobs_top(request: Request) -> int | None:
+        """The alternatives per token a reused block must have kept, while the request still wants
+        log-probabilities of prompt tokens; None when it needs none."""
+        if len(request.prompt_logprobs) >= len(request.prompt_ids):
+            return None
+        return request.params.prompt_logprobs
 
     def _hashes(self, request: Request, num_blocks: int) -> list[bytes]:
         """Prefix hashes of the request's first ``num_blocks`` blocks, computed once and kept."""
@@ -157,14 +180,35 @@ class Scheduler:
         if request.block_table:
             return
         usable = self._usable_blocks(request)
-        found = self.blocks.match_prefix(self._hashes(request, usable)) if usable else []
+        top = self._logprobs_top(request)
+        hashes = self._hashes(request, usable)
+        found = self.blocks.match_prefix(hashes, top) if usable else []
         size = self.blocks.block_size
+        published, computed = len(found), len(found) * size
+        if found and top is not None:
+            if len(request.prompt_logprobs) < computed:  # one per token of the reused blocks
+                request.prompt_logprobs = self._kept_logprobs(hashes[: len(found)], top)
+            # The last block is copied: its last position is computed again, into the copy. Its source
+            # is let go at once (it stays cached, last in line for eviction), so reusing needs no more
+            # blocks than computing: even if this step hands it out again, or as the copy itself, its
+            # K/V are intact until the forward, which makes the copies before it writes anything.
+            request.copy_source = found.pop()
+            self.blocks.free([request.copy_source])
+            published, computed = published - 1, computed - 1
         if request.num_preemptions == 0 and self.prefix_caching:
-            self.blocks.record_lookup(request.num_tokens, len(found) * size)
-            request.num_cached_tokens = len(found) * size
+            self.blocks.record_lookup(request.num_tokens, computed)
+            request.num_cached_tokens = computed
         request.block_table = found
-        request.num_cached_blocks = len(found)
-        request.num_computed = len(found) * size
+        request.num_cached_blocks = published
+        request.num_computed = computed
+
+    def _kept_logprobs(self, hashes: list[bytes], top: int) -> list[TokenLogprob | None]:
+        """The log-probabilities cached blocks kept for their tokens, cut to ``top`` alternatives."""
+        entries: list[TokenLogprob | None] = []
+        for h in hashes:
+            _, kept = self.blocks.logprobs[h]
+            entries += [e if e is None else TokenLogprob(e.token_id, e.logprob, e.top[:top]) for e in kept]
+        return entries
 
     def _pending_hashes(self) -> set[bytes]:
         """Hashes of prefix blocks running requests are computing but have not published yet."""
@@ -183,8 +227,9 @@ class Scheduler:
 
     def _next_block_pending(self, request: Request, pending: set[bytes]) -> bool:
         hashes = self._hashes(request, self._usable_blocks(request))
+        top = self._logprobs_top(request)
         for h in hashes:
-            if h not in self.blocks.cached:
+            if h not in self.blocks.cached or (top is not None and not self.blocks.has_logprobs(h, top)):
                 return h in pending
         return False
 
@@ -206,6 +251,7 @@ class Scheduler:
         self.waiting.appendleft(request)
 
     def _release(self, request: Request) -> None:
+        request.copy_source = None  # admission rolled back: no copy to make
         self.blocks.free(request.block_table)
         request.block_table = []
         request.num_cached_blocks = 0
