@@ -43,6 +43,7 @@ HELP = """commands:
   :reset-conf           back to the settings the chat started with
   :system TEXT          set the system prompt (empty to remove) and clear the history
   :exit                 leave (also Ctrl-D)
+  ::TEXT                send :TEXT as a message (e.g. ::) thanks)
 Ctrl-C stops the current answer."""
 
 CONF_KEYS = tuple(
@@ -131,7 +132,7 @@ def run_command(session: ChatSession | ToolChatSession, initial: SamplingParams,
         session.history.clear()
         print(f"[system prompt {'set' if arg else 'removed'}; history cleared]")
     else:
-        raise CommandError(f"unknown command :{name}; type :help")
+        raise CommandError(f"unknown command :{name}; type :help, or :{line} to send it as a message")
     return True
 
 
@@ -215,7 +216,9 @@ def run(args: argparse.Namespace, llm, tools: list | None = None) -> int:
         line = line.strip()
         if not line:
             continue
-        if line.startswith(":"):
+        if line.startswith("::"):  # the escape for a message that begins with a colon
+            line = line[1:]
+        elif line.startswith(":"):
             try:
                 if not run_command(session, params, line):
                     return 0
