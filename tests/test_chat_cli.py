@@ -71,6 +71,24 @@ def test_commands_history_and_errors_over_stdin(tiny_chat_model):
     assert "Traceback" not in r.stderr
 
 
+def test_a_message_that_starts_with_a_colon(tiny_chat_model):
+    """A line starting with ':' was always a command, so ':) thanks' could not be sent: a doubled colon
+    sends the rest as the message, and an unknown command's error says so."""
+    script = ":help\n:) thanks\n::) thanks\n:param x\n::param x\n::\n:history\n"
+    r = run_chat(tiny_chat_model, script, "--max-new-tokens", "2", "--seed", "1")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert [line for line in lines if line.startswith("user: ")] == [
+        "user: :) thanks",
+        "user: :param x",
+        "user: :",
+    ]
+    assert "  ::TEXT                send :TEXT as a message (e.g. ::) thanks)" in lines
+    assert "error: unknown command :); type :help, or ::) thanks to send it as a message" in lines
+    assert "error: unknown command :param; type :help, or ::param x to send it as a message" in lines
+    assert "Traceback" not in r.stderr
+
+
 def test_a_failed_answer_or_a_mistyped_setting_keeps_the_chat(tiny_chat_model):
     """Errors while answering (a setting the engine refuses, a message too long for the window) are one
     line and the chat goes on, its history without the failed turn; :conf checks each value's type."""

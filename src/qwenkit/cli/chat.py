@@ -28,6 +28,7 @@ from qwenkit.cli.common import (
     utf8_text,
     wants_tensor_parallel,
 )
+from qwenkit.cli.terminal import for_terminal
 from qwenkit.command_parser import CommandParser
 from qwenkit.engine import SamplingParams, SamplingParamsError
 from qwenkit.errors import ConfigError, QwenkitError
@@ -42,6 +43,7 @@ HELP = """commands:
   :reset-conf           back to the settings the chat started with
   :system TEXT          set the system prompt (empty to remove) and clear the history
   :exit                 leave (also Ctrl-D)
+  ::TEXT                send :TEXT as a message (e.g. ::) thanks)
 Ctrl-C stops the current answer."""
 
 CONF_KEYS = tuple(
@@ -109,7 +111,7 @@ def run_command(session: ChatSession | ToolChatSession, initial: SamplingParams,
                 f"[calls {f['name']}({json.dumps(f['arguments'], ensure_ascii=False)})]"
                 for f in (c["function"] for c in m.get("tool_calls") or ())
             ]
-            print(f"{m['role']}: " + " ".join(filter(None, [m.get("content"), *calls])))
+            print(for_terminal(f"{m['role']}: " + " ".join(filter(None, [m.get("content"), *calls]))))
     elif name == "seed" and not arg:
         print(f"[seed = {session.params.seed}]")
     elif name == "seed":
@@ -130,7 +132,7 @@ def run_command(session: ChatSession | ToolChatSession, initial: SamplingParams,
         session.history.clear()
         print(f"[system prompt {'set' if arg else 'removed'}; history cleared]")
     else:
-        raise CommandError(f"unknown command :{name}; type :help")
+        raise CommandError(f"unknown command :{name}; type :help, or :{line} to send it as a message")
     return True
 
 
@@ -140,7 +142,7 @@ def answer(session: ChatSession | ToolChatSession, text: str) -> None:
     stream = session.ask(text)
     try:
         for piece in stream:
-            sys.stdout.write(piece)
+            sys.stdout.write(for_terminal(piece))
             sys.stdout.flush()
         print()
     except KeyboardInterrupt:
@@ -186,7 +188,7 @@ def run(args: argparse.Namespace, llm, tools: list | None = None) -> int:
         session = ToolChatSession(llm, tools, params, system=args.system)
     if args.prompt is not None:
         for piece in session.ask(args.prompt):
-            sys.stdout.write(piece)
+            sys.stdout.write(for_terminal(piece))
             sys.stdout.flush()
         print()
         return 0
@@ -214,7 +216,9 @@ def run(args: argparse.Namespace, llm, tools: list | None = None) -> int:
         line = line.strip()
         if not line:
             continue
-        if line.startswith(":"):
+        if line.startswith("::"):  # the escape for a message that begins with a colon
+            line = line[1:]
+        elif line.startswith(":"):
             try:
                 if not run_command(session, params, line):
                     return 0
@@ -246,9 +250,9 @@ class ToolChatSession:
 
 
 def ask_tool_result(name: str, arguments: str) -> str:
-    print(f"[tool call] {name}({arguments})")
+    print(for_terminal(f"[tool call] {name}({arguments})"))
     try:
-        return input(f"[result of {name}] > ")
+        return input(for_terminal(f"[result of {name}] > "))
     except EOFError:
         return ""
 
@@ -263,9 +267,9 @@ def chat_tools(args: argparse.Namespace) -> list:
         interpreter = CodeInterpreter()
 
         def run_code(code: str) -> str:
-            print(f"[code_interpreter]\n{code}")
+            print(f"[code_interpreter]\n{for_terminal(code)}")
             out = interpreter(code)
-            print(f"[output]\n{out}")
+            print(f"[output]\n{for_terminal(out)}")
             return out
 
         tools.append(Tool(FUNCTION["name"], run_code, FUNCTION["description"], FUNCTION["parameters"]))

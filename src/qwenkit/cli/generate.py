@@ -17,6 +17,7 @@ from qwenkit.cli.common import (
     utf8_text,
     wants_tensor_parallel,
 )
+from qwenkit.cli.terminal import for_terminal
 from qwenkit.command_parser import CommandParser
 from qwenkit.errors import QwenkitError
 
@@ -98,7 +99,7 @@ def run(args: argparse.Namespace, tp=None) -> int:
         print(json.dumps(_as_json(c), ensure_ascii=False))
         return 0
     for delta in llm.stream(prompt, params):
-        sys.stdout.write(delta.text)
+        sys.stdout.write(for_terminal(delta.text))
         sys.stdout.flush()
     c = delta.completion
     sys.stdout.write("\n")

@@ -7,6 +7,7 @@ import json
 import re
 import sys
 
+from qwenkit.cli.terminal import CONTROLS, escape_char
 from qwenkit.command_parser import CommandParser
 from qwenkit.errors import QwenkitError
 
@@ -60,17 +61,9 @@ def shown(text: bytes) -> str:
     Other control characters (ESC, BEL, backspace, NUL, DEL, C1) and the Unicode line and paragraph
     separators are escaped too (\\xNN below 0x80, else \\uNNNN): printed raw, they acted on the
     terminal (colours, a bell, erased text) instead of showing what the token holds."""
-    escaped = text.replace(b"\\", b"\\\\").decode("utf-8", errors="backslashreplace")
-    for char, escape in (('"', '\\"'), ("\n", "\\n"), ("\t", "\\t"), ("\r", "\\r")):
-        escaped = escaped.replace(char, escape)
-    return f'"{UNPRINTABLE.sub(_escape_char, escaped)}"'
+    escaped = text.replace(b"\\", b"\\\\").decode("utf-8", errors="backslashreplace").replace('"', '\\"')
+    return f'"{UNPRINTABLE.sub(lambda m: escape_char(m.group()), escaped)}"'
 
 
-# C0 controls but \t \n \r (escaped by name above), DEL, C1 controls, U+2028 and U+2029
-UNPRINTABLE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u2028\u2029]")
-
-
-def _escape_char(match: re.Match[str]) -> str:
-    code = ord(match.group())
-    # a C1 character as \\u0085: \\x85 already means the lone byte 0x85 of a split character
-    return f"\\x{code:02x}" if code < 0x80 else f"\\u{code:04x}"
+# the controls a terminal acts on, and tab, newline, U+2028 and U+2029, which would break the line
+UNPRINTABLE = re.compile(f"[\t\n{CONTROLS}\u2028\u2029]")
