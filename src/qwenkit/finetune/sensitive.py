@@ -47,14 +47,16 @@ _SECRETS = [
     re.compile(
         r"(?<![A-Za-z0-9])(?:sk-[A-Za-z0-9_-]{20,}|AKIA[0-9A-Z]{16}|ghp_[A-Za-z0-9]{36}|xox[abprs]-[A-Za-z0-9-]{10,})"
     ),
+    # A key may close its quote before the colon (``"api_key": "..."`` in JSON, a Python dict, a tool
+    # call's arguments): ``\s*[:=]`` alone passed those values unmasked.
     re.compile(
         r"(?i)(?:api[_-]?key|secret[_-]?key|access[_-]?token|auth[_-]?token|token|secret)"
-        r"\s*[:=]\s*[\"']?([^\s\"',;]{8,})"
+        r"[\"']?\s*[:=]\s*[\"']?([^\s\"',;]{8,})"
     ),
     # Passwords are shorter: ``password=hunter2`` slipped through the 8 above. From 4 characters with a
     # digit or symbol (``Reset your password: click ...`` keeps its prose), or 8 of any kind.
     re.compile(
-        r"(?i)(?:password|passwd)\s*[:=]\s*[\"']?"
+        r"(?i)(?:password|passwd)[\"']?\s*[:=]\s*[\"']?"
         r"((?=[^\s\"',;]*[^A-Za-z\s\"',;])[^\s\"',;]{4,}|[^\s\"',;]{8,})"
     ),
 ]
