@@ -142,3 +142,14 @@ def test_template_bad_input(capsys, tmp_path):
     (tmp_path / "norole.json").write_text('[{"content": "x"}]')
     assert template.main([str(QWEN3_DIR), str(tmp_path / "norole.json")]) == 2
     assert capsys.readouterr().err == "error: chat message 0 must be an object with a string 'role'\n"
+
+
+def test_template_message_that_is_not_an_object_is_one_line(capsys, tmp_path, v1_dir):
+    """A number in the message list was an AttributeError traceback (exit 1) from the tool-call step."""
+    (tmp_path / "m.json").write_text('[{"role": "user", "content": "x"}, 7]')
+    for model in (QWEN3_DIR, v1_dir):
+        for ids in ([], ["--ids"]):
+            assert template.main([str(model), str(tmp_path / "m.json"), *ids]) == 2
+            out, err = capsys.readouterr()
+            assert out == "" and err.startswith("error: chat message 1 must be an object with ")
+            assert err.count("\n") == 1
