@@ -33,6 +33,10 @@ CATALOGUE = [
     ("version 1.2.3.4.5 and 999.1.1.1", []),
     ("v6 2001:db8::8a2e:370:7334 here", [("ip", "2001:db8::8a2e:370:7334")]),
     ("time 12:30:45 is not an address", []),
+    # an address is never part of a word: code's scopes were masked ("st[IP]vector", "Foo[IP]r[IP]z()")
+    ("std::vector<int> v; Foo::Bar::baz(); use std::io::Result;", []),
+    ("link-local fe80::1%eth0, loopback [::1]:8080", [("ip", "fe80::1"), ("ip", "::1")]),
+    ("地址2001:db8::1。", [("ip", "2001:db8::1")]),
     ("OPENAI key sk-abcdefghijklmnopqrstuvwx123", [("secret", "sk-abcdefghijklmnopqrstuvwx123")]),
     ("aws AKIAIOSFODNN7EXAMPLE", [("secret", "AKIAIOSFODNN7EXAMPLE")]),
     ("password = hunter2hunter2", [("secret", "hunter2hunter2")]),
