@@ -33,6 +33,10 @@ CATALOGUE = [
     ("version 1.2.3.4.5 and 999.1.1.1", []),
     ("v6 2001:db8::8a2e:370:7334 here", [("ip", "2001:db8::8a2e:370:7334")]),
     ("time 12:30:45 is not an address", []),
+    # an address is never part of a word: code's scopes were masked ("st[IP]vector", "Foo[IP]r[IP]z()")
+    ("std::vector<int> v; Foo::Bar::baz(); use std::io::Result;", []),
+    ("link-local fe80::1%eth0, loopback [::1]:8080", [("ip", "fe80::1"), ("ip", "::1")]),
+    ("地址2001:db8::1。", [("ip", "2001:db8::1")]),
     ("OPENAI key sk-abcdefghijklmnopqrstuvwx123", [("secret", "sk-abcdefghijklmnopqrstuvwx123")]),
     ("aws AKIAIOSFODNN7EXAMPLE", [("secret", "AKIAIOSFODNN7EXAMPLE")]),
     ("password = hunter2hunter2", [("secret", "hunter2hunter2")]),
@@ -40,6 +44,11 @@ CATALOGUE = [
     ("login with password=hunter2 now", [("secret", "hunter2")]),  # under 8: once passed unmasked
     ('passwd: "p@ss"', [("secret", "p@ss")]),
     ("Reset your password: click the link", []),
+    # JSON and Python-dict keys close their quote before the colon (a config pasted in a question, a
+    # tool call's arguments): once passed unmasked
+    ('cfg {"api_key": "abcd1234efgh5678"}', [("secret", "abcd1234efgh5678")]),
+    ("{'password': 'hunter2!'}", [("secret", "hunter2!")]),
+    ('{"access_token":"ya29.a0AfH6SMBx"}', [("secret", "ya29.a0AfH6SMBx")]),
     ("project Bluebird launch", [("keyword", "Bluebird")]),
     ("内部代号青龙计划", [("keyword", "青龙")]),
 ]
@@ -56,6 +65,23 @@ def test_catalogue(text, expected):
 def test_checksums():
     assert valid_cn_id("11010519491231002X") and not valid_cn_id("110105194912310021")
     assert luhn_ok("4111111111111111") and not luhn_ok("4111111111111112")
+
+
+def test_a_tool_calls_json_arguments_are_masked(tmp_path, capsys):
+    src = tmp_path / "d.jsonl"
+    call = {"name": "login", "arguments": json.dumps({"user": "li", "password": "hunter2!"})}
+    row = {
+        "messages": [
+            {"role": "user", "content": "log me in"},
+            {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": call}]},
+        ]
+    }
+    src.write_text(json.dumps(row) + "\n")
+    assert cli_main(["filter", str(src), str(tmp_path / "out.jsonl")]) == 0
+    out = json.loads((tmp_path / "out.jsonl").read_text())
+    masked = out["messages"][1]["tool_calls"][0]["function"]["arguments"]
+    assert json.loads(masked) == {"user": "li", "password": "[SECRET]"}
+    assert "1 examples: 1 with sensitive data (secret 1); 0 dropped" in capsys.readouterr().err
 
 
 def test_filter_command_masks_and_drops(tmp_path, capsys):

@@ -11,7 +11,7 @@ from factories import hf_model, save_hf
 
 from qwenkit.checkpoint import load_model
 from qwenkit.errors import CheckpointError
-from qwenkit.finetune.adapter_io import PREFIX, save_adapter
+from qwenkit.finetune.adapter_io import PREFIX, adapter_pairs, save_adapter
 from qwenkit.finetune.lora import (
     LoRAConfig,
     adapters_disabled,
@@ -156,6 +156,40 @@ def test_peft_adapter_loads_in_qwenkit_with_same_logits(qwen2_dir, tmp_path):
     assert len([m for m in model.modules() if isinstance(m, LoRAProjection)]) == 6  # served beside the base
     with torch.no_grad():
         torch.testing.assert_close(model(IDS), theirs, rtol=0, atol=1e-4)
+
+
+def test_peft_adapters_alpha_pattern_with_alternatives_matches_peft(qwen2_dir, tmp_path):
+    """peft matches a pattern key as ``(.*\\.)?(KEY)$``: a key ``q_proj|v_proj`` covers both modules (without
+    the group, ``v_proj`` kept the default alpha and merge and --adapter scaled its update 4x too small)."""
+    import peft
+    import transformers
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(qwen2_dir, dtype=torch.float32)
+    pcfg = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        alpha_pattern={"q_proj|v_proj": 32},
+        rank_pattern={"q_proj|down_proj": 2},
+    )
+    peft_model = peft.get_peft_model(base, pcfg)
+    v_proj = peft_model.base_model.model.model.layers[0].self_attn.v_proj
+    assert v_proj.scaling["default"] == 32 / 4  # peft's reading of the pattern
+    torch.manual_seed(4)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    peft_model.save_pretrained(tmp_path / "peft-adapter")
+    with torch.no_grad():
+        theirs = peft_model.eval()(IDS).logits
+    model, _ = load_model(qwen2_dir, "float32", progress=False, adapter=tmp_path / "peft-adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS), theirs, rtol=0, atol=1e-4)
+    _, pairs = adapter_pairs(model, tmp_path / "peft-adapter")
+    assert pairs["model.layers.0.self_attn.v_proj"].scaling == 32 / 4
+    assert pairs["model.layers.0.self_attn.q_proj"].scaling == 32 / 2
+    assert pairs["model.layers.0.mlp.down_proj"].scaling == 8 / 2
 
 
 def test_adapter_for_another_shape_is_refused(qwen2_dir, tmp_path):

@@ -9,6 +9,7 @@ import pytest
 from tokenizer_data import QWEN3_DIR
 
 from qwenkit.cli import template, tokenize
+from qwenkit.tokenizer import load_tokenizer
 
 
 def test_tokenize_pieces(capsys, v1_dir):
@@ -142,3 +143,36 @@ def test_template_bad_input(capsys, tmp_path):
     (tmp_path / "norole.json").write_text('[{"content": "x"}]')
     assert template.main([str(QWEN3_DIR), str(tmp_path / "norole.json")]) == 2
     assert capsys.readouterr().err == "error: chat message 0 must be an object with a string 'role'\n"
+
+
+def test_template_joins_openai_text_parts_as_the_server_does(capsys, tmp_path, v1_dir):
+    """OpenAI's content as a list of text parts reached the template as a list: Qwen3's failed with
+    "'list object' has no attribute 'startswith'", v1's ChatML with a TypeError."""
+    parts = [
+        {"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]}
+    ]
+    (tmp_path / "parts.json").write_text(json.dumps(parts))
+    assert template.main([str(QWEN3_DIR), str(tmp_path / "parts.json")]) == 0
+    assert capsys.readouterr().out == "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"
+    assert template.main([str(v1_dir), str(tmp_path / "parts.json"), "--ids"]) == 0
+    joined = [{"role": "user", "content": "Hi there"}]
+    assert json.loads(capsys.readouterr().out) == load_tokenizer(v1_dir).apply_chat_template(joined)
+    (tmp_path / "image.json").write_text(
+        json.dumps([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
+    )
+    assert template.main([str(QWEN3_DIR), str(tmp_path / "image.json")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {tmp_path / 'image.json'}: message 0's content parts must be text parts "
+        '({"type": "text", "text": ...})\n'
+    )
+
+
+def test_template_message_that_is_not_an_object_is_one_line(capsys, tmp_path, v1_dir):
+    """A number in the message list was an AttributeError traceback (exit 1) from the tool-call step."""
+    (tmp_path / "m.json").write_text('[{"role": "user", "content": "x"}, 7]')
+    for model in (QWEN3_DIR, v1_dir):
+        for ids in ([], ["--ids"]):
+            assert template.main([str(model), str(tmp_path / "m.json"), *ids]) == 2
+            out, err = capsys.readouterr()
+            assert out == "" and err.startswith("error: chat message 1 must be an object with ")
+            assert err.count("\n") == 1

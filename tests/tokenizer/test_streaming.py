@@ -54,3 +54,45 @@ def test_long_stream_is_linear(v1):
     s = StreamingDetokenizer(v1)
     out = "".join(s.add(i) for i in ids) + s.finalize()
     assert out == v1.decode(ids)
+
+
+def sentencepiece_style(decoder: str):
+    """A Llama-2-style tokenizer.json (BPE on "▁" pieces with byte fallback): the 2023 layout, whose
+    decoder replaces "▁" and strips the text's first space, or the later Metaspace decoder."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    from qwenkit.tokenizer import HFTokenizer
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    merges = [("▁", "H"), ("l", "l"), ("▁H", "e"), ("ll", "o"), ("▁He", "llo"), ("▁", "w"), ("o", "r")]
+    merges += [("▁w", "or"), ("▁wor", "l"), ("▁worl", "d")]
+    for piece in ["▁", "H", "e", "l", "o", "w", "r", "d", "!", *("".join(m) for m in merges)]:
+        vocab.setdefault(piece, len(vocab))
+    backend = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    if decoder == "strip":
+        backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        backend.decoder = decoders.Sequence(
+            [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+        )
+    else:
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=False)
+        backend.decoder = decoders.Sequence(
+            [decoders.ByteFallback(), decoders.Metaspace(prepend_scheme="first", split=False)]
+        )
+    return HFTokenizer(backend, {}, None)
+
+
+@pytest.mark.parametrize("decoder", ["strip", "metaspace"])
+def test_sentencepiece_tokens_stream_their_spaces_and_bytes(decoder):
+    """Each token decoded alone lost its "▁" space and turned a fallback byte into U+FFFD: the stream
+    (every reply's text) read "Helloworld���!" for "Hello world 世!"."""
+    tok = sentencepiece_style(decoder)
+    ids = tok.encode("Hello world 世!")
+    pieces = [tok.id_to_piece(i) for i in ids]
+    assert pieces == ["▁Hello", "▁world", "▁", "<0xE4>", "<0xB8>", "<0x96>", "!"]
+    assert [tok.token_bytes(i) for i in ids] == [b" Hello", b" world", b" ", b"\xe4", b"\xb8", b"\x96", b"!"]
+    assert tok.decode(ids) == "Hello world 世!"
+    s = StreamingDetokenizer(tok)
+    streamed = [s.add(i) for i in ids] + [s.finalize()]
+    # the first token keeps its space, as in vLLM's stream after a prompt; decode strips a text's first
+    assert streamed == [" Hello", " world", " ", "", "", "世", "!", ""]

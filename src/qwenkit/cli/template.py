@@ -42,6 +42,21 @@ def _read_json(path: str, what: str) -> Any:
     return data
 
 
+def _text_parts_joined(path: str, i: int, message: Any) -> Any:
+    """A message whose content is OpenAI's list of text parts, with the parts joined as the server joins
+    them (the templates got the list itself and failed on it: "'list object' has no attribute ...")."""
+    content = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(content, list):
+        return message
+    if not all(
+        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
+    ):
+        raise _InputError(
+            f'{path}: message {i}\'s content parts must be text parts ({{"type": "text", "text": ...}})'
+        )
+    return {**message, "content": "".join(p["text"] for p in content)}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Render messages (OpenAI JSON: a list, or {"messages": [...], "tools": [...]}) with the template."""
     parser = CommandParser(prog="qwenkit template", description=__doc__)
@@ -68,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             raise _InputError(f"{args.messages} must hold a JSON list of messages (or {{'messages': [...]}})")
         if isinstance(tools, dict) and "tools" in tools:
             tools = tools["tools"]
+        data = [_text_parts_joined(args.messages, i, m) for i, m in enumerate(data)]
         tokenizer = tokenizer_for(args.model_dir)
         gen = not args.no_generation_prompt
         style = template_style(tokenizer.chat_template)

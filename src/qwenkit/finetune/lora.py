@@ -58,7 +58,8 @@ class LoRAConfig:
 
 
 def _suffix_match(pattern: str, name: str) -> bool:
-    return re.match(rf"(.*\.)?{pattern}$", name) is not None
+    # peft's get_pattern_key: the key in a group, so an alternation (``q_proj|v_proj``) ends at the name's end
+    return re.match(rf"(.*\.)?({pattern})$", name) is not None
 
 
 class _DequantizedMatmul(torch.autograd.Function):

@@ -40,21 +40,25 @@ _INTL_PHONE = re.compile(r"(?<![\w+])\+\d{1,3}(?:[ -]?\(?\d{1,4}\)?)(?:[ -]?\d{2
 _ID = re.compile(r"(?<![0-9A-Za-z])[1-9]\d{5}(?:18|19|20)\d{2}\d{4}\d{3}[0-9Xx](?![0-9A-Za-z])")
 _CARD = re.compile(r"(?<![\d+-])\d(?:[ -]?\d){12,18}(?![\d-])")
 _IPV4 = re.compile(r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?![\d.])")
-_IPV6 = re.compile(r"(?<![0-9A-Fa-f:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![0-9A-Fa-f:])")
+# Not inside a word: a hex-only look-around let ``std::vector`` be masked as ``st[IP]vector`` ("d::" is an
+# address) and ``Foo::Bar`` as ``Foo[IP]r``, mangling every C++, Rust and PHP scope in code data.
+_IPV6 = re.compile(r"(?<![0-9A-Za-z_:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![0-9A-Za-z_:])")
 _SECRETS = [
     re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]*?-----END [A-Z ]*PRIVATE KEY-----"),
     re.compile(r"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"),
     re.compile(
         r"(?<![A-Za-z0-9])(?:sk-[A-Za-z0-9_-]{20,}|AKIA[0-9A-Z]{16}|ghp_[A-Za-z0-9]{36}|xox[abprs]-[A-Za-z0-9-]{10,})"
     ),
+    # A key may close its quote before the colon (``"api_key": "..."`` in JSON, a Python dict, a tool
+    # call's arguments): ``\s*[:=]`` alone passed those values unmasked.
     re.compile(
         r"(?i)(?:api[_-]?key|secret[_-]?key|access[_-]?token|auth[_-]?token|token|secret)"
-        r"\s*[:=]\s*[\"']?([^\s\"',;]{8,})"
+        r"[\"']?\s*[:=]\s*[\"']?([^\s\"',;]{8,})"
     ),
     # Passwords are shorter: ``password=hunter2`` slipped through the 8 above. From 4 characters with a
     # digit or symbol (``Reset your password: click ...`` keeps its prose), or 8 of any kind.
     re.compile(
-        r"(?i)(?:password|passwd)\s*[:=]\s*[\"']?"
+        r"(?i)(?:password|passwd)[\"']?\s*[:=]\s*[\"']?"
         r"((?=[^\s\"',;]*[^A-Za-z\s\"',;])[^\s\"',;]{4,}|[^\s\"',;]{8,})"
     ),
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -11,6 +12,8 @@ from tokenizers import decoders
 from qwenkit.tokenizer.base import Tokenizer, token_text
 from qwenkit.tokenizer.byte_level import piece_to_bytes
 from qwenkit.tokenizer.errors import TokenizerError
+
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte fallback: one raw byte
 
 
 class HFTokenizer(Tokenizer):
@@ -46,6 +49,7 @@ class HFTokenizer(Tokenizer):
             generation_config=generation_config,
         )
         self._byte_level = isinstance(backend.decoder, decoders.ByteLevel)
+        self._byte_fallback = bool(getattr(backend.model, "byte_fallback", False))
         self._added_by_id = {i: tok.content for i, tok in added.items()}
         if token_text(config.get("eos_token")) and not self.eos_token_ids:
             raise TokenizerError(
@@ -98,7 +102,16 @@ class HFTokenizer(Tokenizer):
             raise TokenizerError(f"unknown token id {token_id}")
         if self._byte_level:
             return piece_to_bytes(piece)
-        return self._tok.decode([token_id]).encode()
+        byte = _BYTE_PIECE.fullmatch(piece) if self._byte_fallback else None
+        if byte is not None:
+            return bytes([int(byte.group(1), 16)])
+        # Other decoders (SentencePiece's "▁", WordPiece's "##") treat a text's first token apart: its
+        # leading space is stripped. Decoded alone, "▁world" lost its space and "<0xE4>" became U+FFFD,
+        # so streamed text ran words together and garbled characters; the token's second copy is decoded
+        # as running text.
+        alone = self._tok.decode([token_id], skip_special_tokens=False)
+        twice = self._tok.decode([token_id, token_id], skip_special_tokens=False)
+        return twice[len(alone) :].encode()
 
     def id_to_piece(self, token_id: int) -> str:
         piece = self._tok.id_to_token(token_id)

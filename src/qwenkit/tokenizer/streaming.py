@@ -14,7 +14,8 @@ class StreamingDetokenizer:
     A Chinese character or emoji whose bytes span several tokens is held back until its last byte
     arrives, then emitted once, whole. Each token costs O(its bytes): an incremental UTF-8 decoder keeps
     the incomplete tail, so long outputs are never re-decoded. The concatenated output equals
-    `tokenizer.decode(all_ids, skip_special=skip_special)`.
+    `tokenizer.decode(all_ids, skip_special=skip_special)`, but where a SentencePiece-style decoder strips
+    the first token's "▁" space, which the stream keeps (as vLLM's does after a prompt).
     """
 
     def __init__(self, tokenizer: Tokenizer, *, skip_special: bool = False) -> None:

@@ -74,7 +74,7 @@ def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     renders them (Qwen2.5's template pipes them through ``tojson``, which would encode them twice)."""
     out = []
     for i, m in enumerate(messages):
-        calls = m.get("tool_calls")
+        calls = m.get("tool_calls") if isinstance(m, dict) else None  # not an object: the template says so
         if calls:
             fixed = []
             for j, call in enumerate(calls):
