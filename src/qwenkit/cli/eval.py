@@ -32,6 +32,7 @@ from qwenkit.evaluate.extract import CHOICE_EXTRACTORS, NUMBER_EXTRACTORS
 
 if TYPE_CHECKING:
     from qwenkit.distributed import TensorParallel
+    from qwenkit.evaluate.plans import Plan
     from qwenkit.evaluate.runner import Settings
 
 
@@ -117,9 +118,12 @@ def main(argv: list[str]) -> int:
         check_writable(output)
         check_free(output)
     try:
+        # the data before the model: a missing or malformed file is refused at once, not after the minutes
+        # a large model takes to load (passkey's items are made from the model's context, so after)
+        prepared = None if runner.needs_model(settings) else runner.plan(settings)
         if not args.endpoint and wants_tensor_parallel(args):
-            return run_tensor_parallel(args, rank_main)
-        return _evaluate(args, settings)
+            return run_tensor_parallel(args, rank_main)  # each rank reads it again: a plan does not pickle
+        return _evaluate(args, settings, prepared=prepared)
     except KeyboardInterrupt:
         print(_interrupted(args.output), file=sys.stderr)
         return 130
@@ -248,8 +252,14 @@ def _settings(args: argparse.Namespace) -> Settings:
     return settings
 
 
-def _evaluate(args: argparse.Namespace, settings: Settings, tp: TensorParallel | None = None) -> int:
-    """Score a model (this rank's shard under ``tp``) or an endpoint, print the results."""
+def _evaluate(
+    args: argparse.Namespace,
+    settings: Settings,
+    tp: TensorParallel | None = None,
+    prepared: Plan | None = None,
+) -> int:
+    """Score a model (this rank's shard under ``tp``) or an endpoint, print the results (``prepared``: the
+    plan, where it was made before the model loads)."""
     from qwenkit.evaluate import runner
 
     if args.endpoint:
@@ -284,7 +294,9 @@ def _evaluate(args: argparse.Namespace, settings: Settings, tp: TensorParallel |
             warn_past_context(llm, "--max-context")
         backend = LocalBackend(llm, batch_size=args.batch_size)
         record = runner.model_record(path, llm, args.dtype, args.quantize, args.adapter)
-    results = runner.run(backend, settings, args.output, progress=not args.no_progress, model_record=record)
+    results = runner.run(
+        backend, settings, args.output, progress=not args.no_progress, model_record=record, prepared=prepared
+    )
     print(format_results(results))
     return 0
 
