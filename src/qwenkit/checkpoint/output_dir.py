@@ -11,15 +11,14 @@ import errno
 import json
 import os
 import shutil
-import signal
 import tempfile
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from qwenkit.errors import CheckpointError
+from qwenkit.sigterm import terminate_unwinds
 
 
 def check_out_dir(out: Path, overwrite: bool, source: Path | None = None) -> None:
@@ -58,7 +57,7 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        with _terminate_unwinds():
+        with terminate_unwinds():  # SIGTERM unwinds too, so the except below removes tmp
             yield tmp
             _publish_permissions(tmp)
             _replace(tmp, out)
@@ -73,28 +72,6 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-@contextmanager
-def _terminate_unwinds() -> Iterator[None]:
-    """SIGTERM (``timeout``, ``kill``, a container stop) ends a process without unwinding, which would leave
-    the temporary directory (a model's size) behind. While it exists, TERM raises SystemExit(143) so the
-    cleanup runs; a handler the program installed itself (the server's) is left alone."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        yield
-        return
-
-    def stop(signum: int, _frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

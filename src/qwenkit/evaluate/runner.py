@@ -25,6 +25,7 @@ from qwenkit.evaluate.plans import (
     Settings,
     check_settings,
     item_id,
+    needs_model,
     plan,
     scoring,
     used_settings,
@@ -45,6 +46,7 @@ __all__ = [
     "check_settings",
     "compare",
     "model_record",
+    "needs_model",
     "plan",
     "read_samples",
     "rescore_dir",
@@ -60,12 +62,11 @@ def run(
     output: str | Path | None = None,
     progress: bool = True,
     model_record: dict[str, Any] | None = None,
+    prepared: Plan | None = None,
 ) -> dict[str, Any]:
     """Evaluate; with ``output``, write/extend samples.jsonl and write results.json there (holding the
-    directory's lock throughout)."""
-    p = plan(settings, backend.max_context() if settings.task == "passkey" else None)
-    if not p.items:  # an empty file, or a folder without the split's files: no score to report
-        raise EvalDataError(f"{p.record['data']} holds no {settings.task} items: nothing to evaluate")
+    directory's lock throughout). ``prepared``: ``plan(settings)`` made before the model was loaded."""
+    p = prepared or plan(settings, backend.max_context() if needs_model(settings) else None)
     record = model_record or backend.describe()
     if output is None:
         return _run(backend, settings, p, record, None, progress)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from qwenkit.errors import QwenkitError
+from qwenkit.jsonl import BadLine, json_lines
 
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {
@@ -69,21 +70,11 @@ def read_objects(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
                 raise DataError(f"{where}: each record must be a JSON object")
             yield where, item
         return
-    for n, raw in enumerate(data.split(b"\n"), start=1):
-        if not raw.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise DataError(f"{where}: not valid UTF-8 (byte {e.start} of the line)") from None
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{where}: each line must be a JSON object")
-        yield where, obj
+    try:
+        for n, obj in json_lines(data):
+            yield f"{path}:{n}", obj
+    except BadLine as e:
+        raise DataError(f"{path}:{e.line}: {e.problem}") from None
 
 
 def read_records(path: str | Path) -> list[Record]:

@@ -1,0 +1,47 @@
+"""JSON-lines files (one JSON object a line): the one reader of benchmark data (``evaluate``) and training
+data (``finetune``), so a bad line is refused the same way, with its line number, wherever it is read.
+
+A leaf like ``errors.py``: it imports nothing of qwenkit, so every layer may use it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+_JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "true or false"}
+
+
+class BadLine(ValueError):
+    """Line ``line`` (1-based) is not one JSON object; ``problem`` says how. Each reader names the file
+    in its own way (``FILE:LINE:`` for training data, ``FILE line N`` for benchmark data) and raises its
+    own error type, so this one never reaches a user."""
+
+    def __init__(self, line: int, problem: str) -> None:
+        super().__init__(f"line {line}: {problem}")
+        self.line = line
+        self.problem = problem
+
+
+def json_lines(raw: bytes) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line of ``raw``, or BadLine at the first bad one.
+
+    Lines end at ``\\n`` only: ``str.splitlines`` would also cut at U+2028, U+0085 and the like, which a
+    JSON string may hold unescaped (``json.dumps(..., ensure_ascii=False)`` writes them so). Each line is
+    decoded alone, so a byte that is not UTF-8 is named by its line."""
+    for n, line in enumerate(raw.split(b"\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise BadLine(n, f"not valid UTF-8 (byte {e.start} of the line)") from None
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise BadLine(n, f"invalid JSON: {e.msg} (column {e.colno})") from None
+        if not isinstance(value, dict):
+            kind = "null" if value is None else _JSON_TYPES[type(value)]
+            raise BadLine(n, f"not a JSON object ({kind})")
+        yield n, value

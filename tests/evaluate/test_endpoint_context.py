@@ -1,0 +1,117 @@
+"""Passkey against an endpoint takes its lengths from the server's context (``max_model_len`` in
+``GET /v1/models``, as qwenkit serve and vLLM report it): the defaults stop where the server's context
+does, and longer ``--lengths`` are refused before any prompt is sent. It used to assume 32k and send
+prompts the server refused. A server that does not say falls back to the 32k defaults; one that cannot
+be reached is the usual one-line error."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from qwenkit.cli import main as qwenkit_main
+from qwenkit.evaluate.backends import BackendError, EndpointBackend
+
+MAX_MODEL_LEN = 3000
+
+
+@pytest.fixture(scope="module")
+def served(tiny_chat_model) -> Iterator[str]:
+    """``qwenkit serve MODEL --max-model-len 3000 --served-model-name tiny`` on 127.0.0.1."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "server"))
+    from live import LiveServer
+
+    from qwenkit.generate import LLM
+    from qwenkit.server import ServerConfig, create_app
+
+    llm = LLM.load(
+        tiny_chat_model, dtype="float32", max_seq_len=MAX_MODEL_LEN, max_batch_size=4, progress=False
+    )
+    app = create_app(llm, ServerConfig(served_model_name="tiny", response_cache_entries=0))
+    with LiveServer(app) as server:
+        yield server.url
+    llm.close()
+
+
+def test_default_lengths_stop_at_the_servers_context(served, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["eval", "--endpoint", served, "--model", "tiny", "--task", "passkey", "--depths", "0.5"]
+    assert qwenkit_main([*argv, "--no-progress", "--output", str(out)]) == 0, capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    assert results["record"]["lengths"] == [1024, 2048]  # of 1k..32k, those within 3000 tokens
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [r["length"] for r in rows] == [1024, 2048]
+    assert all(r["prompt_tokens"] + 16 <= r["length"] <= MAX_MODEL_LEN for r in rows)
+
+
+def test_lengths_past_the_servers_context_are_refused(served, capsys):
+    argv = ["eval", "--endpoint", served, "--task", "passkey", "--lengths", "1024", "4096", "--no-progress"]
+    assert qwenkit_main(argv) == 2
+    assert (
+        capsys.readouterr().err
+        == f"error: --lengths 4096 exceeds the model's context of {MAX_MODEL_LEN} tokens\n"
+    )
+
+
+def test_the_model_asked_for_is_the_one_read(served):
+    assert EndpointBackend(served, model="tiny").max_context() == MAX_MODEL_LEN
+    assert EndpointBackend(served).max_context() == MAX_MODEL_LEN  # the first listed
+    assert EndpointBackend(served, model="another").max_context() is None  # the server will refuse it
+
+
+@contextmanager
+def models_route(status: int, body: str) -> Iterator[str]:
+    """A server answering ``GET /v1/models`` with ``status`` and ``body``."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body.encode())))
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        (404, '{"detail": "Not Found"}'),  # no such route
+        (200, '{"object": "list", "data": [{"id": "m", "object": "model"}]}'),  # no such field (OpenAI's own)
+        (200, '{"object": "list", "data": [{"id": "m", "max_model_len": "4k"}]}'),
+        (200, '{"object": "list", "data": 5}'),
+        (200, "{}"),
+    ],
+)
+def test_a_server_that_does_not_say_gives_no_context(status, body):
+    with models_route(status, body) as url:
+        assert EndpointBackend(url).max_context() is None
+
+
+def test_an_endpoint_that_cannot_be_reached_is_one_line(capsys):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    assert qwenkit_main(["eval", "--endpoint", url, "--task", "passkey", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: endpoint {url}/v1/models: ") and "refused" in err and err.count("\n") == 1
+    with pytest.raises(BackendError, match=f"^endpoint {url}/v1/models: "):
+        EndpointBackend(url).max_context()

@@ -1,0 +1,47 @@
+"""One JSON-lines reader for benchmark and training data: the same line is refused with the same problem
+by both, each naming the file and line its own way, and a JSON string may hold any character."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from qwenkit.evaluate import gsm8k
+from qwenkit.evaluate.data import EvalDataError
+from qwenkit.finetune.data import DataError, read_records
+
+GOOD = b'{"text": "fine", "question": "q", "answer": "#### 1"}\n'
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        (b'{"text": "cut', "invalid JSON: Unterminated string starting at (column 10)"),
+        (b"[1, 2]", "not a JSON object (an array)"),
+        (b'"a string"', "not a JSON object (a string)"),
+        (b"null", "not a JSON object (null)"),
+        (b'{"text": "caf\xe9"}', "not valid UTF-8 (byte 13 of the line)"),
+    ],
+)
+def test_benchmark_and_training_readers_refuse_a_line_alike(tmp_path, line, problem):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(GOOD + b"\n" + line + b"\n")  # a blank line between: line numbers count it
+    with pytest.raises(EvalDataError) as bench:
+        gsm8k.read_jsonl(path)
+    assert str(bench.value) == f"{path} line 3: {problem}"
+    with pytest.raises(DataError) as train:
+        read_records(path)
+    assert str(train.value) == f"{path}:3: {problem}"
+
+
+def test_line_separators_inside_json_strings_are_text(tmp_path):
+    """U+2028, U+2029 and U+0085 may stand unescaped in a JSON string (Python's ensure_ascii=False writes
+    them so); a reader that cut lines with str.splitlines took each for a line end."""
+    question = "first\u2028second\u2029third\x85fourth"
+    rows = [{"question": question, "answer": "#### 4", "text": question}] * 2
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    assert [p.question for p in gsm8k.read_jsonl(path)] == [question, question]
+    assert [r.text for r in read_records(path)] == [question, question]
+    assert [r.where for r in read_records(path)] == [f"{path}:1", f"{path}:2"]
