@@ -50,3 +50,16 @@ def test_two_different_rows_for_one_item_are_refused(local, finished):
     with pytest.raises(EvalDataError, match=message):
         rescore_dir(finished)
     assert len(lines(finished)) == 4  # nothing was dropped on the user's behalf
+
+
+def test_a_row_holding_a_line_separator_is_read_back(local, finished):
+    """Rows are written with ensure_ascii=False, so a model's U+2028 or U+0085 stands raw in the line:
+    resuming and rescoring read it as one row (str.splitlines cut it in two and refused the run)."""
+    rows = lines(finished)
+    odd = {**json.loads(rows[1]), "output": "first\u2028second\x85third"}
+    text = "\n".join([rows[0], json.dumps(odd, ensure_ascii=False), rows[2]]) + "\n"
+    (finished / "samples.jsonl").write_text(text, encoding="utf-8")
+    again = run(local, SETTINGS, finished, progress=False)
+    assert again["timing"]["items_run"] == 0 and again["scores"]["n"] == 3
+    assert rescore_dir(finished)["scores"]["n"] == 3
+    assert (finished / "samples.jsonl").read_text(encoding="utf-8") == text  # nothing rewritten

@@ -182,7 +182,11 @@ def read_samples(samples: Path) -> list[dict]:
     and a row written twice (identically: two runs appended the same item) is kept once, and the file
     rewritten without them; two different rows for one item are refused, as the scores would count both
     or pick one at random."""
-    lines = samples.read_text(encoding="utf-8").splitlines()
+    # at "\n" only: rows are written with ensure_ascii=False, so a U+2028 or U+0085 of a model's output
+    # stands raw inside a row, where str.splitlines would cut it
+    lines = samples.read_text(encoding="utf-8").split("\n")
+    if lines[-1] == "":
+        lines.pop()  # the last row's newline
     rows: dict[str, dict] = {}
     first: dict[str, tuple[int, str]] = {}  # id -> (line number, text) where it was first written
     dropped = 0
