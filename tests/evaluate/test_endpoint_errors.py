@@ -125,3 +125,30 @@ def test_requests_still_queued_are_not_sent_after_one_times_out():
         with pytest.raises(BackendError, match="did not answer within 0.5 s"):
             backend.complete(["a", "b", "c"], 4, [])
         assert len(accepted) < 3
+
+
+def test_an_interrupt_leaves_requests_in_flight_behind_instead_of_waiting_for_them():
+    """Ctrl-C or SIGTERM while requests are out: the run stops now, not when the server answers them
+    (a request may take --request-timeout, 600 s by default; a container's stop grace is 10-30 s)."""
+    import os
+    import signal
+    import time
+
+    class Stopped(Exception):
+        pass
+
+    def stop(_signum, _frame):
+        raise Stopped
+
+    previous = signal.signal(signal.SIGUSR1, stop)
+    try:
+        with silent() as (url, accepted):
+            backend = EndpointBackend(url, concurrency=2, timeout=20)
+            threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGUSR1)).start()
+            start = time.monotonic()
+            with pytest.raises(Stopped):
+                backend.complete(["a", "b", "c"], 4, [])
+            assert time.monotonic() - start < 5  # not the 20 s the requests in flight could take
+            assert len(accepted) == 2  # the third was never sent
+    finally:
+        signal.signal(signal.SIGUSR1, previous)

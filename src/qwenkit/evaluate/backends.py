@@ -9,8 +9,9 @@ scoring), and greedy text for prompts or chat messages. The endpoint path uses o
 from __future__ import annotations
 
 import json
+import queue
+import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -380,11 +381,40 @@ class EndpointBackend:
         return value
 
     def _map(self, fn: Any, items: Sequence[Any]) -> list[Any]:
-        pool = ThreadPoolExecutor(max_workers=max(1, self.concurrency))
+        """``fn`` over ``items``, ``concurrency`` requests at a time, results in order. After a failure or
+        an interrupt (Ctrl-C, SIGTERM) no further request is sent, and those in flight are left behind on
+        daemon threads rather than waited for: each could take --request-timeout, and a socket blocked in
+        a worker cannot be woken (a thread pool's shutdown, and its join at exit, waited for them)."""
+        todo: queue.SimpleQueue[int] = queue.SimpleQueue()
+        for i in range(len(items)):
+            todo.put(i)
+        done: queue.SimpleQueue[tuple[int, Any, BaseException | None]] = queue.SimpleQueue()
+        stop = threading.Event()
+
+        def work() -> None:
+            while not stop.is_set():
+                try:
+                    i = todo.get_nowait()
+                except queue.Empty:
+                    return
+                try:
+                    done.put((i, fn(items[i]), None))
+                except BaseException as e:  # the caller's thread raises it; nothing more is sent
+                    stop.set()
+                    done.put((i, None, e))
+
+        for _ in range(min(max(1, self.concurrency), len(items))):
+            threading.Thread(target=work, daemon=True).start()
+        results: list[Any] = [None] * len(items)
         try:
-            return list(pool.map(fn, items))
-        finally:  # after a failure, requests not yet sent stay unsent (each could wait --request-timeout)
-            pool.shutdown(wait=True, cancel_futures=True)
+            for _ in items:
+                i, value, error = done.get()
+                if error is not None:
+                    raise error
+                results[i] = value
+        finally:
+            stop.set()
+        return results
 
     def encode(self, text: str) -> list[int]:
         reply = self._post("/tokenize", {"prompt": text, "add_special_tokens": False})
