@@ -86,7 +86,12 @@ def _float_layers(model) -> list[str]:
     return sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n)
 
 
-def test_gptqmodel_v2_zero_points_load_like_the_v1_file(outputs, tmp_path) -> None:
+@pytest.mark.parametrize(
+    "fields",
+    [{"format": "gptq_v2", "checkpoint_format": "gptq_v2"}, {"format": "gptq_v2"}],
+    ids=["both-names", "format-only"],  # GPTQModel writes both; its own reader takes "format" alone
+)
+def test_gptqmodel_v2_zero_points_load_like_the_v1_file(outputs, tmp_path, fields) -> None:
     tensors = load_file(outputs / "int4" / "model.safetensors")
     for name in [k.removesuffix(".qweight") for k in tensors if k.endswith(".qweight")]:
         parts = [tensors[f"{name}.{key}"] for key in GPTQ_KEYS]
@@ -95,8 +100,8 @@ def test_gptqmodel_v2_zero_points_load_like_the_v1_file(outputs, tmp_path) -> No
         tensors[f"{name}.qzeros"] = v2["qzeros"]
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((outputs / "int4" / "config.json").read_text())
-    # GPTQModel writes both names for it
-    config["quantization_config"].update(format="gptq_v2", checkpoint_format="gptq_v2")
+    config["quantization_config"].pop("checkpoint_format")
+    config["quantization_config"].update(fields)
     (tmp_path / "config.json").write_text(json.dumps(config))
     loaded, _ = load_model(tmp_path, dtype="float32", progress=False)
     v1, _ = load_model(outputs / "int4", dtype="float32", progress=False)

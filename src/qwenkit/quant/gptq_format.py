@@ -96,7 +96,8 @@ class GPTQConfig:
             raise QuantizationError("GPTQ checkpoints with a quantized lm_head are not supported")
         if "bits" not in d:
             raise QuantizationError("GPTQ quantization config has no 'bits'")
-        fmt = d.get("checkpoint_format") or "gptq"
+        # GPTQModel writes its name for it, "format", beside "checkpoint_format" (its reader takes either)
+        fmt = d.get("checkpoint_format") or d.get("format") or "gptq"
         meta = d.get("meta") if isinstance(d.get("meta"), dict) else {}
         if d.get("desc_act"):
             act_order: ActOrder = "dynamic"
@@ -104,7 +105,11 @@ class GPTQConfig:
             act_order = "static"
         else:
             act_order = "none"  # g_idx is monotone; how the columns were visited does not matter to a reader
-        known = {f for f in cls.__dataclass_fields__ if f != "extra"} | {"desc_act", "static_groups"}
+        known = {f for f in cls.__dataclass_fields__ if f != "extra"} | {
+            "desc_act",
+            "static_groups",
+            "format",
+        }
         _check_per_layer(d)
         return cls(
             bits=int(d["bits"]),
