@@ -192,6 +192,38 @@ def test_peft_adapters_alpha_pattern_with_alternatives_matches_peft(qwen2_dir, t
     assert pairs["model.layers.0.mlp.down_proj"].scaling == 8 / 2
 
 
+@pytest.mark.parametrize(
+    ("variant", "message"),
+    [
+        (
+            dict(alora_invocation_tokens=[5, 9]),
+            r"alora_invocation_tokens \(activated LoRA, applied only after",
+        ),
+        (dict(layer_replication=[[0, 1], [0, 1]]), r"layer_replication \(adapters on peft's copies of base"),
+        (dict(use_dora=True), r"use_dora \(DoRA\) is not supported"),
+        (dict(lora_bias=True), r"lora_bias \(a bias on lora_B\) is not supported"),
+    ],
+    ids=["alora", "layer_replication", "dora", "lora_bias"],
+)
+def test_peft_variants_qwenkit_would_compute_otherwise_are_refused(qwen2_dir, tmp_path, variant, message):
+    """peft runs these adapters differently from plain LoRA. aLoRA and layer_replication files hold only
+    lora_A/lora_B, so they used to load and give other logits than peft's (0.29 and 0.70 apart here)."""
+    import peft
+    import transformers
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(qwen2_dir, dtype=torch.float32)
+    peft_model = peft.get_peft_model(
+        base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], **variant)
+    )
+    peft_model.save_pretrained(tmp_path / "adapter")
+    for load in (
+        lambda: load_model(qwen2_dir, "float32", progress=False, adapter=tmp_path / "adapter"),
+        lambda: adapter_pairs(None, tmp_path / "adapter"),  # merge and served adapters read it here too
+    ):
+        with pytest.raises(CheckpointError, match=message + r".*; qwenkit applies plain LoRA$"):
+            load()
+
+
 def test_adapter_for_another_shape_is_refused(qwen2_dir, tmp_path):
     other = save_hf(hf_model("qwen2", hidden_size=32, intermediate_size=64), tmp_path / "other")
     model, _ = load_model(other, "float32", progress=False)

@@ -77,6 +77,11 @@ def check_shardable(config: ModelConfig, world: int) -> None:
             "groups (desc_act without static_groups), so each rank's input columns would need every "
             "group's scales; use a checkpoint without desc_act, or run it in one process"
         )
+    if config.quantization and _gptq(config).per_layer:
+        raise ConfigError(
+            "--tensor-parallel cannot split this GPTQ checkpoint: it keeps some layers float or quantizes "
+            "them otherwise (modules_in_block_to_quantize or GPTQModel's dynamic); run it in one process"
+        )
     heads = config.num_attention_heads
     if world > heads:
         raise ConfigError(

@@ -34,6 +34,21 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
+# peft config fields that make its forward something other than x @ A.T @ B.T * scaling on the named
+# modules. Some of these files hold only lora_A/lora_B, so without this check they loaded and ran wrong:
+# an activated LoRA everywhere instead of after its invocation tokens, layer_replication's adapters on
+# the wrong layers.
+UNSUPPORTED_VARIANTS = {
+    "use_dora": "DoRA",
+    "alora_invocation_tokens": "activated LoRA, applied only after its invocation tokens",
+    "layer_replication": "adapters on peft's copies of base layers",
+    "use_bdlora": "block-diagonal LoRA",
+    "lora_bias": "a bias on lora_B",
+    "trainable_token_indices": "trained embedding rows",
+    "arrow_config": "Arrow routing",
+    "kasa_config": "KaSA",
+    "monteclora_config": "MonteCLoRA",
+}
 _KEY = re.compile(r"^(?:base_model\.model\.)?(.+)\.(lora_A|lora_B)(?:\.default)?\.weight$")
 
 
@@ -141,8 +156,9 @@ def read_adapter(path: str | Path) -> tuple[LoRAConfig, dict[str, dict[str, torc
         raise CheckpointError(
             f"{cfg_file}: field 'peft_type' must be \"LORA\" (got {raw.get('peft_type')!r})"
         )
-    if raw.get("use_dora"):
-        raise CheckpointError(f"{cfg_file}: DoRA adapters (use_dora) are not supported")
+    for key, what in UNSUPPORTED_VARIANTS.items():
+        if raw.get(key):
+            raise CheckpointError(f"{cfg_file}: {key} ({what}) is not supported; qwenkit applies plain LoRA")
     if raw.get("modules_to_save"):
         raise CheckpointError(f"{cfg_file}: modules_to_save {raw['modules_to_save']} is not supported")
     if raw.get("bias", "none") != "none" or raw.get("fan_in_fan_out"):

@@ -42,9 +42,12 @@ def get_quant_method(layer_name: str, linear: nn.Linear, config: GPTQConfig) -> 
     """The quantized replacement for the Linear named ``layer_name``, or None to keep it float."""
     if layer_name.split(".")[-1] in NOT_QUANTIZED:
         return None
+    layer_config = config.for_layer(layer_name)  # float or other bits where the checkpoint says so
+    if layer_config is None:
+        return None
     device = linear.weight.device
     return QuantizedLinear.for_checkpoint(
-        linear.in_features, linear.out_features, linear.bias is not None, config, device=device
+        linear.in_features, linear.out_features, linear.bias is not None, layer_config, device=device
     )
 
 

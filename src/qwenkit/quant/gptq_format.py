@@ -15,8 +15,10 @@ The weight is ``W[o, i] = scales[g_idx[i], o] * (q[i, o] - zero[g_idx[i], o])``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,7 +96,8 @@ class GPTQConfig:
             raise QuantizationError("GPTQ checkpoints with a quantized lm_head are not supported")
         if "bits" not in d:
             raise QuantizationError("GPTQ quantization config has no 'bits'")
-        fmt = d.get("checkpoint_format") or "gptq"
+        # GPTQModel writes its name for it, "format", beside "checkpoint_format" (its reader takes either)
+        fmt = d.get("checkpoint_format") or d.get("format") or "gptq"
         meta = d.get("meta") if isinstance(d.get("meta"), dict) else {}
         if d.get("desc_act"):
             act_order: ActOrder = "dynamic"
@@ -102,7 +105,12 @@ class GPTQConfig:
             act_order = "static"
         else:
             act_order = "none"  # g_idx is monotone; how the columns were visited does not matter to a reader
-        known = {f for f in cls.__dataclass_fields__ if f != "extra"} | {"desc_act", "static_groups"}
+        known = {f for f in cls.__dataclass_fields__ if f != "extra"} | {
+            "desc_act",
+            "static_groups",
+            "format",
+        }
+        _check_per_layer(d)
         return cls(
             bits=int(d["bits"]),
             group_size=int(d.get("group_size", 128)),
@@ -147,8 +155,77 @@ class GPTQConfig:
             "meta": {"quantizer": [f"qwenkit:{_version()}"], "act_order": self.act_order},
         }
 
+    def for_layer(self, name: str) -> GPTQConfig | None:
+        """This layer's config (a layer inside a decoder block, by its Hugging Face name), or None where
+        the checkpoint keeps it float.
+
+        Two ways files say so: optimum's ``modules_in_block_to_quantize`` (lists of name suffixes; any
+        other layer of a block is float) and GPTQModel's ``dynamic`` (regular expressions matched from the
+        start of the name, first match wins, as GPTQModel and vLLM match them: ``-:pattern`` keeps the
+        layer float, ``+:pattern`` or a bare pattern overrides ``bits``/``group_size`` for it).
+        """
+        modules = self.extra.get("modules_in_block_to_quantize")
+        if modules and not any(name.endswith(suffix) for suffix in _flat(modules)):
+            return None
+        for pattern, override in (self.extra.get("dynamic") or {}).items():
+            negative = pattern.startswith("-:")
+            if re.match(pattern[2:] if pattern.startswith(("-:", "+:")) else pattern, name):
+                if negative:
+                    return None
+                changes = {k: int(override[k]) for k in ("bits", "group_size") if k in override}
+                return dataclasses.replace(self, **changes) if changes else self
+        return self
+
+    @property
+    def per_layer(self) -> bool:
+        """Whether some layers are float or quantized otherwise (``for_layer`` is not always ``self``)."""
+        return bool(self.extra.get("modules_in_block_to_quantize") or self.extra.get("dynamic"))
+
     def num_groups(self, in_features: int) -> int:
         return 1 if self.group_size == -1 else math.ceil(in_features / self.group_size)
+
+
+def _flat(modules: list) -> list[str]:
+    """optimum's ``[["self_attn.q_proj", ...], ["mlp.down_proj"]]`` (or a flat list) -> the suffixes."""
+    return [m for group in modules for m in ([group] if isinstance(group, str) else group)]
+
+
+def _check_per_layer(d: dict[str, Any]) -> None:
+    """Refuse a ``modules_in_block_to_quantize`` or ``dynamic`` entry that :meth:`GPTQConfig.for_layer`
+    would misread, naming it."""
+    modules = d.get("modules_in_block_to_quantize")
+    if modules is not None and not (
+        isinstance(modules, list)
+        and all(
+            isinstance(m, str) or (isinstance(m, list) and all(isinstance(x, str) for x in m))
+            for m in modules
+        )
+    ):
+        raise QuantizationError(
+            f"GPTQ modules_in_block_to_quantize={modules!r} is not a list of module-name lists"
+        )
+    dynamic = d.get("dynamic")
+    if dynamic is None:
+        return
+    if not isinstance(dynamic, dict):
+        raise QuantizationError(f"GPTQ dynamic={dynamic!r} is not a mapping of name patterns to overrides")
+    for pattern, override in dynamic.items():
+        raw = pattern[2:] if pattern.startswith(("-:", "+:")) else pattern
+        try:
+            re.compile(raw)
+        except re.error as e:
+            raise QuantizationError(
+                f"GPTQ dynamic pattern {pattern!r} is not a regular expression: {e}"
+            ) from None
+        if not isinstance(override, dict):
+            raise QuantizationError(f"GPTQ dynamic[{pattern!r}] is {override!r}, not a mapping of overrides")
+        try:
+            GPTQConfig(
+                bits=int(override.get("bits", d.get("bits", 4))),
+                group_size=int(override.get("group_size", d.get("group_size", 128))),
+            )
+        except QuantizationError as e:
+            raise QuantizationError(f"GPTQ dynamic[{pattern!r}]: {e}") from None
 
 
 def _version() -> str:
