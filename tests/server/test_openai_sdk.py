@@ -161,3 +161,25 @@ def test_greedy_completion_equals_qwenkit_generate(client, tiny_chat_model, caps
     r = client.completions.create(model="tiny", prompt=ids, max_tokens=12, temperature=0)
     assert r.choices[0].text == cli["text"]
     assert r.usage.completion_tokens == len(cli["output_token_ids"]) == 12
+
+
+@pytest.mark.parametrize("echo", [False])
+def test_streamed_completion_logprobs_equal_non_streamed(client, echo):
+    """Streamed legacy logprobs joined over the chunks are the non-streamed arrays: text_offset counts on
+    from the text already sent (not from 0 in each chunk), and an echo's prompt tokens come first."""
+    kwargs = dict(model="tiny", prompt="The capital of France is", max_tokens=6, temperature=1.0, seed=4, n=2)
+    kwargs |= dict(logprobs=1, echo=echo)
+    whole = {c.index: c for c in client.completions.create(**kwargs).choices}
+    text: dict[int, str] = {0: "", 1: ""}
+    arrays: dict[int, dict[str, list]] = {i: {} for i in text}
+    for chunk in client.completions.create(**kwargs, stream=True):
+        for c in chunk.choices:
+            text[c.index] += c.text
+            for key, values in (c.logprobs.model_dump() if c.logprobs else {}).items():
+                arrays[c.index].setdefault(key, []).extend(values)
+    for i in (0, 1):
+        assert text[i] == whole[i].text
+        assert arrays[i] == whole[i].logprobs.model_dump()
+        assert len(arrays[i]["tokens"]) == 6 + (5 if echo else 0)
+        starts = arrays[i]["text_offset"]
+        assert all(text[i][o:].startswith(t) for o, t in zip(starts, arrays[i]["tokens"], strict=True))
