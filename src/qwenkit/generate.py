@@ -65,6 +65,7 @@ class Delta:
     finish_reason: FinishReason | None = None
     completion: Completion | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # once, on the first Delta, when asked for
 
 
 class TextState:
@@ -125,7 +126,8 @@ class TextState:
         if out.error:
             c.error = out.error
         text = self.feed(out.new_token_ids, out.finish_reason)
-        return Delta(out.new_token_ids, text, c.finish_reason, c if c.finish_reason else None, out.logprobs)
+        done = c if c.finish_reason else None
+        return Delta(out.new_token_ids, text, c.finish_reason, done, out.logprobs, out.prompt_logprobs)
 
 
 def _partial_stop_suffix(text: str, stops: tuple[str, ...]) -> int:

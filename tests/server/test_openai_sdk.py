@@ -113,11 +113,16 @@ def test_completions_echo_logprobs_for_token_prompts(client, chat_llm):
 
 
 def test_completions_max_tokens_zero_scores_the_prompt(client):
-    r = client.completions.create(model="tiny", prompt="Hello world", max_tokens=0, echo=True, logprobs=0)
+    kwargs = dict(model="tiny", prompt="Hello world", max_tokens=0, echo=True, logprobs=0)
+    r = client.completions.create(**kwargs)
     lp = r.choices[0].logprobs
     assert r.usage.completion_tokens == 0 and lp.token_logprobs[0] is None
     assert all(v is not None and v < 0 for v in lp.token_logprobs[1:])
     assert r.choices[0].text == "Hello world"
+    (streamed,) = [
+        c.choices[0] for c in client.completions.create(**kwargs, stream=True) if c.choices[0].text
+    ]
+    assert streamed.text == "Hello world" and streamed.logprobs.model_dump() == lp.model_dump()
 
 
 def test_text_completion_streams(client):
@@ -163,7 +168,7 @@ def test_greedy_completion_equals_qwenkit_generate(client, tiny_chat_model, caps
     assert r.usage.completion_tokens == len(cli["output_token_ids"]) == 12
 
 
-@pytest.mark.parametrize("echo", [False])
+@pytest.mark.parametrize("echo", [False, True])
 def test_streamed_completion_logprobs_equal_non_streamed(client, echo):
     """Streamed legacy logprobs joined over the chunks are the non-streamed arrays: text_offset counts on
     from the text already sent (not from 0 in each chunk), and an echo's prompt tokens come first."""

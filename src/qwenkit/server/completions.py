@@ -119,7 +119,8 @@ class Run:
                 if choice.cached is not None:
                     c = choice.cached
                     self.state.metrics.response_cache_hits.inc()
-                    await queue.put((choice, Delta(c.token_ids, c.text, c.finish_reason, c, c.logprobs)))
+                    delta = Delta(c.token_ids, c.text, c.finish_reason, c, c.logprobs, c.prompt_logprobs)
+                    await queue.put((choice, delta))
                     return
                 async for delta in choice.stream:
                     await queue.put((choice, delta))
@@ -532,13 +533,15 @@ async def _completion_events(run: Run, head: dict, body: CompletionRequest):
 
     try:
         async for choice, delta in run.deltas():
-            text = delta.text
-            if body.echo and choice.index not in echoed:
+            text, items = delta.text, [(lp.token_id, lp) for lp in delta.logprobs]
+            if body.echo and choice.index not in echoed:  # the prompt, and its tokens' logprobs, first
                 echoed.add(choice.index)
                 text = llm.tokenizer.decode(choice.prompt_ids) + text
+                prompt_lps = delta.prompt_logprobs or [None] * len(choice.prompt_ids)
+                items = list(zip(choice.prompt_ids, prompt_lps, strict=True)) + items
             lps = None
-            if body.logprobs is not None and delta.logprobs:
-                lps = logprobs[choice.index].add([(lp.token_id, lp) for lp in delta.logprobs])
+            if body.logprobs is not None and items:
+                lps = logprobs[choice.index].add(items)
             if text or lps:
                 yield chunk(choice.index, text, None, lps)
             if delta.finish_reason == "error":
