@@ -133,9 +133,22 @@ class _Vocabulary:
         self.bos_token_id = None
         self.special_token_ids = sorted(tokenizer.special_token_ids)
         self._tokenizer = tokenizer
+        # Text the grammar forces is tokenized as the model writes it: a non-special added token's text
+        # (Qwen's <tool_call>, </tool_call>, <think>) as that one token, the rest as plain text.
+        markup = [t for t, i in tokenizer.added_tokens.items() if i not in tokenizer.special_token_ids]
+        markup.sort(key=len, reverse=True)  # the longest first: </tool_call> before a shorter token in it
+        self._markup = re.compile("(" + "|".join(map(re.escape, markup)) + ")") if markup else None
 
     def __call__(self, text: str) -> list[int]:
-        return self._tokenizer.encode_plain(text)
+        if self._markup is None:
+            return self._tokenizer.encode_plain(text)
+        ids: list[int] = []
+        for i, piece in enumerate(self._markup.split(text)):  # odd pieces: the markup split off
+            if i % 2:
+                ids.append(self._tokenizer.added_tokens[piece])
+            elif piece:
+                ids += self._tokenizer.encode_plain(piece)
+        return ids
 
 
 class GrammarConstraint:
