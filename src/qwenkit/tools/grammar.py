@@ -120,6 +120,26 @@ def react_call_grammar(functions: list[dict[str, Any]]) -> str:
     return "\n".join(["start: " + " | ".join(f"call{i}" for i in range(len(functions))), *rules])
 
 
+def after_thinking(grammar: str) -> str:
+    """``grammar`` for a reply that starts inside a ``<think>`` block its prompt opened (thinking-only
+    templates: Qwen3-*-Thinking-2507, QwQ): any text up to the first ``</think>``, the newlines after it,
+    then ``grammar``. vLLM's reasoning parsers hold structured output back until the reasoning ends the
+    same way; held from the first token, the call or the JSON would land inside the reasoning."""
+    head = (
+        "%llguidance {}\n"
+        "start: thought NEWLINES? @answer\n"
+        'thought[lazy]: THOUGHT "</think>"\n'  # lazy: the first </think> ends it
+        "THOUGHT: /(.|\\n)*/\n"
+        "NEWLINES: /\\n+/\n"
+    )
+    if grammar.lstrip().startswith("{"):  # a top-level grammar (llguidance's JSON-schema form)
+        (body,) = json.loads(grammar)["grammars"]
+        body = {**body, "name": "answer"}
+    else:  # Lark text
+        body = {"name": "answer", "lark_grammar": grammar}
+    return json.dumps({"grammars": [{"name": "thinking", "lark_grammar": head}, body]}, ensure_ascii=False)
+
+
 # ---- compiling ------------------------------------------------------------------------------------
 
 
