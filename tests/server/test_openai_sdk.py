@@ -188,3 +188,26 @@ def test_streamed_completion_logprobs_equal_non_streamed(client, echo):
         assert len(arrays[i]["tokens"]) == 6 + (5 if echo else 0)
         starts = arrays[i]["text_offset"]
         assert all(text[i][o:].startswith(t) for o, t in zip(starts, arrays[i]["tokens"], strict=True))
+
+
+def test_include_stop_str_in_output(client):
+    """vLLM's include_stop_str_in_output: the text ends with the stop string that ended it, streamed and
+    whole, on both routes (it was ignored, and the stop string cut off)."""
+    kwargs = dict(model="tiny", max_tokens=24, temperature=1.0, seed=5)
+    full = client.chat.completions.create(messages=MESSAGES, **kwargs).choices[0].message.content
+    stop = full[6:9]
+    expected = full[: full.index(stop) + len(stop)]
+    extra = {"include_stop_str_in_output": True}
+    kwargs |= dict(stop=[stop, "never-written"], extra_body=extra)
+    cut = client.chat.completions.create(messages=MESSAGES, **kwargs).choices[0]
+    assert (cut.message.content, cut.finish_reason) == (expected, "stop")
+    chunks = list(client.chat.completions.create(messages=MESSAGES, stream=True, **kwargs))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
+    prompt = "Once upon a time"
+    whole = client.completions.create(prompt=prompt, **{**kwargs, "stop": None, "extra_body": None})
+    stop = whole.choices[0].text[4:7]
+    expected = whole.choices[0].text[: whole.choices[0].text.index(stop) + len(stop)]
+    kwargs |= dict(stop=stop)
+    assert client.completions.create(prompt=prompt, **kwargs).choices[0].text == expected
+    streamed = client.completions.create(prompt=prompt, stream=True, **kwargs)
+    assert "".join(c.choices[0].text for c in streamed) == expected

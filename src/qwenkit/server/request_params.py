@@ -48,6 +48,7 @@ def sampling_params(
         frequency_penalty=body.frequency_penalty,
         seed=body.seed,
         stop=tuple(body.stop or ()),
+        include_stop_str_in_output=body.include_stop_str_in_output,
         stop_token_ids=tuple(body.stop_token_ids or ()),
         logit_bias=body.logit_bias_pairs(),
         ignore_eos=body.ignore_eos,
