@@ -65,6 +65,7 @@ class Delta:
     finish_reason: FinishReason | None = None
     completion: Completion | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # once, on the first Delta, when asked for
 
 
 class TextState:
@@ -80,11 +81,13 @@ class TextState:
         completion: Completion,
         stop: Sequence[str],
         hidden_ids: frozenset[int] = frozenset(),
+        include_stop: bool = False,
     ) -> None:
         self.detok = StreamingDetokenizer(tokenizer, skip_special=True)  # no <|im_end|> in replies
         self.completion = completion
         self.stop = tuple(s for s in stop if s)
         self.hidden_ids = hidden_ids
+        self.include_stop = include_stop  # keep the stop string found at the end of the text
         self.held = ""  # text withheld because it might be the start of a stop string
         self.start = time.perf_counter()
         self.first_token_at: float | None = None
@@ -102,9 +105,11 @@ class TextState:
         self.held = ""
         stopped = False
         if self.stop:
-            cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
-            if cut >= 0:
-                text, stopped = text[:cut], True
+            # the earliest stop string found (of two at one place, the longer)
+            found = min(((i, -len(s)) for s in self.stop if (i := text.find(s)) >= 0), default=None)
+            if found is not None:
+                cut, length = found
+                text, stopped = text[: cut - length if self.include_stop else cut], True
             elif finish is None:
                 keep = _partial_stop_suffix(text, self.stop)
                 text, self.held = text[: len(text) - keep], text[len(text) - keep :]
@@ -125,7 +130,8 @@ class TextState:
         if out.error:
             c.error = out.error
         text = self.feed(out.new_token_ids, out.finish_reason)
-        return Delta(out.new_token_ids, text, c.finish_reason, c if c.finish_reason else None, out.logprobs)
+        done = c if c.finish_reason else None
+        return Delta(out.new_token_ids, text, c.finish_reason, done, out.logprobs, out.prompt_logprobs)
 
 
 def _partial_stop_suffix(text: str, stops: tuple[str, ...]) -> int:
@@ -432,7 +438,9 @@ class LLM:
         ids = self.encode(prompt)
         self.engine.validate(ids, params)  # before the text state reads params
         hidden = self.eos_token_ids | frozenset(params.stop_token_ids)
-        state = TextState(self.tokenizer, Completion(ids), params.stop, hidden)
+        state = TextState(
+            self.tokenizer, Completion(ids), params.stop, hidden, params.include_stop_str_in_output
+        )
         return TextStream(self.driver.submit(ids, params, request_id, loop), state)
 
     def generate(

@@ -113,11 +113,16 @@ def test_completions_echo_logprobs_for_token_prompts(client, chat_llm):
 
 
 def test_completions_max_tokens_zero_scores_the_prompt(client):
-    r = client.completions.create(model="tiny", prompt="Hello world", max_tokens=0, echo=True, logprobs=0)
+    kwargs = dict(model="tiny", prompt="Hello world", max_tokens=0, echo=True, logprobs=0)
+    r = client.completions.create(**kwargs)
     lp = r.choices[0].logprobs
     assert r.usage.completion_tokens == 0 and lp.token_logprobs[0] is None
     assert all(v is not None and v < 0 for v in lp.token_logprobs[1:])
     assert r.choices[0].text == "Hello world"
+    (streamed,) = [
+        c.choices[0] for c in client.completions.create(**kwargs, stream=True) if c.choices[0].text
+    ]
+    assert streamed.text == "Hello world" and streamed.logprobs.model_dump() == lp.model_dump()
 
 
 def test_text_completion_streams(client):
@@ -161,3 +166,48 @@ def test_greedy_completion_equals_qwenkit_generate(client, tiny_chat_model, caps
     r = client.completions.create(model="tiny", prompt=ids, max_tokens=12, temperature=0)
     assert r.choices[0].text == cli["text"]
     assert r.usage.completion_tokens == len(cli["output_token_ids"]) == 12
+
+
+@pytest.mark.parametrize("echo", [False, True])
+def test_streamed_completion_logprobs_equal_non_streamed(client, echo):
+    """Streamed legacy logprobs joined over the chunks are the non-streamed arrays: text_offset counts on
+    from the text already sent (not from 0 in each chunk), and an echo's prompt tokens come first."""
+    kwargs = dict(model="tiny", prompt="The capital of France is", max_tokens=6, temperature=1.0, seed=4, n=2)
+    kwargs |= dict(logprobs=1, echo=echo)
+    whole = {c.index: c for c in client.completions.create(**kwargs).choices}
+    text: dict[int, str] = {0: "", 1: ""}
+    arrays: dict[int, dict[str, list]] = {i: {} for i in text}
+    for chunk in client.completions.create(**kwargs, stream=True):
+        for c in chunk.choices:
+            text[c.index] += c.text
+            for key, values in (c.logprobs.model_dump() if c.logprobs else {}).items():
+                arrays[c.index].setdefault(key, []).extend(values)
+    for i in (0, 1):
+        assert text[i] == whole[i].text
+        assert arrays[i] == whole[i].logprobs.model_dump()
+        assert len(arrays[i]["tokens"]) == 6 + (5 if echo else 0)
+        starts = arrays[i]["text_offset"]
+        assert all(text[i][o:].startswith(t) for o, t in zip(starts, arrays[i]["tokens"], strict=True))
+
+
+def test_include_stop_str_in_output(client):
+    """vLLM's include_stop_str_in_output: the text ends with the stop string that ended it, streamed and
+    whole, on both routes (it was ignored, and the stop string cut off)."""
+    kwargs = dict(model="tiny", max_tokens=24, temperature=1.0, seed=5)
+    full = client.chat.completions.create(messages=MESSAGES, **kwargs).choices[0].message.content
+    stop = full[6:9]
+    expected = full[: full.index(stop) + len(stop)]
+    extra = {"include_stop_str_in_output": True}
+    kwargs |= dict(stop=[stop, "never-written"], extra_body=extra)
+    cut = client.chat.completions.create(messages=MESSAGES, **kwargs).choices[0]
+    assert (cut.message.content, cut.finish_reason) == (expected, "stop")
+    chunks = list(client.chat.completions.create(messages=MESSAGES, stream=True, **kwargs))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
+    prompt = "Once upon a time"
+    whole = client.completions.create(prompt=prompt, **{**kwargs, "stop": None, "extra_body": None})
+    stop = whole.choices[0].text[4:7]
+    expected = whole.choices[0].text[: whole.choices[0].text.index(stop) + len(stop)]
+    kwargs |= dict(stop=stop)
+    assert client.completions.create(prompt=prompt, **kwargs).choices[0].text == expected
+    streamed = client.completions.create(prompt=prompt, stream=True, **kwargs)
+    assert "".join(c.choices[0].text for c in streamed) == expected

@@ -52,6 +52,18 @@ def test_null_means_the_default(server):
             "max_tokens",
             "max_tokens must be at least 1 (0 only with echo and logprobs",
         ),
+        (  # the field given is the one named, and max_completion_tokens takes precedence over max_tokens
+            CHAT,
+            {"max_completion_tokens": 100000},
+            "max_completion_tokens",
+            "you requested 100009 tokens (9 in the prompt, 100000 for the completion)",
+        ),
+        (
+            CHAT,
+            {"max_completion_tokens": 0},
+            "max_completion_tokens",
+            "max_completion_tokens must be at least 1",
+        ),
         (CHAT, {"logit_bias": {"abc": 5}}, "logit_bias", "keys must be token ids, got 'abc'"),
         (
             CHAT,

@@ -621,3 +621,51 @@ def test_response_format_json_object(server):
     assert text.startswith("{") and (
         r["choices"][0]["finish_reason"] == "length" or isinstance(json.loads(text), dict)
     )
+
+
+# ---- a prompt that opens <think> (Qwen3-*-Thinking-2507, QwQ) --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def steered_thinking(tiny_chat_model):
+    """Qwen3's template as the thinking-only models end it: the generation prompt opens ``<think>``, so
+    the reply starts inside its reasoning."""
+    template = json.loads((Path(tiny_chat_model) / "tokenizer_config.json").read_text())["chat_template"]
+    turn = "{{- '<|im_start|>assistant\\n' }}"
+    assert turn in template
+    with steered_server(tiny_chat_model, template.replace(turn, turn[:-4] + "<think>\\n' }}")) as served:
+        yield served
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_enforced_answer_comes_after_the_thinking_the_prompt_opened(steered_thinking, stream):
+    """The grammar of tool_choice "required" or a json_schema response_format lets the model end the
+    thinking its prompt opened and holds it to the call or the JSON after ``</think>`` (vLLM's reasoning
+    parser does the same): the call and the JSON come back as tool_calls and content, not reasoning."""
+    live = steered_thinking[0]
+    args = '{"city":"Paris","unit":"c"}'
+    call = f'<tool_call>\n{{"name": "get_weather", "arguments": {args}}}\n</tool_call>'
+    person = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    schema_format = {"type": "json_schema", "json_schema": {"name": "place", "schema": person}}
+    cases = [
+        ({"tools": [WEATHER], "tool_choice": "required"}, "Paris, then.\n</think>\n\n" + call),
+        ({"response_format": schema_format}, 'A city.\n</think>\n\n{"city":"Paris"}'),
+    ]
+    for fields, reply in cases:
+        play(steered_thinking, reply)
+        body = {"model": "tiny", "messages": USER, "max_tokens": 100, **fields}
+        if stream:
+            content, reasoning, calls, finish = stream_parts(client(live), **body)
+            calls = [(x["name"], x["arguments"]) for x in calls]
+        else:
+            r = post(live.url + "/v1/chat/completions", json=body).json()["choices"][0]
+            content, reasoning = r["message"]["content"], r["message"]["reasoning_content"]
+            finish = r["finish_reason"]
+            calls = [
+                (t["function"]["name"], t["function"]["arguments"]) for t in r["message"]["tool_calls"] or []
+            ]
+        if "tools" in fields:
+            assert (reasoning, calls, finish) == ("Paris, then.", [("get_weather", args)], "tool_calls")
+            assert not content
+        else:
+            assert (reasoning, content, calls, finish) == ("A city.", '{"city":"Paris"}', [], "stop")

@@ -72,6 +72,22 @@ def test_tool_call_grammar_is_hermes(llm, prompts):
     jsonschema.validate(body["arguments"], SCHEMA)
 
 
+def test_forced_markup_is_the_models_own_tokens(llm, prompts):
+    """Text a grammar forces is written in the tokens the model writes it in: Qwen's ``<tool_call>`` and
+    ``</tool_call>`` are one added token each, not ``<``, ``tool``, ``_call``, ``>`` (which the model never
+    saw, and after which it cannot tell that the call is over)."""
+    fn = {"name": "get_weather", "parameters": SCHEMA}
+    c = llm.generate(
+        [prompts[0]],
+        SamplingParams(max_tokens=60, temperature=0, grammar=tool_call_grammar([fn], parallel=False)),
+    )[0]
+    opening, closing = (llm.tokenizer.added_tokens[t] for t in ("<tool_call>", "</tool_call>"))
+    assert c.finish_reason == "stop", c.text
+    ids = [t for t in c.token_ids if t not in llm.eos_token_ids]
+    assert ids[0] == opening and ids[-1] == closing and ids.count(opening) == ids.count(closing) == 1, ids
+    assert c.text.startswith("<tool_call>\n") and c.text.endswith("}\n</tool_call>")
+
+
 def test_react_call_grammar_is_an_action(llm, prompts):
     """Qwen v1's forced call: ``Action: <name>\\nAction Input: <JSON>``, which parse_react reads back."""
     fns = [{"name": "get_weather", "parameters": SCHEMA}, {"name": "get_time"}]

@@ -28,6 +28,7 @@ class SamplingParams:
     logprobs: int | None = None  # return each token's log-probability and this many top alternatives
     prompt_logprobs: int | None = None  # the same for the prompt's tokens (for evaluation)
     stop: tuple[str, ...] = field(default=())  # stop strings: applied by the text layer, not the engine
+    include_stop_str_in_output: bool = False  # the text ends with the stop string that ended it (vLLM's)
     # (token id, value) pairs added to the logits before penalties and sampling (OpenAI's logit_bias:
     # -100 bans a token, +100 all but forces it); a dict is accepted and kept as sorted pairs
     logit_bias: tuple[tuple[int, float], ...] = ()

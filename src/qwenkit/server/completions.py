@@ -119,7 +119,8 @@ class Run:
                 if choice.cached is not None:
                     c = choice.cached
                     self.state.metrics.response_cache_hits.inc()
-                    await queue.put((choice, Delta(c.token_ids, c.text, c.finish_reason, c, c.logprobs)))
+                    delta = Delta(c.token_ids, c.text, c.finish_reason, c, c.logprobs, c.prompt_logprobs)
+                    await queue.put((choice, delta))
                     return
                 async for delta in choice.stream:
                     await queue.put((choice, delta))
@@ -297,18 +298,26 @@ def chat_logprobs(llm: LLM, logprobs: list[TokenLogprob], hidden: frozenset[int]
     }
 
 
-def legacy_logprobs(llm: LLM, items: list[tuple[int, TokenLogprob | None]], start_offset: int) -> dict:
-    """The /v1/completions shape over (token id, logprob) pairs: parallel arrays, offsets into the text."""
-    detok = StreamingDetokenizer(llm.tokenizer, skip_special=False)
-    tokens, token_lps, tops, offsets = [], [], [], []
-    offset = start_offset
-    for token_id, lp in items:
-        tokens.append(token_text(llm, token_id))
-        offsets.append(offset)
-        offset += len(detok.add(token_id))
-        token_lps.append(None if lp is None else lp.logprob)
-        tops.append(None if lp is None else {token_text(llm, t): v for t, v in lp.top})
-    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+class LegacyLogprobs:
+    """One choice's /v1/completions logprobs: parallel arrays over (token id, logprob) pairs, each token's
+    ``text_offset`` a character offset into the choice's text. Streamed, each chunk's pairs go through the
+    same object, so offsets count on from the chunks before."""
+
+    def __init__(self, llm: LLM) -> None:
+        self.llm = llm
+        self.detok = StreamingDetokenizer(llm.tokenizer, skip_special=False)
+        self.offset = 0
+
+    def add(self, items: list[tuple[int, TokenLogprob | None]]) -> dict:
+        llm = self.llm
+        tokens, token_lps, tops, offsets = [], [], [], []
+        for token_id, lp in items:
+            tokens.append(token_text(llm, token_id))
+            offsets.append(self.offset)
+            self.offset += len(self.detok.add(token_id))
+            token_lps.append(None if lp is None else lp.logprob)
+            tops.append(None if lp is None else {token_text(llm, t): v for t, v in lp.top})
+        return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -509,13 +518,14 @@ def _completion_logprobs(llm: LLM, choice: Choice, result: Completion, echo: boo
         prompt_lps = result.prompt_logprobs or [None] * len(choice.prompt_ids)
         items += list(zip(choice.prompt_ids, prompt_lps, strict=True))
     items += [(lp.token_id, lp) for lp in result.logprobs]
-    return legacy_logprobs(llm, items, 0)
+    return LegacyLogprobs(llm).add(items)
 
 
 async def _completion_events(run: Run, head: dict, body: CompletionRequest):
     llm = run.state.llm
     usage_field = {"usage": None} if body.include_usage else {}
     echoed: set[int] = set()
+    logprobs = {c.index: LegacyLogprobs(llm) for c in run.choices}
 
     def chunk(index: int, text: str, finish: str | None = None, logprobs: dict | None = None) -> str:
         choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
@@ -523,13 +533,15 @@ async def _completion_events(run: Run, head: dict, body: CompletionRequest):
 
     try:
         async for choice, delta in run.deltas():
-            text = delta.text
-            if body.echo and choice.index not in echoed:
+            text, items = delta.text, [(lp.token_id, lp) for lp in delta.logprobs]
+            if body.echo and choice.index not in echoed:  # the prompt, and its tokens' logprobs, first
                 echoed.add(choice.index)
                 text = llm.tokenizer.decode(choice.prompt_ids) + text
+                prompt_lps = delta.prompt_logprobs or [None] * len(choice.prompt_ids)
+                items = list(zip(choice.prompt_ids, prompt_lps, strict=True)) + items
             lps = None
-            if body.logprobs is not None and delta.logprobs:
-                lps = legacy_logprobs(llm, [(lp.token_id, lp) for lp in delta.logprobs], 0)
+            if body.logprobs is not None and items:
+                lps = logprobs[choice.index].add(items)
             if text or lps:
                 yield chunk(choice.index, text, None, lps)
             if delta.finish_reason == "error":

@@ -24,7 +24,9 @@ def sampling_params(
             "messages" if isinstance(body, ChatCompletionRequest) else "prompt",
             "context_length_exceeded",
         )
-    asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    # max_completion_tokens, OpenAI's newer name, wins when both are given; errors name the one that counted
+    limit = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    asked = getattr(body, limit)
     room = window - prompt_len
     if asked is not None and asked > room:
         raise APIError(
@@ -32,7 +34,7 @@ def sampling_params(
             f"This model's maximum context length is {window} tokens. However, you requested "
             f"{prompt_len + asked} tokens ({prompt_len} in the prompt, {asked} for the completion). "
             "Please reduce the length of the prompt or completion.",
-            "max_tokens",
+            limit,
             "context_length_exceeded",
         )
     top_k = body.top_k if body.top_k is None or body.top_k > 0 else 0
@@ -46,6 +48,7 @@ def sampling_params(
         frequency_penalty=body.frequency_penalty,
         seed=body.seed,
         stop=tuple(body.stop or ()),
+        include_stop_str_in_output=body.include_stop_str_in_output,
         stop_token_ids=tuple(body.stop_token_ids or ()),
         logit_bias=body.logit_bias_pairs(),
         ignore_eos=body.ignore_eos,
@@ -54,9 +57,9 @@ def sampling_params(
     if asked == 0 and extra.get("prompt_logprobs") is None:
         raise APIError(
             400,
-            "max_tokens must be at least 1 "
+            f"{limit} must be at least 1 "
             "(0 only with echo and logprobs on /v1/completions, to score a prompt)",
-            "max_tokens",
+            limit,
             "invalid_value",
         )
     try:

@@ -55,6 +55,7 @@ class SamplingFields(_Lenient):
     n: int = integer(1, ge=1, le=MAX_N)
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP)
+    include_stop_str_in_output: bool = flag()
     logit_bias: dict[str, float] | None = None
     ignore_eos: bool = flag()
     stream: bool = flag()

@@ -19,6 +19,7 @@ from qwenkit.server.schemas import ChatCompletionRequest
 from qwenkit.tools.calls import Event, ParsedMessage, ToolSpecError, call_events, collect, offered_functions
 from qwenkit.tools.grammar import (
     GrammarError,
+    after_thinking,
     enable_grammars,
     json_schema_grammar,
     react_call_grammar,
@@ -141,6 +142,8 @@ def plan_tools(llm: LLM, body: ChatCompletionRequest, prompt_ids: list[int]) -> 
                 plan.grammar = tool_call_grammar(chosen, parallel=parallel and choice == "required")
         elif constrained:
             plan.grammar = json_schema_grammar(schema)
+        if plan.grammar is not None and plan.in_reasoning:  # the reply thinks first, then answers
+            plan.grammar = after_thinking(plan.grammar)
         if plan.grammar is not None:
             enable_grammars(llm).check(plan.grammar)
     except (GrammarError, ValueError) as e:

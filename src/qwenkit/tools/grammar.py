@@ -120,6 +120,26 @@ def react_call_grammar(functions: list[dict[str, Any]]) -> str:
     return "\n".join(["start: " + " | ".join(f"call{i}" for i in range(len(functions))), *rules])
 
 
+def after_thinking(grammar: str) -> str:
+    """``grammar`` for a reply that starts inside a ``<think>`` block its prompt opened (thinking-only
+    templates: Qwen3-*-Thinking-2507, QwQ): any text up to the first ``</think>``, the newlines after it,
+    then ``grammar``. vLLM's reasoning parsers hold structured output back until the reasoning ends the
+    same way; held from the first token, the call or the JSON would land inside the reasoning."""
+    head = (
+        "%llguidance {}\n"
+        "start: thought NEWLINES? @answer\n"
+        'thought[lazy]: THOUGHT "</think>"\n'  # lazy: the first </think> ends it
+        "THOUGHT: /(.|\\n)*/\n"
+        "NEWLINES: /\\n+/\n"
+    )
+    if grammar.lstrip().startswith("{"):  # a top-level grammar (llguidance's JSON-schema form)
+        (body,) = json.loads(grammar)["grammars"]
+        body = {**body, "name": "answer"}
+    else:  # Lark text
+        body = {"name": "answer", "lark_grammar": grammar}
+    return json.dumps({"grammars": [{"name": "thinking", "lark_grammar": head}, body]}, ensure_ascii=False)
+
+
 # ---- compiling ------------------------------------------------------------------------------------
 
 
@@ -133,9 +153,22 @@ class _Vocabulary:
         self.bos_token_id = None
         self.special_token_ids = sorted(tokenizer.special_token_ids)
         self._tokenizer = tokenizer
+        # Text the grammar forces is tokenized as the model writes it: a non-special added token's text
+        # (Qwen's <tool_call>, </tool_call>, <think>) as that one token, the rest as plain text.
+        markup = [t for t, i in tokenizer.added_tokens.items() if i not in tokenizer.special_token_ids]
+        markup.sort(key=len, reverse=True)  # the longest first: </tool_call> before a shorter token in it
+        self._markup = re.compile("(" + "|".join(map(re.escape, markup)) + ")") if markup else None
 
     def __call__(self, text: str) -> list[int]:
-        return self._tokenizer.encode_plain(text)
+        if self._markup is None:
+            return self._tokenizer.encode_plain(text)
+        ids: list[int] = []
+        for i, piece in enumerate(self._markup.split(text)):  # odd pieces: the markup split off
+            if i % 2:
+                ids.append(self._tokenizer.added_tokens[piece])
+            elif piece:
+                ids += self._tokenizer.encode_plain(piece)
+        return ids
 
 
 class GrammarConstraint:
