@@ -78,6 +78,13 @@ def test_null_means_the_default(server):
             "functions (the legacy form) is not supported; use tools",
         ),
         (COMPLETIONS, {"best_of": 3}, "best_of", "best_of is not supported; ask for n choices instead"),
+        # vLLM's extensions that change the answer are refused once set, not ignored
+        (CHAT, {"min_tokens": 5}, "min_tokens", "min_tokens (a vLLM extension) is not supported"),
+        (COMPLETIONS, {"skip_special_tokens": False}, "skip_special_tokens", "is not supported"),
+        (CHAT, {"guided_json": {"type": "object"}}, "guided_json", "use response_format (json_schema)"),
+        (COMPLETIONS, {"prompt_logprobs": 1}, "prompt_logprobs", "with echo and logprobs returns them"),
+        (CHAT, {"bad_words": ["x"]}, "bad_words", "logit_bias can ban tokens"),
+        (CHAT, {"use_beam_search": True}, "use_beam_search", "ask for n choices instead"),
     ],
 )
 def test_a_wrong_type_or_unsupported_field_is_a_400_naming_it(server, path, fields, param, words):
@@ -85,6 +92,14 @@ def test_a_wrong_type_or_unsupported_field_is_a_400_naming_it(server, path, fiel
     r = post(server, path, {**body, "max_tokens": 2, **fields})
     error = r.json()["error"]
     assert r.status_code == 400 and error["param"] == param and words in error["message"], error
+
+
+def test_vllm_extensions_left_at_their_defaults_are_accepted(server):
+    """Clients that send vLLM's fields with their default values (or null) are answered as before."""
+    unset = {"min_tokens": 0, "skip_special_tokens": True, "use_beam_search": False, "bad_words": []}
+    unset |= {"prompt_logprobs": None, "length_penalty": 1.0, "continue_final_message": False}
+    r = post(server, CHAT, {"messages": HELLO, "max_tokens": 2, **unset})
+    assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length")
 
 
 def test_nan_temperature_is_refused_as_not_finite(server):

@@ -73,10 +73,38 @@ def sampling_params(
         ) from None
 
 
+# vLLM's extensions to the request that change the answer, with what counts as leaving them unset. Other
+# unknown fields are ignored (clients send extras), but these would give a silent answer without them.
+VLLM_FIELDS: dict[str, tuple[tuple[object, ...], str]] = {
+    "min_tokens": ((0,), ""),
+    "skip_special_tokens": ((True,), ""),
+    "spaces_between_special_tokens": ((True,), ""),
+    "use_beam_search": ((False,), "; ask for n choices instead"),
+    "length_penalty": ((1, 1.0), ""),
+    "prompt_logprobs": ((), "; /v1/completions with echo and logprobs returns them"),
+    "allowed_token_ids": (([],), "; logit_bias can ban tokens"),
+    "bad_words": (([],), "; logit_bias can ban tokens"),
+    "truncate_prompt_tokens": ((), ""),
+    "continue_final_message": ((False,), ""),
+    "chat_template": ((), ""),
+    "guided_json": ((), "; use response_format (json_schema)"),
+    "guided_regex": ((), ""),
+    "guided_choice": ((), ""),
+    "guided_grammar": ((), ""),
+    "structured_outputs": ((), "; use response_format (json_schema)"),
+    "logits_processors": ((), ""),
+    "return_tokens_as_token_ids": ((False,), ""),
+}
+
+
 def refuse_unsupported(body: SamplingFields) -> None:
-    """Fields of the OpenAI API this server does not carry out: a 400 naming each, never a silent
-    answer without them."""
+    """Fields of the OpenAI API (and vLLM's extensions) this server does not carry out: a 400 naming each
+    that is set, never a silent answer without them."""
     extra = body.model_extra or {}
+    for name, (unset, hint) in VLLM_FIELDS.items():
+        value = extra.get(name)
+        if value is not None and not any(value == u and type(value) is type(u) for u in unset):
+            raise APIError(400, f"{name} (a vLLM extension) is not supported{hint}", name, "unsupported")
     for name, instead in (("functions", "tools"), ("function_call", "tool_choice")):
         if extra.get(name) is not None:
             raise APIError(
