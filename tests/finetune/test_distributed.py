@@ -217,7 +217,8 @@ def test_errors_under_nproc_are_one_line_and_no_traceback(tiny_chat_model, tmp_p
 def test_ctrl_c_under_nproc_says_where_to_resume_without_tracebacks(tiny_chat_model, tmp_path):
     """Ctrl-C (SIGINT to the terminal's process group) on `finetune --nproc 2` once printed each rank's
     KeyboardInterrupt traceback and the torchrun agent's SignalException (~170 lines) and exited 1; now
-    rank 0's line says where --resume continues, and the command exits 130."""
+    rank 0's line says where --resume continues, and the command exits 130. A second Ctrl-C (torchrun's
+    agent passes the first on, too) once cut that line off."""
     import signal
     import time
 
@@ -236,6 +237,8 @@ def test_ctrl_c_under_nproc_says_where_to_resume_without_tracebacks(tiny_chat_mo
         while not list(tmp_path.glob("o.training/checkpoints/step-*/trainer_state.pt")):
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
             time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGINT)
+        time.sleep(0.05)  # pressed twice: the second Ctrl-C, like the agent's own, must not cut the line
         os.killpg(proc.pid, signal.SIGINT)
         _, err = proc.communicate(timeout=120)
     finally:

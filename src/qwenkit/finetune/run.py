@@ -11,8 +11,11 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -398,8 +401,9 @@ def finetune(
         try:
             _loop(trainer, prep, args, world, work, history, eval_examples, data_id)
         except KeyboardInterrupt:
-            if world.is_main:
-                print(f"\n{_interrupted(work, trainer.step)}", file=sys.stderr)
+            with _second_ctrl_c_ignored():  # under --nproc the launcher passes Ctrl-C on to every rank
+                if world.is_main:
+                    print(f"\n{_interrupted(work, trainer.step)}", file=sys.stderr)
             raise
         _finish(model_path, out, overwrite, trainer, prep, args, world, history, stats, tokenizer)
         finished = True
@@ -410,6 +414,21 @@ def finetune(
 
 def _length(e: Any) -> int:
     return len(e.ids) if hasattr(e, "ids") else max(len(e.chosen_ids), len(e.rejected_ids))
+
+
+@contextmanager
+def _second_ctrl_c_ignored() -> Iterator[None]:
+    """SIGINT ignored for the block. Under ``--nproc`` the first Ctrl-C reaches each rank from the terminal
+    and torchrun's agent sends its own right after; arriving while rank 0 said where to resume, it cut
+    that line off (CI, 2026-12-06). Only the main thread may set handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _interrupted(work: Path, step: int) -> str:
