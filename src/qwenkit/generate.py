@@ -419,8 +419,10 @@ class LLM:
             )
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
+        """A prompt's ids: text as the model expects a raw prompt (with the tokenizer's BOS, where it has
+        one), token ids as given."""
         if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt)
+            return self.tokenizer.encode_prompt(prompt)
         if not isinstance(prompt, Sequence):  # None or a bare int failed in list() with a TypeError
             raise SamplingParamsError(f"a prompt must be a string or a list of token ids, got {prompt!r:.60}")
         return list(prompt)

@@ -112,3 +112,17 @@ def test_a_directory_given_as_the_text_is_named_a_directory(tiny_chat_model, tmp
     assert capsys.readouterr().err == (
         f"error: perplexity needs a text file: {tmp_path / 'missing.txt'} does not exist\n"
     )
+
+
+def test_a_bos_model_is_scored_from_its_bos_as_the_guide(llama_llm, llama_dir):
+    """The guide encodes with `tokenizer(text)`, so a Llama's text starts at its BOS and its first token
+    is scored too."""
+    from qwenkit.evaluate.backends import LocalBackend
+
+    text = "The quick brown fox jumps over the lazy dog. " * 8
+    backend = LocalBackend(llama_llm, batch_size=4)
+    ours = perplexity(backend, text, 48, 16)
+    nll, count = hf_guide_nll(llama_dir, text, 48, 16)
+    assert ours["tokens_scored"] == count
+    assert ours["nll_sum"] == pytest.approx(nll, rel=1e-5)
+    assert count == len(backend.encode(text)) == len(backend.encode_prompt(text)) - 1

@@ -59,10 +59,12 @@ def write_gguf(
     qtype: gguf.GGMLQuantizationType = Q.F16,
     *,
     tokenizer: bool = True,
+    add_bos: bool = False,
     extra: Callable[[gguf.GGUFWriter], None] | None = None,
 ) -> Path:
     """A GGUF file of ``state`` (Hugging Face names; Qwen v1 names for ``qwen``) with llama.cpp's names,
-    from gguf-py's own tensor-name map, and llama.cpp's metadata keys."""
+    from gguf-py's own tensor-name map, and llama.cpp's metadata keys. ``add_bos``: the file's
+    tokenizer.ggml.add_bos_token (as Llama's GGUFs have it; Qwen's and SmolLM2's do not)."""
     n_layers = config["num_hidden_layers"]
     names = gguf.get_tensor_name_map(_ARCH[arch], n_layers)
     w = gguf.GGUFWriter(str(path), arch)
@@ -91,7 +93,7 @@ def write_gguf(
         w.add_bos_token_id(0)
         w.add_eos_token_id(2)
         w.add_pad_token_id(0)
-        w.add_add_bos_token(False)
+        w.add_add_bos_token(add_bos)
         w.add_chat_template(CHAT_TEMPLATE)
     if extra is not None:
         extra(w)

@@ -1,5 +1,8 @@
 """`qwenkit tokenize [MODEL_DIR] TEXT`: show the ids and pieces a model's tokenizer gives for a text, and the
-text each token stands for (byte-level pieces such as `Ġthe` or `ä¸` are not what a reader expects)."""
+text each token stands for (byte-level pieces such as `Ġthe` or `ä¸` are not what a reader expects).
+
+The ids are what the model reads for the text as a prompt (`generate`, `/v1/completions`): with the BOS
+its tokenizer adds (Llama's; Qwen's add none), as transformers' `tokenizer(text)`. `--no-bos`: without."""
 
 from __future__ import annotations
 
@@ -27,6 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--allow-special", action="store_true", help="parse special-token text (e.g. <|im_end|>) as tokens"
     )
+    parser.add_argument(
+        "--no-bos",
+        action="store_true",
+        help="the text's own ids only, without the BOS (or EOS) the tokenizer adds around a prompt",
+    )
     args = parser.parse_args(argv)
 
     from qwenkit.cli.common import resolve_model
@@ -41,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         tokenizer = tokenizer_for(resolve_model(args.model_dir))
-        ids = tokenizer.encode(text, allow_special=args.allow_special)
+        encode = tokenizer.encode if args.no_bos else tokenizer.encode_prompt
+        ids = encode(text, allow_special=args.allow_special)
     except (QwenkitError, OSError, UnicodeDecodeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -30,7 +30,14 @@ class BackendError(QwenkitError, RuntimeError):
 class Backend(Protocol):
     name: str  # "local" or "endpoint"
 
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str) -> list[int]:
+        """The text's own ids, nothing added (a letter's spelling)."""
+        ...
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A raw-text prompt's ids as the model reads it: with the tokenizer's BOS where it has one, as
+        lm-eval's HF models and transformers' perplexity guide encode contexts."""
+        ...
 
     def max_context(self) -> int | None:
         """Tokens the model takes in one sequence, where known."""
@@ -89,6 +96,9 @@ class LocalBackend:
 
     def encode(self, text: str) -> list[int]:
         return self.llm.tokenizer.encode(text)
+
+    def encode_prompt(self, text: str) -> list[int]:
+        return self.llm.tokenizer.encode_prompt(text)
 
     def max_context(self) -> int | None:
         return self.max_seq_len or self.llm.engine.max_seq_len
@@ -417,7 +427,13 @@ class EndpointBackend:
         return results
 
     def encode(self, text: str) -> list[int]:
-        reply = self._post("/tokenize", {"prompt": text, "add_special_tokens": False})
+        return self._tokenize(text, add_special_tokens=False)
+
+    def encode_prompt(self, text: str) -> list[int]:
+        return self._tokenize(text, add_special_tokens=True)
+
+    def _tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
+        reply = self._post("/tokenize", {"prompt": text, "add_special_tokens": add_special_tokens})
         return self._field(reply, "/tokenize", "tokens")
 
     def max_context(self) -> int | None:

@@ -60,7 +60,7 @@ def score_loglik(
 ) -> list[dict]:
     """Per item: the letter log-probabilities, renormalised probabilities and the argmax letter."""
     letter_ids = letter_token_ids(backend, spelling)
-    contexts = [backend.encode(p) for p in prompts]
+    contexts = [backend.encode_prompt(p) for p in prompts]
     rows = []
     for item, prompt, lps in zip(
         items, prompts, backend.next_token_logprobs(contexts, letter_ids), strict=True

@@ -37,7 +37,7 @@ def windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int
 
 
 def perplexity(backend: Backend, text: str, window: int, stride: int) -> dict[str, Any]:
-    ids = backend.encode(text)
+    ids = backend.encode_prompt(text)  # a BOS first where the model has one, as the transformers guide
     if len(ids) < 2:
         raise EvalDataError("the text is shorter than two tokens: nothing to score")
     spans = windows(len(ids), window, stride)

@@ -532,7 +532,7 @@ def _passkey_plan(s: Settings, max_context: int | None) -> Plan:
     }
 
     def run_chunk(backend: Backend, chunk: list[passkey.Needle]) -> list[dict]:
-        built = [passkey.build(n, backend.encode, chat, max_tokens) for n in chunk]
+        built = [passkey.build(n, backend.encode_prompt, chat, max_tokens) for n in chunk]
         prompts = [text for text, _ in built]
         if chat:
             outputs = backend.chat([[{"role": "user", "content": q}] for q in prompts], max_tokens)

@@ -166,8 +166,10 @@ def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
         state.check_model(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", "prompt")
-        if body.messages is not None:  # the prompt a chat request with these fields gets
+        if body.messages is not None:  # the prompt a chat request with these fields gets (its own BOS)
             ids = routes.chat_prompt(llm, body.as_chat_request())
+        elif body.add_special_tokens:  # what /v1/completions gives the text (vLLM's default too)
+            ids = llm.tokenizer.encode_prompt(body.prompt)
         else:
             ids = llm.tokenizer.encode(body.prompt)
         return {"count": len(ids), "max_model_len": llm.engine.max_seq_len, "tokens": ids}

@@ -65,7 +65,8 @@ class Tokenizer(ABC):
     Subclasses supply the encoder (tiktoken for Qwen v1, `tokenizers` for the rest) through a handful of
     abstract methods; everything about chat templates and stop tokens lives here so both behave alike.
     `encode` treats special-token text as plain text unless asked: text from users must never become a
-    control token.
+    control token. `encode_prompt` is how a raw-text prompt reaches the model: `encode` inside the tokens
+    the tokenizer adds to every sequence (Llama's BOS; Qwen's tokenizers add none).
     """
 
     def __init__(
@@ -76,7 +77,13 @@ class Tokenizer(ABC):
         tokenizer_config: Mapping[str, Any] | None = None,
         generation_config: Mapping[str, Any] | None = None,
         default_eos: str | None = None,
+        sequence_special_ids: tuple[Sequence[int], Sequence[int]] = ((), ()),
     ) -> None:
+        # (before, after): the ids transformers' `tokenizer(text)` puts around a text's own
+        self.sequence_special_ids: tuple[tuple[int, ...], tuple[int, ...]] = (
+            tuple(sequence_special_ids[0]),
+            tuple(sequence_special_ids[1]),
+        )
         self.added_tokens: dict[str, int] = dict(added_tokens)
         self.special_token_ids: frozenset[int] = frozenset(special_token_ids)
         self.chat_template = chat_template
@@ -132,6 +139,16 @@ class Tokenizer(ABC):
             raise TokenizerError(f"can only encode str, got {type(text).__name__}")
         check_unicode(text)
         return self.encode_with_added(text) if allow_special else self.encode_plain(text)
+
+    def encode_prompt(self, text: str, *, allow_special: bool = False) -> list[int]:
+        """A raw-text prompt as the model expects it: `encode` with the tokenizer's sequence tokens around it
+        (Llama's BOS), as transformers' `tokenizer(text)`, vLLM's completions and llama.cpp add them.
+
+        Every raw-text path (generate, /v1/completions, eval scoring) comes here. Rendered chat prompts do
+        not: their template writes its own BOS, and a second one would be a prompt the model never saw.
+        """
+        before, after = self.sequence_special_ids
+        return [*before, *self.encode(text, allow_special=allow_special), *after]
 
     @cached_property
     def control_tokens(self) -> tuple[str, ...]:

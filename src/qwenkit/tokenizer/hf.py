@@ -16,6 +16,23 @@ from qwenkit.tokenizer.errors import TokenizerError
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte fallback: one raw byte
 
 
+def sequence_special_ids(backend: tokenizers.Tokenizer) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The ids transformers' `tokenizer(text)` adds before and after a text's own: those of tokenizer.json's
+    post_processor (Llama-3's TemplateProcessing prepends <|begin_of_text|>, Llama-2's <s>; Qwen2's
+    ByteLevel adds nothing; a GGUF's is built from tokenizer.ggml.add_bos_token).
+
+    tokenizer_config.json's add_bos_token is not read: transformers drops it wherever a tokenizer.json
+    exists, so the post_processor alone decides there too.
+    """
+    probe = backend.encode("a", add_special_tokens=True)
+    text_at = [i for i, seq in enumerate(probe.sequence_ids) if seq is not None]
+    if not text_at:  # the probe text gave no token of its own, so before cannot be told from after
+        if probe.ids:
+            raise TokenizerError("cannot tell which tokens tokenizer.json's post_processor puts first")
+        return (), ()
+    return tuple(probe.ids[: text_at[0]]), tuple(probe.ids[text_at[-1] + 1 :])
+
+
 class HFTokenizer(Tokenizer):
     """A `tokenizers.Tokenizer` plus the tokenizer_config.json (template, eos) and generation_config.json.
 
@@ -47,6 +64,7 @@ class HFTokenizer(Tokenizer):
             chat_template=template,
             tokenizer_config=config,
             generation_config=generation_config,
+            sequence_special_ids=sequence_special_ids(backend),
         )
         self._byte_level = isinstance(backend.decoder, decoders.ByteLevel)
         self._byte_fallback = bool(getattr(backend.model, "byte_fallback", False))
