@@ -200,3 +200,21 @@ def test_non_utf8_line(tmp_path):
     (tmp_path / "d.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
     with pytest.raises(DataError, match=r"d\.jsonl:2: not valid UTF-8"):
         read_records(tmp_path / "d.jsonl")
+
+
+def test_plain_text_starts_with_the_bos_the_tokenizer_adds(tmp_path):
+    """A Llama tokenizer's documents start with its BOS, as transformers' ``tokenizer(text)`` (and TRL's
+    SFT) gives them and as generate and serve now read raw prompts; Qwen's add none (the test above)."""
+    import transformers
+
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from llama_tokenizers import TEXTS, write_llama2_tokenizer
+
+    folder = write_llama2_tokenizer(tmp_path / "llama2")
+    tok = load_tokenizer(folder)
+    data = write_jsonl(tmp_path / "t.jsonl", [{"text": t} for t in TEXTS])
+    examples = encode_all(tok, read_records(data), max_len=64)
+    reference = transformers.AutoTokenizer.from_pretrained(folder)
+    for example, text in zip(examples, TEXTS, strict=True):
+        assert example.ids[:-1] == reference(text)["input_ids"] and example.ids[0] == 1  # <s>
+        assert example.ids[-1] == 2 and example.labels == example.ids  # </s> ends the document

@@ -148,8 +148,9 @@ def end_of_text_id(tokenizer: Tokenizer) -> int:
 
 
 def encode_record(tokenizer: Tokenizer, record: Record) -> Example:
-    if record.text is not None:
-        ids = [*tokenizer.encode_plain(record.text), end_of_text_id(tokenizer)]
+    if record.text is not None:  # a document as the model reads raw text: its BOS first where it has one
+        before, _ = tokenizer.sequence_special_ids
+        ids = [*before, *tokenizer.encode_plain(record.text), end_of_text_id(tokenizer)]
         return Example(ids, list(ids), record.where)
     try:
         ids, labels = encode_messages(tokenizer, record.messages, record.tools)
