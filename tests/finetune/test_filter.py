@@ -167,6 +167,19 @@ def test_filter_refuses_outputs_it_would_lose_or_clobber(tmp_path, capsys):
     assert json.loads((tmp_path / "afile").read_text()) == {"text": "mail me at [EMAIL]"}
 
 
+def test_filter_creates_missing_parent_directories_of_out_and_report(tmp_path, capsys):
+    """As every command's output: missing parent directories are created, for the report as for OUT (the
+    report's were not: OUT was written, then the report failed with exit 2)."""
+    src = tmp_path / "d.jsonl"
+    src.write_text(json.dumps({"text": "mail me at a@b.io"}) + "\n")
+    out, report = tmp_path / "a" / "b" / "clean.jsonl", tmp_path / "c" / "d" / "report.json"
+    assert cli_main(["filter", str(src), str(out), "--report", str(report)]) == 0
+    assert json.loads(out.read_text()) == {"text": "mail me at [EMAIL]"}
+    written = json.loads(report.read_text())
+    assert written["flagged"] == 1 and written["counts"] == {"email": 1}
+    assert "error" not in capsys.readouterr().err
+
+
 def test_an_empty_keyword_file_is_refused(tmp_path, capsys):
     """An empty (or comments-only) --keywords file once filtered as if no keywords were asked for."""
     src, words, out = tmp_path / "d.jsonl", tmp_path / "w.txt", tmp_path / "o.jsonl"

@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{w['where']} {w['field']} {w['kind']} [{w['start']}:{w['end']}]", file=sys.stderr)
     print(report.summary(), file=sys.stderr)
     if args.report:
+        Path(args.report).parent.mkdir(parents=True, exist_ok=True)  # as OUT's (filter_file makes those)
         with open(args.report, "w", encoding="utf-8") as f:
             json.dump(report.to_json(), f, indent=2, ensure_ascii=False)
     return 0
