@@ -76,6 +76,7 @@ def test_a_file_that_cannot_be_written_is_one_line(capsys):
     [
         (["--lr", "-1"], "--lr must be a positive number, got -1.0"),
         (["--lr", "nan"], "--lr must be a positive number, got nan"),
+        (["--lr", "1e38"], "--lr must be at most 3.4e+37 (AdamW's first step overflows float32), got 1e+38"),
         (["--epochs", "0"], "--epochs must be at least 1, got 0"),
         (["--max-steps", "0"], "--max-steps must be at least 1, got 0"),
         (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),

@@ -10,6 +10,8 @@ from pathlib import Path
 from qwenkit.command_parser import CommandParser
 from qwenkit.errors import ConfigError
 
+MAX_LR = 3.4e37  # float32's largest value (3.4e38) times AdamW's 1 - beta1
+
 
 def add_training_args(parser: argparse.ArgumentParser, lr: float = 2e-4) -> None:
     parser.add_argument("model", help="model directory or .gguf file")
@@ -141,6 +143,10 @@ def check_numbers(args: argparse.Namespace) -> None:
         raise ConfigError(f"--max-len must be at least 2 (a token and the next), got {args.max_len}")
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise ConfigError(f"--lr must be a positive number, got {args.lr}")
+    if args.lr > MAX_LR:  # AdamW's first step divides it by 1 - beta1 = 0.1, past float32's range
+        raise ConfigError(
+            f"--lr must be at most {MAX_LR:g} (AdamW's first step overflows float32), got {args.lr:g}"
+        )
     if not 0 <= args.warmup_ratio < 1:
         raise ConfigError(f"--warmup-ratio must be in [0, 1), got {args.warmup_ratio}")
     if args.lora_dropout is not None and not 0 <= args.lora_dropout < 1:
