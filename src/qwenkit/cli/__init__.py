@@ -23,7 +23,7 @@ COMMANDS = {
     "quantize": "quantize a model to int8/int4 (GPTQ or round-to-nearest)",
     "profile": "measure tokens/s and peak memory per precision",
     "serve": "OpenAI-compatible API server with a web chat page",
-    "eval": "benchmarks (MMLU, C-Eval, GSM8K, HumanEval, tool use, passkey) on a model or an endpoint",
+    "eval": "benchmarks (MMLU, C-Eval, GSM8K, HumanEval, tool use, passkey, ppl) on a model or an endpoint",
     "finetune": "supervised fine-tuning: LoRA, QLoRA or full (one or many processes)",
     "dpo": "preference tuning (DPO, IPO, SLiC, rDPO, SimPO, ORPO) of an adapter or a whole model",
     "merge": "fold a LoRA adapter into the model and write a plain checkpoint",
