@@ -179,6 +179,22 @@ def test_bad_runtime_lora_options_exit_2_with_one_line(args, env, message):
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
+def test_a_served_adapter_above_the_max_lora_rank_is_refused_naming_its_rank(tiny_chat_model, tmp_path):
+    """The message names the adapter's rank, not the padded rank of the fused projection that holds it
+    (it said "qkv_proj holds rank 48 where 8 asks for 32" for a rank-16 adapter)."""
+    from factories import write_lora_adapter
+
+    from qwenkit.errors import ConfigError
+
+    wide = write_lora_adapter(tiny_chat_model, tmp_path / "wide", seed=5, r=16)
+    with pytest.raises(ConfigError) as error:
+        LLM.load(tiny_chat_model, progress=False, adapters={"wide": str(wide)}, max_loras=2, max_lora_rank=8)
+    assert (
+        str(error.value)
+        == "adapter 'wide' has rank 16, above --max-lora-rank 8: give --max-lora-rank 16 or more"
+    )
+
+
 def test_past_the_reserved_adapter_slots_a_load_gets_400_naming_the_flag(tiny_chat_model, adapters, expected):
     """``--max-loras 1``: the first adapter takes the slot, a second is refused (400) until the first is
     unloaded, and replacing the one served reuses its slot."""

@@ -49,6 +49,7 @@ class AdapterBank:
         # reserve_adapters: at most this many slots, of at most this rank (None: grown as adapters come)
         self.capacity: int | None = None
         self.max_rank: int | None = None
+        self.ranks: dict[str, int] = {}  # the rank of each adapter served from the start (serve_adapters)
         self._loads = 0
         # The running forward's selection, per thread: a forward outside the engine's thread (router
         # statistics, a test) never sees the engine's.

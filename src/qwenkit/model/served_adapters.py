@@ -214,6 +214,9 @@ def serve_adapters(
         _check_name(name)
     updates = _updates(model, adapters)
     bank = AdapterBank()
+    bank.ranks = {
+        name: max((p.a.shape[0] for p in pairs.values()), default=0) for name, pairs in adapters.items()
+    }
     _install(model, bank, {name: bank.take(name) for name in adapters}, updates)
     bank.default = BASE_SLOT if default is None else bank.slot(default)
     model.adapters = bank
@@ -341,14 +344,17 @@ def reserve_adapters(model: nn.Module, slots: int, rank: int) -> AdapterBank:
     served = sum(name is not None for name in bank.names)
     if served > slots:
         raise ValueError(f"{served} adapters are served, more than the {slots} slots asked for")
+    for name, own in bank.ranks.items():
+        if name in bank.served and own > rank:
+            raise ValueError(
+                f"adapter {name!r} has rank {own}, above --max-lora-rank {rank}: give --max-lora-rank {own} "
+                "or more"
+            )
     parts = reservable_parts(model)
     for path, count in parts.items():
         module = model.get_submodule(path)
         if isinstance(module, LoRAProjection) and module.held[1] > -(-count * rank // 16) * 16:
-            raise ValueError(
-                f"an adapter served already has a rank above {rank} (--max-lora-rank): {path} holds "
-                f"rank {module.held[1]} where {rank} asks for {-(-count * rank // 16) * 16}"
-            )
+            raise ValueError(f"an adapter served holds more rank in {path} than --max-lora-rank {rank} gives")
     _install(model, bank, {}, {path: {} for path in parts})
     for path, count in parts.items():
         model.get_submodule(path).reserve(slots, -(-count * rank // 16) * 16)
