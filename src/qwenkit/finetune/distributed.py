@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -111,6 +112,9 @@ def wrap(model: nn.Module, world: World, strategy: str) -> nn.Module:
         # Gathering a 2-D sharded tensor whole (checkpoints, the grad norm) takes one collective per mesh
         # dimension; DTensor warns about that on every rank at every gather. It is expected here.
         logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
+        # The tensor-parallel model returns its logits as a view; FSDP2 warns on every rank at every step
+        # that an in-place op on it would skip its pre-backward hook. The losses only read the logits.
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
         parallelize_for_training(model, world.mesh["tp"])
         for layer in model.model.layers:
             fully_shard(layer, mesh=world.mesh["dp"])
