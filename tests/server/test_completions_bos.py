@@ -63,3 +63,7 @@ def test_a_chat_prompt_has_one_bos(url, llama):
     body = {"messages": messages, "max_tokens": 1, "temperature": 0}
     usage = httpx.post(url + "/v1/chat/completions", json=body, timeout=60).json()["usage"]
     assert usage["prompt_tokens"] == len(tokens)
+
+
+def test_tokenizer_info_names_the_bos(url):
+    assert httpx.get(url + "/tokenizer_info").json()["bos_token"] == "<s>"

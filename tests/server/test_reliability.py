@@ -290,6 +290,7 @@ def test_tokenizer_endpoints(server, chat_llm):
     }
     info = httpx.get(server.url + "/tokenizer_info").json()
     assert info["eos_token"] in ("<|im_end|>", "<|endoftext|>") and "<|im_start|>" in info["chat_template"]
+    assert info["bos_token"] is None  # Qwen's tokenizers start a prompt with no BOS
 
 
 def test_head_probes_and_405_allow(server):

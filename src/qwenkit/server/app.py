@@ -189,7 +189,7 @@ def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
         return {
             "tokenizer_class": type(tok).__name__,
             "eos_token": tok.decode(eos[:1]) if eos else None,
-            "bos_token": None,
+            "bos_token": tok.bos_token,
             "pad_token": None,
             "chat_template": tok.chat_template,
             "model_max_length": llm.engine.max_seq_len,

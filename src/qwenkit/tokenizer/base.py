@@ -140,6 +140,12 @@ class Tokenizer(ABC):
         check_unicode(text)
         return self.encode_with_added(text) if allow_special else self.encode_plain(text)
 
+    @property
+    def bos_token(self) -> str | None:
+        """The token a raw prompt starts with (Llama's ``<s>``), or None where none is added (Qwen)."""
+        before, _ = self.sequence_special_ids
+        return self.decode(list(before[:1])) if before else None
+
     def encode_prompt(self, text: str, *, allow_special: bool = False) -> list[int]:
         """A raw-text prompt as the model expects it: `encode` with the tokenizer's sequence tokens around it
         (Llama's BOS), as transformers' `tokenizer(text)`, vLLM's completions and llama.cpp add them.
