@@ -31,6 +31,8 @@ def error_of(response: httpx.Response) -> dict:
         ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role", "Input should be"),
         ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content", "valid string"),
         ({"messages": HELLO, "top_logprobs": 50}, "top_logprobs", "less than or equal to 20"),
+        ({"messages": HELLO, "top_logprobs": 3}, "top_logprobs", "`logprobs` must be set to true"),
+        ({"messages": HELLO, "logprobs": False, "top_logprobs": 1}, "top_logprobs", "`logprobs` must be"),
         ({"messages": HELLO, "stop": ["a"] * 20}, "stop", "at most 16"),
         ({"messages": HELLO, "seed": -3}, "seed", "greater than or equal to 0"),
         (

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 MAX_N = 16
 MAX_STOP = 16
@@ -136,6 +136,14 @@ class ChatCompletionRequest(SamplingFields):
     response_format: dict[str, Any] | None = None  # text | json_object | json_schema
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = flag(True)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        # OpenAI and vLLM refuse this too: alternatives without `logprobs` would be silently dropped
+        if value and not info.data.get("logprobs"):
+            raise ValueError("`logprobs` must be set to true to get top_logprobs")
+        return value
 
 
 class CompletionRequest(SamplingFields):
