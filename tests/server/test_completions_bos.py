@@ -3,6 +3,8 @@ reads it; token-id prompts are used as given; a chat request has the template's 
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 from live import LiveServer
@@ -67,3 +69,48 @@ def test_a_chat_prompt_has_one_bos(url, llama):
 
 def test_tokenizer_info_names_the_bos(url):
     assert httpx.get(url + "/tokenizer_info").json()["bos_token"] == "<s>"
+
+
+def echo_of(url: str, prompt: str | list[int], stream: bool) -> tuple[str, dict]:
+    """The echoed text and its logprobs (streamed chunks joined) of a greedy two-token completion."""
+    body = {
+        "prompt": prompt,
+        "max_tokens": 2,
+        "temperature": 0,
+        "logprobs": 1,
+        "echo": True,
+        "stream": stream,
+    }
+    if not stream:
+        choice = httpx.post(url + "/v1/completions", json=body, timeout=60).json()["choices"][0]
+        return choice["text"], choice["logprobs"]
+    text, arrays = "", {"tokens": [], "token_logprobs": [], "text_offset": []}
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                choice = json.loads(line[6:])["choices"][0]
+                text += choice["text"]
+                for key in arrays:
+                    arrays[key] += (choice["logprobs"] or {}).get(key, [])
+    return text, arrays
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_gives_the_text_prompt_back_as_written(url, llama, stream):
+    """vLLM echoes a text prompt as sent: the BOS it was read with is in the logprobs, at no width in the
+    text, so every token's text_offset points at its own text (the old echo began "<s>Hello")."""
+    text, lps = echo_of(url, TEXT, stream)
+    assert text.startswith(TEXT) and not text.startswith("<s>")
+    ids = llama.tokenizer.encode(TEXT)
+    assert lps["tokens"][0] == "<s>" and len(lps["tokens"]) == len(ids) + 3
+    offsets = lps["text_offset"]
+    assert offsets[0] == offsets[1] == 0 and offsets[len(ids) + 1] == len(TEXT)
+    pieces = [text[a:b] for a, b in zip(offsets[1:], [*offsets[2:], len(text)], strict=True)]
+    assert "".join(pieces) == text and pieces[: len(ids)] == [
+        llama.tokenizer.decode(ids[: i + 1])[len(llama.tokenizer.decode(ids[:i])) :] for i in range(len(ids))
+    ]
+    assert lps["token_logprobs"][0] is None and all(v is not None for v in lps["token_logprobs"][1:])
+    # token ids are echoed decoded, their BOS included, as before, and offsets count the BOS's text
+    ids_text, ids_lps = echo_of(url, [BOS, *ids], stream)
+    assert ids_text.startswith("<s> " + TEXT) and ids_lps["text_offset"][:2] == [0, 3]
+    assert ids_lps["text_offset"][len(ids) + 1] == len("<s> " + TEXT)

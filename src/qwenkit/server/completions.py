@@ -50,6 +50,30 @@ class Choice:
     cache_key: tuple | None = None
     first_token_at: float | None = None
     result: Completion | None = None
+    echo: PromptEcho | None = None  # /v1/completions with `echo`: what the choice's text starts with
+
+
+@dataclass(frozen=True)
+class PromptEcho:
+    """What ``echo`` shows of a prompt. A text prompt comes back as the client wrote it, as vLLM echoes it:
+    the sequence tokens its tokenizer put around it (Llama's BOS) are in the logprobs, at no width in the
+    text. Token ids come back decoded."""
+
+    text: str
+    hidden_before: int = 0
+    hidden_after: int = 0
+
+    @classmethod
+    def of(cls, llm: LLM, prompt: str | list[int], prompt_ids: list[int]) -> PromptEcho:
+        if isinstance(prompt, str):
+            before, after = llm.tokenizer.sequence_special_ids
+            return cls(prompt, len(before), len(after))
+        return cls(llm.tokenizer.decode(prompt_ids))
+
+    def shown(self, n_tokens: int) -> list[bool]:
+        """Per prompt token: does it take room in ``text``."""
+        inner = n_tokens - self.hidden_before - self.hidden_after
+        return [False] * self.hidden_before + [True] * inner + [False] * self.hidden_after
 
 
 @dataclass
@@ -309,12 +333,35 @@ class LegacyLogprobs:
         self.offset = 0
 
     def add(self, items: list[tuple[int, TokenLogprob | None]]) -> dict:
+        return self._arrays(items, [len(self.detok.add(token_id)) for token_id, _ in items])
+
+    def add_echoed(
+        self, echo: PromptEcho, prompt: list[tuple[int, TokenLogprob | None]], items: list
+    ) -> dict:
+        """The echoed prompt's pairs, then ``items``. Prompt offsets point into ``echo.text``: hidden
+        tokens (the BOS) take no width, and neither does the first "▁" space a SentencePiece decoder
+        strips from the text but the stream keeps."""
+        shown = echo.shown(len(prompt))
+        widths = [len(self.detok.add(t)) if seen else 0 for (t, _), seen in zip(prompt, shown, strict=True)]
+        excess = sum(widths) - len(echo.text)
+        for i, width in enumerate(widths):
+            if excess <= 0:
+                break
+            cut = min(width, excess)
+            widths[i], excess = width - cut, excess - cut
+        arrays = self._arrays(prompt, widths)
+        self.offset = len(echo.text)  # where a normalizing tokenizer changed the text, the answer starts here
+        for key, values in self.add(items).items():
+            arrays[key] += values
+        return arrays
+
+    def _arrays(self, items: list[tuple[int, TokenLogprob | None]], widths: list[int]) -> dict:
         llm = self.llm
         tokens, token_lps, tops, offsets = [], [], [], []
-        for token_id, lp in items:
+        for (token_id, lp), width in zip(items, widths, strict=True):
             tokens.append(token_text(llm, token_id))
             offsets.append(self.offset)
-            self.offset += len(self.detok.add(token_id))
+            self.offset += width
             token_lps.append(None if lp is None else lp.logprob)
             tops.append(None if lp is None else {token_text(llm, t): v for t, v in lp.top})
         return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
@@ -477,10 +524,12 @@ async def completions(state: ServerState, body: CompletionRequest, request: Requ
     adapter = state.check_model(body.model)
     refuse_unsupported(body)
     # in a worker thread, as chat's: a long prompt is read while the event loop answers others (/health)
-    prompts = await asyncio.to_thread(lambda: [llm.encode(p) for p in body.prompts()])
+    raw_prompts = body.prompts()
+    prompts = await asyncio.to_thread(lambda: [llm.encode(p) for p in raw_prompts])
     wants_logprobs = body.logprobs is not None
     choices: list[Choice] = []
-    for prompt_ids in prompts:
+    for raw_prompt, prompt_ids in zip(raw_prompts, prompts, strict=True):
+        echo = PromptEcho.of(llm, raw_prompt, prompt_ids) if body.echo else None
         extra = {
             "logprobs": body.logprobs,
             "prompt_logprobs": body.logprobs if (body.echo and wants_logprobs) else None,
@@ -488,7 +537,7 @@ async def completions(state: ServerState, body: CompletionRequest, request: Requ
         }
         params = sampling_params(llm, body, len(prompt_ids), 16, **extra)
         for p in choice_params(params, body.n):
-            choices.append(Choice(len(choices), prompt_ids, p))
+            choices.append(Choice(len(choices), prompt_ids, p, echo=echo))
     run = Run(state, choices)
     run.start()
     created, rid = int(time.time()), f"cmpl-{uuid.uuid4().hex}"
@@ -500,25 +549,24 @@ async def completions(state: ServerState, body: CompletionRequest, request: Requ
     out = []
     for c in run.choices:
         r = c.result
-        prompt_text = llm.tokenizer.decode(c.prompt_ids) if body.echo else ""
         out.append(
             {
                 "index": c.index,
-                "text": prompt_text + r.text,
-                "logprobs": _completion_logprobs(llm, c, r, body.echo) if wants_logprobs else None,
+                "text": (c.echo.text if c.echo else "") + r.text,
+                "logprobs": _completion_logprobs(llm, c, r) if wants_logprobs else None,
                 "finish_reason": r.finish_reason,
             }
         )
     return JSONResponse({**head, "object": "text_completion", "choices": out, "usage": run.usage()})
 
 
-def _completion_logprobs(llm: LLM, choice: Choice, result: Completion, echo: bool) -> dict:
-    items: list[tuple[int, TokenLogprob | None]] = []
-    if echo:
-        prompt_lps = result.prompt_logprobs or [None] * len(choice.prompt_ids)
-        items += list(zip(choice.prompt_ids, prompt_lps, strict=True))
-    items += [(lp.token_id, lp) for lp in result.logprobs]
-    return LegacyLogprobs(llm).add(items)
+def _completion_logprobs(llm: LLM, choice: Choice, result: Completion) -> dict:
+    items = [(lp.token_id, lp) for lp in result.logprobs]
+    if not choice.echo:
+        return LegacyLogprobs(llm).add(items)
+    prompt_lps = result.prompt_logprobs or [None] * len(choice.prompt_ids)
+    prompt = list(zip(choice.prompt_ids, prompt_lps, strict=True))
+    return LegacyLogprobs(llm).add_echoed(choice.echo, prompt, items)
 
 
 async def _completion_events(run: Run, head: dict, body: CompletionRequest):
@@ -534,13 +582,15 @@ async def _completion_events(run: Run, head: dict, body: CompletionRequest):
     try:
         async for choice, delta in run.deltas():
             text, items = delta.text, [(lp.token_id, lp) for lp in delta.logprobs]
-            if body.echo and choice.index not in echoed:  # the prompt, and its tokens' logprobs, first
-                echoed.add(choice.index)
-                text = llm.tokenizer.decode(choice.prompt_ids) + text
-                prompt_lps = delta.prompt_logprobs or [None] * len(choice.prompt_ids)
-                items = list(zip(choice.prompt_ids, prompt_lps, strict=True)) + items
             lps = None
-            if body.logprobs is not None and items:
+            if choice.echo and choice.index not in echoed:  # the prompt, and its tokens' logprobs, first
+                echoed.add(choice.index)
+                text = choice.echo.text + text
+                prompt_lps = delta.prompt_logprobs or [None] * len(choice.prompt_ids)
+                prompt = list(zip(choice.prompt_ids, prompt_lps, strict=True))
+                if body.logprobs is not None:
+                    lps = logprobs[choice.index].add_echoed(choice.echo, prompt, items)
+            elif body.logprobs is not None and items:
                 lps = logprobs[choice.index].add(items)
             if text or lps:
                 yield chunk(choice.index, text, None, lps)
