@@ -6,9 +6,11 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 import torch
+from gguf import GGUFReader
 from test_config import QWEN_7B
 
 from qwenkit.checkpoint import load_model
@@ -161,5 +163,9 @@ def test_info_on_gguf_shows_metadata_license(capsys):
     assert main(["info", str(default_model_path())]) == 0
     out = capsys.readouterr().out
     assert "llama" in out and "apache-2.0" in out.lower()
+    # the block types as gguf-py's reader counts them, most common first
+    counts = Counter(t.tensor_type.name for t in GGUFReader(default_model_path()).tensors).most_common()
+    assert counts[0] == ("Q4_1", 210)
+    assert "GGUF tensor types" in out and ", ".join(f"{k} x{n}" for k, n in counts) in out
     assert main(["info"]) == 0  # the bundled model, as generate/chat/serve/profile default: where it lives
     assert capsys.readouterr().out == out and out.startswith(f"model: {default_model_path()}\n")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 
 from qwenkit.checkpoint import open_checkpoint
@@ -59,6 +61,10 @@ def describe(path: str, tensor_parallel: int = 1) -> str:
                 f"{q.get('quant_method', '?')} {q.get('bits', '?')}-bit, group {q.get('group_size', '?')}",
             )
         )
+    tensor_types = getattr(source, "tensor_types", None)  # a GGUF file names each tensor's block type
+    if tensor_types:
+        counts = Counter(tensor_types.values()).most_common()
+        rows.append(("GGUF tensor types", ", ".join(f"{kind} x{n}" for kind, n in counts)))
     width = max(len(k) for k, _ in rows)
     out = [f"model: {path}", ""] + [f"  {k:<{width}}  {v}" for k, v in rows]
     out += ["", "memory of the weights:"]
