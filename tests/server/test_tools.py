@@ -591,6 +591,10 @@ SCHEMAS = {
 }
 
 
+# The random model would open <think> (allowed before the JSON on Qwen3's hybrid template) and wander
+NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}
+
+
 @pytest.mark.parametrize("name", list(SCHEMAS))
 def test_response_format_json_schema_validates(server, name):
     r = client(server).chat.completions.create(
@@ -600,6 +604,7 @@ def test_response_format_json_schema_validates(server, name):
         seed=11,
         max_tokens=80,
         response_format={"type": "json_schema", "json_schema": {"name": name, "schema": SCHEMAS[name]}},
+        extra_body=NO_THINKING,
     )
     text = r.choices[0].message.content
     assert r.choices[0].finish_reason == "stop", text
@@ -615,6 +620,7 @@ def test_response_format_json_object(server):
             "temperature": 0,
             "max_tokens": 40,
             "response_format": {"type": "json_object"},
+            **NO_THINKING,
         },
     ).json()
     text = r["choices"][0]["message"]["content"]
@@ -669,3 +675,33 @@ def test_an_enforced_answer_comes_after_the_thinking_the_prompt_opened(steered_t
             assert not content
         else:
             assert (reasoning, content, calls, finish) == ("A city.", '{"city":"Paris"}', [], "stop")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_hybrid_model_may_think_before_a_forced_call(steered, stream):
+    """Qwen3's hybrid models open ``<think>`` themselves: under tool_choice "required" the grammar lets the
+    reply think first, then holds it to the call (it used to force the call from the first token, so the
+    thinking a trained model writes was masked away). A reply that calls at once passes too, and with
+    ``enable_thinking`` off (the prompt closes an empty block) the call is held from the first token."""
+    live = steered[0]
+    args = '{"city":"Paris","unit":"c"}'
+    call = f'<tool_call>\n{{"name": "get_weather", "arguments": {args}}}\n</tool_call>'
+    cases = [
+        ("<think>\nParis, then.\n</think>\n\n" + call, {}, "Paris, then."),
+        (call, {}, None),
+        (call, {"chat_template_kwargs": {"enable_thinking": False}}, None),
+    ]
+    for reply, fields, want_reasoning in cases:
+        play(steered, reply)
+        body = {"model": "tiny", "messages": USER, "max_tokens": 100, "tools": [WEATHER]}
+        body["tool_choice"] = "required"
+        if stream:
+            content, reasoning, calls, finish = stream_parts(client(live), **body, extra_body=fields)
+            calls, reasoning = [(x["name"], x["arguments"]) for x in calls], reasoning or None
+        else:
+            r = post(live.url + "/v1/chat/completions", json=body | fields).json()["choices"][0]
+            content, reasoning = r["message"]["content"], r["message"]["reasoning_content"]
+            finish = r["finish_reason"]
+            calls = [(t["function"]["name"], t["function"]["arguments"]) for t in r["message"]["tool_calls"]]
+        assert (reasoning, calls, finish) == (want_reasoning, [("get_weather", args)], "tool_calls"), content
+        assert not content

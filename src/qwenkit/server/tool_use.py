@@ -27,7 +27,7 @@ from qwenkit.tools.grammar import (
 )
 from qwenkit.tools.hermes import HermesParser
 from qwenkit.tools.react import STOP_WORDS, parse_react
-from qwenkit.tools.template_style import prompt_opens_thinking, template_style
+from qwenkit.tools.template_style import prompt_closes_thinking, prompt_opens_thinking, template_style
 
 NAMED_USAGE = 'Correct usage: `{"type": "function", "function": {"name": "my_function"}}`'
 
@@ -44,6 +44,7 @@ class ToolPlan:
     reasoning: bool = False  # the template thinks (<think>): split reasoning_content off
     react: bool = False  # Qwen v1 (no template renders tools): ReAct prompt, Observation: stop word
     in_reasoning: bool = False  # the prompt itself opened <think>
+    may_think: bool = False  # the reply may open <think> itself (the prompt neither opened nor closed it)
 
     @property
     def parses_calls(self) -> bool:
@@ -132,6 +133,9 @@ def plan_tools(llm: LLM, body: ChatCompletionRequest, prompt_ids: list[int]) -> 
     plan.react = uses_react(llm, body)
     if plan.reasoning:
         plan.in_reasoning = prompt_opens_thinking(llm.tokenizer.decode, prompt_ids)
+        plan.may_think = not plan.in_reasoning and not prompt_closes_thinking(
+            llm.tokenizer.decode, prompt_ids
+        )
     constrained, schema = _response_schema(body.response_format)
     try:
         if choice in ("required", "named"):
@@ -142,8 +146,8 @@ def plan_tools(llm: LLM, body: ChatCompletionRequest, prompt_ids: list[int]) -> 
                 plan.grammar = tool_call_grammar(chosen, parallel=parallel and choice == "required")
         elif constrained:
             plan.grammar = json_schema_grammar(schema)
-        if plan.grammar is not None and plan.in_reasoning:  # the reply thinks first, then answers
-            plan.grammar = after_thinking(plan.grammar)
+        if plan.grammar is not None and (plan.in_reasoning or plan.may_think):  # thinking, then the answer
+            plan.grammar = after_thinking(plan.grammar, opened=plan.in_reasoning)
         if plan.grammar is not None:
             enable_grammars(llm).check(plan.grammar)
     except (GrammarError, ValueError) as e:

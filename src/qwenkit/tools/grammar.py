@@ -120,14 +120,17 @@ def react_call_grammar(functions: list[dict[str, Any]]) -> str:
     return "\n".join(["start: " + " | ".join(f"call{i}" for i in range(len(functions))), *rules])
 
 
-def after_thinking(grammar: str) -> str:
-    """``grammar`` for a reply that starts inside a ``<think>`` block its prompt opened (thinking-only
-    templates: Qwen3-*-Thinking-2507, QwQ): any text up to the first ``</think>``, the newlines after it,
-    then ``grammar``. vLLM's reasoning parsers hold structured output back until the reasoning ends the
-    same way; held from the first token, the call or the JSON would land inside the reasoning."""
+def after_thinking(grammar: str, *, opened: bool = True) -> str:
+    """``grammar`` for a reply that may think first: any text up to the first ``</think>``, the newlines
+    after it, then ``grammar``. ``opened``: the prompt opened the ``<think>`` block (thinking-only
+    templates: Qwen3-*-Thinking-2507, QwQ), so the reply starts inside it; else (Qwen3's hybrid models
+    with thinking on) the reply may open one itself or answer at once. vLLM's reasoning parsers hold
+    structured output back until the reasoning ends the same way; held from the first token, the call or
+    the JSON would land inside the reasoning, or the model could not think at all."""
+    start = "start: thought NEWLINES? @answer" if opened else 'start: ("<think>" thought NEWLINES?)? @answer'
     head = (
         "%llguidance {}\n"
-        "start: thought NEWLINES? @answer\n"
+        f"{start}\n"
         'thought[lazy]: THOUGHT "</think>"\n'  # lazy: the first </think> ends it
         "THOUGHT: /(.|\\n)*/\n"
         "NEWLINES: /\\n+/\n"

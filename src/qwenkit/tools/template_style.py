@@ -16,7 +16,7 @@ from typing import Any
 
 from qwenkit.tokenizer import Tokenizer
 from qwenkit.tools.calls import ParsedMessage, ToolSpecError
-from qwenkit.tools.hermes import THINK_OPEN, parse_hermes
+from qwenkit.tools.hermes import THINK_CLOSE, THINK_OPEN, parse_hermes
 from qwenkit.tools.react import STOP_WORDS, parse_react, react_messages
 
 
@@ -67,6 +67,12 @@ def template_style(chat_template: str | None) -> TemplateStyle:
 def prompt_opens_thinking(decode: Callable[[Sequence[int]], str], prompt_ids: Sequence[int]) -> bool:
     """Whether the rendered prompt ends inside an opened ``<think>`` (its last few tokens decoded)."""
     return decode(list(prompt_ids[-4:])).rstrip().endswith(THINK_OPEN)
+
+
+def prompt_closes_thinking(decode: Callable[[Sequence[int]], str], prompt_ids: Sequence[int]) -> bool:
+    """Whether the rendered prompt ends with a closed ``</think>`` (Qwen3 with ``enable_thinking`` off
+    writes an empty block), so the reply does not think."""
+    return decode(list(prompt_ids[-4:])).rstrip().endswith(THINK_CLOSE)
 
 
 def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
