@@ -19,12 +19,14 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from qwenkit.generate import LLM
 from qwenkit.server import adapters as adapter_routes
 from qwenkit.server import completions as routes
+from qwenkit.server import responses as responses_route
 from qwenkit.server.errors import APIError, BodyTooLarge, error_response, install_handlers
 from qwenkit.server.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
     LoadLoRAAdapterRequest,
+    ResponsesRequest,
     TokenizeRequest,
     UnloadLoRAAdapterRequest,
 )
@@ -114,6 +116,10 @@ def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         return await routes.chat_completions(state, body, request)
+
+    @app.post("/v1/responses")
+    async def responses(body: ResponsesRequest, request: Request):
+        return await responses_route.responses(state, body, request)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):

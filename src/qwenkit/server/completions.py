@@ -389,7 +389,18 @@ def chat_prompt(llm: LLM, body: ChatCompletionRequest) -> list[int]:
         raise APIError(400, f"messages: the chat template could not render them: {e}", "messages") from None
 
 
-async def chat_completions(state: ServerState, body: ChatCompletionRequest, request: Request):
+@dataclass
+class ChatRun:
+    """A chat request's choices, submitted: what the chat route and the Responses route both read."""
+
+    run: Run
+    plan: ToolPlan
+    hidden: frozenset[int]  # token ids whose text is not shown (eos, stop tokens)
+    adapter: str | None
+
+
+async def start_chat(state: ServerState, body: ChatCompletionRequest) -> ChatRun:
+    """Render, check and submit a chat request (400s for what cannot run, before anything is submitted)."""
     llm = state.llm
     adapter = state.check_model(body.model)
     refuse_unsupported(body)
@@ -405,9 +416,15 @@ async def chat_completions(state: ServerState, body: ChatCompletionRequest, requ
         params = replace(params, stop=(*params.stop, *plan.stop))
     run = Run(state, [Choice(i, prompt_ids, p) for i, p in enumerate(choice_params(params, body.n))])
     run.start()
+    return ChatRun(run, plan, llm.eos_token_ids | frozenset(params.stop_token_ids), adapter)
+
+
+async def chat_completions(state: ServerState, body: ChatCompletionRequest, request: Request):
+    llm = state.llm
+    started = await start_chat(state, body)
+    run, plan, hidden = started.run, started.plan, started.hidden
     created, rid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
-    hidden = llm.eos_token_ids | frozenset(params.stop_token_ids)
-    model = state.response_model(adapter)
+    model = state.response_model(started.adapter)
     head = {"id": rid, "created": created, "model": model, "system_fingerprint": state.fingerprint}
     if body.stream:
         return streaming_response(_chat_events(run, head, body, hidden, plan))

@@ -170,6 +170,30 @@ class CompletionRequest(SamplingFields):
         return list(p)  # type: ignore[arg-type]
 
 
+class ResponsesRequest(_Lenient):
+    """OpenAI's ``/v1/responses`` body; ``server.responses`` turns it into a chat request. Unknown fields
+    are ignored as on the other routes (vLLM's sampling extensions among them are passed on)."""
+
+    model: str | None = None
+    input: str | list[Any]
+    instructions: str | None = None
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = Field(None, strict=True)
+    max_output_tokens: int | None = integer(ge=1)
+    temperature: float | None = number(ge=0, le=2)
+    top_p: float | None = number(gt=0, le=1)
+    text: dict[str, Any] | None = None
+    reasoning: dict[str, Any] | None = None
+    stream: bool = flag()
+    store: bool | None = None  # nothing is stored: every response says "store": false
+    previous_response_id: str | None = None
+    truncation: str | None = None
+    include: list[str] | None = None
+    user: str | None = None
+    metadata: dict[str, Any] | None = None
+
+
 class TokenizeRequest(_Lenient):
     """vLLM's ``/tokenize``: a prompt, or messages rendered as a chat request with the same fields would
     render them (``tools`` and ``chat_template_kwargs`` included)."""

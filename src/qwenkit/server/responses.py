@@ -1,0 +1,486 @@
+"""``/v1/responses``: OpenAI's Responses API over the chat route, stateless (as vLLM serves it by default).
+
+A request becomes a chat request (``instructions`` the system message, ``input`` items the messages:
+``function_call`` items an assistant turn's tool calls, ``function_call_output`` items tool messages), runs
+exactly as ``/v1/chat/completions`` would (template, tools, grammar, reasoning split), and comes back as
+output items: ``reasoning``, ``message`` and ``function_call``. Streamed, each item is added, filled by
+deltas and done, between ``response.created`` and ``response.completed`` (``response.incomplete`` when
+``max_output_tokens`` cut it short), the order the openai SDK's ``responses.stream()`` checks. A call is
+sent once it is whole: one whose JSON breaks becomes text, never a call a client would run.
+
+Nothing is stored, so ``previous_response_id`` and ``background`` are refused by name: the client sends
+the whole conversation in ``input``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from qwenkit.generate import Completion
+from qwenkit.server.completions import (
+    ChatRun,
+    collect,
+    start_chat,
+    streaming_response,
+)
+from qwenkit.server.errors import APIError
+from qwenkit.server.schemas import ChatCompletionRequest, ResponsesRequest
+from qwenkit.server.state import ServerState
+from qwenkit.tools.calls import ParsedMessage, ToolCall
+from qwenkit.tools.hermes import THINK_CLOSE
+
+# The chat request's fields a Responses error names under their Responses names.
+_PARAMS = {"messages": "input", "max_tokens": "max_output_tokens", "response_format": "text.format"}
+# Sampling fields vLLM also takes on /v1/responses, passed to the chat request as they are.
+_SAMPLING_EXTRAS = (
+    "seed",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "stop",
+    "stop_token_ids",
+    "logit_bias",
+    "ignore_eos",
+    "chat_template_kwargs",
+)
+_TEXT_PARTS = ("input_text", "output_text", "text")
+
+
+def _bad_input(where: str, problem: str) -> APIError:
+    return APIError(400, f"{where}: {problem}", "input", "invalid_value")
+
+
+def _text(content: Any, where: str) -> str:
+    """A message's content: a string, or text parts (``input_text``, ``output_text``) joined."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise _bad_input(f"{where}.content", "must be a string or a list of text parts")
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in _TEXT_PARTS or not isinstance(part.get("text"), str):
+            shown = kind if kind is not None else type(part).__name__
+            raise _bad_input(f"{where}.content[{j}]", f"only text parts are supported, got {shown!r}")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def input_messages(items: str | list[Any]) -> list[dict[str, Any]]:
+    """``input`` as chat messages. Consecutive ``function_call`` items are one assistant turn's calls
+    (joined to the assistant message just before them); a ``reasoning`` item is the next assistant turn's
+    ``reasoning_content``."""
+    if isinstance(items, str):
+        return [{"role": "user", "content": items}]
+    messages: list[dict[str, Any]] = []
+    reasoning = ""
+    for i, item in enumerate(items):
+        where = f"input[{i}]"
+        if not isinstance(item, dict):
+            raise _bad_input(where, f"must be an object, got {type(item).__name__}")
+        kind = item.get("type", "message" if "role" in item else None)
+        if kind == "message":
+            role = item.get("role")
+            if role not in ("user", "system", "developer", "assistant"):
+                raise _bad_input(
+                    f"{where}.role", f"must be user, system, developer or assistant, got {role!r}"
+                )
+            message: dict[str, Any] = {"role": role, "content": _text(item.get("content"), where)}
+            if role == "assistant" and reasoning:
+                message["reasoning_content"], reasoning = reasoning, ""
+            messages.append(message)
+        elif kind == "function_call":
+            for key in ("call_id", "name", "arguments"):
+                if not isinstance(item.get(key), str):
+                    raise _bad_input(f"{where}.{key}", "must be a string")
+            call = {"id": item["call_id"], "type": "function"}
+            call["function"] = {"name": item["name"], "arguments": item["arguments"]}
+            last = messages[-1] if messages else None
+            if last is not None and last["role"] == "assistant":
+                last.setdefault("tool_calls", []).append(call)
+            else:
+                turn = {"role": "assistant", "content": "", "tool_calls": [call]}
+                if reasoning:
+                    turn["reasoning_content"], reasoning = reasoning, ""
+                messages.append(turn)
+        elif kind == "function_call_output":
+            if not isinstance(item.get("call_id"), str):
+                raise _bad_input(f"{where}.call_id", "must be a string")
+            output = _text(item.get("output"), where)
+            messages.append({"role": "tool", "tool_call_id": item["call_id"], "content": output})
+        elif kind == "reasoning":
+            parts = item.get("content") or item.get("summary") or []
+            reasoning += "".join(p.get("text", "") for p in parts if isinstance(p, dict))
+        else:
+            raise _bad_input(
+                f"{where}.type", f"{kind!r} items are not supported (text messages and function calls are)"
+            )
+    return messages
+
+
+def _chat_tools(tools: list[Any] | None) -> list[dict[str, Any]] | None:
+    """Responses' flat function tools as chat tools; built-in tools (web search, files) are refused."""
+    if tools is None:
+        return None
+    out = []
+    for i, tool in enumerate(tools):
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if kind != "function":
+            raise APIError(400, f"tools[{i}]: only function tools are supported, got type {kind!r}", "tools")
+        if not isinstance(tool.get("name"), str):
+            raise APIError(400, f"tools[{i}].name must be a string", "tools")
+        fn = {key: tool[key] for key in ("name", "description", "parameters") if tool.get(key) is not None}
+        out.append({"type": "function", "function": fn})
+    return out
+
+
+def _chat_tool_choice(choice: Any) -> Any:
+    if isinstance(choice, dict):
+        if choice.get("type") != "function" or not isinstance(choice.get("name"), str):
+            raise APIError(
+                400,
+                'tool_choice must be "none", "auto", "required" or {"type": "function", "name": ...}',
+                "tool_choice",
+            )
+        return {"type": "function", "function": {"name": choice["name"]}}
+    return choice
+
+
+def _response_format(text: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``text.format`` as the chat route's ``response_format``."""
+    fmt = (text or {}).get("format")
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
+        raise APIError(400, "text.format.type must be text, json_object or json_schema", "text.format")
+    if fmt["type"] != "json_schema":
+        return {"type": fmt["type"]}
+    spec = {key: fmt[key] for key in ("name", "schema", "strict") if key in fmt}
+    return {"type": "json_schema", "json_schema": spec}
+
+
+def refuse_stateful(body: ResponsesRequest) -> None:
+    """What needs stored responses, or runs after the request returns: refused by name."""
+    if body.previous_response_id is not None:
+        raise APIError(
+            400,
+            "previous_response_id needs stored responses, which this server does not keep; send the whole "
+            "conversation in `input`",
+            "previous_response_id",
+            "unsupported",
+        )
+    for name in ("background", "conversation"):
+        if (body.model_extra or {}).get(name) not in (None, False):
+            raise APIError(400, f"{name} is not supported (nothing is stored)", name, "unsupported")
+    if body.truncation not in (None, "disabled"):
+        raise APIError(400, 'truncation must be "disabled": input is never cut to fit', "truncation")
+    if "message.output_text.logprobs" in (body.include or []):
+        raise APIError(
+            400, "include: message.output_text.logprobs is not supported", "include", "unsupported"
+        )
+
+
+def chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
+    """The chat request that carries out ``body``."""
+    messages = [{"role": "system", "content": body.instructions}] if body.instructions else []
+    messages += input_messages(body.input)
+    if not messages:
+        raise _bad_input("input", "is empty")
+    extra = body.model_extra or {}
+    chat: dict[str, Any] = {key: extra[key] for key in _SAMPLING_EXTRAS if key in extra}
+    effort = (body.reasoning or {}).get("effort")
+    if effort is not None:  # as vLLM: the template may read it (Qwen's ignore it)
+        chat["chat_template_kwargs"] = {
+            "reasoning_effort": effort,
+            **(chat.get("chat_template_kwargs") or {}),
+        }
+    chat |= {
+        "model": body.model,
+        "messages": messages,
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "max_tokens": body.max_output_tokens,
+        "tools": _chat_tools(body.tools),
+        "tool_choice": _chat_tool_choice(body.tool_choice),
+        "parallel_tool_calls": body.parallel_tool_calls,
+        "response_format": _response_format(body.text),
+    }
+    try:
+        return ChatCompletionRequest.model_validate(chat)
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        param = _PARAMS.get(str(first["loc"][0]), str(first["loc"][0])) if first["loc"] else None
+        raise APIError(400, f"{loc}: {first['msg']}", param, "invalid_value") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Output items
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def reasoning_item(item_id: str, text: str, status: str = "completed") -> dict[str, Any]:
+    content = [{"type": "reasoning_text", "text": text}] if text or status == "completed" else []
+    return {"type": "reasoning", "id": item_id, "summary": [], "content": content, "status": status}
+
+
+def message_item(item_id: str, text: str | None, status: str = "completed") -> dict[str, Any]:
+    content = (
+        [] if text is None else [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]
+    )
+    return {"type": "message", "id": item_id, "role": "assistant", "status": status, "content": content}
+
+
+def call_item(item_id: str, call: ToolCall, arguments: str, status: str = "completed") -> dict[str, Any]:
+    return {
+        "type": "function_call",
+        "id": item_id,
+        "call_id": call.id,
+        "name": call.name,
+        "arguments": arguments,
+        "status": status,
+    }
+
+
+def output_items(parsed: ParsedMessage, reasoning: bool, status: str) -> list[dict[str, Any]]:
+    """A whole reply as output items: its reasoning, its text, then its calls."""
+    items = []
+    if reasoning and parsed.reasoning:
+        items.append(reasoning_item(_new_id("rs"), parsed.reasoning))
+    if parsed.content or not parsed.tool_calls:
+        items.append(message_item(_new_id("msg"), parsed.content, status))
+    items += [call_item(_new_id("fc"), call, call.arguments) for call in parsed.tool_calls]
+    return items
+
+
+def usage(started: ChatRun, think_close: int | None) -> dict[str, Any]:
+    """Token counts; reasoning tokens are the reply's up to and including its ``</think>`` (all of them
+    when it was cut off while thinking)."""
+    chat = started.run.usage()
+    result = started.run.choices[0].result
+    reasoning_tokens = 0
+    if started.plan.reasoning and result is not None:
+        ids = result.token_ids
+        if think_close is not None and think_close in ids:
+            reasoning_tokens = ids.index(think_close) + 1
+        elif started.plan.in_reasoning or (ids and result.text.lstrip().startswith("<think>")):
+            reasoning_tokens = len(ids)
+    return {
+        "input_tokens": chat["prompt_tokens"],
+        "input_tokens_details": {
+            "cached_tokens": chat["prompt_tokens_details"]["cached_tokens"],
+            "cache_write_tokens": 0,
+        },
+        "output_tokens": chat["completion_tokens"],
+        "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
+        "total_tokens": chat["total_tokens"],
+    }
+
+
+def _status(finish_reason: str | None) -> tuple[str, dict[str, str] | None]:
+    if finish_reason == "length":
+        return "incomplete", {"reason": "max_output_tokens"}
+    return "completed", None
+
+
+class ResponseHead:
+    """The fields every Response object of one request carries, echoing the request's settings."""
+
+    def __init__(self, body: ResponsesRequest, model: str) -> None:
+        self.id, self.created = _new_id("resp"), int(time.time())
+        self.fields = {
+            "instructions": body.instructions,
+            "max_output_tokens": body.max_output_tokens,
+            "model": model,
+            "parallel_tool_calls": body.parallel_tool_calls is not False,
+            "previous_response_id": None,
+            "reasoning": {"effort": (body.reasoning or {}).get("effort"), "summary": None},
+            "store": False,
+            "temperature": body.temperature,
+            "text": {"format": (body.text or {}).get("format") or {"type": "text"}},
+            "tool_choice": body.tool_choice if body.tool_choice is not None else "auto",
+            "tools": body.tools or [],
+            "top_p": body.top_p,
+            "truncation": "disabled",
+            "user": body.user,
+            "metadata": body.metadata or {},
+        }
+
+    def response(
+        self,
+        status: str,
+        output: list[dict[str, Any]],
+        usage: dict[str, Any] | None = None,
+        incomplete: dict[str, str] | None = None,
+        error: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
+        done = status in ("completed", "incomplete")
+        return {
+            "id": self.id,
+            "object": "response",
+            "created_at": self.created,
+            "status": status,
+            "completed_at": int(time.time()) if done else None,
+            "error": error,
+            "incomplete_details": incomplete,
+            **self.fields,
+            "output": output,
+            "usage": usage,
+        }
+
+
+async def responses(state: ServerState, body: ResponsesRequest, request: Request):
+    refuse_stateful(body)
+    chat = chat_request(body)
+    try:
+        started = await start_chat(state, chat)
+    except APIError as e:  # named as the client named it
+        e.param = _PARAMS.get(e.param or "", e.param)
+        raise
+    head = ResponseHead(body, state.response_model(started.adapter))
+    think_close = state.llm.tokenizer.added_tokens.get(THINK_CLOSE)
+    if body.stream:
+        return streaming_response(_events(started, head, think_close))
+    await collect(started.run, request)
+    result: Completion = started.run.choices[0].result
+    parser = started.plan.parser()
+    parser.feed(result.text)
+    parser.finish()
+    status, incomplete = _status(result.finish_reason)
+    output = output_items(parser.message(), started.plan.reasoning, status)
+    return JSONResponse(head.response(status, output, usage(started, think_close), incomplete))
+
+
+# --------------------------------------------------------------------------------------------------
+# Streaming
+
+
+class _EventWriter:
+    """Server-sent events with their ``event:`` line and a ``sequence_number``, and the open item."""
+
+    def __init__(self) -> None:
+        self.sequence = 0
+        self.output: list[dict[str, Any]] = []  # items done, in order
+        self.open: dict[str, Any] | None = None  # the item being filled: its kind, id, text
+        self.item_ids = {"reasoning": "rs", "content": "msg"}
+
+    def event(self, kind: str, **fields: Any) -> str:
+        payload = {"type": kind, "sequence_number": self.sequence, **fields}
+        self.sequence += 1
+        return f"event: {kind}\ndata: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+    def text(self, kind: str, delta: str) -> list[str]:
+        """``delta`` of reasoning or content: into the open item of that kind, opening one if needed."""
+        out = (
+            [] if self.open is not None and self.open["kind"] == kind else [*self.close(), *self.begin(kind)]
+        )
+        self.open["text"] += delta
+        where = {"item_id": self.open["id"], "output_index": len(self.output), "content_index": 0}
+        if kind == "reasoning":
+            return [*out, self.event("response.reasoning_text.delta", **where, delta=delta)]
+        return [*out, self.event("response.output_text.delta", **where, delta=delta, logprobs=[])]
+
+    def begin(self, kind: str) -> list[str]:
+        item_id = _new_id(self.item_ids[kind])
+        self.open = {"kind": kind, "id": item_id, "text": ""}
+        index = len(self.output)
+        if kind == "reasoning":
+            item, part = reasoning_item(item_id, "", "in_progress"), {"type": "reasoning_text", "text": ""}
+        else:
+            item = message_item(item_id, None, "in_progress")
+            part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+        where = {"item_id": item_id, "output_index": index, "content_index": 0}
+        return [
+            self.event("response.output_item.added", output_index=index, item=item),
+            self.event("response.content_part.added", **where, part=part),
+        ]
+
+    def close(self, status: str = "completed") -> list[str]:
+        """End the open item (its text done, its part done, the item done)."""
+        if self.open is None:
+            return []
+        kind, item_id, text = self.open["kind"], self.open["id"], self.open["text"]
+        self.open, index = None, len(self.output)
+        where = {"item_id": item_id, "output_index": index, "content_index": 0}
+        if kind == "reasoning":
+            item = reasoning_item(item_id, text, "completed")
+            part, done = item["content"][0], self.event("response.reasoning_text.done", **where, text=text)
+        else:
+            item = message_item(item_id, text, status)
+            part = item["content"][0]
+            done = self.event("response.output_text.done", **where, text=text, logprobs=[])
+        self.output.append(item)
+        return [
+            done,
+            self.event("response.content_part.done", **where, part=part),
+            self.event("response.output_item.done", output_index=index, item=item),
+        ]
+
+    def call(self, call: ToolCall) -> list[str]:
+        """A whole call: added, its arguments in one delta, done."""
+        out, index, item_id = self.close(), len(self.output), _new_id("fc")
+        self.output.append(call_item(item_id, call, call.arguments))
+        where = {"item_id": item_id, "output_index": index}
+        return [
+            *out,
+            self.event(
+                "response.output_item.added",
+                output_index=index,
+                item=call_item(item_id, call, "", "in_progress"),
+            ),
+            self.event("response.function_call_arguments.delta", **where, delta=call.arguments),
+            self.event(
+                "response.function_call_arguments.done", **where, name=call.name, arguments=call.arguments
+            ),
+            self.event("response.output_item.done", output_index=index, item=self.output[-1]),
+        ]
+
+
+async def _events(started: ChatRun, head: ResponseHead, think_close: int | None):
+    writer = _EventWriter()
+    parser = started.plan.parser()
+    yield writer.event("response.created", response=head.response("in_progress", []))
+    yield writer.event("response.in_progress", response=head.response("in_progress", []))
+    try:
+        finish = None
+        async for _choice, delta in started.run.deltas():
+            if delta.finish_reason == "error":
+                raise APIError(500, delta.completion.error or "generation failed", None, "generation_error")
+            events = parser.feed(delta.text)
+            if delta.finish_reason is not None:
+                events += parser.finish()
+                finish = delta.finish_reason
+            for e in events:
+                if e.kind in ("content", "reasoning") and e.text:
+                    for line in writer.text(e.kind, e.text):
+                        yield line
+                elif e.kind == "tool_call" and e.call is not None:
+                    for line in writer.call(e.call):
+                        yield line
+        status, incomplete = _status(finish)
+        if writer.open is None and not writer.output:  # an empty reply is still a message
+            for line in [*writer.begin("content")]:
+                yield line
+        for line in writer.close(status):
+            yield line
+        final = head.response(status, writer.output, usage(started, think_close), incomplete)
+        yield writer.event(f"response.{status}", response=final)
+    except Exception as exc:  # after the 200 went out, a failure is the response's own end
+        message = exc.message if isinstance(exc, APIError) else f"internal error: {type(exc).__name__}"
+        code = (exc.code if isinstance(exc, APIError) else None) or "server_error"
+        for line in writer.close("incomplete"):
+            yield line
+        failed = head.response("failed", writer.output, None, None, {"code": code, "message": message})
+        yield writer.event("response.failed", response=failed)
