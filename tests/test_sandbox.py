@@ -246,6 +246,12 @@ def test_huge_output_is_capped():
     assert "File too large" in r.stderr or "SIGXFSZ" in r.reason
 
 
+def test_output_cut_inside_a_character_keeps_only_whole_characters():
+    r = run("print('é' * 100)", max_output=51)  # 2 bytes each: the cut falls in the 26th
+    assert r.output_truncated and r.stdout == "é" * 25
+    assert run("print('é' * 10)", max_output=51).stdout == "é" * 10 + "\n"
+
+
 def test_background_processes_die_with_the_run():
     marker = f"qwenkit-bg-{secrets.token_hex(4)}"
     r = run(

@@ -37,6 +37,7 @@ the answer to a hostile model, and the docs say so.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import json
 import logging
@@ -439,7 +440,9 @@ def _read_capped(path: Path, limit: int, strip_tail: int = 0) -> tuple[str, bool
     size = path.stat().st_size - strip_tail
     with open(path, "rb") as f:
         data = f.read(min(limit, size))
-    return data.decode("utf-8", errors="replace"), size > limit
+    if size > limit:  # cut inside a character: its first bytes go, not shown as U+FFFD
+        return codecs.getincrementaldecoder("utf-8")("replace").decode(data), True
+    return data.decode("utf-8", errors="replace"), False
 
 
 _warned: set[str] = set()

@@ -100,6 +100,11 @@ def test_code_interpreter_escape_attempts_are_stopped_and_reported(name, tmp_pat
     assert "connected" not in report and "allocated" not in report and len(report) < 4_000
 
 
+def test_code_interpreter_reports_a_cut_in_bytes_without_a_broken_character(tmp_path):
+    report = CodeInterpreter(timeout=5, max_output=51, workdir=tmp_path)("print('é' * 100)")
+    assert report == "é" * 25 + "\n[output cut at 51 bytes]"
+
+
 def test_code_interpreters_own_scratch_directory_goes_with_it(tmp_path):
     interpreter = CodeInterpreter(timeout=5)
     workdir = interpreter.workdir
