@@ -7,6 +7,7 @@ import os
 import secrets
 import shutil
 import socket
+import subprocess
 import tempfile
 import textwrap
 import time
@@ -60,6 +61,38 @@ def test_failures_are_reported_with_the_reason():
     r = run("assert 1 + 1 == 3")
     assert not r.ok and r.exit_code == 1 and r.reason == "exit status 1"
     assert "AssertionError" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "def half(x):\n    return 1 / x\nprint('before')\nhalf(0)\n",
+        "try:\n    {}['k']\nexcept KeyError as e:\n    raise ValueError('bad') from e\n",
+        "x = (1,\n    2\n",  # a syntax error
+    ],
+    ids=["nested", "chained", "syntax"],
+)
+def test_an_error_reads_as_python_reports_it_for_the_program(code, tmp_path):
+    """What the model (or a person) reads is what ``python program.py`` prints: the program's own frames
+    with their source lines; before, the bootstrap's frames led the traceback and no line was shown."""
+    (tmp_path / "program.py").write_text(code)
+    python = sandbox._interpreter(sandbox._can_drop_privileges())
+    ref = subprocess.run([python, "-I", "program.py"], cwd=tmp_path, capture_output=True, text=True)
+    expected = ref.stderr.replace(str((tmp_path / "program.py").resolve()), "program.py")
+    r = run(code)
+    assert ref.returncode == 1 and '"program.py"' in expected
+    assert (r.ok, r.exit_code, r.reason, r.stdout, r.stderr) == (
+        False,
+        1,
+        "exit status 1",
+        ref.stdout,
+        expected,
+    )
+
+
+def test_a_failing_program_that_replaced_sys_exit_still_fails():
+    r = run("import sys\nsys.exit = lambda *a: None\nassert False, 'the tests'")
+    assert (r.ok, r.exit_code) == (False, 1) and r.stderr.endswith("AssertionError: the tests\n")
 
 
 @pytest.mark.parametrize(
@@ -211,6 +244,12 @@ def test_huge_output_is_capped():
     assert r.stdout == "x" * 1000
     # the file-size limit stops it: Python ignores SIGXFSZ, so its write fails with EFBIG
     assert "File too large" in r.stderr or "SIGXFSZ" in r.reason
+
+
+def test_output_cut_inside_a_character_keeps_only_whole_characters():
+    r = run("print('é' * 100)", max_output=51)  # 2 bytes each: the cut falls in the 26th
+    assert r.output_truncated and r.stdout == "é" * 25
+    assert run("print('é' * 10)", max_output=51).stdout == "é" * 10 + "\n"
 
 
 def test_background_processes_die_with_the_run():

@@ -37,6 +37,7 @@ the answer to a hostile model, and the docs say so.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import json
 import logging
@@ -58,17 +59,28 @@ log = logging.getLogger(__name__)
 
 # The child reads its program (and the token) from an inherited file descriptor, runs it as __main__,
 # and only then prints the token: the token never appears in any file or argument the program can read.
+# An uncaught exception is reported as `python program.py` reports it: from the program's own first frame
+# (not the bootstrap's), with its source lines (from linecache: the program has no file), then status 1
+# (raised, not sys.exit, which the program could have replaced).
 _BOOTSTRAP = """\
 import os, sys
 def _run(fd):
     with os.fdopen(fd, "rb") as f:
         spec = f.read()
-    import json
+    import json, linecache
     spec = json.loads(spec)
-    code = compile(spec.pop("code"), "program.py", "exec")
+    source = spec.pop("code")
+    linecache.cache["program.py"] = (len(source), None, source.splitlines(True), "program.py")
     tail = ("\\n" + spec.pop("token") + "\\n").encode()
     del spec
-    exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
+    try:
+        code = compile(source, "program.py", "exec")
+        del source
+        exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
+    except Exception as e:
+        import traceback
+        traceback.print_exception(type(e), e, e.__traceback__.tb_next)
+        raise SystemExit(1) from None
     sys.stdout.flush()
     os.write(1, tail)
 _run(int(sys.argv[1]))
@@ -428,7 +440,9 @@ def _read_capped(path: Path, limit: int, strip_tail: int = 0) -> tuple[str, bool
     size = path.stat().st_size - strip_tail
     with open(path, "rb") as f:
         data = f.read(min(limit, size))
-    return data.decode("utf-8", errors="replace"), size > limit
+    if size > limit:  # cut inside a character: its first bytes go, not shown as U+FFFD
+        return codecs.getincrementaldecoder("utf-8")("replace").decode(data), True
+    return data.decode("utf-8", errors="replace"), False
 
 
 _warned: set[str] = set()

@@ -372,6 +372,44 @@ def test_react_flow_for_models_without_tool_templates(steered_v1):
     assert r.choices[0].message.content == "Sunny." and r.choices[0].message.tool_calls is None
 
 
+def test_react_follow_up_continues_the_turn_with_the_observation(steered_v1):
+    """A tool result sent back to a v1 model: the prompt is the one ReAct turn, left open after the
+    observation as Qwen's openai_api.py leaves it (``...Observation: sunny\\nThought:``, no <|im_end|> and
+    no second assistant turn), and the model's continuation parses into the final answer."""
+    live, llm = steered_v1[0], steered_v1[1]
+    messages = [
+        *USER,
+        {
+            "role": "assistant",
+            "content": "I need the weather.",
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "c"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21C"},
+    ]
+    text = llm.tokenizer.decode(chat_prompt(llm, ChatCompletionRequest(messages=messages, tools=[WEATHER])))
+    assert text.endswith(
+        "Question: What's the weather in Paris?<|im_end|>\n<|im_start|>assistant\n"
+        "Thought: I need the weather.\nAction: get_weather\n"
+        'Action Input: {"city": "Paris", "unit": "c"}\nObservation: sunny, 21C\nThought:'
+    )
+    for stream in (False, True):
+        play(steered_v1, " I now know the final answer\nFinal Answer: Sunny, 21C.")
+        kwargs = dict(model="tiny", max_tokens=200, messages=messages, tools=[WEATHER])
+        if stream:
+            content, _, calls, finish = stream_parts(client(live), **kwargs)
+        else:
+            r = client(live).chat.completions.create(**kwargs)
+            content, finish = r.choices[0].message.content, r.choices[0].finish_reason
+            calls = r.choices[0].message.tool_calls or []
+        assert (content, calls, finish) == ("Sunny, 21C.", [], "stop")
+
+
 def test_react_malformed_action_input_is_content(steered_v1, caplog):
     live = steered_v1[0]
     reply = "Thought: I need the weather.\nAction: get_weather\nAction Input: Paris, in celsius"

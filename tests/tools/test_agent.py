@@ -56,6 +56,27 @@ def test_loop_runs_tools_and_stops_on_answer(steered):
     assert [m["content"] for m in result.messages if m["role"] == "tool"] == ["5", "15"]
 
 
+def test_reasoning_stays_with_its_calls_in_the_next_round(steered, monkeypatch):
+    """Qwen3's template renders the thinking of the turn in progress before its calls: the second
+    round's prompt shows the call as the model wrote it, <think> block included (it was dropped)."""
+    llm = steered[0]
+    prompts = []
+    submit = llm.submit
+    monkeypatch.setattr(
+        llm, "submit", lambda prompt, *a, **k: prompts.append(prompt) or submit(prompt, *a, **k)
+    )
+    reply = "<think>\nAdd them.\n</think>\n\n" + call("add", '{"a": 2, "b": 3}')
+    queue(steered, reply, "<think>\nDone.\n</think>\n\nThe sum is 5.")
+    result = Agent(llm, [ADD], params=PARAMS).run("What is 2+3?")
+    assert result.answer == "The sum is 5." and result.rounds == 2
+    assert [m.get("reasoning_content") for m in result.messages] == [None, "Add them.", None, "Done."]
+    second = llm.tokenizer.decode(prompts[1])
+    assert second.endswith(
+        f"<|im_start|>assistant\n{reply}<|im_end|>\n<|im_start|>user\n<tool_response>\n5\n"
+        "</tool_response><|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
 def test_max_rounds_stops_the_loop(steered):
     queue(steered, *[call("add", '{"a": 1, "b": 1}')] * 2)
     result = Agent(steered[0], [ADD], max_rounds=2, params=PARAMS).run("loop")
@@ -98,6 +119,11 @@ def test_code_interpreter_escape_attempts_are_stopped_and_reported(name, tmp_pat
     report = CodeInterpreter(timeout=3, memory_mb=256, max_output=2_000, workdir=tmp_path)(code)
     assert marker in report, report
     assert "connected" not in report and "allocated" not in report and len(report) < 4_000
+
+
+def test_code_interpreter_reports_a_cut_in_bytes_without_a_broken_character(tmp_path):
+    report = CodeInterpreter(timeout=5, max_output=51, workdir=tmp_path)("print('é' * 100)")
+    assert report == "é" * 25 + "\n[output cut at 51 bytes]"
 
 
 def test_code_interpreters_own_scratch_directory_goes_with_it(tmp_path):

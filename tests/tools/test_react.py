@@ -4,9 +4,38 @@ Action/Action Input parse into a call, Final Answer into content."""
 
 from __future__ import annotations
 
+import base64
 import json
+import shutil
+import sys
+from pathlib import Path
 
-from qwenkit.tools.react import parse_react, react_messages, react_prompt
+import pytest
+import tiktoken
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "tokenizer"))
+
+from tokenizer_data import QWEN_PAT, QWEN_SPECIALS, QWEN_TIKTOKEN
+
+from qwenkit.tokenizer import load_tokenizer
+from qwenkit.tools.react import parse_react, react_instruction, react_messages, react_prompt
+from qwenkit.tools.template_style import template_style
+
+
+@pytest.fixture(scope="module")
+def v1_tokenizer(tmp_path_factory):
+    d = tmp_path_factory.mktemp("qwen_v1")
+    shutil.copy(QWEN_TIKTOKEN, d / "qwen.tiktoken")
+    return load_tokenizer(d)
+
+
+@pytest.fixture(scope="module")
+def raw_tiktoken():
+    """Qwen v1's QWenTokenizer encoder, straight from the file (its ``encode`` allows every special)."""
+    lines = (ln.split() for ln in QWEN_TIKTOKEN.read_bytes().splitlines() if ln)
+    ranks = {base64.b64decode(tok): int(rank) for tok, rank in lines}
+    return tiktoken.Encoding("ref", pat_str=QWEN_PAT, mergeable_ranks=ranks, special_tokens=QWEN_SPECIALS)
+
 
 TOOLS = [
     {
@@ -81,27 +110,66 @@ def test_final_answer_is_content():
     assert m.content == "这是图片 https://x/1.png。" and m.tool_calls == []
 
 
+WEATHER_FN = {"name": "get_weather", "description": "Weather.", "parameters": {"type": "object"}}
+TWO_ROUNDS = [
+    {"role": "user", "content": "Paris and Lyon?"},
+    {
+        "role": "assistant",
+        "content": "I need the weather.",
+        "tool_calls": [{"function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}],
+    },
+    {"role": "tool", "content": "sunny\n"},
+    {
+        "role": "assistant",
+        "content": "Thought: Now Lyon.",  # a client that kept the prefix: not doubled
+        "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Lyon"}}}],
+    },
+    {"role": "tool", "content": "rain"},
+]
+# openai_api.py's parse_messages: one assistant turn for the whole ReAct exchange, left open after the
+# last result with "\nThought:" for the model to continue
+TWO_ROUNDS_TURN = (
+    'Thought: I need the weather.\nAction: get_weather\nAction Input: {"city": "Paris"}\n'
+    'Observation: sunny\nThought: Now Lyon.\nAction: get_weather\nAction Input: {"city": "Lyon"}\n'
+    "Observation: rain\nThought:"
+)
+
+
 def test_openai_api_history_translation():
-    fn = {"name": "get_weather", "description": "Weather.", "parameters": {"type": "object"}}
-    messages = [
-        {"role": "user", "content": "Paris?"},
-        {
-            "role": "assistant",
-            "content": "I need the weather.",
-            "tool_calls": [{"function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}],
-        },
-        {"role": "tool", "content": "sunny"},
-    ]
-    out = react_messages(messages, [fn])
+    out = react_messages(TWO_ROUNDS, [WEATHER_FN])
+    assert [m["role"] for m in out] == ["user", "assistant"]
     assert out[0]["content"].startswith(
         "Answer the following questions as best you can. You have access to the following APIs:\n\n"
     )
-    assert out[0]["content"].endswith("Begin!\n\nQuestion: Paris?")
+    assert out[0]["content"].endswith("Begin!\n\nQuestion: Paris and Lyon?")
     assert "get_weather: Call this tool to interact with the get_weather API." in out[0]["content"]
-    assert (
-        out[1]["content"]
-        == 'Thought: I need the weather.\nAction: get_weather\nAction Input: {"city": "Paris"}\nObservation: sunny'
+    assert out[1]["content"] == TWO_ROUNDS_TURN
+    answered = react_messages(
+        [*TWO_ROUNDS, {"role": "assistant", "content": "Sunny, then rain."}], [WEATHER_FN]
     )
+    assert answered[1]["content"] == (
+        TWO_ROUNDS_TURN.removesuffix("\nThought:")
+        + "\nThought: I now know the final answer.\nFinal Answer: Sunny, then rain."
+    )
+
+
+def test_a_final_tool_result_is_continued_in_the_open_turn(v1_tokenizer, raw_tiktoken):
+    """The prompt after a tool result is openai_api.py's text_complete_last_message: the ReAct turn left
+    open after "Thought:", not closed with <|im_end|> and followed by a new assistant turn."""
+    reference = (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        f"<|im_start|>user\n{react_instruction([WEATHER_FN])}\n\nQuestion: Paris and Lyon?<|im_end|>\n"
+        f"<|im_start|>assistant\n{TWO_ROUNDS_TURN}"
+    )
+    style = template_style(v1_tokenizer.chat_template)
+    tools = [{"type": "function", "function": WEATHER_FN}]
+    assert style.react
+    assert style.prompt_text(v1_tokenizer, TWO_ROUNDS, [WEATHER_FN], tools) == reference
+    ids = style.tool_prompt(v1_tokenizer, TWO_ROUNDS, tools)
+    assert ids == raw_tiktoken.encode(reference, allowed_special="all")
+    # a conversation that ends with the user still opens a new assistant turn
+    first = style.prompt_text(v1_tokenizer, TWO_ROUNDS[:1], [WEATHER_FN], tools)
+    assert first.endswith("Question: Paris and Lyon?<|im_end|>\n<|im_start|>assistant\n")
 
 
 def test_parse_react_reply_opening_with_action():

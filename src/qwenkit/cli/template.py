@@ -87,18 +87,17 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = tokenizer_for(args.model_dir)
         gen = not args.no_generation_prompt
         style = template_style(tokenizer.chat_template)
-        data = style.prompt_messages(data, offered_functions(tools) if tools is not None else [])
+        functions = offered_functions(tools) if tools is not None else []
         if tools and style.react:
             print(
                 "qwenkit template: this template cannot render tools; the prompt below carries the ReAct "
                 "instruction the server and the agent write for it (replies stop at 'Observation:')",
                 file=sys.stderr,
             )
-            tools = None
         if args.ids:
-            print(json.dumps(tokenizer.apply_chat_template(data, tools=tools, add_generation_prompt=gen)))
+            print(json.dumps(style.prompt_ids(tokenizer, data, functions, tools, gen)))
         else:
-            sys.stdout.write(tokenizer.render_chat_template(data, tools=tools, add_generation_prompt=gen))
+            sys.stdout.write(style.prompt_text(tokenizer, data, functions, tools, gen))
             sys.stdout.flush()
     except (QwenkitError, _InputError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -27,9 +27,10 @@ from qwenkit.server.errors import APIError, error_body
 from qwenkit.server.request_params import choice_params, refuse_unsupported, sampling_params
 from qwenkit.server.schemas import ChatCompletionRequest, CompletionRequest
 from qwenkit.server.state import ServerState
-from qwenkit.server.tool_use import ToolParser, ToolPlan, plan_tools, prompt_messages, uses_react
+from qwenkit.server.tool_use import ToolParser, ToolPlan, plan_tools, react_functions
 from qwenkit.tokenizer import StreamingDetokenizer
 from qwenkit.tools.calls import ToolSpecError
+from qwenkit.tools.template_style import template_style
 
 log = logging.getLogger(__name__)
 
@@ -372,19 +373,18 @@ class LegacyLogprobs:
 
 
 def chat_prompt(llm: LLM, body: ChatCompletionRequest) -> list[int]:
-    try:
-        messages = prompt_messages(llm, body, [m.as_template_message() for m in body.messages])
-    except ToolSpecError as e:
-        raise APIError(400, str(e), "messages") from None
+    messages = [m.as_template_message() for m in body.messages]
     kwargs = dict(body.chat_template_kwargs or {})
     for key in ("enable_thinking",):  # also accepted at the top level, as some clients send it
         if key in (body.model_extra or {}):
             kwargs.setdefault(key, body.model_extra[key])
+    style, functions = template_style(llm.tokenizer.chat_template), react_functions(llm, body)
     try:
-        tools = None if uses_react(llm, body) else body.tools
-        return llm.tokenizer.apply_chat_template(
-            messages, tools=tools, add_generation_prompt=body.add_generation_prompt, **kwargs
+        return style.prompt_ids(
+            llm.tokenizer, messages, functions, body.tools, body.add_generation_prompt, **kwargs
         )
+    except ToolSpecError as e:
+        raise APIError(400, str(e), "messages") from None
     except Exception as e:  # the template's own raise_exception, or a malformed message
         raise APIError(400, f"messages: the chat template could not render them: {e}", "messages") from None
 

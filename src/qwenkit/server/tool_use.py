@@ -115,12 +115,9 @@ def uses_react(llm: LLM, body: ChatCompletionRequest) -> bool:
     return bool(body.tools) and body.tool_choice != "none" and react
 
 
-def prompt_messages(
-    llm: LLM, body: ChatCompletionRequest, messages: list[dict[str, Any]]
-) -> list[dict[str, Any]]:
-    """The messages the template renders: ReAct text for v1 models, else arguments as objects."""
-    functions = _functions(body.tools) if uses_react(llm, body) else []
-    return template_style(llm.tokenizer.chat_template).prompt_messages(messages, functions)
+def react_functions(llm: LLM, body: ChatCompletionRequest) -> list[dict[str, Any]]:
+    """The functions a ReAct prompt offers (checked; a 400 naming ``tools``), or none."""
+    return _functions(body.tools) if uses_react(llm, body) else []
 
 
 def plan_tools(llm: LLM, body: ChatCompletionRequest, prompt_ids: list[int]) -> ToolPlan:

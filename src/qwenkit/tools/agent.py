@@ -86,13 +86,17 @@ class Agent:
         history = [{"role": "user", "content": messages}] if isinstance(messages, str) else list(messages)
         for round_ in range(1, self.max_rounds + 1):
             _text, parsed = self._reply(history)
+            # the reasoning stays with its turn: Qwen3's template shows it again for the calls of the
+            # turn in progress, as the model wrote them
+            thought = {"reasoning_content": parsed.reasoning} if parsed.reasoning else {}
             if not parsed.tool_calls:
-                history.append({"role": "assistant", "content": parsed.content})
+                history.append({"role": "assistant", "content": parsed.content, **thought})
                 return AgentResult(history, parsed.content, round_)
             history.append(
                 {
                     "role": "assistant",
                     "content": parsed.content,
+                    **thought,
                     "tool_calls": [self._as_history(c) for c in parsed.tool_calls],
                 }
             )

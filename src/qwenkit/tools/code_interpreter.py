@@ -37,7 +37,7 @@ class CodeInterpreter:
 
     timeout: float = 10.0
     memory_mb: int = 512
-    max_output: int = 8_000
+    max_output: int = 8_000  # bytes of stdout, and of stderr, kept
     workdir: Path | None = None  # None: a scratch directory of its own
 
     def __post_init__(self) -> None:
@@ -59,7 +59,7 @@ class CodeInterpreter:
         if result.stderr:
             parts.append("stderr:\n" + result.stderr.rstrip("\n"))
         if result.output_truncated:
-            parts.append(f"[output cut at {self.max_output} characters]")
+            parts.append(f"[output cut at {self.max_output} bytes]")
         if not result.ok:
             parts.append(f"[stopped: {result.reason}]")
         return "\n".join(parts) if parts else "[no output]"

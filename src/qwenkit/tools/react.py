@@ -93,30 +93,37 @@ def react_instruction(functions: list[dict[str, Any]]) -> str:
 
 
 def react_messages(messages: list[dict[str, Any]], functions: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """openai_api.py's translation: the instruction goes before the last user turn as
-    ``{instruction}\\n\\nQuestion: {text}``; earlier calls and results become Thought/Action/Observation
-    text in the assistant turns."""
+    """openai_api.py's ``parse_messages``: the instruction goes before the last user turn as
+    ``{instruction}\\n\\nQuestion: {text}``; the assistant turns after a user turn (calls, results, the
+    answer) become one assistant turn of ReAct text, each call ``Thought: …\\nAction: …\\nAction Input: …``
+    followed by ``\\nObservation: {result}``, a plain answer ``Thought: I now know the final
+    answer.\\nFinal Answer: …``. A conversation that ends with a tool result ends with that turn open
+    after ``\\nThought:``, for the model to continue (``continues_turn``)."""
     out: list[dict[str, Any]] = []
-    for m in messages:
-        role = m["role"]
+
+    def assistant(text: str) -> None:
+        if out and out[-1]["role"] == "assistant":  # the same ReAct turn goes on
+            out[-1] = {**out[-1], "content": f"{out[-1]['content']}\n{text}"}
+        else:
+            out.append({"role": "assistant", "content": text})
+
+    for n, m in enumerate(messages):
+        role, content = m["role"], (m.get("content") or "").lstrip("\n").rstrip()
         if role == "assistant" and m.get("tool_calls"):
-            steps = []
+            steps = [content if content.startswith("Thought:") else f"Thought: {content}"]
             for call in m["tool_calls"]:
                 fn = call.get("function", {})
                 args = fn.get("arguments", "{}")
                 args = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
                 steps.append(f"Action: {fn.get('name', '')}\nAction Input: {args}")
-            thought = m.get("content") or ""
-            out.append({"role": "assistant", "content": f"Thought: {thought}\n" + "\n".join(steps)})
+            assistant("\n".join(steps))
         elif role in ("tool", "function") and out and out[-1]["role"] == "assistant":
-            out[-1] = {**out[-1], "content": f"{out[-1]['content']}\nObservation: {m.get('content', '')}"}
-        elif role == "assistant" and m.get("content"):
-            out.append(
-                {
-                    "role": "assistant",
-                    "content": f"Thought: I now know the final answer.\nFinal Answer: {m['content']}",
-                }
-            )
+            observation = f"{out[-1]['content']}\nObservation: {content}"
+            if n == len(messages) - 1:  # the model goes on with its next thought
+                observation += "\nThought:"
+            out[-1] = {**out[-1], "content": observation}
+        elif role == "assistant":
+            assistant(f"Thought: I now know the final answer.\nFinal Answer: {content}")
         else:
             out.append(dict(m))
     users = [i for i, m in enumerate(out) if m["role"] == "user"]
@@ -124,6 +131,17 @@ def react_messages(messages: list[dict[str, Any]], functions: list[dict[str, Any
         i = users[-1]
         out[i] = {**out[i], "content": f"{react_instruction(functions)}\n\nQuestion: {out[i]['content']}"}
     return out
+
+
+def continues_turn(messages: list[dict[str, Any]], rendered: list[dict[str, Any]]) -> bool:
+    """Whether ``rendered`` (``react_messages`` of ``messages``) ends with the open assistant turn that a
+    final tool result leaves: the prompt is then that turn's text, not a new turn (openai_api.py's
+    ``text_complete_last_message``)."""
+    return (
+        bool(messages)
+        and messages[-1].get("role") in ("tool", "function")
+        and rendered[-1]["role"] == "assistant"
+    )
 
 
 def parse_react(text: str) -> ParsedMessage:

@@ -17,7 +17,7 @@ from typing import Any
 from qwenkit.tokenizer import Tokenizer
 from qwenkit.tools.calls import ParsedMessage, ToolSpecError
 from qwenkit.tools.hermes import THINK_CLOSE, THINK_OPEN, parse_hermes
-from qwenkit.tools.react import STOP_WORDS, parse_react, react_messages
+from qwenkit.tools.react import STOP_WORDS, continues_turn, parse_react, react_messages
 
 
 @dataclass(frozen=True)
@@ -33,10 +33,56 @@ class TemplateStyle:
     def tool_prompt(
         self, tokenizer: Tokenizer, messages: list[dict[str, Any]], tools: list[dict[str, Any]]
     ) -> list[int]:
-        """The prompt ids of a request offering ``tools`` (OpenAI tool objects), as the server renders it:
-        through the template's own tools, or the ReAct prompt written into the messages."""
-        rendered = self.prompt_messages(messages, [t["function"] for t in tools])
-        return tokenizer.apply_chat_template(rendered, tools=None if self.react or not tools else tools)
+        """The prompt ids of a request offering ``tools`` (OpenAI tool objects), as the server renders it."""
+        return self.prompt_ids(tokenizer, messages, [t["function"] for t in tools], tools)
+
+    def prompt_ids(
+        self,
+        tokenizer: Tokenizer,
+        messages: list[dict[str, Any]],
+        functions: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None,
+        add_generation_prompt: bool = True,
+        **template_kwargs: Any,
+    ) -> list[int]:
+        """The prompt ids of ``messages`` offering ``tools`` (OpenAI tool objects; ``functions``: their
+        checked ``function`` objects): through the template's own tools, or the ReAct prompt written into
+        the messages, where a final tool result leaves the ReAct turn open for the model to continue."""
+        head, tools, gen, tail = self._layout(messages, functions, tools, add_generation_prompt)
+        ids = tokenizer.apply_chat_template(head, tools=tools, add_generation_prompt=gen, **template_kwargs)
+        return ids + tokenizer.encode_plain(tail) if tail else ids
+
+    def prompt_text(
+        self,
+        tokenizer: Tokenizer,
+        messages: list[dict[str, Any]],
+        functions: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None,
+        add_generation_prompt: bool = True,
+        **template_kwargs: Any,
+    ) -> str:
+        """``prompt_ids`` as text."""
+        head, tools, gen, tail = self._layout(messages, functions, tools, add_generation_prompt)
+        return (
+            tokenizer.render_chat_template(head, tools=tools, add_generation_prompt=gen, **template_kwargs)
+            + tail
+        )
+
+    def _layout(
+        self,
+        messages: list[dict[str, Any]],
+        functions: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None,
+        add_generation_prompt: bool,
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None, bool, str]:
+        """(messages for the template, the tools it renders, its generation prompt, the text of an open
+        ReAct turn that follows the generation prompt)."""
+        rendered = self.prompt_messages(messages, functions)
+        if not (functions and self.react):
+            return rendered, tools or None, add_generation_prompt, ""
+        if add_generation_prompt and continues_turn(messages, rendered):
+            return rendered[:-1], None, True, rendered[-1]["content"]
+        return rendered, None, add_generation_prompt, ""
 
     def parse_reply(
         self, decode: Callable[[Sequence[int]], str], prompt_ids: Sequence[int], text: str
