@@ -252,6 +252,16 @@ def test_output_cut_inside_a_character_keeps_only_whole_characters():
     assert run("print('é' * 10)", max_output=51).stdout == "é" * 10 + "\n"
 
 
+def test_a_long_stderr_keeps_its_end_where_the_error_is_named():
+    """stderr keeps its last bytes (whole characters): a program that logs much before it fails still
+    shows the exception line; it was cut from the end, and the error never reached the model."""
+    code = "import sys\nsys.stderr.write('é' * 5000 + '\\n')\n1 / 0"
+    r = run(code, max_output=301)
+    assert not r.ok and r.output_truncated
+    assert r.stderr.endswith("ZeroDivisionError: division by zero\n") and len(r.stderr.encode()) <= 301
+    assert "\ufffd" not in r.stderr and r.stderr.startswith("é")
+
+
 def test_background_processes_die_with_the_run():
     marker = f"qwenkit-bg-{secrets.token_hex(4)}"
     r = run(

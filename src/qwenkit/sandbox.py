@@ -191,7 +191,7 @@ def run_python(
         stdout, out_truncated = _read_capped(
             out_path, max_output, strip_tail=len(token) + 2 if finished else 0
         )
-        stderr, err_truncated = _read_capped(err_path, max_output)
+        stderr, err_truncated = _read_capped(err_path, max_output, keep_end=True)  # the error is last
         return _verdict(
             proc.returncode,
             stdout.replace(token, ""),
@@ -435,12 +435,19 @@ def _ends_with(path: Path, tail: bytes) -> bool:
         return f.read() == tail
 
 
-def _read_capped(path: Path, limit: int, strip_tail: int = 0) -> tuple[str, bool]:
-    """The first ``limit`` bytes (less a known tail) as text, and whether there was more."""
+def _read_capped(path: Path, limit: int, strip_tail: int = 0, keep_end: bool = False) -> tuple[str, bool]:
+    """The first ``limit`` bytes (less a known tail) as text, or with ``keep_end`` the last ``limit``
+    (stderr: a traceback's last line names the error), and whether there was more. Only whole characters
+    are kept where the cut falls inside one (not shown as U+FFFD)."""
     size = path.stat().st_size - strip_tail
     with open(path, "rb") as f:
+        if keep_end and size > limit:
+            f.seek(size - limit)
+            data = f.read(limit)
+            start = next((i for i in range(min(4, len(data))) if data[i] & 0xC0 != 0x80), 0)
+            return data[start:].decode("utf-8", errors="replace"), True
         data = f.read(min(limit, size))
-    if size > limit:  # cut inside a character: its first bytes go, not shown as U+FFFD
+    if size > limit:
         return codecs.getincrementaldecoder("utf-8")("replace").decode(data), True
     return data.decode("utf-8", errors="replace"), False
 

@@ -37,7 +37,7 @@ class CodeInterpreter:
 
     timeout: float = 10.0
     memory_mb: int = 512
-    max_output: int = 8_000  # bytes of stdout, and of stderr, kept
+    max_output: int = 8_000  # bytes kept: stdout's first, stderr's last (where the error is named)
     workdir: Path | None = None  # None: a scratch directory of its own
 
     def __post_init__(self) -> None:
