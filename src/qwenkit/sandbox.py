@@ -153,23 +153,14 @@ def run_python(
                 argv, isolation = _command(
                     python,
                     uid,
-                    spec_file.fileno(),
+                    (spec_file.fileno(),),
                     work_fd,
                     memory_mb=memory_mb,
                     cpu_seconds=cpu_seconds or max(1, int(timeout) + 1),
                     max_file_mb=max(max_file_mb, -(-max_output // 2**20)),
                     max_processes=max_processes,
                 )
-                env = {
-                    "PATH": SAFE_PATH,
-                    "HOME": str(work),
-                    "TMPDIR": str(work),
-                    "LANG": "C.UTF-8",
-                    "OMP_NUM_THREADS": "1",
-                    "PYTHONDONTWRITEBYTECODE": "1",
-                    "QK_WORK": str(work),
-                    "QK_WORK_FD": str(work_fd),
-                }
+                env = _child_env(work, work_fd)
                 start = time.monotonic()
                 proc = subprocess.Popen(
                     argv,
@@ -210,6 +201,20 @@ def run_python(
             _chown_tree(work, os.getuid(), os.getgid())
         if uid is not None:
             _release_uid(uid)
+
+
+def _child_env(work: Path, work_fd: int) -> dict[str, str]:
+    """The scrubbed environment of a sandboxed child; the mount script reads QK_WORK and QK_WORK_FD."""
+    return {
+        "PATH": SAFE_PATH,
+        "HOME": str(work),
+        "TMPDIR": str(work),
+        "LANG": "C.UTF-8",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "QK_WORK": str(work),
+        "QK_WORK_FD": str(work_fd),
+    }
 
 
 def _verdict(
@@ -269,15 +274,17 @@ def _wait(proc: subprocess.Popen, stdin: str | None, timeout: float) -> bool:
 def _command(
     python: str | None,
     uid: int | None,
-    spec_fd: int,
+    fds: tuple[int, ...],
     work_fd: int,
     *,
+    bootstrap: str = _BOOTSTRAP,
     memory_mb: int,
     cpu_seconds: int,
     max_file_mb: int,
     max_processes: int,
 ) -> tuple[list[str], tuple[str, ...]]:
-    """The command line: prlimit -> unshare (namespaces + mounts) -> setpriv (uid) -> python -I."""
+    """The command line: prlimit -> unshare (namespaces + mounts) -> setpriv (uid) -> python -I running
+    ``bootstrap`` with the inherited descriptors ``fds`` as its arguments."""
     interpreter = python or _interpreter(uid is not None)
     argv: list[str] = []
     isolation: list[str] = []
@@ -306,7 +313,7 @@ def _command(
     if uid is not None:
         argv += ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--no-new-privs", "--"]
         isolation.append("uid")
-    argv += [interpreter, "-I", "-c", _BOOTSTRAP, str(spec_fd)]
+    argv += [interpreter, "-I", "-c", bootstrap, *map(str, fds)]
     del work_fd  # passed through the environment to the mount script
     return argv, tuple(isolation)
 

@@ -15,6 +15,7 @@ from scripted import ScriptedModel, steer_next_request
 
 from qwenkit.engine import SamplingParams
 from qwenkit.generate import LLM
+from qwenkit.sandbox_kernel import TIMEOUT_MESSAGE
 from qwenkit.tools.agent import Agent, Tool, ToolError
 from qwenkit.tools.code_interpreter import FUNCTION, CodeInterpreter
 
@@ -102,13 +103,13 @@ def test_bad_agent_definitions_raise(steered):
 ESCAPES = {
     "network": (
         "import socket\nsocket.create_connection(('1.1.1.1', 53), timeout=2)\nprint('connected')",
-        "stopped",
+        "error:\n\n```\nOSError: [Errno 101] Network is unreachable\n```",
     ),
-    "read_outside": ("print(open('/etc/shadow').read())", "stopped"),
-    "fork_bomb": ("import os\nwhile True:\n    os.fork()", "stopped"),
-    "memory_hog": ("x = bytearray(4 * 1024**3)\nprint('allocated')", "stopped"),
-    "infinite_loop": ("while True:\n    pass", "stopped: timeout"),
-    "huge_output": ("print('x' * 10_000_000)", "output cut"),
+    "read_outside": ("print(open('/etc/shadow').read())", "error:\n\n```\nPermissionError: [Errno 13]"),
+    "fork_bomb": ("import os\nwhile True:\n    os.fork()", "error:\n\n```\nBlockingIOError: [Errno 11]"),
+    "memory_hog": ("x = bytearray(4 * 1024**3)\nprint('allocated')", "error:\n\n```\nMemoryError\n```"),
+    "infinite_loop": ("while True:\n    pass", f"error:\n\n```\n{TIMEOUT_MESSAGE}\n```"),
+    "huge_output": ("print('x' * 10_000_000)", "[output cut at 2000 bytes]"),
 }
 
 
@@ -123,13 +124,16 @@ def test_code_interpreter_escape_attempts_are_stopped_and_reported(name, tmp_pat
 
 def test_code_interpreter_reports_a_cut_in_bytes_without_a_broken_character(tmp_path):
     report = CodeInterpreter(timeout=5, max_output=51, workdir=tmp_path)("print('é' * 100)")
-    assert report == "é" * 25 + "\n[output cut at 51 bytes]"
+    assert report == "stdout:\n\n```\n" + "é" * 25 + "\n```\n\n[output cut at 51 bytes]"
+
+
+STDOUT_1 = "stdout:\n\n```\n1\n\n```"  # Qwen-Agent's words: print's newline inside the fence
 
 
 def test_code_interpreters_own_scratch_directory_goes_with_it(tmp_path):
     interpreter = CodeInterpreter(timeout=5)
     workdir = interpreter.workdir
-    assert interpreter("open('kept.txt', 'w').write('1')\nprint(open('kept.txt').read())") == "1"
+    assert interpreter("open('kept.txt', 'w').write('1')\nprint(open('kept.txt').read())") == STDOUT_1
     assert (workdir / "kept.txt").read_text() == "1"  # kept between calls
     del interpreter
     gc.collect()
@@ -149,7 +153,7 @@ def test_code_interpreter_in_the_loop(steered, tmp_path):
     queue(steered, call("code_interpreter", code), call("code_interpreter", hog), "It is 42.")
     result = Agent(steered[0], [tool], params=PARAMS).run("Compute 41+1 with Python")
     outputs = [m["content"] for m in result.messages if m["role"] == "tool"]
-    assert outputs[0] == "42" and "[stopped: timeout]" in outputs[1]
+    assert outputs[0] == "stdout:\n\n```\n42\n\n```" and TIMEOUT_MESSAGE in outputs[1]
     assert result.answer == "It is 42."  # the model (and its process) carried on after the runaway code
 
 
@@ -263,12 +267,17 @@ def test_tool_chat_keeps_the_chat_commands(steered, monkeypatch, capsys):
     queue(steered, call("code_interpreter", '{"code": "print(6*7)"}'), "It is 42.")
     assert chat_cli.main(["--code-interpreter", "--temperature", "0", "--max-tokens", "120"]) == 0
     out = capsys.readouterr().out
-    assert "  :help                 this help" in out and "[output]\n42\n" in out
+    assert "  :help                 this help" in out and "[output]\nstdout:\n\n```\n42\n\n```\n" in out
     history = out.split("It is 42.\n", 1)[1]
     assert history.splitlines() == [
         "user: What is 6*7?",
         'assistant: [calls code_interpreter({"code": "print(6*7)"})]',
-        "tool: 42",
+        "tool: stdout:",
+        "",
+        "```",
+        "42",
+        "",
+        "```",
         "assistant: It is 42.",
     ]
     assert not steered[1]  # every queued reply was asked for, and nothing more

@@ -1,19 +1,20 @@
-"""The built-in ``code_interpreter`` tool: model-written Python run in ``qwenkit.sandbox`` (a separate
-process with time, memory, process and output limits, no network, its own scratch directory), and the
-outcome reported back to the model as text: what it printed, and why it stopped if it did not finish.
+"""The built-in ``code_interpreter`` tool: model-written Python run in a persistent sandboxed kernel
+(``qwenkit.sandbox_kernel``: time, memory, process and output limits, no network, its own scratch
+directory), whose variables live on from call to call as in the Jupyter kernel behind Qwen-Agent's code
+interpreter, the tool Qwen's models were trained with. The outcome goes back to the model in that tool's
+words: a fenced block per kind of output (``stdout``, ``stderr``, ``execute_result``, ``error``), "Timeout:
+Code execution exceeded the time limit." past the limit, "Finished execution." when there was nothing.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qwenkit.sandbox import run_python
+from qwenkit.sandbox_kernel import TIMEOUT_MESSAGE, CellResult, PythonKernel
 
 if TYPE_CHECKING:
     from qwenkit.tools.agent import Tool
@@ -32,37 +33,28 @@ FUNCTION = {
 
 @dataclass
 class CodeInterpreter:
-    """Callable as a tool: ``interpreter(code=...)`` -> text for the model. Files persist between calls
-    in one scratch directory (``workdir``), as in a notebook."""
+    """Callable as a tool: ``interpreter(code=...)`` -> text for the model. Variables and files persist
+    between calls (files in ``workdir``, a scratch directory of its own when none is given, removed with
+    the interpreter), as in a notebook."""
 
-    timeout: float = 10.0
+    timeout: float = 10.0  # seconds per call
     memory_mb: int = 512
     max_output: int = 8_000  # bytes kept: stdout's first, stderr's last (where the error is named)
-    workdir: Path | None = None  # None: a scratch directory of its own
+    workdir: Path | None = None
+    kernel: PythonKernel = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.workdir is None:  # removed with the interpreter (or at exit), not left behind in /tmp
-            self.workdir = Path(tempfile.mkdtemp(prefix="qwenkit-ci-"))
-            weakref.finalize(self, shutil.rmtree, self.workdir, ignore_errors=True)
+        self.kernel = PythonKernel(memory_mb=self.memory_mb, workdir=self.workdir)
+        self.workdir = self.kernel.workdir
+        weakref.finalize(self, self.kernel.close)  # the process and a scratch directory go with it
 
     def __call__(self, code: str) -> str:
-        result = run_python(
-            code,
-            timeout=self.timeout,
-            memory_mb=self.memory_mb,
-            max_output=self.max_output,
-            workdir=self.workdir,
+        return report(
+            self.kernel.run(code, timeout=self.timeout, max_output=self.max_output), self.max_output
         )
-        parts = []
-        if result.stdout:
-            parts.append(result.stdout.rstrip("\n"))
-        if result.stderr:
-            parts.append("stderr:\n" + result.stderr.rstrip("\n"))
-        if result.output_truncated:
-            parts.append(f"[output cut at {self.max_output} bytes]")
-        if not result.ok:
-            parts.append(f"[stopped: {result.reason}]")
-        return "\n".join(parts) if parts else "[no output]"
+
+    def close(self) -> None:
+        self.kernel.close()
 
     def tool(self) -> Tool:
         """This interpreter as an Agent's ``code_interpreter`` tool (the Agent takes Tools, not callables)."""
@@ -73,3 +65,26 @@ class CodeInterpreter:
     @staticmethod
     def arguments(text: str) -> str:
         return json.dumps({"code": text}, ensure_ascii=False)
+
+
+def report(cell: CellResult, max_output: int) -> str:
+    """A cell's outcome as Qwen-Agent's code interpreter words it, plus what it cannot know: a cut, a kernel
+    that stopped, variables lost to a restart."""
+    blocks = [(kind, text) for kind, text in (("stdout", cell.stdout), ("stderr", cell.stderr)) if text]
+    if cell.result is not None:
+        blocks.append(("execute_result", cell.result))
+    if cell.error is not None:
+        blocks.append(("error", cell.error))
+    if cell.timed_out:
+        blocks.append(("error", TIMEOUT_MESSAGE))
+    text = "\n\n".join(f"{kind}:\n\n```\n{body}\n```" for kind, body in blocks)
+    notes = []
+    if cell.output_truncated:
+        notes.append(f"[output cut at {max_output} bytes]")
+    if cell.stopped is not None and not cell.timed_out:
+        notes.append(f"[stopped: {cell.stopped}; its variables are gone]")
+    elif cell.stopped is not None:
+        notes.append("[the interpreter was restarted: its variables are gone]")
+    if cell.restarted:
+        notes.insert(0, "[a new interpreter: variables from earlier calls are gone]")
+    return "\n\n".join(x for x in [text, *notes] if x) or "Finished execution."

@@ -1,0 +1,261 @@
+"""A persistent sandboxed Python: cells run one after another in one process and share their variables,
+as in the Jupyter kernel behind Qwen-Agent's code interpreter (the tool Qwen's models learned to use).
+
+The process is isolated exactly as ``qwenkit.sandbox.run_python``'s (rlimits, network/PID/mount
+namespaces, its own uid, a scrubbed environment). Each cell gets a time limit, enforced inside the
+kernel (an alarm: the cell stops and its variables stay) and, should the cell not yield to it (a long C
+call), by killing the kernel ``KILL_GRACE`` seconds later; the next cell then starts a fresh one and says
+so. As in IPython, the value of a cell's last expression is its result (``repr``), and an uncaught error
+is reported from the cell's own frames. Unlike Jupyter, processes a cell starts end with the cell (the
+kernel is its PID namespace's init and kills the rest), so a fork bomb or a forgotten server cannot
+outlive it.
+
+Cells and replies travel over two private pipes (one JSON line each way); the cell's stdout and stderr
+go to files the kernel empties at each cell's start, read here with the sandbox's caps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from qwenkit.sandbox import (
+    _can_drop_privileges,
+    _child_env,
+    _chown_tree,
+    _command,
+    _kill_uid,
+    _read_capped,
+    _release_uid,
+    _run_uid,
+)
+
+KILL_GRACE = 2.0  # seconds past a cell's limit before a kernel that ignores its alarm is killed
+TIMEOUT_MESSAGE = "Timeout: Code execution exceeded the time limit."  # Qwen-Agent's words
+
+# The kernel loop. A cell's time limit is an alarm raising _CellTimeout, a BaseException so that a cell's
+# own `except Exception` does not swallow it. Errors are reported from the cell's frames (tb_next skips
+# the loop's), with source lines from linecache (cells have no file).
+_KERNEL = """\
+import os, sys
+def _kernel(fd_in, fd_out):
+    import ast, json, linecache, signal, traceback
+    requests, replies = os.fdopen(fd_in, "rb"), os.fdopen(fd_out, "wb")
+    namespace = {"__name__": "__main__", "__builtins__": __builtins__}
+    class _CellTimeout(BaseException):
+        pass
+    def _alarm(signum, frame):
+        raise _CellTimeout()
+    signal.signal(signal.SIGALRM, _alarm)
+    main = os.getpid()
+    for n, line in enumerate(requests, 1):
+        cell = json.loads(line)
+        for stream, fd in ((sys.stdout, 1), (sys.stderr, 2)):
+            stream.flush()
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, 0)
+        name, source = f"cell{n}", cell["code"]
+        linecache.cache[name] = (len(source), None, source.splitlines(True), name)
+        reply = {"result": None, "error": None, "traceback": None, "timeout": False}
+        signal.setitimer(signal.ITIMER_REAL, cell["timeout"])
+        try:
+            tree = ast.parse(source, name)
+            last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+            exec(compile(tree, name, "exec"), namespace)
+            if last is not None:
+                value = eval(compile(ast.Expression(last.value), name, "eval"), namespace)
+                if value is not None:
+                    namespace["_"] = value
+                    reply["result"] = repr(value)
+        except _CellTimeout:
+            reply["timeout"] = True
+        except BaseException as e:
+            tb = e.__traceback__.tb_next if e.__traceback__ is not None else None
+            reply["error"] = "".join(traceback.format_exception_only(type(e), e)).rstrip("\\n")
+            reply["traceback"] = "".join(traceback.format_exception(type(e), e, tb))
+        finally:
+            if os.getpid() != main:  # a process the cell forked: it never answers for the kernel
+                os._exit(0)
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            sys.stdout.flush()
+            sys.stderr.flush()
+        if main == 1:  # the PID namespace's init: what the cell started dies with the cell
+            try:
+                os.kill(-1, signal.SIGKILL)
+            except ProcessLookupError:  # there was none
+                pass
+            while True:  # every one reaped (orphans come to init): none is left when the reply goes
+                try:
+                    os.waitpid(-1, 0)
+                except ChildProcessError:
+                    break
+        replies.write((json.dumps(reply) + "\\n").encode())
+        replies.flush()
+_kernel(int(sys.argv[1]), int(sys.argv[2]))
+"""
+
+
+@dataclass
+class CellResult:
+    stdout: str
+    stderr: str
+    result: str | None  # repr of the last expression's value (None: no value)
+    error: str | None  # the exception line(s), as IPython's minimal mode shows them
+    traceback: str | None  # the whole traceback from the cell's frames, as python prints it
+    timed_out: bool
+    output_truncated: bool
+    stopped: str | None = None  # the kernel ended during the cell (killed, exited): why, in a few words
+    restarted: bool = False  # a fresh kernel ran this cell: earlier cells' variables are gone
+
+
+class PythonKernel:
+    """Cells in one sandboxed process that keeps their variables. Files persist in ``workdir`` (a scratch
+    directory of the kernel's own, removed with it, when none is given). ``close()`` (or garbage
+    collection, or exit) ends the process."""
+
+    def __init__(
+        self,
+        *,
+        memory_mb: int = 1024,
+        workdir: Path | None = None,
+        max_file_mb: int = 16,
+        max_processes: int = 32,
+        python: str | None = None,
+    ) -> None:
+        self.memory_mb, self.max_file_mb, self.max_processes = memory_mb, max_file_mb, max_processes
+        self.python = python
+        self.own_workdir = workdir is None
+        self.workdir = Path(tempfile.mkdtemp(prefix="qwenkit-kernel-")) if workdir is None else Path(workdir)
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen | None = None
+        self._died = False  # a kernel ended: the next cell says its variables are gone
+        self.isolation: tuple[str, ...] = ()
+
+    # ---- lifecycle --------------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._harness = Path(tempfile.mkdtemp(prefix="qwenkit-harness-"))  # 0700: the kernel cannot read it
+        self._uid = _run_uid() if _can_drop_privileges() else None
+        if self._uid is not None:
+            os.chown(self.workdir, self._uid, self._uid)
+            os.chmod(self.workdir, 0o700)
+        self._out_path, self._err_path = self._harness / "stdout", self._harness / "stderr"
+        cell_r, self._cells = os.pipe()
+        self._replies, reply_w = os.pipe()
+        work_fd = os.open(self.workdir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            argv, self.isolation = _command(
+                self.python,
+                self._uid,
+                (cell_r, reply_w),
+                work_fd,
+                bootstrap=_KERNEL,
+                memory_mb=self.memory_mb,
+                cpu_seconds=24 * 3600,  # per process, over all its cells: the time limits are per cell
+                max_file_mb=self.max_file_mb,
+                max_processes=self.max_processes,
+            )
+            with open(self._out_path, "wb") as out, open(self._err_path, "wb") as err:
+                self._proc = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=err,
+                    cwd=self.workdir,
+                    env=_child_env(self.workdir.resolve(), work_fd),
+                    pass_fds=(cell_r, reply_w, work_fd),
+                    start_new_session=True,
+                )
+        finally:
+            for fd in (cell_r, reply_w, work_fd):
+                os.close(fd)
+        self._pending = b""
+
+    def _stop(self) -> int | None:
+        """Kill the kernel and everything it started; its exit status."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        code = proc.wait()
+        if self._uid is not None:
+            _kill_uid(self._uid)
+        for fd in (self._cells, self._replies):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        shutil.rmtree(self._harness, ignore_errors=True)
+        if self._uid is not None:
+            if not self.own_workdir:
+                _chown_tree(self.workdir, os.getuid(), os.getgid())
+            _release_uid(self._uid)
+        return code
+
+    def close(self) -> None:
+        with self._lock:
+            self._stop()
+            if self.own_workdir:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+    # ---- cells ------------------------------------------------------------------------------------
+
+    def run(self, code: str, *, timeout: float = 30.0, max_output: int = 8_000) -> CellResult:
+        """Run one cell; stdout keeps its first ``max_output`` bytes, stderr its last (the error is last)."""
+        with self._lock:
+            restarted = self._died
+            if self._proc is None:
+                self._start()
+            self._died = False
+            reply, stopped = self._exchange({"code": code, "timeout": timeout}, timeout + KILL_GRACE)
+            stdout, out_cut = _read_capped(self._out_path, max_output)
+            stderr, err_cut = _read_capped(self._err_path, max_output, keep_end=True)
+            if stopped is not None:
+                status = self._stop()
+                if stopped == "exited":
+                    stopped = "the interpreter exited" + (f" (status {status})" if status else "")
+                self._died = True
+            reply = reply or {}
+            return CellResult(
+                stdout=stdout,
+                stderr=stderr,
+                result=reply.get("result"),
+                error=reply.get("error"),
+                traceback=reply.get("traceback"),
+                timed_out=bool(reply.get("timeout")) or stopped == "timeout",
+                output_truncated=out_cut or err_cut,
+                stopped=stopped,
+                restarted=restarted,
+            )
+
+    def _exchange(self, cell: dict, wait: float) -> tuple[dict | None, str | None]:
+        """Send a cell, read its reply line: (reply, None), or (None, "timeout" | "exited")."""
+        try:
+            os.write(self._cells, (json.dumps(cell) + "\n").encode())
+        except BrokenPipeError:
+            return None, "exited"
+        deadline = time.monotonic() + wait
+        while b"\n" not in self._pending:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self._replies], [], [], left)[0]:
+                return None, "timeout"
+            chunk = os.read(self._replies, 65536)
+            if not chunk:
+                return None, "exited"
+            self._pending += chunk
+        line, self._pending = self._pending.split(b"\n", 1)
+        return json.loads(line), None

@@ -1,0 +1,115 @@
+"""The persistent sandboxed kernel behind the code interpreter: variables live on between cells as in
+Jupyter, a cell's last expression is its result, errors and time limits stop the cell and not the
+kernel, a kernel that ignores its limit or exits is replaced (and says so), and what a cell starts ends
+with it."""
+
+from __future__ import annotations
+
+import gc
+import os
+
+import pytest
+
+from qwenkit.sandbox_kernel import PythonKernel
+from qwenkit.tools.code_interpreter import CodeInterpreter
+
+
+@pytest.fixture
+def kernel():
+    k = PythonKernel(memory_mb=256)
+    yield k
+    k.close()
+
+
+def test_variables_live_on_and_the_last_expression_is_the_result(kernel):
+    first = kernel.run("x = 41\nprint('set')")
+    assert (first.stdout, first.result, first.error) == ("set\n", None, None)
+    assert kernel.run("x + 1").result == "42"
+    assert kernel.run("'text'").result == "'text'"  # repr, as IPython's text/plain
+    assert kernel.run("print('only printed')").result is None  # None is no result
+    assert kernel.run("def f(n):\n    return n * 2\nf(x)").result == "82"
+    assert kernel.run("_").result == "82"  # IPython's last result
+
+
+def test_an_error_stops_the_cell_not_the_kernel(kernel):
+    kernel.run("x = 1")
+    cell = kernel.run("y = 2\nz = x / 0\nw = 3")
+    assert cell.error == "ZeroDivisionError: division by zero"
+    assert cell.traceback.splitlines()[:3] == [
+        "Traceback (most recent call last):",
+        '  File "cell2", line 2, in <module>',
+        "    z = x / 0",
+    ]
+    assert kernel.run("(x, y)").result == "(1, 2)"  # what ran before the error stays
+    assert kernel.run("w").error == "NameError: name 'w' is not defined"
+    syntax = kernel.run("x = = 2")
+    assert syntax.error.splitlines()[-1] == "SyntaxError: invalid syntax" and syntax.traceback
+
+
+def test_a_time_limit_stops_the_cell_and_keeps_the_variables(kernel):
+    kernel.run("kept = 'yes'")
+    cell = kernel.run("while True:\n    try:\n        pass\n    except Exception:\n        pass", timeout=0.5)
+    assert (
+        cell.timed_out and cell.stopped is None and cell.error is None
+    )  # `except Exception` cannot catch it
+    after = kernel.run("kept")
+    assert after.result == "'yes'" and not after.restarted
+
+
+def test_a_kernel_that_ignores_its_limit_or_exits_is_replaced_and_says_so(kernel):
+    kernel.run("kept = 1")
+    stubborn = "import signal\nsignal.signal(signal.SIGALRM, signal.SIG_IGN)\nwhile True:\n    pass"
+    cell = kernel.run(stubborn, timeout=0.5)
+    assert cell.timed_out and cell.stopped == "timeout"
+    fresh = kernel.run("kept")
+    assert fresh.restarted and fresh.error == "NameError: name 'kept' is not defined"
+    assert not kernel.run("1").restarted  # said once
+    gone = kernel.run("import os\nos._exit(3)")
+    assert gone.stopped == "the interpreter exited (status 3)" and not gone.timed_out
+    assert kernel.run("2 + 2").result == "4"
+
+
+def test_what_a_cell_starts_ends_with_it(kernel):
+    bomb = kernel.run("import os\nwhile True:\n    os.fork()", timeout=5)
+    assert bomb.error.startswith("BlockingIOError") and not bomb.stopped  # the process limit held
+    kernel.run("import subprocess\nsubprocess.Popen(['sleep', '60'])")
+    ps = kernel.run("import os\nsorted(int(p) for p in os.listdir('/proc') if p.isdigit())")
+    assert ps.result == "[1]"  # the kernel alone, in its own PID namespace
+    net = kernel.run("import socket\nsocket.create_connection(('1.1.1.1', 53), timeout=2)")
+    assert net.error == "OSError: [Errno 101] Network is unreachable"
+    assert kernel.isolation == ("rlimits", "netns", "pidns", "mountns", "uid")
+
+
+def test_output_is_capped_per_cell(kernel):
+    out = kernel.run("print('x' * 100_000)\nimport sys\nsys.stderr.write('e' * 5000 + 'END')", max_output=100)
+    assert out.output_truncated and out.stdout == "x" * 100 and out.stderr == "e" * 97 + "END"
+    small = kernel.run("print('ok')", max_output=100)  # each cell's output starts empty
+    assert small.stdout == "ok\n" and not small.output_truncated and small.stderr == ""
+
+
+def test_the_interpreter_speaks_as_qwen_agents(tmp_path):
+    """The code interpreter's words are Qwen-Agent's (a fenced block per kind of output; its timeout
+    sentence; "Finished execution."), with variables kept between calls; closing it ends the kernel and
+    leaves a given directory's files."""
+    ci = CodeInterpreter(timeout=1, workdir=tmp_path)
+    assert ci("n = 6\nprint(n)") == "stdout:\n\n```\n6\n\n```"
+    assert ci("n * 7") == "execute_result:\n\n```\n42\n```"
+    assert ci("n = n + 1") == "Finished execution."
+    assert ci("print('a')\nn / 0") == (
+        "stdout:\n\n```\na\n\n```\n\nerror:\n\n```\nZeroDivisionError: division by zero\n```"
+    )
+    assert (
+        ci("while True:\n    pass") == "error:\n\n```\nTimeout: Code execution exceeded the time limit.\n```"
+    )
+    assert ci("open('f.txt', 'w').write('hi')\nn") == "execute_result:\n\n```\n7\n```"
+    pid = ci.kernel._proc.pid
+    ci.close()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    assert (tmp_path / "f.txt").read_text() == "hi"
+    own = CodeInterpreter(timeout=1)
+    workdir = own.workdir
+    own("1")
+    del own
+    gc.collect()
+    assert not workdir.exists()
