@@ -113,3 +113,19 @@ def test_the_interpreter_speaks_as_qwen_agents(tmp_path):
     del own
     gc.collect()
     assert not workdir.exists()
+
+
+def test_the_tool_spec_is_qwen_agents():
+    """The prompt's tools block shows the spec Qwen-Agent registers (same words, same key order)."""
+    import json
+
+    from qwen_agent.tools.code_interpreter import CodeInterpreter as QwenAgentInterpreter
+
+    from qwenkit.tools.code_interpreter import FUNCTION
+
+    theirs = {
+        "name": "code_interpreter",
+        "description": QwenAgentInterpreter.description,
+        "parameters": QwenAgentInterpreter.parameters,
+    }
+    assert json.dumps(FUNCTION) == json.dumps(theirs)

@@ -19,14 +19,16 @@ from qwenkit.sandbox_kernel import TIMEOUT_MESSAGE, CellResult, PythonKernel
 if TYPE_CHECKING:
     from qwenkit.tools.agent import Tool
 
+# Qwen-Agent's spec, word for word and key for key: the tools block of the prompt is the one Qwen's
+# models saw beside this tool in training.
 SCHEMA = {
     "type": "object",
-    "properties": {"code": {"type": "string", "description": "Python code to run; print what you need."}},
+    "properties": {"code": {"description": "The python code.", "type": "string"}},
     "required": ["code"],
 }
 FUNCTION = {
     "name": "code_interpreter",
-    "description": "Run Python code in a sandbox (no network, limited time and memory) and see its output.",
+    "description": "Python code sandbox, which can be used to execute Python code.",
     "parameters": SCHEMA,
 }
 
