@@ -179,6 +179,22 @@ def test_overwrite_never_replaces_the_data_it_trains_on(tiny_chat_model, tmp_pat
     assert [p.name for p in out.iterdir()] == ["d.jsonl"] and not work_dir(out).exists()
 
 
+def test_overwrite_never_replaces_the_filter_keywords(tiny_chat_model, tmp_path, capsys):
+    """--filter-keywords inside OUT with --overwrite: read first, deleted with the old OUT at the end"""
+    from qwenkit.cli import main as cli_main
+
+    out = tmp_path / "run"
+    keywords = (out.mkdir() or out) / "words.txt"
+    keywords.write_text("secret\n")
+    data = chat_data(tmp_path / "d.jsonl", n=2)
+    argv = [str(tiny_chat_model), str(data), str(out), "--max-steps", "1", "--overwrite", "--no-progress"]
+    assert cli_main(["finetune", *argv, "--filter", "--filter-keywords", str(keywords)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: output {out} would replace the source {keywords}; choose another directory\n"
+    )
+    assert [p.name for p in out.iterdir()] == ["words.txt"] and not work_dir(out).exists()
+
+
 def test_qlora_and_filter_through_the_command(tiny_chat_model, tmp_path, capsys):
     """finetune --method qlora --filter: sensitive text is masked before tokenizing, the int4 base trains
     an adapter that then loads onto the float model."""
