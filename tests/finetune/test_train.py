@@ -257,6 +257,24 @@ def test_only_the_newest_checkpoints_are_kept(tiny_chat_model, tmp_path, monkeyp
         assert [p.name for p in names] == expected
 
 
+def test_a_full_disk_while_saving_a_checkpoint_is_one_line(tiny_chat_model, tmp_path, monkeypatch, capsys):
+    """torch.save's writer swallowed the disk's ENOSPC and raised 'unexpected pos 704 vs 598', a traceback
+    atomic_output_dir could not name; the state file goes to /dev/full, whose every write is ENOSPC."""
+    import qwenkit.finetune.run as run
+    from qwenkit.cli import main as cli_main
+
+    monkeypatch.setattr(run, "STATE_FILE", "/dev/full")  # tmp / "/dev/full" is /dev/full
+    data = chat_data(tmp_path / "d.jsonl", n=4)
+    out = tmp_path / "out"
+    argv = [str(tiny_chat_model), str(data), str(out), "--max-steps", "2", "--save-every", "1"]
+    assert cli_main(["finetune", *argv, "--no-progress", "--batch-size", "2"]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    checkpoint = work_dir(out) / "checkpoints" / "step-1"
+    assert err.startswith(f"error: disk full while writing {checkpoint} (") and "Traceback" not in err
+    assert err.endswith("GB free); the partial output was removed")
+    assert list((work_dir(out) / "checkpoints").iterdir()) == [] and not out.exists()
+
+
 def test_a_diverged_loss_stops_the_run_in_one_line(tiny_chat_model, tmp_path, capsys):
     """A learning rate that blows the weights up once trained on NaN to the last step, then failed with a
     traceback drawing loss.png; now the first non-finite loss stops the run, naming the step and rate."""
