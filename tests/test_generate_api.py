@@ -240,6 +240,25 @@ def test_default_params_follow_generation_config(tmp_path):
     assert (p2.temperature, p2.top_k, p2.top_p, p2.repetition_penalty) == (0.6, 5, 1.0, 1.0)
 
 
+def test_null_values_in_generation_config_are_unset_as_transformers_reads_them(tmp_path):
+    """Nulls (as GenerationConfig writes for fields it leaves unset) failed the load with 'top_k must be
+    an integer, got None'; transformers fills them with its defaults, and so does qwenkit."""
+    import transformers
+    from factories import write_tiny_chat_model
+
+    config = {"do_sample": True, "temperature": None, "top_k": None, "top_p": 0.9, "max_new_tokens": None}
+    path = write_tiny_chat_model(tmp_path / "m", generation_config=config)
+    params = LLM.load(path, dtype="float32", progress=False).default_params()
+    theirs = transformers.GenerationConfig.from_pretrained(path)
+    defaults = theirs._get_default_generation_params()
+    assert (params.temperature, params.top_k, params.top_p) == (
+        defaults["temperature"],
+        defaults["top_k"],
+        0.9,
+    )
+    assert (params.temperature, params.top_k, params.max_tokens) == (1.0, 50, 512)
+
+
 def test_generate_queues_its_prompts_together_so_the_engines_steps_do_not_depend_on_timing(llm, monkeypatch):
     """Tensor-parallel ranks each run the same `generate`: all its requests must be in the engine before
     its first step, however slowly the caller got to them (a driver thread racing the submissions could

@@ -240,3 +240,18 @@ def test_quantized_weight_estimate_is_what_the_loaded_model_holds(tmp_path, quan
     held = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     rope = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if "rotary" in n or "rope" in n)
     assert weight_bytes(config, torch.bfloat16, quantize) == held - rope
+
+
+def test_a_bin_holding_other_objects_is_one_line_naming_the_file(qwen2_dir):
+    """torch's weights-only refusal is a page of advice with terminal escapes; the user sees one line."""
+    (qwen2_dir / "model.safetensors").unlink()
+    torch.save(
+        {"model.embed_tokens.weight": torch.zeros(2), "step": object()}, qwen2_dir / "pytorch_model.bin"
+    )
+    with pytest.raises(CheckpointError) as e:
+        load_model(qwen2_dir)
+    assert str(e.value) == (
+        f"{qwen2_dir / 'pytorch_model.bin'} could not be read as a weights-only PyTorch checkpoint: "
+        "it is not a PyTorch file of tensors alone (Unsupported global: GLOBAL object was not an "
+        "allowed global by default)"
+    )

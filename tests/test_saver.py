@@ -93,3 +93,23 @@ def test_a_finished_write_leaves_the_sigterm_handler_as_it_was(tmp_path, own_han
     assert (inside is handler) == own_handler and inside is not signal.SIG_DFL
     assert after is (handler if own_handler else signal.SIG_DFL)
     assert (tmp_path / "out" / "config.json").read_text() == "{}"
+
+
+def test_sigterm_while_writing_a_file_leaves_the_old_one(tmp_path):
+    """atomic_file (filter's OUT and report, eval's results): SIGTERM mid-write exits 143 with the file
+    as it was and no temporary file beside it."""
+    (tmp_path / "out.jsonl").write_text("old\n")
+    script = (
+        "import os, signal, sys\n"
+        "from qwenkit.checkpoint.output_dir import atomic_file\n"
+        "with atomic_file(sys.argv[1]) as f:\n"
+        "    f.write('half')\n"
+        "    f.flush()\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    f.write(' and the rest')\n"
+    )
+    target = str(tmp_path / "out.jsonl")
+    done = subprocess.run([sys.executable, "-c", script, target], capture_output=True, text=True)
+    assert done.returncode == 143, done.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
+    assert (tmp_path / "out.jsonl").read_text() == "old\n"

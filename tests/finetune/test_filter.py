@@ -230,3 +230,49 @@ def test_finetune_refuses_filter_keywords_without_filter(tmp_path, capsys):
         "error: --filter-keywords applies with --filter; pass both to mask sensitive data\n"
     )
     assert not out.exists() and not (tmp_path / "o.training").exists()
+
+
+def test_a_full_disk_leaves_no_half_report_and_names_it(tmp_path, capsys, monkeypatch):
+    """The report was written in place: a full disk left a truncated JSON file of the report's name (and
+    'error: No space left on device', naming no file). Now it is whole or absent, the old one kept."""
+    import errno
+
+    src = tmp_path / "d.jsonl"
+    src.write_text(json.dumps({"text": "mail me at a@b.io"}) + "\n")
+    out, report = tmp_path / "clean.jsonl", tmp_path / "report.json"
+    report.write_text("old report\n")
+    real_dump = json.dump
+
+    def dump_then_full(obj, f, **kwargs):  # what a disk that fills mid-write does: part lands, then ENOSPC
+        f.write(json.dumps(obj, **kwargs)[:20])
+        f.flush()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(json, "dump", dump_then_full)
+    argv = ["filter", str(src), str(out), "--report", str(report), "--overwrite"]
+    assert cli_main(argv) == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith(f"error: disk full while writing {report} (")
+    assert last.endswith("GB free); the partial output was removed")
+    assert report.read_text() == "old report\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clean.jsonl", "d.jsonl", "report.json"]
+    monkeypatch.setattr(json, "dump", real_dump)
+    assert cli_main(argv) == 0 and json.loads(report.read_text())["counts"] == {"email": 1}
+
+
+def test_out_and_report_get_the_permissions_the_umask_gives(tmp_path, capsys):
+    """OUT came from mkstemp and stayed private (0600) where every other output is 0644 under umask 022."""
+    import os
+
+    src = tmp_path / "d.jsonl"
+    src.write_text(json.dumps({"text": "mail me at a@b.io"}) + "\n")
+    old = os.umask(0o022)
+    try:
+        assert (
+            cli_main(["filter", str(src), str(tmp_path / "o.jsonl"), "--report", str(tmp_path / "r.json")])
+            == 0
+        )
+    finally:
+        os.umask(old)
+    assert (tmp_path / "o.jsonl").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644

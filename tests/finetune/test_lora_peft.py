@@ -355,3 +355,88 @@ def test_qwen_v1_adapter_uses_v1_names_and_matches_the_v1_reference(tmp_path):
     loaded, _ = load_model(src, "float32", progress=False, adapter=tmp_path / "a")
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids[None])[0], ours, rtol=0, atol=1e-5)
+
+
+def _edit_config(key, value):
+    def edit(d):
+        config = json.loads((d / "adapter_config.json").read_text())
+        (d / "adapter_config.json").write_text(json.dumps({**config, key: value}))
+
+    return edit
+
+
+def _legacy_bin(content: bytes):
+    def edit(d):
+        (d / "adapter_model.safetensors").unlink()
+        (d / "adapter_model.bin").write_bytes(content)
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda d: (d / "adapter_config.json").write_text("[1]"),
+            "adapter_config.json: must hold a JSON object, not list",
+        ),
+        (
+            _edit_config("r", "eight"),
+            "adapter_config.json: field 'r' must be a positive whole number (got 'eight')",
+        ),
+        (_edit_config("r", 0), "adapter_config.json: field 'r' must be a positive whole number (got 0)"),
+        (
+            _edit_config("lora_alpha", None),
+            "adapter_config.json: field 'lora_alpha' must be a number (got None)",
+        ),
+        (
+            _legacy_bin(b"garbage\n"),
+            "adapter_model.bin could not be read as a weights-only PyTorch checkpoint: "
+            "it is not a PyTorch file of tensors alone (Unsupported operand 103)",
+        ),
+        # the config's rank is not the tensors' rank: peft refuses the pair (size mismatch); qwenkit once
+        # merged it with alpha over the tensors' rank, a scaling the training never used
+        (
+            _edit_config("r", 8),
+            "a: model.layers.0.self_attn.q_proj has lora_A of rank 4, but adapter_config.json gives it "
+            "rank 8; the weights and the config are of different adapters",
+        ),
+    ],
+    ids=["list", "r-text", "r-zero", "alpha-null", "bin-garbage", "rank-mismatch"],
+)
+def test_a_damaged_adapter_is_one_line_naming_the_file_and_merge_writes_nothing(
+    qwen2_dir, tmp_path, capfd, edit, message
+):
+    """These tracebacked (AttributeError, ValueError, TypeError, torch's UnpicklingError page) or, for the
+    rank, merged silently with another scaling than the adapter was trained with."""
+    from qwenkit.cli import main as cli_main
+
+    model, _ = load_model(qwen2_dir, "float32", progress=False)
+    cfg = LoRAConfig(r=4, alpha=8, dropout=0.0, target_modules=("q_proj", "v_proj"))
+    apply_lora(model, cfg)
+    (tmp_path / "a").mkdir()
+    save_adapter(model, tmp_path / "a", cfg, str(qwen2_dir))
+    edit(tmp_path / "a")
+    assert cli_main(["merge", str(qwen2_dir), str(tmp_path / "a"), str(tmp_path / "merged")]) == 2
+    err = capfd.readouterr().err
+    assert (
+        err.endswith(message + "\n") and err.startswith(f"error: {tmp_path / 'a'}") and err.count("\n") == 1
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+
+
+def test_peft_refuses_an_adapter_whose_config_rank_is_not_its_tensors(qwen2_dir, tmp_path):
+    """The reference for the rank-mismatch case above."""
+    import peft
+    import transformers
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(qwen2_dir, dtype=torch.float32)
+    peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path / "a")
+    _edit_config("r", 8)(tmp_path / "a")
+    base = transformers.AutoModelForCausalLM.from_pretrained(qwen2_dir, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        peft.PeftModel.from_pretrained(base, tmp_path / "a")
+    with pytest.raises(
+        CheckpointError, match="has lora_A of rank 4, but adapter_config.json gives it rank 8"
+    ):
+        load_model(qwen2_dir, "float32", progress=False, adapter=tmp_path / "a")

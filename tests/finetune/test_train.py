@@ -179,6 +179,22 @@ def test_overwrite_never_replaces_the_data_it_trains_on(tiny_chat_model, tmp_pat
     assert [p.name for p in out.iterdir()] == ["d.jsonl"] and not work_dir(out).exists()
 
 
+def test_overwrite_never_replaces_the_filter_keywords(tiny_chat_model, tmp_path, capsys):
+    """--filter-keywords inside OUT with --overwrite: read first, deleted with the old OUT at the end"""
+    from qwenkit.cli import main as cli_main
+
+    out = tmp_path / "run"
+    keywords = (out.mkdir() or out) / "words.txt"
+    keywords.write_text("secret\n")
+    data = chat_data(tmp_path / "d.jsonl", n=2)
+    argv = [str(tiny_chat_model), str(data), str(out), "--max-steps", "1", "--overwrite", "--no-progress"]
+    assert cli_main(["finetune", *argv, "--filter", "--filter-keywords", str(keywords)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: output {out} would replace the source {keywords}; choose another directory\n"
+    )
+    assert [p.name for p in out.iterdir()] == ["words.txt"] and not work_dir(out).exists()
+
+
 def test_qlora_and_filter_through_the_command(tiny_chat_model, tmp_path, capsys):
     """finetune --method qlora --filter: sensitive text is masked before tokenizing, the int4 base trains
     an adapter that then loads onto the float model."""
@@ -239,6 +255,24 @@ def test_only_the_newest_checkpoints_are_kept(tiny_chat_model, tmp_path, monkeyp
             finetune(tiny_chat_model, data, out, args)
         names = sorted((work_dir(out) / "checkpoints").iterdir(), key=lambda p: int(p.name[5:]))
         assert [p.name for p in names] == expected
+
+
+def test_a_full_disk_while_saving_a_checkpoint_is_one_line(tiny_chat_model, tmp_path, monkeypatch, capsys):
+    """torch.save's writer swallowed the disk's ENOSPC and raised 'unexpected pos 704 vs 598', a traceback
+    atomic_output_dir could not name; the state file goes to /dev/full, whose every write is ENOSPC."""
+    import qwenkit.finetune.run as run
+    from qwenkit.cli import main as cli_main
+
+    monkeypatch.setattr(run, "STATE_FILE", "/dev/full")  # tmp / "/dev/full" is /dev/full
+    data = chat_data(tmp_path / "d.jsonl", n=4)
+    out = tmp_path / "out"
+    argv = [str(tiny_chat_model), str(data), str(out), "--max-steps", "2", "--save-every", "1"]
+    assert cli_main(["finetune", *argv, "--no-progress", "--batch-size", "2"]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    checkpoint = work_dir(out) / "checkpoints" / "step-1"
+    assert err.startswith(f"error: disk full while writing {checkpoint} (") and "Traceback" not in err
+    assert err.endswith("GB free); the partial output was removed")
+    assert list((work_dir(out) / "checkpoints").iterdir()) == [] and not out.exists()
 
 
 def test_a_diverged_loss_stops_the_run_in_one_line(tiny_chat_model, tmp_path, capsys):

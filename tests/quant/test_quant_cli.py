@@ -266,6 +266,22 @@ def test_existing_out_dir_needs_overwrite(src, tmp_path, capsys) -> None:
     assert not (out / "keep.txt").exists() and (out / "quantize_config.json").exists()
 
 
+def test_overwrite_never_replaces_the_calibration_text(src, tmp_path, capsys) -> None:
+    """--calib inside OUT with --overwrite: the text was read, OUT replaced, and the user's file gone."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "calib.txt").write_text(CALIB_TEXT)
+    for method in ("gptq", "rtn"):
+        argv = ["quantize", str(src), str(out), "-q", "--method", method, "--overwrite"]
+        assert main([*argv, "--calib", str(out / "calib.txt")]) == 2
+        err = capsys.readouterr().err
+        assert (
+            err
+            == f"error: output {out} would replace the source {out / 'calib.txt'}; choose another directory\n"
+        )
+        assert sorted(p.name for p in out.iterdir()) == ["calib.txt"]
+
+
 def test_missing_source_and_quantized_source(tmp_path, capsys, src) -> None:
     assert main(["quantize", str(tmp_path / "nope"), str(tmp_path / "out"), "-q"]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -44,3 +44,30 @@ def test_broken_config(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text("[1, 2")
     with pytest.raises(TokenizerError, match=r"cannot read .*tokenizer_config\.json"):
         load_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("generation", "message"),
+    [
+        # once 'temperature must be a number, got 'hot'', naming an option the user never passed
+        ({"do_sample": True, "temperature": "hot"}, "temperature must be a number, not 'hot'"),
+        ({"do_sample": True, "top_k": 1.5}, "top_k must be a whole number, not 1.5"),
+        ({"max_new_tokens": "many"}, "max_new_tokens must be a whole number, not 'many'"),
+        # once truthy: a config that said "false" sampled
+        ({"do_sample": "false", "temperature": 0.7}, "do_sample must be true or false, not 'false'"),
+        # once dropped: the model's end token was no stop token and generation ran on past it
+        ({"eos_token_id": "151645"}, "eos_token_id must be a token id or a list of them, not '151645'"),
+        (
+            {"eos_token_id": [151645, "x"]},
+            "eos_token_id must be a token id or a list of them, not [151645, 'x']",
+        ),
+    ],
+)
+def test_a_generation_config_value_of_the_wrong_type_is_named_with_its_file(tmp_path, generation, message):
+    import json
+
+    shutil.copy(QWEN3_DIR / "tokenizer.json", tmp_path / "tokenizer.json")
+    (tmp_path / "generation_config.json").write_text(json.dumps(generation))
+    with pytest.raises(TokenizerError) as e:
+        load_tokenizer(tmp_path)
+    assert str(e.value) == f"{tmp_path / 'generation_config.json'}: {message}"

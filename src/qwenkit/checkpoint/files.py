@@ -12,6 +12,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -130,16 +131,39 @@ def _read_file(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         except SafetensorError as e:
             raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
         return
+    yield from load_torch_state(path, mmap=True).items()
+
+
+def load_torch_state(path: Path, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """A ``pytorch_model.bin``-style file's tensors by a weights-only ``torch.load`` (which never runs
+    code from the file), or a one-line error naming the file and why it cannot be read."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises many types for corrupt or unsafe pickles
-        raise CheckpointError(f"{path} could not be read as a weights-only PyTorch checkpoint: {e}") from None
+        raise CheckpointError(
+            f"{path} could not be read as a weights-only PyTorch checkpoint: {_torch_load_reason(e)}"
+        ) from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} does not hold a state dict")
     for name, tensor in state.items():
         if not isinstance(tensor, torch.Tensor):
             raise CheckpointError(f"{path}: entry {name!r} is not a tensor")
-        yield name, tensor
+    return state
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_UNPICKLER = re.compile(r"WeightsUnpickler error:\s*(.+?)(?:\n\s*\n|$)", re.DOTALL)
+
+
+def _torch_load_reason(e: Exception) -> str:
+    """What torch.load's error says is wrong, in one line: its weights-only refusal is a page of advice
+    (with terminal escapes) around one ``WeightsUnpickler error:`` detail."""
+    text = _ANSI.sub("", str(e))
+    if m := _UNPICKLER.search(text):
+        detail = " ".join(m.group(1).split()).split(". ")[0].rstrip(".")
+        return f"it is not a PyTorch file of tensors alone ({detail})"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
 
 
 _MADV_DONTNEED = 4

@@ -1,4 +1,4 @@
-"""Write a model directory so that a half-written one never looks complete.
+"""Write a model directory (or one file) so that a half-written one never looks complete.
 
 Everything goes into a private temporary sibling; only a finished directory is renamed into place (an
 existing one is moved aside first and deleted afterwards). Any failure — disk full, Ctrl-C, a failed
@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from qwenkit.errors import CheckpointError
 from qwenkit.sigterm import terminate_unwinds
@@ -63,25 +63,58 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
             _replace(tmp, out)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            free = shutil.disk_usage(out.parent).free
-            raise CheckpointError(
-                f"disk full while writing {out} ({free / 1e9:.2f} GB free); the partial output was removed"
-            ) from None
+        _raise_if_disk_full(e, out)
         raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[TextIO]:
+    """Yield a text file (UTF-8) that becomes ``path`` when the block finishes without error. A failure
+    (disk full, Ctrl-C, SIGTERM) removes the temporary file and leaves ``path`` as it was, so a reader
+    never takes half a file for the whole; a full disk is an error naming ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    tmp = Path(name)
+    try:
+        with terminate_unwinds():  # SIGTERM unwinds too, so the except below removes tmp
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                yield f
+            tmp.chmod(0o666 & ~_umask())  # mkstemp's file is private (0600)
+            tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        _raise_if_disk_full(e, path)
+        raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _raise_if_disk_full(e: OSError, path: Path) -> None:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        free = shutil.disk_usage(path.parent).free
+        raise CheckpointError(
+            f"disk full while writing {path} ({free / 1e9:.2f} GB free); the partial output was removed"
+        ) from None
+
+
 def write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _publish_permissions(directory: Path) -> None:
-    """mkdtemp makes a private (0700) directory; give the result the permissions the umask allows."""
+def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
+    return umask
+
+
+def _publish_permissions(directory: Path) -> None:
+    """mkdtemp makes a private (0700) directory; give the result the permissions the umask allows."""
+    umask = _umask()
     directory.chmod(0o777 & ~umask)
     for f in directory.iterdir():
         f.chmod(0o666 & ~umask)

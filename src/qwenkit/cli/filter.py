@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from qwenkit.checkpoint.output_dir import check_writable
+from qwenkit.checkpoint.output_dir import atomic_file, check_writable
 from qwenkit.command_parser import CommandParser
 from qwenkit.errors import ConfigError
 from qwenkit.finetune.sensitive import filter_file, read_keywords
@@ -29,8 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{w['where']} {w['field']} {w['kind']} [{w['start']}:{w['end']}]", file=sys.stderr)
     print(report.summary(), file=sys.stderr)
     if args.report:
-        Path(args.report).parent.mkdir(parents=True, exist_ok=True)  # as OUT's (filter_file makes those)
-        with open(args.report, "w", encoding="utf-8") as f:
+        with atomic_file(args.report) as f:  # makes missing parent directories, as OUT's
             json.dump(report.to_json(), f, indent=2, ensure_ascii=False)
     return 0
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 from qwenkit.checkpoint.files import files_sha256
+from qwenkit.checkpoint.output_dir import atomic_file
 
 SAMPLES, RESULTS, SETTINGS = "samples.jsonl", "results.json", "settings.json"
 
@@ -22,9 +22,9 @@ def sha256_text(text: str) -> str:
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Strict JSON (NaN written as null), replaced in one step so a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_finite(data), indent=2, ensure_ascii=False, allow_nan=False), encoding="utf-8")
-    os.replace(tmp, path)
+    text = json.dumps(_finite(data), indent=2, ensure_ascii=False, allow_nan=False)
+    with atomic_file(path) as f:
+        f.write(text)
 
 
 def _finite(value: Any) -> Any:

@@ -15,6 +15,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from qwenkit.checkpoint.output_dir import atomic_file
 from qwenkit.evaluate.backends import Backend
 from qwenkit.evaluate.compare import compare
 from qwenkit.evaluate.data import EvalDataError
@@ -231,9 +232,8 @@ def _read_object(path: Path, what: str) -> dict[str, Any]:
 
 
 def _write_samples(samples: Path, rows: list[dict]) -> None:
-    tmp = samples.with_name(samples.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, samples)
+    with atomic_file(samples) as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
 
 def rescore_dir(out: str | Path, extractor: str | None = None) -> dict[str, Any]:

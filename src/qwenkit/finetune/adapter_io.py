@@ -10,6 +10,7 @@ silently ignores the tensors, so it is always written; reading accepts both, and
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 from collections.abc import Callable
@@ -20,6 +21,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from qwenkit.checkpoint.files import load_torch_state
 from qwenkit.checkpoint.saver import write_safetensors
 from qwenkit.errors import CheckpointError
 from qwenkit.finetune.lora import VLLM_DEFAULT_MAX_RANK, LoRAConfig, LoRALinear, apply_lora, lora_modules
@@ -152,7 +154,9 @@ def read_adapter(path: str | Path) -> tuple[LoRAConfig, dict[str, dict[str, torc
         raw = json.loads(cfg_file.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{cfg_file}: cannot read: {e}") from None
-    if not isinstance(raw, dict) or raw.get("peft_type") != "LORA":
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{cfg_file}: must hold a JSON object, not {type(raw).__name__}")
+    if raw.get("peft_type") != "LORA":
         raise CheckpointError(
             f"{cfg_file}: field 'peft_type' must be \"LORA\" (got {raw.get('peft_type')!r})"
         )
@@ -173,8 +177,8 @@ def read_adapter(path: str | Path) -> tuple[LoRAConfig, dict[str, dict[str, torc
         layers = [layers]
     names = sorted({n.rsplit(".", 1)[-1] for n in grouped})
     config = LoRAConfig(
-        r=int(raw.get("r", 8)),
-        alpha=float(raw.get("lora_alpha", 8)),
+        r=_number(cfg_file, raw, "r", 8, whole=True),
+        alpha=_number(cfg_file, raw, "lora_alpha", 8, whole=False),
         dropout=0.0,
         target_modules=tuple(targets) if isinstance(targets, list) and targets else tuple(names),
         layers_to_transform=tuple(layers) if layers else None,
@@ -185,6 +189,16 @@ def read_adapter(path: str | Path) -> tuple[LoRAConfig, dict[str, dict[str, torc
     return config, grouped, raw
 
 
+def _number(cfg_file: Path, raw: dict[str, Any], key: str, default: float, whole: bool) -> Any:
+    """``raw[key]`` as a number (a positive int where ``whole``), or an error naming the field."""
+    value = raw.get(key, default)
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (whole and (value <= 0 or value != int(value))):
+        kind = "a positive whole number" if whole else "a number"
+        raise CheckpointError(f"{cfg_file}: field {key!r} must be {kind} (got {value!r})")
+    return int(value) if whole else float(value)
+
+
 def _read_tensors(d: Path) -> dict[str, torch.Tensor]:
     if (d / WEIGHTS_NAME).is_file():
         try:
@@ -193,7 +207,7 @@ def _read_tensors(d: Path) -> dict[str, torch.Tensor]:
         except Exception as e:  # safetensors raises its own error types for every corruption
             raise CheckpointError(f"{d / WEIGHTS_NAME}: cannot read: {e}") from None
     if (d / LEGACY_WEIGHTS_NAME).is_file():
-        return torch.load(d / LEGACY_WEIGHTS_NAME, map_location="cpu", weights_only=True)
+        return load_torch_state(d / LEGACY_WEIGHTS_NAME)
     raise CheckpointError(f"{d}: neither {WEIGHTS_NAME} nor {LEGACY_WEIGHTS_NAME} found")
 
 
@@ -210,6 +224,13 @@ def adapter_pairs(model: nn.Module, path: str | Path) -> tuple[LoRAConfig, dict[
     elif is_stacked(grouped):
         modules = from_stacked(grouped, model, scaling_of, lambda name: config.for_module(name)[0])
     else:
+        for n, pair in grouped.items():  # peft sizes each pair from the config and refuses other tensors
+            r = config.for_module(n)[0]
+            if pair["lora_A"].shape[0] != r:
+                raise CheckpointError(
+                    f"{path}: {n} has lora_A of rank {pair['lora_A'].shape[0]}, but {CONFIG_NAME} gives it "
+                    f"rank {r}; the weights and the config are of different adapters"
+                )
         modules = {n: (pair, scaling_of(n, pair["lora_A"].shape[0])) for n, pair in grouped.items()}
     return config, {n: LoRAPair(p["lora_A"], p["lora_B"], scaling) for n, (p, scaling) in modules.items()}
 

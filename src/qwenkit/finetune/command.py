@@ -254,7 +254,11 @@ def main(argv: list[str] | None = None) -> int:
 
     record_filter = None
     if args.filter:
+        from qwenkit.checkpoint.output_dir import check_out_dir
         from qwenkit.finetune.sensitive import make_record_filter
+
+        if args.filter_keywords:  # --overwrite replaces OUT, never an input inside it
+            check_out_dir(Path(args.out), args.overwrite, Path(args.filter_keywords))
 
         record_filter = make_record_filter(args.filter_keywords)
     out = finetune(

@@ -231,10 +231,40 @@ def save_checkpoint(
             "base_model_files": prep.source_files,
         }
         with atomic_output_dir(path, overwrite=True) as tmp:
-            torch.save(state, tmp / STATE_FILE)
+            _torch_save(state, tmp / STATE_FILE)
             if prep.lora:  # every checkpoint is also a usable adapter
                 save_adapter(prep.base, tmp, prep.lora, "", tensors=adapter)
     world.barrier()
+
+
+class _WriteErrors:
+    """A file whose failed write (a full disk) is remembered: torch.save's writer swallows the OSError and
+    raises an ``unexpected pos`` RuntimeError, which ``atomic_output_dir`` cannot tell from a bug."""
+
+    def __init__(self, f) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    """``torch.save``; a write the disk refused raises its OSError (so a full disk is named as one)."""
+    with open(path, "wb") as f:
+        writer = _WriteErrors(f)
+        try:
+            torch.save(obj, writer)
+        except RuntimeError:
+            if writer.error is not None:
+                raise writer.error from None
+            raise
 
 
 def _checkpoints(work: Path) -> list[Path]:

@@ -246,9 +246,8 @@ def read_keywords(path: str | Path | None) -> list[str]:
 def filter_file(src: str | Path, out: str | Path, keywords: list[str], mode: str = "mask") -> Report:
     """Filter a JSONL (or .json list) file into ``out`` (JSONL), written whole or not at all."""
     import json
-    import os
-    import tempfile
 
+    from qwenkit.checkpoint.output_dir import atomic_file
     from qwenkit.finetune.data import read_objects
 
     detector, report = Detector(keywords), Report()
@@ -260,15 +259,8 @@ def filter_file(src: str | Path, out: str | Path, keywords: list[str], mode: str
             kept.append(result)
     if not report.examples:
         raise FilterError(f"{src}: no records to filter (the file is empty)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(o, ensure_ascii=False) + "\n" for o in kept)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(out) as f:
+        f.writelines(json.dumps(o, ensure_ascii=False) + "\n" for o in kept)
     return report
 
 

@@ -175,7 +175,9 @@ def quantize_checkpoint(
         note(DYNAMIC_ACT_ORDER_WARNING)
     src, out = Path(src), Path(out_dir)
     text = _read_calibration(calib) if method == "gptq" and calib is not None else None
-    check_out_dir(out, overwrite, source=src)
+    for source in (src, calib):  # --overwrite replaces OUT, never an input inside it (the --calib text)
+        if source is not None:
+            check_out_dir(out, overwrite, source=Path(source))
 
     start = time.perf_counter()
     source = open_checkpoint(src)

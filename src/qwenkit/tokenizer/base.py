@@ -98,8 +98,8 @@ class Tokenizer(ABC):
             eos.add(self.added_tokens[eos_text])
         eos |= _ids(self.generation_config.get("eos_token_id"))
         self.eos_token_ids: frozenset[int] = frozenset(eos)
-        self.generation_defaults: dict[str, Any] = {
-            k: self.generation_config[k] for k in GENERATION_KEYS if k in self.generation_config
+        self.generation_defaults: dict[str, Any] = {  # null is unset, as transformers reads it
+            k: self.generation_config[k] for k in GENERATION_KEYS if self.generation_config.get(k) is not None
         }
 
     # ---- backend primitives -------------------------------------------------------------------------

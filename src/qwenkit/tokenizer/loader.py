@@ -31,6 +31,35 @@ def read_json(path: Path, *, required: bool = False) -> dict[str, Any]:
     return data
 
 
+def check_generation_config(path: Path, data: dict[str, Any]) -> None:
+    """Refuse, naming the file and key, a sampling default or eos id of the wrong type: it surfaced as
+    'temperature must be a number' (for an option never passed), and a string eos id was dropped, so
+    generation ran past the model's end. null is unset, as transformers reads it."""
+
+    def number(v: Any) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool)
+
+    def whole(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    kinds = {
+        "do_sample": (lambda v: isinstance(v, bool), "true or false"),
+        "temperature": (number, "a number"),
+        "top_p": (number, "a number"),
+        "repetition_penalty": (number, "a number"),
+        "top_k": (whole, "a whole number"),
+        "max_new_tokens": (whole, "a whole number"),
+        "eos_token_id": (
+            lambda v: whole(v) or (isinstance(v, list) and all(whole(i) for i in v)),
+            "a token id or a list of them",
+        ),
+    }
+    for key, (ok, what) in kinds.items():
+        value = data.get(key)
+        if value is not None and not ok(value):
+            raise TokenizerError(f"{path}: {key} must be {what}, not {value!r}")
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load the tokenizer of a model directory.
 
@@ -45,6 +74,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     config = read_json(model_dir / "tokenizer_config.json")
     generation_file = model_dir / "generation_config.json"
     generation = read_json(generation_file) if generation_file.is_file() else None
+    if generation is not None:
+        check_generation_config(generation_file, generation)
     hf_file, tiktoken_file = (model_dir / name for name in TOKENIZER_FILES)
     if hf_file.is_file():
         try:
