@@ -44,6 +44,27 @@ def test_legacy_bin_and_sharded_safetensors_load_identically(tmp_path):
     assert torch.equal(a, b) and (a - ref).abs().max() < 1e-4
 
 
+def test_a_tied_config_over_a_trained_head_is_refused_and_a_copy_of_the_embeddings_loads(tmp_path):
+    """A fine-tune that trained lm_head apart but left tie_word_embeddings=true: the head was dropped
+    silently (logits 1.07 apart from transformers 5, which runs it untied). A .bin holding the tied pair
+    (the same storage under both names) still loads, tied."""
+    hf = hf_model("qwen2", tie_word_embeddings=True)
+    path = save_hf(hf, tmp_path / "tied")
+    sd = load_file(path / "model.safetensors")
+    assert "lm_head.weight" not in sd
+    trained = sd["model.embed_tokens.weight"] + 0.01 * torch.randn_like(sd["model.embed_tokens.weight"])
+    save_file({**sd, "lm_head.weight": trained}, str(path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="ties the output head .* lm_head.weight differs from model"):
+        load_model(path, dtype="float32")
+    (path / "model.safetensors").unlink()
+    torch.save(hf.state_dict(), path / "pytorch_model.bin")  # lm_head.weight is embed_tokens.weight
+    model, _ = load_model(path, dtype="float32")
+    ids = torch.arange(20)[None]
+    with torch.no_grad():
+        assert (model(ids) - hf(ids).logits).abs().max() < 1e-4
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
 def test_bin_with_arbitrary_objects_is_refused(tmp_path, qwen2_dir):
     class Evil:
         def __reduce__(self):
