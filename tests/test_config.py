@@ -129,6 +129,12 @@ def test_keys_transformers_reads_otherwise_are_refused_by_name():
     same = {"rope_type": "yarn", "rope_theta": 1e6, **yarn}
     assert ModelConfig.from_hf({**v5, "rope_parameters": same, "rope_scaling": yarn}).rope_scaling.factor == 4
     # sliding-window layers named in layer_types (as transformers 5 writes them) are not run as full ones
-    with pytest.raises(ConfigError, match="layer_types names sliding_attention layers"):
+    with pytest.raises(ConfigError, match=r"layer_types makes layer\(s\) 1 sliding-window attention"):
         ModelConfig.from_hf({**qwen2, "layer_types": ["full_attention", "sliding_attention"]})
+    # use_sliding_window=true slides the layers from max_window_layers on (Qwen2-MoE: the even ones below it)
+    sliding = {"use_sliding_window": True, "sliding_window": 4096, "max_window_layers": 20}
+    with pytest.raises(ConfigError, match=r"use_sliding_window=true makes layer\(s\) 20-27 sliding"):
+        ModelConfig.from_hf({**qwen2, **sliding})
+    with pytest.raises(ConfigError, match=r"layer\(s\) 0, 2, 4, 6, 8, 10, 12, 14, 16, 18 sliding"):
+        ModelConfig.from_hf({**qwen2, **sliding, "model_type": "qwen2_moe"})
     assert ModelConfig.from_hf({**qwen2, "layer_types": ["full_attention"] * 28}).family == "qwen2"

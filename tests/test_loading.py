@@ -174,8 +174,10 @@ def test_unknown_model_type_and_unsupported_values():
         ModelConfig.from_hf(
             {"model_type": "qwen2", **base, "rope_scaling": {"type": "longrope", "factor": 2}}
         )
-    with pytest.raises(ConfigError, match="use_sliding_window"):
-        ModelConfig.from_hf({"model_type": "qwen2", **base, "use_sliding_window": True})
+    with pytest.raises(ConfigError, match="use_sliding_window=true makes layer.s. 0 sliding-window"):
+        ModelConfig.from_hf(
+            {"model_type": "qwen2", **base, "use_sliding_window": True, "max_window_layers": 0}
+        )
     with pytest.raises(ConfigError, match="not a multiple of num_key_value_heads 3"):
         ModelConfig.from_hf({"model_type": "qwen2", **base, "num_key_value_heads": 3})
 

@@ -81,6 +81,21 @@ CONFIG_JSON = {
         moe_intermediate_size=32,
     ),
     "llama-mlp-bias": dict(model_type="llama", mlp_bias=True),
+    # use_sliding_window=true whose max_window_layers covers every layer: transformers runs full attention
+    # in each (its layer_types rule); qwenkit refused the config
+    "qwen2-sliding-window-on-no-layer": dict(
+        model_type="qwen2", use_sliding_window=True, sliding_window=16, max_window_layers=2
+    ),
+    "qwen2_moe-sliding-window-on-no-layer": dict(
+        model_type="qwen2_moe",
+        use_sliding_window=True,
+        sliding_window=16,
+        max_window_layers=0,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=48,
+    ),
 }
 
 

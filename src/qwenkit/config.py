@@ -411,11 +411,11 @@ def _v1_dtype(cfg: dict[str, Any]) -> str | None:
 def _read_hf_standard(cfg: dict[str, Any]) -> ModelConfig:
     """qwen2, qwen3, their MoE variants and llama share transformers' standard decoder config keys."""
     family: Family = cfg["model_type"]
-    if cfg.get("use_sliding_window"):
-        raise ConfigError("use_sliding_window=true is not supported (no released Qwen model enables it)")
-    if "sliding_attention" in (cfg.get("layer_types") or ()):
+    if sliding := _sliding_layers(cfg, family):
+        source = "layer_types" if cfg.get("layer_types") else "use_sliding_window=true"
         raise ConfigError(
-            "layer_types names sliding_attention layers; sliding-window attention is not supported"
+            f"{source} makes layer(s) {_spans(sliding)} sliding-window attention, which qwenkit does not "
+            "run (no released Qwen model enables it)"
         )
     if family == "llama" and cfg.get("pretraining_tp", 1) != 1:
         raise ConfigError("llama pretraining_tp != 1 is not supported")
@@ -456,6 +456,36 @@ def _read_hf_standard(cfg: dict[str, Any]) -> ModelConfig:
         quantization=_quantization(cfg),
         **(_moe(cfg) if family.endswith("_moe") else {}),
     )
+
+
+def _sliding_layers(cfg: dict[str, Any], family: Family) -> list[int]:
+    """The layers transformers 5 runs with sliding-window attention, by its rules per family: a
+    use_sliding_window=true whose max_window_layers leaves no layer sliding runs full attention there."""
+    if family == "llama":
+        return []  # transformers' Llama has no sliding window
+    layers = range(int(cfg["num_hidden_layers"]))
+    types = cfg.get("layer_types")
+    if types and family != "qwen3_moe":  # Qwen3-MoE has no layer_types: its window applies to every layer
+        return [i for i in layers if i < len(types) and types[i] == "sliding_attention"]
+    if not cfg.get("use_sliding_window") or not cfg.get("sliding_window", 4096):
+        return []
+    limit = int(cfg.get("max_window_layers", 28))
+    if family == "qwen3_moe":
+        return list(layers)
+    if family == "qwen2_moe":
+        return [i for i in layers if (i + 1) % 2 and i < limit]
+    return [i for i in layers if i >= limit]
+
+
+def _spans(indices: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    spans: list[list[int]] = []
+    for i in indices:
+        if spans and spans[-1][1] == i - 1:
+            spans[-1][1] = i
+        else:
+            spans.append([i, i])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
 def _moe(cfg: dict[str, Any]) -> dict[str, Any]:
