@@ -463,7 +463,7 @@ def _sliding_layers(cfg: dict[str, Any], family: Family) -> list[int]:
     use_sliding_window=true whose max_window_layers leaves no layer sliding runs full attention there."""
     if family == "llama":
         return []  # transformers' Llama has no sliding window
-    layers = range(int(cfg["num_hidden_layers"]))
+    layers = range(int(cfg.get("num_hidden_layers") or 0))  # missing: named where the sizes are read
     types = cfg.get("layer_types")
     if types and family != "qwen3_moe":  # Qwen3-MoE has no layer_types: its window applies to every layer
         return [i for i in layers if i < len(types) and types[i] == "sliding_attention"]
