@@ -65,6 +65,23 @@ def test_a_tied_config_over_a_trained_head_is_refused_and_a_copy_of_the_embeddin
     assert model.lm_head.weight is model.model.embed_tokens.weight
 
 
+def test_a_classifier_checkpoint_is_refused_naming_its_architecture(tmp_path):
+    """A reward model or classifier (score head, no lm_head) was refused naming only 'score.weight'."""
+    import transformers
+
+    config = transformers.Qwen2Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, num_labels=1, pad_token_id=0,
+    )  # fmt: skip
+    transformers.Qwen2ForSequenceClassification(config).save_pretrained(tmp_path / "rm")
+    with pytest.raises(CheckpointError) as e:
+        load_model(tmp_path / "rm")
+    assert str(e.value).endswith(
+        "unexpected tensor 'score.weight' for a qwen2 model; config.json's architectures Qwen2For"
+        "SequenceClassification is not a causal language model (qwenkit runs *ForCausalLM checkpoints)"
+    )
+
+
 def test_bin_with_arbitrary_objects_is_refused(tmp_path, qwen2_dir):
     class Evil:
         def __reduce__(self):

@@ -437,7 +437,7 @@ def _assign_all(
                     continue
                 raise CheckpointError(
                     f"{source.path}: unexpected tensor {name!r}{_expert_note(name, config)} "
-                    f"for a {config.family} model"
+                    f"for a {config.family} model{_architecture_note(config)}"
                 )
             target = expected[name]
             whole = tensor
@@ -474,7 +474,7 @@ def _assign_all(
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         shown = ", ".join(n + _expert_note(n, config) for n in missing[:5])
-        raise CheckpointError(f"{source.path}: missing tensor(s) {shown}{more}")
+        raise CheckpointError(f"{source.path}: missing tensor(s) {shown}{more}{_architecture_note(config)}")
     if config.tie_word_embeddings and isinstance(model.model.embed_tokens, nn.Embedding):
         if tied_head is not None:
             _check_tied_head(tied_head, model.model.embed_tokens.weight, source)
@@ -557,6 +557,18 @@ def _expert_note(name: str, config: ModelConfig) -> str:
     if expert >= config.num_experts:
         return f"{where}, but config.json has num_experts={config.num_experts})"
     return where + ")"
+
+
+def _architecture_note(config: ModelConfig) -> str:
+    """Why the tensors do not fit, where config.json's architectures name no causal language model (a
+    classifier's or reward model's score head, an embedding model's bare stack): else empty."""
+    names = config.architectures
+    if not names or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in names):
+        return ""
+    return (
+        f"; config.json's architectures {', '.join(names)} is not a causal language model "
+        "(qwenkit runs *ForCausalLM checkpoints)"
+    )
 
 
 def _is_droppable(name: str, tensor: torch.Tensor, config: ModelConfig) -> bool:
