@@ -415,7 +415,8 @@ def _assign_all(
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
     loaded: set[str] = set()
-    tied_head: torch.Tensor | None = None  # a tied model's lm_head.weight found in the file, to compare
+    # A tied model's lm_head.weight and embeddings as the file holds them (views: nothing is copied)
+    tied: dict[str, torch.Tensor] = {}
     trimmer = HeapTrimmer()  # GPTQ layers packed as they complete free their unpacking temporaries
     bar = tqdm(
         total=source.total_bytes,
@@ -430,10 +431,10 @@ def _assign_all(
         for name, tensor in sanitize(config, source.tensors(keep_quantized=keep_quantized)):
             shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else tuple(tensor.codes.shape)
             bar.update(math.prod(shape) * (tensor.element_size() if isinstance(tensor, torch.Tensor) else 4))
+            if config.tie_word_embeddings and name in TIED_PAIR and isinstance(tensor, torch.Tensor):
+                tied[name] = tensor
             if name not in expected:
                 if _is_droppable(name, tensor, config):
-                    if name == "lm_head.weight" and isinstance(tensor, torch.Tensor):
-                        tied_head = tensor  # a view of the file: nothing is copied
                     continue
                 raise CheckpointError(
                     f"{source.path}: unexpected tensor {name!r}{_expert_note(name, config)} "
@@ -475,22 +476,24 @@ def _assign_all(
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         shown = ", ".join(n + _expert_note(n, config) for n in missing[:5])
         raise CheckpointError(f"{source.path}: missing tensor(s) {shown}{more}{_architecture_note(config)}")
+    if len(tied) == 2:
+        _check_tied_head(*(tied[n] for n in TIED_PAIR), source)
     if config.tie_word_embeddings and isinstance(model.model.embed_tokens, nn.Embedding):
-        if tied_head is not None:
-            _check_tied_head(tied_head, model.model.embed_tokens.weight, source)
         model.lm_head.weight = model.model.embed_tokens.weight  # (a quantized pair shares codes already)
+
+
+TIED_PAIR = ("lm_head.weight", "model.embed_tokens.weight")
 
 
 def _check_tied_head(head: torch.Tensor, embed: torch.Tensor, source: CheckpointSource) -> None:
     """Refuse a tied model whose file holds an lm_head.weight other than its embeddings (a fine-tune that
     trained the head apart, its config.json left tied). Tying dropped that head silently, while
     transformers 5 runs it untied: the logits differed. An identical copy (as .bin files hold) passes."""
-    if head.shape != embed.shape:  # a rank's vocabulary share: the shape check has its say elsewhere
+    if head.shape != embed.shape:  # the shape check names the mismatch
         return
-    rows = 4096  # compared a block at a time: no whole-matrix copy in the model's dtype
+    rows = 4096  # compared a block at a time: no whole-matrix copy
     for start in range(0, head.shape[0], rows):
-        block = head[start : start + rows].to(embed.dtype)
-        if not torch.equal(block.to(embed.device), embed[start : start + rows]):
+        if not torch.equal(head[start : start + rows].to(embed.dtype), embed[start : start + rows]):
             raise CheckpointError(
                 f"{source.path}: config.json ties the output head to the embeddings "
                 "(tie_word_embeddings=true), but the checkpoint's lm_head.weight differs from "
