@@ -54,6 +54,26 @@ def save_hf(model, path: Path, **kwargs: Any) -> Path:
     return path
 
 
+def hf_model_from_config_json(path: Path, config_json: dict[str, Any]):
+    """A random float32 transformers model saved at ``path`` whose config.json is exactly ``config_json``
+    (transformers 5 rewrites the file when saving; it is put back), reloaded as transformers reads it. So
+    both sides read the very keys a user's file holds, defaults and spellings included."""
+    import transformers
+
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config_json))
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.from_pretrained(path)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # random init leaves biases at zero and norms at one
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(path)
+    (path / "config.json").write_text(json.dumps(config_json))
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
 V1_TINY = dict(
     vocab_size=512,
     hidden_size=64,

@@ -100,3 +100,41 @@ def test_yarn_takes_its_factor_or_the_context_ratio_and_refuses_neither():
     assert ModelConfig.from_hf({**QWEN3_SMALL, "rope_scaling": ratio}).rope_scaling.factor == 4.0
     with pytest.raises(ConfigError, match="rope_scaling type yarn needs a factor"):
         ModelConfig.from_hf({**QWEN3_SMALL, "rope_scaling": {"rope_type": "yarn"}})  # was a silent 1.0
+
+
+def test_keys_transformers_reads_otherwise_are_refused_by_name():
+    """Each was read differently from transformers, silently: the logits differed."""
+    import pytest
+
+    from qwenkit.errors import ConfigError
+
+    qwen2 = {**QWEN3_SMALL, "model_type": "qwen2"}
+    # transformers' qwen2/qwen3/llama rotate the whole head whatever partial_rotary_factor says; qwenkit
+    # rotated a part of it (logits 5e-3 apart on a tiny qwen2, 0.26 on a qwen3)
+    for family in ("qwen2", "qwen3", "llama", "qwen3_moe"):
+        with pytest.raises(ConfigError, match=f"partial_rotary_factor=0.5 is not supported for {family}"):
+            ModelConfig.from_hf({**qwen2, "model_type": family, "partial_rotary_factor": 0.5})
+    nested = {"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.25}
+    with pytest.raises(ConfigError, match="partial_rotary_factor=0.25"):
+        ModelConfig.from_hf({**qwen2, "rope_parameters": nested})
+    assert ModelConfig.from_hf({**qwen2, "partial_rotary_factor": 1.0}).rotary_dim == 128
+    # Qwen's documented YaRN rope_scaling added to a config.json transformers 5 wrote (rope_parameters of
+    # type default): transformers runs YaRN (at base 10000), qwenkit ran no YaRN
+    v5 = {**qwen2, "rope_parameters": {"rope_theta": 1e6, "rope_type": "default"}}
+    yarn = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    with pytest.raises(
+        ConfigError, match="rope_scaling and rope_parameters disagree .rope_type 'yarn' against"
+    ):
+        ModelConfig.from_hf({**v5, "rope_scaling": yarn})
+    same = {"rope_type": "yarn", "rope_theta": 1e6, **yarn}
+    assert ModelConfig.from_hf({**v5, "rope_parameters": same, "rope_scaling": yarn}).rope_scaling.factor == 4
+    # sliding-window layers named in layer_types (as transformers 5 writes them) are not run as full ones
+    with pytest.raises(ConfigError, match=r"layer_types makes layer\(s\) 1 sliding-window attention"):
+        ModelConfig.from_hf({**qwen2, "layer_types": ["full_attention", "sliding_attention"]})
+    # use_sliding_window=true slides the layers from max_window_layers on (Qwen2-MoE: the even ones below it)
+    sliding = {"use_sliding_window": True, "sliding_window": 4096, "max_window_layers": 20}
+    with pytest.raises(ConfigError, match=r"use_sliding_window=true makes layer\(s\) 20-27 sliding"):
+        ModelConfig.from_hf({**qwen2, **sliding})
+    with pytest.raises(ConfigError, match=r"layer\(s\) 0, 2, 4, 6, 8, 10, 12, 14, 16, 18 sliding"):
+        ModelConfig.from_hf({**qwen2, **sliding, "model_type": "qwen2_moe"})
+    assert ModelConfig.from_hf({**qwen2, "layer_types": ["full_attention"] * 28}).family == "qwen2"

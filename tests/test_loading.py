@@ -44,6 +44,57 @@ def test_legacy_bin_and_sharded_safetensors_load_identically(tmp_path):
     assert torch.equal(a, b) and (a - ref).abs().max() < 1e-4
 
 
+def test_a_tied_config_over_a_trained_head_is_refused_and_a_copy_of_the_embeddings_loads(tmp_path):
+    """A fine-tune that trained lm_head apart but left tie_word_embeddings=true: the head was dropped
+    silently (logits 1.07 apart from transformers 5, which runs it untied). A .bin holding the tied pair
+    (the same storage under both names) still loads, tied."""
+    hf = hf_model("qwen2", tie_word_embeddings=True)
+    path = save_hf(hf, tmp_path / "tied")
+    sd = load_file(path / "model.safetensors")
+    assert "lm_head.weight" not in sd
+    trained = sd["model.embed_tokens.weight"] + 0.01 * torch.randn_like(sd["model.embed_tokens.weight"])
+    save_file({**sd, "lm_head.weight": trained}, str(path / "model.safetensors"))
+    for quantize in (None, "int8"):  # rounded on load, the embeddings become the head's codes: the same
+        with pytest.raises(
+            CheckpointError, match="ties the output head .* lm_head.weight differs from model"
+        ):
+            load_model(path, dtype="float32", quantize=quantize)
+    sharded = save_hf(hf, tmp_path / "sharded", max_shard_size="100KB")  # head and embeddings apart
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    embed_file = index["weight_map"]["model.embed_tokens.weight"]
+    head_file = max(f for f in index["weight_map"].values() if f != embed_file)  # another shard, read later
+    shard = load_file(sharded / head_file)
+    save_file({**shard, "lm_head.weight": trained}, str(sharded / head_file), metadata={"format": "pt"})
+    index["weight_map"]["lm_head.weight"] = head_file
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="lm_head.weight differs from model.embed_tokens.weight"):
+        load_model(sharded, dtype="float32")
+    (path / "model.safetensors").unlink()
+    torch.save(hf.state_dict(), path / "pytorch_model.bin")  # lm_head.weight is embed_tokens.weight
+    model, _ = load_model(path, dtype="float32")
+    ids = torch.arange(20)[None]
+    with torch.no_grad():
+        assert (model(ids) - hf(ids).logits).abs().max() < 1e-4
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_a_classifier_checkpoint_is_refused_naming_its_architecture(tmp_path):
+    """A reward model or classifier (score head, no lm_head) was refused naming only 'score.weight'."""
+    import transformers
+
+    config = transformers.Qwen2Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, num_labels=1, pad_token_id=0,
+    )  # fmt: skip
+    transformers.Qwen2ForSequenceClassification(config).save_pretrained(tmp_path / "rm")
+    with pytest.raises(CheckpointError) as e:
+        load_model(tmp_path / "rm")
+    assert str(e.value).endswith(
+        "unexpected tensor 'score.weight' for a qwen2 model; config.json's architectures Qwen2For"
+        "SequenceClassification is not a causal language model (qwenkit runs *ForCausalLM checkpoints)"
+    )
+
+
 def test_bin_with_arbitrary_objects_is_refused(tmp_path, qwen2_dir):
     class Evil:
         def __reduce__(self):
@@ -153,8 +204,10 @@ def test_unknown_model_type_and_unsupported_values():
         ModelConfig.from_hf(
             {"model_type": "qwen2", **base, "rope_scaling": {"type": "longrope", "factor": 2}}
         )
-    with pytest.raises(ConfigError, match="use_sliding_window"):
-        ModelConfig.from_hf({"model_type": "qwen2", **base, "use_sliding_window": True})
+    with pytest.raises(ConfigError, match="use_sliding_window=true makes layer.s. 0 sliding-window"):
+        ModelConfig.from_hf(
+            {"model_type": "qwen2", **base, "use_sliding_window": True, "max_window_layers": 0}
+        )
     with pytest.raises(ConfigError, match="not a multiple of num_key_value_heads 3"):
         ModelConfig.from_hf({"model_type": "qwen2", **base, "num_key_value_heads": 3})
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from factories import hf_model, save_hf, write_v1_checkpoint
+from factories import hf_model, hf_model_from_config_json, save_hf, write_v1_checkpoint
 from qwen_v1_reference import v1_greedy, v1_logits
 from safetensors.torch import load_file
 
@@ -55,6 +55,60 @@ def test_parity_with_transformers(variant, tmp_path):
     assert (ours - ref).abs().max().item() < 1e-4
     prompt = ids[0, :7].tolist()
     assert greedy(model, prompt, 32) == hf_greedy(hf, prompt, 32)
+
+
+SHAPE = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)  # fmt: skip
+
+# config.json files as users hold them, each read the way transformers reads it (not through a Config class)
+CONFIG_JSON = {
+    # transformers' Qwen3Config defaults head_dim to 128: qwenkit took 64 / 4 = 16 and refused the tensors
+    "qwen3-no-head-dim": dict(model_type="qwen3"),
+    # A top-level original_max_position_embeddings overrides rope_scaling's (here the default, 128) when
+    # transformers builds the model: qwenkit stretched a 128-token window and its logits differed by 2e-3
+    "qwen2-yarn-top-level-original": dict(
+        model_type="qwen2", rope_scaling={"type": "yarn", "factor": 4.0}, original_max_position_embeddings=32
+    ),
+    # transformers' Qwen MLPs have no bias whatever mlp_bias says (Llama's honour it): qwenkit asked the
+    # checkpoint for mlp biases and refused it
+    "qwen2-mlp-bias": dict(model_type="qwen2", mlp_bias=True),
+    "qwen3_moe-mlp-bias": dict(
+        model_type="qwen3_moe",
+        head_dim=16,
+        mlp_bias=True,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+    ),
+    "llama-mlp-bias": dict(model_type="llama", mlp_bias=True),
+    # use_sliding_window=true whose max_window_layers covers every layer: transformers runs full attention
+    # in each (its layer_types rule); qwenkit refused the config
+    "qwen2-sliding-window-on-no-layer": dict(
+        model_type="qwen2", use_sliding_window=True, sliding_window=16, max_window_layers=2
+    ),
+    "qwen2_moe-sliding-window-on-no-layer": dict(
+        model_type="qwen2_moe",
+        use_sliding_window=True,
+        sliding_window=16,
+        max_window_layers=0,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=48,
+    ),
+}
+
+
+@pytest.mark.parametrize("variant", list(CONFIG_JSON))
+def test_config_json_keys_read_as_transformers_reads_them(variant, tmp_path):
+    cfg = {**SHAPE, **CONFIG_JSON[variant]}
+    hf = hf_model_from_config_json(tmp_path / "m", cfg)
+    model, _ = load_model(tmp_path / "m", dtype="float32")
+    ids = torch.randint(0, 512, (2, 100), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (model(ids) - hf(ids).logits).abs().max().item() < 1e-4
+    prompt = ids[0, :9].tolist()
+    assert greedy(model, prompt, 60) == hf_greedy(hf, prompt, 60)
 
 
 def test_parity_qwen_v1_against_reference(tmp_path):

@@ -297,9 +297,7 @@ def _eos_ids(cfg: dict[str, Any]) -> tuple[int, ...]:
 
 def _rope(cfg: dict[str, Any]) -> tuple[float, YarnScaling | None]:
     """Read rope_theta and rope_scaling (also transformers 5's ``rope_parameters``)."""
-    params = dict(cfg.get("rope_parameters") or {})
-    scaling = cfg.get("rope_scaling") or {}
-    params = {**scaling, **params}
+    params = _rope_params(cfg)
     theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type == "default":
@@ -307,9 +305,13 @@ def _rope(cfg: dict[str, Any]) -> tuple[float, YarnScaling | None]:
     if rope_type != "yarn":
         raise ConfigError(f"unsupported rope_scaling type {rope_type!r}; qwenkit supports default and yarn")
     factor = params.get("factor")
-    original = params.get("original_max_position_embeddings", cfg.get("max_position_embeddings"))
+    # A top-level original_max_position_embeddings overrides rope_scaling's, as transformers builds the model
+    original = cfg.get("original_max_position_embeddings") or params.get(
+        "original_max_position_embeddings", cfg.get("max_position_embeddings")
+    )
     if factor is None:  # as transformers: the context's growth over the pretrained one, where both are given
-        if "original_max_position_embeddings" not in params or not cfg.get("max_position_embeddings"):
+        given = "original_max_position_embeddings" in params or cfg.get("original_max_position_embeddings")
+        if not given or not cfg.get("max_position_embeddings"):
             raise ConfigError(
                 "rope_scaling type yarn needs a factor (or original_max_position_embeddings beside "
                 "max_position_embeddings, whose ratio it is)"
@@ -325,6 +327,26 @@ def _rope(cfg: dict[str, Any]) -> tuple[float, YarnScaling | None]:
         mscale_all_dim=params.get("mscale_all_dim"),
         truncate=bool(params.get("truncate", True)),
     )
+
+
+def _rope_params(cfg: dict[str, Any]) -> dict[str, Any]:
+    """rope_scaling and transformers 5's rope_parameters as one dict. Both given, they must agree:
+    transformers then reads rope_scaling alone (and rope_theta only from the top level), so adding the
+    documented YaRN rope_scaling to a config.json that transformers 5 wrote (rope_parameters of type
+    default) ran YaRN there with the default base 10000 and here no YaRN at all."""
+    scaling = dict(cfg.get("rope_scaling") or {})
+    params = dict(cfg.get("rope_parameters") or {})
+    if scaling and params:
+        for d in (scaling, params):
+            d.setdefault("rope_type", d.get("type", "default"))
+        clash = sorted(k for k in scaling.keys() & params.keys() if k != "type" and scaling[k] != params[k])
+        if clash:
+            where = ", ".join(f"{k} {scaling[k]!r} against {params[k]!r}" for k in clash)
+            raise ConfigError(
+                f"config.json's rope_scaling and rope_parameters disagree ({where}); keep one of them "
+                "(transformers 5 writes rope_parameters: put the scaling keys there, rope_theta beside them)"
+            )
+    return {**scaling, **params}
 
 
 def _quantization(cfg: dict[str, Any]) -> dict[str, Any] | None:
@@ -389,11 +411,23 @@ def _v1_dtype(cfg: dict[str, Any]) -> str | None:
 def _read_hf_standard(cfg: dict[str, Any]) -> ModelConfig:
     """qwen2, qwen3, their MoE variants and llama share transformers' standard decoder config keys."""
     family: Family = cfg["model_type"]
-    if cfg.get("use_sliding_window"):
-        raise ConfigError("use_sliding_window=true is not supported (no released Qwen model enables it)")
+    if sliding := _sliding_layers(cfg, family):
+        source = "layer_types" if cfg.get("layer_types") else "use_sliding_window=true"
+        raise ConfigError(
+            f"{source} makes layer(s) {_spans(sliding)} sliding-window attention, which qwenkit does not "
+            "run (no released Qwen model enables it)"
+        )
     if family == "llama" and cfg.get("pretraining_tp", 1) != 1:
         raise ConfigError("llama pretraining_tp != 1 is not supported")
     theta, yarn = _rope(cfg)
+    factors = (cfg.get("partial_rotary_factor"), _rope_params(cfg).get("partial_rotary_factor"))
+    partial = [f for f in factors if f is not None and f != 1]
+    if partial:
+        # transformers' qwen2/qwen3/llama rotate the whole head whatever this says (and fail with YaRN)
+        raise ConfigError(
+            f"partial_rotary_factor={partial[0]} is not supported for {family}: transformers rotates "
+            "the whole head of this family, so the checkpoint's positions are ambiguous; remove it"
+        )
     bias = bool(cfg.get("attention_bias", False))
     dtype = cfg.get("torch_dtype", cfg.get("dtype"))
     return ModelConfig(
@@ -404,18 +438,15 @@ def _read_hf_standard(cfg: dict[str, Any]) -> ModelConfig:
         num_hidden_layers=int(cfg["num_hidden_layers"]),
         num_attention_heads=int(cfg["num_attention_heads"]),
         num_key_value_heads=int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"]),
-        head_dim=int(cfg.get("head_dim") or 0),
-        rotary_dim=int(
-            (cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
-            * float(cfg.get("partial_rotary_factor", 1.0))
-        ),
+        # transformers' Qwen3Config defaults head_dim to 128; the others divide hidden_size by the heads
+        head_dim=int(cfg.get("head_dim") or (128 if family == "qwen3" else 0)),
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         rope_theta=theta,
         rope_scaling=yarn,
         max_position_embeddings=int(cfg.get("max_position_embeddings", 32768)),
         qkv_bias=bool(cfg.get("qkv_bias", True)) if family in ("qwen2", "qwen2_moe") else bias,
         o_bias=False if family in ("qwen2", "qwen2_moe") else bias,
-        mlp_bias=bool(cfg.get("mlp_bias", False)),
+        mlp_bias=bool(cfg.get("mlp_bias", False)) if family == "llama" else False,  # Qwen MLPs: no bias
         qk_norm=family in ("qwen3", "qwen3_moe"),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         torch_dtype=str(dtype) if dtype else None,
@@ -425,6 +456,36 @@ def _read_hf_standard(cfg: dict[str, Any]) -> ModelConfig:
         quantization=_quantization(cfg),
         **(_moe(cfg) if family.endswith("_moe") else {}),
     )
+
+
+def _sliding_layers(cfg: dict[str, Any], family: Family) -> list[int]:
+    """The layers transformers 5 runs with sliding-window attention, by its rules per family: a
+    use_sliding_window=true whose max_window_layers leaves no layer sliding runs full attention there."""
+    if family == "llama":
+        return []  # transformers' Llama has no sliding window
+    layers = range(int(cfg.get("num_hidden_layers") or 0))  # missing: named where the sizes are read
+    types = cfg.get("layer_types")
+    if types and family != "qwen3_moe":  # Qwen3-MoE has no layer_types: its window applies to every layer
+        return [i for i in layers if i < len(types) and types[i] == "sliding_attention"]
+    if not cfg.get("use_sliding_window") or not cfg.get("sliding_window", 4096):
+        return []
+    limit = int(cfg.get("max_window_layers", 28))
+    if family == "qwen3_moe":
+        return list(layers)
+    if family == "qwen2_moe":
+        return [i for i in layers if (i + 1) % 2 and i < limit]
+    return [i for i in layers if i >= limit]
+
+
+def _spans(indices: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    spans: list[list[int]] = []
+    for i in indices:
+        if spans and spans[-1][1] == i - 1:
+            spans[-1][1] = i
+        else:
+            spans.append([i, i])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
 def _moe(cfg: dict[str, Any]) -> dict[str, Any]:

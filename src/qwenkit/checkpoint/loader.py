@@ -415,6 +415,8 @@ def _assign_all(
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
     loaded: set[str] = set()
+    # A tied model's lm_head.weight and embeddings as the file holds them (views: nothing is copied)
+    tied: dict[str, torch.Tensor] = {}
     trimmer = HeapTrimmer()  # GPTQ layers packed as they complete free their unpacking temporaries
     bar = tqdm(
         total=source.total_bytes,
@@ -429,12 +431,14 @@ def _assign_all(
         for name, tensor in sanitize(config, source.tensors(keep_quantized=keep_quantized)):
             shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else tuple(tensor.codes.shape)
             bar.update(math.prod(shape) * (tensor.element_size() if isinstance(tensor, torch.Tensor) else 4))
+            if config.tie_word_embeddings and name in TIED_PAIR and isinstance(tensor, torch.Tensor):
+                tied[name] = tensor
             if name not in expected:
                 if _is_droppable(name, tensor, config):
                     continue
                 raise CheckpointError(
                     f"{source.path}: unexpected tensor {name!r}{_expert_note(name, config)} "
-                    f"for a {config.family} model"
+                    f"for a {config.family} model{_architecture_note(config)}"
                 )
             target = expected[name]
             whole = tensor
@@ -471,9 +475,31 @@ def _assign_all(
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         shown = ", ".join(n + _expert_note(n, config) for n in missing[:5])
-        raise CheckpointError(f"{source.path}: missing tensor(s) {shown}{more}")
+        raise CheckpointError(f"{source.path}: missing tensor(s) {shown}{more}{_architecture_note(config)}")
+    if len(tied) == 2:
+        _check_tied_head(*(tied[n] for n in TIED_PAIR), source)
     if config.tie_word_embeddings and isinstance(model.model.embed_tokens, nn.Embedding):
         model.lm_head.weight = model.model.embed_tokens.weight  # (a quantized pair shares codes already)
+
+
+TIED_PAIR = ("lm_head.weight", "model.embed_tokens.weight")
+
+
+def _check_tied_head(head: torch.Tensor, embed: torch.Tensor, source: CheckpointSource) -> None:
+    """Refuse a tied model whose file holds an lm_head.weight other than its embeddings (a fine-tune that
+    trained the head apart, its config.json left tied). Tying dropped that head silently, while
+    transformers 5 runs it untied: the logits differed. An identical copy (as .bin files hold) passes."""
+    if head.shape != embed.shape:  # the shape check names the mismatch
+        return
+    rows = 4096  # compared a block at a time: no whole-matrix copy
+    for start in range(0, head.shape[0], rows):
+        if not torch.equal(head[start : start + rows].to(embed.dtype), embed[start : start + rows]):
+            raise CheckpointError(
+                f"{source.path}: config.json ties the output head to the embeddings "
+                "(tie_word_embeddings=true), but the checkpoint's lm_head.weight differs from "
+                "model.embed_tokens.weight; set tie_word_embeddings to false in config.json to run that "
+                "lm_head (transformers 5 runs it untied), or remove it to tie"
+            )
 
 
 def _shard_codes(name: str, w: AffineWeight, tp: TensorParallel) -> AffineWeight | torch.Tensor:
@@ -534,6 +560,18 @@ def _expert_note(name: str, config: ModelConfig) -> str:
     if expert >= config.num_experts:
         return f"{where}, but config.json has num_experts={config.num_experts})"
     return where + ")"
+
+
+def _architecture_note(config: ModelConfig) -> str:
+    """Why the tensors do not fit, where config.json's architectures name no causal language model (a
+    classifier's or reward model's score head, an embedding model's bare stack): else empty."""
+    names = config.architectures
+    if not names or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in names):
+        return ""
+    return (
+        f"; config.json's architectures {', '.join(names)} is not a causal language model "
+        "(qwenkit runs *ForCausalLM checkpoints)"
+    )
 
 
 def _is_droppable(name: str, tensor: torch.Tensor, config: ModelConfig) -> bool:
