@@ -415,8 +415,8 @@ def _assign_all(
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
     loaded: set[str] = set()
-    # A tied model's lm_head.weight and embeddings as the file holds them (views: nothing is copied)
-    tied: dict[str, torch.Tensor] = {}
+    # A tied model's lm_head.weight, where its file has one (checked against the embeddings, then let go)
+    head: torch.Tensor | None = None
     trimmer = HeapTrimmer()  # GPTQ layers packed as they complete free their unpacking temporaries
     bar = tqdm(
         total=source.total_bytes,
@@ -431,8 +431,12 @@ def _assign_all(
         for name, tensor in sanitize(config, source.tensors(keep_quantized=keep_quantized)):
             shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else tuple(tensor.codes.shape)
             bar.update(math.prod(shape) * (tensor.element_size() if isinstance(tensor, torch.Tensor) else 4))
-            if config.tie_word_embeddings and name in TIED_PAIR and isinstance(tensor, torch.Tensor):
-                tied[name] = tensor
+            if config.tie_word_embeddings and isinstance(tensor, torch.Tensor):
+                if name == "lm_head.weight":
+                    head = tensor
+                elif name == "model.embed_tokens.weight" and head is not None:  # only the head is held
+                    _check_tied_head(head, tensor, source)
+                    head = None
             if name not in expected:
                 if _is_droppable(name, tensor, config):
                     continue
@@ -476,13 +480,11 @@ def _assign_all(
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         shown = ", ".join(n + _expert_note(n, config) for n in missing[:5])
         raise CheckpointError(f"{source.path}: missing tensor(s) {shown}{more}{_architecture_note(config)}")
-    if len(tied) == 2:
-        _check_tied_head(*(tied[n] for n in TIED_PAIR), source)
+    embedding = getattr(model.model.embed_tokens, "weight", None)
+    if head is not None and isinstance(embedding, torch.Tensor):  # the head came after the embeddings
+        _check_tied_head(head, embedding.detach(), source)
     if config.tie_word_embeddings and isinstance(model.model.embed_tokens, nn.Embedding):
         model.lm_head.weight = model.model.embed_tokens.weight  # (a quantized pair shares codes already)
-
-
-TIED_PAIR = ("lm_head.weight", "model.embed_tokens.weight")
 
 
 def _check_tied_head(head: torch.Tensor, embed: torch.Tensor, source: CheckpointSource) -> None:
