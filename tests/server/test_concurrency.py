@@ -89,3 +89,41 @@ def test_cancelled_streams_free_everything(server):
     assert float(aborted.group(1)) >= 100
     r = httpx.post(server.url + CHAT, json={**body(1), "max_tokens": 3}, timeout=60)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+
+
+def health_while(server, path: str, payload: dict) -> tuple[float, float, httpx.Response]:
+    """Post ``payload`` to ``path`` while /health is probed: (seconds the post took, longest /health
+    answer meanwhile, the post's response)."""
+    import threading
+
+    waits: list[float] = []
+    done = threading.Event()
+
+    def probe() -> None:
+        while not done.is_set():
+            start = time.perf_counter()
+            httpx.get(server.url + "/health", timeout=120)
+            waits.append(time.perf_counter() - start)
+            time.sleep(0.02)
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    time.sleep(0.2)
+    start = time.perf_counter()
+    r = httpx.post(server.url + path, json=payload, timeout=120)
+    took = time.perf_counter() - start
+    done.set()
+    prober.join()
+    return took, max(waits), r
+
+
+LONG_TEXT = "hello world, this is a fairly ordinary sentence. " * 40_000  # 2 MB, 400,001 tokens
+
+
+def test_a_long_prompt_to_tokenize_leaves_health_answering(server):
+    """/tokenize read its text on the event loop: for the 3 s a 2 MB prompt took, /health (and every
+    stream) waited. It reads it in a worker thread, as the generation routes read theirs."""
+    took, longest, r = health_while(server, "/tokenize", {"prompt": LONG_TEXT})
+    assert r.status_code == 200 and r.json()["count"] == 400_001
+    assert took > 1.0  # long enough for a stall to show
+    assert longest < 0.75, f"/health waited {longest:.2f} s of the {took:.2f} s /tokenize took"
