@@ -7,6 +7,7 @@ import re
 import time
 
 import httpx
+import pytest
 
 CHAT = "/v1/chat/completions"
 
@@ -117,13 +118,23 @@ def health_while(server, path: str, payload: dict) -> tuple[float, float, httpx.
     return took, max(waits), r
 
 
-LONG_TEXT = "hello world, this is a fairly ordinary sentence. " * 40_000  # 2 MB, 400,001 tokens
+LONG_TEXT = "hello world, this is a fairly ordinary sentence. " * 40_000  # 2 MB: 400,001 tokens
+LONG_CHAT = [{"role": "user", "content": LONG_TEXT}]
 
 
-def test_a_long_prompt_to_tokenize_leaves_health_answering(server):
-    """/tokenize read its text on the event loop: for the 3 s a 2 MB prompt took, /health (and every
-    stream) waited. It reads it in a worker thread, as the generation routes read theirs."""
-    took, longest, r = health_while(server, "/tokenize", {"prompt": LONG_TEXT})
-    assert r.status_code == 200 and r.json()["count"] == 400_001
+@pytest.mark.parametrize(
+    ("path", "payload", "status", "words"),
+    [
+        ("/tokenize", {"prompt": LONG_TEXT}, 200, '"count":400001,'),
+        ("/tokenize", {"messages": LONG_CHAT}, 200, '"count":400009,'),
+        (CHAT, {"messages": LONG_CHAT}, 400, "your prompt has 400009 tokens"),
+    ],
+)
+def test_a_long_prompt_leaves_health_answering(server, path, payload, status, words):
+    """/tokenize read its text on the event loop, and a rendered chat prompt was encoded by a call that
+    held the interpreter: for the seconds a 2 MB prompt took, /health (and every stream) waited. Prompts
+    are read in a worker thread that lets the loop run."""
+    took, longest, r = health_while(server, path, payload)
+    assert r.status_code == status and words in r.text
     assert took > 1.0  # long enough for a stall to show
-    assert longest < 0.75, f"/health waited {longest:.2f} s of the {took:.2f} s /tokenize took"
+    assert longest < 0.75, f"/health waited {longest:.2f} s of the {took:.2f} s {path} took"
