@@ -303,3 +303,55 @@ def test_head_probes_and_405_allow(server):
     wrong = httpx.get(server.url + CHAT)
     assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
     assert error_of(wrong)["message"] == "Method Not Allowed"
+
+
+@pytest.fixture(scope="module")
+def failing(tiny_chat_model):
+    """A server of its own whose model's next forward raises once ``fail_next()`` is called (what a
+    bug or a device fault in one step looks like to the engine)."""
+    from live import LiveServer
+
+    from qwenkit.generate import LLM
+    from qwenkit.server import ServerConfig, create_app
+
+    llm = LLM.load(tiny_chat_model, dtype="float32", max_batch_size=2, progress=False)
+    model, forward = llm.model, llm.model.forward
+
+    def fail_next() -> None:
+        def broken(*args, **kwargs):
+            del model.forward  # once: the step after runs the real model again
+            raise RuntimeError("device fault in the forward")
+
+        model.forward = broken
+
+    config = ServerConfig(served_model_name="tiny", response_cache_entries=0)
+    with LiveServer(create_app(llm, config)) as live:
+        yield live, fail_next
+    assert model.forward == forward
+
+
+def test_a_failed_step_is_a_500_whole_or_streamed_alike_and_the_server_goes_on(failing):
+    live, fail_next = failing
+    message = "internal error: RuntimeError: device fault in the forward"
+    fail_next()
+    r = httpx.post(live.url + CHAT, json={"messages": HELLO, "max_tokens": 4}, timeout=60)
+    assert r.status_code == 500
+    assert error_of(r) == {
+        "message": message,
+        "type": "server_error",
+        "param": None,
+        "code": "generation_error",
+    }
+    for path, body in ((CHAT, {"messages": HELLO}), ("/v1/completions", {"prompt": "Hello"})):
+        fail_next()
+        r = httpx.post(live.url + path, json={**body, "max_tokens": 4, "stream": True}, timeout=60)
+        events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+        assert r.status_code == 200 and events[-1] == "[DONE]"
+        # the same error object as the whole answer's (the SDK raises it from the stream)
+        assert json.loads(events[-2]) == {
+            "error": {"message": message, "type": "server_error", "param": None, "code": "generation_error"}
+        }
+    again = {"messages": HELLO, "max_tokens": 4, "ignore_eos": True}
+    r = httpx.post(live.url + CHAT, json=again, timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+    assert httpx.get(live.url + "/health").json() == {"status": "ok"}

@@ -232,7 +232,7 @@ async def collect(run: Run, request: Request) -> None:
     async def consume() -> None:
         async for _choice, delta in run.deltas():
             if delta.finish_reason == "error":
-                raise APIError(500, delta.completion.error or "generation failed", None, "generation_error")
+                raise generation_failed(delta.completion)
 
     async def watch() -> None:
         while not await request.is_disconnected():
@@ -246,6 +246,11 @@ async def collect(run: Run, request: Request) -> None:
         run.abort()
         raise APIError(499, "the client closed the request", None, "client_closed")
     consumer.result()
+
+
+def generation_failed(completion: Completion) -> APIError:
+    """A choice the engine failed (a step raised): the same error whole or streamed."""
+    return APIError(500, completion.error or "generation failed", None, "generation_error")
 
 
 def sse(payload: dict | str) -> str:
@@ -451,7 +456,7 @@ async def _chat_events(
                     yield chunk(choice.index, said(choice.index, {"content": ""}), None, lps)
             if delta.finish_reason is not None:
                 if delta.finish_reason == "error":
-                    yield stream_error(APIError(500, delta.completion.error or "generation failed"))
+                    yield stream_error(generation_failed(delta.completion))
                     continue
                 if choice.index not in started:  # a choice with no text still says who spoke
                     started.add(choice.index)
@@ -545,7 +550,7 @@ async def _completion_events(run: Run, head: dict, body: CompletionRequest):
             if text or lps:
                 yield chunk(choice.index, text, None, lps)
             if delta.finish_reason == "error":
-                yield stream_error(APIError(500, delta.completion.error or "generation failed"))
+                yield stream_error(generation_failed(delta.completion))
             elif delta.finish_reason is not None:
                 yield chunk(choice.index, "", delta.finish_reason)
         if body.include_usage:
