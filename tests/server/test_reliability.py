@@ -175,6 +175,24 @@ def test_max_queue_counts_only_requests_that_would_wait(make_server):
     assert nine.status_code == 200 and len(nine.json()["choices"]) == 9
 
 
+def test_a_batch_of_prompts_that_can_never_fit_names_the_prompts_not_n(make_server):
+    """Ten choices from five prompts of n=2 never fit 8 rows and no queue; the 400 said "n=10 choices",
+    naming n, to a client that asked for n=2."""
+    live = make_server(max_queue=0, response_cache_entries=0)
+    body = {"prompt": ["Hello"] * 5, "n": 2, "max_tokens": 2}
+    past = httpx.post(live.url + "/v1/completions", json=body, timeout=60)
+    assert past.status_code == 400
+    assert error_of(past) == {
+        "message": "5 prompts of n=2 choices each can never be taken by this server: it runs 8 rows and "
+        "queues 0 more (--max-batch, --max-queue); ask for at most 8 choices in one request",
+        "type": "invalid_request_error",
+        "param": "prompt",
+        "code": "invalid_value",
+    }
+    fits = httpx.post(live.url + "/v1/completions", json={**body, "prompt": ["Hello"] * 4}, timeout=60)
+    assert fits.status_code == 200 and len(fits.json()["choices"]) == 8
+
+
 def test_a_body_past_max_request_size_is_413_and_the_server_goes_on(make_server):
     live = make_server(max_request_bytes=4096, response_cache_entries=0)
     big = {"messages": [{"role": "user", "content": "x" * 5000}], "max_tokens": 1}

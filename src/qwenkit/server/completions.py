@@ -70,11 +70,14 @@ class Run:
         submitted = sum(choice.cached is None for choice in self.choices)  # a cached answer waits for nothing
         rows, queue = self.state.llm.engine.scheduler.max_batch, self.state.config.max_queue
         if submitted > rows + queue:  # never fits, however long the client waits: not a 429 to retry
+            prompts = len({id(choice.prompt_ids) for choice in self.choices})
+            n = len(self.choices) // prompts
+            asked = f"n={submitted} choices" if prompts == 1 else f"{prompts} prompts of n={n} choices each"
             raise APIError(
                 400,
-                f"n={submitted} choices can never be taken by this server: it runs {rows} rows and "
-                f"queues {queue} more (--max-batch, --max-queue); ask for at most {rows + queue}",
-                "n",
+                f"{asked} can never be taken by this server: it runs {rows} rows and queues {queue} "
+                f"more (--max-batch, --max-queue); ask for at most {rows + queue} choices in one request",
+                "n" if prompts == 1 else "prompt",
                 "invalid_value",
             )
         if submitted and self.state.waiting_estimate(submitted) > self.state.config.max_queue:
