@@ -48,6 +48,15 @@ def test_bad_requests_are_400_naming_the_field(server, body, param, words):
     assert err["param"] == param and words in err["message"] and err["type"] == "invalid_request_error"
 
 
+def test_an_empty_model_name_is_the_served_model(server):
+    """vLLM takes "model": "" (a client set up with no name) as the model it serves; it was a 404."""
+    for path, body in ((CHAT, {"messages": HELLO}), ("/v1/completions", {"prompt": "Hello"})):
+        r = httpx.post(server.url + path, json={**body, "model": "", "max_tokens": 2}, timeout=60)
+        assert r.status_code == 200 and r.json()["model"] == "tiny", r.text
+    r = httpx.post(server.url + "/tokenize", json={"model": "", "prompt": "Hello world"})
+    assert r.status_code == 200 and r.json()["count"] == 2
+
+
 def test_unknown_model_is_404(server):
     r = httpx.post(server.url + CHAT, json={"messages": HELLO, "model": "gpt-4"})
     assert r.status_code == 404, r.text
