@@ -136,5 +136,5 @@ def test_a_long_prompt_leaves_health_answering(server, path, payload, status, wo
     are read in a worker thread that lets the loop run."""
     took, longest, r = health_while(server, path, payload)
     assert r.status_code == status and words in r.text
-    assert took > 1.0  # long enough for a stall to show
-    assert longest < 0.75, f"/health waited {longest:.2f} s of the {took:.2f} s {path} took"
+    # held, the loop answered nothing until the prompt was read: most of the time the request took
+    assert longest < took / 3, f"/health waited {longest:.2f} s of the {took:.2f} s {path} took"
