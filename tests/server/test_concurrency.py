@@ -7,6 +7,7 @@ import re
 import time
 
 import httpx
+import pytest
 
 CHAT = "/v1/chat/completions"
 
@@ -89,3 +90,51 @@ def test_cancelled_streams_free_everything(server):
     assert float(aborted.group(1)) >= 100
     r = httpx.post(server.url + CHAT, json={**body(1), "max_tokens": 3}, timeout=60)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+
+
+def health_while(server, path: str, payload: dict) -> tuple[float, float, httpx.Response]:
+    """Post ``payload`` to ``path`` while /health is probed: (seconds the post took, longest /health
+    answer meanwhile, the post's response)."""
+    import threading
+
+    waits: list[float] = []
+    done = threading.Event()
+
+    def probe() -> None:
+        while not done.is_set():
+            start = time.perf_counter()
+            httpx.get(server.url + "/health", timeout=120)
+            waits.append(time.perf_counter() - start)
+            time.sleep(0.02)
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    time.sleep(0.2)
+    start = time.perf_counter()
+    r = httpx.post(server.url + path, json=payload, timeout=120)
+    took = time.perf_counter() - start
+    done.set()
+    prober.join()
+    return took, max(waits), r
+
+
+LONG_TEXT = "hello world, this is a fairly ordinary sentence. " * 40_000  # 2 MB: 400,001 tokens
+LONG_CHAT = [{"role": "user", "content": LONG_TEXT}]
+
+
+@pytest.mark.parametrize(
+    ("path", "payload", "status", "words"),
+    [
+        ("/tokenize", {"prompt": LONG_TEXT}, 200, '"count":400001,'),
+        ("/tokenize", {"messages": LONG_CHAT}, 200, '"count":400009,'),
+        (CHAT, {"messages": LONG_CHAT}, 400, "your prompt has 400009 tokens"),
+    ],
+)
+def test_a_long_prompt_leaves_health_answering(server, path, payload, status, words):
+    """/tokenize read its text on the event loop, and a rendered chat prompt was encoded by a call that
+    held the interpreter: for the seconds a 2 MB prompt took, /health (and every stream) waited. Prompts
+    are read in a worker thread that lets the loop run."""
+    took, longest, r = health_while(server, path, payload)
+    assert r.status_code == status and words in r.text
+    # held, the loop answered nothing until the prompt was read: most of the time the request took
+    assert longest < took / 3, f"/health waited {longest:.2f} s of the {took:.2f} s {path} took"

@@ -50,6 +50,15 @@ def test_bad_requests_are_400_naming_the_field(server, body, param, words):
     assert err["param"] == param and words in err["message"] and err["type"] == "invalid_request_error"
 
 
+def test_an_empty_model_name_is_the_served_model(server):
+    """vLLM takes "model": "" (a client set up with no name) as the model it serves; it was a 404."""
+    for path, body in ((CHAT, {"messages": HELLO}), ("/v1/completions", {"prompt": "Hello"})):
+        r = httpx.post(server.url + path, json={**body, "model": "", "max_tokens": 2}, timeout=60)
+        assert r.status_code == 200 and r.json()["model"] == "tiny", r.text
+    r = httpx.post(server.url + "/tokenize", json={"model": "", "prompt": "Hello world"})
+    assert r.status_code == 200 and r.json()["count"] == 2
+
+
 def test_unknown_model_is_404(server):
     r = httpx.post(server.url + CHAT, json={"messages": HELLO, "model": "gpt-4"})
     assert r.status_code == 404, r.text
@@ -175,6 +184,24 @@ def test_max_queue_counts_only_requests_that_would_wait(make_server):
     live = make_server(max_queue=1, response_cache_entries=0)
     nine = httpx.post(live.url + CHAT, json={"messages": HELLO, "max_tokens": 2, "n": 9}, timeout=60)
     assert nine.status_code == 200 and len(nine.json()["choices"]) == 9
+
+
+def test_a_batch_of_prompts_that_can_never_fit_names_the_prompts_not_n(make_server):
+    """Ten choices from five prompts of n=2 never fit 8 rows and no queue; the 400 said "n=10 choices",
+    naming n, to a client that asked for n=2."""
+    live = make_server(max_queue=0, response_cache_entries=0)
+    body = {"prompt": ["Hello"] * 5, "n": 2, "max_tokens": 2}
+    past = httpx.post(live.url + "/v1/completions", json=body, timeout=60)
+    assert past.status_code == 400
+    assert error_of(past) == {
+        "message": "5 prompts of n=2 choices each can never be taken by this server: it runs 8 rows and "
+        "queues 0 more (--max-batch, --max-queue); ask for at most 8 choices in one request",
+        "type": "invalid_request_error",
+        "param": "prompt",
+        "code": "invalid_value",
+    }
+    fits = httpx.post(live.url + "/v1/completions", json={**body, "prompt": ["Hello"] * 4}, timeout=60)
+    assert fits.status_code == 200 and len(fits.json()["choices"]) == 8
 
 
 def test_a_body_past_max_request_size_is_413_and_the_server_goes_on(make_server):
@@ -305,3 +332,55 @@ def test_head_probes_and_405_allow(server):
     wrong = httpx.get(server.url + CHAT)
     assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
     assert error_of(wrong)["message"] == "Method Not Allowed"
+
+
+@pytest.fixture(scope="module")
+def failing(tiny_chat_model):
+    """A server of its own whose model's next forward raises once ``fail_next()`` is called (what a
+    bug or a device fault in one step looks like to the engine)."""
+    from live import LiveServer
+
+    from qwenkit.generate import LLM
+    from qwenkit.server import ServerConfig, create_app
+
+    llm = LLM.load(tiny_chat_model, dtype="float32", max_batch_size=2, progress=False)
+    model, forward = llm.model, llm.model.forward
+
+    def fail_next() -> None:
+        def broken(*args, **kwargs):
+            del model.forward  # once: the step after runs the real model again
+            raise RuntimeError("device fault in the forward")
+
+        model.forward = broken
+
+    config = ServerConfig(served_model_name="tiny", response_cache_entries=0)
+    with LiveServer(create_app(llm, config)) as live:
+        yield live, fail_next
+    assert model.forward == forward
+
+
+def test_a_failed_step_is_a_500_whole_or_streamed_alike_and_the_server_goes_on(failing):
+    live, fail_next = failing
+    message = "internal error: RuntimeError: device fault in the forward"
+    fail_next()
+    r = httpx.post(live.url + CHAT, json={"messages": HELLO, "max_tokens": 4}, timeout=60)
+    assert r.status_code == 500
+    assert error_of(r) == {
+        "message": message,
+        "type": "server_error",
+        "param": None,
+        "code": "generation_error",
+    }
+    for path, body in ((CHAT, {"messages": HELLO}), ("/v1/completions", {"prompt": "Hello"})):
+        fail_next()
+        r = httpx.post(live.url + path, json={**body, "max_tokens": 4, "stream": True}, timeout=60)
+        events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+        assert r.status_code == 200 and events[-1] == "[DONE]"
+        # the same error object as the whole answer's (the SDK raises it from the stream)
+        assert json.loads(events[-2]) == {
+            "error": {"message": message, "type": "server_error", "param": None, "code": "generation_error"}
+        }
+    again = {"messages": HELLO, "max_tokens": 4, "ignore_eos": True}
+    r = httpx.post(live.url + CHAT, json=again, timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+    assert httpx.get(live.url + "/health").json() == {"status": "ok"}

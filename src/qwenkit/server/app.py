@@ -6,6 +6,7 @@ mounted in a user's own ASGI app.
 
 from __future__ import annotations
 
+import asyncio
 import mimetypes
 import time
 from pathlib import Path
@@ -172,13 +173,17 @@ def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
         state.check_model(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", "prompt")
-        if body.messages is not None:  # the prompt a chat request with these fields gets (its own BOS)
-            ids = routes.chat_prompt(llm, body.as_chat_request())
-        elif body.add_special_tokens:  # what /v1/completions gives the text (vLLM's default too)
-            ids = llm.tokenizer.encode_prompt(body.prompt)
-        else:
-            ids = llm.tokenizer.encode(body.prompt)
+        # in a worker thread, as the generation routes read prompts: a long one (seconds for megabytes)
+        # would otherwise stop the event loop, and with it /health and every stream
+        ids = await asyncio.to_thread(tokenized, body)
         return {"count": len(ids), "max_model_len": llm.engine.max_seq_len, "tokens": ids}
+
+    def tokenized(body: TokenizeRequest) -> list[int]:
+        if body.messages is not None:  # the prompt a chat request with these fields gets (its own BOS)
+            return routes.chat_prompt(llm, body.as_chat_request())
+        if body.add_special_tokens:  # what /v1/completions gives the text (vLLM's default too)
+            return llm.tokenizer.encode_prompt(body.prompt)
+        return llm.tokenizer.encode(body.prompt)
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict:

@@ -95,11 +95,14 @@ class Run:
         submitted = sum(choice.cached is None for choice in self.choices)  # a cached answer waits for nothing
         rows, queue = self.state.llm.engine.scheduler.max_batch, self.state.config.max_queue
         if submitted > rows + queue:  # never fits, however long the client waits: not a 429 to retry
+            prompts = len({id(choice.prompt_ids) for choice in self.choices})
+            n = len(self.choices) // prompts
+            asked = f"n={submitted} choices" if prompts == 1 else f"{prompts} prompts of n={n} choices each"
             raise APIError(
                 400,
-                f"n={submitted} choices can never be taken by this server: it runs {rows} rows and "
-                f"queues {queue} more (--max-batch, --max-queue); ask for at most {rows + queue}",
-                "n",
+                f"{asked} can never be taken by this server: it runs {rows} rows and queues {queue} "
+                f"more (--max-batch, --max-queue); ask for at most {rows + queue} choices in one request",
+                "n" if prompts == 1 else "prompt",
                 "invalid_value",
             )
         if submitted and self.state.waiting_estimate(submitted) > self.state.config.max_queue:
@@ -257,7 +260,7 @@ async def collect(run: Run, request: Request) -> None:
     async def consume() -> None:
         async for _choice, delta in run.deltas():
             if delta.finish_reason == "error":
-                raise APIError(500, delta.completion.error or "generation failed", None, "generation_error")
+                raise generation_failed(delta.completion)
 
     async def watch() -> None:
         while not await request.is_disconnected():
@@ -271,6 +274,11 @@ async def collect(run: Run, request: Request) -> None:
         run.abort()
         raise APIError(499, "the client closed the request", None, "client_closed")
     consumer.result()
+
+
+def generation_failed(completion: Completion) -> APIError:
+    """A choice the engine failed (a step raised): the same error whole or streamed."""
+    return APIError(500, completion.error or "generation failed", None, "generation_error")
 
 
 def sse(payload: dict | str) -> str:
@@ -515,7 +523,7 @@ async def _chat_events(
                     yield chunk(choice.index, said(choice.index, {"content": ""}), None, lps)
             if delta.finish_reason is not None:
                 if delta.finish_reason == "error":
-                    yield stream_error(APIError(500, delta.completion.error or "generation failed"))
+                    yield stream_error(generation_failed(delta.completion))
                     continue
                 if choice.index not in started:  # a choice with no text still says who spoke
                     started.add(choice.index)
@@ -612,7 +620,7 @@ async def _completion_events(run: Run, head: dict, body: CompletionRequest):
             if text or lps:
                 yield chunk(choice.index, text, None, lps)
             if delta.finish_reason == "error":
-                yield stream_error(APIError(500, delta.completion.error or "generation failed"))
+                yield stream_error(generation_failed(delta.completion))
             elif delta.finish_reason is not None:
                 yield chunk(choice.index, "", delta.finish_reason)
         if body.include_usage:

@@ -54,8 +54,8 @@ class ServerState:
 
     def check_model(self, name: str | None) -> str | None:
         """The adapter a request for model ``name`` runs through (None: the server's default); an
-        unknown name is refused."""
-        if name is None or name == self.model_name:
+        unknown name is refused. No name, or an empty one, is the base model (as vLLM takes it)."""
+        if not name or name == self.model_name:
             return None
         if name in self.adapters:
             return name

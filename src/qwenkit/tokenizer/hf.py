@@ -102,7 +102,9 @@ class HFTokenizer(Tokenizer):
         return [t.id for split in splits for t in model.tokenize(split)]
 
     def encode_with_added(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+        # encode_batch, unlike encode, lets other threads run meanwhile: a rendered chat prompt is one
+        # such text, and its 2 MB message held the interpreter (and the server's /health) ~1.5 s
+        return self._tok.encode_batch([text], add_special_tokens=False)[0].ids
 
     def decode(self, ids: Sequence[int], *, skip_special: bool = False) -> str:
         ids = [int(i) for i in ids]
