@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from qwenkit.config import ModelConfig
 
 QWEN_7B = {
@@ -138,3 +140,27 @@ def test_keys_transformers_reads_otherwise_are_refused_by_name():
     with pytest.raises(ConfigError, match=r"layer\(s\) 0, 2, 4, 6, 8, 10, 12, 14, 16, 18 sliding"):
         ModelConfig.from_hf({**qwen2, **sliding, "model_type": "qwen2_moe"})
     assert ModelConfig.from_hf({**qwen2, "layer_types": ["full_attention"] * 28}).family == "qwen2"
+
+
+def test_a_number_of_the_wrong_type_is_named():
+    """null, text or a list where a number belongs names its key (it said only "float() argument must be a
+    string or a real number, not 'NoneType'")."""
+    import pytest
+
+    from qwenkit.errors import ConfigError
+
+    cases = [
+        ("rms_norm_eps", None, "rms_norm_eps is null; give a number or remove the key"),
+        ("max_position_embeddings", None, "max_position_embeddings is null; give a number or remove the key"),
+        ("hidden_size", "wide", "hidden_size must be a whole number, not 'wide'"),
+        ("rope_theta", [1], "rope_theta must be a number, not [1]"),
+        ("rms_norm_eps", "1e-6", "rms_norm_eps must be a number, not '1e-6'"),
+    ]
+    for key, value, words in cases:
+        with pytest.raises(ConfigError, match=f"^config.json: {re.escape(words)}$"):
+            ModelConfig.from_hf({**QWEN3_SMALL, key: value})
+    assert ModelConfig.from_hf({**QWEN3_SMALL, "num_key_value_heads": None}).num_key_value_heads == 16
+    v1 = {"model_type": "qwen", "vocab_size": 64, "hidden_size": 32, "num_attention_heads": 4}
+    v1 |= {"num_hidden_layers": 1, "intermediate_size": 64, "layer_norm_epsilon": "tiny"}
+    with pytest.raises(ConfigError, match="layer_norm_epsilon must be a number, not 'tiny'"):
+        ModelConfig.from_hf(v1)

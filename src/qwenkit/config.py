@@ -229,6 +229,10 @@ class ModelConfig:
         except (TypeError, ValueError) as e:
             if isinstance(e, ConfigError):
                 raise
+            nulls = [k for k in (*_INT_KEYS, *_FLOAT_KEYS) if k in cfg and cfg[k] is None]
+            if nulls:  # null where the reader needs a number (a few keys take null as their default)
+                message = f"config.json: {nulls[0]} is null; give a number or remove the key"
+                raise ConfigError(message) from None
             raise ConfigError(f"config.json has a value of the wrong type: {e}") from None
 
     @classmethod
@@ -245,6 +249,7 @@ _INT_KEYS = (
     "num_local_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
     "decoder_sparse_step",
 )  # fmt: skip
+_FLOAT_KEYS = ("rms_norm_eps", "layer_norm_epsilon", "rope_theta", "rotary_emb_base", "rotary_pct")
 _BOOL_KEYS = (
     "tie_word_embeddings", "use_dynamic_ntk", "use_logn_attn", "no_bias", "attention_bias", "mlp_bias",
     "qkv_bias", "use_sliding_window", "norm_topk_prob",
@@ -258,6 +263,10 @@ def _check_value_types(cfg: dict[str, Any]) -> None:
         whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
         if value is not None and (isinstance(value, bool) or not whole):
             raise ConfigError(f"config.json: {key} must be a whole number, not {value!r}")
+    for key in _FLOAT_KEYS:
+        value = cfg.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise ConfigError(f"config.json: {key} must be a number, not {value!r}")
     for key in _BOOL_KEYS:
         value = cfg.get(key)
         if value is not None and not isinstance(value, bool):
