@@ -384,3 +384,27 @@ def test_a_failed_step_is_a_500_whole_or_streamed_alike_and_the_server_goes_on(f
     r = httpx.post(live.url + CHAT, json=again, timeout=60)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
     assert httpx.get(live.url + "/health").json() == {"status": "ok"}
+
+
+def test_health_fails_while_every_step_fails_and_recovers(failing):
+    """A fault that fails every step (a dead device, a lost rank) makes /health a 503 after three failed
+    steps in a row, so a liveness probe restarts the server (it said ok while every request was a 500);
+    one failed step does not, and a step that runs makes it healthy again."""
+    live, fail_next = failing
+    fail_next()
+    assert (
+        httpx.post(live.url + CHAT, json={"messages": HELLO, "max_tokens": 2}, timeout=60).status_code == 500
+    )
+    assert httpx.get(live.url + "/health").json() == {"status": "ok"}
+    for _ in range(2):
+        fail_next()
+        r = httpx.post(live.url + CHAT, json={"messages": HELLO, "max_tokens": 2}, timeout=60)
+        assert r.status_code == 500
+    health = httpx.get(live.url + "/health")
+    assert health.status_code == 503 and health.json() == {
+        "status": "failing",
+        "error": "the last 3 engine steps failed: internal error: RuntimeError: device fault in the forward",
+    }
+    r = httpx.post(live.url + CHAT, json={"messages": HELLO, "max_tokens": 2}, timeout=60)
+    assert r.status_code == 200
+    assert httpx.get(live.url + "/health").json() == {"status": "ok"}

@@ -95,6 +95,10 @@ class EngineDriver:
         self._thread: threading.Thread | None = None
         self._closed = False  # set once by shutdown: the thread stops, new requests raise
         self._held = threading.local()  # .batch: this thread's requests held by together() (unset: none)
+        # Engine steps that raised since the last one that ran, and the last one's error: a server's
+        # /health reads them (a fault that fails every step must not look healthy)
+        self.failed_steps = 0
+        self.last_error: str | None = None
 
     def submit(
         self,
@@ -204,12 +208,13 @@ class EngineDriver:
                 outputs = engine.step()
             except RankLostError as exc:  # not a bug here: the launcher names the rank that died
                 log.error("engine step failed: %s", exc)
-                self._fail_all(str(exc))
+                self._failed(str(exc))
                 continue
             except Exception as exc:  # a bug, not bad input: fail the running requests, keep serving
                 log.exception("engine step failed")
-                self._fail_all(f"internal error: {type(exc).__name__}: {exc}")
+                self._failed(f"internal error: {type(exc).__name__}: {exc}")
                 continue
+            self.failed_steps = 0
             for output in outputs:
                 stream = self._streams.get(output.request_id)
                 if stream is None:
@@ -254,6 +259,11 @@ class EngineDriver:
         """The request has ended: its id may be used again."""
         with self._lock:
             self._open_ids.discard(rid)
+
+    def _failed(self, error: str) -> None:
+        self.failed_steps += 1
+        self.last_error = error
+        self._fail_all(error)
 
     def _fail_all(self, error: str) -> None:
         for rid, stream in list(self._streams.items()):

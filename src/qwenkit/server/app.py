@@ -40,6 +40,10 @@ mimetypes.add_type("text/javascript", ".js")
 mimetypes.add_type("text/javascript", ".mjs")
 _PROTECTED = ("/v1/", "/tokenize", "/detokenize", "/tokenizer_info")
 _HEAD_PATHS = ("/", "/health", "/metrics", "/v1/models")
+# /health answers 503 once this many engine steps in a row have failed (a device fault, a lost rank), so
+# an orchestrator's liveness probe restarts the server, as vLLM's does once its engine is dead; one failed
+# step (a bug one request hit) fails those requests and the server goes on healthy.
+UNHEALTHY_AFTER_FAILED_STEPS = 3
 
 
 class RequestGate:
@@ -162,6 +166,10 @@ def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
     async def health() -> Response:
         if state.draining:
             return JSONResponse({"status": "draining"}, 503)
+        driver = state.llm.driver
+        if driver.failed_steps >= UNHEALTHY_AFTER_FAILED_STEPS:  # a fault that fails every step
+            error = f"the last {driver.failed_steps} engine steps failed: {driver.last_error}"
+            return JSONResponse({"status": "failing", "error": error}, 503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
