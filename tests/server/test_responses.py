@@ -256,3 +256,45 @@ def test_a_stopped_stream_ends_with_response_failed(make_server, chat_llm):
     )
     assert r.status_code == 408 and r.json()["error"]["code"] == "timeout"
     assert chat_llm.driver.wait_idle()
+
+
+def _items(response) -> list[tuple]:
+    """Each output item as (type, status, its text or the call's name and arguments)."""
+    out = []
+    for o in response.output:
+        if o.type == "function_call":
+            out.append((o.type, o.status, o.name, o.arguments))
+        else:
+            out.append((o.type, o.status, *(part.text for part in o.content)))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("reply", "limit", "expected"),
+    [
+        # thinking and nothing after it: the reasoning alone (no empty message beside it)
+        ("<think>\nhmm\n</think>\n\n", 200, [("reasoning", "completed", "hmm")]),
+        # cut off while thinking
+        ("<think>\nhmm hmm hmm hmm hmm hmm", 4, [("reasoning", "completed", "hmm")]),
+        # text on both sides of a call: the items in the order the model wrote them
+        (
+            f"Sure.\n{CALL}\nDone.",
+            200,
+            [
+                ("message", "completed", "Sure."),
+                ("function_call", "completed", "get_weather", ARGS),
+                ("message", "completed", "Done."),
+            ],
+        ),
+    ],
+)
+def test_whole_and_streamed_replies_have_the_same_items(steered, reply, limit, expected):
+    live, _llm, _ = steered
+    kwargs = dict(model="tiny", input="Weather in Paris?", tools=[WEATHER], max_output_tokens=limit)
+    play(steered, reply)
+    whole = sdk(live).responses.create(**kwargs)
+    play(steered, reply)
+    with sdk(live).responses.stream(**kwargs) as stream:
+        streamed = list(stream)[-1].response
+    assert _items(whole) == _items(streamed) == expected
+    assert whole.status == streamed.status == ("completed" if limit == 200 else "incomplete")

@@ -3,7 +3,8 @@
 A request becomes a chat request (``instructions`` the system message, ``input`` items the messages:
 ``function_call`` items an assistant turn's tool calls, ``function_call_output`` items tool messages), runs
 exactly as ``/v1/chat/completions`` would (template, tools, grammar, reasoning split), and comes back as
-output items: ``reasoning``, ``message`` and ``function_call``. Streamed, each item is added, filled by
+output items: ``reasoning``, ``message`` and ``function_call``, in the order the model wrote them
+(whole or streamed, the same items: one writer builds both). Streamed, each item is added, filled by
 deltas and done, between ``response.created`` and ``response.completed`` (``response.incomplete`` when
 ``max_output_tokens`` cut it short), the order the openai SDK's ``responses.stream()`` checks. A call is
 sent once it is whole: one whose JSON breaks becomes text, never a call a client would run.
@@ -27,13 +28,14 @@ from qwenkit.generate import Completion
 from qwenkit.server.completions import (
     ChatRun,
     collect,
+    generation_failed,
     start_chat,
     streaming_response,
 )
 from qwenkit.server.errors import APIError
 from qwenkit.server.schemas import ChatCompletionRequest, ResponsesRequest
 from qwenkit.server.state import ServerState
-from qwenkit.tools.calls import ParsedMessage, ToolCall
+from qwenkit.tools.calls import Event, ToolCall
 from qwenkit.tools.hermes import THINK_CLOSE
 
 # The chat request's fields a Responses error names under their Responses names.
@@ -254,17 +256,6 @@ def call_item(item_id: str, call: ToolCall, arguments: str, status: str = "compl
     }
 
 
-def output_items(parsed: ParsedMessage, reasoning: bool, status: str) -> list[dict[str, Any]]:
-    """A whole reply as output items: its reasoning, its text, then its calls."""
-    items = []
-    if reasoning and parsed.reasoning:
-        items.append(reasoning_item(_new_id("rs"), parsed.reasoning))
-    if parsed.content or not parsed.tool_calls:
-        items.append(message_item(_new_id("msg"), parsed.content, status))
-    items += [call_item(_new_id("fc"), call, call.arguments) for call in parsed.tool_calls]
-    return items
-
-
 def usage(started: ChatRun, think_close: int | None) -> dict[str, Any]:
     """Token counts; reasoning tokens are the reply's up to and including its ``</think>`` (all of them
     when it was cut off while thinking)."""
@@ -356,11 +347,11 @@ async def responses(state: ServerState, body: ResponsesRequest, request: Request
     await collect(started.run, request)
     result: Completion = started.run.choices[0].result
     parser = started.plan.parser()
-    parser.feed(result.text)
-    parser.finish()
     status, incomplete = _status(result.finish_reason)
-    output = output_items(parser.message(), started.plan.reasoning, status)
-    return JSONResponse(head.response(status, output, usage(started, think_close), incomplete))
+    writer = _EventWriter()  # the items the stream would build, in the order the model wrote them
+    writer.feed([*parser.feed(result.text), *parser.finish()])
+    writer.end(status)
+    return JSONResponse(head.response(status, writer.output, usage(started, think_close), incomplete))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -428,6 +419,21 @@ class _EventWriter:
             self.event("response.output_item.done", output_index=index, item=item),
         ]
 
+    def feed(self, events: list[Event]) -> list[str]:
+        """The parser's events as output items: text into the open item, each whole call an item."""
+        out = []
+        for e in events:
+            if e.kind in ("content", "reasoning") and e.text:
+                out += self.text(e.kind, e.text)
+            elif e.kind == "tool_call" and e.call is not None:
+                out += self.call(e.call)
+        return out
+
+    def end(self, status: str) -> list[str]:
+        """Close the open item; a reply with no items at all is still an (empty) message."""
+        opened = self.begin("content") if self.open is None and not self.output else []
+        return [*opened, *self.close(status)]
+
     def call(self, call: ToolCall) -> list[str]:
         """A whole call: added, its arguments in one delta, done."""
         out, index, item_id = self.close(), len(self.output), _new_id("fc")
@@ -457,23 +463,15 @@ async def _events(started: ChatRun, head: ResponseHead, think_close: int | None)
         finish = None
         async for _choice, delta in started.run.deltas():
             if delta.finish_reason == "error":
-                raise APIError(500, delta.completion.error or "generation failed", None, "generation_error")
+                raise generation_failed(delta.completion)
             events = parser.feed(delta.text)
             if delta.finish_reason is not None:
                 events += parser.finish()
                 finish = delta.finish_reason
-            for e in events:
-                if e.kind in ("content", "reasoning") and e.text:
-                    for line in writer.text(e.kind, e.text):
-                        yield line
-                elif e.kind == "tool_call" and e.call is not None:
-                    for line in writer.call(e.call):
-                        yield line
-        status, incomplete = _status(finish)
-        if writer.open is None and not writer.output:  # an empty reply is still a message
-            for line in [*writer.begin("content")]:
+            for line in writer.feed(events):
                 yield line
-        for line in writer.close(status):
+        status, incomplete = _status(finish)
+        for line in writer.end(status):
             yield line
         final = head.response(status, writer.output, usage(started, think_close), incomplete)
         yield writer.event(f"response.{status}", response=final)
