@@ -224,6 +224,15 @@ def test_a_forced_call_and_a_json_schema(server):
         ({"input": "hi", "text": {"format": {"type": "xml"}}}, "text.format", "text.format.type must be"),
         ({"input": "hi", "tool_choice": {"type": "file_search"}}, "tool_choice", "tool_choice must be"),
         ({"input": []}, "input", "input: is empty"),
+        # fields that would change the answer are refused by name, never ignored
+        ({"input": "hi", "top_logprobs": 3}, "top_logprobs", "top_logprobs is not supported"),
+        ({"input": "hi", "prompt": {"id": "pmpt_1"}}, "prompt", "prompt is not supported"),
+        (
+            {"input": "hi", "guided_json": {"type": "object"}},
+            "guided_json",
+            "guided_json (a vLLM extension) is not supported; use text.format (json_schema)",
+        ),
+        ({"input": "hi", "min_tokens": 5}, "min_tokens", "min_tokens (a vLLM extension) is not supported"),
     ],
 )
 def test_bad_requests_are_400_naming_the_field(server, body, param, words):

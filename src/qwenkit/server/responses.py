@@ -16,6 +16,7 @@ the whole conversation in ``input``.
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from typing import Any
@@ -33,6 +34,7 @@ from qwenkit.server.completions import (
     streaming_response,
 )
 from qwenkit.server.errors import APIError
+from qwenkit.server.request_params import VLLM_FIELDS
 from qwenkit.server.schemas import ChatCompletionRequest, ResponsesRequest
 from qwenkit.server.state import ServerState
 from qwenkit.tools.calls import Event, ToolCall
@@ -40,6 +42,7 @@ from qwenkit.tools.hermes import THINK_CLOSE
 
 # The chat request's fields a Responses error names under their Responses names.
 _PARAMS = {"messages": "input", "max_tokens": "max_output_tokens", "response_format": "text.format"}
+_CHAT_NAMES = re.compile(r"\b(?:" + "|".join(_PARAMS) + r")\b")
 # Sampling fields vLLM also takes on /v1/responses, passed to the chat request as they are.
 _SAMPLING_EXTRAS = (
     "seed",
@@ -180,7 +183,7 @@ def refuse_stateful(body: ResponsesRequest) -> None:
             "previous_response_id",
             "unsupported",
         )
-    for name in ("background", "conversation"):
+    for name in ("background", "conversation", "prompt"):  # `prompt`: a stored prompt template
         if (body.model_extra or {}).get(name) not in (None, False):
             raise APIError(400, f"{name} is not supported (nothing is stored)", name, "unsupported")
     if body.truncation not in (None, "disabled"):
@@ -188,6 +191,14 @@ def refuse_stateful(body: ResponsesRequest) -> None:
     if "message.output_text.logprobs" in (body.include or []):
         raise APIError(
             400, "include: message.output_text.logprobs is not supported", "include", "unsupported"
+        )
+    if body.top_logprobs:
+        raise APIError(
+            400,
+            "top_logprobs is not supported: /v1/responses returns no log-probabilities "
+            "(/v1/chat/completions does)",
+            "top_logprobs",
+            "unsupported",
         )
 
 
@@ -198,7 +209,9 @@ def chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
     if not messages:
         raise _bad_input("input", "is empty")
     extra = body.model_extra or {}
-    chat: dict[str, Any] = {key: extra[key] for key in _SAMPLING_EXTRAS if key in extra}
+    # vLLM's extensions the chat route refuses go with them, refused there by name rather than ignored here
+    passed = (*_SAMPLING_EXTRAS, *VLLM_FIELDS)
+    chat: dict[str, Any] = {key: extra[key] for key in passed if key in extra}
     effort = (body.reasoning or {}).get("effort")
     if effort is not None:  # as vLLM: the template may read it (Qwen's ignore it)
         chat["chat_template_kwargs"] = {
@@ -339,6 +352,7 @@ async def responses(state: ServerState, body: ResponsesRequest, request: Request
         started = await start_chat(state, chat)
     except APIError as e:  # named as the client named it
         e.param = _PARAMS.get(e.param or "", e.param)
+        e.message = _CHAT_NAMES.sub(lambda m: _PARAMS[m.group(0)], e.message)
         raise
     head = ResponseHead(body, state.response_model(started.adapter))
     think_close = state.llm.tokenizer.added_tokens.get(THINK_CLOSE)
