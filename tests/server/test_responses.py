@@ -224,6 +224,16 @@ def test_a_forced_call_and_a_json_schema(server):
         ({"input": "hi", "text": {"format": {"type": "xml"}}}, "text.format", "text.format.type must be"),
         ({"input": "hi", "tool_choice": {"type": "file_search"}}, "tool_choice", "tool_choice must be"),
         ({"input": []}, "input", "input: is empty"),
+        (
+            {"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "{'a': 1}"}]},
+            "input",
+            "input[0].arguments: must be a JSON object, got \"{'a': 1}\"",
+        ),
+        (
+            {"input": "hi", "text": {"format": {"type": "json_schema", "name": "n", "schema": "{}"}}},
+            "text.format",
+            "text.format.schema must be a JSON schema object",
+        ),
         # fields that would change the answer are refused by name, never ignored
         ({"input": "hi", "top_logprobs": 3}, "top_logprobs", "top_logprobs is not supported"),
         ({"input": "hi", "prompt": {"id": "pmpt_1"}}, "prompt", "prompt is not supported"),

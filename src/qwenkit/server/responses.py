@@ -39,6 +39,7 @@ from qwenkit.server.schemas import ChatCompletionRequest, ResponsesRequest
 from qwenkit.server.state import ServerState
 from qwenkit.tools.calls import Event, ToolCall
 from qwenkit.tools.hermes import THINK_CLOSE
+from qwenkit.tools.template_style import arguments_object
 
 # The chat request's fields a Responses error names under their Responses names.
 _PARAMS = {"messages": "input", "max_tokens": "max_output_tokens", "response_format": "text.format"}
@@ -107,6 +108,10 @@ def input_messages(items: str | list[Any]) -> list[dict[str, Any]]:
             for key in ("call_id", "name", "arguments"):
                 if not isinstance(item.get(key), str):
                     raise _bad_input(f"{where}.{key}", "must be a string")
+            if arguments_object(item["arguments"]) is None:
+                raise _bad_input(
+                    f"{where}.arguments", f"must be a JSON object, got {item['arguments'][:100]!r}"
+                )
             call = {"id": item["call_id"], "type": "function"}
             call["function"] = {"name": item["name"], "arguments": item["arguments"]}
             last = messages[-1] if messages else None
@@ -169,6 +174,8 @@ def _response_format(text: dict[str, Any] | None) -> dict[str, Any] | None:
         raise APIError(400, "text.format.type must be text, json_object or json_schema", "text.format")
     if fmt["type"] != "json_schema":
         return {"type": fmt["type"]}
+    if not isinstance(fmt.get("schema", {}), dict):  # none: any JSON object, as on the chat route
+        raise APIError(400, "text.format.schema must be a JSON schema object", "text.format")
     spec = {key: fmt[key] for key in ("name", "schema", "strict") if key in fmt}
     return {"type": "json_schema", "json_schema": spec}
 
