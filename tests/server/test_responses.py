@@ -317,3 +317,35 @@ def test_whole_and_streamed_replies_have_the_same_items(steered, reply, limit, e
         streamed = list(stream)[-1].response
     assert _items(whole) == _items(streamed) == expected
     assert whole.status == streamed.status == ("completed" if limit == 200 else "incomplete")
+
+
+def test_reasoning_with_no_turn_after_it_is_not_moved_to_a_later_turn(steered):
+    """A reply cut off while thinking comes back as a reasoning item with no message: sent back, it is
+    dropped, never rendered as the thinking of the next assistant turn (the one calling the tool here)."""
+    live, llm, _ = steered
+    items = [
+        {"role": "user", "content": "Hi"},
+        {
+            "type": "reasoning",
+            "id": "rs_1",
+            "summary": [],
+            "content": [{"type": "reasoning_text", "text": "x"}],
+        },
+        {"role": "user", "content": "Weather in Paris?"},
+        {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": ARGS},
+        {"type": "function_call_output", "call_id": "call_1", "output": "18 C"},
+    ]
+    r = sdk(live).responses.create(model="tiny", input=items, tools=[WEATHER], max_output_tokens=1)
+    call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": json.loads(ARGS)},
+    }
+    chat = [
+        {"role": "user", "content": "Hi"},
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 C"},
+    ]
+    ids = llm.tokenizer.apply_chat_template(chat, tools=[CHAT_WEATHER], add_generation_prompt=True)
+    assert r.usage.input_tokens == len(ids)

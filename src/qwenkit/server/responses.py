@@ -83,8 +83,8 @@ def _text(content: Any, where: str) -> str:
 
 def input_messages(items: str | list[Any]) -> list[dict[str, Any]]:
     """``input`` as chat messages. Consecutive ``function_call`` items are one assistant turn's calls
-    (joined to the assistant message just before them); a ``reasoning`` item is the next assistant turn's
-    ``reasoning_content``."""
+    (joined to the assistant message just before them); a ``reasoning`` item is the ``reasoning_content``
+    of the assistant turn right after it (dropped when another message comes first)."""
     if isinstance(items, str):
         return [{"role": "user", "content": items}]
     messages: list[dict[str, Any]] = []
@@ -102,7 +102,8 @@ def input_messages(items: str | list[Any]) -> list[dict[str, Any]]:
                 )
             message: dict[str, Any] = {"role": role, "content": _text(item.get("content"), where)}
             if role == "assistant" and reasoning:
-                message["reasoning_content"], reasoning = reasoning, ""
+                message["reasoning_content"] = reasoning
+            reasoning = ""  # a turn's reasoning never reaches a later turn's (one cut off while thinking)
             messages.append(message)
         elif kind == "function_call":
             for key in ("call_id", "name", "arguments"):
@@ -125,7 +126,7 @@ def input_messages(items: str | list[Any]) -> list[dict[str, Any]]:
         elif kind == "function_call_output":
             if not isinstance(item.get("call_id"), str):
                 raise _bad_input(f"{where}.call_id", "must be a string")
-            output = _text(item.get("output"), where)
+            output, reasoning = _text(item.get("output"), where), ""
             messages.append({"role": "tool", "tool_call_id": item["call_id"], "content": output})
         elif kind == "reasoning":
             parts = item.get("content") or item.get("summary") or []
