@@ -224,6 +224,25 @@ def test_a_forced_call_and_a_json_schema(server):
         ({"input": "hi", "text": {"format": {"type": "xml"}}}, "text.format", "text.format.type must be"),
         ({"input": "hi", "tool_choice": {"type": "file_search"}}, "tool_choice", "tool_choice must be"),
         ({"input": []}, "input", "input: is empty"),
+        (
+            {"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "{'a': 1}"}]},
+            "input",
+            "input[0].arguments: must be a JSON object, got \"{'a': 1}\"",
+        ),
+        (
+            {"input": "hi", "text": {"format": {"type": "json_schema", "name": "n", "schema": "{}"}}},
+            "text.format",
+            "text.format.schema must be a JSON schema object",
+        ),
+        # fields that would change the answer are refused by name, never ignored
+        ({"input": "hi", "top_logprobs": 3}, "top_logprobs", "top_logprobs is not supported"),
+        ({"input": "hi", "prompt": {"id": "pmpt_1"}}, "prompt", "prompt is not supported"),
+        (
+            {"input": "hi", "guided_json": {"type": "object"}},
+            "guided_json",
+            "guided_json (a vLLM extension) is not supported; use text.format (json_schema)",
+        ),
+        ({"input": "hi", "min_tokens": 5}, "min_tokens", "min_tokens (a vLLM extension) is not supported"),
     ],
 )
 def test_bad_requests_are_400_naming_the_field(server, body, param, words):
@@ -256,3 +275,77 @@ def test_a_stopped_stream_ends_with_response_failed(make_server, chat_llm):
     )
     assert r.status_code == 408 and r.json()["error"]["code"] == "timeout"
     assert chat_llm.driver.wait_idle()
+
+
+def _items(response) -> list[tuple]:
+    """Each output item as (type, status, its text or the call's name and arguments)."""
+    out = []
+    for o in response.output:
+        if o.type == "function_call":
+            out.append((o.type, o.status, o.name, o.arguments))
+        else:
+            out.append((o.type, o.status, *(part.text for part in o.content)))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("reply", "limit", "expected"),
+    [
+        # thinking and nothing after it: the reasoning alone (no empty message beside it)
+        ("<think>\nhmm\n</think>\n\n", 200, [("reasoning", "completed", "hmm")]),
+        # cut off while thinking
+        ("<think>\nhmm hmm hmm hmm hmm hmm", 4, [("reasoning", "completed", "hmm")]),
+        # text on both sides of a call: the items in the order the model wrote them
+        (
+            f"Sure.\n{CALL}\nDone.",
+            200,
+            [
+                ("message", "completed", "Sure."),
+                ("function_call", "completed", "get_weather", ARGS),
+                ("message", "completed", "Done."),
+            ],
+        ),
+    ],
+)
+def test_whole_and_streamed_replies_have_the_same_items(steered, reply, limit, expected):
+    live, _llm, _ = steered
+    kwargs = dict(model="tiny", input="Weather in Paris?", tools=[WEATHER], max_output_tokens=limit)
+    play(steered, reply)
+    whole = sdk(live).responses.create(**kwargs)
+    play(steered, reply)
+    with sdk(live).responses.stream(**kwargs) as stream:
+        streamed = list(stream)[-1].response
+    assert _items(whole) == _items(streamed) == expected
+    assert whole.status == streamed.status == ("completed" if limit == 200 else "incomplete")
+
+
+def test_reasoning_with_no_turn_after_it_is_not_moved_to_a_later_turn(steered):
+    """A reply cut off while thinking comes back as a reasoning item with no message: sent back, it is
+    dropped, never rendered as the thinking of the next assistant turn (the one calling the tool here)."""
+    live, llm, _ = steered
+    items = [
+        {"role": "user", "content": "Hi"},
+        {
+            "type": "reasoning",
+            "id": "rs_1",
+            "summary": [],
+            "content": [{"type": "reasoning_text", "text": "x"}],
+        },
+        {"role": "user", "content": "Weather in Paris?"},
+        {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": ARGS},
+        {"type": "function_call_output", "call_id": "call_1", "output": "18 C"},
+    ]
+    r = sdk(live).responses.create(model="tiny", input=items, tools=[WEATHER], max_output_tokens=1)
+    call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": json.loads(ARGS)},
+    }
+    chat = [
+        {"role": "user", "content": "Hi"},
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 C"},
+    ]
+    ids = llm.tokenizer.apply_chat_template(chat, tools=[CHAT_WEATHER], add_generation_prompt=True)
+    assert r.usage.input_tokens == len(ids)

@@ -3,7 +3,8 @@
 A request becomes a chat request (``instructions`` the system message, ``input`` items the messages:
 ``function_call`` items an assistant turn's tool calls, ``function_call_output`` items tool messages), runs
 exactly as ``/v1/chat/completions`` would (template, tools, grammar, reasoning split), and comes back as
-output items: ``reasoning``, ``message`` and ``function_call``. Streamed, each item is added, filled by
+output items: ``reasoning``, ``message`` and ``function_call``, in the order the model wrote them
+(whole or streamed, the same items: one writer builds both). Streamed, each item is added, filled by
 deltas and done, between ``response.created`` and ``response.completed`` (``response.incomplete`` when
 ``max_output_tokens`` cut it short), the order the openai SDK's ``responses.stream()`` checks. A call is
 sent once it is whole: one whose JSON breaks becomes text, never a call a client would run.
@@ -15,6 +16,7 @@ the whole conversation in ``input``.
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from typing import Any
@@ -27,17 +29,21 @@ from qwenkit.generate import Completion
 from qwenkit.server.completions import (
     ChatRun,
     collect,
+    generation_failed,
     start_chat,
     streaming_response,
 )
 from qwenkit.server.errors import APIError
+from qwenkit.server.request_params import VLLM_FIELDS
 from qwenkit.server.schemas import ChatCompletionRequest, ResponsesRequest
 from qwenkit.server.state import ServerState
-from qwenkit.tools.calls import ParsedMessage, ToolCall
+from qwenkit.tools.calls import Event, ToolCall
 from qwenkit.tools.hermes import THINK_CLOSE
+from qwenkit.tools.template_style import arguments_object
 
 # The chat request's fields a Responses error names under their Responses names.
 _PARAMS = {"messages": "input", "max_tokens": "max_output_tokens", "response_format": "text.format"}
+_CHAT_NAMES = re.compile(r"\b(?:" + "|".join(_PARAMS) + r")\b")
 # Sampling fields vLLM also takes on /v1/responses, passed to the chat request as they are.
 _SAMPLING_EXTRAS = (
     "seed",
@@ -77,8 +83,8 @@ def _text(content: Any, where: str) -> str:
 
 def input_messages(items: str | list[Any]) -> list[dict[str, Any]]:
     """``input`` as chat messages. Consecutive ``function_call`` items are one assistant turn's calls
-    (joined to the assistant message just before them); a ``reasoning`` item is the next assistant turn's
-    ``reasoning_content``."""
+    (joined to the assistant message just before them); a ``reasoning`` item is the ``reasoning_content``
+    of the assistant turn right after it (dropped when another message comes first)."""
     if isinstance(items, str):
         return [{"role": "user", "content": items}]
     messages: list[dict[str, Any]] = []
@@ -96,12 +102,17 @@ def input_messages(items: str | list[Any]) -> list[dict[str, Any]]:
                 )
             message: dict[str, Any] = {"role": role, "content": _text(item.get("content"), where)}
             if role == "assistant" and reasoning:
-                message["reasoning_content"], reasoning = reasoning, ""
+                message["reasoning_content"] = reasoning
+            reasoning = ""  # a turn's reasoning never reaches a later turn's (one cut off while thinking)
             messages.append(message)
         elif kind == "function_call":
             for key in ("call_id", "name", "arguments"):
                 if not isinstance(item.get(key), str):
                     raise _bad_input(f"{where}.{key}", "must be a string")
+            if arguments_object(item["arguments"]) is None:
+                raise _bad_input(
+                    f"{where}.arguments", f"must be a JSON object, got {item['arguments'][:100]!r}"
+                )
             call = {"id": item["call_id"], "type": "function"}
             call["function"] = {"name": item["name"], "arguments": item["arguments"]}
             last = messages[-1] if messages else None
@@ -115,7 +126,7 @@ def input_messages(items: str | list[Any]) -> list[dict[str, Any]]:
         elif kind == "function_call_output":
             if not isinstance(item.get("call_id"), str):
                 raise _bad_input(f"{where}.call_id", "must be a string")
-            output = _text(item.get("output"), where)
+            output, reasoning = _text(item.get("output"), where), ""
             messages.append({"role": "tool", "tool_call_id": item["call_id"], "content": output})
         elif kind == "reasoning":
             parts = item.get("content") or item.get("summary") or []
@@ -164,6 +175,8 @@ def _response_format(text: dict[str, Any] | None) -> dict[str, Any] | None:
         raise APIError(400, "text.format.type must be text, json_object or json_schema", "text.format")
     if fmt["type"] != "json_schema":
         return {"type": fmt["type"]}
+    if not isinstance(fmt.get("schema", {}), dict):  # none: any JSON object, as on the chat route
+        raise APIError(400, "text.format.schema must be a JSON schema object", "text.format")
     spec = {key: fmt[key] for key in ("name", "schema", "strict") if key in fmt}
     return {"type": "json_schema", "json_schema": spec}
 
@@ -178,7 +191,7 @@ def refuse_stateful(body: ResponsesRequest) -> None:
             "previous_response_id",
             "unsupported",
         )
-    for name in ("background", "conversation"):
+    for name in ("background", "conversation", "prompt"):  # `prompt`: a stored prompt template
         if (body.model_extra or {}).get(name) not in (None, False):
             raise APIError(400, f"{name} is not supported (nothing is stored)", name, "unsupported")
     if body.truncation not in (None, "disabled"):
@@ -186,6 +199,14 @@ def refuse_stateful(body: ResponsesRequest) -> None:
     if "message.output_text.logprobs" in (body.include or []):
         raise APIError(
             400, "include: message.output_text.logprobs is not supported", "include", "unsupported"
+        )
+    if body.top_logprobs:
+        raise APIError(
+            400,
+            "top_logprobs is not supported: /v1/responses returns no log-probabilities "
+            "(/v1/chat/completions does)",
+            "top_logprobs",
+            "unsupported",
         )
 
 
@@ -196,7 +217,9 @@ def chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
     if not messages:
         raise _bad_input("input", "is empty")
     extra = body.model_extra or {}
-    chat: dict[str, Any] = {key: extra[key] for key in _SAMPLING_EXTRAS if key in extra}
+    # vLLM's extensions the chat route refuses go with them, refused there by name rather than ignored here
+    passed = (*_SAMPLING_EXTRAS, *VLLM_FIELDS)
+    chat: dict[str, Any] = {key: extra[key] for key in passed if key in extra}
     effort = (body.reasoning or {}).get("effort")
     if effort is not None:  # as vLLM: the template may read it (Qwen's ignore it)
         chat["chat_template_kwargs"] = {
@@ -252,17 +275,6 @@ def call_item(item_id: str, call: ToolCall, arguments: str, status: str = "compl
         "arguments": arguments,
         "status": status,
     }
-
-
-def output_items(parsed: ParsedMessage, reasoning: bool, status: str) -> list[dict[str, Any]]:
-    """A whole reply as output items: its reasoning, its text, then its calls."""
-    items = []
-    if reasoning and parsed.reasoning:
-        items.append(reasoning_item(_new_id("rs"), parsed.reasoning))
-    if parsed.content or not parsed.tool_calls:
-        items.append(message_item(_new_id("msg"), parsed.content, status))
-    items += [call_item(_new_id("fc"), call, call.arguments) for call in parsed.tool_calls]
-    return items
 
 
 def usage(started: ChatRun, think_close: int | None) -> dict[str, Any]:
@@ -348,6 +360,7 @@ async def responses(state: ServerState, body: ResponsesRequest, request: Request
         started = await start_chat(state, chat)
     except APIError as e:  # named as the client named it
         e.param = _PARAMS.get(e.param or "", e.param)
+        e.message = _CHAT_NAMES.sub(lambda m: _PARAMS[m.group(0)], e.message)
         raise
     head = ResponseHead(body, state.response_model(started.adapter))
     think_close = state.llm.tokenizer.added_tokens.get(THINK_CLOSE)
@@ -356,11 +369,11 @@ async def responses(state: ServerState, body: ResponsesRequest, request: Request
     await collect(started.run, request)
     result: Completion = started.run.choices[0].result
     parser = started.plan.parser()
-    parser.feed(result.text)
-    parser.finish()
     status, incomplete = _status(result.finish_reason)
-    output = output_items(parser.message(), started.plan.reasoning, status)
-    return JSONResponse(head.response(status, output, usage(started, think_close), incomplete))
+    writer = _EventWriter()  # the items the stream would build, in the order the model wrote them
+    writer.feed([*parser.feed(result.text), *parser.finish()])
+    writer.end(status)
+    return JSONResponse(head.response(status, writer.output, usage(started, think_close), incomplete))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -428,6 +441,21 @@ class _EventWriter:
             self.event("response.output_item.done", output_index=index, item=item),
         ]
 
+    def feed(self, events: list[Event]) -> list[str]:
+        """The parser's events as output items: text into the open item, each whole call an item."""
+        out = []
+        for e in events:
+            if e.kind in ("content", "reasoning") and e.text:
+                out += self.text(e.kind, e.text)
+            elif e.kind == "tool_call" and e.call is not None:
+                out += self.call(e.call)
+        return out
+
+    def end(self, status: str) -> list[str]:
+        """Close the open item; a reply with no items at all is still an (empty) message."""
+        opened = self.begin("content") if self.open is None and not self.output else []
+        return [*opened, *self.close(status)]
+
     def call(self, call: ToolCall) -> list[str]:
         """A whole call: added, its arguments in one delta, done."""
         out, index, item_id = self.close(), len(self.output), _new_id("fc")
@@ -457,23 +485,15 @@ async def _events(started: ChatRun, head: ResponseHead, think_close: int | None)
         finish = None
         async for _choice, delta in started.run.deltas():
             if delta.finish_reason == "error":
-                raise APIError(500, delta.completion.error or "generation failed", None, "generation_error")
+                raise generation_failed(delta.completion)
             events = parser.feed(delta.text)
             if delta.finish_reason is not None:
                 events += parser.finish()
                 finish = delta.finish_reason
-            for e in events:
-                if e.kind in ("content", "reasoning") and e.text:
-                    for line in writer.text(e.kind, e.text):
-                        yield line
-                elif e.kind == "tool_call" and e.call is not None:
-                    for line in writer.call(e.call):
-                        yield line
-        status, incomplete = _status(finish)
-        if writer.open is None and not writer.output:  # an empty reply is still a message
-            for line in [*writer.begin("content")]:
+            for line in writer.feed(events):
                 yield line
-        for line in writer.close(status):
+        status, incomplete = _status(finish)
+        for line in writer.end(status):
             yield line
         final = head.response(status, writer.output, usage(started, think_close), incomplete)
         yield writer.event(f"response.{status}", response=final)

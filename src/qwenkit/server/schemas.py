@@ -190,6 +190,7 @@ class ResponsesRequest(_Lenient):
     previous_response_id: str | None = None
     truncation: str | None = None
     include: list[str] | None = None
+    top_logprobs: int | None = integer(ge=0, le=20)
     user: str | None = None
     metadata: dict[str, Any] | None = None
 

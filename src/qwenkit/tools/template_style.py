@@ -121,6 +121,16 @@ def prompt_closes_thinking(decode: Callable[[Sequence[int]], str], prompt_ids: S
     return decode(list(prompt_ids[-4:])).rstrip().endswith(THINK_CLOSE)
 
 
+def arguments_object(arguments: str) -> dict[str, Any] | None:
+    """A call's arguments sent back as a JSON string, as the object they encode (blank: ``{}``); None when
+    they are not a JSON object."""
+    try:
+        args = json.loads(arguments) if arguments.strip() else {}
+    except ValueError:
+        return None
+    return args if isinstance(args, dict) else None
+
+
 def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Assistant tool-call arguments sent back as JSON strings become objects before the template
     renders them (Qwen2.5's template pipes them through ``tojson``, which would encode them twice)."""
@@ -132,11 +142,8 @@ def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for j, call in enumerate(calls):
                 fn = call.get("function") if isinstance(call, dict) else None
                 if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
-                    try:
-                        args = json.loads(fn["arguments"]) if fn["arguments"].strip() else {}
-                    except ValueError:
-                        args = None
-                    if not isinstance(args, dict):  # rendering {} instead would show the model another call
+                    args = arguments_object(fn["arguments"])
+                    if args is None:  # rendering {} instead would show the model another call
                         raise ToolSpecError(
                             f"messages[{i}].tool_calls[{j}].function.arguments must be a JSON object, "
                             f"got {fn['arguments'][:100]!r}"
