@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import gc
 import os
+import time
 
 import pytest
 
-from qwenkit.sandbox_kernel import PythonKernel
+from qwenkit.sandbox_kernel import GARBLED, PythonKernel
 from qwenkit.tools.code_interpreter import CodeInterpreter
 
 
@@ -129,3 +130,60 @@ def test_the_tool_spec_is_qwen_agents():
         "parameters": QwenAgentInterpreter.parameters,
     }
     assert json.dumps(FUNCTION) == json.dumps(theirs)
+
+
+def test_a_cell_that_upsets_the_kernels_plumbing_leaves_it_running(kernel):
+    """A cell may ignore SIGALRM (or time itself with its own handler), close or replace stdout, print past
+    the file-size limit: the next cells still run in the same kernel, with their limit and their output."""
+    kernel.run("kept = 'yes'")
+    kernel.run("import signal\nsignal.signal(signal.SIGALRM, signal.SIG_IGN)\nNone")
+    loop = kernel.run("while True:\n    pass", timeout=0.5)
+    assert loop.timed_out and loop.stopped is None  # the alarm, not the kill two seconds later
+    for clumsy in (
+        "import sys\nsys.stdout.close()",
+        "import sys\nsys.stdout = None",
+        "print('a' * 17 * 2**20)",
+    ):
+        kernel.run(clumsy, max_output=10)
+        after = kernel.run("print(kept)")
+        assert (after.stdout, after.stopped, after.restarted) == ("yes\n", None, False), clumsy
+    forked = kernel.run(
+        "import os\npid = os.fork()\nif pid == 0:\n    print('child')\nelse:\n    os.waitpid(pid, 0)"
+    )
+    assert forked.stdout == "child\n"  # the child's output was dropped with its unflushed buffer
+
+
+def test_a_kernel_that_ended_between_cells_runs_the_next_in_a_fresh_one(kernel):
+    kernel.run(
+        "import os, threading, time\nthreading.Thread(target=lambda: (time.sleep(0.2), os._exit(0))).start()"
+    )
+    time.sleep(1)
+    cell = kernel.run("6 * 7")  # it was answered "stopped: the interpreter exited" and never ran
+    assert (cell.result, cell.restarted, cell.stopped) == ("42", True, None)
+    crash = kernel.run("import ctypes\nctypes.string_at(0)")
+    assert crash.stopped == "the interpreter was killed by SIGSEGV"  # was "exited (status -11)"
+
+
+def test_a_cell_writing_into_the_reply_pipe_stops_the_kernel_not_the_caller(kernel):
+    """The reply pipe is the kernel's: a forged line was taken as the cell's reply (and every later
+    reply came one cell late), a line that is no JSON raised JSONDecodeError in the caller."""
+    reply_fd = "import os, sys\nos.write(int(sys.argv[2]), {})\n'real'"
+    forged = b'{"result": "forged", "error": null, "traceback": null, "timeout": false}\n'
+    for line in (forged, b"garbage", b"x" * 2_000_000):
+        kernel.run("kept = 1")
+        cell = kernel.run(reply_fd.format(line), max_output=100)
+        assert (cell.result, cell.stopped) == (None, GARBLED), line[:20]
+        after = kernel.run("2 + 2")
+        assert (after.result, after.restarted) == ("4", True)
+
+
+def test_results_and_errors_are_capped_and_valid_unicode(kernel):
+    big = kernel.run("'x' * 50_000_000", max_output=100)  # took seconds to send, then a timeout killed it
+    assert (big.result, big.output_truncated, big.stopped) == ("'" + "x" * 99, True, None)
+    error = kernel.run("raise ValueError('é' * 100)", max_output=21)
+    assert (error.error, error.output_truncated) == ("ValueError: éééé", True)  # 21 bytes: whole characters
+    odd = kernel.run(
+        "class A:\n    def __repr__(self):\n        return '\\udcff'\nraise ValueError('\\ud800')"
+    )
+    assert odd.error == "ValueError: \\ud800"  # a lone surrogate, which the tokenizer refuses, comes escaped
+    assert kernel.run("A()").result == "\\udcff"
