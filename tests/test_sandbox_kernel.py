@@ -97,7 +97,7 @@ def test_the_interpreter_speaks_as_qwen_agents(tmp_path):
     assert ci("n * 7") == "execute_result:\n\n```\n42\n```"
     assert ci("n = n + 1") == "Finished execution."
     assert ci("print('a')\nn / 0") == (
-        "stdout:\n\n```\na\n\n```\n\nerror:\n\n```\nZeroDivisionError: division by zero\n```"
+        "stdout:\n\n```\na\n\n```\n\nerror:\n\n```\nZeroDivisionError: division by zero\n\n```"
     )
     assert (
         ci("while True:\n    pass") == "error:\n\n```\nTimeout: Code execution exceeded the time limit.\n```"
@@ -187,3 +187,18 @@ def test_results_and_errors_are_capped_and_valid_unicode(kernel):
     )
     assert odd.error == "ValueError: \\ud800"  # a lone surrogate, which the tokenizer refuses, comes escaped
     assert kernel.run("A()").result == "\\udcff"
+
+
+def test_the_words_are_byte_for_byte_what_qwen_agent_sends_the_model(tmp_path):
+    """Qwen-Agent joins the kernel's messages: IPython (%xmode Minimal) ends the exception line with a
+    newline, inside the fence (the error block lacked it), and a cell whose last line ends in ";" shows
+    no result (it showed one). Expected texts: Qwen-Agent's _execute_code over IPython 8.12's messages."""
+    ci = CodeInterpreter(timeout=5, workdir=tmp_path)
+    assert ci("x = 41\nx / 0") == "error:\n\n```\nZeroDivisionError: division by zero\n\n```"
+    assert ci("raise ValueError('multi\\nline')") == "error:\n\n```\nValueError: multi\nline\n\n```"
+    assert ci("x;") == ci("x; ") == ci("1 if x else 2;  # c") == "Finished execution."
+    assert ci("x  # comment") == "execute_result:\n\n```\n41\n```"
+    assert ci("7;") == "Finished execution."
+    assert ci("_") == "execute_result:\n\n```\n41\n```"  # a quiet cell leaves `_` as it was
+    assert ci("print('a', end='')") == "stdout:\n\n```\na\n```"
+    ci.close()

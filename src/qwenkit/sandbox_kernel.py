@@ -58,7 +58,7 @@ GARBLED = "its reply was garbled (the cell wrote into the kernel's reply pipe)"
 _KERNEL = """\
 import os, sys
 def _kernel(fd_in, fd_out):
-    import ast, json, linecache, signal, traceback
+    import ast, io, json, linecache, signal, tokenize, traceback
     requests, replies = os.fdopen(fd_in, "rb"), os.fdopen(fd_out, "wb")
     namespace = {"__name__": "__main__", "__builtins__": __builtins__}
     class _CellTimeout(BaseException):
@@ -76,6 +76,14 @@ def _kernel(fd_in, fd_out):
         if len(data) <= limit:
             return data.decode(), False
         return (data[-limit:] if keep_end else data[:limit]).decode("utf-8", "ignore"), True
+    def _quiet(source):  # IPython: a cell ending in ";" shows no result
+        try:
+            tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
+        except (SyntaxError, tokenize.TokenError):
+            return False
+        skip = (tokenize.ENDMARKER, tokenize.NEWLINE, tokenize.NL, tokenize.COMMENT)
+        last = [t for t in tokens if t.type not in skip][-1:]
+        return bool(last) and last[0].type == tokenize.OP and last[0].string == ";"
     main = os.getpid()
     for n, line in enumerate(requests, 1):
         cell = json.loads(line)
@@ -97,7 +105,7 @@ def _kernel(fd_in, fd_out):
                 exec(compile(tree, name, "exec"), namespace)
                 if last is not None:
                     value = eval(compile(ast.Expression(last.value), name, "eval"), namespace)
-                    if value is not None:
+                    if value is not None and not _quiet(source):
                         namespace["_"] = value
                         result = repr(value)
             finally:
