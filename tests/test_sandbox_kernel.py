@@ -7,10 +7,15 @@ from __future__ import annotations
 
 import gc
 import os
+import shutil
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
+from qwenkit.sandbox import _processes_of
 from qwenkit.sandbox_kernel import GARBLED, PythonKernel
 from qwenkit.tools.code_interpreter import CodeInterpreter
 
@@ -202,3 +207,33 @@ def test_the_words_are_byte_for_byte_what_qwen_agent_sends_the_model(tmp_path):
     assert ci("_") == "execute_result:\n\n```\n41\n```"  # a quiet cell leaves `_` as it was
     assert ci("print('a', end='')") == "stdout:\n\n```\na\n```"
     ci.close()
+
+
+@pytest.mark.parametrize("cell", ["while True:\n    pass", "import time\ntime.sleep(600)"])
+def test_a_kernel_whose_caller_was_killed_goes_too(cell):
+    """A caller killed mid-cell (kill -9, the OOM killer) cannot close its kernel: one whose cell ignores
+    its alarm ran on as the sandbox uid for up to its 24 hours of CPU (or for ever, asleep)."""
+    stubborn = "import signal\nsignal.signal(signal.SIGALRM, signal.SIG_IGN)\n" + cell
+    caller = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys\nfrom qwenkit.sandbox_kernel import PythonKernel\nk = PythonKernel(memory_mb=256)\n"
+            "k.run('1')\nprint(k._uid, k.workdir, k._harness, flush=True)\n"
+            f"k.run({stubborn!r}, timeout=60)",
+        ],
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")},
+    )
+    uid, *left = caller.stdout.readline().split()
+    uid = int(uid)
+    time.sleep(0.5)  # the cell is running
+    assert _processes_of(uid)
+    caller.kill()
+    caller.wait()
+    deadline = time.monotonic() + 5
+    while _processes_of(uid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _processes_of(uid) == []
+    for path in left:  # what a killed caller cannot remove
+        shutil.rmtree(path)

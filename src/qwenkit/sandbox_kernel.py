@@ -55,10 +55,12 @@ GARBLED = "its reply was garbled (the cell wrote into the kernel's reply pipe)"
 # (tb_next skips the loop's), with source lines from linecache (cells have no file). The reply echoes the
 # request's id and its texts are valid UTF-8 of at most max_output bytes each. A stream the cell closed,
 # replaced or could not flush (past the file-size limit) is opened afresh, so that the kernel lives on.
+# A caller that dies without closing it (SIGKILL) hangs up the request pipe, which raises SIGIO: the
+# kernel leaves then, even in the middle of a cell that ignores its alarm (as ipykernel's parent poller).
 _KERNEL = """\
 import os, sys
 def _kernel(fd_in, fd_out):
-    import ast, io, json, linecache, signal, tokenize, traceback
+    import ast, fcntl, io, json, linecache, select, signal, tokenize, traceback
     requests, replies = os.fdopen(fd_in, "rb"), os.fdopen(fd_out, "wb")
     namespace = {"__name__": "__main__", "__builtins__": __builtins__}
     class _CellTimeout(BaseException):
@@ -84,6 +86,14 @@ def _kernel(fd_in, fd_out):
         skip = (tokenize.ENDMARKER, tokenize.NEWLINE, tokenize.NL, tokenize.COMMENT)
         last = [t for t in tokens if t.type not in skip][-1:]
         return bool(last) and last[0].type == tokenize.OP and last[0].string == ";"
+    def _orphaned(signum, frame):  # the caller died (its end of the request pipe is closed): so do we
+        hangup = select.poll()
+        hangup.register(fd_in, 0)
+        if hangup.poll(0):
+            os._exit(0)
+    signal.signal(signal.SIGIO, _orphaned)  # before the first: its default is to terminate
+    fcntl.fcntl(fd_in, fcntl.F_SETOWN, os.getpid())
+    fcntl.fcntl(fd_in, fcntl.F_SETFL, fcntl.fcntl(fd_in, fcntl.F_GETFL) | os.O_ASYNC)
     main = os.getpid()
     for n, line in enumerate(requests, 1):
         cell = json.loads(line)
@@ -117,6 +127,7 @@ def _kernel(fd_in, fd_out):
         if os.getpid() != main:  # a process the cell forked: its output stays, it never answers
             _flush()
             os._exit(0)
+        signal.signal(signal.SIGIO, _orphaned)  # a cell may have set its own (the next request raises it)
         texts = {"result": result, "error": None, "traceback": None}
         if error is not None:
             try:
