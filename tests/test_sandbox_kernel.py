@@ -237,3 +237,17 @@ def test_a_kernel_whose_caller_was_killed_goes_too(cell):
     assert _processes_of(uid) == []
     for path in left:  # what a killed caller cannot remove
         shutil.rmtree(path)
+
+
+def test_what_a_cell_defines_can_be_pickled_as_in_jupyter(kernel):
+    """pickle finds a cell's functions and classes as __main__.name (Jupyter's namespace is __main__): a
+    multiprocessing Pool over a cell's function failed with "attribute lookup f on __main__ failed"."""
+    kernel.run(
+        "def double(x):\n    return x * 2\nclass Point:\n    def __init__(self, x):\n        self.x = x"
+    )
+    pool = kernel.run(
+        "from multiprocessing import Pool\nwith Pool(2) as p:\n    print(p.map(double, [1, 2, 3]))"
+    )
+    assert (pool.stdout, pool.error) == ("[2, 4, 6]\n", None)
+    assert kernel.run("import pickle\npickle.loads(pickle.dumps(Point(7))).x").result == "7"
+    assert kernel.run("__name__").result == "'__main__'"

@@ -62,7 +62,9 @@ import os, sys
 def _kernel(fd_in, fd_out):
     import ast, fcntl, io, json, linecache, select, signal, tokenize, traceback
     requests, replies = os.fdopen(fd_in, "rb"), os.fdopen(fd_out, "wb")
-    namespace = {"__name__": "__main__", "__builtins__": __builtins__}
+    main_module = type(sys)("__main__")  # the cells' namespace is __main__, as in IPython: pickle (and
+    main_module.__builtins__ = __builtins__  # so multiprocessing) finds what they define by that name
+    sys.modules["__main__"], namespace = main_module, main_module.__dict__
     class _CellTimeout(BaseException):
         pass
     def _alarm(signum, frame):
