@@ -206,6 +206,10 @@ def test_the_words_are_byte_for_byte_what_qwen_agent_sends_the_model(tmp_path):
     assert ci("7;") == "Finished execution."
     assert ci("_") == "execute_result:\n\n```\n41\n```"  # a quiet cell leaves `_` as it was
     assert ci("print('a', end='')") == "stdout:\n\n```\na\n```"
+    syntax = (
+        "error:\n\n```\n  Cell In[10], line 1\n    x = = 2\n        ^\nSyntaxError: invalid syntax\n\n```"
+    )
+    assert ci("x = = 2") == syntax  # the place as IPython names it (was '  File "cell10", line 1')
     ci.close()
 
 

@@ -135,6 +135,9 @@ def _kernel(fd_in, fd_out):
             try:
                 tb = error.__traceback__.tb_next if error.__traceback__ is not None else None
                 texts["error"] = "".join(traceback.format_exception_only(type(error), error)).rstrip("\\n")
+                if isinstance(error, SyntaxError) and error.filename == name:  # IPython's words for where
+                    place = f'  File "{name}", line'
+                    texts["error"] = texts["error"].replace(place, f"  Cell In[{n}], line", 1)
                 texts["traceback"] = "".join(traceback.format_exception(type(error), error, tb))
             except BaseException:  # no memory left to format it, or a __str__ that fails
                 texts["error"] = texts["traceback"] = type(error).__name__
