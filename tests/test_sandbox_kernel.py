@@ -83,7 +83,7 @@ def test_what_a_cell_starts_ends_with_it(kernel):
     assert ps.result == "[1]"  # the kernel alone, in its own PID namespace
     net = kernel.run("import socket\nsocket.create_connection(('1.1.1.1', 53), timeout=2)")
     assert net.error == "OSError: [Errno 101] Network is unreachable"
-    assert kernel.isolation == ("rlimits", "netns", "pidns", "mountns", "uid")
+    assert kernel.isolation == ("rlimits", "netns", "pidns", "ipcns", "mountns", "uid")
 
 
 def test_output_is_capped_per_cell(kernel):
