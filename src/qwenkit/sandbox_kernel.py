@@ -50,13 +50,14 @@ TIMEOUT_MESSAGE = "Timeout: Code execution exceeded the time limit."  # Qwen-Age
 GARBLED = "its reply was garbled (the cell wrote into the kernel's reply pipe)"
 
 # The kernel loop. A cell's time limit is an alarm raising _CellTimeout, a BaseException so that a cell's
-# own `except Exception` does not swallow it; its handler is set again before each cell (a cell may set
-# its own), and the alarm is off before anything is reported. Errors are reported from the cell's frames
-# (tb_next skips the loop's), with source lines from linecache (cells have no file). The reply echoes the
-# request's id and its texts are valid UTF-8 of at most max_output bytes each. A stream the cell closed,
-# replaced or could not flush (past the file-size limit) is opened afresh, so that the kernel lives on.
-# A caller that dies without closing it (SIGKILL) hangs up the request pipe, which raises SIGIO: the
-# kernel leaves then, even in the middle of a cell that ignores its alarm (as ipykernel's parent poller).
+# own `except Exception` does not swallow it; its handler is set (and the signal unblocked) again before
+# each cell (a cell may set its own), and the alarm is off before anything is reported. Errors are
+# reported from the cell's frames (tb_next skips the loop's), with source lines from linecache (cells
+# have no file). The reply echoes the request's id and its texts are valid UTF-8 of at most max_output
+# bytes each. A stream the cell closed, replaced or could not flush (past the file-size limit) is opened
+# afresh, so that the kernel lives on. A caller that dies without closing it (SIGKILL) hangs up the
+# request pipe, which raises SIGIO: the kernel leaves then, even in the middle of a cell that ignores its
+# alarm (as ipykernel's parent poller).
 _KERNEL = """\
 import os, sys
 def _kernel(fd_in, fd_out):
@@ -109,6 +110,7 @@ def _kernel(fd_in, fd_out):
         reply = {"id": cell["id"], "timeout": False, "cut": False}
         result = error = None
         signal.signal(signal.SIGALRM, _alarm)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGALRM, signal.SIGIO})
         try:
             try:
                 signal.setitimer(signal.ITIMER_REAL, cell["timeout"])
