@@ -332,3 +332,27 @@ def test_an_ordinary_user_gets_the_namespaces_too():
     assert stdout.split() == ["32"]  # umount refused: no capabilities left in its namespace
     assert "OSError" in stderr or "Error" in stderr  # the connection failed: no network
     assert not Path(marker).exists()  # its /tmp was a private tmpfs
+
+
+def test_nothing_it_leaves_in_shared_places_outlives_it():
+    """Shared memory segments (System V IPC) and files in /run/lock (world-writable, and not a private
+    tmpfs) outlived the run: a program could leave gigabytes of segments or fill the disk under /run/lock."""
+    key = secrets.randbelow(2**30) + 1
+    lock = Path("/run/lock") / f"qwenkit-escape-{secrets.token_hex(4)}"
+    r = run(
+        f"""
+        import ctypes
+        segment = ctypes.CDLL(None).shmget({key}, 1 << 20, 0o1600)  # IPC_CREAT | 0600
+        print('segment', segment >= 0)
+        try:
+            open({str(lock)!r}, 'w').write('left')
+            print('wrote lock')
+        except OSError as e:
+            print('refused lock', type(e).__name__)
+        """
+    )
+    assert r.ok and "segment True" in r.stdout  # it made one, in its own IPC namespace
+    keys = [int(line.split()[0]) for line in Path("/proc/sysvipc/shm").read_text().splitlines()[1:]]
+    assert key not in keys
+    assert not lock.exists()
+    assert "ipcns" in r.isolation

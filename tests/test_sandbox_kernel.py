@@ -7,10 +7,16 @@ from __future__ import annotations
 
 import gc
 import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
-from qwenkit.sandbox_kernel import PythonKernel
+from qwenkit.sandbox import _processes_of
+from qwenkit.sandbox_kernel import GARBLED, PythonKernel
 from qwenkit.tools.code_interpreter import CodeInterpreter
 
 
@@ -77,7 +83,7 @@ def test_what_a_cell_starts_ends_with_it(kernel):
     assert ps.result == "[1]"  # the kernel alone, in its own PID namespace
     net = kernel.run("import socket\nsocket.create_connection(('1.1.1.1', 53), timeout=2)")
     assert net.error == "OSError: [Errno 101] Network is unreachable"
-    assert kernel.isolation == ("rlimits", "netns", "pidns", "mountns", "uid")
+    assert kernel.isolation == ("rlimits", "netns", "pidns", "ipcns", "mountns", "uid")
 
 
 def test_output_is_capped_per_cell(kernel):
@@ -96,7 +102,7 @@ def test_the_interpreter_speaks_as_qwen_agents(tmp_path):
     assert ci("n * 7") == "execute_result:\n\n```\n42\n```"
     assert ci("n = n + 1") == "Finished execution."
     assert ci("print('a')\nn / 0") == (
-        "stdout:\n\n```\na\n\n```\n\nerror:\n\n```\nZeroDivisionError: division by zero\n```"
+        "stdout:\n\n```\na\n\n```\n\nerror:\n\n```\nZeroDivisionError: division by zero\n\n```"
     )
     assert (
         ci("while True:\n    pass") == "error:\n\n```\nTimeout: Code execution exceeded the time limit.\n```"
@@ -129,3 +135,127 @@ def test_the_tool_spec_is_qwen_agents():
         "parameters": QwenAgentInterpreter.parameters,
     }
     assert json.dumps(FUNCTION) == json.dumps(theirs)
+
+
+def test_a_cell_that_upsets_the_kernels_plumbing_leaves_it_running(kernel):
+    """A cell may ignore SIGALRM (or time itself with its own handler), close or replace stdout, print past
+    the file-size limit: the next cells still run in the same kernel, with their limit and their output."""
+    kernel.run("kept = 'yes'")
+    for deaf in (
+        "signal.signal(signal.SIGALRM, signal.SIG_IGN)",
+        "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})",
+    ):
+        kernel.run(f"import signal\n{deaf}\nNone")
+        loop = kernel.run("while True:\n    pass", timeout=0.5)
+        assert loop.timed_out and loop.stopped is None, deaf  # the alarm, not the kill 2 seconds later
+    for clumsy in (
+        "import sys\nsys.stdout.close()",
+        "import sys\nsys.stdout = None",
+        "print('a' * 17 * 2**20)",
+    ):
+        kernel.run(clumsy, max_output=10)
+        after = kernel.run("print(kept)")
+        assert (after.stdout, after.stopped, after.restarted) == ("yes\n", None, False), clumsy
+    forked = kernel.run(
+        "import os\npid = os.fork()\nif pid == 0:\n    print('child')\nelse:\n    os.waitpid(pid, 0)"
+    )
+    assert forked.stdout == "child\n"  # the child's output was dropped with its unflushed buffer
+
+
+def test_a_kernel_that_ended_between_cells_runs_the_next_in_a_fresh_one(kernel):
+    kernel.run(
+        "import os, threading, time\nthreading.Thread(target=lambda: (time.sleep(0.2), os._exit(0))).start()"
+    )
+    time.sleep(1)
+    cell = kernel.run("6 * 7")  # it was answered "stopped: the interpreter exited" and never ran
+    assert (cell.result, cell.restarted, cell.stopped) == ("42", True, None)
+    crash = kernel.run("import ctypes\nctypes.string_at(0)")
+    assert crash.stopped == "the interpreter was killed by SIGSEGV"  # was "exited (status -11)"
+
+
+def test_a_cell_writing_into_the_reply_pipe_stops_the_kernel_not_the_caller(kernel):
+    """The reply pipe is the kernel's: a forged line was taken as the cell's reply (and every later
+    reply came one cell late), a line that is no JSON raised JSONDecodeError in the caller."""
+    reply_fd = "import os, sys\nos.write(int(sys.argv[2]), {})\n'real'"
+    forged = b'{"result": "forged", "error": null, "traceback": null, "timeout": false}\n'
+    for line in (forged, b"garbage", b"x" * 2_000_000):
+        kernel.run("kept = 1")
+        cell = kernel.run(reply_fd.format(line), max_output=100)
+        assert (cell.result, cell.stopped) == (None, GARBLED), line[:20]
+        after = kernel.run("2 + 2")
+        assert (after.result, after.restarted) == ("4", True)
+
+
+def test_results_and_errors_are_capped_and_valid_unicode(kernel):
+    big = kernel.run("'x' * 50_000_000", max_output=100)  # took seconds to send, then a timeout killed it
+    assert (big.result, big.output_truncated, big.stopped) == ("'" + "x" * 99, True, None)
+    error = kernel.run("raise ValueError('é' * 100)", max_output=21)
+    assert (error.error, error.output_truncated) == ("ValueError: éééé", True)  # 21 bytes: whole characters
+    odd = kernel.run(
+        "class A:\n    def __repr__(self):\n        return '\\udcff'\nraise ValueError('\\ud800')"
+    )
+    assert odd.error == "ValueError: \\ud800"  # a lone surrogate, which the tokenizer refuses, comes escaped
+    assert kernel.run("A()").result == "\\udcff"
+
+
+def test_the_words_are_byte_for_byte_what_qwen_agent_sends_the_model(tmp_path):
+    """Qwen-Agent joins the kernel's messages: IPython (%xmode Minimal) ends the exception line with a
+    newline, inside the fence (the error block lacked it), and a cell whose last line ends in ";" shows
+    no result (it showed one). Expected texts: Qwen-Agent's _execute_code over IPython 8.12's messages."""
+    ci = CodeInterpreter(timeout=5, workdir=tmp_path)
+    assert ci("x = 41\nx / 0") == "error:\n\n```\nZeroDivisionError: division by zero\n\n```"
+    assert ci("raise ValueError('multi\\nline')") == "error:\n\n```\nValueError: multi\nline\n\n```"
+    assert ci("x;") == ci("x; ") == ci("1 if x else 2;  # c") == "Finished execution."
+    assert ci("x  # comment") == "execute_result:\n\n```\n41\n```"
+    assert ci("7;") == "Finished execution."
+    assert ci("_") == "execute_result:\n\n```\n41\n```"  # a quiet cell leaves `_` as it was
+    assert ci("print('a', end='')") == "stdout:\n\n```\na\n```"
+    syntax = (
+        "error:\n\n```\n  Cell In[10], line 1\n    x = = 2\n        ^\nSyntaxError: invalid syntax\n\n```"
+    )
+    assert ci("x = = 2") == syntax  # the place as IPython names it (was '  File "cell10", line 1')
+    ci.close()
+
+
+@pytest.mark.parametrize("cell", ["while True:\n    pass", "import time\ntime.sleep(600)"])
+def test_a_kernel_whose_caller_was_killed_goes_too(cell):
+    """A caller killed mid-cell (kill -9, the OOM killer) cannot close its kernel: one whose cell ignores
+    its alarm ran on as the sandbox uid for up to its 24 hours of CPU (or for ever, asleep)."""
+    stubborn = "import signal\nsignal.signal(signal.SIGALRM, signal.SIG_IGN)\n" + cell
+    caller = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys\nfrom qwenkit.sandbox_kernel import PythonKernel\nk = PythonKernel(memory_mb=256)\n"
+            "k.run('1')\nprint(k._uid, k.workdir, k._harness, flush=True)\n"
+            f"k.run({stubborn!r}, timeout=60)",
+        ],
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")},
+    )
+    uid, *left = caller.stdout.readline().split()
+    uid = int(uid)
+    time.sleep(0.5)  # the cell is running
+    assert _processes_of(uid)
+    caller.kill()
+    caller.wait()
+    deadline = time.monotonic() + 5
+    while _processes_of(uid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _processes_of(uid) == []
+    for path in left:  # what a killed caller cannot remove
+        shutil.rmtree(path)
+
+
+def test_what_a_cell_defines_can_be_pickled_as_in_jupyter(kernel):
+    """pickle finds a cell's functions and classes as __main__.name (Jupyter's namespace is __main__): a
+    multiprocessing Pool over a cell's function failed with "attribute lookup f on __main__ failed"."""
+    kernel.run(
+        "def double(x):\n    return x * 2\nclass Point:\n    def __init__(self, x):\n        self.x = x"
+    )
+    pool = kernel.run(
+        "from multiprocessing import Pool\nwith Pool(2) as p:\n    print(p.map(double, [1, 2, 3]))"
+    )
+    assert (pool.stdout, pool.error) == ("[2, 4, 6]\n", None)
+    assert kernel.run("import pickle\npickle.loads(pickle.dumps(Point(7))).x").result == "7"
+    assert kernel.run("__name__").result == "'__main__'"

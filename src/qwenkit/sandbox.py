@@ -19,10 +19,11 @@ Isolation, each step degrading with one logged warning where the system does not
 - rlimits (``prlimit``): address space ``memory_mb``, CPU seconds, file size ``max_file_mb`` (this also
   caps what stdout/stderr can grow to), open files, no core dumps, and ``max_processes`` processes;
 - a new network namespace (no network at all), a new PID namespace (the child sees only its own
-  processes, and they all die with it), and a new mount namespace in which ``/tmp``, ``/var/tmp`` and
-  ``/dev/shm`` are small private tmpfs mounts (writes there vanish with the run); when we are not root,
-  inside a user namespace of the run's own (where the system allows unprivileged ones), the program
-  left without capabilities there so that it cannot undo the mounts;
+  processes, and they all die with it), a new IPC namespace (a System V shared memory segment or
+  message queue it leaves vanishes with it), and a new mount namespace in which ``/tmp``, ``/var/tmp``,
+  ``/dev/shm`` and ``/run/lock`` are small private tmpfs mounts (writes there vanish with the run); when
+  we are not root, inside a user namespace of the run's own (where the system allows unprivileged ones),
+  the program left without capabilities there so that it cannot undo the mounts;
 - when we are root: a dedicated unprivileged uid per run (so it cannot write outside its directory
   or read files only root may read, and the process limit applies), ``no_new_privs``;
 - a scrubbed environment, ``python -I`` (no user site, no ``PYTHON*`` variables), its own private
@@ -86,12 +87,13 @@ def _run(fd):
 _run(int(sys.argv[1]))
 """
 
-# Inside the new mount namespace: private tmpfs over the world-writable directories, then the run's
+# Inside the new mount namespace: private tmpfs over the world-writable directories (/run/lock too: the
+# sandbox uid could fill the disk under it, and what it wrote stayed), then the run's
 # directory bound back at its own path (it lives under /tmp, which the tmpfs just hid).
 _MOUNT_SCRIPT = """\
 set -e
-for d in /tmp /var/tmp /dev/shm; do
-  [ -d "$d" ] && mount -t tmpfs -o size=16m,mode=1777,nosuid,nodev tmpfs "$d"
+for d in /tmp /var/tmp /dev/shm /run/lock; do
+  [ -d "$d" ] && [ ! -L "$d" ] && mount -t tmpfs -o size=16m,mode=1777,nosuid,nodev tmpfs "$d"
 done
 mkdir -p "$QK_WORK"
 mount --bind "/proc/self/fd/$QK_WORK_FD" "$QK_WORK"
@@ -111,7 +113,7 @@ class SandboxResult:
     timed_out: bool
     reason: str  # "" when ok, else a few words
     output_truncated: bool = False
-    isolation: tuple[str, ...] = ()  # what was in force: "rlimits", "netns", "pidns", "mountns", "uid"
+    isolation: tuple[str, ...] = ()  # in force: "rlimits", "netns", "pidns", "ipcns", "mountns", "uid"
     wall_seconds: float = 0.0
 
 
@@ -304,7 +306,7 @@ def _command(
         _warn_once("prlimit not found: the sandbox runs without resource limits")
     if _namespaces_work():
         argv += [*_unshare(), "sh", "-c", _MOUNT_SCRIPT, "sandbox", *_drop_namespace_root()]
-        isolation += ["netns", "pidns", "mountns"]
+        isolation += ["netns", "pidns", "ipcns", "mountns"]
     else:
         _warn_once(
             "cannot create namespaces (unshare; setpriv too when not root): "
@@ -349,7 +351,7 @@ def _unshare() -> list[str]:
     """The namespaces' command. Not root, they are created inside a user namespace of their own (our
     uid as its root, no more rights outside), the one way the kernel lets an ordinary user have them:
     without it `qwenkit chat --code-interpreter` run by a user had the network and the real /tmp."""
-    namespaces = ["--net", "--pid", "--fork", "--kill-child", "--mount", "--mount-proc"]
+    namespaces = ["--net", "--pid", "--ipc", "--fork", "--kill-child", "--mount", "--mount-proc"]
     user = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
     return ["unshare", *user, *namespaces]
 

@@ -10,8 +10,12 @@ is reported from the cell's own frames. Unlike Jupyter, processes a cell starts 
 kernel is its PID namespace's init and kills the rest), so a fork bomb or a forgotten server cannot
 outlive it.
 
-Cells and replies travel over two private pipes (one JSON line each way); the cell's stdout and stderr
-go to files the kernel empties at each cell's start, read here with the sandbox's caps.
+Cells and replies travel over two pipes (one JSON line each way, the reply echoing the request's random
+id); the cell's stdout and stderr go to files the kernel empties at each cell's start, read here with the
+sandbox's caps, and the result and error are capped to the same bytes in the kernel. The cell runs in the
+kernel's process, so it can reach the reply pipe: a reply that does not answer the request (a forged or
+garbled line) ends the kernel as a timeout does. A kernel that ended between cells (a thread of the last
+one called ``os._exit``) is replaced before the next cell, which says so.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import select
 import shutil
 import signal
@@ -42,53 +47,110 @@ from qwenkit.sandbox import (
 
 KILL_GRACE = 2.0  # seconds past a cell's limit before a kernel that ignores its alarm is killed
 TIMEOUT_MESSAGE = "Timeout: Code execution exceeded the time limit."  # Qwen-Agent's words
+GARBLED = "its reply was garbled (the cell wrote into the kernel's reply pipe)"
 
 # The kernel loop. A cell's time limit is an alarm raising _CellTimeout, a BaseException so that a cell's
-# own `except Exception` does not swallow it. Errors are reported from the cell's frames (tb_next skips
-# the loop's), with source lines from linecache (cells have no file).
+# own `except Exception` does not swallow it; its handler is set (and the signal unblocked) again before
+# each cell (a cell may set its own), and the alarm is off before anything is reported. Errors are
+# reported from the cell's frames (tb_next skips the loop's), with source lines from linecache (cells
+# have no file). The reply echoes the request's id and its texts are valid UTF-8 of at most max_output
+# bytes each. A stream the cell closed, replaced or could not flush (past the file-size limit) is opened
+# afresh, so that the kernel lives on. A caller that dies without closing it (SIGKILL) hangs up the
+# request pipe, which raises SIGIO: the kernel leaves then, even in the middle of a cell that ignores its
+# alarm (as ipykernel's parent poller).
 _KERNEL = """\
 import os, sys
 def _kernel(fd_in, fd_out):
-    import ast, json, linecache, signal, traceback
+    import ast, fcntl, io, json, linecache, select, signal, tokenize, traceback
     requests, replies = os.fdopen(fd_in, "rb"), os.fdopen(fd_out, "wb")
-    namespace = {"__name__": "__main__", "__builtins__": __builtins__}
+    main_module = type(sys)("__main__")  # the cells' namespace is __main__, as in IPython: pickle (and
+    main_module.__builtins__ = __builtins__  # so multiprocessing) finds what they define by that name
+    sys.modules["__main__"], namespace = main_module, main_module.__dict__
     class _CellTimeout(BaseException):
         pass
     def _alarm(signum, frame):
         raise _CellTimeout()
-    signal.signal(signal.SIGALRM, _alarm)
+    def _flush():
+        for name, fd in (("stdout", 1), ("stderr", 2)):
+            try:
+                getattr(sys, name).flush()
+            except BaseException:
+                setattr(sys, name, open(fd, "w", encoding="utf-8", closefd=False))
+    def _text(text, limit, keep_end=False):
+        data = text.encode("utf-8", "backslashreplace")  # a lone surrogate is no UTF-8: shown escaped
+        if len(data) <= limit:
+            return data.decode(), False
+        return (data[-limit:] if keep_end else data[:limit]).decode("utf-8", "ignore"), True
+    def _quiet(source):  # IPython: a cell ending in ";" shows no result
+        try:
+            tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
+        except (SyntaxError, tokenize.TokenError):
+            return False
+        skip = (tokenize.ENDMARKER, tokenize.NEWLINE, tokenize.NL, tokenize.COMMENT)
+        last = [t for t in tokens if t.type not in skip][-1:]
+        return bool(last) and last[0].type == tokenize.OP and last[0].string == ";"
+    def _orphaned(signum, frame):  # the caller died (its end of the request pipe is closed): so do we
+        hangup = select.poll()
+        hangup.register(fd_in, 0)
+        if hangup.poll(0):
+            os._exit(0)
+    signal.signal(signal.SIGIO, _orphaned)  # before the first: its default is to terminate
+    fcntl.fcntl(fd_in, fcntl.F_SETOWN, os.getpid())
+    fcntl.fcntl(fd_in, fcntl.F_SETFL, fcntl.fcntl(fd_in, fcntl.F_GETFL) | os.O_ASYNC)
     main = os.getpid()
     for n, line in enumerate(requests, 1):
         cell = json.loads(line)
-        for stream, fd in ((sys.stdout, 1), (sys.stderr, 2)):
-            stream.flush()
+        limit = cell["max_output"]
+        _flush()
+        for fd in (1, 2):
             os.ftruncate(fd, 0)
             os.lseek(fd, 0, 0)
         name, source = f"cell{n}", cell["code"]
         linecache.cache[name] = (len(source), None, source.splitlines(True), name)
-        reply = {"result": None, "error": None, "traceback": None, "timeout": False}
-        signal.setitimer(signal.ITIMER_REAL, cell["timeout"])
+        reply = {"id": cell["id"], "timeout": False, "cut": False}
+        result = error = None
+        signal.signal(signal.SIGALRM, _alarm)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGALRM, signal.SIGIO})
         try:
-            tree = ast.parse(source, name)
-            last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
-            exec(compile(tree, name, "exec"), namespace)
-            if last is not None:
-                value = eval(compile(ast.Expression(last.value), name, "eval"), namespace)
-                if value is not None:
-                    namespace["_"] = value
-                    reply["result"] = repr(value)
+            try:
+                signal.setitimer(signal.ITIMER_REAL, cell["timeout"])
+                tree = ast.parse(source, name)
+                last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+                exec(compile(tree, name, "exec"), namespace)
+                if last is not None:
+                    value = eval(compile(ast.Expression(last.value), name, "eval"), namespace)
+                    if value is not None and not _quiet(source):
+                        namespace["_"] = value
+                        result = repr(value)
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
         except _CellTimeout:
             reply["timeout"] = True
         except BaseException as e:
-            tb = e.__traceback__.tb_next if e.__traceback__ is not None else None
-            reply["error"] = "".join(traceback.format_exception_only(type(e), e)).rstrip("\\n")
-            reply["traceback"] = "".join(traceback.format_exception(type(e), e, tb))
-        finally:
-            if os.getpid() != main:  # a process the cell forked: it never answers for the kernel
-                os._exit(0)
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            sys.stdout.flush()
-            sys.stderr.flush()
+            error = e
+        if os.getpid() != main:  # a process the cell forked: its output stays, it never answers
+            _flush()
+            os._exit(0)
+        signal.signal(signal.SIGIO, _orphaned)  # a cell may have set its own (the next request raises it)
+        texts = {"result": result, "error": None, "traceback": None}
+        if error is not None:
+            try:
+                tb = error.__traceback__.tb_next if error.__traceback__ is not None else None
+                texts["error"] = "".join(traceback.format_exception_only(type(error), error)).rstrip("\\n")
+                if isinstance(error, SyntaxError) and error.filename == name:  # IPython's words for where
+                    place = f'  File "{name}", line'
+                    texts["error"] = texts["error"].replace(place, f"  Cell In[{n}], line", 1)
+                texts["traceback"] = "".join(traceback.format_exception(type(error), error, tb))
+            except BaseException:  # no memory left to format it, or a __str__ that fails
+                texts["error"] = texts["traceback"] = type(error).__name__
+            del error
+        for key, text in texts.items():
+            if text is not None:
+                text, cut = _text(text, limit, keep_end=key == "traceback")
+                reply["cut"] = reply["cut"] or (cut and key != "traceback")  # the traceback is not shown
+            reply[key] = text
+        del texts, result
+        _flush()
         if main == 1:  # the PID namespace's init: what the cell started dies with the cell
             try:
                 os.kill(-1, signal.SIGKILL)
@@ -99,7 +161,7 @@ def _kernel(fd_in, fd_out):
                     os.waitpid(-1, 0)
                 except ChildProcessError:
                     break
-        replies.write((json.dumps(reply) + "\\n").encode())
+        replies.write((json.dumps(reply, ensure_ascii=False) + "\\n").encode())
         replies.flush()
 _kernel(int(sys.argv[1]), int(sys.argv[2]))
 """
@@ -180,7 +242,8 @@ class PythonKernel:
         finally:
             for fd in (cell_r, reply_w, work_fd):
                 os.close(fd)
-        self._pending = b""
+        os.set_blocking(self._cells, False)
+        self._pending = bytearray()
 
     def _stop(self) -> int | None:
         """Kill the kernel and everything it started; its exit status."""
@@ -215,19 +278,26 @@ class PythonKernel:
     # ---- cells ------------------------------------------------------------------------------------
 
     def run(self, code: str, *, timeout: float = 30.0, max_output: int = 8_000) -> CellResult:
-        """Run one cell; stdout keeps its first ``max_output`` bytes, stderr its last (the error is last)."""
+        """Run one cell; stdout keeps its first ``max_output`` bytes, stderr its last (the error is last),
+        and the result and the error their first."""
         with self._lock:
             restarted = self._died
+            if self._proc is not None and self._proc.poll() is not None:  # ended between cells
+                self._stop()
+                restarted = True
             if self._proc is None:
                 self._start()
             self._died = False
-            reply, stopped = self._exchange({"code": code, "timeout": timeout}, timeout + KILL_GRACE)
+            request = {"id": secrets.token_hex(8), "code": code, "timeout": timeout, "max_output": max_output}
+            reply, stopped = self._exchange(
+                request, timeout + KILL_GRACE, reply_limit=18 * max_output + 65536
+            )
             stdout, out_cut = _read_capped(self._out_path, max_output)
             stderr, err_cut = _read_capped(self._err_path, max_output, keep_end=True)
             if stopped is not None:
                 status = self._stop()
                 if stopped == "exited":
-                    stopped = "the interpreter exited" + (f" (status {status})" if status else "")
+                    stopped = _ended(status)
                 self._died = True
             reply = reply or {}
             return CellResult(
@@ -237,18 +307,26 @@ class PythonKernel:
                 error=reply.get("error"),
                 traceback=reply.get("traceback"),
                 timed_out=bool(reply.get("timeout")) or stopped == "timeout",
-                output_truncated=out_cut or err_cut,
+                output_truncated=out_cut or err_cut or bool(reply.get("cut")),
                 stopped=stopped,
                 restarted=restarted,
             )
 
-    def _exchange(self, cell: dict, wait: float) -> tuple[dict | None, str | None]:
-        """Send a cell, read its reply line: (reply, None), or (None, "timeout" | "exited")."""
-        try:
-            os.write(self._cells, (json.dumps(cell) + "\n").encode())
-        except BrokenPipeError:
-            return None, "exited"
+    def _exchange(self, request: dict, wait: float, reply_limit: int) -> tuple[dict | None, str | None]:
+        """Send a cell, read its reply line: (reply, None), or (None, why the kernel must go: "timeout",
+        "exited", or a garbled reply, one not answering this request: the cell wrote to the reply pipe)."""
         deadline = time.monotonic() + wait
+        data = memoryview((json.dumps(request) + "\n").encode())
+        while data:  # the kernel may be too busy to read (a thread of the last cell): no blocking write
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([], [self._cells], [], left)[1]:
+                return None, "timeout"
+            try:
+                data = data[os.write(self._cells, data) :]
+            except BlockingIOError:
+                continue
+            except BrokenPipeError:
+                return None, "exited"
         while b"\n" not in self._pending:
             left = deadline - time.monotonic()
             if left <= 0 or not select.select([self._replies], [], [], left)[0]:
@@ -257,5 +335,24 @@ class PythonKernel:
             if not chunk:
                 return None, "exited"
             self._pending += chunk
-        line, self._pending = self._pending.split(b"\n", 1)
-        return json.loads(line), None
+            if len(self._pending) > reply_limit:
+                return None, GARBLED
+        line, _, rest = self._pending.partition(b"\n")
+        self._pending = bytearray(rest)
+        try:
+            reply = json.loads(line)
+        except ValueError:
+            return None, GARBLED
+        if not isinstance(reply, dict) or reply.get("id") != request["id"]:
+            return None, GARBLED
+        return reply, None
+
+
+def _ended(status: int | None) -> str:
+    """Why a kernel that left on its own went, from its exit status."""
+    if status is not None and status < 0:
+        try:
+            return f"the interpreter was killed by {signal.Signals(-status).name}"
+        except ValueError:
+            return f"the interpreter was killed by signal {-status}"
+    return "the interpreter exited" + (f" (status {status})" if status else "")

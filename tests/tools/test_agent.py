@@ -103,11 +103,11 @@ def test_bad_agent_definitions_raise(steered):
 ESCAPES = {
     "network": (
         "import socket\nsocket.create_connection(('1.1.1.1', 53), timeout=2)\nprint('connected')",
-        "error:\n\n```\nOSError: [Errno 101] Network is unreachable\n```",
+        "error:\n\n```\nOSError: [Errno 101] Network is unreachable\n\n```",
     ),
     "read_outside": ("print(open('/etc/shadow').read())", "error:\n\n```\nPermissionError: [Errno 13]"),
     "fork_bomb": ("import os\nwhile True:\n    os.fork()", "error:\n\n```\nBlockingIOError: [Errno 11]"),
-    "memory_hog": ("x = bytearray(4 * 1024**3)\nprint('allocated')", "error:\n\n```\nMemoryError\n```"),
+    "memory_hog": ("x = bytearray(4 * 1024**3)\nprint('allocated')", "error:\n\n```\nMemoryError\n\n```"),
     "infinite_loop": ("while True:\n    pass", f"error:\n\n```\n{TIMEOUT_MESSAGE}\n```"),
     "huge_output": ("print('x' * 10_000_000)", "[output cut at 2000 bytes]"),
 }

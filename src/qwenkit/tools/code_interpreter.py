@@ -76,7 +76,7 @@ def report(cell: CellResult, max_output: int) -> str:
     if cell.result is not None:
         blocks.append(("execute_result", cell.result))
     if cell.error is not None:
-        blocks.append(("error", cell.error))
+        blocks.append(("error", cell.error + "\n"))  # IPython's exception line ends in a newline
     if cell.timed_out:
         blocks.append(("error", TIMEOUT_MESSAGE))
     text = "\n\n".join(f"{kind}:\n\n```\n{body}\n```" for kind, body in blocks)
