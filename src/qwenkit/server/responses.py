@@ -370,7 +370,7 @@ async def responses(state: ServerState, body: ResponsesRequest, request: Request
     result: Completion = started.run.choices[0].result
     parser = started.plan.parser()
     status, incomplete = _status(result.finish_reason)
-    writer = _EventWriter()  # the items the stream would build, in the order the model wrote them
+    writer = ItemWriter()  # the items the stream would build, in the order the model wrote them
     writer.feed([*parser.feed(result.text), *parser.finish()])
     writer.end(status)
     return JSONResponse(head.response(status, writer.output, usage(started, think_close), incomplete))
@@ -380,8 +380,10 @@ async def responses(state: ServerState, body: ResponsesRequest, request: Request
 # Streaming
 
 
-class _EventWriter:
-    """Server-sent events with their ``event:`` line and a ``sequence_number``, and the open item."""
+class ItemWriter:
+    """A reply's output items as they form, and the events that form them (server-sent, with their
+    ``event:`` line and a ``sequence_number``): the stream sends the events, a whole reply keeps only the
+    items, so both give the same items."""
 
     def __init__(self) -> None:
         self.sequence = 0
@@ -477,7 +479,7 @@ class _EventWriter:
 
 
 async def _events(started: ChatRun, head: ResponseHead, think_close: int | None):
-    writer = _EventWriter()
+    writer = ItemWriter()
     parser = started.plan.parser()
     yield writer.event("response.created", response=head.response("in_progress", []))
     yield writer.event("response.in_progress", response=head.response("in_progress", []))
