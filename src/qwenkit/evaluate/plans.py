@@ -17,7 +17,7 @@ from typing import Any
 from qwenkit.evaluate import ceval, gsm8k, humaneval, mmlu, passkey, tooluse
 from qwenkit.evaluate.backends import Backend
 from qwenkit.evaluate.data import BFCL, GSM8K_SAMPLE, EvalDataError
-from qwenkit.evaluate.extract import CHOICE_EXTRACTORS, NUMBER_EXTRACTORS, numbers_equal, strip_thinking
+from qwenkit.evaluate.extract import CHOICE_EXTRACTORS, NUMBER_EXTRACTORS, number_verdict, strip_thinking
 from qwenkit.evaluate.multiple_choice import MCItem, aggregate, rejudge, score_generate, score_loglik
 from qwenkit.evaluate.results import sha256_text
 from qwenkit.evaluate.stats import mean_stderr
@@ -337,7 +337,7 @@ def _gsm8k_plan(s: Settings) -> Plan:
 
 def number_fields(text: str, gold: str, headline: str) -> dict:
     extracted = {name: fn(text) for name, fn in NUMBER_EXTRACTORS.items()}
-    correct = {name: numbers_equal(gold, v) for name, v in extracted.items()}
+    correct = {name: number_verdict(name, gold, v) for name, v in extracted.items()}
     return {
         "scored_text": text,
         "extracted": extracted[headline],
