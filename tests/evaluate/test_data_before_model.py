@@ -27,6 +27,16 @@ CASES = [
         ["--shots", "0"],
         "{d} (test) holds no mmlu items: nothing to evaluate",
     ),
+    (  # a dev split with fewer rows than --shots: refused, never run as fewer shots recorded as 5
+        "mmlu",
+        {
+            "data/test/anatomy_test.csv": "What is x?,a,b,c,d,A\n",
+            "data/dev/anatomy_dev.csv": "Q1?,a,b,c,d,B\nQ2?,a,b,c,d,C\n",
+        },
+        ".",
+        [],
+        "--shots 5 needs 5 dev examples per subject; {d} dev has fewer for anatomy (2)",
+    ),
     (
         "ceval",
         {},

@@ -222,6 +222,12 @@ def _mc_plan(s: Settings) -> Plan:
         if shots:
             for d in bench.read_split(s.data, "dev", sorted({i.subject for i in items})):  # type: ignore[arg-type]
                 dev.setdefault(d.subject, []).append(d)
+        short = sorted(f"{subject} ({len(rows)})" for subject, rows in dev.items() if len(rows) < shots)
+        if short:  # fewer examples than asked for would be a run of fewer shots recorded as `shots`
+            raise EvalDataError(
+                f"--shots {shots} needs {shots} dev examples per subject; {s.data} dev has fewer for "
+                f"{', '.join(short)}"
+            )
         fewshot = {subject: rows[:shots] for subject, rows in dev.items()}
         record |= {
             "method": "loglik-letter",
