@@ -399,8 +399,8 @@ def _humaneval_plan(s: Settings) -> Plan:
             prompts = [p.prompt for p in chunk]
             raw = backend.complete(prompts, s.max_new_tokens, humaneval.LMEVAL_STOP)
             # Qwen's cut needs text up to its first marker; regenerate (greedy: same prefix) where the
-            # lm-eval stop came first.
-            need = [i for i, t in enumerate(raw) if humaneval.qwen_cut(t) == t and t.strip()]
+            # lm-eval stop came first, at the very start too (an empty text may be "\n# ..." cut off).
+            need = [i for i, t in enumerate(raw) if humaneval.qwen_cut(t) == t]
             qwen_text = list(raw)
             if need:
                 more = backend.complete([prompts[i] for i in need], s.max_new_tokens, humaneval.QWEN_CUT[1:])
