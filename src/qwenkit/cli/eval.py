@@ -317,6 +317,10 @@ def format_results(results: dict) -> str:
             f"  overall  {100 * s['acc']:.2f} {plus_minus(s.get('stderr'))}  "
             f"({s.get('aggregation', '')}, n={s.get('n')})"
         )
+    if s.get("unanswered"):
+        lines.append(
+            f"  {s['unanswered']} questions without an answer in the data: predictions only, not scored"
+        )
     for key in ("acc_micro", "acc_macro"):
         if key in s:
             lines.append(f"  {key[4:]:<8} {100 * s[key]:.2f} {plus_minus(s.get('stderr_' + key[4:]))}")
