@@ -191,3 +191,17 @@ def test_a_split_without_answers_is_predictions_only_never_a_score_of_zero(tiny_
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert [s["gold"] for s in samples] == [""] * len(rows)
     assert all(s["extracted"] in "ABCD" and len(s["extracted"]) == 1 for s in samples)
+
+
+def test_csv_with_a_byte_order_mark_reads_as_without(tmp_path):
+    """A spreadsheet's "CSV UTF-8" export starts with a BOM: C-Eval's header still has its id column
+    (it was refused as lacking one) and MMLU's first question does not start with U+FEFF."""
+    from qwenkit.evaluate import ceval, mmlu
+
+    bom = b"\xef\xbb\xbf"
+    write(tmp_path / "c", {"val/logic_val.csv": bom + (CEVAL_HEADER + "0,问,a,b,c,d,B\n").encode()})
+    write(tmp_path / "m", {"test/anatomy_test.csv": bom + b"What is x?,a,b,c,d,C\n"})
+    assert [(i.id, i.question, i.answer) for i in ceval.read_split(tmp_path / "c", "val")] == [
+        ("logic/val/0", "问", "B")
+    ]
+    assert [(i.question, i.answer) for i in mmlu.read_split(tmp_path / "m", "test")] == [("What is x?", "C")]
