@@ -102,6 +102,7 @@ def test_pass_at_k_equals_the_combinatorial_definition():
     assert table == {"pass@1": 0.25, "pass@2": 0.5}
 
 
+@pytest.mark.slow
 def test_qwen_cut_is_of_the_whole_greedy_text_even_when_lm_evals_stop_comes_first(tmp_path):
     """Each base row's Qwen completion is Qwen's cut of the model's greedy text (as evaluate_humaneval.py
     generates it, without lm-eval's stop strings). On HumanEval/1 the bundled model starts with
