@@ -95,3 +95,27 @@ def test_the_same_run_twice_and_one_name_in_two_places(tmp_path, capsys):
     assert labels == [str(first), str(second), f"{second / 'results.json'}"]
     twice = compare([first, first]).splitlines()  # one directory given twice: numbered
     assert [line.split("  ")[0] for line in twice[1:3]] == [str(first), f"{first} #2"]
+
+
+def test_a_damaged_results_file_is_one_line(tmp_path, capsys):
+    """A results.json of another shape (edited by hand, another tool's, another task) is refused in one
+    line naming it, never a traceback."""
+    good = write_run(tmp_path, "good", {"acc": 0.5, "stderr": 0.1, "n": 4}, Settings(task="mmlu"))
+    for n, text in enumerate(
+        [
+            '{"task": "mmlu", "scores": [], "record": {}}',
+            '{"task": "mmlu", "scores": {}, "record": []}',
+            '{"task": "squad", "scores": {}, "record": {}}',
+            '{"task": "mmlu", "scores": {}, "record": {"settings": [1]}}',
+            '{"results": {"gsm8k": {}}}',
+            "[1]",
+        ]
+    ):
+        bad = tmp_path / f"bad{n}.json"
+        bad.write_text(text)
+        assert qwenkit_main(["eval", "--compare", str(good), str(bad)]) == 2
+        assert capsys.readouterr().err == f"error: {bad} is not a qwenkit eval results file\n"
+    binary = tmp_path / "binary.json"
+    binary.write_bytes(b"\xff\xfe\x00")
+    assert qwenkit_main(["eval", "--compare", str(binary)]) == 2
+    assert capsys.readouterr().err == f"error: {binary} is not a qwenkit eval results file\n"

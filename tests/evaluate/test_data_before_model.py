@@ -21,11 +21,38 @@ CASES = [
     ),
     ("humaneval", {"h.jsonl": "[]\n"}, "h.jsonl", [], "{d} line 1: not a JSON object (an array)"),
     (
+        "humaneval",
+        {},
+        ".",
+        [],
+        "HumanEval file {d}/HumanEval.jsonl.gz does not exist (expected HumanEval.jsonl.gz)",
+    ),
+    (  # Qwen's chat prompt quotes the docstring: a problem without one is refused before the model loads
+        "humaneval",
+        {
+            "h.jsonl": '{"task_id": "X/0", "prompt": "def f(x):\\n", "entry_point": "f", '
+            '"canonical_solution": "    return x\\n", "test": "def check(c):\\n    assert c(1) == 1\\n"}\n'
+        },
+        "h.jsonl",
+        ["--method", "generate"],
+        "X/0: no signature or docstring for f",
+    ),
+    (
         "mmlu",
         {"data/test/README": "x"},
         ".",
         ["--shots", "0"],
         "{d} (test) holds no mmlu items: nothing to evaluate",
+    ),
+    (  # a dev split with fewer rows than --shots: refused, never run as fewer shots recorded as 5
+        "mmlu",
+        {
+            "data/test/anatomy_test.csv": "What is x?,a,b,c,d,A\n",
+            "data/dev/anatomy_dev.csv": "Q1?,a,b,c,d,B\nQ2?,a,b,c,d,C\n",
+        },
+        ".",
+        [],
+        "--shots 5 needs 5 dev examples per subject; {d} dev has fewer for anatomy (2)",
     ),
     (
         "ceval",

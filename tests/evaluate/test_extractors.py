@@ -94,3 +94,48 @@ def test_thinking_is_stripped_and_recorded():
     assert strip_thinking("plain 7") == ("plain 7", None)
     answer, _ = strip_thinking("<think>the answer is 41</think>so 42")
     assert qwen_gsm8k_chat(answer) == "42"
+
+
+LMEVAL_REPLIES = [
+    "The answer is $18.00.",  # money with cents: lm-eval's exact match fails it, as a number it is 18
+    "so she pays 18.0",
+    "#### 18.00",
+    "It costs 018 dollars",
+    "answer 18",
+    "#### 18.",
+    "#### 18\nQuestion: 3 more",
+    "total 18,000",
+    "x = -18",
+    "no number",
+]
+
+
+@pytest.mark.parametrize("reply", LMEVAL_REPLIES)
+def test_lmeval_verdicts_are_lmeval_exact_match(reply):
+    """The lmeval-* extractors judge as lm-eval's gsm8k task does (its own filters and exact_match,
+    configured from its installed gsm8k.yaml): strings after cleaning, not numbers."""
+    from importlib import resources
+
+    import yaml
+    from lm_eval.api.metrics import exact_match_hf_evaluate
+    from lm_eval.filters.extraction import RegexFilter
+
+    from qwenkit.evaluate.plans import number_fields
+
+    task = yaml.safe_load(resources.files("lm_eval").joinpath("tasks/gsm8k/gsm8k.yaml").read_text())
+    metric = task["metric_list"][0]
+    gold_answer = "She pays 9 * 2 = <<9*2=18>>18 dollars.\n#### 18"
+    ours = number_fields(reply, gsm8k_gold(gold_answer), "qwen-gsm8k-base")["correct_by"]
+    for name, flt in zip(("lmeval-strict", "lmeval-flexible"), task["filter_list"], strict=True):
+        regex = flt["filter"][0]
+        extracted = RegexFilter(regex["regex_pattern"], regex.get("group_select", 0)).apply([[reply]], [{}])
+        theirs = exact_match_hf_evaluate(
+            [extracted[0][0]],
+            [gold_answer],
+            regexes_to_ignore=metric["regexes_to_ignore"],
+            ignore_case=metric["ignore_case"],
+            ignore_punctuation=metric["ignore_punctuation"],
+        )["exact_match"]
+        assert ours[name] == bool(theirs), (name, reply)
+    if reply in ("The answer is $18.00.", "so she pays 18.0", "It costs 018 dollars"):
+        assert ours["qwen-gsm8k-chat"]  # Qwen's chat script compares numbers

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 
 import pytest
@@ -99,3 +100,25 @@ def test_pass_at_k_equals_the_combinatorial_definition():
     assert pass_at_k(1, 1, 1) == 1.0 and pass_at_k(1, 0, 1) == 0.0
     table = humaneval.pass_at_k_table({"a": [True, False], "b": [False, False]}, ks=(1, 2, 10))
     assert table == {"pass@1": 0.25, "pass@2": 0.5}
+
+
+@pytest.mark.slow
+def test_qwen_cut_is_of_the_whole_greedy_text_even_when_lm_evals_stop_comes_first(tmp_path):
+    """Each base row's Qwen completion is Qwen's cut of the model's greedy text (as evaluate_humaneval.py
+    generates it, without lm-eval's stop strings). On HumanEval/1 the bundled model starts with
+    "\\n# Example usage:", which lm-eval's "\\n#" cuts to nothing: Qwen's completion is not that nothing."""
+    from qwenkit.default_model import default_model_path
+    from qwenkit.evaluate.backends import LocalBackend
+    from qwenkit.evaluate.runner import Settings, run
+    from qwenkit.generate import LLM
+
+    with LLM.load(default_model_path(), dtype="bfloat16", progress=False) as llm:
+        backend = LocalBackend(llm)
+        settings = Settings(task="humaneval", limit=2, max_new_tokens=24)
+        run(backend, settings, tmp_path, progress=False)
+        rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+        whole = backend.complete([r["prompt"] for r in rows], 24, ())
+    for row, text in zip(rows, whole, strict=True):
+        assert row["completions"]["qwen"] == humaneval.qwen_cut(text)
+        assert row["completions"]["lm-eval"] == humaneval.lmeval_cut(text)
+    assert rows[1]["completions"]["lm-eval"] == "" and rows[1]["completions"]["qwen"].startswith("\n# ")

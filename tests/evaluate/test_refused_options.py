@@ -53,6 +53,10 @@ CEVAL = Path(__file__).parent / "fixtures" / "ceval"
         ),
         (["--task", "gsm8k", "--subjects", "algebra"], "--subjects does not apply to gsm8k"),
         (
+            ["--task", "ppl", "--data", "corpus.txt", "--method", "generate"],
+            "--method does not apply to ppl (it scores the text's own tokens): drop it",
+        ),
+        (
             ["--task", "gsm8k", "--request-timeout", "5"],
             "--request-timeout goes with --endpoint (a server to evaluate)",
         ),

@@ -12,7 +12,7 @@ import pytest
 from qwenkit.cli import main as qwenkit_main
 from qwenkit.evaluate import ceval, gsm8k
 from qwenkit.evaluate.data import EvalDataError
-from qwenkit.evaluate.extract import lmeval_flexible, numbers_equal
+from qwenkit.evaluate.extract import lmeval_flexible, number_verdict
 from qwenkit.evaluate.multiple_choice import aggregate
 from qwenkit.evaluate.runner import Settings, rescore_dir, run
 
@@ -111,7 +111,7 @@ def test_gsm8k_resume_after_interruption_and_rescore(local, tmp_path):
     rescored = rescore_dir(out, "lmeval-flexible")
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     for r in rows:
-        assert r["correct"] == numbers_equal(r["gold"], lmeval_flexible(r["scored_text"]))
+        assert r["correct"] == number_verdict("lmeval-flexible", r["gold"], lmeval_flexible(r["scored_text"]))
     assert rescored["record"]["extractor"] == "lmeval-flexible" and rescored["record"]["rescored"]
     assert json.loads((out / "results.json").read_text())["scores"]["extractor"] == "lmeval-flexible"
     from qwenkit.cli.eval import format_results

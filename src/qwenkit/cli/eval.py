@@ -222,6 +222,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         raise EvalUsageError("--task is required (mmlu, ceval, gsm8k, humaneval, tooluse, passkey or ppl)")
     if args.task == "passkey" and args.data:
         raise EvalUsageError("passkey is synthetic (built from --lengths/--depths/--trials): drop --data")
+    if args.task == "ppl" and args.method is not None:
+        raise EvalUsageError("--method does not apply to ppl (it scores the text's own tokens): drop it")
     if args.task == "tooluse" and args.method == "loglik":
         raise EvalUsageError("tooluse is generation through the chat template: drop --method loglik")
     for flag, value, least in (
@@ -316,6 +318,10 @@ def format_results(results: dict) -> str:
         lines.append(
             f"  overall  {100 * s['acc']:.2f} {plus_minus(s.get('stderr'))}  "
             f"({s.get('aggregation', '')}, n={s.get('n')})"
+        )
+    if s.get("unanswered"):
+        lines.append(
+            f"  {s['unanswered']} questions without an answer in the data: predictions only, not scored"
         )
     for key in ("acc_micro", "acc_macro"):
         if key in s:

@@ -18,7 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from qwenkit.evaluate.data import EvalDataError
-from qwenkit.evaluate.plans import Settings, used_settings
+from qwenkit.evaluate.plans import TASKS, Settings, used_settings
 from qwenkit.evaluate.results import RESULTS, known_stderr
 
 
@@ -65,10 +65,17 @@ def _load(paths: Sequence[str | Path]) -> list[_Run]:
     runs = []
     for label, p in zip(_labels(paths, files), files, strict=True):
         try:
-            results = json.loads(p.read_text())
+            results = json.loads(p.read_text(encoding="utf-8"))
             task, scores, record = results["task"], results["scores"], results["record"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise EvalDataError(f"{p} is not a qwenkit eval results file") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            task = scores = record = None
+        if (
+            task not in TASKS
+            or not isinstance(scores, dict)
+            or not isinstance(record, dict)
+            or not isinstance(record.get("settings", {}), dict)
+        ):
+            raise EvalDataError(f"{p} is not a qwenkit eval results file")
         runs.append(_Run(label, _model_label(record), task, scores, _measured(task, scores, record)))
     return runs
 

@@ -106,8 +106,10 @@ def text_fields(row: dict, names: tuple[str, ...], where: str) -> list[str]:
 
 
 def utf8(raw: bytes, where: str) -> str:
+    """The text of a UTF-8 file, without the byte-order mark a spreadsheet's "CSV UTF-8" export puts first
+    (pandas, which Qwen's scripts read the CSVs with, drops it too)."""
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise EvalDataError(f"{where} is not UTF-8 text (byte {e.start})") from None
 

