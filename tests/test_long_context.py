@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from factories import run_engine, write_tiny_chat_model
 from test_config import QWEN3_SMALL
@@ -115,3 +116,27 @@ def test_qwen_v1_ntk_and_logn_in_chunks_beside_shorter_requests(tmp_path):
     outs = run_engine(engine, prompts, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
     assert engine.preemptions > 0
     assert outs == [v1_greedy(sd, cfg, p, 30) for p in prompts]
+
+
+def test_the_last_position_of_the_context_is_generated_and_a_full_prompt_is_refused(tmp_path):
+    """A prompt one token short of the window gets exactly one token (finish_reason length); one that
+    fills the window was refused with 'the prompt has 64 tokens; the context window is 64', which read
+    as if it fitted."""
+    from factories import write_v1_checkpoint
+
+    from qwenkit.engine import SamplingParamsError
+
+    model, _ = load_model(write_v1_checkpoint(tmp_path / "v1", {"seq_length": 32}), dtype="float32")
+    engine = Engine(model, max_batch_size=1, max_seq_len=64, prefill_chunk=16)
+    prompt = torch.randint(0, 512, (64,), generator=torch.Generator().manual_seed(1)).tolist()
+    rid = engine.add_request(prompt[:63], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
+    outs = []
+    while engine.has_unfinished():
+        outs += engine.step()
+    assert [(o.request_id, len(o.new_token_ids), o.finish_reason) for o in outs] == [(rid, 1, "length")]
+    with pytest.raises(SamplingParamsError) as refused:
+        engine.add_request(prompt, SamplingParams(max_tokens=1))
+    assert str(refused.value) == (
+        "the prompt has 64 tokens; the context window is 64, and a prompt may take at most 63 to leave "
+        "room for a token to be generated"
+    )

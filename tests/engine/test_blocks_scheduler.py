@@ -105,6 +105,28 @@ def test_admission_waits_for_blocks_and_rows():
     assert [r.id for r, _ in s.schedule().rows] == ["b"]
 
 
+def test_a_request_waiting_for_blocks_is_counted_once_in_the_prefix_cache_stats():
+    """A waiting request looks its prefix up at every step it tries to start; while the pool had no
+    blocks for it, each try was counted, so the prefix-cache queries and hits (the server's
+    vllm:prefix_cache_* counters) grew by its prompt at every step it waited."""
+    s = Scheduler(BlockManager(4, 16), max_batch=4, token_budget=512)
+    a = req("a", 40)
+    s.add(a)
+    s.schedule()
+    a.num_computed = 40
+    s.on_computed(a)  # its two full blocks are published
+    a.output_ids.append(1)
+    b = req("b", 60)  # a's 40 tokens and 20 more: 2 blocks from the cache, 2 new, and 1 is free
+    s.add(b)
+    for _ in range(3):
+        assert [r.id for r, _ in s.schedule().rows] == ["a"]
+        a.num_computed += 1
+        a.output_ids.append(1)
+    s.remove(a)
+    assert [r.id for r, _ in s.schedule().rows] == ["b"] and b.num_cached_tokens == 32
+    assert (s.blocks.prefix_queries, s.blocks.prefix_hits) == (40 + 60, 32)
+
+
 def test_prefix_reuse_leaves_one_token_and_skips_blocks_without_prompt_logprobs():
     s = Scheduler(BlockManager(16, 16), max_batch=4, token_budget=512)
     a = req("a", 32)

@@ -113,3 +113,21 @@ def test_cli_refuses_lengths_beyond_the_context(tiny_chat_model, capsys):
     assert err.startswith("error: --lengths 65536 exceeds the model's context") and err.count("\n") == 1
     assert qwenkit_main(["eval", str(tiny_chat_model), "--task", "passkey", "--data", "x.jsonl"]) == 2
     assert "passkey is synthetic" in capsys.readouterr().err
+
+
+def test_a_length_the_answer_fills_names_max_new_tokens(tiny_chat_model, encode, capsys):
+    """Chat runs keep --max-new-tokens (512 by default) free for the answer, so --lengths 512 with
+    --method generate had no room for filler; the error told the user to lengthen --lengths only."""
+    with pytest.raises(EvalDataError) as caught:
+        passkey.build(passkey.Needle(512, 0.5, 0), encode, chat=True, max_tokens=512)
+    assert str(caught.value) == (
+        "passkey length 512 leaves no room for filler beside 512 tokens for the answer (--max-new-tokens) "
+        "and 64 for the chat template: use longer --lengths or a smaller --max-new-tokens"
+    )
+    args = ["eval", str(tiny_chat_model), "--task", "passkey", "--method", "generate", "--lengths", "512"]
+    args += ["--depths", "0.5", "--no-progress", "--dtype", "float32"]
+    assert qwenkit_main(args) == 2
+    err = capsys.readouterr().err
+    assert err.endswith("use longer --lengths or a smaller --max-new-tokens\n") and err.count("\n") == 1
+    text, n = passkey.build(passkey.Needle(512, 0.5, 0), encode, chat=True, max_tokens=32)
+    assert 512 - 32 - passkey.CHAT_RESERVE - 30 <= n == len(encode(text))

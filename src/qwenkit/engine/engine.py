@@ -151,7 +151,8 @@ class Engine:
             )
         if len(prompt_ids) >= self.max_seq_len:
             raise SamplingParamsError(
-                f"the prompt has {len(prompt_ids)} tokens; the context window is {self.max_seq_len}"
+                f"the prompt has {len(prompt_ids)} tokens; the context window is {self.max_seq_len}, and a "
+                f"prompt may take at most {self.max_seq_len - 1} to leave room for a token to be generated"
             )
         bad = [t for t in params.stop_token_ids if not 0 <= t < self.vocab_size]
         if bad:

@@ -120,6 +120,9 @@ class Scheduler:
                 request.num_computed = 0
                 self.waiting.appendleft(request)
                 break
+            if request.num_preemptions == 0 and self.prefix_caching:
+                # counted once, when admitted: a request that waited for blocks looked up again next step
+                self.blocks.record_lookup(request.num_tokens, request.num_computed)
             self.running.append(request)
             out.rows.append((request, n))
             if request.copy_source is not None:  # into the first block _grow gave it
@@ -196,7 +199,6 @@ class Scheduler:
             self.blocks.free([request.copy_source])
             published, computed = published - 1, computed - 1
         if request.num_preemptions == 0 and self.prefix_caching:
-            self.blocks.record_lookup(request.num_tokens, computed)
             request.num_cached_tokens = computed
         request.block_table = found
         request.num_cached_blocks = published

@@ -99,7 +99,13 @@ def build(needle: Needle, encode: Callable[[str], list[int]], chat: bool, max_to
             break
         units = max(0, units - 1 - int((n - budget) / per_unit))
     if n > budget:
-        raise EvalDataError(f"passkey length {needle.length} leaves no room for filler: use longer --lengths")
+        # the answer's room is the likelier culprit: chat runs keep --max-new-tokens (512 by default) free
+        reserved = f"{max_tokens} tokens for the answer (--max-new-tokens)"
+        reserved += f" and {CHAT_RESERVE} for the chat template" if chat else ""
+        advice = "use longer --lengths or a smaller --max-new-tokens" if chat else "use longer --lengths"
+        raise EvalDataError(
+            f"passkey length {needle.length} leaves no room for filler beside {reserved}: {advice}"
+        )
     return text, n
 
 
