@@ -490,3 +490,20 @@ def test_an_empty_preference_file_is_refused_as_empty(tiny_chat_model, tmp_path,
         f"error: {pairs}: no preference pair has a completion within --max-len 4\n"
     )
     assert not out.exists() and not (tmp_path / "o.training").exists()
+
+
+def test_dpo_trains_without_dropout_by_default_as_trl(tiny_chat_model, tmp_path):
+    """trl's DPO turns dropout off (``disable_dropout=True``), so the policy's log-probabilities in a training
+    step are the model's own, as in evaluation. With one batch of every pair, held out too, step 2's training
+    loss is then exactly the held-out loss after step 1 (before, --lora-dropout defaulted to 0.05 in dpo:
+    the training forward was a noisy sample and the two differed)."""
+    out = tmp_path / "o"
+    pairs = write_pairs(tmp_path / "t.jsonl", 0, 8)
+    argv = ["dpo", str(tiny_chat_model), str(pairs), str(out), "--eval-data", str(pairs), "--eval-every", "1"]
+    assert cli_main([*argv, "--max-steps", "2", "--batch-size", "8", "--lr", "1e-2", "--no-progress"]) == 0
+    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [0, 1, 2]
+    assert log[1]["eval_loss"] < math.log(2) - 1e-3  # step 1 moved the policy
+    assert log[2]["loss"] == pytest.approx(log[1]["eval_loss"], rel=1e-6)
+    assert log[2]["rewards/margins"] == pytest.approx(log[1]["eval_rewards/margins"], rel=1e-5)
+    assert json.loads((out / "adapter_config.json").read_text())["lora_dropout"] == 0.0

@@ -378,3 +378,127 @@ def test_loss_png_leaves_out_non_finite_losses(tmp_path):
     ref = (tmp_path / "ref.png").read_bytes()
     assert ref[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "nan.png").read_bytes() == ref == (tmp_path / "inf.png").read_bytes()
+
+
+@pytest.mark.parametrize("ratio,steps", [(0.05, 10), (0.3, 6), (0.25, 10), (0.0, 5), (0.5, 7)])
+def test_learning_rates_per_step_equal_transformers_schedule(ratio, steps):
+    """Warmup steps ceil(ratio x steps) and the rate of every step as transformers' cosine schedule with
+    warmup gives them (before, round() dropped a warmup under half a step: 0.05 of 10 steps had none, and
+    each warmup step ran one step ahead of transformers')."""
+    from transformers import TrainingArguments
+    from transformers.optimization import get_cosine_schedule_with_warmup
+
+    layer = torch.nn.Linear(4, 4)
+    args = TrainArgs(lr=1e-3, warmup_ratio=ratio, max_steps=steps, progress=False)
+    trainer = Trainer(layer, random_examples(4), args, World(), pad_id=0, params=list(layer.parameters()))
+    # transformers 5 reads a warmup_steps under 1 as the ratio
+    warmup = TrainingArguments(output_dir="unused", warmup_steps=ratio).get_warmup_steps(steps)
+    opt = torch.optim.AdamW(torch.nn.Linear(4, 4).parameters(), lr=1e-3)
+    reference = get_cosine_schedule_with_warmup(opt, warmup, steps)
+    got, want = [], []
+    for _ in range(steps):
+        got.append(trainer.scheduler.get_last_lr()[0])
+        want.append(reference.get_last_lr()[0])
+        trainer.optimizer.step()
+        trainer.scheduler.step()
+        opt.step()
+        reference.step()
+    assert got == pytest.approx(want, rel=1e-12, abs=0)
+    assert (got[0] == 0.0) == (warmup > 0)
+
+
+def test_lora_steps_equal_transformers_and_peft(tmp_path):
+    """Padded micro-batches with gradient accumulation, rsLoRA, weight decay, clipping and warmup + cosine:
+    each step's loss, gradient norm and adapter weights equal transformers + peft's on the same adapter
+    and batches, with the loss over the accumulation window as transformers computes it (its
+    ``num_items_in_batch``: the labelled tokens of all micro-batches)."""
+    import peft
+    import transformers
+    from transformers.optimization import get_cosine_schedule_with_warmup
+
+    from qwenkit.finetune.adapter_io import save_adapter
+    from qwenkit.finetune.lora import lora_modules
+
+    model_dir = save_hf(hf_model("qwen2", tie_word_embeddings=False), tmp_path / "m")
+    examples = random_examples(8)
+    model, _ = load_model(model_dir, "float32", progress=False)
+    torch.manual_seed(0)
+    config = LoRAConfig(r=4, alpha=8, dropout=0.0, use_rslora=True)
+    apply_lora(model, config)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.05)
+    args = TrainArgs(
+        batch_size=2,
+        grad_accum=2,
+        lr=1e-3,
+        warmup_ratio=0.3,
+        weight_decay=0.1,
+        max_grad_norm=0.9,
+        max_steps=6,
+        progress=False,
+    )
+    trainer = Trainer(model, examples, args, World(), pad_id=0, params=lora_parameters(model))
+    (tmp_path / "a").mkdir()
+    save_adapter(model, tmp_path / "a", config, str(model_dir))
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
+    ref = peft.PeftModel.from_pretrained(base, tmp_path / "a", is_trainable=True).train()
+    ref_params = {n: p for n, p in ref.named_parameters() if p.requires_grad}
+    mine = {  # peft's parameter name -> qwenkit's parameter
+        f"base_model.model.{name}.{side}.default.weight": getattr(m, side).weight
+        for name, m in lora_modules(model).items()
+        for side in ("lora_A", "lora_B")
+    }
+    assert mine.keys() == ref_params.keys()
+    opt = torch.optim.AdamW(ref_params.values(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
+    schedule = get_cosine_schedule_with_warmup(opt, 2, 6)  # ceil(0.3 x 6) warmup steps
+    clipped = 0
+    for step in range(6):
+        micro, idx = trainer.micro_batches(step)
+        n_items = torch.tensor(sum(sum(x != IGNORE for x in examples[i].labels[1:]) for i in idx))
+        loss = 0.0
+        for batch in micro:
+            rows = [examples[i] for i in batch]
+            width = max(len(e.ids) for e in rows)
+            ids = torch.zeros(len(rows), width, dtype=torch.long)
+            labels = torch.full((len(rows), width), IGNORE)
+            mask = torch.zeros(len(rows), width, dtype=torch.long)
+            for i, e in enumerate(rows):
+                ids[i, : len(e.ids)], labels[i, : len(e.ids)] = torch.tensor(e.ids), torch.tensor(e.labels)
+                mask[i, : len(e.ids)] = 1
+            out = ref(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=n_items)
+            out.loss.backward()
+            loss += out.loss.item()
+        norm = float(torch.nn.utils.clip_grad_norm_(list(ref_params.values()), 0.9))
+        clipped += norm > 0.9
+        opt.step()
+        schedule.step()
+        opt.zero_grad()
+        got = trainer.train_step()
+        assert got.loss == pytest.approx(loss, rel=1e-6), step
+        assert got.grad_norm == pytest.approx(norm, rel=1e-5), step
+        for name, p in ref_params.items():
+            torch.testing.assert_close(mine[name], p, rtol=1e-5, atol=1e-7, msg=f"{name} at step {step}")
+    assert clipped  # clipping was exercised
+
+
+def test_full_training_on_half_precision_weights_says_what_it_loses(tiny_chat_model, tmp_path, capsys):
+    """AdamW updates bfloat16 weights in place, so at full fine-tuning's rates most steps round away (a tiny
+    Qwen2 at lr 1e-5: 12% of the weights changed in 3 steps, 82% in float32) and the loss barely moves:
+    the run says so, once; float32 and adapters on a bfloat16 base (float32 adapters) say nothing."""
+    data = chat_data(tmp_path / "d.jsonl", n=4)
+    note = (
+        "note: --method full trains the bfloat16 weights in place: an update under 1/512 of a weight rounds "
+        "away (an early AdamW step is about --lr, 1e-05); --dtype float32 keeps every update\n"
+    )
+    for method, dtype, said in (
+        ("full", "bfloat16", True),
+        ("full", "float32", False),
+        ("lora", "bfloat16", False),
+    ):
+        args = TrainArgs(method=method, dtype=dtype, max_steps=1, batch_size=2, lr=1e-5, progress=False)
+        capsys.readouterr()
+        finetune(tiny_chat_model, data, tmp_path / f"{method}-{dtype}", args)
+        assert capsys.readouterr().err.count(note) == int(said), (method, dtype)

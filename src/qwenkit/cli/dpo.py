@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Preference tuning (DPO and its variants) on {prompt, chosen, rejected} pairs; the "
         "reference is the base without the adapter, or with --method full the model before training.",
     )
-    add_training_args(parser, lr=5e-5)
+    add_training_args(parser, lr=5e-5, preference=True)
     parser.add_argument(
         "--beta",
         type=float,

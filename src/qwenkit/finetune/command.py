@@ -13,7 +13,8 @@ from qwenkit.errors import ConfigError
 MAX_LR = 3.4e37  # float32's largest value (3.4e38) times AdamW's 1 - beta1
 
 
-def add_training_args(parser: argparse.ArgumentParser, lr: float = 2e-4) -> None:
+def add_training_args(parser: argparse.ArgumentParser, lr: float = 2e-4, preference: bool = False) -> None:
+    """The options `finetune` and `dpo` share; ``preference``: `dpo`'s defaults where they differ."""
     parser.add_argument("model", help="model directory or .gguf file")
     parser.add_argument("data", help="training data: JSONL (messages / conversations / text) or a .json list")
     parser.add_argument("out", help="output directory (appears only when training finished)")
@@ -37,7 +38,15 @@ def add_training_args(parser: argparse.ArgumentParser, lr: float = 2e-4) -> None
     parser.add_argument(
         "--lora-dropout",
         type=float,
-        help="dropout on the adapters' input (default 0.05; 0 where targets include MoE experts or routers)",
+        # trl's DPOTrainer turns every dropout off (disable_dropout=True): with it on, the policy's
+        # log-probabilities and so the implicit rewards are noisy samples, unlike the reference's
+        default=0.0 if preference else None,
+        help="dropout on the adapters' input (default "
+        + (
+            "0, as trl's DPO turns dropout off)"
+            if preference
+            else "0.05; 0 where targets include MoE experts or routers)"
+        ),
     )
     parser.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) (rsLoRA)")
     parser.add_argument(

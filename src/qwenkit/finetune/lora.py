@@ -135,7 +135,9 @@ class LoRALinear(nn.Module):
         if self.disabled:
             return y
         update = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))
-        return y + (update * self.scaling).to(y.dtype)
+        # added in float32 and rounded once, as peft does: rounding the update to a bfloat16 base's dtype
+        # before adding rounded twice, and put twice peft's error on the logits
+        return (y + update * self.scaling).to(y.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """(out, in) float32 ``B @ A * scaling``: what merging adds to the base weight."""

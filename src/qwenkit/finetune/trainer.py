@@ -161,12 +161,20 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
         layer.forward = checkpointed
 
 
+def warmup_steps(total: int, ratio: float) -> int:
+    """Steps of linear warmup: ``ceil(ratio * total)``, as transformers' ``TrainingArguments`` counts them (a
+    ratio whose product is under one step still warms up for one)."""
+    return math.ceil(ratio * total)
+
+
 def lr_lambda(total: int, warmup: int) -> Callable[[int], float]:
-    """Linear warmup, then cosine decay to zero."""
+    """Linear warmup from 0, then cosine decay to zero: transformers' ``get_cosine_schedule_with_warmup``
+    (step s < warmup takes s / warmup of the peak, so the first step's rate is 0 and the peak is at
+    step ``warmup``), so a run logs the rates a transformers or trl run of the same settings does."""
 
     def f(step: int) -> float:
         if step < warmup:
-            return (step + 1) / warmup
+            return step / warmup
         progress = (step - warmup) / max(1, total - warmup)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
@@ -211,7 +219,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, foreach=True if sharded else None
         )
-        warmup = round(args.warmup_ratio * self.total_steps)
+        warmup = warmup_steps(self.total_steps, args.warmup_ratio)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(self.total_steps, warmup)
         )
