@@ -41,6 +41,7 @@ def test_commands_history_and_errors_over_stdin(tiny_chat_model):
                 ":conf temperature=-1",
                 ":conf temperature=__import__('os')",
                 ":seed x",
+                ":seed 99999999999999999999999",
                 ":frobnicate",
                 ":clear",
                 ":clear-history",
@@ -62,6 +63,8 @@ def test_commands_history_and_errors_over_stdin(tiny_chat_model):
     assert "error: temperature must be >= 0, got -1" in out
     assert "error: value for temperature must be a literal" in out
     assert "error: :seed needs an integer, got 'x'" in out
+    # an integer past 64 bits was said not to be an integer
+    assert "error: seed must fit in 64 bits (-9223372036854775808..18446744073709551615), got 9999" in out
     assert "error: unknown command :frobnicate; type :help" in out
     after_clear = out.split("[history cleared]")[1]
     assert "[history is empty]" in after_clear and "user: hello there" not in after_clear

@@ -116,9 +116,13 @@ def run_command(session: ChatSession | ToolChatSession, initial: SamplingParams,
         print(f"[seed = {session.params.seed}]")
     elif name == "seed":
         try:
-            session.params = dataclasses.replace(session.params, seed=int(arg))
+            seed = int(arg)
         except ValueError:
             raise CommandError(f":seed needs an integer, got {arg!r}") from None
+        try:  # the range is the engine's to say: a huge integer is still an integer
+            session.params = dataclasses.replace(session.params, seed=seed)
+        except SamplingParamsError as e:
+            raise CommandError(str(e)) from None
         print(f"[seed = {session.params.seed}]")
     elif name == "conf":
         if arg:
