@@ -273,6 +273,23 @@ def test_errors_are_shown_before_and_during_an_answer(server, open_page):
     assert page.text_content("#error") == "the engine failed on this request"
 
 
+def test_a_failure_to_list_the_models_is_cleared_when_the_server_answers_again(server, open_page):
+    """The page looks at /v1/models again when it is come back to: after a failure (the server restarting)
+    the next good answer showed the model, but the alert that it could not be listed stayed."""
+    page = open_page(server.url)
+    expect(page.locator("#model")).to_have_text(MODEL)
+    page.route(
+        "**/v1/models", lambda route: route.fulfill(status=503, json={"error": {"message": "loading"}})
+    )
+    page.evaluate("window.dispatchEvent(new Event('focus'))")
+    expect(page.locator("#error")).to_have_text("Could not list models: 503 Service Unavailable: loading")
+    expect(page.locator("#model")).to_have_text("model unavailable")
+    page.unroute("**/v1/models")
+    page.evaluate("window.dispatchEvent(new Event('focus'))")
+    expect(page.locator("#model")).to_have_text(MODEL)
+    expect(page.locator("#error")).to_be_hidden()
+
+
 def test_api_key_is_sent_as_bearer_and_kept_in_the_browser(make_server, open_page):
     page = open_page(make_server(api_key=API_KEY).url)
     error = page.wait_for_selector("#error:not([hidden])")

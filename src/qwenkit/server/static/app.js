@@ -339,6 +339,8 @@ function emptyHint() {
 
 // ---- model name ----------------------------------------------------------------------------------
 
+const LISTING_FAILED = "Could not list models";
+
 async function refreshModel() {
   try {
     const ids = await listModels(apiKeyInput.value);
@@ -350,11 +352,13 @@ async function refreshModel() {
     modelPick.replaceChildren(...ids.map((id) => new Option(id, id, false, id === modelId)));
     modelPick.hidden = ids.length < 2;
     modelLabel.hidden = ids.length >= 2;
+    // the server is back (or the key now right): an earlier failure to list no longer holds
+    if (errorBox.textContent.startsWith(LISTING_FAILED)) clearError();
   } catch (error) {
     modelId = null;
     modelLabel.textContent = "model unavailable";
     const hint = error.status === 401 ? " (set the API key in Settings)" : "";
-    showError(`Could not list models: ${error.message}${hint}`);
+    showError(`${LISTING_FAILED}: ${error.message}${hint}`);
   }
 }
 
