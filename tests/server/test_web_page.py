@@ -322,8 +322,9 @@ def test_api_key_is_sent_as_bearer_and_kept_in_the_browser(make_server, open_pag
 ANSWER = (
     "<think>\nThe user wants code.\n</think>\n\nHere is **bold** and code:\n\n```python\nprint('hi')  # "
     + "x" * 300
-    + '\n```\n\n<script>window.pwned = 1</script><img src=x onerror="window.pwned = 2">'
-    '[click](javascript:window.pwned=3) <a href="https://example.com">site</a>'
+    + '\n```\n\n<script>window.pwned = 1</script><img src=x onerror="window.pwned = 2">\n\n'
+    "[click](javascript:window.pwned=3) [site](https://example.com)\n\n"
+    "To center a <div>, flex its parent; <br> breaks a line, and <title> goes in <head>. 1 < 2."
 )
 
 
@@ -375,6 +376,13 @@ def test_markdown_is_rendered_and_model_html_cannot_run_script_on_a_phone_screen
 
     assert page.evaluate("() => window.pwned") is None
     assert message.locator("script, img, [onerror]").count() == 0
+    # HTML the model writes is shown as text: rendered, "<div>" vanished and "<title>" took the rest along
+    shown = message.locator(".body").inner_text()
+    assert '<script>window.pwned = 1</script><img src=x onerror="window.pwned = 2">' in shown
+    assert shown.endswith(
+        "To center a <div>, flex its parent; <br> breaks a line, and <title> goes in <head>. 1 < 2."
+    )
+    assert message.locator(".body div, .body title, .body br").count() == 0
     hrefs = message.locator("a").evaluate_all("links => links.map(a => a.getAttribute('href'))")
     assert "https://example.com" in hrefs
     assert not [h for h in hrefs if h and not h.startswith("https://")]
