@@ -292,3 +292,27 @@ def test_ctrl_c_interrupts_the_answer_not_the_chat(tiny_chat_model):
         if proc.poll() is None:
             proc.kill()
         os.close(master)
+
+
+def test_an_answer_that_fails_midway_ends_its_line_before_the_error(tmp_path):
+    """The model breaks on a token it wrote itself (its embedding row is NaN, so the step after it has
+    NaN logits): the error began on the answer's own line ("Hello world booming: the model produced...")."""
+    from factories import write_tiny_chat_model
+    from safetensors.torch import load_file, save_file
+
+    from qwenkit.generate import tokenizer_for
+
+    model = write_tiny_chat_model(tmp_path / "breaks", tie_word_embeddings=False)
+    tokenizer = tokenizer_for(model)
+    said = [tokenizer.encode(piece)[0] for piece in ("Hello", " world", " boom")]
+    weights = load_file(model / "model.safetensors")
+    weights["model.embed_tokens.weight"][said[-1]] = float("nan")
+    save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
+    bias = [(token, 100.0 - 2 * k) for k, token in enumerate(said)]
+    greedy = ["--temperature", "0", "--repetition-penalty", "10", "--max-new-tokens", "8"]
+    error = "error: the model produced NaN/inf logits in float32: the checkpoint may be corrupt"
+
+    r = run_chat(model, f":conf logit_bias={bias}\nhi\n:history\n", *greedy, "--dtype", "float32")
+    assert r.returncode == 0, r.stderr
+    assert f"\nHello world boom\n{error}\n" in r.stdout
+    assert "assistant: Hello world boom\n" in r.stdout  # the part that came stays, as after Ctrl-C

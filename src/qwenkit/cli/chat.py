@@ -140,15 +140,28 @@ def run_command(session: ChatSession | ToolChatSession, initial: SamplingParams,
     return True
 
 
+def show(stream: Iterator[str]) -> None:
+    """Write the reply's pieces as they come, then end its line. An error after some text ends the line
+    first, so that the error's own line does not begin in the middle of the answer."""
+    shown = False
+    try:
+        for piece in stream:
+            sys.stdout.write(for_terminal(piece))
+            sys.stdout.flush()
+            shown = shown or bool(piece)
+    except QwenkitError:
+        if shown:
+            print()
+        raise
+    print()
+
+
 def answer(session: ChatSession | ToolChatSession, text: str) -> None:
     """Print the reply as it comes. Ctrl-C stops it; an error (the message does not fit, a setting the
     engine refuses) is one line. Either way the chat goes on, its history as the session left it."""
     stream = session.ask(text)
     try:
-        for piece in stream:
-            sys.stdout.write(for_terminal(piece))
-            sys.stdout.flush()
-        print()
+        show(stream)
     except KeyboardInterrupt:
         stream.close()
         print("\n[interrupted]")
@@ -191,10 +204,7 @@ def run(args: argparse.Namespace, llm, tools: list | None = None) -> int:
     else:
         session = ToolChatSession(llm, tools, params, system=args.system)
     if args.prompt is not None:
-        for piece in session.ask(args.prompt):
-            sys.stdout.write(for_terminal(piece))
-            sys.stdout.flush()
-        print()
+        show(session.ask(args.prompt))
         return 0
 
     interactive = sys.stdin.isatty()
