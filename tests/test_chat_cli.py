@@ -13,7 +13,7 @@ import time
 import pytest
 
 from qwenkit.chat import ChatSession, chat
-from qwenkit.cli.chat import CommandError, parse_conf
+from qwenkit.cli.chat import CommandError, parse_conf, split_assignments
 from qwenkit.engine import SamplingParams
 from qwenkit.generate import LLM
 
@@ -203,6 +203,14 @@ def test_conf_really_applies_to_the_next_answer(tiny_chat_model, llm):
     assert (params.top_k, params.stop, params.seed) == (3, ("x",), None)
     with pytest.raises(CommandError, match="expected key=value"):
         parse_conf(params, ["temperature"])
+    # a dict or nested list with spaces is one value: it was cut at its first space ("got '{9707:'")
+    items = split_assignments("logit_bias={9707: 5.0, 1879: -100} stop=[('a b'), ['c]']] top_k=2")
+    assert items == ["logit_bias={9707: 5.0, 1879: -100}", "stop=[('a b'), ['c]']]", "top_k=2"]
+    params = parse_conf(params, split_assignments("logit_bias={9707: 5.0, 1879: -100}  stop=['a b', 'c']"))
+    assert (params.logit_bias, params.stop) == (((1879, -100.0), (9707, 5.0)), ("a b", "c"))
+    for unclosed in ("logit_bias={1: [2, 3}", "stop='a b", "stop=[('a', 'b']"):
+        with pytest.raises(CommandError, match="a quote or bracket is not closed"):
+            split_assignments(unclosed)
 
 
 def test_one_shot_prompt_and_python_chat_api(tiny_chat_model, llm):

@@ -10,7 +10,6 @@ import argparse
 import ast
 import dataclasses
 import json
-import re
 import sys
 from collections.abc import Iterator
 
@@ -55,15 +54,34 @@ class CommandError(ValueError):
     """A chat command could not be carried out; the chat goes on."""
 
 
-ASSIGNMENT = re.compile(r"""(?:[^\s'"\[]+|'[^']*'|"[^"]*"|\[[^\]]*\])+""")
+CLOSERS = {"[": "]", "(": ")", "{": "}"}
 
 
 def split_assignments(text: str) -> list[str]:
-    """``key=value`` items split on spaces outside quotes and brackets, which are kept: ``stop='a b'`` and
-    ``stop=['a', 'b c']`` are one item each."""
-    if ASSIGNMENT.sub("", text).strip():  # what no item matched: a quote left open
+    """``key=value`` items split on spaces outside quotes and brackets, which are kept: ``stop='a b'``,
+    ``stop=['a', 'b c']`` and ``logit_bias={9707: 5.0, 1879: -100}`` are one item each (brackets nest)."""
+    items: list[str] = []
+    item: list[str] = []
+    closers: list[str] = []  # the brackets open here, innermost last
+    quote = ""
+    for char in text:
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in CLOSERS:
+            closers.append(CLOSERS[char])
+        elif closers and char == closers[-1]:
+            closers.pop()
+        elif char.isspace() and not closers:
+            if item:
+                items.append("".join(item))
+                item = []
+            continue
+        item.append(char)
+    if quote or closers:
         raise CommandError(f"a quote or bracket is not closed in {text!r}")
-    return ASSIGNMENT.findall(text)
+    return [*items, "".join(item)] if item else items
 
 
 def parse_conf(params: SamplingParams, assignments: list[str]) -> SamplingParams:
