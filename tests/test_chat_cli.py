@@ -13,7 +13,7 @@ import time
 import pytest
 
 from qwenkit.chat import ChatSession, chat
-from qwenkit.cli.chat import CommandError, parse_conf
+from qwenkit.cli.chat import CommandError, parse_conf, split_assignments
 from qwenkit.engine import SamplingParams
 from qwenkit.generate import LLM
 
@@ -41,6 +41,7 @@ def test_commands_history_and_errors_over_stdin(tiny_chat_model):
                 ":conf temperature=-1",
                 ":conf temperature=__import__('os')",
                 ":seed x",
+                ":seed 99999999999999999999999",
                 ":frobnicate",
                 ":clear",
                 ":clear-history",
@@ -62,6 +63,8 @@ def test_commands_history_and_errors_over_stdin(tiny_chat_model):
     assert "error: temperature must be >= 0, got -1" in out
     assert "error: value for temperature must be a literal" in out
     assert "error: :seed needs an integer, got 'x'" in out
+    # an integer past 64 bits was said not to be an integer
+    assert "error: seed must fit in 64 bits (-9223372036854775808..18446744073709551615), got 9999" in out
     assert "error: unknown command :frobnicate; type :help" in out
     after_clear = out.split("[history cleared]")[1]
     assert "[history is empty]" in after_clear and "user: hello there" not in after_clear
@@ -200,6 +203,14 @@ def test_conf_really_applies_to_the_next_answer(tiny_chat_model, llm):
     assert (params.top_k, params.stop, params.seed) == (3, ("x",), None)
     with pytest.raises(CommandError, match="expected key=value"):
         parse_conf(params, ["temperature"])
+    # a dict or nested list with spaces is one value: it was cut at its first space ("got '{9707:'")
+    items = split_assignments("logit_bias={9707: 5.0, 1879: -100} stop=[('a b'), ['c]']] top_k=2")
+    assert items == ["logit_bias={9707: 5.0, 1879: -100}", "stop=[('a b'), ['c]']]", "top_k=2"]
+    params = parse_conf(params, split_assignments("logit_bias={9707: 5.0, 1879: -100}  stop=['a b', 'c']"))
+    assert (params.logit_bias, params.stop) == (((1879, -100.0), (9707, 5.0)), ("a b", "c"))
+    for unclosed in ("logit_bias={1: [2, 3}", "stop='a b", "stop=[('a', 'b']"):
+        with pytest.raises(CommandError, match="a quote or bracket is not closed"):
+            split_assignments(unclosed)
 
 
 def test_one_shot_prompt_and_python_chat_api(tiny_chat_model, llm):
@@ -289,3 +300,27 @@ def test_ctrl_c_interrupts_the_answer_not_the_chat(tiny_chat_model):
         if proc.poll() is None:
             proc.kill()
         os.close(master)
+
+
+def test_an_answer_that_fails_midway_ends_its_line_before_the_error(tmp_path):
+    """The model breaks on a token it wrote itself (its embedding row is NaN, so the step after it has
+    NaN logits): the error began on the answer's own line ("Hello world booming: the model produced...")."""
+    from factories import write_tiny_chat_model
+    from safetensors.torch import load_file, save_file
+
+    from qwenkit.generate import tokenizer_for
+
+    model = write_tiny_chat_model(tmp_path / "breaks", tie_word_embeddings=False)
+    tokenizer = tokenizer_for(model)
+    said = [tokenizer.encode(piece)[0] for piece in ("Hello", " world", " boom")]
+    weights = load_file(model / "model.safetensors")
+    weights["model.embed_tokens.weight"][said[-1]] = float("nan")
+    save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
+    bias = [(token, 100.0 - 2 * k) for k, token in enumerate(said)]
+    greedy = ["--temperature", "0", "--repetition-penalty", "10", "--max-new-tokens", "8"]
+    error = "error: the model produced NaN/inf logits in float32: the checkpoint may be corrupt"
+
+    r = run_chat(model, f":conf logit_bias={bias}\nhi\n:history\n", *greedy, "--dtype", "float32")
+    assert r.returncode == 0, r.stderr
+    assert f"\nHello world boom\n{error}\n" in r.stdout
+    assert "assistant: Hello world boom\n" in r.stdout  # the part that came stays, as after Ctrl-C

@@ -8,8 +8,10 @@ from __future__ import annotations
 import gc
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -184,6 +186,21 @@ def test_a_cell_writing_into_the_reply_pipe_stops_the_kernel_not_the_caller(kern
         assert (cell.result, cell.stopped) == (None, GARBLED), line[:20]
         after = kernel.run("2 + 2")
         assert (after.result, after.restarted) == ("4", True)
+
+
+def test_a_cell_interrupted_by_ctrl_c_does_not_answer_the_next(kernel):
+    """Ctrl-C in `chat --code-interpreter` while a cell ran (the kernel, in its own session, never sees
+    it): the cell went on, and its late reply was read as the next cell's, which came back "garbled"
+    with the kernel killed after it had run. The interrupted kernel goes at once and says so."""
+    assert kernel.run("kept = 1").error is None
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        kernel.run("import time\ntime.sleep(5)\nprint('late')")
+    timer.join()
+    cell = kernel.run("print('next')\n'kept' in globals()")
+    assert (cell.stdout, cell.result, cell.stopped, cell.restarted) == ("next\n", "False", None, True)
+    assert kernel.run("print('and on')").stdout == "and on\n"
 
 
 def test_results_and_errors_are_capped_and_valid_unicode(kernel):

@@ -9,6 +9,7 @@ repetition penalty keeps a token from coming twice.
 from __future__ import annotations
 
 import io
+import json
 import os
 import pty
 import subprocess
@@ -67,6 +68,21 @@ def test_generate_and_one_shot_chat(tiny_chat_model, forced, monkeypatch, comman
     name, *rest = command
     assert main([name, str(tiny_chat_model), *rest, *GREEDY]) == 0
     assert out.getvalue() == expected
+
+
+@pytest.mark.parametrize("stdout", [Screen, io.StringIO], ids=["terminal", "pipe"])
+def test_generate_json_writes_no_control_a_terminal_obeys(tiny_chat_model, forced, monkeypatch, stdout):
+    """json.dumps escapes ESC and the other C0 controls, but left DEL and the C1 controls (U+009B, a whole
+    CSI) raw: `generate --json` on a terminal wrote them. There they are \\u escapes, the same JSON value."""
+    out = stdout()
+    monkeypatch.setattr(sys, "stdout", out)
+    assert main(["generate", str(tiny_chat_model), "--prompt-ids", "9707", *GREEDY, "--json"]) == 0
+    text = out.getvalue()
+    assert json.loads(text)["text"] == RAW
+    raw_controls = {c for c in text if c < " " or "\x7f" <= c <= "\x9f"} - {"\n"}
+    assert raw_controls == (set() if stdout is Screen else {"\x9b", "\x7f"})
+    if stdout is Screen:
+        assert '"text": "\\u001b[31mred\\u001b]52\\u0007\\b\\r\\t\\n\\n\\u009b\\u007f safe"' in text
 
 
 def conf_line(bias: dict[int, float]) -> bytes:

@@ -289,9 +289,14 @@ class PythonKernel:
                 self._start()
             self._died = False
             request = {"id": secrets.token_hex(8), "code": code, "timeout": timeout, "max_output": max_output}
-            reply, stopped = self._exchange(
-                request, timeout + KILL_GRACE, reply_limit=18 * max_output + 65536
-            )
+            try:
+                reply, stopped = self._exchange(
+                    request, timeout + KILL_GRACE, reply_limit=18 * max_output + 65536
+                )
+            except BaseException:  # Ctrl-C while the cell ran: its reply would answer the next cell
+                self._stop()
+                self._died = True
+                raise
             stdout, out_cut = _read_capped(self._out_path, max_output)
             stderr, err_cut = _read_capped(self._err_path, max_output, keep_end=True)
             if stopped is not None:

@@ -20,6 +20,7 @@ from playwright.sync_api import expect, sync_playwright
 pytestmark = pytest.mark.slow
 
 CHROMIUM = Path("/usr/bin/chromium")
+LAN_HOST = "chat.lan.test"
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
@@ -28,6 +29,8 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
     "--no-first-run",
+    # a name for the test server that is not localhost: the page as another machine on the network sees it
+    f"--host-resolver-rules=MAP {LAN_HOST} 127.0.0.1",
 ]
 CHAT_URL = "**/v1/chat/completions"
 API_KEY = "page-test-key"
@@ -270,6 +273,23 @@ def test_errors_are_shown_before_and_during_an_answer(server, open_page):
     assert page.text_content("#error") == "the engine failed on this request"
 
 
+def test_a_failure_to_list_the_models_is_cleared_when_the_server_answers_again(server, open_page):
+    """The page looks at /v1/models again when it is come back to: after a failure (the server restarting)
+    the next good answer showed the model, but the alert that it could not be listed stayed."""
+    page = open_page(server.url)
+    expect(page.locator("#model")).to_have_text(MODEL)
+    page.route(
+        "**/v1/models", lambda route: route.fulfill(status=503, json={"error": {"message": "loading"}})
+    )
+    page.evaluate("window.dispatchEvent(new Event('focus'))")
+    expect(page.locator("#error")).to_have_text("Could not list models: 503 Service Unavailable: loading")
+    expect(page.locator("#model")).to_have_text("model unavailable")
+    page.unroute("**/v1/models")
+    page.evaluate("window.dispatchEvent(new Event('focus'))")
+    expect(page.locator("#model")).to_have_text(MODEL)
+    expect(page.locator("#error")).to_be_hidden()
+
+
 def test_api_key_is_sent_as_bearer_and_kept_in_the_browser(make_server, open_page):
     page = open_page(make_server(api_key=API_KEY).url)
     error = page.wait_for_selector("#error:not([hidden])")
@@ -302,8 +322,9 @@ def test_api_key_is_sent_as_bearer_and_kept_in_the_browser(make_server, open_pag
 ANSWER = (
     "<think>\nThe user wants code.\n</think>\n\nHere is **bold** and code:\n\n```python\nprint('hi')  # "
     + "x" * 300
-    + '\n```\n\n<script>window.pwned = 1</script><img src=x onerror="window.pwned = 2">'
-    '[click](javascript:window.pwned=3) <a href="https://example.com">site</a>'
+    + '\n```\n\n<script>window.pwned = 1</script><img src=x onerror="window.pwned = 2">\n\n'
+    "[click](javascript:window.pwned=3) [site](https://example.com)\n\n"
+    "To center a <div>, flex its parent; <br> breaks a line, and <title> goes in <head>. 1 < 2."
 )
 
 
@@ -355,6 +376,13 @@ def test_markdown_is_rendered_and_model_html_cannot_run_script_on_a_phone_screen
 
     assert page.evaluate("() => window.pwned") is None
     assert message.locator("script, img, [onerror]").count() == 0
+    # HTML the model writes is shown as text: rendered, "<div>" vanished and "<title>" took the rest along
+    shown = message.locator(".body").inner_text()
+    assert '<script>window.pwned = 1</script><img src=x onerror="window.pwned = 2">' in shown
+    assert shown.endswith(
+        "To center a <div>, flex its parent; <br> breaks a line, and <title> goes in <head>. 1 < 2."
+    )
+    assert message.locator(".body div, .body title, .body br").count() == 0
     hrefs = message.locator("a").evaluate_all("links => links.map(a => a.getAttribute('href'))")
     assert "https://example.com" in hrefs
     assert not [h for h in hrefs if h and not h.startswith("https://")]
@@ -366,6 +394,71 @@ def test_markdown_is_rendered_and_model_html_cannot_run_script_on_a_phone_screen
     pre = message.locator("pre")
     assert pre.evaluate("pre => pre.scrollWidth > pre.clientWidth")
     assert page.is_visible("#prompt") and page.is_visible("#send")
+
+
+def test_code_copies_on_a_page_served_to_the_network_over_plain_http(server, open_page):
+    """Browsers give the Clipboard API only to secure contexts (https, localhost): the page that
+    `serve --host 0.0.0.0` gives another machine had no Copy buttons at all; it copies another way."""
+    page = open_page(server.url.replace("127.0.0.1", LAN_HOST))
+    assert page.evaluate("() => [window.isSecureContext, typeof navigator.clipboard]") == [False, "undefined"]
+    body = _sse(["Run:\n\n```sh\nls -la ~\n```\n"])
+    page.route(CHAT_URL, lambda route: route.fulfill(status=200, content_type="text/event-stream", body=body))
+    page.fill("#prompt", "Show me code")
+    page.keyboard.press("Enter")
+    copy = answer(page, 0).locator("pre button.copy")
+    copy.click()
+    expect(copy).to_have_text("Copied")
+    assert page.evaluate("() => document.activeElement.className") == "copy"  # the keyboard stays on it
+    # the browser's clipboard, read back from a page that has the API (the same origin as the server's)
+    reader = page.context.new_page()
+    reader.goto(server.url)
+    page.context.grant_permissions(["clipboard-read"], origin=server.url)
+    assert reader.evaluate("() => navigator.clipboard.readText()") == "ls -la ~\n"
+
+
+def _thinking_events(reasoning: list[str], content: list[str], finish_reason: str) -> str:
+    deltas = [{"reasoning_content": r} for r in reasoning] + [{"content": c} for c in content]
+    events = [{"choices": [{"index": 0, "delta": d, "finish_reason": None}]} for d in deltas]
+    events.append({"choices": [{"index": 0, "delta": {}, "finish_reason": finish_reason}]})
+    return "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+
+
+@pytest.mark.parametrize(
+    ("reasoning", "content"),
+    [(["The user", " wants"], []), ([], ["<think>\nThe user", " wants"])],
+    ids=["reasoning_content", "think-tag-in-content"],
+)
+def test_an_answer_cut_off_while_thinking_no_longer_says_thinking(server, open_page, reasoning, content):
+    """max_tokens reached inside Qwen3's thinking: the answer is over, but its fold went on saying
+    "Thinking…" as if more were coming."""
+    page = open_page(server.url)
+    body = _thinking_events(reasoning, content, "length")
+    page.route(CHAT_URL, lambda route: route.fulfill(status=200, content_type="text/event-stream", body=body))
+    page.fill("#prompt", "hi")
+    page.keyboard.press("Enter")
+    message = answer(page, 0)
+    assert message.locator("details.thinking summary").text_content() == "Thought"
+    assert message.locator("details.thinking .markdown").text_content().strip() == "The user wants"
+    assert message.locator(".meta").text_content().startswith("Cut off at the max_tokens limit.")
+
+
+def test_the_keyboard_stays_in_the_composer_when_the_focused_stop_button_hides(server, open_page):
+    """A keyboard user tabs to Stop while an answer streams; the answer ends on its own and Stop hides:
+    the focus fell to the start of the page, and the next Tab went to the header."""
+    page = open_page(server.url)
+    open_settings(page)
+    page.fill("#temperature", "1")
+    page.fill("#seed", "7")
+    page.fill("#max_tokens", "24")
+    trickle_downloads(page, 2_000)  # the answer takes about 2 s to arrive
+    page.fill("#prompt", "Hello")
+    page.keyboard.press("Enter")
+    page.wait_for_selector(".message.assistant[data-state=streaming]")
+    page.keyboard.press("Tab")  # from the message box: Send is hidden, Stop is next
+    assert page.evaluate("() => document.activeElement.id") == "stop"
+    answer(page, 0)
+    assert page.is_hidden("#stop")
+    assert page.evaluate("() => document.activeElement.id") == "prompt"
 
 
 def test_event_stream_parser_is_indifferent_to_where_network_reads_split_the_bytes(server, open_page):

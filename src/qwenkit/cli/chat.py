@@ -10,7 +10,6 @@ import argparse
 import ast
 import dataclasses
 import json
-import re
 import sys
 from collections.abc import Iterator
 
@@ -55,15 +54,34 @@ class CommandError(ValueError):
     """A chat command could not be carried out; the chat goes on."""
 
 
-ASSIGNMENT = re.compile(r"""(?:[^\s'"\[]+|'[^']*'|"[^"]*"|\[[^\]]*\])+""")
+CLOSERS = {"[": "]", "(": ")", "{": "}"}
 
 
 def split_assignments(text: str) -> list[str]:
-    """``key=value`` items split on spaces outside quotes and brackets, which are kept: ``stop='a b'`` and
-    ``stop=['a', 'b c']`` are one item each."""
-    if ASSIGNMENT.sub("", text).strip():  # what no item matched: a quote left open
+    """``key=value`` items split on spaces outside quotes and brackets, which are kept: ``stop='a b'``,
+    ``stop=['a', 'b c']`` and ``logit_bias={9707: 5.0, 1879: -100}`` are one item each (brackets nest)."""
+    items: list[str] = []
+    item: list[str] = []
+    closers: list[str] = []  # the brackets open here, innermost last
+    quote = ""
+    for char in text:
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in CLOSERS:
+            closers.append(CLOSERS[char])
+        elif closers and char == closers[-1]:
+            closers.pop()
+        elif char.isspace() and not closers:
+            if item:
+                items.append("".join(item))
+                item = []
+            continue
+        item.append(char)
+    if quote or closers:
         raise CommandError(f"a quote or bracket is not closed in {text!r}")
-    return ASSIGNMENT.findall(text)
+    return [*items, "".join(item)] if item else items
 
 
 def parse_conf(params: SamplingParams, assignments: list[str]) -> SamplingParams:
@@ -116,9 +134,13 @@ def run_command(session: ChatSession | ToolChatSession, initial: SamplingParams,
         print(f"[seed = {session.params.seed}]")
     elif name == "seed":
         try:
-            session.params = dataclasses.replace(session.params, seed=int(arg))
+            seed = int(arg)
         except ValueError:
             raise CommandError(f":seed needs an integer, got {arg!r}") from None
+        try:  # the range is the engine's to say: a huge integer is still an integer
+            session.params = dataclasses.replace(session.params, seed=seed)
+        except SamplingParamsError as e:
+            raise CommandError(str(e)) from None
         print(f"[seed = {session.params.seed}]")
     elif name == "conf":
         if arg:
@@ -136,15 +158,28 @@ def run_command(session: ChatSession | ToolChatSession, initial: SamplingParams,
     return True
 
 
+def show(stream: Iterator[str]) -> None:
+    """Write the reply's pieces as they come, then end its line. An error after some text ends the line
+    first, so that the error's own line does not begin in the middle of the answer."""
+    shown = False
+    try:
+        for piece in stream:
+            sys.stdout.write(for_terminal(piece))
+            sys.stdout.flush()
+            shown = shown or bool(piece)
+    except QwenkitError:
+        if shown:
+            print()
+        raise
+    print()
+
+
 def answer(session: ChatSession | ToolChatSession, text: str) -> None:
     """Print the reply as it comes. Ctrl-C stops it; an error (the message does not fit, a setting the
     engine refuses) is one line. Either way the chat goes on, its history as the session left it."""
     stream = session.ask(text)
     try:
-        for piece in stream:
-            sys.stdout.write(for_terminal(piece))
-            sys.stdout.flush()
-        print()
+        show(stream)
     except KeyboardInterrupt:
         stream.close()
         print("\n[interrupted]")
@@ -187,10 +222,7 @@ def run(args: argparse.Namespace, llm, tools: list | None = None) -> int:
     else:
         session = ToolChatSession(llm, tools, params, system=args.system)
     if args.prompt is not None:
-        for piece in session.ask(args.prompt):
-            sys.stdout.write(for_terminal(piece))
-            sys.stdout.flush()
-        print()
+        show(session.ask(args.prompt))
         return 0
 
     interactive = sys.stdin.isatty()

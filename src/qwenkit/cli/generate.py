@@ -17,7 +17,7 @@ from qwenkit.cli.common import (
     utf8_text,
     wants_tensor_parallel,
 )
-from qwenkit.cli.terminal import for_terminal
+from qwenkit.cli.terminal import for_terminal, json_for_terminal
 from qwenkit.command_parser import CommandParser
 from qwenkit.errors import QwenkitError
 
@@ -96,7 +96,7 @@ def run(args: argparse.Namespace, tp=None) -> int:
 
     if args.json:
         c = llm.generate(prompt, params)[0]
-        print(json.dumps(_as_json(c), ensure_ascii=False))
+        print(json_for_terminal(json.dumps(_as_json(c), ensure_ascii=False)))
         return 0
     for delta in llm.stream(prompt, params):
         sys.stdout.write(for_terminal(delta.text))

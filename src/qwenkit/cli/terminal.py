@@ -37,3 +37,15 @@ def for_terminal(text: str, stream: TextIO | None = None) -> str:
     terminal, the text unchanged anywhere else."""
     stream = sys.stdout if stream is None else stream
     return escape_controls(text) if stream.isatty() else text
+
+
+# What json.dumps(..., ensure_ascii=False) leaves raw of the controls: it escapes C0, not DEL or C1.
+RAW_IN_JSON = re.compile("[\x7f-\x9f]")
+
+
+def json_for_terminal(text: str, stream: TextIO | None = None) -> str:
+    """JSON text (``json.dumps`` with ``ensure_ascii=False``) as it may be written to ``stream``: on a
+    terminal DEL and the C1 controls become ``\\u`` escapes, which a JSON reader reads back as the same
+    characters (they occur only inside strings); anywhere else the text is unchanged."""
+    stream = sys.stdout if stream is None else stream
+    return RAW_IN_JSON.sub(lambda m: f"\\u{ord(m.group()):04x}", text) if stream.isatty() else text

@@ -149,7 +149,10 @@ class AnswerView {
     const thought = [this.reasoning, thinking].filter(Boolean).join("\n\n");
     if (thought) {
       this.thinking.hidden = false;
-      this.thinking.querySelector("summary").textContent = thinkingDone && answer ? "Thought" : "Thinking…";
+      // "Thinking…" only while the answer runs: one that ended in its thinking (max_tokens, Stop) is over
+      const ended = this.article.dataset.state !== "waiting" && this.article.dataset.state !== "streaming";
+      this.thinking.querySelector("summary").textContent =
+        ended || (thinkingDone && answer) ? "Thought" : "Thinking…";
       renderMarkdown(this.thinking.querySelector("div"), thought);
     }
     renderMarkdown(this.body, answer);
@@ -159,11 +162,39 @@ class AnswerView {
   finish(state, note, content, reasoning) {
     this.content = content;
     this.reasoning = reasoning;
-    this.render();
     this.setState(state);
+    this.render();
     this.meta.textContent = note;
-    if (navigator.clipboard) for (const pre of this.body.querySelectorAll("pre")) addCopyButton(pre);
+    for (const pre of this.body.querySelectorAll("pre")) addCopyButton(pre);
   }
+}
+
+/**
+ * Put `text` on the clipboard. The Clipboard API exists only in secure contexts (https, localhost): a page
+ * served to the local network over plain http (`--host 0.0.0.0`) copies with the older copy command, from a
+ * hidden text area.
+ */
+async function copyText(text) {
+  if (navigator.clipboard && window.isSecureContext) {
+    await navigator.clipboard.writeText(text);
+    return;
+  }
+  const before = document.activeElement;
+  const area = document.createElement("textarea");
+  area.className = "visually-hidden";
+  area.readOnly = true;
+  area.value = text;
+  document.body.append(area);
+  area.focus({ preventScroll: true });
+  area.select();
+  let copied = false;
+  try {
+    copied = document.execCommand("copy");
+  } finally {
+    area.remove();
+    before?.focus();
+  }
+  if (!copied) throw new Error("the browser refused to copy");
 }
 
 function addCopyButton(pre) {
@@ -173,8 +204,12 @@ function addCopyButton(pre) {
   button.textContent = "Copy";
   button.setAttribute("aria-label", "Copy code");
   button.addEventListener("click", async () => {
-    await navigator.clipboard.writeText(pre.querySelector("code")?.textContent ?? pre.textContent);
-    button.textContent = "Copied";
+    try {
+      await copyText(pre.querySelector("code")?.textContent ?? pre.textContent);
+      button.textContent = "Copied";
+    } catch {
+      button.textContent = "Copy failed"; // clipboard access refused: said, not an unseen script error
+    }
     setTimeout(() => (button.textContent = "Copy"), 1500);
   });
   pre.append(button);
@@ -194,6 +229,8 @@ function usageNote(usage, seconds) {
 
 function setRunning(controller) {
   running = controller;
+  // Stop hides when the answer ends: the keyboard focus on it would fall to the page's start
+  if (!controller && document.activeElement === stopButton) prompt.focus();
   sendButton.hidden = Boolean(controller);
   stopButton.hidden = !controller;
   transcript.setAttribute("aria-busy", String(Boolean(controller)));
@@ -302,6 +339,8 @@ function emptyHint() {
 
 // ---- model name ----------------------------------------------------------------------------------
 
+const LISTING_FAILED = "Could not list models";
+
 async function refreshModel() {
   try {
     const ids = await listModels(apiKeyInput.value);
@@ -313,11 +352,13 @@ async function refreshModel() {
     modelPick.replaceChildren(...ids.map((id) => new Option(id, id, false, id === modelId)));
     modelPick.hidden = ids.length < 2;
     modelLabel.hidden = ids.length >= 2;
+    // the server is back (or the key now right): an earlier failure to list no longer holds
+    if (errorBox.textContent.startsWith(LISTING_FAILED)) clearError();
   } catch (error) {
     modelId = null;
     modelLabel.textContent = "model unavailable";
     const hint = error.status === 401 ? " (set the API key in Settings)" : "";
-    showError(`Could not list models: ${error.message}${hint}`);
+    showError(`${LISTING_FAILED}: ${error.message}${hint}`);
   }
 }
 

@@ -1,9 +1,18 @@
-// Model output is untrusted text: markdown becomes HTML through marked, and that HTML is sanitized by
-// DOMPurify before it reaches the page. The page's Content-Security-Policy forbids inline scripts as well.
+// Model output is untrusted text: markdown becomes HTML through marked (HTML in the text stays text), and
+// that HTML is sanitized by DOMPurify before it reaches the page. The page's Content-Security-Policy
+// forbids inline scripts as well.
 import { marked } from "./vendor/marked.esm.js";
 import DOMPurify from "./vendor/purify.es.mjs";
 
 marked.setOptions({ gfm: true, breaks: true });
+
+const ESCAPES = { "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" };
+const escapeHtml = (text) => text.replace(/[&<>"']/g, (c) => ESCAPES[c]);
+
+// HTML the model writes is shown as the text it is, as chat pages do: rendered, the tags in an answer
+// about HTML vanished ("center a <div>" lost the word) and a <title> or <head> took the rest of the
+// answer with it. Only the markdown's own markup is HTML, and DOMPurify still checks all of it.
+marked.use({ renderer: { html: ({ text }) => escapeHtml(text) } });
 
 // No remote images, forms or embedded documents from a model: an image URL can carry the conversation away.
 const SANITIZE = {
