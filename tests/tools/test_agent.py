@@ -157,6 +157,31 @@ def test_code_interpreter_in_the_loop(steered, tmp_path):
     assert result.answer == "It is 42."  # the model (and its process) carried on after the runaway code
 
 
+def test_react_code_interpreter_call_written_as_a_fenced_block_runs(steered, tmp_path, monkeypatch):
+    """Qwen v1 (ReAct) writes the interpreter's Action Input as a fenced block, not JSON: the agent runs
+    the code, as Qwen-Agent does, where before the reply came back as the final answer, code and all. A
+    tool without a text reader still refuses such input (the reply is the answer, verbatim)."""
+    llm = steered[0]
+    monkeypatch.setattr(llm.tokenizer, "chat_template", chatml_without_tools(llm.tokenizer.chat_template))
+    tool = CodeInterpreter(timeout=5, workdir=tmp_path).tool()
+    fenced = "Thought: I should run code.\nAction: code_interpreter\nAction Input: ```py\nprint(6 * 7)\n```"
+    queue(steered, fenced, "Thought: I now know the final answer\nFinal Answer: It is 42.")
+    result = Agent(llm, [tool], params=PARAMS).run("What is 6*7?")
+    assert [m["content"] for m in result.messages if m["role"] == "tool"] == ["stdout:\n\n```\n42\n\n```"]
+    assert result.messages[1]["tool_calls"][0]["function"]["arguments"] == {"code": "print(6 * 7)\n"}
+    assert (result.answer, result.rounds) == ("It is 42.", 2)
+    plain = "Thought: add.\nAction: add\nAction Input: 2 and 3"
+    queue(steered, plain)
+    result = Agent(llm, [ADD], params=PARAMS).run("What is 2+3?")
+    assert (result.answer, result.rounds) == (plain, 1)
+    assert not steered[1]
+
+
+def chatml_without_tools(template: str) -> str:
+    """The model's template with its tools branch cut, so the agent takes Qwen v1's ReAct path."""
+    return template.replace("tools", "offered")  # undefined in the template: false
+
+
 def test_an_agent_refuses_what_is_not_a_tool_by_name(steered, tmp_path):
     with pytest.raises(ToolError, match=r"got CodeInterpreter \(use CodeInterpreter\(\)\.tool\(\)\)"):
         Agent(steered[0], [CodeInterpreter(workdir=tmp_path)])

@@ -187,3 +187,23 @@ def test_action_input_that_is_not_a_json_object_is_content():
         m = parse_react(reply)
         assert (m.content, m.tool_calls) == (reply, [])
         assert len(m.warnings) == 1 and "'get_weather' is not a JSON object" in m.warnings[0]
+
+
+def test_a_tools_own_reader_takes_an_action_input_that_is_not_json():
+    """Qwen v1 writes the code interpreter's Action Input as a fenced block; a tool that reads plain text
+    (as Qwen-Agent's code interpreter does) gets a call; tools without a reader keep the reply as text."""
+    from qwenkit.tools.code_interpreter import code_arguments
+
+    def reader(name, raw):
+        return json.dumps(code_arguments(raw)) if name == "code_interpreter" else None
+
+    fenced = "Thought: compute it.\nAction: code_interpreter\nAction Input: ```py\nx = 6\nprint(x * 7)\n```"
+    m = parse_react(fenced, reader)
+    assert (m.content, m.warnings) == ("compute it.", [])
+    assert [(c.name, json.loads(c.arguments)) for c in m.tool_calls] == [
+        ("code_interpreter", {"code": "x = 6\nprint(x * 7)\n"})
+    ]
+    bare = parse_react("Action: code_interpreter\nAction Input: print(1)", reader)
+    assert json.loads(bare.tool_calls[0].arguments) == {"code": "print(1)"}
+    other = "Action: get_weather\nAction Input: Paris"
+    assert (parse_react(other, reader).content, parse_react(other, reader).tool_calls) == (other, [])

@@ -32,6 +32,9 @@ class Tool:
     fn: Callable[..., Any]
     description: str = ""
     parameters: dict[str, Any] = field(default_factory=lambda: {"type": "object", "properties": {}})
+    # Arguments the model wrote as plain text instead of a JSON object, read as this tool's own runner
+    # reads them (Qwen-Agent's code interpreter takes a fenced block or bare code); None: refused as text.
+    text_arguments: Callable[[str], dict[str, Any]] | None = None
 
     def spec(self) -> dict[str, Any]:
         return {
@@ -80,7 +83,17 @@ class Agent:
         ids = self.style.tool_prompt(tokenizer, messages, [t.spec() for t in self.tools.values()])
         params = replace(self.params, stop=(*self.params.stop, *self.style.stop))
         text = self.llm.generate([ids], params)[0].text
-        return text, self.style.parse_reply(tokenizer.decode, ids, text)
+        return text, self.style.parse_reply(tokenizer.decode, ids, text, self._text_arguments)
+
+    def _text_arguments(self, name: str, text: str) -> str | None:
+        tool = self.tools.get(name)
+        if tool is None or tool.text_arguments is None:
+            return None
+        try:
+            return json.dumps(tool.text_arguments(text), ensure_ascii=False)
+        except Exception as e:  # a reader that fails leaves the reply as text, as with no reader
+            log.warning("tool %s could not read its arguments from text: %s", name, e)
+            return None
 
     def run(self, messages: list[dict[str, Any]] | str) -> AgentResult:
         history = [{"role": "user", "content": messages}] if isinstance(messages, str) else list(messages)

@@ -9,6 +9,7 @@ Code execution exceeded the time limit." past the limit, "Finished execution." w
 from __future__ import annotations
 
 import json
+import re
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,11 +63,22 @@ class CodeInterpreter:
         """This interpreter as an Agent's ``code_interpreter`` tool (the Agent takes Tools, not callables)."""
         from qwenkit.tools.agent import Tool  # the agent loads the model stack; the sandbox alone does not
 
-        return Tool(FUNCTION["name"], self, FUNCTION["description"], FUNCTION["parameters"])
+        return Tool(FUNCTION["name"], self, FUNCTION["description"], FUNCTION["parameters"], code_arguments)
 
     @staticmethod
     def arguments(text: str) -> str:
         return json.dumps({"code": text}, ensure_ascii=False)
+
+
+FENCED = re.compile(r"```[^\n]*\n(.+?)```", re.DOTALL)
+
+
+def code_arguments(text: str) -> dict[str, str]:
+    """Arguments that are not a JSON object, read as Qwen-Agent's code interpreter reads them: the first
+    fenced block's body, else the whole text as code. Qwen v1 writes its ReAct ``Action Input`` for this
+    tool as a fenced block, the form it was trained on."""
+    fenced = FENCED.search(text)
+    return {"code": fenced.group(1) if fenced else text}
 
 
 def report(cell: CellResult, max_output: int) -> str:

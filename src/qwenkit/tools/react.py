@@ -7,6 +7,7 @@ is what the model must not invent.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from qwenkit.tools.calls import ParsedMessage, ToolCall, arguments_json
@@ -144,11 +145,12 @@ def continues_turn(messages: list[dict[str, Any]], rendered: list[dict[str, Any]
     )
 
 
-def parse_react(text: str) -> ParsedMessage:
+def parse_react(text: str, read_arguments: Callable[[str, str], str | None] | None = None) -> ParsedMessage:
     """openai_api.py's parse_response: the first Action/Action Input pair is a call (the stop word may
     have been swallowed; the reply may open with ``Action:``, as a forced call does); otherwise the text
     after the last ``Final Answer:`` is the content. An Action Input that is not a JSON object cannot be
-    sent as OpenAI ``arguments``: the reply is then returned verbatim as content, with a warning."""
+    sent as OpenAI ``arguments``: ``read_arguments(name, text)`` may read it as the tool's own runner does
+    (JSON object text, or None), else the reply is returned verbatim as content, with a warning."""
     padded = "\n" + text
     i, j = padded.find("\nAction:"), padded.find("\nAction Input:")
     k = padded.find("\nObservation:")
@@ -160,6 +162,8 @@ def parse_react(text: str) -> ParsedMessage:
         raw_args = padded[j + len("\nAction Input:") : k].strip()
         if name:
             arguments = arguments_json(raw_args)
+            if arguments is None and read_arguments is not None:
+                arguments = read_arguments(name, raw_args)
             if arguments is None:
                 warning = (
                     f"the Action Input of {name!r} is not a JSON object; returned as text: {raw_args[:200]!r}"

@@ -85,12 +85,17 @@ class TemplateStyle:
         return rendered, None, add_generation_prompt, ""
 
     def parse_reply(
-        self, decode: Callable[[Sequence[int]], str], prompt_ids: Sequence[int], text: str
+        self,
+        decode: Callable[[Sequence[int]], str],
+        prompt_ids: Sequence[int],
+        text: str,
+        read_arguments: Callable[[str, str], str | None] | None = None,
     ) -> ParsedMessage:
         """A whole reply to ``tool_prompt``'s prompt: ReAct's action, or hermes ``<tool_call>`` blocks and a
-        leading ``<think>`` (opened by the prompt itself where the template does so)."""
+        leading ``<think>`` (opened by the prompt itself where the template does so). ``read_arguments``:
+        see ``parse_react`` (a hermes call is one JSON object, its arguments inside it)."""
         if self.react:
-            return parse_react(text)
+            return parse_react(text, read_arguments)
         opened = self.reasoning and prompt_opens_thinking(decode, prompt_ids)
         return parse_hermes(text, reasoning=self.reasoning, in_reasoning=opened)
 
