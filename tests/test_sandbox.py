@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from qwenkit import sandbox
+from qwenkit import sandbox, sandbox_scratch
 from qwenkit.sandbox import UID_BASE, run_python
 
 
@@ -306,12 +306,16 @@ def test_an_ordinary_user_gets_the_namespaces_too():
         "print(subprocess.run(['umount', '-l', '/tmp'], capture_output=True).returncode)\n"
         f"open({marker!r}, 'w')\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)"
     )
-    # sandbox.py alone (standard library only), where the unprivileged uid can read it
+    # sandbox.py and the one module it imports (standard library only), where the unprivileged uid can
+    # read them
     here = Path(tempfile.mkdtemp(prefix="qwenkit-sandbox-user-"))
     here.chmod(0o755)
-    shutil.copy(sandbox.__file__, here / "sandbox_copy.py")
+    (here / "qwenkit").mkdir(mode=0o755)
+    (here / "qwenkit" / "__init__.py").write_text("")
+    for module in (sandbox, sandbox_scratch):
+        shutil.copy(module.__file__, here / "qwenkit")
     driver = (
-        f"import json, sys; sys.path.insert(0, {str(here)!r}); import sandbox_copy as s; "
+        f"import json, sys; sys.path.insert(0, {str(here)!r}); from qwenkit import sandbox as s; "
         f"r = s.run_python({program!r}, timeout=10); "
         "print(json.dumps([r.isolation, r.ok, r.stdout, r.stderr]))"
     )

@@ -27,7 +27,8 @@ Isolation, each step degrading with one logged warning where the system does not
 - when we are root: a dedicated unprivileged uid per run (so it cannot write outside its directory
   or read files only root may read, and the process limit applies), ``no_new_privs``;
 - a scrubbed environment, ``python -I`` (no user site, no ``PYTHON*`` variables), its own private
-  working directory (deleted afterwards unless the caller gave ``workdir``);
+  working directory (deleted afterwards unless the caller gave ``workdir``; one a caller killed with
+  ``kill -9`` left is swept by the next run: ``qwenkit.sandbox_scratch``);
 - a wall-clock timeout that kills the whole process group (and, through the PID namespace, every
   process the program started, even one that left the group).
 
@@ -55,6 +56,8 @@ import time
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+
+from qwenkit.sandbox_scratch import claim_harness
 
 log = logging.getLogger(__name__)
 
@@ -132,9 +135,10 @@ def run_python(
 ) -> SandboxResult:
     """Run ``code`` as ``__main__`` in a fresh isolated Python; see the module docstring."""
     token = secrets.token_hex(16)
-    harness = Path(tempfile.mkdtemp(prefix="qwenkit-harness-"))  # 0700, ours: the program cannot read it
     own_workdir = workdir is None
     work = Path(tempfile.mkdtemp(prefix="qwenkit-sandbox-")) if own_workdir else Path(workdir).resolve()
+    claimed = claim_harness(work if own_workdir else None)  # swept by the next run if we are killed
+    harness = claimed.path  # 0700, ours: the program cannot read it
     work.mkdir(parents=True, exist_ok=True)
     uid = _run_uid() if _can_drop_privileges() else None
     try:
@@ -196,11 +200,11 @@ def run_python(
             wall,
         )
     finally:
-        shutil.rmtree(harness, ignore_errors=True)
         if own_workdir:
             shutil.rmtree(work, ignore_errors=True)
         elif uid is not None:
             _chown_tree(work, os.getuid(), os.getgid())
+        claimed.release()
         if uid is not None:
             _release_uid(uid)
 

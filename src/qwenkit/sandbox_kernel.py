@@ -44,6 +44,7 @@ from qwenkit.sandbox import (
     _release_uid,
     _run_uid,
 )
+from qwenkit.sandbox_scratch import claim_harness
 
 KILL_GRACE = 2.0  # seconds past a cell's limit before a kernel that ignores its alarm is killed
 TIMEOUT_MESSAGE = "Timeout: Code execution exceeded the time limit."  # Qwen-Agent's words
@@ -207,7 +208,9 @@ class PythonKernel:
 
     def _start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self._harness = Path(tempfile.mkdtemp(prefix="qwenkit-harness-"))  # 0700: the kernel cannot read it
+        # 0700, ours: the kernel cannot read it; swept with a scratch workdir if our process is killed
+        self._claimed = claim_harness(self.workdir if self.own_workdir else None)
+        self._harness = self._claimed.path
         self._uid = _run_uid() if _can_drop_privileges() else None
         if self._uid is not None:
             os.chown(self.workdir, self._uid, self._uid)
@@ -258,7 +261,7 @@ class PythonKernel:
         for fd in (self._cells, self._replies):
             with contextlib.suppress(OSError):
                 os.close(fd)
-        shutil.rmtree(self._harness, ignore_errors=True)
+        self._claimed.release()
         if self._uid is not None:
             if not self.own_workdir:
                 _chown_tree(self.workdir, os.getuid(), os.getgid())
