@@ -164,3 +164,80 @@ def test_a_number_of_the_wrong_type_is_named():
     v1 |= {"num_hidden_layers": 1, "intermediate_size": 64, "layer_norm_epsilon": "tiny"}
     with pytest.raises(ConfigError, match="layer_norm_epsilon must be a number, not 'tiny'"):
         ModelConfig.from_hf(v1)
+
+
+LLAMA31_8B = {
+    "model_type": "llama",
+    "vocab_size": 128256,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "max_position_embeddings": 131072,
+    "rope_theta": 500000.0,
+    "rope_scaling": {
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+    },
+}
+
+
+def test_llama3_and_linear_rope_scaling_read_as_transformers_standardizes_them():
+    """Llama 3.1/3.2 (rope_type llama3) and linear interpolation were refused ("supports default and
+    yarn"). Their original window comes from rope_scaling, a top-level key, or max_position_embeddings."""
+    from qwenkit.config import LinearScaling, Llama3Scaling
+
+    cfg = ModelConfig.from_hf(LLAMA31_8B)
+    assert cfg.rope_scaling == Llama3Scaling(8.0, 1.0, 4.0, 8192) and cfg.rope_theta == 5e5
+    assert cfg.max_context == 131072  # Llama 3.1 states the stretched window itself
+    v5 = {k: v for k, v in LLAMA31_8B.items() if k not in ("rope_scaling", "rope_theta")}
+    v5["rope_parameters"] = {**LLAMA31_8B["rope_scaling"], "rope_theta": 500000.0}
+    assert ModelConfig.from_hf(v5) == cfg
+    unstated = {**LLAMA31_8B, "rope_scaling": {**LLAMA31_8B["rope_scaling"]}}
+    del unstated["rope_scaling"]["original_max_position_embeddings"]
+    assert ModelConfig.from_hf(unstated).rope_scaling.original_max_position_embeddings == 131072
+    top = {**unstated, "original_max_position_embeddings": 4096}
+    assert ModelConfig.from_hf(top).rope_scaling.original_max_position_embeddings == 4096
+    # linear keeps max_position_embeddings at the trained window (vicuna-7b-v1.5-16k: 4096 x 4)
+    linear = {
+        **LLAMA31_8B,
+        "max_position_embeddings": 4096,
+        "rope_scaling": {"type": "linear", "factor": 4.0},
+    }
+    cfg = ModelConfig.from_hf(linear)
+    assert cfg.rope_scaling == LinearScaling(4.0) and cfg.max_context == 16384
+
+
+def test_bad_llama3_and_linear_rope_scaling_is_refused_by_name():
+    import pytest
+
+    from qwenkit.errors import ConfigError
+
+    llama3 = LLAMA31_8B["rope_scaling"]
+    for key in ("factor", "low_freq_factor", "high_freq_factor"):
+        params = {k: v for k, v in llama3.items() if k != key}
+        with pytest.raises(ConfigError, match=f"^rope_scaling type llama3 needs {key} .a number.$"):
+            ModelConfig.from_hf({**LLAMA31_8B, "rope_scaling": params})
+    with pytest.raises(
+        ConfigError, match="^rope_scaling type llama3 needs low_freq_factor .a number, not '1'.$"
+    ):
+        ModelConfig.from_hf({**LLAMA31_8B, "rope_scaling": {**llama3, "low_freq_factor": "1"}})
+    with pytest.raises(ConfigError, match=r"needs high_freq_factor \(1\) above low_freq_factor \(1\)"):
+        ModelConfig.from_hf({**LLAMA31_8B, "rope_scaling": {**llama3, "high_freq_factor": 1.0}})
+    with pytest.raises(ConfigError, match="^rope_scaling type linear needs factor .a number.$"):
+        ModelConfig.from_hf({**LLAMA31_8B, "rope_scaling": {"rope_type": "linear"}})
+    with pytest.raises(ConfigError, match="^rope_scaling factor must be positive, not 0$"):
+        ModelConfig.from_hf(
+            {**LLAMA31_8B, "rope_scaling": None, "rope_parameters": {"type": "linear", "factor": 0}}
+        )
+    # transformers' dynamic NTK follows the batch's longest row step by step: refused, saying why
+    with pytest.raises(
+        ConfigError, match="^unsupported rope_scaling type 'dynamic': transformers recomputes"
+    ):
+        ModelConfig.from_hf({**LLAMA31_8B, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}})
+    with pytest.raises(ConfigError, match="qwenkit supports default, linear, llama3, yarn$"):
+        ModelConfig.from_hf({**LLAMA31_8B, "rope_scaling": {"rope_type": "longrope", "factor": 2.0}})

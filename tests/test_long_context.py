@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -139,4 +140,31 @@ def test_the_last_position_of_the_context_is_generated_and_a_full_prompt_is_refu
     assert str(refused.value) == (
         "the prompt has 64 tokens; the context window is 64, and a prompt may take at most 63 to leave "
         "room for a token to be generated"
+    )
+
+
+def test_info_names_llama3_and_linear_scaling_and_refuses_a_bad_one_in_one_line(tmp_path, capsys):
+    """`qwenkit info` on Llama 3.1 8B's config.json (and a linear one) named the rope type "yarn" would
+    have; the config was refused before. A llama3 rope_scaling without low_freq_factor: one line, exit 2."""
+    from test_config import LLAMA31_8B
+
+    linear = {**LLAMA31_8B, "max_position_embeddings": 4096, "rope_scaling": {"type": "linear", "factor": 4}}
+    for name, cfg, expected in (
+        ("llama31", LLAMA31_8B, ("RoPE base / scaling", "500000, llama3 x8 from 8192")),
+        ("linear", linear, ("trained context", "4096 (runs to 16384)")),
+    ):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(cfg))
+        assert main(["info", str(tmp_path / name)]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        rows = dict(re.split(r"\s{2,}", line.strip(), maxsplit=1) for line in lines if "  " in line.strip())
+        assert rows[expected[0]] == expected[1]
+    assert "linear x4" in rows["RoPE base / scaling"] and "from" not in rows["RoPE base / scaling"]
+    broken = {**LLAMA31_8B, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "high_freq_factor": 4.0}}
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text(json.dumps(broken))
+    assert main(["info", str(tmp_path / "broken")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.endswith(
+        "rope_scaling type llama3 needs low_freq_factor (a number)"
     )

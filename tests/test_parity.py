@@ -81,6 +81,33 @@ CONFIG_JSON = {
         moe_intermediate_size=32,
     ),
     "llama-mlp-bias": dict(model_type="llama", mlp_bias=True),
+    # Llama 3.1/3.2's rope_scaling (every position here past the original 32-token window) and linear
+    # interpolation, in both spellings: qwenkit refused both types ("supports default and yarn")
+    "llama-llama3": dict(
+        model_type="llama",
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        },
+    ),
+    # transformers 5's spelling; the original window defaults to max_position_embeddings (128)
+    "llama-llama3-rope-parameters": dict(
+        model_type="llama",
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500.0,
+            "factor": 4.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 8.0,
+        },
+    ),
+    "llama-linear": dict(model_type="llama", rope_scaling={"type": "linear", "factor": 4.0}),
+    "qwen2-linear-rope-parameters": dict(
+        model_type="qwen2", rope_parameters={"rope_type": "linear", "rope_theta": 1e6, "factor": 2.0}
+    ),
     # use_sliding_window=true whose max_window_layers covers every layer: transformers runs full attention
     # in each (its layer_types rule); qwenkit refused the config
     "qwen2-sliding-window-on-no-layer": dict(

@@ -13,7 +13,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from qwenkit.errors import CheckpointError, ConfigError
 
@@ -21,10 +21,40 @@ Family = Literal["qwen", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "llama"]
 FAMILIES: tuple[str, ...] = ("qwen", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "llama")
 
 
+# rope_scaling: one frozen dataclass per transformers rope_type we run. model/rope.py computes each one's
+# inverse frequencies as transformers' ROPE_INIT_FUNCTIONS do; ``cos_sin_scale`` is the attention factor
+# transformers multiplies cos/sin by (1 for all but YaRN). transformers' "dynamic" is not among them: it
+# recomputes the frequencies from a batch's longest sequence at every step, which a batched, cached engine
+# cannot reproduce (Qwen v1's own dynamic NTK is ModelConfig.use_dynamic_ntk, configured differently).
+
+
+@dataclass(frozen=True)
+class LinearScaling:
+    """Linear position interpolation (rope_type ``linear``): every inverse frequency divided by factor."""
+
+    factor: float
+    rope_type: ClassVar[str] = "linear"
+    cos_sin_scale: ClassVar[float] = 1.0
+
+
+@dataclass(frozen=True)
+class Llama3Scaling:
+    """Llama 3.1/3.2 RoPE scaling (rope_type ``llama3``): wavelengths longer than the original window over
+    low_freq_factor are divided by factor, shorter than it over high_freq_factor kept, blended between."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+    rope_type: ClassVar[str] = "llama3"
+    cos_sin_scale: ClassVar[float] = 1.0
+
+
 @dataclass(frozen=True)
 class YarnScaling:
     """Static YaRN RoPE scaling (Qwen2.5/Qwen3 long context), as transformers computes it."""
 
+    rope_type: ClassVar[str] = "yarn"
     factor: float
     original_max_position_embeddings: int
     beta_fast: float = 32.0
@@ -48,6 +78,10 @@ class YarnScaling:
         return get_mscale(self.factor)
 
 
+RopeScaling = LinearScaling | Llama3Scaling | YarnScaling
+ROPE_TYPES: tuple[str, ...] = ("default", "linear", "llama3", "yarn")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Everything the network needs, in one place. Derived sizes are filled in ``__post_init__``."""
@@ -63,7 +97,7 @@ class ModelConfig:
     rotary_dim: int = 0  # 0 -> head_dim; Qwen v1's rotary_pct < 1 rotates only the first dims
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    rope_scaling: YarnScaling | None = None
+    rope_scaling: RopeScaling | None = None
     max_position_embeddings: int = 32768  # the trained context window
     use_dynamic_ntk: bool = False  # Qwen v1: NTK-aware RoPE base past max_position_embeddings
     use_logn_attn: bool = False  # Qwen v1: scale queries by log_{L}(position) past the trained length
@@ -188,16 +222,21 @@ class ModelConfig:
     @property
     def max_context(self) -> int:
         """The longest sequence the model is meant to run: the trained window, except that Qwen v1 with
-        dynamic NTK extends it (the original's LogN table stops at 32768 positions) and static YaRN
-        stretches its original window by its factor. Qwen2.5's documented YaRN setting adds rope_scaling
-        and leaves max_position_embeddings at the original 32768, meaning 131072 (as vLLM reads it)."""
+        dynamic NTK extends it (the original's LogN table stops at 32768 positions), static YaRN
+        stretches its original window by its factor and linear interpolation the trained window by its
+        factor, as vLLM reads them: Qwen2.5's documented YaRN setting adds rope_scaling and leaves
+        max_position_embeddings at the original 32768, meaning 131072. Llama 3.1's configs state the
+        stretched window (131072) as max_position_embeddings, so llama3 scaling keeps it."""
         if self.use_dynamic_ntk:
             return max(self.max_position_embeddings, 32768)
-        if self.rope_scaling is not None:
-            yarn = self.rope_scaling
+        scaling = self.rope_scaling
+        if isinstance(scaling, YarnScaling):
             return max(
-                self.max_position_embeddings, round(yarn.original_max_position_embeddings * yarn.factor)
+                self.max_position_embeddings,
+                round(scaling.original_max_position_embeddings * scaling.factor),
             )
+        if isinstance(scaling, LinearScaling):
+            return max(self.max_position_embeddings, round(self.max_position_embeddings * scaling.factor))
         return self.max_position_embeddings
 
     def kv_cache_bytes_per_token(self, bytes_per_element: int) -> int:
@@ -304,20 +343,54 @@ def _eos_ids(cfg: dict[str, Any]) -> tuple[int, ...]:
     return tuple(eos) if isinstance(eos, list) else (int(eos),)
 
 
-def _rope(cfg: dict[str, Any]) -> tuple[float, YarnScaling | None]:
+def _rope(cfg: dict[str, Any]) -> tuple[float, RopeScaling | None]:
     """Read rope_theta and rope_scaling (also transformers 5's ``rope_parameters``)."""
     params = _rope_params(cfg)
     theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type == "default":
         return theta, None
-    if rope_type != "yarn":
-        raise ConfigError(f"unsupported rope_scaling type {rope_type!r}; qwenkit supports default and yarn")
-    factor = params.get("factor")
-    # A top-level original_max_position_embeddings overrides rope_scaling's, as transformers builds the model
+    if rope_type == "dynamic":
+        raise ConfigError(
+            "unsupported rope_scaling type 'dynamic': transformers recomputes its frequencies from the "
+            "batch's longest sequence at every step, which a cached, batched engine cannot reproduce"
+        )
+    if rope_type not in ROPE_TYPES:
+        raise ConfigError(
+            f"unsupported rope_scaling type {rope_type!r}; qwenkit supports {', '.join(ROPE_TYPES)}"
+        )
+
+    def number(key: str) -> float:
+        value = params.get(key)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            given = "" if value is None else f", not {value!r}"
+            raise ConfigError(f"rope_scaling type {rope_type} needs {key} (a number{given})")
+        if key == "factor" and value <= 0:
+            raise ConfigError(f"rope_scaling factor must be positive, not {value!r}")
+        return float(value)
+
+    if rope_type == "linear":
+        return theta, LinearScaling(factor=number("factor"))
+    # As transformers standardizes them: a top-level original_max_position_embeddings wins over
+    # rope_scaling's, which defaults to max_position_embeddings
     original = cfg.get("original_max_position_embeddings") or params.get(
         "original_max_position_embeddings", cfg.get("max_position_embeddings")
     )
+    if rope_type == "llama3":
+        low, high = number("low_freq_factor"), number("high_freq_factor")
+        if high <= low:
+            raise ConfigError(
+                f"rope_scaling type llama3 needs high_freq_factor ({high:g}) above low_freq_factor ({low:g})"
+            )
+        if not original:
+            raise ConfigError("rope_scaling type llama3 needs original_max_position_embeddings")
+        return theta, Llama3Scaling(
+            factor=number("factor"),
+            low_freq_factor=low,
+            high_freq_factor=high,
+            original_max_position_embeddings=int(original),
+        )
+    factor = params.get("factor")
     if factor is None:  # as transformers: the context's growth over the pretrained one, where both are given
         given = "original_max_position_embeddings" in params or cfg.get("original_max_position_embeddings")
         if not given or not cfg.get("max_position_embeddings"):
@@ -428,7 +501,7 @@ def _read_hf_standard(cfg: dict[str, Any]) -> ModelConfig:
         )
     if family == "llama" and cfg.get("pretraining_tp", 1) != 1:
         raise ConfigError("llama pretraining_tp != 1 is not supported")
-    theta, yarn = _rope(cfg)
+    theta, scaling = _rope(cfg)
     factors = (cfg.get("partial_rotary_factor"), _rope_params(cfg).get("partial_rotary_factor"))
     partial = [f for f in factors if f is not None and f != 1]
     if partial:
@@ -451,7 +524,7 @@ def _read_hf_standard(cfg: dict[str, Any]) -> ModelConfig:
         head_dim=int(cfg.get("head_dim") or (128 if family == "qwen3" else 0)),
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         rope_theta=theta,
-        rope_scaling=yarn,
+        rope_scaling=scaling,
         max_position_embeddings=int(cfg.get("max_position_embeddings", 32768)),
         qkv_bias=bool(cfg.get("qkv_bias", True)) if family in ("qwen2", "qwen2_moe") else bias,
         o_bias=False if family in ("qwen2", "qwen2_moe") else bias,

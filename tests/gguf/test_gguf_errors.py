@@ -88,7 +88,13 @@ def test_gguf_error_unexpected_tensor(tmp_path, gguf_writer) -> None:
         w.add_tensor("rope_freqs.weight", np.ones(8, np.float32))
 
     path = gguf_writer(tmp_path / "l3.gguf", "llama", model.config.to_dict(), state, Q.F16, extra=rope_freqs)
-    assert "unexpected tensor rope_freqs.weight" in _error(path)
+    # Llama 3.1's rope scaling as llama.cpp stores it: refused by name, not run with plain RoPE
+    message = _error(path)
+    assert (
+        "tensor rope_freqs.weight (Llama 3.1-style rope scaling as per-dimension frequency factors)"
+        in message
+    )
+    assert "load the Hugging Face checkpoint" in message
 
 
 def test_gguf_error_no_tokenizer(tmp_path, gguf_writer) -> None:

@@ -140,6 +140,24 @@ def test_gguf_llama_unpermutes_q_and_k(tmp_path, gguf_writer) -> None:
         assert torch.equal(got[name], w), name
 
 
+def test_gguf_llama_linear_rope_scaling_runs_as_its_source(tmp_path, gguf_writer) -> None:
+    """llama.cpp writes linear rope scaling as rope.scaling.type/factor (positions times 1/factor, the
+    same rotation as transformers' linear type); qwenkit refused the type."""
+    model = hf_model("llama", vocab_size=VOCAB, rope_scaling={"rope_type": "linear", "factor": 4.0})
+
+    def linear(w: gguf.GGUFWriter) -> None:
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(4.0)
+
+    config = model.config.to_dict()
+    path = gguf_writer(tmp_path / "linear.gguf", "llama", config, _params(model), Q.F32, extra=linear)
+    ours, cfg = load_model(path, dtype="float32", progress=False)
+    assert cfg.rope_scaling.rope_type == "linear" and cfg.rope_scaling.factor == 4.0
+    ids = torch.randint(0, VOCAB, (1, 200), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert (ours(ids) - model(ids).logits).abs().max().item() < 1e-4
+
+
 def test_gguf_qwen_v1_splits_fused_qkv(tmp_path, gguf_writer) -> None:
     """Qwen v1 (arch "qwen") becomes a qwen2 checkpoint: c_attn split on dim 0, w2 is the gate."""
     cfg = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 2 * 160, "num_hidden_layers": 2,

@@ -254,9 +254,16 @@ def read_gguf(path: str | Path) -> GGUFCheckpoint:
                 f"{p}: tensor {t.name} has unsupported quantization type {t.tensor_type.name} "
                 f"(supported: {supported})"
             )
+        if t.name == "rope_freqs.weight":
+            # llama.cpp stores Llama 3.1's rope scaling only as these per-dimension divisors, without the
+            # rope_scaling keys they came from; running without them would rotate every position wrongly.
+            raise GGUFError(
+                f"{p}: tensor rope_freqs.weight (Llama 3.1-style rope scaling as per-dimension frequency "
+                "factors) is not supported in GGUF files; load the Hugging Face checkpoint, whose llama3 "
+                "rope_scaling qwenkit runs"
+            )
         if hf_name(t.name, arch) is None:
-            why = " (llama3-style rope scaling is not supported)" if t.name == "rope_freqs.weight" else ""
-            raise GGUFError(f"{p}: unexpected tensor {t.name} for architecture {arch}{why}")
+            raise GGUFError(f"{p}: unexpected tensor {t.name} for architecture {arch}")
     names = {t.name for t in index.tensors}
     if "token_embd.weight" not in names:
         raise GGUFError(f"{p}: missing tensor token_embd.weight; not a decoder model this reader understands")

@@ -9,7 +9,7 @@ import torch
 from qwenkit.checkpoint import open_checkpoint
 from qwenkit.cli.common import resolve_model
 from qwenkit.command_parser import CommandParser
-from qwenkit.config import ModelConfig
+from qwenkit.config import LinearScaling, ModelConfig
 from qwenkit.distributed import local_config
 from qwenkit.license import find_license
 from qwenkit.memory import format_bytes, kv_cache_bytes, weight_bytes
@@ -20,10 +20,10 @@ def describe(path: str, tensor_parallel: int = 1) -> str:
     cfg = ModelConfig.from_hf(source.hf_config)
     shard = local_config(cfg, tensor_parallel)  # refuses splits that are not whole heads first
     rope = f"{cfg.rope_theta:g}"
-    if cfg.rope_scaling:
-        rope += (
-            f", yarn x{cfg.rope_scaling.factor:g} from {cfg.rope_scaling.original_max_position_embeddings}"
-        )
+    if (scaling := cfg.rope_scaling) is not None:
+        rope += f", {scaling.rope_type} x{scaling.factor:g}"
+        if not isinstance(scaling, LinearScaling):
+            rope += f" from {scaling.original_max_position_embeddings}"
     if cfg.rotary_dim != cfg.head_dim:
         rope += f", rotary dim {cfg.rotary_dim}"
     gqa = " (GQA)" if cfg.num_key_value_heads < cfg.num_attention_heads else ""
@@ -133,7 +133,8 @@ def _moe_rows(cfg: ModelConfig) -> list[tuple[str, object]]:
 
 
 def _context(cfg: ModelConfig) -> str:
-    """The trained window, and the longer one the model runs to where dynamic NTK or YaRN extends it."""
+    """The trained window, and the longer one the model runs to where dynamic NTK, YaRN or linear
+    scaling extends it."""
     trained = str(cfg.max_position_embeddings)
     return (
         trained

@@ -1,4 +1,5 @@
-"""Rotary position embeddings: plain, partial, Qwen v1 dynamic NTK, and static YaRN; plus LogN scaling.
+"""Rotary position embeddings: plain, partial, Qwen v1 dynamic NTK, linear, Llama 3 and static YaRN; plus
+LogN scaling.
 
 All variants are rotate-half (NeoX) RoPE; they differ only in the inverse frequencies and in a scale on
 cos/sin. cos/sin are computed from each token's absolute position on the fly, so every sequence in a
@@ -12,7 +13,7 @@ import math
 import torch
 
 from qwenkit import kernels
-from qwenkit.config import ModelConfig, YarnScaling
+from qwenkit.config import LinearScaling, Llama3Scaling, ModelConfig, YarnScaling
 
 
 def ntk_alpha_for_length(length: int, trained_length: int) -> float:
@@ -32,9 +33,29 @@ def inv_freq(config: ModelConfig, ntk_alpha: float = 1.0) -> torch.Tensor:
     if ntk_alpha != 1.0:
         base = base * ntk_alpha ** (dim / (dim - 2))
     exponents = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim
-    if config.rope_scaling is not None:
-        return _yarn_inv_freq(config.rope_scaling, dim, base, exponents)
-    return 1.0 / (base**exponents)
+    scaling = config.rope_scaling
+    if isinstance(scaling, YarnScaling):
+        return _yarn_inv_freq(scaling, dim, base, exponents)
+    plain = 1.0 / (base**exponents)
+    if isinstance(scaling, LinearScaling):
+        return plain / scaling.factor
+    if isinstance(scaling, Llama3Scaling):
+        return _llama3_inv_freq(scaling, plain)
+    return plain
+
+
+def _llama3_inv_freq(llama3: Llama3Scaling, plain: torch.Tensor) -> torch.Tensor:
+    """Llama 3.1's rule by wavelength: kept where shorter than original / high_freq_factor, divided by
+    factor where longer than original / low_freq_factor, and in between a blend of the two that is linear
+    in original / wavelength. The float32 operations are transformers', in its order."""
+    original = llama3.original_max_position_embeddings
+    low, high, factor = llama3.low_freq_factor, llama3.high_freq_factor, llama3.factor
+    wavelen = 2 * math.pi / plain
+    scaled = torch.where(wavelen > original / low, plain / factor, plain)
+    smooth = (original / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= original / high) & (wavelen <= original / low)
+    return torch.where(medium, blended, scaled)
 
 
 def _yarn_inv_freq(yarn: YarnScaling, dim: int, base: float, exponents: torch.Tensor) -> torch.Tensor:
