@@ -102,6 +102,9 @@ def test_yarn_takes_its_factor_or_the_context_ratio_and_refuses_neither():
     assert ModelConfig.from_hf({**QWEN3_SMALL, "rope_scaling": ratio}).rope_scaling.factor == 4.0
     with pytest.raises(ConfigError, match="rope_scaling type yarn needs a factor"):
         ModelConfig.from_hf({**QWEN3_SMALL, "rope_scaling": {"rope_type": "yarn"}})  # was a silent 1.0
+    for bad, words in ((0, "factor must be positive, not 0"), ("4", "needs factor (a number, not '4')")):
+        with pytest.raises(ConfigError, match=re.escape(words)):  # was a math domain error or a TypeError
+            ModelConfig.from_hf({**QWEN3_SMALL, "rope_scaling": {"rope_type": "yarn", "factor": bad}})
 
 
 def test_keys_transformers_reads_otherwise_are_refused_by_name():

@@ -390,8 +390,7 @@ def _rope(cfg: dict[str, Any]) -> tuple[float, RopeScaling | None]:
             high_freq_factor=high,
             original_max_position_embeddings=int(original),
         )
-    factor = params.get("factor")
-    if factor is None:  # as transformers: the context's growth over the pretrained one, where both are given
+    if params.get("factor") is None:  # as transformers: the context's growth over the pretrained one
         given = "original_max_position_embeddings" in params or cfg.get("original_max_position_embeddings")
         if not given or not cfg.get("max_position_embeddings"):
             raise ConfigError(
@@ -399,6 +398,8 @@ def _rope(cfg: dict[str, Any]) -> tuple[float, RopeScaling | None]:
                 "max_position_embeddings, whose ratio it is)"
             )
         factor = cfg["max_position_embeddings"] / original
+    else:
+        factor = number("factor")  # a number above 0: log(factor) sets its attention factor
     return theta, YarnScaling(
         factor=float(factor),
         original_max_position_embeddings=int(original),
