@@ -13,7 +13,7 @@ from typing import Any
 
 from qwenkit.engine import SamplingParams
 from qwenkit.errors import QwenkitError
-from qwenkit.generate import LLM, Delta
+from qwenkit.generate import LLM, Completion, Delta
 
 Message = dict[str, Any]
 
@@ -73,6 +73,9 @@ class ChatSession:
     params: SamplingParams
     system: str | None = None
     history: list[Message] = field(default_factory=list)
+    # the last reply that ran to its end: its finish reason and token count (None before, or when it was
+    # interrupted or failed)
+    completion: Completion | None = field(default=None, init=False)
 
     def messages(self, user_text: str) -> list[Message]:
         head = [{"role": "system", "content": self.system}] if self.system else []
@@ -83,10 +86,12 @@ class ChatSession:
         began (a prompt that does not fit, or a failure before any text, leaves the history as it was)."""
         reply: list[str] = []
         started = False
+        self.completion = None
         try:
             for delta in chat_stream(self.llm, self.messages(user_text), self.params):
                 started = True
                 reply.append(delta.text)
+                self.completion = delta.completion
                 yield delta.text
         finally:
             if started:
