@@ -402,3 +402,18 @@ def test_an_answer_cut_off_says_so_on_stderr(tiny_chat_model):
     )
     assert (r.returncode, r.stderr) == (0, "")
     assert "4" in r.stdout
+
+
+def test_a_tool_chat_that_outgrows_the_window_drops_its_oldest_turns():
+    """A plain chat leaves its oldest turns out of the prompt when the window fills; a tool chat did not,
+    so once it outgrew the window every message failed ("the prompt has 423 tokens; the context window
+    is 400 ...") until :clear-history. Now it fits as a plain chat does, and :history keeps every turn."""
+    questions = ["hi", "hello again, tell me more", "and more"]
+    script = "\n".join([*questions, ":history"]) + "\n"
+    args = ["--code-interpreter", "--max-context", "400", "--temperature", "0", "--max-new-tokens", "60"]
+    r = subprocess.run(  # the bundled model (the default), whose answers fill the window
+        [*QWENKIT, "chat", *args], input=script, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0 and "error" not in r.stderr, r.stderr
+    asked = [line for line in r.stdout.splitlines() if line.startswith("user: ")]
+    assert asked == [f"user: {q}" for q in questions]

@@ -7,7 +7,7 @@ always plain); when a conversation outgrows the context window, the oldest whole
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,15 +30,30 @@ def build_prompt(
     **template_kwargs: Any,
 ) -> list[int]:
     """Prompt ids for ``messages``, dropping the oldest turns until prompt + reply fit the window."""
+
+    def render(msgs: list[Message]) -> list[int]:
+        return llm.tokenizer.apply_chat_template(
+            msgs, tools=tools, add_generation_prompt=True, **template_kwargs
+        )
+
+    return fit_messages(llm, messages, params, render)[1]
+
+
+def fit_messages(
+    llm: LLM,
+    messages: Sequence[Message],
+    params: SamplingParams,
+    render: Callable[[list[Message]], list[int]],
+) -> tuple[list[Message], list[int]]:
+    """``messages`` less their oldest whole turns (the system message stays) until ``render``'s prompt ids
+    for them leave room for the reply in the window; returns those messages and their prompt ids."""
     window = llm.engine.max_seq_len
     # the template's own check names anything else (list(None) raised TypeError, list("hi") made letters)
     msgs = list(messages) if isinstance(messages, list | tuple) else messages
     while True:
-        ids = llm.tokenizer.apply_chat_template(
-            msgs, tools=tools, add_generation_prompt=True, **template_kwargs
-        )
+        ids = render(msgs)
         if len(ids) + min(params.max_tokens, window // 2) <= window:
-            return ids
+            return msgs, ids
         first = 1 if msgs and msgs[0].get("role") == "system" else 0
         if len(msgs) - first <= 1:
             raise ContextOverflowError(

@@ -13,7 +13,7 @@ import json
 import sys
 from collections.abc import Iterator
 
-from qwenkit.chat import ChatSession
+from qwenkit.chat import ChatSession, fit_messages
 from qwenkit.cli.common import (
     NotUTF8Error,
     add_model_args,
@@ -362,8 +362,17 @@ class ToolChatSession:
         head = [{"role": "system", "content": self.system}] if self.system else []
         self.agent.params = self.params
         self.completion = None
-        result = yield from self.agent.stream([*head, *self.history, {"role": "user", "content": user_text}])
-        self.history = result.messages[len(head) :]
+        agent, tokenizer = self.agent, self.agent.llm.tokenizer
+        specs = [t.spec() for t in agent.tools.values()]
+        messages = [*head, *self.history, {"role": "user", "content": user_text}]
+        # the oldest turns the window cannot hold are left out of the prompt (not the history), as in a
+        # plain chat: a long tool chat failed every turn once it outgrew the window
+        fitted, _ = fit_messages(
+            agent.llm, messages, self.params, lambda m: agent.style.tool_prompt(tokenizer, m, specs)
+        )
+        dropped = len(messages) - len(fitted)
+        result = yield from agent.stream(fitted)
+        self.history = self.history[:dropped] + result.messages[len(head) :]
         self.completion = result.completion
         if result.answer is None:
             yield f"[stopped after {result.rounds} rounds]"
