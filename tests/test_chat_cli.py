@@ -55,23 +55,37 @@ def test_commands_history_and_errors_over_stdin(tiny_chat_model):
         )
         + "\n"
     )
-    r = run_chat(tiny_chat_model, script, "--max-new-tokens", "5")
-    assert r.returncode == 0, r.stderr
+    r = run_chat(tiny_chat_model, script, "--max-new-tokens", "5", "--temperature", "0")
+    # Errors went to stdout and the script exited 0: now each is one line on stderr, the chat goes on,
+    # and a script in which a line failed ends with 1.
+    assert r.returncode == 1, r.stderr
     out = r.stdout
-    assert "user: hello there" in out
-    assert "error: unknown :conf key 'bogus'" in out
-    assert "error: temperature must be >= 0, got -1" in out
-    assert "error: value for temperature must be a literal" in out
-    assert "error: :seed needs an integer, got 'x'" in out
-    # an integer past 64 bits was said not to be an integer
-    assert "error: seed must fit in 64 bits (-9223372036854775808..18446744073709551615), got 9999" in out
-    assert "error: unknown command :frobnicate; type :help" in out
+    assert "user: hello there" in out and "error" not in out
+    stop = "[stopped at max_tokens=5; raise it with :conf max_tokens=N]"
+    assert r.stderr.splitlines() == [
+        stop,
+        "error: unknown :conf key 'bogus'; known: max_tokens, temperature, top_p, top_k, min_p, "
+        "repetition_penalty, presence_penalty, frequency_penalty, seed, ignore_eos, prompt_logprobs, "
+        "stop, include_stop_str_in_output, logit_bias, grammar, adapter",
+        "error: temperature must be >= 0, got -1",
+        "error: value for temperature must be a literal such as 0.7, 20, None or 'text'; "
+        "got \"__import__('os')\"",
+        "error: :seed needs an integer, got 'x'",
+        # an integer past 64 bits was said not to be an integer
+        "error: seed must fit in 64 bits (-9223372036854775808..18446744073709551615), "
+        "got 99999999999999999999999",
+        "error: unknown command :frobnicate; type :help, or ::frobnicate to send it as a message",
+        stop,
+    ]
     after_clear = out.split("[history cleared]")[1]
     assert "[history is empty]" in after_clear and "user: hello there" not in after_clear
     assert "user: second question" in after_clear and "never reached" not in out
     # :clear writes no terminal codes into a pipe (the random model may print an ESC of its own)
     assert "\033[2J" not in out and "\033[H" not in out
-    assert "Traceback" not in r.stderr
+    # the same script without its failing lines ends with 0
+    good = "\n".join(line for line in script.splitlines() if line.startswith((":history", ":exit", "hello")))
+    r = run_chat(tiny_chat_model, good + "\n", "--max-new-tokens", "5", "--temperature", "0")
+    assert (r.returncode, r.stderr) == (0, stop + "\n")
 
 
 def test_a_message_that_starts_with_a_colon(tiny_chat_model):
@@ -79,7 +93,7 @@ def test_a_message_that_starts_with_a_colon(tiny_chat_model):
     sends the rest as the message, and an unknown command's error says so."""
     script = ":help\n:) thanks\n::) thanks\n:param x\n::param x\n::\n:history\n"
     r = run_chat(tiny_chat_model, script, "--max-new-tokens", "2", "--seed", "1")
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 1, r.stderr
     lines = r.stdout.splitlines()
     assert [line for line in lines if line.startswith("user: ")] == [
         "user: :) thanks",
@@ -87,9 +101,11 @@ def test_a_message_that_starts_with_a_colon(tiny_chat_model):
         "user: :",
     ]
     assert "  ::TEXT                send :TEXT as a message (e.g. ::) thanks)" in lines
-    assert "error: unknown command :); type :help, or ::) thanks to send it as a message" in lines
-    assert "error: unknown command :param; type :help, or ::param x to send it as a message" in lines
-    assert "Traceback" not in r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [
+        "error: unknown command :); type :help, or ::) thanks to send it as a message",
+        "error: unknown command :param; type :help, or ::param x to send it as a message",
+    ]
 
 
 def test_a_failed_answer_or_a_mistyped_setting_keeps_the_chat(tiny_chat_model):
@@ -116,24 +132,23 @@ def test_a_failed_answer_or_a_mistyped_setting_keeps_the_chat(tiny_chat_model):
     r = run_chat(
         tiny_chat_model, script + "\n", "--max-new-tokens", "4", "--max-context", "64", "--seed", "7"
     )
-    assert r.returncode == 0, r.stderr
-    out = r.stdout
+    assert r.returncode == 1, r.stderr
+    out, errors = r.stdout, r.stderr
     for message in [
-        "error: top_k must be an integer, got 2.7",
-        "error: seed must be an integer or None, got 1.5",
-        "error: stop must be a list or a string, got 5",
-        "error: temperature must be a number, got 'hot'",
-        "stop=('a b',)",
-        'error: a quote or bracket is not closed in "stop=\'open"',
-        "[seed = 7]",
-        "error: adapter 'foo' was asked for, but this model serves no adapters",
+        "error: top_k must be an integer, got 2.7\n",
+        "error: seed must be an integer or None, got 1.5\n",
+        "error: stop must be a list or a string, got 5\n",
+        "error: temperature must be a number, got 'hot'\n",
+        'error: a quote or bracket is not closed in "stop=\'open"\n',
+        "error: adapter 'foo' was asked for, but this model serves no adapters\n",
         "error: the message needs ",
     ]:
-        assert message in out, message
+        assert message in errors and message not in out, message
+    assert "stop=('a b',)" in out and "[seed = 7]" in out and "error" not in out
     history = out.rsplit("[settings reset]", 1)[1]  # what :history printed at the end
     assert "user: hello" in history and "user: third" in history
     assert "this turn fails" not in history and "word word" not in history
-    assert "Traceback" not in r.stderr
+    assert "Traceback" not in errors
 
 
 def test_chat_refuses_an_empty_question_and_a_bad_context(tiny_chat_model):
@@ -179,12 +194,12 @@ def test_text_that_is_not_utf8_is_one_line(tiny_chat_model, encoding):
         b"error: the question is not UTF-8 text (an invalid byte at position 2)\n",
     )
     r = chat(b"hi\xff\n:history\nhello\n:history\n")
-    assert r.returncode == 0 and r.stderr == b""
+    assert r.returncode == 1
+    assert r.stderr.decode().splitlines()[0] == (
+        "error: the message is not UTF-8 text (an invalid byte at position 2)"
+    )
     lines = r.stdout.decode().splitlines()
-    assert lines[:2] == [
-        "error: the message is not UTF-8 text (an invalid byte at position 2)",
-        "[history is empty]",
-    ]
+    assert lines[0] == "[history is empty]"
     assert "user: hello" in lines and lines.count("[history is empty]") == 1
 
 
@@ -320,7 +335,85 @@ def test_an_answer_that_fails_midway_ends_its_line_before_the_error(tmp_path):
     greedy = ["--temperature", "0", "--repetition-penalty", "10", "--max-new-tokens", "8"]
     error = "error: the model produced NaN/inf logits in float32: the checkpoint may be corrupt"
 
-    r = run_chat(model, f":conf logit_bias={bias}\nhi\n:history\n", *greedy, "--dtype", "float32")
-    assert r.returncode == 0, r.stderr
-    assert f"\nHello world boom\n{error}\n" in r.stdout
-    assert "assistant: Hello world boom\n" in r.stdout  # the part that came stays, as after Ctrl-C
+    script = f":conf logit_bias={bias}\nhi\n:history\n"
+    r = run_chat(model, script, *greedy, "--dtype", "float32")
+    assert (r.returncode, r.stderr) == (1, f"{error}\n")
+    assert (
+        "\nHello world boom\nuser: hi\nassistant: Hello world boom\n" in r.stdout
+    )  # the part that came stays
+    # both streams into one (a terminal, 2>&1): the error on its own line, after the answer's part
+    merged = subprocess.run(
+        [*QWENKIT, "chat", str(model), *greedy, "--dtype", "float32"],
+        input=script,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=120,
+    )
+    assert f"\nHello world boom\n{error}\nuser: hi\n" in merged.stdout
+    # a question asked once (-p) that fails is a failed command: one line on stderr, exit 2
+    r = run_chat(model, "", "-p", "say boom", *greedy, "--dtype", "float32")
+    assert (r.returncode, r.stdout, r.stderr) == (2, "", f"{error}\n")
+
+
+def test_a_message_of_several_lines(tiny_chat_model):
+    """ollama's convention: a line that starts with three double quotes opens a message of several lines
+    and a line that ends with them sends it, its lines as typed (a line was a message of its own before,
+    so pasted code went out line by line). A block is a message even when it starts with a colon; one
+    that is never closed is not sent: an error, and the script's exit status says so."""
+    block = '"""def f(x):\n\n    return x  # :not a command\n"""\n'
+    script = f':help\n{block}""":conf is text here"""\n:history\n"""\nnot closed\n'
+    r = run_chat(tiny_chat_model, script, "--max-new-tokens", "2", "--temperature", "0")
+    assert r.returncode == 1
+    assert (
+        '  """                   begin a message of several lines; a line that ends with """ sends it\n'
+        in (r.stdout)
+    )
+    shown = r.stdout.rsplit("\nuser: ", 2)
+    assert shown[1].startswith("def f(x):\n\n    return x  # :not a command\nassistant: ")
+    assert shown[2].startswith(":conf is text here\nassistant: ")
+    stop = "[stopped at max_tokens=2; raise it with :conf max_tokens=N]"
+    assert r.stderr.splitlines() == [
+        stop,
+        stop,
+        'error: the message was not sent: its """ block was not closed',
+    ]
+    assert "\n... " not in r.stdout  # no continuation prompts into a pipe (and no third answer above)
+
+
+def test_an_answer_cut_off_says_so_on_stderr(tiny_chat_model):
+    """An answer that stopped at max_tokens ended as if the model had finished: now one line on stderr
+    says which limit cut it and how to raise it; an answer the model ends itself gets none."""
+    r = run_chat(tiny_chat_model, "", "-p", "hi", "--max-new-tokens", "3", "--temperature", "0")
+    assert (r.returncode, r.stderr) == (0, "[stopped at max_tokens=3; raise it with --max-new-tokens N]\n")
+    assert r.stdout.endswith("\n")
+    # the window, not max_tokens, cut it
+    r = run_chat(
+        tiny_chat_model, "hi\n", "--max-new-tokens", "500", "--max-context", "40", "--temperature", "0"
+    )
+    assert (r.returncode, r.stderr) == (0, "[stopped: the 40-token context window is full]\n")
+    # the bundled model (the default) ends this answer itself: nothing on stderr
+    question = "What is 2+2? Answer in one short sentence."
+    r = subprocess.run(
+        [*QWENKIT, "chat", "-p", question, "--temperature", "0", "--max-new-tokens", "64"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (r.returncode, r.stderr) == (0, "")
+    assert "4" in r.stdout
+
+
+def test_a_tool_chat_that_outgrows_the_window_drops_its_oldest_turns():
+    """A plain chat leaves its oldest turns out of the prompt when the window fills; a tool chat did not,
+    so once it outgrew the window every message failed ("the prompt has 423 tokens; the context window
+    is 400 ...") until :clear-history. Now it fits as a plain chat does, and :history keeps every turn."""
+    questions = ["hi", "hello again, tell me more", "and more"]
+    script = "\n".join([*questions, ":history"]) + "\n"
+    args = ["--code-interpreter", "--max-context", "400", "--temperature", "0", "--max-new-tokens", "60"]
+    r = subprocess.run(  # the bundled model (the default), whose answers fill the window
+        [*QWENKIT, "chat", *args], input=script, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0 and "error" not in r.stderr, r.stderr
+    asked = [line for line in r.stdout.splitlines() if line.startswith("user: ")]
+    assert asked == [f"user: {q}" for q in questions]

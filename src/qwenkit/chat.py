@@ -7,13 +7,13 @@ always plain); when a conversation outgrows the context window, the oldest whole
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from qwenkit.engine import SamplingParams
 from qwenkit.errors import QwenkitError
-from qwenkit.generate import LLM, Delta
+from qwenkit.generate import LLM, Completion, Delta
 
 Message = dict[str, Any]
 
@@ -30,15 +30,30 @@ def build_prompt(
     **template_kwargs: Any,
 ) -> list[int]:
     """Prompt ids for ``messages``, dropping the oldest turns until prompt + reply fit the window."""
+
+    def render(msgs: list[Message]) -> list[int]:
+        return llm.tokenizer.apply_chat_template(
+            msgs, tools=tools, add_generation_prompt=True, **template_kwargs
+        )
+
+    return fit_messages(llm, messages, params, render)[1]
+
+
+def fit_messages(
+    llm: LLM,
+    messages: Sequence[Message],
+    params: SamplingParams,
+    render: Callable[[list[Message]], list[int]],
+) -> tuple[list[Message], list[int]]:
+    """``messages`` less their oldest whole turns (the system message stays) until ``render``'s prompt ids
+    for them leave room for the reply in the window; returns those messages and their prompt ids."""
     window = llm.engine.max_seq_len
     # the template's own check names anything else (list(None) raised TypeError, list("hi") made letters)
     msgs = list(messages) if isinstance(messages, list | tuple) else messages
     while True:
-        ids = llm.tokenizer.apply_chat_template(
-            msgs, tools=tools, add_generation_prompt=True, **template_kwargs
-        )
+        ids = render(msgs)
         if len(ids) + min(params.max_tokens, window // 2) <= window:
-            return ids
+            return msgs, ids
         first = 1 if msgs and msgs[0].get("role") == "system" else 0
         if len(msgs) - first <= 1:
             raise ContextOverflowError(
@@ -73,6 +88,9 @@ class ChatSession:
     params: SamplingParams
     system: str | None = None
     history: list[Message] = field(default_factory=list)
+    # the last reply that ran to its end: its finish reason and token count (None before, or when it was
+    # interrupted or failed)
+    completion: Completion | None = field(default=None, init=False)
 
     def messages(self, user_text: str) -> list[Message]:
         head = [{"role": "system", "content": self.system}] if self.system else []
@@ -83,10 +101,12 @@ class ChatSession:
         began (a prompt that does not fit, or a failure before any text, leaves the history as it was)."""
         reply: list[str] = []
         started = False
+        self.completion = None
         try:
             for delta in chat_stream(self.llm, self.messages(user_text), self.params):
                 started = True
                 reply.append(delta.text)
+                self.completion = delta.completion
                 yield delta.text
         finally:
             if started:

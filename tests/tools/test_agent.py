@@ -4,6 +4,7 @@ code interpreter under escape attempts."""
 from __future__ import annotations
 
 import gc
+import io
 import sys
 from pathlib import Path
 
@@ -256,8 +257,10 @@ def test_a_history_with_arguments_as_json_text_is_rendered_once_encoded(steered,
     llm = steered[0]
     monkeypatch.setattr(llm.tokenizer, "chat_template", TOJSON_TEMPLATE)
     prompts = []
-    generate = llm.generate
-    monkeypatch.setattr(llm, "generate", lambda ids, params: prompts.append(ids[0]) or generate(ids, params))
+    submit = llm.submit
+    monkeypatch.setattr(
+        llm, "submit", lambda prompt, *a, **k: prompts.append(prompt) or submit(prompt, *a, **k)
+    )
     queue(steered, "Done.")
     history = [
         {"role": "user", "content": "What is 2+3?"},
@@ -306,3 +309,53 @@ def test_tool_chat_keeps_the_chat_commands(steered, monkeypatch, capsys):
         "assistant: It is 42.",
     ]
     assert not steered[1]  # every queued reply was asked for, and nothing more
+
+
+class Writes(io.StringIO):
+    """Standard output that keeps each write, to see what was shown when."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pieces: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.pieces.append(text)
+        return super().write(text)
+
+
+def test_tool_chat_streams_its_text_and_never_the_call_markup(steered, monkeypatch):
+    """`chat --code-interpreter` printed each answer whole, at its end, and nothing of the text a model
+    writes before its call: now the visible text streams piece by piece as in a plain chat (the parser
+    the server streams with holds back what may open a <tool_call>), the tool's output starts a line of its
+    own, and the markup never shows."""
+    from qwenkit.cli import chat as chat_cli
+
+    llm = steered[0]
+    out = Writes()
+    monkeypatch.setattr(chat_cli, "load_llm", lambda args: llm)
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is 6*7?\n"))
+    monkeypatch.setattr("sys.stdout", out)
+    first = "Let me run it.\n" + call("code_interpreter", '{"code": "print(6*7)"}')
+    queue(steered, first, "The answer is forty-two, as printed.")
+    assert chat_cli.main(["--code-interpreter", "--temperature", "0", "--max-tokens", "120"]) == 0
+    assert out.getvalue() == (
+        "Let me run it.\n[code_interpreter]\nprint(6*7)\n[output]\nstdout:\n\n```\n42\n\n```\n"
+        "The answer is forty-two, as printed.\n\n"
+    )
+    answer = out.pieces[out.pieces.index("[output]\nstdout:\n\n```\n42\n\n```") + 2 :]
+    assert len(answer) > 5 and "".join(answer) == "The answer is forty-two, as printed.\n\n"
+    assert not any("<" in piece or "tool_call" in piece for piece in out.pieces)
+    assert not steered[1]
+
+
+def test_tool_chat_says_when_max_tokens_cut_the_answer(steered, monkeypatch, capsys):
+    from qwenkit.cli import chat as chat_cli
+
+    llm = steered[0]
+    monkeypatch.setattr(chat_cli, "load_llm", lambda args: llm)
+    queue(steered, "The answer is forty-two, as printed.")
+    argv = ["--code-interpreter", "--temperature", "0", "--max-tokens", "3", "-p", "What is 6*7?"]
+    assert chat_cli.main(argv) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "The answer is\n"
+    assert captured.err == "[stopped at max_tokens=3; raise it with --max-new-tokens N]\n"

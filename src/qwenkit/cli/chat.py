@@ -13,7 +13,7 @@ import json
 import sys
 from collections.abc import Iterator
 
-from qwenkit.chat import ChatSession
+from qwenkit.chat import ChatSession, fit_messages
 from qwenkit.cli.common import (
     NotUTF8Error,
     add_model_args,
@@ -43,6 +43,7 @@ HELP = """commands:
   :system TEXT          set the system prompt (empty to remove) and clear the history
   :exit                 leave (also Ctrl-D)
   ::TEXT                send :TEXT as a message (e.g. ::) thanks)
+  \"\"\"                   begin a message of several lines; a line that ends with \"\"\" sends it
 Ctrl-C stops the current answer."""
 
 CONF_KEYS = tuple(
@@ -158,33 +159,108 @@ def run_command(session: ChatSession | ToolChatSession, initial: SamplingParams,
     return True
 
 
+class AnswerLine:
+    """Whether standard output's last line is an answer still open (streamed text with no newline yet), so
+    that what comes next (a tool's output, an error on standard error) starts a line of its own."""
+
+    def __init__(self) -> None:
+        self.open = False
+
+    def write(self, text: str) -> None:
+        if text:
+            sys.stdout.write(for_terminal(text))
+            sys.stdout.flush()
+            self.open = not text.endswith("\n")
+
+    def end(self) -> None:
+        if self.open:
+            print()
+        self.open = False
+        sys.stdout.flush()  # before a line on standard error: both show in order on a terminal
+
+
+LINE = AnswerLine()
+
+
+def report(error: Exception | str) -> None:
+    """One ``error:`` line on standard error, on a line of its own."""
+    LINE.end()
+    print(f"error: {error}", file=sys.stderr, flush=True)
+
+
 def show(stream: Iterator[str]) -> None:
     """Write the reply's pieces as they come, then end its line. An error after some text ends the line
     first, so that the error's own line does not begin in the middle of the answer."""
-    shown = False
     try:
         for piece in stream:
-            sys.stdout.write(for_terminal(piece))
-            sys.stdout.flush()
-            shown = shown or bool(piece)
+            LINE.write(piece)
     except QwenkitError:
-        if shown:
-            print()
+        LINE.end()
         raise
     print()
+    LINE.open = False
 
 
-def answer(session: ChatSession | ToolChatSession, text: str) -> None:
+def stop_notice(session: ChatSession | ToolChatSession, how: str) -> None:
+    """Say so on standard error when the answer was cut off by ``max_tokens`` (``how``: how to raise it)
+    or by the context window, not ended by the model."""
+    done = session.completion
+    if done is None or done.finish_reason != "length":
+        return
+    limit = session.params.max_tokens
+    if len(done.token_ids) >= limit:
+        note = f"[stopped at max_tokens={limit}; raise it with {how}]"
+    else:
+        note = f"[stopped: the {len(done.prompt_ids) + len(done.token_ids)}-token context window is full]"
+    sys.stdout.flush()
+    print(note, file=sys.stderr, flush=True)
+
+
+def answer(session: ChatSession | ToolChatSession, text: str) -> bool:
     """Print the reply as it comes. Ctrl-C stops it; an error (the message does not fit, a setting the
-    engine refuses) is one line. Either way the chat goes on, its history as the session left it."""
+    engine refuses) is one line on standard error. Either way the chat goes on, its history as the
+    session left it. Returns False when the answer failed."""
     stream = session.ask(text)
     try:
         show(stream)
     except KeyboardInterrupt:
         stream.close()
+        LINE.open = False
         print("\n[interrupted]")
     except QwenkitError as e:
-        print(f"error: {e}")
+        report(e)
+        return False
+    else:
+        stop_notice(session, ":conf max_tokens=N")
+    return True
+
+
+BLOCK = '"""'
+
+
+def read_message(interactive: bool) -> tuple[str, bool]:
+    """The next line typed, stripped, or a block of lines (ollama's convention): a line that starts with
+    three double quotes opens it and the next line that ends with them closes it, the text between kept as
+    typed (indentation, blank lines). Returns (text, whether it was a block: a message even when it
+    starts with a colon)."""
+    line = utf8_text(input("\n>>> " if interactive else ""), "the message")
+    if not line.lstrip().startswith(BLOCK):
+        return line.strip(), False
+    text, lines, bad = line.lstrip()[len(BLOCK) :], [], None
+    while not text.rstrip().endswith(BLOCK):
+        lines.append(text)
+        try:
+            text = input("... " if interactive else "")
+        except EOFError:
+            raise CommandError(f"the message was not sent: its {BLOCK} block was not closed") from None
+        try:
+            utf8_text(text, f"line {len(lines) + 1} of the message")
+        except NotUTF8Error as e:  # read on to the block's end: its lines are not messages of their own
+            bad = bad or e
+    lines.append(text.rstrip()[: -len(BLOCK)])
+    if bad is not None:
+        raise bad
+    return "\n".join(lines).lstrip("\n").rstrip(), True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -216,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace, llm, tools: list | None = None) -> int:
+    """The chat. Exit status: an answer that fails under ``-p`` is an error (2, from the command's
+    dispatcher); a chat typed on a terminal ends with 0; a chat read from a pipe or a file goes on after
+    an error, as typed, and ends with 1 if any line failed, so a script can tell."""
     params = llm.default_params(**sampling_overrides(args))
     if tools is None:
         session: ChatSession | ToolChatSession = ChatSession(llm, params, system=args.system)
@@ -223,6 +302,7 @@ def run(args: argparse.Namespace, llm, tools: list | None = None) -> int:
         session = ToolChatSession(llm, tools, params, system=args.system)
     if args.prompt is not None:
         show(session.ask(args.prompt))
+        stop_notice(session, "--max-new-tokens N")
         return 0
 
     interactive = sys.stdin.isatty()
@@ -230,40 +310,44 @@ def run(args: argparse.Namespace, llm, tools: list | None = None) -> int:
     if interactive:
         import readline  # noqa: F401 - line editing and history for input()
 
-        print("qwenkit chat: type a message, :help for commands, Ctrl-D to leave.")
-        if tools is not None:
-            print("Tools are on: each answer prints whole, after the tool calls it makes.")
+        print('qwenkit chat: type a message, """ for several lines, :help for commands, Ctrl-D to leave.')
+        if isinstance(session, ToolChatSession) and session.agent.style.react:
+            print("Tools are on: this model's answers (ReAct) print whole, after the tool calls they make.")
+    failed = False
     while True:
         try:
-            line = utf8_text(input("\n>>> " if interactive else ""), "the message")
+            line, block = read_message(interactive)
         except EOFError:
             print()
-            return 0
+            return 1 if failed and not interactive else 0
         except KeyboardInterrupt:
             print("\n[Ctrl-D or :exit to leave]")
             continue
-        except NotUTF8Error as e:  # the chat goes on
-            print(f"error: {e}")
+        except (NotUTF8Error, CommandError) as e:  # the chat goes on
+            report(e)
+            failed = True
             continue
-        line = line.strip()
         if not line:
             continue
-        if line.startswith("::"):  # the escape for a message that begins with a colon
+        if block:
+            pass  # a block is a message, whatever it starts with
+        elif line.startswith("::"):  # the escape for a message that begins with a colon
             line = line[1:]
         elif line.startswith(":"):
             try:
                 if not run_command(session, params, line):
-                    return 0
+                    return 1 if failed and not interactive else 0
             except CommandError as e:
-                print(f"error: {e}")
+                report(e)
+                failed = True
             continue
-        answer(session, line)
+        failed = not answer(session, line) or failed
 
 
 class ToolChatSession:
     """A chat where the model may call tools, with ChatSession's history, system prompt and settings (so
-    the chat commands work alike). Each turn is one agent run over the whole history; its answer comes
-    whole, once the calls are done (a reply is parsed for calls before any of it is shown)."""
+    the chat commands work alike). Each turn is one agent run over the whole history; its text streams as
+    the model writes it, tool-call markup held back (a ReAct model's reply comes whole, once parsed)."""
 
     def __init__(self, llm, tools: list, params: SamplingParams, system: str | None = None) -> None:
         from qwenkit.tools.agent import Agent
@@ -271,17 +355,31 @@ class ToolChatSession:
         self.agent = Agent(llm, tools, params=params)
         self.params, self.system = params, system
         self.history: list[dict] = []
+        self.completion = None  # the last reply's, once a turn ends (as ChatSession.completion)
 
     def ask(self, user_text: str) -> Iterator[str]:
         """The turn joins the history when the agent finishes (Ctrl-C or an error leaves it as it was)."""
         head = [{"role": "system", "content": self.system}] if self.system else []
         self.agent.params = self.params
-        result = self.agent.run([*head, *self.history, {"role": "user", "content": user_text}])
-        self.history = result.messages[len(head) :]
-        yield result.answer if result.answer is not None else f"[stopped after {result.rounds} rounds]"
+        self.completion = None
+        agent, tokenizer = self.agent, self.agent.llm.tokenizer
+        specs = [t.spec() for t in agent.tools.values()]
+        messages = [*head, *self.history, {"role": "user", "content": user_text}]
+        # the oldest turns the window cannot hold are left out of the prompt (not the history), as in a
+        # plain chat: a long tool chat failed every turn once it outgrew the window
+        fitted, _ = fit_messages(
+            agent.llm, messages, self.params, lambda m: agent.style.tool_prompt(tokenizer, m, specs)
+        )
+        dropped = len(messages) - len(fitted)
+        result = yield from agent.stream(fitted)
+        self.history = self.history[:dropped] + result.messages[len(head) :]
+        self.completion = result.completion
+        if result.answer is None:
+            yield f"[stopped after {result.rounds} rounds]"
 
 
 def ask_tool_result(name: str, arguments: str) -> str:
+    LINE.end()
     print(for_terminal(f"[tool call] {name}({arguments})"))
     try:
         return input(for_terminal(f"[result of {name}] > "))
@@ -299,6 +397,7 @@ def chat_tools(args: argparse.Namespace) -> list:
         interpreter = CodeInterpreter()
 
         def run_code(code: str) -> str:
+            LINE.end()
             print(f"[code_interpreter]\n{for_terminal(code)}")
             out = interpreter(code)
             print(f"[output]\n{for_terminal(out)}")

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from qwenkit.engine import SamplingParams
 from qwenkit.errors import QwenkitError
-from qwenkit.generate import LLM
-from qwenkit.tools.calls import ParsedMessage, ToolCall
+from qwenkit.generate import LLM, Completion
+from qwenkit.tools.calls import Event, ParsedMessage, ToolCall, collect
 from qwenkit.tools.template_style import template_style
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,7 @@ class AgentResult:
     messages: list[dict[str, Any]]  # the whole conversation, tool calls and results included
     answer: str | None  # the final plain answer, None if max_rounds ran out first
     rounds: int
+    completion: Completion | None = None  # the last reply's: its finish reason and token count
 
 
 class Agent:
@@ -78,12 +79,35 @@ class Agent:
         self.params = params or llm.default_params()
         self.style = template_style(llm.tokenizer.chat_template)
 
-    def _reply(self, messages: list[dict[str, Any]]) -> tuple[str, ParsedMessage]:
+    def _reply(
+        self, messages: list[dict[str, Any]]
+    ) -> Generator[str, None, tuple[ParsedMessage, Completion]]:
+        """One reply: yields its content as it comes (text that may open a ``<tool_call>`` is held back
+        until decided, by the parser the server streams with; a ReAct reply is decided by its last lines,
+        so its content comes whole at its end); returns it parsed, with its Completion."""
         tokenizer = self.llm.tokenizer
         ids = self.style.tool_prompt(tokenizer, messages, [t.spec() for t in self.tools.values()])
         params = replace(self.params, stop=(*self.params.stop, *self.style.stop))
-        text = self.llm.generate([ids], params)[0].text
-        return text, self.style.parse_reply(tokenizer.decode, ids, text, self._text_arguments)
+        parser = self.style.reply_parser(tokenizer.decode, ids)
+        events: list[Event] = []
+        completion = None
+        for delta in self.llm.stream(ids, params):
+            completion = delta.completion or completion
+            for event in parser.feed(delta.text) if parser is not None else ():
+                events.append(event)
+                if event.kind == "content":
+                    yield event.text
+        assert completion is not None  # the last Delta carries it
+        if parser is None:
+            parsed = self.style.parse_reply(tokenizer.decode, ids, completion.text, self._text_arguments)
+            if parsed.content:
+                yield parsed.content
+            return parsed, completion
+        for event in parser.finish():
+            events.append(event)
+            if event.kind == "content":
+                yield event.text
+        return collect(events, parser.warnings), completion
 
     def _text_arguments(self, name: str, text: str) -> str | None:
         tool = self.tools.get(name)
@@ -96,15 +120,27 @@ class Agent:
             return None
 
     def run(self, messages: list[dict[str, Any]] | str) -> AgentResult:
+        """Run to the final answer (or ``max_rounds``)."""
+        stream = self.stream(messages)
+        while True:
+            try:
+                next(stream)
+            except StopIteration as done:
+                return done.value
+
+    def stream(self, messages: list[dict[str, Any]] | str) -> Generator[str, None, AgentResult]:
+        """``run``, yielding the visible text of every reply as the model writes it (never tool-call
+        markup); the tools run between replies. Returns the AgentResult."""
         history = [{"role": "user", "content": messages}] if isinstance(messages, str) else list(messages)
+        completion = None
         for round_ in range(1, self.max_rounds + 1):
-            _text, parsed = self._reply(history)
+            parsed, completion = yield from self._reply(history)
             # the reasoning stays with its turn: Qwen3's template shows it again for the calls of the
             # turn in progress, as the model wrote them
             thought = {"reasoning_content": parsed.reasoning} if parsed.reasoning else {}
             if not parsed.tool_calls:
                 history.append({"role": "assistant", "content": parsed.content, **thought})
-                return AgentResult(history, parsed.content, round_)
+                return AgentResult(history, parsed.content, round_, completion)
             history.append(
                 {
                     "role": "assistant",
@@ -117,7 +153,7 @@ class Agent:
                 history.append(
                     {"role": "tool", "tool_call_id": call.id, "name": call.name, "content": self._run(call)}
                 )
-        return AgentResult(history, None, self.max_rounds)
+        return AgentResult(history, None, self.max_rounds, completion)
 
     @staticmethod
     def _as_history(call: ToolCall) -> dict[str, Any]:

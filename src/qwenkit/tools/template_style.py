@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from qwenkit.tokenizer import Tokenizer
-from qwenkit.tools.calls import ParsedMessage, ToolSpecError
-from qwenkit.tools.hermes import THINK_CLOSE, THINK_OPEN, parse_hermes
+from qwenkit.tools.calls import ParsedMessage, ToolSpecError, collect
+from qwenkit.tools.hermes import THINK_CLOSE, THINK_OPEN, HermesParser
 from qwenkit.tools.react import STOP_WORDS, continues_turn, parse_react, react_messages
 
 
@@ -94,10 +94,20 @@ class TemplateStyle:
         """A whole reply to ``tool_prompt``'s prompt: ReAct's action, or hermes ``<tool_call>`` blocks and a
         leading ``<think>`` (opened by the prompt itself where the template does so). ``read_arguments``:
         see ``parse_react`` (a hermes call is one JSON object, its arguments inside it)."""
-        if self.react:
+        parser = self.reply_parser(decode, prompt_ids)
+        if parser is None:
             return parse_react(text, read_arguments)
+        return collect(parser.feed(text) + parser.finish(), parser.warnings)
+
+    def reply_parser(
+        self, decode: Callable[[Sequence[int]], str], prompt_ids: Sequence[int]
+    ) -> HermesParser | None:
+        """The streaming parser of a reply to ``tool_prompt``'s prompt (``parse_reply`` feeds it whole);
+        None for ReAct, whose reply is decided by its last lines and parsed whole."""
+        if self.react:
+            return None
         opened = self.reasoning and prompt_opens_thinking(decode, prompt_ids)
-        return parse_hermes(text, reasoning=self.reasoning, in_reasoning=opened)
+        return HermesParser(reasoning=self.reasoning, in_reasoning=opened)
 
     def prompt_messages(
         self, messages: list[dict[str, Any]], functions: list[dict[str, Any]]
