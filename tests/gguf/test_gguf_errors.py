@@ -84,17 +84,11 @@ def test_gguf_error_unexpected_tensor(tmp_path, gguf_writer) -> None:
     model = hf_model("llama", vocab_size=len(tiny_vocab()[0]))
     state = {n: p.detach() for n, p in model.named_parameters()}
 
-    def rope_freqs(w: gguf.GGUFWriter) -> None:
-        w.add_tensor("rope_freqs.weight", np.ones(8, np.float32))
+    def stray(w: gguf.GGUFWriter) -> None:
+        w.add_tensor("blk.0.attn_extra.weight", np.ones(8, np.float32))
 
-    path = gguf_writer(tmp_path / "l3.gguf", "llama", model.config.to_dict(), state, Q.F16, extra=rope_freqs)
-    # Llama 3.1's rope scaling as llama.cpp stores it: refused by name, not run with plain RoPE
-    message = _error(path)
-    assert (
-        "tensor rope_freqs.weight (Llama 3.1-style rope scaling as per-dimension frequency factors)"
-        in message
-    )
-    assert "load the Hugging Face checkpoint" in message
+    path = gguf_writer(tmp_path / "x.gguf", "llama", model.config.to_dict(), state, Q.F16, extra=stray)
+    assert "unexpected tensor blk.0.attn_extra.weight for architecture llama" in _error(path)
 
 
 def test_gguf_error_no_tokenizer(tmp_path, gguf_writer) -> None:

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import math
+
 import gguf
 import numpy as np
 import pytest
 import torch
+import transformers
 from factories import hf_model, v1_state_dict
 from gguf.quants import dequantize, quantize
 from gguf_files import CHAT_TEMPLATE, Q, tiny_vocab
 
 from qwenkit.checkpoint import load_model
-from qwenkit.checkpoint.gguf import read_gguf
+from qwenkit.checkpoint.gguf import GGUFError, read_gguf
+from qwenkit.checkpoint.gguf_config import llama3_from_rope_freqs
+from qwenkit.convert.gguf_to_hf import convert_gguf_to_hf
 
 VOCAB = len(tiny_vocab()[0])
 
@@ -156,6 +162,106 @@ def test_gguf_llama_linear_rope_scaling_runs_as_its_source(tmp_path, gguf_writer
     ids = torch.randint(0, VOCAB, (1, 200), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         assert (ours(ids) - model(ids).logits).abs().max().item() < 1e-4
+
+
+def llama_cpp_rope_freqs(theta: float, head_dim: int, factor: float, low: float, high: float, original: int):
+    """The rope_freqs.weight llama.cpp's converter writes for a llama3 rope_scaling: per frequency, the
+    divisor of its Llama 3.1 scaling (1 for short wavelengths, factor for long ones, blended between)."""
+    divisors = []
+    for i in range(0, head_dim, 2):
+        wavelength = 2 * math.pi * theta ** (i / head_dim)
+        if wavelength < original / high:
+            divisors.append(1.0)
+        elif wavelength > original / low:
+            divisors.append(factor)
+        else:
+            blend = (original / wavelength - low) / (high - low)
+            divisors.append(1 / ((1 - blend) / factor + blend))
+    return np.array(divisors, np.float32)
+
+
+def test_gguf_llama3_rope_freqs_run_as_the_source_and_convert_back(tmp_path, gguf_writer) -> None:
+    """A Llama 3.1/3.2 GGUF carries its rope scaling only as rope_freqs.weight; it was refused. Read back
+    as the llama3 rope_scaling giving the same frequencies, it runs as the source transformers model past
+    the original window, and a directory converted from it carries a config transformers reads."""
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    scaling["original_max_position_embeddings"] = 512
+    model = hf_model(
+        "llama", vocab_size=VOCAB, hidden_size=128, max_position_embeddings=1024, rope_scaling=dict(scaling)
+    )
+    freqs = llama_cpp_rope_freqs(10000.0, 32, 8.0, 1.0, 4.0, 512)
+    assert ((freqs > 1) & (freqs < 8)).sum() == 2  # two frequencies in the blend: the fewest that fix it
+
+    def rope_freqs(w: gguf.GGUFWriter) -> None:
+        w.add_tensor("rope_freqs.weight", freqs)
+
+    config = model.config.to_dict()
+    path = gguf_writer(tmp_path / "l3.gguf", "llama", config, _params(model), Q.F32, extra=rope_freqs)
+    ours, cfg = load_model(path, dtype="float32", progress=False)
+    assert (cfg.rope_scaling.rope_type, cfg.rope_scaling.factor, cfg.rope_scaling.low_freq_factor) == (
+        "llama3",
+        8.0,
+        1.0,
+    )
+    assert (cfg.rope_scaling.high_freq_factor, cfg.rope_scaling.original_max_position_embeddings) == (
+        4.0,
+        512,
+    )
+    ids = torch.randint(0, VOCAB, (1, 700), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert (ours(ids) - model(ids).logits).abs().max().item() < 1e-4
+    out = convert_gguf_to_hf(path, tmp_path / "hf")
+    written = json.loads((out / "config.json").read_text())["rope_scaling"]
+    assert {k: written[k] for k in scaling} == scaling
+    assert "model.rope_freqs.weight" not in read_gguf(path).tensor_names()
+    converted = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (converted(ids).logits - model(ids).logits).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize(
+    ("head_dim", "factor", "original"),
+    [(64, 32.0, 8192), (128, 8.0, 8192), (128, 16.0, 4096)],
+    ids=["llama-3.2-1b", "llama-3.1-8b", "other"],
+)
+def test_llama3_scaling_comes_back_exactly_from_real_sized_rope_freqs(head_dim, factor, original):
+    """At Llama 3.x's own sizes (rope_theta 500000) the parameters come back exactly, as integers and the
+    factors Meta's configs give."""
+    freqs = llama_cpp_rope_freqs(500000.0, head_dim, factor, 1.0, 4.0, original)
+    assert llama3_from_rope_freqs(freqs, 500000.0, head_dim) == {
+        "rope_type": "llama3",
+        "factor": factor,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": original,
+    }
+    assert llama3_from_rope_freqs(np.ones(head_dim // 2, np.float32), 500000.0, head_dim) is None
+
+
+@pytest.mark.parametrize(
+    ("values", "words"),
+    [
+        ([1, 1, 1, 1, 1, 1, 1, 8, 8, 8, 8, 8, 8, 8, 8, 8], "needs two frequencies between"),
+        ([1, 1, 1, 1, 1, 1, 2, 3, 4, 8, 8, 8, 8, 8, 8, 8], "does not follow Llama 3's rope scaling"),
+        ([1, 1, 1, 1, 1, 1, 1, 1], "has 8 values; a head size of 32 needs 16"),
+        ([1, 1, 1, 1, 1, 1, 1, 0.5, 8, 8, 8, 8, 8, 8, 8, 8], "values below 1"),
+    ],
+    ids=["no-band", "not-llama3", "wrong-size", "below-one"],
+)
+def test_gguf_rope_freqs_that_are_not_llama3_scaling_are_refused_by_name(
+    tmp_path, gguf_writer, values, words
+):
+    model = hf_model("llama", vocab_size=VOCAB, hidden_size=128)
+
+    def rope_freqs(w: gguf.GGUFWriter) -> None:
+        w.add_tensor("rope_freqs.weight", np.array(values, np.float32))
+
+    path = gguf_writer(
+        tmp_path / "bad.gguf", "llama", model.config.to_dict(), _params(model), Q.F32, extra=rope_freqs
+    )
+    with pytest.raises(GGUFError, match="rope_freqs.weight") as e:
+        load_model(path, dtype="float32", progress=False)
+    assert words in str(e.value) and str(path) in str(e.value)
 
 
 def test_gguf_qwen_v1_splits_fused_qkv(tmp_path, gguf_writer) -> None:

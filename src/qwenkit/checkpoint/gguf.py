@@ -58,6 +58,8 @@ from qwenkit.checkpoint.gguf_types import GGMLQuantizationType, quant_shape_to_b
 from qwenkit.errors import CheckpointError
 from qwenkit.quant.affine import AffineWeight
 
+ROPE_FREQS = "rope_freqs.weight"
+
 
 class GGUFError(CheckpointError):
     """A GGUF file that is not one, is cut short, or holds a model or type qwenkit does not read."""
@@ -74,14 +76,20 @@ class GGUFCheckpoint:
         self.path = path
         # Copy-on-write: tensors can be handed to torch without a copy, and writes never reach the file.
         self._map = np.memmap(path, mode="c")
-        self._tensors = index.tensors
         self.metadata = metadata = index.metadata
         self.architecture: str = metadata["general.architecture"]
         self.license: str | None = metadata.get("general.license")
-        self.tensor_types: dict[str, str] = {t.name: t.tensor_type.name for t in self._tensors}
+        self.tensor_types: dict[str, str] = {t.name: t.tensor_type.name for t in index.tensors}
+        # Llama 3.1's rope scaling as llama.cpp writes it: divisors of the frequencies, not weights
+        freqs = [t for t in index.tensors if t.name == ROPE_FREQS]
+        self._tensors = [t for t in index.tensors if t.name != ROPE_FREQS]
         shapes = {t.name: t.shape for t in self._tensors}
+        if freqs and freqs[0].tensor_type not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+            kind = freqs[0].tensor_type.name
+            raise GGUFError(f"{path}: {ROPE_FREQS} is {kind}; llama.cpp writes it as F32")
+        rope_freqs = np.array(self._data(freqs[0]), dtype=np.float64) if freqs else None
         try:
-            self.hf_config: dict[str, Any] = build_hf_config(self.architecture, metadata, shapes)
+            self.hf_config: dict[str, Any] = build_hf_config(self.architecture, metadata, shapes, rope_freqs)
         except KeyError as e:
             raise GGUFError(f"{path}: missing metadata key {e.args[0]!r}") from None
         except ValueError as e:
@@ -254,14 +262,8 @@ def read_gguf(path: str | Path) -> GGUFCheckpoint:
                 f"{p}: tensor {t.name} has unsupported quantization type {t.tensor_type.name} "
                 f"(supported: {supported})"
             )
-        if t.name == "rope_freqs.weight":
-            # llama.cpp stores Llama 3.1's rope scaling only as these per-dimension divisors, without the
-            # rope_scaling keys they came from; running without them would rotate every position wrongly.
-            raise GGUFError(
-                f"{p}: tensor rope_freqs.weight (Llama 3.1-style rope scaling as per-dimension frequency "
-                "factors) is not supported in GGUF files; load the Hugging Face checkpoint, whose llama3 "
-                "rope_scaling qwenkit runs"
-            )
+        if t.name == ROPE_FREQS and arch == "llama":
+            continue  # Llama 3.1's rope scaling: read into the config (GGUFCheckpoint)
         if hf_name(t.name, arch) is None:
             raise GGUFError(f"{p}: unexpected tensor {t.name} for architecture {arch}")
     names = {t.name for t in index.tensors}

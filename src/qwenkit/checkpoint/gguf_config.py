@@ -10,8 +10,11 @@ tensor shapes win: they are what the weights actually are.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
+
+import numpy as np
 
 # GGUF architecture -> (Hugging Face model_type, architectures). Qwen v1 becomes a qwen2 checkpoint:
 # its fused c_attn is split into q/k/v_proj on read, which is exactly the v1 -> Qwen1.5 conversion.
@@ -29,12 +32,17 @@ _NORM_TOPK_DEFAULT = {"qwen2moe": False, "qwen3moe": True}
 
 
 def build_hf_config(
-    architecture: str, metadata: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]
+    architecture: str,
+    metadata: Mapping[str, Any],
+    shapes: Mapping[str, tuple[int, ...]],
+    rope_freqs: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """The Hugging Face config dict for a GGUF of ``architecture``.
 
     ``metadata`` holds the file's scalar keys; ``shapes`` maps GGUF tensor names to their shapes in
-    PyTorch order (rows first). Raises ``KeyError`` naming a missing required key.
+    PyTorch order (rows first); ``rope_freqs``: the values of a ``rope_freqs.weight`` tensor (Llama 3.1's
+    rope scaling as llama.cpp writes it). Raises ``KeyError`` naming a missing required key, ``ValueError``
+    naming what cannot be read.
     """
     model_type, hf_arch = ARCHITECTURES[architecture]
 
@@ -81,6 +89,12 @@ def build_hf_config(
         raise ValueError(f"partial rotary embedding ({rope_dims} of {head_dim} dims) is not supported")
     if (scaling := _rope_scaling(architecture, metadata)) is not None:
         config["rope_scaling"] = scaling
+    if rope_freqs is not None:
+        if scaling is not None:
+            kind = scaling["rope_type"]
+            raise ValueError(f"both rope.scaling.type {kind!r} and rope_freqs.weight are given")
+        if (llama3 := llama3_from_rope_freqs(rope_freqs, config["rope_theta"], head_dim)) is not None:
+            config["rope_scaling"] = llama3
     for name, gguf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
                            ("pad_token_id", "padding_token_id")):  # fmt: skip
         if (value := metadata.get(f"tokenizer.ggml.{gguf_key}")) is not None:
@@ -150,6 +164,49 @@ def _head_dim(
     if "blk.0.attn_q.weight" in shapes:
         return shapes["blk.0.attn_q.weight"][0] // heads
     return hidden // heads
+
+
+def llama3_from_rope_freqs(divisors: np.ndarray, theta: float, head_dim: int) -> dict[str, Any] | None:
+    """llama.cpp's ``rope_freqs.weight`` (Llama 3.1's rope scaling written as one divisor per frequency) read
+    back as the transformers ``llama3`` rope_scaling that gives the same frequencies; None when every
+    divisor is 1. A divisor is 1 for wavelengths under original/high_freq_factor, ``factor`` over
+    original/low_freq_factor, and between them 1/d = (1 - s)/factor + s, where the blend s =
+    (original/wavelength - low)/(high - low) is a line in 1/wavelength: two dimensions in that band fix it.
+    The line fixes only ratios, so low_freq_factor is taken as 1, as in every Llama 3.x release; any other
+    choice gives the same frequencies."""
+    d = np.asarray(divisors, dtype=np.float64).reshape(-1)
+    where = "rope_freqs.weight"
+    if d.size != head_dim // 2:
+        raise ValueError(f"{where} has {d.size} values; a head size of {head_dim} needs {head_dim // 2}")
+    if not np.isfinite(d).all() or (d < 1 - 1e-6).any():
+        raise ValueError(f"{where} holds values below 1 or not finite; not Llama 3 rope scaling")
+    if np.allclose(d, 1.0, rtol=0, atol=1e-6):
+        return None
+    factor = float(d.max())
+    inverse_wavelength = theta ** (-np.arange(0, head_dim, 2) / head_dim) / (2 * math.pi)
+    short, long = np.isclose(d, 1.0, rtol=1e-6), np.isclose(d, factor, rtol=1e-6)
+    band = ~(short | long)
+    if band.sum() < 2 or not long.any():
+        raise ValueError(
+            f"cannot read Llama 3 rope scaling back from {where}: it needs two frequencies between "
+            f"its unscaled and fully scaled ones, and has {int(band.sum())}"
+        )
+    blend = (1 / d[band] - 1 / factor) / (1 - 1 / factor)
+    slope, offset = np.polyfit(inverse_wavelength[band], blend, 1)
+    if slope <= 0 or offset >= 0:
+        raise ValueError(f"{where} does not follow Llama 3's rope scaling (its blend does not rise)")
+    low, high, original = 1.0, float(f"{1 - 1 / offset:.6g}"), round(-slope / offset)
+    fitted = (original * inverse_wavelength - low) / (high - low)
+    ordered = (fitted[short] >= 1 - 1e-4).all() and (fitted[long] <= 1e-4).all()
+    if not ordered or np.abs(fitted[band] - blend).max() > 1e-4:
+        raise ValueError(f"{where} does not follow Llama 3's rope scaling (its divisors fit no blend line)")
+    return {
+        "rope_type": "llama3",
+        "factor": factor,
+        "low_freq_factor": low,
+        "high_freq_factor": high,
+        "original_max_position_embeddings": original,
+    }
 
 
 def _rope_scaling(architecture: str, metadata: Mapping[str, Any]) -> dict[str, Any] | None:
