@@ -9,6 +9,7 @@ results); the task modules hold each benchmark's data, prompts and scoring.
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -161,6 +162,13 @@ class Plan:
     run_chunk: Callable[[Backend, list[Any]], list[dict]]
     scoring: Scoring
     record: dict[str, Any] = field(default_factory=dict)
+    context: Any = None  # what else the prompts are built from (MMLU/C-Eval few-shot examples)
+
+    def items_sha256(self) -> str:
+        """A hash of what the run asks and checks: every item (question, choices, gold, tests) and the
+        few-shot examples beside them. An edited --data file changes it, so a resume can refuse it."""
+        content = [[asdict(i) for i in self.items], self.context]
+        return sha256_text(json.dumps(content, ensure_ascii=False, sort_keys=True, default=str))
 
 
 # ---- plans per task --------------------------------------------------------------------------------
@@ -216,6 +224,7 @@ def _mc_plan(s: Settings) -> Plan:
     items = _first_per_subject(items, s.limit)
     scoring = _mc_scoring(s)
     record: dict[str, Any] = {"data": source, "split": split, "aggregation": bench.HEADLINE, **scoring.record}
+    context = None
     if s.method == "loglik":
         shots = _mc_shots(s)
         dev: dict[str, list[MCItem]] = {}
@@ -229,6 +238,7 @@ def _mc_plan(s: Settings) -> Plan:
                 f"{', '.join(short)}"
             )
         fewshot = {subject: rows[:shots] for subject, rows in dev.items()}
+        context = {k: [asdict(d) for d in v] for k, v in sorted(fewshot.items())}
         record |= {
             "method": "loglik-letter",
             "shots": shots,
@@ -260,7 +270,7 @@ def _mc_plan(s: Settings) -> Plan:
             rows = score_generate(backend, chunk, prompts, extractor, s.max_new_tokens)
             return [_with_item(r, i) for r, i in zip(rows, chunk, strict=True)]
 
-    return Plan(items, run_chunk, scoring, record)
+    return Plan(items, run_chunk, scoring, record, context)
 
 
 def _probe_item() -> MCItem:
