@@ -40,7 +40,7 @@ class Settings:
     max_new_tokens: int = 512
     extractor: str | None = None  # None: the benchmark's default for the method
     samples_per_task: int = 1  # HumanEval n for pass@k (greedy gives identical samples: keep 1)
-    timeout: float = 10.0  # HumanEval per-program sandbox wall clock
+    timeout: float = humaneval.TIMEOUT  # HumanEval per-program sandbox wall clock
     window: int = 2048  # ppl: tokens per window
     stride: int = 512  # ppl: new tokens scored per window
     lengths: list[int] | None = None  # passkey: prompt lengths in tokens (None: 1k..32k as the context holds)
@@ -58,6 +58,12 @@ class Settings:
         """Settings as a results file or settings.json recorded them; those added since take defaults."""
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in saved.items() if k in known})
+
+
+def default_max_new_tokens(task: str, method: str) -> int:
+    """``--max-new-tokens`` where not given: lm-eval's 1024 for a HumanEval base completion (its stop list
+    gives the headline), else 512 (Qwen's generation config, OpenCompass's max_out_len)."""
+    return humaneval.BASE_MAX_NEW_TOKENS if (task, method) == ("humaneval", "loglik") else 512
 
 
 # Options that stay None unless given, so a task that does not read one can refuse it.
