@@ -12,6 +12,7 @@ qwenkit eval Qwen2.5-72B-Instruct --task mmlu --device cuda --tensor-parallel 4
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -194,8 +195,10 @@ def _check_model_source(args: argparse.Namespace) -> None:
         if given:
             verb = "goes" if len(given) == 1 else "go"
             raise EvalUsageError(f"{' and '.join(given)} {verb} with --endpoint (a server to evaluate)")
-    if args.request_timeout is not None and args.request_timeout <= 0:
-        raise EvalUsageError(f"--request-timeout must be above 0 seconds, got {args.request_timeout:g}")
+    if args.request_timeout is not None and not 0 < args.request_timeout < math.inf:
+        raise EvalUsageError(
+            f"--request-timeout must be a finite number of seconds above 0, got {args.request_timeout:g}"
+        )
 
 
 def _stopped(how: str, output: str | None) -> str:

@@ -6,6 +6,7 @@ loads), and the shapes every task's plan takes: :class:`Plan` (items, how a chun
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
@@ -102,8 +103,8 @@ def check_settings(s: Settings) -> None:
             f"perplexity needs --window of at least 2 and --stride from 1 to window - 1; got --window "
             f"{s.window} --stride {s.stride}"
         )
-    if s.timeout <= 0:
-        raise EvalDataError(f"--timeout must be above 0 seconds, got {s.timeout:g}")
+    if not 0 < s.timeout < math.inf:  # nan and inf too: the sandbox's CPU limit is a whole number
+        raise EvalDataError(f"--timeout must be a finite number of seconds above 0, got {s.timeout:g}")
     if s.extractor is not None:
         named(NUMBER_EXTRACTORS if s.task == "gsm8k" else CHOICE_EXTRACTORS, s.extractor)
     if s.task in ("mmlu", "ceval"):
