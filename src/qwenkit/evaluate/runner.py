@@ -204,10 +204,19 @@ def read_samples(samples: Path) -> list[dict]:
     rewritten without them; two different rows for one item are refused, as the scores would count both
     or pick one at random."""
     # at "\n" only: rows are written with ensure_ascii=False, so a U+2028 or U+0085 of a model's output
-    # stands raw inside a row, where str.splitlines would cut it
-    lines = samples.read_text(encoding="utf-8").split("\n")
-    if lines[-1] == "":
-        lines.pop()  # the last row's newline
+    # stands raw inside a row, where str.splitlines would cut it. Split as bytes: a last row cut short
+    # may end inside a character, which only that line's decoding meets.
+    raw = samples.read_bytes().split(b"\n")
+    if raw[-1] == b"":
+        raw.pop()  # the last row's newline
+    lines = []
+    for n, line in enumerate(raw, 1):
+        try:
+            lines.append(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            if n != len(raw):
+                raise EvalDataError(f"{samples} line {n} is not UTF-8 text") from None
+            lines.append("")  # a line cut short inside a character: dropped below, as a cut JSON line is
     rows: dict[str, dict] = {}
     first: dict[str, tuple[int, str]] = {}  # id -> (line number, text) where it was first written
     dropped = 0
