@@ -74,6 +74,13 @@ def plan(settings: Settings, max_context: int | None = None) -> Plan:
     p = _task_plan(settings, max_context)
     if not p.items:  # an empty file, or a folder without the split's files: no score to report
         raise EvalDataError(f"{p.record['data']} holds no {settings.task} items: nothing to evaluate")
+    seen: set[str] = set()
+    for item in p.items:  # samples are kept by id: two items of one id would be scored as one on resume
+        if (key := item_id(item)) in seen:
+            raise EvalDataError(
+                f"{p.record['data']} holds {settings.task} item {key!r} twice: each item needs its own id"
+            )
+        seen.add(key)
     return p
 
 
