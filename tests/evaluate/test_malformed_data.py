@@ -130,6 +130,13 @@ CASES = [
         ["--subjects", "irrelevance"],
         "{d}/BFCL_v4_irrelevance.json line 1 has no id",
     ),
+    (  # one id twice: a resume kept its two (identical) rows as one, and scored n=1
+        "humaneval",
+        {"h.jsonl": HE_ROW + HE_ROW.replace('"test": ""', '"test": "def check(c):\\n    pass\\n"')},
+        "h.jsonl",
+        [],
+        "{d} holds humaneval item 't/0' twice: each item needs its own id",
+    ),
 ]
 
 

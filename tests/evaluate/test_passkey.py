@@ -37,6 +37,17 @@ def test_grid_and_keys_are_reproducible():
     assert {i.length for i in passkey.needles(None, None, 1, None)} == set(passkey.LENGTHS)
 
 
+def test_a_length_or_depth_given_twice_is_one_cell():
+    """Two items of one id ran twice and were kept as one sample on resume (n changed): now one cell."""
+    items = passkey.needles([1024, 2048, 1024], [0.5, 0.50, 0.0], 1, max_context=None)
+    assert [i.id for i in items] == [
+        "passkey/1024/0.5/0",
+        "passkey/1024/0/0",
+        "passkey/2048/0.5/0",
+        "passkey/2048/0/0",
+    ]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -44,7 +44,18 @@ CEVAL = Path(__file__).parent / "fixtures" / "ceval"
             ["--task", "mmlu", "--method", "generate", "--shots", "5"],
             "--shots does not apply to mmlu --method generate",
         ),
-        (["--task", "humaneval", "--timeout", "0"], "--timeout must be above 0 seconds, got 0"),
+        (
+            ["--task", "humaneval", "--timeout", "0"],
+            "--timeout must be a finite number of seconds above 0, got 0",
+        ),
+        (
+            ["--task", "humaneval", "--timeout", "nan"],
+            "--timeout must be a finite number of seconds above 0, got nan",
+        ),
+        (
+            ["--task", "humaneval", "--timeout", "inf"],
+            "--timeout must be a finite number of seconds above 0, got inf",
+        ),
         (["--task", "gsm8k", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1, got 0"),
         (
             ["--task", "ppl", "--data", "corpus.txt", "--window", "512", "--stride", "512"],

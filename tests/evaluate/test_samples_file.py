@@ -63,3 +63,27 @@ def test_a_row_holding_a_line_separator_is_read_back(local, finished):
     assert again["timing"]["items_run"] == 0 and again["scores"]["n"] == 3
     assert rescore_dir(finished)["scores"]["n"] == 3
     assert (finished / "samples.jsonl").read_text(encoding="utf-8") == text  # nothing rewritten
+
+
+def test_a_last_row_cut_inside_a_character_is_dropped_and_run_again(local, finished):
+    """A kill (or a full disk) can cut the last row inside a multi-byte character: resuming drops that row
+    and runs its item again (it was a UnicodeDecodeError traceback)."""
+    rows = lines(finished)
+    cut = {**json.loads(rows[2]), "output": "答案是 18"}
+    data = json.dumps(cut, ensure_ascii=False).encode()
+    data = data[: data.index("答".encode()) + 1]  # one byte of a three-byte character
+    (finished / "samples.jsonl").write_bytes(("\n".join(rows[:2]) + "\n").encode() + data)
+    again = run(local, SETTINGS, finished, progress=False)
+    assert again["timing"]["items_run"] == 1 and again["scores"]["n"] == 3
+    assert lines(finished) == rows  # greedy: the item's row is the one the first run wrote
+
+
+def test_a_row_that_is_not_utf8_before_the_last_is_one_line(local, finished):
+    rows = lines(finished)
+    (finished / "samples.jsonl").write_bytes(
+        f"{rows[0]}\n".encode() + b"\xff\xfe\n" + f"{rows[2]}\n".encode()
+    )
+    with pytest.raises(EvalDataError, match=r"samples.jsonl line 2 is not UTF-8 text$"):
+        run(local, SETTINGS, finished, progress=False)
+    with pytest.raises(EvalDataError, match=r"samples.jsonl line 2 is not UTF-8 text$"):
+        rescore_dir(finished)

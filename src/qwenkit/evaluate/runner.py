@@ -25,6 +25,7 @@ from qwenkit.evaluate.plans import (
     Plan,
     Settings,
     check_settings,
+    default_max_new_tokens,
     item_id,
     needs_model,
     plan,
@@ -46,6 +47,7 @@ __all__ = [
     "Settings",
     "check_settings",
     "compare",
+    "default_max_new_tokens",
     "model_record",
     "needs_model",
     "plan",
@@ -80,7 +82,9 @@ def run(
 def _run(
     backend: Backend, settings: Settings, p: Plan, record: dict[str, Any], out: Path | None, progress: bool
 ) -> dict[str, Any]:
-    rows = _resume(out, settings, model_identity(record)) if out is not None else []
+    items_sha256 = p.items_sha256()
+    made_by = {"items_sha256": items_sha256, "prompt_template_sha256": p.record.get("prompt_template_sha256")}
+    rows = _resume(out, settings, model_identity(record), made_by) if out is not None else []
     done = {r["id"] for r in rows}
     todo = [i for i in p.items if item_id(i) not in done]
     chunk_size = max(settings.batch_size * 4, 16)
@@ -113,6 +117,7 @@ def _run(
             **environment(),
             **record,
             **p.record,
+            "items_sha256": items_sha256,
             "settings": asdict(settings),
             "batch_size": settings.batch_size,
         },
@@ -144,38 +149,53 @@ def model_identity(record: dict[str, Any]) -> dict[str, Any]:
     return {k: record[k] for k in IDENTITY_KEYS if k in record}
 
 
-def _resume(out: Path, settings: Settings, identity: dict[str, Any]) -> list[dict]:
-    """The rows a run into ``out`` already holds, refusing one of other settings or another model (its
-    samples would be mixed into these results under this model's name). A settings file without samples
-    (a run refused or stopped before its first chunk) holds nothing to keep and is replaced."""
+def _resume(out: Path, settings: Settings, identity: dict[str, Any], made_by: dict[str, Any]) -> list[dict]:
+    """The rows a run into ``out`` already holds, refusing one of other settings, other data (an edited
+    --data file), another prompt template or another model: its samples would be mixed into these results
+    as if these had made them. A settings file without samples (a run refused or stopped before its first
+    chunk) holds nothing to keep and is replaced."""
     out.mkdir(parents=True, exist_ok=True)
     settings_path, samples = out / SETTINGS, out / SAMPLES
-    wanted = {**settings.key(), "model": identity}
+    wanted = {**settings.key(), "model": identity, **made_by}
     if settings_path.exists() and samples.exists() and samples.stat().st_size:
-        # settings added since the run was written take their defaults; a run written before the model
-        # was recorded is taken to be this model's
-        defaults = {**Settings(task=settings.task).key(), "model": identity}
+        # settings added since the run was written take their defaults; a run written before the model,
+        # its items or its prompt were recorded is taken to be of these
+        defaults = {**Settings(task=settings.task).key(), "model": identity, **made_by}
         saved = {**defaults, **_read_object(settings_path, "run's settings")}
         # only what the task reads: a letter-scoring run given --max-new-tokens scored what one without did
-        read = {*used_settings(settings), "model"}
+        read = {*used_settings(settings), "model", *made_by}
         saved = {k: v for k, v in saved.items() if k in read}
         asked = {k: v for k, v in wanted.items() if k in read}
         if saved != asked:
-            changed = sorted(k for k in set(saved) | set(asked) if saved.get(k) != asked.get(k))
-            if changed == ["model"]:
-                fields = sorted(
-                    k for k in set(saved["model"]) | set(identity) if saved["model"].get(k) != identity.get(k)
-                )
-                verb = "differs" if len(fields) == 1 else "differ"
-                raise EvalDataError(
-                    f"{out} holds a run of another model ({', '.join(fields)} {verb}); use another --output"
-                )
-            raise EvalDataError(
-                f"{out} holds a run with other settings ({', '.join(changed)}); use another --output"
-            )
+            _refuse_resume(out, settings, saved, asked)
     else:
         write_json_atomic(settings_path, wanted)
     return read_samples(samples) if samples.exists() else []
+
+
+def _refuse_resume(out: Path, settings: Settings, saved: dict[str, Any], asked: dict[str, Any]) -> None:
+    """Say what differs between the run in ``out`` and this one, and how to go on. The items and prompt
+    follow from the settings (--limit, --subjects) and for passkey from the model: they are named only where
+    nothing else differs."""
+    changed = sorted(k for k in set(saved) | set(asked) if saved.get(k) != asked.get(k))
+    start_over = f"use another --output, or delete {out} to start over"
+    options = [k for k in changed if k not in ("items_sha256", "prompt_template_sha256")]
+    if options == ["model"]:
+        model, identity = saved["model"], asked["model"]
+        fields = sorted(k for k in set(model) | set(identity) if model.get(k) != identity.get(k))
+        verb = "differs" if len(fields) == 1 else "differ"
+        raise EvalDataError(f"{out} holds a run of another model ({', '.join(fields)} {verb}); {start_over}")
+    if options:
+        raise EvalDataError(f"{out} holds a run with other settings ({', '.join(options)}); {start_over}")
+    if "items_sha256" in changed:
+        source = f"--data {settings.data}" if settings.data else "the bundled data"
+        raise EvalDataError(
+            f"{out} holds a run of other items: {source} changed since it was written (the questions, "
+            f"answers or few-shot examples differ); {start_over}"
+        )
+    raise EvalDataError(
+        f"{out} holds a run made with another prompt template (another qwenkit version); {start_over}"
+    )
 
 
 def read_samples(samples: Path) -> list[dict]:
@@ -184,10 +204,19 @@ def read_samples(samples: Path) -> list[dict]:
     rewritten without them; two different rows for one item are refused, as the scores would count both
     or pick one at random."""
     # at "\n" only: rows are written with ensure_ascii=False, so a U+2028 or U+0085 of a model's output
-    # stands raw inside a row, where str.splitlines would cut it
-    lines = samples.read_text(encoding="utf-8").split("\n")
-    if lines[-1] == "":
-        lines.pop()  # the last row's newline
+    # stands raw inside a row, where str.splitlines would cut it. Split as bytes: a last row cut short
+    # may end inside a character, which only that line's decoding meets.
+    raw = samples.read_bytes().split(b"\n")
+    if raw[-1] == b"":
+        raw.pop()  # the last row's newline
+    lines = []
+    for n, line in enumerate(raw, 1):
+        try:
+            lines.append(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            if n != len(raw):
+                raise EvalDataError(f"{samples} line {n} is not UTF-8 text") from None
+            lines.append("")  # a line cut short inside a character: dropped below, as a cut JSON line is
     rows: dict[str, dict] = {}
     first: dict[str, tuple[int, str]] = {}  # id -> (line number, text) where it was first written
     dropped = 0

@@ -1,0 +1,100 @@
+"""Resuming a run keys on what made its answers: the items read from --data (and few-shot examples), not
+only the path. An edited data file is a one-line error naming the change; the same data resumes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from qwenkit.cli import main as qwenkit_main
+from qwenkit.evaluate.data import EvalDataError
+from qwenkit.evaluate.runner import Settings, run
+
+CEVAL = Path(__file__).parent / "fixtures" / "ceval"
+
+
+def _gsm8k_file(path: Path, questions: list[str]) -> Path:
+    rows = [{"question": q, "answer": f"work\n#### {n}"} for n, q in enumerate(questions)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_an_edited_data_file_is_not_resumed_into_the_old_run(local, tmp_path):
+    data = _gsm8k_file(tmp_path / "test.jsonl", ["How many?", "How much?", "Why?"])
+    out = tmp_path / "run"
+    settings = Settings(task="gsm8k", data=str(data), limit=2, max_new_tokens=2)
+    first = run(local, settings, out, progress=False)
+    assert first["timing"]["items_run"] == 2 and len(first["record"]["items_sha256"]) == 64
+    # unchanged data: resumed, every sample reused
+    assert run(local, settings, out, progress=False)["timing"]["items_run"] == 0
+    # an item past --limit is edited: the run's items are the same, so it still resumes
+    _gsm8k_file(data, ["How many?", "How much?", "Why not?"])
+    assert run(local, settings, out, progress=False)["timing"]["items_run"] == 0
+    # a question the run asked is edited: refused, and the samples are left as they were
+    samples = (out / "samples.jsonl").read_bytes()
+    _gsm8k_file(data, ["How many?", "How much is it?", "Why not?"])
+    with pytest.raises(EvalDataError) as e:
+        run(local, settings, out, progress=False)
+    assert str(e.value) == (
+        f"{out} holds a run of other items: --data {data} changed since it was written (the questions, "
+        f"answers or few-shot examples differ); use another --output, or delete {out} to start over"
+    )
+    assert (out / "samples.jsonl").read_bytes() == samples
+
+
+def test_an_edited_few_shot_example_is_not_resumed(local, tmp_path):
+    data = tmp_path / "ceval"
+    shutil.copytree(CEVAL, data)
+    out = tmp_path / "run"
+    settings = Settings(task="ceval", data=str(data), subjects=["logic"])
+    run(local, settings, out, progress=False)
+    dev = data / "dev" / "logic_dev.csv"
+    original = dev.read_text(encoding="utf-8")
+    dev.write_text(original.replace("的矛盾命题", "的否定命题"), encoding="utf-8")  # a few-shot example
+    with pytest.raises(EvalDataError, match="holds a run of other items: --data .* changed since"):
+        run(local, settings, out, progress=False)
+    dev.write_text(original, encoding="utf-8")
+    assert run(local, settings, out, progress=False)["timing"]["items_run"] == 0
+
+
+def test_the_cli_says_what_changed_in_one_line(tiny_chat_model, tmp_path, capsys):
+    data = _gsm8k_file(tmp_path / "test.jsonl", ["How many?", "How much?"])
+    out = tmp_path / "run"
+    args = ["eval", str(tiny_chat_model), "--task", "gsm8k", "--data", str(data), "--max-new-tokens", "2"]
+    args += ["--dtype", "float32", "--no-progress", "--output", str(out)]
+    assert qwenkit_main(args) == 0
+    capsys.readouterr()
+    _gsm8k_file(data, ["How few?", "How much?"])
+    assert qwenkit_main(args) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"error: {out} holds a run of other items: --data {data} changed since it was written (the "
+        f"questions, answers or few-shot examples differ); use another --output, or delete {out} to start "
+        "over\n"
+    )
+
+
+def test_a_run_recorded_before_items_were_hashed_still_resumes(local, tmp_path):
+    settings = Settings(task="gsm8k", limit=1, max_new_tokens=2)
+    run(local, settings, tmp_path, progress=False)
+    saved = json.loads((tmp_path / "settings.json").read_text())
+    assert set(saved) >= {"items_sha256", "prompt_template_sha256"}
+    del saved["items_sha256"], saved["prompt_template_sha256"]
+    (tmp_path / "settings.json").write_text(json.dumps(saved))
+    assert run(local, settings, tmp_path, progress=False)["timing"]["items_run"] == 0
+
+
+def test_a_run_made_with_another_prompt_template_is_not_resumed(local, tmp_path):
+    settings = Settings(task="gsm8k", limit=1, max_new_tokens=2)
+    run(local, settings, tmp_path, progress=False)
+    saved = json.loads((tmp_path / "settings.json").read_text())
+    (tmp_path / "settings.json").write_text(json.dumps({**saved, "prompt_template_sha256": "0" * 64}))
+    with pytest.raises(EvalDataError) as e:
+        run(local, settings, tmp_path, progress=False)
+    assert str(e.value) == (
+        f"{tmp_path} holds a run made with another prompt template (another qwenkit version); use another "
+        f"--output, or delete {tmp_path} to start over"
+    )
