@@ -196,10 +196,14 @@ def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict:
         state.check_model(body.model)
-        bad = [t for t in body.tokens if not 0 <= t < llm.config.vocab_size]
-        if bad:
-            raise APIError(400, f"token id {bad[0]} is outside the vocabulary", "tokens")
-        return {"prompt": llm.tokenizer.decode(body.tokens)}
+        # in a worker thread, as /tokenize: 2M ids took the event loop 0.6 s
+        return {"prompt": await asyncio.to_thread(detokenized, body.tokens)}
+
+    def detokenized(tokens: list[int]) -> str:
+        bad = next((i for i, t in enumerate(tokens) if not 0 <= t < llm.config.vocab_size), None)
+        if bad is not None:
+            raise APIError(400, f"token id {tokens[bad]} is outside the vocabulary", f"tokens.{bad}")
+        return llm.tokenizer.decode(tokens)
 
     @app.get("/tokenizer_info")
     async def tokenizer_info() -> dict:

@@ -447,13 +447,17 @@ async def completions(state: ServerState, body: CompletionRequest, request: Requ
     llm = state.llm
     adapter = state.check_model(body.model)
     refuse_unsupported(body)
-    # in a worker thread, as chat's: a long prompt is read while the event loop answers others (/health)
     raw_prompts = body.prompts()
-    prompts = await asyncio.to_thread(lambda: [llm.encode(p) for p in raw_prompts])
+
+    def read(prompt: str | list[int]) -> tuple[list[int], PromptEcho | None]:
+        ids = llm.encode(prompt)
+        return ids, PromptEcho.of(llm, prompt, ids) if body.echo else None  # echoed ids are decoded
+
+    # in a worker thread, as chat's: a long prompt is read while the event loop answers others (/health)
+    prompts = await asyncio.to_thread(lambda: [read(p) for p in raw_prompts])
     wants_logprobs = body.logprobs is not None
     choices: list[Choice] = []
-    for raw_prompt, prompt_ids in zip(raw_prompts, prompts, strict=True):
-        echo = PromptEcho.of(llm, raw_prompt, prompt_ids) if body.echo else None
+    for prompt_ids, echo in prompts:
         extra = {
             "logprobs": body.logprobs,
             "prompt_logprobs": body.logprobs if (body.echo and wants_logprobs) else None,
