@@ -85,7 +85,7 @@ def test_bad_json_and_wrong_shapes(server):
         "the body must be a JSON object sent as Content-Type: application/json; this one came as text/plain"
     )
     r = httpx.post(server.url + "/v1/completions", json={"prompt": [[]]})
-    assert r.status_code == 400 and error_of(r)["param"] == "prompt"
+    assert r.status_code == 400 and error_of(r)["param"] == "prompt.0"
     r = httpx.post(server.url + "/v1/completions", json={"prompt": [10**9]})
     assert r.status_code == 400 and "outside the vocabulary" in error_of(r)["message"]
     assert httpx.get(server.url + "/v1/nothing").status_code == 404

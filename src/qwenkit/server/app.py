@@ -202,7 +202,8 @@ def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
     def detokenized(tokens: list[int]) -> str:
         bad = next((i for i, t in enumerate(tokens) if not 0 <= t < llm.config.vocab_size), None)
         if bad is not None:
-            raise APIError(400, f"token id {tokens[bad]} is outside the vocabulary", f"tokens.{bad}")
+            vocabulary = f"outside the vocabulary (0..{llm.config.vocab_size - 1})"
+            raise APIError(400, f"token id {tokens[bad]} is {vocabulary}", f"tokens.{bad}", "invalid_value")
         return llm.tokenizer.decode(tokens)
 
     @app.get("/tokenizer_info")

@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 
 _TICK = object()  # queued by Run.deltas' timer: time to check the deadlines
+# the first word of an engine's refusal of a request (Engine.validate), and the request field it is about
+_ENGINE_FIELDS = {"prompt": "prompt", "stop": "stop_token_ids", "logit_bias": "logit_bias"}
 
 
 @dataclass
@@ -96,7 +98,16 @@ class Run:
                     self.state.active += 1
         except SamplingParamsError as e:
             self.abort()
-            raise APIError(400, str(e), None, "invalid_value") from None
+            raise APIError(400, str(e), self._param(str(e), choice), "invalid_value") from None
+
+    def _param(self, message: str, choice: Choice) -> str | None:
+        """The request field an engine refusal names ("prompt token id 7 is outside ..."); with several
+        prompts, which one (prompt.1)."""
+        param = _ENGINE_FIELDS.get(message.split(" ", 1)[0])
+        prompts = list({id(c.prompt_ids): c.prompt_ids for c in self.choices}.values())
+        if param == "prompt" and len(prompts) > 1:
+            return f"prompt.{next(i for i, p in enumerate(prompts) if p is choice.prompt_ids)}"
+        return param
 
     def abort(self) -> None:
         """Stop every unfinished choice (client gone, timeout, error); their KV blocks are freed."""

@@ -84,6 +84,9 @@ def install_handlers(app) -> None:
             kind = request.headers.get("content-type", "")
             if "json" not in kind.lower():  # FastAPI reads no other type (curl -d sends a form's)
                 message += f" sent as Content-Type: application/json; this one came as {kind or 'no type'}"
+        elif "param" in (first.get("ctx") or {}):  # schemas.invalid: the message shows the value
+            param = first["ctx"]["param"]
+            message = f"{param}: {first['msg']}"
         else:
             param = ".".join(loc) or None
             message = f"{param or 'body'}: {first.get('msg', 'invalid value')}"

@@ -241,8 +241,9 @@ def chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
         return ChatCompletionRequest.model_validate(chat)
     except ValidationError as e:
         first = e.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"])
-        param = _PARAMS.get(str(first["loc"][0]), str(first["loc"][0])) if first["loc"] else None
+        named = (first.get("ctx") or {}).get("param")  # schemas.invalid names the part at fault
+        loc = named or ".".join(str(p) for p in first["loc"])
+        param = _PARAMS.get(str(first["loc"][0]), named or str(first["loc"][0])) if first["loc"] else None
         raise APIError(400, f"{loc}: {first['msg']}", param, "invalid_value") from None
 
 
