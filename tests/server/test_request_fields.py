@@ -224,3 +224,14 @@ def test_a_prompt_of_2m_token_ids_is_validated_in_one_pass():
     took = time.perf_counter() - start
     assert body.prompts() == [ids]
     assert took < 0.4, f"validating 2M token ids took {took:.2f} s"
+
+
+def test_detokenize_gives_embedding_padding_ids_no_text(server, chat_llm):
+    """The model's vocabulary (151,936 rows) is larger than the tokenizer's (151,669); a completion's
+    text gives a padding id no text, and /detokenize of the same ids was a 400 "unknown token id"."""
+    padding = chat_llm.tokenizer.vocab_size
+    assert padding < chat_llm.config.vocab_size
+    r = httpx.post(
+        server.url + "/detokenize", json={"tokens": [9707, padding, 1879, chat_llm.config.vocab_size - 1]}
+    )
+    assert r.status_code == 200 and r.json() == {"prompt": "Hello world"}
