@@ -166,6 +166,24 @@ class ChatMessage(_Lenient):
     tool_call_id: str | None = None
     reasoning_content: str | None = None
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts(cls, value: Any) -> Any:
+        # the union's own error said "Input should be a valid string" of an image part or a part missing
+        # its text; the part at fault is named instead
+        if isinstance(value, list):
+            for i, part in enumerate(value):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind != "text":
+                    got = f"a part of type {shown(kind)}" if isinstance(part, dict) else shown(part)
+                    message = f'only text parts are supported ({{"type": "text", "text": ...}}), got {got}'
+                    raise invalid(f"content.{i}", message)
+                if not isinstance(part.get("text"), str):
+                    raise invalid(
+                        f"content.{i}.text", f"a text part's text is a string, got {shown(part.get('text'))}"
+                    )
+        return value
+
     def as_template_message(self) -> dict[str, Any]:
         """The dict the chat template renders; text parts are joined, ``developer`` is ``system``."""
         content = self.content
