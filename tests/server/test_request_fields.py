@@ -235,3 +235,15 @@ def test_detokenize_gives_embedding_padding_ids_no_text(server, chat_llm):
         server.url + "/detokenize", json={"tokens": [9707, padding, 1879, chat_llm.config.vocab_size - 1]}
     )
     assert r.status_code == 200 and r.json() == {"prompt": "Hello world"}
+
+
+def test_a_too_long_prompt_of_a_batch_is_named_by_its_index(server):
+    """lm-eval batches prompts: the one past the context was a 400 naming just "prompt"."""
+    r = post(server, COMPLETIONS, {"prompt": ["hello", "hello " * 9000, "hi"], "max_tokens": 2})
+    error = r.json()["error"]
+    assert (
+        r.status_code == 400 and error["param"] == "prompt.1" and error["code"] == "context_length_exceeded"
+    )
+    assert "However, your prompt has 9001 tokens" in error["message"]
+    r = post(server, COMPLETIONS, {"prompt": "hello " * 9000, "max_tokens": 2})
+    assert r.json()["error"]["param"] == "prompt"

@@ -468,13 +468,18 @@ async def completions(state: ServerState, body: CompletionRequest, request: Requ
     prompts = await asyncio.to_thread(lambda: [read(p) for p in raw_prompts])
     wants_logprobs = body.logprobs is not None
     choices: list[Choice] = []
-    for prompt_ids, echo in prompts:
+    for k, (prompt_ids, echo) in enumerate(prompts):
         extra = {
             "logprobs": body.logprobs,
             "prompt_logprobs": body.logprobs if (body.echo and wants_logprobs) else None,
             "adapter": adapter,
         }
-        params = sampling_params(llm, body, len(prompt_ids), 16, **extra)
+        try:
+            params = sampling_params(llm, body, len(prompt_ids), 16, **extra)
+        except APIError as e:
+            if e.param == "prompt" and len(prompts) > 1:  # which of the batch's prompts is too long
+                e.param = f"prompt.{k}"
+            raise
         for p in choice_params(params, body.n):
             choices.append(Choice(len(choices), prompt_ids, p, echo=echo))
     run = Run(state, choices)
