@@ -247,3 +247,15 @@ def test_a_too_long_prompt_of_a_batch_is_named_by_its_index(server):
     assert "However, your prompt has 9001 tokens" in error["message"]
     r = post(server, COMPLETIONS, {"prompt": "hello " * 9000, "max_tokens": 2})
     assert r.json()["error"]["param"] == "prompt"
+
+
+def test_an_echoed_token_prompt_with_an_embedding_padding_id(server, chat_llm):
+    """The id runs (it is in the model's vocabulary) and, echoed, has no text: echo was a 400
+    "unknown token id" for the prompt that ran without it."""
+    padding = chat_llm.tokenizer.vocab_size
+    body = {"prompt": [9707, padding, 1879], "max_tokens": 1, "temperature": 0}
+    plain = post(server, COMPLETIONS, body).json()["choices"][0]["text"]
+    echoed = post(server, COMPLETIONS, {**body, "echo": True, "logprobs": 0}).json()["choices"][0]
+    assert echoed["text"] == "Hello world" + plain
+    assert echoed["logprobs"]["tokens"][:3] == ["Hello", "", " world"]
+    assert echoed["logprobs"]["text_offset"][:4] == [0, 5, 5, 11]

@@ -22,6 +22,7 @@ from qwenkit.server import adapters as adapter_routes
 from qwenkit.server import completions as routes
 from qwenkit.server import responses as responses_route
 from qwenkit.server.errors import APIError, BodyTooLarge, error_response, install_handlers
+from qwenkit.server.logprobs import decoded
 from qwenkit.server.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -204,10 +205,7 @@ def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
         if bad is not None:
             vocabulary = f"outside the vocabulary (0..{llm.config.vocab_size - 1})"
             raise APIError(400, f"token id {tokens[bad]} is {vocabulary}", f"tokens.{bad}", "invalid_value")
-        # the model's embedding padding past the tokenizer (Qwen: 151,936 rows for 151,669 tokens) has no
-        # text, as in a completion's text and transformers' decode: a generated one is no 400 here
-        known = llm.tokenizer.vocab_size
-        return llm.tokenizer.decode([t for t in tokens if t < known])
+        return decoded(llm, tokens)  # a generated embedding-padding id is no 400: it has no text
 
     @app.get("/tokenizer_info")
     async def tokenizer_info() -> dict:
