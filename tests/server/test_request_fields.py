@@ -259,3 +259,21 @@ def test_an_echoed_token_prompt_with_an_embedding_padding_id(server, chat_llm):
     assert echoed["text"] == "Hello world" + plain
     assert echoed["logprobs"]["tokens"][:3] == ["Hello", "", " world"]
     assert echoed["logprobs"]["text_offset"][:4] == [0, 5, 5, 11]
+
+
+@pytest.mark.parametrize(
+    ("path", "raw", "param"),
+    [
+        (COMPLETIONS, '{"prompt": ["ok", "a\\ud800b"], "max_tokens": 2}', "prompt.1"),
+        (COMPLETIONS, '{"prompt": "a\\ud800b", "max_tokens": 2}', "prompt"),
+        ("/tokenize", '{"prompt": "a\\ud800b"}', "prompt"),
+    ],
+)
+def test_a_prompt_that_is_not_valid_unicode_is_named(server, path, raw, param):
+    """A JSON escape of a lone surrogate is valid JSON but no text; the 400 named no field."""
+    r = httpx.post(server.url + path, content=raw.encode(), headers={"content-type": "application/json"})
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["param"] == param
+    assert error["message"].startswith(
+        "the text is not valid Unicode: a lone surrogate '\\ud800' at position 1"
+    )

@@ -33,6 +33,7 @@ from qwenkit.server.schemas import (
     UnloadLoRAAdapterRequest,
 )
 from qwenkit.server.state import ServerConfig, ServerState
+from qwenkit.tokenizer import TokenizerError
 
 STATIC_DIR = Path(__file__).parent / "static"
 # The page loads ES modules, which browsers refuse unless served as JavaScript; some systems' MIME tables
@@ -190,9 +191,12 @@ def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
     def tokenized(body: TokenizeRequest) -> list[int]:
         if body.messages is not None:  # the prompt a chat request with these fields gets (its own BOS)
             return routes.chat_prompt(llm, body.as_chat_request())
-        if body.add_special_tokens:  # what /v1/completions gives the text (vLLM's default too)
-            return llm.tokenizer.encode_prompt(body.prompt)
-        return llm.tokenizer.encode(body.prompt)
+        try:
+            if body.add_special_tokens:  # what /v1/completions gives the text (vLLM's default too)
+                return llm.tokenizer.encode_prompt(body.prompt)
+            return llm.tokenizer.encode(body.prompt)
+        except TokenizerError as e:  # text that is not valid Unicode (a lone surrogate)
+            raise APIError(400, str(e), "prompt", "invalid_value") from None
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict:

@@ -28,6 +28,7 @@ from qwenkit.server.request_params import choice_params, refuse_unsupported, sam
 from qwenkit.server.schemas import ChatCompletionRequest, CompletionRequest
 from qwenkit.server.state import ServerState
 from qwenkit.server.tool_use import ToolParser, ToolPlan, plan_tools, react_functions
+from qwenkit.tokenizer import TokenizerError
 from qwenkit.tools.calls import ToolSpecError
 from qwenkit.tools.template_style import template_style
 
@@ -460,12 +461,16 @@ async def completions(state: ServerState, body: CompletionRequest, request: Requ
     refuse_unsupported(body)
     raw_prompts = body.prompts()
 
-    def read(prompt: str | list[int]) -> tuple[list[int], PromptEcho | None]:
-        ids = llm.encode(prompt)
+    def read(k: int, prompt: str | list[int]) -> tuple[list[int], PromptEcho | None]:
+        try:
+            ids = llm.encode(prompt)
+        except TokenizerError as e:  # text that is not valid Unicode (a lone surrogate)
+            param = "prompt" if len(raw_prompts) == 1 else f"prompt.{k}"
+            raise APIError(400, str(e), param, "invalid_value") from None
         return ids, PromptEcho.of(llm, prompt, ids) if body.echo else None  # echoed ids are decoded
 
     # in a worker thread, as chat's: a long prompt is read while the event loop answers others (/health)
-    prompts = await asyncio.to_thread(lambda: [read(p) for p in raw_prompts])
+    prompts = await asyncio.to_thread(lambda: [read(k, p) for k, p in enumerate(raw_prompts)])
     wants_logprobs = body.logprobs is not None
     choices: list[Choice] = []
     for k, (prompt_ids, echo) in enumerate(prompts):
