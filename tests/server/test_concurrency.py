@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 
@@ -92,34 +93,48 @@ def test_cancelled_streams_free_everything(server):
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
 
 
-def health_while(server, path: str, payload: dict) -> tuple[float, float, httpx.Response]:
-    """Post ``payload`` to ``path`` while /health is probed: (seconds the post took, longest /health
-    answer meanwhile, the post's response)."""
+def health_while(server, path: str, payload: dict | bytes) -> tuple[float, float, httpx.Response]:
+    """Post ``payload`` (a body, or its JSON already written) to ``path`` while /health is probed:
+    (seconds the post took, longest wait between /health answers meanwhile, the post's response).
+
+    The server runs in this process, so a call that holds the interpreter stops the prober too: the gap
+    between answers counts such a stop wherever the prober was (timing each request alone missed one that
+    fell in its sleep)."""
     import threading
 
     waits: list[float] = []
     done = threading.Event()
 
     def probe() -> None:
+        last = time.perf_counter()
         while not done.is_set():
-            start = time.perf_counter()
             httpx.get(server.url + "/health", timeout=120)
-            waits.append(time.perf_counter() - start)
+            now = time.perf_counter()
+            waits.append(now - last)
+            last = now
             time.sleep(0.02)
 
     prober = threading.Thread(target=probe)
     prober.start()
     time.sleep(0.2)
     start = time.perf_counter()
-    r = httpx.post(server.url + path, json=payload, timeout=120)
+    if isinstance(payload, bytes):
+        r = httpx.post(server.url + path, content=payload, headers=JSON, timeout=120)
+    else:
+        r = httpx.post(server.url + path, json=payload, timeout=120)
     took = time.perf_counter() - start
     done.set()
     prober.join()
     return took, max(waits), r
 
 
+JSON = {"content-type": "application/json"}
 LONG_TEXT = "hello world, this is a fairly ordinary sentence. " * 40_000  # 2 MB: 400,001 tokens
 LONG_CHAT = [{"role": "user", "content": LONG_TEXT}]
+# 2 MB of text that holds control-token text, read as plain text (the tokens' text, not the tokens)
+THINK_TEXT = "hello <think> world, this is a sentence. " * 50_000  # 550,001 tokens
+# 2M token ids, written as JSON once (so the client's own serializing is not timed)
+MANY_IDS = json.dumps({"tokens": [9707, 1879, 11, 419, 374] * 400_000}).encode()
 
 
 @pytest.mark.parametrize(
@@ -128,12 +143,18 @@ LONG_CHAT = [{"role": "user", "content": LONG_TEXT}]
         ("/tokenize", {"prompt": LONG_TEXT}, 200, '"count":400001,'),
         ("/tokenize", {"messages": LONG_CHAT}, 200, '"count":400009,'),
         (CHAT, {"messages": LONG_CHAT}, 400, "your prompt has 400009 tokens"),
+        ("/tokenize", {"prompt": THINK_TEXT}, 200, '"count":550001,'),
+        ("/v1/completions", {"prompt": THINK_TEXT}, 400, "your prompt has 550001 tokens"),
+        ("/detokenize", MANY_IDS, 200, '{"prompt":"Hello world, this is'),
     ],
+    ids=["tokenize", "tokenize-messages", "chat", "tokenize-think", "completions-think", "detokenize"],
 )
 def test_a_long_prompt_leaves_health_answering(server, path, payload, status, words):
     """/tokenize read its text on the event loop, and a rendered chat prompt was encoded by a call that
-    held the interpreter: for the seconds a 2 MB prompt took, /health (and every stream) waited. Prompts
-    are read in a worker thread that lets the loop run."""
+    held the interpreter: for the seconds a 2 MB prompt took, /health (and every stream) waited. Text
+    holding control-token text ("<think>") was read, as plain text, by calls that held it too, and
+    /detokenize decoded on the loop. Prompts are read, and ids decoded, in a worker thread that lets the
+    loop run."""
     took, longest, r = health_while(server, path, payload)
     assert r.status_code == status and words in r.text
     # held, the loop answered nothing until the prompt was read: most of the time the request took

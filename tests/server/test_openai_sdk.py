@@ -79,6 +79,39 @@ def test_stop_strings_cut_text(client):
     assert streamed == full[: full.index(stop)]
 
 
+@pytest.mark.parametrize(
+    ("stop", "param"), [("", "stop"), (["\n", ""], "stop.1")], ids=["empty", "empty-in-a-list"]
+)
+def test_an_empty_stop_string_is_a_400_naming_it(client, stop, param):
+    """An empty stop string was dropped and the request answered as if it had none; vLLM refuses it."""
+    for create, field in (
+        (client.chat.completions.create, "messages"),
+        (client.completions.create, "prompt"),
+    ):
+        given = MESSAGES if field == "messages" else "Hello"
+        with pytest.raises(openai.BadRequestError) as e:
+            create(model="tiny", **{field: given}, max_tokens=4, stop=stop)
+        assert e.value.status_code == 400 and e.value.param == param
+        assert e.value.body["message"] == f"{param}: a stop sequence cannot be empty"
+
+
+@pytest.mark.parametrize(
+    ("prompt", "param", "words"),
+    [
+        ([9707, 1.0], "prompt.1", "a token id is an integer >= 0, got 1.0"),  # ran as token 1
+        ([True, 9707], "prompt.0", "a token id is an integer >= 0, got true"),  # ran as token 1
+        ([9707, -1], "prompt.1", "a token id is an integer >= 0, got -1"),
+        ([[9707], [11, 2.0]], "prompt.1.1", "a token id is an integer >= 0, got 2.0"),
+        ([[9707], [11, 10**6]], "prompt.1", "prompt token id 1000000 is outside the vocabulary (0..151935)"),
+        (["Hello", 9707], "prompt.1", "expected a string, as prompt.0 is, got 9707"),
+    ],
+)
+def test_token_id_prompts_are_strict(client, prompt, param, words):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt=prompt, max_tokens=2)
+    assert e.value.status_code == 400 and e.value.param == param and words in e.value.body["message"]
+
+
 def test_chat_logprobs_are_the_models(client, chat_llm):
     r = client.chat.completions.create(
         model="tiny", messages=MESSAGES, max_tokens=4, temperature=0, logprobs=True, top_logprobs=3

@@ -30,6 +30,17 @@ def error_of(response: httpx.Response) -> dict:
         ({"messages": [{"content": "hi"}]}, "messages.0.role", "Field required"),
         ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role", "Input should be"),
         ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content", "valid string"),
+        # an image part, or a text part without its text, was "Input should be a valid string"
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+            "messages.0.content.0",
+            'only text parts are supported ({"type": "text", "text": ...}), got a part of type "image_url"',
+        ),
+        (
+            {"messages": [*HELLO, {"role": "user", "content": [{"type": "text"}]}]},
+            "messages.1.content.0.text",
+            "a text part's text is a string, got null",
+        ),
         ({"messages": HELLO, "top_logprobs": 50}, "top_logprobs", "less than or equal to 20"),
         ({"messages": HELLO, "top_logprobs": 3}, "top_logprobs", "`logprobs` must be set to true"),
         ({"messages": HELLO, "logprobs": False, "top_logprobs": 1}, "top_logprobs", "`logprobs` must be"),
@@ -85,7 +96,7 @@ def test_bad_json_and_wrong_shapes(server):
         "the body must be a JSON object sent as Content-Type: application/json; this one came as text/plain"
     )
     r = httpx.post(server.url + "/v1/completions", json={"prompt": [[]]})
-    assert r.status_code == 400 and error_of(r)["param"] == "prompt"
+    assert r.status_code == 400 and error_of(r)["param"] == "prompt.0"
     r = httpx.post(server.url + "/v1/completions", json={"prompt": [10**9]})
     assert r.status_code == 400 and "outside the vocabulary" in error_of(r)["message"]
     assert httpx.get(server.url + "/v1/nothing").status_code == 404

@@ -68,9 +68,37 @@ def test_null_means_the_default(server):
         (
             CHAT,
             {"logit_bias": {"5": 1000}},
-            "logit_bias",
+            "logit_bias.5",
             "values must be in [-100, 100], got 1000.0 for token 5",
         ),
+        # int() took these as token ids: " 5" and "٣" (an Arabic-Indic 3) ran as 5 and 3, "²" was a 500
+        (CHAT, {"logit_bias": {" 5": 1}}, "logit_bias", "keys must be token ids, got ' 5'"),
+        (CHAT, {"logit_bias": {"\u0663": 1}}, "logit_bias", "keys must be token ids, got '\u0663'"),
+        (CHAT, {"logit_bias": {"\u00b2": 1}}, "logit_bias", "keys must be token ids, got '\u00b2'"),
+        (CHAT, {"logit_bias": {"05": 1, "5": -1}}, "logit_bias", "keys '05' and '5' name the same token"),
+        (CHAT, {"logit_bias": {"5": True}}, "logit_bias.5", "a bias is a number, got true"),  # ran as 1
+        (CHAT, {"logit_bias": {"5": "50"}}, "logit_bias.5", 'a bias is a number, got "50"'),
+        (
+            COMPLETIONS,
+            {"logit_bias": {"151936": 1}},
+            "logit_bias",
+            "logit_bias token id 151936 is outside the vocabulary (0..151935)",
+        ),
+        (CHAT, {"stop_token_ids": [151645, 1.0]}, "stop_token_ids.1", "valid integer"),  # ran as 1
+        (CHAT, {"stop_token_ids": [True]}, "stop_token_ids.0", "valid integer"),
+        (CHAT, {"stop_token_ids": [-1]}, "stop_token_ids.0", "greater than or equal to 0"),
+        (
+            CHAT,
+            {"stop_token_ids": [10**6]},
+            "stop_token_ids",
+            "stop token id 1000000 is outside the vocabulary (0..151935)",
+        ),
+        (COMPLETIONS, {"stop": ["a", 5]}, "stop.1", "a stop sequence is a string, got 5"),
+        ("/detokenize", {"tokens": [9707, 1.0]}, "tokens.1", "valid integer"),
+        ("/detokenize", {"tokens": [False]}, "tokens.0", "valid integer"),
+        ("/detokenize", {"tokens": [-1]}, "tokens.0", "greater than or equal to 0"),
+        ("/detokenize", {"tokens": [1, 10**6]}, "tokens.1", "token id 1000000 is outside the vocabulary"),
+        (COMPLETIONS, {"prompt": ""}, "prompt", "the prompt is empty"),
         (
             CHAT,
             {"functions": [{"name": "f"}]},
@@ -88,7 +116,7 @@ def test_null_means_the_default(server):
     ],
 )
 def test_a_wrong_type_or_unsupported_field_is_a_400_naming_it(server, path, fields, param, words):
-    body = {"messages": HELLO} if path != COMPLETIONS else {"prompt": "hello"}
+    body = {"messages": HELLO} if path == CHAT else {"prompt": "hello"} if path == COMPLETIONS else {}
     r = post(server, path, {**body, "max_tokens": 2, **fields})
     error = r.json()["error"]
     assert r.status_code == 400 and error["param"] == param and words in error["message"], error
@@ -181,3 +209,71 @@ def test_system_fingerprint_tells_another_dtype_or_weights_apart(chat_llm, tiny_
     with torch.no_grad():
         same.model.model.norm.weight.add_(1.0)
     assert prints[0] == prints[1] and len({*prints, model_fingerprint(same)}) == 3
+
+
+def test_a_prompt_of_2m_token_ids_is_validated_in_one_pass():
+    """The body is validated on the event loop: pydantic tried the prompt's union member by member, each
+    over every id (list[str] failing 2M times), 1.1 s of the loop; a checked list is taken as it is."""
+    import time
+
+    from qwenkit.server.schemas import CompletionRequest
+
+    ids = [9707, 1879, 11, 419, 374] * 400_000
+    start = time.perf_counter()
+    body = CompletionRequest.model_validate({"prompt": ids})
+    took = time.perf_counter() - start
+    assert body.prompts() == [ids]
+    assert took < 0.4, f"validating 2M token ids took {took:.2f} s"
+
+
+def test_detokenize_gives_embedding_padding_ids_no_text(server, chat_llm):
+    """The model's vocabulary (151,936 rows) is larger than the tokenizer's (151,669); a completion's
+    text gives a padding id no text, and /detokenize of the same ids was a 400 "unknown token id"."""
+    padding = chat_llm.tokenizer.vocab_size
+    assert padding < chat_llm.config.vocab_size
+    r = httpx.post(
+        server.url + "/detokenize", json={"tokens": [9707, padding, 1879, chat_llm.config.vocab_size - 1]}
+    )
+    assert r.status_code == 200 and r.json() == {"prompt": "Hello world"}
+
+
+def test_a_too_long_prompt_of_a_batch_is_named_by_its_index(server):
+    """lm-eval batches prompts: the one past the context was a 400 naming just "prompt"."""
+    r = post(server, COMPLETIONS, {"prompt": ["hello", "hello " * 9000, "hi"], "max_tokens": 2})
+    error = r.json()["error"]
+    assert (
+        r.status_code == 400 and error["param"] == "prompt.1" and error["code"] == "context_length_exceeded"
+    )
+    assert "However, your prompt has 9001 tokens" in error["message"]
+    r = post(server, COMPLETIONS, {"prompt": "hello " * 9000, "max_tokens": 2})
+    assert r.json()["error"]["param"] == "prompt"
+
+
+def test_an_echoed_token_prompt_with_an_embedding_padding_id(server, chat_llm):
+    """The id runs (it is in the model's vocabulary) and, echoed, has no text: echo was a 400
+    "unknown token id" for the prompt that ran without it."""
+    padding = chat_llm.tokenizer.vocab_size
+    body = {"prompt": [9707, padding, 1879], "max_tokens": 1, "temperature": 0}
+    plain = post(server, COMPLETIONS, body).json()["choices"][0]["text"]
+    echoed = post(server, COMPLETIONS, {**body, "echo": True, "logprobs": 0}).json()["choices"][0]
+    assert echoed["text"] == "Hello world" + plain
+    assert echoed["logprobs"]["tokens"][:3] == ["Hello", "", " world"]
+    assert echoed["logprobs"]["text_offset"][:4] == [0, 5, 5, 11]
+
+
+@pytest.mark.parametrize(
+    ("path", "raw", "param"),
+    [
+        (COMPLETIONS, '{"prompt": ["ok", "a\\ud800b"], "max_tokens": 2}', "prompt.1"),
+        (COMPLETIONS, '{"prompt": "a\\ud800b", "max_tokens": 2}', "prompt"),
+        ("/tokenize", '{"prompt": "a\\ud800b"}', "prompt"),
+    ],
+)
+def test_a_prompt_that_is_not_valid_unicode_is_named(server, path, raw, param):
+    """A JSON escape of a lone surrogate is valid JSON but no text; the 400 named no field."""
+    r = httpx.post(server.url + path, content=raw.encode(), headers={"content-type": "application/json"})
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["param"] == param
+    assert error["message"].startswith(
+        "the text is not valid Unicode: a lone surrogate '\\ud800' at position 1"
+    )

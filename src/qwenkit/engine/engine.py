@@ -156,10 +156,14 @@ class Engine:
             )
         bad = [t for t in params.stop_token_ids if not 0 <= t < self.vocab_size]
         if bad:
-            raise SamplingParamsError(f"stop token id {bad[0]} is outside the vocabulary")
+            raise SamplingParamsError(
+                f"stop token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})"
+            )
         bad = [t for t, _ in params.logit_bias if not 0 <= t < self.vocab_size]
         if bad:
-            raise SamplingParamsError(f"logit_bias token id {bad[0]} is outside the vocabulary")
+            raise SamplingParamsError(
+                f"logit_bias token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})"
+            )
         if params.grammar is not None and self.grammar_compiler is None:
             raise SamplingParamsError("constrained decoding (a grammar) is not enabled on this engine")
         self._adapter_slot(params.adapter)

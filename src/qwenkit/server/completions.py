@@ -28,6 +28,7 @@ from qwenkit.server.request_params import choice_params, refuse_unsupported, sam
 from qwenkit.server.schemas import ChatCompletionRequest, CompletionRequest
 from qwenkit.server.state import ServerState
 from qwenkit.server.tool_use import ToolParser, ToolPlan, plan_tools, react_functions
+from qwenkit.tokenizer import TokenizerError
 from qwenkit.tools.calls import ToolSpecError
 from qwenkit.tools.template_style import template_style
 
@@ -38,6 +39,8 @@ log = logging.getLogger(__name__)
 
 
 _TICK = object()  # queued by Run.deltas' timer: time to check the deadlines
+# the first word of an engine's refusal of a request (Engine.validate), and the request field it is about
+_ENGINE_FIELDS = {"prompt": "prompt", "stop": "stop_token_ids", "logit_bias": "logit_bias"}
 
 
 @dataclass
@@ -96,7 +99,16 @@ class Run:
                     self.state.active += 1
         except SamplingParamsError as e:
             self.abort()
-            raise APIError(400, str(e), None, "invalid_value") from None
+            raise APIError(400, str(e), self._param(str(e), choice), "invalid_value") from None
+
+    def _param(self, message: str, choice: Choice) -> str | None:
+        """The request field an engine refusal names ("prompt token id 7 is outside ..."); with several
+        prompts, which one (prompt.1)."""
+        param = _ENGINE_FIELDS.get(message.split(" ", 1)[0])
+        prompts = list({id(c.prompt_ids): c.prompt_ids for c in self.choices}.values())
+        if param == "prompt" and len(prompts) > 1:
+            return f"prompt.{next(i for i, p in enumerate(prompts) if p is choice.prompt_ids)}"
+        return param
 
     def abort(self) -> None:
         """Stop every unfinished choice (client gone, timeout, error); their KV blocks are freed."""
@@ -447,19 +459,32 @@ async def completions(state: ServerState, body: CompletionRequest, request: Requ
     llm = state.llm
     adapter = state.check_model(body.model)
     refuse_unsupported(body)
-    # in a worker thread, as chat's: a long prompt is read while the event loop answers others (/health)
     raw_prompts = body.prompts()
-    prompts = await asyncio.to_thread(lambda: [llm.encode(p) for p in raw_prompts])
+
+    def read(k: int, prompt: str | list[int]) -> tuple[list[int], PromptEcho | None]:
+        try:
+            ids = llm.encode(prompt)
+        except TokenizerError as e:  # text that is not valid Unicode (a lone surrogate)
+            param = "prompt" if len(raw_prompts) == 1 else f"prompt.{k}"
+            raise APIError(400, str(e), param, "invalid_value") from None
+        return ids, PromptEcho.of(llm, prompt, ids) if body.echo else None  # echoed ids are decoded
+
+    # in a worker thread, as chat's: a long prompt is read while the event loop answers others (/health)
+    prompts = await asyncio.to_thread(lambda: [read(k, p) for k, p in enumerate(raw_prompts)])
     wants_logprobs = body.logprobs is not None
     choices: list[Choice] = []
-    for raw_prompt, prompt_ids in zip(raw_prompts, prompts, strict=True):
-        echo = PromptEcho.of(llm, raw_prompt, prompt_ids) if body.echo else None
+    for k, (prompt_ids, echo) in enumerate(prompts):
         extra = {
             "logprobs": body.logprobs,
             "prompt_logprobs": body.logprobs if (body.echo and wants_logprobs) else None,
             "adapter": adapter,
         }
-        params = sampling_params(llm, body, len(prompt_ids), 16, **extra)
+        try:
+            params = sampling_params(llm, body, len(prompt_ids), 16, **extra)
+        except APIError as e:
+            if e.param == "prompt" and len(prompts) > 1:  # which of the batch's prompts is too long
+                e.param = f"prompt.{k}"
+            raise
         for p in choice_params(params, body.n):
             choices.append(Choice(len(choices), prompt_ids, p, echo=echo))
     run = Run(state, choices)

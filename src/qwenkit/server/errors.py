@@ -84,6 +84,9 @@ def install_handlers(app) -> None:
             kind = request.headers.get("content-type", "")
             if "json" not in kind.lower():  # FastAPI reads no other type (curl -d sends a form's)
                 message += f" sent as Content-Type: application/json; this one came as {kind or 'no type'}"
+        elif "param" in (first.get("ctx") or {}):  # schemas.invalid: the message shows the value
+            param = named_param(first)
+            message = f"{param}: {first['msg']}"
         else:
             param = ".".join(loc) or None
             message = f"{param or 'body'}: {first.get('msg', 'invalid value')}"
@@ -109,6 +112,16 @@ def install_handlers(app) -> None:
     async def _bug(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error in %s", request.url.path)
         return JSONResponse(error_body(500, f"internal error: {type(exc).__name__}"), 500)
+
+
+def named_param(error: dict) -> str | None:
+    """The path a ``schemas.invalid`` error names (``stop.1``; ``messages.0.content.1.type`` where the
+    field is a nested model's), or None for pydantic's own errors."""
+    param = (error.get("ctx") or {}).get("param")
+    if param is None:
+        return None
+    parent = [str(p) for p in error.get("loc", ())[:-1] if p != "body" and not _is_type_tag(p)]
+    return ".".join([*parent, param])
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "null"}

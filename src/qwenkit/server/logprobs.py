@@ -25,7 +25,7 @@ class PromptEcho:
         if isinstance(prompt, str):
             before, after = llm.tokenizer.sequence_special_ids
             return cls(prompt, len(before), len(after))
-        return cls(llm.tokenizer.decode(prompt_ids))
+        return cls(decoded(llm, prompt_ids))
 
     def shown(self, n_tokens: int) -> list[bool]:
         """Per prompt token: does it take room in ``text``."""
@@ -39,6 +39,13 @@ def token_bytes(llm: LLM, token_id: int) -> bytes:
     if not 0 <= token_id < llm.tokenizer.vocab_size:
         return b""
     return llm.tokenizer.token_bytes(token_id)
+
+
+def decoded(llm: LLM, token_ids: list[int]) -> str:
+    """The text of ids (an echoed prompt, /detokenize's): embedding-padding ids have none, as in a
+    completion's text and transformers' decode."""
+    known = llm.tokenizer.vocab_size
+    return llm.tokenizer.decode([t for t in token_ids if t < known])
 
 
 def token_text(llm: LLM, token_id: int) -> str:

@@ -33,7 +33,7 @@ from qwenkit.server.completions import (
     start_chat,
     streaming_response,
 )
-from qwenkit.server.errors import APIError
+from qwenkit.server.errors import APIError, named_param
 from qwenkit.server.request_params import VLLM_FIELDS
 from qwenkit.server.schemas import ChatCompletionRequest, ResponsesRequest
 from qwenkit.server.state import ServerState
@@ -241,8 +241,9 @@ def chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
         return ChatCompletionRequest.model_validate(chat)
     except ValidationError as e:
         first = e.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"])
-        param = _PARAMS.get(str(first["loc"][0]), str(first["loc"][0])) if first["loc"] else None
+        named = named_param(first)  # schemas.invalid names the part at fault
+        loc = named or ".".join(str(p) for p in first["loc"])
+        param = _PARAMS.get(str(first["loc"][0]), named or str(first["loc"][0])) if first["loc"] else None
         raise APIError(400, f"{loc}: {first['msg']}", param, "invalid_value") from None
 
 

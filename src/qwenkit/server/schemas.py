@@ -6,12 +6,47 @@ Unknown fields are accepted and ignored (clients send extras: qwen-agent's ``ext
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import json
+import math
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 MAX_N = 16
 MAX_STOP = 16
+_TOKEN_KEY = re.compile(r"[0-9]+")  # ASCII digits only: int() also takes " 5", "+5", "5_0" and "٣"
+
+
+def invalid(param: str, message: str) -> PydanticCustomError:
+    """A validation error naming the part of a field at fault (``stop.1``, ``prompt.0.3``): the error
+    handler makes it a 400 whose param is that path."""
+    return PydanticCustomError("invalid_value", "{message}", {"message": message, "param": param})
+
+
+def shown(value: Any) -> str:
+    return json.dumps(value)[:60]
+
+
+def check_token_ids(ids: list[Any], param: str) -> None:
+    """Token ids are JSON integers >= 0: never 1.0 or true (which lax parsing takes as token 1) or "5"."""
+    if all(type(t) is int for t in ids) and min(ids, default=0) >= 0:
+        return
+    i = next(i for i, t in enumerate(ids) if type(t) is not int or t < 0)
+    raise invalid(f"{param}.{i}", f"a token id is an integer >= 0, got {shown(ids[i])}")
+
+
+# A token id in a list: a JSON integer >= 0 (errors name its index: tokens.3)
+TokenId = Annotated[int, Field(strict=True, ge=0)]
 
 
 class _Lenient(BaseModel):
@@ -54,7 +89,7 @@ class SamplingFields(_Lenient):
     seed: int | None = integer(ge=0, lt=2**63)
     n: int = integer(1, ge=1, le=MAX_N)
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP)
+    stop_token_ids: list[TokenId] | None = Field(None, max_length=MAX_STOP)
     include_stop_str_in_output: bool = flag()
     logit_bias: dict[str, float] | None = None
     ignore_eos: bool = flag()
@@ -69,26 +104,49 @@ class SamplingFields(_Lenient):
             return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields}
         return data
 
-    @field_validator("logit_bias")
+    @field_validator("logit_bias", mode="before")
     @classmethod
-    def _token_ids(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        for key, bias in (value or {}).items():
-            if not key.strip().isdigit():
-                raise ValueError(f"keys must be token ids, got {key!r}")
+    def _token_ids(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value  # not an object: the type's own error
+        seen: dict[int, str] = {}
+        for key, bias in value.items():
+            if not _TOKEN_KEY.fullmatch(key):
+                raise invalid("logit_bias", f"keys must be token ids, got {key!r}")
+            if int(key) in seen:
+                raise invalid("logit_bias", f"keys {seen[int(key)]!r} and {key!r} name the same token")
+            seen[int(key)] = key
+            if type(bias) not in (int, float) or not math.isfinite(bias):
+                raise invalid(f"logit_bias.{key}", f"a bias is a number, got {shown(bias)}")
             if not -100 <= bias <= 100:
-                raise ValueError(f"values must be in [-100, 100], got {bias} for token {key}")
+                raise invalid(
+                    f"logit_bias.{key}", f"values must be in [-100, 100], got {float(bias)} for token {key}"
+                )
         return value
 
     def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:
         return tuple(sorted((int(k), v) for k, v in (self.logit_bias or {}).items()))
 
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_list(cls, value: Any) -> Any:
+        # an empty stop string would end every completion at once: vLLM refuses it, and so does this
+        if value == "":
+            raise invalid("stop", "a stop sequence cannot be empty")
+        if isinstance(value, list):
+            if len(value) > MAX_STOP:
+                raise invalid("stop", f"at most {MAX_STOP} stop sequences")
+            for i, stop in enumerate(value):
+                if not isinstance(stop, str):
+                    raise invalid(f"stop.{i}", f"a stop sequence is a string, got {shown(stop)}")
+                if not stop:
+                    raise invalid(f"stop.{i}", "a stop sequence cannot be empty")
+        return value
+
     @field_validator("stop")
     @classmethod
-    def _stop_list(cls, value: str | list[str] | None) -> list[str]:
-        stops = [value] if isinstance(value, str) else list(value or [])
-        if len(stops) > MAX_STOP:
-            raise ValueError(f"at most {MAX_STOP} stop sequences")
-        return [s for s in stops if s]
+    def _as_list(cls, value: str | list[str] | None) -> list[str]:
+        return [value] if isinstance(value, str) else list(value or [])
 
     @property
     def include_usage(self) -> bool:
@@ -107,6 +165,24 @@ class ChatMessage(_Lenient):
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
     reasoning_content: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts(cls, value: Any) -> Any:
+        # the union's own error said "Input should be a valid string" of an image part or a part missing
+        # its text; the part at fault is named instead
+        if isinstance(value, list):
+            for i, part in enumerate(value):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind != "text":
+                    got = f"a part of type {shown(kind)}" if isinstance(part, dict) else shown(part)
+                    message = f'only text parts are supported ({{"type": "text", "text": ...}}), got {got}'
+                    raise invalid(f"content.{i}", message)
+                if not isinstance(part.get("text"), str):
+                    raise invalid(
+                        f"content.{i}.text", f"a text part's text is a string, got {shown(part.get('text'))}"
+                    )
+        return value
 
     def as_template_message(self) -> dict[str, Any]:
         """The dict the chat template renders; text parts are joined, ``developer`` is ``system``."""
@@ -153,11 +229,28 @@ class CompletionRequest(SamplingFields):
     suffix: str | None = None
     best_of: int | None = integer(ge=1, le=MAX_N)
 
-    @field_validator("prompt")
+    @field_validator("prompt", mode="wrap")
     @classmethod
-    def _non_empty(cls, value: Any) -> Any:
-        if isinstance(value, list) and any(isinstance(p, list | str) and len(p) == 0 for p in value):
-            raise ValueError("a prompt in the list is empty")
+    def _prompt_shape(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        """Text, a list of texts, token ids, or a list of token-id lists; the first entry of a list says
+        which, and an entry of another kind is named by its index. A list checked here is taken as it
+        is: the union's own pass tried every member over every entry (2M ids held the event loop 1 s)."""
+        if value == "":
+            raise invalid("prompt", "the prompt is empty")
+        if not isinstance(value, list) or not value:
+            return handler(value)  # text, or not a list: the type's own errors
+        first = value[0]
+        if isinstance(first, str | list):
+            kind = "string" if isinstance(first, str) else "list of token ids"
+            for i, prompt in enumerate(value):
+                if not isinstance(prompt, type(first)):
+                    raise invalid(f"prompt.{i}", f"expected a {kind}, as prompt.0 is, got {shown(prompt)}")
+                if not prompt:
+                    raise invalid(f"prompt.{i}", "a prompt in the list is empty")
+                if isinstance(prompt, list):
+                    check_token_ids(prompt, f"prompt.{i}")
+        else:
+            check_token_ids(value, "prompt")
         return value
 
     def prompts(self) -> list[str | list[int]]:
@@ -216,7 +309,7 @@ class TokenizeRequest(_Lenient):
 
 class DetokenizeRequest(_Lenient):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[TokenId]
 
 
 class LoadLoRAAdapterRequest(_Lenient):
