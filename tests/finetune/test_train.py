@@ -122,6 +122,8 @@ def test_resume_reaches_the_same_adapter_as_an_uninterrupted_run(
         (dict(use_rslora=True), "use_rslora was False in .*, now True"),
         (dict(lora_dropout=0.0), "lora_dropout was 0.1 in .*, now 0.0"),
         (dict(weight_decay=0.1), "weight_decay was 0.0 in .*, now 0.1"),
+        (dict(adam_beta2=0.95), "adam_beta2 was 0.999 in .*, now 0.95"),
+        (dict(adam_epsilon=1e-6), "adam_epsilon was 1e-08 in .*, now 1e-06"),
     ):
         with pytest.raises(QwenkitError, match=f"^--resume: {message}$"):
             finetune(tiny_chat_model, data, out, dataclasses.replace(args, **changed), resume=True)
@@ -138,6 +140,40 @@ def test_resume_reaches_the_same_adapter_as_an_uninterrupted_run(
     log_b = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in log_a] == [r["loss"] for r in log_b] and len(log_a) == 6
     assert (full / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_adam_betas_and_epsilon_reach_the_optimizer_and_the_record(tiny_chat_model, tmp_path):
+    """--adam-beta1/--adam-beta2/--adam-epsilon (Qwen's finetune scripts pass adam_beta2 0.95) set AdamW's:
+    after a first step from zero state each moment holds (1 - beta) of its gradient term, so
+    exp_avg_sq / exp_avg^2 is (1 - beta2) / (1 - beta1)^2 for every element (0.1 with the defaults, once
+    fixed at 0.9/0.999/1e-8); training_args.json records them."""
+    data = chat_data(tmp_path / "d.jsonl", n=4)
+    args = TrainArgs(
+        max_steps=1, batch_size=2, adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-6, progress=False
+    )
+    made: list[Trainer] = []
+    out = finetune(
+        tiny_chat_model,
+        data,
+        tmp_path / "out",
+        args,
+        make_trainer=lambda *a: made.append(Trainer(*a)) or made[-1],
+    )
+    group = made[0].optimizer.param_groups[0]
+    assert group["betas"] == (0.8, 0.95) and group["eps"] == 1e-6
+    moments = [
+        (made[0].optimizer.state[p]["exp_avg"], made[0].optimizer.state[p]["exp_avg_sq"])
+        for p in made[0].params
+    ]
+    m = torch.cat([a.flatten() for a, _ in moments])
+    v = torch.cat([b.flatten() for _, b in moments])
+    seen = m.abs() > 1e-6  # LoRA's A factors get no gradient at the first step (B starts at zero)
+    assert seen.sum() > 1000
+    torch.testing.assert_close(
+        v[seen] / m[seen] ** 2, torch.full_like(v[seen], 0.05 / 0.2**2), rtol=1e-4, atol=0
+    )
+    record = json.loads((out / "training_args.json").read_text())
+    assert (record["adam_beta1"], record["adam_beta2"], record["adam_epsilon"]) == (0.8, 0.95, 1e-6)
 
 
 def test_full_finetune_writes_a_loadable_checkpoint(tiny_chat_model, tmp_path):

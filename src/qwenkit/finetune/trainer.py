@@ -47,6 +47,9 @@ class TrainArgs:
     warmup_ratio: float = 0.0
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+    adam_beta1: float = 0.9  # transformers' TrainingArguments names and defaults
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
     gradient_checkpointing: bool = False
     save_every: int = 0
     keep_checkpoints: int = 3  # the newest N of OUT.training/checkpoints; 0 keeps every one
@@ -87,6 +90,9 @@ class TrainArgs:
         "weight_decay",
         "max_grad_norm",
         "router_aux_loss_coef",
+        "adam_beta1",
+        "adam_beta2",
+        "adam_epsilon",
     )
 
     def to_json(self) -> dict[str, Any]:
@@ -217,7 +223,11 @@ class Trainer:
         # their per-tensor updates took 0.3 s a step over 2 ranks)
         sharded = any(isinstance(p, DTensor) for p in params)
         self.optimizer = torch.optim.AdamW(
-            groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, foreach=True if sharded else None
+            groups,
+            lr=args.lr,
+            betas=(args.adam_beta1, args.adam_beta2),
+            eps=args.adam_epsilon,
+            foreach=True if sharded else None,
         )
         warmup = warmup_steps(self.total_steps, args.warmup_ratio)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
