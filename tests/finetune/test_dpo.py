@@ -507,3 +507,39 @@ def test_dpo_trains_without_dropout_by_default_as_trl(tiny_chat_model, tmp_path)
     assert log[2]["loss"] == pytest.approx(log[1]["eval_loss"], rel=1e-6)
     assert log[2]["rewards/margins"] == pytest.approx(log[1]["eval_rewards/margins"], rel=1e-5)
     assert json.loads((out / "adapter_config.json").read_text())["lora_dropout"] == 0.0
+
+
+def test_qwen_v1_dpo_starts_at_its_reference_past_seq_length(tmp_path):
+    """A v1 model trains without LogN (modeling_qwen.py applies it only when not training) and evaluates
+    with it: each pair's reference is scored in the mode its policy is, so on completions past seq_length
+    the first step's loss and the held-out loss before any step are exactly log 2 (both modes' references
+    from one scoring would leave one side off by LogN's effect)."""
+    from factories import V1_TINY, write_v1_checkpoint
+
+    from qwenkit.finetune.preference_data import Completion, PreferencePair
+
+    model, _ = load_model(write_v1_checkpoint(tmp_path / "v1"), "float32", progress=False)
+    model.requires_grad_(True)
+    g = torch.Generator().manual_seed(5)
+    T, prompt = 2 * V1_TINY["seq_length"] + 6, V1_TINY["seq_length"] + 4
+
+    def completion() -> Completion:
+        ids = torch.randint(0, V1_TINY["vocab_size"], (T,), generator=g).tolist()
+        return Completion(ids, [IGNORE] * prompt + ids[prompt:])
+
+    pairs = [PreferencePair(completion(), completion()) for _ in range(2)]
+    held = [PreferencePair(completion(), completion()) for _ in range(2)]
+    args = TrainArgs(method="full", batch_size=2, lr=1e-3, progress=False)
+    trainer = DPOTrainer(model, pairs, args, World(), 0, list(model.parameters()), beta=0.5)
+    trainer.before_training(held)
+    model.train()
+    with torch.no_grad():
+        train_mode = trainer.logps(pairs)
+        model.eval()
+        eval_mode = trainer.logps(pairs)
+    assert (train_mode - eval_mode).abs().max() > 1e-2  # LogN moves these completions' log-probabilities
+    assert trainer.evaluate(held) == pytest.approx(math.log(2), abs=1e-6)
+    assert trainer.eval_metrics["eval_rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    first = trainer.train_step()
+    assert first.loss == pytest.approx(math.log(2), abs=1e-6)
+    assert first.extra["rewards/margins"] == pytest.approx(0.0, abs=1e-6)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from factories import hf_model, interrupt_training_after, save_hf
 
 from qwenkit.checkpoint import load_model
@@ -538,3 +539,32 @@ def test_full_training_on_half_precision_weights_says_what_it_loses(tiny_chat_mo
         capsys.readouterr()
         finetune(tiny_chat_model, data, tmp_path / f"{method}-{dtype}", args)
         assert capsys.readouterr().err.count(note) == int(said), (method, dtype)
+
+
+def test_qwen_v1_training_forward_has_no_logn_attention_as_modeling_qwen(tmp_path):
+    """modeling_qwen.py scales queries past seq_length by LogN only when not training (and keeps the NTK
+    alpha at 1 there): a v1 model in training mode (what a training step runs) gives the v1 reference's
+    training-mode logits on a sequence past seq_length, where LogN changes them; in eval mode, the
+    reference's inference logits, LogN included. Before 2026-12-07 training applied LogN too."""
+    from factories import V1_TINY, v1_state_dict, write_v1_checkpoint
+    from qwen_v1_reference import v1_logits
+
+    from qwenkit.finetune.trainer import token_losses
+
+    model, _ = load_model(write_v1_checkpoint(tmp_path / "v1"), "float32", progress=False)
+    sd = v1_state_dict(V1_TINY)
+    T = 2 * V1_TINY["seq_length"] + 8
+    ids = torch.randint(0, V1_TINY["vocab_size"], (T,), generator=torch.Generator().manual_seed(3))
+    want_train = v1_logits(sd, V1_TINY, ids, training=True)
+    want_eval = v1_logits(sd, V1_TINY, ids)
+    past = slice(V1_TINY["seq_length"], T)
+    assert (want_train[past] - want_eval[past]).abs().max() > 1e-2  # LogN (and NTK) matter here
+    with torch.no_grad():
+        model.train()
+        torch.testing.assert_close(model(ids[None])[0], want_train, rtol=0, atol=1e-4)
+        labels = ids[None].clone()
+        want_ce = F.cross_entropy(want_train[:-1], ids[1:], reduction="none")
+        torch.testing.assert_close(token_losses(model, ids[None], labels)[0], want_ce, rtol=0, atol=1e-4)
+        model.eval()
+        got_eval = model(ids[None], ntk_alphas=[model.ntk_alpha(T)])[0]
+        torch.testing.assert_close(got_eval, want_eval, rtol=0, atol=1e-4)
