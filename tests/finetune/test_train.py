@@ -545,7 +545,7 @@ def test_qwen_v1_training_forward_has_no_logn_attention_as_modeling_qwen(tmp_pat
     """modeling_qwen.py scales queries past seq_length by LogN only when not training (and keeps the NTK
     alpha at 1 there): a v1 model in training mode (what a training step runs) gives the v1 reference's
     training-mode logits on a sequence past seq_length, where LogN changes them; in eval mode, the
-    reference's inference logits, LogN included. Before 2026-12-07 training applied LogN too."""
+    reference's inference logits, LogN included. Before 2026-12-06 training applied LogN too."""
     from factories import V1_TINY, v1_state_dict, write_v1_checkpoint
     from qwen_v1_reference import v1_logits
 
