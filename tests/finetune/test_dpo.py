@@ -538,6 +538,17 @@ def test_qwen_v1_dpo_starts_at_its_reference_past_seq_length(tmp_path):
         model.eval()
         eval_mode = trainer.logps(pairs)
     assert (train_mode - eval_mode).abs().max() > 1e-2  # LogN moves these completions' log-probabilities
+    # held-out pairs as modeling_qwen.py scores them outside training: LogN, each one's own NTK alpha
+    from factories import v1_state_dict
+    from qwen_v1_reference import v1_logits
+
+    sd = v1_state_dict(V1_TINY)
+    with torch.no_grad():
+        got_held = trainer.logps(held[:1])
+    for seq, got in zip([held[0].chosen, held[0].rejected], got_held, strict=True):
+        lp = F.log_softmax(v1_logits(sd, V1_TINY, torch.tensor(seq.ids))[:-1], -1)
+        want = sum(float(lp[t - 1, seq.ids[t]]) for t in range(prompt, T))
+        assert float(got) == pytest.approx(want, abs=1e-4)
     assert trainer.evaluate(held) == pytest.approx(math.log(2), abs=1e-6)
     assert trainer.eval_metrics["eval_rewards/margins"] == pytest.approx(0.0, abs=1e-6)
     first = trainer.train_step()

@@ -568,3 +568,26 @@ def test_qwen_v1_training_forward_has_no_logn_attention_as_modeling_qwen(tmp_pat
         model.eval()
         got_eval = model(ids[None], ntk_alphas=[model.ntk_alpha(T)])[0]
         torch.testing.assert_close(got_eval, want_eval, rtol=0, atol=1e-4)
+
+
+def test_qwen_v1_held_out_loss_is_the_inference_forwards(tmp_path):
+    """Held-out examples are scored as modeling_qwen.py scores them outside training: LogN past seq_length
+    and each example's dynamic-NTK alpha from its own unpadded length (per row of a padded batch, as it
+    reads them off the attention mask). Before 2026-12-06 they were scored with LogN but alpha 1."""
+    from factories import V1_TINY, v1_state_dict, write_v1_checkpoint
+    from qwen_v1_reference import v1_logits
+
+    model, _ = load_model(write_v1_checkpoint(tmp_path / "v1"), "float32", progress=False)
+    sd = v1_state_dict(V1_TINY)
+    g = torch.Generator().manual_seed(4)
+    examples = []
+    for length in (70, 40, 20):  # alphas 7, 3 and 1 at seq_length 32
+        ids = torch.randint(0, V1_TINY["vocab_size"], (length,), generator=g).tolist()
+        examples.append(Example(ids, [IGNORE] * 5 + ids[5:]))
+    trainer = Trainer(model, examples, TrainArgs(batch_size=3, progress=False), World(), 0, [])
+    total = count = 0.0
+    for e in examples:
+        logits = v1_logits(sd, V1_TINY, torch.tensor(e.ids))
+        total += float(F.cross_entropy(logits[4:-1], torch.tensor(e.ids[5:]), reduction="sum"))
+        count += len(e.ids) - 5
+    assert trainer.evaluate(examples) == pytest.approx(total / count, rel=1e-5)

@@ -44,7 +44,7 @@ from qwenkit.errors import ConfigError
 from qwenkit.finetune.encode import IGNORE
 from qwenkit.finetune.lora import adapters_disabled, training_base
 from qwenkit.finetune.preference_data import Completion, PreferencePair
-from qwenkit.finetune.trainer import Trainer, pad_batch
+from qwenkit.finetune.trainer import Trainer, pad_batch, scoring_ntk_alphas
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "simpo", "orpo")
 REFERENCE_FREE = ("simpo", "orpo")
@@ -88,7 +88,8 @@ def check_loss(
 def sequence_logps(model, seqs: list[Completion], pad_id: int, device: str) -> torch.Tensor:
     """(N,) summed log-probabilities of each sequence's labelled tokens."""
     ids, labels = pad_batch(seqs, pad_id, device)
-    logits = model(ids)[:, :-1].float()  # (N, T-1, V)
+    alphas = scoring_ntk_alphas(model, seqs, ids.shape[1])  # held-out pairs of a Qwen v1 model
+    logits = (model(ids) if alphas is None else model(ids, ntk_alphas=alphas))[:, :-1].float()  # (N, T-1, V)
     target = labels[:, 1:]
     mask = target != IGNORE
     logp = torch.gather(F.log_softmax(logits, -1), 2, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)

@@ -136,14 +136,35 @@ def packed_layout(examples: Sequence[Example], T: int, device: str) -> PackedLay
     return PackedLayout(positions.to(device), segment_ids.to(device))
 
 
+def scoring_ntk_alphas(model: nn.Module, examples: Sequence[Any], T: int) -> torch.Tensor | None:
+    """(B, T) Qwen v1 dynamic-NTK alphas of a right-padded batch scored outside training: modeling_qwen.py
+    fixes each sequence's alpha from its own unpadded length there (and keeps 1 in training, the default);
+    a packed row's examples each from theirs. None where every alpha is 1."""
+    base = unwrap(model)
+    if model.training or not base.config.use_dynamic_ntk:
+        return None
+    alphas = torch.ones(len(examples), T)
+    for i, e in enumerate(examples):
+        start = 0
+        for length in getattr(e, "segments", ()) or (len(e.ids),):
+            alphas[i, start : start + length] = base.ntk_alpha(length)
+            start += length
+    return alphas if bool((alphas != 1).any()) else None
+
+
 def token_losses(
-    model: nn.Module, ids: torch.Tensor, labels: torch.Tensor, layout: PackedLayout | None = None
+    model: nn.Module,
+    ids: torch.Tensor,
+    labels: torch.Tensor,
+    layout: PackedLayout | None = None,
+    ntk_alphas: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(B, T-1) float32 cross entropy of each next token, 0 where the label is -100."""
-    if layout is None:
-        logits = model(ids)  # (B, T, V)
-    else:
-        logits = model(ids, positions=layout.positions, segment_ids=layout.segment_ids)
+    """(B, T-1) float32 cross entropy of each next token, 0 where the label is -100. ``ntk_alphas``: see
+    ``scoring_ntk_alphas``."""
+    extra: dict[str, Any] = {} if ntk_alphas is None else {"ntk_alphas": ntk_alphas}
+    if layout is not None:
+        extra |= {"positions": layout.positions, "segment_ids": layout.segment_ids}
+    logits = model(ids, **extra)  # (B, T, V)
     target = labels[:, 1:]
     ce = F.cross_entropy(
         logits[:, :-1].flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE, reduction="none"
@@ -348,7 +369,11 @@ class Trainer:
             batch = [examples[j] for j in chunk] or [examples[0]]
             ids, labels = pad_batch(batch, self.pad_id, self.args.device)
             losses = token_losses(
-                self.model, ids, labels, packed_layout(batch, ids.shape[1], self.args.device)
+                self.model,
+                ids,
+                labels,
+                packed_layout(batch, ids.shape[1], self.args.device),
+                scoring_ntk_alphas(self.model, batch, ids.shape[1]),
             )
             if chunk:
                 total += losses.sum().item()
