@@ -24,9 +24,14 @@ def _ntk_alpha(true_len: int, seq_length: int) -> float:
 
 
 def v1_logits(
-    sd: dict[str, torch.Tensor], cfg: dict, ids: torch.Tensor, ntk_len: int | None = None
+    sd: dict[str, torch.Tensor],
+    cfg: dict,
+    ids: torch.Tensor,
+    ntk_len: int | None = None,
+    training: bool = False,
 ) -> torch.Tensor:
-    """ids (T,) -> logits (T, V). ntk_len: the prefill length that fixed the NTK alpha (default T)."""
+    """ids (T,) -> logits (T, V). ntk_len: the prefill length that fixed the NTK alpha (default T).
+    training: the module in training mode, where modeling_qwen.py skips dynamic NTK (alpha 1) and LogN."""
     h, heads = cfg["hidden_size"], cfg["num_attention_heads"]
     d = cfg["kv_channels"]
     rot = int(d * cfg["rotary_pct"])
@@ -34,7 +39,7 @@ def v1_logits(
     seq_length = cfg["seq_length"]
     eps = cfg["layer_norm_epsilon"]
 
-    alpha = _ntk_alpha(ntk_len or T, seq_length) if cfg["use_dynamic_ntk"] else 1.0
+    alpha = _ntk_alpha(ntk_len or T, seq_length) if cfg["use_dynamic_ntk"] and not training else 1.0
     base = cfg["rotary_emb_base"] * alpha ** (rot / (rot - 2))
     inv = 1.0 / (base ** (torch.arange(0, rot, 2).float() / rot))
     seq = torch.arange(max(2 * T, 16), dtype=inv.dtype)
@@ -59,7 +64,7 @@ def v1_logits(
         q, k, v = mixed.split(h, dim=-1)
         q, k, v = (t.view(T, heads, d) for t in (q, k, v))
         q, k = rope(q), rope(k)
-        if cfg["use_logn_attn"] and seq_length < T:
+        if cfg["use_logn_attn"] and seq_length < T and not training:
             q = q * logn[:T, None, None]
         scores = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(d)
         scores = scores.masked_fill(~causal, float("-inf"))

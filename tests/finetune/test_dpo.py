@@ -100,10 +100,10 @@ def reference_loss(loss_type: str, beta: float, eps: float, pc, pr, rc, rr, n_c:
 def test_dpo_loss_and_rewards_equal_reference(loss_type, eps, tiny_chat_model, tmp_path):
     tok = tokenizer_for(tiny_chat_model)
     pairs, _ = load_pairs(tok, write_pairs(tmp_path / "p.jsonl", 0, 3), max_len=256)
-    # The completion is only the final reply + <|im_end|>.
+    # The completion is only the final reply + <|im_end|> + the newline after it (trl's).
     lab = pairs[0].chosen.labels
-    assert tok.decode([t for t in lab if t != IGNORE]) == "Gladly: 0 is fine.<|im_end|>"
-    assert pairs[0].chosen.targets == len(tok.encode("Gladly: 0 is fine.")) + 1
+    assert tok.decode([t for t in lab if t != IGNORE]) == "Gladly: 0 is fine.<|im_end|>\n"
+    assert pairs[0].chosen.targets == len(tok.encode("Gladly: 0 is fine.")) + 2
 
     model, _ = load_model(tiny_chat_model, "float32", progress=False)
     torch.manual_seed(0)  # lora_A's init: the same whichever tests ran before in this process
@@ -274,7 +274,7 @@ def test_every_preference_format_encodes_the_same_pair(tiny_chat_model):
     assert tok.decode(want.chosen.ids).startswith(
         "<|im_start|>system\nBe kind.<|im_end|>\n<|im_start|>user\nHi?"
     )
-    assert tok.decode([t for t in want.rejected.labels if t != IGNORE]) == "Go away.<|im_end|>"
+    assert tok.decode([t for t in want.rejected.labels if t != IGNORE]) == "Go away.<|im_end|>\n"
     for got in encoded[1:]:
         assert (got.chosen, got.rejected) == (want.chosen, want.rejected)
     # alpaca: instruction and input joined by a newline, after the history's turns
@@ -507,3 +507,115 @@ def test_dpo_trains_without_dropout_by_default_as_trl(tiny_chat_model, tmp_path)
     assert log[2]["loss"] == pytest.approx(log[1]["eval_loss"], rel=1e-6)
     assert log[2]["rewards/margins"] == pytest.approx(log[1]["eval_rewards/margins"], rel=1e-5)
     assert json.loads((out / "adapter_config.json").read_text())["lora_dropout"] == 0.0
+
+
+def test_qwen_v1_dpo_starts_at_its_reference_past_seq_length(tmp_path):
+    """A v1 model trains without LogN (modeling_qwen.py applies it only when not training) and evaluates
+    with it: each pair's reference is scored in the mode its policy is, so on completions past seq_length
+    the first step's loss and the held-out loss before any step are exactly log 2 (both modes' references
+    from one scoring would leave one side off by LogN's effect)."""
+    from factories import V1_TINY, write_v1_checkpoint
+
+    from qwenkit.finetune.preference_data import Completion, PreferencePair
+
+    model, _ = load_model(write_v1_checkpoint(tmp_path / "v1"), "float32", progress=False)
+    model.requires_grad_(True)
+    g = torch.Generator().manual_seed(5)
+    T, prompt = 2 * V1_TINY["seq_length"] + 6, V1_TINY["seq_length"] + 4
+
+    def completion() -> Completion:
+        ids = torch.randint(0, V1_TINY["vocab_size"], (T,), generator=g).tolist()
+        return Completion(ids, [IGNORE] * prompt + ids[prompt:])
+
+    pairs = [PreferencePair(completion(), completion()) for _ in range(2)]
+    held = [PreferencePair(completion(), completion()) for _ in range(2)]
+    args = TrainArgs(method="full", batch_size=2, lr=1e-3, progress=False)
+    trainer = DPOTrainer(model, pairs, args, World(), 0, list(model.parameters()), beta=0.5)
+    trainer.before_training(held)
+    model.train()
+    with torch.no_grad():
+        train_mode = trainer.logps(pairs)
+        model.eval()
+        eval_mode = trainer.logps(pairs)
+    assert (train_mode - eval_mode).abs().max() > 1e-2  # LogN moves these completions' log-probabilities
+    # held-out pairs as modeling_qwen.py scores them outside training: LogN, each one's own NTK alpha
+    from factories import v1_state_dict
+    from qwen_v1_reference import v1_logits
+
+    sd = v1_state_dict(V1_TINY)
+    with torch.no_grad():
+        got_held = trainer.logps(held[:1])
+    for seq, got in zip([held[0].chosen, held[0].rejected], got_held, strict=True):
+        lp = F.log_softmax(v1_logits(sd, V1_TINY, torch.tensor(seq.ids))[:-1], -1)
+        want = sum(float(lp[t - 1, seq.ids[t]]) for t in range(prompt, T))
+        assert float(got) == pytest.approx(want, abs=1e-4)
+    assert trainer.evaluate(held) == pytest.approx(math.log(2), abs=1e-6)
+    assert trainer.eval_metrics["eval_rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    first = trainer.train_step()
+    assert first.loss == pytest.approx(math.log(2), abs=1e-6)
+    assert first.extra["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+
+
+# Qwen2-Instruct's chat template (ChatML with a default system prompt; no <think> block)
+QWEN2_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def test_completion_is_trls_with_the_newline_after_im_end(tiny_chat_model, tmp_path):
+    """trl's DPO takes a completion to be the template's prompt + reply past the prompt with its generation
+    prompt: the reply, <|im_end|> and the newline after it (once left out here: the log-probabilities, the
+    lengths IPO/SimPO/ORPO divide by and the logps metrics all missed a token a completion). Qwen3's template
+    also opens the reply with an empty <think> block, which both completions share and which stays
+    unlabelled here, as in finetune."""
+    import shutil
+
+    import transformers
+
+    from qwenkit.finetune.preference_data import encode_pair
+    from qwenkit.tokenizer import load_tokenizer
+
+    qwen2 = tmp_path / "qwen2-template"
+    qwen2.mkdir()
+    for name in ("tokenizer.json", "vocab.json", "merges.txt"):
+        shutil.copy(tiny_chat_model / name, qwen2 / name)
+    config = json.loads((tiny_chat_model / "tokenizer_config.json").read_text())
+    (qwen2 / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": QWEN2_TEMPLATE}))
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": "Number 3?"}],
+            "chosen": [{"role": "assistant", "content": "Gladly: 3 is fine."}],
+            "rejected": [{"role": "assistant", "content": "No."}],
+        },
+        {
+            "prompt": [
+                {"role": "system", "content": "Be kind."},
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello"},
+                {"role": "user", "content": "Sum 2 and 3"},
+            ],
+            "chosen": [{"role": "assistant", "content": "5"}],
+            "rejected": [{"role": "assistant", "content": "6, I think"}],
+        },
+    ]
+    for folder, empty_think in ((qwen2, []), (tiny_chat_model, [151667, 271, 151668, 271])):
+        tok, hf = load_tokenizer(folder), transformers.AutoTokenizer.from_pretrained(folder)
+        for i, row in enumerate(rows):
+            pair = encode_pair(tok, f"r{i}", row, 256)
+            prompt = hf.apply_chat_template(
+                row["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True
+            )["input_ids"]
+            for side, got in (("chosen", pair.chosen), ("rejected", pair.rejected)):
+                full = hf.apply_chat_template(row["prompt"] + row[side], tokenize=True, return_dict=True)[
+                    "input_ids"
+                ]
+                assert full[: len(prompt)] == prompt
+                completion = full[len(prompt) :]  # trl's chosen_ids / rejected_ids
+                assert completion[: len(empty_think)] == empty_think, folder
+                assert got.ids == full, (folder, i, side)
+                assert [t for t in got.labels if t != IGNORE] == completion[len(empty_think) :]
+                assert got.labels[-2:] == [151645, 198]  # <|im_end|> \n
+                assert got.targets == len(completion) - len(empty_think)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from factories import hf_model, interrupt_training_after, save_hf
 
 from qwenkit.checkpoint import load_model
@@ -122,6 +123,8 @@ def test_resume_reaches_the_same_adapter_as_an_uninterrupted_run(
         (dict(use_rslora=True), "use_rslora was False in .*, now True"),
         (dict(lora_dropout=0.0), "lora_dropout was 0.1 in .*, now 0.0"),
         (dict(weight_decay=0.1), "weight_decay was 0.0 in .*, now 0.1"),
+        (dict(adam_beta2=0.95), "adam_beta2 was 0.999 in .*, now 0.95"),
+        (dict(adam_epsilon=1e-6), "adam_epsilon was 1e-08 in .*, now 1e-06"),
     ):
         with pytest.raises(QwenkitError, match=f"^--resume: {message}$"):
             finetune(tiny_chat_model, data, out, dataclasses.replace(args, **changed), resume=True)
@@ -138,6 +141,40 @@ def test_resume_reaches_the_same_adapter_as_an_uninterrupted_run(
     log_b = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in log_a] == [r["loss"] for r in log_b] and len(log_a) == 6
     assert (full / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_adam_betas_and_epsilon_reach_the_optimizer_and_the_record(tiny_chat_model, tmp_path):
+    """--adam-beta1/--adam-beta2/--adam-epsilon (Qwen's finetune scripts pass adam_beta2 0.95) set AdamW's:
+    after a first step from zero state each moment holds (1 - beta) of its gradient term, so
+    exp_avg_sq / exp_avg^2 is (1 - beta2) / (1 - beta1)^2 for every element (0.1 with the defaults, once
+    fixed at 0.9/0.999/1e-8); training_args.json records them."""
+    data = chat_data(tmp_path / "d.jsonl", n=4)
+    args = TrainArgs(
+        max_steps=1, batch_size=2, adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-6, progress=False
+    )
+    made: list[Trainer] = []
+    out = finetune(
+        tiny_chat_model,
+        data,
+        tmp_path / "out",
+        args,
+        make_trainer=lambda *a: made.append(Trainer(*a)) or made[-1],
+    )
+    group = made[0].optimizer.param_groups[0]
+    assert group["betas"] == (0.8, 0.95) and group["eps"] == 1e-6
+    moments = [
+        (made[0].optimizer.state[p]["exp_avg"], made[0].optimizer.state[p]["exp_avg_sq"])
+        for p in made[0].params
+    ]
+    m = torch.cat([a.flatten() for a, _ in moments])
+    v = torch.cat([b.flatten() for _, b in moments])
+    seen = m.abs() > 1e-6  # LoRA's A factors get no gradient at the first step (B starts at zero)
+    assert seen.sum() > 1000
+    torch.testing.assert_close(
+        v[seen] / m[seen] ** 2, torch.full_like(v[seen], 0.05 / 0.2**2), rtol=1e-4, atol=0
+    )
+    record = json.loads((out / "training_args.json").read_text())
+    assert (record["adam_beta1"], record["adam_beta2"], record["adam_epsilon"]) == (0.8, 0.95, 1e-6)
 
 
 def test_full_finetune_writes_a_loadable_checkpoint(tiny_chat_model, tmp_path):
@@ -502,3 +539,55 @@ def test_full_training_on_half_precision_weights_says_what_it_loses(tiny_chat_mo
         capsys.readouterr()
         finetune(tiny_chat_model, data, tmp_path / f"{method}-{dtype}", args)
         assert capsys.readouterr().err.count(note) == int(said), (method, dtype)
+
+
+def test_qwen_v1_training_forward_has_no_logn_attention_as_modeling_qwen(tmp_path):
+    """modeling_qwen.py scales queries past seq_length by LogN only when not training (and keeps the NTK
+    alpha at 1 there): a v1 model in training mode (what a training step runs) gives the v1 reference's
+    training-mode logits on a sequence past seq_length, where LogN changes them; in eval mode, the
+    reference's inference logits, LogN included. Before 2026-12-06 training applied LogN too."""
+    from factories import V1_TINY, v1_state_dict, write_v1_checkpoint
+    from qwen_v1_reference import v1_logits
+
+    from qwenkit.finetune.trainer import token_losses
+
+    model, _ = load_model(write_v1_checkpoint(tmp_path / "v1"), "float32", progress=False)
+    sd = v1_state_dict(V1_TINY)
+    T = 2 * V1_TINY["seq_length"] + 8
+    ids = torch.randint(0, V1_TINY["vocab_size"], (T,), generator=torch.Generator().manual_seed(3))
+    want_train = v1_logits(sd, V1_TINY, ids, training=True)
+    want_eval = v1_logits(sd, V1_TINY, ids)
+    past = slice(V1_TINY["seq_length"], T)
+    assert (want_train[past] - want_eval[past]).abs().max() > 1e-2  # LogN (and NTK) matter here
+    with torch.no_grad():
+        model.train()
+        torch.testing.assert_close(model(ids[None])[0], want_train, rtol=0, atol=1e-4)
+        labels = ids[None].clone()
+        want_ce = F.cross_entropy(want_train[:-1], ids[1:], reduction="none")
+        torch.testing.assert_close(token_losses(model, ids[None], labels)[0], want_ce, rtol=0, atol=1e-4)
+        model.eval()
+        got_eval = model(ids[None], ntk_alphas=[model.ntk_alpha(T)])[0]
+        torch.testing.assert_close(got_eval, want_eval, rtol=0, atol=1e-4)
+
+
+def test_qwen_v1_held_out_loss_is_the_inference_forwards(tmp_path):
+    """Held-out examples are scored as modeling_qwen.py scores them outside training: LogN past seq_length
+    and each example's dynamic-NTK alpha from its own unpadded length (per row of a padded batch, as it
+    reads them off the attention mask). Before 2026-12-06 they were scored with LogN but alpha 1."""
+    from factories import V1_TINY, v1_state_dict, write_v1_checkpoint
+    from qwen_v1_reference import v1_logits
+
+    model, _ = load_model(write_v1_checkpoint(tmp_path / "v1"), "float32", progress=False)
+    sd = v1_state_dict(V1_TINY)
+    g = torch.Generator().manual_seed(4)
+    examples = []
+    for length in (70, 40, 20):  # alphas 7, 3 and 1 at seq_length 32
+        ids = torch.randint(0, V1_TINY["vocab_size"], (length,), generator=g).tolist()
+        examples.append(Example(ids, [IGNORE] * 5 + ids[5:]))
+    trainer = Trainer(model, examples, TrainArgs(batch_size=3, progress=False), World(), 0, [])
+    total = count = 0.0
+    for e in examples:
+        logits = v1_logits(sd, V1_TINY, torch.tensor(e.ids))
+        total += float(F.cross_entropy(logits[4:-1], torch.tensor(e.ids[5:]), reduction="sum"))
+        count += len(e.ids) - 5
+    assert trainer.evaluate(examples) == pytest.approx(total / count, rel=1e-5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -10,7 +11,15 @@ from pathlib import Path
 from qwenkit.command_parser import CommandParser
 from qwenkit.errors import ConfigError
 
-MAX_LR = 3.4e37  # float32's largest value (3.4e38) times AdamW's 1 - beta1
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
+
+
+def max_lr(beta1: float) -> float:
+    """The largest --lr AdamW's first step (a step of --lr / (1 - beta1)) keeps in float32's range, rounded
+    down to 3 significant digits, so the number an error names is itself accepted."""
+    limit = FLOAT32_MAX * (1 - beta1)
+    unit = 10 ** (math.floor(math.log10(limit)) - 2)
+    return float(f"{math.floor(limit / unit) * unit:g}")
 
 
 def add_training_args(parser: argparse.ArgumentParser, lr: float = 2e-4, preference: bool = False) -> None:
@@ -25,6 +34,12 @@ def add_training_args(parser: argparse.ArgumentParser, lr: float = 2e-4, prefere
     parser.add_argument("--warmup-ratio", type=float, default=0.0)
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
+    # transformers' TrainingArguments names and defaults; Qwen's own finetune scripts pass adam_beta2 0.95
+    parser.add_argument("--adam-beta1", type=float, default=0.9, help="AdamW's beta1 (default 0.9)")
+    parser.add_argument(
+        "--adam-beta2", type=float, default=0.999, help="AdamW's beta2 (default 0.999; Qwen's scripts: 0.95)"
+    )
+    parser.add_argument("--adam-epsilon", type=float, default=1e-8, help="AdamW's epsilon (default 1e-8)")
     parser.add_argument("--batch-size", type=int, default=4, help="examples per micro-batch per process")
     parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     parser.add_argument("--max-len", type=int, default=1024, help="longer examples are truncated (counted)")
@@ -110,6 +125,9 @@ def train_args(args: argparse.Namespace):
         warmup_ratio=args.warmup_ratio,
         weight_decay=args.weight_decay,
         max_grad_norm=args.max_grad_norm,
+        adam_beta1=args.adam_beta1,
+        adam_beta2=args.adam_beta2,
+        adam_epsilon=args.adam_epsilon,
         gradient_checkpointing=args.gradient_checkpointing,
         save_every=args.save_every,
         keep_checkpoints=args.keep_checkpoints,
@@ -135,8 +153,6 @@ def train_args(args: argparse.Namespace):
 def check_numbers(args: argparse.Namespace) -> None:
     """Refuse training settings no run can use, before anything loads (torch's optimizer raised a
     traceback for a negative rate; --epochs 0 wrote an untrained adapter; --max-steps 0 meant no limit)."""
-    import math
-
     at_least_one = {
         "--epochs": args.epochs,
         "--max-steps": args.max_steps,
@@ -150,11 +166,16 @@ def check_numbers(args: argparse.Namespace) -> None:
             raise ConfigError(f"{flag} must be at least 1, got {value}")
     if args.max_len < 2:
         raise ConfigError(f"--max-len must be at least 2 (a token and the next), got {args.max_len}")
+    for flag, value in (("--adam-beta1", args.adam_beta1), ("--adam-beta2", args.adam_beta2)):
+        if not 0 <= value < 1:  # also NaN; torch's AdamW raised a traceback
+            raise ConfigError(f"{flag} must be in [0, 1), got {value}")
+    if not (math.isfinite(args.adam_epsilon) and args.adam_epsilon > 0):
+        raise ConfigError(f"--adam-epsilon must be a positive number, got {args.adam_epsilon}")
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise ConfigError(f"--lr must be a positive number, got {args.lr}")
-    if args.lr > MAX_LR:  # AdamW's first step divides it by 1 - beta1 = 0.1, past float32's range
+    if args.lr > (most := max_lr(args.adam_beta1)):
         raise ConfigError(
-            f"--lr must be at most {MAX_LR:g} (AdamW's first step overflows float32), got {args.lr:g}"
+            f"--lr must be at most {most:g} (AdamW's first step overflows float32), got {args.lr:g}"
         )
     if not 0 <= args.warmup_ratio < 1:
         raise ConfigError(f"--warmup-ratio must be in [0, 1), got {args.warmup_ratio}")

@@ -44,7 +44,7 @@ from qwenkit.errors import ConfigError
 from qwenkit.finetune.encode import IGNORE
 from qwenkit.finetune.lora import adapters_disabled, training_base
 from qwenkit.finetune.preference_data import Completion, PreferencePair
-from qwenkit.finetune.trainer import Trainer, pad_batch
+from qwenkit.finetune.trainer import Trainer, pad_batch, scoring_ntk_alphas
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "simpo", "orpo")
 REFERENCE_FREE = ("simpo", "orpo")
@@ -88,7 +88,8 @@ def check_loss(
 def sequence_logps(model, seqs: list[Completion], pad_id: int, device: str) -> torch.Tensor:
     """(N,) summed log-probabilities of each sequence's labelled tokens."""
     ids, labels = pad_batch(seqs, pad_id, device)
-    logits = model(ids)[:, :-1].float()  # (N, T-1, V)
+    alphas = scoring_ntk_alphas(model, seqs, ids.shape[1])  # held-out pairs of a Qwen v1 model
+    logits = (model(ids) if alphas is None else model(ids, ntk_alphas=alphas))[:, :-1].float()  # (N, T-1, V)
     target = labels[:, 1:]
     mask = target != IGNORE
     logp = torch.gather(F.log_softmax(logits, -1), 2, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
@@ -222,32 +223,41 @@ class DPOTrainer(Trainer):
 
     def before_training(self, eval_pairs: list[PreferencePair] | None) -> None:
         """The reference log-probabilities of every training and held-out pair, on the weights as they are
-        now: the base (adapters off), or for full fine-tuning the model before its first step. Replicas
-        share the pairs out and sum the results; each runs the same number of forwards (FSDP gathers in
-        each). SimPO and ORPO have no reference."""
+        now: the base (adapters off), or for full fine-tuning the model before its first step. Each pair is
+        scored in the mode its policy will be: training pairs as a training step runs the model (Qwen v1's
+        LogN attention is off there, as in modeling_qwen.py), held-out pairs as ``evaluate`` does, so the
+        policy starts exactly at its reference. Replicas share the pairs out and sum the results; each runs
+        the same number of forwards (FSDP gathers in each). SimPO and ORPO have no reference."""
         if self.loss_type in REFERENCE_FREE:
             return
-        pairs = [*self.examples, *(eval_pairs or [])]
         w, r, b = self.world.dp_size, self.world.dp_rank, self.args.batch_size
-        found = torch.zeros(len(pairs), 2, dtype=torch.float64)
-        n_batches = math.ceil(math.ceil(len(pairs) / w) / b)
-        self.model.eval()
+        sets = [(list(self.examples), True), (list(eval_pairs or []), False)]
+        counts = [math.ceil(math.ceil(len(pairs) / w) / b) for pairs, _ in sets]
         bar = tqdm(
-            total=n_batches,
+            total=sum(counts),
             desc="reference log-probabilities",
             disable=not (self.world.is_main and self.args.progress),
             dynamic_ncols=True,
         )
+        self._ref = {}
         with bar, torch.no_grad(), adapters_disabled(self.model), training_base():
-            for k in range(n_batches):
-                chunk = list(range(r + k * b * w, min(len(pairs), r + (k + 1) * b * w), w))
-                batch = [pairs[i] for i in chunk] or [pairs[0]]
-                lp = self.logps(batch)
-                if chunk:
-                    found[chunk] = torch.stack([lp[: len(batch)], lp[len(batch) :]], 1).double().cpu()
-                bar.update(1)
-        found = self.world.sum_over_replicas(found)
-        self._ref = {id(p): (float(found[i, 0]), float(found[i, 1])) for i, p in enumerate(pairs)}
+            for (pairs, training), n_batches in zip(sets, counts, strict=True):
+                if not pairs:  # the same on every rank
+                    continue
+                self.model.train(training)  # adapters off: no dropout either way
+                found = torch.zeros(len(pairs), 2, dtype=torch.float64)
+                for k in range(n_batches):
+                    chunk = list(range(r + k * b * w, min(len(pairs), r + (k + 1) * b * w), w))
+                    batch = [pairs[i] for i in chunk] or [pairs[0]]
+                    lp = self.logps(batch)
+                    if chunk:
+                        found[chunk] = torch.stack([lp[: len(batch)], lp[len(batch) :]], 1).double().cpu()
+                    bar.update(1)
+                found = self.world.sum_over_replicas(found)
+                self._ref.update(
+                    {id(p): (float(found[i, 0]), float(found[i, 1])) for i, p in enumerate(pairs)}
+                )
+        self.model.eval()
 
     def logps(self, pairs: list[PreferencePair]) -> torch.Tensor:
         """(2n,) summed log-probabilities of the pairs' completions under the model: all chosen, then all

@@ -11,7 +11,8 @@ The formats the field's tools write, one pair a JSONL line (or a .json list):
 - LLaMA-Factory's ShareGPT style: ``{"conversations": [from/value turns], "chosen": {"from": "gpt",
   "value"}, "rejected": {...}, "system"?}``.
 
-The completion is the last assistant turn: only its tokens are labelled.
+The completion is the last assistant turn and the template's text after it (the ``\n`` after its
+``<|im_end|>``, which trl's completion holds): only its tokens are labelled.
 """
 
 from __future__ import annotations
@@ -149,13 +150,15 @@ def pair_messages(where: str, obj: dict[str, Any]) -> tuple[list[dict[str, Any]]
     return prompt, _reply(where, obj["chosen"], "chosen"), _reply(where, obj["rejected"], "rejected")
 
 
-def only_last_turn(labels: list[int]) -> list[int]:
-    """Keep the labels of the last labelled run (the completion); the prompt's own replies are context."""
+def completion_labels(ids: list[int], labels: list[int]) -> list[int]:
+    """The completion's labels: the last labelled run (the final reply and its ``<|im_end|>``; the prompt's
+    own replies are context) and every token the template renders after it (the ``\n`` after
+    ``<|im_end|>``), as trl's DPO takes the completion to be all of prompt + reply past the prompt."""
     end = max(i for i, label in enumerate(labels) if label != IGNORE)
     start = end
     while start > 0 and labels[start - 1] != IGNORE:
         start -= 1
-    return [label if start <= i <= end else IGNORE for i, label in enumerate(labels)]
+    return [IGNORE] * start + ids[start:]
 
 
 def encode_pair(tokenizer: Tokenizer, where: str, obj: dict[str, Any], max_len: int) -> PreferencePair | None:
@@ -167,7 +170,7 @@ def encode_pair(tokenizer: Tokenizer, where: str, obj: dict[str, Any], max_len: 
             ids, labels = encode_messages(tokenizer, [*prompt, reply], obj.get("tools"))
         except TokenizerError as e:
             raise DataError(f"{where}: {e}") from None
-        labels = only_last_turn(labels)[:max_len]
+        labels = completion_labels(ids, labels)[:max_len]
         if all(label == IGNORE for label in labels[1:]):
             return None
         seqs.append(Completion(ids[:max_len], labels))

@@ -312,9 +312,11 @@ def load_checkpoint(
 
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
     saved, now = state["args"], args.to_json()
+    defaults = TrainArgs().to_json()  # a key an older checkpoint lacks: the run had no option for it yet
     for key in TrainArgs.RESUME_KEYS:
-        if saved.get(key) != now.get(key):
-            raise ConfigError(f"--resume: {key} was {saved.get(key)!r} in {path}, now {now.get(key)!r}")
+        was = saved.get(key, defaults[key])
+        if was != now.get(key):
+            raise ConfigError(f"--resume: {key} was {was!r} in {path}, now {now.get(key)!r}")
     for key, value in state.get("settings", {}).items():  # older checkpoints have none
         if trainer.run_settings().get(key) != value:
             what = "global_batch (--batch-size x --grad-accum x replicas)" if key == "global_batch" else key

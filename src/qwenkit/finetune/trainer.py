@@ -47,6 +47,9 @@ class TrainArgs:
     warmup_ratio: float = 0.0
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+    adam_beta1: float = 0.9  # transformers' TrainingArguments names and defaults
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
     gradient_checkpointing: bool = False
     save_every: int = 0
     keep_checkpoints: int = 3  # the newest N of OUT.training/checkpoints; 0 keeps every one
@@ -87,6 +90,9 @@ class TrainArgs:
         "weight_decay",
         "max_grad_norm",
         "router_aux_loss_coef",
+        "adam_beta1",
+        "adam_beta2",
+        "adam_epsilon",
     )
 
     def to_json(self) -> dict[str, Any]:
@@ -130,14 +136,35 @@ def packed_layout(examples: Sequence[Example], T: int, device: str) -> PackedLay
     return PackedLayout(positions.to(device), segment_ids.to(device))
 
 
+def scoring_ntk_alphas(model: nn.Module, examples: Sequence[Any], T: int) -> torch.Tensor | None:
+    """(B, T) Qwen v1 dynamic-NTK alphas of a right-padded batch scored outside training: modeling_qwen.py
+    fixes each sequence's alpha from its own unpadded length there (and keeps 1 in training, the default);
+    a packed row's examples each from theirs. None where every alpha is 1."""
+    base = unwrap(model)
+    if model.training or not base.config.use_dynamic_ntk:
+        return None
+    alphas = torch.ones(len(examples), T)
+    for i, e in enumerate(examples):
+        start = 0
+        for length in getattr(e, "segments", ()) or (len(e.ids),):
+            alphas[i, start : start + length] = base.ntk_alpha(length)
+            start += length
+    return alphas if bool((alphas != 1).any()) else None
+
+
 def token_losses(
-    model: nn.Module, ids: torch.Tensor, labels: torch.Tensor, layout: PackedLayout | None = None
+    model: nn.Module,
+    ids: torch.Tensor,
+    labels: torch.Tensor,
+    layout: PackedLayout | None = None,
+    ntk_alphas: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(B, T-1) float32 cross entropy of each next token, 0 where the label is -100."""
-    if layout is None:
-        logits = model(ids)  # (B, T, V)
-    else:
-        logits = model(ids, positions=layout.positions, segment_ids=layout.segment_ids)
+    """(B, T-1) float32 cross entropy of each next token, 0 where the label is -100. ``ntk_alphas``: see
+    ``scoring_ntk_alphas``."""
+    extra: dict[str, Any] = {} if ntk_alphas is None else {"ntk_alphas": ntk_alphas}
+    if layout is not None:
+        extra |= {"positions": layout.positions, "segment_ids": layout.segment_ids}
+    logits = model(ids, **extra)  # (B, T, V)
     target = labels[:, 1:]
     ce = F.cross_entropy(
         logits[:, :-1].flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE, reduction="none"
@@ -217,7 +244,11 @@ class Trainer:
         # their per-tensor updates took 0.3 s a step over 2 ranks)
         sharded = any(isinstance(p, DTensor) for p in params)
         self.optimizer = torch.optim.AdamW(
-            groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, foreach=True if sharded else None
+            groups,
+            lr=args.lr,
+            betas=(args.adam_beta1, args.adam_beta2),
+            eps=args.adam_epsilon,
+            foreach=True if sharded else None,
         )
         warmup = warmup_steps(self.total_steps, args.warmup_ratio)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -338,7 +369,11 @@ class Trainer:
             batch = [examples[j] for j in chunk] or [examples[0]]
             ids, labels = pad_batch(batch, self.pad_id, self.args.device)
             losses = token_losses(
-                self.model, ids, labels, packed_layout(batch, ids.shape[1], self.args.device)
+                self.model,
+                ids,
+                labels,
+                packed_layout(batch, ids.shape[1], self.args.device),
+                scoring_ntk_alphas(self.model, batch, ids.shape[1]),
             )
             if chunk:
                 total += losses.sum().item()

@@ -186,7 +186,7 @@ class Transformer(nn.Module):
             # transformers rotates in the activation dtype: cast once per step, not in every layer
             cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         logn = None
-        if self.config.use_logn_attn:
+        if self.config.use_logn_attn and not self.training:  # as modeling_qwen.py: inference only
             logn = logn_scale(positions, self.config.max_position_embeddings)
         mask = None
         if segment_ids is not None:
