@@ -12,7 +12,7 @@ import asyncio
 import numbers
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -473,6 +473,21 @@ class LLM:
             for stream in streams:
                 stream.abort()
         return [stream.completion for stream in streams]
+
+    def fim_params(self, params: SamplingParams) -> SamplingParams:
+        """``params`` for a fill-in-the-middle answer: they also stop on the tokens that end one
+        (``Tokenizer.fim_stop_token_ids``), unless ``ignore_eos``."""
+        if params.ignore_eos:
+            return params
+        extra = self.tokenizer.fim_stop_token_ids - self.eos_token_ids - set(params.stop_token_ids)
+        return replace(params, stop_token_ids=(*params.stop_token_ids, *sorted(extra)))
+
+    def infill(self, prefix: str, suffix: str, params: SamplingParams | None = None) -> Completion:
+        """The text between ``prefix`` and ``suffix`` as a code model trained for fill-in-the-middle
+        (Qwen2.5-Coder, Qwen3-Coder) writes it: the prompt ``Tokenizer.encode_fim`` makes, run with
+        ``fim_params``. TokenizerError for a tokenizer without the FIM tokens."""
+        ids = self.tokenizer.encode_fim(prefix, suffix)
+        return self.generate([ids], self.fim_params(params or self.default_params()))[0]
 
     def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> Iterator[Delta]:
         """Yield text as it is produced; the final Delta carries the finish reason.

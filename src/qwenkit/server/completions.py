@@ -29,6 +29,7 @@ from qwenkit.server.schemas import ChatCompletionRequest, CompletionRequest
 from qwenkit.server.state import ServerState
 from qwenkit.server.tool_use import ToolParser, ToolPlan, plan_tools, react_functions
 from qwenkit.tokenizer import TokenizerError
+from qwenkit.tokenizer.base import check_unicode
 from qwenkit.tools.calls import ToolSpecError
 from qwenkit.tools.template_style import template_style
 
@@ -455,15 +456,46 @@ async def _chat_events(
 # Text completions
 
 
+def fills_middle(llm: LLM, body: CompletionRequest) -> bool:
+    """Whether the request is a fill-in-the-middle one (a text prompt and a ``suffix``, on a model with
+    the FIM tokens); 400s for what cannot be one. An empty suffix on a model without them is a plain
+    completion (nothing comes after it)."""
+    if body.suffix is None or (body.suffix == "" and not llm.tokenizer.has_fim):
+        return False
+    if not llm.tokenizer.has_fim:
+        raise APIError(
+            400,
+            "suffix (fill-in-the-middle) needs a model whose tokenizer has the tokens <|fim_prefix|>, "
+            "<|fim_suffix|> and <|fim_middle|> (Qwen2.5-Coder, Qwen3-Coder); this model's has not",
+            "suffix",
+            "unsupported",
+        )
+    if body.echo:
+        raise APIError(400, "echo is not supported with suffix", "echo", "unsupported")
+    if not isinstance(body.prompts()[0], str):
+        raise APIError(
+            400,
+            "suffix needs a text prompt (the code before the gap), not token ids",
+            "suffix",
+            "unsupported",
+        )
+    try:
+        check_unicode(body.suffix, "the suffix")
+    except TokenizerError as e:
+        raise APIError(400, str(e), "suffix", "invalid_value") from None
+    return True
+
+
 async def completions(state: ServerState, body: CompletionRequest, request: Request):
     llm = state.llm
     adapter = state.check_model(body.model)
     refuse_unsupported(body)
     raw_prompts = body.prompts()
+    fim = fills_middle(llm, body)
 
     def read(k: int, prompt: str | list[int]) -> tuple[list[int], PromptEcho | None]:
         try:
-            ids = llm.encode(prompt)
+            ids = llm.tokenizer.encode_fim(prompt, body.suffix) if fim else llm.encode(prompt)
         except TokenizerError as e:  # text that is not valid Unicode (a lone surrogate)
             param = "prompt" if len(raw_prompts) == 1 else f"prompt.{k}"
             raise APIError(400, str(e), param, "invalid_value") from None
@@ -485,6 +517,8 @@ async def completions(state: ServerState, body: CompletionRequest, request: Requ
             if e.param == "prompt" and len(prompts) > 1:  # which of the batch's prompts is too long
                 e.param = f"prompt.{k}"
             raise
+        if fim:  # the middle ends where the model closes it (its FIM stop tokens)
+            params = llm.fim_params(params)
         for p in choice_params(params, body.n):
             choices.append(Choice(len(choices), prompt_ids, p, echo=echo))
     run = Run(state, choices)

@@ -112,8 +112,6 @@ def refuse_unsupported(body: SamplingFields) -> None:
             )
     if getattr(body, "best_of", None) not in (None, 1):
         raise APIError(400, "best_of is not supported; ask for n choices instead", "best_of", "unsupported")
-    if getattr(body, "suffix", None):
-        raise APIError(400, "suffix is not supported", "suffix", "unsupported")
 
 
 def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:

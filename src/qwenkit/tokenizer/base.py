@@ -25,6 +25,17 @@ TEMPLATE_TOKEN_KEYS = (
     "cls_token",
     "mask_token",
 )
+# Fill-in-the-middle (Qwen2.5-Coder, Qwen3-Coder): the prompt is <|fim_prefix|>{prefix}<|fim_suffix|>{suffix}
+# <|fim_middle|> and the model writes the middle. Qwen's FIM example stops on any of FIM_STOP_TOKENS.
+FIM_TOKENS = ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>")
+FIM_STOP_TOKENS = (
+    *FIM_TOKENS,
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+    "<|endoftext|>",
+    "<|im_end|>",
+)
 
 
 def token_text(value: Any) -> str | None:
@@ -160,6 +171,29 @@ class Tokenizer(ABC):
     def control_tokens(self) -> tuple[str, ...]:
         """Added tokens that chat content may not produce: all of them except whitespace-only ones."""
         return tuple(t for t in self.added_tokens if t and not t.isspace())
+
+    @property
+    def has_fim(self) -> bool:
+        """Whether the tokenizer has the fill-in-the-middle tokens (`encode_fim`)."""
+        return all(t in self.added_tokens for t in FIM_TOKENS)
+
+    def encode_fim(self, prefix: str, suffix: str) -> list[int]:
+        """A fill-in-the-middle prompt: the FIM tokens as their ids around ``prefix`` and ``suffix`` encoded
+        as plain text (FIM token text inside code stays text), after the tokenizer's BOS where it adds one."""
+        if not self.has_fim:
+            tokens = ", ".join(FIM_TOKENS)
+            raise TokenizerError(
+                f"fill-in-the-middle needs a tokenizer with the tokens {tokens} (as Qwen2.5-Coder's and "
+                "Qwen3-Coder's); this model's tokenizer does not have them"
+            )
+        fim_prefix, fim_suffix, fim_middle = (self.added_tokens[t] for t in FIM_TOKENS)
+        before, _ = self.sequence_special_ids
+        return [*before, fim_prefix, *self.encode(prefix), fim_suffix, *self.encode(suffix), fim_middle]
+
+    @cached_property
+    def fim_stop_token_ids(self) -> frozenset[int]:
+        """The tokens a fill-in-the-middle answer ends on (those of FIM_STOP_TOKENS this tokenizer has)."""
+        return frozenset(self.added_tokens[t] for t in FIM_STOP_TOKENS if t in self.added_tokens)
 
     @cached_property
     def stop_token_ids(self) -> frozenset[int]:
