@@ -182,6 +182,18 @@ def test_what_cannot_fill_the_middle_is_a_400_naming_the_field(steered, fields, 
     assert received == []  # nothing ran
 
 
+def test_a_chat_request_with_a_suffix_is_refused_not_answered_without_it(steered):
+    live, _llm, _pending, received = steered
+    received.clear()
+    body = {"messages": [{"role": "user", "content": "hi"}], "suffix": SUFFIX, "max_tokens": 2}
+    r = httpx.post(live.url + "/v1/chat/completions", json=body, timeout=60)
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["param"] == "suffix" and received == []
+    assert (
+        error["message"] == "suffix (fill-in-the-middle) is supported on /v1/completions, with a text prompt"
+    )
+
+
 def test_a_suffix_that_is_not_valid_unicode_is_named(steered):
     live = steered[0]
     raw = '{"prompt": "a", "suffix": "b\\ud800", "max_tokens": 2}'

@@ -110,6 +110,13 @@ def refuse_unsupported(body: SamplingFields) -> None:
             raise APIError(
                 400, f"{name} (the legacy form) is not supported; use {instead}", name, "unsupported"
             )
+    if extra.get("suffix") is not None:  # the chat routes' extra: fill-in-the-middle is text completions'
+        raise APIError(
+            400,
+            "suffix (fill-in-the-middle) is supported on /v1/completions, with a text prompt",
+            "suffix",
+            "unsupported",
+        )
     if getattr(body, "best_of", None) not in (None, 1):
         raise APIError(400, "best_of is not supported; ask for n choices instead", "best_of", "unsupported")
 
