@@ -186,7 +186,7 @@ def test_peft_adapters_alpha_pattern_with_alternatives_matches_peft(qwen2_dir, t
     model, _ = load_model(qwen2_dir, "float32", progress=False, adapter=tmp_path / "peft-adapter")
     with torch.no_grad():
         torch.testing.assert_close(model(IDS), theirs, rtol=0, atol=1e-4)
-    _, pairs = adapter_pairs(model, tmp_path / "peft-adapter")
+    _, pairs, _ = adapter_pairs(model, tmp_path / "peft-adapter")
     assert pairs["model.layers.0.self_attn.v_proj"].scaling == 32 / 4
     assert pairs["model.layers.0.self_attn.q_proj"].scaling == 32 / 2
     assert pairs["model.layers.0.mlp.down_proj"].scaling == 8 / 2
@@ -475,3 +475,62 @@ def test_bfloat16_base_with_adapter_equals_peft_logits_and_gradients(qwen2_dir, 
         for side in ("lora_A", "lora_B"):
             want = grads[f"base_model.model.{name}.{side}.default.weight"]
             torch.testing.assert_close(getattr(m, side).weight.grad, want, rtol=1e-3, atol=1e-5)
+
+
+def test_peft_adapters_of_the_output_head_load_with_peft_s_logits(qwen2_dir, tmp_path):
+    """peft saves a whole copy of the output head (or embedding) beside an adapter of it
+    (save_embedding_layers); such adapters were refused as "unexpected adapter tensor
+    'base_model.model.lm_head.base_layer.weight'", though --adapter runs an output-head adapter."""
+    import peft
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    from qwenkit.model.served_adapters import AdapterNotServable
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(qwen2_dir, dtype=torch.float32)
+    peft_model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    adapter = tmp_path / "head"
+    peft_model.save_pretrained(adapter)
+    weights = adapter / "adapter_model.safetensors"
+    assert "base_model.model.lm_head.base_layer.weight" in load_file(weights)
+    with torch.no_grad():
+        theirs = peft_model.eval()(IDS).logits
+        with peft_model.disable_adapter():
+            assert (peft_model(IDS).logits - theirs).abs().max() > 1e-3
+    model, _ = load_model(qwen2_dir, "float32", progress=False, adapter=adapter)
+    assert "lm_head" in lora_modules(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS), theirs, rtol=0, atol=1e-4)
+    # served adapters cannot adapt the output head: refused naming it
+    with pytest.raises(AdapterNotServable, match="adapter 'h' adapts lm_head; served adapters may adapt"):
+        load_model(qwen2_dir, "float32", progress=False, adapters={"h": adapter})
+
+    # a copy that is not this model's weight (a resized or trained head) would run wrong: refused
+    sd = load_file(weights)
+    sd["base_model.model.lm_head.base_layer.weight"] = sd["base_model.model.lm_head.base_layer.weight"] * 1.5
+    save_file(sd, weights, {"format": "pt"})
+    with pytest.raises(
+        CheckpointError, match=r"holds its own lm_head weights .*, which are not this model's"
+    ):
+        load_model(qwen2_dir, "float32", progress=False, adapter=adapter)
+
+
+def test_peft_adapters_of_the_embedding_are_refused_naming_it(qwen2_dir, tmp_path):
+    import peft
+    import transformers
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(qwen2_dir, dtype=torch.float32)
+    peft_model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"]))
+    peft_model.save_pretrained(tmp_path / "emb")
+    message = (
+        r"model\.embed_tokens has a LoRA on the embedding \(lora_embedding_A/B\), which qwenkit does not"
+    )
+    for served in (False, True):
+        kwargs = {"adapters": {"e": tmp_path / "emb"}} if served else {"adapter": tmp_path / "emb"}
+        with pytest.raises(CheckpointError, match=message):
+            load_model(qwen2_dir, "float32", progress=False, **kwargs)
