@@ -534,3 +534,29 @@ def test_peft_adapters_of_the_embedding_are_refused_naming_it(qwen2_dir, tmp_pat
         kwargs = {"adapters": {"e": tmp_path / "emb"}} if served else {"adapter": tmp_path / "emb"}
         with pytest.raises(CheckpointError, match=message):
             load_model(qwen2_dir, "float32", progress=False, **kwargs)
+
+
+def test_merging_an_adapter_of_a_tied_output_head_leaves_the_embedding(tmp_path):
+    """The head of a tied model is the embedding's weight: merging its update into that shared weight
+    changed the embedding too, and merge wrote a model 100 logits away from the adapter's (exit 0)."""
+    from safetensors.torch import load_file
+
+    from qwenkit.cli import main as cli_main
+
+    tied_dir = save_hf(hf_model("qwen2", tie_word_embeddings=True), tmp_path / "tied")
+    model, _ = load_model(tied_dir, "float32", progress=False)
+    cfg = LoRAConfig(r=4, alpha=8, dropout=0.0, target_modules=("q_proj", "lm_head"))
+    apply_lora(model, cfg)
+    randomize(model)
+    (tmp_path / "a").mkdir()
+    save_adapter(model, tmp_path / "a", cfg, str(tied_dir))
+    with torch.no_grad():
+        ours = model(IDS)
+    embedding = model.model.embed_tokens.weight.clone()
+    assert cli_main(["merge", str(tied_dir), str(tmp_path / "a"), str(tmp_path / "merged")]) == 0
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["tie_word_embeddings"] is False
+    written = load_file(tmp_path / "merged" / "model.safetensors")
+    assert torch.equal(written["model.embed_tokens.weight"], embedding)
+    merged, _ = load_model(tmp_path / "merged", "float32", progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(IDS), ours, rtol=0, atol=1e-4)
