@@ -560,3 +560,40 @@ def test_merging_an_adapter_of_a_tied_output_head_leaves_the_embedding(tmp_path)
     merged, _ = load_model(tmp_path / "merged", "float32", progress=False)
     with torch.no_grad():
         torch.testing.assert_close(merged(IDS), ours, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_peft_adapters_of_a_base_changed_at_init_are_refused_and_run_once_converted(
+    qwen2_dir, tmp_path, init
+):
+    """PiSSA and OLoRA train against W - B0·A0, which peft rebuilds from the config while loading; applied
+    to the model's own weights these adapters ran 0.09 (PiSSA) and 0.22 (OLoRA) logits off peft's, with no
+    word. peft's conversion to a plain LoRA adapter runs with peft's logits."""
+    import peft
+    import transformers
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(qwen2_dir, dtype=torch.float32)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=init)
+    peft_model = peft.get_peft_model(base, cfg)
+    peft_model.peft_config["default"].init_lora_weights = True  # peft's recipe: keep the initial adapter
+    peft_model.save_pretrained(tmp_path / "initial")
+    peft_model.peft_config["default"].init_lora_weights = init
+    torch.manual_seed(4)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.add_(torch.randn_like(p) * 0.3)
+        theirs = peft_model.eval()(IDS).logits
+    peft_model.save_pretrained(tmp_path / "trained")
+    for load in (
+        lambda: load_model(qwen2_dir, "float32", progress=False, adapter=tmp_path / "trained"),
+        lambda: load_model(qwen2_dir, "float32", progress=False, adapters={"p": tmp_path / "trained"}),
+    ):
+        with pytest.raises(CheckpointError, match=f"init_lora_weights '{init}' trains against a base peft"):
+            load()
+    peft_model.save_pretrained(
+        tmp_path / "converted", path_initial_model_for_weight_conversion=str(tmp_path / "initial")
+    )
+    model, _ = load_model(qwen2_dir, "float32", progress=False, adapter=tmp_path / "converted")
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS), theirs, rtol=0, atol=1e-4)

@@ -51,6 +51,10 @@ UNSUPPORTED_VARIANTS = {
     "kasa_config": "KaSA",
     "monteclora_config": "MonteCLoRA",
 }
+# peft inits that move the base weights (W - B0·A0 kept as the base: PiSSA, OLoRA, CorDA; LoftQ's
+# quantized residual): their saved pairs add up to the model only on that changed base, and peft rebuilds
+# it while loading, so on the model's own weights they ran 0.1-0.2 logits off peft's
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
 _KEY = re.compile(r"^(?:base_model\.model\.)?(.+)\.(lora_A|lora_B)(?:\.default)?\.weight$")
 # peft saves a whole copy of the embedding and output head it holds an adapter for (save_embedding_layers,
 # on by default when one is a target), and loading puts it in place of the model's own weights
@@ -177,6 +181,13 @@ def read_adapter(
     for key, what in UNSUPPORTED_VARIANTS.items():
         if raw.get(key):
             raise CheckpointError(f"{cfg_file}: {key} ({what}) is not supported; qwenkit applies plain LoRA")
+    init = raw.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
+        raise CheckpointError(
+            f"{cfg_file}: init_lora_weights {init!r} trains against a base peft changed at init, which "
+            "qwenkit does not rebuild; save the adapter with peft's path_initial_model_for_weight_conversion "
+            "(a plain LoRA adapter) and use that"
+        )
     if raw.get("modules_to_save"):
         raise CheckpointError(f"{cfg_file}: modules_to_save {raw['modules_to_save']} is not supported")
     if raw.get("bias", "none") != "none" or raw.get("fan_in_fan_out"):
