@@ -597,3 +597,18 @@ def test_peft_adapters_of_a_base_changed_at_init_are_refused_and_run_once_conver
     model, _ = load_model(qwen2_dir, "float32", progress=False, adapter=tmp_path / "converted")
     with torch.no_grad():
         torch.testing.assert_close(model(IDS), theirs, rtol=0, atol=1e-4)
+
+
+def test_a_lora_ga_adapter_is_refused_as_its_base_changed_at_init(qwen2_dir, tmp_path):
+    """LoRA-GA also keeps W - scaling·B0·A0 as the base (peft's lora_ga_init)."""
+    model, _ = load_model(qwen2_dir, "float32", progress=False)
+    cfg = LoRAConfig(r=2, alpha=4, dropout=0.0, target_modules=("q_proj",))
+    apply_lora(model, cfg)
+    (tmp_path / "a").mkdir()
+    save_adapter(model, tmp_path / "a", cfg, str(qwen2_dir))
+    raw = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**raw, "init_lora_weights": "lora_ga"}))
+    with pytest.raises(
+        CheckpointError, match="init_lora_weights 'lora_ga' trains against a base peft changed"
+    ):
+        load_model(qwen2_dir, "float32", progress=False, adapter=tmp_path / "a")

@@ -51,10 +51,10 @@ UNSUPPORTED_VARIANTS = {
     "kasa_config": "KaSA",
     "monteclora_config": "MonteCLoRA",
 }
-# peft inits that move the base weights (W - B0·A0 kept as the base: PiSSA, OLoRA, CorDA; LoftQ's
-# quantized residual): their saved pairs add up to the model only on that changed base, and peft rebuilds
-# it while loading, so on the model's own weights they ran 0.1-0.2 logits off peft's
-BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
+# peft inits that move the base weights (W - B0·A0 kept as the base: PiSSA, OLoRA, CorDA, LoRA-GA;
+# LoftQ's quantized residual): their saved pairs add up to the model only on that changed base, and peft
+# rebuilds it while loading, so on the model's own weights they ran 0.1-0.2 logits off peft's
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
 _KEY = re.compile(r"^(?:base_model\.model\.)?(.+)\.(lora_A|lora_B)(?:\.default)?\.weight$")
 # peft saves a whole copy of the embedding and output head it holds an adapter for (save_embedding_layers,
 # on by default when one is a target), and loading puts it in place of the model's own weights
