@@ -202,8 +202,10 @@ def test_peft_adapters_alpha_pattern_with_alternatives_matches_peft(qwen2_dir, t
         (dict(layer_replication=[[0, 1], [0, 1]]), r"layer_replication \(adapters on peft's copies of base"),
         (dict(use_dora=True), r"use_dora \(DoRA\) is not supported"),
         (dict(lora_bias=True), r"lora_bias \(a bias on lora_B\) is not supported"),
+        (dict(bias="lora_only"), r"bias='lora_only' \(the base layers' biases trained with the adapter\)"),
+        (dict(bias="all"), r"bias='all' \(the base layers' biases trained with the adapter\)"),
     ],
-    ids=["alora", "layer_replication", "dora", "lora_bias"],
+    ids=["alora", "layer_replication", "dora", "lora_bias", "bias_lora_only", "bias_all"],
 )
 def test_peft_variants_qwenkit_would_compute_otherwise_are_refused(qwen2_dir, tmp_path, variant, message):
     """peft runs these adapters differently from plain LoRA. aLoRA and layer_replication files hold only

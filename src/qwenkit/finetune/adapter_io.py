@@ -190,8 +190,13 @@ def read_adapter(
         )
     if raw.get("modules_to_save"):
         raise CheckpointError(f"{cfg_file}: modules_to_save {raw['modules_to_save']} is not supported")
-    if raw.get("bias", "none") != "none" or raw.get("fan_in_fan_out"):
-        raise CheckpointError(f"{cfg_file}: only bias='none' and fan_in_fan_out=false adapters are supported")
+    if raw.get("bias", "none") != "none":  # peft saves the base layers' biases, trained with it
+        raise CheckpointError(
+            f"{cfg_file}: bias={raw['bias']!r} (the base layers' biases trained with the adapter) is not "
+            "supported; qwenkit applies plain LoRA"
+        )
+    if raw.get("fan_in_fan_out"):
+        raise CheckpointError(f"{cfg_file}: fan_in_fan_out=true (Conv1D layers) is not supported")
     targets = raw.get("target_modules")
     tensors = _read_tensors(d)
     copies = {m.group(1): tensors.pop(k) for k in list(tensors) if (m := _EMBEDDING_COPY.match(k))}
