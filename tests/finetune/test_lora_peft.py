@@ -503,11 +503,17 @@ def test_peft_adapters_of_the_output_head_load_with_peft_s_logits(qwen2_dir, tmp
     with torch.no_grad():
         theirs = peft_model.eval()(IDS).logits
         with peft_model.disable_adapter():
-            assert (peft_model(IDS).logits - theirs).abs().max() > 1e-3
+            effect = (peft_model(IDS).logits - theirs).abs().max()
+    assert effect > 1e-3
     model, _ = load_model(qwen2_dir, "float32", progress=False, adapter=adapter)
     assert "lm_head" in lora_modules(model)
     with torch.no_grad():
         torch.testing.assert_close(model(IDS), theirs, rtol=0, atol=1e-4)
+    # on a quantized head (no float weight to compare the copy with) too, within int8's rounding
+    int8, _ = load_model(qwen2_dir, "float32", progress=False, quantize="int8", adapter=adapter)
+    assert isinstance(lora_modules(int8)["lm_head"].base_layer, QuantizedLinear)
+    with torch.no_grad():
+        assert (int8(IDS) - theirs).abs().max() < effect / 10
     # served adapters cannot adapt the output head: refused naming it
     with pytest.raises(AdapterNotServable, match="adapter 'h' adapts lm_head; served adapters may adapt"):
         load_model(qwen2_dir, "float32", progress=False, adapters={"h": adapter})

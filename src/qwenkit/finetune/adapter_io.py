@@ -226,15 +226,16 @@ def check_copies(model: nn.Module, path: str | Path, copies: dict[str, torch.Ten
     vocabulary, trained rows) would run wrong."""
     for name, copy in copies.items():
         try:
-            weight = model.get_submodule(name).weight
+            module = model.get_submodule(name)
         except AttributeError:
-            weight = None
-        same = (
-            isinstance(weight, torch.Tensor)
-            and not weight.is_meta
-            and weight.shape == copy.shape
-            and torch.equal(copy.to(weight.device, weight.dtype), weight)
-        )
+            module = None
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.is_floating_point() and not weight.is_meta:
+            same = weight.shape == copy.shape and torch.equal(copy.to(weight.device, weight.dtype), weight)
+        else:  # a quantized layer holds no float weight to compare: its shape (a resized vocabulary)
+            rows = getattr(module, "out_features", getattr(module, "num_embeddings", None))
+            cols = getattr(module, "in_features", getattr(module, "embedding_dim", None))
+            same = (rows, cols) == tuple(copy.shape)
         if not same:
             raise CheckpointError(
                 f"{path}: the adapter holds its own {name} weights (peft's save_embedding_layers), which "
