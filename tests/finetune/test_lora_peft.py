@@ -186,7 +186,7 @@ def test_peft_adapters_alpha_pattern_with_alternatives_matches_peft(qwen2_dir, t
     model, _ = load_model(qwen2_dir, "float32", progress=False, adapter=tmp_path / "peft-adapter")
     with torch.no_grad():
         torch.testing.assert_close(model(IDS), theirs, rtol=0, atol=1e-4)
-    _, pairs = adapter_pairs(model, tmp_path / "peft-adapter")
+    _, pairs, _ = adapter_pairs(model, tmp_path / "peft-adapter")
     assert pairs["model.layers.0.self_attn.v_proj"].scaling == 32 / 4
     assert pairs["model.layers.0.self_attn.q_proj"].scaling == 32 / 2
     assert pairs["model.layers.0.mlp.down_proj"].scaling == 8 / 2
@@ -202,8 +202,10 @@ def test_peft_adapters_alpha_pattern_with_alternatives_matches_peft(qwen2_dir, t
         (dict(layer_replication=[[0, 1], [0, 1]]), r"layer_replication \(adapters on peft's copies of base"),
         (dict(use_dora=True), r"use_dora \(DoRA\) is not supported"),
         (dict(lora_bias=True), r"lora_bias \(a bias on lora_B\) is not supported"),
+        (dict(bias="lora_only"), r"bias='lora_only' \(the base layers' biases trained with the adapter\)"),
+        (dict(bias="all"), r"bias='all' \(the base layers' biases trained with the adapter\)"),
     ],
-    ids=["alora", "layer_replication", "dora", "lora_bias"],
+    ids=["alora", "layer_replication", "dora", "lora_bias", "bias_lora_only", "bias_all"],
 )
 def test_peft_variants_qwenkit_would_compute_otherwise_are_refused(qwen2_dir, tmp_path, variant, message):
     """peft runs these adapters differently from plain LoRA. aLoRA and layer_replication files hold only
@@ -475,3 +477,146 @@ def test_bfloat16_base_with_adapter_equals_peft_logits_and_gradients(qwen2_dir, 
         for side in ("lora_A", "lora_B"):
             want = grads[f"base_model.model.{name}.{side}.default.weight"]
             torch.testing.assert_close(getattr(m, side).weight.grad, want, rtol=1e-3, atol=1e-5)
+
+
+def test_peft_adapters_of_the_output_head_load_with_peft_s_logits(qwen2_dir, tmp_path):
+    """peft saves a whole copy of the output head (or embedding) beside an adapter of it
+    (save_embedding_layers); such adapters were refused as "unexpected adapter tensor
+    'base_model.model.lm_head.base_layer.weight'", though --adapter runs an output-head adapter."""
+    import peft
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    from qwenkit.model.served_adapters import AdapterNotServable
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(qwen2_dir, dtype=torch.float32)
+    peft_model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    adapter = tmp_path / "head"
+    peft_model.save_pretrained(adapter)
+    weights = adapter / "adapter_model.safetensors"
+    assert "base_model.model.lm_head.base_layer.weight" in load_file(weights)
+    with torch.no_grad():
+        theirs = peft_model.eval()(IDS).logits
+        with peft_model.disable_adapter():
+            effect = (peft_model(IDS).logits - theirs).abs().max()
+    assert effect > 1e-3
+    model, _ = load_model(qwen2_dir, "float32", progress=False, adapter=adapter)
+    assert "lm_head" in lora_modules(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS), theirs, rtol=0, atol=1e-4)
+    # on a quantized head (no float weight to compare the copy with) too, within int8's rounding
+    int8, _ = load_model(qwen2_dir, "float32", progress=False, quantize="int8", adapter=adapter)
+    assert isinstance(lora_modules(int8)["lm_head"].base_layer, QuantizedLinear)
+    with torch.no_grad():
+        assert (int8(IDS) - theirs).abs().max() < effect / 10
+    # served adapters cannot adapt the output head: refused naming it
+    with pytest.raises(AdapterNotServable, match="adapter 'h' adapts lm_head; served adapters may adapt"):
+        load_model(qwen2_dir, "float32", progress=False, adapters={"h": adapter})
+
+    # a copy that is not this model's weight (a resized or trained head) would run wrong: refused
+    sd = load_file(weights)
+    sd["base_model.model.lm_head.base_layer.weight"] = sd["base_model.model.lm_head.base_layer.weight"] * 1.5
+    save_file(sd, weights, {"format": "pt"})
+    with pytest.raises(
+        CheckpointError, match=r"holds its own lm_head weights .*, which are not this model's"
+    ):
+        load_model(qwen2_dir, "float32", progress=False, adapter=adapter)
+
+
+def test_peft_adapters_of_the_embedding_are_refused_naming_it(qwen2_dir, tmp_path):
+    import peft
+    import transformers
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(qwen2_dir, dtype=torch.float32)
+    peft_model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"]))
+    peft_model.save_pretrained(tmp_path / "emb")
+    message = (
+        r"model\.embed_tokens has a LoRA on the embedding \(lora_embedding_A/B\), which qwenkit does not"
+    )
+    for served in (False, True):
+        kwargs = {"adapters": {"e": tmp_path / "emb"}} if served else {"adapter": tmp_path / "emb"}
+        with pytest.raises(CheckpointError, match=message):
+            load_model(qwen2_dir, "float32", progress=False, **kwargs)
+
+
+def test_merging_an_adapter_of_a_tied_output_head_leaves_the_embedding(tmp_path):
+    """The head of a tied model is the embedding's weight: merging its update into that shared weight
+    changed the embedding too, and merge wrote a model 100 logits away from the adapter's (exit 0)."""
+    from safetensors.torch import load_file
+
+    from qwenkit.cli import main as cli_main
+
+    tied_dir = save_hf(hf_model("qwen2", tie_word_embeddings=True), tmp_path / "tied")
+    model, _ = load_model(tied_dir, "float32", progress=False)
+    cfg = LoRAConfig(r=4, alpha=8, dropout=0.0, target_modules=("q_proj", "lm_head"))
+    apply_lora(model, cfg)
+    randomize(model)
+    (tmp_path / "a").mkdir()
+    save_adapter(model, tmp_path / "a", cfg, str(tied_dir))
+    with torch.no_grad():
+        ours = model(IDS)
+    embedding = model.model.embed_tokens.weight.clone()
+    assert cli_main(["merge", str(tied_dir), str(tmp_path / "a"), str(tmp_path / "merged")]) == 0
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["tie_word_embeddings"] is False
+    written = load_file(tmp_path / "merged" / "model.safetensors")
+    assert torch.equal(written["model.embed_tokens.weight"], embedding)
+    merged, _ = load_model(tmp_path / "merged", "float32", progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(IDS), ours, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_peft_adapters_of_a_base_changed_at_init_are_refused_and_run_once_converted(
+    qwen2_dir, tmp_path, init
+):
+    """PiSSA and OLoRA train against W - B0·A0, which peft rebuilds from the config while loading; applied
+    to the model's own weights these adapters ran 0.09 (PiSSA) and 0.22 (OLoRA) logits off peft's, with no
+    word. peft's conversion to a plain LoRA adapter runs with peft's logits."""
+    import peft
+    import transformers
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(qwen2_dir, dtype=torch.float32)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=init)
+    peft_model = peft.get_peft_model(base, cfg)
+    peft_model.peft_config["default"].init_lora_weights = True  # peft's recipe: keep the initial adapter
+    peft_model.save_pretrained(tmp_path / "initial")
+    peft_model.peft_config["default"].init_lora_weights = init
+    torch.manual_seed(4)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.add_(torch.randn_like(p) * 0.3)
+        theirs = peft_model.eval()(IDS).logits
+    peft_model.save_pretrained(tmp_path / "trained")
+    for load in (
+        lambda: load_model(qwen2_dir, "float32", progress=False, adapter=tmp_path / "trained"),
+        lambda: load_model(qwen2_dir, "float32", progress=False, adapters={"p": tmp_path / "trained"}),
+    ):
+        with pytest.raises(CheckpointError, match=f"init_lora_weights '{init}' trains against a base peft"):
+            load()
+    peft_model.save_pretrained(
+        tmp_path / "converted", path_initial_model_for_weight_conversion=str(tmp_path / "initial")
+    )
+    model, _ = load_model(qwen2_dir, "float32", progress=False, adapter=tmp_path / "converted")
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS), theirs, rtol=0, atol=1e-4)
+
+
+def test_a_lora_ga_adapter_is_refused_as_its_base_changed_at_init(qwen2_dir, tmp_path):
+    """LoRA-GA also keeps W - scaling·B0·A0 as the base (peft's lora_ga_init)."""
+    model, _ = load_model(qwen2_dir, "float32", progress=False)
+    cfg = LoRAConfig(r=2, alpha=4, dropout=0.0, target_modules=("q_proj",))
+    apply_lora(model, cfg)
+    (tmp_path / "a").mkdir()
+    save_adapter(model, tmp_path / "a", cfg, str(qwen2_dir))
+    raw = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**raw, "init_lora_weights": "lora_ga"}))
+    with pytest.raises(
+        CheckpointError, match="init_lora_weights 'lora_ga' trains against a base peft changed"
+    ):
+        load_model(qwen2_dir, "float32", progress=False, adapter=tmp_path / "a")

@@ -300,8 +300,8 @@ def servable_adapter(model: Transformer, name: str, path: str | Path) -> dict[st
     ``AdapterNotFound`` where there is no adapter, ``AdapterNotServable`` or ``CheckpointError``."""
     from qwenkit.finetune.adapter_io import adapter_pairs
 
-    pairs = adapter_pairs(model, path)[1]
-    for module in pairs:
+    pairs, copies = adapter_pairs(model, path)[1:]
+    for module in [*pairs, *copies]:  # a copy of the embedding would replace the base's, for every slot
         check_servable(module, name)
     return pairs
 

@@ -51,7 +51,17 @@ UNSUPPORTED_VARIANTS = {
     "kasa_config": "KaSA",
     "monteclora_config": "MonteCLoRA",
 }
+# peft inits that move the base weights (W - B0·A0 kept as the base: PiSSA, OLoRA, CorDA, LoRA-GA;
+# LoftQ's quantized residual): their saved pairs add up to the model only on that changed base, and peft
+# rebuilds it while loading, so on the model's own weights they ran 0.1-0.2 logits off peft's
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
 _KEY = re.compile(r"^(?:base_model\.model\.)?(.+)\.(lora_A|lora_B)(?:\.default)?\.weight$")
+# peft saves a whole copy of the embedding and output head it holds an adapter for (save_embedding_layers,
+# on by default when one is a target), and loading puts it in place of the model's own weights
+_EMBEDDING_COPY = re.compile(
+    r"^(?:base_model\.model\.)?((?:.+\.)?(?:embed_tokens|lm_head))(?:\.base_layer)?\.weight$"
+)
+_EMBEDDING_LORA = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_embedding_[AB](?:\.default)?$")
 
 
 def adapter_config_json(config: LoRAConfig, base_model: str) -> dict[str, Any]:
@@ -129,6 +139,11 @@ def _group(tensors: dict[str, torch.Tensor], where) -> dict[str, dict[str, torch
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         m = _KEY.match(key)
+        if m is None and (e := _EMBEDDING_LORA.match(key)):
+            raise CheckpointError(
+                f"{where}: {e.group(1)} has a LoRA on the embedding (lora_embedding_A/B), which qwenkit "
+                "does not apply; train the adapter without the embedding in target_modules"
+            )
         if m is None:
             raise CheckpointError(
                 f"{where}: unexpected adapter tensor {key!r} (only lora_A/lora_B are supported)"
@@ -144,8 +159,11 @@ class AdapterNotFound(CheckpointError):
     """No adapter at the path: no directory there, or one without an adapter config."""
 
 
-def read_adapter(path: str | Path) -> tuple[LoRAConfig, dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
-    """(config, {module name: {"lora_A": A, "lora_B": B}}, raw config) from a peft adapter directory."""
+def read_adapter(
+    path: str | Path,
+) -> tuple[LoRAConfig, dict[str, dict[str, torch.Tensor]], dict[str, Any], dict[str, torch.Tensor]]:
+    """(config, {module name: {"lora_A": A, "lora_B": B}}, raw config, {module name: weight}) from a peft
+    adapter directory; the last: peft's copies of the embedding or output head (``check_copies``)."""
     d = Path(path)
     cfg_file = d / CONFIG_NAME
     if not cfg_file.is_file():
@@ -163,12 +181,25 @@ def read_adapter(path: str | Path) -> tuple[LoRAConfig, dict[str, dict[str, torc
     for key, what in UNSUPPORTED_VARIANTS.items():
         if raw.get(key):
             raise CheckpointError(f"{cfg_file}: {key} ({what}) is not supported; qwenkit applies plain LoRA")
+    init = raw.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
+        raise CheckpointError(
+            f"{cfg_file}: init_lora_weights {init!r} trains against a base peft changed at init, which "
+            "qwenkit does not rebuild; save the adapter with peft's path_initial_model_for_weight_conversion "
+            "(a plain LoRA adapter) and use that"
+        )
     if raw.get("modules_to_save"):
         raise CheckpointError(f"{cfg_file}: modules_to_save {raw['modules_to_save']} is not supported")
-    if raw.get("bias", "none") != "none" or raw.get("fan_in_fan_out"):
-        raise CheckpointError(f"{cfg_file}: only bias='none' and fan_in_fan_out=false adapters are supported")
+    if raw.get("bias", "none") != "none":  # peft saves the base layers' biases, trained with it
+        raise CheckpointError(
+            f"{cfg_file}: bias={raw['bias']!r} (the base layers' biases trained with the adapter) is not "
+            "supported; qwenkit applies plain LoRA"
+        )
+    if raw.get("fan_in_fan_out"):
+        raise CheckpointError(f"{cfg_file}: fan_in_fan_out=true (Conv1D layers) is not supported")
     targets = raw.get("target_modules")
     tensors = _read_tensors(d)
+    copies = {m.group(1): tensors.pop(k) for k in list(tensors) if (m := _EMBEDDING_COPY.match(k))}
     grouped = _group(tensors, d)
     if not grouped:
         raise CheckpointError(f"{d}: the adapter holds no tensors")
@@ -186,7 +217,31 @@ def read_adapter(path: str | Path) -> tuple[LoRAConfig, dict[str, dict[str, torc
         rank_pattern=dict(raw.get("rank_pattern") or {}),
         alpha_pattern=dict(raw.get("alpha_pattern") or {}),
     )
-    return config, grouped, raw
+    return config, grouped, raw, copies
+
+
+def check_copies(model: nn.Module, path: str | Path, copies: dict[str, torch.Tensor]) -> None:
+    """CheckpointError unless each of peft's saved copies (``read_adapter``) is this model's own weight:
+    the adapter is applied to the model's weights, so one trained with other embeddings (a resized
+    vocabulary, trained rows) would run wrong."""
+    for name, copy in copies.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            module = None
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.is_floating_point() and not weight.is_meta:
+            same = weight.shape == copy.shape and torch.equal(copy.to(weight.device, weight.dtype), weight)
+        else:  # a quantized layer holds no float weight to compare: its shape (a resized vocabulary)
+            rows = getattr(module, "out_features", getattr(module, "num_embeddings", None))
+            cols = getattr(module, "in_features", getattr(module, "embedding_dim", None))
+            same = (rows, cols) == tuple(copy.shape)
+        if not same:
+            raise CheckpointError(
+                f"{path}: the adapter holds its own {name} weights (peft's save_embedding_layers), which "
+                "are not this model's; qwenkit applies an adapter to the model's own weights: merge it "
+                "with peft instead"
+            )
 
 
 def _number(cfg_file: Path, raw: dict[str, Any], key: str, default: float, whole: bool) -> Any:
@@ -211,10 +266,13 @@ def _read_tensors(d: Path) -> dict[str, torch.Tensor]:
     raise CheckpointError(f"{d}: neither {WEIGHTS_NAME} nor {LEGACY_WEIGHTS_NAME} found")
 
 
-def adapter_pairs(model: nn.Module, path: str | Path) -> tuple[LoRAConfig, dict[str, LoRAPair]]:
-    """The adapter's config and its update of each module, under this model's module names (a Qwen v1
-    adapter's fused ``c_attn`` split into q/k/v, stacked experts into one pair per expert)."""
-    config, grouped, _ = read_adapter(path)
+def adapter_pairs(
+    model: nn.Module, path: str | Path
+) -> tuple[LoRAConfig, dict[str, LoRAPair], dict[str, torch.Tensor]]:
+    """The adapter's config, its update of each module under this model's module names (a Qwen v1
+    adapter's fused ``c_attn`` split into q/k/v, stacked experts into one pair per expert), and peft's
+    copies of the embedding or output head it holds (``read_adapter``, ``check_copies``)."""
+    config, grouped, _, copies = read_adapter(path)
 
     def scaling_of(name: str, r: int) -> float:
         return config.scaling(r, config.for_module(name)[1])
@@ -232,7 +290,8 @@ def adapter_pairs(model: nn.Module, path: str | Path) -> tuple[LoRAConfig, dict[
                     f"rank {r}; the weights and the config are of different adapters"
                 )
         modules = {n: (pair, scaling_of(n, pair["lora_A"].shape[0])) for n, pair in grouped.items()}
-    return config, {n: LoRAPair(p["lora_A"], p["lora_B"], scaling) for n, (p, scaling) in modules.items()}
+    pairs = {n: LoRAPair(p["lora_A"], p["lora_B"], scaling) for n, (p, scaling) in modules.items()}
+    return config, pairs, copies
 
 
 @torch.no_grad()
@@ -241,7 +300,8 @@ def load_adapter(model: nn.Module, path: str | Path, part: PairPart | None = Non
 
     ``part``: (module name, lora_A, lora_B) -> the pair this model holds of them (a tensor-parallel rank's
     slices, ``distributed.plan.shard_lora``); the pairs are checked against the model after it."""
-    config, pairs = adapter_pairs(model, path)
+    config, pairs, copies = adapter_pairs(model, path)
+    check_copies(model, path, copies)
     if part is not None:
         pairs = {n: LoRAPair(*part(n, p.a, p.b), p.scaling) for n, p in pairs.items()}
     missing = [n for n in pairs if not _has_linear(model, n)]

@@ -47,7 +47,10 @@ def write_model_dir(
         names.pop("lm_head.weight", None)
     save_sharded(names.items(), out, dtype=dtype, metadata={"format": "pt"})
     dtype_name = str(dtype).removeprefix("torch.")
-    write_json(out / "config.json", {**source.hf_config, "torch_dtype": dtype_name})
+    config = {**source.hf_config, "torch_dtype": dtype_name}
+    if not tied and config.get("tie_word_embeddings"):  # lm_head.weight is written: it is read, not tied
+        config["tie_word_embeddings"] = False
+    write_json(out / "config.json", config)
     if isinstance(source, GGUFCheckpoint):
         write_json(out / "generation_config.json", source.generation_config)
         if "tokenizer.ggml.model" in source.metadata:

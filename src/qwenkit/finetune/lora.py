@@ -222,7 +222,9 @@ def merge_lora(model: nn.Module) -> nn.Module:
                 f"cannot merge into the quantized layer {name}; merge the adapter into the float model"
             )
         merged = base.weight.float() + m.delta_weight().to(base.weight.device)
-        base.weight.data = merged.to(base.weight.dtype)
+        # a new parameter, not new data in the old: a tied output head shares it with the embedding,
+        # which the head's update must leave as it is (the two are untied from here on)
+        base.weight = nn.Parameter(merged.to(base.weight.dtype), requires_grad=False)
         _replace(model, name, base)
     return model
 
