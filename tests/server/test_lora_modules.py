@@ -4,6 +4,7 @@ openai client against a live server."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -127,6 +128,10 @@ def test_the_response_cache_keeps_adapters_apart(lora_llm, adapters):
         (["--lora-modules", "a=.", "a=."], "--lora-modules names 'a' twice"),
         (["--lora-modules", "a=.", "--adapter", "."], "not both"),
         (["--lora-modules", "a=.", "--served-model-name", "a"], "is also a --lora-modules name"),
+        (["--lora-modules", '{"name": "a"'], '--lora-modules: \'{"name": "a"\' is not JSON'),
+        (["--lora-modules", '{"name": "a"}'], '--lora-modules: a JSON item needs "name" and "path" strings'),
+        (["--lora-modules", '{"name": "a", "path": ".", "rank": 8}'], "--lora-modules a: unknown key 'rank'"),
+        (["--lora-modules", '{"name": "a", "path": "/nonexistent"}'], "a: /nonexistent is not a directory"),
     ],
 )
 def test_bad_lora_modules_exit_2_with_one_line(args, message):
@@ -151,3 +156,18 @@ def test_metrics_name_the_adapters_of_running_requests(lora_server):
             if line.startswith("data: "):
                 break  # the request is running
         assert 'running_lora_adapters="poet"' in info()
+
+
+def test_lora_modules_take_vllms_json_form_too(tmp_path):
+    """vLLM's --lora-modules also takes '{"name": ..., "path": ..., "base_model_name": ...}' items (a
+    command line copied from vLLM was refused); the base must be the model this server serves."""
+    from qwenkit.cli.serve import lora_modules
+    from qwenkit.errors import ConfigError
+
+    items = [
+        f"sql={tmp_path}",
+        json.dumps({"name": "chat", "path": str(tmp_path), "base_model_name": "tiny"}),
+    ]
+    assert lora_modules(items, "tiny") == {"sql": str(tmp_path), "chat": str(tmp_path)}
+    with pytest.raises(ConfigError, match="base_model_name 'tiny' is not the model served .'other'."):
+        lora_modules(items, "other")

@@ -9,6 +9,7 @@ exits 0.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
@@ -170,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=DIR",
         default=(_env("lora_modules") or "").split(),
         help="peft-format LoRA adapters served beside the base model, each chosen by a request's "
-        '"model": NAME (vLLM\'s flag; the base model stays served under its own name)',
+        '"model": NAME (vLLM\'s flag, also in its JSON form {"name": ..., "path": ...}; the base model '
+        "stays served under its own name)",
     )
     e.add_argument(
         "--allow-runtime-lora",
@@ -198,20 +200,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def lora_modules(items: list[str]) -> dict[str, str]:
-    """``--lora-modules`` NAME=DIR items -> {name: directory}, each checked."""
+def lora_modules(items: list[str], served_name: str | None = None) -> dict[str, str]:
+    """``--lora-modules`` items -> {name: directory}, each checked. An item is NAME=DIR or, as vLLM also
+    takes it, a JSON object ``{"name": ..., "path": ..., "base_model_name": ...}``, whose base (when
+    ``served_name`` is known) must be the one model served."""
     modules: dict[str, str] = {}
     for item in items:
-        name, sep, path = item.partition("=")
-        name, path = name.strip(), path.strip()
-        if not sep or not name or not path:
-            raise ConfigError(f"--lora-modules takes NAME=DIR items, got {item!r}")
+        if item.lstrip().startswith("{"):
+            name, path = _lora_module_json(item, served_name)
+        else:
+            name, sep, path = item.partition("=")
+            name, path = name.strip(), path.strip()
+            if not sep or not name or not path:
+                raise ConfigError(f"--lora-modules takes NAME=DIR items, got {item!r}")
         if name in modules:
             raise ConfigError(f"--lora-modules names {name!r} twice")
         if not Path(path).is_dir():
             raise ConfigError(f"--lora-modules {name}: {path} is not a directory")
         modules[name] = path
     return modules
+
+
+def _lora_module_json(item: str, served_name: str | None) -> tuple[str, str]:
+    try:
+        spec = json.loads(item)
+    except ValueError as e:
+        raise ConfigError(f"--lora-modules: {item!r} is not JSON ({e})") from None
+    named = isinstance(spec, dict) and all(
+        isinstance(spec.get(k), str) and spec[k].strip() for k in ("name", "path")
+    )
+    if not named:
+        raise ConfigError(f'--lora-modules: a JSON item needs "name" and "path" strings, got {item!r}')
+    unknown = sorted(set(spec) - {"name", "path", "base_model_name"})
+    if unknown:
+        raise ConfigError(f"--lora-modules {spec['name']}: unknown key {unknown[0]!r}")
+    base = spec.get("base_model_name")
+    if base is not None and served_name is not None and base != served_name:
+        raise ConfigError(
+            f"--lora-modules {spec['name']}: base_model_name {base!r} is not the model served "
+            f"({served_name!r}); one server serves one base model"
+        )
+    return spec["name"].strip(), spec["path"].strip()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -367,7 +396,7 @@ def serve(args: argparse.Namespace, api_key: str | None, llm, listener: socket.s
 
     path = resolve_model(args.model)
     name = args.served_model_name or (path.stem if path.suffix == ".gguf" else path.name)
-    adapters = lora_modules(args.lora_modules)
+    adapters = lora_modules(args.lora_modules, name)
     if name in adapters:
         raise ConfigError(f"the model is served as {name!r}, which is also a --lora-modules name")
     config = ServerConfig(
