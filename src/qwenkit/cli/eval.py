@@ -98,8 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", dest="served_model", help="model name to send to the endpoint")
     p.add_argument("--rescore", metavar="DIR", help="recompute DIR/results.json from its samples")
-    p.add_argument("--compare", nargs="+", metavar="RESULTS", help="print a table of results files")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--compare",
+        nargs="+",
+        metavar="RESULTS",
+        help="compare saved runs (--output directories or their results.json): a row each, a difference "
+        "beyond the standard error marked *, runs of other settings or items marked !",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (model loading, items)")
     add_tensor_parallel_arg(p)
     return p
 
@@ -307,6 +313,7 @@ def _evaluate(
             cuda_graphs=args.cuda_graphs,
             tensor_parallel=tp,
             adapter=args.adapter,
+            progress=not args.no_progress and (tp is None or tp.rank == 0),
         )
         if tp is None or tp.rank == 0:
             warn_past_context(llm, "--max-context")
