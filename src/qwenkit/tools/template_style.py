@@ -23,7 +23,7 @@ from qwenkit.tools.react import STOP_WORDS, continues_turn, parse_react, react_m
 
 @dataclass(frozen=True)
 class TemplateStyle:
-    react: bool  # the template cannot render tools: prompt with ReAct and stop at its observation words
+    react: bool  # no hermes tools in the template: prompt with ReAct and stop at its observation words
     reasoning: bool  # the template knows a <think> block
 
     @property
