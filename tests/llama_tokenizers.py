@@ -205,7 +205,7 @@ def write_llama32_chat_model(path: Path) -> Path:
         "model_type": "llama",
         "bos_token_id": base,
         "eos_token_id": LLAMA32_EOS,
-        "head_dim": 8,
+        "head_dim": 64,  # as Llama 3.2 1B: three frequencies in the llama3 blend
         "hidden_act": "silu",
         "hidden_size": 32,
         "intermediate_size": 64,

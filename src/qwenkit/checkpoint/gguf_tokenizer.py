@@ -44,6 +44,27 @@ _SPLITS = {
 }
 
 
+# Tokens llama.cpp ends a generation on wherever a vocabulary spells them so (llama-vocab.cpp), besides the
+# file's eos, eot and eom ids: a Llama 3.x file names <|eot_id|> its eos, and its model also ends on
+# <|eom_id|> and <|end_of_text|>, as the Hugging Face release's eos list says.
+END_OF_GENERATION_TOKENS = frozenset(
+    {
+        "<|eot_id|>",
+        "<|eom_id|>",
+        "<|end_of_text|>",
+        "<|im_end|>",
+        "<|endoftext|>",
+        "<|end|>",
+        "<|return|>",
+        "<|call|>",
+        "<end_of_turn>",
+        "<EOT>",
+        "_<EOT>",
+        "<end_of_utterance>",
+    }
+)
+
+
 class TokenizerMetadataError(ValueError):
     """The file's tokenizer keys are missing or describe a tokenizer we cannot build."""
 
@@ -61,6 +82,7 @@ class GGUFVocab:
     add_bos_token: bool
     add_eos_token: bool
     chat_template: str | None
+    end_of_generation_ids: tuple[int, ...] = ()  # the file's eos first, then as llama.cpp finds them
 
     @classmethod
     def from_metadata(cls, metadata: Mapping[str, Any]) -> GGUFVocab:
@@ -87,6 +109,12 @@ class GGUFVocab:
             for role, key in names.items()
             if metadata.get(f"tokenizer.ggml.{key}") is not None
         }
+        ends = [
+            int(metadata[f"tokenizer.ggml.{key}"])
+            for key in ("eos_token_id", "eot_token_id", "eom_token_id")
+            if metadata.get(f"tokenizer.ggml.{key}") is not None
+        ]
+        ends += [i for i, token in enumerate(tokens) if token in END_OF_GENERATION_TOKENS]
         return cls(
             model=model,
             pre=metadata.get("tokenizer.ggml.pre"),
@@ -97,6 +125,7 @@ class GGUFVocab:
             add_bos_token=bool(metadata.get("tokenizer.ggml.add_bos_token", False)),
             add_eos_token=bool(metadata.get("tokenizer.ggml.add_eos_token", False)),
             chat_template=metadata.get("tokenizer.chat_template"),
+            end_of_generation_ids=tuple(dict.fromkeys(ends)),
         )
 
 
