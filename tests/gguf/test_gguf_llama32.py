@@ -46,10 +46,12 @@ def llama32(tmp_path_factory):
     return hf_dir, gguf_path, ids, reply
 
 
-def test_gguf_stops_on_eom_as_llama_cpp_and_the_hf_release(llama32):
-    """Before, only <|eot_id|> stopped: past <|eom_id|> the reply ran on to max_tokens."""
-    _, gguf_path, ids, reply = llama32
-    llm = LLM.load(gguf_path, dtype="float32", progress=False)
+@pytest.mark.parametrize("source", ["gguf", "hf"])
+def test_gguf_stops_on_eom_as_llama_cpp_and_the_hf_release(llama32, source):
+    """Before, a GGUF stopped only on <|eot_id|>: past <|eom_id|> the reply ran on to max_tokens. The
+    Hugging Face directory (its generation_config's eos list) stops there as transformers does."""
+    hf_dir, gguf_path, ids, reply = llama32
+    llm = LLM.load(gguf_path if source == "gguf" else hf_dir, dtype="float32", progress=False)
     try:
         params = SamplingParams(temperature=0.0, repetition_penalty=1.0, max_tokens=24)
         got = llm.generate([ids], params)[0]
