@@ -161,7 +161,10 @@ def write_llama32_chat_model(path: Path) -> Path:
     data = json.loads(tok.to_str())
     vocab = data["model"]["vocab"]
     trained = len(vocab)
-    vocab |= {f"Ġw{i}": i for i in range(trained, base)}  # no merge makes them: decode-only ids
+    # Padding words no merge makes ("Ġzqab"...): as in Llama 3's tokenizer.json (ignore_merges), a piece
+    # that is a whole token is that token, so " zqab" is one id here, not letters merged.
+    vocab |= {"Ġzq" + _letters(i - trained): i for i in range(trained, base)}
+    data["model"]["ignore_merges"] = True
     names = {i: n for n, i in LLAMA3_SPECIALS.items()}
     data["added_tokens"] = [
         {
@@ -246,3 +249,12 @@ def write_llama32_chat_model(path: Path) -> Path:
     }
     (path / "generation_config.json").write_text(json.dumps(generation))
     return path
+
+
+def _letters(n: int) -> str:
+    """``n`` written in base 26 with the letters a-z (fixed width 4)."""
+    out = ""
+    for _ in range(4):
+        n, r = divmod(n, 26)
+        out = chr(ord("a") + r) + out
+    return out

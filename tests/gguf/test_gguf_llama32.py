@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from qwenkit.convert.gguf_to_hf import convert_gguf_to_hf
 from qwenkit.engine import SamplingParams
-from qwenkit.generate import LLM
+from qwenkit.generate import LLM, tokenizer_for
 
 EOM = 128008
 CHAT = [{"role": "user", "content": "Hi there"}]
@@ -72,3 +72,15 @@ def test_converted_directory_stops_there_too(llama32, tmp_path):
     generation = json.loads((out / "generation_config.json").read_text())
     assert generation["eos_token_id"] == [128009, 128001, 128008]  # the file's eos first
     assert greedy(out, ids) == reply
+
+
+def test_gguf_tokenizer_takes_a_whole_word_token_as_llama_cpp(llama32):
+    """llama.cpp reads a llama-bpe vocabulary with ignore_merges, as Llama 3's tokenizer.json says: a piece
+    that is a whole token is that token. The GGUF's tokenizer merged its letters instead, so a prompt's ids
+    differed from llama.cpp's and the release's for such words."""
+    hf_dir, gguf_path, _, _ = llama32
+    text = "Hello zqaaab world zqaabc."
+    reference = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    expected = reference(text)["input_ids"]
+    assert reference.convert_tokens_to_ids(["Ġzqaaab", "Ġzqaabc"]) == [expected[2], expected[4]]
+    assert [128000, *tokenizer_for(gguf_path).encode(text)] == expected

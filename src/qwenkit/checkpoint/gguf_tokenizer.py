@@ -5,7 +5,9 @@ merges, a type per token and the special ids. For byte-level BPE (``tokenizer.gg
 what Qwen, Llama 3 and SmolLM use) we rebuild the same tokenizer transformers builds when it loads a
 GGUF, so ids match ``AutoTokenizer.from_pretrained(dir, gguf_file=...)``:
 
-- BPE over the vocabulary and merges, no unk token, no normalizer, byte-level decoder;
+- BPE over the vocabulary and merges, no unk token, no normalizer, byte-level decoder; for Llama 3's
+  pre-tokenizers a piece that is a whole token is taken whole, as llama.cpp and Llama 3's own
+  tokenizer.json do (transformers' GGUF import merges it, so its ids differ there);
 - a pre-tokenizer chosen by ``tokenizer.ggml.pre`` (the split regex the merges were learned with),
   falling back to GPT-2's byte-level regex;
 - tokens typed CONTROL added as special tokens and USER_DEFINED ones as plain added tokens, so text
@@ -42,6 +44,9 @@ _SPLITS = {
     "smaug-bpe": _LLAMA3_SPLIT,
     "dbrx": _LLAMA3_SPLIT,
 }
+# Llama 3's vocabulary (from tiktoken) holds words its merges do not build: llama.cpp takes a piece that is a
+# whole token as that token for these pre-tokenizers, as Llama 3's tokenizer.json does (ignore_merges).
+_IGNORE_MERGES = frozenset({"llama3", "llama-v3", "llama-bpe"})
 
 
 # Tokens llama.cpp ends a generation on wherever a vocabulary spells them so (llama-vocab.cpp), besides the
@@ -161,7 +166,8 @@ def build_tokenizer(vocab: GGUFVocab) -> Tokenizer:
         }
     merges = [tuple(m.split(" ", 1)) for m in vocab.merges]
     tok = Tokenizer(BPE(vocab=index, merges=merges, dropout=None, continuing_subword_prefix="",
-                        end_of_word_suffix="", fuse_unk=False))  # fmt: skip
+                        end_of_word_suffix="", fuse_unk=False,
+                        ignore_merges=vocab.pre in _IGNORE_MERGES))  # fmt: skip
     split = _SPLITS.get(vocab.pre or "")
     if split is not None:
         tok.pre_tokenizer = pre_tokenizers.Sequence(
