@@ -176,11 +176,12 @@ def llama_cpp_rope_freqs(theta: float, head_dim: int, factor: float, low: float,
     return np.array(divisors, np.float32)
 
 
-def write_llama32_gguf(hf_dir: Path, path: Path) -> Path:
+def write_llama32_gguf(hf_dir: Path, path: Path, add_bos_key: bool = True) -> Path:
     """A Hugging Face Llama 3.2 Instruct-layout directory (``write_llama32_chat_model``) as llama.cpp's
     converter writes it: F32 tensors, the llama3 rope scaling as rope_freqs.weight, the byte-level BPE
     with pre-tokenizer ``llama-bpe``, its added tokens as control tokens, the tokenizer_config's eos
-    (``<|eot_id|>``, the one eos a GGUF names), add_bos_token, the chat template."""
+    (``<|eot_id|>``, the one eos a GGUF names), add_bos_token true (``add_bos_key`` False: no such key,
+    as in files from converters that did not write it), the chat template."""
     from safetensors.torch import load_file
 
     config = json.loads((hf_dir / "config.json").read_text())
@@ -210,7 +211,8 @@ def write_llama32_gguf(hf_dir: Path, path: Path) -> Path:
         w.add_bos_token_id(added_id(added, "<|begin_of_text|>"))
         w.add_eos_token_id(added_id(added, "<|eot_id|>"))
         w.add_pad_token_id(added_id(added, "<|finetune_right_pad_id|>"))
-        w.add_add_bos_token(True)
+        if add_bos_key:
+            w.add_add_bos_token(True)
         w.add_chat_template(chat_template)
         w.add_tensor("rope_freqs.weight", freqs)
 

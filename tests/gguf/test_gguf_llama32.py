@@ -84,3 +84,14 @@ def test_gguf_tokenizer_takes_a_whole_word_token_as_llama_cpp(llama32):
     expected = reference(text)["input_ids"]
     assert reference.convert_tokens_to_ids(["Ġzqaaab", "Ġzqaabc"]) == [expected[2], expected[4]]
     assert [128000, *tokenizer_for(gguf_path).encode(text)] == expected
+
+
+def test_a_llama3_gguf_without_add_bos_token_still_adds_the_bos(llama32, tmp_path):
+    """llama.cpp adds the BOS to a Llama 3 vocabulary's text (llama-bpe) unless the file says otherwise; a
+    file without tokenizer.ggml.add_bos_token got prompts without <|begin_of_text|>."""
+    hf_dir, _, _, _ = llama32
+    path = write_llama32_gguf(hf_dir, tmp_path / "no-key.gguf", add_bos_key=False)
+    text = "Hello world"
+    expected = transformers.AutoTokenizer.from_pretrained(hf_dir)(text)["input_ids"]
+    assert expected[0] == 128000
+    assert tokenizer_for(path).encode_prompt(text) == expected

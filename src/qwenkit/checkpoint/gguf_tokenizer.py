@@ -44,9 +44,11 @@ _SPLITS = {
     "smaug-bpe": _LLAMA3_SPLIT,
     "dbrx": _LLAMA3_SPLIT,
 }
-# Llama 3's vocabulary (from tiktoken) holds words its merges do not build: llama.cpp takes a piece that is a
-# whole token as that token for these pre-tokenizers, as Llama 3's tokenizer.json does (ignore_merges).
-_IGNORE_MERGES = frozenset({"llama3", "llama-v3", "llama-bpe"})
+# Llama 3's pre-tokenizers, which llama.cpp reads with two defaults of its own. The vocabulary (from
+# tiktoken) holds words its merges do not build: a piece that is a whole token is taken as that token, as
+# Llama 3's tokenizer.json does (ignore_merges). And text gets the BOS unless the file's
+# tokenizer.ggml.add_bos_token says otherwise (some converters did not write it).
+_LLAMA3_PRE = frozenset({"llama3", "llama-v3", "llama-bpe"})
 
 
 # Tokens llama.cpp ends a generation on wherever a vocabulary spells them so (llama-vocab.cpp), besides the
@@ -120,14 +122,15 @@ class GGUFVocab:
             if metadata.get(f"tokenizer.ggml.{key}") is not None
         ]
         ends += [i for i, token in enumerate(tokens) if token in END_OF_GENERATION_TOKENS]
+        pre = metadata.get("tokenizer.ggml.pre")
         return cls(
             model=model,
-            pre=metadata.get("tokenizer.ggml.pre"),
+            pre=pre,
             tokens=tokens,
             token_types=metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens),
             merges=merges,
             special_ids=special_ids,
-            add_bos_token=bool(metadata.get("tokenizer.ggml.add_bos_token", False)),
+            add_bos_token=bool(metadata.get("tokenizer.ggml.add_bos_token", pre in _LLAMA3_PRE)),
             add_eos_token=bool(metadata.get("tokenizer.ggml.add_eos_token", False)),
             chat_template=metadata.get("tokenizer.chat_template"),
             end_of_generation_ids=tuple(dict.fromkeys(ends)),
@@ -167,7 +170,7 @@ def build_tokenizer(vocab: GGUFVocab) -> Tokenizer:
     merges = [tuple(m.split(" ", 1)) for m in vocab.merges]
     tok = Tokenizer(BPE(vocab=index, merges=merges, dropout=None, continuing_subword_prefix="",
                         end_of_word_suffix="", fuse_unk=False,
-                        ignore_merges=vocab.pre in _IGNORE_MERGES))  # fmt: skip
+                        ignore_merges=vocab.pre in _LLAMA3_PRE))  # fmt: skip
     split = _SPLITS.get(vocab.pre or "")
     if split is not None:
         tok.pre_tokenizer = pre_tokenizers.Sequence(
