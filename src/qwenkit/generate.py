@@ -155,7 +155,9 @@ def tokenizer_for(source: CheckpointSource | str | Path) -> Tokenizer:
             return load_tokenizer(source)
         source = open_checkpoint(source)
     if isinstance(source, GGUFCheckpoint):
-        return HFTokenizer(source.tokenizer, source.tokenizer_config, None)
+        return HFTokenizer(
+            source.tokenizer, source.tokenizer_config, None, end_of_generation=source.end_of_generation_ids
+        )
     return load_tokenizer(source.path)
 
 

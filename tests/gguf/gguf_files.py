@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -156,3 +158,68 @@ def q6_k_blocks(out_f: int, in_f: int, seed: int) -> np.ndarray:
     b[:, 192:208] = g.integers(-8, 9, size=(b.shape[0], 16)).astype(np.int8).view(np.uint8)
     b[:, 208:210] = (g.random((b.shape[0], 1)) * 2e-3).astype(np.float16).view(np.uint8)
     return b.reshape(out_f, -1)
+
+
+def llama_cpp_rope_freqs(theta: float, head_dim: int, factor: float, low: float, high: float, original: int):
+    """The rope_freqs.weight llama.cpp's converter writes for a llama3 rope_scaling: per frequency, the
+    divisor of its Llama 3.1 scaling (1 for short wavelengths, factor for long ones, blended between)."""
+    divisors = []
+    for i in range(0, head_dim, 2):
+        wavelength = 2 * math.pi * theta ** (i / head_dim)
+        if wavelength < original / high:
+            divisors.append(1.0)
+        elif wavelength > original / low:
+            divisors.append(factor)
+        else:
+            blend = (original / wavelength - low) / (high - low)
+            divisors.append(1 / ((1 - blend) / factor + blend))
+    return np.array(divisors, np.float32)
+
+
+def write_llama32_gguf(hf_dir: Path, path: Path, add_bos_key: bool = True) -> Path:
+    """A Hugging Face Llama 3.2 Instruct-layout directory (``write_llama32_chat_model``) as llama.cpp's
+    converter writes it: F32 tensors, the llama3 rope scaling as rope_freqs.weight, the byte-level BPE
+    with pre-tokenizer ``llama-bpe``, its added tokens as control tokens, the tokenizer_config's eos
+    (``<|eot_id|>``, the one eos a GGUF names), add_bos_token true (``add_bos_key`` False: no such key,
+    as in files from converters that did not write it), the chat template."""
+    from safetensors.torch import load_file
+
+    config = json.loads((hf_dir / "config.json").read_text())
+    tokenizer = json.loads((hf_dir / "tokenizer.json").read_text())
+    chat_template = json.loads((hf_dir / "tokenizer_config.json").read_text())["chat_template"]
+    by_id = {i: t for t, i in tokenizer["model"]["vocab"].items()}
+    added = {t["id"]: t["content"] for t in tokenizer["added_tokens"]}
+    tokens = [added.get(i, by_id.get(i)) for i in range(config["vocab_size"])]
+    types = [3 if i in added else 1 for i in range(len(tokens))]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tokenizer["model"]["merges"]]
+    scaling = config["rope_scaling"]
+    freqs = llama_cpp_rope_freqs(
+        config["rope_theta"],
+        config["head_dim"],
+        scaling["factor"],
+        scaling["low_freq_factor"],
+        scaling["high_freq_factor"],
+        scaling["original_max_position_embeddings"],
+    )
+
+    def llama3(w: gguf.GGUFWriter) -> None:
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("llama-bpe")
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        w.add_token_merges(merges)
+        w.add_bos_token_id(added_id(added, "<|begin_of_text|>"))
+        w.add_eos_token_id(added_id(added, "<|eot_id|>"))
+        w.add_pad_token_id(added_id(added, "<|finetune_right_pad_id|>"))
+        if add_bos_key:
+            w.add_add_bos_token(True)
+        w.add_chat_template(chat_template)
+        w.add_tensor("rope_freqs.weight", freqs)
+
+    state = load_file(str(hf_dir / "model.safetensors"))
+    return write_gguf(path, "llama", config, state, Q.F32, tokenizer=False, extra=llama3)
+
+
+def added_id(added: dict[int, str], text: str) -> int:
+    (token_id,) = [i for i, t in added.items() if t == text]
+    return token_id

@@ -37,7 +37,9 @@ def test_template_with_tools_a_template_cannot_render_shows_the_react_prompt(cap
     out, err = capsys.readouterr()
     assert out == tokenizer_for(model).render_chat_template(react_messages(messages, [function]))
     assert "get_weather" in out and "Action Input:" in out
-    assert err.startswith("qwenkit template: this template cannot render tools; the prompt below carries")
+    assert err.startswith(
+        "qwenkit template: this template renders no hermes <tool_call> tools; the prompt below carries"
+    )
     (tmp_path / "bad.json").write_text('[{"type": "function"}]')
     assert main(["template", model, str(tmp_path / "m.json"), "--tools", str(tmp_path / "bad.json")]) == 2
     shape = '{"type": "function", "function": {...}}'

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 
 import gguf
 import numpy as np
@@ -12,7 +11,7 @@ import torch
 import transformers
 from factories import hf_model, v1_state_dict
 from gguf.quants import dequantize, quantize
-from gguf_files import CHAT_TEMPLATE, Q, tiny_vocab
+from gguf_files import CHAT_TEMPLATE, Q, llama_cpp_rope_freqs, tiny_vocab
 
 from qwenkit.checkpoint import load_model
 from qwenkit.checkpoint.gguf import GGUFError, read_gguf
@@ -162,22 +161,6 @@ def test_gguf_llama_linear_rope_scaling_runs_as_its_source(tmp_path, gguf_writer
     ids = torch.randint(0, VOCAB, (1, 200), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         assert (ours(ids) - model(ids).logits).abs().max().item() < 1e-4
-
-
-def llama_cpp_rope_freqs(theta: float, head_dim: int, factor: float, low: float, high: float, original: int):
-    """The rope_freqs.weight llama.cpp's converter writes for a llama3 rope_scaling: per frequency, the
-    divisor of its Llama 3.1 scaling (1 for short wavelengths, factor for long ones, blended between)."""
-    divisors = []
-    for i in range(0, head_dim, 2):
-        wavelength = 2 * math.pi * theta ** (i / head_dim)
-        if wavelength < original / high:
-            divisors.append(1.0)
-        elif wavelength > original / low:
-            divisors.append(factor)
-        else:
-            blend = (original / wavelength - low) / (high - low)
-            divisors.append(1 / ((1 - blend) / factor + blend))
-    return np.array(divisors, np.float32)
 
 
 def test_gguf_llama3_rope_freqs_run_as_the_source_and_convert_back(tmp_path, gguf_writer) -> None:

@@ -461,6 +461,81 @@ def test_react_forced_calls(steered_v1):
     assert set(picked[1:]) == {"get_time", "get_weather"}  # "required" lets the model choose (seeds 0..7)
 
 
+# ---- Llama 3.1/3.2 (a template that renders tools its own way) --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def steered_llama32(tmp_path_factory):
+    """Meta's Llama 3.2 template renders tools, but asks for bare ``{"name", "parameters"}`` JSON replies,
+    not hermes ``<tool_call>`` blocks: qwenkit parses no such reply, so the ReAct flow is used."""
+    from llama_tokenizers import write_llama32_chat_model
+
+    path = write_llama32_chat_model(tmp_path_factory.mktemp("llama32") / "m")
+    with steered_server(path, end_token="<|eot_id|>") as served:
+        yield served
+
+
+def test_llama32_tools_use_the_react_flow(steered_llama32):
+    """Before, the tools went into Llama's own JSON instructions while the reply was read for hermes
+    blocks: a call came back as plain ``content`` with finish_reason "stop", the client never saw it."""
+    live, llm = steered_llama32[0], steered_llama32[1]
+    ids = chat_prompt(llm, ChatCompletionRequest(messages=USER, tools=[WEATHER]))
+    text = llm.tokenizer.decode(ids)
+    assert ids[0] == 128000 and ids.count(128000) == 1  # the template's BOS, once
+    assert "You have access to the following APIs:\n\nget_weather: Call this tool" in text
+    assert "Given the following functions" not in text
+    assert text.endswith(
+        "Begin!\n\nQuestion: What's the weather in Paris?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
+    reply = 'Thought: I need the weather.\nAction: get_weather\nAction Input: {"city": "Paris", "unit": "c"}'
+    for stream in (False, True):
+        play(steered_llama32, reply)
+        kwargs = dict(model="tiny", max_tokens=200, messages=USER, tools=[WEATHER])
+        if stream:
+            content, _, calls, finish = stream_parts(client(live), **kwargs)
+            calls = [(x["name"], json.loads(x["arguments"])) for x in calls]
+        else:
+            r = client(live).chat.completions.create(**kwargs)
+            content, finish = r.choices[0].message.content, r.choices[0].finish_reason
+            calls = [
+                (t.function.name, json.loads(t.function.arguments)) for t in r.choices[0].message.tool_calls
+            ]
+            assert r.usage.prompt_tokens == len(ids)
+        assert (content, calls, finish) == (
+            "I need the weather.",
+            [("get_weather", {"city": "Paris", "unit": "c"})],
+            "tool_calls",
+        )
+    messages = [
+        *USER,
+        {
+            "role": "assistant",
+            "content": "I need the weather.",
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "c"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21C"},
+    ]
+    text = llm.tokenizer.decode(chat_prompt(llm, ChatCompletionRequest(messages=messages, tools=[WEATHER])))
+    assert text.endswith(
+        "<|start_header_id|>assistant<|end_header_id|>\n\nThought: I need the weather.\nAction: get_weather\n"
+        'Action Input: {"city": "Paris", "unit": "c"}\nObservation: sunny, 21C\nThought:'
+    )
+    play(steered_llama32, " I now know the final answer\nFinal Answer: Sunny, 21C.")
+    r = client(live).chat.completions.create(model="tiny", max_tokens=200, messages=messages, tools=[WEATHER])
+    assert (r.choices[0].message.content, r.choices[0].message.tool_calls, r.choices[0].finish_reason) == (
+        "Sunny, 21C.",
+        None,
+        "stop",
+    )
+
+
 # ---- validation ----------------------------------------------------------------------------------
 
 

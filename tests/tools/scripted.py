@@ -63,9 +63,11 @@ def steer_next_request(llm, model: ScriptedModel) -> list[list[int]]:
 
 
 @contextlib.contextmanager
-def steered_server(checkpoint, chat_template: str | None = None) -> Iterator[tuple]:
-    """A live server on a steered copy of ``checkpoint`` (optionally with another chat template):
-    yields (server, llm, pending replies)."""
+def steered_server(
+    checkpoint, chat_template: str | None = None, end_token: str = "<|im_end|>"
+) -> Iterator[tuple]:
+    """A live server on a steered copy of ``checkpoint`` (optionally with another chat template), each
+    scripted reply ended by ``end_token``: yields (server, llm, pending replies)."""
     from live import LiveServer
 
     from qwenkit.generate import LLM
@@ -74,7 +76,7 @@ def steered_server(checkpoint, chat_template: str | None = None) -> Iterator[tup
     loaded = LLM.load(checkpoint, dtype="float32", max_batch_size=4, progress=False)
     if chat_template is not None:
         loaded.tokenizer.chat_template = chat_template
-    model = ScriptedModel(loaded.model, loaded.tokenizer.added_tokens["<|im_end|>"])
+    model = ScriptedModel(loaded.model, loaded.tokenizer.added_tokens[end_token])
     llm = LLM(model, loaded.tokenizer, max_batch_size=4, max_seq_len=2048)  # tool prompts are long
     pending = steer_next_request(llm, model)
     app = create_app(llm, ServerConfig(served_model_name="tiny", response_cache_entries=0))

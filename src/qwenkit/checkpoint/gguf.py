@@ -206,13 +206,25 @@ class GGUFCheckpoint:
         return self.metadata.get("tokenizer.chat_template")
 
     @property
+    def end_of_generation_ids(self) -> tuple[int, ...]:
+        """The ids a generation ends on, as llama.cpp reads the file: its eos (first), eot and eom ids and
+        every token spelled as an end of generation (Llama 3's <|eom_id|> and <|end_of_text|> beside the
+        <|eot_id|> its files name)."""
+        return self._vocab.end_of_generation_ids
+
+    @property
     def generation_config(self) -> dict[str, Any]:
-        """``generation_config.json`` dict: the special ids generation stops and pads with."""
-        return {
+        """``generation_config.json`` dict: the special ids generation stops (all of
+        ``end_of_generation_ids``) and pads with."""
+        config = {
             k: self.hf_config[k]
             for k in ("bos_token_id", "eos_token_id", "pad_token_id")
             if k in self.hf_config
         }
+        ends = list(self.end_of_generation_ids)
+        if len(ends) > 1:
+            config["eos_token_id"] = ends
+        return config
 
 
 def generation_config_to_save(ckpt: GGUFCheckpoint) -> dict[str, Any]:

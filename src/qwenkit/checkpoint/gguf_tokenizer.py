@@ -5,7 +5,9 @@ merges, a type per token and the special ids. For byte-level BPE (``tokenizer.gg
 what Qwen, Llama 3 and SmolLM use) we rebuild the same tokenizer transformers builds when it loads a
 GGUF, so ids match ``AutoTokenizer.from_pretrained(dir, gguf_file=...)``:
 
-- BPE over the vocabulary and merges, no unk token, no normalizer, byte-level decoder;
+- BPE over the vocabulary and merges, no unk token, no normalizer, byte-level decoder; for Llama 3's
+  pre-tokenizers a piece that is a whole token is taken whole, as llama.cpp and Llama 3's own
+  tokenizer.json do (transformers' GGUF import merges it, so its ids differ there);
 - a pre-tokenizer chosen by ``tokenizer.ggml.pre`` (the split regex the merges were learned with),
   falling back to GPT-2's byte-level regex;
 - tokens typed CONTROL added as special tokens and USER_DEFINED ones as plain added tokens, so text
@@ -42,6 +44,32 @@ _SPLITS = {
     "smaug-bpe": _LLAMA3_SPLIT,
     "dbrx": _LLAMA3_SPLIT,
 }
+# Llama 3's pre-tokenizers, which llama.cpp reads with two defaults of its own. The vocabulary (from
+# tiktoken) holds words its merges do not build: a piece that is a whole token is taken as that token, as
+# Llama 3's tokenizer.json does (ignore_merges). And text gets the BOS unless the file's
+# tokenizer.ggml.add_bos_token says otherwise (some converters did not write it).
+_LLAMA3_PRE = frozenset({"llama3", "llama-v3", "llama-bpe"})
+
+
+# Tokens llama.cpp ends a generation on wherever a vocabulary spells them so (llama-vocab.cpp), besides the
+# file's eos, eot and eom ids: a Llama 3.x file names <|eot_id|> its eos, and its model also ends on
+# <|eom_id|> and <|end_of_text|>, as the Hugging Face release's eos list says.
+END_OF_GENERATION_TOKENS = frozenset(
+    {
+        "<|eot_id|>",
+        "<|eom_id|>",
+        "<|end_of_text|>",
+        "<|im_end|>",
+        "<|endoftext|>",
+        "<|end|>",
+        "<|return|>",
+        "<|call|>",
+        "<end_of_turn>",
+        "<EOT>",
+        "_<EOT>",
+        "<end_of_utterance>",
+    }
+)
 
 
 class TokenizerMetadataError(ValueError):
@@ -61,6 +89,7 @@ class GGUFVocab:
     add_bos_token: bool
     add_eos_token: bool
     chat_template: str | None
+    end_of_generation_ids: tuple[int, ...] = ()  # the file's eos first, then as llama.cpp finds them
 
     @classmethod
     def from_metadata(cls, metadata: Mapping[str, Any]) -> GGUFVocab:
@@ -87,16 +116,24 @@ class GGUFVocab:
             for role, key in names.items()
             if metadata.get(f"tokenizer.ggml.{key}") is not None
         }
+        ends = [
+            int(metadata[f"tokenizer.ggml.{key}"])
+            for key in ("eos_token_id", "eot_token_id", "eom_token_id")
+            if metadata.get(f"tokenizer.ggml.{key}") is not None
+        ]
+        ends += [i for i, token in enumerate(tokens) if token in END_OF_GENERATION_TOKENS]
+        pre = metadata.get("tokenizer.ggml.pre")
         return cls(
             model=model,
-            pre=metadata.get("tokenizer.ggml.pre"),
+            pre=pre,
             tokens=tokens,
             token_types=metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens),
             merges=merges,
             special_ids=special_ids,
-            add_bos_token=bool(metadata.get("tokenizer.ggml.add_bos_token", False)),
+            add_bos_token=bool(metadata.get("tokenizer.ggml.add_bos_token", pre in _LLAMA3_PRE)),
             add_eos_token=bool(metadata.get("tokenizer.ggml.add_eos_token", False)),
             chat_template=metadata.get("tokenizer.chat_template"),
+            end_of_generation_ids=tuple(dict.fromkeys(ends)),
         )
 
 
@@ -132,7 +169,8 @@ def build_tokenizer(vocab: GGUFVocab) -> Tokenizer:
         }
     merges = [tuple(m.split(" ", 1)) for m in vocab.merges]
     tok = Tokenizer(BPE(vocab=index, merges=merges, dropout=None, continuing_subword_prefix="",
-                        end_of_word_suffix="", fuse_unk=False))  # fmt: skip
+                        end_of_word_suffix="", fuse_unk=False,
+                        ignore_merges=vocab.pre in _LLAMA3_PRE))  # fmt: skip
     split = _SPLITS.get(vocab.pre or "")
     if split is not None:
         tok.pre_tokenizer = pre_tokenizers.Sequence(

@@ -90,8 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         functions = offered_functions(tools) if tools is not None else []
         if tools and style.react:
             print(
-                "qwenkit template: this template cannot render tools; the prompt below carries the ReAct "
-                "instruction the server and the agent write for it (replies stop at 'Observation:')",
+                "qwenkit template: this template renders no hermes <tool_call> tools; the prompt below "
+                "carries the ReAct instruction the server and the agent write for it "
+                "(replies stop at 'Observation:')",
                 file=sys.stderr,
             )
         if args.ids:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import tokenizers
@@ -44,7 +44,9 @@ class HFTokenizer(Tokenizer):
         backend: tokenizers.Tokenizer,
         tokenizer_config: Mapping[str, Any] | None = None,
         generation_config: Mapping[str, Any] | None = None,
+        end_of_generation: Iterable[int] = (),
     ) -> None:
+        """``end_of_generation``: more ids that end a generation (a GGUF's, as llama.cpp reads them)."""
         self._tok = backend
         # A tokenizer.json may carry truncation or padding for some training job; a prompt cut silently
         # or padded would be a wrong answer, and the context is checked where prompts are admitted.
@@ -74,6 +76,7 @@ class HFTokenizer(Tokenizer):
             generation_config=generation_config,
             sequence_special_ids=sequence_special_ids(backend),
         )
+        self.eos_token_ids = self.eos_token_ids | frozenset(end_of_generation)
         self._byte_level = isinstance(backend.decoder, decoders.ByteLevel)
         self._byte_fallback = bool(getattr(backend.model, "byte_fallback", False))
         self._added_by_id = {i: tok.content for i, tok in added.items()}

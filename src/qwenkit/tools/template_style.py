@@ -1,10 +1,11 @@
 """What a model's chat template does with tools and reasoning, read once for every caller.
 
 The server, the agent and the evaluator must agree on three facts about a model, or the same model
-answers differently through each: whether its template renders tools itself (Qwen2.5/Qwen3: hermes
-``<tool_call>`` blocks) or cannot (Qwen v1: the ReAct prompt is written for it, with ReAct's stop words),
-whether it has a ``<think>`` reasoning block, and whether a rendered prompt already opened that block
-(thinking templates that end the generation prompt with ``<think>``), so the reply starts inside it.
+answers differently through each: whether its template renders tools itself as hermes ``<tool_call>``
+blocks (Qwen2.5/Qwen3) or not (Qwen v1 cannot; Llama 3.1/3.2 asks for bare JSON calls, which are not
+parsed), when the ReAct prompt is written for it, with ReAct's stop words; whether it has a ``<think>``
+reasoning block; and whether a rendered prompt already opened that block (thinking templates that end
+the generation prompt with ``<think>``), so the reply starts inside it.
 """
 
 from __future__ import annotations
@@ -16,13 +17,13 @@ from typing import Any
 
 from qwenkit.tokenizer import Tokenizer
 from qwenkit.tools.calls import ParsedMessage, ToolSpecError, collect
-from qwenkit.tools.hermes import THINK_CLOSE, THINK_OPEN, HermesParser
+from qwenkit.tools.hermes import CALL_OPEN, THINK_CLOSE, THINK_OPEN, HermesParser
 from qwenkit.tools.react import STOP_WORDS, continues_turn, parse_react, react_messages
 
 
 @dataclass(frozen=True)
 class TemplateStyle:
-    react: bool  # the template cannot render tools: prompt with ReAct and stop at its observation words
+    react: bool  # no hermes tools in the template: prompt with ReAct and stop at its observation words
     reasoning: bool  # the template knows a <think> block
 
     @property
@@ -122,7 +123,11 @@ class TemplateStyle:
 
 def template_style(chat_template: str | None) -> TemplateStyle:
     template = chat_template or ""
-    return TemplateStyle(react="tools" not in template, reasoning=THINK_OPEN in template)
+    # Only hermes blocks are parsed from a reply: a template that renders tools but asks for calls its
+    # own way (Llama 3.1/3.2's bare ``{"name", "parameters"}`` JSON) gets the ReAct prompt too, or its
+    # calls would come back as plain content.
+    hermes = "tools" in template and CALL_OPEN in template
+    return TemplateStyle(react=not hermes, reasoning=THINK_OPEN in template)
 
 
 def prompt_opens_thinking(decode: Callable[[Sequence[int]], str], prompt_ids: Sequence[int]) -> bool:
