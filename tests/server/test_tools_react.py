@@ -1,0 +1,212 @@
+"""Tool calling on the chat route for templates without hermes tools, through Qwen v1's ReAct flow: Qwen v1's
+ChatML template (which cannot render tools) and Llama 3.1/3.2's (which asks for its own JSON calls).
+
+Real clients: the openai SDK."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
+
+from scripted import play, steered_server
+from tool_requests import (
+    TIME,
+    USER,
+    WEATHER,
+    WEATHER_FOLLOW_UP,
+    client,
+    stream_parts,
+)
+
+from qwenkit.server.completions import chat_prompt
+from qwenkit.server.schemas import ChatCompletionRequest
+from qwenkit.tokenizer.chat_template import chatml_template
+
+# ---- Qwen v1 (ReAct) -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def steered_v1(tiny_chat_model):
+    """The same weights behind v1's ChatML template, which cannot render tools: the ReAct flow."""
+    with steered_server(tiny_chat_model, chatml_template()) as served:
+        yield served
+
+
+def test_react_flow_for_models_without_tool_templates(steered_v1):
+    live, llm = steered_v1[0], steered_v1[1]
+    ids = chat_prompt(llm, ChatCompletionRequest(messages=USER, tools=[WEATHER]))
+    text = llm.tokenizer.decode(ids)
+    assert "You have access to the following APIs:\n\nget_weather: Call this tool" in text
+    assert text.endswith(
+        "Begin!\n\nQuestion: What's the weather in Paris?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    reply = (
+        "Thought: I need the weather.\nAction: get_weather\n"
+        'Action Input: {"city": "Paris", "unit": "c"}\nObservation: invented'
+    )
+    for stream in (False, True):
+        play(steered_v1, reply)
+        if stream:
+            content, _, calls, finish = stream_parts(
+                client(live), model="tiny", max_tokens=200, messages=USER, tools=[WEATHER]
+            )
+            calls = [(x["name"], json.loads(x["arguments"])) for x in calls]
+        else:
+            r = client(live).chat.completions.create(
+                model="tiny", max_tokens=200, messages=USER, tools=[WEATHER]
+            )
+            content, finish = r.choices[0].message.content, r.choices[0].finish_reason
+            calls = [
+                (t.function.name, json.loads(t.function.arguments)) for t in r.choices[0].message.tool_calls
+            ]
+        assert (content, calls, finish) == (
+            "I need the weather.",
+            [("get_weather", {"city": "Paris", "unit": "c"})],
+            "tool_calls",
+        )
+    play(steered_v1, "Thought: I now know the final answer\nFinal Answer: Sunny.")
+    r = client(live).chat.completions.create(model="tiny", max_tokens=200, messages=USER, tools=[WEATHER])
+    assert r.choices[0].message.content == "Sunny." and r.choices[0].message.tool_calls is None
+
+
+def test_react_follow_up_continues_the_turn_with_the_observation(steered_v1):
+    """A tool result sent back to a v1 model: the prompt is the one ReAct turn, left open after the
+    observation as Qwen's openai_api.py leaves it (``...Observation: sunny\\nThought:``, no <|im_end|> and
+    no second assistant turn), and the model's continuation parses into the final answer."""
+    live, llm = steered_v1[0], steered_v1[1]
+    messages = [*USER, *WEATHER_FOLLOW_UP]
+    text = llm.tokenizer.decode(chat_prompt(llm, ChatCompletionRequest(messages=messages, tools=[WEATHER])))
+    assert text.endswith(
+        "Question: What's the weather in Paris?<|im_end|>\n<|im_start|>assistant\n"
+        "Thought: I need the weather.\nAction: get_weather\n"
+        'Action Input: {"city": "Paris", "unit": "c"}\nObservation: sunny, 21C\nThought:'
+    )
+    for stream in (False, True):
+        play(steered_v1, " I now know the final answer\nFinal Answer: Sunny, 21C.")
+        kwargs = dict(model="tiny", max_tokens=200, messages=messages, tools=[WEATHER])
+        if stream:
+            content, _, calls, finish = stream_parts(client(live), **kwargs)
+        else:
+            r = client(live).chat.completions.create(**kwargs)
+            content, finish = r.choices[0].message.content, r.choices[0].finish_reason
+            calls = r.choices[0].message.tool_calls or []
+        assert (content, calls, finish) == ("Sunny, 21C.", [], "stop")
+
+
+def test_react_malformed_action_input_is_content(steered_v1, caplog):
+    live = steered_v1[0]
+    reply = "Thought: I need the weather.\nAction: get_weather\nAction Input: Paris, in celsius"
+    for stream in (False, True):
+        caplog.clear()
+        play(steered_v1, reply + "\nObservation:")
+        kwargs = dict(model="tiny", max_tokens=200, messages=USER, tools=[WEATHER])
+        if stream:
+            content, _, calls, finish = stream_parts(client(live), **kwargs)
+        else:
+            r = client(live).chat.completions.create(**kwargs)
+            content, finish = r.choices[0].message.content, r.choices[0].finish_reason
+            calls = r.choices[0].message.tool_calls or []
+        assert (content, calls, finish) == (reply + "\n", [], "stop")  # verbatim, up to the stop word
+        (line,) = [rec.getMessage() for rec in caplog.records if "Action Input" in rec.getMessage()]
+        assert line.startswith("chatcmpl-") and "'get_weather' is not a JSON object" in line
+
+
+def test_react_forced_calls(steered_v1):
+    """tool_choice "required" and a named function on a v1 model: the grammar forces ReAct's
+    ``Action: <name>\\nAction Input: <JSON>``, so the (random) model always calls a listed (the named)
+    tool with arguments that validate; streamed and whole agree."""
+    c = client(steered_v1[0])
+    schemas = {"get_weather": WEATHER["function"]["parameters"], "get_time": TIME["function"]["parameters"]}
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    picked = []
+    runs = [(named, 1)] + [("required", seed) for seed in range(8)]
+    for choice, seed in runs:
+        if choice == "required" and {"get_time", "get_weather"} <= set(picked[1:]):
+            break
+        kwargs = dict(
+            model="tiny",
+            messages=USER,
+            tools=[WEATHER, TIME],
+            tool_choice=choice,
+            temperature=1.0,
+            seed=seed,
+            max_tokens=60,
+        )
+        r = c.chat.completions.create(**kwargs)
+        (call,) = r.choices[0].message.tool_calls
+        assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
+        assert call.function.name == "get_weather" if choice is named else call.function.name in schemas
+        jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+        content, _, calls, finish = stream_parts(c, **kwargs)
+        assert (content, finish) == ("", "tool_calls")
+        assert [(x["name"], x["arguments"]) for x in calls] == [(call.function.name, call.function.arguments)]
+        picked.append(call.function.name)
+    assert set(picked[1:]) == {"get_time", "get_weather"}  # "required" lets the model choose (seeds 0..7)
+
+
+# ---- Llama 3.1/3.2 (a template that renders tools its own way) --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def steered_llama32(tmp_path_factory):
+    """Meta's Llama 3.2 template renders tools, but asks for bare ``{"name", "parameters"}`` JSON replies,
+    not hermes ``<tool_call>`` blocks: qwenkit parses no such reply, so the ReAct flow is used."""
+    from llama_tokenizers import write_llama32_chat_model
+
+    path = write_llama32_chat_model(tmp_path_factory.mktemp("llama32") / "m")
+    with steered_server(path, end_token="<|eot_id|>") as served:
+        yield served
+
+
+def test_llama32_tools_use_the_react_flow(steered_llama32):
+    """Before, the tools went into Llama's own JSON instructions while the reply was read for hermes
+    blocks: a call came back as plain ``content`` with finish_reason "stop", the client never saw it."""
+    live, llm = steered_llama32[0], steered_llama32[1]
+    ids = chat_prompt(llm, ChatCompletionRequest(messages=USER, tools=[WEATHER]))
+    text = llm.tokenizer.decode(ids)
+    assert ids[0] == 128000 and ids.count(128000) == 1  # the template's BOS, once
+    assert "You have access to the following APIs:\n\nget_weather: Call this tool" in text
+    assert "Given the following functions" not in text
+    assert text.endswith(
+        "Begin!\n\nQuestion: What's the weather in Paris?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
+    reply = 'Thought: I need the weather.\nAction: get_weather\nAction Input: {"city": "Paris", "unit": "c"}'
+    for stream in (False, True):
+        play(steered_llama32, reply)
+        kwargs = dict(model="tiny", max_tokens=200, messages=USER, tools=[WEATHER])
+        if stream:
+            content, _, calls, finish = stream_parts(client(live), **kwargs)
+            calls = [(x["name"], json.loads(x["arguments"])) for x in calls]
+        else:
+            r = client(live).chat.completions.create(**kwargs)
+            content, finish = r.choices[0].message.content, r.choices[0].finish_reason
+            calls = [
+                (t.function.name, json.loads(t.function.arguments)) for t in r.choices[0].message.tool_calls
+            ]
+            assert r.usage.prompt_tokens == len(ids)
+        assert (content, calls, finish) == (
+            "I need the weather.",
+            [("get_weather", {"city": "Paris", "unit": "c"})],
+            "tool_calls",
+        )
+    messages = [*USER, *WEATHER_FOLLOW_UP]
+    text = llm.tokenizer.decode(chat_prompt(llm, ChatCompletionRequest(messages=messages, tools=[WEATHER])))
+    assert text.endswith(
+        "<|start_header_id|>assistant<|end_header_id|>\n\nThought: I need the weather.\nAction: get_weather\n"
+        'Action Input: {"city": "Paris", "unit": "c"}\nObservation: sunny, 21C\nThought:'
+    )
+    play(steered_llama32, " I now know the final answer\nFinal Answer: Sunny, 21C.")
+    r = client(live).chat.completions.create(model="tiny", max_tokens=200, messages=messages, tools=[WEATHER])
+    assert (r.choices[0].message.content, r.choices[0].message.tool_calls, r.choices[0].finish_reason) == (
+        "Sunny, 21C.",
+        None,
+        "stop",
+    )
