@@ -157,5 +157,8 @@ def test_a_long_prompt_leaves_health_answering(server, path, payload, status, wo
     loop run."""
     took, longest, r = health_while(server, path, payload)
     assert r.status_code == status and words in r.text
-    # held, the loop answered nothing until the prompt was read: most of the time the request took
-    assert longest < took / 3, f"/health waited {longest:.2f} s of the {took:.2f} s {path} took"
+    # held, the loop answered nothing until the prompt was read: most of the time the request took. The
+    # 12 MB body of /detokenize is parsed from JSON on the loop (FastAPI), about a third of its time (0.40
+    # of 1.17 s in CI); decoding on the loop as well held it 0.95 of 0.99 s
+    share = 2 if path == "/detokenize" else 3
+    assert longest < took / share, f"/health waited {longest:.2f} s of the {took:.2f} s {path} took"
