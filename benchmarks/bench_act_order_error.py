@@ -32,7 +32,10 @@ def main() -> None:
     args = ap.parse_args()
     source = open_checkpoint(default_model_path())
     model, _ = load_model(source, dtype="float32", progress=False, dequantize=True)
-    windows = calibration_token_ids(tokenizer_for(source).encode, args.calib_samples, 512)
+    tok = tokenizer_for(source)
+    windows = calibration_token_ids(
+        tok.encode, args.calib_samples, 512, start_ids=tok.sequence_special_ids[0]
+    )
     targets: dict[str, tuple[torch.nn.Linear, HessianAccumulator]] = {}
     hooks = []
     for index in map(int, args.layers.split(",")):

@@ -76,7 +76,7 @@ def test_quantized_checkpoint_reloads_exactly(src, calib, tmp_path, capsys, meth
         tmp_path / "again",
         bits=bits,
         method=method,
-        encode=tokenizer_for(src).encode,
+        tokenizer=lambda: tokenizer_for(src),
         group_size=group,
         calib=calib if method == "gptq" else None,
         calib_samples=4,
@@ -102,7 +102,7 @@ def test_gptq_with_default_calibration_text(src, tmp_path) -> None:
         src,
         tmp_path / "q",
         bits=4,
-        encode=tokenizer_for(src).encode,
+        tokenizer=lambda: tokenizer_for(src),
         calib_samples=2,
         seq_len=64,
         progress=False,
@@ -118,7 +118,7 @@ def test_calibration_past_the_trained_context_is_noted(src, tmp_path) -> None:
         src,
         tmp_path / "q",
         bits=4,
-        encode=tokenizer_for(src).encode,
+        tokenizer=lambda: tokenizer_for(src),
         calib_samples=1,
         seq_len=300,
         progress=False,
@@ -301,7 +301,13 @@ def test_gptq_calibrates_on_the_calib_file(src, tmp_path, group_size) -> None:
     path.write_text(text)
     encode = tokenizer_for(src).encode
     r = quantize_checkpoint(
-        src, tmp_path / "q", bits=4, group_size=group_size, encode=encode, calib=path, progress=False
+        src,
+        tmp_path / "q",
+        bits=4,
+        group_size=group_size,
+        tokenizer=lambda: tokenizer_for(src),
+        calib=path,
+        progress=False,
     )
     assert r.calibration_windows == 1 and r.calibration_tokens == len(encode(text))
 
@@ -329,3 +335,33 @@ def test_quantize_at_load_of_a_quantized_checkpoint_names_its_path(src, tmp_path
     capsys.readouterr()
     assert main(["generate", str(q), "-p", "Hi", "--quantize", "int8", "--max-new-tokens", "1"]) == 2
     assert capsys.readouterr().err == f"error: {q} is already quantized (gptq); drop --quantize\n"
+
+
+def test_gptq_calibration_windows_begin_with_the_bos_a_prompt_gets(tmp_path, monkeypatch, capsys) -> None:
+    """A Llama-layout checkpoint's prompts start with <s>, so its calibration windows do too; a --seq-len
+    that leaves no room after it is refused in one line."""
+    from llama_tokenizers import write_tiny_llama
+
+    import qwenkit.quant.pipeline as pipeline
+
+    src = write_tiny_llama(tmp_path / "llama")
+    tok = tokenizer_for(src)
+    seen = []
+    real = pipeline.gptq_quantize_model
+    monkeypatch.setattr(
+        pipeline, "gptq_quantize_model", lambda m, w, *a, **k: seen.extend(w) or real(m, w, *a, **k)
+    )
+    text = "one two three four five six seven eight nine ten " * 4
+    (tmp_path / "calib.txt").write_text(text)
+    quantize_checkpoint(
+        src, tmp_path / "q", bits=8, tokenizer=lambda: tok, calib=tmp_path / "calib.txt", seq_len=12,
+        progress=False,
+    )  # fmt: skip
+    assert tok.sequence_special_ids[0] == (1,)
+    assert seen and all(w[0] == 1 and len(w) == 12 for w in seen)
+    assert [i for w in seen for i in w[1:]] == tok.encode(text)[: 11 * len(seen)]
+    assert main(["quantize", str(src), str(tmp_path / "q1"), "-q", "--seq-len", "1"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "error: --seq-len 1 leaves no room for text after the 1 token(s) the tokenizer puts before "
+        "every prompt"
+    )

@@ -208,3 +208,17 @@ def test_default_calibration_text_is_offline_prose() -> None:
     windows = calibration_token_ids(lambda s: list(s.encode()), n_samples=8, seq_len=64)
     assert len(windows) == 8 and all(len(w) == 64 for w in windows)
     assert b"the" in bytes(windows[0] + windows[1] + windows[2])
+
+
+def test_calibration_windows_start_as_prompts_do() -> None:
+    """With a BOS-wanting tokenizer every window is BOS + text, still ``seq_len`` long, and the text runs
+    on from window to window (no token skipped or repeated); without start ids the windows are plain text."""
+    tokenize = lambda s: list(s.encode())  # noqa: E731
+    text = bytes(range(32, 127)).decode() * 3
+    plain = calibration_token_ids(tokenize, n_samples=100, seq_len=16, text=text)
+    bos = calibration_token_ids(tokenize, n_samples=100, seq_len=16, text=text, start_ids=[1])
+    assert all(len(w) == 16 for w in plain + bos)
+    assert all(w[0] == 1 and 1 not in w[1:] for w in bos)
+    assert b"".join(bytes(w[1:]) for w in bos) == text.encode()[: 15 * len(bos)]
+    assert b"".join(bytes(w) for w in plain) == text.encode()[: 16 * len(plain)]
+    assert calibration_token_ids(tokenize, seq_len=16, text="short", start_ids=[1]) == [[1, *b"short"]]

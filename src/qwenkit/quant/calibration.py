@@ -8,7 +8,7 @@ takes a ``tokenize`` function and returns token-id windows.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 
 def default_calibration_text() -> str:
@@ -24,14 +24,22 @@ def calibration_token_ids(
     seq_len: int = 512,
     text: str | None = None,
     seed: int = 0,
+    start_ids: Sequence[int] = (),
 ) -> list[list[int]]:
     """``n_samples`` windows of ``seq_len`` tokens drawn (seeded) from ``text`` (default: pydoc topics).
 
-    Short texts give fewer, possibly shorter, windows rather than repeating data.
+    Each window begins with ``start_ids``, the ids the tokenizer puts before every prompt (Llama's BOS),
+    as AutoGPTQ's calibration examples do: a layer is calibrated on the activations it will see, and a
+    BOS position's are unlike any text token's. Short texts give fewer, possibly shorter, windows rather
+    than repeating data.
     """
+    start = list(start_ids)
     ids = tokenize(default_calibration_text() if text is None else text)
-    if len(ids) <= seq_len:
-        return [ids] if ids else []
-    starts = list(range(0, len(ids) - seq_len + 1, seq_len))
+    span = seq_len - len(start)
+    if span < 1:
+        raise ValueError(f"a calibration window of {seq_len} tokens has no room after {len(start)} start ids")
+    if len(ids) <= span:
+        return [start + ids] if ids else []
+    starts = list(range(0, len(ids) - span + 1, span))
     random.Random(seed).shuffle(starts)
-    return [ids[s : s + seq_len] for s in sorted(starts[:n_samples])]
+    return [start + ids[s : s + span] for s in sorted(starts[:n_samples])]

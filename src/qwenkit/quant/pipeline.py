@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
@@ -36,6 +36,9 @@ from qwenkit.quant.gptq import gptq_quantize_model
 from qwenkit.quant.gptq_format import ACT_ORDERS, SUPPORTED_BITS, ActOrder, GPTQConfig, QuantizationError
 from qwenkit.quant.group_size import GroupChoice, choose_group_size, per_row_int4_note, reader_size_note
 from qwenkit.quant.rtn import quantize_model_rtn
+
+if TYPE_CHECKING:
+    from qwenkit.tokenizer import Tokenizer
 
 Method = Literal["gptq", "rtn"]
 DEFAULT_CALIB_SAMPLES = 32
@@ -129,7 +132,7 @@ def quantize_checkpoint(
     bits: int = 4,
     group_size: int = 128,
     method: Method = "gptq",
-    encode: Callable[[str], list[int]] | None = None,
+    tokenizer: Callable[[], Tokenizer] | None = None,
     calib: str | Path | None = None,
     calib_samples: int = DEFAULT_CALIB_SAMPLES,
     seq_len: int = DEFAULT_SEQ_LEN,
@@ -144,9 +147,10 @@ def quantize_checkpoint(
 ) -> QuantizeResult:
     """Quantize the checkpoint at ``src`` (directory or .gguf) into an AutoGPTQ directory ``out_dir``.
 
-    ``encode``: the checkpoint's tokenizer (text -> ids), which GPTQ calibration needs; the caller
-    brings it (``qwenkit.generate.tokenizer_for(src).encode``), so quantization drives the model
-    directly and never climbs to the user-level API.
+    ``tokenizer``: loads the checkpoint's tokenizer, which GPTQ calibration needs (called once the source
+    is checked); the caller brings it (``lambda: qwenkit.generate.tokenizer_for(src)``), so quantization
+    drives the model directly and never climbs to the user-level API. Each calibration window starts
+    with the ids the tokenizer puts before a prompt (Llama's BOS), as at inference.
     ``calib``: a UTF-8 text file for GPTQ calibration (default: CPython's pydoc topics).
     ``calib_samples`` windows of ``seq_len`` tokens are drawn from it. ``act_order`` defaults to
     "static" for GPTQ: on SmolLM2 act-order closes 74% of RTN int4's perplexity gap to float, against 44%
@@ -160,8 +164,8 @@ def quantize_checkpoint(
     from qwenkit.config import ModelConfig
 
     validate(bits, group_size, method, calib_samples, seq_len, damp_percent, act_order)
-    if method == "gptq" and encode is None:
-        raise QuantizationError("GPTQ calibration needs the model's tokenizer: pass encode=tokenizer.encode")
+    if method == "gptq" and tokenizer is None:
+        raise QuantizationError("GPTQ calibration needs the model's tokenizer: pass tokenizer=a loader of it")
     if act_order is None:
         act_order = DEFAULT_ACT_ORDER if method == "gptq" else "none"
     notes: list[str] = []
@@ -205,7 +209,14 @@ def quantize_checkpoint(
     )
     windows: list[list[int]] = []
     if method == "gptq":  # before the weights load: a missing tokenizer fails in seconds, not minutes
-        windows = calibration_token_ids(encode, calib_samples, seq_len, text)
+        tok = tokenizer()
+        start_ids = tok.sequence_special_ids[0]
+        if seq_len <= len(start_ids):
+            raise QuantizationError(
+                f"--seq-len {seq_len} leaves no room for text after the {len(start_ids)} token(s) "
+                "the tokenizer puts before every prompt"
+            )
+        windows = calibration_token_ids(tok.encode, calib_samples, seq_len, text, start_ids=start_ids)
         if not windows:
             raise QuantizationError("the calibration text produced no tokens")
         top = max(max(w) for w in windows)
