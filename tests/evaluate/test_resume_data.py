@@ -11,7 +11,7 @@ import pytest
 
 from qwenkit.cli import main as qwenkit_main
 from qwenkit.evaluate.data import EvalDataError
-from qwenkit.evaluate.runner import Settings, run
+from qwenkit.evaluate.runner import Settings, rescore_dir, run
 
 CEVAL = Path(__file__).parent / "fixtures" / "ceval"
 
@@ -98,3 +98,58 @@ def test_a_run_made_with_another_prompt_template_is_not_resumed(local, tmp_path)
         f"{tmp_path} holds a run made with another prompt template (another qwenkit version); use another "
         f"--output, or delete {tmp_path} to start over"
     )
+
+
+def test_a_larger_limit_extends_the_run_and_a_smaller_one_is_refused(local, tmp_path):
+    """--limit takes the first items, so a larger one resumes: the saved rows are kept (their items checked
+    unchanged) and only the new items run. A smaller one would score fewer rows than the directory holds."""
+    data = _gsm8k_file(tmp_path / "test.jsonl", ["How many?", "How much?", "Why?"])
+    out = tmp_path / "run"
+    settings = Settings(task="gsm8k", data=str(data), limit=1, max_new_tokens=2)
+    first = run(local, settings, out, progress=False)
+    rows = (out / "samples.jsonl").read_bytes()
+    grown = run(local, Settings(task="gsm8k", data=str(data), limit=2, max_new_tokens=2), out, progress=False)
+    assert grown["timing"]["items_run"] == 1
+    assert (out / "samples.jsonl").read_bytes().startswith(rows)  # the first row kept as written
+    assert grown["scores"]["n"] == 2 and grown["record"]["settings"]["limit"] == 2
+    assert json.loads((out / "settings.json").read_text())["limit"] == 2
+    assert json.loads((out / "results.json").read_text())["scores"] == grown["scores"]
+    every = run(local, Settings(task="gsm8k", data=str(data), max_new_tokens=2), out, progress=False)
+    assert every["timing"]["items_run"] == 1 and every["scores"]["n"] == 3
+    assert first["scores"]["n"] == 1
+    with pytest.raises(EvalDataError) as e:
+        run(local, settings, out, progress=False)
+    assert str(e.value) == (
+        f"{out} holds a run with other settings (limit); use another --output, or delete {out} to start over"
+    )
+
+
+def test_a_larger_limit_over_edited_items_is_refused(local, tmp_path):
+    data = _gsm8k_file(tmp_path / "test.jsonl", ["How many?", "How much?"])
+    out = tmp_path / "run"
+    run(local, Settings(task="gsm8k", data=str(data), limit=1, max_new_tokens=2), out, progress=False)
+    _gsm8k_file(data, ["How few?", "How much?"])
+    with pytest.raises(EvalDataError, match=r"holds a run of other items: --data .* changed since"):
+        run(local, Settings(task="gsm8k", data=str(data), limit=2, max_new_tokens=2), out, progress=False)
+    assert json.loads((out / "settings.json").read_text())["limit"] == 1
+    assert (out / "results.json").exists()
+
+
+def test_a_larger_limit_stopped_midway_leaves_no_stale_results(local, tmp_path, monkeypatch):
+    """Once the run grows, the smaller run's results.json no longer describes the samples: it goes, so a
+    --rescore of a run stopped midway cannot score the new rows under the old settings."""
+    data = _gsm8k_file(tmp_path / "test.jsonl", ["How many?", "How much?"])
+    out = tmp_path / "run"
+    run(local, Settings(task="gsm8k", data=str(data), limit=1, max_new_tokens=2), out, progress=False)
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    for method in ("complete", "chat"):
+        monkeypatch.setattr(local, method, stopped)
+    with pytest.raises(KeyboardInterrupt):
+        run(local, Settings(task="gsm8k", data=str(data), limit=2, max_new_tokens=2), out, progress=False)
+    assert not (out / "results.json").exists()
+    assert json.loads((out / "settings.json").read_text())["limit"] == 2
+    with pytest.raises(EvalDataError, match="has no samples.jsonl and results.json to rescore"):
+        rescore_dir(out)

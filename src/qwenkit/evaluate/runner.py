@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -84,7 +85,14 @@ def _run(
 ) -> dict[str, Any]:
     items_sha256 = p.items_sha256()
     made_by = {"items_sha256": items_sha256, "prompt_template_sha256": p.record.get("prompt_template_sha256")}
-    rows = _resume(out, settings, model_identity(record), made_by) if out is not None else []
+    rows = []
+    if out is not None:
+
+        def plan_at(limit: int | None) -> Plan:
+            context = backend.max_context() if needs_model(settings) else None
+            return plan(replace(settings, limit=limit), context)
+
+        rows = _resume(out, settings, model_identity(record), made_by, plan_at)
     done = {r["id"] for r in rows}
     todo = [i for i in p.items if item_id(i) not in done]
     chunk_size = max(settings.batch_size * 4, 16)
@@ -149,11 +157,23 @@ def model_identity(record: dict[str, Any]) -> dict[str, Any]:
     return {k: record[k] for k in IDENTITY_KEYS if k in record}
 
 
-def _resume(out: Path, settings: Settings, identity: dict[str, Any], made_by: dict[str, Any]) -> list[dict]:
+def _resume(
+    out: Path,
+    settings: Settings,
+    identity: dict[str, Any],
+    made_by: dict[str, Any],
+    plan_at: Callable[[int | None], Plan],
+) -> list[dict]:
     """The rows a run into ``out`` already holds, refusing one of other settings, other data (an edited
     --data file), another prompt template or another model: its samples would be mixed into these results
     as if these had made them. A settings file without samples (a run refused or stopped before its first
-    chunk) holds nothing to keep and is replaced."""
+    chunk) holds nothing to keep and is replaced.
+
+    A larger --limit alone resumes, once the saved run's items (``plan_at`` its limit) are found
+    unchanged: --limit takes the first items (per subject), so it adds items to the run. The settings file
+    then says the larger limit and the smaller run's results.json goes: it no longer describes the
+    directory's samples (``rescore_dir`` would score the new rows under the old settings). A smaller
+    --limit is refused, as its results would leave rows out that the directory holds."""
     out.mkdir(parents=True, exist_ok=True)
     settings_path, samples = out / SETTINGS, out / SAMPLES
     wanted = {**settings.key(), "model": identity, **made_by}
@@ -166,11 +186,32 @@ def _resume(out: Path, settings: Settings, identity: dict[str, Any], made_by: di
         read = {*used_settings(settings), "model", *made_by}
         saved = {k: v for k, v in saved.items() if k in read}
         asked = {k: v for k, v in wanted.items() if k in read}
-        if saved != asked:
+        if saved != asked and not _only_the_limit_differs(saved, asked, plan_at):
             _refuse_resume(out, settings, saved, asked)
+        if saved != asked:  # a larger --limit: the run grows
+            write_json_atomic(settings_path, wanted)
+            (out / RESULTS).unlink(missing_ok=True)
     else:
         write_json_atomic(settings_path, wanted)
     return read_samples(samples) if samples.exists() else []
+
+
+def _only_the_limit_differs(
+    saved: dict[str, Any], asked: dict[str, Any], plan_at: Callable[[int | None], Plan]
+) -> bool:
+    """Whether the runs differ only in a larger --limit (and so in their items), the saved run's items
+    unchanged."""
+    changed = {k for k in set(saved) | set(asked) if saved.get(k) != asked.get(k)}
+    if "limit" not in changed or not changed <= {"limit", "items_sha256"}:
+        return False
+    if not _covers(asked.get("limit"), saved.get("limit")):
+        return False
+    return plan_at(saved.get("limit")).items_sha256() == saved.get("items_sha256")
+
+
+def _covers(limit: int | None, other: int | None) -> bool:
+    """Whether --limit ``limit`` takes every item --limit ``other`` takes (None: all items)."""
+    return limit is None or (other is not None and limit > other)
 
 
 def _refuse_resume(out: Path, settings: Settings, saved: dict[str, Any], asked: dict[str, Any]) -> None:
@@ -180,6 +221,8 @@ def _refuse_resume(out: Path, settings: Settings, saved: dict[str, Any], asked: 
     changed = sorted(k for k in set(saved) | set(asked) if saved.get(k) != asked.get(k))
     start_over = f"use another --output, or delete {out} to start over"
     options = [k for k in changed if k not in ("items_sha256", "prompt_template_sha256")]
+    if options == ["limit"] and _covers(asked.get("limit"), saved.get("limit")):
+        options = []  # a larger --limit alone resumes: the saved run's own items changed
     if options == ["model"]:
         model, identity = saved["model"], asked["model"]
         fields = sorted(k for k in set(model) | set(identity) if model.get(k) != identity.get(k))
