@@ -167,9 +167,17 @@ def test_react_code_interpreter_call_written_as_a_fenced_block_runs(steered, tmp
     tool = CodeInterpreter(timeout=5, workdir=tmp_path).tool()
     fenced = "Thought: I should run code.\nAction: code_interpreter\nAction Input: ```py\nprint(6 * 7)\n```"
     queue(steered, fenced, "Thought: I now know the final answer\nFinal Answer: It is 42.")
+    prompts = []
+    submit = llm.submit
+    monkeypatch.setattr(
+        llm, "submit", lambda prompt, *a, **k: prompts.append(prompt) or submit(prompt, *a, **k)
+    )
     result = Agent(llm, [tool], params=PARAMS).run("What is 6*7?")
     assert [m["content"] for m in result.messages if m["role"] == "tool"] == ["stdout:\n\n```\n42\n\n```"]
-    assert result.messages[1]["tool_calls"][0]["function"]["arguments"] == {"code": "print(6 * 7)\n"}
+    # the history keeps the call as the model wrote it (as Qwen-Agent does), and so does the next prompt
+    assert result.messages[1]["tool_calls"][0]["function"]["arguments"] == "```py\nprint(6 * 7)\n```"
+    second = llm.tokenizer.decode(prompts[1])
+    assert fenced + "\nObservation: stdout:\n\n```\n42\n\n```\nThought:" in second
     assert (result.answer, result.rounds) == ("It is 42.", 2)
     plain = "Thought: add.\nAction: add\nAction Input: 2 and 3"
     queue(steered, plain)

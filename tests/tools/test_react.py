@@ -203,7 +203,12 @@ def test_a_tools_own_reader_takes_an_action_input_that_is_not_json():
     assert [(c.name, json.loads(c.arguments)) for c in m.tool_calls] == [
         ("code_interpreter", {"code": "x = 6\nprint(x * 7)\n"})
     ]
+    assert m.tool_calls[0].text == "```py\nx = 6\nprint(x * 7)\n```"  # as written, for the history
     bare = parse_react("Action: code_interpreter\nAction Input: print(1)", reader)
     assert json.loads(bare.tool_calls[0].arguments) == {"code": "print(1)"}
+    assert (
+        parse_react('Action: code_interpreter\nAction Input: {"code": "1"}', reader).tool_calls[0].text
+        is None
+    )
     other = "Action: get_weather\nAction Input: Paris"
     assert (parse_react(other, reader).content, parse_react(other, reader).tool_calls) == (other, [])

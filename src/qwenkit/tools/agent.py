@@ -157,12 +157,11 @@ class Agent:
 
     @staticmethod
     def _as_history(call: ToolCall) -> dict[str, Any]:
-        # arguments as an object: every Qwen template renders that form correctly
-        return {
-            "id": call.id,
-            "type": "function",
-            "function": {"name": call.name, "arguments": json.loads(call.arguments)},
-        }
+        # arguments as an object: every Qwen template renders that form correctly. Text a tool's reader
+        # took (ReAct only) stays the model's own, as Qwen-Agent keeps it: the next prompt then shows the
+        # turn as written, not re-worded as JSON the model never wrote.
+        arguments = call.text if call.text is not None else json.loads(call.arguments)
+        return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": arguments}}
 
     def _run(self, call: ToolCall) -> str:
         tool = self.tools.get(call.name)

@@ -47,6 +47,9 @@ class ToolCall:
     name: str
     arguments: str  # a JSON object as text, as OpenAI sends it
     id: str = ""
+    # The arguments as the model wrote them where they were not JSON and the tool's own reader read them
+    # (Qwen v1's fenced code as the interpreter's ReAct Action Input): the history shows them so again.
+    text: str | None = None
 
     def __post_init__(self) -> None:
         self.id = self.id or new_call_id()

@@ -161,16 +161,16 @@ def parse_react(text: str, read_arguments: Callable[[str, str], str | None] | No
         name = padded[i + len("\nAction:") : j].strip()
         raw_args = padded[j + len("\nAction Input:") : k].strip()
         if name:
-            arguments = arguments_json(raw_args)
+            arguments, written = arguments_json(raw_args), None
             if arguments is None and read_arguments is not None:
-                arguments = read_arguments(name, raw_args)
+                arguments, written = read_arguments(name, raw_args), raw_args
             if arguments is None:
                 warning = (
                     f"the Action Input of {name!r} is not a JSON object; returned as text: {raw_args[:200]!r}"
                 )
                 return ParsedMessage(text, "", [], [warning])
             thought = padded[:i].strip().removeprefix("Thought:").strip()
-            return ParsedMessage(thought, "", [ToolCall(name, arguments)], [])
+            return ParsedMessage(thought, "", [ToolCall(name, arguments, text=written)], [])
     answer = text.rfind("\nFinal Answer: ")
     if answer >= 0:
         return ParsedMessage(text[answer + len("\nFinal Answer: ") :], "", [], [])
