@@ -9,6 +9,15 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
+from typing import Protocol
+
+
+class CalibrationTokenizer(Protocol):
+    """What calibration needs of a tokenizer (``qwenkit.tokenizer``'s are such; quant/ sits below them)."""
+
+    sequence_special_ids: tuple[tuple[int, ...], tuple[int, ...]]  # ids put before and after a prompt
+
+    def encode(self, text: str) -> list[int]: ...
 
 
 def default_calibration_text() -> str:

@@ -24,21 +24,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 from torch import nn
 
 from qwenkit.checkpoint.output_dir import atomic_output_dir, check_out_dir, write_json
-from qwenkit.quant.calibration import calibration_token_ids
+from qwenkit.quant.calibration import CalibrationTokenizer, calibration_token_ids
 from qwenkit.quant.checkpoint_io import NOT_QUANTIZED, finalize_quantized_model, save_gptq
 from qwenkit.quant.gptq import gptq_quantize_model
 from qwenkit.quant.gptq_format import ACT_ORDERS, SUPPORTED_BITS, ActOrder, GPTQConfig, QuantizationError
 from qwenkit.quant.group_size import GroupChoice, choose_group_size, per_row_int4_note, reader_size_note
 from qwenkit.quant.rtn import quantize_model_rtn
-
-if TYPE_CHECKING:
-    from qwenkit.tokenizer import Tokenizer
 
 Method = Literal["gptq", "rtn"]
 DEFAULT_CALIB_SAMPLES = 32
@@ -132,7 +129,7 @@ def quantize_checkpoint(
     bits: int = 4,
     group_size: int = 128,
     method: Method = "gptq",
-    tokenizer: Callable[[], Tokenizer] | None = None,
+    tokenizer: Callable[[], CalibrationTokenizer] | None = None,
     calib: str | Path | None = None,
     calib_samples: int = DEFAULT_CALIB_SAMPLES,
     seq_len: int = DEFAULT_SEQ_LEN,
