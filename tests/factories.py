@@ -198,25 +198,46 @@ def run_engine(engine, prompts: list[list[int]], params) -> list[list[int]]:
     return [outs[i] for i in ids]
 
 
+def randomize_lora(model, seed: int, std: float) -> None:
+    """Give every LoRA adapter of ``model`` a random, non-zero B (a fresh adapter, B = 0, changes nothing)."""
+    from qwenkit.finetune.lora import lora_modules
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * std)
+
+
+def lora_model(model_dir: Path, config, seed: int | None = None, std: float = 0.05, dtype: str = "float32"):
+    """``model_dir`` loaded with ``config``'s LoRA adapters applied; their B random when ``seed`` is given."""
+    from qwenkit.checkpoint import load_model
+    from qwenkit.finetune.lora import apply_lora
+
+    model, _ = load_model(model_dir, dtype, progress=False)
+    apply_lora(model, config)
+    if seed is not None:
+        randomize_lora(model, seed, std)
+    return model
+
+
+def save_lora(model, out: Path, config, model_dir: Path | str) -> Path:
+    """``model``'s adapters written as a peft-format adapter into the new directory ``out``."""
+    from qwenkit.finetune.adapter_io import save_adapter
+
+    out.mkdir()
+    save_adapter(model, out, config, str(model_dir))
+    return out
+
+
 def write_lora_adapter(
     model_dir: Path, out: Path, seed: int, r: int = 4, targets=None, alpha: float = 8.0, std: float = 0.2
 ) -> Path:
     """A peft-format LoRA adapter for ``model_dir`` with random, non-zero B (a fresh adapter, B = 0, would
     change nothing), written by qwenkit's own trainer code."""
-    from qwenkit.checkpoint import load_model
-    from qwenkit.finetune.adapter_io import save_adapter
-    from qwenkit.finetune.lora import LoRAConfig, apply_lora, lora_modules
+    from qwenkit.finetune.lora import LoRAConfig
 
-    model, _ = load_model(model_dir, "float32", progress=False)
     config = LoRAConfig(r=r, alpha=alpha, dropout=0.0, **({"target_modules": targets} if targets else {}))
-    apply_lora(model, config)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in lora_modules(model).values():
-            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * std)
-    out.mkdir()
-    save_adapter(model, out, config, str(model_dir))
-    return out
+    return save_lora(lora_model(model_dir, config, seed, std), out, config, model_dir)
 
 
 def interrupt_training_after(monkeypatch, steps: int):

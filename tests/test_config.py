@@ -192,7 +192,7 @@ LLAMA31_8B = {
 def test_llama3_and_linear_rope_scaling_read_as_transformers_standardizes_them():
     """Llama 3.1/3.2 (rope_type llama3) and linear interpolation were refused ("supports default and
     yarn"). Their original window comes from rope_scaling, a top-level key, or max_position_embeddings."""
-    from qwenkit.config import LinearScaling, Llama3Scaling
+    from qwenkit.rope_scaling import LinearScaling, Llama3Scaling
 
     cfg = ModelConfig.from_hf(LLAMA31_8B)
     assert cfg.rope_scaling == Llama3Scaling(8.0, 1.0, 4.0, 8192) and cfg.rope_theta == 5e5

@@ -10,14 +10,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from factories import interrupt_training_after
+from factories import V1_TINY, interrupt_training_after, randomize_lora, v1_state_dict, write_v1_checkpoint
 
 from qwenkit.checkpoint import load_model
 from qwenkit.cli import main as cli_main
 from qwenkit.finetune.distributed import World
 from qwenkit.finetune.dpo import DPOTrainer
 from qwenkit.finetune.encode import IGNORE
-from qwenkit.finetune.lora import LoRAConfig, apply_lora, lora_modules, lora_parameters
+from qwenkit.finetune.lora import LoRAConfig, apply_lora, lora_parameters
 from qwenkit.finetune.preference_data import load_pairs
 from qwenkit.finetune.run import finetune
 from qwenkit.finetune.trainer import TrainArgs
@@ -51,9 +51,30 @@ def logp(model, seq) -> float:
     return sum(float(lp[t - 1, seq.ids[t]]) for t in range(1, len(seq.ids)) if seq.labels[t] != IGNORE)
 
 
-def policy_and_reference(model, base, pair) -> tuple[float, float, float, float]:
-    """(policy chosen, policy rejected, reference chosen, reference rejected) summed log-probabilities."""
-    return tuple(logp(m, c) for m in (model, base) for c in (pair.chosen, pair.rejected))
+@pytest.fixture
+def three_pairs(tiny_chat_model, tmp_path):
+    """The chat model's encoding of write_pairs' first three pairs (both of its record formats)."""
+    return load_pairs(tokenizer_for(tiny_chat_model), write_pairs(tmp_path / "p.jsonl", 0, 3), max_len=256)[0]
+
+
+def ready_trainer(model, pairs, args: TrainArgs, params, **loss) -> DPOTrainer:
+    """A DPOTrainer on one process (the chat model's pad id), its reference computed as training does."""
+    trainer = DPOTrainer(model, pairs, args, World(), 151643, params, **loss)
+    trainer.before_training(None)
+    return trainer
+
+
+def reference_batch(model, base, pairs, loss_type: str, beta: float, eps: float) -> tuple[float, float]:
+    """trl's loss of a batch of pairs (the mean of ``reference_loss``) and its summed reward margins, from
+    each pair's summed log-probabilities under the policy ``model`` and the reference ``base``."""
+    losses, margins = [], []
+    for p in pairs:
+        pc, pr, rc, rr = (logp(m, c) for m in (model, base) for c in (p.chosen, p.rejected))
+        losses.append(
+            reference_loss(loss_type, beta, eps, pc, pr, rc, rr, p.chosen.targets, p.rejected.targets)
+        )
+        margins.append(beta * ((pc - rc) - (pr - rr)))
+    return sum(losses) / len(pairs), sum(margins)
 
 
 def run_dpo(model_dir, data, out, args: TrainArgs, eval_path=None, **loss):
@@ -97,9 +118,8 @@ def reference_loss(loss_type: str, beta: float, eps: float, pc, pr, rc, rr, n_c:
     ("loss_type", "eps"),
     [("sigmoid", 0.0), ("hinge", 0.0), ("ipo", 0.0), ("robust", 0.2), ("simpo", 0.0), ("orpo", 0.0)],
 )
-def test_dpo_loss_and_rewards_equal_reference(loss_type, eps, tiny_chat_model, tmp_path):
-    tok = tokenizer_for(tiny_chat_model)
-    pairs, _ = load_pairs(tok, write_pairs(tmp_path / "p.jsonl", 0, 3), max_len=256)
+def test_dpo_loss_and_rewards_equal_reference(loss_type, eps, tiny_chat_model, three_pairs):
+    tok, pairs = tokenizer_for(tiny_chat_model), three_pairs
     # The completion is only the final reply + <|im_end|> + the newline after it (trl's).
     lab = pairs[0].chosen.labels
     assert tok.decode([t for t in lab if t != IGNORE]) == "Gladly: 0 is fine.<|im_end|>\n"
@@ -108,22 +128,10 @@ def test_dpo_loss_and_rewards_equal_reference(loss_type, eps, tiny_chat_model, t
     model, _ = load_model(tiny_chat_model, "float32", progress=False)
     torch.manual_seed(0)  # lora_A's init: the same whichever tests ran before in this process
     apply_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.0))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in lora_modules(model).values():
-            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.2)
-    trainer = DPOTrainer(
-        model,
-        pairs,
-        TrainArgs(batch_size=3, progress=False),
-        World(),
-        151643,
-        lora_parameters(model),
-        beta=0.3,
-        loss_type=loss_type,
-        label_smoothing=eps,
-    )
-    trainer.before_training(None)
+    randomize_lora(model, 0, 0.2)
+    args = TrainArgs(batch_size=3, progress=False)
+    loss_settings = dict(beta=0.3, loss_type=loss_type, label_smoothing=eps)
+    trainer = ready_trainer(model, pairs, args, lora_parameters(model), **loss_settings)
     loss, metrics, _ = trainer.batch_loss([0, 1, 2], normalizer=3.0)
 
     if loss_type in ("simpo", "orpo"):  # no reference: rewards are beta x mean token log-probabilities
@@ -138,30 +146,20 @@ def test_dpo_loss_and_rewards_equal_reference(loss_type, eps, tiny_chat_model, t
         assert metrics["rewards/margins"] == pytest.approx(sum(margins), abs=1e-4)
         return
     base, _ = load_model(tiny_chat_model, "float32", progress=False)
-    ref_losses, margins = [], []
-    for p in pairs:
-        pc, pr, rc, rr = policy_and_reference(model, base, p)
-        ref_losses.append(
-            reference_loss(loss_type, 0.3, eps, pc, pr, rc, rr, p.chosen.targets, p.rejected.targets)
-        )
-        margins.append(0.3 * ((pc - rc) - (pr - rr)))
-    assert abs(loss.item() - sum(ref_losses) / 3) < 1e-4
-    assert abs(metrics["rewards/margins"] - sum(margins)) < 1e-3
-    assert abs(loss.item()) > 1e-3 and abs(sum(margins)) > 1e-3  # the adapter makes a difference
+    want, margins = reference_batch(model, base, pairs, loss_type, 0.3, eps)
+    assert abs(loss.item() - want) < 1e-4
+    assert abs(metrics["rewards/margins"] - margins) < 1e-3
+    assert abs(loss.item()) > 1e-3 and abs(margins) > 1e-3  # the adapter makes a difference
 
 
-def test_sft_weight_adds_the_chosen_replies_cross_entropy(tiny_chat_model, tmp_path):
+def test_sft_weight_adds_the_chosen_replies_cross_entropy(tiny_chat_model, three_pairs):
     """RPO: the DPO loss plus w x the chosen replies' mean token cross entropy over the batch (trl's
     loss_type ["sigmoid", "sft"] with loss_weights [1, w])."""
-    tok = tokenizer_for(tiny_chat_model)
-    pairs, _ = load_pairs(tok, write_pairs(tmp_path / "p.jsonl", 0, 3), max_len=256)
+    pairs = three_pairs
     model, _ = load_model(tiny_chat_model, "float32", progress=False)
     apply_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.0))
     args = TrainArgs(batch_size=3, progress=False)
-    trainer = DPOTrainer(
-        model, pairs, args, World(), 151643, lora_parameters(model), beta=0.3, sft_weight=0.7
-    )
-    trainer.before_training(None)
+    trainer = ready_trainer(model, pairs, args, lora_parameters(model), beta=0.3, sft_weight=0.7)
     loss, _, _ = trainer.batch_loss([0, 1, 2], normalizer=3.0)
     chosen = [logp(model, p.chosen) for p in pairs]
     nll = -sum(chosen) / sum(p.chosen.targets for p in pairs)
@@ -169,26 +167,20 @@ def test_sft_weight_adds_the_chosen_replies_cross_entropy(tiny_chat_model, tmp_p
     assert nll > 1.0
 
 
-def test_full_dpo_keeps_the_weights_before_training_as_its_reference(tiny_chat_model, tmp_path):
+def test_full_dpo_keeps_the_weights_before_training_as_its_reference(tiny_chat_model, three_pairs):
     """--method full: after an optimizer step the reference is still the model as it was before training
     (computed up front), not the weights being trained."""
-    tok = tokenizer_for(tiny_chat_model)
-    pairs, _ = load_pairs(tok, write_pairs(tmp_path / "p.jsonl", 0, 3), max_len=256)
+    pairs = three_pairs
     model, _ = load_model(tiny_chat_model, "float32", progress=False)
     model.requires_grad_(True)
     args = TrainArgs(method="full", batch_size=3, lr=1e-3, progress=False)
-    trainer = DPOTrainer(model, pairs, args, World(), 151643, list(model.parameters()), beta=0.3)
-    trainer.before_training(None)
+    trainer = ready_trainer(model, pairs, args, list(model.parameters()), beta=0.3)
     first = trainer.train_step()
     assert first.loss == pytest.approx(math.log(2), abs=1e-6)  # policy == reference at step 0
     loss, metrics, _ = trainer.batch_loss([0, 1, 2], normalizer=3.0)
 
     base, _ = load_model(tiny_chat_model, "float32", progress=False)
-    want, margins = 0.0, 0.0
-    for p in pairs:
-        pc, pr, rc, rr = policy_and_reference(model, base, p)
-        want += reference_loss("sigmoid", 0.3, 0.0, pc, pr, rc, rr, 1, 1) / 3
-        margins += 0.3 * ((pc - rc) - (pr - rr))
+    want, margins = reference_batch(model, base, pairs, "sigmoid", 0.3, 0.0)
     assert loss.item() == pytest.approx(want, abs=1e-5)
     assert metrics["rewards/margins"] == pytest.approx(margins, abs=1e-4)
     assert margins > 1e-3  # the step moved the policy towards the chosen replies
@@ -198,61 +190,25 @@ def test_dpo_command_raises_the_held_out_margin(tiny_chat_model, tmp_path):
     train = write_pairs(tmp_path / "train.jsonl", 0, 16)
     held = write_pairs(tmp_path / "held.jsonl", 100, 4)
     out = tmp_path / "dpo"
-    rc = cli_main(
-        [
-            "dpo",
-            str(tiny_chat_model),
-            str(train),
-            str(out),
-            "--eval-data",
-            str(held),
-            "--max-steps",
-            "8",
-            "--batch-size",
-            "4",
-            "--lr",
-            "1e-2",
-            "--lora-r",
-            "4",
-            "--lora-dropout",
-            "0",
-            "--beta",
-            "0.5",
-            "--no-progress",
-        ]
-    )
-    assert rc == 0
+    argv = ["dpo", str(tiny_chat_model), str(train), str(out), "--eval-data", str(held), "--max-steps", "8"]
+    argv += ["--batch-size", "4", "--lr", "1e-2", "--lora-r", "4", "--lora-dropout", "0", "--beta", "0.5"]
+    assert cli_main([*argv, "--no-progress"]) == 0
     log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     evals = [r for r in log if "eval_loss" in r]
     assert evals[0]["eval_rewards/margins"] == 0.0  # adapter starts as the identity: policy == reference
     assert evals[-1]["eval_rewards/margins"] > 1.0 and evals[-1]["eval_rewards/accuracies"] == 1.0
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
-    assert all(
-        k in log[1] for k in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen")
-    )
+    metrics = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen")
+    assert all(k in log[1] for k in metrics)
     assert (out / "adapter_model.safetensors").is_file()
 
 
+KIND_HI = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi?"}]
+HELLO = {"role": "assistant", "content": "Hello!"}
+GO_AWAY = {"role": "assistant", "content": "Go away."}
 SAME_PAIR = [
-    # trl's explicit prompt, as messages
-    {
-        "prompt": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi?"}],
-        "chosen": [{"role": "assistant", "content": "Hello!"}],
-        "rejected": [{"role": "assistant", "content": "Go away."}],
-    },
-    # trl's implicit prompt: two whole conversations
-    {
-        "chosen": [
-            {"role": "system", "content": "Be kind."},
-            {"role": "user", "content": "Hi?"},
-            {"role": "assistant", "content": "Hello!"},
-        ],
-        "rejected": [
-            {"role": "system", "content": "Be kind."},
-            {"role": "user", "content": "Hi?"},
-            {"role": "assistant", "content": "Go away."},
-        ],
-    },
+    {"prompt": KIND_HI, "chosen": [HELLO], "rejected": [GO_AWAY]},  # trl's explicit prompt, as messages
+    {"chosen": [*KIND_HI, HELLO], "rejected": [*KIND_HI, GO_AWAY]},  # trl's implicit prompt: two chats
     # LLaMA-Factory, alpaca style
     {"system": "Be kind.", "instruction": "Hi?", "input": "", "chosen": "Hello!", "rejected": "Go away."},
     # LLaMA-Factory, ShareGPT style
@@ -271,20 +227,13 @@ def test_every_preference_format_encodes_the_same_pair(tiny_chat_model):
     tok = tokenizer_for(tiny_chat_model)
     encoded = [encode_pair(tok, f"r{i}", obj, 256) for i, obj in enumerate(SAME_PAIR)]
     want = encoded[0]
-    assert tok.decode(want.chosen.ids).startswith(
-        "<|im_start|>system\nBe kind.<|im_end|>\n<|im_start|>user\nHi?"
-    )
+    chosen = tok.decode(want.chosen.ids)
+    assert chosen.startswith("<|im_start|>system\nBe kind.<|im_end|>\n<|im_start|>user\nHi?")
     assert tok.decode([t for t in want.rejected.labels if t != IGNORE]) == "Go away.<|im_end|>\n"
     for got in encoded[1:]:
         assert (got.chosen, got.rejected) == (want.chosen, want.rejected)
     # alpaca: instruction and input joined by a newline, after the history's turns
-    alpaca = {
-        "instruction": "Sum",
-        "input": "2 and 3",
-        "history": [["Hi", "Hello"]],
-        "chosen": "5",
-        "rejected": "6",
-    }
+    alpaca = dict(instruction="Sum", input="2 and 3", history=[["Hi", "Hello"]], chosen="5", rejected="6")
     messages = {
         "messages": [
             {"role": "user", "content": "Hi"},
@@ -295,6 +244,9 @@ def test_every_preference_format_encodes_the_same_pair(tiny_chat_model):
         "rejected": "6",
     }
     assert encode_pair(tok, "a", alpaca, 256) == encode_pair(tok, "a", messages, 256)
+
+
+AB = {"chosen": "a", "rejected": "b"}  # the replies of a record whose prompt is what is wrong
 
 
 @pytest.mark.parametrize(
@@ -308,20 +260,14 @@ def test_every_preference_format_encodes_the_same_pair(tiny_chat_model):
             },
             "r: without a 'prompt', 'chosen' and 'rejected' must be whole conversations that share every",
         ),
+        (AB, "r: expected a 'prompt', 'messages', 'conversations' or 'instruction'"),
+        ({"instruction": "", **AB}, "r: fields 'instruction' and 'input' are both empty"),
         (
-            {"chosen": "a", "rejected": "b"},
-            "r: expected a 'prompt', 'messages', 'conversations' or 'instruction'",
-        ),
-        (
-            {"instruction": "", "chosen": "a", "rejected": "b"},
-            "r: fields 'instruction' and 'input' are both empty",
-        ),
-        (
-            {"instruction": "x", "history": [["only one"]], "chosen": "a", "rejected": "b"},
+            {"instruction": "x", "history": [["only one"]], **AB},
             "r: field 'history' must be a list of [query, reply] string pairs",
         ),
         (
-            {"conversations": [{"from": "robot", "value": "x"}], "chosen": "a", "rejected": "b"},
+            {"conversations": [{"from": "robot", "value": "x"}], **AB},
             "r: field 'conversations[0].from' is 'robot'; expected one of",
         ),
         (
@@ -359,19 +305,8 @@ def test_full_dpo_command_trains_resumes_and_writes_a_whole_model(
     train = write_pairs(tmp_path / "train.jsonl", 0, 8)
     held = write_pairs(tmp_path / "held.jsonl", 100, 4)
     argv = [str(tiny_chat_model), str(train)]
-    opts = [
-        "--method",
-        "full",
-        "--eval-data",
-        str(held),
-        "--max-steps",
-        "4",
-        "--batch-size",
-        "4",
-        "--lr",
-        "1e-3",
-    ]
-    opts += ["--loss-type", "ipo", "--beta", "0.5", "--save-every", "2", "--no-progress"]
+    opts = ["--method", "full", "--eval-data", str(held), "--max-steps", "4", "--batch-size", "4"]
+    opts += ["--lr", "1e-3", "--loss-type", "ipo", "--beta", "0.5", "--save-every", "2", "--no-progress"]
     assert cli_main(["dpo", *argv, str(tmp_path / "whole"), *opts]) == 0
 
     real_step = interrupt_training_after(monkeypatch, 2)
@@ -394,9 +329,8 @@ def test_full_dpo_command_trains_resumes_and_writes_a_whole_model(
     whole = [json.loads(x) for x in (tmp_path / "whole" / "log.jsonl").read_text().splitlines()]
     resumed = [json.loads(x) for x in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
     evals = [r for r in whole if "eval_loss" in r]
-    assert evals[0]["eval_rewards/margins"] == 0.0 and evals[0]["eval_loss"] == pytest.approx(
-        1.0
-    )  # (0 - 1/2b)^2
+    assert evals[0]["eval_rewards/margins"] == 0.0
+    assert evals[0]["eval_loss"] == pytest.approx(1.0)  # (0 - 1/2b)^2
     assert evals[-1]["eval_rewards/margins"] > 0.1 and evals[-1]["eval_loss"] < evals[0]["eval_loss"]
     losses = [r["loss"] for r in whole if "loss" in r]
     assert len(losses) == 4 and [r["loss"] for r in resumed if "loss" in r] == pytest.approx(losses, rel=1e-6)
@@ -430,13 +364,8 @@ def test_full_dpo_command_trains_resumes_and_writes_a_whole_model(
     ],
 )
 def test_bad_loss_settings_are_refused_in_one_line(extra, message, tiny_chat_model, tmp_path, capsys):
-    out = tmp_path / "o"
-    assert (
-        cli_main(
-            ["dpo", str(tiny_chat_model), str(write_pairs(tmp_path / "p.jsonl", 0, 2)), str(out), *extra]
-        )
-        == 2
-    )
+    out, pairs = tmp_path / "o", write_pairs(tmp_path / "p.jsonl", 0, 2)
+    assert cli_main(["dpo", str(tiny_chat_model), str(pairs), str(out), *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not out.exists()
@@ -514,8 +443,6 @@ def test_qwen_v1_dpo_starts_at_its_reference_past_seq_length(tmp_path):
     with it: each pair's reference is scored in the mode its policy is, so on completions past seq_length
     the first step's loss and the held-out loss before any step are exactly log 2 (both modes' references
     from one scoring would leave one side off by LogN's effect)."""
-    from factories import V1_TINY, write_v1_checkpoint
-
     from qwenkit.finetune.preference_data import Completion, PreferencePair
 
     model, _ = load_model(write_v1_checkpoint(tmp_path / "v1"), "float32", progress=False)
@@ -539,7 +466,6 @@ def test_qwen_v1_dpo_starts_at_its_reference_past_seq_length(tmp_path):
         eval_mode = trainer.logps(pairs)
     assert (train_mode - eval_mode).abs().max() > 1e-2  # LogN moves these completions' log-probabilities
     # held-out pairs as modeling_qwen.py scores them outside training: LogN, each one's own NTK alpha
-    from factories import v1_state_dict
     from qwen_v1_reference import v1_logits
 
     sd = v1_state_dict(V1_TINY)
@@ -563,6 +489,11 @@ QWEN2_TEMPLATE = (
     "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+
+
+def hf_ids(hf_tokenizer, messages, **kwargs) -> list[int]:
+    """transformers' token ids of ``messages`` through the tokenizer's chat template."""
+    return hf_tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)["input_ids"]
 
 
 def test_completion_is_trls_with_the_newline_after_im_end(tiny_chat_model, tmp_path):
@@ -605,13 +536,9 @@ def test_completion_is_trls_with_the_newline_after_im_end(tiny_chat_model, tmp_p
         tok, hf = load_tokenizer(folder), transformers.AutoTokenizer.from_pretrained(folder)
         for i, row in enumerate(rows):
             pair = encode_pair(tok, f"r{i}", row, 256)
-            prompt = hf.apply_chat_template(
-                row["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True
-            )["input_ids"]
+            prompt = hf_ids(hf, row["prompt"], add_generation_prompt=True)
             for side, got in (("chosen", pair.chosen), ("rejected", pair.rejected)):
-                full = hf.apply_chat_template(row["prompt"] + row[side], tokenize=True, return_dict=True)[
-                    "input_ids"
-                ]
+                full = hf_ids(hf, row["prompt"] + row[side])
                 assert full[: len(prompt)] == prompt
                 completion = full[len(prompt) :]  # trl's chosen_ids / rejected_ids
                 assert completion[: len(empty_think)] == empty_think, folder

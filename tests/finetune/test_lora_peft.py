@@ -7,11 +7,11 @@ import json
 
 import pytest
 import torch
-from factories import hf_model, save_hf
+from factories import hf_model, lora_model, randomize_lora, save_hf, save_lora
 
 from qwenkit.checkpoint import load_model
 from qwenkit.errors import CheckpointError
-from qwenkit.finetune.adapter_io import PREFIX, adapter_pairs, save_adapter
+from qwenkit.finetune.adapter_io import PREFIX, adapter_pairs
 from qwenkit.finetune.lora import (
     LoRAConfig,
     adapters_disabled,
@@ -31,12 +31,27 @@ def qwen2_dir(tmp_path_factory):
     return save_hf(hf_model("qwen2", tie_word_embeddings=False), tmp_path_factory.mktemp("q2") / "m")
 
 
-def randomize(model, seed=1):
-    """Give every adapter a non-zero B so the update shows in the logits."""
-    g = torch.Generator().manual_seed(seed)
+def hf_base(model_dir, dtype=torch.float32):
+    """The transformers model of ``model_dir``, the base peft adapts."""
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+
+
+def peft_lora(model_dir, **config):
+    """peft's LoRA model (``peft.LoraConfig(**config)``) over the transformers base of ``model_dir``."""
+    import peft
+
+    return peft.get_peft_model(hf_base(model_dir), peft.LoraConfig(**config))
+
+
+def randomize_peft(peft_model, seed: int) -> None:
+    """Give every peft adapter a non-zero B, drawn after seeding torch's global generator."""
+    torch.manual_seed(seed)
     with torch.no_grad():
-        for m in lora_modules(model).values():
-            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.05)
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
 
 
 def test_lora_forward_and_gradients_equal_merged_weight_reference():
@@ -47,7 +62,7 @@ def test_lora_forward_and_gradients_equal_merged_weight_reference():
     cfg = LoRAConfig(r=4, alpha=8, dropout=0.0, target_modules=("q_proj",), use_rslora=True)
     apply_lora(model, cfg)
     lora = model.q_proj
-    randomize(model)
+    randomize_lora(model, 1, 0.05)
     assert lora.scaling == 8 / 2  # rsLoRA: alpha / sqrt(r)
     x = torch.randn(3, 12)
     y = model(x)
@@ -78,7 +93,7 @@ def test_qlora_gradients_equal_lora_on_dequantized_base(qwen2_dir, bits):
     for model in (quant, ref):
         torch.manual_seed(0)
         apply_lora(model, cfg)
-        randomize(model)
+        randomize_lora(model, 1, 0.05)
         model.train()
     losses = []
     for model in (quant, ref):
@@ -102,22 +117,16 @@ def test_qlora_gradients_equal_lora_on_dequantized_base(qwen2_dir, bits):
 
 def test_qwenkit_adapter_loads_in_peft_with_same_logits(qwen2_dir, tmp_path):
     import peft
-    import transformers
 
-    model, _ = load_model(qwen2_dir, "float32", progress=False)
     cfg = LoRAConfig(r=4, alpha=16, dropout=0.0, layers_to_transform=(1,))
-    apply_lora(model, cfg)
-    randomize(model)
-    adapter = tmp_path / "adapter"
-    adapter.mkdir()
-    save_adapter(model, adapter, cfg, str(qwen2_dir))
+    model = lora_model(qwen2_dir, cfg, seed=1)
+    adapter = save_lora(model, tmp_path / "adapter", cfg, qwen2_dir)
     with torch.no_grad():
         ours = model(IDS)
 
     raw = json.loads((adapter / "adapter_config.json").read_text())
     assert raw["peft_type"] == "LORA" and raw["task_type"] == "CAUSAL_LM" and raw["modules_to_save"] is None
-    base = transformers.AutoModelForCausalLM.from_pretrained(qwen2_dir, dtype=torch.float32)
-    peft_model = peft.PeftModel.from_pretrained(base, adapter).eval()
+    peft_model = peft.PeftModel.from_pretrained(hf_base(qwen2_dir), adapter).eval()
     with torch.no_grad():
         theirs = peft_model(IDS).logits
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
@@ -136,19 +145,9 @@ def test_qwenkit_adapter_loads_in_peft_with_same_logits(qwen2_dir, tmp_path):
 
 
 def test_peft_adapter_loads_in_qwenkit_with_same_logits(qwen2_dir, tmp_path):
-    import peft
-    import transformers
-
-    base = transformers.AutoModelForCausalLM.from_pretrained(qwen2_dir, dtype=torch.float32)
-    pcfg = peft.LoraConfig(
-        r=8, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=True
-    )
-    peft_model = peft.get_peft_model(base, pcfg)
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for n, p in peft_model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
+    targets = ["q_proj", "v_proj", "down_proj"]
+    peft_model = peft_lora(qwen2_dir, r=8, lora_alpha=4, target_modules=targets, use_rslora=True)
+    randomize_peft(peft_model, 3)
     peft_model.save_pretrained(tmp_path / "peft-adapter")
     with torch.no_grad():
         theirs = peft_model.eval()(IDS).logits
@@ -161,25 +160,17 @@ def test_peft_adapter_loads_in_qwenkit_with_same_logits(qwen2_dir, tmp_path):
 def test_peft_adapters_alpha_pattern_with_alternatives_matches_peft(qwen2_dir, tmp_path):
     """peft matches a pattern key as ``(.*\\.)?(KEY)$``: a key ``q_proj|v_proj`` covers both modules (without
     the group, ``v_proj`` kept the default alpha and merge and --adapter scaled its update 4x too small)."""
-    import peft
-    import transformers
-
-    base = transformers.AutoModelForCausalLM.from_pretrained(qwen2_dir, dtype=torch.float32)
-    pcfg = peft.LoraConfig(
+    peft_model = peft_lora(
+        qwen2_dir,
         r=4,
         lora_alpha=8,
         target_modules=["q_proj", "v_proj", "down_proj"],
         alpha_pattern={"q_proj|v_proj": 32},
         rank_pattern={"q_proj|down_proj": 2},
     )
-    peft_model = peft.get_peft_model(base, pcfg)
     v_proj = peft_model.base_model.model.model.layers[0].self_attn.v_proj
     assert v_proj.scaling["default"] == 32 / 4  # peft's reading of the pattern
-    torch.manual_seed(4)
-    with torch.no_grad():
-        for n, p in peft_model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
+    randomize_peft(peft_model, 4)
     peft_model.save_pretrained(tmp_path / "peft-adapter")
     with torch.no_grad():
         theirs = peft_model.eval()(IDS).logits
@@ -210,13 +201,7 @@ def test_peft_adapters_alpha_pattern_with_alternatives_matches_peft(qwen2_dir, t
 def test_peft_variants_qwenkit_would_compute_otherwise_are_refused(qwen2_dir, tmp_path, variant, message):
     """peft runs these adapters differently from plain LoRA. aLoRA and layer_replication files hold only
     lora_A/lora_B, so they used to load and give other logits than peft's (0.29 and 0.70 apart here)."""
-    import peft
-    import transformers
-
-    base = transformers.AutoModelForCausalLM.from_pretrained(qwen2_dir, dtype=torch.float32)
-    peft_model = peft.get_peft_model(
-        base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], **variant)
-    )
+    peft_model = peft_lora(qwen2_dir, r=4, target_modules=["q_proj", "v_proj"], **variant)
     peft_model.save_pretrained(tmp_path / "adapter")
     for load in (
         lambda: load_model(qwen2_dir, "float32", progress=False, adapter=tmp_path / "adapter"),
@@ -228,11 +213,8 @@ def test_peft_variants_qwenkit_would_compute_otherwise_are_refused(qwen2_dir, tm
 
 def test_adapter_for_another_shape_is_refused(qwen2_dir, tmp_path):
     other = save_hf(hf_model("qwen2", hidden_size=32, intermediate_size=64), tmp_path / "other")
-    model, _ = load_model(other, "float32", progress=False)
     cfg = LoRAConfig(r=2, alpha=2, dropout=0.0, target_modules=("q_proj",))
-    apply_lora(model, cfg)
-    (tmp_path / "a").mkdir()
-    save_adapter(model, tmp_path / "a", cfg, "other")
+    save_lora(lora_model(other, cfg), tmp_path / "a", cfg, "other")
     with pytest.raises(CheckpointError, match=r"another model shape: model\.layers\.0\.self_attn\.q_proj"):
         load_model(qwen2_dir, "float32", progress=False, adapter=tmp_path / "a")
     # No prefix (as transformers' load_adapter writes) still loads; a non-LoRA tensor is refused.
@@ -249,12 +231,9 @@ def test_adapter_for_another_shape_is_refused(qwen2_dir, tmp_path):
 def test_merge_command_output_equals_adapter_logits(qwen2_dir, tmp_path):
     from qwenkit.cli import main as cli_main
 
-    model, _ = load_model(qwen2_dir, "float32", progress=False)
     cfg = LoRAConfig(r=4, alpha=8, dropout=0.0)
-    apply_lora(model, cfg)
-    randomize(model)
-    (tmp_path / "a").mkdir()
-    save_adapter(model, tmp_path / "a", cfg, str(qwen2_dir))
+    model = lora_model(qwen2_dir, cfg, seed=1)
+    save_lora(model, tmp_path / "a", cfg, qwen2_dir)
     assert cli_main(["merge", str(qwen2_dir), str(tmp_path / "a"), str(tmp_path / "merged")]) == 0
     merged, _ = load_model(tmp_path / "merged", "float32", progress=False)
     assert not lora_modules(merged)
@@ -278,41 +257,25 @@ def test_merge_command_output_equals_adapter_logits(qwen2_dir, tmp_path):
     a = str(tmp_path / "a")
     with pytest.raises(CheckpointError, match=f"^output {a} would replace the source {a}; choose another"):
         merge(qwen2_dir, a, a, overwrite=True)
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [
-        "adapter_config.json",
-        "adapter_model.safetensors",
-    ]
+    kept = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert kept == ["adapter_config.json", "adapter_model.safetensors"]
 
 
 def test_generate_cli_with_adapter(tiny_chat_model, tmp_path, capsys):
     """--adapter on generate changes the output exactly as the adapter-applied model predicts."""
     from qwenkit.cli import main as cli_main
 
-    model, _ = load_model(tiny_chat_model, "float32", progress=False)
     cfg = LoRAConfig(r=4, alpha=8, dropout=0.0)
-    apply_lora(model, cfg)
-    randomize(model, seed=5)
+    model = lora_model(tiny_chat_model, cfg, seed=5)
     with torch.no_grad():
         for m in lora_modules(model).values():
             m.lora_B.weight.mul_(40)
-    (tmp_path / "a").mkdir()
-    save_adapter(model, tmp_path / "a", cfg, str(tiny_chat_model))
+    save_lora(model, tmp_path / "a", cfg, tiny_chat_model)
     ids = [9707, 11, 1879]
     with torch.no_grad():
         expected = int(model(torch.tensor([ids]))[0, -1].argmax())
-    args = [
-        "generate",
-        str(tiny_chat_model),
-        "--prompt-ids",
-        "9707,11,1879",
-        "--max-new-tokens",
-        "1",
-        "--temperature",
-        "0",
-        "--json",
-        "--dtype",
-        "float32",
-    ]
+    args = ["generate", str(tiny_chat_model), "--prompt-ids", "9707,11,1879", "--max-new-tokens", "1"]
+    args += ["--temperature", "0", "--json", "--dtype", "float32"]
     assert cli_main([*args, "--adapter", str(tmp_path / "a")]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["output_token_ids"] == [expected]
@@ -329,12 +292,9 @@ def test_qwen_v1_adapter_uses_v1_names_and_matches_the_v1_reference(tmp_path):
     from safetensors.torch import load_file
 
     src = write_v1_checkpoint(tmp_path / "v1")
-    model, _ = load_model(src, "float32", progress=False)
     cfg = LoRAConfig(r=4, alpha=8, dropout=0.0)
-    apply_lora(model, cfg)
-    randomize(model, seed=2)
-    (tmp_path / "a").mkdir()
-    save_adapter(model, tmp_path / "a", cfg, str(src))
+    model = lora_model(src, cfg, seed=2)
+    save_lora(model, tmp_path / "a", cfg, src)
     ids = torch.tensor([3, 17, 200, 5, 9, 41, 300, 7])
     with torch.no_grad():
         ours = model(ids[None])[0]
@@ -413,12 +373,8 @@ def test_a_damaged_adapter_is_one_line_naming_the_file_and_merge_writes_nothing(
     rank, merged silently with another scaling than the adapter was trained with."""
     from qwenkit.cli import main as cli_main
 
-    model, _ = load_model(qwen2_dir, "float32", progress=False)
     cfg = LoRAConfig(r=4, alpha=8, dropout=0.0, target_modules=("q_proj", "v_proj"))
-    apply_lora(model, cfg)
-    (tmp_path / "a").mkdir()
-    save_adapter(model, tmp_path / "a", cfg, str(qwen2_dir))
-    edit(tmp_path / "a")
+    edit(save_lora(lora_model(qwen2_dir, cfg), tmp_path / "a", cfg, qwen2_dir))
     assert cli_main(["merge", str(qwen2_dir), str(tmp_path / "a"), str(tmp_path / "merged")]) == 2
     err = capfd.readouterr().err
     assert (
@@ -430,14 +386,11 @@ def test_a_damaged_adapter_is_one_line_naming_the_file_and_merge_writes_nothing(
 def test_peft_refuses_an_adapter_whose_config_rank_is_not_its_tensors(qwen2_dir, tmp_path):
     """The reference for the rank-mismatch case above."""
     import peft
-    import transformers
 
-    base = transformers.AutoModelForCausalLM.from_pretrained(qwen2_dir, dtype=torch.float32)
-    peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path / "a")
+    peft_lora(qwen2_dir, r=4, target_modules=["q_proj"]).save_pretrained(tmp_path / "a")
     _edit_config("r", 8)(tmp_path / "a")
-    base = transformers.AutoModelForCausalLM.from_pretrained(qwen2_dir, dtype=torch.float32)
     with pytest.raises(RuntimeError, match="size mismatch"):
-        peft.PeftModel.from_pretrained(base, tmp_path / "a")
+        peft.PeftModel.from_pretrained(hf_base(qwen2_dir), tmp_path / "a")
     with pytest.raises(
         CheckpointError, match="has lora_A of rank 4, but adapter_config.json gives it rank 8"
     ):
@@ -450,20 +403,16 @@ def test_bfloat16_base_with_adapter_equals_peft_logits_and_gradients(qwen2_dir, 
     equal peft's (before, the update was rounded to bfloat16 and then added: two roundings, 0.017 off peft
     on this model where peft is 0.009 from float32), and so do the adapters' gradients."""
     import peft
-    import transformers
 
-    model, _ = load_model(qwen2_dir, "bfloat16", progress=False)
     cfg = LoRAConfig(r=4, alpha=8, dropout=0.0)
-    apply_lora(model, cfg)
-    randomize(model, seed=3)
+    model = lora_model(qwen2_dir, cfg, seed=3, dtype="bfloat16")
     with torch.no_grad():
         for m in lora_modules(model).values():
             m.lora_B.weight.mul_(4)  # an update of a size training reaches
-    adapter = tmp_path / "adapter"
-    adapter.mkdir()
-    save_adapter(model, adapter, cfg, str(qwen2_dir))
-    base = transformers.AutoModelForCausalLM.from_pretrained(qwen2_dir, dtype=torch.bfloat16)
-    peft_model = peft.PeftModel.from_pretrained(base, adapter, is_trainable=True)
+    adapter = save_lora(model, tmp_path / "adapter", cfg, qwen2_dir)
+    peft_model = peft.PeftModel.from_pretrained(
+        hf_base(qwen2_dir, torch.bfloat16), adapter, is_trainable=True
+    )
     theirs = peft_model(input_ids=IDS).logits
     assert next(p for n, p in peft_model.named_parameters() if "lora_A" in n).dtype == torch.float32
     model.train()
@@ -483,19 +432,12 @@ def test_peft_adapters_of_the_output_head_load_with_peft_s_logits(qwen2_dir, tmp
     """peft saves a whole copy of the output head (or embedding) beside an adapter of it
     (save_embedding_layers); such adapters were refused as "unexpected adapter tensor
     'base_model.model.lm_head.base_layer.weight'", though --adapter runs an output-head adapter."""
-    import peft
-    import transformers
     from safetensors.torch import load_file, save_file
 
     from qwenkit.model.served_adapters import AdapterNotServable
 
-    base = transformers.AutoModelForCausalLM.from_pretrained(qwen2_dir, dtype=torch.float32)
-    peft_model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
-    torch.manual_seed(5)
-    with torch.no_grad():
-        for n, p in peft_model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
+    peft_model = peft_lora(qwen2_dir, r=4, target_modules=["q_proj", "lm_head"])
+    randomize_peft(peft_model, 5)
     adapter = tmp_path / "head"
     peft_model.save_pretrained(adapter)
     weights = adapter / "adapter_model.safetensors"
@@ -529,11 +471,7 @@ def test_peft_adapters_of_the_output_head_load_with_peft_s_logits(qwen2_dir, tmp
 
 
 def test_peft_adapters_of_the_embedding_are_refused_naming_it(qwen2_dir, tmp_path):
-    import peft
-    import transformers
-
-    base = transformers.AutoModelForCausalLM.from_pretrained(qwen2_dir, dtype=torch.float32)
-    peft_model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"]))
+    peft_model = peft_lora(qwen2_dir, r=4, target_modules=["q_proj", "embed_tokens"])
     peft_model.save_pretrained(tmp_path / "emb")
     message = (
         r"model\.embed_tokens has a LoRA on the embedding \(lora_embedding_A/B\), which qwenkit does not"
@@ -552,12 +490,9 @@ def test_merging_an_adapter_of_a_tied_output_head_leaves_the_embedding(tmp_path)
     from qwenkit.cli import main as cli_main
 
     tied_dir = save_hf(hf_model("qwen2", tie_word_embeddings=True), tmp_path / "tied")
-    model, _ = load_model(tied_dir, "float32", progress=False)
     cfg = LoRAConfig(r=4, alpha=8, dropout=0.0, target_modules=("q_proj", "lm_head"))
-    apply_lora(model, cfg)
-    randomize(model)
-    (tmp_path / "a").mkdir()
-    save_adapter(model, tmp_path / "a", cfg, str(tied_dir))
+    model = lora_model(tied_dir, cfg, seed=1)
+    save_lora(model, tmp_path / "a", cfg, tied_dir)
     with torch.no_grad():
         ours = model(IDS)
     embedding = model.model.embed_tokens.weight.clone()
@@ -577,12 +512,8 @@ def test_peft_adapters_of_a_base_changed_at_init_are_refused_and_run_once_conver
     """PiSSA and OLoRA train against W - B0·A0, which peft rebuilds from the config while loading; applied
     to the model's own weights these adapters ran 0.09 (PiSSA) and 0.22 (OLoRA) logits off peft's, with no
     word. peft's conversion to a plain LoRA adapter runs with peft's logits."""
-    import peft
-    import transformers
-
-    base = transformers.AutoModelForCausalLM.from_pretrained(qwen2_dir, dtype=torch.float32)
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=init)
-    peft_model = peft.get_peft_model(base, cfg)
+    targets = ["q_proj", "v_proj"]
+    peft_model = peft_lora(qwen2_dir, r=4, lora_alpha=8, target_modules=targets, init_lora_weights=init)
     peft_model.peft_config["default"].init_lora_weights = True  # peft's recipe: keep the initial adapter
     peft_model.save_pretrained(tmp_path / "initial")
     peft_model.peft_config["default"].init_lora_weights = init
@@ -609,13 +540,10 @@ def test_peft_adapters_of_a_base_changed_at_init_are_refused_and_run_once_conver
 
 def test_a_lora_ga_adapter_is_refused_as_its_base_changed_at_init(qwen2_dir, tmp_path):
     """LoRA-GA also keeps W - scaling·B0·A0 as the base (peft's lora_ga_init)."""
-    model, _ = load_model(qwen2_dir, "float32", progress=False)
     cfg = LoRAConfig(r=2, alpha=4, dropout=0.0, target_modules=("q_proj",))
-    apply_lora(model, cfg)
-    (tmp_path / "a").mkdir()
-    save_adapter(model, tmp_path / "a", cfg, str(qwen2_dir))
-    raw = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
-    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**raw, "init_lora_weights": "lora_ga"}))
+    _edit_config("init_lora_weights", "lora_ga")(
+        save_lora(lora_model(qwen2_dir, cfg), tmp_path / "a", cfg, qwen2_dir)
+    )
     with pytest.raises(
         CheckpointError, match="init_lora_weights 'lora_ga' trains against a base peft changed"
     ):

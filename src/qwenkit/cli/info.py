@@ -9,10 +9,11 @@ import torch
 from qwenkit.checkpoint import open_checkpoint
 from qwenkit.cli.common import resolve_model
 from qwenkit.command_parser import CommandParser
-from qwenkit.config import LinearScaling, ModelConfig
+from qwenkit.config import ModelConfig
 from qwenkit.distributed import local_config
 from qwenkit.license import find_license
 from qwenkit.memory import format_bytes, kv_cache_bytes, weight_bytes
+from qwenkit.rope_scaling import LinearScaling
 
 
 def describe(path: str, tensor_parallel: int = 1) -> str:

@@ -13,7 +13,8 @@ import math
 import torch
 
 from qwenkit import kernels
-from qwenkit.config import LinearScaling, Llama3Scaling, ModelConfig, YarnScaling
+from qwenkit.config import ModelConfig
+from qwenkit.rope_scaling import LinearScaling, Llama3Scaling, YarnScaling
 
 
 def ntk_alpha_for_length(length: int, trained_length: int) -> float:
