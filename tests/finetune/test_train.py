@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from factories import hf_model, interrupt_training_after, save_hf
+from factories import hf_model, interrupt_training_after, randomize_lora, save_hf
 
 from qwenkit.checkpoint import load_model
 from qwenkit.errors import OutOfMemoryError, QwenkitError
@@ -462,10 +462,7 @@ def test_lora_steps_equal_transformers_and_peft(tmp_path):
     torch.manual_seed(0)
     config = LoRAConfig(r=4, alpha=8, dropout=0.0, use_rslora=True)
     apply_lora(model, config)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in lora_modules(model).values():
-            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.05)
+    randomize_lora(model, seed=1, std=0.05)
     args = TrainArgs(
         batch_size=2,
         grad_accum=2,

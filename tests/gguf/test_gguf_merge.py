@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import torch
+from factories import randomize_lora
 
 from qwenkit.checkpoint import load_model
 from qwenkit.cli import main
@@ -21,10 +22,8 @@ def test_merge_into_the_bundled_q4_1_model(tmp_path):
     model, _ = load_model(base, "float32", progress=False, dequantize=True)
     cfg = LoRAConfig(r=2, alpha=4, dropout=0.0, target_modules=("q_proj", "down_proj"))
     apply_lora(model, cfg)
-    g = torch.Generator().manual_seed(3)
+    randomize_lora(model, seed=3, std=0.05)
     with torch.no_grad():
-        for m in lora_modules(model).values():
-            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.05)
         adapted = model(IDS)
     (tmp_path / "a").mkdir()
     save_adapter(model, tmp_path / "a", cfg, str(base))
