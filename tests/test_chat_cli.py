@@ -285,12 +285,14 @@ class Terminal:
 
 
 def test_ctrl_c_interrupts_the_answer_not_the_chat(tiny_chat_model):
+    """The answer stops, the chat goes on, and the notice is on standard error, as the other notices
+    are (it was printed into the answers on standard output)."""
     master, slave = pty.openpty()
     proc = subprocess.Popen(
         [*QWENKIT, "chat", str(tiny_chat_model), "--max-new-tokens", "6000", "--temperature", "1"],
         stdin=slave,
         stdout=slave,
-        stderr=slave,
+        stderr=subprocess.PIPE,
         close_fds=True,
     )
     os.close(slave)
@@ -304,13 +306,15 @@ def test_ctrl_c_interrupts_the_answer_not_the_chat(tiny_chat_model):
         term.read_until(b"story\r\n")  # the echo; the answer streams after it
         time.sleep(1.0)
         proc.send_signal(signal.SIGINT)
-        term.read_until(b"[interrupted]")
-        term.read_until(b">>> ")
+        stopped = term.read_until(b">>> ")
+        # the answer's line is ended on standard output, before the notice on standard error
+        assert stopped.endswith(b"\r\n\r\n>>> ") and b"[interrupted]" not in stopped
         os.write(master, b":history\n")
         out = term.read_until(b">>> ")
         assert b"user: tell me a long story" in out and b"assistant: " in out
         os.write(master, b":exit\n")
         assert proc.wait(timeout=30) == 0
+        assert proc.stderr.read() == b"[interrupted]\n"
     finally:
         if proc.poll() is None:
             proc.kill()

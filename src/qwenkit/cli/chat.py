@@ -225,8 +225,8 @@ def answer(session: ChatSession | ToolChatSession, text: str) -> bool:
         show(stream)
     except KeyboardInterrupt:
         stream.close()
-        LINE.open = False
-        print("\n[interrupted]")
+        LINE.end()  # the answer's line, then the notice on standard error (as stop_notice's)
+        print("[interrupted]", file=sys.stderr, flush=True)
     except QwenkitError as e:
         report(e)
         return False
