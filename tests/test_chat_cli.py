@@ -144,7 +144,7 @@ def test_a_failed_answer_or_a_mistyped_setting_keeps_the_chat(tiny_chat_model):
         "error: the message needs ",
     ]:
         assert message in errors and message not in out, message
-    assert "stop=('a b',)" in out and "[seed = 7]" in out and "error" not in out
+    assert "\nstop=['a b']\n" in out and "[seed = 7]" in out and "error" not in out
     history = out.rsplit("[settings reset]", 1)[1]  # what :history printed at the end
     assert "user: hello" in history and "user: third" in history
     assert "this turn fails" not in history and "word word" not in history
@@ -211,7 +211,7 @@ def test_conf_really_applies_to_the_next_answer(tiny_chat_model, llm):
     ].text.strip()
     r = run_chat(tiny_chat_model, ":conf temperature=0 max_tokens=1\nhi\n:history\n")
     assert r.returncode == 0, r.stderr
-    assert "temperature=0, " in r.stdout and "max_tokens=1" in r.stdout
+    assert "\ntemperature=0\n" in r.stdout and "\nmax_tokens=1\n" in "\n" + r.stdout
     assert f"assistant: {expected}\n" in r.stdout
     # :reset-conf goes back: now 5 tokens of sampled text, not 1
     params = parse_conf(SamplingParams(), ["top_k=3", "stop='x'", "seed=None"])
@@ -226,6 +226,35 @@ def test_conf_really_applies_to_the_next_answer(tiny_chat_model, llm):
     for unclosed in ("logit_bias={1: [2, 3}", "stop='a b", "stop=[('a', 'b']"):
         with pytest.raises(CommandError, match="a quote or bracket is not closed"):
             split_assignments(unclosed)
+
+
+def test_conf_shows_each_setting_on_its_line_as_conf_takes_it(tiny_chat_model):
+    """:conf alone lists the settings one a line, each as ``key=value`` typed back to :conf (it was one
+    line of the engine's reprs: stop=('a b',), logit_bias=((9707, 5.0),)), so a line can be copied."""
+    args = ("--max-new-tokens", "3", "--temperature", "0", "--top-p", "0.8", "--top-k", "20")
+    r = run_chat(tiny_chat_model, ":conf stop='a b' logit_bias={9707: 5}\n", *args)
+    assert (r.returncode, r.stderr) == (0, "")
+    shown = r.stdout.rstrip("\n").splitlines()  # the chat ends its last line at the end of its input
+    assert shown == [
+        "max_tokens=3",
+        "temperature=0.0",
+        "top_p=0.8",
+        "top_k=20",
+        "min_p=0.0",
+        "repetition_penalty=1.0",
+        "presence_penalty=0.0",
+        "frequency_penalty=0.0",
+        "seed=None",
+        "ignore_eos=False",
+        "prompt_logprobs=None",
+        "stop=['a b']",
+        "include_stop_str_in_output=False",
+        "logit_bias={9707: 5.0}",
+        "grammar=None",
+        "adapter=None",
+    ]
+    again = run_chat(tiny_chat_model, f":conf {' '.join(shown)}\n")  # the defaults of the model, then these
+    assert (again.returncode, again.stderr, again.stdout.rstrip("\n").splitlines()) == (0, "", shown)
 
 
 def test_one_shot_prompt_and_python_chat_api(tiny_chat_model, llm):

@@ -108,6 +108,13 @@ def parse_conf(params: SamplingParams, assignments: list[str]) -> SamplingParams
         raise CommandError(str(e)) from None
 
 
+def conf_values(params: SamplingParams) -> dict[str, object]:
+    """The settings :conf takes, each as it is typed to :conf: stop a list and logit_bias a dict, not
+    the tuples the engine keeps."""
+    values = {key: getattr(params, key) for key in CONF_KEYS}
+    return values | {"stop": list(params.stop), "logit_bias": dict(params.logit_bias)}
+
+
 def run_command(session: ChatSession | ToolChatSession, initial: SamplingParams, line: str) -> bool:
     """Carry out one ``:command``; return False to leave the chat."""
     name, _, arg = line[1:].partition(" ")
@@ -146,7 +153,7 @@ def run_command(session: ChatSession | ToolChatSession, initial: SamplingParams,
     elif name == "conf":
         if arg:
             session.params = parse_conf(session.params, split_assignments(arg))
-        print("[" + ", ".join(f"{k}={getattr(session.params, k)!r}" for k in CONF_KEYS) + "]")
+        print("\n".join(f"{key}={value!r}" for key, value in conf_values(session.params).items()))
     elif name == "reset-conf":
         session.params = initial
         print("[settings reset]")
