@@ -414,6 +414,28 @@ def test_a_message_of_several_lines(tiny_chat_model):
     assert "\n... " not in r.stdout  # no continuation prompts into a pipe (and no third answer above)
 
 
+def test_a_system_prompt_of_several_lines(tiny_chat_model, llm):
+    """`:system \"\"\"` opens a block as a message's \"\"\" does, its lines the system prompt (it set the
+    prompt to the three quotes and sent the next lines as messages)."""
+    system = "Be brief.\n\n    Very brief."
+    params = llm.default_params(temperature=1.0, seed=7, max_tokens=6, ignore_eos=True)
+    expected = "".join(ChatSession(llm, params, system=system).ask("hi")).strip()
+    literal = "".join(ChatSession(llm, params, system='"""').ask("hi")).strip()
+    assert expected != literal  # the answer tells which system prompt the chat holds
+    seeded = ("--temperature", "1", "--seed", "7", "--max-new-tokens", "6")
+    script = f':conf ignore_eos=True\n:system """{system}\n"""\nhi\n:history\n'
+    r = run_chat(tiny_chat_model, script, *seeded)
+    assert (r.returncode, r.stderr) == (0, "[stopped at max_tokens=6; raise it with :conf max_tokens=N]\n")
+    assert r.stdout.count("[system prompt set; history cleared]") == 1
+    assert r.stdout.rstrip("\n").endswith(f"user: hi\nassistant: {expected}")
+    # opened and closed on one line; one never closed sets nothing, and the script's exit says so
+    one_line = ':conf ignore_eos=True\n:system """Be brief."""\nhi\n:system """\nnot closed\n'
+    r = run_chat(tiny_chat_model, one_line, *seeded)
+    brief = "".join(ChatSession(llm, params, system="Be brief.").ask("hi"))
+    assert r.returncode == 1 and f"[system prompt set; history cleared]\n{brief}\n" in r.stdout
+    assert r.stderr.splitlines()[1:] == ['error: the system prompt was not set: its """ block was not closed']
+
+
 def test_an_answer_cut_off_says_so_on_stderr(tiny_chat_model):
     """An answer that stopped at max_tokens ended as if the model had finished: now one line on stderr
     says which limit cut it and how to raise it; an answer the model ends itself gets none."""
