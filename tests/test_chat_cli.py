@@ -144,7 +144,7 @@ def test_a_failed_answer_or_a_mistyped_setting_keeps_the_chat(tiny_chat_model):
         "error: the message needs ",
     ]:
         assert message in errors and message not in out, message
-    assert "stop=('a b',)" in out and "[seed = 7]" in out and "error" not in out
+    assert "\nstop=['a b']\n" in out and "[seed = 7]" in out and "error" not in out
     history = out.rsplit("[settings reset]", 1)[1]  # what :history printed at the end
     assert "user: hello" in history and "user: third" in history
     assert "this turn fails" not in history and "word word" not in history
@@ -211,7 +211,7 @@ def test_conf_really_applies_to_the_next_answer(tiny_chat_model, llm):
     ].text.strip()
     r = run_chat(tiny_chat_model, ":conf temperature=0 max_tokens=1\nhi\n:history\n")
     assert r.returncode == 0, r.stderr
-    assert "temperature=0, " in r.stdout and "max_tokens=1" in r.stdout
+    assert "\ntemperature=0\n" in r.stdout and "\nmax_tokens=1\n" in "\n" + r.stdout
     assert f"assistant: {expected}\n" in r.stdout
     # :reset-conf goes back: now 5 tokens of sampled text, not 1
     params = parse_conf(SamplingParams(), ["top_k=3", "stop='x'", "seed=None"])
@@ -226,6 +226,35 @@ def test_conf_really_applies_to_the_next_answer(tiny_chat_model, llm):
     for unclosed in ("logit_bias={1: [2, 3}", "stop='a b", "stop=[('a', 'b']"):
         with pytest.raises(CommandError, match="a quote or bracket is not closed"):
             split_assignments(unclosed)
+
+
+def test_conf_shows_each_setting_on_its_line_as_conf_takes_it(tiny_chat_model):
+    """:conf alone lists the settings one a line, each as ``key=value`` typed back to :conf (it was one
+    line of the engine's reprs: stop=('a b',), logit_bias=((9707, 5.0),)), so a line can be copied."""
+    args = ("--max-new-tokens", "3", "--temperature", "0", "--top-p", "0.8", "--top-k", "20")
+    r = run_chat(tiny_chat_model, ":conf stop='a b' logit_bias={9707: 5}\n", *args)
+    assert (r.returncode, r.stderr) == (0, "")
+    shown = r.stdout.rstrip("\n").splitlines()  # the chat ends its last line at the end of its input
+    assert shown == [
+        "max_tokens=3",
+        "temperature=0.0",
+        "top_p=0.8",
+        "top_k=20",
+        "min_p=0.0",
+        "repetition_penalty=1.0",
+        "presence_penalty=0.0",
+        "frequency_penalty=0.0",
+        "seed=None",
+        "ignore_eos=False",
+        "prompt_logprobs=None",
+        "stop=['a b']",
+        "include_stop_str_in_output=False",
+        "logit_bias={9707: 5.0}",
+        "grammar=None",
+        "adapter=None",
+    ]
+    again = run_chat(tiny_chat_model, f":conf {' '.join(shown)}\n")  # the defaults of the model, then these
+    assert (again.returncode, again.stderr, again.stdout.rstrip("\n").splitlines()) == (0, "", shown)
 
 
 def test_one_shot_prompt_and_python_chat_api(tiny_chat_model, llm):
@@ -285,12 +314,14 @@ class Terminal:
 
 
 def test_ctrl_c_interrupts_the_answer_not_the_chat(tiny_chat_model):
+    """The answer stops, the chat goes on, and the notice is on standard error, as the other notices
+    are (it was printed into the answers on standard output)."""
     master, slave = pty.openpty()
     proc = subprocess.Popen(
         [*QWENKIT, "chat", str(tiny_chat_model), "--max-new-tokens", "6000", "--temperature", "1"],
         stdin=slave,
         stdout=slave,
-        stderr=slave,
+        stderr=subprocess.PIPE,
         close_fds=True,
     )
     os.close(slave)
@@ -304,13 +335,15 @@ def test_ctrl_c_interrupts_the_answer_not_the_chat(tiny_chat_model):
         term.read_until(b"story\r\n")  # the echo; the answer streams after it
         time.sleep(1.0)
         proc.send_signal(signal.SIGINT)
-        term.read_until(b"[interrupted]")
-        term.read_until(b">>> ")
+        stopped = term.read_until(b">>> ")
+        # the answer's line is ended on standard output, before the notice on standard error
+        assert stopped.endswith(b"\r\n\r\n>>> ") and b"[interrupted]" not in stopped
         os.write(master, b":history\n")
         out = term.read_until(b">>> ")
         assert b"user: tell me a long story" in out and b"assistant: " in out
         os.write(master, b":exit\n")
         assert proc.wait(timeout=30) == 0
+        assert proc.stderr.read() == b"[interrupted]\n"
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -379,6 +412,28 @@ def test_a_message_of_several_lines(tiny_chat_model):
         'error: the message was not sent: its """ block was not closed',
     ]
     assert "\n... " not in r.stdout  # no continuation prompts into a pipe (and no third answer above)
+
+
+def test_a_system_prompt_of_several_lines(tiny_chat_model, llm):
+    """`:system \"\"\"` opens a block as a message's \"\"\" does, its lines the system prompt (it set the
+    prompt to the three quotes and sent the next lines as messages)."""
+    system = "Be brief.\n\n    Very brief."
+    params = llm.default_params(temperature=1.0, seed=7, max_tokens=6, ignore_eos=True)
+    expected = "".join(ChatSession(llm, params, system=system).ask("hi")).strip()
+    literal = "".join(ChatSession(llm, params, system='"""').ask("hi")).strip()
+    assert expected != literal  # the answer tells which system prompt the chat holds
+    seeded = ("--temperature", "1", "--seed", "7", "--max-new-tokens", "6")
+    script = f':conf ignore_eos=True\n:system """{system}\n"""\nhi\n:history\n'
+    r = run_chat(tiny_chat_model, script, *seeded)
+    assert (r.returncode, r.stderr) == (0, "[stopped at max_tokens=6; raise it with :conf max_tokens=N]\n")
+    assert r.stdout.count("[system prompt set; history cleared]") == 1
+    assert r.stdout.rstrip("\n").endswith(f"user: hi\nassistant: {expected}")
+    # opened and closed on one line; one never closed sets nothing, and the script's exit says so
+    one_line = ':conf ignore_eos=True\n:system """Be brief."""\nhi\n:system """\nnot closed\n'
+    r = run_chat(tiny_chat_model, one_line, *seeded)
+    brief = "".join(ChatSession(llm, params, system="Be brief.").ask("hi"))
+    assert r.returncode == 1 and f"[system prompt set; history cleared]\n{brief}\n" in r.stdout
+    assert r.stderr.splitlines()[1:] == ['error: the system prompt was not set: its """ block was not closed']
 
 
 def test_an_answer_cut_off_says_so_on_stderr(tiny_chat_model):

@@ -205,6 +205,7 @@ class LLM:
 
     tensor_parallel = False  # one rank of several (``load``): each holds its slices of the weights
     tp: TensorParallel | None = None  # which, and of how many
+    path: str | None = None  # the checkpoint ``load`` read, as it was given (the server's model card)
 
     def __init__(
         self,
@@ -316,6 +317,7 @@ class LLM:
         )
         llm.tensor_parallel = tensor_parallel is not None
         llm.tp = tensor_parallel
+        llm.path = str(path)
         return llm
 
     def close(self) -> None:

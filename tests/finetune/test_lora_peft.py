@@ -4,6 +4,8 @@ dequantized base; adapters move between qwenkit and peft + transformers with the
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -548,3 +550,28 @@ def test_a_lora_ga_adapter_is_refused_as_its_base_changed_at_init(qwen2_dir, tmp
         CheckpointError, match="init_lora_weights 'lora_ga' trains against a base peft changed"
     ):
         load_model(qwen2_dir, "float32", progress=False, adapter=tmp_path / "a")
+
+
+def test_a_qalora_adapter_is_refused_naming_it(tiny_chat_model, tmp_path):
+    """peft's QALoRA (use_qalora) averages the input in groups of qalora_group_size before lora_A, so its
+    lora_A is narrower than the layer's input. It was refused as one "for another model shape", which
+    sent the user looking for the wrong base model. Saved as peft saves one (peft builds it only on GPTQ
+    layers), it is refused by name, in one line, by the real CLI."""
+    from factories import write_lora_adapter
+    from safetensors.torch import load_file, save_file
+
+    adapter = write_lora_adapter(tiny_chat_model, tmp_path / "qalora", seed=3)
+    group = 4
+    weights = load_file(adapter / "adapter_model.safetensors")
+    pooled = {k: v[:, ::group].contiguous() if ".lora_A." in k else v for k, v in weights.items()}
+    save_file(pooled, adapter / "adapter_model.safetensors")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config |= {"use_qalora": True, "qalora_group_size": group}
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    args = ["generate", str(tiny_chat_model), "--adapter", str(adapter), "-p", "hi", "--max-new-tokens", "2"]
+    r = subprocess.run([sys.executable, "-m", "qwenkit", *args], capture_output=True, text=True, timeout=300)
+    assert (r.returncode, r.stdout) == (2, ""), r.stderr
+    assert r.stderr == (
+        f"error: {adapter / 'adapter_config.json'}: use_qalora (QALoRA, whose lora_A reads the input "
+        "averaged in groups of qalora_group_size) is not supported; qwenkit applies plain LoRA\n"
+    )

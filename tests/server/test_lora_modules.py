@@ -54,11 +54,22 @@ def direct(llm, adapter):
     return llm.generate([ids], SamplingParams(temperature=0, max_tokens=12, adapter=adapter))[0].text
 
 
-def test_models_lists_the_adapters_with_their_parent(client, adapters):
+def test_models_lists_the_adapters_with_their_parent(client, adapters, lora_server, tiny_chat_model):
+    """vLLM's model cards: an adapter's root is its directory and its parent the base model; the base
+    model's root is the checkpoint it was loaded from, and its parent null."""
     cards = client.models.list().data
     assert [c.id for c in cards] == ["tiny", "sql", "poet"]
     assert cards[1].parent == cards[2].parent == "tiny" and cards[1].root == adapters["sql"]
-    assert cards[0].model_extra.get("parent") is None
+    assert cards[2].root == adapters["poet"]
+    assert cards[0].model_extra["root"] == str(tiny_chat_model)
+    raw = httpx.get(f"{lora_server.url}/v1/models").json()["data"]
+    assert [(c["id"], c["root"], c["parent"]) for c in raw] == [
+        ("tiny", str(tiny_chat_model), None),
+        ("sql", adapters["sql"], "tiny"),
+        ("poet", adapters["poet"], "tiny"),
+    ]
+    one = httpx.get(f"{lora_server.url}/v1/models/tiny").json()
+    assert "parent" in one and one["parent"] is None and one["root"] == str(tiny_chat_model)
 
 
 def test_each_request_runs_through_the_adapter_its_model_names(client, lora_llm):

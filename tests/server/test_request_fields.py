@@ -113,6 +113,14 @@ def test_null_means_the_default(server):
         (COMPLETIONS, {"prompt_logprobs": 1}, "prompt_logprobs", "with echo and logprobs returns them"),
         (CHAT, {"bad_words": ["x"]}, "bad_words", "logit_bias can ban tokens"),
         (CHAT, {"use_beam_search": True}, "use_beam_search", "ask for n choices instead"),
+        # options of a stream on a request that does not stream were ignored; OpenAI and vLLM refuse them
+        (CHAT, {"stream_options": {"include_usage": True}}, "stream_options", "when `stream=True`"),
+        (
+            COMPLETIONS,
+            {"stream": False, "stream_options": {"include_usage": False}},
+            "stream_options",
+            "Stream options can only be defined when `stream=True`",
+        ),
     ],
 )
 def test_a_wrong_type_or_unsupported_field_is_a_400_naming_it(server, path, fields, param, words):
@@ -120,6 +128,13 @@ def test_a_wrong_type_or_unsupported_field_is_a_400_naming_it(server, path, fiel
     r = post(server, path, {**body, "max_tokens": 2, **fields})
     error = r.json()["error"]
     assert r.status_code == 400 and error["param"] == param and words in error["message"], error
+
+
+def test_empty_stream_options_without_a_stream_are_accepted(server):
+    """As vLLM takes them: null, or an object that sets no option, asks for nothing."""
+    for options in (None, {}):
+        r = post(server, COMPLETIONS, {"prompt": "hello", "max_tokens": 2, "stream_options": options})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2, r.text
 
 
 def test_vllm_extensions_left_at_their_defaults_are_accepted(server):

@@ -40,7 +40,7 @@ HELP = """commands:
   :seed [N]             show or set the sampling seed
   :conf key=value ...   change sampling settings (e.g. :conf temperature=0.5 top_k=20); :conf alone shows them
   :reset-conf           back to the settings the chat started with
-  :system TEXT          set the system prompt (empty to remove) and clear the history
+  :system TEXT          set the system prompt (empty to remove; \"\"\" for several lines), clear the history
   :exit                 leave (also Ctrl-D)
   ::TEXT                send :TEXT as a message (e.g. ::) thanks)
   \"\"\"                   begin a message of several lines; a line that ends with \"\"\" sends it
@@ -108,6 +108,13 @@ def parse_conf(params: SamplingParams, assignments: list[str]) -> SamplingParams
         raise CommandError(str(e)) from None
 
 
+def conf_values(params: SamplingParams) -> dict[str, object]:
+    """The settings :conf takes, each as it is typed to :conf: stop a list and logit_bias a dict, not
+    the tuples the engine keeps."""
+    values = {key: getattr(params, key) for key in CONF_KEYS}
+    return values | {"stop": list(params.stop), "logit_bias": dict(params.logit_bias)}
+
+
 def run_command(session: ChatSession | ToolChatSession, initial: SamplingParams, line: str) -> bool:
     """Carry out one ``:command``; return False to leave the chat."""
     name, _, arg = line[1:].partition(" ")
@@ -146,7 +153,7 @@ def run_command(session: ChatSession | ToolChatSession, initial: SamplingParams,
     elif name == "conf":
         if arg:
             session.params = parse_conf(session.params, split_assignments(arg))
-        print("[" + ", ".join(f"{k}={getattr(session.params, k)!r}" for k in CONF_KEYS) + "]")
+        print("\n".join(f"{key}={value!r}" for key, value in conf_values(session.params).items()))
     elif name == "reset-conf":
         session.params = initial
         print("[settings reset]")
@@ -225,8 +232,8 @@ def answer(session: ChatSession | ToolChatSession, text: str) -> bool:
         show(stream)
     except KeyboardInterrupt:
         stream.close()
-        LINE.open = False
-        print("\n[interrupted]")
+        LINE.end()  # the answer's line, then the notice on standard error (as stop_notice's)
+        print("[interrupted]", file=sys.stderr, flush=True)
     except QwenkitError as e:
         report(e)
         return False
@@ -246,21 +253,36 @@ def read_message(interactive: bool) -> tuple[str, bool]:
     line = utf8_text(input("\n>>> " if interactive else ""), "the message")
     if not line.lstrip().startswith(BLOCK):
         return line.strip(), False
-    text, lines, bad = line.lstrip()[len(BLOCK) :], [], None
+    return read_block(line.lstrip(), interactive, "the message", "was not sent"), True
+
+
+def read_block(first: str, interactive: bool, what: str, unsaid: str) -> str:
+    """The text of a block whose first line (``first``, from its opening quotes on) was read: up to the
+    line that ends with the closing quotes, as typed. ``what`` is the block (for errors: ``{what}
+    {unsaid}`` when it is never closed)."""
+    text, lines, bad = first[len(BLOCK) :], [], None
     while not text.rstrip().endswith(BLOCK):
         lines.append(text)
         try:
             text = input("... " if interactive else "")
         except EOFError:
-            raise CommandError(f"the message was not sent: its {BLOCK} block was not closed") from None
+            raise CommandError(f"{what} {unsaid}: its {BLOCK} block was not closed") from None
         try:
-            utf8_text(text, f"line {len(lines) + 1} of the message")
+            utf8_text(text, f"line {len(lines) + 1} of {what}")
         except NotUTF8Error as e:  # read on to the block's end: its lines are not messages of their own
             bad = bad or e
     lines.append(text.rstrip()[: -len(BLOCK)])
     if bad is not None:
         raise bad
-    return "\n".join(lines).lstrip("\n").rstrip(), True
+    return "\n".join(lines).lstrip("\n").rstrip()
+
+
+def with_block(line: str, interactive: bool) -> str:
+    """A command line, its argument read as a block where it opens one (``:system \"\"\"``)."""
+    name, _, arg = line.partition(" ")
+    if name != ":system" or not arg.lstrip().startswith(BLOCK):
+        return line
+    return f"{name} {read_block(arg.lstrip(), interactive, 'the system prompt', 'was not set')}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -335,7 +357,7 @@ def run(args: argparse.Namespace, llm, tools: list | None = None) -> int:
             line = line[1:]
         elif line.startswith(":"):
             try:
-                if not run_command(session, params, line):
+                if not run_command(session, params, with_block(line, interactive)):
                     return 1 if failed and not interactive else 0
             except CommandError as e:
                 report(e)

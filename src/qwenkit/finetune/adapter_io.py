@@ -50,6 +50,8 @@ UNSUPPORTED_VARIANTS = {
     "arrow_config": "Arrow routing",
     "kasa_config": "KaSA",
     "monteclora_config": "MonteCLoRA",
+    # its lora_A is narrower than the layer's input, so it was refused as an adapter of another model
+    "use_qalora": "QALoRA, whose lora_A reads the input averaged in groups of qalora_group_size",
 }
 # peft inits that move the base weights (W - B0·A0 kept as the base: PiSSA, OLoRA, CorDA, LoRA-GA;
 # LoftQ's quantized residual): their saved pairs add up to the model only on that changed base, and peft

@@ -148,6 +148,8 @@ def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
             "created": int(_STARTED),
             "owned_by": "qwenkit",
             "max_model_len": llm.engine.max_seq_len,
+            "root": llm.path or state.model_name,  # vLLM's: the checkpoint it was started with
+            "parent": None,
         }
         # vLLM's cards of served LoRA adapters: root is the adapter's directory, parent the base model
         adapters = [

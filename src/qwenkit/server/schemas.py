@@ -124,6 +124,19 @@ class SamplingFields(_Lenient):
                 )
         return value
 
+    @field_validator("stream_options")
+    @classmethod
+    def _only_with_a_stream(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        # vLLM's rule and words (clients match them): options set on a request that does not stream are
+        # refused, not ignored; null or {} sets none
+        if (
+            value is not None
+            and (value.model_fields_set or value.model_extra)
+            and not info.data.get("stream")
+        ):
+            raise invalid("stream_options", "Stream options can only be defined when `stream=True`.")
+        return value
+
     def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:
         return tuple(sorted((int(k), v) for k, v in (self.logit_bias or {}).items()))
 
