@@ -12,9 +12,11 @@ import pytest
 import torch
 from factories import interrupt_training_after, write_tiny_chat_model
 from safetensors import safe_open
+from test_dpo import write_pairs
 from test_train import chat_data
 
 from qwenkit.checkpoint import load_model
+from qwenkit.cli import main as cli_main
 from qwenkit.config import ModelConfig
 from qwenkit.errors import QwenkitError
 from qwenkit.finetune.estimate import estimate
@@ -160,3 +162,20 @@ def test_lora_on_a_bfloat16_base_is_unchanged(qwen2_chat, tmp_path):
     assert {d for n, d in dtypes.items() if "lora_" in n} == {torch.float32}
     assert {d for n, d in dtypes.items() if "lora_" not in n} == {torch.bfloat16}
     assert math.isfinite(losses(tmp_path / "o")[0])
+
+
+def test_full_dpo_in_bfloat16_scores_its_reference_as_it_trains(tiny_chat_model, tmp_path):
+    """--method full --dtype bfloat16 trains float32 masters under bfloat16 autocast; the reference and
+    held-out passes run the same way, so at step 0 the policy is its reference: every pair's loss is log 2
+    and the margins are zero (a float32 reference against a bfloat16 policy is off by bfloat16's rounding)."""
+    out = tmp_path / "f"
+    argv = ["dpo", str(tiny_chat_model), str(write_pairs(tmp_path / "t.jsonl", 0, 8)), str(out), "--method"]
+    argv += ["full", "--dtype", "bfloat16", "--eval-data", str(write_pairs(tmp_path / "h.jsonl", 100, 4))]
+    assert cli_main([*argv, "--max-steps", "2", "--batch-size", "4", "--lr", "1e-4", "--no-progress"]) == 0
+    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert log[0]["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert log[0]["eval_rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    assert log[1]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert log[1]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    assert log[2]["eval_rewards/margins"] > 1e-3  # it did train
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
