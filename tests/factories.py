@@ -153,9 +153,10 @@ def qwen3_tokenizer_dir() -> Path:
 
 
 def write_tiny_chat_model(
-    path: Path, generation_config: dict[str, Any] | None = None, **overrides: Any
+    path: Path, generation_config: dict[str, Any] | None = None, family: str = "qwen3", **overrides: Any
 ) -> Path:
-    """A small random Qwen3 model with the real Qwen3 tokenizer and chat template (a chat checkpoint)."""
+    """A small random Qwen3 (or ``family``) model with the real Qwen3 tokenizer and chat template (a chat
+    checkpoint)."""
     import shutil
 
     shape = dict(
@@ -170,7 +171,7 @@ def write_tiny_chat_model(
         tie_word_embeddings=True,
         eos_token_id=151645,
     )
-    model = hf_model("qwen3", **{**shape, **overrides})
+    model = hf_model(family, **{**shape, **overrides})
     model.save_pretrained(path)
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
         shutil.copy(qwen3_tokenizer_dir() / name, path / name)

@@ -40,9 +40,10 @@ def examples(n: int = 8) -> list[Example]:
     return out
 
 
-def args(method: str, strategy: str, batch_size: int, tp: int = 1) -> TrainArgs:
+def args(method: str, strategy: str, batch_size: int, tp: int = 1, dtype: str = "float32") -> TrainArgs:
     return TrainArgs(
         method=method,
+        dtype=dtype,
         strategy=strategy,
         tensor_parallel=tp,
         batch_size=batch_size,
@@ -57,8 +58,8 @@ def args(method: str, strategy: str, batch_size: int, tp: int = 1) -> TrainArgs:
     )
 
 
-def build(model_dir, method, world, strategy, batch_size):
-    a = args(method, strategy, batch_size, world.tp)
+def build(model_dir, method, world, strategy, batch_size, dtype="float32"):
+    a = args(method, strategy, batch_size, world.tp, dtype)
     prep = prepare_model(model_dir, a, world, 16)
     if method == "lora":  # non-zero B so every LoRA gradient is non-trivial
         g = torch.Generator().manual_seed(1)

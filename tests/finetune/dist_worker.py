@@ -1,6 +1,7 @@
 """Run under torchrun by test_distributed.py: one step's gradients and the weights after a few steps.
 
-usage: dist_worker.py MODEL_DIR OUT_DIR; writes OUT_DIR/{ddp-lora,fsdp-lora,fsdp-full}.pt and a checkpoint
+usage: dist_worker.py MODEL_DIR OUT_DIR; writes OUT_DIR/{ddp-lora,fsdp-lora,fsdp-full,fsdp-full-bfloat16}.pt
+(the last: mixed precision, float32 masters gathered in bfloat16) and a checkpoint
 at step 2 of the fsdp-lora run in OUT_DIR/ckpt (one launch for all modes: process start-up is the slow part).
 """
 
@@ -21,10 +22,10 @@ def main() -> None:
     model_dir, out = sys.argv[1], Path(sys.argv[2])
     torch.set_num_threads(1)
     world = init_world("cpu")
-    for mode in ("ddp-lora", "fsdp-lora", "fsdp-full"):
-        strategy, method = mode.split("-")
+    for mode in ("ddp-lora", "fsdp-lora", "fsdp-full", "fsdp-full-bfloat16"):
+        strategy, method, dtype = (*mode.split("-"), "float32")[:3]
         ckpt = out / "ckpt" if mode == "fsdp-lora" else None
-        trainer, prep = build(model_dir, method, world, strategy, batch_size=2)
+        trainer, prep = build(model_dir, method, world, strategy, batch_size=2, dtype=dtype)
         result = {"grads": grads(trainer, prep)}
         result["weights"] = steps_and_weights(trainer, prep, 3, ckpt_at=2 if ckpt else None, ckpt_dir=ckpt)
         if world.is_main:

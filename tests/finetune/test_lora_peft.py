@@ -246,6 +246,10 @@ def test_merge_command_output_equals_adapter_logits(qwen2_dir, tmp_path):
 
     report = merge(qwen2_dir, tmp_path / "a", tmp_path / "bf16", dtype="bfloat16")
     stored, _ = load_model(tmp_path / "bf16", "float32", progress=False)
+    import transformers
+
+    # transformers 5 reads "dtype" (the source's float32) before "torch_dtype": both name the file's
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "bf16").dtype == torch.bfloat16
     with torch.no_grad():
         adapted = model(PROBE)
         want = float((stored(PROBE) - adapted).abs().max())

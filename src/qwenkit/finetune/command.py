@@ -90,7 +90,13 @@ def add_training_args(parser: argparse.ArgumentParser, lr: float = 2e-4, prefere
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT when done")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="the model's dtype (LoRA adapters are float32); --method full in bfloat16 is mixed precision: "
+        "float32 master weights, bfloat16 compute, a bfloat16 model written",
+    )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--nproc", type=int, default=1, help="processes on this machine (via torchrun)")
     parser.add_argument(

@@ -101,9 +101,19 @@ def close_world(world: World, failing: bool = False) -> None:
         dist.destroy_process_group()
 
 
-def wrap(model: nn.Module, world: World, strategy: str) -> nn.Module:
+def wrap(
+    model: nn.Module, world: World, strategy: str, compute_dtype: torch.dtype | None = None
+) -> nn.Module:
+    """DDP or FSDP2 (x tensor parallel) around ``model``; nothing in one process. ``compute_dtype``: mixed
+    precision over float32 masters (see ``trainer.mixed_precision``): FSDP2 gathers the shards in it and
+    reduces gradients in float32, so the sharded gradients and AdamW stay float32."""
     if not world.distributed:
         return model
+    shard: dict[str, Any] = {}
+    if compute_dtype is not None:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        shard["mp_policy"] = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     if world.tp > 1:  # FSDP2 over "dp" of tensor-parallel DTensors on "tp"
         from torch.distributed.fsdp import fully_shard
 
@@ -117,8 +127,8 @@ def wrap(model: nn.Module, world: World, strategy: str) -> nn.Module:
         warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
         parallelize_for_training(model, world.mesh["tp"])
         for layer in model.model.layers:
-            fully_shard(layer, mesh=world.mesh["dp"])
-        fully_shard(model, mesh=world.mesh["dp"])
+            fully_shard(layer, mesh=world.mesh["dp"], **shard)
+        fully_shard(model, mesh=world.mesh["dp"], **shard)
         return model
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
@@ -128,8 +138,8 @@ def wrap(model: nn.Module, world: World, strategy: str) -> nn.Module:
         from torch.distributed.fsdp import fully_shard
 
         for layer in model.model.layers:
-            fully_shard(layer)
-        fully_shard(model)  # embeddings, final norm and (tied) lm_head in one root group
+            fully_shard(layer, **shard)
+        fully_shard(model, **shard)  # embeddings, final norm and (tied) lm_head in one root group
         return model
     raise ValueError(f"unknown strategy {strategy!r}")
 

@@ -240,7 +240,7 @@ class DPOTrainer(Trainer):
             dynamic_ncols=True,
         )
         self._ref = {}
-        with bar, torch.no_grad(), adapters_disabled(self.model), training_base():
+        with bar, torch.no_grad(), adapters_disabled(self.model), training_base(), self.computing():
             for (pairs, training), n_batches in zip(sets, counts, strict=True):
                 if not pairs:  # the same on every rank
                     continue
@@ -326,7 +326,7 @@ class DPOTrainer(Trainer):
         for k in range(n_batches):  # the same number of forwards on every rank (FSDP gathers in each)
             chunk = mine[k * b : (k + 1) * b]
             batch = chunk or pairs[:1]
-            with training_base():  # as the reference was scored
+            with training_base(), self.computing():  # as the reference was scored
                 lp = self.logps(batch)
             if not chunk:
                 continue

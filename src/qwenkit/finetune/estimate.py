@@ -20,10 +20,11 @@ from qwenkit.memory import GiB, dtype_bytes, free_bytes, weight_bytes
 class TrainingMemory:
     weights: int
     trainable: int  # trainable parameters (count)
-    trainable_state: int  # float32 master copy (LoRA) + gradients + Adam moments
+    trainable_state: int  # float32 adapter (LoRA) or half copy (mixed precision) + gradients + Adam moments
     activations: int
     activations_checkpointed: int
     checkpointing: bool
+    masters: bool = False  # full mixed precision: the weights are float32 masters
 
     @property
     def total(self) -> int:
@@ -32,7 +33,7 @@ class TrainingMemory:
 
     def table(self) -> str:
         rows = [
-            ("weights", self.weights),
+            ("weights (float32 masters)" if self.masters else "weights", self.weights),
             (f"trainable state ({self.trainable:,} params: weights, grads, AdamW)", self.trainable_state),
             ("activations", self.activations),
             ("activations with --gradient-checkpointing", self.activations_checkpointed),
@@ -50,12 +51,20 @@ def estimate(
     seq_len: int,
     checkpointing: bool,
     quant_bits: int | None = None,
+    masters: bool = False,
 ) -> TrainingMemory:
+    """``dtype``: what the model computes in; ``masters``: full training keeps float32 master weights and
+    computes in ``dtype`` (mixed precision, ``trainer.mixed_precision``)."""
     b = dtype_bytes(dtype)
-    weights = weight_bytes(config, dtype, f"int{quant_bits}" if quant_bits else None)
-    # full: grads in the model dtype + two float32 Adam moments (the weights are counted above);
-    # LoRA: the float32 adapter, its grads, two Adam moments
-    state = trainable * (b + 8) if method == "full" else trainable * (4 + 4 + 8)
+    weights = weight_bytes(
+        config, torch.float32 if masters else dtype, f"int{quant_bits}" if quant_bits else None
+    )
+    if method != "full":  # the float32 adapter, its grads, two Adam moments
+        state = trainable * (4 + 4 + 8)
+    elif masters:  # float32 grads and moments, and the half copy of the weights the forward computes with
+        state = trainable * (4 + 8 + b)
+    else:  # grads in the model dtype + two float32 Adam moments (the weights are counted above)
+        state = trainable * (b + 8)
     h, L = config.hidden_size, config.num_hidden_layers
     q = config.num_attention_heads * config.head_dim
     kv = config.num_key_value_heads * config.head_dim
@@ -65,7 +74,7 @@ def estimate(
     logits = tokens * config.vocab_size * 4 * 3  # float32 logits, log-softmax, their gradient
     activations = tokens * sum(per_layer) + logits
     checkpointed = tokens * (h * b * L + max(per_layer)) + logits
-    return TrainingMemory(weights, trainable, state, activations, checkpointed, checkpointing)
+    return TrainingMemory(weights, trainable, state, activations, checkpointed, checkpointing, masters)
 
 
 def _ffn_saved(config: ModelConfig, layer: int) -> int:

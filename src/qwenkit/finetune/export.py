@@ -48,6 +48,8 @@ def write_model_dir(
     save_sharded(names.items(), out, dtype=dtype, metadata={"format": "pt"})
     dtype_name = str(dtype).removeprefix("torch.")
     config = {**source.hf_config, "torch_dtype": dtype_name}
+    if "dtype" in config:  # transformers 5's name for it, read before torch_dtype: the source's would stay
+        config["dtype"] = dtype_name
     if not tied and config.get("tie_word_embeddings"):  # lm_head.weight is written: it is read, not tied
         config["tie_word_embeddings"] = False
     write_json(out / "config.json", config)

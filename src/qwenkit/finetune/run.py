@@ -38,7 +38,7 @@ from qwenkit.finetune.estimate import check_training_fits, estimate
 from qwenkit.finetune.export import check_exportable, write_model_dir
 from qwenkit.finetune.lora import DEFAULT_TARGETS, LoRAConfig, apply_lora, lora_parameters, target_names
 from qwenkit.finetune.plot import plot_losses
-from qwenkit.finetune.trainer import TrainArgs, Trainer, enable_gradient_checkpointing
+from qwenkit.finetune.trainer import TrainArgs, Trainer, enable_gradient_checkpointing, mixed_precision
 
 STATE_FILE = "trainer_state.pt"
 
@@ -123,10 +123,18 @@ def prepare_model(model_path: str | Path, args: TrainArgs, world: World, batch_t
     if args.tensor_parallel > 1:
         check_tensor_parallel(model_path, args)
     dtype = resolve_dtype(args.dtype, args.device)
-    if args.method == "full" and dtype != torch.float32 and world.is_main:
-        print(half_precision_note(dtype, args.lr), file=sys.stderr)
+    compute = mixed_precision(args)  # full training in half precision keeps float32 masters
+    if compute == torch.float16:
+        raise ConfigError(
+            f"--method full in float16 (--dtype {args.dtype}) needs loss scaling, which qwenkit does not do; "
+            "use --dtype bfloat16 (float32 master weights, bfloat16 compute) or float32"
+        )
     model, config = load_model(
-        model_path, dtype, args.device, progress=world.is_main and args.progress, dequantize=True
+        model_path,
+        torch.float32 if compute else dtype,
+        args.device,
+        progress=world.is_main and args.progress,
+        dequantize=True,
     )
     quant_bits = None
     if config.quantization and args.method != "full" and world.is_main:  # say what a quantized base means
@@ -169,30 +177,18 @@ def prepare_model(model_path: str | Path, args: TrainArgs, world: World, batch_t
         batch_tokens,
         args.gradient_checkpointing,
         quant_bits,
+        masters=compute is not None,
     )
     if world.is_main:
         print(f"memory estimate per process:\n{mem.table()}", file=sys.stderr)
     check_training_fits(mem, args.device)
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    wrapped = wrap(model, world, args.strategy)
+    wrapped = wrap(model, world, args.strategy, compute)
     params = [p for p in model.parameters() if p.requires_grad]  # after wrapping: FSDP swaps in DTensors
     source = str(Path(model_path).resolve())
     files = files_sha256(Path(source), sample=1 << 20)
     return Prepared(wrapped, model, params, names, lora, config.tie_word_embeddings, source, files)
-
-
-def half_precision_note(dtype: torch.dtype, lr: float) -> str:
-    """What full training on half-precision weights loses. AdamW updates the weights in place, in their
-    dtype (no float32 master copy): a step under half a unit in the last place of a weight rounds away, and
-    an early AdamW step is about the learning rate, so at full fine-tuning's usual rates most do (a tiny
-    Qwen2 in bfloat16 at --lr 1e-5: 12% of its weights changed in 3 steps, 82% in float32)."""
-    name = str(dtype).removeprefix("torch.")
-    lost = round(4 / torch.finfo(dtype).eps)  # under a quarter of the spacing at a weight's size: always lost
-    return (
-        f"note: --method full trains the {name} weights in place: an update under 1/{lost} of a weight "
-        f"rounds away (an early AdamW step is about --lr, {lr:g}); --dtype float32 keeps every update"
-    )
 
 
 def check_tensor_parallel(model_path: str | Path, args: TrainArgs) -> None:
