@@ -343,7 +343,8 @@ def run(args: argparse.Namespace, llm, tools: list | None = None) -> int:
             print()
             return 1 if failed and not interactive else 0
         except KeyboardInterrupt:
-            print("\n[Ctrl-D or :exit to leave]")
+            print()  # ends the prompt's line; the notice goes with the others, to standard error
+            print("[Ctrl-D or :exit to leave]", file=sys.stderr)
             continue
         except (NotUTF8Error, CommandError) as e:  # the chat goes on
             report(e)
