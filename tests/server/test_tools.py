@@ -1,5 +1,6 @@
 """Tool calling on the chat route for hermes templates (Qwen2.5/Qwen3): parsing (steered model), constrained
-decoding (random model), validation. ReAct templates (Qwen v1, Llama 3.x): test_tools_react.py.
+decoding (random model), validation. ReAct templates (Qwen v1): test_tools_react.py; Llama 3.1/3.2's JSON
+calls: test_tools_llama3.py.
 
 Real clients: the openai SDK (create, streaming accumulation, the ``.stream()`` helper)."""
 

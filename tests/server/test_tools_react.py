@@ -1,5 +1,5 @@
-"""Tool calling on the chat route for templates without hermes tools, through Qwen v1's ReAct flow: Qwen v1's
-ChatML template (which cannot render tools) and Llama 3.1/3.2's (which asks for its own JSON calls).
+"""Tool calling on the chat route for templates that cannot render tools, through Qwen v1's ReAct flow: Qwen
+v1's ChatML template. Llama 3.1/3.2's JSON calls: test_tools_llama3.py.
 
 Real clients: the openai SDK."""
 
@@ -126,52 +126,3 @@ def test_react_forced_calls(steered_v1):
         assert streamed.pairs == whole.pairs
         picked.append(name)
     assert set(picked[1:]) == {"get_time", "get_weather"}  # "required" lets the model choose (seeds 0..7)
-
-
-# ---- Llama 3.1/3.2 (a template that renders tools its own way) --------------------------------------
-
-
-@pytest.fixture(scope="module")
-def steered_llama32(tmp_path_factory):
-    """Meta's Llama 3.2 template renders tools, but asks for bare ``{"name", "parameters"}`` JSON replies,
-    not hermes ``<tool_call>`` blocks: qwenkit parses no such reply, so the ReAct flow is used."""
-    from llama_tokenizers import write_llama32_chat_model
-
-    path = write_llama32_chat_model(tmp_path_factory.mktemp("llama32") / "m")
-    with steered_server(path, end_token="<|eot_id|>") as served:
-        yield served
-
-
-def test_llama32_tools_use_the_react_flow(steered_llama32):
-    """Before, the tools went into Llama's own JSON instructions while the reply was read for hermes
-    blocks: a call came back as plain ``content`` with finish_reason "stop", the client never saw it."""
-    live, llm = steered_llama32[0], steered_llama32[1]
-    ids = chat_prompt(llm, ChatCompletionRequest(messages=USER, tools=[WEATHER]))
-    text = llm.tokenizer.decode(ids)
-    assert ids[0] == 128000 and ids.count(128000) == 1  # the template's BOS, once
-    assert "You have access to the following APIs:\n\nget_weather: Call this tool" in text
-    assert "Given the following functions" not in text
-    assert text.endswith(
-        "Begin!\n\nQuestion: What's the weather in Paris?<|eot_id|>"
-        "<|start_header_id|>assistant<|end_header_id|>\n\n"
-    )
-    reply = 'Thought: I need the weather.\nAction: get_weather\nAction Input: {"city": "Paris", "unit": "c"}'
-    for stream in (False, True):
-        play(steered_llama32, reply)
-        r = chat_reply(client(live), stream, model="tiny", max_tokens=200, messages=USER, tools=[WEATHER])
-        assert (r.content, r.parsed, r.finish) == (
-            "I need the weather.",
-            [("get_weather", {"city": "Paris", "unit": "c"})],
-            "tool_calls",
-        )
-        if not stream:
-            assert r.usage.prompt_tokens == len(ids)
-    messages = [*USER, *WEATHER_FOLLOW_UP]
-    text = llm.tokenizer.decode(chat_prompt(llm, ChatCompletionRequest(messages=messages, tools=[WEATHER])))
-    assert text.endswith(
-        "<|start_header_id|>assistant<|end_header_id|>\n\nThought: I need the weather.\nAction: get_weather\n"
-        'Action Input: {"city": "Paris", "unit": "c"}\nObservation: sunny, 21C\nThought:'
-    )
-    play(steered_llama32, " I now know the final answer\nFinal Answer: Sunny, 21C.")
-    r = chat_reply(client(live), False, model="tiny", max_tokens=200, messages=messages, tools=[WEATHER])
-    assert (r.content, r.calls, r.finish) == ("Sunny, 21C.", [], "stop")
