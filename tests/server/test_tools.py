@@ -1,5 +1,6 @@
 """Tool calling on the chat route for hermes templates (Qwen2.5/Qwen3): parsing (steered model), constrained
-decoding (random model), validation. ReAct templates (Qwen v1, Llama 3.x): test_tools_react.py.
+decoding (random model), validation. ReAct templates (Qwen v1): test_tools_react.py; Llama 3.1/3.2's JSON
+calls: test_tools_llama3.py.
 
 Real clients: the openai SDK (create, streaming accumulation, the ``.stream()`` helper)."""
 
@@ -25,9 +26,9 @@ from tool_requests import (
     TWO_CALLS,
     USER,
     WEATHER,
+    chat_reply,
     client,
     post,
-    stream_parts,
 )
 
 from qwenkit.server.completions import chat_prompt
@@ -45,35 +46,26 @@ def steered(tiny_chat_model):
 
 def test_without_tools_tool_call_text_is_verbatim(steered):
     live = steered[0]
-    play(steered, TWO_CALLS)
-    r = client(live).chat.completions.create(model="tiny", max_tokens=200, messages=USER)
-    assert r.choices[0].message.content == TWO_CALLS and r.choices[0].message.tool_calls is None
-    assert r.choices[0].finish_reason == "stop"
-    play(steered, TWO_CALLS)
-    content, _, calls, finish = stream_parts(client(live), model="tiny", max_tokens=200, messages=USER)
-    assert (content, calls, finish) == (TWO_CALLS, [], "stop")
+    for stream in (False, True):
+        play(steered, TWO_CALLS)
+        r = chat_reply(client(live), stream, model="tiny", max_tokens=200, messages=USER)
+        assert (r.content, r.calls, r.finish) == (TWO_CALLS, [], "stop")
 
 
 def test_parallel_calls_stream_and_whole_agree(steered):
     live = steered[0]
     c = client(live)
+    kwargs = dict(model="tiny", max_tokens=200, messages=USER, tools=[WEATHER, TIME])
     play(steered, TWO_CALLS, tools=[WEATHER, TIME])
-    r = c.chat.completions.create(model="tiny", max_tokens=200, messages=USER, tools=[WEATHER, TIME])
-    m = r.choices[0].message
-    assert r.choices[0].finish_reason == "tool_calls" and m.content is None
-    assert [(t.type, t.function.name, json.loads(t.function.arguments)) for t in m.tool_calls] == [
-        ("function", "get_weather", {"city": "Paris", "unit": "c"}),
-        ("function", "get_time", {}),
-    ]
+    whole = chat_reply(c, False, **kwargs)  # each call's type "function": chat_reply checks it
+    assert whole.finish == "tool_calls" and whole.content is None
+    assert whole.parsed == [("get_weather", {"city": "Paris", "unit": "c"}), ("get_time", {})]
     play(steered, TWO_CALLS, tools=[WEATHER, TIME])
-    content, _, calls, finish = stream_parts(
-        c, model="tiny", max_tokens=200, messages=USER, tools=[WEATHER, TIME]
-    )
-    assert content == "" and finish == "tool_calls"
-    assert [(x["name"], json.loads(x["arguments"])) for x in calls] == [
-        (t.function.name, json.loads(t.function.arguments)) for t in m.tool_calls
-    ]
-    assert all(x["id"].startswith("call_") for x in calls) and len({x["id"] for x in calls}) == 2
+    streamed = chat_reply(c, True, **kwargs)
+    assert streamed.content == "" and streamed.finish == "tool_calls"
+    assert streamed.parsed == whole.parsed
+    ids = [x["id"] for x in streamed.calls]
+    assert all(i.startswith("call_") for i in ids) and len(set(ids)) == 2
 
 
 def test_text_that_looks_like_a_tag_start_is_content(steered):
@@ -81,10 +73,8 @@ def test_text_that_looks_like_a_tag_start_is_content(steered):
     live = steered[0]
     text = "Use <tool and <tool_cal here; x < y."
     play(steered, text)
-    content, _, calls, finish = stream_parts(
-        client(live), model="tiny", max_tokens=100, messages=USER, tools=[WEATHER]
-    )
-    assert (content, calls, finish) == (text, [], "stop")
+    r = chat_reply(client(live), True, model="tiny", max_tokens=100, messages=USER, tools=[WEATHER])
+    assert (r.content, r.calls, r.finish) == (text, [], "stop")
 
 
 def test_stream_helper_accumulates_calls(steered):
@@ -105,19 +95,18 @@ def test_stream_helper_accumulates_calls(steered):
 
 def test_thinking_goes_to_reasoning_content(steered):
     live = steered[0]
-    play(steered, THINK_CALL, tools=[WEATHER])
-    r = post(
-        live.url + "/v1/chat/completions", json={"messages": USER, "tools": [WEATHER], "max_tokens": 200}
-    ).json()
-    m = r["choices"][0]["message"]
-    assert m["reasoning_content"] == "I should call the weather tool." and m["content"] == "Checking."
-    assert json.loads(m["tool_calls"][0]["function"]["arguments"]) == {"city": "Paris", "unit": "c"}
-    play(steered, THINK_CALL, tools=[WEATHER])
-    content, reasoning, calls, finish = stream_parts(
-        client(live), model="tiny", max_tokens=200, messages=USER, tools=[WEATHER]
-    )
-    assert (content, reasoning, finish) == ("Checking.", "I should call the weather tool.", "tool_calls")
-    assert calls[0]["arguments"] == m["tool_calls"][0]["function"]["arguments"]
+    replies = []
+    for stream in (False, True):
+        play(steered, THINK_CALL, tools=[WEATHER])
+        r = chat_reply(client(live), stream, model="tiny", max_tokens=200, messages=USER, tools=[WEATHER])
+        assert (r.content, r.reasoning, r.finish) == (
+            "Checking.",
+            "I should call the weather tool.",
+            "tool_calls",
+        )
+        assert r.parsed == [("get_weather", {"city": "Paris", "unit": "c"})]
+        replies.append(r)
+    assert replies[1].pairs == replies[0].pairs
 
 
 def test_malformed_call_is_content_not_500(steered, caplog):
@@ -146,11 +135,8 @@ def test_malformed_call_is_content_not_500(steered, caplog):
         assert line.startswith(r.json()["id"] + " choice 0: a <tool_call> block is not JSON")
         caplog.clear()
         play(steered, bad, tools=[WEATHER])
-        content, _, calls, finish = stream_parts(
-            client(live), model="tiny", max_tokens=200, messages=USER, tools=[WEATHER]
-        )
-        assert (content, finish) == (expected, "stop")
-        assert [(x["name"], x["arguments"]) for x in calls] == started
+        r = chat_reply(client(live), True, model="tiny", max_tokens=200, messages=USER, tools=[WEATHER])
+        assert (r.content, r.finish, r.pairs) == (expected, "stop", started)
         assert sum("<tool_call> block" in rec.getMessage() for rec in caplog.records) == 1
         play(steered, bad, tools=[WEATHER])  # the SDK's stream helper takes it without raising
         with client(live).chat.completions.stream(
@@ -184,11 +170,10 @@ def test_streamed_arguments_arrive_in_pieces_as_the_sdk_accumulates(steered):
     tools = [note, TIME]
     c = client(live)
     play(steered, reply)
-    whole = c.chat.completions.create(model="tiny", max_tokens=400, messages=USER, tools=tools)
-    m = whole.choices[0].message
-    assert m.content == "Saving it." and whole.choices[0].finish_reason == "tool_calls"
-    assert [t.function.name for t in m.tool_calls] == ["save_note", "get_time"]
-    assert m.tool_calls[0].function.arguments == args  # the model's text, not re-serialized
+    whole = chat_reply(c, False, model="tiny", max_tokens=400, messages=USER, tools=tools)
+    assert whole.content == "Saving it." and whole.finish == "tool_calls"
+    assert [name for name, _ in whole.pairs] == ["save_note", "get_time"]
+    assert whole.pairs[0][1] == args  # the model's text, not re-serialized
 
     play(steered, reply)
     deltas = []
@@ -209,7 +194,7 @@ def test_streamed_arguments_arrive_in_pieces_as_the_sdk_accumulates(steered):
         pieces = [tc.function.arguments for i, tc in call_deltas if tc.index == index and tc.id is None]
         assert all(tc.function.name is None for i, tc in call_deltas if tc.index == index and tc.id is None)
         assert all(i > start for i, tc in call_deltas if tc.index == index and tc.id is None)
-        assert "".join(pieces) == m.tool_calls[index].function.arguments  # byte for byte
+        assert "".join(pieces) == whole.pairs[index][1]  # byte for byte
         assert head.id == heads[index][1].id
     long_pieces = [tc.function.arguments for _, tc in call_deltas if tc.index == 0 and tc.id is None]
     assert len(long_pieces) > 10  # as the model wrote them, not one blob
@@ -220,26 +205,32 @@ def test_streamed_arguments_arrive_in_pieces_as_the_sdk_accumulates(steered):
         arg_deltas = [e for e in s if e.type == "tool_calls.function.arguments.delta"]
         final = s.get_final_completion()
     got = [(t.function.name, t.function.arguments) for t in final.choices[0].message.tool_calls]
-    assert got == [(t.function.name, t.function.arguments) for t in m.tool_calls]
+    assert got == whole.pairs
     assert len([e for e in arg_deltas if e.index == 0]) > 10
 
 
 def test_parallel_tool_calls_false_keeps_one(steered):
     live = steered[0]
     play(steered, TWO_CALLS, tools=[WEATHER, TIME])
-    r = client(live).chat.completions.create(
-        model="tiny", max_tokens=200, messages=USER, tools=[WEATHER, TIME], parallel_tool_calls=False
+    r = chat_reply(
+        client(live),
+        False,
+        model="tiny",
+        max_tokens=200,
+        messages=USER,
+        tools=[WEATHER, TIME],
+        parallel_tool_calls=False,
     )
-    assert [t.function.name for t in r.choices[0].message.tool_calls] == ["get_weather"]
+    assert [name for name, _ in r.pairs] == ["get_weather"]
 
 
 def test_tool_choice_none_returns_text(steered):
     live = steered[0]
     play(steered, CALL, tools=[WEATHER])
-    r = client(live).chat.completions.create(
-        model="tiny", max_tokens=200, messages=USER, tools=[WEATHER], tool_choice="none"
+    r = chat_reply(
+        client(live), False, model="tiny", max_tokens=200, messages=USER, tools=[WEATHER], tool_choice="none"
     )
-    assert r.choices[0].message.tool_calls is None and CALL in r.choices[0].message.content
+    assert r.calls == [] and CALL in r.content  # no tool_calls list at all: chat_reply checks it
 
 
 def test_follow_up_turn_with_tool_results(steered):
@@ -270,10 +261,8 @@ def test_follow_up_turn_with_tool_results(steered):
         assert '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}' in text
         assert "<tool_response>\nsunny, 21C\n</tool_response>" in text
         play(steered, "It is sunny, 21C.", messages=messages, tools=[WEATHER])
-        r = client(live).chat.completions.create(
-            model="tiny", max_tokens=200, messages=messages, tools=[WEATHER]
-        )
-        assert r.choices[0].message.content == "It is sunny, 21C." and r.choices[0].finish_reason == "stop"
+        r = chat_reply(client(live), False, model="tiny", max_tokens=200, messages=messages, tools=[WEATHER])
+        assert (r.content, r.calls, r.finish) == ("It is sunny, 21C.", [], "stop")
 
 
 # ---- validation ----------------------------------------------------------------------------------
@@ -376,17 +365,19 @@ def test_named_tool_choice_validates_against_schema(server):
         max_tokens=60,
         tool_choice={"type": "function", "function": {"name": "get_weather"}},
     )
-    r = c.chat.completions.create(**kwargs)
-    (call,) = r.choices[0].message.tool_calls
-    assert call.function.name == "get_weather" and r.choices[0].finish_reason == "tool_calls"
-    jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
-    content, _, calls, finish = stream_parts(c, **kwargs)
-    assert finish == "tool_calls" and content == ""
-    assert [(x["name"], x["arguments"]) for x in calls] == [(call.function.name, call.function.arguments)]
+    whole = chat_reply(c, False, **kwargs)
+    ((name, arguments),) = whole.pairs
+    assert name == "get_weather" and whole.finish == "tool_calls"
+    jsonschema.validate(json.loads(arguments), WEATHER["function"]["parameters"])
+    streamed = chat_reply(c, True, **kwargs)
+    assert streamed.finish == "tool_calls" and streamed.content == ""
+    assert streamed.pairs == whole.pairs
 
 
 def test_required_picks_a_listed_tool(server):
-    r = client(server).chat.completions.create(
+    r = chat_reply(
+        client(server),
+        False,
         model="tiny",
         messages=USER,
         tools=[WEATHER, TIME],
@@ -395,10 +386,10 @@ def test_required_picks_a_listed_tool(server):
         temperature=0,
         max_tokens=60,
     )
-    (call,) = r.choices[0].message.tool_calls
-    fn = {"get_weather": WEATHER, "get_time": TIME}[call.function.name]["function"]
-    jsonschema.validate(json.loads(call.function.arguments), fn["parameters"])
-    assert r.choices[0].finish_reason == "tool_calls"
+    ((name, arguments),) = r.pairs
+    fn = {"get_weather": WEATHER, "get_time": TIME}[name]["function"]
+    jsonschema.validate(json.loads(arguments), fn["parameters"])
+    assert r.finish == "tool_calls"
 
 
 SCHEMAS = {
@@ -450,7 +441,9 @@ NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}
 
 @pytest.mark.parametrize("name", list(SCHEMAS))
 def test_response_format_json_schema_validates(server, name):
-    r = client(server).chat.completions.create(
+    r = chat_reply(
+        client(server),
+        False,
         model="tiny",
         messages=USER,
         temperature=1.0,
@@ -459,27 +452,24 @@ def test_response_format_json_schema_validates(server, name):
         response_format={"type": "json_schema", "json_schema": {"name": name, "schema": SCHEMAS[name]}},
         extra_body=NO_THINKING,
     )
-    text = r.choices[0].message.content
-    assert r.choices[0].finish_reason == "stop", text
+    text = r.content
+    assert r.finish == "stop", text
     assert not re.search(r"\s", re.sub(r'"(?:[^"\\]|\\.)*"', "", text)), text  # compact: no free whitespace
     jsonschema.validate(json.loads(text), SCHEMAS[name])
 
 
 def test_response_format_json_object(server):
-    r = post(
-        server.url + "/v1/chat/completions",
-        json={
-            "messages": USER,
-            "temperature": 0,
-            "max_tokens": 40,
-            "response_format": {"type": "json_object"},
-            **NO_THINKING,
-        },
-    ).json()
-    text = r["choices"][0]["message"]["content"]
-    assert text.startswith("{") and (
-        r["choices"][0]["finish_reason"] == "length" or isinstance(json.loads(text), dict)
+    r = chat_reply(
+        client(server),
+        False,
+        model="tiny",
+        messages=USER,
+        temperature=0,
+        max_tokens=40,
+        response_format={"type": "json_object"},
+        extra_body=NO_THINKING,
     )
+    assert r.content.startswith("{") and (r.finish == "length" or isinstance(json.loads(r.content), dict))
 
 
 # ---- a prompt that opens <think> (Qwen3-*-Thinking-2507, QwQ) --------------------------------------
@@ -512,22 +502,12 @@ def test_an_enforced_answer_comes_after_the_thinking_the_prompt_opened(steered_t
     ]
     for fields, reply in cases:
         play(steered_thinking, reply)
-        body = {"model": "tiny", "messages": USER, "max_tokens": 100, **fields}
-        if stream:
-            content, reasoning, calls, finish = stream_parts(client(live), **body)
-            calls = [(x["name"], x["arguments"]) for x in calls]
-        else:
-            r = post(live.url + "/v1/chat/completions", json=body).json()["choices"][0]
-            content, reasoning = r["message"]["content"], r["message"]["reasoning_content"]
-            finish = r["finish_reason"]
-            calls = [
-                (t["function"]["name"], t["function"]["arguments"]) for t in r["message"]["tool_calls"] or []
-            ]
+        r = chat_reply(client(live), stream, model="tiny", messages=USER, max_tokens=100, **fields)
         if "tools" in fields:
-            assert (reasoning, calls, finish) == ("Paris, then.", [("get_weather", args)], "tool_calls")
-            assert not content
+            assert (r.reasoning, r.pairs, r.finish) == ("Paris, then.", [("get_weather", args)], "tool_calls")
+            assert not r.content
         else:
-            assert (reasoning, content, calls, finish) == ("A city.", '{"city":"Paris"}', [], "stop")
+            assert (r.reasoning, r.content, r.pairs, r.finish) == ("A city.", '{"city":"Paris"}', [], "stop")
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -546,15 +526,15 @@ def test_a_hybrid_model_may_think_before_a_forced_call(steered, stream):
     ]
     for reply, fields, want_reasoning in cases:
         play(steered, reply)
-        body = {"model": "tiny", "messages": USER, "max_tokens": 100, "tools": [WEATHER]}
-        body["tool_choice"] = "required"
-        if stream:
-            content, reasoning, calls, finish = stream_parts(client(live), **body, extra_body=fields)
-            calls, reasoning = [(x["name"], x["arguments"]) for x in calls], reasoning or None
-        else:
-            r = post(live.url + "/v1/chat/completions", json=body | fields).json()["choices"][0]
-            content, reasoning = r["message"]["content"], r["message"]["reasoning_content"]
-            finish = r["finish_reason"]
-            calls = [(t["function"]["name"], t["function"]["arguments"]) for t in r["message"]["tool_calls"]]
-        assert (reasoning, calls, finish) == (want_reasoning, [("get_weather", args)], "tool_calls"), content
-        assert not content
+        r = chat_reply(
+            client(live),
+            stream,
+            model="tiny",
+            messages=USER,
+            max_tokens=100,
+            tools=[WEATHER],
+            tool_choice="required",
+            extra_body=fields,
+        )
+        assert (r.reasoning, r.pairs, r.finish) == (want_reasoning, [("get_weather", args)], "tool_calls"), r
+        assert not r.content

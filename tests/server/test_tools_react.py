@@ -1,5 +1,5 @@
-"""Tool calling on the chat route for templates without hermes tools, through Qwen v1's ReAct flow: Qwen v1's
-ChatML template (which cannot render tools) and Llama 3.1/3.2's (which asks for its own JSON calls).
+"""Tool calling on the chat route for templates that cannot render tools, through Qwen v1's ReAct flow: Qwen
+v1's ChatML template. Llama 3.1/3.2's JSON calls: test_tools_llama3.py.
 
 Real clients: the openai SDK."""
 
@@ -21,8 +21,8 @@ from tool_requests import (
     USER,
     WEATHER,
     WEATHER_FOLLOW_UP,
+    chat_reply,
     client,
-    stream_parts,
 )
 
 from qwenkit.server.completions import chat_prompt
@@ -51,29 +51,18 @@ def test_react_flow_for_models_without_tool_templates(steered_v1):
         "Thought: I need the weather.\nAction: get_weather\n"
         'Action Input: {"city": "Paris", "unit": "c"}\nObservation: invented'
     )
+    kwargs = dict(model="tiny", max_tokens=200, messages=USER, tools=[WEATHER])
     for stream in (False, True):
         play(steered_v1, reply)
-        if stream:
-            content, _, calls, finish = stream_parts(
-                client(live), model="tiny", max_tokens=200, messages=USER, tools=[WEATHER]
-            )
-            calls = [(x["name"], json.loads(x["arguments"])) for x in calls]
-        else:
-            r = client(live).chat.completions.create(
-                model="tiny", max_tokens=200, messages=USER, tools=[WEATHER]
-            )
-            content, finish = r.choices[0].message.content, r.choices[0].finish_reason
-            calls = [
-                (t.function.name, json.loads(t.function.arguments)) for t in r.choices[0].message.tool_calls
-            ]
-        assert (content, calls, finish) == (
+        r = chat_reply(client(live), stream, **kwargs)
+        assert (r.content, r.parsed, r.finish) == (
             "I need the weather.",
             [("get_weather", {"city": "Paris", "unit": "c"})],
             "tool_calls",
         )
     play(steered_v1, "Thought: I now know the final answer\nFinal Answer: Sunny.")
-    r = client(live).chat.completions.create(model="tiny", max_tokens=200, messages=USER, tools=[WEATHER])
-    assert r.choices[0].message.content == "Sunny." and r.choices[0].message.tool_calls is None
+    r = chat_reply(client(live), False, **kwargs)
+    assert (r.content, r.calls) == ("Sunny.", [])
 
 
 def test_react_follow_up_continues_the_turn_with_the_observation(steered_v1):
@@ -90,14 +79,8 @@ def test_react_follow_up_continues_the_turn_with_the_observation(steered_v1):
     )
     for stream in (False, True):
         play(steered_v1, " I now know the final answer\nFinal Answer: Sunny, 21C.")
-        kwargs = dict(model="tiny", max_tokens=200, messages=messages, tools=[WEATHER])
-        if stream:
-            content, _, calls, finish = stream_parts(client(live), **kwargs)
-        else:
-            r = client(live).chat.completions.create(**kwargs)
-            content, finish = r.choices[0].message.content, r.choices[0].finish_reason
-            calls = r.choices[0].message.tool_calls or []
-        assert (content, calls, finish) == ("Sunny, 21C.", [], "stop")
+        r = chat_reply(client(live), stream, model="tiny", max_tokens=200, messages=messages, tools=[WEATHER])
+        assert (r.content, r.calls, r.finish) == ("Sunny, 21C.", [], "stop")
 
 
 def test_react_malformed_action_input_is_content(steered_v1, caplog):
@@ -106,14 +89,8 @@ def test_react_malformed_action_input_is_content(steered_v1, caplog):
     for stream in (False, True):
         caplog.clear()
         play(steered_v1, reply + "\nObservation:")
-        kwargs = dict(model="tiny", max_tokens=200, messages=USER, tools=[WEATHER])
-        if stream:
-            content, _, calls, finish = stream_parts(client(live), **kwargs)
-        else:
-            r = client(live).chat.completions.create(**kwargs)
-            content, finish = r.choices[0].message.content, r.choices[0].finish_reason
-            calls = r.choices[0].message.tool_calls or []
-        assert (content, calls, finish) == (reply + "\n", [], "stop")  # verbatim, up to the stop word
+        r = chat_reply(client(live), stream, model="tiny", max_tokens=200, messages=USER, tools=[WEATHER])
+        assert (r.content, r.calls, r.finish) == (reply + "\n", [], "stop")  # verbatim, up to the stop word
         (line,) = [rec.getMessage() for rec in caplog.records if "Action Input" in rec.getMessage()]
         assert line.startswith("chatcmpl-") and "'get_weather' is not a JSON object" in line
 
@@ -139,74 +116,13 @@ def test_react_forced_calls(steered_v1):
             seed=seed,
             max_tokens=60,
         )
-        r = c.chat.completions.create(**kwargs)
-        (call,) = r.choices[0].message.tool_calls
-        assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
-        assert call.function.name == "get_weather" if choice is named else call.function.name in schemas
-        jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
-        content, _, calls, finish = stream_parts(c, **kwargs)
-        assert (content, finish) == ("", "tool_calls")
-        assert [(x["name"], x["arguments"]) for x in calls] == [(call.function.name, call.function.arguments)]
-        picked.append(call.function.name)
+        whole = chat_reply(c, False, **kwargs)
+        ((name, arguments),) = whole.pairs
+        assert whole.finish == "tool_calls" and whole.content is None
+        assert name == "get_weather" if choice is named else name in schemas
+        jsonschema.validate(json.loads(arguments), schemas[name])
+        streamed = chat_reply(c, True, **kwargs)
+        assert (streamed.content, streamed.finish) == ("", "tool_calls")
+        assert streamed.pairs == whole.pairs
+        picked.append(name)
     assert set(picked[1:]) == {"get_time", "get_weather"}  # "required" lets the model choose (seeds 0..7)
-
-
-# ---- Llama 3.1/3.2 (a template that renders tools its own way) --------------------------------------
-
-
-@pytest.fixture(scope="module")
-def steered_llama32(tmp_path_factory):
-    """Meta's Llama 3.2 template renders tools, but asks for bare ``{"name", "parameters"}`` JSON replies,
-    not hermes ``<tool_call>`` blocks: qwenkit parses no such reply, so the ReAct flow is used."""
-    from llama_tokenizers import write_llama32_chat_model
-
-    path = write_llama32_chat_model(tmp_path_factory.mktemp("llama32") / "m")
-    with steered_server(path, end_token="<|eot_id|>") as served:
-        yield served
-
-
-def test_llama32_tools_use_the_react_flow(steered_llama32):
-    """Before, the tools went into Llama's own JSON instructions while the reply was read for hermes
-    blocks: a call came back as plain ``content`` with finish_reason "stop", the client never saw it."""
-    live, llm = steered_llama32[0], steered_llama32[1]
-    ids = chat_prompt(llm, ChatCompletionRequest(messages=USER, tools=[WEATHER]))
-    text = llm.tokenizer.decode(ids)
-    assert ids[0] == 128000 and ids.count(128000) == 1  # the template's BOS, once
-    assert "You have access to the following APIs:\n\nget_weather: Call this tool" in text
-    assert "Given the following functions" not in text
-    assert text.endswith(
-        "Begin!\n\nQuestion: What's the weather in Paris?<|eot_id|>"
-        "<|start_header_id|>assistant<|end_header_id|>\n\n"
-    )
-    reply = 'Thought: I need the weather.\nAction: get_weather\nAction Input: {"city": "Paris", "unit": "c"}'
-    for stream in (False, True):
-        play(steered_llama32, reply)
-        kwargs = dict(model="tiny", max_tokens=200, messages=USER, tools=[WEATHER])
-        if stream:
-            content, _, calls, finish = stream_parts(client(live), **kwargs)
-            calls = [(x["name"], json.loads(x["arguments"])) for x in calls]
-        else:
-            r = client(live).chat.completions.create(**kwargs)
-            content, finish = r.choices[0].message.content, r.choices[0].finish_reason
-            calls = [
-                (t.function.name, json.loads(t.function.arguments)) for t in r.choices[0].message.tool_calls
-            ]
-            assert r.usage.prompt_tokens == len(ids)
-        assert (content, calls, finish) == (
-            "I need the weather.",
-            [("get_weather", {"city": "Paris", "unit": "c"})],
-            "tool_calls",
-        )
-    messages = [*USER, *WEATHER_FOLLOW_UP]
-    text = llm.tokenizer.decode(chat_prompt(llm, ChatCompletionRequest(messages=messages, tools=[WEATHER])))
-    assert text.endswith(
-        "<|start_header_id|>assistant<|end_header_id|>\n\nThought: I need the weather.\nAction: get_weather\n"
-        'Action Input: {"city": "Paris", "unit": "c"}\nObservation: sunny, 21C\nThought:'
-    )
-    play(steered_llama32, " I now know the final answer\nFinal Answer: Sunny, 21C.")
-    r = client(live).chat.completions.create(model="tiny", max_tokens=200, messages=messages, tools=[WEATHER])
-    assert (r.choices[0].message.content, r.choices[0].message.tool_calls, r.choices[0].finish_reason) == (
-        "Sunny, 21C.",
-        None,
-        "stop",
-    )

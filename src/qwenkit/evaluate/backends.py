@@ -183,7 +183,8 @@ class LocalBackend:
         self, messages: Sequence[list[dict[str, Any]]], tools: Sequence[list[dict[str, Any]]], max_tokens: int
     ) -> list[ToolReply]:
         """The template renders the tools and the reply is parsed as the server parses it: hermes
-        ``<tool_call>`` blocks (and a leading ``<think>``), or ReAct for a template without tools (v1)."""
+        ``<tool_call>`` blocks (and a leading ``<think>``), Llama 3's JSON calls, or ReAct for a template
+        without tools (v1)."""
         tokenizer = self.llm.tokenizer
         style = template_style(tokenizer.chat_template)
         prompts = [

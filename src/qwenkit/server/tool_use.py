@@ -4,8 +4,9 @@ enforces them, and the parser that turns each choice's text into ``content``, ``
 
 A request without ``tools`` (or with ``tool_choice: "none"``) gets no tool parsing: ``<tool_call>`` text
 comes back verbatim in ``content`` (Qwen-Agent writes its own function-calling prompt and parses it).
-``"required"`` and a named function are enforced by constrained decoding (hermes blocks, or for Qwen v1
-a ReAct ``Action`` / ``Action Input``), as are ``json_object`` and ``json_schema`` response formats.
+``"required"`` and a named function are enforced by constrained decoding (hermes blocks, Llama 3's JSON
+calls, or for Qwen v1 a ReAct ``Action`` / ``Action Input``), as are ``json_object`` and ``json_schema``
+response formats.
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ from qwenkit.tools.grammar import (
     after_thinking,
     enable_grammars,
     json_schema_grammar,
+    llama3_call_grammar,
     react_call_grammar,
     tool_call_grammar,
 )
 from qwenkit.tools.hermes import HermesParser
+from qwenkit.tools.llama3_json import Llama3JsonParser
 from qwenkit.tools.react import STOP_WORDS, parse_react
 from qwenkit.tools.template_style import prompt_closes_thinking, prompt_opens_thinking, template_style
 
@@ -43,6 +46,7 @@ class ToolPlan:
     grammar: str | None = None
     reasoning: bool = False  # the template thinks (<think>): split reasoning_content off
     react: bool = False  # Qwen v1 (no template renders tools): ReAct prompt, Observation: stop word
+    llama3_json: bool = False  # Llama 3.1/3.2: the reply's calls are bare JSON, not <tool_call> blocks
     in_reasoning: bool = False  # the prompt itself opened <think>
     may_think: bool = False  # the reply may open <think> itself (the prompt neither opened nor closed it)
 
@@ -128,6 +132,7 @@ def plan_tools(llm: LLM, body: ChatCompletionRequest, prompt_ids: list[int]) -> 
     style = template_style(llm.tokenizer.chat_template)
     plan = ToolPlan(functions, choice, named, parallel, reasoning=style.reasoning)
     plan.react = uses_react(llm, body)
+    plan.llama3_json = style.calls == "llama3_json"
     if plan.reasoning:
         plan.in_reasoning = prompt_opens_thinking(llm.tokenizer.decode, prompt_ids)
         plan.may_think = not plan.in_reasoning and not prompt_closes_thinking(
@@ -139,6 +144,8 @@ def plan_tools(llm: LLM, body: ChatCompletionRequest, prompt_ids: list[int]) -> 
             chosen = [fn for fn in functions if choice == "required" or fn["name"] == named]
             if plan.react:  # ReAct parses one Action per turn
                 plan.grammar = react_call_grammar(chosen)
+            elif plan.llama3_json:  # one call: Meta's template renders no more in a turn
+                plan.grammar = llama3_call_grammar(chosen)
             else:
                 plan.grammar = tool_call_grammar(chosen, parallel=parallel and choice == "required")
         elif constrained:
@@ -159,8 +166,12 @@ class ToolParser:
 
     def __init__(self, plan: ToolPlan) -> None:
         self.plan = plan
-        self.inner = HermesParser(
-            tools=plan.parses_calls, reasoning=plan.reasoning, in_reasoning=plan.in_reasoning
+        self.inner: HermesParser | Llama3JsonParser = (
+            Llama3JsonParser()
+            if plan.llama3_json and plan.parses_calls
+            else HermesParser(
+                tools=plan.parses_calls, reasoning=plan.reasoning, in_reasoning=plan.in_reasoning
+            )
         )
         self.events: list[Event] = []
         self.calls = 0  # complete calls kept

@@ -106,6 +106,21 @@ def tool_call_grammar(functions: list[dict[str, Any]], *, parallel: bool = True)
     return "\n".join([start, call, *rules])
 
 
+def llama3_call_grammar(functions: list[dict[str, Any]]) -> str:
+    """Llama 3.1/3.2's bare JSON call to one of ``functions``, as Meta's template asks for it:
+    ``{"name": <name>, "parameters": <arguments>}``, the arguments compact JSON matching its ``parameters``
+    schema. One call: Meta's template renders one call per assistant turn (it raises on more), so a
+    forced reply the client sends back must be one."""
+    if not functions:
+        raise GrammarError("a tool-call grammar needs at least one function")
+    rules = []
+    for i, fn in enumerate(functions):
+        params = fn.get("parameters") or {"type": "object", "properties": {}}
+        head = '{"name": ' + json.dumps(fn["name"], ensure_ascii=False) + ', "parameters": '
+        rules.append(f'call{i}: {_lark_string(head)} args{i} "}}"\nargs{i}: {_json_island(params)}')
+    return "\n".join(["start: " + " | ".join(f"call{i}" for i in range(len(functions))), *rules])
+
+
 def react_call_grammar(functions: list[dict[str, Any]]) -> str:
     """Qwen v1's ReAct call to one of ``functions``: ``Action: <name>\\nAction Input: <arguments>``, the
     arguments compact JSON matching its ``parameters``. The reply is the call (no thought before it);

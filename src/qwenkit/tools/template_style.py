@@ -1,11 +1,11 @@
 """What a model's chat template does with tools and reasoning, read once for every caller.
 
 The server, the agent and the evaluator must agree on three facts about a model, or the same model
-answers differently through each: whether its template renders tools itself as hermes ``<tool_call>``
-blocks (Qwen2.5/Qwen3) or not (Qwen v1 cannot; Llama 3.1/3.2 asks for bare JSON calls, which are not
-parsed), when the ReAct prompt is written for it, with ReAct's stop words; whether it has a ``<think>``
-reasoning block; and whether a rendered prompt already opened that block (thinking templates that end
-the generation prompt with ``<think>``), so the reply starts inside it.
+answers differently through each: how its template asks for tool calls, as hermes ``<tool_call>``
+blocks (Qwen2.5/Qwen3), as bare ``{"name", "parameters"}`` JSON (Llama 3.1/3.2 Instruct), or not at all
+(Qwen v1), when the ReAct prompt is written for it, with ReAct's stop words; whether it has a
+``<think>`` reasoning block; and whether a rendered prompt already opened that block (thinking templates
+that end the generation prompt with ``<think>``), so the reply starts inside it.
 """
 
 from __future__ import annotations
@@ -13,18 +13,28 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from qwenkit.tokenizer import Tokenizer
 from qwenkit.tools.calls import ParsedMessage, ToolSpecError, collect
 from qwenkit.tools.hermes import CALL_OPEN, THINK_CLOSE, THINK_OPEN, HermesParser
+from qwenkit.tools.llama3_json import PYTHON_TAG, Llama3JsonParser
 from qwenkit.tools.react import STOP_WORDS, continues_turn, parse_react, react_messages
+
+CallFormat = Literal["hermes", "llama3_json", "react"]
 
 
 @dataclass(frozen=True)
 class TemplateStyle:
-    react: bool  # no hermes tools in the template: prompt with ReAct and stop at its observation words
+    # hermes: the template renders tools and asks for <tool_call> blocks; llama3_json: it renders them and
+    # asks for bare JSON calls; react: it cannot render tools, so the ReAct prompt is written for it
+    calls: CallFormat
     reasoning: bool  # the template knows a <think> block
+
+    @property
+    def react(self) -> bool:
+        """Tools go in a ReAct prompt, with ReAct's stop words."""
+        return self.calls == "react"
 
     @property
     def stop(self) -> tuple[str, ...]:
@@ -92,9 +102,9 @@ class TemplateStyle:
         text: str,
         read_arguments: Callable[[str, str], str | None] | None = None,
     ) -> ParsedMessage:
-        """A whole reply to ``tool_prompt``'s prompt: ReAct's action, or hermes ``<tool_call>`` blocks and a
-        leading ``<think>`` (opened by the prompt itself where the template does so). ``read_arguments``:
-        see ``parse_react`` (a hermes call is one JSON object, its arguments inside it)."""
+        """A whole reply to ``tool_prompt``'s prompt: ReAct's action, Llama 3's JSON calls, or hermes
+        ``<tool_call>`` blocks and a leading ``<think>`` (opened by the prompt itself where the template
+        does so). ``read_arguments``: see ``parse_react`` (a JSON call holds its arguments)."""
         parser = self.reply_parser(decode, prompt_ids)
         if parser is None:
             return parse_react(text, read_arguments)
@@ -102,11 +112,13 @@ class TemplateStyle:
 
     def reply_parser(
         self, decode: Callable[[Sequence[int]], str], prompt_ids: Sequence[int]
-    ) -> HermesParser | None:
+    ) -> HermesParser | Llama3JsonParser | None:
         """The streaming parser of a reply to ``tool_prompt``'s prompt (``parse_reply`` feeds it whole);
         None for ReAct, whose reply is decided by its last lines and parsed whole."""
         if self.react:
             return None
+        if self.calls == "llama3_json":
+            return Llama3JsonParser()
         opened = self.reasoning and prompt_opens_thinking(decode, prompt_ids)
         return HermesParser(reasoning=self.reasoning, in_reasoning=opened)
 
@@ -123,11 +135,20 @@ class TemplateStyle:
 
 def template_style(chat_template: str | None) -> TemplateStyle:
     template = chat_template or ""
-    # Only hermes blocks are parsed from a reply: a template that renders tools but asks for calls its
-    # own way (Llama 3.1/3.2's bare ``{"name", "parameters"}`` JSON) gets the ReAct prompt too, or its
-    # calls would come back as plain content.
-    hermes = "tools" in template and CALL_OPEN in template
-    return TemplateStyle(react=not hermes, reasoning=THINK_OPEN in template)
+    return TemplateStyle(calls=call_format(template), reasoning=THINK_OPEN in template)
+
+
+def call_format(template: str) -> CallFormat:
+    """How a chat template asks for tool calls, read from its text: hermes ``<tool_call>`` blocks; Meta's
+    Llama 3.1/3.2 JSON (its instruction to "respond with (a) JSON for a function call" in the format
+    ``{"name": function name, "parameters": ...}``, or ``<|python_tag|>`` calls); otherwise the template
+    renders no tools a reply could be parsed for, and the ReAct prompt is written for it."""
+    if "tools" not in template:
+        return "react"
+    if CALL_OPEN in template:
+        return "hermes"
+    asks_json = "JSON for a function call" in template or PYTHON_TAG in template
+    return "llama3_json" if asks_json and '"parameters"' in template else "react"
 
 
 def prompt_opens_thinking(decode: Callable[[Sequence[int]], str], prompt_ids: Sequence[int]) -> bool:
