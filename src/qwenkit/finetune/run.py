@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from qwenkit.finetune.export import check_exportable, write_model_dir
 from qwenkit.finetune.lora import DEFAULT_TARGETS, LoRAConfig, apply_lora, lora_parameters, target_names
 from qwenkit.finetune.plot import plot_losses
 from qwenkit.finetune.trainer import TrainArgs, Trainer, enable_gradient_checkpointing, mixed_precision
+from qwenkit.sigterm import Terminated, terminate_unwinds
 
 STATE_FILE = "trainer_state.pt"
 
@@ -442,8 +443,11 @@ def finetune(
                     file=sys.stderr,
                 )
         try:
-            _loop(trainer, prep, args, world, work, history, eval_examples, data_id)
-        except KeyboardInterrupt:
+            # SIGTERM (kill, a container stop) unwinds one process as Ctrl-C does, to say where --resume
+            # goes on; under torchrun it is left to end the ranks, which may be blocked in collectives
+            with nullcontext() if world.distributed else terminate_unwinds():
+                _loop(trainer, prep, args, world, work, history, eval_examples, data_id)
+        except (KeyboardInterrupt, Terminated):
             with _second_ctrl_c_ignored():  # under --nproc the launcher passes Ctrl-C on to every rank
                 if world.is_main:
                     print(f"\n{_interrupted(work, trainer.step)}", file=sys.stderr)
@@ -475,7 +479,7 @@ def _second_ctrl_c_ignored() -> Iterator[None]:
 
 
 def _interrupted(work: Path, step: int) -> str:
-    """What Ctrl-C leaves: the step, and whether --resume has a checkpoint to continue from."""
+    """What Ctrl-C (or SIGTERM) leaves: the step, and whether --resume has a checkpoint to continue from."""
     try:
         return f"interrupted at step {step}; --resume continues from {latest_checkpoint(work)}"
     except CheckpointError:
