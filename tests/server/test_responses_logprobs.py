@@ -36,6 +36,18 @@ def steered(tiny_chat_model):
         yield served
 
 
+@pytest.fixture(scope="module")
+def opened(tiny_chat_model, chat_llm):
+    """A template whose generation prompt opens <think> (thinking-only Qwen3 releases): the reply starts
+    inside the reasoning."""
+    old = "{{- '<|im_start|>assistant\\n' }}"
+    template = chat_llm.tokenizer.chat_template
+    assert template.count(old) == 1
+    opens = template.replace(old, "{{- '<|im_start|>assistant\\n<think>\\n' }}")
+    with steered_server(tiny_chat_model, chat_template=opens) as served:
+        yield served
+
+
 @pytest.mark.parametrize(("top", "temperature"), [(None, 0), (3, 0), (5, 1.0)])
 def test_logprobs_are_the_chat_routes_for_the_output_text(server, top, temperature):
     c = sdk(server)
@@ -164,3 +176,27 @@ def test_tools_turned_off_still_give_logprobs(server):
     )
     (part,) = r.output[0].content
     assert len(part.logprobs) == 5 and "".join(lp.token for lp in part.logprobs) == part.text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_reply_that_starts_inside_the_reasoning(opened, stream):
+    live, _llm, _ = opened
+    play(opened, "The user wants colours.\n</think>\n\n" + REPLY)
+    kwargs = dict(model="tiny", input=QUESTION, max_output_tokens=100, include=INCLUDE)
+    r = _streamed(live, **kwargs)[1] if stream else sdk(live).responses.create(**kwargs)
+    assert [o.type for o in r.output] == ["reasoning", "message"]
+    assert r.output[0].content[0].text == "The user wants colours."
+    (part,) = r.output[1].content
+    assert part.text == REPLY and bytes(b for lp in part.logprobs for b in lp.bytes) == REPLY.encode()
+    assert all(lp.top_logprobs == [] for lp in part.logprobs)
+
+
+def test_a_token_running_from_dropped_whitespace_into_the_message_is_kept(steered):
+    """`` Hello`` right after ``</think>``: its space is not message text (whitespace after markup is
+    dropped) but its "Hello" is, so its entry is the message's first."""
+    live, llm, _ = steered
+    play(steered, "<think>\nhmm\n</think> Hello there")
+    r = sdk(live).responses.create(model="tiny", input=QUESTION, max_output_tokens=50, include=INCLUDE)
+    (part,) = r.output[-1].content
+    assert part.text == "Hello there"
+    assert [lp.token for lp in part.logprobs] == [" Hello", " there"]

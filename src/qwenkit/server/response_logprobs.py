@@ -67,7 +67,8 @@ class TextLogprobs:
 
     def take(self, start: int, end: int) -> list[dict[str, Any]]:
         """Entries of the tokens that wrote the reply's characters ``[start, end)``; tokens wholly before
-        ``start`` (reasoning, dropped whitespace) are passed over."""
+        ``start`` (reasoning, dropped whitespace) are passed over. A token that runs from dropped
+        whitespace into the message (`` Hello`` right after ``</think>``) wrote some of it: it is kept."""
         chosen = []
         while self.given < len(self.spans):
             first, last, lp = self.spans[self.given]

@@ -7,7 +7,9 @@ output items: ``reasoning``, ``message`` and ``function_call``, in the order the
 (whole or streamed, the same items: one writer builds both). Streamed, each item is added, filled by
 deltas and done, between ``response.created`` and ``response.completed`` (``response.incomplete`` when
 ``max_output_tokens`` cut it short), the order the openai SDK's ``responses.stream()`` checks. A call is
-sent once it is whole: one whose JSON breaks becomes text, never a call a client would run.
+sent once it is whole: one whose JSON breaks becomes text, never a call a client would run. With
+``include: ["message.output_text.logprobs"]`` each text part and delta carries its own tokens' entries
+(``response_logprobs``); ``top_logprobs`` alone gives none, as OpenAI's API and vLLM.
 
 Nothing is stored, so ``previous_response_id`` and ``background`` are refused by name: the client sends
 the whole conversation in ``input``.
