@@ -235,7 +235,7 @@ def test_a_forced_call_and_a_json_schema(server):
             "text.format.schema must be a JSON schema object",
         ),
         # fields that would change the answer are refused by name, never ignored
-        ({"input": "hi", "top_logprobs": 3}, "top_logprobs", "top_logprobs is not supported"),
+        ({"input": "hi", "top_logprobs": 21}, "top_logprobs", "less than or equal to 20"),
         ({"input": "hi", "prompt": {"id": "pmpt_1"}}, "prompt", "prompt is not supported"),
         (
             {"input": "hi", "guided_json": {"type": "object"}},

@@ -7,7 +7,9 @@ output items: ``reasoning``, ``message`` and ``function_call``, in the order the
 (whole or streamed, the same items: one writer builds both). Streamed, each item is added, filled by
 deltas and done, between ``response.created`` and ``response.completed`` (``response.incomplete`` when
 ``max_output_tokens`` cut it short), the order the openai SDK's ``responses.stream()`` checks. A call is
-sent once it is whole: one whose JSON breaks becomes text, never a call a client would run.
+sent once it is whole: one whose JSON breaks becomes text, never a call a client would run. With
+``include: ["message.output_text.logprobs"]`` each text part and delta carries its own tokens' entries
+(``response_logprobs``); ``top_logprobs`` alone gives none, as OpenAI's API and vLLM.
 
 Nothing is stored, so ``previous_response_id`` and ``background`` are refused by name: the client sends
 the whole conversation in ``input``.
@@ -35,6 +37,7 @@ from qwenkit.server.completions import (
 )
 from qwenkit.server.errors import APIError, named_param
 from qwenkit.server.request_params import VLLM_FIELDS
+from qwenkit.server.response_logprobs import INCLUDE, TextLogprobs, refuse_unaligned
 from qwenkit.server.schemas import ChatCompletionRequest, ResponsesRequest
 from qwenkit.server.state import ServerState
 from qwenkit.tools.calls import Event, ToolCall
@@ -196,18 +199,10 @@ def refuse_stateful(body: ResponsesRequest) -> None:
             raise APIError(400, f"{name} is not supported (nothing is stored)", name, "unsupported")
     if body.truncation not in (None, "disabled"):
         raise APIError(400, 'truncation must be "disabled": input is never cut to fit', "truncation")
-    if "message.output_text.logprobs" in (body.include or []):
-        raise APIError(
-            400, "include: message.output_text.logprobs is not supported", "include", "unsupported"
-        )
-    if body.top_logprobs:
-        raise APIError(
-            400,
-            "top_logprobs is not supported: /v1/responses returns no log-probabilities "
-            "(/v1/chat/completions does)",
-            "top_logprobs",
-            "unsupported",
-        )
+
+
+def wants_logprobs(body: ResponsesRequest) -> bool:
+    return INCLUDE in (body.include or [])
 
 
 def chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
@@ -237,14 +232,19 @@ def chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
         "parallel_tool_calls": body.parallel_tool_calls,
         "response_format": _response_format(body.text),
     }
+    if wants_logprobs(body):  # as OpenAI and vLLM: top_logprobs alone gives none
+        chat |= {"logprobs": True, "top_logprobs": body.top_logprobs}
     try:
-        return ChatCompletionRequest.model_validate(chat)
+        request = ChatCompletionRequest.model_validate(chat)
     except ValidationError as e:
         first = e.errors()[0]
         named = named_param(first)  # schemas.invalid names the part at fault
         loc = named or ".".join(str(p) for p in first["loc"])
         param = _PARAMS.get(str(first["loc"][0]), named or str(first["loc"][0])) if first["loc"] else None
         raise APIError(400, f"{loc}: {first['msg']}", param, "invalid_value") from None
+    if wants_logprobs(body):
+        refuse_unaligned(request)
+    return request
 
 
 # --------------------------------------------------------------------------------------------------
@@ -260,10 +260,14 @@ def reasoning_item(item_id: str, text: str, status: str = "completed") -> dict[s
     return {"type": "reasoning", "id": item_id, "summary": [], "content": content, "status": status}
 
 
-def message_item(item_id: str, text: str | None, status: str = "completed") -> dict[str, Any]:
-    content = (
-        [] if text is None else [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]
-    )
+def output_text(text: str, logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}
+
+
+def message_item(
+    item_id: str, text: str | None, status: str = "completed", logprobs: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    content = [] if text is None else [output_text(text, logprobs)]
     return {"type": "message", "id": item_id, "role": "assistant", "status": status, "content": content}
 
 
@@ -326,6 +330,7 @@ class ResponseHead:
             "tool_choice": body.tool_choice if body.tool_choice is not None else "auto",
             "tools": body.tools or [],
             "top_p": body.top_p,
+            "top_logprobs": body.top_logprobs,
             "truncation": "disabled",
             "user": body.user,
             "metadata": body.metadata or {},
@@ -365,14 +370,18 @@ async def responses(state: ServerState, body: ResponsesRequest, request: Request
         raise
     head = ResponseHead(body, state.response_model(started.adapter))
     think_close = state.llm.tokenizer.added_tokens.get(THINK_CLOSE)
+    logprobs = TextLogprobs(state.llm, started.hidden) if wants_logprobs(body) else None
     if body.stream:
-        return streaming_response(_events(started, head, think_close))
+        return streaming_response(_events(started, head, think_close, logprobs))
     await collect(started.run, request)
     result: Completion = started.run.choices[0].result
     parser = started.plan.parser()
     status, incomplete = _status(result.finish_reason)
     writer = ItemWriter()  # the items the stream would build, in the order the model wrote them
-    writer.feed([*parser.feed(result.text), *parser.finish()])
+    events = [*parser.feed(result.text), *parser.finish()]
+    if logprobs is not None:
+        logprobs.add(result.logprobs, final=True)
+    writer.feed(events, logprobs and logprobs.for_events(events, len(result.text)))
     writer.end(status)
     return JSONResponse(head.response(status, writer.output, usage(started, think_close), incomplete))
 
@@ -397,26 +406,28 @@ class ItemWriter:
         self.sequence += 1
         return f"event: {kind}\ndata: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
-    def text(self, kind: str, delta: str) -> list[str]:
-        """``delta`` of reasoning or content: into the open item of that kind, opening one if needed."""
+    def text(self, kind: str, delta: str, logprobs: list[dict[str, Any]]) -> list[str]:
+        """``delta`` of reasoning or content (with its tokens' ``logprobs``): into the open item of that
+        kind, opening one if needed."""
         out = (
             [] if self.open is not None and self.open["kind"] == kind else [*self.close(), *self.begin(kind)]
         )
         self.open["text"] += delta
+        self.open["logprobs"] += logprobs
         where = {"item_id": self.open["id"], "output_index": len(self.output), "content_index": 0}
         if kind == "reasoning":
             return [*out, self.event("response.reasoning_text.delta", **where, delta=delta)]
-        return [*out, self.event("response.output_text.delta", **where, delta=delta, logprobs=[])]
+        return [*out, self.event("response.output_text.delta", **where, delta=delta, logprobs=logprobs)]
 
     def begin(self, kind: str) -> list[str]:
         item_id = _new_id(self.item_ids[kind])
-        self.open = {"kind": kind, "id": item_id, "text": ""}
+        self.open = {"kind": kind, "id": item_id, "text": "", "logprobs": []}
         index = len(self.output)
         if kind == "reasoning":
             item, part = reasoning_item(item_id, "", "in_progress"), {"type": "reasoning_text", "text": ""}
         else:
             item = message_item(item_id, None, "in_progress")
-            part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+            part = output_text("")
         where = {"item_id": item_id, "output_index": index, "content_index": 0}
         return [
             self.event("response.output_item.added", output_index=index, item=item),
@@ -427,16 +438,16 @@ class ItemWriter:
         """End the open item (its text done, its part done, the item done)."""
         if self.open is None:
             return []
-        kind, item_id, text = self.open["kind"], self.open["id"], self.open["text"]
+        kind, item_id, text, logprobs = (self.open[key] for key in ("kind", "id", "text", "logprobs"))
         self.open, index = None, len(self.output)
         where = {"item_id": item_id, "output_index": index, "content_index": 0}
         if kind == "reasoning":
             item = reasoning_item(item_id, text, "completed")
             part, done = item["content"][0], self.event("response.reasoning_text.done", **where, text=text)
         else:
-            item = message_item(item_id, text, status)
+            item = message_item(item_id, text, status, logprobs)
             part = item["content"][0]
-            done = self.event("response.output_text.done", **where, text=text, logprobs=[])
+            done = self.event("response.output_text.done", **where, text=text, logprobs=logprobs)
         self.output.append(item)
         return [
             done,
@@ -444,12 +455,13 @@ class ItemWriter:
             self.event("response.output_item.done", output_index=index, item=item),
         ]
 
-    def feed(self, events: list[Event]) -> list[str]:
-        """The parser's events as output items: text into the open item, each whole call an item."""
+    def feed(self, events: list[Event], logprobs: list[list[dict[str, Any]]] | None = None) -> list[str]:
+        """The parser's events as output items: text into the open item, each whole call an item.
+        ``logprobs``: per event, its tokens' entries (message text's, when asked for)."""
         out = []
-        for e in events:
+        for i, e in enumerate(events):
             if e.kind in ("content", "reasoning") and e.text:
-                out += self.text(e.kind, e.text)
+                out += self.text(e.kind, e.text, logprobs[i] if logprobs else [])
             elif e.kind == "tool_call" and e.call is not None:
                 out += self.call(e.call)
         return out
@@ -479,13 +491,15 @@ class ItemWriter:
         ]
 
 
-async def _events(started: ChatRun, head: ResponseHead, think_close: int | None):
+async def _events(
+    started: ChatRun, head: ResponseHead, think_close: int | None, logprobs: TextLogprobs | None
+):
     writer = ItemWriter()
     parser = started.plan.parser()
     yield writer.event("response.created", response=head.response("in_progress", []))
     yield writer.event("response.in_progress", response=head.response("in_progress", []))
     try:
-        finish = None
+        finish, seen = None, 0  # seen: characters of the reply's text so far
         async for _choice, delta in started.run.deltas():
             if delta.finish_reason == "error":
                 raise generation_failed(delta.completion)
@@ -493,7 +507,10 @@ async def _events(started: ChatRun, head: ResponseHead, think_close: int | None)
             if delta.finish_reason is not None:
                 events += parser.finish()
                 finish = delta.finish_reason
-            for line in writer.feed(events):
+            seen += len(delta.text)
+            if logprobs is not None:
+                logprobs.add(delta.logprobs, final=finish is not None)
+            for line in writer.feed(events, logprobs and logprobs.for_events(events, seen)):
                 yield line
         status, incomplete = _status(finish)
         for line in writer.end(status):
