@@ -194,7 +194,7 @@ def test_a_reply_that_starts_inside_the_reasoning(opened, stream):
 def test_a_token_running_from_dropped_whitespace_into_the_message_is_kept(steered):
     """`` Hello`` right after ``</think>``: its space is not message text (whitespace after markup is
     dropped) but its "Hello" is, so its entry is the message's first."""
-    live, llm, _ = steered
+    live, _, _ = steered
     play(steered, "<think>\nhmm\n</think> Hello there")
     r = sdk(live).responses.create(model="tiny", input=QUESTION, max_output_tokens=50, include=INCLUDE)
     (part,) = r.output[-1].content
