@@ -114,3 +114,46 @@ def arguments_json(value: Any) -> str | None:
         except ValueError:
             return None
     return json.dumps(value, ensure_ascii=False) if isinstance(value, dict) else None
+
+
+class JsonExtent:
+    """Where the JSON object or array at ``text[start]`` ends, found as the text arrives (strings tracked,
+    so brackets inside them don't count): how the streaming parsers send a call's arguments piece by piece
+    and tell where its JSON closes."""
+
+    def __init__(self, start: int) -> None:
+        self.start = self.scanned = start
+        self.end: int | None = None  # just past the closing bracket, once seen
+        self.depth, self.in_string, self.escaped = 0, False, False
+
+    def scan(self, text: str, tag: str | None = None, final: bool = True) -> int | None:
+        """Advance over ``text``. With ``tag`` (a closing markup tag): returns where it stands outside a
+        string before the value closes (the value is then malformed), and stops short of text that could
+        still become it unless ``final``; else None."""
+        i = self.scanned
+        while i < len(text) and self.end is None:
+            c = text[i]
+            if self.in_string:
+                if self.escaped:
+                    self.escaped = False
+                elif c == "\\":
+                    self.escaped = True
+                elif c == '"':
+                    self.in_string = False
+            elif c == '"':
+                self.in_string = True
+            elif c in "{[":
+                self.depth += 1
+            elif c in "}]":
+                self.depth -= 1
+                if self.depth == 0:
+                    self.end = i + 1
+            elif tag is not None and c == tag[0]:
+                if text.startswith(tag, i):
+                    self.scanned = i
+                    return i
+                if not final and tag.startswith(text[i:]):
+                    break  # maybe the tag: not taken as the value's until decided
+            i += 1
+        self.scanned = i
+        return None

@@ -19,7 +19,15 @@ from __future__ import annotations
 import json
 import re
 
-from qwenkit.tools.calls import Event, ParsedMessage, ToolCall, arguments_json, call_events, collect
+from qwenkit.tools.calls import (
+    Event,
+    JsonExtent,
+    ParsedMessage,
+    ToolCall,
+    arguments_json,
+    call_events,
+    collect,
+)
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -62,46 +70,13 @@ def parse_call_body(body: str) -> ToolCall | None:
     return None if arguments is None else ToolCall(obj["name"], arguments)
 
 
-class _OpenCall:
-    """A started call: where its arguments begin in the block's text, how far they have been scanned
-    and sent, and the JSON nesting there (strings tracked so brackets and tags inside them don't count)."""
+class _OpenCall(JsonExtent):
+    """A started call: its arguments' extent in the block's text (they start at ``start``), and how far
+    they have been sent."""
 
     def __init__(self, call: ToolCall, key: str, start: int) -> None:
-        self.call, self.key = call, key
-        self.start = self.scanned = self.sent = start
-        self.end: int | None = None  # just past the arguments' closing brace, once seen
-        self.depth, self.in_string, self.escaped = 0, False, False
-
-    def scan(self, body: str, final: bool) -> int | None:
-        """Advance over ``body``; returns where the block closes if a ``</tool_call>`` stands outside a
-        string before the arguments do (they are then malformed), else None."""
-        i = self.scanned
-        while i < len(body) and self.end is None:
-            c = body[i]
-            if self.in_string:
-                if self.escaped:
-                    self.escaped = False
-                elif c == "\\":
-                    self.escaped = True
-                elif c == '"':
-                    self.in_string = False
-            elif c == '"':
-                self.in_string = True
-            elif c in "{[":
-                self.depth += 1
-            elif c in "}]":
-                self.depth -= 1
-                if self.depth == 0:
-                    self.end = i + 1
-            elif c == "<":
-                if body.startswith(CALL_CLOSE, i):
-                    self.scanned = i
-                    return i
-                if not final and CALL_CLOSE.startswith(body[i:]):
-                    break  # maybe the closing tag: not sent as arguments until decided
-            i += 1
-        self.scanned = i
-        return None
+        super().__init__(start)
+        self.call, self.key, self.sent = call, key, start
 
     def piece(self, body: str) -> str:
         """The arguments text scanned since the last piece."""
@@ -170,7 +145,7 @@ class HermesParser:
             if header is not None:
                 self._start(events, header)
         if self.open is not None:
-            end = self.open.scan(self.body, final)
+            end = self.open.scan(self.body, CALL_CLOSE, final)
             piece = self.open.piece(self.body)
             if piece:
                 events.append(Event("call_args", piece, self.open.call))

@@ -23,44 +23,20 @@ from __future__ import annotations
 import json
 import re
 
-from qwenkit.tools.calls import Event, ParsedMessage, ToolCall, arguments_json, call_events, collect
+from qwenkit.tools.calls import (
+    Event,
+    JsonExtent,
+    ParsedMessage,
+    ToolCall,
+    arguments_json,
+    call_events,
+    collect,
+)
 from qwenkit.tools.hermes import CALL_HEADER
 
 PYTHON_TAG = "<|python_tag|>"
 SEPARATOR = ";"
 _LOOKS_LIKE_CALL = re.compile(r'\s*\{\s*"name"\s*:')
-
-
-class _Extent:
-    """Where the JSON object or array at ``text[start]`` ends, scanned incrementally (strings tracked, so
-    brackets inside them don't count)."""
-
-    def __init__(self, start: int) -> None:
-        self.start = self.scanned = start
-        self.end: int | None = None  # just past the closing bracket, once seen
-        self.depth, self.in_string, self.escaped = 0, False, False
-
-    def scan(self, text: str) -> None:
-        i = self.scanned
-        while i < len(text) and self.end is None:
-            c = text[i]
-            if self.in_string:
-                if self.escaped:
-                    self.escaped = False
-                elif c == "\\":
-                    self.escaped = True
-                elif c == '"':
-                    self.in_string = False
-            elif c == '"':
-                self.in_string = True
-            elif c in "{[":
-                self.depth += 1
-            elif c in "}]":
-                self.depth -= 1
-                if self.depth == 0:
-                    self.end = i + 1
-            i += 1
-        self.scanned = i
 
 
 def read_call(text: str) -> ToolCall | None:
@@ -85,8 +61,8 @@ class Llama3JsonParser:
         self.buf = ""  # text not yet decided: before the first object, or after a separator
         self.lead = ""  # what "start" skipped (whitespace, <|python_tag|>): content if no call follows
         self.body = ""  # the current object's text so far, from its "{"
-        self.obj: _Extent | None = None
-        self.args: _Extent | None = None  # a started call's arguments
+        self.obj: JsonExtent | None = None
+        self.args: JsonExtent | None = None  # a started call's arguments
         self.call: ToolCall | None = None  # the started call
         self.sent = 0  # how much of the arguments has gone out
         self.calls = 0
@@ -135,7 +111,7 @@ class Llama3JsonParser:
             return False  # could still be the tag
         if text.startswith("{"):
             self.mode, self.body, self.buf = "call", text, ""
-            self.obj = _Extent(0)
+            self.obj = JsonExtent(0)
             return True
         self.mode = "content"
         self._emit(events, (self.lead if not self.calls else "") + text)
@@ -154,7 +130,7 @@ class Llama3JsonParser:
                 except ValueError:
                     name = None
                 if name:
-                    self.call, self.args = ToolCall(name, ""), _Extent(header.start("args"))
+                    self.call, self.args = ToolCall(name, ""), JsonExtent(header.start("args"))
                     self.sent = header.start("args")
                     events.append(Event("call_start", call=self.call))
         if self.args is not None and self.call is not None:
