@@ -24,6 +24,17 @@ from qwenkit.finetune.trainer import TrainArgs
 from qwenkit.generate import tokenizer_for
 
 
+def assert_started_at_the_reference_and_trained(out) -> None:
+    """A two-step DPO run with a held-out set (``out``'s log.jsonl): the policy started exactly at its
+    reference (losses log 2, margins 0, held-out too), and the run moved it."""
+    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert log[0]["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert log[0]["eval_rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    assert log[1]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert log[1]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    assert log[2]["eval_rewards/margins"] > 1e-3  # it did train
+
+
 def write_pairs(path, start, n):
     with open(path, "w") as f:
         for i in range(start, start + n):
@@ -397,12 +408,7 @@ def test_qlora_dpo_scores_reference_and_policy_through_one_base_computation(tiny
     argv = ["dpo", str(tiny_chat_model), str(write_pairs(tmp_path / "t.jsonl", 0, 8)), str(out), "--method"]
     argv += ["qlora", "--eval-data", str(write_pairs(tmp_path / "h.jsonl", 100, 4)), "--max-steps", "2"]
     assert cli_main([*argv, "--batch-size", "4", "--lr", "1e-2", "--lora-r", "4", "--no-progress"]) == 0
-    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
-    assert log[0]["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)
-    assert log[0]["eval_rewards/margins"] == pytest.approx(0.0, abs=1e-6)
-    assert log[1]["loss"] == pytest.approx(math.log(2), abs=1e-6)
-    assert log[1]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
-    assert log[2]["eval_rewards/margins"] > 1e-3  # it did train
+    assert_started_at_the_reference_and_trained(out)
 
 
 def test_an_empty_preference_file_is_refused_as_empty(tiny_chat_model, tmp_path, capsys):
