@@ -161,7 +161,7 @@ def test_two_calls_in_one_turn_are_the_templates_400(steered_llama32):
     r = post(live.url + "/v1/chat/completions", json=body)
     assert r.status_code == 400
     assert r.json()["error"]["message"] == (
-        "messages: the chat template could not render them: chat template failed: "
+        "messages: the chat template could not render them: "
         "This model only supports single tool-calls at once!"
     )
 

@@ -306,7 +306,10 @@ def chat_prompt(llm: LLM, body: ChatCompletionRequest) -> list[int]:
     except ToolSpecError as e:
         raise APIError(400, str(e), "messages") from None
     except Exception as e:  # the template's own raise_exception, or a malformed message
-        raise APIError(400, f"messages: the chat template could not render them: {e}", "messages") from None
+        reason = str(e).removeprefix("chat template failed: ")  # the tokenizer's words for the same thing
+        raise APIError(
+            400, f"messages: the chat template could not render them: {reason}", "messages"
+        ) from None
 
 
 @dataclass
