@@ -32,7 +32,7 @@ def test_gguf_convert_smollm2_logits_equal_transformers_gguf(smollm_hf_dir, hf_s
 
 
 @pytest.mark.slow
-def test_gguf_convert_smollm2_files(smollm_hf_dir, smollm, hf_smollm_tokenizer) -> None:
+def test_gguf_convert_smollm2_files(smollm_hf_dir, smollm, smollm_path, hf_smollm_tokenizer) -> None:
     names = sorted(p.name for p in smollm_hf_dir.iterdir())
     assert names == ["README.md", "config.json", "generation_config.json", "model.safetensors",
                      "tokenizer.json", "tokenizer_config.json"]  # fmt: skip
@@ -68,6 +68,10 @@ def test_gguf_convert_smollm2_files(smollm_hf_dir, smollm, hf_smollm_tokenizer) 
     tok = transformers.AutoTokenizer.from_pretrained(smollm_hf_dir)
     assert tok.chat_template == hf_smollm_tokenizer.chat_template
     assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<|im_start|>", "<|im_end|>", "<|im_end|>")
+    # qwenkit names the same eos, for the file and the directory (/tokenizer_info once gave the lowest id's)
+    from qwenkit.generate import tokenizer_for
+
+    assert tokenizer_for(smollm_hf_dir).eos_token == tokenizer_for(smollm_path).eos_token == tok.eos_token
     for text in ["Hello world!", "def f(x):\n\treturn x  # 123", "你好 😀 <|im_end|>", "  a   b  "]:
         assert tok(text)["input_ids"] == hf_smollm_tokenizer(text)["input_ids"], text
     messages = [{"role": "user", "content": "hi"}]

@@ -216,10 +216,9 @@ def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
     @app.get("/tokenizer_info")
     async def tokenizer_info() -> dict:
         tok = llm.tokenizer
-        eos = sorted(tok.eos_token_ids)
         return {
             "tokenizer_class": type(tok).__name__,
-            "eos_token": tok.decode(eos[:1]) if eos else None,
+            "eos_token": tok.eos_token,
             "bos_token": tok.bos_token,
             "pad_token": None,
             "chat_template": tok.chat_template,

@@ -107,6 +107,9 @@ class Tokenizer(ABC):
         eos_text = token_text(self.tokenizer_config.get("eos_token")) or default_eos
         if eos_text is not None and eos_text in self.added_tokens:
             eos.add(self.added_tokens[eos_text])
+        else:
+            eos_text = None
+        self._eos_text = eos_text
         eos |= _ids(self.generation_config.get("eos_token_id"))
         self.eos_token_ids: frozenset[int] = frozenset(eos)
         self.generation_defaults: dict[str, Any] = {  # null is unset, as transformers reads it
@@ -150,6 +153,16 @@ class Tokenizer(ABC):
             raise TokenizerError(f"can only encode str, got {type(text).__name__}")
         check_unicode(text)
         return self.encode_with_added(text) if allow_special else self.encode_plain(text)
+
+    @property
+    def eos_token(self) -> str | None:
+        """The end-of-sequence token's text, as transformers names it: tokenizer_config's ``eos_token``,
+        else the first of generation_config's ``eos_token_id`` (not the lowest id that ends a reply)."""
+        if self._eos_text is not None:
+            return self._eos_text
+        ids = self.generation_config.get("eos_token_id")
+        first = ids[0] if isinstance(ids, list) and ids else ids
+        return self.decode([first]) if isinstance(first, int) else None
 
     @property
     def bos_token(self) -> str | None:
