@@ -207,7 +207,7 @@ def test_filter_refuses_input_with_nothing_to_check(tmp_path, capsys):
     assert capsys.readouterr().err == f"error: {empty}: no records to filter (the file is empty)\n"
     assert cli_main(["filter", str(textless), str(out)]) == 2
     assert capsys.readouterr().err == (
-        f"error: {textless}:2: the record holds no text to check (no string values)\n"
+        f"error: {textless}:2: the record holds no text to check (no non-empty string values)\n"
     )
     assert not out.exists()
 

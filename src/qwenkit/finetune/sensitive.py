@@ -212,7 +212,7 @@ def filter_object(
     if mode not in ("mask", "drop"):
         raise FilterError(f"unknown filter mode {mode!r}; choose mask or drop")
     if not has_text(obj):
-        raise FilterError(f"{where}: the record holds no text to check (no string values)")
+        raise FilterError(f"{where}: the record holds no text to check (no non-empty string values)")
     found: list[tuple[str, Finding]] = []
     masked = scrub(obj, detector, "", found)
     report.examples += 1
