@@ -100,6 +100,12 @@ def test_resume_reaches_the_same_adapter_as_an_uninterrupted_run(
     )
     full = finetune(tiny_chat_model, data, tmp_path / "full", args)
     assert not work_dir(full).exists()
+    with pytest.raises(QwenkitError) as finished:  # once said "already exists; pass --overwrite"
+        finetune(tiny_chat_model, data, full, args, resume=True)
+    assert str(finished.value) == (
+        f"--resume: {full} holds a finished run, with nothing left to resume; pass --overwrite (without "
+        "--resume) to train it again, or train into a new OUT"
+    )
 
     real_step = interrupt_training_after(monkeypatch, 4)
     out = tmp_path / "resumed"

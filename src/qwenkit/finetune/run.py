@@ -400,6 +400,11 @@ def finetune(
     from qwenkit.generate import tokenizer_for
 
     out = Path(out)
+    if resume and out.exists() and not work_dir(out).exists():
+        raise CheckpointError(
+            f"--resume: {out} holds a finished run, with nothing left to resume; pass --overwrite (without "
+            "--resume) to train it again, or train into a new OUT"
+        )
     for source in (model_path, data_path, eval_path):  # --overwrite replaces OUT, never an input inside it
         if source is not None:
             check_out_dir(out, overwrite, Path(source))
