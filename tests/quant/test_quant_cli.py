@@ -310,6 +310,11 @@ def test_gptq_calibrates_on_the_calib_file(src, tmp_path, group_size) -> None:
         progress=False,
     )
     assert r.calibration_windows == 1 and r.calibration_tokens == len(encode(text))
+    n = len(encode(text))  # fewer windows than asked for is said, not done quietly
+    assert r.notes[-1] == (
+        f"the calibration text holds {n} tokens: 1 window(s) of at most 512, not the 32 asked for (a longer "
+        "--calib text, or a smaller --seq-len, gives more)"
+    )
 
 
 def test_a_qwen_v1_checkpoint_is_converted_first(tmp_path, capsys) -> None:

@@ -216,6 +216,13 @@ def quantize_checkpoint(
         windows = calibration_token_ids(tok.encode, calib_samples, seq_len, text, start_ids=start_ids)
         if not windows:
             raise QuantizationError("the calibration text produced no tokens")
+        if len(windows) < calib_samples:
+            tokens = sum(len(w) for w in windows)
+            note(
+                f"the calibration text holds {tokens} tokens: {len(windows)} window(s) of at most "
+                f"{seq_len}, not the {calib_samples} asked for (a longer --calib text, or a smaller "
+                "--seq-len, gives more)"
+            )
         top = max(max(w) for w in windows)
         if top >= config.vocab_size:  # else the embedding lookup fails mid-calibration with an IndexError
             raise QuantizationError(
