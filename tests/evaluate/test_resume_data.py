@@ -153,3 +153,32 @@ def test_a_larger_limit_stopped_midway_leaves_no_stale_results(local, tmp_path, 
     assert json.loads((out / "settings.json").read_text())["limit"] == 2
     with pytest.raises(EvalDataError, match="has no samples.jsonl and results.json to rescore"):
         rescore_dir(out)
+
+
+def test_a_larger_limit_names_what_else_changed(local, tmp_path):
+    """A larger --limit checks the saved run's items at its own limit, so a refusal names the real change:
+    a prompt template from another version is not reported as edited --data."""
+    data = _gsm8k_file(tmp_path / "test.jsonl", ["How many?", "How much?"])
+    out = tmp_path / "run"
+    run(local, Settings(task="gsm8k", data=str(data), limit=1, max_new_tokens=2), out, progress=False)
+    saved = json.loads((out / "settings.json").read_text())
+    (out / "settings.json").write_text(json.dumps({**saved, "prompt_template_sha256": "0" * 64}))
+    with pytest.raises(EvalDataError) as e:
+        run(local, Settings(task="gsm8k", data=str(data), limit=2, max_new_tokens=2), out, progress=False)
+    assert str(e.value) == (
+        f"{out} holds a run made with another prompt template (another qwenkit version); use another "
+        f"--output, or delete {out} to start over"
+    )
+
+
+def test_a_run_recorded_before_items_were_hashed_grows_with_a_larger_limit(local, tmp_path):
+    """Such a run is taken to be of these items (it resumes at its own --limit): a larger one extends it."""
+    data = _gsm8k_file(tmp_path / "test.jsonl", ["How many?", "How much?"])
+    out = tmp_path / "run"
+    run(local, Settings(task="gsm8k", data=str(data), limit=1, max_new_tokens=2), out, progress=False)
+    saved = json.loads((out / "settings.json").read_text())
+    del saved["items_sha256"], saved["prompt_template_sha256"]
+    (out / "settings.json").write_text(json.dumps(saved))
+    grown = run(local, Settings(task="gsm8k", data=str(data), limit=2, max_new_tokens=2), out, progress=False)
+    assert grown["timing"]["items_run"] == 1 and grown["scores"]["n"] == 2
+    assert json.loads((out / "settings.json").read_text())["items_sha256"] == grown["record"]["items_sha256"]

@@ -176,3 +176,39 @@ def test_agent_calls_through_llama_json(tmp_path):
         '<|eot_id|><|start_header_id|>ipython<|end_header_id|>\n\n"5"<|eot_id|>'
         "<|start_header_id|>assistant<|end_header_id|>\n\n"
     )
+
+
+def test_agent_sends_several_calls_back_one_per_turn(tmp_path):
+    """Llama 3.2 may write several calls split by ';', but Meta's template renders one call per assistant
+    turn (it raises on more): the agent runs them all and sends each back as its own turn with its
+    result, in the order written; the next prompt rendered (it failed in the template)."""
+    loaded = LLM.load(
+        write_llama32_chat_model(tmp_path / "m"), dtype="float32", max_batch_size=2, progress=False
+    )
+    model = ScriptedModel(loaded.model, loaded.tokenizer.added_tokens["<|eot_id|>"])
+    llm = LLM(model, loaded.tokenizer, max_batch_size=2, max_seq_len=2048)
+    pending = steer_next_request(llm, model)
+    two = '{"name": "add", "parameters": {"a": 2, "b": 3}}; {"name": "add", "parameters": {"a": 1, "b": 1}}'
+    for reply in (two, "5 and 2."):
+        pending.append(llm.tokenizer.encode(reply, allow_special=True))
+    ints = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}
+    add = Tool("add", lambda a, b: a + b, "Add two integers", ints)
+    agent = Agent(llm, [add], params=SamplingParams(max_tokens=100, temperature=0))
+    result = agent.run("What are 2+3 and 1+1?")
+    assert result.answer == "5 and 2."
+    roles = [m["role"] for m in result.messages]
+    assert roles == ["user", "assistant", "tool", "assistant", "tool", "assistant"]
+    calls = [m["tool_calls"] for m in result.messages if m.get("tool_calls")]
+    assert [[c["function"]["arguments"] for c in turn] for turn in calls] == [
+        [{"a": 2, "b": 3}],
+        [{"a": 1, "b": 1}],
+    ]
+    assert [m["content"] for m in result.messages if m["role"] == "tool"] == ["5", "2"]
+    second = llm.tokenizer.decode(agent.style.tool_prompt(llm.tokenizer, result.messages[:5], [add.spec()]))
+    assert second.endswith(
+        '<|start_header_id|>assistant<|end_header_id|>\n\n{"name": "add", "parameters": {"a": 2, "b": 3}}'
+        '<|eot_id|><|start_header_id|>ipython<|end_header_id|>\n\n"5"<|eot_id|>'
+        '<|start_header_id|>assistant<|end_header_id|>\n\n{"name": "add", "parameters": {"a": 1, "b": 1}}'
+        '<|eot_id|><|start_header_id|>ipython<|end_header_id|>\n\n"2"<|eot_id|>'
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )

@@ -178,16 +178,16 @@ def _resume(
     settings_path, samples = out / SETTINGS, out / SAMPLES
     wanted = {**settings.key(), "model": identity, **made_by}
     if settings_path.exists() and samples.exists() and samples.stat().st_size:
-        # settings added since the run was written take their defaults; a run written before the model,
-        # its items or its prompt were recorded is taken to be of these
-        defaults = {**Settings(task=settings.task).key(), "model": identity, **made_by}
-        saved = {**defaults, **_read_object(settings_path, "run's settings")}
         # only what the task reads: a letter-scoring run given --max-new-tokens scored what one without did
         read = {*used_settings(settings), "model", *made_by}
-        saved = {k: v for k, v in saved.items() if k in read}
         asked = {k: v for k, v in wanted.items() if k in read}
-        if saved != asked and not _only_the_limit_differs(saved, asked, plan_at):
-            _refuse_resume(out, settings, saved, asked)
+        # settings added since the run was written take their defaults; a run written before the model,
+        # its items or its prompt were recorded is taken to be of these (at its own --limit)
+        file = {**Settings(task=settings.task).key(), **_read_object(settings_path, "run's settings")}
+        compared = _at_limit(asked, file.get("limit"), plan_at) if "limit" in read else asked
+        saved = {**compared, **{k: v for k, v in file.items() if k in read}}
+        if saved != compared:
+            _refuse_resume(out, settings, saved, compared)
         if saved != asked:  # a larger --limit: the run grows
             write_json_atomic(settings_path, wanted)
             (out / RESULTS).unlink(missing_ok=True)
@@ -196,17 +196,14 @@ def _resume(
     return read_samples(samples) if samples.exists() else []
 
 
-def _only_the_limit_differs(
-    saved: dict[str, Any], asked: dict[str, Any], plan_at: Callable[[int | None], Plan]
-) -> bool:
-    """Whether the runs differ only in a larger --limit (and so in their items), the saved run's items
-    unchanged."""
-    changed = {k for k in set(saved) | set(asked) if saved.get(k) != asked.get(k)}
-    if "limit" not in changed or not changed <= {"limit", "items_sha256"}:
-        return False
-    if not _covers(asked.get("limit"), saved.get("limit")):
-        return False
-    return plan_at(saved.get("limit")).items_sha256() == saved.get("items_sha256")
+def _at_limit(
+    asked: dict[str, Any], limit: int | None, plan_at: Callable[[int | None], Plan]
+) -> dict[str, Any]:
+    """``asked`` as the saved run's --limit ``limit`` takes it, where this --limit takes more: --limit takes
+    the first items (per subject), so the run grows if its items at ``limit`` are found unchanged."""
+    if asked["limit"] == limit or not _covers(asked["limit"], limit):
+        return asked
+    return {**asked, "limit": limit, "items_sha256": plan_at(limit).items_sha256()}
 
 
 def _covers(limit: int | None, other: int | None) -> bool:
@@ -221,8 +218,6 @@ def _refuse_resume(out: Path, settings: Settings, saved: dict[str, Any], asked: 
     changed = sorted(k for k in set(saved) | set(asked) if saved.get(k) != asked.get(k))
     start_over = f"use another --output, or delete {out} to start over"
     options = [k for k in changed if k not in ("items_sha256", "prompt_template_sha256")]
-    if options == ["limit"] and _covers(asked.get("limit"), saved.get("limit")):
-        options = []  # a larger --limit alone resumes: the saved run's own items changed
     if options == ["model"]:
         model, identity = saved["model"], asked["model"]
         fields = sorted(k for k in set(model) | set(identity) if model.get(k) != identity.get(k))

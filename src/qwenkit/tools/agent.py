@@ -141,18 +141,24 @@ class Agent:
             if not parsed.tool_calls:
                 history.append({"role": "assistant", "content": parsed.content, **thought})
                 return AgentResult(history, parsed.content, round_, completion)
-            history.append(
-                {
-                    "role": "assistant",
-                    "content": parsed.content,
-                    **thought,
-                    "tool_calls": [self._as_history(c) for c in parsed.tool_calls],
-                }
-            )
-            for call in parsed.tool_calls:
+            # Meta's Llama 3 templates render one call per assistant turn (they raise on more): several
+            # calls go back as turns of one call and its result each, in the order written
+            one_each = self.style.calls == "llama3_json"
+            turns = [[c] for c in parsed.tool_calls] if one_each else [parsed.tool_calls]
+            for k, calls in enumerate(turns):
+                said = {"content": parsed.content, **thought} if k == 0 else {"content": ""}
                 history.append(
-                    {"role": "tool", "tool_call_id": call.id, "name": call.name, "content": self._run(call)}
+                    {"role": "assistant", **said, "tool_calls": [self._as_history(c) for c in calls]}
                 )
+                for call in calls:
+                    history.append(
+                        {
+                            "role": "tool",
+                            "tool_call_id": call.id,
+                            "name": call.name,
+                            "content": self._run(call),
+                        }
+                    )
         return AgentResult(history, None, self.max_rounds, completion)
 
     @staticmethod
