@@ -53,10 +53,9 @@ def sampling_without_config(path: Path) -> dict[str, object]:
 
 
 def bundled_sampling(path: Path) -> dict[str, object] | None:
-    """The recommended sampling settings if ``path`` is the bundled model, else None."""
-    if path.name != FILENAME:
-        return None
+    """The recommended sampling settings if ``path`` is the bundled model's file (under any name: a link
+    such as the README's ``model.gguf`` too), else None."""
     try:
-        return dict(BUNDLED_SAMPLING) if path.resolve() == default_model_path().resolve() else None
-    except CheckpointError:
+        return dict(BUNDLED_SAMPLING) if path.samefile(default_model_path()) else None
+    except (CheckpointError, OSError):
         return None

@@ -33,6 +33,9 @@ def test_bundled_model_samples_with_its_publishers_settings(tmp_path) -> None:
     copy = tmp_path / path.name
     copy.symlink_to(path)
     assert default_model.bundled_sampling(copy) == default_model.BUNDLED_SAMPLING  # same file
+    renamed = tmp_path / "model.gguf"  # the README's name for it
+    renamed.symlink_to(path)
+    assert default_model.bundled_sampling(renamed) == default_model.BUNDLED_SAMPLING
     assert default_model.bundled_sampling(tmp_path / "other.gguf") is None
     llm = LLM.load(path, dtype="float32", max_seq_len=256, progress=False)
     p = llm.default_params()
