@@ -315,6 +315,14 @@ def test_ctrl_c_says_what_is_kept_and_the_same_command_resumes(
             raise KeyboardInterrupt
         return complete(self, *a, **k)
 
+    def interrupted_at_once(self, *a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(LocalBackend, "complete", interrupted_at_once)  # no sample yet: no file to name
+    assert qwenkit_main(args) == 130
+    assert capsys.readouterr().err == (
+        "interrupted: before the first samples were written; rerun the same command to start again\n"
+    )
     monkeypatch.setattr(LocalBackend, "complete", interrupted_second_time)
     assert qwenkit_main(args) == 130
     assert capsys.readouterr().err == (

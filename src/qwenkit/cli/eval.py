@@ -215,6 +215,8 @@ def _stopped(how: str, output: str | None) -> str:
 
     samples = Path(output) / SAMPLES
     kept = sum(1 for line in samples.open(encoding="utf-8") if line.strip()) if samples.exists() else 0
+    if not kept:  # stopped within the first chunk: no file to name
+        return f"{how}: before the first samples were written; rerun the same command to start again"
     return f"{how}: {kept} samples kept in {samples}; rerun the same command to resume"
 
 
