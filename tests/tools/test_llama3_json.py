@@ -150,20 +150,27 @@ def test_grammar_spells_one_call_as_the_template_asks():
     )
 
 
-def test_agent_calls_through_llama_json(tmp_path):
-    """The agent on a Llama 3.2 template: the tools in the template's prompt, the JSON reply run as a call,
-    its result sent back as the template's ``ipython`` turn, then the answer."""
+def scripted_adder(tmp_path, *replies: str) -> tuple[LLM, Agent, Tool]:
+    """An agent with an ``add`` tool over a tiny Llama 3.2 chat model whose replies are ``replies``, in
+    order."""
     loaded = LLM.load(
         write_llama32_chat_model(tmp_path / "m"), dtype="float32", max_batch_size=2, progress=False
     )
     model = ScriptedModel(loaded.model, loaded.tokenizer.added_tokens["<|eot_id|>"])
     llm = LLM(model, loaded.tokenizer, max_batch_size=2, max_seq_len=2048)
     pending = steer_next_request(llm, model)
-    for reply in ('{"name": "add", "parameters": {"a": 2, "b": 3}}', "The answer is 5."):
-        pending.append(llm.tokenizer.encode(reply, allow_special=True))
+    pending.extend(llm.tokenizer.encode(reply, allow_special=True) for reply in replies)
     ints = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}
     add = Tool("add", lambda a, b: a + b, "Add two integers", ints)
-    agent = Agent(llm, [add], params=SamplingParams(max_tokens=100, temperature=0))
+    return llm, Agent(llm, [add], params=SamplingParams(max_tokens=100, temperature=0)), add
+
+
+def test_agent_calls_through_llama_json(tmp_path):
+    """The agent on a Llama 3.2 template: the tools in the template's prompt, the JSON reply run as a call,
+    its result sent back as the template's ``ipython`` turn, then the answer."""
+    llm, agent, add = scripted_adder(
+        tmp_path, '{"name": "add", "parameters": {"a": 2, "b": 3}}', "The answer is 5."
+    )
     result = agent.run("What is 2+3?")
     assert result.answer == "The answer is 5."
     assert [m["role"] for m in result.messages] == ["user", "assistant", "tool", "assistant"]
@@ -182,18 +189,8 @@ def test_agent_sends_several_calls_back_one_per_turn(tmp_path):
     """Llama 3.2 may write several calls split by ';', but Meta's template renders one call per assistant
     turn (it raises on more): the agent runs them all and sends each back as its own turn with its
     result, in the order written; the next prompt rendered (it failed in the template)."""
-    loaded = LLM.load(
-        write_llama32_chat_model(tmp_path / "m"), dtype="float32", max_batch_size=2, progress=False
-    )
-    model = ScriptedModel(loaded.model, loaded.tokenizer.added_tokens["<|eot_id|>"])
-    llm = LLM(model, loaded.tokenizer, max_batch_size=2, max_seq_len=2048)
-    pending = steer_next_request(llm, model)
     two = '{"name": "add", "parameters": {"a": 2, "b": 3}}; {"name": "add", "parameters": {"a": 1, "b": 1}}'
-    for reply in (two, "5 and 2."):
-        pending.append(llm.tokenizer.encode(reply, allow_special=True))
-    ints = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}
-    add = Tool("add", lambda a, b: a + b, "Add two integers", ints)
-    agent = Agent(llm, [add], params=SamplingParams(max_tokens=100, temperature=0))
+    llm, agent, add = scripted_adder(tmp_path, two, "5 and 2.")
     result = agent.run("What are 2+3 and 1+1?")
     assert result.answer == "5 and 2."
     roles = [m["role"] for m in result.messages]

@@ -141,9 +141,8 @@ class Agent:
             if not parsed.tool_calls:
                 history.append({"role": "assistant", "content": parsed.content, **thought})
                 return AgentResult(history, parsed.content, round_, completion)
-            # Meta's Llama 3 templates render one call per assistant turn (they raise on more): several
-            # calls go back as turns of one call and its result each, in the order written
-            one_each = self.style.calls == "llama3_json"
+            # in the order written; one turn each where the template takes no more (Llama 3)
+            one_each = self.style.one_call_per_turn
             turns = [[c] for c in parsed.tool_calls] if one_each else [parsed.tool_calls]
             for k, calls in enumerate(turns):
                 said = {"content": parsed.content, **thought} if k == 0 else {"content": ""}

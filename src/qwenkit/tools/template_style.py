@@ -37,6 +37,12 @@ class TemplateStyle:
         return self.calls == "react"
 
     @property
+    def one_call_per_turn(self) -> bool:
+        """The template renders one call per assistant turn (Meta's Llama 3 raises on more), so several
+        calls of one reply go back as turns of one call and its result each."""
+        return self.calls == "llama3_json"
+
+    @property
     def stop(self) -> tuple[str, ...]:
         """Stop words a tool-using request needs on top of the caller's."""
         return STOP_WORDS if self.react else ()
