@@ -172,6 +172,24 @@ def test_workdir_given_by_the_caller_keeps_files_and_ownership(tmp_path: Path):
     assert (tmp_path / "made.txt").stat().st_uid == os.getuid()
 
 
+def test_the_work_directory_by_its_path_is_the_callers(tmp_path: Path):
+    """HOME and the directory's absolute path reach the caller's directory, as the working directory does:
+    under /tmp (the default, and here) they named an empty one in the sandbox's private tmpfs, where files
+    written by path were lost."""
+    r = run(
+        f"""
+        import os
+        open(os.path.join(os.environ["HOME"], "by_home.txt"), "w").write("a")
+        open({str(tmp_path)!r} + "/by_path.txt", "w").write("b")
+        print(sorted(os.listdir(".")))
+        """,
+        workdir=tmp_path,
+    )
+    assert r.ok, r.stderr
+    assert r.stdout == "['by_home.txt', 'by_path.txt']\n"
+    assert (tmp_path / "by_home.txt").read_text() + (tmp_path / "by_path.txt").read_text() == "ab"
+
+
 def test_cannot_read_the_harness_files(outside_dir: Path):
     secret_dir = outside_dir / "harness"
     secret_dir.mkdir(mode=0o700)

@@ -91,15 +91,17 @@ _run(int(sys.argv[1]))
 """
 
 # Inside the new mount namespace: private tmpfs over the world-writable directories (/run/lock too: the
-# sandbox uid could fill the disk under it, and what it wrote stayed), then the run's
-# directory bound back at its own path (it lives under /tmp, which the tmpfs just hid).
+# sandbox uid could fill the disk under it, and what it wrote stayed), then the run's directory bound back
+# at its own path (it lives under /tmp, which the tmpfs just hid). The source is the working directory the
+# child starts in, taken as is: mount would canonicalize a path (even /proc/self/fd/N) to its name, which
+# by then names an empty directory in the tmpfs, so HOME and absolute paths missed the caller's files.
 _MOUNT_SCRIPT = """\
 set -e
 for d in /tmp /var/tmp /dev/shm /run/lock; do
   [ -d "$d" ] && [ ! -L "$d" ] && mount -t tmpfs -o size=16m,mode=1777,nosuid,nodev tmpfs "$d"
 done
 mkdir -p "$QK_WORK"
-mount --bind "/proc/self/fd/$QK_WORK_FD" "$QK_WORK"
+mount --no-canonicalize --bind . "$QK_WORK"
 exec "$@"
 """
 
@@ -154,32 +156,26 @@ def run_python(
             open(err_path, "wb") as err_file,
         ):
             spec_path.unlink()  # the open descriptor is the only way left to the program text
-            work_fd = os.open(work, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                argv, isolation = _command(
-                    python,
-                    uid,
-                    (spec_file.fileno(),),
-                    work_fd,
-                    memory_mb=memory_mb,
-                    cpu_seconds=cpu_seconds or max(1, int(timeout) + 1),
-                    max_file_mb=max(max_file_mb, -(-max_output // 2**20)),
-                    max_processes=max_processes,
-                )
-                env = _child_env(work, work_fd)
-                start = time.monotonic()
-                proc = subprocess.Popen(
-                    argv,
-                    stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-                    stdout=out_file,
-                    stderr=err_file,
-                    cwd=work,
-                    env=env,
-                    pass_fds=(spec_file.fileno(), work_fd),
-                    start_new_session=True,
-                )
-            finally:
-                os.close(work_fd)
+            argv, isolation = _command(
+                python,
+                uid,
+                (spec_file.fileno(),),
+                memory_mb=memory_mb,
+                cpu_seconds=cpu_seconds or max(1, int(timeout) + 1),
+                max_file_mb=max(max_file_mb, -(-max_output // 2**20)),
+                max_processes=max_processes,
+            )
+            start = time.monotonic()
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                stdout=out_file,
+                stderr=err_file,
+                cwd=work,
+                env=_child_env(work),
+                pass_fds=(spec_file.fileno(),),
+                start_new_session=True,
+            )
             timed_out = _wait(proc, stdin, timeout)
             wall = time.monotonic() - start
         if uid is not None:
@@ -209,8 +205,8 @@ def run_python(
             _release_uid(uid)
 
 
-def _child_env(work: Path, work_fd: int) -> dict[str, str]:
-    """The scrubbed environment of a sandboxed child; the mount script reads QK_WORK and QK_WORK_FD."""
+def _child_env(work: Path) -> dict[str, str]:
+    """The scrubbed environment of a sandboxed child; the mount script reads QK_WORK."""
     return {
         "PATH": SAFE_PATH,
         "HOME": str(work),
@@ -219,7 +215,6 @@ def _child_env(work: Path, work_fd: int) -> dict[str, str]:
         "OMP_NUM_THREADS": "1",
         "PYTHONDONTWRITEBYTECODE": "1",
         "QK_WORK": str(work),
-        "QK_WORK_FD": str(work_fd),
     }
 
 
@@ -281,7 +276,6 @@ def _command(
     python: str | None,
     uid: int | None,
     fds: tuple[int, ...],
-    work_fd: int,
     *,
     bootstrap: str = _BOOTSTRAP,
     memory_mb: int,
@@ -320,7 +314,6 @@ def _command(
         argv += ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--no-new-privs", "--"]
         isolation.append("uid")
     argv += [interpreter, "-I", "-c", bootstrap, *map(str, fds)]
-    del work_fd  # passed through the environment to the mount script
     return argv, tuple(isolation)
 
 

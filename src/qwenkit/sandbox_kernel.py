@@ -218,13 +218,11 @@ class PythonKernel:
         self._out_path, self._err_path = self._harness / "stdout", self._harness / "stderr"
         cell_r, self._cells = os.pipe()
         self._replies, reply_w = os.pipe()
-        work_fd = os.open(self.workdir, os.O_RDONLY | os.O_DIRECTORY)
         try:
             argv, self.isolation = _command(
                 self.python,
                 self._uid,
                 (cell_r, reply_w),
-                work_fd,
                 bootstrap=_KERNEL,
                 memory_mb=self.memory_mb,
                 cpu_seconds=24 * 3600,  # per process, over all its cells: the time limits are per cell
@@ -238,12 +236,12 @@ class PythonKernel:
                     stdout=out,
                     stderr=err,
                     cwd=self.workdir,
-                    env=_child_env(self.workdir.resolve(), work_fd),
-                    pass_fds=(cell_r, reply_w, work_fd),
+                    env=_child_env(self.workdir.resolve()),
+                    pass_fds=(cell_r, reply_w),
                     start_new_session=True,
                 )
         finally:
-            for fd in (cell_r, reply_w, work_fd):
+            for fd in (cell_r, reply_w):
                 os.close(fd)
         os.set_blocking(self._cells, False)
         self._pending = bytearray()
