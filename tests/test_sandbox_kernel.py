@@ -284,3 +284,58 @@ def test_what_a_cell_defines_can_be_pickled_as_in_jupyter(kernel):
     assert (pool.stdout, pool.error) == ("[2, 4, 6]\n", None)
     assert kernel.run("import pickle\npickle.loads(pickle.dumps(Point(7))).x").result == "7"
     assert kernel.run("__name__").result == "'__main__'"
+
+
+def test_figures_are_shown_as_qwen_agent_shows_them(tmp_path, monkeypatch):
+    """A figure the code shows, or leaves open, comes back as a PNG file in the work directory named as
+    Qwen-Agent names it (``![fig-001](path)``), the figure as drawn; each show() starts a new figure (as
+    in Jupyter's inline backend), a failing cell's figure is still shown, and a Python the code starts
+    plots with matplotlib's default backend. Before, figures were never saved and show() warned."""
+    import re
+
+    import matplotlib
+
+    matplotlib.use("agg")
+    import matplotlib.image
+    import matplotlib.pyplot as plt
+
+    from qwenkit import sandbox_kernel
+
+    # this venv's Python (with matplotlib) is out of the sandbox uid's reach here: run it as ourselves
+    monkeypatch.setattr(sandbox_kernel, "_can_drop_privileges", lambda: False)
+    ci = CodeInterpreter(timeout=30, workdir=tmp_path, python=sys.executable)
+    figure = re.compile(r"!\[fig-(\d{3})\]\((.+)\)")
+
+    def pixels(draw) -> list:
+        plt.figure()
+        draw()
+        plt.savefig(tmp_path / "ours.png", format="png", bbox_inches="tight")
+        plt.close("all")
+        return matplotlib.image.imread(tmp_path / "ours.png").tolist()
+
+    out = ci("import matplotlib.pyplot as plt\nplt.plot([1, 3, 2])\nplt.show()\nprint('drawn')")
+    assert out.startswith("stdout:\n\n```\ndrawn\n\n```\n\n![fig-001](")
+    ((_, path),) = figure.findall(out)
+    assert Path(path).parent == tmp_path and Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert matplotlib.image.imread(path).tolist() == pixels(lambda: plt.plot([1, 3, 2]))
+
+    out = ci("plt.plot([5, 4]); plt.show()\nplt.figure()\nplt.bar([0, 1], [2, 1]);")
+    assert [n for n, _ in figure.findall(out)] == ["001", "002"] and out.startswith("![fig-001](")
+    first, second = (matplotlib.image.imread(p).tolist() for _, p in figure.findall(out))
+    assert first == pixels(lambda: plt.plot([5, 4]))  # a new figure: not drawn over the last cell's
+    assert second == pixels(lambda: plt.bar([0, 1], [2, 1]))
+
+    out = ci("plt.plot([1]); 1 / 0")
+    assert out.startswith("error:\n\n```\nZeroDivisionError: division by zero\n\n```\n\n![fig-001](")
+    assert ci("x = 1") == "Finished execution."  # shown figures are closed
+
+    out = ci("for i in range(23):\n    plt.figure()")
+    assert len(figure.findall(out)) == 20 and out.endswith("[3 more figures not saved: at most 20 a call]")
+
+    child = "import matplotlib.pyplot as p; p.plot([1]); p.savefig('child.png'); print(p.get_backend())"
+    runs = (
+        f"import subprocess, sys\nr = subprocess.run([sys.executable, '-c', {child!r}], capture_output=True)"
+    )
+    out = ci(runs + "\nprint(r.stdout.decode())")
+    assert out == "stdout:\n\n```\nagg\n\n\n```" and (tmp_path / "child.png").exists()
+    ci.close()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import select
 import shutil
@@ -31,7 +32,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from qwenkit.sandbox import (
@@ -46,6 +47,7 @@ from qwenkit.sandbox import (
 )
 from qwenkit.sandbox_scratch import claim_harness
 
+FIGURE_NAME = re.compile(r"[0-9a-f]{32}\.png")  # a figure file the kernel wrote (uuid4().hex)
 KILL_GRACE = 2.0  # seconds past a cell's limit before a kernel that ignores its alarm is killed
 TIMEOUT_MESSAGE = "Timeout: Code execution exceeded the time limit."  # Qwen-Agent's words
 GARBLED = "its reply was garbled (the cell wrote into the kernel's reply pipe)"
@@ -62,8 +64,9 @@ GARBLED = "its reply was garbled (the cell wrote into the kernel's reply pipe)"
 _KERNEL = """\
 import os, sys
 def _kernel(fd_in, fd_out):
-    import ast, fcntl, io, json, linecache, select, signal, tokenize, traceback
+    import ast, fcntl, importlib.util, io, json, linecache, select, signal, tokenize, traceback, uuid
     requests, replies = os.fdopen(fd_in, "rb"), os.fdopen(fd_out, "wb")
+    MAX_FIGURES, FIGURE_BACKEND = 20, "qwenkit_figures"  # figures saved per cell; the rest are counted
     main_module = type(sys)("__main__")  # the cells' namespace is __main__, as in IPython: pickle (and
     main_module.__builtins__ = __builtins__  # so multiprocessing) finds what they define by that name
     sys.modules["__main__"], namespace = main_module, main_module.__dict__
@@ -98,7 +101,36 @@ def _kernel(fd_in, fd_out):
     signal.signal(signal.SIGIO, _orphaned)  # before the first: its default is to terminate
     fcntl.fcntl(fd_in, fcntl.F_SETOWN, os.getpid())
     fcntl.fcntl(fd_in, fcntl.F_SETFL, fcntl.fcntl(fd_in, fcntl.F_GETFL) | os.O_ASYNC)
-    main = os.getpid()
+    main, workdir, figures = os.getpid(), os.getcwd(), {"saved": [], "unsaved": 0}
+    def _show(*args, **kwargs):  # the cells' pyplot.show(): each open figure to a PNG file, then closed
+        pyplot = sys.modules.get("matplotlib.pyplot")
+        if pyplot is None or os.getpid() != main:
+            return
+        try:
+            for number in pyplot.get_fignums():
+                if len(figures["saved"]) == MAX_FIGURES:
+                    figures["unsaved"] += 1
+                    continue
+                name = uuid.uuid4().hex + ".png"
+                pyplot.figure(number).savefig(os.path.join(workdir, name), format="png", bbox_inches="tight")
+                figures["saved"].append(name)
+        finally:
+            pyplot.close("all")
+    class _FigureBackend:  # finds the backend MPLBACKEND names: Agg's canvas, with _show as its show()
+        @staticmethod
+        def find_spec(name, path=None, target=None):
+            return importlib.util.spec_from_loader(name, _FigureBackend) if name == FIGURE_BACKEND else None
+        @staticmethod
+        def create_module(spec):
+            return None
+        @staticmethod
+        def exec_module(module):
+            from matplotlib.backends import backend_agg
+            os.environ.pop("MPLBACKEND", None)  # read at import; a python a cell starts gets the default
+            module.FigureCanvas, module.show = backend_agg.FigureCanvasAgg, _show
+            module.backend_version = backend_agg.backend_version
+    sys.meta_path.append(_FigureBackend)
+    os.environ["MPLBACKEND"] = "module://" + FIGURE_BACKEND
     for n, line in enumerate(requests, 1):
         cell = json.loads(line)
         limit = cell["max_output"]
@@ -110,6 +142,7 @@ def _kernel(fd_in, fd_out):
         linecache.cache[name] = (len(source), None, source.splitlines(True), name)
         reply = {"id": cell["id"], "timeout": False, "cut": False}
         result = error = None
+        figures["saved"], figures["unsaved"] = [], 0
         signal.signal(signal.SIGALRM, _alarm)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGALRM, signal.SIGIO})
         try:
@@ -117,12 +150,20 @@ def _kernel(fd_in, fd_out):
                 signal.setitimer(signal.ITIMER_REAL, cell["timeout"])
                 tree = ast.parse(source, name)
                 last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
-                exec(compile(tree, name, "exec"), namespace)
-                if last is not None:
-                    value = eval(compile(ast.Expression(last.value), name, "eval"), namespace)
-                    if value is not None and not _quiet(source):
-                        namespace["_"] = value
-                        result = repr(value)
+                try:
+                    exec(compile(tree, name, "exec"), namespace)
+                    if last is not None:
+                        value = eval(compile(ast.Expression(last.value), name, "eval"), namespace)
+                        if value is not None and not _quiet(source):
+                            namespace["_"] = value
+                            result = repr(value)
+                except BaseException:  # figures left open are shown at the cell's end, as Jupyter's
+                    try:  # inline backend shows them; the cell's own error is the one reported
+                        _show()
+                    except Exception:
+                        pass
+                    raise
+                _show()
             finally:
                 signal.setitimer(signal.ITIMER_REAL, 0)
         except _CellTimeout:
@@ -133,6 +174,7 @@ def _kernel(fd_in, fd_out):
             _flush()
             os._exit(0)
         signal.signal(signal.SIGIO, _orphaned)  # a cell may have set its own (the next request raises it)
+        reply["figures"], reply["unsaved_figures"] = figures["saved"], figures["unsaved"]
         texts = {"result": result, "error": None, "traceback": None}
         if error is not None:
             try:
@@ -179,6 +221,8 @@ class CellResult:
     output_truncated: bool
     stopped: str | None = None  # the kernel ended during the cell (killed, exited): why, in a few words
     restarted: bool = False  # a fresh kernel ran this cell: earlier cells' variables are gone
+    figures: list[Path] = field(default_factory=list)  # matplotlib figures the cell showed, as PNG files
+    unsaved_figures: int = 0  # figures past MAX_FIGURES, closed without a file
 
 
 class PythonKernel:
@@ -306,6 +350,7 @@ class PythonKernel:
                     stopped = _ended(status)
                 self._died = True
             reply = reply or {}
+            figures, unsaved = self._figures(reply)
             return CellResult(
                 stdout=stdout,
                 stderr=stderr,
@@ -316,7 +361,17 @@ class PythonKernel:
                 output_truncated=out_cut or err_cut or bool(reply.get("cut")),
                 stopped=stopped,
                 restarted=restarted,
+                figures=figures,
+                unsaved_figures=unsaved,
             )
+
+    def _figures(self, reply: dict) -> tuple[list[Path], int]:
+        """The figure files a reply names, in the work directory (names the kernel makes, nothing else),
+        and how many more the cell showed."""
+        names, unsaved = reply.get("figures"), reply.get("unsaved_figures")
+        names = names if isinstance(names, list) else []
+        files = [self.workdir / n for n in names if isinstance(n, str) and FIGURE_NAME.fullmatch(n)]
+        return files, unsaved if type(unsaved) is int and unsaved > 0 else 0
 
     def _exchange(self, request: dict, wait: float, reply_limit: int) -> tuple[dict | None, str | None]:
         """Send a cell, read its reply line: (reply, None), or (None, why the kernel must go: "timeout",

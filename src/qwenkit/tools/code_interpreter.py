@@ -4,6 +4,8 @@ directory), whose variables live on from call to call as in the Jupyter kernel b
 interpreter, the tool Qwen's models were trained with. The outcome goes back to the model in that tool's
 words: a fenced block per kind of output (``stdout``, ``stderr``, ``execute_result``, ``error``), "Timeout:
 Code execution exceeded the time limit." past the limit, "Finished execution." when there was nothing.
+A matplotlib figure the code shows (or leaves open) is saved as a PNG file in the work directory and named
+as Qwen-Agent names it, ``![fig-001](path)``, where the interpreter's Python has matplotlib.
 """
 
 from __future__ import annotations
@@ -44,10 +46,11 @@ class CodeInterpreter:
     memory_mb: int = 512
     max_output: int = 8_000  # bytes kept: stdout's first, stderr's last (where the error is named)
     workdir: Path | None = None
+    python: str | None = None  # the sandbox's interpreter (None: this one, or the system's if out of reach)
     kernel: PythonKernel = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.kernel = PythonKernel(memory_mb=self.memory_mb, workdir=self.workdir)
+        self.kernel = PythonKernel(memory_mb=self.memory_mb, workdir=self.workdir, python=self.python)
         self.workdir = self.kernel.workdir
         weakref.finalize(self, self.kernel.close)  # the process and a scratch directory go with it
 
@@ -91,8 +94,13 @@ def report(cell: CellResult, max_output: int) -> str:
         blocks.append(("error", cell.error + "\n"))  # IPython's exception line ends in a newline
     if cell.timed_out:
         blocks.append(("error", TIMEOUT_MESSAGE))
-    text = "\n\n".join(f"{kind}:\n\n```\n{body}\n```" for kind, body in blocks)
+    text = "\n\n".join(
+        [f"{kind}:\n\n```\n{body}\n```" for kind, body in blocks]
+        + [f"![fig-{i:03d}]({path})" for i, path in enumerate(cell.figures, 1)]
+    )
     notes = []
+    if cell.unsaved_figures:
+        notes.append(f"[{cell.unsaved_figures} more figures not saved: at most {len(cell.figures)} a call]")
     if cell.output_truncated:
         notes.append(f"[output cut at {max_output} bytes]")
     if cell.stopped is not None and not cell.timed_out:
