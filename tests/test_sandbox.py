@@ -165,11 +165,19 @@ def test_writes_outside_its_directory_do_not_land(outside_dir: Path):
     assert not target_tmp.exists() and not target_work.exists() and not Path("/dev/shm/escaped").exists()
 
 
-def test_workdir_given_by_the_caller_keeps_files_and_ownership(tmp_path: Path):
-    r = run("open('made.txt', 'w').write('kept')", workdir=tmp_path)
+def test_workdir_given_by_the_caller_keeps_files_ownership_and_mode(tmp_path: Path):
+    """The run's uid holds the caller's directory alone (0700) while it runs; afterwards the directory
+    and what the run made are the caller's again, and the directory has its own mode back (it kept 0700)."""
+    tmp_path.chmod(0o755)
+    r = run(
+        "import os\nopen('made.txt', 'w').write('kept')\nprint(oct(os.stat('.').st_mode & 0o7777))",
+        workdir=tmp_path,
+    )
     assert r.ok
+    assert r.stdout == ("0o700\n" if "uid" in r.isolation else "0o755\n")
     assert (tmp_path / "made.txt").read_text() == "kept"
     assert (tmp_path / "made.txt").stat().st_uid == os.getuid()
+    assert oct(tmp_path.stat().st_mode & 0o7777) == "0o755"
 
 
 def test_the_work_directory_by_its_path_is_the_callers(tmp_path: Path):

@@ -99,6 +99,8 @@ def test_the_interpreter_speaks_as_qwen_agents(tmp_path):
     """The code interpreter's words are Qwen-Agent's (a fenced block per kind of output; its timeout
     sentence; "Finished execution."), with variables kept between calls; closing it ends the kernel and
     leaves a given directory's files."""
+    tmp_path.chmod(0o755)
+    mode = 0o755  # the directory's own, back once the interpreter is closed (it kept the run's 0700)
     ci = CodeInterpreter(timeout=1, workdir=tmp_path)
     assert ci("n = 6\nprint(n)") == "stdout:\n\n```\n6\n\n```"
     assert ci("n * 7") == "execute_result:\n\n```\n42\n```"
@@ -115,6 +117,7 @@ def test_the_interpreter_speaks_as_qwen_agents(tmp_path):
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
     assert (tmp_path / "f.txt").read_text() == "hi"
+    assert (tmp_path.stat().st_mode & 0o777, (tmp_path / "f.txt").stat().st_uid) == (mode, os.getuid())
     own = CodeInterpreter(timeout=1)
     workdir = own.workdir
     own("1")

@@ -143,13 +143,12 @@ def run_python(
     harness = claimed.path  # 0700, ours: the program cannot read it
     work.mkdir(parents=True, exist_ok=True)
     uid = _run_uid() if _can_drop_privileges() else None
+    mode: int | None = None  # the caller's directory's own, while the run's uid holds it
     try:
         spec_path = harness / "spec.json"
         spec_path.write_text(json.dumps({"code": code, "token": token}))
         out_path, err_path = harness / "stdout", harness / "stderr"
-        if uid is not None:
-            os.chown(work, uid, uid)
-            os.chmod(work, 0o700)
+        mode = _lend_workdir(work, uid) if uid is not None else None
         with (
             open(spec_path, "rb") as spec_file,
             open(out_path, "wb") as out_file,
@@ -198,8 +197,8 @@ def run_python(
     finally:
         if own_workdir:
             shutil.rmtree(work, ignore_errors=True)
-        elif uid is not None:
-            _chown_tree(work, os.getuid(), os.getgid())
+        elif mode is not None:
+            _return_workdir(work, mode)
         claimed.release()
         if uid is not None:
             _release_uid(uid)
@@ -423,6 +422,22 @@ def _processes_of(uid: int) -> list[int]:
             except FileNotFoundError:
                 pass
     return found
+
+
+def _lend_workdir(work: Path, uid: int) -> int:
+    """The run's directory to the run's uid alone (0700); the mode it had, for ``_return_workdir``."""
+    mode = stat.S_IMODE(os.stat(work).st_mode)
+    os.chown(work, uid, uid)
+    os.chmod(work, 0o700)
+    return mode
+
+
+def _return_workdir(work: Path, mode: int) -> None:
+    """A caller's directory, and what the run left in it, back to the caller, with the mode it had (a
+    directory the user named kept the run's 0700)."""
+    _chown_tree(work, os.getuid(), os.getgid())
+    with contextlib.suppress(OSError):
+        os.chmod(work, mode)
 
 
 def _chown_tree(root: Path, uid: int, gid: int) -> None:

@@ -38,11 +38,12 @@ from pathlib import Path
 from qwenkit.sandbox import (
     _can_drop_privileges,
     _child_env,
-    _chown_tree,
     _command,
     _kill_uid,
+    _lend_workdir,
     _read_capped,
     _release_uid,
+    _return_workdir,
     _run_uid,
 )
 from qwenkit.sandbox_scratch import claim_harness
@@ -256,9 +257,7 @@ class PythonKernel:
         self._claimed = claim_harness(self.workdir if self.own_workdir else None)
         self._harness = self._claimed.path
         self._uid = _run_uid() if _can_drop_privileges() else None
-        if self._uid is not None:
-            os.chown(self.workdir, self._uid, self._uid)
-            os.chmod(self.workdir, 0o700)
+        self._mode = _lend_workdir(self.workdir, self._uid) if self._uid is not None else None
         self._out_path, self._err_path = self._harness / "stdout", self._harness / "stderr"
         cell_r, self._cells = os.pipe()
         self._replies, reply_w = os.pipe()
@@ -305,8 +304,8 @@ class PythonKernel:
                 os.close(fd)
         self._claimed.release()
         if self._uid is not None:
-            if not self.own_workdir:
-                _chown_tree(self.workdir, os.getuid(), os.getgid())
+            if not self.own_workdir and self._mode is not None:
+                _return_workdir(self.workdir, self._mode)
             _release_uid(self._uid)
         return code
 
