@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import gc
 import io
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -231,6 +233,33 @@ def test_chat_tools_file_error_is_one_line_exit_2(tmp_path):
     assert r.returncode == 2 and "is not JSON" in r.stderr and len(r.stderr.strip().splitlines()) == 1, (
         r.stderr
     )
+
+
+def test_chat_code_dir_is_the_interpreters_directory(steered, tmp_path, monkeypatch, capsys):
+    """`chat --code-dir DIR`: the code interpreter works in DIR (it reads the user's file there) and what it
+    writes stays after the chat, the directory the user's again; a DIR that is a file is one line, exit 2."""
+    import subprocess
+
+    from qwenkit.cli import chat as chat_cli
+
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "data.csv").write_text("a,b\n1,2\n3,4\n")
+    code = (
+        "rows = open('data.csv').read().split()[1:]\nopen('sum.txt', 'w').write(str(len(rows)))\nprint(rows)"
+    )
+    queue(steered, call("code_interpreter", json.dumps({"code": code})), "Two rows.")
+    monkeypatch.setattr(chat_cli, "load_llm", lambda args: steered[0])
+    assert chat_cli.main(["--code-dir", str(work), "--temperature", "0", "-p", "Count the rows."]) == 0
+    assert "[output]\nstdout:\n\n```\n['1,2', '3,4']\n\n```\n" in capsys.readouterr().out
+    assert (work / "sum.txt").read_text() == "2" and (work / "sum.txt").stat().st_uid == os.getuid()
+    r = subprocess.run(
+        [*QWENKIT, "chat", "--code-dir", str(work / "data.csv"), "-p", "hi"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (r.returncode, r.stderr) == (2, f"error: --code-dir {work / 'data.csv'}: not a directory\n")
 
 
 def test_chat_tools_shows_call_and_takes_typed_result(steered, tmp_path, monkeypatch, capsys):

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 from qwenkit.chat import ChatSession, fit_messages
 from qwenkit.cli.common import (
@@ -298,6 +299,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--code-interpreter", action="store_true", help="offer the built-in sandboxed Python tool (runs it)"
     )
+    parser.add_argument(
+        "--code-dir",
+        metavar="DIR",
+        help="the code interpreter's work directory (implies --code-interpreter): the code sees its files, "
+        "and what it writes, figures included, stays (default: a scratch directory removed at exit)",
+    )
     add_sampling_args(parser)
     add_tensor_parallel_arg(parser)
     args = parser.parse_args(argv)
@@ -307,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         utf8_text(args.prompt, "the question")
     if args.prompt is not None and not args.prompt.strip():
         raise ConfigError("the question is empty")
+    args.code_interpreter = args.code_interpreter or args.code_dir is not None
     tools = chat_tools(args) if args.tools or args.code_interpreter else None  # file errors first
     if wants_tensor_parallel(args):
         return lead_tensor_parallel(args, lambda llm: run(args, llm, tools))
@@ -410,6 +418,22 @@ def ask_tool_result(name: str, arguments: str) -> str:
         return ""
 
 
+def code_dir(path: str | None) -> Path | None:
+    """``--code-dir``, made if missing (None: the interpreter's own scratch directory)."""
+    if path is None:
+        return None
+    if not path.strip():
+        raise ConfigError("--code-dir is empty")
+    directory = Path(path).expanduser()
+    if directory.exists() and not directory.is_dir():
+        raise ConfigError(f"--code-dir {path}: not a directory")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--code-dir {path}: cannot create it ({e.strerror})") from None
+    return directory
+
+
 def chat_tools(args: argparse.Namespace) -> list:
     """The tools of ``--tools FILE`` (calls shown, results typed) and ``--code-interpreter`` (runs)."""
     from qwenkit.tools.agent import Tool, load_tool_specs, typed_tools
@@ -417,7 +441,7 @@ def chat_tools(args: argparse.Namespace) -> list:
 
     tools = typed_tools(load_tool_specs(args.tools), ask_tool_result) if args.tools else []
     if args.code_interpreter:
-        interpreter = CodeInterpreter()
+        interpreter = CodeInterpreter(workdir=code_dir(args.code_dir))
 
         def run_code(code: str) -> str:
             LINE.end()
