@@ -396,3 +396,16 @@ def test_quantizing_the_bundled_gguf_keeps_its_license_and_sampling(tmp_path) ->
     assert gen == generation_config_to_save(read_gguf(gguf)) and gen["temperature"] == 0.2
     found = find_license(tmp_path / "q")
     assert (found.name, found.source) == ("apache-2.0", "README.md")
+
+
+def test_a_chat_template_in_chat_template_jinja_is_kept(src, tmp_path) -> None:
+    """A directory saved by transformers 5 keeps its template in chat_template.jinja; the quantized
+    directory renders the same prompts."""
+    moved = tmp_path / "t5"
+    shutil.copytree(src, moved)
+    config = json.loads((moved / "tokenizer_config.json").read_text())
+    template = config.pop("chat_template")
+    (moved / "chat_template.jinja").write_text(template, encoding="utf-8")
+    (moved / "tokenizer_config.json").write_text(json.dumps(config))
+    assert main(["quantize", str(moved), str(tmp_path / "q"), "--bits", "4", "--method", "rtn"]) == 0
+    assert (tmp_path / "q" / "chat_template.jinja").read_text(encoding="utf-8") == template

@@ -23,6 +23,7 @@ from qwenkit.license import LICENSE_FILES, find_license
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
+    "chat_template.jinja",
     "special_tokens_map.json",
     "added_tokens.json",
     "vocab.json",
