@@ -161,6 +161,26 @@ def test_bad_tensors_named(qwen2_dir, edit, message):
         load_model(qwen2_dir)
 
 
+def test_an_adapter_given_as_the_model_says_how_to_run_it(tmp_path, capsys):
+    """`finetune` writes an adapter, not a model: passing it where a model goes names its base and the two
+    ways to run it, instead of only saying that it has no config.json."""
+    from qwenkit.cli import main
+
+    (tmp_path / "out-lora").mkdir()
+    config = {"peft_type": "LORA", "base_model_name_or_path": "/models/base", "r": 8}
+    (tmp_path / "out-lora" / "adapter_config.json").write_text(json.dumps(config))
+    adapter = tmp_path / "out-lora"
+    want = (
+        f"{adapter} is a LoRA adapter, not a model: run its base model (/models/base) with --adapter "
+        f"{adapter}, or merge them first (qwenkit merge BASE ADAPTER OUT)"
+    )
+    with pytest.raises(CheckpointError) as e:
+        load_model(adapter)
+    assert str(e.value) == want
+    assert main(["generate", str(adapter), "-p", "hi"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {want}"]
+
+
 def test_not_a_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="has no config.json"):
         load_model(tmp_path)

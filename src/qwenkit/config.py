@@ -257,12 +257,27 @@ def read_hf_config(directory: str | Path) -> dict[str, Any]:
     d = Path(directory)
     cfg_path = d / "config.json"
     if not cfg_path.is_file():
+        if (d / "adapter_config.json").is_file():  # `finetune`'s output, given where its base goes
+            raise CheckpointError(_adapter_not_model(d))
         raise CheckpointError(f"{d} is not a model directory: it has no config.json")
     cfg = _read_json_object(cfg_path)
     quant_path = d / "quantize_config.json"
     if quant_path.is_file() and "quantization_config" not in cfg:
         cfg["quantization_config"] = {"quant_method": "gptq", **_read_json_object(quant_path)}
     return cfg
+
+
+def _adapter_not_model(d: Path) -> str:
+    """What to do with a LoRA adapter directory given as a model: its base, with --adapter or merged."""
+    try:
+        base = json.loads((d / "adapter_config.json").read_text(encoding="utf-8"))["base_model_name_or_path"]
+    except (OSError, ValueError, TypeError, KeyError):
+        base = None
+    known = f" ({base})" if isinstance(base, str) and base else ""
+    return (
+        f"{d} is a LoRA adapter, not a model: run its base model{known} with --adapter {d}, "
+        "or merge them first (qwenkit merge BASE ADAPTER OUT)"
+    )
 
 
 def _read_json_object(path: Path) -> dict[str, Any]:

@@ -370,3 +370,42 @@ def test_gptq_calibration_windows_begin_with_the_bos_a_prompt_gets(tmp_path, mon
         "error: --seq-len 1 leaves no room for text after the 1 token(s) the tokenizer puts before "
         "every prompt"
     )
+
+
+def test_a_license_named_only_by_the_model_card_is_kept(src, tmp_path) -> None:
+    """`convert --to hf` of a GGUF names its license only in README.md's front matter; quantizing that
+    directory lost it (`info` then said no license was found)."""
+    from qwenkit.license import find_license
+
+    carded = tmp_path / "carded"
+    shutil.copytree(src, carded)
+    (carded / "README.md").write_text('---\nlicense: "apache-2.0"\n---\n\nA model.\n')
+    assert main(["quantize", str(carded), str(tmp_path / "q"), "--bits", "4", "--method", "rtn"]) == 0
+    found = find_license(tmp_path / "q")
+    assert (found.name, found.source) == ("apache-2.0", "README.md")
+
+
+def test_quantizing_the_bundled_gguf_keeps_its_license_and_sampling(tmp_path) -> None:
+    from qwenkit.checkpoint.gguf import generation_config_to_save, read_gguf
+    from qwenkit.default_model import default_model_path
+    from qwenkit.license import find_license
+
+    gguf = default_model_path()
+    assert main(["quantize", str(gguf), str(tmp_path / "q"), "--bits", "4", "--method", "rtn"]) == 0
+    gen = json.loads((tmp_path / "q" / "generation_config.json").read_text())
+    assert gen == generation_config_to_save(read_gguf(gguf)) and gen["temperature"] == 0.2
+    found = find_license(tmp_path / "q")
+    assert (found.name, found.source) == ("apache-2.0", "README.md")
+
+
+def test_a_chat_template_in_chat_template_jinja_is_kept(src, tmp_path) -> None:
+    """A directory saved by transformers 5 keeps its template in chat_template.jinja; the quantized
+    directory renders the same prompts."""
+    moved = tmp_path / "t5"
+    shutil.copytree(src, moved)
+    config = json.loads((moved / "tokenizer_config.json").read_text())
+    template = config.pop("chat_template")
+    (moved / "chat_template.jinja").write_text(template, encoding="utf-8")
+    (moved / "tokenizer_config.json").write_text(json.dumps(config))
+    assert main(["quantize", str(moved), str(tmp_path / "q"), "--bits", "4", "--method", "rtn"]) == 0
+    assert (tmp_path / "q" / "chat_template.jinja").read_text(encoding="utf-8") == template

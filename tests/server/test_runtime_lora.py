@@ -250,3 +250,26 @@ def test_a_server_anyone_can_load_adapters_into_says_so():
 
     assert runtime_lora_warning(False, None) is None and runtime_lora_warning(True, "k") is None
     assert runtime_lora_warning(True, None).startswith("warning: --allow-runtime-lora without --api-key")
+
+
+def test_each_adapter_has_its_own_system_fingerprint(live, adapters):
+    """`qwenkit eval --endpoint --model NAME` refuses to resume when the fingerprint changed: every served
+    name gave the base model's, so other weights under an adapter's name (a replaced adapter, a server
+    restarted with another) resumed silently into the same run."""
+
+    def fingerprint(model: str) -> str:
+        body = {"model": model, "messages": MESSAGES, "max_tokens": 1, "temperature": 0}
+        r = httpx.post(
+            f"{live.url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}
+        )
+        return r.json()["system_fingerprint"]
+
+    base = fingerprint("tiny")
+    assert post(live, "load_lora_adapter", lora_name="a", lora_path=adapters["sql"]).status_code == 200
+    sql = fingerprint("a")
+    replaced = post(live, "load_lora_adapter", lora_name="a", lora_path=adapters["poet"], load_inplace=True)
+    assert replaced.status_code == 200
+    poet = fingerprint("a")
+    assert post(live, "load_lora_adapter", lora_name="b", lora_path=adapters["sql"]).status_code == 200
+    assert len({base, sql, poet}) == 3 and all(p.startswith("fp_qwenkit_") for p in (sql, poet))
+    assert fingerprint("b") == sql and fingerprint("tiny") == base  # the same weights, the same print

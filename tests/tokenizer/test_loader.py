@@ -71,3 +71,27 @@ def test_a_generation_config_value_of_the_wrong_type_is_named_with_its_file(tmp_
     with pytest.raises(TokenizerError) as e:
         load_tokenizer(tmp_path)
     assert str(e.value) == f"{tmp_path / 'generation_config.json'}: {message}"
+
+
+def transformers5_layout(path):
+    """The Qwen3 tokenizer as transformers 5's `save_pretrained` writes it: the chat template in
+    chat_template.jinja, none in tokenizer_config.json."""
+    import json
+
+    path.mkdir()
+    shutil.copy(QWEN3_DIR / "tokenizer.json", path / "tokenizer.json")
+    config = json.loads((QWEN3_DIR / "tokenizer_config.json").read_text())
+    (path / "chat_template.jinja").write_text(config.pop("chat_template"), encoding="utf-8")
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return path
+
+
+def test_the_chat_template_of_chat_template_jinja_is_read(qwen3, tmp_path):
+    """transformers reads a directory's chat_template.jinja (and prefers it to tokenizer_config.json's);
+    without it qwenkit had no template and `chat`/`serve` refused the model."""
+    tok = load_tokenizer(transformers5_layout(tmp_path / "t5"))
+    assert tok.chat_template == qwen3.chat_template
+    messages = [{"role": "user", "content": "Hi!"}]
+    assert tok.apply_chat_template(messages) == qwen3.apply_chat_template(messages)
+    (tmp_path / "t5" / "chat_template.jinja").write_text("{{ messages[0]['content'] }}!", encoding="utf-8")
+    assert load_tokenizer(tmp_path / "t5").render_chat_template(messages) == "Hi!!"

@@ -8,18 +8,17 @@ renamed at the end, so an interrupted conversion never leaves a half-written che
 
 from __future__ import annotations
 
-import json
 import math
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from qwenkit.checkpoint.gguf import generation_config_to_save, read_gguf
+from qwenkit.checkpoint.gguf import read_gguf
 from qwenkit.checkpoint.output_dir import atomic_output_dir, check_out_dir, write_json
 from qwenkit.checkpoint.saver import save_sharded
+from qwenkit.checkpoint.side_files import write_side_files
 from qwenkit.convert.v1_to_qwen2 import FLOAT16_OVERFLOW
 from qwenkit.errors import CheckpointError
 
@@ -53,24 +52,8 @@ def convert_gguf_to_hf(
             dtype=torch_dtype,
         )
         write_json(tmp / "config.json", config)
-        write_json(tmp / "generation_config.json", generation_config_to_save(ckpt))
-        if "tokenizer.ggml.model" in ckpt.metadata:
-            ckpt.tokenizer.save(str(tmp / "tokenizer.json"))
-            write_json(tmp / "tokenizer_config.json", ckpt.tokenizer_config)
-        if ckpt.license:
-            (tmp / "README.md").write_text(model_card(Path(gguf_path).name, ckpt.license), encoding="utf-8")
+        write_side_files(ckpt, tmp, "`qwenkit convert --to hf`")
     return out
-
-
-def model_card(source: str, license_id: str) -> str:
-    """A model card whose front matter carries the GGUF's ``general.license``, where Hugging Face tools
-    (and ``qwenkit info``) read a directory's license; without it the license was lost in conversion."""
-    bare = re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.+-]*", license_id)
-    return (
-        f"---\nlicense: {license_id if bare else json.dumps(license_id)}\n---\n\n"
-        f"Converted from `{source}` by `qwenkit convert --to hf` (weights dequantized from the GGUF). "
-        "The license above is the one the GGUF file's metadata names.\n"
-    )
 
 
 def _refuse_float16_overflow(

@@ -2,27 +2,16 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
 
-from qwenkit.checkpoint.gguf import GGUFCheckpoint
 from qwenkit.checkpoint.loader import open_checkpoint
 from qwenkit.checkpoint.output_dir import write_json
 from qwenkit.checkpoint.saver import save_sharded
+from qwenkit.checkpoint.side_files import write_side_files
 from qwenkit.config import ModelConfig
 from qwenkit.errors import ConfigError
-
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "vocab.json",
-    "merges.txt",
-    "qwen.tiktoken",
-    "special_tokens_map.json",
-    "generation_config.json",
-)
 
 
 def check_exportable(model_path: str | Path) -> None:
@@ -38,9 +27,15 @@ def check_exportable(model_path: str | Path) -> None:
 
 
 def write_model_dir(
-    model_path: str | Path, tensors: dict[str, torch.Tensor], out: Path, dtype: torch.dtype, tied: bool
+    model_path: str | Path,
+    tensors: dict[str, torch.Tensor],
+    out: Path,
+    dtype: torch.dtype,
+    tied: bool,
+    made_by: str,
 ) -> None:
-    """config.json (the source's, with torch_dtype), safetensors shards, tokenizer and generation files."""
+    """config.json (the source's, with torch_dtype), safetensors shards, and the source's tokenizer,
+    generation and license files (``made_by``: the command, named in a model card a license needs)."""
     source = open_checkpoint(model_path)
     names = {k: v for k, v in tensors.items() if not k.startswith("rotary.")}
     if tied:
@@ -53,12 +48,4 @@ def write_model_dir(
     if not tied and config.get("tie_word_embeddings"):  # lm_head.weight is written: it is read, not tied
         config["tie_word_embeddings"] = False
     write_json(out / "config.json", config)
-    if isinstance(source, GGUFCheckpoint):
-        write_json(out / "generation_config.json", source.generation_config)
-        if "tokenizer.ggml.model" in source.metadata:
-            source.tokenizer.save(str(out / "tokenizer.json"))
-            write_json(out / "tokenizer_config.json", source.tokenizer_config)
-        return
-    for name in TOKENIZER_FILES:
-        if (source.path / name).is_file():
-            shutil.copy(source.path / name, out / name)
+    write_side_files(source, out, made_by)

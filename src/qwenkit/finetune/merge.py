@@ -60,7 +60,7 @@ def merge(
     with atomic_output_dir(out, overwrite) as tmp:
         # an adapter of a tied output head unties it: the merged head is no longer the embedding
         tied = config.tie_word_embeddings and model.lm_head.weight is model.model.embed_tokens.weight
-        write_model_dir(model_path, model.state_dict(), tmp, DTYPES[dtype], tied)
+        write_model_dir(model_path, model.state_dict(), tmp, DTYPES[dtype], tied, "`qwenkit merge`")
     stored = diff
     if DTYPES[dtype] != torch.float32:  # the weights as written, one tensor at a time (no second copy)
         with torch.no_grad():

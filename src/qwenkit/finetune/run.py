@@ -569,7 +569,7 @@ def _finish(model_path, out, overwrite, trainer, prep, args, world, history, sta
                     write_json(tmp / "chat_template.json", {"chat_template": tokenizer.chat_template})
             else:
                 dtype = resolve_dtype(args.dtype, args.device)
-                write_model_dir(model_path, tensors, tmp, dtype, prep.tied)
+                write_model_dir(model_path, tensors, tmp, dtype, prep.tied, "full fine-tuning with qwenkit")
             with open(tmp / "log.jsonl", "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(h) + "\n" for h in history)
             train = [(h["step"], h["loss"]) for h in history if "loss" in h]

@@ -19,7 +19,6 @@ GPU; pass ``--calib-samples 128 --seq-len 2048`` for that.
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from qwenkit.checkpoint.output_dir import atomic_output_dir, check_out_dir, write_json
+from qwenkit.checkpoint.output_dir import atomic_output_dir, check_out_dir
 from qwenkit.quant.calibration import CalibrationTokenizer, calibration_token_ids
 from qwenkit.quant.checkpoint_io import NOT_QUANTIZED, finalize_quantized_model, save_gptq
 from qwenkit.quant.gptq import gptq_quantize_model
@@ -44,23 +43,6 @@ DEFAULT_ACT_ORDER: ActOrder = "static"
 DYNAMIC_ACT_ORDER_WARNING = (
     "--act-order dynamic stores desc_act: true with a permuted g_idx, which vLLM refuses; "
     "--act-order static (the default) keeps its quality and loads in every reader"
-)
-# Tokenizer, license and generation files copied from a source directory when present.
-SIDE_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "generation_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "qwen.tiktoken",
-    "LICENSE",
-    "LICENSE.txt",
-    "LICENSE.md",
-    "NOTICE",
-    "NOTICE.txt",
-    "NOTICE.md",
 )
 
 
@@ -244,7 +226,9 @@ def quantize_checkpoint(
     with atomic_output_dir(out, overwrite) as tmp:
         hf_config = {k: v for k, v in source.hf_config.items() if k != "quantization_config"}
         save_gptq(model, tmp, qconfig, hf_config)
-        _write_side_files(source, tmp)
+        from qwenkit.checkpoint.side_files import write_side_files
+
+        write_side_files(source, tmp, "`qwenkit quantize`")
         result.files = sorted(p.name for p in tmp.iterdir())
     result.seconds = time.perf_counter() - start
     result.model = model
@@ -305,19 +289,3 @@ def _round_floats(model: nn.Module, dtype: torch.dtype) -> None:
                 f"{name} has values beyond {dtype} range; it cannot be stored in a GPTQ file"
             )
         p.copy_(rounded)
-
-
-def _write_side_files(source, out: Path) -> None:
-    """Tokenizer, generation config and license: copied from a directory, generated from a GGUF."""
-    from qwenkit.checkpoint.gguf import GGUFCheckpoint, generation_config_to_save
-
-    if isinstance(source, GGUFCheckpoint):
-        if "tokenizer.ggml.model" in source.metadata:
-            source.tokenizer.save(str(out / "tokenizer.json"))
-            write_json(out / "tokenizer_config.json", source.tokenizer_config)
-        write_json(out / "generation_config.json", generation_config_to_save(source))
-        return
-    for name in SIDE_FILES:
-        f = source.path / name
-        if f.is_file():
-            shutil.copy(f, out / name)

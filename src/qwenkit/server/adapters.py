@@ -42,8 +42,7 @@ async def load_lora_adapter(state: ServerState, body: LoadLoRAAdapterRequest) ->
             raise APIError(507, str(e), "lora_path", "insufficient_memory") from None
         except ValueError as e:  # CheckpointError, ConfigError, AdapterNotServable: it does not fit
             raise APIError(400, str(e), "lora_path", "invalid_value") from None
-        state.adapters[name] = path
-        state.forget_answers(name)
+        await asyncio.to_thread(state.serve_adapter, name, path)
     return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
 
@@ -57,6 +56,7 @@ async def unload_lora_adapter(state: ServerState, body: UnloadLoRAAdapterRequest
             raise APIError(404, f"The lora adapter '{name}' cannot be found.", "lora_name", "not_found")
         await asyncio.to_thread(state.llm.unload_adapter, name)
         del state.adapters[name]
+        del state.adapter_prints[name]
         state.forget_answers(name)
     return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 

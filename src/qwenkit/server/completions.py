@@ -348,7 +348,8 @@ async def chat_completions(state: ServerState, body: ChatCompletionRequest, requ
     run, plan, hidden = started.run, started.plan, started.hidden
     created, rid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
     model = state.response_model(started.adapter)
-    head = {"id": rid, "created": created, "model": model, "system_fingerprint": state.fingerprint}
+    fingerprint = state.fingerprint_for(started.adapter)
+    head = {"id": rid, "created": created, "model": model, "system_fingerprint": fingerprint}
     if body.stream:
         return streaming_response(_chat_events(run, head, body, hidden, plan))
     await collect(run, request)
@@ -528,7 +529,8 @@ async def completions(state: ServerState, body: CompletionRequest, request: Requ
     run.start()
     created, rid = int(time.time()), f"cmpl-{uuid.uuid4().hex}"
     model = state.response_model(adapter)
-    head = {"id": rid, "created": created, "model": model, "system_fingerprint": state.fingerprint}
+    fingerprint = state.fingerprint_for(adapter)
+    head = {"id": rid, "created": created, "model": model, "system_fingerprint": fingerprint}
     if body.stream:
         return streaming_response(_completion_events(run, head, body))
     await collect(run, request)

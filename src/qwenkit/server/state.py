@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import secrets
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from qwenkit.generate import LLM
 from qwenkit.server.errors import APIError
@@ -47,6 +48,8 @@ class ServerState:
         entries = self.config.response_cache_entries
         self.response_cache = ResponseCache(entries) if entries > 0 else None
         self.fingerprint = f"fp_qwenkit_{model_fingerprint(self.llm)}"
+        # each served adapter's own: another adapter under a name answers otherwise, as other weights do
+        self.adapter_prints = {name: adapter_fingerprint(path) for name, path in self.adapters.items()}
 
     @property
     def model_name(self) -> str:
@@ -72,6 +75,20 @@ class ServerState:
         given again."""
         if self.response_cache is not None:
             self.response_cache.forget(adapter)
+
+    def serve_adapter(self, name: str, path: str) -> None:
+        """Adapter ``name`` now answers with the weights at ``path`` (loaded or replaced)."""
+        self.adapters[name] = path
+        self.adapter_prints[name] = adapter_fingerprint(path)
+        self.forget_answers(name)
+
+    def fingerprint_for(self, adapter: str | None) -> str:
+        """The ``system_fingerprint`` of answers through ``adapter`` (None: the base model's)."""
+        if adapter is None:
+            return self.fingerprint
+        weights = self.adapter_prints.get(adapter, "unloaded")  # unloaded while this request started
+        both = hashlib.sha256(f"{self.fingerprint} {weights}".encode())
+        return f"fp_qwenkit_{both.hexdigest()[:12]}"
 
     def response_model(self, adapter: str | None) -> str:
         """The "model" field of a response: the adapter's name where the request named one."""
@@ -101,3 +118,12 @@ def model_fingerprint(llm) -> str:
         digest.update(f"{name} {tuple(tensor.shape)} {tensor.dtype}".encode())
         digest.update(tensor.detach().reshape(-1)[:4096].float().cpu().numpy().tobytes())
     return digest.hexdigest()[:12]
+
+
+def adapter_fingerprint(path: str | Path) -> str:
+    """A digest of an adapter directory's config and weights (peft's files: a few megabytes)."""
+    digest = hashlib.sha256()
+    for f in sorted(Path(path).glob("adapter_*")):
+        if f.is_file():
+            digest.update(f.name.encode() + b"\0" + f.read_bytes())
+    return digest.hexdigest()

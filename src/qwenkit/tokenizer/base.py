@@ -245,7 +245,10 @@ class Tokenizer(ABC):
 
     def _require_template(self) -> str:
         if not self.chat_template:
-            raise TokenizerError("this tokenizer has no chat_template (tokenizer_config.json has none)")
+            raise TokenizerError(
+                "this tokenizer has no chat_template (neither tokenizer_config.json nor chat_template.jinja "
+                "has one)"
+            )
         return self.chat_template
 
     def render_chat_template(

@@ -64,7 +64,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load the tokenizer of a model directory.
 
     `tokenizer.json` (Qwen1.5 and later) wins over `qwen.tiktoken` (Qwen v1); tokenizer_config.json
-    supplies the chat template and eos, generation_config.json the eos ids and sampling defaults.
+    supplies the chat template (chat_template.jinja's, where present) and eos, generation_config.json
+    the eos ids and sampling defaults.
     """
     model_dir = Path(path)
     if not model_dir.is_dir():
@@ -72,6 +73,9 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
             f"{model_dir} is not a directory (expected a model directory with tokenizer files)"
         )
     config = read_json(model_dir / "tokenizer_config.json")
+    template_file = model_dir / "chat_template.jinja"
+    if template_file.is_file():  # where transformers 5 saves the template, and reads it before the config's
+        config = {**config, "chat_template": template_file.read_text(encoding="utf-8")}
     generation_file = model_dir / "generation_config.json"
     generation = read_json(generation_file) if generation_file.is_file() else None
     if generation is not None:

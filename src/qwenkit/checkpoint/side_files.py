@@ -1,0 +1,66 @@
+"""The files a model directory made from another model keeps beside its weights: tokenizer, generation
+settings and license.
+
+Every command that writes a model (``convert --to hf``, ``quantize``, ``merge``, full ``finetune``) goes
+through here, so what one of them keeps the others keep too: a directory made from a GGUF file gets the
+tokenizer, the sampling the file ran with and its ``general.license`` (as a model card's front matter),
+and one made from a directory gets that directory's tokenizer, generation and license files, or a model
+card naming the license its own card names.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from qwenkit.checkpoint.gguf import GGUFCheckpoint, generation_config_to_save
+from qwenkit.checkpoint.output_dir import write_json
+from qwenkit.license import LICENSE_FILES, find_license
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "qwen.tiktoken",
+    "generation_config.json",
+)
+
+
+def model_card(license_id: str, note: str) -> str:
+    """A model card whose front matter carries ``license_id``, where Hugging Face tools (and ``qwenkit
+    info``) read a directory's license; ``note`` says where the model came from."""
+    bare = re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.+-]*", license_id)
+    return f"---\nlicense: {license_id if bare else json.dumps(license_id)}\n---\n\n{note}\n"
+
+
+def write_side_files(source: Any, out: Path, made_by: str) -> None:
+    """Write into ``out`` the tokenizer, generation and license files of ``source`` (an opened checkpoint:
+    a GGUF file or a directory). ``made_by`` says what made it ("`qwenkit merge`"), for the model card
+    a license needs."""
+    if isinstance(source, GGUFCheckpoint):
+        if "tokenizer.ggml.model" in source.metadata:
+            source.tokenizer.save(str(out / "tokenizer.json"))
+            write_json(out / "tokenizer_config.json", source.tokenizer_config)
+        write_json(out / "generation_config.json", generation_config_to_save(source))
+        if source.license:
+            note = (
+                f"Made from `{source.path.name}` by {made_by} (weights dequantized from the GGUF). "
+                "The license above is the one the GGUF file's metadata names."
+            )
+            (out / "README.md").write_text(model_card(source.license, note), encoding="utf-8")
+        return
+    src = Path(source.path)
+    for name in TOKENIZER_FILES + LICENSE_FILES:
+        if (src / name).is_file():
+            shutil.copy(src / name, out / name)
+    found = find_license(src)
+    if found is not None and found.source == "README.md":  # a card's front matter only: keep its license
+        note = f"Made from `{src.name}` by {made_by}. The license above is the one its model card names."
+        (out / "README.md").write_text(model_card(found.name, note), encoding="utf-8")
