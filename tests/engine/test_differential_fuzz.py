@@ -28,7 +28,7 @@ from factories import hf_model, save_hf, write_lora_adapter
 
 from qwenkit import kernels
 from qwenkit.checkpoint import load_model
-from qwenkit.engine import Engine, SamplingParams
+from qwenkit.engine import Engine, SamplingParams, forward, sampler
 from qwenkit.engine.constraint import bitmask_words
 
 V = 512  # the factories' tiny vocabulary
@@ -230,13 +230,23 @@ def differences(model, seed: int, static_decode: bool, adapters: tuple[str, ...]
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("dtype", "adapters", "scenarios"),
-    [("float32", False, 120), ("bfloat16", False, 120), ("float32", True, 24)],
-    ids=["float32", "bfloat16", "float32-adapters"],
+    ("dtype", "adapters", "scenarios", "torch_sampler"),
+    [
+        ("float32", False, 120, False),
+        ("bfloat16", False, 120, False),
+        ("bfloat16", False, 60, True),  # the sampler's torch path, a GPU's (bf16 logits tie often)
+        ("float32", True, 24, False),
+    ],
+    ids=["float32", "bfloat16", "bfloat16-torch-sampler", "float32-adapters"],
 )
-def test_a_request_does_not_depend_on_its_neighbours(checkpoint, dtype, adapters, scenarios):
+def test_a_request_does_not_depend_on_its_neighbours(
+    checkpoint, monkeypatch, dtype, adapters, scenarios, torch_sampler
+):
     if dtype == "bfloat16" and not kernels.available():
         pytest.skip("bf16 steps are batch-invariant only on the CPU kernels")
+    if torch_sampler:
+        monkeypatch.setattr(sampler, "on_kernels", lambda logits: False)
+        monkeypatch.setattr(forward, "on_kernels", lambda logits: False)
     served = {}
     if adapters:  # two LoRA adapters served beside the base model; requests name one or none
         root = checkpoint.parent
