@@ -164,6 +164,20 @@ def test_top_k_ties_go_to_the_lower_id():
     assert set(draws([0])) <= {10, 30} and draws([0, 1]) == draws([0])
 
 
+def test_ranked_topk_is_a_stable_sort_of_the_row():
+    """``ranked_topk`` (torch's path) takes each row's k best as a stable descending sort does: ties,
+    -inf, -0.0 and 0.0 included."""
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(4, V, generator=g) * 4).round() / 4  # many ties
+    x[1, ::7] = float("-inf")
+    x[2, :50] = 0.0
+    x[2, 50:100] = -0.0
+    for k in (1, 5, 60, V):
+        values, ids = sampler.ranked_topk(x, k)
+        _, ref_ids = torch.sort(x + 0.0, dim=-1, descending=True, stable=True)
+        assert torch.equal(ids, ref_ids[:, :k]) and torch.equal(values, x.gather(1, ref_ids[:, :k]))
+
+
 def test_top_p_alone_grows_its_window_to_the_nucleus():
     """A row with top-p and no top-k never sorts the vocabulary: its window of best candidates grows until
     it holds the nucleus (here several hundred tokens of a flat row), its probabilities normalized over the
