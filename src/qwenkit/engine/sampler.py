@@ -2,8 +2,9 @@
 
 Order (as transformers applies them): penalties on raw logits, then temperature, top-k, top-p, min-p,
 then a draw. The penalties touch only the tokens a request has seen. Nothing sorts the whole vocabulary
-(unless a top-p nucleus spans most of it): top-k takes the k best (``topk``), so top-p sorts only those
-(Qwen's defaults set both), and a row that sets top-p alone (as OpenAI clients do) finds its nucleus from
+(unless a top-p nucleus spans most of it): top-k takes the k best (``topk``, ties to the lower id, so a
+row's candidates never depend on the widest k in its step), so top-p sorts only those (Qwen's defaults
+set both), and a row that sets top-p alone (as OpenAI clients do) finds its nucleus from
 a histogram of its probabilities on the CPU kernels (``kernels.sample_top_p``), or else takes a window of
 the best that grows until it holds the nucleus. A row that keeps the whole vocabulary draws by its
 cumulative probabilities (one uniform); a ranked row by an exponential race over its candidates (argmax
