@@ -12,8 +12,9 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from qwenkit.engine import sampler
 from qwenkit.engine.request import Request
-from qwenkit.engine.sampler import NUCLEUS_START, apply_penalties, filter_logits, sample
+from qwenkit.engine.sampler import NUCLEUS_START, apply_penalties, filter_logits, sample, token_logprobs
 from qwenkit.engine.sampling import SamplingParams
 from qwenkit.engine.token_counts import TokenCounts
 
@@ -122,6 +123,59 @@ def test_a_rows_draws_do_not_depend_on_the_batch():
     alone = [int(sample(logits[i : i + 1].clone(), [fresh(i)])[0]) for i in range(2)]
     together = sample(logits[:2].clone(), [fresh(0), fresh(1)]).tolist()
     assert together == alone
+
+
+def tied_row() -> torch.Tensor:
+    """A row whose best token is 10, then four tokens tied for second (30 < 77 < 200 < 400)."""
+    row = torch.randn(1, V, generator=torch.Generator().manual_seed(0)).clamp(max=4.0)
+    row[0, [400, 30, 200, 77]] = 5.0
+    row[0, 10] = 6.0
+    return row
+
+
+def test_top_logprobs_of_tied_tokens_do_not_depend_on_the_batch():
+    """Ties (common in bf16 logits) go to the lower token id, so a request's top alternatives do not
+    depend on how many another row in its step asked for (torch's topk ordered ties by k)."""
+    row = tied_row()
+    alone = token_logprobs(row, torch.tensor([10]), [2])[0]
+    beside = token_logprobs(torch.cat([row, row]), torch.tensor([10, 10]), [2, 3])
+    assert [t for t, _ in alone.top] == [10, 30]
+    assert beside[0].top == alone.top and [t for t, _ in beside[1].top] == [10, 30, 77]
+
+
+def test_top_k_ties_go_to_the_lower_id():
+    """The candidates of a top-k row are the same whatever the step's widest top-k is, on the CPU kernels
+    and on torch's path (a GPU's): tied tokens rank by id."""
+    row = tied_row()
+    for k in range(1, 8):
+        values, ids = sampler._topk(torch.cat([row, row]), k)
+        assert ids[:, :5].tolist() == [[10, 30, 77, 200, 400][:k]] * 2
+        assert values[0, 1:5].tolist() == [5.0] * min(4, k - 1)
+    p = [SamplingParams(temperature=5.0, top_k=2, seed=0), SamplingParams(temperature=5.0, top_k=40, seed=0)]
+
+    def draws(rows: list[int]) -> list[int]:
+        gens = {i: torch.Generator().manual_seed(i) for i in rows}
+        out = []
+        for _ in range(40):
+            reqs = [Request(i, [1], p[i], generator=gens[i]) for i in rows]
+            out.append(sample(torch.cat([row] * len(rows)), reqs).tolist()[0])
+        return out
+
+    assert set(draws([0])) <= {10, 30} and draws([0, 1]) == draws([0])
+
+
+def test_ranked_topk_is_a_stable_sort_of_the_row():
+    """``ranked_topk`` (torch's path) takes each row's k best as a stable descending sort does: ties,
+    -inf, -0.0 and 0.0 included."""
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(4, V, generator=g) * 4).round() / 4  # many ties
+    x[1, ::7] = float("-inf")
+    x[2, :50] = 0.0
+    x[2, 50:100] = -0.0
+    for k in (1, 5, 60, V):
+        values, ids = sampler.ranked_topk(x, k)
+        _, ref_ids = torch.sort(x + 0.0, dim=-1, descending=True, stable=True)
+        assert torch.equal(ids, ref_ids[:, :k]) and torch.equal(values, x.gather(1, ref_ids[:, :k]))
 
 
 def test_top_p_alone_grows_its_window_to_the_nucleus():

@@ -2,8 +2,9 @@
 
 Order (as transformers applies them): penalties on raw logits, then temperature, top-k, top-p, min-p,
 then a draw. The penalties touch only the tokens a request has seen. Nothing sorts the whole vocabulary
-(unless a top-p nucleus spans most of it): top-k takes the k best (``topk``), so top-p sorts only those
-(Qwen's defaults set both), and a row that sets top-p alone (as OpenAI clients do) finds its nucleus from
+(unless a top-p nucleus spans most of it): top-k takes the k best (``topk``, ties to the lower id, so a
+row's candidates never depend on the widest k in its step), so top-p sorts only those (Qwen's defaults
+set both), and a row that sets top-p alone (as OpenAI clients do) finds its nucleus from
 a histogram of its probabilities on the CPU kernels (``kernels.sample_top_p``), or else takes a window of
 the best that grows until it holds the nucleus. A row that keeps the whole vocabulary draws by its
 cumulative probabilities (one uniform); a ranked row by an exponential race over its candidates (argmax
@@ -112,10 +113,25 @@ KERNEL_TOPK_MAX = 1024
 
 
 def _topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``torch.topk(logits, k)``: sorted descending; on the kernels for k up to ``KERNEL_TOPK_MAX``."""
+    """``torch.topk(logits, k)``, sorted descending, ties to the lower id: on the kernels for k up to
+    ``KERNEL_TOPK_MAX``, else ``ranked_topk``."""
     if k <= KERNEL_TOPK_MAX and on_kernels(logits):
         return kernels.topk(logits, k)
-    return torch.topk(logits, k, dim=-1)
+    return ranked_topk(logits, k)
+
+
+def ranked_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest of each row of ``x`` (R, V) and their ids, sorted descending, ties to the lower id
+    (as ``kernels.topk``). torch's topk orders tied values by k and the tensor's shape, so a request's
+    top-k candidates and top log-probabilities changed with what the rest of its step asked for (ties are
+    common in bf16 logits). One topk over int64 keys (the value's bits, ordered as the floats are, then
+    the id reversed): every key is distinct, so the result is the row's alone."""
+    bits = (x.float() + 0.0).view(torch.int32).long()  # + 0.0: -0.0 becomes 0.0, its equal
+    ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # negative floats: larger bits, smaller value
+    reversed_ids = torch.arange(x.shape[-1] - 1, -1, -1, device=x.device)
+    keys = (ordered << 32) | reversed_ids  # (R, V) int64
+    ids = x.shape[-1] - 1 - (keys.topk(k, dim=-1).values & 0xFFFFFFFF)
+    return x.gather(-1, ids), ids
 
 
 def _logsumexp(logits: torch.Tensor, temperatures: Sequence[float]) -> torch.Tensor:
@@ -314,7 +330,10 @@ def token_logprobs(
     logprobs = torch.log_softmax(as_float(raw_logits), dim=-1)
     chosen = logprobs.gather(1, tokens[:, None])[:, 0].tolist()
     most = max(top_n, default=0)
-    top_values, top_ids = logprobs.topk(most, dim=-1) if most else (None, None)
+    top_values, top_ids = None, None
+    if most:  # the kernels' topk refuses NaN, which a prompt's rows (never checked) may hold
+        finite = all(finite_rows(logprobs))
+        top_values, top_ids = _topk(logprobs, most) if finite else ranked_topk(logprobs, most)
     out = []
     token_list = tokens.tolist()
     values = top_values.tolist() if top_values is not None else None
