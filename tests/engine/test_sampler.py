@@ -341,6 +341,8 @@ def test_sampling_params_refuse_a_wrong_type_by_name(fields, message):
         ({"repetition_penalty": float("inf")}, "repetition_penalty must be finite, got inf"),
         ({"seed": 2**64}, f"seed must fit in 64 bits ({-(2**63)}..{2**64 - 1}), got {2**64}"),
         ({"seed": -(2**63) - 1}, f"seed must fit in 64 bits ({-(2**63)}..{2**64 - 1}), got {-(2**63) - 1}"),
+        # pairs naming a token twice: the batched add kept one of the values, which one undefined
+        ({"logit_bias": ((5, 1.0), (7, 2.0), (5, -3.0))}, "logit_bias names token 5 twice"),
     ],
 )
 def test_sampling_params_refuse_what_the_engine_cannot_run(fields, message):

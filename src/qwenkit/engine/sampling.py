@@ -108,6 +108,11 @@ class SamplingParams:
         ):
             raise SamplingParamsError(f"logit_bias must map token ids to numbers, got {self.logit_bias!r}")
         object.__setattr__(self, "logit_bias", tuple((int(t), float(v)) for t, v in bias))
+        seen: set[int] = set()
+        for token, _ in self.logit_bias:  # one value a token: which of two would apply is not defined
+            if token in seen:
+                raise SamplingParamsError(f"logit_bias names token {token} twice")
+            seen.add(token)
         if not all(isinstance(s, str) for s in self.stop):
             raise SamplingParamsError(f"stop must hold strings, got {self.stop!r}")
         if not all(_is_int(t) for t in self.stop_token_ids):
