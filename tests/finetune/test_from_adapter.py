@@ -89,6 +89,13 @@ def test_dpo_from_an_adapter_starts_at_base_plus_adapter(method, tiny_chat_model
         assert written[key] == started[key], key
     if method == "lora":
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        import peft
+        import transformers
+
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_chat_model, dtype=torch.float32)
+        with torch.no_grad():
+            theirs = peft.PeftModel.from_pretrained(hf, out).eval()(IDS).logits
+        torch.testing.assert_close(theirs, want, rtol=1e-4, atol=1e-4)
     recorded = json.loads((out / "training_args.json").read_text())
     assert recorded["adapter"] == str(sft_adapter.resolve()) and recorded["lora_r"] == 4
 
