@@ -217,3 +217,15 @@ def test_a_directory_that_is_no_adapter_of_this_model_is_refused(tiny_chat_model
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {other}: adapter for another model shape: "), err
     assert not out.exists()
+
+
+def test_the_starting_adapter_is_never_replaced_by_out(tiny_chat_model, sft_adapter, tmp_path, capsys):
+    """OUT in the starting adapter's place would lose it (as merge refuses its adapter's directory)."""
+    before = (sft_adapter / "adapter_model.safetensors").read_bytes()
+    data = write_chats(tmp_path / "d.jsonl", 2)
+    argv = ["finetune", str(tiny_chat_model), str(data), str(sft_adapter), "--adapter", str(sft_adapter)]
+    assert cli_main([*argv, "--overwrite", "--no-progress"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: output {sft_adapter} would replace the source {sft_adapter}; choose another directory\n"
+    )
+    assert (sft_adapter / "adapter_model.safetensors").read_bytes() == before
