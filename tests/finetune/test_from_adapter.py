@@ -210,6 +210,10 @@ def test_a_directory_that_is_no_adapter_of_this_model_is_refused(tiny_chat_model
     assert capsys.readouterr().err == (
         f"error: {tiny_chat_model} is not an adapter directory: adapter_config.json not found\n"
     )
+    assert cli_main([*argv[:-1], "--nproc", "2", "--adapter", str(tmp_path)]) == 2  # before any rank starts
+    assert capsys.readouterr().err == (
+        f"error: {tmp_path} is not an adapter directory: adapter_config.json not found\n"
+    )
     wide = write_tiny_chat_model(tmp_path / "wide", hidden_size=64)
     other = write_lora_adapter(wide, tmp_path / "other", seed=1)
     capsys.readouterr()
