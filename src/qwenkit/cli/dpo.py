@@ -17,7 +17,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = CommandParser(
         prog="qwenkit dpo",
         description="Preference tuning (DPO and its variants) on {prompt, chosen, rejected} pairs; the "
-        "reference is the base without the adapter, or with --method full the model before training.",
+        "reference is the base without the adapter (base + the adapter with --adapter), or with --method "
+        "full the model before training.",
     )
     add_training_args(parser, lr=5e-5, preference=True)
     parser.add_argument(

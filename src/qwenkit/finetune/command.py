@@ -48,8 +48,14 @@ def add_training_args(parser: argparse.ArgumentParser, lr: float = 2e-4, prefere
         action="store_true",
         help="pack short examples into --max-len rows (each still attends only to itself)",
     )
-    parser.add_argument("--lora-r", type=int, default=16)
-    parser.add_argument("--lora-alpha", type=float, default=32.0)
+    parser.add_argument(
+        "--adapter",
+        metavar="DIR",
+        help="start from this LoRA adapter (peft format) instead of a new one: its rank, alpha, targets and "
+        "layers; " + ("the reference is then base + this adapter" if preference else "SFT continues from it"),
+    )
+    parser.add_argument("--lora-r", type=int, help="LoRA rank (default 16)")
+    parser.add_argument("--lora-alpha", type=float, help="LoRA alpha (default 32)")
     parser.add_argument(
         "--lora-dropout",
         type=float,
@@ -152,6 +158,7 @@ def train_args(args: argparse.Namespace):
         lora_layers=args.lora_layers,
         use_rslora=args.rslora,
         progress=not args.no_progress,
+        adapter=args.adapter,
         router_aux_loss_coef=args.router_aux_loss_coef,
     )
 
@@ -197,10 +204,14 @@ def check_numbers(args: argparse.Namespace) -> None:
     ):
         if value is not None and not (math.isfinite(value) and value >= 0):
             raise ConfigError(f"{flag} must be 0 or more, got {value}")
-    if not (math.isfinite(args.lora_alpha) and args.lora_alpha > 0):
+    if args.lora_alpha is not None and not (math.isfinite(args.lora_alpha) and args.lora_alpha > 0):
         raise ConfigError(f"--lora-alpha must be a positive number, got {args.lora_alpha}")
     if args.eval_every and not args.eval_data:  # once ignored: no held-out loss was ever logged
         raise ConfigError("--eval-every applies with --eval-data (the held-out data to evaluate)")
+    if args.adapter is not None:
+        from qwenkit.finetune.start_adapter import check_method
+
+        check_method(args.method, args.adapter)
 
 
 def check_inputs(args: argparse.Namespace) -> None:
@@ -210,6 +221,11 @@ def check_inputs(args: argparse.Namespace) -> None:
     for path in (args.data, args.eval_data):
         if path is not None and not Path(path).is_file():
             raise ConfigError(f"{path}: no such file")
+    if args.adapter is not None:  # read_adapter's words
+        from qwenkit.finetune.adapter_io import CONFIG_NAME
+
+        if not (Path(args.adapter) / CONFIG_NAME).is_file():
+            raise ConfigError(f"{args.adapter} is not an adapter directory: {CONFIG_NAME} not found")
 
 
 def launch_ranks(module: str, argv: list[str], args: argparse.Namespace) -> int | None:

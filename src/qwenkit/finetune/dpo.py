@@ -1,5 +1,6 @@
-"""Direct Preference Optimization: of a LoRA/QLoRA adapter against the base with adapters off, or of the whole
-model (``--method full``) against its weights before training.
+"""Direct Preference Optimization: of a LoRA/QLoRA adapter against the base with adapters off (or, started
+from an adapter, ``--adapter``, against base + that adapter), or of the whole model (``--method full``)
+against its weights before training.
 
 The loss compares each pair's log-ratios ``pi_y - ref_y`` (``pi_y`` / ``ref_y``: the summed log-probabilities
 of completion y's tokens under the policy / the reference; Rafailov et al. 2023), as trl 1.16 defines them
@@ -23,10 +24,11 @@ and two without a reference, on each completion's mean token log-probability ``a
 ``loss_type=[..., "sft"]`` with ``loss_weights=[1, w]``: RPO with DPO; LLaMA-Factory's ``pref_ftx``).
 
 The reference needs no second copy of the weights: its log-probabilities are computed for every training
-and held-out pair before the first step (the base with adapters off, or the untouched full model; also
-when resuming, before the checkpoint is loaded) and kept. Logged with trl's names: ``rewards/chosen``,
-``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies``, ``logps/chosen``, ``logps/rejected``
-(and ``aux_loss`` where a mixture-of-experts model's load-balancing loss is on).
+and held-out pair before the first step (the base with adapters off, base + the starting adapter, or the
+untouched full model; also when resuming, before the checkpoint is loaded) and kept. Logged with trl's
+names: ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies``,
+``logps/chosen``, ``logps/rejected`` (and ``aux_loss`` where a mixture-of-experts model's load-balancing
+loss is on).
 
 Data: see ``preference_data``.
 """
@@ -42,7 +44,7 @@ from tqdm import tqdm
 
 from qwenkit.errors import ConfigError
 from qwenkit.finetune.encode import IGNORE
-from qwenkit.finetune.lora import adapters_disabled, training_base
+from qwenkit.finetune.lora import adapters_disabled, dropout_off, training_base
 from qwenkit.finetune.preference_data import Completion, PreferencePair
 from qwenkit.finetune.trainer import Trainer, pad_batch, scoring_ntk_alphas
 
@@ -223,11 +225,12 @@ class DPOTrainer(Trainer):
 
     def before_training(self, eval_pairs: list[PreferencePair] | None) -> None:
         """The reference log-probabilities of every training and held-out pair, on the weights as they are
-        now: the base (adapters off), or for full fine-tuning the model before its first step. Each pair is
-        scored in the mode its policy will be: training pairs as a training step runs the model (Qwen v1's
-        LogN attention is off there, as in modeling_qwen.py), held-out pairs as ``evaluate`` does, so the
-        policy starts exactly at its reference. Replicas share the pairs out and sum the results; each runs
-        the same number of forwards (FSDP gathers in each). SimPO and ORPO have no reference."""
+        now: the base (adapters off), base + the adapter training started from (``--adapter``, its dropout
+        off), or for full fine-tuning the model before its first step. Each pair is scored in the mode its
+        policy will be: training pairs as a training step runs the model (Qwen v1's LogN attention is off
+        there, as in modeling_qwen.py), held-out pairs as ``evaluate`` does, so the policy starts exactly at
+        its reference. Replicas share the pairs out and sum the results; each runs the same number of
+        forwards (FSDP gathers in each). SimPO and ORPO have no reference."""
         if self.loss_type in REFERENCE_FREE:
             return
         w, r, b = self.world.dp_size, self.world.dp_rank, self.args.batch_size
@@ -240,11 +243,13 @@ class DPOTrainer(Trainer):
             dynamic_ncols=True,
         )
         self._ref = {}
-        with bar, torch.no_grad(), adapters_disabled(self.model), training_base(), self.computing():
+        # base + the starting adapter (--adapter), as the policy starts; else the base, adapters off
+        reference = dropout_off(self.model) if self.args.adapter else adapters_disabled(self.model)
+        with bar, torch.no_grad(), reference, training_base(), self.computing():
             for (pairs, training), n_batches in zip(sets, counts, strict=True):
                 if not pairs:  # the same on every rank
                     continue
-                self.model.train(training)  # adapters off: no dropout either way
+                self.model.train(training)  # no adapter dropout either way
                 found = torch.zeros(len(pairs), 2, dtype=torch.float64)
                 for k in range(n_batches):
                     chunk = list(range(r + k * b * w, min(len(pairs), r + (k + 1) * b * w), w))

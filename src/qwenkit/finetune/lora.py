@@ -232,3 +232,23 @@ def merge_lora(model: nn.Module) -> nn.Module:
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def set_dropout(model: nn.Module, p: float) -> None:
+    """Dropout ``p`` on every adapter's input (as ``apply_lora`` with that dropout would have built)."""
+    for m in lora_modules(model).values():
+        m.lora_dropout = nn.Dropout(p) if p > 0 else nn.Identity()
+
+
+@contextlib.contextmanager
+def dropout_off(model: nn.Module) -> Iterator[None]:
+    """The adapters without their dropout whatever the model's mode: DPO's reference when it is the
+    starting adapter (base + adapter), scored exactly as the policy starts."""
+    saved = {m: m.lora_dropout for m in lora_modules(model).values()}
+    for m in saved:
+        m.lora_dropout = nn.Identity()
+    try:
+        yield
+    finally:
+        for m, dropout in saved.items():
+            m.lora_dropout = dropout

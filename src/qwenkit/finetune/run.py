@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from qwenkit.checkpoint import load_model
+from qwenkit.checkpoint import load_model, open_checkpoint
 from qwenkit.checkpoint.files import files_sha256
 from qwenkit.checkpoint.loader import resolve_dtype
 from qwenkit.checkpoint.output_dir import atomic_output_dir, check_out_dir, write_json
@@ -36,8 +36,16 @@ from qwenkit.finetune.distributed import World, close_world, init_world, wrap
 from qwenkit.finetune.encode import EncodeStats, encode_all, end_of_text_id, pack
 from qwenkit.finetune.estimate import check_training_fits, estimate
 from qwenkit.finetune.export import check_exportable, write_model_dir
-from qwenkit.finetune.lora import DEFAULT_TARGETS, LoRAConfig, apply_lora, lora_parameters, target_names
+from qwenkit.finetune.lora import (
+    DEFAULT_TARGETS,
+    LoRAConfig,
+    apply_lora,
+    lora_parameters,
+    set_dropout,
+    target_names,
+)
 from qwenkit.finetune.plot import plot_losses
+from qwenkit.finetune.start_adapter import load_starting_adapter, starting_adapter
 from qwenkit.finetune.trainer import TrainArgs, Trainer, enable_gradient_checkpointing, mixed_precision
 from qwenkit.sigterm import Terminated, terminate_unwinds
 
@@ -58,6 +66,8 @@ def lora_config(args: TrainArgs, n_layers: int) -> LoRAConfig:
         if not 1 <= args.lora_layers <= n_layers:
             raise ConfigError(f"--lora-layers must be between 1 and {n_layers}, got {args.lora_layers}")
         layers = tuple(range(n_layers - args.lora_layers, n_layers))
+    args.lora_r = LoRAConfig.r if args.lora_r is None else args.lora_r  # what training_args.json records
+    args.lora_alpha = LoRAConfig.alpha if args.lora_alpha is None else args.lora_alpha
     return LoRAConfig(
         r=args.lora_r,
         alpha=args.lora_alpha,
@@ -68,14 +78,13 @@ def lora_config(args: TrainArgs, n_layers: int) -> LoRAConfig:
     )
 
 
-def lora_dropout(model: nn.Module, lora: LoRAConfig, asked: float | None, speak: bool) -> float:
-    """The adapters' dropout: ``asked``, or by default 0.05, and 0 where the targets include routed experts
-    or a router.
+def lora_dropout(names: list[str], asked: float | None, speak: bool) -> float:
+    """The adapters' dropout: ``asked``, or by default 0.05, and 0 where the adapted modules ``names``
+    include routed experts or a router.
 
     transformers 5 stacks a layer's experts into one parameter and makes the router a module of its own;
     peft adapts both as parameters, which it does only without dropout (it refuses to load such an adapter
     whose config says otherwise), so an adapter of them trained with dropout would not load there."""
-    names = target_names(model, lora)
     moe = any(".experts." in n or n.endswith(".mlp.gate") for n in names)
     if asked is None:
         return 0.0 if moe else 0.05
@@ -123,6 +132,10 @@ def prepare_model(model_path: str | Path, args: TrainArgs, world: World, batch_t
         check_exportable(model_path)
     if args.tensor_parallel > 1:
         check_tensor_parallel(model_path, args)
+    start = None
+    if args.adapter is not None:  # its config checked before the model loads
+        n_layers = ModelConfig.from_hf(open_checkpoint(model_path).hf_config).num_hidden_layers
+        start = starting_adapter(args, n_layers)
     dtype = resolve_dtype(args.dtype, args.device)
     compute = mixed_precision(args)  # full training in half precision keeps float32 masters
     if compute == torch.float16:
@@ -161,11 +174,14 @@ def prepare_model(model_path: str | Path, args: TrainArgs, world: World, batch_t
         model.requires_grad_(True)
         params = list(model.parameters())  # tied weights appear once
     else:
-        lora = lora_config(args, config.num_hidden_layers)
-        lora.dropout = lora_dropout(model, lora, args.lora_dropout, world.is_main)
+        lora = start or lora_config(args, config.num_hidden_layers)
+        adapted = load_starting_adapter(model, args.adapter) if start else target_names(model, lora)
+        lora.dropout = lora_dropout(adapted, args.lora_dropout, world.is_main)
         args.lora_dropout = lora.dropout  # what training_args.json records
-        torch.manual_seed(args.seed)  # the same initial adapter on every rank and every run
-        apply_lora(model, lora)
+        if start is None:
+            torch.manual_seed(args.seed)  # the same initial adapter on every rank and every run
+            apply_lora(model, lora)
+        set_dropout(model, lora.dropout)  # a starting adapter's modules have none yet
         params = lora_parameters(model)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params)
@@ -194,8 +210,6 @@ def prepare_model(model_path: str | Path, args: TrainArgs, world: World, batch_t
 
 def check_tensor_parallel(model_path: str | Path, args: TrainArgs) -> None:
     """Refuse, before loading any weight, a tensor-parallel split the model or the method cannot take."""
-    from qwenkit.checkpoint import open_checkpoint
-    from qwenkit.config import ModelConfig
     from qwenkit.finetune.tensor_parallel import check_model
 
     if args.strategy != "fsdp":
@@ -405,7 +419,7 @@ def finetune(
             f"--resume: {out} holds a finished run, with nothing left to resume; pass --overwrite (without "
             "--resume) to train it again, or train into a new OUT"
         )
-    for source in (model_path, data_path, eval_path):  # --overwrite replaces OUT, never an input inside it
+    for source in (model_path, data_path, eval_path, args.adapter):  # --overwrite replaces OUT, not an input
         if source is not None:
             check_out_dir(out, overwrite, Path(source))
     work = work_dir(out)

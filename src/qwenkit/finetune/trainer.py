@@ -62,19 +62,22 @@ class TrainArgs:
     qlora_bits: int = 4
     strategy: str = "ddp"  # ddp | fsdp, with more than one process
     tensor_parallel: int = 1  # > 1: FSDP over replicas x this many tensor-parallel ranks each
-    lora_r: int = 16
-    lora_alpha: float = 32.0
+    # None: 16 and 32 for a new adapter, the starting adapter's own with ``adapter`` (as is the shape)
+    lora_r: int | None = None
+    lora_alpha: float | None = None
     lora_dropout: float | None = None  # None: 0.05, or 0 where the targets include MoE experts or routers
     target_modules: tuple[str, ...] = ()
     lora_layers: int | None = None
     use_rslora: bool = False
     progress: bool = True
+    adapter: str | None = None  # a LoRA adapter to start from instead of a new one (``start_adapter``)
     # MoE load-balancing loss weight; None: the model config's (on where output_router_logits is)
     router_aux_loss_coef: float | None = None
 
     # fields that must match for --resume to continue the same run (each changes the steps that follow)
     RESUME_KEYS = (
         "method",
+        "adapter",  # before the LoRA shape, which it decides
         "lr",
         "max_len",
         "seed",
