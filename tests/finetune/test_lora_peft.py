@@ -579,29 +579,3 @@ def test_a_qalora_adapter_is_refused_naming_it(tiny_chat_model, tmp_path):
         f"error: {adapter / 'adapter_config.json'}: use_qalora (QALoRA, whose lora_A reads the input "
         "averaged in groups of qalora_group_size) is not supported; qwenkit applies plain LoRA\n"
     )
-
-
-def test_merge_keeps_the_license_files_and_the_model_cards_license(qwen2_dir, tmp_path):
-    """A merged model is still under its base's license: LICENSE/NOTICE are copied, and a license named
-    only in the base's model card front matter is named in the merged directory's card."""
-    import shutil
-
-    from qwenkit.cli import main as cli_main
-    from qwenkit.license import find_license
-
-    base = tmp_path / "base"
-    shutil.copytree(qwen2_dir, base)
-    (base / "LICENSE").write_text("Tongyi Qianwen LICENSE AGREEMENT\n...")
-    (base / "NOTICE").write_text("This product contains Qwen models by Alibaba Cloud.\n")
-    carded = tmp_path / "carded"
-    shutil.copytree(qwen2_dir, carded)
-    (carded / "README.md").write_text("---\nlicense: apache-2.0\n---\n\n# a model\n")
-    cfg = LoRAConfig(r=2, alpha=4, dropout=0.0)
-    save_lora(lora_model(qwen2_dir, cfg), tmp_path / "a", cfg, qwen2_dir)
-    for src, out in ((base, "m1"), (carded, "m2")):
-        assert cli_main(["merge", str(src), str(tmp_path / "a"), str(tmp_path / out)]) == 0
-    assert (tmp_path / "m1" / "LICENSE").read_text() == (base / "LICENSE").read_text()
-    assert (tmp_path / "m1" / "NOTICE").read_text() == (base / "NOTICE").read_text()
-    assert find_license(tmp_path / "m1").name == "tongyi-qianwen"
-    found = find_license(tmp_path / "m2")
-    assert (found.name, found.source) == ("apache-2.0", "README.md")
