@@ -143,6 +143,50 @@ def test_a_prompt_that_is_not_token_ids_is_refused_by_name(llm, prompts, message
     assert llm.generate(numpy_ids, SAMPLED)[0].token_ids == llm.generate(ids, SAMPLED)[0].token_ids  # one
 
 
+@pytest.mark.parametrize("prompt", [b"Hello", bytearray(b"Hello")])
+def test_a_bytes_prompt_is_refused_not_run_as_its_byte_values(llm, prompt):
+    """bytes are a sequence of ints: b"Hello" ran silently as the token ids [72, 101, 108, 108, 111]."""
+    from qwenkit.engine import SamplingParamsError
+
+    message = f"^a prompt must be a string or a list of token ids, got {re.escape(repr(prompt))}$"
+    for call in (
+        lambda: llm.generate(prompt, SAMPLED),
+        lambda: llm.submit(prompt, SAMPLED),
+        lambda: list(llm.stream(prompt, SAMPLED)),
+        lambda: llm.router_stats(prompt),
+    ):
+        with pytest.raises(SamplingParamsError, match=message):
+            call()
+    with pytest.raises(SamplingParamsError, match=message):
+        llm.generate(["Hello", prompt], SAMPLED)
+    assert llm.driver.wait_idle() and not llm.engine.has_unfinished()
+
+
+@pytest.mark.parametrize("params", [0, {}, "", []])
+def test_falsy_params_that_are_not_sampling_params_are_refused_not_replaced_by_the_defaults(llm, params):
+    """``params or default_params()`` ran 0, {} or "" silently on the model's defaults; ``chat`` and
+    ``infill`` failed on a missing attribute."""
+    from qwenkit.chat import build_prompt, chat
+    from qwenkit.engine import SamplingParamsError
+
+    message = f"^params must be a SamplingParams, got {re.escape(repr(params))}$"
+    hi = [{"role": "user", "content": "Hi"}]
+    for call in (
+        lambda: llm.generate("Hello", params),
+        lambda: llm.submit("Hello", params),
+        lambda: list(llm.stream("Hello", params)),
+        lambda: chat(llm, hi, params),
+        lambda: build_prompt(llm, hi, params),
+        lambda: chat(llm, hi, {"temperature": 0}),
+    ):
+        with pytest.raises(SamplingParamsError, match=message.replace(re.escape(repr(params)), ".*")):
+            call()
+    with pytest.raises(SamplingParamsError, match=message):
+        llm.generate("Hello", params)
+    assert llm.driver.wait_idle() and not llm.engine.has_unfinished()
+    assert llm.params_or_default(None) == llm.default_params()
+
+
 def test_a_request_id_in_use_is_refused_at_submit_and_never_taken_by_a_generated_one(llm):
     """A caller's id already running used to be accepted and its request to end in "error" when the
     engine's thread met it; a caller's "req-N" made the N-th unnamed request fail that way."""

@@ -47,6 +47,7 @@ def fit_messages(
 ) -> tuple[list[Message], list[int]]:
     """``messages`` less their oldest whole turns (the system message stays) until ``render``'s prompt ids
     for them leave room for the reply in the window; returns those messages and their prompt ids."""
+    params = llm.params_or_default(params)  # a dict failed below on a missing attribute
     window = llm.engine.max_seq_len
     # the template's own check names anything else (list(None) raised TypeError, list("hi") made letters)
     msgs = list(messages) if isinstance(messages, list | tuple) else messages
@@ -69,7 +70,7 @@ def chat_stream(
     llm: LLM, messages: Sequence[Message], params: SamplingParams | None = None, **template_kwargs: Any
 ) -> Iterator[Delta]:
     """Stream the assistant's reply to ``messages``."""
-    params = params or llm.default_params()
+    params = llm.params_or_default(params)
     yield from llm.stream(build_prompt(llm, messages, params, **template_kwargs), params)
 
 

@@ -357,6 +357,15 @@ class LLM:
                 defaults["temperature"] = 0.0
         return SamplingParams(**{**defaults, **{k: v for k, v in overrides.items() if v is not None}})
 
+    def params_or_default(self, params: SamplingParams | None) -> SamplingParams:
+        """``params``, or ``default_params()`` for None. Anything else is refused by name: ``params or
+        default`` ran a falsy 0 or {} silently on the defaults, and a dict failed later on an attribute."""
+        if params is None:
+            return self.default_params()
+        if not isinstance(params, SamplingParams):
+            raise SamplingParamsError(f"params must be a SamplingParams, got {params!r:.60}")
+        return params
+
     def router_stats(self, prompt: str | Sequence[int]) -> RouterStats:
         """Tokens each expert of every MoE layer receives while the model reads ``prompt``.
 
@@ -427,7 +436,8 @@ class LLM:
         one), token ids as given."""
         if isinstance(prompt, str):
             return self.tokenizer.encode_prompt(prompt)
-        if not isinstance(prompt, Sequence):  # None or a bare int failed in list() with a TypeError
+        # None or a bare int failed in list() with a TypeError; bytes ran silently as ids (b"hi": [104, 105])
+        if isinstance(prompt, bytes | bytearray) or not isinstance(prompt, Sequence):
             raise SamplingParamsError(f"a prompt must be a string or a list of token ids, got {prompt!r:.60}")
         return list(prompt)
 
@@ -440,7 +450,7 @@ class LLM:
     ) -> TextStream:
         """Start one request now; read its Deltas from the returned stream (``async for`` when ``loop``
         is given). Bad input raises here, before anything runs."""
-        params = params or self.default_params()
+        params = self.params_or_default(params)
         ids = self.encode(prompt)
         self.engine.validate(ids, params)  # before the text state reads params
         hidden = self.eos_token_ids | frozenset(params.stop_token_ids)
@@ -462,7 +472,7 @@ class LLM:
             raise SamplingParamsError(f"prompts must be a string or a list of prompts, got {prompts!r:.60}")
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], numbers.Integral)):  # one prompt
             prompts = [prompts]  # type: ignore[list-item]
-        params = params or self.default_params()
+        params = self.params_or_default(params)
         encoded = [self.encode(p) for p in prompts]
         for ids in encoded:
             self.engine.validate(ids, params)
@@ -491,7 +501,7 @@ class LLM:
         (Qwen2.5-Coder, Qwen3-Coder) writes it: the prompt ``Tokenizer.encode_fim`` makes, run with
         ``fim_params``. TokenizerError for a tokenizer without the FIM tokens."""
         ids = self.tokenizer.encode_fim(prefix, suffix)
-        return self.generate([ids], self.fim_params(params or self.default_params()))[0]
+        return self.generate([ids], self.fim_params(self.params_or_default(params)))[0]
 
     def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> Iterator[Delta]:
         """Yield text as it is produced; the final Delta carries the finish reason.
