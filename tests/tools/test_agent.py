@@ -130,6 +130,41 @@ def test_code_interpreter_reports_a_cut_in_bytes_without_a_broken_character(tmp_
     assert report == "stdout:\n\n```\n" + "é" * 25 + "\n```\n\n[output cut at 51 bytes]"
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"timeout": "5"}, "timeout must be a number of seconds > 0, got '5'"),
+        ({"timeout": -1}, "timeout must be a number of seconds > 0, got -1"),
+        ({"timeout": float("inf")}, "timeout must be a number of seconds > 0, got inf"),
+        ({"memory_mb": "x"}, "memory_mb must be an integer >= 1, got 'x'"),
+        ({"memory_mb": 0}, "memory_mb must be an integer >= 1, got 0"),
+        ({"max_output": -5}, "max_output must be an integer >= 1, got -5"),
+        ({"workdir": 5}, "workdir must be a path or None, got 5"),
+        ({"python": 3}, "python must be a path to an interpreter or None, got 3"),
+    ],
+)
+def test_code_interpreter_settings_are_refused_by_name(kwargs, message):
+    """A str timeout failed in the kernel's arithmetic, a str memory_mb in prlimit's exec ("Argument
+    list too long"), a negative max_output in a read, a workdir of 5 in pathlib; -1 seconds and 0 MB
+    came back to the model as the sandbox's own failure."""
+    from qwenkit.tools.code_interpreter import InterpreterError
+
+    with pytest.raises(InterpreterError) as raised:
+        CodeInterpreter(**kwargs)
+    assert str(raised.value) == message
+
+
+def test_code_that_is_not_a_string_is_refused_by_name_and_the_model_is_told(tmp_path):
+    """None ran in the kernel and came back as a traceback of the kernel's own bootstrap code."""
+    from qwenkit.tools.code_interpreter import InterpreterError
+
+    interpreter = CodeInterpreter(timeout=5, workdir=tmp_path)
+    with pytest.raises(InterpreterError, match="^code must be a string, got None$"):
+        interpreter(None)
+    assert interpreter.tool().run('{"code": 5}') == "error: InterpreterError: code must be a string, got 5"
+    interpreter.close()
+
+
 STDOUT_1 = "stdout:\n\n```\n1\n\n```"  # Qwen-Agent's words: print's newline inside the fence
 
 
