@@ -209,6 +209,18 @@ def test_a_request_id_in_use_is_refused_at_submit_and_never_taken_by_a_generated
     assert llm.driver.wait_idle() and llm.engine.blocks.usage == 0
 
 
+@pytest.mark.parametrize("request_id", [["a"], {"a": 1}, ("a", [1])])
+def test_a_request_id_that_cannot_be_hashed_is_refused_by_name(llm, request_id):
+    """It failed with a bare ``TypeError: unhashable type: 'list'`` from the driver's id set."""
+    from qwenkit.engine import SamplingParamsError
+
+    message = f"^request_id must be hashable \\(a string or an int\\), got {re.escape(repr(request_id))}$"
+    with pytest.raises(SamplingParamsError, match=message):
+        llm.submit("Hello", SAMPLED, request_id=request_id)
+    assert llm.driver.wait_idle() and not llm.engine.has_unfinished()
+    assert list(llm.submit("Hello", SAMPLED, request_id=7))[-1].finish_reason == "length"
+
+
 def test_load_refuses_an_unknown_device_or_an_empty_batch_by_name(tiny_chat_model):
     """device="tpu" failed inside torch (a list of twenty device types); max_batch_size=0 was reported
     as "the KV cache holds 0 tokens"."""
