@@ -251,6 +251,41 @@ def test_load_refuses_sizes_that_are_not_integers_by_name(tiny_chat_model, optio
         LLM.load(tiny_chat_model, dtype="float32", progress=False, **{option: value})
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"path": None}, "path must be a model directory or a .gguf file (a str or Path), got None"),
+        ({"path": 5}, "path must be a model directory or a .gguf file (a str or Path), got 5"),
+        ({"adapter": 5}, "adapter must be a path to a LoRA adapter (a str or Path) or None, got 5"),
+        ({"adapters": ["a"]}, "adapters must map names to adapter paths, got ['a']"),
+        ({"adapters": {"a": 5}}, "adapters must map names to adapter paths, got {'a': 5}"),
+        ({"max_loras": "2"}, "max_loras must be an integer, got '2'"),
+        ({"max_lora_rank": "8"}, "max_lora_rank must be an integer, got '8'"),
+        ({"prefix_caching": "no"}, "prefix_caching must be True or False, got 'no'"),
+        ({"dequantize": "yes"}, "dequantize must be True or False, got 'yes'"),
+        ({"cuda_graphs": "no"}, "cuda_graphs must be True, False or None, got 'no'"),
+    ],
+)
+def test_load_refuses_arguments_of_the_wrong_type_by_name(tiny_chat_model, kwargs, message):
+    """A path of None failed in pathlib (``expected str, bytes or os.PathLike object``), adapters as a
+    list in dict(), a str max_loras in a comparison after the weights had loaded; "no" turned prefix
+    caching or CUDA graphs on."""
+    from qwenkit.errors import ConfigError
+
+    args = {"path": tiny_chat_model, "dtype": "float32", "progress": False, **kwargs}
+    with pytest.raises(ConfigError) as raised:
+        LLM.load(args.pop("path"), **args)
+    assert str(raised.value) == message
+
+
+def test_load_adapter_refuses_a_path_of_the_wrong_type_by_name(llm):
+    """None failed in pathlib: ``expected str, bytes or os.PathLike object, not NoneType``."""
+    from qwenkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="^adapter path must be a str or Path, got None$"):
+        llm.load_adapter("sql", None)
+
+
 def test_a_stream_read_the_wrong_way_says_how_and_ends_its_request(llm):
     """An assert (an AssertionError, and under python -O a failure on a None queue) said which way to
     read; now a QwenkitError does, and the request is aborted, its KV memory freed."""

@@ -27,6 +27,7 @@ from qwenkit.engine import Engine, FinishReason, SamplingParams, SamplingParamsE
 from qwenkit.engine.driver import EngineDriver, RequestStream
 from qwenkit.engine.request import RequestId
 from qwenkit.errors import ConfigError, GenerationError, NonFiniteLogitsError
+from qwenkit.load_args import check_adapter_path, check_load_args
 from qwenkit.model import Transformer
 from qwenkit.model.moe import RouterStats, count_routed_tokens
 from qwenkit.tokenizer import HFTokenizer, StreamingDetokenizer, Tokenizer, load_tokenizer
@@ -270,14 +271,16 @@ class LLM:
         checked now; more or larger ones are refused. None: grown as adapters come, no limit."""
         from qwenkit.default_model import bundled_sampling
 
-        # each sizes the KV pool: a str or float failed later with a bare TypeError, some after the load
-        for name, value in (
-            ("max_batch_size", max_batch_size),
-            ("max_seq_len", max_seq_len),
-            ("kv_cache_memory", kv_cache_memory),
-        ):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
-                raise ConfigError(f"{name} must be an integer, got {value!r}")
+        # each size, as a str or float, failed later with a bare TypeError, some after the load
+        sizes = {
+            "max_batch_size": max_batch_size,
+            "max_seq_len": max_seq_len,
+            "kv_cache_memory": kv_cache_memory,
+            "max_loras": max_loras,
+            "max_lora_rank": max_lora_rank,
+        }
+        flags = {"prefix_caching": prefix_caching, "dequantize": dequantize, "cuda_graphs": cuda_graphs}
+        check_load_args(path, sizes, flags, adapter, adapters)
         if max_seq_len is not None and max_seq_len < 2:
             raise ConfigError(
                 f"max_seq_len must be at least 2 (a prompt token and one to generate), got {max_seq_len}"
@@ -397,6 +400,7 @@ class LLM:
         refused adapter changes nothing."""
         from qwenkit.checkpoint.loader import servable_adapter
 
+        check_adapter_path(path)
         self._check_adapters_change()
         whole = servable_adapter(self.model, name, path)  # read here, not in the engine's thread
         pairs = whole
