@@ -286,6 +286,26 @@ def test_load_adapter_refuses_a_path_of_the_wrong_type_by_name(llm):
         llm.load_adapter("sql", None)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"max_batch_size": "2"}, "max_batch_size must be an integer, got '2'"),  # was "at least 1, got '2'"
+        ({"max_seq_len": "100"}, "max_seq_len must be an integer or None, got '100'"),
+        ({"kv_cache_tokens": 1.5}, "kv_cache_tokens must be an integer or None, got 1.5"),
+        ({"prefill_chunk": "64"}, "prefill_chunk must be an integer, got '64'"),
+        ({"prefill_chunk": 0}, "prefill_chunk must be at least 1, got 0"),  # a request never started
+    ],
+)
+def test_an_llm_made_from_a_model_refuses_bad_engine_sizes_by_name(llm, kwargs, message):
+    """``LLM(model, tokenizer, ...)`` (and ``Engine``) took these unchecked: a str max_seq_len failed
+    in the pool's arithmetic, and prefill_chunk=0 left every request waiting for ever."""
+    from qwenkit.engine import SamplingParamsError
+
+    with pytest.raises(SamplingParamsError) as raised:
+        LLM(llm.model, llm.tokenizer, **kwargs)
+    assert str(raised.value) == message
+
+
 def test_a_stream_read_the_wrong_way_says_how_and_ends_its_request(llm):
     """An assert (an AssertionError, and under python -O a failure on a None queue) said which way to
     read; now a QwenkitError does, and the request is aborted, its KV memory freed."""
