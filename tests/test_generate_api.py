@@ -221,6 +221,25 @@ def test_a_request_id_that_cannot_be_hashed_is_refused_by_name(llm, request_id):
     assert list(llm.submit("Hello", SAMPLED, request_id=7))[-1].finish_reason == "length"
 
 
+@pytest.mark.parametrize("loop", ["yes", True])
+def test_a_loop_that_is_not_an_event_loop_is_refused_at_submit_and_the_engine_runs_on(llm, loop):
+    """It was accepted, and the engine's thread died on its first output (``'str' object has no attribute
+    'call_soon_threadsafe'``): every request of that LLM then waited for ever."""
+    from qwenkit.engine import SamplingParamsError
+
+    own = LLM(llm.model, llm.tokenizer, max_batch_size=2)  # a thread that dies takes only this one
+    try:
+        running = own.submit("Once upon a time", SAMPLED)
+        with pytest.raises(
+            SamplingParamsError, match=f"^loop must be an asyncio event loop or None, got {loop!r}$"
+        ):
+            own.submit("Hello", SAMPLED, loop=loop)
+        assert list(running)[-1].finish_reason == "length" and len(running.completion.token_ids) == 24
+        assert running.completion.token_ids == llm.generate("Once upon a time", SAMPLED)[0].token_ids
+    finally:
+        own.close()
+
+
 def test_load_refuses_an_unknown_device_or_an_empty_batch_by_name(tiny_chat_model):
     """device="tpu" failed inside torch (a list of twenty device types); max_batch_size=0 was reported
     as "the KV cache holds 0 tokens"."""

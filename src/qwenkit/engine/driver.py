@@ -109,6 +109,9 @@ class EngineDriver:
     ) -> RequestStream:
         """Queue a request (validated here, in the caller's thread, so bad input raises at once)."""
         self.engine.validate(prompt_ids, params)
+        if loop is not None and not isinstance(loop, asyncio.AbstractEventLoop):
+            # it was taken, and the engine's thread died on the request's first output
+            raise SamplingParamsError(f"loop must be an asyncio event loop or None, got {loop!r:.60}")
         try:  # a list failed below with a bare "unhashable type" from the id set
             hash(request_id)
         except TypeError:
