@@ -268,7 +268,8 @@ class LLM:
         ``max_loras``: hold pairs for that many adapters of rank up to ``max_lora_rank`` from the start
         (vLLM's flags; ``served_adapters.reserve_adapters``), so adapters loaded later
         (:meth:`load_adapter`) never stall the running requests by a rebuild and their memory is
-        checked now; more or larger ones are refused. None: grown as adapters come, no limit."""
+        checked now; more or larger ones are refused. None: grown as adapters come, no limit.
+        An argument of the wrong type is a ConfigError naming it, raised before anything is read."""
         from qwenkit.default_model import bundled_sampling
 
         # each size, as a str or float, failed later with a bare TypeError, some after the load
@@ -396,8 +397,8 @@ class LLM:
         ``path``), ``AdapterNotServable`` or ``CheckpointError`` (it does not fit this model), and
         ValueError for a name already served (without ``replace``) or not served (with it) and past the
         slots or rank held (``max_loras``, ``max_lora_rank``: ``AdapterSlotsFull``,
-        ``AdapterRankTooHigh``), and OutOfMemoryError where it would not fit in the free memory; a
-        refused adapter changes nothing."""
+        ``AdapterRankTooHigh``), OutOfMemoryError where it would not fit in the free memory, and
+        ConfigError for a ``path`` that is not a str or Path; a refused adapter changes nothing."""
         from qwenkit.checkpoint.loader import servable_adapter
 
         check_adapter_path(path)
