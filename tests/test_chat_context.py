@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from qwenkit.chat import ContextOverflowError, build_prompt
+from qwenkit.chat import ChatError, ChatSession, ContextOverflowError, build_prompt
 from qwenkit.engine import SamplingParams
 from qwenkit.generate import LLM
 
@@ -12,6 +12,9 @@ from qwenkit.generate import LLM
 @pytest.fixture(scope="module")
 def llm(tiny_chat_model):
     return LLM.load(tiny_chat_model, dtype="float32", max_seq_len=160, progress=False)
+
+
+PARAMS = SamplingParams(max_tokens=2, temperature=0)
 
 
 def conversation(turns: int) -> list[dict[str, str]]:
@@ -51,3 +54,35 @@ def test_messages_that_are_not_a_list_are_named(llm, messages):
 
     with pytest.raises(TokenizerError, match=r"^chat messages must be a non-empty list of \{'role'"):
         chat(llm, messages, SamplingParams(max_tokens=2))
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda llm: ChatSession(llm, PARAMS, system=5), "system must be a string or None, got 5"),
+        (
+            lambda llm: ChatSession(llm, PARAMS, history=None),
+            "history must be a list of chat messages, got None",
+        ),
+        (
+            lambda llm: ChatSession(llm, {"max_tokens": 2}),
+            "params must be a SamplingParams, got {'max_tokens': 2}",
+        ),
+        (lambda llm: ChatSession(None, PARAMS), "llm must be an LLM (LLM.load(path)), got None"),
+        (lambda llm: list(ChatSession(llm, PARAMS).ask(None)), "the user's text must be a string, got None"),
+        (lambda llm: list(ChatSession(llm, PARAMS).ask(5)), "the user's text must be a string, got 5"),
+    ],
+)
+def test_a_chat_session_refuses_arguments_of_the_wrong_type_by_name(llm, make, message):
+    """Each failed inside the chat template ("'dict object' has no attribute 'content'", "can only
+    concatenate str (not "int") to str") or in list concatenation, naming nothing the caller wrote."""
+    from qwenkit.engine import SamplingParamsError
+
+    with pytest.raises(SamplingParamsError if message.startswith("params") else ChatError) as raised:
+        make(llm)
+    assert str(raised.value) == message
+
+
+def test_a_chat_session_with_none_for_params_uses_the_models_defaults(llm):
+    session = ChatSession(llm, None)
+    assert session.params == llm.default_params()

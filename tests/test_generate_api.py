@@ -143,6 +143,50 @@ def test_a_prompt_that_is_not_token_ids_is_refused_by_name(llm, prompts, message
     assert llm.generate(numpy_ids, SAMPLED)[0].token_ids == llm.generate(ids, SAMPLED)[0].token_ids  # one
 
 
+@pytest.mark.parametrize("prompt", [b"Hello", bytearray(b"Hello")])
+def test_a_bytes_prompt_is_refused_not_run_as_its_byte_values(llm, prompt):
+    """bytes are a sequence of ints: b"Hello" ran silently as the token ids [72, 101, 108, 108, 111]."""
+    from qwenkit.engine import SamplingParamsError
+
+    message = f"^a prompt must be a string or a list of token ids, got {re.escape(repr(prompt))}$"
+    for call in (
+        lambda: llm.generate(prompt, SAMPLED),
+        lambda: llm.submit(prompt, SAMPLED),
+        lambda: list(llm.stream(prompt, SAMPLED)),
+        lambda: llm.router_stats(prompt),
+    ):
+        with pytest.raises(SamplingParamsError, match=message):
+            call()
+    with pytest.raises(SamplingParamsError, match=message):
+        llm.generate(["Hello", prompt], SAMPLED)
+    assert llm.driver.wait_idle() and not llm.engine.has_unfinished()
+
+
+@pytest.mark.parametrize("params", [0, {}, "", []])
+def test_falsy_params_that_are_not_sampling_params_are_refused_not_replaced_by_the_defaults(llm, params):
+    """``params or default_params()`` ran 0, {} or "" silently on the model's defaults; ``chat`` and
+    ``infill`` failed on a missing attribute."""
+    from qwenkit.chat import build_prompt, chat
+    from qwenkit.engine import SamplingParamsError
+
+    message = f"^params must be a SamplingParams, got {re.escape(repr(params))}$"
+    hi = [{"role": "user", "content": "Hi"}]
+    for call in (
+        lambda: llm.generate("Hello", params),
+        lambda: llm.submit("Hello", params),
+        lambda: list(llm.stream("Hello", params)),
+        lambda: chat(llm, hi, params),
+        lambda: build_prompt(llm, hi, params),
+        lambda: chat(llm, hi, {"temperature": 0}),
+    ):
+        with pytest.raises(SamplingParamsError, match=message.replace(re.escape(repr(params)), ".*")):
+            call()
+    with pytest.raises(SamplingParamsError, match=message):
+        llm.generate("Hello", params)
+    assert llm.driver.wait_idle() and not llm.engine.has_unfinished()
+    assert llm.params_or_default(None) == llm.default_params()
+
+
 def test_a_request_id_in_use_is_refused_at_submit_and_never_taken_by_a_generated_one(llm):
     """A caller's id already running used to be accepted and its request to end in "error" when the
     engine's thread met it; a caller's "req-N" made the N-th unnamed request fail that way."""
@@ -163,6 +207,37 @@ def test_a_request_id_in_use_is_refused_at_submit_and_never_taken_by_a_generated
     for s in taken:
         s.abort()
     assert llm.driver.wait_idle() and llm.engine.blocks.usage == 0
+
+
+@pytest.mark.parametrize("request_id", [["a"], {"a": 1}, ("a", [1])])
+def test_a_request_id_that_cannot_be_hashed_is_refused_by_name(llm, request_id):
+    """It failed with a bare ``TypeError: unhashable type: 'list'`` from the driver's id set."""
+    from qwenkit.engine import SamplingParamsError
+
+    message = f"^request_id must be hashable \\(a string or an int\\), got {re.escape(repr(request_id))}$"
+    with pytest.raises(SamplingParamsError, match=message):
+        llm.submit("Hello", SAMPLED, request_id=request_id)
+    assert llm.driver.wait_idle() and not llm.engine.has_unfinished()
+    assert list(llm.submit("Hello", SAMPLED, request_id=7))[-1].finish_reason == "length"
+
+
+@pytest.mark.parametrize("loop", ["yes", True])
+def test_a_loop_that_is_not_an_event_loop_is_refused_at_submit_and_the_engine_runs_on(llm, loop):
+    """It was accepted, and the engine's thread died on its first output (``'str' object has no attribute
+    'call_soon_threadsafe'``): every request of that LLM then waited for ever."""
+    from qwenkit.engine import SamplingParamsError
+
+    own = LLM(llm.model, llm.tokenizer, max_batch_size=2)  # a thread that dies takes only this one
+    try:
+        running = own.submit("Once upon a time", SAMPLED)
+        with pytest.raises(
+            SamplingParamsError, match=f"^loop must be an asyncio event loop or None, got {loop!r}$"
+        ):
+            own.submit("Hello", SAMPLED, loop=loop)
+        assert list(running)[-1].finish_reason == "length" and len(running.completion.token_ids) == 24
+        assert running.completion.token_ids == llm.generate("Once upon a time", SAMPLED)[0].token_ids
+    finally:
+        own.close()
 
 
 def test_load_refuses_an_unknown_device_or_an_empty_batch_by_name(tiny_chat_model):
@@ -193,6 +268,61 @@ def test_load_refuses_sizes_that_are_not_integers_by_name(tiny_chat_model, optio
 
     with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
         LLM.load(tiny_chat_model, dtype="float32", progress=False, **{option: value})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"path": None}, "path must be a model directory or a .gguf file (a str or Path), got None"),
+        ({"path": 5}, "path must be a model directory or a .gguf file (a str or Path), got 5"),
+        ({"adapter": 5}, "adapter must be a path to a LoRA adapter (a str or Path) or None, got 5"),
+        ({"adapters": ["a"]}, "adapters must map names to adapter paths, got ['a']"),
+        ({"adapters": {"a": 5}}, "adapters must map names to adapter paths, got {'a': 5}"),
+        ({"max_loras": "2"}, "max_loras must be an integer, got '2'"),
+        ({"max_lora_rank": "8"}, "max_lora_rank must be an integer, got '8'"),
+        ({"prefix_caching": "no"}, "prefix_caching must be True or False, got 'no'"),
+        ({"dequantize": "yes"}, "dequantize must be True or False, got 'yes'"),
+        ({"cuda_graphs": "no"}, "cuda_graphs must be True, False or None, got 'no'"),
+    ],
+)
+def test_load_refuses_arguments_of_the_wrong_type_by_name(tiny_chat_model, kwargs, message):
+    """A path of None failed in pathlib (``expected str, bytes or os.PathLike object``), adapters as a
+    list in dict(), a str max_loras in a comparison after the weights had loaded; "no" turned prefix
+    caching or CUDA graphs on."""
+    from qwenkit.errors import ConfigError
+
+    args = {"path": tiny_chat_model, "dtype": "float32", "progress": False, **kwargs}
+    with pytest.raises(ConfigError) as raised:
+        LLM.load(args.pop("path"), **args)
+    assert str(raised.value) == message
+
+
+def test_load_adapter_refuses_a_path_of_the_wrong_type_by_name(llm):
+    """None failed in pathlib: ``expected str, bytes or os.PathLike object, not NoneType``."""
+    from qwenkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="^adapter path must be a str or Path, got None$"):
+        llm.load_adapter("sql", None)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"max_batch_size": "2"}, "max_batch_size must be an integer, got '2'"),  # was "at least 1, got '2'"
+        ({"max_seq_len": "100"}, "max_seq_len must be an integer or None, got '100'"),
+        ({"kv_cache_tokens": 1.5}, "kv_cache_tokens must be an integer or None, got 1.5"),
+        ({"prefill_chunk": "64"}, "prefill_chunk must be an integer, got '64'"),
+        ({"prefill_chunk": 0}, "prefill_chunk must be at least 1, got 0"),  # a request never started
+    ],
+)
+def test_an_llm_made_from_a_model_refuses_bad_engine_sizes_by_name(llm, kwargs, message):
+    """``LLM(model, tokenizer, ...)`` (and ``Engine``) took these unchecked: a str max_seq_len failed
+    in the pool's arithmetic, and prefill_chunk=0 left every request waiting for ever."""
+    from qwenkit.engine import SamplingParamsError
+
+    with pytest.raises(SamplingParamsError) as raised:
+        LLM(llm.model, llm.tokenizer, **kwargs)
+    assert str(raised.value) == message
 
 
 def test_a_stream_read_the_wrong_way_says_how_and_ends_its_request(llm):

@@ -22,6 +22,10 @@ class ContextOverflowError(QwenkitError, ValueError):
     """Even the newest message alone does not fit in the context window."""
 
 
+class ChatError(QwenkitError, ValueError):
+    """A chat session's argument of the wrong type (it failed inside the chat template, naming nothing)."""
+
+
 def build_prompt(
     llm: LLM,
     messages: Sequence[Message],
@@ -47,6 +51,7 @@ def fit_messages(
 ) -> tuple[list[Message], list[int]]:
     """``messages`` less their oldest whole turns (the system message stays) until ``render``'s prompt ids
     for them leave room for the reply in the window; returns those messages and their prompt ids."""
+    params = llm.params_or_default(params)  # a dict failed below on a missing attribute
     window = llm.engine.max_seq_len
     # the template's own check names anything else (list(None) raised TypeError, list("hi") made letters)
     msgs = list(messages) if isinstance(messages, list | tuple) else messages
@@ -69,7 +74,7 @@ def chat_stream(
     llm: LLM, messages: Sequence[Message], params: SamplingParams | None = None, **template_kwargs: Any
 ) -> Iterator[Delta]:
     """Stream the assistant's reply to ``messages``."""
-    params = params or llm.default_params()
+    params = llm.params_or_default(params)
     yield from llm.stream(build_prompt(llm, messages, params, **template_kwargs), params)
 
 
@@ -85,12 +90,21 @@ class ChatSession:
     """A conversation: system prompt, history and sampling settings that persist between turns."""
 
     llm: LLM
-    params: SamplingParams
+    params: SamplingParams | None  # None: the model's defaults (``LLM.default_params``)
     system: str | None = None
     history: list[Message] = field(default_factory=list)
     # the last reply that ran to its end: its finish reason and token count (None before, or when it was
     # interrupted or failed)
     completion: Completion | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.llm, LLM):
+            raise ChatError(f"llm must be an LLM (LLM.load(path)), got {self.llm!r:.60}")
+        self.params = self.llm.params_or_default(self.params)
+        if self.system is not None and not isinstance(self.system, str):
+            raise ChatError(f"system must be a string or None, got {self.system!r:.60}")
+        if not isinstance(self.history, list):
+            raise ChatError(f"history must be a list of chat messages, got {self.history!r:.60}")
 
     def messages(self, user_text: str) -> list[Message]:
         head = [{"role": "system", "content": self.system}] if self.system else []
@@ -99,6 +113,8 @@ class ChatSession:
     def ask(self, user_text: str) -> Iterator[str]:
         """Stream the reply. The turn joins the history when the reply ends or is interrupted after it
         began (a prompt that does not fit, or a failure before any text, leaves the history as it was)."""
+        if not isinstance(user_text, str):
+            raise ChatError(f"the user's text must be a string, got {user_text!r:.60}")
         reply: list[str] = []
         started = False
         self.completion = None

@@ -27,6 +27,7 @@ from qwenkit.engine import Engine, FinishReason, SamplingParams, SamplingParamsE
 from qwenkit.engine.driver import EngineDriver, RequestStream
 from qwenkit.engine.request import RequestId
 from qwenkit.errors import ConfigError, GenerationError, NonFiniteLogitsError
+from qwenkit.load_args import check_adapter_path, check_load_args
 from qwenkit.model import Transformer
 from qwenkit.model.moe import RouterStats, count_routed_tokens
 from qwenkit.tokenizer import HFTokenizer, StreamingDetokenizer, Tokenizer, load_tokenizer
@@ -267,17 +268,20 @@ class LLM:
         ``max_loras``: hold pairs for that many adapters of rank up to ``max_lora_rank`` from the start
         (vLLM's flags; ``served_adapters.reserve_adapters``), so adapters loaded later
         (:meth:`load_adapter`) never stall the running requests by a rebuild and their memory is
-        checked now; more or larger ones are refused. None: grown as adapters come, no limit."""
+        checked now; more or larger ones are refused. None: grown as adapters come, no limit.
+        An argument of the wrong type is a ConfigError naming it, raised before anything is read."""
         from qwenkit.default_model import bundled_sampling
 
-        # each sizes the KV pool: a str or float failed later with a bare TypeError, some after the load
-        for name, value in (
-            ("max_batch_size", max_batch_size),
-            ("max_seq_len", max_seq_len),
-            ("kv_cache_memory", kv_cache_memory),
-        ):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
-                raise ConfigError(f"{name} must be an integer, got {value!r}")
+        # each size, as a str or float, failed later with a bare TypeError, some after the load
+        sizes = {
+            "max_batch_size": max_batch_size,
+            "max_seq_len": max_seq_len,
+            "kv_cache_memory": kv_cache_memory,
+            "max_loras": max_loras,
+            "max_lora_rank": max_lora_rank,
+        }
+        flags = {"prefix_caching": prefix_caching, "dequantize": dequantize, "cuda_graphs": cuda_graphs}
+        check_load_args(path, sizes, flags, adapter, adapters)
         if max_seq_len is not None and max_seq_len < 2:
             raise ConfigError(
                 f"max_seq_len must be at least 2 (a prompt token and one to generate), got {max_seq_len}"
@@ -357,6 +361,15 @@ class LLM:
                 defaults["temperature"] = 0.0
         return SamplingParams(**{**defaults, **{k: v for k, v in overrides.items() if v is not None}})
 
+    def params_or_default(self, params: SamplingParams | None) -> SamplingParams:
+        """``params``, or ``default_params()`` for None. Anything else is refused by name: ``params or
+        default`` ran a falsy 0 or {} silently on the defaults, and a dict failed later on an attribute."""
+        if params is None:
+            return self.default_params()
+        if not isinstance(params, SamplingParams):
+            raise SamplingParamsError(f"params must be a SamplingParams, got {params!r:.60}")
+        return params
+
     def router_stats(self, prompt: str | Sequence[int]) -> RouterStats:
         """Tokens each expert of every MoE layer receives while the model reads ``prompt``.
 
@@ -384,10 +397,11 @@ class LLM:
         ``path``), ``AdapterNotServable`` or ``CheckpointError`` (it does not fit this model), and
         ValueError for a name already served (without ``replace``) or not served (with it) and past the
         slots or rank held (``max_loras``, ``max_lora_rank``: ``AdapterSlotsFull``,
-        ``AdapterRankTooHigh``), and OutOfMemoryError where it would not fit in the free memory; a
-        refused adapter changes nothing."""
+        ``AdapterRankTooHigh``), OutOfMemoryError where it would not fit in the free memory, and
+        ConfigError for a ``path`` that is not a str or Path; a refused adapter changes nothing."""
         from qwenkit.checkpoint.loader import servable_adapter
 
+        check_adapter_path(path)
         self._check_adapters_change()
         whole = servable_adapter(self.model, name, path)  # read here, not in the engine's thread
         pairs = whole
@@ -427,7 +441,8 @@ class LLM:
         one), token ids as given."""
         if isinstance(prompt, str):
             return self.tokenizer.encode_prompt(prompt)
-        if not isinstance(prompt, Sequence):  # None or a bare int failed in list() with a TypeError
+        # None or a bare int failed in list() with a TypeError; bytes ran silently as ids (b"hi": [104, 105])
+        if isinstance(prompt, bytes | bytearray) or not isinstance(prompt, Sequence):
             raise SamplingParamsError(f"a prompt must be a string or a list of token ids, got {prompt!r:.60}")
         return list(prompt)
 
@@ -440,7 +455,7 @@ class LLM:
     ) -> TextStream:
         """Start one request now; read its Deltas from the returned stream (``async for`` when ``loop``
         is given). Bad input raises here, before anything runs."""
-        params = params or self.default_params()
+        params = self.params_or_default(params)
         ids = self.encode(prompt)
         self.engine.validate(ids, params)  # before the text state reads params
         hidden = self.eos_token_ids | frozenset(params.stop_token_ids)
@@ -462,7 +477,7 @@ class LLM:
             raise SamplingParamsError(f"prompts must be a string or a list of prompts, got {prompts!r:.60}")
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], numbers.Integral)):  # one prompt
             prompts = [prompts]  # type: ignore[list-item]
-        params = params or self.default_params()
+        params = self.params_or_default(params)
         encoded = [self.encode(p) for p in prompts]
         for ids in encoded:
             self.engine.validate(ids, params)
@@ -491,7 +506,7 @@ class LLM:
         (Qwen2.5-Coder, Qwen3-Coder) writes it: the prompt ``Tokenizer.encode_fim`` makes, run with
         ``fim_params``. TokenizerError for a tokenizer without the FIM tokens."""
         ids = self.tokenizer.encode_fim(prefix, suffix)
-        return self.generate([ids], self.fim_params(params or self.default_params()))[0]
+        return self.generate([ids], self.fim_params(self.params_or_default(params)))[0]
 
     def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> Iterator[Delta]:
         """Yield text as it is produced; the final Delta carries the finish reason.

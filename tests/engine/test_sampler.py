@@ -323,6 +323,9 @@ def test_draws_follow_transformers_over_random_settings_and_masked_rows():
         ({"stop_token_ids": [1.0]}, "stop_token_ids must hold integers, got (1.0,)"),
         ({"adapter": 3}, "adapter must be a string or None, got 3"),
         ({"ignore_eos": 1}, "ignore_eos must be True or False, got 1"),
+        # "no" was taken as true (the stop string kept), None as false
+        ({"include_stop_str_in_output": "no"}, "include_stop_str_in_output must be True or False, got 'no'"),
+        ({"include_stop_str_in_output": None}, "include_stop_str_in_output must be True or False, got None"),
     ],
 )
 def test_sampling_params_refuse_a_wrong_type_by_name(fields, message):

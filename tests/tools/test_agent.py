@@ -130,6 +130,41 @@ def test_code_interpreter_reports_a_cut_in_bytes_without_a_broken_character(tmp_
     assert report == "stdout:\n\n```\n" + "é" * 25 + "\n```\n\n[output cut at 51 bytes]"
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"timeout": "5"}, "timeout must be a number of seconds > 0, got '5'"),
+        ({"timeout": -1}, "timeout must be a number of seconds > 0, got -1"),
+        ({"timeout": float("inf")}, "timeout must be a number of seconds > 0, got inf"),
+        ({"memory_mb": "x"}, "memory_mb must be an integer >= 1, got 'x'"),
+        ({"memory_mb": 0}, "memory_mb must be an integer >= 1, got 0"),
+        ({"max_output": -5}, "max_output must be an integer >= 1, got -5"),
+        ({"workdir": 5}, "workdir must be a path or None, got 5"),
+        ({"python": 3}, "python must be a path to an interpreter or None, got 3"),
+    ],
+)
+def test_code_interpreter_settings_are_refused_by_name(kwargs, message):
+    """A str timeout failed in the kernel's arithmetic, a str memory_mb in prlimit's exec ("Argument
+    list too long"), a negative max_output in a read, a workdir of 5 in pathlib; -1 seconds and 0 MB
+    came back to the model as the sandbox's own failure."""
+    from qwenkit.tools.code_interpreter import InterpreterError
+
+    with pytest.raises(InterpreterError) as raised:
+        CodeInterpreter(**kwargs)
+    assert str(raised.value) == message
+
+
+def test_code_that_is_not_a_string_is_refused_by_name_and_the_model_is_told(tmp_path):
+    """None ran in the kernel and came back as a traceback of the kernel's own bootstrap code."""
+    from qwenkit.tools.code_interpreter import InterpreterError
+
+    interpreter = CodeInterpreter(timeout=5, workdir=tmp_path)
+    with pytest.raises(InterpreterError, match="^code must be a string, got None$"):
+        interpreter(None)
+    assert interpreter.tool().run('{"code": 5}') == "error: InterpreterError: code must be a string, got 5"
+    interpreter.close()
+
+
 STDOUT_1 = "stdout:\n\n```\n1\n\n```"  # Qwen-Agent's words: print's newline inside the fence
 
 
@@ -186,6 +221,74 @@ def test_react_code_interpreter_call_written_as_a_fenced_block_runs(steered, tmp
     result = Agent(llm, [ADD], params=PARAMS).run("What is 2+3?")
     assert (result.answer, result.rounds) == (plain, 1)
     assert not steered[1]
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: Tool(None, len), "a tool's name must be a non-empty string, got None"),
+        (lambda: Tool("", len), "a tool's name must be a non-empty string, got ''"),
+        (lambda: Tool("add", None), "tool 'add': fn must be callable, got None"),
+        (lambda: Tool("add", len, None), "tool 'add': description must be a string, got None"),
+        (
+            lambda: Tool("add", len, "d", None),
+            "tool 'add': parameters must be a JSON schema object, got None",
+        ),
+        (
+            lambda: Tool("add", len, "d", {"type": "string"}),
+            'tool \'add\': parameters must be a schema of "type": "object" (the function\'s keyword '
+            "arguments), got 'string'",
+        ),
+        (
+            lambda: Tool("add", len, text_arguments="code"),
+            "tool 'add': text_arguments must be callable or None, got 'code'",
+        ),
+    ],
+)
+def test_a_bad_tool_is_refused_when_made_by_name(make, message):
+    """A name of None failed mid-run inside the ReAct prompt (``sequence item 0: expected str``); a fn of
+    None, or a schema that is not an object's, was offered to the model and every call failed as text."""
+    with pytest.raises(ToolError) as raised:
+        make()
+    assert str(raised.value) == message
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"tools": None}, "tools must be a list of Tool objects, got None"),
+        ({"tools": ADD}, "tools must be a list of Tool objects, got a Tool (put it in a list: [tool])"),
+        ({"max_rounds": "5"}, "max_rounds must be an integer >= 1, got '5'"),
+        ({"max_rounds": 2.5}, "max_rounds must be an integer >= 1, got 2.5"),
+        ({"max_rounds": None}, "max_rounds must be an integer >= 1, got None"),
+        ({"max_rounds": True}, "max_rounds must be an integer >= 1, got True"),
+        ({"llm": None}, "llm must be an LLM (LLM.load(path)), got None"),
+        ({"llm": "model.gguf"}, "llm must be an LLM (LLM.load(path)), got 'model.gguf'"),
+    ],
+)
+def test_a_bad_agent_argument_is_refused_by_name(steered, kwargs, message):
+    """Each failed later with a bare TypeError or AttributeError (``'NoneType' object is not
+    iterable``, ``'<' not supported between instances of 'str' and 'int'``); True ran one round."""
+    args = {"llm": steered[0], "tools": [ADD], **kwargs}
+    with pytest.raises(ToolError) as raised:
+        Agent(args.pop("llm"), args.pop("tools"), **args)
+    assert str(raised.value) == message
+
+
+def test_bad_agent_params_or_messages_are_refused_by_name(steered):
+    from qwenkit.engine import SamplingParamsError
+
+    with pytest.raises(
+        SamplingParamsError, match=r"^params must be a SamplingParams, got \{'temperature': 0\}$"
+    ):
+        Agent(steered[0], [ADD], params={"temperature": 0})
+    agent = Agent(steered[0], [ADD], params=PARAMS)
+    for messages in (None, 5):
+        with pytest.raises(
+            ToolError, match=f"^messages must be a string or a list of chat messages, got {messages}$"
+        ):
+            agent.run(messages)
+    assert steered[0].driver.wait_idle() and not steered[0].engine.has_unfinished()
 
 
 def chatml_without_tools(template: str) -> str:

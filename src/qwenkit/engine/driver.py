@@ -109,6 +109,15 @@ class EngineDriver:
     ) -> RequestStream:
         """Queue a request (validated here, in the caller's thread, so bad input raises at once)."""
         self.engine.validate(prompt_ids, params)
+        if loop is not None and not isinstance(loop, asyncio.AbstractEventLoop):
+            # it was taken, and the engine's thread died on the request's first output
+            raise SamplingParamsError(f"loop must be an asyncio event loop or None, got {loop!r:.60}")
+        try:  # a list failed below with a bare "unhashable type" from the id set
+            hash(request_id)
+        except TypeError:
+            raise SamplingParamsError(
+                f"request_id must be hashable (a string or an int), got {request_id!r:.60}"
+            ) from None
         with self._lock:
             if request_id is None:
                 request_id = next(i for i in (f"req-{n}" for n in self._ids) if i not in self._open_ids)

@@ -64,6 +64,32 @@ class EngineStats:
     preemptions: int
 
 
+def _check_sizes(
+    max_batch_size: object, max_seq_len: object, prefill_chunk: object, kv_cache_tokens: object
+) -> None:
+    """SamplingParamsError naming a size of the wrong type or below 1: a str failed in the pool's
+    arithmetic, max_batch_size 0 was reported as a KV cache of 0 tokens, and prefill_chunk 0 left every
+    request waiting for ever."""
+
+    def is_int(value: object) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    for name, value, optional in (
+        ("max_batch_size", max_batch_size, False),
+        ("prefill_chunk", prefill_chunk, False),
+        ("max_seq_len", max_seq_len, True),
+        ("kv_cache_tokens", kv_cache_tokens, True),
+    ):
+        if optional and value is None:
+            continue
+        if not is_int(value):
+            raise SamplingParamsError(
+                f"{name} must be an integer{' or None' if optional else ''}, got {value!r}"
+            )
+        if not optional and value < 1:
+            raise SamplingParamsError(f"{name} must be at least 1, got {value!r}")
+
+
 class Engine:
     def __init__(
         self,
@@ -81,6 +107,7 @@ class Engine:
         kv_cache_tokens: the pool's size in tokens (default: every row at ``max_seq_len``).
         cuda_graphs: run decode-only steps as CUDA graphs (``decode_graph.py``); None: on when the model
         is on a CUDA device. True on the CPU runs the same static-shape step without capture."""
+        _check_sizes(max_batch_size, max_seq_len, prefill_chunk, kv_cache_tokens)
         self.model = model
         config = model.config
         self.vocab_size = config.vocab_size
@@ -89,9 +116,6 @@ class Engine:
         self.device, self.dtype = next(model.parameters()).device, _activation_dtype(model)
         # the LoRA adapters the model serves (``model.served_adapters``); ``add_adapter`` changes them
         self.adapters: AdapterBank | None = getattr(model, "adapters", None)
-        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
-            # 0 was reported as a KV cache of 0 tokens
-            raise SamplingParamsError(f"max_batch_size must be at least 1, got {max_batch_size!r}")
         pool_tokens = kv_cache_tokens or max_batch_size * self.max_seq_len
         if pool_tokens < self.max_seq_len:
             raise SamplingParamsError(

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 class ToolError(QwenkitError, ValueError):
-    """A tool definition is unusable."""
+    """A tool or agent definition is unusable."""
 
 
 @dataclass
@@ -35,6 +35,28 @@ class Tool:
     # Arguments the model wrote as plain text instead of a JSON object, read as this tool's own runner
     # reads them (Qwen-Agent's code interpreter takes a fenced block or bare code); None: refused as text.
     text_arguments: Callable[[str], dict[str, Any]] | None = None
+
+    def __post_init__(self) -> None:
+        # each of these was offered to the model and failed only mid-run: a name of None inside the
+        # prompt's rendering, a fn of None (or a schema the keyword arguments cannot match) on every call
+        if not isinstance(self.name, str) or not self.name:
+            raise ToolError(f"a tool's name must be a non-empty string, got {self.name!r:.60}")
+        where = f"tool {self.name!r}"
+        if not callable(self.fn):
+            raise ToolError(f"{where}: fn must be callable, got {self.fn!r:.60}")
+        if not isinstance(self.description, str):
+            raise ToolError(f"{where}: description must be a string, got {self.description!r:.60}")
+        if not isinstance(self.parameters, dict):
+            raise ToolError(f"{where}: parameters must be a JSON schema object, got {self.parameters!r:.60}")
+        if self.parameters.get("type", "object") != "object":
+            raise ToolError(
+                f'{where}: parameters must be a schema of "type": "object" (the function\'s keyword '
+                f"arguments), got {self.parameters['type']!r:.60}"
+            )
+        if self.text_arguments is not None and not callable(self.text_arguments):
+            raise ToolError(
+                f"{where}: text_arguments must be callable or None, got {self.text_arguments!r:.60}"
+            )
 
     def spec(self) -> dict[str, Any]:
         return {
@@ -66,6 +88,11 @@ class Agent:
     def __init__(
         self, llm: LLM, tools: list[Tool], *, max_rounds: int = 5, params: SamplingParams | None = None
     ) -> None:
+        if not isinstance(llm, LLM):
+            raise ToolError(f"llm must be an LLM (LLM.load(path)), got {llm!r:.60}")
+        if not isinstance(tools, list | tuple):
+            hint = "a Tool (put it in a list: [tool])" if isinstance(tools, Tool) else f"{tools!r:.60}"
+            raise ToolError(f"tools must be a list of Tool objects, got {hint}")
         for t in tools:
             if not isinstance(t, Tool):  # a bare callable would fail later, on an attribute, mid-run
                 hint = " (use CodeInterpreter().tool())" if type(t).__name__ == "CodeInterpreter" else ""
@@ -73,10 +100,10 @@ class Agent:
         names = [t.name for t in tools]
         if len(set(names)) != len(names):
             raise ToolError(f"tool names must be unique, got {names}")
-        if max_rounds < 1:
-            raise ToolError(f"max_rounds must be >= 1, got {max_rounds}")
+        if isinstance(max_rounds, bool) or not isinstance(max_rounds, int) or max_rounds < 1:
+            raise ToolError(f"max_rounds must be an integer >= 1, got {max_rounds!r:.60}")
         self.llm, self.tools, self.max_rounds = llm, {t.name: t for t in tools}, max_rounds
-        self.params = params or llm.default_params()
+        self.params = llm.params_or_default(params)
         self.style = template_style(llm.tokenizer.chat_template)
 
     def _reply(
@@ -131,6 +158,8 @@ class Agent:
     def stream(self, messages: list[dict[str, Any]] | str) -> Generator[str, None, AgentResult]:
         """``run``, yielding the visible text of every reply as the model writes it (never tool-call
         markup); the tools run between replies. Returns the AgentResult."""
+        if not isinstance(messages, str | list | tuple):  # None or 5 failed in list() with a TypeError
+            raise ToolError(f"messages must be a string or a list of chat messages, got {messages!r:.60}")
         history = [{"role": "user", "content": messages}] if isinstance(messages, str) else list(messages)
         completion = None
         for round_ in range(1, self.max_rounds + 1):
@@ -206,6 +235,8 @@ def typed_tools(specs: list[dict[str, Any]], ask: Callable[[str, str], str]) -> 
         return lambda **kwargs: ask(name, json.dumps(kwargs, ensure_ascii=False))
 
     return [
-        Tool(s["name"], make(s["name"]), s.get("description", ""), s.get("parameters") or {"type": "object"})
+        Tool(
+            s["name"], make(s["name"]), s.get("description") or "", s.get("parameters") or {"type": "object"}
+        )
         for s in specs
     ]

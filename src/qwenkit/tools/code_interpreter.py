@@ -11,12 +11,15 @@ as Qwen-Agent names it, ``![fig-001](path)``, where the interpreter's Python has
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from qwenkit.errors import QwenkitError
 from qwenkit.sandbox_kernel import TIMEOUT_MESSAGE, CellResult, PythonKernel
 
 if TYPE_CHECKING:
@@ -36,6 +39,14 @@ FUNCTION = {
 }
 
 
+class InterpreterError(QwenkitError, ValueError):
+    """A code interpreter setting, or code to run, that is unusable."""
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 @dataclass
 class CodeInterpreter:
     """Callable as a tool: ``interpreter(code=...)`` -> text for the model. Variables and files persist
@@ -50,11 +61,27 @@ class CodeInterpreter:
     kernel: PythonKernel = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        # each failed later, deep in the kernel (a str in its arithmetic, in prlimit's exec, in a read), or
+        # came back to the model as the sandbox's own failure
+        timeout = self.timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout < math.inf:
+            raise InterpreterError(f"timeout must be a number of seconds > 0, got {timeout!r:.60}")
+        for name in ("memory_mb", "max_output"):
+            if not _positive_int(getattr(self, name)):
+                raise InterpreterError(f"{name} must be an integer >= 1, got {getattr(self, name)!r:.60}")
+        if self.workdir is not None and not isinstance(self.workdir, str | os.PathLike):
+            raise InterpreterError(f"workdir must be a path or None, got {self.workdir!r:.60}")
+        if self.python is not None and not isinstance(self.python, str | os.PathLike):
+            raise InterpreterError(
+                f"python must be a path to an interpreter or None, got {self.python!r:.60}"
+            )
         self.kernel = PythonKernel(memory_mb=self.memory_mb, workdir=self.workdir, python=self.python)
         self.workdir = self.kernel.workdir
         weakref.finalize(self, self.kernel.close)  # the process and a scratch directory go with it
 
     def __call__(self, code: str) -> str:
+        if not isinstance(code, str):  # None ran, and came back as a traceback of the kernel's own code
+            raise InterpreterError(f"code must be a string, got {code!r:.60}")
         return report(
             self.kernel.run(code, timeout=self.timeout, max_output=self.max_output), self.max_output
         )
