@@ -198,6 +198,30 @@ def test_the_work_directory_by_its_path_is_the_callers(tmp_path: Path):
     assert (tmp_path / "by_home.txt").read_text() + (tmp_path / "by_path.txt").read_text() == "ab"
 
 
+def test_an_interpreter_under_tmp_stays_reachable_and_read_only(monkeypatch):
+    """A venv under /tmp (a checkout there, as a CI clone may be) was hidden by the sandbox's private /tmp:
+    its Python was "not found". Its environment is bound back, read-only."""
+    import sys
+
+    monkeypatch.setattr(sandbox, "_can_drop_privileges", lambda: False)  # a venv of ours, not the run uid's
+    venv = Path(tempfile.mkdtemp(prefix="qwenkit-test-venv-", dir="/tmp"))
+    try:
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+        code = """
+        import sys
+        print(sys.prefix)
+        try:
+            open(sys.prefix + "/x", "w")
+        except OSError as e:
+            print(e.strerror)
+        """
+        r = run(code, python=str(venv / "bin" / "python"))
+        assert r.ok, r.stderr
+        assert r.stdout == f"{venv}\nRead-only file system\n"
+    finally:
+        shutil.rmtree(venv)
+
+
 def test_cannot_read_the_harness_files(outside_dir: Path):
     secret_dir = outside_dir / "harness"
     secret_dir.mkdir(mode=0o700)

@@ -95,15 +95,36 @@ _run(int(sys.argv[1]))
 # at its own path (it lives under /tmp, which the tmpfs just hid). The source is the working directory the
 # child starts in, taken as is: mount would canonicalize a path (even /proc/self/fd/N) to its name, which
 # by then names an empty directory in the tmpfs, so HOME and absolute paths missed the caller's files.
+# The interpreter's environment, where the tmpfs would hide it too (its venv under /tmp: $1, from
+# ``_hidden_prefix``), is bound back read-only from a descriptor opened before the tmpfs covered it.
 _MOUNT_SCRIPT = """\
 set -e
-for d in /tmp /var/tmp /dev/shm /run/lock; do
+keep=$1
+shift
+[ -z "$keep" ] || exec 8<"$keep"
+for d in $COVERED; do
   [ -d "$d" ] && [ ! -L "$d" ] && mount -t tmpfs -o size=16m,mode=1777,nosuid,nodev tmpfs "$d"
 done
 mkdir -p "$QK_WORK"
 mount --no-canonicalize --bind . "$QK_WORK"
+if [ -n "$keep" ]; then
+  mkdir -p "$keep"
+  mount --no-canonicalize --bind /proc/self/fd/8 "$keep"
+  mount -o remount,bind,ro,nosuid,nodev "$keep"
+  exec 8<&-
+fi
 exec "$@"
 """
+COVERED = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")  # private tmpfs mounts in the run's namespace
+_MOUNT_SCRIPT = _MOUNT_SCRIPT.replace("$COVERED", " ".join(COVERED))
+
+
+def _hidden_prefix(interpreter: str) -> str:
+    """The interpreter's environment (a venv: the directory above its bin/) where a private tmpfs would
+    hide it (a checkout under /tmp), for the mount script to bind back read-only; else ""."""
+    prefix = os.path.abspath(os.path.dirname(os.path.dirname(interpreter)))
+    return prefix if any(prefix.startswith(d + "/") for d in COVERED) else ""
+
 
 UID_BASE = 61000  # dedicated uids for runs when we are root (61000 .. 61999)
 SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
@@ -302,7 +323,8 @@ def _command(
     else:
         _warn_once("prlimit not found: the sandbox runs without resource limits")
     if _namespaces_work():
-        argv += [*_unshare(), "sh", "-c", _MOUNT_SCRIPT, "sandbox", *_drop_namespace_root()]
+        keep = _hidden_prefix(interpreter)
+        argv += [*_unshare(), "sh", "-c", _MOUNT_SCRIPT, "sandbox", keep, *_drop_namespace_root()]
         isolation += ["netns", "pidns", "ipcns", "mountns"]
     else:
         _warn_once(
