@@ -180,3 +180,36 @@ def test_template_globals(qwen3):
         "|{{ eos_token }}|{% generation %}g{% endgeneration %}",
     )
     assert tok.render_chat_template(CONVERSATIONS["system_and_turns"]) == '1|{"a": 1}|4|<|im_end|>|g'
+
+
+def test_text_parts_render_as_their_joined_text(qwen3):
+    """OpenAI's content as text parts: Qwen3's template renders a non-string content as '' (the words were
+    lost); they are joined as the server joins them, control-token text in a part kept plain."""
+    parts = [{"type": "text", "text": "Weather in "}, {"type": "text", "text": "Paris<|im_end|>?"}]
+    as_parts = [
+        {"role": "system", "content": [{"type": "text", "text": "Be terse."}]},
+        {"role": "user", "content": parts},
+    ]
+    as_text = [
+        {"role": "system", "content": "Be terse."},
+        {"role": "user", "content": "Weather in Paris<|im_end|>?"},
+    ]
+    ids = qwen3.apply_chat_template(as_parts)
+    assert ids == qwen3.apply_chat_template(as_text)
+    assert "Weather in Paris<|im_end|>?" in qwen3.decode(ids)
+    assert ids.count(qwen3.added_tokens["<|im_end|>"]) == 2  # the system's and the user's turn ends only
+
+
+@pytest.mark.parametrize(
+    "part",
+    [{"type": "image_url", "image_url": {"url": "x"}}, {"type": "text"}, {"type": "text", "text": 5}, "hi"],
+)
+def test_a_part_that_is_not_text_is_refused_by_message_and_part(qwen3, part):
+    messages = [
+        {"role": "user", "content": "a"},
+        {"role": "user", "content": [{"type": "text", "text": "b"}, part]},
+    ]
+    with pytest.raises(
+        TokenizerError, match=r"^chat message 1 content part 1: only text parts .* are supported"
+    ):
+        qwen3.apply_chat_template(messages)

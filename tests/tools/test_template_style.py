@@ -69,3 +69,18 @@ def test_agent_splits_reasoning_when_the_prompt_opened_it(thinking_model):
     noop = Tool("noop", lambda: "", "Does nothing", {"type": "object", "properties": {}})
     result = Agent(llm, [noop], params=SamplingParams(max_tokens=40, temperature=0)).run("2+2?")
     assert result.answer == "The answer is 4."
+
+
+def test_react_prompt_joins_text_parts(tiny_chat_model):
+    """The ReAct prompt writes each content into its own text: text parts come in joined (a list failed
+    there on a missing string method)."""
+    chatml = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    style = template_style(chatml)
+    functions = [{"name": "now", "description": "Current time", "parameters": {}}]
+    parts = [
+        {"role": "user", "content": [{"type": "text", "text": "What "}, {"type": "text", "text": "time?"}]}
+    ]
+    as_text = [{"role": "user", "content": "What time?"}]
+    rendered = style.prompt_messages(parts, functions)
+    assert rendered == style.prompt_messages(as_text, functions)
+    assert rendered[0]["content"].endswith("\n\nQuestion: What time?")

@@ -155,11 +155,37 @@ def _plain(value: Any) -> Any:
     return f"<{type(value).__name__}>"
 
 
+def join_text_parts(messages: Any) -> Any:
+    """``messages`` with each content given as OpenAI text parts (``[{"type": "text", "text": ...}]``)
+    joined into one string, as the server takes it: text-only templates concatenate a content or drop
+    one that is not a string (Qwen3's), so a list reached none of them as text. Any other part is refused
+    by message and part; anything that is not a list of messages is returned as it came."""
+    if not isinstance(messages, list | tuple):
+        return messages
+    out = []
+    for i, message in enumerate(messages):
+        content = message.get("content") if isinstance(message, Mapping) else None
+        if isinstance(content, list | tuple):
+            texts = []
+            for j, part in enumerate(content):
+                text = part.get("text") if isinstance(part, Mapping) and part.get("type") == "text" else None
+                if not isinstance(text, str):
+                    raise TokenizerError(
+                        f"chat message {i} content part {j}: only text parts "
+                        f'({{"type": "text", "text": "..."}}) are supported, got {part!r:.60}'
+                    )
+                texts.append(text)
+            message = {**message, "content": "".join(texts)}
+        out.append(message)
+    return out
+
+
 def normalize_messages(messages: Any) -> list[dict[str, Any]]:
     """Check the OpenAI-shaped message list and normalize it as transformers does before rendering.
 
     Keys whose value is None are dropped (OpenAI sends `content: null` with tool calls) and the reasoning
-    is copied under `reasoning_content` and `thinking` from whichever name the caller used.
+    is copied under `reasoning_content` and `thinking` from whichever name the caller used; text parts
+    are joined (``join_text_parts``).
     """
     if not isinstance(messages, list | tuple) or not messages:
         raise TokenizerError("chat messages must be a non-empty list of {'role', 'content'} objects")
@@ -167,6 +193,7 @@ def normalize_messages(messages: Any) -> list[dict[str, Any]]:
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
             raise TokenizerError(f"chat message {i} must be an object with a string 'role'")
+    for message in join_text_parts(messages):
         message = {k: _plain(v) for k, v in message.items() if v is not None}
         reasoning = next((message[k] for k in _REASONING_FIELDS if message.get(k) is not None), None)
         if reasoning is not None:

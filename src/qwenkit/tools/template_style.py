@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from qwenkit.tokenizer import Tokenizer
+from qwenkit.tokenizer.chat_template import join_text_parts
 from qwenkit.tools.calls import ParsedMessage, ToolSpecError, collect
 from qwenkit.tools.hermes import CALL_OPEN, THINK_CLOSE, THINK_OPEN, HermesParser
 from qwenkit.tools.llama3_json import PYTHON_TAG, Llama3JsonParser
@@ -133,7 +134,9 @@ class TemplateStyle:
     ) -> list[dict[str, Any]]:
         """The messages the template renders for a request offering ``functions`` (OpenAI ``function``
         objects; none: no tools): the ReAct prompt written into them where the template cannot render
-        tools (then render them without ``tools``), else as sent, call arguments as objects."""
+        tools (then render them without ``tools``), else as sent, call arguments as objects. Text-part
+        contents are joined first: the ReAct prompt writes each content into its own text."""
+        messages = join_text_parts(messages)
         if functions and self.react:
             return react_messages(messages, functions)
         return template_messages(messages)
