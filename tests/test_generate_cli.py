@@ -15,6 +15,7 @@ from test_config import QWEN_7B
 
 from qwenkit.checkpoint import load_model
 from qwenkit.cli import main
+from qwenkit.memory import format_bytes
 
 
 @pytest.fixture(scope="module")
@@ -167,5 +168,17 @@ def test_info_on_gguf_shows_metadata_license(capsys):
     counts = Counter(t.tensor_type.name for t in GGUFReader(default_model_path()).tensors).most_common()
     assert counts[0] == ("Q4_1", 210)
     assert "GGUF tensor types" in out and ", ".join(f"{k} x{n}" for k, n in counts) in out
+    # the blocks' own size (92.1 MiB, what chat holds them in), beside what each precision would take
+    stored = sum(int(t.n_bytes) for t in GGUFReader(default_model_path()).tensors)
+    assert f"  as stored {format_bytes(stored):>23}\n" in out and format_bytes(stored) == "92.1 MiB"
     assert main(["info"]) == 0  # the bundled model, as generate/chat/serve/profile default: where it lives
     assert capsys.readouterr().out == out and out.startswith(f"model: {default_model_path()}\n")
+
+
+def test_info_shows_a_quantized_directory_as_stored(model_dir, tmp_path, capsys):
+    out_dir = tmp_path / "int4"
+    assert main(["quantize", str(model_dir), str(out_dir), "--bits", "4", "--method", "rtn"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(out_dir)]) == 0
+    stored = sum(f.stat().st_size for f in out_dir.glob("*.safetensors"))
+    assert f"  as stored {format_bytes(stored):>23}\n" in capsys.readouterr().out

@@ -172,6 +172,11 @@ class GGUFCheckpoint:
         return names
 
     @property
+    def stored_bytes(self) -> int:
+        """The tensors' bytes in the file, in their own block formats."""
+        return sum(t.n_bytes for t in self._tensors)
+
+    @property
     def total_bytes(self) -> int:
         """Bytes of float32 that ``tensors()`` yields (what the loader's progress bar counts)."""
         return sum(int(np.prod(t.shape, dtype=np.int64)) * 4 for t in self._tensors)

@@ -11,6 +11,7 @@ from qwenkit.cli.common import resolve_model
 from qwenkit.command_parser import CommandParser
 from qwenkit.config import ModelConfig
 from qwenkit.distributed import local_config
+from qwenkit.errors import CheckpointError
 from qwenkit.license import find_license
 from qwenkit.memory import format_bytes, kv_cache_bytes, weight_bytes
 from qwenkit.rope_scaling import LinearScaling
@@ -68,7 +69,7 @@ def describe(path: str, tensor_parallel: int = 1) -> str:
         rows.append(("GGUF tensor types", ", ".join(f"{kind} x{n}" for kind, n in counts)))
     width = max(len(k) for k, _ in rows)
     out = [f"model: {path}", ""] + [f"  {k:<{width}}  {v}" for k, v in rows]
-    out += ["", "memory of the weights:"]
+    out += ["", "memory of the weights:", *_as_stored(source)]
     for label, dtype, quant in (
         ("float32", torch.float32, None),
         ("bfloat16", torch.bfloat16, None),
@@ -106,6 +107,16 @@ def describe(path: str, tensor_parallel: int = 1) -> str:
         f"  {lic.name}: {lic.terms} (from {lic.source})" if lic else "  none found in the model directory"
     )
     return "\n".join(out)
+
+
+def _as_stored(source: object) -> list[str]:
+    """The weights' size as the checkpoint stores them: a GGUF file's blocks (which ``chat`` and ``serve``
+    run in their own precision) or GPTQ's packed codes. None for a directory with only a config."""
+    try:
+        stored = source.stored_bytes  # type: ignore[attr-defined]
+    except CheckpointError:
+        return []
+    return [f"  {'as stored':<20} {format_bytes(stored):>12}"]
 
 
 def _moe_rows(cfg: ModelConfig) -> list[tuple[str, object]]:
