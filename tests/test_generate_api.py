@@ -273,7 +273,6 @@ def test_load_refuses_sizes_that_are_not_integers_by_name(tiny_chat_model, optio
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"path": None}, "path must be a model directory or a .gguf file (a str or Path), got None"),
         ({"path": 5}, "path must be a model directory or a .gguf file (a str or Path), got 5"),
         ({"adapter": 5}, "adapter must be a path to a LoRA adapter (a str or Path) or None, got 5"),
         ({"adapters": ["a"]}, "adapters must map names to adapter paths, got ['a']"),
@@ -286,7 +285,7 @@ def test_load_refuses_sizes_that_are_not_integers_by_name(tiny_chat_model, optio
     ],
 )
 def test_load_refuses_arguments_of_the_wrong_type_by_name(tiny_chat_model, kwargs, message):
-    """A path of None failed in pathlib (``expected str, bytes or os.PathLike object``), adapters as a
+    """A path of 5 failed in pathlib (``expected str, bytes or os.PathLike object``), adapters as a
     list in dict(), a str max_loras in a comparison after the weights had loaded; "no" turned prefix
     caching or CUDA graphs on."""
     from qwenkit.errors import ConfigError
@@ -295,6 +294,15 @@ def test_load_refuses_arguments_of_the_wrong_type_by_name(tiny_chat_model, kwarg
     with pytest.raises(ConfigError) as raised:
         LLM.load(args.pop("path"), **args)
     assert str(raised.value) == message
+
+
+def test_load_with_no_path_is_the_bundled_model_as_the_commands_default():
+    from qwenkit.default_model import default_model_path
+
+    with LLM.load(max_seq_len=64, progress=False) as bundled:
+        assert bundled.path == str(default_model_path())
+        assert (bundled.model_config.hidden_size, bundled.model_config.num_hidden_layers) == (576, 30)
+        assert bundled.tokenizer.encode("Hello") == [19556]
 
 
 def test_load_adapter_refuses_a_path_of_the_wrong_type_by_name(llm):

@@ -238,7 +238,7 @@ class LLM:
     @classmethod
     def load(
         cls,
-        path: str | Path,
+        path: str | Path | None = None,
         dtype: str | torch.dtype = "auto",
         device: str = "cpu",
         quantize: str | None = None,
@@ -255,7 +255,8 @@ class LLM:
         max_loras: int | None = None,
         max_lora_rank: int = 16,
     ) -> LLM:
-        """Load a checkpoint directory or GGUF file. ``kv_cache_memory`` (bytes) sizes the KV pool; by
+        """Load a checkpoint directory or GGUF file (None: the bundled model, as the commands default to
+        it). ``kv_cache_memory`` (bytes) sizes the KV pool; by
         default it holds every batch row at the full context. The memory check counts that pool.
 
         With ``tensor_parallel`` every rank loads its shard and runs its own engine on the same requests
@@ -270,8 +271,9 @@ class LLM:
         (:meth:`load_adapter`) never stall the running requests by a rebuild and their memory is
         checked now; more or larger ones are refused. None: grown as adapters come, no limit.
         An argument of the wrong type is a ConfigError naming it, raised before anything is read."""
-        from qwenkit.default_model import bundled_sampling
+        from qwenkit.default_model import bundled_sampling, default_model_path
 
+        path = default_model_path() if path is None else path
         # each size, as a str or float, failed later with a bare TypeError, some after the load
         sizes = {
             "max_batch_size": max_batch_size,
