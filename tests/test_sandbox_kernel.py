@@ -316,6 +316,15 @@ def test_figures_are_shown_as_qwen_agent_shows_them(tmp_path, monkeypatch):
         plt.close("all")
         return matplotlib.image.imread(tmp_path / "ours.png").tolist()
 
+    child = "import matplotlib.pyplot as p; p.plot([1]); p.savefig('child.png'); print(p.get_backend())"
+    runs = (
+        f"import subprocess, sys\nr = subprocess.run([sys.executable, '-c', {child!r}], capture_output=True)"
+    )
+    # a Python started before the kernel imported matplotlib: MPLBACKEND named a backend only it had
+    out = ci(runs + "\nprint(r.stdout.decode(), r.stderr.decode()[-200:])")
+    assert out == "stdout:\n\n```\nagg\n \n\n```" and (tmp_path / "child.png").exists()
+    (tmp_path / "child.png").unlink()
+
     out = ci("import matplotlib.pyplot as plt\nplt.plot([1, 3, 2])\nplt.show()\nprint('drawn')")
     assert out.startswith("stdout:\n\n```\ndrawn\n\n```\n\n![fig-001](")
     ((_, path),) = figure.findall(out)
@@ -335,10 +344,6 @@ def test_figures_are_shown_as_qwen_agent_shows_them(tmp_path, monkeypatch):
     out = ci("for i in range(23):\n    plt.figure()")
     assert len(figure.findall(out)) == 20 and out.endswith("[3 more figures not saved: at most 20 a call]")
 
-    child = "import matplotlib.pyplot as p; p.plot([1]); p.savefig('child.png'); print(p.get_backend())"
-    runs = (
-        f"import subprocess, sys\nr = subprocess.run([sys.executable, '-c', {child!r}], capture_output=True)"
-    )
     out = ci(runs + "\nprint(r.stdout.decode())")
     assert out == "stdout:\n\n```\nagg\n\n\n```" and (tmp_path / "child.png").exists()
     ci.close()

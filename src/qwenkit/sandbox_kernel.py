@@ -65,7 +65,8 @@ GARBLED = "its reply was garbled (the cell wrote into the kernel's reply pipe)"
 _KERNEL = """\
 import os, sys
 def _kernel(fd_in, fd_out):
-    import ast, fcntl, importlib.util, io, json, linecache, select, signal, tokenize, traceback, uuid
+    import ast, fcntl, importlib.machinery, importlib.util, io, json, linecache, select, signal, tokenize
+    import traceback, uuid
     requests, replies = os.fdopen(fd_in, "rb"), os.fdopen(fd_out, "wb")
     MAX_FIGURES, FIGURE_BACKEND = 20, "qwenkit_figures"  # figures saved per cell; the rest are counted
     main_module = type(sys)("__main__")  # the cells' namespace is __main__, as in IPython: pickle (and
@@ -117,9 +118,24 @@ def _kernel(fd_in, fd_out):
                 figures["saved"].append(name)
         finally:
             pyplot.close("all")
-    class _FigureBackend:  # finds the backend MPLBACKEND names: Agg's canvas, with _show as its show()
+    class _ThenFigures:  # matplotlib's own loader, which then picks the figure backend (no MPLBACKEND:
+        def __init__(self, loader):  # a Python a cell starts would inherit it and find no such backend)
+            self.loader = loader
+        def __getattr__(self, name):
+            return getattr(self.loader, name)
+        def create_module(self, spec):
+            return self.loader.create_module(spec)
+        def exec_module(self, module):
+            self.loader.exec_module(module)
+            module.use("module://" + FIGURE_BACKEND)
+    class _FigureBackend:  # the backend matplotlib is given: Agg's canvas, with _show as its show()
         @staticmethod
         def find_spec(name, path=None, target=None):
+            if name == "matplotlib":
+                spec = importlib.machinery.PathFinder.find_spec(name, path)
+                if spec is not None and spec.loader is not None:
+                    spec.loader = _ThenFigures(spec.loader)
+                return spec
             return importlib.util.spec_from_loader(name, _FigureBackend) if name == FIGURE_BACKEND else None
         @staticmethod
         def create_module(spec):
@@ -127,11 +143,9 @@ def _kernel(fd_in, fd_out):
         @staticmethod
         def exec_module(module):
             from matplotlib.backends import backend_agg
-            os.environ.pop("MPLBACKEND", None)  # read at import; a python a cell starts gets the default
             module.FigureCanvas, module.show = backend_agg.FigureCanvasAgg, _show
             module.backend_version = backend_agg.backend_version
-    sys.meta_path.append(_FigureBackend)
-    os.environ["MPLBACKEND"] = "module://" + FIGURE_BACKEND
+    sys.meta_path.insert(0, _FigureBackend)
     for n, line in enumerate(requests, 1):
         cell = json.loads(line)
         limit = cell["max_output"]
