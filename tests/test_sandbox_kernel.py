@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from qwenkit.sandbox import _processes_of
-from qwenkit.sandbox_kernel import GARBLED, PythonKernel
+from qwenkit.sandbox_kernel import GARBLED, CellResult, PythonKernel
 from qwenkit.sandbox_scratch import sweep_stale
-from qwenkit.tools.code_interpreter import CodeInterpreter
+from qwenkit.tools.code_interpreter import CodeInterpreter, report
 
 
 @pytest.fixture
@@ -293,7 +293,8 @@ def test_figures_are_shown_as_qwen_agent_shows_them(tmp_path, monkeypatch):
     """A figure the code shows, or leaves open, comes back as a PNG file in the work directory named as
     Qwen-Agent names it (``![fig-001](path)``), the figure as drawn; each show() starts a new figure (as
     in Jupyter's inline backend), a failing cell's figure is still shown, and a Python the code starts
-    plots with matplotlib's default backend. Before, figures were never saved and show() warned."""
+    plots with matplotlib's default backend. A figure show() drew comes where it came in stdout, as in
+    Qwen-Agent's output. Before, figures were never saved and show() warned."""
     import re
 
     import matplotlib
@@ -325,9 +326,10 @@ def test_figures_are_shown_as_qwen_agent_shows_them(tmp_path, monkeypatch):
     assert out == "stdout:\n\n```\nagg\n \n\n```" and (tmp_path / "child.png").exists()
     (tmp_path / "child.png").unlink()
 
-    out = ci("import matplotlib.pyplot as plt\nplt.plot([1, 3, 2])\nplt.show()\nprint('drawn')")
-    assert out.startswith("stdout:\n\n```\ndrawn\n\n```\n\n![fig-001](")
+    out = ci("import matplotlib.pyplot as plt\nprint('a')\nplt.plot([1, 3, 2])\nplt.show()\nprint('drawn')")
     ((_, path),) = figure.findall(out)
+    # where show() drew it, between the prints, as Qwen-Agent's Jupyter messages come (it was last)
+    assert out == f"stdout:\n\n```\na\n\n```\n\n![fig-001]({path})\n\nstdout:\n\n```\ndrawn\n\n```"
     assert Path(path).parent == tmp_path and Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert matplotlib.image.imread(path).tolist() == pixels(lambda: plt.plot([1, 3, 2]))
 
@@ -347,3 +349,24 @@ def test_figures_are_shown_as_qwen_agent_shows_them(tmp_path, monkeypatch):
     out = ci(runs + "\nprint(r.stdout.decode())")
     assert out == "stdout:\n\n```\nagg\n\n\n```" and (tmp_path / "child.png").exists()
     ci.close()
+
+
+def test_a_figure_past_the_kept_stdout_comes_after_what_was_kept():
+    """show() after output cut at max_output: the figure follows the kept text, before stderr and the
+    result; one left open comes after everything."""
+    cell = CellResult(
+        stdout="ab",
+        stderr="warn\n",
+        result="3",
+        error=None,
+        traceback=None,
+        timed_out=False,
+        output_truncated=True,
+        figures=[Path("/w/1.png"), Path("/w/2.png"), Path("/w/3.png")],
+        figures_at=[1, 9, None],
+    )
+    assert report(cell, 2) == (
+        "stdout:\n\n```\na\n```\n\n![fig-001](/w/1.png)\n\nstdout:\n\n```\nb\n```\n\n![fig-002](/w/2.png)"
+        "\n\nstderr:\n\n```\nwarn\n\n```\n\nexecute_result:\n\n```\n3\n```\n\n![fig-003](/w/3.png)"
+        "\n\n[output cut at 2 bytes]"
+    )

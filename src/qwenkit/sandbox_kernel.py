@@ -103,11 +103,15 @@ def _kernel(fd_in, fd_out):
     signal.signal(signal.SIGIO, _orphaned)  # before the first: its default is to terminate
     fcntl.fcntl(fd_in, fcntl.F_SETOWN, os.getpid())
     fcntl.fcntl(fd_in, fcntl.F_SETFL, fcntl.fcntl(fd_in, fcntl.F_GETFL) | os.O_ASYNC)
-    main, workdir, figures = os.getpid(), os.getcwd(), {"saved": [], "unsaved": 0}
-    def _show(*args, **kwargs):  # the cells' pyplot.show(): each open figure to a PNG file, then closed
-        pyplot = sys.modules.get("matplotlib.pyplot")
+    main, workdir, figures = os.getpid(), os.getcwd(), {"saved": [], "at": [], "unsaved": 0}
+    def _show(*args, _at_end=False, **kwargs):  # the cells' pyplot.show(): each open figure to a PNG
+        pyplot = sys.modules.get("matplotlib.pyplot")  # file, then closed
         if pyplot is None or os.getpid() != main:
             return
+        at = None  # where in stdout (its bytes so far) the figures came; None: after everything
+        if not _at_end:
+            _flush()
+            at = os.fstat(1).st_size
         try:
             for number in pyplot.get_fignums():
                 if len(figures["saved"]) == MAX_FIGURES:
@@ -116,6 +120,7 @@ def _kernel(fd_in, fd_out):
                 name = uuid.uuid4().hex + ".png"
                 pyplot.figure(number).savefig(os.path.join(workdir, name), format="png", bbox_inches="tight")
                 figures["saved"].append(name)
+                figures["at"].append(at)
         finally:
             pyplot.close("all")
     class _ThenFigures:  # matplotlib's own loader, which then picks the figure backend (no MPLBACKEND:
@@ -157,7 +162,7 @@ def _kernel(fd_in, fd_out):
         linecache.cache[name] = (len(source), None, source.splitlines(True), name)
         reply = {"id": cell["id"], "timeout": False, "cut": False}
         result = error = None
-        figures["saved"], figures["unsaved"] = [], 0
+        figures["saved"], figures["at"], figures["unsaved"] = [], [], 0
         signal.signal(signal.SIGALRM, _alarm)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGALRM, signal.SIGIO})
         try:
@@ -174,11 +179,11 @@ def _kernel(fd_in, fd_out):
                             result = repr(value)
                 except BaseException:  # figures left open are shown at the cell's end, as Jupyter's
                     try:  # inline backend shows them; the cell's own error is the one reported
-                        _show()
+                        _show(_at_end=True)
                     except Exception:
                         pass
                     raise
-                _show()
+                _show(_at_end=True)
             finally:
                 signal.setitimer(signal.ITIMER_REAL, 0)
         except _CellTimeout:
@@ -189,7 +194,8 @@ def _kernel(fd_in, fd_out):
             _flush()
             os._exit(0)
         signal.signal(signal.SIGIO, _orphaned)  # a cell may have set its own (the next request raises it)
-        reply["figures"], reply["unsaved_figures"] = figures["saved"], figures["unsaved"]
+        reply["figures"], reply["figures_at"] = figures["saved"], figures["at"]
+        reply["unsaved_figures"] = figures["unsaved"]
         texts = {"result": result, "error": None, "traceback": None}
         if error is not None:
             try:
@@ -238,6 +244,9 @@ class CellResult:
     restarted: bool = False  # a fresh kernel ran this cell: earlier cells' variables are gone
     figures: list[Path] = field(default_factory=list)  # matplotlib figures the cell showed, as PNG files
     unsaved_figures: int = 0  # figures past MAX_FIGURES, closed without a file
+    # where each figure came in ``stdout``, as its characters before it (a show() between two prints);
+    # None: shown at the cell's end, after every output
+    figures_at: list[int | None] = field(default_factory=list)
 
 
 class PythonKernel:
@@ -363,7 +372,7 @@ class PythonKernel:
                     stopped = _ended(status)
                 self._died = True
             reply = reply or {}
-            figures, unsaved = self._figures(reply)
+            figures, unsaved, figures_at = self._figures(reply, stdout)
             return CellResult(
                 stdout=stdout,
                 stderr=stderr,
@@ -376,15 +385,24 @@ class PythonKernel:
                 restarted=restarted,
                 figures=figures,
                 unsaved_figures=unsaved,
+                figures_at=figures_at,
             )
 
-    def _figures(self, reply: dict) -> tuple[list[Path], int]:
+    def _figures(self, reply: dict, stdout: str) -> tuple[list[Path], int, list[int | None]]:
         """The figure files a reply names, in the work directory (names the kernel makes, nothing else),
-        and how many more the cell showed."""
-        names, unsaved = reply.get("figures"), reply.get("unsaved_figures")
+        how many more the cell showed, and where each came in ``stdout`` (the kernel's byte counts as
+        characters; past a cut, at its end)."""
+        names, unsaved, places = reply.get("figures"), reply.get("unsaved_figures"), reply.get("figures_at")
         names = names if isinstance(names, list) else []
-        files = [self.workdir / n for n in names if isinstance(n, str) and FIGURE_NAME.fullmatch(n)]
-        return files, unsaved if type(unsaved) is int and unsaved > 0 else 0
+        places = places if isinstance(places, list) and len(places) == len(names) else [None] * len(names)
+        kept = stdout.encode()
+        files, at = [], []
+        for name, place in zip(names, places, strict=True):
+            if isinstance(name, str) and FIGURE_NAME.fullmatch(name):
+                files.append(self.workdir / name)
+                known = type(place) is int and place >= 0
+                at.append(len(kept[:place].decode("utf-8", "ignore")) if known else None)
+        return files, unsaved if type(unsaved) is int and unsaved > 0 else 0, at
 
     def _exchange(self, request: dict, wait: float, reply_limit: int) -> tuple[dict | None, str | None]:
         """Send a cell, read its reply line: (reply, None), or (None, why the kernel must go: "timeout",

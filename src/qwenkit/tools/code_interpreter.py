@@ -111,20 +111,39 @@ def code_arguments(text: str) -> dict[str, str]:
     return {"code": fenced.group(1) if fenced else text}
 
 
+def _block(kind: str, body: str) -> str:
+    return f"{kind}:\n\n```\n{body}\n```"
+
+
+def _places(cell: CellResult) -> list[int | None]:
+    """Each figure's place in stdout (None: at the end), for a result that may not say."""
+    return cell.figures_at if len(cell.figures_at) == len(cell.figures) else [None] * len(cell.figures)
+
+
 def report(cell: CellResult, max_output: int) -> str:
     """A cell's outcome as Qwen-Agent's code interpreter words it, plus what it cannot know: a cut, a kernel
     that stopped, variables lost to a restart."""
-    blocks = [(kind, text) for kind, text in (("stdout", cell.stdout), ("stderr", cell.stderr)) if text]
+    pieces: list[str] = []  # in the order Qwen-Agent's Jupyter messages come: a figure show() drew
+    done = 0  # between two prints comes between their outputs; those left open come after everything
+    shown = [
+        (f"![fig-{i:03d}]({path})", at)
+        for i, (path, at) in enumerate(zip(cell.figures, _places(cell), strict=True), 1)
+    ]
+    for figure, at in shown:
+        if at is not None:
+            pieces += [_block("stdout", cell.stdout[done:at])] if cell.stdout[done:at] else []
+            pieces.append(figure)
+            done = max(done, at)
+    blocks = [("stdout", cell.stdout[done:]), ("stderr", cell.stderr)]
     if cell.result is not None:
         blocks.append(("execute_result", cell.result))
     if cell.error is not None:
         blocks.append(("error", cell.error + "\n"))  # IPython's exception line ends in a newline
     if cell.timed_out:
         blocks.append(("error", TIMEOUT_MESSAGE))
-    text = "\n\n".join(
-        [f"{kind}:\n\n```\n{body}\n```" for kind, body in blocks]
-        + [f"![fig-{i:03d}]({path})" for i, path in enumerate(cell.figures, 1)]
-    )
+    pieces += [_block(kind, body) for kind, body in blocks if body]
+    pieces += [figure for figure, at in shown if at is None]
+    text = "\n\n".join(pieces)
     notes = []
     if cell.unsaved_figures:
         notes.append(f"[{cell.unsaved_figures} more figures not saved: at most {len(cell.figures)} a call]")
