@@ -421,3 +421,18 @@ def test_generate_queues_its_prompts_together_so_the_engines_steps_do_not_depend
     completions = llm.generate(["one", "two two", "three three three", "four"], params)
     assert [len(c.token_ids) for c in completions] == [3, 3, 3, 3]
     assert seen[0] == 4
+
+
+def test_an_llm_no_longer_referenced_stops_its_thread_and_frees_the_model(tiny_chat_model):
+    """Its engine thread held the model until the process exited: a notebook that loaded a model again
+    into the same name kept both. A stream keeps its LLM alive while it is read."""
+    deltas = list(LLM.load(tiny_chat_model, dtype="float32", progress=False).stream("Hello", SAMPLED))
+    assert deltas[-1].finish_reason == "length"  # not "abort": the temporary LLM lived for its stream
+    llm = LLM.load(tiny_chat_model, dtype="float32", progress=False)
+    assert llm.generate("Hello", SAMPLED)[0].token_ids == [t for d in deltas for t in d.token_ids]
+    thread, model = llm.driver._thread, weakref.ref(llm.model)
+    assert thread is not None and thread.is_alive()
+    del llm
+    gc.collect()
+    thread.join(timeout=10)
+    assert not thread.is_alive() and model() is None

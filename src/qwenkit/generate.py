@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import numbers
 import time
+import weakref
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -166,8 +167,10 @@ class TextStream:
     """One request's text, as Deltas, read with ``for`` or ``async for``. Closing it early (or a stop
     string) aborts the request, which frees its KV memory."""
 
-    def __init__(self, stream: RequestStream, state: TextState) -> None:
-        self._stream, self.state = stream, state
+    def __init__(self, stream: RequestStream, state: TextState, owner: object = None) -> None:
+        # ``owner``: the LLM, alive while its stream is read (``LLM.load(p).stream(...)`` drops it at once,
+        # and an LLM that is collected stops its engine)
+        self._stream, self.state, self._owner = stream, state, owner
 
     @property
     def request_id(self) -> RequestId:
@@ -233,6 +236,9 @@ class LLM:
             cuda_graphs=cuda_graphs,
         )
         self.driver = EngineDriver(self.engine)
+        # an LLM no longer referenced stops its engine's thread, which held the model until exit (a
+        # notebook that loaded another model into the same name kept both)
+        self._stop_engine = weakref.finalize(self, self.driver.shutdown)
         self.fallback_sampling = FALLBACK_SAMPLING if fallback_sampling is None else fallback_sampling
 
     @classmethod
@@ -328,9 +334,9 @@ class LLM:
 
     def close(self) -> None:
         """Stop the engine's thread: requests still running end with finish_reason "abort", and a later
-        request raises. Until then that thread holds the engine, model and KV pool, so an ``LLM`` that is
-        not closed stays in memory (until the process exits) however many references are dropped."""
-        self.driver.shutdown()
+        request raises. That thread holds the engine, model and KV pool; an ``LLM`` no longer referenced
+        (its streams included) stops it as it is collected."""
+        self._stop_engine()
 
     def __enter__(self) -> LLM:
         return self
@@ -464,7 +470,7 @@ class LLM:
         state = TextState(
             self.tokenizer, Completion(ids), params.stop, hidden, params.include_stop_str_in_output
         )
-        return TextStream(self.driver.submit(ids, params, request_id, loop), state)
+        return TextStream(self.driver.submit(ids, params, request_id, loop), state, owner=self)
 
     def generate(
         self,

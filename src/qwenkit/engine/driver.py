@@ -176,6 +176,8 @@ class EngineDriver:
             self._closed = True
             self._wake.set()
             thread = self._thread
+        if thread is threading.current_thread():  # the LLM collected in its own engine's thread: it
+            return  # stops at its next look at the flag
         if thread is not None:
             thread.join(timeout=10)
             if thread.is_alive():  # inside a step longer than that: it stops after the step
