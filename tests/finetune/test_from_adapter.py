@@ -165,6 +165,15 @@ def test_dpo_from_an_adapter_resumes_as_an_uninterrupted_run(
     assert cli_main(["dpo", *argv, str(tmp_path / "resumed"), *without, "--resume"]) == 2
     err = capsys.readouterr().err.splitlines()[-1]
     assert err.startswith(f"error: --resume: adapter was {str(sft_adapter.resolve())!r} in "), err
+    # other weights at the same path: DPO's reference would be another model (only the path was compared)
+    weights = sft_adapter / "adapter_model.safetensors"
+    original = weights.read_bytes()
+    other = write_lora_adapter(tiny_chat_model, tmp_path / "other", seed=8, r=4, alpha=8.0, std=0.3)
+    weights.write_bytes((other / "adapter_model.safetensors").read_bytes())
+    assert cli_main(["dpo", *argv, str(tmp_path / "resumed"), *opts, "--resume"]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith(f"error: --resume: the adapter {sft_adapter.resolve()} changed since the run in ")
+    weights.write_bytes(original)
     assert cli_main(["dpo", *argv, str(tmp_path / "resumed"), *opts, "--resume"]) == 0
     whole, resumed = read_log(tmp_path / "whole"), read_log(tmp_path / "resumed")
     assert whole[0]["loss"] == LOG_2

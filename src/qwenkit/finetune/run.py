@@ -122,6 +122,7 @@ class Prepared:
     tied: bool
     source: str = ""  # the model's resolved path: what a checkpoint must be resumed on
     source_files: str = ""  # files_sha256 of its files, sampled: the same path may hold other files later
+    adapter_files: str = ""  # the same of the adapter training started from (--adapter), if any
 
 
 def prepare_model(model_path: str | Path, args: TrainArgs, world: World, batch_tokens: int) -> Prepared:
@@ -205,7 +206,10 @@ def prepare_model(model_path: str | Path, args: TrainArgs, world: World, batch_t
     params = [p for p in model.parameters() if p.requires_grad]  # after wrapping: FSDP swaps in DTensors
     source = str(Path(model_path).resolve())
     files = files_sha256(Path(source), sample=1 << 20)
-    return Prepared(wrapped, model, params, names, lora, config.tie_word_embeddings, source, files)
+    adapter_files = files_sha256(Path(args.adapter), sample=1 << 20) if args.adapter else ""
+    return Prepared(
+        wrapped, model, params, names, lora, config.tie_word_embeddings, source, files, adapter_files
+    )
 
 
 def check_tensor_parallel(model_path: str | Path, args: TrainArgs) -> None:
@@ -255,6 +259,7 @@ def save_checkpoint(
             "data": data_id,
             "base_model": prep.source,
             "base_model_files": prep.source_files,
+            "adapter_files": prep.adapter_files,
         }
         with atomic_output_dir(path, overwrite=True) as tmp:
             _torch_save(state, tmp / STATE_FILE)
@@ -348,6 +353,11 @@ def load_checkpoint(
         raise ConfigError(
             f"--resume: the files of {prep.source} changed since the run in {path} started (another "
             "download or version of the model?); resume on the files it trained, or train into a new OUT"
+        )
+    if state.get("adapter_files") and prep.adapter_files and state["adapter_files"] != prep.adapter_files:
+        raise ConfigError(  # DPO's reference is base + that adapter: other weights, another reference
+            f"--resume: the adapter {args.adapter} changed since the run in {path} started; resume from "
+            "the adapter it started from, or train into a new OUT"
         )
     try:
         set_state_dict(
