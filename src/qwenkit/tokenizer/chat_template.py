@@ -6,7 +6,10 @@ string inside the caller's data (message contents, tool results, tool-call argum
 two private-use markers. After rendering, a marked token is encoded as plain text and the rest of the
 prompt (which holds only the template's own control tokens) is encoded with control tokens parsed. A
 template string method that separates a marker from its token (e.g. `content.split('</think>')`) leaves a
-lone marker, which is dropped but still breaks the text so the pieces cannot join into a token.
+lone marker, which is dropped but still breaks the text so the pieces cannot join into a token. Such a
+marker also stands between a strip and the whitespace it meant to remove (`.lstrip('\n')` after the
+split), so the marked render may hold whitespace the prompt text does not: `align_pieces` cuts the
+prompt text itself along the marked render's pieces.
 """
 
 from __future__ import annotations
@@ -222,3 +225,36 @@ def split_marked(rendered: str, marked: re.Pattern[str]) -> list[tuple[str, bool
         if piece:
             out.append((piece, i % 2 == 1))
     return out
+
+
+def align_pieces(
+    pieces: list[tuple[str, bool]], text: str, any_token: re.Pattern[str]
+) -> list[tuple[str, bool]] | None:
+    """``pieces`` of the marked render re-cut to ``text``, the same template's render of the unmarked data.
+
+    Where a lone marker kept a strip from removing whitespace, the pieces join to ``text`` plus that
+    whitespace: each character of ``text`` is matched to the first equal one left in the pieces (only
+    whitespace may go unmatched) and keeps its piece, so a control token keeps its origin. None when the
+    two differ otherwise (a marker changed the template's path), or when a piece less its whitespace
+    holds control tokens it did not hold (text from the caller joined into one).
+    """
+    out: list[tuple[str, bool]] = []
+    at = 0
+    for piece, from_user in pieces:
+        if text.startswith(piece, at):  # the usual case: the whole piece is there as it is
+            out.append((piece, from_user))
+            at += len(piece)
+            continue
+        kept: list[str] = []
+        for ch in piece:
+            if at < len(text) and text[at] == ch:
+                kept.append(ch)
+                at += 1
+            elif not ch.isspace():
+                return None
+        cut = "".join(kept)
+        if not from_user and any_token.findall(cut) != any_token.findall(piece):
+            return None
+        if cut:
+            out.append((cut, from_user))
+    return out if at == len(text) else None
