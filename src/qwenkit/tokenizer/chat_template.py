@@ -227,6 +227,19 @@ def split_marked(rendered: str, marked: re.Pattern[str]) -> list[tuple[str, bool
     return out
 
 
+def _common_length(a: str, i: int, b: str, j: int) -> int:
+    """Length of the longest common start of ``a[i:]`` and ``b[j:]`` (a binary search of C-speed compares,
+    so a long piece costs no character-by-character loop)."""
+    lo, hi = 0, min(len(a) - i, len(b) - j)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if b.startswith(a[i : i + mid], j):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 def align_pieces(
     pieces: list[tuple[str, bool]], text: str, any_token: re.Pattern[str]
 ) -> list[tuple[str, bool]] | None:
@@ -246,12 +259,15 @@ def align_pieces(
             at += len(piece)
             continue
         kept: list[str] = []
-        for ch in piece:
-            if at < len(text) and text[at] == ch:
-                kept.append(ch)
-                at += 1
-            elif not ch.isspace():
-                return None
+        j = 0
+        while j < len(piece):
+            n = _common_length(piece, j, text, at)
+            kept.append(piece[j : j + n])
+            j, at = j + n, at + n
+            if j < len(piece):
+                if not piece[j].isspace():
+                    return None
+                j += 1  # whitespace the text does not have
         cut = "".join(kept)
         if not from_user and any_token.findall(cut) != any_token.findall(piece):
             return None
