@@ -202,3 +202,19 @@ def test_reasoning_in_content_gets_the_ids_of_the_rendered_text(qwen3, hf_qwen3,
         answer[3:3] = [151667, 198, 81, 198, 151668, 271]  # <think>\nr\n</think>\n\n
     start = ids.index(151644, 1)  # the assistant turn's <|im_start|>
     assert ids[start : start + len(answer)] == answer
+
+
+@pytest.mark.parametrize("answer", [" \nans", "\t\n\nans", "  \n"])
+def test_reasoning_in_content_is_encoded_as_one_text_around_the_dropped_markers(qwen3, hf_qwen3, answer):
+    """The parts of a content split on its "</think>" were encoded apart: in an earlier turn (its reasoning
+    dropped), "assistant\n" and " \nans" gave the tokens "\n", " \n" where the prompt text's "\n \n" is
+    one token."""
+    messages = [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": f"<think>\nr\n</think>\n\n{answer}"},
+        {"role": "user", "content": "q2"},
+    ]
+    ids = qwen3.apply_chat_template(messages)
+    assert ids == hf_qwen3.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=False
+    )

@@ -313,4 +313,5 @@ class Tokenizer(ABC):
         # a marker may have kept the template's strips from the whitespace they remove in the prompt text;
         # the data's own markers are removed there as in the marked render
         aligned = ct.align_pieces(pieces, render(no_token), any_token)
-        return pieces if aligned is None else aligned
+        longest = max(map(len, self.control_tokens), default=0)
+        return ct.join_template_pieces(pieces if aligned is None else aligned, any_token, longest)

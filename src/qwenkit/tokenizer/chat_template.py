@@ -274,3 +274,24 @@ def align_pieces(
         if cut:
             out.append((cut, from_user))
     return out if at == len(text) else None
+
+
+def join_template_pieces(
+    pieces: list[tuple[str, bool]], any_token: re.Pattern[str], longest: int
+) -> list[tuple[str, bool]]:
+    """Template pieces that a dropped lone marker parted, joined again where no control token (``longest``:
+    the longest one's length) could run across the join: the prompt's ids are then those of its text
+    ("\n" and " \n" apart were two tokens where the text "\n \n" has one)."""
+    out: list[tuple[str, bool]] = []
+    for piece, from_user in pieces:
+        if out and not from_user and not out[-1][1]:
+            before = out[-1][0]
+            joined = before + piece
+            # a token may start in the last longest-1 characters before the join; the alternatives are
+            # longest first, so a match there that ends before the join rules out every longer one
+            starts = range(max(0, len(before) - longest + 1), len(before))
+            if not any((m := any_token.match(joined, i)) and m.end() > len(before) for i in starts):
+                out[-1] = (joined, False)
+                continue
+        out.append((piece, from_user))
+    return out
