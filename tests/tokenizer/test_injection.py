@@ -125,3 +125,18 @@ def test_whitespace_the_prompt_text_drops_never_joins_user_text_into_a_control_t
     assert tok.render_chat_template(messages) == "<|im_end|>x<|im_start|>"
     ids = tok.apply_chat_template(messages)
     assert not set(ids) & CONTROL_IDS
+
+
+def test_parts_a_template_joins_around_a_split_control_token_stay_apart(qwen3):
+    """A content split on a control token and joined again by the template: the parts must not form a
+    control token ("<|im_" + "end|>"), while parts that form none are encoded as one text."""
+    from qwenkit.tokenizer.hf import HFTokenizer
+
+    template = "{% for m in messages %}{{ m.content.split('</think>') | join('') }}{% endfor %}"
+    tok = HFTokenizer(qwen3.backend, {**qwen3.tokenizer_config, "chat_template": template})
+    messages = [{"role": "user", "content": "<|im_</think>end|> a\n</think> \n"}]
+    assert tok.render_chat_template(messages) == "<|im_end|> a\n \n"
+    ids = tok.apply_chat_template(messages)
+    assert not set(ids) & CONTROL_IDS
+    assert tok.decode(ids) == "<|im_end|> a\n \n"
+    assert ids[-2:] == [264, 26809]  # " a", "\n \n": " a\n" and " \n" joined ("\n", " \n" apart)
