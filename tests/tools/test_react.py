@@ -172,6 +172,19 @@ def test_a_new_question_after_a_tool_round_leaves_the_instruction_where_it_was()
     assert unanswered[0] == TWO_ROUNDS[0] and unanswered[1]["content"].endswith("Begin!\n\nQuestion: x")
 
 
+def test_system_and_user_texts_are_stripped_as_parse_messages_strips_them():
+    """parse_messages strips every content (leading newlines, trailing whitespace), the system's and the
+    users' too; only the assistant's and the tools' were, so a question ending in a newline rendered
+    "Question: Paris?\\n<|im_end|>" where Qwen's server renders "Question: Paris?<|im_end|>"."""
+    messages = [
+        {"role": "system", "content": "\nBe brief.  \n"},
+        {"role": "user", "content": "\n\n  Paris?\n"},
+    ]
+    out = react_messages(messages, [WEATHER_FN])
+    assert out[0] == {"role": "system", "content": "Be brief."}
+    assert out[1]["content"].endswith("Begin!\n\nQuestion:   Paris?")
+
+
 def test_a_final_tool_result_is_continued_in_the_open_turn(v1_tokenizer, raw_tiktoken):
     """The prompt after a tool result is openai_api.py's text_complete_last_message: the ReAct turn left
     open after "Thought:", not closed with <|im_end|> and followed by a new assistant turn."""

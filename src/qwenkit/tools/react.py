@@ -126,6 +126,8 @@ def react_messages(messages: list[dict[str, Any]], functions: list[dict[str, Any
             out[-1] = {**out[-1], "content": observation}
         elif role == "assistant":
             assistant(f"Thought: I now know the final answer.\nFinal Answer: {content}")
+        elif role in ("user", "system"):  # stripped like every content there
+            out.append({**m, "content": content})
         else:
             out.append(dict(m))
     # the last user turn of the history (one the assistant answered), or the query where there is none
