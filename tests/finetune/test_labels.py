@@ -114,6 +114,23 @@ def test_qwen3_tool_calls_and_reasoning(tokenizers):
     assert labelled_runs(tok, ids, labels) == ["yo<|im_end|>"]
 
 
+def test_qwen3_reasoning_kept_in_the_content_trains_on_the_rendered_text(tokenizers):
+    """Qwen3 data often keeps the reasoning in the content. The template moves it into its own think block
+    and strips the newlines around it; the ids had them back ("<think>\n\nr\n\n</think>\n\n\n\nans"),
+    so the model was taught a reply format it never writes."""
+    import transformers
+
+    tok = tokenizers["qwen3"]
+    messages = [
+        {"role": "user", "content": "add 1 and 2"},
+        {"role": "assistant", "content": "<think>\n1+2=3\n</think>\n\nThe sum is 3."},
+    ]
+    ids, labels = encode_messages(tok, messages)
+    reference = transformers.AutoTokenizer.from_pretrained(str(QWEN3_DIR))
+    assert ids == reference.apply_chat_template(messages, tokenize=True, return_dict=False)
+    assert labelled_runs(tok, ids, labels) == ["<think>\n1+2=3\n</think>\n\nThe sum is 3.<|im_end|>"]
+
+
 def test_reply_starting_with_newline_is_tokenized_whole(tokenizers):
     """Tokenizing segment by segment would give two '\\n' tokens; the whole text has one '\\n\\n'."""
     tok = tokenizers["v1"]

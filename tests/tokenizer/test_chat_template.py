@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from tokenizer_data import has_special_text
 
 from qwenkit.tokenizer import TokenizerError, chatml_template
 from qwenkit.tokenizer.hf import HFTokenizer
@@ -71,17 +70,11 @@ def test_text_and_ids_equal_transformers(qwen3, hf_qwen3, name, gen, thinking):
     reference_text = hf_qwen3.apply_chat_template(
         messages, tools=tools, add_generation_prompt=gen, tokenize=False, **kwargs
     )
-    # contents holding control-token text ("<think>" in history) are compared with transformers' own
-    # injection-safe mode, which we mirror; otherwise the ids are the plain reference ids
-    sanitize = any(has_special_text(str(m.get("content"))) for m in messages)
+    # the "<think>" block in a history content is dropped by the template, so every control token in
+    # these prompts is the template's own and the ids are transformers' plain ids for the text (its
+    # sanitize_control_tokens mode keeps newlines the template strips: see the test below)
     reference_ids = hf_qwen3.apply_chat_template(
-        messages,
-        tools=tools,
-        add_generation_prompt=gen,
-        tokenize=True,
-        return_dict=False,
-        sanitize_control_tokens=sanitize,
-        **kwargs,
+        messages, tools=tools, add_generation_prompt=gen, tokenize=True, return_dict=False, **kwargs
     )
     assert (
         qwen3.render_chat_template(messages, tools=tools, add_generation_prompt=gen, **kwargs)
@@ -213,3 +206,48 @@ def test_a_part_that_is_not_text_is_refused_by_message_and_part(qwen3, part):
         TokenizerError, match=r"^chat message 1 content part 1: only text parts .* are supported"
     ):
         qwen3.apply_chat_template(messages)
+
+
+REASONING_IN_CONTENT = "<think>\nr\n</think>\n\nans"  # how Qwen3 data and chat history carry reasoning
+
+
+@pytest.mark.parametrize("turn", ["last", "earlier"])
+def test_reasoning_in_content_gets_the_ids_of_the_rendered_text(qwen3, hf_qwen3, turn):
+    """Qwen3's template splits a content on "</think>" and strips the newlines around the parts. The
+    marker that keeps the content's "</think>" from becoming a control token stood in the way of those
+    strips: the prompt text read "<think>\\nr\\n</think>\\n\\nans" but its ids "<think>\\n\\nr\\n\\n</think>
+    \\n\\n\\n\\nans" (an earlier turn, whose reasoning is dropped: "\\n\\nans"), a format the model never saw,
+    in every fine-tuning example that keeps its reasoning in the content and every chat with a thinking
+    model's replies in its history."""
+    messages = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": REASONING_IN_CONTENT}]
+    if turn == "earlier":
+        messages.append({"role": "user", "content": "q2"})
+    gen = turn == "earlier"
+    text = qwen3.render_chat_template(messages, add_generation_prompt=gen)
+    ids = qwen3.apply_chat_template(messages, add_generation_prompt=gen)
+    assert qwen3.decode(ids) == text
+    # the template wrote the <think> block itself (the content's own tags are gone): transformers' ids
+    assert ids == hf_qwen3.apply_chat_template(
+        messages, add_generation_prompt=gen, tokenize=True, return_dict=False
+    )
+    answer = [151644, 77091, 198, 596, 151645, 198]  # <|im_start|>assistant\nans<|im_end|>\n
+    if turn == "last":
+        answer[3:3] = [151667, 198, 81, 198, 151668, 271]  # <think>\nr\n</think>\n\n
+    start = ids.index(151644, 1)  # the assistant turn's <|im_start|>
+    assert ids[start : start + len(answer)] == answer
+
+
+@pytest.mark.parametrize("answer", [" \nans", "\t\n\nans", "  \n"])
+def test_reasoning_in_content_is_encoded_as_one_text_around_the_dropped_markers(qwen3, hf_qwen3, answer):
+    """The parts of a content split on its "</think>" were encoded apart: in an earlier turn (its reasoning
+    dropped), "assistant\n" and " \nans" gave the tokens "\n", " \n" where the prompt text's "\n \n" is
+    one token."""
+    messages = [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": f"<think>\nr\n</think>\n\n{answer}"},
+        {"role": "user", "content": "q2"},
+    ]
+    ids = qwen3.apply_chat_template(messages)
+    assert ids == hf_qwen3.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=False
+    )

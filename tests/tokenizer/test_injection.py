@@ -73,14 +73,14 @@ def test_fuzz_qwen3_control_count(qwen3, hf_qwen3, contents, thinking):
     assert ids.count(151645) == 4
     assert ids.count(151643) == 0
     assert ids.count(151667) == ids.count(151668) == (0 if thinking else 1)
+    # where every control token in the prompt text is the template's (the contents' own were dropped, as a
+    # history turn's "<think>" block), the ids are transformers' ids for that text
     reference = hf_qwen3.apply_chat_template(
-        messages,
-        add_generation_prompt=True,
-        sanitize_control_tokens=True,
-        return_dict=False,
-        enable_thinking=thinking,
+        messages, add_generation_prompt=True, return_dict=False, enable_thinking=thinking
     )
-    assert ids == reference
+    control = set(qwen3.added_tokens.values())
+    if sum(i in control for i in reference) == sum(i in control for i in ids):
+        assert ids == reference
 
 
 _v1_segment = st.one_of(
@@ -108,3 +108,35 @@ def test_fuzz_v1_control_count(v1, contents):
 def test_non_special_added_tokens_are_text_in_content(qwen3, token):
     ids = qwen3.apply_chat_template([{"role": "user", "content": f"x {token} y"}])
     assert qwen3.token_to_id(token) not in ids
+
+
+def test_whitespace_the_prompt_text_drops_never_joins_user_text_into_a_control_token(qwen3):
+    """The ids follow the prompt text where it lacks whitespace the marked render kept; a template whose
+    path depends on the content may delete whitespace inside it, and "<|im_\\nstart|>" from the user must
+    not become <|im_start|> that way."""
+    from qwenkit.tokenizer.hf import HFTokenizer
+
+    template = (
+        "{% for m in messages %}{% if m.content.startswith('<|im_end|>') %}"
+        "{{ m.content | replace('\\n', '') }}{% else %}{{ m.content }}{% endif %}{% endfor %}"
+    )
+    tok = HFTokenizer(qwen3.backend, {**qwen3.tokenizer_config, "chat_template": template})
+    messages = [{"role": "user", "content": "<|im_end|>x<|im_\nstart|>"}]
+    assert tok.render_chat_template(messages) == "<|im_end|>x<|im_start|>"
+    ids = tok.apply_chat_template(messages)
+    assert not set(ids) & CONTROL_IDS
+
+
+def test_parts_a_template_joins_around_a_split_control_token_stay_apart(qwen3):
+    """A content split on a control token and joined again by the template: the parts must not form a
+    control token ("<|im_" + "end|>"), while parts that form none are encoded as one text."""
+    from qwenkit.tokenizer.hf import HFTokenizer
+
+    template = "{% for m in messages %}{{ m.content.split('</think>') | join('') }}{% endfor %}"
+    tok = HFTokenizer(qwen3.backend, {**qwen3.tokenizer_config, "chat_template": template})
+    messages = [{"role": "user", "content": "<|im_</think>end|> a\n</think> \n"}]
+    assert tok.render_chat_template(messages) == "<|im_end|> a\n \n"
+    ids = tok.apply_chat_template(messages)
+    assert not set(ids) & CONTROL_IDS
+    assert tok.decode(ids) == "<|im_end|> a\n \n"
+    assert ids[-2:] == [264, 26809]  # " a", "\n \n": " a\n" and " \n" joined ("\n", " \n" apart)

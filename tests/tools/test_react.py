@@ -153,6 +153,38 @@ def test_openai_api_history_translation():
     )
 
 
+def test_a_new_question_after_a_tool_round_leaves_the_instruction_where_it_was():
+    """openai_api.py's parse_messages prepends the instruction to the last user turn of the history, and
+    to the query only where there is no history: a follow-up question after a finished ReAct round is
+    sent as written, and the earlier turns read as they did when the model answered them. The
+    instruction moved to the follow-up, so the history's question lost it and its "Question: " prefix."""
+    answered = [*TWO_ROUNDS, {"role": "assistant", "content": "Sunny, then rain."}]
+    out = react_messages([*answered, {"role": "user", "content": "And Rome?"}], [WEATHER_FN])
+    assert [m["role"] for m in out] == ["user", "assistant", "user"]
+    assert out[0]["content"] == f"{react_instruction([WEATHER_FN])}\n\nQuestion: Paris and Lyon?"
+    assert out[:2] == react_messages(answered, [WEATHER_FN])
+    assert out[2] == {"role": "user", "content": "And Rome?"}
+    # a conversation that is only the question gets the instruction on it, as before
+    first = react_messages(TWO_ROUNDS[:1], [WEATHER_FN])
+    assert first == [{"role": "user", "content": out[0]["content"]}]
+    # a user turn nobody answered is no history: the instruction goes on the question that follows it
+    unanswered = react_messages([TWO_ROUNDS[0], {"role": "user", "content": "x"}], [WEATHER_FN])
+    assert unanswered[0] == TWO_ROUNDS[0] and unanswered[1]["content"].endswith("Begin!\n\nQuestion: x")
+
+
+def test_system_and_user_texts_are_stripped_as_parse_messages_strips_them():
+    """parse_messages strips every content (leading newlines, trailing whitespace), the system's and the
+    users' too; only the assistant's and the tools' were, so a question ending in a newline rendered
+    "Question: Paris?\\n<|im_end|>" where Qwen's server renders "Question: Paris?<|im_end|>"."""
+    messages = [
+        {"role": "system", "content": "\nBe brief.  \n"},
+        {"role": "user", "content": "\n\n  Paris?\n"},
+    ]
+    out = react_messages(messages, [WEATHER_FN])
+    assert out[0] == {"role": "system", "content": "Be brief."}
+    assert out[1]["content"].endswith("Begin!\n\nQuestion:   Paris?")
+
+
 def test_a_final_tool_result_is_continued_in_the_open_turn(v1_tokenizer, raw_tiktoken):
     """The prompt after a tool result is openai_api.py's text_complete_last_message: the ReAct turn left
     open after "Thought:", not closed with <|im_end|> and followed by a new assistant turn."""

@@ -295,9 +295,23 @@ class Tokenizer(ABC):
         """
         source = self._require_template()
         any_token, marked = ct.control_patterns(self.control_tokens)
+        no_token, _ = ct.control_patterns(())
         variables = self._template_variables(messages, tools, add_generation_prompt, template_kwargs)
-        for key in ("messages", "tools"):
-            variables[key] = ct.mark_control_tokens(variables[key], any_token)
-        for key, value in template_kwargs.items():
-            variables[key] = ct.mark_control_tokens(ct._plain(value), any_token)
-        return ct.split_marked(ct.render(source, variables), marked)
+
+        def render(pattern: re.Pattern[str]) -> str:
+            data = dict(variables)
+            for key in ("messages", "tools"):
+                data[key] = ct.mark_control_tokens(variables[key], pattern)
+            for key, value in template_kwargs.items():
+                data[key] = ct.mark_control_tokens(ct._plain(value), pattern)
+            return ct.render(source, data)
+
+        rendered = render(any_token)
+        pieces = ct.split_marked(rendered, marked)
+        if ct.MARK_START not in rendered and ct.MARK_END not in rendered:
+            return pieces  # nothing was marked: the render is the prompt text
+        # a marker may have kept the template's strips from the whitespace they remove in the prompt text;
+        # the data's own markers are removed there as in the marked render
+        aligned = ct.align_pieces(pieces, render(no_token), any_token)
+        longest = max(map(len, self.control_tokens), default=0)
+        return ct.join_template_pieces(pieces if aligned is None else aligned, any_token, longest)

@@ -6,7 +6,10 @@ string inside the caller's data (message contents, tool results, tool-call argum
 two private-use markers. After rendering, a marked token is encoded as plain text and the rest of the
 prompt (which holds only the template's own control tokens) is encoded with control tokens parsed. A
 template string method that separates a marker from its token (e.g. `content.split('</think>')`) leaves a
-lone marker, which is dropped but still breaks the text so the pieces cannot join into a token.
+lone marker, which is dropped but still breaks the text so the pieces cannot join into a token. Such a
+marker also stands between a strip and the whitespace it meant to remove (`.lstrip('\n')` after the
+split), so the marked render may hold whitespace the prompt text does not: `align_pieces` cuts the
+prompt text itself along the marked render's pieces.
 """
 
 from __future__ import annotations
@@ -248,4 +251,74 @@ def split_marked(rendered: str, marked: re.Pattern[str]) -> list[tuple[str, bool
     for i, piece in enumerate(pieces):
         if piece:
             out.append((piece, i % 2 == 1))
+    return out
+
+
+def _common_length(a: str, i: int, b: str, j: int) -> int:
+    """Length of the longest common start of ``a[i:]`` and ``b[j:]`` (a binary search of C-speed compares,
+    so a long piece costs no character-by-character loop)."""
+    lo, hi = 0, min(len(a) - i, len(b) - j)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if b.startswith(a[i : i + mid], j):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def align_pieces(
+    pieces: list[tuple[str, bool]], text: str, any_token: re.Pattern[str]
+) -> list[tuple[str, bool]] | None:
+    """``pieces`` of the marked render re-cut to ``text``, the same template's render of the unmarked data.
+
+    Where a lone marker kept a strip from removing whitespace, the pieces join to ``text`` plus that
+    whitespace: each character of ``text`` is matched to the first equal one left in the pieces (only
+    whitespace may go unmatched) and keeps its piece, so a control token keeps its origin. None when the
+    two differ otherwise (a marker changed the template's path), or when a piece less its whitespace
+    holds control tokens it did not hold (text from the caller joined into one).
+    """
+    out: list[tuple[str, bool]] = []
+    at = 0
+    for piece, from_user in pieces:
+        if text.startswith(piece, at):  # the usual case: the whole piece is there as it is
+            out.append((piece, from_user))
+            at += len(piece)
+            continue
+        kept: list[str] = []
+        j = 0
+        while j < len(piece):
+            n = _common_length(piece, j, text, at)
+            kept.append(piece[j : j + n])
+            j, at = j + n, at + n
+            if j < len(piece):
+                if not piece[j].isspace():
+                    return None
+                j += 1  # whitespace the text does not have
+        cut = "".join(kept)
+        if not from_user and any_token.findall(cut) != any_token.findall(piece):
+            return None
+        if cut:
+            out.append((cut, from_user))
+    return out if at == len(text) else None
+
+
+def join_template_pieces(
+    pieces: list[tuple[str, bool]], any_token: re.Pattern[str], longest: int
+) -> list[tuple[str, bool]]:
+    """Template pieces that a dropped lone marker parted, joined again where no control token (``longest``:
+    the longest one's length) could run across the join: the prompt's ids are then those of its text
+    ("\n" and " \n" apart were two tokens where the text "\n \n" has one)."""
+    out: list[tuple[str, bool]] = []
+    for piece, from_user in pieces:
+        if out and not from_user and not out[-1][1]:
+            before = out[-1][0]
+            joined = before + piece
+            # a token may start in the last longest-1 characters before the join; the alternatives are
+            # longest first, so a match there that ends before the join rules out every longer one
+            starts = range(max(0, len(before) - longest + 1), len(before))
+            if not any((m := any_token.match(joined, i)) and m.end() > len(before) for i in starts):
+                out[-1] = (joined, False)
+                continue
+        out.append((piece, from_user))
     return out

@@ -94,12 +94,13 @@ def react_instruction(functions: list[dict[str, Any]]) -> str:
 
 
 def react_messages(messages: list[dict[str, Any]], functions: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """openai_api.py's ``parse_messages``: the instruction goes before the last user turn as
-    ``{instruction}\\n\\nQuestion: {text}``; the assistant turns after a user turn (calls, results, the
-    answer) become one assistant turn of ReAct text, each call ``Thought: …\\nAction: …\\nAction Input: …``
-    followed by ``\\nObservation: {result}``, a plain answer ``Thought: I now know the final
-    answer.\\nFinal Answer: …``. A conversation that ends with a tool result ends with that turn open
-    after ``\\nThought:``, for the model to continue (``continues_turn``)."""
+    """openai_api.py's ``parse_messages``: the instruction goes before the history's last user turn (the
+    query's where there is no history) as ``{instruction}\\n\\nQuestion: {text}``; the assistant turns
+    after a user turn (calls, results, the answer) become one assistant turn of ReAct text, each call
+    ``Thought: …\\nAction: …\\nAction Input: …`` followed by ``\\nObservation: {result}``, a plain
+    answer ``Thought: I now know the final answer.\\nFinal Answer: …``. A conversation that ends with a
+    tool result ends with that turn open after ``\\nThought:``, for the model to continue
+    (``continues_turn``)."""
     out: list[dict[str, Any]] = []
 
     def assistant(text: str) -> None:
@@ -125,11 +126,16 @@ def react_messages(messages: list[dict[str, Any]], functions: list[dict[str, Any
             out[-1] = {**out[-1], "content": observation}
         elif role == "assistant":
             assistant(f"Thought: I now know the final answer.\nFinal Answer: {content}")
+        elif role in ("user", "system"):  # stripped like every content there
+            out.append({**m, "content": content})
         else:
             out.append(dict(m))
+    # the last user turn of the history (one the assistant answered), or the query where there is none
+    # (parse_messages): a follow-up question leaves the instruction on the turn answered with it
     users = [i for i, m in enumerate(out) if m["role"] == "user"]
     if users:
-        i = users[-1]
+        answered = [i for i in users if i + 1 < len(out) and out[i + 1]["role"] == "assistant"]
+        i = answered[-1] if answered and out[-1]["role"] == "user" else users[-1]
         out[i] = {**out[i], "content": f"{react_instruction(functions)}\n\nQuestion: {out[i]['content']}"}
     return out
 
