@@ -156,3 +156,20 @@ def test_a_shared_expert_tensor_with_weights_is_refused_at_width_zero(single, tm
     (path / "config.json").write_text(json.dumps({**cfg, "shared_expert_intermediate_size": 0}))
     with pytest.raises(CheckpointError, match=r"unexpected tensor 'model.layers.1.mlp.shared_expert.up_proj"):
         load_model(path, dtype="float32", progress=False)
+
+
+def test_qwen3_moe_expert_counts_that_disagree_are_one_line():
+    """A Qwen3-MoE config.json with both num_experts and num_local_experts: transformers 5 runs
+    num_local_experts (num_experts is only its alias), qwenkit ran num_experts. Disagreeing, neither
+    is sure to be the checkpoint's: refused, naming both."""
+    import transformers
+
+    from qwenkit.config import ModelConfig
+    from qwenkit.errors import ConfigError
+
+    cfg = hf_moe_model("qwen3_moe").config.to_dict() | {"num_experts": 8, "num_local_experts": 4}
+    assert transformers.Qwen3MoeConfig(**cfg).num_local_experts == 4
+    message = r"^config.json gives num_experts=8 and num_local_experts=4"
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig.from_hf(cfg)
+    assert ModelConfig.from_hf(cfg | {"num_experts": 4}).num_experts == 4  # agreeing: fine
