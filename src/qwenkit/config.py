@@ -227,7 +227,10 @@ _INT_KEYS = (
     "num_local_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
     "decoder_sparse_step",
 )  # fmt: skip
-_FLOAT_KEYS = ("rms_norm_eps", "layer_norm_epsilon", "rope_theta", "rotary_emb_base", "rotary_pct")
+_FLOAT_KEYS = (
+    "rms_norm_eps", "layer_norm_epsilon", "rope_theta", "rotary_emb_base", "rotary_pct",
+    "router_aux_loss_coef",
+)  # fmt: skip
 _BOOL_KEYS = (
     "tie_word_embeddings", "use_dynamic_ntk", "use_logn_attn", "no_bias", "attention_bias", "mlp_bias",
     "qkv_bias", "use_sliding_window", "norm_topk_prob",

@@ -92,6 +92,11 @@ def test_expert_in_a_dense_layer_is_named(single, tmp_path):
         (dict(num_experts_per_tok=9), "num_experts_per_tok=9 must be between 1 and num_experts=8"),
         (dict(moe_intermediate_size=0), "moe_intermediate_size=0 must be positive"),
         (dict(mlp_only_layers="0"), "mlp_only_layers must be a list"),
+        # read only under output_router_logits; the message named no key ("could not convert string ...")
+        (
+            dict(output_router_logits=True, router_aux_loss_coef="abc"),
+            "^config.json: router_aux_loss_coef must be a number, not 'abc'$",
+        ),
     ],
 )
 def test_bad_moe_config_is_one_line(single, tmp_path, change, message):
