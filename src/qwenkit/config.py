@@ -233,7 +233,7 @@ _FLOAT_KEYS = (
 )  # fmt: skip
 _BOOL_KEYS = (
     "tie_word_embeddings", "use_dynamic_ntk", "use_logn_attn", "no_bias", "attention_bias", "mlp_bias",
-    "qkv_bias", "use_sliding_window", "norm_topk_prob",
+    "qkv_bias", "use_sliding_window", "norm_topk_prob", "output_router_logits",
 )  # fmt: skip
 
 

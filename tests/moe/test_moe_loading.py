@@ -97,6 +97,8 @@ def test_expert_in_a_dense_layer_is_named(single, tmp_path):
             dict(output_router_logits=True, router_aux_loss_coef="abc"),
             "^config.json: router_aux_loss_coef must be a number, not 'abc'$",
         ),
+        # the string "false" turned the load-balancing loss on
+        (dict(output_router_logits="false"), "^config.json: output_router_logits must be true or false"),
     ],
 )
 def test_bad_moe_config_is_one_line(single, tmp_path, change, message):
