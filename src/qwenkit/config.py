@@ -227,10 +227,13 @@ _INT_KEYS = (
     "num_local_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
     "decoder_sparse_step",
 )  # fmt: skip
-_FLOAT_KEYS = ("rms_norm_eps", "layer_norm_epsilon", "rope_theta", "rotary_emb_base", "rotary_pct")
+_FLOAT_KEYS = (
+    "rms_norm_eps", "layer_norm_epsilon", "rope_theta", "rotary_emb_base", "rotary_pct",
+    "router_aux_loss_coef",
+)  # fmt: skip
 _BOOL_KEYS = (
     "tie_word_embeddings", "use_dynamic_ntk", "use_logn_attn", "no_bias", "attention_bias", "mlp_bias",
-    "qkv_bias", "use_sliding_window", "norm_topk_prob",
+    "qkv_bias", "use_sliding_window", "norm_topk_prob", "output_router_logits",
 )  # fmt: skip
 
 
@@ -442,8 +445,14 @@ def _moe(cfg: dict[str, Any]) -> dict[str, Any]:
     mlp_only = cfg.get("mlp_only_layers") or []
     if not isinstance(mlp_only, list) or not all(isinstance(i, int) for i in mlp_only):
         raise ConfigError(f"mlp_only_layers must be a list of layer indices, not {mlp_only!r}")
+    # transformers 5 writes Qwen3-MoE's count as num_local_experts; released configs say num_experts.
+    experts, local = cfg.get("num_experts"), cfg.get("num_local_experts")
+    if not qwen2 and None not in (experts, local) and experts != local:  # transformers runs the latter
+        raise ConfigError(
+            f"config.json gives num_experts={experts} and num_local_experts={local}; keep the one that "
+            "matches the checkpoint's experts"
+        )
     return dict(
-        # transformers 5 writes Qwen3-MoE's count as num_local_experts; released configs say num_experts.
         num_experts=int(cfg.get("num_experts", cfg.get("num_local_experts", 60 if qwen2 else 128))),
         num_experts_per_tok=int(cfg.get("num_experts_per_tok", 4 if qwen2 else 8)),
         moe_intermediate_size=int(cfg.get("moe_intermediate_size", 1408 if qwen2 else 768)),

@@ -92,6 +92,13 @@ def test_expert_in_a_dense_layer_is_named(single, tmp_path):
         (dict(num_experts_per_tok=9), "num_experts_per_tok=9 must be between 1 and num_experts=8"),
         (dict(moe_intermediate_size=0), "moe_intermediate_size=0 must be positive"),
         (dict(mlp_only_layers="0"), "mlp_only_layers must be a list"),
+        # read only under output_router_logits; the message named no key ("could not convert string ...")
+        (
+            dict(output_router_logits=True, router_aux_loss_coef="abc"),
+            "^config.json: router_aux_loss_coef must be a number, not 'abc'$",
+        ),
+        # the string "false" turned the load-balancing loss on
+        (dict(output_router_logits="false"), "^config.json: output_router_logits must be true or false"),
     ],
 )
 def test_bad_moe_config_is_one_line(single, tmp_path, change, message):
@@ -126,3 +133,50 @@ def test_a_bf16_moe_on_the_kernels_comes_back_from_the_prepared_cache(variant, t
     ids = torch.arange(3, 20)[None]
     with torch.no_grad():
         assert torch.equal(first(ids), second(ids))
+
+
+def test_a_zero_width_shared_expert_loads_as_none(tmp_path):
+    """shared_expert_intermediate_size 0 in a Qwen2-MoE config: transformers builds a shared expert of width
+    0 and saves its empty tensors and its gate, which add sigmoid(gate) x 0. They were refused as
+    unexpected tensors; they load as no shared expert, to transformers' logits."""
+    hf = hf_moe_model("qwen2_moe", shared_expert_intermediate_size=0)
+    hf.save_pretrained(tmp_path / "m")
+    model, config = load_model(tmp_path / "m", dtype="float32", progress=False)
+    assert config.shared_expert_intermediate_size == 0
+    assert all(layer.mlp.shared_expert is None for layer in model.model.layers)
+    ids = torch.arange(3, 40)[None]
+    with torch.no_grad():
+        assert (model(ids) - hf(ids).logits).abs().max() < 1e-4
+
+
+def test_a_shared_expert_tensor_with_weights_is_refused_at_width_zero(single, tmp_path):
+    """Only the empty tensors of a zero-width shared expert (and its gate) are dropped: a shared expert
+    with weights under shared_expert_intermediate_size 0 is still named."""
+
+    def edit(sd):
+        for name in [n for n in sd if ".shared_expert." in n]:
+            sd[name] = sd[name][:, :0] if name.endswith("down_proj.weight") else sd[name][:0]
+        sd["model.layers.1.mlp.shared_expert.up_proj.weight"] = torch.zeros(4, 64)
+
+    path = _rewrite(single, tmp_path, edit)
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "shared_expert_intermediate_size": 0}))
+    with pytest.raises(CheckpointError, match=r"unexpected tensor 'model.layers.1.mlp.shared_expert.up_proj"):
+        load_model(path, dtype="float32", progress=False)
+
+
+def test_qwen3_moe_expert_counts_that_disagree_are_one_line():
+    """A Qwen3-MoE config.json with both num_experts and num_local_experts: transformers 5 runs
+    num_local_experts (num_experts is only its alias), qwenkit ran num_experts. Disagreeing, neither
+    is sure to be the checkpoint's: refused, naming both."""
+    import transformers
+
+    from qwenkit.config import ModelConfig
+    from qwenkit.errors import ConfigError
+
+    cfg = hf_moe_model("qwen3_moe").config.to_dict() | {"num_experts": 8, "num_local_experts": 4}
+    assert transformers.Qwen3MoeConfig(**cfg).num_local_experts == 4
+    message = r"^config.json gives num_experts=8 and num_local_experts=4"
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig.from_hf(cfg)
+    assert ModelConfig.from_hf(cfg | {"num_experts": 4}).num_experts == 4  # agreeing: fine

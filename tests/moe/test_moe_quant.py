@@ -12,7 +12,7 @@ from qwenkit.cli import main
 from qwenkit.generate import tokenizer_for
 from qwenkit.model.moe import MoEMLP, RouterLinear, count_routed_tokens
 from qwenkit.quant import QuantizedLinear
-from qwenkit.quant.pipeline import quantize_checkpoint
+from qwenkit.quant.pipeline import MOE_READERS_NOTE, quantize_checkpoint
 
 IDS = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(5))
 
@@ -111,3 +111,26 @@ def test_gptq_quantizes_experts_no_calibration_token_reached(tmp_path):
     assert isinstance(q, QuantizedLinear)
     expected = quantize_weight_rtn(original, 4, 32, True)
     assert torch.equal(q.to_int().dequantize(), expected.dequantize())
+
+
+@pytest.mark.slow
+def test_quantize_notes_that_transformers_does_not_load_moe_gptq(moe_dir, tmp_path):
+    """The README's readers table says transformers + optimum + GPTQModel load what `qwenkit quantize`
+    writes; for a MoE they load it with every routed expert left at random (a warning, not an error), so
+    the command says so. If transformers learns to load it, this fails and the note should go."""
+    import transformers
+
+    result = quantize_checkpoint(moe_dir, tmp_path / "out", bits=4, method="rtn", progress=False)
+    assert [n for n in result.notes if n.startswith("transformers")] == [MOE_READERS_NOTE]
+    dense = tmp_path / "dense"
+    hf_moe_model("qwen2_moe-mixed", num_experts=0).save_pretrained(dense)
+    assert MOE_READERS_NOTE not in quantize_checkpoint(dense, tmp_path / "d", bits=4, method="rtn").notes
+
+    _, info = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "out", dtype=torch.float32, device_map="cpu", output_loading_info=True
+    )
+    # layers 1 and 3 are sparse: their stacked experts are not in the file, the per-expert ones not read
+    assert {"model.layers.1.mlp.experts.gate_up_proj", "model.layers.3.mlp.experts.down_proj"} <= set(
+        info["missing_keys"]
+    )
+    assert "model.layers.1.mlp.experts.0.up_proj.qweight" in info["unexpected_keys"]

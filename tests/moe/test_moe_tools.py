@@ -132,3 +132,27 @@ def test_router_stats_on_a_dense_model_is_one_line(tiny_chat_model, capsys):
     assert main(["generate", str(tiny_chat_model), "--prompt", "hi", "--router-stats"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --router-stats needs a mixture-of-experts model") and err.count("\n") == 1
+
+
+def test_router_stats_with_an_adapter_on_the_router(moe_with_tokenizer, tmp_path, capsys):
+    """An adapter that adapts the router wraps it in finetune's LoRALinear, which has no ``weight`` of its
+    own: counting raised an AttributeError traceback. The counts are the merged model's, as transformers
+    routes it."""
+    from factories import write_lora_adapter
+
+    adapter = write_lora_adapter(moe_with_tokenizer, tmp_path / "adapter", seed=3, targets=("gate",), std=1.0)
+    merged = tmp_path / "merged"
+    assert main(["merge", str(moe_with_tokenizer), str(adapter), str(merged)]) == 0
+    ids = [(37 * i + 11) % 151000 for i in range(40)]
+    want = _hf_routing_counts(merged, ids)
+    assert want != _hf_routing_counts(moe_with_tokenizer, ids)  # the adapter changes the routing
+
+    model, _ = load_model(moe_with_tokenizer, dtype="float32", adapter=adapter, progress=False)
+    assert LLM(model, tokenizer_for(moe_with_tokenizer)).router_stats(ids).per_layer == want
+    capsys.readouterr()
+    args = ["generate", str(moe_with_tokenizer), "--adapter", str(adapter), "--router-stats"]
+    args += ["--prompt-ids", ",".join(map(str, ids)), "--max-new-tokens", "2", "--dtype", "float32"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    for layer, counts in want.items():
+        assert f"layer {layer:3d}: 160 routings" in err and f"counts {counts}" in err

@@ -587,9 +587,15 @@ def _architecture_note(config: ModelConfig) -> str:
 
 
 def _is_droppable(name: str, tensor: torch.Tensor, config: ModelConfig) -> bool:
-    """Tensors safe to ignore: a tied lm_head copy, and the all-zero biases old AutoGPTQ wrote everywhere."""
+    """Tensors safe to ignore: a tied lm_head copy, the all-zero biases old AutoGPTQ wrote everywhere, and
+    a zero-width shared expert (transformers builds one for shared_expert_intermediate_size 0 and saves
+    its empty tensors and its gate, which add sigmoid(gate) x 0)."""
     if name == "lm_head.weight" and config.tie_word_embeddings:
         return True
+    no_shared = config.family == "qwen2_moe" and not config.shared_expert_intermediate_size
+    if no_shared and ".mlp.shared_expert" in name:
+        empty = isinstance(tensor, torch.Tensor) and tensor.numel() == 0
+        return empty or ".mlp.shared_expert_gate." in name
     return name.endswith(".bias") and config.quantization is not None and not bool(tensor.any())
 
 

@@ -191,9 +191,9 @@ def count_routed_tokens(model: nn.Module) -> Iterator[RouterStats]:
     blocks = {int(name.split(".")[-2]): m for name, m in model.named_modules() if isinstance(m, MoEMLP)}
     stats = RouterStats()
     for block in blocks.values():
-        block.routed_tokens = torch.zeros(
-            block.num_experts, dtype=torch.int64, device=block.gate.weight.device
-        )
+        # the router's parameters, not ``gate.weight``: an adapter on the router wraps it in a LoRA layer
+        device = next(block.gate.parameters()).device
+        block.routed_tokens = torch.zeros(block.num_experts, dtype=torch.int64, device=device)
     try:
         yield stats
     finally:

@@ -45,6 +45,14 @@ DYNAMIC_ACT_ORDER_WARNING = (
     "--act-order static (the default) keeps its quality and loads in every reader"
 )
 
+# transformers 5.25 with optimum and GPTQModel 7.6 (the readers table of the README): a MoE layer's routed
+# experts are 3-D parameters there, which a file's per-expert GPTQ tensors never fill.
+MOE_READERS_NOTE = (
+    "transformers (with optimum and GPTQModel) does not load a mixture-of-experts GPTQ checkpoint: its "
+    "experts are stacked parameters, which it leaves randomly initialized with only a warning; qwenkit "
+    "loads it"
+)
+
 
 @dataclass
 class QuantizeResult:
@@ -175,7 +183,8 @@ def quantize_checkpoint(
     widths = _linear_widths(config, bits)
     group = choose_group_size(widths, group_size, partial_groups)
     per_row = per_row_int4_note(widths) if bits == 4 and group_size == -1 else None
-    for message in (group.note(), reader_size_note(group), per_row):
+    moe = MOE_READERS_NOTE if config.num_experts and config.sparse_layers else None
+    for message in (group.note(), reader_size_note(group), per_row, moe):
         if message:  # not `text`: that is the calibration text (once reused here, --calib was ignored)
             note(message)
     if method == "gptq" and seq_len > config.max_context:
