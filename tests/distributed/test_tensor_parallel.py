@@ -21,6 +21,7 @@ from tp_worker import (
     PROMPT,
     SLOTS,
     greedy,
+    interrupt_self,
     load_expecting_error,
     raise_on_ranks,
     run_models,
@@ -448,6 +449,13 @@ def test_an_error_of_one_rank_alone_is_said_under_its_number():
         run_ranks(raise_on_ranks, 2, ([1], "not enough memory for shard 1"), timeout_s=20)
     assert str(raised.value) == "tensor-parallel rank 1 of 2: not enough memory for shard 1"
     assert raised.value.detail == "not enough memory for shard 1"
+
+
+def test_a_ctrl_c_reaching_the_ranks_leaves_the_decision_to_the_launcher(tmp_path):
+    """A terminal's Ctrl-C reaches every rank as well as the launcher; only the launcher acts on it (it
+    stops the ranks), so no rank prints its own KeyboardInterrupt traceback."""
+    run_ranks(interrupt_self, 2, (str(tmp_path),), timeout_s=20)
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)] == ["finished", "finished"]
 
 
 @pytest.mark.slow

@@ -129,3 +129,33 @@ def test_a_rank_killed_while_serving_a_stream_drains_without_a_traceback(model):
     output = proc.stdout.read()
     assert "Traceback" not in output, output[-3000:]
     assert output.rstrip().endswith("error: tensor-parallel rank 1 of 2 was killed by signal 9")
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_a_tensor_parallel_generate_stops_every_rank_quietly(model):
+    """Ctrl-C in a terminal reaches the whole process group: the command exits 130 with only a newline on
+    stderr, as one process does, not with each rank's KeyboardInterrupt traceback."""
+
+    def terminal_default() -> None:  # a shell that ignores SIGINT for background jobs passes that on
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    argv = [*QWENKIT, "generate", model, "-p", "Tell me a story", *LONG]
+    proc = subprocess.Popen(
+        argv,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        preexec_fn=terminal_default,
+    )
+    try:
+        os.read(proc.stdout.fileno(), 1)
+        time.sleep(0.5)
+        procs = ranks(proc)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert (proc.returncode, err.decode()) == (130, "\n")  # one process's: the line the answer was on ended
+    assert_gone(procs)

@@ -113,3 +113,13 @@ def raise_on_ranks(tp: TensorParallel, ranks: list[int], message: str) -> None:
 def write_threads(tp: TensorParallel, out_dir: str) -> None:
     """Write the torch threads this rank was given."""
     (Path(out_dir) / f"rank{tp.rank}.txt").write_text(str(torch.get_num_threads()))
+
+
+def interrupt_self(tp: TensorParallel, out_dir: str) -> None:
+    """Send this rank the SIGINT a terminal's Ctrl-C sends every process of the group, then finish."""
+    import signal
+    import time
+
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.2)  # a handler runs between bytecodes: it would have raised by now
+    (Path(out_dir) / f"rank{tp.rank}.txt").write_text("finished")

@@ -226,6 +226,33 @@ def test_eval_with_tensor_parallel_scores_every_item_as_one_process(task, tmp_pa
             assert got.get(key) == pytest.approx(want.get(key), abs=1e-5)
 
 
+@pytest.mark.slow
+def test_a_tensor_parallel_run_resumes_with_every_rank_on_the_items_left(tmp_path):
+    """Rank 0 alone reads the run it resumes; the other ranks must score the same items left, not every
+    item (their engines would pair other prompts' collectives with rank 0's: a failed run, or answers
+    mixed from two prompts). A run resumed, then run again with nothing left, equals one process's."""
+    from factories import write_tiny_chat_model
+
+    model = write_tiny_chat_model(tmp_path / "m", num_key_value_heads=2)
+    common = ["eval", str(model), "--task", "gsm8k", "--method", "generate", "--dtype", "float32"]
+    common += ["--no-progress", "--max-new-tokens", "24", "--batch-size", "2"]
+    assert qwenkit_main([*common, "--limit", "6", "--output", str(tmp_path / "one")]) == 0
+    two = [*common, "--output", str(tmp_path / "two"), "--tensor-parallel", "2"]
+    assert qwenkit_main([*two, "--limit", "2"]) == 0
+    assert qwenkit_main([*two, "--limit", "6"]) == 0  # resumes: 4 items left
+    first = (tmp_path / "two" / "samples.jsonl").read_text()
+    assert qwenkit_main([*two, "--limit", "6"]) == 0  # nothing left
+
+    def answers(d: str) -> list[tuple[str, str]]:
+        rows = [json.loads(line) for line in (tmp_path / d / "samples.jsonl").read_text().splitlines()]
+        return [(r["id"], r["output"]) for r in rows]
+
+    assert answers("two") == answers("one") and len(answers("one")) == 6
+    assert (tmp_path / "two" / "samples.jsonl").read_text() == first
+    one, two_results = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    assert two_results["scores"] == one["scores"]
+
+
 def test_a_run_of_another_model_is_not_resumed(local, tmp_path):
     """The samples of one model must not be scored under another's name: resuming into an --output asks
     for the same model files, dtype, quantization and adapter (the results' record names them)."""

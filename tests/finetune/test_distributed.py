@@ -271,3 +271,45 @@ def test_ctrl_c_under_nproc_says_where_to_resume_without_tracebacks(tiny_chat_mo
     last = err.strip().splitlines()[-1]
     assert last.startswith("interrupted at step ") and "; --resume continues from " in last, err[-3000:]
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_under_nproc_exits_143_saying_where_to_resume(tiny_chat_model, tmp_path):
+    """A container stop sends SIGTERM to the command (the launcher), which ends the ranks: the command
+    once exited 130, as if Ctrl-C had stopped it, saying nothing; now 143, as one process does, with the
+    checkpoint --resume continues from."""
+    import signal
+    import time
+
+    import psutil
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(
+        "".join(json.dumps({"text": f"The number {i} comes after {i - 1}."}) + "\n" for i in range(8))
+    )
+    out = tmp_path / "o"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parents[1] / "src")}
+    cmd = [sys.executable, "-m", "qwenkit.cli", "finetune", str(tiny_chat_model), str(data), str(out)]
+    cmd += ["--nproc", "2", "--batch-size", "1", "--max-steps", "100000", "--save-every", "1"]
+    cmd += ["--lora-r", "2", "--no-progress"]
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not list(tmp_path.glob("o.training/checkpoints/step-*/trainer_state.pt")):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+            time.sleep(0.5)
+        ranks = psutil.Process(proc.pid).children(recursive=True)
+        proc.terminate()
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, err[-3000:]
+    assert "Traceback" not in err and "SignalException" not in err, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"stopped by SIGTERM; --resume continues from {out}.training/checkpoints/step-"), (
+        err
+    )
+    assert not out.exists()
+    _, alive = psutil.wait_procs(ranks, timeout=10)
+    assert not alive

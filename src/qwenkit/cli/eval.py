@@ -12,6 +12,7 @@ qwenkit eval Qwen2.5-72B-Instruct --task mmlu --device cuda --tensor-parallel 4
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 from pathlib import Path
@@ -322,10 +323,29 @@ def _evaluate(
         backend = LocalBackend(llm, batch_size=args.batch_size)
         record = runner.model_record(path, llm, args.dtype, args.quantize, args.adapter)
     results = runner.run(
-        backend, settings, args.output, progress=not args.no_progress, model_record=record, prepared=prepared
+        backend,
+        settings,
+        args.output,
+        progress=not args.no_progress,
+        model_record=record,
+        prepared=prepared,
+        agree_done=None if tp is None else functools.partial(_done_on_rank_0, tp),
     )
     print(format_results(results))
     return 0
+
+
+def _done_on_rank_0(tp: TensorParallel, done: set[str]) -> set[str]:
+    """The items rank 0 found already scored in the run it resumes, on every rank: the others read no
+    output, and every rank must score the same items (their collectives pair up)."""
+    import torch.distributed as dist
+
+    from qwenkit.distributed.group import collective
+
+    shared = [sorted(done)]
+    with collective("broadcast of the items already scored"):
+        dist.broadcast_object_list(shared, src=0, group=tp.group)
+    return set(shared[0])
 
 
 def format_results(results: dict) -> str:

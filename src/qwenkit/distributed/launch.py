@@ -74,6 +74,10 @@ def _rank_main(
     errors: Any,
 ) -> None:
     _die_with_launcher()
+    # A terminal's Ctrl-C reaches every rank as well as the launcher: the launcher decides (it stops the
+    # ranks, or rank 0 leads them), so a rank neither prints its own KeyboardInterrupt traceback nor dies
+    # before the launcher has acted.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     on_rank_lost(_leave_quietly)
     share_cores(world, device)
     tp = init_tensor_parallel(

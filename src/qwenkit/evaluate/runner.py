@@ -67,21 +67,30 @@ def run(
     progress: bool = True,
     model_record: dict[str, Any] | None = None,
     prepared: Plan | None = None,
+    agree_done: Callable[[set[str]], set[str]] | None = None,
 ) -> dict[str, Any]:
     """Evaluate; with ``output``, write/extend samples.jsonl and write results.json there (holding the
-    directory's lock throughout). ``prepared``: ``plan(settings)`` made before the model was loaded."""
+    directory's lock throughout). ``prepared``: ``plan(settings)`` made before the model was loaded.
+    ``agree_done(ids)``: the ids of the items already scored as the run's writer found them (under tensor
+    parallelism rank 0 alone reads the output, and every rank must score the same items left)."""
     p = prepared or plan(settings, backend.max_context() if needs_model(settings) else None)
     record = model_record or backend.describe()
     if output is None:
-        return _run(backend, settings, p, record, None, progress)
+        return _run(backend, settings, p, record, None, progress, agree_done)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     with output_lock(out):
-        return _run(backend, settings, p, record, out, progress)
+        return _run(backend, settings, p, record, out, progress, agree_done)
 
 
 def _run(
-    backend: Backend, settings: Settings, p: Plan, record: dict[str, Any], out: Path | None, progress: bool
+    backend: Backend,
+    settings: Settings,
+    p: Plan,
+    record: dict[str, Any],
+    out: Path | None,
+    progress: bool,
+    agree_done: Callable[[set[str]], set[str]] | None = None,
 ) -> dict[str, Any]:
     items_sha256 = p.items_sha256()
     made_by = {"items_sha256": items_sha256, "prompt_template_sha256": p.record.get("prompt_template_sha256")}
@@ -94,6 +103,8 @@ def _run(
 
         rows = _resume(out, settings, model_identity(record), made_by, plan_at)
     done = {r["id"] for r in rows}
+    if agree_done is not None:
+        done = agree_done(done)
     todo = [i for i in p.items if item_id(i) not in done]
     chunk_size = max(settings.batch_size * 4, 16)
     started = time.perf_counter()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -246,14 +247,17 @@ def launch_ranks(module: str, argv: list[str], args: argparse.Namespace) -> int 
     if args.nproc == 1:
         return None
     check_inputs(args)
-    return relaunch(module, argv, args.nproc)
+    return relaunch(module, argv, args.nproc, Path(args.out))
 
 
-def relaunch(module: str, argv: list[str], nproc: int) -> int:
+def relaunch(module: str, argv: list[str], nproc: int, out: Path | None = None) -> int:
     """Run this command under torchrun with ``nproc`` local processes (gloo on CPU, NCCL on CUDA).
 
     torchrun's agent runs in this process, so a rank's failure comes back as its exit status and one line
-    naming it (the rank has printed its own error), and Ctrl-C as 130, not as the agent's traceback."""
+    naming it (the rank has printed its own error), and Ctrl-C as 130, not as the agent's traceback.
+    SIGTERM (a container stop) reaches this process alone; the agent ends the ranks, which may be blocked
+    in collectives and say nothing, so this process says where ``--resume`` continues (``out``'s
+    checkpoints) and exits 143, as one process does."""
     import logging
 
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -280,8 +284,13 @@ def relaunch(module: str, argv: list[str], nproc: int) -> int:
     args = get_args_parser().parse_args(["--standalone", f"--nproc_per_node={nproc}", "-m", module, *rest])
     try:
         run(args)
-    except SignalException:  # Ctrl-C: the agent stopped the ranks; rank 0 said where --resume continues
-        return 130
+    except SignalException as e:  # the agent stopped the ranks
+        if e.sigval != signal.SIGTERM or out is None:  # Ctrl-C: rank 0 said where --resume continues
+            return 130
+        from qwenkit.finetune.run import resume_hint, work_dir
+
+        print(f"stopped by SIGTERM; {resume_hint(work_dir(out))}", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         if failure.exitcode < 0:

@@ -509,10 +509,15 @@ def _second_ctrl_c_ignored() -> Iterator[None]:
 
 def _interrupted(work: Path, step: int) -> str:
     """What Ctrl-C (or SIGTERM) leaves: the step, and whether --resume has a checkpoint to continue from."""
+    return f"interrupted at step {step}; {resume_hint(work)}"
+
+
+def resume_hint(work: Path) -> str:
+    """Where --resume continues from in ``work``, or that it has nothing to continue from."""
     try:
-        return f"interrupted at step {step}; --resume continues from {latest_checkpoint(work)}"
+        return f"--resume continues from {latest_checkpoint(work)}"
     except CheckpointError:
-        return f"interrupted at step {step}; no checkpoint was saved (--save-every N keeps them for --resume)"
+        return "no checkpoint was saved (--save-every N keeps them for --resume)"
 
 
 def _loop(trainer, prep, args, world, work, history, eval_examples, data_id: str = "") -> None:
