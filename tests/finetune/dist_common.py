@@ -9,8 +9,9 @@ from pathlib import Path
 
 import torch
 
+from qwenkit.finetune.checkpoints import save_checkpoint
 from qwenkit.finetune.encode import IGNORE, Example
-from qwenkit.finetune.run import prepare_model, save_checkpoint
+from qwenkit.finetune.run import prepare_model
 from qwenkit.finetune.trainer import TrainArgs, Trainer
 
 HERE = Path(__file__).parent

@@ -17,8 +17,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from dist_common import build, grads, steps_and_weights
 
+from qwenkit.finetune.checkpoints import load_checkpoint
 from qwenkit.finetune.distributed import close_world, init_world
-from qwenkit.finetune.run import load_checkpoint
 
 
 def main() -> None:

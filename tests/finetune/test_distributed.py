@@ -16,8 +16,8 @@ from dist_common import build, examples, grads, steps_and_weights, torchrun
 from factories import hf_model, save_hf
 from moe.moe_models import hf_moe_model
 
+from qwenkit.finetune.checkpoints import load_checkpoint
 from qwenkit.finetune.distributed import World
-from qwenkit.finetune.run import load_checkpoint
 from qwenkit.finetune.trainer import pad_batch
 from qwenkit.model.moe import count_routed_tokens
 

@@ -27,8 +27,9 @@ from safetensors.torch import load_file
 from qwenkit.checkpoint import load_model
 from qwenkit.cli import main as cli_main
 from qwenkit.finetune.adapter_io import adapter_state_dict
+from qwenkit.finetune.checkpoints import load_checkpoint
 from qwenkit.finetune.distributed import World
-from qwenkit.finetune.run import finetune, load_checkpoint, work_dir
+from qwenkit.finetune.run import finetune, work_dir
 from qwenkit.finetune.trainer import TrainArgs
 
 SRC = Path(__file__).parents[2] / "src"

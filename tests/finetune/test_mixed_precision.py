@@ -19,8 +19,9 @@ from qwenkit.checkpoint import load_model
 from qwenkit.cli import main as cli_main
 from qwenkit.config import ModelConfig
 from qwenkit.errors import QwenkitError
+from qwenkit.finetune.checkpoints import STATE_FILE
 from qwenkit.finetune.estimate import estimate
-from qwenkit.finetune.run import STATE_FILE, finetune, work_dir
+from qwenkit.finetune.run import finetune, work_dir
 from qwenkit.finetune.trainer import TrainArgs, Trainer
 from qwenkit.memory import weight_bytes
 

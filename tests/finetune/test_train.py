@@ -303,10 +303,10 @@ def test_only_the_newest_checkpoints_are_kept(tiny_chat_model, tmp_path, monkeyp
 def test_a_full_disk_while_saving_a_checkpoint_is_one_line(tiny_chat_model, tmp_path, monkeypatch, capsys):
     """torch.save's writer swallowed the disk's ENOSPC and raised 'unexpected pos 704 vs 598', a traceback
     atomic_output_dir could not name; the state file goes to /dev/full, whose every write is ENOSPC."""
-    import qwenkit.finetune.run as run
+    import qwenkit.finetune.checkpoints as checkpoints
     from qwenkit.cli import main as cli_main
 
-    monkeypatch.setattr(run, "STATE_FILE", "/dev/full")  # tmp / "/dev/full" is /dev/full
+    monkeypatch.setattr(checkpoints, "STATE_FILE", "/dev/full")  # tmp / "/dev/full" is /dev/full
     data = chat_data(tmp_path / "d.jsonl", n=4)
     out = tmp_path / "out"
     argv = [str(tiny_chat_model), str(data), str(out), "--max-steps", "2", "--save-every", "1"]
@@ -357,7 +357,7 @@ def test_resume_on_another_model_is_refused_in_one_line(tiny_chat_model, tmp_pat
     from factories import write_tiny_chat_model
 
     from qwenkit.errors import CheckpointError, ConfigError
-    from qwenkit.finetune.run import STATE_FILE
+    from qwenkit.finetune.checkpoints import STATE_FILE
 
     data, args, out = run_stopped_at_step_2(tiny_chat_model, tmp_path, monkeypatch)
     ckpt = work_dir(out) / "checkpoints" / "step-2"
