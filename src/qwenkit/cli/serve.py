@@ -258,10 +258,31 @@ def _lora_module_json(item: str, served_name: str | None) -> tuple[str, str]:
     return spec["name"].strip(), spec["path"].strip()
 
 
+class _StoppedWhileLoading(Exception):
+    pass
+
+
+def _stop_while_loading(signum: int, frame) -> None:
+    raise _StoppedWhileLoading
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     api_key = _check(args)
     split = wants_tensor_parallel(args)
+    if not split:
+        # A container's PID 1 never gets a signal it has no handler for: without this, SIGTERM while the
+        # model loads (a pod deleted as it starts) was ignored, and the server loaded, served, and waited
+        # for SIGKILL. Once it serves, uvicorn's handlers drain. (Tensor-parallel ranks have their own.)
+        signal.signal(signal.SIGTERM, _stop_while_loading)
+    try:
+        return _main(args, api_key, split)
+    except _StoppedWhileLoading:
+        print("stopped by SIGTERM before the model loaded", file=sys.stderr)
+        return 0
+
+
+def _main(args: argparse.Namespace, api_key: str | None, split: bool) -> int:
     # a taken port fails now, not after the model's load; under torchrun only rank 0 listens
     listener = listen_socket(args.host, args.port) if launched_rank() in (None, 0) else None
     try:
@@ -272,7 +293,9 @@ def main(argv: list[str] | None = None) -> int:
                 return serve(args, api_key, llm, listener, note)
 
             return lead_tensor_parallel(args, serve_on, load, server=True)
-        return serve(args, api_key, load(args), listener)
+        llm = load(args)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        return serve(args, api_key, llm, listener)
     finally:
         if listener is not None:
             listener.close()
