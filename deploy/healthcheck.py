@@ -5,7 +5,9 @@ import os
 import sys
 import urllib.request
 
-url = f"http://127.0.0.1:{os.environ.get('QWENKIT_PORT', '8000')}/health"
+# as `qwenkit serve` reads it: empty or blank is unset
+port = os.environ.get("QWENKIT_PORT", "").strip() or "8000"
+url = f"http://127.0.0.1:{port}/health"
 try:
     with urllib.request.urlopen(url, timeout=float(os.environ.get("HEALTHCHECK_TIMEOUT", "2"))) as response:
         sys.exit(0 if response.status == 200 else 1)

@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
         device=_env("device", "cpu"),
         quantize=_env("quantize"),
         adapter=_env("adapter"),
+        gguf_dequantize=_env_flag("gguf_dequantize"),
+        max_context=_env_number("max_context", None),
+        cuda_graphs=False if _env_flag("no_cuda_graphs") else None,
     )
     g = parser.add_argument_group("server")
     g.add_argument("--host", default=_env("host", "127.0.0.1"), help="address to bind (default 127.0.0.1)")
@@ -149,13 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--max-model-len",
         type=int,
-        default=_env("max_model_len"),
-        help="longest sequence (prompt + output) served (default: the model's context)",
+        default=_env_number("max_model_len", None),
+        help="longest sequence (prompt + output) served, also --max-context (default: the model's context)",
     )
     e.add_argument(
         "--threads",
         type=int,
-        default=_env("threads"),
+        default=_env_number("threads", None),
         help="CPU threads for the model's compute (default: PyTorch's, one per core)",
     )
     e.add_argument("--no-prefix-caching", action="store_true", default=_env_flag("no_prefix_caching"))
@@ -198,6 +201,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_tensor_parallel_arg(parser)
     parser.set_defaults(tensor_parallel=_env_number("tensor_parallel", 1))
     return parser
+
+
+def environment_names() -> dict[str, str]:
+    """``QWENKIT_<OPTION>`` variable -> the option's dest, for every option of ``qwenkit serve``: the name
+    is the long flag's (``--no-cuda-graphs``: ``QWENKIT_NO_CUDA_GRAPHS``), or the positional's."""
+    names = {}
+    for action in build_parser()._actions:
+        if action.dest == "help":
+            continue
+        flag = next((o for o in action.option_strings if o.startswith("--")), action.dest)
+        names[f"QWENKIT_{flag.removeprefix('--').upper().replace('-', '_')}"] = action.dest
+    return names
 
 
 def lora_modules(items: list[str], served_name: str | None = None) -> dict[str, str]:
@@ -243,10 +258,31 @@ def _lora_module_json(item: str, served_name: str | None) -> tuple[str, str]:
     return spec["name"].strip(), spec["path"].strip()
 
 
+class _StoppedWhileLoading(Exception):
+    pass
+
+
+def _stop_while_loading(signum: int, frame) -> None:
+    raise _StoppedWhileLoading
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     api_key = _check(args)
     split = wants_tensor_parallel(args)
+    if not split:
+        # A container's PID 1 never gets a signal it has no handler for: without this, SIGTERM while the
+        # model loads (a pod deleted as it starts) was ignored, and the server loaded, served, and waited
+        # for SIGKILL. Once it serves, uvicorn's handlers drain. (Tensor-parallel ranks have their own.)
+        signal.signal(signal.SIGTERM, _stop_while_loading)
+    try:
+        return _main(args, api_key, split)
+    except _StoppedWhileLoading:
+        print("stopped by SIGTERM before the model loaded", file=sys.stderr)
+        return 0
+
+
+def _main(args: argparse.Namespace, api_key: str | None, split: bool) -> int:
     # a taken port fails now, not after the model's load; under torchrun only rank 0 listens
     listener = listen_socket(args.host, args.port) if launched_rank() in (None, 0) else None
     try:
@@ -257,7 +293,9 @@ def main(argv: list[str] | None = None) -> int:
                 return serve(args, api_key, llm, listener, note)
 
             return lead_tensor_parallel(args, serve_on, load, server=True)
-        return serve(args, api_key, load(args), listener)
+        llm = load(args)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        return serve(args, api_key, llm, listener)
     finally:
         if listener is not None:
             listener.close()
@@ -304,9 +342,12 @@ def _check(args: argparse.Namespace) -> str | None:
         )
     if not 0 <= args.graceful_timeout < float("inf"):
         raise ConfigError(f"--graceful-timeout must be 0 or more seconds, got {args.graceful_timeout}")
-    if args.max_model_len is not None and int(args.max_model_len) < 2:
-        raise ConfigError(f"--max-model-len must be at least 2, got {args.max_model_len}")
-    if args.threads is not None and int(args.threads) < 1:
+    if args.max_model_len is not None and args.max_context is not None:
+        raise ConfigError("give --max-model-len or --max-context (the same limit), not both")
+    for flag, value in (("--max-model-len", args.max_model_len), ("--max-context", args.max_context)):
+        if value is not None and value < 2:
+            raise ConfigError(f"{flag} must be at least 2, got {value}")
+    if args.threads is not None and args.threads < 1:
         raise ConfigError(f"--threads must be at least 1, got {args.threads}")
     if args.kv_cache_memory:
         parse_bytes(args.kv_cache_memory, "--kv-cache-memory")
@@ -354,13 +395,18 @@ def runtime_lora_warning(allowed: bool, api_key: str | None) -> str | None:
     )
 
 
+def max_seq_len(args: argparse.Namespace) -> int | None:
+    """The longest sequence served: vLLM's --max-model-len or the other commands' --max-context."""
+    return args.max_model_len if args.max_model_len is not None else args.max_context
+
+
 def load(args: argparse.Namespace, tp=None):
     from qwenkit.generate import LLM
 
     if args.threads is not None:
         import torch
 
-        torch.set_num_threads(int(args.threads))
+        torch.set_num_threads(args.threads)
     path = resolve_model(args.model)
     llm = LLM.load(
         path,
@@ -368,7 +414,7 @@ def load(args: argparse.Namespace, tp=None):
         device=args.device,
         quantize=args.quantize,
         max_batch_size=args.max_batch,
-        max_seq_len=int(args.max_model_len) if args.max_model_len else None,
+        max_seq_len=max_seq_len(args),
         kv_cache_memory=parse_bytes(args.kv_cache_memory, "--kv-cache-memory")
         if args.kv_cache_memory
         else None,
