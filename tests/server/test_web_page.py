@@ -580,3 +580,28 @@ def test_adapters_loaded_or_unloaded_while_the_page_is_open_show_in_its_picker(
             expect(page.locator("#model")).to_have_text(MODEL)
     finally:
         llm.close()
+
+
+def test_right_to_left_text_reads_right_to_left_and_code_stays_left_to_right(server, open_page):
+    """Arabic or Hebrew in a message was laid out left to right: the line sat on the left and its final
+    punctuation on the wrong end ("مرحبا!" showed the "!" after the word's left edge). Each paragraph
+    takes the direction of its own text; code stays left to right; the message boxes follow what is typed."""
+    page = open_page(server.url)
+    body = _sse(["مرحبا بك!\n\nHello there.\n\n- عنصر\n\n```python\nprint('سلام')\n```\n"])
+    page.route(CHAT_URL, lambda route: route.fulfill(status=200, content_type="text/event-stream", body=body))
+    page.fill("#prompt", "كيف حالك؟")
+    page.keyboard.press("Enter")
+    message = answer(page, 0)
+
+    def direction(locator) -> str:
+        return locator.evaluate("e => getComputedStyle(e).direction")
+
+    assert direction(page.locator(".message.user .body")) == "rtl"
+    assert direction(message.locator(".body p").nth(0)) == "rtl"
+    assert direction(message.locator(".body p").nth(1)) == "ltr"
+    assert direction(message.locator(".body li")) == "rtl"
+    assert direction(message.locator(".body pre")) == "ltr"
+    page.fill("#prompt", "שלום")
+    assert direction(page.locator("#prompt")) == "rtl"
+    page.fill("#prompt", "Hello")
+    assert direction(page.locator("#prompt")) == "ltr"

@@ -107,6 +107,7 @@ function addMessage(role) {
   who.textContent = role === "user" ? "You" : modelId || "Assistant";
   const body = document.createElement("div");
   body.className = role === "user" ? "body plain" : "body markdown";
+  if (role === "user") body.dir = "auto"; // an answer's blocks each take their own direction (render.js)
   article.append(who, body);
   transcript.append(article);
   return { article, body };
