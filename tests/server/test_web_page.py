@@ -605,3 +605,26 @@ def test_right_to_left_text_reads_right_to_left_and_code_stays_left_to_right(ser
     assert direction(page.locator("#prompt")) == "rtl"
     page.fill("#prompt", "Hello")
     assert direction(page.locator("#prompt")) == "ltr"
+
+
+def test_a_conversation_that_outgrew_the_window_says_to_start_over(server, open_page):
+    """The page sends the whole conversation with every message: once it no longer fits the model's window
+    every message failed with the server's "reduce the length of the prompt", however short, and nothing
+    said that the earlier turns were what no longer fit."""
+    page = open_page(server.url)
+    body = _sse(["word " * 20_000])  # a long first answer, as a model may write
+    page.route(CHAT_URL, lambda route: route.fulfill(status=200, content_type="text/event-stream", body=body))
+    page.fill("#prompt", "Write a lot.")
+    page.keyboard.press("Enter")
+    answer(page, 0)
+    page.unroute(CHAT_URL)
+    page.fill("#prompt", "Thanks!")  # to the real server, with the conversation so far
+    page.keyboard.press("Enter")
+    error = page.wait_for_selector("#error:not([hidden])")
+    shown = error.text_content()
+    assert shown.startswith("400 Bad Request: This model's maximum context length is 8192 tokens.")
+    assert shown.endswith(
+        "Please reduce the length of the prompt. The conversation is too long: New chat starts over."
+    )
+    assert page.input_value("#prompt") == "Thanks!"
+    expect(page.locator(".message")).to_have_count(2)  # the first turn stays; the failed one is taken back

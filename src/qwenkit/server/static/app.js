@@ -289,6 +289,10 @@ async function send(text) {
     else {
       outcome = "error";
       failure = error instanceof ApiError ? error.message : `could not reach the server: ${error.message}`;
+      // the whole conversation is sent with every message: once it outgrows the model's window, every
+      // message fails alike, however short, until the conversation starts over
+      const outgrown = error.code === "context_length_exceeded" && error.param === "messages";
+      if (outgrown && history.length > 1) failure += " The conversation is too long: New chat starts over.";
       if (error.status === 404) refreshModel(); // the model asked for is gone (an adapter unloaded)
     }
   } finally {

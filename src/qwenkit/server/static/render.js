@@ -22,8 +22,11 @@ const SANITIZE = {
 };
 
 // Arabic or Hebrew reads right to left: each block takes the direction of its own first strong letter, as
-// the browser decides for dir="auto" (an answer may mix languages paragraph by paragraph). Code is left to right.
-const OWN_DIRECTION = new Set(["P", "LI", "H1", "H2", "H3", "H4", "H5", "H6", "BLOCKQUOTE", "TD", "TH", "DT", "DD"]);
+// the browser decides for dir="auto" (an answer may mix languages paragraph by paragraph). Code is left
+// to right.
+const OWN_DIRECTION = new Set(
+  ["P", "LI", "H1", "H2", "H3", "H4", "H5", "H6", "BLOCKQUOTE", "TD", "TH", "DT", "DD"],
+);
 
 DOMPurify.addHook("afterSanitizeAttributes", (node) => {
   if (OWN_DIRECTION.has(node.tagName)) node.setAttribute("dir", "auto");
