@@ -56,3 +56,20 @@ def test_a_conversation_that_outgrew_the_window_says_to_start_over(server, open_
     )
     assert page.input_value("#prompt") == "Thanks!"
     expect(page.locator(".message")).to_have_count(2)  # the first turn stays; the failed one is taken back
+
+
+def test_pasted_code_keeps_the_indentation_of_its_first_line(server, open_page):  # noqa: F811 - the fixture
+    """The message was trimmed at both ends: pasted Python lost the indentation of its first line only, so
+    the code the model saw no longer lined up. Blank lines around it and trailing spaces still go."""
+    page = open_page(server.url)
+    body = _sse(["ok"])
+    page.route(CHAT_URL, lambda route: route.fulfill(status=200, content_type="text/event-stream", body=body))
+    with page.expect_request(CHAT_URL) as request:
+        page.fill("#prompt", "\n  \n    if x:\n        y()\n\n ")
+        page.keyboard.press("Enter")
+    assert request.value.post_data_json["messages"] == [{"role": "user", "content": "    if x:\n        y()"}]
+    answer(page, 0)
+    assert page.locator(".message.user .body").text_content() == "    if x:\n        y()"
+    page.fill("#prompt", " \n \n")  # only blank lines: nothing is sent
+    page.keyboard.press("Enter")
+    expect(page.locator(".message")).to_have_count(2)

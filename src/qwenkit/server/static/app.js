@@ -384,8 +384,9 @@ function autosize() {
 
 $("composer").addEventListener("submit", (event) => {
   event.preventDefault();
-  const text = prompt.value.trim();
-  if (text && !running) send(text);
+  // blank lines around the message and trailing spaces go; its first line keeps its indentation (code)
+  const text = prompt.value.replace(/^\s*\n/, "").trimEnd();
+  if (text.trim() && !running) send(text);
 });
 
 prompt.addEventListener("keydown", (event) => {
