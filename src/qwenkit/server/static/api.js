@@ -3,10 +3,12 @@ import { sseData } from "./sse.js";
 
 /** An error to show the user: the server's own message when it sent one. */
 export class ApiError extends Error {
-  constructor(message, status = null) {
+  constructor(message, status = null, { code = null, param = null } = {}) {
     super(message);
     this.name = "ApiError";
     this.status = status;
+    this.code = code; // the OpenAI error's code and param, when the server gave them
+    this.param = param;
   }
 }
 
@@ -19,14 +21,15 @@ function headers(apiKey) {
 /** Turn a non-2xx response into an ApiError carrying `{"error": {"message": ...}}` from the body. */
 async function failure(response) {
   let message = `${response.status} ${response.statusText}`.trim();
+  let body = null;
   try {
-    const body = await response.json();
+    body = await response.json();
     const detail = body?.error?.message ?? body?.detail ?? body?.message;
     if (detail) message = `${message}: ${typeof detail === "string" ? detail : JSON.stringify(detail)}`;
   } catch {
     // Not JSON (a proxy's HTML page, say): the status line is all there is.
   }
-  return new ApiError(message, response.status);
+  return new ApiError(message, response.status, { code: body?.error?.code, param: body?.error?.param });
 }
 
 /** The ids of the served models (GET v1/models). */

@@ -107,6 +107,7 @@ function addMessage(role) {
   who.textContent = role === "user" ? "You" : modelId || "Assistant";
   const body = document.createElement("div");
   body.className = role === "user" ? "body plain" : "body markdown";
+  if (role === "user") body.dir = "auto"; // an answer's blocks each take their own direction (render.js)
   article.append(who, body);
   transcript.append(article);
   return { article, body };
@@ -288,6 +289,10 @@ async function send(text) {
     else {
       outcome = "error";
       failure = error instanceof ApiError ? error.message : `could not reach the server: ${error.message}`;
+      // the whole conversation is sent with every message: once it outgrows the model's window, every
+      // message fails alike, however short, until the conversation starts over
+      const outgrown = error.code === "context_length_exceeded" && error.param === "messages";
+      if (outgrown && history.length > 1) failure += " The conversation is too long: New chat starts over.";
       if (error.status === 404) refreshModel(); // the model asked for is gone (an adapter unloaded)
     }
   } finally {
@@ -379,8 +384,9 @@ function autosize() {
 
 $("composer").addEventListener("submit", (event) => {
   event.preventDefault();
-  const text = prompt.value.trim();
-  if (text && !running) send(text);
+  // blank lines around the message and trailing spaces go; its first line keeps its indentation (code)
+  const text = prompt.value.replace(/^\s*\n/, "").trimEnd();
+  if (text.trim() && !running) send(text);
 });
 
 prompt.addEventListener("keydown", (event) => {

@@ -21,7 +21,16 @@ const SANITIZE = {
   FORBID_ATTR: ["style"],
 };
 
+// Arabic or Hebrew reads right to left: each block takes the direction of its own first strong letter, as
+// the browser decides for dir="auto" (an answer may mix languages paragraph by paragraph). Code is left
+// to right.
+const OWN_DIRECTION = new Set(
+  ["P", "LI", "H1", "H2", "H3", "H4", "H5", "H6", "BLOCKQUOTE", "TD", "TH", "DT", "DD"],
+);
+
 DOMPurify.addHook("afterSanitizeAttributes", (node) => {
+  if (OWN_DIRECTION.has(node.tagName)) node.setAttribute("dir", "auto");
+  else if (node.tagName === "PRE") node.setAttribute("dir", "ltr");
   if (node.tagName === "A" && node.hasAttribute("href")) {
     node.setAttribute("target", "_blank");
     node.setAttribute("rel", "noopener noreferrer");

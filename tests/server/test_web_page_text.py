@@ -1,0 +1,75 @@
+"""The web chat page with text in other scripts and conversations past the model's window, in a real
+headless Chromium against the real server (the fixtures and helpers of test_web_page.py)."""
+
+from __future__ import annotations
+
+import pytest
+from playwright.sync_api import expect
+from test_web_page import CHAT_URL, _sse, answer, browser, open_page  # noqa: F401 - fixtures
+
+pytestmark = pytest.mark.slow
+
+
+def test_right_to_left_text_reads_right_to_left_and_code_stays_left_to_right(server, open_page):  # noqa: F811 - the fixture
+    """Arabic or Hebrew in a message was laid out left to right: the line sat on the left and its final
+    punctuation on the wrong end ("مرحبا!" showed the "!" after the word's left edge). Each paragraph
+    takes the direction of its own text; code stays left to right; the message boxes follow what is typed."""
+    page = open_page(server.url)
+    body = _sse(["مرحبا بك!\n\nHello there.\n\n- عنصر\n\n```python\nprint('سلام')\n```\n"])
+    page.route(CHAT_URL, lambda route: route.fulfill(status=200, content_type="text/event-stream", body=body))
+    page.fill("#prompt", "كيف حالك؟")
+    page.keyboard.press("Enter")
+    message = answer(page, 0)
+
+    def direction(locator) -> str:
+        return locator.evaluate("e => getComputedStyle(e).direction")
+
+    assert direction(page.locator(".message.user .body")) == "rtl"
+    assert direction(message.locator(".body p").nth(0)) == "rtl"
+    assert direction(message.locator(".body p").nth(1)) == "ltr"
+    assert direction(message.locator(".body li")) == "rtl"
+    assert direction(message.locator(".body pre")) == "ltr"
+    page.fill("#prompt", "שלום")
+    assert direction(page.locator("#prompt")) == "rtl"
+    page.fill("#prompt", "Hello")
+    assert direction(page.locator("#prompt")) == "ltr"
+
+
+def test_a_conversation_that_outgrew_the_window_says_to_start_over(server, open_page):  # noqa: F811 - the fixture
+    """The page sends the whole conversation with every message: once it no longer fits the model's window
+    every message failed with the server's "reduce the length of the prompt", however short, and nothing
+    said that the earlier turns were what no longer fit."""
+    page = open_page(server.url)
+    body = _sse(["word " * 20_000])  # a long first answer, as a model may write
+    page.route(CHAT_URL, lambda route: route.fulfill(status=200, content_type="text/event-stream", body=body))
+    page.fill("#prompt", "Write a lot.")
+    page.keyboard.press("Enter")
+    answer(page, 0)
+    page.unroute(CHAT_URL)
+    page.fill("#prompt", "Thanks!")  # to the real server, with the conversation so far
+    page.keyboard.press("Enter")
+    error = page.wait_for_selector("#error:not([hidden])")
+    shown = error.text_content()
+    assert shown.startswith("400 Bad Request: This model's maximum context length is 8192 tokens.")
+    assert shown.endswith(
+        "Please reduce the length of the prompt. The conversation is too long: New chat starts over."
+    )
+    assert page.input_value("#prompt") == "Thanks!"
+    expect(page.locator(".message")).to_have_count(2)  # the first turn stays; the failed one is taken back
+
+
+def test_pasted_code_keeps_the_indentation_of_its_first_line(server, open_page):  # noqa: F811 - the fixture
+    """The message was trimmed at both ends: pasted Python lost the indentation of its first line only, so
+    the code the model saw no longer lined up. Blank lines around it and trailing spaces still go."""
+    page = open_page(server.url)
+    body = _sse(["ok"])
+    page.route(CHAT_URL, lambda route: route.fulfill(status=200, content_type="text/event-stream", body=body))
+    with page.expect_request(CHAT_URL) as request:
+        page.fill("#prompt", "\n  \n    if x:\n        y()\n\n ")
+        page.keyboard.press("Enter")
+    assert request.value.post_data_json["messages"] == [{"role": "user", "content": "    if x:\n        y()"}]
+    answer(page, 0)
+    assert page.locator(".message.user .body").text_content() == "    if x:\n        y()"
+    page.fill("#prompt", " \n \n")  # only blank lines: nothing is sent
+    page.keyboard.press("Enter")
+    expect(page.locator(".message")).to_have_count(2)
