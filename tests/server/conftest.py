@@ -5,6 +5,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from browser_pages import browser, open_page  # noqa: F401 - the web page tests' fixtures
 from live import LiveServer
 
 from qwenkit.generate import LLM

@@ -1,16 +1,16 @@
 """The web chat page with text in other scripts and conversations past the model's window, in a real
-headless Chromium against the real server (the fixtures and helpers of test_web_page.py)."""
+headless Chromium against the real server (the helpers of test_web_page.py)."""
 
 from __future__ import annotations
 
 import pytest
 from playwright.sync_api import expect
-from test_web_page import CHAT_URL, _sse, answer, browser, open_page  # noqa: F401 - fixtures
+from test_web_page import CHAT_URL, _sse, answer
 
 pytestmark = pytest.mark.slow
 
 
-def test_right_to_left_text_reads_right_to_left_and_code_stays_left_to_right(server, open_page):  # noqa: F811 - the fixture
+def test_right_to_left_text_reads_right_to_left_and_code_stays_left_to_right(server, open_page):
     """Arabic or Hebrew in a message was laid out left to right: the line sat on the left and its final
     punctuation on the wrong end ("مرحبا!" showed the "!" after the word's left edge). Each paragraph
     takes the direction of its own text; code stays left to right; the message boxes follow what is typed."""
@@ -35,7 +35,7 @@ def test_right_to_left_text_reads_right_to_left_and_code_stays_left_to_right(ser
     assert direction(page.locator("#prompt")) == "ltr"
 
 
-def test_a_conversation_that_outgrew_the_window_says_to_start_over(server, open_page):  # noqa: F811 - the fixture
+def test_a_conversation_that_outgrew_the_window_says_to_start_over(server, open_page):
     """The page sends the whole conversation with every message: once it no longer fits the model's window
     every message failed with the server's "reduce the length of the prompt", however short, and nothing
     said that the earlier turns were what no longer fit."""
@@ -58,7 +58,7 @@ def test_a_conversation_that_outgrew_the_window_says_to_start_over(server, open_
     expect(page.locator(".message")).to_have_count(2)  # the first turn stays; the failed one is taken back
 
 
-def test_pasted_code_keeps_the_indentation_of_its_first_line(server, open_page):  # noqa: F811 - the fixture
+def test_pasted_code_keeps_the_indentation_of_its_first_line(server, open_page):
     """The message was trimmed at both ends: pasted Python lost the indentation of its first line only, so
     the code the model saw no longer lined up. Blank lines around it and trailing spaces still go."""
     page = open_page(server.url)
