@@ -32,6 +32,7 @@ from qwenkit.cli.common import (
 )
 from qwenkit.command_parser import CommandParser
 from qwenkit.errors import ConfigError
+from qwenkit.sigterm import Terminated, terminate_unwinds
 
 _UNITS = {
     "": 1,
@@ -258,26 +259,12 @@ def _lora_module_json(item: str, served_name: str | None) -> tuple[str, str]:
     return spec["name"].strip(), spec["path"].strip()
 
 
-class _StoppedWhileLoading(Exception):
-    pass
-
-
-def _stop_while_loading(signum: int, frame) -> None:
-    raise _StoppedWhileLoading
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     api_key = _check(args)
-    split = wants_tensor_parallel(args)
-    if not split:
-        # A container's PID 1 never gets a signal it has no handler for: without this, SIGTERM while the
-        # model loads (a pod deleted as it starts) was ignored, and the server loaded, served, and waited
-        # for SIGKILL. Once it serves, uvicorn's handlers drain. (Tensor-parallel ranks have their own.)
-        signal.signal(signal.SIGTERM, _stop_while_loading)
     try:
-        return _main(args, api_key, split)
-    except _StoppedWhileLoading:
+        return _main(args, api_key, wants_tensor_parallel(args))
+    except Terminated:
         print("stopped by SIGTERM before the model loaded", file=sys.stderr)
         return 0
 
@@ -293,8 +280,11 @@ def _main(args: argparse.Namespace, api_key: str | None, split: bool) -> int:
                 return serve(args, api_key, llm, listener, note)
 
             return lead_tensor_parallel(args, serve_on, load, server=True)
-        llm = load(args)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        # A container's PID 1 never gets a signal it has no handler for: without one, SIGTERM while the
+        # model loads (a pod deleted as it starts) was ignored, and the server loaded, served and waited
+        # for SIGKILL. Once it serves, uvicorn's handlers drain. (Tensor-parallel ranks have their own.)
+        with terminate_unwinds():
+            llm = load(args)
         return serve(args, api_key, llm, listener)
     finally:
         if listener is not None:
