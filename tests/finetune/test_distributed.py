@@ -235,6 +235,29 @@ def test_errors_under_nproc_are_one_line_and_no_traceback(tiny_chat_model, tmp_p
     assert sorted(run(bad)) == [f"error (rank {k}): {found}" for k in (0, 1)]
 
 
+def _training_past_its_first_checkpoint(model, tmp_path, out) -> subprocess.Popen:
+    """``finetune --nproc 2`` into ``out`` in its own process group, once its first checkpoint is saved."""
+    import signal
+    import time
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(
+        "".join(json.dumps({"text": f"The number {i} comes after {i - 1}."}) + "\n" for i in range(8))
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parents[1] / "src")}
+    cmd = [sys.executable, "-m", "qwenkit.cli", "finetune", str(model), str(data), str(out)]
+    cmd += ["--nproc", "2", "--batch-size", "1", "--max-steps", "100000", "--save-every", "1"]
+    cmd += ["--lora-r", "2", "--no-progress"]
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not list(out.parent.glob(f"{out.name}.training/checkpoints/step-*/trainer_state.pt")):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its ranks
+            raise AssertionError(proc.stderr.read()[-3000:])
+        time.sleep(0.5)
+    return proc
+
+
 @pytest.mark.slow
 def test_ctrl_c_under_nproc_says_where_to_resume_without_tracebacks(tiny_chat_model, tmp_path):
     """Ctrl-C (SIGINT to the terminal's process group) on `finetune --nproc 2` once printed each rank's
@@ -244,21 +267,9 @@ def test_ctrl_c_under_nproc_says_where_to_resume_without_tracebacks(tiny_chat_mo
     import signal
     import time
 
-    data = tmp_path / "d.jsonl"
-    data.write_text(
-        "".join(json.dumps({"text": f"The number {i} comes after {i - 1}."}) + "\n" for i in range(8))
-    )
     out = tmp_path / "o"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parents[1] / "src")}
-    cmd = [sys.executable, "-m", "qwenkit.cli", "finetune", str(tiny_chat_model), str(data), str(out)]
-    cmd += ["--nproc", "2", "--batch-size", "1", "--max-steps", "100000", "--save-every", "1"]
-    cmd += ["--lora-r", "2", "--no-progress"]
-    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = _training_past_its_first_checkpoint(tiny_chat_model, tmp_path, out)
     try:
-        deadline = time.monotonic() + 240
-        while not list(tmp_path.glob("o.training/checkpoints/step-*/trainer_state.pt")):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
-            time.sleep(0.5)
         os.killpg(proc.pid, signal.SIGINT)
         time.sleep(0.05)  # pressed twice: the second Ctrl-C, like the agent's own, must not cut the line
         os.killpg(proc.pid, signal.SIGINT)
@@ -279,25 +290,12 @@ def test_sigterm_to_the_launcher_under_nproc_exits_143_saying_where_to_resume(ti
     once exited 130, as if Ctrl-C had stopped it, saying nothing; now 143, as one process does, with the
     checkpoint --resume continues from."""
     import signal
-    import time
 
     import psutil
 
-    data = tmp_path / "d.jsonl"
-    data.write_text(
-        "".join(json.dumps({"text": f"The number {i} comes after {i - 1}."}) + "\n" for i in range(8))
-    )
     out = tmp_path / "o"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parents[1] / "src")}
-    cmd = [sys.executable, "-m", "qwenkit.cli", "finetune", str(tiny_chat_model), str(data), str(out)]
-    cmd += ["--nproc", "2", "--batch-size", "1", "--max-steps", "100000", "--save-every", "1"]
-    cmd += ["--lora-r", "2", "--no-progress"]
-    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = _training_past_its_first_checkpoint(tiny_chat_model, tmp_path, out)
     try:
-        deadline = time.monotonic() + 240
-        while not list(tmp_path.glob("o.training/checkpoints/step-*/trainer_state.pt")):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
-            time.sleep(0.5)
         ranks = psutil.Process(proc.pid).children(recursive=True)
         proc.terminate()
         _, err = proc.communicate(timeout=120)
