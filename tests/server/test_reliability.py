@@ -148,6 +148,40 @@ def test_cors_off_by_default_and_allowlisted(server, make_server):
     assert "access-control-allow-origin" not in bad.headers
 
 
+# What the openai JS SDK sends on every request from a browser (openai-node's getPlatformHeaders and its
+# retry headers), besides Authorization and Content-Type
+STAINLESS = (
+    "x-stainless-os,x-stainless-lang,x-stainless-arch,x-stainless-runtime,x-stainless-runtime-version,"
+    "x-stainless-package-version,x-stainless-retry-count,x-stainless-timeout"
+)
+
+
+def test_an_allowed_origin_may_send_the_openai_js_clients_headers_and_read_its_retry_headers(make_server):
+    """The preflight of the openai JS client in a page of an allowed origin asks for its x-stainless-*
+    headers too; only Authorization and Content-Type were allowed, so the browser was refused (400
+    "Disallowed CORS headers") and the client could not reach the server at all. vLLM and llama.cpp allow
+    any header (the origin is what is checked). The client's retry decision reads Retry-After and
+    x-should-retry, which a browser hides from a cross-origin script unless they are exposed."""
+    live = make_server(allowed_origins=("http://app.example",))
+    pre = {
+        "Origin": "http://app.example",
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": f"authorization,content-type,{STAINLESS}",
+    }
+    r = httpx.options(live.url + CHAT, headers=pre)
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://app.example"
+    allowed = {h.strip().lower() for h in r.headers["access-control-allow-headers"].split(",")}
+    assert set(STAINLESS.split(",")) | {"authorization", "content-type"} <= allowed
+    # a browser reads these headers of a 429 (Retry-After) or a 408 (x-should-retry: false) only if exposed
+    answer = httpx.post(
+        live.url + CHAT, json={"messages": HELLO, "max_tokens": 1}, headers={"Origin": "http://app.example"}
+    )
+    exposed = {h.strip().lower() for h in answer.headers["access-control-expose-headers"].split(",")}
+    assert {"retry-after", "x-should-retry"} <= exposed
+    evil = httpx.options(live.url + CHAT, headers={**pre, "Origin": "http://evil.example"})
+    assert evil.status_code == 400 and "access-control-allow-origin" not in evil.headers
+
+
 def test_queue_full_is_429_and_accepted_requests_finish(make_server, chat_llm):
     live = make_server(max_queue=2, response_cache_entries=0)
     body = {"messages": HELLO, "max_tokens": 60, "ignore_eos": True, "temperature": 0}

@@ -117,7 +117,11 @@ def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
             CORSMiddleware,
             allow_origins=list(state.config.allowed_origins),
             allow_methods=["GET", "POST", "OPTIONS"],
-            allow_headers=["Authorization", "Content-Type"],
+            # any header, as vLLM and llama.cpp allow: the origin is the check, and the openai JS client
+            # sends its x-stainless-* headers with every request (no credentials, so "*" echoes them)
+            allow_headers=["*"],
+            # its retry decision reads these; a browser hides them from another origin's script
+            expose_headers=["Retry-After", "x-should-retry"],
         )
 
     @app.post("/v1/chat/completions")
