@@ -298,6 +298,22 @@ def metric(live, series: str) -> float:
     return float(line.rsplit(" ", 1)[1])
 
 
+def test_a_request_stopped_at_the_end_of_the_grace_period_says_when_to_retry(make_server):
+    """A whole request stopped by a shutdown's grace period (--graceful-timeout) is a 503, which the openai
+    clients retry; like the 503 a draining server answers new requests with, it carries Retry-After, so
+    they wait for another replica rather than retrying at once."""
+    live = make_server(response_cache_entries=0)
+    state = live.server.config.app.state.qwenkit
+    body = {"messages": HELLO, "max_tokens": 4000, "ignore_eos": True}
+    threading.Timer(0.5, lambda: setattr(state, "drain_deadline", time.perf_counter())).start()
+    try:
+        r = httpx.post(live.url + CHAT, json=body, timeout=60)
+    finally:
+        state.drain_deadline = None
+    assert r.status_code == 503 and r.json()["error"]["code"] == "server_shutdown", r.text
+    assert r.headers["retry-after"] == "5"
+
+
 def test_stopped_requests_count_the_tokens_they_generated(make_server, chat_llm):
     """A stream stopped by --request-timeout (or a client gone) still generated, and sent, its tokens:
     vllm:generation_tokens_total counts them, and its first token's latency is observed."""
