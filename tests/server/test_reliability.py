@@ -148,6 +148,40 @@ def test_cors_off_by_default_and_allowlisted(server, make_server):
     assert "access-control-allow-origin" not in bad.headers
 
 
+# What the openai JS SDK sends on every request from a browser (openai-node's getPlatformHeaders and its
+# retry headers), besides Authorization and Content-Type
+STAINLESS = (
+    "x-stainless-os,x-stainless-lang,x-stainless-arch,x-stainless-runtime,x-stainless-runtime-version,"
+    "x-stainless-package-version,x-stainless-retry-count,x-stainless-timeout"
+)
+
+
+def test_an_allowed_origin_may_send_the_openai_js_clients_headers_and_read_its_retry_headers(make_server):
+    """The preflight of the openai JS client in a page of an allowed origin asks for its x-stainless-*
+    headers too; only Authorization and Content-Type were allowed, so the browser was refused (400
+    "Disallowed CORS headers") and the client could not reach the server at all. vLLM and llama.cpp allow
+    any header (the origin is what is checked). The client's retry decision reads Retry-After and
+    x-should-retry, which a browser hides from a cross-origin script unless they are exposed."""
+    live = make_server(allowed_origins=("http://app.example",))
+    pre = {
+        "Origin": "http://app.example",
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": f"authorization,content-type,{STAINLESS}",
+    }
+    r = httpx.options(live.url + CHAT, headers=pre)
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://app.example"
+    allowed = {h.strip().lower() for h in r.headers["access-control-allow-headers"].split(",")}
+    assert set(STAINLESS.split(",")) | {"authorization", "content-type"} <= allowed
+    # a browser reads these headers of a 429 (Retry-After) or a 408 (x-should-retry: false) only if exposed
+    answer = httpx.post(
+        live.url + CHAT, json={"messages": HELLO, "max_tokens": 1}, headers={"Origin": "http://app.example"}
+    )
+    exposed = {h.strip().lower() for h in answer.headers["access-control-expose-headers"].split(",")}
+    assert {"retry-after", "x-should-retry"} <= exposed
+    evil = httpx.options(live.url + CHAT, headers={**pre, "Origin": "http://evil.example"})
+    assert evil.status_code == 400 and "access-control-allow-origin" not in evil.headers
+
+
 def test_queue_full_is_429_and_accepted_requests_finish(make_server, chat_llm):
     live = make_server(max_queue=2, response_cache_entries=0)
     body = {"messages": HELLO, "max_tokens": 60, "ignore_eos": True, "temperature": 0}
@@ -262,6 +296,22 @@ def metric(live, series: str) -> float:
     """The value of the first /metrics line that starts with ``series``."""
     line = next(x for x in httpx.get(live.url + "/metrics").text.splitlines() if x.startswith(series))
     return float(line.rsplit(" ", 1)[1])
+
+
+def test_a_request_stopped_at_the_end_of_the_grace_period_says_when_to_retry(make_server):
+    """A whole request stopped by a shutdown's grace period (--graceful-timeout) is a 503, which the openai
+    clients retry; like the 503 a draining server answers new requests with, it carries Retry-After, so
+    they wait for another replica rather than retrying at once."""
+    live = make_server(response_cache_entries=0)
+    state = live.server.config.app.state.qwenkit
+    body = {"messages": HELLO, "max_tokens": 4000, "ignore_eos": True}
+    threading.Timer(0.5, lambda: setattr(state, "drain_deadline", time.perf_counter())).start()
+    try:
+        r = httpx.post(live.url + CHAT, json=body, timeout=60)
+    finally:
+        state.drain_deadline = None
+    assert r.status_code == 503 and r.json()["error"]["code"] == "server_shutdown", r.text
+    assert r.headers["retry-after"] == "5"
 
 
 def test_stopped_requests_count_the_tokens_they_generated(make_server, chat_llm):

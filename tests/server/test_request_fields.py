@@ -176,6 +176,23 @@ def test_tokenize_renders_messages_as_the_chat_request_does(server):
     assert counted == used["prompt_tokens"] > bare
 
 
+@pytest.mark.parametrize(
+    ("fields", "param", "words"),
+    [
+        ({"messages": []}, "messages", "messages: List should have at least 1 item"),
+        ({"messages": HELLO, "max_tokens": -1}, "max_tokens", "greater than or equal to 0 (got -1)"),
+        ({"messages": HELLO, "logit_bias": 5}, "logit_bias", "valid dictionary"),
+    ],
+)
+def test_tokenize_messages_a_chat_request_refuses_are_a_400_naming_the_field(server, fields, param, words):
+    """/tokenize validates messages (and the fields beside them) as the chat request they render as;
+    that validation ran inside the route, where its error was no request error: a 500."""
+    r = post(server, "/tokenize", fields)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and words in err["message"], err
+
+
 def test_a_wrong_method_is_a_client_error(server):
     r = httpx.get(server.url + CHAT)
     assert r.status_code == 405 and r.json()["error"]["type"] == "invalid_request_error"

@@ -252,6 +252,31 @@ def test_bad_requests_are_400_naming_the_field(server, body, param, words):
     assert err["param"] == param and words in err["message"], err
 
 
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(
+    ("field", "param"),
+    [
+        ('"metadata": {"k": "\\ud800"}', "metadata.k"),
+        ('"metadata": {"\\udfff": "v"}', "metadata"),
+        ('"user": "a\\ud800"', "user"),
+        ('"text": {"format": {"type": "json_schema", "name": "\\ud800", "schema": {}}}', "text.format.name"),
+        ('"reasoning": {"effort": "\\udc80"}', "reasoning.effort"),
+    ],
+)
+def test_a_lone_surrogate_in_a_field_the_response_echoes_is_a_400_naming_it(server, field, param, stream):
+    """A Response object echoes metadata, user, text and reasoning as sent; a string holding a lone
+    surrogate (JSON's "\\ud800") cannot be written as UTF-8, so the whole response was a 500 and a
+    stream was cut before its first event (the connection reset). As a prompt holding one, it is a 400
+    naming the field."""
+    raw = '{"input": "hi", "max_output_tokens": 2, "stream": ' + f"{str(stream).lower()}, {field}}}"
+    r = httpx.post(
+        server.url + "/v1/responses", content=raw.encode(), headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and "is not valid Unicode: a lone surrogate" in err["message"], err
+
+
 def test_a_stopped_stream_ends_with_response_failed(make_server, chat_llm):
     """Past --request-timeout a streamed response ends as failed, naming the cause, its open message
     closed first (the SDK's state machine accepts the stream); not streamed it is the 408 chat gives."""

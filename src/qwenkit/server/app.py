@@ -12,9 +12,11 @@ import time
 from pathlib import Path
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from pydantic import ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from qwenkit.generate import LLM
@@ -117,7 +119,11 @@ def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
             CORSMiddleware,
             allow_origins=list(state.config.allowed_origins),
             allow_methods=["GET", "POST", "OPTIONS"],
-            allow_headers=["Authorization", "Content-Type"],
+            # any header, as vLLM and llama.cpp allow: the origin is the check, and the openai JS client
+            # sends its x-stainless-* headers with every request (no credentials, so "*" echoes them)
+            allow_headers=["*"],
+            # its retry decision reads these; a browser hides them from another origin's script
+            expose_headers=["Retry-After", "x-should-retry"],
         )
 
     @app.post("/v1/chat/completions")
@@ -192,7 +198,11 @@ def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
 
     def tokenized(body: TokenizeRequest) -> list[int]:
         if body.messages is not None:  # the prompt a chat request with these fields gets (its own BOS)
-            return routes.chat_prompt(llm, body.as_chat_request())
+            try:
+                chat = body.as_chat_request()
+            except ValidationError as e:  # refused as the chat route refuses it: a 400 naming the field
+                raise RequestValidationError(e.errors()) from None
+            return routes.chat_prompt(llm, chat)
         try:
             if body.add_special_tokens:  # what /v1/completions gives the text (vLLM's default too)
                 return llm.tokenizer.encode_prompt(body.prompt)

@@ -171,6 +171,7 @@ class Run:
                             "grace period (--graceful-timeout)",
                             None,
                             "server_shutdown",
+                            {"Retry-After": "5"},  # as a draining server's 503: another replica, later
                         )
                     if deadline is not None and now >= deadline:
                         raise APIError(

@@ -40,6 +40,8 @@ from qwenkit.server.request_params import VLLM_FIELDS
 from qwenkit.server.response_logprobs import INCLUDE, TextLogprobs, refuse_unaligned
 from qwenkit.server.schemas import ChatCompletionRequest, ResponsesRequest
 from qwenkit.server.state import ServerState
+from qwenkit.tokenizer import TokenizerError
+from qwenkit.tokenizer.base import LONE_SURROGATE, check_unicode
 from qwenkit.tools.calls import Event, ToolCall
 from qwenkit.tools.hermes import THINK_CLOSE
 from qwenkit.tools.template_style import arguments_object
@@ -199,6 +201,38 @@ def refuse_stateful(body: ResponsesRequest) -> None:
             raise APIError(400, f"{name} is not supported (nothing is stored)", name, "unsupported")
     if body.truncation not in (None, "disabled"):
         raise APIError(400, 'truncation must be "disabled": input is never cut to fit', "truncation")
+
+
+# Fields a Response object echoes as sent (instructions and tools the chat template also renders).
+_ECHOED = ("instructions", "tools", "tool_choice", "text", "reasoning", "user", "metadata")
+
+
+def refuse_invalid_unicode(body: ResponsesRequest) -> None:
+    """A lone surrogate (JSON's "\\ud800") in a field the response echoes: a 400 naming it, as in a prompt;
+    echoed, it cannot be written as UTF-8 (a 500, or a stream cut before its first event)."""
+    for name in _ECHOED:
+        found = _lone_surrogate(getattr(body, name), name)
+        if found is not None:
+            param, text = found
+            try:
+                check_unicode(text, param)
+            except TokenizerError as e:
+                raise APIError(400, str(e), param, "invalid_value") from None
+
+
+def _lone_surrogate(value: Any, path: str) -> tuple[str, str] | None:
+    """(the path, the text) of the first string in ``value`` holding a lone surrogate; a dict key names
+    its dict."""
+    if isinstance(value, str):
+        return (path, value) if LONE_SURROGATE.search(value) else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        if isinstance(key, str) and LONE_SURROGATE.search(key):
+            return path, key
+        found = _lone_surrogate(item, f"{path}.{key}")
+        if found is not None:
+            return found
+    return None
 
 
 def wants_logprobs(body: ResponsesRequest) -> bool:
@@ -361,6 +395,7 @@ class ResponseHead:
 
 async def responses(state: ServerState, body: ResponsesRequest, request: Request):
     refuse_stateful(body)
+    refuse_invalid_unicode(body)
     chat = chat_request(body)
     try:
         started = await start_chat(state, chat)
