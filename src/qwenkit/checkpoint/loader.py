@@ -56,11 +56,6 @@ class CheckpointSource(Protocol):
     @property
     def total_bytes(self) -> int: ...
 
-    @property
-    def stored_bytes(self) -> int:
-        """Bytes of the weights as the checkpoint stores them (``qwenkit info``)."""
-        ...
-
 
 @dataclass
 class DirectorySource:
@@ -78,11 +73,7 @@ class DirectorySource:
 
     @property
     def total_bytes(self) -> int:
-        return self.weights.total_bytes
-
-    @property
-    def stored_bytes(self) -> int:
-        """The weight files' size (GPTQ's packed codes as they are)."""
+        """The weight files' size (what ``qwenkit info`` shows as stored: GPTQ's packed codes as they are)."""
         return self.weights.total_bytes
 
 

@@ -112,8 +112,8 @@ def describe(path: str, tensor_parallel: int = 1) -> str:
 def _as_stored(source: object) -> list[str]:
     """The weights' size as the checkpoint stores them: a GGUF file's blocks (which ``chat`` and ``serve``
     run in their own precision) or GPTQ's packed codes. None for a directory with only a config."""
-    try:
-        stored = source.stored_bytes  # type: ignore[attr-defined]
+    try:  # a GGUF file counts its blocks; a directory its weight files
+        stored = getattr(source, "stored_bytes", None) or source.total_bytes  # type: ignore[attr-defined]
     except CheckpointError:
         return []
     return [f"  {'as stored':<20} {format_bytes(stored):>12}"]
