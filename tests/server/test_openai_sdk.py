@@ -49,6 +49,31 @@ def test_streamed_text_equals_non_streamed(client):
     assert chunks[-1].usage.completion_tokens == 16 and all(c.usage is None for c in chunks[:-1])
 
 
+def test_continuous_usage_counts_each_choice_so_far(client):
+    """vLLM's continuous_usage_stats: every chunk carries its choice's usage so far; the last chunk the
+    totals. Without it (above) every chunk's usage is null."""
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    kwargs = dict(
+        model="tiny", max_tokens=6, temperature=0.9, seed=5, n=2, stream=True, stream_options=options
+    )
+    for chunks in (
+        list(client.chat.completions.create(messages=MESSAGES, **kwargs)),
+        list(client.completions.create(prompt="one two three", **kwargs)),
+    ):
+        seen: dict[int, list[int]] = {0: [], 1: []}
+        prompt = {c.usage.prompt_tokens for c in chunks}
+        for c in chunks[:-1]:
+            (choice,) = c.choices
+            seen[choice.index].append(c.usage.completion_tokens)
+            assert c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens
+        assert len(prompt) == 1  # the same prompt for both choices, and the same in the totals
+        for counts in seen.values():  # grows one token a chunk, from 1 to max_tokens, then the finish
+            assert counts == sorted(counts) and counts[0] >= 1 and counts[-1] == 6
+        last = chunks[-1]
+        assert last.choices == [] and last.usage.completion_tokens == 12
+        assert last.usage.prompt_tokens == prompt.pop()
+
+
 def test_n_choices_with_a_seed(client):
     kwargs = dict(model="tiny", messages=MESSAGES, max_tokens=8, temperature=1.0, seed=11, n=3)
     a = client.chat.completions.create(**kwargs)

@@ -43,6 +43,12 @@ def test_null_means_the_default(server):
             "stream_options.include_usage",
             "valid boolean",
         ),
+        (
+            COMPLETIONS,
+            {"stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": "no"}},
+            "stream_options.continuous_usage_stats",
+            "valid boolean",
+        ),
         ("/tokenize", {"add_special_tokens": "no"}, "add_special_tokens", "valid boolean"),
         (CHAT, {"temperature": "0.5"}, "temperature", "valid number"),
         (COMPLETIONS, {"logprobs": True}, "logprobs", "valid integer"),

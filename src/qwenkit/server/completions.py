@@ -55,6 +55,16 @@ class Choice:
     first_token_at: float | None = None
     result: Completion | None = None
     echo: PromptEcho | None = None  # /v1/completions with `echo`: what the choice's text starts with
+    generated: int = 0  # tokens streamed so far (held-back text's too)
+
+    def usage_so_far(self) -> dict:
+        """This choice's usage at this point of its stream (``continuous_usage_stats``), as vLLM's."""
+        prompt = len(self.prompt_ids)
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": self.generated,
+            "total_tokens": prompt + self.generated,
+        }
 
 
 @dataclass
@@ -187,6 +197,7 @@ class Run:
                     raise item
                 if choice.first_token_at is None and item.token_ids:
                     choice.first_token_at = time.perf_counter()
+                choice.generated += len(item.token_ids)
                 if item.finish_reason is not None:
                     remaining -= 1
                     self._finished(choice, item.completion)
@@ -281,6 +292,17 @@ def streaming_response(events: AsyncIterator[str]) -> StreamingResponse:
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
+
+
+def _usage_field(run: Run, body: ChatCompletionRequest | CompletionRequest):
+    """A stream chunk's ``usage``: absent without ``include_usage``, null with it (the totals come in
+    a last chunk), the choice's usage so far with ``continuous_usage_stats``."""
+    if not body.include_usage:
+        return lambda index: {}
+    if not body.continuous_usage:
+        return lambda index: {"usage": None}
+    by_index = {c.index: c for c in run.choices}
+    return lambda index: {"usage": by_index[index].usage_so_far()}
 
 
 def stream_error(exc: Exception) -> str:
@@ -407,14 +429,14 @@ async def _chat_events(
     run: Run, head: dict, body: ChatCompletionRequest, hidden: frozenset[int], plan: ToolPlan
 ):
     llm = run.state.llm
-    usage_field = {"usage": None} if body.include_usage else {}
+    usage_field = _usage_field(run, body)
     started: set[int] = set()
     parsers: dict[int, ToolParser] = {c.index: plan.parser() for c in run.choices} if plan.parses else {}
     call_indices: dict[int, dict[str, int]] = {i: {} for i in parsers}
 
     def chunk(index: int, delta: dict, finish: str | None = None, logprobs: dict | None = None) -> str:
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-        return sse({**head, "object": "chat.completion.chunk", "choices": [choice], **usage_field})
+        return sse({**head, "object": "chat.completion.chunk", "choices": [choice], **usage_field(index)})
 
     def said(index: int, message: dict) -> dict:
         if index not in started:
@@ -560,13 +582,13 @@ def _completion_logprobs(llm: LLM, choice: Choice, result: Completion) -> dict:
 
 async def _completion_events(run: Run, head: dict, body: CompletionRequest):
     llm = run.state.llm
-    usage_field = {"usage": None} if body.include_usage else {}
+    usage_field = _usage_field(run, body)
     echoed: set[int] = set()
     logprobs = {c.index: LegacyLogprobs(llm) for c in run.choices}
 
     def chunk(index: int, text: str, finish: str | None = None, logprobs: dict | None = None) -> str:
         choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
-        return sse({**head, "object": "text_completion", "choices": [choice], **usage_field})
+        return sse({**head, "object": "text_completion", "choices": [choice], **usage_field(index)})
 
     try:
         async for choice, delta in run.deltas():

@@ -55,6 +55,8 @@ class _Lenient(BaseModel):
 
 class StreamOptions(_Lenient):
     include_usage: bool = Field(False, strict=True)  # "yes" or "no" would pass lax parsing as True/False
+    # vLLM's: every chunk carries its choice's usage so far (with include_usage only, as in vLLM)
+    continuous_usage_stats: bool = Field(False, strict=True)
 
 
 def number(default: Any = None, **bounds: float) -> Any:
@@ -164,6 +166,10 @@ class SamplingFields(_Lenient):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        return self.include_usage and self.stream_options.continuous_usage_stats
 
 
 class TextPart(_Lenient):
