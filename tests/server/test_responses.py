@@ -225,6 +225,32 @@ def test_a_forced_call_and_a_json_schema(server):
         ({"input": "hi", "tool_choice": {"type": "file_search"}}, "tool_choice", "tool_choice must be"),
         ({"input": []}, "input", "input: is empty"),
         (
+            {"input": [{"type": "function_call_output", "call_id": "c", "output": {"temp": 21}}]},
+            "input",
+            "input[0].output: must be a string or a list of text parts",
+        ),
+        (
+            {
+                "input": [
+                    {"type": "function_call_output", "call_id": "c", "output": [{"type": "input_image"}]}
+                ]
+            },
+            "input",
+            "input[0].output[0]: only text parts are supported, got 'input_image'",
+        ),
+        # the shape to use is the Responses one, not the chat route's {"function": {"name": ...}}
+        (
+            {"input": "hi", "tools": [WEATHER], "tool_choice": {"type": "function", "name": "nope"}},
+            "tool_choice",
+            "tool_choice names 'nope', which is not in `tools`. Correct usage: "
+            '`{"type": "function", "name": "my_function"}`',
+        ),
+        (
+            {"input": "hi", "tools": [WEATHER], "tool_choice": "any"},
+            "tool_choice",
+            'Correct usage: `{"type": "function", "name": "my_function"}`',
+        ),
+        (
             {"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "{'a': 1}"}]},
             "input",
             "input[0].arguments: must be a JSON object, got \"{'a': 1}\"",

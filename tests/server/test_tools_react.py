@@ -23,6 +23,7 @@ from tool_requests import (
     WEATHER_FOLLOW_UP,
     chat_reply,
     client,
+    post,
 )
 
 from qwenkit.server.completions import chat_prompt
@@ -126,3 +127,60 @@ def test_react_forced_calls(steered_v1):
         assert streamed.pairs == whole.pairs
         picked.append(name)
     assert set(picked[1:]) == {"get_time", "get_weather"}  # "required" lets the model choose (seeds 0..7)
+
+
+# ---- calls sent back, on either template style ---------------------------------------------------
+
+
+def _sent_back(call: dict) -> list[dict]:
+    turn = {"role": "assistant", "content": None, "tool_calls": [call]}
+    return [*USER, turn, {"role": "tool", "tool_call_id": "c1", "content": "22 C"}]
+
+
+NAMELESS = "messages[1].tool_calls[0].function must be an object with the function's name"
+
+
+@pytest.mark.parametrize(
+    ("template", "function", "words"),
+    [
+        *[(t, None, NAMELESS) for t in ("v1", "qwen3")],
+        *[(t, {"arguments": "{}"}, NAMELESS) for t in ("v1", "qwen3")],
+        *[(t, {"name": 5, "arguments": "{}"}, NAMELESS) for t in ("v1", "qwen3")],
+        # ReAct renders text arguments as written (a tool's reader took them): only JSON templates refuse
+        (
+            "qwen3",
+            {"name": "get_weather", "arguments": 5},
+            "messages[1].tool_calls[0].function.arguments must be a JSON object, got 5",
+        ),
+    ],
+)
+def test_a_call_sent_back_without_a_name_or_object_arguments_is_a_400(
+    steered_v1, server, template, function, words
+):
+    """A call the client sends back is rendered for the model to read as its own earlier call: one with no
+    name was rendered nameless on v1's ReAct prompt (``Action: ``), or failed with the template's
+    TypeError or 'NoneType' words, never naming the call; arguments that are a number were rendered as
+    they are on Qwen3's template."""
+    call = {"id": "c1", "type": "function"} | ({} if function is None else {"function": function})
+    if function is None and template == "v1":
+        call["function"] = None  # an explicit null: `.get` on it was the error's words
+    live = steered_v1[0] if template == "v1" else server
+    r = post(live.url + "/v1/chat/completions", json={"messages": _sent_back(call), "tools": [WEATHER]})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "messages" and err["message"].startswith(words), err
+
+
+@pytest.mark.parametrize("template", ["v1", "qwen3"])
+def test_a_call_sent_back_with_no_arguments_renders_as_empty_ones(steered_v1, chat_llm, template):
+    """Arguments left out or null are no arguments, as a blank string is: the call renders with ``{}``
+    (Qwen3's template wrote ``null``, or failed on the missing key; v1's ReAct prompt wrote ``null``)."""
+    llm = steered_v1[1] if template == "v1" else chat_llm
+
+    def prompt(function: dict) -> list[int]:
+        call = {"id": "c1", "type": "function", "function": function}
+        return chat_prompt(llm, ChatCompletionRequest(messages=_sent_back(call), tools=[TIME]))
+
+    empty = prompt({"name": "get_time", "arguments": "{}"})
+    assert prompt({"name": "get_time"}) == empty
+    assert prompt({"name": "get_time", "arguments": None}) == empty

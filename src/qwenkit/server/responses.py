@@ -40,6 +40,7 @@ from qwenkit.server.request_params import VLLM_FIELDS
 from qwenkit.server.response_logprobs import INCLUDE, TextLogprobs, refuse_unaligned
 from qwenkit.server.schemas import ChatCompletionRequest, ResponsesRequest
 from qwenkit.server.state import ServerState
+from qwenkit.server.tool_use import NAMED_USAGE
 from qwenkit.tokenizer import TokenizerError
 from qwenkit.tokenizer.base import LONE_SURROGATE, check_unicode
 from qwenkit.tools.calls import Event, ToolCall
@@ -49,6 +50,9 @@ from qwenkit.tools.template_style import arguments_object
 # The chat request's fields a Responses error names under their Responses names.
 _PARAMS = {"messages": "input", "max_tokens": "max_output_tokens", "response_format": "text.format"}
 _CHAT_NAMES = re.compile(r"\b(?:" + "|".join(_PARAMS) + r")\b")
+# The named tool_choice a chat error shows, in the Responses shape.
+_NAMED_USAGE = 'Correct usage: `{"type": "function", "name": "my_function"}`'
+
 # Sampling fields vLLM also takes on /v1/responses, passed to the chat request as they are.
 _SAMPLING_EXTRAS = (
     "seed",
@@ -70,18 +74,20 @@ def _bad_input(where: str, problem: str) -> APIError:
     return APIError(400, f"{where}: {problem}", "input", "invalid_value")
 
 
-def _text(content: Any, where: str) -> str:
-    """A message's content: a string, or text parts (``input_text``, ``output_text``) joined."""
+def _text(content: Any, where: str, field: str = "content") -> str:
+    """A message's content (or a call output's ``field``): a string, or text parts (``input_text``,
+    ``output_text``) joined."""
     if isinstance(content, str):
         return content
+    where = f"{where}.{field}"
     if not isinstance(content, list):
-        raise _bad_input(f"{where}.content", "must be a string or a list of text parts")
+        raise _bad_input(where, "must be a string or a list of text parts")
     texts = []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind not in _TEXT_PARTS or not isinstance(part.get("text"), str):
             shown = kind if kind is not None else type(part).__name__
-            raise _bad_input(f"{where}.content[{j}]", f"only text parts are supported, got {shown!r}")
+            raise _bad_input(f"{where}[{j}]", f"only text parts are supported, got {shown!r}")
         texts.append(part["text"])
     return "".join(texts)
 
@@ -131,7 +137,7 @@ def input_messages(items: str | list[Any]) -> list[dict[str, Any]]:
         elif kind == "function_call_output":
             if not isinstance(item.get("call_id"), str):
                 raise _bad_input(f"{where}.call_id", "must be a string")
-            output, reasoning = _text(item.get("output"), where), ""
+            output, reasoning = _text(item.get("output"), where, "output"), ""
             messages.append({"role": "tool", "tool_call_id": item["call_id"], "content": output})
         elif kind == "reasoning":
             parts = item.get("content") or item.get("summary") or []
@@ -401,7 +407,9 @@ async def responses(state: ServerState, body: ResponsesRequest, request: Request
         started = await start_chat(state, chat)
     except APIError as e:  # named as the client named it
         e.param = _PARAMS.get(e.param or "", e.param)
-        e.message = _CHAT_NAMES.sub(lambda m: _PARAMS[m.group(0)], e.message)
+        e.message = _CHAT_NAMES.sub(
+            lambda m: _PARAMS[m.group(0)], e.message.replace(NAMED_USAGE, _NAMED_USAGE)
+        )
         raise
     head = ResponseHead(body, state.response_model(started.adapter))
     think_close = state.llm.tokenizer.added_tokens.get(THINK_CLOSE)

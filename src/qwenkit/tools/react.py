@@ -114,10 +114,11 @@ def react_messages(messages: list[dict[str, Any]], functions: list[dict[str, Any
         if role == "assistant" and m.get("tool_calls"):
             steps = [content if content.startswith("Thought:") else f"Thought: {content}"]
             for call in m["tool_calls"]:
-                fn = call.get("function", {})
-                args = fn.get("arguments", "{}")
+                fn = call["function"]  # checked: an object with a name (template_style.check_calls)
+                args = fn.get("arguments")
+                args = "{}" if args is None else args
                 args = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
-                steps.append(f"Action: {fn.get('name', '')}\nAction Input: {args}")
+                steps.append(f"Action: {fn['name']}\nAction Input: {args}")
             assistant("\n".join(steps))
         elif role in ("tool", "function") and out and out[-1]["role"] == "assistant":
             observation = f"{out[-1]['content']}\nObservation: {content}"

@@ -138,6 +138,7 @@ class TemplateStyle:
         contents are joined first: the ReAct prompt writes each content into its own text."""
         messages = join_text_parts(messages)
         if functions and self.react:
+            check_calls(messages, json_arguments=False)
             return react_messages(messages, functions)
         return template_messages(messages)
 
@@ -181,25 +182,43 @@ def arguments_object(arguments: str) -> dict[str, Any] | None:
     return args if isinstance(args, dict) else None
 
 
-def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Assistant tool-call arguments sent back as JSON strings become objects before the template
-    renders them (Qwen2.5's template pipes them through ``tojson``, which would encode them twice)."""
-    out = []
+def check_calls(messages: list[dict[str, Any]], *, json_arguments: bool = True) -> None:
+    """Each assistant call sent back names its function (a string) and, with ``json_arguments``, has
+    arguments that are a JSON object, a string encoding one, or none at all: a ``ToolSpecError`` naming
+    the call otherwise, rather than a call rendered nameless, with arguments the model never wrote, or
+    the template's own words. (ReAct renders text arguments as written: a tool's reader took them.)"""
     for i, m in enumerate(messages):
         calls = m.get("tool_calls") if isinstance(m, dict) else None  # not an object: the template says so
+        for j, call in enumerate(calls if isinstance(calls, list) else []):
+            where = f"messages[{i}].tool_calls[{j}].function"
+            fn = call.get("function") if isinstance(call, dict) else None
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+                raise ToolSpecError(f"{where} must be an object with the function's name, got {fn!r:.100}")
+            args = fn.get("arguments")
+            if json_arguments and not (
+                args is None
+                or isinstance(args, dict)
+                or (isinstance(args, str) and arguments_object(args) is not None)
+            ):
+                shown = args[:100] if isinstance(args, str) else args
+                raise ToolSpecError(f"{where}.arguments must be a JSON object, got {shown!r:.100}")
+
+
+def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Assistant tool-call arguments sent back as JSON strings become objects before the template
+    renders them (Qwen2.5's template pipes them through ``tojson``, which would encode them twice); none
+    (left out or null) are ``{}``. ``check_calls`` first: a call that cannot be rendered is an error."""
+    check_calls(messages)
+    out = []
+    for m in messages:
+        calls = m.get("tool_calls") if isinstance(m, dict) else None
         if calls:
             fixed = []
-            for j, call in enumerate(calls):
-                fn = call.get("function") if isinstance(call, dict) else None
-                if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
-                    args = arguments_object(fn["arguments"])
-                    if args is None:  # rendering {} instead would show the model another call
-                        raise ToolSpecError(
-                            f"messages[{i}].tool_calls[{j}].function.arguments must be a JSON object, "
-                            f"got {fn['arguments'][:100]!r}"
-                        )
-                    call = {**call, "function": {**fn, "arguments": args}}
-                fixed.append(call)
+            for call in calls:
+                fn = call["function"]
+                args = fn.get("arguments")
+                args = arguments_object(args) if isinstance(args, str) else {} if args is None else args
+                fixed.append({**call, "function": {**fn, "arguments": args}})
             m = {**m, "tool_calls": fixed}
         out.append(m)
     return out
