@@ -109,6 +109,17 @@ def test_thinking_goes_to_reasoning_content(steered):
     assert replies[1].pairs == replies[0].pairs
 
 
+def test_a_reply_cut_off_while_thinking_has_no_content(steered):
+    """Reasoning and nothing after it: content null (as a stream sends none), as vLLM's; not ""."""
+    live = steered[0]
+    replies = []
+    for stream in (False, True):
+        play(steered, "<think>\nStill weighing it.\n</think>\n\n")
+        replies.append(chat_reply(client(live), stream, model="tiny", max_tokens=200, messages=USER))
+    assert [(r.reasoning, r.finish) for r in replies] == [("Still weighing it.", "stop")] * 2
+    assert replies[0].content is None and replies[1].content == ""
+
+
 def test_malformed_call_is_content_not_500(steered, caplog):
     """A block that never opens as a call (Python-style arguments) streams no call at all; one that
     breaks after its arguments started streaming leaves that started call (a stream cannot take it

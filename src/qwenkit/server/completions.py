@@ -386,7 +386,8 @@ async def chat_completions(state: ServerState, body: ChatCompletionRequest, requ
             parser.finish()
             parsed, finish = parser.message(), parser.finish_reason(r.finish_reason)
             _log_warnings(rid, c.index, parser)
-            message["content"] = parsed.content or (None if parsed.tool_calls else "")
+            # null beside calls or reasoning, as OpenAI's and vLLM's (a stream sends no content then)
+            message["content"] = parsed.content or (None if parsed.tool_calls or parsed.reasoning else "")
             message["tool_calls"] = [call.as_openai() for call in parsed.tool_calls] or None
             if plan.reasoning:
                 message["reasoning_content"] = parsed.reasoning or None
