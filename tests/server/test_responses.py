@@ -224,6 +224,7 @@ def test_a_forced_call_and_a_json_schema(server):
         ({"input": "hi", "text": {"format": {"type": "xml"}}}, "text.format", "text.format.type must be"),
         ({"input": "hi", "tool_choice": {"type": "file_search"}}, "tool_choice", "tool_choice must be"),
         ({"input": []}, "input", "input: is empty"),
+        ({"input": "hi", "include": ["message.output_text.logprob"]}, "include.0", "Input should be"),
         (
             {"input": [{"type": "function_call_output", "call_id": "c", "output": {"temp": 21}}]},
             "input",

@@ -282,6 +282,20 @@ class CompletionRequest(SamplingFields):
         return list(p)  # type: ignore[arg-type]
 
 
+# OpenAI's values of a Responses request's ``include``: only message.output_text.logprobs adds anything
+# here (no built-in tools, no stored reasoning), the rest are accepted as clients send them
+ResponseIncludable = Literal[
+    "file_search_call.results",
+    "web_search_call.results",
+    "web_search_call.action.sources",
+    "message.input_image.image_url",
+    "computer_call_output.output.image_url",
+    "code_interpreter_call.outputs",
+    "reasoning.encrypted_content",
+    "message.output_text.logprobs",
+]
+
+
 class ResponsesRequest(_Lenient):
     """OpenAI's ``/v1/responses`` body; ``server.responses`` turns it into a chat request. Unknown fields
     are ignored as on the other routes (vLLM's sampling extensions among them are passed on)."""
@@ -301,7 +315,7 @@ class ResponsesRequest(_Lenient):
     store: bool | None = None  # nothing is stored: every response says "store": false
     previous_response_id: str | None = None
     truncation: str | None = None
-    include: list[str] | None = None
+    include: list[ResponseIncludable] | None = None  # a misspelt one is a 400, not silently nothing
     top_logprobs: int | None = integer(ge=0, le=20)
     user: str | None = None
     metadata: dict[str, Any] | None = None
