@@ -193,7 +193,11 @@ class GGUFCheckpoint:
     @cached_property
     def tokenizer(self) -> Tokenizer:
         """The file's byte-level BPE tokenizer (ids match transformers loading this GGUF)."""
-        return build_tokenizer(self._vocab)
+        vocab = self._vocab
+        try:
+            return build_tokenizer(vocab)
+        except TokenizerMetadataError as e:
+            raise GGUFError(f"{self.path}: {e}") from None
 
     @property
     def tokenizer_json(self) -> str:

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from qwenkit.checkpoint.gguf_tokenizer import special_token_ids
+
 # GGUF architecture -> (Hugging Face model_type, architectures). Qwen v1 becomes a qwen2 checkpoint:
 # its fused c_attn is split into q/k/v_proj on read, which is exactly the v1 -> Qwen1.5 conversion.
 ARCHITECTURES: dict[str, tuple[str, str]] = {
@@ -95,10 +97,12 @@ def build_hf_config(
             raise ValueError(f"both rope.scaling.type {kind!r} and rope_freqs.weight are given")
         if (llama3 := llama3_from_rope_freqs(rope_freqs, config["rope_theta"], head_dim)) is not None:
             config["rope_scaling"] = llama3
+    # ids past the vocabulary are dropped, as llama.cpp drops them (the tokenizer says so on stderr)
+    special = special_token_ids(metadata) if "tokenizer.ggml.tokens" in metadata else {}
     for name, gguf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
                            ("pad_token_id", "padding_token_id")):  # fmt: skip
-        if (value := metadata.get(f"tokenizer.ggml.{gguf_key}")) is not None:
-            config[name] = int(value)
+        if gguf_key in special:
+            config[name] = special[gguf_key]
     return config
 
 

@@ -16,6 +16,7 @@ GGUF, so ids match ``AutoTokenizer.from_pretrained(dir, gguf_file=...)``:
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -105,29 +106,33 @@ class GGUFVocab:
         merges = metadata.get("tokenizer.ggml.merges")
         if not tokens or merges is None:
             raise TokenizerMetadataError("a byte-level BPE tokenizer needs tokenizer.ggml.tokens and .merges")
+        types = metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+        if len(types) < len(tokens):  # llama.cpp refuses a short list too; a longer one it reads
+            raise TokenizerMetadataError(
+                f"tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens"
+            )
+        for key, value in _out_of_range_ids(metadata, len(tokens)).items():
+            print(
+                f"qwenkit: tokenizer.ggml.{key} {value} is past the vocabulary ({len(tokens)} tokens); "
+                "ignored, as llama.cpp ignores it",
+                file=sys.stderr,
+            )
+        stated = special_token_ids(metadata, len(tokens))
         names = {
             "bos": "bos_token_id",
             "eos": "eos_token_id",
             "unk": "unknown_token_id",
             "pad": "padding_token_id",
         }
-        special_ids = {
-            role: int(metadata[f"tokenizer.ggml.{key}"])
-            for role, key in names.items()
-            if metadata.get(f"tokenizer.ggml.{key}") is not None
-        }
-        ends = [
-            int(metadata[f"tokenizer.ggml.{key}"])
-            for key in ("eos_token_id", "eot_token_id", "eom_token_id")
-            if metadata.get(f"tokenizer.ggml.{key}") is not None
-        ]
+        special_ids = {role: stated[key] for role, key in names.items() if key in stated}
+        ends = [stated[key] for key in ("eos_token_id", "eot_token_id", "eom_token_id") if key in stated]
         ends += [i for i, token in enumerate(tokens) if token in END_OF_GENERATION_TOKENS]
         pre = metadata.get("tokenizer.ggml.pre")
         return cls(
             model=model,
             pre=pre,
             tokens=tokens,
-            token_types=metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens),
+            token_types=types[: len(tokens)],
             merges=merges,
             special_ids=special_ids,
             add_bos_token=bool(metadata.get("tokenizer.ggml.add_bos_token", pre in _LLAMA3_PRE)),
@@ -135,6 +140,32 @@ class GGUFVocab:
             chat_template=metadata.get("tokenizer.chat_template"),
             end_of_generation_ids=tuple(dict.fromkeys(ends)),
         )
+
+
+_SPECIAL_ID_KEYS = ("bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id", "eot_token_id",
+                    "eom_token_id")  # fmt: skip
+
+
+def _stated_ids(metadata: Mapping[str, Any]) -> dict[str, int]:
+    """The ``tokenizer.ggml.*_token_id`` keys the file states, by key without the prefix."""
+    return {
+        key: int(metadata[f"tokenizer.ggml.{key}"])
+        for key in _SPECIAL_ID_KEYS
+        if metadata.get(f"tokenizer.ggml.{key}") is not None
+    }
+
+
+def _out_of_range_ids(metadata: Mapping[str, Any], n_tokens: int) -> dict[str, int]:
+    return {key: i for key, i in _stated_ids(metadata).items() if not 0 <= i < n_tokens}
+
+
+def special_token_ids(metadata: Mapping[str, Any], n_tokens: int | None = None) -> dict[str, int]:
+    """The file's special ids (``bos_token_id``, ``eos_token_id``, ...) that name a token of its vocabulary
+    (``n_tokens`` long, by default the length of ``tokenizer.ggml.tokens``): llama.cpp warns about one past
+    the end and ignores it, and so does qwenkit."""
+    if n_tokens is None:
+        n_tokens = len(metadata.get("tokenizer.ggml.tokens") or ())
+    return {key: i for key, i in _stated_ids(metadata).items() if 0 <= i < n_tokens}
 
 
 @cache
@@ -168,6 +199,10 @@ def build_tokenizer(vocab: GGUFVocab) -> Tokenizer:
             for i, token in enumerate(vocab.tokens)
         }
     merges = [tuple(m.split(" ", 1)) for m in vocab.merges]
+    if (bad := next((i for i, m in enumerate(merges) if len(m) != 2), None)) is not None:
+        raise TokenizerMetadataError(
+            f"tokenizer.ggml.merges[{bad}] is {vocab.merges[bad]!r}, not two tokens split by a space"
+        )
     tok = Tokenizer(BPE(vocab=index, merges=merges, dropout=None, continuing_subword_prefix="",
                         end_of_word_suffix="", fuse_unk=False,
                         ignore_merges=vocab.pre in _LLAMA3_PRE))  # fmt: skip

@@ -1,0 +1,68 @@
+"""A GGUF's tokenizer keys read as llama.cpp reads them: a special id past the vocabulary is ignored
+(llama.cpp warns and drops it), a token_type list or merge that cannot be read is refused in one line."""
+
+from __future__ import annotations
+
+import gguf
+import pytest
+from factories import hf_model
+from gguf_files import MERGES, Q, tiny_vocab
+
+from qwenkit.checkpoint.gguf import GGUFError, read_gguf
+
+
+def _tiny(tmp_path, gguf_writer, name: str, add_bos: bool = False, **keys):
+    """A tiny qwen2 GGUF whose tokenizer keys ``keys`` replace (integers as uint32, lists as arrays)."""
+    model = hf_model("qwen2", vocab_size=len(tiny_vocab()[0]))
+    state = {n: p.detach() for n, p in model.named_parameters()}
+
+    def extra(w: gguf.GGUFWriter) -> None:
+        for key, value in keys.items():
+            key = f"tokenizer.ggml.{key}"
+            w.kv_data[0].pop(key, None)
+            w.add_array(key, value) if isinstance(value, list) else w.add_uint32(key, value)
+
+    return gguf_writer(
+        tmp_path / name, "qwen2", model.config.to_dict(), state, Q.F16, add_bos=add_bos, extra=extra
+    )
+
+
+def test_a_special_id_past_the_vocabulary_is_ignored_as_llama_cpp_does(tmp_path, gguf_writer, capsys):
+    n_tokens = len(tiny_vocab()[0])
+    path = _tiny(
+        tmp_path, gguf_writer, "bos.gguf", add_bos=True, bos_token_id=99999, padding_token_id=n_tokens
+    )
+    ckpt = read_gguf(path)
+    assert ckpt.tokenizer.encode(" the").ids == [n_tokens - 4]  # "Ġthe" (a merge), no BOS before it
+    assert "bos_token" not in ckpt.tokenizer_config and "pad_token" not in ckpt.tokenizer_config
+    assert ckpt.tokenizer_config["eos_token"] == "<|im_end|>"
+    assert "bos_token_id" not in ckpt.hf_config and "pad_token_id" not in ckpt.hf_config
+    assert ckpt.hf_config["eos_token_id"] == 2 and ckpt.generation_config["eos_token_id"] == [2, 0]
+    err = capsys.readouterr().err
+    assert f"tokenizer.ggml.bos_token_id 99999 is past the vocabulary ({n_tokens} tokens); ignored" in err
+    assert f"tokenizer.ggml.padding_token_id {n_tokens} is past the vocabulary" in err
+
+
+def test_a_short_token_type_list_is_refused_in_one_line(tmp_path, gguf_writer):
+    tokens, types = tiny_vocab()
+    ckpt = read_gguf(_tiny(tmp_path, gguf_writer, "types.gguf", token_type=types[:-5]))
+    with pytest.raises(GGUFError) as info:
+        ckpt.tokenizer  # noqa: B018
+    assert str(info.value) == (
+        f"{ckpt.path}: tokenizer.ggml.token_type has {len(tokens) - 5} entries for {len(tokens)} tokens"
+    )
+
+
+def test_a_longer_token_type_list_is_read_as_llama_cpp_reads_it(tmp_path, gguf_writer):
+    _, types = tiny_vocab()
+    ckpt = read_gguf(_tiny(tmp_path, gguf_writer, "long.gguf", token_type=[*types, 1, 1]))
+    assert ckpt.tokenizer.encode("<|im_end|> the").ids == [2, len(types) - 4]
+
+
+def test_a_merge_without_two_parts_is_refused_by_name(tmp_path, gguf_writer):
+    ckpt = read_gguf(_tiny(tmp_path, gguf_writer, "merges.gguf", merges=["Ġt", *MERGES[1:]]))
+    with pytest.raises(GGUFError) as info:
+        ckpt.tokenizer  # noqa: B018
+    assert (
+        str(info.value) == f"{ckpt.path}: tokenizer.ggml.merges[0] is 'Ġt', not two tokens split by a space"
+    )
