@@ -1,5 +1,7 @@
 """A GGUF's tokenizer keys read as llama.cpp reads them: a special id past the vocabulary is ignored
-(llama.cpp warns and drops it), a token_type list or merge that cannot be read is refused in one line."""
+(llama.cpp warns and drops it), a token_type list or merge that cannot be read is refused in one line,
+and SmolLM's pre-tokenizer splits every digit off first (llama.cpp's ``smollm`` regexes, the release's
+``Digits``)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from factories import hf_model
 from gguf_files import MERGES, Q, tiny_vocab
 
 from qwenkit.checkpoint.gguf import GGUFError, read_gguf
+from qwenkit.checkpoint.gguf_tokenizer import GGUFVocab, build_tokenizer
 
 
 def _tiny(tmp_path, gguf_writer, name: str, add_bos: bool = False, **keys):
@@ -66,3 +69,24 @@ def test_a_merge_without_two_parts_is_refused_by_name(tmp_path, gguf_writer):
     assert (
         str(info.value) == f"{ckpt.path}: tokenizer.ggml.merges[0] is 'Ġt', not two tokens split by a space"
     )
+
+
+def _digits_vocab(pre: str | None) -> GGUFVocab:
+    tokens = ["Ġ", "1", "2", "x", "Ġ1", "12"]
+    return GGUFVocab(
+        model="gpt2", pre=pre, tokens=tokens, token_types=[1] * len(tokens), merges=["Ġ 1", "1 2"],
+        special_ids={}, add_bos_token=False, add_eos_token=False, chat_template=None,
+    )  # fmt: skip
+
+
+def test_smollm_splits_every_digit_off_first_as_llama_cpp():
+    """llama.cpp's smollm pre-tokenizer isolates each \\p{N} before GPT-2's regex: no merge takes a digit."""
+    assert build_tokenizer(_digits_vocab(None)).encode("x 12").tokens == ["x", "Ġ1", "2"]
+    assert build_tokenizer(_digits_vocab("smollm")).encode("x 12").tokens == ["x", "Ġ", "1", "2"]
+
+
+def test_the_bundled_smollm2_reads_a_vulgar_fraction_as_llama_cpp(smollm):
+    """½ is a number (\\p{N}): split off before the byte-level merges, so " ½" is "Ġ" + "Â½", as llama.cpp
+    and SmolLM2's own tokenizer.json (Digits, individual_digits) read it, not "ĠÂ" + "½"."""
+    tok = smollm.tokenizer
+    assert tok.encode("a ½ cup").tokens == ["a", "Ġ", "Â½", "Ġcup"]

@@ -9,7 +9,7 @@ GGUF, so ids match ``AutoTokenizer.from_pretrained(dir, gguf_file=...)``:
   pre-tokenizers a piece that is a whole token is taken whole, as llama.cpp and Llama 3's own
   tokenizer.json do (transformers' GGUF import merges it, so its ids differ there);
 - a pre-tokenizer chosen by ``tokenizer.ggml.pre`` (the split regex the merges were learned with),
-  falling back to GPT-2's byte-level regex;
+  SmolLM's with every number character split off first, as llama.cpp does, else GPT-2's byte-level regex;
 - tokens typed CONTROL added as special tokens and USER_DEFINED ones as plain added tokens, so text
   like ``<|im_end|>`` stays one token instead of being cut into pieces.
 """
@@ -50,6 +50,9 @@ _SPLITS = {
 # Llama 3's tokenizer.json does (ignore_merges). And text gets the BOS unless the file's
 # tokenizer.ggml.add_bos_token says otherwise (some converters did not write it).
 _LLAMA3_PRE = frozenset({"llama3", "llama-v3", "llama-bpe"})
+# SmolLM's: every number character split off on its own before GPT-2's regex (llama.cpp's smollm regexes,
+# the Digits(individual_digits) of SmolLM's own tokenizer.json), so " ½" is "Ġ" + "Â½", never "ĠÂ" + "½".
+_DIGITS_FIRST_PRE = frozenset({"smollm"})
 
 
 # Tokens llama.cpp ends a generation on wherever a vocabulary spells them so (llama-vocab.cpp), besides the
@@ -213,6 +216,10 @@ def build_tokenizer(vocab: GGUFVocab) -> Tokenizer:
                 pre_tokenizers.Split(Regex(split), behavior="isolated"),
                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
             ]
+        )
+    elif vocab.pre in _DIGITS_FIRST_PRE:
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
         )
     else:
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
