@@ -90,3 +90,35 @@ def test_the_bundled_smollm2_reads_a_vulgar_fraction_as_llama_cpp(smollm):
     and SmolLM2's own tokenizer.json (Digits, individual_digits) read it, not "ĠÂ" + "½"."""
     tok = smollm.tokenizer
     assert tok.encode("a ½ cup").tokens == ["a", "Ġ", "Â½", "Ġcup"]
+
+
+def test_a_pre_tokenizer_qwenkit_does_not_know_is_refused_by_name(tmp_path, gguf_writer):
+    """llama.cpp splits deepseek-llm's text with regexes of its own; GPT-2's would give other ids."""
+    model = hf_model("qwen2", vocab_size=len(tiny_vocab()[0]))
+    state = {n: p.detach() for n, p in model.named_parameters()}
+
+    def pre(w: gguf.GGUFWriter) -> None:
+        w.kv_data[0].pop("tokenizer.ggml.pre")
+        w.add_tokenizer_pre("deepseek-llm")
+
+    path = gguf_writer(tmp_path / "pre.gguf", "qwen2", model.config.to_dict(), state, Q.F16, extra=pre)
+    with pytest.raises(GGUFError) as info:
+        read_gguf(path).tokenizer  # noqa: B018
+    message = str(info.value)
+    assert message.startswith(
+        f"{path}: pre-tokenizer 'deepseek-llm' (tokenizer.ggml.pre) splits text in a way qwenkit does not "
+        "know; it reads "
+    )
+    assert "qwen2" in message and "llama-bpe" in message and "\n" not in message
+
+
+def test_falcon3_reads_as_llama_3_does_in_llama_cpp():
+    """llama.cpp reads Falcon3's pre-tokenizer as Llama 3's: a word that is one token is that token, and
+    text gets the BOS where the file does not say."""
+    tokens = ["<s>", "a", "b", "c", "ab", "abc"]
+    vocab = GGUFVocab.from_metadata({
+        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "falcon3", "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.merges": ["a b"], "tokenizer.ggml.bos_token_id": 0,
+    })  # fmt: skip
+    assert vocab.add_bos_token is True
+    assert build_tokenizer(vocab).encode("abc").tokens == ["<s>", "abc"]

@@ -39,9 +39,6 @@ _LLAMA3_SPLIT = (
 _SPLITS = {
     "qwen2": _QWEN2_SPLIT,
     "deepseek-r1-qwen": _QWEN2_SPLIT,
-    "llama3": _LLAMA3_SPLIT,
-    "llama-v3": _LLAMA3_SPLIT,
-    "llama-bpe": _LLAMA3_SPLIT,
     "smaug-bpe": _LLAMA3_SPLIT,
     "dbrx": _LLAMA3_SPLIT,
 }
@@ -49,10 +46,20 @@ _SPLITS = {
 # tiktoken) holds words its merges do not build: a piece that is a whole token is taken as that token, as
 # Llama 3's tokenizer.json does (ignore_merges). And text gets the BOS unless the file's
 # tokenizer.ggml.add_bos_token says otherwise (some converters did not write it).
-_LLAMA3_PRE = frozenset({"llama3", "llama-v3", "llama-bpe"})
+# The names llama.cpp reads so (Falcon3's llama-architecture files among them).
+_LLAMA3_PRE = frozenset(
+    {"llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2"}
+)
+_SPLITS.update(dict.fromkeys(_LLAMA3_PRE, _LLAMA3_SPLIT))
 # SmolLM's: every number character split off on its own before GPT-2's regex (llama.cpp's smollm regexes,
 # the Digits(individual_digits) of SmolLM's own tokenizer.json), so " ½" is "Ġ" + "Â½", never "ĠÂ" + "½".
 _DIGITS_FIRST_PRE = frozenset({"smollm"})
+# Names llama.cpp reads with GPT-2's own regex, the fallback here (as for an older file that names none).
+# Any other name (llama.cpp splits text its own way for each, and refuses a name it does not know) is
+# refused rather than read with the wrong split.
+_GPT2_PRE = frozenset({"gpt-2", "phi-2", "jina-es", "jina-de", "gigachat", "jina-v2-es", "jina-v2-de",
+                       "a.x-4.0", "mellum", "modern-bert"})  # fmt: skip
+KNOWN_PRE = frozenset(_SPLITS) | _DIGITS_FIRST_PRE | _GPT2_PRE
 
 
 # Tokens llama.cpp ends a generation on wherever a vocabulary spells them so (llama-vocab.cpp), besides the
@@ -131,6 +138,11 @@ class GGUFVocab:
         ends = [stated[key] for key in ("eos_token_id", "eot_token_id", "eom_token_id") if key in stated]
         ends += [i for i, token in enumerate(tokens) if token in END_OF_GENERATION_TOKENS]
         pre = metadata.get("tokenizer.ggml.pre")
+        if pre is not None and pre not in KNOWN_PRE:
+            raise TokenizerMetadataError(
+                f"pre-tokenizer {pre!r} (tokenizer.ggml.pre) splits text in a way qwenkit does not know; "
+                f"it reads {', '.join(sorted(KNOWN_PRE))}"
+            )
         return cls(
             model=model,
             pre=pre,
