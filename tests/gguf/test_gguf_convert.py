@@ -50,7 +50,8 @@ def test_gguf_convert_smollm2_files(smollm_hf_dir, smollm, smollm_path, hf_smoll
     # directory would decode greedily where the file sampled
     assert generation == {
         "bos_token_id": 1,
-        "eos_token_id": [2, 0],  # <|im_end|>, the file's eos, and <|endoftext|>: llama.cpp ends on both
+        # <|im_end|>, the file's eos, <|endoftext|> and <reponame> (a fill-in-the-middle token): llama.cpp's
+        "eos_token_id": [2, 0, 4],
         "pad_token_id": 2,
         "do_sample": True,
         "top_k": 0,

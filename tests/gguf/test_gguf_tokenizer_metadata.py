@@ -122,3 +122,20 @@ def test_falcon3_reads_as_llama_3_does_in_llama_cpp():
     })  # fmt: skip
     assert vocab.add_bos_token is True
     assert build_tokenizer(vocab).encode("abc").tokens == ["<s>", "abc"]
+
+
+def test_the_bundled_smollm2_ends_where_llama_cpp_ends(smollm):
+    """libllama's llama_vocab_is_eog on this file holds for 0, 2 and 4: <|endoftext|>, <|im_end|> (its eos)
+    and <reponame>, the fill-in-the-middle repository token llama.cpp ends a generation on too."""
+    assert smollm.end_of_generation_ids == (2, 0, 4)
+
+
+def test_fill_in_the_middle_tokens_end_a_generation_as_in_llama_cpp():
+    """Qwen2.5's vocabulary as llama.cpp reads it (libllama on a Qwen2.5 GGUF ends on 151643, 151645,
+    151662-151664 and on "</s>"); a fim_*_token_id key the file states is taken instead of a spelling."""
+    tokens = ["a", "<|endoftext|>", "<|im_end|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>", "</s>", "b"]
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "qwen2", "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.merges": [], "tokenizer.ggml.eos_token_id": 2}  # fmt: skip
+    assert GGUFVocab.from_metadata(meta).end_of_generation_ids == (2, 1, 6, 3, 4, 5)
+    stated = {**meta, "tokenizer.ggml.fim_sep_token_id": 7}
+    assert GGUFVocab.from_metadata(stated).end_of_generation_ids == (2, 1, 6, 3, 4, 7)

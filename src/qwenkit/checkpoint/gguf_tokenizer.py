@@ -67,20 +67,20 @@ KNOWN_PRE = frozenset(_SPLITS) | _DIGITS_FIRST_PRE | _GPT2_PRE
 # <|eom_id|> and <|end_of_text|>, as the Hugging Face release's eos list says.
 END_OF_GENERATION_TOKENS = frozenset(
     {
-        "<|eot_id|>",
-        "<|eom_id|>",
-        "<|end_of_text|>",
-        "<|im_end|>",
-        "<|endoftext|>",
-        "<|end|>",
-        "<|return|>",
-        "<|call|>",
-        "<end_of_turn>",
-        "<EOT>",
-        "_<EOT>",
-        "<end_of_utterance>",
+        "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|>", "<|endoftext|>", "<|end|>", "<|return|>",
+        "<|call|>", "<|flush|>", "<|calls|>", "<end_of_turn>", "</s>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]",
+        "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>", "[e~[",
+        "<\uff5cend\u2581of\u2581sentence\uff5c>",  # DeepSeek's, in full-width bars
     }
-)
+)  # fmt: skip
+# llama.cpp also ends on the fill-in-the-middle pad, repository and file-separator tokens: the file's
+# fim_*_token_id keys, else the tokens spelled so (Qwen2.5's <|fim_pad|>, <|repo_name|>, <|file_sep|>;
+# SmolLM2's <reponame>).
+FIM_END_TOKENS = {
+    "fim_pad_token_id": frozenset({"<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"}),
+    "fim_rep_token_id": frozenset({"<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"}),
+    "fim_sep_token_id": frozenset({"<|file_sep|>"}),
+}
 
 
 class TokenizerMetadataError(ValueError):
@@ -137,6 +137,8 @@ class GGUFVocab:
         special_ids = {role: stated[key] for role, key in names.items() if key in stated}
         ends = [stated[key] for key in ("eos_token_id", "eot_token_id", "eom_token_id") if key in stated]
         ends += [i for i, token in enumerate(tokens) if token in END_OF_GENERATION_TOKENS]
+        for key, spellings in FIM_END_TOKENS.items():
+            ends += [stated[key]] if key in stated else [i for i, t in enumerate(tokens) if t in spellings]
         pre = metadata.get("tokenizer.ggml.pre")
         if pre is not None and pre not in KNOWN_PRE:
             raise TokenizerMetadataError(
@@ -158,7 +160,7 @@ class GGUFVocab:
 
 
 _SPECIAL_ID_KEYS = ("bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id", "eot_token_id",
-                    "eom_token_id")  # fmt: skip
+                    "eom_token_id", *FIM_END_TOKENS)  # fmt: skip
 
 
 def _stated_ids(metadata: Mapping[str, Any]) -> dict[str, int]:
