@@ -141,3 +141,20 @@ def test_gguf_per_layer_head_counts_that_agree_are_read_as_llama_cpp_reads_them(
     )
     config = read_gguf(path).hf_config
     assert (config["num_attention_heads"], config["num_key_value_heads"]) == (4, 2)
+
+
+@pytest.mark.parametrize("part", [0, 2])
+def test_gguf_error_a_part_of_a_split_gguf_says_so(tmp_path, gguf_writer, part):
+    """llama-gguf-split's parts: the first once failed as missing dozens of layer tensors, a later one as an
+    'unsupported architecture None' (only the first holds the metadata)."""
+
+    def split(w: gguf.GGUFWriter) -> None:
+        w.add_uint16("split.no", part)
+        w.add_uint16("split.count", 3)
+        w.add_int32("split.tensors.count", 40)
+
+    path = _with_key(tmp_path, gguf_writer, "split.no", lambda w, k: split(w))
+    assert _error(path) == (
+        f"{path}: part {part + 1} of a GGUF split into 3 files; qwenkit reads one file: join them first with "
+        "llama.cpp's `llama-gguf-split --merge FIRST-PART merged.gguf`"
+    )
