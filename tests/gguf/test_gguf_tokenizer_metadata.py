@@ -1,4 +1,4 @@
-"""A GGUF's tokenizer keys read as llama.cpp reads them: a special id past the vocabulary is ignored
+"""A GGUF's tokenizer keys read as llama.cpp reads them: a special id outside the vocabulary is ignored
 (llama.cpp warns and drops it), a token_type list or merge that cannot be read is refused in one line,
 and SmolLM's pre-tokenizer splits every digit off first (llama.cpp's ``smollm`` regexes, the release's
 ``Digits``)."""
@@ -15,7 +15,8 @@ from qwenkit.checkpoint.gguf_tokenizer import GGUFVocab, build_tokenizer
 
 
 def _tiny(tmp_path, gguf_writer, name: str, add_bos: bool = False, **keys):
-    """A tiny qwen2 GGUF whose tokenizer keys ``keys`` replace (integers as uint32, lists as arrays)."""
+    """A tiny qwen2 GGUF whose tokenizer keys ``keys`` replace (integers as uint32, or int32 below 0;
+    lists as arrays)."""
     model = hf_model("qwen2", vocab_size=len(tiny_vocab()[0]))
     state = {n: p.detach() for n, p in model.named_parameters()}
 
@@ -23,27 +24,39 @@ def _tiny(tmp_path, gguf_writer, name: str, add_bos: bool = False, **keys):
         for key, value in keys.items():
             key = f"tokenizer.ggml.{key}"
             w.kv_data[0].pop(key, None)
-            w.add_array(key, value) if isinstance(value, list) else w.add_uint32(key, value)
+            if isinstance(value, list):
+                w.add_array(key, value)
+            else:
+                w.add_uint32(key, value) if value >= 0 else w.add_int32(key, value)
 
     return gguf_writer(
         tmp_path / name, "qwen2", model.config.to_dict(), state, Q.F16, add_bos=add_bos, extra=extra
     )
 
 
-def test_a_special_id_past_the_vocabulary_is_ignored_as_llama_cpp_does(tmp_path, gguf_writer, capsys):
+def test_a_special_id_outside_the_vocabulary_is_ignored_as_llama_cpp_does(tmp_path, gguf_writer, capsys):
+    """An unk id of -1 was once read as the last token (Python's tokens[-1]); llama.cpp reads it as a
+    uint32 past the end, warns and ignores it."""
     n_tokens = len(tiny_vocab()[0])
     path = _tiny(
-        tmp_path, gguf_writer, "bos.gguf", add_bos=True, bos_token_id=99999, padding_token_id=n_tokens
+        tmp_path,
+        gguf_writer,
+        "bos.gguf",
+        add_bos=True,
+        bos_token_id=99999,
+        padding_token_id=n_tokens,
+        unknown_token_id=-1,
     )
     ckpt = read_gguf(path)
     assert ckpt.tokenizer.encode(" the").ids == [n_tokens - 4]  # "Ġthe" (a merge), no BOS before it
-    assert "bos_token" not in ckpt.tokenizer_config and "pad_token" not in ckpt.tokenizer_config
+    assert not {"bos_token", "pad_token", "unk_token"} & set(ckpt.tokenizer_config)
     assert ckpt.tokenizer_config["eos_token"] == "<|im_end|>"
     assert "bos_token_id" not in ckpt.hf_config and "pad_token_id" not in ckpt.hf_config
     assert ckpt.hf_config["eos_token_id"] == 2 and ckpt.generation_config["eos_token_id"] == [2, 0]
     err = capsys.readouterr().err
-    assert f"tokenizer.ggml.bos_token_id 99999 is past the vocabulary ({n_tokens} tokens); ignored" in err
-    assert f"tokenizer.ggml.padding_token_id {n_tokens} is past the vocabulary" in err
+    assert f"tokenizer.ggml.bos_token_id 99999 is outside the vocabulary ({n_tokens} tokens); ignored" in err
+    assert f"tokenizer.ggml.padding_token_id {n_tokens} is outside the vocabulary" in err
+    assert "tokenizer.ggml.unknown_token_id -1 is outside the vocabulary" in err
 
 
 def test_a_short_token_type_list_is_refused_in_one_line(tmp_path, gguf_writer):

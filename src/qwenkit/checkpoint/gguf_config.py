@@ -115,7 +115,7 @@ def build_hf_config(
             raise ValueError(f"both rope.scaling.type {kind!r} and rope_freqs.weight are given")
         if (llama3 := llama3_from_rope_freqs(rope_freqs, config["rope_theta"], head_dim)) is not None:
             config["rope_scaling"] = llama3
-    # ids past the vocabulary are dropped, as llama.cpp drops them (the tokenizer says so on stderr)
+    # ids outside the vocabulary are dropped, as llama.cpp drops them (the tokenizer says so on stderr)
     special = special_token_ids(metadata) if "tokenizer.ggml.tokens" in metadata else {}
     for name, gguf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
                            ("pad_token_id", "padding_token_id")):  # fmt: skip

@@ -123,7 +123,7 @@ class GGUFVocab:
             )
         for key, value in _out_of_range_ids(metadata, len(tokens)).items():
             print(
-                f"qwenkit: tokenizer.ggml.{key} {value} is past the vocabulary ({len(tokens)} tokens); "
+                f"qwenkit: tokenizer.ggml.{key} {value} is outside the vocabulary ({len(tokens)} tokens); "
                 "ignored, as llama.cpp ignores it",
                 file=sys.stderr,
             )
