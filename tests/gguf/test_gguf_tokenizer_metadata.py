@@ -152,3 +152,14 @@ def test_fill_in_the_middle_tokens_end_a_generation_as_in_llama_cpp():
     assert GGUFVocab.from_metadata(meta).end_of_generation_ids == (2, 1, 6, 3, 4, 5)
     stated = {**meta, "tokenizer.ggml.fim_sep_token_id": 7}
     assert GGUFVocab.from_metadata(stated).end_of_generation_ids == (2, 1, 6, 3, 4, 7)
+
+
+def test_a_merge_of_tokens_the_vocabulary_lacks_is_refused_in_one_line(tmp_path, gguf_writer):
+    """tokenizers' own BPE refuses it with a bare Exception, which reached the user as a traceback."""
+    ckpt = read_gguf(_tiny(tmp_path, gguf_writer, "stray.gguf", merges=[*MERGES, "Ġthe xyz"]))
+    with pytest.raises(GGUFError) as info:
+        ckpt.tokenizer  # noqa: B018
+    assert str(info.value) == (
+        f"{ckpt.path}: tokenizer.ggml.merges do not fit tokenizer.ggml.tokens: "
+        "Error while initializing BPE: Token `xyz` out of vocabulary"
+    )

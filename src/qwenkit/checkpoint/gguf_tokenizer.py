@@ -220,9 +220,13 @@ def build_tokenizer(vocab: GGUFVocab) -> Tokenizer:
         raise TokenizerMetadataError(
             f"tokenizer.ggml.merges[{bad}] is {vocab.merges[bad]!r}, not two tokens split by a space"
         )
-    tok = Tokenizer(BPE(vocab=index, merges=merges, dropout=None, continuing_subword_prefix="",
-                        end_of_word_suffix="", fuse_unk=False,
-                        ignore_merges=vocab.pre in _LLAMA3_PRE))  # fmt: skip
+    try:
+        model = BPE(vocab=index, merges=merges, dropout=None, continuing_subword_prefix="",
+                    end_of_word_suffix="", fuse_unk=False,
+                    ignore_merges=vocab.pre in _LLAMA3_PRE)  # fmt: skip
+    except Exception as e:  # tokenizers raises a bare Exception ("Token `x` out of vocabulary")
+        raise TokenizerMetadataError(f"tokenizer.ggml.merges do not fit tokenizer.ggml.tokens: {e}") from None
+    tok = Tokenizer(model)
     split = _SPLITS.get(vocab.pre or "")
     if split is not None:
         tok.pre_tokenizer = pre_tokenizers.Sequence(
