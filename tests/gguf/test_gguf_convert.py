@@ -50,7 +50,8 @@ def test_gguf_convert_smollm2_files(smollm_hf_dir, smollm, smollm_path, hf_smoll
     # directory would decode greedily where the file sampled
     assert generation == {
         "bos_token_id": 1,
-        "eos_token_id": [2, 0],  # <|im_end|>, the file's eos, and <|endoftext|>: llama.cpp ends on both
+        # <|im_end|>, the file's eos, <|endoftext|> and <reponame> (a fill-in-the-middle token): llama.cpp's
+        "eos_token_id": [2, 0, 4],
         "pad_token_id": 2,
         "do_sample": True,
         "top_k": 0,
@@ -154,3 +155,27 @@ def test_gguf_convert_qwen2_q8_0_logits_equal_transformers_gguf(tmp_path, gguf_w
     assert converted16.model.embed_tokens.weight.dtype == torch.bfloat16
     with torch.no_grad():
         assert torch.allclose(converted16(ids).logits.float(), expected, atol=0.1, rtol=0.05)
+
+
+def test_gguf_convert_refuses_a_tokenizer_it_cannot_build_before_writing_weights(
+    tmp_path, gguf_writer, monkeypatch
+):
+    """The tokenizer is built before any weight is decoded: a file whose tokenizer is refused costs no
+    conversion (a 7B file's weights take minutes) and leaves nothing behind."""
+    import gguf
+
+    import qwenkit.convert.gguf_to_hf as conv
+
+    model = hf_model("qwen2", vocab_size=len(tiny_vocab()[0]))
+
+    def pre(w: gguf.GGUFWriter) -> None:
+        w.kv_data[0].pop("tokenizer.ggml.pre")
+        w.add_tokenizer_pre("deepseek-llm")
+
+    path = gguf_writer(tmp_path / "t.gguf", "qwen2", model.config.to_dict(),
+                       {n: p.detach() for n, p in model.named_parameters()}, Q.F16, extra=pre)  # fmt: skip
+    saved: list[str] = []
+    monkeypatch.setattr(conv, "save_sharded", lambda tensors, *a, **k: saved.extend(n for n, _ in tensors))
+    with pytest.raises(CheckpointError, match="pre-tokenizer 'deepseek-llm'"):
+        convert_gguf_to_hf(path, tmp_path / "out")
+    assert saved == [] and sorted(p.name for p in tmp_path.iterdir()) == ["t.gguf"]

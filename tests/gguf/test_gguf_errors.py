@@ -99,3 +99,62 @@ def test_gguf_error_no_tokenizer(tmp_path, gguf_writer) -> None:
     assert ckpt.hf_config["vocab_size"] == 64 and "bos_token_id" not in ckpt.hf_config
     with pytest.raises(GGUFError, match="no tokenizer"):
         ckpt.tokenizer  # noqa: B018
+
+
+def _with_key(tmp_path, gguf_writer, key: str, add) -> str:
+    """A tiny qwen2 GGUF whose metadata key ``key`` is replaced by what ``add(writer, key)`` writes."""
+    model = hf_model("qwen2", vocab_size=len(tiny_vocab()[0]))
+    state = {n: p.detach() for n, p in model.named_parameters()}
+
+    def extra(w: gguf.GGUFWriter) -> None:
+        w.kv_data[0].pop(key, None)
+        add(w, key)
+
+    return gguf_writer(tmp_path / "odd.gguf", "qwen2", model.config.to_dict(), state, Q.F16, extra=extra)
+
+
+@pytest.mark.parametrize(
+    "key, add, message",
+    [
+        ("qwen2.attention.head_count", lambda w, k: w.add_uint32(k, 0),
+         "qwen2.attention.head_count is 0, not a positive whole number"),
+        ("qwen2.block_count", lambda w, k: w.add_string(k, "two"),
+         "qwen2.block_count is 'two', not a positive whole number"),
+        ("qwen2.context_length", lambda w, k: w.add_uint32(k, 0),
+         "qwen2.context_length is 0, not a positive whole number"),
+        ("qwen2.attention.head_count_kv", lambda w, k: w.add_array(k, [2, 4]),
+         "qwen2.attention.head_count_kv differs between layers ([2, 4]); qwenkit runs one value for all"),
+        ("qwen2.attention.layer_norm_rms_epsilon", lambda w, k: w.add_string(k, "1e-6"),
+         "qwen2.attention.layer_norm_rms_epsilon is '1e-6', not a number"),
+    ],
+    ids=["zero-heads", "text-layers", "zero-context", "varying-kv-heads", "text-eps"],
+)  # fmt: skip
+def test_gguf_error_a_hyperparameter_that_cannot_be_read_is_named(tmp_path, gguf_writer, key, add, message):
+    path = _with_key(tmp_path, gguf_writer, key, add)
+    assert _error(path) == f"{path}: {message}"
+
+
+def test_gguf_per_layer_head_counts_that_agree_are_read_as_llama_cpp_reads_them(tmp_path, gguf_writer):
+    """llama.cpp takes head_count_kv as one value or one per layer; every layer's the same is that value."""
+    path = _with_key(
+        tmp_path, gguf_writer, "qwen2.attention.head_count_kv", lambda w, k: w.add_array(k, [2, 2])
+    )
+    config = read_gguf(path).hf_config
+    assert (config["num_attention_heads"], config["num_key_value_heads"]) == (4, 2)
+
+
+@pytest.mark.parametrize("part", [0, 2])
+def test_gguf_error_a_part_of_a_split_gguf_says_so(tmp_path, gguf_writer, part):
+    """llama-gguf-split's parts: the first once failed as missing dozens of layer tensors, a later one as an
+    'unsupported architecture None' (only the first holds the metadata)."""
+
+    def split(w: gguf.GGUFWriter) -> None:
+        w.add_uint16("split.no", part)
+        w.add_uint16("split.count", 3)
+        w.add_int32("split.tensors.count", 40)
+
+    path = _with_key(tmp_path, gguf_writer, "split.no", lambda w, k: split(w))
+    assert _error(path) == (
+        f"{path}: part {part + 1} of a GGUF split into 3 files; qwenkit reads one file: join them first with "
+        "llama.cpp's `llama-gguf-split --merge FIRST-PART merged.gguf`"
+    )

@@ -56,7 +56,7 @@ def test_merge_of_a_gguf_keeps_its_sampling_and_license(tmp_path):
         True,
         0.2,
         0.9,
-        [2, 0],
+        [2, 0, 4],
     )
     found = find_license(tmp_path / "merged")
     assert (found.name, found.source) == ("apache-2.0", "README.md")

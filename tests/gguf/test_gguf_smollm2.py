@@ -22,6 +22,14 @@ CORPUS = [
     "superscripts ²³ and fractions ½ ¾ and Ⅻ",
     "",
 ]
+# Where transformers' GGUF import reads this file differently from llama.cpp: it ignores the pre-tokenizer
+# ``smollm``, whose digit split (llama.cpp's, and Digits in SmolLM2's own tokenizer.json) reads " ½" as
+# "Ġ" + "Â½" where transformers reads "ĠÂ" + "½". Ids from llama.cpp's libllama (vocab only) on this file.
+LLAMA_CPP_IDS = {
+    "superscripts ²³ and fractions ½ ¾ and Ⅻ": [
+        35375, 366, 4818, 99, 216, 19133, 39050, 284, 17161, 216, 16738, 216, 43124, 284, 216, 173, 223, 121,
+    ],
+}  # fmt: skip
 
 
 def test_gguf_facts(smollm) -> None:
@@ -82,7 +90,7 @@ def test_gguf_tokenizer_ids_match_transformers(smollm, hf_smollm_tokenizer) -> N
     tok = smollm.tokenizer
     for text in CORPUS:
         ours = tok.encode(text).ids
-        theirs = hf_smollm_tokenizer(text)["input_ids"]
+        theirs = LLAMA_CPP_IDS.get(text) or hf_smollm_tokenizer(text)["input_ids"]
         assert ours == theirs, text
         assert tok.decode(ours, skip_special_tokens=False) == hf_smollm_tokenizer.decode(theirs), text
     assert tok.get_vocab_size() == len(hf_smollm_tokenizer) == 49152

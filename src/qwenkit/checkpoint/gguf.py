@@ -193,7 +193,11 @@ class GGUFCheckpoint:
     @cached_property
     def tokenizer(self) -> Tokenizer:
         """The file's byte-level BPE tokenizer (ids match transformers loading this GGUF)."""
-        return build_tokenizer(self._vocab)
+        vocab = self._vocab
+        try:
+            return build_tokenizer(vocab)
+        except TokenizerMetadataError as e:
+            raise GGUFError(f"{self.path}: {e}") from None
 
     @property
     def tokenizer_json(self) -> str:
@@ -260,6 +264,14 @@ def read_gguf(path: str | Path) -> GGUFCheckpoint:
         index = read_index(p)
     except GGUFHeaderError as e:
         raise GGUFError(f"{p}: {e}") from e
+    split = index.metadata.get("split.count")
+    if isinstance(split, int) and split > 1:  # llama-gguf-split's parts: only the first holds the metadata
+        part = index.metadata.get("split.no")
+        which = f"part {part + 1} of " if isinstance(part, int) else ""
+        raise GGUFError(
+            f"{p}: {which}a GGUF split into {split} files; qwenkit reads one file: join them first with "
+            f"llama.cpp's `llama-gguf-split --merge FIRST-PART merged.gguf`"
+        )
     size = p.stat().st_size
     for t in index.tensors:
         if t.offset + t.n_bytes > size:

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from qwenkit.checkpoint.gguf_tokenizer import special_token_ids
+
 # GGUF architecture -> (Hugging Face model_type, architectures). Qwen v1 becomes a qwen2 checkpoint:
 # its fused c_attn is split into q/k/v_proj on read, which is exactly the v1 -> Qwen1.5 conversion.
 ARCHITECTURES: dict[str, tuple[str, str]] = {
@@ -52,9 +54,27 @@ def build_hf_config(
             raise KeyError(full)
         return metadata.get(full, default)
 
-    hidden = int(key("embedding_length"))
-    heads = int(key("attention.head_count"))
-    kv_heads = int(key("attention.head_count_kv", heads))
+    def count(name: str, default: int | None = None) -> int:
+        """A positive whole number; llama.cpp's per-layer array form is read where every layer agrees."""
+        full, value = f"{architecture}.{name}", key(name, default)
+        if isinstance(value, list) and value and all(v == value[0] for v in value):
+            value = value[0]
+        if isinstance(value, list):
+            shown = f"{value[:8]}"[:-1] + (", ...]" if len(value) > 8 else "]")
+            raise ValueError(f"{full} differs between layers ({shown}); qwenkit runs one value for all")
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{full} is {value!r}, not a positive whole number")
+        return value
+
+    def real(name: str, default: float | None = None) -> float:
+        full, value = f"{architecture}.{name}", key(name, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ValueError(f"{full} is {value!r}, not a number")
+        return float(value)
+
+    hidden = count("embedding_length")
+    heads = count("attention.head_count")
+    kv_heads = count("attention.head_count_kv", heads)
     head_dim = _head_dim(architecture, metadata, shapes, hidden, heads)
     config: dict[str, Any] = {
         "architectures": [hf_arch],
@@ -64,18 +84,18 @@ def build_hf_config(
         # Qwen v1's feed_forward_length may be stored doubled (its config convention); the ffn tensors
         # are always the real width, so read it from them.
         "intermediate_size": _dense_ffn_width(architecture, metadata, shapes),
-        "num_hidden_layers": int(key("block_count")),
+        "num_hidden_layers": count("block_count"),
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
         "hidden_act": "silu",
-        "max_position_embeddings": int(key("context_length")),
-        "rms_norm_eps": float(key("attention.layer_norm_rms_epsilon")),
-        "rope_theta": float(key("rope.freq_base", 10000.0)),
+        "max_position_embeddings": count("context_length"),
+        "rms_norm_eps": real("attention.layer_norm_rms_epsilon"),
+        "rope_theta": real("rope.freq_base", 10000.0),
         # llama.cpp writes output.weight only when the head is not the embedding matrix.
         "tie_word_embeddings": "output.weight" not in shapes,
     }
     if architecture in ARCHITECTURES and architecture.endswith("moe"):
-        config.update(_moe_config(architecture, metadata, shapes, int(key("block_count"))))
+        config.update(_moe_config(architecture, metadata, shapes, count("block_count")))
     if architecture in ("llama", "qwen3", "qwen3moe"):
         # Both have a head_dim field and an attention_bias switch (qwen2 always has qkv biases).
         config["head_dim"] = head_dim
@@ -95,10 +115,12 @@ def build_hf_config(
             raise ValueError(f"both rope.scaling.type {kind!r} and rope_freqs.weight are given")
         if (llama3 := llama3_from_rope_freqs(rope_freqs, config["rope_theta"], head_dim)) is not None:
             config["rope_scaling"] = llama3
+    # ids outside the vocabulary are dropped, as llama.cpp drops them (the tokenizer says so on stderr)
+    special = special_token_ids(metadata) if "tokenizer.ggml.tokens" in metadata else {}
     for name, gguf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
                            ("pad_token_id", "padding_token_id")):  # fmt: skip
-        if (value := metadata.get(f"tokenizer.ggml.{gguf_key}")) is not None:
-            config[name] = int(value)
+        if gguf_key in special:
+            config[name] = special[gguf_key]
     return config
 
 

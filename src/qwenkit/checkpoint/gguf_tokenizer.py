@@ -9,13 +9,14 @@ GGUF, so ids match ``AutoTokenizer.from_pretrained(dir, gguf_file=...)``:
   pre-tokenizers a piece that is a whole token is taken whole, as llama.cpp and Llama 3's own
   tokenizer.json do (transformers' GGUF import merges it, so its ids differ there);
 - a pre-tokenizer chosen by ``tokenizer.ggml.pre`` (the split regex the merges were learned with),
-  falling back to GPT-2's byte-level regex;
+  SmolLM's with every number character split off first, as llama.cpp does, else GPT-2's byte-level regex;
 - tokens typed CONTROL added as special tokens and USER_DEFINED ones as plain added tokens, so text
   like ``<|im_end|>`` stays one token instead of being cut into pieces.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -38,9 +39,6 @@ _LLAMA3_SPLIT = (
 _SPLITS = {
     "qwen2": _QWEN2_SPLIT,
     "deepseek-r1-qwen": _QWEN2_SPLIT,
-    "llama3": _LLAMA3_SPLIT,
-    "llama-v3": _LLAMA3_SPLIT,
-    "llama-bpe": _LLAMA3_SPLIT,
     "smaug-bpe": _LLAMA3_SPLIT,
     "dbrx": _LLAMA3_SPLIT,
 }
@@ -48,7 +46,20 @@ _SPLITS = {
 # tiktoken) holds words its merges do not build: a piece that is a whole token is taken as that token, as
 # Llama 3's tokenizer.json does (ignore_merges). And text gets the BOS unless the file's
 # tokenizer.ggml.add_bos_token says otherwise (some converters did not write it).
-_LLAMA3_PRE = frozenset({"llama3", "llama-v3", "llama-bpe"})
+# The names llama.cpp reads so (Falcon3's llama-architecture files among them).
+_LLAMA3_PRE = frozenset(
+    {"llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2"}
+)
+_SPLITS.update(dict.fromkeys(_LLAMA3_PRE, _LLAMA3_SPLIT))
+# SmolLM's: every number character split off on its own before GPT-2's regex (llama.cpp's smollm regexes,
+# the Digits(individual_digits) of SmolLM's own tokenizer.json), so " ½" is "Ġ" + "Â½", never "ĠÂ" + "½".
+_DIGITS_FIRST_PRE = frozenset({"smollm"})
+# Names llama.cpp reads with GPT-2's own regex, the fallback here (as for an older file that names none).
+# Any other name (llama.cpp splits text its own way for each, and refuses a name it does not know) is
+# refused rather than read with the wrong split.
+_GPT2_PRE = frozenset({"gpt-2", "phi-2", "jina-es", "jina-de", "gigachat", "jina-v2-es", "jina-v2-de",
+                       "a.x-4.0", "mellum", "modern-bert"})  # fmt: skip
+KNOWN_PRE = frozenset(_SPLITS) | _DIGITS_FIRST_PRE | _GPT2_PRE
 
 
 # Tokens llama.cpp ends a generation on wherever a vocabulary spells them so (llama-vocab.cpp), besides the
@@ -56,20 +67,20 @@ _LLAMA3_PRE = frozenset({"llama3", "llama-v3", "llama-bpe"})
 # <|eom_id|> and <|end_of_text|>, as the Hugging Face release's eos list says.
 END_OF_GENERATION_TOKENS = frozenset(
     {
-        "<|eot_id|>",
-        "<|eom_id|>",
-        "<|end_of_text|>",
-        "<|im_end|>",
-        "<|endoftext|>",
-        "<|end|>",
-        "<|return|>",
-        "<|call|>",
-        "<end_of_turn>",
-        "<EOT>",
-        "_<EOT>",
-        "<end_of_utterance>",
+        "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|>", "<|endoftext|>", "<|end|>", "<|return|>",
+        "<|call|>", "<|flush|>", "<|calls|>", "<end_of_turn>", "</s>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]",
+        "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>", "[e~[",
+        "<\uff5cend\u2581of\u2581sentence\uff5c>",  # DeepSeek's, in full-width bars
     }
-)
+)  # fmt: skip
+# llama.cpp also ends on the fill-in-the-middle pad, repository and file-separator tokens: the file's
+# fim_*_token_id keys, else the tokens spelled so (Qwen2.5's <|fim_pad|>, <|repo_name|>, <|file_sep|>;
+# SmolLM2's <reponame>).
+FIM_END_TOKENS = {
+    "fim_pad_token_id": frozenset({"<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"}),
+    "fim_rep_token_id": frozenset({"<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"}),
+    "fim_sep_token_id": frozenset({"<|file_sep|>"}),
+}
 
 
 class TokenizerMetadataError(ValueError):
@@ -105,29 +116,40 @@ class GGUFVocab:
         merges = metadata.get("tokenizer.ggml.merges")
         if not tokens or merges is None:
             raise TokenizerMetadataError("a byte-level BPE tokenizer needs tokenizer.ggml.tokens and .merges")
+        types = metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+        if len(types) < len(tokens):  # llama.cpp refuses a short list too; a longer one it reads
+            raise TokenizerMetadataError(
+                f"tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens"
+            )
+        for key, value in _out_of_range_ids(metadata, len(tokens)).items():
+            print(
+                f"qwenkit: tokenizer.ggml.{key} {value} is outside the vocabulary ({len(tokens)} tokens); "
+                "ignored, as llama.cpp ignores it",
+                file=sys.stderr,
+            )
+        stated = special_token_ids(metadata, len(tokens))
         names = {
             "bos": "bos_token_id",
             "eos": "eos_token_id",
             "unk": "unknown_token_id",
             "pad": "padding_token_id",
         }
-        special_ids = {
-            role: int(metadata[f"tokenizer.ggml.{key}"])
-            for role, key in names.items()
-            if metadata.get(f"tokenizer.ggml.{key}") is not None
-        }
-        ends = [
-            int(metadata[f"tokenizer.ggml.{key}"])
-            for key in ("eos_token_id", "eot_token_id", "eom_token_id")
-            if metadata.get(f"tokenizer.ggml.{key}") is not None
-        ]
+        special_ids = {role: stated[key] for role, key in names.items() if key in stated}
+        ends = [stated[key] for key in ("eos_token_id", "eot_token_id", "eom_token_id") if key in stated]
         ends += [i for i, token in enumerate(tokens) if token in END_OF_GENERATION_TOKENS]
+        for key, spellings in FIM_END_TOKENS.items():
+            ends += [stated[key]] if key in stated else [i for i, t in enumerate(tokens) if t in spellings]
         pre = metadata.get("tokenizer.ggml.pre")
+        if pre is not None and pre not in KNOWN_PRE:
+            raise TokenizerMetadataError(
+                f"pre-tokenizer {pre!r} (tokenizer.ggml.pre) splits text in a way qwenkit does not know; "
+                f"it reads {', '.join(sorted(KNOWN_PRE))}"
+            )
         return cls(
             model=model,
             pre=pre,
             tokens=tokens,
-            token_types=metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens),
+            token_types=types[: len(tokens)],
             merges=merges,
             special_ids=special_ids,
             add_bos_token=bool(metadata.get("tokenizer.ggml.add_bos_token", pre in _LLAMA3_PRE)),
@@ -135,6 +157,32 @@ class GGUFVocab:
             chat_template=metadata.get("tokenizer.chat_template"),
             end_of_generation_ids=tuple(dict.fromkeys(ends)),
         )
+
+
+_SPECIAL_ID_KEYS = ("bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id", "eot_token_id",
+                    "eom_token_id", *FIM_END_TOKENS)  # fmt: skip
+
+
+def _stated_ids(metadata: Mapping[str, Any]) -> dict[str, int]:
+    """The ``tokenizer.ggml.*_token_id`` keys the file states, by key without the prefix."""
+    return {
+        key: int(metadata[f"tokenizer.ggml.{key}"])
+        for key in _SPECIAL_ID_KEYS
+        if metadata.get(f"tokenizer.ggml.{key}") is not None
+    }
+
+
+def _out_of_range_ids(metadata: Mapping[str, Any], n_tokens: int) -> dict[str, int]:
+    return {key: i for key, i in _stated_ids(metadata).items() if not 0 <= i < n_tokens}
+
+
+def special_token_ids(metadata: Mapping[str, Any], n_tokens: int | None = None) -> dict[str, int]:
+    """The file's special ids (``bos_token_id``, ``eos_token_id``, ...) that name a token of its vocabulary
+    (``n_tokens`` long, by default the length of ``tokenizer.ggml.tokens``): llama.cpp warns about one past
+    the end and ignores it, and so does qwenkit."""
+    if n_tokens is None:
+        n_tokens = len(metadata.get("tokenizer.ggml.tokens") or ())
+    return {key: i for key, i in _stated_ids(metadata).items() if 0 <= i < n_tokens}
 
 
 @cache
@@ -168,9 +216,17 @@ def build_tokenizer(vocab: GGUFVocab) -> Tokenizer:
             for i, token in enumerate(vocab.tokens)
         }
     merges = [tuple(m.split(" ", 1)) for m in vocab.merges]
-    tok = Tokenizer(BPE(vocab=index, merges=merges, dropout=None, continuing_subword_prefix="",
-                        end_of_word_suffix="", fuse_unk=False,
-                        ignore_merges=vocab.pre in _LLAMA3_PRE))  # fmt: skip
+    if (bad := next((i for i, m in enumerate(merges) if len(m) != 2), None)) is not None:
+        raise TokenizerMetadataError(
+            f"tokenizer.ggml.merges[{bad}] is {vocab.merges[bad]!r}, not two tokens split by a space"
+        )
+    try:
+        model = BPE(vocab=index, merges=merges, dropout=None, continuing_subword_prefix="",
+                    end_of_word_suffix="", fuse_unk=False,
+                    ignore_merges=vocab.pre in _LLAMA3_PRE)  # fmt: skip
+    except Exception as e:  # tokenizers raises a bare Exception ("Token `x` out of vocabulary")
+        raise TokenizerMetadataError(f"tokenizer.ggml.merges do not fit tokenizer.ggml.tokens: {e}") from None
+    tok = Tokenizer(model)
     split = _SPLITS.get(vocab.pre or "")
     if split is not None:
         tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -178,6 +234,10 @@ def build_tokenizer(vocab: GGUFVocab) -> Tokenizer:
                 pre_tokenizers.Split(Regex(split), behavior="isolated"),
                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
             ]
+        )
+    elif vocab.pre in _DIGITS_FIRST_PRE:
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
         )
     else:
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import torch
 
@@ -103,9 +104,9 @@ def describe(path: str, tensor_parallel: int = 1) -> str:
             out.append(f"  {label:<20} {format_bytes(kv_cache_bytes(shard, dtype, 1000)):>12}")
     lic = find_license(path, getattr(source, "license", None))
     out += ["", "license:"]
-    out.append(
-        f"  {lic.name}: {lic.terms} (from {lic.source})" if lic else "  none found in the model directory"
-    )
+    # a GGUF file's license is its general.license key; only a directory's files are looked in
+    nowhere = " in the model directory" if Path(path).is_dir() else ": the file has no general.license key"
+    out.append(f"  {lic.name}: {lic.terms} (from {lic.source})" if lic else f"  none found{nowhere}")
     return "\n".join(out)
 
 

@@ -42,6 +42,8 @@ def convert_gguf_to_hf(
     torch_dtype = _dtype(dtype)
     check_out_dir(out, overwrite, source=Path(gguf_path))  # not the directory that holds the GGUF
     ckpt = read_gguf(gguf_path)  # checks the whole file before anything is written
+    if "tokenizer.ggml.model" in ckpt.metadata:
+        ckpt.tokenizer_config  # noqa: B018  # builds the tokenizer: one it refuses costs no weight decoding
     with atomic_output_dir(out, overwrite) as tmp:
         config: dict[str, Any] = {**ckpt.hf_config, "torch_dtype": _dtype_name(torch_dtype)}
         save_sharded(

@@ -247,7 +247,7 @@ class Tokenizer(ABC):
         if not self.chat_template:
             raise TokenizerError(
                 "this tokenizer has no chat_template (neither tokenizer_config.json nor chat_template.jinja "
-                "has one)"
+                "has one; in a GGUF file, no tokenizer.chat_template key)"
             )
         return self.chat_template
 
