@@ -215,7 +215,10 @@ def _stopped(how: str, output: str | None) -> str:
     from qwenkit.evaluate.results import SAMPLES
 
     samples = Path(output) / SAMPLES
-    kept = sum(1 for line in samples.open(encoding="utf-8") if line.strip()) if samples.exists() else 0
+    # whole lines only, as bytes: a run killed mid-line (SIGKILL, out of memory) leaves a last line cut
+    # short, maybe inside a character, which the resume drops
+    whole = samples.read_bytes().split(b"\n")[:-1] if samples.exists() else []
+    kept = sum(1 for line in whole if line.strip())
     if not kept:  # stopped within the first chunk: no file to name
         return f"{how}: before the first samples were written; rerun the same command to start again"
     return f"{how}: {kept} samples kept in {samples}; rerun the same command to resume"
