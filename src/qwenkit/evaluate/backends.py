@@ -362,7 +362,7 @@ class EndpointBackend:
             raise BackendError(
                 f"{where} did not answer within {self.timeout:g} s (--request-timeout)"
             ) from None
-        except httpx.HTTPError as e:
+        except (httpx.HTTPError, httpx.InvalidURL) as e:  # InvalidURL ("http://[::1") is no HTTPError
             raise BackendError(f"{where}: {e}") from None
         if response.status_code != 200:
             raise EndpointRefusal(f"{where} answered {response.status_code}: {_excerpt(response.text)}")
