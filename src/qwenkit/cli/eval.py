@@ -367,7 +367,7 @@ def format_results(results: dict) -> str:
             f"  {s['unanswered']} questions without an answer in the data: predictions only, not scored"
         )
     for key in ("acc_micro", "acc_macro"):
-        if key in s:
+        if s.get(key) is not None:  # tooluse of irrelevance alone has no AST accuracy beside
             lines.append(f"  {key[4:]:<8} {100 * s[key]:.2f} {plus_minus(s.get('stderr_' + key[4:]))}")
     if s.get("hard") is not None:
         lines.append(f"  hard     {100 * s['hard']:.2f}")
