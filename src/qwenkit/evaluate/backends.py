@@ -8,6 +8,7 @@ scoring), and greedy text for prompts or chat messages. The endpoint path uses o
 
 from __future__ import annotations
 
+import functools
 import json
 import queue
 import threading
@@ -454,8 +455,18 @@ class EndpointBackend:
         length = cards[0].get("max_model_len") if cards else None
         return length if type(length) is int and length > 0 else None
 
+    @functools.cached_property
+    def _context_limit(self) -> int | None:
+        return self.max_context()
+
     def next_token_logprobs(self, contexts: Sequence[list[int]], candidates: list[int]) -> list[list[float]]:
         path = "/v1/completions"
+        limit = self._context_limit
+        if limit is not None:
+            # Keep the end, as Qwen and the local backend do (which keep limit - 1 tokens): here the letter
+            # rides in the prompt, and a server refuses a prompt that fills its context (qwenkit serve even
+            # with max_tokens 0), so one token fewer.
+            contexts = [c[-(limit - 2) :] if len(c) >= limit - 1 else c for c in contexts]
 
         def one(context: list[int]) -> list[float]:
             body = {
