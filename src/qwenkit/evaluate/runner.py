@@ -338,6 +338,11 @@ def rescore_dir(out: str | Path, extractor: str | None = None) -> dict[str, Any]
     """Recompute results.json from samples.jsonl (optionally with another extractor), without the model:
     every verdict and score by the code a run uses (``plans.scoring``)."""
     out = Path(out)
+    if (out / SAMPLES).exists() and not (out / RESULTS).exists():  # stopped (Ctrl-C, a kill) or running
+        raise EvalDataError(
+            f"{out} holds an unfinished run (samples, no {RESULTS} yet): rerun its command to finish it, "
+            "then rescore it"
+        )
     if not (out / SAMPLES).exists() or not (out / RESULTS).exists():
         raise EvalDataError(f"{out} has no {SAMPLES} and {RESULTS} to rescore")
     with output_lock(out):
