@@ -101,6 +101,7 @@ def test_ppl_task_through_the_cli(tiny_chat_model, tmp_path, capsys):
     scores = json.loads((tmp_path / "run" / "results.json").read_text())["scores"]
     assert f"perplexity {scores['token_perplexity']:.3f} per token" in out
     assert scores["tokens_scored"] > 100 and scores["bytes"] == len(TEXT.encode())
+    assert scores["bos"] == "none (the text's first token is context only)"  # in samples.jsonl alone before
 
 
 def test_a_directory_given_as_the_text_is_named_a_directory(tiny_chat_model, tmp_path, capsys):
