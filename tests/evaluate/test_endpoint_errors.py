@@ -151,3 +151,14 @@ def test_an_interrupt_leaves_requests_in_flight_behind_instead_of_waiting_for_th
             assert len(accepted) == 2  # the third was never sent
     finally:
         signal.signal(signal.SIGUSR1, previous)
+
+
+@pytest.mark.parametrize("url", ["http://[::1", "http://127.0.0.1:port"])
+def test_a_malformed_endpoint_url_is_one_line(capsys, url):
+    """httpx refuses such a URL with InvalidURL, which is not one of its HTTPErrors: it used to end the
+    run in a traceback."""
+    args = ["eval", "--endpoint", url, "--task", "gsm8k", "--limit", "1", "--no-progress"]
+    assert qwenkit_main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: endpoint {url}/v1/") and err.count("\n") == 1
+    assert "Traceback" not in err

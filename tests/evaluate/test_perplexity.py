@@ -54,6 +54,7 @@ def test_matches_the_transformers_guide(local, tiny_chat_model, window, stride):
     ours = perplexity(local, TEXT, window, stride)
     nll, count = hf_guide_nll(tiny_chat_model, TEXT, window, stride)
     assert ours["tokens_scored"] == count == len(local.encode(TEXT)) - 1
+    assert ours["bos"] == "none (the text's first token is context only)"
     assert ours["nll_sum"] == pytest.approx(nll, rel=1e-5)
     assert ours["token_perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-5)
     n_bytes = len(TEXT.encode())
@@ -100,6 +101,7 @@ def test_ppl_task_through_the_cli(tiny_chat_model, tmp_path, capsys):
     scores = json.loads((tmp_path / "run" / "results.json").read_text())["scores"]
     assert f"perplexity {scores['token_perplexity']:.3f} per token" in out
     assert scores["tokens_scored"] > 100 and scores["bytes"] == len(TEXT.encode())
+    assert scores["bos"] == "none (the text's first token is context only)"  # in samples.jsonl alone before
 
 
 def test_a_directory_given_as_the_text_is_named_a_directory(tiny_chat_model, tmp_path, capsys):
@@ -126,3 +128,5 @@ def test_a_bos_model_is_scored_from_its_bos_as_the_guide(llama_llm, llama_dir):
     assert ours["tokens_scored"] == count
     assert ours["nll_sum"] == pytest.approx(nll, rel=1e-5)
     assert count == len(backend.encode(text)) == len(backend.encode_prompt(text)) - 1
+    # and the record says so (it used to say "none (the text's first token is context only)" here too)
+    assert ours["bos"] == "the tokenizer's BOS leads, as context only: every token of the text is scored"

@@ -58,3 +58,29 @@ def test_rescore_without_an_extractor_keeps_the_runs(gsm8k_run):
     assert results["record"]["extractor"] == "qwen-gsm8k-base"
     assert results["scores"]["acc"] == pytest.approx(1 / 3)
     assert results["record"]["extractors_beside"] == ["qwen-gsm8k-chat", "lmeval-strict", "lmeval-flexible"]
+
+
+def test_a_run_resumed_after_a_rescore_judges_every_sample_by_its_own_extractor(local, tmp_path):
+    """A rescore with another extractor leaves the samples judged by it; the run's own command resumed
+    (here with a larger --limit) judges the saved samples again by the run's extractor, as its results
+    say. It used to keep the rescore's verdicts beside its own new ones, under its own extractor's name."""
+    reply = "I choose C, but 答案是B。"  # qwen-mmlu-chat reads C ("choose"), qwen-ceval-chat B ("答案是")
+    settings = Settings(task="mmlu", method="generate", limit=1, subjects=["virology"], max_new_tokens=2)
+    run(local, settings, tmp_path, progress=False)
+    samples = tmp_path / "samples.jsonl"
+    rows = [json.loads(line) | {"output": reply} for line in samples.read_text().splitlines()]
+    samples.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rescore_dir(tmp_path, "qwen-ceval-chat")
+    assert [r["extracted"] for r in _rows(samples)] == ["B"]
+
+    local.chat = lambda messages, max_tokens: [reply] * len(messages)
+    results = run(local, Settings(**{**settings.__dict__, "limit": 2}), tmp_path, progress=False)
+    rows = _rows(samples)
+    assert [r["extracted"] for r in rows] == ["C", "C"]
+    assert results["record"]["extractor"] == "qwen-mmlu-chat"
+    assert results["scores"]["acc"] == sum(r["gold"] == "C" for r in rows) / 2
+    assert json.loads((tmp_path / "results.json").read_text())["scores"] == results["scores"]
+
+
+def _rows(samples) -> list[dict]:
+    return [json.loads(line) for line in samples.read_text().splitlines()]

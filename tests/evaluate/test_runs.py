@@ -380,3 +380,30 @@ def test_an_adapter_is_applied_and_named(tiny_chat_model, tmp_path, capsys):
     capsys.readouterr()
     assert qwenkit_main([*args, "--output", str(tmp_path / "lora-run")]) == 2
     assert "holds a run of another model (adapter differs)" in capsys.readouterr().err
+
+
+def test_ctrl_c_before_a_run_cut_off_by_a_kill_resumes_counts_its_whole_samples(
+    tiny_chat_model, tmp_path, capsys, monkeypatch
+):
+    """A run killed (SIGKILL, out of memory) mid-line leaves samples.jsonl ending inside a character; Ctrl-C
+    while the next run loads the model counts the whole lines it will keep, in one line (it used to end
+    in a UnicodeDecodeError traceback, and the cut line was counted as a sample)."""
+    from qwenkit.generate import LLM
+
+    out = tmp_path / "run"
+    args = ["eval", str(tiny_chat_model), "--task", "gsm8k", "--limit", "2", "--max-new-tokens", "2"]
+    args += ["--dtype", "float32", "--no-progress", "--output", str(out)]
+    assert qwenkit_main(args) == 0
+    samples = out / "samples.jsonl"
+    first, second = samples.read_bytes().splitlines(keepends=True)
+    samples.write_bytes(first + second[:20] + "答".encode()[:2])  # killed while writing the second row
+    capsys.readouterr()
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(LLM, "load", interrupted)
+    assert qwenkit_main(args) == 130
+    assert capsys.readouterr().err == (
+        f"interrupted: 1 samples kept in {samples}; rerun the same command to resume\n"
+    )

@@ -467,3 +467,18 @@ def test_a_template_without_tools_goes_through_react(tiny_chat_model, items, bfc
     assert row["output"].endswith('Action Input: {"number": 5}\n')  # cut at the stop word
     assert row["calls"] == [{"name": "math.factorial", "arguments": '{"number": 5}'}]
     assert row["content"] == "a factorial." and row["correct"] and results["scores"]["acc"] == 1.0
+
+
+def test_an_irrelevance_only_run_prints_its_scores():
+    """`--subjects irrelevance` has no AST category, so no micro AST accuracy: the summary leaves that line
+    out (it used to end the run in a TypeError traceback after results.json was written)."""
+    from qwenkit.cli.eval import format_results
+
+    rows = [{"subject": "irrelevance", "correct": c, "selected": c} for c in (False, True, True)]
+    results = {"task": "tooluse", "scores": tooluse.aggregate(rows), "record": {"method": "chat-tools"}}
+    assert format_results(results).splitlines() == [
+        "tooluse: chat-tools ()",
+        "  overall  66.67 ± 33.33  (irrelevance accuracy (1 - false-positive rate), n=3)",
+        "  irrelevance: false-positive rate 33.33",
+        "  irrelevance      66.67 ± 33.33  (n=3, selection 66.67)",
+    ]

@@ -215,7 +215,10 @@ def _stopped(how: str, output: str | None) -> str:
     from qwenkit.evaluate.results import SAMPLES
 
     samples = Path(output) / SAMPLES
-    kept = sum(1 for line in samples.open(encoding="utf-8") if line.strip()) if samples.exists() else 0
+    # whole lines only, as bytes: a run killed mid-line (SIGKILL, out of memory) leaves a last line cut
+    # short, maybe inside a character, which the resume drops
+    whole = samples.read_bytes().split(b"\n")[:-1] if samples.exists() else []
+    kept = sum(1 for line in whole if line.strip())
     if not kept:  # stopped within the first chunk: no file to name
         return f"{how}: before the first samples were written; rerun the same command to start again"
     return f"{how}: {kept} samples kept in {samples}; rerun the same command to resume"
@@ -364,7 +367,7 @@ def format_results(results: dict) -> str:
             f"  {s['unanswered']} questions without an answer in the data: predictions only, not scored"
         )
     for key in ("acc_micro", "acc_macro"):
-        if key in s:
+        if s.get(key) is not None:  # tooluse of irrelevance alone has no AST accuracy beside
             lines.append(f"  {key[4:]:<8} {100 * s[key]:.2f} {plus_minus(s.get('stderr_' + key[4:]))}")
     if s.get("hard") is not None:
         lines.append(f"  hard     {100 * s['hard']:.2f}")

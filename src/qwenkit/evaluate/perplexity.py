@@ -66,7 +66,11 @@ def perplexity(backend: Backend, text: str, window: int, stride: int) -> dict[st
         "window": window,
         "stride": stride,
         "windows": len(spans),
-        "bos": "none (the text's first token is context only)",
+        "bos": (
+            "the tokenizer's BOS leads, as context only: every token of the text is scored"
+            if len(ids) > len(backend.encode(text))  # encode_prompt added it
+            else "none (the text's first token is context only)"
+        ),
     }
 
 

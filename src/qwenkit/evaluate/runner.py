@@ -24,6 +24,7 @@ from qwenkit.evaluate.lock import output_lock
 from qwenkit.evaluate.plans import (
     TASKS,
     Plan,
+    Scoring,
     Settings,
     check_settings,
     default_max_new_tokens,
@@ -102,6 +103,7 @@ def _run(
             return plan(replace(settings, limit=limit), context)
 
         rows = _resume(out, settings, model_identity(record), made_by, plan_at)
+        rows = _judged_again(out, rows, p.scoring)
     done = {r["id"] for r in rows}
     if agree_done is not None:
         done = agree_done(done)
@@ -222,6 +224,24 @@ def _covers(limit: int | None, other: int | None) -> bool:
     return limit is None or (other is not None and limit > other)
 
 
+def _judged_again(out: Path, rows: list[dict], scoring: Scoring) -> list[dict]:
+    """The saved rows judged by this run's scoring, as its results will say: a ``--rescore`` with another
+    extractor left them judged by that one. The samples file is rewritten where a verdict changed."""
+    if scoring.rejudge is None or not rows:
+        return rows
+    judged = []
+    for row in rows:
+        try:
+            judged.append(row | scoring.rejudge(row))
+        except KeyError as e:  # a row edited, or written by another task
+            raise EvalDataError(
+                f"{out / SAMPLES}: sample {row['id']!r} lacks {e.args[0]!r}, which this run's scoring reads"
+            ) from None
+    if judged != rows:
+        _write_samples(out / SAMPLES, judged)
+    return judged
+
+
 def _refuse_resume(out: Path, settings: Settings, saved: dict[str, Any], asked: dict[str, Any]) -> None:
     """Say what differs between the run in ``out`` and this one, and how to go on. The items and prompt
     follow from the settings (--limit, --subjects) and for passkey from the model: they are named only where
@@ -318,6 +338,11 @@ def rescore_dir(out: str | Path, extractor: str | None = None) -> dict[str, Any]
     """Recompute results.json from samples.jsonl (optionally with another extractor), without the model:
     every verdict and score by the code a run uses (``plans.scoring``)."""
     out = Path(out)
+    if (out / SAMPLES).exists() and not (out / RESULTS).exists():  # stopped (Ctrl-C, a kill) or running
+        raise EvalDataError(
+            f"{out} holds an unfinished run (samples, no {RESULTS} yet): rerun its command to finish it, "
+            "then rescore it"
+        )
     if not (out / SAMPLES).exists() or not (out / RESULTS).exists():
         raise EvalDataError(f"{out} has no {SAMPLES} and {RESULTS} to rescore")
     with output_lock(out):

@@ -23,7 +23,7 @@ class _Document:
 
 def _ppl_aggregate(rows: list[dict]) -> dict:
     keys = ("token_perplexity", "byte_perplexity", "bits_per_byte", "tokens_scored", "bytes", "windows")
-    return {k: rows[0][k] for k in keys}
+    return {**{k: rows[0][k] for k in keys}, "bos": rows[0].get("bos")}  # how the count was made
 
 
 def ppl_plan(s: Settings) -> Plan:
