@@ -77,6 +77,22 @@ def test_an_html_page_is_one_line_naming_the_endpoint(capsys):
     )
 
 
+def test_a_password_in_the_url_is_never_shown():
+    """http://user:secret@host sends the credentials (httpx takes them as basic auth) but messages and the
+    run's record star the password out."""
+    page = "<html>Sign in</html>"
+    with stub({"/v1/completions": ("text/html", page)}) as url:
+        backend = EndpointBackend(url.replace("http://", "http://eval:s3cret@") + "/v1/")
+        with pytest.raises(BackendError) as error:
+            backend.next_token_logprobs([[1, 2]], [3, 4])
+        record = backend.describe()
+    shown = url.replace("http://", "http://eval:***@")
+    assert str(error.value) == (
+        f"endpoint {shown}/v1/completions answered with a body that is not JSON (text/html): {page}"
+    )
+    assert record["url"] == shown and "s3cret" not in json.dumps(record)
+
+
 def test_choices_without_index_name_the_missing_field():
     choice = {"logprobs": {"token_logprobs": [None, -1.5]}}
     with stub({"/v1/completions": ("application/json", json.dumps({"choices": [choice] * 2}))}) as url:

@@ -322,6 +322,21 @@ class EndpointRefusal(BackendError):
     """The endpoint answered, with an HTTP status other than 200."""
 
 
+def _without_password(url: str) -> str:
+    """The URL with a password written into it (``http://user:secret@host``) starred out, so that it
+    never lands in results.json or on the screen."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+    except ValueError:  # not a URL httpx will take either: it says so, naming what was given
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+
+
 @dataclass
 class EndpointBackend:
     """An OpenAI-compatible server. Letter scoring sends each context + candidate as token ids with
@@ -343,6 +358,7 @@ class EndpointBackend:
         self.url = self.url.rstrip("/")
         if self.url.endswith("/v1"):
             self.url = self.url[:-3]
+        self.shown_url = _without_password(self.url)  # what messages and results.json say
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         self._client = httpx.Client(headers=headers, timeout=self.timeout)
 
@@ -356,7 +372,7 @@ class EndpointBackend:
         (EndpointRefusal), or a body that is not a JSON object."""
         import httpx
 
-        where = f"endpoint {self.url}{path}"
+        where = f"endpoint {self.shown_url}{path}"
         try:
             response = self._client.request(method, self.url + path, json=body)
         except httpx.TimeoutException:
@@ -387,7 +403,7 @@ class EndpointBackend:
             except (KeyError, IndexError, TypeError):
                 field = "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in keys[: n + 1])
                 raise BackendError(
-                    f"endpoint {self.url}{path} answered without {field.lstrip('.')}: "
+                    f"endpoint {self.shown_url}{path} answered without {field.lstrip('.')}: "
                     f"{_excerpt(json.dumps(reply))}"
                 ) from None
         return value
@@ -482,7 +498,7 @@ class EndpointBackend:
             values = [self._field(reply, path, "choices", i, "logprobs", "token_logprobs", -1) for i in order]
             if len(values) != len(candidates) or any(v is None for v in values):
                 raise BackendError(
-                    f"endpoint {self.url}{path} returned no prompt log-probabilities (echo + logprobs)"
+                    f"endpoint {self.shown_url}{path} returned no prompt log-probabilities (echo + logprobs)"
                 )
             return values
 
@@ -497,7 +513,7 @@ class EndpointBackend:
             values = self._field(reply, path, "choices", 0, "logprobs", "token_logprobs")[1:]
             if any(v is None for v in values):
                 raise BackendError(
-                    f"endpoint {self.url}{path} returned no prompt log-probabilities (echo + logprobs)"
+                    f"endpoint {self.shown_url}{path} returned no prompt log-probabilities (echo + logprobs)"
                 )
             return values
 
@@ -544,7 +560,7 @@ class EndpointBackend:
             message = self._field(reply, path, "choices", 0, "message")
             if not isinstance(message, dict):
                 raise BackendError(
-                    f"endpoint {self.url}{path} answered a choices[0].message that is not an object: "
+                    f"endpoint {self.shown_url}{path} answered a choices[0].message that is not an object: "
                     f"{_excerpt(json.dumps(reply))}"
                 )
             calls = []
@@ -560,7 +576,7 @@ class EndpointBackend:
     def describe(self) -> dict[str, Any]:
         return {
             "backend": "endpoint",
-            "url": self.url,
+            "url": self.shown_url,
             "model": self.model,
             "system_fingerprint": self.system_fingerprint(),
         }
