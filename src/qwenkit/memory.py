@@ -135,8 +135,8 @@ def check_fits(
             f"not enough free {where}: the weights ({dtype_name(dtype)}"
             f"{', ' + quantize if quantize else ''}) and a KV cache of {batch * context:,} tokens need "
             f"{need / GiB:.2f} GiB, but only {have / GiB:.2f} GiB is free; try a shorter context "
-            f"(--max-context; serve: --max-model-len), fewer rows (serve: --max-batch), a lower precision, "
-            f"or --quantize int8/int4"
+            f"(--max-context; serve: --max-model-len), fewer rows (serve: --max-batch; eval: --batch-size), "
+            f"a lower precision, or --quantize int8/int4"
         )
     return need
 
