@@ -162,3 +162,6 @@ def test_local_scores_are_the_bits_a_servers_engine_gives(tmp_path):
         (whole,) = LocalBackend(llm).sequence_logprobs([text])
         served_text = llm.generate([text], params)[0].prompt_logprobs[1:]
         assert whole == [t.logprob for t in served_text]
+        # a window scored from its 5th token on: the output head runs only there, the values are the same
+        (tail,) = LocalBackend(llm).sequence_logprobs([text], [5])
+        assert tail == pytest.approx(whole[4:], abs=1e-3) and len(tail) == len(text) - 5

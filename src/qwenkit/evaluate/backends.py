@@ -48,8 +48,11 @@ class Backend(Protocol):
         """For each context, log p(candidate | context) for every candidate token id."""
         ...
 
-    def sequence_logprobs(self, sequences: Sequence[list[int]]) -> list[list[float]]:
-        """For each sequence, log p(token i | tokens before it) for i = 1 .. len - 1."""
+    def sequence_logprobs(
+        self, sequences: Sequence[list[int]], first: Sequence[int] | None = None
+    ) -> list[list[float]]:
+        """For each sequence, log p(token i | tokens before it) for i = first .. len - 1 (``first`` per
+        sequence, default 1: a sliding window's context tokens are never scored, so never computed)."""
         ...
 
     def complete(self, prompts: Sequence[str], max_tokens: int, stop: Sequence[str]) -> list[str]:
@@ -154,14 +157,21 @@ class LocalBackend:
                 out[i] = logprobs[r].tolist()
 
     @torch.inference_mode()
-    def sequence_logprobs(self, sequences: Sequence[list[int]]) -> list[list[float]]:
+    def sequence_logprobs(
+        self, sequences: Sequence[list[int]], first: Sequence[int] | None = None
+    ) -> list[list[float]]:
         model, out = self.llm.model, []
-        for seq in sequences:  # one at a time: windows are long, and this keeps memory to one window
+        for seq, start in zip(sequences, first or [1] * len(sequences), strict=True):
+            # one at a time: windows are long, and this keeps memory to one window; the output head only
+            # where a token is scored (a 2,048-token window of stride 512 scores a quarter of them)
             ids = torch.tensor([seq], device=self._device)
             alpha = model.ntk_alpha(len(seq))
             attention = _ScoringAttention(prefix=False)
-            logits = model(ids, cache=attention, ntk_alphas=[alpha] if alpha != 1.0 else None)[0, :-1].float()
-            lps = torch.log_softmax(logits, dim=-1).gather(1, ids[0, 1:, None])[:, 0]
+            at = torch.arange(start - 1, len(seq) - 1, device=ids.device)
+            logits = model(
+                ids, cache=attention, ntk_alphas=[alpha] if alpha != 1.0 else None, logits_index=at
+            ).float()
+            lps = torch.log_softmax(logits, dim=-1).gather(1, ids[0, start:, None])[:, 0]
             out.append(lps.cpu().tolist())
         return out
 
@@ -504,20 +514,23 @@ class EndpointBackend:
 
         return self._map(one, contexts)
 
-    def sequence_logprobs(self, sequences: Sequence[list[int]]) -> list[list[float]]:
+    def sequence_logprobs(
+        self, sequences: Sequence[list[int]], first: Sequence[int] | None = None
+    ) -> list[list[float]]:
         path = "/v1/completions"
 
-        def one(seq: list[int]) -> list[float]:
+        def one(item: tuple[list[int], int]) -> list[float]:
+            seq, start = item
             body = {"prompt": seq, "max_tokens": 0, "echo": True, "logprobs": 0, "temperature": 0}
             reply = self._post(path, body)
-            values = self._field(reply, path, "choices", 0, "logprobs", "token_logprobs")[1:]
+            values = self._field(reply, path, "choices", 0, "logprobs", "token_logprobs")[start:]
             if any(v is None for v in values):
                 raise BackendError(
                     f"endpoint {self.shown_url}{path} returned no prompt log-probabilities (echo + logprobs)"
                 )
             return values
 
-        return self._map(one, sequences)
+        return self._map(one, list(zip(sequences, first or [1] * len(sequences), strict=True)))
 
     def complete(self, prompts: Sequence[str], max_tokens: int, stop: Sequence[str]) -> list[str]:
         path = "/v1/completions"

@@ -49,10 +49,9 @@ def perplexity(backend: Backend, text: str, window: int, stride: int) -> dict[st
             f"give a window of at most {limit}"
         )
     nll, count = 0.0, 0
-    for (begin, _end, first), lps in zip(
-        spans, backend.sequence_logprobs([ids[b:e] for b, e, _ in spans]), strict=True
-    ):
-        scored = lps[first - begin - 1 :]  # lps[j] is log p(ids[begin + j + 1] | ids[begin : begin + j + 1])
+    # each window scores from its first new token: its context gets no output head
+    scored_runs = backend.sequence_logprobs([ids[b:e] for b, e, _ in spans], [f - b for b, _, f in spans])
+    for scored in scored_runs:
         nll -= sum(scored)
         count += len(scored)
     n_bytes = len(text.encode("utf-8"))
