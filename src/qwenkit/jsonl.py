@@ -13,6 +13,21 @@ from typing import Any
 _JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "true or false"}
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object's pairs as a dict; a key given twice is refused (``json.loads`` keeps the last value, so a
+    turn's ``"role"`` written twice would silently change whose turn it is)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(f"the key {key!r} appears twice in one object")
+        out[key] = value
+    return out
+
+
 class BadLine(ValueError):
     """Line ``line`` (1-based) is not one JSON object; ``problem`` says how. Each reader names the file
     in its own way (``FILE:LINE:`` for training data, ``FILE line N`` for benchmark data) and raises its
@@ -29,7 +44,8 @@ def json_lines(raw: bytes) -> Iterator[tuple[int, dict[str, Any]]]:
 
     Lines end at ``\\n`` only: ``str.splitlines`` would also cut at U+2028, U+0085 and the like, which a
     JSON string may hold unescaped (``json.dumps(..., ensure_ascii=False)`` writes them so). Each line is
-    decoded alone, so a byte that is not UTF-8 is named by its line."""
+    decoded alone, so a byte that is not UTF-8 is named by its line. A key given twice in one object is
+    refused rather than resolved to one of its values."""
     for n, line in enumerate(raw.split(b"\n"), 1):
         if not line.strip():
             continue
@@ -38,9 +54,11 @@ def json_lines(raw: bytes) -> Iterator[tuple[int, dict[str, Any]]]:
         except UnicodeDecodeError as e:
             raise BadLine(n, f"not valid UTF-8 (byte {e.start} of the line)") from None
         try:
-            value = json.loads(text)
+            value = json.loads(text, object_pairs_hook=_unique_keys)
         except json.JSONDecodeError as e:
             raise BadLine(n, f"invalid JSON: {e.msg} (column {e.colno})") from None
+        except _DuplicateKey as e:
+            raise BadLine(n, str(e)) from None
         if not isinstance(value, dict):
             kind = "null" if value is None else _JSON_TYPES[type(value)]
             raise BadLine(n, f"not a JSON object ({kind})")
