@@ -7,6 +7,7 @@ A leaf like ``errors.py``: it imports nothing of qwenkit, so every layer may use
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -63,3 +64,48 @@ def json_lines(raw: bytes) -> Iterator[tuple[int, dict[str, Any]]]:
             kind = "null" if value is None else _JSON_TYPES[type(value)]
             raise BadLine(n, f"not a JSON object ({kind})")
         yield n, value
+
+
+_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+class NotAnArray(ValueError):
+    """The text does not start with ``[`` (a .json training file may hold JSON lines instead)."""
+
+
+def json_array(text: str) -> Iterator[tuple[int, Any]]:
+    """(line number, item) for each item of ``text``, one JSON array, or BadLine at the first bad one.
+
+    Each item is decoded alone, so a key given twice (refused as in ``json_lines``) is named by the line
+    its item starts on. NotAnArray, before any item, where ``text`` does not start with ``[``."""
+    decoder = json.JSONDecoder(object_pairs_hook=_unique_keys)
+    pos = _SPACE.match(text).end()
+    if not text.startswith("[", pos):
+        raise NotAnArray
+    pos = _SPACE.match(text, pos + 1).end()
+    line, counted = 1, 0  # newlines are counted once, up to `counted`
+
+    def line_at(at: int) -> int:
+        nonlocal line, counted
+        line, counted = line + text.count("\n", counted, at), at
+        return line
+
+    if not text.startswith("]", pos):
+        while True:
+            start = line_at(pos)
+            try:
+                item, pos = decoder.raw_decode(text, pos)
+            except json.JSONDecodeError as e:
+                raise BadLine(e.lineno, f"invalid JSON: {e.msg}") from None
+            except _DuplicateKey as e:
+                raise BadLine(start, str(e)) from None
+            yield start, item
+            pos = _SPACE.match(text, pos).end()
+            if not text.startswith(",", pos):
+                break
+            pos = _SPACE.match(text, pos + 1).end()
+        if not text.startswith("]", pos):
+            raise BadLine(line_at(pos), "invalid JSON: Expecting ',' delimiter")
+    pos = _SPACE.match(text, pos + 1).end()
+    if pos < len(text):
+        raise BadLine(line_at(pos), "invalid JSON: Extra data")
