@@ -275,3 +275,10 @@ def test_bad_json_list_names_its_line(tmp_path, text, message):
     with pytest.raises(DataError) as e:
         read_records(tmp_path / "d.json")
     assert message in str(e.value)
+
+
+def test_a_directory_is_not_called_missing(tmp_path):
+    """A directory given as the data once read `DIR: no such file`, though it plainly exists."""
+    with pytest.raises(DataError) as e:
+        read_records(tmp_path)
+    assert str(e.value) == f"{tmp_path} is a directory; give a JSONL (or .json) data file"

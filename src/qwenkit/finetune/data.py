@@ -51,6 +51,8 @@ class Record:
 def read_objects(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
     """(``FILE:LINE``, object) for each record of a JSONL file, or of a .json file (a list, or JSONL)."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path} is a directory; give a JSONL (or .json) data file")
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     data = path.read_bytes()
