@@ -45,3 +45,23 @@ def test_line_separators_inside_json_strings_are_text(tmp_path):
     assert [p.question for p in gsm8k.read_jsonl(path)] == [question, question]
     assert [r.text for r in read_records(path)] == [question, question]
     assert [r.where for r in read_records(path)] == [f"{path}:1", f"{path}:2"]
+
+
+@pytest.mark.parametrize(
+    ("line", "key"),
+    [
+        # json.loads keeps the last value: this user turn silently became an assistant reply to learn
+        (b'{"messages": [{"role": "user", "content": "hi", "role": "assistant"}]}', "role"),
+        (b'{"text": "a", "question": "q", "answer": "#### 1", "answer": "#### 2"}', "answer"),
+    ],
+)
+def test_a_key_given_twice_is_refused_not_overwritten(tmp_path, line, key):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(GOOD + line + b"\n")
+    problem = f"the key '{key}' appears twice in one object"
+    with pytest.raises(EvalDataError) as bench:
+        gsm8k.read_jsonl(path)
+    assert str(bench.value) == f"{path} line 2: {problem}"
+    with pytest.raises(DataError) as train:
+        read_records(path)
+    assert str(train.value) == f"{path}:2: {problem}"

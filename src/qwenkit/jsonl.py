@@ -7,10 +7,26 @@ A leaf like ``errors.py``: it imports nothing of qwenkit, so every layer may use
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from typing import Any
 
 _JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "true or false"}
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object's pairs as a dict; a key given twice is refused (``json.loads`` keeps the last value, so a
+    turn's ``"role"`` written twice would silently change whose turn it is)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(f"the key {key!r} appears twice in one object")
+        out[key] = value
+    return out
 
 
 class BadLine(ValueError):
@@ -29,7 +45,8 @@ def json_lines(raw: bytes) -> Iterator[tuple[int, dict[str, Any]]]:
 
     Lines end at ``\\n`` only: ``str.splitlines`` would also cut at U+2028, U+0085 and the like, which a
     JSON string may hold unescaped (``json.dumps(..., ensure_ascii=False)`` writes them so). Each line is
-    decoded alone, so a byte that is not UTF-8 is named by its line."""
+    decoded alone, so a byte that is not UTF-8 is named by its line. A key given twice in one object is
+    refused rather than resolved to one of its values."""
     for n, line in enumerate(raw.split(b"\n"), 1):
         if not line.strip():
             continue
@@ -38,10 +55,57 @@ def json_lines(raw: bytes) -> Iterator[tuple[int, dict[str, Any]]]:
         except UnicodeDecodeError as e:
             raise BadLine(n, f"not valid UTF-8 (byte {e.start} of the line)") from None
         try:
-            value = json.loads(text)
+            value = json.loads(text, object_pairs_hook=_unique_keys)
         except json.JSONDecodeError as e:
             raise BadLine(n, f"invalid JSON: {e.msg} (column {e.colno})") from None
+        except _DuplicateKey as e:
+            raise BadLine(n, str(e)) from None
         if not isinstance(value, dict):
             kind = "null" if value is None else _JSON_TYPES[type(value)]
             raise BadLine(n, f"not a JSON object ({kind})")
         yield n, value
+
+
+_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+class NotAnArray(ValueError):
+    """The text does not start with ``[`` (a .json training file may hold JSON lines instead)."""
+
+
+def json_array(text: str) -> Iterator[tuple[int, Any]]:
+    """(line number, item) for each item of ``text``, one JSON array, or BadLine at the first bad one.
+
+    Each item is decoded alone, so a key given twice (refused as in ``json_lines``) is named by the line
+    its item starts on. NotAnArray, before any item, where ``text`` does not start with ``[``."""
+    decoder = json.JSONDecoder(object_pairs_hook=_unique_keys)
+    pos = _SPACE.match(text).end()
+    if not text.startswith("[", pos):
+        raise NotAnArray
+    pos = _SPACE.match(text, pos + 1).end()
+    line, counted = 1, 0  # newlines are counted once, up to `counted`
+
+    def line_at(at: int) -> int:
+        nonlocal line, counted
+        line, counted = line + text.count("\n", counted, at), at
+        return line
+
+    if not text.startswith("]", pos):
+        while True:
+            start = line_at(pos)
+            try:
+                item, pos = decoder.raw_decode(text, pos)
+            except json.JSONDecodeError as e:
+                raise BadLine(e.lineno, f"invalid JSON: {e.msg}") from None
+            except _DuplicateKey as e:
+                raise BadLine(start, str(e)) from None
+            yield start, item
+            pos = _SPACE.match(text, pos).end()
+            if not text.startswith(",", pos):
+                break
+            pos = _SPACE.match(text, pos + 1).end()
+        if not text.startswith("]", pos):
+            raise BadLine(line_at(pos), "invalid JSON: Expecting ',' delimiter")
+    pos = _SPACE.match(text, pos + 1).end()
+    if pos < len(text):
+        raise BadLine(line_at(pos), "invalid JSON: Extra data")

@@ -552,3 +552,16 @@ def test_completion_is_trls_with_the_newline_after_im_end(tiny_chat_model, tmp_p
                 assert [t for t in got.labels if t != IGNORE] == completion[len(empty_think) :]
                 assert got.labels[-2:] == [151645, 198]  # <|im_end|> \n
                 assert got.targets == len(completion) - len(empty_think)
+
+
+def test_pairs_cut_at_max_len_are_counted(tiny_chat_model, tmp_path):
+    """A reply cut by --max-len loses its end and <|im_end|>; finetune counts its cuts, dpo said nothing."""
+    rows = [
+        {"prompt": "q", "chosen": "yes " * 40, "rejected": "no"},  # the chosen reply is cut
+        {"prompt": "q", "chosen": "yes", "rejected": "no"},  # whole
+        {"prompt": "word " * 40, "chosen": "yes", "rejected": "no"},  # no completion within: dropped
+    ]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pairs, stats = load_pairs(tokenizer_for(tiny_chat_model), tmp_path / "p.jsonl", max_len=24)
+    assert stats == {"pairs": 2, "truncated": 1, "dropped": 1}
+    assert [p.truncated for p in pairs] == [True, False] and len(pairs[0].chosen.ids) == 24

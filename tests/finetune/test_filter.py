@@ -49,6 +49,15 @@ CATALOGUE = [
     ('cfg {"api_key": "abcd1234efgh5678"}', [("secret", "abcd1234efgh5678")]),
     ("{'password': 'hunter2!'}", [("secret", "hunter2!")]),
     ('{"access_token":"ya29.a0AfH6SMBx"}', [("secret", "ya29.a0AfH6SMBx")]),
+    # AWS's secret access key (its AKIA key id above was found, the secret beside it passed), as an
+    # environment variable and as ~/.aws/credentials writes it; and other private keys' values
+    (
+        "export AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+        [("secret", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY")],
+    ),
+    ("aws_secret_access_key = wJalrXUtnFEMI/K7MDENG", [("secret", "wJalrXUtnFEMI/K7MDENG")]),
+    ('{"private_key": "MIIEvQIBADANBgkq"}', [("secret", "MIIEvQIBADANBgkq")]),
+    ("the access key: see the console", []),
     ("project Bluebird launch", [("keyword", "Bluebird")]),
     ("内部代号青龙计划", [("keyword", "青龙")]),
 ]

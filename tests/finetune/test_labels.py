@@ -235,3 +235,50 @@ def test_plain_text_starts_with_the_bos_the_tokenizer_adds(tmp_path):
     for example, text in zip(examples, TEXTS, strict=True):
         assert example.ids[:-1] == reference(text)["input_ids"] and example.ids[0] == 1  # <s>
         assert example.ids[-1] == 2 and example.labels == example.ids  # </s> ends the document
+
+
+def test_filter_output_named_json_reads_back(tmp_path, capsys):
+    """`qwenkit filter data.json clean.json` writes one record a line; reading clean.json as one JSON list
+    failed (`clean.json:2: invalid JSON: Extra data`), so qwenkit refused its own filtered data."""
+    from qwenkit.cli import main as cli_main
+
+    rows = [
+        {
+            "conversations": [
+                {"from": "user", "value": f"mail me at a{i}@b.com"},
+                {"from": "gpt", "value": "ok"},
+            ]
+        }
+        for i in range(2)
+    ]
+    (tmp_path / "raw.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
+    assert cli_main(["filter", str(tmp_path / "raw.json"), str(tmp_path / "clean.json")]) == 0
+    records = read_records(tmp_path / "clean.json")
+    assert [r.where for r in records] == [f"{tmp_path / 'clean.json'}:1", f"{tmp_path / 'clean.json'}:2"]
+    assert [r.messages[0]["content"] for r in records] == ["mail me at [EMAIL]"] * 2
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            '[\n  {"text": "a"},\n  {"text": "b",\n   "text": "c"}\n]',
+            "d.json:3: the key 'text' appears twice",
+        ),
+        ('[\n  {"text": "a"}\n  {"text": "b"}\n]', "d.json:3: invalid JSON: Expecting ',' delimiter"),
+        ('[{"text": "a"}] x', "d.json:1: invalid JSON: Extra data"),
+        ('{\n  "text": "a"\n}', "d.json:1: invalid JSON: Expecting property name enclosed in double quotes"),
+    ],
+)
+def test_bad_json_list_names_its_line(tmp_path, text, message):
+    (tmp_path / "d.json").write_text(text, encoding="utf-8")
+    with pytest.raises(DataError) as e:
+        read_records(tmp_path / "d.json")
+    assert message in str(e.value)
+
+
+def test_a_directory_is_not_called_missing(tmp_path):
+    """A directory given as the data once read `DIR: no such file`, though it plainly exists."""
+    with pytest.raises(DataError) as e:
+        read_records(tmp_path)
+    assert str(e.value) == f"{tmp_path} is a directory; give a JSONL (or .json) data file"

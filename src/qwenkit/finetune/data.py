@@ -1,6 +1,7 @@
 """Training data files -> records in one shape: OpenAI ``messages`` (with tools), or plain ``text``.
 
-Accepted per record (JSONL, one object a line; or a .json file holding a list of objects):
+Accepted per record (JSONL, one object a line; or a .json file holding a list of objects, or
+one object a line as JSONL):
 
 - ``{"messages": [{"role", "content", "tool_calls"?, "reasoning_content"?}, ...], "tools"?: [...]}``
 - ``{"conversations": [{"from": "user"|"human"|"assistant"|"gpt"|"system", "value": ...}]}`` (Qwen's
@@ -12,14 +13,13 @@ Every problem is reported as ``FILE:LINE: field ...: what is wrong``; nothing is
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from qwenkit.errors import QwenkitError
-from qwenkit.jsonl import BadLine, json_lines
+from qwenkit.jsonl import BadLine, NotAnArray, json_array, json_lines
 
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {
@@ -49,32 +49,40 @@ class Record:
 
 
 def read_objects(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(``FILE:LINE``, object) for each record of a JSONL file, or of a .json file holding a list."""
+    """(``FILE:LINE``, object) for each record of a JSONL file, or of a .json file (a list, or JSONL)."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path} is a directory; give a JSONL (or .json) data file")
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     data = path.read_bytes()
     if path.suffix == ".json":
         try:
-            items = json.loads(data.decode("utf-8"))
+            text = data.decode("utf-8")
         except UnicodeDecodeError as e:
             line = data[: e.start].count(b"\n") + 1
             raise DataError(f"{path}:{line}: not valid UTF-8 (byte {e.start})") from None
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
-        if not isinstance(items, list):
-            raise DataError(f"{path}: a .json data file must hold a list of records")
-        for i, item in enumerate(items):
-            where = f"{path}:record {i}"
-            if not isinstance(item, dict):
-                raise DataError(f"{where}: each record must be a JSON object")
-            yield where, item
-        return
+        try:
+            for i, (_, item) in enumerate(json_array(text)):
+                where = f"{path}:record {i}"
+                if not isinstance(item, dict):
+                    raise DataError(f"{where}: each record must be a JSON object")
+                yield where, item
+            return
+        except BadLine as e:
+            raise DataError(f"{path}:{e.line}: {e.problem}") from None
+        except NotAnArray:
+            pass  # one object a line under a .json name (as `datasets` reads it, and `filter` writes it)
     try:
         for n, obj in json_lines(data):
             yield f"{path}:{n}", obj
     except BadLine as e:
-        raise DataError(f"{path}:{e.line}: {e.problem}") from None
+        hint = (
+            " (a .json data file holds a list of records, or one record a line)"
+            if path.suffix == ".json"
+            else ""
+        )
+        raise DataError(f"{path}:{e.line}: {e.problem}{hint}") from None
 
 
 def read_records(path: str | Path) -> list[Record]:

@@ -172,6 +172,24 @@ def target_names(model: nn.Module, config: LoRAConfig) -> list[str]:
     return names
 
 
+def check_targets(model: nn.Module, config: LoRAConfig) -> None:
+    """Every target the user named must adapt some layer: peft, like the matching above, skips a name that
+    matches nothing, so a misspelt ``--target-modules q_proj,v_prj`` trained q_proj alone, silently."""
+    found = target_names(model, config)
+    missing = [t for t in config.target_modules if not any(n == t or n.endswith("." + t) for n in found)]
+    if missing:
+        kinds = {
+            name.rsplit(".", 1)[-1]
+            for name, m in model.named_modules()
+            if isinstance(m, nn.Linear | QuantizedLinear | RouterLinear)
+        }
+        where = f" in layers {list(config.layers_to_transform)}" if config.layers_to_transform else ""
+        raise ConfigError(
+            f"--target-modules: no layer matches {', '.join(missing)}{where}; "
+            f"this model's linear layers: {', '.join(sorted(kinds))}"
+        )
+
+
 def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
     """Wrap every targeted layer in a ``LoRALinear``; freeze everything else. Returns the wrapped names."""
     names = target_names(model, config)

@@ -49,6 +49,7 @@ class PreferencePair:
     chosen: Completion
     rejected: Completion
     where: str = ""
+    truncated: bool = False  # a reply was cut at --max-len, losing its end (counted, as finetune's cuts)
 
     @property
     def chosen_ids(self) -> list[int]:
@@ -164,7 +165,7 @@ def completion_labels(ids: list[int], labels: list[int]) -> list[int]:
 def encode_pair(tokenizer: Tokenizer, where: str, obj: dict[str, Any], max_len: int) -> PreferencePair | None:
     """The pair's two token sequences, or None where a completion does not start within ``max_len``."""
     prompt, *replies = pair_messages(where, obj)
-    seqs = []
+    seqs, truncated = [], False
     for reply in replies:
         try:
             ids, labels = encode_messages(tokenizer, [*prompt, reply], obj.get("tools"))
@@ -174,21 +175,23 @@ def encode_pair(tokenizer: Tokenizer, where: str, obj: dict[str, Any], max_len: 
         if all(label == IGNORE for label in labels[1:]):
             return None
         seqs.append(Completion(ids[:max_len], labels))
-    return PreferencePair(seqs[0], seqs[1], where)
+        truncated |= len(ids) > max_len
+    return PreferencePair(seqs[0], seqs[1], where, truncated)
 
 
 def load_pairs(
     tokenizer: Tokenizer, path: str | Path, max_len: int
 ) -> tuple[list[PreferencePair], dict[str, int]]:
-    pairs, dropped = [], 0
+    pairs, dropped, truncated = [], 0, 0
     for where, obj in read_objects(path):
         pair = encode_pair(tokenizer, where, obj, max_len)
         if pair is None:
             dropped += 1
         else:
             pairs.append(pair)
+            truncated += pair.truncated
     if not pairs and not dropped:  # not "within --max-len": there was nothing to cut
         raise DataError(f"{path}: no records")
     if not pairs:
         raise DataError(f"{path}: no preference pair has a completion within --max-len {max_len}")
-    return pairs, {"pairs": len(pairs), "dropped": dropped}
+    return pairs, {"pairs": len(pairs), "truncated": truncated, "dropped": dropped}

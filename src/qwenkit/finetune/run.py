@@ -47,6 +47,7 @@ from qwenkit.finetune.lora import (
     DEFAULT_TARGETS,
     LoRAConfig,
     apply_lora,
+    check_targets,
     lora_parameters,
     set_dropout,
     target_names,
@@ -185,6 +186,8 @@ def prepare_model(model_path: str | Path, args: TrainArgs, world: World, batch_t
         lora.dropout = lora_dropout(adapted, args.lora_dropout, world.is_main)
         args.lora_dropout = lora.dropout  # what training_args.json records
         if start is None:
+            if args.target_modules:
+                check_targets(model, lora)
             torch.manual_seed(args.seed)  # the same initial adapter on every rank and every run
             apply_lora(model, lora)
         set_dropout(model, lora.dropout)  # a starting adapter's modules have none yet

@@ -51,8 +51,10 @@ _SECRETS = [
     ),
     # A key may close its quote before the colon (``"api_key": "..."`` in JSON, a Python dict, a tool
     # call's arguments): ``\s*[:=]`` alone passed those values unmasked.
+    # ``access_key`` also ends AWS's ``aws_secret_access_key`` (once missed beside the AKIA id it pairs with)
     re.compile(
-        r"(?i)(?:api[_-]?key|secret[_-]?key|access[_-]?token|auth[_-]?token|token|secret)"
+        r"(?i)(?:api[_-]?key|secret[_-]?key|access[_-]?key|private[_-]?key|access[_-]?token|auth[_-]?token"
+        r"|token|secret)"
         r"[\"']?\s*[:=]\s*[\"']?([^\s\"',;]{8,})"
     ),
     # Passwords are shorter: ``password=hunter2`` slipped through the 8 above. From 4 characters with a
