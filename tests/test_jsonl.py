@@ -65,3 +65,14 @@ def test_a_key_given_twice_is_refused_not_overwritten(tmp_path, line, key):
     with pytest.raises(DataError) as train:
         read_records(path)
     assert str(train.value) == f"{path}:2: {problem}"
+
+
+def test_a_byte_order_mark_before_the_first_line_is_skipped(tmp_path):
+    """Windows editors save UTF-8 with a BOM; json.loads refused the first line ("Unexpected UTF-8 BOM")."""
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + GOOD + GOOD)
+    assert [p.question for p in gsm8k.read_jsonl(path)] == ["q", "q"]
+    assert [r.text for r in read_records(path)] == ["fine", "fine"]
+    array = tmp_path / "d.json"
+    array.write_bytes(b"\xef\xbb\xbf[" + GOOD.strip() + b"]")
+    assert [r.text for r in read_records(array)] == ["fine"]

@@ -11,6 +11,7 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
+BOM = b"\xef\xbb\xbf"  # UTF-8's byte-order mark
 _JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "true or false"}
 
 
@@ -46,8 +47,9 @@ def json_lines(raw: bytes) -> Iterator[tuple[int, dict[str, Any]]]:
     Lines end at ``\\n`` only: ``str.splitlines`` would also cut at U+2028, U+0085 and the like, which a
     JSON string may hold unescaped (``json.dumps(..., ensure_ascii=False)`` writes them so). Each line is
     decoded alone, so a byte that is not UTF-8 is named by its line. A key given twice in one object is
-    refused rather than resolved to one of its values."""
-    for n, line in enumerate(raw.split(b"\n"), 1):
+    refused rather than resolved to one of its values. A UTF-8 byte-order mark before the first line (as
+    Windows editors save) is skipped."""
+    for n, line in enumerate(raw.removeprefix(BOM).split(b"\n"), 1):
         if not line.strip():
             continue
         try:
@@ -79,6 +81,7 @@ def json_array(text: str) -> Iterator[tuple[int, Any]]:
     Each item is decoded alone, so a key given twice (refused as in ``json_lines``) is named by the line
     its item starts on. NotAnArray, before any item, where ``text`` does not start with ``[``."""
     decoder = json.JSONDecoder(object_pairs_hook=_unique_keys)
+    text = text.removeprefix(BOM.decode())  # a byte-order mark, as Windows editors save one
     pos = _SPACE.match(text).end()
     if not text.startswith("[", pos):
         raise NotAnArray

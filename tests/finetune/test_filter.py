@@ -285,3 +285,13 @@ def test_out_and_report_get_the_permissions_the_umask_gives(tmp_path, capsys):
         os.umask(old)
     assert (tmp_path / "o.jsonl").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_byte_order_mark_in_the_files_is_skipped(tmp_path):
+    """Files saved by Windows editors start with a BOM: it stuck to the first keyword ("\ufeffBluebird"),
+    which then matched nothing, and the data file's first line was refused."""
+    src, words, out = tmp_path / "d.jsonl", tmp_path / "w.txt", tmp_path / "o.jsonl"
+    src.write_bytes(b"\xef\xbb\xbf" + json.dumps({"text": "project Bluebird ships"}).encode() + b"\n")
+    words.write_bytes(b"\xef\xbb\xbfBluebird\n")
+    assert cli_main(["filter", str(src), str(out), "--keywords", str(words)]) == 0
+    assert json.loads(out.read_text()) == {"text": "project [KEYWORD] ships"}

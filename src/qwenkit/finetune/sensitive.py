@@ -234,7 +234,7 @@ def read_keywords(path: str | Path | None) -> list[str]:
     if path is None:
         return []
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()  # a BOM would glue onto word 1
     except FileNotFoundError:
         raise FilterError(f"{path}: keyword file not found") from None
     except UnicodeDecodeError:
