@@ -574,3 +574,16 @@ def test_qwen_v1_held_out_loss_is_the_inference_forwards(tmp_path):
         total += float(F.cross_entropy(logits[4:-1], torch.tensor(e.ids[5:]), reduction="sum"))
         count += len(e.ids) - 5
     assert trainer.evaluate(examples) == pytest.approx(total / count, rel=1e-5)
+
+
+def test_a_copy_beside_the_checkpoints_is_neither_resumed_nor_pruned(tmp_path):
+    """``cp -r step-4 step-4.bak`` beside the run's checkpoints made --resume a ValueError traceback."""
+    from qwenkit.finetune.checkpoints import STATE_FILE, latest_checkpoint, prune_checkpoints
+
+    for name in ("step-2", "step-10", "step-4", "step-4.bak", "step-²"):
+        (tmp_path / "checkpoints" / name).mkdir(parents=True)
+        (tmp_path / "checkpoints" / name / STATE_FILE).write_bytes(b"")
+    assert latest_checkpoint(tmp_path).name == "step-10"
+    prune_checkpoints(tmp_path, keep=1)
+    left = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert left == ["step-10", "step-4.bak", "step-²"]

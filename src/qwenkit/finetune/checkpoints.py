@@ -95,12 +95,18 @@ def _torch_save(obj: Any, path: Path) -> None:
             raise
 
 
+def _is_step(name: str) -> bool:
+    number = name.removeprefix("step-")
+    return number.isascii() and number.isdigit()
+
+
 def _checkpoints(work: Path) -> list[Path]:
-    """The complete checkpoints in ``work``, oldest first."""
+    """The complete checkpoints in ``work``, oldest first. Only ``step-N`` counts: a copy a user made
+    beside them (``step-100.bak``) is neither resumed from nor pruned."""
     steps = sorted(
         (int(p.name.removeprefix("step-")), p)
         for p in (work / "checkpoints").glob("step-*")
-        if (p / STATE_FILE).is_file()
+        if _is_step(p.name) and (p / STATE_FILE).is_file()
     )
     return [p for _, p in steps]
 
