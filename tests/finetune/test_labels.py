@@ -282,3 +282,17 @@ def test_a_directory_is_not_called_missing(tmp_path):
     with pytest.raises(DataError) as e:
         read_records(tmp_path)
     assert str(e.value) == f"{tmp_path} is a directory; give a JSONL (or .json) data file"
+
+
+def test_openai_text_parts_are_joined_as_a_chat_request_joins_them():
+    """A content of OpenAI text parts trains on the same ids as the string it spells (it was refused as
+    "must be a string"); any other part is refused by its index."""
+    from qwenkit.finetune.data import check_messages
+
+    answer = {"role": "assistant", "content": "4"}
+    parts = [{"type": "text", "text": "What is 2+2?"}, {"type": "text", "text": " Be brief."}]
+    joined = check_messages("d:1", [{"role": "user", "content": parts}, answer], "messages")
+    assert joined == [{"role": "user", "content": "What is 2+2? Be brief."}, answer]
+    image = {"type": "image_url", "image_url": {"url": "x"}}
+    with pytest.raises(DataError, match=r"^d:1: field 'messages\[0\]\.content\[1\]' must be a text part"):
+        check_messages("d:1", [{"role": "user", "content": [parts[0], image]}, answer], "messages")

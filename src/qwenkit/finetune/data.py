@@ -123,6 +123,8 @@ def check_messages(where: str, messages: Any, name: str, need_assistant: bool = 
         if role not in ROLES:
             raise DataError(f"{where}: field '{f}.role' is {role!r}; expected one of {', '.join(ROLES)}")
         content = m.get("content")
+        if isinstance(content, list):  # OpenAI text parts, joined as chat requests join them
+            content = _joined_parts(where, f, content)
         if content is None and not (role == "assistant" and m.get("tool_calls")):
             raise DataError(f"{where}: field '{f}.content' is missing")
         if content is not None and not isinstance(content, str):
@@ -139,6 +141,23 @@ def check_messages(where: str, messages: Any, name: str, need_assistant: bool = 
     if need_assistant and not any(m["role"] == "assistant" for m in out):
         raise DataError(f"{where}: field '{name}' has no assistant turn to learn from")
     return out
+
+
+def _joined_parts(where: str, field: str, parts: list[Any]) -> str:
+    """A content of OpenAI text parts as one string (the server's join); another part is refused by index."""
+    from qwenkit.tokenizer import TokenizerError
+    from qwenkit.tokenizer.chat_template import join_text_parts
+
+    texts = []
+    for j, part in enumerate(parts):
+        try:
+            texts.append(join_text_parts([{"content": [part]}])[0]["content"])
+        except TokenizerError:
+            raise DataError(
+                f"{where}: field '{field}.content[{j}]' must be a text part "
+                f'({{"type": "text", "text": "..."}}), got {part!r:.60}'
+            ) from None
+    return "".join(texts)
 
 
 def sharegpt_turn(where: str, turn: Any, name: str) -> dict[str, Any]:
