@@ -190,6 +190,10 @@ def test_truncation_is_counted_and_packing_keeps_labels(tokenizers, tmp_path):
         ),
         ('{"messages": [{"role": "user"}]}', "d.jsonl:2: field 'messages[0].content' is missing"),
         (
+            '{"messages": [{"role": "user", "content": null}]}',
+            "d.jsonl:2: field 'messages[0].content' is null",
+        ),
+        (
             '{"messages": [{"role": "user", "content": "x"}]}',
             "d.jsonl:2: field 'messages' has no assistant turn",
         ),

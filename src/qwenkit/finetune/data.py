@@ -126,7 +126,8 @@ def check_messages(where: str, messages: Any, name: str, need_assistant: bool = 
         if isinstance(content, list):  # OpenAI text parts, joined as chat requests join them
             content = _joined_parts(where, f, content)
         if content is None and not (role == "assistant" and m.get("tool_calls")):
-            raise DataError(f"{where}: field '{f}.content' is missing")
+            said = "is null" if "content" in m else "is missing"  # null only beside an assistant's calls
+            raise DataError(f"{where}: field '{f}.content' {said}")
         if content is not None and not isinstance(content, str):
             raise DataError(f"{where}: field '{f}.content' must be a string")
         calls = m.get("tool_calls")
