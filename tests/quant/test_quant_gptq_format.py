@@ -78,6 +78,37 @@ def test_gptq_v2_has_no_zero_offset() -> None:
     assert torch.equal(pack_gptq(w, "gptq_v2")["qzeros"], torch.from_numpy(qzeros))
 
 
+def gptqmodel_v1_qzeros(zeros: np.ndarray, bits: int) -> np.ndarray:
+    """GPTQModel's v1 qzeros (``convert_gptq_v2_to_v1_format_module``): the true zeros packed as v2, then
+    0x11111111 (4-bit) / 0x01010101 (8-bit) subtracted from each uint32 word, borrows and all."""
+    per = 32 // bits
+    z = zeros.astype(np.uint32)
+    words = np.zeros((z.shape[0], z.shape[1] // per), dtype=np.uint32)
+    for col in range(words.shape[1]):
+        for j in range(per):
+            words[:, col] |= z[:, col * per + j] << np.uint32(bits * j)
+    ones = np.uint32(sum(1 << (bits * j) for j in range(per)))
+    return (words - ones).view(np.int32)  # uint32 arithmetic wraps, as the int32 tensor op does
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_asymmetric_zero_point_0_reads_as_gptqmodel_writes_it(bits: int) -> None:
+    """An asymmetric group whose weights are all >= 0 has zero point 0, which the "gptq" format's -1 turns
+    into a borrow from the next code of the word (GPTQModel, and so transformers + optimum, subtract per
+    word). Masking each code on its own read the next zero one too low, and wrote files that
+    transformers read one too high: zeros [0, 5] came back [0, 4]."""
+    q, zeros, scales, g_idx = _case(bits, False, False)
+    zeros[0, :8] = 0  # a whole word of zero points 0, and single ones before non-zero neighbours
+    zeros[1, 3] = 0
+    zeros[2, 7] = 0
+    zeros[3, -1] = 0  # the last code of the last word: its borrow leaves the word
+    qzeros = torch.from_numpy(gptqmodel_v1_qzeros(zeros.numpy(), bits))
+    qweight = torch.from_numpy(autogptq_pack(q.numpy(), zeros.numpy(), bits)[0])
+    w = unpack_gptq(qweight, qzeros, scales, g_idx, bits)
+    assert torch.equal(w.zeros.long(), zeros)
+    assert torch.equal(pack_gptq(w)["qzeros"], qzeros)
+
+
 @pytest.mark.parametrize(("bits", "word"), [(4, 0x77777777), (8, 0x7F7F7F7F)])
 def test_symmetric_qzeros_words(bits: int, word: int) -> None:
     """qwen_facts §9.5: symmetric checkpoints hold 0x77777777 (4-bit) / 0x7F7F7F7F (8-bit) in qzeros."""

@@ -7,7 +7,8 @@ per-group scales and true zero points. This module converts it to and from the t
 * ``qweight`` int32 ``[in * bits / 32, out]``: input row ``p*r + j`` sits in bits ``[bits*j, bits*j + bits)``
   of word row ``r`` (low bits first), ``p = 32 / bits``.
 * ``qzeros`` int32 ``[G, out * bits / 32]``: packed along the *output* dim the same way. The old "gptq"
-  format stores ``zero - 1`` (masked to ``bits``); "gptq_v2" stores the zero itself.
+  format stores ``zero - 1`` at every code (one subtraction per word, as GPTQModel writes it: a zero of 0
+  borrows from the next code); "gptq_v2" stores the zero itself.
 * ``scales`` float16 ``[G, out]``; ``g_idx`` int32 ``[in]``, the group of each input column.
 
 The weight is ``W[o, i] = scales[g_idx[i], o] * (q[i, o] - zero[g_idx[i], o])``.
@@ -337,16 +338,27 @@ def _unpack_codes(qweight: torch.Tensor, bits: int) -> torch.Tensor:
     return out
 
 
+def _offset_words(qzeros: torch.Tensor, bits: int, sign: int) -> torch.Tensor:
+    """The "gptq" format's zero offset: add (``sign=+1``, reading) or subtract (writing) one at every code
+    of each int32 word, as one 32-bit integer, as GPTQModel converts v1 to v2 and back (its
+    ``convert_gptq_v1_to_v2_format_module``). A zero point of 0 then borrows from the next code of its
+    word and reads back exactly; per-code masking (AutoGPTQ's reader) agrees wherever every zero is at
+    least 1, e.g. every symmetric checkpoint, and otherwise disagreed with transformers + GPTQModel.
+    """
+    ones = sum(1 << (bits * j) for j in range(_per_word(bits)))  # 0x11111111 at 4 bits, 0x01010101 at 8
+    words = (qzeros.to(torch.int64) + sign * ones) & 0xFFFFFFFF
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
 def pack_gptq(w: IntWeight, checkpoint_format: CheckpointFormat = "gptq") -> dict[str, torch.Tensor]:
     """IntWeight -> ``{"qweight", "qzeros", "scales", "g_idx"}`` as AutoGPTQ's ``pack()`` writes them."""
     maxq = 2**w.bits - 1
     if w.qweight.min() < 0 or w.qweight.max() > maxq:
         raise QuantizationError(f"integer weights must lie in 0..{maxq} for {w.bits} bits")
-    zeros = w.zeros.to(torch.int64)
-    if checkpoint_format == "gptq":
-        zeros = (zeros - 1) & maxq  # the old format's -1 offset; the mask matches AutoGPTQ's uint32 wrap
     qweight = _pack_rows(w.qweight.T, w.bits)  # (in / p, out)
-    qzeros = _pack_rows(zeros.T, w.bits).T.contiguous()  # (G, out / p)
+    qzeros = _pack_rows(w.zeros.to(torch.int64).T, w.bits).T.contiguous()  # (G, out / p)
+    if checkpoint_format == "gptq":
+        qzeros = _offset_words(qzeros, w.bits, -1)
     return {
         "qweight": qweight.contiguous(),
         "qzeros": qzeros,
@@ -394,10 +406,9 @@ def unpack_gptq(
         )
     if g_idx.numel() and (g_idx.min() < 0 or g_idx.max() >= n_groups):
         raise QuantizationError(f"g_idx values must lie in 0..{n_groups - 1} (scales has {n_groups} groups)")
-    maxq = 2**bits - 1
-    zeros = _unpack_rows(qzeros.T.contiguous(), bits).T  # (G, out)
     if checkpoint_format == "gptq":
-        zeros = (zeros + 1) & maxq  # mask after +1, like AutoGPTQ's reference dequantizer
+        qzeros = _offset_words(qzeros, bits, +1)
+    zeros = _unpack_rows(qzeros.T.contiguous(), bits).T  # (G, out)
     return IntWeight(
         qweight=_unpack_codes(qweight, bits),  # (out, in)
         scales=scales,
