@@ -95,7 +95,7 @@ class GPTQConfig:
             )
         if d.get("lm_head"):
             raise QuantizationError("GPTQ checkpoints with a quantized lm_head are not supported")
-        if "bits" not in d:
+        if d.get("bits") is None:
             raise QuantizationError("GPTQ quantization config has no 'bits'")
         # GPTQModel writes its name for it, "format", beside "checkpoint_format" (its reader takes either)
         fmt = d.get("checkpoint_format") or d.get("format") or "gptq"
@@ -113,11 +113,11 @@ class GPTQConfig:
         }
         _check_per_layer(d)
         return cls(
-            bits=int(d["bits"]),
-            group_size=int(d.get("group_size", 128)),
+            bits=_number(d, "bits", int, 4),
+            group_size=_number(d, "group_size", int, 128),
             act_order=act_order,
             sym=bool(d.get("sym", True)),
-            damp_percent=float(d.get("damp_percent", 0.01)),
+            damp_percent=_number(d, "damp_percent", float, 0.01),
             true_sequential=bool(d.get("true_sequential", True)),
             checkpoint_format=fmt,
             extra={k: v for k, v in d.items() if k not in known and k != "quant_method"},
@@ -173,7 +173,11 @@ class GPTQConfig:
             if re.match(pattern[2:] if pattern.startswith(("-:", "+:")) else pattern, name):
                 if negative:
                     return None
-                changes = {k: int(override[k]) for k in ("bits", "group_size") if k in override}
+                changes = {
+                    k: _number(override, k, int, 0)
+                    for k in ("bits", "group_size")
+                    if override.get(k) is not None
+                }
                 return dataclasses.replace(self, **changes) if changes else self
         return self
 
@@ -184,6 +188,24 @@ class GPTQConfig:
 
     def num_groups(self, in_features: int) -> int:
         return 1 if self.group_size == -1 else math.ceil(in_features / self.group_size)
+
+
+def _number(d: dict[str, Any], key: str, kind: type[int] | type[float], default: int | float) -> Any:
+    """``d[key]`` as ``kind`` (missing or null: ``default``); a value that is no number is refused, naming
+    it, where ``int()``/``float()`` raised a traceback."""
+    value = d.get(key)
+    if value is None:
+        return default
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        number = kind(value)
+    except (TypeError, ValueError):
+        name = "an integer" if kind is int else "a number"
+        raise QuantizationError(f"GPTQ {key}={value!r} must be {name}") from None
+    if kind is int and number != float(value):  # 4.5 bits, not 4
+        raise QuantizationError(f"GPTQ {key}={value!r} must be an integer")
+    return number
 
 
 def _flat(modules: list) -> list[str]:
@@ -222,8 +244,8 @@ def _check_per_layer(d: dict[str, Any]) -> None:
             raise QuantizationError(f"GPTQ dynamic[{pattern!r}] is {override!r}, not a mapping of overrides")
         try:
             GPTQConfig(
-                bits=int(override.get("bits", d.get("bits", 4))),
-                group_size=int(override.get("group_size", d.get("group_size", 128))),
+                bits=_number(override, "bits", int, _number(d, "bits", int, 4)),
+                group_size=_number(override, "group_size", int, _number(d, "group_size", int, 128)),
             )
         except QuantizationError as e:
             raise QuantizationError(f"GPTQ dynamic[{pattern!r}]: {e}") from None
