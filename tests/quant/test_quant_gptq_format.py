@@ -157,6 +157,7 @@ def test_config_reading(tmp_path) -> None:
         # a hand-edited or corrupt file: one line naming the field, not int()'s traceback
         ({"bits": "four"}, "bits='four' must be an integer"),
         ({"bits": None}, "has no 'bits'"),
+        ({"bits": 4, "pack_dtype": "int64"}, "pack_dtype='int64' is not supported; qwenkit reads int32"),
         ({"bits": 4.5}, r"bits=4\.5 must be an integer"),
         ({"bits": 4, "group_size": "128g"}, "group_size='128g' must be an integer"),
         ({"bits": 4, "damp_percent": "low"}, "damp_percent='low' must be a number"),
@@ -169,7 +170,7 @@ def test_config_rejects(cfg: dict, message: str) -> None:
 
 
 def test_null_optional_fields_take_their_defaults() -> None:
-    cfg = GPTQConfig.from_dict({"bits": 8, "group_size": None, "damp_percent": None, "dynamic": {}})
+    cfg = GPTQConfig.from_dict({"bits": 8, "group_size": None, "damp_percent": None, "pack_dtype": "int32"})
     assert (cfg.bits, cfg.group_size, cfg.damp_percent) == (8, 128, 0.01)
     dyn = GPTQConfig.from_dict({"bits": 4, "dynamic": {"+:.*q_proj": {"bits": 8, "group_size": None}}})
     assert (dyn.for_layer("model.layers.0.self_attn.q_proj").bits, dyn.for_layer("x").bits) == (8, 4)

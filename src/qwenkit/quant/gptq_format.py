@@ -97,6 +97,11 @@ class GPTQConfig:
             raise QuantizationError("GPTQ checkpoints with a quantized lm_head are not supported")
         if d.get("bits") is None:
             raise QuantizationError("GPTQ quantization config has no 'bits'")
+        pack = d.get("pack_dtype")  # GPTQModel's word type; else a shape error named the config's sizes
+        if pack is not None and str(pack).lower().removeprefix("torch.") != "int32":
+            raise QuantizationError(
+                f"GPTQ pack_dtype={pack!r} is not supported; qwenkit reads int32 words (GPTQModel's default)"
+            )
         # GPTQModel writes its name for it, "format", beside "checkpoint_format" (its reader takes either)
         fmt = d.get("checkpoint_format") or d.get("format") or "gptq"
         meta = d.get("meta") if isinstance(d.get("meta"), dict) else {}
