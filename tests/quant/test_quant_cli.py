@@ -143,6 +143,7 @@ def test_calibration_past_the_trained_context_is_noted(src, tmp_path) -> None:
         (["--calib", "/"], "error: calibration file / is a directory; pass a UTF-8 text file"),
         (["--calib-samples", "0"], "error: --calib-samples 0 must be positive"),
         (["--method", "rtn", "--act-order", "static"], "error: --act-order reorders GPTQ's columns"),
+        (["--method", "rtn", "--calib", "/"], "error: --calib is GPTQ's calibration text; --method rtn"),
         (
             ["--act-order", "sideways"],
             "error: --act-order 'sideways' is not supported; choose static, dynamic or none",
@@ -275,10 +276,11 @@ def test_overwrite_never_replaces_the_calibration_text(src, tmp_path, capsys) ->
         argv = ["quantize", str(src), str(out), "-q", "--method", method, "--overwrite"]
         assert main([*argv, "--calib", str(out / "calib.txt")]) == 2
         err = capsys.readouterr().err
-        assert (
-            err
-            == f"error: output {out} would replace the source {out / 'calib.txt'}; choose another directory\n"
+        replace = (
+            f"error: output {out} would replace the source {out / 'calib.txt'}; choose another directory\n"
         )
+        unread = "error: --calib is GPTQ's calibration text; --method rtn reads none (drop --calib)\n"
+        assert err == (replace if method == "gptq" else unread)
         assert sorted(p.name for p in out.iterdir()) == ["calib.txt"]
 
 

@@ -78,6 +78,37 @@ def test_gptq_v2_has_no_zero_offset() -> None:
     assert torch.equal(pack_gptq(w, "gptq_v2")["qzeros"], torch.from_numpy(qzeros))
 
 
+def gptqmodel_v1_qzeros(zeros: np.ndarray, bits: int) -> np.ndarray:
+    """GPTQModel's v1 qzeros (``convert_gptq_v2_to_v1_format_module``): the true zeros packed as v2, then
+    0x11111111 (4-bit) / 0x01010101 (8-bit) subtracted from each uint32 word, borrows and all."""
+    per = 32 // bits
+    z = zeros.astype(np.uint32)
+    words = np.zeros((z.shape[0], z.shape[1] // per), dtype=np.uint32)
+    for col in range(words.shape[1]):
+        for j in range(per):
+            words[:, col] |= z[:, col * per + j] << np.uint32(bits * j)
+    ones = np.uint32(sum(1 << (bits * j) for j in range(per)))
+    return (words - ones).view(np.int32)  # uint32 arithmetic wraps, as the int32 tensor op does
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_asymmetric_zero_point_0_reads_as_gptqmodel_writes_it(bits: int) -> None:
+    """An asymmetric group whose weights are all >= 0 has zero point 0, which the "gptq" format's -1 turns
+    into a borrow from the next code of the word (GPTQModel, and so transformers + optimum, subtract per
+    word). Masking each code on its own read the next zero one too low, and wrote files that
+    transformers read one too high: zeros [0, 5] came back [0, 4]."""
+    q, zeros, scales, g_idx = _case(bits, False, False)
+    zeros[0, :8] = 0  # a whole word of zero points 0, and single ones before non-zero neighbours
+    zeros[1, 3] = 0
+    zeros[2, 7] = 0
+    zeros[3, -1] = 0  # the last code of the last word: its borrow leaves the word
+    qzeros = torch.from_numpy(gptqmodel_v1_qzeros(zeros.numpy(), bits))
+    qweight = torch.from_numpy(autogptq_pack(q.numpy(), zeros.numpy(), bits)[0])
+    w = unpack_gptq(qweight, qzeros, scales, g_idx, bits)
+    assert torch.equal(w.zeros.long(), zeros)
+    assert torch.equal(pack_gptq(w)["qzeros"], qzeros)
+
+
 @pytest.mark.parametrize(("bits", "word"), [(4, 0x77777777), (8, 0x7F7F7F7F)])
 def test_symmetric_qzeros_words(bits: int, word: int) -> None:
     """qwen_facts §9.5: symmetric checkpoints hold 0x77777777 (4-bit) / 0x7F7F7F7F (8-bit) in qzeros."""
@@ -123,11 +154,26 @@ def test_config_reading(tmp_path) -> None:
         ({"bits": 4, "quant_method": "awq"}, "quant_method 'awq' is not supported"),
         ({"group_size": 128}, "has no 'bits'"),
         ({"bits": 4, "lm_head": True}, "quantized lm_head"),
+        # a hand-edited or corrupt file: one line naming the field, not int()'s traceback
+        ({"bits": "four"}, "bits='four' must be an integer"),
+        ({"bits": None}, "has no 'bits'"),
+        ({"bits": 4, "pack_dtype": "int64"}, "pack_dtype='int64' is not supported; qwenkit reads int32"),
+        ({"bits": 4.5}, r"bits=4\.5 must be an integer"),
+        ({"bits": 4, "group_size": "128g"}, "group_size='128g' must be an integer"),
+        ({"bits": 4, "damp_percent": "low"}, "damp_percent='low' must be a number"),
+        ({"bits": 4, "dynamic": {"+:.*q_proj": {"bits": "x"}}}, r"dynamic\['\+:\.\*q_proj'\]: GPTQ bits='x'"),
     ],
 )
 def test_config_rejects(cfg: dict, message: str) -> None:
     with pytest.raises(QuantizationError, match=message):
         GPTQConfig.from_dict(cfg)
+
+
+def test_null_optional_fields_take_their_defaults() -> None:
+    cfg = GPTQConfig.from_dict({"bits": 8, "group_size": None, "damp_percent": None, "pack_dtype": "int32"})
+    assert (cfg.bits, cfg.group_size, cfg.damp_percent) == (8, 128, 0.01)
+    dyn = GPTQConfig.from_dict({"bits": 4, "dynamic": {"+:.*q_proj": {"bits": 8, "group_size": None}}})
+    assert (dyn.for_layer("model.layers.0.self_attn.q_proj").bits, dyn.for_layer("x").bits) == (8, 4)
 
 
 def test_mismatched_shapes_are_named() -> None:

@@ -108,6 +108,19 @@ def test_kernel_choice_by_device() -> None:
     assert choose_kernel(8, 128, 896, 896, torch.device("meta")) == "dequant"
 
 
+@pytest.mark.parametrize("in_f", [72, 100, 136])
+def test_int8_rows_torch_reads_past_are_not_given_to_its_kernel(in_f: int) -> None:
+    """torch's ``_weight_int8pack_mm`` reads past a row whose width is not a multiple of 16: the process
+    died with SIGSEGV on the first forward (``--quantize int8`` of a model 72 wide, or the int8 output
+    head under ``--quantize int4``). Such layers now take another kernel and compute the same product."""
+    assert choose_kernel(8, in_f, in_f, 64, torch.device("cpu")) != "cpu_int8pack"
+    w = _int_weight(8, 64, in_f, in_f, False, False)
+    layer = QuantizedLinear.from_int(w, torch.zeros(64))
+    x = torch.randn(3, in_f)
+    ref = x @ w.dequantize().T
+    assert float((layer(x) - ref).abs().max() / ref.abs().max()) < 2e-2
+
+
 def test_wrong_kernel_for_bits_is_rejected() -> None:
     w = _int_weight(8, 64, 128, 128, True, False)
     with pytest.raises(QuantizationError, match="runs 4-bit weights, not 8-bit"):

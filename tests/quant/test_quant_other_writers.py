@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ from torch import nn
 
 from qwenkit.checkpoint import load_model
 from qwenkit.distributed import check_shardable
-from qwenkit.errors import ConfigError
+from qwenkit.errors import CheckpointError, ConfigError
 from qwenkit.quant import QuantizedLinear
 from qwenkit.quant.gptq_format import GPTQConfig, QuantizationError, pack_gptq, unpack_gptq
 from qwenkit.quant.pipeline import quantize_checkpoint
@@ -151,3 +152,21 @@ def test_gptqmodel_dynamic_skips_and_overrides_layers(outputs) -> None:
 def test_unreadable_per_layer_fields_are_refused(fields, message) -> None:
     with pytest.raises(QuantizationError, match=message):
         GPTQConfig.from_dict({"bits": 4, "group_size": 32, **fields})
+
+
+def test_gptq_tensors_without_a_quantization_config_say_so(outputs) -> None:
+    """A GPTQ directory that lost its quantize_config.json and config.json's quantization_config (copied
+    without them, or a tool that rewrote config.json) was refused as "unexpected tensor ... for a qwen2
+    model", which sent the user looking for a model mismatch."""
+    out = outputs / "no-config"
+    shutil.copytree(outputs / "int4", out)
+    (out / "quantize_config.json").unlink()
+    config = json.loads((out / "config.json").read_text())
+    del config["quantization_config"]
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError) as e:
+        load_model(out, dtype="float32", progress=False)
+    assert str(e.value).endswith(
+        "for a qwen2 model; it is a GPTQ tensor, but config.json has no quantization_config "
+        "and no quantize_config.json"
+    )

@@ -25,7 +25,7 @@ def loaded(tmp_path_factory):
 
 
 def expected(sd, prefix: str, columns: slice = slice(None)) -> torch.Tensor:
-    """The (out, in) float weight AutoGPTQ's reference dequantizer gives for these packed columns."""
+    """The (out, in) float weight these packed columns encode (as transformers + GPTQModel read them)."""
     bits = QUANTIZE_CONFIG["bits"]
     per_word = 32 // bits
     zcols = slice(

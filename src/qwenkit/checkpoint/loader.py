@@ -26,7 +26,7 @@ from qwenkit.checkpoint.files import HeapTrimmer, WeightFiles, find_weight_files
 from qwenkit.checkpoint.sanitize import sanitize
 from qwenkit.config import ModelConfig, read_hf_config
 from qwenkit.distributed import TensorParallel, local_config, parallelize, shard_tensor
-from qwenkit.distributed.plan import rank_range, shard_lora, split_role
+from qwenkit.distributed.plan import GPTQ_BUFFERS, rank_range, shard_lora, split_role
 from qwenkit.errors import CheckpointError, ConfigError
 from qwenkit.kernels import ops as kernel_ops
 from qwenkit.memory import check_fits, weight_bytes
@@ -443,7 +443,7 @@ def _assign_all(
                     continue
                 raise CheckpointError(
                     f"{source.path}: unexpected tensor {name!r}{_expert_note(name, config)} "
-                    f"for a {config.family} model{_architecture_note(config)}"
+                    f"for a {config.family} model{_architecture_note(config, name)}"
                 )
             target = expected[name]
             whole = tensor
@@ -473,8 +473,7 @@ def _assign_all(
             tensor = cast
             _set_tensor(model, name, tensor.to(device))
             loaded.add(name)
-            # packed as each layer completes; a rank's slices are copies (no file pages to drop): at the end
-            if config.quantization and tensor_parallel is None:
+            if config.quantization and tensor_parallel is None:  # (a rank's copies are packed at the end)
                 _pack_when_complete(model, name, trimmer)
     missing = sorted(set(expected) - loaded)
     if missing:
@@ -565,9 +564,10 @@ def _expert_note(name: str, config: ModelConfig) -> str:
     return where + ")"
 
 
-def _architecture_note(config: ModelConfig) -> str:
-    """Why the tensors do not fit, where config.json's architectures name no causal language model (a
-    classifier's or reward model's score head, an embedding model's bare stack): else empty."""
+def _architecture_note(config: ModelConfig, name: str = "") -> str:
+    """Why tensors do not fit: GPTQ ones with no quantization config, or a model that is no causal LM."""
+    if name.rpartition(".")[2] in GPTQ_BUFFERS and not config.quantization:
+        return "; it is a GPTQ tensor, but config.json has no quantization_config and no quantize_config.json"
     names = config.architectures
     if not names or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in names):
         return ""

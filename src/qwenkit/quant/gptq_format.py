@@ -7,7 +7,8 @@ per-group scales and true zero points. This module converts it to and from the t
 * ``qweight`` int32 ``[in * bits / 32, out]``: input row ``p*r + j`` sits in bits ``[bits*j, bits*j + bits)``
   of word row ``r`` (low bits first), ``p = 32 / bits``.
 * ``qzeros`` int32 ``[G, out * bits / 32]``: packed along the *output* dim the same way. The old "gptq"
-  format stores ``zero - 1`` (masked to ``bits``); "gptq_v2" stores the zero itself.
+  format stores ``zero - 1`` at every code (one subtraction per word, as GPTQModel writes it: a zero of 0
+  borrows from the next code); "gptq_v2" stores the zero itself.
 * ``scales`` float16 ``[G, out]``; ``g_idx`` int32 ``[in]``, the group of each input column.
 
 The weight is ``W[o, i] = scales[g_idx[i], o] * (q[i, o] - zero[g_idx[i], o])``.
@@ -94,8 +95,13 @@ class GPTQConfig:
             )
         if d.get("lm_head"):
             raise QuantizationError("GPTQ checkpoints with a quantized lm_head are not supported")
-        if "bits" not in d:
+        if d.get("bits") is None:
             raise QuantizationError("GPTQ quantization config has no 'bits'")
+        pack = d.get("pack_dtype")  # GPTQModel's word type; else a shape error named the config's sizes
+        if pack is not None and str(pack).lower().removeprefix("torch.") != "int32":
+            raise QuantizationError(
+                f"GPTQ pack_dtype={pack!r} is not supported; qwenkit reads int32 words (GPTQModel's default)"
+            )
         # GPTQModel writes its name for it, "format", beside "checkpoint_format" (its reader takes either)
         fmt = d.get("checkpoint_format") or d.get("format") or "gptq"
         meta = d.get("meta") if isinstance(d.get("meta"), dict) else {}
@@ -112,11 +118,11 @@ class GPTQConfig:
         }
         _check_per_layer(d)
         return cls(
-            bits=int(d["bits"]),
-            group_size=int(d.get("group_size", 128)),
+            bits=_number(d, "bits", int, 4),
+            group_size=_number(d, "group_size", int, 128),
             act_order=act_order,
             sym=bool(d.get("sym", True)),
-            damp_percent=float(d.get("damp_percent", 0.01)),
+            damp_percent=_number(d, "damp_percent", float, 0.01),
             true_sequential=bool(d.get("true_sequential", True)),
             checkpoint_format=fmt,
             extra={k: v for k, v in d.items() if k not in known and k != "quant_method"},
@@ -172,7 +178,11 @@ class GPTQConfig:
             if re.match(pattern[2:] if pattern.startswith(("-:", "+:")) else pattern, name):
                 if negative:
                     return None
-                changes = {k: int(override[k]) for k in ("bits", "group_size") if k in override}
+                changes = {
+                    k: _number(override, k, int, 0)
+                    for k in ("bits", "group_size")
+                    if override.get(k) is not None
+                }
                 return dataclasses.replace(self, **changes) if changes else self
         return self
 
@@ -183,6 +193,24 @@ class GPTQConfig:
 
     def num_groups(self, in_features: int) -> int:
         return 1 if self.group_size == -1 else math.ceil(in_features / self.group_size)
+
+
+def _number(d: dict[str, Any], key: str, kind: type[int] | type[float], default: int | float) -> Any:
+    """``d[key]`` as ``kind`` (missing or null: ``default``); a value that is no number is refused, naming
+    it, where ``int()``/``float()`` raised a traceback."""
+    value = d.get(key)
+    if value is None:
+        return default
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        number = kind(value)
+    except (TypeError, ValueError):
+        name = "an integer" if kind is int else "a number"
+        raise QuantizationError(f"GPTQ {key}={value!r} must be {name}") from None
+    if kind is int and number != float(value):  # 4.5 bits, not 4
+        raise QuantizationError(f"GPTQ {key}={value!r} must be an integer")
+    return number
 
 
 def _flat(modules: list) -> list[str]:
@@ -221,8 +249,8 @@ def _check_per_layer(d: dict[str, Any]) -> None:
             raise QuantizationError(f"GPTQ dynamic[{pattern!r}] is {override!r}, not a mapping of overrides")
         try:
             GPTQConfig(
-                bits=int(override.get("bits", d.get("bits", 4))),
-                group_size=int(override.get("group_size", d.get("group_size", 128))),
+                bits=_number(override, "bits", int, _number(d, "bits", int, 4)),
+                group_size=_number(override, "group_size", int, _number(d, "group_size", int, 128)),
             )
         except QuantizationError as e:
             raise QuantizationError(f"GPTQ dynamic[{pattern!r}]: {e}") from None
@@ -337,16 +365,27 @@ def _unpack_codes(qweight: torch.Tensor, bits: int) -> torch.Tensor:
     return out
 
 
+def _offset_words(qzeros: torch.Tensor, bits: int, sign: int) -> torch.Tensor:
+    """The "gptq" format's zero offset: add (``sign=+1``, reading) or subtract (writing) one at every code
+    of each int32 word, as one 32-bit integer, as GPTQModel converts v1 to v2 and back (its
+    ``convert_gptq_v1_to_v2_format_module``). A zero point of 0 then borrows from the next code of its
+    word and reads back exactly; per-code masking (AutoGPTQ's reader) agrees wherever every zero is at
+    least 1, e.g. every symmetric checkpoint, and otherwise disagreed with transformers + GPTQModel.
+    """
+    ones = sum(1 << (bits * j) for j in range(_per_word(bits)))  # 0x11111111 at 4 bits, 0x01010101 at 8
+    words = (qzeros.to(torch.int64) + sign * ones) & 0xFFFFFFFF
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
 def pack_gptq(w: IntWeight, checkpoint_format: CheckpointFormat = "gptq") -> dict[str, torch.Tensor]:
     """IntWeight -> ``{"qweight", "qzeros", "scales", "g_idx"}`` as AutoGPTQ's ``pack()`` writes them."""
     maxq = 2**w.bits - 1
     if w.qweight.min() < 0 or w.qweight.max() > maxq:
         raise QuantizationError(f"integer weights must lie in 0..{maxq} for {w.bits} bits")
-    zeros = w.zeros.to(torch.int64)
-    if checkpoint_format == "gptq":
-        zeros = (zeros - 1) & maxq  # the old format's -1 offset; the mask matches AutoGPTQ's uint32 wrap
     qweight = _pack_rows(w.qweight.T, w.bits)  # (in / p, out)
-    qzeros = _pack_rows(zeros.T, w.bits).T.contiguous()  # (G, out / p)
+    qzeros = _pack_rows(w.zeros.to(torch.int64).T, w.bits).T.contiguous()  # (G, out / p)
+    if checkpoint_format == "gptq":
+        qzeros = _offset_words(qzeros, w.bits, -1)
     return {
         "qweight": qweight.contiguous(),
         "qzeros": qzeros,
@@ -394,10 +433,9 @@ def unpack_gptq(
         )
     if g_idx.numel() and (g_idx.min() < 0 or g_idx.max() >= n_groups):
         raise QuantizationError(f"g_idx values must lie in 0..{n_groups - 1} (scales has {n_groups} groups)")
-    maxq = 2**bits - 1
-    zeros = _unpack_rows(qzeros.T.contiguous(), bits).T  # (G, out)
     if checkpoint_format == "gptq":
-        zeros = (zeros + 1) & maxq  # mask after +1, like AutoGPTQ's reference dequantizer
+        qzeros = _offset_words(qzeros, bits, +1)
+    zeros = _unpack_rows(qzeros.T.contiguous(), bits).T  # (G, out)
     return IntWeight(
         qweight=_unpack_codes(qweight, bits),  # (out, in)
         scales=scales,

@@ -151,6 +151,8 @@ def quantize_checkpoint(
     from qwenkit.config import ModelConfig
 
     validate(bits, group_size, method, calib_samples, seq_len, damp_percent, act_order)
+    if calib is not None and method != "gptq":  # else the text was read by nothing, and nothing said so
+        raise QuantizationError("--calib is GPTQ's calibration text; --method rtn reads none (drop --calib)")
     if method == "gptq" and tokenizer is None:
         raise QuantizationError("GPTQ calibration needs the model's tokenizer: pass tokenizer=a loader of it")
     if act_order is None:

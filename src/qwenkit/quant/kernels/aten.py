@@ -138,6 +138,7 @@ class CpuInt8PackKernel(LinearKernel):
             device.type == "cpu"
             and spec.bits == 8
             and spec.group_size == spec.in_features
+            and spec.in_features % 16 == 0  # torch's kernel reads past the row otherwise: a segfault
             and hasattr(torch, "_weight_int8pack_mm")
         )
 
