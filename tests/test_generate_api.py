@@ -209,6 +209,28 @@ def test_a_request_id_in_use_is_refused_at_submit_and_never_taken_by_a_generated
     assert llm.driver.wait_idle() and llm.engine.blocks.usage == 0
 
 
+def test_a_late_abort_never_stops_a_later_request_under_the_same_id(llm):
+    """An abort its stream sent just as its request ended (a stop string found as the engine finished it)
+    reached the driver after the caller had reused the id, and stopped the new request."""
+    first = llm.submit("Once upon a time", SAMPLED, request_id="y")
+    assert list(first)[-1].finish_reason == "length"
+    again = llm.submit("The sky is", SAMPLED, request_id="y")
+    first._stream.finished = False  # as if its reader had not yet seen the end when it aborted
+    first._stream.abort()
+    assert list(again)[-1].finish_reason == "length" and len(again.completion.token_ids) == 24
+    assert llm.driver.wait_idle() and llm.engine.blocks.usage == 0
+
+
+def test_a_request_aborted_before_its_batch_is_sent_never_runs(llm):
+    """Inside together() the batch goes to the engine at the end: an abort before then reached the engine
+    before the request, and the request ran to its end."""
+    with llm.driver.together():
+        stream = llm.submit("Once upon a time", SAMPLED)
+        stream.abort()
+    assert list(stream)[-1].finish_reason == "abort" and stream.completion.token_ids == []
+    assert llm.driver.wait_idle() and llm.engine.blocks.usage == 0
+
+
 @pytest.mark.parametrize("request_id", [["a"], {"a": 1}, ("a", [1])])
 def test_a_request_id_that_cannot_be_hashed_is_refused_by_name(llm, request_id):
     """It failed with a bare ``TypeError: unhashable type: 'list'`` from the driver's id set."""

@@ -44,6 +44,7 @@ class RequestStream:
         self._sync: queue.SimpleQueue[StepOutput] | None = None if loop else queue.SimpleQueue()
         self._async: asyncio.Queue[StepOutput] | None = asyncio.Queue() if loop else None
         self.finished = False
+        self.aborted = False  # asked to stop: the driver never starts it if it has not yet
 
     def _put(self, output: StepOutput) -> bool:  # driver thread
         """Deliver an output; False when the reader's event loop is gone (nobody will read it)."""
@@ -59,7 +60,8 @@ class RequestStream:
     def abort(self) -> None:
         """Stop the request (no-op once finished); its KV memory is freed at the next step."""
         if not self.finished:
-            self._driver.abort(self.request_id)
+            self.aborted = True
+            self._driver.abort(self.request_id, self)
 
     def __iter__(self) -> Iterator[StepOutput]:
         if self._sync is None:
@@ -149,8 +151,10 @@ class EngineDriver:
             if batch:
                 self._send(("add", batch))
 
-    def abort(self, request_id: RequestId) -> None:
-        self._send(("abort", request_id))
+    def abort(self, request_id: RequestId, stream: RequestStream) -> None:
+        """Stop ``stream``'s request. The stream goes with the id: an abort that arrives after its request
+        ended never stops a later one the caller submitted under the same id."""
+        self._send(("abort", request_id, stream))
 
     def between_steps(self, change: Callable[[], T]) -> Future[T]:
         """Run ``change`` in the engine's thread before its next step (a change to what the engine
@@ -254,10 +258,16 @@ class EngineDriver:
                     future.set_result(change())
                 except Exception as exc:
                     future.set_exception(exc)
-            else:  # "abort"
-                self.engine.abort(message[1])
+            else:  # "abort": of this stream's request, if it still runs
+                _, rid, stream = message
+                if self._streams.get(rid) is stream:
+                    self.engine.abort(rid)
 
     def _add(self, rid: RequestId, ids: list[int], params: SamplingParams, stream: RequestStream) -> None:
+        if stream.aborted:  # stopped before it was sent (inside together()): it never runs
+            self._forget(rid)
+            stream._put(StepOutput(rid, [], "abort"))
+            return
         try:
             self.engine.add_request(ids, params, request_id=rid)
         except Exception as exc:
