@@ -167,7 +167,9 @@ class EngineDriver:
         """Wait until every submitted request has finished and been forgotten (for tests and shutdown)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self._inbox.empty() and not self.engine.has_unfinished():
+            # an id stays open from submit until its request has ended: a request the thread has taken
+            # from the inbox but not yet given the engine is neither queued nor unfinished, yet open
+            if self._inbox.empty() and not self.engine.has_unfinished() and not self._open_ids:
                 return True
             time.sleep(0.01)
         return False
@@ -195,6 +197,7 @@ class EngineDriver:
                 message[2].set_exception(ModelClosedError("this model has been closed (LLM.close)"))
         self._streams.clear()
         for rid, stream in ended:
+            self._forget(rid)
             stream._put(StepOutput(rid, [], "abort"))
 
     def _send(self, message: tuple) -> None:
