@@ -85,6 +85,20 @@ def test_aug_2023_v1_spellings():
     assert (cfg.hidden_size, cfg.intermediate_size, cfg.max_position_embeddings) == (4096, 11008, 2048)
 
 
+def test_a_v1_seq_length_below_2_is_refused():
+    """seq_length is the base of v1's LogN logarithms and the divisor of its NTK alpha: 0 loaded and then
+    failed on the first request with a ZeroDivisionError traceback, 1 generated from infinite queries."""
+    import pytest
+
+    from qwenkit.errors import ConfigError
+
+    for bad in (0, 1, -8):
+        with pytest.raises(ConfigError, match=f"^Qwen v1 seq_length {bad} must be at least 2 "):
+            ModelConfig.from_hf({**QWEN_7B, "seq_length": bad})
+    smallest = ModelConfig.from_hf({**QWEN_7B, "seq_length": 2})
+    assert (smallest.max_position_embeddings, smallest.max_context) == (2, 32768)
+
+
 def test_qwen3_explicit_head_dim_and_gqa():
     cfg = ModelConfig.from_hf({**QWEN3_SMALL, "tie_word_embeddings": True, "rope_theta": 1000000})
     assert cfg.head_dim == 128 and cfg.qk_norm and not cfg.qkv_bias

@@ -324,6 +324,10 @@ def _read_qwen_v1(cfg: dict[str, Any]) -> ModelConfig:
     if cfg.get("use_cache_quantization"):
         raise ConfigError("Qwen v1 use_cache_quantization (int8 KV cache) is not supported; set it to false")
     seq_length = int(cfg.get("seq_length", cfg.get("n_positions", 2048)))
+    if seq_length < 2:
+        # modeling_qwen.py builds its LogN table with logarithms to this base, whatever use_logn_attn
+        # says; at 0 dynamic NTK divided by zero, at 1 LogN made every query past position 0 infinite
+        raise ConfigError(f"Qwen v1 seq_length {seq_length} must be at least 2 (the trained context)")
     return ModelConfig(
         family="qwen",
         vocab_size=int(cfg.get("padded_vocab_size", cfg["vocab_size"])),

@@ -102,3 +102,32 @@ def _dequantized_copy(sd, config) -> Path:
     }  # fmt: skip
     (out / "config.json").write_text(json.dumps(v1))
     return out
+
+
+def test_gptq_calibrates_a_v1_window_past_seq_length_with_its_ntk_alpha(tmp_path):
+    """A calibration window longer than seq_length ran with NTK alpha 1 beside LogN's scaling: activations
+    no forward of the model produces, since inference (and modeling_qwen.py under AutoGPTQ) fixes the
+    alpha from the window's length. Layer 0's o_proj, whose input is the attention (so RoPE's), is now
+    quantized from the Hessian of what inference feeds it."""
+    from factories import write_v1_checkpoint
+
+    from qwenkit.quant.gptq import HessianAccumulator, gptq_quantize_model, gptq_quantize_weight
+    from qwenkit.quant.gptq_format import GPTQConfig
+
+    src = write_v1_checkpoint(tmp_path / "v1", {"seq_length": 32})
+    model, _ = load_model(src, dtype="float32", progress=False, dequantize=True)
+    windows = torch.randint(0, 512, (2, 100), generator=torch.Generator().manual_seed(3))
+    assert model.ntk_alpha(100) == 7
+    o_proj = model.model.layers[0].self_attn.o_proj
+    seen = HessianAccumulator(o_proj.in_features, torch.device("cpu"))
+    hook = o_proj.register_forward_hook(lambda _m, args, _out: seen.add(args[0]))
+    with torch.no_grad():
+        for window in windows:
+            model(window[None], ntk_alphas=[7])
+    hook.remove()
+    config = GPTQConfig(bits=4, group_size=32, true_sequential=False)
+    expected = gptq_quantize_weight(o_proj.weight, seen.hessian, config.bits, config.group_size)
+
+    gptq_quantize_model(model, windows, config, progress=False)
+    got = model.model.layers[0].self_attn.o_proj.weight_dequantized()
+    assert torch.equal(got, expected.dequantize(torch.float32))

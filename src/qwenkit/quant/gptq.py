@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from qwenkit.model.transformer import Transformer
 from qwenkit.quant.gptq_format import (
     ACT_ORDERS,
     ActOrder,
@@ -196,8 +197,12 @@ def _capture_layer_inputs(
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for ids in samples:
+            # Qwen v1 dynamic NTK: a window past seq_length runs with the alpha its length fixes, as
+            # inference (and modeling_qwen.py under AutoGPTQ) runs it; alpha 1 beside LogN's scaling
+            # calibrated on activations no forward of the model produces
+            alpha = model.ntk_alpha(ids.shape[1]) if isinstance(model, Transformer) else 1.0
             with contextlib.suppress(_StopForward):
-                model(ids)
+                model(ids) if alpha == 1.0 else model(ids, ntk_alphas=[alpha])
     finally:
         handle.remove()
     return captured
