@@ -99,6 +99,26 @@ def test_a_v1_seq_length_below_2_is_refused():
     assert (smallest.max_position_embeddings, smallest.max_context) == (2, 32768)
 
 
+def test_a_size_that_is_zero_or_negative_is_refused_by_name():
+    """0 heads divided by zero; -4 kv heads, a negative head_dim or a window of 0 loaded, and the engine
+    then refused every prompt or the first forward failed. (0 kv heads or head_dim means "derive it".)"""
+    import pytest
+
+    from qwenkit.errors import ConfigError
+
+    for key, bad in [
+        ("num_attention_heads", 0),
+        ("num_key_value_heads", -4),
+        ("head_dim", -128),
+        ("max_position_embeddings", 0),
+        ("max_position_embeddings", -1),
+    ]:
+        with pytest.raises(ConfigError, match=f"^config value {key}={bad} must be positive$"):
+            ModelConfig.from_hf({**QWEN3_SMALL, key: bad})
+    derived = ModelConfig.from_hf({**QWEN3_SMALL, "num_key_value_heads": 0, "head_dim": 0})
+    assert (derived.num_key_value_heads, derived.head_dim) == (16, 128)  # Qwen3Config's own default
+
+
 def test_qwen3_explicit_head_dim_and_gqa():
     cfg = ModelConfig.from_hf({**QWEN3_SMALL, "tie_word_embeddings": True, "rope_theta": 1000000})
     assert cfg.head_dim == 128 and cfg.qk_norm and not cfg.qkv_bias

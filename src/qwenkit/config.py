@@ -63,6 +63,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
+        sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        self._check_positive(sizes)
         if self.num_key_value_heads == 0:
             set_(self, "num_key_value_heads", self.num_attention_heads)
         if self.head_dim == 0:
@@ -74,16 +76,8 @@ class ModelConfig:
             set_(self, "head_dim", self.hidden_size // self.num_attention_heads)
         if self.rotary_dim == 0:
             set_(self, "rotary_dim", self.head_dim)
-        positive = (
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-        )
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"config value {name}={getattr(self, name)} must be positive")
+        # 0 above means "not given" (derived); a negative one, or a window of 0, ran until the first prompt
+        self._check_positive(("num_key_value_heads", "head_dim", "rotary_dim", "max_position_embeddings"))
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_attention_heads {self.num_attention_heads} is not a multiple of "
@@ -95,6 +89,11 @@ class ModelConfig:
             )
         if self.num_experts:
             self._check_moe()
+
+    def _check_positive(self, names: tuple[str, ...]) -> None:
+        for name in names:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"config value {name}={getattr(self, name)} must be positive")
 
     def _check_moe(self) -> None:
         if not 0 < self.num_experts_per_tok <= self.num_experts:
