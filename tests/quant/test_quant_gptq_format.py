@@ -162,6 +162,12 @@ def test_config_reading(tmp_path) -> None:
         ({"bits": 4, "group_size": "128g"}, "group_size='128g' must be an integer"),
         ({"bits": 4, "damp_percent": "low"}, "damp_percent='low' must be a number"),
         ({"bits": 4, "dynamic": {"+:.*q_proj": {"bits": "x"}}}, r"dynamic\['\+:\.\*q_proj'\]: GPTQ bits='x'"),
+        # a string "false" was truthy: sym or desc_act read as true
+        ({"bits": 4, "sym": "false"}, r"^GPTQ sym='false' must be true or false \(a JSON boolean\)$"),
+        ({"bits": 4, "desc_act": "false"}, "GPTQ desc_act='false' must be true or false"),
+        ({"bits": 4, "static_groups": "true"}, "GPTQ static_groups='true' must be true or false"),
+        ({"bits": 4, "true_sequential": 1}, "GPTQ true_sequential=1 must be true or false"),
+        ({"bits": 4, "lm_head": "false"}, "GPTQ lm_head='false' must be true or false"),
     ],
 )
 def test_config_rejects(cfg: dict, message: str) -> None:
@@ -172,6 +178,8 @@ def test_config_rejects(cfg: dict, message: str) -> None:
 def test_null_optional_fields_take_their_defaults() -> None:
     cfg = GPTQConfig.from_dict({"bits": 8, "group_size": None, "damp_percent": None, "pack_dtype": "int32"})
     assert (cfg.bits, cfg.group_size, cfg.damp_percent) == (8, 128, 0.01)
+    flags = GPTQConfig.from_dict({"bits": 4, "sym": None, "desc_act": None, "true_sequential": None})
+    assert (flags.sym, flags.act_order, flags.true_sequential) == (True, "none", True)
     dyn = GPTQConfig.from_dict({"bits": 4, "dynamic": {"+:.*q_proj": {"bits": 8, "group_size": None}}})
     assert (dyn.for_layer("model.layers.0.self_attn.q_proj").bits, dyn.for_layer("x").bits) == (8, 4)
 

@@ -58,9 +58,27 @@ def test_no_size_tiles_is_refused_naming_the_layer_and_sizes_that_work() -> None
     with pytest.raises(QuantizationError) as e:
         choose_group_size(widths, 128)
     assert str(e.value) == (
-        "--group-size 128 does not tile model.layers.0.mlp.down_proj (100 inputs) and no smaller size of "
-        "128, 64, 32 tiles every layer; use --group-size 100, 50, 25, 20 or -1 (one group per row), "
+        "--group-size 128 does not tile model.layers.0.mlp.down_proj (100 inputs) and no smaller reader "
+        "size (64, 32) tiles every layer; use --group-size 100, 50, 25, 20 or -1 (one group per row), "
         "or --partial-groups"
+    )
+
+
+@pytest.mark.parametrize(
+    ("requested", "tried", "fits"),
+    [
+        (96, " and no smaller reader size (64, 32) tiles every layer", "50, 25, 20, 10"),
+        (24, "", "20, 10, 5, 4"),
+    ],
+)
+def test_the_refusal_names_only_the_sizes_it_tried(requested, tried, fits) -> None:
+    """--group-size 96 said "no smaller size of 128, 64, 32": 128 is not smaller, and was not tried."""
+    widths = {"model.layers.0.self_attn.q_proj": 200, "model.layers.0.mlp.down_proj": 100}
+    with pytest.raises(QuantizationError) as e:
+        choose_group_size(widths, requested)
+    assert str(e.value) == (
+        f"--group-size {requested} does not tile model.layers.0.mlp.down_proj (100 inputs){tried}; "
+        f"use --group-size {fits} or -1 (one group per row), or --partial-groups"
     )
 
 
@@ -88,7 +106,7 @@ def test_cli_refuses_in_one_line_before_writing(src, tmp_path, capsys) -> None:
     err = capsys.readouterr().err
     assert err == (
         "error: --group-size 128 does not tile model.layers.0.self_attn.q_proj (80 inputs) and no smaller "
-        "size of 128, 64, 32 tiles every layer; use --group-size 80, 40, 20, 16 or -1 (one group per row), "
+        "reader size (64, 32) tiles every layer; use --group-size 80, 40, 20, 16 or -1 (one group per row), "
         "or --partial-groups\n"
     )
     assert not (tmp_path / "out").exists()

@@ -122,6 +122,24 @@ def iter_tensors(weights: WeightFiles) -> Iterator[tuple[str, torch.Tensor]]:
             )
 
 
+def tensor_names(weights: WeightFiles) -> set[str]:
+    """Every tensor name of the checkpoint, without reading a tensor: the index's map, else the
+    safetensors headers (a ``.bin`` file's pickle is read memory-mapped)."""
+    if weights.weight_map:
+        return set(weights.weight_map)
+    names: set[str] = set()
+    for path in weights.files:
+        if path.suffix != ".safetensors":
+            names |= set(load_torch_state(path, mmap=True))
+            continue
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                names |= set(f.keys())
+        except SafetensorError as e:
+            raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
+    return names
+
+
 def _read_file(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     if path.suffix == ".safetensors":
         try:

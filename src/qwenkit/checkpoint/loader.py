@@ -7,13 +7,12 @@ will need is checked against what is free.
 
 from __future__ import annotations
 
-import functools
 import math
 import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import cached_property, lru_cache
+from functools import cached_property, lru_cache, partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -22,7 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from qwenkit.checkpoint import prepared_cache
-from qwenkit.checkpoint.files import HeapTrimmer, WeightFiles, find_weight_files, iter_tensors, release_pages
+from qwenkit.checkpoint.files import HeapTrimmer, WeightFiles, find_weight_files, release_pages
 from qwenkit.checkpoint.sanitize import sanitize
 from qwenkit.config import ModelConfig, read_hf_config
 from qwenkit.distributed import TensorParallel, local_config, parallelize, shard_tensor
@@ -69,7 +68,9 @@ class DirectorySource:
         return find_weight_files(self.path)
 
     def tensors(self, keep_quantized: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
-        return iter_tensors(self.weights)  # safetensors hold no block formats: always plain tensors
+        from qwenkit.quant.checkpoint_io import with_default_g_idx  # (qwenkit.quant imports this package)
+
+        return with_default_g_idx(self.hf_config, self.weights)  # plain tensors; a GPTQ one may lack g_idx
 
     @property
     def total_bytes(self) -> int:
@@ -247,7 +248,7 @@ def load_model(
 
         part = None
         if tensor_parallel is not None:  # this rank's rows of B or columns of A, as its layers' slices
-            part = functools.partial(shard_lora, tp=tensor_parallel)
+            part = partial(shard_lora, tp=tensor_parallel)
         load_adapter(model, wrapped_adapter, part)
         model.requires_grad_(False)
     if tensor_parallel is not None:

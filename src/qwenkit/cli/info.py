@@ -57,13 +57,7 @@ def describe(path: str, tensor_parallel: int = 1) -> str:
     if cfg.num_experts:
         rows += _moe_rows(cfg)
     if cfg.quantization:
-        q = cfg.quantization
-        rows.append(
-            (
-                "quantization",
-                f"{q.get('quant_method', '?')} {q.get('bits', '?')}-bit, group {q.get('group_size', '?')}",
-            )
-        )
+        rows.append(("quantization", _quantization(cfg.quantization)))
     tensor_types = getattr(source, "tensor_types", None)  # a GGUF file names each tensor's block type
     if tensor_types:
         counts = Counter(tensor_types.values()).most_common()
@@ -108,6 +102,23 @@ def describe(path: str, tensor_parallel: int = 1) -> str:
     nowhere = " in the model directory" if Path(path).is_dir() else ": the file has no general.license key"
     out.append(f"  {lic.name}: {lic.terms} (from {lic.source})" if lic else f"  none found{nowhere}")
     return "\n".join(out)
+
+
+def _quantization(q: dict) -> str:
+    """``gptq 4-bit, group 128, symmetric, no act-order (desc_act false)``: what decides which readers take
+    the file. A config qwenkit cannot read shows its raw bits and group, and why."""
+    from qwenkit.quant.gptq_format import GPTQConfig, QuantizationError
+
+    try:
+        c = GPTQConfig.from_dict(q)
+    except QuantizationError as e:
+        return (
+            f"{q.get('quant_method', '?')} {q.get('bits', '?')}-bit, group {q.get('group_size', '?')} ({e})"
+        )
+    group = "one group per row" if c.group_size == -1 else f"group {c.group_size}"
+    order = {"none": "no act-order", "static": "static act-order", "dynamic": "act-order"}[c.act_order]
+    symmetry = "symmetric" if c.sym else "asymmetric"
+    return f"gptq {c.bits}-bit, {group}, {symmetry}, {order} (desc_act {str(c.desc_act).lower()})"
 
 
 def _as_stored(source: object) -> list[str]:

@@ -8,7 +8,7 @@ tensors (Hugging Face Qwen2 names, e.g. ``model.layers.0.self_attn.q_proj.qweigh
     <prefix>.qweight  int32   (in * bits / 32, out)
     <prefix>.qzeros   int32   (G, out * bits / 32)       G = ceil(in / group_size), 1 if group_size == -1
     <prefix>.scales   float16 (G, out)
-    <prefix>.g_idx    int32   (in,)
+    <prefix>.g_idx    int32   (in,)                      optional without act-order: see with_default_g_idx
     <prefix>.bias     (out,)  only where the float layer has a bias; all-zero extras may be dropped
 
 After the tensors are assigned, :func:`finalize_quantized_model` packs every layer for its kernel (the
@@ -31,7 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from qwenkit.quant.gptq_format import GPTQConfig, QuantizationError, pack_gptq
+from qwenkit.checkpoint.files import WeightFiles, iter_tensors, tensor_names
+from qwenkit.quant.gptq_format import GPTQConfig, QuantizationError, default_g_idx, pack_gptq
 from qwenkit.quant.linear import QuantizedLinear
 from qwenkit.quant.rtn import replace_module
 
@@ -49,6 +50,46 @@ def get_quant_method(layer_name: str, linear: nn.Linear, config: GPTQConfig) -> 
     return QuantizedLinear.for_checkpoint(
         linear.in_features, linear.out_features, linear.bias is not None, layer_config, device=device
     )
+
+
+def with_default_g_idx(hf_config: dict[str, Any], weights: WeightFiles) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint's tensors, with each GPTQ layer's missing ``g_idx`` given right after its qweight.
+
+    Some writers omit ``g_idx`` without act-order (``desc_act`` false); transformers + GPTQModel then use
+    the default ``i // group_size``, and so does this. With ``desc_act`` true the groups are a permutation
+    only the file knows: refused, naming a layer. Which layers lack one is read from the names up front,
+    so each layer still packs as soon as its own tensors are in.
+    """
+    quantization = hf_config.get("quantization_config")
+    if not quantization or quantization.get("quant_method", "gptq") != "gptq":
+        return iter_tensors(weights)
+    names = tensor_names(weights)
+    lacking = sorted(
+        prefix
+        for prefix in (n.removesuffix(".qweight") for n in names if n.endswith(".qweight"))
+        if f"{prefix}.g_idx" not in names
+    )
+    if not lacking:
+        return iter_tensors(weights)
+    config = GPTQConfig.from_dict(quantization)
+    if config.desc_act:
+        more = f" and {len(lacking) - 1} more" if len(lacking) > 1 else ""
+        raise QuantizationError(
+            f"{weights.directory}: the quantization config says desc_act=true (act-order), but "
+            f"{lacking[0]}.g_idx{more} is missing; its column groups cannot be rebuilt without it"
+        )
+    return _add_g_idx(config, weights, set(lacking))
+
+
+def _add_g_idx(
+    config: GPTQConfig, weights: WeightFiles, lacking: set[str]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    for name, tensor in iter_tensors(weights):
+        yield name, tensor
+        prefix = name.removesuffix(".qweight")
+        if name.endswith(".qweight") and prefix in lacking:
+            layer = config.for_layer(prefix) or config
+            yield f"{prefix}.g_idx", default_g_idx(tensor.shape[0] * 32 // layer.bits, layer.group_size)
 
 
 def prepare_quantized_model(

@@ -93,7 +93,7 @@ class GPTQConfig:
             raise QuantizationError(
                 f"quant_method {method!r} is not supported; qwenkit reads GPTQ checkpoints"
             )
-        if d.get("lm_head"):
+        if _flag(d, "lm_head", False):
             raise QuantizationError("GPTQ checkpoints with a quantized lm_head are not supported")
         if d.get("bits") is None:
             raise QuantizationError("GPTQ quantization config has no 'bits'")
@@ -105,9 +105,9 @@ class GPTQConfig:
         # GPTQModel writes its name for it, "format", beside "checkpoint_format" (its reader takes either)
         fmt = d.get("checkpoint_format") or d.get("format") or "gptq"
         meta = d.get("meta") if isinstance(d.get("meta"), dict) else {}
-        if d.get("desc_act"):
+        if _flag(d, "desc_act", False):
             act_order: ActOrder = "dynamic"
-        elif meta.get("act_order") == "static" and d.get("static_groups"):
+        elif _flag(d, "static_groups", False) and meta.get("act_order") == "static":
             act_order = "static"
         else:
             act_order = "none"  # g_idx is monotone; how the columns were visited does not matter to a reader
@@ -121,9 +121,9 @@ class GPTQConfig:
             bits=_number(d, "bits", int, 4),
             group_size=_number(d, "group_size", int, 128),
             act_order=act_order,
-            sym=bool(d.get("sym", True)),
+            sym=_flag(d, "sym", True),
             damp_percent=_number(d, "damp_percent", float, 0.01),
-            true_sequential=bool(d.get("true_sequential", True)),
+            true_sequential=_flag(d, "true_sequential", True),
             checkpoint_format=fmt,
             extra={k: v for k, v in d.items() if k not in known and k != "quant_method"},
         )
@@ -211,6 +211,17 @@ def _number(d: dict[str, Any], key: str, kind: type[int] | type[float], default:
     if kind is int and number != float(value):  # 4.5 bits, not 4
         raise QuantizationError(f"GPTQ {key}={value!r} must be an integer")
     return number
+
+
+def _flag(d: dict[str, Any], key: str, default: bool) -> bool:
+    """``d[key]`` as a boolean (missing or null: ``default``); a string such as ``"false"`` was truthy,
+    so it is refused, naming the field."""
+    value = d.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise QuantizationError(f"GPTQ {key}={value!r} must be true or false (a JSON boolean)")
+    return value
 
 
 def _flat(modules: list) -> list[str]:

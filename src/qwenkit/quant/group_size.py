@@ -80,9 +80,10 @@ def choose_group_size(widths: Mapping[str, int], requested: int, partial_groups:
     common = math.gcd(*widths.values())
     fits = [d for d in range(min(common, requested), 1, -1) if common % d == 0][:4]
     sizes = ", ".join(str(d) for d in fits)
+    smaller = ", ".join(str(s) for s in READER_GROUP_SIZES if s < requested)  # the ones tried above
+    tried = f" and no smaller reader size ({smaller}) tiles every layer" if smaller else ""
     raise QuantizationError(
-        f"--group-size {requested} does not tile {names[0]} ({width} inputs) and no smaller size of "
-        f"{', '.join(map(str, READER_GROUP_SIZES))} tiles every layer; use --group-size "
+        f"--group-size {requested} does not tile {names[0]} ({width} inputs){tried}; use --group-size "
         f"{sizes + ' or ' if sizes else ''}-1 (one group per row), or --partial-groups"
     )
 
