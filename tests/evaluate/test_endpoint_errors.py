@@ -120,9 +120,9 @@ def test_an_endpoint_that_never_answers_times_out_once(capsys):
         args = ["eval", "--endpoint", url, "--task", "gsm8k", "--limit", "3", "--batch-size", "1"]
         assert qwenkit_main([*args, "--request-timeout", "0.5", "--no-progress"]) == 2
         assert capsys.readouterr().err == (
-            f"error: endpoint {url}/v1/chat/completions did not answer within 0.5 s (--request-timeout)\n"
+            f"error: endpoint {url}/v1/models did not answer within 0.5 s (--request-timeout)\n"
         )
-        assert len(accepted) == 1  # the first request (the fingerprint's) timed out: no other was sent
+        assert len(accepted) == 1  # the first request (the context's, recorded) timed out: no other was sent
 
 
 @pytest.mark.parametrize("seconds", ["0", "nan", "inf"])

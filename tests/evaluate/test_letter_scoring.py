@@ -165,3 +165,6 @@ def test_local_scores_are_the_bits_a_servers_engine_gives(tmp_path):
         # a window scored from its 5th token on: the output head runs only there, the values are the same
         (tail,) = LocalBackend(llm).sequence_logprobs([text], [5])
         assert tail == pytest.approx(whole[4:], abs=1e-3) and len(tail) == len(text) - 5
+        # the record names the context a long prompt is cut to (its last context_tokens - 1 kept)
+        assert LocalBackend(llm).describe()["context_tokens"] == llm.engine.max_seq_len
+        assert LocalBackend(llm, max_seq_len=100).describe()["context_tokens"] == 100

@@ -212,7 +212,8 @@ class LocalBackend:
         return replies
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": "local", **(self.record or {})}
+        # the context a prompt is cut to (its last tokens kept): what the truncation record refers to
+        return {"backend": "local", **(self.record or {}), "context_tokens": self.max_context()}
 
 
 class _ScoringAttention:
@@ -591,6 +592,7 @@ class EndpointBackend:
             "backend": "endpoint",
             "url": self.shown_url,
             "model": self.model,
+            "context_tokens": self._context_limit,
             "system_fingerprint": self.system_fingerprint(),
         }
 

@@ -69,7 +69,9 @@ def mc_plan(s: Settings) -> Plan:
             "letters": list(bench.LETTER_SPELLING),
             "fewshot_ids": {k: [d.id for d in v] for k, v in sorted(fewshot.items())},
             "prompt_template_sha256": sha256_text(bench.base_prompt(_probe_item(), [_probe_item()])),
-            "truncation": "keep the last max_seq_len-1 tokens (Qwen)",
+            # Qwen's script keeps the last 2047 at its default --max-seq-len 2048; the model's record says
+            # the context here
+            "truncation": "keep the last context_tokens - 1 tokens (Qwen's rule, at the model's context)",
         }
 
         def run_chunk(backend: Backend, chunk: list[MCItem]) -> list[dict]:
