@@ -1,8 +1,7 @@
 """``/v1/chat/completions`` and ``/v1/completions``: requests in, engine streams out, OpenAI shapes back.
 
 Handlers never step the engine: each choice is one request submitted to the LLM's driver and read
-with ``async for``. A client that disconnects, or a request past ``--request-timeout``, is aborted at
-once (its KV blocks are freed at the next step). Streaming sends nothing before the first token: the
+with ``async for`` (``runs.py``). Streaming sends nothing before the first token: the
 first chunk of a choice carries the role together with the first text (clients time TTFT from it, and
 Qwen-Agent breaks on a role-only chunk).
 """
@@ -10,21 +9,28 @@ Qwen-Agent breaks on a role-only chunk).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
-from qwenkit.engine import SamplingParams, SamplingParamsError
-from qwenkit.generate import LLM, Completion, Delta, TextStream
-from qwenkit.server.errors import APIError, error_body
+from qwenkit.generate import LLM, Completion
+from qwenkit.server.errors import APIError
 from qwenkit.server.logprobs import LegacyLogprobs, PromptEcho, chat_logprobs
 from qwenkit.server.request_params import choice_params, refuse_unsupported, sampling_params
+from qwenkit.server.runs import (
+    Choice,
+    Run,
+    chunk_usage,
+    collect,
+    generation_failed,
+    sse,
+    stream_error,
+    streaming_response,
+)
 from qwenkit.server.schemas import ChatCompletionRequest, CompletionRequest
 from qwenkit.server.state import ServerState
 from qwenkit.server.tool_use import ToolParser, ToolPlan, plan_tools, react_functions
@@ -34,282 +40,6 @@ from qwenkit.tools.calls import ToolSpecError
 from qwenkit.tools.template_style import template_style
 
 log = logging.getLogger(__name__)
-
-# --------------------------------------------------------------------------------------------------
-# Running choices
-
-
-_TICK = object()  # queued by Run.deltas' timer: time to check the deadlines
-# the first word of an engine's refusal of a request (Engine.validate), and the request field it is about
-_ENGINE_FIELDS = {"prompt": "prompt", "stop": "stop_token_ids", "logit_bias": "logit_bias"}
-
-
-@dataclass
-class Choice:
-    index: int
-    prompt_ids: list[int]
-    params: SamplingParams
-    stream: TextStream | None = None
-    cached: Completion | None = None
-    cache_key: tuple | None = None
-    first_token_at: float | None = None
-    result: Completion | None = None
-    echo: PromptEcho | None = None  # /v1/completions with `echo`: what the choice's text starts with
-    generated: int = 0  # tokens streamed so far (held-back text's too)
-
-    def usage_so_far(self) -> dict:
-        """This choice's usage at this point of its stream (``continuous_usage_stats``), as vLLM's."""
-        prompt = len(self.prompt_ids)
-        return {
-            "prompt_tokens": prompt,
-            "completion_tokens": self.generated,
-            "total_tokens": prompt + self.generated,
-        }
-
-
-@dataclass
-class Run:
-    """All choices of one HTTP request, submitted together, read as one merged stream."""
-
-    state: ServerState
-    choices: list[Choice]
-    arrived: float = field(default_factory=time.perf_counter)
-
-    def start(self) -> None:
-        llm, loop = self.state.llm, asyncio.get_running_loop()
-        cache = self.state.response_cache
-        for choice in self.choices:
-            if cache is not None:
-                choice.cache_key = cache.key(choice.prompt_ids, choice.params)
-                choice.cached = cache.get(choice.cache_key)
-        submitted = sum(choice.cached is None for choice in self.choices)  # a cached answer waits for nothing
-        rows, queue = self.state.llm.engine.scheduler.max_batch, self.state.config.max_queue
-        if submitted > rows + queue:  # never fits, however long the client waits: not a 429 to retry
-            prompts = len({id(choice.prompt_ids) for choice in self.choices})
-            n = len(self.choices) // prompts
-            asked = f"n={submitted} choices" if prompts == 1 else f"{prompts} prompts of n={n} choices each"
-            raise APIError(
-                400,
-                f"{asked} can never be taken by this server: it runs {rows} rows and queues {queue} "
-                f"more (--max-batch, --max-queue); ask for at most {rows + queue} choices in one request",
-                "n" if prompts == 1 else "prompt",
-                "invalid_value",
-            )
-        if submitted and self.state.waiting_estimate(submitted) > self.state.config.max_queue:
-            raise APIError(
-                429,
-                f"the server is busy: more than {self.state.config.max_queue} requests are waiting",
-                None,
-                "queue_full",
-                {"Retry-After": "1"},
-            )
-        try:
-            for choice in self.choices:
-                if choice.cached is None:
-                    choice.stream = llm.submit(choice.prompt_ids, choice.params, loop=loop)
-                    self.state.active += 1
-        except SamplingParamsError as e:
-            self.abort()
-            raise APIError(400, str(e), self._param(str(e), choice), "invalid_value") from None
-
-    def _param(self, message: str, choice: Choice) -> str | None:
-        """The request field an engine refusal names ("prompt token id 7 is outside ..."); with several
-        prompts, which one (prompt.1)."""
-        param = _ENGINE_FIELDS.get(message.split(" ", 1)[0])
-        prompts = list({id(c.prompt_ids): c.prompt_ids for c in self.choices}.values())
-        if param == "prompt" and len(prompts) > 1:
-            return f"prompt.{next(i for i, p in enumerate(prompts) if p is choice.prompt_ids)}"
-        return param
-
-    def abort(self) -> None:
-        """Stop every unfinished choice (client gone, timeout, error); their KV blocks are freed."""
-        for choice in self.choices:
-            if choice.stream is not None:
-                # the tokens it made before it was stopped were generated all the same (and streamed);
-                # its prompt counts once computed, as vLLM's (one stopped while it waited computed none)
-                generated = len(choice.stream.completion.token_ids)
-                choice.stream.abort()
-                choice.stream = None
-                self.state.active -= 1
-                prompt = len(choice.prompt_ids) if generated else 0
-                ttft = None if choice.first_token_at is None else choice.first_token_at - self.arrived
-                self.state.metrics.finished(
-                    "abort", prompt, generated, ttft, time.perf_counter() - self.arrived
-                )
-
-    async def deltas(self) -> AsyncIterator[tuple[Choice, Delta]]:
-        """Every choice's Deltas as they come, until all have finished (or the deadline passes)."""
-        queue: asyncio.Queue = asyncio.Queue()
-
-        async def pump(choice: Choice) -> None:
-            try:
-                if choice.cached is not None:
-                    c = choice.cached
-                    self.state.metrics.response_cache_hits.inc()
-                    delta = Delta(c.token_ids, c.text, c.finish_reason, c, c.logprobs, c.prompt_logprobs)
-                    await queue.put((choice, delta))
-                    return
-                async for delta in choice.stream:
-                    await queue.put((choice, delta))
-            except Exception as exc:  # surfaced to the reader below
-                await queue.put((choice, exc))
-
-        tasks = [asyncio.create_task(pump(c)) for c in self.choices]
-        remaining = len(self.choices)
-        timeout = self.state.config.request_timeout
-        deadline = None if timeout is None else self.arrived + timeout
-        # The deadlines are checked at a tick the loop queues behind the deltas (one timer a second,
-        # not a wait_for task for every token).
-        loop, tick = asyncio.get_running_loop(), None
-
-        def arm() -> None:
-            nonlocal tick
-            wait = self._wait(deadline)
-            tick = None if wait is None else loop.call_later(wait, queue.put_nowait, (None, _TICK))
-
-        arm()
-        try:
-            while remaining:
-                choice, item = await queue.get()
-                if item is _TICK:
-                    now = time.perf_counter()
-                    drain = self.state.drain_deadline
-                    if drain is not None and now >= drain:
-                        raise APIError(
-                            503,
-                            "the server is shutting down and stopped this request at the end of its "
-                            "grace period (--graceful-timeout)",
-                            None,
-                            "server_shutdown",
-                            {"Retry-After": "5"},  # as a draining server's 503: another replica, later
-                        )
-                    if deadline is not None and now >= deadline:
-                        raise APIError(
-                            408,
-                            f"the request took longer than --request-timeout ({timeout:g} s) and was stopped",
-                            None,
-                            "timeout",
-                            {"x-should-retry": "false"},  # the openai clients would run it twice more
-                        )
-                    arm()
-                    continue
-                if isinstance(item, Exception):
-                    raise item
-                if choice.first_token_at is None and item.token_ids:
-                    choice.first_token_at = time.perf_counter()
-                choice.generated += len(item.token_ids)
-                if item.finish_reason is not None:
-                    remaining -= 1
-                    self._finished(choice, item.completion)
-                yield choice, item
-        finally:
-            if tick is not None:
-                tick.cancel()
-            for task in tasks:
-                task.cancel()
-            self.abort()
-
-    def _wait(self, deadline: float | None) -> float | None:
-        """Seconds until the nearest deadline (request timeout or the drain's). Until a drain starts, at
-        most 1 s, so a SIGTERM that arrives during a long wait (a long prefill) is noticed in time."""
-        ends = [d for d in (deadline, self.state.drain_deadline) if d is not None]
-        wait = max(min(ends) - time.perf_counter(), 0) if ends else None
-        if self.state.draining:
-            return wait
-        return 1.0 if wait is None else min(wait, 1.0)
-
-    def _finished(self, choice: Choice, completion: Completion) -> None:
-        choice.result = completion
-        if choice.stream is not None:
-            self.state.active -= 1
-            choice.stream = None  # finished: nothing left to abort
-            if self.state.response_cache is not None:
-                self.state.response_cache.put(choice.cache_key, completion)
-        now = time.perf_counter()
-        ttft = None if choice.first_token_at is None else choice.first_token_at - self.arrived
-        self.state.metrics.finished(
-            completion.finish_reason,
-            len(completion.prompt_ids),
-            len(completion.token_ids),
-            ttft,
-            now - self.arrived,
-            from_cache=choice.cached is not None,
-        )
-
-    def usage(self) -> dict:
-        results = [c.result for c in self.choices if c.result is not None]
-        # each prompt once, by its first choice: the one that computed it (its copies, n > 1, read it
-        # from the prefix cache, which says nothing of what was cached when the request came)
-        prompts = {id(c.prompt_ids): c for c in reversed(self.choices)}.values()
-        prompt_tokens = sum(len(c.prompt_ids) for c in prompts)
-        completion_tokens = sum(len(r.token_ids) for r in results)
-        cached = sum(
-            len(c.prompt_ids) if c.cached is not None else (c.result.num_cached_tokens if c.result else 0)
-            for c in prompts
-        )
-        return {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": cached},
-        }
-
-
-async def collect(run: Run, request: Request) -> None:
-    """Read a run to the end, aborting it if the client goes away first."""
-
-    async def consume() -> None:
-        async for _choice, delta in run.deltas():
-            if delta.finish_reason == "error":
-                raise generation_failed(delta.completion)
-
-    async def watch() -> None:
-        while not await request.is_disconnected():
-            await asyncio.sleep(0.25)
-
-    consumer, watcher = asyncio.create_task(consume()), asyncio.create_task(watch())
-    done, _ = await asyncio.wait({consumer, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    watcher.cancel()
-    if consumer not in done:
-        consumer.cancel()
-        run.abort()
-        raise APIError(499, "the client closed the request", None, "client_closed")
-    consumer.result()
-
-
-def generation_failed(completion: Completion) -> APIError:
-    """A choice the engine failed (a step raised): the same error whole or streamed."""
-    return APIError(500, completion.error or "generation failed", None, "generation_error")
-
-
-def sse(payload: dict | str) -> str:
-    return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
-
-
-def streaming_response(events: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(
-        events,
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
-
-
-def _usage_field(run: Run, body: ChatCompletionRequest | CompletionRequest):
-    """A stream chunk's ``usage``: absent without ``include_usage``, null with it (the totals come in
-    a last chunk), the choice's usage so far with ``continuous_usage_stats``."""
-    if not body.include_usage:
-        return lambda index: {}
-    if not body.continuous_usage:
-        return lambda index: {"usage": None}
-    by_index = {c.index: c for c in run.choices}
-    return lambda index: {"usage": by_index[index].usage_so_far()}
-
-
-def stream_error(exc: Exception) -> str:
-    if isinstance(exc, APIError):
-        return sse(error_body(exc.status, exc.message, exc.param, exc.code))
-    return sse(error_body(500, f"internal error: {type(exc).__name__}"))
-
 
 # --------------------------------------------------------------------------------------------------
 # Chat completions
@@ -430,7 +160,7 @@ async def _chat_events(
     run: Run, head: dict, body: ChatCompletionRequest, hidden: frozenset[int], plan: ToolPlan
 ):
     llm = run.state.llm
-    usage_field = _usage_field(run, body)
+    usage_field = chunk_usage(run, body)
     started: set[int] = set()
     parsers: dict[int, ToolParser] = {c.index: plan.parser() for c in run.choices} if plan.parses else {}
     call_indices: dict[int, dict[str, int]] = {i: {} for i in parsers}
@@ -583,7 +313,7 @@ def _completion_logprobs(llm: LLM, choice: Choice, result: Completion) -> dict:
 
 async def _completion_events(run: Run, head: dict, body: CompletionRequest):
     llm = run.state.llm
-    usage_field = _usage_field(run, body)
+    usage_field = chunk_usage(run, body)
     echoed: set[int] = set()
     logprobs = {c.index: LegacyLogprobs(llm) for c in run.choices}
 

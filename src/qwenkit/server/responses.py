@@ -28,16 +28,11 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from qwenkit.generate import Completion
-from qwenkit.server.completions import (
-    ChatRun,
-    collect,
-    generation_failed,
-    start_chat,
-    streaming_response,
-)
+from qwenkit.server.completions import ChatRun, start_chat
 from qwenkit.server.errors import APIError, named_param
 from qwenkit.server.request_params import VLLM_FIELDS
 from qwenkit.server.response_logprobs import INCLUDE, TextLogprobs, refuse_unaligned
+from qwenkit.server.runs import collect, generation_failed, streaming_response
 from qwenkit.server.schemas import ChatCompletionRequest, ResponsesRequest
 from qwenkit.server.state import ServerState
 from qwenkit.server.tool_use import NAMED_USAGE
