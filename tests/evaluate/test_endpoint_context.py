@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from qwenkit.cli import main as qwenkit_main
-from qwenkit.evaluate.backends import BackendError, EndpointBackend
+from qwenkit.evaluate.backends import BackendError
+from qwenkit.evaluate.endpoint import EndpointBackend
 
 MAX_MODEL_LEN = 3000
 

@@ -14,7 +14,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from qwenkit.cli import main as qwenkit_main
-from qwenkit.evaluate.backends import BackendError, EndpointBackend
+from qwenkit.evaluate.backends import BackendError
+from qwenkit.evaluate.endpoint import EndpointBackend
 
 
 @contextmanager

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from qwenkit.evaluate.backends import EndpointBackend
 from qwenkit.evaluate.data import EvalDataError
+from qwenkit.evaluate.endpoint import EndpointBackend
 from qwenkit.evaluate.runner import Settings, run
 
 

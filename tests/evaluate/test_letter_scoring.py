@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from qwenkit.evaluate import mmlu
-from qwenkit.evaluate.backends import EndpointBackend, LocalBackend, _shared_prefix_groups
+from qwenkit.evaluate.backends import LocalBackend, _shared_prefix_groups
+from qwenkit.evaluate.endpoint import EndpointBackend
 from qwenkit.evaluate.multiple_choice import score_loglik
 from qwenkit.evaluate.runner import Settings, plan
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from qwenkit.evaluate.backends import EndpointBackend, LocalBackend
+from qwenkit.evaluate.backends import LocalBackend
+from qwenkit.evaluate.endpoint import EndpointBackend
 from qwenkit.evaluate.multiple_choice import MCItem, score_loglik
 
 LETTERS = ["A", "B", "C", "D"]  # one token each in the tiny Llama-2-layout vocabulary

@@ -25,8 +25,9 @@ from scripted import ScriptedModel, steered_server
 
 from qwenkit.cli import main as qwenkit_main
 from qwenkit.evaluate import data, tooluse
-from qwenkit.evaluate.backends import EndpointBackend, LocalBackend
+from qwenkit.evaluate.backends import LocalBackend
 from qwenkit.evaluate.data import EvalDataError
+from qwenkit.evaluate.endpoint import EndpointBackend
 from qwenkit.evaluate.runner import Settings, rescore_dir, run
 from qwenkit.generate import LLM
 from qwenkit.tokenizer.chat_template import chatml_template

@@ -293,7 +293,7 @@ def _evaluate(
     from qwenkit.evaluate import runner
 
     if args.endpoint:
-        from qwenkit.evaluate.backends import EndpointBackend
+        from qwenkit.evaluate.endpoint import EndpointBackend
 
         backend = EndpointBackend(
             args.endpoint,
