@@ -46,33 +46,30 @@ def test_template_with_tools_a_template_cannot_render_shows_the_react_prompt(cap
     assert capsys.readouterr().err == f"error: tools[0] must be {shape}\n"
 
 
-def test_info_on_a_gguf_without_a_license_says_where_it_looked(tmp_path, gguf_writer, capsys):
-    """A GGUF file's license is its general.license key (the directory around it is not read): info says
-    so, not that none was found "in the model directory"."""
+def _gguf_without(tmp_path, gguf_writer, key: str):
+    """A tiny qwen2 GGUF file whose metadata lacks ``key``."""
     from factories import hf_model
     from gguf_files import Q, tiny_vocab
 
     model = hf_model("qwen2", vocab_size=len(tiny_vocab()[0]))
     state = {n: p.detach() for n, p in model.named_parameters()}
-    path = gguf_writer(
+    return gguf_writer(
         tmp_path / "bare.gguf", "qwen2", model.config.to_dict(), state, Q.F16,
-        extra=lambda w: w.kv_data[0].pop("general.license"),
+        extra=lambda w: w.kv_data[0].pop(key),
     )  # fmt: skip
+
+
+def test_info_on_a_gguf_without_a_license_says_where_it_looked(tmp_path, gguf_writer, capsys):
+    """A GGUF file's license is its general.license key (the directory around it is not read): info says
+    so, not that none was found "in the model directory"."""
+    path = _gguf_without(tmp_path, gguf_writer, "general.license")
     assert main(["info", str(path)]) == 0
     assert capsys.readouterr().out.endswith("\nlicense:\n  none found: the file has no general.license key\n")
 
 
 def test_chat_on_a_gguf_without_a_template_names_the_key_it_lacks(tmp_path, gguf_writer, capsys):
     """The message named only a directory's files, which a GGUF file has none of."""
-    from factories import hf_model
-    from gguf_files import Q, tiny_vocab
-
-    model = hf_model("qwen2", vocab_size=len(tiny_vocab()[0]))
-    state = {n: p.detach() for n, p in model.named_parameters()}
-    path = gguf_writer(
-        tmp_path / "bare.gguf", "qwen2", model.config.to_dict(), state, Q.F16,
-        extra=lambda w: w.kv_data[0].pop("tokenizer.chat_template"),
-    )  # fmt: skip
+    path = _gguf_without(tmp_path, gguf_writer, "tokenizer.chat_template")
     assert main(["chat", str(path), "-p", "hi", "--max-new-tokens", "1"]) == 2
     assert capsys.readouterr().err == (
         "error: this tokenizer has no chat_template (neither tokenizer_config.json nor chat_template.jinja "
