@@ -58,6 +58,7 @@ def test_text_equals_the_chat_route_and_the_library(server, chat_llm):
     assert r.output_text == ref.text == chat.choices[0].message.content
     assert r.id.startswith("resp_") and r.object == "response" and r.model == "tiny"
     assert (r.status, r.incomplete_details.reason) == ("incomplete", "max_output_tokens")
+    assert r.completed_at is None  # "only present when the status is completed"
     (item,) = r.output
     assert item.type == "message" and item.role == "assistant" and item.content[0].type == "output_text"
     assert (r.usage.input_tokens, r.usage.output_tokens, r.usage.total_tokens) == (
@@ -116,6 +117,7 @@ def test_calls_and_reasoning_are_output_items(steered, stream):
     else:
         r = sdk(live).responses.create(**kwargs)
     assert r.status == "completed" and [o.type for o in r.output] == ["reasoning", "message", "function_call"]
+    assert r.completed_at >= r.created_at
     reasoning, _message, call = r.output
     assert reasoning.content[0].text == "I should call the weather tool." and r.output_text == "Checking."
     assert (call.name, json.loads(call.arguments), call.status) == (

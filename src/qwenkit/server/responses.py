@@ -379,13 +379,13 @@ class ResponseHead:
         incomplete: dict[str, str] | None = None,
         error: dict[str, str] | None = None,
     ) -> dict[str, Any]:
-        done = status in ("completed", "incomplete")
         return {
             "id": self.id,
             "object": "response",
             "created_at": self.created,
             "status": status,
-            "completed_at": int(time.time()) if done else None,
+            # "Only present when the status is completed" (OpenAI's reference): null when cut short
+            "completed_at": int(time.time()) if status == "completed" else None,
             "error": error,
             "incomplete_details": incomplete,
             **self.fields,
