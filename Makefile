@@ -1,9 +1,11 @@
-# The README names these targets. `make setup` builds .venv from nothing (CPU torch, no CUDA download).
+# `make setup` builds .venv from nothing (torch==2.13.0 first; TORCH_INDEX_URL picks its wheel index, as
+# deploy/install.sh says), `make test` runs the suite (the README's two commands); `make eval-data` fetches
+# the benchmark data again, `make lint` checks the style.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test lint chat bench eval-data
+.PHONY: setup test lint chat eval-data
 
 setup:
 	# deploy/install.sh is the one install path: the container images run it too.
