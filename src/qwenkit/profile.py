@@ -69,6 +69,12 @@ def parse_precisions(text: str, quantized_checkpoint: bool) -> list[str]:
     return names
 
 
+def prompt_ids(n: int, vocab: int) -> list[int]:
+    """``n`` made-up prompt ids, all inside the vocabulary: ``% min(vocab, 1000) + 1`` reached ``vocab``
+    itself on a vocabulary of 1,000 or fewer, and the run failed on a prompt id outside it."""
+    return [(7 * i + 11) % min(vocab - 1, 1000) + 1 for i in range(n)]
+
+
 def _load(model: str, precision: str, dtype: str, device: str, context: int, tensor_parallel=None):
     from qwenkit.checkpoint import load_model
 
@@ -219,7 +225,7 @@ def profile_in_process(
         baseline_bytes=baseline,
         tensor_parallel=1 if tensor_parallel is None else tensor_parallel.world,
     )
-    ids = [(7 * i + 11) % min(vocab, 1000) + 1 for i in range(max(encode, context))]
+    ids = prompt_ids(max(encode, context), vocab)
     greedy = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
 
     warm = Engine(loaded, max_batch_size=1, max_seq_len=64)

@@ -43,7 +43,7 @@ def test_template_with_tools_a_template_cannot_render_shows_the_react_prompt(cap
     (tmp_path / "bad.json").write_text('[{"type": "function"}]')
     assert main(["template", model, str(tmp_path / "m.json"), "--tools", str(tmp_path / "bad.json")]) == 2
     shape = '{"type": "function", "function": {...}}'
-    assert capsys.readouterr().err == f"error: tools[0] must be {shape}\n"
+    assert capsys.readouterr().err == f"error: {tmp_path / 'bad.json'}: tools[0] must be {shape}\n"
 
 
 def _gguf_without(tmp_path, gguf_writer, key: str):

@@ -8,7 +8,7 @@ from factories import hf_model, save_hf
 
 from qwenkit import kernels
 from qwenkit.cli import main
-from qwenkit.profile import ProfileError, parse_precisions, profile
+from qwenkit.profile import ProfileError, parse_precisions, profile, prompt_ids
 from qwenkit.quant.kernels.avx512 import INT_ISA_NAMES
 
 
@@ -67,6 +67,8 @@ def test_profile_cli_table(tiny, capsys) -> None:
         ),
         (["--generate", "0", "--encode", "0"], "error: --context must be at least 1"),
         (["--precisions", ""], "error: --precisions is empty"),  # once: every precision, 2,048 tokens each
+        # was "error: profiling float32 failed: IndexError: list index out of range", from the child
+        (["--tensor-parallel", "0"], "error: --tensor-parallel must be at least 1, got 0\n"),
     ],
 )
 def test_profile_bad_input(tiny, capsys, args, message) -> None:
@@ -81,6 +83,31 @@ def test_a_failed_precision_is_one_error_line(tiny, capsys) -> None:
     assert main(["profile", str(tiny), "--precisions", "int4", "--device", "cuda", "--generate", "2"]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
         "error: profiling int4 failed: --device cuda was asked for, but no CUDA device is available"
+    )
+
+
+def test_prompt_ids_stay_inside_a_small_vocabulary(tiny) -> None:
+    """A 512-token vocabulary got prompt id 512 from the 500th position on: encoding 512 tokens failed
+    with "prompt token id 512 is outside the vocabulary (0..511)"."""
+    assert all(0 < i < 512 for i in prompt_ids(2048, 512))
+    assert prompt_ids(4, 151936) == [12, 19, 26, 33]  # a real vocabulary's prompt is unchanged
+    assert max(prompt_ids(2048, 151936)) == 1000
+    (row,) = profile(tiny, ["float32"], generate=0, encode=512, isolate=False)
+    assert row.encode_tokens_per_second > 0 and row.peak_encode_bytes > 0
+
+
+def test_quantize_on_a_quantized_checkpoint_is_refused(tmp_path, capsys) -> None:
+    """--quantize int4 on a GPTQ checkpoint was dropped without a word and the checkpoint profiled;
+    --precisions int4 (and generate --quantize) refuse it."""
+    from qwenkit.quant.pipeline import quantize_checkpoint
+
+    src = save_hf(hf_model("qwen2"), tmp_path / "m")
+    quantize_checkpoint(src, tmp_path / "q", bits=8, method="rtn", progress=False)
+    capsys.readouterr()  # transformers' progress bars while saving
+    args = ["--quantize", "int4", "--generate", "2", "--encode", "2"]
+    assert main(["profile", str(tmp_path / "q"), *args]) == 2
+    assert capsys.readouterr().err == (
+        "error: the model is already quantized; it runs only at its own precision, not int4\n"
     )
 
 

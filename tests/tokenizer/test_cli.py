@@ -142,7 +142,9 @@ def test_template_bad_input(capsys, tmp_path):
     assert "must hold a JSON list of messages" in capsys.readouterr().err
     (tmp_path / "norole.json").write_text('[{"content": "x"}]')
     assert template.main([str(QWEN3_DIR), str(tmp_path / "norole.json")]) == 2
-    assert capsys.readouterr().err == "error: chat message 0 must be an object with a string 'role'\n"
+    assert capsys.readouterr().err == (
+        f"error: {tmp_path / 'norole.json'}: chat message 0 must be an object with a string 'role'\n"
+    )
 
 
 def test_template_joins_openai_text_parts_as_the_server_does(capsys, tmp_path, v1_dir):
@@ -174,5 +176,28 @@ def test_template_message_that_is_not_an_object_is_one_line(capsys, tmp_path, v1
         for ids in ([], ["--ids"]):
             assert template.main([str(model), str(tmp_path / "m.json"), *ids]) == 2
             out, err = capsys.readouterr()
-            assert out == "" and err.startswith("error: chat message 1 must be an object with ")
+            assert out == "" and err.startswith(f"error: {tmp_path / 'm.json'}: chat message 1 must be an ")
             assert err.count("\n") == 1
+
+
+def test_template_errors_name_the_file_at_fault(capsys, tmp_path):
+    """Valid JSON of the wrong shape was refused without naming the file ("`tools` must be an array"),
+    and a number as content reached the template ("'int object' has no attribute 'startswith'")."""
+    (tmp_path / "m.json").write_text('[{"role": "user", "content": "hi"}]')
+    (tmp_path / "t.json").write_text('"get_weather"')
+    assert template.main([str(QWEN3_DIR), str(tmp_path / "m.json"), "--tools", str(tmp_path / "t.json")]) == 2
+    assert capsys.readouterr() == ("", f"error: {tmp_path / 't.json'}: `tools` must be an array\n")
+    (tmp_path / "e.json").write_text("[]")
+    assert template.main([str(QWEN3_DIR), str(tmp_path / "e.json")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {tmp_path / 'e.json'}: chat messages must be a non-empty list of {{'role', 'content'}} "
+        "objects\n"
+    )
+    (tmp_path / "n.json").write_text('[{"role": "user", "content": 5}]')
+    for ids in ([], ["--ids"]):
+        assert template.main([str(QWEN3_DIR), str(tmp_path / "n.json"), *ids]) == 2
+        assert capsys.readouterr() == (
+            "",
+            f"error: {tmp_path / 'n.json'}: message 0's content must be text or a list of text parts, "
+            "not 5\n",
+        )

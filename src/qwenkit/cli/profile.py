@@ -58,17 +58,17 @@ def main(argv: list[str] | None = None) -> int:
     from qwenkit.profile import CHECKPOINT, markdown, parse_precisions, profile
 
     path = resolve_model(args.model)
-    if args.tensor_parallel > 1:
+    if args.tensor_parallel != 1:  # 0 or less is refused here, not as a child's IndexError
         check_tensor_parallel(
             argparse.Namespace(model=str(path), tensor_parallel=args.tensor_parallel, device=args.device)
         )
     quantized = ModelConfig.from_hf(open_checkpoint(path).hf_config).quantization is not None
     if args.precisions is not None:  # "" is refused as empty, not taken as "all of them"
         text = args.precisions
+    elif args.quantize:  # on a quantized checkpoint, refused below as --precisions would be (was ignored)
+        text = args.quantize
     elif quantized:
         text = CHECKPOINT
-    elif args.quantize:
-        text = args.quantize
     elif args.dtype != "auto":
         text = args.dtype
     elif path.suffix == ".gguf":

@@ -46,6 +46,10 @@ def _text_parts_joined(path: str, i: int, message: Any) -> Any:
     """A message whose content is OpenAI's list of text parts, with the parts joined as the server joins
     them (the templates got the list itself and failed on it: "'list object' has no attribute ...")."""
     content = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(content, list | str | None):  # a number reached the template: "'int object' has ..."
+        raise _InputError(
+            f"{path}: message {i}'s content must be text or a list of text parts, not {json.dumps(content)}"
+        )
     if not isinstance(content, list):
         return message
     if not all(
@@ -87,7 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = tokenizer_for(args.model_dir)
         gen = not args.no_generation_prompt
         style = template_style(tokenizer.chat_template)
-        functions = offered_functions(tools) if tools is not None else []
+        try:  # a bad message or tool named no file ("chat message 0 must be ..."): say which one
+            functions = offered_functions(tools) if tools is not None else []
+        except QwenkitError as e:
+            raise _InputError(f"{args.tools or args.messages}: {e}") from None
         if tools and style.react:
             print(
                 "qwenkit template: this template renders no hermes <tool_call> tools; the prompt below "
@@ -95,11 +102,15 @@ def main(argv: list[str] | None = None) -> int:
                 "(replies stop at 'Observation:')",
                 file=sys.stderr,
             )
-        if args.ids:
-            print(json.dumps(style.prompt_ids(tokenizer, data, functions, tools, gen)))
-        else:
-            sys.stdout.write(style.prompt_text(tokenizer, data, functions, tools, gen))
-            sys.stdout.flush()
+        try:
+            if args.ids:
+                out = json.dumps(style.prompt_ids(tokenizer, data, functions, tools, gen)) + "\n"
+            else:
+                out = style.prompt_text(tokenizer, data, functions, tools, gen)
+        except QwenkitError as e:
+            raise _InputError(f"{args.messages}: {e}") from None
+        sys.stdout.write(out)
+        sys.stdout.flush()
     except (QwenkitError, _InputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
