@@ -81,6 +81,7 @@ FIM_END_TOKENS = {
     "fim_rep_token_id": frozenset({"<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"}),
     "fim_sep_token_id": frozenset({"<|file_sep|>"}),
 }
+_ENDING_SPELLINGS = END_OF_GENERATION_TOKENS.union(*FIM_END_TOKENS.values())
 
 
 class TokenizerMetadataError(ValueError):
@@ -136,9 +137,11 @@ class GGUFVocab:
         }
         special_ids = {role: stated[key] for role, key in names.items() if key in stated}
         ends = [stated[key] for key in ("eos_token_id", "eot_token_id", "eom_token_id") if key in stated]
-        ends += [i for i, token in enumerate(tokens) if token in END_OF_GENERATION_TOKENS]
+        # one pass over the vocabulary (150k tokens for Qwen, at every load) finds every spelling looked for
+        spelled = [(i, t) for i, t in enumerate(tokens) if t in _ENDING_SPELLINGS]
+        ends += [i for i, t in spelled if t in END_OF_GENERATION_TOKENS]
         for key, spellings in FIM_END_TOKENS.items():
-            ends += [stated[key]] if key in stated else [i for i, t in enumerate(tokens) if t in spellings]
+            ends += [stated[key]] if key in stated else [i for i, t in spelled if t in spellings]
         pre = metadata.get("tokenizer.ggml.pre")
         if pre is not None and pre not in KNOWN_PRE:
             raise TokenizerMetadataError(
