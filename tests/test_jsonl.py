@@ -22,6 +22,15 @@ GOOD = b'{"text": "fine", "question": "q", "answer": "#### 1"}\n'
         (b'"a string"', "not a JSON object (a string)"),
         (b"null", "not a JSON object (null)"),
         (b'{"text": "caf\xe9"}', "not valid UTF-8 (byte 13 of the line)"),
+        # json.loads keeps the last value: this user turn silently became an assistant reply to learn
+        (
+            b'{"messages": [{"role": "user", "content": "hi", "role": "assistant"}]}',
+            "the key 'role' appears twice in one object",
+        ),
+        (
+            b'{"text": "a", "question": "q", "answer": "#### 1", "answer": "#### 2"}',
+            "the key 'answer' appears twice in one object",
+        ),
     ],
 )
 def test_benchmark_and_training_readers_refuse_a_line_alike(tmp_path, line, problem):
@@ -45,26 +54,6 @@ def test_line_separators_inside_json_strings_are_text(tmp_path):
     assert [p.question for p in gsm8k.read_jsonl(path)] == [question, question]
     assert [r.text for r in read_records(path)] == [question, question]
     assert [r.where for r in read_records(path)] == [f"{path}:1", f"{path}:2"]
-
-
-@pytest.mark.parametrize(
-    ("line", "key"),
-    [
-        # json.loads keeps the last value: this user turn silently became an assistant reply to learn
-        (b'{"messages": [{"role": "user", "content": "hi", "role": "assistant"}]}', "role"),
-        (b'{"text": "a", "question": "q", "answer": "#### 1", "answer": "#### 2"}', "answer"),
-    ],
-)
-def test_a_key_given_twice_is_refused_not_overwritten(tmp_path, line, key):
-    path = tmp_path / "d.jsonl"
-    path.write_bytes(GOOD + line + b"\n")
-    problem = f"the key '{key}' appears twice in one object"
-    with pytest.raises(EvalDataError) as bench:
-        gsm8k.read_jsonl(path)
-    assert str(bench.value) == f"{path} line 2: {problem}"
-    with pytest.raises(DataError) as train:
-        read_records(path)
-    assert str(train.value) == f"{path}:2: {problem}"
 
 
 def test_a_byte_order_mark_before_the_first_line_is_skipped(tmp_path):
