@@ -261,3 +261,41 @@ def test_info_on_the_first_part_shows_the_whole_model(whole, parts, capsys):
         shown.append(rest)
     assert shown[0] == shown[1]
     assert any("Q4_1 x14" in line for line in shown[1]) and any("as stored" in line for line in shown[1])
+
+
+def test_serve_from_the_first_part_names_the_model_without_the_part_numbers(parts, whole, capsys):
+    """`qwenkit serve` given part 1 serves the whole model, under the name the parts share; its greedy
+    completion is the single file's."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "QWENKIT_MODEL": str(parts[0]), "QWENKIT_PORT": str(port)}
+    proc = subprocess.Popen([sys.executable, "-m", "qwenkit.cli", "serve"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
+    try:
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, (
+                proc.stdout.read() if proc.poll() else ""
+            )
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        assert [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]] == ["tiny"]
+        body = {"model": "tiny", "prompt": [5, 9, 17], "max_tokens": 4, "temperature": 0}
+        answer = httpx.post(url + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    assert main(["generate", str(whole), "--prompt-ids", "5,9,17", "--temperature", "0",
+                 "--max-new-tokens", "4", "--json"]) == 0  # fmt: skip
+    assert answer == json.loads(capsys.readouterr().out)["text"]
