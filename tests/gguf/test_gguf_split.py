@@ -152,6 +152,24 @@ def test_generate_from_the_first_part_prints_the_single_files_tokens(whole, part
     assert len(outputs[0]) == 6 and outputs[0] == outputs[1]
 
 
+def test_chat_from_the_first_part_answers_as_the_single_file(whole, parts, capsys):
+    greedy = ["-p", "the cat", "--temperature", "0", "--max-new-tokens", "6"]
+    answers = []
+    for path in (whole, parts[0]):
+        assert main(["chat", str(path), *greedy]) == 0
+        answers.append(capsys.readouterr().out)
+    assert answers[0] and answers[0] == answers[1]
+
+
+def test_a_first_part_without_tensors_loads(whole, tmp_path):
+    """llama-gguf-split --no-tensor-first-split: the first part holds only the metadata."""
+    paths = write_parts(whole, tmp_path / "e", [0, len(gguf.GGUFReader(whole).tensors)])
+    one, split = read_gguf(whole), read_gguf(paths[0])
+    assert len(gguf.GGUFReader(paths[0]).tensors) == 0
+    got, want = dict(split.tensors()), dict(one.tensors())
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_convert_to_hf_from_the_first_part_writes_the_single_files_weights(whole, parts, tmp_path, capsys):
     from safetensors.torch import load_file
 
