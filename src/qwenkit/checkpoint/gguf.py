@@ -256,7 +256,8 @@ def generation_config_to_save(ckpt: GGUFCheckpoint) -> dict[str, Any]:
 
 
 def read_gguf(path: str | Path) -> GGUFCheckpoint:
-    """Open a GGUF file and check it can be read: magic, completeness, architecture, tensor types.
+    """Open a GGUF file and check it can be read: magic, completeness, architecture, tensor types. The
+    first part of a model split by llama-gguf-split opens the whole model (``gguf_split``).
 
     Raises ``GGUFError`` naming the file and the problem.
     """
