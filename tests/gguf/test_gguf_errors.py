@@ -144,9 +144,10 @@ def test_gguf_per_layer_head_counts_that_agree_are_read_as_llama_cpp_reads_them(
 
 
 @pytest.mark.parametrize("part", [0, 2])
-def test_gguf_error_a_part_of_a_split_gguf_says_so(tmp_path, gguf_writer, part):
-    """llama-gguf-split's parts: the first once failed as missing dozens of layer tensors, a later one as an
-    'unsupported architecture None' (only the first holds the metadata)."""
+def test_gguf_error_a_part_of_a_split_gguf_under_another_name_says_so(tmp_path, gguf_writer, part):
+    """llama-gguf-split's parts (read whole by test_gguf_split): the first once failed as missing dozens of
+    layer tensors, a later one as an 'unsupported architecture None' (only the first holds the metadata).
+    Renamed, the first cannot find the others, and a later one is not where a model starts."""
 
     def split(w: gguf.GGUFWriter) -> None:
         w.add_uint16("split.no", part)
@@ -155,6 +156,9 @@ def test_gguf_error_a_part_of_a_split_gguf_says_so(tmp_path, gguf_writer, part):
 
     path = _with_key(tmp_path, gguf_writer, "split.no", lambda w, k: split(w))
     assert _error(path) == (
-        f"{path}: part {part + 1} of a GGUF split into 3 files; qwenkit reads one file: join them first with "
-        "llama.cpp's `llama-gguf-split --merge FIRST-PART merged.gguf`"
+        f"{path}: the first part of a GGUF split into 3 files, but not named ...-00001-of-00003.gguf as "
+        "llama-gguf-split names it, so its other parts cannot be found; give the parts their names back"
+        if part == 0
+        else f"{path}: part 3 of a GGUF split into 3 files; pass the first part, as llama.cpp needs it (it "
+        "names the model and finds the other parts)"
     )

@@ -81,7 +81,7 @@ def test_gguf_tensors_equal_transformers(smollm, hf_smollm) -> None:
 def test_gguf_f32_tensors_are_not_copied(smollm) -> None:
     """F32 norms come back as views of the memory map (copy-on-write), not copies."""
     _, tensor = next((n, t) for n, t in smollm.tensors() if n.endswith("input_layernorm.weight"))
-    base = smollm._map  # the file's memory map
+    base = smollm._maps[0]  # the file's memory map
     start = base.ctypes.data
     assert start <= tensor.data_ptr() < start + base.nbytes
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from qwenkit.checkpoint.gguf_split import part_files
 from qwenkit.errors import CheckpointError
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -34,9 +35,10 @@ def files_sha256(path: Path, sample: int | None = None) -> str:
     """One hash over a checkpoint file, or over a directory's weight, config and tokenizer files (names
     and contents). ``sample`` bytes: each file's size and its first and last ``sample`` bytes instead
     of all of it (a safetensors header and the last tensor's values): seconds saved on a large model
-    where what is asked is "the same files?", not proof against tampering."""
+    where what is asked is "the same files?", not proof against tampering. A split GGUF's first part
+    stands for all its parts."""
     files = (
-        [path]
+        part_files(path)
         if path.is_file()
         else sorted(f for f in path.iterdir() if f.is_file() and f.suffix in _IDENTITY_SUFFIXES)
     )

@@ -37,6 +37,7 @@ from qwenkit.checkpoint.gguf_quant import (
     requantize_int8,
     requantize_q6_k,
 )
+from qwenkit.checkpoint.gguf_split import SplitError, join_parts, split_count
 from qwenkit.checkpoint.gguf_tensors import (
     SUPPORTED_TYPES,
     HeadLayout,
@@ -69,13 +70,15 @@ class GGUFCheckpoint:
     """An opened GGUF file. Metadata is read at open; tensors are decoded one at a time on demand.
 
     Satisfies the loader's ``CheckpointSource`` protocol (``path``, ``hf_config``, ``tensors()``,
-    ``total_bytes``).
+    ``total_bytes``). A model split into parts (``gguf_split``) is opened by its first part, ``path``;
+    ``parts`` lists every part's file, each memory-mapped on its own.
     """
 
-    def __init__(self, path: Path, index: GGUFIndex) -> None:
+    def __init__(self, path: Path, index: GGUFIndex, parts: list[Path] | None = None) -> None:
         self.path = path
+        self.parts = parts or [path]
         # Copy-on-write: tensors can be handed to torch without a copy, and writes never reach the file.
-        self._map = np.memmap(path, mode="c")
+        self._maps = [np.memmap(part, mode="c") for part in self.parts]
         self.metadata = metadata = index.metadata
         self.architecture: str = metadata["general.architecture"]
         self.license: str | None = metadata.get("general.license")
@@ -136,7 +139,7 @@ class GGUFCheckpoint:
 
     def _bytes(self, t: TensorEntry) -> np.ndarray:
         """The tensor's raw bytes, a view of the memory map."""
-        return self._map[t.offset : t.offset + t.n_bytes]
+        return self._maps[t.part][t.offset : t.offset + t.n_bytes]
 
     def _data(self, t: TensorEntry) -> np.ndarray:
         """The tensor as gguf-py's reader lays it out: float arrays, or rows of block bytes."""
@@ -253,7 +256,8 @@ def generation_config_to_save(ckpt: GGUFCheckpoint) -> dict[str, Any]:
 
 
 def read_gguf(path: str | Path) -> GGUFCheckpoint:
-    """Open a GGUF file and check it can be read: magic, completeness, architecture, tensor types.
+    """Open a GGUF file and check it can be read: magic, completeness, architecture, tensor types. The
+    first part of a model split by llama-gguf-split opens the whole model (``gguf_split``).
 
     Raises ``GGUFError`` naming the file and the problem.
     """
@@ -264,20 +268,18 @@ def read_gguf(path: str | Path) -> GGUFCheckpoint:
         index = read_index(p)
     except GGUFHeaderError as e:
         raise GGUFError(f"{p}: {e}") from e
-    split = index.metadata.get("split.count")
-    if isinstance(split, int) and split > 1:  # llama-gguf-split's parts: only the first holds the metadata
-        part = index.metadata.get("split.no")
-        which = f"part {part + 1} of " if isinstance(part, int) else ""
-        raise GGUFError(
-            f"{p}: {which}a GGUF split into {split} files; qwenkit reads one file: join them first with "
-            f"llama.cpp's `llama-gguf-split --merge FIRST-PART merged.gguf`"
-        )
-    size = p.stat().st_size
+    parts = [p]
+    if split_count(index.metadata) > 1:  # llama-gguf-split's parts: only the first holds the metadata
+        try:
+            index, parts = join_parts(p, index)
+        except SplitError as e:
+            raise GGUFError(str(e)) from None
+    sizes = [part.stat().st_size for part in parts]
     for t in index.tensors:
-        if t.offset + t.n_bytes > size:
+        if t.offset + t.n_bytes > sizes[t.part]:
             raise GGUFError(
-                f"{p}: truncated GGUF file: tensor {t.name} ends past the end of the file "
-                f"({size:,} bytes); download it again"
+                f"{parts[t.part]}: truncated GGUF file: tensor {t.name} ends past the end of the file "
+                f"({sizes[t.part]:,} bytes); download it again"
             )
 
     metadata = index.metadata
@@ -303,7 +305,7 @@ def read_gguf(path: str | Path) -> GGUFCheckpoint:
             f"{p}: missing tensor blk.0.ffn_up.weight (or blk.0.ffn_up_exps.weight); "
             "not a decoder model this reader understands"
         )
-    return GGUFCheckpoint(p, index)
+    return GGUFCheckpoint(p, index, parts)
 
 
 def _matrix_shape(name: str | None, shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -44,13 +44,15 @@ MIN_CACHED_BYTES = 16 << 20  # smaller files parse in milliseconds: not worth a 
 
 @dataclass(frozen=True)
 class TensorEntry:
-    """One tensor of the file: GGUF name, block type, PyTorch-order shape, and where its bytes are."""
+    """One tensor of the file: GGUF name, block type, PyTorch-order shape, and where its bytes are (in
+    ``part``, 0-based, of a model split into several files: ``gguf_split``)."""
 
     name: str
     tensor_type: GGMLQuantizationType
     shape: tuple[int, ...]
     offset: int
     n_bytes: int
+    part: int = 0
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from qwenkit.checkpoint.gguf_split import part_files
 from qwenkit.checkpoint.user_cache import cache_root
 from qwenkit.config import ModelConfig
 from qwenkit.env_switch import ON_OFF, env_choice
@@ -425,9 +426,9 @@ def _resolve(name: str) -> Any:
 
 
 def _identity(path: Path) -> str:
-    """Size, modification time and first-MiB hash of the checkpoint file, or of each file directly in
-    the checkpoint directory."""
-    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+    """Size, modification time and first-MiB hash of the checkpoint file (every part of a split GGUF), or
+    of each file directly in the checkpoint directory."""
+    files = part_files(path) if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
     h = hashlib.sha256()
     for f in files:
         st = f.stat()

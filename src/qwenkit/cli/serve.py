@@ -428,10 +428,12 @@ def serve(args: argparse.Namespace, api_key: str | None, llm, listener: socket.s
     then returns 0."""
     import uvicorn
 
+    from qwenkit.checkpoint.gguf_split import model_stem
     from qwenkit.server import ServerConfig, create_app
 
     path = resolve_model(args.model)
-    name = args.served_model_name or (path.stem if path.suffix == ".gguf" else path.name)
+    # a split GGUF is served under its model's name, without the first part's -00001-of-00003
+    name = args.served_model_name or (model_stem(path) if path.suffix == ".gguf" else path.name)
     adapters = lora_modules(args.lora_modules, name)
     if name in adapters:
         raise ConfigError(f"the model is served as {name!r}, which is also a --lora-modules name")
