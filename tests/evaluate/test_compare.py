@@ -155,3 +155,13 @@ def test_a_run_without_results_says_why(tmp_path, capsys):
     ):
         assert qwenkit_main(["eval", "--compare", str(good), str(path)]) == 2
         assert capsys.readouterr().err == f"error: {message}\n"
+
+
+def test_gguf_runs_are_labelled_by_the_model_not_the_first_part_of_a_split_file(tmp_path):
+    ppl = Settings(task="ppl", data="corpus.txt", window=48, stride=16)
+    scores = {"token_perplexity": 9.0, "tokens_scored": 900}
+    split = write_run(tmp_path, "a", scores, ppl, model_path="/m/Qwen2.5-72B-Q4_K_M-00001-of-00002.gguf")
+    whole = write_run(tmp_path, "b", scores, ppl, model_path="/m/Qwen2.5-0.5B.gguf")
+    lines = compare([split, whole]).splitlines()
+    assert lines[1].split()[:2] == ["a", "Qwen2.5-72B-Q4_K_M"]
+    assert lines[2].split()[:2] == ["b", "Qwen2.5-0.5B"]

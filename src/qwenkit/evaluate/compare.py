@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from qwenkit.checkpoint.gguf_split import model_stem
 from qwenkit.evaluate.data import EvalDataError
 from qwenkit.evaluate.plans import TASKS, Settings, used_settings
 from qwenkit.evaluate.results import RESULTS, SAMPLES, known_stderr
@@ -108,7 +109,9 @@ def _model_label(record: dict[str, Any]) -> str:
     if record.get("url"):
         where = urlsplit(record["url"]).netloc or record["url"]
         return f"{record['model']} @ {where}" if record.get("model") else where
-    name = Path(record.get("model_path") or "?").name.removesuffix(".gguf")  # not .stem: "Qwen2.5-0.5B"
+    path = Path(record.get("model_path") or "?")
+    # not .stem for a directory ("Qwen2.5-0.5B"); a split GGUF's model name, without "-00001-of-00003"
+    name = model_stem(path) if path.suffix == ".gguf" else path.name
     precision = record.get("quantization") or record.get("dtype") or ""
     adapter = f" + {Path(record['adapter_path']).name}" if record.get("adapter_path") else ""
     return f"{name} {precision}".strip() + adapter
