@@ -144,6 +144,17 @@ def test_special_token_text_in_a_completions_prompt_and_responses_input_stays_te
     assert control == [im_start] * 5 + [im_end] * 4 + [151657, 151658, 151665, 151666]
 
 
+def test_a_stop_string_spelling_a_special_token_ends_on_it(server, chat_llm):
+    """The token's text is never in a reply, so the token itself is the stop (it ran to max_tokens)."""
+    im_start = chat_llm.tokenizer.added_tokens["<|im_start|>"]
+    body = {"prompt": "Hi", "max_tokens": 6, "logit_bias": {str(im_start): 100}, "stop": ["<|im_start|>"]}
+    for path, extra in (("/v1/completions", {}), (CHAT, {"messages": HELLO})):
+        r = httpx.post(server.url + path, json={**body, **extra}).json()
+        choice = r["choices"][0]
+        assert (choice["finish_reason"], r["usage"]["completion_tokens"]) == ("stop", 1), path
+        assert (choice.get("text") or choice.get("message", {}).get("content") or "") == ""
+
+
 def test_api_key(make_server):
     live = make_server(api_key="s3cret")
     assert httpx.get(live.url + "/health").status_code == 200  # probes need no key
