@@ -472,4 +472,8 @@ def test_a_stop_string_that_is_a_special_tokens_text_stops_on_that_token(llm):
     forced["include_stop_str_in_output"] = True
     kept = llm.generate("Once upon a time", SamplingParams(**forced))[0]
     assert (kept.token_ids, kept.text, kept.finish_reason) == ([im_start], "<|im_start|>", "stop")
+    im_end = llm.tokenizer.added_tokens["<|im_end|>"]  # eos: it ends the reply as before, without its text
+    eos = {**forced, "logit_bias": ((im_end, 100.0),), "stop": ("<|im_end|>",)}
+    ended = llm.generate("Once upon a time", SamplingParams(**{**eos, "ignore_eos": False}))[0]
+    assert (ended.token_ids, ended.text, ended.finish_reason) == ([im_end], "", "stop")
     assert llm.driver.wait_idle() and llm.engine.blocks.usage == 0

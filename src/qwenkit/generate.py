@@ -89,11 +89,13 @@ class TextState:
         self.completion = completion
         self.stop = tuple(s for s in stop if s)
         # a stop string that spells a special token ("<|im_start|>") never appears in the text, which
-        # skips that token: the token itself is the stop (as koboldcpp matches one; vLLM never stops)
+        # skips that token: the token itself is the stop (as koboldcpp matches one; vLLM never stops).
+        # Stop tokens (eos) keep their own meaning: the reply ends on them without their text.
         self.stop_tokens = {
-            tokenizer.added_tokens[s]: s
+            token: s
             for s in self.stop
-            if tokenizer.added_tokens.get(s) in tokenizer.special_token_ids
+            if (token := tokenizer.added_tokens.get(s)) in tokenizer.special_token_ids
+            and token not in hidden_ids
         }
         self.hidden_ids = hidden_ids
         self.include_stop = include_stop  # keep the stop string found at the end of the text
