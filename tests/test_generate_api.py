@@ -458,3 +458,22 @@ def test_an_llm_no_longer_referenced_stops_its_thread_and_frees_the_model(tiny_c
     gc.collect()
     thread.join(timeout=10)
     assert not thread.is_alive() and model() is None
+
+
+def test_a_stop_string_that_is_a_special_tokens_text_stops_on_that_token(llm):
+    """A special token's text never shows (skip_special_tokens), so a stop string spelling it (clients
+    send ``stop: ["<|im_start|>"]``) is matched by the token itself, or it never ends the request."""
+    im_start = llm.tokenizer.added_tokens["<|im_start|>"]
+    assert im_start in llm.tokenizer.special_token_ids and im_start not in llm.eos_token_ids
+    forced = {**SAMPLED.__dict__, "max_tokens": 8, "logit_bias": ((im_start, 100.0),)}
+    forced["stop"] = ("<|im_start|>",)
+    cut = llm.generate("Once upon a time", SamplingParams(**forced))[0]
+    assert (cut.token_ids, cut.text, cut.finish_reason) == ([im_start], "", "stop")
+    forced["include_stop_str_in_output"] = True
+    kept = llm.generate("Once upon a time", SamplingParams(**forced))[0]
+    assert (kept.token_ids, kept.text, kept.finish_reason) == ([im_start], "<|im_start|>", "stop")
+    im_end = llm.tokenizer.added_tokens["<|im_end|>"]  # eos: it ends the reply as before, without its text
+    eos = {**forced, "logit_bias": ((im_end, 100.0),), "stop": ("<|im_end|>",)}
+    ended = llm.generate("Once upon a time", SamplingParams(**{**eos, "ignore_eos": False}))[0]
+    assert (ended.token_ids, ended.text, ended.finish_reason) == ([im_end], "", "stop")
+    assert llm.driver.wait_idle() and llm.engine.blocks.usage == 0

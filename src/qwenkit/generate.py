@@ -88,6 +88,15 @@ class TextState:
         self.detok = StreamingDetokenizer(tokenizer, skip_special=True)  # no <|im_end|> in replies
         self.completion = completion
         self.stop = tuple(s for s in stop if s)
+        # a stop string that spells a special token ("<|im_start|>") never appears in the text, which
+        # skips that token: the token itself is the stop (as koboldcpp matches one; vLLM never stops).
+        # Stop tokens (eos) keep their own meaning: the reply ends on them without their text.
+        self.stop_tokens = {
+            token: s
+            for s in self.stop
+            if (token := tokenizer.added_tokens.get(s)) in tokenizer.special_token_ids
+            and token not in hidden_ids
+        }
         self.hidden_ids = hidden_ids
         self.include_stop = include_stop  # keep the stop string found at the end of the text
         self.held = ""  # text withheld because it might be the start of a stop string
@@ -101,8 +110,9 @@ class TextState:
             self.first_token_at = now
         c = self.completion
         c.token_ids += token_ids
-        text = self.held + "".join(self.detok.add(t) for t in token_ids if t not in self.hidden_ids)
-        if finish is not None:
+        at = next((k for k, t in enumerate(token_ids) if t in self.stop_tokens), len(token_ids))
+        text = self.held + "".join(self.detok.add(t) for t in token_ids[:at] if t not in self.hidden_ids)
+        if finish is not None or at < len(token_ids):
             text += self.detok.finalize()
         self.held = ""
         stopped = False
@@ -112,6 +122,10 @@ class TextState:
             if found is not None:
                 cut, length = found
                 text, stopped = text[: cut - length if self.include_stop else cut], True
+            elif at < len(token_ids):  # a stop token, after all of the text before it
+                stopped = True
+                if self.include_stop:
+                    text += self.stop_tokens[token_ids[at]]
             elif finish is None:
                 keep = _partial_stop_suffix(text, self.stop)
                 text, self.held = text[: len(text) - keep], text[len(text) - keep :]
