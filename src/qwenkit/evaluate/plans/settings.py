@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-from qwenkit.evaluate import humaneval
+from qwenkit.evaluate import humaneval, passkey
 from qwenkit.evaluate.backends import Backend
 from qwenkit.evaluate.data import EvalDataError
 from qwenkit.evaluate.extract import CHOICE_EXTRACTORS, NUMBER_EXTRACTORS
@@ -103,6 +103,8 @@ def check_settings(s: Settings) -> None:
             f"perplexity needs --window of at least 2 and --stride from 1 to window - 1; got --window "
             f"{s.window} --stride {s.stride}"
         )
+    if s.task == "passkey":  # its items are made once the model's context is known: the grid now
+        passkey.check_grid(s.lengths, s.depths, s.trials)
     if not 0 < s.timeout < math.inf:  # nan and inf too: the sandbox's CPU limit is a whole number
         raise EvalDataError(f"--timeout must be a finite number of seconds above 0, got {s.timeout:g}")
     if s.extractor is not None:
