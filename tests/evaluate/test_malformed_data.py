@@ -179,6 +179,23 @@ def test_a_c_eval_test_split_may_mark_no_answer_with_a_dash(tmp_path):
         ceval.read_split(tmp_path, "val")
 
 
+def test_blank_lines_in_an_mmlu_csv_are_no_rows(tmp_path):
+    """A blank line (an editor's last one, a gap between rows) is nothing to the csv module's readers and
+    to pandas, which Qwen's script reads with; it was refused as a row of 0 columns. The ids count the
+    questions only, and a bad row is still named by its line in the file."""
+    from qwenkit.evaluate import mmlu
+
+    write(tmp_path, {"test/anatomy_test.csv": "What?,a,b,c,d,B\n\n  \nWho?,a,b,c,d,C\n\n"})
+    items = mmlu.read_split(tmp_path, "test")
+    assert [(i.id, i.question, i.answer) for i in items] == [
+        ("anatomy/test/0", "What?", "B"),
+        ("anatomy/test/1", "Who?", "C"),
+    ]
+    write(tmp_path, {"test/anatomy_test.csv": "What?,a,b,c,d,B\n\nWho?,a,b\n"})
+    with pytest.raises(EvalDataError, match="anatomy_test.csv:3: expected question, A, B, C, D, answer"):
+        mmlu.read_split(tmp_path, "test")
+
+
 def test_quoted_multi_line_mmlu_questions_still_read(tmp_path):
     from qwenkit.evaluate import mmlu
 
