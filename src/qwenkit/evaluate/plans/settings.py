@@ -61,6 +61,11 @@ def default_max_new_tokens(task: str, method: str) -> int:
     return humaneval.BASE_MAX_NEW_TOKENS if (task, method) == ("humaneval", "loglik") else 512
 
 
+def chunk_size(s: Settings) -> int:
+    """Items (ppl: windows) run between two writes of samples and two updates of the progress bar."""
+    return max(s.batch_size * 4, 16)
+
+
 # Options that stay None unless given, so a task that does not read one can refuse it.
 OPTIONAL = ("shots", "data", "split", "limit", "subjects", "extractor", "lengths", "depths")
 
@@ -166,6 +171,8 @@ class Plan:
     scoring: Scoring
     record: dict[str, Any] = field(default_factory=dict)
     context: Any = None  # what else the prompts are built from (MMLU/C-Eval few-shot examples)
+    # ppl: one item of many windows, so run_chunk takes a third argument, report(windows done, in all)
+    reports_within: bool = False
 
     def items_sha256(self) -> str:
         """A hash of what the run asks and checks: every item (question, choices, gold, tests) and the
