@@ -59,6 +59,8 @@ def perplexity(
             f"give a window of at most {limit}"
         )
     nll, count = 0.0, 0
+    if report is not None:
+        report(0, len(spans))  # a bar at 0 while the first chunk is scored
     for at in range(0, len(spans), chunk):
         part = spans[at : at + chunk]
         # each window scores from its first new token: its context gets no output head
