@@ -71,6 +71,13 @@ CEVAL = Path(__file__).parent / "fixtures" / "ceval"
             ["--task", "gsm8k", "--request-timeout", "5"],
             "--request-timeout goes with --endpoint (a server to evaluate)",
         ),
+        # they have defaults, so they were taken and ignored, even given at their default value
+        (["--task", "mmlu", "--window", "2048"], "--window does not apply to mmlu (only to ppl)"),
+        (["--task", "passkey", "--stride", "256"], "--stride does not apply to passkey (only to ppl)"),
+        (
+            ["--task", "ppl", "--data", "c.txt", "--trials", "3"],
+            "--trials does not apply to ppl (only to passkey)",
+        ),
     ],
 )
 def test_refused_before_the_model_loads(tiny_chat_model, tmp_path, capsys, args, message):
