@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--limit",
         type=int,
-        help="MMLU/C-Eval/tooluse: first N per subject or category; others: first N items",
+        help="MMLU/C-Eval/tooluse: first N per subject or category; GSM8K/HumanEval/passkey: first N items "
+        "(not ppl)",
     )
     p.add_argument(
         "--subjects",
