@@ -143,6 +143,36 @@ def test_the_last_position_of_the_context_is_generated_and_a_full_prompt_is_refu
     )
 
 
+def test_a_prompt_filling_the_window_is_scored_when_nothing_is_generated(tmp_path):
+    """Scoring a prompt (max_tokens 0, prompt_logprobs) generates no token, so a prompt of exactly the
+    window is served, with the log-probabilities a larger window gives it; it was refused as if a token
+    had to follow, which made endpoint perplexity at the full window fail. One token more is refused."""
+    from factories import write_v1_checkpoint
+
+    from qwenkit.engine import SamplingParamsError
+
+    model, _ = load_model(write_v1_checkpoint(tmp_path / "v1", {"seq_length": 32}), dtype="float32")
+    prompt = torch.randint(0, 512, (65,), generator=torch.Generator().manual_seed(2)).tolist()
+    score = SamplingParams(max_tokens=0, prompt_logprobs=0)
+
+    def scored(max_seq_len: int) -> list[float | None]:
+        engine = Engine(model, max_batch_size=1, max_seq_len=max_seq_len, prefill_chunk=16)
+        engine.add_request(prompt[:64], score)
+        outs = []
+        while engine.has_unfinished():
+            outs += engine.step()
+        assert [(len(o.new_token_ids), o.finish_reason) for o in outs if o.finish_reason] == [(0, "length")]
+        lps = next(o.prompt_logprobs for o in outs if o.prompt_logprobs)
+        return [None if lp is None else lp.logprob for lp in lps]
+
+    full, roomy = scored(64), scored(128)
+    assert len(full) == 64 and full[0] is None
+    assert full[1:] == pytest.approx(roomy[1:], abs=1e-5)
+    engine = Engine(model, max_batch_size=1, max_seq_len=64, prefill_chunk=16)
+    with pytest.raises(SamplingParamsError, match="^the prompt has 65 tokens; the context window is 64$"):
+        engine.add_request(prompt, score)
+
+
 def test_info_names_llama3_and_linear_scaling_and_refuses_a_bad_one_in_one_line(tmp_path, capsys):
     """`qwenkit info` on Llama 3.1 8B's config.json (and a linear one) named the rope type "yarn" would
     have; the config was refused before. A llama3 rope_scaling without low_freq_factor: one line, exit 2."""

@@ -165,3 +165,24 @@ def test_gguf_runs_are_labelled_by_the_model_not_the_first_part_of_a_split_file(
     lines = compare([split, whole]).splitlines()
     assert lines[1].split()[:2] == ["a", "Qwen2.5-72B-Q4_K_M"]
     assert lines[2].split()[:2] == ["b", "Qwen2.5-0.5B"]
+
+
+def test_questions_without_an_answer_are_unscored_not_wrong(tmp_path):
+    """C-Eval's test split publishes no answers: a run of it has no accuracy, and its cell said "-", as
+    for a task not run; a run with some such questions named none of them. Both say "unscored"."""
+    val, test = Settings(task="ceval", split="val"), Settings(task="ceval", split="test")
+    runs = [
+        write_run(tmp_path, "val", {"acc": 0.5, "stderr": 0.1, "n": 20}, val),
+        write_run(tmp_path, "test", {"acc": None, "stderr": None, "n": 0, "unanswered": 30}, test),
+        write_run(tmp_path, "mixed", {"acc": 0.25, "stderr": 0.1, "n": 20, "unanswered": 5}, test),
+    ]
+    lines = compare(runs).splitlines()
+    rows = {line.split()[0]: line for line in lines[1:4]}
+    assert rows["test"].endswith("  unscored")
+    assert rows["mixed"].endswith("25.00±10.00 (-25.00!)")  # another split: no verdict
+    at = lines.index("unscored: questions without an answer in the data (C-Eval's test split is graded by")
+    assert lines[at + 1 : at + 4] == [
+        "  submission): predictions only, counted neither right nor wrong",
+        "  test (ceval): 30 unscored",
+        "  mixed (ceval): 5 unscored",
+    ]

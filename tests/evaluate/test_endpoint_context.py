@@ -134,3 +134,38 @@ def test_letter_contexts_past_the_servers_context_keep_their_end_as_locally(serv
     there = EndpointBackend(served, model="tiny").next_token_logprobs([long, short], letters)
     for theirs, ours in zip(there, here, strict=True):
         assert theirs == pytest.approx(ours, abs=1e-4)
+
+
+def test_perplexity_at_the_servers_full_window_equals_local(served, local, tmp_path, capsys):
+    """``qwenkit eval --task ppl --window 3000`` against a server of a 3000-token context scores windows
+    that fill it, with ``max_tokens 0`` (echo + logprobs): nothing is generated, so the server takes them
+    and gives the local figures. It answered 400 (the prompt fills the context), as if a token had to
+    follow."""
+    from qwenkit.evaluate.perplexity import perplexity
+
+    text = tmp_path / "text.txt"
+    text.write_text("The stones by the road are warm. A dog sleeps in the shade. " * 300, encoding="utf-8")
+    window, stride = MAX_MODEL_LEN, 1000
+    out = tmp_path / "run"
+    argv = ["eval", "--endpoint", served, "--task", "ppl", "--data", str(text), "--window", str(window)]
+    argv += ["--stride", str(stride), "--no-progress", "--output", str(out)]
+    assert qwenkit_main(argv) == 0, capsys.readouterr().err
+    there = json.loads((out / "results.json").read_text())["scores"]
+    here = perplexity(local, text.read_text(encoding="utf-8"), window, stride)
+    assert len(local.encode(text.read_text(encoding="utf-8"))) > window  # whole windows, then the tail
+    assert there["windows"] == here["windows"] >= 2
+    assert there["tokens_scored"] == here["tokens_scored"]
+    assert there["token_perplexity"] == pytest.approx(here["token_perplexity"], rel=1e-5)
+
+
+def test_a_full_window_prompt_that_asks_for_a_token_is_still_refused(served):
+    import httpx
+
+    body = {"prompt": [11] * MAX_MODEL_LEN, "echo": True, "logprobs": 0, "temperature": 0}
+    scored = httpx.post(f"{served}/v1/completions", json={**body, "max_tokens": 0}, timeout=60)
+    assert scored.status_code == 200
+    assert len(scored.json()["choices"][0]["logprobs"]["token_logprobs"]) == MAX_MODEL_LEN
+    for more in ({"max_tokens": 1}, {}):  # no max_tokens: the room left, which is none
+        refused = httpx.post(f"{served}/v1/completions", json={**body, **more}, timeout=60)
+        assert refused.status_code == 400
+        assert refused.json()["error"]["code"] == "context_length_exceeded"

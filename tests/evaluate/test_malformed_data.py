@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from qwenkit.cli import main as qwenkit_main
+from qwenkit.evaluate.data import EvalDataError
 
 GSM8K_ROW = '{"question": "What is 2+2?", "answer": "2+2=4\\n#### 4"}\n'
 HE_ROW = (
@@ -161,6 +162,38 @@ def test_a_c_eval_test_split_may_leave_the_answer_empty(tmp_path):
     write(tmp_path, {"test/logic_test.csv": "id,question,A,B,C,D\n0,问,a,b,c,d\n"})
     items = ceval.read_split(tmp_path, "test")
     assert [(i.id, i.choices, i.answer) for i in items] == [("logic/test/0", ("a", "b", "c", "d"), "")]
+
+
+def test_a_c_eval_test_split_may_mark_no_answer_with_a_dash(tmp_path):
+    """Some copies of C-Eval's test split write "-" for the answer it does not publish: read as none (it
+    was refused as not one of A, B, C, D); elsewhere a dash is still refused."""
+    from qwenkit.evaluate import ceval
+
+    csv = "id,question,A,B,C,D,answer\n0,问,a,b,c,d,-\n1,问,a,b,c,d,\n"
+    write(tmp_path, {"test/logic_test.csv": csv, "val/logic_val.csv": csv})
+    assert [(i.id, i.answer) for i in ceval.read_split(tmp_path, "test")] == [
+        ("logic/test/0", ""),
+        ("logic/test/1", ""),
+    ]
+    with pytest.raises(EvalDataError, match="logic_val.csv:2: the answer '-' is not one of A, B, C, D"):
+        ceval.read_split(tmp_path, "val")
+
+
+def test_blank_lines_in_an_mmlu_csv_are_no_rows(tmp_path):
+    """A blank line (an editor's last one, a gap between rows) is nothing to the csv module's readers and
+    to pandas, which Qwen's script reads with; it was refused as a row of 0 columns. The ids count the
+    questions only, and a bad row is still named by its line in the file."""
+    from qwenkit.evaluate import mmlu
+
+    write(tmp_path, {"test/anatomy_test.csv": "What?,a,b,c,d,B\n\n  \nWho?,a,b,c,d,C\n\n"})
+    items = mmlu.read_split(tmp_path, "test")
+    assert [(i.id, i.question, i.answer) for i in items] == [
+        ("anatomy/test/0", "What?", "B"),
+        ("anatomy/test/1", "Who?", "C"),
+    ]
+    write(tmp_path, {"test/anatomy_test.csv": "What?,a,b,c,d,B\n\nWho?,a,b\n"})
+    with pytest.raises(EvalDataError, match="anatomy_test.csv:3: expected question, A, B, C, D, answer"):
+        mmlu.read_split(tmp_path, "test")
 
 
 def test_quoted_multi_line_mmlu_questions_still_read(tmp_path):

@@ -130,3 +130,50 @@ def test_a_bos_model_is_scored_from_its_bos_as_the_guide(llama_llm, llama_dir):
     assert count == len(backend.encode(text)) == len(backend.encode_prompt(text)) - 1
     # and the record says so (it used to say "none (the text's first token is context only)" here too)
     assert ours["bos"] == "the tokenizer's BOS leads, as context only: every token of the text is scored"
+
+
+def test_windows_are_reported_as_they_are_scored_with_the_same_result(local):
+    """A long text is one item of a run, so its bar sat at 0/1 until every window was scored: the windows
+    are scored a chunk at a time and each chunk reported; the figures are those of one pass."""
+    calls: list[tuple[int, int]] = []
+    chunked = perplexity(local, TEXT, 12, 4, chunk=16, report=lambda done, total: calls.append((done, total)))
+    whole = perplexity(local, TEXT, 12, 4, chunk=10_000)
+    total = chunked["windows"]
+    assert total > 32
+    assert calls == [*((n, total) for n in range(0, total, 16)), (total, total)]
+    assert chunked == whole
+
+
+def test_the_ppl_run_shows_windows_at_the_runs_cadence(tiny_chat_model, tmp_path, capsys, monkeypatch):
+    """The bar of ``qwenkit eval --task ppl`` counts windows, updated every chunk_size of them (16 at
+    --batch-size 1), as other tasks' bars count items; --no-progress draws none."""
+    import json
+
+    import tqdm
+
+    from qwenkit.cli import main as qwenkit_main
+
+    bars: list[tuple[str, int, list[int]]] = []  # (unit, total, n after each update)
+
+    class Recording(tqdm.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars.append((self.unit, self.total, []))
+
+        def update(self, n=1):
+            super().update(n)
+            bars[-1][2].append(self.n)
+
+    monkeypatch.setattr(tqdm, "tqdm", Recording)
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT, encoding="utf-8")
+    argv = ["eval", str(tiny_chat_model), "--task", "ppl", "--data", str(text), "--window", "12"]
+    argv += ["--stride", "4", "--batch-size", "1", "--dtype", "float32"]
+    assert qwenkit_main([*argv, "--output", str(tmp_path / "run")]) == 0
+    total = json.loads((tmp_path / "run" / "results.json").read_text())["scores"]["windows"]
+    assert total > 32
+    assert bars == [("window", total, [*range(0, total, 16), total])]  # drawn at 0 before the first
+    assert f"{total}/{total} [" in capsys.readouterr().err
+    bars.clear()
+    assert qwenkit_main([*argv, "--no-progress"]) == 0
+    assert bars == [] and "window" not in capsys.readouterr().err

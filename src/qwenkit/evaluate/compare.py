@@ -49,6 +49,11 @@ def compare(paths: Sequence[str | Path]) -> str:
     )
     if "ppl" in tasks:
         lines.append("ppl: perplexity per token (lower is better; no standard error)")
+    unscored = [r for r in runs if r.scores.get("unanswered")]
+    if unscored:
+        lines.append("unscored: questions without an answer in the data (C-Eval's test split is graded by")
+        lines.append("  submission): predictions only, counted neither right nor wrong")
+        lines += [f"  {r.label} ({r.task}): {r.scores['unanswered']} unscored" for r in unscored]
     if notes:
         lines.append("! not like the first run of the task, so no difference is marked:")
         lines += [f"  {note}" for note in notes]
@@ -128,7 +133,7 @@ def _measured(task: str, scores: dict[str, Any], record: dict[str, Any]) -> dict
 def _cell(run: _Run, base: _Run, notes: list[str]) -> str:
     value, error = _value(run.scores)
     if value is None:
-        return "-"
+        return "unscored" if run.scores.get("unanswered") else "-"
     digits = 3 if run.task == "ppl" else 2
     shown = (
         f"{value:.{digits}f}"

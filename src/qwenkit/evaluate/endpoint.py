@@ -180,8 +180,8 @@ class EndpointBackend:
         limit = self._context_limit
         if limit is not None:
             # Keep the end, as Qwen and the local backend do (which keep limit - 1 tokens): here the letter
-            # rides in the prompt, and a server refuses a prompt that fills its context (qwenkit serve even
-            # with max_tokens 0), so one token fewer.
+            # rides in the prompt, and a server may refuse a prompt that fills its context (one that scores
+            # with max_tokens 1, as lm-eval asks, needs a token's room), so one token fewer.
             contexts = [c[-(limit - 2) :] if len(c) >= limit - 1 else c for c in contexts]
 
         def one(context: list[int]) -> list[float]:

@@ -61,10 +61,16 @@ def read_split(data_dir: str | Path, split: str, subjects: list[str] | None = No
         subject = path.name[: -len(f"_{split}.csv")]
         if wanted and subject not in wanted:
             continue
-        for n, row in enumerate(csv.reader(io.StringIO(utf8(path.read_bytes(), str(path)), newline=""))):
-            check_row(row, f"{path}:{n + 1}")
-            answer = check_answer(row[5], f"{path}:{n + 1}")
+        reader = csv.reader(io.StringIO(utf8(path.read_bytes(), str(path)), newline=""))
+        n = 0  # the question's number, blank lines not counted (ids as in the file without them)
+        for row in reader:
+            if not row or (len(row) == 1 and not row[0].strip()):
+                continue  # a blank line is no row, as pandas (Qwen's reader) and DictReader take it
+            where = f"{path}:{reader.line_num}"
+            check_row(row, where)
+            answer = check_answer(row[5], where)
             items.append(MCItem(f"{subject}/{split}/{n}", subject, row[0], tuple(row[1:5]), answer))
+            n += 1
     if wanted - {i.subject for i in items}:
         raise EvalDataError(
             f"unknown MMLU subjects for {folder}: {', '.join(sorted(wanted - {i.subject for i in items}))}"

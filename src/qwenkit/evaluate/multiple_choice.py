@@ -34,9 +34,12 @@ def check_row(row: Sequence[str], where: str) -> None:
 
 
 def check_answer(answer: str, where: str, optional: bool = False) -> str:
-    """The gold letter, which must be one of A..D (or empty where the split publishes none, ``optional``):
-    another (a 0-3 index, a lower-case letter) would make every prediction wrong."""
+    """The gold letter, which must be one of A..D (or empty where the split publishes none, ``optional``;
+    "-", as some copies of C-Eval's test split mark it, is read as empty): another (a 0-3 index, a
+    lower-case letter) would make every prediction wrong."""
     answer = answer.strip()
+    if optional and answer == "-":
+        return ""
     if answer not in LETTERS and not (optional and not answer):
         raise EvalDataError(f"{where}: the answer {answer!r} is not one of A, B, C, D")
     return answer

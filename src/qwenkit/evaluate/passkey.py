@@ -64,16 +64,23 @@ def needles(
             )
     elif max_context is not None and max(lengths) > max_context:
         raise EvalDataError(f"--lengths {max(lengths)} exceeds the model's context of {max_context} tokens")
-    if any(n < 256 for n in lengths):
-        raise EvalDataError("--lengths must be at least 256 tokens")
+    check_grid(lengths, depths, trials)
     depths = list(DEPTHS) if depths is None else depths
-    if any(not 0.0 <= d <= 1.0 for d in depths):
-        raise EvalDataError("--depths must lie between 0 and 1")
-    if trials < 1:
-        raise EvalDataError("--trials must be at least 1")
     # a length or depth given twice is one cell, as a subject given twice is one subject
     lengths, depths = list(dict.fromkeys(lengths)), list(dict.fromkeys(depths))
     return [Needle(n, d, t) for n in lengths for d in depths for t in range(trials)]
+
+
+def check_grid(lengths: list[int] | None, depths: list[float] | None, trials: int) -> None:
+    """Refuse a grid no model could fill (checked before the model loads, and again by ``needles``)."""
+    short = [n for n in lengths or () if n < 256]
+    if short:
+        raise EvalDataError(f"--lengths must be at least 256 tokens, got {short[0]}")
+    outside = [d for d in depths or () if not 0.0 <= d <= 1.0]  # nan too
+    if outside:
+        raise EvalDataError(f"--depths must lie between 0 and 1, got {outside[0]:g}")
+    if trials < 1:
+        raise EvalDataError(f"--trials must be at least 1, got {trials}")
 
 
 def haystack(needle: Needle, units: int) -> str:

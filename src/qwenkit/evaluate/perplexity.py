@@ -12,6 +12,7 @@ makes models with different tokenizers comparable.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,16 @@ def windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int
     return spans
 
 
-def perplexity(backend: Backend, text: str, window: int, stride: int) -> dict[str, Any]:
+def perplexity(
+    backend: Backend,
+    text: str,
+    window: int,
+    stride: int,
+    chunk: int = 16,
+    report: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """The text's perplexity; its windows are scored ``chunk`` at a time, each chunk's end told to
+    ``report(windows scored, windows in all)`` (a long text's progress: it is one item of a run)."""
     ids = backend.encode_prompt(text)  # a BOS first where the model has one, as the transformers guide
     if len(ids) < 2:
         raise EvalDataError("the text is shorter than two tokens: nothing to score")
@@ -49,11 +59,16 @@ def perplexity(backend: Backend, text: str, window: int, stride: int) -> dict[st
             f"give a window of at most {limit}"
         )
     nll, count = 0.0, 0
-    # each window scores from its first new token: its context gets no output head
-    scored_runs = backend.sequence_logprobs([ids[b:e] for b, e, _ in spans], [f - b for b, _, f in spans])
-    for scored in scored_runs:
-        nll -= sum(scored)
-        count += len(scored)
+    if report is not None:
+        report(0, len(spans))  # a bar at 0 while the first chunk is scored
+    for at in range(0, len(spans), chunk):
+        part = spans[at : at + chunk]
+        # each window scores from its first new token: its context gets no output head
+        for scored in backend.sequence_logprobs([ids[b:e] for b, e, _ in part], [f - b for b, _, f in part]):
+            nll -= sum(scored)
+            count += len(scored)
+        if report is not None:
+            report(at + len(part), len(spans))
     n_bytes = len(text.encode("utf-8"))
     return {
         "tokens_scored": count,

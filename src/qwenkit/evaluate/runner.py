@@ -27,6 +27,7 @@ from qwenkit.evaluate.plans import (
     Scoring,
     Settings,
     check_settings,
+    chunk_size,
     default_max_new_tokens,
     item_id,
     needs_model,
@@ -108,13 +109,17 @@ def _run(
     if agree_done is not None:
         done = agree_done(done)
     todo = [i for i in p.items if item_id(i) not in done]
-    chunk_size = max(settings.batch_size * 4, 16)
+    size = chunk_size(settings)
     started = time.perf_counter()
-    bar = _progress(len(p.items), len(rows), settings.task, progress)
+    # ppl is one item: its bar counts the windows scored instead, at the same cadence (chunk_size)
+    bar = None if p.reports_within else _progress(len(p.items), len(rows), settings.task, progress)
     correct = sum(bool(r.get("correct")) for r in rows)
-    for start in range(0, len(todo), chunk_size):
-        chunk = todo[start : start + chunk_size]
-        new = p.run_chunk(backend, chunk)
+    for start in range(0, len(todo), size):
+        chunk = todo[start : start + size]
+        if p.reports_within:
+            new = p.run_chunk(backend, chunk, _window_bar(settings.task, progress))
+        else:
+            new = p.run_chunk(backend, chunk)
         rows += new
         if out is not None:
             with open(out / SAMPLES, "a", encoding="utf-8") as f:
@@ -375,9 +380,26 @@ def rescore_dir(out: str | Path, extractor: str | None = None) -> dict[str, Any]
     return results
 
 
-def _progress(total: int, done: int, task: str, enabled: bool):
+def _window_bar(task: str, enabled: bool) -> Callable[[int, int], None] | None:
+    """A ``report(done, total)`` drawing a bar of windows (ppl), made at the first report (the windows are
+    counted once the text is tokenized), closed at the last."""
+    if not enabled:
+        return None
+    bars: list[Any] = []
+
+    def report(done: int, total: int) -> None:
+        if not bars:
+            bars.append(_progress(total, 0, task, True, unit="window"))
+        bars[0].update(done - bars[0].n)
+        if done == total:
+            bars[0].close()
+
+    return report
+
+
+def _progress(total: int, done: int, task: str, enabled: bool, unit: str = "item"):
     if not enabled:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=done, desc=task, unit="item", dynamic_ncols=True)
+    return tqdm(total=total, initial=done, desc=task, unit=unit, dynamic_ncols=True)

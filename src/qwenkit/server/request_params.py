@@ -16,7 +16,11 @@ def sampling_params(
 ) -> SamplingParams:
     """The request's SamplingParams over the model's defaults, with max_tokens fitted to the context."""
     window = llm.engine.max_seq_len
-    if prompt_len >= window:
+    # max_completion_tokens, OpenAI's newer name, wins when both are given; errors name the one that counted.
+    # max_tokens 0 (echo + logprobs: scoring the prompt) generates nothing, so the prompt may fill the window
+    limit = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    asked = getattr(body, limit)
+    if prompt_len > window or (prompt_len == window and asked != 0):
         raise APIError(
             400,
             f"This model's maximum context length is {window} tokens. However, your prompt has "
@@ -24,9 +28,6 @@ def sampling_params(
             "messages" if isinstance(body, ChatCompletionRequest) else "prompt",
             "context_length_exceeded",
         )
-    # max_completion_tokens, OpenAI's newer name, wins when both are given; errors name the one that counted
-    limit = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-    asked = getattr(body, limit)
     room = window - prompt_len
     if asked is not None and asked > room:
         raise APIError(

@@ -4,6 +4,7 @@ chosen prompt lengths and depths.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from qwenkit.evaluate import passkey
 from qwenkit.evaluate.backends import Backend
 from qwenkit.evaluate.data import EvalDataError
 from qwenkit.evaluate.extract import strip_thinking
-from qwenkit.evaluate.plans.settings import Plan, Scoring, Settings
+from qwenkit.evaluate.plans.settings import Plan, Scoring, Settings, chunk_size
 from qwenkit.evaluate.results import sha256_text
 
 
@@ -41,10 +42,15 @@ def ppl_plan(s: Settings) -> Plan:
         "aggregation": "exp(total NLL / tokens scored); per byte: / UTF-8 bytes",
     }
 
-    def run_chunk(backend: Backend, chunk: list[_Document]) -> list[dict]:
-        return [{"id": d.id, **perplexity(backend, d.text, s.window, s.stride)} for d in chunk]
+    def run_chunk(
+        backend: Backend, chunk: list[_Document], report: Callable[[int, int], None] | None = None
+    ) -> list[dict]:
+        return [
+            {"id": d.id, **perplexity(backend, d.text, s.window, s.stride, chunk_size(s), report)}
+            for d in chunk
+        ]
 
-    return Plan([doc], run_chunk, ppl_scoring(), record)
+    return Plan([doc], run_chunk, ppl_scoring(), record, reports_within=True)
 
 
 def _passkey_verdict(output: str, key: str) -> dict:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-from qwenkit.evaluate import humaneval
+from qwenkit.evaluate import humaneval, passkey
 from qwenkit.evaluate.backends import Backend
 from qwenkit.evaluate.data import EvalDataError
 from qwenkit.evaluate.extract import CHOICE_EXTRACTORS, NUMBER_EXTRACTORS
@@ -61,6 +61,11 @@ def default_max_new_tokens(task: str, method: str) -> int:
     return humaneval.BASE_MAX_NEW_TOKENS if (task, method) == ("humaneval", "loglik") else 512
 
 
+def chunk_size(s: Settings) -> int:
+    """Items (ppl: windows) run between two writes of samples and two updates of the progress bar."""
+    return max(s.batch_size * 4, 16)
+
+
 # Options that stay None unless given, so a task that does not read one can refuse it.
 OPTIONAL = ("shots", "data", "split", "limit", "subjects", "extractor", "lengths", "depths")
 
@@ -103,6 +108,8 @@ def check_settings(s: Settings) -> None:
             f"perplexity needs --window of at least 2 and --stride from 1 to window - 1; got --window "
             f"{s.window} --stride {s.stride}"
         )
+    if s.task == "passkey":  # its items are made once the model's context is known: the grid now
+        passkey.check_grid(s.lengths, s.depths, s.trials)
     if not 0 < s.timeout < math.inf:  # nan and inf too: the sandbox's CPU limit is a whole number
         raise EvalDataError(f"--timeout must be a finite number of seconds above 0, got {s.timeout:g}")
     if s.extractor is not None:
@@ -164,6 +171,8 @@ class Plan:
     scoring: Scoring
     record: dict[str, Any] = field(default_factory=dict)
     context: Any = None  # what else the prompts are built from (MMLU/C-Eval few-shot examples)
+    # ppl: one item of many windows, so run_chunk takes a third argument, report(windows done, in all)
+    reports_within: bool = False
 
     def items_sha256(self) -> str:
         """A hash of what the run asks and checks: every item (question, choices, gold, tests) and the
