@@ -76,24 +76,28 @@ class Scheduler:
         if self.waiting and len(self.running) < self.max_batch:
             share = max(1, self.token_budget // 2)
         order = [r for r in self.running if _left(r) <= 1] + [r for r in self.running if _left(r) > 1]
-        taken: set[int] = set()  # ids of requests this step computes, or preempted by it
+        preempted: set[int] = set()  # ids of requests this step preempted
         for request in order:
             if budget <= 0:
                 break
-            if id(request) in taken:  # preempted while an earlier row grew
+            if id(request) in preempted:  # preempted while an earlier row grew
                 continue
             n = min(_left(request), budget, share)
             while not self._grow(request, request.num_computed + n):
-                # the newest request not in this step gives way (the growing one itself, at the last)
-                victim = next((r for r in reversed(self.running) if id(r) not in taken), request)
+                # The newest running request gives way (the growing one itself, at the last), even one
+                # given a row already: decoding rows go first, and sparing them preempted an older
+                # request's prompt over and over, so under steady traffic it never finished.
+                victim = self.running[-1]
+                row = next((i for i, (r, _) in enumerate(out.rows) if r is victim), None)
+                if row is not None:
+                    budget += out.rows.pop(row)[1]
                 self._preempt(victim)
                 out.preempted.append(victim)
-                taken.add(id(victim))
+                preempted.add(id(victim))
                 if victim is request:
                     break
             else:
                 out.rows.append((request, n))
-                taken.add(id(request))
                 budget -= n
         if not out.preempted:
             self._admit(out, budget)
