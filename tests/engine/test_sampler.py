@@ -365,3 +365,36 @@ def test_sampling_params_take_one_stop_string_or_a_list():
         stop=("a b", "c"), stop_token_ids=(7,)
     )
     assert SamplingParams(temperature=1).temperature == 1  # an int where a float goes is a number
+
+
+def test_logit_bias_becomes_tensors_once_a_request():
+    """A request's logit_bias is added as its pairs say, from tensors built at its first step and kept:
+    rebuilt from the Python pairs at every step, a bias over the whole vocabulary (a way to allow only a
+    few tokens) took 0.5 s a step, and every request in the batch waited for it."""
+    bias = tuple((t, 2.0 if t % 3 else -100.0) for t in range(V))
+    rows = [Request(0, [1], SamplingParams(logit_bias=bias)), Request(1, [1], SamplingParams())]
+    logits = torch.randn(2, V)
+    want = logits.clone()
+    want[0] += torch.tensor([2.0 if t % 3 else -100.0 for t in range(V)])
+    first = sampler.apply_logit_bias(logits.clone(), rows)
+    built = rows[0].logit_bias
+    assert torch.equal(first, want) and torch.equal(sampler.apply_logit_bias(logits.clone(), rows), want)
+    assert rows[0].logit_bias is built and rows[1].logit_bias is None
+
+
+def test_a_copy_of_sampling_params_does_not_check_the_logit_bias_again(monkeypatch):
+    """A copy (``dataclasses.replace``: the server makes one per choice of n) hands back the checked pairs,
+    which are not walked again: they were, 0.3 s for a bias over the whole vocabulary at each copy (and its
+    repr written into an unused message), while the server's event loop waited (/health too)."""
+    from dataclasses import replace
+
+    from qwenkit.engine import sampling
+
+    params = SamplingParams(logit_bias={t: (t % 5) - 2 for t in range(V)})  # ints, read as floats
+    assert params.logit_bias[:3] == ((0, -2.0), (1, -1.0), (2, 0.0))
+    walked = []  # the values _is_int is asked about: every field's integers, and each pair's token id
+    monkeypatch.setattr(sampling, "_is_int", lambda v: walked.append(v) or type(v) is int)
+    copy = replace(params, seed=5)
+    assert (copy.logit_bias, copy.seed) == (params.logit_bias, 5) and len(walked) < 20
+    with pytest.raises(sampling.SamplingParamsError, match="logit_bias names token 2 twice"):
+        replace(params, logit_bias=((2, 1.0), (2, 3.0)))

@@ -269,3 +269,19 @@ def test_include_stop_str_in_output(client):
     assert client.completions.create(prompt=prompt, **kwargs).choices[0].text == expected
     streamed = client.completions.create(prompt=prompt, stream=True, **kwargs)
     assert "".join(c.choices[0].text for c in streamed) == expected
+
+
+def test_completion_top_logprobs_include_the_chosen_token(client):
+    """OpenAI's legacy logprobs: "the API will always return the logprob of the sampled token, so there
+    may be up to logprobs+1 elements"; vLLM adds it too. logprobs 0 gave an empty {} per token, and a
+    sampled (or echoed prompt) token outside the top N was missing from its own entry."""
+    kwargs = dict(model="tiny", prompt="The capital of France is", max_tokens=8, temperature=1.0, seed=3)
+    zero = client.completions.create(**kwargs, logprobs=0).choices[0].logprobs
+    assert zero.top_logprobs == [{t: v} for t, v in zip(zero.tokens, zero.token_logprobs, strict=True)]
+    two = client.completions.create(**kwargs, logprobs=2, echo=True).choices[0].logprobs
+    assert two.top_logprobs[0] is None  # the first prompt token has no logprob, nor alternatives
+    entries = list(zip(two.tokens, two.token_logprobs, two.top_logprobs, strict=True))[1:]
+    for token, logprob, top in entries:
+        assert top[token] == pytest.approx(logprob, abs=1e-6) and len(top) in (2, 3)
+        assert list(top.values()) == sorted(top.values(), reverse=True)
+    assert any(len(top) == 3 for _, _, top in entries)  # a token outside the top 2, added

@@ -42,7 +42,12 @@ def error_of(response: httpx.Response) -> dict:
             "a text part's text is a string, got null",
         ),
         ({"messages": HELLO, "top_logprobs": 50}, "top_logprobs", "less than or equal to 20"),
-        ({"messages": HELLO, "top_logprobs": 3}, "top_logprobs", "`logprobs` must be set to true"),
+        # the message once read "top_logprobs: Value error, `logprobs` must ...": pydantic's words leaked
+        (
+            {"messages": HELLO, "top_logprobs": 3},
+            "top_logprobs",
+            "top_logprobs: `logprobs` must be set to true",
+        ),
         ({"messages": HELLO, "logprobs": False, "top_logprobs": 1}, "top_logprobs", "`logprobs` must be"),
         ({"messages": HELLO, "stop": ["a"] * 20}, "stop", "at most 16"),
         ({"messages": HELLO, "seed": -3}, "seed", "greater than or equal to 0"),

@@ -315,3 +315,25 @@ def test_a_prompt_that_is_not_valid_unicode_is_named(server, path, raw, param):
     assert error["message"].startswith(
         "the text is not valid Unicode: a lone surrogate '\\ud800' at position 1"
     )
+
+
+@pytest.mark.parametrize(
+    ("path", "fields", "param"),
+    [
+        (CHAT, {"tool_choice": "required"}, "tool_choice"),
+        (CHAT, {"tools": [{"type": "function"}]}, "tools"),
+        (CHAT, {"response_format": {"type": "xml"}}, "response_format"),
+        (
+            CHAT,
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "w"}}}},
+            "response_format",
+        ),
+        ("/tokenize", {"prompt": "a", "messages": HELLO}, "prompt"),
+    ],
+)
+def test_every_400_says_its_code(server, path, fields, param):
+    """A 400 names its kind in ``code`` as the field checks' do ("invalid_value"); the tool, format and
+    template checks left it null, so a client that branches on the code saw two kinds of bad request."""
+    body = {"messages": HELLO} if path == CHAT else {}
+    error = post(server, path, {**body, **fields}).json()["error"]
+    assert (error["param"], error["code"]) == (param, "invalid_value"), error

@@ -353,6 +353,19 @@ def test_follow_up_turn_with_tool_results(steered):
             # regex-syntax's cause is on a later line than its "regex parse error:"
             "the schema cannot be used for constrained decoding: regex parse error: unclosed group",
         ),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"schema": {"type": "integer", "minimum": 10**40}},
+                }
+            },
+            "response_format",
+            # llguidance's own words came alone, not saying it was the schema it could not read
+            "the schema cannot be used for constrained decoding: Value is not JSON serializable: "
+            + "1"
+            + "0" * 40,
+        ),
     ],
 )
 def test_bad_tool_fields_are_400(server, extra, param, words):

@@ -48,6 +48,7 @@ class Request:
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     num_preemptions: int = 0
     constraint: TokenConstraint | None = None  # the grammar's state, when params.grammar is set
+    logit_bias: tuple[torch.Tensor, torch.Tensor] | None = None  # params.logit_bias: ids, values
 
     def token_ids(self, start: int, end: int) -> list[int]:
         """Tokens ``start..end - 1`` of the prompt and output together, without joining the whole

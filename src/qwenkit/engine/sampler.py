@@ -43,12 +43,17 @@ def _seen_rows(
 
 
 def apply_logit_bias(logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
-    """Each request's ``logit_bias`` added to its row (before penalties, as OpenAI applies it)."""
+    """Each request's ``logit_bias`` added to its row (before penalties, as OpenAI applies it). Its pairs
+    become tensors once, at the request's first step: a bias over the whole vocabulary took 0.5 s to
+    convert, which every step of the batch waited for."""
     for row, request in enumerate(requests):
         if request.params.logit_bias:
-            ids, values = zip(*request.params.logit_bias, strict=True)
-            index = torch.tensor(ids, device=logits.device)
-            logits[row, index] += torch.tensor(values, dtype=logits.dtype, device=logits.device)
+            if request.logit_bias is None:
+                ids, values = zip(*request.params.logit_bias, strict=True)
+                index = torch.tensor(ids, device=logits.device)
+                request.logit_bias = index, torch.tensor(values, dtype=logits.dtype, device=logits.device)
+            index, values = request.logit_bias
+            logits[row, index] += values
     return logits
 
 

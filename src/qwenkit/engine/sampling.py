@@ -70,10 +70,6 @@ class SamplingParams:
                 f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}",
             ),
             (
-                all(-100 <= v <= 100 for _, v in self.logit_bias),
-                f"logit_bias values must be in [-100, 100], got {self.logit_bias!r}",
-            ),
-            (
                 self.logprobs is None or 0 <= self.logprobs <= 20,
                 f"logprobs must be in [0, 20], got {self.logprobs}",
             ),
@@ -85,6 +81,36 @@ class SamplingParams:
         for ok, message in checks:
             if not ok:
                 raise SamplingParamsError(message)
+
+    def _check_logit_bias(self) -> None:
+        """Pairs of a token id and a number in [-100, 100], one a token, kept as a tuple (a dict sorted). The
+        tuple that passed last is not walked again: copies of params (``dataclasses.replace``, one per
+        choice of n in the server) hand it back, and a bias over the whole vocabulary took 0.3 s to walk
+        (and to write into a message no one read) at each, while the server's event loop waited."""
+        if self.logit_bias is _checked_bias[0]:  # immutable, so it passes again
+            return
+        bias = self.logit_bias
+        if isinstance(bias, dict):
+            bias = sorted(bias.items())
+        if not isinstance(bias, list | tuple) or not all(
+            isinstance(pair, list | tuple) and len(pair) == 2 and _is_int(pair[0]) and _is_number(pair[1])
+            for pair in bias
+        ):
+            raise SamplingParamsError(f"logit_bias must map token ids to numbers, got {self.logit_bias!r}")
+        pairs = tuple((int(t), float(v)) for t, v in bias)
+        object.__setattr__(self, "logit_bias", pairs)
+        if len({token for token, _ in pairs}) < len(pairs):
+            seen: set[int] = set()
+            for token, _ in pairs:  # one value a token: which of two would apply is not defined
+                if token in seen:
+                    raise SamplingParamsError(f"logit_bias names token {token} twice")
+                seen.add(token)
+        bad = next(((t, v) for t, v in pairs if not -100 <= v <= 100), None)
+        if bad is not None:
+            raise SamplingParamsError(
+                f"logit_bias values must be in [-100, 100], got {bad[1]} for token {bad[0]}"
+            )
+        _checked_bias[0] = pairs
 
     def _check_types(self) -> None:
         """Each field's type, before any range check compares it: a float ``top_k`` or ``seed`` would
@@ -99,20 +125,7 @@ class SamplingParams:
                     f"{name} must be a list{' or a string' if name == 'stop' else ''}, got {value!r}"
                 )
             object.__setattr__(self, name, tuple(value))
-        bias = self.logit_bias
-        if isinstance(bias, dict):
-            bias = sorted(bias.items())
-        if not isinstance(bias, list | tuple) or not all(
-            isinstance(pair, list | tuple) and len(pair) == 2 and _is_int(pair[0]) and _is_number(pair[1])
-            for pair in bias
-        ):
-            raise SamplingParamsError(f"logit_bias must map token ids to numbers, got {self.logit_bias!r}")
-        object.__setattr__(self, "logit_bias", tuple((int(t), float(v)) for t, v in bias))
-        seen: set[int] = set()
-        for token, _ in self.logit_bias:  # one value a token: which of two would apply is not defined
-            if token in seen:
-                raise SamplingParamsError(f"logit_bias names token {token} twice")
-            seen.add(token)
+        self._check_logit_bias()
         if not all(isinstance(s, str) for s in self.stop):
             raise SamplingParamsError(f"stop must hold strings, got {self.stop!r}")
         if not all(_is_int(t) for t in self.stop_token_ids):
@@ -160,6 +173,10 @@ NUMBER_FIELDS = (
     "presence_penalty",
     "frequency_penalty",
 )
+
+
+# the logit_bias that passed SamplingParams' checks last (see _check_logit_bias)
+_checked_bias: list[tuple[tuple[int, float], ...]] = [()]
 
 
 def _is_int(value: object) -> bool:

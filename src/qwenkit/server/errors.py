@@ -39,6 +39,8 @@ class APIError(Exception):
         headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
+        if code is None and status == 400:  # every bad request says its kind, as the field checks' do
+            code = "invalid_value"
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
 

@@ -101,6 +101,15 @@ class LegacyLogprobs:
             arrays[key] += values
         return arrays
 
+    def _top(self, lp: TokenLogprob) -> dict[str, float]:
+        """A token's alternatives, most likely first, and the token itself where it is not among them:
+        "up to logprobs+1 elements", as OpenAI documents and vLLM returns (so logprobs 0 gives the token's
+        own entry, not {})."""
+        top = {token_text(self.llm, t): v for t, v in lp.top}
+        if all(t != lp.token_id for t, _ in lp.top):
+            top.setdefault(token_text(self.llm, lp.token_id), lp.logprob)
+        return top
+
     def _arrays(self, items: list[tuple[int, TokenLogprob | None]], widths: list[int]) -> dict:
         llm = self.llm
         tokens, token_lps, tops, offsets = [], [], [], []
@@ -109,5 +118,5 @@ class LegacyLogprobs:
             offsets.append(self.offset)
             self.offset += width
             token_lps.append(None if lp is None else lp.logprob)
-            tops.append(None if lp is None else {token_text(llm, t): v for t, v in lp.top})
+            tops.append(None if lp is None else self._top(lp))
         return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}

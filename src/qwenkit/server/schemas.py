@@ -237,7 +237,7 @@ class ChatCompletionRequest(SamplingFields):
     def _needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
         # OpenAI and vLLM refuse this too: alternatives without `logprobs` would be silently dropped
         if value and not info.data.get("logprobs"):
-            raise ValueError("`logprobs` must be set to true to get top_logprobs")
+            raise invalid("top_logprobs", "`logprobs` must be set to true to get top_logprobs")
         return value
 
 

@@ -84,9 +84,13 @@ def _json_island(schema: dict[str, Any]) -> str:
 def json_schema_grammar(schema: dict[str, Any] | None) -> str:
     """Compact JSON matching ``schema`` (None: any JSON object, as ``json_object`` asks), objects with
     ``properties`` taking only those (:func:`declared_properties_only`)."""
-    return llguidance.LLMatcher.grammar_from_json_schema(
-        declared_properties_only(schema) if schema is not None else {"type": "object"}, overrides=COMPACT_JSON
-    )
+    try:
+        return llguidance.LLMatcher.grammar_from_json_schema(
+            declared_properties_only(schema) if schema is not None else {"type": "object"},
+            overrides=COMPACT_JSON,
+        )
+    except ValueError as e:  # a value it cannot read (an integer past 64 bits), before any compiling
+        raise GrammarError(f"the schema cannot be used for constrained decoding: {e}") from None
 
 
 def tool_call_grammar(functions: list[dict[str, Any]], *, parallel: bool = True) -> str:
