@@ -477,3 +477,34 @@ def test_a_stop_string_that_is_a_special_tokens_text_stops_on_that_token(llm):
     ended = llm.generate("Once upon a time", SamplingParams(**{**eos, "ignore_eos": False}))[0]
     assert (ended.token_ids, ended.text, ended.finish_reason) == ([im_end], "", "stop")
     assert llm.driver.wait_idle() and llm.engine.blocks.usage == 0
+
+
+def test_an_id_whose_reader_has_gone_stays_in_use_until_its_request_has_ended(llm, monkeypatch):
+    """Outputs for a reader whose event loop has closed cannot be delivered, so the request is aborted;
+    its id was freed at once while the engine still held the request until its next step, and a new
+    request under that id in between was accepted, then ended in "error" ("already in use")."""
+    import asyncio
+
+    from qwenkit.engine import SamplingParamsError
+
+    gone = asyncio.new_event_loop()
+    gone.close()
+    real_step, produced, seen = llm.engine.step, [], {}
+
+    def step():  # runs in the engine's thread, between the driver's handling of two steps' outputs
+        if produced and not seen:
+            try:
+                seen["accepted"] = llm.submit("Hi", SAMPLED, request_id="z")
+            except SamplingParamsError as e:
+                seen["refused"] = str(e)
+        outputs = real_step()
+        produced.extend(o for o in outputs if o.request_id == "z" and o.finish_reason is None)
+        return outputs
+
+    monkeypatch.setattr(llm.engine, "step", step)
+    llm.submit("Once upon a time", SAMPLED, request_id="z", loop=gone)
+    assert llm.driver.wait_idle()
+    assert seen == {"refused": "request id 'z' is already in use"}
+    again = llm.submit("The sky is", SAMPLED, request_id="z")  # free once the engine let it go
+    assert list(again)[-1].finish_reason == "length" and len(again.completion.token_ids) == 24
+    assert llm.driver.wait_idle() and llm.engine.blocks.usage == 0

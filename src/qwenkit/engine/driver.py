@@ -88,6 +88,8 @@ class EngineDriver:
         self.engine = engine
         self._inbox: queue.SimpleQueue[tuple] = queue.SimpleQueue()
         self._streams: dict[RequestId, RequestStream] = {}
+        # ids of requests aborted because their reader's event loop closed, until their abort output
+        self._orphans: set[RequestId] = set()
         self._wake = threading.Event()
         self._ids = itertools.count()
         # ids of requests submitted and not yet ended (under _lock): a caller's id that is in use is
@@ -196,6 +198,9 @@ class EngineDriver:
             elif message[0] == "call":
                 message[2].set_exception(ModelClosedError("this model has been closed (LLM.close)"))
         self._streams.clear()
+        for rid in self._orphans:
+            self._forget(rid)
+        self._orphans.clear()
         for rid, stream in ended:
             self._forget(rid)
             stream._put(StepOutput(rid, [], "abort"))
@@ -234,16 +239,21 @@ class EngineDriver:
                 continue
             self.failed_steps = 0
             for output in outputs:
-                stream = self._streams.get(output.request_id)
+                rid = output.request_id
+                stream = self._streams.get(rid)
                 if stream is None:
+                    if output.finish_reason is not None and rid in self._orphans:
+                        self._orphans.discard(rid)
+                        self._forget(rid)
                     continue
                 if output.finish_reason is not None:  # its id is free before its reader sees the end
-                    del self._streams[output.request_id]
-                    self._forget(output.request_id)
+                    del self._streams[rid]
+                    self._forget(rid)
                 if not stream._put(output) and output.finish_reason is None:
-                    del self._streams[output.request_id]
-                    self._forget(output.request_id)
-                    engine.abort(output.request_id)
+                    # nobody reads it: stop it; the id stays in use until the engine has let it go
+                    del self._streams[rid]
+                    self._orphans.add(rid)
+                    engine.abort(rid)
 
     def _drain_inbox(self) -> None:
         while True:
@@ -295,6 +305,9 @@ class EngineDriver:
             self._forget(rid)
             stream._put(StepOutput(rid, [], "error", error=error))
         self._streams.clear()
+        for rid in self._orphans:  # already aborted: this step lets them go too
+            self._forget(rid)
+        self._orphans.clear()
         try:
             self.engine.step()  # forget the aborted requests (their outputs were delivered above)
         except Exception:
