@@ -213,7 +213,9 @@ class ToolParser:
         return self.inner.warnings + self.react_warnings
 
     def finish_reason(self, reason: str) -> str:
-        return "tool_calls" if self.calls and reason == "stop" else reason
+        """A reply that ended by itself with calls finishes "tool_calls", except a call to a named function
+        (``tool_choice: {"type": "function", ...}``), which OpenAI ends with "stop", as vLLM does."""
+        return "tool_calls" if self.calls and reason == "stop" and self.plan.choice != "named" else reason
 
     def message(self) -> ParsedMessage:
         return collect(self.events, self.warnings)
