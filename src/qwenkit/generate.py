@@ -460,9 +460,11 @@ class LLM:
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
         """A prompt's ids: text as the model expects a raw prompt (with the tokenizer's BOS, where it has
-        one), token ids as given."""
+        one), token ids as given. A raw prompt is the caller's whole document, so special-token text in it
+        is that token, as transformers' ``tokenizer(text)``, vLLM and llama.cpp read it (a ChatML prompt
+        written by hand works); chat messages are where text from a user stays text (``chat_prompt``)."""
         if isinstance(prompt, str):
-            return self.tokenizer.encode_prompt(prompt)
+            return self.tokenizer.encode_prompt(prompt, allow_special=True)
         # None or a bare int failed in list() with a TypeError; bytes ran silently as ids (b"hi": [104, 105])
         if isinstance(prompt, bytes | bytearray) or not isinstance(prompt, Sequence):
             raise SamplingParamsError(f"a prompt must be a string or a list of token ids, got {prompt!r:.60}")

@@ -2,7 +2,8 @@
 text each token stands for (byte-level pieces such as `Ġthe` or `ä¸` are not what a reader expects).
 
 The ids are what the model reads for the text as a prompt (`generate`, `/v1/completions`): with the BOS
-its tokenizer adds (Llama's; Qwen's add none), as transformers' `tokenizer(text)`. `--no-bos`: without."""
+its tokenizer adds (Llama's; Qwen's add none), as transformers' `tokenizer(text)`. `--no-bos`: without.
+Special-token text is plain text, as in a chat's messages, unless `--allow-special` (as a raw prompt)."""
 
 from __future__ import annotations
 
@@ -28,7 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     shape.add_argument("--count", action="store_true", help="print only the number of tokens")
     shape.add_argument("--json", action="store_true", help="print the ids as a JSON list")
     parser.add_argument(
-        "--allow-special", action="store_true", help="parse special-token text (e.g. <|im_end|>) as tokens"
+        "--allow-special",
+        action="store_true",
+        help="parse special-token text (e.g. <|im_end|>) as tokens, as a raw prompt (generate) reads it; "
+        "without: as plain text, as a chat's user text is read",
     )
     parser.add_argument(
         "--no-bos",

@@ -203,10 +203,10 @@ def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
             except ValidationError as e:  # refused as the chat route refuses it: a 400 naming the field
                 raise RequestValidationError(e.errors()) from None
             return routes.chat_prompt(llm, chat)
-        try:
+        try:  # special-token text is the token, as /v1/completions reads a prompt (and vLLM's /tokenize)
             if body.add_special_tokens:  # what /v1/completions gives the text (vLLM's default too)
-                return llm.tokenizer.encode_prompt(body.prompt)
-            return llm.tokenizer.encode(body.prompt)
+                return llm.tokenizer.encode_prompt(body.prompt, allow_special=True)
+            return llm.tokenizer.encode(body.prompt, allow_special=True)
         except TokenizerError as e:  # text that is not valid Unicode (a lone surrogate)
             raise APIError(400, str(e), "prompt", "invalid_value") from None
 
