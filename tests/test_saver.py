@@ -171,3 +171,29 @@ def test_overwrite_of_a_mount_point_is_refused_before_any_work(tmp_path, monkeyp
     with pytest.raises(CheckpointError, match=f"^{out} is a mount point, which --overwrite cannot replace"):
         check_out_dir(out, overwrite=True)
     check_out_dir(tmp_path / "new", overwrite=True)  # not one: fine
+
+
+def test_when_the_new_output_cannot_take_its_place_the_old_one_is_put_back(tmp_path, monkeypatch):
+    """The old output is moved aside before the new one is renamed in; if that second rename fails (another
+    run created OUT in between), the old one used to stay hidden in ``.out.old-*`` while the new one was
+    deleted: both gone from where the user looks. Now the old one is moved back."""
+    import errno
+    from pathlib import Path
+
+    from qwenkit.checkpoint.output_dir import atomic_output_dir
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    real_rename = Path.rename
+
+    def rename(self, target):
+        if Path(target) == out and self.name.startswith(".out.partial-"):
+            raise OSError(errno.ENOTEMPTY, "Directory not empty", str(target))
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(OSError, match="not empty"), atomic_output_dir(out, overwrite=True) as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert (out / "keep.txt").read_text() == "old" and [p.name for p in out.iterdir()] == ["keep.txt"]

@@ -7,6 +7,7 @@ verification — removes the temporary directory.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -135,7 +136,13 @@ def _replace(new: Path, out: Path) -> None:
         except OSError:
             old.rmdir()  # still empty: the caller removes ``new``
             raise
-        new.rename(out)
+        try:
+            new.rename(out)
+        except OSError:  # e.g. another run made ``out`` meanwhile: put the old one back, if its place is free
+            with contextlib.suppress(OSError):
+                (old / out.name).rename(out)
+                old.rmdir()
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         new.rename(out)
