@@ -113,3 +113,87 @@ def test_sigterm_while_writing_a_file_leaves_the_old_one(tmp_path):
     assert done.returncode == 143, done.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
     assert (tmp_path / "out.jsonl").read_text() == "old\n"
+
+
+@pytest.mark.parametrize("spelling", [".", "sub/.."])
+def test_overwrite_of_a_directory_spelled_relative_to_itself(tmp_path, monkeypatch, spelling):
+    """``qwenkit convert SRC . --overwrite`` once built the model inside ``.`` (the temporary directory went
+    to ``Path('.').parent``, the same place), then failed renaming ``.`` and left ``..old-*`` behind: the
+    work lost, a stray directory in the user's. The output's spelling is now made absolute first."""
+    from qwenkit.checkpoint.output_dir import atomic_output_dir
+
+    out = tmp_path / "out"
+    (out / "sub").mkdir(parents=True)
+    (out / "keep.txt").write_text("old")
+    monkeypatch.chdir(out)
+    with atomic_output_dir(spelling, overwrite=True) as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert [p.name for p in out.iterdir()] == ["config.json"]
+
+
+def test_a_failed_replace_leaves_no_stray_directory(tmp_path, monkeypatch):
+    """When the existing output cannot be moved aside (a mount point: EBUSY), the error stands and
+    neither the new directory nor the empty ``.out.old-*`` directory made for the old one stays behind."""
+    import errno
+    from pathlib import Path
+
+    from qwenkit.checkpoint.output_dir import atomic_output_dir
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    real_rename = Path.rename
+
+    def rename(self, target):
+        if self == out:
+            raise OSError(errno.EBUSY, "Device or resource busy", str(self))
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(OSError, match="busy"), atomic_output_dir(out, overwrite=True) as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_overwrite_of_a_mount_point_is_refused_before_any_work(tmp_path, monkeypatch):
+    """A mount point (a container's volume) cannot be renamed, so --overwrite could only fail at the very
+    end, after the whole conversion; it is refused up front in one line instead."""
+    import os
+
+    from qwenkit.checkpoint.output_dir import check_out_dir
+    from qwenkit.errors import CheckpointError
+
+    out = tmp_path / "vol"
+    out.mkdir()
+    monkeypatch.setattr(os.path, "ismount", lambda p: os.fspath(p) == str(out))
+    with pytest.raises(CheckpointError, match=f"^{out} is a mount point, which --overwrite cannot replace"):
+        check_out_dir(out, overwrite=True)
+    check_out_dir(tmp_path / "new", overwrite=True)  # not one: fine
+
+
+def test_when_the_new_output_cannot_take_its_place_the_old_one_is_put_back(tmp_path, monkeypatch):
+    """The old output is moved aside before the new one is renamed in; if that second rename fails (another
+    run created OUT in between), the old one used to stay hidden in ``.out.old-*`` while the new one was
+    deleted: both gone from where the user looks. Now the old one is moved back."""
+    import errno
+    from pathlib import Path
+
+    from qwenkit.checkpoint.output_dir import atomic_output_dir
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    real_rename = Path.rename
+
+    def rename(self, target):
+        if Path(target) == out and self.name.startswith(".out.partial-"):
+            raise OSError(errno.ENOTEMPTY, "Directory not empty", str(target))
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(OSError, match="not empty"), atomic_output_dir(out, overwrite=True) as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert (out / "keep.txt").read_text() == "old" and [p.name for p in out.iterdir()] == ["keep.txt"]

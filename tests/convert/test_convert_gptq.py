@@ -92,3 +92,25 @@ def test_gptq_refuses_to_recast_scales(tmp_path):
     src = write_gptq_source(tmp_path / "src")
     with pytest.raises(ConfigError, match="float16 scales"):
         convert_v1_to_qwen2(src, tmp_path / "out", dtype="bfloat16", progress=False)
+
+
+@pytest.mark.slow
+def test_gptq_output_loads_in_transformers_with_gptqmodel(gptq, monkeypatch):
+    """What another reader makes of the converted Int4 directory: transformers + optimum + GPTQModel build
+    their own quantized layers from config.json's quantization_config (no checkpoint_format: the zero-offset
+    "gptq" format) and give the logits qwenkit's v1 model gives on the source, within bfloat16 steps (both
+    sides run int4 kernels on bfloat16 activations)."""
+    import transformers
+
+    from qwenkit.checkpoint.loader import load_model
+
+    monkeypatch.setenv("QWENKIT_KERNELS", "torch")
+    out = gptq[2]
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, device_map="cpu")
+    layer = theirs.model.layers[0].self_attn.q_proj
+    assert type(layer).__module__.startswith("gptqmodel.nn_modules.qlinear"), type(layer)
+    ours, _ = load_model(out.parent / "Qwen-tiny-Chat-Int4", dtype=torch.float32, progress=False)
+    ids = torch.tensor([[5, 17, 300, 2, 99, 45, 12, 8, 400, 3], [42, 42, 42, 7, 511, 256, 0, 1, 2, 3]])
+    with torch.no_grad():
+        want, got = ours(ids), theirs.eval()(ids).logits.float()
+    assert float((got - want).abs().max()) <= 4 * 2**-8 * float(want.abs().max())

@@ -7,6 +7,7 @@ verification — removes the temporary directory.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -31,6 +32,10 @@ def check_out_dir(out: Path, overwrite: bool, source: Path | None = None) -> Non
         raise CheckpointError(f"{out} already exists; pass --overwrite to replace it")
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out} exists and is not a directory")
+    if out.exists() and os.path.ismount(out):  # renaming it aside would fail, after all the work
+        raise CheckpointError(
+            f"{out} is a mount point, which --overwrite cannot replace; write into a new directory inside it"
+        )
     check_writable(out)
 
 
@@ -52,7 +57,9 @@ def check_writable(path: Path) -> None:
 @contextmanager
 def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that becomes ``out`` when the block finishes without error."""
-    out = Path(out)
+    # Absolute and normalized: "." or "sub/.." would put the temporary directory inside ``out`` itself
+    # (``Path(".").parent`` is ".") and could not be renamed.
+    out = Path(os.path.abspath(out))
     check_out_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -124,8 +131,18 @@ def _replace(new: Path, out: Path) -> None:
     """Move ``new`` to ``out``; an existing ``out`` is moved aside first and deleted only afterwards."""
     if out.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        out.rename(old / out.name)
-        new.rename(out)
+        try:
+            out.rename(old / out.name)
+        except OSError:
+            old.rmdir()  # still empty: the caller removes ``new``
+            raise
+        try:
+            new.rename(out)
+        except OSError:  # e.g. another run made ``out`` meanwhile: put the old one back, if its place is free
+            with contextlib.suppress(OSError):
+                (old / out.name).rename(out)
+                old.rmdir()
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         new.rename(out)
