@@ -208,6 +208,19 @@ def test_a_forced_call_and_a_json_schema(server):
     assert r.status == "completed" and isinstance(json.loads(r.output_text)["n"], int)
 
 
+def test_max_tool_calls_is_echoed(server):
+    """``max_tool_calls`` caps calls to built-in tools, and only function tools are offered here, so it has
+    nothing to cap; the Response echoes it as OpenAI's does, whole and in the stream's events."""
+    c = sdk(server)
+    kwargs = dict(model="tiny", input="hi", tools=[WEATHER], tool_choice="none", max_output_tokens=2)
+    assert c.responses.create(max_tool_calls=3, **kwargs).max_tool_calls == 3
+    assert c.responses.create(**kwargs).max_tool_calls is None
+    events = list(c.responses.create(max_tool_calls=1, stream=True, **kwargs))
+    heads = [e.response for e in events if hasattr(e, "response")]  # created ... incomplete
+    assert [e.type for e in events][-1] == "response.incomplete" and len(heads) >= 2
+    assert [h.max_tool_calls for h in heads] == [1] * len(heads)
+
+
 @pytest.mark.parametrize(
     ("body", "param", "words"),
     [
@@ -272,6 +285,8 @@ def test_a_forced_call_and_a_json_schema(server):
             "guided_json (a vLLM extension) is not supported; use text.format (json_schema)",
         ),
         ({"input": "hi", "min_tokens": 5}, "min_tokens", "min_tokens (a vLLM extension) is not supported"),
+        ({"input": "hi", "max_tool_calls": "2"}, "max_tool_calls", "valid integer"),
+        ({"input": "hi", "max_tool_calls": -1}, "max_tool_calls", "greater than or equal to 0"),
     ],
 )
 def test_bad_requests_are_400_naming_the_field(server, body, param, words):

@@ -153,6 +153,28 @@ def test_openai_api_history_translation():
     )
 
 
+def test_the_instruction_names_functions_as_openai_api_py_does():
+    """openai_api.py takes ``name_for_model`` / ``name_for_human`` / ``description_for_model`` from a
+    function where it sets them (the react_prompt.md fields), else its ``name`` / ``description``."""
+    search = {
+        "name": "search",
+        "name_for_model": "quark_search",
+        "name_for_human": "夸克搜索",
+        "description": "Search the web.",
+        "description_for_model": "夸克搜索是一个通用搜索引擎。",
+        "parameters": {"type": "object"},
+    }
+    text = react_instruction([search, WEATHER_FN])
+    assert text.split("\n\n")[1:4] == [
+        "quark_search: Call this tool to interact with the 夸克搜索 API. What is the 夸克搜索 API useful "
+        'for? 夸克搜索是一个通用搜索引擎。 Parameters: {"type": "object"}',
+        "get_weather: Call this tool to interact with the get_weather API. What is the get_weather API "
+        'useful for? Weather. Parameters: {"type": "object"}',
+        "Use the following format:",
+    ]
+    assert "Action: the action to take, should be one of [quark_search, get_weather]\n" in text
+
+
 def test_a_new_question_after_a_tool_round_leaves_the_instruction_where_it_was():
     """openai_api.py's parse_messages prepends the instruction to the last user turn of the history, and
     to the query only where there is no history: a follow-up question after a finished ReAct round is

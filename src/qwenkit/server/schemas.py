@@ -306,6 +306,9 @@ class ResponsesRequest(_Lenient):
     tools: list[Any] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = Field(None, strict=True)
+    # caps calls to built-in tools; with function tools only (built-in ones are refused) there is
+    # nothing to cap, so it is checked and echoed
+    max_tool_calls: int | None = integer(ge=0)
     max_output_tokens: int | None = integer(ge=1)
     temperature: float | None = number(ge=0, le=2)
     top_p: float | None = number(gt=0, le=1)

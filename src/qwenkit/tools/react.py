@@ -79,18 +79,26 @@ def react_prompt(tools: list[dict[str, Any]], query: str) -> str:
 
 
 def react_instruction(functions: list[dict[str, Any]]) -> str:
-    """openai_api.py's instruction for OpenAI ``function`` objects (name, description, parameters)."""
-    texts = [
-        API_DESC.format(
-            name_for_model=fn["name"],
-            name_for_human=fn.get("name_for_human", fn["name"]),
-            description_for_model=fn.get("description", ""),
-            parameters=json.dumps(fn.get("parameters", {}), ensure_ascii=False),
+    """openai_api.py's instruction for OpenAI ``function`` objects (name, description, parameters). As
+    there, a function may set react_prompt.md's own fields: ``name_for_model`` (the name the prompt
+    offers, so the one the model writes in its Action), ``name_for_human``, ``description_for_model``."""
+
+    def field(fn: dict[str, Any], key: str, default: str) -> str:
+        return fn[key] if isinstance(fn.get(key), str) else default
+
+    texts, names = [], []
+    for fn in functions:
+        name = field(fn, "name_for_model", fn["name"])
+        texts.append(
+            API_DESC.format(
+                name_for_model=name,
+                name_for_human=field(fn, "name_for_human", fn["name"]),
+                description_for_model=field(fn, "description_for_model", field(fn, "description", "")),
+                parameters=json.dumps(fn.get("parameters", {}), ensure_ascii=False),
+            )
         )
-        for fn in functions
-    ]
-    names = ", ".join(fn["name"] for fn in functions)
-    return REACT_INSTRUCTION.format(tools_text="\n\n".join(texts), tools_name_text=names)
+        names.append(name)
+    return REACT_INSTRUCTION.format(tools_text="\n\n".join(texts), tools_name_text=", ".join(names))
 
 
 def react_messages(messages: list[dict[str, Any]], functions: list[dict[str, Any]]) -> list[dict[str, Any]]:
