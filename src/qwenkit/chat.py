@@ -93,6 +93,8 @@ class ChatSession:
     params: SamplingParams | None  # None: the model's defaults (``LLM.default_params``)
     system: str | None = None
     history: list[Message] = field(default_factory=list)
+    # passed to the chat template on every turn, e.g. {"enable_thinking": False} for Qwen3
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
     # the last reply that ran to its end: its finish reason and token count (None before, or when it was
     # interrupted or failed)
     completion: Completion | None = field(default=None, init=False)
@@ -105,6 +107,8 @@ class ChatSession:
             raise ChatError(f"system must be a string or None, got {self.system!r:.60}")
         if not isinstance(self.history, list):
             raise ChatError(f"history must be a list of chat messages, got {self.history!r:.60}")
+        if not isinstance(self.template_kwargs, dict):
+            raise ChatError(f"template_kwargs must be a dict, got {self.template_kwargs!r:.60}")
 
     def messages(self, user_text: str) -> list[Message]:
         head = [{"role": "system", "content": self.system}] if self.system else []
@@ -119,7 +123,7 @@ class ChatSession:
         started = False
         self.completion = None
         try:
-            for delta in chat_stream(self.llm, self.messages(user_text), self.params):
+            for delta in chat_stream(self.llm, self.messages(user_text), self.params, **self.template_kwargs):
                 started = True
                 reply.append(delta.text)
                 self.completion = delta.completion

@@ -109,6 +109,27 @@ def test_thinking_goes_to_reasoning_content(steered):
     assert replies[1].pairs == replies[0].pairs
 
 
+def test_reasoning_is_also_sent_as_vllms_reasoning(steered):
+    """vLLM deprecated ``reasoning_content`` for ``reasoning`` and sends both, equal (its issue #27755):
+    clients written for either name read the reasoning, whole and streamed."""
+    live = steered[0]
+    play(steered, "<think>\nWeigh it.\n</think>\n\nSunny.")
+    body = {"model": "tiny", "max_tokens": 50, "messages": USER}
+    message = post(live.url + "/v1/chat/completions", json=body).json()["choices"][0]["message"]
+    assert (message["content"], message["reasoning_content"], message["reasoning"]) == (
+        "Sunny.",
+        "Weigh it.",
+        "Weigh it.",
+    )
+    play(steered, "<think>\nWeigh it.\n</think>\n\nSunny.")
+    text = post(live.url + "/v1/chat/completions", json={**body, "stream": True}).text
+    chunks = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    thought = [d for d in deltas if "reasoning_content" in d or "reasoning" in d]
+    assert thought and all(d["reasoning"] == d["reasoning_content"] for d in thought)
+    assert "".join(d["reasoning"] for d in thought) == "Weigh it."
+
+
 def test_a_reply_cut_off_while_thinking_has_no_content(steered):
     """Reasoning and nothing after it: content null (as a stream sends none), as vLLM's; not ""."""
     live = steered[0]

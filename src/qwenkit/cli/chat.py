@@ -305,6 +305,12 @@ def main(argv: list[str] | None = None) -> int:
         help="the code interpreter's work directory (implies --code-interpreter): the code sees its files, "
         "and what it writes, figures included, stays (default: a scratch directory removed at exit)",
     )
+    parser.add_argument(
+        "--no-thinking",
+        action="store_true",
+        help="Qwen3: answer without thinking first (the chat template's enable_thinking=False; "
+        "/no_think in a message does so for one turn)",
+    )
     add_sampling_args(parser)
     add_tensor_parallel_arg(parser)
     args = parser.parse_args(argv)
@@ -321,15 +327,30 @@ def main(argv: list[str] | None = None) -> int:
     return run(args, load_llm(args), tools)
 
 
+def template_kwargs(args: argparse.Namespace, chat_template: str | None) -> dict:
+    """What the chat template is rendered with; ``--no-thinking`` is refused where the template has no
+    such switch (a thinking-only model's, Qwen2.5's), which would silently ignore it."""
+    if not getattr(args, "no_thinking", False):
+        return {}
+    if "enable_thinking" not in (chat_template or ""):
+        raise ConfigError(
+            "--no-thinking: this model's chat template has no thinking switch (enable_thinking)"
+        )
+    return {"enable_thinking": False}
+
+
 def run(args: argparse.Namespace, llm, tools: list | None = None) -> int:
     """The chat. Exit status: an answer that fails under ``-p`` is an error (2, from the command's
     dispatcher); a chat typed on a terminal ends with 0; a chat read from a pipe or a file goes on after
     an error, as typed, and ends with 1 if any line failed, so a script can tell."""
     params = llm.default_params(**sampling_overrides(args))
+    kwargs = template_kwargs(args, llm.tokenizer.chat_template)
     if tools is None:
-        session: ChatSession | ToolChatSession = ChatSession(llm, params, system=args.system)
+        session: ChatSession | ToolChatSession = ChatSession(
+            llm, params, system=args.system, template_kwargs=kwargs
+        )
     else:
-        session = ToolChatSession(llm, tools, params, system=args.system)
+        session = ToolChatSession(llm, tools, params, system=args.system, template_kwargs=kwargs)
     if args.prompt is not None:
         show(session.ask(args.prompt))
         stop_notice(session, "--max-new-tokens N")
@@ -380,10 +401,17 @@ class ToolChatSession:
     the chat commands work alike). Each turn is one agent run over the whole history; its text streams as
     the model writes it, tool-call markup held back (a ReAct model's reply comes whole, once parsed)."""
 
-    def __init__(self, llm, tools: list, params: SamplingParams, system: str | None = None) -> None:
+    def __init__(
+        self,
+        llm,
+        tools: list,
+        params: SamplingParams,
+        system: str | None = None,
+        template_kwargs: dict | None = None,
+    ) -> None:
         from qwenkit.tools.agent import Agent
 
-        self.agent = Agent(llm, tools, params=params)
+        self.agent = Agent(llm, tools, params=params, template_kwargs=template_kwargs)
         self.params, self.system = params, system
         self.history: list[dict] = []
         self.completion = None  # the last reply's, once a turn ends (as ChatSession.completion)
@@ -393,14 +421,11 @@ class ToolChatSession:
         head = [{"role": "system", "content": self.system}] if self.system else []
         self.agent.params = self.params
         self.completion = None
-        agent, tokenizer = self.agent, self.agent.llm.tokenizer
-        specs = [t.spec() for t in agent.tools.values()]
+        agent = self.agent
         messages = [*head, *self.history, {"role": "user", "content": user_text}]
         # the oldest turns the window cannot hold are left out of the prompt (not the history), as in a
         # plain chat: a long tool chat failed every turn once it outgrew the window
-        fitted, _ = fit_messages(
-            agent.llm, messages, self.params, lambda m: agent.style.tool_prompt(tokenizer, m, specs)
-        )
+        fitted, _ = fit_messages(agent.llm, messages, self.params, agent.prompt)
         dropped = len(messages) - len(fitted)
         result = yield from agent.stream(fitted)
         self.history = self.history[:dropped] + result.messages[len(head) :]

@@ -119,8 +119,8 @@ async def chat_completions(state: ServerState, body: ChatCompletionRequest, requ
             # null beside calls or reasoning, as OpenAI's and vLLM's (a stream sends no content then)
             message["content"] = parsed.content or (None if parsed.tool_calls or parsed.reasoning else "")
             message["tool_calls"] = [call.as_openai() for call in parsed.tool_calls] or None
-            if plan.reasoning:
-                message["reasoning_content"] = parsed.reasoning or None
+            if plan.reasoning:  # both names, equal, as vLLM sends them (it deprecated reasoning_content)
+                message["reasoning_content"] = message["reasoning"] = parsed.reasoning or None
         choice = {
             "index": c.index,
             "message": message,
@@ -137,16 +137,17 @@ def _log_warnings(rid: str, index: int, parser: ToolParser) -> None:
 
 
 def _event_deltas(events: list, indices: dict[str, int]) -> list[dict]:
-    """Parsed events as chat deltas: text as content/reasoning_content; a tool call as the OpenAI SDK
-    accumulates it: its index, id, type and name once (with ``arguments: ""``), then each piece of its
-    arguments as the model writes it (every delta has ``function``). ``indices``: each started call's
-    index in this choice, by id (the next call gets the next index)."""
+    """Parsed events as chat deltas: text as content, or as reasoning_content and reasoning (vLLM's two
+    names); a tool call as the OpenAI SDK accumulates it: its index, id, type and name once (with
+    ``arguments: ""``), then each piece of its arguments as the model writes it (every delta has
+    ``function``). ``indices``: each started call's index in this choice, by id (the next call gets the
+    next index)."""
     deltas = []
     for e in events:
         if e.kind == "content":
             deltas.append({"content": e.text})
         elif e.kind == "reasoning":
-            deltas.append({"reasoning_content": e.text})
+            deltas.append({"reasoning_content": e.text, "reasoning": e.text})
         elif e.kind == "call_start":
             index = indices.setdefault(e.call.id, len(indices))
             head = {"index": index, "id": e.call.id, "type": "function"}

@@ -216,8 +216,12 @@ class ChatMessage(_Lenient):
             message["tool_call_id"] = self.tool_call_id or (self.model_extra or {}).get("id")
         if self.name:
             message["name"] = self.name
-        if self.reasoning_content:
-            message["reasoning_content"] = self.reasoning_content
+        # vLLM deprecated reasoning_content for `reasoning`; transformers calls it `thinking`
+        extra = self.model_extra or {}
+        names = (self.reasoning_content, extra.get("reasoning"), extra.get("thinking"))
+        reasoning = next((r for r in names if isinstance(r, str) and r), None)
+        if reasoning:
+            message["reasoning_content"] = reasoning
         return message
 
 

@@ -86,8 +86,16 @@ class AgentResult:
 
 class Agent:
     def __init__(
-        self, llm: LLM, tools: list[Tool], *, max_rounds: int = 5, params: SamplingParams | None = None
+        self,
+        llm: LLM,
+        tools: list[Tool],
+        *,
+        max_rounds: int = 5,
+        params: SamplingParams | None = None,
+        template_kwargs: dict[str, Any] | None = None,
     ) -> None:
+        """``template_kwargs``: passed to the chat template for every reply (``{"enable_thinking": False}``
+        for Qwen3)."""
         if not isinstance(llm, LLM):
             raise ToolError(f"llm must be an LLM (LLM.load(path)), got {llm!r:.60}")
         if not isinstance(tools, list | tuple):
@@ -102,7 +110,10 @@ class Agent:
             raise ToolError(f"tool names must be unique, got {names}")
         if isinstance(max_rounds, bool) or not isinstance(max_rounds, int) or max_rounds < 1:
             raise ToolError(f"max_rounds must be an integer >= 1, got {max_rounds!r:.60}")
+        if template_kwargs is not None and not isinstance(template_kwargs, dict):
+            raise ToolError(f"template_kwargs must be a dict, got {template_kwargs!r:.60}")
         self.llm, self.tools, self.max_rounds = llm, {t.name: t for t in tools}, max_rounds
+        self.template_kwargs = dict(template_kwargs or {})
         self.params = llm.params_or_default(params)
         self.style = template_style(llm.tokenizer.chat_template)
 
@@ -113,7 +124,7 @@ class Agent:
         until decided, by the parser the server streams with; a ReAct reply is decided by its last lines,
         so its content comes whole at its end); returns it parsed, with its Completion."""
         tokenizer = self.llm.tokenizer
-        ids = self.style.tool_prompt(tokenizer, messages, [t.spec() for t in self.tools.values()])
+        ids = self.prompt(messages)
         params = replace(self.params, stop=(*self.params.stop, *self.style.stop))
         parser = self.style.reply_parser(tokenizer.decode, ids)
         events: list[Event] = []
@@ -135,6 +146,11 @@ class Agent:
             if event.kind == "content":
                 yield event.text
         return collect(events, parser.warnings), completion
+
+    def prompt(self, messages: list[dict[str, Any]]) -> list[int]:
+        """The prompt ids of a reply to ``messages``, offering the tools."""
+        specs = [t.spec() for t in self.tools.values()]
+        return self.style.tool_prompt(self.llm.tokenizer, messages, specs, **self.template_kwargs)
 
     def _text_arguments(self, name: str, text: str) -> str | None:
         tool = self.tools.get(name)

@@ -49,10 +49,15 @@ class TemplateStyle:
         return STOP_WORDS if self.react else ()
 
     def tool_prompt(
-        self, tokenizer: Tokenizer, messages: list[dict[str, Any]], tools: list[dict[str, Any]]
+        self,
+        tokenizer: Tokenizer,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]],
+        **template_kwargs: Any,
     ) -> list[int]:
         """The prompt ids of a request offering ``tools`` (OpenAI tool objects), as the server renders it."""
-        return self.prompt_ids(tokenizer, messages, [t["function"] for t in tools], tools)
+        functions = [t["function"] for t in tools]
+        return self.prompt_ids(tokenizer, messages, functions, tools, **template_kwargs)
 
     def prompt_ids(
         self,

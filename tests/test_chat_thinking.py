@@ -1,0 +1,97 @@
+"""Qwen3's thinking switch in the chat front ends: ``ChatSession(template_kwargs=...)``, the tool agent's
+``template_kwargs`` and ``qwenkit chat --no-thinking`` render the template with ``enable_thinking=False``
+(the prompt closes an empty ``<think>`` block, so the model answers at once), every turn; a template
+without the switch refuses the flag rather than ignore it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from qwenkit.chat import ChatError, ChatSession
+from qwenkit.cli import main
+from qwenkit.engine import SamplingParams
+from qwenkit.generate import LLM
+from qwenkit.tools.agent import Agent, Tool, ToolError
+
+EMPTY_THINK = [151667, 271, 151668, 271]  # "<think>\n\n</think>\n\n"
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_chat_model):
+    return LLM.load(tiny_chat_model, progress=False)
+
+
+@pytest.fixture
+def prompts(monkeypatch):
+    """The prompt ids of every request the LLM streams."""
+    seen: list[list[int]] = []
+    stream = LLM.stream
+
+    def recording(self, prompt, params=None, *args, **kwargs):
+        seen.append(list(prompt))
+        return stream(self, prompt, params, *args, **kwargs)
+
+    monkeypatch.setattr(LLM, "stream", recording)
+    return seen
+
+
+def test_a_session_without_thinking_closes_the_block_every_turn(llm, prompts):
+    session = ChatSession(
+        llm, SamplingParams(temperature=0, max_tokens=3), template_kwargs={"enable_thinking": False}
+    )
+    "".join(session.ask("one"))
+    "".join(session.ask("two"))
+    history = [*session.history[:2], {"role": "user", "content": "two"}]
+    expected = llm.tokenizer.apply_chat_template(history, add_generation_prompt=True, enable_thinking=False)
+    assert prompts[1] == expected and prompts[1][-4:] == EMPTY_THINK and prompts[0][-4:] == EMPTY_THINK
+    default = ChatSession(llm, SamplingParams(temperature=0, max_tokens=3))
+    "".join(default.ask("one"))
+    assert prompts[2] == prompts[0][:-4]  # thinking on: the template's own default
+    with pytest.raises(ChatError, match="template_kwargs must be a dict"):
+        ChatSession(llm, None, template_kwargs="enable_thinking=False")
+
+
+def test_an_agent_without_thinking(llm, prompts):
+    tool = Tool("now", lambda: "12:00", "the time", {"type": "object", "properties": {}})
+    agent = Agent(
+        llm,
+        [tool],
+        params=SamplingParams(temperature=0, max_tokens=3),
+        template_kwargs={"enable_thinking": False},
+    )
+    agent.run("time?")
+    assert prompts[0][-4:] == EMPTY_THINK
+    assert prompts[0] == agent.style.tool_prompt(
+        llm.tokenizer, [{"role": "user", "content": "time?"}], [tool.spec()], enable_thinking=False
+    )
+    with pytest.raises(ToolError, match="template_kwargs must be a dict"):
+        Agent(llm, [tool], template_kwargs=["enable_thinking"])
+
+
+@pytest.mark.parametrize("tools", [[], ["--code-interpreter"]], ids=["chat", "tool-chat"])
+def test_chat_cli_no_thinking(tiny_chat_model, prompts, capsys, tools):
+    assert (
+        main(["chat", str(tiny_chat_model), "-p", "hi", "--max-new-tokens", "2", "--no-thinking", *tools])
+        == 0
+    )
+    assert main(["chat", str(tiny_chat_model), "-p", "hi", "--max-new-tokens", "2", *tools]) == 0
+    assert prompts[0][-4:] == EMPTY_THINK and prompts[1] == prompts[0][:-4]
+
+
+def test_no_thinking_is_refused_by_a_template_without_the_switch(tiny_chat_model, tmp_path, capsys):
+    model = shutil.copytree(tiny_chat_model, tmp_path / "no-switch")
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config["chat_template"] = (
+        config["chat_template"]
+        .replace("enable_thinking is defined and ", "")
+        .replace("enable_thinking is false", "false")
+    )
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    assert main(["chat", str(model), "-p", "hi", "--max-new-tokens", "2", "--no-thinking"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [
+        "error: --no-thinking: this model's chat template has no thinking switch (enable_thinking)"
+    ]
