@@ -57,6 +57,14 @@ def test_tokenize_count_and_json(capsys):
     )
 
 
+def test_tokenize_options_between_model_and_text(capsys):
+    # argparse gave the optional MODEL_DIR's place to the first word alone: "unrecognized arguments: 12345"
+    assert tokenize.main([str(QWEN3_DIR), "--count", "12345"]) == 0
+    assert capsys.readouterr().out == "5\n"
+    assert tokenize.main(["--json", str(QWEN3_DIR), "--no-bos", "Hello world"]) == 0
+    assert json.loads(capsys.readouterr().out) == [9707, 1879]
+
+
 def test_tokenize_stdin(capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO("Hello world"))
     assert tokenize.main([str(QWEN3_DIR), "-", "--json"]) == 0
