@@ -11,6 +11,7 @@ from pathlib import Path
 
 from qwenkit.command_parser import CommandParser
 from qwenkit.errors import ConfigError
+from qwenkit.paths import not_a_file
 
 FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
 
@@ -220,8 +221,9 @@ def check_inputs(args: argparse.Namespace) -> None:
     if not Path(args.model).exists():
         raise ConfigError(f"{args.model}: no such model directory or file")
     for path in (args.data, args.eval_data):
-        if path is not None and not Path(path).is_file():
-            raise ConfigError(f"{path}: no such file")
+        why = None if path is None else not_a_file(path)
+        if why is not None:
+            raise ConfigError(f"{path}: no such file" if why == "does not exist" else f"{path} {why}")
     if args.adapter is not None:  # read_adapter's words
         from qwenkit.finetune.adapter_io import CONFIG_NAME
 
