@@ -208,6 +208,11 @@ def check_numbers(args: argparse.Namespace) -> None:
             raise ConfigError(f"{flag} must be 0 or more, got {value}")
     if args.lora_alpha is not None and not (math.isfinite(args.lora_alpha) and args.lora_alpha > 0):
         raise ConfigError(f"--lora-alpha must be a positive number, got {args.lora_alpha}")
+    if args.target_modules is not None and not args.target_modules.replace(",", "").strip():
+        # once the default projections, silently: `--target-modules "$EMPTY"` trained what it did not name
+        raise ConfigError(
+            f"--target-modules names no layer (got {args.target_modules!r}); leave it out for the default"
+        )
     if args.eval_every and not args.eval_data:  # once ignored: no held-out loss was ever logged
         raise ConfigError("--eval-every applies with --eval-data (the held-out data to evaluate)")
     if args.adapter is not None:
