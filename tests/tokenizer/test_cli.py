@@ -188,6 +188,22 @@ def test_template_message_that_is_not_an_object_is_one_line(capsys, tmp_path, v1
             assert err.count("\n") == 1
 
 
+def test_template_syntax_error_names_the_model_not_the_messages(capsys, tmp_path):
+    # the messages file was named ("m.json: chat template has a syntax error"), though it is blameless
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in ("tokenizer.json", "vocab.json", "merges.txt"):
+        (model / name).write_bytes((QWEN3_DIR / name).read_bytes())
+    (model / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{% for %}"}))
+    (tmp_path / "m.json").write_text('[{"role": "user", "content": "hi"}]')
+    assert template.main([str(model), str(tmp_path / "m.json")]) == 2
+    assert capsys.readouterr() == (
+        "",
+        f"error: {model}: chat template has a syntax error at line 1: Expected an expression, got "
+        "'end of statement block'\n",
+    )
+
+
 def test_template_errors_name_the_file_at_fault(capsys, tmp_path):
     """Valid JSON of the wrong shape was refused without naming the file ("`tools` must be an array"),
     and a number as content reached the template ("'int object' has no attribute 'startswith'")."""
