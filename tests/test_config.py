@@ -119,6 +119,22 @@ def test_a_size_that_is_zero_or_negative_is_refused_by_name():
     assert (derived.num_key_value_heads, derived.head_dim) == (16, 128)  # Qwen3Config's own default
 
 
+def test_a_huge_size_or_a_rope_scaling_that_is_no_object_is_refused_by_name():
+    """num_hidden_layers 1e30 (JSON's float, a whole number) hung while the model was built; rope_scaling
+    5 was "'int' object is not iterable", naming no key."""
+    import pytest
+
+    from qwenkit.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        ModelConfig.from_hf({**QWEN3_SMALL, "num_hidden_layers": 1e30})
+    assert str(e.value) == "config.json: num_hidden_layers is 1e+30, past any model's (2,147,483,647 at most)"
+    with pytest.raises(ConfigError) as e:
+        ModelConfig.from_hf({**QWEN3_SMALL, "rope_scaling": 5})
+    assert str(e.value) == "config.json: rope_scaling must be an object or null, not 5"
+    assert ModelConfig.from_hf({**QWEN3_SMALL, "rope_scaling": None}).rope_scaling is None
+
+
 def test_qwen3_explicit_head_dim_and_gqa():
     cfg = ModelConfig.from_hf({**QWEN3_SMALL, "tie_word_embeddings": True, "rope_theta": 1000000})
     assert cfg.head_dim == 128 and cfg.qk_norm and not cfg.qkv_bias

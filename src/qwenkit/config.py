@@ -236,6 +236,9 @@ _BOOL_KEYS = (
 )  # fmt: skip
 
 
+_LARGEST_SIZE = 2**31 - 1  # every size a checkpoint gives is far below it (a vocabulary, a context)
+
+
 def _check_value_types(cfg: dict[str, Any]) -> None:
     """Refuse, naming the key, a size that is not a whole number or a switch that is not true/false."""
     for key in _INT_KEYS:
@@ -243,6 +246,14 @@ def _check_value_types(cfg: dict[str, Any]) -> None:
         whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
         if value is not None and (isinstance(value, bool) or not whole):
             raise ConfigError(f"config.json: {key} must be a whole number, not {value!r}")
+        if value is not None and abs(value) > _LARGEST_SIZE:  # 1e30 layers: building them never ended
+            raise ConfigError(
+                f"config.json: {key} is {value!r}, past any model's ({_LARGEST_SIZE:,} at most)"
+            )
+    for key in ("rope_scaling", "rope_parameters"):  # 5 was "'int' object is not iterable", no key named
+        value = cfg.get(key)
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"config.json: {key} must be an object or null, not {value!r}")
     for key in _FLOAT_KEYS:
         value = cfg.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):

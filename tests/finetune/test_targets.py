@@ -33,6 +33,8 @@ def write_chat(path, n=4):
             "--target-modules: no layer matches gate;",
         ),  # a router: dense has none
         (["--target-modules", "v_proj,qproj", "--lora-layers", "1"], "no layer matches qproj in layers [0];"),
+        (["--target-modules", ""], "--target-modules names no layer (got ''); leave it out for the default"),
+        (["--target-modules", " , "], "--target-modules names no layer (got ' , ');"),
     ],
 )
 def test_a_target_that_matches_no_layer_is_refused(extra, message, tiny_chat_model, tmp_path, capsys):

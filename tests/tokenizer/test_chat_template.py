@@ -141,6 +141,26 @@ def test_raise_exception_in_template(qwen3):
         tok.apply_chat_template(CONVERSATIONS["single"])
 
 
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("{{ 1 / 0 }}", "chat template failed: ZeroDivisionError: division by zero"),
+        ("{{ 10.0 ** 400 }}", "chat template failed: OverflowError: "),
+        (
+            "{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}",
+            "chat template failed: it recursed too deeply (a macro that calls itself?)",
+        ),
+    ],
+)
+def test_template_arithmetic_and_recursion_errors_are_one_line(qwen3, source, message):
+    # a model's broken template ended `qwenkit template` and `chat` in a traceback
+    tok = _with_template(qwen3, source)
+    with pytest.raises(TokenizerError) as e:
+        tok.render_chat_template(CONVERSATIONS["single"])
+    assert str(e.value).startswith(message)
+    assert "\n" not in str(e.value)
+
+
 def test_sandbox_blocks_escape(qwen3):
     tok = _with_template(qwen3, "{{ messages.__class__.__mro__ }}")
     with pytest.raises(TokenizerError, match="chat template failed"):

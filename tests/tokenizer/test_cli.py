@@ -57,6 +57,14 @@ def test_tokenize_count_and_json(capsys):
     )
 
 
+def test_tokenize_options_between_model_and_text(capsys):
+    # argparse gave the optional MODEL_DIR's place to the first word alone: "unrecognized arguments: 12345"
+    assert tokenize.main([str(QWEN3_DIR), "--count", "12345"]) == 0
+    assert capsys.readouterr().out == "5\n"
+    assert tokenize.main(["--json", str(QWEN3_DIR), "--no-bos", "Hello world"]) == 0
+    assert json.loads(capsys.readouterr().out) == [9707, 1879]
+
+
 def test_tokenize_stdin(capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO("Hello world"))
     assert tokenize.main([str(QWEN3_DIR), "-", "--json"]) == 0
@@ -178,6 +186,22 @@ def test_template_message_that_is_not_an_object_is_one_line(capsys, tmp_path, v1
             out, err = capsys.readouterr()
             assert out == "" and err.startswith(f"error: {tmp_path / 'm.json'}: chat message 1 must be an ")
             assert err.count("\n") == 1
+
+
+def test_template_syntax_error_names_the_model_not_the_messages(capsys, tmp_path):
+    # the messages file was named ("m.json: chat template has a syntax error"), though it is blameless
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in ("tokenizer.json", "vocab.json", "merges.txt"):
+        (model / name).write_bytes((QWEN3_DIR / name).read_bytes())
+    (model / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{% for %}"}))
+    (tmp_path / "m.json").write_text('[{"role": "user", "content": "hi"}]')
+    assert template.main([str(model), str(tmp_path / "m.json")]) == 2
+    assert capsys.readouterr() == (
+        "",
+        f"error: {model}: chat template has a syntax error at line 1: Expected an expression, got "
+        "'end of statement block'\n",
+    )
 
 
 def test_template_errors_name_the_file_at_fault(capsys, tmp_path):

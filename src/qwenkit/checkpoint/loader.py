@@ -33,6 +33,7 @@ from qwenkit.model import Transformer
 from qwenkit.model.adapter_bank import LoRAPair
 from qwenkit.model.rope import inv_freq
 from qwenkit.model.served_adapters import AdapterNotServable, check_servable, serve_adapters
+from qwenkit.paths import not_a_file
 
 if TYPE_CHECKING:
     from qwenkit.quant.affine import AffineWeight
@@ -85,8 +86,8 @@ def open_checkpoint(path: str | Path) -> CheckpointSource:
         from qwenkit.checkpoint.gguf import read_gguf
 
         return read_gguf(p)
-    if not p.exists():
-        raise CheckpointError(f"{p} does not exist")
+    if not p.exists():  # a loop of links, or a link to a missing path, is told as what it is
+        raise CheckpointError(f"{p} {not_a_file(p) or 'does not exist'}")
     if not p.is_dir():
         raise CheckpointError(f"{p} is neither a model directory nor a .gguf file")
     hf_config = read_hf_config(p)

@@ -10,6 +10,7 @@ from typing import Any
 from qwenkit.command_parser import CommandParser
 from qwenkit.errors import QwenkitError
 from qwenkit.tokenizer.base import LONE_SURROGATE
+from qwenkit.tokenizer.chat_template import compile_template
 from qwenkit.tools.calls import offered_functions
 from qwenkit.tools.template_style import template_style
 
@@ -89,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
             tools = tools["tools"]
         data = [_text_parts_joined(args.messages, i, m) for i, m in enumerate(data)]
         tokenizer = tokenizer_for(args.model_dir)
+        if tokenizer.chat_template:  # its syntax error is the model's, not the messages file's
+            try:
+                compile_template(tokenizer.chat_template)
+            except QwenkitError as e:
+                raise _InputError(f"{args.model_dir}: {e}") from None
         gen = not args.no_generation_prompt
         style = template_style(tokenizer.chat_template)
         try:  # a bad message or tool named no file ("chat message 0 must be ..."): say which one

@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="the text's own ids only, without the BOS (or EOS) the tokenizer adds around a prompt",
     )
-    args = parser.parse_args(argv)
+    # intermixed: `tokenize MODEL --count TEXT` took MODEL as the text and refused TEXT as unrecognized
+    args = parser.parse_intermixed_args(argv)
 
     from qwenkit.cli.common import resolve_model
     from qwenkit.generate import tokenizer_for

@@ -18,6 +18,7 @@ from typing import Any
 
 from qwenkit.evaluate.backends import Backend
 from qwenkit.evaluate.data import EvalDataError
+from qwenkit.paths import not_a_file
 
 
 def windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
@@ -92,8 +93,8 @@ def read_text(path: str | Path) -> str:
     p = Path(path)
     if p.is_dir():
         raise EvalDataError(f"perplexity needs a text file: {p} is a directory")
-    if not p.is_file():
-        raise EvalDataError(f"perplexity needs a text file: {p} does not exist")
+    if (why := not_a_file(p)) is not None:
+        raise EvalDataError(f"perplexity needs a text file: {p} {why}")
     try:
         return p.read_text(encoding="utf-8")
     except UnicodeDecodeError:

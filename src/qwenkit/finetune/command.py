@@ -11,6 +11,7 @@ from pathlib import Path
 
 from qwenkit.command_parser import CommandParser
 from qwenkit.errors import ConfigError
+from qwenkit.paths import not_a_file
 
 FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
 
@@ -207,6 +208,11 @@ def check_numbers(args: argparse.Namespace) -> None:
             raise ConfigError(f"{flag} must be 0 or more, got {value}")
     if args.lora_alpha is not None and not (math.isfinite(args.lora_alpha) and args.lora_alpha > 0):
         raise ConfigError(f"--lora-alpha must be a positive number, got {args.lora_alpha}")
+    if args.target_modules is not None and not args.target_modules.replace(",", "").strip():
+        # once the default projections, silently: `--target-modules "$EMPTY"` trained what it did not name
+        raise ConfigError(
+            f"--target-modules names no layer (got {args.target_modules!r}); leave it out for the default"
+        )
     if args.eval_every and not args.eval_data:  # once ignored: no held-out loss was ever logged
         raise ConfigError("--eval-every applies with --eval-data (the held-out data to evaluate)")
     if args.adapter is not None:
@@ -220,8 +226,9 @@ def check_inputs(args: argparse.Namespace) -> None:
     if not Path(args.model).exists():
         raise ConfigError(f"{args.model}: no such model directory or file")
     for path in (args.data, args.eval_data):
-        if path is not None and not Path(path).is_file():
-            raise ConfigError(f"{path}: no such file")
+        why = None if path is None else not_a_file(path)
+        if why is not None:
+            raise ConfigError(f"{path}: no such file" if why == "does not exist" else f"{path} {why}")
     if args.adapter is not None:  # read_adapter's words
         from qwenkit.finetune.adapter_io import CONFIG_NAME
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from qwenkit.errors import QwenkitError
 from qwenkit.jsonl import BadLine, NotAnArray, json_array, json_lines
+from qwenkit.paths import not_a_file
 
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {
@@ -53,8 +54,8 @@ def read_objects(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
     path = Path(path)
     if path.is_dir():
         raise DataError(f"{path} is a directory; give a JSONL (or .json) data file")
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
+    if (why := not_a_file(path)) is not None:
+        raise DataError(f"{path}: no such file" if why == "does not exist" else f"{path} {why}")
     data = path.read_bytes()
     if path.suffix == ".json":
         try:

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from qwenkit.checkpoint.output_dir import atomic_output_dir, check_out_dir
+from qwenkit.paths import not_a_file
 from qwenkit.quant.calibration import CalibrationTokenizer, calibration_token_ids
 from qwenkit.quant.checkpoint_io import NOT_QUANTIZED, finalize_quantized_model, save_gptq
 from qwenkit.quant.gptq import gptq_quantize_model
@@ -276,8 +277,8 @@ def _read_calibration(path: str | Path) -> str:
     p = Path(path)
     if p.is_dir():  # "does not exist" would send the user looking for a path that is there
         raise QuantizationError(f"calibration file {p} is a directory; pass a UTF-8 text file")
-    if not p.is_file():
-        raise QuantizationError(f"calibration file {p} does not exist")
+    if (why := not_a_file(p)) is not None:
+        raise QuantizationError(f"calibration file {p} {why}")
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError:

@@ -212,8 +212,12 @@ def render(source: str, variables: dict[str, Any]) -> str:
         return template.render(**variables)
     except jinja2.TemplateError as e:
         raise TokenizerError(f"chat template failed: {e.message or type(e).__name__}") from None
-    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, ArithmeticError) as e:
         raise TokenizerError(f"chat template failed: {type(e).__name__}: {e}") from None
+    except RecursionError:  # a macro that calls itself: the model's template is broken, not qwenkit
+        raise TokenizerError(
+            "chat template failed: it recursed too deeply (a macro that calls itself?)"
+        ) from None
 
 
 @lru_cache(maxsize=16)
