@@ -182,8 +182,7 @@ def load_model(
         raise ConfigError(
             f"{source.path} is already quantized ({config.quantization.get('quant_method')}); drop --quantize"
         )
-    # Integer codes stay integer codes unless floats are asked for or the weights are re-quantized (a
-    # tensor-parallel rank keeps its share of them: _shard_codes).
+    # Integer codes stay so unless floats are asked for or they are re-quantized (a rank: _shard_codes)
     keep_quantized = not (dequantize or quantize)
     runtime_bytes = getattr(source, "runtime_bytes", None)
     # a GGUF knows its codes' bytes; --quantize sizes the quantized model (never the float one it was)
