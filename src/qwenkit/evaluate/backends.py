@@ -32,7 +32,8 @@ class Backend(Protocol):
 
     def encode_prompt(self, text: str) -> list[int]:
         """A raw-text prompt's ids as the model reads it: with the tokenizer's BOS where it has one, as
-        lm-eval's HF models and transformers' perplexity guide encode contexts."""
+        lm-eval's HF models and transformers' perplexity guide encode contexts; special-token text in it
+        is the token, as they and a server's ``/tokenize`` read it."""
         ...
 
     def max_context(self) -> int | None:
@@ -93,11 +94,13 @@ class LocalBackend:
     share_prefix_from: int = 64  # contexts sharing at least this many first tokens compute them once
     name: str = "local"
 
+    # special-token text in an item is the token, as the endpoint's /tokenize reads a prompt and as
+    # lm-eval's HF backend (transformers' tokenizer(text)) reads it: an item gets the same ids either way
     def encode(self, text: str) -> list[int]:
-        return self.llm.tokenizer.encode(text)
+        return self.llm.tokenizer.encode(text, allow_special=True)
 
     def encode_prompt(self, text: str) -> list[int]:
-        return self.llm.tokenizer.encode_prompt(text)
+        return self.llm.tokenizer.encode_prompt(text, allow_special=True)
 
     def max_context(self) -> int | None:
         return self.max_seq_len or self.llm.engine.max_seq_len
