@@ -131,8 +131,10 @@ def health_while(server, path: str, payload: dict | bytes) -> tuple[float, float
 JSON = {"content-type": "application/json"}
 LONG_TEXT = "hello world, this is a fairly ordinary sentence. " * 40_000  # 2 MB: 400,001 tokens
 LONG_CHAT = [{"role": "user", "content": LONG_TEXT}]
-# 2 MB of text that holds control-token text, read as plain text (the tokens' text, not the tokens)
-THINK_TEXT = "hello <think> world, this is a sentence. " * 50_000  # 550,001 tokens
+# 2 MB of text that holds control-token text: in a chat message read as plain text (the tokens' text,
+# 600,009 tokens with the template's), in a raw prompt as the tokens (500,001)
+THINK_TEXT = "hello <think> world, this is a sentence. " * 50_000
+THINK_CHAT = [{"role": "user", "content": THINK_TEXT}]
 # 2M token ids, written as JSON once (so the client's own serializing is not timed)
 MANY_IDS = json.dumps({"tokens": [9707, 1879, 11, 419, 374] * 400_000}).encode()
 
@@ -143,11 +145,20 @@ MANY_IDS = json.dumps({"tokens": [9707, 1879, 11, 419, 374] * 400_000}).encode()
         ("/tokenize", {"prompt": LONG_TEXT}, 200, '"count":400001,'),
         ("/tokenize", {"messages": LONG_CHAT}, 200, '"count":400009,'),
         (CHAT, {"messages": LONG_CHAT}, 400, "your prompt has 400009 tokens"),
-        ("/tokenize", {"prompt": THINK_TEXT}, 200, '"count":550001,'),
-        ("/v1/completions", {"prompt": THINK_TEXT}, 400, "your prompt has 550001 tokens"),
+        ("/tokenize", {"prompt": THINK_TEXT}, 200, '"count":500001,'),
+        ("/tokenize", {"messages": THINK_CHAT}, 200, '"count":600009,'),
+        ("/v1/completions", {"prompt": THINK_TEXT}, 400, "your prompt has 500001 tokens"),
         ("/detokenize", MANY_IDS, 200, '{"prompt":"Hello world, this is'),
     ],
-    ids=["tokenize", "tokenize-messages", "chat", "tokenize-think", "completions-think", "detokenize"],
+    ids=[
+        "tokenize",
+        "tokenize-messages",
+        "chat",
+        "tokenize-think",
+        "tokenize-think-messages",
+        "completions-think",
+        "detokenize",
+    ],
 )
 def test_a_long_prompt_leaves_health_answering(server, path, payload, status, words):
     """/tokenize read its text on the event loop, and a rendered chat prompt was encoded by a call that
