@@ -121,3 +121,50 @@ def test_the_autoscalers_metric_is_one_the_server_exposes(server):
     assert matched == {"namespace", "pod"} and not matched & set(labels)
     monitor = yaml.safe_load((DEPLOY / "k8s/components/servicemonitor/servicemonitor.yaml").read_text())
     assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
+
+
+def test_refused_requests_are_counted_by_route_and_status(make_server, chat_llm):
+    """A 401, 400, 429 or a draining 503 reaches no engine, so no vllm:* series moves: without a count of
+    answers by status, a storm of refusals (a bad key rolled out, a full queue) is invisible on /metrics."""
+    live = make_server(response_cache_entries=0, api_key="k", max_queue=0)
+    key = {"Authorization": "Bearer k"}
+    ok = {"messages": HELLO, "max_tokens": 2}
+    assert httpx.post(live.url + CHAT, json=ok, headers=key, timeout=60).status_code == 200
+    assert httpx.post(live.url + CHAT, json=ok, timeout=60).status_code == 401
+    assert httpx.post(live.url + "/v1/nothing", json=ok, timeout=60).status_code == 401
+    bad = {"messages": HELLO, "max_tokens": -1}
+    assert httpx.post(live.url + CHAT, json=bad, headers=key, timeout=60).status_code == 400
+    state = live.server.config.app.state.qwenkit
+    state.active += 8  # what 8 running choices look like to the queue check (no real rows to race)
+    try:
+        full = httpx.post(live.url + CHAT, json=ok, headers=key, timeout=60)
+    finally:
+        state.active -= 8
+    assert full.status_code == 429
+    state.draining = True
+    try:
+        assert httpx.post(live.url + CHAT, json=ok, headers=key, timeout=60).status_code == 503
+        assert httpx.get(live.url + "/health").status_code == 503
+    finally:
+        state.draining = False
+    assert chat_llm.driver.wait_idle()
+    m, types = scrape(live)
+    assert types["http_requests"] == "counter"
+    counted = {
+        labels: value
+        for (name, labels), value in m.items()
+        if name == "http_requests_total" and dict(labels)["handler"] != "/health"
+    }
+
+    def at(handler: str, status: int) -> tuple:
+        return (("handler", handler), ("method", "POST"), ("status", str(status)))
+
+    assert counted == {
+        at(CHAT, 200): 1,
+        at(CHAT, 401): 1,
+        at("other", 401): 1,  # a path no route serves is not a label of its own
+        at(CHAT, 400): 1,
+        at(CHAT, 429): 1,
+        at(CHAT, 503): 1,
+    }
+    assert m[("http_requests_total", (("handler", "/health"), ("method", "GET"), ("status", "503")))] == 1
