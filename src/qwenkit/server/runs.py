@@ -211,9 +211,12 @@ class Run:
                 self.state.response_cache.put(choice.cache_key, completion)
         now = time.perf_counter()
         ttft = None if choice.first_token_at is None else choice.first_token_at - self.arrived
+        # a step that failed before the first token failed the prompt's computation: none of it counts
+        # (as one stopped while it waited, in abort)
+        failed_early = completion.finish_reason == "error" and not completion.token_ids
         self.state.metrics.finished(
             completion.finish_reason,
-            len(completion.prompt_ids),
+            0 if failed_early else len(completion.prompt_ids),
             len(completion.token_ids),
             ttft,
             now - self.arrived,
