@@ -73,6 +73,12 @@ def test_counters_and_histograms_equal_the_usage_served(make_server, chat_llm):
         assert m[(f"vllm:{histogram}_count", ())] == choices, histogram
         assert m[(f"vllm:{histogram}_bucket", (("le", "+Inf"),))] == choices, histogram
     assert m[("vllm:time_per_output_token_seconds_count", ())] == choices  # every one made > 1 token
+    # one inter-token observation per delivery after a choice's first token: at most one a token (the
+    # tokens of a step, or of steps read together, are one delivery), within each choice's decode time
+    itl = m[("vllm:inter_token_latency_seconds_count", ())]
+    assert 1 <= itl <= sum(c for _, c, _ in served) - choices
+    decode = m[("vllm:e2e_request_latency_seconds_sum", ())] - m[("vllm:time_to_first_token_seconds_sum", ())]
+    assert 0 < m[("vllm:inter_token_latency_seconds_sum", ())] <= decode
     for gauge in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc"):
         assert m[(f"vllm:{gauge}", ())] == 0, gauge
 

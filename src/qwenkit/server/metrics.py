@@ -116,6 +116,15 @@ class ServerMetrics:
             buckets=_TOKEN_BUCKETS,
             registry=r,
         ).labels(m)
+        # vLLM's: one observation per delivery of new tokens after a choice's first (an engine step's
+        # tokens, or several steps' that reached the handler together)
+        self.itl = Histogram(
+            "vllm:inter_token_latency_seconds",
+            "Time between deliveries of a choice's new tokens.",
+            labels,
+            buckets=_TOKEN_BUCKETS,
+            registry=r,
+        ).labels(m)
         self.e2e = Histogram(
             "vllm:e2e_request_latency_seconds",
             "Request latency, arrival to last token.",

@@ -37,6 +37,7 @@ class Choice:
     cached: Completion | None = None
     cache_key: tuple | None = None
     first_token_at: float | None = None
+    last_token_at: float | None = None
     result: Completion | None = None
     echo: PromptEcho | None = None  # /v1/completions with `echo`: what the choice's text starts with
     generated: int = 0  # tokens streamed so far (held-back text's too)
@@ -179,8 +180,13 @@ class Run:
                     continue
                 if isinstance(item, Exception):
                     raise item
-                if choice.first_token_at is None and item.token_ids:
-                    choice.first_token_at = time.perf_counter()
+                if item.token_ids:
+                    now = time.perf_counter()
+                    if choice.first_token_at is None:
+                        choice.first_token_at = now
+                    elif choice.cached is None:  # a cached answer comes whole: no token was timed
+                        self.state.metrics.itl.observe(now - choice.last_token_at)
+                    choice.last_token_at = now
                 choice.generated += len(item.token_ids)
                 if item.finish_reason is not None:
                     remaining -= 1
