@@ -535,3 +535,18 @@ def test_health_fails_while_every_step_fails_and_recovers(failing):
     r = httpx.post(live.url + CHAT, json={"messages": HELLO, "max_tokens": 2}, timeout=60)
     assert r.status_code == 200
     assert httpx.get(live.url + "/health").json() == {"status": "ok"}
+
+
+def test_a_request_whose_prefill_failed_counts_no_prompt_tokens(failing):
+    """A failed step is counted as finished_reason="error"; a request it failed before its first token
+    computed none of its prompt, and adds none to vllm:prompt_tokens_total (as one aborted while it
+    waited)."""
+    live, fail_next = failing
+    errors = 'vllm:request_success_total{finished_reason="error"'
+    failed = metric(live, errors) if errors in httpx.get(live.url + "/metrics").text else 0
+    prompt = metric(live, "vllm:prompt_tokens_total{")
+    fail_next()
+    r = httpx.post(live.url + CHAT, json={"messages": HELLO, "max_tokens": 2}, timeout=60)
+    assert r.status_code == 500
+    assert metric(live, errors) == failed + 1
+    assert metric(live, "vllm:prompt_tokens_total{") == prompt

@@ -57,18 +57,45 @@ class RequestGate:
     chunk of a streamed response through a memory stream and a task of its own, which at 16 streams
     took about a quarter of the event loop's time per generated token."""
 
-    def __init__(self, app: ASGIApp, state: ServerState) -> None:
-        self.app, self.state = app, state
+    def __init__(self, app: ASGIApp, state: ServerState, routes: list) -> None:
+        self.app, self.state, self.routes = app, state, routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        refusal = self._refusal(Request(scope)) if scope["type"] == "http" else None
-        if refusal is not None:
-            await error_response(refusal)(scope, receive, send)
-            return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit, read, started = self.state.config.max_request_bytes, 0, False
+        status = None
+
+        async def noted_send(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self._gated(scope, receive, noted_send, lambda: status is not None)
+        except Exception:  # not a cancellation: no answer went out then
+            status = status or 500  # what uvicorn answers for an exception out of the app
+            raise
+        finally:
+            if status is not None and scope["path"] != "/metrics":  # not the scrapes themselves
+                self.state.metrics.answered(self._handler(scope), scope["method"], status)
+
+    def _handler(self, scope: Scope) -> str:
+        """The route's path template; a refused request has not been routed yet: its path if a route
+        serves it as is, otherwise "other", so a client cannot make a label of every path it tries."""
+        route = scope.get("route")
+        if route is not None:
+            return route.path
+        paths = {r.path for r in self.routes if "{" not in getattr(r, "path", "{")}
+        return scope["path"] if scope["path"] in paths else "other"
+
+    async def _gated(self, scope: Scope, receive: Receive, send: Send, started) -> None:
+        refusal = self._refusal(Request(scope))
+        if refusal is not None:
+            await error_response(refusal)(scope, receive, send)
+            return
+        limit, read = self.state.config.max_request_bytes, 0
 
         async def counted_receive() -> dict:  # a body sent without Content-Length is counted as it comes
             nonlocal read
@@ -78,15 +105,10 @@ class RequestGate:
                 raise BodyTooLarge(limit)
             return message
 
-        async def noted_send(message: dict) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
         try:
-            await self.app(scope, counted_receive, noted_send)
+            await self.app(scope, counted_receive, send)
         except BodyTooLarge as e:  # read outside FastAPI's body parsing (which makes it a 413 itself)
-            if started:
+            if started():
                 raise
             await error_response(e.api_error())(scope, receive, send)
 
@@ -112,7 +134,7 @@ def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
     app.state.qwenkit = state
     install_handlers(app)
 
-    app.add_middleware(RequestGate, state=state)
+    app.add_middleware(RequestGate, state=state, routes=app.router.routes)  # filled below
 
     if state.config.allowed_origins:
         app.add_middleware(

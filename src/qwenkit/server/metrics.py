@@ -116,6 +116,15 @@ class ServerMetrics:
             buckets=_TOKEN_BUCKETS,
             registry=r,
         ).labels(m)
+        # vLLM's: one observation per delivery of new tokens after a choice's first (an engine step's
+        # tokens, or several steps' that reached the handler together)
+        self.itl = Histogram(
+            "vllm:inter_token_latency_seconds",
+            "Time between deliveries of a choice's new tokens.",
+            labels,
+            buckets=_TOKEN_BUCKETS,
+            registry=r,
+        ).labels(m)
         self.e2e = Histogram(
             "vllm:e2e_request_latency_seconds",
             "Request latency, arrival to last token.",
@@ -126,7 +135,18 @@ class ServerMetrics:
         self.response_cache_hits = Counter(
             "qwenkit:response_cache_hits", "Requests answered from the response cache.", labels, registry=r
         ).labels(m)
+        # Every answer by route and exact status (vLLM's instrumentator names, though it groups statuses
+        # as 4xx): refusals (401, 400, 429, a draining 503) reach no engine, so nothing else counts them.
+        self._http = Counter(
+            "http_requests",
+            "HTTP requests answered, by route, method and status.",
+            ["handler", "method", "status"],
+            registry=r,
+        )
         self.model_name = m
+
+    def answered(self, handler: str, method: str, status: int) -> None:
+        self._http.labels(handler, method, str(status)).inc()
 
     def finished(
         self,

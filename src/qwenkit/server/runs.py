@@ -37,6 +37,7 @@ class Choice:
     cached: Completion | None = None
     cache_key: tuple | None = None
     first_token_at: float | None = None
+    last_token_at: float | None = None
     result: Completion | None = None
     echo: PromptEcho | None = None  # /v1/completions with `echo`: what the choice's text starts with
     generated: int = 0  # tokens streamed so far (held-back text's too)
@@ -179,8 +180,13 @@ class Run:
                     continue
                 if isinstance(item, Exception):
                     raise item
-                if choice.first_token_at is None and item.token_ids:
-                    choice.first_token_at = time.perf_counter()
+                if item.token_ids:
+                    now = time.perf_counter()
+                    if choice.first_token_at is None:
+                        choice.first_token_at = now
+                    elif choice.cached is None:  # a cached answer comes whole: no token was timed
+                        self.state.metrics.itl.observe(now - choice.last_token_at)
+                    choice.last_token_at = now
                 choice.generated += len(item.token_ids)
                 if item.finish_reason is not None:
                     remaining -= 1
@@ -211,9 +217,12 @@ class Run:
                 self.state.response_cache.put(choice.cache_key, completion)
         now = time.perf_counter()
         ttft = None if choice.first_token_at is None else choice.first_token_at - self.arrived
+        # a step that failed before the first token failed the prompt's computation: none of it counts
+        # (as one stopped while it waited, in abort)
+        failed_early = completion.finish_reason == "error" and not completion.token_ids
         self.state.metrics.finished(
             completion.finish_reason,
-            len(completion.prompt_ids),
+            0 if failed_early else len(completion.prompt_ids),
             len(completion.token_ids),
             ttft,
             now - self.arrived,
