@@ -131,21 +131,16 @@ def test_qwen3_reasoning_kept_in_the_content_trains_on_the_rendered_text(tokeniz
     assert labelled_runs(tok, ids, labels) == ["<think>\n1+2=3\n</think>\n\nThe sum is 3.<|im_end|>"]
 
 
-def test_reply_starting_with_newline_is_tokenized_whole(tokenizers):
-    """Tokenizing segment by segment would give two '\\n' tokens; the whole text has one '\\n\\n'."""
+def test_v1_reply_starting_with_newline_keeps_its_own_newline_token(tokenizers):
+    """Qwen v1 encodes the header and the reply on their own (make_context, finetune.py), so the reply's
+    '\\n' is a token of its own, as at inference; tokenizing the whole text would merge them into '\\n\\n'."""
     tok = tokenizers["v1"]
     ids, labels = encode_messages(
         tok, [{"role": "user", "content": "x"}, {"role": "assistant", "content": "\nHello"}]
     )
-    assert (
-        ids
-        == tok.encode("<|im_start|>system\nYou are a helpful assistant.", allow_special=True)
-        + ids[len(tok.encode("<|im_start|>system\nYou are a helpful assistant.", allow_special=True)) :]
-    )
-    assert 271 in ids and tok.decode([271]) == "\n\n"
-    assert labelled_runs(tok, ids, labels) == [
-        "\n\nHello<|im_end|>"
-    ]  # the merged token carries the reply's \n
+    assert ids[-7:] == [151644, 77091, 198, 198, 9707, 151645, 198]  # assistant \n | \n Hello <|im_end|> \n
+    assert 271 not in ids
+    assert labelled_runs(tok, ids, labels) == ["\nHello<|im_end|>"]
 
 
 def test_plain_text_keeps_its_end_of_text_label(tokenizers, tmp_path):

@@ -2,7 +2,9 @@
 
 The whole conversation is rendered once and tokenized once; which tokens carry a label is decided from
 character offsets into that text, never by tokenizing turn by turn (a reply starting with a newline
-merges with the header's newline into one token when tokenized whole).
+merges with the header's newline into one token when tokenized whole). Qwen v1 is the exception: its
+chat is built in code, each text part encoded on its own (`make_context`, finetune.py `preprocess`), and
+fine-tuning takes those very ids and their reply segments (`Tokenizer.chat_segments`).
 
 Labelled: each assistant turn's body (content, non-empty reasoning, tool calls) and its ``<|im_end|>``.
 Not labelled: ``<|im_start|>``, role headers, system/user/tool turns, the newline after ``<|im_end|>``,
@@ -61,6 +63,11 @@ def encode_messages(tokenizer: Tokenizer, messages, tools=None) -> tuple[list[in
     for token in (IM_START, IM_END):
         if token not in tokenizer.added_tokens:
             raise TokenizerError(f"fine-tuning needs a ChatML chat template; the tokenizer has no {token}")
+    segments = tokenizer.chat_segments(messages, tools, add_generation_prompt=False)
+    if segments is not None:  # built in code (Qwen v1): the same ids chat prompts with
+        ids = [token for part, _ in segments for token in part]
+        labels = [token if is_reply else IGNORE for part, is_reply in segments for token in part]
+        return ids, labels
     ids: list[int] = []
     spans: list[tuple[int, int]] = []  # char span of each token in `text`
     text = ""

@@ -274,12 +274,26 @@ class Tokenizer(ABC):
 
         Without such text the ids equal the reference (transformers) ids for the same rendered text.
         """
+        segments = self.chat_segments(messages, tools, add_generation_prompt)
+        if segments is not None:
+            return [token for ids, _ in segments for token in ids]
         ids: list[int] = []
         pieces = self.chat_pieces(messages, tools, add_generation_prompt, **template_kwargs)
         check_unicode("".join(piece for piece, _ in pieces), "the rendered chat prompt")
         for piece, from_user in pieces:
             ids += self.encode_plain(piece) if from_user else self.encode_with_added(piece)
         return ids
+
+    def chat_segments(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[tuple[list[int], bool]] | None:
+        """The chat ids as (ids, is_reply) segments where the tokenizer builds them in code, not from a
+        template's text (Qwen v1's ChatML); None where the chat template decides. Chat and fine-tuning
+        both use them, so a model is trained on the very ids it is prompted with."""
+        return None
 
     def chat_pieces(
         self,

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from qwenkit.tokenizer import chat_template as ct
 from qwenkit.tokenizer.base import Tokenizer
 from qwenkit.tokenizer.chat_template import DEFAULT_V1_SYSTEM
 from qwenkit.tokenizer.errors import TokenizerError
@@ -23,16 +24,16 @@ def _control(tokenizer: Tokenizer, token: str) -> int:
     return token_id
 
 
+def _turn_parts(tokenizer: Tokenizer, role: str, content: str) -> tuple[list[int], list[int], int]:
+    """([im_start] role \\n, content, im_end): each text part encoded on its own, like `_tokenize_str`."""
+    head = [_control(tokenizer, "<|im_start|>"), *tokenizer.encode_plain(role), *tokenizer.encode_plain("\n")]
+    return head, tokenizer.encode_plain(content), _control(tokenizer, "<|im_end|>")
+
+
 def _turn(tokenizer: Tokenizer, role: str, content: str) -> list[int]:
-    """[im_start] role \\n content [im_end], each text part encoded on its own like `_tokenize_str`."""
-    nl = tokenizer.encode_plain("\n")
-    return [
-        _control(tokenizer, "<|im_start|>"),
-        *tokenizer.encode_plain(role),
-        *nl,
-        *tokenizer.encode_plain(content),
-        _control(tokenizer, "<|im_end|>"),
-    ]
+    """[im_start] role \\n content [im_end]."""
+    head, body, end = _turn_parts(tokenizer, role, content)
+    return [*head, *body, end]
 
 
 def make_context(
@@ -65,27 +66,41 @@ def make_context(
     return text, ids
 
 
+def chatml_segments(
+    tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True
+) -> list[tuple[list[int], bool]]:
+    """Ids of OpenAI-shaped messages in ChatML, make_context style, as (ids, is_reply) segments.
+
+    A reply segment is an assistant turn's content and its <|im_end|>: what fine-tuning labels. Qwen
+    builds both its prompts (`make_context`) and its training examples (finetune.py `preprocess`) this
+    way, every text part encoded on its own, so inference and fine-tuning share this one encoding. The
+    text form is `chatml_template()`. A conversation that does not start with a system message gets v1's
+    default system prompt; for system/user/assistant turns ending in a user turn the ids equal
+    `make_context` without truncation.
+    """
+    nl = tokenizer.encode_plain("\n")
+    segments: list[tuple[list[int], bool]] = []
+    for i, message in enumerate(ct.normalize_messages(messages)):
+        role, content = message.get("role"), message.get("content")
+        if not isinstance(content, str):
+            raise TokenizerError(f"chat message {i} needs string 'role' and 'content' for ChatML")
+        if i == 0 and role != "system":
+            segments.append(([*_turn(tokenizer, "system", DEFAULT_V1_SYSTEM), *nl], False))
+        head, body, end = _turn_parts(tokenizer, role, content)
+        if role == "assistant":
+            segments += [(head, False), ([*body, end], True), (nl, False)]
+        else:
+            segments.append(([*head, *body, end, *nl], False))
+    if add_generation_prompt:
+        segments.append(
+            ([_control(tokenizer, "<|im_start|>"), *tokenizer.encode_plain("assistant"), *nl], False)
+        )
+    return segments
+
+
 def encode_chatml(
     tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True
 ) -> list[int]:
-    """Ids of OpenAI-shaped messages in ChatML, make_context style; the text form is `chatml_template()`.
-
-    A conversation that does not start with a system message gets v1's default system prompt. For
-    system/user/assistant turns ending in a user turn this equals `make_context` without truncation.
-    """
-    if not isinstance(messages, Sequence) or not messages:
-        raise TokenizerError("chat messages must be a non-empty list of {'role', 'content'} objects")
-    nl = tokenizer.encode_plain("\n")
-    ids: list[int] = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, Mapping):
-            raise TokenizerError(f"chat message {i} must be an object with 'role' and 'content'")
-        role, content = message.get("role"), message.get("content")
-        if not isinstance(role, str) or not isinstance(content, str):
-            raise TokenizerError(f"chat message {i} needs string 'role' and 'content' for ChatML")
-        if i == 0 and role != "system":
-            ids += [*_turn(tokenizer, "system", DEFAULT_V1_SYSTEM), *nl]
-        ids += [*_turn(tokenizer, role, content), *nl]
-    if add_generation_prompt:
-        ids += [_control(tokenizer, "<|im_start|>"), *tokenizer.encode_plain("assistant"), *nl]
-    return ids
+    """Ids of OpenAI-shaped messages in ChatML, make_context style (see `chatml_segments`)."""
+    segments = chatml_segments(tokenizer, messages, add_generation_prompt=add_generation_prompt)
+    return [token for ids, _ in segments for token in ids]

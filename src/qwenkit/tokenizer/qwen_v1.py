@@ -132,19 +132,19 @@ class QwenV1Tokenizer(Tokenizer):
         """{token bytes: rank}; the tiktoken -> tokenizer.json converter reads it."""
         return self._ranks
 
-    def apply_chat_template(
+    def chat_segments(
         self,
         messages: Sequence[Mapping[str, Any]],
         tools: list[dict[str, Any]] | None = None,
         add_generation_prompt: bool = True,
-        **template_kwargs: Any,
-    ) -> list[int]:
-        """ChatML ids built exactly like Qwen's `make_context`: roles and contents encoded as plain text,
-        control tokens inserted as ids. A tokenizer_config chat_template, if present, is used instead."""
+    ) -> list[tuple[list[int], bool]] | None:
+        """ChatML ids built exactly like Qwen's `make_context` and finetune.py: roles and contents encoded
+        as plain text, each on its own, control tokens inserted as ids. A tokenizer_config chat_template,
+        if present, is used instead (None)."""
         if not self._builtin_template:
-            return super().apply_chat_template(messages, tools, add_generation_prompt, **template_kwargs)
-        from qwenkit.tokenizer.chatml import encode_chatml
+            return None
+        from qwenkit.tokenizer.chatml import chatml_segments
 
         if tools:
             raise TokenizerError("Qwen v1's ChatML has no tool support (use a ReAct prompt in the user turn)")
-        return encode_chatml(self, messages, add_generation_prompt=add_generation_prompt)
+        return chatml_segments(self, messages, add_generation_prompt=add_generation_prompt)
