@@ -1,0 +1,93 @@
+"""What a checkpoint holds, read from its headers alone, checked against what config.json promises.
+
+A config.json that says 100,000 layers over weights for 2 built 100,000 layers (minutes) before the
+missing tensors were named; one that says a vocabulary of 10^9 failed the memory check as a model that
+cannot fit. Tensor names and the embedding's shape are known without reading a tensor (safetensors
+headers, an index's map, a GGUF file's index), so the mismatch is refused before anything is built.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from safetensors import SafetensorError, safe_open
+
+from qwenkit.checkpoint.files import WeightFiles, load_torch_state, tensor_names
+from qwenkit.config import ModelConfig
+from qwenkit.errors import CheckpointError
+
+_LAYER = re.compile(r"^(?:model\.layers|transformer\.h)\.(\d+)\.")  # (Qwen v1 names its layers transformer.h)
+_EXPERT = re.compile(r"^(?:model\.layers|transformer\.h)\.\d+\.mlp\.experts\.(\d+)\.")
+EMBEDDINGS = ("model.embed_tokens.weight", "transformer.wte.weight")
+
+
+def check_layout(
+    path: object, config: ModelConfig, names: Iterable[str], embedding: tuple[int, ...] | None
+) -> None:
+    """CheckpointError, naming config.json's key and both numbers, where the checkpoint at ``path`` (its
+    tensor ``names``, its embedding's shape) holds another number of layers or experts, or another
+    vocabulary or hidden size, than ``config``."""
+    layers, experts = -1, -1
+    for name in names:
+        if m := _LAYER.match(name):
+            layers = max(layers, int(m.group(1)))
+            if e := _EXPERT.match(name):
+                experts = max(experts, int(e.group(1)))
+    if layers + 1 != config.num_hidden_layers:
+        _refuse(path, "num_hidden_layers", config.num_hidden_layers, layers + 1, "layers")
+    if experts >= 0 and experts + 1 != config.num_experts:
+        _refuse(path, "num_experts", config.num_experts, experts + 1, "routed experts a layer")
+    if embedding is None or len(embedding) != 2:
+        return  # no embedding (or not a matrix): the loader names it
+    if embedding[0] != config.vocab_size:
+        _refuse(path, "vocab_size", config.vocab_size, embedding[0], "embedding rows")
+    if embedding[1] != config.hidden_size:
+        _refuse(path, "hidden_size", config.hidden_size, embedding[1], "embedding columns")
+
+
+def _refuse(path: object, key: str, promised: int, held: int, what: str) -> None:
+    raise CheckpointError(
+        f"{path}: config.json's {key} is {promised:,}, but the checkpoint holds {held:,} {what}; "
+        "fix config.json or use the weights it was written for"
+    )
+
+
+def directory_layout(weights: WeightFiles) -> tuple[set[str], tuple[int, ...] | None]:
+    """A checkpoint directory's tensor names and its embedding's shape (None where it has none), from the
+    index and the safetensors headers (a ``.bin`` file's pickle is read memory-mapped)."""
+    names = tensor_names(weights)
+    embedding = next((n for n in EMBEDDINGS if n in names), None)
+    if embedding is None:
+        return names, None
+    for path in weights.files:
+        if weights.weight_map and weights.weight_map[embedding] != path.name:
+            continue
+        if path.suffix != ".safetensors":
+            tensor = load_torch_state(path, mmap=True).get(embedding)
+            if tensor is not None:
+                return names, tuple(tensor.shape)
+            continue
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                if embedding in f.keys():  # noqa: SIM118 - safe_open is not a dict
+                    return names, tuple(f.get_slice(embedding).get_shape())
+        except SafetensorError as e:
+            raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
+    return names, None
+
+
+def checked_config(source: object) -> ModelConfig:
+    """The source's config (``ModelConfig.from_hf`` of its ``hf_config``), refused where its weights hold
+    another number of layers or experts, or another embedding, than it promises (``check_layout``):
+    a directory's from its headers, a GGUF file's from its index."""
+    config = ModelConfig.from_hf(source.hf_config)  # type: ignore[attr-defined]
+    weights = getattr(source, "weights", None)
+    if isinstance(weights, WeightFiles):
+        names, embedding = directory_layout(weights)
+    elif callable(listed := getattr(source, "tensor_names", None)):  # a GGUF file
+        names, embedding = listed(), getattr(source, "embedding_shape", None)
+    else:
+        return config
+    check_layout(getattr(source, "path", "the checkpoint"), config, names, embedding)
+    return config
