@@ -9,10 +9,11 @@ import subprocess
 import sys
 
 import pytest
-from factories import hf_model, save_hf
+from factories import TINY, hf_model, save_hf
 
 from qwenkit.checkpoint import load_model
-from qwenkit.errors import CheckpointError
+from qwenkit.config import ModelConfig
+from qwenkit.errors import CheckpointError, ConfigError
 
 
 def _edit_config(path, **values):
@@ -67,3 +68,28 @@ def test_info_on_two_billion_layers_counts_them_without_a_loop(qwen2_dir, tmp_pa
     assert r.returncode == 0, r.stderr
     layers = [line.split() for line in r.stdout.splitlines() if line.strip().startswith("layers ")]
     assert layers == [["layers", "2000000000"]]
+
+
+@pytest.mark.parametrize("step", [1, 2, 3])
+@pytest.mark.parametrize("mlp_only", [(), (0,), (1, 5, 9, 40), (-1, 2)])
+def test_sparse_layers_are_counted_as_they_are_listed(step, mlp_only):
+    for layers in (1, 2, 7, 12):
+        cfg = ModelConfig.from_hf(
+            {
+                "model_type": "qwen2_moe",
+                **TINY,
+                "num_hidden_layers": layers,
+                "num_experts": 4,
+                "num_experts_per_tok": 2,
+                "moe_intermediate_size": 32,
+                "decoder_sparse_step": step,
+                "mlp_only_layers": list(mlp_only),
+            }
+        )
+        assert cfg.num_sparse_layers == len(cfg.sparse_layers)
+
+
+def test_sliding_layers_of_two_billion_are_named_as_a_span():
+    cfg = {"model_type": "qwen2", **TINY, "num_hidden_layers": 2_000_000_000, "use_sliding_window": True}
+    with pytest.raises(ConfigError, match=r"^use_sliding_window=true makes layer\(s\) 28-1999999999 sliding"):
+        ModelConfig.from_hf({**cfg, "sliding_window": 4096, "max_window_layers": 28})

@@ -26,8 +26,8 @@ def check_layout(
     path: object, config: ModelConfig, names: Iterable[str], embedding: tuple[int, ...] | None
 ) -> None:
     """CheckpointError, naming config.json's key and both numbers, where the checkpoint at ``path`` (its
-    tensor ``names``, its embedding's shape) holds another number of layers or experts, or another
-    vocabulary or hidden size, than ``config``."""
+    tensor ``names``, its embedding's shape) holds another number of layers, fewer experts, or another
+    vocabulary or hidden size than ``config``."""
     layers, experts = -1, -1
     for name in names:
         if m := _LAYER.match(name):
@@ -36,7 +36,8 @@ def check_layout(
                 experts = max(experts, int(e.group(1)))
     if layers + 1 != config.num_hidden_layers:
         _refuse(path, "num_hidden_layers", config.num_hidden_layers, layers + 1, "layers")
-    if experts >= 0 and experts + 1 != config.num_experts:
+    # (more experts than promised: the loader names the first extra one, and which layer holds it)
+    if experts >= 0 and experts + 1 < config.num_experts:
         _refuse(path, "num_experts", config.num_experts, experts + 1, "routed experts a layer")
     if embedding is None or len(embedding) != 2:
         return  # no embedding (or not a matrix): the loader names it
