@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
-from qwenkit.checkpoint.files import WeightFiles, load_torch_state, tensor_names
+from qwenkit.checkpoint.files import WeightFiles, load_torch_state
 from qwenkit.config import ModelConfig
 from qwenkit.errors import CheckpointError
 
@@ -55,27 +56,28 @@ def _refuse(path: object, key: str, promised: int, held: int, what: str) -> None
 
 
 def directory_layout(weights: WeightFiles) -> tuple[set[str], tuple[int, ...] | None]:
-    """A checkpoint directory's tensor names and its embedding's shape (None where it has none), from the
-    index and the safetensors headers (a ``.bin`` file's pickle is read memory-mapped)."""
-    names = tensor_names(weights)
-    embedding = next((n for n in EMBEDDINGS if n in names), None)
-    if embedding is None:
-        return names, None
+    """A checkpoint directory's tensor names and its embedding's shape (None where it has none): from the
+    index and the safetensors headers, each file read once (a ``.bin`` file's pickle memory-mapped)."""
+    names, embedding = set(weights.weight_map), None
+    where = {weights.weight_map[n] for n in EMBEDDINGS if n in weights.weight_map}
     for path in weights.files:
-        if weights.weight_map and weights.weight_map[embedding] != path.name:
-            continue
-        if path.suffix != ".safetensors":
-            tensor = load_torch_state(path, mmap=True).get(embedding)
-            if tensor is not None:
-                return names, tuple(tensor.shape)
-            continue
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                if embedding in f.keys():  # noqa: SIM118 - safe_open is not a dict
-                    return names, tuple(f.get_slice(embedding).get_shape())
-        except SafetensorError as e:
-            raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
-    return names, None
+        if weights.weight_map and path.name not in where:
+            continue  # an index names every tensor: only the embedding's file is opened
+        shapes = _shapes(path)
+        names |= shapes.keys()
+        embedding = embedding or next((shapes[n] for n in EMBEDDINGS if n in shapes), None)
+    return names, embedding
+
+
+def _shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape in one weight file, without reading a tensor's data."""
+    if path.suffix != ".safetensors":
+        return {n: tuple(t.shape) for n, t in load_torch_state(path, mmap=True).items()}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}  # noqa: SIM118 - not a dict
+    except SafetensorError as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
 
 
 def checked_config(source: object) -> ModelConfig:
