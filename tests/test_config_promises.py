@@ -49,10 +49,17 @@ def test_generate_refuses_a_config_of_more_layers_than_the_weights_at_once(tiny_
     [
         ({"num_hidden_layers": 1}, "num_hidden_layers is 1, but the checkpoint holds 2 layers"),
         ({"num_hidden_layers": 100_000}, "num_hidden_layers is 100,000, but the checkpoint holds 2 layers"),
-        ({"vocab_size": 10**9}, "vocab_size is 1,000,000,000, but the checkpoint holds 512 embedding rows"),
+        (
+            {"vocab_size": 10**9},
+            "vocab_size is 1,000,000,000, but the checkpoint holds an embedding of 512 rows",
+        ),
+        (
+            {"intermediate_size": 10**9},
+            "intermediate_size is 1,000,000,000, but the checkpoint holds an FFN of width 160 in layer 0",
+        ),
         (
             {"hidden_size": 2**20, "head_dim": 16},
-            "hidden_size is 1,048,576, but the checkpoint holds 64 embedding columns",
+            "hidden_size is 1,048,576, but the checkpoint holds an embedding 64 wide",
         ),
     ],
 )
