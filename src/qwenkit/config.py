@@ -10,6 +10,7 @@ faithfully is rejected here with a message naming the key, rather than silently 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -120,6 +121,16 @@ class ModelConfig:
     def sparse_layers(self) -> tuple[int, ...]:
         return tuple(i for i in range(self.num_hidden_layers) if self.is_sparse_layer(i))
 
+    @property
+    def num_sparse_layers(self) -> int:
+        """``len(sparse_layers)``, counted without a loop over the layers: `qwenkit info` on a config.json
+        of 2e9 layers looped over every one."""
+        if not self.num_experts:
+            return 0
+        layers, step = self.num_hidden_layers, self.decoder_sparse_step
+        dense = {i for i in self.mlp_only_layers if 0 <= i < layers and (i + 1) % step == 0}
+        return layers // step - len(dense)
+
     # ---- derived quantities used by `qwenkit info` and the memory check -------------------------------
 
     @property
@@ -133,7 +144,7 @@ class ModelConfig:
         attn += h if self.o_bias else 0
         attn += 2 * self.head_dim if self.qk_norm else 0
         dense_mlp = 3 * h * f + ((2 * f + h) if self.mlp_bias else 0)
-        sparse = len(self.sparse_layers)
+        sparse = self.num_sparse_layers
         per_layer = attn + 2 * h
         embed = v * h * (1 if self.tie_word_embeddings else 2)
         mlps = (self.num_hidden_layers - sparse) * dense_mlp + sparse * self._moe_parameters(self.num_experts)
@@ -143,7 +154,7 @@ class ModelConfig:
     def num_active_parameters(self) -> int:
         """Parameters one token computes with: only its top-k experts of each sparse layer (plus the
         router and shared expert). Equals ``num_parameters`` for a dense model."""
-        sparse = len(self.sparse_layers)
+        sparse = self.num_sparse_layers
         return self.num_parameters - sparse * (
             self._moe_parameters(self.num_experts) - self._moe_parameters(self.num_experts_per_tok)
         )
@@ -423,7 +434,7 @@ def _read_hf_standard(cfg: dict[str, Any]) -> ModelConfig:
     )
 
 
-def _sliding_layers(cfg: dict[str, Any], family: Family) -> list[int]:
+def _sliding_layers(cfg: dict[str, Any], family: Family) -> Sequence[int]:
     """The layers transformers 5 runs with sliding-window attention, by its rules per family: a
     use_sliding_window=true whose max_window_layers leaves no layer sliding runs full attention there."""
     if family == "llama":
@@ -431,19 +442,22 @@ def _sliding_layers(cfg: dict[str, Any], family: Family) -> list[int]:
     layers = range(int(cfg.get("num_hidden_layers") or 0))  # missing: named where the sizes are read
     types = cfg.get("layer_types")
     if types and family != "qwen3_moe":  # Qwen3-MoE has no layer_types: its window applies to every layer
-        return [i for i in layers if i < len(types) and types[i] == "sliding_attention"]
+        # (over the listed types only: a loop over a config.json's 2e9 layers never ended)
+        return [i for i in layers[: len(types)] if types[i] == "sliding_attention"]
     if not cfg.get("use_sliding_window") or not cfg.get("sliding_window", 4096):
         return []
     limit = int(cfg.get("max_window_layers", 28))
     if family == "qwen3_moe":
-        return list(layers)
+        return layers
     if family == "qwen2_moe":
-        return [i for i in layers if (i + 1) % 2 and i < limit]
-    return [i for i in layers if i >= limit]
+        return [i for i in layers[: max(limit, 0)] if (i + 1) % 2]
+    return layers[max(limit, 0) :]
 
 
-def _spans(indices: list[int]) -> str:
+def _spans(indices: Sequence[int]) -> str:
     """[0, 1, 2, 5] -> '0-2, 5'."""
+    if isinstance(indices, range) and indices.step == 1 and len(indices) > 1:  # (2e9 layers: not one by one)
+        return f"{indices.start}-{indices.stop - 1}"
     spans: list[list[int]] = []
     for i in indices:
         if spans and spans[-1][1] == i - 1:

@@ -34,7 +34,7 @@ def linear_shapes(config: ModelConfig, active: bool = False) -> list[tuple[int, 
     h, f, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     q = config.num_attention_heads * config.head_dim
     kv = config.num_key_value_heads * config.head_dim
-    sparse = len(config.sparse_layers)
+    sparse = config.num_sparse_layers
     experts = config.num_experts_per_tok if active else config.num_experts
     mi, si = config.moe_intermediate_size, config.shared_expert_intermediate_size
     return [

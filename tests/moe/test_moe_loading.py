@@ -78,6 +78,15 @@ def test_extra_expert_beyond_num_experts_is_named(single, tmp_path):
         load_model(_rewrite(single, tmp_path, edit), dtype="float32", progress=False)
 
 
+def test_a_config_of_far_more_experts_than_the_weights_is_refused_before_the_build(single, tmp_path):
+    """num_experts 1,000,000 over 8 built a million experts a layer before any tensor was read."""
+    out = _rewrite(single, tmp_path, lambda sd: None)
+    cfg = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**cfg, "num_experts": 1_000_000}))
+    with pytest.raises(CheckpointError, match=r"num_experts is 1,000,000, but the checkpoint holds 8 routed"):
+        load_model(out, dtype="float32", progress=False)
+
+
 def test_expert_in_a_dense_layer_is_named(single, tmp_path):
     def edit(sd):
         sd["model.layers.0.mlp.experts.0.up_proj.weight"] = torch.zeros(32, 64)

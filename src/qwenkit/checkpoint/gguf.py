@@ -87,6 +87,7 @@ class GGUFCheckpoint:
         freqs = [t for t in index.tensors if t.name == ROPE_FREQS]
         self._tensors = [t for t in index.tensors if t.name != ROPE_FREQS]
         shapes = {t.name: t.shape for t in self._tensors}
+        self.embedding_shape: tuple[int, ...] = tuple(shapes["token_embd.weight"])  # (vocab, hidden)
         if freqs and freqs[0].tensor_type not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
             kind = freqs[0].tensor_type.name
             raise GGUFError(f"{path}: {ROPE_FREQS} is {kind}; llama.cpp writes it as F32")

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from qwenkit.checkpoint import prepared_cache
+from qwenkit.checkpoint import layout, prepared_cache
 from qwenkit.checkpoint.files import HeapTrimmer, WeightFiles, find_weight_files, release_pages
 from qwenkit.checkpoint.sanitize import sanitize
 from qwenkit.config import ModelConfig, read_hf_config
@@ -168,7 +168,7 @@ def load_model(
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for, but no CUDA device is available")
     source = open_checkpoint(path) if isinstance(path, str | Path) else path
-    full_config = ModelConfig.from_hf(source.hf_config)
+    full_config = layout.checked_config(source)  # refuses weights other than config.json promises
     config = full_config
     if tensor_parallel is not None and tensor_parallel.world > 1:
         config = local_config(full_config, tensor_parallel.world)

@@ -133,8 +133,8 @@ def _as_stored(source: object) -> list[str]:
 
 def _moe_rows(cfg: ModelConfig) -> list[tuple[str, object]]:
     """Experts, routing and the parameters a token actually computes with."""
-    sparse = cfg.sparse_layers
-    dense = [i for i in range(cfg.num_hidden_layers) if i not in sparse]
+    sparse, layers = cfg.num_sparse_layers, cfg.num_hidden_layers
+    dense = _dense_layers(cfg)
     shared = (
         f"width {cfg.shared_expert_intermediate_size}, sigmoid-gated"
         if cfg.shared_expert_intermediate_size
@@ -150,10 +150,21 @@ def _moe_rows(cfg: ModelConfig) -> list[tuple[str, object]]:
         ("shared expert", shared),
         (
             "sparse layers",
-            f"{len(sparse)} of {cfg.num_hidden_layers}" + (f" (dense: {dense})" if dense else ""),
+            f"{sparse} of {layers}" + (f" (dense: {dense})" if dense else ""),
         ),
         ("active parameters per token", f"{active:,} ({active / 1e9:.2f} B)"),
     ]
+
+
+def _dense_layers(cfg: ModelConfig) -> list[int] | str:
+    """A MoE model's dense layers, listed where few, else counted: a loop over every layer of a
+    config.json of 2e9 layers never ended."""
+    count = cfg.num_hidden_layers - cfg.num_sparse_layers
+    if count > 64:
+        return f"{count:,} layers"
+    if cfg.decoder_sparse_step == 1:  # only mlp_only_layers are dense, however many layers there are
+        return sorted(i for i in cfg.mlp_only_layers if 0 <= i < cfg.num_hidden_layers)
+    return [i for i in range(cfg.num_hidden_layers) if not cfg.is_sparse_layer(i)]  # (128 at most)
 
 
 def _context(cfg: ModelConfig) -> str:

@@ -186,7 +186,7 @@ def quantize_checkpoint(
     widths = _linear_widths(config, bits)
     group = choose_group_size(widths, group_size, partial_groups)
     per_row = per_row_int4_note(widths) if bits == 4 and group_size == -1 else None
-    moe = MOE_READERS_NOTE if config.num_experts and config.sparse_layers else None
+    moe = MOE_READERS_NOTE if config.num_sparse_layers else None
     for message in (group.note(), reader_size_note(group), per_row, moe):
         if message:  # not `text`: that is the calibration text (once reused here, --calib was ignored)
             note(message)
