@@ -116,7 +116,7 @@ def _assert_kernel_path_equals_modules(model, decode_steps: int, adapters: list[
     ],
 )
 def test_decode_layer_equals_modules(tmp_path, monkeypatch, family, quantize) -> None:
-    if family == "qwen":  # v1: float32 RoPE, dynamic NTK (LogN off: with it the modules run)
+    if family == "qwen":  # v1: float32 RoPE, dynamic NTK (LogN: see the test below)
         path = write_v1_checkpoint(tmp_path / "m", {"use_logn_attn": False})
     else:
         # an FFN width int4's group of 128 divides, so every layer runs on qwenkit's kernels
@@ -128,6 +128,20 @@ def test_decode_layer_equals_modules(tmp_path, monkeypatch, family, quantize) ->
     calls = _count_layer_runs(monkeypatch)
     _assert_kernel_path_equals_modules(model, 6)
     assert calls == [len(weights)] * 6  # every decode step: all its layers in one kernel call
+
+
+@pytest.mark.parametrize(("seq_length", "runs"), [(32, [2] * 6), (13, [2, 2])])
+def test_qwen_v1_logn_keeps_the_kernels_within_its_trained_length(tmp_path, monkeypatch, seq_length, runs):
+    """LogN scales only queries at or past v1's trained length (``seq_length``), so the steps before it
+    run on the whole-layer kernels (Qwen-7B-Chat has LogN on: every short chat ran the modules) and a step
+    reaching it runs the modules, with the modules' logits either way. PROMPTS' longest row is 11 tokens:
+    with seq_length 13 its decode positions 11 and 12 fit, and 13 (the third step) does not."""
+    model = _load(write_v1_checkpoint(tmp_path / "m", {"seq_length": seq_length}), None, monkeypatch)
+    assert model.config.use_logn_attn
+    assert all(layer.decode_weights is not None for layer in model.model.layers)
+    calls = _count_layer_runs(monkeypatch)
+    _assert_kernel_path_equals_modules(model, 6)
+    assert calls == runs
 
 
 def _count_layer_runs(monkeypatch) -> list[int]:

@@ -114,6 +114,12 @@ def _decode_runs(
     return runs
 
 
+def _logn_applies(positions: torch.Tensor, config: ModelConfig) -> bool:
+    """Whether LogN scales any query of the step: only positions at or past the trained length, so a
+    v1 model's steps within it (every step of most chats) keep the whole-layer decode kernels."""
+    return int(positions.max()) >= config.max_position_embeddings
+
+
 class DecoderStack(nn.Module):
     """Embeddings, layers and the final norm: ``model.*`` in checkpoint names."""
 
@@ -198,7 +204,9 @@ class Transformer(nn.Module):
         # engine flattens its rows) runs each run of consecutive layers that have decode weights as one
         # call, x kept 2-D, served adapters' updates included; any other layer runs its modules.
         layers = self.model.layers
-        pools = cache.decode_pools() if cache is not None and logn is None and B == 1 else None
+        pools = cache.decode_pools() if cache is not None and B == 1 else None
+        if pools is not None and logn is not None and _logn_applies(positions, self.config):
+            pools = None  # the kernels do not scale queries: a step past v1's trained length runs modules
         runs = _decode_runs(self, layers, pools) if pools is not None else {}
         i = 0
         while i < len(layers):
