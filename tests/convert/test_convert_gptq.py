@@ -7,12 +7,13 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from v1_sources import QUANTIZE_CONFIG, write_gptq_source
 
 from qwenkit.convert.v1_to_qwen2 import convert_v1_to_qwen2
 from qwenkit.convert.verify import verify_conversion
 from qwenkit.errors import CheckpointError, ConfigError
+from qwenkit.quant.gptq_format import QuantizationError
 
 H, PACK = 64, 8  # hidden size of the tiny model; 4-bit words hold 8 values
 
@@ -114,3 +115,41 @@ def test_gptq_output_loads_in_transformers_with_gptqmodel(gptq, monkeypatch):
     with torch.no_grad():
         want, got = ours(ids), theirs.eval()(ids).logits.float()
     assert float((got - want).abs().max()) <= 4 * 2**-8 * float(want.abs().max())
+
+
+def _without_g_idx(src, **quantization):
+    """The source with every g_idx tensor removed (some exporters omit it without act-order)."""
+    sd = load_file(src / "model.safetensors")
+    save_file({k: v for k, v in sd.items() if not k.endswith(".g_idx")}, str(src / "model.safetensors"))
+    for file in ("config.json", "quantize_config.json"):
+        data = json.loads((src / file).read_text())
+        data.get("quantization_config", data).update(quantization)
+        (src / file).write_text(json.dumps(data))
+    return src
+
+
+def test_gptq_source_without_g_idx_gets_the_plain_one_written(gptq, tmp_path):
+    """transformers + GPTQModel leave a missing g_idx uninitialized (garbage groups: an IndexError or
+    wrong logits), so the output carries the plain i // group_size that qwenkit and vLLM assume. Before,
+    such a source was refused as lacking the g_idx tensors a qwen2 model needs."""
+    src = _without_g_idx(write_gptq_source(tmp_path / "src"))
+    convert_v1_to_qwen2(src, tmp_path / "out", progress=False)
+    out, with_g_idx = load_file(tmp_path / "out" / "model.safetensors"), gptq[1]
+    assert sorted(out) == sorted(with_g_idx)
+    for name, tensor in with_g_idx.items():
+        assert torch.equal(out[name], tensor), name
+    g_idx = out["model.layers.1.mlp.down_proj.g_idx"]
+    plain = torch.arange(g_idx.numel(), dtype=torch.int32) // QUANTIZE_CONFIG["group_size"]
+    assert g_idx.numel() > QUANTIZE_CONFIG["group_size"] and torch.equal(g_idx, plain)
+
+
+def test_gptq_act_order_source_without_g_idx_is_refused(tmp_path):
+    src = _without_g_idx(write_gptq_source(tmp_path / "src"), desc_act=True)
+    with pytest.raises(QuantizationError) as e:
+        convert_v1_to_qwen2(src, tmp_path / "out", progress=False)
+    assert str(e.value) == (
+        f"{src.parent / 'src'}: the quantization config says desc_act=true (act-order), but "
+        "transformer.h.0.attn.c_attn.g_idx and 9 more is missing; its column groups cannot be rebuilt "
+        "without it"
+    )
+    assert list(tmp_path.iterdir()) == [src]

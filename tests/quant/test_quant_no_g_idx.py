@@ -1,4 +1,4 @@
-"""GPTQ checkpoints without ``g_idx`` tensors load as transformers + GPTQModel load them.
+"""GPTQ checkpoints without ``g_idx`` tensors load as vLLM loads them.
 
 Some writers omit ``g_idx`` when ``desc_act`` is false; readers then use the default ``i // group_size``.
 qwenkit refused them with "missing tensor(s) ...g_idx". With ``desc_act`` true the groups are a

@@ -146,6 +146,14 @@ def test_gptqmodel_dynamic_skips_and_overrides_layers(outputs) -> None:
         ({"dynamic": {"-:model.layers.(1": {}}}, r"dynamic pattern '-:model.layers.\(1' is not a regular"),
         ({"dynamic": {".*v_proj": {"bits": 3}}}, r"dynamic\['\.\*v_proj'\]: GPTQ bits=3 is not supported"),
         ({"dynamic": {".*v_proj": 8}}, r"dynamic\['\.\*v_proj'\] is 8, not a mapping"),
+        # per-layer sym/desc_act are honoured, so a value that is no JSON boolean is refused, not ignored
+        ({"dynamic": {".*v_proj": {"sym": "false"}}}, r"dynamic\['\.\*v_proj'\]: GPTQ sym='false' must be"),
+        ({"dynamic": {".*v_proj": {"desc_act": 1}}}, r"dynamic\['\.\*v_proj'\]: GPTQ desc_act=1 must be"),
+        # GPTQModel reads a per-layer pack_dtype; qwenkit reads int32 words only
+        (
+            {"dynamic": {".*v_proj": {"pack_dtype": "int16"}}},
+            r"^GPTQ dynamic\['\.\*v_proj'\]: pack_dtype='int16' is not supported; qwenkit reads int32",
+        ),
         ({"modules_in_block_to_quantize": "q_proj"}, "is not a list of module-name lists"),
     ],
 )

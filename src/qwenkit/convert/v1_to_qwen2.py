@@ -24,8 +24,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
-from qwenkit.checkpoint.files import WeightFiles, find_weight_files, iter_tensors
-from qwenkit.checkpoint.loader import open_checkpoint
+from qwenkit.checkpoint.files import WeightFiles, find_weight_files
+from qwenkit.checkpoint.loader import DirectorySource, open_checkpoint
 from qwenkit.checkpoint.output_dir import atomic_output_dir, check_out_dir, write_json
 from qwenkit.checkpoint.sanitize import sanitize
 from qwenkit.checkpoint.saver import save_sharded
@@ -141,7 +141,10 @@ def _write(
 
     bar = tqdm(total=weights.total_bytes, unit="B", unit_scale=True, desc="converting", disable=not progress)
     with bar:
-        stream = _stream(config, weights, expected, target, seen_dtypes, result, bar)
+        # The loader's tensors: a GPTQ layer without g_idx (desc_act false) gets the plain one written, as
+        # transformers + GPTQModel leave a missing g_idx uninitialized (garbage groups; vLLM fills it in).
+        tensors = DirectorySource(src, hf).tensors()
+        stream = _stream(config, tensors, expected, target, seen_dtypes, result, bar)
         # The saver casts after deciding where a shard ends, so a cast never holds more than one output shard.
         weight_map = save_sharded(
             stream, tmp, shard_bytes=shard_bytes, metadata={"source": "qwen v1"}, dtype=target
@@ -176,7 +179,7 @@ def _write(
 
 def _stream(
     config: ModelConfig,
-    weights: WeightFiles,
+    tensors: Iterator[tuple[str, torch.Tensor]],
     expected: dict[str, tuple[int, ...] | None],
     target: torch.dtype | None,
     seen_dtypes: set[torch.dtype],
@@ -186,7 +189,7 @@ def _stream(
     """sanitize's output, checked against the qwen2 model, zero GPTQ biases dropped, cast to ``target``."""
 
     def counted() -> Iterator[tuple[str, torch.Tensor]]:
-        for name, tensor in iter_tensors(weights):
+        for name, tensor in tensors:
             yield name, tensor
             bar.update(tensor.numel() * tensor.element_size())
 

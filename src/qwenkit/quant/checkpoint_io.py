@@ -55,10 +55,12 @@ def get_quant_method(layer_name: str, linear: nn.Linear, config: GPTQConfig) -> 
 def with_default_g_idx(hf_config: dict[str, Any], weights: WeightFiles) -> Iterator[tuple[str, torch.Tensor]]:
     """The checkpoint's tensors, with each GPTQ layer's missing ``g_idx`` given right after its qweight.
 
-    Some writers omit ``g_idx`` without act-order (``desc_act`` false); transformers + GPTQModel then use
-    the default ``i // group_size``, and so does this. With ``desc_act`` true the groups are a permutation
-    only the file knows: refused, naming a layer. Which layers lack one is read from the names up front,
-    so each layer still packs as soon as its own tensors are in.
+    Some writers omit ``g_idx`` without act-order (``desc_act`` false); vLLM then uses the default
+    ``i // group_size`` (built before loading), and so does this. transformers 5.25 + GPTQModel 7.6 do
+    not: they leave the buffer uninitialized, so qwenkit writes g_idx in every file it makes. With
+    ``desc_act`` true the groups are a permutation only the file knows: refused, naming a layer.
+    ``desc_act`` is each layer's own (GPTQModel's ``dynamic`` may set it per layer). Which layers lack
+    one is read from the names up front, so each layer still packs as soon as its own tensors are in.
     """
     quantization = hf_config.get("quantization_config")
     if not quantization or quantization.get("quant_method", "gptq") != "gptq":
@@ -72,11 +74,13 @@ def with_default_g_idx(hf_config: dict[str, Any], weights: WeightFiles) -> Itera
     if not lacking:
         return iter_tensors(weights)
     config = GPTQConfig.from_dict(quantization)
-    if config.desc_act:
-        more = f" and {len(lacking) - 1} more" if len(lacking) > 1 else ""
+    permuted = [prefix for prefix in lacking if (config.for_layer(prefix) or config).desc_act]
+    if permuted:
+        more = f" and {len(permuted) - 1} more" if len(permuted) > 1 else ""
+        where = "" if config.desc_act else f" for {permuted[0]} (its dynamic entry)"
         raise QuantizationError(
-            f"{weights.directory}: the quantization config says desc_act=true (act-order), but "
-            f"{lacking[0]}.g_idx{more} is missing; its column groups cannot be rebuilt without it"
+            f"{weights.directory}: the quantization config says desc_act=true (act-order){where}, but "
+            f"{permuted[0]}.g_idx{more} is missing; its column groups cannot be rebuilt without it"
         )
     return _add_g_idx(config, weights, set(lacking))
 

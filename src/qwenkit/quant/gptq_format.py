@@ -168,7 +168,7 @@ class GPTQConfig:
         Two ways files say so: optimum's ``modules_in_block_to_quantize`` (lists of name suffixes; any
         other layer of a block is float) and GPTQModel's ``dynamic`` (regular expressions matched from the
         start of the name, first match wins, as GPTQModel and vLLM match them: ``-:pattern`` keeps the
-        layer float, ``+:pattern`` or a bare pattern overrides ``bits``/``group_size`` for it).
+        layer float, ``+:pattern`` or a bare pattern overrides bits, group_size, sym or desc_act for it).
         """
         modules = self.extra.get("modules_in_block_to_quantize")
         if modules and not any(name.endswith(suffix) for suffix in _flat(modules)):
@@ -176,15 +176,30 @@ class GPTQConfig:
         for pattern, override in (self.extra.get("dynamic") or {}).items():
             negative = pattern.startswith("-:")
             if re.match(pattern[2:] if pattern.startswith(("-:", "+:")) else pattern, name):
-                if negative:
-                    return None
-                changes = {
-                    k: _number(override, k, int, 0)
-                    for k in ("bits", "group_size")
-                    if override.get(k) is not None
-                }
-                return dataclasses.replace(self, **changes) if changes else self
+                return None if negative else self._overridden(override)
         return self
+
+    def _overridden(self, override: dict[str, Any]) -> GPTQConfig:
+        """This config with one ``dynamic`` entry's overrides applied (checked by ``_check_per_layer``).
+
+        The keys are those the loaders honour per layer: GPTQModel's (``create_quant_module``) reads bits,
+        group_size, desc_act, sym and pack_dtype (only int32 is read here, so ``_check_per_layer`` refuses
+        any other); vLLM's (``gptq_utils.override_config``) reads bits, group_size, desc_act, and sym for
+        its Marlin kernel. Both ignore every other key when loading (damp_percent, static_groups, mse...
+        steer quantizing only), and so does this. ``sym`` changes no arithmetic here (zero points are read
+        from ``qzeros`` either way); ``desc_act`` decides whether a missing ``g_idx`` may be rebuilt.
+        """
+        changes: dict[str, Any] = {
+            k: _number(override, k, int, 0) for k in ("bits", "group_size") if override.get(k) is not None
+        }
+        if override.get("sym") is not None:
+            changes["sym"] = _flag(override, "sym", self.sym)
+        desc_act = override.get("desc_act")
+        if desc_act is True:
+            changes["act_order"] = "dynamic"
+        elif desc_act is False and self.act_order == "dynamic":
+            changes["act_order"] = "none"  # static act-order is stored as desc_act false too: kept
+        return dataclasses.replace(self, **changes) if changes else self
 
     @property
     def per_layer(self) -> bool:
@@ -262,7 +277,14 @@ def _check_per_layer(d: dict[str, Any]) -> None:
             GPTQConfig(
                 bits=_number(override, "bits", int, _number(d, "bits", int, 4)),
                 group_size=_number(override, "group_size", int, _number(d, "group_size", int, 128)),
+                sym=_flag(override, "sym", True),
+                act_order="dynamic" if _flag(override, "desc_act", False) else "none",
             )
+            pack = override.get("pack_dtype")
+            if pack is not None and str(pack).lower().removeprefix("torch.") != "int32":
+                raise QuantizationError(
+                    f"pack_dtype={pack!r} is not supported; qwenkit reads int32 words (GPTQModel's default)"
+                )
         except QuantizationError as e:
             raise QuantizationError(f"GPTQ dynamic[{pattern!r}]: {e}") from None
 
