@@ -3,17 +3,24 @@
 The prompt is built by the tokenizer's chat template (control tokens from the template only, user text
 always plain); when a conversation outgrows the context window, the oldest whole turns are dropped
 (the system message stays), as Qwen's own ``make_context`` does.
+
+A model whose template thinks (Qwen3's ``<think>`` block) gets its reply split as the server splits it
+(``qwenkit.tokenizer.thinking``): the answer is the reply's text and the thinking its ``reasoning``, and
+the history keeps them as the template expects them back (``content`` and ``reasoning_content``), so a
+reply cut off while thinking goes back as an empty answer, never as an open ``<think>``.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from qwenkit.engine import SamplingParams
 from qwenkit.errors import QwenkitError
 from qwenkit.generate import LLM, Completion, Delta
+from qwenkit.tokenizer.thinking import ThinkSplitter, prompt_opens_thinking, template_thinks
 
 Message = dict[str, Any]
 
@@ -73,16 +80,48 @@ def fit_messages(
 def chat_stream(
     llm: LLM, messages: Sequence[Message], params: SamplingParams | None = None, **template_kwargs: Any
 ) -> Iterator[Delta]:
-    """Stream the assistant's reply to ``messages``."""
+    """Stream the assistant's reply to ``messages``: each Delta's ``text`` is the answer's, its
+    ``reasoning`` the thinking's (for a model whose template thinks; empty otherwise)."""
     params = llm.params_or_default(params)
-    yield from llm.stream(build_prompt(llm, messages, params, **template_kwargs), params)
+    prompt = build_prompt(llm, messages, params, **template_kwargs)
+    tokenizer = llm.tokenizer
+    if not template_thinks(tokenizer.chat_template):
+        yield from llm.stream(prompt, params)
+        return
+    split = ThinkSplitter(opened=prompt_opens_thinking(tokenizer.decode, prompt))
+    with contextlib.closing(llm.stream(prompt, params)) as deltas:
+        for delta in deltas:
+            reasoning, text = split.feed(delta.text)
+            if delta.finish_reason is not None:
+                rest = split.finish()
+                reasoning, text = reasoning + rest[0], text + rest[1]
+            yield replace(delta, text=text, reasoning=reasoning)
+
+
+def chat_message(
+    llm: LLM, messages: Sequence[Message], params: SamplingParams | None = None, **template_kwargs: Any
+) -> Message:
+    """The assistant's whole reply to ``messages`` as the message to send back on the next turn: the
+    answer as ``content``, with the thinking as ``reasoning_content`` when there is any (OpenAI's and
+    vLLM's shape; Qwen3's template reads it)."""
+    answer, reasoning = [], []
+    for delta in chat_stream(llm, messages, params, **template_kwargs):
+        answer.append(delta.text)
+        reasoning.append(delta.reasoning)
+    return assistant_message("".join(answer), "".join(reasoning))
+
+
+def assistant_message(answer: str, reasoning: str) -> Message:
+    """A reply as the history keeps it: the thinking apart, where the template looks for it."""
+    thought = {"reasoning_content": reasoning} if reasoning else {}
+    return {"role": "assistant", "content": answer.strip(), **thought}
 
 
 def chat(
     llm: LLM, messages: Sequence[Message], params: SamplingParams | None = None, **template_kwargs: Any
 ) -> str:
-    """The assistant's whole reply to ``messages``."""
-    return "".join(d.text for d in chat_stream(llm, messages, params, **template_kwargs)).strip()
+    """The assistant's whole answer to ``messages`` (without its thinking: ``chat_message`` has both)."""
+    return chat_message(llm, messages, params, **template_kwargs)["content"]
 
 
 @dataclass
@@ -114,23 +153,34 @@ class ChatSession:
         head = [{"role": "system", "content": self.system}] if self.system else []
         return head + self.history + [{"role": "user", "content": user_text}]
 
-    def ask(self, user_text: str) -> Iterator[str]:
-        """Stream the reply. The turn joins the history when the reply ends or is interrupted after it
-        began (a prompt that does not fit, or a failure before any text, leaves the history as it was)."""
+    def stream(self, user_text: str) -> Iterator[Delta]:
+        """Stream the reply as ``chat_stream`` does (the answer in ``text``, the thinking in ``reasoning``).
+        The turn joins the history when the reply ends or is interrupted after it began (a prompt that
+        does not fit, or a failure before any text, leaves the history as it was)."""
         if not isinstance(user_text, str):
             raise ChatError(f"the user's text must be a string, got {user_text!r:.60}")
-        reply: list[str] = []
+        answer: list[str] = []
+        reasoning: list[str] = []
         started = False
         self.completion = None
         try:
             for delta in chat_stream(self.llm, self.messages(user_text), self.params, **self.template_kwargs):
                 started = True
-                reply.append(delta.text)
+                answer.append(delta.text)
+                reasoning.append(delta.reasoning)
                 self.completion = delta.completion
-                yield delta.text
+                yield delta
         finally:
             if started:
                 self.history += [
                     {"role": "user", "content": user_text},
-                    {"role": "assistant", "content": "".join(reply).strip()},
+                    assistant_message("".join(answer), "".join(reasoning)),
                 ]
+
+    def ask(self, user_text: str) -> Iterator[str]:
+        """Stream the answer's text (``stream`` has the thinking too); the turn joins the history as
+        ``stream``'s does."""
+        with contextlib.closing(self.stream(user_text)) as deltas:
+            for delta in deltas:
+                if delta.text:
+                    yield delta.text

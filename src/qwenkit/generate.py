@@ -68,6 +68,7 @@ class Delta:
     completion: Completion | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] | None = None  # once, on the first Delta, when asked for
+    reasoning: str = ""  # a chat reply's new thinking (Qwen3's <think>); its ``text`` is the answer's
 
 
 class TextState:

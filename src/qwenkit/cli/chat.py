@@ -1,7 +1,9 @@
 """``qwenkit chat [MODEL]``: an interactive terminal chat with streaming, history and Qwen's demo commands.
 
 ``-p QUESTION`` answers once and exits (for scripts and pipes). Ctrl-C stops the current answer and
-returns to the prompt; Ctrl-D or ``:exit`` leaves.
+returns to the prompt; Ctrl-D or ``:exit`` leaves. A thinking model's thinking (Qwen3's ``<think>``
+block) is shown before its answer, dimmed on a terminal and between ``<think>`` lines elsewhere, or not at
+all with ``--hide-thinking``; only the answer goes back to the model on the next turn.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from qwenkit.cli.terminal import for_terminal
 from qwenkit.command_parser import CommandParser
 from qwenkit.engine import SamplingParams, SamplingParamsError
 from qwenkit.errors import ConfigError, QwenkitError
+from qwenkit.generate import Delta
 
 HELP = """commands:
   :help                 this help
@@ -180,6 +183,11 @@ class AnswerLine:
             sys.stdout.flush()
             self.open = not text.endswith("\n")
 
+    def style(self, code: str) -> None:
+        """Our own terminal code (the thinking's dim), written as it is."""
+        sys.stdout.write(code)
+        sys.stdout.flush()
+
     def end(self) -> None:
         if self.open:
             print()
@@ -209,6 +217,43 @@ def show(stream: Iterator[str]) -> None:
     LINE.open = False
 
 
+DIM, UNDIM = "\x1b[2m", "\x1b[22m"
+
+
+def with_thinking(deltas: Iterator[Delta], hide: bool) -> Iterator[str]:
+    """A reply's text as the chat prints it: its thinking first, dimmed on a terminal and between
+    ``<think>`` lines elsewhere (or left out: ``hide``), then its answer. A reply cut off while thinking
+    ends there; the terminal's dim ends with it, whatever stops it (Ctrl-C included)."""
+    tty, thinking = sys.stdout.isatty(), False
+    try:
+        for delta in deltas:
+            if delta.reasoning and not hide:
+                if not thinking:
+                    thinking = True
+                    if tty:
+                        LINE.style(DIM)
+                    else:
+                        yield "<think>\n"
+                yield delta.reasoning
+            if delta.text and thinking:
+                thinking = False
+                if tty:
+                    LINE.style(UNDIM)
+                yield "\n\n" if tty else "\n</think>\n\n"
+            if delta.text:
+                yield delta.text
+    finally:
+        if thinking and tty:
+            LINE.style(UNDIM)
+
+
+def reply(session: ChatSession | ToolChatSession, text: str, hide_thinking: bool) -> Iterator[str]:
+    """The text to print for ``text``'s answer (a tool chat's agent shows its answers alone)."""
+    if isinstance(session, ToolChatSession):
+        return session.ask(text)
+    return with_thinking(session.stream(text), hide_thinking)
+
+
 def stop_notice(session: ChatSession | ToolChatSession, how: str) -> None:
     """Say so on standard error when the answer was cut off by ``max_tokens`` (``how``: how to raise it)
     or by the context window, not ended by the model."""
@@ -224,11 +269,11 @@ def stop_notice(session: ChatSession | ToolChatSession, how: str) -> None:
     print(note, file=sys.stderr, flush=True)
 
 
-def answer(session: ChatSession | ToolChatSession, text: str) -> bool:
+def answer(session: ChatSession | ToolChatSession, text: str, hide_thinking: bool = False) -> bool:
     """Print the reply as it comes. Ctrl-C stops it; an error (the message does not fit, a setting the
     engine refuses) is one line on standard error. Either way the chat goes on, its history as the
     session left it. Returns False when the answer failed."""
-    stream = session.ask(text)
+    stream = reply(session, text, hide_thinking)
     try:
         show(stream)
     except KeyboardInterrupt:
@@ -311,6 +356,11 @@ def main(argv: list[str] | None = None) -> int:
         help="Qwen3: answer without thinking first (the chat template's enable_thinking=False; "
         "/no_think in a message does so for one turn)",
     )
+    parser.add_argument(
+        "--hide-thinking",
+        action="store_true",
+        help="Qwen3: show the answer only; the model still thinks first (shown dimmed by default)",
+    )
     add_sampling_args(parser)
     add_tensor_parallel_arg(parser)
     args = parser.parse_args(argv)
@@ -352,7 +402,7 @@ def run(args: argparse.Namespace, llm, tools: list | None = None) -> int:
     else:
         session = ToolChatSession(llm, tools, params, system=args.system, template_kwargs=kwargs)
     if args.prompt is not None:
-        show(session.ask(args.prompt))
+        show(reply(session, args.prompt, args.hide_thinking))
         stop_notice(session, "--max-new-tokens N")
         return 0
 
@@ -393,7 +443,7 @@ def run(args: argparse.Namespace, llm, tools: list | None = None) -> int:
                 report(e)
                 failed = True
             continue
-        failed = not answer(session, line) or failed
+        failed = not answer(session, line, args.hide_thinking) or failed
 
 
 class ToolChatSession:

@@ -38,8 +38,8 @@ from qwenkit.server.state import ServerState
 from qwenkit.server.tool_use import NAMED_USAGE
 from qwenkit.tokenizer import TokenizerError
 from qwenkit.tokenizer.base import LONE_SURROGATE, check_unicode
+from qwenkit.tokenizer.thinking import THINK_CLOSE
 from qwenkit.tools.calls import Event, ToolCall
-from qwenkit.tools.hermes import THINK_CLOSE
 from qwenkit.tools.template_style import arguments_object
 
 # The chat request's fields a Responses error names under their Responses names.

@@ -17,6 +17,7 @@ from typing import Any
 from qwenkit.generate import LLM
 from qwenkit.server.errors import APIError
 from qwenkit.server.schemas import ChatCompletionRequest
+from qwenkit.tokenizer.thinking import prompt_closes_thinking, prompt_opens_thinking
 from qwenkit.tools.calls import Event, ParsedMessage, ToolSpecError, call_events, collect, offered_functions
 from qwenkit.tools.grammar import (
     GrammarError,
@@ -30,7 +31,7 @@ from qwenkit.tools.grammar import (
 from qwenkit.tools.hermes import HermesParser
 from qwenkit.tools.llama3_json import Llama3JsonParser
 from qwenkit.tools.react import STOP_WORDS, parse_react
-from qwenkit.tools.template_style import prompt_closes_thinking, prompt_opens_thinking, template_style
+from qwenkit.tools.template_style import template_style
 
 NAMED_USAGE = 'Correct usage: `{"type": "function", "function": {"name": "my_function"}}`'
 

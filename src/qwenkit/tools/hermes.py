@@ -1,7 +1,8 @@
 """Hermes-style tool calls (Qwen2.5, Qwen3) and Qwen3's reasoning, parsed from streamed text.
 
 Calls are ``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`` blocks; reasoning is a
-leading ``<think>...</think>`` block.
+leading ``<think>...</think>`` block, split off first by ``qwenkit.tokenizer.thinking`` (the chat API's
+split too).
 
 One streaming state machine serves both modes (``parse_hermes`` feeds the whole text at once), so a
 streamed reply and the same reply parsed whole always agree. Markup never reaches ``content``: text that
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import re
 
+from qwenkit.tokenizer.thinking import ThinkSplitter, held_back
 from qwenkit.tools.calls import (
     Event,
     JsonExtent,
@@ -30,32 +32,12 @@ from qwenkit.tools.calls import (
 )
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 # The opening that starts a call before its block closes: the name, then an arguments object that
 # begins like JSON (a key or ``}``), so a Python-style ``{'a': 1}`` is not started.
 CALL_HEADER = re.compile(
     r'\s*\{\s*"name"\s*:\s*(?P<name>"(?:[^"\\\n]|\\.)+")\s*,\s*"(?P<key>arguments|parameters)"\s*:\s*'
     r'(?P<args>\{)(?=\s*["}])'
 )
-
-
-def _partial_suffix(text: str, tag: str) -> int:
-    """Length of the longest end of ``text`` that is a proper prefix of ``tag``."""
-    for n in range(min(len(tag) - 1, len(text)), 0, -1):
-        if text.endswith(tag[:n]):
-            return n
-    return 0
-
-
-def _held(text: str, tag: str | None) -> int:
-    """How much of the end of ``text`` to hold: a partial tag and the whitespace before it (the
-    whitespace around markup is dropped). With no tag to watch for, nothing is held."""
-    if tag is None:
-        return 0
-    k = len(text) - _partial_suffix(text, tag)
-    while k > 0 and text[k - 1].isspace():
-        k -= 1
-    return len(text) - k
 
 
 def parse_call_body(body: str) -> ToolCall | None:
@@ -92,9 +74,10 @@ class HermesParser:
 
     def __init__(self, *, tools: bool = True, reasoning: bool = False, in_reasoning: bool = False) -> None:
         self.tools, self.reasoning = tools, reasoning
-        self.mode = "reasoning" if in_reasoning else "content"
-        self.at_start = True  # nothing decided yet: a <think> may still open
-        self.strip_leading = in_reasoning  # drop whitespace after markup
+        # the leading <think> block is split off first; the rest is content and calls
+        self.thinking = ThinkSplitter(opened=in_reasoning) if reasoning or in_reasoning else None
+        self.mode = "content"
+        self.strip_leading = False  # drop whitespace after markup
         self.buf = ""
         self.body = ""  # the open <tool_call> block's text so far
         self.open: _OpenCall | None = None
@@ -102,24 +85,27 @@ class HermesParser:
         self.warnings: list[str] = []
 
     def feed(self, text: str) -> list[Event]:
-        self.buf += text
-        events: list[Event] = []
+        events = self._think(self.thinking.feed(text) if self.thinking else ("", text))
         while self._step(events, final=False):
             pass
         return events
 
     def finish(self) -> list[Event]:
-        events: list[Event] = []
+        events = self._think(self.thinking.finish() if self.thinking else ("", ""))
         while self._step(events, final=True):
             pass
         if self.mode == "call":  # the output ended inside a block: complete if its JSON is whole
             self._close_block(events, self.body, closed=False)
-        elif self.mode == "reasoning":
-            self._emit(events, "reasoning", self.buf.rstrip())
         elif self.buf and not (self.calls and self.buf.isspace()):
             self._emit(events, "content", self.buf)
         self.buf = ""
         return events
+
+    def _think(self, split: tuple[str, str]) -> list[Event]:
+        """The splitter's reasoning as an event; its content joins what the calls machine reads."""
+        reasoning, content = split
+        self.buf += content
+        return [Event("reasoning", reasoning)] if reasoning else []
 
     # ---- the state machine ------------------------------------------------------------------------
 
@@ -130,8 +116,6 @@ class HermesParser:
             if not self.buf:
                 return False
             self.strip_leading = False
-        if self.mode == "reasoning":
-            return self._reasoning(events, final)
         if self.mode == "call":
             return self._call_step(events, final)
         return self._content(events, final)
@@ -204,35 +188,14 @@ class HermesParser:
             and obj.get(opened.key) == args
         )
 
-    def _reasoning(self, events: list[Event], final: bool) -> bool:
-        end = self.buf.find(THINK_CLOSE)
-        if end >= 0:
-            self._emit(events, "reasoning", self.buf[:end].rstrip())
-            self.buf = self.buf[end + len(THINK_CLOSE) :]
-            self.mode, self.strip_leading = "content", True
-            return True
-        if not final:
-            keep = _held(self.buf, THINK_CLOSE)
-            self._emit(events, "reasoning", self.buf[: len(self.buf) - keep])
-            self.buf = self.buf[len(self.buf) - keep :]
-        return False
-
     def _content(self, events: list[Event], final: bool) -> bool:
-        if self.at_start and self.reasoning:
-            if self.buf.startswith(THINK_OPEN):
-                self.buf, self.at_start = self.buf[len(THINK_OPEN) :], False
-                self.mode, self.strip_leading = "reasoning", True
-                return True
-            if THINK_OPEN.startswith(self.buf) and not final:
-                return False  # could still become <think>
-        self.at_start = False
         start = self.buf.find(CALL_OPEN) if self.tools else -1
         if start >= 0:
             self._emit(events, "content", self.buf[:start].rstrip())
             self.buf, self.mode = self.buf[start + len(CALL_OPEN) :], "call"
             return True
         if not final:
-            keep = _held(self.buf, CALL_OPEN if self.tools else None)
+            keep = held_back(self.buf, CALL_OPEN if self.tools else None)
             self._emit(events, "content", self.buf[: len(self.buf) - keep])
             self.buf = self.buf[len(self.buf) - keep :]
         return False

@@ -17,8 +17,9 @@ from typing import Any, Literal
 
 from qwenkit.tokenizer import Tokenizer
 from qwenkit.tokenizer.chat_template import join_text_parts
+from qwenkit.tokenizer.thinking import prompt_opens_thinking, template_thinks
 from qwenkit.tools.calls import ParsedMessage, ToolSpecError, collect
-from qwenkit.tools.hermes import CALL_OPEN, THINK_CLOSE, THINK_OPEN, HermesParser
+from qwenkit.tools.hermes import CALL_OPEN, HermesParser
 from qwenkit.tools.llama3_json import PYTHON_TAG, Llama3JsonParser
 from qwenkit.tools.react import STOP_WORDS, continues_turn, parse_react, react_messages
 
@@ -150,7 +151,7 @@ class TemplateStyle:
 
 def template_style(chat_template: str | None) -> TemplateStyle:
     template = chat_template or ""
-    return TemplateStyle(calls=call_format(template), reasoning=THINK_OPEN in template)
+    return TemplateStyle(calls=call_format(template), reasoning=template_thinks(template))
 
 
 def call_format(template: str) -> CallFormat:
@@ -164,17 +165,6 @@ def call_format(template: str) -> CallFormat:
         return "hermes"
     asks_json = "JSON for a function call" in template or PYTHON_TAG in template
     return "llama3_json" if asks_json and '"parameters"' in template else "react"
-
-
-def prompt_opens_thinking(decode: Callable[[Sequence[int]], str], prompt_ids: Sequence[int]) -> bool:
-    """Whether the rendered prompt ends inside an opened ``<think>`` (its last few tokens decoded)."""
-    return decode(list(prompt_ids[-4:])).rstrip().endswith(THINK_OPEN)
-
-
-def prompt_closes_thinking(decode: Callable[[Sequence[int]], str], prompt_ids: Sequence[int]) -> bool:
-    """Whether the rendered prompt ends with a closed ``</think>`` (Qwen3 with ``enable_thinking`` off
-    writes an empty block), so the reply does not think."""
-    return decode(list(prompt_ids[-4:])).rstrip().endswith(THINK_CLOSE)
 
 
 def arguments_object(arguments: str) -> dict[str, Any] | None:
