@@ -22,6 +22,7 @@ _LAYER = re.compile(r"^(?:model\.layers|transformer\.h)\.(\d+)\.")  # (Qwen v1 n
 _EXPERT = re.compile(r"^(?:model\.layers|transformer\.h)\.\d+\.mlp\.experts\.(\d+)\.")
 EMBEDDINGS = ("model.embed_tokens.weight", "transformer.wte.weight")
 FFN = ("model.layers.0.mlp.up_proj.weight", "transformer.h.0.mlp.w1.weight")  # layer 0's (out, in)
+_GGUF_FFN_UP = re.compile(r"^blk\.(\d+)\.ffn_up\.weight$")  # a dense layer's, (out, in)
 
 
 def check_layout(
@@ -54,6 +55,29 @@ def check_layout(
         _refuse(path, "vocab_size", config.vocab_size, f"an embedding of {embedding[0]:,} rows")
     if embedding[1] != config.hidden_size:
         _refuse(path, "hidden_size", config.hidden_size, f"an embedding {embedding[1]:,} wide")
+
+
+def check_gguf_ffn(source: object) -> None:
+    """CheckpointError, naming both numbers, where a GGUF file's ``feed_forward_length`` is not the
+    width of its first dense FFN's tensors. Its config takes the width from the tensors, so the file
+    loads either way, but metadata that misdescribes its own weights means a damaged or mislabelled
+    file (llama.cpp would refuse it). Qwen v1 files may store twice the width, as v1's config.json does;
+    a file with no dense FFN (all MoE) is not compared, as llama.cpp writes a width no tensor has."""
+    arch = getattr(source, "architecture", "")
+    stated = getattr(source, "metadata", {}).get(f"{arch}.feed_forward_length")
+    if isinstance(stated, list) and stated and all(v == stated[0] for v in stated):
+        stated = stated[0]  # per layer, all equal (differing values are refused when the config is read)
+    if isinstance(stated, bool) or not isinstance(stated, int):
+        return
+    for name, shape in getattr(source, "tensor_shapes", {}).items():
+        if (m := _GGUF_FFN_UP.match(name)) and len(shape) == 2:
+            if stated != shape[0] and not (arch == "qwen" and stated == 2 * shape[0]):
+                raise CheckpointError(
+                    f"{getattr(source, 'path', 'the checkpoint')}: its metadata's {arch}.feed_forward_length "
+                    f"is {stated:,}, but it holds an FFN of width {shape[0]:,} in layer {m.group(1)}; "
+                    "the file's metadata does not describe its weights"
+                )
+            return
 
 
 def _refuse(path: object, key: str, promised: int, held: str) -> None:
@@ -98,6 +122,7 @@ def checked_config(source: object) -> ModelConfig:
         names, shapes = directory_layout(weights)
     elif callable(listed := getattr(source, "tensor_names", None)):  # a GGUF file
         names, shapes = listed(), {EMBEDDINGS[0]: getattr(source, "embedding_shape", ())}
+        check_gguf_ffn(source)
     else:
         return config
     check_layout(getattr(source, "path", "the checkpoint"), config, names, shapes)
