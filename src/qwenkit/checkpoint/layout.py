@@ -14,7 +14,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
-from qwenkit.checkpoint.files import WeightFiles, load_torch_state
+from qwenkit.checkpoint.files import WeightFiles
 from qwenkit.config import ModelConfig
 from qwenkit.errors import CheckpointError
 
@@ -89,22 +89,23 @@ def _refuse(path: object, key: str, promised: int, held: str) -> None:
 
 def directory_layout(weights: WeightFiles) -> tuple[set[str], dict[str, tuple[int, ...]]]:
     """A checkpoint directory's tensor names and the shapes ``check_layout`` compares: from the index
-    and the safetensors headers, each file read once (a ``.bin`` file's pickle memory-mapped)."""
+    and the safetensors headers, each file read once (a ``.bin`` file's pickle memory-mapped, and kept)."""
     names, wanted, known = set(weights.weight_map), (*EMBEDDINGS, *FFN), {}
     where = {weights.weight_map[n] for n in wanted if n in weights.weight_map}
     for path in weights.files:
         if weights.weight_map and path.name not in where:
             continue  # an index names every tensor: only the files of the shapes compared are opened
-        shapes = _shapes(path)
+        shapes = _shapes(path, weights)
         names |= shapes.keys()
         known |= {n: shapes[n] for n in wanted if n in shapes}
     return names, known
 
 
-def _shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Each tensor's shape in one weight file, without reading a tensor's data."""
+def _shapes(path: Path, weights: WeightFiles) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape in one weight file, without reading a tensor's data (a ``.bin`` file's pickle
+    is kept in ``weights`` for the loader, which would otherwise unpickle it again)."""
     if path.suffix != ".safetensors":
-        return {n: tuple(t.shape) for n, t in load_torch_state(path, mmap=True).items()}
+        return {n: tuple(t.shape) for n, t in weights.torch_state(path).items()}
     try:
         with safe_open(str(path), framework="pt") as f:
             return {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}  # noqa: SIM118 - not a dict
