@@ -74,6 +74,52 @@ def test_sigterm_while_writing_removes_the_partial_directory(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+_STAGE_AND_STOP = (
+    "import os, signal, sys\n"
+    "from pathlib import Path\n"
+    "from qwenkit.checkpoint.output_dir import atomic_output_dir\n"
+    "with atomic_output_dir(Path(sys.argv[1]) / 'out') as tmp:\n"
+    "    (tmp / 'model.safetensors').write_bytes(b'half')\n"
+    "    print(tmp.name, flush=True)\n"
+    "    if sys.argv[2] == 'kill':\n"
+    "        os.kill(os.getpid(), signal.SIGKILL)\n"
+    "    sys.stdin.read()\n"
+)
+
+
+def test_a_killed_runs_staging_directory_is_removed_by_the_next_run_and_a_live_ones_kept(tmp_path, capsys):
+    """SIGKILL (the OOM killer, ``kill -9``) unwinds nothing: the hidden ``.out.partial-*`` directory, a
+    model's size, stayed beside OUT for good. The next run for OUT removes it once its process is dead,
+    in one line; a live run's directory, another machine's, and one of unknown process stay."""
+    from qwenkit.checkpoint.output_dir import atomic_output_dir
+
+    cmd = [sys.executable, "-c", _STAGE_AND_STOP, str(tmp_path)]
+    live = subprocess.Popen([*cmd, "wait"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        live_dir = tmp_path / live.stdout.readline().strip()
+        dead = subprocess.run([*cmd, "kill"], capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        assert dead.returncode == -signal.SIGKILL and dead.stderr == ""  # it kept the live one, silently
+        dead_dir = tmp_path / dead.stdout.strip()
+        pid, tag = dead_dir.name.split(".partial-")[1].split(".")[:2]
+        elsewhere = tmp_path / f".out.partial-{pid}.{'0' * len(tag)}.x"  # a dead pid on another machine
+        unknown = tmp_path / ".out.partial-abc123"  # an older version's name: no process to ask
+        for d in (elsewhere, unknown):
+            d.mkdir()
+        assert str(live.pid) in live_dir.name and (live_dir / "model.safetensors").read_bytes() == b"half"
+        assert dead_dir.is_dir()
+        with atomic_output_dir(tmp_path / "out") as tmp:
+            (tmp / "config.json").write_text("{}")
+        err = capsys.readouterr().err
+        assert err == f"qwenkit: removed {dead_dir}, left by an interrupted run (process {pid})\n"
+        assert not dead_dir.exists()
+        assert (live_dir / "model.safetensors").read_bytes() == b"half"
+        assert elsewhere.is_dir() and unknown.is_dir()
+        assert (tmp_path / "out" / "config.json").read_text() == "{}"
+    finally:
+        live.kill()
+        live.wait()
+
+
 @pytest.mark.parametrize("own_handler", [False, True])
 def test_a_finished_write_leaves_the_sigterm_handler_as_it_was(tmp_path, own_handler):
     """The handler is the writer's only while it writes; a program's own (the server's) is never replaced."""

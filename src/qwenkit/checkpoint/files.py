@@ -65,6 +65,15 @@ class WeightFiles:
     directory: Path
     files: tuple[Path, ...]
     weight_map: dict[str, str] = field(default_factory=dict)  # tensor name -> file name; empty if unsharded
+    # ``.bin`` files already unpickled (memory-mapped) to learn their names and shapes, handed to the
+    # read of the tensors that follows instead of unpickling each file a second time
+    read_ahead: dict[Path, dict[str, torch.Tensor]] = field(default_factory=dict, compare=False, repr=False)
+
+    def torch_state(self, path: Path) -> dict[str, torch.Tensor]:
+        """A ``.bin`` file's state dict (memory-mapped), read once and kept for ``iter_tensors``."""
+        if path not in self.read_ahead:
+            self.read_ahead[path] = load_torch_state(path, mmap=True)
+        return self.read_ahead[path]
 
     @property
     def total_bytes(self) -> int:
@@ -108,7 +117,7 @@ def iter_tensors(weights: WeightFiles) -> Iterator[tuple[str, torch.Tensor]]:
             {k for k, v in weights.weight_map.items() if v == path.name} if weights.weight_map else None
         )
         seen: set[str] = set()
-        for name, tensor in _read_file(path):
+        for name, tensor in _read_file(path, weights):
             if expected is not None and name not in expected:
                 raise CheckpointError(
                     f"{path.name} holds tensor {name!r}, but the index maps it to "
@@ -132,7 +141,7 @@ def tensor_names(weights: WeightFiles) -> set[str]:
     names: set[str] = set()
     for path in weights.files:
         if path.suffix != ".safetensors":
-            names |= set(load_torch_state(path, mmap=True))
+            names |= set(weights.torch_state(path))
             continue
         try:
             with safe_open(str(path), framework="pt") as f:
@@ -142,7 +151,7 @@ def tensor_names(weights: WeightFiles) -> set[str]:
     return names
 
 
-def _read_file(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def _read_file(path: Path, weights: WeightFiles) -> Iterator[tuple[str, torch.Tensor]]:
     if path.suffix == ".safetensors":
         try:
             with safe_open(str(path), framework="pt") as f:
@@ -151,7 +160,8 @@ def _read_file(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         except SafetensorError as e:
             raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
         return
-    yield from load_torch_state(path, mmap=True).items()
+    state = weights.read_ahead.pop(path, None)  # read once only: the tensors are then the model's
+    yield from (state if state is not None else load_torch_state(path, mmap=True)).items()
 
 
 def load_torch_state(path: Path, mmap: bool = False) -> dict[str, torch.Tensor]:

@@ -86,7 +86,7 @@ class GGUFCheckpoint:
         # Llama 3.1's rope scaling as llama.cpp writes it: divisors of the frequencies, not weights
         freqs = [t for t in index.tensors if t.name == ROPE_FREQS]
         self._tensors = [t for t in index.tensors if t.name != ROPE_FREQS]
-        shapes = {t.name: t.shape for t in self._tensors}
+        self.tensor_shapes = shapes = {t.name: t.shape for t in self._tensors}  # GGUF names, (out, in)
         self.embedding_shape: tuple[int, ...] = tuple(shapes["token_embd.weight"])  # (vocab, hidden)
         if freqs and freqs[0].tensor_type not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
             kind = freqs[0].tensor_type.name

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
-from qwenkit.checkpoint.files import WeightFiles, load_torch_state
+from qwenkit.checkpoint.files import WeightFiles
 from qwenkit.config import ModelConfig
 from qwenkit.errors import CheckpointError
 
@@ -22,6 +22,7 @@ _LAYER = re.compile(r"^(?:model\.layers|transformer\.h)\.(\d+)\.")  # (Qwen v1 n
 _EXPERT = re.compile(r"^(?:model\.layers|transformer\.h)\.\d+\.mlp\.experts\.(\d+)\.")
 EMBEDDINGS = ("model.embed_tokens.weight", "transformer.wte.weight")
 FFN = ("model.layers.0.mlp.up_proj.weight", "transformer.h.0.mlp.w1.weight")  # layer 0's (out, in)
+_GGUF_FFN_UP = re.compile(r"^blk\.(\d+)\.ffn_up\.weight$")  # a dense layer's, (out, in)
 
 
 def check_layout(
@@ -56,6 +57,29 @@ def check_layout(
         _refuse(path, "hidden_size", config.hidden_size, f"an embedding {embedding[1]:,} wide")
 
 
+def check_gguf_ffn(source: object) -> None:
+    """CheckpointError, naming both numbers, where a GGUF file's ``feed_forward_length`` is not the
+    width of its first dense FFN's tensors. Its config takes the width from the tensors, so the file
+    loads either way, but metadata that misdescribes its own weights means a damaged or mislabelled
+    file (llama.cpp would refuse it). Qwen v1 files may store twice the width, as v1's config.json does;
+    a file with no dense FFN (all MoE) is not compared, as llama.cpp writes a width no tensor has."""
+    arch = getattr(source, "architecture", "")
+    stated = getattr(source, "metadata", {}).get(f"{arch}.feed_forward_length")
+    if isinstance(stated, list) and stated and all(v == stated[0] for v in stated):
+        stated = stated[0]  # per layer, all equal (differing values are refused when the config is read)
+    if isinstance(stated, bool) or not isinstance(stated, int):
+        return
+    for name, shape in getattr(source, "tensor_shapes", {}).items():
+        if (m := _GGUF_FFN_UP.match(name)) and len(shape) == 2:
+            if stated != shape[0] and not (arch == "qwen" and stated == 2 * shape[0]):
+                raise CheckpointError(
+                    f"{getattr(source, 'path', 'the checkpoint')}: its metadata's {arch}.feed_forward_length "
+                    f"is {stated:,}, but it holds an FFN of width {shape[0]:,} in layer {m.group(1)}; "
+                    "the file's metadata does not describe its weights"
+                )
+            return
+
+
 def _refuse(path: object, key: str, promised: int, held: str) -> None:
     raise CheckpointError(
         f"{path}: config.json's {key} is {promised:,}, but the checkpoint holds {held}; "
@@ -65,22 +89,23 @@ def _refuse(path: object, key: str, promised: int, held: str) -> None:
 
 def directory_layout(weights: WeightFiles) -> tuple[set[str], dict[str, tuple[int, ...]]]:
     """A checkpoint directory's tensor names and the shapes ``check_layout`` compares: from the index
-    and the safetensors headers, each file read once (a ``.bin`` file's pickle memory-mapped)."""
+    and the safetensors headers, each file read once (a ``.bin`` file's pickle memory-mapped, and kept)."""
     names, wanted, known = set(weights.weight_map), (*EMBEDDINGS, *FFN), {}
     where = {weights.weight_map[n] for n in wanted if n in weights.weight_map}
     for path in weights.files:
         if weights.weight_map and path.name not in where:
             continue  # an index names every tensor: only the files of the shapes compared are opened
-        shapes = _shapes(path)
+        shapes = _shapes(path, weights)
         names |= shapes.keys()
         known |= {n: shapes[n] for n in wanted if n in shapes}
     return names, known
 
 
-def _shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Each tensor's shape in one weight file, without reading a tensor's data."""
+def _shapes(path: Path, weights: WeightFiles) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape in one weight file, without reading a tensor's data (a ``.bin`` file's pickle
+    is kept in ``weights`` for the loader, which would otherwise unpickle it again)."""
     if path.suffix != ".safetensors":
-        return {n: tuple(t.shape) for n, t in load_torch_state(path, mmap=True).items()}
+        return {n: tuple(t.shape) for n, t in weights.torch_state(path).items()}
     try:
         with safe_open(str(path), framework="pt") as f:
             return {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}  # noqa: SIM118 - not a dict
@@ -98,6 +123,7 @@ def checked_config(source: object) -> ModelConfig:
         names, shapes = directory_layout(weights)
     elif callable(listed := getattr(source, "tensor_names", None)):  # a GGUF file
         names, shapes = listed(), {EMBEDDINGS[0]: getattr(source, "embedding_shape", ())}
+        check_gguf_ffn(source)
     else:
         return config
     check_layout(getattr(source, "path", "the checkpoint"), config, names, shapes)

@@ -2,16 +2,22 @@
 
 Everything goes into a private temporary sibling; only a finished directory is renamed into place (an
 existing one is moved aside first and deleted afterwards). Any failure — disk full, Ctrl-C, a failed
-verification — removes the temporary directory.
+verification — removes the temporary directory. A process killed outright (SIGKILL, the OOM killer, a
+lost machine) cannot clean up: its temporary directory names its process and machine, so the next run
+for the same output removes it once that process is gone.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
+import re
 import shutil
+import socket
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -62,7 +68,8 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
     out = Path(os.path.abspath(out))
     check_out_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    _remove_dead_staging(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}.{_host_tag()}.", dir=out.parent))
     try:
         with terminate_unwinds():  # SIGTERM unwinds too, so the except below removes tmp
             yield tmp
@@ -75,6 +82,40 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _host_tag() -> str:
+    """A short tag of this machine's name: a process id means nothing on another machine (or in another
+    container) writing to the same shared directory."""
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def _remove_dead_staging(out: Path) -> None:
+    """Remove ``out``'s temporary directories left by runs on this machine whose process is gone (killed
+    outright, so nothing unwound), saying so in one line each. A live process's directory, another
+    machine's, or one without a process id in its name (from an older version) is left alone."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.partial-(\d{{1,9}})\.{_host_tag()}\.[^/]+")
+    with contextlib.suppress(OSError):  # an unreadable directory: the write itself will say so
+        for staged in out.parent.iterdir():
+            m = pattern.fullmatch(staged.name)
+            if m is None or _alive(int(m.group(1))) or not staged.is_dir() or staged.is_symlink():
+                continue
+            shutil.rmtree(staged, ignore_errors=True)
+            if not staged.exists():
+                print(
+                    f"qwenkit: removed {staged}, left by an interrupted run (process {m.group(1)})",
+                    file=sys.stderr,
+                )
 
 
 @contextmanager

@@ -14,14 +14,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("adapter", help="peft-format adapter directory")
     parser.add_argument("out", help="output model directory")
     parser.add_argument(
-        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="stored dtype"
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="stored dtype (default: the base model's config.json dtype; float32 where it names none)",
     )
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     r = merge(args.model, args.adapter, args.out, args.dtype, args.overwrite)
-    print(f"wrote {args.out}", file=sys.stderr)
+    print(f"wrote {args.out} ({r.dtype})", file=sys.stderr)
     print(f"  the adapter moves the probe's logits by up to {r.effect:.3g}", file=sys.stderr)
     print(f"  merged vs adapter, float32: max |diff| {r.float32:.2e}", file=sys.stderr)
-    if args.dtype != "float32":
-        print(f"  merged vs adapter, as stored ({args.dtype}): max |diff| {r.stored:.2e}", file=sys.stderr)
+    if r.dtype != "float32":
+        print(f"  merged vs adapter, as stored ({r.dtype}): max |diff| {r.stored:.2e}", file=sys.stderr)
     return 0
