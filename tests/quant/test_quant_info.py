@@ -41,6 +41,16 @@ def test_info_shows_bits_group_symmetry_and_act_order(int4, capsys) -> None:
             {"static_groups": True, "meta": {"act_order": "static"}, "group_size": -1},
             "gptq 4-bit, one group per row, symmetric, static act-order (desc_act false)",
         ),
+        (
+            {"dynamic": {"-:.*layers\\.0\\..*": {}, ".*mlp.*": {"bits": 8}, ".*v_proj": {"sym": False}}},
+            "gptq 4-bit, group 32, symmetric, no act-order (desc_act false); per layer: 2 dynamic "
+            "overrides, 1 dynamic pattern kept float",
+        ),
+        (
+            {"modules_in_block_to_quantize": [["self_attn.q_proj"], ["mlp.down_proj"]]},
+            "gptq 4-bit, group 32, symmetric, no act-order (desc_act false); per layer: only "
+            "modules_in_block_to_quantize quantized",
+        ),
     ],
 )
 def test_info_follows_the_config(int4, tmp_path, capsys, fields, shown) -> None:

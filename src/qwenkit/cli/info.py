@@ -118,7 +118,24 @@ def _quantization(q: dict) -> str:
     group = "one group per row" if c.group_size == -1 else f"group {c.group_size}"
     order = {"none": "no act-order", "static": "static act-order", "dynamic": "act-order"}[c.act_order]
     symmetry = "symmetric" if c.sym else "asymmetric"
-    return f"gptq {c.bits}-bit, {group}, {symmetry}, {order} (desc_act {str(c.desc_act).lower()})"
+    line = f"gptq {c.bits}-bit, {group}, {symmetry}, {order} (desc_act {str(c.desc_act).lower()})"
+    return line + _per_layer(c.extra)
+
+
+def _per_layer(extra: dict) -> str:
+    """The per-layer settings that override the line above for some layers (readers that ignore them
+    read those layers wrongly), or nothing."""
+    notes = []
+    if extra.get("modules_in_block_to_quantize"):
+        notes.append("only modules_in_block_to_quantize quantized")
+    if dynamic := extra.get("dynamic"):
+        kept = sum(str(pattern).startswith("-:") for pattern in dynamic)
+        overridden = len(dynamic) - kept
+        if overridden:
+            notes.append(f"{overridden} dynamic override{'s' if overridden > 1 else ''}")
+        if kept:
+            notes.append(f"{kept} dynamic pattern{'s' if kept > 1 else ''} kept float")
+    return f"; per layer: {', '.join(notes)}" if notes else ""
 
 
 def _as_stored(source: object) -> list[str]:
