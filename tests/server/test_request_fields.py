@@ -64,9 +64,9 @@ def test_null_means_the_default(server):
             "max_completion_tokens",
             "you requested 100009 tokens (9 in the prompt, 100000 for the completion)",
         ),
-        (
+        (  # alone (max_tokens null: unset), a 0 is refused as max_tokens 0 is
             CHAT,
-            {"max_completion_tokens": 0},
+            {"max_completion_tokens": 0, "max_tokens": None},
             "max_completion_tokens",
             "max_completion_tokens must be at least 1",
         ),
@@ -134,6 +134,27 @@ def test_a_wrong_type_or_unsupported_field_is_a_400_naming_it(server, path, fiel
     r = post(server, path, {**body, "max_tokens": 2, **fields})
     error = r.json()["error"]
     assert r.status_code == 400 and error["param"] == param and words in error["message"], error
+
+
+@pytest.mark.parametrize("path", [CHAT, COMPLETIONS])
+@pytest.mark.parametrize("stream", [False, True])
+def test_max_completion_tokens_0_beside_max_tokens_yields_to_it(server, path, stream):
+    """vLLM and SGLang take ``max_completion_tokens or max_tokens``: clients that fill in both fields send
+    0 for "unset". That was a 400 "max_completion_tokens must be at least 1" for a request vLLM answers."""
+    body = {"messages": HELLO} if path == CHAT else {"prompt": "hello"}
+    body |= {"max_completion_tokens": 0, "max_tokens": 3, "ignore_eos": True, "stream": stream}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    with httpx.stream("POST", server.url + path, json=body, timeout=120) as r:
+        r.read()
+    assert r.status_code == 200, r.text
+    if stream:
+        chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+        usage = chunks[-1]["usage"]
+        finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1]
+    else:
+        usage, finish = r.json()["usage"], r.json()["choices"][0]["finish_reason"]
+    assert (usage["completion_tokens"], finish) == (3, "length")
 
 
 def test_empty_stream_options_without_a_stream_are_accepted(server):
