@@ -172,6 +172,43 @@ def test_vllm_extensions_left_at_their_defaults_are_accepted(server):
     assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length")
 
 
+@pytest.mark.parametrize(
+    ("bias", "kept"),
+    [
+        ({"5": 1, "7": -2.5}, {"5": 1.0, "7": -2.5}),  # ints made floats, as the walk's type check did
+        ({"05": 3, "0": -100}, {"05": 3.0, "0": -100.0}),  # a leading 0 is left to the walk: no duplicate
+        ({"9": 100.0}, {"9": 100.0}),
+    ],
+)
+def test_a_logit_bias_checked_in_bulk_is_what_the_walk_gives(bias, kept):
+    """The schema checks a logit_bias in calls over all entries at once (entry by entry, the whole
+    vocabulary held the event loop for 0.5 s); what it accepts, and how, is the walk's."""
+    from qwenkit.server.schemas import ChatCompletionRequest
+
+    body = ChatCompletionRequest.model_validate({"messages": HELLO, "logit_bias": bias})
+    assert body.logit_bias == kept and all(type(v) is float for v in body.logit_bias.values())
+
+
+@pytest.mark.parametrize(
+    ("bias", "words"),
+    [
+        ({"5": float("nan")}, "a bias is a number, got NaN"),
+        ({"5": float("inf")}, "a bias is a number, got Infinity"),
+        # math.isfinite(10**400) raised OverflowError, out of the validator: a 500
+        ({"5": 10**400}, f"values must be in [-100, 100], got {str(10**400)[:60]} for token 5"),
+        ({"5": 1, "05": 2}, "keys '5' and '05' name the same token"),
+    ],
+)
+def test_a_logit_bias_the_bulk_check_refuses_is_named_by_the_walk(bias, words):
+    from pydantic import ValidationError
+
+    from qwenkit.server.schemas import ChatCompletionRequest
+
+    with pytest.raises(ValidationError) as raised:
+        ChatCompletionRequest.model_validate({"messages": HELLO, "logit_bias": bias})
+    assert words in str(raised.value)
+
+
 def test_nan_temperature_is_refused_as_not_finite(server):
     raw = '{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": NaN}'
     r = httpx.post(server.url + CHAT, content=raw, headers={"content-type": "application/json"})

@@ -189,8 +189,9 @@ class Engine:
             raise SamplingParamsError(
                 f"stop token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})"
             )
-        bad = [t for t, _ in params.logit_bias if not 0 <= t < self.vocab_size]
-        if bad:
+        tokens = [t for t, _ in params.logit_bias]  # in bulk; the walk below only finds the one to name
+        if tokens and (min(tokens) < 0 or max(tokens) >= self.vocab_size):
+            bad = [t for t in tokens if not 0 <= t < self.vocab_size]
             raise SamplingParamsError(
                 f"logit_bias token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})"
             )
