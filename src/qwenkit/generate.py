@@ -54,6 +54,7 @@ class Completion:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     error: str | None = None  # set when finish_reason is "error"
     prefill_seconds: float = 0.0  # from submission to the first token
+    queue_seconds: float | None = None  # from submission to its first step (None: it never had one)
     decode_seconds: float = 0.0  # from the first token to the last
 
 
@@ -143,6 +144,8 @@ class TextState:
         if out.prompt_logprobs is not None:
             c.prompt_logprobs = out.prompt_logprobs
         c.num_cached_tokens = max(c.num_cached_tokens, out.num_cached_tokens)
+        if out.scheduled_at is not None and c.queue_seconds is None:
+            c.queue_seconds = max(out.scheduled_at - self.start, 0.0)
         c.logprobs += out.logprobs
         if out.error:
             c.error = out.error

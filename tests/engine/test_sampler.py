@@ -398,3 +398,36 @@ def test_a_copy_of_sampling_params_does_not_check_the_logit_bias_again(monkeypat
     assert (copy.logit_bias, copy.seed) == (params.logit_bias, 5) and len(walked) < 20
     with pytest.raises(sampling.SamplingParamsError, match="logit_bias names token 2 twice"):
         replace(params, logit_bias=((2, 1.0), (2, 3.0)))
+
+
+@pytest.mark.parametrize(
+    ("bias", "kept"),
+    [
+        ({7: 1, 5: -2.5}, ((5, -2.5), (7, 1.0))),  # a dict, sorted; ints made floats
+        ([[5, 1], (7, 2.0)], ((5, 1.0), (7, 2.0))),  # lists and tuples as pairs
+        (((5, 100.0), (6, -100.0)), ((5, 100.0), (6, -100.0))),  # the ends of the range
+    ],
+)
+def test_logit_bias_checked_in_bulk_is_kept_as_the_walk_keeps_it(bias, kept):
+    """The common bias is checked in calls over all pairs at once (pair by pair, the whole vocabulary
+    took 0.2 s of the server's event loop); what it keeps is what the walk kept."""
+    params = SamplingParams(logit_bias=bias)
+    assert params.logit_bias == kept and all(type(v) is float for _, v in params.logit_bias)
+
+
+@pytest.mark.parametrize(
+    ("bias", "message"),
+    [
+        (((5, 1.0), (5, 2.0)), "logit_bias names token 5 twice"),
+        (((5, 101.0),), "logit_bias values must be in [-100, 100], got 101.0 for token 5"),
+        (((5, float("nan")),), "logit_bias values must be in [-100, 100], got nan for token 5"),
+        (((True, 1.0),), "logit_bias must map token ids to numbers, got ((True, 1.0),)"),
+        (((5, 1.0, 2.0),), "logit_bias must map token ids to numbers, got ((5, 1.0, 2.0),)"),
+    ],
+)
+def test_logit_bias_the_bulk_check_refuses_is_named_by_the_walk(bias, message):
+    from qwenkit.engine.sampling import SamplingParamsError
+
+    with pytest.raises(SamplingParamsError) as raised:
+        SamplingParams(logit_bias=bias)
+    assert str(raised.value) == message

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import httpx
@@ -73,6 +74,11 @@ def test_counters_and_histograms_equal_the_usage_served(make_server, chat_llm):
         assert m[(f"vllm:{histogram}_count", ())] == choices, histogram
         assert m[(f"vllm:{histogram}_bucket", (("le", "+Inf"),))] == choices, histogram
     assert m[("vllm:time_per_output_token_seconds_count", ())] == choices  # every one made > 1 token
+    # every choice waited, if briefly, before its first step, which came before its first token
+    assert m[("vllm:request_queue_time_seconds_count", ())] == choices
+    assert (
+        0 < m[("vllm:request_queue_time_seconds_sum", ())] < m[("vllm:time_to_first_token_seconds_sum", ())]
+    )
     # one inter-token observation per delivery after a choice's first token: at most one a token (the
     # tokens of a step, or of steps read together, are one delivery), within each choice's decode time
     itl = m[("vllm:inter_token_latency_seconds_count", ())]
@@ -81,6 +87,29 @@ def test_counters_and_histograms_equal_the_usage_served(make_server, chat_llm):
     assert 0 < m[("vllm:inter_token_latency_seconds_sum", ())] <= decode
     for gauge in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc"):
         assert m[(f"vllm:{gauge}", ())] == 0, gauge
+
+
+def test_queue_time_is_the_wait_before_the_first_step(make_server, chat_llm):
+    """vllm:request_queue_time_seconds, vLLM's histogram of the time from a request's submission to its
+    first scheduled step: a request sent while the engine thread is held for 1 s waits about that long;
+    one sent to an idle engine, not. The server had no such series."""
+    live = make_server(response_cache_entries=0)
+    body = {"messages": HELLO, "max_tokens": 2}
+    held = chat_llm.driver.between_steps(lambda: time.sleep(1.0))  # the engine takes nothing meanwhile
+    assert httpx.post(live.url + CHAT, json=body, timeout=60).status_code == 200
+    held.result(timeout=10)
+    assert httpx.post(live.url + CHAT, json=body, timeout=60).status_code == 200
+    assert chat_llm.driver.wait_idle()
+    m, types = scrape(live)
+    assert types["vllm:request_queue_time_seconds"] == "histogram"
+    queue = {
+        dict(labels).get("le"): v for (name, labels), v in m.items() if name.startswith("vllm:request_q")
+    }
+    assert queue["+Inf"] == m[("vllm:request_queue_time_seconds_count", ())] == 2
+    assert queue["0.5"] == 1  # the one sent to an idle engine; the held one waited past 0.5 s
+    assert (
+        0.8 < m[("vllm:request_queue_time_seconds_sum", ())] < m[("vllm:time_to_first_token_seconds_sum", ())]
+    )
 
 
 def test_the_exposition_is_well_formed(server):
@@ -138,6 +167,9 @@ def test_refused_requests_are_counted_by_route_and_status(make_server, chat_llm)
     assert httpx.post(live.url + CHAT, json=ok, headers=key, timeout=60).status_code == 200
     assert httpx.post(live.url + CHAT, json=ok, timeout=60).status_code == 401
     assert httpx.post(live.url + "/v1/nothing", json=ok, timeout=60).status_code == 401
+    for model in ("a", "b/c"):  # a route with a path parameter: its template, not a label for each path
+        assert httpx.get(live.url + f"/v1/models/{model}").status_code == 401
+    assert httpx.get(live.url + "/v1/models/tiny", headers=key).status_code == 200
     bad = {"messages": HELLO, "max_tokens": -1}
     assert httpx.post(live.url + CHAT, json=bad, headers=key, timeout=60).status_code == 400
     state = live.server.config.app.state.qwenkit
@@ -162,8 +194,8 @@ def test_refused_requests_are_counted_by_route_and_status(make_server, chat_llm)
         if name == "http_requests_total" and dict(labels)["handler"] != "/health"
     }
 
-    def at(handler: str, status: int) -> tuple:
-        return (("handler", handler), ("method", "POST"), ("status", str(status)))
+    def at(handler: str, status: int, method: str = "POST") -> tuple:
+        return (("handler", handler), ("method", method), ("status", str(status)))
 
     assert counted == {
         at(CHAT, 200): 1,
@@ -172,5 +204,8 @@ def test_refused_requests_are_counted_by_route_and_status(make_server, chat_llm)
         at(CHAT, 400): 1,
         at(CHAT, 429): 1,
         at(CHAT, 503): 1,
+        # refused before routing, labelled with the route's template as the answered one is (was "other")
+        at("/v1/models/{model_id:path}", 401, "GET"): 2,
+        at("/v1/models/{model_id:path}", 200, "GET"): 1,
     }
     assert m[("http_requests_total", (("handler", "/health"), ("method", "GET"), ("status", "503")))] == 1

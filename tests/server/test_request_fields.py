@@ -64,9 +64,9 @@ def test_null_means_the_default(server):
             "max_completion_tokens",
             "you requested 100009 tokens (9 in the prompt, 100000 for the completion)",
         ),
-        (
+        (  # alone (max_tokens null: unset), a 0 is refused as max_tokens 0 is
             CHAT,
-            {"max_completion_tokens": 0},
+            {"max_completion_tokens": 0, "max_tokens": None},
             "max_completion_tokens",
             "max_completion_tokens must be at least 1",
         ),
@@ -136,6 +136,27 @@ def test_a_wrong_type_or_unsupported_field_is_a_400_naming_it(server, path, fiel
     assert r.status_code == 400 and error["param"] == param and words in error["message"], error
 
 
+@pytest.mark.parametrize("path", [CHAT, COMPLETIONS])
+@pytest.mark.parametrize("stream", [False, True])
+def test_max_completion_tokens_0_beside_max_tokens_yields_to_it(server, path, stream):
+    """vLLM and SGLang take ``max_completion_tokens or max_tokens``: clients that fill in both fields send
+    0 for "unset". That was a 400 "max_completion_tokens must be at least 1" for a request vLLM answers."""
+    body = {"messages": HELLO} if path == CHAT else {"prompt": "hello"}
+    body |= {"max_completion_tokens": 0, "max_tokens": 3, "ignore_eos": True, "stream": stream}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    with httpx.stream("POST", server.url + path, json=body, timeout=120) as r:
+        r.read()
+    assert r.status_code == 200, r.text
+    if stream:
+        chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+        usage = chunks[-1]["usage"]
+        finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1]
+    else:
+        usage, finish = r.json()["usage"], r.json()["choices"][0]["finish_reason"]
+    assert (usage["completion_tokens"], finish) == (3, "length")
+
+
 def test_empty_stream_options_without_a_stream_are_accepted(server):
     """As vLLM takes them: null, or an object that sets no option, asks for nothing."""
     for options in (None, {}):
@@ -149,6 +170,43 @@ def test_vllm_extensions_left_at_their_defaults_are_accepted(server):
     unset |= {"prompt_logprobs": None, "length_penalty": 1.0, "continue_final_message": False}
     r = post(server, CHAT, {"messages": HELLO, "max_tokens": 2, **unset})
     assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+@pytest.mark.parametrize(
+    ("bias", "kept"),
+    [
+        ({"5": 1, "7": -2.5}, {"5": 1.0, "7": -2.5}),  # ints made floats, as the walk's type check did
+        ({"05": 3, "0": -100}, {"05": 3.0, "0": -100.0}),  # a leading 0 is left to the walk: no duplicate
+        ({"9": 100.0}, {"9": 100.0}),
+    ],
+)
+def test_a_logit_bias_checked_in_bulk_is_what_the_walk_gives(bias, kept):
+    """The schema checks a logit_bias in calls over all entries at once (entry by entry, the whole
+    vocabulary held the event loop for 0.5 s); what it accepts, and how, is the walk's."""
+    from qwenkit.server.schemas import ChatCompletionRequest
+
+    body = ChatCompletionRequest.model_validate({"messages": HELLO, "logit_bias": bias})
+    assert body.logit_bias == kept and all(type(v) is float for v in body.logit_bias.values())
+
+
+@pytest.mark.parametrize(
+    ("bias", "words"),
+    [
+        ({"5": float("nan")}, "a bias is a number, got NaN"),
+        ({"5": float("inf")}, "a bias is a number, got Infinity"),
+        # math.isfinite(10**400) raised OverflowError, out of the validator: a 500
+        ({"5": 10**400}, f"values must be in [-100, 100], got {str(10**400)[:60]} for token 5"),
+        ({"5": 1, "05": 2}, "keys '5' and '05' name the same token"),
+    ],
+)
+def test_a_logit_bias_the_bulk_check_refuses_is_named_by_the_walk(bias, words):
+    from pydantic import ValidationError
+
+    from qwenkit.server.schemas import ChatCompletionRequest
+
+    with pytest.raises(ValidationError) as raised:
+        ChatCompletionRequest.model_validate({"messages": HELLO, "logit_bias": bias})
+    assert words in str(raised.value)
 
 
 def test_nan_temperature_is_refused_as_not_finite(server):

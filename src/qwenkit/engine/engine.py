@@ -52,6 +52,7 @@ class StepOutput:
     prompt_logprobs: list[TokenLogprob | None] | None = None  # once, with the first output
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     error: str | None = None  # why the request failed (finish_reason "error")
+    scheduled_at: float | None = None  # perf_counter() time it was first scheduled (a computed one's)
 
 
 @dataclass
@@ -188,8 +189,9 @@ class Engine:
             raise SamplingParamsError(
                 f"stop token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})"
             )
-        bad = [t for t, _ in params.logit_bias if not 0 <= t < self.vocab_size]
-        if bad:
+        tokens = [t for t, _ in params.logit_bias]  # in bulk; the walk below only finds the one to name
+        if tokens and (min(tokens) < 0 or max(tokens) >= self.vocab_size):
+            bad = [t for t in tokens if not 0 <= t < self.vocab_size]
             raise SamplingParamsError(
                 f"logit_bias token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})"
             )
@@ -322,7 +324,9 @@ class Engine:
             self.scheduler.on_computed(request)
             if request.num_computed < request.num_tokens:
                 continue  # more of the prompt (or of a preempted request's tokens) to compute
-            out = by_id[request.id] = StepOutput(request.id, [], num_cached_tokens=request.num_cached_tokens)
+            out = by_id[request.id] = StepOutput(
+                request.id, [], num_cached_tokens=request.num_cached_tokens, scheduled_at=request.scheduled_at
+            )
             if not request.output_ids and request.params.prompt_logprobs is not None:
                 out.prompt_logprobs = request.prompt_logprobs
             if request.params.max_tokens == 0:

@@ -47,6 +47,7 @@ class Request:
     output_counts: TokenCounts | None = None  # output tokens, counted, for presence/frequency penalties
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     num_preemptions: int = 0
+    scheduled_at: float | None = None  # perf_counter() time the scheduler first admitted it
     constraint: TokenConstraint | None = None  # the grammar's state, when params.grammar is set
     logit_bias: tuple[torch.Tensor, torch.Tensor] | None = None  # params.logit_bias: ids, values
 

@@ -17,7 +17,9 @@ distribution, as OpenAI reports them) are computed only for rows that ask.
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Sequence
+from operator import itemgetter
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
@@ -45,13 +47,16 @@ def _seen_rows(
 def apply_logit_bias(logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
     """Each request's ``logit_bias`` added to its row (before penalties, as OpenAI applies it). Its pairs
     become tensors once, at the request's first step: a bias over the whole vocabulary took 0.5 s to
-    convert, which every step of the batch waited for."""
+    convert, which every step of the batch waited for. Its columns go through typed arrays, not
+    ``zip(*pairs)`` and ``torch.tensor(list)``: the first alone held the interpreter (and with it the
+    server's event loop) for 0.1 s."""
     for row, request in enumerate(requests):
         if request.params.logit_bias:
             if request.logit_bias is None:
-                ids, values = zip(*request.params.logit_bias, strict=True)
-                index = torch.tensor(ids, device=logits.device)
-                request.logit_bias = index, torch.tensor(values, dtype=logits.dtype, device=logits.device)
+                pairs = request.params.logit_bias  # (int, float) pairs: SamplingParams made them so
+                ids = torch.frombuffer(array("q", map(itemgetter(0), pairs)), dtype=torch.int64)
+                values = torch.frombuffer(array("d", map(itemgetter(1), pairs)), dtype=torch.float64)
+                request.logit_bias = ids.to(logits.device), values.to(logits.device, logits.dtype)
             index, values = request.logit_bias
             logits[row, index] += values
     return logits

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from operator import itemgetter
 
 from qwenkit.errors import QwenkitError
 
@@ -92,6 +93,11 @@ class SamplingParams:
         bias = self.logit_bias
         if isinstance(bias, dict):
             bias = sorted(bias.items())
+        pairs = _in_bulk(bias)
+        if pairs is not None:
+            object.__setattr__(self, "logit_bias", pairs)
+            _checked_bias[0] = pairs
+            return
         if not isinstance(bias, list | tuple) or not all(
             isinstance(pair, list | tuple) and len(pair) == 2 and _is_int(pair[0]) and _is_number(pair[1])
             for pair in bias
@@ -177,6 +183,28 @@ NUMBER_FIELDS = (
 
 # the logit_bias that passed SamplingParams' checks last (see _check_logit_bias)
 _checked_bias: list[tuple[tuple[int, float], ...]] = [()]
+
+
+def _in_bulk(bias: object) -> tuple[tuple[int, float], ...] | None:
+    """The common logit_bias (pairs of an int and a number in range, one a token) checked in bulk, as
+    (int, float) pairs; None for anything else, left to the walk that names what is wrong. Pair by pair, a
+    bias over the whole vocabulary took 0.2 s of the server's event loop."""
+    if not bias or not isinstance(bias, list | tuple):
+        return None
+    shapes = set(map(type, bias))
+    if not shapes <= {tuple, list} or set(map(len, bias)) != {2}:
+        return None
+    tokens, values = list(map(itemgetter(0), bias)), list(map(itemgetter(1), bias))
+    kinds = set(map(type, values))
+    if set(map(type, tokens)) != {int} or not kinds <= {int, float}:
+        return None
+    if len(set(tokens)) < len(tokens) or min(values) < -100 or max(values) > 100:
+        return None
+    if any(map(math.isnan, values)):  # after the range: a huge int is no float to ask
+        return None
+    if type(bias) is tuple and shapes == {tuple} and kinds == {float}:
+        return bias  # as it would be rebuilt (the server's pairs): no copy of 151,936 pairs
+    return tuple(zip(tokens, map(float, values), strict=True))
 
 
 def _is_int(value: object) -> bool:

@@ -16,6 +16,7 @@ read it.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -128,6 +129,8 @@ class Scheduler:
                 # counted once, when admitted: a request that waited for blocks looked up again next step
                 self.blocks.record_lookup(request.num_tokens, request.num_computed)
             self.running.append(request)
+            if request.scheduled_at is None:  # the end of its queue time (a preempted one's came before)
+                request.scheduled_at = time.perf_counter()
             out.rows.append((request, n))
             if request.copy_source is not None:  # into the first block _grow gave it
                 out.copies.append((request.copy_source, request.block_table[request.num_cached_blocks]))

@@ -17,6 +17,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
+from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from qwenkit.generate import LLM
@@ -82,13 +83,20 @@ class RequestGate:
                 self.state.metrics.answered(self._handler(scope), scope["method"], status)
 
     def _handler(self, scope: Scope) -> str:
-        """The route's path template; a refused request has not been routed yet: its path if a route
-        serves it as is, otherwise "other", so a client cannot make a label of every path it tries."""
+        """The route's path template (``/v1/models/{model_id:path}``), never the path itself, so a client
+        cannot make a label of every path it tries. A refused request has not been routed yet: it is
+        matched here as the router would (a route of another method next), "other" if none serves it."""
         route = scope.get("route")
         if route is not None:
             return route.path
-        paths = {r.path for r in self.routes if "{" not in getattr(r, "path", "{")}
-        return scope["path"] if scope["path"] in paths else "other"
+        partial = None
+        for candidate in self.routes:
+            match, _ = candidate.matches(scope)
+            if match is Match.FULL:
+                return candidate.path
+            if match is Match.PARTIAL and partial is None:
+                partial = candidate.path
+        return partial or "other"
 
     async def _gated(self, scope: Scope, receive: Receive, send: Send, started) -> None:
         refusal = self._refusal(Request(scope))

@@ -125,6 +125,14 @@ class ServerMetrics:
             buckets=_TOKEN_BUCKETS,
             registry=r,
         ).labels(m)
+        # vLLM's: from the request's submission to the engine's first step of it (its time waiting)
+        self.queue_time = Histogram(
+            "vllm:request_queue_time_seconds",
+            "Time a request waited, from its submission to its first scheduled step.",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        ).labels(m)
         self.e2e = Histogram(
             "vllm:e2e_request_latency_seconds",
             "Request latency, arrival to last token.",
@@ -156,16 +164,20 @@ class ServerMetrics:
         ttft: float | None,
         e2e: float,
         from_cache: bool = False,
+        queued: float | None = None,
     ) -> None:
         """Record one finished choice. One answered from the response cache (``from_cache``) counts as a
         request with its latency, but its tokens were neither processed nor generated: the token
-        counters (throughput on vLLM's dashboards) and the time per output token leave it out."""
+        counters (throughput on vLLM's dashboards) and the time per output token leave it out, and it
+        never queued. ``queued``: seconds from submission to its first step (None: it had none)."""
         self._success.labels(self.model_name, reason or "abort").inc()
         self.e2e.observe(e2e)
         if ttft is not None:
             self.ttft.observe(ttft)
         if from_cache:
             return
+        if queued is not None:
+            self.queue_time.observe(queued)
         self.prompt_tokens.inc(prompt_tokens)
         self.generation_tokens.inc(output_tokens)
         if ttft is not None and output_tokens > 1:

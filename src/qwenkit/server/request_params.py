@@ -16,9 +16,12 @@ def sampling_params(
 ) -> SamplingParams:
     """The request's SamplingParams over the model's defaults, with max_tokens fitted to the context."""
     window = llm.engine.max_seq_len
-    # max_completion_tokens, OpenAI's newer name, wins when both are given; errors name the one that counted.
+    # max_completion_tokens, OpenAI's newer name, wins when both are given, except a 0 there beside a
+    # max_tokens: vLLM and SGLang take `max_completion_tokens or max_tokens` (clients that fill in both send
+    # 0 for unset). Alone, a 0 is refused as max_tokens 0 is. Errors name the field that counted.
     # max_tokens 0 (echo + logprobs: scoring the prompt) generates nothing, so the prompt may fill the window
-    limit = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    newer = body.max_completion_tokens
+    limit = "max_completion_tokens" if newer or (newer == 0 and body.max_tokens is None) else "max_tokens"
     asked = getattr(body, limit)
     if prompt_len > window or (prompt_len == window and asked != 0):
         raise APIError(

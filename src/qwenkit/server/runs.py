@@ -113,13 +113,14 @@ class Run:
                 # the tokens it made before it was stopped were generated all the same (and streamed);
                 # its prompt counts once computed, as vLLM's (one stopped while it waited computed none)
                 generated = len(choice.stream.completion.token_ids)
+                queued = choice.stream.completion.queue_seconds
                 choice.stream.abort()
                 choice.stream = None
                 self.state.active -= 1
                 prompt = len(choice.prompt_ids) if generated else 0
                 ttft = None if choice.first_token_at is None else choice.first_token_at - self.arrived
                 self.state.metrics.finished(
-                    "abort", prompt, generated, ttft, time.perf_counter() - self.arrived
+                    "abort", prompt, generated, ttft, time.perf_counter() - self.arrived, queued=queued
                 )
 
     async def deltas(self) -> AsyncIterator[tuple[Choice, Delta]]:
@@ -227,6 +228,7 @@ class Run:
             ttft,
             now - self.arrived,
             from_cache=choice.cached is not None,
+            queued=completion.queue_seconds,
         )
 
     def usage(self) -> dict:
