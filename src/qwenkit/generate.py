@@ -32,6 +32,7 @@ from qwenkit.load_args import check_adapter_path, check_load_args
 from qwenkit.model import Transformer
 from qwenkit.model.moe import RouterStats, count_routed_tokens
 from qwenkit.tokenizer import HFTokenizer, StreamingDetokenizer, Tokenizer, load_tokenizer
+from qwenkit.tokenizer.thinking import partial_suffix
 
 # What transformers assumes for anything a generation_config.json leaves out (do_sample False: greedy).
 TRANSFORMERS_DEFAULTS: dict[str, object] = {
@@ -156,13 +157,7 @@ class TextState:
 
 def _partial_stop_suffix(text: str, stops: tuple[str, ...]) -> int:
     """Length of the longest end of ``text`` that is a proper prefix of some stop string."""
-    best = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:n]):
-                best = n
-                break
-    return best
+    return max((partial_suffix(text, s) for s in stops), default=0)
 
 
 def tokenizer_for(source: CheckpointSource | str | Path) -> Tokenizer:
