@@ -13,8 +13,8 @@ from qwenkit.evaluate.extract import (
     qwen_gsm8k_base,
     qwen_gsm8k_chat,
     qwen_mmlu_chat,
-    strip_thinking,
 )
+from qwenkit.tokenizer.thinking import split_thinking
 
 NUMBERS = [
     # text, qwen-gsm8k-base, qwen-gsm8k-chat, lmeval-strict, lmeval-flexible
@@ -84,16 +84,9 @@ def test_qwen_ceval_chat(reply, letter):
     )
 
 
-def test_thinking_is_stripped_and_recorded():
-    assert strip_thinking("<think>\nA or B? B.\n</think>\n\nThe answer is B") == (
-        "The answer is B",
-        "A or B? B.",
-    )
-    assert strip_thinking("<think>\n\n</think>\n\nC") == ("C", "")  # empty thinking (enable_thinking=False)
-    assert strip_thinking("<think>still thinking about 42") == ("", "still thinking about 42")  # never closed
-    assert strip_thinking("plain 7") == ("plain 7", None)
-    answer, _ = strip_thinking("<think>the answer is 41</think>so 42")
-    assert qwen_gsm8k_chat(answer) == "42"
+def test_the_answer_after_thinking_is_what_is_extracted():
+    reasoning, answer = split_thinking("<think>the answer is 41</think>so 42")
+    assert (reasoning, qwen_gsm8k_chat(answer)) == ("the answer is 41", "42")
 
 
 LMEVAL_REPLIES = [

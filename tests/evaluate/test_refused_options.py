@@ -78,6 +78,38 @@ CEVAL = Path(__file__).parent / "fixtures" / "ceval"
             ["--task", "ppl", "--data", "c.txt", "--trials", "3"],
             "--trials does not apply to ppl (only to passkey)",
         ),
+        (
+            ["--task", "gsm8k", "--limit", "1", "--max-new-tokens", "2", "--timeout", "10"],
+            "--timeout does not apply to gsm8k (only to humaneval)",
+        ),
+        (
+            [
+                "--task",
+                "mmlu",
+                "--method",
+                "generate",
+                "--subjects",
+                "virology",
+                "--limit",
+                "1",
+                "--timeout",
+                "3",
+            ],
+            "--timeout does not apply to mmlu (only to humaneval)",
+        ),
+        # letter scoring and perplexity generate nothing: the run was the same whatever was given
+        (
+            ["--task", "mmlu", "--subjects", "virology", "--limit", "1", "--max-new-tokens", "64"],
+            "--max-new-tokens does not apply to mmlu --method loglik (only to tasks that generate)",
+        ),
+        (
+            ["--task", "ceval", "--data", str(CEVAL), "--limit", "1", "--max-new-tokens", "512"],
+            "--max-new-tokens does not apply to ceval --method loglik (only to tasks that generate)",
+        ),
+        (
+            ["--task", "ppl", "--data", "c.txt", "--max-new-tokens", "8"],
+            "--max-new-tokens does not apply to ppl (only to tasks that generate)",
+        ),
     ],
 )
 def test_refused_before_the_model_loads(tiny_chat_model, tmp_path, capsys, args, message):
@@ -107,6 +139,22 @@ def test_local_model_options_with_an_endpoint_are_refused(capsys, args, message)
     argv = ["eval", "--endpoint", "http://127.0.0.1:9", "--task", "gsm8k", *args]
     assert qwenkit_main(argv) == 2
     assert capsys.readouterr().err == f"error: {message}; --endpoint evaluates a server as it runs\n"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--task", "mmlu", "--method", "generate", "--limit", "1", "--max-new-tokens", "2"],
+        ["--task", "gsm8k", "--limit", "1", "--max-new-tokens", "2"],
+        ["--task", "humaneval", "--limit", "1", "--max-new-tokens", "2", "--timeout", "5"],
+    ],
+)
+def test_the_tasks_that_read_them_take_them(tiny_chat_model, tmp_path, capsys, args):
+    out = tmp_path / "run"
+    assert qwenkit_main(["eval", str(tiny_chat_model), *args, "--no-progress", "--output", str(out)]) == 0
+    settings = json.loads((out / "results.json").read_text())["record"]["settings"]
+    assert settings["max_new_tokens"] == 2
+    assert settings["timeout"] == (5 if "--timeout" in args else Settings.timeout)
 
 
 def test_the_split_scored_is_the_split_recorded(local, tmp_path):

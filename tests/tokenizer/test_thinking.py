@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from qwenkit.tokenizer.thinking import ThinkSplitter
+from qwenkit.tokenizer.thinking import ThinkSplitter, split_thinking
 
 CASES = {
     "block": ("<think>\nWeigh it.\n</think>\n\nParis.", False, ("Weigh it.", "Paris.")),
@@ -47,3 +47,23 @@ def test_nothing_undecided_goes_out_early():
     assert splitter.feed("ink>\n\n") == ("", "")  # the newlines after the tag are neither
     assert splitter.feed("Done") == ("", "Done")
     assert splitter.finish() == ("", "")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_whole_reply_splits_as_its_stream(case):
+    """``split_thinking`` (evaluation reads whole replies) gives what a stream of the reply gives."""
+    text, opened, expected = CASES[case]
+    assert split_thinking(text, opened=opened)[1] == expected[1]
+    assert (split_thinking(text, opened=opened)[0] or "") == expected[0]
+
+
+def test_a_whole_reply_says_whether_it_had_a_block():
+    assert split_thinking("<think>\nA or B? B.\n</think>\n\nThe answer is B") == (
+        "A or B? B.",
+        "The answer is B",
+    )
+    assert split_thinking("<think>\n\n</think>\n\nC") == ("", "C")  # empty block (enable_thinking off)
+    assert split_thinking("<think>\nstill thinking about 42") == ("still thinking about 42", "")  # cut off
+    assert split_thinking("still thinking about 42", opened=True) == ("still thinking about 42", "")
+    assert split_thinking("plain 7") == (None, "plain 7")  # no block: nothing was reasoning
+    assert split_thinking(" <think>late</think> 7") == (None, " <think>late</think> 7")

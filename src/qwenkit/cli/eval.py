@@ -254,6 +254,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         ("--window", args.window, "ppl"),
         ("--stride", args.stride, "ppl"),
         ("--trials", args.trials, "passkey"),
+        ("--timeout", args.timeout, "humaneval"),  # its sandbox's seconds per program
     ):
         if value is not None and args.task != owner:  # it would be ignored, the run unchanged
             raise EvalUsageError(f"{flag} does not apply to {args.task} (only to {owner})")
@@ -268,6 +269,12 @@ def _settings(args: argparse.Namespace) -> Settings:
     method = args.method or ("loglik" if args.task in ("mmlu", "ceval") else "generate")
     if args.task in ("gsm8k", "humaneval", "passkey") and args.method is None:
         method = "loglik"  # base completion; --method generate for chat models
+    if args.max_new_tokens is not None and (
+        args.task == "ppl" or (args.task in ("mmlu", "ceval") and method == "loglik")
+    ):
+        # letter and perplexity scoring generate nothing: it would be ignored, the run unchanged
+        task = args.task if args.task == "ppl" else f"{args.task} --method loglik"
+        raise EvalUsageError(f"--max-new-tokens does not apply to {task} (only to tasks that generate)")
     settings = runner.Settings(
         task=args.task,
         method=method,

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from qwenkit.engine.kv_cache import chunk_attention, kernel_attention_runs
 from qwenkit.errors import QwenkitError
+from qwenkit.tokenizer.thinking import THINK_OPEN, prompt_opens_thinking
 from qwenkit.tools.template_style import template_style
 
 
@@ -183,10 +184,17 @@ class LocalBackend:
         return [c.text for c in self.llm.generate(list(prompts), params)]
 
     def chat(self, messages: Sequence[list[dict[str, str]]], max_tokens: int) -> list[str]:
+        """Each reply as the assistant's whole turn: where the prompt opened ``<think>`` (Qwen3-2507
+        Thinking), the reply starts with it, so the saved reply splits alone, then and on --rescore."""
         params = self.llm.default_params(temperature=0.0, max_tokens=max_tokens, repetition_penalty=1.0)
         params = _with(params, top_k=0, top_p=1.0)
         prompts = [self.llm.tokenizer.apply_chat_template(m, add_generation_prompt=True) for m in messages]
-        return [c.text for c in self.llm.generate(prompts, params)]
+        decode, replies = self.llm.tokenizer.decode, []
+        for prompt, completion in zip(prompts, self.llm.generate(prompts, params), strict=True):
+            tail = decode(list(prompt[-4:])) if prompt_opens_thinking(decode, prompt) else ""
+            opening = tail[tail.rfind(THINK_OPEN) :] if tail else ""  # "<think>\n", as the prompt wrote it
+            replies.append(opening + completion.text)
+        return replies
 
     def chat_tools(
         self, messages: Sequence[list[dict[str, Any]]], tools: Sequence[list[dict[str, Any]]], max_tokens: int

@@ -179,9 +179,11 @@ class EndpointBackend:
         path = "/v1/completions"
         limit = self._context_limit
         if limit is not None:
-            # Keep the end, as Qwen and the local backend do (which keep limit - 1 tokens): here the letter
-            # rides in the prompt, and a server may refuse a prompt that fills its context (one that scores
-            # with max_tokens 1, as lm-eval asks, needs a token's room), so one token fewer.
+            # Keep the end, as Qwen and the local backend do (which keep limit - 1 tokens). Here the letter
+            # rides in the prompt, so limit - 1 would send a prompt of limit tokens: qwenkit serve scores it
+            # (max_tokens 0), but vLLM refuses any prompt of max_model_len tokens or more ("input length can
+            # be up to model context length - 1"; echo with max_tokens 0 runs as max_tokens 1 there), so
+            # one token fewer, and the prompt (context and letter) is limit - 1 tokens.
             contexts = [c[-(limit - 2) :] if len(c) >= limit - 1 else c for c in contexts]
 
         def one(context: list[int]) -> list[float]:

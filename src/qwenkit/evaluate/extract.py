@@ -8,8 +8,9 @@
 - ``lmeval-strict`` (``#### N``) and ``lmeval-flexible`` (last number-like run) as lm-eval's gsm8k,
   judged as lm-eval judges them: ``exact_match`` of the cleaned strings, so "18.00" is not "18".
 
-Qwen's numbers are compared as decimals, never with ``eval``. Qwen3 thinking is stripped first
-(:func:`strip_thinking`); a reply whose thinking never closes has an empty answer.
+Qwen's numbers are compared as decimals, never with ``eval``. Qwen3 thinking is split off first, by the one
+split the chat API and the server use (``qwenkit.tokenizer.thinking.split_thinking``): a reply whose
+thinking never closes has an empty answer.
 """
 
 from __future__ import annotations
@@ -20,16 +21,6 @@ from collections.abc import Callable, Sequence
 from decimal import Decimal, InvalidOperation
 
 LETTERS = ("A", "B", "C", "D")
-
-
-def strip_thinking(reply: str) -> tuple[str, str | None]:
-    """(answer, thinking): the text after the last ``</think>``; a missing ``</think>`` leaves no answer."""
-    if "</think>" in reply:
-        head, _, answer = reply.rpartition("</think>")
-        return answer.strip(), head.split("<think>", 1)[-1].strip()
-    if "<think>" in reply:
-        return "", reply.split("<think>", 1)[1].strip()
-    return reply, None
 
 
 # ---- multiple choice -------------------------------------------------------------------------------

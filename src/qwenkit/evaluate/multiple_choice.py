@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 from qwenkit.evaluate.backends import Backend
 from qwenkit.evaluate.data import EvalDataError
-from qwenkit.evaluate.extract import LETTERS, strip_thinking
+from qwenkit.evaluate.extract import LETTERS
 from qwenkit.evaluate.stats import macro_stderr, mean_stderr
+from qwenkit.tokenizer.thinking import split_thinking
 
 
 @dataclass(frozen=True)
@@ -96,13 +97,13 @@ def score_generate(
     rows = []
     for item, prompt, reply in zip(items, prompts, replies, strict=True):
         pred = _extract(reply, item.choices, item.question, extractor)
-        rows.append(_row(item, prompt, output=reply, pred=pred, thinking=strip_thinking(reply)[1]))
+        rows.append(_row(item, prompt, output=reply, pred=pred, thinking=split_thinking(reply)[0]))
     return rows
 
 
 def _extract(reply: str, choices: Sequence[str], question: str, extractor: Callable[..., str]) -> str:
     """The letter a chat reply chose: its thinking stripped, then the extractor ("" for no answer)."""
-    answer, _ = strip_thinking(reply)
+    _, answer = split_thinking(reply)
     return extractor(answer, tuple(choices), question) if answer.strip() else ""
 
 

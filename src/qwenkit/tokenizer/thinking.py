@@ -1,8 +1,9 @@
 """Qwen3's reasoning: a reply's leading ``<think>...</think>`` block split from the answer, as it streams.
 
 The one implementation of the split: the chat API (``qwenkit.chat``), the hermes tool-call parser
-(the server, the agent, the evaluator) and the ``chat`` command all read a reply through it, so the same
-reply has the same reasoning and answer everywhere. Only a block at the very start is reasoning (or the
+(the server, the agent, the evaluator), the ``chat`` command and evaluation's scoring (whole replies,
+:func:`split_thinking`) all read a reply through it, so the same reply has the same reasoning and answer
+everywhere. Only a block at the very start is reasoning (or the
 whole reply, when the prompt itself opened ``<think>``); a reply cut off inside it is all reasoning, with
 no answer. The whitespace around the tags (the newlines the templates write) belongs to neither.
 """
@@ -47,6 +48,17 @@ def held_back(text: str, tag: str | None) -> int:
     while k > 0 and text[k - 1].isspace():
         k -= 1
     return len(text) - k
+
+
+def split_thinking(text: str, *, opened: bool = False) -> tuple[str | None, str]:
+    """A whole reply's ``(reasoning, answer)``, as :class:`ThinkSplitter` gives them streamed; reasoning is
+    None where the reply has no block (and the prompt opened none). As vLLM's Qwen3 reasoning parser: the
+    first ``</think>`` ends the thinking, and a reply cut off inside it has no answer."""
+    splitter = ThinkSplitter(opened=opened)
+    reasoning, answer = splitter.feed(text)
+    rest = splitter.finish()
+    thought = opened or text.startswith(THINK_OPEN)
+    return (reasoning + rest[0] if thought else None), answer + rest[1]
 
 
 class ThinkSplitter:

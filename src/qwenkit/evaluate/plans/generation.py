@@ -9,10 +9,11 @@ from typing import Any
 from qwenkit.evaluate import gsm8k, humaneval
 from qwenkit.evaluate.backends import Backend
 from qwenkit.evaluate.data import GSM8K_SAMPLE, EvalDataError
-from qwenkit.evaluate.extract import NUMBER_EXTRACTORS, number_verdict, strip_thinking
+from qwenkit.evaluate.extract import NUMBER_EXTRACTORS, number_verdict
 from qwenkit.evaluate.plans.settings import Plan, Scoring, Settings, named
 from qwenkit.evaluate.results import sha256_text
 from qwenkit.evaluate.stats import mean_stderr
+from qwenkit.tokenizer.thinking import split_thinking
 
 
 def _gsm8k_headline(s: Settings) -> str:
@@ -73,7 +74,7 @@ def gsm8k_plan(s: Settings) -> Plan:
             outputs = backend.complete(prompts, s.max_new_tokens, gsm8k.BASE_CUT)
         rows = []
         for p, prompt, out in zip(chunk, prompts, outputs, strict=True):
-            answer, thinking = strip_thinking(out)
+            thinking, answer = split_thinking(out)
             text = answer if chat else gsm8k.base_cut(answer)
             row = {"id": p.id, "prompt": prompt, "output": out, "gold": p.gold}
             if thinking is not None:
@@ -136,7 +137,7 @@ def humaneval_plan(s: Settings) -> Plan:
             replies = backend.chat([[{"role": "user", "content": q}] for q in prompts], s.max_new_tokens)
             completions = {
                 "qwen-chat-extract": [
-                    humaneval.extract_chat_code(strip_thinking(r)[0], p.entry_point)
+                    humaneval.extract_chat_code(split_thinking(r)[1], p.entry_point)
                     for r, p in zip(replies, chunk, strict=True)
                 ]
             }

@@ -11,9 +11,9 @@ from pathlib import Path
 from qwenkit.evaluate import passkey
 from qwenkit.evaluate.backends import Backend
 from qwenkit.evaluate.data import EvalDataError
-from qwenkit.evaluate.extract import strip_thinking
 from qwenkit.evaluate.plans.settings import Plan, Scoring, Settings, chunk_size
 from qwenkit.evaluate.results import sha256_text
+from qwenkit.tokenizer.thinking import split_thinking
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ def ppl_plan(s: Settings) -> Plan:
 
 def _passkey_verdict(output: str, key: str) -> dict:
     """The key read from a reply (its thinking stripped) and whether it is the hidden one."""
-    extracted = passkey.extract(strip_thinking(output)[0])
+    extracted = passkey.extract(split_thinking(output)[1])
     return {"extracted": extracted, "gold": key, "correct": extracted == key}
 
 
@@ -97,7 +97,7 @@ def passkey_plan(s: Settings, max_context: int | None) -> Plan:
                 "output": out,
                 **_passkey_verdict(out, needle.key),
             }
-            thinking = strip_thinking(out)[1]
+            thinking = split_thinking(out)[0]
             if thinking is not None:
                 row["thinking"] = thinking
             rows.append(row)
