@@ -67,3 +67,5 @@ def test_a_whole_reply_says_whether_it_had_a_block():
     assert split_thinking("still thinking about 42", opened=True) == ("still thinking about 42", "")
     assert split_thinking("plain 7") == (None, "plain 7")  # no block: nothing was reasoning
     assert split_thinking(" <think>late</think> 7") == (None, " <think>late</think> 7")
+    # an endpoint that split nothing, behind a template that opened the block in the prompt
+    assert split_thinking("A or B? B.\n</think>\n\nThe answer is B") == ("A or B? B.", "The answer is B")

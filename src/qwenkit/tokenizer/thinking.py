@@ -53,7 +53,10 @@ def held_back(text: str, tag: str | None) -> int:
 def split_thinking(text: str, *, opened: bool = False) -> tuple[str | None, str]:
     """A whole reply's ``(reasoning, answer)``, as :class:`ThinkSplitter` gives them streamed; reasoning is
     None where the reply has no block (and the prompt opened none). As vLLM's Qwen3 reasoning parser: the
-    first ``</think>`` ends the thinking, and a reply cut off inside it has no answer."""
+    first ``</think>`` ends the thinking, and a reply cut off inside it has no answer. A reply with a
+    ``</think>`` and no ``<think>`` had its block opened by the prompt (a Qwen3 Thinking-2507 template
+    behind a server that split nothing): vLLM's newer Qwen3 parser reads it so too."""
+    opened = opened or (THINK_CLOSE in text and THINK_OPEN not in text)
     splitter = ThinkSplitter(opened=opened)
     reasoning, answer = splitter.feed(text)
     rest = splitter.finish()
