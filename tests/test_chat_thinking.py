@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from qwenkit.chat import ChatError, ChatSession
+from qwenkit.chat import ChatError, ChatSession, chat, chat_message, chat_stream
 from qwenkit.cli import main
 from qwenkit.engine import SamplingParams
 from qwenkit.generate import LLM
@@ -52,6 +52,28 @@ def test_a_session_without_thinking_closes_the_block_every_turn(llm, prompts):
     assert prompts[2] == prompts[0][:-4]  # thinking on: the template's own default
     with pytest.raises(ChatError, match="template_kwargs must be a dict"):
         ChatSession(llm, None, template_kwargs="enable_thinking=False")
+
+
+@pytest.mark.parametrize(
+    "front", [chat, chat_message, lambda *a, **k: "".join(d.text for d in chat_stream(*a, **k))]
+)
+def test_a_sampling_setting_passed_as_a_template_argument_is_refused(llm, prompts, front):
+    """``chat(llm, messages, max_tokens=5)`` read max_tokens as a chat template variable, which the
+    template ignores: the reply ran to the model's default length. The keyword arguments are the
+    template's (``enable_thinking=False``); a sampling setting there is refused, before anything runs."""
+    user = [{"role": "user", "content": "hi"}]
+    with pytest.raises(ChatError, match=r"^max_tokens is a sampling setting, not a chat template argument: "):
+        front(llm, user, max_tokens=5)
+    with pytest.raises(ChatError, match=r"pass params=SamplingParams\(temperature=\.\.\.\)"):
+        front(llm, user, SamplingParams(max_tokens=2), temperature=0)
+    assert prompts == []
+    front(llm, user, SamplingParams(temperature=0, max_tokens=2), enable_thinking=False)
+    assert prompts[0][-4:] == EMPTY_THINK
+
+
+def test_a_session_refuses_a_sampling_setting_in_template_kwargs(llm):
+    with pytest.raises(ChatError, match=r"^seed is a sampling setting, not a chat template argument"):
+        ChatSession(llm, None, template_kwargs={"seed": 3})
 
 
 def test_an_agent_without_thinking(llm, prompts):
