@@ -117,3 +117,16 @@ def test_no_thinking_is_refused_by_a_template_without_the_switch(tiny_chat_model
     assert err.strip().splitlines() == [
         "error: --no-thinking: this model's chat template has no thinking switch (enable_thinking)"
     ]
+
+
+def test_no_thinking_help_says_the_soft_switch_holds_until_the_next(capsys):
+    """Qwen3 follows the latest /think or /no_think of a conversation (its model card), so /no_think is
+    not a one-turn switch, as the help said."""
+    with pytest.raises(SystemExit):
+        main(["chat", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert (
+        "without it, /no_think or /think in a message switches it from that turn on "
+        "(Qwen3 follows the latest)" in help_text
+    )
+    assert "for one turn" not in help_text

@@ -354,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         "--no-thinking",
         action="store_true",
         help="Qwen3: answer without thinking first (the chat template's enable_thinking=False; "
-        "/no_think in a message does so for one turn)",
+        "without it, /no_think or /think in a message switches it from that turn on (Qwen3 follows "
+        "the latest))",
     )
     parser.add_argument(
         "--hide-thinking",
