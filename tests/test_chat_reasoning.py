@@ -187,3 +187,33 @@ def test_a_terminal_is_undimmed_when_the_reply_stops_while_thinking(steered, llm
     assert out.out == "\x1b[2mThe capital\x1b[22m\n"
     assert out.err == "[stopped at max_tokens=4; raise it with :conf max_tokens=N]\n"
     assert session.history[1] == {"role": "assistant", "content": "", "reasoning_content": "The capital"}
+
+
+def test_a_pipe_gets_the_closing_think_line_when_the_reply_stops_while_thinking(
+    steered, llm, monkeypatch, capsys
+):
+    """In a pipe the thinking sits between ``<think>`` and ``</think>`` lines, also when max_tokens cuts
+    the reply off inside it: a reader of the output never meets an open block (the block was left open)."""
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
+    queue(steered, THOUGHT)
+    session = ChatSession(llm, SamplingParams(temperature=0, max_tokens=4))
+    assert chat_cli.answer(session, "Capital of France?")
+    out = capsys.readouterr()
+    assert out.out == "<think>\nThe capital\n</think>\n"
+    assert out.err == "[stopped at max_tokens=4; raise it with :conf max_tokens=N]\n"
+
+
+def test_ctrl_c_while_thinking_closes_the_block_in_a_pipe(monkeypatch, capsys):
+    """Ctrl-C closes the stream mid-thinking (a closed generator cannot yield): the ``</think>`` line
+    is still written, then the notice."""
+    from qwenkit.generate import Delta
+
+    class Session:  # what chat_cli.answer reads of a ChatSession
+        def stream(self, text):
+            yield Delta([1], "", reasoning="Let me")
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
+    assert chat_cli.answer(Session(), "Capital of France?")
+    out = capsys.readouterr()
+    assert (out.out, out.err) == ("<think>\nLet me\n</think>\n", "[interrupted]\n")

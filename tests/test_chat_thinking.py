@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from qwenkit.chat import ChatError, ChatSession
+from qwenkit.chat import ChatError, ChatSession, chat, chat_message, chat_stream
 from qwenkit.cli import main
 from qwenkit.engine import SamplingParams
 from qwenkit.generate import LLM
@@ -54,6 +54,28 @@ def test_a_session_without_thinking_closes_the_block_every_turn(llm, prompts):
         ChatSession(llm, None, template_kwargs="enable_thinking=False")
 
 
+@pytest.mark.parametrize(
+    "front", [chat, chat_message, lambda *a, **k: "".join(d.text for d in chat_stream(*a, **k))]
+)
+def test_a_sampling_setting_passed_as_a_template_argument_is_refused(llm, prompts, front):
+    """``chat(llm, messages, max_tokens=5)`` read max_tokens as a chat template variable, which the
+    template ignores: the reply ran to the model's default length. The keyword arguments are the
+    template's (``enable_thinking=False``); a sampling setting there is refused, before anything runs."""
+    user = [{"role": "user", "content": "hi"}]
+    with pytest.raises(ChatError, match=r"^max_tokens is a sampling setting, not a chat template argument: "):
+        front(llm, user, max_tokens=5)
+    with pytest.raises(ChatError, match=r"pass params=SamplingParams\(temperature=\.\.\.\)"):
+        front(llm, user, SamplingParams(max_tokens=2), temperature=0)
+    assert prompts == []
+    front(llm, user, SamplingParams(temperature=0, max_tokens=2), enable_thinking=False)
+    assert prompts[0][-4:] == EMPTY_THINK
+
+
+def test_a_session_refuses_a_sampling_setting_in_template_kwargs(llm):
+    with pytest.raises(ChatError, match=r"^seed is a sampling setting, not a chat template argument"):
+        ChatSession(llm, None, template_kwargs={"seed": 3})
+
+
 def test_an_agent_without_thinking(llm, prompts):
     tool = Tool("now", lambda: "12:00", "the time", {"type": "object", "properties": {}})
     agent = Agent(
@@ -95,3 +117,16 @@ def test_no_thinking_is_refused_by_a_template_without_the_switch(tiny_chat_model
     assert err.strip().splitlines() == [
         "error: --no-thinking: this model's chat template has no thinking switch (enable_thinking)"
     ]
+
+
+def test_no_thinking_help_says_the_soft_switch_holds_until_the_next(capsys):
+    """Qwen3 follows the latest /think or /no_think of a conversation (its model card), so /no_think is
+    not a one-turn switch, as the help said."""
+    with pytest.raises(SystemExit):
+        main(["chat", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert (
+        "without it, /no_think or /think in a message switches it from that turn on "
+        "(Qwen3 follows the latest)" in help_text
+    )
+    assert "for one turn" not in help_text

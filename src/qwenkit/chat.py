@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from qwenkit.engine import SamplingParams
@@ -33,6 +33,20 @@ class ChatError(QwenkitError, ValueError):
     """A chat session's argument of the wrong type (it failed inside the chat template, naming nothing)."""
 
 
+SAMPLING_FIELDS = frozenset(f.name for f in fields(SamplingParams))
+
+
+def check_template_kwargs(template_kwargs: dict[str, Any]) -> None:
+    """Refuse a sampling setting among the chat template's arguments (``chat(llm, messages,
+    max_tokens=5)``): the template would silently ignore it, and the reply run with other settings."""
+    for key in template_kwargs:
+        if key in SAMPLING_FIELDS:
+            raise ChatError(
+                f"{key} is a sampling setting, not a chat template argument: "
+                f"pass params=SamplingParams({key}=...)"
+            )
+
+
 def build_prompt(
     llm: LLM,
     messages: Sequence[Message],
@@ -41,6 +55,7 @@ def build_prompt(
     **template_kwargs: Any,
 ) -> list[int]:
     """Prompt ids for ``messages``, dropping the oldest turns until prompt + reply fit the window."""
+    check_template_kwargs(template_kwargs)
 
     def render(msgs: list[Message]) -> list[int]:
         return llm.tokenizer.apply_chat_template(
@@ -148,6 +163,7 @@ class ChatSession:
             raise ChatError(f"history must be a list of chat messages, got {self.history!r:.60}")
         if not isinstance(self.template_kwargs, dict):
             raise ChatError(f"template_kwargs must be a dict, got {self.template_kwargs!r:.60}")
+        check_template_kwargs(self.template_kwargs)
 
     def messages(self, user_text: str) -> list[Message]:
         head = [{"role": "system", "content": self.system}] if self.system else []

@@ -361,8 +361,11 @@ def test_kv_heads_that_do_not_divide_are_refused_with_the_splits_that_work():
     )
     with pytest.raises(ConfigError, match=r"does not divide the model's 2 key/value heads.*over 1, 2 ranks"):
         check_shardable(config, 4)
+    # not "use at most 4": 4 ranks do not divide the 2 key/value heads; the hint names what works
     with pytest.raises(
-        ConfigError, match="--tensor-parallel 8 is more ranks than the model's 4 attention heads"
+        ConfigError,
+        match=r"^--tensor-parallel 8 is more ranks than the model's 4 attention heads; "
+        r"this model splits over 1, 2 ranks$",
     ):
         check_shardable(config, 8)
     check_shardable(config, 2)
@@ -506,7 +509,8 @@ def test_generate_with_tensor_parallel_prints_the_single_process_tokens(tmp_path
     assert qwenkit([*argv, "--tensor-parallel", "4"]) == 2
     err = capfd.readouterr().err.strip().splitlines()
     assert err == [
-        "error: --tensor-parallel 4 is more ranks than the model's 2 attention heads; use at most 2"
+        "error: --tensor-parallel 4 is more ranks than the model's 2 attention heads; "
+        "this model splits over 1, 2 ranks"
     ]
 
 

@@ -223,7 +223,8 @@ DIM, UNDIM = "\x1b[2m", "\x1b[22m"
 def with_thinking(deltas: Iterator[Delta], hide: bool) -> Iterator[str]:
     """A reply's text as the chat prints it: its thinking first, dimmed on a terminal and between
     ``<think>`` lines elsewhere (or left out: ``hide``), then its answer. A reply cut off while thinking
-    ends there; the terminal's dim ends with it, whatever stops it (Ctrl-C included)."""
+    ends there; the terminal's dim, or the pipe's block, ends with it, whatever stops it (Ctrl-C
+    included)."""
     tty, thinking = sys.stdout.isatty(), False
     try:
         for delta in deltas:
@@ -245,6 +246,8 @@ def with_thinking(deltas: Iterator[Delta], hide: bool) -> Iterator[str]:
     finally:
         if thinking and tty:
             LINE.style(UNDIM)
+        elif thinking:  # written, not yielded: a closed generator (Ctrl-C) cannot yield
+            LINE.write("\n</think>")
 
 
 def reply(session: ChatSession | ToolChatSession, text: str, hide_thinking: bool) -> Iterator[str]:
@@ -354,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
         "--no-thinking",
         action="store_true",
         help="Qwen3: answer without thinking first (the chat template's enable_thinking=False; "
-        "/no_think in a message does so for one turn)",
+        "without it, /no_think or /think in a message switches it from that turn on (Qwen3 follows "
+        "the latest))",
     )
     parser.add_argument(
         "--hide-thinking",

@@ -86,7 +86,7 @@ def check_shardable(config: ModelConfig, world: int) -> None:
     if world > heads:
         raise ConfigError(
             f"--tensor-parallel {world} is more ranks than the model's {heads} attention heads; "
-            f"use at most {heads}"
+            f"this model splits over {_splits_that_work(config)}"
         )
     for what, n in _split_sizes(config):
         if n % world:
