@@ -199,9 +199,42 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --max-loras: the highest adapter rank the held memory takes (default 16); higher "
         "ones are refused",
     )
+    c = parser.add_argument_group("chat")
+    c.add_argument(
+        "--default-chat-template-kwargs",
+        metavar="JSON",
+        default=_env("default_chat_template_kwargs"),
+        help="a JSON object passed to the chat template on every chat request, a request's own "
+        "chat_template_kwargs winning key by key (vLLM's flag; e.g. "
+        "'{\"enable_thinking\": false}' for Qwen3)",
+    )
+    c.add_argument(
+        "--reasoning-parser",
+        metavar="NAME",
+        default=_env("reasoning_parser"),
+        help=f"accepted so vLLM commands run unchanged: {' or '.join(REASONING_PARSERS)} (both the <think> "
+        "split qwenkit always makes where the chat template knows <think>)",
+    )
     add_tensor_parallel_arg(parser)
     parser.set_defaults(tensor_parallel=_env_number("tensor_parallel", 1))
     return parser
+
+
+# vLLM's names for the <think>...</think> split, which qwenkit makes wherever the template thinks
+REASONING_PARSERS = ("qwen3", "deepseek_r1")
+
+
+def chat_template_kwargs(text: str | None) -> dict[str, object]:
+    """``--default-chat-template-kwargs``: a JSON object, or nothing."""
+    if text is None or not text.strip():
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise ConfigError(f"--default-chat-template-kwargs: {text!r} is not JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"--default-chat-template-kwargs must be a JSON object, got {text!r}")
+    return value
 
 
 def environment_names() -> dict[str, str]:
@@ -339,6 +372,12 @@ def _check(args: argparse.Namespace) -> str | None:
             raise ConfigError(f"{flag} must be at least 2, got {value}")
     if args.threads is not None and args.threads < 1:
         raise ConfigError(f"--threads must be at least 1, got {args.threads}")
+    chat_template_kwargs(args.default_chat_template_kwargs)
+    if args.reasoning_parser is not None and args.reasoning_parser not in REASONING_PARSERS:
+        raise ConfigError(
+            f"unknown --reasoning-parser {args.reasoning_parser!r}; qwenkit takes "
+            f"{' or '.join(REASONING_PARSERS)} (the <think> split it makes by itself)"
+        )
     if args.kv_cache_memory:
         parse_bytes(args.kv_cache_memory, "--kv-cache-memory")
     if parse_bytes(args.max_request_size, "--max-request-size") < 1:
@@ -447,6 +486,7 @@ def serve(args: argparse.Namespace, api_key: str | None, llm, listener: socket.s
         request_timeout=float(args.request_timeout) if args.request_timeout else None,
         response_cache_entries=args.response_cache,
         max_request_bytes=parse_bytes(args.max_request_size, "--max-request-size"),
+        default_chat_template_kwargs=chat_template_kwargs(args.default_chat_template_kwargs),
     )
     app = create_app(llm, config)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -14,12 +14,33 @@ from dataclasses import dataclass
 from typing import Any
 
 from qwenkit.evaluate.backends import BackendError, ToolReply
+from qwenkit.tokenizer.thinking import THINK_CLOSE, THINK_OPEN
 
 GREEDY = {"temperature": 0, "repetition_penalty": 1.0}
 
 
 class EndpointRefusal(BackendError):
     """The endpoint answered, with an HTTP status other than 200."""
+
+
+def _reasoning(message: dict[str, Any]) -> str:
+    """The thinking a server split off a reply: vLLM's ``reasoning`` (newer) or ``reasoning_content``."""
+    for key in ("reasoning", "reasoning_content"):
+        if isinstance(message.get(key), str) and message[key]:
+            return message[key]
+    return ""
+
+
+def whole_turn(reasoning: str, content: str, finish_reason: str | None) -> str:
+    """A chat reply as a local run records it: the thinking the server split off back in its ``<think>``
+    block before the answer, as Qwen3 writes it, so evaluation's one split gives the sample its
+    ``thinking`` (and ``--rescore`` reads the saved reply again). A reply cut off while thinking never
+    wrote its ``</think>``."""
+    if not reasoning:
+        return content
+    if not content and finish_reason == "length":
+        return f"{THINK_OPEN}\n{reasoning}"
+    return f"{THINK_OPEN}\n{reasoning}\n{THINK_CLOSE}\n\n{content}"
 
 
 def _without_password(url: str) -> str:
@@ -243,7 +264,10 @@ class EndpointBackend:
 
         def one(conversation: list[dict[str, str]]) -> str:
             body = {"messages": conversation, "max_tokens": max_tokens, **GREEDY}
-            return self._field(self._post(path, body), path, "choices", 0, "message", "content") or ""
+            reply = self._post(path, body)
+            content = self._field(reply, path, "choices", 0, "message", "content") or ""
+            choice = reply["choices"][0]
+            return whole_turn(_reasoning(choice["message"]), content, choice.get("finish_reason"))
 
         return self._map(one, messages)
 
@@ -273,7 +297,7 @@ class EndpointBackend:
                 fn = call.get("function") or {}
                 calls.append({"name": str(fn.get("name", "")), "arguments": str(fn.get("arguments", ""))})
             content = message.get("content") or ""
-            reasoning = message.get("reasoning_content") or ""
+            reasoning = _reasoning(message)
             return ToolReply(json.dumps(message, ensure_ascii=False), content, reasoning, calls)
 
         return self._map(one, list(zip(messages, tools, strict=True)))

@@ -12,7 +12,9 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
@@ -45,12 +47,17 @@ log = logging.getLogger(__name__)
 # Chat completions
 
 
-def chat_prompt(llm: LLM, body: ChatCompletionRequest) -> list[int]:
+def chat_prompt(
+    llm: LLM, body: ChatCompletionRequest, defaults: Mapping[str, Any] | None = None
+) -> list[int]:
+    """The request's prompt ids; ``defaults`` are the server's template kwargs, under the request's own
+    (vLLM's merge: ``defaults | request``)."""
     messages = [m.as_template_message() for m in body.messages]
     kwargs = dict(body.chat_template_kwargs or {})
     for key in ("enable_thinking",):  # also accepted at the top level, as some clients send it
         if key in (body.model_extra or {}):
             kwargs.setdefault(key, body.model_extra[key])
+    kwargs = {**(defaults or {}), **kwargs}
     style, functions = template_style(llm.tokenizer.chat_template), react_functions(llm, body)
     try:
         return style.prompt_ids(
@@ -80,7 +87,8 @@ async def start_chat(state: ServerState, body: ChatCompletionRequest) -> ChatRun
     llm = state.llm
     adapter = state.check_model(body.model)
     refuse_unsupported(body)
-    prompt_ids = await asyncio.to_thread(chat_prompt, llm, body)
+    defaults = state.config.default_chat_template_kwargs
+    prompt_ids = await asyncio.to_thread(chat_prompt, llm, body, defaults)
     plan = await asyncio.to_thread(plan_tools, llm, body, prompt_ids)
     extra = {
         "logprobs": (body.top_logprobs or 0) if body.logprobs else None,

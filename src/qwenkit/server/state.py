@@ -7,6 +7,7 @@ import hashlib
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from qwenkit.generate import LLM
 from qwenkit.server.errors import APIError
@@ -25,6 +26,9 @@ class ServerConfig:
     lora_modules: tuple[tuple[str, str], ...] = ()  # (name, directory) of each adapter served by name
     runtime_lora: bool = False  # /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's) are on
     max_request_bytes: int = 64 << 20  # a body past this is a 413, before it is held in memory
+    # the chat template's kwargs on every chat request (vLLM's --default-chat-template-kwargs); a
+    # request's own chat_template_kwargs win key by key
+    default_chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
