@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from qwenkit.chat import ChatSession, fit_messages
+from qwenkit.checkpoint import open_checkpoint
 from qwenkit.cli.common import (
     NotUTF8Error,
     add_model_args,
@@ -25,6 +26,7 @@ from qwenkit.cli.common import (
     lead_tensor_parallel,
     load_llm,
     read_stdin,
+    resolve_model,
     sampling_overrides,
     stdin_keeps_bad_bytes,
     utf8_text,
@@ -34,7 +36,7 @@ from qwenkit.cli.terminal import for_terminal
 from qwenkit.command_parser import CommandParser
 from qwenkit.engine import SamplingParams, SamplingParamsError
 from qwenkit.errors import ConfigError, QwenkitError
-from qwenkit.generate import Delta
+from qwenkit.generate import Delta, tokenizer_for
 
 HELP = """commands:
   :help                 this help
@@ -376,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError("the question is empty")
     args.code_interpreter = args.code_interpreter or args.code_dir is not None
     tools = chat_tools(args) if args.tools or args.code_interpreter else None  # file errors first
+    if args.no_thinking:  # refused from the template alone, before the weights load (minutes for a big one)
+        template_kwargs(args, tokenizer_for(open_checkpoint(resolve_model(args.model))).chat_template)
     if wants_tensor_parallel(args):
         return lead_tensor_parallel(args, lambda llm: run(args, llm, tools))
     return run(args, load_llm(args), tools)
