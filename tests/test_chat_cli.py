@@ -18,6 +18,11 @@ from qwenkit.engine import SamplingParams
 from qwenkit.generate import LLM
 
 QWENKIT = [sys.executable, "-m", "qwenkit.cli"]
+NO_END = {151643: -100, 151645: -100}  # the end tokens banned: the answer runs to max_tokens
+KNOWN = (  # the settings :conf takes
+    "max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, presence_penalty, "
+    "frequency_penalty, seed, stop, include_stop_str_in_output, logit_bias"
+)
 
 
 @pytest.fixture(scope="module")
@@ -64,9 +69,7 @@ def test_commands_history_and_errors_over_stdin(tiny_chat_model):
     stop = "[stopped at max_tokens=5; raise it with :conf max_tokens=N]"
     assert r.stderr.splitlines() == [
         stop,
-        "error: unknown :conf key 'bogus'; known: max_tokens, temperature, top_p, top_k, min_p, "
-        "repetition_penalty, presence_penalty, frequency_penalty, seed, ignore_eos, prompt_logprobs, "
-        "stop, include_stop_str_in_output, logit_bias, grammar, adapter",
+        f"error: unknown :conf key 'bogus'; known: {KNOWN}",
         "error: temperature must be >= 0, got -1",
         "error: value for temperature must be a literal such as 0.7, 20, None or 'text'; "
         "got \"__import__('os')\"",
@@ -122,6 +125,7 @@ def test_a_failed_answer_or_a_mistyped_setting_keeps_the_chat(tiny_chat_model):
             ":conf stop='open",
             ":seed",
             ":conf adapter='foo'",
+            ":conf logit_bias={10000000: 1}",
             "this turn fails",
             ":reset-conf",
             "word " * 80,
@@ -140,7 +144,8 @@ def test_a_failed_answer_or_a_mistyped_setting_keeps_the_chat(tiny_chat_model):
         "error: stop must be a list or a string, got 5\n",
         "error: temperature must be a number, got 'hot'\n",
         'error: a quote or bracket is not closed in "stop=\'open"\n',
-        "error: adapter 'foo' was asked for, but this model serves no adapters\n",
+        f"error: :conf cannot set adapter: it is not a chat setting; known: {KNOWN}\n",
+        "error: logit_bias token id 10000000 is outside the vocabulary (0..151935)\n",
         "error: the message needs ",
     ]:
         assert message in errors and message not in out, message
@@ -211,7 +216,7 @@ def test_conf_really_applies_to_the_next_answer(tiny_chat_model, llm):
     ].text.strip()
     r = run_chat(tiny_chat_model, ":conf temperature=0 max_tokens=1\nhi\n:history\n")
     assert r.returncode == 0, r.stderr
-    assert "\ntemperature=0\n" in r.stdout and "\nmax_tokens=1\n" in "\n" + r.stdout
+    assert r.stdout.startswith("temperature=0\nmax_tokens=1\n\n")  # the settings set, then the answer
     assert f"assistant: {expected}\n" in r.stdout
     # :reset-conf goes back: now 5 tokens of sampled text, not 1
     params = parse_conf(SamplingParams(), ["top_k=3", "stop='x'", "seed=None"])
@@ -229,13 +234,17 @@ def test_conf_really_applies_to_the_next_answer(tiny_chat_model, llm):
 
 
 def test_conf_shows_each_setting_on_its_line_as_conf_takes_it(tiny_chat_model):
-    """:conf alone lists the settings one a line, each as ``key=value`` typed back to :conf (it was one
-    line of the engine's reprs: stop=('a b',), logit_bias=((9707, 5.0),)), so a line can be copied."""
+    """:conf alone lists the chat's settings one a line, each as ``key=value`` typed back to :conf (it was
+    one line of the engine's reprs: stop=('a b',), logit_bias=((9707, 5.0),)), so a line can be copied;
+    a change shows the settings it set. The engine's own fields (grammar, adapter, ignore_eos, ...) are
+    neither shown nor set: the whole list, internal fields with it, followed every change."""
     args = ("--max-new-tokens", "3", "--temperature", "0", "--top-p", "0.8", "--top-k", "20")
-    r = run_chat(tiny_chat_model, ":conf stop='a b' logit_bias={9707: 5}\n", *args)
-    assert (r.returncode, r.stderr) == (0, "")
+    script = ":conf stop='a b' logit_bias={9707: 5} top-k=20\n:conf\n:conf ignore_eos=True\n"
+    r = run_chat(tiny_chat_model, script, *args)
+    assert r.returncode == 1
+    assert r.stderr == f"error: :conf cannot set ignore_eos: it is not a chat setting; known: {KNOWN}\n"
     shown = r.stdout.rstrip("\n").splitlines()  # the chat ends its last line at the end of its input
-    assert shown == [
+    every = [
         "max_tokens=3",
         "temperature=0.0",
         "top_p=0.8",
@@ -245,16 +254,13 @@ def test_conf_shows_each_setting_on_its_line_as_conf_takes_it(tiny_chat_model):
         "presence_penalty=0.0",
         "frequency_penalty=0.0",
         "seed=None",
-        "ignore_eos=False",
-        "prompt_logprobs=None",
         "stop=['a b']",
         "include_stop_str_in_output=False",
         "logit_bias={9707: 5.0}",
-        "grammar=None",
-        "adapter=None",
     ]
-    again = run_chat(tiny_chat_model, f":conf {' '.join(shown)}\n")  # the defaults of the model, then these
-    assert (again.returncode, again.stderr, again.stdout.rstrip("\n").splitlines()) == (0, "", shown)
+    assert shown == ["stop=['a b']", "logit_bias={9707: 5.0}", "top_k=20", *every]
+    again = run_chat(tiny_chat_model, f":conf {' '.join(every)}\n")  # the defaults of the model, then these
+    assert (again.returncode, again.stderr, again.stdout.rstrip("\n").splitlines()) == (0, "", every)
 
 
 def test_one_shot_prompt_and_python_chat_api(tiny_chat_model, llm):
@@ -328,8 +334,8 @@ def test_ctrl_c_interrupts_the_answer_not_the_chat(tiny_chat_model):
     term = Terminal(master)
     try:
         term.read_until(b">>> ")
-        os.write(master, b":conf ignore_eos=True\n")  # a random model may end early; this one must not
-        term.read_until(b"ignore_eos=True")
+        os.write(master, f":conf logit_bias={NO_END}\n".encode())  # a random model may end early
+        term.read_until(b"logit_bias=")
         term.read_until(b">>> ")
         os.write(master, b"tell me a long story\n")
         term.read_until(b"story\r\n")  # the echo; the answer streams after it
@@ -423,18 +429,18 @@ def test_a_system_prompt_of_several_lines(tiny_chat_model, llm):
     """`:system \"\"\"` opens a block as a message's \"\"\" does, its lines the system prompt (it set the
     prompt to the three quotes and sent the next lines as messages)."""
     system = "Be brief.\n\n    Very brief."
-    params = llm.default_params(temperature=1.0, seed=7, max_tokens=6, ignore_eos=True)
+    params = llm.default_params(temperature=1.0, seed=7, max_tokens=6, logit_bias=NO_END)
     expected = "".join(ChatSession(llm, params, system=system).ask("hi")).strip()
     literal = "".join(ChatSession(llm, params, system='"""').ask("hi")).strip()
     assert expected != literal  # the answer tells which system prompt the chat holds
     seeded = ("--temperature", "1", "--seed", "7", "--max-new-tokens", "6")
-    script = f':conf ignore_eos=True\n:system """{system}\n"""\nhi\n:history\n'
+    script = f':conf logit_bias={NO_END}\n:system """{system}\n"""\nhi\n:history\n'
     r = run_chat(tiny_chat_model, script, *seeded)
     assert (r.returncode, r.stderr) == (0, "[stopped at max_tokens=6; raise it with :conf max_tokens=N]\n")
     assert r.stdout.count("[system prompt set; history cleared]") == 1
     assert r.stdout.rstrip("\n").endswith(f"user: hi\nassistant: {expected}")
     # opened and closed on one line; one never closed sets nothing, and the script's exit says so
-    one_line = ':conf ignore_eos=True\n:system """Be brief."""\nhi\n:system """\nnot closed\n'
+    one_line = f':conf logit_bias={NO_END}\n:system """Be brief."""\nhi\n:system """\nnot closed\n'
     r = run_chat(tiny_chat_model, one_line, *seeded)
     brief = "".join(ChatSession(llm, params, system="Be brief.").ask("hi"))
     assert r.returncode == 1 and f"[system prompt set; history cleared]\n{brief}\n" in r.stdout

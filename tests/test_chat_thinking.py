@@ -103,8 +103,11 @@ def test_chat_cli_no_thinking(tiny_chat_model, prompts, capsys, tools):
     assert prompts[0][-4:] == EMPTY_THINK and prompts[1] == prompts[0][:-4]
 
 
-def test_no_thinking_is_refused_by_a_template_without_the_switch(tiny_chat_model, tmp_path, capsys):
+@pytest.mark.parametrize("tools", [[], ["--code-interpreter"]], ids=["chat", "tool-chat"])
+def test_no_thinking_is_refused_by_a_template_without_the_switch(tiny_chat_model, tmp_path, capsys, tools):
+    """Refused from the template alone, before the weights load: here they are not even readable."""
     model = shutil.copytree(tiny_chat_model, tmp_path / "no-switch")
+    (model / "model.safetensors").write_bytes(b"not a safetensors file")
     config = json.loads((model / "tokenizer_config.json").read_text())
     config["chat_template"] = (
         config["chat_template"]
@@ -112,7 +115,7 @@ def test_no_thinking_is_refused_by_a_template_without_the_switch(tiny_chat_model
         .replace("enable_thinking is false", "false")
     )
     (model / "tokenizer_config.json").write_text(json.dumps(config))
-    assert main(["chat", str(model), "-p", "hi", "--max-new-tokens", "2", "--no-thinking"]) == 2
+    assert main(["chat", str(model), "-p", "hi", "--max-new-tokens", "2", "--no-thinking", *tools]) == 2
     err = capsys.readouterr().err
     assert err.strip().splitlines() == [
         "error: --no-thinking: this model's chat template has no thinking switch (enable_thinking)"

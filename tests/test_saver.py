@@ -120,6 +120,55 @@ def test_a_killed_runs_staging_directory_is_removed_by_the_next_run_and_a_live_o
         live.wait()
 
 
+_KILLED_WHILE_REPLACING = (
+    "import os, signal, sys\n"
+    "from pathlib import Path\n"
+    "from qwenkit.checkpoint.output_dir import atomic_output_dir\n"
+    "rename = Path.rename\n"
+    "def killed(self, target):  # SIGKILL at the rename of the new output into place\n"
+    "    if self.name.startswith('.out.partial-'):\n"
+    "        os.kill(os.getpid(), signal.SIGKILL)\n"
+    "    return rename(self, target)\n"
+    "Path.rename = killed\n"
+    "with atomic_output_dir(Path(sys.argv[1]) / 'out', overwrite=True) as tmp:\n"
+    "    (tmp / 'keep.txt').write_text('new')\n"
+)
+
+
+def test_a_run_killed_while_replacing_out_leaves_the_previous_output_and_the_next_run_says_where(
+    tmp_path, capsys
+):
+    """Killed between moving OUT aside and renaming the new one in, a run leaves no OUT and the previous
+    output only in ``.out.old-*``: the user's only copy. The next run for OUT removes nothing (not the
+    killed run's staging either) and says in one line where that copy is."""
+    from qwenkit.checkpoint.output_dir import atomic_output_dir
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILLED_WHILE_REPLACING, str(tmp_path)], capture_output=True, text=True
+    )
+    assert killed.returncode == -signal.SIGKILL and killed.stderr == ""
+    (aside,) = tmp_path.glob(".out.old-*")
+    (staged,) = tmp_path.glob(".out.partial-*")
+    pid = staged.name.split(".partial-")[1].split(".")[0]
+    assert not out.exists() and (aside / "out" / "keep.txt").read_text() == "old"
+    with atomic_output_dir(out) as tmp:
+        (tmp / "keep.txt").write_text("newer")
+    assert capsys.readouterr().err == (
+        f"qwenkit: {out} is missing: a run (process {pid}) was killed while replacing it; "
+        f"the previous output is in {aside / 'out'}; nothing was removed\n"
+    )
+    assert (aside / "out" / "keep.txt").read_text() == "old"
+    assert (staged / "keep.txt").read_text() == "new" and (out / "keep.txt").read_text() == "newer"
+    # OUT back in place: nothing more is said of the copy, and the dead run's staging goes as usual
+    with atomic_output_dir(out, overwrite=True) as tmp:
+        (tmp / "keep.txt").write_text("newest")
+    assert capsys.readouterr().err.startswith(f"qwenkit: removed {staged}, left by an interrupted run")
+    assert (aside / "out" / "keep.txt").read_text() == "old"
+
+
 @pytest.mark.parametrize("own_handler", [False, True])
 def test_a_finished_write_leaves_the_sigterm_handler_as_it_was(tmp_path, own_handler):
     """The handler is the writer's only while it writes; a program's own (the server's) is never replaced."""

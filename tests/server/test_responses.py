@@ -221,6 +221,23 @@ def test_max_tool_calls_is_echoed(server):
     assert [h.max_tool_calls for h in heads] == [1] * len(heads)
 
 
+def test_the_sampling_settings_echoed_are_those_the_request_ran_with(server):
+    """Unset, ``temperature``, ``top_p`` and ``max_output_tokens`` are the model's generation_config
+    defaults the request got (0.7, 0.8, max_new_tokens 64), never null; set, the request's own; and
+    ``top_logprobs`` is OpenAI's default 0. The same in every Response of a stream."""
+    c = sdk(server)
+    defaults = c.responses.create(model="tiny", input="hi", extra_body={"seed": 1})
+    got = (defaults.temperature, defaults.top_p, defaults.max_output_tokens, defaults.top_logprobs)
+    assert got == (0.7, 0.8, 64, 0)
+    kwargs = dict(model="tiny", input="hi", temperature=0.3, top_p=0.5, max_output_tokens=3)
+    asked = c.responses.create(**kwargs)
+    assert (asked.temperature, asked.top_p, asked.max_output_tokens) == (0.3, 0.5, 3)
+    events = list(c.responses.create(model="tiny", input="hi", stream=True, max_output_tokens=2))
+    heads = [e.response for e in events if hasattr(e, "response")]  # created ... incomplete
+    assert len(heads) == 3
+    assert [(h.temperature, h.top_p, h.max_output_tokens) for h in heads] == [(0.7, 0.8, 2)] * 3
+
+
 @pytest.mark.parametrize(
     ("body", "param", "words"),
     [

@@ -4,7 +4,9 @@ Everything goes into a private temporary sibling; only a finished directory is r
 existing one is moved aside first and deleted afterwards). Any failure — disk full, Ctrl-C, a failed
 verification — removes the temporary directory. A process killed outright (SIGKILL, the OOM killer, a
 lost machine) cannot clean up: its temporary directory names its process and machine, so the next run
-for the same output removes it once that process is gone.
+for the same output removes it once that process is gone. One killed between moving the old output
+aside and renaming the new one in leaves no output, the previous one only in ``.OUT.old-*``: the next
+run then removes nothing and says where that is.
 """
 
 from __future__ import annotations
@@ -68,7 +70,16 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
     out = Path(os.path.abspath(out))
     check_out_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_dead_staging(out)
+    aside = _left_aside(out)
+    if aside is None:
+        _remove_dead_staging(out)
+    else:  # the user's only copy of the previous output: nothing is removed while it is there
+        pid, previous = aside
+        print(
+            f"qwenkit: {out} is missing: a run (process {pid}) was killed while replacing it; "
+            f"the previous output is in {previous}; nothing was removed",
+            file=sys.stderr,
+        )
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}.{_host_tag()}.", dir=out.parent))
     try:
         with terminate_unwinds():  # SIGTERM unwinds too, so the except below removes tmp
@@ -98,6 +109,20 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True  # another user's process
     return True
+
+
+def _left_aside(out: Path) -> tuple[str, Path] | None:
+    """Where a run on this machine, killed between moving ``out`` aside and renaming its new output in,
+    left the previous ``out`` (with that run's process id), if ``out`` is missing and it did."""
+    if out.exists() or out.is_symlink():
+        return None
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.old-(\d{{1,9}})\.{_host_tag()}\.[^/]+")
+    with contextlib.suppress(OSError):
+        for aside in sorted(out.parent.iterdir()):
+            m = pattern.fullmatch(aside.name)
+            if m is not None and not _alive(int(m.group(1))) and (aside / out.name).is_dir():
+                return m.group(1), aside / out.name
+    return None
 
 
 def _remove_dead_staging(out: Path) -> None:
@@ -171,7 +196,9 @@ def _publish_permissions(directory: Path) -> None:
 def _replace(new: Path, out: Path) -> None:
     """Move ``new`` to ``out``; an existing ``out`` is moved aside first and deleted only afterwards."""
     if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        # named by process and machine, as the temporary directory: if this process is killed before the
+        # new one is in place, the next run finds the old one here and says so (``_left_aside``)
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}.{_host_tag()}.", dir=out.parent))
         try:
             out.rename(old / out.name)
         except OSError:

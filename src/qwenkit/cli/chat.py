@@ -13,10 +13,11 @@ import ast
 import dataclasses
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from qwenkit.chat import ChatSession, fit_messages
+from qwenkit.checkpoint import open_checkpoint
 from qwenkit.cli.common import (
     NotUTF8Error,
     add_model_args,
@@ -25,6 +26,7 @@ from qwenkit.cli.common import (
     lead_tensor_parallel,
     load_llm,
     read_stdin,
+    resolve_model,
     sampling_overrides,
     stdin_keeps_bad_bytes,
     utf8_text,
@@ -34,7 +36,7 @@ from qwenkit.cli.terminal import for_terminal
 from qwenkit.command_parser import CommandParser
 from qwenkit.engine import SamplingParams, SamplingParamsError
 from qwenkit.errors import ConfigError, QwenkitError
-from qwenkit.generate import Delta
+from qwenkit.generate import Delta, tokenizer_for
 
 HELP = """commands:
   :help                 this help
@@ -50,9 +52,23 @@ HELP = """commands:
   \"\"\"                   begin a message of several lines; a line that ends with \"\"\" sends it
 Ctrl-C stops the current answer."""
 
-CONF_KEYS = tuple(
-    f.name for f in dataclasses.fields(SamplingParams) if f.name not in ("stop_token_ids", "logprobs")
+# The sampling settings a chat user sets with :conf (Qwen's cli_demo shows its generation config, the
+# sampling knobs); SamplingParams' other fields are the front ends' own (grammar, adapter, logprobs, ...).
+CONF_KEYS = (
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "seed",
+    "stop",
+    "include_stop_str_in_output",
+    "logit_bias",
 )
+INTERNAL_KEYS = tuple(f.name for f in dataclasses.fields(SamplingParams) if f.name not in CONF_KEYS)
 
 
 class CommandError(ValueError):
@@ -89,14 +105,22 @@ def split_assignments(text: str) -> list[str]:
     return [*items, "".join(item)] if item else items
 
 
+def conf_key(item: str) -> str:
+    """The setting a ``key=value`` item names (``top-k`` is ``top_k``)."""
+    return item.partition("=")[0].strip().replace("-", "_")
+
+
 def parse_conf(params: SamplingParams, assignments: list[str]) -> SamplingParams:
     """Apply ``key=value`` pairs. Values are Python literals (never evaluated as code)."""
     changes: dict[str, object] = {}
     for item in assignments:
-        key, sep, raw = item.partition("=")
-        key = key.strip().replace("-", "_")
+        key, (_, sep, raw) = conf_key(item), item.partition("=")
         if not sep:
             raise CommandError(f"expected key=value, got {item!r}")
+        if key in INTERNAL_KEYS:
+            raise CommandError(
+                f":conf cannot set {key}: it is not a chat setting; known: {', '.join(CONF_KEYS)}"
+            )
         if key not in CONF_KEYS:
             raise CommandError(f"unknown :conf key {key!r}; known: {', '.join(CONF_KEYS)}")
         try:
@@ -117,6 +141,12 @@ def conf_values(params: SamplingParams) -> dict[str, object]:
     the tuples the engine keeps."""
     values = {key: getattr(params, key) for key in CONF_KEYS}
     return values | {"stop": list(params.stop), "logit_bias": dict(params.logit_bias)}
+
+
+def conf_lines(params: SamplingParams, keys: Iterable[str] = CONF_KEYS) -> str:
+    """``keys``' settings, one ``key=value`` a line, as :conf takes them back."""
+    values = conf_values(params)
+    return "\n".join(f"{key}={values[key]!r}" for key in keys)
 
 
 def run_command(session: ChatSession | ToolChatSession, initial: SamplingParams, line: str) -> bool:
@@ -155,9 +185,11 @@ def run_command(session: ChatSession | ToolChatSession, initial: SamplingParams,
             raise CommandError(str(e)) from None
         print(f"[seed = {session.params.seed}]")
     elif name == "conf":
-        if arg:
-            session.params = parse_conf(session.params, split_assignments(arg))
-        print("\n".join(f"{key}={value!r}" for key, value in conf_values(session.params).items()))
+        items = split_assignments(arg)
+        session.params = parse_conf(session.params, items)
+        # alone: every setting; after a change, the ones set (as Qwen's cli_demo, not the whole list)
+        set_keys = dict.fromkeys(conf_key(item) for item in items)
+        print(conf_lines(session.params, set_keys or CONF_KEYS))
     elif name == "reset-conf":
         session.params = initial
         print("[settings reset]")
@@ -376,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError("the question is empty")
     args.code_interpreter = args.code_interpreter or args.code_dir is not None
     tools = chat_tools(args) if args.tools or args.code_interpreter else None  # file errors first
+    if args.no_thinking:  # refused from the template alone, before the weights load (minutes for a big one)
+        template_kwargs(args, tokenizer_for(open_checkpoint(resolve_model(args.model))).chat_template)
     if wants_tensor_parallel(args):
         return lead_tensor_parallel(args, lambda llm: run(args, llm, tools))
     return run(args, load_llm(args), tools)

@@ -27,6 +27,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
+from qwenkit.engine import SamplingParams
 from qwenkit.generate import Completion
 from qwenkit.server.completions import ChatRun, start_chat
 from qwenkit.server.errors import APIError, named_param
@@ -348,25 +349,27 @@ def _status(finish_reason: str | None) -> tuple[str, dict[str, str] | None]:
 
 
 class ResponseHead:
-    """The fields every Response object of one request carries, echoing the request's settings."""
+    """The fields every Response object of one request carries, echoing the request's settings: the
+    sampling ones as the request ran (``params``: its values, or the model's defaults it got), as OpenAI's
+    and vLLM's, never null for a value that was known."""
 
-    def __init__(self, body: ResponsesRequest, model: str) -> None:
+    def __init__(self, body: ResponsesRequest, model: str, params: SamplingParams) -> None:
         self.id, self.created = _new_id("resp"), int(time.time())
         self.fields = {
             "instructions": body.instructions,
-            "max_output_tokens": body.max_output_tokens,
+            "max_output_tokens": params.max_tokens,
             "max_tool_calls": body.max_tool_calls,
             "model": model,
             "parallel_tool_calls": body.parallel_tool_calls is not False,
             "previous_response_id": None,
             "reasoning": {"effort": (body.reasoning or {}).get("effort"), "summary": None},
             "store": False,
-            "temperature": body.temperature,
+            "temperature": params.temperature,
             "text": {"format": (body.text or {}).get("format") or {"type": "text"}},
             "tool_choice": body.tool_choice if body.tool_choice is not None else "auto",
             "tools": body.tools or [],
-            "top_p": body.top_p,
-            "top_logprobs": body.top_logprobs,
+            "top_p": params.top_p,
+            "top_logprobs": body.top_logprobs or 0,  # OpenAI's default
             "truncation": "disabled",
             "user": body.user,
             "metadata": body.metadata or {},
@@ -407,7 +410,7 @@ async def responses(state: ServerState, body: ResponsesRequest, request: Request
             lambda m: _PARAMS[m.group(0)], e.message.replace(NAMED_USAGE, _NAMED_USAGE)
         )
         raise
-    head = ResponseHead(body, state.response_model(started.adapter))
+    head = ResponseHead(body, state.response_model(started.adapter), started.run.choices[0].params)
     think_close = state.llm.tokenizer.added_tokens.get(THINK_CLOSE)
     logprobs = TextLogprobs(state.llm, started.hidden) if wants_logprobs(body) else None
     if body.stream:
