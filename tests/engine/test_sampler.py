@@ -431,3 +431,29 @@ def test_logit_bias_the_bulk_check_refuses_is_named_by_the_walk(bias, message):
     with pytest.raises(SamplingParamsError) as raised:
         SamplingParams(logit_bias=bias)
     assert str(raised.value) == message
+
+
+@pytest.mark.parametrize(
+    ("bias", "message"),
+    [
+        # an int past a float's range: float() raised OverflowError before the range check
+        (
+            {5: 10**400},
+            "logit_bias values must be in [-100, 100], got an integer past a float's range for token 5",
+        ),
+        (
+            {5: -(10**400)},
+            "logit_bias values must be in [-100, 100], got an integer past a float's range for token 5",
+        ),
+        # keys of two kinds: sorting the dict raised TypeError before the walk could name them
+        ({5: 1.0, "6": 2.0}, "logit_bias must map token ids to numbers, got {5: 1.0, '6': 2.0}"),
+    ],
+)
+def test_logit_bias_that_python_cannot_sort_or_convert_is_a_sampling_params_error(bias, message):
+    """The README's promise: a SamplingParams field out of range or of the wrong type raises one
+    SamplingParamsError naming it, not a bare OverflowError or TypeError from inside the check."""
+    from qwenkit.engine.sampling import SamplingParamsError
+
+    with pytest.raises(SamplingParamsError) as raised:
+        SamplingParams(logit_bias=bias)
+    assert str(raised.value) == message
