@@ -457,3 +457,19 @@ def test_logit_bias_that_python_cannot_sort_or_convert_is_a_sampling_params_erro
     with pytest.raises(SamplingParamsError) as raised:
         SamplingParams(logit_bias=bias)
     assert str(raised.value) == message
+
+
+def test_params_without_a_bias_leave_the_checked_bias_for_its_copies(monkeypatch):
+    """Params with no logit_bias (any other request's, made meanwhile in another worker thread) took the
+    place of the checked bias, so the next copy of a whole-vocabulary bias (a choice of n, the tool plan's
+    stop strings, on the server's event loop) checked all its pairs again."""
+    from dataclasses import replace
+
+    from qwenkit.engine import sampling
+
+    params = SamplingParams(logit_bias={t: 1.0 for t in range(V)})
+    SamplingParams()  # another request's, with no bias
+    checked = []
+    monkeypatch.setattr(sampling, "_in_bulk", lambda bias: checked.append(len(bias)))
+    copy = replace(params, seed=5)
+    assert (copy.logit_bias, copy.seed, checked) == (params.logit_bias, 5, [])

@@ -85,7 +85,7 @@ class SamplingParams:
 
     def _check_logit_bias(self) -> None:
         """Pairs of a token id and a number in [-100, 100], one a token, kept as a tuple (a dict sorted). The
-        last tuple that passed is not walked again: copies of params (``dataclasses.replace``, one
+        last non-empty tuple that passed is not walked again: copies of params (``dataclasses.replace``, one
         per choice of n in the server) hand it back, and a bias over the whole vocabulary took 0.3 s to walk
         (and to write into a message no one read) at each, while the server's event loop waited."""
         if self.logit_bias is _checked_bias[0]:  # immutable, so it passes again
@@ -121,7 +121,8 @@ class SamplingParams:
             )
         pairs = tuple(zip(tokens, map(float, values), strict=True))
         object.__setattr__(self, "logit_bias", pairs)
-        _checked_bias[0] = pairs
+        if pairs:  # no bias (most params) leaves the checked one in place for its copies
+            _checked_bias[0] = pairs
 
     def _check_types(self) -> None:
         """Each field's type, before any range check compares it: a float ``top_k`` or ``seed`` would
