@@ -431,3 +431,45 @@ def test_logit_bias_the_bulk_check_refuses_is_named_by_the_walk(bias, message):
     with pytest.raises(SamplingParamsError) as raised:
         SamplingParams(logit_bias=bias)
     assert str(raised.value) == message
+
+
+@pytest.mark.parametrize(
+    ("bias", "message"),
+    [
+        # an int past a float's range: float() raised OverflowError before the range check
+        (
+            {5: 10**400},
+            "logit_bias values must be in [-100, 100], got an integer past a float's range for token 5",
+        ),
+        (
+            {5: -(10**400)},
+            "logit_bias values must be in [-100, 100], got an integer past a float's range for token 5",
+        ),
+        # keys of two kinds: sorting the dict raised TypeError before the walk could name them
+        ({5: 1.0, "6": 2.0}, "logit_bias must map token ids to numbers, got {5: 1.0, '6': 2.0}"),
+    ],
+)
+def test_logit_bias_that_python_cannot_sort_or_convert_is_a_sampling_params_error(bias, message):
+    """The README's promise: a SamplingParams field out of range or of the wrong type raises one
+    SamplingParamsError naming it, not a bare OverflowError or TypeError from inside the check."""
+    from qwenkit.engine.sampling import SamplingParamsError
+
+    with pytest.raises(SamplingParamsError) as raised:
+        SamplingParams(logit_bias=bias)
+    assert str(raised.value) == message
+
+
+def test_params_without_a_bias_leave_the_checked_bias_for_its_copies(monkeypatch):
+    """Params with no logit_bias (any other request's, made meanwhile in another worker thread) took the
+    place of the checked bias, so the next copy of a whole-vocabulary bias (a choice of n, the tool plan's
+    stop strings, on the server's event loop) checked all its pairs again."""
+    from dataclasses import replace
+
+    from qwenkit.engine import sampling
+
+    params = SamplingParams(logit_bias={t: 1.0 for t in range(V)})
+    SamplingParams()  # another request's, with no bias
+    checked = []
+    monkeypatch.setattr(sampling, "_in_bulk", lambda bias: checked.append(len(bias)))
+    copy = replace(params, seed=5)
+    assert (copy.logit_bias, copy.seed, checked) == (params.logit_bias, 5, [])

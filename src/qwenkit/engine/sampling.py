@@ -85,14 +85,17 @@ class SamplingParams:
 
     def _check_logit_bias(self) -> None:
         """Pairs of a token id and a number in [-100, 100], one a token, kept as a tuple (a dict sorted). The
-        tuple that passed last is not walked again: copies of params (``dataclasses.replace``, one per
-        choice of n in the server) hand it back, and a bias over the whole vocabulary took 0.3 s to walk
+        last non-empty tuple that passed is not walked again: copies of params (``dataclasses.replace``, one
+        per choice of n in the server) hand it back, and a bias over the whole vocabulary took 0.3 s to walk
         (and to write into a message no one read) at each, while the server's event loop waited."""
         if self.logit_bias is _checked_bias[0]:  # immutable, so it passes again
             return
         bias = self.logit_bias
         if isinstance(bias, dict):
-            bias = sorted(bias.items())
+            try:
+                bias = sorted(bias.items())
+            except TypeError:  # keys of two kinds (5 and "6"): the walk below names them
+                bias = list(bias.items())
         pairs = _in_bulk(bias)
         if pairs is not None:
             object.__setattr__(self, "logit_bias", pairs)
@@ -103,20 +106,23 @@ class SamplingParams:
             for pair in bias
         ):
             raise SamplingParamsError(f"logit_bias must map token ids to numbers, got {self.logit_bias!r}")
-        pairs = tuple((int(t), float(v)) for t, v in bias)
-        object.__setattr__(self, "logit_bias", pairs)
-        if len({token for token, _ in pairs}) < len(pairs):
+        tokens, values = [int(t) for t, _ in bias], [v for _, v in bias]
+        if len(set(tokens)) < len(tokens):
             seen: set[int] = set()
-            for token, _ in pairs:  # one value a token: which of two would apply is not defined
+            for token in tokens:  # one value a token: which of two would apply is not defined
                 if token in seen:
                     raise SamplingParamsError(f"logit_bias names token {token} twice")
                 seen.add(token)
-        bad = next(((t, v) for t, v in pairs if not -100 <= v <= 100), None)
+        # the range before float(): an int past a float's range (10**400) raised OverflowError there
+        bad = next(((t, v) for t, v in zip(tokens, values, strict=True) if not -100 <= v <= 100), None)
         if bad is not None:
             raise SamplingParamsError(
-                f"logit_bias values must be in [-100, 100], got {bad[1]} for token {bad[0]}"
+                f"logit_bias values must be in [-100, 100], got {_shown_number(bad[1])} for token {bad[0]}"
             )
-        _checked_bias[0] = pairs
+        pairs = tuple(zip(tokens, map(float, values), strict=True))
+        object.__setattr__(self, "logit_bias", pairs)
+        if pairs:  # no bias (most params) leaves the checked one in place for its copies
+            _checked_bias[0] = pairs
 
     def _check_types(self) -> None:
         """Each field's type, before any range check compares it: a float ``top_k`` or ``seed`` would
@@ -205,6 +211,14 @@ def _in_bulk(bias: object) -> tuple[tuple[int, float], ...] | None:
     if type(bias) is tuple and shapes == {tuple} and kinds == {float}:
         return bias  # as it would be rebuilt (the server's pairs): no copy of 151,936 pairs
     return tuple(zip(tokens, map(float, values), strict=True))
+
+
+def _shown_number(value: float) -> str:
+    """A number for a message: as a float, or said in words where it is an int no float holds."""
+    try:
+        return str(float(value))
+    except OverflowError:
+        return "an integer past a float's range"
 
 
 def _is_int(value: object) -> bool:
