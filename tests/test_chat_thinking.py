@@ -133,3 +133,26 @@ def test_no_thinking_help_says_the_soft_switch_holds_until_the_next(capsys):
         "(Qwen3 follows the latest)" in help_text
     )
     assert "for one turn" not in help_text
+
+
+def test_a_reply_stopped_early_closes_the_sessions_stream():
+    """Ctrl-C stops the printed reply: the session's stream under it is closed then, so its turn joins
+    the history at once, not when CPython happens to free the abandoned stream (here a reference is
+    kept, as another implementation's collector would)."""
+    from qwenkit.cli.chat import with_thinking
+    from qwenkit.generate import Delta
+
+    closed = []
+
+    def stream():
+        try:
+            yield Delta([1], "Par", None)
+            yield Delta([2], "is.", None)
+        finally:
+            closed.append(True)
+
+    held = stream()
+    printed = with_thinking(held, hide=False)
+    assert next(printed) == "Par"
+    printed.close()
+    assert closed == [True]

@@ -13,7 +13,7 @@ import ast
 import dataclasses
 import json
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from pathlib import Path
 
 from qwenkit.chat import ChatSession, fit_messages
@@ -276,6 +276,8 @@ def with_thinking(deltas: Iterator[Delta], hide: bool) -> Iterator[str]:
             if delta.text:
                 yield delta.text
     finally:
+        if isinstance(deltas, Generator):
+            deltas.close()  # the session's turn joins its history now, not whenever the stream is freed
         if thinking and tty:
             LINE.style(UNDIM)
         elif thinking:  # written, not yielded: a closed generator (Ctrl-C) cannot yield
