@@ -447,6 +447,13 @@ def test_logit_bias_the_bulk_check_refuses_is_named_by_the_walk(bias, message):
         ),
         # keys of two kinds: sorting the dict raised TypeError before the walk could name them
         ({5: 1.0, "6": 2.0}, "logit_bias must map token ids to numbers, got {5: 1.0, '6': 2.0}"),
+        # a whole vocabulary's bias with one bad value: one short line naming it, not its repr's 20 KB
+        (
+            {**{i: 1.0 for i in range(2000)}, 5: "x"},
+            "logit_bias must map token ids to numbers, got "
+            + repr({**{i: 1.0 for i in range(40)}, 5: "x"})[:200]
+            + "... (2000 entries; (5, 'x') is not)",
+        ),
     ],
 )
 def test_logit_bias_that_python_cannot_sort_or_convert_is_a_sampling_params_error(bias, message):

@@ -101,11 +101,22 @@ class SamplingParams:
             object.__setattr__(self, "logit_bias", pairs)
             _checked_bias[0] = pairs
             return
-        if not isinstance(bias, list | tuple) or not all(
-            isinstance(pair, list | tuple) and len(pair) == 2 and _is_int(pair[0]) and _is_number(pair[1])
-            for pair in bias
-        ):
-            raise SamplingParamsError(f"logit_bias must map token ids to numbers, got {self.logit_bias!r}")
+
+        def bad(pair: object) -> bool:
+            return not (
+                isinstance(pair, list | tuple) and len(pair) == 2 and _is_int(pair[0]) and _is_number(pair[1])
+            )
+
+        if not isinstance(bias, list | tuple) or any(bad(pair) for pair in bias):
+            shown = repr(self.logit_bias)
+            if len(shown) > 200:  # a whole vocabulary's bias: one line, not megabytes
+                first = (
+                    next((pair for pair in bias if bad(pair)), None)
+                    if isinstance(bias, list | tuple)
+                    else None
+                )
+                shown = f"{shown[:200]}... ({len(bias)} entries" + (f"; {first!r} is not)" if first else ")")
+            raise SamplingParamsError(f"logit_bias must map token ids to numbers, got {shown}")
         tokens, values = [int(t) for t, _ in bias], [v for _, v in bias]
         if len(set(tokens)) < len(tokens):
             seen: set[int] = set()
