@@ -199,7 +199,10 @@ def test_a_standard_error_not_known_reads_n_a_not_a_number():
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "task",
-    [["--task", "ceval", "--data", str(CEVAL)], ["--task", "gsm8k", "--method", "generate", "--limit", "6"]],
+    [
+        ["--task", "ceval", "--data", str(CEVAL)],
+        ["--task", "gsm8k", "--method", "generate", "--limit", "6", "--max-new-tokens", "24"],
+    ],
     ids=["ceval-loglik", "gsm8k-generate"],
 )
 def test_eval_with_tensor_parallel_scores_every_item_as_one_process(task, tmp_path, capsys):
@@ -208,7 +211,7 @@ def test_eval_with_tensor_parallel_scores_every_item_as_one_process(task, tmp_pa
     from factories import write_tiny_chat_model
 
     model = write_tiny_chat_model(tmp_path / "m", num_key_value_heads=2)
-    common = ["eval", str(model), *task, "--dtype", "float32", "--no-progress", "--max-new-tokens", "24"]
+    common = ["eval", str(model), *task, "--dtype", "float32", "--no-progress"]
     assert qwenkit_main([*common, "--output", str(tmp_path / "one")]) == 0
     assert qwenkit_main([*common, "--output", str(tmp_path / "two"), "--tensor-parallel", "2"]) == 0
     one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
