@@ -19,6 +19,7 @@ from pathlib import Path
 from qwenkit.chat import ChatSession, fit_messages
 from qwenkit.checkpoint import open_checkpoint
 from qwenkit.cli.common import (
+    SAMPLING_FLAG_KEYS,
     NotUTF8Error,
     add_model_args,
     add_sampling_args,
@@ -54,20 +55,7 @@ Ctrl-C stops the current answer."""
 
 # The sampling settings a chat user sets with :conf (Qwen's cli_demo shows its generation config, the
 # sampling knobs); SamplingParams' other fields are the front ends' own (grammar, adapter, logprobs, ...).
-CONF_KEYS = (
-    "max_tokens",
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "repetition_penalty",
-    "presence_penalty",
-    "frequency_penalty",
-    "seed",
-    "stop",
-    "include_stop_str_in_output",
-    "logit_bias",
-)
+CONF_KEYS = (*SAMPLING_FLAG_KEYS, "stop", "include_stop_str_in_output", "logit_bias")
 INTERNAL_KEYS = tuple(f.name for f in dataclasses.fields(SamplingParams) if f.name not in CONF_KEYS)
 
 

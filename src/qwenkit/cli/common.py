@@ -104,19 +104,22 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
 
 
+# the single-valued sampling settings the command-line flags above set (the chat's :conf sets them too)
+SAMPLING_FLAG_KEYS = (
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "seed",
+)
+
+
 def sampling_overrides(args: argparse.Namespace) -> dict[str, object]:
-    keys = (
-        "max_tokens",
-        "temperature",
-        "top_p",
-        "top_k",
-        "min_p",
-        "repetition_penalty",
-        "presence_penalty",
-        "frequency_penalty",
-        "seed",
-    )
-    out: dict[str, object] = {k: getattr(args, k) for k in keys}
+    out: dict[str, object] = {k: getattr(args, k) for k in SAMPLING_FLAG_KEYS}
     if args.stop:
         out["stop"] = tuple(args.stop)
     return out
@@ -343,6 +346,7 @@ def _seeded(rank_main, tp, *, args: argparse.Namespace) -> int:
 
 
 __all__ = [
+    "SAMPLING_FLAG_KEYS",
     "NotUTF8Error",
     "SamplingParams",
     "add_model_args",
