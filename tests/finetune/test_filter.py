@@ -29,6 +29,21 @@ CATALOGUE = [
     ("卡号6222021234567890123", []),  # UnionPay-like but fails Luhn
     ("卡号6217002710000684874", [("bank_card", "6217002710000684874")]),
     ("card 4111111111111112 is a typo", []),
+    # as cards are written: 4-4-4-4(-3) groups, Amex 4-6-5
+    ("卡号 6217 0027 1000 0684 874", [("bank_card", "6217 0027 1000 0684 874")]),
+    (
+        "cards 4111111111111111 5555555555554444",
+        [("bank_card", "4111111111111111"), ("bank_card", "5555555555554444")],
+    ),
+    ("amex 3782-822463-10005", [("bank_card", "3782-822463-10005")]),
+    # numbers that pass Luhn but are no card: a 13-digit millisecond timestamp (one in ten passed),
+    # a float's digits after the point, single digits in a list, a prefix no card network issues
+    ("created_at: 1700000000004", []),
+    ("print(0.1) # 0.5555555555554444", []),
+    ("digits 4 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1", []),
+    ("id 1000000000000008", []),
+    # a decimal's digits are not a mobile number either: pi to 11 places
+    ("pi = 3.14159265358", []),
     ("server 192.168.1.20 and 8.8.8.8", [("ip", "192.168.1.20"), ("ip", "8.8.8.8")]),
     ("version 1.2.3.4.5 and 999.1.1.1", []),
     ("v6 2001:db8::8a2e:370:7334 here", [("ip", "2001:db8::8a2e:370:7334")]),
