@@ -50,7 +50,19 @@ CATALOGUE = [
     ("time 12:30:45 is not an address", []),
     # an address is never part of a word: code's scopes were masked ("st[IP]vector", "Foo[IP]r[IP]z()")
     ("std::vector<int> v; Foo::Bar::baz(); use std::io::Result;", []),
-    ("link-local fe80::1%eth0, loopback [::1]:8080", [("ip", "fe80::1"), ("ip", "::1")]),
+    # Private ranges count (an internal host in a pasted log or config maps a network); addresses that
+    # name no host do not: loopback, unspecified, multicast, reserved (a netmask)
+    ("link-local fe80::1%eth0, loopback [::1]:8080", [("ip", "fe80::1")]),
+    (
+        "ssh to 10.0.0.5, CGNAT 100.64.1.2, ULA fd12:3456:789a::1",
+        [("ip", "10.0.0.5"), ("ip", "100.64.1.2"), ("ip", "fd12:3456:789a::1")],
+    ),
+    ("app.run(host='0.0.0.0') then curl http://127.0.0.1:8000/ or [::]:80", []),
+    ("netmask 255.255.255.0 broadcast 255.255.255.255, mDNS 224.0.0.251, ff02::1", []),
+    # Python slices and short scopes are reserved IPv6 space, never an address here
+    ("s[::2], a[1::2], ns a::b and b:: c", []),
+    # a version is not an address, though 1.2.3.4 parses as one
+    ("version 1.2.3.4, v10.0.0.1, 版本 2.0.0.1, User-Agent: Chrome/120.0.0.0 Safari/537.36", []),
     ("地址2001:db8::1。", [("ip", "2001:db8::1")]),
     ("OPENAI key sk-abcdefghijklmnopqrstuvwx123", [("secret", "sk-abcdefghijklmnopqrstuvwx123")]),
     ("aws AKIAIOSFODNN7EXAMPLE", [("secret", "AKIAIOSFODNN7EXAMPLE")]),

@@ -45,7 +45,12 @@ _CARD = re.compile(
     r"(?<![\d+-])(?<!\d\.)(?:\d{13,19}(?![\d-]|\.\d)"
     r"|(?:\d{4}(?:[ -]\d{4}){2,3}(?:[ -]\d{1,3})?|\d{4}[ -]\d{6}[ -]\d{4,5})(?![\d-]|[ .]\d))"
 )
-_IPV4 = re.compile(r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?![\d.])")
+# Not after an ASCII letter (``v10.0.0.1``); nor after a version word or a product token
+# (``version 1.2.3.4``, ``Chrome/120.0.0.0`` in every user agent), checked on the text before.
+_IPV4 = re.compile(r"(?<![\d.A-Za-z])(?:\d{1,3}\.){3}\d{1,3}(?![\d.])")
+_VERSION_BEFORE = re.compile(
+    r"(?i)(?:\b(?:version|ver|release|build)\.?|版本(?:号)?|[A-Za-z][\w.-]*/)\s*[:=]?\s*$"
+)
 # Not inside a word: a hex-only look-around let ``std::vector`` be masked as ``st[IP]vector`` ("d::" is an
 # address) and ``Foo::Bar`` as ``Foo[IP]r``, mangling every C++, Rust and PHP scope in code data.
 _IPV6 = re.compile(r"(?<![0-9A-Za-z_:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![0-9A-Za-z_:])")
@@ -115,11 +120,14 @@ def card_ok(s: str) -> bool:
 
 
 def _ip_ok(s: str) -> bool:
+    """A parseable address that can name a host. Private ranges count: an internal host in a pasted log
+    or config maps a network. Loopback, unspecified, multicast and reserved addresses (a netmask,
+    ``127.0.0.1`` in every web tutorial, a Python slice ``a[1::2]``) identify nothing."""
     try:
-        ipaddress.ip_address(s)
+        ip = ipaddress.ip_address(s)
     except ValueError:
         return False
-    return True
+    return not (ip.is_loopback or ip.is_unspecified or ip.is_multicast or ip.is_reserved)
 
 
 class Detector:
@@ -146,7 +154,9 @@ class Detector:
         add("phone", _CN_MOBILE)
         add("bank_card", _CARD, card_ok)
         add("phone", _INTL_PHONE, lambda s: 8 <= sum(c.isdigit() for c in s) <= 15)
-        add("ip", _IPV4, _ip_ok)
+        for m in _IPV4.finditer(text):
+            if _ip_ok(m.group(0)) and not _VERSION_BEFORE.search(text, max(0, m.start() - 40), m.start()):
+                candidates.append(Finding("ip", m.start(), m.end(), m.group(0)))
         add("ip", _IPV6, lambda s: s.count(":") >= 2 and _ip_ok(s) and any(c.isalnum() for c in s))
         if self.keywords is not None:
             add("keyword", self.keywords)
