@@ -85,6 +85,38 @@ CATALOGUE = [
     ("aws_secret_access_key = wJalrXUtnFEMI/K7MDENG", [("secret", "wJalrXUtnFEMI/K7MDENG")]),
     ('{"private_key": "MIIEvQIBADANBgkq"}', [("secret", "MIIEvQIBADANBgkq")]),
     ("the access key: see the console", []),
+    # credentials in a URL: the password once passed (only the host was masked, or part of it as an e-mail)
+    (
+        "DATABASE_URL=postgres://admin:s3cretpw@db.example.com:5432/app",
+        [("secret", "admin:s3cretpw")],
+    ),
+    ("mysql://root:root123@10.0.0.5/db", [("secret", "root:root123"), ("ip", "10.0.0.5")]),
+    ("redis://:mypassword@cache:6379/0", [("secret", ":mypassword")]),
+    # GitHub's other token families, AWS's temporary keys, bearer tokens
+    (
+        "GH github_pat_11ABCDEFG0abcdefghijkl_abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGHIJKLMNOPQRSTU",
+        [
+            (
+                "secret",
+                "github_pat_11ABCDEFG0abcdefghijkl_abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGHIJKLMNOPQRSTU",
+            )
+        ],
+    ),
+    ("gho_abcdefghijklmnopqrstuvwxyz0123456789 ok", [("secret", "gho_abcdefghijklmnopqrstuvwxyz0123456789")]),
+    ("sts ASIAIOSFODNN7EXAMPLE", [("secret", "ASIAIOSFODNN7EXAMPLE")]),
+    (
+        "Authorization: Bearer 8f14e45fceea167a5a36dedd4bea2543",
+        [("secret", "8f14e45fceea167a5a36dedd4bea2543")],
+    ),
+    ("the bearer of this letter, Bearer YOUR_TOKEN_HERE", []),
+    # code is not a secret: a call, a subscript, a type or a plain name is what a key is assigned from
+    ("token = tokenizer.encode(text)", []),
+    ("api_key = os.getenv('OPENAI_API_KEY'); password=os.environ['PW']", []),
+    ("password = getpass.getpass(); secret = generate_secret()", []),
+    ("def f(token: torch.Tensor, secret_key: Optional[str]): token = tokenizer", []),
+    ("api_key = 'abcd1234efgh'", [("secret", "abcd1234efgh")]),
+    ("HF_TOKEN=AbcdEfghIjklMnop set", [("secret", "AbcdEfghIjklMnop")]),
+    ("login(hf_AbCdEfGhIjKlMnOpQrStUvWxYzAbCdEfGh)", [("secret", "hf_AbCdEfGhIjKlMnOpQrStUvWxYzAbCdEfGh")]),
     ("project Bluebird launch", [("keyword", "Bluebird")]),
     ("内部代号青龙计划", [("keyword", "青龙")]),
 ]

@@ -54,27 +54,49 @@ _VERSION_BEFORE = re.compile(
 # Not inside a word: a hex-only look-around let ``std::vector`` be masked as ``st[IP]vector`` ("d::" is an
 # address) and ``Foo::Bar`` as ``Foo[IP]r``, mangling every C++, Rust and PHP scope in code data.
 _IPV6 = re.compile(r"(?<![0-9A-Za-z_:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![0-9A-Za-z_:])")
-_SECRETS = [
+_SECRET_TOKENS = [
     re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]*?-----END [A-Z ]*PRIVATE KEY-----"),
     re.compile(r"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"),
     re.compile(
-        r"(?<![A-Za-z0-9])(?:sk-[A-Za-z0-9_-]{20,}|AKIA[0-9A-Z]{16}|ghp_[A-Za-z0-9]{36}|xox[abprs]-[A-Za-z0-9-]{10,})"
+        r"(?<![A-Za-z0-9])(?:sk-[A-Za-z0-9_-]{20,}|(?:AKIA|ASIA)[0-9A-Z]{16}|gh[opsur]_[A-Za-z0-9]{36}"
+        r"|github_pat_[A-Za-z0-9_]{22,}|hf_[A-Za-z0-9]{30,}|xox[abprs]-[A-Za-z0-9-]{10,})"
     ),
+]
+# The value (group ``v``) is what is masked; ``q`` is its opening quote, if any.
+_SECRET_VALUES = [
+    # user:password in a URL (``postgres://admin:pw@host``): once only the host was masked
+    re.compile(r"(?i)\b[a-z][a-z0-9+.-]*://(?P<q>)(?P<v>[^\s:/@]*:[^\s/@]+)@"),
+    re.compile(r"(?i)\bbearer\s+(?P<q>)(?P<v>(?=[^\s\"',;]*\d)[A-Za-z0-9._~+/-]{16,}=*)"),
     # A key may close its quote before the colon (``"api_key": "..."`` in JSON, a Python dict, a tool
     # call's arguments): ``\s*[:=]`` alone passed those values unmasked.
     # ``access_key`` also ends AWS's ``aws_secret_access_key`` (once missed beside the AKIA id it pairs with)
     re.compile(
         r"(?i)(?:api[_-]?key|secret[_-]?key|access[_-]?key|private[_-]?key|access[_-]?token|auth[_-]?token"
         r"|token|secret)"
-        r"[\"']?\s*[:=]\s*[\"']?([^\s\"',;]{8,})"
+        r"[\"']?\s*[:=]\s*(?P<q>[\"']?)(?P<v>[^\s\"',;]{8,})"
     ),
     # Passwords are shorter: ``password=hunter2`` slipped through the 8 above. From 4 characters with a
     # digit or symbol (``Reset your password: click ...`` keeps its prose), or 8 of any kind.
     re.compile(
-        r"(?i)(?:password|passwd)[\"']?\s*[:=]\s*[\"']?"
-        r"((?=[^\s\"',;]*[^A-Za-z\s\"',;])[^\s\"',;]{4,}|[^\s\"',;]{8,})"
+        r"(?i)(?:password|passwd)[\"']?\s*[:=]\s*(?P<q>[\"']?)"
+        r"(?P<v>(?=[^\s\"',;]*[^A-Za-z\s\"',;])[^\s\"',;]{4,}|[^\s\"',;]{8,})"
     ),
 ]
+_PASSWORD_KEY = re.compile(r"(?i)pass")
+# What code assigns a key from, unquoted: a call or subscript (``tokenizer.encode(text)``,
+# ``os.environ['PW']``); for keys other than passwords also a snake_case, CONSTANT or dotted name
+# (``token = tokenizer``, ``token: torch.Tensor``). All were masked, mangling every ML code sample.
+_CODE_CALL = re.compile(r"[A-Za-z_][\w.]*[(\[]")
+_CODE_NAME = re.compile(r"[a-z_]+|[A-Z_]+|[A-Za-z_]+(?:\.[A-Za-z_]+)+")
+
+
+def _secret_value_ok(m: re.Match[str]) -> bool:
+    if m.group("q"):  # a quoted literal is data, whatever it looks like
+        return True
+    v = m.group("v")
+    if _CODE_CALL.match(v):
+        return False
+    return bool(_PASSWORD_KEY.search(m.group(0)[: m.start("v") - m.start()])) or not _CODE_NAME.fullmatch(v)
 
 
 class FilterError(QwenkitError, ValueError):
@@ -140,15 +162,17 @@ class Detector:
     def find(self, text: str) -> list[Finding]:
         candidates: list[Finding] = []
 
-        def add(kind: str, pattern: re.Pattern[str], ok: Callable[[str], bool] = lambda s: True, group=0):
+        def add(kind: str, pattern: re.Pattern[str], ok: Callable[[str], bool] = lambda s: True):
             for m in pattern.finditer(text):
                 if ok(m.group(0)):
-                    candidates.append(Finding(kind, m.start(group), m.end(group), m.group(group)))
+                    candidates.append(Finding(kind, m.start(), m.end(), m.group(0)))
 
-        for p in _SECRETS[:3]:
+        for p in _SECRET_TOKENS:
             add("secret", p)
-        for p in _SECRETS[3:]:
-            add("secret", p, group=1)
+        for p in _SECRET_VALUES:
+            for m in p.finditer(text):
+                if _secret_value_ok(m):
+                    candidates.append(Finding("secret", m.start("v"), m.end("v"), m.group("v")))
         add("email", _EMAIL)
         add("id_card", _ID, valid_cn_id)
         add("phone", _CN_MOBILE)
