@@ -37,6 +37,11 @@ ID_CHECK = "10X98765432"
 _EMAIL = re.compile(r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
 _CN_MOBILE = re.compile(r"(?<![\d+])(?<!\d\.)(?:(?:\+|00)86[ -]?)?1[3-9]\d(?:[ -]?\d{4}){2}(?!\d)")
 _INTL_PHONE = re.compile(r"(?<![\w+])\+\d{1,3}(?:[ -]?\(?\d{1,4}\)?)(?:[ -]?\d{2,4}){1,4}(?!\d)")
+# North American numbers without +1: (415) 555-2671, 415-555-2671, 415.555.2671 (area code and exchange
+# start 2-9, so ranges like 100-200-3000 are not numbers).
+_US_PHONE = re.compile(
+    r"(?<![\w+.-])(?:\([2-9]\d\d\) ?|[2-9]\d\d([-.]))[2-9]\d\d(?(1)\1|[-.])\d{4}(?![\w-]|\.\d)"
+)
 _ID = re.compile(r"(?<![0-9A-Za-z])(?<!\d\.)[1-9]\d{5}(?:18|19|20)\d{2}\d{4}\d{3}[0-9Xx](?![0-9A-Za-z])")
 # Never a decimal's fraction (``(?<!\d\.)``: a float's 16-17 digits passed Luhn one time in ten), and written
 # as cards are: unbroken, in groups of four (the last 1-3 long), or Amex's 4-6-5; any separator between
@@ -178,6 +183,7 @@ class Detector:
         add("phone", _CN_MOBILE)
         add("bank_card", _CARD, card_ok)
         add("phone", _INTL_PHONE, lambda s: 8 <= sum(c.isdigit() for c in s) <= 15)
+        add("phone", _US_PHONE)  # after +CC numbers, so "+1 (415) 555-2671" is masked whole
         for m in _IPV4.finditer(text):
             if _ip_ok(m.group(0)) and not _VERSION_BEFORE.search(text, max(0, m.start() - 40), m.start()):
                 candidates.append(Finding("ip", m.start(), m.end(), m.group(0)))
