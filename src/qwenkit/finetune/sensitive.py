@@ -1,9 +1,11 @@
 """Find sensitive information in training data, then mask it or drop the example.
 
-Kinds: e-mail addresses, phone numbers (Chinese mobile, international ``+CC`` numbers), Chinese resident
-ID numbers (GB 11643-1999: region, a real birth date, sequence, check character), bank card numbers
-(13-19 digits passing Luhn), IPv4/IPv6 addresses, API-key-like secrets (``key=value`` pairs, PEM private
-keys, JWTs, well-known key prefixes) and a user's keyword list (case-insensitive).
+Kinds: e-mail addresses, phone numbers (Chinese mobile, international ``+CC`` numbers, North American
+numbers), Chinese resident ID numbers (GB 11643-1999: region, a real birth date, sequence, check
+character), bank card numbers (13-19 digits passing Luhn, from a card network's leading digit), IPv4/IPv6
+addresses that can name a host (private ranges included), API-key-like secrets (``key=value`` pairs but not
+code, credentials in URLs, bearer tokens, PEM private keys, JWTs, well-known key prefixes) and a user's
+keyword list (case-insensitive).
 
 Numbers are delimited with digit look-arounds, not ``\\b``: in Python's Unicode regexes Chinese characters
 are word characters, so ``\\b`` finds nothing in ``电话13812345678``.
