@@ -480,3 +480,19 @@ def test_params_without_a_bias_leave_the_checked_bias_for_its_copies(monkeypatch
     monkeypatch.setattr(sampling, "_in_bulk", lambda bias: checked.append(len(bias)))
     copy = replace(params, seed=5)
     assert (copy.logit_bias, copy.seed, checked) == (params.logit_bias, 5, [])
+
+
+def test_top_k_minus_one_is_off_as_vllm_and_the_server_take_it():
+    """``top_k=-1`` (vLLM's "off", which the server's requests take) was refused by the Python API and
+    ``--top-k -1``; it is kept as 0, so it filters exactly as top-k off does. Below -1 is refused."""
+    from qwenkit.engine.sampling import SamplingParamsError
+
+    off = SamplingParams(temperature=0.8, top_k=-1, top_p=0.9)
+    assert off.top_k == 0 and off == SamplingParams(temperature=0.8, top_k=0, top_p=0.9)
+    logits = torch.randn(1, V, generator=torch.Generator().manual_seed(2)) * 3
+    assert torch.equal(
+        filter_logits(logits, [off]), filter_logits(logits, [SamplingParams(temperature=0.8, top_p=0.9)])
+    )
+    with pytest.raises(SamplingParamsError) as raised:
+        SamplingParams(top_k=-2)
+    assert str(raised.value) == "top_k must be >= -1 (0 or -1 disables it), got -2"
