@@ -145,7 +145,7 @@ def test_top_logprobs_of_tied_tokens_do_not_depend_on_the_batch():
 
 def test_top_k_ties_go_to_the_lower_id():
     """The candidates of a top-k row are the same whatever the step's widest top-k is, on the CPU kernels
-    and on torch's path (a GPU's): tied tokens rank by id."""
+    and on torch's path (a GPU's): tied tokens rank by id, and every token tied with the k-th is kept."""
     row = tied_row()
     for k in range(1, 8):
         values, ids = sampler._topk(torch.cat([row, row]), k)
@@ -161,7 +161,35 @@ def test_top_k_ties_go_to_the_lower_id():
             out.append(sample(torch.cat([row] * len(rows)), reqs).tolist()[0])
         return out
 
-    assert set(draws([0])) <= {10, 30} and draws([0, 1]) == draws([0])
+    assert set(draws([0])) == {10, 30, 77, 200, 400} and draws([0, 1]) == draws([0])
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 20, 64, 65, 300])
+def test_top_k_keeps_every_token_tied_with_the_kth_as_transformers_does(k):
+    """transformers' TopKLogitsWarper (and vLLM's top-k) keep every token whose logit equals the k-th
+    best; qwenkit kept exactly k, the lower ids, so a tie (common in bf16 logits) at the k-th place
+    changed the distribution. Ties here run past the window of the widest k in the step (65 tied
+    tokens at the boundary), beside a row with another k. (Where top-p cuts through tied tokens, which of
+    them transformers keeps follows its unstable sort: no reference to compare with.)"""
+    g = torch.Generator().manual_seed(6)
+    rows = (torch.randn(3, V, generator=g) * 2).round() / 2  # many ties
+    rows[1, :] = -3.0
+    rows[1, 5:70] = 1.0  # 65 tokens tied for first
+    rows[1, 900] = 2.0
+    params = [
+        SamplingParams(temperature=0.7, top_k=k),
+        SamplingParams(temperature=1.3, top_k=k),
+        SamplingParams(temperature=1.0, top_k=max(1, k // 2), min_p=0.05),
+    ]
+    ours = filter_logits(rows, params)
+    for row, p in enumerate(params):
+        ref = reference(rows[row], p)
+        kept = torch.isfinite(ref)
+        assert torch.equal(torch.isfinite(ours[row]), kept), (row, int(kept.sum()))
+        assert torch.allclose(ours[row][kept], ref[kept], atol=1e-6)
+        assert torch.equal(filter_logits(rows[row : row + 1], [p])[0], ours[row])  # alone as in the batch
+    if k == 2:
+        assert int(torch.isfinite(ours[1]).sum()) == 66  # token 900 and all 65 tied for second
 
 
 def test_ranked_topk_is_a_stable_sort_of_the_row():
@@ -480,3 +508,19 @@ def test_params_without_a_bias_leave_the_checked_bias_for_its_copies(monkeypatch
     monkeypatch.setattr(sampling, "_in_bulk", lambda bias: checked.append(len(bias)))
     copy = replace(params, seed=5)
     assert (copy.logit_bias, copy.seed, checked) == (params.logit_bias, 5, [])
+
+
+def test_top_k_minus_one_is_off_as_vllm_and_the_server_take_it():
+    """``top_k=-1`` (vLLM's "off", which the server's requests take) was refused by the Python API and
+    ``--top-k -1``; it is kept as 0, so it filters exactly as top-k off does. Below -1 is refused."""
+    from qwenkit.engine.sampling import SamplingParamsError
+
+    off = SamplingParams(temperature=0.8, top_k=-1, top_p=0.9)
+    assert off.top_k == 0 and off == SamplingParams(temperature=0.8, top_k=0, top_p=0.9)
+    logits = torch.randn(1, V, generator=torch.Generator().manual_seed(2)) * 3
+    assert torch.equal(
+        filter_logits(logits, [off]), filter_logits(logits, [SamplingParams(temperature=0.8, top_p=0.9)])
+    )
+    with pytest.raises(SamplingParamsError) as raised:
+        SamplingParams(top_k=-2)
+    assert str(raised.value) == "top_k must be >= -1 (0 or -1 disables it), got -2"

@@ -3,10 +3,11 @@
 Order (as transformers applies them): penalties on raw logits, then temperature, top-k, top-p, min-p,
 then a draw. The penalties touch only the tokens a request has seen. Nothing sorts the whole vocabulary
 (unless a top-p nucleus spans most of it): top-k takes the k best (``topk``, ties to the lower id, so a
-row's candidates never depend on the widest k in its step), so top-p sorts only those (Qwen's defaults
-set both), and a row that sets top-p alone (as OpenAI clients do) finds its nucleus from
-a histogram of its probabilities on the CPU kernels (``kernels.sample_top_p``), or else takes a window of
-the best that grows until it holds the nucleus. A row that keeps the whole vocabulary draws by its
+row's candidates never depend on the widest k in its step) and every token tied with the k-th (as
+transformers and vLLM keep them), so top-p sorts only those (Qwen's defaults set both), and a row that
+sets top-p alone (as OpenAI clients do) finds its nucleus from a histogram of its probabilities on the
+CPU kernels (``kernels.sample_top_p``), or else takes a window of the best that grows until it holds the
+nucleus. A row that keeps the whole vocabulary draws by its
 cumulative probabilities (one uniform); a ranked row by an exponential race over its candidates (argmax
 of p / E with E ~ Exp(1), the same distribution as a categorical draw), each candidate's noise tied to
 its token id, not its rank. The randomness comes from each request's own generator, laid out by token
@@ -168,8 +169,9 @@ def filter_candidates(
     Returns candidate logits (R, K) with removed tokens at -inf, and their vocabulary ids (R, K) in
     descending order, or None for rows that are not ranked (then the K columns are the vocabulary).
     Ranked rows never sort the vocabulary: ``topk`` of the raw logits (temperature keeps the order),
-    k the largest top-k, or for a top-p row without one a window that grows until it holds the
-    row's nucleus, its probabilities normalized over the whole vocabulary (``logsumexp``).
+    k the largest top-k (wider where ties with a row's k-th best run past it), or for a top-p row
+    without one a window that grows until it holds the row's nucleus, its probabilities normalized over
+    the whole vocabulary (``logsumexp``).
     """
     V = logits.shape[1]
     dev = logits.device
@@ -183,8 +185,12 @@ def filter_candidates(
     top_p = torch.tensor([p.top_p for p in params], device=dev)[:, None]
     open_rows = [i for i, k in enumerate(ks) if k == V]  # top-p alone: the nucleus sets the width
     width = min(V, max([k for k in ks if k < V] + ([NUCLEUS_START] if open_rows else [])))
-    values, ids = _topk(logits, width)  # sorted, descending
+    values, ids, width = _top_k_window(logits, ks, width)
     candidates = values / temperature
+    if min(ks) < width:  # top-k keeps every token tied with its k-th best (transformers', vLLM's)
+        kth = values.gather(1, torch.tensor([min(k, width) - 1 for k in ks], device=dev)[:, None])
+        beyond = (values < kth) & torch.tensor([k < V for k in ks], device=dev)[:, None]
+        candidates = candidates.masked_fill(beyond, float("-inf"))
     if open_rows:  # shares of the whole vocabulary; rows whose window misses mass get a wider one
         total = _logsumexp(logits[open_rows], [params[i].temperature for i in open_rows])[:, None]
         short = [j for j, m in enumerate(_missing(candidates[open_rows], total, top_p[open_rows])) if m > 0]
@@ -196,9 +202,6 @@ def filter_candidates(
             ids = torch.cat([ids, ids[:, :1].expand(-1, pad)], 1)  # at -inf: never drawn
             candidates[rows], ids[rows] = wider, wider_ids
             width = candidates.shape[1]
-    if min(ks) < width:
-        beyond = torch.arange(width, device=dev)[None, :] >= torch.tensor(ks, device=dev)[:, None]
-        candidates = candidates.masked_fill(beyond, float("-inf"))
     if bool((top_p < 1.0).any()):
         probs = candidates.softmax(-1)
         if open_rows:
@@ -206,6 +209,25 @@ def filter_candidates(
         before = probs.cumsum(-1) - probs  # probability of the more likely candidates
         candidates = candidates.masked_fill((before >= top_p) & (top_p < 1.0), float("-inf"))
     return _min_p(candidates, params), ids
+
+
+def _top_k_window(
+    logits: torch.Tensor, ks: Sequence[int], width: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``_topk(logits, width)``, widened (doubling) while a top-k row's tokens tied with its k-th best
+    run past the window's last column, so the window holds them all; ties at -inf need no room (they are
+    never drawn). Returns the values, their ids and the width."""
+    V = logits.shape[1]
+    top_k_rows = [i for i, k in enumerate(ks) if k < V]
+    while True:
+        values, ids = _topk(logits, width)
+        if width == V or not top_k_rows:
+            return values, ids, width
+        rows = torch.tensor(top_k_rows, device=logits.device)
+        kth = values[rows, torch.tensor([ks[i] - 1 for i in top_k_rows], device=logits.device)]
+        if not bool(((values[rows, -1] == kth) & (kth > float("-inf"))).any()):
+            return values, ids, width
+        width = min(V, 2 * width)
 
 
 def _missing(candidates: torch.Tensor, total: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

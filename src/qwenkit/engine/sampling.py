@@ -18,7 +18,7 @@ class SamplingParams:
     max_tokens: int = 256
     temperature: float = 1.0  # 0 -> greedy
     top_p: float = 1.0
-    top_k: int = 0  # 0 -> off
+    top_k: int = 0  # 0 (or -1, vLLM's and the server's "off", kept as 0) -> off
     min_p: float = 0.0
     repetition_penalty: float = 1.0  # Qwen/transformers multiplicative form over prompt + output
     presence_penalty: float = 0.0  # OpenAI additive forms over the output so far
@@ -42,6 +42,8 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         self._check_types()
+        if self.top_k == -1:  # vLLM's "off", which the server takes too: --top-k -1 was refused
+            object.__setattr__(self, "top_k", 0)
         checks = [
             (
                 self.max_tokens >= 1 or (self.max_tokens == 0 and self.prompt_logprobs is not None),
@@ -51,7 +53,7 @@ class SamplingParams:
             # inf would pass every range check and divide the logits to zeros inside the sampler's kernel
             (math.isfinite(self.temperature), f"temperature must be finite, got {self.temperature}"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
-            (self.top_k >= 0, f"top_k must be >= 0 (0 disables it), got {self.top_k}"),
+            (self.top_k >= 0, f"top_k must be >= -1 (0 or -1 disables it), got {self.top_k}"),
             (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
             (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
             (
