@@ -299,3 +299,14 @@ def test_a_request_whose_adapter_is_unloaded_as_it_starts_is_told_the_model_is_g
             post(server, "chat/completions", model="tiny", messages=MESSAGES, max_tokens=4).status_code == 200
         )
     llm.close()
+
+
+def test_max_lora_in_the_metrics_is_max_loras_where_given(tiny_chat_model):
+    """vLLM's ``vllm:lora_requests_info`` labels ``max_lora`` with --max-loras (it was the number served,
+    0 here); without the flag, where adapters are not bounded, the number served."""
+    llm = LLM.load(tiny_chat_model, max_batch_size=4, progress=False, max_loras=3, max_lora_rank=16)
+    config = ServerConfig(served_model_name="tiny", runtime_lora=True)
+    with llm, LiveServer(create_app(llm, config)) as live:
+        text = httpx.get(live.url + "/metrics").text
+    line = next(line for line in text.splitlines() if line.startswith("vllm:lora_requests_info{"))
+    assert 'max_lora="3"' in line
