@@ -369,7 +369,7 @@ def test_reserving_checks_memory_first_and_counts_the_adapters_served(base_dir, 
         LLM.load(base_dir, dtype="bfloat16", progress=False, max_loras=4, max_lora_rank=16)
     monkeypatch.undo()
     refusals = [
-        (dict(adapters=adapters, max_loras=2), "3 adapters are served, more than the 2 slots asked for"),
+        (dict(adapters=adapters, max_loras=2), "3 adapters are served, more than --max-loras 2 holds: give"),
         (dict(adapters={"c": adapters["c"]}, max_loras=2), "adapter 'c' has rank 20, above --max-lora"),
         (dict(adapter=adapters["a"], max_loras=2), "not one every request runs"),
         (dict(max_loras=0), "must be at least 1, got 0 and 16"),

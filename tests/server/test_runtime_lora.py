@@ -273,3 +273,40 @@ def test_each_adapter_has_its_own_system_fingerprint(live, adapters):
     assert post(live, "load_lora_adapter", lora_name="b", lora_path=adapters["sql"]).status_code == 200
     assert len({base, sql, poet}) == 3 and all(p.startswith("fp_qwenkit_") for p in (sql, poet))
     assert fingerprint("b") == sql and fingerprint("tiny") == base  # the same weights, the same print
+
+
+def test_a_request_whose_adapter_is_unloaded_as_it_starts_is_told_the_model_is_gone(
+    tiny_chat_model, adapters, monkeypatch
+):
+    """A request whose "model" was checked while its adapter was served, and which reaches the engine
+    after an unload took the adapter away (the unload route's moment between the engine and its list of
+    names, or a request validated just before the unload), gets vLLM's answer for a model not served
+    (404 model_not_found), not a failed generation (500) or a bad request (400)."""
+    llm = LLM.load(tiny_chat_model, max_batch_size=4, progress=False)
+    config = ServerConfig(served_model_name="tiny", api_key=KEY, runtime_lora=True)
+    with LiveServer(create_app(llm, config)) as server:
+        assert (
+            post(server, "load_lora_adapter", lora_name="sql", lora_path=adapters["sql"]).status_code == 200
+        )
+        llm.unload_adapter("sql")  # the engine's half of an unload: the route has not dropped the name yet
+        for validated_before_the_unload in (False, True):
+            if validated_before_the_unload:  # the engine refuses it only as it adds it, between steps
+                monkeypatch.setattr(llm.engine, "validate", lambda prompt_ids, params: None)
+            r = post(server, "chat/completions", model="sql", messages=MESSAGES, max_tokens=4)
+            assert (r.status_code, r.json()["error"]["code"]) == (404, "model_not_found"), r.text
+            assert r.json()["error"]["message"].startswith("the model 'sql' does not exist")
+        assert (
+            post(server, "chat/completions", model="tiny", messages=MESSAGES, max_tokens=4).status_code == 200
+        )
+    llm.close()
+
+
+def test_max_lora_in_the_metrics_is_max_loras_where_given(tiny_chat_model):
+    """vLLM's ``vllm:lora_requests_info`` labels ``max_lora`` with --max-loras (it was the number served,
+    0 here); without the flag, where adapters are not bounded, the number served."""
+    llm = LLM.load(tiny_chat_model, max_batch_size=4, progress=False, max_loras=3, max_lora_rank=16)
+    config = ServerConfig(served_model_name="tiny", runtime_lora=True)
+    with llm, LiveServer(create_app(llm, config)) as live:
+        text = httpx.get(live.url + "/metrics").text
+    line = next(line for line in text.splitlines() if line.startswith("vllm:lora_requests_info{"))
+    assert 'max_lora="3"' in line

@@ -64,6 +64,10 @@ _EMBEDDING_COPY = re.compile(
     r"^(?:base_model\.model\.)?((?:.+\.)?(?:embed_tokens|lm_head))(?:\.base_layer)?\.weight$"
 )
 _EMBEDDING_LORA = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_embedding_[AB](?:\.default)?$")
+# VeLoRA (velora_config) compresses the activations kept for the backward pass: its forward, and peft's
+# merge, are plain LoRA, and the projection it compresses with is training state (it was refused as an
+# unknown tensor)
+_VELORA_STATE = re.compile(r"^(?:base_model\.model\.)?.+\.lora_velora_embed(?:\.default)?$")
 
 
 def adapter_config_json(config: LoRAConfig, base_model: str) -> dict[str, Any]:
@@ -201,6 +205,8 @@ def read_adapter(
         raise CheckpointError(f"{cfg_file}: fan_in_fan_out=true (Conv1D layers) is not supported")
     targets = raw.get("target_modules")
     tensors = _read_tensors(d)
+    if raw.get("velora_config"):
+        tensors = {k: t for k, t in tensors.items() if not _VELORA_STATE.match(k)}
     copies = {m.group(1): tensors.pop(k) for k in list(tensors) if (m := _EMBEDDING_COPY.match(k))}
     grouped = _group(tensors, d)
     if not grouped:

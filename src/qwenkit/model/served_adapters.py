@@ -343,7 +343,10 @@ def reserve_adapters(model: nn.Module, slots: int, rank: int) -> AdapterBank:
     bank: AdapterBank = getattr(model, "adapters", None) or AdapterBank()
     served = sum(name is not None for name in bank.names)
     if served > slots:
-        raise ValueError(f"{served} adapters are served, more than the {slots} slots asked for")
+        raise ValueError(
+            f"{served} adapters are served, more than --max-loras {slots} holds: "
+            f"give --max-loras {served} or more"
+        )
     for name, own in bank.ranks.items():
         if name in bank.served and own > rank:
             raise ValueError(

@@ -28,7 +28,6 @@ from qwenkit.server.runs import (
     Run,
     chunk_usage,
     collect,
-    generation_failed,
     sse,
     stream_error,
     streaming_response,
@@ -203,7 +202,7 @@ async def _chat_events(
                     yield chunk(choice.index, said(choice.index, {"content": ""}), None, lps)
             if delta.finish_reason is not None:
                 if delta.finish_reason == "error":
-                    yield stream_error(generation_failed(delta.completion))
+                    yield stream_error(run.failure(delta.completion))
                     continue
                 if choice.index not in started:  # a choice with no text still says who spoke
                     started.add(choice.index)
@@ -347,7 +346,7 @@ async def _completion_events(run: Run, head: dict, body: CompletionRequest):
             if text or lps:
                 yield chunk(choice.index, text, None, lps)
             if delta.finish_reason == "error":
-                yield stream_error(generation_failed(delta.completion))
+                yield stream_error(run.failure(delta.completion))
             elif delta.finish_reason is not None:
                 yield chunk(choice.index, "", delta.finish_reason)
         if body.include_usage:

@@ -48,7 +48,8 @@ class _PrefixCacheCollector:
 
 class _LoraCollector:
     """vLLM's ``vllm:lora_requests_info``: the served adapters of the running and of the waiting requests
-    as labels (comma-separated), the number served as ``max_lora``, the scrape time as the value."""
+    as labels (comma-separated), ``--max-loras`` as ``max_lora`` (without it, the number served), the
+    scrape time as the value."""
 
     def __init__(self, engine: Engine, adapters: Mapping[str, str]) -> None:
         self.engine, self.adapters = engine, adapters  # the server's, changed by loads at run time
@@ -66,7 +67,9 @@ class _LoraCollector:
             "Running stats on lora requests.",
             labels=["running_lora_adapters", "max_lora", "waiting_lora_adapters"],
         )
-        family.add_metric([names(running), str(len(self.adapters)), names(waiting)], time.time())
+        bank = self.engine.adapters  # --max-loras where given (vLLM's label), else the number served
+        most = len(self.adapters) if bank is None or bank.capacity is None else bank.capacity
+        family.add_metric([names(running), str(most), names(waiting)], time.time())
         yield family
 
 

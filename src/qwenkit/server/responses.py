@@ -33,7 +33,7 @@ from qwenkit.server.completions import ChatRun, start_chat
 from qwenkit.server.errors import APIError, named_param
 from qwenkit.server.request_params import VLLM_FIELDS
 from qwenkit.server.response_logprobs import INCLUDE, TextLogprobs, refuse_unaligned
-from qwenkit.server.runs import collect, generation_failed, streaming_response
+from qwenkit.server.runs import collect, streaming_response
 from qwenkit.server.schemas import ChatCompletionRequest, ResponsesRequest
 from qwenkit.server.state import ServerState
 from qwenkit.server.tool_use import NAMED_USAGE
@@ -544,7 +544,7 @@ async def _events(
         finish, seen = None, 0  # seen: characters of the reply's text so far
         async for _choice, delta in started.run.deltas():
             if delta.finish_reason == "error":
-                raise generation_failed(delta.completion)
+                raise started.run.failure(delta.completion)
             events = parser.feed(delta.text)
             if delta.finish_reason is not None:
                 events += parser.finish()

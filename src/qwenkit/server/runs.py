@@ -95,7 +95,30 @@ class Run:
                     self.state.active += 1
         except SamplingParamsError as e:
             self.abort()
-            raise APIError(400, str(e), self._param(str(e), choice), "invalid_value") from None
+            raise self.adapter_gone() or APIError(
+                400, str(e), self._param(str(e), choice), "invalid_value"
+            ) from None
+
+    def adapter_gone(self) -> APIError | None:
+        """vLLM's 404 for a model not served, where this run's adapter was unloaded after its "model" was
+        checked (the engine refuses it as it is submitted or added; it was a 400 or a failed generation's
+        500); None where the adapter is served."""
+        name = self.choices[0].params.adapter  # one "model" per request
+        bank = self.state.llm.engine.adapters
+        if name is None or (bank is not None and name in bank.served):
+            return None
+        return APIError(
+            404,
+            f"the model {name!r} does not exist: its adapter was unloaded as this request started",
+            "model",
+            "model_not_found",
+        )
+
+    def failure(self, completion: Completion) -> APIError:
+        """The error of a choice the engine failed: the model gone where the engine refused it as it
+        added it (it never had a step), else a failed generation."""
+        never_ran = completion.queue_seconds is None and not completion.token_ids
+        return (never_ran and self.adapter_gone()) or generation_failed(completion)
 
     def _param(self, message: str, choice: Choice) -> str | None:
         """The request field an engine refusal names ("prompt token id 7 is outside ..."); with several
@@ -256,7 +279,7 @@ async def collect(run: Run, request: Request) -> None:
     async def consume() -> None:
         async for _choice, delta in run.deltas():
             if delta.finish_reason == "error":
-                raise generation_failed(delta.completion)
+                raise run.failure(delta.completion)
 
     async def watch() -> None:
         while not await request.is_disconnected():
