@@ -90,7 +90,7 @@ class TextState:
     ) -> None:
         self.detok = StreamingDetokenizer(tokenizer, skip_special=True)  # no <|im_end|> in replies
         self.completion = completion
-        self.stop = tuple(s for s in stop if s)
+        self.stop = tuple(stop)
         # a stop string that spells a special token ("<|im_start|>") never appears in the text, which
         # skips that token: the token itself is the stop (as koboldcpp matches one; vLLM never stops).
         # Stop tokens (eos) keep their own meaning: the reply ends on them without their text.

@@ -151,6 +151,8 @@ class SamplingParams:
         self._check_logit_bias()
         if not all(isinstance(s, str) for s in self.stop):
             raise SamplingParamsError(f"stop must hold strings, got {self.stop!r}")
+        if "" in self.stop:  # it would be found at once and end every request empty (vLLM refuses it too)
+            raise SamplingParamsError("stop cannot contain an empty string")
         if not all(_is_int(t) for t in self.stop_token_ids):
             raise SamplingParamsError(f"stop_token_ids must hold integers, got {self.stop_token_ids!r}")
         for name, optional in INTEGER_FIELDS.items():

@@ -1,0 +1,160 @@
+"""Stop strings and stop tokens through the text layer (``TextState``) and the Python API: where the text
+is cut, which tokens and logprobs stay, and that a stream concatenates to the text ``generate`` returns."""
+
+from __future__ import annotations
+
+import codecs
+import random
+
+import pytest
+
+from qwenkit.engine import SamplingParams, SamplingParamsError
+from qwenkit.generate import LLM, Completion, TextState
+from qwenkit.tokenizer.byte_level import bytes_to_piece
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_chat_model):
+    return LLM.load(tiny_chat_model, dtype="float32", progress=False)
+
+
+def byte_ids(llm: LLM, text: str) -> list[int]:
+    """``text`` as one token per UTF-8 byte (the byte-level vocabulary holds every single byte)."""
+    return [llm.tokenizer.token_to_id(bytes_to_piece(bytes([b]))) for b in text.encode()]
+
+
+def fed(llm: LLM, steps: list[list[int]], stop: tuple[str, ...], finish_at_end="length", **kw) -> tuple:
+    """Feed ``steps`` (one engine output each) to a TextState; (emitted pieces, completion)."""
+    state = TextState(llm.tokenizer, Completion([]), stop, **kw)
+    pieces = []
+    for i, ids in enumerate(steps):
+        pieces.append(state.feed(ids, finish_at_end if i == len(steps) - 1 else None))
+        if state.completion.finish_reason is not None:
+            break
+    return pieces, state.completion
+
+
+@pytest.mark.parametrize(
+    "text, stop, cut",
+    [
+        ("你好😀世界", "😀", "你好"),
+        ("你好😀世界", "好😀", "你"),
+        ("你好😀世界", "😀世", "你好"),
+        ("ab😀", "b😀", "a"),
+    ],
+)
+def test_a_stop_string_cut_across_the_bytes_of_one_character(llm, text, stop, cut):
+    """A character whose UTF-8 bytes come one token each: the stop string is found once the last byte
+    arrives, at that token, and no byte of it shows before."""
+    ids = byte_ids(llm, text)
+    pieces, done = fed(llm, [[t] for t in ids], (stop,))
+    assert (done.text, done.finish_reason, "".join(pieces)) == (cut, "stop", cut)
+    end = len(text[: text.index(stop) + len(stop)].encode())  # the token that completed the stop string
+    assert done.token_ids == ids[:end]
+
+
+def test_a_stop_string_inside_the_first_token_ends_at_once(llm):
+    ids = llm.tokenizer.encode(" hello world")
+    pieces, done = fed(llm, [[t] for t in ids], ("ell",))
+    assert (pieces, done.text, done.token_ids, done.finish_reason) == ([" h"], " h", ids[:1], "stop")
+
+
+@pytest.mark.parametrize(
+    "stops, cut",
+    [
+        (("abcd", "bc"), "a"),  # "bc" is whole first, though "abcd" started earlier
+        (("cd", "bcd"), "a"),  # both whole at "d": the one that starts first
+        (("bcd", "b"), "a"),
+    ],
+)
+def test_overlapping_stop_strings_cut_at_the_first_one_found_token_by_token(llm, stops, cut):
+    ids = byte_ids(llm, "abcdef")
+    pieces, done = fed(llm, [[t] for t in ids], stops)
+    assert (done.text, "".join(pieces), done.finish_reason) == (cut, cut, "stop")
+
+
+def test_text_held_back_as_a_stop_prefix_is_flushed_at_max_tokens(llm):
+    ids = byte_ids(llm, "xyab")
+    pieces, done = fed(llm, [[t] for t in ids], ("abc",))
+    assert pieces == ["x", "y", "", "ab"] and (done.text, done.finish_reason) == ("xyab", "length")
+    # the last token completes the stop string as the request reaches max_tokens: "stop", cut
+    pieces, done = fed(llm, [[t] for t in byte_ids(llm, "xyabc")], ("abc",))
+    assert (done.text, "".join(pieces), done.finish_reason) == ("xy", "xy", "stop")
+
+
+def test_include_stop_str_in_output_keeps_the_stop_string_and_nothing_after_it(llm):
+    ids = llm.tokenizer.encode("one two three four")
+    _, done = fed(llm, [ids], ("two", " three"), include_stop=True)
+    assert (done.text, done.finish_reason) == ("one two", "stop")
+
+
+RANDOM_RUNS = 30
+SPLIT = "😀世"  # the one-byte tokens of their bytes are favoured in one run: characters come split
+
+
+def expected_cut(llm: LLM, ids: list[int], stops: list[str], include: bool) -> tuple[int, str] | None:
+    """By brute force: the first token whose text (complete characters only, as the standard library's
+    UTF-8 decoder gives them) holds a stop string, and the text before the first place one starts (with
+    ``include``, through the longest that starts there). None: no stop string is ever found."""
+    data = b""
+    for k, token in enumerate(ids, 1):
+        data += llm.tokenizer.token_bytes(token)
+        text = codecs.getincrementaldecoder("utf-8")("replace").decode(data, final=k == len(ids))
+        places = [text.find(s) for s in stops if s in text]
+        if places:
+            at = min(places)
+            return k, text[: at + max(len(s) for s in stops if text.find(s) == at) if include else at]
+    return None
+
+
+def is_utf8(data: bytes) -> bool:
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_random_stop_sets_stream_and_generate_agree_with_brute_force(llm, split):
+    """Over random stop sets drawn from a seeded sampled completion (pieces of it, characters split across
+    tokens, strings that never occur): ``generate`` and ``stream`` give the same text, the tokens up to
+    the one that completed the stop string, one logprob a token, and the brute-force cut."""
+    rng = random.Random(0)
+    bias = tuple((t, 10.0) for t in sorted(set(byte_ids(llm, SPLIT)))) if split else ()
+    base = SamplingParams(
+        temperature=1.0, seed=5, max_tokens=48, ignore_eos=True, logprobs=0, logit_bias=bias
+    )
+    full = llm.generate("Once upon a time", base)[0]
+    text = full.text
+    assert len(full.token_ids) == 48 and any(ord(ch) > 0x2E7F for ch in text)  # CJK or emoji among them
+    if split:  # tokens that are not whole characters (U+FFFD where their neighbours do not complete them)
+        assert sum(not is_utf8(llm.tokenizer.token_bytes(t)) for t in full.token_ids) >= 3
+    for _ in range(RANDOM_RUNS):
+        stops = []
+        for _ in range(rng.randint(1, 4)):
+            if rng.random() < 0.8:
+                start = rng.randrange(len(text))
+                stops.append(text[start : start + rng.randint(1, 6)])
+            else:
+                stops.append("".join(rng.choice("xyz" + SPLIT) for _ in range(rng.randint(1, 3))))
+        include = rng.random() < 0.3
+        params = SamplingParams(
+            **{**base.__dict__, "stop": tuple(stops), "include_stop_str_in_output": include}
+        )
+        done = llm.generate("Once upon a time", params)[0]
+        deltas = list(llm.stream("Once upon a time", params))
+        streamed = "".join(d.text for d in deltas)
+        want = expected_cut(llm, full.token_ids, stops, include)
+        k, cut = want if want is not None else (48, text)
+        assert (done.text, streamed, done.token_ids) == (cut, cut, full.token_ids[:k]), stops
+        assert done.finish_reason == ("stop" if want else "length") == deltas[-1].finish_reason
+        assert [t for d in deltas for t in d.token_ids] == done.token_ids
+        assert done.logprobs == full.logprobs[:k] and len(deltas[-1].completion.logprobs) == k
+
+
+def test_an_empty_stop_string_is_refused_not_dropped():
+    with pytest.raises(SamplingParamsError, match="^stop cannot contain an empty string$"):
+        SamplingParams(stop=("a", ""))
+    with pytest.raises(SamplingParamsError, match="^stop cannot contain an empty string$"):
+        SamplingParams(stop="")
