@@ -158,3 +158,17 @@ def test_an_empty_stop_string_is_refused_not_dropped():
         SamplingParams(stop=("a", ""))
     with pytest.raises(SamplingParamsError, match="^stop cannot contain an empty string$"):
         SamplingParams(stop="")
+
+
+def test_a_stop_string_spelling_eos_stops_on_it_under_ignore_eos(llm):
+    """ignore_eos lets the model go past eos, but a stop string that spells it still asks to stop there
+    (it stopped only when eos itself ended the request, so under ignore_eos it never did)."""
+    im_end = llm.tokenizer.added_tokens["<|im_end|>"]
+    assert im_end in llm.eos_token_ids
+    forced = dict(temperature=1.0, seed=1, max_tokens=6, ignore_eos=True, logit_bias=((im_end, 100.0),))
+    cut = llm.generate("Hi", SamplingParams(**forced, stop=("<|im_end|>",)))[0]
+    assert (cut.token_ids, cut.text, cut.finish_reason) == ([im_end], "", "stop")
+    kept = llm.generate("Hi", SamplingParams(**forced, stop=("<|im_end|>",), include_stop_str_in_output=True))
+    assert (kept[0].token_ids, kept[0].text, kept[0].finish_reason) == ([im_end], "<|im_end|>", "stop")
+    on = llm.generate("Hi", SamplingParams(**forced))[0]  # without the stop string: on to max_tokens
+    assert (on.token_ids, on.text, on.finish_reason) == ([im_end] * 6, "", "length")

@@ -87,18 +87,21 @@ class TextState:
         stop: Sequence[str],
         hidden_ids: frozenset[int] = frozenset(),
         include_stop: bool = False,
+        ending_ids: frozenset[int] | None = None,
     ) -> None:
         self.detok = StreamingDetokenizer(tokenizer, skip_special=True)  # no <|im_end|> in replies
         self.completion = completion
         self.stop = tuple(stop)
         # a stop string that spells a special token ("<|im_start|>") never appears in the text, which
         # skips that token: the token itself is the stop (as koboldcpp matches one; vLLM never stops).
-        # Stop tokens (eos) keep their own meaning: the reply ends on them without their text.
+        # Tokens the engine ends on (``ending_ids``: eos unless ignore_eos, stop_token_ids; by default the
+        # hidden ones) keep their own meaning: the reply ends on them without their text.
+        ending_ids = hidden_ids if ending_ids is None else ending_ids
         self.stop_tokens = {
             token: s
             for s in self.stop
             if (token := tokenizer.added_tokens.get(s)) in tokenizer.special_token_ids
-            and token not in hidden_ids
+            and token not in ending_ids
         }
         self.hidden_ids = hidden_ids
         self.include_stop = include_stop  # keep the stop string found at the end of the text
@@ -482,8 +485,9 @@ class LLM:
         ids = self.encode(prompt)
         self.engine.validate(ids, params)  # before the text state reads params
         hidden = self.eos_token_ids | frozenset(params.stop_token_ids)
+        ending = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
         state = TextState(
-            self.tokenizer, Completion(ids), params.stop, hidden, params.include_stop_str_in_output
+            self.tokenizer, Completion(ids), params.stop, hidden, params.include_stop_str_in_output, ending
         )
         return TextStream(self.driver.submit(ids, params, request_id, loop), state, owner=self)
 
