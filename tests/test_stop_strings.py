@@ -172,3 +172,18 @@ def test_a_stop_string_spelling_eos_stops_on_it_under_ignore_eos(llm):
     assert (kept[0].token_ids, kept[0].text, kept[0].finish_reason) == ([im_end], "<|im_end|>", "stop")
     on = llm.generate("Hi", SamplingParams(**forced))[0]  # without the stop string: on to max_tokens
     assert (on.token_ids, on.text, on.finish_reason) == ([im_end] * 6, "", "length")
+
+
+@pytest.mark.parametrize("stop", ["<|im_start|>user", "\n<|im_end|>", "a<|endoftext|>b"])
+def test_a_stop_string_spanning_a_special_token_and_text_is_refused_in_one_line(llm, stop):
+    """A special token's text never shows in the reply (skip_special_tokens, as vLLM's default), so such
+    a stop string could never be found: vLLM takes it and never stops; here it is refused, naming the
+    token to stop on instead (a stop string that is the token alone stops on it)."""
+    special = next(t for t in ("<|im_start|>", "<|im_end|>", "<|endoftext|>") if t in stop)
+    with pytest.raises(SamplingParamsError) as e:
+        llm.generate("Hi", SamplingParams(max_tokens=2, stop=("ok", stop)))
+    assert str(e.value) == (
+        f"stop string {stop!r} holds the special token {special} and other text, but special tokens "
+        f"never show in the text, so it could never be found: stop on {special!r} alone"
+    )
+    assert llm.driver.wait_idle() and llm.engine.blocks.usage == 0

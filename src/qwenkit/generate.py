@@ -94,6 +94,13 @@ class TextState:
         self.stop = tuple(stop)
         # a stop string that spells a special token ("<|im_start|>") never appears in the text, which
         # skips that token: the token itself is the stop (as koboldcpp matches one; vLLM never stops).
+        # One that holds a special token's text and more could never be found (vLLM runs on): refused.
+        specials = [t for t, i in tokenizer.added_tokens.items() if i in tokenizer.special_token_ids and t]
+        for s, special in ((s, t) for s in self.stop for t in specials if t in s and t != s):
+            raise SamplingParamsError(
+                f"stop string {s!r} holds the special token {special} and other text, but special tokens "
+                f"never show in the text, so it could never be found: stop on {special!r} alone"
+            )
         # Tokens the engine ends on (``ending_ids``: eos unless ignore_eos, stop_token_ids; by default the
         # hidden ones) keep their own meaning: the reply ends on them without their text.
         ending_ids = hidden_ids if ending_ids is None else ending_ids

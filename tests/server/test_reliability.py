@@ -550,3 +550,20 @@ def test_a_request_whose_prefill_failed_counts_no_prompt_tokens(failing):
     assert r.status_code == 500
     assert metric(live, errors) == failed + 1
     assert metric(live, "vllm:prompt_tokens_total{") == prompt
+
+
+def test_a_stop_string_spanning_a_special_token_and_text_is_a_400_naming_stop(server):
+    """Special tokens never show in the text, so the stop string could never be found (vLLM takes it and
+    runs on): a 400 in one line, before anything runs, on each route that takes stop strings."""
+    for path, extra in (("/v1/completions", {"prompt": "Hi"}), (CHAT, {"messages": HELLO})):
+        for stream in (False, True):
+            body = {**extra, "max_tokens": 4, "stream": stream, "stop": ["x", "<|im_end|>\n"]}
+            r = httpx.post(server.url + path, json=body)
+            assert r.status_code == 400, (path, stream)
+            error = error_of(r)
+            assert (error["param"], error["code"]) == ("stop", "invalid_value")
+            assert error["message"].startswith("stop string '<|im_end|>\\n' holds the special token")
+    r = httpx.post(
+        server.url + "/v1/responses", json={"input": "Hi", "max_output_tokens": 4, "stop": ["<|im_start|>x"]}
+    )
+    assert r.status_code == 400 and error_of(r)["param"] == "stop"
