@@ -187,3 +187,23 @@ def test_a_stop_string_spanning_a_special_token_and_text_is_refused_in_one_line(
         f"never show in the text, so it could never be found: stop on {special!r} alone"
     )
     assert llm.driver.wait_idle() and llm.engine.blocks.usage == 0
+
+
+def test_stop_reason_names_what_stopped_the_request(llm):
+    """vLLM's stop_reason: the stop string found, the stop_token_ids id, None for eos and length."""
+    base = dict(temperature=1.0, seed=5, max_tokens=12, ignore_eos=True)
+    full = llm.generate("Once upon a time", SamplingParams(**base))[0]
+    assert (full.finish_reason, full.stop_reason) == ("length", None)
+    piece = full.text[5:8]
+    cut = llm.generate("Once upon a time", SamplingParams(**base, stop=("zzz", piece)))[0]
+    assert (cut.finish_reason, cut.stop_reason) == ("stop", piece)
+    token = full.token_ids[3]
+    by_id = llm.generate("Once upon a time", SamplingParams(**base, stop_token_ids=(token,)))[0]
+    assert (by_id.finish_reason, by_id.stop_reason, by_id.token_ids[-1]) == ("stop", token, token)
+    im_start, im_end = (llm.tokenizer.added_tokens[t] for t in ("<|im_start|>", "<|im_end|>"))
+    forced = {**base, "logit_bias": ((im_start, 100.0),), "stop": ("<|im_start|>",)}
+    special = llm.generate("Hi", SamplingParams(**forced))[0]
+    assert (special.finish_reason, special.stop_reason) == ("stop", "<|im_start|>")
+    eos = {**base, "ignore_eos": False, "logit_bias": ((im_end, 100.0),)}
+    ended = llm.generate("Hi", SamplingParams(**eos))[0]
+    assert (ended.token_ids, ended.finish_reason, ended.stop_reason) == ([im_end], "stop", None)

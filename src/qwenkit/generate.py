@@ -50,6 +50,8 @@ class Completion:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: FinishReason | None = None
+    # what stopped it, as vLLM's stop_reason: the stop string, or the stop_token_ids id (None: eos, length)
+    stop_reason: str | int | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
@@ -88,6 +90,7 @@ class TextState:
         hidden_ids: frozenset[int] = frozenset(),
         include_stop: bool = False,
         ending_ids: frozenset[int] | None = None,
+        stop_token_ids: frozenset[int] = frozenset(),
     ) -> None:
         self.detok = StreamingDetokenizer(tokenizer, skip_special=True)  # no <|im_end|> in replies
         self.completion = completion
@@ -110,7 +113,7 @@ class TextState:
             if (token := tokenizer.added_tokens.get(s)) in tokenizer.special_token_ids
             and token not in ending_ids
         }
-        self.hidden_ids = hidden_ids
+        self.hidden_ids, self.stop_token_ids = hidden_ids, stop_token_ids
         self.include_stop = include_stop  # keep the stop string found at the end of the text
         self.held = ""  # text withheld because it might be the start of a stop string
         self.start = time.perf_counter()
@@ -131,18 +134,20 @@ class TextState:
         stopped = False
         if self.stop:
             # the earliest stop string found (of two at one place, the longer)
-            found = min(((i, -len(s)) for s in self.stop if (i := text.find(s)) >= 0), default=None)
+            found = min(((i, -len(s), s) for s in self.stop if (i := text.find(s)) >= 0), default=None)
             if found is not None:
-                cut, length = found
+                cut, length, c.stop_reason = found
                 text, stopped = text[: cut - length if self.include_stop else cut], True
             elif at < len(token_ids):  # a stop token, after all of the text before it
-                stopped = True
+                stopped, c.stop_reason = True, self.stop_tokens[token_ids[at]]
                 if self.include_stop:
-                    text += self.stop_tokens[token_ids[at]]
+                    text += c.stop_reason
             elif finish is None:
                 keep = _partial_stop_suffix(text, self.stop)
                 text, self.held = text[: len(text) - keep], text[len(text) - keep :]
         c.text += text
+        if finish == "stop" and not stopped and token_ids and token_ids[-1] in self.stop_token_ids:
+            c.stop_reason = token_ids[-1]
         if finish is not None or stopped:
             c.finish_reason = "stop" if stopped else finish
             c.prefill_seconds = (self.first_token_at or now) - self.start
@@ -494,7 +499,13 @@ class LLM:
         hidden = self.eos_token_ids | frozenset(params.stop_token_ids)
         ending = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
         state = TextState(
-            self.tokenizer, Completion(ids), params.stop, hidden, params.include_stop_str_in_output, ending
+            self.tokenizer,
+            Completion(ids),
+            params.stop,
+            hidden,
+            params.include_stop_str_in_output,
+            ending,
+            frozenset(params.stop_token_ids),
         )
         return TextStream(self.driver.submit(ids, params, request_id, loop), state, owner=self)
 

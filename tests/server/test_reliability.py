@@ -567,3 +567,27 @@ def test_a_stop_string_spanning_a_special_token_and_text_is_a_400_naming_stop(se
         server.url + "/v1/responses", json={"input": "Hi", "max_output_tokens": 4, "stop": ["<|im_start|>x"]}
     )
     assert r.status_code == 400 and error_of(r)["param"] == "stop"
+
+
+def test_stop_reason_is_the_stop_string_or_token_id_streamed_or_not(server, chat_llm):
+    """vLLM's stop_reason beside finish_reason, on both routes, whole and streamed: the stop string found,
+    the stop_token_ids id that ended the choice, null for length."""
+    token = chat_llm.tokenizer.encode(" hello")[0]
+    sampled = {"max_tokens": 8, "seed": 3, "temperature": 1, "ignore_eos": True}
+    for path, extra in (("/v1/completions", {"prompt": "Hi"}), (CHAT, {"messages": HELLO})):
+        free = httpx.post(server.url + path, json={**extra, **sampled}).json()["choices"][0]
+        text = free.get("text") or free.get("message", {}).get("content")
+        assert (free["finish_reason"], free["stop_reason"], len(text) > 6) == ("length", None, True)
+        cases = [
+            ({"stop": ["\x00never", text[3:6]]}, text[3:6]),
+            ({"stop_token_ids": [token], "logit_bias": {str(token): 100}}, token),
+        ]
+        for fields, reason in cases:
+            body = {**extra, **sampled, **fields}
+            whole = httpx.post(server.url + path, json=body).json()["choices"][0]
+            assert (whole["finish_reason"], whole["stop_reason"]) == ("stop", reason), path
+            events = httpx.post(server.url + path, json={**body, "stream": True}).text.split("\n\n")
+            chunks = [json.loads(e.removeprefix("data: ")) for e in events if e and "[DONE]" not in e]
+            *rest, last = [c["choices"][0] for c in chunks]
+            assert (last["finish_reason"], last["stop_reason"]) == ("stop", reason), path
+            assert all(c["stop_reason"] is None for c in rest)
