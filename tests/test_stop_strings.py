@@ -9,7 +9,8 @@ import random
 import pytest
 
 from qwenkit.engine import SamplingParams, SamplingParamsError
-from qwenkit.generate import LLM, Completion, TextState
+from qwenkit.generate import LLM
+from qwenkit.text_state import Completion, TextState
 from qwenkit.tokenizer.byte_level import bytes_to_piece
 
 
