@@ -89,22 +89,28 @@ def test_include_stop_str_in_output_keeps_the_stop_string_and_nothing_after_it(l
     assert (done.text, done.finish_reason) == ("one two", "stop")
 
 
-RANDOM_RUNS = 30
+RANDOM_RUNS = 20
 SPLIT = "😀世"  # the one-byte tokens of their bytes are favoured in one run: characters come split
 
 
-def expected_cut(llm: LLM, ids: list[int], stops: list[str], include: bool) -> tuple[int, str] | None:
+def expected_cut(
+    llm: LLM, ids: list[int], stops: list[str], include: bool, min_tokens: int = 0
+) -> tuple[int, str] | None:
     """By brute force: the first token whose text (complete characters only, as the standard library's
     UTF-8 decoder gives them) holds a stop string, and the text before the first place one starts (with
-    ``include``, through the longest that starts there). None: no stop string is ever found."""
-    data = b""
+    ``include``, through the longest that starts there). With ``min_tokens``, only from the token after
+    them, and only stop strings that end past their text. None: no stop string is ever found."""
+    data, floor = b"", 0
     for k, token in enumerate(ids, 1):
         data += llm.tokenizer.token_bytes(token)
         text = codecs.getincrementaldecoder("utf-8")("replace").decode(data, final=k == len(ids))
-        places = [text.find(s) for s in stops if s in text]
+        if k <= min_tokens:
+            floor = len(text)
+            continue
+        places = [i for s in stops if (i := text.find(s, max(floor - len(s) + 1, 0))) >= 0]
         if places:
             at = min(places)
-            return k, text[: at + max(len(s) for s in stops if text.find(s) == at) if include else at]
+            return k, text[: at + max(len(s) for s in stops if text.find(s, at) == at) if include else at]
     return None
 
 
@@ -139,16 +145,15 @@ def test_random_stop_sets_stream_and_generate_agree_with_brute_force(llm, split)
                 stops.append(text[start : start + rng.randint(1, 6)])
             else:
                 stops.append("".join(rng.choice("xyz" + SPLIT) for _ in range(rng.randint(1, 3))))
-        include = rng.random() < 0.3
-        params = SamplingParams(
-            **{**base.__dict__, "stop": tuple(stops), "include_stop_str_in_output": include}
-        )
+        include, floor = rng.random() < 0.3, rng.choice([0, 0, rng.randint(1, 12)])
+        fields = {"stop": tuple(stops), "include_stop_str_in_output": include, "min_tokens": floor}
+        params = SamplingParams(**{**base.__dict__, **fields})
         done = llm.generate("Once upon a time", params)[0]
         deltas = list(llm.stream("Once upon a time", params))
         streamed = "".join(d.text for d in deltas)
-        want = expected_cut(llm, full.token_ids, stops, include)
+        want = expected_cut(llm, full.token_ids, stops, include, floor)
         k, cut = want if want is not None else (48, text)
-        assert (done.text, streamed, done.token_ids) == (cut, cut, full.token_ids[:k]), stops
+        assert (done.text, streamed, done.token_ids) == (cut, cut, full.token_ids[:k]), (stops, floor)
         assert done.finish_reason == ("stop" if want else "length") == deltas[-1].finish_reason
         assert [t for d in deltas for t in d.token_ids] == done.token_ids
         assert done.logprobs == full.logprobs[:k] and len(deltas[-1].completion.logprobs) == k
@@ -208,3 +213,22 @@ def test_stop_reason_names_what_stopped_the_request(llm):
     eos = {**base, "ignore_eos": False, "logit_bias": ((im_end, 100.0),)}
     ended = llm.generate("Hi", SamplingParams(**eos))[0]
     assert (ended.token_ids, ended.finish_reason, ended.stop_reason) == ([im_end], "stop", None)
+
+
+def test_min_tokens_bans_the_tokens_that_would_end_the_request_until_then(llm):
+    """vLLM's min_tokens: eos (unless ignore_eos) and stop_token_ids cannot be sampled before it."""
+    im_end = llm.tokenizer.added_tokens["<|im_end|>"]
+    token = llm.tokenizer.encode(" hello")[0]
+    base = dict(temperature=1.0, seed=2, max_tokens=8)
+    for forced, extra in ((((im_end, 100.0),), {}), (((token, 100.0),), {"stop_token_ids": (token,)})):
+        ended = llm.generate("Hi", SamplingParams(**base, **extra, logit_bias=forced))[0]
+        assert (len(ended.token_ids), ended.finish_reason) == (1, "stop")
+        held = llm.generate("Hi", SamplingParams(**base, **extra, logit_bias=forced, min_tokens=3))[0]
+        ending = forced[0][0]
+        assert ending not in held.token_ids[:3] and held.token_ids[3:] == [ending]
+        assert (len(held.token_ids), held.finish_reason) == (4, "stop")
+
+
+def test_min_tokens_beyond_max_tokens_is_refused_in_one_line():
+    with pytest.raises(SamplingParamsError, match=r"^min_tokens must be in \[0, max_tokens=4\], got 5$"):
+        SamplingParams(max_tokens=4, min_tokens=5)

@@ -374,6 +374,7 @@ class LLM:
             params.include_stop_str_in_output,
             ending,
             frozenset(params.stop_token_ids),
+            params.min_tokens,
         )
         return TextStream(self.driver.submit(ids, params, request_id, loop), state, owner=self)
 

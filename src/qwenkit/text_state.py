@@ -60,6 +60,7 @@ class TextState:
         include_stop: bool = False,
         ending_ids: frozenset[int] | None = None,
         stop_token_ids: frozenset[int] = frozenset(),
+        min_tokens: int = 0,
     ) -> None:
         self.detok = StreamingDetokenizer(tokenizer, skip_special=True)  # no <|im_end|> in replies
         self.completion = completion
@@ -85,6 +86,9 @@ class TextState:
         self.hidden_ids, self.stop_token_ids = hidden_ids, stop_token_ids
         self.include_stop = include_stop  # keep the stop string found at the end of the text
         self.held = ""  # text withheld because it might be the start of a stop string
+        # min_tokens (vLLM's): a stop string must end past the text of the first min_tokens tokens, which
+        # ends at this offset into the reply's text (held text included)
+        self.min_tokens, self.floor_end = min_tokens, 0
         self.start = time.perf_counter()
         self.first_token_at: float | None = None
 
@@ -94,16 +98,26 @@ class TextState:
         if self.first_token_at is None and token_ids:
             self.first_token_at = now
         c = self.completion
+        floor = max(self.min_tokens - len(c.token_ids), 0)  # these first new tokens may not stop it
         c.token_ids += token_ids
-        at = next((k for k, t in enumerate(token_ids) if t in self.stop_tokens), len(token_ids))
-        text = self.held + "".join(self.detok.add(t) for t in token_ids[:at] if t not in self.hidden_ids)
+        at = next(
+            (k for k, t in enumerate(token_ids) if t in self.stop_tokens and k >= floor), len(token_ids)
+        )
+        pieces = [self.detok.add(t) if t not in self.hidden_ids else "" for t in token_ids[:at]]
         if finish is not None or at < len(token_ids):
-            text += self.detok.finalize()
+            pieces.append(self.detok.finalize())
+        text = self.held + "".join(pieces)
+        if floor:
+            self.floor_end = len(c.text) + len(self.held) + sum(map(len, pieces[:floor]))
         self.held = ""
         stopped = False
         if self.stop:
-            # the earliest stop string found (of two at one place, the longer)
-            found = min(((i, -len(s), s) for s in self.stop if (i := text.find(s)) >= 0), default=None)
+            # the earliest stop string found (of two at one place, the longer), ending past min_tokens' text
+            after = self.floor_end - len(c.text)
+            found = min(
+                ((i, -len(s), s) for s in self.stop if (i := text.find(s, max(after - len(s) + 1, 0))) >= 0),
+                default=None,
+            )
             if found is not None:
                 cut, length, c.stop_reason = found
                 text, stopped = text[: cut - length if self.include_stop else cut], True
