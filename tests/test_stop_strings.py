@@ -232,3 +232,17 @@ def test_min_tokens_bans_the_tokens_that_would_end_the_request_until_then(llm):
 def test_min_tokens_beyond_max_tokens_is_refused_in_one_line():
     with pytest.raises(SamplingParamsError, match=r"^min_tokens must be in \[0, max_tokens=4\], got 5$"):
         SamplingParams(max_tokens=4, min_tokens=5)
+
+
+def test_a_special_token_stop_string_waits_for_min_tokens(llm):
+    im_start = llm.tokenizer.added_tokens["<|im_start|>"]
+    forced = dict(
+        temperature=1.0, seed=1, max_tokens=6, logit_bias=((im_start, 100.0),), stop=("<|im_start|>",)
+    )
+    done = llm.generate("Hi", SamplingParams(**forced, min_tokens=2))[0]
+    assert (done.token_ids, done.text, done.finish_reason, done.stop_reason) == (
+        [im_start] * 3,
+        "",
+        "stop",
+        "<|im_start|>",
+    )
