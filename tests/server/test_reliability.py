@@ -591,3 +591,34 @@ def test_stop_reason_is_the_stop_string_or_token_id_streamed_or_not(server, chat
             *rest, last = [c["choices"][0] for c in chunks]
             assert (last["finish_reason"], last["stop_reason"]) == ("stop", reason), path
             assert all(c["stop_reason"] is None for c in rest)
+
+
+def test_random_stop_sets_stream_to_the_whole_text_with_usage_to_match(server):
+    """Streamed deltas of /v1/completions concatenate to the whole answer's text for the same seed, over
+    random stop sets cut from a seeded answer; usage counts the tokens up to the one that stopped it."""
+    import random
+
+    rng = random.Random(1)
+    sampled = {
+        "prompt": "Once upon a time",
+        "max_tokens": 24,
+        "seed": 9,
+        "temperature": 1,
+        "ignore_eos": True,
+    }
+    text = httpx.post(server.url + "/v1/completions", json=sampled).json()["choices"][0]["text"]
+    for _ in range(8):
+        stops = []
+        for _ in range(rng.randint(1, 3)):
+            start = rng.randrange(len(text))
+            stops.append(text[start : start + rng.randint(1, 5)])
+        body = {**sampled, "stop": stops, "include_stop_str_in_output": rng.random() < 0.3, "logprobs": 0}
+        whole = httpx.post(server.url + "/v1/completions", json=body).json()
+        options = {"stream": True, "stream_options": {"include_usage": True}}
+        events = httpx.post(server.url + "/v1/completions", json={**body, **options}).text.split("\n\n")
+        chunks = [json.loads(e.removeprefix("data: ")) for e in events if e and "[DONE]" not in e]
+        streamed = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+        assert streamed == whole["choices"][0]["text"], stops
+        assert chunks[-1]["usage"] == whole["usage"] and whole["choices"][0]["finish_reason"] == "stop"
+        tokens = whole["choices"][0]["logprobs"]["tokens"]  # one a token generated, the stopping one last
+        assert whole["usage"]["completion_tokens"] == len(tokens) <= 24
