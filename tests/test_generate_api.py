@@ -12,7 +12,8 @@ import pytest
 
 from qwenkit.engine import SamplingParams
 from qwenkit.errors import ModelClosedError
-from qwenkit.generate import LLM, _partial_stop_suffix
+from qwenkit.generate import LLM
+from qwenkit.text_state import _partial_stop_suffix
 
 
 @pytest.fixture(scope="module")

@@ -182,3 +182,27 @@ def test_info_shows_a_quantized_directory_as_stored(model_dir, tmp_path, capsys)
     assert main(["info", str(out_dir)]) == 0
     stored = sum(f.stat().st_size for f in out_dir.glob("*.safetensors"))
     assert f"  as stored {format_bytes(stored):>23}\n" in capsys.readouterr().out
+
+
+def test_stop_flags_reach_the_request(model_dir, capsys):
+    """--stop-token-id, --min-tokens, --include-stop-str-in-output and --ignore-eos, as the API takes them
+    (the command had only --stop); --json reports the stop_reason."""
+    base = ["generate", str(model_dir), "--prompt-ids", "9707,11", "--json", "--dtype", "float32"]
+    base += ["--temperature", "1", "--seed", "3", "--max-new-tokens", "6"]
+
+    def run(*extra: str) -> dict:
+        assert main([*base, *extra]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    free = run("--ignore-eos")
+    ids = free["output_token_ids"]
+    assert (len(ids), free["finish_reason"], free["stop_reason"]) == (6, "length", None)
+    stop = ids[2]
+    by_id = run("--stop-token-id", str(stop))
+    assert by_id["output_token_ids"] == ids[: ids.index(stop) + 1]
+    assert (by_id["finish_reason"], by_id["stop_reason"]) == ("stop", stop)
+    held = run("--stop-token-id", str(stop), "--min-tokens", "4")
+    assert len(held["output_token_ids"]) >= 4 and stop not in held["output_token_ids"][:4]
+    piece = free["text"][-3:]
+    kept = run("--stop", piece, "--include-stop-str-in-output", "--ignore-eos")
+    assert kept["text"].endswith(piece) and (kept["finish_reason"], kept["stop_reason"]) == ("stop", piece)

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import numbers
-import time
 import weakref
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -24,15 +23,15 @@ from qwenkit.checkpoint.loader import CheckpointSource
 from qwenkit.config import ModelConfig
 from qwenkit.default_model import FALLBACK_SAMPLING
 from qwenkit.distributed import TensorParallel, local_config
-from qwenkit.engine import Engine, FinishReason, SamplingParams, SamplingParamsError, StepOutput, TokenLogprob
+from qwenkit.engine import Engine, SamplingParams, SamplingParamsError
 from qwenkit.engine.driver import EngineDriver, RequestStream
 from qwenkit.engine.request import RequestId
 from qwenkit.errors import ConfigError, GenerationError, NonFiniteLogitsError
 from qwenkit.load_args import check_adapter_path, check_load_args
 from qwenkit.model import Transformer
 from qwenkit.model.moe import RouterStats, count_routed_tokens
-from qwenkit.tokenizer import HFTokenizer, StreamingDetokenizer, Tokenizer, load_tokenizer
-from qwenkit.tokenizer.thinking import partial_suffix
+from qwenkit.text_state import Completion, Delta, TextState
+from qwenkit.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
 
 # What transformers assumes for anything a generation_config.json leaves out (do_sample False: greedy).
 TRANSFORMERS_DEFAULTS: dict[str, object] = {
@@ -42,122 +41,6 @@ TRANSFORMERS_DEFAULTS: dict[str, object] = {
     "repetition_penalty": 1.0,
     "max_tokens": 512,
 }
-
-
-@dataclass
-class Completion:
-    prompt_ids: list[int]
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: FinishReason | None = None
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    prompt_logprobs: list[TokenLogprob | None] | None = None
-    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
-    error: str | None = None  # set when finish_reason is "error"
-    prefill_seconds: float = 0.0  # from submission to the first token
-    queue_seconds: float | None = None  # from submission to its first step (None: it never had one)
-    decode_seconds: float = 0.0  # from the first token to the last
-
-
-@dataclass
-class Delta:
-    """One streamed increment: new token ids and the text they completed. The last one carries the
-    finish reason and the whole Completion (token ids, text, logprobs, timings)."""
-
-    token_ids: list[int]
-    text: str
-    finish_reason: FinishReason | None = None
-    completion: Completion | None = None
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    prompt_logprobs: list[TokenLogprob | None] | None = None  # once, on the first Delta, when asked for
-    reasoning: str = ""  # a chat reply's new thinking (Qwen3's <think>); its ``text`` is the answer's
-
-
-class TextState:
-    """Per-request text bookkeeping: incremental detokenizing and stop-string search.
-
-    Stop tokens (EOS, the end-of-turn token, ``stop_token_ids``) end the request but never show in the
-    text, as in the OpenAI API.
-    """
-
-    def __init__(
-        self,
-        tokenizer: Tokenizer,
-        completion: Completion,
-        stop: Sequence[str],
-        hidden_ids: frozenset[int] = frozenset(),
-        include_stop: bool = False,
-    ) -> None:
-        self.detok = StreamingDetokenizer(tokenizer, skip_special=True)  # no <|im_end|> in replies
-        self.completion = completion
-        self.stop = tuple(s for s in stop if s)
-        # a stop string that spells a special token ("<|im_start|>") never appears in the text, which
-        # skips that token: the token itself is the stop (as koboldcpp matches one; vLLM never stops).
-        # Stop tokens (eos) keep their own meaning: the reply ends on them without their text.
-        self.stop_tokens = {
-            token: s
-            for s in self.stop
-            if (token := tokenizer.added_tokens.get(s)) in tokenizer.special_token_ids
-            and token not in hidden_ids
-        }
-        self.hidden_ids = hidden_ids
-        self.include_stop = include_stop  # keep the stop string found at the end of the text
-        self.held = ""  # text withheld because it might be the start of a stop string
-        self.start = time.perf_counter()
-        self.first_token_at: float | None = None
-
-    def feed(self, token_ids: list[int], finish: FinishReason | None) -> str:
-        """Add tokens; return the text safe to emit now. A stop string found sets finish_reason "stop"."""
-        now = time.perf_counter()
-        if self.first_token_at is None and token_ids:
-            self.first_token_at = now
-        c = self.completion
-        c.token_ids += token_ids
-        at = next((k for k, t in enumerate(token_ids) if t in self.stop_tokens), len(token_ids))
-        text = self.held + "".join(self.detok.add(t) for t in token_ids[:at] if t not in self.hidden_ids)
-        if finish is not None or at < len(token_ids):
-            text += self.detok.finalize()
-        self.held = ""
-        stopped = False
-        if self.stop:
-            # the earliest stop string found (of two at one place, the longer)
-            found = min(((i, -len(s)) for s in self.stop if (i := text.find(s)) >= 0), default=None)
-            if found is not None:
-                cut, length = found
-                text, stopped = text[: cut - length if self.include_stop else cut], True
-            elif at < len(token_ids):  # a stop token, after all of the text before it
-                stopped = True
-                if self.include_stop:
-                    text += self.stop_tokens[token_ids[at]]
-            elif finish is None:
-                keep = _partial_stop_suffix(text, self.stop)
-                text, self.held = text[: len(text) - keep], text[len(text) - keep :]
-        c.text += text
-        if finish is not None or stopped:
-            c.finish_reason = "stop" if stopped else finish
-            c.prefill_seconds = (self.first_token_at or now) - self.start
-            c.decode_seconds = now - (self.first_token_at or now)
-        return text
-
-    def on_output(self, out: StepOutput) -> Delta:
-        """Turn one engine output into a Delta (the last one carries the whole Completion)."""
-        c = self.completion
-        if out.prompt_logprobs is not None:
-            c.prompt_logprobs = out.prompt_logprobs
-        c.num_cached_tokens = max(c.num_cached_tokens, out.num_cached_tokens)
-        if out.scheduled_at is not None and c.queue_seconds is None:
-            c.queue_seconds = max(out.scheduled_at - self.start, 0.0)
-        c.logprobs += out.logprobs
-        if out.error:
-            c.error = out.error
-        text = self.feed(out.new_token_ids, out.finish_reason)
-        done = c if c.finish_reason else None
-        return Delta(out.new_token_ids, text, c.finish_reason, done, out.logprobs, out.prompt_logprobs)
-
-
-def _partial_stop_suffix(text: str, stops: tuple[str, ...]) -> int:
-    """Length of the longest end of ``text`` that is a proper prefix of some stop string."""
-    return max((partial_suffix(text, s) for s in stops), default=0)
 
 
 def tokenizer_for(source: CheckpointSource | str | Path) -> Tokenizer:
@@ -482,8 +365,16 @@ class LLM:
         ids = self.encode(prompt)
         self.engine.validate(ids, params)  # before the text state reads params
         hidden = self.eos_token_ids | frozenset(params.stop_token_ids)
+        ending = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
         state = TextState(
-            self.tokenizer, Completion(ids), params.stop, hidden, params.include_stop_str_in_output
+            self.tokenizer,
+            Completion(ids),
+            params.stop,
+            hidden,
+            params.include_stop_str_in_output,
+            ending,
+            frozenset(params.stop_token_ids),
+            params.min_tokens,
         )
         return TextStream(self.driver.submit(ids, params, request_id, loop), state, owner=self)
 

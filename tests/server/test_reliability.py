@@ -50,6 +50,7 @@ def error_of(response: httpx.Response) -> dict:
         ),
         ({"messages": HELLO, "logprobs": False, "top_logprobs": 1}, "top_logprobs", "`logprobs` must be"),
         ({"messages": HELLO, "stop": ["a"] * 20}, "stop", "at most 16"),
+        ({"messages": HELLO, "stop_token_ids": [5] * 17}, "stop_token_ids", "at most 16 items"),
         ({"messages": HELLO, "seed": -3}, "seed", "greater than or equal to 0"),
         (
             {"messages": HELLO, "stream_options": {"include_usage": "maybe"}},
@@ -64,6 +65,7 @@ def test_bad_requests_are_400_naming_the_field(server, body, param, words):
     assert r.status_code == 400, r.text
     err = error_of(r)
     assert err["param"] == param and words in err["message"] and err["type"] == "invalid_request_error"
+    assert "\n" not in err["message"]
 
 
 def test_an_empty_model_name_is_the_served_model(server):

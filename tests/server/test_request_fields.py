@@ -113,7 +113,7 @@ def test_null_means_the_default(server):
         ),
         (COMPLETIONS, {"best_of": 3}, "best_of", "best_of is not supported; ask for n choices instead"),
         # vLLM's extensions that change the answer are refused once set, not ignored
-        (CHAT, {"min_tokens": 5}, "min_tokens", "min_tokens (a vLLM extension) is not supported"),
+        (CHAT, {"min_tokens": 9, "max_tokens": 4}, "min_tokens", "min_tokens must be in [0, max_tokens=4]"),
         (COMPLETIONS, {"skip_special_tokens": False}, "skip_special_tokens", "is not supported"),
         (CHAT, {"guided_json": {"type": "object"}}, "guided_json", "use response_format (json_schema)"),
         (COMPLETIONS, {"prompt_logprobs": 1}, "prompt_logprobs", "with echo and logprobs returns them"),
@@ -395,3 +395,16 @@ def test_every_400_says_its_code(server, path, fields, param):
     body = {"messages": HELLO} if path == CHAT else {}
     error = post(server, path, {**body, **fields}).json()["error"]
     assert (error["param"], error["code"]) == (param, "invalid_value"), error
+
+
+def test_min_tokens_holds_off_eos_and_stop_strings(server, chat_llm):
+    """vLLM's min_tokens, on the chat and completions routes: eos forced by logit_bias comes only after
+    min_tokens tokens (it was refused as an unsupported extension)."""
+    im_end = chat_llm.tokenizer.added_tokens["<|im_end|>"]
+    body = {"max_tokens": 8, "seed": 1, "temperature": 1, "logit_bias": {str(im_end): 100}}
+    for path, extra in ((CHAT, {"messages": HELLO}), (COMPLETIONS, {"prompt": "hello"})):
+        for floor, used in ((0, 1), (3, 4)):
+            r = post(server, path, {**extra, **body, "min_tokens": floor})
+            assert r.status_code == 200, r.text
+            choice = r.json()["choices"][0]
+            assert (r.json()["usage"]["completion_tokens"], choice["finish_reason"]) == (used, "stop"), path

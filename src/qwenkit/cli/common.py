@@ -102,6 +102,14 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--frequency-penalty", type=float)
     g.add_argument("--seed", type=int, help="same seed, same output")
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument(
+        "--stop-token-id", type=int, action="append", dest="stop_token_ids", help="stop token id (repeatable)"
+    )
+    g.add_argument(
+        "--include-stop-str-in-output", action="store_true", default=None, help="keep the stop string found"
+    )
+    g.add_argument("--ignore-eos", action="store_true", default=None, help="generate past end-of-sequence")
+    g.add_argument("--min-tokens", type=int, help="no end-of-sequence, stop token or stop string before this")
 
 
 # the single-valued sampling settings the command-line flags above set (the chat's :conf sets them too)
@@ -122,6 +130,9 @@ def sampling_overrides(args: argparse.Namespace) -> dict[str, object]:
     out: dict[str, object] = {k: getattr(args, k) for k in SAMPLING_FLAG_KEYS}
     if args.stop:
         out["stop"] = tuple(args.stop)
+    out["stop_token_ids"] = tuple(args.stop_token_ids) if args.stop_token_ids else None
+    for key in ("include_stop_str_in_output", "ignore_eos", "min_tokens"):
+        out[key] = getattr(args, key)
     return out
 
 

@@ -130,6 +130,7 @@ def _as_json(c) -> dict[str, object]:
         "output_token_ids": c.token_ids,
         "text": c.text,
         "finish_reason": c.finish_reason,
+        "stop_reason": c.stop_reason,
         "logprobs": [lp.logprob for lp in c.logprobs],
         "top_logprobs": [[{"token_id": t, "logprob": v} for t, v in lp.top] for lp in c.logprobs if lp.top]
         or None,

@@ -433,13 +433,18 @@ class Engine:
         penalized = any(r.seen is not None or r.output_counts is not None for r in requests)
         constrained = any(r.constraint is not None for r in requests)
         biased = any(r.params.logit_bias for r in requests)
+        floored = any(len(r.output_ids) < r.params.min_tokens for r in requests)
         wanted = [r.params.logprobs is not None for r in requests]
         logits = raw
-        if penalized or constrained or biased:  # they write into float32 logits; raw stays for the logprobs
+        if (
+            penalized or constrained or biased or floored
+        ):  # they write into float32 logits; raw stays for logprobs
             logits = as_float(raw)
             logits = logits.clone() if logits is raw and any(wanted) else logits
         if biased:
             logits = apply_logit_bias(logits, requests)
+        if floored:
+            logits = self._ban_endings(logits, requests)
         if penalized:
             logits = apply_penalties(logits, requests)
         if constrained:
@@ -469,6 +474,17 @@ class Engine:
                 elif request.constraint.finished:
                     self._finish(request, "stop")  # the grammar is complete: nothing more may follow
                 out.finish_reason = request.finish_reason
+
+    def _ban_endings(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """Rows short of their ``min_tokens``: the tokens that would end them (stop_token_ids, and eos
+        unless ignore_eos) cannot be sampled, as vLLM's min_tokens."""
+        for row, request in enumerate(requests):
+            params = request.params
+            if len(request.output_ids) < params.min_tokens:
+                ending = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
+                ids = [t for t in sorted(ending) if t < logits.shape[-1]]
+                logits[row, ids] = float("-inf")
+        return logits
 
     def _check_finished(self, request: Request, token: int) -> FinishReason | None:
         params = request.params

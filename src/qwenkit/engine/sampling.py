@@ -39,6 +39,8 @@ class SamplingParams:
     # The served LoRA adapter this request runs through, by name (``model.served_adapters``); None: the
     # engine's default (the base model, or the one adapter loaded with ``--adapter``).
     adapter: str | None = None
+    # vLLM's: eos and stop_token_ids cannot be sampled, and no stop string is found, until this many tokens
+    min_tokens: int = 0
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -48,6 +50,10 @@ class SamplingParams:
             (
                 self.max_tokens >= 1 or (self.max_tokens == 0 and self.prompt_logprobs is not None),
                 f"max_tokens must be >= 1 (0 only with prompt_logprobs), got {self.max_tokens}",
+            ),
+            (
+                0 <= self.min_tokens <= max(self.max_tokens, 0),
+                f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}",
             ),
             (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
             # inf would pass every range check and divide the logits to zeros inside the sampler's kernel
@@ -153,6 +159,8 @@ class SamplingParams:
         self._check_logit_bias()
         if not all(isinstance(s, str) for s in self.stop):
             raise SamplingParamsError(f"stop must hold strings, got {self.stop!r}")
+        if "" in self.stop:  # it would be found at once and end every request empty (vLLM refuses it too)
+            raise SamplingParamsError("stop cannot contain an empty string")
         if not all(_is_int(t) for t in self.stop_token_ids):
             raise SamplingParamsError(f"stop_token_ids must hold integers, got {self.stop_token_ids!r}")
         for name, optional in INTEGER_FIELDS.items():
@@ -185,6 +193,7 @@ SEED_RANGE = (-(2**63), 2**64 - 1)
 # name -> whether None is allowed
 INTEGER_FIELDS = {
     "max_tokens": False,
+    "min_tokens": False,
     "top_k": False,
     "seed": True,
     "logprobs": True,

@@ -134,6 +134,7 @@ async def chat_completions(state: ServerState, body: ChatCompletionRequest, requ
             "message": message,
             "logprobs": chat_logprobs(llm, r.logprobs, hidden) if body.logprobs else None,
             "finish_reason": finish,
+            "stop_reason": r.stop_reason,  # vLLM's: the stop string or stop token id that ended it
         }
         choices.append(choice)
     return JSONResponse({**head, "object": "chat.completion", "choices": choices, "usage": run.usage()})
@@ -174,8 +175,15 @@ async def _chat_events(
     parsers: dict[int, ToolParser] = {c.index: plan.parser() for c in run.choices} if plan.parses else {}
     call_indices: dict[int, dict[str, int]] = {i: {} for i in parsers}
 
-    def chunk(index: int, delta: dict, finish: str | None = None, logprobs: dict | None = None) -> str:
+    def chunk(
+        index: int,
+        delta: dict,
+        finish: str | None = None,
+        logprobs: dict | None = None,
+        reason: str | int | None = None,
+    ) -> str:
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        choice["stop_reason"] = reason
         return sse({**head, "object": "chat.completion.chunk", "choices": [choice], **usage_field(index)})
 
     def said(index: int, message: dict) -> dict:
@@ -211,7 +219,7 @@ async def _chat_events(
                 if parser is not None:
                     finish = parser.finish_reason(finish)
                     _log_warnings(head["id"], choice.index, parser)
-                yield chunk(choice.index, {}, finish)
+                yield chunk(choice.index, {}, finish, None, delta.completion.stop_reason)
         if body.include_usage:
             yield sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": run.usage()})
     except Exception as exc:  # after the 200 went out, errors travel in the stream
@@ -306,6 +314,7 @@ async def completions(state: ServerState, body: CompletionRequest, request: Requ
                 "text": (c.echo.text if c.echo else "") + r.text,
                 "logprobs": _completion_logprobs(llm, c, r) if wants_logprobs else None,
                 "finish_reason": r.finish_reason,
+                "stop_reason": r.stop_reason,
             }
         )
     return JSONResponse({**head, "object": "text_completion", "choices": out, "usage": run.usage()})
@@ -326,8 +335,15 @@ async def _completion_events(run: Run, head: dict, body: CompletionRequest):
     echoed: set[int] = set()
     logprobs = {c.index: LegacyLogprobs(llm) for c in run.choices}
 
-    def chunk(index: int, text: str, finish: str | None = None, logprobs: dict | None = None) -> str:
+    def chunk(
+        index: int,
+        text: str,
+        finish: str | None = None,
+        logprobs: dict | None = None,
+        reason: str | int | None = None,
+    ) -> str:
         choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+        choice["stop_reason"] = reason
         return sse({**head, "object": "text_completion", "choices": [choice], **usage_field(index)})
 
     try:
@@ -348,7 +364,7 @@ async def _completion_events(run: Run, head: dict, body: CompletionRequest):
             if delta.finish_reason == "error":
                 yield stream_error(run.failure(delta.completion))
             elif delta.finish_reason is not None:
-                yield chunk(choice.index, "", delta.finish_reason)
+                yield chunk(choice.index, "", delta.finish_reason, None, delta.completion.stop_reason)
         if body.include_usage:
             yield sse({**head, "object": "text_completion", "choices": [], "usage": run.usage()})
     except Exception as exc:

@@ -56,6 +56,7 @@ def sampling_params(
         stop_token_ids=tuple(body.stop_token_ids or ()),
         logit_bias=body.logit_bias_pairs(),
         ignore_eos=body.ignore_eos,
+        min_tokens=body.min_tokens,
         **extra,
     )
     if asked == 0 and extra.get("prompt_logprobs") is None:
@@ -80,7 +81,6 @@ def sampling_params(
 # vLLM's extensions to the request that change the answer, with what counts as leaving them unset. Other
 # unknown fields are ignored (clients send extras), but these would give a silent answer without them.
 VLLM_FIELDS: dict[str, tuple[tuple[object, ...], str]] = {
-    "min_tokens": ((0,), ""),
     "skip_special_tokens": ((True,), ""),
     "spaces_between_special_tokens": ((True,), ""),
     "use_beam_search": ((False,), "; ask for n choices instead"),

@@ -61,6 +61,7 @@ _SAMPLING_EXTRAS = (
     "stop_token_ids",
     "logit_bias",
     "ignore_eos",
+    "min_tokens",
     "chat_template_kwargs",
 )
 _TEXT_PARTS = ("input_text", "output_text", "text")

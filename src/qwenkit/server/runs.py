@@ -24,8 +24,13 @@ from qwenkit.server.schemas import ChatCompletionRequest, CompletionRequest
 from qwenkit.server.state import ServerState
 
 _TICK = object()  # queued by Run.deltas' timer: time to check the deadlines
-# the first word of an engine's refusal of a request (Engine.validate), and the request field it is about
-_ENGINE_FIELDS = {"prompt": "prompt", "stop": "stop_token_ids", "logit_bias": "logit_bias"}
+# the first words of a refusal of a request (Engine.validate, the text layer's), and the field it is about
+_ENGINE_FIELDS = {
+    "prompt": "prompt",
+    "stop token": "stop_token_ids",
+    "stop string": "stop",
+    "logit_bias": "logit_bias",
+}
 
 
 @dataclass
@@ -123,7 +128,9 @@ class Run:
     def _param(self, message: str, choice: Choice) -> str | None:
         """The request field an engine refusal names ("prompt token id 7 is outside ..."); with several
         prompts, which one (prompt.1)."""
-        param = _ENGINE_FIELDS.get(message.split(" ", 1)[0])
+        param = next(
+            (field for words, field in _ENGINE_FIELDS.items() if message.startswith(words + " ")), None
+        )
         prompts = list({id(c.prompt_ids): c.prompt_ids for c in self.choices}.values())
         if param == "prompt" and len(prompts) > 1:
             return f"prompt.{next(i for i, p in enumerate(prompts) if p is choice.prompt_ids)}"

@@ -113,6 +113,7 @@ class SamplingFields(_Lenient):
     include_stop_str_in_output: bool = flag()
     logit_bias: dict[str, float] | None = None
     ignore_eos: bool = flag()
+    min_tokens: int = integer(0, ge=0)  # vLLM's: no eos, stop token or stop string before this many
     stream: bool = flag()
     stream_options: StreamOptions | None = None
     user: str | None = None
