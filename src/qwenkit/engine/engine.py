@@ -436,9 +436,8 @@ class Engine:
         floored = any(len(r.output_ids) < r.params.min_tokens for r in requests)
         wanted = [r.params.logprobs is not None for r in requests]
         logits = raw
-        if (
-            penalized or constrained or biased or floored
-        ):  # they write into float32 logits; raw stays for logprobs
+        # they write into float32 logits; raw stays for the logprobs
+        if penalized or constrained or biased or floored:
             logits = as_float(raw)
             logits = logits.clone() if logits is raw and any(wanted) else logits
         if biased:
