@@ -187,3 +187,39 @@ def test_an_object_takes_only_its_listed_properties_unless_its_schema_opens_it(l
         assert c.finish_reason == "stop", c.text
         value = json.loads(c.text)
         jsonschema.validate(value, {**PERSON, "additionalProperties": False})
+
+
+def test_closing_an_object_keeps_the_keys_its_required_and_its_parts_name(llm):
+    """Closing an object to its ``properties`` keeps the keys its schema names elsewhere: those it
+    ``required``s without describing (any value, as JSON Schema reads them) and those an ``allOf``,
+    ``anyOf`` or ``oneOf`` part describes or requires. Closed to ``properties`` alone, these valid
+    schemas could match nothing, and were refused as "required property ... is unsatisfiable"."""
+    compiler = enable_grammars(llm)
+
+    def accepts(schema: dict, text: str) -> bool:
+        grammar = json_schema_grammar(schema)
+        compiler.check(grammar)
+        matcher = llguidance.LLMatcher(compiler.lltokenizer, grammar, log_level=0)
+        return (
+            all(matcher.consume_token(t) for t in llm.tokenizer.encode_plain(text)) and matcher.is_accepting()
+        )
+
+    undeclared = {"type": "object", "properties": {"b": {"type": "integer"}}, "required": ["a"]}
+    assert accepts(undeclared, '{"a":[1,"x"]}') and accepts(undeclared, '{"b":2,"a":null}')
+    assert not accepts(undeclared, '{"a":1,"c":2}')  # still closed to what the schema names
+    assert declared_properties_only(undeclared)["properties"] == {"b": {"type": "integer"}, "a": {}}
+    extended = {
+        "type": "object",
+        "properties": {"a": {"type": "integer"}},
+        "allOf": [{"properties": {"b": {"type": "integer"}}, "required": ["b"]}],
+    }
+    assert accepts(extended, '{"a":1,"b":2}') and not accepts(extended, '{"a":1,"b":"x"}')
+    either = {
+        "type": "object",
+        "properties": {"a": {"type": "integer"}},
+        "anyOf": [{"required": ["a"]}, {"required": ["b"]}],
+    }
+    assert accepts(either, '{"b":true}') and accepts(either, '{"a":1}') and not accepts(either, "{}")
+    # a schema that closes itself is the caller's: nothing is added to it
+    own = {"type": "object", "properties": {}, "required": ["a"], "additionalProperties": False}
+    assert declared_properties_only(own) == own

@@ -72,8 +72,29 @@ def declared_properties_only(schema: Any, close: bool = True) -> Any:
             out[key] = {name: declared_properties_only(s) for name, s in out[key].items()}
     open_keys = ("additionalProperties", "patternProperties", "unevaluatedProperties")
     if close and isinstance(out.get("properties"), dict) and not any(k in out for k in open_keys):
+        # Keys the schema names elsewhere stay allowed (any value here; their parts still say what):
+        # closed to `properties` alone, such a valid schema could match nothing.
+        named = [k for k in _named_keys(out) if k not in out["properties"]]
+        out["properties"] = {**out["properties"], **{k: {} for k in named}}
         out["additionalProperties"] = False
     return out
+
+
+def _named_keys(schema: dict[str, Any]) -> list[str]:
+    """The keys an object schema requires, and those its ``allOf`` / ``anyOf`` / ``oneOf`` parts describe
+    or require, in order, each once."""
+
+    def names(part: dict[str, Any], key: str) -> list[Any]:  # a malformed value is llguidance's to refuse
+        value = part.get(key)
+        return list(value) if isinstance(value, list | dict) else []
+
+    keys = names(schema, "required")
+    for key in ("allOf", "anyOf", "oneOf"):
+        parts = schema.get(key)
+        for part in parts if isinstance(parts, list) else []:
+            if isinstance(part, dict):
+                keys += names(part, "properties") + names(part, "required")
+    return [k for k in dict.fromkeys(keys) if isinstance(k, str)]
 
 
 def _json_island(schema: dict[str, Any]) -> str:
