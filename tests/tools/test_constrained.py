@@ -223,3 +223,20 @@ def test_closing_an_object_keeps_the_keys_its_required_and_its_parts_name(llm):
     # a schema that closes itself is the caller's: nothing is added to it
     own = {"type": "object", "properties": {}, "required": ["a"], "additionalProperties": False}
     assert declared_properties_only(own) == own
+
+
+def test_a_grammar_completed_by_the_last_token_max_tokens_allows_is_a_stop(llm, prompts):
+    """A reply whose grammar ends on the very token ``max_tokens`` allows is whole (nothing more may
+    follow it): it finishes "stop", as it does given room to spare, and only a reply cut before its grammar
+    ends finishes "length" (the OpenAI SDK's ``parse()`` refuses a "length" reply)."""
+    grammar = json_schema_grammar(SCHEMA)
+    roomy = llm.generate(
+        [prompts[0]], SamplingParams(max_tokens=60, temperature=1.0, seed=1, grammar=grammar)
+    )[0]
+    assert roomy.finish_reason == "stop"
+    jsonschema.validate(json.loads(roomy.text), SCHEMA)
+    n = len(roomy.token_ids)  # ended by the grammar: no stop token among them
+    for max_tokens, reason in ((n, "stop"), (n - 1, "length")):
+        params = SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=1, grammar=grammar)
+        c = llm.generate([prompts[0]], params)[0]
+        assert (c.token_ids, c.finish_reason) == (roomy.token_ids[:max_tokens], reason)
