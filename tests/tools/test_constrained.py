@@ -9,8 +9,10 @@ import llguidance
 import pytest
 
 from qwenkit.engine import SamplingParams
+from qwenkit.errors import GenerationError
 from qwenkit.generate import LLM
 from qwenkit.tools.grammar import (
+    GrammarError,
     declared_properties_only,
     enable_grammars,
     json_schema_grammar,
@@ -240,3 +242,17 @@ def test_a_grammar_completed_by_the_last_token_max_tokens_allows_is_a_stop(llm, 
         params = SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=1, grammar=grammar)
         c = llm.generate([prompts[0]], params)[0]
         assert (c.token_ids, c.finish_reason) == (roomy.token_ids[:max_tokens], reason)
+
+
+def test_a_grammar_that_matches_nothing_is_refused_not_answered_with_an_empty_stop(llm, prompts):
+    """llguidance meets a schema no value matches (``{"$ref": "#"}``, itself and nothing else) with no
+    allowed token but the end of the text; taken, that was an empty reply finishing "stop". It is
+    refused when checked (a 400 on the server), and a request that reaches such a dead end anyway ends
+    in an error, never in "stop" with JSON that is not whole."""
+    compiler = enable_grammars(llm)
+    nothing = json_schema_grammar({"$ref": "#"})
+    with pytest.raises(GrammarError, match="no JSON value matches the schema"):
+        compiler.check(nothing)
+    compiler.check(json_schema_grammar({"anyOf": [{"$ref": "#"}, {"type": "integer"}]}))  # one branch will do
+    with pytest.raises(GenerationError, match=r"the grammar rejected token \d+"):
+        llm.generate([prompts[0]], SamplingParams(max_tokens=20, temperature=1.0, seed=0, grammar=nothing))

@@ -461,12 +461,13 @@ class Engine:
             out.new_token_ids.append(token)
             if lp is not None:
                 out.logprobs.append(lp)
-            # The grammar first: one completed by the last token max_tokens allows is whole, a "stop"
-            if request.constraint is not None and not self._is_stop_token(request, token):
+            # The grammar first: one completed by the last token max_tokens allows is whole, a "stop";
+            # a stop token it does not take (a dead end, where the grammar allows nothing) is no answer
+            if request.constraint is not None:
                 if not request.constraint.accept(token):
                     out.error = f"the grammar rejected token {token}"
                     self._finish(request, "error")
-                elif request.constraint.finished:
+                elif request.constraint.finished and not self._is_stop_token(request, token):
                     self._finish(request, "stop")  # the grammar is complete: nothing more may follow
             if request.finish_reason is None:
                 self._check_finished(request, token)

@@ -224,7 +224,8 @@ class GrammarConstraint:
         self.matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
 
     def accept(self, token: int) -> bool:
-        return self.matcher.consume_token(token)
+        # consume_token takes the end of the text at a dead end (no token allowed): that is no answer
+        return self.matcher.consume_token(token) and not self.matcher.is_error()
 
     @property
     def finished(self) -> bool:
@@ -249,6 +250,14 @@ class GrammarCompiler:
                 cause = next((ln.strip()[7:] for ln in lines[1:] if ln.strip().startswith("error: ")), "")
                 problem = f"{problem} {cause}".rstrip()
             raise GrammarError(f"the schema cannot be used for constrained decoding: {problem}")
+        # A grammar that matches nothing compiles; llguidance finds it out at its first mask, where it
+        # allows no token (and forces the end of the text, which would be an empty answer).
+        matcher = llguidance.LLMatcher(self.lltokenizer, grammar, log_level=0)
+        matcher.compute_bitmask()
+        if matcher.is_error():
+            raise GrammarError(
+                "the schema cannot be used for constrained decoding: no JSON value matches the schema"
+            )
 
     def __call__(self, grammar: str) -> GrammarConstraint:
         matcher = llguidance.LLMatcher(self.lltokenizer, grammar, log_level=0)
