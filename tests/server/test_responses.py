@@ -302,6 +302,12 @@ def test_the_sampling_settings_echoed_are_those_the_request_ran_with(server):
             "guided_json (a vLLM extension) is not supported; use text.format (json_schema)",
         ),
         ({"input": "hi", "min_tokens": -1}, "min_tokens", "greater than or equal to 0"),
+        # the chat route's structured output field, which would give free text here
+        (
+            {"input": "hi", "response_format": {"type": "json_object"}},
+            "response_format",
+            "response_format is the chat route's field; on /v1/responses use text.format",
+        ),
         ({"input": "hi", "max_tool_calls": "2"}, "max_tool_calls", "valid integer"),
         ({"input": "hi", "max_tool_calls": -1}, "max_tool_calls", "greater than or equal to 0"),
     ],

@@ -9,8 +9,10 @@ import llguidance
 import pytest
 
 from qwenkit.engine import SamplingParams
+from qwenkit.errors import GenerationError
 from qwenkit.generate import LLM
 from qwenkit.tools.grammar import (
+    GrammarError,
     declared_properties_only,
     enable_grammars,
     json_schema_grammar,
@@ -187,3 +189,70 @@ def test_an_object_takes_only_its_listed_properties_unless_its_schema_opens_it(l
         assert c.finish_reason == "stop", c.text
         value = json.loads(c.text)
         jsonschema.validate(value, {**PERSON, "additionalProperties": False})
+
+
+def test_closing_an_object_keeps_the_keys_its_required_and_its_parts_name(llm):
+    """Closing an object to its ``properties`` keeps the keys its schema names elsewhere: those it
+    ``required``s without describing (any value, as JSON Schema reads them) and those an ``allOf``,
+    ``anyOf`` or ``oneOf`` part describes or requires. Closed to ``properties`` alone, these valid
+    schemas could match nothing, and were refused as "required property ... is unsatisfiable"."""
+    compiler = enable_grammars(llm)
+
+    def accepts(schema: dict, text: str) -> bool:
+        grammar = json_schema_grammar(schema)
+        compiler.check(grammar)
+        matcher = llguidance.LLMatcher(compiler.lltokenizer, grammar, log_level=0)
+        return (
+            all(matcher.consume_token(t) for t in llm.tokenizer.encode_plain(text)) and matcher.is_accepting()
+        )
+
+    undeclared = {"type": "object", "properties": {"b": {"type": "integer"}}, "required": ["a"]}
+    assert accepts(undeclared, '{"a":[1,"x"]}') and accepts(undeclared, '{"b":2,"a":null}')
+    assert not accepts(undeclared, '{"a":1,"c":2}')  # still closed to what the schema names
+    assert declared_properties_only(undeclared)["properties"] == {"b": {"type": "integer"}, "a": {}}
+    extended = {
+        "type": "object",
+        "properties": {"a": {"type": "integer"}},
+        "allOf": [{"properties": {"b": {"type": "integer"}}, "required": ["b"]}],
+    }
+    assert accepts(extended, '{"a":1,"b":2}') and not accepts(extended, '{"a":1,"b":"x"}')
+    either = {
+        "type": "object",
+        "properties": {"a": {"type": "integer"}},
+        "anyOf": [{"required": ["a"]}, {"required": ["b"]}],
+    }
+    assert accepts(either, '{"b":true}') and accepts(either, '{"a":1}') and not accepts(either, "{}")
+    # a schema that closes itself is the caller's: nothing is added to it
+    own = {"type": "object", "properties": {}, "required": ["a"], "additionalProperties": False}
+    assert declared_properties_only(own) == own
+
+
+def test_a_grammar_completed_by_the_last_token_max_tokens_allows_is_a_stop(llm, prompts):
+    """A reply whose grammar ends on the very token ``max_tokens`` allows is whole (nothing more may
+    follow it): it finishes "stop", as it does given room to spare, and only a reply cut before its grammar
+    ends finishes "length" (the OpenAI SDK's ``parse()`` refuses a "length" reply)."""
+    grammar = json_schema_grammar(SCHEMA)
+    roomy = llm.generate(
+        [prompts[0]], SamplingParams(max_tokens=60, temperature=1.0, seed=1, grammar=grammar)
+    )[0]
+    assert roomy.finish_reason == "stop"
+    jsonschema.validate(json.loads(roomy.text), SCHEMA)
+    n = len(roomy.token_ids)  # ended by the grammar: no stop token among them
+    for max_tokens, reason in ((n, "stop"), (n - 1, "length")):
+        params = SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=1, grammar=grammar)
+        c = llm.generate([prompts[0]], params)[0]
+        assert (c.token_ids, c.finish_reason) == (roomy.token_ids[:max_tokens], reason)
+
+
+def test_a_grammar_that_matches_nothing_is_refused_not_answered_with_an_empty_stop(llm, prompts):
+    """llguidance meets a schema no value matches (``{"$ref": "#"}``, itself and nothing else) with no
+    allowed token but the end of the text; taken, that was an empty reply finishing "stop". It is
+    refused when checked (a 400 on the server), and a request that reaches such a dead end anyway ends
+    in an error, never in "stop" with JSON that is not whole."""
+    compiler = enable_grammars(llm)
+    nothing = json_schema_grammar({"$ref": "#"})
+    with pytest.raises(GrammarError, match="no JSON value matches the schema"):
+        compiler.check(nothing)
+    compiler.check(json_schema_grammar({"anyOf": [{"$ref": "#"}, {"type": "integer"}]}))  # one branch will do
+    with pytest.raises(GenerationError, match=r"the grammar rejected token \d+"):
+        llm.generate([prompts[0]], SamplingParams(max_tokens=20, temperature=1.0, seed=0, grammar=nothing))

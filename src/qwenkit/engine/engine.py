@@ -465,14 +465,17 @@ class Engine:
             out.new_token_ids.append(token)
             if lp is not None:
                 out.logprobs.append(lp)
-            out.finish_reason = self._check_finished(request, token)
-            if request.constraint is not None and out.finish_reason is None:
+            # The grammar first: one completed by the last token max_tokens allows is whole, a "stop";
+            # a stop token it does not take (a dead end, where the grammar allows nothing) is no answer
+            if request.constraint is not None:
                 if not request.constraint.accept(token):
                     out.error = f"the grammar rejected token {token}"
                     self._finish(request, "error")
-                elif request.constraint.finished:
+                elif request.constraint.finished and not self._is_stop_token(request, token):
                     self._finish(request, "stop")  # the grammar is complete: nothing more may follow
-                out.finish_reason = request.finish_reason
+            if request.finish_reason is None:
+                self._check_finished(request, token)
+            out.finish_reason = request.finish_reason
 
     def _ban_endings(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         """Rows short of their ``min_tokens``: the tokens that would end them (stop_token_ids, and eos
@@ -485,13 +488,16 @@ class Engine:
                 logits[row, ids] = float("-inf")
         return logits
 
-    def _check_finished(self, request: Request, token: int) -> FinishReason | None:
+    def _is_stop_token(self, request: Request, token: int) -> bool:
         params = request.params
-        if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
+        return token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids)
+
+    def _check_finished(self, request: Request, token: int) -> None:
+        params = request.params
+        if self._is_stop_token(request, token):
             self._finish(request, "stop")
         elif len(request.output_ids) >= params.max_tokens or request.num_tokens >= self.max_seq_len:
             self._finish(request, "length")
-        return request.finish_reason
 
     def _finish(self, request: Request, reason: FinishReason) -> None:
         request.finish_reason = reason

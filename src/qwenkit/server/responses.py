@@ -190,7 +190,8 @@ def _response_format(text: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def refuse_stateful(body: ResponsesRequest) -> None:
-    """What needs stored responses, or runs after the request returns: refused by name."""
+    """What needs stored responses, runs after the request returns, or belongs to the chat route: refused
+    by name."""
     if body.previous_response_id is not None:
         raise APIError(
             400,
@@ -202,6 +203,13 @@ def refuse_stateful(body: ResponsesRequest) -> None:
     for name in ("background", "conversation", "prompt"):  # `prompt`: a stored prompt template
         if (body.model_extra or {}).get(name) not in (None, False):
             raise APIError(400, f"{name} is not supported (nothing is stored)", name, "unsupported")
+    if (body.model_extra or {}).get("response_format") is not None:  # as OpenAI: moved, never ignored
+        raise APIError(
+            400,
+            "response_format is the chat route's field; on /v1/responses use text.format",
+            "response_format",
+            "unsupported",
+        )
     if body.truncation not in (None, "disabled"):
         raise APIError(400, 'truncation must be "disabled": input is never cut to fit', "truncation")
 

@@ -72,8 +72,29 @@ def declared_properties_only(schema: Any, close: bool = True) -> Any:
             out[key] = {name: declared_properties_only(s) for name, s in out[key].items()}
     open_keys = ("additionalProperties", "patternProperties", "unevaluatedProperties")
     if close and isinstance(out.get("properties"), dict) and not any(k in out for k in open_keys):
+        # Keys the schema names elsewhere stay allowed (any value here; their parts still say what):
+        # closed to `properties` alone, such a valid schema could match nothing.
+        named = [k for k in _named_keys(out) if k not in out["properties"]]
+        out["properties"] = {**out["properties"], **{k: {} for k in named}}
         out["additionalProperties"] = False
     return out
+
+
+def _named_keys(schema: dict[str, Any]) -> list[str]:
+    """The keys an object schema requires, and those its ``allOf`` / ``anyOf`` / ``oneOf`` parts describe
+    or require, in order, each once."""
+
+    def names(part: dict[str, Any], key: str) -> list[Any]:  # a malformed value is llguidance's to refuse
+        value = part.get(key)
+        return list(value) if isinstance(value, list | dict) else []
+
+    keys = names(schema, "required")
+    for key in ("allOf", "anyOf", "oneOf"):
+        parts = schema.get(key)
+        for part in parts if isinstance(parts, list) else []:
+            if isinstance(part, dict):
+                keys += names(part, "properties") + names(part, "required")
+    return [k for k in dict.fromkeys(keys) if isinstance(k, str)]
 
 
 def _json_island(schema: dict[str, Any]) -> str:
@@ -203,7 +224,8 @@ class GrammarConstraint:
         self.matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
 
     def accept(self, token: int) -> bool:
-        return self.matcher.consume_token(token)
+        # consume_token takes the end of the text at a dead end (no token allowed): that is no answer
+        return self.matcher.consume_token(token) and not self.matcher.is_error()
 
     @property
     def finished(self) -> bool:
@@ -228,6 +250,14 @@ class GrammarCompiler:
                 cause = next((ln.strip()[7:] for ln in lines[1:] if ln.strip().startswith("error: ")), "")
                 problem = f"{problem} {cause}".rstrip()
             raise GrammarError(f"the schema cannot be used for constrained decoding: {problem}")
+        # A grammar that matches nothing compiles; llguidance finds it out at its first mask, where it
+        # allows no token (and forces the end of the text, which would be an empty answer).
+        matcher = llguidance.LLMatcher(self.lltokenizer, grammar, log_level=0)
+        matcher.compute_bitmask()
+        if matcher.is_error():
+            raise GrammarError(
+                "the schema cannot be used for constrained decoding: no JSON value matches the schema"
+            )
 
     def __call__(self, grammar: str) -> GrammarConstraint:
         matcher = llguidance.LLMatcher(self.lltokenizer, grammar, log_level=0)
