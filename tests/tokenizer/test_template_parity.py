@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from qwenkit.tokenizer import chatml_template
+from qwenkit.tokenizer import TokenizerError, chatml_template
 from qwenkit.tokenizer.hf import HFTokenizer
 
 QWEN25_TEMPLATE = (Path(__file__).parent / "qwen25_chat_template.jinja").read_text()
@@ -229,3 +229,98 @@ def test_typed_control_tokens_stay_text(qwen3, template):
     piece = [*qwen3.encode_plain("hi"), *qwen3.encode_plain("<|im_end|>")]
     assert any(ids[k : k + len(piece)] == piece for k in range(len(ids)))
     assert qwen3.decode(ids) == ours.render_chat_template([user("hi" + typed)])
+
+
+CONTINUED = (
+    "single",
+    "ends_with_assistant",
+    "reasoning_history",
+    "tool_call_dict_args",
+    "injected_control_text",
+)
+
+
+def continue_cases():
+    for template in TEMPLATES:
+        for conv in CONTINUED:
+            for thinking in (None, False) if template == "qwen3" else (None,):
+                yield pytest.param(template, conv, thinking, id=f"{template}-{conv}-think{thinking}")
+
+
+@pytest.mark.parametrize(("template", "conv", "thinking"), list(continue_cases()))
+def test_continue_final_message_equals_transformers(qwen3, hf_strict, template, conv, thinking):
+    """The prompt ends inside the final message, for the model to go on with it (an assistant prefill):
+    the template's text up to the end of that message's content, without its end-of-turn."""
+    source = TEMPLATES[template]
+    messages = CONVERSATIONS[conv]
+    kwargs = {"add_generation_prompt": False, "continue_final_message": True}
+    if thinking is not None:
+        kwargs["enable_thinking"] = thinking
+    text, ids = hf_reference(hf_strict, source or qwen3.chat_template, messages, **kwargs)
+    ours = our_tokenizer(qwen3, source)
+    assert ours.render_chat_template(copy.deepcopy(messages), **kwargs) == text
+    assert ours.apply_chat_template(copy.deepcopy(messages), **kwargs) == ids
+    assert not text.endswith("<|im_end|>\n")
+
+
+def test_continue_final_message_known_prompts(qwen3, hf_strict):
+    messages = [user("Write a poem"), assistant("Roses are red, ", reasoning_content="rhyme ")]
+    text = qwen3.render_chat_template(messages, add_generation_prompt=False, continue_final_message=True)
+    # the content's trailing space is kept: the template writes the content as it is
+    assert text == (
+        "<|im_start|>user\nWrite a poem<|im_end|>\n<|im_start|>assistant\n"
+        "<think>\nrhyme \n</think>\n\nRoses are red, "
+    )
+    # continuing the reasoning stops inside the think block
+    kwargs = {"add_generation_prompt": False, "continue_final_message": "reasoning_content"}
+    text = qwen3.render_chat_template(messages, **kwargs)
+    assert text == "<|im_start|>user\nWrite a poem<|im_end|>\n<|im_start|>assistant\n<think>\nrhyme "
+    assert text == hf_strict.apply_chat_template(messages, tokenize=False, **kwargs)
+    assert qwen3.apply_chat_template(messages, **kwargs) == hf_strict.apply_chat_template(
+        messages, return_dict=False, **kwargs
+    )
+
+
+@pytest.mark.parametrize(
+    ("messages", "kwargs", "message"),
+    [
+        (
+            [user("a")],
+            {"continue_final_message": True},
+            "continue_final_message and add_generation_prompt cannot both be set",
+        ),
+        (
+            [user("a")],
+            {"continue_final_message": "reasoning_content", "add_generation_prompt": False},
+            'the final message has no "reasoning_content" to continue',
+        ),
+        (
+            [user("a"), assistant("b", foo="x")],
+            {"continue_final_message": "foo", "add_generation_prompt": False},
+            'the chat template does not read "foo"',
+        ),
+        (
+            [user("a"), assistant("<think>x</think>b")],
+            {"continue_final_message": True, "add_generation_prompt": False},
+            "the chat template does not render the final message",
+        ),
+    ],
+)
+def test_continue_final_message_errors_are_one_line(qwen3, messages, kwargs, message):
+    with pytest.raises(TokenizerError, match=message) as e:
+        qwen3.apply_chat_template(messages, **kwargs)
+    assert "\n" not in str(e.value)
+
+
+def test_continue_final_message_v1_chatml_ids(v1, qwen3):
+    """Qwen v1 builds its ChatML ids in code: a continued assistant turn is its head and content, the
+    content still a reply segment (fine-tuning labels it), with no <|im_end|>."""
+    messages = [user("Write a poem"), assistant("Roses are red,")]
+    kwargs = {"add_generation_prompt": False, "continue_final_message": True}
+    text = v1.render_chat_template(messages, **kwargs)
+    assert text.endswith("<|im_start|>assistant\nRoses are red,")
+    ids = v1.apply_chat_template(messages, **kwargs)
+    assert ids == v1.apply_chat_template(messages, add_generation_prompt=False)[:-2]
+    assert v1.decode(ids) == text
+    segments = v1.chat_segments(messages, add_generation_prompt=False, continue_final_message=True)
+    assert segments[-1] == (v1.encode_plain("Roses are red,"), True)

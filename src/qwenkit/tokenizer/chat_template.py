@@ -205,6 +205,46 @@ def normalize_messages(messages: Any) -> list[dict[str, Any]]:
     return out
 
 
+# Put after the final message's text to find where it ends in the render (transformers' tag, so a template
+# that treats it specially treats ours alike).
+CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+
+
+def tag_final_message(
+    messages: list[dict[str, Any]], field: str, source: str
+) -> tuple[list[dict[str, Any]], str]:
+    """``continue_final_message``, as transformers does it: normalized ``messages`` with CONTINUE_TAG after
+    the final message's ``field`` (and after the copies of it under the other reasoning names), and that
+    field's text. ``cut_at_tag`` then ends the render where the text ends."""
+    last = messages[-1]
+    final = last.get(field)
+    if final is None:
+        raise TokenizerError(f'continue_final_message: the final message has no "{field}" to continue')
+    if not isinstance(final, str):
+        raise TokenizerError(f'continue_final_message: the final message\'s "{field}" is not text')
+    fields = [field]
+    if (
+        field in _REASONING_FIELDS
+    ):  # the reasoning is under every name: tag each, whichever the template reads
+        fields = [f for f in _REASONING_FIELDS if last.get(f) == final]
+    if not any(f in source for f in fields):
+        raise TokenizerError(f'continue_final_message: the chat template does not read "{field}"')
+    return [*messages[:-1], {**last, **{f: last[f] + CONTINUE_TAG for f in fields}}], final
+
+
+def cut_at_tag(rendered: str, final: str | None) -> str:
+    """A render of ``tag_final_message``'s messages cut where the final message's text ends (less trailing
+    whitespace where the template stripped the tag's). ``final``, where given, must be in the render."""
+    tag = CONTINUE_TAG.strip()
+    if tag not in rendered or (final is not None and final.strip() not in rendered):
+        raise TokenizerError(
+            "continue_final_message: the chat template does not render the final message as it was given "
+            "(it drops or rewrites part of it), so there is no end of it to continue from"
+        )
+    at = rendered.rindex(tag)
+    return rendered[:at] if rendered.startswith(CONTINUE_TAG, at) else rendered[:at].rstrip()
+
+
 def render(source: str, variables: dict[str, Any]) -> str:
     """Render a compiled template; any error raised inside it becomes a one-line TokenizerError."""
     template = compile_template(source)
