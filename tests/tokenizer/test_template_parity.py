@@ -19,10 +19,13 @@ Where transformers differs, the reference is adjusted and the test says why (``h
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
+from tokenizer_data import QWEN3_DIR
 
+from qwenkit.cli import template as template_command
 from qwenkit.tokenizer import TokenizerError, chatml_template
 from qwenkit.tokenizer.hf import HFTokenizer
 
@@ -324,3 +327,20 @@ def test_continue_final_message_v1_chatml_ids(v1, qwen3):
     assert v1.decode(ids) == text
     segments = v1.chat_segments(messages, add_generation_prompt=False, continue_final_message=True)
     assert segments[-1] == (v1.encode_plain("Roses are red,"), True)
+
+
+@pytest.mark.parametrize("conv", list(CONVERSATIONS))
+def test_template_command_prints_transformers_prompt(capsys, monkeypatch, tmp_path, qwen3, hf_strict, conv):
+    """`qwenkit template` (text, and --ids) prints the very prompt transformers renders, tools included."""
+    monkeypatch.setattr("qwenkit.generate.tokenizer_for", lambda path: qwen3)  # loaded once, not 4 times
+    messages = CONVERSATIONS[conv]
+    (tmp_path / "m.json").write_text(json.dumps({"messages": messages, "tools": TOOLS}))
+    for gen in (True, False):
+        text, ids = hf_reference(
+            hf_strict, hf_strict.chat_template, messages, tools=TOOLS, add_generation_prompt=gen
+        )
+        flags = [] if gen else ["--no-generation-prompt"]
+        assert template_command.main([str(QWEN3_DIR), str(tmp_path / "m.json"), *flags]) == 0
+        assert capsys.readouterr().out == text
+        assert template_command.main([str(QWEN3_DIR), str(tmp_path / "m.json"), "--ids", *flags]) == 0
+        assert json.loads(capsys.readouterr().out) == ids
