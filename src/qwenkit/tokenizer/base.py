@@ -347,29 +347,43 @@ class Tokenizer(ABC):
         Fine-tuning uses this to find the template's own turn markers and label assistant turns.
         """
         source = self._require_template()
-        any_token, marked = ct.control_patterns(self.control_tokens)
         no_token, _ = ct.control_patterns(())
         variables, final = self._template_variables(
             messages, tools, add_generation_prompt, template_kwargs, continue_final_message
         )
 
-        def render(pattern: re.Pattern[str]) -> str:
+        def render(pattern: re.Pattern[str], marking: tuple[str, str] = ct.MARKINGS[0]) -> str:
             data = dict(variables)
             for key in ("messages", "tools"):
-                data[key] = ct.mark_control_tokens(variables[key], pattern)
+                data[key] = ct.mark_control_tokens(variables[key], pattern, marking)
             for key, value in template_kwargs.items():
-                data[key] = ct.mark_control_tokens(ct._plain(value), pattern)
+                data[key] = ct.mark_control_tokens(ct._plain(value), pattern, marking)
             rendered = ct.render(source, data)
             if final is None:
                 return rendered
-            return ct.cut_at_tag(rendered, ct.mark_control_tokens(final, pattern))
+            return ct.cut_at_tag(rendered, ct.mark_control_tokens(final, pattern, marking))
 
-        rendered = render(any_token)
-        pieces = ct.split_marked(rendered, marked)
-        if ct.MARK_START not in rendered and ct.MARK_END not in rendered:
-            return pieces  # nothing was marked: the render is the prompt text
-        # a marker may have kept the template's strips from the whitespace they remove in the prompt text;
-        # the data's own markers are removed there as in the marked render
-        aligned = ct.align_pieces(pieces, render(no_token), any_token)
         longest = max(map(len, self.control_tokens), default=0)
-        return ct.join_template_pieces(pieces if aligned is None else aligned, any_token, longest)
+        text: str | None = None
+        both_sides: list[tuple[str, bool]] | None = None  # the pieces of the first marking, MARKINGS[0]
+        for marking in ct.MARKINGS:
+            any_token, marked = ct.control_patterns(self.control_tokens, marking)
+            rendered = render(any_token, marking)
+            pieces = ct.split_marked(rendered, marked)
+            if both_sides is None and ct.MARK_START not in rendered and ct.MARK_END not in rendered:
+                return pieces  # nothing was marked: the render is the prompt text
+            # a marker may have kept the template's strips from the whitespace they remove in the prompt
+            # text; the data's own markers are removed there as in the marked render
+            text = render(no_token) if text is None else text
+            aligned = ct.align_pieces(pieces, text, any_token)
+            # a one-sided marking may let the template's edits of the data form a control token of the
+            # caller's text (`replace('\n', '')` in "<|im_\nstart|>", on the path a marker closed): taken
+            # only where its template writes no control token the both-sides render's template did not
+            if aligned is not None and (
+                both_sides is None
+                or not ct.template_tokens(aligned, any_token) - ct.template_tokens(both_sides, any_token)
+            ):
+                return ct.join_template_pieces(aligned, any_token, longest)
+            both_sides = pieces if both_sides is None else both_sides
+        # every marking changed the template's path: the both-sides render, as transformers encodes it
+        return ct.join_template_pieces(both_sides or [], any_token, longest)
