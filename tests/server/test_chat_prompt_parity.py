@@ -111,3 +111,24 @@ def test_prompt_without_generation_prompt(server, hf_strict):
     body = {"messages": messages, "add_generation_prompt": False}
     tokens = httpx.post(server.url + "/tokenize", json=body, timeout=60).json()["tokens"]
     assert tokens == reference(hf_strict, messages, add_generation_prompt=False)
+
+
+def test_continue_final_message_in_template_kwargs(server, hf_strict):
+    """``chat_template_kwargs: {"continue_final_message": true}`` (transformers' argument) with no generation
+    prompt ends the prompt inside the final message, as transformers does; beside a generation prompt it is
+    a 400 saying so (it was passed to the template and ignored, the final turn closed)."""
+    messages = [
+        {"role": "user", "content": "Write a poem"},
+        {"role": "assistant", "content": "Roses are red,"},
+    ]
+    body = {"messages": messages, "chat_template_kwargs": {"continue_final_message": True}}
+    reply = httpx.post(server.url + "/tokenize", json={**body, "add_generation_prompt": False}, timeout=60)
+    ids = reference(hf_strict, messages, add_generation_prompt=False, continue_final_message=True)
+    assert reply.json()["tokens"] == ids
+    assert hf_strict.decode(ids).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\nRoses are red,")
+    reply = httpx.post(server.url + "/v1/chat/completions", json={**body, "max_tokens": 1}, timeout=60)
+    assert reply.status_code == 400
+    assert (
+        "continue_final_message and add_generation_prompt cannot both be set"
+        in reply.json()["error"]["message"]
+    )
