@@ -70,6 +70,23 @@ def _ids(value: Any) -> set[int]:
     return set()
 
 
+def continued_field(continue_final_message: bool | str, add_generation_prompt: bool) -> str | None:
+    """The field of the final message a prompt continues (``continue_final_message``: False, True for the
+    content, or a field's name), or None; refused beside a generation prompt, as transformers refuses it."""
+    if continue_final_message is False or continue_final_message is None:
+        return None
+    if add_generation_prompt:
+        raise TokenizerError(
+            "continue_final_message and add_generation_prompt cannot both be set: the final message is "
+            "continued and no new turn opened (pass add_generation_prompt=False)"
+        )
+    if continue_final_message is True:
+        return "content"
+    if not isinstance(continue_final_message, str) or not continue_final_message:
+        raise TokenizerError("continue_final_message must be true, false or the name of a message field")
+    return continue_final_message
+
+
 class Tokenizer(ABC):
     """Text <-> token ids, special and stop tokens, and chat prompts.
 
@@ -224,7 +241,9 @@ class Tokenizer(ABC):
         tools: list[dict[str, Any]] | None,
         add_generation_prompt: bool,
         template_kwargs: dict[str, Any],
-    ) -> dict[str, Any]:
+        continue_final_message: bool | str = False,
+    ) -> tuple[dict[str, Any], str | None]:
+        """(the template's variables, the final message's text where it is continued: see `cut_at_tag`)."""
         if tools is not None and (
             not isinstance(tools, list | tuple) or not all(isinstance(t, Mapping) for t in tools)
         ):
@@ -234,14 +253,19 @@ class Tokenizer(ABC):
             text = token_text(self.tokenizer_config.get(key))
             if text is not None:
                 token_vars[key] = text
-        return {
+        normalized, final = ct.normalize_messages(messages), None
+        field = continued_field(continue_final_message, add_generation_prompt)
+        if field is not None:
+            normalized, final = ct.tag_final_message(normalized, field, self._require_template())
+        variables = {
             **token_vars,
             **ct._plain(template_kwargs),
-            "messages": ct.normalize_messages(messages),
+            "messages": normalized,
             "tools": ct._plain(tools),
             "documents": None,
             "add_generation_prompt": add_generation_prompt,
         }
+        return variables, final
 
     def _require_template(self) -> str:
         if not self.chat_template:
@@ -256,29 +280,42 @@ class Tokenizer(ABC):
         messages: Sequence[Mapping[str, Any]],
         tools: list[dict[str, Any]] | None = None,
         add_generation_prompt: bool = True,
+        continue_final_message: bool | str = False,
         **template_kwargs: Any,
     ) -> str:
-        """The prompt text, byte-identical to transformers' `apply_chat_template(tokenize=False)`."""
-        variables = self._template_variables(messages, tools, add_generation_prompt, template_kwargs)
-        return ct.render(self._require_template(), variables)
+        """The prompt text, byte-identical to transformers' `apply_chat_template(tokenize=False)`.
+
+        ``continue_final_message`` (True for the content, or the name of the field, e.g.
+        ``"reasoning_content"``) ends the prompt inside the final message, for the model to go on with it,
+        as transformers does; it needs ``add_generation_prompt=False``.
+        """
+        variables, final = self._template_variables(
+            messages, tools, add_generation_prompt, template_kwargs, continue_final_message
+        )
+        rendered = ct.render(self._require_template(), variables)
+        return rendered if final is None else ct.cut_at_tag(rendered, final)
 
     def apply_chat_template(
         self,
         messages: Sequence[Mapping[str, Any]],
         tools: list[dict[str, Any]] | None = None,
         add_generation_prompt: bool = True,
+        continue_final_message: bool | str = False,
         **template_kwargs: Any,
     ) -> list[int]:
         """The prompt ids. Control tokens come only from the template; control-token text inside messages,
         tool results, tool-call arguments or tool definitions is encoded as plain text.
 
         Without such text the ids equal the reference (transformers) ids for the same rendered text.
+        ``continue_final_message``: as `render_chat_template`.
         """
-        segments = self.chat_segments(messages, tools, add_generation_prompt)
+        segments = self.chat_segments(messages, tools, add_generation_prompt, continue_final_message)
         if segments is not None:
             return [token for ids, _ in segments for token in ids]
         ids: list[int] = []
-        pieces = self.chat_pieces(messages, tools, add_generation_prompt, **template_kwargs)
+        pieces = self.chat_pieces(
+            messages, tools, add_generation_prompt, continue_final_message, **template_kwargs
+        )
         check_unicode("".join(piece for piece, _ in pieces), "the rendered chat prompt")
         for piece, from_user in pieces:
             ids += self.encode_plain(piece) if from_user else self.encode_with_added(piece)
@@ -289,6 +326,7 @@ class Tokenizer(ABC):
         messages: Sequence[Mapping[str, Any]],
         tools: list[dict[str, Any]] | None = None,
         add_generation_prompt: bool = True,
+        continue_final_message: bool | str = False,
     ) -> list[tuple[list[int], bool]] | None:
         """The chat ids as (ids, is_reply) segments where the tokenizer builds them in code, not from a
         template's text (Qwen v1's ChatML); None where the chat template decides. Chat and fine-tuning
@@ -300,6 +338,7 @@ class Tokenizer(ABC):
         messages: Sequence[Mapping[str, Any]],
         tools: list[dict[str, Any]] | None = None,
         add_generation_prompt: bool = True,
+        continue_final_message: bool | str = False,
         **template_kwargs: Any,
     ) -> list[tuple[str, bool]]:
         """The rendered prompt as (text, from_user) pieces: a from_user piece is control-token text that
@@ -308,24 +347,43 @@ class Tokenizer(ABC):
         Fine-tuning uses this to find the template's own turn markers and label assistant turns.
         """
         source = self._require_template()
-        any_token, marked = ct.control_patterns(self.control_tokens)
         no_token, _ = ct.control_patterns(())
-        variables = self._template_variables(messages, tools, add_generation_prompt, template_kwargs)
+        variables, final = self._template_variables(
+            messages, tools, add_generation_prompt, template_kwargs, continue_final_message
+        )
 
-        def render(pattern: re.Pattern[str]) -> str:
+        def render(pattern: re.Pattern[str], marking: tuple[str, str] = ct.MARKINGS[0]) -> str:
             data = dict(variables)
             for key in ("messages", "tools"):
-                data[key] = ct.mark_control_tokens(variables[key], pattern)
+                data[key] = ct.mark_control_tokens(variables[key], pattern, marking)
             for key, value in template_kwargs.items():
-                data[key] = ct.mark_control_tokens(ct._plain(value), pattern)
-            return ct.render(source, data)
+                data[key] = ct.mark_control_tokens(ct._plain(value), pattern, marking)
+            rendered = ct.render(source, data)
+            if final is None:
+                return rendered
+            return ct.cut_at_tag(rendered, ct.mark_control_tokens(final, pattern, marking))
 
-        rendered = render(any_token)
-        pieces = ct.split_marked(rendered, marked)
-        if ct.MARK_START not in rendered and ct.MARK_END not in rendered:
-            return pieces  # nothing was marked: the render is the prompt text
-        # a marker may have kept the template's strips from the whitespace they remove in the prompt text;
-        # the data's own markers are removed there as in the marked render
-        aligned = ct.align_pieces(pieces, render(no_token), any_token)
         longest = max(map(len, self.control_tokens), default=0)
-        return ct.join_template_pieces(pieces if aligned is None else aligned, any_token, longest)
+        text: str | None = None
+        both_sides: list[tuple[str, bool]] | None = None  # the pieces of the first marking, MARKINGS[0]
+        for marking in ct.MARKINGS:
+            any_token, marked = ct.control_patterns(self.control_tokens, marking)
+            rendered = render(any_token, marking)
+            pieces = ct.split_marked(rendered, marked)
+            if both_sides is None and ct.MARK_START not in rendered and ct.MARK_END not in rendered:
+                return pieces  # nothing was marked: the render is the prompt text
+            # a marker may have kept the template's strips from the whitespace they remove in the prompt
+            # text; the data's own markers are removed there as in the marked render
+            text = render(no_token) if text is None else text
+            aligned = ct.align_pieces(pieces, text, any_token)
+            # a one-sided marking may let the template's edits of the data form a control token of the
+            # caller's text (`replace('\n', '')` in "<|im_\nstart|>", on the path a marker closed): taken
+            # only where its template writes no control token the both-sides render's template did not
+            if aligned is not None and (
+                both_sides is None
+                or not ct.template_tokens(aligned, any_token) - ct.template_tokens(both_sides, any_token)
+            ):
+                return ct.join_template_pieces(aligned, any_token, longest)
+            both_sides = pieces if both_sides is None else both_sides
+        # every marking changed the template's path: the both-sides render, as transformers encodes it
+        return ct.join_template_pieces(both_sides or [], any_token, longest)

@@ -9,13 +9,16 @@ template string method that separates a marker from its token (e.g. `content.spl
 lone marker, which is dropped but still breaks the text so the pieces cannot join into a token. Such a
 marker also stands between a strip and the whitespace it meant to remove (`.lstrip('\n')` after the
 split), so the marked render may hold whitespace the prompt text does not: `align_pieces` cuts the
-prompt text itself along the marked render's pieces.
+prompt text itself along the marked render's pieces. Where the markers make a template take another path
+than the unmarked data does (a string test that sees a lone marker), the prompt is marked on one side
+only (MARKINGS), so that its ids stay those of its text.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from functools import lru_cache
@@ -31,6 +34,11 @@ from qwenkit.tokenizer.errors import TokenizerError
 
 MARK_START = "\U000f0000"
 MARK_END = "\U000f0001"
+# How a caller's control token is marked: on both sides first, as transformers marks it. A template's string
+# tests may then take another path than on the unmarked data (Qwen3's `content.split('</think>')[0]` of
+# "</think>answer" is a lone marker, not empty, so a think block is written that the prompt text has not);
+# marked on one side, the other side's tests see the data as it is.
+MARKINGS = ((MARK_START, MARK_END), (MARK_START, ""), ("", MARK_END))
 
 DEFAULT_V1_SYSTEM = "You are a helpful assistant."
 
@@ -205,6 +213,46 @@ def normalize_messages(messages: Any) -> list[dict[str, Any]]:
     return out
 
 
+# Put after the final message's text to find where it ends in the render (transformers' tag, so a template
+# that treats it specially treats ours alike).
+CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+
+
+def tag_final_message(
+    messages: list[dict[str, Any]], field: str, source: str
+) -> tuple[list[dict[str, Any]], str]:
+    """``continue_final_message``, as transformers does it: normalized ``messages`` with CONTINUE_TAG after
+    the final message's ``field`` (and after the copies of it under the other reasoning names), and that
+    field's text. ``cut_at_tag`` then ends the render where the text ends."""
+    last = messages[-1]
+    final = last.get(field)
+    if final is None:
+        raise TokenizerError(f'continue_final_message: the final message has no "{field}" to continue')
+    if not isinstance(final, str):
+        raise TokenizerError(f'continue_final_message: the final message\'s "{field}" is not text')
+    fields = [field]
+    if (
+        field in _REASONING_FIELDS
+    ):  # the reasoning is under every name: tag each, whichever the template reads
+        fields = [f for f in _REASONING_FIELDS if last.get(f) == final]
+    if not any(f in source for f in fields):
+        raise TokenizerError(f'continue_final_message: the chat template does not read "{field}"')
+    return [*messages[:-1], {**last, **{f: last[f] + CONTINUE_TAG for f in fields}}], final
+
+
+def cut_at_tag(rendered: str, final: str | None) -> str:
+    """A render of ``tag_final_message``'s messages cut where the final message's text ends (less trailing
+    whitespace where the template stripped the tag's). ``final``, where given, must be in the render."""
+    tag = CONTINUE_TAG.strip()
+    if tag not in rendered or (final is not None and final.strip() not in rendered):
+        raise TokenizerError(
+            "continue_final_message: the chat template does not render the final message as it was given "
+            "(it drops or rewrites part of it), so there is no end of it to continue from"
+        )
+    at = rendered.rindex(tag)
+    return rendered[:at] if rendered.startswith(CONTINUE_TAG, at) else rendered[:at].rstrip()
+
+
 def render(source: str, variables: dict[str, Any]) -> str:
     """Render a compiled template; any error raised inside it becomes a one-line TokenizerError."""
     template = compile_template(source)
@@ -221,26 +269,31 @@ def render(source: str, variables: dict[str, Any]) -> str:
 
 
 @lru_cache(maxsize=16)
-def control_patterns(tokens: tuple[str, ...]) -> tuple[re.Pattern[str], re.Pattern[str]]:
-    """(regex for any control token, regex for a marked token or a lone marker). Longest tokens first."""
+def control_patterns(
+    tokens: tuple[str, ...], marking: tuple[str, str] = MARKINGS[0]
+) -> tuple[re.Pattern[str], re.Pattern[str]]:
+    """(regex for any control token, regex for a token marked as ``marking`` (one of MARKINGS) or a lone
+    marker). Longest tokens first."""
     longest_first = sorted(tokens, key=len, reverse=True)
     any_token = re.compile("|".join(map(re.escape, longest_first)) or "(?!)")
-    marked = re.compile(f"{MARK_START}({any_token.pattern}){MARK_END}|[{MARK_START}{MARK_END}]")
+    start, end = marking
+    marked = re.compile(f"{start}({any_token.pattern}){end}|[{MARK_START}{MARK_END}]")
     return any_token, marked
 
 
-def mark_control_tokens(obj: Any, any_token: re.Pattern[str]) -> Any:
-    """Wrap control tokens in every string of `obj` (recursively; dict keys untouched) in markers.
+def mark_control_tokens(obj: Any, any_token: re.Pattern[str], marking: tuple[str, str] = MARKINGS[0]) -> Any:
+    """Mark control tokens in every string of `obj` (recursively; dict keys untouched) with ``marking``'s
+    markers before and after (one of MARKINGS).
 
     Markers already present in the input are removed first so they cannot be used to forge a marked token.
     """
     if isinstance(obj, str):
         obj = obj.replace(MARK_START, "").replace(MARK_END, "")
-        return any_token.sub(f"{MARK_START}\\g<0>{MARK_END}", obj)
+        return any_token.sub(f"{marking[0]}\\g<0>{marking[1]}", obj)
     if isinstance(obj, dict):
-        return {k: mark_control_tokens(v, any_token) for k, v in obj.items()}
+        return {k: mark_control_tokens(v, any_token, marking) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [mark_control_tokens(v, any_token) for v in obj]
+        return [mark_control_tokens(v, any_token, marking) for v in obj]
     return obj
 
 
@@ -256,6 +309,13 @@ def split_marked(rendered: str, marked: re.Pattern[str]) -> list[tuple[str, bool
         if piece:
             out.append((piece, i % 2 == 1))
     return out
+
+
+def template_tokens(pieces: list[tuple[str, bool]], any_token: re.Pattern[str]) -> Counter[str]:
+    """The control tokens of ``pieces``' template text (not the caller's marked tokens), counted."""
+    return Counter(
+        token for piece, from_user in pieces if not from_user for token in any_token.findall(piece)
+    )
 
 
 def _common_length(a: str, i: int, b: str, j: int) -> int:

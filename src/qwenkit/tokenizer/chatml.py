@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from qwenkit.tokenizer import chat_template as ct
-from qwenkit.tokenizer.base import Tokenizer
+from qwenkit.tokenizer.base import Tokenizer, continued_field
 from qwenkit.tokenizer.chat_template import DEFAULT_V1_SYSTEM
 from qwenkit.tokenizer.errors import TokenizerError
 
@@ -67,7 +67,11 @@ def make_context(
 
 
 def chatml_segments(
-    tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True
+    tokenizer: Tokenizer,
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    add_generation_prompt: bool = True,
+    continue_final_message: bool | str = False,
 ) -> list[tuple[list[int], bool]]:
     """Ids of OpenAI-shaped messages in ChatML, make_context style, as (ids, is_reply) segments.
 
@@ -76,18 +80,25 @@ def chatml_segments(
     way, every text part encoded on its own, so inference and fine-tuning share this one encoding. The
     text form is `chatml_template()`. A conversation that does not start with a system message gets v1's
     default system prompt; for system/user/assistant turns ending in a user turn the ids equal
-    `make_context` without truncation.
+    `make_context` without truncation. ``continue_final_message`` leaves the final turn open after its
+    content (no <|im_end|>), as `chatml_template()`'s text cut by transformers' rule.
     """
+    field = continued_field(continue_final_message, add_generation_prompt)
+    if field not in (None, "content"):
+        raise TokenizerError(f'continue_final_message: Qwen v1\'s ChatML has no "{field}" to continue')
     nl = tokenizer.encode_plain("\n")
     segments: list[tuple[list[int], bool]] = []
-    for i, message in enumerate(ct.normalize_messages(messages)):
+    normalized = ct.normalize_messages(messages)
+    for i, message in enumerate(normalized):
         role, content = message.get("role"), message.get("content")
         if not isinstance(content, str):
             raise TokenizerError(f"chat message {i} needs string 'role' and 'content' for ChatML")
         if i == 0 and role != "system":
             segments.append(([*_turn(tokenizer, "system", DEFAULT_V1_SYSTEM), *nl], False))
         head, body, end = _turn_parts(tokenizer, role, content)
-        if role == "assistant":
+        if field is not None and i == len(normalized) - 1:  # the open turn the model goes on with
+            segments += [(head, False), (body, role == "assistant")]
+        elif role == "assistant":
             segments += [(head, False), ([*body, end], True), (nl, False)]
         else:
             segments.append(([*head, *body, end, *nl], False))

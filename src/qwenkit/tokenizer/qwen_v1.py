@@ -137,6 +137,7 @@ class QwenV1Tokenizer(Tokenizer):
         messages: Sequence[Mapping[str, Any]],
         tools: list[dict[str, Any]] | None = None,
         add_generation_prompt: bool = True,
+        continue_final_message: bool | str = False,
     ) -> list[tuple[list[int], bool]] | None:
         """ChatML ids built exactly like Qwen's `make_context` and finetune.py: roles and contents encoded
         as plain text, each on its own, control tokens inserted as ids. A tokenizer_config chat_template,
@@ -147,4 +148,9 @@ class QwenV1Tokenizer(Tokenizer):
 
         if tools:
             raise TokenizerError("Qwen v1's ChatML has no tool support (use a ReAct prompt in the user turn)")
-        return chatml_segments(self, messages, add_generation_prompt=add_generation_prompt)
+        return chatml_segments(
+            self,
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+        )
