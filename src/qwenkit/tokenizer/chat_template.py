@@ -231,9 +231,7 @@ def tag_final_message(
     if not isinstance(final, str):
         raise TokenizerError(f'continue_final_message: the final message\'s "{field}" is not text')
     fields = [field]
-    if (
-        field in _REASONING_FIELDS
-    ):  # the reasoning is under every name: tag each, whichever the template reads
+    if field in _REASONING_FIELDS:  # the reasoning is under every name: tag each, whichever it reads
         fields = [f for f in _REASONING_FIELDS if last.get(f) == final]
     if not any(f in source for f in fields):
         raise TokenizerError(f'continue_final_message: the chat template does not read "{field}"')
