@@ -3,7 +3,8 @@
 Writes a random checkpoint with the exact Qwen2.5-0.5B shape (bfloat16 safetensors, sharded), then loads
 it in fresh subprocesses at several dtypes (bfloat16 also as ``generate`` loads it for inference on the
 plain PyTorch path: q/k/v and gate/up stacked into one layer each), and with ``--quantize int8|int4``
-(each layer rounded as its weight arrives), and reports peak RSS over the interpreter's own baseline
+(each layer rounded as its weight arrives; also as ``generate``/``chat``/``serve`` load it, on the
+kernels with q/k/v and gate/up fused), and reports peak RSS over the interpreter's own baseline
 (python with torch and qwenkit's loading code imported, the C++ kernels' library loaded), and of that
 peak, the pages of torch's own libraries that the load and the forward ran for the first time (code,
 the same for any model size: most of a small model's margin over its weights). Beside the
@@ -61,6 +62,10 @@ elif sys.argv[4] == "after":  # the old way: the whole float model, then quantiz
     from qwenkit.quant import quantize_for_runtime
     model, cfg = load_model(sys.argv[1], dtype=sys.argv[2], progress=False)
     quantize_for_runtime(model, quantize)
+elif sys.argv[4] == "kernels":  # as generate/chat/serve load it: on the kernels, q/k/v and gate/up fused
+    model, cfg = load_model(
+        sys.argv[1], dtype=sys.argv[2], quantize=quantize, progress=False, fast_kernels=True
+    )
 else:
     model, cfg = load_model(sys.argv[1], dtype=sys.argv[2], quantize=quantize, progress=False)
 dt = time.perf_counter() - t
@@ -117,8 +122,10 @@ def main() -> None:
             ("bfloat16", "-", "packed-cached"),
             ("float32", "-", "-"),
             ("bfloat16", "int8", "on-load"),
+            ("bfloat16", "int8", "kernels"),
             ("bfloat16", "int8", "after"),
             ("bfloat16", "int4", "on-load"),
+            ("bfloat16", "int4", "kernels"),
             ("bfloat16", "int4", "after"),
             ("bfloat16", "int8", "cached"),
             ("bfloat16", "int4", "cached"),
@@ -133,6 +140,8 @@ def main() -> None:
                 label = f"{label}, inference load on the plain PyTorch path (q/k/v and gate/up stacked)"
             if how == "packed":
                 label = f"{label}, inference load on the kernels (packed into their tiles, fused)"
+            if how == "kernels":
+                label = f"{label}, as generate/chat/serve load it (on the kernels, fused)"
             if how == "packed-cached":
                 label = f"{label}, inference load on the kernels, from the prepared cache"
             print(row(label, path, dtype, quantize, how))
@@ -143,6 +152,7 @@ def main() -> None:
             subprocess.run(cmd, check=True, capture_output=True)
         label = "GPTQ int4 checkpoint (written by `qwenkit quantize --method rtn`)"
         print(row(label, gptq, "bfloat16", "-", "-"))
+        print(row("GPTQ int4 checkpoint, as generate/chat/serve load it", gptq, "bfloat16", "-", "packed"))
         print(row("GPTQ int4 checkpoint, from the prepared cache", gptq, "bfloat16", "-", "cached"))
         from qwenkit.default_model import default_model_path
 
