@@ -44,6 +44,11 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
 
+def model_not_found(name: str, why: str) -> APIError:
+    """vLLM's 404 for a request's ``model`` this server does not serve, ``why`` saying what it does."""
+    return APIError(404, f"the model {name!r} does not exist{why}", "model", "model_not_found")
+
+
 class BodyTooLarge(Exception):
     """Raised from a request's ``receive`` once its body passes ``--max-request-size`` (FastAPI turns
     an error while it reads a body into a 400 whose cause is this; the handler makes it a 413)."""

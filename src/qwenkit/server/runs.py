@@ -18,7 +18,7 @@ from fastapi.responses import StreamingResponse
 
 from qwenkit.engine import SamplingParams, SamplingParamsError
 from qwenkit.generate import Completion, Delta, TextStream
-from qwenkit.server.errors import APIError, error_body
+from qwenkit.server.errors import APIError, error_body, model_not_found
 from qwenkit.server.logprobs import PromptEcho
 from qwenkit.server.schemas import ChatCompletionRequest, CompletionRequest
 from qwenkit.server.state import ServerState
@@ -112,12 +112,7 @@ class Run:
         bank = self.state.llm.engine.adapters
         if name is None or (bank is not None and name in bank.served):
             return None
-        return APIError(
-            404,
-            f"the model {name!r} does not exist: its adapter was unloaded as this request started",
-            "model",
-            "model_not_found",
-        )
+        return model_not_found(name, ": its adapter was unloaded as this request started")
 
     def failure(self, completion: Completion) -> APIError:
         """The error of a choice the engine failed: the model gone where the engine refused it as it

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from qwenkit.generate import LLM
-from qwenkit.server.errors import APIError
+from qwenkit.server.errors import model_not_found
 from qwenkit.server.metrics import ServerMetrics
 from qwenkit.server.response_cache import ResponseCache
 
@@ -67,12 +67,7 @@ class ServerState:
         if name in self.adapters:
             return name
         served = ", ".join(repr(n) for n in (self.model_name, *self.adapters))
-        raise APIError(
-            404,
-            f"the model {name!r} does not exist; this server serves {served}",
-            "model",
-            "model_not_found",
-        )
+        raise model_not_found(name, f"; this server serves {served}")
 
     def forget_answers(self, adapter: str) -> None:
         """Adapter ``adapter`` changed (loaded, replaced or unloaded): no remembered answer of it is
