@@ -68,7 +68,11 @@ class TextState:
         # a stop string that spells a special token ("<|im_start|>") never appears in the text, which
         # skips that token: the token itself is the stop (as koboldcpp matches one; vLLM never stops).
         # One that holds a special token's text and more could never be found (vLLM runs on): refused.
-        specials = [t for t, i in tokenizer.added_tokens.items() if i in tokenizer.special_token_ids and t]
+        specials = (
+            [t for t, i in tokenizer.added_tokens.items() if i in tokenizer.special_token_ids and t]
+            if self.stop
+            else []
+        )  # most requests have no stop string: no walk of the added tokens for them
         for s, special in ((s, t) for s in self.stop for t in specials if t in s and t != s):
             raise SamplingParamsError(
                 f"stop string {s!r} holds the special token {special} and other text, but special tokens "
