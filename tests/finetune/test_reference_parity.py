@@ -18,7 +18,7 @@ from qwenkit.finetune.data import read_records
 from qwenkit.finetune.distributed import World
 from qwenkit.finetune.encode import IGNORE, Example, encode_all
 from qwenkit.finetune.lora import LoRAConfig, apply_lora, lora_modules, lora_parameters
-from qwenkit.finetune.trainer import TrainArgs, Trainer
+from qwenkit.finetune.trainer import TrainArgs, Trainer, enable_gradient_checkpointing
 from qwenkit.generate import tokenizer_for
 
 PAD = 151643  # <|endoftext|>
@@ -159,12 +159,16 @@ def reference_rows(examples: list[Example], batch: list[int]) -> dict[str, torch
     return padded([(examples[i].ids, examples[i].labels) for i in batch], pad_id=0)
 
 
-@pytest.mark.parametrize(("family", "rslora", "dropout"), [("qwen2", False, 0.1), ("qwen3", True, 0.1)])
-def test_lora_init_dropout_clipping_and_adamw_steps_equal_peft(family, rslora, dropout, tmp_path):
+@pytest.mark.parametrize(
+    ("family", "rslora", "checkpointing"),
+    [("qwen2", False, False), ("qwen3", True, False), ("qwen2", False, True)],
+)
+def test_lora_init_dropout_clipping_and_adamw_steps_equal_peft(family, rslora, checkpointing, tmp_path):
     """With one seed, qwenkit's new adapter is peft's (A Kaiming-uniform, B zero, drawn in the same order),
     its dropout draws peft's masks (on each adapter's input, in the forward's order) and three steps with
     gradient accumulation, warmup + cosine, weight decay and clipping of the adapters' global norm (torch's
-    clip_grad_norm_ over the LoRA parameters alone) give peft + AdamW's losses, norms and weights."""
+    clip_grad_norm_ over the LoRA parameters alone) give peft + AdamW's losses, norms and weights, also
+    with --gradient-checkpointing (the recomputed forward draws the same dropout masks)."""
     import peft
     import transformers
     from transformers.optimization import get_cosine_schedule_with_warmup
@@ -172,13 +176,15 @@ def test_lora_init_dropout_clipping_and_adamw_steps_equal_peft(family, rslora, d
     model_dir = save_hf(hf_model(family, tie_word_embeddings=False), tmp_path / "m")
     model, _ = load_model(model_dir, "float32", progress=False)
     torch.manual_seed(0)
-    apply_lora(model, LoRAConfig(r=4, alpha=16, dropout=dropout, use_rslora=rslora))
+    apply_lora(model, LoRAConfig(r=4, alpha=16, dropout=0.1, use_rslora=rslora))
+    if checkpointing:
+        enable_gradient_checkpointing(model)
     base = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     torch.manual_seed(0)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     ref = peft.get_peft_model(
         base,
-        peft.LoraConfig(r=4, lora_alpha=16, lora_dropout=dropout, use_rslora=rslora, target_modules=targets),
+        peft.LoraConfig(r=4, lora_alpha=16, lora_dropout=0.1, use_rslora=rslora, target_modules=targets),
     ).train()
     ref_params = {n: p for n, p in ref.named_parameters() if p.requires_grad}
     mine = {
