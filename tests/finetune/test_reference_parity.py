@@ -83,6 +83,45 @@ def template_labels(hf_tokenizer, messages) -> tuple[list[int], list[int]]:
     return enc["input_ids"], labels
 
 
+def test_label_mask_is_transformers_assistant_tokens_mask(tmp_path):
+    """On Qwen2.5's template with generation markers around each reply and its <|im_end|>, the labels are
+    transformers' ``return_assistant_tokens_mask``: a token is labelled when any of its characters is in a
+    reply, so a reply opening with newlines, which merge with the header's into one token, keeps them."""
+    import shutil
+
+    import transformers
+    from factories import qwen3_tokenizer_dir
+
+    from qwenkit.finetune.encode import encode_messages
+    from qwenkit.tokenizer import load_tokenizer
+
+    for name in ("tokenizer.json", "vocab.json", "merges.txt"):
+        shutil.copy(qwen3_tokenizer_dir() / name, tmp_path / name)
+    config = json.loads((qwen3_tokenizer_dir() / "tokenizer_config.json").read_text())
+    marked = QWEN25_TEMPLATE.replace(
+        "{%- for message in messages %}",
+        "{%- for message in messages %}{%- if message.role == 'assistant' %}"
+        "{{- '<|im_start|>assistant\\n' }}{% generation %}{{- message.content + '<|im_end|>' }}"
+        "{% endgeneration %}{{- '\\n' }}{%- elif true %}",
+    ).replace("{%- endif %}{%- endfor %}", "{%- endif %}{%- endif %}{%- endfor %}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": marked}))
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    tok = load_tokenizer(tmp_path)
+    straddling = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "\nHello!"},
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": "\n\n  y \n"},
+    ]
+    for messages in [*CONVERSATIONS, straddling]:
+        out = hf_tokenizer.apply_chat_template(
+            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+        want = [i if m else IGNORE for i, m in zip(out["input_ids"], out["assistant_masks"], strict=True)]
+        assert encode_messages(tok, messages) == (out["input_ids"], want)
+    assert hf_tokenizer.decode([i for i in want if i != IGNORE]).startswith("\n\nHello!<|im_end|>")
+
+
 def padded(rows: list[tuple[list[int], list[int]]], pad_id: int = PAD) -> dict[str, torch.Tensor]:
     """transformers' inputs of right-padded rows: ids, attention mask, labels (-100 on the pads)."""
     width = max(len(ids) for ids, _ in rows)
