@@ -46,17 +46,34 @@ log = logging.getLogger(__name__)
 # Chat completions
 
 
-def chat_prompt(
-    llm: LLM, body: ChatCompletionRequest, defaults: Mapping[str, Any] | None = None
-) -> list[int]:
-    """The request's prompt ids; ``defaults`` are the server's template kwargs, under the request's own
-    (vLLM's merge: ``defaults | request``)."""
-    messages = [m.as_template_message() for m in body.messages]
+def template_kwargs(body: ChatCompletionRequest, defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The chat template's kwargs: the server's ``defaults`` under the request's own (vLLM's merge:
+    ``defaults | request``), the top-level ``continue_final_message`` under ``chat_template_kwargs``' (vLLM
+    passes the field first, then the kwargs)."""
     kwargs = dict(body.chat_template_kwargs or {})
     for key in ("enable_thinking",):  # also accepted at the top level, as some clients send it
         if key in (body.model_extra or {}):
             kwargs.setdefault(key, body.model_extra[key])
-    kwargs = {**(defaults or {}), **kwargs}
+    if body.continue_final_message:
+        kwargs.setdefault("continue_final_message", True)
+    return {**(defaults or {}), **kwargs}
+
+
+def continued_text(body: ChatCompletionRequest, kwargs: Mapping[str, Any]) -> str | None:
+    """The text of the final message's field that a rendered prompt continues, or None (a new turn)."""
+    field = kwargs.get("continue_final_message")
+    if field is None or field is False:
+        return None
+    value = body.messages[-1].as_template_message().get("content" if field is True else field)
+    return value if isinstance(value, str) else None
+
+
+def chat_prompt(
+    llm: LLM, body: ChatCompletionRequest, defaults: Mapping[str, Any] | None = None
+) -> list[int]:
+    """The request's prompt ids; ``defaults`` are the server's template kwargs (see `template_kwargs`)."""
+    messages = [m.as_template_message() for m in body.messages]
+    kwargs = template_kwargs(body, defaults)
     style, functions = template_style(llm.tokenizer.chat_template), react_functions(llm, body)
     try:
         return style.prompt_ids(
@@ -66,6 +83,8 @@ def chat_prompt(
         raise APIError(400, str(e), "messages") from None
     except Exception as e:  # the template's own raise_exception, or a malformed message
         reason = str(e).removeprefix("chat template failed: ")  # the tokenizer's words for the same thing
+        if reason.startswith("continue_final_message"):  # the tokenizer's check of the field, naming it
+            raise APIError(400, reason, "continue_final_message") from None
         raise APIError(
             400, f"messages: the chat template could not render them: {reason}", "messages"
         ) from None
@@ -88,7 +107,8 @@ async def start_chat(state: ServerState, body: ChatCompletionRequest) -> ChatRun
     refuse_unsupported(body)
     defaults = state.config.default_chat_template_kwargs
     prompt_ids = await asyncio.to_thread(chat_prompt, llm, body, defaults)
-    plan = await asyncio.to_thread(plan_tools, llm, body, prompt_ids)
+    continued = continued_text(body, template_kwargs(body, defaults))
+    plan = await asyncio.to_thread(plan_tools, llm, body, prompt_ids, continued)
     extra = {
         "logprobs": (body.top_logprobs or 0) if body.logprobs else None,
         "grammar": plan.grammar,

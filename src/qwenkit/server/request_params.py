@@ -89,7 +89,6 @@ VLLM_FIELDS: dict[str, tuple[tuple[object, ...], str]] = {
     "allowed_token_ids": (([],), "; logit_bias can ban tokens"),
     "bad_words": (([],), "; logit_bias can ban tokens"),
     "truncate_prompt_tokens": ((), ""),
-    "continue_final_message": ((False,), ""),
     "chat_template": ((), ""),
     "guided_json": ((), "; use response_format (json_schema)"),
     "guided_regex": ((), ""),

@@ -257,6 +257,17 @@ def chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
     if not messages:
         raise _bad_input("input", "is empty")
     extra = body.model_extra or {}
+    kwargs = extra.get("chat_template_kwargs")
+    asked = [extra.get("continue_final_message")]
+    asked += [kwargs.get("continue_final_message")] if isinstance(kwargs, dict) else []
+    if any(value is not None and value is not False for value in asked):
+        raise APIError(  # a Responses turn is always the model's new one: nothing to continue
+            400,
+            "continue_final_message is not supported on /v1/responses; use /v1/chat/completions "
+            "with add_generation_prompt false",
+            "continue_final_message",
+            "unsupported",
+        )
     # vLLM's extensions the chat route refuses go with them, refused there by name rather than ignored here
     passed = (*_SAMPLING_EXTRAS, *VLLM_FIELDS)
     chat: dict[str, Any] = {key: extra[key] for key in passed if key in extra}

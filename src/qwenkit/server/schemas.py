@@ -261,6 +261,8 @@ class ChatCompletionRequest(SamplingFields):
     response_format: dict[str, Any] | None = None  # text | json_object | json_schema
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = flag(True)
+    # vLLM's prefill: the prompt ends inside the final message (with add_generation_prompt false)
+    continue_final_message: bool = flag()
 
     @field_validator("top_logprobs")
     @classmethod
@@ -365,9 +367,16 @@ class TokenizeRequest(_Lenient):
     chat_template_kwargs: dict[str, Any] | None = None
     add_special_tokens: bool = flag(True)
     add_generation_prompt: bool = flag(True)
+    continue_final_message: bool = flag()
 
     def as_chat_request(self) -> ChatCompletionRequest:
-        fields = ("messages", "tools", "chat_template_kwargs", "add_generation_prompt")
+        fields = (
+            "messages",
+            "tools",
+            "chat_template_kwargs",
+            "add_generation_prompt",
+            "continue_final_message",
+        )
         return ChatCompletionRequest.model_validate(
             {**(self.model_extra or {}), **self.model_dump(include=set(fields))}
         )

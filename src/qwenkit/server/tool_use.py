@@ -17,7 +17,11 @@ from typing import Any
 from qwenkit.generate import LLM
 from qwenkit.server.errors import APIError
 from qwenkit.server.schemas import ChatCompletionRequest
-from qwenkit.tokenizer.thinking import prompt_closes_thinking, prompt_opens_thinking
+from qwenkit.tokenizer.thinking import (
+    continuation_opens_thinking,
+    prompt_closes_thinking,
+    prompt_opens_thinking,
+)
 from qwenkit.tools.calls import Event, ParsedMessage, ToolSpecError, call_events, collect, offered_functions
 from qwenkit.tools.grammar import (
     GrammarError,
@@ -50,6 +54,7 @@ class ToolPlan:
     llama3_json: bool = False  # Llama 3.1/3.2: the reply's calls are bare JSON, not <tool_call> blocks
     in_reasoning: bool = False  # the prompt itself opened <think>
     may_think: bool = False  # the reply may open <think> itself (the prompt neither opened nor closed it)
+    continued: bool = False  # the reply continues the prompt's final message (continue_final_message)
 
     @property
     def parses_calls(self) -> bool:
@@ -125,8 +130,11 @@ def react_functions(llm: LLM, body: ChatCompletionRequest) -> list[dict[str, Any
     return _functions(body.tools) if uses_react(llm, body) else []
 
 
-def plan_tools(llm: LLM, body: ChatCompletionRequest, prompt_ids: list[int]) -> ToolPlan:
-    """Check the request's tool fields and build what enforces and parses them (may compile a grammar)."""
+def plan_tools(
+    llm: LLM, body: ChatCompletionRequest, prompt_ids: list[int], continued: str | None = None
+) -> ToolPlan:
+    """Check the request's tool fields and build what enforces and parses them (may compile a grammar).
+    ``continued``: the text of the final message the prompt continues (continue_final_message), if any."""
     functions = _functions(body.tools) if body.tools is not None else []
     choice, named = _choice(body.tool_choice, functions)
     parallel = body.parallel_tool_calls is not False
@@ -134,7 +142,11 @@ def plan_tools(llm: LLM, body: ChatCompletionRequest, prompt_ids: list[int]) -> 
     plan = ToolPlan(functions, choice, named, parallel, reasoning=style.reasoning)
     plan.react = uses_react(llm, body)
     plan.llama3_json = style.calls == "llama3_json"
-    if plan.reasoning:
+    plan.continued = continued is not None
+    if plan.reasoning and continued is not None:  # the reply opens no block: it may be inside one
+        length = len(llm.tokenizer.encode(continued))
+        plan.in_reasoning = continuation_opens_thinking(llm.tokenizer.decode, prompt_ids, length)
+    elif plan.reasoning:
         plan.in_reasoning = prompt_opens_thinking(llm.tokenizer.decode, prompt_ids)
         plan.may_think = not plan.in_reasoning and not prompt_closes_thinking(
             llm.tokenizer.decode, prompt_ids
@@ -171,7 +183,10 @@ class ToolParser:
             Llama3JsonParser()
             if plan.llama3_json and plan.parses_calls
             else HermesParser(
-                tools=plan.parses_calls, reasoning=plan.reasoning, in_reasoning=plan.in_reasoning
+                tools=plan.parses_calls,
+                reasoning=plan.reasoning,
+                in_reasoning=plan.in_reasoning,
+                continued=plan.continued,
             )
         )
         self.events: list[Event] = []

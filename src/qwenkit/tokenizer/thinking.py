@@ -31,6 +31,17 @@ def prompt_closes_thinking(decode: Callable[[Sequence[int]], str], prompt_ids: S
     return decode(list(prompt_ids[-4:])).rstrip().endswith(THINK_CLOSE)
 
 
+def continuation_opens_thinking(
+    decode: Callable[[Sequence[int]], str], prompt_ids: Sequence[int], continued_len: int
+) -> bool:
+    """Whether a prompt that ends inside its final message (``continue_final_message``) ends inside a
+    ``<think>`` block that message, or the template just before it, opened: the last tag among the final
+    message's tokens and the few the template wrote before them is ``<think>``. ``continued_len``: the
+    continued text's length in tokens."""
+    tail = decode(list(prompt_ids[-(continued_len + 8) :]))
+    return tail.rfind(THINK_OPEN) > tail.rfind(THINK_CLOSE)
+
+
 def partial_suffix(text: str, tag: str) -> int:
     """Length of the longest end of ``text`` that is a proper prefix of ``tag``."""
     for n in range(min(len(tag) - 1, len(text)), 0, -1):
@@ -67,11 +78,14 @@ def split_thinking(text: str, *, opened: bool = False) -> tuple[str | None, str]
 class ThinkSplitter:
     """Feed a reply's text as it streams; each ``feed`` returns ``(reasoning, content)``, the new text of
     each that is decided (reasoning always comes before content), and ``finish`` the rest at the end.
-    Text that may still be part of a tag is held back. ``opened``: the prompt already opened the block."""
+    Text that may still be part of a tag is held back. ``opened``: the prompt already opened the block.
+    ``continued``: the reply continues a prefilled final message, inside its open block (``opened``) or
+    its answer, so it opens no block and its leading whitespace is the message's own."""
 
-    def __init__(self, *, opened: bool = False) -> None:
-        self.state = "thinking" if opened else "start"  # start | thinking | answer
-        self.strip = opened  # drop the whitespace after a tag
+    def __init__(self, *, opened: bool = False, continued: bool = False) -> None:
+        # start | thinking | answer
+        self.state = "thinking" if opened else "answer" if continued else "start"
+        self.strip = opened and not continued  # drop the whitespace after a tag
         self.buf = ""
 
     def feed(self, text: str) -> tuple[str, str]:

@@ -70,12 +70,22 @@ class _OpenCall(JsonExtent):
 class HermesParser:
     """Feed text deltas, get Events. ``tools``: parse ``<tool_call>`` blocks (off: they stay content,
     verbatim). ``reasoning``: split a leading ``<think>`` block off as reasoning; ``in_reasoning``: the
-    prompt already opened it (the template ended with ``<think>\\n``)."""
+    prompt already opened it (the template ended with ``<think>\\n``); ``continued``: the reply continues a
+    prefilled final message (``ThinkSplitter``'s)."""
 
-    def __init__(self, *, tools: bool = True, reasoning: bool = False, in_reasoning: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        tools: bool = True,
+        reasoning: bool = False,
+        in_reasoning: bool = False,
+        continued: bool = False,
+    ) -> None:
         self.tools, self.reasoning = tools, reasoning
         # the leading <think> block is split off first; the rest is content and calls
-        self.thinking = ThinkSplitter(opened=in_reasoning) if reasoning or in_reasoning else None
+        self.thinking = (
+            ThinkSplitter(opened=in_reasoning, continued=continued) if reasoning or in_reasoning else None
+        )
         self.mode = "content"
         self.strip_leading = False  # drop whitespace after markup
         self.buf = ""
