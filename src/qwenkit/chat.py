@@ -20,7 +20,12 @@ from typing import Any
 from qwenkit.engine import SamplingParams
 from qwenkit.errors import QwenkitError
 from qwenkit.generate import LLM, Completion, Delta
-from qwenkit.tokenizer.thinking import ThinkSplitter, prompt_opens_thinking, template_thinks
+from qwenkit.tokenizer.thinking import (
+    ThinkSplitter,
+    continuation_opens_thinking,
+    prompt_opens_thinking,
+    template_thinks,
+)
 
 Message = dict[str, Any]
 
@@ -54,15 +59,22 @@ def build_prompt(
     tools: list[dict] | None = None,
     **template_kwargs: Any,
 ) -> list[int]:
-    """Prompt ids for ``messages``, dropping the oldest turns until prompt + reply fit the window."""
+    """Prompt ids for ``messages``, dropping the oldest turns until prompt + reply fit the window.
+    ``continue_final_message=True`` (transformers' argument) continues the final message instead of opening
+    a new turn: no generation prompt unless one is asked for (which the tokenizer refuses beside it)."""
     check_template_kwargs(template_kwargs)
+    kwargs = dict(template_kwargs)
+    gen = kwargs.pop("add_generation_prompt", not continues(kwargs))
 
     def render(msgs: list[Message]) -> list[int]:
-        return llm.tokenizer.apply_chat_template(
-            msgs, tools=tools, add_generation_prompt=True, **template_kwargs
-        )
+        return llm.tokenizer.apply_chat_template(msgs, tools=tools, add_generation_prompt=gen, **kwargs)
 
     return fit_messages(llm, messages, params, render)[1]
+
+
+def continues(template_kwargs: dict[str, Any]) -> bool:
+    """Whether the template kwargs continue the final message (``continue_final_message``)."""
+    return template_kwargs.get("continue_final_message") not in (None, False)
 
 
 def fit_messages(
@@ -103,7 +115,14 @@ def chat_stream(
     if not template_thinks(tokenizer.chat_template):
         yield from llm.stream(prompt, params)
         return
-    split = ThinkSplitter(opened=prompt_opens_thinking(tokenizer.decode, prompt))
+    if continues(template_kwargs):  # the reply opens no block: it may go on inside the final message's
+        field = template_kwargs["continue_final_message"]
+        text = messages[-1].get("content" if field is True else field) if messages else None
+        length = len(tokenizer.encode(text)) if isinstance(text, str) else 0
+        opened = continuation_opens_thinking(tokenizer.decode, prompt, length)
+        split = ThinkSplitter(opened=opened, continued=True)
+    else:
+        split = ThinkSplitter(opened=prompt_opens_thinking(tokenizer.decode, prompt))
     with contextlib.closing(llm.stream(prompt, params)) as deltas:
         for delta in deltas:
             reasoning, text = split.feed(delta.text)
