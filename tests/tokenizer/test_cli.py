@@ -225,3 +225,24 @@ def test_template_errors_name_the_file_at_fault(capsys, tmp_path):
             f"error: {tmp_path / 'n.json'}: message 0's content must be text or a list of text parts, "
             "not 5\n",
         )
+
+
+def test_template_continues_the_final_message(capsys, tmp_path, qwen3):
+    """``--continue-final-message`` (transformers' continue_final_message, vLLM's chat field): the prompt
+    ends inside the final message, with no generation prompt; beside ``--no-generation-prompt`` it is the
+    same, and a final message the template cannot continue is a one-line error."""
+    messages = [{"role": "user", "content": "Poem?"}, {"role": "assistant", "content": "<think>\nRoses"}]
+    (tmp_path / "m.json").write_text(json.dumps(messages))
+    kwargs = {"add_generation_prompt": False, "continue_final_message": True}
+    for flags in (["--continue-final-message"], ["--continue-final-message", "--no-generation-prompt"]):
+        assert template.main([str(QWEN3_DIR), str(tmp_path / "m.json"), *flags]) == 0
+        out = capsys.readouterr().out
+        assert out == qwen3.render_chat_template(messages, **kwargs)
+        assert out.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n<think>\nRoses")
+    assert template.main([str(QWEN3_DIR), str(tmp_path / "m.json"), "--continue-final-message", "--ids"]) == 0
+    assert json.loads(capsys.readouterr().out) == qwen3.apply_chat_template(messages, **kwargs)
+    no_content = [messages[0], {"role": "assistant", "reasoning_content": "x"}]
+    (tmp_path / "bad.json").write_text(json.dumps(no_content))
+    assert template.main([str(QWEN3_DIR), str(tmp_path / "bad.json"), "--continue-final-message"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "continue_final_message" in err

@@ -71,6 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-generation-prompt", action="store_true", help="do not open an assistant turn at the end"
     )
+    parser.add_argument(
+        "--continue-final-message",
+        action="store_true",
+        help="end the prompt inside the final message, for the model to continue it (a prefilled reply; "
+        "implies --no-generation-prompt)",
+    )
     parser.add_argument("--ids", action="store_true", help="print the prompt's token ids as JSON instead")
     args = parser.parse_args(argv)
 
@@ -95,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
                 compile_template(tokenizer.chat_template)
             except QwenkitError as e:
                 raise _InputError(f"{args.model_dir}: {e}") from None
-        gen = not args.no_generation_prompt
+        gen = not (args.no_generation_prompt or args.continue_final_message)
+        cont = {"continue_final_message": True} if args.continue_final_message else {}
         style = template_style(tokenizer.chat_template)
         try:  # a bad message or tool named no file ("chat message 0 must be ..."): say which one
             functions = offered_functions(tools) if tools is not None else []
@@ -110,9 +117,9 @@ def main(argv: list[str] | None = None) -> int:
             )
         try:
             if args.ids:
-                out = json.dumps(style.prompt_ids(tokenizer, data, functions, tools, gen)) + "\n"
+                out = json.dumps(style.prompt_ids(tokenizer, data, functions, tools, gen, **cont)) + "\n"
             else:
-                out = style.prompt_text(tokenizer, data, functions, tools, gen)
+                out = style.prompt_text(tokenizer, data, functions, tools, gen, **cont)
         except QwenkitError as e:
             raise _InputError(f"{args.messages}: {e}") from None
         sys.stdout.write(out)
