@@ -121,3 +121,32 @@ def test_a_ranked_step_s_softmax_runs_on_one_thread(row_passes, monkeypatch):
         assert torch.equal(sampler._softmax(every), every.softmax(-1))  # a whole vocabulary: threads
     finally:
         torch.set_num_threads(before)
+
+
+def test_rows_sharing_one_top_k_build_no_per_row_index_tensors(row_passes, monkeypatch):
+    """Rows with one top_k and top-p (Qwen's defaults in every row) take their k-th best as a column and
+    need no mask of which rows are top-k or top-p: a step builds its temperatures and top-p's alone, and
+    the candidates are each row's own, ties at the k-th kept."""
+    torch.manual_seed(5)
+    logits = torch.randn(16, V)
+    logits[3, :25] = 7.0  # 25 tokens tie for row 3's best: kept past k = 20, then top-p cuts them
+    params = [SamplingParams(temperature=0.7, top_k=20, top_p=0.8)] * 16
+    alone = [sampler.filter_candidates(logits[i : i + 1], params[:1]) for i in range(16)]
+    made: list[list] = []
+    inner = torch.tensor
+
+    def counted(data, *args, **kwargs):
+        made.append(data)
+        return inner(data, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "tensor", counted)
+    candidates, ids = sampler.filter_candidates(logits, params)
+    monkeypatch.undo()
+    assert made == [[0.7] * 16, [0.8] * 16]
+    width = candidates.shape[1]
+    for i, (row, row_ids) in enumerate(alone):
+        n = row.shape[1]
+        assert torch.equal(candidates[i, :n], row[0]) and torch.equal(ids[i, :n], row_ids[0])
+        assert bool((candidates[i, n:width] == float("-inf")).all())
+    kept = ids[3][candidates[3] > float("-inf")]
+    assert set(kept.tolist()) <= set(range(25)) and len(kept) > 20  # ties past k, then top-p's cut

@@ -208,8 +208,14 @@ def filter_candidates(
     values, ids, width = _top_k_window(logits, ks, width)
     candidates = values / temperature
     if min(ks) < width:  # top-k keeps every token tied with its k-th best (transformers', vLLM's)
-        kth = values.gather(1, torch.tensor([min(k, width) - 1 for k in ks], device=dev)[:, None])
-        beyond = (values < kth) & torch.tensor([k < V for k in ks], device=dev)[:, None]
+        # one k in every row (Qwen's defaults): a column, not a gather, and no mask of top-k rows
+        if len(set(ks)) == 1:
+            kth = values[:, ks[0] - 1 : ks[0]]
+        else:
+            kth = values.gather(1, torch.tensor([min(k, width) - 1 for k in ks], device=dev)[:, None])
+        beyond = values < kth
+        if open_rows:
+            beyond &= torch.tensor([k < V for k in ks], device=dev)[:, None]
         candidates = candidates.masked_fill(beyond, float("-inf"))
     if open_rows:  # shares of the whole vocabulary; rows whose window misses mass get a wider one
         total = _logsumexp(logits[open_rows], [params[i].temperature for i in open_rows])[:, None]
@@ -222,12 +228,16 @@ def filter_candidates(
             ids = torch.cat([ids, ids[:, :1].expand(-1, pad)], 1)  # at -inf: never drawn
             candidates[rows], ids[rows] = wider, wider_ids
             width = candidates.shape[1]
-    if bool((top_p < 1.0).any()):
+    nucleus = [p < 1.0 for p in top_p[:, 0].tolist()]  # as float32 holds them
+    if any(nucleus):
         probs = _softmax(candidates)
         if open_rows:
             probs[open_rows] = (candidates[open_rows] - total).exp()
         before = probs.cumsum(-1) - probs  # probability of the more likely candidates
-        candidates = candidates.masked_fill((before >= top_p) & (top_p < 1.0), float("-inf"))
+        beyond = before >= top_p
+        if not all(nucleus):
+            beyond &= top_p < 1.0
+        candidates = candidates.masked_fill(beyond, float("-inf"))
     return _min_p(candidates, params), ids
 
 
@@ -253,9 +263,13 @@ def _top_k_window(
             values, ids = values[:, :width].contiguous(), ids[:, :width].contiguous()
         if width == V or not top_k_rows:
             return values, ids, width
-        rows = torch.tensor(top_k_rows, device=logits.device)
-        kth = values[rows, torch.tensor([ks[i] - 1 for i in top_k_rows], device=logits.device)]
-        if not bool(((values[rows, -1] == kth) & (kth > float("-inf"))).any()):
+        if len(top_k_rows) == len(ks) and len(set(ks)) == 1:  # one k in every row: columns
+            kth, last = values[:, ks[0] - 1], values[:, -1]
+        else:
+            rows = torch.tensor(top_k_rows, device=logits.device)
+            kth = values[rows, torch.tensor([ks[i] - 1 for i in top_k_rows], device=logits.device)]
+            last = values[rows, -1]
+        if not bool(((last == kth) & (kth > float("-inf"))).any()):
             return values, ids, width
         width = min(V, 2 * width)
 
