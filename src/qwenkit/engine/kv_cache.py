@@ -143,6 +143,7 @@ class StepAttention:
         self.num_decode = len(decode_rows)
         self.decode_gather: torch.Tensor | None = None
         self.decode_mask: torch.Tensor | None = None
+        self._ragged = False
         if decode_rows:
             pos_list = [pos for _, pos in decode_rows]
             span = max(pos_list) + 1
@@ -151,14 +152,9 @@ class StepAttention:
             new_slots = [table[pos // size] * size + pos % size for table, pos in decode_rows]
             positions, decode_slots = torch.tensor([pos_list, new_slots], device=dev)  # one tensor made
             writes.append(decode_slots)
-            if min(pos_list) != span - 1:
-                visible = torch.arange(span, device=dev)[None, :] <= positions[:, None]  # (Bd, S)
-                self.decode_mask = visible[:, None, None, :]  # (Bd, 1, 1, S)
-                # A masked key still meets its value in (weights @ V): 0 * NaN is NaN, and the pool is
-                # uninitialized memory. Padding reads the row's own first slot, which always holds K/V.
-                gather = torch.where(visible, gather, gather[:, :1])
-            self.decode_gather = gather
+            self.decode_gather = gather  # the kernels read a row's keys 0..its position alone
             self.decode_positions = positions
+            self._ragged = min(pos_list) != span - 1  # SDPA's rows need a mask (``_sdpa_decode``)
         self.chunks: list[_ChunkRow] = []
         offset = self.num_decode
         for table, start, n in chunk_rows:
@@ -187,6 +183,21 @@ class StepAttention:
             self.cache.k, self.cache.v, self.slot_mapping, self.decode_gather, self.decode_positions
         )
 
+    def _sdpa_decode(self) -> None:
+        """Once a step, for SDPA's decoding rows at different positions: the mask of the keys each row
+        sees, and its gather padded past them. Made on first use: the kernels need neither, and over a
+        long context the (rows, keys) mask and padding were a step's biggest tensors."""
+        if not self._ragged or self.decode_mask is not None:
+            return
+        gather, positions = self.decode_gather, self.decode_positions
+        visible = (
+            torch.arange(gather.shape[1], device=gather.device)[None, :] <= positions[:, None]
+        )  # (Bd, S)
+        self.decode_mask = visible[:, None, None, :]  # (Bd, 1, 1, S)
+        # A masked key still meets its value in (weights @ V): 0 * NaN is NaN, and the pool is
+        # uninitialized memory. Padding reads the row's own first slot, which always holds K/V.
+        self.decode_gather = torch.where(visible, gather, gather[:, :1])
+
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q (1, H, N, D), k/v (1, Hkv, N, D) for the step's tokens -> attention output (1, H, N, D)."""
         kc, vc = self.cache.k[layer], self.cache.v[layer]
@@ -200,6 +211,7 @@ class StepAttention:
             out = kernels.decode_attention(qd, kc, vc, self.decode_gather, self.decode_positions, scale)
             parts.append(out.transpose(0, 1))  # (H, Bd, D)
         elif self.num_decode:
+            self._sdpa_decode()
             qd = q[0, :, : self.num_decode].transpose(0, 1)[:, :, None]  # (Bd, H, 1, D)
             keys = kc[self.decode_gather].transpose(1, 2)  # (Bd, Hkv, S, D)
             values = vc[self.decode_gather].transpose(1, 2)

@@ -152,6 +152,27 @@ def _logsumexp(logits: torch.Tensor, temperatures: Sequence[float]) -> torch.Ten
     return torch.logsumexp(logits / torch.tensor(temperatures, device=logits.device)[:, None], dim=-1)
 
 
+# Up to this many values ``_softmax`` runs on the calling thread alone.
+SERIAL_SOFTMAX_MAX = 1 << 15
+
+
+def _softmax(x: torch.Tensor) -> torch.Tensor:
+    """``x.softmax(-1)``, on the calling thread alone for a ranked step's few candidates (up to
+    ``SERIAL_SOFTMAX_MAX`` values). torch's softmax starts an OpenMP region at any size, and in the
+    engine's driver thread each region waited for a sleeping worker to wake (see ``worker_pool.h``),
+    which then spun beside the kernels' workers: Qwen's defaults at 16 rows, ``sample`` in a driver
+    thread took 0.53-0.70 ms with its two softmaxes there, 0.48 on this thread (2026-12-07, 2 cores). A
+    row's result does not depend on the threads (rows are split among them)."""
+    threads = torch.get_num_threads()
+    if x.numel() > SERIAL_SOFTMAX_MAX or threads == 1:
+        return x.softmax(-1)
+    torch.set_num_threads(1)
+    try:
+        return x.softmax(-1)
+    finally:
+        torch.set_num_threads(threads)
+
+
 # Candidates a top-p row without top-k starts from (``_grow`` widens it for a row that needs more).
 NUCLEUS_START = 64
 
@@ -188,8 +209,14 @@ def filter_candidates(
     values, ids, width = _top_k_window(logits, ks, width)
     candidates = values / temperature
     if min(ks) < width:  # top-k keeps every token tied with its k-th best (transformers', vLLM's)
-        kth = values.gather(1, torch.tensor([min(k, width) - 1 for k in ks], device=dev)[:, None])
-        beyond = (values < kth) & torch.tensor([k < V for k in ks], device=dev)[:, None]
+        # one k in every row (Qwen's defaults): a column, not a gather, and no mask of top-k rows
+        if len(set(ks)) == 1:
+            kth = values[:, ks[0] - 1 : ks[0]]
+        else:
+            kth = values.gather(1, torch.tensor([min(k, width) - 1 for k in ks], device=dev)[:, None])
+        beyond = values < kth
+        if open_rows:
+            beyond &= torch.tensor([k < V for k in ks], device=dev)[:, None]
         candidates = candidates.masked_fill(beyond, float("-inf"))
     if open_rows:  # shares of the whole vocabulary; rows whose window misses mass get a wider one
         total = _logsumexp(logits[open_rows], [params[i].temperature for i in open_rows])[:, None]
@@ -202,12 +229,16 @@ def filter_candidates(
             ids = torch.cat([ids, ids[:, :1].expand(-1, pad)], 1)  # at -inf: never drawn
             candidates[rows], ids[rows] = wider, wider_ids
             width = candidates.shape[1]
-    if bool((top_p < 1.0).any()):
-        probs = candidates.softmax(-1)
+    nucleus = [p < 1.0 for p in top_p[:, 0].tolist()]  # as float32 holds them
+    if any(nucleus):
+        probs = _softmax(candidates)
         if open_rows:
             probs[open_rows] = (candidates[open_rows] - total).exp()
         before = probs.cumsum(-1) - probs  # probability of the more likely candidates
-        candidates = candidates.masked_fill((before >= top_p) & (top_p < 1.0), float("-inf"))
+        beyond = before >= top_p
+        if not all(nucleus):
+            beyond &= top_p < 1.0
+        candidates = candidates.masked_fill(beyond, float("-inf"))
     return _min_p(candidates, params), ids
 
 
@@ -219,13 +250,27 @@ def _top_k_window(
     never drawn). Returns the values, their ids and the width."""
     V = logits.shape[1]
     top_k_rows = [i for i, k in enumerate(ks) if k < V]
+    # A row whose k is the width has its k-th best in the last column, so the check below widens the
+    # window unless that is -inf: asked for at once, the wider window saves the step a pass over the
+    # vocabulary (Qwen's top_k 20 made every sampled step take two). A window is the first columns of a
+    # wider one (``_topk`` orders ties by id), so its cut gives the same values and ids.
+    ahead = width < V and any(ks[i] == width for i in top_k_rows)
+    fetched = _topk(logits, min(V, 2 * width) if ahead else width)
     while True:
-        values, ids = _topk(logits, width)
+        if fetched[0].shape[1] < width:
+            fetched = _topk(logits, width)
+        values, ids = fetched
+        if values.shape[1] > width:
+            values, ids = values[:, :width].contiguous(), ids[:, :width].contiguous()
         if width == V or not top_k_rows:
             return values, ids, width
-        rows = torch.tensor(top_k_rows, device=logits.device)
-        kth = values[rows, torch.tensor([ks[i] - 1 for i in top_k_rows], device=logits.device)]
-        if not bool(((values[rows, -1] == kth) & (kth > float("-inf"))).any()):
+        if len(top_k_rows) == len(ks) and len(set(ks)) == 1:  # one k in every row: columns
+            kth, last = values[:, ks[0] - 1], values[:, -1]
+        else:
+            rows = torch.tensor(top_k_rows, device=logits.device)
+            kth = values[rows, torch.tensor([ks[i] - 1 for i in top_k_rows], device=logits.device)]
+            last = values[rows, -1]
+        if not bool(((last == kth) & (kth > float("-inf"))).any()):
             return values, ids, width
         width = min(V, 2 * width)
 
@@ -258,7 +303,7 @@ def _min_p(candidates: torch.Tensor, params: Sequence[SamplingParams]) -> torch.
     min_p = [p.min_p for p in params]
     if max(min_p) == 0:
         return candidates
-    probs = candidates.softmax(-1)
+    probs = _softmax(candidates)
     floor = torch.tensor(min_p, device=candidates.device)[:, None] * probs.max(-1, keepdim=True).values
     return candidates.masked_fill(probs < floor, float("-inf"))
 
@@ -343,7 +388,7 @@ def sample(logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
                 tokens[rows] = kernels.sample_top_p(mine, scales, [p.top_p for p in params], min_ps, keys)
             continue
         candidates, ids = filter_candidates(as_float(mine), params)
-        probs = candidates.softmax(-1)
+        probs = _softmax(candidates)
         if ids is None:  # the whole vocabulary: one uniform per row against its cumulative probabilities
             u = torch.stack([_uniform(requests[i]) for i in rows])[:, None]
             cdf = probs.cumsum(-1)
