@@ -197,11 +197,12 @@ def test_bf16_head_on_the_kernels_is_packed_without_a_second_copy(tmp_path):
     """A tied bf16 head that dwarfs its layers (a GPTQ checkpoint keeps it bf16: `qwenkit quantize` leaves
     the head alone), packed for the kernels as `generate` loads it. Packed in one pass, its file pages
     all counted beside its tiles: the Qwen2.5-0.5B-shape GPTQ int4 checkpoint peaked at 1.65x the model,
-    this one at 2.0x. Packed in blocks whose pages are dropped as they go: about the model's size."""
+    this one at 2.0x. Packed in blocks whose pages are dropped as they go: 1.33-1.47x over repeated runs
+    (the load's other transients and the allocator's), so the bound sits between that and a second copy."""
     if not kernels_available():
         pytest.skip("the CPU kernels are not available here: nothing is repacked")
     r = load_peak(
         tmp_path, None, vocab_size=65536, hidden_size=512, intermediate_size=512, num_hidden_layers=2
     )
     assert r["model"] > 64 * 2**20, r
-    assert r["peak"] < 1.35 * r["model"], r
+    assert r["peak"] < 1.65 * r["model"], r
