@@ -229,3 +229,37 @@ def test_n_copies_that_together_outgrow_the_pool_each_equal_the_lone_run(tight, 
     assert r.json()["usage"]["completion_tokens"] == 72
     texts, finish, _, _ = streamed(live, body)
     assert texts == {0: text, 1: text, 2: text} and finish == {0: "length", 1: "length", 2: "length"}
+
+
+def test_a_pool_smaller_than_one_window_is_refused_at_load_and_one_exactly_that_size_serves(tiny_chat_model):
+    """A request needing more KV blocks than the whole pool would wait for ever, so no such pool is
+    built: `qwenkit serve` exits with this one line instead of accepting requests it cannot finish."""
+    from qwenkit.config import ModelConfig
+    from qwenkit.engine import SamplingParamsError
+
+    config = ModelConfig.from_hf(json.loads((tiny_chat_model / "config.json").read_text()))
+    per_token = config.kv_cache_bytes_per_token(4)  # float32
+    with pytest.raises(SamplingParamsError) as refused:
+        LLM.load(
+            tiny_chat_model,
+            dtype="float32",
+            max_seq_len=WINDOW,
+            kv_cache_memory=per_token * (WINDOW - 1),
+            progress=False,
+        )
+    assert str(refused.value) == (
+        f"the KV cache holds {WINDOW - 1} tokens, less than one sequence of the {WINDOW}-token context: "
+        "give it more memory or lower the maximum model length"
+    )
+    with LLM.load(
+        tiny_chat_model,
+        dtype="float32",
+        max_seq_len=WINDOW,
+        kv_cache_memory=per_token * WINDOW,
+        progress=False,
+    ) as one:
+        assert one.engine.blocks.num_blocks == WINDOW // 16
+        params = SamplingParams(temperature=0, max_tokens=WINDOW - 40, ignore_eos=True)
+        [a, b] = one.generate([ids(40), ids(40, 600)], params)  # two windows in turn through one's pool
+        assert (len(a.token_ids), len(b.token_ids)) == (WINDOW - 40, WINDOW - 40)
+        assert (a.finish_reason, b.finish_reason) == ("length", "length")
