@@ -134,3 +134,42 @@ def test_quantize_notes_that_transformers_does_not_load_moe_gptq(moe_dir, tmp_pa
         info["missing_keys"]
     )
     assert "model.layers.1.mlp.experts.0.up_proj.qweight" in info["unexpected_keys"]
+
+
+def test_a_gptq_file_with_a_quantized_router_loads_it_dequantized_into_the_float_router(moe_dir, tmp_path):
+    """Some writers quantize the router too (AutoRound; GPTQModel versions whose MoE trees listed
+    ``mlp.gate`` as a layer to quantize): ``mlp.gate.qweight/qzeros/scales/g_idx`` instead of a float
+    ``mlp.gate.weight``. qwenkit keeps routers in float, so it loads the file's dequantized router, the
+    function the writer meant; before, the load stopped at "unexpected tensor 'mlp.gate.g_idx'"."""
+    from safetensors.torch import load_file, save_file
+
+    from qwenkit.quant import pack_gptq, quantize_weight_rtn
+
+    plain = tmp_path / "plain"
+    quantize_checkpoint(moe_dir, plain, bits=4, method="rtn", group_size=32, progress=False)
+    routed = tmp_path / "routed"
+    routed.mkdir()
+    for side in plain.iterdir():
+        if side.suffix != ".safetensors":
+            (routed / side.name).write_bytes(side.read_bytes())
+    (shard,) = plain.glob("*.safetensors")
+    tensors, dequantized = load_file(shard), {}
+    for name in [n for n in tensors if n.endswith(".mlp.gate.weight")]:
+        codes = quantize_weight_rtn(tensors.pop(name).float(), 4, 32, True)
+        dequantized[name] = codes.dequantize()
+        packed = pack_gptq(codes)
+        if name.endswith("layers.3.mlp.gate.weight"):
+            del packed["g_idx"]  # some writers omit it without act-order: rebuilt from the group size
+        for kind, tensor in packed.items():
+            tensors[name.removesuffix("weight") + kind] = tensor
+    assert len(dequantized) == 2  # layers 1 and 3 are sparse
+    save_file(tensors, routed / shard.name, metadata={"format": "pt"})
+
+    model, _ = load_model(routed, dtype="float32", progress=False)
+    ref, _ = load_model(plain, dtype="float32", progress=False)
+    for name, weight in dequantized.items():
+        router = model.get_submodule(name.removesuffix(".weight"))
+        assert isinstance(router, RouterLinear) and torch.equal(router.weight, weight)
+        ref.get_submodule(name.removesuffix(".weight")).weight.data.copy_(weight)
+    with torch.no_grad():
+        assert torch.equal(model(IDS), ref(IDS))
