@@ -173,3 +173,21 @@ def test_a_gptq_file_with_a_quantized_router_loads_it_dequantized_into_the_float
         ref.get_submodule(name.removesuffix(".weight")).weight.data.copy_(weight)
     with torch.no_grad():
         assert torch.equal(model(IDS), ref(IDS))
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_the_shared_expert_is_held_quantized_in_the_bytes_info_counts(moe_dir, precision):
+    """Qwen2-MoE's shared expert takes its codes and scales only (no float copy beside them), the bytes
+    ``memory.weight_bytes`` (``qwenkit info``) counts for it: 64 x 96 here, 20,224 bytes at int8 and
+    14,208 at int4 against 36,864 in bfloat16."""
+    from qwenkit.memory import quantized_bytes
+
+    model, config = load_model(moe_dir, dtype="bfloat16", quantize=precision, progress=False)
+    h, width = config.hidden_size, config.shared_expert_intermediate_size
+    want = quantized_bytes(2 * h * width, h, precision) + quantized_bytes(width * h, width, precision)
+    assert want == {"int8": 20224, "int4": 14208}[precision]
+    for block in _moe_blocks(model):
+        tensors = {
+            t.data_ptr(): t for t in [*block.shared_expert.parameters(), *block.shared_expert.buffers()]
+        }
+        assert sum(t.numel() * t.element_size() for t in tensors.values()) == want
