@@ -134,3 +134,60 @@ def test_quantize_notes_that_transformers_does_not_load_moe_gptq(moe_dir, tmp_pa
         info["missing_keys"]
     )
     assert "model.layers.1.mlp.experts.0.up_proj.qweight" in info["unexpected_keys"]
+
+
+def test_a_gptq_file_with_a_quantized_router_loads_it_dequantized_into_the_float_router(moe_dir, tmp_path):
+    """Some writers quantize the router too (AutoRound; GPTQModel versions whose MoE trees listed
+    ``mlp.gate`` as a layer to quantize): ``mlp.gate.qweight/qzeros/scales/g_idx`` instead of a float
+    ``mlp.gate.weight``. qwenkit keeps routers in float, so it loads the file's dequantized router, the
+    function the writer meant; before, the load stopped at "unexpected tensor 'mlp.gate.g_idx'"."""
+    from safetensors.torch import load_file, save_file
+
+    from qwenkit.quant import pack_gptq, quantize_weight_rtn
+
+    plain = tmp_path / "plain"
+    quantize_checkpoint(moe_dir, plain, bits=4, method="rtn", group_size=32, progress=False)
+    routed = tmp_path / "routed"
+    routed.mkdir()
+    for side in plain.iterdir():
+        if side.suffix != ".safetensors":
+            (routed / side.name).write_bytes(side.read_bytes())
+    (shard,) = plain.glob("*.safetensors")
+    tensors, dequantized = load_file(shard), {}
+    for name in [n for n in tensors if n.endswith(".mlp.gate.weight")]:
+        codes = quantize_weight_rtn(tensors.pop(name).float(), 4, 32, True)
+        dequantized[name] = codes.dequantize()
+        packed = pack_gptq(codes)
+        if name.endswith("layers.3.mlp.gate.weight"):
+            del packed["g_idx"]  # some writers omit it without act-order: rebuilt from the group size
+        for kind, tensor in packed.items():
+            tensors[name.removesuffix("weight") + kind] = tensor
+    assert len(dequantized) == 2  # layers 1 and 3 are sparse
+    save_file(tensors, routed / shard.name, metadata={"format": "pt"})
+
+    model, _ = load_model(routed, dtype="float32", progress=False)
+    ref, _ = load_model(plain, dtype="float32", progress=False)
+    for name, weight in dequantized.items():
+        router = model.get_submodule(name.removesuffix(".weight"))
+        assert isinstance(router, RouterLinear) and torch.equal(router.weight, weight)
+        ref.get_submodule(name.removesuffix(".weight")).weight.data.copy_(weight)
+    with torch.no_grad():
+        assert torch.equal(model(IDS), ref(IDS))
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_the_shared_expert_is_held_quantized_in_the_bytes_info_counts(moe_dir, precision):
+    """Qwen2-MoE's shared expert takes its codes and scales only (no float copy beside them), the bytes
+    ``memory.weight_bytes`` (``qwenkit info``) counts for it: 64 x 96 here, 20,224 bytes at int8 and
+    14,208 at int4 against 36,864 in bfloat16."""
+    from qwenkit.memory import quantized_bytes
+
+    model, config = load_model(moe_dir, dtype="bfloat16", quantize=precision, progress=False)
+    h, width = config.hidden_size, config.shared_expert_intermediate_size
+    want = quantized_bytes(2 * h * width, h, precision) + quantized_bytes(width * h, width, precision)
+    assert want == {"int8": 20224, "int4": 14208}[precision]
+    for block in _moe_blocks(model):
+        tensors = {
+            t.data_ptr(): t for t in [*block.shared_expert.parameters(), *block.shared_expert.buffers()]
+        }
+        assert sum(t.numel() * t.element_size() for t in tensors.values()) == want

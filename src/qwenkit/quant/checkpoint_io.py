@@ -11,6 +11,9 @@ tensors (Hugging Face Qwen2 names, e.g. ``model.layers.0.self_attn.q_proj.qweigh
     <prefix>.g_idx    int32   (in,)                      optional without act-order: see with_default_g_idx
     <prefix>.bias     (out,)  only where the float layer has a bias; all-zero extras may be dropped
 
+A MoE router (``mlp.gate``, ``mlp.shared_expert_gate``) stays float in qwenkit; a file whose writer
+quantized it (AutoRound, some GPTQModel versions) gives its dequantized weight (see :func:`_float_routers`).
+
 After the tensors are assigned, :func:`finalize_quantized_model` packs every layer for its kernel (the
 first forward does it too, layer by layer, if the loader does not).
 
@@ -24,6 +27,7 @@ layer) is in the README's reader table.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,11 +36,13 @@ import torch
 from torch import nn
 
 from qwenkit.checkpoint.files import WeightFiles, iter_tensors, tensor_names
-from qwenkit.quant.gptq_format import GPTQConfig, QuantizationError, default_g_idx, pack_gptq
+from qwenkit.quant.gptq_format import GPTQConfig, QuantizationError, default_g_idx, pack_gptq, unpack_gptq
 from qwenkit.quant.linear import QuantizedLinear
 from qwenkit.quant.rtn import replace_module
 
 NOT_QUANTIZED = ("lm_head",)  # GPTQ checkpoints keep lm_head (and embeddings, norms) in float
+# A MoE router's GPTQ tensors, where a writer quantized it: (layer prefix, kind).
+_ROUTER = re.compile(r"^(.+\.mlp\.(?:gate|shared_expert_gate))\.(qweight|qzeros|scales|g_idx)$")
 
 
 def get_quant_method(layer_name: str, linear: nn.Linear, config: GPTQConfig) -> QuantizedLinear | None:
@@ -71,7 +77,8 @@ def with_default_g_idx(hf_config: dict[str, Any], weights: WeightFiles) -> Itera
         for prefix in (n.removesuffix(".qweight") for n in names if n.endswith(".qweight"))
         if f"{prefix}.g_idx" not in names
     )
-    if not lacking:
+    routers = any(_ROUTER.match(n) for n in names)
+    if not lacking and not routers:
         return iter_tensors(weights)
     config = GPTQConfig.from_dict(quantization)
     permuted = [prefix for prefix in lacking if (config.for_layer(prefix) or config).desc_act]
@@ -82,7 +89,8 @@ def with_default_g_idx(hf_config: dict[str, Any], weights: WeightFiles) -> Itera
             f"{weights.directory}: the quantization config says desc_act=true (act-order){where}, but "
             f"{permuted[0]}.g_idx{more} is missing; its column groups cannot be rebuilt without it"
         )
-    return _add_g_idx(config, weights, set(lacking))
+    tensors = _add_g_idx(config, weights, set(lacking)) if lacking else iter_tensors(weights)
+    return _float_routers(config, weights, tensors) if routers else tensors
 
 
 def _add_g_idx(
@@ -94,6 +102,42 @@ def _add_g_idx(
         if name.endswith(".qweight") and prefix in lacking:
             layer = config.for_layer(prefix) or config
             yield f"{prefix}.g_idx", default_g_idx(tensor.shape[0] * 32 // layer.bits, layer.group_size)
+
+
+def _float_routers(
+    config: GPTQConfig, weights: WeightFiles, tensors: Iterator[tuple[str, torch.Tensor]]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors, with each quantized MoE router's four GPTQ tensors replaced by its float ``weight``.
+
+    qwenkit keeps routers float (``RouterLinear``: a small error in a router logit changes which experts
+    run); the file's dequantized values are the function its writer meant. A router's tensors are held only
+    until its four are in; an incomplete set passes through for the loader to name.
+    """
+    pending: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in tensors:
+        match = _ROUTER.match(name)
+        if match is None:
+            yield name, tensor
+            continue
+        prefix, kind = match.groups()
+        parts = pending.setdefault(prefix, {})
+        parts[kind] = tensor
+        if len(parts) < 4:
+            continue
+        del pending[prefix]
+        layer = config.for_layer(prefix) or config
+        try:
+            codes = unpack_gptq(
+                *(parts[k] for k in ("qweight", "qzeros", "scales", "g_idx")),
+                layer.bits,
+                layer.checkpoint_format,
+            )
+        except QuantizationError as e:
+            raise QuantizationError(f"{weights.directory}: the quantized router {prefix}: {e}") from None
+        yield f"{prefix}.weight", codes.dequantize()
+    for prefix, parts in pending.items():
+        for kind, tensor in parts.items():
+            yield f"{prefix}.{kind}", tensor
 
 
 def prepare_quantized_model(
