@@ -25,7 +25,24 @@ def test_python_dash_m_runs_the_command(module):
     done = subprocess.run([sys.executable, "-m", module, "--version"], capture_output=True, text=True)
     assert (done.returncode, done.stdout) == (0, f"qwenkit {version('qwenkit')}\n"), done.stderr
     done = subprocess.run([sys.executable, "-m", module, "nosuch"], capture_output=True, text=True)
-    assert done.returncode == 2 and done.stderr.startswith("qwenkit: unknown command 'nosuch'\n")
+    assert done.returncode == 2 and done.stderr.startswith("error: unknown command 'nosuch' ")
+
+
+def test_unknown_command_is_one_line(capsys):
+    """An unknown command printed a line, a blank line and the 20-line usage, where the README (and every
+    other user error) promises one `error: ...` line; it names the commands, or the one meant."""
+    assert main(["nosuch"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == (
+        "error: unknown command 'nosuch' (the commands: generate, chat, info, tokenize, template, convert, "
+        "quantize, profile, serve, eval, finetune, dpo, merge, filter); see `qwenkit --help`\n"
+    )
+    assert main(["genrate", "-p", "hi"]) == 2
+    assert (
+        capsys.readouterr().err
+        == "error: unknown command 'genrate' (did you mean 'generate'?); see `qwenkit --help`\n"
+    )
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
