@@ -56,7 +56,23 @@ def test_bad_option_is_one_line(command, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.endswith(f"; see `qwenkit {command} --help`\n"), err
     assert err.count("\n") == 1
-    assert "--no-such-option" in err or " required" in err
+    assert "--no-such-option" in err  # not the required argument it also lacks, which argparse checks first
+
+
+def test_a_misspelt_option_is_named_before_a_missing_argument(capsys):
+    """`generate --promt hi` said "one of the arguments -p/--prompt --prompt-ids is required", sending the
+    user to an option they had typed; the misspelt option is the problem to name."""
+    from qwenkit.cli import generate
+
+    with pytest.raises(SystemExit) as stop:
+        generate.main(["--promt", "hi", "--max-tokens", "3"])
+    assert stop.value.code == 2
+    assert (
+        capsys.readouterr().err == "error: unrecognized arguments: --promt; see `qwenkit generate --help`\n"
+    )
+    with pytest.raises(SystemExit):  # no unknown option: the missing one is still what is said
+        generate.main(["--max-tokens", "3"])
+    assert "is required" in capsys.readouterr().err
 
 
 def test_bad_choice_through_the_console_script():
