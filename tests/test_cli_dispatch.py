@@ -25,7 +25,24 @@ def test_python_dash_m_runs_the_command(module):
     done = subprocess.run([sys.executable, "-m", module, "--version"], capture_output=True, text=True)
     assert (done.returncode, done.stdout) == (0, f"qwenkit {version('qwenkit')}\n"), done.stderr
     done = subprocess.run([sys.executable, "-m", module, "nosuch"], capture_output=True, text=True)
-    assert done.returncode == 2 and done.stderr.startswith("qwenkit: unknown command 'nosuch'\n")
+    assert done.returncode == 2 and done.stderr.startswith("error: unknown command 'nosuch' ")
+
+
+def test_unknown_command_is_one_line(capsys):
+    """An unknown command printed a line, a blank line and the 20-line usage, where the README (and every
+    other user error) promises one `error: ...` line; it names the commands, or the one meant."""
+    assert main(["nosuch"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == (
+        "error: unknown command 'nosuch' (the commands: generate, chat, info, tokenize, template, convert, "
+        "quantize, profile, serve, eval, finetune, dpo, merge, filter); see `qwenkit --help`\n"
+    )
+    assert main(["genrate", "-p", "hi"]) == 2
+    assert (
+        capsys.readouterr().err
+        == "error: unknown command 'genrate' (did you mean 'generate'?); see `qwenkit --help`\n"
+    )
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
@@ -39,7 +56,23 @@ def test_bad_option_is_one_line(command, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.endswith(f"; see `qwenkit {command} --help`\n"), err
     assert err.count("\n") == 1
-    assert "--no-such-option" in err or " required" in err
+    assert "--no-such-option" in err  # not the required argument it also lacks, which argparse checks first
+
+
+def test_a_misspelt_option_is_named_before_a_missing_argument(capsys):
+    """`generate --promt hi` said "one of the arguments -p/--prompt --prompt-ids is required", sending the
+    user to an option they had typed; the misspelt option is the problem to name."""
+    from qwenkit.cli import generate
+
+    with pytest.raises(SystemExit) as stop:
+        generate.main(["--promt", "hi", "--max-tokens", "3"])
+    assert stop.value.code == 2
+    assert (
+        capsys.readouterr().err == "error: unrecognized arguments: --promt; see `qwenkit generate --help`\n"
+    )
+    with pytest.raises(SystemExit):  # no unknown option: the missing one is still what is said
+        generate.main(["--max-tokens", "3"])
+    assert "is required" in capsys.readouterr().err
 
 
 def test_bad_choice_through_the_console_script():

@@ -8,15 +8,52 @@ Beside cli/ rather than in it: finetune's command lives in finetune/, which may 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 from typing import NoReturn
+
+
+class _Probe(Exception):
+    """An error met while looking for unknown options (see ``CommandParser.error``)."""
 
 
 class CommandParser(argparse.ArgumentParser):
     """``argparse.ArgumentParser`` whose errors are ``error: <what>; see `<prog> --help``` and exit 2."""
 
+    _given: list[str] | None = None
+    _probing = False
+
+    def parse_known_args(self, args=None, namespace=None):  # argparse's signature
+        if not self._probing:
+            self._given = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
     def error(self, message: str) -> NoReturn:
+        if self._probing:
+            raise _Probe(message)
+        # argparse checks for missing arguments before unknown ones: `--promt hi` said -p was required
+        unknown = self._unknown_options() if " required" in message else []
+        if unknown:
+            message = f"unrecognized arguments: {' '.join(unknown)}"
         self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
+
+    def _unknown_options(self) -> list[str]:
+        """The options given that this parser does not know, found by parsing again with nothing required."""
+        required = [a for a in self._actions if a.required] + [
+            g for g in self._mutually_exclusive_groups if g.required
+        ]
+        for item in required:
+            item.required = False
+        self._probing = True
+        try:
+            _, extra = super().parse_known_args(self._given or [], argparse.Namespace())
+        except _Probe:
+            return []
+        finally:
+            self._probing = False
+            for item in required:
+                item.required = True
+        return [a for a in extra if a.startswith("-") and a != "-"]
 
 
 def int_at_least(low: int, unit: str = "") -> Callable[[str], int]:

@@ -196,3 +196,21 @@ def test_no_c_compiler_means_no_triton_kernel(monkeypatch, capsys):
     monkeypatch.setattr(triton_affine, "_FAILED", None)
     monkeypatch.setenv("CC", "/usr/bin/cc")
     assert triton_affine.triton_available()
+
+
+@pytest.mark.parametrize("value", ["0", "off", "false", "no", " OFF "])
+def test_the_switch_takes_every_spelling_of_off(monkeypatch, capsys, value):
+    """Only an exact QWENKIT_TRITON=0 switched the kernel off: =off, =false or =no were ignored in silence,
+    where every other on/off QWENKIT_ setting takes them (env_switch) and names a value it cannot read."""
+    from qwenkit import env_switch
+
+    monkeypatch.setattr(env_switch, "_named", set())  # each case names the unreadable value again
+    monkeypatch.setattr(triton_affine, "_FAILED", None)
+    monkeypatch.setenv("CC", "cc")  # the launcher's compiler, so only the switch decides
+    monkeypatch.setenv("QWENKIT_TRITON", value)
+    assert not triton_affine.triton_available()
+    monkeypatch.setenv("QWENKIT_TRITON", "on")
+    assert triton_affine.triton_available()
+    monkeypatch.setenv("QWENKIT_TRITON", "of")
+    assert triton_affine.triton_available()
+    assert "QWENKIT_TRITON='of' is not one of" in capsys.readouterr().err

@@ -43,6 +43,15 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _unknown(command: str) -> str:
+    """One line for a command that is not one: the command meant, when it is a near miss, else them all."""
+    import difflib
+
+    close = difflib.get_close_matches(command, COMMANDS, n=1)
+    hint = f"did you mean {close[0]!r}?" if close else f"the commands: {', '.join(COMMANDS)}"
+    return f"unknown command {command!r} ({hint})"
+
+
 def _version() -> str:
     """The installed distribution's version (pyproject.toml's), without importing torch."""
     from importlib.metadata import PackageNotFoundError, version
@@ -63,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        print(f"qwenkit: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        print(f"error: {_unknown(command)}; see `qwenkit --help`", file=sys.stderr)
         return 2
     try:  # the import takes torch's (most of a second): Ctrl-C in it is as quiet as later
         module = _import_without_gc(f"qwenkit.cli.{command}")

@@ -26,6 +26,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from qwenkit.env_switch import ON_OFF, env_choice
 from qwenkit.quant.affine import AffineWeight
 from qwenkit.quant.kernels.base import WeightSpec
 from qwenkit.quant.kernels.dequant import DequantKernel
@@ -159,8 +160,8 @@ def _give_up(reason: str) -> None:
 
 def triton_available() -> bool:
     """Triton importable with a C compiler for the launcher it builds, not switched off
-    (``QWENKIT_TRITON=0``), and not failed earlier in this process."""
-    if os.environ.get("QWENKIT_TRITON", "1") == "0" or _FAILED is not None:
+    (``QWENKIT_TRITON=0``, or off/false/no), and not failed earlier in this process."""
+    if env_choice("QWENKIT_TRITON", ON_OFF, "on") == "off" or _FAILED is not None:
         return False
     if importlib.util.find_spec("triton") is None:
         return False
