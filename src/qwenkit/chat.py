@@ -118,8 +118,8 @@ def chat_stream(
     if continues(template_kwargs):  # the reply opens no block: it may go on inside the final message's
         field = template_kwargs["continue_final_message"]
         text = messages[-1].get("content" if field is True else field) if messages else None
-        length = len(tokenizer.encode(text)) if isinstance(text, str) else 0
-        opened = continuation_opens_thinking(tokenizer.decode, prompt, length)
+        continued = text if isinstance(text, str) else ""
+        opened = continuation_opens_thinking(tokenizer.encode, tokenizer.decode, prompt, continued)
         split = ThinkSplitter(opened=opened, continued=True)
     else:
         split = ThinkSplitter(opened=prompt_opens_thinking(tokenizer.decode, prompt))
