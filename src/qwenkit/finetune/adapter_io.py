@@ -23,7 +23,7 @@ from torch import nn
 
 from qwenkit.checkpoint.files import load_torch_state
 from qwenkit.checkpoint.saver import write_safetensors
-from qwenkit.errors import CheckpointError
+from qwenkit.errors import AdapterNotFound, CheckpointError
 from qwenkit.finetune.lora import VLLM_DEFAULT_MAX_RANK, LoRAConfig, LoRALinear, apply_lora, lora_modules
 from qwenkit.finetune.stacked_experts import from_stacked, is_stacked
 from qwenkit.finetune.v1_names import from_v1, is_v1, to_v1
@@ -159,10 +159,6 @@ def _group(tensors: dict[str, torch.Tensor], where) -> dict[str, dict[str, torch
         if set(pair) != {"lora_A", "lora_B"}:
             raise CheckpointError(f"{where}: module {module} has {sorted(pair)} but needs lora_A and lora_B")
     return grouped
-
-
-class AdapterNotFound(CheckpointError):
-    """No adapter at the path: no directory there, or one without an adapter config."""
 
 
 def read_adapter(
