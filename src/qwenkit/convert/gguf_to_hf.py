@@ -16,13 +16,12 @@ from typing import Any
 import torch
 
 from qwenkit.checkpoint.gguf import read_gguf
+from qwenkit.checkpoint.loader import DTYPES
 from qwenkit.checkpoint.output_dir import atomic_output_dir, check_out_dir, write_json
 from qwenkit.checkpoint.saver import save_sharded
 from qwenkit.checkpoint.side_files import write_side_files
 from qwenkit.convert.v1_to_qwen2 import FLOAT16_OVERFLOW
 from qwenkit.errors import CheckpointError
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def convert_gguf_to_hf(

@@ -25,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from qwenkit.checkpoint.files import WeightFiles, find_weight_files
-from qwenkit.checkpoint.loader import DirectorySource, open_checkpoint
+from qwenkit.checkpoint.loader import DTYPES, DirectorySource, open_checkpoint
 from qwenkit.checkpoint.output_dir import atomic_output_dir, check_out_dir, write_json
 from qwenkit.checkpoint.sanitize import sanitize
 from qwenkit.checkpoint.saver import save_sharded
@@ -36,7 +36,6 @@ from qwenkit.license import LICENSE_FILES, find_license
 if TYPE_CHECKING:
     from qwenkit.convert.verify import VerifyResult
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ENDOFTEXT_ID, IM_END_ID = 151643, 151645
 # Sampling defaults a Qwen v1 generation_config.json carries that mean the same to transformers' qwen2.
 SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens")
