@@ -55,3 +55,10 @@ def test_quant_stays_below_the_user_api():
             if m.startswith(("qwenkit.generate", "qwenkit.engine", "qwenkit.server", "qwenkit.tokenizer"))
         }
         assert not bad, f"{f.relative_to(SRC)} imports {bad}"
+
+
+def test_server_does_not_import_finetune():
+    """finetune/ is a side room: the server answers a missing adapter with qwenkit.errors' type."""
+    for f in (SRC / "server").rglob("*.py"):
+        bad = {m for m in imports_of(f) if m.startswith("qwenkit.finetune")}
+        assert not bad, f"{f.relative_to(SRC)} imports {bad}"

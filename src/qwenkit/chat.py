@@ -13,7 +13,7 @@ reply cut off while thinking goes back as an empty answer, never as an open ``<t
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -72,9 +72,20 @@ def build_prompt(
     return fit_messages(llm, messages, params, render)[1]
 
 
-def continues(template_kwargs: dict[str, Any]) -> bool:
+def continues(template_kwargs: Mapping[str, Any]) -> bool:
     """Whether the template kwargs continue the final message (``continue_final_message``)."""
     return template_kwargs.get("continue_final_message") not in (None, False)
+
+
+def continued_text(messages: Sequence[Message], template_kwargs: Mapping[str, Any]) -> str | None:
+    """The text of the final message's field that a prompt rendered with ``template_kwargs`` continues
+    (``continue_final_message``: True for the content, or the field's name), or None: a new turn, or a
+    field that holds no text."""
+    if not continues(template_kwargs) or not messages:
+        return None
+    field = template_kwargs["continue_final_message"]
+    value = messages[-1].get("content" if field is True else field)
+    return value if isinstance(value, str) else None
 
 
 def fit_messages(
@@ -116,10 +127,8 @@ def chat_stream(
         yield from llm.stream(prompt, params)
         return
     if continues(template_kwargs):  # the reply opens no block: it may go on inside the final message's
-        field = template_kwargs["continue_final_message"]
-        text = messages[-1].get("content" if field is True else field) if messages else None
-        length = len(tokenizer.encode(text)) if isinstance(text, str) else 0
-        opened = continuation_opens_thinking(tokenizer.decode, prompt, length)
+        continued = continued_text(messages, template_kwargs) or ""
+        opened = continuation_opens_thinking(tokenizer.encode, tokenizer.decode, prompt, continued)
         split = ThinkSplitter(opened=opened, continued=True)
     else:
         split = ThinkSplitter(opened=prompt_opens_thinking(tokenizer.decode, prompt))

@@ -13,6 +13,11 @@ class CheckpointError(QwenkitError, ValueError):
     """Weights are missing, unexpected, mis-shaped, or the directory is not a checkpoint."""
 
 
+class AdapterNotFound(CheckpointError):
+    """No adapter at the path: no directory there, or one without an adapter config. Here, not in
+    ``finetune/``, so the server can answer it without importing the side room."""
+
+
 class OutOfMemoryError(QwenkitError, MemoryError):
     """The weights and KV cache would not fit in the memory that is free."""
 

@@ -48,11 +48,6 @@ def linear_shapes(config: ModelConfig, active: bool = False) -> list[tuple[int, 
     ]
 
 
-def linear_parameters(config: ModelConfig, active: bool = False) -> int:
-    """Parameters in the decoder layers' projections (see :func:`linear_shapes`)."""
-    return sum(n for n, _ in linear_shapes(config, active))
-
-
 def quantized_bytes(parameters: int, in_features: int, quantize: str) -> int:
     """Bytes of ``parameters`` weights with ``in_features`` inputs a row under ``--quantize``: codes plus
     each row's per-group scales at the group size ``--quantize`` picks for that width."""

@@ -203,11 +203,6 @@ class GGUFCheckpoint:
         except TokenizerMetadataError as e:
             raise GGUFError(f"{self.path}: {e}") from None
 
-    @property
-    def tokenizer_json(self) -> str:
-        """``tokenizer.json`` text for the tokenizer."""
-        return self.tokenizer.to_str()
-
     @cached_property
     def tokenizer_config(self) -> dict[str, Any]:
         """``tokenizer_config.json`` dict: special tokens, chat template, added tokens."""

@@ -8,7 +8,6 @@ renamed at the end, so an interrupted conversion never leaves a half-written che
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,13 +15,12 @@ from typing import Any
 import torch
 
 from qwenkit.checkpoint.gguf import read_gguf
+from qwenkit.checkpoint.loader import DTYPES
 from qwenkit.checkpoint.output_dir import atomic_output_dir, check_out_dir, write_json
 from qwenkit.checkpoint.saver import save_sharded
 from qwenkit.checkpoint.side_files import write_side_files
-from qwenkit.convert.v1_to_qwen2 import FLOAT16_OVERFLOW
+from qwenkit.convert.v1_to_qwen2 import check_float16_fits
 from qwenkit.errors import CheckpointError
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def convert_gguf_to_hf(
@@ -63,13 +61,8 @@ def _refuse_float16_overflow(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Pass the tensors on; one that float16 would turn into inf is refused (as ``--to qwen2`` does)."""
     for name, tensor in tensors:
-        if dtype == torch.float16 and tensor.is_floating_point() and tensor.numel():
-            lo, hi = torch.aminmax(tensor)  # a reduction: no tensor-sized temporary
-            peak = max(-float(lo), float(hi))
-            if math.isfinite(peak) and peak >= FLOAT16_OVERFLOW:
-                raise CheckpointError(
-                    f"{name} holds {peak:g}, which overflows float16; convert to bfloat16 or float32"
-                )
+        if dtype == torch.float16 and tensor.is_floating_point():
+            check_float16_fits(name, tensor)
         yield name, tensor
 
 

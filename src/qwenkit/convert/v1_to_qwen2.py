@@ -25,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from qwenkit.checkpoint.files import WeightFiles, find_weight_files
-from qwenkit.checkpoint.loader import DirectorySource, open_checkpoint
+from qwenkit.checkpoint.loader import DTYPES, DirectorySource, open_checkpoint
 from qwenkit.checkpoint.output_dir import atomic_output_dir, check_out_dir, write_json
 from qwenkit.checkpoint.sanitize import sanitize
 from qwenkit.checkpoint.saver import save_sharded
@@ -36,7 +36,6 @@ from qwenkit.license import LICENSE_FILES, find_license
 if TYPE_CHECKING:
     from qwenkit.convert.verify import VerifyResult
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ENDOFTEXT_ID, IM_END_ID = 151643, 151645
 # Sampling defaults a Qwen v1 generation_config.json carries that mean the same to transformers' qwen2.
 SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens")
@@ -211,13 +210,8 @@ def _stream(
             )
         if tensor.is_floating_point():
             seen_dtypes.add(tensor.dtype)
-            if target == torch.float16 and tensor.dtype != target and tensor.numel():
-                lo, hi = torch.aminmax(tensor)  # a reduction: no tensor-sized temporary
-                peak = max(-float(lo), float(hi))
-                if math.isfinite(peak) and peak >= FLOAT16_OVERFLOW:
-                    raise CheckpointError(
-                        f"{name} holds {peak:g}, which overflows float16; convert to bfloat16 or float32"
-                    )
+            if target == torch.float16 and tensor.dtype != target:
+                check_float16_fits(name, tensor)
         result.tensors += 1
         cast = target if target is not None and tensor.is_floating_point() else tensor.dtype
         result.bytes_written += tensor.numel() * cast.itemsize
@@ -388,6 +382,19 @@ def _main_dtype(seen: set[torch.dtype], config: ModelConfig) -> torch.dtype:
 def _lossy(source_dtypes: set[torch.dtype], target: torch.dtype | None) -> bool:
     """Whether casting changed values: anything but keeping the dtype or widening to float32."""
     return target is not None and target != torch.float32 and any(d != target for d in source_dtypes)
+
+
+def check_float16_fits(name: str, tensor: torch.Tensor) -> None:
+    """CheckpointError where float16 would turn a value of tensor ``name`` into inf: a checkpoint
+    written that way would compute another function."""
+    if not tensor.numel():
+        return
+    lo, hi = torch.aminmax(tensor)  # a reduction: no tensor-sized temporary
+    peak = max(-float(lo), float(hi))
+    if math.isfinite(peak) and peak >= FLOAT16_OVERFLOW:
+        raise CheckpointError(
+            f"{name} holds {peak:g}, which overflows float16; convert to bfloat16 or float32"
+        )
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -166,7 +166,8 @@ class EngineDriver:
         return future
 
     def wait_idle(self, timeout: float = 30.0) -> bool:
-        """Wait until every submitted request has finished and been forgotten (for tests and shutdown)."""
+        """Wait until every submitted request has finished and been forgotten; False after ``timeout``
+        seconds. Only tests call it (shutdown aborts what is open instead of waiting)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             # an id stays open from submit until its request has ended: a request the thread has taken

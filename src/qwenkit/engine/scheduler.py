@@ -62,10 +62,6 @@ class Scheduler:
             self.waiting.remove(request)
         self._release(request)
 
-    @property
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
-
     def schedule(self) -> Schedule:
         out = Schedule()
         budget = self.token_budget

@@ -23,7 +23,8 @@ from torch import nn
 
 from qwenkit.checkpoint.files import load_torch_state
 from qwenkit.checkpoint.saver import write_safetensors
-from qwenkit.errors import CheckpointError
+from qwenkit.errors import AdapterNotFound, CheckpointError
+from qwenkit.finetune.distributed import full_tensor
 from qwenkit.finetune.lora import VLLM_DEFAULT_MAX_RANK, LoRAConfig, LoRALinear, apply_lora, lora_modules
 from qwenkit.finetune.stacked_experts import from_stacked, is_stacked
 from qwenkit.finetune.v1_names import from_v1, is_v1, to_v1
@@ -100,13 +101,9 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter tensors under peft's file keys (full tensors: call after gathering any shards)."""
     out = {}
     for name, m in lora_modules(model).items():
-        out[f"{PREFIX}{name}.lora_A.weight"] = _full(m.lora_A.weight).detach().cpu().contiguous()
-        out[f"{PREFIX}{name}.lora_B.weight"] = _full(m.lora_B.weight).detach().cpu().contiguous()
+        out[f"{PREFIX}{name}.lora_A.weight"] = full_tensor(m.lora_A.weight).detach().cpu().contiguous()
+        out[f"{PREFIX}{name}.lora_B.weight"] = full_tensor(m.lora_B.weight).detach().cpu().contiguous()
     return out
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if hasattr(t, "full_tensor") else t  # an FSDP DTensor shard -> the whole tensor
 
 
 def save_adapter(
@@ -159,10 +156,6 @@ def _group(tensors: dict[str, torch.Tensor], where) -> dict[str, dict[str, torch
         if set(pair) != {"lora_A", "lora_B"}:
             raise CheckpointError(f"{where}: module {module} has {sorted(pair)} but needs lora_A and lora_B")
     return grouped
-
-
-class AdapterNotFound(CheckpointError):
-    """No adapter at the path: no directory there, or one without an adapter config."""
 
 
 def read_adapter(

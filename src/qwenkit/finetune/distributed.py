@@ -166,3 +166,8 @@ def gradient_sync(model: nn.Module, sync: bool) -> Iterator[None]:
 
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP2 (DTensor) shard; any other tensor as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t

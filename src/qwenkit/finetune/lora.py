@@ -23,6 +23,7 @@ from torch import nn
 from qwenkit.errors import ConfigError
 from qwenkit.model.moe import RouterLinear
 from qwenkit.quant import QuantizedLinear
+from qwenkit.quant.rtn import replace_module
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 VLLM_DEFAULT_MAX_RANK = 16
@@ -202,7 +203,7 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
     for name in names:
         base = model.get_submodule(name)
         r, alpha = config.for_module(name)
-        _replace(model, name, LoRALinear(base, r, alpha, config.dropout, config.scaling(r, alpha)))
+        replace_module(model, name, LoRALinear(base, r, alpha, config.dropout, config.scaling(r, alpha)))
     return names
 
 
@@ -243,13 +244,8 @@ def merge_lora(model: nn.Module) -> nn.Module:
         # a new parameter, not new data in the old: a tied output head shares it with the embedding,
         # which the head's update must leave as it is (the two are untied from here on)
         base.weight = nn.Parameter(merged.to(base.weight.dtype), requires_grad=False)
-        _replace(model, name, base)
+        replace_module(model, name, base)
     return model
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
 def set_dropout(model: nn.Module, p: float) -> None:

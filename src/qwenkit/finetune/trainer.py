@@ -29,7 +29,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 from qwenkit.checkpoint.loader import resolve_dtype
-from qwenkit.finetune.distributed import World, gradient_sync, unwrap
+from qwenkit.finetune.distributed import World, full_tensor, gradient_sync, unwrap
 from qwenkit.finetune.encode import IGNORE, Example
 from qwenkit.finetune.router_loss import load_balancing_loss
 from qwenkit.finetune.tensor_parallel_moe import sum_partial_grads
@@ -419,14 +419,12 @@ def clip_grad_norm(params: Sequence[nn.Parameter], max_norm: float) -> float:
             by_mesh.setdefault(getattr(p.grad, "device_mesh", None), []).append(p)
     if not by_mesh:
         return 0.0
-    norms = [_full(torch.nn.utils.get_total_norm([p.grad for p in group])) for group in by_mesh.values()]
+    norms = [
+        full_tensor(torch.nn.utils.get_total_norm([p.grad for p in group])) for group in by_mesh.values()
+    ]
     total = torch.stack([n.float().cpu() for n in norms]).norm()
     coef = float(torch.clamp(max_norm / (total + 1e-6), max=1.0))  # as clip_grad_norm_ computes it
     if coef < 1.0:
         for group in by_mesh.values():  # one multi-tensor op a mesh (each DTensor op is a dispatch)
             torch._foreach_mul_([p.grad for p in group], coef)
     return float(total)
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if hasattr(t, "full_tensor") else t

@@ -21,6 +21,7 @@ from qwenkit import kernels
 from qwenkit.checkpoint.files import release_pages, trim_heap
 from qwenkit.kernels.ops import TILE, PackedBf16
 from qwenkit.model.moe import RouterLinear
+from qwenkit.quant.rtn import replace_module
 
 
 class PackedBf16Linear(nn.Module):
@@ -101,9 +102,9 @@ def pack_dense_for_cpu(model: nn.Module) -> int:
             continue
         weight = m.weight.detach()
         packed = PackedBf16Linear(pack_releasing(weight), m.bias)
-        _replace(model, name, packed)
+        replace_module(model, name, packed)
         for emb_name in embeddings.pop(id(m.weight), []):
-            _replace(model, emb_name, PackedBf16Embedding(packed))
+            replace_module(model, emb_name, PackedBf16Embedding(packed))
         # The float weight is now unreachable, but a memory-mapped checkpoint keeps its file open for the
         # other tensors: drop its pages, or every weight would count twice until the process ends.
         release_pages(weight.data_ptr(), weight.nbytes)
@@ -143,8 +144,3 @@ def pack_releasing(weight: torch.Tensor) -> PackedBf16:
 
 def _bf16_on_cpu(weight: torch.Tensor) -> bool:
     return weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)

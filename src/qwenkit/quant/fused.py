@@ -44,6 +44,7 @@ from qwenkit.quant.kernels.avx512 import (
 )
 from qwenkit.quant.kernels.triton_affine import CudaTritonInt8Kernel
 from qwenkit.quant.linear import QuantizedLinear
+from qwenkit.quant.rtn import replace_module
 
 # their weights are a PackedInt
 QWENKIT_INT_KERNELS = (Avx512Int8Kernel, Avx512Int4Kernel, Avx512Iq4Kernel, Avx512Int5Kernel, Avx512Q6KKernel)
@@ -307,8 +308,7 @@ def use_fast_norms(model: nn.Module) -> None:
         if type(m) is RMSNorm:
             fast = FastRMSNorm(m.weight.shape[0], m.eps)
             fast.weight = m.weight  # the same parameter
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, fast)
+            replace_module(model, name, fast)
 
 
 def fuse_projections(model: nn.Module, release_parts: bool = False) -> int:

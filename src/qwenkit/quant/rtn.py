@@ -85,6 +85,7 @@ def _targets(model: nn.Module, skip: Iterable[str]) -> list[tuple[str, nn.Linear
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where ``model``'s submodule ``name`` (a dotted path) was."""
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 

@@ -11,8 +11,7 @@ import asyncio
 
 from fastapi.responses import PlainTextResponse
 
-from qwenkit.errors import OutOfMemoryError
-from qwenkit.finetune.adapter_io import AdapterNotFound
+from qwenkit.errors import AdapterNotFound, OutOfMemoryError
 from qwenkit.server.errors import APIError
 from qwenkit.server.schemas import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
 from qwenkit.server.state import ServerState

@@ -19,6 +19,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
+from qwenkit.chat import continued_text
 from qwenkit.generate import LLM, Completion
 from qwenkit.server.errors import APIError
 from qwenkit.server.logprobs import LegacyLogprobs, PromptEcho, chat_logprobs
@@ -57,15 +58,6 @@ def template_kwargs(body: ChatCompletionRequest, defaults: Mapping[str, Any] | N
     if body.continue_final_message:
         kwargs.setdefault("continue_final_message", True)
     return {**(defaults or {}), **kwargs}
-
-
-def continued_text(body: ChatCompletionRequest, kwargs: Mapping[str, Any]) -> str | None:
-    """The text of the final message's field that a rendered prompt continues, or None (a new turn)."""
-    field = kwargs.get("continue_final_message")
-    if field is None or field is False:
-        return None
-    value = body.messages[-1].as_template_message().get("content" if field is True else field)
-    return value if isinstance(value, str) else None
 
 
 def chat_prompt(
@@ -107,7 +99,8 @@ async def start_chat(state: ServerState, body: ChatCompletionRequest) -> ChatRun
     refuse_unsupported(body)
     defaults = state.config.default_chat_template_kwargs
     prompt_ids = await asyncio.to_thread(chat_prompt, llm, body, defaults)
-    continued = continued_text(body, template_kwargs(body, defaults))
+    final = [m.as_template_message() for m in body.messages[-1:]]
+    continued = continued_text(final, template_kwargs(body, defaults))
     plan = await asyncio.to_thread(plan_tools, llm, body, prompt_ids, continued)
     extra = {
         "logprobs": (body.top_logprobs or 0) if body.logprobs else None,

@@ -144,8 +144,10 @@ def plan_tools(
     plan.llama3_json = style.calls == "llama3_json"
     plan.continued = continued is not None
     if plan.reasoning and continued is not None:  # the reply opens no block: it may be inside one
-        length = len(llm.tokenizer.encode(continued))
-        plan.in_reasoning = continuation_opens_thinking(llm.tokenizer.decode, prompt_ids, length)
+        tokenizer = llm.tokenizer
+        plan.in_reasoning = continuation_opens_thinking(
+            tokenizer.encode, tokenizer.decode, prompt_ids, continued
+        )
     elif plan.reasoning:
         plan.in_reasoning = prompt_opens_thinking(llm.tokenizer.decode, prompt_ids)
         plan.may_think = not plan.in_reasoning and not prompt_closes_thinking(

@@ -32,13 +32,16 @@ def prompt_closes_thinking(decode: Callable[[Sequence[int]], str], prompt_ids: S
 
 
 def continuation_opens_thinking(
-    decode: Callable[[Sequence[int]], str], prompt_ids: Sequence[int], continued_len: int
+    encode: Callable[[str], Sequence[int]],
+    decode: Callable[[Sequence[int]], str],
+    prompt_ids: Sequence[int],
+    continued: str,
 ) -> bool:
     """Whether a prompt that ends inside its final message (``continue_final_message``) ends inside a
     ``<think>`` block that message, or the template just before it, opened: the last tag among the final
-    message's tokens and the few the template wrote before them is ``<think>``. ``continued_len``: the
-    continued text's length in tokens."""
-    tail = decode(list(prompt_ids[-(continued_len + 8) :]))
+    message's tokens and the few the template wrote before them is ``<think>``. ``continued``: the
+    continued text (encoded only to count how far back to look)."""
+    tail = decode(list(prompt_ids[-(len(encode(continued)) + 8) :]))
     return tail.rfind(THINK_OPEN) > tail.rfind(THINK_CLOSE)
 
 
