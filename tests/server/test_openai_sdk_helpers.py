@@ -1,0 +1,114 @@
+"""The openai SDK's helpers beyond ``create``, against a live server: ``chat.completions.parse`` and
+``.stream()`` with pydantic models (a strict ``json_schema`` and ``pydantic_function_tool``, held to
+by the grammar, so even the random model's reply parses), and ``responses.parse`` / ``responses.stream``
+with a ``text_format``."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+from pydantic import BaseModel, Field
+
+MESSAGES = [{"role": "user", "content": "Pick a city and a number."}]
+# The random model would open <think> (allowed before the JSON on Qwen3's hybrid template) and wander
+NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}
+
+
+class Pick(BaseModel):  # bounded, so every sampled reply ends inside max_tokens
+    city: str = Field(max_length=8)
+    count: int = Field(ge=0, le=99)
+    sunny: bool
+
+
+def sdk(live) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return sdk(server)
+
+
+def test_parse_fills_parsed_from_a_pydantic_response_format(client):
+    kwargs = dict(model="tiny", messages=MESSAGES, max_tokens=60, temperature=1.0, extra_body=NO_THINKING)
+    for seed in (1, 2):
+        r = client.chat.completions.parse(**kwargs, response_format=Pick, seed=seed)
+        (choice,) = r.choices
+        assert choice.finish_reason == "stop" and choice.message.parsed is not None
+        assert choice.message.parsed == Pick.model_validate_json(choice.message.content)
+        assert json.loads(choice.message.content).keys() == {"city", "count", "sunny"}
+    with client.chat.completions.stream(**kwargs, response_format=Pick, seed=2) as stream:
+        events = list(stream)
+        final = stream.get_final_completion()
+    deltas = [e.delta for e in events if e.type == "content.delta"]
+    (done,) = [e for e in events if e.type == "content.done"]
+    assert "".join(deltas) == done.content == final.choices[0].message.content == choice.message.content
+    assert done.parsed == final.choices[0].message.parsed == choice.message.parsed
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_forced_pydantic_tool_fills_parsed_arguments(client, stream):
+    tool = openai.pydantic_function_tool(Pick, name="pick")
+    assert tool["function"]["strict"] is True  # as the SDK sends it
+    kwargs = dict(model="tiny", messages=MESSAGES, tools=[tool], max_tokens=80, temperature=1.0, seed=4)
+    kwargs |= dict(tool_choice={"type": "function", "function": {"name": "pick"}}, extra_body=NO_THINKING)
+    whole = client.chat.completions.parse(**kwargs)
+    (call,) = whole.choices[0].message.tool_calls
+    assert whole.choices[0].finish_reason == "stop"  # OpenAI's (and vLLM's) for a named function
+    assert call.function.name == "pick" and call.id.startswith("call_")
+    assert call.function.parsed_arguments == Pick.model_validate_json(call.function.arguments)
+    if not stream:
+        return
+    with client.chat.completions.stream(**kwargs, stream_options={"include_usage": True}) as s:
+        events = list(s)
+        final = s.get_final_completion()
+    deltas = [e for e in events if e.type == "tool_calls.function.arguments.delta"]
+    (done,) = [e for e in events if e.type == "tool_calls.function.arguments.done"]
+    assert len(deltas) > 1 and "".join(e.arguments_delta for e in deltas) == call.function.arguments
+    assert (done.name, done.index, done.arguments) == ("pick", 0, call.function.arguments)
+    assert done.parsed_arguments == call.function.parsed_arguments
+    (streamed,) = final.choices[0].message.tool_calls
+    assert streamed.function.parsed_arguments == call.function.parsed_arguments
+    assert final.usage.model_dump() == whole.usage.model_dump()
+    assert [e.type for e in events].count("chunk") == len(deltas) + 2  # + the finish, + the usage
+
+
+def test_responses_parse_and_stream_with_a_text_format(client):
+    kwargs = dict(model="tiny", input="Pick.", max_output_tokens=60, temperature=1.0)
+    kwargs |= dict(text_format=Pick, extra_body={**NO_THINKING, "seed": 3})
+    r = client.responses.parse(**kwargs)
+    assert r.status == "completed" and r.output_parsed == Pick.model_validate_json(r.output_text)
+    with client.responses.stream(**kwargs) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    (done,) = [e for e in events if e.type == "response.output_text.done"]
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == r.output_text
+    assert done.text == final.output_text == r.output_text
+    assert final.output_parsed == r.output_parsed and final.usage.model_dump() == r.usage.model_dump()
+    assert [e.type for e in events][-1] == "response.completed"
+
+
+def test_the_stream_helper_takes_a_later_choice_that_is_ready_first(make_server):
+    """A choice answered from the response cache is whole before the others start. Its chunks came
+    first, and the SDK's .stream() helper, which appends a choice it has not seen and then finds it by
+    index, failed with an IndexError: each choice's first chunk now goes out in index order."""
+    c = sdk(make_server())  # the response cache on, as by default
+    kwargs = dict(model="tiny", messages=MESSAGES, max_tokens=6, temperature=1.0, extra_body=NO_THINKING)
+    c.chat.completions.create(**kwargs, seed=8)  # the second choice of seed 7, cached
+    order = [
+        ch.index
+        for chunk in c.chat.completions.create(**kwargs, seed=7, n=2, stream=True)
+        for ch in chunk.choices
+    ]
+    assert order[:2] == [0, 1] and order.count(1) == 2  # its text and finish, after choice 0's first
+    second = c.chat.completions.create(**kwargs, seed=11).choices[0].message.content  # seed 10's second
+    with c.chat.completions.stream(**kwargs, seed=10, n=2) as stream:
+        for _ in stream:
+            pass
+        with pytest.raises(openai.LengthFinishReasonError) as e:  # the helper's, for max_tokens
+            stream.get_final_completion()
+    whole = c.chat.completions.create(**kwargs, seed=10, n=2).choices
+    got = [(ch.index, ch.message.content) for ch in e.value.completion.choices]
+    assert got == [(ch.index, ch.message.content) for ch in whole] and whole[1].message.content == second
