@@ -132,3 +132,25 @@ def test_the_stored_response_routes_say_nothing_is_stored(client):
             call(r.id)
         assert e.value.status_code == 404 and e.value.body["message"] == words
         assert (e.value.param, e.value.code) == ("response_id", "not_found")
+
+
+def test_a_busy_servers_429_is_retried_by_the_sdk_after_its_retry_after(make_server):
+    """--max-queue 0 and every row taken: the SDK's RateLimitError, after max_retries more tries, each
+    waiting the server's Retry-After (1 s), and the server's words in it."""
+    import itertools
+    import time
+
+    import httpx
+
+    live = make_server(max_queue=0)
+    tries: list[float] = []
+    http = httpx.Client(event_hooks={"request": [lambda request: tries.append(time.monotonic())]})
+    c = openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=2, http_client=http)
+    busy = dict(model="tiny", messages=MESSAGES, max_tokens=4000, n=8, stream=True)
+    with sdk(live).chat.completions.create(**busy, extra_body={"ignore_eos": True}) as running:
+        next(iter(running))  # every row is running
+        with pytest.raises(openai.RateLimitError) as e:
+            c.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=1)
+    assert len(tries) == 3 and all(b - a >= 0.9 for a, b in itertools.pairwise(tries))
+    assert e.value.status_code == 429 and e.value.response.headers["retry-after"] == "1"
+    assert e.value.code == "queue_full" and "more than 0 requests are waiting" in e.value.message
