@@ -154,3 +154,41 @@ def test_a_busy_servers_429_is_retried_by_the_sdk_after_its_retry_after(make_ser
     assert len(tries) == 3 and all(b - a >= 0.9 for a, b in itertools.pairwise(tries))
     assert e.value.status_code == 429 and e.value.response.headers["retry-after"] == "1"
     assert e.value.code == "queue_full" and "more than 0 requests are waiting" in e.value.message
+
+
+def test_async_streams_at_once_equal_their_whole_replies(server, client):
+    """Six AsyncOpenAI .stream() helpers at once (one batch): each one's deltas, final completion and
+    usage are the reply a lone request gets; with_raw_response and with_streaming_response read the same."""
+    import asyncio
+
+    kwargs = dict(model="tiny", messages=MESSAGES, max_tokens=8, temperature=1.0, extra_body=NO_THINKING)
+
+    async def one(c: openai.AsyncOpenAI, seed: int) -> tuple[str, str, int]:
+        async with c.chat.completions.stream(
+            **kwargs, seed=seed, stream_options={"include_usage": True}
+        ) as s:
+            text = "".join([e.delta async for e in s if e.type == "content.delta"])
+            try:
+                final = await s.get_final_completion()
+            except openai.LengthFinishReasonError as e:  # the helper's, for max_tokens
+                final = e.completion
+        return text, final.choices[0].message.content, final.usage.completion_tokens
+
+    async def all_at_once() -> list[tuple[str, str, int]]:
+        c = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        return await asyncio.gather(*(one(c, seed) for seed in range(6)))
+
+    streamed = asyncio.run(all_at_once())
+    alone = [client.chat.completions.create(**kwargs, seed=seed) for seed in range(6)]
+    for (deltas, final, tokens), whole in zip(streamed, alone, strict=True):
+        assert deltas == final == whole.choices[0].message.content and tokens == 8
+    assert len({final for _, final, _ in streamed}) > 1
+    raw = client.chat.completions.with_raw_response.create(**kwargs, seed=0)
+    assert raw.status_code == 200 and raw.headers["content-type"] == "application/json"
+    assert raw.parse().choices[0].message.content == streamed[0][1]
+    with client.chat.completions.with_streaming_response.create(**kwargs, seed=0, stream=True) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
+    deltas = [json.loads(line[6:])["choices"][0]["delta"].get("content") or "" for line in lines[:-1]]
+    assert "".join(deltas) == streamed[0][1]
