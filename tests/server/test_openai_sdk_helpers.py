@@ -192,3 +192,18 @@ def test_async_streams_at_once_equal_their_whole_replies(server, client):
     assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
     deltas = [json.loads(line[6:])["choices"][0]["delta"].get("content") or "" for line in lines[:-1]]
     assert "".join(deltas) == streamed[0][1]
+
+
+def test_responses_parse_fills_a_forced_pydantic_tools_parsed_arguments(client):
+    tool = openai.pydantic_function_tool(Pick, name="pick")
+    kwargs = dict(model="tiny", input="Pick.", tools=[tool], max_output_tokens=60, temperature=1.0)
+    kwargs |= dict(tool_choice={"type": "function", "name": "pick"}, extra_body={**NO_THINKING, "seed": 1})
+    r = client.responses.parse(**kwargs)
+    (call,) = r.output
+    assert r.status == "completed" and (call.type, call.name) == ("function_call", "pick")
+    assert call.parsed_arguments == Pick.model_validate_json(call.arguments)
+    with client.responses.stream(**kwargs) as stream:
+        done = [e for e in stream if e.type == "response.function_call_arguments.done"]
+        final = stream.get_final_response()
+    assert [e.arguments for e in done] == [call.arguments]
+    assert [o.parsed_arguments for o in final.output] == [call.parsed_arguments]
