@@ -164,6 +164,20 @@ def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
     async def responses(body: ResponsesRequest, request: Request):
         return await responses_route.responses(state, body, request)
 
+    # The SDK's responses.retrieve / delete / cancel / input_items.list: nothing is stored, so each is a
+    # 404 that says so (a bare "Not Found" read as a route this server lacks)
+    @app.api_route("/v1/responses/{response_id}", methods=["GET", "DELETE"])
+    @app.get("/v1/responses/{response_id}/input_items")
+    @app.post("/v1/responses/{response_id}/cancel")
+    async def stored_response(response_id: str):
+        raise APIError(
+            404,
+            f"response {response_id!r} was not stored: this server keeps no responses (each is sent with "
+            "store false)",
+            "response_id",
+            "not_found",
+        )
+
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         return await routes.completions(state, body, request)

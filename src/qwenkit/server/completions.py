@@ -187,6 +187,10 @@ async def _chat_events(
     started: set[int] = set()
     parsers: dict[int, ToolParser] = {c.index: plan.parser() for c in run.choices} if plan.parses else {}
     call_indices: dict[int, dict[str, int]] = {i: {} for i in parsers}
+    # The SDK's .stream() helper appends a choice it has not seen to its list, then finds it there by
+    # index: a choice's chunks wait until every choice before it has sent one (one answered from the
+    # response cache is whole before the others start).
+    opened, held = 0, dict[int, list[str]]()  # choices 0..opened-1 have sent a chunk; who waits
 
     def chunk(
         index: int,
@@ -194,10 +198,22 @@ async def _chat_events(
         finish: str | None = None,
         logprobs: dict | None = None,
         reason: str | int | None = None,
-    ) -> str:
+    ) -> list[str]:
+        nonlocal opened
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         choice["stop_reason"] = reason
-        return sse({**head, "object": "chat.completion.chunk", "choices": [choice], **usage_field(index)})
+        text = sse({**head, "object": "chat.completion.chunk", "choices": [choice], **usage_field(index)})
+        if index < opened:
+            return [text]
+        held.setdefault(index, []).append(text)
+        ready = []
+        while opened in held:
+            ready += held.pop(opened)
+            opened += 1
+        return ready
+
+    def unheld() -> list[str]:  # a choice that failed never sends a chunk: the ones after it go out
+        return [text for index in sorted(held) for text in held.pop(index)]
 
     def said(index: int, message: dict) -> dict:
         if index not in started:
@@ -207,35 +223,42 @@ async def _chat_events(
 
     try:
         async for choice, delta in run.deltas():
+            out: list[str] = []
             parser = parsers.get(choice.index)
             lps = chat_logprobs(llm, delta.logprobs, hidden) if body.logprobs else None
             if parser is None:
                 if delta.text or (lps and delta.logprobs):  # held-back text's logprobs go out too
-                    yield chunk(choice.index, said(choice.index, {"content": delta.text}), None, lps)
+                    out += chunk(choice.index, said(choice.index, {"content": delta.text}), None, lps)
             else:
                 events = parser.feed(delta.text)
                 if delta.finish_reason is not None and delta.finish_reason != "error":
                     events += parser.finish()
                 messages = _event_deltas(events, call_indices[choice.index])
                 for i, message in enumerate(messages):
-                    yield chunk(choice.index, said(choice.index, message), None, lps if i == 0 else None)
+                    out += chunk(choice.index, said(choice.index, message), None, lps if i == 0 else None)
                 if lps and delta.logprobs and not messages:  # logprobs of held-back text go out in order
-                    yield chunk(choice.index, said(choice.index, {"content": ""}), None, lps)
+                    out += chunk(choice.index, said(choice.index, {"content": ""}), None, lps)
             if delta.finish_reason is not None:
                 if delta.finish_reason == "error":
-                    yield stream_error(run.failure(delta.completion))
-                    continue
-                if choice.index not in started:  # a choice with no text still says who spoke
-                    started.add(choice.index)
-                    yield chunk(choice.index, {"role": "assistant", "content": ""})
-                finish = delta.finish_reason
-                if parser is not None:
-                    finish = parser.finish_reason(finish)
-                    _log_warnings(head["id"], choice.index, parser)
-                yield chunk(choice.index, {}, finish, None, delta.completion.stop_reason)
+                    out.append(stream_error(run.failure(delta.completion)))
+                else:
+                    if choice.index not in started:  # a choice with no text still says who spoke
+                        started.add(choice.index)
+                        out += chunk(choice.index, {"role": "assistant", "content": ""})
+                    finish = delta.finish_reason
+                    if parser is not None:
+                        finish = parser.finish_reason(finish)
+                        _log_warnings(head["id"], choice.index, parser)
+                    out += chunk(choice.index, {}, finish, None, delta.completion.stop_reason)
+            for text in out:
+                yield text
+        for text in unheld():
+            yield text
         if body.include_usage:
             yield sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": run.usage()})
     except Exception as exc:  # after the 200 went out, errors travel in the stream
+        for text in unheld():
+            yield text
         yield stream_error(exc)
     yield sse("[DONE]")
 
