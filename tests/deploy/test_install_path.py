@@ -61,3 +61,20 @@ def test_every_runtime_dependency_is_pinned_and_the_test_venv_has_the_pinned_ver
     assert metadata.version("torch").split("+")[0] == "2.13.0"
     drifted = {n: (v, metadata.version(n)) for n, v in pins.items() if metadata.version(n) != v}
     assert not drifted, f"installed versions differ from deploy/constraints.txt: {drifted}"
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_image_build_stage_copies_every_file_the_package_build_reads(dockerfile):
+    """The image's `pip install .` builds from the files its COPY lines bring: the readme and the license
+    files pyproject.toml names (setuptools warns on a missing license file and will refuse it), and src/."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    needed = {"pyproject.toml", "src", project["readme"], *project["license-files"]}
+    instructions = dockerfile_instructions(dockerfile)
+    install = next(i for i, (k, rest) in enumerate(instructions) if k == "RUN" and "install.sh" in rest)
+    copied = set()
+    for keyword, rest in instructions[:install]:
+        if keyword == "COPY":
+            copied |= set(rest.split()[:-1])  # the sources; the last word is the destination
+    assert needed <= copied, needed - copied
+    ignored = (ROOT / ".dockerignore").read_text().splitlines()
+    assert not needed & set(ignored)

