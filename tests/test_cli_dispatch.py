@@ -151,3 +151,14 @@ def test_ctrl_c_while_the_command_imports_is_quiet(monkeypatch, capsys):
     monkeypatch.setattr(qwenkit.cli, "_import_without_gc", interrupted)
     assert qwenkit.cli.main(["chat", "-p", "hi"]) == 130
     assert capsys.readouterr().err == "\n"
+
+
+@pytest.mark.parametrize("flag", ["--help", "--version"])
+def test_a_reader_gone_before_the_usage_is_quiet(flag):
+    """`qwenkit --help | head -1` once ended in a BrokenPipeError traceback: the usage was printed to a pipe
+    whose reader had closed it."""
+    child = subprocess.Popen(
+        [sys.executable, "-m", "qwenkit", flag], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    child.stdout.close()
+    assert (child.wait(timeout=60), child.stderr.read()) == (0, b"")

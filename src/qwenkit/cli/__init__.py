@@ -64,11 +64,12 @@ def _version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(_usage())
-        return 0
-    if argv[0] in ("-V", "--version"):
-        print(f"qwenkit {_version()}")
+    if not argv or argv[0] in ("-h", "--help", "-V", "--version"):
+        text = f"qwenkit {_version()}" if argv and argv[0] in ("-V", "--version") else _usage()
+        try:  # `qwenkit --help | head -1`: a reader gone before the text is no error of the user's
+            print(text, flush=True)
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
         return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
