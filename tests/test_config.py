@@ -117,6 +117,13 @@ def test_a_size_that_is_zero_or_negative_is_refused_by_name():
             ModelConfig.from_hf({**QWEN3_SMALL, key: bad})
     derived = ModelConfig.from_hf({**QWEN3_SMALL, "num_key_value_heads": 0, "head_dim": 0})
     assert (derived.num_key_value_heads, derived.head_dim) == (16, 128)  # Qwen3Config's own default
+    # Qwen v1's reader derives kv_channels by dividing by the heads: 0 was a ZeroDivisionError traceback
+    for key in ("num_attention_heads", "n_head"):
+        v1 = {k: v for k, v in QWEN_7B.items() if k != "kv_channels"} | {key: 0}
+        if key == "n_head":
+            del v1["num_attention_heads"]
+        with pytest.raises(ConfigError, match="^config value num_attention_heads=0 must be positive$"):
+            ModelConfig.from_hf(v1)
 
 
 def test_a_huge_size_or_a_rope_scaling_that_is_no_object_is_refused_by_name():
