@@ -164,6 +164,31 @@ def test_yarn_takes_its_factor_or_the_context_ratio_and_refuses_neither():
             ModelConfig.from_hf({**QWEN3_SMALL, "rope_scaling": {"rope_type": "yarn", "factor": bad}})
 
 
+def test_a_rope_scaling_original_window_that_is_no_positive_size_is_refused_by_name():
+    """YaRN's ratio divided by an original window of 0 (a ZeroDivisionError traceback); beside a factor,
+    0 or -1 loaded and the model's build failed on math.log ("math domain error"); llama3 ran a negative
+    one with every frequency divided by the factor, 2.5 as 2; null or text named no key."""
+    import pytest
+
+    from qwenkit.errors import ConfigError
+
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    for scaling in ({"rope_type": "yarn"}, {"rope_type": "yarn", "factor": 4.0}, llama3):
+        words = f"rope_scaling type {scaling['rope_type']} needs original_max_position_embeddings"
+        for bad in (0, -1, 2.5, None, "8192", True):
+            rope = {**scaling, "original_max_position_embeddings": bad}
+            with pytest.raises(ConfigError, match=f"^{words} .*, not {re.escape(repr(bad))}\\)$"):
+                ModelConfig.from_hf({**QWEN3_SMALL, "rope_scaling": rope})
+        for bad in (-1, 2.5, "8192"):  # the top-level key, which wins (null or 0 there: not given)
+            with pytest.raises(ConfigError, match=f"^{words} .*, not {re.escape(repr(bad))}\\)$"):
+                ModelConfig.from_hf(
+                    {**QWEN3_SMALL, "rope_scaling": scaling, "original_max_position_embeddings": bad}
+                )
+    whole = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768.0}
+    scaling = ModelConfig.from_hf({**QWEN3_SMALL, "rope_scaling": whole}).rope_scaling
+    assert scaling.original_max_position_embeddings == 32768 and scaling.factor == 4.0
+
+
 def test_keys_transformers_reads_otherwise_are_refused_by_name():
     """Each was read differently from transformers, silently: the logits differed."""
     import pytest
