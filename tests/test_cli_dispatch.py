@@ -162,3 +162,18 @@ def test_a_reader_gone_before_the_usage_is_quiet(flag):
     )
     child.stdout.close()
     assert (child.wait(timeout=60), child.stderr.read()) == (0, b"")
+
+
+def test_every_command_runs_without_docstrings():
+    """Under ``python -OO`` (PYTHONOPTIMIZE=2, as some container images set) docstrings are None: `qwenkit
+    eval` built its description from its module's docstring and every run of it, ``--help`` included,
+    ended in an AttributeError traceback."""
+    code = (
+        "import sys\nfrom qwenkit.cli import COMMANDS, main\nfor c in COMMANDS:\n"
+        "    try:\n        main([c, '--help'])\n    except SystemExit as e:\n"
+        "        print(c, e.code, file=sys.stderr)\n"
+    )
+    done = subprocess.run([sys.executable, "-OO", "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines() == [f"{c} 0" for c in COMMANDS]
+    assert "usage: qwenkit eval " in done.stdout

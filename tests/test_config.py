@@ -117,6 +117,13 @@ def test_a_size_that_is_zero_or_negative_is_refused_by_name():
             ModelConfig.from_hf({**QWEN3_SMALL, key: bad})
     derived = ModelConfig.from_hf({**QWEN3_SMALL, "num_key_value_heads": 0, "head_dim": 0})
     assert (derived.num_key_value_heads, derived.head_dim) == (16, 128)  # Qwen3Config's own default
+    # Qwen v1's reader derives kv_channels by dividing by the heads: 0 was a ZeroDivisionError traceback
+    for key in ("num_attention_heads", "n_head"):
+        v1 = {k: v for k, v in QWEN_7B.items() if k != "kv_channels"} | {key: 0}
+        if key == "n_head":
+            del v1["num_attention_heads"]
+        with pytest.raises(ConfigError, match="^config value num_attention_heads=0 must be positive$"):
+            ModelConfig.from_hf(v1)
 
 
 def test_a_huge_size_or_a_rope_scaling_that_is_no_object_is_refused_by_name():
@@ -155,6 +162,31 @@ def test_yarn_takes_its_factor_or_the_context_ratio_and_refuses_neither():
     for bad, words in ((0, "factor must be positive, not 0"), ("4", "needs factor (a number, not '4')")):
         with pytest.raises(ConfigError, match=re.escape(words)):  # was a math domain error or a TypeError
             ModelConfig.from_hf({**QWEN3_SMALL, "rope_scaling": {"rope_type": "yarn", "factor": bad}})
+
+
+def test_a_rope_scaling_original_window_that_is_no_positive_size_is_refused_by_name():
+    """YaRN's ratio divided by an original window of 0 (a ZeroDivisionError traceback); beside a factor,
+    0 or -1 loaded and the model's build failed on math.log ("math domain error"); llama3 ran a negative
+    one with every frequency divided by the factor, 2.5 as 2; null or text named no key."""
+    import pytest
+
+    from qwenkit.errors import ConfigError
+
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    for scaling in ({"rope_type": "yarn"}, {"rope_type": "yarn", "factor": 4.0}, llama3):
+        words = f"rope_scaling type {scaling['rope_type']} needs original_max_position_embeddings"
+        for bad in (0, -1, 2.5, None, "8192", True):
+            rope = {**scaling, "original_max_position_embeddings": bad}
+            with pytest.raises(ConfigError, match=f"^{words} .*, not {re.escape(repr(bad))}\\)$"):
+                ModelConfig.from_hf({**QWEN3_SMALL, "rope_scaling": rope})
+        for bad in (-1, 2.5, "8192"):  # the top-level key, which wins (null or 0 there: not given)
+            with pytest.raises(ConfigError, match=f"^{words} .*, not {re.escape(repr(bad))}\\)$"):
+                ModelConfig.from_hf(
+                    {**QWEN3_SMALL, "rope_scaling": scaling, "original_max_position_embeddings": bad}
+                )
+    whole = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768.0}
+    scaling = ModelConfig.from_hf({**QWEN3_SMALL, "rope_scaling": whole}).rope_scaling
+    assert scaling.original_max_position_embeddings == 32768 and scaling.factor == 4.0
 
 
 def test_keys_transformers_reads_otherwise_are_refused_by_name():

@@ -337,6 +337,8 @@ def _read_qwen_v1(cfg: dict[str, Any]) -> ModelConfig:
             "Qwen v1 config.json needs hidden_size, num_attention_heads, num_hidden_layers, "
             "intermediate_size (or n_embd, n_head, n_layer, ffn_hidden_size)"
         )
+    if heads < 1:  # before dividing by it; the same words as ModelConfig's check
+        raise ConfigError(f"config value num_attention_heads={heads} must be positive")
     kv_channels = int(cfg.get("kv_channels", hidden // heads))
     if kv_channels * heads != hidden:
         # The fused c_attn output is split by hidden_size, so projection and hidden sizes must agree.

@@ -107,14 +107,19 @@ def read_rope(cfg: dict[str, Any]) -> tuple[float, RopeScaling | None]:
     original = cfg.get("original_max_position_embeddings") or params.get(
         "original_max_position_embeddings", cfg.get("max_position_embeddings")
     )
+    # YaRN takes log(original) and may divide by it: 0 was a ZeroDivisionError or a math domain error
+    whole = isinstance(original, int) or (isinstance(original, float) and original.is_integer())
+    if isinstance(original, bool) or not whole or original < 1:
+        raise ConfigError(
+            f"rope_scaling type {rope_type} needs original_max_position_embeddings (the pretrained "
+            f"context, a whole number of at least 1, not {original!r})"
+        )
     if rope_type == "llama3":
         low, high = number("low_freq_factor"), number("high_freq_factor")
         if high <= low:
             raise ConfigError(
                 f"rope_scaling type llama3 needs high_freq_factor ({high:g}) above low_freq_factor ({low:g})"
             )
-        if not original:
-            raise ConfigError("rope_scaling type llama3 needs original_max_position_embeddings")
         return theta, Llama3Scaling(
             factor=number("factor"),
             low_freq_factor=low,

@@ -44,7 +44,8 @@ class EvalUsageError(QwenkitError, ValueError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = CommandParser(prog="qwenkit eval", description=__doc__.split("\n\n")[0])
+    # no docstrings under python -OO: then no description, as every other command has then
+    p = CommandParser(prog="qwenkit eval", description=(__doc__ or "").split("\n\n")[0])
     add_model_args(p)
     p.add_argument("--task", choices=["mmlu", "ceval", "gsm8k", "humaneval", "tooluse", "passkey", "ppl"])
     p.add_argument(

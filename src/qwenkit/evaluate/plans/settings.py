@@ -9,13 +9,12 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from qwenkit.evaluate import humaneval, passkey
 from qwenkit.evaluate.backends import Backend
 from qwenkit.evaluate.data import EvalDataError
 from qwenkit.evaluate.extract import CHOICE_EXTRACTORS, NUMBER_EXTRACTORS
-from qwenkit.evaluate.multiple_choice import MCItem
 from qwenkit.evaluate.results import sha256_text
 
 TASKS = ("mmlu", "ceval", "gsm8k", "humaneval", "tooluse", "passkey", "ppl")
@@ -181,7 +180,17 @@ class Plan:
         return sha256_text(json.dumps(content, ensure_ascii=False, sort_keys=True, default=str))
 
 
-def first_per_subject(items: list[MCItem], limit: int | None) -> list[MCItem]:
+class _HasSubject(Protocol):
+    @property
+    def subject(self) -> str: ...
+
+
+_Item = TypeVar("_Item", bound=_HasSubject)
+
+
+def first_per_subject(items: list[_Item], limit: int | None) -> list[_Item]:
+    """The first ``limit`` items of each subject, in order: multiple-choice items, or tool-use items
+    (whose subject is their category)."""
     if limit is None:
         return items
     taken: dict[str, int] = {}

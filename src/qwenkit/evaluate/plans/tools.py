@@ -29,7 +29,7 @@ def tooluse_scoring(s: Settings) -> Scoring:
 
 
 def tooluse_plan(s: Settings) -> Plan:
-    items = first_per_subject(tooluse.read_bfcl(s.subjects, s.data), s.limit)  # type: ignore[arg-type]
+    items = first_per_subject(tooluse.read_bfcl(s.subjects, s.data), s.limit)
     record = {
         "data": s.data or f"{BFCL.requirement} {BFCL.member} ({BFCL.note})",
         "method": "chat-tools (the model's own tool format; tool_choice auto)",
