@@ -209,3 +209,18 @@ def test_refused_requests_are_counted_by_route_and_status(make_server, chat_llm)
         at("/v1/models/{model_id:path}", 200, "GET"): 1,
     }
     assert m[("http_requests_total", (("handler", "/health"), ("method", "GET"), ("status", "503")))] == 1
+
+
+def test_made_up_methods_share_one_label(server):
+    """A method is a label, and any token is a method to the HTTP parser: each made-up one made a series
+    of its own that /metrics kept for ever (the server's memory grew with what clients sent)."""
+    for n in range(20):
+        assert httpx.request(f"X{n}", server.url + "/v1/models").status_code == 405
+    assert httpx.request("PATCH", server.url + "/v1/models").status_code == 405
+    m, _ = scrape(server)
+    methods = {
+        dict(labels)["method"]: value
+        for (name, labels), value in m.items()
+        if name == "http_requests_total" and dict(labels)["handler"] == "/v1/models"
+    }
+    assert methods == {"other": 20, "PATCH": 1}

@@ -24,6 +24,8 @@ disable_created_metrics()  # no *_created series: vLLM's dashboards do not use t
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 _TOKEN_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+# the methods labelled by name (RFC 9110 and PATCH); any other is "other"
+_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"))
 
 
 class _PrefixCacheCollector:
@@ -157,6 +159,8 @@ class ServerMetrics:
         self.model_name = m
 
     def answered(self, handler: str, method: str, status: int) -> None:
+        # the HTTP parser takes any token as a method: a label for each would grow without bound
+        method = method if method in _METHODS else "other"
         self._http.labels(handler, method, str(status)).inc()
 
     def finished(
