@@ -60,13 +60,16 @@ def tokenizer_for(source: CheckpointSource | str | Path) -> Tokenizer:
 
 
 class TextStream:
-    """One request's text, as Deltas, read with ``for`` or ``async for``. Closing it early (or a stop
-    string) aborts the request, which frees its KV memory."""
+    """One request's text, as Deltas, read with ``for`` or ``async for``. Closing it early, dropping it
+    unread (or a stop string) aborts the request, which frees its KV memory."""
 
     def __init__(self, stream: RequestStream, state: TextState, owner: object = None) -> None:
         # ``owner``: the LLM, alive while its stream is read (``LLM.load(p).stream(...)`` drops it at once,
         # and an LLM that is collected stops its engine)
         self._stream, self.state, self._owner = stream, state, owner
+        # dropped unread (a handler that returned early), it can never be read: its request stops
+        # rather than run on to max_tokens holding its KV blocks (a reader's iterator keeps it alive)
+        weakref.finalize(self, stream.abandon).atexit = False
 
     @property
     def request_id(self) -> RequestId:

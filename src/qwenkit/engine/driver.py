@@ -63,6 +63,14 @@ class RequestStream:
             self.aborted = True
             self._driver.abort(self.request_id, self)
 
+    def abandon(self) -> None:
+        """``abort`` for a stream nobody can read any more (its owner is being collected): takes no lock
+        and wakes nobody, as a collection may run in any thread, the engine's too, at any allocation. A
+        running request is stepped, so the engine's thread sees the message before its next step."""
+        if not self.finished:
+            self.aborted = True
+            self._driver._inbox.put(("abort", self.request_id, self))
+
     def __iter__(self) -> Iterator[StepOutput]:
         if self._sync is None:
             raise StreamKindError("this stream was opened for asyncio (loop=...): use `async for`")
