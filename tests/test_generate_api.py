@@ -523,3 +523,23 @@ def test_a_stream_dropped_unread_aborts_its_request_and_frees_its_kv_memory(llm)
     gc.collect()
     assert [t for d in deltas for t in d.token_ids] == llm.generate("Once upon a time", SAMPLED)[0].token_ids
     assert llm.driver.wait_idle() and llm.engine.blocks.usage == 0
+
+
+def test_a_stream_read_on_another_event_loop_than_its_own_says_so_and_ends_its_request(llm):
+    """Outputs go to the loop given at submit; read under another one (a script's module-level
+    ``asyncio.get_event_loop()``, then ``asyncio.run``) they never arrived and ``async for`` hung."""
+    import asyncio
+
+    from qwenkit.engine.driver import StreamKindError
+
+    other = asyncio.new_event_loop()
+
+    async def read() -> None:
+        with pytest.raises(StreamKindError, match=r"^this stream was opened for another event loop"):
+            await asyncio.wait_for(llm.submit("Hello", SAMPLED, loop=other).__aiter__().__anext__(), 10)
+
+    try:
+        asyncio.run(read())
+    finally:
+        other.close()
+    assert llm.driver.wait_idle() and llm.engine.blocks.usage == 0

@@ -31,7 +31,8 @@ T = TypeVar("T")
 
 class StreamKindError(QwenkitError, TypeError):
     """A stream read with ``for`` that was opened for asyncio (``loop=``), or with ``async for`` that was
-    not (an assert said so, and under ``python -O`` the read failed on a None queue)."""
+    not (an assert said so, and under ``python -O`` the read failed on a None queue) or on another loop
+    than its own (its outputs never arrived)."""
 
 
 class RequestStream:
@@ -85,6 +86,10 @@ class RequestStream:
     async def __aiter__(self) -> AsyncIterator[StepOutput]:
         if self._async is None:
             raise StreamKindError("this stream was opened without an event loop: use `for`")
+        if asyncio.get_running_loop() is not self._loop:  # its outputs go to that loop: it waited forever
+            raise StreamKindError(
+                "this stream was opened for another event loop: submit with loop=asyncio.get_running_loop()"
+            )
         while not self.finished:
             output = await self._async.get()
             self.finished = output.finish_reason is not None
