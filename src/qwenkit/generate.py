@@ -280,16 +280,22 @@ class LLM:
     def router_stats(self, prompt: str | Sequence[int]) -> RouterStats:
         """Tokens each expert of every MoE layer receives while the model reads ``prompt``.
 
-        One plain forward over the prompt (no engine, so no padding rows are counted); a dense model
-        gives empty stats.
+        One plain forward over the prompt (no engine, so no padding rows are counted), run in the
+        engine's thread between two steps: beside a step it counted the step's tokens too (and the
+        counter it sets on the shared layers changes the path their steps take). A dense model gives
+        empty stats.
         """
         ids = self.encode(prompt)
         # the engine's checks: an id past the vocabulary failed deep in the embedding, with a traceback
         self.engine.validate(ids, SamplingParams())
         device = self.model.model.norm.weight.device
-        with count_routed_tokens(self.model) as stats, torch.no_grad():
-            self.model(torch.tensor([ids], device=device))
-        return stats
+
+        def count() -> RouterStats:
+            with count_routed_tokens(self.model) as stats, torch.no_grad():
+                self.model(torch.tensor([ids], device=device))
+            return stats
+
+        return self.driver.between_steps(count).result()
 
     @property
     def adapters(self) -> list[str]:
