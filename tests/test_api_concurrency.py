@@ -141,3 +141,26 @@ def test_asyncio_tasks_share_one_llm_and_a_left_or_cancelled_stream_frees_its_bl
         assert_all_freed(llm)
 
     asyncio.run(main())
+
+
+def test_llm_stream_is_read_with_async_for_inside_a_running_loop(llm):
+    """``async for`` over ``llm.stream()`` in an async handler was a bare TypeError ("requires an object
+    with __aiter__ method, got generator"); it now submits the request on the running loop."""
+    alone = [llm.generate(p, settings(i))[0] for i, p in enumerate(PROMPTS[:3])]
+
+    async def read(i: int, prompt: str):
+        return [d async for d in llm.stream(prompt, settings(i))][-1].completion
+
+    async def main() -> list:
+        together = await asyncio.gather(*(read(i, p) for i, p in enumerate(PROMPTS[:3])))
+        async for _ in llm.stream(PROMPTS[0], LONG):
+            break
+        for _ in range(2):  # asyncio closes the left async generator (which aborts) in a task it schedules
+            await asyncio.sleep(0)
+        assert_all_freed(llm)
+        return together
+
+    assert [key(c) for c in asyncio.run(main())] == [key(c) for c in alone]
+    stream = llm.stream(PROMPTS[0], LONG)
+    stream.close()  # before its first read: it never runs
+    assert list(stream) == [] and not llm.engine.has_unfinished()
