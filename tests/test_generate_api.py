@@ -503,9 +503,43 @@ def test_an_id_whose_reader_has_gone_stays_in_use_until_its_request_has_ended(ll
         return outputs
 
     monkeypatch.setattr(llm.engine, "step", step)
-    llm.submit("Once upon a time", SAMPLED, request_id="z", loop=gone)
-    assert llm.driver.wait_idle()
+    held = llm.submit("Once upon a time", SAMPLED, request_id="z", loop=gone)  # a dropped stream aborts
+    assert llm.driver.wait_idle() and held.request_id == "z"
     assert seen == {"refused": "request id 'z' is already in use"}
     again = llm.submit("The sky is", SAMPLED, request_id="z")  # free once the engine let it go
     assert list(again)[-1].finish_reason == "length" and len(again.completion.token_ids) == 24
+    assert llm.driver.wait_idle() and llm.engine.blocks.usage == 0
+
+
+def test_a_stream_dropped_unread_aborts_its_request_and_frees_its_kv_memory(llm):
+    """``submit`` starts the request at once; a TextStream dropped before anything read it (a handler that
+    returned early) can never be read, yet its request ran on to max_tokens holding its KV blocks. One
+    whose iterator is still held runs on: only the stream's last reference stops it."""
+    long = SamplingParams(temperature=0, max_tokens=4000, ignore_eos=True)  # seconds of steps
+    llm.submit("Once upon a time", long)
+    gc.collect()
+    assert llm.driver.wait_idle(timeout=5) and llm.engine.blocks.usage == 0
+    deltas = iter(llm.submit("Once upon a time", SAMPLED))  # the stream goes, its reader stays
+    gc.collect()
+    assert [t for d in deltas for t in d.token_ids] == llm.generate("Once upon a time", SAMPLED)[0].token_ids
+    assert llm.driver.wait_idle() and llm.engine.blocks.usage == 0
+
+
+def test_a_stream_read_on_another_event_loop_than_its_own_says_so_and_ends_its_request(llm):
+    """Outputs go to the loop given at submit; read under another one (a script's module-level
+    ``asyncio.get_event_loop()``, then ``asyncio.run``) they never arrived and ``async for`` hung."""
+    import asyncio
+
+    from qwenkit.engine.driver import StreamKindError
+
+    other = asyncio.new_event_loop()
+
+    async def read() -> None:
+        with pytest.raises(StreamKindError, match=r"^this stream was opened for another event loop"):
+            await asyncio.wait_for(llm.submit("Hello", SAMPLED, loop=other).__aiter__().__anext__(), 10)
+
+    try:
+        asyncio.run(read())
+    finally:
+        other.close()
     assert llm.driver.wait_idle() and llm.engine.blocks.usage == 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import numbers
 import weakref
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Generator, Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,7 +24,7 @@ from qwenkit.config import ModelConfig
 from qwenkit.default_model import FALLBACK_SAMPLING
 from qwenkit.distributed import TensorParallel, local_config
 from qwenkit.engine import Engine, SamplingParams, SamplingParamsError
-from qwenkit.engine.driver import EngineDriver, RequestStream
+from qwenkit.engine.driver import EngineDriver, RequestStream, StreamKindError
 from qwenkit.engine.request import RequestId
 from qwenkit.errors import ConfigError, GenerationError, NonFiniteLogitsError
 from qwenkit.load_args import check_adapter_path, check_load_args
@@ -60,13 +60,16 @@ def tokenizer_for(source: CheckpointSource | str | Path) -> Tokenizer:
 
 
 class TextStream:
-    """One request's text, as Deltas, read with ``for`` or ``async for``. Closing it early (or a stop
-    string) aborts the request, which frees its KV memory."""
+    """One request's text, as Deltas, read with ``for`` or ``async for``. Closing it early, dropping it
+    unread (or a stop string) aborts the request, which frees its KV memory."""
 
     def __init__(self, stream: RequestStream, state: TextState, owner: object = None) -> None:
         # ``owner``: the LLM, alive while its stream is read (``LLM.load(p).stream(...)`` drops it at once,
         # and an LLM that is collected stops its engine)
         self._stream, self.state, self._owner = stream, state, owner
+        # dropped unread (a handler that returned early), it can never be read: its request stops
+        # rather than run on to max_tokens holding its KV blocks (a reader's iterator keeps it alive)
+        weakref.finalize(self, stream.abandon).atexit = False
 
     @property
     def request_id(self) -> RequestId:
@@ -277,16 +280,22 @@ class LLM:
     def router_stats(self, prompt: str | Sequence[int]) -> RouterStats:
         """Tokens each expert of every MoE layer receives while the model reads ``prompt``.
 
-        One plain forward over the prompt (no engine, so no padding rows are counted); a dense model
-        gives empty stats.
+        One plain forward over the prompt (no engine, so no padding rows are counted), run in the
+        engine's thread between two steps: beside a step it counted the step's tokens too (and the
+        counter it sets on the shared layers changes the path their steps take). A dense model gives
+        empty stats.
         """
         ids = self.encode(prompt)
         # the engine's checks: an id past the vocabulary failed deep in the embedding, with a traceback
         self.engine.validate(ids, SamplingParams())
         device = self.model.model.norm.weight.device
-        with count_routed_tokens(self.model) as stats, torch.no_grad():
-            self.model(torch.tensor([ids], device=device))
-        return stats
+
+        def count() -> RouterStats:
+            with count_routed_tokens(self.model) as stats, torch.no_grad():
+                self.model(torch.tensor([ids], device=device))
+            return stats
+
+        return self.driver.between_steps(count).result()
 
     @property
     def adapters(self) -> list[str]:
@@ -422,19 +431,65 @@ class LLM:
         ids = self.tokenizer.encode_fim(prefix, suffix)
         return self.generate([ids], self.fim_params(self.params_or_default(params)))[0]
 
-    def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> Iterator[Delta]:
-        """Yield text as it is produced; the final Delta carries the finish reason.
+    def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> DeltaStream:
+        """Text as it is produced, read with ``for`` (or ``async for`` inside a running event loop); the
+        final Delta carries the finish reason. The request starts at the first read.
 
-        Closing the iterator early (or Ctrl-C) aborts the request and frees its KV memory.
+        Leaving early (``break``, ``close()``, Ctrl-C, a cancelled task) aborts the request and frees its
+        KV memory. A failed request raises GenerationError.
         """
-        text_stream = self.submit(prompt, params)
-        try:
-            for delta in text_stream:
-                if delta.completion is not None:
-                    _raise_if_failed(delta.completion)
-                yield delta
-        finally:
-            text_stream.abort()
+        return DeltaStream(self, prompt, params)
+
+
+class DeltaStream(Iterator[Delta]):
+    """``LLM.stream``'s Deltas: ``for`` reads them in this thread; ``async for`` submits the request on
+    the running event loop (``async for`` over a generator was a bare TypeError naming no way out)."""
+
+    def __init__(self, llm: LLM, prompt: str | Sequence[int], params: SamplingParams | None) -> None:
+        self._llm, self._prompt, self._params = llm, prompt, params
+        self._sync: Generator[Delta, None, None] | None = None
+        self._async: AsyncIterator[Delta] | None = None
+
+    def __next__(self) -> Delta:
+        if self._async is not None:
+            raise StreamKindError("this stream is read with `async for` already")
+        if self._sync is None:
+            self._sync = _checked(self._llm.submit(self._prompt, self._params))
+        return next(self._sync)
+
+    def close(self) -> None:
+        """Stop reading: the request is aborted (a no-op once it has finished, or before it started)."""
+        if self._sync is None:  # closed before its first read: it never runs
+            self._sync = (delta for delta in ())
+        self._sync.close()
+
+    def __aiter__(self) -> AsyncIterator[Delta]:
+        if self._sync is not None or self._async is not None:
+            raise StreamKindError("this stream is being read already")
+        loop = asyncio.get_running_loop()
+        self._async = _achecked(self._llm.submit(self._prompt, self._params, loop=loop))
+        return self._async
+
+
+def _checked(text_stream: TextStream) -> Generator[Delta, None, None]:
+    """``text_stream``'s Deltas; GenerationError for a request that failed."""
+    try:
+        for delta in text_stream:
+            if delta.completion is not None:
+                _raise_if_failed(delta.completion)
+            yield delta
+    finally:
+        text_stream.abort()
+
+
+async def _achecked(text_stream: TextStream) -> AsyncIterator[Delta]:
+    try:
+        async for delta in text_stream:
+            if delta.completion is not None:
+                _raise_if_failed(delta.completion)
+            yield delta
+    finally:
+        text_stream.abort()
 
 
 def _check_reserved(model: Transformer, name: str, pairs: dict) -> None:

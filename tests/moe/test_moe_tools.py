@@ -13,6 +13,7 @@ from moe_models import hf_moe_model
 from qwenkit.checkpoint import load_model
 from qwenkit.cli import main
 from qwenkit.config import ModelConfig
+from qwenkit.engine import SamplingParams
 from qwenkit.generate import LLM, tokenizer_for
 from qwenkit.memory import weight_bytes
 
@@ -156,3 +157,24 @@ def test_router_stats_with_an_adapter_on_the_router(moe_with_tokenizer, tmp_path
     err = capsys.readouterr().err
     for layer, counts in want.items():
         assert f"layer {layer:3d}: 160 routings" in err and f"counts {counts}" in err
+
+
+def test_router_stats_while_requests_run_counts_only_its_prompt_and_leaves_them_alone(moe_with_tokenizer):
+    """router_stats ran the model in the caller's thread while the engine's thread stepped it: the
+    steps' tokens were counted too (and the counter it set on the shared layers switched their path
+    mid-step). It now runs between two steps."""
+    ids = [(37 * i + 11) % 151000 for i in range(40)]
+    llm = LLM(
+        load_model(moe_with_tokenizer, dtype="float32", progress=False)[0], tokenizer_for(moe_with_tokenizer)
+    )
+    want = llm.router_stats(ids).per_layer
+    params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
+    alone = llm.generate([ids[:7]], params)[0].token_ids
+    running = llm.submit(ids[:7], params)
+    reader = iter(running)
+    next(reader)
+    seen = [llm.router_stats(ids).per_layer for _ in range(5)]
+    list(reader)
+    assert seen == [want] * 5
+    assert (running.completion.finish_reason, running.completion.token_ids) == ("length", alone)
+    llm.close()

@@ -31,7 +31,8 @@ T = TypeVar("T")
 
 class StreamKindError(QwenkitError, TypeError):
     """A stream read with ``for`` that was opened for asyncio (``loop=``), or with ``async for`` that was
-    not (an assert said so, and under ``python -O`` the read failed on a None queue)."""
+    not (an assert said so, and under ``python -O`` the read failed on a None queue) or on another loop
+    than its own (its outputs never arrived)."""
 
 
 class RequestStream:
@@ -63,6 +64,14 @@ class RequestStream:
             self.aborted = True
             self._driver.abort(self.request_id, self)
 
+    def abandon(self) -> None:
+        """``abort`` for a stream nobody can read any more (its owner is being collected): takes no lock
+        and wakes nobody, as a collection may run in any thread, the engine's too, at any allocation. A
+        running request is stepped, so the engine's thread sees the message before its next step."""
+        if not self.finished:
+            self.aborted = True
+            self._driver._inbox.put(("abort", self.request_id, self))
+
     def __iter__(self) -> Iterator[StepOutput]:
         if self._sync is None:
             raise StreamKindError("this stream was opened for asyncio (loop=...): use `async for`")
@@ -77,6 +86,10 @@ class RequestStream:
     async def __aiter__(self) -> AsyncIterator[StepOutput]:
         if self._async is None:
             raise StreamKindError("this stream was opened without an event loop: use `for`")
+        if asyncio.get_running_loop() is not self._loop:  # its outputs go to that loop: it waited forever
+            raise StreamKindError(
+                "this stream was opened for another event loop: submit with loop=asyncio.get_running_loop()"
+            )
         while not self.finished:
             output = await self._async.get()
             self.finished = output.finish_reason is not None
