@@ -18,6 +18,16 @@ def imports_of(path: Path) -> set[str]:
     return names
 
 
+def imported_names(path: Path) -> set[tuple[str, str]]:
+    """(module, name) of every ``from module import name`` in the file, lazy ones included."""
+    return {
+        (node.module, a.name)
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ImportFrom) and node.module
+        for a in node.names
+    }
+
+
 def test_model_does_not_import_engine_or_server():
     for f in (SRC / "model").rglob("*.py"):
         bad = {
@@ -62,3 +72,13 @@ def test_server_does_not_import_finetune():
     for f in (SRC / "server").rglob("*.py"):
         bad = {m for m in imports_of(f) if m.startswith("qwenkit.finetune")}
         assert not bad, f"{f.relative_to(SRC)} imports {bad}"
+
+
+def test_module_swapping_is_the_models_helper():
+    """Putting a module in place of another by name is no part of round-to-nearest quantization: LoRA,
+    fusion and the quantizers take it from ``model.modules``."""
+    for f in SRC.rglob("*.py"):
+        bad = {
+            m for m, name in imported_names(f) if name == "replace_module" and m != "qwenkit.model.modules"
+        }
+        assert not bad, f"{f.relative_to(SRC)} imports replace_module from {bad}"

@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenkit.errors import ConfigError
+from qwenkit.model.modules import replace_module
 from qwenkit.model.moe import RouterLinear
 from qwenkit.quant import QuantizedLinear
-from qwenkit.quant.rtn import replace_module
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 VLLM_DEFAULT_MAX_RANK = 16

@@ -28,6 +28,7 @@ from qwenkit.errors import CheckpointError, QwenkitError
 from qwenkit.model.adapter_bank import BASE_SLOT, AdapterBank, AdapterSlotsFull, LoRAPair
 from qwenkit.model.attention import Attention
 from qwenkit.model.mlp import MLP
+from qwenkit.model.modules import replace_module
 from qwenkit.model.moe import MoEMLP
 
 
@@ -429,8 +430,7 @@ def _install(model: nn.Module, bank: AdapterBank, slots: dict[str, int], updates
     for path in updates:
         module = model.get_submodule(path)
         if not isinstance(module, LoRAProjection):
-            parent, _, child = path.rpartition(".")
-            setattr(model.get_submodule(parent), child, LoRAProjection(module, bank, on_kernels))
+            replace_module(model, path, LoRAProjection(module, bank, on_kernels))
     for path, projection in served_projections(model).items():
         by_adapter = updates.get(path, {})
         projection.write(

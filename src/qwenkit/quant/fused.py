@@ -30,6 +30,7 @@ from qwenkit import kernels
 from qwenkit.checkpoint.files import HeapTrimmer, release_pages, trim_heap
 from qwenkit.model.attention import Attention
 from qwenkit.model.mlp import MLP
+from qwenkit.model.modules import replace_module
 from qwenkit.model.moe import MoEMLP
 from qwenkit.model.norm import RMSNorm
 from qwenkit.model.served_adapters import LoRAProjection, stack_lora
@@ -44,7 +45,6 @@ from qwenkit.quant.kernels.avx512 import (
 )
 from qwenkit.quant.kernels.triton_affine import CudaTritonInt8Kernel
 from qwenkit.quant.linear import QuantizedLinear
-from qwenkit.quant.rtn import replace_module
 
 # their weights are a PackedInt
 QWENKIT_INT_KERNELS = (Avx512Int8Kernel, Avx512Int4Kernel, Avx512Iq4Kernel, Avx512Int5Kernel, Avx512Q6KKernel)
