@@ -394,3 +394,20 @@ def test_reserved_paths_name_the_projections_holding_pairs(base_dir, adapters):
     assert (
         paths["model.layers.1.mlp.down_proj"] == "model.layers.1.mlp.down_proj" and None not in paths.values()
     )
+
+
+def test_a_model_running_its_adapter_inside_its_layers_serves_no_others(base_dir, adapters, tmp_path):
+    """An adapter the side paths cannot serve (it adapts the output head) runs inside the layers
+    (finetune's LoRALinear, a ``served_adapters.InLayerAdapter``): another is refused in one line, and
+    the model answers as before."""
+    from qwenkit.errors import ConfigError
+    from qwenkit.finetune.lora import LoRALinear
+    from qwenkit.model.served_adapters import InLayerAdapter, runs_adapter_inside
+
+    head = write_lora_adapter(base_dir, tmp_path / "head", seed=5, r=2, targets=("q_proj", "lm_head"))
+    with LLM.load(base_dir, dtype="bfloat16", progress=False, adapter=head) as llm:
+        assert issubclass(LoRALinear, InLayerAdapter) and runs_adapter_inside(llm.model)
+        before = answers(llm, [None] * len(PROMPTS))
+        with pytest.raises(ConfigError, match=r"^this model runs its one adapter inside its layers \("):
+            llm.load_adapter("a", adapters["a"])
+        assert answers(llm, [None] * len(PROMPTS)) == before

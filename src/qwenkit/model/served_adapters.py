@@ -53,6 +53,16 @@ class AdapterRankTooHigh(QwenkitError, ValueError):
     """The adapter's rank is above the rank reserved for adapters (vLLM's ``--max-lora-rank``)."""
 
 
+class InLayerAdapter(nn.Module):
+    """A layer that computes its adapter's update inside itself (finetune's ``LoRALinear`` is one): a
+    model holding one runs that adapter for every token and serves no others beside it."""
+
+
+def runs_adapter_inside(model: nn.Module) -> bool:
+    """Whether a layer of ``model`` computes an adapter inside itself (:class:`InLayerAdapter`)."""
+    return any(isinstance(m, InLayerAdapter) for m in model.modules())
+
+
 class LoRAProjection(nn.Module):
     """A base projection plus, per adapter slot, a low-rank update ``y += B (A x)``, the scaling in B,
     each adapter's rank zero-padded to R, a multiple of 16 (``kernels.lora_add_``'s vectors). One copy of
