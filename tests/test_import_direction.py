@@ -8,6 +8,11 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src" / "qwenkit"
 
 
+# Side rooms: they use the main line, and the main line does not import them (DESIGN.md).
+SIDE_ROOMS = ("qwenkit.quant", "qwenkit.finetune", "qwenkit.convert", "qwenkit.evaluate")
+MAIN_LINE = ("model", "engine", "tokenizer", "server", "tools", "generate.py", "chat.py", "text_state.py")
+
+
 def imports_of(path: Path) -> set[str]:
     names: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text())):
@@ -26,6 +31,14 @@ def imported_names(path: Path) -> set[tuple[str, str]]:
         if isinstance(node, ast.ImportFrom) and node.module
         for a in node.names
     }
+
+
+def main_line_files() -> list[Path]:
+    return [
+        f
+        for part in MAIN_LINE
+        for f in ([SRC / part] if part.endswith(".py") else (SRC / part).rglob("*.py"))
+    ]
 
 
 def test_model_does_not_import_engine_or_server():
@@ -71,6 +84,15 @@ def test_server_does_not_import_finetune():
     """finetune/ is a side room: the server answers a missing adapter with qwenkit.errors' type."""
     for f in (SRC / "server").rglob("*.py"):
         bad = {m for m in imports_of(f) if m.startswith("qwenkit.finetune")}
+        assert not bad, f"{f.relative_to(SRC)} imports {bad}"
+
+
+def test_main_line_imports_no_side_room():
+    """The engine plans decode calls again through the model's own hook (``transformer.
+    refresh_decode_layers``, which ``quant.fused`` fills), and the text layer asks the model whether a
+    layer runs its adapter inside (``served_adapters.runs_adapter_inside``), not finetune's LoRALinear."""
+    for f in main_line_files():
+        bad = {m for m in imports_of(f) if m.startswith(SIDE_ROOMS)}
         assert not bad, f"{f.relative_to(SRC)} imports {bad}"
 
 

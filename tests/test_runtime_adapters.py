@@ -327,13 +327,11 @@ def test_replacing_at_full_slots_waits_for_the_requests_on_the_old_weights(base_
     taken once that request has finished."""
     from qwenkit.model.adapter_bank import AdapterSlotsFull
     from qwenkit.model.served_adapters import reserve_adapters
-    from qwenkit.quant.fused import refresh_decode_layers
 
     model, _ = load_model(
         base_dir, "bfloat16", progress=False, fast_kernels=True, adapters={"a": adapters["a"]}
     )
-    reserve_adapters(model, 1, 16)
-    refresh_decode_layers(model)
+    reserve_adapters(model, 1, 16)  # plans the whole-layer decode calls again itself
     engine = Engine(model, max_batch_size=2)
     prompt = list(range(60, 80))
     untouched = run_engine(engine, [prompt], params("a", 12))[0]
