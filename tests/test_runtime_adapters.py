@@ -327,13 +327,11 @@ def test_replacing_at_full_slots_waits_for_the_requests_on_the_old_weights(base_
     taken once that request has finished."""
     from qwenkit.model.adapter_bank import AdapterSlotsFull
     from qwenkit.model.served_adapters import reserve_adapters
-    from qwenkit.quant.fused import refresh_decode_layers
 
     model, _ = load_model(
         base_dir, "bfloat16", progress=False, fast_kernels=True, adapters={"a": adapters["a"]}
     )
-    reserve_adapters(model, 1, 16)
-    refresh_decode_layers(model)
+    reserve_adapters(model, 1, 16)  # plans the whole-layer decode calls again itself
     engine = Engine(model, max_batch_size=2)
     prompt = list(range(60, 80))
     untouched = run_engine(engine, [prompt], params("a", 12))[0]
@@ -394,3 +392,20 @@ def test_reserved_paths_name_the_projections_holding_pairs(base_dir, adapters):
     assert (
         paths["model.layers.1.mlp.down_proj"] == "model.layers.1.mlp.down_proj" and None not in paths.values()
     )
+
+
+def test_a_model_running_its_adapter_inside_its_layers_serves_no_others(base_dir, adapters, tmp_path):
+    """An adapter the side paths cannot serve (it adapts the output head) runs inside the layers
+    (finetune's LoRALinear, a ``served_adapters.InLayerAdapter``): another is refused in one line, and
+    the model answers as before."""
+    from qwenkit.errors import ConfigError
+    from qwenkit.finetune.lora import LoRALinear
+    from qwenkit.model.served_adapters import InLayerAdapter, runs_adapter_inside
+
+    head = write_lora_adapter(base_dir, tmp_path / "head", seed=5, r=2, targets=("q_proj", "lm_head"))
+    with LLM.load(base_dir, dtype="bfloat16", progress=False, adapter=head) as llm:
+        assert issubclass(LoRALinear, InLayerAdapter) and runs_adapter_inside(llm.model)
+        before = answers(llm, [None] * len(PROMPTS))
+        with pytest.raises(ConfigError, match=r"^this model runs its one adapter inside its layers \("):
+            llm.load_adapter("a", adapters["a"])
+        assert answers(llm, [None] * len(PROMPTS)) == before

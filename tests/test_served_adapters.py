@@ -222,3 +222,27 @@ def test_the_memory_check_counts_the_adapters(base_dir, adapters, monkeypatch):
     load_model(base_dir, "float32", progress=False, context=64)
     with pytest.raises(OutOfMemoryError, match="not enough free RAM"):
         load_model(base_dir, "float32", progress=False, context=64, adapters=adapters)
+
+
+@pytest.mark.skipif(not kernels.available(), reason="CPU kernels not built on this CPU")
+def test_serving_plans_the_whole_layer_decode_calls_again(base_dir, adapters):
+    """The model's own ``serve_adapters``/``reserve_adapters`` plan the whole-layer decode calls again
+    (they hold the side paths' tiles, not the modules), so the engine and the loader need not reach into
+    ``quant.fused`` after each: the plans are the tensors a fresh plan takes, the adapters' tiles included."""
+    from qwenkit.finetune.adapter_io import adapter_pairs
+    from qwenkit.model.served_adapters import reserve_adapters, serve_adapters
+    from qwenkit.quant.fused import decode_layer_weights
+
+    model, _ = load_model(base_dir, "bfloat16", progress=False, fast_kernels=True)
+    stale = [layer.decode_weights for layer in model.model.layers]
+    serve_adapters(model, {"a": adapter_pairs(model, adapters["a"])[1]})
+    reserve_adapters(model, 3, 16)
+    for layer, old in zip(model.model.layers, stale, strict=True):
+        fresh = decode_layer_weights(layer)
+        assert layer.decode_weights is not old
+        got = [t.data_ptr() for t in layer.decode_weights.tensors]
+        assert got == [t.data_ptr() for t in fresh.tensors]
+        assert layer.decode_weights.ints == fresh.ints
+    qkv = model.model.layers[0].self_attn.qkv_proj
+    assert qkv.held[0] == 3  # the reserved slots, whose tiles the plan holds
+    assert qkv.tiles[0].data_ptr() in [t.data_ptr() for t in model.model.layers[0].decode_weights.tensors]

@@ -340,9 +340,9 @@ class LLM:
                 "under tensor parallelism adapters are loaded only into slots held from the start "
                 "(--max-loras): each rank's side paths must come before its layers' collectives"
             )
-        from qwenkit.finetune.lora import LoRALinear
+        from qwenkit.model.served_adapters import runs_adapter_inside
 
-        if any(isinstance(m, LoRALinear) for m in self.model.modules()):
+        if runs_adapter_inside(self.model):
             raise ConfigError(
                 "this model runs its one adapter inside its layers (it adapts modules that served "
                 "adapters cannot: routers, the output head or the embedding), so it "

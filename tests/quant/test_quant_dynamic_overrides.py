@@ -20,10 +20,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from qwenkit.checkpoint import load_model
+from qwenkit.model.modules import replace_module
 from qwenkit.quant import QuantizedLinear
 from qwenkit.quant.gptq_format import GPTQConfig, IntWeight, QuantizationError, pack_gptq, unpack_gptq
 from qwenkit.quant.pipeline import quantize_checkpoint
-from qwenkit.quant.rtn import replace_module
 
 IDS = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
 BASE = {"bits": 4, "group_size": 32, "sym": True, "desc_act": False}

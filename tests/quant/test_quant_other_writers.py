@@ -25,10 +25,10 @@ from torch import nn
 from qwenkit.checkpoint import load_model
 from qwenkit.distributed import check_shardable
 from qwenkit.errors import CheckpointError, ConfigError
+from qwenkit.model.modules import replace_module
 from qwenkit.quant import QuantizedLinear
 from qwenkit.quant.gptq_format import GPTQConfig, QuantizationError, pack_gptq, unpack_gptq
 from qwenkit.quant.pipeline import quantize_checkpoint
-from qwenkit.quant.rtn import replace_module
 
 IDS = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
 GPTQ_KEYS = ("qweight", "qzeros", "scales", "g_idx")

@@ -318,10 +318,7 @@ def _with_served(
     """``model`` with the adapters as side paths (the one ``adapter``: the default of every token)."""
     if served is None:
         return model
-    from qwenkit.quant.fused import refresh_decode_layers
-
     serve_adapters(model, served, default=_adapter_name(adapter) if adapter is not None else None)
-    refresh_decode_layers(model)  # the whole-layer decode calls, now with the adapters' updates
     return model
 
 
@@ -333,7 +330,6 @@ def _with_reserved(model: Transformer, reserve: tuple[int, int] | None) -> Trans
         return model
     from qwenkit.memory import check_free
     from qwenkit.model import served_adapters
-    from qwenkit.quant.fused import refresh_decode_layers
 
     slots, rank = reserve
     if slots < 1 or rank < 1:
@@ -348,7 +344,6 @@ def _with_reserved(model: Transformer, reserve: tuple[int, int] | None) -> Trans
         served_adapters.reserve_adapters(model, slots, rank)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    refresh_decode_layers(model)  # the whole-layer decode calls, with the side paths' tiles
     return model
 
 

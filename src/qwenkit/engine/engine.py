@@ -35,7 +35,6 @@ from qwenkit.engine.token_counts import TokenCounts
 from qwenkit.model import Transformer
 from qwenkit.model.adapter_bank import AdapterBank, LoRAPair
 from qwenkit.model.served_adapters import add_adapter, remove_adapter
-from qwenkit.quant.fused import refresh_decode_layers
 
 BLOCK_SIZE = 16
 
@@ -229,7 +228,6 @@ class Engine:
         slot = add_adapter(self.model, name, pairs, busy, replace)
         if self.adapter_written is not None:
             self.adapter_written(AdapterWrite(slot, name, whole if whole is not None else pairs))
-        refresh_decode_layers(self.model)  # the whole-layer decode calls hold the old side paths' tiles
         self.adapters = self.model.adapters
         if self.decode_graphs is not None and supports_static_decode(self.model) is not None:
             self.decode_graphs = None  # captured without the side paths

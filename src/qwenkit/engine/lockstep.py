@@ -24,7 +24,6 @@ from qwenkit.distributed.group import collective
 from qwenkit.engine.engine import Engine
 from qwenkit.engine.forward import AdapterWrite, ForwardCall, run_forward
 from qwenkit.model.served_adapters import write_slot
-from qwenkit.quant.fused import refresh_decode_layers
 
 IDLE_TIMEOUT = timedelta(days=365)
 
@@ -53,7 +52,6 @@ class Lockstep:
         while (message := self._receive()) is not None:
             if isinstance(message, AdapterWrite):
                 write_slot(engine.model, message.slot, message.name, shard_adapter(message.pairs, tp))
-                refresh_decode_layers(engine.model)
                 continue
             with torch.inference_mode():
                 run_forward(engine.model, engine.cache, message)

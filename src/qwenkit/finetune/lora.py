@@ -21,9 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenkit.errors import ConfigError
+from qwenkit.model.modules import replace_module
 from qwenkit.model.moe import RouterLinear
+from qwenkit.model.served_adapters import InLayerAdapter
 from qwenkit.quant import QuantizedLinear
-from qwenkit.quant.rtn import replace_module
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 VLLM_DEFAULT_MAX_RANK = 16
@@ -114,7 +115,7 @@ def frozen_base_forward(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return base(x)
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(InLayerAdapter):
     """A frozen ``base_layer`` plus a trainable low-rank update (peft's module layout and names)."""
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float, scaling: float) -> None:

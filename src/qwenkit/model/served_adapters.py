@@ -12,7 +12,9 @@ Which slot each adapter holds and which slot each token of a forward uses is kep
 an adapter loaded while serving (``add_adapter``) takes a freed slot or a new one. The decoder layers'
 projections take side paths: attention's, a dense FFN's, a MoE layer's shared expert and its routed
 experts (each expert's side paths see the slots of the tokens routed to it: ``AdapterBank.narrowed``).
-A router and the output head (only the tokens whose logits are asked for) do not.
+A router and the output head (only the tokens whose logits are asked for) do not. Every change of the
+pairs plans the whole-layer decode calls again (``transformer.refresh_decode_layers``): they hold the
+tensors, not the modules.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ from qwenkit.errors import CheckpointError, QwenkitError
 from qwenkit.model.adapter_bank import BASE_SLOT, AdapterBank, AdapterSlotsFull, LoRAPair
 from qwenkit.model.attention import Attention
 from qwenkit.model.mlp import MLP
+from qwenkit.model.modules import replace_module
 from qwenkit.model.moe import MoEMLP
+from qwenkit.model.transformer import refresh_decode_layers
 
 
 class AdapterNotServable(CheckpointError):
@@ -50,6 +54,16 @@ class AdapterNotServed(QwenkitError, KeyError):
 
 class AdapterRankTooHigh(QwenkitError, ValueError):
     """The adapter's rank is above the rank reserved for adapters (vLLM's ``--max-lora-rank``)."""
+
+
+class InLayerAdapter(nn.Module):
+    """A layer that computes its adapter's update inside itself (finetune's ``LoRALinear`` is one): a
+    model holding one runs that adapter for every token and serves no others beside it."""
+
+
+def runs_adapter_inside(model: nn.Module) -> bool:
+    """Whether a layer of ``model`` computes an adapter inside itself (:class:`InLayerAdapter`)."""
+    return any(isinstance(m, InLayerAdapter) for m in model.modules())
 
 
 class LoRAProjection(nn.Module):
@@ -220,6 +234,7 @@ def serve_adapters(
     _install(model, bank, {name: bank.take(name) for name in adapters}, updates)
     bank.default = BASE_SLOT if default is None else bank.slot(default)
     model.adapters = bank
+    refresh_decode_layers(model)  # the whole-layer decode calls, now with the adapters' updates
     return bank
 
 
@@ -255,6 +270,7 @@ def add_adapter(
         raise
     _install(model, bank, {name: slot}, updates)
     model.adapters = bank
+    refresh_decode_layers(model)  # the whole-layer decode calls hold the old side paths' tiles
     return slot
 
 
@@ -275,6 +291,7 @@ def write_slot(model: nn.Module, slot: int, name: str, pairs: dict[str, LoRAPair
         bank.keys.append("")
     bank.names[slot - 1], bank.keys[slot - 1] = name, name
     _install(model, bank, {name: slot}, _updates(model, {name: pairs}))
+    refresh_decode_layers(model)
 
 
 def reserved_paths(model: nn.Module, name: str, pairs: dict[str, LoRAPair]) -> dict[str, str | None]:
@@ -363,6 +380,7 @@ def reserve_adapters(model: nn.Module, slots: int, rank: int) -> AdapterBank:
         model.get_submodule(path).reserve(slots, -(-count * rank // 16) * 16)
     bank.capacity, bank.max_rank = slots, rank
     model.adapters = bank
+    refresh_decode_layers(model)  # the whole-layer decode calls, with the side paths' tiles
     return bank
 
 
@@ -429,8 +447,7 @@ def _install(model: nn.Module, bank: AdapterBank, slots: dict[str, int], updates
     for path in updates:
         module = model.get_submodule(path)
         if not isinstance(module, LoRAProjection):
-            parent, _, child = path.rpartition(".")
-            setattr(model.get_submodule(parent), child, LoRAProjection(module, bank, on_kernels))
+            replace_module(model, path, LoRAProjection(module, bank, on_kernels))
     for path, projection in served_projections(model).items():
         by_adapter = updates.get(path, {})
         projection.write(

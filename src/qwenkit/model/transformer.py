@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +46,29 @@ class DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), inputs)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# What sets ``decode_weights`` on a model's layers: ``quant.fused`` names its ``plan_decode_layers`` when
+# imported (which layers run on the kernels is quantization's business, not the network's).
+_decode_planner: Callable[[nn.Module], object] | None = None
+
+
+def set_decode_planner(plan: Callable[[nn.Module], object]) -> None:
+    """Name the function that plans a model's whole-layer decode calls (``decode_weights``), which
+    :func:`refresh_decode_layers` calls again."""
+    global _decode_planner
+    _decode_planner = plan
+
+
+def refresh_decode_layers(model: nn.Module) -> None:
+    """Plan the whole-layer decode calls again where the model has them, after a change to the tensors
+    they take (served adapters added): the plans hold those tensors, not the modules."""
+    if any(
+        getattr(m, "decode_weights", None) is not None for m in model.modules() if isinstance(m, DecoderLayer)
+    ):
+        if _decode_planner is None:  # only quant.fused makes plans, and it names itself when imported
+            raise RuntimeError("the model has whole-layer decode plans but no planner to make them again")
+        _decode_planner(model)
 
 
 @dataclass(frozen=True)

@@ -36,9 +36,9 @@ import torch
 from torch import nn
 
 from qwenkit.checkpoint.files import WeightFiles, iter_tensors, tensor_names
+from qwenkit.model.modules import replace_module
 from qwenkit.quant.gptq_format import GPTQConfig, QuantizationError, default_g_idx, pack_gptq, unpack_gptq
 from qwenkit.quant.linear import QuantizedLinear
-from qwenkit.quant.rtn import replace_module
 
 NOT_QUANTIZED = ("lm_head",)  # GPTQ checkpoints keep lm_head (and embeddings, norms) in float
 # A MoE router's GPTQ tensors, where a writer quantized it: (layer prefix, kind).

@@ -20,8 +20,8 @@ from torch import nn
 from qwenkit import kernels
 from qwenkit.checkpoint.files import release_pages, trim_heap
 from qwenkit.kernels.ops import TILE, PackedBf16
+from qwenkit.model.modules import replace_module
 from qwenkit.model.moe import RouterLinear
-from qwenkit.quant.rtn import replace_module
 
 
 class PackedBf16Linear(nn.Module):

@@ -30,10 +30,11 @@ from qwenkit import kernels
 from qwenkit.checkpoint.files import HeapTrimmer, release_pages, trim_heap
 from qwenkit.model.attention import Attention
 from qwenkit.model.mlp import MLP
+from qwenkit.model.modules import replace_module
 from qwenkit.model.moe import MoEMLP
 from qwenkit.model.norm import RMSNorm
 from qwenkit.model.served_adapters import LoRAProjection, stack_lora
-from qwenkit.model.transformer import DecoderLayer
+from qwenkit.model.transformer import DecoderLayer, set_decode_planner
 from qwenkit.quant.dense import PackedBf16Linear
 from qwenkit.quant.kernels.avx512 import (
     Avx512Int4Kernel,
@@ -44,7 +45,6 @@ from qwenkit.quant.kernels.avx512 import (
 )
 from qwenkit.quant.kernels.triton_affine import CudaTritonInt8Kernel
 from qwenkit.quant.linear import QuantizedLinear
-from qwenkit.quant.rtn import replace_module
 
 # their weights are a PackedInt
 QWENKIT_INT_KERNELS = (Avx512Int8Kernel, Avx512Int4Kernel, Avx512Iq4Kernel, Avx512Int5Kernel, Avx512Q6KKernel)
@@ -167,13 +167,7 @@ def plan_decode_layers(model: nn.Module) -> int:
     return _set_on_each(model, DecoderLayer, "decode_weights", decode_layer_weights)
 
 
-def refresh_decode_layers(model: nn.Module) -> None:
-    """Plan the whole-layer decode calls again where the model has them, after a change to the tensors
-    they take (served adapters added): the plans hold those tensors, not the modules."""
-    if any(
-        getattr(m, "decode_weights", None) is not None for m in model.modules() if isinstance(m, DecoderLayer)
-    ):
-        plan_decode_layers(model)
+set_decode_planner(plan_decode_layers)  # the model asks again after served adapters change the tensors
 
 
 def _set_on_each(

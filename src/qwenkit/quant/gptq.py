@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from qwenkit.model.modules import replace_module
 from qwenkit.model.transformer import Transformer
 from qwenkit.quant.gptq_format import (
     ACT_ORDERS,
@@ -44,7 +45,7 @@ from qwenkit.quant.gptq_format import (
 )
 from qwenkit.quant.linear import QuantizedLinear
 from qwenkit.quant.quantizer import find_params, quantize_codes, round_scale
-from qwenkit.quant.rtn import quantize_weight_rtn, replace_module
+from qwenkit.quant.rtn import quantize_weight_rtn
 
 # True-sequential order inside a Qwen2 decoder layer; any other Linear found goes in a last group.
 SEQUENTIAL_GROUPS = (

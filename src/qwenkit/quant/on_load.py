@@ -22,11 +22,12 @@ import torch
 from torch import nn
 
 from qwenkit.checkpoint.files import HeapTrimmer, release_pages
+from qwenkit.model.modules import replace_module
 from qwenkit.quant.affine import AffineWeight
 from qwenkit.quant.embedding import QuantizedEmbedding
 from qwenkit.quant.gptq_format import IntWeight, default_g_idx
 from qwenkit.quant.linear import QuantizedLinear
-from qwenkit.quant.rtn import DEFAULT_SYM, default_group_size, quantize_weight_rtn, replace_module
+from qwenkit.quant.rtn import DEFAULT_SYM, default_group_size, quantize_weight_rtn
 
 EMBEDDING = "model.embed_tokens"
 HEAD = "lm_head"

@@ -16,6 +16,7 @@ from torch import nn
 
 from qwenkit.kernels import available as kernels_available
 from qwenkit.kernels import ops as kernel_ops
+from qwenkit.model.modules import replace_module
 from qwenkit.quant.embedding import QuantizedEmbedding
 from qwenkit.quant.gptq_format import IntWeight, QuantizationError, default_g_idx
 from qwenkit.quant.linear import QuantizedLinear
@@ -82,12 +83,6 @@ def _targets(model: nn.Module, skip: Iterable[str]) -> list[tuple[str, nn.Linear
         for name, m in model.named_modules()
         if isinstance(m, nn.Linear) and not any(name == s or name.endswith("." + s) for s in skip)
     ]
-
-
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Put ``new`` where ``model``'s submodule ``name`` (a dotted path) was."""
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
 @torch.no_grad()
