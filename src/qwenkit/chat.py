@@ -12,14 +12,13 @@ reply cut off while thinking goes back as an empty answer, never as an open ``<t
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from qwenkit.engine import SamplingParams
 from qwenkit.errors import QwenkitError
-from qwenkit.generate import LLM, Completion, Delta
+from qwenkit.generate import LLM, Completion, Delta, DeltaStream, Stage
 from qwenkit.tokenizer.thinking import (
     ThinkSplitter,
     continuation_opens_thinking,
@@ -117,28 +116,35 @@ def fit_messages(
 
 def chat_stream(
     llm: LLM, messages: Sequence[Message], params: SamplingParams | None = None, **template_kwargs: Any
-) -> Iterator[Delta]:
-    """Stream the assistant's reply to ``messages``: each Delta's ``text`` is the answer's, its
-    ``reasoning`` the thinking's (for a model whose template thinks; empty otherwise)."""
-    params = llm.params_or_default(params)
-    prompt = build_prompt(llm, messages, params, **template_kwargs)
-    tokenizer = llm.tokenizer
-    if not template_thinks(tokenizer.chat_template):
-        yield from llm.stream(prompt, params)
-        return
-    if continues(template_kwargs):  # the reply opens no block: it may go on inside the final message's
-        continued = continued_text(messages, template_kwargs) or ""
-        opened = continuation_opens_thinking(tokenizer.encode, tokenizer.decode, prompt, continued)
-        split = ThinkSplitter(opened=opened, continued=True)
-    else:
-        split = ThinkSplitter(opened=prompt_opens_thinking(tokenizer.decode, prompt))
-    with contextlib.closing(llm.stream(prompt, params)) as deltas:
-        for delta in deltas:
+) -> DeltaStream[Delta]:
+    """Stream the assistant's reply to ``messages``, read with ``for`` (or ``async for`` inside a running
+    event loop): each Delta's ``text`` is the answer's, its ``reasoning`` the thinking's (for a model whose
+    template thinks; empty otherwise). The prompt is built, and the request started, at the first read."""
+
+    def make() -> DeltaStream[Delta]:
+        sampling = llm.params_or_default(params)
+        prompt = build_prompt(llm, messages, sampling, **template_kwargs)
+        deltas = llm.stream(prompt, sampling)
+        tokenizer = llm.tokenizer
+        if not template_thinks(tokenizer.chat_template):
+            return deltas
+        if continues(template_kwargs):  # the reply opens no block: it may go on inside the final message's
+            continued = continued_text(messages, template_kwargs) or ""
+            opened = continuation_opens_thinking(tokenizer.encode, tokenizer.decode, prompt, continued)
+            split = ThinkSplitter(opened=opened, continued=True)
+        else:
+            split = ThinkSplitter(opened=prompt_opens_thinking(tokenizer.decode, prompt))
+
+        def feed(delta: Delta) -> tuple[Delta]:
             reasoning, text = split.feed(delta.text)
             if delta.finish_reason is not None:
                 rest = split.finish()
                 reasoning, text = reasoning + rest[0], text + rest[1]
-            yield replace(delta, text=text, reasoning=reasoning)
+            return (replace(delta, text=text, reasoning=reasoning),)
+
+        return deltas.then(lambda: Stage(feed))
+
+    return DeltaStream.deferred(make)
 
 
 def chat_message(
@@ -197,34 +203,42 @@ class ChatSession:
         head = [{"role": "system", "content": self.system}] if self.system else []
         return head + self.history + [{"role": "user", "content": user_text}]
 
-    def stream(self, user_text: str) -> Iterator[Delta]:
-        """Stream the reply as ``chat_stream`` does (the answer in ``text``, the thinking in ``reasoning``).
-        The turn joins the history when the reply ends or is interrupted after it began (a prompt that
-        does not fit, or a failure before any text, leaves the history as it was)."""
-        if not isinstance(user_text, str):
-            raise ChatError(f"the user's text must be a string, got {user_text!r:.60}")
+    def stream(self, user_text: str) -> DeltaStream[Delta]:
+        """Stream the reply as ``chat_stream`` does (the answer in ``text``, the thinking in ``reasoning``;
+        ``for`` or ``async for``). The turn joins the history when the reply ends or is interrupted after
+        it began (a prompt that does not fit, or a failure before any text, leaves the history as it
+        was)."""
+
+        def make() -> DeltaStream[Delta]:
+            if not isinstance(user_text, str):
+                raise ChatError(f"the user's text must be a string, got {user_text!r:.60}")
+            self.completion = None
+            deltas = chat_stream(self.llm, self.messages(user_text), self.params, **self.template_kwargs)
+            return deltas.then(lambda: self._turn(user_text))
+
+        return DeltaStream.deferred(make)
+
+    def _turn(self, user_text: str) -> Stage[Delta, Delta]:
+        """The stage that keeps the reply's text and joins the turn to the history when it ends."""
         answer: list[str] = []
         reasoning: list[str] = []
-        started = False
-        self.completion = None
-        try:
-            for delta in chat_stream(self.llm, self.messages(user_text), self.params, **self.template_kwargs):
-                started = True
-                answer.append(delta.text)
-                reasoning.append(delta.reasoning)
-                self.completion = delta.completion
-                yield delta
-        finally:
-            if started:
+
+        def feed(delta: Delta) -> tuple[Delta]:
+            answer.append(delta.text)
+            reasoning.append(delta.reasoning)
+            self.completion = delta.completion
+            return (delta,)
+
+        def end() -> None:
+            if answer:  # it began
                 self.history += [
                     {"role": "user", "content": user_text},
                     assistant_message("".join(answer), "".join(reasoning)),
                 ]
 
-    def ask(self, user_text: str) -> Iterator[str]:
-        """Stream the answer's text (``stream`` has the thinking too); the turn joins the history as
-        ``stream``'s does."""
-        with contextlib.closing(self.stream(user_text)) as deltas:
-            for delta in deltas:
-                if delta.text:
-                    yield delta.text
+        return Stage(feed, end)
+
+    def ask(self, user_text: str) -> DeltaStream[str]:
+        """Stream the answer's text (``stream`` has the thinking too; ``for`` or ``async for``); the turn
+        joins the history as ``stream``'s does."""
+        return self.stream(user_text).then(lambda: Stage(lambda delta: (delta.text,) if delta.text else ()))

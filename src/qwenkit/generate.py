@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import numbers
 import weakref
-from collections.abc import AsyncIterator, Generator, Iterator, Mapping, Sequence
-from dataclasses import replace
+from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import torch
 
@@ -431,65 +432,124 @@ class LLM:
         ids = self.tokenizer.encode_fim(prefix, suffix)
         return self.generate([ids], self.fim_params(self.params_or_default(params)))[0]
 
-    def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> DeltaStream:
+    def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> DeltaStream[Delta]:
         """Text as it is produced, read with ``for`` (or ``async for`` inside a running event loop); the
         final Delta carries the finish reason. The request starts at the first read.
 
         Leaving early (``break``, ``close()``, Ctrl-C, a cancelled task) aborts the request and frees its
         KV memory. A failed request raises GenerationError.
         """
-        return DeltaStream(self, prompt, params)
+        return DeltaStream(lambda loop: (self.submit(prompt, params, loop=loop), Stage(_checked)))
 
 
-class DeltaStream(Iterator[Delta]):
-    """``LLM.stream``'s Deltas: ``for`` reads them in this thread; ``async for`` submits the request on
-    the running event loop (``async for`` over a generator was a bare TypeError naming no way out)."""
+T = TypeVar("T")
+U = TypeVar("U")
 
-    def __init__(self, llm: LLM, prompt: str | Sequence[int], params: SamplingParams | None) -> None:
-        self._llm, self._prompt, self._params = llm, prompt, params
-        self._sync: Generator[Delta, None, None] | None = None
-        self._async: AsyncIterator[Delta] | None = None
 
-    def __next__(self) -> Delta:
+@dataclass(frozen=True)
+class Stage(Generic[T, U]):
+    """One step of a stream's pipeline: ``feed`` turns each item into the items it passes on (none, one
+    or several); ``end`` runs once, when the stream ends however it ends (read to its end, left, failed)."""
+
+    feed: Callable[[T], Iterable[U]]
+    end: Callable[[], None] = lambda: None
+
+
+Opener = Callable[[asyncio.AbstractEventLoop | None], tuple[TextStream, Stage[Delta, T]]]
+
+
+class DeltaStream(Iterator[T]):
+    """One request's Deltas (``LLM.stream``), or what a chat makes of them (``chat_stream``,
+    ``ChatSession.stream`` and ``ask``): ``for`` reads them in this thread; ``async for`` submits the
+    request on the running event loop (``async for`` over a generator was a bare TypeError naming no way
+    out). Nothing runs before the first read; ``open(loop)`` then submits the request (with ``loop``, for
+    ``async for``) and gives the stage its Deltas go through."""
+
+    def __init__(self, open: Opener[T]) -> None:
+        self._open = open
+        self._sync: Generator[T, None, None] | None = None
+        self._async: AsyncIterator[T] | None = None
+
+    @classmethod
+    def deferred(cls, make: Callable[[], DeltaStream[T]]) -> DeltaStream[T]:
+        """The stream ``make()`` returns, called at the first read (so that its arguments' errors, and
+        its side effects, come where a generator's would)."""
+        return cls(lambda loop: make()._open(loop))
+
+    def then(self, stage: Callable[[], Stage[T, U]]) -> DeltaStream[U]:
+        """This stream's items through one more stage, made at the first read (before this stream's own
+        request is submitted; its ``end`` runs even where that submission fails)."""
+        inner_open = self._open
+
+        def open(loop: asyncio.AbstractEventLoop | None) -> tuple[TextStream, Stage[Delta, U]]:
+            outer = stage()
+            try:
+                source, inner = inner_open(loop)
+            except BaseException:
+                outer.end()
+                raise
+
+            def feed(delta: Delta) -> Iterable[U]:
+                return (out for item in inner.feed(delta) for out in outer.feed(item))
+
+            return source, Stage(feed, lambda: _end_both(inner.end, outer))
+
+        return DeltaStream(open)
+
+    def __next__(self) -> T:
         if self._async is not None:
             raise StreamKindError("this stream is read with `async for` already")
         if self._sync is None:
-            self._sync = _checked(self._llm.submit(self._prompt, self._params))
+            self._sync = _read(self._open)
         return next(self._sync)
 
     def close(self) -> None:
         """Stop reading: the request is aborted (a no-op once it has finished, or before it started)."""
         if self._sync is None:  # closed before its first read: it never runs
-            self._sync = (delta for delta in ())
+            self._sync = (item for item in ())
         self._sync.close()
 
-    def __aiter__(self) -> AsyncIterator[Delta]:
+    def __aiter__(self) -> AsyncIterator[T]:
         if self._sync is not None or self._async is not None:
             raise StreamKindError("this stream is being read already")
-        loop = asyncio.get_running_loop()
-        self._async = _achecked(self._llm.submit(self._prompt, self._params, loop=loop))
+        self._async = _aread(self._open, asyncio.get_running_loop())
         return self._async
 
 
-def _checked(text_stream: TextStream) -> Generator[Delta, None, None]:
-    """``text_stream``'s Deltas; GenerationError for a request that failed."""
+# Module functions, not methods: a generator whose frame held its DeltaStream would be a reference cycle,
+# so a stream left by `break` would end (abort, join its chat turn) only when the cycle is collected.
+def _read(open: Opener[T]) -> Generator[T, None, None]:
+    source, stage = open(None)
     try:
-        for delta in text_stream:
-            if delta.completion is not None:
-                _raise_if_failed(delta.completion)
-            yield delta
+        for delta in source:
+            yield from stage.feed(delta)
     finally:
-        text_stream.abort()
+        _end_both(source.abort, stage)
 
 
-async def _achecked(text_stream: TextStream) -> AsyncIterator[Delta]:
+async def _aread(open: Opener[T], loop: asyncio.AbstractEventLoop) -> AsyncIterator[T]:
+    source, stage = open(loop)
     try:
-        async for delta in text_stream:
-            if delta.completion is not None:
-                _raise_if_failed(delta.completion)
-            yield delta
+        async for delta in source:
+            for item in stage.feed(delta):
+                yield item
     finally:
-        text_stream.abort()
+        _end_both(source.abort, stage)
+
+
+def _end_both(first: Callable[[], None], then: Stage) -> None:
+    """``first()`` (a request's abort, a stage's end), then ``then``'s end, even where the first raises."""
+    try:
+        first()
+    finally:
+        then.end()
+
+
+def _checked(delta: Delta) -> tuple[Delta]:
+    """``delta``; GenerationError where it ends a request that failed."""
+    if delta.completion is not None:
+        _raise_if_failed(delta.completion)
+    return (delta,)
 
 
 def _check_reserved(model: Transformer, name: str, pairs: dict) -> None:

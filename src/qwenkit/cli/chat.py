@@ -37,7 +37,7 @@ from qwenkit.cli.terminal import for_terminal
 from qwenkit.command_parser import CommandParser
 from qwenkit.engine import SamplingParams, SamplingParamsError
 from qwenkit.errors import ConfigError, QwenkitError
-from qwenkit.generate import Delta, tokenizer_for
+from qwenkit.generate import Delta, DeltaStream, tokenizer_for
 
 HELP = """commands:
   :help                 this help
@@ -264,7 +264,7 @@ def with_thinking(deltas: Iterator[Delta], hide: bool) -> Iterator[str]:
             if delta.text:
                 yield delta.text
     finally:
-        if isinstance(deltas, Generator):
+        if isinstance(deltas, Generator | DeltaStream):
             deltas.close()  # the session's turn joins its history now, not whenever the stream is freed
         if thinking and tty:
             LINE.style(UNDIM)
