@@ -62,7 +62,26 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+def _closed_streams_to_devnull() -> None:
+    """``qwenkit generate ... >&-``: Python starts with ``sys.stdout`` None where its descriptor is closed,
+    and the first write was an AttributeError traceback. Output to a closed stream is discarded, as it is
+    for a reader gone (a broken pipe); the descriptor is held on /dev/null, so that no file the command
+    opens later takes its number (and a library's writes to it)."""
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        if getattr(sys, name) is not None:
+            continue
+        null = os.open(os.devnull, os.O_WRONLY)  # the lowest free descriptor: this one, if it is closed
+        try:
+            os.fstat(fd)  # open after all (a host that set it None): left as it is
+        except OSError:
+            os.dup2(null, fd)
+        if null != fd:
+            os.close(null)
+        setattr(sys, name, open(os.devnull, "w", encoding="utf-8", errors="replace"))  # noqa: SIM115
+
+
 def main(argv: list[str] | None = None) -> int:
+    _closed_streams_to_devnull()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "-V", "--version"):
         text = f"qwenkit {_version()}" if argv and argv[0] in ("-V", "--version") else _usage()
