@@ -111,3 +111,22 @@ def test_a_stream_closed_unread_never_runs_and_leaves_the_history(llm):
     stream.close()
     assert_all_freed(llm)
     assert [m["role"] for m in session.history] == ["user", "assistant"]
+
+
+def test_aclose_ends_an_async_read_at_once_and_close_names_it(llm):
+    session = ChatSession(llm, LONG)
+
+    async def main() -> None:
+        stream = session.stream("one")
+        async for _ in stream:
+            with pytest.raises(
+                StreamKindError, match=r"^this stream is read with `async for`: close it with"
+            ):
+                stream.close()
+            await stream.aclose()  # no sleep for asyncio's finalizer: ended now
+            assert [m["role"] for m in session.history] == ["user", "assistant"]
+            assert llm.driver.wait_idle(timeout=1) and llm.engine.blocks.usage == 0
+            break
+
+    asyncio.run(main())
+    assert len(session.history) == 2

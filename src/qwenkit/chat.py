@@ -16,9 +16,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from qwenkit.delta_stream import DeltaStream, Stage
 from qwenkit.engine import SamplingParams
 from qwenkit.errors import QwenkitError
-from qwenkit.generate import LLM, Completion, Delta, DeltaStream, Stage
+from qwenkit.generate import LLM, Completion, Delta
 from qwenkit.tokenizer.thinking import (
     ThinkSplitter,
     continuation_opens_thinking,

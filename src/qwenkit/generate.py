@@ -11,10 +11,9 @@ from __future__ import annotations
 import asyncio
 import numbers
 import weakref
-from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import Generic, TypeVar
 
 import torch
 
@@ -23,9 +22,10 @@ from qwenkit.checkpoint.gguf import GGUFCheckpoint
 from qwenkit.checkpoint.loader import CheckpointSource
 from qwenkit.config import ModelConfig
 from qwenkit.default_model import FALLBACK_SAMPLING
+from qwenkit.delta_stream import DeltaStream, Stage
 from qwenkit.distributed import TensorParallel, local_config
 from qwenkit.engine import Engine, SamplingParams, SamplingParamsError
-from qwenkit.engine.driver import EngineDriver, RequestStream, StreamKindError
+from qwenkit.engine.driver import EngineDriver, RequestStream
 from qwenkit.engine.request import RequestId
 from qwenkit.errors import ConfigError, GenerationError, NonFiniteLogitsError
 from qwenkit.load_args import check_adapter_path, check_load_args
@@ -440,109 +440,6 @@ class LLM:
         KV memory. A failed request raises GenerationError.
         """
         return DeltaStream(lambda loop: (self.submit(prompt, params, loop=loop), Stage(_checked)))
-
-
-T = TypeVar("T")
-U = TypeVar("U")
-
-
-@dataclass(frozen=True)
-class Stage(Generic[T, U]):
-    """One step of a stream's pipeline: ``feed`` turns each item into the items it passes on (none, one
-    or several); ``end`` runs once, when the stream ends however it ends (read to its end, left, failed)."""
-
-    feed: Callable[[T], Iterable[U]]
-    end: Callable[[], None] = lambda: None
-
-
-Opener = Callable[[asyncio.AbstractEventLoop | None], tuple[TextStream, Stage[Delta, T]]]
-
-
-class DeltaStream(Iterator[T]):
-    """One request's Deltas (``LLM.stream``), or what a chat makes of them (``chat_stream``,
-    ``ChatSession.stream`` and ``ask``): ``for`` reads them in this thread; ``async for`` submits the
-    request on the running event loop (``async for`` over a generator was a bare TypeError naming no way
-    out). Nothing runs before the first read; ``open(loop)`` then submits the request (with ``loop``, for
-    ``async for``) and gives the stage its Deltas go through."""
-
-    def __init__(self, open: Opener[T]) -> None:
-        self._open = open
-        self._sync: Generator[T, None, None] | None = None
-        self._async: AsyncIterator[T] | None = None
-
-    @classmethod
-    def deferred(cls, make: Callable[[], DeltaStream[T]]) -> DeltaStream[T]:
-        """The stream ``make()`` returns, called at the first read (so that its arguments' errors, and
-        its side effects, come where a generator's would)."""
-        return cls(lambda loop: make()._open(loop))
-
-    def then(self, stage: Callable[[], Stage[T, U]]) -> DeltaStream[U]:
-        """This stream's items through one more stage, made at the first read (before this stream's own
-        request is submitted; its ``end`` runs even where that submission fails)."""
-        inner_open = self._open
-
-        def open(loop: asyncio.AbstractEventLoop | None) -> tuple[TextStream, Stage[Delta, U]]:
-            outer = stage()
-            try:
-                source, inner = inner_open(loop)
-            except BaseException:
-                outer.end()
-                raise
-
-            def feed(delta: Delta) -> Iterable[U]:
-                return (out for item in inner.feed(delta) for out in outer.feed(item))
-
-            return source, Stage(feed, lambda: _end_both(inner.end, outer))
-
-        return DeltaStream(open)
-
-    def __next__(self) -> T:
-        if self._async is not None:
-            raise StreamKindError("this stream is read with `async for` already")
-        if self._sync is None:
-            self._sync = _read(self._open)
-        return next(self._sync)
-
-    def close(self) -> None:
-        """Stop reading: the request is aborted (a no-op once it has finished, or before it started)."""
-        if self._sync is None:  # closed before its first read: it never runs
-            self._sync = (item for item in ())
-        self._sync.close()
-
-    def __aiter__(self) -> AsyncIterator[T]:
-        if self._sync is not None or self._async is not None:
-            raise StreamKindError("this stream is being read already")
-        self._async = _aread(self._open, asyncio.get_running_loop())
-        return self._async
-
-
-# Module functions, not methods: a generator whose frame held its DeltaStream would be a reference cycle,
-# so a stream left by `break` would end (abort, join its chat turn) only when the cycle is collected.
-def _read(open: Opener[T]) -> Generator[T, None, None]:
-    source, stage = open(None)
-    try:
-        for delta in source:
-            yield from stage.feed(delta)
-    finally:
-        _end_both(source.abort, stage)
-
-
-async def _aread(open: Opener[T], loop: asyncio.AbstractEventLoop) -> AsyncIterator[T]:
-    source, stage = open(loop)
-    try:
-        async for delta in source:
-            for item in stage.feed(delta):
-                yield item
-    finally:
-        _end_both(source.abort, stage)
-
-
-def _end_both(first: Callable[[], None], then: Stage) -> None:
-    """``first()`` (a request's abort, a stage's end), then ``then``'s end, even where the first raises."""
-    try:
-        first()
-    finally:
-        then.end()
 
 
 def _checked(delta: Delta) -> tuple[Delta]:

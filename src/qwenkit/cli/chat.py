@@ -35,9 +35,10 @@ from qwenkit.cli.common import (
 )
 from qwenkit.cli.terminal import for_terminal
 from qwenkit.command_parser import CommandParser
+from qwenkit.delta_stream import DeltaStream
 from qwenkit.engine import SamplingParams, SamplingParamsError
 from qwenkit.errors import ConfigError, QwenkitError
-from qwenkit.generate import Delta, DeltaStream, tokenizer_for
+from qwenkit.generate import Delta, tokenizer_for
 
 HELP = """commands:
   :help                 this help
