@@ -48,6 +48,14 @@ def test_chat_imports_no_side_work() -> None:
     assert imported == "0 []"
 
 
+def test_generate_imports_no_chat_template_engine() -> None:
+    """A plain continuation renders no chat template, so jinja2 (about 20 ms to import) stays out."""
+    argv = ["generate", "-p", "The capital of France is", "--max-tokens", "2"]
+    out, imported = start(argv, (*NEVER, "jinja2"))
+    assert out.strip()
+    assert imported == "0 []"
+
+
 @pytest.mark.parametrize("name", qwenkit.quant.__all__)
 def test_quant_package_names_are_the_modules_own(name: str) -> None:
     """`from qwenkit.quant import X` (imported on first use) is the very object its module defines."""
