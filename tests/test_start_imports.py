@@ -17,6 +17,7 @@ NEVER = (
     "qwenkit.quant.gptq",
     "qwenkit.quant.checkpoint_io",
     "qwenkit.quant.calibration",
+    "tiktoken",
     "qwenkit.server",
     "fastapi",
     "pydantic",
