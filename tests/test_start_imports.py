@@ -12,12 +12,14 @@ import pytest
 import qwenkit.quant
 
 # Never used by a start on the bundled model: GPTQ, calibration and the GPTQ checkpoint writer (quant's
-# side work), Qwen v1's tiktoken tokenizer, the server's and the evaluators' libraries, gguf-py.
+# side work), Qwen v1's tiktoken tokenizer, psutil (the free RAM is read from /proc/meminfo), the
+# server's and the evaluators' libraries, gguf-py.
 NEVER = (
     "qwenkit.quant.gptq",
     "qwenkit.quant.checkpoint_io",
     "qwenkit.quant.calibration",
     "tiktoken",
+    "psutil",
     "qwenkit.server",
     "fastapi",
     "pydantic",
