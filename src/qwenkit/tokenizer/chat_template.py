@@ -1,5 +1,6 @@
-"""Chat templates: a sandboxed jinja2 environment that renders byte-identically to transformers, plus
-the control-token marking that keeps text from users from turning into control tokens.
+"""Chat templates: rendered byte-identically to transformers in a sandboxed jinja2 environment
+(``jinja_sandbox``, imported when a template is first used), plus the control-token marking that keeps
+text from users from turning into control tokens.
 
 Injection safety follows transformers' `sanitize_control_tokens`: before rendering, every control-token
 string inside the caller's data (message contents, tool results, tool-call arguments, ...) is wrapped in
@@ -19,18 +20,14 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from collections.abc import Callable, Mapping
-from datetime import datetime
+from collections.abc import Mapping
 from functools import lru_cache
-from typing import Any
-
-import jinja2
-import jinja2.ext
-import jinja2.nodes
-import jinja2.utils
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from typing import TYPE_CHECKING, Any
 
 from qwenkit.tokenizer.errors import TokenizerError
+
+if TYPE_CHECKING:
+    import jinja2
 
 MARK_START = "\U000f0000"
 MARK_END = "\U000f0001"
@@ -67,84 +64,11 @@ def chatml_template(default_system: str | None = DEFAULT_V1_SYSTEM) -> str:
     )
 
 
-class _GenerationTag(jinja2.ext.Extension):
-    """`{% generation %}...{% endgeneration %}` (assistant-mask marker): renders its body."""
-
-    tags = {"generation"}  # noqa: RUF012 - jinja2's Extension API declares tags as a class attribute
-
-    def parse(self, parser: Any) -> jinja2.nodes.Node:
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
-
-    def _render(self, caller: Callable[[], str]) -> str:
-        return caller()
-
-
-def _raise_exception(message: str) -> None:
-    raise jinja2.exceptions.TemplateError(message)
-
-
-def _tojson(
-    x: Any,
-    ensure_ascii: bool = False,
-    indent: int | None = None,
-    separators: Any = None,
-    sort_keys: bool = False,
-) -> str:
-    # transformers' semantics: no HTML escaping (jinja's own tojson escapes < > & '), unicode kept.
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _strftime_now(fmt: str) -> str:
-    return datetime.now().strftime(fmt)
-
-
-class _TemplateDict:
-    """`dict(...)` for templates without exposing the dict type itself."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> dict:
-        return dict(*args, **kwargs)
-
-    def fromkeys(self, *args: Any, **kwargs: Any) -> dict:
-        return dict.fromkeys(*args, **kwargs)
-
-
-class _TemplateNamespace(jinja2.utils.Namespace):
-    """`namespace(...)` that refuses underscore names, so templates cannot reach CPython internals."""
-
-    def __init__(*args: Any, **kwargs: Any) -> None:  # same signature trick as jinja's Namespace
-        self, args = args[0], args[1:]
-        attrs = dict(*args, **kwargs)
-        for name in attrs:
-            _TemplateNamespace._check_name(name)
-        jinja2.utils.Namespace.__init__(self, attrs)
-
-    def __setitem__(self, name: str, value: Any) -> None:
-        _TemplateNamespace._check_name(name)
-        jinja2.utils.Namespace.__setitem__(self, name, value)
-
-    @staticmethod
-    def _check_name(name: object) -> None:
-        if isinstance(name, str) and name.startswith("_"):
-            raise jinja2.exceptions.SecurityError(f"templates cannot set underscore attribute {name!r}")
-
-
-@lru_cache(maxsize=16)
 def compile_template(source: str) -> jinja2.Template:
     """Compile once per template string; a syntax error becomes a one-line TokenizerError."""
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
-    )
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    env.globals["dict"] = _TemplateDict()
-    env.globals["namespace"] = _TemplateNamespace
-    try:
-        return env.from_string(source)
-    except jinja2.TemplateSyntaxError as e:
-        raise TokenizerError(f"chat template has a syntax error at line {e.lineno}: {e.message}") from None
+    from qwenkit.tokenizer import jinja_sandbox  # jinja2 only once a template is used
+
+    return jinja_sandbox.compile_template(source)
 
 
 def _plain(value: Any) -> Any:
@@ -253,17 +177,9 @@ def cut_at_tag(rendered: str, final: str | None) -> str:
 
 def render(source: str, variables: dict[str, Any]) -> str:
     """Render a compiled template; any error raised inside it becomes a one-line TokenizerError."""
-    template = compile_template(source)
-    try:
-        return template.render(**variables)
-    except jinja2.TemplateError as e:
-        raise TokenizerError(f"chat template failed: {e.message or type(e).__name__}") from None
-    except (TypeError, ValueError, KeyError, IndexError, AttributeError, ArithmeticError) as e:
-        raise TokenizerError(f"chat template failed: {type(e).__name__}: {e}") from None
-    except RecursionError:  # a macro that calls itself: the model's template is broken, not qwenkit
-        raise TokenizerError(
-            "chat template failed: it recursed too deeply (a macro that calls itself?)"
-        ) from None
+    from qwenkit.tokenizer import jinja_sandbox
+
+    return jinja_sandbox.render(source, variables)
 
 
 @lru_cache(maxsize=16)

@@ -12,8 +12,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import tiktoken
-
 from qwenkit.tokenizer.base import Tokenizer
 from qwenkit.tokenizer.byte_level import bytes_to_piece, piece_to_bytes
 from qwenkit.tokenizer.chat_template import chatml_template
@@ -55,6 +53,8 @@ class QwenV1Tokenizer(Tokenizer):
         tokenizer_config: Mapping[str, Any] | None = None,
         generation_config: Mapping[str, Any] | None = None,
     ) -> None:
+        import tiktoken  # only for a Qwen v1 tokenizer: every other start leaves it unimported
+
         self._ranks = dict(mergeable_ranks)
         self._enc = tiktoken.Encoding(
             "qwen", pat_str=PAT_STR, mergeable_ranks=self._ranks, special_tokens=SPECIAL_TOKENS
