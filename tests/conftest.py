@@ -1,5 +1,6 @@
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -10,6 +11,11 @@ if not torch.cuda.is_available():
     # Triton kernels (quant/kernels/triton_affine.py) run on Triton's CPU interpreter here. Triton reads
     # this when it is first imported, so it is set before any test can import it.
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# qwen-agent (a reference client in the server tests) makes its tool folders under ./workspace when it is
+# imported; they go to the temporary directory instead of the checkout.
+os.environ.setdefault(
+    "QWEN_AGENT_DEFAULT_WORKSPACE", os.path.join(tempfile.gettempdir(), "qwenkit-tests-qwen-agent")
+)
 
 
 import pytest  # noqa: E402
