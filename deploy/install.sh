@@ -18,6 +18,13 @@ here=$(cd "$(dirname "$0")" && pwd)
 root=$(dirname "$here")
 constraints="$here/constraints.txt"
 
+# constraints.txt pins builds for Python 3.11 and newer (numpy 2.4, for one): an older one would fail
+# half-way with pip's "no matching distribution", so say so before anything is made.
+version=$("${PY:-python3}" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+case "$version" in 3.[0-9] | 3.10)
+    echo "error: qwenkit needs Python 3.11 or newer; ${PY:-python3} is $version (set PY=python3.11)" >&2
+    exit 1 ;;
+esac
 "${PY:-python3}" -m venv "$venv"
 pip="$venv/bin/pip"
 "$pip" install --quiet --no-cache-dir --upgrade pip -c "$constraints"

@@ -78,3 +78,30 @@ def test_image_build_stage_copies_every_file_the_package_build_reads(dockerfile)
     assert needed <= copied, needed - copied
     ignored = (ROOT / ".dockerignore").read_text().splitlines()
     assert not needed & set(ignored)
+
+
+def test_install_script_refuses_an_old_python_before_making_anything(tmp_path):
+    """Python 3.10 would get half a venv and pip's "no matching distribution" for numpy: one line instead."""
+    import subprocess
+
+    old_python = tmp_path / "python3.10"
+    old_python.write_text("#!/bin/sh\necho 3.10\n")
+    old_python.chmod(0o755)
+    venv = tmp_path / "venv"
+    run = subprocess.run(
+        ["sh", str(DEPLOY / "install.sh"), str(venv)],
+        env={"PATH": "/usr/bin:/bin", "PY": str(old_python)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 1
+    assert (
+        run.stderr == f"error: qwenkit needs Python 3.11 or newer; {old_python} is 3.10 (set PY=python3.11)\n"
+    )
+    assert not venv.exists()
+
+
+def test_package_metadata_claims_the_python_the_install_path_takes():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["requires-python"] == ">=3.11"
