@@ -23,6 +23,7 @@ from qwenkit.chat import continued_text
 from qwenkit.generate import LLM, Completion
 from qwenkit.server.errors import APIError
 from qwenkit.server.logprobs import LegacyLogprobs, PromptEcho, chat_logprobs
+from qwenkit.server.request_ids import request_id
 from qwenkit.server.request_params import choice_params, refuse_unsupported, sampling_params
 from qwenkit.server.runs import (
     Choice,
@@ -124,8 +125,9 @@ async def chat_completions(state: ServerState, body: ChatCompletionRequest, requ
     model = state.response_model(started.adapter)
     fingerprint = state.fingerprint_for(started.adapter)
     head = {"id": rid, "created": created, "model": model, "system_fingerprint": fingerprint}
+    logged = f"{request_id(request)} {rid}"  # the log's name for it: the request's id, the completion's
     if body.stream:
-        return streaming_response(_chat_events(run, head, body, hidden, plan))
+        return streaming_response(_chat_events(run, head, body, hidden, plan, logged))
     await collect(run, request)
     choices = []
     for c in run.choices:
@@ -136,7 +138,7 @@ async def chat_completions(state: ServerState, body: ChatCompletionRequest, requ
             parser.feed(r.text)
             parser.finish()
             parsed, finish = parser.message(), parser.finish_reason(r.finish_reason)
-            _log_warnings(rid, c.index, parser)
+            _log_warnings(logged, c.index, parser)
             # null beside calls or reasoning, as OpenAI's and vLLM's (a stream sends no content then)
             message["content"] = parsed.content or (None if parsed.tool_calls or parsed.reasoning else "")
             message["tool_calls"] = [call.as_openai() for call in parsed.tool_calls] or None
@@ -153,9 +155,9 @@ async def chat_completions(state: ServerState, body: ChatCompletionRequest, requ
     return JSONResponse({**head, "object": "chat.completion", "choices": choices, "usage": run.usage()})
 
 
-def _log_warnings(rid: str, index: int, parser: ToolParser) -> None:
+def _log_warnings(logged: str, index: int, parser: ToolParser) -> None:
     for warning in parser.warnings:
-        log.warning("%s choice %d: %s", rid, index, warning)
+        log.warning("%s choice %d: %s", logged, index, warning)
 
 
 def _event_deltas(events: list, indices: dict[str, int]) -> list[dict]:
@@ -180,7 +182,7 @@ def _event_deltas(events: list, indices: dict[str, int]) -> list[dict]:
 
 
 async def _chat_events(
-    run: Run, head: dict, body: ChatCompletionRequest, hidden: frozenset[int], plan: ToolPlan
+    run: Run, head: dict, body: ChatCompletionRequest, hidden: frozenset[int], plan: ToolPlan, logged: str
 ):
     llm = run.state.llm
     usage_field = chunk_usage(run, body)
@@ -248,7 +250,7 @@ async def _chat_events(
                     finish = delta.finish_reason
                     if parser is not None:
                         finish = parser.finish_reason(finish)
-                        _log_warnings(head["id"], choice.index, parser)
+                        _log_warnings(logged, choice.index, parser)
                     out += chunk(choice.index, {}, finish, None, delta.completion.stop_reason)
             for text in out:
                 yield text
