@@ -27,6 +27,7 @@ from qwenkit.server.request_ids import request_id
 from qwenkit.server.request_params import choice_params, refuse_unsupported, sampling_params
 from qwenkit.server.runs import (
     Choice,
+    IndexOrder,
     Run,
     chunk_usage,
     collect,
@@ -189,10 +190,7 @@ async def _chat_events(
     started: set[int] = set()
     parsers: dict[int, ToolParser] = {c.index: plan.parser() for c in run.choices} if plan.parses else {}
     call_indices: dict[int, dict[str, int]] = {i: {} for i in parsers}
-    # The SDK's .stream() helper appends a choice it has not seen to its list, then finds it there by
-    # index: a choice's chunks wait until every choice before it has sent one (one answered from the
-    # response cache is whole before the others start).
-    opened, held = 0, dict[int, list[str]]()  # choices 0..opened-1 have sent a chunk; who waits
+    order = IndexOrder()  # a cached later choice is whole before choice 0 starts
 
     def chunk(
         index: int,
@@ -201,21 +199,10 @@ async def _chat_events(
         logprobs: dict | None = None,
         reason: str | int | None = None,
     ) -> list[str]:
-        nonlocal opened
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         choice["stop_reason"] = reason
         text = sse({**head, "object": "chat.completion.chunk", "choices": [choice], **usage_field(index)})
-        if index < opened:
-            return [text]
-        held.setdefault(index, []).append(text)
-        ready = []
-        while opened in held:
-            ready += held.pop(opened)
-            opened += 1
-        return ready
-
-    def unheld() -> list[str]:  # a choice that failed never sends a chunk: the ones after it go out
-        return [text for index in sorted(held) for text in held.pop(index)]
+        return order.send(index, text)
 
     def said(index: int, message: dict) -> dict:
         if index not in started:
@@ -254,12 +241,12 @@ async def _chat_events(
                     out += chunk(choice.index, {}, finish, None, delta.completion.stop_reason)
             for text in out:
                 yield text
-        for text in unheld():
+        for text in order.rest():
             yield text
         if body.include_usage:
             yield sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": run.usage()})
     except Exception as exc:  # after the 200 went out, errors travel in the stream
-        for text in unheld():
+        for text in order.rest():
             yield text
         yield stream_error(exc)
     yield sse("[DONE]")
@@ -372,6 +359,7 @@ async def _completion_events(run: Run, head: dict, body: CompletionRequest):
     usage_field = chunk_usage(run, body)
     echoed: set[int] = set()
     logprobs = {c.index: LegacyLogprobs(llm) for c in run.choices}
+    order = IndexOrder()  # as chat's: a cached later choice is whole before choice 0 starts
 
     def chunk(
         index: int,
@@ -379,10 +367,12 @@ async def _completion_events(run: Run, head: dict, body: CompletionRequest):
         finish: str | None = None,
         logprobs: dict | None = None,
         reason: str | int | None = None,
-    ) -> str:
+    ) -> list[str]:
         choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
         choice["stop_reason"] = reason
-        return sse({**head, "object": "text_completion", "choices": [choice], **usage_field(index)})
+        return order.send(
+            index, sse({**head, "object": "text_completion", "choices": [choice], **usage_field(index)})
+        )
 
     try:
         async for choice, delta in run.deltas():
@@ -397,14 +387,19 @@ async def _completion_events(run: Run, head: dict, body: CompletionRequest):
                     lps = logprobs[choice.index].add_echoed(choice.echo, prompt, items)
             elif body.logprobs is not None and items:
                 lps = logprobs[choice.index].add(items)
-            if text or lps:
-                yield chunk(choice.index, text, None, lps)
+            out = chunk(choice.index, text, None, lps) if text or lps else []
             if delta.finish_reason == "error":
-                yield stream_error(run.failure(delta.completion))
+                out.append(stream_error(run.failure(delta.completion)))
             elif delta.finish_reason is not None:
-                yield chunk(choice.index, "", delta.finish_reason, None, delta.completion.stop_reason)
+                out += chunk(choice.index, "", delta.finish_reason, None, delta.completion.stop_reason)
+            for event in out:
+                yield event
+        for event in order.rest():
+            yield event
         if body.include_usage:
             yield sse({**head, "object": "text_completion", "choices": [], "usage": run.usage()})
     except Exception as exc:
+        for event in order.rest():
+            yield event
         yield stream_error(exc)
     yield sse("[DONE]")
