@@ -114,6 +114,25 @@ def test_the_stream_helper_takes_a_later_choice_that_is_ready_first(make_server)
     assert got == [(ch.index, ch.message.content) for ch in whole] and whole[1].message.content == second
 
 
+def test_a_completions_stream_opens_its_choices_in_index_order(make_server):
+    """/v1/completions as chat above: a later choice answered from the response cache (the second of
+    n=2, or the second prompt of two) sent all its chunks before choice 0 began; the choices now first
+    appear in index order, and each choice's text is the whole answer's."""
+    c = sdk(make_server())  # the response cache on, as by default
+    kwargs = dict(model="tiny", max_tokens=6, temperature=1.0)
+    c.completions.create(**kwargs, prompt="Once upon", seed=8)  # the second choice of seed 7, cached
+    c.completions.create(**kwargs, prompt="A second", seed=7)  # the second prompt's, cached
+    for asked in (dict(prompt="Once upon", n=2), dict(prompt=["A first", "A second"])):
+        chunks = list(c.completions.create(**kwargs, **asked, seed=7, stream=True))
+        order = [ch.index for chunk in chunks for ch in chunk.choices]
+        assert list(dict.fromkeys(order)) == [0, 1] and order.count(1) == 2  # choice 1: its text, its finish
+        streamed = [
+            "".join(ch.text for chunk in chunks for ch in chunk.choices if ch.index == i) for i in (0, 1)
+        ]
+        whole = c.completions.create(**kwargs, **asked, seed=7).choices
+        assert streamed == [ch.text for ch in whole] and all(streamed)
+
+
 def test_the_stored_response_routes_say_nothing_is_stored(client):
     """retrieve, delete, input_items and cancel of a response id the server just sent: each a 404 saying
     responses are not kept (it was a bare "Not Found", as for a route that does not exist)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 
@@ -488,12 +489,16 @@ def failing(tiny_chat_model):
     assert model.forward == forward
 
 
-def test_a_failed_step_is_a_500_whole_or_streamed_alike_and_the_server_goes_on(failing):
+def test_a_failed_step_is_a_500_whole_or_streamed_alike_and_the_server_goes_on(failing, caplog):
     live, fail_next = failing
     message = "internal error: RuntimeError: device fault in the forward"
     fail_next()
+    caplog.set_level(logging.ERROR, logger="qwenkit.server.errors")
     r = httpx.post(live.url + CHAT, json={"messages": HELLO, "max_tokens": 4}, timeout=60)
     assert r.status_code == 500
+    # the server's log names the request the engine's "engine step failed" line failed
+    logged = [rec.getMessage() for rec in caplog.records if rec.name == "qwenkit.server.errors"]
+    assert logged == [f"{r.headers['x-request-id']}: {message}"]
     assert error_of(r) == {
         "message": message,
         "type": "server_error",

@@ -408,3 +408,47 @@ def test_min_tokens_holds_off_eos_and_stop_strings(server, chat_llm):
             assert r.status_code == 200, r.text
             choice = r.json()["choices"][0]
             assert (r.json()["usage"]["completion_tokens"], choice["finish_reason"]) == (used, "stop"), path
+
+
+def test_min_tokens_past_the_default_length_names_what_the_client_sent(server, chat_llm):
+    """min_tokens over the max_tokens a request gets when it sends none: a 400 that says none was sent and
+    what the default is (it said "min_tokens must be in [0, max_tokens=16]", a max_tokens the client never
+    sent). With a max_tokens that holds it, min_tokens past the model's default length (64 here) runs (it
+    was refused against that default)."""
+    default = chat_llm.default_params().max_tokens
+    cases = [
+        (COMPLETIONS, {"prompt": "hello", "min_tokens": 17}, 17, 16),
+        (CHAT, {"messages": HELLO, "min_tokens": default + 1}, default + 1, default),
+    ]
+    for path, body, floor, length in cases:
+        r = post(server, path, body)
+        message = (
+            f"min_tokens {floor} is more than the {length} tokens this request may generate: it sent no "
+            f"max_tokens, and the default here is {length}; send a max_tokens of at least {floor}"
+        )
+        assert (r.status_code, r.json()) == (
+            400,
+            {
+                "error": {
+                    "message": message,
+                    "type": "invalid_request_error",
+                    "param": "min_tokens",
+                    "code": "invalid_value",
+                }
+            },
+        )
+    window = chat_llm.engine.max_seq_len
+    long = [9707] * (window - 10)  # 10 tokens of room: the default, under /v1/completions' 16
+    error = post(server, COMPLETIONS, {"prompt": long, "min_tokens": 11}).json()["error"]
+    assert (error["param"], error["message"]) == (
+        "min_tokens",
+        "min_tokens 11 is more than the 10 tokens this request may generate: it sent no max_tokens, and "
+        f"the default here is 10, what the context has left after the prompt's {window - 10} tokens; "
+        "lower min_tokens or shorten the prompt",
+    )
+    assert post(server, COMPLETIONS, {"prompt": long, "min_tokens": 10, "max_tokens": 10}).status_code == 200
+    prompt = len(chat_llm.encode("hello"))
+    r = post(server, COMPLETIONS, {"prompt": "hello", "max_tokens": window - prompt + 1, "min_tokens": 1})
+    assert r.json()["error"]["param"] == "max_tokens"  # the context's limit names what was sent
+    r = post(server, COMPLETIONS, {"prompt": "hello", "max_tokens": default + 2, "min_tokens": default + 1})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= default + 1, r.text

@@ -302,6 +302,11 @@ def test_the_sampling_settings_echoed_are_those_the_request_ran_with(server):
             "guided_json (a vLLM extension) is not supported; use text.format (json_schema)",
         ),
         ({"input": "hi", "min_tokens": -1}, "min_tokens", "greater than or equal to 0"),
+        (  # past the default length: named as the client names it (the model's default here is 64)
+            {"input": "hi", "min_tokens": 65},
+            "min_tokens",
+            "no max_output_tokens, and the default here is 64; send a max_output_tokens of at least 65",
+        ),
         # the chat route's structured output field, which would give free text here
         (
             {"input": "hi", "response_format": {"type": "json_object"}},

@@ -164,7 +164,8 @@ def test_malformed_call_is_content_not_500(steered, caplog):
         assert choice["message"]["content"] == expected and choice["message"]["tool_calls"] is None
         assert choice["finish_reason"] == "stop"
         (line,) = [rec.getMessage() for rec in caplog.records if "<tool_call> block" in rec.getMessage()]
-        assert line.startswith(r.json()["id"] + " choice 0: a <tool_call> block is not JSON")
+        named = f"{r.headers['x-request-id']} {r.json()['id']}"  # the request's id, the completion's
+        assert line.startswith(named + " choice 0: a <tool_call> block is not JSON")
         caplog.clear()
         play(steered, bad, tools=[WEATHER])
         r = chat_reply(client(live), True, model="tiny", max_tokens=200, messages=USER, tools=[WEATHER])

@@ -7,6 +7,7 @@ Real clients: the openai SDK."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -118,6 +119,9 @@ def test_a_reply_that_is_not_a_json_call_is_content(steered_llama32, caplog):
             # a stream cannot take back the call it started: its deltas came, but no call completed
             assert r.pairs == ([("get_weather", WEATHER_ARGS)] if logged and stream else [])
             lines = [rec.getMessage() for rec in caplog.records if "JSON tool call" in rec.getMessage()]
+            # each names the request (its x-request-id) and the completion
+            assert all(re.match(r"req_[0-9a-f]{32} ", line) for line in lines), lines
+            lines = [line.split(" ", 1)[1] for line in lines]
             assert lines == (
                 [
                     f"{r.id} choice 0: a JSON tool call is followed by other text; returned as text: "

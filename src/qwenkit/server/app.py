@@ -26,6 +26,8 @@ from qwenkit.server import completions as routes
 from qwenkit.server import responses as responses_route
 from qwenkit.server.errors import APIError, BodyTooLarge, error_response, install_handlers
 from qwenkit.server.logprobs import decoded
+from qwenkit.server.request_ids import HEADER as REQUEST_ID_HEADER
+from qwenkit.server.request_ids import RequestIds
 from qwenkit.server.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -152,9 +154,11 @@ def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
             # any header, as vLLM and llama.cpp allow: the origin is the check, and the openai JS client
             # sends its x-stainless-* headers with every request (no credentials, so "*" echoes them)
             allow_headers=["*"],
-            # its retry decision reads these; a browser hides them from another origin's script
-            expose_headers=["Retry-After", "x-should-retry"],
+            # its retry decision reads these, and its errors carry the request id; a browser hides them
+            # from another origin's script
+            expose_headers=["Retry-After", "x-should-retry", REQUEST_ID_HEADER],
         )
+    app.add_middleware(RequestIds)  # outermost: every answer carries its id, a preflight's too
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):

@@ -23,9 +23,11 @@ from qwenkit.chat import continued_text
 from qwenkit.generate import LLM, Completion
 from qwenkit.server.errors import APIError
 from qwenkit.server.logprobs import LegacyLogprobs, PromptEcho, chat_logprobs
+from qwenkit.server.request_ids import request_id
 from qwenkit.server.request_params import choice_params, refuse_unsupported, sampling_params
 from qwenkit.server.runs import (
     Choice,
+    IndexOrder,
     Run,
     chunk_usage,
     collect,
@@ -124,8 +126,9 @@ async def chat_completions(state: ServerState, body: ChatCompletionRequest, requ
     model = state.response_model(started.adapter)
     fingerprint = state.fingerprint_for(started.adapter)
     head = {"id": rid, "created": created, "model": model, "system_fingerprint": fingerprint}
+    logged = f"{request_id(request)} {rid}"  # the log's name for it: the request's id, the completion's
     if body.stream:
-        return streaming_response(_chat_events(run, head, body, hidden, plan))
+        return streaming_response(_chat_events(run, head, body, hidden, plan, logged))
     await collect(run, request)
     choices = []
     for c in run.choices:
@@ -136,7 +139,7 @@ async def chat_completions(state: ServerState, body: ChatCompletionRequest, requ
             parser.feed(r.text)
             parser.finish()
             parsed, finish = parser.message(), parser.finish_reason(r.finish_reason)
-            _log_warnings(rid, c.index, parser)
+            _log_warnings(logged, c.index, parser)
             # null beside calls or reasoning, as OpenAI's and vLLM's (a stream sends no content then)
             message["content"] = parsed.content or (None if parsed.tool_calls or parsed.reasoning else "")
             message["tool_calls"] = [call.as_openai() for call in parsed.tool_calls] or None
@@ -153,9 +156,9 @@ async def chat_completions(state: ServerState, body: ChatCompletionRequest, requ
     return JSONResponse({**head, "object": "chat.completion", "choices": choices, "usage": run.usage()})
 
 
-def _log_warnings(rid: str, index: int, parser: ToolParser) -> None:
+def _log_warnings(logged: str, index: int, parser: ToolParser) -> None:
     for warning in parser.warnings:
-        log.warning("%s choice %d: %s", rid, index, warning)
+        log.warning("%s choice %d: %s", logged, index, warning)
 
 
 def _event_deltas(events: list, indices: dict[str, int]) -> list[dict]:
@@ -180,17 +183,14 @@ def _event_deltas(events: list, indices: dict[str, int]) -> list[dict]:
 
 
 async def _chat_events(
-    run: Run, head: dict, body: ChatCompletionRequest, hidden: frozenset[int], plan: ToolPlan
+    run: Run, head: dict, body: ChatCompletionRequest, hidden: frozenset[int], plan: ToolPlan, logged: str
 ):
     llm = run.state.llm
     usage_field = chunk_usage(run, body)
     started: set[int] = set()
     parsers: dict[int, ToolParser] = {c.index: plan.parser() for c in run.choices} if plan.parses else {}
     call_indices: dict[int, dict[str, int]] = {i: {} for i in parsers}
-    # The SDK's .stream() helper appends a choice it has not seen to its list, then finds it there by
-    # index: a choice's chunks wait until every choice before it has sent one (one answered from the
-    # response cache is whole before the others start).
-    opened, held = 0, dict[int, list[str]]()  # choices 0..opened-1 have sent a chunk; who waits
+    order = IndexOrder()  # a cached later choice is whole before choice 0 starts
 
     def chunk(
         index: int,
@@ -199,21 +199,10 @@ async def _chat_events(
         logprobs: dict | None = None,
         reason: str | int | None = None,
     ) -> list[str]:
-        nonlocal opened
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         choice["stop_reason"] = reason
         text = sse({**head, "object": "chat.completion.chunk", "choices": [choice], **usage_field(index)})
-        if index < opened:
-            return [text]
-        held.setdefault(index, []).append(text)
-        ready = []
-        while opened in held:
-            ready += held.pop(opened)
-            opened += 1
-        return ready
-
-    def unheld() -> list[str]:  # a choice that failed never sends a chunk: the ones after it go out
-        return [text for index in sorted(held) for text in held.pop(index)]
+        return order.send(index, text)
 
     def said(index: int, message: dict) -> dict:
         if index not in started:
@@ -248,16 +237,16 @@ async def _chat_events(
                     finish = delta.finish_reason
                     if parser is not None:
                         finish = parser.finish_reason(finish)
-                        _log_warnings(head["id"], choice.index, parser)
+                        _log_warnings(logged, choice.index, parser)
                     out += chunk(choice.index, {}, finish, None, delta.completion.stop_reason)
             for text in out:
                 yield text
-        for text in unheld():
+        for text in order.rest():
             yield text
         if body.include_usage:
             yield sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": run.usage()})
     except Exception as exc:  # after the 200 went out, errors travel in the stream
-        for text in unheld():
+        for text in order.rest():
             yield text
         yield stream_error(exc)
     yield sse("[DONE]")
@@ -370,6 +359,7 @@ async def _completion_events(run: Run, head: dict, body: CompletionRequest):
     usage_field = chunk_usage(run, body)
     echoed: set[int] = set()
     logprobs = {c.index: LegacyLogprobs(llm) for c in run.choices}
+    order = IndexOrder()  # as chat's: a cached later choice is whole before choice 0 starts
 
     def chunk(
         index: int,
@@ -377,10 +367,12 @@ async def _completion_events(run: Run, head: dict, body: CompletionRequest):
         finish: str | None = None,
         logprobs: dict | None = None,
         reason: str | int | None = None,
-    ) -> str:
+    ) -> list[str]:
         choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
         choice["stop_reason"] = reason
-        return sse({**head, "object": "text_completion", "choices": [choice], **usage_field(index)})
+        return order.send(
+            index, sse({**head, "object": "text_completion", "choices": [choice], **usage_field(index)})
+        )
 
     try:
         async for choice, delta in run.deltas():
@@ -395,14 +387,19 @@ async def _completion_events(run: Run, head: dict, body: CompletionRequest):
                     lps = logprobs[choice.index].add_echoed(choice.echo, prompt, items)
             elif body.logprobs is not None and items:
                 lps = logprobs[choice.index].add(items)
-            if text or lps:
-                yield chunk(choice.index, text, None, lps)
+            out = chunk(choice.index, text, None, lps) if text or lps else []
             if delta.finish_reason == "error":
-                yield stream_error(run.failure(delta.completion))
+                out.append(stream_error(run.failure(delta.completion)))
             elif delta.finish_reason is not None:
-                yield chunk(choice.index, "", delta.finish_reason, None, delta.completion.stop_reason)
+                out += chunk(choice.index, "", delta.finish_reason, None, delta.completion.stop_reason)
+            for event in out:
+                yield event
+        for event in order.rest():
+            yield event
         if body.include_usage:
             yield sse({**head, "object": "text_completion", "choices": [], "usage": run.usage()})
     except Exception as exc:
+        for event in order.rest():
+            yield event
         yield stream_error(exc)
     yield sse("[DONE]")

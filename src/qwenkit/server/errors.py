@@ -15,6 +15,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qwenkit.errors import QwenkitError
+from qwenkit.server.request_ids import HEADER as REQUEST_ID_HEADER
+from qwenkit.server.request_ids import request_id
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,8 @@ def error_response(exc: APIError) -> JSONResponse:
 def install_handlers(app) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        if exc.status == 500:  # a failed generation: the engine logged the step, this names the request
+            log.error("%s: %s", request_id(request), exc.message)
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
@@ -117,8 +121,11 @@ def install_handlers(app) -> None:
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error in %s", request.url.path)
-        return JSONResponse(error_body(500, f"internal error: {type(exc).__name__}"), 500)
+        rid = request_id(request)
+        log.exception("%s: unhandled error in %s", rid, request.url.path)
+        # answered outside every middleware (Starlette's ServerErrorMiddleware): the id is added here
+        body = error_body(500, f"internal error: {type(exc).__name__}")
+        return JSONResponse(body, 500, {REQUEST_ID_HEADER: rid})
 
 
 def named_param(error: dict) -> str | None:

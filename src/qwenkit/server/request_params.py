@@ -68,14 +68,33 @@ def sampling_params(
             "invalid_value",
         )
     try:
-        params = llm.default_params(**overrides)
+        # min_tokens is checked against the max_tokens the request gets, not the model's default length
+        params = llm.default_params(**{**overrides, "min_tokens": None})
         default = min(default_max or params.max_tokens, room)
-        return replace(params, max_tokens=asked if asked is not None else default)
+        if asked is None and body.min_tokens > default:  # the engine's words would name a max_tokens
+            raise APIError(400, _min_tokens_past(body.min_tokens, default, room, prompt_len), "min_tokens")
+        max_tokens = asked if asked is not None else default
+        return replace(params, max_tokens=max_tokens, min_tokens=body.min_tokens)
     except SamplingParamsError as e:  # "<field> must ...": the field is the request's of that name
         field = str(e).split(" ", 1)[0]
         raise APIError(
             400, str(e), field if field in type(body).model_fields else None, "invalid_value"
         ) from None
+
+
+def _min_tokens_past(floor: int, default: int, room: int, prompt_len: int) -> str:
+    why = f"the default here is {default}"
+    if default == room:
+        why += f", what the context has left after the prompt's {prompt_len} tokens"
+    fix = (
+        f"send a max_tokens of at least {floor}"
+        if floor <= room
+        else "lower min_tokens or shorten the prompt"
+    )
+    return (
+        f"min_tokens {floor} is more than the {default} tokens this request may generate: it sent no "
+        f"max_tokens, and {why}; {fix}"
+    )
 
 
 # vLLM's extensions to the request that change the answer, with what counts as leaving them unset. Other

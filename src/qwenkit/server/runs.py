@@ -302,6 +302,34 @@ def generation_failed(completion: Completion) -> APIError:
     return APIError(500, completion.error or "generation failed", None, "generation_error")
 
 
+class IndexOrder:
+    """A stream's chunks, each choice's first going out only after every choice before it has sent one.
+
+    The openai SDK's ``.stream()`` helper appends a choice it has not seen to its list, then finds it
+    there by index; a choice answered from the response cache is whole before the others start, and
+    its chunks came first. Later chunks of a choice already opened go out at once."""
+
+    def __init__(self) -> None:
+        self.opened = 0  # choices 0..opened-1 have sent a chunk
+        self.held: dict[int, list[str]] = {}  # the chunks of choices waiting for an earlier one
+
+    def send(self, index: int, text: str) -> list[str]:
+        """What may go out now, ``text`` of choice ``index`` included where it may."""
+        if index < self.opened:
+            return [text]
+        self.held.setdefault(index, []).append(text)
+        ready = []
+        while self.opened in self.held:
+            ready += self.held.pop(self.opened)
+            self.opened += 1
+        return ready
+
+    def rest(self) -> list[str]:
+        """Every chunk still held, in index order: a choice that failed never sends one, and the ones
+        after it go out at the end."""
+        return [text for index in sorted(self.held) for text in self.held.pop(index)]
+
+
 def sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
 
