@@ -48,6 +48,11 @@ PYTHONIC = '<tool_call>\n{"name": "f", "arguments": {\'a\': 1}}\n</tool_call>'
 # Malformed after the call started (the arguments never close).
 BROKEN_ARGS = 'Ok.<tool_call>\n{"name": "f", "arguments": {"a": "x"\n</tool_call>\nbye'
 
+# Two calls in one block (one JSON value each, not one between the tags); a list of calls; not JSON.
+TWO_IN_ONE = '<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n{"name": "g", "arguments": {}}\n</tool_call>'
+CALL_LIST = '<tool_call>\n[{"name": "f", "arguments": {"a": 1}}]\n</tool_call>'
+NOT_JSON = "x<tool_call>\nf(a=1)\n</tool_call>"
+
 CASES = {
     "parallel": (PARALLEL, {}),
     "thinking": (THINKING, {"reasoning": True}),
@@ -63,6 +68,9 @@ CASES = {
     "tag_in_string": (TAG_IN_STRING, {}),
     "pythonic": (PYTHONIC, {}),
     "broken_args": (BROKEN_ARGS, {}),
+    "two_in_one": (TWO_IN_ONE, {}),
+    "call_list": (CALL_LIST, {}),
+    "not_json": (NOT_JSON, {}),
 }
 
 
@@ -112,6 +120,19 @@ def test_malformed_and_truncated_become_content_with_warning():
     t = parse_hermes(TRUNCATED)
     assert t.tool_calls == [] and t.content == TRUNCATED and len(t.warnings) == 1
     assert "was cut off" in t.warnings[0]
+
+
+def test_blocks_that_are_not_one_call_are_text():
+    """As vLLM's hermes parser reads them (its json.loads fails): the block verbatim as content, one
+    warning each; only a streamed call that had started whole (the first of two in a block) is taken
+    back by a call_broken event."""
+    for text in (TWO_IN_ONE, CALL_LIST, NOT_JSON):
+        m = parse_hermes(text)
+        assert (m.content, m.tool_calls, len(m.warnings)) == (text, [], 1)
+        assert "is not JSON with a name and object arguments" in m.warnings[0]
+    parser = HermesParser()
+    kinds = [e.kind for e in parser.feed(TWO_IN_ONE) + parser.finish()]
+    assert kinds == ["call_start", "call_args", "call_broken", "content"]
 
 
 def test_arguments_are_the_text_the_model_wrote():

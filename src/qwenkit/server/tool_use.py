@@ -6,11 +6,13 @@ A request without ``tools`` (or with ``tool_choice: "none"``) gets no tool parsi
 comes back verbatim in ``content`` (Qwen-Agent writes its own function-calling prompt and parses it).
 ``"required"`` and a named function are enforced by constrained decoding (hermes blocks, Llama 3's JSON
 calls, or for Qwen v1 a ReAct ``Action`` / ``Action Input``), as are ``json_object`` and ``json_schema``
-response formats.
+response formats; beside ``tools`` the model may call (``"auto"``, hermes), a format lets the reply be
+calls or its JSON, as OpenAI's models answer.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +28,7 @@ from qwenkit.tools.calls import Event, ParsedMessage, ToolSpecError, call_events
 from qwenkit.tools.grammar import (
     GrammarError,
     after_thinking,
+    calls_or_json_grammar,
     enable_grammars,
     json_schema_grammar,
     llama3_call_grammar,
@@ -154,26 +157,47 @@ def plan_tools(
             llm.tokenizer.decode, prompt_ids
         )
     constrained, schema = _response_schema(body.response_format)
-    try:
-        if choice in ("required", "named"):
-            chosen = [fn for fn in functions if choice == "required" or fn["name"] == named]
-            if plan.react:  # ReAct parses one Action per turn
-                plan.grammar = react_call_grammar(chosen)
-            elif plan.llama3_json:  # one call: Meta's template renders no more in a turn
-                plan.grammar = llama3_call_grammar(chosen)
-            else:
-                plan.grammar = tool_call_grammar(chosen, parallel=parallel and choice == "required")
-        elif constrained:
-            plan.grammar = json_schema_grammar(schema)
-        if plan.grammar is not None and (plan.in_reasoning or plan.may_think):  # thinking, then the answer
-            plan.grammar = after_thinking(plan.grammar, opened=plan.in_reasoning)
-        if plan.grammar is not None:
-            enable_grammars(llm).check(plan.grammar)
-    except (GrammarError, ValueError) as e:
-        raise APIError(
-            400, str(e), "tools" if choice in ("required", "named") else "response_format"
-        ) from None
+    forced = choice in ("required", "named")
+    # beside tools the model may call: its calls or the format's JSON (hermes blocks only: a Llama 3 call
+    # is JSON itself, and ReAct's reply is text)
+    either = constrained and choice == "auto" and not plan.react and not plan.llama3_json
+    if constrained and (forced or either):
+        # the format checked alone, so that its problem names response_format; under a forced call it
+        # takes no part in the reply, but is refused as it would be without tools
+        _check(llm, lambda: json_schema_grammar(schema), "response_format")
+    if forced or constrained:
+        param = "tools" if forced or either else "response_format"
+        plan.grammar = _check(llm, lambda: _grammar(plan, schema, either), param)
     return plan
+
+
+def _grammar(plan: ToolPlan, schema: dict[str, Any] | None, either: bool) -> str:
+    """The grammar enforcing the plan's forced call, or its response format (``either``: or calls)."""
+    if plan.choice in ("required", "named"):
+        chosen = [fn for fn in plan.functions if plan.choice == "required" or fn["name"] == plan.named]
+        if plan.react:  # ReAct parses one Action per turn
+            grammar = react_call_grammar(chosen)
+        elif plan.llama3_json:  # one call: Meta's template renders no more in a turn
+            grammar = llama3_call_grammar(chosen)
+        else:
+            grammar = tool_call_grammar(chosen, parallel=plan.parallel and plan.choice == "required")
+    elif either:
+        grammar = calls_or_json_grammar(plan.functions, schema, parallel=plan.parallel)
+    else:
+        grammar = json_schema_grammar(schema)
+    if plan.in_reasoning or plan.may_think:  # thinking, then the answer
+        grammar = after_thinking(grammar, opened=plan.in_reasoning)
+    return grammar
+
+
+def _check(llm: LLM, build: Callable[[], str], param: str) -> str:
+    """The grammar ``build`` makes, compiled once to check it: a 400 naming ``param`` if it cannot be."""
+    try:
+        grammar = build()
+        enable_grammars(llm).check(grammar)
+    except (GrammarError, ValueError) as e:
+        raise APIError(400, str(e), param) from None
+    return grammar
 
 
 class ToolParser:

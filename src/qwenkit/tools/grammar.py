@@ -117,6 +117,24 @@ def json_schema_grammar(schema: dict[str, Any] | None) -> str:
 def tool_call_grammar(functions: list[dict[str, Any]], *, parallel: bool = True) -> str:
     """One ``<tool_call>`` block per call to one of ``functions`` (OpenAI ``function`` objects), the
     arguments matching each one's ``parameters`` schema; several blocks (one per line) when parallel."""
+    start = 'start: call ("\\n" call)*' if parallel else "start: call"
+    return "\n".join([start, *_call_rules(functions)])
+
+
+def calls_or_json_grammar(
+    functions: list[dict[str, Any]], schema: dict[str, Any] | None, *, parallel: bool = True
+) -> str:
+    """A reply that may call ``functions`` or answer in a ``response_format``: either ``<tool_call>``
+    blocks (as :func:`tool_call_grammar`) or JSON matching ``schema`` (None: any object), as OpenAI's
+    models answer a request with both ``tools`` (``tool_choice: "auto"``) and a response format: held to
+    the format alone, the model could never call a tool."""
+    calls = 'calls: call ("\\n" call)*' if parallel else "calls: call"
+    answer = "answer: " + _json_island(schema if schema is not None else {"type": "object"})
+    return "\n".join(["start: calls | answer", calls, answer, *_call_rules(functions)])
+
+
+def _call_rules(functions: list[dict[str, Any]]) -> list[str]:
+    """Lark rules: ``call``, a hermes block calling one of ``functions``, and each function's rules."""
     if not functions:
         raise GrammarError("a tool-call grammar needs at least one function")
     rules = []
@@ -126,9 +144,7 @@ def tool_call_grammar(functions: list[dict[str, Any]], *, parallel: bool = True)
             f"call{i}: {_lark_string(HERMES_OPEN + json.dumps(fn['name'], ensure_ascii=False) + HERMES_ARGS)}"
             f" args{i} {_lark_string(HERMES_CLOSE)}\nargs{i}: {_json_island(params)}"
         )
-    call = "call: " + " | ".join(f"call{i}" for i in range(len(functions)))
-    start = 'start: call ("\\n" call)*' if parallel else "start: call"
-    return "\n".join([start, call, *rules])
+    return ["call: " + " | ".join(f"call{i}" for i in range(len(functions))), *rules]
 
 
 def llama3_call_grammar(functions: list[dict[str, Any]]) -> str:
