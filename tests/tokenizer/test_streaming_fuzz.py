@@ -7,13 +7,16 @@ the text so far is the full decode of those ids less a trailing U+FFFD or two (t
 unfinished character are held back, never shown half), and the whole stream is the full decode,
 U+FFFD rules at the end included. Random texts (multi-byte UTF-8, emoji sequences, CJK, combining
 marks, whitespace runs, control-token text) round-trip through encode and the stream, and a stop
-string drawn across token boundaries cuts the streamed reply where it first occurs in the full text.
+string drawn across token boundaries cuts the streamed reply where it first occurs in the full text;
+with control tokens inside the reply, stop strings naming them, min_tokens and include_stop, the text
+layer cuts where a token-by-token brute force does.
 Control-token text in the messages of a chat never becomes a control token in the SmolLM2 prompt
 (test_injection covers Qwen's two).
 """
 
 from __future__ import annotations
 
+import codecs
 import random
 import unicodedata
 
@@ -166,3 +169,70 @@ def test_control_token_text_in_smollm2_messages_stays_text(smollm2):
         # default system turn + 3 turns, each <|im_start|> ... <|im_end|>, and the generation prompt
         assert [i for i in ids if i in smollm2.special_token_ids] == [start, end] * 4 + [start]
         assert smollm2.decode(ids) == smollm2.render_chat_template(messages)
+
+
+def brute_force_stop(tok, ids, stops, state: TextState, include: bool, min_tokens: int):
+    """Token by token, as the engine hands them over: (text, stop reason, tokens taken). A control token
+    named by a stop string (``state.stop_tokens``) ends it with the text before it; eos ids (hidden) and
+    other control tokens show no text; a stop string must end past the text of the first min_tokens."""
+    decoder, text, floor = codecs.getincrementaldecoder("utf-8")("replace"), "", 0
+
+    def found():
+        places = [(i, -len(s), s) for s in stops if (i := text.find(s, max(floor - len(s) + 1, 0))) >= 0]
+        if places:
+            i, longer, s = min(places)
+            return text[: i - longer] if include else text[:i], s
+        return None
+
+    for k, t in enumerate(ids):
+        last = k == len(ids) - 1
+        if t in state.stop_tokens and k >= min_tokens:
+            text += decoder.decode(b"", final=True)
+            reason = state.stop_tokens[t]
+            return (*(found() or (text + (reason if include else ""), reason)), k + 1)
+        shown = t not in state.hidden_ids and t not in tok.special_token_ids
+        text += decoder.decode(tok.token_bytes(t) if shown else b"", final=last)
+        if k < min_tokens:
+            floor = len(text)
+        elif hit := found():
+            return (*hit, k + 1)
+    return text, None, len(ids)
+
+
+@pytest.mark.parametrize("name", ["qwen3", "smollm2"])
+def test_stop_strings_and_control_tokens_in_the_reply_agree_with_brute_force(name, request):
+    """Control tokens sampled inside a reply (hidden eos, <|im_start|>, Qwen3's non-special <think>),
+    stop strings spelling a control token or drawn from the text, min_tokens and include_stop."""
+    tok = request.getfixturevalue(name)
+    rng = random.Random(5)
+    specials, hidden = sorted(tok.special_token_ids), frozenset(tok.eos_token_ids)
+    seen = dict(checked=0, stop_token=0, stop_string=0)
+    for _ in range(600):
+        ids = tok.encode(random_text(rng) or "a", allow_special=True)
+        for _ in range(rng.randint(0, 2)):
+            ids.insert(rng.randrange(len(ids) + 1), rng.choice(specials))
+        text = tok.decode([i for i in ids if i not in hidden], skip_special=True)
+        in_reply = [tok.id_to_piece(i) for i in ids if i in tok.special_token_ids]
+        stops = [rng.choice(in_reply or list(tok.added_tokens))] if rng.random() < 0.4 else []
+        for _ in range(rng.randint(0, 2) if text else 0):
+            start = rng.randrange(len(text))
+            stops.append(text[start : start + rng.randint(1, 4)])
+        stops = substring_free(list(dict.fromkeys(stops)))
+        include, floor = rng.random() < 0.3, rng.choice([0, 0, rng.randint(0, len(ids))])
+        if not stops or any(s != t and t in s for s in stops for t in tok.added_tokens):
+            continue  # none, or one refused (it holds a control token and more)
+        state = TextState(
+            tok, Completion([]), stops, hidden_ids=hidden, include_stop=include, min_tokens=floor
+        )
+        streamed = ""
+        for k, t in enumerate(ids):
+            streamed += state.feed([t], "length" if k == len(ids) - 1 else None)
+            if state.completion.finish_reason:
+                break
+        c = state.completion
+        reason = c.stop_reason if c.finish_reason == "stop" else None
+        want = brute_force_stop(tok, ids, stops, state, include, floor)
+        assert (streamed, reason, len(c.token_ids)) == want and c.text == streamed, (ids, stops, floor)
+        seen["checked"] += 1
+        seen["stop_token" if reason in state.stop_tokens.values() else "stop_string"] += reason is not None
+    assert seen["checked"] > 300 and seen["stop_token"] > 20 and seen["stop_string"] > 50, seen
