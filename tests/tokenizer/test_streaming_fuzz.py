@@ -199,7 +199,7 @@ def brute_force_stop(tok, ids, stops, state: TextState, include: bool, min_token
     return text, None, len(ids)
 
 
-@pytest.mark.parametrize("name", ["qwen3", "smollm2"])
+@pytest.mark.parametrize("name", TOKENIZERS)
 def test_stop_strings_and_control_tokens_in_the_reply_agree_with_brute_force(name, request):
     """Control tokens sampled inside a reply (hidden eos, <|im_start|>, Qwen3's non-special <think>),
     stop strings spelling a control token or drawn from the text, min_tokens and include_stop."""
