@@ -43,3 +43,12 @@ def hf_qwen3():
     import transformers
 
     return transformers.AutoTokenizer.from_pretrained(str(QWEN3_DIR))
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The bundled SmolLM2 GGUF's own tokenizer (GPT-2 byte-level BPE, ChatML control tokens)."""
+    from qwenkit.default_model import default_model_path
+    from qwenkit.generate import tokenizer_for
+
+    return tokenizer_for(default_model_path())  # `make setup` installs it; missing is a failure
