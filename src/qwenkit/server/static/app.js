@@ -14,8 +14,8 @@ const modelPick = $("model-pick");
 const apiKeyInput = $("api-key");
 const systemInput = $("system");
 
-// Sampling fields: element id = request field. Blank means "the model's own default".
-const SAMPLING = { temperature: Number, top_p: Number, top_k: parseInt, max_tokens: parseInt, seed: parseInt };
+// Sampling fields: element ids = request fields. Blank means "the model's own default".
+const SAMPLING = ["temperature", "top_p", "top_k", "max_tokens", "seed"];
 const SETTINGS_KEY = "qwenkit.chat.settings";
 const API_KEY_KEY = "qwenkit.chat.apiKey";
 const MODEL_KEY = "qwenkit.chat.model";
@@ -54,13 +54,13 @@ function loadSettings() {
     // A damaged entry: start from defaults.
   }
   systemInput.value = saved.system ?? "";
-  for (const field of Object.keys(SAMPLING)) $(field).value = saved[field] ?? "";
+  for (const field of SAMPLING) $(field).value = saved[field] ?? "";
   apiKeyInput.value = store.get(API_KEY_KEY) ?? "";
 }
 
 function saveSettings() {
   const settings = { system: systemInput.value };
-  for (const field of Object.keys(SAMPLING)) settings[field] = $(field).value;
+  for (const field of SAMPLING) settings[field] = $(field).value;
   store.set(SETTINGS_KEY, JSON.stringify(settings));
 }
 
@@ -71,13 +71,14 @@ function saveApiKey() {
 /** The sampling fields the user filled in, as numbers; a field the browser marks invalid is an error. */
 function readSampling() {
   const params = {};
-  for (const [field, parse] of Object.entries(SAMPLING)) {
+  for (const field of SAMPLING) {
     const input = $(field);
     if (!input.checkValidity()) {
       const label = document.querySelector(`label[for="${field}"]`).textContent.trim();
       throw new ApiError(`${label}: ${input.validationMessage}`);
     }
-    if (input.value !== "") params[field] = parse(input.value);
+    // the number the browser read, as typed: parseInt("1e3") was 1 (a field takes 1e3 as 1000)
+    if (input.value !== "") params[field] = input.valueAsNumber;
   }
   return params;
 }
