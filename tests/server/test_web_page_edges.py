@@ -4,6 +4,12 @@ transcript's scroll when an answer ends."""
 
 from __future__ import annotations
 
+import json
+import socket
+import struct
+import threading
+import time
+
 import pytest
 from playwright.sync_api import expect
 from test_web_page import CHAT_URL, _sse, answer, chat_bodies, open_settings
@@ -38,3 +44,60 @@ def test_sampling_numbers_are_sent_as_the_fields_read_them(server, open_page):
     answer(page, 1)
     assert len(bodies) == 2 and bodies[1]["seed"] == 2**53 - 1
     assert page.is_hidden("#error")
+
+
+def _answer_then_drop(first_event: str):
+    """A server on 127.0.0.1 that answers one chat request with a chunked event stream, sends
+    `first_event`, and then drops the connection mid-stream, as a server that dies does."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        connection, _ = listener.accept()
+        with connection:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += connection.recv(65536)
+            head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+            data = first_event.encode()
+            connection.sendall(head + b"%x\r\n%s\r\n" % (len(data), data))
+            time.sleep(0.5)  # the page shows the first piece
+            connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # reset
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return listener, thread
+
+
+def test_a_connection_dropped_mid_answer_says_so_and_the_page_goes_on(server, open_page):
+    """The server went away in the middle of an answer (killed, the network dropped): the page said "could
+    not reach the server: network error" about a server that had been answering. It says the connection
+    closed before the answer finished, keeps what came, and the next message goes to the server again."""
+    page = open_page(server.url)
+    bodies = chat_bodies(page)
+    first = {"choices": [{"index": 0, "delta": {"role": "assistant", "content": "Half an"}}]}
+    listener, thread = _answer_then_drop(f"data: {json.dumps(first)}\n\n")
+    dropped = f"http://127.0.0.1:{listener.getsockname()[1]}/v1/chat/completions"
+    with listener:
+        page.route(CHAT_URL, lambda route: route.continue_(url=dropped))
+        page.fill("#prompt", "Tell me")
+        page.keyboard.press("Enter")
+        message = answer(page, 0, state="error", timeout=10_000)
+        thread.join(timeout=5)
+    assert message.locator(".body").text_content().strip() == "Half an"
+    shown = "the connection closed before the answer finished (network error)"
+    assert message.locator(".meta").text_content() == f"Failed: {shown}"
+    assert page.text_content("#error") == shown
+    assert page.is_visible("#send") and page.is_hidden("#stop")
+
+    page.unroute(CHAT_URL)  # the real server again: the page goes on with the conversation
+    open_settings(page)
+    page.fill("#max_tokens", "2")
+    page.fill("#prompt", "Go on")
+    page.press("#prompt", "Enter")
+    answer(page, 1)
+    assert page.is_hidden("#error")
+    assert bodies[1]["messages"] == [
+        {"role": "user", "content": "Tell me"},
+        {"role": "assistant", "content": "Half an"},
+        {"role": "user", "content": "Go on"},
+    ]
