@@ -101,3 +101,39 @@ def test_a_connection_dropped_mid_answer_says_so_and_the_page_goes_on(server, op
         {"role": "assistant", "content": "Half an"},
         {"role": "user", "content": "Go on"},
     ]
+
+
+def test_a_long_answer_ends_with_its_note_in_view_and_a_reader_who_scrolled_up_stays_put(server, open_page):
+    """The transcript follows a long answer while its reader is at the end: the last render scrolled to
+    the end and then the note ("Stopped.", "Failed: ...", the token counts) was added below the fold. A
+    reader who scrolled up stays where they are while the answer streams."""
+    page = open_page(server.url, viewport={"width": 800, "height": 500})
+    long_answer = "".join(f"Paragraph {i}: some words here.\n\n" for i in range(60))
+    body = _sse([long_answer[i : i + 100] for i in range(0, len(long_answer), 100)])
+    page.route(CHAT_URL, lambda route: route.fulfill(status=200, content_type="text/event-stream", body=body))
+    below = "() => { const t = document.getElementById('transcript'); "
+    below += "return t.scrollHeight - t.scrollTop - t.clientHeight; }"
+    page.fill("#prompt", "Write a lot.")
+    page.keyboard.press("Enter")
+    message = answer(page, 0)
+    assert page.evaluate(below) <= 1
+    assert message.locator(".meta").text_content() == "42 tokens · prompt 9 tokens"
+    assert page.locator(".message.assistant .meta").is_visible()
+    box, view = message.locator(".meta").bounding_box(), page.locator("#transcript").bounding_box()
+    assert box["y"] + box["height"] <= view["y"] + view["height"]
+
+    # The real server's next answer, streaming for a few seconds.
+    page.unroute(CHAT_URL)
+    page.route(
+        CHAT_URL,
+        lambda route: route.continue_(
+            post_data=json.dumps({**route.request.post_data_json, "ignore_eos": True, "max_tokens": 40})
+        ),
+    )
+    page.fill("#prompt", "Again.")
+    page.keyboard.press("Enter")
+    answer(page, 1, state="streaming")
+    page.evaluate("() => { document.getElementById('transcript').scrollTop = 100; }")
+    answer(page, 1)
+    assert page.evaluate("() => document.getElementById('transcript').scrollTop") == 100
+    assert page.evaluate(below) > 1000

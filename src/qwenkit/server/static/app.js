@@ -165,8 +165,10 @@ class AnswerView {
     this.content = content;
     this.reasoning = reasoning;
     this.setState(state);
-    this.render();
+    // the note first: the render scrolls to the end of the transcript, which the note now ends ("Stopped.",
+    // "Failed: ..." and the token counts sat below the fold)
     this.meta.textContent = note;
+    this.render();
     for (const pre of this.body.querySelectorAll("pre")) addCopyButton(pre);
   }
 }
