@@ -5,6 +5,7 @@ transcript's scroll when an answer ends."""
 from __future__ import annotations
 
 import json
+import re
 import socket
 import struct
 import threading
@@ -137,3 +138,25 @@ def test_a_long_answer_ends_with_its_note_in_view_and_a_reader_who_scrolled_up_s
     answer(page, 1)
     assert page.evaluate("() => document.getElementById('transcript').scrollTop") == 100
     assert page.evaluate(below) > 1000
+
+
+def test_a_one_token_answer_says_one_token_and_html_typed_by_the_user_stays_text(server, open_page):
+    """max tokens 1 said "1 tokens". What the user types is text too: markup in it is shown as typed and
+    sent as typed, never made into elements."""
+    page = open_page(server.url)
+    bodies = chat_bodies(page)
+    open_settings(page)
+    page.fill("#max_tokens", "1")
+    typed = '<img src=x onerror="window.pwned = 1"> <b>bold?</b> & "quotes"'
+    page.fill("#prompt", typed)
+    page.press("#prompt", "Enter")
+    message = answer(page, 0)
+    assert re.fullmatch(
+        r"Cut off at the max_tokens limit\. 1 token · prompt \d+ tokens",
+        message.locator(".meta").text_content(),
+    )
+    assert bodies[0]["messages"] == [{"role": "user", "content": typed}]
+    question = page.locator(".message.user .body")
+    assert question.text_content() == typed
+    assert question.locator("*").count() == 0
+    assert page.evaluate("() => window.pwned") is None

@@ -219,6 +219,8 @@ function addCopyButton(pre) {
   pre.append(button);
 }
 
+const tokens = (n) => `${n} ${n === 1 ? "token" : "tokens"}`;
+
 /** Token counts from the usage chunk, and the decode rate when the answer took long enough to time. */
 function usageNote(usage, seconds) {
   if (!usage) return "";
@@ -226,7 +228,7 @@ function usageNote(usage, seconds) {
   const rate = timed ? ` · ${((usage.completion_tokens - 1) / seconds).toFixed(1)} tokens/s` : "";
   const cached = usage.prompt_tokens_details?.cached_tokens;
   const prefix = cached ? ` (${cached} cached)` : "";
-  return `${usage.completion_tokens} tokens${rate} · prompt ${usage.prompt_tokens} tokens${prefix}`;
+  return `${tokens(usage.completion_tokens)}${rate} · prompt ${tokens(usage.prompt_tokens)}${prefix}`;
 }
 
 // ---- one turn ------------------------------------------------------------------------------------
