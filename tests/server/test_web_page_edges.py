@@ -160,3 +160,18 @@ def test_a_one_token_answer_says_one_token_and_html_typed_by_the_user_stays_text
     assert question.text_content() == typed
     assert question.locator("*").count() == 0
     assert page.evaluate("() => window.pwned") is None
+
+
+def test_a_message_refused_for_its_api_key_says_where_the_key_goes(make_server, open_page):
+    """A server restarted with --api-key while the page was open: sending said only "a valid API key is
+    required: Authorization: Bearer KEY", an HTTP header a page user never sees; the models list said to
+    set the key in Settings, the message did not."""
+    page = open_page(make_server(api_key="web2-key").url)
+    expect(page.locator("#error")).to_contain_text("(set the API key in Settings)")  # the models list
+    page.fill("#prompt", "Hi")
+    page.keyboard.press("Enter")
+    expect(page.locator("#error")).to_have_text(
+        "401 Unauthorized: a valid API key is required: Authorization: Bearer KEY"
+        " (set the API key in Settings)"
+    )
+    assert page.locator(".message").count() == 0 and page.input_value("#prompt") == "Hi"

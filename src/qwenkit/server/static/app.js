@@ -298,6 +298,8 @@ async function send(text) {
       // message fails alike, however short, until the conversation starts over
       const outgrown = error.code === "context_length_exceeded" && error.param === "messages";
       if (outgrown && history.length > 1) failure += " The conversation is too long: New chat starts over.";
+      // a server restarted with --api-key, or another key: the page's own field is where the key goes
+      if (error.status === 401) failure += KEY_HINT;
       if (error.status === 404) refreshModel(); // the model asked for is gone (an adapter unloaded)
     }
   } finally {
@@ -350,6 +352,7 @@ function emptyHint() {
 // ---- model name ----------------------------------------------------------------------------------
 
 const LISTING_FAILED = "Could not list models";
+const KEY_HINT = " (set the API key in Settings)";
 
 async function refreshModel() {
   try {
@@ -367,7 +370,7 @@ async function refreshModel() {
   } catch (error) {
     modelId = null;
     modelLabel.textContent = "model unavailable";
-    const hint = error.status === 401 ? " (set the API key in Settings)" : "";
+    const hint = error.status === 401 ? KEY_HINT : "";
     showError(`${LISTING_FAILED}: ${error.message}${hint}`);
   }
 }
