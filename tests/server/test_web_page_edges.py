@@ -175,3 +175,39 @@ def test_a_message_refused_for_its_api_key_says_where_the_key_goes(make_server, 
         " (set the API key in Settings)"
     )
     assert page.locator(".message").count() == 0 and page.input_value("#prompt") == "Hi"
+
+
+def test_the_page_goes_on_when_its_server_restarts(chat_llm, open_page):
+    """The server stopped and started again on its port while the page stayed open: a message sent while
+    it is down fails with one line and is back in the box; the next one, once it is up, is answered with
+    the conversation so far."""
+    from live import LiveServer
+
+    from qwenkit.server import ServerConfig, create_app
+
+    def app():
+        return create_app(chat_llm, ServerConfig(served_model_name="tiny", response_cache_entries=0))
+
+    first = LiveServer(app())
+    with first:
+        page = open_page(first.url)
+        bodies = chat_bodies(page)
+        open_settings(page)
+        page.fill("#max_tokens", "2")
+        page.fill("#prompt", "One")
+        page.press("#prompt", "Enter")
+        said = answer(page, 0).locator(".body").text_content()
+    page.fill("#prompt", "Two")
+    page.press("#prompt", "Enter")
+    expect(page.locator("#error")).to_have_text("could not reach the server: Failed to fetch")
+    assert page.locator(".message").count() == 2 and page.input_value("#prompt") == "Two"
+
+    again = LiveServer(app())
+    again.server.config.port, again.url = first.port, first.url
+    with again:
+        page.press("#prompt", "Enter")
+        answer(page, 1)
+    assert page.is_hidden("#error")
+    sent = bodies[-1]["messages"]
+    assert [(m["role"], m["content"]) for m in sent[::2]] == [("user", "One"), ("user", "Two")]
+    assert sent[1]["role"] == "assistant" and sent[1]["content"].split() == said.split()
