@@ -53,16 +53,24 @@ export async function* streamChat(body, { apiKey, signal }) {
     signal,
   });
   if (!response.ok) throw await failure(response);
-  for await (const data of sseData(response.body)) {
-    if (data.startsWith("[DONE]")) return;
-    let chunk;
-    try {
-      chunk = JSON.parse(data);
-    } catch {
-      throw new ApiError(`the server sent an event that is not JSON: ${data.slice(0, 80)}`);
+  const broken = "the connection closed before the answer finished";
+  try {
+    for await (const data of sseData(response.body)) {
+      if (data.startsWith("[DONE]")) return;
+      let chunk;
+      try {
+        chunk = JSON.parse(data);
+      } catch {
+        throw new ApiError(`the server sent an event that is not JSON: ${data.slice(0, 80)}`);
+      }
+      if (chunk?.error) throw new ApiError(chunk.error.message || "the server reported an error while streaming");
+      yield chunk;
     }
-    if (chunk?.error) throw new ApiError(chunk.error.message || "the server reported an error while streaming");
-    yield chunk;
+  } catch (error) {
+    // The body broke off (the server went away, the network dropped): the browser's "network error" came
+    // out as "could not reach the server", about a server that had been answering. Aborts pass through.
+    if (error instanceof TypeError) throw new ApiError(`${broken} (${error.message})`);
+    throw error;
   }
-  throw new ApiError("the connection closed before the answer finished");
+  throw new ApiError(broken);
 }

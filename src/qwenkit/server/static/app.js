@@ -14,8 +14,8 @@ const modelPick = $("model-pick");
 const apiKeyInput = $("api-key");
 const systemInput = $("system");
 
-// Sampling fields: element id = request field. Blank means "the model's own default".
-const SAMPLING = { temperature: Number, top_p: Number, top_k: parseInt, max_tokens: parseInt, seed: parseInt };
+// Sampling fields: element ids = request fields. Blank means "the model's own default".
+const SAMPLING = ["temperature", "top_p", "top_k", "max_tokens", "seed"];
 const SETTINGS_KEY = "qwenkit.chat.settings";
 const API_KEY_KEY = "qwenkit.chat.apiKey";
 const MODEL_KEY = "qwenkit.chat.model";
@@ -54,13 +54,13 @@ function loadSettings() {
     // A damaged entry: start from defaults.
   }
   systemInput.value = saved.system ?? "";
-  for (const field of Object.keys(SAMPLING)) $(field).value = saved[field] ?? "";
+  for (const field of SAMPLING) $(field).value = saved[field] ?? "";
   apiKeyInput.value = store.get(API_KEY_KEY) ?? "";
 }
 
 function saveSettings() {
   const settings = { system: systemInput.value };
-  for (const field of Object.keys(SAMPLING)) settings[field] = $(field).value;
+  for (const field of SAMPLING) settings[field] = $(field).value;
   store.set(SETTINGS_KEY, JSON.stringify(settings));
 }
 
@@ -71,13 +71,14 @@ function saveApiKey() {
 /** The sampling fields the user filled in, as numbers; a field the browser marks invalid is an error. */
 function readSampling() {
   const params = {};
-  for (const [field, parse] of Object.entries(SAMPLING)) {
+  for (const field of SAMPLING) {
     const input = $(field);
     if (!input.checkValidity()) {
       const label = document.querySelector(`label[for="${field}"]`).textContent.trim();
       throw new ApiError(`${label}: ${input.validationMessage}`);
     }
-    if (input.value !== "") params[field] = parse(input.value);
+    // the number the browser read, as typed: parseInt("1e3") was 1 (a field takes 1e3 as 1000)
+    if (input.value !== "") params[field] = input.valueAsNumber;
   }
   return params;
 }
@@ -164,8 +165,10 @@ class AnswerView {
     this.content = content;
     this.reasoning = reasoning;
     this.setState(state);
-    this.render();
+    // the note first: the render scrolls to the end of the transcript, which the note now ends ("Stopped.",
+    // "Failed: ..." and the token counts sat below the fold)
     this.meta.textContent = note;
+    this.render();
     for (const pre of this.body.querySelectorAll("pre")) addCopyButton(pre);
   }
 }
@@ -216,6 +219,8 @@ function addCopyButton(pre) {
   pre.append(button);
 }
 
+const tokens = (n) => `${n} ${n === 1 ? "token" : "tokens"}`;
+
 /** Token counts from the usage chunk, and the decode rate when the answer took long enough to time. */
 function usageNote(usage, seconds) {
   if (!usage) return "";
@@ -223,7 +228,7 @@ function usageNote(usage, seconds) {
   const rate = timed ? ` · ${((usage.completion_tokens - 1) / seconds).toFixed(1)} tokens/s` : "";
   const cached = usage.prompt_tokens_details?.cached_tokens;
   const prefix = cached ? ` (${cached} cached)` : "";
-  return `${usage.completion_tokens} tokens${rate} · prompt ${usage.prompt_tokens} tokens${prefix}`;
+  return `${tokens(usage.completion_tokens)}${rate} · prompt ${tokens(usage.prompt_tokens)}${prefix}`;
 }
 
 // ---- one turn ------------------------------------------------------------------------------------
@@ -293,6 +298,8 @@ async function send(text) {
       // message fails alike, however short, until the conversation starts over
       const outgrown = error.code === "context_length_exceeded" && error.param === "messages";
       if (outgrown && history.length > 1) failure += " The conversation is too long: New chat starts over.";
+      // a server restarted with --api-key, or another key: the page's own field is where the key goes
+      if (error.status === 401) failure += KEY_HINT;
       if (error.status === 404) refreshModel(); // the model asked for is gone (an adapter unloaded)
     }
   } finally {
@@ -345,6 +352,7 @@ function emptyHint() {
 // ---- model name ----------------------------------------------------------------------------------
 
 const LISTING_FAILED = "Could not list models";
+const KEY_HINT = " (set the API key in Settings)";
 
 async function refreshModel() {
   try {
@@ -362,7 +370,7 @@ async function refreshModel() {
   } catch (error) {
     modelId = null;
     modelLabel.textContent = "model unavailable";
-    const hint = error.status === 401 ? " (set the API key in Settings)" : "";
+    const hint = error.status === 401 ? KEY_HINT : "";
     showError(`${LISTING_FAILED}: ${error.message}${hint}`);
   }
 }
