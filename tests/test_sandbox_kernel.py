@@ -370,3 +370,21 @@ def test_a_figure_past_the_kept_stdout_comes_after_what_was_kept():
         "\n\nstderr:\n\n```\nwarn\n\n```\n\nexecute_result:\n\n```\n3\n```\n\n![fig-003](/w/3.png)"
         "\n\n[output cut at 2 bytes]"
     )
+
+
+def test_a_cell_that_closes_or_redirects_the_output_descriptors_leaves_the_kernel_running(kernel):
+    """``os.close(1)`` or ``os.dup2(devnull, 1)`` in a cell killed the kernel at the next flush or
+    truncation (its own traceback in stderr, every variable lost) or hid every later cell's output: each
+    cell now starts with descriptors 1 and 2 on the kernel's own output files again."""
+    kernel.run("kept = 'yes'")
+    for clumsy in (
+        "import os\nos.close(1)\nprint('lost')",
+        "import os\nos.close(2)",
+        "import os\nos.dup2(os.open('/dev/null', os.O_WRONLY), 1)",
+        "import os\nos.dup2(os.open('/dev/null', os.O_WRONLY), 2)",
+        "import os\nos.close(1)\nos.close(2)",
+    ):
+        cell = kernel.run(clumsy)
+        assert (cell.stopped, cell.error) == (None, None), clumsy
+        after = kernel.run("import sys\nprint(kept)\nprint('err', file=sys.stderr)")
+        assert (after.stdout, after.stderr, after.stopped, after.restarted) == ("yes\n", "err\n", None, False)

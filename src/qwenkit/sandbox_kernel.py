@@ -59,7 +59,8 @@ GARBLED = "its reply was garbled (the cell wrote into the kernel's reply pipe)"
 # reported from the cell's frames (tb_next skips the loop's), with source lines from linecache (cells
 # have no file). The reply echoes the request's id and its texts are valid UTF-8 of at most max_output
 # bytes each. A stream the cell closed, replaced or could not flush (past the file-size limit) is opened
-# afresh, so that the kernel lives on. A caller that dies without closing it (SIGKILL) hangs up the
+# afresh, and descriptors 1 and 2 (closed, or redirected by dup2) are set to the output files again at each
+# flush, so that the kernel lives on. A caller that dies without closing it (SIGKILL) hangs up the
 # request pipe, which raises SIGIO: the kernel leaves then, even in the middle of a cell that ignores its
 # alarm (as ipykernel's parent poller).
 _KERNEL = """\
@@ -76,8 +77,10 @@ def _kernel(fd_in, fd_out):
         pass
     def _alarm(signum, frame):
         raise _CellTimeout()
+    saved = {1: os.dup(1), 2: os.dup(2)}  # the output files, for a cell that closes or redirects 1 or 2
     def _flush():
         for name, fd in (("stdout", 1), ("stderr", 2)):
+            os.dup2(saved[fd], fd)
             try:
                 getattr(sys, name).flush()
             except BaseException:
