@@ -8,6 +8,7 @@ import secrets
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import textwrap
 import time
@@ -410,3 +411,35 @@ def test_nothing_it_leaves_in_shared_places_outlives_it():
     assert key not in keys
     assert not lock.exists()
     assert "ipcns" in r.isolation
+
+
+def test_a_uid_another_process_runs_as_is_not_taken(monkeypatch):
+    """Runs in two processes picked their uids at random each: on a collision each run's _kill_uid
+    killed the other's program (a passing solution failed "killed by SIGKILL") and they shared files. A
+    uid another process holds is skipped; its lock goes with that process."""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys\nfrom qwenkit import sandbox\nsandbox.secrets.randbelow = lambda n: 5\n"
+            "print(sandbox._run_uid(), flush=True)\nsys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(sandbox.__file__).parents[1])},
+    )
+    try:
+        assert holder.stdout.readline() == f"{UID_BASE + 5}\n"
+        picks = iter([5, 7])
+        monkeypatch.setattr(sandbox.secrets, "randbelow", lambda n: next(picks))
+        uid = sandbox._run_uid()
+        sandbox._release_uid(uid)
+        assert uid == UID_BASE + 7
+    finally:
+        holder.stdin.close()
+        holder.wait()
+    monkeypatch.setattr(sandbox.secrets, "randbelow", lambda n: 5)
+    uid = sandbox._run_uid()
+    sandbox._release_uid(uid)
+    assert uid == UID_BASE + 5  # its holder ended: free again

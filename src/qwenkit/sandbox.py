@@ -24,8 +24,9 @@ Isolation, each step degrading with one logged warning where the system does not
   ``/dev/shm`` and ``/run/lock`` are small private tmpfs mounts (writes there vanish with the run); when
   we are not root, inside a user namespace of the run's own (where the system allows unprivileged ones),
   the program left without capabilities there so that it cannot undo the mounts;
-- when we are root: a dedicated unprivileged uid per run (so it cannot write outside its directory
-  or read files only root may read, and the process limit applies), ``no_new_privs``;
+- when we are root: a dedicated unprivileged uid per run, no other run's in any process (so it cannot
+  write outside its directory or read files only root may read, and the process limit applies),
+  ``no_new_privs``;
 - a scrubbed environment, ``python -I`` (no user site, no ``PYTHON*`` variables), its own private
   working directory (deleted afterwards unless the caller gave ``workdir``; one a caller killed with
   ``kill -9`` left is swept by the next run: ``qwenkit.sandbox_scratch``);
@@ -41,6 +42,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -338,22 +340,52 @@ def _command(
     return argv, tuple(isolation)
 
 
-_uids_in_use: set[int] = set()
+_uids_in_use: dict[int, int | None] = {}  # uid -> the descriptor holding its lock (None: no lock)
 _uid_lock = threading.Lock()
+UID_LOCKS = "qwenkit-sandbox-uids"  # in the temp directory: a flocked file per uid a run holds
 
 
 def _run_uid() -> int:
-    """A uid no other run of this process is using (runs in other processes pick at random too)."""
+    """A uid no other run is using, in this process or another: each run holds a flock on its uid's file,
+    which the kernel drops when the process ends, however it ends. Two processes that picked one uid (two
+    evaluations, a chat beside them) killed each other's programs with ``_kill_uid`` and shared files."""
     with _uid_lock:
-        while (uid := UID_BASE + secrets.randbelow(1000)) in _uids_in_use:
-            pass
-        _uids_in_use.add(uid)
-        return uid
+        while True:
+            uid = UID_BASE + secrets.randbelow(1000)
+            if uid in _uids_in_use:
+                continue
+            fd = _lock_uid(uid)
+            if fd != -1:
+                _uids_in_use[uid] = fd
+                return uid
+
+
+def _lock_uid(uid: int) -> int | None:
+    """The descriptor holding ``uid``'s lock; -1 when another process holds it; None without a lock
+    directory of our own (the uid is then unique in this process only)."""
+    folder = Path(tempfile.gettempdir()) / UID_LOCKS
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+        info = os.lstat(folder)
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o077:
+            raise PermissionError(f"{folder} is not a private directory of ours")
+        fd = os.open(folder / str(uid), os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        _warn_once(f"no uid lock directory ({e}): two qwenkit processes may pick one uid")
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return -1
+    return fd
 
 
 def _release_uid(uid: int) -> None:
     with _uid_lock:
-        _uids_in_use.discard(uid)
+        fd = _uids_in_use.pop(uid, None)
+        if fd is not None:
+            os.close(fd)
 
 
 @cache
