@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -388,3 +389,35 @@ def test_a_cell_that_closes_or_redirects_the_output_descriptors_leaves_the_kerne
         assert (cell.stopped, cell.error) == (None, None), clumsy
         after = kernel.run("import sys\nprint(kept)\nprint('err', file=sys.stderr)")
         assert (after.stdout, after.stderr, after.stopped, after.restarted) == ("yes\n", "err\n", None, False)
+
+
+def test_a_hostile_cell_reaches_nothing_of_its_caller(kernel, monkeypatch):
+    """The kernel is started after the caller set a secret and opened a TCP server on 127.0.0.1 and an
+    abstract unix socket (abstract names belong to the network namespace): the cell finds neither, and
+    cannot signal its caller (another PID namespace, another uid)."""
+    monkeypatch.setenv("QWENKIT_TEST_API_KEY", "sk-hunter2")
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    abstract = socket.socket(socket.AF_UNIX)
+    name = f"\0qwenkit-test-{os.getpid()}"
+    abstract.bind(name)
+    abstract.listen(1)
+    try:
+        seen = kernel.run("import os\n[k for k in os.environ if 'KEY' in k], open('/proc/1/environ').read()")
+        assert "sk-hunter2" not in seen.result and seen.result.startswith("([], 'HOME=")
+        tcp = kernel.run(
+            f"import socket\nsocket.create_connection(('127.0.0.1', {server.getsockname()[1]}), 2)"
+        )
+        assert tcp.error == "OSError: [Errno 101] Network is unreachable"
+        unix = kernel.run(f"s = socket.socket(socket.AF_UNIX)\ns.connect({name!r})")
+        assert unix.error == "ConnectionRefusedError: [Errno 111] Connection refused"
+        kill = kernel.run(f"import signal\nos.kill({os.getpid()}, signal.SIGTERM)")
+        assert kill.error == "ProcessLookupError: [Errno 3] No such process"
+        every = kernel.run("os.kill(-1, signal.SIGKILL)")  # no process it may signal but itself
+        assert every.error == "ProcessLookupError: [Errno 3] No such process"
+        assert kernel.run("os.listdir(os.path.expanduser('~root'))").error.startswith("PermissionError")
+        assert (kernel.run("'still here'").result, kernel.run("1").restarted) == ("'still here'", False)
+    finally:
+        server.close()
+        abstract.close()
