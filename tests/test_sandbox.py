@@ -6,11 +6,13 @@ import logging
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -443,3 +445,34 @@ def test_a_uid_another_process_runs_as_is_not_taken(monkeypatch):
     uid = sandbox._run_uid()
     sandbox._release_uid(uid)
     assert uid == UID_BASE + 5  # its holder ended: free again
+
+
+def kill_runs_soon(delay: float = 1.0) -> threading.Thread:
+    """SIGKILL every process of the runs under way after ``delay`` seconds, as the OOM killer would."""
+
+    def kill():
+        time.sleep(delay)
+        for uid in list(sandbox._uids_in_use):
+            for pid in sandbox._processes_of(uid):
+                os.kill(pid, signal.SIGKILL)
+
+    thread = threading.Thread(target=kill)
+    thread.start()
+    return thread
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="finds the program by its run's uid")
+def test_a_program_killed_from_outside_reads_as_killed():
+    """util-linux's unshare cannot pass on the SIGKILL that ended its child: it wrote "unshare:
+    sigprocmask unblock failed: Invalid argument" into the program's stderr and exited 1, read as the
+    program's own "exit status 1"."""
+    killer = kill_runs_soon()
+    r = run("import time\nprint('started', flush=True)\ntime.sleep(8)")
+    killer.join()
+    assert (r.ok, r.reason, r.exit_code, r.stdout, r.stderr) == (
+        False,
+        "killed by SIGKILL",
+        -signal.SIGKILL,
+        "started\n",
+        "",
+    )

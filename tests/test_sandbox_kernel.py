@@ -421,3 +421,22 @@ def test_a_hostile_cell_reaches_nothing_of_its_caller(kernel, monkeypatch):
     finally:
         server.close()
         abstract.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="finds the kernel by its uid")
+def test_a_kernel_killed_from_outside_says_so(kernel):
+    """The OOM killer's SIGKILL mid-cell read "the interpreter exited (status 1)", with unshare's
+    "sigprocmask unblock failed: Invalid argument" as the cell's stderr."""
+    kernel.run("kept = 1")
+    uid = kernel._uid
+    killer = threading.Timer(1.0, lambda: [os.kill(p, signal.SIGKILL) for p in _processes_of(uid)])
+    killer.start()
+    cell = kernel.run("import sys, time\nprint('started', file=sys.stderr, flush=True)\ntime.sleep(8)")
+    killer.join()
+    assert (cell.stopped, cell.stderr, cell.timed_out) == (
+        "the interpreter was killed by SIGKILL",
+        "started\n",
+        False,
+    )
+    after = kernel.run("'kept' in globals()")
+    assert (after.result, after.restarted) == ("False", True)

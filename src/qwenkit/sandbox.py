@@ -202,13 +202,14 @@ def run_python(
             wall = time.monotonic() - start
         if uid is not None:
             _kill_uid(uid)  # anything that escaped the group and the PID namespace
+        code = _status_under_unshare(proc.returncode, err_path)
         finished = _ends_with(out_path, f"\n{token}\n".encode())
         stdout, out_truncated = _read_capped(
             out_path, max_output, strip_tail=len(token) + 2 if finished else 0
         )
         stderr, err_truncated = _read_capped(err_path, max_output, keep_end=True)  # the error is last
         return _verdict(
-            proc.returncode,
+            code,
             stdout.replace(token, ""),
             stderr,
             finished,
@@ -499,6 +500,22 @@ def _chown_tree(root: Path, uid: int, gid: int) -> None:
         for name in [dirpath, *(os.path.join(dirpath, n) for n in dirnames + filenames)]:
             with contextlib.suppress(OSError):
                 os.lchown(name, uid, gid)
+
+
+# What util-linux's unshare (2.38) says when a SIGKILL ended its child (the OOM killer's, or the caller's
+# kill of the run's uid): it cannot pass that signal on, so it writes this into the program's stderr and
+# exits 1, which read as the program's own "exit status 1" (and "the interpreter exited (status 1)").
+UNSHARE_SIGKILL = b"unshare: sigprocmask unblock failed: Invalid argument\n"
+
+
+def _status_under_unshare(code: int | None, err_path: Path) -> int | None:
+    """The exit status of the program under ``unshare``: -SIGKILL where unshare could not say so (its
+    words are taken out of the program's stderr), else ``code``."""
+    if code != 1 or not _ends_with(err_path, UNSHARE_SIGKILL):
+        return code
+    with open(err_path, "r+b") as f:
+        f.truncate(f.seek(0, os.SEEK_END) - len(UNSHARE_SIGKILL))
+    return -signal.SIGKILL
 
 
 def _ends_with(path: Path, tail: bytes) -> bool:
