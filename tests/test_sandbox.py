@@ -6,10 +6,13 @@ import logging
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -410,3 +413,66 @@ def test_nothing_it_leaves_in_shared_places_outlives_it():
     assert key not in keys
     assert not lock.exists()
     assert "ipcns" in r.isolation
+
+
+def test_a_uid_another_process_runs_as_is_not_taken(monkeypatch):
+    """Runs in two processes picked their uids at random each: on a collision each run's _kill_uid
+    killed the other's program (a passing solution failed "killed by SIGKILL") and they shared files. A
+    uid another process holds is skipped; its lock goes with that process."""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys\nfrom qwenkit import sandbox\nsandbox.secrets.randbelow = lambda n: 5\n"
+            "print(sandbox._run_uid(), flush=True)\nsys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(sandbox.__file__).parents[1])},
+    )
+    try:
+        assert holder.stdout.readline() == f"{UID_BASE + 5}\n"
+        picks = iter([5, 7])
+        monkeypatch.setattr(sandbox.secrets, "randbelow", lambda n: next(picks))
+        uid = sandbox._run_uid()
+        sandbox._release_uid(uid)
+        assert uid == UID_BASE + 7
+    finally:
+        holder.stdin.close()
+        holder.wait()
+    monkeypatch.setattr(sandbox.secrets, "randbelow", lambda n: 5)
+    uid = sandbox._run_uid()
+    sandbox._release_uid(uid)
+    assert uid == UID_BASE + 5  # its holder ended: free again
+
+
+def kill_runs_soon(delay: float = 1.0) -> threading.Thread:
+    """SIGKILL every process of the runs under way after ``delay`` seconds, as the OOM killer would."""
+
+    def kill():
+        time.sleep(delay)
+        for uid in list(sandbox._uids_in_use):
+            for pid in sandbox._processes_of(uid):
+                os.kill(pid, signal.SIGKILL)
+
+    thread = threading.Thread(target=kill)
+    thread.start()
+    return thread
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="finds the program by its run's uid")
+def test_a_program_killed_from_outside_reads_as_killed():
+    """util-linux's unshare cannot pass on the SIGKILL that ended its child: it wrote "unshare:
+    sigprocmask unblock failed: Invalid argument" into the program's stderr and exited 1, read as the
+    program's own "exit status 1"."""
+    killer = kill_runs_soon()
+    r = run("import time\nprint('started', flush=True)\ntime.sleep(8)")
+    killer.join()
+    assert (r.ok, r.reason, r.exit_code, r.stdout, r.stderr) == (
+        False,
+        "killed by SIGKILL",
+        -signal.SIGKILL,
+        "started\n",
+        "",
+    )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -370,3 +371,72 @@ def test_a_figure_past_the_kept_stdout_comes_after_what_was_kept():
         "\n\nstderr:\n\n```\nwarn\n\n```\n\nexecute_result:\n\n```\n3\n```\n\n![fig-003](/w/3.png)"
         "\n\n[output cut at 2 bytes]"
     )
+
+
+def test_a_cell_that_closes_or_redirects_the_output_descriptors_leaves_the_kernel_running(kernel):
+    """``os.close(1)`` or ``os.dup2(devnull, 1)`` in a cell killed the kernel at the next flush or
+    truncation (its own traceback in stderr, every variable lost) or hid every later cell's output: each
+    cell now starts with descriptors 1 and 2 on the kernel's own output files again."""
+    kernel.run("kept = 'yes'")
+    for clumsy in (
+        "import os\nos.close(1)\nprint('lost')",
+        "import os\nos.close(2)",
+        "import os\nos.dup2(os.open('/dev/null', os.O_WRONLY), 1)",
+        "import os\nos.dup2(os.open('/dev/null', os.O_WRONLY), 2)",
+        "import os\nos.close(1)\nos.close(2)",
+    ):
+        cell = kernel.run(clumsy)
+        assert (cell.stopped, cell.error) == (None, None), clumsy
+        after = kernel.run("import sys\nprint(kept)\nprint('err', file=sys.stderr)")
+        assert (after.stdout, after.stderr, after.stopped, after.restarted) == ("yes\n", "err\n", None, False)
+
+
+def test_a_hostile_cell_reaches_nothing_of_its_caller(kernel, monkeypatch):
+    """The kernel is started after the caller set a secret and opened a TCP server on 127.0.0.1 and an
+    abstract unix socket (abstract names belong to the network namespace): the cell finds neither, and
+    cannot signal its caller (another PID namespace, another uid)."""
+    monkeypatch.setenv("QWENKIT_TEST_API_KEY", "sk-hunter2")
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    abstract = socket.socket(socket.AF_UNIX)
+    name = f"\0qwenkit-test-{os.getpid()}"
+    abstract.bind(name)
+    abstract.listen(1)
+    try:
+        seen = kernel.run("import os\n[k for k in os.environ if 'KEY' in k], open('/proc/1/environ').read()")
+        assert "sk-hunter2" not in seen.result and seen.result.startswith("([], 'HOME=")
+        tcp = kernel.run(
+            f"import socket\nsocket.create_connection(('127.0.0.1', {server.getsockname()[1]}), 2)"
+        )
+        assert tcp.error == "OSError: [Errno 101] Network is unreachable"
+        unix = kernel.run(f"s = socket.socket(socket.AF_UNIX)\ns.connect({name!r})")
+        assert unix.error == "ConnectionRefusedError: [Errno 111] Connection refused"
+        kill = kernel.run(f"import signal\nos.kill({os.getpid()}, signal.SIGTERM)")
+        assert kill.error == "ProcessLookupError: [Errno 3] No such process"
+        every = kernel.run("os.kill(-1, signal.SIGKILL)")  # no process it may signal but itself
+        assert every.error == "ProcessLookupError: [Errno 3] No such process"
+        assert kernel.run("os.listdir(os.path.expanduser('~root'))").error.startswith("PermissionError")
+        assert (kernel.run("'still here'").result, kernel.run("1").restarted) == ("'still here'", False)
+    finally:
+        server.close()
+        abstract.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="finds the kernel by its uid")
+def test_a_kernel_killed_from_outside_says_so(kernel):
+    """The OOM killer's SIGKILL mid-cell read "the interpreter exited (status 1)", with unshare's
+    "sigprocmask unblock failed: Invalid argument" as the cell's stderr."""
+    kernel.run("kept = 1")
+    uid = kernel._uid
+    killer = threading.Timer(1.0, lambda: [os.kill(p, signal.SIGKILL) for p in _processes_of(uid)])
+    killer.start()
+    cell = kernel.run("import sys, time\nprint('started', file=sys.stderr, flush=True)\ntime.sleep(8)")
+    killer.join()
+    assert (cell.stopped, cell.stderr, cell.timed_out) == (
+        "the interpreter was killed by SIGKILL",
+        "started\n",
+        False,
+    )
+    after = kernel.run("'kept' in globals()")
+    assert (after.result, after.restarted) == ("False", True)

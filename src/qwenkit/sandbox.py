@@ -24,8 +24,9 @@ Isolation, each step degrading with one logged warning where the system does not
   ``/dev/shm`` and ``/run/lock`` are small private tmpfs mounts (writes there vanish with the run); when
   we are not root, inside a user namespace of the run's own (where the system allows unprivileged ones),
   the program left without capabilities there so that it cannot undo the mounts;
-- when we are root: a dedicated unprivileged uid per run (so it cannot write outside its directory
-  or read files only root may read, and the process limit applies), ``no_new_privs``;
+- when we are root: a dedicated unprivileged uid per run, no other run's in any process (so it cannot
+  write outside its directory or read files only root may read, and the process limit applies),
+  ``no_new_privs``;
 - a scrubbed environment, ``python -I`` (no user site, no ``PYTHON*`` variables), its own private
   working directory (deleted afterwards unless the caller gave ``workdir``; one a caller killed with
   ``kill -9`` left is swept by the next run: ``qwenkit.sandbox_scratch``);
@@ -41,6 +42,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -200,13 +202,14 @@ def run_python(
             wall = time.monotonic() - start
         if uid is not None:
             _kill_uid(uid)  # anything that escaped the group and the PID namespace
+        code = _status_under_unshare(proc.returncode, err_path)
         finished = _ends_with(out_path, f"\n{token}\n".encode())
         stdout, out_truncated = _read_capped(
             out_path, max_output, strip_tail=len(token) + 2 if finished else 0
         )
         stderr, err_truncated = _read_capped(err_path, max_output, keep_end=True)  # the error is last
         return _verdict(
-            proc.returncode,
+            code,
             stdout.replace(token, ""),
             stderr,
             finished,
@@ -338,22 +341,52 @@ def _command(
     return argv, tuple(isolation)
 
 
-_uids_in_use: set[int] = set()
+_uids_in_use: dict[int, int | None] = {}  # uid -> the descriptor holding its lock (None: no lock)
 _uid_lock = threading.Lock()
+UID_LOCKS = "qwenkit-sandbox-uids"  # in the temp directory: a flocked file per uid a run holds
 
 
 def _run_uid() -> int:
-    """A uid no other run of this process is using (runs in other processes pick at random too)."""
+    """A uid no other run is using, in this process or another: each run holds a flock on its uid's file,
+    which the kernel drops when the process ends, however it ends. Two processes that picked one uid (two
+    evaluations, a chat beside them) killed each other's programs with ``_kill_uid`` and shared files."""
     with _uid_lock:
-        while (uid := UID_BASE + secrets.randbelow(1000)) in _uids_in_use:
-            pass
-        _uids_in_use.add(uid)
-        return uid
+        while True:
+            uid = UID_BASE + secrets.randbelow(1000)
+            if uid in _uids_in_use:
+                continue
+            fd = _lock_uid(uid)
+            if fd != -1:
+                _uids_in_use[uid] = fd
+                return uid
+
+
+def _lock_uid(uid: int) -> int | None:
+    """The descriptor holding ``uid``'s lock; -1 when another process holds it; None without a lock
+    directory of our own (the uid is then unique in this process only)."""
+    folder = Path(tempfile.gettempdir()) / UID_LOCKS
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+        info = os.lstat(folder)
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o077:
+            raise PermissionError(f"{folder} is not a private directory of ours")
+        fd = os.open(folder / str(uid), os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        _warn_once(f"no uid lock directory ({e}): two qwenkit processes may pick one uid")
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return -1
+    return fd
 
 
 def _release_uid(uid: int) -> None:
     with _uid_lock:
-        _uids_in_use.discard(uid)
+        fd = _uids_in_use.pop(uid, None)
+        if fd is not None:
+            os.close(fd)
 
 
 @cache
@@ -467,6 +500,22 @@ def _chown_tree(root: Path, uid: int, gid: int) -> None:
         for name in [dirpath, *(os.path.join(dirpath, n) for n in dirnames + filenames)]:
             with contextlib.suppress(OSError):
                 os.lchown(name, uid, gid)
+
+
+# What util-linux's unshare (2.38) says when a SIGKILL ended its child (the OOM killer's, or the caller's
+# kill of the run's uid): it cannot pass that signal on, so it writes this into the program's stderr and
+# exits 1, which read as the program's own "exit status 1" (and "the interpreter exited (status 1)").
+UNSHARE_SIGKILL = b"unshare: sigprocmask unblock failed: Invalid argument\n"
+
+
+def _status_under_unshare(code: int | None, err_path: Path) -> int | None:
+    """The exit status of the program under ``unshare``: -SIGKILL where unshare could not say so (its
+    words are taken out of the program's stderr), else ``code``."""
+    if code != 1 or not _ends_with(err_path, UNSHARE_SIGKILL):
+        return code
+    with open(err_path, "r+b") as f:
+        f.truncate(f.seek(0, os.SEEK_END) - len(UNSHARE_SIGKILL))
+    return -signal.SIGKILL
 
 
 def _ends_with(path: Path, tail: bytes) -> bool:

@@ -45,6 +45,7 @@ from qwenkit.sandbox import (
     _release_uid,
     _return_workdir,
     _run_uid,
+    _status_under_unshare,
 )
 from qwenkit.sandbox_scratch import claim_harness
 
@@ -59,7 +60,8 @@ GARBLED = "its reply was garbled (the cell wrote into the kernel's reply pipe)"
 # reported from the cell's frames (tb_next skips the loop's), with source lines from linecache (cells
 # have no file). The reply echoes the request's id and its texts are valid UTF-8 of at most max_output
 # bytes each. A stream the cell closed, replaced or could not flush (past the file-size limit) is opened
-# afresh, so that the kernel lives on. A caller that dies without closing it (SIGKILL) hangs up the
+# afresh, and descriptors 1 and 2 (closed, or redirected by dup2) are set to the output files again at each
+# flush, so that the kernel lives on. A caller that dies without closing it (SIGKILL) hangs up the
 # request pipe, which raises SIGIO: the kernel leaves then, even in the middle of a cell that ignores its
 # alarm (as ipykernel's parent poller).
 _KERNEL = """\
@@ -76,8 +78,10 @@ def _kernel(fd_in, fd_out):
         pass
     def _alarm(signum, frame):
         raise _CellTimeout()
+    saved = {1: os.dup(1), 2: os.dup(2)}  # the output files, for a cell that closes or redirects 1 or 2
     def _flush():
         for name, fd in (("stdout", 1), ("stderr", 2)):
+            os.dup2(saved[fd], fd)
             try:
                 getattr(sys, name).flush()
             except BaseException:
@@ -311,17 +315,33 @@ class PythonKernel:
                 os.close(fd)
         os.set_blocking(self._cells, False)
         self._pending = bytearray()
+        self._ended, self._exit = False, None  # _end's: the kernel was killed, and its exit status
 
     def _stop(self) -> int | None:
         """Kill the kernel and everything it started; its exit status."""
-        proc, self._proc = self._proc, None
-        if proc is None:
+        code = self._end()
+        self._release()
+        return code
+
+    def _end(self) -> int | None:
+        """Kill the kernel and everything it started; its exit status (its output files are still
+        there: ``_release`` removes them)."""
+        if self._proc is None:
             return None
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        code = proc.wait()
-        if self._uid is not None:
-            _kill_uid(self._uid)
+        if not self._ended:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._proc.pid, signal.SIGKILL)
+            self._exit = _status_under_unshare(self._proc.wait(), self._err_path)
+            self._ended = True
+            if self._uid is not None:
+                _kill_uid(self._uid)
+        return self._exit
+
+    def _release(self) -> None:
+        """After ``_end``: the pipes, the harness and the uid go, and a caller's directory comes back."""
+        if self._proc is None:
+            return
+        self._proc = None
         for fd in (self._cells, self._replies):
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -330,7 +350,6 @@ class PythonKernel:
             if not self.own_workdir and self._mode is not None:
                 _return_workdir(self.workdir, self._mode)
             _release_uid(self._uid)
-        return code
 
     def close(self) -> None:
         with self._lock:
@@ -364,10 +383,11 @@ class PythonKernel:
                 self._stop()
                 self._died = True
                 raise
+            status = self._end() if stopped is not None else None  # before reading: unshare's words go
             stdout, out_cut = _read_capped(self._out_path, max_output)
             stderr, err_cut = _read_capped(self._err_path, max_output, keep_end=True)
             if stopped is not None:
-                status = self._stop()
+                self._release()
                 if stopped == "exited":
                     stopped = _ended(status)
                 self._died = True
