@@ -26,6 +26,7 @@ import hashlib
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -78,8 +79,10 @@ class KernelBuildError(RuntimeError):
 class LevelBuildError(KernelBuildError):
     """The compiler ran but failed on this level's flags, or its library does not load: a lower level may
     still build (an older compiler without -mavxvnni or -mavx512bf16). ``lasting``: the compiler itself
-    rejected the source or flags (it exited with an error, not a signal), so the same compiler will
-    again; ensure_built remembers that and does not try again at every start."""
+    rejected the source or flags, so the same compiler will again; ensure_built remembers that and does
+    not try again at every start. A compiler killed by a signal, or failing for the machine's sake (a
+    full disk, too little memory), or writing no library raises a plain KernelBuildError instead: a
+    lower level would fail the same way, so the search ends there and the next start tries again."""
 
     def __init__(self, message: str, lasting: bool = False) -> None:
         super().__init__(message)
@@ -205,14 +208,29 @@ def _compile(cxx: str, level: str, out: Path) -> None:
     cmd += ["-lc10", "-ltorch_cpu"]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired as e:  # its message would be the whole command line
+        raise KernelBuildError(f"{Path(cxx).name} took over {e.timeout:.0f} s and was stopped") from e
     except (OSError, subprocess.SubprocessError) as e:
         raise KernelBuildError(f"{cxx} did not run ({e})") from e
+    name = Path(cxx).name
+    if proc.returncode < 0:  # killed (the OOM killer, a user's kill): no level's own, and no message
+        raise KernelBuildError(f"{name} was killed by {_signal_name(-proc.returncode)} while building")
     if proc.returncode != 0:
-        first_error = next(
-            (ln for ln in proc.stderr.splitlines() if "error" in ln), proc.stderr.strip()[-300:]
-        )
-        lasting = proc.returncode > 0 and not _trouble_outside_the_source(proc.stderr)
-        raise LevelBuildError(f"{Path(cxx).name} failed: {first_error}", lasting=lasting)
+        said = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip()]  # one line of them
+        first_error = next((ln for ln in said if "error" in ln), said[0] if said else "")[:300]
+        first_error = first_error or f"exit status {proc.returncode}, no message"
+        if _trouble_outside_the_source(proc.stderr):  # a lower level would fail the same way
+            raise KernelBuildError(f"{name} failed: {first_error}")
+        raise LevelBuildError(f"{name} failed: {first_error}", lasting=True)
+    if not out.is_file() or out.stat().st_size == 0:
+        raise KernelBuildError(f"{cxx} exited 0 but wrote no library (is CXX a C++ compiler?)")
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 # Compiler failures the machine caused, not the source or flags: a full disk, a read-only or failing
@@ -270,7 +288,10 @@ def ensure_built(level: str, announce: bool = True) -> Path:
         note.unlink(missing_ok=True)  # noted by an older qwenkit that took a full disk for a verdict
     elif known_failure:
         raise LevelBuildError(known_failure, lasting=True)
-    if entry.exists():
+    if entry.exists():  # damaged, or renamed into place by another process since the look above
+        lib = cached_library(entry)
+        if lib is not None:
+            return lib
         _discard(entry)
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
