@@ -374,6 +374,21 @@ def test_a_level_the_compiler_cannot_build_falls_back_to_the_next(fresh_load, mo
     ]
 
 
+@pytest.mark.parametrize(("cap", "said"), [("avxvnni", "avx_vnni"), ("avx512vnni", None)])
+def test_a_switch_to_a_level_this_cpu_lacks_says_which_build_runs(fresh_load, monkeypatch, capsys, cap, said):
+    """QWENKIT_KERNELS=avxvnni on an AVX-512 CPU without AVX-VNNI (Zen 4, Skylake-SP) ran the AVX2 build
+    without a word, while the user believed the AVX-VNNI one was being compared or tested."""
+    monkeypatch.setattr(build, "_cpu_flags", lambda: AVX512_FLAGS | {"avx2"})
+    monkeypatch.setenv(ops.ENV_SWITCH, cap)
+    monkeypatch.setattr(build, "load", fresh_load.append)
+    assert kernels.available() is True and kernels.available() is True
+    want = "avx2" if said else cap
+    assert kernels.isa_level() == want and fresh_load == [want]
+    err = capsys.readouterr().err.strip().splitlines()
+    named = f"qwenkit: QWENKIT_KERNELS={cap}: this CPU lacks {said}; using the avx2 build"
+    assert err == ([named] if said else [])
+
+
 def test_a_failure_of_no_level_in_particular_does_not_try_the_others(fresh_load, monkeypatch, capsys):
     def no_compiler(level: str) -> None:
         fresh_load.append(level)

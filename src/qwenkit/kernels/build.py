@@ -108,6 +108,12 @@ def _cpu_flags() -> set[str] | str:
     return set()
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (none where they cannot be known)."""
+    flags = _cpu_flags()
+    return set() if isinstance(flags, str) else flags
+
+
 def runnable_levels(cap: str | None = None) -> list[str]:
     """The levels in ISA_LEVELS this CPU runs, no better than ``cap`` (a level name), best first."""
     flags = _cpu_flags()
