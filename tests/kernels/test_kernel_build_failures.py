@@ -7,10 +7,11 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
-from test_kernel_build import FULL_DISK, LEVEL, OLD_FLAGS, SRC, needs_isa, run_python
+from test_kernel_build import FULL_DISK, LEVEL, OLD_FLAGS, SRC, fake_cache, needs_isa, run_python  # noqa: F401
 
 from qwenkit.kernels import build, ops
 
@@ -80,6 +81,22 @@ def test_a_killed_compiler_is_said_once_and_no_lower_level_is_tried(tmp_path):
         "using the plain PyTorch path"
     )
     assert list((tmp_path / "cache" / "qwenkit" / "kernels").iterdir()) == []  # no note, no half library
+
+
+@needs_isa
+def test_a_build_left_by_a_killed_process_is_swept_at_the_next_build(fake_cache, tmp_path):  # noqa: F811
+    """A process killed while it compiled left its build directory (a whole library) in the cache for
+    ever; the next build removes those older than twice the compile timeout, and leaves a younger one
+    (another process's build under way) alone."""
+    entry = build.cache_root() / build.cache_key(build.compiler_version(build.compiler()), LEVEL)
+    dead, live = entry.with_name(f".{entry.name}.dead1"), entry.with_name(f".{entry.name}.live1")
+    for left in (dead, live):
+        left.mkdir(parents=True)
+        (left / build.LIBRARY_NAME).write_bytes(b"\x7fELF" + b"\0" * 4096)
+    long_ago = time.time() - 2 * build.COMPILE_TIMEOUT - 60
+    os.utime(dead, (long_ago, long_ago))
+    assert build.ensure_built(LEVEL, announce=False) == entry / build.LIBRARY_NAME and len(fake_cache) == 1
+    assert sorted(p.name for p in entry.parent.iterdir()) == sorted([entry.name, live.name])
 
 
 CONCURRENT_BUILD = """

@@ -30,6 +30,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -69,6 +70,7 @@ ISA_LEVELS: dict[str, dict[str, str]] = {
 # contracts a multiply and an add into an FMA where it sees fit, and it saw fit differently in the copies
 # of one loop it compiles for a call's serial path and for its threads' chunks: a row's log-sum-exp came
 # out an ulp apart alone and in a batch (tests/kernels/test_worker_pool.py).
+COMPILE_TIMEOUT = 600  # seconds; a build directory older than twice this belongs to a process that died
 BASE_FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off", "-DNDEBUG", "-w")
 
 
@@ -213,7 +215,7 @@ def _compile(cxx: str, level: str, out: Path) -> None:
         cmd += [f"-L{p}", f"-Wl,-rpath,{p}"]
     cmd += ["-lc10", "-ltorch_cpu"]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT)
     except subprocess.TimeoutExpired as e:  # its message would be the whole command line
         raise KernelBuildError(f"{Path(cxx).name} took over {e.timeout:.0f} s and was stopped") from e
     except (OSError, subprocess.SubprocessError) as e:
@@ -301,6 +303,7 @@ def ensure_built(level: str, announce: bool = True) -> Path:
         _discard(entry)
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
+        _sweep_dead_builds(entry)
         tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
     except OSError as e:
         raise KernelBuildError(f"cannot write the kernel cache {entry.parent} ({e.strerror})") from e
@@ -327,6 +330,18 @@ def ensure_built(level: str, announce: bool = True) -> Path:
     if lib is None:
         raise KernelBuildError(f"the built library in {entry} is missing or damaged")
     return lib
+
+
+def _sweep_dead_builds(entry: Path) -> None:
+    """Remove the build directories a killed process left beside ``entry`` (a library each, for ever);
+    one younger than twice the compile timeout may be another process's build under way."""
+    now = time.time()
+    for left in entry.parent.glob(f".{entry.name}.*"):
+        try:
+            if left.is_dir() and now - left.stat().st_mtime > 2 * COMPILE_TIMEOUT:
+                shutil.rmtree(left, ignore_errors=True)
+        except OSError:
+            continue
 
 
 def failure_note(entry: Path) -> Path:
