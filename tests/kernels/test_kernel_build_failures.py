@@ -165,3 +165,31 @@ def test_generate_without_a_compiler_answers_as_the_plain_path_exactly(tmp_path)
     why = build.missing_isa() or "no C++ compiler found (install g++ or set CXX)"
     assert notes == [f"qwenkit: CPU kernels unavailable: {why}; using the plain PyTorch path"]
     assert not cache.exists()
+
+
+@needs_isa
+def test_a_cached_library_that_passes_its_checksum_but_does_not_load_is_rebuilt(loaded, tmp_path):
+    """A library whose checksum holds but that does not load (overwritten along with its .sha256): this
+    start says so once and takes the next level down (or the plain path), the entry is removed, and the
+    next start builds it again and runs the level it asked for."""
+    real = build.ensure_built(LEVEL)
+    cxx = fake_compiler(tmp_path, f'cp "{real}" "$out"')
+    env = dict(XDG_CACHE_HOME=str(tmp_path / "cache"), CXX=str(cxx), QWENKIT_AMX="off")
+    env[ops.ENV_SWITCH] = os.environ.get(ops.ENV_SWITCH, "auto")
+    entry = tmp_path / "cache" / "qwenkit" / "kernels" / build.cache_key("fake g++ 1.0", LEVEL)
+    entry.mkdir(parents=True)
+    (entry / build.LIBRARY_NAME).write_bytes(b"not a shared library" * 100)
+    (entry / (build.LIBRARY_NAME + ".sha256")).write_text(build._sha256(entry / build.LIBRARY_NAME) + "\n")
+    code = "from qwenkit import kernels; print(kernels.available(), kernels.isa_level())"
+    r = run_python(code, **env)
+    lower = build.runnable_levels(LEVEL)[1:2]
+    assert r.returncode == 0 and r.stdout.split() == (["True", lower[0]] if lower else ["False", "None"])
+    said = [line for line in r.stderr.splitlines() if not line.startswith("qwenkit: building")]
+    assert len(said) == 1 and "the built library does not load (" in said[0], r.stderr
+    assert not entry.exists()
+    r = run_python(code, **env)
+    assert r.returncode == 0 and r.stdout.split() == ["True", LEVEL], r.stderr
+    assert r.stderr.strip().splitlines() == [
+        f"qwenkit: building the {LEVEL} CPU kernels once into {entry} (about 30 s)"
+    ]
+    assert build.cached_library(entry) == entry / build.LIBRARY_NAME
