@@ -279,7 +279,7 @@ def profile(
     kwargs = dict(
         model=str(model), dtype=dtype, device=device, context=context, generate=generate, encode=encode
     )
-    rows = []
+    rows, notes = [], set()
     for i, precision in enumerate(precisions):
         if progress:
             print(f"qwenkit profile: {precision} ({i + 1} of {len(precisions)})", file=sys.stderr, flush=True)
@@ -299,7 +299,18 @@ def profile(
             # the child's own "error: " prefix, or the CLI prints "error: ... failed: error: ..."
             raise ProfileError(f"profiling {precision} failed: {last.removeprefix('error: ')}")
         rows.append(ProfileRow(**json.loads(proc.stdout.strip().splitlines()[-1])))
+        _pass_on_notes(proc.stderr, notes)
     return rows
+
+
+def _pass_on_notes(stderr: str, said: set[str]) -> None:
+    """The child's own lines to the user ("qwenkit: CPU kernels unavailable: ...; using the plain PyTorch
+    path", a build announced, a misspelt switch), each once for the whole profile: they say why the
+    table names the kernels it does, and every child would say the same."""
+    for line in stderr.splitlines():
+        if line.startswith("qwenkit: ") and line not in said:
+            said.add(line)
+            print(line, file=sys.stderr, flush=True)
 
 
 def _child() -> None:

@@ -8,6 +8,7 @@ from factories import hf_model, save_hf
 
 from qwenkit import kernels
 from qwenkit.cli import main
+from qwenkit.kernels import build
 from qwenkit.profile import ProfileError, parse_precisions, profile, prompt_ids
 from qwenkit.quant.kernels.avx512 import INT_ISA_NAMES
 
@@ -135,3 +136,22 @@ def test_profile_with_tensor_parallel_reports_per_rank_memory(tmp_path, capsys) 
         "error: --tensor-parallel 3 does not divide the model's 8 attention heads; "
         "this model splits over 1, 2, 4 ranks"
     ]
+
+
+def test_why_the_kernels_are_off_is_said_once_for_the_whole_profile(tiny, tmp_path, monkeypatch, capsys):
+    """Without a compiler each child process fell back to the plain path and said why on its stderr,
+    which the profile dropped: the table named aten kernels and the user never learned the cause or the
+    remedy. Now the line is passed on, once for all the precisions."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    monkeypatch.delenv("QWENKIT_KERNELS", raising=False)
+    argv = ["profile", str(tiny), "--generate", "2", "--encode", "0", "--precisions", "bfloat16,int8,int4"]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    notes = [line for line in err.splitlines() if not line.startswith("qwenkit profile: ")]
+    why = build.missing_isa() or "no C++ compiler found (install g++ or set CXX)"
+    assert notes == [f"qwenkit: CPU kernels unavailable: {why}; using the plain PyTorch path"]
+    table = [line for line in out.splitlines() if line.startswith("| ")]
+    assert table[1].startswith("| bfloat16 | bfloat16 | dense F.linear (bfloat16) x15 |"), table[1]
+    assert "aten._weight_int8pack_mm" in table[2] and "aten._weight_int4pack_mm_for_cpu" in table[3]

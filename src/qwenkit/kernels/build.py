@@ -26,9 +26,11 @@ import hashlib
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -68,6 +70,7 @@ ISA_LEVELS: dict[str, dict[str, str]] = {
 # contracts a multiply and an add into an FMA where it sees fit, and it saw fit differently in the copies
 # of one loop it compiles for a call's serial path and for its threads' chunks: a row's log-sum-exp came
 # out an ulp apart alone and in a batch (tests/kernels/test_worker_pool.py).
+COMPILE_TIMEOUT = 600  # seconds; a build directory older than twice this belongs to a process that died
 BASE_FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off", "-DNDEBUG", "-w")
 
 
@@ -78,8 +81,10 @@ class KernelBuildError(RuntimeError):
 class LevelBuildError(KernelBuildError):
     """The compiler ran but failed on this level's flags, or its library does not load: a lower level may
     still build (an older compiler without -mavxvnni or -mavx512bf16). ``lasting``: the compiler itself
-    rejected the source or flags (it exited with an error, not a signal), so the same compiler will
-    again; ensure_built remembers that and does not try again at every start."""
+    rejected the source or flags, so the same compiler will again; ensure_built remembers that and does
+    not try again at every start. A compiler killed by a signal, or failing for the machine's sake (a
+    full disk, too little memory), or writing no library raises a plain KernelBuildError instead: a
+    lower level would fail the same way, so the search ends there and the next start tries again."""
 
     def __init__(self, message: str, lasting: bool = False) -> None:
         super().__init__(message)
@@ -103,6 +108,12 @@ def _cpu_flags() -> set[str] | str:
         if line.startswith("flags"):
             return set(line.split(":", 1)[1].split())
     return set()
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (none where they cannot be known)."""
+    flags = _cpu_flags()
+    return set() if isinstance(flags, str) else flags
 
 
 def runnable_levels(cap: str | None = None) -> list[str]:
@@ -204,15 +215,30 @@ def _compile(cxx: str, level: str, out: Path) -> None:
         cmd += [f"-L{p}", f"-Wl,-rpath,{p}"]
     cmd += ["-lc10", "-ltorch_cpu"]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT)
+    except subprocess.TimeoutExpired as e:  # its message would be the whole command line
+        raise KernelBuildError(f"{Path(cxx).name} took over {e.timeout:.0f} s and was stopped") from e
     except (OSError, subprocess.SubprocessError) as e:
         raise KernelBuildError(f"{cxx} did not run ({e})") from e
+    name = Path(cxx).name
+    if proc.returncode < 0:  # killed (the OOM killer, a user's kill): no level's own, and no message
+        raise KernelBuildError(f"{name} was killed by {_signal_name(-proc.returncode)} while building")
     if proc.returncode != 0:
-        first_error = next(
-            (ln for ln in proc.stderr.splitlines() if "error" in ln), proc.stderr.strip()[-300:]
-        )
-        lasting = proc.returncode > 0 and not _trouble_outside_the_source(proc.stderr)
-        raise LevelBuildError(f"{Path(cxx).name} failed: {first_error}", lasting=lasting)
+        said = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip()]  # one line of them
+        first_error = next((ln for ln in said if "error" in ln), said[0] if said else "")[:300]
+        first_error = first_error or f"exit status {proc.returncode}, no message"
+        if _trouble_outside_the_source(proc.stderr):  # a lower level would fail the same way
+            raise KernelBuildError(f"{name} failed: {first_error}")
+        raise LevelBuildError(f"{name} failed: {first_error}", lasting=True)
+    if not out.is_file() or out.stat().st_size == 0:
+        raise KernelBuildError(f"{cxx} exited 0 but wrote no library (is CXX a C++ compiler?)")
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 # Compiler failures the machine caused, not the source or flags: a full disk, a read-only or failing
@@ -270,10 +296,14 @@ def ensure_built(level: str, announce: bool = True) -> Path:
         note.unlink(missing_ok=True)  # noted by an older qwenkit that took a full disk for a verdict
     elif known_failure:
         raise LevelBuildError(known_failure, lasting=True)
-    if entry.exists():
+    if entry.exists():  # damaged, or renamed into place by another process since the look above
+        lib = cached_library(entry)
+        if lib is not None:
+            return lib
         _discard(entry)
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
+        _sweep_dead_builds(entry)
         tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
     except OSError as e:
         raise KernelBuildError(f"cannot write the kernel cache {entry.parent} ({e.strerror})") from e
@@ -300,6 +330,18 @@ def ensure_built(level: str, announce: bool = True) -> Path:
     if lib is None:
         raise KernelBuildError(f"the built library in {entry} is missing or damaged")
     return lib
+
+
+def _sweep_dead_builds(entry: Path) -> None:
+    """Remove the build directories a killed process left beside ``entry`` (a library each, for ever);
+    one younger than twice the compile timeout may be another process's build under way."""
+    now = time.time()
+    for left in entry.parent.glob(f".{entry.name}.*"):
+        try:
+            if left.is_dir() and now - left.stat().st_mtime > 2 * COMPILE_TIMEOUT:
+                shutil.rmtree(left, ignore_errors=True)
+        except OSError:
+            continue
 
 
 def failure_note(entry: Path) -> Path:

@@ -82,6 +82,12 @@ def _load() -> bool:
         return False
     if failed:
         print(f"qwenkit: CPU kernels: {'; '.join(failed)}; using the {level} build", file=sys.stderr)
+    elif cap and level != cap:  # asked for a build to compare or test: say it is not the one running
+        lacks = ", ".join(sorted(set(build.ISA_LEVELS[cap]) - build.cpu_flags()))
+        print(
+            f"qwenkit: {ENV_SWITCH}={cap}: this CPU lacks {lacks}; using the {level} build",
+            file=sys.stderr,
+        )
     _level = level
     _amx = bool(torch.ops.qwenkit.use_amx(env_choice(AMX_SWITCH, ON_OFF, "on") == "on"))
     return True
