@@ -447,11 +447,29 @@ def test_a_misspelt_switch_is_named_once_not_ignored(loaded):
     r = run_python(code, QWENKIT_KERNELS="toch")
     assert r.returncode == 0 and r.stdout.strip() == "True True", r.stderr
     named = (
-        "qwenkit: QWENKIT_KERNELS='toch' is not one of auto, avx2, avx512vnni, avxvnni, torch; using 'auto'"
+        "qwenkit: QWENKIT_KERNELS='toch' is not one of auto, avx2, avx512, avx512vnni, avxvnni, torch;"
+        " using 'auto'"
     )
     assert r.stderr.strip().splitlines() == [named]
     r = run_python(code, QWENKIT_KERNELS=" Torch ")  # case and spaces do not matter
     assert r.stdout.strip() == "False False" and r.stderr == ""
+
+
+@needs_isa
+def test_the_top_level_is_a_choice_too(loaded):
+    """QWENKIT_KERNELS=avx512 names the best build: where the CPU runs it, it is the build that runs, with
+    nothing said (it was "not one of ...; using 'auto'"); where it lacks it, the line names what it lacks."""
+    code = "from qwenkit import kernels; print(kernels.isa_level())"
+    r = run_python(code, QWENKIT_KERNELS="avx512")
+    assert r.returncode == 0, r.stderr
+    if "avx512" in levels_this_cpu_runs():
+        assert (r.stdout.strip(), r.stderr) == ("avx512", "")
+    else:
+        lacks = ", ".join(sorted(set(build.ISA_LEVELS["avx512"]) - build.cpu_flags()))
+        assert (
+            r.stderr.strip()
+            == f"qwenkit: QWENKIT_KERNELS=avx512: this CPU lacks {lacks}; using the {r.stdout.strip()} build"
+        )
 
 
 # --- a library stored in the venv (container images: built in the build stage, no compiler at run time) --

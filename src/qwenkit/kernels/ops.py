@@ -15,7 +15,7 @@ from qwenkit.env_switch import ON_OFF, env_choice
 from qwenkit.errors import QwenkitError
 
 ENV_SWITCH = "QWENKIT_KERNELS"  # "torch": the plain PyTorch path; a level name: at most that build
-CAPS = ("avx512vnni", "avxvnni", "avx2")  # the levels below the best that QWENKIT_KERNELS can cap at
+CAPS = ("avx512", "avx512vnni", "avxvnni", "avx2")  # build.ISA_LEVELS: the levels QWENKIT_KERNELS can cap at
 KERNEL_CHOICES = {"auto": "auto", "torch": "torch"} | {cap: cap for cap in CAPS}  # another: named, "auto"
 AMX_SWITCH = "QWENKIT_AMX"  # "off": bf16 products on the AVX-512 vector tiles even where AMX exists
 _loaded: bool | None = None  # None: not tried yet in this process
