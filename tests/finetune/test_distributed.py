@@ -168,6 +168,21 @@ def test_finetune_command_with_two_processes(tiny_chat_model, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
     assert not (tmp_path / "two.training").exists()
 
+    # the adapter rank 0 wrote loads in peft, with the logits qwenkit gives it
+    import peft
+    import transformers
+
+    from qwenkit.checkpoint import load_model
+
+    ids = torch.tensor([[9707, 1052, 13, 151644, 872, 198]])
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_chat_model, dtype=torch.float32)
+    with torch.no_grad():
+        plain = base(ids).logits
+        theirs = peft.PeftModel.from_pretrained(base, tmp_path / "two").eval()(ids).logits
+        ours = load_model(tiny_chat_model, dtype="float32", progress=False, adapter=tmp_path / "two")[0](ids)
+    assert (theirs - plain).abs().max() > 1e-3  # the adapter changes the output
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
