@@ -167,11 +167,14 @@ def test_ctrl_c_in_a_tensor_parallel_generate_stops_every_rank_quietly(model):
     not hasattr(os, "geteuid") or os.geteuid() != 0 or not shutil.which("unshare"),
     reason="a PID namespace needs root and unshare",
 )
-def test_sigterm_to_a_tensor_parallel_generate_that_is_pid_1_stops_every_rank(model):
-    """A container's PID 1 never gets a signal it has no handler for: `qwenkit generate --tensor-parallel
-    2` as the container's command ignored `docker stop`'s SIGTERM and its ranks generated on to the end.
-    Now it exits 143 at once, as the default action does elsewhere, its ranks stopped."""
-    argv = ["unshare", "-fp", "--mount-proc", *QWENKIT, "generate", model, "-p", "Tell me a story", *LONG]
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_sigterm_to_a_tensor_parallel_command_that_is_pid_1_stops_every_rank(model, command):
+    """A container's PID 1 never gets a signal it has no handler for: `qwenkit generate` (or `chat -p`)
+    `--tensor-parallel 2` as the container's command ignored `docker stop`'s SIGTERM and its ranks
+    generated on to the end. Now it exits 143 at once, as the default action does elsewhere, its ranks
+    stopped, nothing printed."""
+    prompt = ["-p", "Tell me a story", *LONG, *(["--ignore-eos"] if command == "chat" else [])]
+    argv = ["unshare", "-fp", "--mount-proc", *QWENKIT, command, model, *prompt]
     proc = subprocess.Popen(
         argv, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
     )
@@ -180,7 +183,7 @@ def test_sigterm_to_a_tensor_parallel_generate_that_is_pid_1_stops_every_rank(mo
         time.sleep(0.5)
         (launcher,) = psutil.Process(proc.pid).children()  # PID 1 in its namespace
         procs = ranks(launcher)
-        assert len(procs) == 2
+        assert len(procs) == (2 if command == "generate" else 1)  # chat's own process is rank 0
         launcher.terminate()
         _, err = proc.communicate(timeout=30)
     finally:
