@@ -7,6 +7,7 @@ die with it instead of generating on, unseen."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,7 +31,7 @@ def model(tmp_path_factory) -> str:
     return str(write_tiny_chat_model(tmp_path_factory.mktemp("tp") / "chat", num_key_value_heads=2))
 
 
-def ranks(proc: subprocess.Popen) -> list[psutil.Process]:
+def ranks(proc: subprocess.Popen | psutil.Process) -> list[psutil.Process]:
     """The spawned ranks of a command, in the order they were started."""
     spawned = [p for p in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(p.cmdline())]
     return sorted(spawned, key=lambda p: (p.create_time(), p.pid))
@@ -158,4 +159,35 @@ def test_ctrl_c_in_a_tensor_parallel_generate_stops_every_rank_quietly(model):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert (proc.returncode, err.decode()) == (130, "\n")  # one process's: the line the answer was on ended
+    assert_gone(procs)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() != 0 or not shutil.which("unshare"),
+    reason="a PID namespace needs root and unshare",
+)
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_sigterm_to_a_tensor_parallel_command_that_is_pid_1_stops_every_rank(model, command):
+    """A container's PID 1 never gets a signal it has no handler for: `qwenkit generate` (or `chat -p`)
+    `--tensor-parallel 2` as the container's command ignored `docker stop`'s SIGTERM and its ranks
+    generated on to the end. Now it exits 143 at once, as the default action does elsewhere, its ranks
+    stopped, nothing printed."""
+    prompt = ["-p", "Tell me a story", *LONG, *(["--ignore-eos"] if command == "chat" else [])]
+    argv = ["unshare", "-fp", "--mount-proc", *QWENKIT, command, model, *prompt]
+    proc = subprocess.Popen(
+        argv, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
+    try:
+        os.read(proc.stdout.fileno(), 1)
+        time.sleep(0.5)
+        (launcher,) = psutil.Process(proc.pid).children()  # PID 1 in its namespace
+        procs = ranks(launcher)
+        assert len(procs) == (2 if command == "generate" else 1)  # chat's own process is rank 0
+        launcher.terminate()
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert (proc.returncode, err.decode()) == (143, "")
     assert_gone(procs)

@@ -168,6 +168,21 @@ def test_finetune_command_with_two_processes(tiny_chat_model, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
     assert not (tmp_path / "two.training").exists()
 
+    # the adapter rank 0 wrote loads in peft, with the logits qwenkit gives it
+    import peft
+    import transformers
+
+    from qwenkit.checkpoint import load_model
+
+    ids = torch.tensor([[9707, 1052, 13, 151644, 872, 198]])
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_chat_model, dtype=torch.float32)
+    with torch.no_grad():
+        plain = base(ids).logits
+        theirs = peft.PeftModel.from_pretrained(base, tmp_path / "two").eval()(ids).logits
+        ours = load_model(tiny_chat_model, dtype="float32", progress=False, adapter=tmp_path / "two")[0](ids)
+    assert (theirs - plain).abs().max() > 1e-3  # the adapter changes the output
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
@@ -311,3 +326,86 @@ def test_sigterm_to_the_launcher_under_nproc_exits_143_saying_where_to_resume(ti
     assert not out.exists()
     _, alive = psutil.wait_procs(ranks, timeout=10)
     assert not alive
+
+
+@pytest.mark.slow
+def test_a_rank_killed_mid_training_is_one_line_naming_it_and_where_to_resume(tiny_chat_model, tmp_path):
+    """kill -9 of one rank (the OOM killer) under `finetune --nproc 2`: the surviving rank's collective
+    failed, and it once printed gloo's traceback ("Connection reset by peer", ~25 lines) above the
+    launcher's line, or was itself named (the agent stops it with SIGTERM in the same second). Now the
+    survivor leaves quietly, every process ends, and the one line names the killed rank and the complete
+    checkpoint --resume continues from; OUT is not written."""
+    import signal
+
+    import psutil
+
+    out = tmp_path / "o"
+    proc = _training_past_its_first_checkpoint(tiny_chat_model, tmp_path, out)
+    try:
+        ranks = psutil.Process(proc.pid).children(recursive=True)
+        victim = next(p for p in ranks if p.environ().get("RANK") == "1")
+        victim.kill()
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 1, err[-3000:]
+    assert "Traceback" not in err and "gloo" not in err, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    prefix = f"error: rank 1 was stopped by SIGKILL; --resume continues from {out}.training/checkpoints/step-"
+    assert last.startswith(prefix), err[-3000:]
+    named = Path(last.split(" continues from ")[1])
+    assert sorted(f.name for f in named.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "trainer_state.pt",
+    ]
+    assert torch.load(named / "trainer_state.pt", weights_only=True)["step"] == int(named.name[5:])
+    assert not out.exists()
+    _, alive = psutil.wait_procs(ranks, timeout=10)
+    assert not alive
+
+
+def test_the_rank_named_is_the_one_that_failed_not_one_stopped_because_of_it():
+    """torchrun's failure timestamps are whole seconds: the survivor the agent stopped with SIGTERM (or
+    that left with LOST_STATUS) ties with the killed rank, and rank 0 won the tie."""
+    from types import SimpleNamespace as F
+
+    from qwenkit.finetune.command import _first_own_failure
+
+    failures = {0: F(exitcode=-15, timestamp=100), 1: F(exitcode=-9, timestamp=100)}
+    assert _first_own_failure(F(failures=failures))[0] == 1
+    failures = {0: F(exitcode=4, timestamp=99), 1: F(exitcode=-9, timestamp=100)}
+    assert _first_own_failure(F(failures=failures))[0] == 1
+    failures = {0: F(exitcode=2, timestamp=101), 1: F(exitcode=2, timestamp=100)}
+    assert _first_own_failure(F(failures=failures))[0] == 1
+
+
+def test_a_rank_that_lost_another_says_one_line_under_a_torchrun_started_by_hand(monkeypatch, capfd):
+    from qwenkit.distributed.launch import LOST_STATUS
+    from qwenkit.finetune.command import LAUNCHED_ENV, on_lost_rank
+
+    def lost(argv):
+        raise RuntimeError(
+            "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error "
+            "[127.0.0.1]:38592: Connection reset by peer. This is typically caused by a remote worker"
+        )
+
+    def bug(argv):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv(LAUNCHED_ENV, raising=False)
+    with pytest.raises(SystemExit) as e:
+        on_lost_rank(lost)([])
+    assert e.value.code == LOST_STATUS
+    assert capfd.readouterr().err == (
+        "error (rank 0): another rank died or stopped answering "
+        "(Read error [127.0.0.1]:38592: Connection reset by peer)\n"
+    )
+    monkeypatch.setenv(LAUNCHED_ENV, "1")  # under --nproc the launcher names the rank that died
+    with pytest.raises(SystemExit):
+        on_lost_rank(lost)([])
+    assert capfd.readouterr().err == ""
+    with pytest.raises(RuntimeError, match="shape mismatch"):  # a bug keeps its traceback
+        on_lost_rank(bug)([])

@@ -39,6 +39,7 @@ from qwenkit.delta_stream import DeltaStream
 from qwenkit.engine import SamplingParams, SamplingParamsError
 from qwenkit.errors import ConfigError, QwenkitError
 from qwenkit.generate import Delta, tokenizer_for
+from qwenkit.sigterm import terminate_unwinds
 
 HELP = """commands:
   :help                 this help
@@ -401,9 +402,12 @@ def main(argv: list[str] | None = None) -> int:
     tools = chat_tools(args) if args.tools or args.code_interpreter else None  # file errors first
     if args.no_thinking:  # refused from the template alone, before the weights load (minutes for a big one)
         template_kwargs(args, tokenizer_for(open_checkpoint(resolve_model(args.model))).chat_template)
-    if wants_tensor_parallel(args):
-        return lead_tensor_parallel(args, lambda llm: run(args, llm, tools))
-    return run(args, load_llm(args), tools)
+    # SIGTERM unwinds (exit 143, the tensor-parallel ranks stopped): its default action did that only
+    # outside a PID namespace, and a container's PID 1 chatted on to the end of its answer or input.
+    with terminate_unwinds():
+        if wants_tensor_parallel(args):
+            return lead_tensor_parallel(args, lambda llm: run(args, llm, tools))
+        return run(args, load_llm(args), tools)
 
 
 def template_kwargs(args: argparse.Namespace, chat_template: str | None) -> dict:

@@ -92,5 +92,6 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":  # torchrun -m qwenkit.cli.dpo (what --nproc runs)
     from qwenkit.cli import run_command
+    from qwenkit.finetune.command import on_lost_rank
 
-    sys.exit(run_command(main, sys.argv[1:]))
+    sys.exit(run_command(on_lost_rank(main), sys.argv[1:]))

@@ -106,9 +106,20 @@ def collective(what: str) -> Iterator[None]:
     except RuntimeError as e:
         if _on_rank_lost is not None:
             _on_rank_lost()
-        # gloo's first line, without its source path and advice: "Read error [...]: Connection reset by peer"
-        first = (str(e).splitlines() or [type(e).__name__])[0]
-        reason = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0]
         raise RankLostError(
-            f"a tensor-parallel {what} failed: another rank died or stopped answering ({reason})"
+            f"a tensor-parallel {what} failed: another rank died or stopped answering ({failure_reason(e)})"
         ) from None
+
+
+def failure_reason(e: BaseException) -> str:
+    """gloo's first line, without its source path and advice: "Read error [...]: Connection reset by peer"."""
+    first = (str(e).splitlines() or [type(e).__name__])[0]
+    return re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0]
+
+
+def lost_peer(e: BaseException) -> bool:
+    """Whether ``e`` is a collective that failed because a peer died or stopped answering (gloo's transport
+    error, NCCL's DistBackendError, a store or a network timeout), not a bug of this process."""
+    if isinstance(e, RankLostError | dist.DistError):
+        return True
+    return isinstance(e, RuntimeError) and "gloo/transport/" in str(e)

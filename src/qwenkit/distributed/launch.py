@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 
 from qwenkit.distributed.group import DEFAULT_TIMEOUT_S, TensorParallel, init_tensor_parallel, on_rank_lost
 from qwenkit.errors import QwenkitError
+from qwenkit.sigterm import terminate_unwinds
 
 # The exit status of a rank that left because a collective failed (another rank died): the launcher
 # names the rank that died, not the ones that stopped because of it.
@@ -195,13 +196,17 @@ def run_ranks(
     for p in procs:
         p.start()
     ranks, first = dict(enumerate(procs)), None
+    # SIGTERM unwinds the wait, so the ranks are stopped below and the command exits 143. Its default
+    # action did that only outside a PID namespace: a container's PID 1 never gets a signal it has no
+    # handler for, and the ranks generated on to the end (`docker stop` waited for its SIGKILL).
     try:
-        while any(p.is_alive() for p in procs) and (first := _failure(ranks, world, errors)) is None:
-            time.sleep(0.05)
-        # The others get one collective timeout to notice and exit with their own error.
-        deadline = time.monotonic() + timeout_s + 5
-        for p in procs:
-            p.join(max(deadline - time.monotonic(), 0))
+        with terminate_unwinds():
+            while any(p.is_alive() for p in procs) and (first := _failure(ranks, world, errors)) is None:
+                time.sleep(0.05)
+            # The others get one collective timeout to notice and exit with their own error.
+            deadline = time.monotonic() + timeout_s + 5
+            for p in procs:
+                p.join(max(deadline - time.monotonic(), 0))
     finally:
         for p in procs:
             if p.is_alive():

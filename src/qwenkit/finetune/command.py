@@ -7,10 +7,12 @@ import math
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from qwenkit.command_parser import CommandParser
-from qwenkit.errors import ConfigError
+from qwenkit.errors import ConfigError, QwenkitError
 from qwenkit.paths import not_a_file
 
 FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
@@ -257,6 +259,35 @@ def launch_ranks(module: str, argv: list[str], args: argparse.Namespace) -> int 
     return relaunch(module, argv, args.nproc, Path(args.out))
 
 
+# Set by ``relaunch`` for its ranks: it names a rank that died itself, so the others need not.
+LAUNCHED_ENV = "QWENKIT_NPROC_LAUNCHED"
+
+
+def on_lost_rank(entry: Callable[[list[str]], int]) -> Callable[[list[str]], int]:
+    """``entry`` as a rank runs it: a collective that fails because another rank died (kill -9, the OOM
+    killer) is not this rank's error, and once printed gloo's traceback from every survivor. It exits
+    LOST_STATUS instead, with one line under a torchrun started by hand and none under ``--nproc``,
+    whose launcher names the rank that died and where ``--resume`` continues."""
+
+    def run(argv: list[str]) -> int:
+        from qwenkit.distributed.group import failure_reason, lost_peer
+        from qwenkit.distributed.launch import LOST_STATUS
+
+        try:
+            return entry(argv)
+        except (QwenkitError, RuntimeError) as e:
+            if not lost_peer(e):
+                raise
+            if os.environ.get(LAUNCHED_ENV) != "1":
+                rank = os.environ.get("RANK", "0")
+                line = f"error (rank {rank}): another rank died or stopped answering ({failure_reason(e)})\n"
+                sys.stderr.flush()
+                os.write(2, line.encode())  # one write: the ranks share the terminal
+            raise SystemExit(LOST_STATUS) from None
+
+    return run
+
+
 def relaunch(module: str, argv: list[str], nproc: int, out: Path | None = None) -> int:
     """Run this command under torchrun with ``nproc`` local processes (gloo on CPU, NCCL on CUDA).
 
@@ -270,6 +301,8 @@ def relaunch(module: str, argv: list[str], nproc: int, out: Path | None = None) 
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
+
+    from qwenkit.distributed.launch import LOST_STATUS, describe_exit
 
     if nproc < 1:
         raise ConfigError(f"--nproc must be at least 1, got {nproc}")
@@ -285,6 +318,7 @@ def relaunch(module: str, argv: list[str], nproc: int, out: Path | None = None) 
             rest.append(a)
     # The machine's cores shared out (torchrun alone gives each process one thread, and says so).
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    os.environ[LAUNCHED_ENV] = "1"  # the ranks' environment: this process names a rank that died
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     # its own level: "Received 2 death signal, shutting down workers" on Ctrl-C
     logging.getLogger("torch.distributed.elastic.agent.server.api").setLevel(logging.CRITICAL)
@@ -299,12 +333,36 @@ def relaunch(module: str, argv: list[str], nproc: int, out: Path | None = None) 
         print(f"stopped by SIGTERM; {resume_hint(work_dir(out))}", file=sys.stderr)
         return 128 + signal.SIGTERM
     except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
-        if failure.exitcode < 0:
-            print(f"error: rank {rank} was stopped by {failure.signal_name()}", file=sys.stderr)
-            return 1
-        return failure.exitcode
+        rank, failure = _first_own_failure(e)
+        if failure.exitcode > 0 and failure.exitcode != LOST_STATUS:
+            return failure.exitcode  # the rank has said its own error
+        how = (
+            f"was stopped by {failure.signal_name()}"
+            if failure.exitcode < 0
+            else describe_exit(failure.exitcode)
+        )
+        hint = ""
+        if out is not None:
+            from qwenkit.finetune.run import resume_hint, work_dir
+
+            hint = f"; {resume_hint(work_dir(out))}"
+        print(f"error: rank {rank} {how}{hint}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _first_own_failure(e: Any) -> tuple[int, Any]:
+    """The first rank that failed in its own right, not one that only lost it: a rank that left because a
+    collective failed (LOST_STATUS), or that torchrun's agent stopped with SIGTERM once another had
+    failed, may have ended first or in the same second (the agent's timestamps are whole seconds)."""
+    from qwenkit.distributed.launch import LOST_STATUS
+
+    def after(rank: int) -> tuple[bool, int, int]:
+        f = e.failures[rank]
+        return f.exitcode in (LOST_STATUS, -signal.SIGTERM), f.timestamp, rank
+
+    rank = min(e.failures, key=after)
+    return rank, e.failures[rank]
 
 
 def main(argv: list[str] | None = None) -> int:
