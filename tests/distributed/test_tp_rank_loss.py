@@ -167,13 +167,14 @@ def test_ctrl_c_in_a_tensor_parallel_generate_stops_every_rank_quietly(model):
     not hasattr(os, "geteuid") or os.geteuid() != 0 or not shutil.which("unshare"),
     reason="a PID namespace needs root and unshare",
 )
-@pytest.mark.parametrize("command", ["generate", "chat"])
-def test_sigterm_to_a_tensor_parallel_command_that_is_pid_1_stops_every_rank(model, command):
+@pytest.mark.parametrize("command, parallel", [("generate", 2), ("chat", 2), ("generate", 1)])
+def test_sigterm_to_a_tensor_parallel_command_that_is_pid_1_stops_every_rank(model, command, parallel):
     """A container's PID 1 never gets a signal it has no handler for: `qwenkit generate` (or `chat -p`)
     `--tensor-parallel 2` as the container's command ignored `docker stop`'s SIGTERM and its ranks
-    generated on to the end. Now it exits 143 at once, as the default action does elsewhere, its ranks
-    stopped, nothing printed."""
-    prompt = ["-p", "Tell me a story", *LONG, *(["--ignore-eos"] if command == "chat" else [])]
+    generated on to the end; so did a one-process `generate`. Now it exits 143 at once, as the default
+    action does elsewhere, its ranks stopped, nothing printed."""
+    options = LONG if parallel == 2 else LONG[: LONG.index("--tensor-parallel")]
+    prompt = ["-p", "Tell me a story", *options, *(["--ignore-eos"] if command == "chat" else [])]
     argv = ["unshare", "-fp", "--mount-proc", *QWENKIT, command, model, *prompt]
     proc = subprocess.Popen(
         argv, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
@@ -182,8 +183,8 @@ def test_sigterm_to_a_tensor_parallel_command_that_is_pid_1_stops_every_rank(mod
         os.read(proc.stdout.fileno(), 1)
         time.sleep(0.5)
         (launcher,) = psutil.Process(proc.pid).children()  # PID 1 in its namespace
-        procs = ranks(launcher)
-        assert len(procs) == (2 if command == "generate" else 1)  # chat's own process is rank 0
+        procs = ranks(launcher) if parallel == 2 else [launcher]
+        assert len(procs) == (1 if command == "chat" or parallel == 1 else 2)  # chat's process is rank 0
         launcher.terminate()
         _, err = proc.communicate(timeout=30)
     finally:

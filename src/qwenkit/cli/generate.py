@@ -20,6 +20,7 @@ from qwenkit.cli.common import (
 from qwenkit.cli.terminal import for_terminal, json_for_terminal
 from qwenkit.command_parser import CommandParser
 from qwenkit.errors import QwenkitError
+from qwenkit.sigterm import terminate_unwinds
 
 
 class PromptError(QwenkitError, ValueError):
@@ -59,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.prompt == "-":
             args.prompt = read_stdin()  # read once here; the ranks cannot share stdin
         return run_tensor_parallel(args, rank_main)
-    return run(args)
+    with terminate_unwinds():  # exit 143 as a container's PID 1 too (it never gets an unhandled SIGTERM)
+        return run(args)
 
 
 def rank_main(tp, args: argparse.Namespace) -> None:
