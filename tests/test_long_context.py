@@ -198,3 +198,61 @@ def test_info_names_llama3_and_linear_scaling_and_refuses_a_bad_one_in_one_line(
     assert len(err.splitlines()) == 1 and err.endswith(
         "rope_scaling type llama3 needs low_freq_factor (a number)"
     )
+
+
+YARN_8_FROM_64 = {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64}
+YARN_VARIANTS = {
+    "qwen2": dict(model_type="qwen2", rope_scaling={**YARN_8_FROM_64, "type": "yarn"}),
+    "qwen3": dict(model_type="qwen3", head_dim=32, rope_scaling=YARN_8_FROM_64),
+    "qwen3-attention-factor-betas-untruncated": dict(
+        model_type="qwen3",
+        head_dim=32,
+        rope_scaling={
+            **YARN_8_FROM_64,
+            "attention_factor": 0.8,
+            "beta_fast": 16,
+            "beta_slow": 2,
+            "truncate": False,
+        },
+    ),
+    "qwen3-mscale": dict(
+        model_type="qwen3",
+        head_dim=32,
+        rope_scaling={**YARN_8_FROM_64, "mscale": 0.707, "mscale_all_dim": 1.0},
+    ),
+    "qwen2-rope-parameters": dict(model_type="qwen2", rope_parameters={**YARN_8_FROM_64, "rope_theta": 1e6}),
+}
+
+
+@pytest.mark.parametrize("variant", list(YARN_VARIANTS))
+def test_yarn_logits_past_the_original_window_equal_transformers_in_chunks_and_decode(variant, tmp_path):
+    """A 200-token prompt (the original window is 64, YaRN x8 stretches it to 512) computed in 48-token
+    chunks, then 24 tokens decoded one by one through the KV cache: every prompt token's and every decoded
+    token's log-probability is transformers' on the whole sequence at once, for each key transformers
+    honours (attention_factor, beta_fast/beta_slow, mscale/mscale_all_dim, truncate)."""
+    from factories import hf_model_from_config_json
+
+    shape = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)  # fmt: skip
+    hf = hf_model_from_config_json(tmp_path / "m", {**shape, **YARN_VARIANTS[variant]})
+    model, config = load_model(tmp_path / "m", dtype="float32")
+    assert config.max_context == 512
+    assert model.rotary.scale == pytest.approx(hf.model.rotary_emb.attention_scaling, rel=1e-12)
+    assert torch.equal(model.rotary.inv_freq, hf.model.rotary_emb.inv_freq)
+    prompt = torch.randint(0, 512, (200,), generator=torch.Generator().manual_seed(1)).tolist()
+    engine = Engine(model, max_batch_size=1, prefill_chunk=48)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=0, prompt_logprobs=0)
+    engine.add_request(prompt, params)
+    prompt_lps, generated, generated_lps = None, [], []
+    while engine.has_unfinished():
+        for out in engine.step():
+            prompt_lps = out.prompt_logprobs or prompt_lps
+            generated += out.new_token_ids
+            generated_lps += [lp.logprob for lp in out.logprobs]
+    whole = prompt + generated
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([whole])).logits[0], dim=-1)  # (224, V)
+    want = ref[torch.arange(len(whole) - 1), torch.tensor(whole[1:])]
+    assert len(generated) == 24 and ref[199:-1].argmax(-1).tolist() == generated  # greedy agrees
+    ours = torch.tensor([lp.logprob for lp in prompt_lps[1:]] + generated_lps)
+    assert (ours - want).abs().max().item() < 1e-5
