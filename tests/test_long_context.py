@@ -256,3 +256,42 @@ def test_yarn_logits_past_the_original_window_equal_transformers_in_chunks_and_d
     assert len(generated) == 24 and ref[199:-1].argmax(-1).tolist() == generated  # greedy agrees
     ours = torch.tensor([lp.logprob for lp in prompt_lps[1:]] + generated_lps)
     assert (ours - want).abs().max().item() < 1e-5
+
+
+MEMORY_SCRIPT = """
+import resource, sys, torch
+from qwenkit.checkpoint import load_model
+from qwenkit.engine import Engine, SamplingParams
+torch.set_num_threads(2)
+model, _ = load_model(sys.argv[1], dtype="float32")
+ids = torch.randint(0, 512, (6144,), generator=torch.Generator().manual_seed(0)).tolist()
+engines = [Engine(model, max_batch_size=1, max_seq_len=6160, prefill_chunk=c) for c in (6144, 1024)]
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+with torch.no_grad():
+    model(torch.tensor([ids]), logits_index=torch.tensor([6143]))  # as a perplexity window runs
+for engine in engines:
+    engine.add_request(ids, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+    while engine.has_unfinished():
+        engine.step()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+
+
+@pytest.mark.slow
+def test_a_long_prompt_is_computed_without_a_square_matrix_of_scores(tmp_path):
+    """A 6,144-token prompt (YaRN x4 from 2,048) run whole through the network, in one engine step and in
+    1,024-token chunks: the peak memory grows by tens of MB (activations, a chunk's mask), far from the
+    600 MB that one layer's (heads, tokens, tokens) float32 scores would take."""
+    import subprocess
+    import sys
+
+    from factories import hf_model, save_hf
+
+    yarn = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048}
+    path = save_hf(hf_model("qwen2", max_position_embeddings=8192, rope_scaling=yarn), tmp_path / "m")
+    run = subprocess.run(
+        [sys.executable, "-c", MEMORY_SCRIPT, str(path)], capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    grown_mb = int(run.stdout.split()[-1])
+    assert grown_mb < 200, f"prefill's peak memory grew by {grown_mb} MB"
