@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import re
 
+import pytest
+
 from qwenkit.config import ModelConfig
+from qwenkit.errors import ConfigError
 
 QWEN_7B = {
     "model_type": "qwen",
@@ -326,3 +330,28 @@ def test_bad_llama3_and_linear_rope_scaling_is_refused_by_name():
         ModelConfig.from_hf({**LLAMA31_8B, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}})
     with pytest.raises(ConfigError, match="qwenkit supports default, linear, llama3, yarn$"):
         ModelConfig.from_hf({**LLAMA31_8B, "rope_scaling": {"rope_type": "longrope", "factor": 2.0}})
+
+
+@pytest.mark.parametrize(
+    "key, bad",
+    [("attention_factor", "0.8"), ("attention_factor", True), ("mscale", "0.707"), ("mscale_all_dim", [1]),
+     ("beta_fast", "16"), ("beta_slow", False), ("truncate", "false"), ("truncate", 0)],
+)  # fmt: skip
+def test_a_yarn_key_of_the_wrong_type_is_refused_by_name(key, bad):
+    """attention_factor or mscale as text loaded, then building the model failed with a bare TypeError
+    ("can't multiply sequence by non-int of type 'float'"); beta_fast "16" ran as 16 where transformers
+    fails, and truncate "false" ran truncated. Null is a number's default, as in transformers (and a null
+    truncate, falsy there, does not truncate)."""
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    with pytest.raises(ConfigError) as e:
+        ModelConfig.from_hf({**QWEN3_SMALL, "rope_scaling": {**yarn, key: bad}})
+    kind = "true or false" if key == "truncate" else "a number"
+    assert str(e.value) == f"rope_scaling type yarn: {key} must be {kind} or null, not {bad!r}"
+    nulls = {k: None for k in ("attention_factor", "mscale", "mscale_all_dim", "beta_fast", "beta_slow")}
+    read = ModelConfig.from_hf({**QWEN3_SMALL, "rope_scaling": {**yarn, **nulls}}).rope_scaling
+    assert (read.beta_fast, read.beta_slow, read.cos_sin_scale) == (32.0, 1.0, 0.1 * math.log(4.0) + 1)
+    whole = {**yarn, "attention_factor": 1, "mscale": 1, "mscale_all_dim": 1, "beta_fast": 16}
+    read = ModelConfig.from_hf({**QWEN3_SMALL, "rope_scaling": whole}).rope_scaling
+    assert (read.attention_factor, read.beta_fast, read.cos_sin_scale) == (1.0, 16.0, 1.0)
+    unset = {**yarn, "truncate": None}
+    assert ModelConfig.from_hf({**QWEN3_SMALL, "rope_scaling": unset}).rope_scaling.truncate is False

@@ -198,3 +198,100 @@ def test_info_names_llama3_and_linear_scaling_and_refuses_a_bad_one_in_one_line(
     assert len(err.splitlines()) == 1 and err.endswith(
         "rope_scaling type llama3 needs low_freq_factor (a number)"
     )
+
+
+YARN_8_FROM_64 = {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64}
+YARN_VARIANTS = {
+    "qwen2": dict(model_type="qwen2", rope_scaling={**YARN_8_FROM_64, "type": "yarn"}),
+    "qwen3": dict(model_type="qwen3", head_dim=32, rope_scaling=YARN_8_FROM_64),
+    "qwen3-attention-factor-betas-untruncated": dict(
+        model_type="qwen3",
+        head_dim=32,
+        rope_scaling={
+            **YARN_8_FROM_64,
+            "attention_factor": 0.8,
+            "beta_fast": 16,
+            "beta_slow": 2,
+            "truncate": False,
+        },
+    ),
+    "qwen3-mscale": dict(
+        model_type="qwen3",
+        head_dim=32,
+        rope_scaling={**YARN_8_FROM_64, "mscale": 0.707, "mscale_all_dim": 1.0},
+    ),
+    "qwen2-rope-parameters": dict(model_type="qwen2", rope_parameters={**YARN_8_FROM_64, "rope_theta": 1e6}),
+}
+
+
+@pytest.mark.parametrize("variant", list(YARN_VARIANTS))
+def test_yarn_logits_past_the_original_window_equal_transformers_in_chunks_and_decode(variant, tmp_path):
+    """A 200-token prompt (the original window is 64, YaRN x8 stretches it to 512) computed in 48-token
+    chunks, then 24 tokens decoded one by one through the KV cache: every prompt token's and every decoded
+    token's log-probability is transformers' on the whole sequence at once, for each key transformers
+    honours (attention_factor, beta_fast/beta_slow, mscale/mscale_all_dim, truncate)."""
+    from factories import hf_model_from_config_json
+
+    shape = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)  # fmt: skip
+    hf = hf_model_from_config_json(tmp_path / "m", {**shape, **YARN_VARIANTS[variant]})
+    model, config = load_model(tmp_path / "m", dtype="float32")
+    assert config.max_context == 512
+    assert model.rotary.scale == pytest.approx(hf.model.rotary_emb.attention_scaling, rel=1e-12)
+    assert torch.equal(model.rotary.inv_freq, hf.model.rotary_emb.inv_freq)
+    prompt = torch.randint(0, 512, (200,), generator=torch.Generator().manual_seed(1)).tolist()
+    engine = Engine(model, max_batch_size=1, prefill_chunk=48)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=0, prompt_logprobs=0)
+    engine.add_request(prompt, params)
+    prompt_lps, generated, generated_lps = None, [], []
+    while engine.has_unfinished():
+        for out in engine.step():
+            prompt_lps = out.prompt_logprobs or prompt_lps
+            generated += out.new_token_ids
+            generated_lps += [lp.logprob for lp in out.logprobs]
+    whole = prompt + generated
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([whole])).logits[0], dim=-1)  # (224, V)
+    want = ref[torch.arange(len(whole) - 1), torch.tensor(whole[1:])]
+    assert len(generated) == 24 and ref[199:-1].argmax(-1).tolist() == generated  # greedy agrees
+    ours = torch.tensor([lp.logprob for lp in prompt_lps[1:]] + generated_lps)
+    assert (ours - want).abs().max().item() < 1e-5
+
+
+MEMORY_SCRIPT = """
+import resource, sys, torch
+from qwenkit.checkpoint import load_model
+from qwenkit.engine import Engine, SamplingParams
+torch.set_num_threads(2)
+model, _ = load_model(sys.argv[1], dtype="float32")
+ids = torch.randint(0, 512, (6144,), generator=torch.Generator().manual_seed(0)).tolist()
+engines = [Engine(model, max_batch_size=1, max_seq_len=6160, prefill_chunk=c) for c in (6144, 1024)]
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+with torch.no_grad():
+    model(torch.tensor([ids]), logits_index=torch.tensor([6143]))  # as a perplexity window runs
+for engine in engines:
+    engine.add_request(ids, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+    while engine.has_unfinished():
+        engine.step()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+
+
+@pytest.mark.slow
+def test_a_long_prompt_is_computed_without_a_square_matrix_of_scores(tmp_path):
+    """A 6,144-token prompt (YaRN x4 from 2,048) run whole through the network, in one engine step and in
+    1,024-token chunks: the peak memory grows by tens of MB (activations, a chunk's mask), far from the
+    600 MB that one layer's (heads, tokens, tokens) float32 scores would take."""
+    import subprocess
+    import sys
+
+    from factories import hf_model, save_hf
+
+    yarn = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048}
+    path = save_hf(hf_model("qwen2", max_position_embeddings=8192, rope_scaling=yarn), tmp_path / "m")
+    run = subprocess.run(
+        [sys.executable, "-c", MEMORY_SCRIPT, str(path)], capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    grown_mb = int(run.stdout.split()[-1])
+    assert grown_mb < 200, f"prefill's peak memory grew by {grown_mb} MB"

@@ -136,15 +136,27 @@ def read_rope(cfg: dict[str, Any]) -> tuple[float, RopeScaling | None]:
         factor = cfg["max_position_embeddings"] / original
     else:
         factor = number("factor")  # a number above 0: log(factor) sets its attention factor
+
+    # The optional keys, null where unset (as transformers reads them). Text or a bool loaded and then
+    # failed in the model's build with a bare TypeError, or ran as another value ("false" truncated).
+    def optional(key: str) -> float | None:
+        value = params.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise ConfigError(f"rope_scaling type yarn: {key} must be a number or null, not {value!r}")
+        return None if value is None else float(value)
+
+    truncate = params.get("truncate", True)
+    if truncate is not None and not isinstance(truncate, bool):
+        raise ConfigError(f"rope_scaling type yarn: truncate must be true or false or null, not {truncate!r}")
     return theta, YarnScaling(
         factor=float(factor),
         original_max_position_embeddings=int(original),
-        beta_fast=float(params.get("beta_fast") or 32),
-        beta_slow=float(params.get("beta_slow") or 1),
-        attention_factor=params.get("attention_factor"),
-        mscale=params.get("mscale"),
-        mscale_all_dim=params.get("mscale_all_dim"),
-        truncate=bool(params.get("truncate", True)),
+        beta_fast=optional("beta_fast") or 32.0,
+        beta_slow=optional("beta_slow") or 1.0,
+        attention_factor=optional("attention_factor"),
+        mscale=optional("mscale"),
+        mscale_all_dim=optional("mscale_all_dim"),
+        truncate=bool(truncate),  # null is falsy to transformers: no truncation
     )
 
 

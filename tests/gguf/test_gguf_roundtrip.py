@@ -316,3 +316,46 @@ def test_gguf_decodes_each_supported_type(tmp_path, gguf_writer, qtype) -> None:
         assert torch.equal(t, torch.from_numpy(dequantize(quantize(w.numpy(), qtype), qtype)))
         rel = (t - w).norm() / w.norm()
         assert rel < {Q.BF16: 0.005, Q.Q5_0: 0.05, Q.Q5_1: 0.05}.get(qtype, 0.12), rel
+
+
+def test_gguf_yarn_betas_run_as_the_source_and_other_yarn_keys_are_refused(tmp_path, gguf_writer) -> None:
+    """llama.cpp's converter writes a YaRN rope_scaling's beta_fast/beta_slow as rope.scaling.yarn_beta_*
+    (the same correction range in ggml's rope); qwenkit ran the defaults 32/1 instead, logits 3e-3 off
+    past the original window. Its attention and extrapolation factors mean something else to llama.cpp
+    than to transformers: a value other than the default is refused by name, not run as a guess."""
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+    yarn |= {"beta_fast": 8.0, "beta_slow": 2.0}
+    model = hf_model("qwen2", vocab_size=VOCAB, rope_scaling=dict(yarn))
+
+    def keys(**more: float):
+        def add(w: gguf.GGUFWriter) -> None:
+            w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+            w.add_rope_scaling_factor(4.0)
+            w.add_rope_scaling_orig_ctx_len(64)
+            w.add_rope_scaling_yarn_beta_fast(8.0)
+            w.add_rope_scaling_yarn_beta_slow(2.0)
+            for name, value in more.items():
+                w.add_float32(f"qwen2.rope.scaling.{name}", value)
+
+        return add
+
+    config = model.config.to_dict()
+    path = gguf_writer(tmp_path / "y.gguf", "qwen2", config, _params(model), Q.F32, extra=keys())
+    ours, cfg = load_model(path, dtype="float32", progress=False)
+    assert (cfg.rope_scaling.beta_fast, cfg.rope_scaling.beta_slow) == (8.0, 2.0)
+    ids = torch.randint(0, VOCAB, (1, 250), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        assert (ours(ids) - model(ids).logits).abs().max().item() < 1e-4
+    # the defaults llama.cpp itself would run say nothing new: read
+    same = keys(yarn_attn_factor=1.0, yarn_ext_factor=1.0, yarn_log_multiplier=0.0)
+    path = gguf_writer(tmp_path / "d.gguf", "qwen2", config, _params(model), Q.F32, extra=same)
+    assert load_model(path, dtype="float32", progress=False)[1].rope_scaling == cfg.rope_scaling
+    for name in ("yarn_attn_factor", "yarn_ext_factor", "yarn_log_multiplier", "attn_factor"):
+        odd = keys(**{name: 0.5})
+        path = gguf_writer(tmp_path / f"{name}.gguf", "qwen2", config, _params(model), Q.F32, extra=odd)
+        with pytest.raises(GGUFError) as refused:
+            load_model(path, dtype="float32", progress=False)
+        assert str(refused.value) == (
+            f"{path}: qwen2.rope.scaling.{name} is 0.5; qwenkit runs yarn RoPE scaling as transformers "
+            "does, which has no such setting (remove the key or convert from the Hugging Face model)"
+        )

@@ -241,4 +241,29 @@ def _rope_scaling(architecture: str, metadata: Mapping[str, Any]) -> dict[str, A
         scaling["factor"] = float(factor)
     if (original := metadata.get(f"{architecture}.rope.scaling.original_context_length")) is not None:
         scaling["original_max_position_embeddings"] = int(original)
+    # llama.cpp's converter writes a YaRN rope_scaling's beta_fast/beta_slow here: the same correction
+    # range in ggml's rope. Its attention and extrapolation factors mean something else there than in
+    # transformers (llama.cpp multiplies its own mscale by attn_factor): other than llama.cpp's defaults,
+    # they are refused rather than guessed.
+    for name, key in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):
+        if (value := metadata.get(f"{architecture}.rope.scaling.{name}")) is not None:
+            scaling[key] = value
+    for name, defaults in _LLAMA_CPP_ONLY.items():
+        value = metadata.get(f"{architecture}.rope.scaling.{name}")
+        if value is not None and value not in defaults:
+            raise ValueError(
+                f"{architecture}.rope.scaling.{name} is {value!r}; qwenkit runs {kind} RoPE scaling as "
+                "transformers does, which has no such setting (remove the key or convert from the Hugging "
+                "Face model)"
+            )
     return scaling
+
+
+# rope.scaling keys llama.cpp reads and transformers has no counterpart for, with the values that change
+# nothing there (an extrapolation factor of -1 is llama.cpp's "auto": 1 for YaRN)
+_LLAMA_CPP_ONLY = {
+    "yarn_attn_factor": (1.0,),
+    "yarn_ext_factor": (1.0, -1.0),
+    "yarn_log_multiplier": (0.0,),
+    "attn_factor": (1.0,),
+}
