@@ -556,7 +556,6 @@ def test_every_file_a_build_reads_ships_in_the_package():
     """A non-editable install (the images) must carry every source a build reads: the package data
     globs of qwenkit.kernels cover build.SOURCES."""
     import fnmatch
-
     import tomllib
 
     data = tomllib.loads((SRC.parent / "pyproject.toml").read_text())

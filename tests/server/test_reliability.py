@@ -507,6 +507,7 @@ def test_a_failed_step_is_a_500_whole_or_streamed_alike_and_the_server_goes_on(f
     }
     for path, body in ((CHAT, {"messages": HELLO}), ("/v1/completions", {"prompt": "Hello"})):
         fail_next()
+        caplog.clear()
         r = httpx.post(live.url + path, json={**body, "max_tokens": 4, "stream": True}, timeout=60)
         events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
         assert r.status_code == 200 and events[-1] == "[DONE]"
@@ -514,6 +515,15 @@ def test_a_failed_step_is_a_500_whole_or_streamed_alike_and_the_server_goes_on(f
         assert json.loads(events[-2]) == {
             "error": {"message": message, "type": "server_error", "param": None, "code": "generation_error"}
         }
+        # and the same log line (a stream logged none: its request id named nothing in the log)
+        logged = [rec.getMessage() for rec in caplog.records if rec.name == "qwenkit.server.errors"]
+        assert logged == [f"{r.headers['x-request-id']}: {message}"], path
+    fail_next()
+    caplog.clear()
+    r = httpx.post(live.url + "/v1/responses", json={"input": "Hello", "stream": True}, timeout=60)
+    assert r.status_code == 200 and '"type": "response.failed"' in r.text, r.text
+    logged = [rec.getMessage() for rec in caplog.records if rec.name == "qwenkit.server.errors"]
+    assert logged == [f"{r.headers['x-request-id']}: {message}"]
     again = {"messages": HELLO, "max_tokens": 4, "ignore_eos": True}
     r = httpx.post(live.url + CHAT, json=again, timeout=60)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4

@@ -114,6 +114,12 @@ def test_null_means_the_default(server):
         (COMPLETIONS, {"best_of": 3}, "best_of", "best_of is not supported; ask for n choices instead"),
         # vLLM's extensions that change the answer are refused once set, not ignored
         (CHAT, {"min_tokens": 9, "max_tokens": 4}, "min_tokens", "min_tokens must be in [0, max_tokens=4]"),
+        (  # the limit the request sent, by its name (it said max_tokens=4, the other field's)
+            CHAT,
+            {"min_tokens": 9, "max_completion_tokens": 4},
+            "min_tokens",
+            "min_tokens must be in [0, max_completion_tokens=4], got 9",
+        ),
         (COMPLETIONS, {"skip_special_tokens": False}, "skip_special_tokens", "is not supported"),
         (CHAT, {"guided_json": {"type": "object"}}, "guided_json", "use response_format (json_schema)"),
         (COMPLETIONS, {"prompt_logprobs": 1}, "prompt_logprobs", "with echo and logprobs returns them"),

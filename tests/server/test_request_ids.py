@@ -12,6 +12,7 @@ import openai
 import pytest
 
 from qwenkit.server import completions as routes
+from qwenkit.server import responses as responses_route
 from qwenkit.server.request_ids import chosen_request_id
 
 OURS = re.compile(r"req_[0-9a-f]{32}")
@@ -114,3 +115,38 @@ def test_the_log_lines_of_a_failed_request_name_its_id(make_server, monkeypatch,
         assert rid == "mine-1" if sent else OURS.fullmatch(rid)
         lines = [rec.getMessage() for rec in caplog.records if rec.name == "qwenkit.server.errors"]
         assert lines == [f"{rid}: unhandled error in /tokenize"]
+
+
+def test_a_stream_that_fails_after_its_200_logs_its_id(make_server, monkeypatch, caplog):
+    """A bug inside a stream (after the 200 and its header went out) is an error event to the client and,
+    as a whole answer's 500, a log line with the request's id and the traceback: it logged nothing, so
+    the id the client saw found no line about it."""
+    live = make_server(response_cache_entries=0)
+    real_sse = routes.sse
+
+    def broken_sse(payload):  # the first chunk of a choice
+        if isinstance(payload, dict) and payload.get("choices"):
+            raise KeyError("a bug")
+        return real_sse(payload)
+
+    def broken_feed(self, *args):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(routes, "sse", broken_sse)
+    monkeypatch.setattr(responses_route.ItemWriter, "feed", broken_feed)
+    caplog.set_level(logging.ERROR, logger="qwenkit.server.errors")
+    asked = [
+        ("/v1/chat/completions", {"messages": HELLO}),
+        ("/v1/completions", {"prompt": "hello"}),
+        ("/v1/responses", {"input": "hello"}),
+    ]
+    for n, (path, body) in enumerate(asked):
+        caplog.clear()
+        sent = {"X-Request-Id": f"mine-{n}"}
+        stream = {**body, "model": "tiny", "stream": True}
+        r = httpx.post(live.url + path, json=stream, headers=sent, timeout=60)
+        assert (r.status_code, r.headers["x-request-id"]) == (200, f"mine-{n}")
+        assert "internal error: KeyError" in r.text, r.text
+        records = [rec for rec in caplog.records if rec.name == "qwenkit.server.errors"]
+        assert [rec.getMessage() for rec in records] == [f"mine-{n}: unhandled error in {path}"]
+        assert records[0].exc_info[0] is KeyError  # the traceback, as a whole answer's bug logs it

@@ -13,6 +13,8 @@ from qwenkit.errors import GenerationError
 from qwenkit.generate import LLM
 from qwenkit.tools.grammar import (
     GrammarError,
+    after_thinking,
+    calls_or_json_grammar,
     declared_properties_only,
     enable_grammars,
     json_schema_grammar,
@@ -256,3 +258,36 @@ def test_a_grammar_that_matches_nothing_is_refused_not_answered_with_an_empty_st
     compiler.check(json_schema_grammar({"anyOf": [{"$ref": "#"}, {"type": "integer"}]}))  # one branch will do
     with pytest.raises(GenerationError, match=r"the grammar rejected token \d+"):
         llm.generate([prompts[0]], SamplingParams(max_tokens=20, temperature=1.0, seed=0, grammar=nothing))
+
+
+def test_calls_or_json_takes_calls_or_the_formats_json_and_nothing_else(llm):
+    """tool_choice "auto" beside a response format: ``<tool_call>`` blocks (several only when parallel)
+    or one JSON value of the format (any object without a schema), after thinking where the model may
+    think; prose, JSON outside the format, and a call followed by JSON are refused."""
+    compiler = enable_grammars(llm)
+
+    def accepts(grammar: str, text: str) -> bool:
+        compiler.check(grammar)
+        matcher = llguidance.LLMatcher(compiler.lltokenizer, grammar, log_level=0)
+        ids = llm.tokenizer.encode_with_added(text)
+        return all(matcher.consume_token(t) for t in ids) and matcher.is_accepting()
+
+    fns = [{"name": "get_weather", "parameters": SCHEMA}, {"name": "get_time"}]
+    answer = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}
+    arguments = '{"city":"Paris","days":[1],"unit":"c"}'
+    weather = f'<tool_call>\n{{"name": "get_weather", "arguments": {arguments}}}\n</tool_call>'
+    time = '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>'
+    grammar = calls_or_json_grammar(fns, answer)
+    for text in (weather, time, f"{weather}\n{time}", '{"answer":"sunny"}'):
+        assert accepts(grammar, text), text
+    for text in ('{"answer":1}', '{"answer":"x","more":1}', "It is sunny.", f'{weather}\n{{"answer":"x"}}'):
+        assert not accepts(grammar, text), text
+    single = calls_or_json_grammar(fns, answer, parallel=False)
+    assert accepts(single, weather) and not accepts(single, f"{weather}\n{time}")
+    anything = calls_or_json_grammar(fns, None)  # json_object: any object, not any value
+    assert accepts(anything, '{"x":[1]}') and not accepts(anything, "[1]") and accepts(anything, time)
+    thinking = after_thinking(grammar, opened=False)
+    assert accepts(thinking, f"<think>\nweather?\n</think>\n\n{weather}") and accepts(thinking, time)
+    assert accepts(thinking, '<think>\n</think>\n\n{"answer":"x"}') and not accepts(thinking, "sunny")
+    with pytest.raises(GrammarError, match="needs at least one function"):
+        calls_or_json_grammar([], answer)

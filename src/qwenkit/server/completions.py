@@ -126,10 +126,10 @@ async def chat_completions(state: ServerState, body: ChatCompletionRequest, requ
     model = state.response_model(started.adapter)
     fingerprint = state.fingerprint_for(started.adapter)
     head = {"id": rid, "created": created, "model": model, "system_fingerprint": fingerprint}
-    logged = f"{request_id(request)} {rid}"  # the log's name for it: the request's id, the completion's
     if body.stream:
-        return streaming_response(_chat_events(run, head, body, hidden, plan, logged))
+        return streaming_response(_chat_events(run, head, body, hidden, plan, request))
     await collect(run, request)
+    logged = _logged(request, rid)
     choices = []
     for c in run.choices:
         r = c.result
@@ -154,6 +154,11 @@ async def chat_completions(state: ServerState, body: ChatCompletionRequest, requ
         }
         choices.append(choice)
     return JSONResponse({**head, "object": "chat.completion", "choices": choices, "usage": run.usage()})
+
+
+def _logged(request: Request, rid: str) -> str:
+    """A choice's name in the log: the request's id (the client's x-request-id), the completion's."""
+    return f"{request_id(request)} {rid}"
 
 
 def _log_warnings(logged: str, index: int, parser: ToolParser) -> None:
@@ -183,8 +188,14 @@ def _event_deltas(events: list, indices: dict[str, int]) -> list[dict]:
 
 
 async def _chat_events(
-    run: Run, head: dict, body: ChatCompletionRequest, hidden: frozenset[int], plan: ToolPlan, logged: str
+    run: Run,
+    head: dict,
+    body: ChatCompletionRequest,
+    hidden: frozenset[int],
+    plan: ToolPlan,
+    request: Request,
 ):
+    logged = _logged(request, head["id"])
     llm = run.state.llm
     usage_field = chunk_usage(run, body)
     started: set[int] = set()
@@ -229,7 +240,7 @@ async def _chat_events(
                     out += chunk(choice.index, said(choice.index, {"content": ""}), None, lps)
             if delta.finish_reason is not None:
                 if delta.finish_reason == "error":
-                    out.append(stream_error(run.failure(delta.completion)))
+                    out.append(stream_error(run.failure(delta.completion), request))
                 else:
                     if choice.index not in started:  # a choice with no text still says who spoke
                         started.add(choice.index)
@@ -248,7 +259,7 @@ async def _chat_events(
     except Exception as exc:  # after the 200 went out, errors travel in the stream
         for text in order.rest():
             yield text
-        yield stream_error(exc)
+        yield stream_error(exc, request)
     yield sse("[DONE]")
 
 
@@ -328,7 +339,7 @@ async def completions(state: ServerState, body: CompletionRequest, request: Requ
     fingerprint = state.fingerprint_for(adapter)
     head = {"id": rid, "created": created, "model": model, "system_fingerprint": fingerprint}
     if body.stream:
-        return streaming_response(_completion_events(run, head, body))
+        return streaming_response(_completion_events(run, head, body, request))
     await collect(run, request)
     out = []
     for c in run.choices:
@@ -354,7 +365,7 @@ def _completion_logprobs(llm: LLM, choice: Choice, result: Completion) -> dict:
     return LegacyLogprobs(llm).add_echoed(choice.echo, prompt, items)
 
 
-async def _completion_events(run: Run, head: dict, body: CompletionRequest):
+async def _completion_events(run: Run, head: dict, body: CompletionRequest, request: Request):
     llm = run.state.llm
     usage_field = chunk_usage(run, body)
     echoed: set[int] = set()
@@ -389,7 +400,7 @@ async def _completion_events(run: Run, head: dict, body: CompletionRequest):
                 lps = logprobs[choice.index].add(items)
             out = chunk(choice.index, text, None, lps) if text or lps else []
             if delta.finish_reason == "error":
-                out.append(stream_error(run.failure(delta.completion)))
+                out.append(stream_error(run.failure(delta.completion), request))
             elif delta.finish_reason is not None:
                 out += chunk(choice.index, "", delta.finish_reason, None, delta.completion.stop_reason)
             for event in out:
@@ -401,5 +412,5 @@ async def _completion_events(run: Run, head: dict, body: CompletionRequest):
     except Exception as exc:
         for event in order.rest():
             yield event
-        yield stream_error(exc)
+        yield stream_error(exc, request)
     yield sse("[DONE]")

@@ -77,11 +77,20 @@ def error_response(exc: APIError) -> JSONResponse:
     return JSONResponse(error_body(exc.status, exc.message, exc.param, exc.code), exc.status, exc.headers)
 
 
+def log_failure(request: Request, exc: Exception) -> None:
+    """The log line of a request answered with a server error, whole or after its stream's 200, under the
+    request's id: a failed generation's message (the engine logged the step), a bug's traceback."""
+    if isinstance(exc, APIError):
+        if exc.status == 500:
+            log.error("%s: %s", request_id(request), exc.message)
+    else:
+        log.error("%s: unhandled error in %s", request_id(request), request.url.path, exc_info=exc)
+
+
 def install_handlers(app) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        if exc.status == 500:  # a failed generation: the engine logged the step, this names the request
-            log.error("%s: %s", request_id(request), exc.message)
+        log_failure(request, exc)
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
@@ -121,11 +130,10 @@ def install_handlers(app) -> None:
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> JSONResponse:
-        rid = request_id(request)
-        log.exception("%s: unhandled error in %s", rid, request.url.path)
+        log_failure(request, exc)
         # answered outside every middleware (Starlette's ServerErrorMiddleware): the id is added here
         body = error_body(500, f"internal error: {type(exc).__name__}")
-        return JSONResponse(body, 500, {REQUEST_ID_HEADER: rid})
+        return JSONResponse(body, 500, {REQUEST_ID_HEADER: request_id(request)})
 
 
 def named_param(error: dict) -> str | None:

@@ -73,6 +73,10 @@ def sampling_params(
         default = min(default_max or params.max_tokens, room)
         if asked is None and body.min_tokens > default:  # the engine's words would name a max_tokens
             raise APIError(400, _min_tokens_past(body.min_tokens, default, room, prompt_len), "min_tokens")
+        if asked is not None and body.min_tokens > asked:  # named as sent (the engine says max_tokens)
+            raise APIError(
+                400, f"min_tokens must be in [0, {limit}={asked}], got {body.min_tokens}", "min_tokens"
+            )
         max_tokens = asked if asked is not None else default
         return replace(params, max_tokens=max_tokens, min_tokens=body.min_tokens)
     except SamplingParamsError as e:  # "<field> must ...": the field is the request's of that name

@@ -30,7 +30,7 @@ from pydantic import ValidationError
 from qwenkit.engine import SamplingParams
 from qwenkit.generate import Completion
 from qwenkit.server.completions import ChatRun, start_chat
-from qwenkit.server.errors import APIError, named_param
+from qwenkit.server.errors import APIError, log_failure, named_param
 from qwenkit.server.request_params import VLLM_FIELDS
 from qwenkit.server.response_logprobs import INCLUDE, TextLogprobs, refuse_unaligned
 from qwenkit.server.runs import collect, streaming_response
@@ -434,7 +434,7 @@ async def responses(state: ServerState, body: ResponsesRequest, request: Request
     think_close = state.llm.tokenizer.added_tokens.get(THINK_CLOSE)
     logprobs = TextLogprobs(state.llm, started.hidden) if wants_logprobs(body) else None
     if body.stream:
-        return streaming_response(_events(started, head, think_close, logprobs))
+        return streaming_response(_events(started, head, think_close, logprobs, request))
     await collect(started.run, request)
     result: Completion = started.run.choices[0].result
     parser = started.plan.parser()
@@ -554,7 +554,11 @@ class ItemWriter:
 
 
 async def _events(
-    started: ChatRun, head: ResponseHead, think_close: int | None, logprobs: TextLogprobs | None
+    started: ChatRun,
+    head: ResponseHead,
+    think_close: int | None,
+    logprobs: TextLogprobs | None,
+    request: Request,
 ):
     writer = ItemWriter()
     parser = started.plan.parser()
@@ -580,6 +584,7 @@ async def _events(
         final = head.response(status, writer.output, usage(started, think_close), incomplete)
         yield writer.event(f"response.{status}", response=final)
     except Exception as exc:  # after the 200 went out, a failure is the response's own end
+        log_failure(request, exc)
         message = exc.message if isinstance(exc, APIError) else f"internal error: {type(exc).__name__}"
         code = (exc.code if isinstance(exc, APIError) else None) or "server_error"
         for line in writer.close("incomplete"):

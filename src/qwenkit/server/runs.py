@@ -18,7 +18,7 @@ from fastapi.responses import StreamingResponse
 
 from qwenkit.engine import SamplingParams, SamplingParamsError
 from qwenkit.generate import Completion, Delta, TextStream
-from qwenkit.server.errors import APIError, error_body, model_not_found
+from qwenkit.server.errors import APIError, error_body, log_failure, model_not_found
 from qwenkit.server.logprobs import PromptEcho
 from qwenkit.server.schemas import ChatCompletionRequest, CompletionRequest
 from qwenkit.server.state import ServerState
@@ -353,7 +353,10 @@ def chunk_usage(run: Run, body: ChatCompletionRequest | CompletionRequest):
     return lambda index: {"usage": by_index[index].usage_so_far()}
 
 
-def stream_error(exc: Exception) -> str:
+def stream_error(exc: Exception, request: Request) -> str:
+    """The event of an error after the stream's 200 went out, logged as the same error of a whole answer
+    is (:func:`~qwenkit.server.errors.log_failure`)."""
+    log_failure(request, exc)
     if isinstance(exc, APIError):
         return sse(error_body(exc.status, exc.message, exc.param, exc.code))
     return sse(error_body(500, f"internal error: {type(exc).__name__}"))
