@@ -355,3 +355,20 @@ def test_a_yarn_key_of_the_wrong_type_is_refused_by_name(key, bad):
     assert (read.attention_factor, read.beta_fast, read.cos_sin_scale) == (1.0, 16.0, 1.0)
     unset = {**yarn, "truncate": None}
     assert ModelConfig.from_hf({**QWEN3_SMALL, "rope_scaling": unset}).rope_scaling.truncate is False
+
+
+@pytest.mark.parametrize("bad", [0, 0.0, -1.1])
+def test_a_yarn_attention_factor_of_zero_or_below_is_refused_by_name(bad):
+    """attention_factor multiplies cos and sin, so q and k both: every attention score by its square. 0
+    made each score 0 (attention blind to content) and -1.1 ran as 1.1; both loaded without a word
+    (transformers warns that the field "must be a float greater than 0" and runs it). Refused in one line,
+    as a factor of 0 or below is; a positive one, and null (derived from the factor), still run."""
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    with pytest.raises(ConfigError) as e:
+        ModelConfig.from_hf({**QWEN3_SMALL, "rope_scaling": {**yarn, "attention_factor": bad}})
+    assert str(e.value) == (
+        f"rope_scaling type yarn: attention_factor must be above 0 (it scales cos and sin), not {bad!r}; "
+        "give null to derive it from the factor"
+    )
+    small = ModelConfig.from_hf({**QWEN3_SMALL, "rope_scaling": {**yarn, "attention_factor": 0.5}})
+    assert small.rope_scaling.cos_sin_scale == 0.5

@@ -14,6 +14,7 @@ from qwenkit.checkpoint import load_model
 from qwenkit.cli import main
 from qwenkit.config import ModelConfig
 from qwenkit.engine import Engine, SamplingParams
+from qwenkit.errors import ConfigError
 
 QWEN25_7B = {**QWEN3_SMALL, "model_type": "qwen2", "max_position_embeddings": 32768}
 YARN_X4 = {"factor": 4.0, "original_max_position_embeddings": 32768}
@@ -262,6 +263,7 @@ MEMORY_SCRIPT = """
 import resource, sys, torch
 from qwenkit.checkpoint import load_model
 from qwenkit.engine import Engine, SamplingParams
+from qwenkit.errors import ConfigError
 torch.set_num_threads(2)
 model, _ = load_model(sys.argv[1], dtype="float32")
 ids = torch.randint(0, 512, (6144,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -295,3 +297,51 @@ def test_a_long_prompt_is_computed_without_a_square_matrix_of_scores(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     grown_mb = int(run.stdout.split()[-1])
     assert grown_mb < 200, f"prefill's peak memory grew by {grown_mb} MB"
+
+
+# Qwen2.5-7B-Instruct-1M's config.json (and 14B's): vLLM runs dual-chunk attention from it, transformers
+# ignores it and runs full attention over all 1,010,000 positions
+DUAL_CHUNK = {"chunk_size": 262144, "local_size": 8192, "original_max_position_embeddings": 262144}
+
+
+def test_a_dual_chunk_attention_config_is_said_once_and_shown_by_info(tmp_path, capsys):
+    """Qwen2.5-1M's dual_chunk_attention_config was ignored without a word: a user running past the
+    262,144 tokens it was trained for got full attention, not vLLM's dual-chunk attention. Loading says
+    so once, in one line naming that window; `qwenkit info` shows it; the logits are full attention's."""
+    import transformers
+
+    path = write_tiny_chat_model(
+        tmp_path / "m",
+        family="qwen2",
+        max_position_embeddings=1010000,
+        dual_chunk_attention_config=DUAL_CHUNK,
+    )
+    capsys.readouterr()  # transformers' save progress
+    model, config = load_model(path, dtype="float32", progress=False)
+    assert config.dual_chunk_attention == DUAL_CHUNK and config.dual_chunk_window == 262144
+    load_model(path, dtype="float32", progress=False)  # a second load says nothing more
+    assert capsys.readouterr().err == (
+        "qwenkit: config.json's dual_chunk_attention_config is not implemented: full attention runs over "
+        "every position, as in transformers (the model was trained for 262,144 tokens)\n"
+    )
+    ids = torch.randint(0, 151936, (1, 40), generator=torch.Generator().manual_seed(1))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    torch.testing.assert_close(model(ids), hf(ids).logits, rtol=1e-5, atol=1e-5)
+
+    assert main(["info", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = dict(re.split(r"\s{2,}", line.strip(), maxsplit=1) for line in lines if "  " in line.strip())
+    assert rows["dual-chunk attention"] == (
+        "not run: full attention, trained for 262144 (chunk_size 262144, local_size 8192)"
+    )
+    assert rows["trained context"] == "1010000"
+    # a model without it: no row, nothing said
+    plain = ModelConfig.from_hf({**QWEN25_7B})
+    assert plain.dual_chunk_attention is None and plain.dual_chunk_note is None
+
+
+def test_a_dual_chunk_attention_config_that_is_not_an_object_is_refused_naming_it():
+    with pytest.raises(
+        ConfigError, match=r"^config.json: dual_chunk_attention_config must be an object or null, not 5$"
+    ):
+        ModelConfig.from_hf({**QWEN25_7B, "dual_chunk_attention_config": 5})

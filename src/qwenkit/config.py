@@ -39,6 +39,9 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None
     max_position_embeddings: int = 32768  # the trained context window
+    # Qwen2.5-1M's dual_chunk_attention_config (chunk_size, local_size, original_max_position_embeddings):
+    # not run, only said (``dual_chunk_note``); full attention runs over every position, as in transformers
+    dual_chunk_attention: dict[str, Any] | None = field(default=None, compare=False, hash=False)
     use_dynamic_ntk: bool = False  # Qwen v1: NTK-aware RoPE base past max_position_embeddings
     use_logn_attn: bool = False  # Qwen v1: scale queries by log_{L}(position) past the trained length
     qkv_bias: bool = False
@@ -188,6 +191,27 @@ class ModelConfig:
             return max(self.max_position_embeddings, round(self.max_position_embeddings * scaling.factor))
         return self.max_position_embeddings
 
+    @property
+    def dual_chunk_window(self) -> int | None:
+        """The window a dual_chunk_attention_config's chunks were trained for (262,144 for Qwen2.5-1M),
+        None where it states none (or no such config)."""
+        dca = self.dual_chunk_attention or {}
+        window = dca.get("original_max_position_embeddings") or dca.get("chunk_size")
+        whole = isinstance(window, int) and not isinstance(window, bool) and window > 0
+        return window if whole else None
+
+    @property
+    def dual_chunk_note(self) -> str | None:
+        """The line loading says once for a dual_chunk_attention_config, which qwenkit does not run."""
+        if self.dual_chunk_attention is None:
+            return None
+        window = self.dual_chunk_window
+        trained = f" (the model was trained for {window:,} tokens)" if window else ""
+        return (
+            "config.json's dual_chunk_attention_config is not implemented: full attention runs over every "
+            f"position, as in transformers{trained}"
+        )
+
     def kv_cache_bytes_per_token(self, bytes_per_element: int) -> int:
         """Bytes of K and V for one token across all layers."""
         return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * bytes_per_element
@@ -261,7 +285,8 @@ def _check_value_types(cfg: dict[str, Any]) -> None:
             raise ConfigError(
                 f"config.json: {key} is {value!r}, past any model's ({_LARGEST_SIZE:,} at most)"
             )
-    for key in ("rope_scaling", "rope_parameters"):  # 5 was "'int' object is not iterable", no key named
+    # 5 was "'int' object is not iterable", no key named
+    for key in ("rope_scaling", "rope_parameters", "dual_chunk_attention_config"):
         value = cfg.get(key)
         if value is not None and not isinstance(value, dict):
             raise ConfigError(f"config.json: {key} must be an object or null, not {value!r}")
@@ -432,6 +457,7 @@ def _read_hf_standard(cfg: dict[str, Any]) -> ModelConfig:
         eos_token_ids=_eos_ids(cfg),
         architectures=tuple(cfg.get("architectures") or ()),
         quantization=_quantization(cfg),
+        dual_chunk_attention=dict(dca) if (dca := cfg.get("dual_chunk_attention_config")) else None,
         **(_moe(cfg) if family.endswith("_moe") else {}),
     )
 

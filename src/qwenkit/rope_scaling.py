@@ -145,6 +145,14 @@ def read_rope(cfg: dict[str, Any]) -> tuple[float, RopeScaling | None]:
             raise ConfigError(f"rope_scaling type yarn: {key} must be a number or null, not {value!r}")
         return None if value is None else float(value)
 
+    # It multiplies cos and sin, so each attention score by its square: at 0 every score was 0 (attention
+    # blind to content) and a negative one ran as its opposite. transformers warns and runs it.
+    attention_factor = optional("attention_factor")
+    if attention_factor is not None and attention_factor <= 0:
+        raise ConfigError(
+            "rope_scaling type yarn: attention_factor must be above 0 (it scales cos and sin), not "
+            f"{params['attention_factor']!r}; give null to derive it from the factor"
+        )
     truncate = params.get("truncate", True)
     if truncate is not None and not isinstance(truncate, bool):
         raise ConfigError(f"rope_scaling type yarn: truncate must be true or false or null, not {truncate!r}")
@@ -153,7 +161,7 @@ def read_rope(cfg: dict[str, Any]) -> tuple[float, RopeScaling | None]:
         original_max_position_embeddings=int(original),
         beta_fast=optional("beta_fast") or 32.0,
         beta_slow=optional("beta_slow") or 1.0,
-        attention_factor=optional("attention_factor"),
+        attention_factor=attention_factor,
         mscale=optional("mscale"),
         mscale_all_dim=optional("mscale_all_dim"),
         truncate=bool(truncate),  # null is falsy to transformers: no truncation

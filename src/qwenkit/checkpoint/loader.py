@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import cached_property, lru_cache, partial
+from functools import cache, cached_property, lru_cache, partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -169,6 +170,8 @@ def load_model(
         raise ConfigError("--device cuda was asked for, but no CUDA device is available")
     source = open_checkpoint(path) if isinstance(path, str | Path) else path
     full_config = layout.checked_config(source)  # refuses weights other than config.json promises
+    if full_config.dual_chunk_note and (tensor_parallel is None or tensor_parallel.rank == 0):
+        _say_once(full_config.dual_chunk_note)
     config = full_config
     if tensor_parallel is not None and tensor_parallel.world > 1:
         config = local_config(full_config, tensor_parallel.world)
@@ -266,6 +269,11 @@ def load_model(
     if cache is not None:
         prepared_cache.store(cache, model)
     return _with_reserved(_with_served(model, served, adapter), reserve_adapters), model.config
+
+
+@cache
+def _say_once(note: str) -> None:
+    print(f"qwenkit: {note}", file=sys.stderr)
 
 
 def _served_adapters(

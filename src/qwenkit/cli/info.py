@@ -44,6 +44,7 @@ def describe(path: str, tensor_parallel: int = 1) -> str:
         ("vocab", cfg.vocab_size),
         ("trained context", _context(cfg)),
         ("RoPE base / scaling", rope),
+        *_dual_chunk_row(cfg),
         (
             "dynamic NTK / LogN",
             f"{'on' if cfg.use_dynamic_ntk else 'off'} / {'on' if cfg.use_logn_attn else 'off'}",
@@ -193,6 +194,16 @@ def _context(cfg: ModelConfig) -> str:
         if cfg.max_context == cfg.max_position_embeddings
         else f"{trained} (runs to {cfg.max_context})"
     )
+
+
+def _dual_chunk_row(cfg: ModelConfig) -> list[tuple[str, str]]:
+    """Qwen2.5-1M's dual-chunk attention, which qwenkit does not run (transformers neither; vLLM does)."""
+    dca = cfg.dual_chunk_attention
+    if dca is None:
+        return []
+    window = f", trained for {cfg.dual_chunk_window}" if cfg.dual_chunk_window else ""
+    keys = ", ".join(f"{k} {dca[k]}" for k in ("chunk_size", "local_size") if k in dca)
+    return [("dual-chunk attention", f"not run: full attention{window}" + (f" ({keys})" if keys else ""))]
 
 
 def _yn(flag: bool) -> str:

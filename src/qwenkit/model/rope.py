@@ -9,6 +9,7 @@ batch can sit at its own offset and (for v1 dynamic NTK) use its own base.
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 
@@ -116,21 +117,45 @@ class RotaryEmbedding(torch.nn.Module):
         distinct = [] if ntk_alphas is None else sorted(set(ntk_alphas.flatten().tolist()) - {1.0})
         if not distinct and positions.device.type == "cpu" and positions.numel():
             cos, sin = self._table_for(int(positions.max()) + 1)
-            return cos[positions][:, None], sin[positions][:, None]
+            shape = (*positions.shape, self.config.rotary_dim)  # (B, T, 2, rotary_dim/2) rows, contiguous
+            return cos[positions].view(shape)[:, None], sin[positions].view(shape)[:, None]
         return self._cos_sin(positions, ntk_alphas, distinct)
 
+    # Rows kept past the longest position seen: doubled up to here (64K rows of 64 halves: 32 MiB of cos
+    # and sin), then grown in sixteenths of the next power of two, a table at most 1/8 past the position
+    # (at 1,100,000 tokens it was 2^21 rows: 2 GiB at head size 128, now 1,179,648 rows of half as much).
+    doubling_rows: ClassVar[int] = 1 << 16
+
+    @classmethod
+    def table_rows(cls, needed: int) -> int:
+        """How many positions a table holding position ``needed - 1`` gets."""
+        if needed <= cls.doubling_rows:
+            return 1 << max(needed - 1, 1023).bit_length()
+        step = 1 << ((needed - 1).bit_length() - 4)
+        return -(-needed // step) * step
+
     def _table_for(self, needed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin (n, rotary_dim) of positions 0..n-1, n a power of two >= needed, made once (and
-        again, twice as long, when a position passes it). A step then indexes rows instead of computing
+        """cos and sin (n, 2, rotary_dim/2) of positions 0..n-1 (n from ``table_rows``), made once and
+        extended by the new rows when a position passes n. A step then indexes rows instead of computing
         cos and sin: torch's run on OpenMP even for a 16-row decode step, whose worker then spun for
         milliseconds beside the kernels' workers. The values are what ``_cos_sin`` computes (the same
-        elementwise ops; ``test_rope_table_equals_computed``)."""
+        elementwise ops; ``test_rope_table_equals_computed``).
+
+        Each row's two halves are the same numbers (the frequencies are concatenated with themselves), so
+        only one half is stored, (n, rotary_dim/2), and returned as a view repeating it: indexing that view
+        is still one gather per table, into contiguous (.., 2, rotary_dim/2) rows."""
         table = self._table
-        if table is None or table[0].shape[0] < needed:
-            n = 1 << max(needed - 1, 1023).bit_length()
-            positions = torch.arange(n, device=self.inv_freq.device)[None]
-            cos, sin = self._cos_sin(positions, None, [])
-            table = self._table = (cos[0, 0], sin[0, 0])
+        held = 0 if table is None else table[0].shape[0]
+        if held < needed:
+            positions = torch.arange(held, self.table_rows(needed), device=self.inv_freq.device)
+            freqs = positions[:, None].float() * self.inv_freq  # (rows, rotary_dim/2), as _cos_sin
+            cos, sin = freqs.cos(), freqs.sin()
+            if self.scale != 1.0:
+                cos, sin = cos * self.scale, sin * self.scale
+            if table is not None:  # the rows held stay as they are; only the new ones are computed
+                cos, sin = torch.cat((table[0][:, 0], cos)), torch.cat((table[1][:, 0], sin))
+            rows, half = cos.shape
+            table = self._table = (cos[:, None].expand(rows, 2, half), sin[:, None].expand(rows, 2, half))
         return table
 
     def _cos_sin(
