@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import math
 import re
-import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import cache, cached_property, lru_cache, partial
+from functools import cached_property, lru_cache, partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -34,6 +33,7 @@ from qwenkit.model import Transformer
 from qwenkit.model.adapter_bank import LoRAPair
 from qwenkit.model.rope import inv_freq
 from qwenkit.model.served_adapters import AdapterNotServable, check_servable, serve_adapters
+from qwenkit.notes import say_once
 from qwenkit.paths import not_a_file
 
 if TYPE_CHECKING:
@@ -171,7 +171,7 @@ def load_model(
     source = open_checkpoint(path) if isinstance(path, str | Path) else path
     full_config = layout.checked_config(source)  # refuses weights other than config.json promises
     if full_config.dual_chunk_note and (tensor_parallel is None or tensor_parallel.rank == 0):
-        _say_once(full_config.dual_chunk_note)
+        say_once(full_config.dual_chunk_note)
     config = full_config
     if tensor_parallel is not None and tensor_parallel.world > 1:
         config = local_config(full_config, tensor_parallel.world)
@@ -269,11 +269,6 @@ def load_model(
     if cache is not None:
         prepared_cache.store(cache, model)
     return _with_reserved(_with_served(model, served, adapter), reserve_adapters), model.config
-
-
-@cache
-def _say_once(note: str) -> None:
-    print(f"qwenkit: {note}", file=sys.stderr)
 
 
 def _served_adapters(
