@@ -4,6 +4,8 @@ The library is compiled once per (source, torch version, compiler version, flags
 compiler and cached under ``${XDG_CACHE_HOME:-~/.cache}/qwenkit/kernels/<key>/``. A build goes into a
 temporary directory that is renamed into place, and the cached file's SHA-256 is checked before it is
 loaded, so a process never loads a half-written or damaged library (a damaged entry is rebuilt).
+Without a home directory (no HOME, a user id /etc/passwd lacks) a process builds into a temporary
+directory of its own, said once.
 One source is built at one of four instruction-set levels (``ISA_LEVELS``), the best the CPU has:
 "avx512" (AVX-512 with BF16 and VNNI), "avx512vnni" (AVX-512 with VNNI but no BF16: Cascade Lake and
 Ice Lake Xeons, Ice Lake and Tiger Lake laptops; the two bf16 instructions written on FMAs by
@@ -21,6 +23,7 @@ every level whatever the build machine's CPU and stores them inside the virtual 
 
 from __future__ import annotations
 
+import atexit
 import errno
 import hashlib
 import os
@@ -35,6 +38,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from qwenkit.user_cache import NoCacheDirError, home_cache, say_once
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCE = CSRC / "cpu_kernels.cpp"
@@ -92,8 +97,33 @@ class LevelBuildError(KernelBuildError):
 
 
 def cache_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "qwenkit" / "kernels"
+    """Where built libraries are cached: ``${XDG_CACHE_HOME:-~/.cache}/qwenkit/kernels``.
+
+    Deliberately not under ``$QWENKIT_CACHE`` (qwenkit.user_cache.cache_root): the test suite points that
+    at a fresh temporary directory every session, and the kernels, which depend only on the source, torch
+    and the compiler, would be compiled again (about 30 s a level) at every session. NoCacheDirError
+    where neither XDG_CACHE_HOME nor a home directory is known."""
+    base = os.environ.get("XDG_CACHE_HOME")
+    return (Path(base) if base else home_cache(fix="XDG_CACHE_HOME")) / "qwenkit" / "kernels"
+
+
+_scratch: list[Path] = []  # this process's own build directory, where there is no cache directory
+
+
+def _build_root() -> Path:
+    """cache_root(), or without one a temporary directory for this process alone (said once, removed at
+    exit; the kernels are only an accelerator, and a loaded library needs no file)."""
+    try:
+        return cache_root()
+    except NoCacheDirError as e:
+        if not _scratch:
+            try:
+                _scratch.append(Path(tempfile.mkdtemp(prefix="qwenkit-kernels-")))
+            except OSError as err:
+                raise KernelBuildError(f"{e}, and no temporary directory ({err.strerror})") from None
+            atexit.register(shutil.rmtree, _scratch[0], ignore_errors=True)
+            say_once(f"{e}; building the CPU kernels for this process only")
+        return _scratch[0]
 
 
 def _cpu_flags() -> set[str] | str:
@@ -283,7 +313,7 @@ def ensure_built(level: str, announce: bool = True) -> Path:
     cxx = compiler()
     if cxx is None:
         raise KernelBuildError("no C++ compiler found (install g++ or set CXX)")
-    entry = cache_root() / cache_key(compiler_version(cxx), level)
+    entry = _build_root() / cache_key(compiler_version(cxx), level)
     lib = cached_library(entry)
     if lib is not None:
         return lib
