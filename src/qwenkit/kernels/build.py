@@ -28,6 +28,7 @@ import errno
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import signal
 import subprocess
@@ -173,16 +174,44 @@ def missing_isa(cap: str | None = None) -> str | None:
 
 
 def compiler() -> str | None:
-    """The C++ compiler to use ($CXX, else g++, else c++), or None when there is none."""
-    for name in (os.environ.get("CXX"), "g++", "c++"):
-        if name and shutil.which(name):
-            return shutil.which(name)
+    """The C++ compiler command to use, as a shell-quoted line: $CXX, else g++, else c++; None when there
+    is none. CXX is a path or a name on PATH, and may carry a launcher or arguments as build systems take
+    it ("ccache g++", "g++ -fuse-ld=gold"). A CXX that names nothing runnable is said once, with the
+    compiler used instead."""
+    named = os.environ.get("CXX", "").strip()
+    if named:
+        whole = shutil.which(named)  # a path with spaces in it
+        try:
+            words = shlex.split(named) if whole is None else [whole]
+        except ValueError:  # an unbalanced quote
+            words = []
+        found = shutil.which(words[0]) if words else None
+        if found:
+            return shlex.join([found, *words[1:]])
+    for name in ("g++", "c++"):
+        found = shutil.which(name)
+        if found:
+            if named:
+                say_once(f"CXX={named!r} was not found; building the CPU kernels with {found}")
+            return found
     return None
+
+
+def _command(cxx: str) -> list[str]:
+    return shlex.split(cxx)
+
+
+def _name(cxx: str) -> str:
+    """The compiler as messages name it: "g++", "ccache g++"."""
+    first, *rest = _command(cxx)
+    return " ".join([Path(first).name, *rest])
 
 
 def compiler_version(cxx: str) -> str:
     try:
-        out = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30, check=True)
+        out = subprocess.run(
+            [*_command(cxx), "--version"], capture_output=True, text=True, timeout=30, check=True
+        )
     except (OSError, subprocess.SubprocessError) as e:
         raise KernelBuildError(f"{cxx} --version failed ({e})") from e
     return out.stdout.splitlines()[0] if out.stdout else "unknown"
@@ -238,7 +267,7 @@ def cached_library(entry: Path) -> Path | None:
 def _compile(cxx: str, level: str, out: Path) -> None:
     from torch.utils import cpp_extension  # slow to import; only needed to build
 
-    cmd = [cxx, *compile_flags(level)]
+    cmd = [*_command(cxx), *compile_flags(level)]
     cmd += [f"-I{p}" for p in cpp_extension.include_paths()]
     cmd += [str(SOURCE), "-o", str(out)]
     for p in cpp_extension.library_paths():
@@ -247,10 +276,10 @@ def _compile(cxx: str, level: str, out: Path) -> None:
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT)
     except subprocess.TimeoutExpired as e:  # its message would be the whole command line
-        raise KernelBuildError(f"{Path(cxx).name} took over {e.timeout:.0f} s and was stopped") from e
+        raise KernelBuildError(f"{_name(cxx)} took over {e.timeout:.0f} s and was stopped") from e
     except (OSError, subprocess.SubprocessError) as e:
         raise KernelBuildError(f"{cxx} did not run ({e})") from e
-    name = Path(cxx).name
+    name = _name(cxx)
     if proc.returncode < 0:  # killed (the OOM killer, a user's kill): no level's own, and no message
         raise KernelBuildError(f"{name} was killed by {_signal_name(-proc.returncode)} while building")
     if proc.returncode != 0:
