@@ -3,9 +3,10 @@
 The library is compiled once per (source, torch version, compiler version, flags) with the system C++
 compiler and cached under ``${XDG_CACHE_HOME:-~/.cache}/qwenkit/kernels/<key>/``. A build goes into a
 temporary directory that is renamed into place, and the cached file's SHA-256 is checked before it is
-loaded, so a process never loads a half-written or damaged library (a damaged entry is rebuilt).
-Without a home directory (no HOME, a user id /etc/passwd lacks) a process builds into a temporary
-directory of its own, said once.
+loaded, so a process never loads a half-written or damaged library (a damaged entry is rebuilt). One
+process compiles an entry at a time: the others wait on its lock file (``.<key>.lock`` beside it, kept)
+and take its result. Without a home directory (no HOME, a user id /etc/passwd lacks) a process builds
+into a temporary directory of its own, said once.
 One source is built at one of four instruction-set levels (``ISA_LEVELS``), the best the CPU has:
 "avx512" (AVX-512 with BF16 and VNNI), "avx512vnni" (AVX-512 with VNNI but no BF16: Cascade Lake and
 Ice Lake Xeons, Ice Lake and Tiger Lake laptops; the two bf16 instructions written on FMAs by
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import atexit
 import errno
+import fcntl
 import hashlib
 import os
 import platform
@@ -338,7 +340,9 @@ def _discard(entry: Path) -> None:
 
 
 def ensure_built(level: str, announce: bool = True) -> Path:
-    """Path of the cached library for ``level``, compiling it first if needed. Raises KernelBuildError."""
+    """Path of the cached library for ``level``, compiling it first if needed. Raises KernelBuildError.
+
+    One process compiles an entry at a time: the others wait on its lock file and take its result."""
     cxx = compiler()
     if cxx is None:
         raise KernelBuildError("no C++ compiler found (install g++ or set CXX)")
@@ -346,22 +350,72 @@ def ensure_built(level: str, announce: bool = True) -> Path:
     lib = cached_library(entry)
     if lib is not None:
         return lib
+    _refuse_known_failure(entry)
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        lock = os.open(entry.parent / f".{entry.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise KernelBuildError(f"cannot write the kernel cache {entry.parent} ({e.strerror})") from e
+    try:
+        _hold(lock, level, entry, announce)
+        return _build(cxx, level, entry, announce)
+    finally:
+        os.close(lock)  # releases the lock
+
+
+LOCK_WAIT = COMPILE_TIMEOUT + 60  # seconds; longer than the build being waited for can take
+
+
+def _hold(lock: int, level: str, entry: Path, announce: bool) -> None:
+    """Take the entry's lock, so a second process starting on an empty cache waits for the first one's
+    build instead of compiling too. The kernel drops a dead holder's flock, so a killed build blocks
+    nobody; one alive but stuck is waited for LOCK_WAIT seconds, then built beside (as without a lock)."""
+    deadline = time.monotonic() + LOCK_WAIT
+    said = False
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        except OSError:  # a file system without locks: every process builds, as before
+            return
+        if time.monotonic() >= deadline:
+            if announce:
+                print(f"qwenkit: gave up waiting for the other build after {LOCK_WAIT} s", file=sys.stderr)
+            return
+        if announce and not said:
+            print(f"qwenkit: another process is building the {level} CPU kernels; waiting", file=sys.stderr)
+            said = True
+        time.sleep(0.1)
+
+
+def _refuse_known_failure(entry: Path) -> None:
+    """Raise the verdict noted when this compiler rejected this source and level: it will again (a new
+    compiler is a new key)."""
     note = failure_note(entry)
-    try:  # this compiler rejected this source and level before: it will again (a new one is a new key)
+    try:
         known_failure = note.read_text().strip()
     except OSError:
-        known_failure = ""
+        return
     if known_failure and _trouble_outside_the_source(known_failure):
         note.unlink(missing_ok=True)  # noted by an older qwenkit that took a full disk for a verdict
     elif known_failure:
         raise LevelBuildError(known_failure, lasting=True)
-    if entry.exists():  # damaged, or renamed into place by another process since the look above
+
+
+def _build(cxx: str, level: str, entry: Path, announce: bool) -> Path:
+    """ensure_built's work under the entry's lock: what a process it waited for left, else a build."""
+    lib = cached_library(entry)
+    if lib is not None:
+        return lib
+    _refuse_known_failure(entry)
+    if entry.exists():  # damaged, or renamed into place by a process that gave up waiting for the lock
         lib = cached_library(entry)
         if lib is not None:
             return lib
         _discard(entry)
     try:
-        entry.parent.mkdir(parents=True, exist_ok=True)
         _sweep_dead_builds(entry)
         tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
     except OSError as e:
@@ -373,7 +427,7 @@ def ensure_built(level: str, announce: bool = True) -> Path:
             _compile(cxx, level, tmp / LIBRARY_NAME)
         except LevelBuildError as e:
             if e.lasting:
-                _remember_failure(note, str(e))
+                _remember_failure(failure_note(entry), str(e))
             raise
         (tmp / (LIBRARY_NAME + ".sha256")).write_text(_sha256(tmp / LIBRARY_NAME) + "\n")
         try:
