@@ -74,7 +74,7 @@ def main() -> None:
     parser.add_argument("--other-src", help="another checkout's src/, run alternately (e.g. an older commit)")
     parser.add_argument("--files", nargs="*", type=Path)
     args = parser.parse_args()
-    from qwenkit.checkpoint.user_cache import cache_root
+    from qwenkit.user_cache import cache_root
 
     kernels_dir = cache_root() / "kernels"
     files = args.files or default_files()

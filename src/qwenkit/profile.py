@@ -23,6 +23,7 @@ import contextlib
 import gc
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -35,6 +36,9 @@ from qwenkit.distributed import TensorParallel
 from qwenkit.errors import QwenkitError
 
 PRECISIONS = ("float32", "bfloat16", "float16", "int8", "int4")
+# Seconds one precision's subprocess may run (``--timeout``): far above a 7B float32 profile's 2,048
+# tokens each way on a CPU, and a bound on a child that hangs (a stuck rank, a deadlock) all the same.
+CHILD_TIMEOUT_S = 7200.0
 CHECKPOINT = "checkpoint"  # a quantized (GPTQ or GGUF) checkpoint at its own precision
 
 
@@ -268,10 +272,12 @@ def profile(
     isolate: bool = True,
     progress: bool = False,
     tensor_parallel: int = 1,
+    timeout_s: float | None = CHILD_TIMEOUT_S,
 ) -> list[ProfileRow]:
     """One :class:`ProfileRow` per precision, each in a fresh subprocess (unless ``isolate=False``);
     ``progress``: a line on stderr as each starts (the defaults take minutes a precision on a CPU);
-    ``tensor_parallel``: ranks the subprocess splits the model over (always isolated)."""
+    ``tensor_parallel``: ranks the subprocess splits the model over (always isolated); ``timeout_s``:
+    how long one precision's subprocess may run (None: no limit), then it and its ranks are stopped."""
     if context < 1 or generate < 0 or encode < 0 or not (generate or encode):
         raise ProfileError(
             "--context must be at least 1, --generate/--encode at least 0, and one of them positive"
@@ -287,20 +293,46 @@ def profile(
             rows.append(profile_in_process(precision=precision, **kwargs))
             continue
         request = json.dumps({**kwargs, "precision": precision, "ranks": tensor_parallel})
-        proc = subprocess.run(
-            [sys.executable, "-c", "import qwenkit.profile as p; p._child()"],
-            input=request,
-            capture_output=True,
-            text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        if proc.returncode != 0:
-            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        returncode, stdout, stderr = _run_child(request, precision, timeout_s)
+        if returncode != 0:
+            last = (stderr.strip().splitlines() or ["no output"])[-1]
             # the child's own "error: " prefix, or the CLI prints "error: ... failed: error: ..."
             raise ProfileError(f"profiling {precision} failed: {last.removeprefix('error: ')}")
-        rows.append(ProfileRow(**json.loads(proc.stdout.strip().splitlines()[-1])))
-        _pass_on_notes(proc.stderr, notes)
+        rows.append(ProfileRow(**json.loads(stdout.strip().splitlines()[-1])))
+        _pass_on_notes(stderr, notes)
     return rows
+
+
+def _run_child(request: str, precision: str, timeout_s: float | None) -> tuple[int, str, str]:
+    """Run one precision's subprocess; past ``timeout_s``, or when this process is interrupted, stop it
+    and every process it started (its tensor-parallel ranks: a process group of their own)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import qwenkit.profile as p; p._child()"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = proc.communicate(request, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        _stop_group(proc)
+        raise ProfileError(
+            f"profiling {precision} took over {timeout_s:g} s and was stopped (--timeout sets the limit)"
+        ) from None
+    except BaseException:  # Ctrl-C reaches only this process: the child's group is its own
+        _stop_group(proc)
+        raise
+    return proc.returncode, stdout, stderr
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.communicate(timeout=30)
 
 
 def _pass_on_notes(stderr: str, said: set[str]) -> None:

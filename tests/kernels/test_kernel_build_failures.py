@@ -5,13 +5,23 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from test_kernel_build import FULL_DISK, LEVEL, OLD_FLAGS, SRC, fake_cache, needs_isa, run_python  # noqa: F401
+from test_kernel_build import (  # noqa: F401
+    FULL_DISK,
+    LEVEL,
+    OLD_FLAGS,
+    SRC,
+    cache_files,
+    fake_cache,
+    needs_isa,
+    run_python,
+)
 
 from qwenkit.kernels import build, ops
 
@@ -80,7 +90,7 @@ def test_a_killed_compiler_is_said_once_and_no_lower_level_is_tried(tmp_path):
         "qwenkit: CPU kernels unavailable: g++ was killed by SIGKILL while building; "
         "using the plain PyTorch path"
     )
-    assert list((tmp_path / "cache" / "qwenkit" / "kernels").iterdir()) == []  # no note, no half library
+    assert cache_files(tmp_path / "cache" / "qwenkit" / "kernels") == []  # no note, no half library
 
 
 @needs_isa
@@ -96,7 +106,7 @@ def test_a_build_left_by_a_killed_process_is_swept_at_the_next_build(fake_cache,
     long_ago = time.time() - 2 * build.COMPILE_TIMEOUT - 60
     os.utime(dead, (long_ago, long_ago))
     assert build.ensure_built(LEVEL, announce=False) == entry / build.LIBRARY_NAME and len(fake_cache) == 1
-    assert sorted(p.name for p in entry.parent.iterdir()) == sorted([entry.name, live.name])
+    assert [p.name for p in cache_files(entry.parent)] == sorted([entry.name, live.name])
 
 
 CONCURRENT_BUILD = """
@@ -110,38 +120,52 @@ print(kernels.linear_bf16(x, kernels.prepare_bf16(w)).float().sum().item())
 
 
 @needs_isa
-def test_two_processes_building_at_once_both_get_working_kernels(loaded, tmp_path):
-    """Two starts on an empty cache build at the same moment (a compiler that takes a while, then writes
-    this session's library): both load the kernels and compute alike, and the cache holds one whole
-    entry, no temporary directory and no note."""
+def test_two_processes_starting_on_an_empty_cache_compile_once(loaded, tmp_path):
+    """Two starts on an empty cache: the second waits on the entry's lock for the first one's build
+    (both used to compile, each saying "building once" and taking 30 s), says so in one line, and loads
+    the very library the first stored. The compiler holds on until the second is seen waiting."""
     real = build.ensure_built(LEVEL)
-    started = tmp_path / "started"
+    started, go = tmp_path / "started", tmp_path / "go"
     started.mkdir()
-    wait_for_both = (  # each compile waits (up to 60 s) until both are compiling
-        f'touch "{started}/$$"\nfor i in $(seq 600); do [ "$(ls "{started}" | wc -l)" -ge 2 ] && break; '
-        "sleep 0.1; done\n"
-    )
-    cxx = fake_compiler(tmp_path, f'{wait_for_both}cp "{real}" "$out"')
+    wait_for_go = f'touch "{started}/$$"\nfor i in $(seq 1200); do [ -e "{go}" ] && break; sleep 0.1; done\n'
+    cxx = fake_compiler(tmp_path, f'{wait_for_go}cp "{real}" "$out"')
     env = {k: v for k, v in os.environ.items() if k != ops.ENV_SWITCH}
     env |= dict(PYTHONPATH=str(SRC), XDG_CACHE_HOME=str(tmp_path / "cache"), CXX=str(cxx), QWENKIT_AMX="off")
     env[ops.ENV_SWITCH] = os.environ.get(ops.ENV_SWITCH, "auto")  # this session's level
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", CONCURRENT_BUILD], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
-        )
-        for _ in range(2)
+
+    def start() -> subprocess.Popen:
+        cmd = [sys.executable, "-c", CONCURRENT_BUILD]
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+
+    first = start()
+    procs = [first]
+    try:
+        deadline = time.monotonic() + 120
+        while not any(started.iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert any(started.iterdir()), "the first process never started compiling"
+        second = start()
+        procs.append(second)
+        ready, _, _ = select.select([second.stderr], [], [], 120)
+        waiting = second.stderr.readline().strip() if ready else ""
+        go.touch()
+        results = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(timeout=30)
+    entry = tmp_path / "cache" / "qwenkit" / "kernels" / build.cache_key("fake g++ 1.0", LEVEL)
+    assert waiting == f"qwenkit: another process is building the {LEVEL} CPU kernels; waiting"
+    (out1, err1), (out2, err2) = ((out.split(), err) for out, err in results)
+    rc1, rc2 = (p.returncode for p in procs)
+    assert err1.strip().splitlines() == [
+        f"qwenkit: building the {LEVEL} CPU kernels once into {entry} (about 30 s)"
     ]
-    results = []
-    for p in procs:
-        out, err = p.communicate(timeout=300)
-        results.append((p.returncode, out.decode().split(), err.decode().strip().splitlines()))
-    for rc, out, err in results:
-        assert rc == 0 and out[:2] == ["True", LEVEL], err
-        assert len(err) == 1 and err[0].startswith(f"qwenkit: building the {LEVEL} CPU kernels once"), err
-    assert results[0][1][2] == results[1][1][2]  # the same product
-    (entry,) = (tmp_path / "cache" / "qwenkit" / "kernels").iterdir()
+    assert rc1 == rc2 == 0 and err2.strip() == "", err2
+    assert out1[:2] == out2[:2] == ["True", LEVEL] and out1[2] == out2[2]  # the same product
+    assert len(list(started.iterdir())) == 1  # one compile
+    assert [p.name for p in cache_files(entry.parent)] == [entry.name]
     assert sorted(p.name for p in entry.iterdir()) == [build.LIBRARY_NAME, build.LIBRARY_NAME + ".sha256"]
-    assert build.cached_library(entry) == entry / build.LIBRARY_NAME and len(list(started.iterdir())) == 2
     assert (entry / build.LIBRARY_NAME).read_bytes() == real.read_bytes()
 
 

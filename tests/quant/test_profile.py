@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import time
+import uuid
+from pathlib import Path
+
 import pytest
 import torch
 from factories import hf_model, save_hf
@@ -155,3 +160,45 @@ def test_why_the_kernels_are_off_is_said_once_for_the_whole_profile(tiny, tmp_pa
     table = [line for line in out.splitlines() if line.startswith("| ")]
     assert table[1].startswith("| bfloat16 | bfloat16 | dense F.linear (bfloat16) x15 |"), table[1]
     assert "aten._weight_int8pack_mm" in table[2] and "aten._weight_int4pack_mm_for_cpu" in table[3]
+
+
+def _processes_with(marker: str) -> list[int]:
+    """The live processes whose environment holds ``marker`` (this test's children and theirs)."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if marker.encode() in (proc / "environ").read_bytes() and int(proc.name) != os.getpid():
+                found.append(int(proc.name))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc")
+def test_a_precision_that_runs_past_the_limit_is_stopped_with_one_line(tiny, monkeypatch) -> None:
+    """Each precision's subprocess had no time limit: a child that hung (a stuck rank, a deadlock) hung
+    `qwenkit profile` for ever. Past ``timeout_s`` it is stopped, with every process it started."""
+    marker = f"profile-timeout-{uuid.uuid4().hex}"
+    monkeypatch.setenv("QWENKIT_TEST_MARKER", marker)
+    start = time.monotonic()
+    with pytest.raises(ProfileError) as e:
+        profile(tiny, ["float32"], generate=4, encode=8, timeout_s=0.5)
+    assert str(e.value) == "profiling float32 took over 0.5 s and was stopped (--timeout sets the limit)"
+    assert time.monotonic() - start < 60
+    assert _processes_with(marker) == []
+
+
+def test_the_cli_names_the_limit_and_refuses_a_bad_one(tiny, capsys) -> None:
+    args = ["profile", str(tiny), "--precisions", "int4", "--generate", "2", "--encode", "4"]
+    assert main([*args, "--timeout", "0.5"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "error: profiling int4 took over 0.5 s and was stopped (--timeout sets the limit)"
+    )
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--timeout", "-1"])
+    assert e.value.code == 2
+    assert (
+        capsys.readouterr()
+        .err.splitlines()[-1]
+        .startswith("error: --timeout must be a number of seconds, 0 for no limit (got -1)")
+    )

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from qwenkit.checkpoint.gguf_types import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
-from qwenkit.checkpoint.user_cache import cache_root
+from qwenkit.user_cache import cache_root_or_none
 
 FORMAT = 1  # bump when the entry layout changes
 HEAD_BYTES = 1 << 20
@@ -66,9 +66,10 @@ def read_index(path: Path) -> GGUFIndex:
 
     Parsing errors are gguf-py's own (``ValueError`` and friends); the caller words them.
     """
-    if path.stat().st_size < MIN_CACHED_BYTES:
+    root = cache_root_or_none() if path.stat().st_size >= MIN_CACHED_BYTES else None
+    if root is None:
         return _parse(path)
-    entry = cache_root() / "gguf-index" / f"{_key(path)}.json"
+    entry = root / "gguf-index" / f"{_key(path)}.json"
     cached = _load(entry)
     if cached is not None:
         return cached

@@ -61,10 +61,10 @@ import torch
 from torch import nn
 
 from qwenkit.checkpoint.gguf_split import part_files
-from qwenkit.checkpoint.user_cache import cache_root
 from qwenkit.config import ModelConfig
 from qwenkit.env_switch import ON_OFF, env_choice
 from qwenkit.kernels import ops as kernel_ops
+from qwenkit.user_cache import cache_root_or_none
 
 FORMAT = 2  # the entry's own layout (the dict below)
 # Bump when a prepared module's tensors or attributes change meaning or layout (2: fused q/k/v, gate/up;
@@ -94,8 +94,12 @@ def enabled() -> bool:
     return env_choice(ENV_SWITCH, ON_OFF, "on") == "on"
 
 
-def entry_for(source_path: Path, options: dict[str, Any]) -> CacheEntry:
-    """The entry for this checkpoint loaded with these options in this process."""
+def entry_for(source_path: Path, options: dict[str, Any]) -> CacheEntry | None:
+    """The entry for this checkpoint loaded with these options in this process; None when there is no
+    cache directory (no HOME, said once)."""
+    root = cache_root_or_none()
+    if root is None:
+        return None
     from qwenkit import kernels
 
     version = {
@@ -116,7 +120,7 @@ def entry_for(source_path: Path, options: dict[str, Any]) -> CacheEntry:
     # <checkpoint path>-<its files, qwenkit, torch, CPU>-<load options>: an entry of the same path with
     # another middle part can never be used again and is removed when this one is written
     current = f"{_short(source)}-{_short(repr(sorted(version.items())))}-"
-    path = cache_root() / "prepared" / f"{current}{_short(repr(sorted(choice.items())))}.pt"
+    path = root / "prepared" / f"{current}{_short(repr(sorted(choice.items())))}.pt"
     return CacheEntry(path, key, f"{current.split('-')[0]}-*.pt", current)
 
 

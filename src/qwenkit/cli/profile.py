@@ -48,6 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--encode", type=int, default=2048, help="prompt tokens to encode at once (default 2048; 0 skips)"
     )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help="how long one precision may run before it is stopped (default 7200; 0: no limit)",
+    )
     parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     add_tensor_parallel_arg(parser)
     args = parser.parse_args(argv)
@@ -55,8 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     from qwenkit.checkpoint import open_checkpoint
     from qwenkit.cli.common import check_tensor_parallel, resolve_model
     from qwenkit.config import ModelConfig
-    from qwenkit.profile import CHECKPOINT, markdown, parse_precisions, profile
+    from qwenkit.profile import CHECKPOINT, CHILD_TIMEOUT_S, markdown, parse_precisions, profile
 
+    if args.timeout is not None and (not args.timeout >= 0 or args.timeout == float("inf")):
+        parser.error(f"--timeout must be a number of seconds, 0 for no limit (got {args.timeout:g})")
     path = resolve_model(args.model)
     if args.tensor_parallel != 1:  # 0 or less is refused here, not as a child's IndexError
         check_tensor_parallel(
@@ -86,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         encode=args.encode,
         progress=True,
         tensor_parallel=args.tensor_parallel,
+        timeout_s=CHILD_TIMEOUT_S if args.timeout is None else args.timeout or None,
     )
     if args.json:
         print(json.dumps([asdict(r) for r in rows], indent=2))

