@@ -218,6 +218,7 @@ class ToolParser:
         self.events: list[Event] = []
         self.calls = 0  # complete calls kept
         self.started = 0  # calls started (their first delta sent)
+        self.broken = 0  # started calls whose JSON then went bad (a stream cannot take them back)
         self.dropped: set[str] = set()  # ids of calls past the first when parallel_tool_calls is false
         self.react_text: list[str] = []
         self.react_warnings: list[str] = []
@@ -246,6 +247,7 @@ class ToolParser:
                     continue
                 self.started += e.kind == "call_start"
                 self.calls += e.kind == "tool_call"
+                self.broken += e.kind == "call_broken"
             kept.append(e)
         self.events += kept
         return kept
@@ -256,8 +258,12 @@ class ToolParser:
 
     def finish_reason(self, reason: str) -> str:
         """A reply that ended by itself with calls finishes "tool_calls", except a call to a named function
-        (``tool_choice: {"type": "function", ...}``), which OpenAI ends with "stop", as vLLM does."""
-        return "tool_calls" if self.calls and reason == "stop" and self.plan.choice != "named" else reason
+        (``tool_choice: {"type": "function", ...}``), which OpenAI ends with "stop", as vLLM does, and a
+        reply with a call that broke after it started: a stream has sent that call and cannot take it
+        back, so "stop" tells a client that runs the calls on "tool_calls" not to run it (vLLM says
+        "tool_calls"). The events are the same whole or streamed, so both finish alike."""
+        calls = self.calls and not self.broken and self.plan.choice != "named"
+        return "tool_calls" if calls and reason == "stop" else reason
 
     def message(self) -> ParsedMessage:
         return collect(self.events, self.warnings)
