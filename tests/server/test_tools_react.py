@@ -93,7 +93,9 @@ def test_react_malformed_action_input_is_content(steered_v1, caplog):
         r = chat_reply(client(live), stream, model="tiny", max_tokens=200, messages=USER, tools=[WEATHER])
         assert (r.content, r.calls, r.finish) == (reply + "\n", [], "stop")  # verbatim, up to the stop word
         (line,) = [rec.getMessage() for rec in caplog.records if "Action Input" in rec.getMessage()]
-        assert line.startswith("chatcmpl-") and "'get_weather' is not a JSON object" in line
+        request_id, completion_id, problem = line.split(" ", 2)  # the log names the request both ways
+        assert request_id.startswith("req_") and completion_id == r.id
+        assert problem.startswith("choice 0: the Action Input of 'get_weather' is not a JSON object")
 
 
 def test_react_forced_calls(steered_v1):
