@@ -6,8 +6,8 @@ A request without ``tools`` (or with ``tool_choice: "none"``) gets no tool parsi
 comes back verbatim in ``content`` (Qwen-Agent writes its own function-calling prompt and parses it).
 ``"required"`` and a named function are enforced by constrained decoding (hermes blocks, Llama 3's JSON
 calls, or for Qwen v1 a ReAct ``Action`` / ``Action Input``), as are ``json_object`` and ``json_schema``
-response formats; beside ``tools`` the model may call (``"auto"``, hermes), a format lets the reply be
-calls or its JSON, as OpenAI's models answer.
+response formats; beside ``tools`` the model may call (``"auto"``), a format lets the reply be calls
+(hermes blocks, or one Llama 3 JSON or ReAct call) or its JSON, as OpenAI's models answer.
 """
 
 from __future__ import annotations
@@ -158,9 +158,8 @@ def plan_tools(
         )
     constrained, schema = _response_schema(body.response_format)
     forced = choice in ("required", "named")
-    # beside tools the model may call: its calls or the format's JSON (hermes blocks only: a Llama 3 call
-    # is JSON itself, and ReAct's reply is text)
-    either = constrained and choice == "auto" and not plan.react and not plan.llama3_json
+    # beside tools the model may call: its calls (in the template's format) or the format's JSON
+    either = constrained and choice == "auto"
     if constrained and (forced or either):
         # the format checked alone, so that its problem names response_format; under a forced call it
         # takes no part in the reply, but is refused as it would be without tools
@@ -182,7 +181,8 @@ def _grammar(plan: ToolPlan, schema: dict[str, Any] | None, either: bool) -> str
         else:
             grammar = tool_call_grammar(chosen, parallel=plan.parallel and plan.choice == "required")
     elif either:
-        grammar = calls_or_json_grammar(plan.functions, schema, parallel=plan.parallel)
+        style = "react" if plan.react else "llama3_json" if plan.llama3_json else "hermes"
+        grammar = calls_or_json_grammar(plan.functions, schema, parallel=plan.parallel, style=style)
     else:
         grammar = json_schema_grammar(schema)
     if plan.in_reasoning or plan.may_think:  # thinking, then the answer
