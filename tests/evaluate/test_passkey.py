@@ -92,9 +92,11 @@ def test_run_scores_a_steered_model_by_length_and_depth(tiny_chat_model, encode,
     loaded = LLM.load(tiny_chat_model, dtype="float32", max_batch_size=4, progress=False)
     model = ScriptedModel(loaded.model, loaded.tokenizer.added_tokens["<|im_end|>"])
     llm = LLM(model, loaded.tokenizer, max_batch_size=4, max_seq_len=2048)
-    right = passkey.Needle(1024, 0.5, 0)
+    # this one prompt gets the right answer; the rest, noise. The script plays for the first request of
+    # its prompt length (1024/0.5 has that length too: it used to be steered as well, to a wrong key)
+    right = passkey.Needle(1024, 0.0, 0)
     _, n = passkey.build(right, encode, chat=False, max_tokens=16)
-    model.play(n, encode(f" {right.key}."))  # this one prompt gets the right answer; the rest, noise
+    model.play(n, encode(f" {right.key}."))
     settings = Settings(task="passkey", lengths=[512, 1024], depths=[0.0, 0.5], max_new_tokens=64)
     results = run(LocalBackend(llm, batch_size=4), settings, tmp_path, progress=False)
     rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
@@ -104,13 +106,13 @@ def test_run_scores_a_steered_model_by_length_and_depth(tiny_chat_model, encode,
         "passkey/1024/0/0",
         "passkey/1024/0.5/0",
     ]
-    hit = rows[3]
+    hit = rows[2]
     assert hit["output"] == f" {right.key}." and hit["extracted"] == right.key and hit["correct"]
     assert hit["prompt_tokens"] == n and len(hit["prompt_sha256"]) == 64
-    assert [r["correct"] for r in rows[:3]] == [False, False, False]
+    assert [r["correct"] for r in rows] == [False, False, True, False]
     s = results["scores"]
     assert s["acc"] == pytest.approx(0.25) and s["lengths"]["1024"]["acc"] == pytest.approx(0.5)
-    assert s["depths"]["0.5"]["acc"] == pytest.approx(0.5) and s["depths"]["0.0"]["acc"] == 0.0
+    assert s["depths"]["0.0"]["acc"] == pytest.approx(0.5) and s["depths"]["0.5"]["acc"] == 0.0
     record = results["record"]
     assert record["max_new_tokens"] == 16 and record["lengths"] == [512, 1024]  # base: a short answer
     assert "synthetic" in record["data"]

@@ -218,6 +218,26 @@ def test_a_malformed_block_is_text_whole_and_streamed(steered, reply, started, c
         assert len(warnings(caplog)) == 1
 
 
+def test_a_call_beside_one_broken_after_it_started_finishes_stop_whole_and_streamed(steered):
+    """A complete call, then a block that breaks after its arguments began to stream: the stream cannot
+    take that call back, so the reply is not "tool_calls" (a client that runs the calls on it would run
+    the broken one); the whole reply finishes the same, with the complete call and the raw block."""
+    live = steered[0]
+    broken = '<tool_call>\n{"name": "get_time", "arguments": {"tz": "UTC"\n</tool_call>'
+    good = ("get_weather", '{"city": "Paris", "unit": "c"}')
+    replies = []
+    for stream in (False, True):
+        play(steered, CALL + "\n" + broken)
+        r = chat_reply(
+            client(live), stream, model="tiny", max_tokens=200, messages=USER, tools=[WEATHER, TIME]
+        )
+        replies.append((r.content, r.finish, r.pairs))
+    assert replies == [
+        (broken, "stop", [good]),
+        (broken, "stop", [good, ("get_time", '{"tz": "UTC"\n')]),
+    ]
+
+
 def test_calls_outside_the_offer_are_passed_on(steered):
     """A call to a function not in ``tools``, or arguments its schema refuses, is the model's call as
     written (as vLLM's parser passes it on; the client's tool runner decides): nothing is checked

@@ -204,3 +204,32 @@ def test_forced_calls_are_one_llama_json_call(steered_llama32):
         jsonschema.validate(json.loads(arguments), schemas[name])
         streamed = chat_reply(client(live), True, **kwargs)
         assert (streamed.pairs, streamed.finish, streamed.content) == (whole.pairs, finish, "")
+
+
+ANSWER = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "answer",
+        "schema": {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]},
+    },
+}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_auto_tools_with_a_response_format_may_still_call(steered_llama32, stream):
+    """tool_choice "auto" with a response format: the reply is one Llama 3 JSON call or the format's
+    JSON, as on hermes templates (the format alone used to be enforced, so no tool could be called)."""
+    live = steered_llama32[0]
+    kwargs = dict(model="tiny", max_tokens=100, messages=USER, tools=[WEATHER, TIME], response_format=ANSWER)
+    play(
+        steered_llama32, '{"name":"get_weather","parameters":{"city":"Paris","unit":"c"}}'
+    )  # compact, as the grammar spells it
+    r = chat_reply(client(live), stream, **kwargs)
+    assert (r.pairs, r.finish) == ([("get_weather", '{"city":"Paris","unit":"c"}')], "tool_calls"), r
+    assert not r.content
+    play(steered_llama32, '{"answer":"sunny"}')
+    r = chat_reply(client(live), stream, **kwargs)
+    assert (r.content, r.pairs, r.finish) == ('{"answer":"sunny"}', [], "stop")
+    play(steered_llama32, "It is sunny.")  # neither: the grammar holds the reply to one or the other
+    r = chat_reply(client(live), stream, **kwargs)
+    assert not (r.content or "").startswith("It is"), r

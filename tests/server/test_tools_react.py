@@ -93,7 +93,9 @@ def test_react_malformed_action_input_is_content(steered_v1, caplog):
         r = chat_reply(client(live), stream, model="tiny", max_tokens=200, messages=USER, tools=[WEATHER])
         assert (r.content, r.calls, r.finish) == (reply + "\n", [], "stop")  # verbatim, up to the stop word
         (line,) = [rec.getMessage() for rec in caplog.records if "Action Input" in rec.getMessage()]
-        assert line.startswith("chatcmpl-") and "'get_weather' is not a JSON object" in line
+        request_id, completion_id, problem = line.split(" ", 2)  # the log names the request both ways
+        assert request_id.startswith("req_") and completion_id == r.id
+        assert problem.startswith("choice 0: the Action Input of 'get_weather' is not a JSON object")
 
 
 def test_react_forced_calls(steered_v1):
@@ -185,3 +187,30 @@ def test_a_call_sent_back_with_no_arguments_renders_as_empty_ones(steered_v1, ch
     empty = prompt({"name": "get_time", "arguments": "{}"})
     assert prompt({"name": "get_time"}) == empty
     assert prompt({"name": "get_time", "arguments": None}) == empty
+
+
+ANSWER = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "answer",
+        "schema": {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]},
+    },
+}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_auto_tools_with_a_response_format_may_still_call(steered_v1, stream):
+    """tool_choice "auto" with a response format: the reply is one ReAct ``Action`` or the format's
+    JSON, as on hermes templates (the format alone used to be enforced, so no tool could be called)."""
+    live = steered_v1[0]
+    kwargs = dict(model="tiny", max_tokens=100, messages=USER, tools=[WEATHER, TIME], response_format=ANSWER)
+    play(steered_v1, 'Action: get_weather\nAction Input: {"city":"Paris","unit":"c"}')
+    r = chat_reply(client(live), stream, **kwargs)
+    assert (r.pairs, r.finish) == ([("get_weather", '{"city":"Paris","unit":"c"}')], "tool_calls"), r
+    assert not r.content
+    play(steered_v1, '{"answer":"sunny"}')
+    r = chat_reply(client(live), stream, **kwargs)
+    assert (r.content, r.pairs, r.finish) == ('{"answer":"sunny"}', [], "stop")
+    play(steered_v1, "It is sunny.")  # neither: the grammar holds the reply to one or the other
+    r = chat_reply(client(live), stream, **kwargs)
+    assert not (r.content or "").startswith("It is"), r

@@ -15,24 +15,47 @@ import torch
 
 class ScriptedModel(torch.nn.Module):
     """Wraps a Transformer; ``play(prompt_len, ids)`` makes the next request with that prompt length
-    produce ``ids`` (then its end-of-turn token). Other requests get the model's own logits."""
+    produce ``ids`` (then its end-of-turn token), once. Other requests get the model's own logits.
+
+    A script plays for one request: the first whose prompt of that length is read after ``play`` (those
+    read in the same step share it, as the sequences of an ``n`` > 1 request), and then only while it follows
+    the script (the token fed at each step is the script's previous one). It clears itself once its last
+    token is steered; a later request of the same prompt length gets the model's own reply."""
 
     def __init__(self, inner: torch.nn.Module, end_id: int) -> None:
         super().__init__()
         self.inner, self.end_id = inner, end_id
         self.config, self.model = inner.config, inner.model
         self.script: tuple[int, list[int]] | None = None
+        self.claimed = False  # a request has read the script's first token
 
     def play(self, prompt_len: int, ids: list[int]) -> None:
-        self.script = (prompt_len, [*list(ids), self.end_id])
+        self.script, self.claimed = (prompt_len, [*list(ids), self.end_id]), False
 
     def ntk_alpha(self, n: int) -> float:
         return self.inner.ntk_alpha(n)
 
     def forward(self, ids, *, positions, logits_index, **kwargs):
         logits = self.inner(ids, positions=positions, logits_index=logits_index, **kwargs)
-        self.steer(logits, positions, logits_index, [self.script] if self.script is not None else [])
+        if self.script is not None:
+            self.play_step(logits, ids, positions, logits_index)
         return logits
+
+    def play_step(self, logits, ids, positions, logits_index) -> None:
+        """Favour the script's next token in the rows of the request playing it (see the class)."""
+        prompt_len, seq = self.script
+        rows = logits if logits_index is not None else logits[0]
+        at = positions[0, logits_index] if logits_index is not None else positions[0]
+        fed = ids[0, logits_index] if logits_index is not None else ids[0]
+        claimed, done = self.claimed, False
+        for row, (pos, token) in enumerate(zip(at.tolist(), fed.tolist(), strict=True)):
+            k = pos + 1 - prompt_len
+            if (k == 0 and not self.claimed) or (0 < k < len(seq) and token == seq[k - 1]):
+                rows[row, seq[k]] = rows[row].max() + 50.0
+                claimed, done = True, done or k == len(seq) - 1
+        self.claimed = claimed
+        if done:
+            self.script = None
 
     @staticmethod
     def steer(logits, positions, logits_index, scripts: list[tuple[int, list[int]]]) -> None:

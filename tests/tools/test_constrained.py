@@ -291,3 +291,36 @@ def test_calls_or_json_takes_calls_or_the_formats_json_and_nothing_else(llm):
     assert accepts(thinking, '<think>\n</think>\n\n{"answer":"x"}') and not accepts(thinking, "sunny")
     with pytest.raises(GrammarError, match="needs at least one function"):
         calls_or_json_grammar([], answer)
+
+
+@pytest.mark.parametrize(
+    ("style", "call"),
+    [
+        ("hermes", '<tool_call>\n{"name": "add", "arguments": {"a":1}}\n</tool_call>'),
+        ("llama3_json", '{"name":"add","parameters":{"a":1}}'),
+        ("react", 'Action: add\nAction Input: {"a":1}'),
+    ],
+)
+def test_calls_or_json_takes_a_call_in_the_templates_format_or_the_answer(llm, style, call):
+    """``tool_choice: "auto"`` beside a response format: a call as the template writes it, or the format's
+    JSON (its ``$defs`` references still resolve), and nothing else. Llama 3's call is JSON itself: as a
+    grammar's alternative its literal ``{"name": `` shut the answer out at the first ``{``."""
+    compiler = enable_grammars(llm)
+    add = {"name": "add", "parameters": {"type": "object", "properties": {"a": {"type": "integer"}}}}
+    answer = {
+        "type": "object",
+        "properties": {"answer": {"$ref": "#/$defs/word"}},
+        "required": ["answer"],
+        "$defs": {"word": {"type": "string", "maxLength": 5}},
+    }
+    grammar = calls_or_json_grammar([add], answer, style=style)
+    compiler.check(grammar)
+
+    def accepts(text: str) -> bool:
+        matcher = llguidance.LLMatcher(compiler.lltokenizer, grammar, log_level=0)
+        ids = compiler.lltokenizer.tokenize_str(text)
+        return all(matcher.consume_token(t) for t in ids) and matcher.is_accepting()
+
+    assert accepts(call) and accepts('{"answer":"sunny"}')
+    assert not accepts('{"answer":"cloudy"}')  # the $defs' maxLength holds
+    assert not accepts("It is sunny.") and not accepts(call.replace('"a":1', '"a":"x"'))

@@ -35,6 +35,12 @@ NESTED = (
 )
 NO_ARGS = '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>'
 STRING_ARGS = '<tool_call>\n{"name": "f", "arguments": "{\\"a\\": 1}"}\n</tool_call>'
+# A function without parameters, called with null arguments or none: a call with ``{}``, as a history sent
+# back reads it (vLLM's hermes parser sends the text "null" for the first, and content for the second).
+NULL_ARGS = (
+    'Now.\n<tool_call>\n{"name": "get_time", "arguments": null}\n</tool_call>\n'
+    '<tool_call>\n{"name": "f"}\n</tool_call>'
+)
 MALFORMED = 'Sure.\n<tool_call>\n{"name": "f", "arguments": {"a": 1}\n</tool_call>'
 TRUNCATED = 'x<tool_call>\n{"name": "get_weather", "arguments": {"ci'
 PLAIN = "Paris is sunny <tool today.\n\n"
@@ -59,6 +65,7 @@ CASES = {
     "nested": (NESTED, {}),
     "no_args": (NO_ARGS, {}),
     "string_args": (STRING_ARGS, {}),
+    "null_args": (NULL_ARGS, {}),
     "malformed": (MALFORMED, {}),
     "truncated": (TRUNCATED, {}),
     "plain": (PLAIN, {}),
@@ -108,6 +115,9 @@ def test_nested_arguments_kept_whole():
 def test_empty_and_string_arguments():
     assert parse_hermes(NO_ARGS).tool_calls[0].arguments == "{}"
     assert json.loads(parse_hermes(STRING_ARGS).tool_calls[0].arguments) == {"a": 1}
+    m = parse_hermes(NULL_ARGS)
+    assert [(c.name, c.arguments) for c in m.tool_calls] == [("get_time", "{}"), ("f", "{}")]
+    assert (m.content, m.warnings) == ("Now.", [])
 
 
 def test_malformed_and_truncated_become_content_with_warning():

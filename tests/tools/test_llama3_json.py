@@ -49,6 +49,8 @@ CASES = {
     "text_then_json": ("Sure: " + WEATHER, ("Sure: " + WEATHER, [], 0)),
     # a JSON answer is content; no warning, it never looked like a call
     "json_answer": ('\n{"city": "Paris"}', ('\n{"city": "Paris"}', [], 0)),
+    # null arguments are none, as a history sent back reads them (a function without parameters)
+    "null_parameters": ('{"name": "get_time", "parameters": null}', ("", [("get_time", "{}")], 0)),
     "no_parameters": ('{"name": "Bob"}', ('{"name": "Bob"}', [], 1)),
     "followed_by_text": (WEATHER + " Done.", (WEATHER + " Done.", [], 1)),
     "cut_off": (

@@ -6,8 +6,8 @@ A request without ``tools`` (or with ``tool_choice: "none"``) gets no tool parsi
 comes back verbatim in ``content`` (Qwen-Agent writes its own function-calling prompt and parses it).
 ``"required"`` and a named function are enforced by constrained decoding (hermes blocks, Llama 3's JSON
 calls, or for Qwen v1 a ReAct ``Action`` / ``Action Input``), as are ``json_object`` and ``json_schema``
-response formats; beside ``tools`` the model may call (``"auto"``, hermes), a format lets the reply be
-calls or its JSON, as OpenAI's models answer.
+response formats; beside ``tools`` the model may call (``"auto"``), a format lets the reply be calls
+(hermes blocks, or one Llama 3 JSON or ReAct call) or its JSON, as OpenAI's models answer.
 """
 
 from __future__ import annotations
@@ -158,9 +158,8 @@ def plan_tools(
         )
     constrained, schema = _response_schema(body.response_format)
     forced = choice in ("required", "named")
-    # beside tools the model may call: its calls or the format's JSON (hermes blocks only: a Llama 3 call
-    # is JSON itself, and ReAct's reply is text)
-    either = constrained and choice == "auto" and not plan.react and not plan.llama3_json
+    # beside tools the model may call: its calls (in the template's format) or the format's JSON
+    either = constrained and choice == "auto"
     if constrained and (forced or either):
         # the format checked alone, so that its problem names response_format; under a forced call it
         # takes no part in the reply, but is refused as it would be without tools
@@ -182,7 +181,8 @@ def _grammar(plan: ToolPlan, schema: dict[str, Any] | None, either: bool) -> str
         else:
             grammar = tool_call_grammar(chosen, parallel=plan.parallel and plan.choice == "required")
     elif either:
-        grammar = calls_or_json_grammar(plan.functions, schema, parallel=plan.parallel)
+        style = "react" if plan.react else "llama3_json" if plan.llama3_json else "hermes"
+        grammar = calls_or_json_grammar(plan.functions, schema, parallel=plan.parallel, style=style)
     else:
         grammar = json_schema_grammar(schema)
     if plan.in_reasoning or plan.may_think:  # thinking, then the answer
@@ -218,6 +218,7 @@ class ToolParser:
         self.events: list[Event] = []
         self.calls = 0  # complete calls kept
         self.started = 0  # calls started (their first delta sent)
+        self.broken = 0  # started calls whose JSON then went bad (a stream cannot take them back)
         self.dropped: set[str] = set()  # ids of calls past the first when parallel_tool_calls is false
         self.react_text: list[str] = []
         self.react_warnings: list[str] = []
@@ -246,6 +247,7 @@ class ToolParser:
                     continue
                 self.started += e.kind == "call_start"
                 self.calls += e.kind == "tool_call"
+                self.broken += e.kind == "call_broken"
             kept.append(e)
         self.events += kept
         return kept
@@ -256,8 +258,12 @@ class ToolParser:
 
     def finish_reason(self, reason: str) -> str:
         """A reply that ended by itself with calls finishes "tool_calls", except a call to a named function
-        (``tool_choice: {"type": "function", ...}``), which OpenAI ends with "stop", as vLLM does."""
-        return "tool_calls" if self.calls and reason == "stop" and self.plan.choice != "named" else reason
+        (``tool_choice: {"type": "function", ...}``), which OpenAI ends with "stop", as vLLM does, and a
+        reply with a call that broke after it started: a stream has sent that call and cannot take it
+        back, so "stop" tells a client that runs the calls on "tool_calls" not to run it (vLLM says
+        "tool_calls"). The events are the same whole or streamed, so both finish alike."""
+        calls = self.calls and not self.broken and self.plan.choice != "named"
+        return "tool_calls" if calls and reason == "stop" else reason
 
     def message(self) -> ParsedMessage:
         return collect(self.events, self.warnings)

@@ -107,7 +107,10 @@ def collect(events: list[Event], warnings: list[str]) -> ParsedMessage:
 
 def arguments_json(value: Any) -> str | None:
     """Arguments as a JSON object text: a text holding an object is kept as the model wrote it (its
-    spacing, not re-serialized), an object is encoded. None if neither."""
+    spacing, not re-serialized), an object is encoded, and null (a function without parameters, called
+    so) is ``{}``, as a history sent back reads it. None if none of these."""
+    if value is None:
+        return "{}"
     if isinstance(value, str):
         try:
             return value.strip() if isinstance(json.loads(value), dict) else None

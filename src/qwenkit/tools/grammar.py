@@ -122,15 +122,52 @@ def tool_call_grammar(functions: list[dict[str, Any]], *, parallel: bool = True)
 
 
 def calls_or_json_grammar(
-    functions: list[dict[str, Any]], schema: dict[str, Any] | None, *, parallel: bool = True
+    functions: list[dict[str, Any]],
+    schema: dict[str, Any] | None,
+    *,
+    parallel: bool = True,
+    style: str = "hermes",
 ) -> str:
-    """A reply that may call ``functions`` or answer in a ``response_format``: either ``<tool_call>``
-    blocks (as :func:`tool_call_grammar`) or JSON matching ``schema`` (None: any object), as OpenAI's
-    models answer a request with both ``tools`` (``tool_choice: "auto"``) and a response format: held to
-    the format alone, the model could never call a tool."""
-    calls = 'calls: call ("\\n" call)*' if parallel else "calls: call"
-    answer = "answer: " + _json_island(schema if schema is not None else {"type": "object"})
-    return "\n".join(["start: calls | answer", calls, answer, *_call_rules(functions)])
+    """A reply that may call ``functions`` or answer in a ``response_format``: either calls in the
+    template's ``style`` or JSON matching ``schema`` (None: any object), as OpenAI's models answer a
+    request with both ``tools`` (``tool_choice: "auto"``) and a response format: held to the format alone,
+    the model could never call a tool. ``style``: ``"hermes"`` (``<tool_call>`` blocks, as
+    :func:`tool_call_grammar`), ``"llama3_json"`` or ``"react"`` (one call, as :func:`llama3_call_grammar`
+    and :func:`react_call_grammar`)."""
+    answer_schema = schema if schema is not None else {"type": "object"}
+    if style == "llama3_json":  # a call is JSON itself: one schema, the calls' shapes or the answer's
+        return json_schema_grammar(_llama3_calls_or(functions, answer_schema))
+    answer = "answer: " + _json_island(answer_schema)
+    if style == "hermes":
+        calls = ['calls: call ("\\n" call)*' if parallel else "calls: call", *_call_rules(functions)]
+    else:
+        head, *rules = react_call_grammar(functions).split("\n")  # "start: call0 | call1 ...", the rules
+        calls = ["calls: " + head.removeprefix("start: "), *rules]
+    return "\n".join(["start: calls | answer", answer, *calls])
+
+
+def _llama3_calls_or(functions: list[dict[str, Any]], answer: dict[str, Any]) -> dict[str, Any]:
+    """A JSON schema for one Llama 3 call to one of ``functions`` (``{"name": ..., "parameters": ...}``)
+    or ``answer``. One schema, not a grammar's alternatives: llguidance's lexer takes a call's literal
+    ``{"name": `` over a JSON island at the same ``{``, and no answer could be written. The answer's
+    ``$defs`` / ``definitions`` move to the root, where its ``#/...`` references look."""
+    if not functions:
+        raise GrammarError("a tool-call grammar needs at least one function")
+    calls = [
+        {
+            "type": "object",
+            "properties": {
+                "name": {"const": fn["name"]},
+                "parameters": fn.get("parameters") or {"type": "object", "properties": {}},
+            },
+            "required": ["name", "parameters"],
+            "additionalProperties": False,
+        }
+        for fn in functions
+    ]
+    defs = {k: answer[k] for k in ("$defs", "definitions") if k in answer}
+    body = {k: v for k, v in answer.items() if k not in defs}
+    return {"anyOf": [*calls, body], **defs}
 
 
 def _call_rules(functions: list[dict[str, Any]]) -> list[str]:
