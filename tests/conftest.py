@@ -3,7 +3,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
+from qwenkit.cli import quiet_library_threads
+
+# torch loads libgomp as `qwenkit serve` and `chat` load it (GOMP_SPINCOUNT, quiet_library_threads): with
+# libgomp's default spin its worker held the core the kernels' worker needs, and the in-process test
+# servers (tests/server/live.py) decoded the tiny chat model at 20-57 tokens/s where `qwenkit serve` on the
+# same model does 140-250 (2 shared cores, 2026-12-07).
+with quiet_library_threads():
+    import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(2)
