@@ -440,3 +440,18 @@ def test_a_kernel_killed_from_outside_says_so(kernel):
     )
     after = kernel.run("'kept' in globals()")
     assert (after.result, after.restarted) == ("False", True)
+
+
+def test_each_cell_prints_to_the_model_whatever_an_earlier_one_did_to_sys_stdout(kernel):
+    """A cell that set ``sys.stdout`` (or ``sys.stderr``) to a StringIO hid every later cell's output,
+    and what it had printed before the swap stayed in the kernel's unflushed buffer: each cell now starts
+    with the kernel's own streams, which are flushed at its end (the StringIO keeps what went to it)."""
+    swap = kernel.run(
+        "import io, sys\nprint('before')\ncaught = io.StringIO()\nsys.stdout = caught\nprint('caught')\n"
+        "print('warn', file=sys.stderr)\nsys.stderr = io.StringIO()\nprint('hidden', file=sys.stderr)"
+    )
+    assert (swap.stdout, swap.stderr) == ("before\n", "warn\n")
+    after = kernel.run("print('next')\nprint('err', file=sys.stderr)\ncaught.getvalue()")
+    assert (after.stdout, after.stderr, after.result) == ("next\n", "err\n", "'caught\\n'")
+    assert kernel.run("sys.stdout = open('log.txt', 'w')\nprint('to the file')").stdout == ""
+    assert kernel.run("print(open('log.txt').read(), end='')").stdout == "to the file\n"
