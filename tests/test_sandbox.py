@@ -183,6 +183,37 @@ def test_workdir_given_by_the_caller_keeps_files_ownership_and_mode(tmp_path: Pa
     assert oct(tmp_path.stat().st_mode & 0o7777) == "0o755"
 
 
+def test_what_a_run_leaves_in_the_callers_directory_is_writable_by_the_caller_alone(tmp_path: Path):
+    """A run could leave a world-writable setgid directory (or a setuid file) in the caller's directory
+    (`chat --code-dir`): handed back to root, it kept its mode, open to every user. Group and other write
+    and the setuid/setgid bits go; a link is not followed (its target outside keeps its mode)."""
+    work, outside = tmp_path / "work", tmp_path / "outside.txt"
+    work.mkdir(mode=0o755)
+    outside.write_text("theirs")
+    outside.chmod(0o666)
+    r = run(
+        f"""
+        import os
+        os.mkdir("shared")
+        os.chmod("shared", 0o2777)
+        open("shared/run.sh", "w").write("echo hi")
+        os.chmod("shared/run.sh", 0o6777)
+        open("plain.txt", "w").write("kept")
+        os.chmod("plain.txt", 0o640)
+        os.symlink({str(outside)!r}, "link")
+        """,
+        workdir=work,
+    )
+    assert r.ok, r.stderr
+    if "uid" not in r.isolation:
+        pytest.skip("the run had our uid: nothing was handed back")
+    modes = {p.name: oct(p.lstat().st_mode & 0o7777) for p in work.rglob("*") if not p.is_symlink()}
+    assert modes == {"shared": "0o755", "run.sh": "0o755", "plain.txt": "0o640"}
+    assert {p.lstat().st_uid for p in work.rglob("*")} == {os.getuid()}
+    assert oct(outside.stat().st_mode & 0o7777) == "0o666"
+    assert oct(work.stat().st_mode & 0o7777) == "0o755"
+
+
 def test_the_work_directory_by_its_path_is_the_callers(tmp_path: Path):
     """HOME and the directory's absolute path reach the caller's directory, as the working directory does:
     under /tmp (the default, and here) they named an empty one in the sandbox's private tmpfs, where files

@@ -440,3 +440,33 @@ def test_a_kernel_killed_from_outside_says_so(kernel):
     )
     after = kernel.run("'kept' in globals()")
     assert (after.result, after.restarted) == ("False", True)
+
+
+def test_each_cell_prints_to_the_model_whatever_an_earlier_one_did_to_sys_stdout(kernel):
+    """A cell that set ``sys.stdout`` (or ``sys.stderr``) to a StringIO hid every later cell's output,
+    and what it had printed before the swap stayed in the kernel's unflushed buffer: each cell now starts
+    with the kernel's own streams, which are flushed at its end (the StringIO keeps what went to it)."""
+    swap = kernel.run(
+        "import io, sys\nprint('before')\ncaught = io.StringIO()\nsys.stdout = caught\nprint('caught')\n"
+        "print('warn', file=sys.stderr)\nsys.stderr = io.StringIO()\nprint('hidden', file=sys.stderr)"
+    )
+    assert (swap.stdout, swap.stderr) == ("before\n", "warn\n")
+    after = kernel.run("print('next')\nprint('err', file=sys.stderr)\ncaught.getvalue()")
+    assert (after.stdout, after.stderr, after.result) == ("next\n", "err\n", "'caught\\n'")
+    assert kernel.run("sys.stdout = open('log.txt', 'w')\nprint('to the file')").stdout == ""
+    assert kernel.run("print(open('log.txt').read(), end='')").stdout == "to the file\n"
+
+
+def test_escape_sequences_leave_the_error_block_and_stay_in_the_output_blocks(tmp_path):
+    """Qwen-Agent strips ANSI escape sequences from the error it sends the model (IPython colours its
+    tracebacks), not from the cell's streams: an exception whose message held colour codes passed them on."""
+    ci = CodeInterpreter(timeout=5, workdir=tmp_path)
+    coloured = "raise ValueError('\\x1b[1;31mbad\\x1b[0m \\x1b]0;title\\x07value\\x1b(B')"
+    assert ci(coloured) == "error:\n\n```\nValueError: bad value\n\n```"
+    streams = ci("import sys\nprint('\\x1b[1mbold\\x1b[0m')\nprint('\\x1b[33mwarn', file=sys.stderr)")
+    assert streams == "stdout:\n\n```\n\x1b[1mbold\x1b[0m\n\n```\n\nstderr:\n\n```\n\x1b[33mwarn\n\n```"
+    assert ci("'\\x1b[31m'") == "execute_result:\n\n```\n'\\x1b[31m'\n```"  # a repr has no escape in it
+    ci.close()
+    linked = "E: \x1b]8;;https://x\x1b\\link\x1b]8;;\x1b\\ \x9b1mé\x85\x1bc\x1b]open\nnext"
+    cell = CellResult("", "", None, linked, None, timed_out=False, output_truncated=False)
+    assert report(cell, 100) == "error:\n\n```\nE: link é\x85\nnext\n\n```"  # a lone C1 stays

@@ -495,11 +495,21 @@ def _return_workdir(work: Path, mode: int) -> None:
         os.chmod(work, mode)
 
 
+# Mode bits a run may not leave on what it hands back: a world-writable setgid directory (or a setuid
+# file) the run made in a user's --code-dir kept its mode when it became the caller's (root's).
+UNSAFE_BITS = stat.S_ISUID | stat.S_ISGID | stat.S_IWGRP | stat.S_IWOTH
+
+
 def _chown_tree(root: Path, uid: int, gid: int) -> None:
+    """``root`` and everything under it to ``uid``, without the run's unsafe mode bits; links are not
+    followed (the run's processes are gone: nothing can swap a file for a link in between)."""
     for dirpath, dirnames, filenames in os.walk(root):
         for name in [dirpath, *(os.path.join(dirpath, n) for n in dirnames + filenames)]:
             with contextlib.suppress(OSError):
                 os.lchown(name, uid, gid)
+                info = os.lstat(name)
+                if not stat.S_ISLNK(info.st_mode) and info.st_mode & UNSAFE_BITS:
+                    os.chmod(name, stat.S_IMODE(info.st_mode) & ~UNSAFE_BITS)
 
 
 # What util-linux's unshare (2.38) says when a SIGKILL ended its child (the OOM killer's, or the caller's

@@ -59,11 +59,13 @@ GARBLED = "its reply was garbled (the cell wrote into the kernel's reply pipe)"
 # each cell (a cell may set its own), and the alarm is off before anything is reported. Errors are
 # reported from the cell's frames (tb_next skips the loop's), with source lines from linecache (cells
 # have no file). The reply echoes the request's id and its texts are valid UTF-8 of at most max_output
-# bytes each. A stream the cell closed, replaced or could not flush (past the file-size limit) is opened
-# afresh, and descriptors 1 and 2 (closed, or redirected by dup2) are set to the output files again at each
-# flush, so that the kernel lives on. A caller that dies without closing it (SIGKILL) hangs up the
-# request pipe, which raises SIGIO: the kernel leaves then, even in the middle of a cell that ignores its
-# alarm (as ipykernel's parent poller).
+# bytes each. Each cell starts with the kernel's own sys.stdout and sys.stderr, whatever an earlier one
+# put there (in Jupyter a StringIO left there hides every later cell's output, which the model cannot tell
+# from silence); at each flush one the cell put there is flushed too, the kernel's own is opened afresh
+# where it was closed or could not flush (past the file-size limit), and descriptors 1 and 2 (closed, or
+# redirected by dup2) are set to the output files again, so that the kernel lives on. A caller that dies
+# without closing it (SIGKILL) hangs up the request pipe, which raises SIGIO: the kernel leaves then, even
+# in the middle of a cell that ignores its alarm (as ipykernel's parent poller).
 _KERNEL = """\
 import os, sys
 def _kernel(fd_in, fd_out):
@@ -79,13 +81,26 @@ def _kernel(fd_in, fd_out):
     def _alarm(signum, frame):
         raise _CellTimeout()
     saved = {1: os.dup(1), 2: os.dup(2)}  # the output files, for a cell that closes or redirects 1 or 2
+    own = {"stdout": sys.stdout, "stderr": sys.stderr}  # the streams each cell starts with
     def _flush():
         for name, fd in (("stdout", 1), ("stderr", 2)):
             os.dup2(saved[fd], fd)
+            current = getattr(sys, name)
+            if current is not own[name]:
+                try:  # the cell's own (a StringIO, os.fdopen(1, "w")); its timeout still stops the cell
+                    current.flush()
+                except _CellTimeout:
+                    raise
+                except BaseException:
+                    pass
             try:
-                getattr(sys, name).flush()
+                own[name].flush()
+            except _CellTimeout:
+                raise
             except BaseException:
-                setattr(sys, name, open(fd, "w", encoding="utf-8", closefd=False))
+                broken, own[name] = own[name], open(fd, "w", encoding="utf-8", closefd=False)
+                if current is broken:
+                    setattr(sys, name, own[name])
     def _text(text, limit, keep_end=False):
         data = text.encode("utf-8", "backslashreplace")  # a lone surrogate is no UTF-8: shown escaped
         if len(data) <= limit:
@@ -159,6 +174,7 @@ def _kernel(fd_in, fd_out):
         cell = json.loads(line)
         limit = cell["max_output"]
         _flush()
+        sys.stdout, sys.stderr = own["stdout"], own["stderr"]
         for fd in (1, 2):
             os.ftruncate(fd, 0)
             os.lseek(fd, 0, 0)

@@ -101,6 +101,13 @@ class CodeInterpreter:
 
 
 FENCED = re.compile(r"```[^\n]*\n(.+?)```", re.DOTALL)
+# ANSI (ECMA-48) escape sequences: CSI (colours, cursor moves; 8-bit CSI too), OSC (a title or a link, up
+# to BEL, ST or the line's end), a charset choice (ESC ( B), any other ESC and the character after it.
+# Qwen-Agent takes them out of the error it sends the model (IPython colours tracebacks), and leaves the
+# cell's streams as they are.
+ANSI = re.compile(
+    r"(?:\x1b\[|\x9b)[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b\n]*(?:\x07|\x1b\\)?|\x1b[ -/]+[0-~]|\x1b[0-~]"
+)
 
 
 def code_arguments(text: str) -> dict[str, str]:
@@ -138,7 +145,7 @@ def report(cell: CellResult, max_output: int) -> str:
     if cell.result is not None:
         blocks.append(("execute_result", cell.result))
     if cell.error is not None:
-        blocks.append(("error", cell.error + "\n"))  # IPython's exception line ends in a newline
+        blocks.append(("error", ANSI.sub("", cell.error) + "\n"))  # IPython's line ends in a newline
     if cell.timed_out:
         blocks.append(("error", TIMEOUT_MESSAGE))
     pieces += [_block(kind, body) for kind, body in blocks if body]
