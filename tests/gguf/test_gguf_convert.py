@@ -179,3 +179,28 @@ def test_gguf_convert_refuses_a_tokenizer_it_cannot_build_before_writing_weights
     with pytest.raises(CheckpointError, match="pre-tokenizer 'deepseek-llm'"):
         convert_gguf_to_hf(path, tmp_path / "out")
     assert saved == [] and sorted(p.name for p in tmp_path.iterdir()) == ["t.gguf"]
+
+
+def test_gguf_convert_keeps_the_sampling_the_file_names(tmp_path, gguf_writer) -> None:
+    """llama.cpp's convert_hf_to_gguf.py writes generation_config.json's temperature, top_p, top_k, min_p
+    and repetition_penalty as ``general.sampling.*`` (float32), and llama.cpp samples with them; the
+    directory made back from such a file named qwenkit's fallback sampling instead (temperature 0.7,
+    top_k 20, repetition_penalty 1.05 where the file said 1.1 and top_k 0)."""
+    import gguf
+
+    model = hf_model("qwen2", vocab_size=len(tiny_vocab()[0]))
+
+    def sampling(w: gguf.GGUFWriter) -> None:
+        w.add_sampling_top_k(0)
+        w.add_sampling_top_p(0.8)
+        w.add_sampling_penalty_repeat(1.1)
+        w.add_sampling_min_p(0.05)
+
+    state = {n: p.detach() for n, p in model.named_parameters()}
+    path = gguf_writer(tmp_path / "t.gguf", "qwen2", model.config.to_dict(), state, Q.F16, extra=sampling)
+    out = convert_gguf_to_hf(path, tmp_path / "out")
+    generation = json.loads((out / "generation_config.json").read_text())
+    sampled = {k: v for k, v in generation.items() if not k.endswith("token_id")}
+    assert sampled == {"do_sample": True, "top_k": 0, "top_p": 0.8, "repetition_penalty": 1.1, "min_p": 0.05}
+    read = transformers.GenerationConfig.from_pretrained(out)
+    assert (read.top_k, read.top_p, read.repetition_penalty, read.min_p) == (0, 0.8, 1.1, 0.05)

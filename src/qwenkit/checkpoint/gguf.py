@@ -235,14 +235,31 @@ class GGUFCheckpoint:
         return config
 
 
+# llama.cpp's sampling keys (convert_hf_to_gguf.py writes them from generation_config.json; llama.cpp
+# samples with them) -> generation_config.json's names, as that converter maps them the other way
+SAMPLING_KEYS = {
+    "general.sampling.temp": "temperature",
+    "general.sampling.top_p": "top_p",
+    "general.sampling.top_k": "top_k",
+    "general.sampling.min_p": "min_p",
+    "general.sampling.penalty_repeat": "repetition_penalty",
+}
+
+
 def generation_config_to_save(ckpt: GGUFCheckpoint) -> dict[str, Any]:
     """generation_config.json for a directory made from a GGUF file: its special ids and the sampling the
-    file runs with (it carries none; a config without ``do_sample`` would make the directory decode
-    greedily, as transformers reads it, where the file sampled)."""
+    file runs with (a config without ``do_sample`` would make the directory decode greedily, as
+    transformers reads it, where the file sampled). A file that names its sampling (``general.sampling.*``,
+    which llama.cpp's converter writes from the source's generation_config.json) gets exactly that back;
+    one that names none gets the sampling qwenkit runs it with."""
     from qwenkit.default_model import sampling_without_config
 
-    sampling = sampling_without_config(ckpt.path)
     out: dict[str, Any] = {**ckpt.generation_config, "do_sample": True, "top_k": 0}  # 0: off, as unset here
+    named = {hf: ckpt.metadata[key] for key, hf in SAMPLING_KEYS.items() if key in ckpt.metadata}
+    if named:
+        # float32 in the file: 0.800000011920929 is the 0.8 the converter read
+        return {**out, **{k: float(f"{v:.7g}") if isinstance(v, float) else v for k, v in named.items()}}
+    sampling = sampling_without_config(ckpt.path)
     for key in ("temperature", "top_p", "top_k", "repetition_penalty"):
         if key in sampling:
             out[key] = sampling[key]
