@@ -20,7 +20,7 @@ import statistics
 import subprocess
 import sys
 
-from qwenkit.cli import OPENMP_SPIN_COUNT
+from qwenkit.library_threads import OPENMP_SPIN_COUNT
 
 CHILD = r"""
 import json, statistics, sys, time

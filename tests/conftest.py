@@ -3,7 +3,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from qwenkit.cli import quiet_library_threads
+from qwenkit.library_threads import quiet_library_threads
 
 # torch loads libgomp as `qwenkit serve` and `chat` load it (GOMP_SPINCOUNT, quiet_library_threads): with
 # libgomp's default spin its worker held the core the kernels' worker needs, and the in-process test

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from qwenkit.cli import OPENMP_SPIN_COUNT
+from qwenkit.library_threads import OPENMP_SPIN_COUNT
 
 PROBE = r"""
 import json, os, sys
@@ -87,3 +87,42 @@ def test_nothing_is_set_once_torch_is_already_loaded():
     # torch imported before the CLI: the finder never sees its import, and the variable is never set
     expected = {"at_import": [], "after": None, "torch": "torch", "blas_at_import": [], "blas_after": None}
     assert without_threads(probe("torch-first")) == expected
+
+
+API_PROBE = r"""
+import json, os, sys
+seen = []
+class Spy:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            seen.append(os.environ.get("GOMP_SPINCOUNT"))
+        return None
+if sys.argv[1] == "torch-first":
+    import torch
+sys.meta_path.insert(0, Spy())
+from qwenkit.generate import LLM
+print(json.dumps({"at_import": seen[:1], "after": os.environ.get("GOMP_SPINCOUNT"),
+                  "blas": os.environ.get("OPENBLAS_NUM_THREADS")}))
+"""
+
+
+@pytest.mark.parametrize(
+    "case, env, expected",
+    [
+        ("fresh", {}, {"at_import": [OPENMP_SPIN_COUNT], "after": OPENMP_SPIN_COUNT, "blas": None}),
+        ("fresh", {"GOMP_SPINCOUNT": "77"}, {"at_import": ["77"], "after": "77", "blas": None}),
+        ("fresh", {"OMP_WAIT_POLICY": "passive"}, {"at_import": [None], "after": None, "blas": None}),
+        ("torch-first", {}, {"at_import": [], "after": None, "blas": None}),
+    ],
+)
+def test_the_python_api_loads_torch_with_the_bounded_spin_too(case, env, expected):
+    """`from qwenkit.generate import LLM` before torch: libgomp loads with the commands' spin (it loaded
+    with libgomp's default, and a program's LLM decoded the tiny test model at 34-57 tokens/s where the
+    commands do 174-245). Numpy's OpenBLAS is the program's own business there: left alone."""
+    mine = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "OPENBLAS_NUM_THREADS")
+    clean = {k: v for k, v in os.environ.items() if k not in mine}
+    r = subprocess.run(
+        [sys.executable, "-c", API_PROBE, case], env=clean | env, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == expected

@@ -1,1 +1,5 @@
 """qwenkit."""
+
+from qwenkit.library_threads import before_torch
+
+before_torch()

@@ -10,8 +10,8 @@ import gc
 import importlib
 import os
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
+
+from qwenkit.library_threads import quiet_library_threads
 
 COMMANDS = {
     "generate": "continue a prompt (streams text, then a speed summary)",
@@ -118,49 +118,6 @@ def _import_without_gc(name: str):
     finally:
         gc.freeze()
         gc.enable()
-
-
-# Spins of an OpenMP worker waiting for the next parallel region before it sleeps (libgomp's own default
-# is 300000, some milliseconds).
-OPENMP_SPIN_COUNT = "10000"
-# The variables set while torch is first imported, each with the ones that, when the user set any,
-# leave it alone.
-IMPORT_SETTINGS = {
-    "GOMP_SPINCOUNT": (OPENMP_SPIN_COUNT, ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")),
-    "OPENBLAS_NUM_THREADS": ("1", ("OPENBLAS_NUM_THREADS",)),
-}
-
-
-@contextmanager
-def quiet_library_threads() -> Iterator[None]:
-    """Within: torch's first import loads libgomp with ``GOMP_SPINCOUNT`` at OPENMP_SPIN_COUNT, and
-    numpy's OpenBLAS (torch imports numpy) with one thread, each unless the user set it (IMPORT_SETTINGS);
-    after, the variables are gone again, so child processes (the code sandbox, a peer in a benchmark) see
-    the user's environment.
-
-    Why the spin: in `chat` and `serve` the engine's driver thread runs torch's small ops on OpenMP and
-    the kernels' matrix products on their own workers (csrc/worker_pool.h, WorkerPool). With libgomp's
-    default its worker keeps spinning for milliseconds after each op and holds the core the kernels'
-    worker needs: a short prompt's first token took 55-90 ms on the bundled model instead of 26-46 (2
-    cores, 2026-12-01). Ten thousand spins still bridge the gaps between torch's ops in a plain-PyTorch
-    step (its decode rate unchanged, where OMP_WAIT_POLICY=PASSIVE cut it by a third). libgomp reads the
-    variable once, when it is loaded, hence at the import.
-
-    Why OpenBLAS: qwenkit never multiplies with numpy, but OpenBLAS starts a worker per core when numpy
-    loads, and each spins about 0.1 s of CPU before it sleeps, beside torch's import: `qwenkit chat -p`
-    on the bundled model used 0.1 s less CPU and started 10-20 ms sooner with one (2 cores, 2026-12-04).
-    """
-    if "torch" in sys.modules:
-        yield
-        return
-    ours = [name for name, (_, user) in IMPORT_SETTINGS.items() if not any(u in os.environ for u in user)]
-    for name in ours:
-        os.environ[name] = IMPORT_SETTINGS[name][0]
-    try:
-        yield
-    finally:
-        for name in ours:
-            os.environ.pop(name, None)
 
 
 def run_command(entry, argv: list[str]) -> int:
