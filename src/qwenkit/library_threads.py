@@ -63,8 +63,9 @@ def quiet_library_threads() -> Iterator[None]:
 def before_torch() -> None:
     """Run when the package is imported: where torch is not loaded yet and the user set no spin of their
     own, set ``GOMP_SPINCOUNT`` for the torch import to come, so that a program using qwenkit from Python
-    (``LLM``, an app around ``create_app``) gets the decode rate the commands get (the tiny test model:
-    34-57 tokens/s with libgomp's default, 174-245 with this, 2 cores, 2026-12-07). It stays set: no hook
+    (``LLM``, an app around ``create_app``) gets the decode rate the commands get (on 2 busy cores the tiny
+    test model: 34-57 tokens/s with libgomp's default, 174-245 with this; on 2 quiet ones the bundled
+    model: 157-213 against 183-221, 2026-12-07). It stays set: no hook
     runs after the program's own ``import torch``. Threads of numpy's OpenBLAS are left alone here, as
     the program may multiply with numpy itself. A command's import (quiet_library_threads) takes it back
     after torch is loaded, as it does its own."""
