@@ -54,8 +54,12 @@ def tokenizer_for(source: CheckpointSource | str | Path) -> Tokenizer:
             return load_tokenizer(source)
         source = open_checkpoint(source)
     if isinstance(source, GGUFCheckpoint):
+        # the sampling the file names is its model's defaults, read as a generation_config.json's
         return HFTokenizer(
-            source.tokenizer, source.tokenizer_config, None, end_of_generation=source.end_of_generation_ids
+            source.tokenizer,
+            source.tokenizer_config,
+            source.sampling_config,
+            end_of_generation=source.end_of_generation_ids,
         )
     return load_tokenizer(source.path)
 
@@ -252,15 +256,17 @@ class LLM:
         """Sampling defaults from generation_config.json, overridden by the caller's values (None: unset).
 
         A generation_config.json that leaves values out gets transformers' defaults for them (greedy
-        unless ``do_sample`` is true). A model with no such file (a GGUF, say) gets its publisher's
-        recommended settings where qwenkit knows them (the bundled model), else moderate chat sampling.
+        unless ``do_sample`` is true). A GGUF file's ``general.sampling.*`` keys are read as such a file
+        (``GGUFCheckpoint.sampling_config``), as llama.cpp samples with them. A model with neither (a
+        GGUF that names no sampling, say) gets its publisher's recommended settings where qwenkit knows
+        them (the bundled model), else moderate chat sampling.
         """
         if not self.tokenizer.has_generation_config:
             defaults = dict(self.fallback_sampling)
         else:
             found = self.tokenizer.generation_defaults
             defaults = dict(TRANSFORMERS_DEFAULTS)
-            for key in ("temperature", "top_p", "top_k", "repetition_penalty"):
+            for key in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
                 if key in found:
                     defaults[key] = found[key]
             if "max_new_tokens" in found:

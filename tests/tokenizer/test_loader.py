@@ -52,6 +52,8 @@ def test_broken_config(tmp_path):
         # once 'temperature must be a number, got 'hot'', naming an option the user never passed
         ({"do_sample": True, "temperature": "hot"}, "temperature must be a number, not 'hot'"),
         ({"do_sample": True, "top_k": 1.5}, "top_k must be a whole number, not 1.5"),
+        # min_p is read as a default since it is taken from a GGUF file's general.sampling.min_p too
+        ({"do_sample": True, "min_p": "low"}, "min_p must be a number, not 'low'"),
         ({"max_new_tokens": "many"}, "max_new_tokens must be a whole number, not 'many'"),
         # once truthy: a config that said "false" sampled
         ({"do_sample": "false", "temperature": 0.7}, "do_sample must be true or false, not 'false'"),

@@ -234,6 +234,32 @@ class GGUFCheckpoint:
             config["eos_token_id"] = ends
         return config
 
+    @property
+    def named_sampling(self) -> dict[str, Any]:
+        """The sampling settings the file names (``general.sampling.*``) under generation_config.json's
+        names, each float32 rounded back to the decimal llama.cpp's converter read (0.800000011920929 is
+        0.8)."""
+        named = {}
+        for key, hf in SAMPLING_KEYS.items():
+            v = self.metadata.get(key)
+            if v is None:
+                continue
+            whole = isinstance(v, int) and not isinstance(v, bool)
+            if not (whole or (isinstance(v, float) and hf != "top_k")):  # as the file would be refused
+                what = "a whole number" if hf == "top_k" else "a number"
+                raise GGUFError(f"{self.path}: {key} must be {what}, not {v!r}")
+            named[hf] = float(f"{v:.7g}") if isinstance(v, float) else v
+        return named
+
+    @property
+    def sampling_config(self) -> dict[str, Any] | None:
+        """generation_config.json's sampling keys for the sampling the file names: the model's defaults,
+        as llama.cpp samples with them and as a directory's generation_config.json is read; None where
+        it names none. What it leaves out is off or transformers' default, as in such a file (``top_k``
+        0: llama.cpp's converter writes it only where the source named one)."""
+        named = self.named_sampling
+        return {"do_sample": True, "top_k": 0, **named} if named else None
+
 
 # llama.cpp's sampling keys (convert_hf_to_gguf.py writes them from generation_config.json; llama.cpp
 # samples with them) -> generation_config.json's names, as that converter maps them the other way
@@ -254,11 +280,10 @@ def generation_config_to_save(ckpt: GGUFCheckpoint) -> dict[str, Any]:
     one that names none gets the sampling qwenkit runs it with."""
     from qwenkit.default_model import sampling_without_config
 
+    named = ckpt.sampling_config
+    if named is not None:
+        return {**ckpt.generation_config, **named}
     out: dict[str, Any] = {**ckpt.generation_config, "do_sample": True, "top_k": 0}  # 0: off, as unset here
-    named = {hf: ckpt.metadata[key] for key, hf in SAMPLING_KEYS.items() if key in ckpt.metadata}
-    if named:
-        # float32 in the file: 0.800000011920929 is the 0.8 the converter read
-        return {**out, **{k: float(f"{v:.7g}") if isinstance(v, float) else v for k, v in named.items()}}
     sampling = sampling_without_config(ckpt.path)
     for key in ("temperature", "top_p", "top_k", "repetition_penalty"):
         if key in sampling:

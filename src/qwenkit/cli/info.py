@@ -63,6 +63,9 @@ def describe(path: str, tensor_parallel: int = 1) -> str:
     if tensor_types:
         counts = Counter(tensor_types.values()).most_common()
         rows.append(("GGUF tensor types", ", ".join(f"{kind} x{n}" for kind, n in counts)))
+    named = getattr(source, "named_sampling", None)  # a GGUF file's general.sampling.* keys
+    if named is not None:
+        rows.append(("sampling (the file's)", _sampling(named)))
     width = max(len(k) for k, _ in rows)
     out = [f"model: {path}", ""] + [f"  {k:<{width}}  {v}" for k, v in rows]
     out += ["", "memory of the weights:", *_as_stored(source)]
@@ -103,6 +106,13 @@ def describe(path: str, tensor_parallel: int = 1) -> str:
     nowhere = " in the model directory" if Path(path).is_dir() else ": the file has no general.license key"
     out.append(f"  {lic.name}: {lic.terms} (from {lic.source})" if lic else f"  none found{nowhere}")
     return "\n".join(out)
+
+
+def _sampling(named: dict) -> str:
+    """The file's sampling settings, which chat, generate and serve default to as llama.cpp does."""
+    if not named:
+        return "none named (qwenkit's defaults apply)"
+    return ", ".join(f"{k} {v:g}" for k, v in named.items())
 
 
 def _quantization(q: dict) -> str:

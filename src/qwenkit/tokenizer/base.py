@@ -12,7 +12,15 @@ from qwenkit.tokenizer import chat_template as ct
 from qwenkit.tokenizer.errors import TokenizerError
 
 # Keys of generation_config.json that describe sampling; engines read them as defaults.
-GENERATION_KEYS = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens")
+GENERATION_KEYS = (
+    "do_sample",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "max_new_tokens",
+)
 # Tokens that close a chat turn in the templates we know; one of them found in the template is a stop token.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
 # tokenizer_config.json keys that transformers passes to templates (as its `special_tokens_map`).

@@ -46,6 +46,7 @@ def check_generation_config(path: Path, data: dict[str, Any]) -> None:
         "do_sample": (lambda v: isinstance(v, bool), "true or false"),
         "temperature": (number, "a number"),
         "top_p": (number, "a number"),
+        "min_p": (number, "a number"),
         "repetition_penalty": (number, "a number"),
         "top_k": (whole, "a whole number"),
         "max_new_tokens": (whole, "a whole number"),
