@@ -142,5 +142,9 @@ def test_a_sampling_key_of_the_wrong_type_is_refused_by_name(tmp_path) -> None:
     from qwenkit.checkpoint.gguf import GGUFError
 
     path = _write(tmp_path / "bad.gguf", lambda w: w.add_string("general.sampling.temp", "0.8"))
-    with pytest.raises(GGUFError, match=r"bad.gguf: general.sampling.temp must be a number, not '0.8'$"):
+    message = r"bad.gguf: general.sampling.temp must be a number, not '0.8'$"
+    with pytest.raises(GGUFError, match=message):
         LLM.load(path, dtype="float32", max_seq_len=64, progress=False)
+    with pytest.raises(GGUFError, match=message):  # it wrote the string into generation_config.json
+        convert_gguf_to_hf(path, tmp_path / "hf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.gguf"]  # nothing half-written
