@@ -324,3 +324,44 @@ def test_calls_or_json_takes_a_call_in_the_templates_format_or_the_answer(llm, s
     assert accepts(call) and accepts('{"answer":"sunny"}')
     assert not accepts('{"answer":"cloudy"}')  # the $defs' maxLength holds
     assert not accepts("It is sunny.") and not accepts(call.replace('"a":1', '"a":"x"'))
+
+
+@pytest.mark.parametrize("style", ["hermes", "llama3_json", "react"])
+def test_calls_or_json_resolves_each_functions_own_defs(llm, style):
+    """A function whose parameters refer to their own ``$defs`` (as pydantic writes them), beside an
+    answer whose ``$defs`` hold another thing under the same name: each ``#/$defs/...`` is its own
+    schema's. Llama 3's single schema resolved a function's reference at its root, where there was none
+    (or the answer's): the grammar was refused."""
+    compiler = enable_grammars(llm)
+    day = {"type": "object", "properties": {"day": {"type": "integer"}}, "required": ["day"]}
+    book = {
+        "name": "book",
+        "parameters": {
+            "type": "object",
+            "properties": {"when": {"$ref": "#/$defs/word"}},
+            "required": ["when"],
+            "$defs": {"word": day},
+        },
+    }
+    answer = {
+        "type": "object",
+        "properties": {"answer": {"$ref": "#/$defs/word"}},
+        "required": ["answer"],
+        "$defs": {"word": {"type": "string", "maxLength": 5}},
+    }
+    grammar = calls_or_json_grammar([book], answer, style=style)
+    compiler.check(grammar)
+
+    def accepts(text: str) -> bool:
+        matcher = llguidance.LLMatcher(compiler.lltokenizer, grammar, log_level=0)
+        ids = compiler.lltokenizer.tokenize_str(text)
+        return all(matcher.consume_token(t) for t in ids) and matcher.is_accepting()
+
+    args = '{"when":{"day":3}}'
+    call = {
+        "hermes": f'<tool_call>\n{{"name": "book", "arguments": {args}}}\n</tool_call>',
+        "llama3_json": f'{{"name":"book","parameters":{args}}}',
+        "react": f"Action: book\nAction Input: {args}",
+    }[style]
+    assert accepts(call) and accepts('{"answer":"sunny"}')
+    assert not accepts(call.replace('{"day":3}', '"sunny"')) and not accepts('{"answer":{"day":3}}')

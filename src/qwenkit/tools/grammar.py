@@ -149,8 +149,9 @@ def calls_or_json_grammar(
 def _llama3_calls_or(functions: list[dict[str, Any]], answer: dict[str, Any]) -> dict[str, Any]:
     """A JSON schema for one Llama 3 call to one of ``functions`` (``{"name": ..., "parameters": ...}``)
     or ``answer``. One schema, not a grammar's alternatives: llguidance's lexer takes a call's literal
-    ``{"name": `` over a JSON island at the same ``{``, and no answer could be written. The answer's
-    ``$defs`` / ``definitions`` move to the root, where its ``#/...`` references look."""
+    ``{"name": `` over a JSON island at the same ``{``, and no answer could be written. Each function's
+    parameters and the answer are a resource of their own (``$id``), so that a ``#/$defs/...`` reference
+    in each resolves in that schema, as it does in an island of its own."""
     if not functions:
         raise GrammarError("a tool-call grammar needs at least one function")
     calls = [
@@ -158,16 +159,17 @@ def _llama3_calls_or(functions: list[dict[str, Any]], answer: dict[str, Any]) ->
             "type": "object",
             "properties": {
                 "name": {"const": fn["name"]},
-                "parameters": fn.get("parameters") or {"type": "object", "properties": {}},
+                "parameters": {
+                    "$id": f"urn:qwenkit:call{i}",
+                    **(fn.get("parameters") or {"type": "object", "properties": {}}),
+                },
             },
             "required": ["name", "parameters"],
             "additionalProperties": False,
         }
-        for fn in functions
+        for i, fn in enumerate(functions)
     ]
-    defs = {k: answer[k] for k in ("$defs", "definitions") if k in answer}
-    body = {k: v for k, v in answer.items() if k not in defs}
-    return {"anyOf": [*calls, body], **defs}
+    return {"anyOf": [*calls, {"$id": "urn:qwenkit:answer", **answer}]}
 
 
 def _call_rules(functions: list[dict[str, Any]]) -> list[str]:
