@@ -1,8 +1,8 @@
 """The user's cache directories, worked out in one place.
 
-A leaf like ``errors.py``: it imports nothing of qwenkit but ``errors``, so every layer (``kernels/``
-included) may use it. ``cache_root()`` holds what qwenkit derives from checkpoints and data (parsed GGUF
-headers, prepared models, benchmark wheels): ``$QWENKIT_CACHE``, else ``~/.cache/qwenkit``.
+A leaf like ``errors.py``: it imports nothing of qwenkit but the leaves ``errors`` and ``notes``, so every
+layer (``kernels/`` included) may use it. ``cache_root()`` holds what qwenkit derives from checkpoints and
+data (parsed GGUF headers, prepared models, benchmark wheels): ``$QWENKIT_CACHE``, else ``~/.cache/qwenkit``.
 ``home_cache()`` is the ``~/.cache`` under it, which the kernels' build cache also starts from.
 
 Without ``HOME``, Python takes the home directory from the password database; a container run under an
@@ -14,10 +14,10 @@ that only makes starts faster asks :func:`cache_root_or_none` instead and runs w
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 from qwenkit.errors import QwenkitError
+from qwenkit.notes import say_once
 
 ENV = "QWENKIT_CACHE"
 
@@ -42,16 +42,6 @@ def cache_root() -> Path:
     """``$QWENKIT_CACHE``, else ``~/.cache/qwenkit``; NoCacheDirError when neither can be known."""
     named = os.environ.get(ENV)
     return Path(named) if named else home_cache() / "qwenkit"
-
-
-_said: set[str] = set()
-
-
-def say_once(message: str) -> None:
-    """``message`` on stderr the first time this process says it."""
-    if message not in _said:
-        _said.add(message)
-        print(f"qwenkit: {message}", file=sys.stderr)
 
 
 def cache_root_or_none() -> Path | None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from factories import hf_model
 
-from qwenkit import user_cache
+from qwenkit import notes, user_cache
 from qwenkit.checkpoint import gguf_index, prepared_cache
 from qwenkit.checkpoint.gguf import read_gguf
 from qwenkit.evaluate import data
@@ -39,7 +39,7 @@ def homeless(monkeypatch):
         raise KeyError(f"getpwuid(): uid not found: {uid}")
 
     monkeypatch.setattr(pwd, "getpwuid", unknown)
-    monkeypatch.setattr(user_cache, "_said", set())
+    notes.say_once.cache_clear()
 
 
 def test_the_cache_root_is_qwenkit_cache_else_under_the_home(monkeypatch, tmp_path):
@@ -58,6 +58,15 @@ def test_without_a_home_the_cache_root_is_one_line_naming_the_fix(homeless, caps
     assert user_cache.cache_root_or_none() is None and user_cache.cache_root_or_none() is None
     assert capsys.readouterr().err == f"qwenkit: {NO_HOME}; running without the cache (slower starts)\n"
 
+
+
+def test_a_note_is_said_once_whichever_layer_says_it(homeless, capsys):
+    """One once-per-process note for every layer (qwenkit.notes): the cache's note and the same line said
+    by another layer (the loader, the kernels' build) come out once, not once per module's own memory."""
+    note = f"{NO_HOME}; running without the cache (slower starts)"
+    notes.say_once(note)
+    assert user_cache.cache_root_or_none() is None
+    assert capsys.readouterr().err == f"qwenkit: {note}\n"
 
 def test_qwenkit_cache_is_enough_without_a_home(homeless, monkeypatch, tmp_path):
     monkeypatch.setenv("QWENKIT_CACHE", str(tmp_path))

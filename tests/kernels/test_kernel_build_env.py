@@ -11,13 +11,13 @@ import pytest
 from test_kernel_build import LEVEL, fake_cache, needs_isa  # noqa: F401
 from test_kernel_build_failures import fake_compiler
 
-from qwenkit import user_cache
+from qwenkit import notes
 from qwenkit.kernels import build
 
 
 @pytest.fixture(autouse=True)
 def _fresh_notes(monkeypatch):
-    monkeypatch.setattr(user_cache, "_said", set())
+    notes.say_once.cache_clear()
 
 
 def test_a_cxx_that_names_nothing_is_said_once_with_the_compiler_used(monkeypatch, capsys):

@@ -42,7 +42,8 @@ from pathlib import Path
 
 import torch
 
-from qwenkit.user_cache import NoCacheDirError, home_cache, say_once
+from qwenkit.notes import say_once
+from qwenkit.user_cache import NoCacheDirError, home_cache
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCE = CSRC / "cpu_kernels.cpp"
