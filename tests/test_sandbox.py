@@ -214,6 +214,31 @@ def test_what_a_run_leaves_in_the_callers_directory_is_writable_by_the_caller_al
     assert oct(work.stat().st_mode & 0o7777) == "0o755"
 
 
+def test_the_callers_own_files_in_its_directory_keep_their_group_and_mode(tmp_path: Path):
+    """Only what the run owns is handed back: the caller's own files there (a group's shared setgid
+    directory, a group-writable file) lost their group to the caller's and their group write and setgid
+    bits to the hand-back, though the run could change neither."""
+    work = tmp_path / "work"
+    work.mkdir(mode=0o755)
+    (work / "team").mkdir()
+    (work / "notes.txt").write_text("ours")
+    os.chown(work / "team", -1, 100)
+    os.chown(work / "notes.txt", -1, 100)
+    (work / "team").chmod(0o2775)
+    (work / "notes.txt").chmod(0o664)
+    r = run("open('made.txt', 'w').write('run')", workdir=work)
+    assert r.ok, r.stderr
+    if "uid" not in r.isolation:
+        pytest.skip("the run had our uid: nothing was handed back")
+    owned = {p.name: (oct(p.stat().st_mode & 0o7777), p.stat().st_gid) for p in work.iterdir()}
+    assert owned == {
+        "team": ("0o2775", 100),
+        "notes.txt": ("0o664", 100),
+        "made.txt": ("0o644", os.getgid()),
+    }
+    assert (work / "made.txt").stat().st_uid == os.getuid()
+
+
 def test_the_work_directory_by_its_path_is_the_callers(tmp_path: Path):
     """HOME and the directory's absolute path reach the caller's directory, as the working directory does:
     under /tmp (the default, and here) they named an empty one in the sandbox's private tmpfs, where files

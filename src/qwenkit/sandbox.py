@@ -129,6 +129,7 @@ def _hidden_prefix(interpreter: str) -> str:
 
 
 UID_BASE = 61000  # dedicated uids for runs when we are root (61000 .. 61999)
+UID_COUNT = 1000
 SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 
@@ -352,7 +353,7 @@ def _run_uid() -> int:
     evaluations, a chat beside them) killed each other's programs with ``_kill_uid`` and shared files."""
     with _uid_lock:
         while True:
-            uid = UID_BASE + secrets.randbelow(1000)
+            uid = UID_BASE + secrets.randbelow(UID_COUNT)
             if uid in _uids_in_use:
                 continue
             fd = _lock_uid(uid)
@@ -501,11 +502,16 @@ UNSAFE_BITS = stat.S_ISUID | stat.S_ISGID | stat.S_IWGRP | stat.S_IWOTH
 
 
 def _chown_tree(root: Path, uid: int, gid: int) -> None:
-    """``root`` and everything under it to ``uid``, without the run's unsafe mode bits; links are not
-    followed (the run's processes are gone: nothing can swap a file for a link in between)."""
+    """What a run owns under ``root`` (``root``, lent to it, and what it made) to ``uid``, without the run's
+    unsafe mode bits; the caller's own files there keep their owner, group and mode (the run could change
+    none of them). Links are not followed (the run's processes are gone: nothing can swap a file for a
+    link in between)."""
+    runs = range(UID_BASE, UID_BASE + UID_COUNT)  # a run's, or one a killed process never handed back
     for dirpath, dirnames, filenames in os.walk(root):
         for name in [dirpath, *(os.path.join(dirpath, n) for n in dirnames + filenames)]:
             with contextlib.suppress(OSError):
+                if os.lstat(name).st_uid not in runs:
+                    continue
                 os.lchown(name, uid, gid)
                 info = os.lstat(name)
                 if not stat.S_ISLNK(info.st_mode) and info.st_mode & UNSAFE_BITS:
