@@ -34,6 +34,23 @@ def test_a_cxx_that_names_nothing_is_said_once_with_the_compiler_used(monkeypatc
     assert build.compiler() == shutil.which("g++") and capsys.readouterr().err == ""
 
 
+def test_no_compiler_where_cxx_names_nothing_says_cxx_is_the_fix(monkeypatch):
+    """With CXX set to something not installed and no g++ or c++, the line said "set CXX" (it was set)."""
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setenv("CXX", "clang++-17")
+    with pytest.raises(build.KernelBuildError) as e:
+        build.ensure_built(LEVEL, announce=False)
+    assert (
+        str(e.value)
+        == "no C++ compiler found (CXX='clang++-17' names nothing runnable; install g++ or fix CXX)"
+    )
+    monkeypatch.delenv("CXX")
+    with pytest.raises(
+        build.KernelBuildError, match=r"^no C\+\+ compiler found \(install g\+\+ or set CXX\)$"
+    ):
+        build.ensure_built(LEVEL, announce=False)
+
+
 @needs_isa
 def test_cxx_may_be_a_launcher_and_a_compiler_as_build_systems_take_it(monkeypatch, tmp_path, loaded):
     """CXX="ccache g++" (a launcher, then the compiler) used to resolve to nothing and fall back to g++;

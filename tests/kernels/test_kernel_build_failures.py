@@ -186,7 +186,9 @@ def test_generate_without_a_compiler_answers_as_the_plain_path_exactly(tmp_path)
     got.pop("timings"), want.pop("timings")
     assert len(got["output_token_ids"]) == 8 and got == want
     notes = [line for line in fallback.stderr.splitlines() if line.startswith("qwenkit")]
-    why = build.missing_isa() or "no C++ compiler found (install g++ or set CXX)"
+    why = build.missing_isa() or (
+        "no C++ compiler found (CXX='no-such-compiler' names nothing runnable; install g++ or fix CXX)"
+    )
     assert notes == [f"qwenkit: CPU kernels unavailable: {why}; using the plain PyTorch path"]
     assert not cache.exists()
 

@@ -155,7 +155,9 @@ def test_why_the_kernels_are_off_is_said_once_for_the_whole_profile(tiny, tmp_pa
     assert main(argv) == 0
     out, err = capsys.readouterr()
     notes = [line for line in err.splitlines() if not line.startswith("qwenkit profile: ")]
-    why = build.missing_isa() or "no C++ compiler found (install g++ or set CXX)"
+    why = build.missing_isa() or (
+        "no C++ compiler found (CXX='no-such-compiler' names nothing runnable; install g++ or fix CXX)"
+    )
     assert notes == [f"qwenkit: CPU kernels unavailable: {why}; using the plain PyTorch path"]
     table = [line for line in out.splitlines() if line.startswith("| ")]
     assert table[1].startswith("| bfloat16 | bfloat16 | dense F.linear (bfloat16) x15 |"), table[1]

@@ -181,7 +181,7 @@ def compiler() -> str | None:
     is none. CXX is a path or a name on PATH, and may carry a launcher or arguments as build systems take
     it ("ccache g++", "g++ -fuse-ld=gold"). A CXX that names nothing runnable is said once, with the
     compiler used instead."""
-    named = os.environ.get("CXX", "").strip()
+    named = _named_cxx()
     if named:
         whole = shutil.which(named)  # a path with spaces in it
         try:
@@ -198,6 +198,10 @@ def compiler() -> str | None:
                 say_once(f"CXX={named!r} was not found; building the CPU kernels with {found}")
             return found
     return None
+
+
+def _named_cxx() -> str:
+    return os.environ.get("CXX", "").strip()
 
 
 def _command(cxx: str) -> list[str]:
@@ -346,7 +350,13 @@ def ensure_built(level: str, announce: bool = True) -> Path:
     One process compiles an entry at a time: the others wait on its lock file and take its result."""
     cxx = compiler()
     if cxx is None:
-        raise KernelBuildError("no C++ compiler found (install g++ or set CXX)")
+        named = _named_cxx()
+        fix = (
+            f"CXX={named!r} names nothing runnable; install g++ or fix CXX"
+            if named
+            else "install g++ or set CXX"
+        )
+        raise KernelBuildError(f"no C++ compiler found ({fix})")
     entry = _build_root() / cache_key(compiler_version(cxx), level)
     lib = cached_library(entry)
     if lib is not None:
