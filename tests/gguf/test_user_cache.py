@@ -59,7 +59,6 @@ def test_without_a_home_the_cache_root_is_one_line_naming_the_fix(homeless, caps
     assert capsys.readouterr().err == f"qwenkit: {NO_HOME}; running without the cache (slower starts)\n"
 
 
-
 def test_a_note_is_said_once_whichever_layer_says_it(homeless, capsys):
     """One once-per-process note for every layer (qwenkit.notes): the cache's note and the same line said
     by another layer (the loader, the kernels' build) come out once, not once per module's own memory."""
@@ -67,6 +66,7 @@ def test_a_note_is_said_once_whichever_layer_says_it(homeless, capsys):
     notes.say_once(note)
     assert user_cache.cache_root_or_none() is None
     assert capsys.readouterr().err == f"qwenkit: {note}\n"
+
 
 def test_qwenkit_cache_is_enough_without_a_home(homeless, monkeypatch, tmp_path):
     monkeypatch.setenv("QWENKIT_CACHE", str(tmp_path))
