@@ -37,9 +37,86 @@ DOMPurify.addHook("afterSanitizeAttributes", (node) => {
   }
 });
 
+const toHtml = (markdown) => DOMPurify.sanitize(marked.parse(markdown), SANITIZE);
+const tokensToHtml = (tokens) => (tokens.length ? DOMPurify.sanitize(marked.parser(tokens), SANITIZE) : "");
+
 /** Replace `element`'s content with `markdown` rendered and sanitized. */
 export function renderMarkdown(element, markdown) {
-  element.innerHTML = DOMPurify.sanitize(marked.parse(markdown), SANITIZE);
+  element.innerHTML = toHtml(markdown);
+}
+
+/**
+ * Markdown that grows while it streams, shown in `element`. Redrawing the whole text each frame cost work
+ * that grew with the answer and took away any selection the reader had made in it; here the blocks that
+ * later text can no longer change keep their nodes, and only the open ones at the end are drawn again.
+ * The end result is checked against the whole text rendered at once (`end`).
+ */
+export class MarkdownStream {
+  constructor(element) {
+    this.element = element;
+    this.reset();
+  }
+
+  reset() {
+    this.element.replaceChildren();
+    this.source = ""; // the markdown of the finished blocks
+    this.html = ""; // their HTML, as shown
+    this.live = []; // the nodes of the open blocks at the end
+    this.liveHtml = "";
+    this.whole = false; // a link reference definition seen: it may change any block, earlier ones included
+  }
+
+  /** Show `markdown`, which usually extends the text shown before. */
+  update(markdown) {
+    markdown = markdown.replace(/\r\n?/g, "\n"); // as marked's lexer reads it: block boundaries line up
+    if (this.whole) {
+      this.element.innerHTML = toHtml(markdown);
+      return;
+    }
+    if (!markdown.startsWith(this.source)) this.reset();
+    const tokens = marked.lexer(markdown.slice(this.source.length));
+    if (Object.keys(tokens.links).length) {
+      this.whole = true;
+      this.update(markdown);
+      return;
+    }
+    // A block is finished once two more blocks follow it: the next one alone may be a line still being
+    // written, which can turn out to continue it ("Para\n#" is a heading after a paragraph, "Para\n#a"
+    // one paragraph).
+    let cut = tokens.length;
+    for (let blocks = 0; cut > 0 && blocks < 2; ) if (tokens[--cut].type !== "space") blocks += 1;
+    if (cut > 0) {
+      const html = tokensToHtml(tokens.slice(0, cut));
+      for (const node of this.live) node.remove();
+      this.live = [];
+      this.liveHtml = "";
+      this.element.append(...parseHtml(html));
+      this.html += html;
+      this.source += tokens
+        .slice(0, cut)
+        .map((token) => token.raw)
+        .join("");
+    }
+    const liveHtml = tokensToHtml(tokens.slice(cut));
+    if (liveHtml === this.liveHtml) return;
+    for (const node of this.live) node.remove();
+    this.live = parseHtml(liveHtml);
+    this.liveHtml = liveHtml;
+    this.element.append(...this.live);
+  }
+
+  /** Show the whole of `markdown` as `renderMarkdown` does, keeping the nodes shown where they agree. */
+  end(markdown) {
+    this.update(markdown);
+    const whole = toHtml(markdown);
+    if (!this.whole && whole !== this.html + this.liveHtml) this.element.innerHTML = whole;
+  }
+}
+
+function parseHtml(html) {
+  const template = document.createElement("template");
+  template.innerHTML = html;
+  return [...template.content.childNodes];
 }
 
 /**

@@ -1,0 +1,182 @@
+"""The web chat page while an answer streams, in a real headless Chromium: the answer's events are fed to
+the page one by one from the test (a stand-in for the chat request's body), so what the page shows can be
+read between any two tokens."""
+
+from __future__ import annotations
+
+import pytest
+from playwright.sync_api import expect
+
+pytestmark = pytest.mark.slow
+
+# The chat request answers with a stream the test writes to: window.feed(event) sends one event, window.feed()
+# ends the answer.
+FED_STREAM = """(() => {
+  const realFetch = window.fetch;
+  const encoder = new TextEncoder();
+  let stream = null;
+  window.feed = (event) => {
+    if (event === undefined) {
+      stream.enqueue(encoder.encode("data: [DONE]\\n\\n"));
+      stream.close();
+    } else stream.enqueue(encoder.encode(`data: ${JSON.stringify(event)}\\n\\n`));
+  };
+  window.fetch = (url, init) => {
+    if (!String(url).endsWith("chat/completions")) return realFetch(url, init);
+    const body = new ReadableStream({ start: (controller) => { stream = controller; } });
+    const headers = { "content-type": "text/event-stream" };
+    return Promise.resolve(new Response(body, { status: 200, headers }));
+  };
+})();"""
+
+# Send one event and wait two frames: the page has read it and drawn it (it draws once a frame).
+FEED_AND_DRAW = """(event) => {
+  window.feed(event);
+  return new Promise((done) => requestAnimationFrame(() => requestAnimationFrame(done)));
+}"""
+
+# The answer's body as the page shows it, without the Copy buttons added to code at the end.
+SHOWN_HTML = """(body) => {
+  const copy = body.cloneNode(true);
+  for (const button of copy.querySelectorAll("button.copy")) button.remove();
+  return copy.innerHTML;
+}"""
+
+# `text` rendered whole at once by the page's own renderer: what streaming must end up showing.
+WHOLE_HTML = """async (text) => {
+  const { renderMarkdown, splitThinking } = await import("/static/render.js");
+  const render = (markdown) => {
+    const element = document.createElement("div");
+    renderMarkdown(element, markdown);
+    return element.innerHTML;
+  };
+  const { thinking, answer } = splitThinking(text);
+  return { answer: render(answer), thinking: thinking === null ? null : render(thinking) };
+}"""
+
+RICH = (
+    "<think>\nThe user wants **code**;\nlist the steps:\n\n1. read\n2. write\n</think>\n\n"
+    "# Plan\n\nHere is *the* plan — naïve café, 日本語のテキスト, مرحبا 👋🏽.\n"
+    "Para continues\n#not a heading\n\n- one\n- two\n  still two\n\n  loose two\n- three\n\n"
+    "```python\ndef f(x):\n    return x * 2  # ✓\n\n\nprint(f(3))\n```\n\n"
+    "| a | b |\n|---|---|\n| 1 | 2 |\n\n> quoted\nlazy line\n\nHeading after text\n---\n\n"
+    "    indented code\n\nSee [the docs][d] and [x].\n\n[d]: https://example.com/d\n\n"
+    "Last line with `code` and a [link](https://example.com/x)."
+)
+
+
+def _chunk(delta: dict, finish_reason: str | None = None) -> dict:
+    choices = [{"index": 0, "delta": delta, "finish_reason": finish_reason}]
+    return {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m", "choices": choices}
+
+
+def _start(server, open_page):
+    page = open_page(server.url)
+    page.evaluate(FED_STREAM)
+    page.fill("#prompt", "Go")
+    page.keyboard.press("Enter")
+    page.wait_for_function("() => document.querySelector('.message.assistant')")
+    return page, page.locator(".message.assistant").last
+
+
+def _feed(page, delta: dict) -> None:
+    page.evaluate(FEED_AND_DRAW, _chunk(delta))
+
+
+def _end(page, message) -> None:
+    page.evaluate("(event) => window.feed(event)", _chunk({}, "stop"))
+    usage = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+    page.evaluate("(event) => window.feed(event)", {**_chunk({}), "choices": [], "usage": usage})
+    page.evaluate("() => window.feed()")
+    expect(message).to_have_attribute("data-state", "done", timeout=10_000)
+
+
+@pytest.mark.parametrize("size", [1, 5, 23])
+def test_a_streamed_answer_shows_at_every_step_what_rendering_its_text_whole_shows(server, open_page, size):
+    """Streaming draws only the blocks still open at the end; each step, and the end, must still be the
+    whole text rendered at once: code, lists, tables, a setext heading, thinking, text in many scripts
+    (a piece may end in the middle of any of them)."""
+    page, message = _start(server, open_page)
+    body, thought = message.locator(".body"), message.locator("details.thinking .markdown")
+    text = ""
+    for start in range(0, len(RICH), size):
+        text += RICH[start : start + size]
+        _feed(page, {"content": RICH[start : start + size]})
+        if size == 1 and start % 17:
+            continue  # one character at a time: compared every 17 (each comparison is a round trip)
+        whole = page.evaluate(WHOLE_HTML, text)
+        assert body.evaluate(SHOWN_HTML) == whole["answer"], text
+        if whole["thinking"]:
+            assert thought.evaluate("e => e.innerHTML") == whole["thinking"], text
+    _end(page, message)
+    whole = page.evaluate(WHOLE_HTML, RICH)
+    assert body.evaluate(SHOWN_HTML) == whole["answer"]
+    assert thought.evaluate("e => e.innerHTML") == whole["thinking"]
+    assert body.locator("pre button.copy").count() == 2
+    assert body.locator("h2").all_text_contents() == ["Heading after text"]
+    assert "日本語のテキスト" in body.text_content()
+    assert body.locator("a").evaluate_all("links => links.map(a => a.href)") == [
+        "https://example.com/d",  # a reference defined after its use
+        "https://example.com/x",
+    ]
+
+
+def test_a_selection_in_a_finished_part_survives_further_tokens(server, open_page):
+    """The answer was drawn anew each frame: text a reader selected (to copy) in an earlier paragraph, or
+    in the thinking, was unselected by the next token."""
+    page, message = _start(server, open_page)
+    _feed(page, {"reasoning_content": "First I think.\n\nThen I think more.\n\n"})
+    _feed(page, {"reasoning_content": "Still thinking."})
+    _feed(page, {"content": "Alpha paragraph, to be copied.\n\nBeta paragraph.\n\n"})
+    _feed(page, {"content": "Gamma"})
+    select = """([selector, start, end]) => {
+      const node = document.querySelector(selector).firstChild;
+      const range = document.createRange();
+      range.setStart(node, start);
+      range.setEnd(node, end);
+      getSelection().removeAllRanges();
+      getSelection().addRange(range);
+      return getSelection().toString();
+    }"""
+    first_paragraph = ".message.assistant .body p"
+    assert page.evaluate(select, [first_paragraph, 0, 15]) == "Alpha paragraph"
+    for piece in [" and more", " text.\n\nDelta", " ends", " here.\n\n- a list\n"]:
+        _feed(page, {"content": piece})
+        assert page.evaluate("() => getSelection().toString()") == "Alpha paragraph"
+    first = message.locator(".body p").first
+    assert first.evaluate("p => p.isConnected && getSelection().containsNode(p, true)")
+
+    thinking_paragraph = ".message.assistant details.thinking .markdown p"
+    page.click("details.thinking summary")
+    assert page.evaluate(select, [thinking_paragraph, 0, 7]) == "First I"
+    for piece in [" More", " answer.\n\nAnd more.\n\n"]:
+        _feed(page, {"content": piece})
+        assert page.evaluate("() => getSelection().toString()") == "First I"
+    _end(page, message)
+    assert page.evaluate("() => getSelection().toString()") == "First I"  # the end draws nothing anew
+    shown = message.locator(".body").inner_text()
+    assert shown.startswith("Alpha paragraph, to be copied.\n\nBeta paragraph.\n\nGamma and more")
+
+
+def test_each_token_of_a_long_answer_touches_only_its_last_blocks(server, open_page):
+    """Each frame replaced the whole answer's DOM: the work grew with the answer (a long answer's tail
+    reached the screen seconds late). A token now changes a bounded number of nodes, however long."""
+    page, message = _start(server, open_page)
+    paragraphs = "".join(f"Paragraph {i} with some words in it.\n\n" for i in range(300))
+    _feed(page, {"content": paragraphs + "Tail"})
+    page.evaluate(
+        """() => {
+        window.changed = 0;
+        new MutationObserver((records) => {
+            for (const r of records) window.changed += r.addedNodes.length + r.removedNodes.length;
+        }).observe(document.querySelector('.message.assistant .body'), {childList: true, subtree: true});
+    }"""
+    )
+    counts = []
+    for piece in [" grows", " by", " a word", ".\n\nNew", " block"]:
+        page.evaluate("() => { window.changed = 0; }")
+        _feed(page, {"content": piece})
+        counts.append(page.evaluate("() => window.changed"))
+    assert max(counts) <= 12, counts  # the two open blocks and their line breaks; once one more finishes
+    assert message.locator(".body p").count() == 302
+    assert message.locator(".body p").last.text_content() == "New block"
