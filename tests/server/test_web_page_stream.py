@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 from playwright.sync_api import expect
+from test_web_page import CHAT_URL, _sse, answer
 
 pytestmark = pytest.mark.slow
 
@@ -180,3 +181,25 @@ def test_each_token_of_a_long_answer_touches_only_its_last_blocks(server, open_p
     assert max(counts) <= 12, counts  # the two open blocks and their line breaks; once one more finishes
     assert message.locator(".body p").count() == 302
     assert message.locator(".body p").last.text_content() == "New block"
+
+
+def test_an_empty_answer_says_so(server, open_page):
+    """An answer that ended at once (the end token first) showed an empty bubble with only its token
+    counts, as if the page had failed to show it."""
+    page = open_page(server.url)
+    body = _sse([""])
+    page.route(CHAT_URL, lambda route: route.fulfill(status=200, content_type="text/event-stream", body=body))
+    page.fill("#prompt", "Say nothing.")
+    page.keyboard.press("Enter")
+    message = answer(page, 0)
+    assert message.locator(".body").inner_html() == '<p class="empty-answer">(empty answer)</p>'
+    assert message.locator(".meta").text_content() == "42 tokens · prompt 9 tokens"
+    page.unroute(CHAT_URL)
+    page.route(
+        CHAT_URL,
+        lambda route: route.fulfill(status=200, content_type="text/event-stream", body=_sse(["Hi", "!"])),
+    )
+    page.fill("#prompt", "Now say hi.")
+    page.keyboard.press("Enter")
+    assert answer(page, 1).locator(".body").inner_text() == "Hi!"
+    assert page.locator(".message.assistant .body").all_inner_texts() == ["(empty answer)", "Hi!"]

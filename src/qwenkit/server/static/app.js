@@ -163,6 +163,13 @@ class AnswerView {
     }
     if (last) this.answer.end(answer);
     else this.answer.update(answer);
+    if (last && this.article.dataset.state === "done" && !answer.trim()) {
+      // the model ended straight away (or said only whitespace): an empty bubble read as the page failing
+      const note = document.createElement("p");
+      note.className = "empty-answer";
+      note.textContent = "(empty answer)";
+      this.body.replaceChildren(note);
+    }
     if (follow) transcript.scrollTop = transcript.scrollHeight;
   }
 
