@@ -159,6 +159,38 @@ def test_a_selection_in_a_finished_part_survives_further_tokens(server, open_pag
     assert shown.startswith("Alpha paragraph, to be copied.\n\nBeta paragraph.\n\nGamma and more")
 
 
+def test_a_selection_in_a_list_or_code_block_still_being_written_survives(server, open_page):
+    """A long list or code block is one block until it ends: its earlier items and lines keep their nodes
+    too, so text selected in them stays selected while it grows."""
+    page, message = _start(server, open_page)
+    _feed(page, {"content": "Steps:\n\n1. Preheat the oven.\n2. Mix"})
+    select = """([selector, start, end]) => {
+      const node = document.querySelector(selector).firstChild;
+      const range = document.createRange();
+      range.setStart(node, start);
+      range.setEnd(node, end);
+      getSelection().removeAllRanges();
+      getSelection().addRange(range);
+      return getSelection().toString();
+    }"""
+    assert page.evaluate(select, [".message.assistant .body li", 0, 7]) == "Preheat"
+    for piece in [" the flour.\n3.", " Bake", ".\n4. Eat.\n"]:
+        _feed(page, {"content": piece})
+        assert page.evaluate("() => getSelection().toString()") == "Preheat"
+    _feed(page, {"content": "\n```python\nimport os\n"})
+    assert page.evaluate(select, [".message.assistant .body pre code", 0, 6]) == "import"
+    for piece in ["print(os", ".getcwd())\n", "x = 1\n"]:
+        _feed(page, {"content": piece})
+        assert page.evaluate("() => getSelection().toString()") == "import"
+    assert message.locator(".body li").all_text_contents() == [
+        "Preheat the oven.",
+        "Mix the flour.",
+        "Bake.",
+        "Eat.",
+    ]
+    assert message.locator(".body code").text_content() == "import os\nprint(os.getcwd())\nx = 1\n"
+
+
 def test_each_token_of_a_long_answer_touches_only_its_last_blocks(server, open_page):
     """Each frame replaced the whole answer's DOM: the work grew with the answer (a long answer's tail
     reached the screen seconds late). A token now changes a bounded number of nodes, however long."""
@@ -168,8 +200,15 @@ def test_each_token_of_a_long_answer_touches_only_its_last_blocks(server, open_p
     page.evaluate(
         """() => {
         window.changed = 0;
+        const size = (node) => {  // a node and all the nodes in it
+            let count = 1;
+            for (const walker = document.createTreeWalker(node); walker.nextNode(); ) count += 1;
+            return count;
+        };
         new MutationObserver((records) => {
-            for (const r of records) window.changed += r.addedNodes.length + r.removedNodes.length;
+            for (const r of records) {
+                for (const node of [...r.addedNodes, ...r.removedNodes]) window.changed += size(node);
+            }
         }).observe(document.querySelector('.message.assistant .body'), {childList: true, subtree: true});
     }"""
     )
@@ -181,6 +220,15 @@ def test_each_token_of_a_long_answer_touches_only_its_last_blocks(server, open_p
     assert max(counts) <= 12, counts  # the two open blocks and their line breaks; once one more finishes
     assert message.locator(".body p").count() == 302
     assert message.locator(".body p").last.text_content() == "New block"
+
+    _feed(page, {"content": "\n\n" + "".join(f"- item {i}\n" for i in range(300)) + "- last"})
+    counts = []
+    for piece in [" item", " grows", "\n- and", " one more"]:
+        page.evaluate("() => { window.changed = 0; }")
+        _feed(page, {"content": piece})
+        counts.append(page.evaluate("() => window.changed"))
+    assert max(counts) <= 12, counts  # a long list: its last items only
+    assert message.locator(".body li").last.text_content() == "and one more"
 
 
 def test_an_empty_answer_says_so(server, open_page):

@@ -85,24 +85,18 @@ export class MarkdownStream {
     // one paragraph).
     let cut = tokens.length;
     for (let blocks = 0; cut > 0 && blocks < 2; ) if (tokens[--cut].type !== "space") blocks += 1;
-    if (cut > 0) {
-      const html = tokensToHtml(tokens.slice(0, cut));
-      for (const node of this.live) node.remove();
-      this.live = [];
-      this.liveHtml = "";
-      this.element.append(...parseHtml(html));
-      this.html += html;
-      this.source += tokens
-        .slice(0, cut)
-        .map((token) => token.raw)
-        .join("");
-    }
+    const done = cut > 0 ? tokensToHtml(tokens.slice(0, cut)) : "";
     const liveHtml = tokensToHtml(tokens.slice(cut));
-    if (liveHtml === this.liveHtml) return;
-    for (const node of this.live) node.remove();
-    this.live = parseHtml(liveHtml);
+    if (!done && liveHtml === this.liveHtml) return;
+    const finished = parseHtml(done).length;
+    const shown = morph(this.element, this.live, parseHtml(done + liveHtml));
+    this.live = shown.slice(finished);
     this.liveHtml = liveHtml;
-    this.element.append(...this.live);
+    this.html += done;
+    this.source += tokens
+      .slice(0, cut)
+      .map((token) => token.raw)
+      .join("");
   }
 
   /** Show the whole of `markdown` as `renderMarkdown` does, keeping the nodes shown where they agree. */
@@ -111,6 +105,45 @@ export class MarkdownStream {
     const whole = toHtml(markdown);
     if (!this.whole && whole !== this.html + this.liveHtml) this.element.innerHTML = whole;
   }
+}
+
+/**
+ * Make `old`, the last nodes of `parent`, into `fresh`, keeping the nodes that agree and, in the first that
+ * differs, its own nodes that agree (the earlier items of a list, the text of a code block so far): a
+ * selection there survives, and the work is the part that changed. Returns the nodes now shown.
+ */
+function morph(parent, old, fresh) {
+  let same = 0;
+  while (same < old.length && same < fresh.length && old[same].isEqualNode(fresh[same])) same += 1;
+  const shown = [...old.slice(0, same)];
+  let added = same;
+  if (same < old.length && same < fresh.length && morphNode(old[same], fresh[same])) {
+    shown.push(old[same]);
+    added += 1;
+    same += 1;
+  }
+  for (const node of old.slice(same)) node.remove();
+  parent.append(...fresh.slice(added));
+  return shown.concat(fresh.slice(added));
+}
+
+/** Make `node` into `like` in place if they are the same kind of node; false if they are not. */
+function morphNode(node, like) {
+  if (node.nodeType === Node.TEXT_NODE && like.nodeType === Node.TEXT_NODE) {
+    // only past the text they share: a selection before that point stays (code's last line is drawn with
+    // a line break after it, which the next token's text comes before)
+    let same = 0;
+    while (same < node.length && node.data[same] === like.data[same]) same += 1;
+    node.replaceData(same, node.length - same, like.data.slice(same));
+    return true;
+  }
+  if (node.nodeType !== Node.ELEMENT_NODE || node.tagName !== like.tagName) return false;
+  const names = node.getAttributeNames();
+  const likeNames = like.getAttributeNames();
+  if (names.length !== likeNames.length) return false;
+  if (likeNames.some((name) => node.getAttribute(name) !== like.getAttribute(name))) return false;
+  morph(node, [...node.childNodes], [...like.childNodes]);
+  return true;
 }
 
 function parseHtml(html) {
