@@ -55,6 +55,17 @@ WHOLE_HTML = """async (text) => {
   return { answer: render(answer), thinking: thinking === null ? null : render(thinking) };
 }"""
 
+# Select characters start..end of the first text of the element `selector` finds; the text selected.
+SELECT = """([selector, start, end]) => {
+  const node = document.querySelector(selector).firstChild;
+  const range = document.createRange();
+  range.setStart(node, start);
+  range.setEnd(node, end);
+  getSelection().removeAllRanges();
+  getSelection().addRange(range);
+  return getSelection().toString();
+}"""
+
 RICH = (
     "<think>\nThe user wants **code**;\nlist the steps:\n\n1. read\n2. write\n</think>\n\n"
     "# Plan\n\nHere is *the* plan — naïve café, 日本語のテキスト, مرحبا 👋🏽.\n"
@@ -130,17 +141,8 @@ def test_a_selection_in_a_finished_part_survives_further_tokens(server, open_pag
     _feed(page, {"reasoning_content": "Still thinking."})
     _feed(page, {"content": "Alpha paragraph, to be copied.\n\nBeta paragraph.\n\n"})
     _feed(page, {"content": "Gamma"})
-    select = """([selector, start, end]) => {
-      const node = document.querySelector(selector).firstChild;
-      const range = document.createRange();
-      range.setStart(node, start);
-      range.setEnd(node, end);
-      getSelection().removeAllRanges();
-      getSelection().addRange(range);
-      return getSelection().toString();
-    }"""
     first_paragraph = ".message.assistant .body p"
-    assert page.evaluate(select, [first_paragraph, 0, 15]) == "Alpha paragraph"
+    assert page.evaluate(SELECT, [first_paragraph, 0, 15]) == "Alpha paragraph"
     for piece in [" and more", " text.\n\nDelta", " ends", " here.\n\n- a list\n"]:
         _feed(page, {"content": piece})
         assert page.evaluate("() => getSelection().toString()") == "Alpha paragraph"
@@ -149,7 +151,7 @@ def test_a_selection_in_a_finished_part_survives_further_tokens(server, open_pag
 
     thinking_paragraph = ".message.assistant details.thinking .markdown p"
     page.click("details.thinking summary")
-    assert page.evaluate(select, [thinking_paragraph, 0, 7]) == "First I"
+    assert page.evaluate(SELECT, [thinking_paragraph, 0, 7]) == "First I"
     for piece in [" More", " answer.\n\nAnd more.\n\n"]:
         _feed(page, {"content": piece})
         assert page.evaluate("() => getSelection().toString()") == "First I"
@@ -164,21 +166,12 @@ def test_a_selection_in_a_list_or_code_block_still_being_written_survives(server
     too, so text selected in them stays selected while it grows."""
     page, message = _start(server, open_page)
     _feed(page, {"content": "Steps:\n\n1. Preheat the oven.\n2. Mix"})
-    select = """([selector, start, end]) => {
-      const node = document.querySelector(selector).firstChild;
-      const range = document.createRange();
-      range.setStart(node, start);
-      range.setEnd(node, end);
-      getSelection().removeAllRanges();
-      getSelection().addRange(range);
-      return getSelection().toString();
-    }"""
-    assert page.evaluate(select, [".message.assistant .body li", 0, 7]) == "Preheat"
+    assert page.evaluate(SELECT, [".message.assistant .body li", 0, 7]) == "Preheat"
     for piece in [" the flour.\n3.", " Bake", ".\n4. Eat.\n"]:
         _feed(page, {"content": piece})
         assert page.evaluate("() => getSelection().toString()") == "Preheat"
     _feed(page, {"content": "\n```python\nimport os\n"})
-    assert page.evaluate(select, [".message.assistant .body pre code", 0, 6]) == "import"
+    assert page.evaluate(SELECT, [".message.assistant .body pre code", 0, 6]) == "import"
     for piece in ["print(os", ".getcwd())\n", "x = 1\n"]:
         _feed(page, {"content": piece})
         assert page.evaluate("() => getSelection().toString()") == "import"
@@ -189,6 +182,26 @@ def test_a_selection_in_a_list_or_code_block_still_being_written_survives(server
         "Eat.",
     ]
     assert message.locator(".body code").text_content() == "import os\nprint(os.getcwd())\nx = 1\n"
+
+
+def test_a_selection_survives_a_link_reference_defined_later(server, open_page):
+    """A link reference definition changes blocks before it (`[docs]` becomes a link), so the whole answer is
+    compared again from then on; what did not change keeps its nodes all the same."""
+    page, message = _start(server, open_page)
+    _feed(page, {"content": "Intro paragraph.\n\nSee [docs].\n\nMore"})
+    assert page.evaluate(SELECT, [".message.assistant .body p", 0, 5]) == "Intro"
+    for piece in [" text.\n\n[docs]: https://example.com/d\n\n", "After", " it."]:
+        _feed(page, {"content": piece})
+        assert page.evaluate("() => getSelection().toString()") == "Intro"
+    _end(page, message)
+    assert page.evaluate("() => getSelection().toString()") == "Intro"
+    assert message.locator(".body a").get_attribute("href") == "https://example.com/d"
+    assert message.locator(".body p").all_text_contents() == [
+        "Intro paragraph.",
+        "See docs.",
+        "More text.",
+        "After it.",
+    ]
 
 
 def test_each_token_of_a_long_answer_touches_only_its_last_blocks(server, open_page):

@@ -48,8 +48,8 @@ export function renderMarkdown(element, markdown) {
 /**
  * Markdown that grows while it streams, shown in `element`. Redrawing the whole text each frame cost work
  * that grew with the answer and took away any selection the reader had made in it; here the blocks that
- * later text can no longer change keep their nodes, and only the open ones at the end are drawn again.
- * The end result is checked against the whole text rendered at once (`end`).
+ * later text can no longer change keep their nodes, and only the open ones at the end are drawn again
+ * (`morph`: what they show already stays). The end is checked against the whole text rendered at once.
  */
 export class MarkdownStream {
   constructor(element) {
@@ -63,14 +63,14 @@ export class MarkdownStream {
     this.html = ""; // their HTML, as shown
     this.live = []; // the nodes of the open blocks at the end
     this.liveHtml = "";
-    this.whole = false; // a link reference definition seen: it may change any block, earlier ones included
+    this.whole = false; // a link reference definition seen: it may change any block, so all are compared
   }
 
   /** Show `markdown`, which usually extends the text shown before. */
   update(markdown) {
     markdown = markdown.replace(/\r\n?/g, "\n"); // as marked's lexer reads it: block boundaries line up
     if (this.whole) {
-      this.element.innerHTML = toHtml(markdown);
+      morph(this.element, [...this.element.childNodes], parseHtml(toHtml(markdown)));
       return;
     }
     if (!markdown.startsWith(this.source)) this.reset();
@@ -103,7 +103,9 @@ export class MarkdownStream {
   end(markdown) {
     this.update(markdown);
     const whole = toHtml(markdown);
-    if (!this.whole && whole !== this.html + this.liveHtml) this.element.innerHTML = whole;
+    if (!this.whole && whole !== this.html + this.liveHtml) {
+      morph(this.element, [...this.element.childNodes], parseHtml(whole));
+    }
   }
 }
 
