@@ -88,9 +88,9 @@ export class MarkdownStream {
     const done = cut > 0 ? tokensToHtml(tokens.slice(0, cut)) : "";
     const liveHtml = tokensToHtml(tokens.slice(cut));
     if (!done && liveHtml === this.liveHtml) return;
-    const finished = parseHtml(done).length;
-    const shown = morph(this.element, this.live, parseHtml(done + liveHtml));
-    this.live = shown.slice(finished);
+    const finished = parseHtml(done);
+    const shown = morph(this.element, this.live, finished.concat(parseHtml(liveHtml)));
+    this.live = shown.slice(finished.length);
     this.liveHtml = liveHtml;
     this.html += done;
     this.source += tokens
