@@ -1,7 +1,7 @@
 // The chat page: a transcript, a composer, and settings kept in this browser.
 // The conversation lives here (`history`) and the whole of it is sent with every turn, as the API expects.
 import { ApiError, listModels, streamChat } from "./api.js";
-import { renderMarkdown, splitThinking } from "./render.js";
+import { MarkdownStream, splitThinking } from "./render.js";
 
 const $ = (id) => document.getElementById(id);
 const transcript = $("transcript");
@@ -114,7 +114,7 @@ function addMessage(role) {
   return { article, body };
 }
 
-/** An assistant message that re-renders at most once per frame while text streams in. */
+/** An assistant message that draws at most once per frame while text streams in. */
 class AnswerView {
   constructor() {
     const { article, body } = addMessage("assistant");
@@ -125,6 +125,9 @@ class AnswerView {
     this.thinking.hidden = true;
     this.thinking.innerHTML = "<summary>Thinking</summary><div class='markdown'></div>";
     body.before(this.thinking);
+    this.summary = this.thinking.querySelector("summary");
+    this.thought = new MarkdownStream(this.thinking.querySelector("div"));
+    this.answer = new MarkdownStream(body);
     this.meta = document.createElement("p");
     this.meta.className = "meta";
     article.append(this.meta);
@@ -143,7 +146,7 @@ class AnswerView {
     this.frame ??= requestAnimationFrame(() => this.render());
   }
 
-  render() {
+  render(last = false) {
     if (this.frame != null) cancelAnimationFrame(this.frame);
     this.frame = null;
     const follow = nearBottom();
@@ -153,11 +156,20 @@ class AnswerView {
       this.thinking.hidden = false;
       // "Thinking…" only while the answer runs: one that ended in its thinking (max_tokens, Stop) is over
       const ended = this.article.dataset.state !== "waiting" && this.article.dataset.state !== "streaming";
-      this.thinking.querySelector("summary").textContent =
-        ended || (thinkingDone && answer) ? "Thought" : "Thinking…";
-      renderMarkdown(this.thinking.querySelector("div"), thought);
+      const summary = ended || (thinkingDone && answer) ? "Thought" : "Thinking…";
+      if (this.summary.textContent !== summary) this.summary.textContent = summary;
+      if (last) this.thought.end(thought);
+      else this.thought.update(thought);
     }
-    renderMarkdown(this.body, answer);
+    if (last) this.answer.end(answer);
+    else this.answer.update(answer);
+    if (last && this.article.dataset.state === "done" && !answer.trim()) {
+      // the model ended straight away (or said only whitespace): an empty bubble read as the page failing
+      const note = document.createElement("p");
+      note.className = "empty-answer";
+      note.textContent = "(empty answer)";
+      this.body.replaceChildren(note);
+    }
     if (follow) transcript.scrollTop = transcript.scrollHeight;
   }
 
@@ -168,7 +180,7 @@ class AnswerView {
     // the note first: the render scrolls to the end of the transcript, which the note now ends ("Stopped.",
     // "Failed: ..." and the token counts sat below the fold)
     this.meta.textContent = note;
-    this.render();
+    this.render(true);
     for (const pre of this.body.querySelectorAll("pre")) addCopyButton(pre);
   }
 }

@@ -37,9 +37,121 @@ DOMPurify.addHook("afterSanitizeAttributes", (node) => {
   }
 });
 
+const toHtml = (markdown) => DOMPurify.sanitize(marked.parse(markdown), SANITIZE);
+const tokensToHtml = (tokens) => (tokens.length ? DOMPurify.sanitize(marked.parser(tokens), SANITIZE) : "");
+
 /** Replace `element`'s content with `markdown` rendered and sanitized. */
 export function renderMarkdown(element, markdown) {
-  element.innerHTML = DOMPurify.sanitize(marked.parse(markdown), SANITIZE);
+  element.innerHTML = toHtml(markdown);
+}
+
+/**
+ * Markdown that grows while it streams, shown in `element`. Redrawing the whole text each frame cost work
+ * that grew with the answer and took away any selection the reader had made in it; here the blocks that
+ * later text can no longer change keep their nodes, and only the open ones at the end are drawn again
+ * (`morph`: what they show already stays). The end is checked against the whole text rendered at once.
+ */
+export class MarkdownStream {
+  constructor(element) {
+    this.element = element;
+    this.reset();
+  }
+
+  reset() {
+    this.element.replaceChildren();
+    this.source = ""; // the markdown of the finished blocks
+    this.html = ""; // their HTML, as shown
+    this.live = []; // the nodes of the open blocks at the end
+    this.liveHtml = "";
+    this.whole = false; // a link reference definition seen: it may change any block, so all are compared
+  }
+
+  /** Show `markdown`, which usually extends the text shown before. */
+  update(markdown) {
+    markdown = markdown.replace(/\r\n?/g, "\n"); // as marked's lexer reads it: block boundaries line up
+    if (this.whole) {
+      morph(this.element, [...this.element.childNodes], parseHtml(toHtml(markdown)));
+      return;
+    }
+    if (!markdown.startsWith(this.source)) this.reset();
+    const tokens = marked.lexer(markdown.slice(this.source.length));
+    if (Object.keys(tokens.links).length) {
+      this.whole = true;
+      this.update(markdown);
+      return;
+    }
+    // A block is finished once two more blocks follow it: the next one alone may be a line still being
+    // written, which can turn out to continue it ("Para\n#" is a heading after a paragraph, "Para\n#a"
+    // one paragraph).
+    let cut = tokens.length;
+    for (let blocks = 0; cut > 0 && blocks < 2; ) if (tokens[--cut].type !== "space") blocks += 1;
+    const done = cut > 0 ? tokensToHtml(tokens.slice(0, cut)) : "";
+    const liveHtml = tokensToHtml(tokens.slice(cut));
+    if (!done && liveHtml === this.liveHtml) return;
+    const finished = parseHtml(done);
+    const shown = morph(this.element, this.live, finished.concat(parseHtml(liveHtml)));
+    this.live = shown.slice(finished.length);
+    this.liveHtml = liveHtml;
+    this.html += done;
+    this.source += tokens
+      .slice(0, cut)
+      .map((token) => token.raw)
+      .join("");
+  }
+
+  /** Show the whole of `markdown` as `renderMarkdown` does, keeping the nodes shown where they agree. */
+  end(markdown) {
+    this.update(markdown);
+    const whole = toHtml(markdown);
+    if (!this.whole && whole !== this.html + this.liveHtml) {
+      morph(this.element, [...this.element.childNodes], parseHtml(whole));
+    }
+  }
+}
+
+/**
+ * Make `old`, the last nodes of `parent`, into `fresh`, keeping the nodes that agree and, in the first that
+ * differs, its own nodes that agree (the earlier items of a list, the text of a code block so far): a
+ * selection there survives, and the work is the part that changed. Returns the nodes now shown.
+ */
+function morph(parent, old, fresh) {
+  let same = 0;
+  while (same < old.length && same < fresh.length && old[same].isEqualNode(fresh[same])) same += 1;
+  const shown = [...old.slice(0, same)];
+  let added = same;
+  if (same < old.length && same < fresh.length && morphNode(old[same], fresh[same])) {
+    shown.push(old[same]);
+    added += 1;
+    same += 1;
+  }
+  for (const node of old.slice(same)) node.remove();
+  parent.append(...fresh.slice(added));
+  return shown.concat(fresh.slice(added));
+}
+
+/** Make `node` into `like` in place if they are the same kind of node; false if they are not. */
+function morphNode(node, like) {
+  if (node.nodeType === Node.TEXT_NODE && like.nodeType === Node.TEXT_NODE) {
+    // only past the text they share: a selection before that point stays (code's last line is drawn with
+    // a line break after it, which the next token's text comes before)
+    let same = 0;
+    while (same < node.length && node.data[same] === like.data[same]) same += 1;
+    node.replaceData(same, node.length - same, like.data.slice(same));
+    return true;
+  }
+  if (node.nodeType !== Node.ELEMENT_NODE || node.tagName !== like.tagName) return false;
+  const names = node.getAttributeNames();
+  const likeNames = like.getAttributeNames();
+  if (names.length !== likeNames.length) return false;
+  if (likeNames.some((name) => node.getAttribute(name) !== like.getAttribute(name))) return false;
+  morph(node, [...node.childNodes], [...like.childNodes]);
+  return true;
+}
+
+function parseHtml(html) {
+  const template = document.createElement("template");
+  template.innerHTML = html;
+  return [...template.content.childNodes];
 }
 
 /**
