@@ -154,6 +154,26 @@ def test_fill_in_the_middle_tokens_end_a_generation_as_in_llama_cpp():
     assert GGUFVocab.from_metadata(stated).end_of_generation_ids == (2, 1, 6, 3, 4, 7)
 
 
+def _ends(tokens: list[str], eos: int) -> tuple[int, ...]:
+    return GGUFVocab.from_metadata({
+        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "qwen2", "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.merges": [], "tokenizer.ggml.eos_token_id": eos,
+    }).end_of_generation_ids  # fmt: skip
+
+
+def test_the_tokens_llama_cpp_takes_back_out_of_its_end_list_do_not_end_a_generation():
+    """llama.cpp ends on </s> and <|end|> by spelling, then takes them back out where the vocabulary is
+    Gemma 4's (<|tool_response>: its </s> is text) or gpt-oss's / Solar Open's (<|end|> closes a message,
+    <|return|> and <|call|> end the generation): a directory made from such a file stopped mid-answer."""
+    gemma = ["a", "<eos>", "</s>", "<turn|>", "<|tool_response>", "b"]
+    assert _ends(gemma, 1) == (1, 3, 4)
+    assert _ends(["a", "<eos>", "</s>", "<turn|>"], 1) == (1, 2, 3)  # no <|tool_response>: </s> ends
+    harmony = ["a", "<|return|>", "<|end|>", "<|call|>", "<|endoftext|>"]
+    assert _ends(harmony, 1) == (1, 3, 4)
+    assert _ends(["a", "<|endoftext|>", "<|end|>", "<|calls|>", "<|flush|>"], 1) == (1, 3, 4)
+    assert _ends(["a", "<|endoftext|>", "<|end|>", "<|return|>"], 1) == (1, 2, 3)  # Phi-3's <|end|> ends
+
+
 def test_a_merge_of_tokens_the_vocabulary_lacks_is_refused_in_one_line(tmp_path, gguf_writer):
     """tokenizers' own BPE refuses it with a bare Exception, which reached the user as a traceback."""
     ckpt = read_gguf(_tiny(tmp_path, gguf_writer, "stray.gguf", merges=[*MERGES, "Ġthe xyz"]))

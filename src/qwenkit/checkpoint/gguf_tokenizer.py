@@ -158,8 +158,23 @@ class GGUFVocab:
             add_bos_token=bool(metadata.get("tokenizer.ggml.add_bos_token", pre in _LLAMA3_PRE)),
             add_eos_token=bool(metadata.get("tokenizer.ggml.add_eos_token", False)),
             chat_template=metadata.get("tokenizer.chat_template"),
-            end_of_generation_ids=tuple(dict.fromkeys(ends)),
+            end_of_generation_ids=_without_exceptions(tuple(dict.fromkeys(ends)), tokens),
         )
+
+
+def _without_exceptions(ends: tuple[int, ...], tokens: Sequence[str]) -> tuple[int, ...]:
+    """``ends`` less what llama.cpp takes back out of its list: <|end|> where <|return|> and <|call|>
+    (gpt-oss) or <|calls|> and <|flush|> (Solar Open) end too, which close a message there, not the
+    generation; and </s> where <|tool_response> ends too (Gemma 4, whose </s> is ordinary text)."""
+    spelled = {tokens[i]: i for i in ends}
+    drop = set()
+    if "<|end|>" in spelled and (
+        {"<|return|>", "<|call|>"} <= spelled.keys() or {"<|calls|>", "<|flush|>"} <= spelled.keys()
+    ):
+        drop.add(spelled["<|end|>"])
+    if "</s>" in spelled and "<|tool_response>" in spelled:
+        drop.add(spelled["</s>"])
+    return tuple(i for i in ends if i not in drop)
 
 
 _SPECIAL_ID_KEYS = ("bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id", "eot_token_id",
