@@ -345,3 +345,34 @@ def test_a_dual_chunk_attention_config_that_is_not_an_object_is_refused_naming_i
         ConfigError, match=r"^config.json: dual_chunk_attention_config must be an object or null, not 5$"
     ):
         ModelConfig.from_hf({**QWEN25_7B, "dual_chunk_attention_config": 5})
+
+
+def test_a_sparse_attention_config_is_said_to_be_ignored_and_shown_by_info(tmp_path, capsys):
+    """Qwen2.5-1M ships sparse_attention_config.json beside its dual_chunk_attention_config (vLLM runs
+    those sparse patterns within dual-chunk attention); qwenkit ignored it without a word. Loading says
+    so once, `qwenkit info` shows it, and a model without the file gets neither."""
+    path = write_tiny_chat_model(
+        tmp_path / "m",
+        family="qwen2",
+        max_position_embeddings=1010000,
+        dual_chunk_attention_config=DUAL_CHUNK,
+    )
+    (path / "sparse_attention_config.json").write_text(
+        '{"0": {"5": ["vertical_and_slash", 1000, 6096, 0.5]}}'
+    )
+    capsys.readouterr()
+    load_model(path, dtype="float32", progress=False)
+    load_model(path, dtype="float32", progress=False)
+    err = capsys.readouterr().err
+    assert err.count("qwenkit: sparse_attention_config.json") == 1
+    assert (
+        "qwenkit: sparse_attention_config.json (the sparse attention vLLM runs within dual-chunk attention) "
+        "is not implemented: it is ignored and full attention runs over every position\n"
+    ) in err
+    assert main(["info", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = dict(re.split(r"\s{2,}", line.strip(), maxsplit=1) for line in lines if "  " in line.strip())
+    assert rows["sparse attention"] == "not run: sparse_attention_config.json ignored, full attention"
+    (path / "sparse_attention_config.json").unlink()
+    assert main(["info", str(path)]) == 0
+    assert "sparse attention" not in capsys.readouterr().out

@@ -29,3 +29,28 @@ def test_merge_keeps_the_license_files_and_the_model_cards_license(tmp_path):
     assert find_license(tmp_path / "m1").name == "tongyi-qianwen"
     found = find_license(tmp_path / "m2")
     assert (found.name, found.source) == ("apache-2.0", "README.md")
+
+
+def test_merge_keeps_the_named_chat_templates_and_the_files_other_tools_read(tmp_path):
+    """A tokenizer saved with named templates (transformers writes tool_use to
+    additional_chat_templates/tool_use.jinja) lost them in the merged directory: AutoTokenizer there had
+    only the default template, and tools that ask for "tool_use" failed. Qwen2.5-1M's
+    sparse_attention_config.json (vLLM reads it beside dual_chunk_attention_config) was dropped too. Each
+    is copied byte for byte."""
+    import transformers
+
+    qwen2_dir = save_hf(hf_model("qwen2", tie_word_embeddings=False), tmp_path / "q2")
+    base = Path(shutil.copytree(qwen2_dir, tmp_path / "base"))
+    tool_use = "{% for m in messages %}TOOL {{ m['content'] }}\n{% endfor %}"
+    (base / "additional_chat_templates").mkdir()
+    (base / "additional_chat_templates" / "tool_use.jinja").write_bytes(tool_use.encode())
+    sparse = b'{"0": {"5": ["vertical_and_slash", 1000, 6096, 0.5]}}\n'
+    (base / "sparse_attention_config.json").write_bytes(sparse)
+    cfg = LoRAConfig(r=2, alpha=4, dropout=0.0)
+    save_lora(lora_model(qwen2_dir, cfg), tmp_path / "a", cfg, qwen2_dir)
+    assert cli_main(["merge", str(base), str(tmp_path / "a"), str(tmp_path / "m")]) == 0
+    merged = tmp_path / "m"
+    for name in ("additional_chat_templates/tool_use.jinja", "sparse_attention_config.json"):
+        assert (merged / name).read_bytes() == (base / name).read_bytes()
+    templates = transformers.AutoTokenizer.from_pretrained(merged).chat_template
+    assert isinstance(templates, dict) and templates["tool_use"] == tool_use

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from qwenkit.checkpoint import layout, prepared_cache
 from qwenkit.checkpoint.files import HeapTrimmer, WeightFiles, find_weight_files, release_pages
 from qwenkit.checkpoint.sanitize import sanitize
+from qwenkit.checkpoint.side_files import sparse_attention_note
 from qwenkit.config import ModelConfig, read_hf_config
 from qwenkit.distributed import TensorParallel, local_config, parallelize, shard_tensor
 from qwenkit.distributed.plan import GPTQ_BUFFERS, rank_range, shard_lora, split_role
@@ -170,8 +171,9 @@ def load_model(
         raise ConfigError("--device cuda was asked for, but no CUDA device is available")
     source = open_checkpoint(path) if isinstance(path, str | Path) else path
     full_config = layout.checked_config(source)  # refuses weights other than config.json promises
-    if full_config.dual_chunk_note and (tensor_parallel is None or tensor_parallel.rank == 0):
-        say_once(full_config.dual_chunk_note)
+    if tensor_parallel is None or tensor_parallel.rank == 0:
+        for note in filter(None, (full_config.dual_chunk_note, sparse_attention_note(source.path))):
+            say_once(note)
     config = full_config
     if tensor_parallel is not None and tensor_parallel.world > 1:
         config = local_config(full_config, tensor_parallel.world)

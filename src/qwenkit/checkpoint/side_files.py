@@ -4,8 +4,9 @@ settings and license.
 Every command that writes a model (``convert --to hf``, ``quantize``, ``merge``, full ``finetune``) goes
 through here, so what one of them keeps the others keep too: a directory made from a GGUF file gets the
 tokenizer, the sampling the file ran with and its ``general.license`` (as a model card's front matter),
-and one made from a directory gets that directory's tokenizer, generation and license files, or a model
-card naming the license its own card names.
+and one made from a directory gets that directory's tokenizer (named chat templates included),
+generation, sparse-attention and license files, byte for byte, or a model card naming the license its own
+card names.
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ TOKENIZER_FILES = (
     "qwen.tiktoken",
     "generation_config.json",
 )
+# Qwen2.5-1M's sparse attention patterns, which vLLM reads beside config.json's dual_chunk_attention_config:
+# kept, though qwenkit runs full attention (``sparse_attention_note``)
+SPARSE_ATTENTION_FILE = "sparse_attention_config.json"
+# transformers' named chat templates beside the default one (tool_use, say): one .jinja file each
+CHAT_TEMPLATE_DIR = "additional_chat_templates"
 
 
 def model_card(license_id: str, note: str) -> str:
@@ -57,10 +63,27 @@ def write_side_files(source: Any, out: Path, made_by: str) -> None:
             (out / "README.md").write_text(model_card(source.license, note), encoding="utf-8")
         return
     src = Path(source.path)
-    for name in TOKENIZER_FILES + LICENSE_FILES:
+    for name in (*TOKENIZER_FILES, SPARSE_ATTENTION_FILE, *LICENSE_FILES):
         if (src / name).is_file():
             shutil.copy(src / name, out / name)
+    templates = (
+        sorted((src / CHAT_TEMPLATE_DIR).glob("*.jinja")) if (src / CHAT_TEMPLATE_DIR).is_dir() else []
+    )
+    for template in templates:
+        (out / CHAT_TEMPLATE_DIR).mkdir(exist_ok=True)
+        shutil.copy(template, out / CHAT_TEMPLATE_DIR / template.name)
     found = find_license(src)
     if found is not None and found.source == "README.md":  # a card's front matter only: keep its license
         note = f"Made from `{src.name}` by {made_by}. The license above is the one its model card names."
         (out / "README.md").write_text(model_card(found.name, note), encoding="utf-8")
+
+
+def sparse_attention_note(path: str | Path) -> str | None:
+    """The line a command says for a directory's sparse_attention_config.json, which qwenkit does not
+    run (vLLM runs it within dual-chunk attention); None where there is none."""
+    if not Path(path).is_dir() or not (Path(path) / SPARSE_ATTENTION_FILE).is_file():
+        return None
+    return (
+        f"{SPARSE_ATTENTION_FILE} (the sparse attention vLLM runs within dual-chunk attention) is not "
+        "implemented: it is ignored and full attention runs over every position"
+    )

@@ -45,6 +45,7 @@ def describe(path: str, tensor_parallel: int = 1) -> str:
         ("trained context", _context(cfg)),
         ("RoPE base / scaling", rope),
         *_dual_chunk_row(cfg),
+        *_sparse_attention_row(path),
         (
             "dynamic NTK / LogN",
             f"{'on' if cfg.use_dynamic_ntk else 'off'} / {'on' if cfg.use_logn_attn else 'off'}",
@@ -214,6 +215,16 @@ def _dual_chunk_row(cfg: ModelConfig) -> list[tuple[str, str]]:
     window = f", trained for {cfg.dual_chunk_window}" if cfg.dual_chunk_window else ""
     keys = ", ".join(f"{k} {dca[k]}" for k in ("chunk_size", "local_size") if k in dca)
     return [("dual-chunk attention", f"not run: full attention{window}" + (f" ({keys})" if keys else ""))]
+
+
+def _sparse_attention_row(path: str) -> list[tuple[str, str]]:
+    """Qwen2.5-1M's sparse_attention_config.json, which qwenkit ignores (vLLM runs it within dual-chunk
+    attention)."""
+    from qwenkit.checkpoint.side_files import SPARSE_ATTENTION_FILE, sparse_attention_note
+
+    if sparse_attention_note(path) is None:
+        return []
+    return [("sparse attention", f"not run: {SPARSE_ATTENTION_FILE} ignored, full attention")]
 
 
 def _yn(flag: bool) -> str:
