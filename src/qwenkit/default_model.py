@@ -46,6 +46,30 @@ FALLBACK_SAMPLING: dict[str, object] = {
 }
 
 
+# What transformers assumes for anything a generation_config.json leaves out (do_sample False: greedy).
+TRANSFORMERS_DEFAULTS: dict[str, object] = {
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "top_k": 50,
+    "repetition_penalty": 1.0,
+    "max_tokens": 512,
+}
+
+
+def sampling_with_config(found: dict[str, object]) -> dict[str, object]:
+    """The sampling a model with a generation_config.json runs with (``found``: its sampling keys, nulls
+    left out): transformers' defaults for what it leaves out, and greedy unless ``do_sample`` is true."""
+    defaults = dict(TRANSFORMERS_DEFAULTS)
+    for key in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
+        if key in found:
+            defaults[key] = found[key]
+    if "max_new_tokens" in found:
+        defaults["max_tokens"] = found["max_new_tokens"]
+    if not found.get("do_sample", False):
+        defaults["temperature"] = 0.0
+    return defaults
+
+
 def sampling_without_config(path: Path) -> dict[str, object]:
     """The sampling a model file with no generation_config.json (a GGUF) runs with: the bundled model's
     publisher's settings, else FALLBACK_SAMPLING."""

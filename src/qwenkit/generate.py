@@ -21,7 +21,7 @@ from qwenkit.checkpoint import load_model, open_checkpoint
 from qwenkit.checkpoint.gguf import GGUFCheckpoint
 from qwenkit.checkpoint.loader import CheckpointSource
 from qwenkit.config import ModelConfig
-from qwenkit.default_model import FALLBACK_SAMPLING
+from qwenkit.default_model import FALLBACK_SAMPLING, sampling_with_config
 from qwenkit.delta_stream import DeltaStream, Stage
 from qwenkit.distributed import TensorParallel, local_config
 from qwenkit.engine import Engine, SamplingParams, SamplingParamsError
@@ -33,15 +33,6 @@ from qwenkit.model import Transformer
 from qwenkit.model.moe import RouterStats, count_routed_tokens
 from qwenkit.text_state import Completion, Delta, TextState
 from qwenkit.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
-
-# What transformers assumes for anything a generation_config.json leaves out (do_sample False: greedy).
-TRANSFORMERS_DEFAULTS: dict[str, object] = {
-    "temperature": 1.0,
-    "top_p": 1.0,
-    "top_k": 50,
-    "repetition_penalty": 1.0,
-    "max_tokens": 512,
-}
 
 
 def tokenizer_for(source: CheckpointSource | str | Path) -> Tokenizer:
@@ -264,15 +255,7 @@ class LLM:
         if not self.tokenizer.has_generation_config:
             defaults = dict(self.fallback_sampling)
         else:
-            found = self.tokenizer.generation_defaults
-            defaults = dict(TRANSFORMERS_DEFAULTS)
-            for key in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
-                if key in found:
-                    defaults[key] = found[key]
-            if "max_new_tokens" in found:
-                defaults["max_tokens"] = found["max_new_tokens"]
-            if not found.get("do_sample", False):
-                defaults["temperature"] = 0.0
+            defaults = sampling_with_config(self.tokenizer.generation_defaults)
         return SamplingParams(**{**defaults, **{k: v for k, v in overrides.items() if v is not None}})
 
     def params_or_default(self, params: SamplingParams | None) -> SamplingParams:

@@ -67,6 +67,8 @@ def describe(path: str, tensor_parallel: int = 1) -> str:
     named = getattr(source, "named_sampling", None)  # a GGUF file's general.sampling.* keys
     if named is not None:
         rows.append(("sampling (the file's)", _sampling(named)))
+    elif Path(path).is_dir():
+        rows.append(("sampling (generation_config.json)", _directory_sampling(Path(path))))
     width = max(len(k) for k, _ in rows)
     out = [f"model: {path}", ""] + [f"  {k:<{width}}  {v}" for k, v in rows]
     out += ["", "memory of the weights:", *_as_stored(source)]
@@ -114,6 +116,29 @@ def _sampling(named: dict) -> str:
     if not named:
         return "none named (qwenkit's defaults apply)"
     return ", ".join(f"{k} {v:g}" for k, v in named.items())
+
+
+def _directory_sampling(model_dir: Path) -> str:
+    """The sampling chat, generate and serve default to for a directory: its generation_config.json read as
+    they read it (transformers' defaults for what it leaves out, greedy unless do_sample is true), or
+    qwenkit's fallback where it has none. A value of the wrong type is refused as loading refuses it."""
+    from qwenkit.default_model import FALLBACK_SAMPLING, sampling_with_config
+    from qwenkit.tokenizer.base import GENERATION_KEYS
+    from qwenkit.tokenizer.loader import check_generation_config, read_json
+
+    file = model_dir / "generation_config.json"
+    if not file.is_file():
+        return "none in the directory; qwenkit's defaults apply: " + _values(FALLBACK_SAMPLING)
+    found = read_json(file)
+    check_generation_config(file, found)
+    if found.get("do_sample") is not True:
+        return "greedy (do_sample is not true)"
+    return _values(sampling_with_config({k: found[k] for k in GENERATION_KEYS if found.get(k) is not None}))
+
+
+def _values(sampling: dict) -> str:
+    keys = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+    return ", ".join(f"{k} {sampling.get(k, 0):g}" for k in keys)
 
 
 def _quantization(q: dict) -> str:
