@@ -524,3 +524,34 @@ def test_top_k_minus_one_is_off_as_vllm_and_the_server_take_it():
     with pytest.raises(SamplingParamsError) as raised:
         SamplingParams(top_k=-2)
     assert str(raised.value) == "top_k must be >= -1 (0 or -1 disables it), got -2"
+
+
+@pytest.mark.parametrize(
+    "probs, p, kept",
+    [
+        # top-p on the whole distribution, then min-p (transformers'): 0.4 + 0.3 < 0.75 keeps token 2.
+        # min-p first, then top-p on what it left (vLLM's) would keep only tokens 0 and 1 (4/9 + 3/9 >= 0.75)
+        ([0.4, 0.3, 0.2, 0.05, 0.05], SamplingParams(temperature=1.0, top_p=0.75, min_p=0.2), [0, 1, 2]),
+        (
+            [0.4, 0.3, 0.2, 0.05, 0.05],
+            SamplingParams(temperature=1.0, top_k=4, top_p=0.75, min_p=0.2),
+            [0, 1, 2],
+        ),
+        # min-p after temperature (both's): at temperature 2 token 2 holds sqrt(0.2 / 0.5) = 0.63 of the best
+        ([0.5, 0.3, 0.2], SamplingParams(temperature=2.0, min_p=0.5), [0, 1, 2]),
+        ([0.5, 0.3, 0.2], SamplingParams(temperature=0.5, min_p=0.5), [0]),  # 0.36 and 0.16 of the best
+    ],
+)
+def test_min_p_comes_after_temperature_top_k_and_top_p_as_in_transformers(probs, p, kept):
+    """min-p's place in the order, pinned where it changes the kept set, for the filters and for the
+    draws (the kernels' cumulative and nucleus draws included): each kept token comes out about as often
+    as transformers' distribution says, the others never."""
+    logits = torch.tensor([probs]).log()
+    want = reference(logits[0], p).softmax(-1)
+    assert torch.nonzero(want).flatten().tolist() == kept
+    assert torch.allclose(filter_logits(logits, [p])[0].softmax(-1), want, atol=1e-6)
+    rows = [Request(i, [1], p, generator=torch.Generator().manual_seed(i)) for i in range(200)]
+    draws = torch.cat([sample(logits.expand(len(rows), -1).clone(), rows) for _ in range(30)])
+    share = torch.bincount(draws, minlength=len(probs)) / len(draws)
+    assert torch.nonzero(share).flatten().tolist() == kept
+    assert (share - want).abs().max() < 0.03

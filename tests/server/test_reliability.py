@@ -52,7 +52,8 @@ def error_of(response: httpx.Response) -> dict:
         ({"messages": HELLO, "logprobs": False, "top_logprobs": 1}, "top_logprobs", "`logprobs` must be"),
         ({"messages": HELLO, "stop": ["a"] * 20}, "stop", "at most 16"),
         ({"messages": HELLO, "stop_token_ids": [5] * 17}, "stop_token_ids", "at most 16 items"),
-        ({"messages": HELLO, "seed": -3}, "seed", "greater than or equal to 0"),
+        ({"messages": HELLO, "seed": 2**63}, "seed", "less than 9223372036854775808"),
+        ({"messages": HELLO, "seed": -(2**63) - 1}, "seed", "greater than or equal to -9223372036854775808"),
         (
             {"messages": HELLO, "stream_options": {"include_usage": "maybe"}},
             "stream_options.include_usage",

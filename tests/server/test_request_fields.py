@@ -363,6 +363,26 @@ def test_an_echoed_token_prompt_with_an_embedding_padding_id(server, chat_llm):
     assert echoed["logprobs"]["text_offset"][:4] == [0, 5, 5, 11]
 
 
+def test_text_offsets_give_a_hidden_special_token_no_width(server, chat_llm):
+    """<|im_end|> sampled under ignore_eos never shows in the text (the engine's text skips special
+    tokens), so it takes no width: its offsets ran 10 characters a token past the text, whole and
+    streamed, and past the echoed prompt with echo."""
+    im_end = chat_llm.tokenizer.token_to_id("<|im_end|>")
+    body = {"prompt": "hello", "max_tokens": 3, "temperature": 0, "ignore_eos": True, "logprobs": 0}
+    body |= {"logit_bias": {str(im_end): 100}}
+    whole = post(server, COMPLETIONS, body).json()["choices"][0]
+    assert (whole["text"], whole["logprobs"]["tokens"]) == ("", ["<|im_end|>"] * 3)
+    assert whole["logprobs"]["text_offset"] == [0, 0, 0]
+    streamed = post(server, COMPLETIONS, {**body, "stream": True}).text
+    chunks = [json.loads(line[6:]) for line in streamed.splitlines() if line.startswith("data: {")]
+    offsets = [
+        o for c in chunks for ch in c["choices"] if ch["logprobs"] for o in ch["logprobs"]["text_offset"]
+    ]
+    assert offsets == [0, 0, 0]
+    echoed = post(server, COMPLETIONS, {**body, "echo": True}).json()["choices"][0]
+    assert echoed["text"] == "hello" and echoed["logprobs"]["text_offset"] == [0, 5, 5, 5]
+
+
 @pytest.mark.parametrize(
     ("path", "raw", "param"),
     [

@@ -79,7 +79,11 @@ class LegacyLogprobs:
         self.offset = 0
 
     def add(self, items: list[tuple[int, TokenLogprob | None]]) -> dict:
-        return self._arrays(items, [len(self.detok.add(token_id)) for token_id, _ in items])
+        """The answer's pairs: a special token (<|im_end|> under ignore_eos) has no text in the answer,
+        which skips them, so it takes no width (its 10 characters put the offsets after it past the
+        text)."""
+        special = self.llm.tokenizer.special_token_ids
+        return self._arrays(items, [0 if t in special else len(self.detok.add(t)) for t, _ in items])
 
     def add_echoed(
         self, echo: PromptEcho, prompt: list[tuple[int, TokenLogprob | None]], items: list

@@ -106,7 +106,7 @@ class SamplingFields(_Lenient):
     repetition_penalty: float | None = number(gt=0, le=10)
     presence_penalty: float | None = number(ge=-2, le=2)
     frequency_penalty: float | None = number(ge=-2, le=2)
-    seed: int | None = integer(ge=0, lt=2**63)
+    seed: int | None = integer(ge=-(2**63), lt=2**63)  # int64, as OpenAI's API and vLLM take it
     n: int = integer(1, ge=1, le=MAX_N)
     stop: str | list[str] | None = None
     stop_token_ids: list[TokenId] | None = Field(None, max_length=MAX_STOP)
