@@ -21,7 +21,8 @@ pytestmark = pytest.mark.slow
 def test_sampling_numbers_are_sent_as_the_fields_read_them(server, open_page):
     """Number fields take exponent notation, and the integer ones were read with parseInt: max tokens "1e1"
     asked for 1 token, seed "1e3" was seed 1. A seed past 2**53 is no number JavaScript holds exactly (it
-    went as another seed): it is refused with the field's message, and nothing is sent."""
+    went as another seed): it is refused with the field's message, and nothing is sent. A negative seed, which
+    the API takes, is sent as typed."""
     page = open_page(server.url)
     body = _sse(["ok"])
     page.route(CHAT_URL, lambda route: route.fulfill(status=200, content_type="text/event-stream", body=body))
@@ -45,6 +46,11 @@ def test_sampling_numbers_are_sent_as_the_fields_read_them(server, open_page):
     answer(page, 1)
     assert len(bodies) == 2 and bodies[1]["seed"] == 2**53 - 1
     assert page.is_hidden("#error")
+    page.fill("#seed", "-7")
+    page.fill("#prompt", "Once more")
+    page.keyboard.press("Enter")
+    answer(page, 2)
+    assert len(bodies) == 3 and bodies[2]["seed"] == -7
 
 
 def _answer_then_drop(first_event: str):
