@@ -94,7 +94,7 @@ class ChatRun:
     adapter: str | None
 
 
-async def start_chat(state: ServerState, body: ChatCompletionRequest) -> ChatRun:
+async def start_chat(state: ServerState, body: ChatCompletionRequest, request: Request) -> ChatRun:
     """Render, check and submit a chat request (400s for what cannot run, before anything is submitted)."""
     llm = state.llm
     adapter = state.check_model(body.model)
@@ -113,14 +113,15 @@ async def start_chat(state: ServerState, body: ChatCompletionRequest) -> ChatRun
     params = await asyncio.to_thread(sampling_params, llm, body, len(prompt_ids), None, **extra)
     if plan.stop:
         params = replace(params, stop=(*params.stop, *plan.stop))
-    run = Run(state, [Choice(i, prompt_ids, p) for i, p in enumerate(choice_params(params, body.n))])
+    choices = [Choice(i, prompt_ids, p) for i, p in enumerate(choice_params(params, body.n))]
+    run = Run(state, choices, request_id(request))
     run.start()
     return ChatRun(run, plan, llm.eos_token_ids | frozenset(params.stop_token_ids), adapter)
 
 
 async def chat_completions(state: ServerState, body: ChatCompletionRequest, request: Request):
     llm = state.llm
-    started = await start_chat(state, body)
+    started = await start_chat(state, body, request)
     run, plan, hidden = started.run, started.plan, started.hidden
     created, rid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
     model = state.response_model(started.adapter)
@@ -332,7 +333,7 @@ async def completions(state: ServerState, body: CompletionRequest, request: Requ
             params = llm.fim_params(params)
         for p in choice_params(params, body.n):
             choices.append(Choice(len(choices), prompt_ids, p, echo=echo))
-    run = Run(state, choices)
+    run = Run(state, choices, request_id(request))
     run.start()
     created, rid = int(time.time()), f"cmpl-{uuid.uuid4().hex}"
     model = state.response_model(adapter)
