@@ -78,3 +78,48 @@ def test_the_engine_log_line_names_every_failed_request(failing, caplog):
     assert len(engine) == 1 and engine[0].exc_info[0] is RuntimeError
     line = engine[0].getMessage()
     assert "one-a" in line and "two-b" in line, line
+
+
+@pytest.mark.parametrize("path", [CHAT, COMPLETIONS])
+def test_a_failed_choice_after_held_chunks_sends_them_then_one_error(failing, path, caplog):
+    """Choice 1 is answered whole from the response cache and held until choice 0 sends its first chunk;
+    choice 0's first step fails: the client gets choice 1's chunks, then one error event, then [DONE]
+    (it got the error first, then the held chunks after it, where the SDK, which raises at the error,
+    never reads them; and an error event of each choice)."""
+    live, fail_next, _ = failing
+    seeded = {"max_tokens": 4, "seed": 7, "temperature": 1.0}
+    asked = {"messages": HELLO} if path == CHAT else {"prompt": "hello"}
+    warm = httpx.post(live.url + path, json={**asked, **seeded, "seed": 8}, timeout=60)
+    assert warm.status_code == 200
+    fail_next(delay=0.5)  # the cached choice is read, and held, before choice 0 fails
+    caplog.set_level(logging.ERROR)
+    r = httpx.post(live.url + path, json={**asked, **seeded, "n": 2, "stream": True}, timeout=60)
+    got = events(r)
+    assert r.status_code == 200 and got[-1] == "[DONE]"
+    errors = [e for e in got[:-1] if "error" in e]
+    assert errors == [{"error": ERROR}] and got[-2] == {"error": ERROR}
+    chunks = [e for e in got[:-1] if "choices" in e]
+    assert {c["index"] for e in chunks for c in e["choices"]} == {1}
+    assert chunks[-1]["choices"][0]["finish_reason"] == warm.json()["choices"][0]["finish_reason"]
+    parts = [c["choices"][0] for c in chunks]
+    text = "".join(p["text"] if path == COMPLETIONS else p["delta"].get("content") or "" for p in parts)
+    whole = warm.json()["choices"][0]
+    assert text == (whole["text"] if path == COMPLETIONS else whole["message"]["content"])
+    lines = [rec.getMessage() for rec in caplog.records if rec.name == "qwenkit.server.errors"]
+    assert lines == [f"{r.headers['x-request-id']}: {MESSAGE}"]
+
+
+@pytest.mark.parametrize("path", [CHAT, COMPLETIONS])
+def test_a_step_that_fails_every_choice_sends_one_error(failing, path, caplog):
+    """n=3 choices in one failed step: one error event and one log line for the request (it sent one
+    of each per choice: the SDK raised at the first, and the log said the same thing three times)."""
+    live, fail_next, llm = failing
+    asked = {"messages": HELLO} if path == CHAT else {"prompt": "hello"}
+    fail_next(when=lambda: len(llm.engine.requests) == 3)
+    caplog.set_level(logging.ERROR)
+    body = {**asked, "n": 3, "max_tokens": 8, "temperature": 1.0, "stream": True}
+    r = httpx.post(live.url + path, json=body, headers={"X-Request-Id": "three"}, timeout=60)
+    assert r.status_code == 200 and events(r)[-2:] == [{"error": ERROR}, "[DONE]"]
+    assert sum("error" in e for e in events(r)[:-1]) == 1
+    lines = [rec.getMessage() for rec in caplog.records if rec.name.startswith("qwenkit.")]
+    assert lines == ["engine step failed, failing requests three/0, three/1, three/2", f"three: {MESSAGE}"]

@@ -239,20 +239,19 @@ async def _chat_events(
                     out += chunk(choice.index, said(choice.index, message), None, lps if i == 0 else None)
                 if lps and delta.logprobs and not messages:  # logprobs of held-back text go out in order
                     out += chunk(choice.index, said(choice.index, {"content": ""}), None, lps)
-            if delta.finish_reason is not None:
-                if delta.finish_reason == "error":
-                    out.append(stream_error(run.failure(delta.completion), request))
-                else:
-                    if choice.index not in started:  # a choice with no text still says who spoke
-                        started.add(choice.index)
-                        out += chunk(choice.index, {"role": "assistant", "content": ""})
-                    finish = delta.finish_reason
-                    if parser is not None:
-                        finish = parser.finish_reason(finish)
-                        _log_warnings(logged, choice.index, parser)
-                    out += chunk(choice.index, {}, finish, None, delta.completion.stop_reason)
+            if delta.finish_reason is not None and delta.finish_reason != "error":
+                if choice.index not in started:  # a choice with no text still says who spoke
+                    started.add(choice.index)
+                    out += chunk(choice.index, {"role": "assistant", "content": ""})
+                finish = delta.finish_reason
+                if parser is not None:
+                    finish = parser.finish_reason(finish)
+                    _log_warnings(logged, choice.index, parser)
+                out += chunk(choice.index, {}, finish, None, delta.completion.stop_reason)
             for text in out:
                 yield text
+            if delta.finish_reason == "error":  # ends the stream: the held chunks, then one error
+                raise run.failure(delta.completion)
         for text in order.rest():
             yield text
         if body.include_usage:
@@ -400,12 +399,12 @@ async def _completion_events(run: Run, head: dict, body: CompletionRequest, requ
             elif body.logprobs is not None and items:
                 lps = logprobs[choice.index].add(items)
             out = chunk(choice.index, text, None, lps) if text or lps else []
-            if delta.finish_reason == "error":
-                out.append(stream_error(run.failure(delta.completion), request))
-            elif delta.finish_reason is not None:
+            if delta.finish_reason is not None and delta.finish_reason != "error":
                 out += chunk(choice.index, "", delta.finish_reason, None, delta.completion.stop_reason)
             for event in out:
                 yield event
+            if delta.finish_reason == "error":  # ends the stream: the held chunks, then one error
+                raise run.failure(delta.completion)
         for event in order.rest():
             yield event
         if body.include_usage:
