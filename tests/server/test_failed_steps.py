@@ -53,31 +53,43 @@ def events(response: httpx.Response) -> list:
 
 
 def test_the_engine_log_line_names_every_failed_request(failing, caplog):
+    """Four requests in one failed step (one of n=2, one on the Responses route, two under one client id):
+    the engine's line with the traceback named none of them ("engine step failed"); now it names each
+    choice by its request's x-request-id, and each client gets a 500 with the step's error."""
     live, fail_next, llm = failing
     caplog.set_level(logging.ERROR)
-    body = {"messages": HELLO, "max_tokens": 64, "ignore_eos": True, "temperature": 1.0}
-    answers: dict[str, httpx.Response] = {}
-    ready = threading.Barrier(3)
+    sampled = {"temperature": 1.0}
+    chat = {"messages": HELLO, "max_tokens": 64, "ignore_eos": True, **sampled}
+    asked = [
+        ("one-a", CHAT, chat),
+        ("two-b", CHAT, {**chat, "n": 2}),
+        ("same", "/v1/responses", {"input": "hello", "max_output_tokens": 64, **sampled}),
+        ("same", CHAT, chat),
+    ]
+    answers: list[httpx.Response | None] = [None] * len(asked)
+    ready = threading.Barrier(len(asked) + 1)
 
-    def send(rid: str, extra: dict) -> None:
+    def send(k: int) -> None:
+        rid, path, body = asked[k]
         ready.wait()
-        answers[rid] = httpx.post(
-            live.url + CHAT, json={**body, **extra}, headers={"X-Request-Id": rid}, timeout=60
-        )
+        answers[k] = httpx.post(live.url + path, json=body, headers={"X-Request-Id": rid}, timeout=60)
 
-    fail_next(when=lambda: len(llm.engine.requests) == 3)  # the step all three choices are in
-    threads = [threading.Thread(target=send, args=a) for a in (("one-a", {}), ("two-b", {"n": 2}))]
+    fail_next(when=lambda: len(llm.engine.requests) == 5)  # the step all five choices are in
+    threads = [threading.Thread(target=send, args=(k,)) for k in range(len(asked))]
     for t in threads:
         t.start()
     ready.wait()
     for t in threads:
         t.join(60)
-    assert [answers[r].status_code for r in ("one-a", "two-b")] == [500, 500]
-    assert [answers[r].json()["error"] for r in ("one-a", "two-b")] == [ERROR, ERROR]
+    assert [(r.status_code, r.json()["error"]) for r in answers] == [(500, ERROR)] * len(asked)
+    assert [r.headers["x-request-id"] for r in answers] == [rid for rid, _, _ in asked]
     engine = [r for r in caplog.records if r.name == "qwenkit.engine.driver"]
     assert len(engine) == 1 and engine[0].exc_info[0] is RuntimeError
-    line = engine[0].getMessage()
-    assert "one-a" in line and "two-b" in line, line
+    head, names = engine[0].getMessage().split(", failing requests ")
+    assert head == "engine step failed"
+    assert sorted(names.split(", ")) == ["one-a", "same", "same#2", "two-b/0", "two-b/1"]
+    served = [r.getMessage() for r in caplog.records if r.name == "qwenkit.server.errors"]
+    assert sorted(served) == sorted(f"{rid}: {MESSAGE}" for rid, _, _ in asked)
 
 
 @pytest.mark.parametrize("path", [CHAT, COMPLETIONS])
