@@ -357,9 +357,11 @@ class LLM:
         params: SamplingParams | None = None,
         request_id: RequestId = None,
         loop: asyncio.AbstractEventLoop | None = None,
+        name: str | None = None,
     ) -> TextStream:
         """Start one request now; read its Deltas from the returned stream (``async for`` when ``loop``
-        is given). Bad input raises here, before anything runs."""
+        is given). Bad input raises here, before anything runs. ``name``: the id to give it where
+        ``request_id`` is None (see ``EngineDriver.submit``)."""
         params = self.params_or_default(params)
         ids = self.encode(prompt)
         self.engine.validate(ids, params)  # before the text state reads params
@@ -375,7 +377,7 @@ class LLM:
             frozenset(params.stop_token_ids),
             params.min_tokens,
         )
-        return TextStream(self.driver.submit(ids, params, request_id, loop), state, owner=self)
+        return TextStream(self.driver.submit(ids, params, request_id, loop, name), state, owner=self)
 
     def generate(
         self,

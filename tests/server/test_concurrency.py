@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import threading
 import time
 
 import httpx
@@ -232,3 +233,25 @@ def test_each_check_of_a_full_vocabulary_logit_bias_costs_less_than_its_json():
     assert body.logit_bias == FULL_BIAS and params.logit_bias[:2] == ((0, 0.5), (1, -1.0))
     assert torch.equal(logits[0, :4], torch.tensor([0.5, -1.0, 0.5, -1.0]) * 3)  # each run added it once
     assert all(cost < parse for cost in costs.values()), f"JSON parse {parse:.3f} s; {costs}"
+
+
+def test_an_echoed_prompts_logprobs_are_built_off_the_event_loop(server, monkeypatch):
+    """/v1/completions with echo and logprobs decodes the prompt token by token for its text offsets:
+    0.3 s for a 30k-token prompt (and as much for a batch of prompts that long together), which every
+    other stream waited, on the loop. Whole and streamed, it is built in a worker thread."""
+    from qwenkit.server.logprobs import LegacyLogprobs
+
+    real, ran_in = LegacyLogprobs.add_echoed, []
+
+    def add_echoed(self, *args):
+        ran_in.append(threading.current_thread())
+        return real(self, *args)
+
+    monkeypatch.setattr(LegacyLogprobs, "add_echoed", add_echoed)
+    asked = {"model": "tiny", "prompt": "Hello world", "max_tokens": 1, "echo": True, "logprobs": 0}
+    whole = httpx.post(server.url + "/v1/completions", json=asked, timeout=60)
+    streamed = httpx.post(server.url + "/v1/completions", json={**asked, "stream": True}, timeout=60)
+    assert whole.status_code == streamed.status_code == 200
+    tokens = whole.json()["choices"][0]["logprobs"]["tokens"]
+    assert "".join(tokens[:2]) == "Hello world" and '"tokens": ["Hello", " world"' in streamed.text
+    assert len(ran_in) == 2 and server.thread not in ran_in  # the server's loop runs in that thread

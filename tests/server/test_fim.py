@@ -41,9 +41,9 @@ def steered(tiny_chat_model):
     received: list[list[int]] = []
     steered_submit = llm.submit
 
-    def recording_submit(prompt, params=None, request_id=None, loop=None):
+    def recording_submit(prompt, params=None, request_id=None, loop=None, name=None):
         received.append(list(prompt))
-        return steered_submit(prompt, params, request_id, loop)
+        return steered_submit(prompt, params, request_id, loop, name)
 
     llm.submit = recording_submit
     app = create_app(llm, ServerConfig(served_model_name="tiny", response_cache_entries=0))

@@ -256,3 +256,27 @@ def test_calls_outside_the_offer_are_passed_on(steered):
             play(steered, reply)
             r = chat_reply(client(live), stream, model="tiny", max_tokens=200, messages=USER, tools=[WEATHER])
             assert (r.pairs, r.finish, r.content or "") == ([pair], "tool_calls", "")
+
+
+def test_a_call_broken_after_it_started_on_the_responses_route(steered):
+    """The Responses route sends a call only whole (one ``function_call`` item, never a started one), so
+    a block that breaks after it began takes nothing back: the response is "completed" with the complete
+    call's item and a message holding the broken block's text, whole and streamed alike."""
+    live = steered[0]
+    broken = '<tool_call>\n{"name": "get_time", "arguments": {"tz": "UTC"\n</tool_call>'
+    body = {"input": USER, "tools": responses_tools(), "max_output_tokens": 200}
+    play(steered, CALL + "\n" + broken)
+    whole = post(live.url + "/v1/responses", json=body).json()
+    play(steered, CALL + "\n" + broken)
+    events = sse_events(post(live.url + "/v1/responses", json={**body, "stream": True}).text)
+    streamed = events[-1]["response"]
+    good = {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "c"}'}
+    for response in (whole, streamed):
+        assert (response["status"], response["incomplete_details"]) == ("completed", None)
+        call, message = response["output"]
+        assert {key: call[key] for key in good} == good and call["type"] == "function_call"
+        assert (message["type"], message["status"]) == ("message", "completed")
+        assert [part["text"] for part in message["content"]] == [broken]
+    assert events[-1]["type"] == "response.completed"
+    added = [e["item"]["type"] for e in events if e["type"] == "response.output_item.added"]
+    assert added == ["function_call", "message"]  # no item was started for the broken call

@@ -76,10 +76,10 @@ def steer_next_request(llm, model: ScriptedModel) -> list[list[int]]:
     pending: list[list[int]] = []
     submit = llm.submit
 
-    def steered_submit(prompt, params=None, request_id=None, loop=None):
+    def steered_submit(prompt, params=None, request_id=None, loop=None, name=None):
         if pending:
             model.play(len(llm.encode(prompt)), pending.pop(0))
-        return submit(prompt, params, request_id, loop)
+        return submit(prompt, params, request_id, loop, name)
 
     llm.submit = steered_submit
     return pending

@@ -123,8 +123,11 @@ class EngineDriver:
         params: SamplingParams,
         request_id: RequestId = None,
         loop: asyncio.AbstractEventLoop | None = None,
+        name: str | None = None,
     ) -> RequestStream:
-        """Queue a request (validated here, in the caller's thread, so bad input raises at once)."""
+        """Queue a request (validated here, in the caller's thread, so bad input raises at once).
+        ``name``: without ``request_id``, the id to give it (``name#2``, ... where one open has it), so
+        the engine's log lines name a request as its caller knows it (a server: its x-request-id)."""
         self.engine.validate(prompt_ids, params)
         if loop is not None and not isinstance(loop, asyncio.AbstractEventLoop):
             # it was taken, and the engine's thread died on the request's first output
@@ -137,7 +140,8 @@ class EngineDriver:
             ) from None
         with self._lock:
             if request_id is None:
-                request_id = next(i for i in (f"req-{n}" for n in self._ids) if i not in self._open_ids)
+                ids = (f"req-{n}" for n in self._ids) if name is None else _named(name)
+                request_id = next(i for i in ids if i not in self._open_ids)
             elif request_id in self._open_ids:
                 raise SamplingParamsError(f"request id {request_id!r} is already in use")
             self._open_ids.add(request_id)
@@ -244,11 +248,11 @@ class EngineDriver:
             try:
                 outputs = engine.step()
             except RankLostError as exc:  # not a bug here: the launcher names the rank that died
-                log.error("engine step failed: %s", exc)
+                log.error("engine step failed, failing requests %s: %s", self._open_names(), exc)
                 self._failed(str(exc))
                 continue
             except Exception as exc:  # a bug, not bad input: fail the running requests, keep serving
-                log.exception("engine step failed")
+                log.exception("engine step failed, failing requests %s", self._open_names())
                 self._failed(f"internal error: {type(exc).__name__}: {exc}")
                 continue
             self.failed_steps = 0
@@ -308,6 +312,11 @@ class EngineDriver:
         with self._lock:
             self._open_ids.discard(rid)
 
+    def _open_names(self) -> str:
+        """The ids of the requests a failed step fails (its log line names them: a server's are its
+        requests' x-request-ids, which each failed request's own log line and response carry)."""
+        return ", ".join(str(rid) for rid in self._streams) or "(none)"
+
     def _failed(self, error: str) -> None:
         self.failed_steps += 1
         self.last_error = error
@@ -326,6 +335,13 @@ class EngineDriver:
             self.engine.step()  # forget the aborted requests (their outputs were delivered above)
         except Exception:
             log.exception("engine step failed again while failing requests")
+
+
+def _named(name: str) -> Iterator[str]:
+    """``name``, then ``name#2``, ``name#3``, ...: two clients may send one x-request-id."""
+    yield name
+    for n in itertools.count(2):
+        yield f"{name}#{n}"
 
 
 def _shutdown_at_exit(driver_ref: weakref.ref) -> None:

@@ -94,7 +94,7 @@ class ChatRun:
     adapter: str | None
 
 
-async def start_chat(state: ServerState, body: ChatCompletionRequest) -> ChatRun:
+async def start_chat(state: ServerState, body: ChatCompletionRequest, request: Request) -> ChatRun:
     """Render, check and submit a chat request (400s for what cannot run, before anything is submitted)."""
     llm = state.llm
     adapter = state.check_model(body.model)
@@ -113,14 +113,15 @@ async def start_chat(state: ServerState, body: ChatCompletionRequest) -> ChatRun
     params = await asyncio.to_thread(sampling_params, llm, body, len(prompt_ids), None, **extra)
     if plan.stop:
         params = replace(params, stop=(*params.stop, *plan.stop))
-    run = Run(state, [Choice(i, prompt_ids, p) for i, p in enumerate(choice_params(params, body.n))])
+    choices = [Choice(i, prompt_ids, p) for i, p in enumerate(choice_params(params, body.n))]
+    run = Run(state, choices, request_id(request))
     run.start()
     return ChatRun(run, plan, llm.eos_token_ids | frozenset(params.stop_token_ids), adapter)
 
 
 async def chat_completions(state: ServerState, body: ChatCompletionRequest, request: Request):
     llm = state.llm
-    started = await start_chat(state, body)
+    started = await start_chat(state, body, request)
     run, plan, hidden = started.run, started.plan, started.hidden
     created, rid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
     model = state.response_model(started.adapter)
@@ -238,20 +239,19 @@ async def _chat_events(
                     out += chunk(choice.index, said(choice.index, message), None, lps if i == 0 else None)
                 if lps and delta.logprobs and not messages:  # logprobs of held-back text go out in order
                     out += chunk(choice.index, said(choice.index, {"content": ""}), None, lps)
-            if delta.finish_reason is not None:
-                if delta.finish_reason == "error":
-                    out.append(stream_error(run.failure(delta.completion), request))
-                else:
-                    if choice.index not in started:  # a choice with no text still says who spoke
-                        started.add(choice.index)
-                        out += chunk(choice.index, {"role": "assistant", "content": ""})
-                    finish = delta.finish_reason
-                    if parser is not None:
-                        finish = parser.finish_reason(finish)
-                        _log_warnings(logged, choice.index, parser)
-                    out += chunk(choice.index, {}, finish, None, delta.completion.stop_reason)
+            if delta.finish_reason is not None and delta.finish_reason != "error":
+                if choice.index not in started:  # a choice with no text still says who spoke
+                    started.add(choice.index)
+                    out += chunk(choice.index, {"role": "assistant", "content": ""})
+                finish = delta.finish_reason
+                if parser is not None:
+                    finish = parser.finish_reason(finish)
+                    _log_warnings(logged, choice.index, parser)
+                out += chunk(choice.index, {}, finish, None, delta.completion.stop_reason)
             for text in out:
                 yield text
+            if delta.finish_reason == "error":  # ends the stream: the held chunks, then one error
+                raise run.failure(delta.completion)
         for text in order.rest():
             yield text
         if body.include_usage:
@@ -332,7 +332,7 @@ async def completions(state: ServerState, body: CompletionRequest, request: Requ
             params = llm.fim_params(params)
         for p in choice_params(params, body.n):
             choices.append(Choice(len(choices), prompt_ids, p, echo=echo))
-    run = Run(state, choices)
+    run = Run(state, choices, request_id(request))
     run.start()
     created, rid = int(time.time()), f"cmpl-{uuid.uuid4().hex}"
     model = state.response_model(adapter)
@@ -341,18 +341,20 @@ async def completions(state: ServerState, body: CompletionRequest, request: Requ
     if body.stream:
         return streaming_response(_completion_events(run, head, body, request))
     await collect(run, request)
-    out = []
-    for c in run.choices:
+
+    def answer(c: Choice) -> dict:
         r = c.result
-        out.append(
-            {
-                "index": c.index,
-                "text": (c.echo.text if c.echo else "") + r.text,
-                "logprobs": _completion_logprobs(llm, c, r) if wants_logprobs else None,
-                "finish_reason": r.finish_reason,
-                "stop_reason": r.stop_reason,
-            }
-        )
+        return {
+            "index": c.index,
+            "text": (c.echo.text if c.echo else "") + r.text,
+            "logprobs": _completion_logprobs(llm, c, r) if wants_logprobs else None,
+            "finish_reason": r.finish_reason,
+            "stop_reason": r.stop_reason,
+        }
+
+    # in a worker thread: an echoed prompt's logprobs decode it token by token (0.3 s for 30k tokens,
+    # which every other stream waited on the loop)
+    out = await asyncio.to_thread(lambda: [answer(c) for c in run.choices])
     return JSONResponse({**head, "object": "text_completion", "choices": out, "usage": run.usage()})
 
 
@@ -394,17 +396,18 @@ async def _completion_events(run: Run, head: dict, body: CompletionRequest, requ
                 text = choice.echo.text + text
                 prompt_lps = delta.prompt_logprobs or [None] * len(choice.prompt_ids)
                 prompt = list(zip(choice.prompt_ids, prompt_lps, strict=True))
-                if body.logprobs is not None:
-                    lps = logprobs[choice.index].add_echoed(choice.echo, prompt, items)
+                if body.logprobs is not None:  # off the loop, as a whole answer's (see completions)
+                    echoed_lps = logprobs[choice.index].add_echoed
+                    lps = await asyncio.to_thread(echoed_lps, choice.echo, prompt, items)
             elif body.logprobs is not None and items:
                 lps = logprobs[choice.index].add(items)
             out = chunk(choice.index, text, None, lps) if text or lps else []
-            if delta.finish_reason == "error":
-                out.append(stream_error(run.failure(delta.completion), request))
-            elif delta.finish_reason is not None:
+            if delta.finish_reason is not None and delta.finish_reason != "error":
                 out += chunk(choice.index, "", delta.finish_reason, None, delta.completion.stop_reason)
             for event in out:
                 yield event
+            if delta.finish_reason == "error":  # ends the stream: the held chunks, then one error
+                raise run.failure(delta.completion)
         for event in order.rest():
             yield event
         if body.include_usage:

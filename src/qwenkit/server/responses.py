@@ -423,7 +423,7 @@ async def responses(state: ServerState, body: ResponsesRequest, request: Request
     refuse_invalid_unicode(body)
     chat = chat_request(body)
     try:
-        started = await start_chat(state, chat)
+        started = await start_chat(state, chat, request)
     except APIError as e:  # named as the client named it
         e.param = _PARAMS.get(e.param or "", e.param)
         e.message = _CHAT_NAMES.sub(

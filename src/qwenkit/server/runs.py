@@ -63,6 +63,9 @@ class Run:
 
     state: ServerState
     choices: list[Choice]
+    # the HTTP request's x-request-id: its choices' engine ids (``<id>/<index>`` for several), so the
+    # engine's log line of a failed step names the requests it failed as their clients know them
+    name: str | None = None
     arrived: float = field(default_factory=time.perf_counter)
 
     def start(self) -> None:
@@ -96,13 +99,19 @@ class Run:
         try:
             for choice in self.choices:
                 if choice.cached is None:
-                    choice.stream = llm.submit(choice.prompt_ids, choice.params, loop=loop)
+                    name = self._engine_name(choice)
+                    choice.stream = llm.submit(choice.prompt_ids, choice.params, loop=loop, name=name)
                     self.state.active += 1
         except SamplingParamsError as e:
             self.abort()
             raise self.adapter_gone() or APIError(
                 400, str(e), self._param(str(e), choice), "invalid_value"
             ) from None
+
+    def _engine_name(self, choice: Choice) -> str | None:
+        if self.name is None or len(self.choices) == 1:
+            return self.name
+        return f"{self.name}/{choice.index}"
 
     def adapter_gone(self) -> APIError | None:
         """vLLM's 404 for a model not served, where this run's adapter was unloaded after its "model" was
