@@ -208,6 +208,22 @@ def test_text_that_is_not_utf8_is_one_line(tiny_chat_model, encoding):
     assert "user: hello" in lines and lines.count("[history is empty]") == 1
 
 
+def test_a_system_prompt_block_that_is_not_utf8_keeps_the_chat(tiny_chat_model):
+    """A `:system \"\"\"` block with a line that is not UTF-8 is one error line and the chat goes on, as
+    for a message's block (it ended the chat with exit 2, the rest of the script never read)."""
+    script = b':system """\nBe brief.\n\xff\n"""\n:history\nhello\n:history\n'
+    command = [*QWENKIT, "chat", str(tiny_chat_model), "--max-new-tokens", "2", "--temperature", "0"]
+    r = subprocess.run(command, input=script, capture_output=True, timeout=120)
+    assert r.returncode == 1
+    assert r.stderr.decode().splitlines() == [
+        "error: line 3 of the system prompt is not UTF-8 text (an invalid byte at position 0)",
+        "[stopped at max_tokens=2; raise it with :conf max_tokens=N]",
+    ]
+    lines = r.stdout.decode().splitlines()
+    assert lines[0] == "[history is empty]" and "[system prompt set; history cleared]" not in lines
+    assert "user: hello" in lines
+
+
 def test_conf_really_applies_to_the_next_answer(tiny_chat_model, llm):
     # Greedy, one token: the reply must be exactly the model's first greedy token after the chat prompt.
     prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])

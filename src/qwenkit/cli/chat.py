@@ -472,7 +472,7 @@ def run(args: argparse.Namespace, llm, tools: list | None = None) -> int:
             try:
                 if not run_command(session, params, with_block(line, interactive)):
                     return 1 if failed and not interactive else 0
-            except CommandError as e:
+            except (NotUTF8Error, CommandError) as e:  # a :system block's line too
                 report(e)
                 failed = True
             continue
