@@ -377,6 +377,37 @@ def test_ctrl_c_interrupts_the_answer_not_the_chat(tiny_chat_model):
         os.close(master)
 
 
+def test_ctrl_c_in_a_system_prompt_block_keeps_the_chat(tiny_chat_model):
+    """Ctrl-C while a `:system \"\"\"` block is typed drops the block and returns to the prompt, as in a
+    message's block (it ended the chat: exit 130, the conversation lost)."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [*QWENKIT, "chat", str(tiny_chat_model), "--max-new-tokens", "2"],
+        stdin=slave,
+        stdout=slave,
+        stderr=subprocess.PIPE,
+        close_fds=True,
+    )
+    os.close(slave)
+    term = Terminal(master)
+    try:
+        term.read_until(b">>> ")
+        os.write(master, b':system """\nBe brief.\n')
+        term.read_until(b"brief.\r\n... ")
+        time.sleep(1.0)  # readline waits for the next line (see the test above)
+        proc.send_signal(signal.SIGINT)
+        assert term.read_until(b">>> ") == b"\r\n\r\n>>> "
+        os.write(master, b":history\n")
+        assert term.read_until(b">>> ") == b":history\r\n[history is empty]\r\n\r\n>>> "
+        os.write(master, b":exit\n")
+        assert proc.wait(timeout=30) == 0
+        assert proc.stderr.read() == b"[Ctrl-D or :exit to leave]\n"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+
+
 def test_an_answer_that_fails_midway_ends_its_line_before_the_error(tmp_path):
     """The model breaks on a token it wrote itself (its embedding row is NaN, so the step after it has
     NaN logits): the error began on the answer's own line ("Hello world booming: the model produced...")."""

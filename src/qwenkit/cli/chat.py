@@ -322,10 +322,11 @@ def read_message(interactive: bool) -> tuple[str, bool]:
     """The next line typed, stripped, or a block of lines (ollama's convention): a line that starts with
     three double quotes opens it and the next line that ends with them closes it, the text between kept as
     typed (indentation, blank lines). Returns (text, whether it was a block: a message even when it
-    starts with a colon)."""
+    starts with a colon). A command's block (``:system \"\"\"``) is read here too, so that Ctrl-C, Ctrl-D or
+    a line that is not UTF-8 inside it is met as inside a message's (Ctrl-C there ended the chat)."""
     line = utf8_text(input("\n>>> " if interactive else ""), "the message")
     if not line.lstrip().startswith(BLOCK):
-        return line.strip(), False
+        return with_block(line.strip(), interactive), False
     return read_block(line.lstrip(), interactive, "the message", "was not sent"), True
 
 
@@ -470,9 +471,9 @@ def run(args: argparse.Namespace, llm, tools: list | None = None) -> int:
             line = line[1:]
         elif line.startswith(":"):
             try:
-                if not run_command(session, params, with_block(line, interactive)):
+                if not run_command(session, params, line):
                     return 1 if failed and not interactive else 0
-            except (NotUTF8Error, CommandError) as e:  # a :system block's line too
+            except CommandError as e:
                 report(e)
                 failed = True
             continue
