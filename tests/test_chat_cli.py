@@ -208,6 +208,26 @@ def test_text_that_is_not_utf8_is_one_line(tiny_chat_model, encoding):
     assert "user: hello" in lines and lines.count("[history is empty]") == 1
 
 
+def test_a_system_prompt_or_stop_flag_that_is_not_utf8_is_refused(tiny_chat_model):
+    """`--system` bytes that are not UTF-8 failed every turn with a message about "the rendered chat
+    prompt", naming no flag; a `--stop` string of them was taken and could never match."""
+    for flags, error in (
+        (["--system", os.fsdecode(b"be \xff brief")], "--system is not UTF-8 text"),
+        (["--stop", os.fsdecode(b"\xffend")], "--stop is not UTF-8 text"),
+    ):
+        r = subprocess.run(
+            [*QWENKIT, "chat", str(tiny_chat_model), "-p", "hi", "--max-new-tokens", "2", *flags],
+            capture_output=True,
+            timeout=120,
+        )
+        place = flags[1].index("\udcff")
+        assert (r.returncode, r.stdout, r.stderr.decode()) == (
+            2,
+            b"",
+            f"error: {error} (an invalid byte at position {place})\n",
+        )
+
+
 def test_a_system_prompt_block_that_is_not_utf8_keeps_the_chat(tiny_chat_model):
     """A `:system \"\"\"` block with a line that is not UTF-8 is one error line and the chat goes on, as
     for a message's block (it ended the chat with exit 2, the rest of the script never read)."""

@@ -399,6 +399,9 @@ def main(argv: list[str] | None = None) -> int:
         utf8_text(args.prompt, "the question")
     if args.prompt is not None and not args.prompt.strip():
         raise ConfigError("the question is empty")
+    if args.system is not None:  # before the weights load: it failed every turn, naming no flag
+        utf8_text(args.system, "--system")
+    sampling_overrides(args)  # --stop's text checked now too
     args.code_interpreter = args.code_interpreter or args.code_dir is not None
     tools = chat_tools(args) if args.tools or args.code_interpreter else None  # file errors first
     if args.no_thinking:  # refused from the template alone, before the weights load (minutes for a big one)
