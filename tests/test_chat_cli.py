@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import pty
 import select
@@ -353,6 +354,29 @@ class Terminal:
         cut = self.pending.index(needle) + len(needle)
         seen, self.pending = self.pending[:cut], self.pending[cut:]
         return seen
+
+
+def test_a_question_piped_to_p_is_the_typed_message(tiny_chat_model, llm, monkeypatch):
+    """`echo QUESTION | chat -p -` asks what `-p QUESTION` and a typed line ask: the newline `echo` ends
+    it with (and blank lines around it) is not part of the message (the model was sent "hi\\n")."""
+    import qwenkit.cli.chat as chat_cli
+    from qwenkit.cli import main
+
+    prompts: list[list[int]] = []
+    stream = llm.stream
+    monkeypatch.setattr(
+        llm, "stream", lambda prompt, *a, **k: prompts.append(list(prompt)) or stream(prompt, *a, **k)
+    )
+    monkeypatch.setattr(chat_cli, "load_llm", lambda args: llm)
+    args = ["chat", str(tiny_chat_model), "--max-new-tokens", "1"]
+    assert main([*args, "-p", "hi"]) == 0
+    for piped in ("hi\n", "\nhi  \n\n"):
+        monkeypatch.setattr(sys, "stdin", io.StringIO(piped))
+        assert main([*args, "-p", "-"]) == 0
+    expected = llm.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True
+    )
+    assert prompts == [expected] * 3
 
 
 def test_ctrl_c_interrupts_the_answer_not_the_chat(tiny_chat_model):

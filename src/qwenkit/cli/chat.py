@@ -394,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     add_tensor_parallel_arg(parser)
     args = parser.parse_args(argv)
     if args.prompt == "-":  # read now: an empty question is refused before the model loads
-        args.prompt = read_stdin()
+        # as a typed block: the blank lines around it and echo's newline are not the question's
+        args.prompt = read_stdin().lstrip("\n").rstrip()
     elif args.prompt is not None:
         utf8_text(args.prompt, "the question")
     if args.prompt is not None and not args.prompt.strip():
