@@ -283,7 +283,12 @@ def reply(session: ChatSession | ToolChatSession, text: str, hide_thinking: bool
 
 def stop_notice(session: ChatSession | ToolChatSession, how: str) -> None:
     """Say so on standard error when the answer was cut off by ``max_tokens`` (``how``: how to raise it)
-    or by the context window, not ended by the model."""
+    or by the context window, not ended by the model, or a tool chat's rounds ran out."""
+    rounds = getattr(session, "rounds_out", None)
+    if rounds is not None:
+        sys.stdout.flush()
+        print(f"[stopped after {rounds} rounds of tool calls, with no answer]", file=sys.stderr, flush=True)
+        return
     done = session.completion
     if done is None or done.finish_reason != "length":
         return
@@ -503,12 +508,13 @@ class ToolChatSession:
         self.params, self.system = params, system
         self.history: list[dict] = []
         self.completion = None  # the last reply's, once a turn ends (as ChatSession.completion)
+        self.rounds_out: int | None = None  # the rounds the last turn ran, when they ran out with no answer
 
     def ask(self, user_text: str) -> Iterator[str]:
         """The turn joins the history when the agent finishes (Ctrl-C or an error leaves it as it was)."""
         head = [{"role": "system", "content": self.system}] if self.system else []
         self.agent.params = self.params
-        self.completion = None
+        self.completion = self.rounds_out = None
         agent = self.agent
         messages = [*head, *self.history, {"role": "user", "content": user_text}]
         # the oldest turns the window cannot hold are left out of the prompt (not the history), as in a
@@ -518,8 +524,8 @@ class ToolChatSession:
         result = yield from agent.stream(fitted)
         self.history = self.history[:dropped] + result.messages[len(head) :]
         self.completion = result.completion
-        if result.answer is None:
-            yield f"[stopped after {result.rounds} rounds]"
+        if result.answer is None:  # stop_notice says so on standard error, not in the answer
+            self.rounds_out = result.rounds
 
 
 def ask_tool_result(name: str, arguments: str) -> str:
