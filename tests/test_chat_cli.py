@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import pty
 import select
@@ -208,6 +209,42 @@ def test_text_that_is_not_utf8_is_one_line(tiny_chat_model, encoding):
     assert "user: hello" in lines and lines.count("[history is empty]") == 1
 
 
+def test_a_system_prompt_or_stop_flag_that_is_not_utf8_is_refused(tiny_chat_model):
+    """`--system` bytes that are not UTF-8 failed every turn with a message about "the rendered chat
+    prompt", naming no flag; a `--stop` string of them was taken and could never match."""
+    for flags, error in (
+        (["--system", os.fsdecode(b"be \xff brief")], "--system is not UTF-8 text"),
+        (["--stop", os.fsdecode(b"\xffend")], "--stop is not UTF-8 text"),
+    ):
+        r = subprocess.run(
+            [*QWENKIT, "chat", str(tiny_chat_model), "-p", "hi", "--max-new-tokens", "2", *flags],
+            capture_output=True,
+            timeout=120,
+        )
+        place = flags[1].index("\udcff")
+        assert (r.returncode, r.stdout, r.stderr.decode()) == (
+            2,
+            b"",
+            f"error: {error} (an invalid byte at position {place})\n",
+        )
+
+
+def test_a_system_prompt_block_that_is_not_utf8_keeps_the_chat(tiny_chat_model):
+    """A `:system \"\"\"` block with a line that is not UTF-8 is one error line and the chat goes on, as
+    for a message's block (it ended the chat with exit 2, the rest of the script never read)."""
+    script = b':system """\nBe brief.\n\xff\n"""\n:history\nhello\n:history\n'
+    command = [*QWENKIT, "chat", str(tiny_chat_model), "--max-new-tokens", "2", "--temperature", "0"]
+    r = subprocess.run(command, input=script, capture_output=True, timeout=120)
+    assert r.returncode == 1
+    assert r.stderr.decode().splitlines() == [
+        "error: line 3 of the system prompt is not UTF-8 text (an invalid byte at position 0)",
+        "[stopped at max_tokens=2; raise it with :conf max_tokens=N]",
+    ]
+    lines = r.stdout.decode().splitlines()
+    assert lines[0] == "[history is empty]" and "[system prompt set; history cleared]" not in lines
+    assert "user: hello" in lines
+
+
 def test_conf_really_applies_to_the_next_answer(tiny_chat_model, llm):
     # Greedy, one token: the reply must be exactly the model's first greedy token after the chat prompt.
     prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
@@ -319,6 +356,29 @@ class Terminal:
         return seen
 
 
+def test_a_question_piped_to_p_is_the_typed_message(tiny_chat_model, llm, monkeypatch):
+    """`echo QUESTION | chat -p -` asks what `-p QUESTION` and a typed line ask: the newline `echo` ends
+    it with (and blank lines around it) is not part of the message (the model was sent "hi\\n")."""
+    import qwenkit.cli.chat as chat_cli
+    from qwenkit.cli import main
+
+    prompts: list[list[int]] = []
+    stream = llm.stream
+    monkeypatch.setattr(
+        llm, "stream", lambda prompt, *a, **k: prompts.append(list(prompt)) or stream(prompt, *a, **k)
+    )
+    monkeypatch.setattr(chat_cli, "load_llm", lambda args: llm)
+    args = ["chat", str(tiny_chat_model), "--max-new-tokens", "1"]
+    assert main([*args, "-p", "hi"]) == 0
+    for piped in ("hi\n", "\nhi  \n\n"):
+        monkeypatch.setattr(sys, "stdin", io.StringIO(piped))
+        assert main([*args, "-p", "-"]) == 0
+    expected = llm.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True
+    )
+    assert prompts == [expected] * 3
+
+
 def test_ctrl_c_interrupts_the_answer_not_the_chat(tiny_chat_model):
     """The answer stops, the chat goes on, and the notice is on standard error, as the other notices
     are (it was printed into the answers on standard output)."""
@@ -355,6 +415,37 @@ def test_ctrl_c_interrupts_the_answer_not_the_chat(tiny_chat_model):
         os.write(master, b":exit\n")
         assert proc.wait(timeout=30) == 0
         assert proc.stderr.read() == b"[interrupted]\n[Ctrl-D or :exit to leave]\n"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+
+
+def test_ctrl_c_in_a_system_prompt_block_keeps_the_chat(tiny_chat_model):
+    """Ctrl-C while a `:system \"\"\"` block is typed drops the block and returns to the prompt, as in a
+    message's block (it ended the chat: exit 130, the conversation lost)."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [*QWENKIT, "chat", str(tiny_chat_model), "--max-new-tokens", "2"],
+        stdin=slave,
+        stdout=slave,
+        stderr=subprocess.PIPE,
+        close_fds=True,
+    )
+    os.close(slave)
+    term = Terminal(master)
+    try:
+        term.read_until(b">>> ")
+        os.write(master, b':system """\nBe brief.\n')
+        term.read_until(b"brief.\r\n... ")
+        time.sleep(1.0)  # readline waits for the next line (see the test above)
+        proc.send_signal(signal.SIGINT)
+        assert term.read_until(b">>> ") == b"\r\n\r\n>>> "
+        os.write(master, b":history\n")
+        assert term.read_until(b">>> ") == b":history\r\n[history is empty]\r\n\r\n>>> "
+        os.write(master, b":exit\n")
+        assert proc.wait(timeout=30) == 0
+        assert proc.stderr.read() == b"[Ctrl-D or :exit to leave]\n"
     finally:
         if proc.poll() is None:
             proc.kill()

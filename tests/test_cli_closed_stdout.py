@@ -43,3 +43,16 @@ def test_a_closed_stdout_is_a_quiet_success(tiny_chat_model, args, err):
 def test_closed_stdout_and_stderr_is_a_quiet_success(tiny_chat_model):
     r = run_closed(["generate", str(tiny_chat_model), "-p", "hi", "--max-new-tokens", "3"], ">&- 2>&-")
     assert (r.returncode, r.stdout, r.stderr) == (0, b"", b"")
+
+
+def test_a_closed_stdin_reads_as_empty(tiny_chat_model):
+    """``qwenkit chat <&-`` (a supervisor or script that closed standard input): Python starts with
+    ``sys.stdin`` None, and the chat and ``-p -`` ended in an AttributeError traceback. A closed standard
+    input reads as an empty one (``</dev/null``): the chat ends at once, an empty question is refused."""
+    model = str(tiny_chat_model)
+    r = run_closed(["chat", model, "--max-new-tokens", "3"], "<&-")
+    assert (r.returncode, r.stdout, r.stderr) == (0, b"\n", b"")
+    r = run_closed(["chat", model, "-p", "-"], "<&-")
+    assert (r.returncode, r.stdout, r.stderr) == (2, b"", b"error: the question is empty\n")
+    r = run_closed(["generate", model, "-p", "-"], "<&-")
+    assert (r.returncode, r.stdout, r.stderr) == (2, b"", b"error: the prompt is empty\n")

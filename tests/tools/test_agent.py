@@ -499,3 +499,19 @@ def test_tool_chat_says_when_max_tokens_cut_the_answer(steered, monkeypatch, cap
     captured = capsys.readouterr()
     assert captured.out == "The answer is\n"
     assert captured.err == "[stopped at max_tokens=3; raise it with --max-new-tokens N]\n"
+
+
+def test_tool_chat_says_on_stderr_when_the_rounds_ran_out(steered, monkeypatch, capsys):
+    """A tool chat whose model calls a tool on every round until the agent's limit: the notice is one line
+    on standard error, as the other notices are (it was printed on standard output, as if the answer)."""
+    from qwenkit.cli import chat as chat_cli
+
+    llm = steered[0]
+    monkeypatch.setattr(chat_cli, "load_llm", lambda args: llm)
+    queue(steered, *[call("code_interpreter", '{"code": "print(6*7)"}')] * 5)
+    argv = ["--code-interpreter", "--temperature", "0", "--max-tokens", "120", "-p", "What is 6*7?"]
+    assert chat_cli.main(argv) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "[code_interpreter]\nprint(6*7)\n[output]\nstdout:\n\n```\n42\n\n```\n" * 5 + "\n"
+    assert captured.err == "[stopped after 5 rounds of tool calls, with no answer]\n"
+    assert not steered[1]

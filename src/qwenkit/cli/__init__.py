@@ -66,18 +66,20 @@ def _closed_streams_to_devnull() -> None:
     """``qwenkit generate ... >&-``: Python starts with ``sys.stdout`` None where its descriptor is closed,
     and the first write was an AttributeError traceback. Output to a closed stream is discarded, as it is
     for a reader gone (a broken pipe); the descriptor is held on /dev/null, so that no file the command
-    opens later takes its number (and a library's writes to it)."""
-    for fd, name in ((1, "stdout"), (2, "stderr")):
+    opens later takes its number (and a library's writes to it). A closed standard input reads as an
+    empty one (``</dev/null``): the chat ends at once, ``-p -`` is an empty question (both were
+    tracebacks)."""
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
         if getattr(sys, name) is not None:
             continue
-        null = os.open(os.devnull, os.O_WRONLY)  # the lowest free descriptor: this one, if it is closed
+        null = os.open(os.devnull, os.O_RDONLY if fd == 0 else os.O_WRONLY)  # the lowest free descriptor
         try:
             os.fstat(fd)  # open after all (a host that set it None): left as it is
         except OSError:
             os.dup2(null, fd)
         if null != fd:
             os.close(null)
-        setattr(sys, name, open(os.devnull, "w", encoding="utf-8", errors="replace"))  # noqa: SIM115
+        setattr(sys, name, open(os.devnull, mode, encoding="utf-8", errors="replace"))  # noqa: SIM115
 
 
 def main(argv: list[str] | None = None) -> int:

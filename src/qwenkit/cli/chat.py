@@ -283,7 +283,12 @@ def reply(session: ChatSession | ToolChatSession, text: str, hide_thinking: bool
 
 def stop_notice(session: ChatSession | ToolChatSession, how: str) -> None:
     """Say so on standard error when the answer was cut off by ``max_tokens`` (``how``: how to raise it)
-    or by the context window, not ended by the model."""
+    or by the context window, not ended by the model, or a tool chat's rounds ran out."""
+    rounds = getattr(session, "rounds_out", None)
+    if rounds is not None:
+        sys.stdout.flush()
+        print(f"[stopped after {rounds} rounds of tool calls, with no answer]", file=sys.stderr, flush=True)
+        return
     done = session.completion
     if done is None or done.finish_reason != "length":
         return
@@ -322,10 +327,11 @@ def read_message(interactive: bool) -> tuple[str, bool]:
     """The next line typed, stripped, or a block of lines (ollama's convention): a line that starts with
     three double quotes opens it and the next line that ends with them closes it, the text between kept as
     typed (indentation, blank lines). Returns (text, whether it was a block: a message even when it
-    starts with a colon)."""
+    starts with a colon). A command's block (``:system \"\"\"``) is read here too, so that Ctrl-C, Ctrl-D or
+    a line that is not UTF-8 inside it is met as inside a message's (Ctrl-C there ended the chat)."""
     line = utf8_text(input("\n>>> " if interactive else ""), "the message")
     if not line.lstrip().startswith(BLOCK):
-        return line.strip(), False
+        return with_block(line.strip(), interactive), False
     return read_block(line.lstrip(), interactive, "the message", "was not sent"), True
 
 
@@ -393,11 +399,15 @@ def main(argv: list[str] | None = None) -> int:
     add_tensor_parallel_arg(parser)
     args = parser.parse_args(argv)
     if args.prompt == "-":  # read now: an empty question is refused before the model loads
-        args.prompt = read_stdin()
+        # as a typed block: the blank lines around it and echo's newline are not the question's
+        args.prompt = read_stdin().lstrip("\n").rstrip()
     elif args.prompt is not None:
         utf8_text(args.prompt, "the question")
     if args.prompt is not None and not args.prompt.strip():
         raise ConfigError("the question is empty")
+    if args.system is not None:  # before the weights load: it failed every turn, naming no flag
+        utf8_text(args.system, "--system")
+    sampling_overrides(args)  # --stop's text checked now too
     args.code_interpreter = args.code_interpreter or args.code_dir is not None
     tools = chat_tools(args) if args.tools or args.code_interpreter else None  # file errors first
     if args.no_thinking:  # refused from the template alone, before the weights load (minutes for a big one)
@@ -470,7 +480,7 @@ def run(args: argparse.Namespace, llm, tools: list | None = None) -> int:
             line = line[1:]
         elif line.startswith(":"):
             try:
-                if not run_command(session, params, with_block(line, interactive)):
+                if not run_command(session, params, line):
                     return 1 if failed and not interactive else 0
             except CommandError as e:
                 report(e)
@@ -498,12 +508,13 @@ class ToolChatSession:
         self.params, self.system = params, system
         self.history: list[dict] = []
         self.completion = None  # the last reply's, once a turn ends (as ChatSession.completion)
+        self.rounds_out: int | None = None  # the rounds the last turn ran, when they ran out with no answer
 
     def ask(self, user_text: str) -> Iterator[str]:
         """The turn joins the history when the agent finishes (Ctrl-C or an error leaves it as it was)."""
         head = [{"role": "system", "content": self.system}] if self.system else []
         self.agent.params = self.params
-        self.completion = None
+        self.completion = self.rounds_out = None
         agent = self.agent
         messages = [*head, *self.history, {"role": "user", "content": user_text}]
         # the oldest turns the window cannot hold are left out of the prompt (not the history), as in a
@@ -513,8 +524,8 @@ class ToolChatSession:
         result = yield from agent.stream(fitted)
         self.history = self.history[:dropped] + result.messages[len(head) :]
         self.completion = result.completion
-        if result.answer is None:
-            yield f"[stopped after {result.rounds} rounds]"
+        if result.answer is None:  # stop_notice says so on standard error, not in the answer
+            self.rounds_out = result.rounds
 
 
 def ask_tool_result(name: str, arguments: str) -> str:

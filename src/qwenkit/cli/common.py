@@ -128,8 +128,8 @@ SAMPLING_FLAG_KEYS = (
 
 def sampling_overrides(args: argparse.Namespace) -> dict[str, object]:
     out: dict[str, object] = {k: getattr(args, k) for k in SAMPLING_FLAG_KEYS}
-    if args.stop:
-        out["stop"] = tuple(args.stop)
+    if args.stop:  # bytes that are not UTF-8 could never be matched: refused
+        out["stop"] = tuple(utf8_text(stop, "--stop") for stop in args.stop)
     out["stop_token_ids"] = tuple(args.stop_token_ids) if args.stop_token_ids else None
     for key in ("include_stop_str_in_output", "ignore_eos", "min_tokens"):
         out[key] = getattr(args, key)
