@@ -12,7 +12,7 @@ from qwenkit.errors import QwenkitError
 from qwenkit.tokenizer.base import LONE_SURROGATE
 from qwenkit.tokenizer.chat_template import compile_template
 from qwenkit.tools.calls import offered_functions
-from qwenkit.tools.template_style import template_style
+from qwenkit.tools.template_style import tool_style
 
 
 class _InputError(Exception):
@@ -96,14 +96,15 @@ def main(argv: list[str] | None = None) -> int:
             tools = tools["tools"]
         data = [_text_parts_joined(args.messages, i, m) for i, m in enumerate(data)]
         tokenizer = tokenizer_for(args.model_dir)
-        if tokenizer.chat_template:  # its syntax error is the model's, not the messages file's
+        template = tokenizer.chat_template_for(tools or None)  # a model's "tool_use" one, offered tools
+        if template:  # its syntax error is the model's, not the messages file's
             try:
-                compile_template(tokenizer.chat_template)
+                compile_template(template)
             except QwenkitError as e:
                 raise _InputError(f"{args.model_dir}: {e}") from None
         gen = not (args.no_generation_prompt or args.continue_final_message)
         cont = {"continue_final_message": True} if args.continue_final_message else {}
-        style = template_style(tokenizer.chat_template)
+        style = tool_style(tokenizer, tools)
         try:  # a bad message or tool named no file ("chat message 0 must be ..."): say which one
             functions = offered_functions(tools) if tools is not None else []
         except QwenkitError as e:

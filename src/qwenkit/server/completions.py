@@ -41,7 +41,7 @@ from qwenkit.server.tool_use import ToolParser, ToolPlan, plan_tools, react_func
 from qwenkit.tokenizer import TokenizerError
 from qwenkit.tokenizer.base import check_unicode
 from qwenkit.tools.calls import ToolSpecError
-from qwenkit.tools.template_style import template_style
+from qwenkit.tools.template_style import tool_style
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def chat_prompt(
     """The request's prompt ids; ``defaults`` are the server's template kwargs (see `template_kwargs`)."""
     messages = [m.as_template_message() for m in body.messages]
     kwargs = template_kwargs(body, defaults)
-    style, functions = template_style(llm.tokenizer.chat_template), react_functions(llm, body)
+    style, functions = tool_style(llm.tokenizer, body.tools), react_functions(llm, body)
     try:
         return style.prompt_ids(
             llm.tokenizer, messages, functions, body.tools, body.add_generation_prompt, **kwargs

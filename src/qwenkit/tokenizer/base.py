@@ -9,6 +9,7 @@ from functools import cached_property
 from typing import Any
 
 from qwenkit.tokenizer import chat_template as ct
+from qwenkit.tokenizer import named_templates as nt
 from qwenkit.tokenizer.errors import TokenizerError
 
 # Keys of generation_config.json that describe sampling; engines read them as defaults.
@@ -109,7 +110,7 @@ class Tokenizer(ABC):
         self,
         added_tokens: Mapping[str, int],
         special_token_ids: Iterable[int],
-        chat_template: str | None,
+        chat_template: str | list[Any] | Mapping[str, str] | None,
         tokenizer_config: Mapping[str, Any] | None = None,
         generation_config: Mapping[str, Any] | None = None,
         default_eos: str | None = None,
@@ -122,7 +123,9 @@ class Tokenizer(ABC):
         )
         self.added_tokens: dict[str, int] = dict(added_tokens)
         self.special_token_ids: frozenset[int] = frozenset(special_token_ids)
-        self.chat_template = chat_template
+        # the default template; named ones (`named_templates`) in chat_templates, "default" among them
+        single, self.chat_templates = nt.named_templates(chat_template)
+        self.chat_template: str | None = self.chat_templates.get(nt.DEFAULT, single)
         self.tokenizer_config: dict[str, Any] = dict(tokenizer_config or {})
         self.generation_config: dict[str, Any] = dict(generation_config or {})
         # A model that ships generation_config.json gets transformers' defaults for what it leaves out.
@@ -237,7 +240,7 @@ class Tokenizer(ABC):
     def stop_token_ids(self) -> frozenset[int]:
         """eos ids plus the template's end-of-turn token (e.g. <|im_end|>); generation stops on any."""
         stops = set(self.eos_token_ids)
-        template = self.chat_template or ""
+        template = "".join([self.chat_template or "", *self.chat_templates.values()])
         for tok in END_OF_TURN_TOKENS:
             if tok in template and tok in self.added_tokens:
                 stops.add(self.added_tokens[tok])
@@ -264,7 +267,7 @@ class Tokenizer(ABC):
         normalized, final = ct.normalize_messages(messages), None
         field = continued_field(continue_final_message, add_generation_prompt)
         if field is not None:
-            normalized, final = ct.tag_final_message(normalized, field, self._require_template())
+            normalized, final = ct.tag_final_message(normalized, field, self._require_template(tools))
         variables = {
             **token_vars,
             **ct._plain(template_kwargs),
@@ -275,13 +278,22 @@ class Tokenizer(ABC):
         }
         return variables, final
 
-    def _require_template(self) -> str:
-        if not self.chat_template:
-            raise TokenizerError(
-                "this tokenizer has no chat_template (neither tokenizer_config.json nor chat_template.jinja "
-                "has one; in a GGUF file, no tokenizer.chat_template key)"
-            )
-        return self.chat_template
+    def chat_template_for(self, tools: Any = None) -> str | None:
+        """The template a call with ``tools`` renders: a model's "tool_use" template where tools are passed
+        (not None) and it has one, else its default, as transformers' ``get_chat_template`` picks it; None
+        where none applies. What the template does with tools (`template_style`) is read from this one."""
+        return nt.pick_template(self.chat_template, self.chat_templates, tools)
+
+    def _require_template(self, tools: Any = None) -> str:
+        template = self.chat_template_for(tools)
+        if template:
+            return template
+        if self.chat_templates:
+            raise nt.no_default_error(self.chat_templates)
+        raise TokenizerError(
+            "this tokenizer has no chat_template (neither tokenizer_config.json nor chat_template.jinja "
+            "has one; in a GGUF file, no tokenizer.chat_template key)"
+        )
 
     def render_chat_template(
         self,
@@ -300,7 +312,7 @@ class Tokenizer(ABC):
         variables, final = self._template_variables(
             messages, tools, add_generation_prompt, template_kwargs, continue_final_message
         )
-        rendered = ct.render(self._require_template(), variables)
+        rendered = ct.render(self._require_template(tools), variables)
         return rendered if final is None else ct.cut_at_tag(rendered, final)
 
     def apply_chat_template(
@@ -354,7 +366,7 @@ class Tokenizer(ABC):
 
         Fine-tuning uses this to find the template's own turn markers and label assistant turns.
         """
-        source = self._require_template()
+        source = self._require_template(tools)
         no_token, _ = ct.control_patterns(())
         variables, final = self._template_variables(
             messages, tools, add_generation_prompt, template_kwargs, continue_final_message
