@@ -154,3 +154,58 @@ def test_malformed_template_list_is_one_line(tmp_path):
         (path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": value}))
         with pytest.raises(TokenizerError, match=message):
             load_tokenizer(path)
+
+
+@pytest.mark.parametrize("tools", [TOOLS, None])
+@pytest.mark.parametrize("name", ["default", "tool_use", "{{ messages[1]['content'] }}!"])
+def test_chat_template_argument_picks_by_name(two_templates, tools, name):
+    """transformers' ``chat_template`` argument: a name renders that template whatever the tools, other
+    text is a template itself (it was a template variable, and "default" was rendered)."""
+    tok = load_tokenizer(two_templates)
+    text, ids = hf_prompt(two_templates, tools=tools, chat_template=name)
+    assert tok.render_chat_template(MESSAGES, tools=tools, chat_template=name) == text
+    assert tok.apply_chat_template(MESSAGES, tools=tools, chat_template=name) == ids
+    if name == "tool_use" and tools is None:
+        assert text.startswith("<|im_start|>system\nBe brief.")
+    if name == "default":
+        assert text.startswith("plain<|im_start|>")
+
+
+def test_template_command_chat_template_option(two_templates, tmp_path, capsys):
+    (tmp_path / "m.json").write_text(json.dumps(MESSAGES))
+    (tmp_path / "t.json").write_text(json.dumps(TOOLS))
+    args = [str(two_templates), str(tmp_path / "m.json"), "--tools", str(tmp_path / "t.json")]
+    assert template.main([*args, "--chat-template", "tool_use"]) == 0
+    assert capsys.readouterr().out == hf_prompt(two_templates, tools=TOOLS, chat_template="tool_use")[0]
+    assert template.main([*args[:2], "--chat-template", "default"]) == 0
+    assert capsys.readouterr().out == hf_prompt(two_templates, chat_template="default")[0]
+    assert template.main([*args, "--chat-template", "default"]) == 0  # it renders no tools: ReAct's prompt
+    out = capsys.readouterr()
+    assert out.out.startswith("plain<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nAnswer the")
+    assert "the prompt below carries the ReAct instruction" in out.err
+    assert template.main([*args[:2], "--chat-template", "tool_use", "--ids"]) == 0
+    assert json.loads(capsys.readouterr().out) == hf_prompt(two_templates, chat_template="tool_use")[1]
+    assert template.main([*args, "--chat-template", "rag"]) == 2
+    assert (
+        capsys.readouterr().err
+        == f"error: {two_templates} has no chat template named 'rag' (it has default, tool_use)\n"
+    )
+
+
+def test_the_server_takes_no_chat_template_among_the_template_kwargs(two_templates):
+    """vLLM refuses it there; taken by the tokenizer as its template choice, a request could have
+    rendered any template text."""
+    from qwenkit.cli.serve import chat_template_kwargs
+    from qwenkit.errors import QwenkitError
+    from qwenkit.server.completions import template_kwargs
+    from qwenkit.server.errors import APIError
+    from qwenkit.server.schemas import ChatCompletionRequest
+
+    body = ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": MESSAGES, "chat_template_kwargs": {"chat_template": "{{ 'x' }}"}}
+    )
+    with pytest.raises(APIError) as e:
+        template_kwargs(body)
+    assert (e.value.status, e.value.param) == (400, "chat_template_kwargs")
+    with pytest.raises(QwenkitError, match="may not hold chat_template"):
+        chat_template_kwargs('{"chat_template": "tool_use"}')

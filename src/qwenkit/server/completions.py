@@ -54,6 +54,13 @@ def template_kwargs(body: ChatCompletionRequest, defaults: Mapping[str, Any] | N
     ``defaults | request``), the top-level ``continue_final_message`` under ``chat_template_kwargs``' (vLLM
     passes the field first, then the kwargs)."""
     kwargs = dict(body.chat_template_kwargs or {})
+    if "chat_template" in kwargs:  # the tokenizer's template choice, not a variable: vLLM refuses it too
+        raise APIError(
+            400,
+            "chat_template_kwargs may not hold chat_template: the server renders the model's own template "
+            "(its tool_use one where tools are offered)",
+            "chat_template_kwargs",
+        )
     for key in ("enable_thinking",):  # also accepted at the top level, as some clients send it
         if key in (body.model_extra or {}):
             kwargs.setdefault(key, body.model_extra[key])

@@ -253,6 +253,7 @@ class Tokenizer(ABC):
         add_generation_prompt: bool,
         template_kwargs: dict[str, Any],
         continue_final_message: bool | str = False,
+        chat_template: str | None = None,
     ) -> tuple[dict[str, Any], str | None]:
         """(the template's variables, the final message's text where it is continued: see `cut_at_tag`)."""
         if tools is not None and (
@@ -267,7 +268,9 @@ class Tokenizer(ABC):
         normalized, final = ct.normalize_messages(messages), None
         field = continued_field(continue_final_message, add_generation_prompt)
         if field is not None:
-            normalized, final = ct.tag_final_message(normalized, field, self._require_template(tools))
+            normalized, final = ct.tag_final_message(
+                normalized, field, self._require_template(tools, chat_template)
+            )
         variables = {
             **token_vars,
             **ct._plain(template_kwargs),
@@ -278,14 +281,21 @@ class Tokenizer(ABC):
         }
         return variables, final
 
-    def chat_template_for(self, tools: Any = None) -> str | None:
-        """The template a call with ``tools`` renders: a model's "tool_use" template where tools are passed
-        (not None) and it has one, else its default, as transformers' ``get_chat_template`` picks it; None
-        where none applies. What the template does with tools (`template_style`) is read from this one."""
+    def chat_template_for(self, tools: Any = None, chat_template: str | None = None) -> str | None:
+        """The template a call with ``tools`` renders, as transformers' ``get_chat_template`` picks it: the
+        one ``chat_template`` names (any other text given there is itself the template), else a model's
+        "tool_use" template where tools are passed (not None) and it has one, else its default; None where
+        none applies. What the template does with tools (`template_style`) is read from this one."""
+        if chat_template is not None:
+            if not isinstance(chat_template, str):
+                raise TokenizerError(
+                    f"chat_template must be a template's name or text, got {chat_template!r:.60}"
+                )
+            return self.chat_templates.get(chat_template, chat_template)
         return nt.pick_template(self.chat_template, self.chat_templates, tools)
 
-    def _require_template(self, tools: Any = None) -> str:
-        template = self.chat_template_for(tools)
+    def _require_template(self, tools: Any = None, chat_template: str | None = None) -> str:
+        template = self.chat_template_for(tools, chat_template)
         if template:
             return template
         if self.chat_templates:
@@ -301,18 +311,21 @@ class Tokenizer(ABC):
         tools: list[dict[str, Any]] | None = None,
         add_generation_prompt: bool = True,
         continue_final_message: bool | str = False,
+        *,
+        chat_template: str | None = None,
         **template_kwargs: Any,
     ) -> str:
         """The prompt text, byte-identical to transformers' `apply_chat_template(tokenize=False)`.
 
         ``continue_final_message`` (True for the content, or the name of the field, e.g.
         ``"reasoning_content"``) ends the prompt inside the final message, for the model to go on with it,
-        as transformers does; it needs ``add_generation_prompt=False``.
+        as transformers does; it needs ``add_generation_prompt=False``. ``chat_template``: a model's named
+        template to render (or a template's text), as transformers' argument (`chat_template_for`).
         """
         variables, final = self._template_variables(
-            messages, tools, add_generation_prompt, template_kwargs, continue_final_message
+            messages, tools, add_generation_prompt, template_kwargs, continue_final_message, chat_template
         )
-        rendered = ct.render(self._require_template(tools), variables)
+        rendered = ct.render(self._require_template(tools, chat_template), variables)
         return rendered if final is None else ct.cut_at_tag(rendered, final)
 
     def apply_chat_template(
@@ -321,20 +334,28 @@ class Tokenizer(ABC):
         tools: list[dict[str, Any]] | None = None,
         add_generation_prompt: bool = True,
         continue_final_message: bool | str = False,
+        *,
+        chat_template: str | None = None,
         **template_kwargs: Any,
     ) -> list[int]:
         """The prompt ids. Control tokens come only from the template; control-token text inside messages,
         tool results, tool-call arguments or tool definitions is encoded as plain text.
 
         Without such text the ids equal the reference (transformers) ids for the same rendered text.
-        ``continue_final_message``: as `render_chat_template`.
+        ``continue_final_message`` and ``chat_template``: as `render_chat_template`.
         """
-        segments = self.chat_segments(messages, tools, add_generation_prompt, continue_final_message)
-        if segments is not None:
-            return [token for ids, _ in segments for token in ids]
+        if chat_template is None:  # Qwen v1's built-in ChatML, where no template is asked for
+            segments = self.chat_segments(messages, tools, add_generation_prompt, continue_final_message)
+            if segments is not None:
+                return [token for ids, _ in segments for token in ids]
         ids: list[int] = []
         pieces = self.chat_pieces(
-            messages, tools, add_generation_prompt, continue_final_message, **template_kwargs
+            messages,
+            tools,
+            add_generation_prompt,
+            continue_final_message,
+            chat_template=chat_template,
+            **template_kwargs,
         )
         check_unicode("".join(piece for piece, _ in pieces), "the rendered chat prompt")
         for piece, from_user in pieces:
@@ -359,6 +380,8 @@ class Tokenizer(ABC):
         tools: list[dict[str, Any]] | None = None,
         add_generation_prompt: bool = True,
         continue_final_message: bool | str = False,
+        *,
+        chat_template: str | None = None,
         **template_kwargs: Any,
     ) -> list[tuple[str, bool]]:
         """The rendered prompt as (text, from_user) pieces: a from_user piece is control-token text that
@@ -366,10 +389,10 @@ class Tokenizer(ABC):
 
         Fine-tuning uses this to find the template's own turn markers and label assistant turns.
         """
-        source = self._require_template(tools)
+        source = self._require_template(tools, chat_template)
         no_token, _ = ct.control_patterns(())
         variables, final = self._template_variables(
-            messages, tools, add_generation_prompt, template_kwargs, continue_final_message
+            messages, tools, add_generation_prompt, template_kwargs, continue_final_message, chat_template
         )
 
         def render(pattern: re.Pattern[str], marking: tuple[str, str] = ct.MARKINGS[0]) -> str:

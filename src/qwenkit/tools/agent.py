@@ -115,7 +115,8 @@ class Agent:
         self.llm, self.tools, self.max_rounds = llm, {t.name: t for t in tools}, max_rounds
         self.template_kwargs = dict(template_kwargs or {})
         self.params = llm.params_or_default(params)
-        self.style = tool_style(llm.tokenizer, [t.spec() for t in tools])
+        specs = [t.spec() for t in tools]
+        self.style = tool_style(llm.tokenizer, specs, self.template_kwargs.get("chat_template"))
 
     def _reply(
         self, messages: list[dict[str, Any]]
