@@ -127,7 +127,10 @@ def chat_stream(
         prompt = build_prompt(llm, messages, sampling, **template_kwargs)
         deltas = llm.stream(prompt, sampling)
         tokenizer = llm.tokenizer
-        if not template_thinks(tokenizer.chat_template):
+        chosen = tokenizer.chat_template_for(
+            template_kwargs.get("tools"), template_kwargs.get("chat_template")
+        )
+        if not template_thinks(chosen):
             return deltas
         if continues(template_kwargs):  # the reply opens no block: it may go on inside the final message's
             continued = continued_text(messages, template_kwargs) or ""

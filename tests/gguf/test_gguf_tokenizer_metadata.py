@@ -8,7 +8,7 @@ from __future__ import annotations
 import gguf
 import pytest
 from factories import hf_model
-from gguf_files import MERGES, Q, tiny_vocab
+from gguf_files import CHAT_TEMPLATE, MERGES, Q, tiny_vocab
 
 from qwenkit.checkpoint.gguf import GGUFError, read_gguf
 from qwenkit.checkpoint.gguf_tokenizer import GGUFVocab, build_tokenizer
@@ -183,3 +183,51 @@ def test_a_merge_of_tokens_the_vocabulary_lacks_is_refused_in_one_line(tmp_path,
         f"{ckpt.path}: tokenizer.ggml.merges do not fit tokenizer.ggml.tokens: "
         "Error while initializing BPE: Token `xyz` out of vocabulary"
     )
+
+
+def test_named_chat_templates_are_read_and_the_tool_use_one_renders_with_tools(tmp_path, gguf_writer):
+    """gguf-py writes a model's named templates as ``tokenizer.chat_template.<name>`` (llama.cpp renders
+    "tool_use" when tools are passed); only ``tokenizer.chat_template`` was read, so tools never reached
+    the prompt. The directory made from the file keeps them too, and transformers renders it alike."""
+    import json
+
+    import transformers
+
+    from qwenkit.checkpoint.loader import open_checkpoint
+    from qwenkit.checkpoint.side_files import write_side_files
+    from qwenkit.generate import tokenizer_for
+
+    tool_use = "{{ tools | map(attribute='function.name') | join(',') }}|" + CHAT_TEMPLATE
+    model = hf_model("qwen2", vocab_size=len(tiny_vocab()[0]))
+
+    def templates(w: gguf.GGUFWriter) -> None:
+        w.kv_data[0].pop("tokenizer.chat_template", None)
+        w.add_chat_template(
+            [{"name": "default", "template": CHAT_TEMPLATE}, {"name": "tool_use", "template": tool_use}]
+        )
+
+    state = {n: p.detach() for n, p in model.named_parameters()}
+    path = gguf_writer(tmp_path / "m.gguf", "qwen2", model.config.to_dict(), state, Q.F16, extra=templates)
+    messages = [{"role": "user", "content": "the weather"}]
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+    tok = tokenizer_for(path)
+    assert tok.render_chat_template(messages, tools=tools) == (
+        "get_weather|<|im_start|>user\nthe weather<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert (
+        tok.render_chat_template(messages)
+        == "<|im_start|>user\nthe weather<|im_end|>\n<|im_start|>assistant\n"
+    )
+    out = tmp_path / "hf"
+    out.mkdir()
+    write_side_files(open_checkpoint(path), out, "a test")
+    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == [
+        {"name": "default", "template": CHAT_TEMPLATE},
+        {"name": "tool_use", "template": tool_use},
+    ]
+    hf = transformers.AutoTokenizer.from_pretrained(str(out))
+    for offered in (tools, None):
+        expected = hf.apply_chat_template(
+            messages, tools=offered, tokenize=True, return_dict=False, add_generation_prompt=True
+        )
+        assert tok.apply_chat_template(messages, tools=offered) == list(expected)

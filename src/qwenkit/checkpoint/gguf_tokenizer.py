@@ -88,6 +88,9 @@ class TokenizerMetadataError(ValueError):
     """The file's tokenizer keys are missing or describe a tokenizer we cannot build."""
 
 
+TEMPLATE_KEY = "tokenizer.chat_template"
+
+
 @dataclass(frozen=True)
 class GGUFVocab:
     """The ``tokenizer.*`` keys of a GGUF, read once."""
@@ -100,7 +103,7 @@ class GGUFVocab:
     special_ids: Mapping[str, int]  # bos/eos/unk/pad -> id, only those the file states
     add_bos_token: bool
     add_eos_token: bool
-    chat_template: str | None
+    chat_template: str | list[dict[str, str]] | None  # one, or named ones in tokenizer_config's list form
     end_of_generation_ids: tuple[int, ...] = ()  # the file's eos first, then as llama.cpp finds them
 
     @classmethod
@@ -157,9 +160,24 @@ class GGUFVocab:
             special_ids=special_ids,
             add_bos_token=bool(metadata.get("tokenizer.ggml.add_bos_token", pre in _LLAMA3_PRE)),
             add_eos_token=bool(metadata.get("tokenizer.ggml.add_eos_token", False)),
-            chat_template=metadata.get("tokenizer.chat_template"),
+            chat_template=chat_templates(metadata),
             end_of_generation_ids=_without_exceptions(tuple(dict.fromkeys(ends)), tokens),
         )
+
+
+def chat_templates(metadata: Mapping[str, Any]) -> str | list[dict[str, str]] | None:
+    """The file's chat templates: ``tokenizer.chat_template``, with the named ones gguf-py writes as
+    ``tokenizer.chat_template.<name>`` (a model's "tool_use", which llama.cpp renders when tools are
+    passed) in tokenizer_config.json's list form, the first named "default"."""
+    default = metadata.get(TEMPLATE_KEY)
+    named = [
+        {"name": key.removeprefix(f"{TEMPLATE_KEY}."), "template": value}
+        for key, value in metadata.items()
+        if key.startswith(f"{TEMPLATE_KEY}.") and isinstance(value, str)
+    ]
+    if not named:
+        return default
+    return [{"name": "default", "template": default}, *named] if isinstance(default, str) else named
 
 
 def _without_exceptions(ends: tuple[int, ...], tokens: Sequence[str]) -> tuple[int, ...]:

@@ -411,7 +411,9 @@ def main(argv: list[str] | None = None) -> int:
     args.code_interpreter = args.code_interpreter or args.code_dir is not None
     tools = chat_tools(args) if args.tools or args.code_interpreter else None  # file errors first
     if args.no_thinking:  # refused from the template alone, before the weights load (minutes for a big one)
-        template_kwargs(args, tokenizer_for(open_checkpoint(resolve_model(args.model))).chat_template)
+        template_kwargs(
+            args, tokenizer_for(open_checkpoint(resolve_model(args.model))).chat_template_for(tools)
+        )
     # SIGTERM unwinds (exit 143, the tensor-parallel ranks stopped): its default action did that only
     # outside a PID namespace, and a container's PID 1 chatted on to the end of its answer or input.
     with terminate_unwinds():
@@ -437,7 +439,7 @@ def run(args: argparse.Namespace, llm, tools: list | None = None) -> int:
     dispatcher); a chat typed on a terminal ends with 0; a chat read from a pipe or a file goes on after
     an error, as typed, and ends with 1 if any line failed, so a script can tell."""
     params = llm.default_params(**sampling_overrides(args))
-    kwargs = template_kwargs(args, llm.tokenizer.chat_template)
+    kwargs = template_kwargs(args, llm.tokenizer.chat_template_for(tools))
     if tools is None:
         session: ChatSession | ToolChatSession = ChatSession(
             llm, params, system=args.system, template_kwargs=kwargs

@@ -234,6 +234,11 @@ def chat_template_kwargs(text: str | None) -> dict[str, object]:
         raise ConfigError(f"--default-chat-template-kwargs: {text!r} is not JSON ({e})") from None
     if not isinstance(value, dict):
         raise ConfigError(f"--default-chat-template-kwargs must be a JSON object, got {text!r}")
+    if "chat_template" in value:  # the template's choice, not its variable (the tokenizer would take it)
+        raise ConfigError(
+            "--default-chat-template-kwargs may not hold chat_template: the server renders the model's own "
+            "template (its tool_use one where tools are offered)"
+        )
     return value
 
 

@@ -12,7 +12,7 @@ from qwenkit.errors import QwenkitError
 from qwenkit.tokenizer.base import LONE_SURROGATE
 from qwenkit.tokenizer.chat_template import compile_template
 from qwenkit.tools.calls import offered_functions
-from qwenkit.tools.template_style import template_style
+from qwenkit.tools.template_style import tool_style
 
 
 class _InputError(Exception):
@@ -78,6 +78,12 @@ def main(argv: list[str] | None = None) -> int:
         "implies --no-generation-prompt)",
     )
     parser.add_argument("--ids", action="store_true", help="print the prompt's token ids as JSON instead")
+    parser.add_argument(
+        "--chat-template",
+        metavar="NAME",
+        help="render the model's chat template of this name (e.g. default or tool_use), not the one the "
+        "tools pick (tool_use where tools are given and the model has it, else default)",
+    )
     args = parser.parse_args(argv)
 
     from qwenkit.generate import tokenizer_for
@@ -96,14 +102,21 @@ def main(argv: list[str] | None = None) -> int:
             tools = tools["tools"]
         data = [_text_parts_joined(args.messages, i, m) for i, m in enumerate(data)]
         tokenizer = tokenizer_for(args.model_dir)
-        if tokenizer.chat_template:  # its syntax error is the model's, not the messages file's
+        name = args.chat_template
+        if name is not None and name not in tokenizer.chat_templates:
+            has = ", ".join(sorted(tokenizer.chat_templates)) or "one template, without a name"
+            raise _InputError(f"{args.model_dir} has no chat template named {name!r} (it has {has})")
+        template = tokenizer.chat_template_for(tools or None, name)  # a model's "tool_use" one, offered tools
+        if template:  # its syntax error is the model's, not the messages file's
             try:
-                compile_template(tokenizer.chat_template)
+                compile_template(template)
             except QwenkitError as e:
                 raise _InputError(f"{args.model_dir}: {e}") from None
         gen = not (args.no_generation_prompt or args.continue_final_message)
-        cont = {"continue_final_message": True} if args.continue_final_message else {}
-        style = template_style(tokenizer.chat_template)
+        cont: dict[str, Any] = {"continue_final_message": True} if args.continue_final_message else {}
+        if name is not None:
+            cont["chat_template"] = name
+        style = tool_style(tokenizer, tools, name)
         try:  # a bad message or tool named no file ("chat message 0 must be ..."): say which one
             functions = offered_functions(tools) if tools is not None else []
         except QwenkitError as e:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from qwenkit.engine.kv_cache import chunk_attention, kernel_attention_runs
 from qwenkit.errors import QwenkitError
 from qwenkit.tokenizer.thinking import THINK_OPEN, prompt_opens_thinking
-from qwenkit.tools.template_style import template_style
+from qwenkit.tools.template_style import tool_style
 
 
 class BackendError(QwenkitError, RuntimeError):
@@ -203,14 +203,18 @@ class LocalBackend:
         ``<tool_call>`` blocks (and a leading ``<think>``), Llama 3's JSON calls, or ReAct for a template
         without tools (v1)."""
         tokenizer = self.llm.tokenizer
-        style = template_style(tokenizer.chat_template)
+        # each item's own: the template its tools pick (a model's "tool_use" one where no tools pick none)
+        styles = [tool_style(tokenizer, offered) for offered in tools]
         prompts = [
-            style.tool_prompt(tokenizer, m, offered) for m, offered in zip(messages, tools, strict=True)
+            style.tool_prompt(tokenizer, m, offered)
+            for style, m, offered in zip(styles, messages, tools, strict=True)
         ]
         params = self.llm.default_params(temperature=0.0, max_tokens=max_tokens, repetition_penalty=1.0)
-        params = _with(params, top_k=0, top_p=1.0, stop=style.stop)
+        stop = tuple(dict.fromkeys(word for style in styles for word in style.stop))
+        params = _with(params, top_k=0, top_p=1.0, stop=stop)
         replies = []
-        for prompt, completion in zip(prompts, self.llm.generate(prompts, params), strict=True):
+        done = self.llm.generate(prompts, params)
+        for style, prompt, completion in zip(styles, prompts, done, strict=True):
             text = completion.text
             parsed = style.parse_reply(tokenizer.decode, prompt, text)
             calls = [{"name": c.name, "arguments": c.arguments} for c in parsed.tool_calls]

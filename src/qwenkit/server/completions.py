@@ -41,7 +41,7 @@ from qwenkit.server.tool_use import ToolParser, ToolPlan, plan_tools, react_func
 from qwenkit.tokenizer import TokenizerError
 from qwenkit.tokenizer.base import check_unicode
 from qwenkit.tools.calls import ToolSpecError
-from qwenkit.tools.template_style import template_style
+from qwenkit.tools.template_style import tool_style
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,13 @@ def template_kwargs(body: ChatCompletionRequest, defaults: Mapping[str, Any] | N
     ``defaults | request``), the top-level ``continue_final_message`` under ``chat_template_kwargs``' (vLLM
     passes the field first, then the kwargs)."""
     kwargs = dict(body.chat_template_kwargs or {})
+    if "chat_template" in kwargs:  # the tokenizer's template choice, not a variable: vLLM refuses it too
+        raise APIError(
+            400,
+            "chat_template_kwargs may not hold chat_template: the server renders the model's own template "
+            "(its tool_use one where tools are offered)",
+            "chat_template_kwargs",
+        )
     for key in ("enable_thinking",):  # also accepted at the top level, as some clients send it
         if key in (body.model_extra or {}):
             kwargs.setdefault(key, body.model_extra[key])
@@ -68,7 +75,7 @@ def chat_prompt(
     """The request's prompt ids; ``defaults`` are the server's template kwargs (see `template_kwargs`)."""
     messages = [m.as_template_message() for m in body.messages]
     kwargs = template_kwargs(body, defaults)
-    style, functions = template_style(llm.tokenizer.chat_template), react_functions(llm, body)
+    style, functions = tool_style(llm.tokenizer, body.tools), react_functions(llm, body)
     try:
         return style.prompt_ids(
             llm.tokenizer, messages, functions, body.tools, body.add_generation_prompt, **kwargs

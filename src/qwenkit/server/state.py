@@ -113,6 +113,9 @@ def model_fingerprint(llm) -> str:
     changes it, at the cost of reading a few megabytes at start-up rather than every weight."""
     digest = hashlib.sha256(repr(llm.config).encode())
     digest.update((getattr(llm.tokenizer, "chat_template", None) or "").encode())
+    for name, template in sorted(getattr(llm.tokenizer, "chat_templates", {}).items()):
+        if name != "default":  # a named one (tool_use) renders requests too
+            digest.update(f"\0{name}\0{template}".encode())
     for name, tensor in llm.model.state_dict().items():
         digest.update(f"{name} {tuple(tensor.shape)} {tensor.dtype}".encode())
         digest.update(tensor.detach().reshape(-1)[:4096].float().cpu().numpy().tobytes())

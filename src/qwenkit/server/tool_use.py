@@ -38,7 +38,7 @@ from qwenkit.tools.grammar import (
 from qwenkit.tools.hermes import HermesParser
 from qwenkit.tools.llama3_json import Llama3JsonParser
 from qwenkit.tools.react import STOP_WORDS, parse_react
-from qwenkit.tools.template_style import template_style
+from qwenkit.tools.template_style import tool_style
 
 NAMED_USAGE = 'Correct usage: `{"type": "function", "function": {"name": "my_function"}}`'
 
@@ -124,7 +124,7 @@ def _response_schema(response_format: Any) -> tuple[bool, dict[str, Any] | None]
 
 def uses_react(llm: LLM, body: ChatCompletionRequest) -> bool:
     """Tools for a model whose chat template cannot render them (Qwen v1): the ReAct flow."""
-    react = template_style(llm.tokenizer.chat_template).react
+    react = tool_style(llm.tokenizer, body.tools).react
     return bool(body.tools) and body.tool_choice != "none" and react
 
 
@@ -141,7 +141,7 @@ def plan_tools(
     functions = _functions(body.tools) if body.tools is not None else []
     choice, named = _choice(body.tool_choice, functions)
     parallel = body.parallel_tool_calls is not False
-    style = template_style(llm.tokenizer.chat_template)
+    style = tool_style(llm.tokenizer, body.tools)
     plan = ToolPlan(functions, choice, named, parallel, reasoning=style.reasoning)
     plan.react = uses_react(llm, body)
     plan.llama3_json = style.calls == "llama3_json"

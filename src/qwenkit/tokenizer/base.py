@@ -9,6 +9,7 @@ from functools import cached_property
 from typing import Any
 
 from qwenkit.tokenizer import chat_template as ct
+from qwenkit.tokenizer import named_templates as nt
 from qwenkit.tokenizer.errors import TokenizerError
 
 # Keys of generation_config.json that describe sampling; engines read them as defaults.
@@ -109,7 +110,7 @@ class Tokenizer(ABC):
         self,
         added_tokens: Mapping[str, int],
         special_token_ids: Iterable[int],
-        chat_template: str | None,
+        chat_template: str | list[Any] | Mapping[str, str] | None,
         tokenizer_config: Mapping[str, Any] | None = None,
         generation_config: Mapping[str, Any] | None = None,
         default_eos: str | None = None,
@@ -122,7 +123,9 @@ class Tokenizer(ABC):
         )
         self.added_tokens: dict[str, int] = dict(added_tokens)
         self.special_token_ids: frozenset[int] = frozenset(special_token_ids)
-        self.chat_template = chat_template
+        # the default template; named ones (`named_templates`) in chat_templates, "default" among them
+        single, self.chat_templates = nt.named_templates(chat_template)
+        self.chat_template: str | None = self.chat_templates.get(nt.DEFAULT, single)
         self.tokenizer_config: dict[str, Any] = dict(tokenizer_config or {})
         self.generation_config: dict[str, Any] = dict(generation_config or {})
         # A model that ships generation_config.json gets transformers' defaults for what it leaves out.
@@ -237,7 +240,7 @@ class Tokenizer(ABC):
     def stop_token_ids(self) -> frozenset[int]:
         """eos ids plus the template's end-of-turn token (e.g. <|im_end|>); generation stops on any."""
         stops = set(self.eos_token_ids)
-        template = self.chat_template or ""
+        template = "".join([self.chat_template or "", *self.chat_templates.values()])
         for tok in END_OF_TURN_TOKENS:
             if tok in template and tok in self.added_tokens:
                 stops.add(self.added_tokens[tok])
@@ -250,6 +253,7 @@ class Tokenizer(ABC):
         add_generation_prompt: bool,
         template_kwargs: dict[str, Any],
         continue_final_message: bool | str = False,
+        chat_template: str | None = None,
     ) -> tuple[dict[str, Any], str | None]:
         """(the template's variables, the final message's text where it is continued: see `cut_at_tag`)."""
         if tools is not None and (
@@ -264,7 +268,9 @@ class Tokenizer(ABC):
         normalized, final = ct.normalize_messages(messages), None
         field = continued_field(continue_final_message, add_generation_prompt)
         if field is not None:
-            normalized, final = ct.tag_final_message(normalized, field, self._require_template())
+            normalized, final = ct.tag_final_message(
+                normalized, field, self._require_template(tools, chat_template)
+            )
         variables = {
             **token_vars,
             **ct._plain(template_kwargs),
@@ -275,13 +281,29 @@ class Tokenizer(ABC):
         }
         return variables, final
 
-    def _require_template(self) -> str:
-        if not self.chat_template:
-            raise TokenizerError(
-                "this tokenizer has no chat_template (neither tokenizer_config.json nor chat_template.jinja "
-                "has one; in a GGUF file, no tokenizer.chat_template key)"
-            )
-        return self.chat_template
+    def chat_template_for(self, tools: Any = None, chat_template: str | None = None) -> str | None:
+        """The template a call with ``tools`` renders, as transformers' ``get_chat_template`` picks it: the
+        one ``chat_template`` names (any other text given there is itself the template), else a model's
+        "tool_use" template where tools are passed (not None) and it has one, else its default; None where
+        none applies. What the template does with tools (`template_style`) is read from this one."""
+        if chat_template is not None:
+            if not isinstance(chat_template, str):
+                raise TokenizerError(
+                    f"chat_template must be a template's name or text, got {chat_template!r:.60}"
+                )
+            return self.chat_templates.get(chat_template, chat_template)
+        return nt.pick_template(self.chat_template, self.chat_templates, tools)
+
+    def _require_template(self, tools: Any = None, chat_template: str | None = None) -> str:
+        template = self.chat_template_for(tools, chat_template)
+        if template:
+            return template
+        if self.chat_templates:
+            raise nt.no_default_error(self.chat_templates)
+        raise TokenizerError(
+            "this tokenizer has no chat_template (neither tokenizer_config.json nor chat_template.jinja "
+            "has one; in a GGUF file, no tokenizer.chat_template key)"
+        )
 
     def render_chat_template(
         self,
@@ -289,18 +311,21 @@ class Tokenizer(ABC):
         tools: list[dict[str, Any]] | None = None,
         add_generation_prompt: bool = True,
         continue_final_message: bool | str = False,
+        *,
+        chat_template: str | None = None,
         **template_kwargs: Any,
     ) -> str:
         """The prompt text, byte-identical to transformers' `apply_chat_template(tokenize=False)`.
 
         ``continue_final_message`` (True for the content, or the name of the field, e.g.
         ``"reasoning_content"``) ends the prompt inside the final message, for the model to go on with it,
-        as transformers does; it needs ``add_generation_prompt=False``.
+        as transformers does; it needs ``add_generation_prompt=False``. ``chat_template``: a model's named
+        template to render (or a template's text), as transformers' argument (`chat_template_for`).
         """
         variables, final = self._template_variables(
-            messages, tools, add_generation_prompt, template_kwargs, continue_final_message
+            messages, tools, add_generation_prompt, template_kwargs, continue_final_message, chat_template
         )
-        rendered = ct.render(self._require_template(), variables)
+        rendered = ct.render(self._require_template(tools, chat_template), variables)
         return rendered if final is None else ct.cut_at_tag(rendered, final)
 
     def apply_chat_template(
@@ -309,20 +334,28 @@ class Tokenizer(ABC):
         tools: list[dict[str, Any]] | None = None,
         add_generation_prompt: bool = True,
         continue_final_message: bool | str = False,
+        *,
+        chat_template: str | None = None,
         **template_kwargs: Any,
     ) -> list[int]:
         """The prompt ids. Control tokens come only from the template; control-token text inside messages,
         tool results, tool-call arguments or tool definitions is encoded as plain text.
 
         Without such text the ids equal the reference (transformers) ids for the same rendered text.
-        ``continue_final_message``: as `render_chat_template`.
+        ``continue_final_message`` and ``chat_template``: as `render_chat_template`.
         """
-        segments = self.chat_segments(messages, tools, add_generation_prompt, continue_final_message)
-        if segments is not None:
-            return [token for ids, _ in segments for token in ids]
+        if chat_template is None:  # Qwen v1's built-in ChatML, where no template is asked for
+            segments = self.chat_segments(messages, tools, add_generation_prompt, continue_final_message)
+            if segments is not None:
+                return [token for ids, _ in segments for token in ids]
         ids: list[int] = []
         pieces = self.chat_pieces(
-            messages, tools, add_generation_prompt, continue_final_message, **template_kwargs
+            messages,
+            tools,
+            add_generation_prompt,
+            continue_final_message,
+            chat_template=chat_template,
+            **template_kwargs,
         )
         check_unicode("".join(piece for piece, _ in pieces), "the rendered chat prompt")
         for piece, from_user in pieces:
@@ -347,6 +380,8 @@ class Tokenizer(ABC):
         tools: list[dict[str, Any]] | None = None,
         add_generation_prompt: bool = True,
         continue_final_message: bool | str = False,
+        *,
+        chat_template: str | None = None,
         **template_kwargs: Any,
     ) -> list[tuple[str, bool]]:
         """The rendered prompt as (text, from_user) pieces: a from_user piece is control-token text that
@@ -354,10 +389,10 @@ class Tokenizer(ABC):
 
         Fine-tuning uses this to find the template's own turn markers and label assistant turns.
         """
-        source = self._require_template()
+        source = self._require_template(tools, chat_template)
         no_token, _ = ct.control_patterns(())
         variables, final = self._template_variables(
-            messages, tools, add_generation_prompt, template_kwargs, continue_final_message
+            messages, tools, add_generation_prompt, template_kwargs, continue_final_message, chat_template
         )
 
         def render(pattern: re.Pattern[str], marking: tuple[str, str] = ct.MARKINGS[0]) -> str:

@@ -62,16 +62,10 @@ class HFTokenizer(Tokenizer):
         self._plain.pre_tokenizer = backend.pre_tokenizer
         config = dict(tokenizer_config or {})
         added = backend.get_added_tokens_decoder()  # {id: AddedToken}
-        template = config.get("chat_template")
-        if isinstance(template, list):  # the list-of-named-templates form: use "default"
-            named = {t.get("name"): t.get("template") for t in template if isinstance(t, Mapping)}
-            template = named.get("default")
-        if template is not None and not isinstance(template, str):
-            raise TokenizerError("tokenizer_config.json chat_template must be a string")
         super().__init__(
             added_tokens={tok.content: i for i, tok in sorted(added.items())},
             special_token_ids=[i for i, tok in added.items() if tok.special],
-            chat_template=template,
+            chat_template=config.get("chat_template"),  # one, or named ones (`named_templates`)
             tokenizer_config=config,
             generation_config=generation_config,
             sequence_special_ids=sequence_special_ids(backend),

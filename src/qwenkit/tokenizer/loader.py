@@ -11,6 +11,7 @@ import tokenizers
 from qwenkit.tokenizer.base import Tokenizer
 from qwenkit.tokenizer.errors import TokenizerError
 from qwenkit.tokenizer.hf import HFTokenizer
+from qwenkit.tokenizer.named_templates import template_files
 from qwenkit.tokenizer.qwen_v1 import QwenV1Tokenizer
 
 TOKENIZER_FILES = ("tokenizer.json", "qwen.tiktoken")
@@ -65,8 +66,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load the tokenizer of a model directory.
 
     `tokenizer.json` (Qwen1.5 and later) wins over `qwen.tiktoken` (Qwen v1); tokenizer_config.json
-    supplies the chat template (chat_template.jinja's, where present) and eos, generation_config.json
-    the eos ids and sampling defaults.
+    supplies the chat templates (chat_template.jinja's and additional_chat_templates/', where present)
+    and eos, generation_config.json the eos ids and sampling defaults.
     """
     model_dir = Path(path)
     if not model_dir.is_dir():
@@ -74,9 +75,11 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
             f"{model_dir} is not a directory (expected a model directory with tokenizer files)"
         )
     config = read_json(model_dir / "tokenizer_config.json")
-    template_file = model_dir / "chat_template.jinja"
-    if template_file.is_file():  # where transformers 5 saves the template, and reads it before the config's
-        config = {**config, "chat_template": template_file.read_text(encoding="utf-8")}
+    # where transformers 5 saves the templates (chat_template.jinja, additional_chat_templates/), and reads
+    # them in place of the config's
+    templates = template_files(model_dir)
+    if templates is not None:
+        config = {**config, "chat_template": templates}
     generation_file = model_dir / "generation_config.json"
     generation = read_json(generation_file) if generation_file.is_file() else None
     if generation is not None:

@@ -15,7 +15,7 @@ from qwenkit.engine import SamplingParams
 from qwenkit.errors import QwenkitError
 from qwenkit.generate import LLM, Completion
 from qwenkit.tools.calls import Event, ParsedMessage, ToolCall, collect
-from qwenkit.tools.template_style import template_style
+from qwenkit.tools.template_style import tool_style
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,8 @@ class Agent:
         self.llm, self.tools, self.max_rounds = llm, {t.name: t for t in tools}, max_rounds
         self.template_kwargs = dict(template_kwargs or {})
         self.params = llm.params_or_default(params)
-        self.style = template_style(llm.tokenizer.chat_template)
+        specs = [t.spec() for t in tools]
+        self.style = tool_style(llm.tokenizer, specs, self.template_kwargs.get("chat_template"))
 
     def _reply(
         self, messages: list[dict[str, Any]]

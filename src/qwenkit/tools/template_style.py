@@ -149,6 +149,15 @@ class TemplateStyle:
         return template_messages(messages)
 
 
+def tool_style(tokenizer: Tokenizer, tools: Any, chat_template: str | None = None) -> TemplateStyle:
+    """The style of the template a prompt offering ``tools`` renders (a model's "tool_use" template
+    where it has one, or the one ``chat_template`` names: `Tokenizer.chat_template_for`); no tools, or an
+    empty list, are none, as `TemplateStyle.prompt_ids` renders them. The server, the agent, the evaluator
+    and ``qwenkit template`` read it here, so they parse replies in the format of the template the prompt
+    was rendered with."""
+    return template_style(tokenizer.chat_template_for(tools or None, chat_template))
+
+
 def template_style(chat_template: str | None) -> TemplateStyle:
     template = chat_template or ""
     return TemplateStyle(calls=call_format(template), reasoning=template_thinks(template))
