@@ -20,6 +20,7 @@ from typing import Any
 from qwenkit.checkpoint.gguf import GGUFCheckpoint, generation_config_to_save
 from qwenkit.checkpoint.output_dir import write_json
 from qwenkit.license import LICENSE_FILES, find_license
+from qwenkit.tokenizer.named_templates import TEMPLATE_DIR as CHAT_TEMPLATE_DIR
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -35,8 +36,6 @@ TOKENIZER_FILES = (
 # Qwen2.5-1M's sparse attention patterns, which vLLM reads beside config.json's dual_chunk_attention_config:
 # kept, though qwenkit runs full attention (``sparse_attention_note``)
 SPARSE_ATTENTION_FILE = "sparse_attention_config.json"
-# transformers' named chat templates beside the default one (tool_use, say): one .jinja file each
-CHAT_TEMPLATE_DIR = "additional_chat_templates"
 
 
 def model_card(license_id: str, note: str) -> str:
