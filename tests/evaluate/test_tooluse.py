@@ -10,6 +10,7 @@ import importlib
 import itertools
 import json
 import random
+import shutil
 import sys
 import types
 import zipfile
@@ -25,11 +26,14 @@ from scripted import ScriptedModel, steered_server
 
 from qwenkit.cli import main as qwenkit_main
 from qwenkit.evaluate import data, tooluse
+from qwenkit.evaluate import results as results_module
 from qwenkit.evaluate.backends import LocalBackend
 from qwenkit.evaluate.data import EvalDataError
 from qwenkit.evaluate.endpoint import EndpointBackend
+from qwenkit.evaluate.results import sha256_text
 from qwenkit.evaluate.runner import Settings, rescore_dir, run
 from qwenkit.generate import LLM
+from qwenkit.tokenizer import load_tokenizer
 from qwenkit.tokenizer.chat_template import chatml_template
 from qwenkit.tools.react import react_messages
 
@@ -483,3 +487,35 @@ def test_an_irrelevance_only_run_prints_its_scores():
         "  irrelevance: false-positive rate 33.33",
         "  irrelevance      66.67 ± 33.33  (n=3, selection 66.67)",
     ]
+
+
+def test_a_resumed_run_notices_an_edited_tool_use_template(tiny_chat_model, bfcl_subset, tmp_path, capsys):
+    """A model with a "default" and a "tool_use" template renders "tool_use" for BFCL's items: the run's
+    recorded template hash covers it, so resuming after it was edited is refused (the hash was the default
+    one's alone, and the run went on mixing prompts of two templates). A run without tools keeps the
+    default's hash, the value runs have always recorded."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_chat_model, model)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    tool_use = config.pop("chat_template")
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    plain = "{%- for m in messages %}{{ m.content }}\n{% endfor %}"
+    (model / "chat_template.jinja").write_text(plain)
+    (model / "additional_chat_templates").mkdir()
+    (model / "additional_chat_templates" / "tool_use.jinja").write_text(tool_use)
+    out = tmp_path / "run"
+    args = ["eval", str(model), "--task", "tooluse", "--data", str(bfcl_subset), "--subjects", "simple"]
+    args += ["--limit", "1", "--max-new-tokens", "2", "--dtype", "float32", "--no-progress"]
+    assert qwenkit_main([*args, "--output", str(out)]) == 0
+    recorded = json.loads((out / "results.json").read_text())["record"]["chat_template_sha256"]
+    assert recorded != sha256_text(plain)
+    capsys.readouterr()
+    (model / "additional_chat_templates" / "tool_use.jinja").write_text(tool_use + "{#- edited #}")
+    assert qwenkit_main([*args, "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "holds a run of another model (chat_template_sha256 differs)" in err and err.count("\n") == 1
+    tok = load_tokenizer(model)
+    assert results_module.chat_template_sha256(tok, tools=False) == sha256_text(plain)
+    assert results_module.chat_template_sha256(tok, tools=True) == sha256_text(
+        f"{plain}\0tool_use\0{tok.chat_template_for([])}"
+    )

@@ -340,7 +340,9 @@ def _evaluate(
         if tp is None or tp.rank == 0:
             warn_past_context(llm, "--max-context")
         backend = LocalBackend(llm, batch_size=args.batch_size)
-        record = runner.model_record(path, llm, args.dtype, args.quantize, args.adapter)
+        record = runner.model_record(
+            path, llm, args.dtype, args.quantize, args.adapter, tools=settings.task == "tooluse"
+        )
     results = runner.run(
         backend,
         settings,

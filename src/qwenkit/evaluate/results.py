@@ -12,6 +12,7 @@ from typing import Any
 
 from qwenkit.checkpoint.files import files_sha256
 from qwenkit.checkpoint.output_dir import atomic_file
+from qwenkit.tokenizer.named_templates import TOOL_USE
 
 SAMPLES, RESULTS, SETTINGS = "samples.jsonl", "results.json", "settings.json"
 
@@ -56,11 +57,16 @@ def environment() -> dict[str, Any]:
 
 
 def model_record(
-    path: str | Path, llm: Any, dtype: str, quantize: str | None, adapter: str | Path | None = None
+    path: str | Path,
+    llm: Any,
+    dtype: str,
+    quantize: str | None,
+    adapter: str | Path | None = None,
+    tools: bool = False,
 ) -> dict[str, Any]:
     """Model identity for the results: a content hash of the weight and config files (and of the LoRA
-    adapter's, where one is applied), dtype, quantization, chat template hash."""
-    template = getattr(llm.tokenizer, "chat_template", None)
+    adapter's, where one is applied), dtype, quantization, and the hash of the chat templates the run
+    renders (``tools``: a run that offers tools, `chat_template_sha256`)."""
     return {
         "backend": "local",
         "model_path": str(Path(path)),
@@ -70,8 +76,19 @@ def model_record(
         "quantization": quantize,
         "adapter": files_sha256(Path(adapter)) if adapter else None,
         "adapter_path": str(adapter) if adapter else None,
-        "chat_template_sha256": sha256_text(template) if template else None,
+        "chat_template_sha256": chat_template_sha256(llm.tokenizer, tools),
     }
+
+
+def chat_template_sha256(tokenizer: Any, tools: bool = False) -> str | None:
+    """The hash of the templates a run renders: the default one's alone (as runs have always recorded
+    it), and for a run offering ``tools`` on a model with its own "tool_use" template, that one's with
+    it, so that a resumed tool-use run notices an edited "tool_use" template. None: no template."""
+    default = getattr(tokenizer, "chat_template", None)
+    rendered = tokenizer.chat_template_for([]) if tools else default  # tools [] pick "tool_use" too
+    if rendered == default:
+        return sha256_text(default) if default else None
+    return sha256_text(f"{default or ''}\0{TOOL_USE}\0{rendered or ''}")
 
 
 def known_stderr(stderr: float | None) -> float | None:
