@@ -255,3 +255,18 @@ def interrupt_training_after(monkeypatch, steps: int):
 
     monkeypatch.setattr(Trainer, "train_step", interrupted)
     return real_step
+
+
+def with_named_templates(model: Path, path: Path, default: str) -> Path:
+    """A copy of ``model`` at ``path`` with two named templates, as transformers 5 saves them:
+    chat_template.jinja (``default``) and additional_chat_templates/tool_use.jinja (the model's own)."""
+    import shutil
+
+    shutil.copytree(model, path)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    tool_use = config.pop("chat_template")
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    (path / "chat_template.jinja").write_text(default)
+    (path / "additional_chat_templates").mkdir()
+    (path / "additional_chat_templates" / "tool_use.jinja").write_text(tool_use)
+    return path

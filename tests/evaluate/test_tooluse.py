@@ -10,7 +10,6 @@ import importlib
 import itertools
 import json
 import random
-import shutil
 import sys
 import types
 import zipfile
@@ -22,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
 sys.path.insert(0, str(Path(__file__).parents[1] / "server"))
 
+from factories import with_named_templates
 from scripted import ScriptedModel, steered_server
 
 from qwenkit.cli import main as qwenkit_main
@@ -494,15 +494,9 @@ def test_a_resumed_run_notices_an_edited_tool_use_template(tiny_chat_model, bfcl
     recorded template hash covers it, so resuming after it was edited is refused (the hash was the default
     one's alone, and the run went on mixing prompts of two templates). A run without tools keeps the
     default's hash, the value runs have always recorded."""
-    model = tmp_path / "model"
-    shutil.copytree(tiny_chat_model, model)
-    config = json.loads((model / "tokenizer_config.json").read_text())
-    tool_use = config.pop("chat_template")
-    (model / "tokenizer_config.json").write_text(json.dumps(config))
     plain = "{%- for m in messages %}{{ m.content }}\n{% endfor %}"
-    (model / "chat_template.jinja").write_text(plain)
-    (model / "additional_chat_templates").mkdir()
-    (model / "additional_chat_templates" / "tool_use.jinja").write_text(tool_use)
+    model = with_named_templates(tiny_chat_model, tmp_path / "model", plain)
+    tool_use = (model / "additional_chat_templates" / "tool_use.jinja").read_text()
     out = tmp_path / "run"
     args = ["eval", str(model), "--task", "tooluse", "--data", str(bfcl_subset), "--subjects", "simple"]
     args += ["--limit", "1", "--max-new-tokens", "2", "--dtype", "float32", "--no-progress"]

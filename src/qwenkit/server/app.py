@@ -281,6 +281,9 @@ def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
             "bos_token": tok.bos_token,
             "pad_token": None,
             "chat_template": tok.chat_template,
+            # a model's named ones ("default" and "tool_use", rendered where tools are offered) by name;
+            # chat_template stays the default text, which clients (lm-eval) render as one template
+            "chat_templates": dict(getattr(tok, "chat_templates", {})),
             "model_max_length": llm.engine.max_seq_len,
         }
 
