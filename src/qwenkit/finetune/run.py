@@ -56,6 +56,7 @@ from qwenkit.finetune.plot import plot_losses
 from qwenkit.finetune.start_adapter import load_starting_adapter, starting_adapter
 from qwenkit.finetune.trainer import TrainArgs, Trainer, enable_gradient_checkpointing, mixed_precision
 from qwenkit.sigterm import Terminated, terminate_unwinds
+from qwenkit.tokenizer.named_templates import save_named_templates
 
 
 class TrainingDiverged(QwenkitError, FloatingPointError):
@@ -431,6 +432,17 @@ def _loop(trainer, prep, args, world, work, history, eval_examples, data_id: str
                     prune_checkpoints(work, args.keep_checkpoints)
 
 
+def save_training_templates(tokenizer: Any, out: Path) -> None:
+    """The templates an adapter was trained with, beside it: one in chat_template.json (as ever); a model's
+    named ones ("default", and "tool_use" that rows with tools rendered) as transformers 5 saves them,
+    chat_template.jinja and additional_chat_templates/ (chat_template.json holds one template, and
+    AutoProcessor refuses it beside additional_chat_templates/)."""
+    if tokenizer.chat_templates:
+        save_named_templates(tokenizer.chat_templates, out)
+    elif tokenizer.chat_template:
+        write_json(out / "chat_template.json", {"chat_template": tokenizer.chat_template})
+
+
 def _log(history: list[dict], world: World, work: Path, record: dict) -> None:
     history.append(record)
     if world.is_main:
@@ -450,8 +462,7 @@ def _finish(model_path, out, overwrite, trainer, prep, args, world, history, sta
         with atomic_output_dir(out, overwrite) as tmp:
             if prep.lora:
                 save_adapter(prep.base, tmp, prep.lora, str(Path(model_path).resolve()), tensors=tensors)
-                if tokenizer.chat_template:  # the template it was trained with, for serving it the same way
-                    write_json(tmp / "chat_template.json", {"chat_template": tokenizer.chat_template})
+                save_training_templates(tokenizer, tmp)
             else:
                 dtype = resolve_dtype(args.dtype, args.device)
                 write_model_dir(model_path, tensors, tmp, dtype, prep.tied, "full fine-tuning with qwenkit")

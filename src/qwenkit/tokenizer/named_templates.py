@@ -62,6 +62,24 @@ def template_files(model_dir: Path) -> str | list[dict[str, str]] | None:
     return [{"name": name, "template": text} for name, text in named.items()]
 
 
+def save_named_templates(named: Mapping[str, str], out: Path) -> list[str]:
+    """Write ``named`` as transformers 5's ``save_pretrained`` does (its layout `template_files` reads):
+    "default" to chat_template.jinja, each other one to additional_chat_templates/<name>.jinja. A name that
+    is no plain file name (a path: a GGUF's or a config's text) is left out, as transformers refuses it.
+    The names written."""
+    written = []
+    for name, text in named.items():
+        if name == DEFAULT:
+            (out / TEMPLATE_FILE).write_text(text, encoding="utf-8")
+        elif name and name == Path(name).name and not name.startswith(".") and "\\" not in name:
+            (out / TEMPLATE_DIR).mkdir(exist_ok=True)
+            (out / TEMPLATE_DIR / f"{name}.jinja").write_text(text, encoding="utf-8")
+        else:
+            continue
+        written.append(name)
+    return written
+
+
 def pick_template(single: str | None, named: Mapping[str, str], tools: Any) -> str | None:
     """The template a call with ``tools`` renders, as transformers' ``get_chat_template`` picks it:
     "tool_use" when tools are passed (not None) and it exists, else "default"; None where none applies."""
