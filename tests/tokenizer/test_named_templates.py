@@ -209,3 +209,21 @@ def test_the_server_takes_no_chat_template_among_the_template_kwargs(two_templat
     assert (e.value.status, e.value.param) == (400, "chat_template_kwargs")
     with pytest.raises(QwenkitError, match="may not hold chat_template"):
         chat_template_kwargs('{"chat_template": "tool_use"}')
+
+
+@pytest.mark.parametrize("tools", [TOOLS, None])
+def test_finetune_labels_render_the_template_the_record_picks(two_templates, tools):
+    """A training record with tools is rendered by "tool_use", as transformers renders it (and as a server
+    prompts the trained model); one without by "default". Only the reply is labelled."""
+    import transformers
+
+    from qwenkit.finetune.encode import IGNORE, encode_messages
+
+    tok = load_tokenizer(two_templates)
+    reply = {"role": "assistant", "content": "It is sunny."}
+    ids, labels = encode_messages(tok, [*MESSAGES, reply], tools)
+    hf = transformers.AutoTokenizer.from_pretrained(str(two_templates))
+    want = hf.apply_chat_template([*MESSAGES, reply], tools=tools, tokenize=True, return_dict=False)
+    assert ids == list(want)
+    assert tok.decode([t for t in labels if t != IGNORE]) == "It is sunny.<|im_end|>"
+    assert ("get_weather" in tok.decode(ids)) == (tools is not None)
