@@ -676,3 +676,22 @@ def test_an_agent_stream_closed_early_aborts_its_request_and_runs_no_tool(steere
     llm.model.script = None
     with pytest.raises(ToolError, match="conversation must be an empty list"):
         next(Agent(llm, [add]).stream("hi", conversation=conversation))
+
+
+def test_a_tool_chat_round_that_fails_after_a_tool_ran_keeps_the_run(steered, capsys):
+    """A result too long for the window fails the next reply (one error line): the call that ran stays in
+    the history, as Ctrl-C keeps it, where the whole turn was dropped; the next turn's prompt, fitted to
+    the window, leaves that turn out (not the history)."""
+    from qwenkit.cli.chat import ToolChatSession, answer
+
+    big = Tool("fetch", lambda: "word " * 3000, "Fetch", {"type": "object", "properties": {}})
+    session = ToolChatSession(steered[0], [big], PARAMS)
+    queue(steered, call("fetch", "{}"))
+    assert answer(session, "Fetch it.") is False
+    err = capsys.readouterr().err
+    assert err.startswith("error: the prompt has ") and err.count("\n") == 1, err
+    assert [m["role"] for m in session.history] == ["user", "assistant", "tool"]
+    assert session.history[2]["content"] == "word " * 3000
+    queue(steered, "Hello.")
+    assert answer(session, "Hi.") and session.history[-1] == {"role": "assistant", "content": "Hello."}
+    assert len(session.history) == 5 and not steered[1]
