@@ -574,3 +574,62 @@ def test_a_tool_chat_that_outgrows_the_window_drops_its_oldest_turns():
     assert r.returncode == 0 and "error" not in r.stderr, r.stderr
     asked = [line for line in r.stdout.splitlines() if line.startswith("user: ")]
     assert asked == [f"user: {q}" for q in questions]
+
+
+STEERED_TOOL_CHAT = """
+import sys
+sys.path.insert(0, {tools!r})
+from scripted import ScriptedModel, steer_next_request
+from qwenkit.cli import chat as chat_cli
+from qwenkit.generate import LLM
+loaded = LLM.load({model!r}, dtype="float32", max_batch_size=2, progress=False)
+model = ScriptedModel(loaded.model, loaded.tokenizer.added_tokens["<|im_end|>"])
+llm = LLM(model, loaded.tokenizer, max_batch_size=2, max_seq_len=8192)
+call = '<tool_call>\\n{{"name": "code_interpreter", "arguments": {{"code": "print(6*7)"}}}}\\n</tool_call>'
+long = "It printed 42." * 1000  # tens of seconds of the answer, for Ctrl-C to stop
+steer_next_request(llm, model).extend(llm.tokenizer.encode(r, allow_special=True) for r in (call, long))
+chat_cli.load_llm = lambda args: llm
+sys.exit(chat_cli.main(["--code-interpreter", "--temperature", "1", "--max-new-tokens", "6000"]))
+"""
+
+
+def test_ctrl_c_in_a_tool_chat_keeps_the_code_that_ran(tiny_chat_model, tmp_path):
+    """`chat --code-interpreter`: Ctrl-C in the answer after the code ran dropped the whole turn, the run
+    included (the next question's prompt did not know the code had run). Now, as in a plain chat, the turn
+    stays as far as it went: :history shows the question, the call, its output and the answer so far."""
+    from pathlib import Path
+
+    script = STEERED_TOOL_CHAT.format(tools=str(Path(__file__).parent / "tools"), model=str(tiny_chat_model))
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdin=slave, stdout=slave, stderr=subprocess.PIPE, close_fds=True
+    )
+    os.close(slave)
+    term = Terminal(master)
+    try:
+        term.read_until(b">>> ")
+        os.write(master, b"What is 6*7?\n")
+        term.read_until(b"[output]\r\nstdout:\r\n\r\n```\r\n42\r\n\r\n```\r\n")
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        term.read_until(b">>> ")
+        os.write(master, b":history\n")
+        lines = term.read_until(b">>> ").split(b"\r\n")
+        assert lines[1:9] == [
+            b"user: What is 6*7?",
+            b'assistant: [calls code_interpreter({"code": "print(6*7)"})]',
+            b"tool: stdout:",
+            b"",
+            b"```",
+            b"42",
+            b"",
+            b"```",
+        ], lines
+        assert lines[9].startswith(b"assistant: It printed 42.It printed 42.")
+        os.write(master, b":exit\n")
+        assert proc.wait(timeout=30) == 0
+        assert proc.stderr.read() == b"[interrupted]\n"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)

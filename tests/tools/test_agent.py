@@ -515,3 +515,183 @@ def test_tool_chat_says_on_stderr_when_the_rounds_ran_out(steered, monkeypatch, 
     assert captured.out == "[code_interpreter]\nprint(6*7)\n[output]\nstdout:\n\n```\n42\n\n```\n" * 5 + "\n"
     assert captured.err == "[stopped after 5 rounds of tool calls, with no answer]\n"
     assert not steered[1]
+
+
+class CtrlC(Writes):
+    """Standard output where Ctrl-C comes once, at the write of ``at`` (a piece of the streamed answer)."""
+
+    def __init__(self, at: str) -> None:
+        super().__init__()
+        self.at: str | None = at
+
+    def write(self, text: str) -> int:
+        if text == self.at:
+            self.at = None
+            raise KeyboardInterrupt
+        return super().write(text)
+
+
+def recorded_prompts(llm, monkeypatch) -> list[list[int]]:
+    prompts: list[list[int]] = []
+    submit = llm.submit
+    monkeypatch.setattr(
+        llm, "submit", lambda prompt, *a, **k: prompts.append(prompt) or submit(prompt, *a, **k)
+    )
+    return prompts
+
+
+def test_tool_chat_ctrl_c_keeps_the_calls_that_ran_as_a_plain_chat_keeps_its_answer(
+    steered, tmp_path, monkeypatch
+):
+    """Ctrl-C in the second round of a tool chat dropped the whole turn: the code the interpreter had
+    run (its file written) was gone from :history and from the next prompt, which asked the model about
+    a conversation where nothing ran. Now the turn stays as far as it went, as a plain chat's answer:
+    the question, the round whose tool ran (call and result as the agent keeps them), and the text shown
+    of the answer Ctrl-C stopped."""
+    from qwenkit.cli import chat as chat_cli
+
+    llm = steered[0]
+    code = "open('n.txt', 'w').write('42')\nprint(42)"
+    queue(steered, call("code_interpreter", json.dumps({"code": code})))
+    queue(steered, "I wrote 42 to n.txt, and then I went on to explain at length why.", "Yes.")
+    pieces = [llm.tokenizer.decode([t]) for t in llm.tokenizer.encode("I wrote 42 to n.txt, and then")]
+    out = CtrlC(at=pieces[-1])  # Ctrl-C at the write of " then"
+    prompts = recorded_prompts(llm, monkeypatch)
+    monkeypatch.setattr(chat_cli, "load_llm", lambda args: llm)
+    monkeypatch.setattr("sys.stdin", io.StringIO("Write 42 to n.txt.\n:history\nDid it work?\n"))
+    monkeypatch.setattr("sys.stdout", out)
+    argv = ["--code-interpreter", "--code-dir", str(tmp_path), "--temperature", "0", "--max-tokens", "120"]
+    assert chat_cli.main(argv) == 0
+    assert (tmp_path / "n.txt").read_text() == "42"
+    # the text given to the terminal, the piece whose write Ctrl-C stopped included (as a plain chat's)
+    shown = "I wrote 42 to n.txt, and then"
+    printed = "[output]\nstdout:\n\n```\n42\n\n```\nI wrote 42 to n.txt, and\n"
+    history = out.getvalue().split(printed, 1)[1]
+    assert history.splitlines()[:9] == [
+        "user: Write 42 to n.txt.",
+        f"assistant: [calls code_interpreter({json.dumps({'code': code})})]",
+        "tool: stdout:",
+        "",
+        "```",
+        "42",
+        "",
+        "```",
+        f"assistant: {shown}",
+    ]
+    third = llm.tokenizer.decode(prompts[2])
+    assert third.endswith(
+        "<|im_start|>user\nWrite 42 to n.txt.<|im_end|>\n<|im_start|>assistant\n"
+        + call("code_interpreter", json.dumps({"code": code}))
+        + "<|im_end|>\n<|im_start|>user\n<tool_response>\nstdout:\n\n```\n42\n\n```\n</tool_response>"
+        f"<|im_end|>\n<|im_start|>assistant\n{shown}<|im_end|>\n"
+        "<|im_start|>user\nDid it work?<|im_end|>\n<|im_start|>assistant\n"
+    ), third
+    assert not steered[1] and llm.driver.wait_idle() and llm.engine.blocks.usage == 0
+
+
+def test_ctrl_c_inside_a_tool_keeps_the_rounds_before_it_and_the_text_shown(steered, monkeypatch):
+    """Ctrl-C at a --tools result prompt (raised inside the agent, not at a write): the round whose tool
+    ran stays, the interrupted round's calls do not (their results never came), the reply's text does."""
+    from qwenkit.cli.chat import ToolChatSession
+    from qwenkit.tools.agent import typed_tools
+
+    answers = iter(["sunny, 21C"])
+
+    def ask(name: str, arguments: str) -> str:
+        return next(answers)  # the second call: StopIteration, as Ctrl-C: raise KeyboardInterrupt instead
+
+    def typed(name: str, arguments: str) -> str:
+        try:
+            return ask(name, arguments)
+        except StopIteration:
+            raise KeyboardInterrupt from None
+
+    specs = [{"name": "get_weather", "parameters": {"type": "object"}}]
+    session = ToolChatSession(steered[0], typed_tools(specs, typed), PARAMS)
+    queue(steered, call("get_weather", '{"city": "Paris"}'))
+    queue(steered, "And Rome:\n" + call("get_weather", '{"city": "Rome"}'))
+    with pytest.raises(KeyboardInterrupt):
+        assert "".join(session.ask("Weather in Paris and Rome?")) == "And Rome:\n"
+    assert session.history == [
+        {"role": "user", "content": "Weather in Paris and Rome?"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {
+                    "id": session.history[1]["tool_calls"][0]["id"],
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": {"city": "Paris"}},
+                }
+            ],
+        },
+        {
+            "role": "tool",
+            "tool_call_id": session.history[1]["tool_calls"][0]["id"],
+            "name": "get_weather",
+            "content": "sunny, 21C",
+        },
+        {"role": "assistant", "content": "And Rome:"},
+    ]
+    assert not steered[1]
+
+
+def test_a_tool_chat_stopped_before_anything_showed_leaves_the_history_as_it_was(steered):
+    from qwenkit.cli.chat import ToolChatSession
+
+    session = ToolChatSession(steered[0], [ADD], PARAMS)
+    queue(steered, "The sum is 5.")
+    stream = session.ask("What is 2+3?")
+    assert next(stream) == "The"
+    stream.close()
+    assert session.history == [
+        {"role": "user", "content": "What is 2+3?"},
+        {"role": "assistant", "content": "The"},
+    ]
+    session.history.clear()
+    stream = session.ask("What is 2+3?")
+    stream.close()  # before it began
+    assert session.history == []
+    assert steered[0].driver.wait_idle() and steered[0].engine.blocks.usage == 0
+    steered[0].model.script = None  # the reply left unplayed plays for no later request
+
+
+def test_an_agent_stream_closed_early_aborts_its_request_and_runs_no_tool(steered):
+    """Agent.stream left by ``break``/``close()``: the request stops at once (KV freed), the call the reply
+    was writing never runs, and ``conversation`` holds what happened, the text shown included."""
+    llm = steered[0]
+    ran = []
+    add = Tool("add", lambda a, b: ran.append((a, b)) or a + b, "Add", ADD.parameters)
+    long = SamplingParams(max_tokens=1500, temperature=0)
+    queue(steered, call("add", '{"a": 2, "b": 3}'))
+    queue(steered, "Let me add again, " + "at length " * 500 + call("add", '{"a": 5, "b": 10}'))
+    conversation: list[dict] = []
+    stream = Agent(llm, [add], params=long).stream("What is 2+3+10?", conversation=conversation)
+    pieces = [next(stream) for _ in range(3)]
+    stream.close()
+    assert llm.driver.wait_idle(timeout=2) and llm.engine.blocks.usage == 0
+    assert ran == [(2, 3)]
+    assert [m["role"] for m in conversation] == ["user", "assistant", "tool", "assistant"]
+    assert conversation[2]["content"] == "5" and conversation[3]["content"] == "".join(pieces).strip()
+    llm.model.script = None
+    with pytest.raises(ToolError, match="conversation must be an empty list"):
+        next(Agent(llm, [add]).stream("hi", conversation=conversation))
+
+
+def test_a_tool_chat_round_that_fails_after_a_tool_ran_keeps_the_run(steered, capsys):
+    """A result too long for the window fails the next reply (one error line): the call that ran stays in
+    the history, as Ctrl-C keeps it, where the whole turn was dropped; the next turn's prompt, fitted to
+    the window, leaves that turn out (not the history)."""
+    from qwenkit.cli.chat import ToolChatSession, answer
+
+    big = Tool("fetch", lambda: "word " * 3000, "Fetch", {"type": "object", "properties": {}})
+    session = ToolChatSession(steered[0], [big], PARAMS)
+    queue(steered, call("fetch", "{}"))
+    assert answer(session, "Fetch it.") is False
+    err = capsys.readouterr().err
+    assert err.startswith("error: the prompt has ") and err.count("\n") == 1, err
+    assert [m["role"] for m in session.history] == ["user", "assistant", "tool"]
+    assert session.history[2]["content"] == "word " * 3000
+    queue(steered, "Hello.")
+    assert answer(session, "Hi.") and session.history[-1] == {"role": "assistant", "content": "Hello."}
+    assert len(session.history) == 5 and not steered[1]

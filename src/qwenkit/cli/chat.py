@@ -513,7 +513,9 @@ class ToolChatSession:
         self.rounds_out: int | None = None  # the rounds the last turn ran, when they ran out with no answer
 
     def ask(self, user_text: str) -> Iterator[str]:
-        """The turn joins the history when the agent finishes (Ctrl-C or an error leaves it as it was)."""
+        """The turn joins the history when the agent finishes, or as far as it went when Ctrl-C or an error
+        stops it after it began (as a plain chat's): the rounds whose tools ran, and the text shown of the
+        reply it stopped in. One that stops before any of that leaves the history as it was."""
         head = [{"role": "system", "content": self.system}] if self.system else []
         self.agent.params = self.params
         self.completion = self.rounds_out = None
@@ -523,8 +525,12 @@ class ToolChatSession:
         # plain chat: a long tool chat failed every turn once it outgrew the window
         fitted, _ = fit_messages(agent.llm, messages, self.params, agent.prompt)
         dropped = len(messages) - len(fitted)
-        result = yield from agent.stream(fitted)
-        self.history = self.history[:dropped] + result.messages[len(head) :]
+        conversation: list[dict] = []
+        try:
+            result = yield from agent.stream(fitted, conversation=conversation)
+        finally:  # the tools that ran did run (the interpreter's code, its files): the next prompt says so
+            if conversation[len(fitted) :]:
+                self.history = self.history[:dropped] + conversation[len(head) :]
         self.completion = result.completion
         if result.answer is None:  # stop_notice says so on standard error, not in the answer
             self.rounds_out = result.rounds

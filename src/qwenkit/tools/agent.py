@@ -11,6 +11,7 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from qwenkit.chat import assistant_message
 from qwenkit.engine import SamplingParams
 from qwenkit.errors import QwenkitError
 from qwenkit.generate import LLM, Completion
@@ -119,32 +120,40 @@ class Agent:
         self.style = tool_style(llm.tokenizer, specs, self.template_kwargs.get("chat_template"))
 
     def _reply(
-        self, messages: list[dict[str, Any]]
+        self, messages: list[dict[str, Any]], shown: list[str]
     ) -> Generator[str, None, tuple[ParsedMessage, Completion]]:
         """One reply: yields its content as it comes (text that may open a ``<tool_call>`` is held back
         until decided, by the parser the server streams with; a ReAct reply is decided by its last lines,
-        so its content comes whole at its end); returns it parsed, with its Completion."""
+        so its content comes whole at its end), each piece kept in ``shown`` too; returns it parsed, with
+        its Completion. Closed early, its request is aborted at once (its KV memory freed)."""
         tokenizer = self.llm.tokenizer
         ids = self.prompt(messages)
         params = replace(self.params, stop=(*self.params.stop, *self.style.stop))
         parser = self.style.reply_parser(tokenizer.decode, ids)
         events: list[Event] = []
         completion = None
-        for delta in self.llm.stream(ids, params):
-            completion = delta.completion or completion
-            for event in parser.feed(delta.text) if parser is not None else ():
-                events.append(event)
-                if event.kind == "content":
-                    yield event.text
+        deltas = self.llm.stream(ids, params)
+        try:
+            for delta in deltas:
+                completion = delta.completion or completion
+                for event in parser.feed(delta.text) if parser is not None else ():
+                    events.append(event)
+                    if event.kind == "content":
+                        shown.append(event.text)
+                        yield event.text
+        finally:  # not left to the stream's garbage collection
+            deltas.close()
         assert completion is not None  # the last Delta carries it
         if parser is None:
             parsed = self.style.parse_reply(tokenizer.decode, ids, completion.text, self._text_arguments)
             if parsed.content:
+                shown.append(parsed.content)
                 yield parsed.content
             return parsed, completion
         for event in parser.finish():
             events.append(event)
             if event.kind == "content":
+                shown.append(event.text)
                 yield event.text
         return collect(events, parser.warnings), completion
 
@@ -172,39 +181,55 @@ class Agent:
             except StopIteration as done:
                 return done.value
 
-    def stream(self, messages: list[dict[str, Any]] | str) -> Generator[str, None, AgentResult]:
+    def stream(
+        self, messages: list[dict[str, Any]] | str, *, conversation: list[dict[str, Any]] | None = None
+    ) -> Generator[str, None, AgentResult]:
         """``run``, yielding the visible text of every reply as the model writes it (never tool-call
-        markup); the tools run between replies. Returns the AgentResult."""
+        markup); the tools run between replies. Returns the AgentResult.
+
+        ``conversation``: an empty list that receives the conversation as it grows (the result's
+        ``messages`` are this list), so that a caller whose stream stops early (``close()``, Ctrl-C, an
+        error) knows what happened: it holds the messages, each round's calls and results once all of
+        them ran, and the text of the reply in progress that was yielded so far, as an assistant message
+        (a chat keeps an interrupted answer so)."""
         if not isinstance(messages, str | list | tuple):  # None or 5 failed in list() with a TypeError
             raise ToolError(f"messages must be a string or a list of chat messages, got {messages!r:.60}")
-        history = [{"role": "user", "content": messages}] if isinstance(messages, str) else list(messages)
+        if conversation is not None and (not isinstance(conversation, list) or conversation):
+            raise ToolError(f"conversation must be an empty list, got {conversation!r:.60}")
+        history = [] if conversation is None else conversation
+        history += [{"role": "user", "content": messages}] if isinstance(messages, str) else messages
         completion = None
         for round_ in range(1, self.max_rounds + 1):
-            parsed, completion = yield from self._reply(history)
-            # the reasoning stays with its turn: Qwen3's template shows it again for the calls of the
-            # turn in progress, as the model wrote them
-            thought = {"reasoning_content": parsed.reasoning} if parsed.reasoning else {}
-            if not parsed.tool_calls:
-                history.append({"role": "assistant", "content": parsed.content, **thought})
-                return AgentResult(history, parsed.content, round_, completion)
-            # in the order written; one turn each where the template takes no more (Llama 3)
-            one_each = self.style.one_call_per_turn
-            turns = [[c] for c in parsed.tool_calls] if one_each else [parsed.tool_calls]
-            for k, calls in enumerate(turns):
-                said = {"content": parsed.content, **thought} if k == 0 else {"content": ""}
-                history.append(
-                    {"role": "assistant", **said, "tool_calls": [self._as_history(c) for c in calls]}
-                )
-                for call in calls:
-                    history.append(
-                        {
-                            "role": "tool",
-                            "tool_call_id": call.id,
-                            "name": call.name,
-                            "content": self._run(call),
-                        }
-                    )
+            shown: list[str] = []
+            try:
+                parsed, completion = yield from self._reply(history, shown)
+                # the reasoning stays with its turn: Qwen3's template shows it again for the calls of the
+                # turn in progress, as the model wrote them
+                thought = {"reasoning_content": parsed.reasoning} if parsed.reasoning else {}
+                if not parsed.tool_calls:
+                    history.append({"role": "assistant", "content": parsed.content, **thought})
+                    return AgentResult(history, parsed.content, round_, completion)
+                history += self._round(parsed, thought)
+            except BaseException:  # the round stopped (closed, Ctrl-C, an error): what was shown stays
+                if "".join(shown).strip():
+                    history.append(assistant_message("".join(shown), ""))
+                raise
         return AgentResult(history, None, self.max_rounds, completion)
+
+    def _round(self, parsed: ParsedMessage, thought: dict[str, Any]) -> list[dict[str, Any]]:
+        """A reply's calls and their results, as the history keeps them, once every call ran."""
+        messages: list[dict[str, Any]] = []
+        # in the order written; one turn each where the template takes no more (Llama 3)
+        one_each = self.style.one_call_per_turn
+        turns = [[c] for c in parsed.tool_calls] if one_each else [parsed.tool_calls]
+        for k, calls in enumerate(turns):
+            said = {"content": parsed.content, **thought} if k == 0 else {"content": ""}
+            messages.append({"role": "assistant", **said, "tool_calls": [self._as_history(c) for c in calls]})
+            for call in calls:
+                messages.append(
+                    {"role": "tool", "tool_call_id": call.id, "name": call.name, "content": self._run(call)}
+                )
+        return messages
 
     @staticmethod
     def _as_history(call: ToolCall) -> dict[str, Any]:
