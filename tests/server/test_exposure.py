@@ -34,3 +34,29 @@ def test_the_api_key_guards_the_routes_of_an_app_mounted_under_a_prefix(chat_llm
         assert refused[0].json()["error"]["code"] == "invalid_api_key"
         key = {"Authorization": "Bearer s3cret"}
         assert httpx.get(base + "/v1/models", headers=key).json()["data"][0]["id"] == "tiny"
+
+
+def test_a_completion_requests_prompts_are_checked_off_the_event_loop(make_server, monkeypatch):
+    """Each prompt's sampling parameters were checked on the event loop: 1,000,000 prompts of "hi" (a
+    7 MB body, refused in the end for its size) held /health and every stream for 37 s. Where a prompt's
+    parameters are checked, no event loop runs."""
+    import asyncio
+
+    from qwenkit.server import completions
+
+    where = []
+
+    def noted(*args, **kwargs):
+        try:
+            asyncio.get_running_loop()
+            where.append("event loop")
+        except RuntimeError:
+            where.append("worker thread")
+        return checked(*args, **kwargs)
+
+    checked = completions.sampling_params
+    monkeypatch.setattr(completions, "sampling_params", noted)
+    live = make_server()
+    r = httpx.post(live.url + "/v1/completions", json={"prompt": ["a", "b", "c"], "max_tokens": 1})
+    assert r.status_code == 200 and len(r.json()["choices"]) == 3
+    assert where == ["worker thread"] * 3
