@@ -60,3 +60,26 @@ def test_a_completion_requests_prompts_are_checked_off_the_event_loop(make_serve
     r = httpx.post(live.url + "/v1/completions", json={"prompt": ["a", "b", "c"], "max_tokens": 1})
     assert r.status_code == 200 and len(r.json()["choices"]) == 3
     assert where == ["worker thread"] * 3
+
+
+def test_a_chat_prompt_past_the_context_is_refused_before_its_tools_grammar_is_built(
+    make_server, chat_llm, monkeypatch
+):
+    """The grammar of a forced tool call was compiled before the prompt's length was checked: 20,000
+    tools (a 1.3M-token prompt) took 57 s of llguidance to end in a grammar error that hid the real
+    one, the prompt's length."""
+    from qwenkit.server import tool_use
+
+    built = []
+    grammar = tool_use._grammar
+    monkeypatch.setattr(tool_use, "_grammar", lambda *a: built.append(1) or grammar(*a))
+    live = make_server()
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    long = "word " * (chat_llm.engine.max_seq_len + 10)
+    body = {"messages": [{"role": "user", "content": long}], "tools": [tool], "tool_choice": "required"}
+    r = httpx.post(live.url + "/v1/chat/completions", json=body)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert built == []
+    fits = {**body, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    assert httpx.post(live.url + "/v1/chat/completions", json=fits).status_code == 200
+    assert built == [1]

@@ -24,7 +24,12 @@ from qwenkit.generate import LLM, Completion
 from qwenkit.server.errors import APIError
 from qwenkit.server.logprobs import LegacyLogprobs, PromptEcho, chat_logprobs
 from qwenkit.server.request_ids import request_id
-from qwenkit.server.request_params import choice_params, refuse_unsupported, sampling_params
+from qwenkit.server.request_params import (
+    check_context,
+    choice_params,
+    refuse_unsupported,
+    sampling_params,
+)
 from qwenkit.server.runs import (
     Choice,
     IndexOrder,
@@ -103,7 +108,12 @@ async def start_chat(state: ServerState, body: ChatCompletionRequest, request: R
     prompt_ids = await asyncio.to_thread(chat_prompt, llm, body, defaults)
     final = [m.as_template_message() for m in body.messages[-1:]]
     continued = continued_text(final, template_kwargs(body, defaults))
-    plan = await asyncio.to_thread(plan_tools, llm, body, prompt_ids, continued)
+
+    def planned() -> ToolPlan:
+        check_context(llm, body, len(prompt_ids))  # before a grammar of its tools is compiled
+        return plan_tools(llm, body, prompt_ids, continued)
+
+    plan = await asyncio.to_thread(planned)
     extra = {
         "logprobs": (body.top_logprobs or 0) if body.logprobs else None,
         "grammar": plan.grammar,
