@@ -187,7 +187,9 @@ def test_api_key(make_server):
     assert httpx.get(live.url + "/health").status_code == 200  # probes need no key
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"}):
         r = httpx.post(live.url + CHAT, json={"messages": HELLO, "max_tokens": 1}, headers=headers)
-        assert r.status_code == 401 and error_of(r)["type"] == "authentication_error"
+        # OpenAI's own body: {"type": "invalid_request_error", "code": "invalid_api_key"}
+        assert r.status_code == 401 and error_of(r)["type"] == "invalid_request_error"
+        assert error_of(r)["code"] == "invalid_api_key"
     assert httpx.get(live.url + "/v1/models").status_code == 401
     ok = httpx.post(
         live.url + CHAT, json={"messages": HELLO, "max_tokens": 1}, headers={"Authorization": "bearer s3cret"}

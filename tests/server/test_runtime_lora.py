@@ -310,3 +310,15 @@ def test_max_lora_in_the_metrics_is_max_loras_where_given(tiny_chat_model):
         text = httpx.get(live.url + "/metrics").text
     line = next(line for line in text.splitlines() if line.startswith("vllm:lora_requests_info{"))
     assert 'max_lora="3"' in line
+
+
+def test_a_path_the_server_cannot_read_is_a_400_naming_why_not_a_500(live, tmp_path):
+    """An adapter path the OS refuses to look in (a name too long; for a server not run as root,
+    another user's home, /proc/1/root) raised OSError out of the route: a 500 "internal error:
+    OSError", which clients retry, and a traceback in the log."""
+    long = str(tmp_path / ("a" * 300))
+    r = post(live, "load_lora_adapter", lora_name="x", lora_path=long)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "lora_path"
+    assert error["message"] == f"{long}: cannot read the adapter: File name too long"

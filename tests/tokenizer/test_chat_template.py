@@ -150,6 +150,10 @@ def test_raise_exception_in_template(qwen3):
             "{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}",
             "chat template failed: it recursed too deeply (a macro that calls itself?)",
         ),
+        # a model's template is a file of the checkpoint: `*` and `**` are bounded as jinja2 documents
+        ("{{ ('x' * 10**12)|length }}", "chat template failed: a repetition of 1000000000000 items is over"),
+        ("{{ ([1] * 10**12)|length }}", "chat template failed: a repetition of 1000000000000 items is over"),
+        ("{{ (2 ** (10**9)) > 1 }}", "chat template failed: an integer power of 1000000000 is over"),
     ],
 )
 def test_template_arithmetic_and_recursion_errors_are_one_line(qwen3, source, message):

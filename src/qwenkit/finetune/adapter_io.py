@@ -163,7 +163,15 @@ def read_adapter(
 ) -> tuple[LoRAConfig, dict[str, dict[str, torch.Tensor]], dict[str, Any], dict[str, torch.Tensor]]:
     """(config, {module name: {"lora_A": A, "lora_B": B}}, raw config, {module name: weight}) from a peft
     adapter directory; the last: peft's copies of the embedding or output head (``check_copies``)."""
-    d = Path(path)
+    try:
+        return _read_adapter(Path(path))
+    except OSError as e:  # a directory the OS refuses (permission, a name too long): one line, no 500
+        raise CheckpointError(f"{path}: cannot read the adapter: {e.strerror or e}") from None
+
+
+def _read_adapter(
+    d: Path,
+) -> tuple[LoRAConfig, dict[str, dict[str, torch.Tensor]], dict[str, Any], dict[str, torch.Tensor]]:
     cfg_file = d / CONFIG_NAME
     if not cfg_file.is_file():
         raise AdapterNotFound(f"{d} is not an adapter directory: {CONFIG_NAME} not found")

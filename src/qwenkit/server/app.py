@@ -17,6 +17,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
+from starlette._utils import get_route_path
 from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -124,7 +125,10 @@ class RequestGate:
 
     def _refusal(self, request: Request) -> APIError | None:
         state = self.state
-        if state.config.api_key and request.url.path.startswith(_PROTECTED) and request.method != "OPTIONS":
+        # the path the router routes on: without the prefix of an app mounted under one (whose whole
+        # path, request.url.path, starts with that prefix and never with /v1/)
+        path = get_route_path(request.scope)
+        if state.config.api_key and path.startswith(_PROTECTED) and request.method != "OPTIONS":
             scheme, _, given = request.headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not state.key_matches(given.strip()):
                 return APIError(

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 _TYPES = {
     400: "invalid_request_error",
-    401: "authentication_error",
+    401: "invalid_request_error",  # OpenAI's own 401 body (code invalid_api_key tells it apart)
     404: "not_found_error",
     408: "timeout_error",
     413: "invalid_request_error",

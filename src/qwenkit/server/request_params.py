@@ -15,32 +15,8 @@ def sampling_params(
     llm: LLM, body: SamplingFields, prompt_len: int, default_max: int | None, **extra: object
 ) -> SamplingParams:
     """The request's SamplingParams over the model's defaults, with max_tokens fitted to the context."""
-    window = llm.engine.max_seq_len
-    # max_completion_tokens, OpenAI's newer name, wins when both are given, except a 0 there beside a
-    # max_tokens: vLLM and SGLang take `max_completion_tokens or max_tokens` (clients that fill in both send
-    # 0 for unset). Alone, a 0 is refused as max_tokens 0 is. Errors name the field that counted.
-    # max_tokens 0 (echo + logprobs: scoring the prompt) generates nothing, so the prompt may fill the window
-    newer = body.max_completion_tokens
-    limit = "max_completion_tokens" if newer or (newer == 0 and body.max_tokens is None) else "max_tokens"
-    asked = getattr(body, limit)
-    if prompt_len > window or (prompt_len == window and asked != 0):
-        raise APIError(
-            400,
-            f"This model's maximum context length is {window} tokens. However, your prompt has "
-            f"{prompt_len} tokens. Please reduce the length of the prompt.",
-            "messages" if isinstance(body, ChatCompletionRequest) else "prompt",
-            "context_length_exceeded",
-        )
-    room = window - prompt_len
-    if asked is not None and asked > room:
-        raise APIError(
-            400,
-            f"This model's maximum context length is {window} tokens. However, you requested "
-            f"{prompt_len + asked} tokens ({prompt_len} in the prompt, {asked} for the completion). "
-            "Please reduce the length of the prompt or completion.",
-            limit,
-            "context_length_exceeded",
-        )
+    limit, asked = check_context(llm, body, prompt_len)
+    room = llm.engine.max_seq_len - prompt_len
     top_k = body.top_k if body.top_k is None or body.top_k > 0 else 0
     overrides = dict(
         temperature=body.temperature,
@@ -84,6 +60,38 @@ def sampling_params(
         raise APIError(
             400, str(e), field if field in type(body).model_fields else None, "invalid_value"
         ) from None
+
+
+def check_context(llm: LLM, body: SamplingFields, prompt_len: int) -> tuple[str, int | None]:
+    """The 400 of a prompt (with the tokens asked for) past the context, else (the max-tokens field
+    that counts, its value). Cheap: a chat request's is checked before its tools' grammar is compiled,
+    which for a prompt of thousands of tools took a minute to end in this same refusal."""
+    window = llm.engine.max_seq_len
+    # max_completion_tokens, OpenAI's newer name, wins when both are given, except a 0 there beside a
+    # max_tokens: vLLM and SGLang take `max_completion_tokens or max_tokens` (clients that fill in both send
+    # 0 for unset). Alone, a 0 is refused as max_tokens 0 is. Errors name the field that counted.
+    # max_tokens 0 (echo + logprobs: scoring the prompt) generates nothing, so the prompt may fill the window
+    newer = body.max_completion_tokens
+    limit = "max_completion_tokens" if newer or (newer == 0 and body.max_tokens is None) else "max_tokens"
+    asked = getattr(body, limit)
+    if prompt_len > window or (prompt_len == window and asked != 0):
+        raise APIError(
+            400,
+            f"This model's maximum context length is {window} tokens. However, your prompt has "
+            f"{prompt_len} tokens. Please reduce the length of the prompt.",
+            "messages" if isinstance(body, ChatCompletionRequest) else "prompt",
+            "context_length_exceeded",
+        )
+    if asked is not None and asked > window - prompt_len:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {window} tokens. However, you requested "
+            f"{prompt_len + asked} tokens ({prompt_len} in the prompt, {asked} for the completion). "
+            "Please reduce the length of the prompt or completion.",
+            limit,
+            "context_length_exceeded",
+        )
+    return limit, asked
 
 
 def _min_tokens_past(floor: int, default: int, room: int, prompt_len: int) -> str:

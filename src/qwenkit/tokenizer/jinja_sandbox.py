@@ -84,10 +84,48 @@ class _TemplateNamespace(jinja2.utils.Namespace):
             raise jinja2.exceptions.SecurityError(f"templates cannot set underscore attribute {name!r}")
 
 
+# A template's `*` may build a string or list of at most this many items, and its `**` raise an integer to
+# at most this power: a model's template (a file of the checkpoint, run on every prompt) writing
+# `'x' * 10**10` held 10 GB for a minute, and `[1] * 10**10` ended in a MemoryError traceback. Real
+# templates repeat an indent a few times.
+MAX_REPEAT = 1 << 20
+MAX_POWER = 1 << 12
+
+
+class _TemplateEnvironment(ImmutableSandboxedEnvironment):
+    """The sandbox with jinja2's documented size limits on `*` and `**` (its sandbox bounds range())."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "*":
+            size = _repeated_size(left, right) or _repeated_size(right, left)
+            if size > MAX_REPEAT:
+                raise jinja2.exceptions.SecurityError(
+                    f"a repetition of {size} items is over the sandbox's limit of {MAX_REPEAT}"
+                )
+        elif _big_int(left) and isinstance(right, int) and abs(right) > MAX_POWER:
+            raise jinja2.exceptions.SecurityError(
+                f"an integer power of {right} is over the sandbox's limit of {MAX_POWER}"
+            )
+        return super().call_binop(context, operator, left, right)
+
+
+def _repeated_size(sequence: Any, times: Any) -> int:
+    """How many items ``sequence * times`` would hold (0 unless it repeats a string, list or tuple)."""
+    if isinstance(sequence, str | list | tuple) and isinstance(times, int):
+        return len(sequence) * max(times, 0)
+    return 0
+
+
+def _big_int(base: Any) -> bool:
+    return isinstance(base, int) and abs(base) > 1
+
+
 @lru_cache(maxsize=16)
 def compile_template(source: str) -> jinja2.Template:
     """Compile once per template string; a syntax error becomes a one-line TokenizerError."""
-    env = ImmutableSandboxedEnvironment(
+    env = _TemplateEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
     )
     env.filters["tojson"] = _tojson
@@ -110,6 +148,8 @@ def render(source: str, variables: dict[str, Any]) -> str:
         raise TokenizerError(f"chat template failed: {e.message or type(e).__name__}") from None
     except (TypeError, ValueError, KeyError, IndexError, AttributeError, ArithmeticError) as e:
         raise TokenizerError(f"chat template failed: {type(e).__name__}: {e}") from None
+    except MemoryError:
+        raise TokenizerError("chat template failed: it ran out of memory") from None
     except RecursionError:  # a macro that calls itself: the model's template is broken, not qwenkit
         raise TokenizerError(
             "chat template failed: it recursed too deeply (a macro that calls itself?)"
