@@ -9,7 +9,8 @@ to 1); the output is the routing-weighted sum of those experts' SwiGLU outputs, 
 shared expert scaled by a sigmoid gate. Dispatch is grouped: the N*K (token, expert) pairs are sorted
 by expert, and each active expert runs once over all of its tokens, so its weights are read once per
 step whatever the batch. A token's K outputs are added in its own rank order, so its result never
-depends on what else is in the batch.
+depends on what else is in the batch, in float32 and rounded once (as transformers 5's experts, vLLM
+and llama.cpp add them; K - 1 bf16 roundings put top-4 logits up to 8 bf16 steps off transformers').
 
 Experts are kept as separate ``MLP`` modules (``mlp.experts.{e}.gate_proj.weight``, the checkpoint's
 own names) rather than stacked 3-D tensors: a grouped dispatch reads each active expert's weights
@@ -148,10 +149,10 @@ class MoEMLP(nn.Module):
         # Back to (token, rank) order with a gather (CPU scatter-add is slow in bfloat16), then add each
         # token's K outputs in rank order: a token's sum never depends on the other tokens in the step.
         pairs = ys.index_select(0, torch.argsort(order)).view(n_tokens, k, -1)  # (N, K, h)
-        out = pairs[:, 0]
+        out = pairs[:, 0].float()
         for rank in range(1, k):
             out = out + pairs[:, rank]
-        return out
+        return out.to(x.dtype)
 
 
 @dataclass

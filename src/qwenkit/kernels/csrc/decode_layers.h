@@ -11,12 +11,11 @@
 // C++ calls.
 
 // Qwen3's per-head RMSNorm of q or k (rows x heads of D features) exactly as the model's norm module
-// computes it: one kernel call for a decode step's 16 or fewer rows, else torch's steps (in float, cast
-// back, then the weight multiply).
+// (quant.fused.FastRMSNorm) computes it: one kernel call, whatever the rows. torch's steps for more than
+// 16 head rows (a step of 5 rows of 4 heads) summed in another order than the module's kernel: a MoE
+// step's logits then differed from the module path's in the last bf16 bit.
 at::Tensor head_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  const int64_t D = x.size(-1), rows = x.numel() / D;
-  if (rows <= 16) return rms_norm(x, weight, eps);
-  return at::mul(weight, at::rms_norm(x.to(at::kFloat), {D}, c10::nullopt, eps).to(at::kBFloat16));
+  return rms_norm(x, weight, eps);
 }
 
 // tensors: [input norm weight, post-attention norm weight, then per linear (q/k/v or q alone, o, gate/up,

@@ -127,10 +127,10 @@ Expert read_expert(int64_t id, at::TensorList tensors, int64_t first, const int6
 // expert runs once over the rows routed to it (rows ascending): gate/up product, silu * up, down product
 // (run_linear's kernels, the experts' integer products in one parallel region: run_linears); each (row,
 // rank) output is multiplied by its routing weight and rounded to bf16; a row's K outputs are then added
-// in rank order, each sum rounded to bf16, as torch's bf16 ops round. At decode the Python loop over
-// experts (sort, count, a host sync, slices, a module call per expert, gathers, K - 1 adds) cost about as
-// much as reading the experts' weights: 1.2 ms against 0.84 for one Qwen3-30B-A3B layer at batch 1
-// (2026-12-04).
+// in rank order in fp32 and the sum rounded to bf16 once (as transformers 5's experts add them). At decode
+// the Python loop over experts (sort, count, a host sync, slices, a module call per expert, gathers, K - 1
+// adds) cost about as much as reading the experts' weights: 1.2 ms against 0.84 for one Qwen3-30B-A3B
+// layer at batch 1 (2026-12-04).
 //
 // x (M, hidden) bf16; ids (M, K) int64 expert of each (row, rank); weights (M, K) bf16 routing weights;
 // experts: every expert some row picks (others are skipped).
@@ -191,9 +191,18 @@ at::Tensor run_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
   }
   for (int64_t s = 0; s < M * K; ++s)
     TORCH_CHECK(done[s], "qwenkit moe_experts: row ", s / K, " picks expert ", idp[s], ", which is not listed");
-  // each row's K outputs added in rank order, each sum rounded to bf16
-  at::Tensor out = pairs.select(1, 0).contiguous();
-  for (int64_t r = 1; r < K; ++r) add_bf16_(out, pairs.select(1, r));
+  // each row's K outputs added in rank order in fp32, the sum rounded to bf16 once
+  at::Tensor out = at::empty({M, hidden}, x.options());
+  uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  const uint16_t* pq = reinterpret_cast<const uint16_t*>(pp);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t c = 0; c < hidden; c += 16) {
+      const __mmask16 mk = tail_mask16(hidden - c);
+      const uint16_t* row = pq + m * K * hidden + c;
+      __m512 acc = maskz_load_bf16_as_f32(mk, row);
+      for (int64_t r = 1; r < K; ++r) acc = _mm512_add_ps(acc, maskz_load_bf16_as_f32(mk, row + r * hidden));
+      _mm256_mask_storeu_epi16(op + m * hidden + c, mk, (__m256i)_mm512_cvtneps_pbh(acc));
+    }
   return out;
 }
 
