@@ -172,6 +172,10 @@ def test_the_tokens_llama_cpp_takes_back_out_of_its_end_list_do_not_end_a_genera
     assert _ends(harmony, 1) == (1, 3, 4)
     assert _ends(["a", "<|endoftext|>", "<|end|>", "<|calls|>", "<|flush|>"], 1) == (1, 3, 4)
     assert _ends(["a", "<|endoftext|>", "<|end|>", "<|return|>"], 1) == (1, 2, 3)  # Phi-3's <|end|> ends
+    # llama.cpp counts <|call|> and <|calls|> alike: either with <|return|> or with <|flush|>
+    assert _ends(["a", "<|endoftext|>", "<|end|>", "<|return|>", "<|calls|>"], 1) == (1, 3, 4)
+    assert _ends(["a", "<|endoftext|>", "<|end|>", "<|call|>", "<|flush|>"], 1) == (1, 3, 4)
+    assert _ends(["a", "<|endoftext|>", "<|end|>", "<|calls|>"], 1) == (1, 2, 3)  # a call alone: it ends
 
 
 def test_a_merge_of_tokens_the_vocabulary_lacks_is_refused_in_one_line(tmp_path, gguf_writer):

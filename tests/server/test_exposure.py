@@ -83,3 +83,15 @@ def test_a_chat_prompt_past_the_context_is_refused_before_its_tools_grammar_is_b
     fits = {**body, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
     assert httpx.post(live.url + "/v1/chat/completions", json=fits).status_code == 200
     assert built == [1]
+
+
+def test_the_metrics_scrapes_of_an_app_mounted_under_a_prefix_are_not_counted(chat_llm):
+    """As the API key's gate, the metrics read the whole path: /qwen/metrics is no "/metrics", so every
+    scrape of a mounted app was counted as a request of the /metrics handler (a bare app's are not)."""
+    inner = create_app(chat_llm, ServerConfig(served_model_name="tiny"))
+    outer = Starlette(routes=[Mount("/qwen", app=inner)])
+    with LiveServer(outer, health="/qwen/health") as live:
+        assert httpx.get(live.url + "/qwen/metrics").status_code == 200
+        text = httpx.get(live.url + "/qwen/metrics").text
+        assert 'handler="/health"' in text  # the start-up probe's requests are counted
+        assert 'handler="/metrics"' not in text

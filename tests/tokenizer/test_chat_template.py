@@ -154,6 +154,13 @@ def test_raise_exception_in_template(qwen3):
         ("{{ ('x' * 10**12)|length }}", "chat template failed: a repetition of 1000000000000 items is over"),
         ("{{ ([1] * 10**12)|length }}", "chat template failed: a repetition of 1000000000000 items is over"),
         ("{{ (2 ** (10**9)) > 1 }}", "chat template failed: an integer power of 1000000000 is over"),
+        # each power or product small, the integer they build is not: bounded by its size, not the exponent
+        ("{{ ((2 ** 4096) ** 4096) > 1 }}", "chat template failed: an integer power of 4096 is over"),
+        (
+            "{% set ns = namespace(x=3) %}{% for i in range(20) %}{% set ns.x = ns.x * ns.x %}{% endfor %}"
+            "{{ ns.x > 1 }}",
+            "chat template failed: an integer product of 103874 bits is over",
+        ),
     ],
 )
 def test_template_arithmetic_and_recursion_errors_are_one_line(qwen3, source, message):

@@ -156,6 +156,17 @@ def test_malformed_template_list_is_one_line(tmp_path):
             load_tokenizer(path)
 
 
+@pytest.mark.parametrize("name", ["chat_template.jinja", "additional_chat_templates/tool_use.jinja"])
+def test_a_template_file_that_is_not_utf8_is_one_line(tmp_path, name):
+    """A UnicodeDecodeError traceback from every command that read the tokenizer (template, chat, serve)."""
+    path = named_dir(tmp_path / "m", "files", {"default": PLAIN, "tool_use": TOOL_USE})
+    (path / name).write_bytes(b"\xff\xfe{{ messages }}")
+    with pytest.raises(TokenizerError) as e:
+        load_tokenizer(path)
+    assert str(e.value).startswith(f"cannot read {path / name}: not UTF-8 text ")
+    assert "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize("tools", [TOOLS, None])
 @pytest.mark.parametrize("name", ["default", "tool_use", "{{ messages[1]['content'] }}!"])
 def test_chat_template_argument_picks_by_name(two_templates, tools, name):

@@ -181,14 +181,14 @@ def chat_templates(metadata: Mapping[str, Any]) -> str | list[dict[str, str]] | 
 
 
 def _without_exceptions(ends: tuple[int, ...], tokens: Sequence[str]) -> tuple[int, ...]:
-    """``ends`` less what llama.cpp takes back out of its list: <|end|> where <|return|> and <|call|>
-    (gpt-oss) or <|calls|> and <|flush|> (Solar Open) end too, which close a message there, not the
-    generation; and </s> where <|tool_response> ends too (Gemma 4, whose </s> is ordinary text)."""
+    """``ends`` less what llama.cpp takes back out of its list: <|end|> where a call (<|call|>, or
+    <|calls|>: llama.cpp counts them alike) and <|return|> (gpt-oss) or <|flush|> (Solar Open) end too,
+    which close a message there, not the generation; and </s> where <|tool_response> ends too (Gemma 4,
+    whose </s> is ordinary text)."""
     spelled = {tokens[i]: i for i in ends}
     drop = set()
-    if "<|end|>" in spelled and (
-        {"<|return|>", "<|call|>"} <= spelled.keys() or {"<|calls|>", "<|flush|>"} <= spelled.keys()
-    ):
+    calls = "<|call|>" in spelled or "<|calls|>" in spelled
+    if "<|end|>" in spelled and calls and ("<|return|>" in spelled or "<|flush|>" in spelled):
         drop.add(spelled["<|end|>"])
     if "</s>" in spelled and "<|tool_response>" in spelled:
         drop.add(spelled["</s>"])

@@ -82,7 +82,8 @@ class RequestGate:
             status = status or 500  # what uvicorn answers for an exception out of the app
             raise
         finally:
-            if status is not None and scope["path"] != "/metrics":  # not the scrapes themselves
+            # not the scrapes themselves (at the path routed on: an app mounted under a prefix's too)
+            if status is not None and get_route_path(scope) != "/metrics":
                 self.state.metrics.answered(self._handler(scope), scope["method"], status)
 
     def _handler(self, scope: Scope) -> str:

@@ -84,12 +84,13 @@ class _TemplateNamespace(jinja2.utils.Namespace):
             raise jinja2.exceptions.SecurityError(f"templates cannot set underscore attribute {name!r}")
 
 
-# A template's `*` may build a string or list of at most this many items, and its `**` raise an integer to
-# at most this power: a model's template (a file of the checkpoint, run on every prompt) writing
-# `'x' * 10**10` held 10 GB for a minute, and `[1] * 10**10` ended in a MemoryError traceback. Real
-# templates repeat an indent a few times.
+# A template's `*` may build a string or list of at most this many items, and its `*` and `**` an integer of
+# at most this many bits: a model's template (a file of the checkpoint, run on every prompt) writing
+# `'x' * 10**10` held 10 GB for a minute, and `[1] * 10**10` ended in a MemoryError traceback. The integer is
+# bounded by its size, not its exponent: `((2 ** 4096) ** 4096) ** 4096`, or a number squared in a loop,
+# builds gigabytes from small exponents. Real templates repeat an indent a few times.
 MAX_REPEAT = 1 << 20
-MAX_POWER = 1 << 12
+MAX_INT_BITS = 1 << 16
 
 
 class _TemplateEnvironment(ImmutableSandboxedEnvironment):
@@ -104,11 +105,22 @@ class _TemplateEnvironment(ImmutableSandboxedEnvironment):
                 raise jinja2.exceptions.SecurityError(
                     f"a repetition of {size} items is over the sandbox's limit of {MAX_REPEAT}"
                 )
-        elif _big_int(left) and isinstance(right, int) and abs(right) > MAX_POWER:
+            bits = left.bit_length() + right.bit_length() if _ints(left, right) else 0
+            if bits > MAX_INT_BITS:
+                raise jinja2.exceptions.SecurityError(
+                    f"an integer product of {bits} bits is over the sandbox's limit of {MAX_INT_BITS} bits"
+                )
+        elif _ints(left, right) and abs(left) > 1 and left.bit_length() * right > MAX_INT_BITS:
             raise jinja2.exceptions.SecurityError(
-                f"an integer power of {right} is over the sandbox's limit of {MAX_POWER}"
+                f"an integer power of {right} is over the sandbox's limit of {MAX_INT_BITS} bits "
+                f"(the base has {left.bit_length()})"
             )
         return super().call_binop(context, operator, left, right)
+
+
+def _ints(left: Any, right: Any) -> bool:
+    """Both integers, whose arithmetic Python carries out exactly at any size."""
+    return isinstance(left, int) and isinstance(right, int)
 
 
 def _repeated_size(sequence: Any, times: Any) -> int:
@@ -116,10 +128,6 @@ def _repeated_size(sequence: Any, times: Any) -> int:
     if isinstance(sequence, str | list | tuple) and isinstance(times, int):
         return len(sequence) * max(times, 0)
     return 0
-
-
-def _big_int(base: Any) -> bool:
-    return isinstance(base, int) and abs(base) > 1
 
 
 @lru_cache(maxsize=16)

@@ -51,15 +51,24 @@ def template_files(model_dir: Path) -> str | list[dict[str, str]] | None:
     there are no such files."""
     named: dict[str, str] = {}
     if (model_dir / TEMPLATE_FILE).is_file():
-        named[DEFAULT] = (model_dir / TEMPLATE_FILE).read_text(encoding="utf-8")
+        named[DEFAULT] = _template_text(model_dir / TEMPLATE_FILE)
     extra = model_dir / TEMPLATE_DIR
     for path in sorted(extra.glob("*.jinja")) if extra.is_dir() else []:
-        named[path.name.removesuffix(".jinja")] = path.read_text(encoding="utf-8")
+        named[path.name.removesuffix(".jinja")] = _template_text(path)
     if not named:
         return None
     if list(named) == [DEFAULT]:
         return named[DEFAULT]
     return [{"name": name, "template": text} for name, text in named.items()]
+
+
+def _template_text(path: Path) -> str:
+    """A template file's text; bytes that are not UTF-8 are one line naming the file (a traceback from
+    every command that read the tokenizer)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise TokenizerError(f"cannot read {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def save_named_templates(named: Mapping[str, str], out: Path) -> list[str]:
