@@ -127,6 +127,8 @@ def main() -> int:
     from qwenkit.checkpoint.saver import parse_size
 
     cfg = {**QWEN_1_8B, "num_hidden_layers": args.layers}
+    if args.dir:  # mkdtemp needs its parent to exist
+        Path(args.dir).mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="bench_convert-", dir=args.dir))
     try:
         t = time.perf_counter()

@@ -61,7 +61,7 @@ def measure(
     engine = Engine(model, max_batch_size=batch, max_seq_len=256)
     lockstep = Lockstep() if led else None
     if lockstep is not None and tp.rank != 0:
-        lockstep.follow(engine)  # replays rank 0's forwards until it stops
+        lockstep.follow(engine, tp)  # replays rank 0's forwards until it stops
         rss_run = psutil.Process().memory_info().rss - rss_before
         result = {"rate": None, "weights": weights, "rss": rss, "rss_run": rss_run, "ids": None}
         torch.save(result, Path(out) / f"r{tp.rank}.pt")
