@@ -71,6 +71,10 @@ def main() -> None:
     llm = LLM.load(model_dir, dtype="float32", max_batch_size=args.batch_size, progress=False)
     ours = LocalBackend(llm, batch_size=args.batch_size)
     peer = HFLM(pretrained=str(model_dir), dtype="float32", batch_size=args.batch_size, device="cpu")
+    # lm-eval asks generate() for max_length = context + max_gen_toks; the copy's generation_config.json
+    # names max_new_tokens (512), which transformers lets win over max_length: the peer then generated past
+    # --max-new-tokens wherever no stop string came, and its time counted tokens qwenkit never made
+    peer.model.generation_config.max_new_tokens = None
     requests = [
         Instance("loglikelihood", {}, (p, f" {letter}"), k)
         for p in prompts
