@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import pty
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -355,6 +357,23 @@ class Terminal:
         seen, self.pending = self.pending[:cut], self.pending[cut:]
         return seen
 
+    def write(self, data: bytes) -> None:
+        os.write(self.fd, data)
+
+
+@contextlib.contextmanager
+def in_a_terminal(argv: list[str]) -> Iterator[tuple[subprocess.Popen, Terminal]]:
+    """``argv`` run on a pseudo-terminal (standard error a pipe), killed and closed however the test ends."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=subprocess.PIPE, close_fds=True)
+    os.close(slave)
+    try:
+        yield proc, Terminal(master)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+
 
 def test_a_question_piped_to_p_is_the_typed_message(tiny_chat_model, llm, monkeypatch):
     """`echo QUESTION | chat -p -` asks what `-p QUESTION` and a typed line ask: the newline `echo` ends
@@ -382,29 +401,20 @@ def test_a_question_piped_to_p_is_the_typed_message(tiny_chat_model, llm, monkey
 def test_ctrl_c_interrupts_the_answer_not_the_chat(tiny_chat_model):
     """The answer stops, the chat goes on, and the notice is on standard error, as the other notices
     are (it was printed into the answers on standard output)."""
-    master, slave = pty.openpty()
-    proc = subprocess.Popen(
-        [*QWENKIT, "chat", str(tiny_chat_model), "--max-new-tokens", "6000", "--temperature", "1"],
-        stdin=slave,
-        stdout=slave,
-        stderr=subprocess.PIPE,
-        close_fds=True,
-    )
-    os.close(slave)
-    term = Terminal(master)
-    try:
+    argv = [*QWENKIT, "chat", str(tiny_chat_model), "--max-new-tokens", "6000", "--temperature", "1"]
+    with in_a_terminal(argv) as (proc, term):
         term.read_until(b">>> ")
-        os.write(master, f":conf logit_bias={NO_END}\n".encode())  # a random model may end early
+        term.write(f":conf logit_bias={NO_END}\n".encode())  # a random model may end early
         term.read_until(b"logit_bias=")
         term.read_until(b">>> ")
-        os.write(master, b"tell me a long story\n")
+        term.write(b"tell me a long story\n")
         term.read_until(b"story\r\n")  # the echo; the answer streams after it
         time.sleep(1.0)
         proc.send_signal(signal.SIGINT)
         stopped = term.read_until(b">>> ")
         # the answer's line is ended on standard output, before the notice on standard error
         assert stopped.endswith(b"\r\n\r\n>>> ") and b"[interrupted]" not in stopped
-        os.write(master, b":history\n")
+        term.write(b":history\n")
         out = term.read_until(b">>> ")
         assert b"user: tell me a long story" in out and b"assistant: " in out
         # at the prompt: the chat goes on, the hint on standard error. Not at once: a SIGINT between the
@@ -412,44 +422,26 @@ def test_ctrl_c_interrupts_the_answer_not_the_chat(tiny_chat_model):
         time.sleep(1.0)
         proc.send_signal(signal.SIGINT)
         assert term.read_until(b">>> ") == b"\r\n\r\n>>> "  # the prompt's line ended, then a new one
-        os.write(master, b":exit\n")
+        term.write(b":exit\n")
         assert proc.wait(timeout=30) == 0
         assert proc.stderr.read() == b"[interrupted]\n[Ctrl-D or :exit to leave]\n"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        os.close(master)
 
 
 def test_ctrl_c_in_a_system_prompt_block_keeps_the_chat(tiny_chat_model):
     """Ctrl-C while a `:system \"\"\"` block is typed drops the block and returns to the prompt, as in a
     message's block (it ended the chat: exit 130, the conversation lost)."""
-    master, slave = pty.openpty()
-    proc = subprocess.Popen(
-        [*QWENKIT, "chat", str(tiny_chat_model), "--max-new-tokens", "2"],
-        stdin=slave,
-        stdout=slave,
-        stderr=subprocess.PIPE,
-        close_fds=True,
-    )
-    os.close(slave)
-    term = Terminal(master)
-    try:
+    with in_a_terminal([*QWENKIT, "chat", str(tiny_chat_model), "--max-new-tokens", "2"]) as (proc, term):
         term.read_until(b">>> ")
-        os.write(master, b':system """\nBe brief.\n')
+        term.write(b':system """\nBe brief.\n')
         term.read_until(b"brief.\r\n... ")
         time.sleep(1.0)  # readline waits for the next line (see the test above)
         proc.send_signal(signal.SIGINT)
         assert term.read_until(b">>> ") == b"\r\n\r\n>>> "
-        os.write(master, b":history\n")
+        term.write(b":history\n")
         assert term.read_until(b">>> ") == b":history\r\n[history is empty]\r\n\r\n>>> "
-        os.write(master, b":exit\n")
+        term.write(b":exit\n")
         assert proc.wait(timeout=30) == 0
         assert proc.stderr.read() == b"[Ctrl-D or :exit to leave]\n"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        os.close(master)
 
 
 def test_an_answer_that_fails_midway_ends_its_line_before_the_error(tmp_path):
@@ -600,20 +592,14 @@ def test_ctrl_c_in_a_tool_chat_keeps_the_code_that_ran(tiny_chat_model, tmp_path
     from pathlib import Path
 
     script = STEERED_TOOL_CHAT.format(tools=str(Path(__file__).parent / "tools"), model=str(tiny_chat_model))
-    master, slave = pty.openpty()
-    proc = subprocess.Popen(
-        [sys.executable, "-c", script], stdin=slave, stdout=slave, stderr=subprocess.PIPE, close_fds=True
-    )
-    os.close(slave)
-    term = Terminal(master)
-    try:
+    with in_a_terminal([sys.executable, "-c", script]) as (proc, term):
         term.read_until(b">>> ")
-        os.write(master, b"What is 6*7?\n")
+        term.write(b"What is 6*7?\n")
         term.read_until(b"[output]\r\nstdout:\r\n\r\n```\r\n42\r\n\r\n```\r\n")
         time.sleep(1.0)
         proc.send_signal(signal.SIGINT)
         term.read_until(b">>> ")
-        os.write(master, b":history\n")
+        term.write(b":history\n")
         lines = term.read_until(b">>> ").split(b"\r\n")
         assert lines[1:9] == [
             b"user: What is 6*7?",
@@ -626,10 +612,6 @@ def test_ctrl_c_in_a_tool_chat_keeps_the_code_that_ran(tiny_chat_model, tmp_path
             b"```",
         ], lines
         assert lines[9].startswith(b"assistant: It printed 42.It printed 42.")
-        os.write(master, b":exit\n")
+        term.write(b":exit\n")
         assert proc.wait(timeout=30) == 0
         assert proc.stderr.read() == b"[interrupted]\n"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        os.close(master)
