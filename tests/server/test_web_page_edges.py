@@ -13,7 +13,7 @@ import time
 
 import pytest
 from playwright.sync_api import expect
-from test_web_page import CHAT_URL, _sse, answer, chat_bodies, open_settings
+from test_web_page import CHAT_URL, _sse, answer, chat_bodies, open_settings, trickle_downloads
 
 pytestmark = pytest.mark.slow
 
@@ -129,7 +129,9 @@ def test_a_long_answer_ends_with_its_note_in_view_and_a_reader_who_scrolled_up_s
     box, view = message.locator(".meta").bounding_box(), page.locator("#transcript").bounding_box()
     assert box["y"] + box["height"] <= view["y"] + view["height"]
 
-    # The real server's next answer, streaming for a few seconds.
+    # The real server's next answer, streaming for a few seconds: its bytes trickle in (the tiny model's 40
+    # tokens could all arrive between two looks at the message's state, which then never read "streaming")
+    trickle_downloads(page, 2_000)
     page.unroute(CHAT_URL)
     page.route(
         CHAT_URL,
