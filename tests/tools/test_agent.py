@@ -636,6 +636,147 @@ def test_ctrl_c_inside_a_tool_keeps_the_rounds_before_it_and_the_text_shown(stee
     assert not steered[1]
 
 
+def ctrl_c_after(llm, monkeypatch, text: str) -> None:
+    """Ctrl-C once, inside the agent, right after the next reply has written ``text`` (as SIGINT arrives
+    while the engine streams: no piece of it need have been shown)."""
+    stream = llm.stream
+
+    def interrupted(prompt, *a, **k):
+        deltas, written = stream(prompt, *a, **k), ""
+        try:
+            for delta in deltas:
+                written += delta.text
+                yield delta
+                if text in written:
+                    monkeypatch.setattr(llm, "stream", stream)
+                    raise KeyboardInterrupt
+        finally:
+            deltas.close()
+
+    monkeypatch.setattr(llm, "stream", interrupted)
+
+
+WEATHER = [{"name": "get_weather", "parameters": {"type": "object"}}]
+
+
+def test_ctrl_c_inside_the_second_call_of_a_reply_keeps_the_first_call_that_ran(steered, monkeypatch):
+    """A reply of two calls, Ctrl-C at the second one's result prompt: the round was dropped whole, the
+    first call's result (typed, or code the interpreter ran) with it, and only the text shown stayed. Now
+    the history keeps the reply with the call that ran and its result, as the next request shows it."""
+    from qwenkit.cli.chat import ToolChatSession
+    from qwenkit.tools.agent import typed_tools
+
+    results = iter(["sunny, 21C"])
+
+    def typed(name: str, arguments: str) -> str:
+        try:
+            return next(results)
+        except StopIteration:
+            raise KeyboardInterrupt from None
+
+    session = ToolChatSession(steered[0], typed_tools(WEATHER, typed), PARAMS)
+    paris, rome = call("get_weather", '{"city": "Paris"}'), call("get_weather", '{"city": "Rome"}')
+    queue(steered, f"Both:\n{paris}\n{rome}")
+    with pytest.raises(KeyboardInterrupt):
+        assert "".join(session.ask("Weather in Paris and Rome?")) == "Both:\n"
+    call_id = session.history[1]["tool_calls"][0]["id"]
+    assert session.history == [
+        {"role": "user", "content": "Weather in Paris and Rome?"},
+        {
+            "role": "assistant",
+            "content": "Both:",
+            "tool_calls": [
+                {
+                    "id": call_id,
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": {"city": "Paris"}},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": call_id, "name": "get_weather", "content": "sunny, 21C"},
+    ]
+    prompts = recorded_prompts(steered[0], monkeypatch)
+    queue(steered, "Paris is sunny.")
+    assert "".join(session.ask("And Paris?")) == "Paris is sunny."
+    assert (
+        steered[0]
+        .tokenizer.decode(prompts[0])
+        .endswith(
+            "<|im_start|>user\nWeather in Paris and Rome?<|im_end|>\n<|im_start|>assistant\nBoth:\n"
+            f"{paris}<|im_end|>\n<|im_start|>user\n<tool_response>\nsunny, 21C\n</tool_response><|im_end|>\n"
+            "<|im_start|>user\nAnd Paris?<|im_end|>\n<|im_start|>assistant\n"
+        )
+    )
+    assert not steered[1]
+
+
+def test_ctrl_c_while_a_tool_reply_thinks_keeps_its_thinking_as_a_plain_chat_does(steered, monkeypatch):
+    """A plain chat stopped while the model thinks keeps the turn, the thinking as ``reasoning_content``
+    and an empty answer; a tool chat kept nothing (no text had been shown), so the question was gone
+    from the next prompt. Now it keeps the same, and the thinking of a reply whose tool was stopped."""
+    from qwenkit.cli.chat import ToolChatSession
+    from qwenkit.tools.agent import typed_tools
+
+    llm = steered[0]
+    session = ToolChatSession(llm, [ADD], PARAMS)
+    queue(steered, "<think>\nThe user wants a sum, so I call add.\n</think>\n\n" + call("add", "{}"))
+    ctrl_c_after(llm, monkeypatch, "so")
+    with pytest.raises(KeyboardInterrupt):
+        assert "".join(session.ask("What is 2+3?")) == ""
+    assert session.history == [
+        {"role": "user", "content": "What is 2+3?"},
+        {"role": "assistant", "content": "", "reasoning_content": "The user wants a sum, so"},
+    ]
+    assert llm.driver.wait_idle() and llm.engine.blocks.usage == 0
+    llm.model.script = None
+
+    # the reply whole, its call stopped: its thinking stays with the text shown
+    def typed(name: str, arguments: str) -> str:
+        raise KeyboardInterrupt  # at the result prompt
+
+    stopped = ToolChatSession(llm, typed_tools(WEATHER, typed), PARAMS)
+    queue(
+        steered, "<think>\nLook it up.\n</think>\n\nLet me look.\n" + call("get_weather", '{"city": "Rome"}')
+    )
+    with pytest.raises(KeyboardInterrupt):
+        assert "".join(stopped.ask("Weather in Rome?")) == "Let me look.\n"
+    assert stopped.history == [
+        {"role": "user", "content": "Weather in Rome?"},
+        {"role": "assistant", "content": "Let me look.", "reasoning_content": "Look it up."},
+    ]
+    assert not steered[1]
+
+
+def test_ctrl_c_in_a_react_reply_keeps_the_turn_and_the_answer_written(steered, monkeypatch):
+    """A ReAct reply shows nothing until it is whole, so Ctrl-C in it kept nothing: the question was gone
+    from the next prompt. Now the turn stays as a plain chat's: the answer written so far (what follows
+    ``Final Answer:``), or an empty one while the model was still thinking or writing its action."""
+    from qwenkit.cli.chat import ToolChatSession
+
+    llm = steered[0]
+    monkeypatch.setattr(llm.tokenizer, "chat_template", chatml_without_tools(llm.tokenizer.chat_template))
+    for reply, at, kept in [
+        (
+            "Thought: I know it.\nFinal Answer: It is five, as two and three make five.",
+            "two",
+            "It is five, as two",
+        ),
+        ('Thought: I should add.\nAction: add\nAction Input: {"a": 2, "b": 3}', "add\n", ""),
+    ]:
+        session = ToolChatSession(llm, [ADD], PARAMS)
+        queue(steered, reply)
+        ctrl_c_after(llm, monkeypatch, at)
+        with pytest.raises(KeyboardInterrupt):
+            assert "".join(session.ask("What is 2+3?")) == ""
+        assert session.history == [
+            {"role": "user", "content": "What is 2+3?"},
+            {"role": "assistant", "content": kept},
+        ]
+        assert llm.driver.wait_idle() and llm.engine.blocks.usage == 0
+        llm.model.script = None
+    assert not steered[1]
+
+
 def test_a_tool_chat_stopped_before_anything_showed_leaves_the_history_as_it_was(steered):
     from qwenkit.cli.chat import ToolChatSession
 

@@ -514,8 +514,8 @@ class ToolChatSession:
 
     def ask(self, user_text: str) -> Iterator[str]:
         """The turn joins the history when the agent finishes, or as far as it went when Ctrl-C or an error
-        stops it after it began (as a plain chat's): the rounds whose tools ran, and the text shown of the
-        reply it stopped in. One that stops before any of that leaves the history as it was."""
+        stops it after it began (as a plain chat's): the calls that ran, with their results, and the reply it
+        stopped in (``Agent.stream``). Stopped before its first reply began, the history is as it was."""
         head = [{"role": "system", "content": self.system}] if self.system else []
         self.agent.params = self.params
         self.completion = self.rounds_out = None

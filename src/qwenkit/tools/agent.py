@@ -16,6 +16,7 @@ from qwenkit.engine import SamplingParams
 from qwenkit.errors import QwenkitError
 from qwenkit.generate import LLM, Completion
 from qwenkit.tools.calls import Event, ParsedMessage, ToolCall, collect
+from qwenkit.tools.react import partial_answer as react_partial_answer
 from qwenkit.tools.template_style import tool_style
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,21 @@ class AgentResult:
     completion: Completion | None = None  # the last reply's: its finish reason and token count
 
 
+@dataclass
+class PartialReply:
+    """A reply as far as it came: the text the model wrote, the content shown of it, and its thinking."""
+
+    written: list[str] = field(default_factory=list)
+    shown: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
+
+    def message(self, react: bool) -> dict[str, Any]:
+        """The reply stopped here, as the history keeps it: the answer shown so far and its thinking, as a
+        chat keeps an answer it stopped (a ReAct reply, shown only when whole: its answer written so far)."""
+        answer = react_partial_answer("".join(self.written)) if react else "".join(self.shown)
+        return assistant_message(answer, "".join(self.reasoning))
+
+
 class Agent:
     def __init__(
         self,
@@ -120,12 +136,13 @@ class Agent:
         self.style = tool_style(llm.tokenizer, specs, self.template_kwargs.get("chat_template"))
 
     def _reply(
-        self, messages: list[dict[str, Any]], shown: list[str]
+        self, messages: list[dict[str, Any]], partial: PartialReply
     ) -> Generator[str, None, tuple[ParsedMessage, Completion]]:
         """One reply: yields its content as it comes (text that may open a ``<tool_call>`` is held back
         until decided, by the parser the server streams with; a ReAct reply is decided by its last lines,
-        so its content comes whole at its end), each piece kept in ``shown`` too; returns it parsed, with
-        its Completion. Closed early, its request is aborted at once (its KV memory freed)."""
+        so its content comes whole at its end), kept in ``partial`` as it comes (with the text the model
+        wrote and its thinking); returns it parsed, with its Completion. Closed early, its request is
+        aborted at once (its KV memory freed)."""
         tokenizer = self.llm.tokenizer
         ids = self.prompt(messages)
         params = replace(self.params, stop=(*self.params.stop, *self.style.stop))
@@ -136,10 +153,13 @@ class Agent:
         try:
             for delta in deltas:
                 completion = delta.completion or completion
+                partial.written.append(delta.text)
                 for event in parser.feed(delta.text) if parser is not None else ():
                     events.append(event)
+                    if event.kind == "reasoning":
+                        partial.reasoning.append(event.text)
                     if event.kind == "content":
-                        shown.append(event.text)
+                        partial.shown.append(event.text)
                         yield event.text
         finally:  # not left to the stream's garbage collection
             deltas.close()
@@ -147,13 +167,13 @@ class Agent:
         if parser is None:
             parsed = self.style.parse_reply(tokenizer.decode, ids, completion.text, self._text_arguments)
             if parsed.content:
-                shown.append(parsed.content)
+                partial.shown.append(parsed.content)
                 yield parsed.content
             return parsed, completion
         for event in parser.finish():
             events.append(event)
             if event.kind == "content":
-                shown.append(event.text)
+                partial.shown.append(event.text)
                 yield event.text
         return collect(events, parser.warnings), completion
 
@@ -189,9 +209,11 @@ class Agent:
 
         ``conversation``: an empty list that receives the conversation as it grows (the result's
         ``messages`` are this list), so that a caller whose stream stops early (``close()``, Ctrl-C, an
-        error) knows what happened: it holds the messages, each round's calls and results once all of
-        them ran, and the text of the reply in progress that was yielded so far, as an assistant message
-        (a chat keeps an interrupted answer so)."""
+        error) knows what happened, as a chat keeps an interrupted answer: it holds the messages, each
+        round's calls with their results as they ran (a round stopped inside a tool keeps the calls that
+        ran before it; one stopped before any keeps its reply as an answer), and the reply in progress
+        once it began, as an assistant message of the text shown so far and its thinking (a ReAct reply,
+        shown only once whole, keeps the part of its ``Final Answer`` written so far)."""
         if not isinstance(messages, str | list | tuple):  # None or 5 failed in list() with a TypeError
             raise ToolError(f"messages must be a string or a list of chat messages, got {messages!r:.60}")
         if conversation is not None and (not isinstance(conversation, list) or conversation):
@@ -200,34 +222,50 @@ class Agent:
         history += [{"role": "user", "content": messages}] if isinstance(messages, str) else messages
         completion = None
         for round_ in range(1, self.max_rounds + 1):
-            shown: list[str] = []
+            partial = PartialReply()
             try:
-                parsed, completion = yield from self._reply(history, shown)
-                # the reasoning stays with its turn: Qwen3's template shows it again for the calls of the
-                # turn in progress, as the model wrote them
-                thought = {"reasoning_content": parsed.reasoning} if parsed.reasoning else {}
-                if not parsed.tool_calls:
-                    history.append({"role": "assistant", "content": parsed.content, **thought})
-                    return AgentResult(history, parsed.content, round_, completion)
-                history += self._round(parsed, thought)
-            except BaseException:  # the round stopped (closed, Ctrl-C, an error): what was shown stays
-                if "".join(shown).strip():
-                    history.append(assistant_message("".join(shown), ""))
+                parsed, completion = yield from self._reply(history, partial)
+            except BaseException:  # the reply stopped (closed, Ctrl-C, an error): what it wrote stays
+                if partial.written:
+                    history.append(partial.message(self.style.react))
                 raise
+            # the reasoning stays with its turn: Qwen3's template shows it again for the calls of the
+            # turn in progress, as the model wrote them
+            thought = {"reasoning_content": parsed.reasoning} if parsed.reasoning else {}
+            if not parsed.tool_calls:
+                history.append({"role": "assistant", "content": parsed.content, **thought})
+                return AgentResult(history, parsed.content, round_, completion)
+            self._round(parsed, thought, history)
         return AgentResult(history, None, self.max_rounds, completion)
 
-    def _round(self, parsed: ParsedMessage, thought: dict[str, Any]) -> list[dict[str, Any]]:
-        """A reply's calls and their results, as the history keeps them, once every call ran."""
+    def _round(self, parsed: ParsedMessage, thought: dict[str, Any], history: list[dict[str, Any]]) -> None:
+        """Run a reply's calls and add them to ``history`` with their results, as it keeps them; stopped
+        inside a tool (Ctrl-C, an error), the calls that ran before it, or the reply alone as an answer
+        where none ran (the interrupted call's result never came)."""
+        ran: list[tuple[ToolCall, str]] = []
+        try:
+            for call in parsed.tool_calls:
+                ran.append((call, self._run(call)))
+        finally:
+            history += self._round_messages(parsed, thought, ran)
+
+    def _round_messages(
+        self, parsed: ParsedMessage, thought: dict[str, Any], ran: list[tuple[ToolCall, str]]
+    ) -> list[dict[str, Any]]:
+        """The messages of a reply whose calls ``ran`` (each with its result), in the order written."""
+        if not ran:
+            return [assistant_message(parsed.content, parsed.reasoning)]
         messages: list[dict[str, Any]] = []
-        # in the order written; one turn each where the template takes no more (Llama 3)
-        one_each = self.style.one_call_per_turn
-        turns = [[c] for c in parsed.tool_calls] if one_each else [parsed.tool_calls]
+        # one turn each where the template takes no more (Llama 3)
+        turns = [[r] for r in ran] if self.style.one_call_per_turn else [ran]
         for k, calls in enumerate(turns):
             said = {"content": parsed.content, **thought} if k == 0 else {"content": ""}
-            messages.append({"role": "assistant", **said, "tool_calls": [self._as_history(c) for c in calls]})
-            for call in calls:
+            messages.append(
+                {"role": "assistant", **said, "tool_calls": [self._as_history(c) for c, _ in calls]}
+            )
+            for call, result in calls:
                 messages.append(
-                    {"role": "tool", "tool_call_id": call.id, "name": call.name, "content": self._run(call)}
+                    {"role": "tool", "tool_call_id": call.id, "name": call.name, "content": result}
                 )
         return messages
 

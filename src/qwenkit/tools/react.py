@@ -190,3 +190,16 @@ def parse_react(text: str, read_arguments: Callable[[str, str], str | None] | No
     if answer >= 0:
         return ParsedMessage(text[answer + len("\nFinal Answer: ") :], "", [], [])
     return ParsedMessage(text.removeprefix("Final Answer: "), "", [], [])
+
+
+def partial_answer(text: str) -> str:
+    """The answer of a ReAct reply cut off before its end, as ``parse_react`` would take it whole: what
+    follows its ``Final Answer:`` so far; none while it was still thinking or writing an action (that call
+    never ran); the text itself where it keeps to no ReAct form (a whole one is its answer so)."""
+    padded = "\n" + text
+    at = padded.rfind("\nFinal Answer:")
+    if at >= 0 and "\nAction:" not in padded[:at]:
+        return padded[at + len("\nFinal Answer:") :].strip()
+    if any(f"\n{word}:" in padded for word in ("Thought", "Action", "Final Answer")):
+        return ""
+    return text
