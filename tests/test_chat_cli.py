@@ -398,6 +398,38 @@ def test_a_question_piped_to_p_is_the_typed_message(tiny_chat_model, llm, monkey
     assert prompts == [expected] * 3
 
 
+def test_a_script_of_crlf_lines_is_read_as_typed(tiny_chat_model, llm, monkeypatch):
+    """A script written on Windows (CRLF line ends) piped to the chat: a block (a message's, `:system`'s)
+    kept a CR at the end of each line, sent to the model ("line one\\r\\nline two"), as `-p -` did with
+    its lines and a typed tool result with its end. The CR of a CRLF line end is the line end's."""
+    import qwenkit.cli.chat as chat_cli
+    from qwenkit.cli import main
+
+    prompts: list[list[int]] = []
+    stream = llm.stream
+    monkeypatch.setattr(
+        llm, "stream", lambda prompt, *a, **k: prompts.append(list(prompt)) or stream(prompt, *a, **k)
+    )
+    monkeypatch.setattr(chat_cli, "load_llm", lambda args: llm)
+    args = ["chat", str(tiny_chat_model), "--max-new-tokens", "1"]
+    script = (
+        ':system """\r\nBe brief.\r\n\r\n    Very brief.\r\n"""\r\n"""\r\nline one\r\nline two\r\n"""\r\n'
+    )
+    monkeypatch.setattr(sys, "stdin", io.StringIO(script))
+    assert main(args) == 0
+    monkeypatch.setattr(sys, "stdin", io.StringIO("line one\r\nline two\r\n"))
+    assert main([*args, "-p", "-"]) == 0
+    system = {"role": "system", "content": "Be brief.\n\n    Very brief."}
+    user = {"role": "user", "content": "line one\nline two"}
+    render = llm.tokenizer.apply_chat_template
+    assert prompts == [
+        render([system, user], add_generation_prompt=True),
+        render([user], add_generation_prompt=True),
+    ]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("sunny, 21C\r\n"))
+    assert chat_cli.ask_tool_result("get_weather", "{}") == "sunny, 21C"
+
+
 def test_ctrl_c_interrupts_the_answer_not_the_chat(tiny_chat_model):
     """The answer stops, the chat goes on, and the notice is on standard error, as the other notices
     are (it was printed into the answers on standard output)."""

@@ -329,10 +329,16 @@ def read_message(interactive: bool) -> tuple[str, bool]:
     typed (indentation, blank lines). Returns (text, whether it was a block: a message even when it
     starts with a colon). A command's block (``:system \"\"\"``) is read here too, so that Ctrl-C, Ctrl-D or
     a line that is not UTF-8 inside it is met as inside a message's (Ctrl-C there ended the chat)."""
-    line = utf8_text(input("\n>>> " if interactive else ""), "the message")
+    line = utf8_text(read_line("\n>>> " if interactive else ""), "the message")
     if not line.lstrip().startswith(BLOCK):
         return with_block(line.strip(), interactive), False
     return read_block(line.lstrip(), interactive, "the message", "was not sent"), True
+
+
+def read_line(prompt: str) -> str:
+    """The next line of input, without the CR of a CRLF line end (a script written on Windows, piped to
+    the chat: its blocks kept a CR at the end of every line)."""
+    return input(prompt).removesuffix("\r")
 
 
 def read_block(first: str, interactive: bool, what: str, unsaid: str) -> str:
@@ -343,7 +349,7 @@ def read_block(first: str, interactive: bool, what: str, unsaid: str) -> str:
     while not text.rstrip().endswith(BLOCK):
         lines.append(text)
         try:
-            text = input("... " if interactive else "")
+            text = read_line("... " if interactive else "")
         except EOFError:
             raise CommandError(f"{what} {unsaid}: its {BLOCK} block was not closed") from None
         try:
@@ -400,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.prompt == "-":  # read now: an empty question is refused before the model loads
         # as a typed block: the blank lines around it and echo's newline are not the question's
-        args.prompt = read_stdin().lstrip("\n").rstrip()
+        args.prompt = read_stdin().replace("\r\n", "\n").lstrip("\n").rstrip()  # CRLF lines, as typed
     elif args.prompt is not None:
         utf8_text(args.prompt, "the question")
     if args.prompt is not None and not args.prompt.strip():
@@ -540,7 +546,7 @@ def ask_tool_result(name: str, arguments: str) -> str:
     LINE.end()
     print(for_terminal(f"[tool call] {name}({arguments})"))
     try:
-        return input(for_terminal(f"[result of {name}] > "))
+        return read_line(for_terminal(f"[result of {name}] > "))
     except EOFError:
         return ""
 
