@@ -360,6 +360,24 @@ class Terminal:
     def write(self, data: bytes) -> None:
         os.write(self.fd, data)
 
+    def read_rest(self, proc: subprocess.Popen, timeout: float = 30.0) -> bytes:
+        """Everything ``proc`` writes until it exits (read as it comes: a full terminal would block it)."""
+        end = time.time() + timeout
+        while time.time() < end:
+            if not select.select([self.fd], [], [], 0.5)[0]:
+                if proc.poll() is not None:
+                    break
+                continue
+            try:
+                data = os.read(self.fd, 4096)
+            except OSError:  # the process exited and its end of the terminal closed
+                break
+            if not data:
+                break
+            self.pending += data
+        rest, self.pending = self.pending, b""
+        return rest
+
 
 @contextlib.contextmanager
 def in_a_terminal(argv: list[str]) -> Iterator[tuple[subprocess.Popen, Terminal]]:
@@ -457,6 +475,22 @@ def test_ctrl_c_interrupts_the_answer_not_the_chat(tiny_chat_model):
         term.write(b":exit\n")
         assert proc.wait(timeout=30) == 0
         assert proc.stderr.read() == b"[interrupted]\n[Ctrl-D or :exit to leave]\n"
+
+
+def test_ctrl_c_in_a_one_shot_answer_ends_its_line(tiny_chat_model):
+    """`chat -p` stopped by Ctrl-C left the answer's last line open (a newline on standard error followed
+    it): with standard error elsewhere (`2>log`), the shell's prompt began inside the answer, and a file
+    the answer went to lacked its final newline. Now its line is ended on standard output, and the notice
+    goes to standard error, as in the interactive chat (exit 130, as before)."""
+    argv = [*QWENKIT, "chat", str(tiny_chat_model), "-p", "tell me a long story", "--ignore-eos"]
+    with in_a_terminal([*argv, "--max-new-tokens", "6000", "--temperature", "1"]) as (proc, term):
+        assert select.select([term.fd], [], [], 60)[0]  # the answer streams
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        output = term.read_rest(proc)
+        assert proc.wait(timeout=30) == 130
+        assert len(output) > 5 and output.endswith(b"\r\n") and not output.endswith(b"\r\n\r\n"), output
+        assert proc.stderr.read() == b"[interrupted]\n"
 
 
 def test_ctrl_c_in_a_system_prompt_block_keeps_the_chat(tiny_chat_model):

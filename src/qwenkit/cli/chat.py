@@ -309,15 +309,21 @@ def answer(session: ChatSession | ToolChatSession, text: str, hide_thinking: boo
     try:
         show(stream)
     except KeyboardInterrupt:
-        stream.close()
-        LINE.end()  # the answer's line, then the notice on standard error (as stop_notice's)
-        print("[interrupted]", file=sys.stderr, flush=True)
+        interrupted(stream)
     except QwenkitError as e:
         report(e)
         return False
     else:
         stop_notice(session, ":conf max_tokens=N")
     return True
+
+
+def interrupted(stream: Iterator[str]) -> None:
+    """After Ctrl-C in an answer: the reply stops (its turn joins the history as far as it went), its line
+    is ended, then the notice goes to standard error (as stop_notice's)."""
+    stream.close()
+    LINE.end()
+    print("[interrupted]", file=sys.stderr, flush=True)
 
 
 BLOCK = '"""'
@@ -453,7 +459,12 @@ def run(args: argparse.Namespace, llm, tools: list | None = None) -> int:
     else:
         session = ToolChatSession(llm, tools, params, system=args.system, template_kwargs=kwargs)
     if args.prompt is not None:
-        show(reply(session, args.prompt, args.hide_thinking))
+        stream = reply(session, args.prompt, args.hide_thinking)
+        try:
+            show(stream)
+        except KeyboardInterrupt:  # the answer's line ended, so the shell's prompt starts a line of its own
+            interrupted(stream)
+            return 130  # the status of a command Ctrl-C stopped, as the dispatcher's
         stop_notice(session, "--max-new-tokens N")
         return 0
 
