@@ -489,7 +489,7 @@ def test_ctrl_c_in_a_one_shot_answer_ends_its_line(tiny_chat_model):
         proc.send_signal(signal.SIGINT)
         output = term.read_rest(proc)
         assert proc.wait(timeout=30) == 130
-        assert len(output) > 5 and output.endswith(b"\r\n") and not output.endswith(b"\r\n\r\n"), output
+        assert len(output) > 5 and output.endswith(b"\r\n"), output  # (a random answer may end a line itself)
         assert proc.stderr.read() == b"[interrupted]\n"
 
 
