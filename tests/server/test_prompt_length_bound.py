@@ -137,3 +137,24 @@ def test_the_python_api_refuses_a_huge_text_before_tokenizing_it(tight, monkeypa
     monkeypatch.undo()
     [done] = llm.generate([TIGHT], SamplingParams(max_tokens=1, temperature=0))
     assert len(done.prompt_ids) == WINDOW - 1 and len(done.token_ids) == 1
+
+
+@pytest.mark.parametrize("config", [{"response_cache_entries": 0}, {}])
+def test_more_prompts_than_the_server_can_ever_take_are_refused_before_reading_them(
+    make_server, chat_llm, monkeypatch, config
+):
+    """100,000 prompts of 8 rows and no queue: the same 400 as once every prompt was tokenized (a million
+    took a worker 55 s), now before any is. With the response cache on, only choices it could never answer
+    (sampled without a seed) are counted so early."""
+    live = make_server(max_queue=0, **config)
+    monkeypatch.setattr(chat_llm.tokenizer, "encode_with_added", encode_refused)
+    body = {"prompt": ["Hello"] * 100_000, "max_tokens": 1, "temperature": 0.7}
+    r = httpx.post(live.url + "/v1/completions", json=body, timeout=120)
+    assert r.status_code == 400
+    assert r.json()["error"] == {
+        "message": "100000 prompts of n=1 choices each can never be taken by this server: it runs 8 rows and "
+        "queues 0 more (--max-batch, --max-queue); ask for at most 8 choices in one request",
+        "type": "invalid_request_error",
+        "param": "prompt",
+        "code": "invalid_value",
+    }

@@ -20,6 +20,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from qwenkit.chat import continued_text
+from qwenkit.engine import SamplingParamsError
 from qwenkit.generate import LLM, Completion
 from qwenkit.server.errors import APIError
 from qwenkit.server.logprobs import LegacyLogprobs, PromptEcho, chat_logprobs
@@ -34,6 +35,7 @@ from qwenkit.server.runs import (
     Choice,
     IndexOrder,
     Run,
+    check_capacity,
     chunk_usage,
     collect,
     sse,
@@ -327,6 +329,19 @@ def fills_middle(llm: LLM, body: CompletionRequest) -> bool:
     return True
 
 
+def _may_be_cached(state: ServerState, body: CompletionRequest) -> bool:
+    """Whether a choice of ``body`` may be answered from the response cache (then it takes no row, and
+    the count of those that do is known only once the prompts are read)."""
+    if state.response_cache is None:
+        return False
+    try:
+        return state.response_cache.caches(
+            state.llm.default_params(temperature=body.temperature, seed=body.seed)
+        )
+    except SamplingParamsError:  # refused by name once the prompts are read
+        return True
+
+
 def _fim_bound(llm: LLM, prefix: str | list[int], suffix: str | None) -> int:
     """At least how many ids `Tokenizer.encode_fim` makes (its three FIM tokens and sequence tokens)."""
     tokenizer = llm.tokenizer
@@ -374,6 +389,8 @@ async def completions(state: ServerState, body: CompletionRequest, request: Requ
         return [Choice(start + i, prompt_ids, p, echo=echo) for i, p in enumerate(each)]
 
     def all_choices() -> list[Choice]:
+        if not _may_be_cached(state, body):  # every choice runs: too many are refused before any is read
+            check_capacity(state, len(raw_prompts) * body.n, len(raw_prompts), body.n)
         for k, prompt in enumerate(raw_prompts):  # texts that surely cannot fit, before any is tokenized
             bound = _fim_bound(llm, prompt, body.suffix) if fim else llm.min_prompt_tokens(prompt)
             try:
