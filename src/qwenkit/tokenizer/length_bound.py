@@ -73,7 +73,10 @@ def hf_longest_token(backend: tokenizers.Tokenizer) -> tuple[int | None, bool]:
     model = backend.model
     if not isinstance(model, models.BPE) or model.dropout or normalizer not in (None, {"type": "NFC"}):
         return None, False
-    if not _only_splits(_spec(backend.pre_tokenizer)) or not isinstance(backend.decoder, decoders.ByteLevel):
+    # ByteLevel maps each byte to one character of the pieces' alphabet: a piece's length is its bytes
+    pre_tokenizer = _spec(backend.pre_tokenizer)
+    byte_level = '"type": "ByteLevel"' in json.dumps(pre_tokenizer)
+    if not (byte_level and _only_splits(pre_tokenizer) and isinstance(backend.decoder, decoders.ByteLevel)):
         return None, False
     vocab = backend.get_vocab(with_added_tokens=False)
     if any(c not in vocab for c in bytes_to_unicode().values()):  # a byte with no token is dropped
