@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -20,6 +20,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from qwenkit.chat import continued_text
+from qwenkit.engine import SamplingParamsError
 from qwenkit.generate import LLM, Completion
 from qwenkit.server.errors import APIError
 from qwenkit.server.logprobs import LegacyLogprobs, PromptEcho, chat_logprobs
@@ -34,6 +35,7 @@ from qwenkit.server.runs import (
     Choice,
     IndexOrder,
     Run,
+    check_capacity,
     chunk_usage,
     collect,
     sse,
@@ -81,10 +83,23 @@ def chat_prompt(
     messages = [m.as_template_message() for m in body.messages]
     kwargs = template_kwargs(body, defaults)
     style, functions = tool_style(llm.tokenizer, body.tools), react_functions(llm, body)
+
+    def fits(texts: Sequence[str]) -> None:  # a prompt that surely cannot fit, before it is tokenized
+        if bound := llm.tokenizer.min_tokens(*texts, reaching=llm.engine.max_seq_len):
+            check_context(llm, body, bound, at_least=True)
+
     try:
         return style.prompt_ids(
-            llm.tokenizer, messages, functions, body.tools, body.add_generation_prompt, **kwargs
+            llm.tokenizer,
+            messages,
+            functions,
+            body.tools,
+            body.add_generation_prompt,
+            check_texts=fits,
+            **kwargs,
         )
+    except APIError:
+        raise
     except ToolSpecError as e:
         raise APIError(400, str(e), "messages") from None
     except Exception as e:  # the template's own raise_exception, or a malformed message
@@ -314,6 +329,27 @@ def fills_middle(llm: LLM, body: CompletionRequest) -> bool:
     return True
 
 
+def _may_be_cached(state: ServerState, body: CompletionRequest) -> bool:
+    """Whether a choice of ``body`` may be answered from the response cache (then it takes no row, and
+    the count of those that do is known only once the prompts are read)."""
+    if state.response_cache is None:
+        return False
+    try:
+        return state.response_cache.caches(
+            state.llm.default_params(temperature=body.temperature, seed=body.seed)
+        )
+    except SamplingParamsError:  # refused by name once the prompts are read
+        return True
+
+
+def _fim_bound(llm: LLM, prefix: str | list[int], suffix: str | None) -> int:
+    """At least how many ids `Tokenizer.encode_fim` makes (its three FIM tokens and sequence tokens)."""
+    tokenizer = llm.tokenizer
+    window = llm.engine.max_seq_len
+    bound = tokenizer.min_tokens(prefix, suffix or "", reaching=window) if isinstance(prefix, str) else 0
+    return bound + 3 + len(tokenizer.sequence_special_ids[0]) if bound else 0
+
+
 async def completions(state: ServerState, body: CompletionRequest, request: Request):
     llm = state.llm
     adapter = state.check_model(body.model)
@@ -336,20 +372,32 @@ async def completions(state: ServerState, body: CompletionRequest, request: Requ
         "adapter": adapter,
     }
 
+    def naming(k: int, e: APIError) -> APIError:
+        if e.param == "prompt" and len(raw_prompts) > 1:  # which of the batch's prompts is too long
+            e.param = f"prompt.{k}"
+        return e
+
     def choices_of(k: int, prompt: str | list[int], start: int) -> list[Choice]:
         prompt_ids, echo = read(k, prompt)
         try:
             params = sampling_params(llm, body, len(prompt_ids), 16, **extra)
         except APIError as e:
-            if e.param == "prompt" and len(raw_prompts) > 1:  # which of the batch's prompts is too long
-                e.param = f"prompt.{k}"
-            raise
+            raise naming(k, e) from None
         if fim:  # the middle ends where the model closes it (its FIM stop tokens)
             params = llm.fim_params(params)
         each = choice_params(params, body.n)
         return [Choice(start + i, prompt_ids, p, echo=echo) for i, p in enumerate(each)]
 
     def all_choices() -> list[Choice]:
+        if not _may_be_cached(state, body):  # every choice runs: too many are refused before any is read
+            check_capacity(state, len(raw_prompts) * body.n, len(raw_prompts), body.n)
+        for k, prompt in enumerate(raw_prompts):  # texts that surely cannot fit, before any is tokenized
+            bound = _fim_bound(llm, prompt, body.suffix) if fim else llm.min_prompt_tokens(prompt)
+            try:
+                if bound:
+                    check_context(llm, body, bound, at_least=True)
+            except APIError as e:
+                raise naming(k, e) from None
         choices: list[Choice] = []
         for k, prompt in enumerate(raw_prompts):
             choices += choices_of(k, prompt, len(choices))

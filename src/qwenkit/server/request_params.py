@@ -62,10 +62,15 @@ def sampling_params(
         ) from None
 
 
-def check_context(llm: LLM, body: SamplingFields, prompt_len: int) -> tuple[str, int | None]:
+def check_context(
+    llm: LLM, body: SamplingFields, prompt_len: int, at_least: bool = False
+) -> tuple[str, int | None]:
     """The 400 of a prompt (with the tokens asked for) past the context, else (the max-tokens field
     that counts, its value). Cheap: a chat request's is checked before its tools' grammar is compiled,
-    which for a prompt of thousands of tools took a minute to end in this same refusal."""
+    which for a prompt of thousands of tools took a minute to end in this same refusal. ``at_least``:
+    ``prompt_len`` is a lower bound (`Tokenizer.min_tokens`), checked before the prompt is tokenized, and
+    only against the window: a prompt the bound puts inside it is at most a window's worth of text, as
+    cheap to tokenize as any that runs, and its exact count makes the max-tokens message exact."""
     window = llm.engine.max_seq_len
     # max_completion_tokens, OpenAI's newer name, wins when both are given, except a 0 there beside a
     # max_tokens: vLLM and SGLang take `max_completion_tokens or max_tokens` (clients that fill in both send
@@ -74,15 +79,16 @@ def check_context(llm: LLM, body: SamplingFields, prompt_len: int) -> tuple[str,
     newer = body.max_completion_tokens
     limit = "max_completion_tokens" if newer or (newer == 0 and body.max_tokens is None) else "max_tokens"
     asked = getattr(body, limit)
+    some = "at least " if at_least else ""
     if prompt_len > window or (prompt_len == window and asked != 0):
         raise APIError(
             400,
             f"This model's maximum context length is {window} tokens. However, your prompt has "
-            f"{prompt_len} tokens. Please reduce the length of the prompt.",
+            f"{some}{prompt_len} tokens. Please reduce the length of the prompt.",
             "messages" if isinstance(body, ChatCompletionRequest) else "prompt",
             "context_length_exceeded",
         )
-    if asked is not None and asked > window - prompt_len:
+    if asked is not None and asked > window - prompt_len and not at_least:
         raise APIError(
             400,
             f"This model's maximum context length is {window} tokens. However, you requested "

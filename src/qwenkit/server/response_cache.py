@@ -22,8 +22,13 @@ class ResponseCache:
         # so an answer that finishes on old weights after a change is stored where no one looks
         self._changes: dict[str | None, int] = {}
 
+    @staticmethod
+    def caches(params: SamplingParams) -> bool:
+        """Whether answers under ``params`` are fixed by their input, so stored and reused."""
+        return params.greedy or params.seed is not None
+
     def key(self, prompt_ids: list[int], params: SamplingParams) -> tuple | None:
-        if not params.greedy and params.seed is None:
+        if not self.caches(params):
             return None
         weights = (params.adapter, self._changes.get(params.adapter, 0))
         return (weights, tuple(prompt_ids), astuple(params))

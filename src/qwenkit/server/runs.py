@@ -57,6 +57,21 @@ class Choice:
         }
 
 
+def check_capacity(state: ServerState, submitted: int, prompts: int, n: int) -> None:
+    """The 400 of a request whose ``submitted`` choices (``prompts`` prompts of ``n`` each) this server
+    can never take at once, however long the client waits: not a 429 to retry."""
+    rows, queue = state.llm.engine.scheduler.max_batch, state.config.max_queue
+    if submitted > rows + queue:
+        asked = f"n={submitted} choices" if prompts == 1 else f"{prompts} prompts of n={n} choices each"
+        raise APIError(
+            400,
+            f"{asked} can never be taken by this server: it runs {rows} rows and queues {queue} "
+            f"more (--max-batch, --max-queue); ask for at most {rows + queue} choices in one request",
+            "n" if prompts == 1 else "prompt",
+            "invalid_value",
+        )
+
+
 @dataclass
 class Run:
     """All choices of one HTTP request, submitted together, read as one merged stream."""
@@ -76,18 +91,8 @@ class Run:
                 choice.cache_key = cache.key(choice.prompt_ids, choice.params)
                 choice.cached = cache.get(choice.cache_key)
         submitted = sum(choice.cached is None for choice in self.choices)  # a cached answer waits for nothing
-        rows, queue = self.state.llm.engine.scheduler.max_batch, self.state.config.max_queue
-        if submitted > rows + queue:  # never fits, however long the client waits: not a 429 to retry
-            prompts = len({id(choice.prompt_ids) for choice in self.choices})
-            n = len(self.choices) // prompts
-            asked = f"n={submitted} choices" if prompts == 1 else f"{prompts} prompts of n={n} choices each"
-            raise APIError(
-                400,
-                f"{asked} can never be taken by this server: it runs {rows} rows and queues {queue} "
-                f"more (--max-batch, --max-queue); ask for at most {rows + queue} choices in one request",
-                "n" if prompts == 1 else "prompt",
-                "invalid_value",
-            )
+        prompts = len({id(choice.prompt_ids) for choice in self.choices})
+        check_capacity(self.state, submitted, prompts, len(self.choices) // max(prompts, 1))
         if submitted and self.state.waiting_estimate(submitted) > self.state.config.max_queue:
             raise APIError(
                 429,

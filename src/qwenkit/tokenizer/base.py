@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import cached_property
 from typing import Any
 
 from qwenkit.tokenizer import chat_template as ct
+from qwenkit.tokenizer import length_bound
 from qwenkit.tokenizer import named_templates as nt
 from qwenkit.tokenizer.errors import TokenizerError
 
@@ -208,6 +209,25 @@ class Tokenizer(ABC):
         before, after = self.sequence_special_ids
         return [*before, *self.encode(text, allow_special=allow_special), *after]
 
+    def token_length_bound(self) -> tuple[int | None, bool]:
+        """(the most bytes of text one token stands for, whether text is NFC-normalized first), read once
+        by `min_tokens`; (None, False) where no such bound holds (see `length_bound`)."""
+        return None, False
+
+    @cached_property
+    def _token_length_bound(self) -> tuple[int | None, bool]:
+        return self.token_length_bound()
+
+    def min_tokens(self, *texts: str, reaching: int = 1) -> int:
+        """At least how many tokens ``texts`` make, each encoded on its own (with or without added
+        tokens): read from their UTF-8 lengths in milliseconds, so a caller can refuse a prompt that cannot
+        fit before tokenizing it (a 48 MB one took 52 s). 0 where no bound is known, and at once for texts
+        too short to reach ``reaching`` tokens by it (the vocabulary, read once, is not read for them)."""
+        if 4 * sum(map(len, texts)) < reaching:  # at most 4 bytes a character, at least 1 a token
+            return 0
+        longest, nfc = self._token_length_bound
+        return length_bound.min_tokens(texts, longest, nfc)
+
     @cached_property
     def control_tokens(self) -> tuple[str, ...]:
         """Added tokens that chat content may not produce: all of them except whitespace-only ones."""
@@ -336,16 +356,22 @@ class Tokenizer(ABC):
         continue_final_message: bool | str = False,
         *,
         chat_template: str | None = None,
+        check_texts: Callable[[Sequence[str]], None] | None = None,
         **template_kwargs: Any,
     ) -> list[int]:
         """The prompt ids. Control tokens come only from the template; control-token text inside messages,
         tool results, tool-call arguments or tool definitions is encoded as plain text.
 
         Without such text the ids equal the reference (transformers) ids for the same rendered text.
-        ``continue_final_message`` and ``chat_template``: as `render_chat_template`.
+        ``continue_final_message`` and ``chat_template``: as `render_chat_template`. ``check_texts`` is
+        called with the texts the ids will be encoded from (each on its own) once the prompt is rendered and
+        before any is tokenized, so a caller can refuse (raise) what surely cannot fit its context
+        (`min_tokens`) without tokenizing it.
         """
         if chat_template is None:  # Qwen v1's built-in ChatML, where no template is asked for
-            segments = self.chat_segments(messages, tools, add_generation_prompt, continue_final_message)
+            segments = self.chat_segments(
+                messages, tools, add_generation_prompt, continue_final_message, check_texts
+            )
             if segments is not None:
                 return [token for ids, _ in segments for token in ids]
         ids: list[int] = []
@@ -358,6 +384,8 @@ class Tokenizer(ABC):
             **template_kwargs,
         )
         check_unicode("".join(piece for piece, _ in pieces), "the rendered chat prompt")
+        if check_texts is not None:
+            check_texts([piece for piece, _ in pieces])
         for piece, from_user in pieces:
             ids += self.encode_plain(piece) if from_user else self.encode_with_added(piece)
         return ids
@@ -368,10 +396,12 @@ class Tokenizer(ABC):
         tools: list[dict[str, Any]] | None = None,
         add_generation_prompt: bool = True,
         continue_final_message: bool | str = False,
+        check_texts: Callable[[Sequence[str]], None] | None = None,
     ) -> list[tuple[list[int], bool]] | None:
         """The chat ids as (ids, is_reply) segments where the tokenizer builds them in code, not from a
         template's text (Qwen v1's ChatML); None where the chat template decides. Chat and fine-tuning
-        both use them, so a model is trained on the very ids it is prompted with."""
+        both use them, so a model is trained on the very ids it is prompted with. ``check_texts``: as
+        `apply_chat_template`'s."""
         return None
 
     def chat_pieces(

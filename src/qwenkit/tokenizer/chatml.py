@@ -6,7 +6,7 @@ can never inject `<|im_end|>`. Works with any Qwen tokenizer (v1 ranks == Qwen1.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from qwenkit.tokenizer import chat_template as ct
@@ -72,6 +72,7 @@ def chatml_segments(
     *,
     add_generation_prompt: bool = True,
     continue_final_message: bool | str = False,
+    check_texts: Callable[[Sequence[str]], None] | None = None,
 ) -> list[tuple[list[int], bool]]:
     """Ids of OpenAI-shaped messages in ChatML, make_context style, as (ids, is_reply) segments.
 
@@ -81,14 +82,17 @@ def chatml_segments(
     text form is `chatml_template()`. A conversation that does not start with a system message gets v1's
     default system prompt; for system/user/assistant turns ending in a user turn the ids equal
     `make_context` without truncation. ``continue_final_message`` leaves the final turn open after its
-    content (no <|im_end|>), as `chatml_template()`'s text cut by transformers' rule.
+    content (no <|im_end|>), as `chatml_template()`'s text cut by transformers' rule. ``check_texts``:
+    as `Tokenizer.apply_chat_template`'s, called with the messages' contents before any is encoded.
     """
     field = continued_field(continue_final_message, add_generation_prompt)
     if field not in (None, "content"):
         raise TokenizerError(f'continue_final_message: Qwen v1\'s ChatML has no "{field}" to continue')
+    normalized = ct.normalize_messages(messages)
+    if check_texts is not None:
+        check_texts([m["content"] for m in normalized if isinstance(m.get("content"), str)])
     nl = tokenizer.encode_plain("\n")
     segments: list[tuple[list[int], bool]] = []
-    normalized = ct.normalize_messages(messages)
     for i, message in enumerate(normalized):
         role, content = message.get("role"), message.get("content")
         if not isinstance(content, str):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import base64
 import unicodedata
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ from qwenkit.tokenizer.base import Tokenizer
 from qwenkit.tokenizer.byte_level import bytes_to_piece, piece_to_bytes
 from qwenkit.tokenizer.chat_template import chatml_template
 from qwenkit.tokenizer.errors import TokenizerError
+from qwenkit.tokenizer.length_bound import ranks_longest_token
 
 PAT_STR = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
@@ -91,6 +92,9 @@ class QwenV1Tokenizer(Tokenizer):
         """eod plus ChatML's stop words [[im_end], [im_start]] (§7.2)."""
         return frozenset(self.eos_token_ids | {SPECIAL_TOKENS[IM_END], SPECIAL_TOKENS[IM_START]})
 
+    def token_length_bound(self) -> tuple[int | None, bool]:
+        return ranks_longest_token(self._ranks, SPECIAL_TOKENS), True  # its encodes normalize to NFC
+
     def encode_plain(self, text: str) -> list[int]:
         return self._enc.encode_ordinary(unicodedata.normalize("NFC", text))
 
@@ -138,6 +142,7 @@ class QwenV1Tokenizer(Tokenizer):
         tools: list[dict[str, Any]] | None = None,
         add_generation_prompt: bool = True,
         continue_final_message: bool | str = False,
+        check_texts: Callable[[Sequence[str]], None] | None = None,
     ) -> list[tuple[list[int], bool]] | None:
         """ChatML ids built exactly like Qwen's `make_context` and finetune.py: roles and contents encoded
         as plain text, each on its own, control tokens inserted as ids. A tokenizer_config chat_template,
@@ -153,4 +158,5 @@ class QwenV1Tokenizer(Tokenizer):
             messages,
             add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message,
+            check_texts=check_texts,
         )

@@ -67,13 +67,20 @@ class TemplateStyle:
         functions: list[dict[str, Any]],
         tools: list[dict[str, Any]] | None,
         add_generation_prompt: bool = True,
+        check_texts: Callable[[Sequence[str]], None] | None = None,
         **template_kwargs: Any,
     ) -> list[int]:
         """The prompt ids of ``messages`` offering ``tools`` (OpenAI tool objects; ``functions``: their
         checked ``function`` objects): through the template's own tools, or the ReAct prompt written into
-        the messages, where a final tool result leaves the ReAct turn open for the model to continue."""
+        the messages, where a final tool result leaves the ReAct turn open for the model to continue.
+        ``check_texts``: as `Tokenizer.apply_chat_template`'s, for the whole prompt."""
         head, tools, gen, tail = self._layout(messages, functions, tools, add_generation_prompt)
-        ids = tokenizer.apply_chat_template(head, tools=tools, add_generation_prompt=gen, **template_kwargs)
+        checked = check_texts
+        if check_texts is not None and tail:
+            checked = lambda texts: check_texts([*texts, tail])  # noqa: E731
+        ids = tokenizer.apply_chat_template(
+            head, tools=tools, add_generation_prompt=gen, check_texts=checked, **template_kwargs
+        )
         return ids + tokenizer.encode_plain(tail) if tail else ids
 
     def prompt_text(

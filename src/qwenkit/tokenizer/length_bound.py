@@ -1,0 +1,102 @@
+"""A lower bound on a text's token count, read from its UTF-8 length without tokenizing it.
+
+Byte-level BPE puts every byte of its (normalized) text into exactly one token, and no token is longer
+than the vocabulary's longest entry, ``L`` bytes (special and added tokens included). So a text of ``B``
+bytes is at least ``ceil(B / L)`` tokens: a prompt of tens of megabytes is known to be past any context
+window in milliseconds, where tokenizing it took a worker nearly a minute before the same refusal.
+
+The bound is exact (never more than the true count) only where nothing of the text can vanish or merge
+past ``L``: every byte has a token of its own, no added token swallows the whitespace beside it, no
+pre-tokenizer drops text, and the normalizer is none or NFC. Elsewhere a tokenizer gives no bound (0).
+"""
+
+from __future__ import annotations
+
+import json
+import unicodedata
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from qwenkit.tokenizer.byte_level import bytes_to_unicode
+
+if TYPE_CHECKING:
+    import tokenizers
+
+# pre-tokenizers that only split text (with these behaviours), never drop any of it
+_SPLITTING = {"ByteLevel", "Split", "Digits", "Punctuation"}
+_KEEPING = {None, "Isolated", "MergedWithPrevious", "MergedWithNext", "Contiguous"}
+
+
+def text_bytes(text: str, nfc: bool) -> int | None:
+    """``text``'s UTF-8 length as the tokenizer reads it, or None where it cannot be told cheaply: text
+    an NFC normalizer would change (composition shrinks it), or text that is not valid Unicode (a lone
+    surrogate: the exact path names it)."""
+    if text.isascii():  # O(1) in CPython; ASCII is its own NFC
+        return len(text)
+    if nfc and not unicodedata.is_normalized("NFC", text):
+        return None
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        return None
+
+
+def min_tokens(texts: Iterable[str], longest: int | None, nfc: bool) -> int:
+    """At least how many tokens ``texts``, each encoded on its own, come to: the sum of
+    ``ceil(bytes / longest)``; 0 where the tokenizer gives no bound (``longest`` None)."""
+    if longest is None:
+        return 0
+    total = 0
+    for text in texts:
+        size = text_bytes(text, nfc)
+        if size is None:
+            return 0
+        total += -(-size // longest)
+    return total
+
+
+def ranks_longest_token(ranks: Iterable[bytes], special: Iterable[str]) -> int | None:
+    """The longest token of a tiktoken vocabulary (its mergeable ranks and special tokens), in bytes;
+    None where a byte has no token of its own (tiktoken cannot encode it)."""
+    ranks = set(ranks)
+    if any(bytes([b]) not in ranks for b in range(256)):
+        return None
+    return max([*(len(r) for r in ranks), *(len(s.encode()) for s in special)])
+
+
+def hf_longest_token(backend: tokenizers.Tokenizer) -> tuple[int | None, bool]:
+    """(the most bytes one token of ``backend`` stands for, whether it normalizes to NFC); None where
+    the bound does not hold for this tokenizer (see the module's docstring)."""
+    from tokenizers import decoders, models
+
+    normalizer = _spec(backend.normalizer)
+    model = backend.model
+    if not isinstance(model, models.BPE) or model.dropout or normalizer not in (None, {"type": "NFC"}):
+        return None, False
+    # ByteLevel maps each byte to one character of the pieces' alphabet: a piece's length is its bytes
+    pre_tokenizer = _spec(backend.pre_tokenizer)
+    byte_level = '"type": "ByteLevel"' in json.dumps(pre_tokenizer)
+    if not (byte_level and _only_splits(pre_tokenizer) and isinstance(backend.decoder, decoders.ByteLevel)):
+        return None, False
+    vocab = backend.get_vocab(with_added_tokens=False)
+    if any(c not in vocab for c in bytes_to_unicode().values()):  # a byte with no token is dropped
+        return None, False
+    added = backend.get_added_tokens_decoder().values()
+    if any(t.lstrip or t.rstrip for t in added):  # these take the whitespace beside them, however long
+        return None, False
+    # a piece's characters are bytes of the byte alphabet, one each; a piece with others is never made
+    longest = max(map(len, vocab))
+    return max([longest, *(len(t.content.encode()) for t in added)]), normalizer is not None
+
+
+def _spec(component: Any) -> dict[str, Any] | None:
+    """A normalizer's or pre-tokenizer's tokenizer.json entry (its own, without the vocabulary's)."""
+    return None if component is None else json.loads(component.__getstate__())
+
+
+def _only_splits(spec: dict[str, Any] | None) -> bool:
+    if spec is None:
+        return True
+    if spec.get("type") == "Sequence":
+        return all(_only_splits(s) for s in spec.get("pretokenizers", []))
+    return spec.get("type") in _SPLITTING and spec.get("behavior") in _KEEPING

@@ -1,0 +1,84 @@
+"""`Tokenizer.min_tokens`: never more than the true count (the server refuses prompts on it), for both
+tokenizer kinds, whatever the text: runs of whitespace (the 128-byte tokens), special-token text, text
+that NFC changes; and no bound at all for a tokenizer where text can vanish or merge past a token."""
+
+from __future__ import annotations
+
+import unicodedata
+
+import pytest
+import tokenizers
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tokenizer_data import CORPUS
+from tokenizers import decoders, models, normalizers, pre_tokenizers
+
+from qwenkit.tokenizer import HFTokenizer
+
+PIECES = [" " * 300, "\n" * 200, "<|im_start|>", "<|endoftext|>", "<think>", "e\u0301", "\u1100\u1161\u11a8"]
+
+
+@pytest.fixture(params=["qwen3", "v1"])
+def tokenizer(request):
+    return request.getfixturevalue(request.param)
+
+
+def test_the_longest_token_is_128_bytes_of_spaces(tokenizer):
+    assert tokenizer._token_length_bound == (128, True)
+    assert tokenizer.encode(" " * 1280) == tokenizer.encode(" " * 128) * 10
+
+
+@pytest.mark.parametrize("text", [*CORPUS, *PIECES, "".join(PIECES) * 3])
+def test_the_bound_is_never_past_the_count(tokenizer, text):
+    bound = tokenizer.min_tokens(text)
+    assert bound <= len(tokenizer.encode(text)) and bound <= len(tokenizer.encode(text, allow_special=True))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.sampled_from([*PIECES, "a", "é", "😀", " ", "\t"]), max_size=40), st.text(max_size=40))
+def test_the_bound_is_never_past_the_count_of_mixed_text(qwen3, v1, pieces, tail):
+    text = "".join(pieces) + tail
+    for tokenizer in (qwen3, v1):
+        assert tokenizer.min_tokens(text) <= len(tokenizer.encode(text, allow_special=True))
+
+
+def test_text_nfc_would_change_gets_no_bound(qwen3):
+    """Composition shrinks it (a Hangul syllable's three jamo, 9 bytes, become 3): no bound is read."""
+    text = "\u1100\u1161\u11a8" * 1000
+    assert not unicodedata.is_normalized("NFC", text)
+    assert qwen3.min_tokens(text) == 0 < len(qwen3.encode(text))
+    assert qwen3.min_tokens(unicodedata.normalize("NFC", text)) == 3000 // 128 + 1
+
+
+def _two_letters() -> HFTokenizer:
+    backend = tokenizers.Tokenizer(models.BPE({"a": 0, "b": 1}, [], unk_token=None))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return HFTokenizer(backend)
+
+
+def test_a_tokenizer_that_can_drop_text_gives_no_bound(qwen3):
+    """Bytes without a token of their own are dropped (BPE without unk), a Whitespace pre-tokenizer drops
+    spaces, an lstrip token swallows the spaces before it: none of them has a bound."""
+    assert _two_letters().min_tokens("x" * 10_000) == 0
+    backend = tokenizers.Tokenizer.from_str(qwen3.backend.to_str())
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    assert HFTokenizer(backend).min_tokens(" " * 10_000) == 0
+    backend = tokenizers.Tokenizer.from_str(qwen3.backend.to_str())
+    backend.add_special_tokens([tokenizers.AddedToken("<x>", lstrip=True)])
+    assert HFTokenizer(backend).min_tokens(" " * 10_000 + "<x>") == 0
+    backend = tokenizers.Tokenizer.from_str(qwen3.backend.to_str())
+    backend.pre_tokenizer = pre_tokenizers.Digits()  # no ByteLevel: a piece's characters are not bytes
+    assert HFTokenizer(backend).min_tokens("é" * 10_000) == 0
+    backend = tokenizers.Tokenizer.from_str(qwen3.backend.to_str())
+    backend.normalizer = normalizers.Lowercase()
+    assert HFTokenizer(backend).min_tokens("A" * 10_000) == 0
+
+
+def test_a_text_too_short_to_reach_the_window_reads_no_vocabulary(qwen3):
+    """The vocabulary is read once, on the first text long enough to matter: a chat's first short turn
+    does not wait for it (0.2 s over Qwen3's 151k entries)."""
+    fresh = HFTokenizer(tokenizers.Tokenizer.from_str(qwen3.backend.to_str()))
+    assert fresh.min_tokens("hi " * 1000, reaching=4 * 3000 + 1) == 0
+    assert "_token_length_bound" not in vars(fresh)
+    assert fresh.min_tokens("hi " * 1000, reaching=4 * 3000) == 3000 // 128 + 1
