@@ -221,3 +221,20 @@ def test_bidirectional_config_is_refused_by_name(tmp_path, headless):
     llm = LLM.load(path, dtype="float32", progress=False)
     with pytest.raises(ConfigError, match="is_causal false asks for bidirectional attention"):
         llm.embed("hi")
+
+
+def test_a_quantized_copy_keeps_its_pooling_and_loads_headless(tmp_path, headless):
+    """``qwenkit quantize`` of Qwen3-Embedding-8B's layout writes our names and no head: the copy keeps the
+    sentence-transformers files, so it loads (its head missing by design) and pools as the original."""
+    from qwenkit.quant.pipeline import quantize_checkpoint
+
+    out = tmp_path / "int8"
+    quantize_checkpoint(headless, out, bits=8, method="rtn", group_size=32, progress=False)
+    assert (out / "modules.json").is_file() and (out / "1_Pooling" / "config.json").is_file()
+    copy = LLM.load(out, dtype="float32", progress=False)
+    on_load = LLM.load(headless, dtype="float32", quantize="int8", progress=False)
+    assert copy.embedding_setup == on_load.embedding_setup and copy.embedding_setup.prompts
+    got, want = torch.tensor(copy.embed(TEXTS)), torch.tensor(on_load.embed(TEXTS))
+    assert torch.nn.functional.cosine_similarity(got, want).min() > 0.999
+    with pytest.raises(SamplingParamsError, match="no output head"):
+        copy.generate("hi")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -39,10 +40,12 @@ class BareNames:
             yield ours, tensor
 
 
-def without_head(model: nn.Module, missing: list[str], names: BareNames) -> list[str]:
-    """``missing`` less the output head where a bare decoder's checkpoint has none (the model's head is
-    then a ``MissingHead``)."""
-    if names.seen and "lm_head.weight" in missing:
+def without_head(model: nn.Module, missing: list[str], names: BareNames, path: object) -> list[str]:
+    """``missing`` less the output head where a bare decoder's checkpoint has none, or a
+    sentence-transformers model's (``modules.json`` beside it: one qwenkit quantized or converted keeps
+    it, its names now ours); the model's head is then a ``MissingHead``."""
+    embedder = isinstance(path, str | Path) and (Path(path) / "modules.json").is_file()
+    if (names.seen or embedder) and "lm_head.weight" in missing:
         model.lm_head = MissingHead()
         return [n for n in missing if n != "lm_head.weight"]
     return missing

@@ -470,7 +470,7 @@ def _assign_all(
             loaded.add(name)
             if config.quantization and tensor_parallel is None:  # (a rank's copies are packed at the end)
                 _pack_when_complete(model, name, trimmer)
-    missing = without_head(model, sorted(set(expected) - loaded), names)
+    missing = without_head(model, sorted(set(expected) - loaded), names, source.path)
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         shown = ", ".join(n + _expert_note(n, config) for n in missing[:5])
