@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -92,6 +93,7 @@ def test_plain_qwen2_directory_pools_the_last_token_normalized(tmp_path):
     want = torch.nn.functional.normalize(torch.stack(want), dim=1)
     torch.testing.assert_close(torch.tensor(llm.embed(ids)), want, rtol=0, atol=2e-6)
     assert llm.embed(ids[0]) == llm.embed([ids[0]])  # one list of ids is one input
+    assert llm.embed([list(np.array(ids[0]))]) == llm.embed([ids[0]])  # numpy ints, as generate takes them
 
 
 def test_dimensions_truncate_then_renormalize(llm):

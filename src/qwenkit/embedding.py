@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -141,7 +142,8 @@ def check_inputs(inputs: object) -> list[str | list[int]]:
 
 
 def _is_id(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    """An integer (numpy's too, as ``generate`` takes them), never a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def prompt_ids(llm: LLM, inputs: Sequence[str | list[int]], prefix: str = "") -> list[list[int]]:
