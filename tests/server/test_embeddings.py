@@ -125,3 +125,21 @@ def test_chat_models_embed_beside_generation(server, chat_llm):
         r = http.post("/v1/embeddings", json={"model": "tiny", "input": ["Hello there", "x"]})
     assert r.status_code == 200
     close([d["embedding"] for d in r.json()["data"]], chat_llm.embed(["Hello there", "x"]))
+
+
+def test_running_embeddings_count_as_active_and_leave_none(embed_server, embed_llm, monkeypatch):
+    """Their batch rows count in the estimate the generation routes' --max-queue check reads."""
+    from qwenkit import embedding
+
+    state = embed_server.server.config.app.state.qwenkit
+    seen, run_async = [], embedding.run_async
+
+    async def watched(*args, **kwargs):
+        seen.append(state.active)
+        return await run_async(*args, **kwargs)
+
+    monkeypatch.setattr(embedding, "run_async", watched)
+    r = httpx.post(f"{embed_server.url}/v1/embeddings", json={"input": ["a", "b", "c"]})
+    assert r.status_code == 200 and r.json()["model"] == "q3e"
+    assert seen == [3] and state.active == 0
+    assert embed_llm.driver.wait_idle() and embed_llm.engine.blocks.usage == 0

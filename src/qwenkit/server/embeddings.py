@@ -39,10 +39,13 @@ async def embeddings(state: ServerState, body: EmbeddingRequest, request: Reques
             raise APIError(400, str(e), "input") from None
 
     ids = await asyncio.to_thread(read)  # a long text is read while the event loop answers others
+    state.active += len(ids)  # they take batch rows: the generation routes' queue estimate counts them
     try:
         hidden = await embedding.run_async(llm, ids, adapter, name=request_id(request))
     except GenerationError as e:  # the engine's step failed: not the client's fault
         raise APIError(500, str(e)) from None
+    finally:
+        state.active -= len(ids)
     vectors = [embedding.finish(h, setup.normalize, body.dimensions) for h in hidden]
     as_base64 = body.encoding_format == "base64"
     data = [
