@@ -240,3 +240,18 @@ def test_a_quantized_copy_keeps_its_pooling_and_loads_headless(tmp_path, headles
     assert torch.nn.functional.cosine_similarity(got, want).min() > 0.999
     with pytest.raises(SamplingParamsError, match="no output head"):
         copy.generate("hi")
+
+
+def test_a_headless_model_is_served_from_the_prepared_cache(tmp_path, headless, capfd):
+    """The second load reads the model the first prepared (bfloat16, the CPU kernels' layout); a headless
+    one was refused there for its head's sizes and rebuilt at every start, with a line saying so."""
+    from qwenkit.checkpoint import prepared_cache
+
+    path = tmp_path / "copy"
+    shutil.copytree(headless, path)  # a path of its own: an entry of its own
+    first = LLM.load(path, dtype="bfloat16", progress=False)
+    assert list((prepared_cache.cache_root_or_none() / "prepared").glob("*.pt"))
+    second = LLM.load(path, dtype="bfloat16", progress=False)
+    assert "rebuilding the prepared-model cache" not in capfd.readouterr().err
+    assert second.model.lm_head.__class__.__name__ == "MissingHead"
+    assert second.embed(TEXTS) == first.embed(TEXTS)
