@@ -61,6 +61,11 @@ def test_qwen3_embedding_layout_equals_the_model_cards_recipe(llm, headless):
     torch.testing.assert_close(got, want, rtol=0, atol=2e-6)
     assert torch.allclose(got.norm(dim=1), torch.ones(6))
     # the text is tokenized as tokenizer(text): the post-processor's <|endoftext|> is its last token
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(headless)
+    for text in [*queries, *TEXTS, "<|im_start|>a"]:
+        assert llm.encode(text) == tok(text)["input_ids"]
     assert llm.encode("hi")[-1] == 151643
 
 
