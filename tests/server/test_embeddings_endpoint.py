@@ -49,7 +49,7 @@ def close(got, want) -> None:
 def test_sdk_default_base64_and_float_give_the_librarys_values(client, embed_llm):
     want = embed_llm.embed(TEXTS)
     for fmt in (openai.NOT_GIVEN, "float"):  # the SDK asks for base64 when none is given, and decodes it
-        r = client.embeddings.create(model="q3e", input=TEXTS, encoding_format=fmt)
+        r = client.embeddings.create(model="q3e", input=TEXTS, encoding_format=fmt, user="u-1")
         assert r.object == "list" and r.model == "q3e"
         assert [d.index for d in r.data] == [0, 1, 2] and all(d.object == "embedding" for d in r.data)
         close([d.embedding for d in r.data], want)
