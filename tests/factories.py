@@ -270,3 +270,71 @@ def with_named_templates(model: Path, path: Path, default: str) -> Path:
     (path / "additional_chat_templates").mkdir()
     (path / "additional_chat_templates" / "tool_use.jinja").write_text(tool_use)
     return path
+
+
+def write_tiny_embedding_model(path: Path, tie_word_embeddings: bool = False) -> Path:
+    """A small random Qwen3 in Qwen3-Embedding's layout: weights saved from the bare ``Qwen3Model`` (no
+    ``model.`` prefix, no ``lm_head``), config.json saying Qwen3ForCausalLM, the real Qwen3 tokenizer
+    with the post-processor that appends <|endoftext|>, and the sentence-transformers files."""
+    import shutil
+
+    import tokenizers
+    import transformers
+
+    shape = dict(
+        TINY,
+        vocab_size=151936,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=512,
+        tie_word_embeddings=tie_word_embeddings,
+        eos_token_id=151643,
+    )
+    torch.manual_seed(0)
+    model = transformers.Qwen3Model(transformers.Qwen3Config(**shape)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "architectures": ["Qwen3ForCausalLM"]}))
+    for name in ("tokenizer_config.json", "vocab.json", "merges.txt"):
+        shutil.copy(qwen3_tokenizer_dir() / name, path / name)
+    tok = tokenizers.Tokenizer.from_file(str(qwen3_tokenizer_dir() / "tokenizer.json"))
+    tok.post_processor = tokenizers.processors.TemplateProcessing(
+        single="$A <|endoftext|>",
+        pair="$A <|endoftext|> $B:1 <|endoftext|>:1",
+        special_tokens=[("<|endoftext|>", 151643)],
+    )
+    tok.save(str(path / "tokenizer.json"))
+    (path / "1_Pooling").mkdir()
+    pooling = {
+        "word_embedding_dimension": 32,
+        "pooling_mode_cls_token": False,
+        "pooling_mode_mean_tokens": False,
+        "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False,
+        "pooling_mode_weightedmean_tokens": False,
+        "pooling_mode_lasttoken": True,
+        "include_prompt": True,
+    }
+    (path / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ]
+    (path / "modules.json").write_text(json.dumps(modules))
+    prompts = {
+        "query": "Instruct: Given a web search query, retrieve relevant passages that answer the query"
+        "\nQuery:",
+        "document": "",
+    }
+    (path / "config_sentence_transformers.json").write_text(
+        json.dumps({"prompts": prompts, "default_prompt_name": None, "similarity_fn_name": "cosine"})
+    )
+    return path

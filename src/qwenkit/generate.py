@@ -13,10 +13,12 @@ import numbers
 import weakref
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import replace
+from functools import cached_property
 from pathlib import Path
 
 import torch
 
+from qwenkit import embedding
 from qwenkit.checkpoint import load_model, open_checkpoint
 from qwenkit.checkpoint.gguf import GGUFCheckpoint
 from qwenkit.checkpoint.loader import CheckpointSource
@@ -432,6 +434,33 @@ class LLM:
             for stream in streams:
                 stream.abort()
         return [stream.completion for stream in streams]
+
+    def embed(
+        self,
+        inputs: str | Sequence[int] | Sequence[str | Sequence[int]],
+        *,
+        prompt_name: str | None = None,
+        dimensions: int | None = None,
+    ) -> list[list[float]]:
+        """Embeddings of texts (or token-id lists), in input order: the final-norm hidden state of each
+        one's last token, L2-normalized (``embedding``), computed by the engine beside any generation.
+        ``prompt_name``: one of the checkpoint's sentence-transformers prompts ("query" for
+        Qwen3-Embedding) put before each text. ``dimensions``: keep the first ones, then normalize."""
+        setup = self.embedding_setup
+        embedding.check_dimensions(dimensions, self.config.hidden_size)
+        prefix = ""
+        if prompt_name is not None:
+            if prompt_name not in setup.prompts:
+                known = ", ".join(sorted(setup.prompts)) or "none"
+                raise SamplingParamsError(f"prompt_name {prompt_name!r} is not one of the model's ({known})")
+            prefix = setup.prompts[prompt_name]
+        ids = embedding.prompt_ids(self, embedding.check_inputs(inputs), prefix)
+        return [embedding.finish(h, setup.normalize, dimensions) for h in embedding.run(self, ids)]
+
+    @cached_property
+    def embedding_setup(self) -> embedding.EmbeddingSetup:
+        """How this checkpoint pools embeddings (``embedding.read_setup``)."""
+        return embedding.read_setup(self.path)
 
     def fim_params(self, params: SamplingParams) -> SamplingParams:
         """``params`` for a fill-in-the-middle answer: they also stop on the tokens that end one

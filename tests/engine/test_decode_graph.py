@@ -69,7 +69,7 @@ class Recorder:
 
     def _wrap(self, forward, static: bool):
         def call(rows, *copies):
-            logits, where = forward(rows, *copies)
+            logits, where, *embeddings = forward(rows, *copies)
             self.static_steps += static
             step = {}
             for request, _ in rows:
@@ -77,7 +77,7 @@ class Recorder:
                 if count:
                     step[request.id] = logits[first + count - 1].clone()
             self.logits.append(step)
-            return logits, where
+            return logits, where, *embeddings
 
         return call
 

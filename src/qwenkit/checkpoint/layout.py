@@ -14,6 +14,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
+from qwenkit.checkpoint.bare import prefixed
 from qwenkit.checkpoint.files import WeightFiles
 from qwenkit.config import ModelConfig
 from qwenkit.errors import CheckpointError
@@ -90,7 +91,8 @@ def _refuse(path: object, key: str, promised: int, held: str) -> None:
 def directory_layout(weights: WeightFiles) -> tuple[set[str], dict[str, tuple[int, ...]]]:
     """A checkpoint directory's tensor names and the shapes ``check_layout`` compares: from the index
     and the safetensors headers, each file read once (a ``.bin`` file's pickle memory-mapped, and kept)."""
-    names, wanted, known = set(weights.weight_map), (*EMBEDDINGS, *FFN), {}
+    names, known = set(weights.weight_map), {}
+    wanted = (*EMBEDDINGS, *FFN, *(n.removeprefix("model.") for n in (EMBEDDINGS[0], FFN[0])))  # bare too
     where = {weights.weight_map[n] for n in wanted if n in weights.weight_map}
     for path in weights.files:
         if weights.weight_map and path.name not in where:
@@ -98,7 +100,8 @@ def directory_layout(weights: WeightFiles) -> tuple[set[str], dict[str, tuple[in
         shapes = _shapes(path, weights)
         names |= shapes.keys()
         known |= {n: shapes[n] for n in wanted if n in shapes}
-    return names, known
+    # a bare decoder's names (``bare``) as the loader takes them
+    return {prefixed(n) for n in names}, {prefixed(n): shape for n, shape in known.items()}
 
 
 def _shapes(path: Path, weights: WeightFiles) -> dict[str, tuple[int, ...]]:

@@ -21,6 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from qwenkit.checkpoint import layout, prepared_cache
+from qwenkit.checkpoint.bare import BareNames, without_head
 from qwenkit.checkpoint.files import HeapTrimmer, WeightFiles, find_weight_files, release_pages
 from qwenkit.checkpoint.sanitize import sanitize
 from qwenkit.checkpoint.side_files import sparse_attention_note
@@ -385,9 +386,8 @@ def _prepared_cache_entry(
 
 @contextmanager
 def _no_init() -> Iterator[None]:
-    """Skip nn.Embedding's and nn.Linear's random init while building the skeleton: their weights are
-    replaced anyway; ``normal_`` on the meta device imports torch._dynamo (about a second of start-up)
-    and the linears' ``kaiming_uniform_`` took a third of the skeleton's 70 ms."""
+    """Skip nn.Embedding's and nn.Linear's random init of the skeleton (its weights get replaced): ``normal_``
+    on meta imports torch._dynamo (~1 s of start-up), ``kaiming_uniform_`` took a third of its 70 ms."""
     resets = {cls: cls.reset_parameters for cls in (nn.Embedding, nn.Linear)}
     for cls in resets:
         cls.reset_parameters = lambda self: None  # type: ignore[method-assign]
@@ -419,18 +419,12 @@ def _assign_all(
     loaded: set[str] = set()
     # A tied model's lm_head.weight, where its file has one (checked against the embeddings, then let go)
     head: torch.Tensor | None = None
+    names = BareNames(source.tensors(keep_quantized=keep_quantized))  # the bare decoder's too (``bare``)
     trimmer = HeapTrimmer()  # GPTQ layers packed as they complete free their unpacking temporaries
-    bar = tqdm(
-        total=source.total_bytes,
-        unit="B",
-        unit_scale=True,
-        desc="loading",
-        delay=1.0,
-        disable=not progress,
-        leave=False,
-    )
+    bar_options = {"unit": "B", "unit_scale": True, "desc": "loading", "delay": 1.0, "leave": False}
+    bar = tqdm(total=source.total_bytes, disable=not progress, **bar_options)
     with bar:
-        for name, tensor in sanitize(config, source.tensors(keep_quantized=keep_quantized)):
+        for name, tensor in sanitize(config, names):
             shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else tuple(tensor.codes.shape)
             bar.update(math.prod(shape) * (tensor.element_size() if isinstance(tensor, torch.Tensor) else 4))
             if config.tie_word_embeddings and isinstance(tensor, torch.Tensor):
@@ -476,7 +470,7 @@ def _assign_all(
             loaded.add(name)
             if config.quantization and tensor_parallel is None:  # (a rank's copies are packed at the end)
                 _pack_when_complete(model, name, trimmer)
-    missing = sorted(set(expected) - loaded)
+    missing = without_head(model, sorted(set(expected) - loaded), names, source.path)
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         shown = ", ".join(n + _expert_note(n, config) for n in missing[:5])

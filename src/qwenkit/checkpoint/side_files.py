@@ -33,6 +33,13 @@ TOKENIZER_FILES = (
     "qwen.tiktoken",
     "generation_config.json",
 )
+# a sentence-transformers model's (Qwen3-Embedding): how its embeddings are pooled, with the module
+# folders modules.json names (1_Pooling, 2_Normalize), read by ``qwenkit.embedding``
+SENTENCE_TRANSFORMERS_FILES = (
+    "modules.json",
+    "config_sentence_transformers.json",
+    "sentence_bert_config.json",
+)
 # Qwen2.5-1M's sparse attention patterns, which vLLM reads beside config.json's dual_chunk_attention_config:
 # kept, though qwenkit runs full attention (``sparse_attention_note``)
 SPARSE_ATTENTION_FILE = "sparse_attention_config.json"
@@ -62,9 +69,11 @@ def write_side_files(source: Any, out: Path, made_by: str) -> None:
             (out / "README.md").write_text(model_card(source.license, note), encoding="utf-8")
         return
     src = Path(source.path)
-    for name in (*TOKENIZER_FILES, SPARSE_ATTENTION_FILE, *LICENSE_FILES):
+    for name in (*TOKENIZER_FILES, SPARSE_ATTENTION_FILE, *SENTENCE_TRANSFORMERS_FILES, *LICENSE_FILES):
         if (src / name).is_file():
             shutil.copy(src / name, out / name)
+    for folder in _module_folders(src):
+        shutil.copytree(src / folder, out / folder, dirs_exist_ok=True)
     templates = (
         sorted((src / CHAT_TEMPLATE_DIR).glob("*.jinja")) if (src / CHAT_TEMPLATE_DIR).is_dir() else []
     )
@@ -75,6 +84,17 @@ def write_side_files(source: Any, out: Path, made_by: str) -> None:
     if found is not None and found.source == "README.md":  # a card's front matter only: keep its license
         note = f"Made from `{src.name}` by {made_by}. The license above is the one its model card names."
         (out / "README.md").write_text(model_card(found.name, note), encoding="utf-8")
+
+
+def _module_folders(src: Path) -> list[str]:
+    """The folders of a sentence-transformers model's modules (``1_Pooling``), as its modules.json names
+    them: plain names inside ``src`` only."""
+    try:
+        modules = json.loads((src / "modules.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    paths = [m.get("path") for m in modules if isinstance(m, dict)] if isinstance(modules, list) else []
+    return [p for p in paths if isinstance(p, str) and re.fullmatch(r"[\w.-]+", p) and (src / p).is_dir()]
 
 
 def sparse_attention_note(path: str | Path) -> str | None:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from qwenkit.engine.kv_cache import PagedKVCache
 from qwenkit.model import Transformer
 from qwenkit.model.moe import MoEMLP
+from qwenkit.model.transformer import is_headless
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,8 @@ def supports_static_decode(model: Transformer) -> str | None:
         return "tensor-parallel ranks exchange activations between processes"
     if getattr(model, "adapters", None) is not None:
         return "served LoRA adapters group each step's tokens by adapter on the host"
+    if is_headless(model):
+        return "the model has no output head to run"
     return None
 
 

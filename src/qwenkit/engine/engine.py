@@ -18,7 +18,7 @@ import torch
 from qwenkit.engine.blocks import BlockManager
 from qwenkit.engine.constraint import GrammarCompiler, apply_constraints
 from qwenkit.engine.decode_graph import DecodeGraphs, supports_static_decode
-from qwenkit.engine.forward import AdapterWrite, ForwardCall, run_forward
+from qwenkit.engine.forward import AdapterWrite, ForwardCall, run_forward_with_hidden
 from qwenkit.engine.kv_cache import PagedKVCache
 from qwenkit.engine.request import FinishReason, Request, RequestId, TokenLogprob
 from qwenkit.engine.sampler import (
@@ -35,6 +35,7 @@ from qwenkit.engine.token_counts import TokenCounts
 from qwenkit.model import Transformer
 from qwenkit.model.adapter_bank import AdapterBank, LoRAPair
 from qwenkit.model.served_adapters import add_adapter, remove_adapter
+from qwenkit.model.transformer import HEADLESS, is_headless
 
 BLOCK_SIZE = 16
 
@@ -52,6 +53,8 @@ class StepOutput:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     error: str | None = None  # why the request failed (finish_reason "error")
     scheduled_at: float | None = None  # perf_counter() time it was first scheduled (a computed one's)
+    # an embed request's final-norm hidden state of its last prompt token: (hidden,) float32 on the CPU
+    embedding: torch.Tensor | None = None
 
 
 @dataclass
@@ -168,6 +171,8 @@ class Engine:
             raise SamplingParamsError(f"prompt token ids must be integers, got {bad[0]!r}")
         if not prompt_ids:
             raise SamplingParamsError("the prompt is empty: give at least one token")
+        if is_headless(self.model) and not params.embed:
+            raise SamplingParamsError(HEADLESS)
         bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise SamplingParamsError(
@@ -305,12 +310,14 @@ class Engine:
             graphs is not None
             and self.before_forward is None  # a tensor-parallel leader sends every forward out
             and rows[-1][1] == 1
+            and not any(r.params.embed for r, _ in rows)  # a one-token embed request wants its hidden state
             and graphs.accepts(len(rows), [r.ntk_alpha for r, _ in rows])
         ):
             self.cache.copy_blocks(schedule.copies)
             logits, where = self._forward_static(rows)
+            embeddings: dict[int, torch.Tensor] = {}
         else:
-            logits, where = self._forward(rows, schedule.copies)
+            logits, where, embeddings = self._forward(rows, schedule.copies)
         by_id: dict[RequestId, StepOutput] = {}
         to_sample: list[tuple[Request, int]] = []  # (request, row of logits)
         for request, n in rows:
@@ -327,6 +334,7 @@ class Engine:
             )
             if not request.output_ids and request.params.prompt_logprobs is not None:
                 out.prompt_logprobs = request.prompt_logprobs
+            out.embedding = embeddings.get(id(request))
             if request.params.max_tokens == 0:
                 self._finish(request, "length")
                 out.finish_reason = "length"
@@ -342,14 +350,17 @@ class Engine:
 
     def _forward(
         self, rows: list[tuple[Request, int]], copies: list[tuple[int, int]]
-    ) -> tuple[torch.Tensor, dict[int, tuple[int, int]]]:
+    ) -> tuple[torch.Tensor, dict[int, tuple[int, int]], dict[int, torch.Tensor]]:
         """Copy the blocks ``copies`` names, then run the model over the rows' new tokens (decoding rows
-        first); return the logits rows asked for and, per request, (first logits row, count)."""
+        first); return the logits rows asked for, per request (first logits row, count), and the hidden
+        state of each embed request whose prompt this step completes."""
         ids: list[int] = []
         positions: list[int] = []
         alphas: list[float] = []
         slots: list[int] = []
         logits_index: list[int] = []
+        hidden_index: list[int] = []
+        embedded: list[int] = []  # id() of the request of each hidden_index entry
         where: dict[int, tuple[int, int]] = {}
         decode_rows, chunk_rows = [], []
         for request, n in rows:
@@ -365,7 +376,12 @@ class Engine:
                 chunk_rows.append((request.block_table, start, n))
             wants_prompt = request.params.prompt_logprobs is not None and start < len(request.prompt_ids)
             first = offset if wants_prompt else offset + n - 1
-            if wants_prompt or end == request.num_tokens:
+            if request.params.embed:  # its last token's hidden state, never logits
+                where[id(request)] = (len(logits_index), 0)
+                if end == request.num_tokens:
+                    hidden_index.append(offset + n - 1)
+                    embedded.append(id(request))
+            elif wants_prompt or end == request.num_tokens:
                 where[id(request)] = (len(logits_index), offset + n - first)
                 logits_index += range(first, offset + n)
             else:
@@ -379,11 +395,13 @@ class Engine:
             chunk_rows,
             slots if self.adapters is not None else None,
             copies,
+            hidden_index,
         )
         if self.before_forward is not None:
             self.before_forward(call)
-        logits = run_forward(self.model, self.cache, call)  # (K, V)
-        return logits, where
+        logits, hidden = run_forward_with_hidden(self.model, self.cache, call)  # (K, V), (H, hidden)
+        rows_of = dict(zip(embedded, hidden.cpu(), strict=True)) if hidden is not None else {}
+        return logits, where, rows_of
 
     def _forward_static(
         self, rows: list[tuple[Request, int]]

@@ -41,15 +41,25 @@ class SamplingParams:
     adapter: str | None = None
     # vLLM's: eos and stop_token_ids cannot be sampled, and no stop string is found, until this many tokens
     min_tokens: int = 0
+    # An embedding request: the prompt is computed and its last token's final-norm hidden state comes
+    # back (``StepOutput.embedding``) instead of logits; nothing is generated, so max_tokens is 0.
+    embed: bool = False
 
     def __post_init__(self) -> None:
         self._check_types()
         if self.top_k == -1:  # vLLM's "off", which the server takes too: --top-k -1 was refused
             object.__setattr__(self, "top_k", 0)
         checks = [
+            (isinstance(self.embed, bool), f"embed must be true or false, got {self.embed!r}"),
             (
-                self.max_tokens >= 1 or (self.max_tokens == 0 and self.prompt_logprobs is not None),
-                f"max_tokens must be >= 1 (0 only with prompt_logprobs), got {self.max_tokens}",
+                self.max_tokens >= 1
+                or (self.max_tokens == 0 and (self.prompt_logprobs is not None or self.embed is True)),
+                f"max_tokens must be >= 1 (0 only with prompt_logprobs or embed), got {self.max_tokens}",
+            ),
+            (
+                self.embed is False or (self.max_tokens == 0 and self.prompt_logprobs is None),
+                "an embedding request (embed) generates nothing and scores nothing: max_tokens must be 0 "
+                "and prompt_logprobs None",
             ),
             (
                 0 <= self.min_tokens <= max(self.max_tokens, 0),

@@ -153,6 +153,24 @@ class DecoderStack(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
+HEADLESS = (
+    "this model has no output head (its checkpoint holds the bare decoder, as an embedding model's "
+    "does): it computes embeddings, not text"
+)
+
+
+class MissingHead(nn.Module):
+    """Where ``lm_head`` is for a checkpoint saved from the bare decoder with no head to tie to (an
+    embedding model: Qwen3-Embedding-8B): none is made up, so logits cannot be asked for."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise ValueError(HEADLESS)
+
+
+def is_headless(model: nn.Module) -> bool:
+    return isinstance(getattr(model, "lm_head", None), MissingHead)
+
+
 class Transformer(nn.Module):
     """``model(input_ids)`` -> logits. Optional per-row positions, KV cache and NTK alphas for the engine."""
 
@@ -176,7 +194,8 @@ class Transformer(nn.Module):
         logits_index: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
         adapter_slots: Sequence[int] | None = None,
-    ) -> torch.Tensor:
+        hidden_index: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """input_ids (B, T) -> logits (B, T, V), or (K, V) at ``logits_index`` when given.
 
         positions: absolute position of each token (default 0..T-1). ntk_alphas: Qwen v1 dynamic-NTK alpha
@@ -186,6 +205,9 @@ class Transformer(nn.Module):
         tokens of its own segment (pass each segment's positions from 0 too). Not with a cache.
         adapter_slots: with served adapters, the slot of each of the B*T tokens (``AdapterBank``; default:
         the bank's default adapter for every token).
+        hidden_index: (H,) indices into the flattened tokens whose final-norm hidden states (H, hidden) come
+        back beside the logits, as ``(logits, hidden)`` (embeddings); needs ``logits_index``, which may be
+        empty: no output head runs then, so a headless embedding model computes them.
         """
         B, T = input_ids.shape
         selected = (
@@ -193,8 +215,28 @@ class Transformer(nn.Module):
             if self.adapters is not None
             else contextlib.nullcontext(False)
         )
-        with selected as adapted:
-            return self._forward(input_ids, positions, cache, ntk_alphas, logits_index, segment_ids, adapted)
+        with selected as adapted:  # the head runs inside too, as it always did
+            x = self._forward(input_ids, positions, cache, ntk_alphas, segment_ids, adapted)
+            return self._outputs(x, logits_index, hidden_index)
+
+    def _outputs(
+        self,
+        x: torch.Tensor,
+        logits_index: torch.Tensor | None,
+        hidden_index: torch.Tensor | None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The final norm and the head over the tokens asked for (``forward``'s two index arguments)."""
+        if hidden_index is None and logits_index is None:
+            return self.lm_head(self.model.norm(x))
+        flat = x.reshape(-1, x.shape[-1])  # (B*T, hidden)
+        if hidden_index is None:
+            return self.lm_head(self.model.norm(flat[logits_index]))  # (K, V)
+        if logits_index is None:
+            raise ValueError("hidden_index needs logits_index (which may be empty)")
+        hidden = self.model.norm(flat[hidden_index])
+        if logits_index.numel() == 0:  # an embedding-only step: the head (if any) is not run
+            return flat.new_empty((0, self.config.vocab_size)), hidden
+        return self.lm_head(self.model.norm(flat[logits_index])), hidden
 
     def _forward(
         self,
@@ -202,10 +244,10 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None,
         cache: KVCache | None,
         ntk_alphas: list[float] | torch.Tensor | None,
-        logits_index: torch.Tensor | None,
         segment_ids: torch.Tensor | None,
         adapted: bool,
     ) -> torch.Tensor:
+        """The last layer's output (B, T, hidden), before the final norm."""
         B, T = input_ids.shape
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
@@ -244,9 +286,7 @@ class Transformer(nn.Module):
                 None
             ]
             i += run.layers
-        if logits_index is not None:
-            x = x.reshape(B * T, -1)[logits_index]  # (K, hidden)
-        return self.lm_head(self.model.norm(x))
+        return x
 
     def ntk_alpha(self, prompt_length: int) -> float:
         """The dynamic-NTK alpha a sequence keeps for its whole life (1.0 unless v1 NTK is on)."""

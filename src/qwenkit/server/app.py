@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from qwenkit.generate import LLM
 from qwenkit.server import adapters as adapter_routes
 from qwenkit.server import completions as routes
+from qwenkit.server import embeddings as embeddings_route
 from qwenkit.server import responses as responses_route
 from qwenkit.server.errors import APIError, BodyTooLarge, error_response, install_handlers
 from qwenkit.server.logprobs import decoded
@@ -33,6 +34,7 @@ from qwenkit.server.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    EmbeddingRequest,
     LoadLoRAAdapterRequest,
     ResponsesRequest,
     TokenizeRequest,
@@ -190,6 +192,10 @@ def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         return await routes.completions(state, body, request)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest, request: Request) -> dict:
+        return await embeddings_route.embeddings(state, body, request)
 
     @app.get("/v1/models")
     async def models() -> dict:

@@ -397,3 +397,14 @@ class LoadLoRAAdapterRequest(_Lenient):
 
 class UnloadLoRAAdapterRequest(_Lenient):
     lora_name: str | None = None
+
+
+class EmbeddingRequest(_Lenient):
+    """OpenAI's ``/v1/embeddings`` body. ``input`` and ``dimensions`` are checked where the message can
+    name the input at fault and the model's size (``embedding.check_inputs``); ``user`` is ignored."""
+
+    model: str | None = None
+    input: Any
+    encoding_format: Literal["float", "base64"] | None = None
+    dimensions: int | None = integer()
+    user: str | None = None

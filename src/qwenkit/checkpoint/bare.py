@@ -1,0 +1,51 @@
+"""Checkpoints saved from the bare decoder (transformers' ``Qwen3Model``, not ``Qwen3ForCausalLM``), as
+sentence-transformers embedding models ship them (Qwen3-Embedding): ``embed_tokens.weight``,
+``layers.N.*`` and ``norm.weight`` without the ``model.`` prefix, and no ``lm_head.weight``.
+
+The names are taken by name (the three roots only); a missing head is not made up: where config.json
+leaves it untied (Qwen3-Embedding-8B), the model gets a ``MissingHead`` and computes embeddings only.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from qwenkit.model.transformer import MissingHead
+
+_BARE_ROOT = re.compile(r"^(embed_tokens|layers|norm)\.")
+
+
+def prefixed(name: str) -> str:
+    """A bare decoder's tensor name as ours (``layers.0.x`` -> ``model.layers.0.x``); others as given."""
+    return "model." + name if _BARE_ROOT.match(name) else name
+
+
+class BareNames:
+    """Wraps a checkpoint's (name, tensor) stream: bare-decoder names get ``model.``; ``seen`` says
+    whether any came that way."""
+
+    def __init__(self, tensors: Iterable[tuple[str, Any]]) -> None:
+        self._tensors = tensors
+        self.seen = False
+
+    def __iter__(self) -> Iterator[tuple[str, Any]]:
+        for name, tensor in self._tensors:
+            ours = prefixed(name)
+            self.seen = self.seen or ours != name
+            yield ours, tensor
+
+
+def without_head(model: nn.Module, missing: list[str], names: BareNames, path: object) -> list[str]:
+    """``missing`` less the output head where a bare decoder's checkpoint has none, or a
+    sentence-transformers model's (``modules.json`` beside it: one qwenkit quantized or converted keeps
+    it, its names now ours); the model's head is then a ``MissingHead``."""
+    embedder = isinstance(path, str | Path) and (Path(path) / "modules.json").is_file()
+    if (names.seen or embedder) and "lm_head.weight" in missing:
+        model.lm_head = MissingHead()
+        return [n for n in missing if n != "lm_head.weight"]
+    return missing

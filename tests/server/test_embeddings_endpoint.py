@@ -1,0 +1,145 @@
+"""``POST /v1/embeddings`` through the official openai SDK (which asks for base64 unless told otherwise
+and decodes it) and raw HTTP: values equal ``LLM.embed``'s, which equal transformers' (tests/
+test_embeddings.py)."""
+
+from __future__ import annotations
+
+import base64
+import re
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import torch
+from live import LiveServer
+
+from qwenkit.generate import LLM
+from qwenkit.server import ServerConfig, create_app
+
+TEXTS = ["What is the capital of China?", "Explain gravity", "hi"]
+
+
+@pytest.fixture(scope="module")
+def embed_llm(tmp_path_factory):
+    from factories import write_tiny_embedding_model
+
+    path = write_tiny_embedding_model(tmp_path_factory.mktemp("embed") / "q3e")
+    return LLM.load(path, dtype="float32", progress=False)
+
+
+@pytest.fixture(scope="module")
+def embed_server(embed_llm):
+    app = create_app(embed_llm, ServerConfig(served_model_name="q3e", response_cache_entries=0))
+    with LiveServer(app) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def client(embed_server):
+    return openai.OpenAI(base_url=f"{embed_server.url}/v1", api_key="unused", max_retries=0)
+
+
+def close(got, want) -> None:
+    torch.testing.assert_close(
+        torch.tensor(np.asarray(got, dtype=np.float32)), torch.tensor(want), rtol=0, atol=1e-6
+    )
+
+
+def test_sdk_default_base64_and_float_give_the_librarys_values(client, embed_llm):
+    want = embed_llm.embed(TEXTS)
+    for fmt in (openai.NOT_GIVEN, "float"):  # the SDK asks for base64 when none is given, and decodes it
+        r = client.embeddings.create(model="q3e", input=TEXTS, encoding_format=fmt, user="u-1")
+        assert r.object == "list" and r.model == "q3e"
+        assert [d.index for d in r.data] == [0, 1, 2] and all(d.object == "embedding" for d in r.data)
+        close([d.embedding for d in r.data], want)
+        tokens = sum(len(embed_llm.encode(t)) for t in TEXTS)
+        assert r.usage.prompt_tokens == r.usage.total_tokens == tokens
+
+
+def test_base64_is_little_endian_float32(embed_server, embed_llm):
+    body = {"model": "q3e", "input": "hi", "encoding_format": "base64"}
+    r = httpx.post(f"{embed_server.url}/v1/embeddings", json=body)
+    assert r.status_code == 200
+    raw = base64.b64decode(r.json()["data"][0]["embedding"])
+    assert len(raw) == 4 * 32
+    close(np.frombuffer(raw, dtype="<f4"), embed_llm.embed("hi")[0])
+
+
+def test_dimensions_truncate_and_renormalize(client, embed_llm):
+    r = client.embeddings.create(model="q3e", input=TEXTS[:2], dimensions=8)
+    assert [len(d.embedding) for d in r.data] == [8, 8]
+    close([d.embedding for d in r.data], embed_llm.embed(TEXTS[:2], dimensions=8))
+
+
+def test_token_id_inputs(client, embed_llm):
+    ids = embed_llm.encode(TEXTS[0])
+    one = client.embeddings.create(model="q3e", input=ids, encoding_format="float")
+    many = client.embeddings.create(model="q3e", input=[ids, [9707, 151643]], encoding_format="float")
+    close([one.data[0].embedding], embed_llm.embed([TEXTS[0]]))
+    close([d.embedding for d in many.data], embed_llm.embed([ids, [9707, 151643]]))
+    assert one.usage.prompt_tokens == len(ids) and many.usage.prompt_tokens == len(ids) + 2
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "message"),
+    [
+        ({"input": ""}, "input", r"input\[0\] is an empty string"),
+        ({"input": []}, "input", "input must be a non-empty string, list of strings"),
+        ({"input": ["a", [1, "b"]]}, "input", r"input\[1\] must be a non-empty string or a non-empty list"),
+        ({"input": [1, 151936]}, "input", r"prompt token id 151936 is outside the vocabulary \(0..151935\)"),
+        ({"input": "word " * 600}, "input", "the prompt has 602 tokens; the context window is 512"),
+        ({"input": "a", "dimensions": 33}, "dimensions", r"dimensions must be an integer in \[1, 32\]"),
+        ({"input": "a", "dimensions": 0}, "dimensions", r"dimensions must be an integer in \[1, 32\]"),
+        ({"input": "a", "encoding_format": "int8"}, "encoding_format", "encoding_format: Input should be"),
+        ({}, "input", "input: Field required"),
+    ],
+)
+def test_bad_requests_are_one_line_400s(embed_server, body, param, message):
+    r = httpx.post(f"{embed_server.url}/v1/embeddings", json={"model": "q3e", **body})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["code"] == "invalid_value"
+    assert error["param"] == param
+    assert "\n" not in error["message"]
+    assert re.search(message, error["message"]), error["message"]
+
+
+def test_sdk_raises_bad_request_and_unknown_model_is_404(client):
+    with pytest.raises(openai.BadRequestError, match="empty string"):
+        client.embeddings.create(model="q3e", input="")
+    with pytest.raises(openai.NotFoundError, match="the model 'other' does not exist"):
+        client.embeddings.create(model="other", input="x")
+
+
+def test_generation_on_the_headless_model_is_a_400(embed_server):
+    r = httpx.post(
+        f"{embed_server.url}/v1/completions", json={"model": "q3e", "prompt": "hi", "max_tokens": 2}
+    )
+    assert r.status_code == 400 and "no output head" in r.json()["error"]["message"]
+
+
+def test_chat_models_embed_beside_generation(server, chat_llm):
+    """A plain decoder (no sentence-transformers files): its last token, normalized, while it generates."""
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        r = http.post("/v1/embeddings", json={"model": "tiny", "input": ["Hello there", "x"]})
+    assert r.status_code == 200
+    close([d["embedding"] for d in r.json()["data"]], chat_llm.embed(["Hello there", "x"]))
+
+
+def test_running_embeddings_count_as_active_and_leave_none(embed_server, embed_llm, monkeypatch):
+    """Their batch rows count in the estimate the generation routes' --max-queue check reads."""
+    from qwenkit import embedding
+
+    state = embed_server.server.config.app.state.qwenkit
+    seen, run_async = [], embedding.run_async
+
+    async def watched(*args, **kwargs):
+        seen.append(state.active)
+        return await run_async(*args, **kwargs)
+
+    monkeypatch.setattr(embedding, "run_async", watched)
+    r = httpx.post(f"{embed_server.url}/v1/embeddings", json={"input": ["a", "b", "c"]})
+    assert r.status_code == 200 and r.json()["model"] == "q3e"
+    assert seen == [3] and state.active == 0
+    assert embed_llm.driver.wait_idle() and embed_llm.engine.blocks.usage == 0
