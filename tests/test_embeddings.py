@@ -230,6 +230,22 @@ def test_bidirectional_config_is_refused_by_name(tmp_path, headless):
         llm.embed("hi")
 
 
+def test_a_model_whose_embeddings_come_from_its_own_code_is_refused_by_name(tmp_path, headless):
+    """gte-Qwen2 was trained with bidirectional attention, which its own modeling_qwen.py runs and its
+    config.json does not say: a causal run of its weights would give other vectors, silently."""
+    path = tmp_path / "gte"
+    shutil.copytree(headless, path)
+    config = json.loads((path / "config.json").read_text())
+    auto_map = {
+        "AutoModel": "modeling_qwen.Qwen2Model",
+        "AutoModelForCausalLM": "modeling_qwen.Qwen2ForCausalLM",
+    }
+    (path / "config.json").write_text(json.dumps({**config, "auto_map": auto_map}))
+    llm = LLM.load(path, dtype="float32", progress=False)
+    with pytest.raises(ConfigError, match="auto_map AutoModel 'modeling_qwen.Qwen2Model'"):
+        llm.embed("hi")
+
+
 def test_a_quantized_copy_keeps_its_pooling_and_loads_headless(tmp_path, headless):
     """``qwenkit quantize`` of Qwen3-Embedding-8B's layout writes our names and no head: the copy keeps the
     sentence-transformers files, so it loads (its head missing by design) and pools as the original."""

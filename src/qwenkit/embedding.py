@@ -1,4 +1,4 @@
-"""Text embeddings from a decoder model (Qwen3-Embedding, gte-Qwen2): the final-norm hidden state of a
+"""Text embeddings from a decoder model (Qwen3-Embedding, any causal decoder): the final-norm hidden state of a
 text's last token, L2-normalized, computed by the engine as a prefill-only request (``embed``).
 
 A sentence-transformers checkpoint says how to pool in its own files: ``modules.json`` (which modules
@@ -51,6 +51,13 @@ def read_setup(directory: str | Path | None) -> EmbeddingSetup:
         raise ConfigError(
             f"{root / 'config.json'}: is_causal false asks for bidirectional attention, which qwenkit "
             "does not run: its embeddings would not be this model's"
+        )
+    auto_map = config.get("auto_map") if isinstance(config, dict) else None
+    custom = auto_map.get("AutoModel") if isinstance(auto_map, dict) else None
+    if custom:  # gte-Qwen2: bidirectional attention in its own code, which its config does not say
+        raise ConfigError(
+            f"{root / 'config.json'}: its embeddings come from the model's own code (auto_map AutoModel "
+            f"{custom!r}), which qwenkit does not run: they would not be this model's"
         )
     if not (root / "modules.json").is_file():
         return EmbeddingSetup()
