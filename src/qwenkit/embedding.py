@@ -1,5 +1,5 @@
-"""Text embeddings from a decoder model (Qwen3-Embedding, any causal decoder): the final-norm hidden state of a
-text's last token, L2-normalized, computed by the engine as a prefill-only request (``embed``).
+"""Text embeddings from a decoder model (Qwen3-Embedding, any causal decoder): the final-norm hidden
+state of a text's last token, L2-normalized, computed by the engine as a prefill-only request (``embed``).
 
 A sentence-transformers checkpoint says how to pool in its own files: ``modules.json`` (which modules
 follow the transformer: Pooling, Normalize), ``1_Pooling/config.json`` (``pooling_mode_lasttoken``) and
