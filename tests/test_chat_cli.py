@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 from qwenkit.chat import ChatSession, chat
-from qwenkit.cli.chat import CommandError, parse_conf, split_assignments
+from qwenkit.cli.chat_commands import CommandError, parse_conf, split_assignments
 from qwenkit.engine import SamplingParams
 from qwenkit.generate import LLM
 
