@@ -16,7 +16,7 @@ import subprocess
 import sys
 
 import pytest
-from test_chat_cli import QWENKIT, Terminal
+from chat_driver import QWENKIT, Terminal
 
 from qwenkit.cli import main
 from qwenkit.cli.chat import ask_tool_result

@@ -183,7 +183,7 @@ def test_ctrl_c_in_a_tensor_parallel_chat_stops_the_answer_not_the_ranks(model):
     a rank that dies ends the chat with one line."""
     import pty
 
-    from test_chat_cli import Terminal  # tests/ is on sys.path (conftest)
+    from chat_driver import Terminal  # tests/ is on sys.path (conftest)
 
     master, slave = pty.openpty()
     argv = [
