@@ -534,7 +534,8 @@ class DrainingServer:
                     # Stop running requests just before uvicorn would cancel them, so each ends with a
                     # clean error event (or a 503) rather than a cancelled task and a logged traceback.
                     grace = config.timeout_graceful_shutdown or 0
-                    state.drain_deadline = time.perf_counter() + max(grace - min(1.0, grace / 2), 0)
+                    self.drain_ends = time.perf_counter() + grace
+                    state.drain_deadline = self.drain_ends - min(1.0, grace / 2)
                 state.draining = True
                 if first and sig == signal.SIGTERM and self._busy():
                     threading.Thread(target=self._stop_when_idle, args=(sig, frame), daemon=True).start()
@@ -555,6 +556,10 @@ class DrainingServer:
                 self._stop(sig, frame)
 
             def _stop(self, sig: int, frame) -> None:
+                # uvicorn gives the tasks left its whole timeout again once it stops listening: a client
+                # stalled mid-upload would hold a drain that already waited the grace period for twice
+                # as long (past terminationGracePeriodSeconds: SIGKILL). It gets what remains of it.
+                config.timeout_graceful_shutdown = max(self.drain_ends - time.perf_counter(), 0.0)
                 super().handle_exit(sig, frame)
                 if sig == signal.SIGTERM and sig in self._captured_signals:
                     self._captured_signals.remove(sig)  # a requested drain exits 0 (uvicorn re-raises it)
