@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(args, api_key, wants_tensor_parallel(args))
     except Terminated:
-        print("stopped by SIGTERM before the model loaded", file=sys.stderr)
+        print("stopped by SIGTERM before the server started", file=sys.stderr)
         return 0
 
 
@@ -319,11 +319,16 @@ def _main(args: argparse.Namespace, api_key: str | None, split: bool) -> int:
 
             return lead_tensor_parallel(args, serve_on, load, server=True)
         # A container's PID 1 never gets a signal it has no handler for: without one, SIGTERM while the
-        # model loads (a pod deleted as it starts) was ignored, and the server loaded, served and waited
-        # for SIGKILL. Once it serves, uvicorn's handlers drain. (Tensor-parallel ranks have their own.)
+        # model loads, or while the app is made after it (most of a second), was ignored, and the server
+        # served and waited for SIGKILL. Once it serves, uvicorn's handlers (put over this one, which
+        # they restore) drain. (Tensor-parallel ranks have their own.)
         with terminate_unwinds():
             llm = load(args)
-        return serve(args, api_key, llm, listener)
+            try:
+                make_server(args, api_key, llm).run(sockets=[listener])
+            finally:
+                llm.close()
+        return 0
     finally:
         if listener is not None:
             listener.close()
@@ -470,6 +475,13 @@ def load(args: argparse.Namespace, tp=None):
 def serve(args: argparse.Namespace, api_key: str | None, llm, listener: socket.socket, note: str = "") -> int:
     """Run the HTTP server on a loaded model, on the bound ``listener``, until a shutdown signal; drains,
     then returns 0."""
+    make_server(args, api_key, llm, note).run(sockets=[listener])
+    llm.close()
+    return 0
+
+
+def make_server(args: argparse.Namespace, api_key: str | None, llm, note: str = ""):
+    """The HTTP server on a loaded model (says where it serves), ready to run."""
     import uvicorn
 
     from qwenkit.checkpoint.gguf_split import model_stem
@@ -502,7 +514,7 @@ def serve(args: argparse.Namespace, api_key: str | None, llm, listener: socket.s
     warning = runtime_lora_warning(args.allow_runtime_lora, api_key)
     if warning:
         print(warning, file=sys.stderr)
-    server = DrainingServer(
+    return DrainingServer(
         uvicorn.Config(
             app,
             host=args.host,
@@ -511,9 +523,6 @@ def serve(args: argparse.Namespace, api_key: str | None, llm, listener: socket.s
             timeout_graceful_shutdown=args.graceful_timeout,
         )
     )
-    server.run(sockets=[listener])
-    llm.close()
-    return 0
 
 
 class DrainingServer:
