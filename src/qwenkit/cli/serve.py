@@ -9,6 +9,7 @@ exits 0.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -76,6 +77,26 @@ def _env_number(name: str, default: int | float | None, kind: type = int) -> int
     except ValueError:
         what = "an integer" if kind is int else "a number"
         raise ConfigError(f"QWENKIT_{name.upper()} must be {what}, got {value!r}") from None
+
+
+def _env_items(name: str) -> list[str]:
+    """A list option from the environment: items split on whitespace, but a JSON object kept whole (vLLM's
+    ``--lora-modules '{"name": "sql", "path": "/adapters/sql"}'``, spaces and all, as argv keeps it)."""
+    text, items, at = str(_env(name, "")), [], 0
+    decoder = json.JSONDecoder()
+    while True:
+        while at < len(text) and text[at].isspace():
+            at += 1
+        if at == len(text):
+            return items
+        end = at
+        if text[at] == "{":
+            with contextlib.suppress(ValueError):  # not JSON: the option's own check names the item
+                end = decoder.raw_decode(text, at)[1]
+        while end < len(text) and not text[end].isspace():
+            end += 1
+        items.append(text[at:end])
+        at = end
 
 
 def _env_flag(name: str) -> bool:
@@ -173,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--lora-modules",
         nargs="+",
         metavar="NAME=DIR",
-        default=(_env("lora_modules") or "").split(),
+        default=_env_items("lora_modules"),
         help="peft-format LoRA adapters served beside the base model, each chosen by a request's "
         '"model": NAME (vLLM\'s flag, also in its JSON form {"name": ..., "path": ...}; the base model '
         "stays served under its own name)",
