@@ -588,8 +588,9 @@ class DrainingServer:
             def _stop(self, sig: int, frame) -> None:
                 # uvicorn gives the tasks left its whole timeout again once it stops listening: a client
                 # stalled mid-upload would hold a drain that already waited the grace period for twice
-                # as long (past terminationGracePeriodSeconds: SIGKILL). It gets what remains of it.
-                config.timeout_graceful_shutdown = max(self.drain_ends - time.perf_counter(), 0.0)
+                # as long (past terminationGracePeriodSeconds: SIGKILL). It gets what remains of it, and
+                # a moment for connections that are closing.
+                config.timeout_graceful_shutdown = max(self.drain_ends - time.perf_counter(), 0.5)
                 super().handle_exit(sig, frame)
                 if sig == signal.SIGTERM and sig in self._captured_signals:
                     self._captured_signals.remove(sig)  # a requested drain exits 0 (uvicorn re-raises it)
