@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from qwenkit.cgroup_memory import CGROUP_ROOT, PROC_CGROUP, cgroup_room
 from qwenkit.config import ModelConfig
 from qwenkit.errors import OutOfMemoryError
 
@@ -95,10 +96,20 @@ def free_bytes(device: str) -> int:
     return available_ram()
 
 
-def available_ram(meminfo: Path = Path("/proc/meminfo")) -> int:
-    """RAM a new allocation can use: Linux's ``MemAvailable``, which is what psutil reports there, read
-    without importing psutil (about 10 ms of every start). psutil itself where the file or the line is
-    missing, or the value is one psutil does not take as it stands (0, or above ``MemTotal``)."""
+def available_ram(
+    meminfo: Path = Path("/proc/meminfo"), cgroup_root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP
+) -> int:
+    """RAM a new allocation can use: Linux's ``MemAvailable``, or less where a container's memory limit
+    leaves less (``cgroup_memory``: /proc/meminfo is the node's there)."""
+    room = cgroup_room(cgroup_root, proc_cgroup)
+    node = _node_available_ram(meminfo)
+    return node if room is None else min(node, room)
+
+
+def _node_available_ram(meminfo: Path) -> int:
+    """``MemAvailable``, which is what psutil reports there, read without importing psutil (about 10 ms
+    of every start). psutil itself where the file or the line is missing, or the value is one psutil
+    does not take as it stands (0, or above ``MemTotal``)."""
     fields = {}
     try:
         with meminfo.open("rb") as f:

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -152,3 +153,30 @@ def test_sigterm_past_the_grace_period_ends_the_stream_cleanly_and_exits_0_in_ti
     assert code == 0
     assert exited < grace + 10, f"exited {exited:.1f} s after SIGTERM with a {grace} s grace period"
     assert "Traceback" not in output and "Exception in ASGI application" not in output
+
+
+@pytest.mark.slow
+def test_a_client_stalled_mid_upload_holds_the_drain_no_longer_than_the_grace(tmp_path, tiny_chat_model):
+    """A client that sent half a body and went quiet (a slow link, a peer gone without a FIN) keeps its
+    request task alive. The drain waits for it until the grace period ends; uvicorn used to give it its
+    whole timeout again after that, so the process exited after twice the grace period (65 s with the
+    Deployment's preStop: killed at terminationGracePeriodSeconds, 45)."""
+    grace = 4.0
+    proc, url = start_like_the_image(tmp_path, tiny_chat_model, grace=grace)
+    port = int(url.rsplit(":", 1)[1])
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as client:
+            head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+            client.sendall(head.encode() + b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{")
+            time.sleep(0.5)  # the request's task is reading the body
+            proc.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            code = proc.wait(timeout=60)
+            exited = time.monotonic() - signalled
+            while client.recv(4096):  # the server closed the connection as it went
+                pass
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 0
+    assert grace - 0.5 < exited < grace + 2.5, f"exited {exited:.1f} s after SIGTERM, grace {grace} s"

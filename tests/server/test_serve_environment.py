@@ -3,6 +3,7 @@ container images promise: an option the environment cannot set would be silently
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -74,3 +75,17 @@ def test_bad_length_and_thread_options_exit_2_with_one_line(args, env, message):
     )
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_lora_modules_from_the_environment_keep_vllms_json_items_whole(monkeypatch):
+    """QWENKIT_LORA_MODULES takes what --lora-modules takes: NAME=DIR items and vLLM's JSON objects, which
+    json.dumps writes with spaces (split on whitespace, one used to be refused as '{"name":' is not JSON)."""
+    sql = json.dumps({"name": "sql", "path": "/adapters/sql", "base_model_name": "qwen"})
+    monkeypatch.setenv("QWENKIT_LORA_MODULES", f' {sql}\n poet=/adapters/poet {{"name":"x","path":"/x"}}')
+    assert build_parser().parse_args([]).lora_modules == [
+        sql,
+        "poet=/adapters/poet",
+        '{"name":"x","path":"/x"}',
+    ]
+    monkeypatch.setenv("QWENKIT_LORA_MODULES", '{"name": broken} sql=/a')  # not JSON: the check names it
+    assert build_parser().parse_args([]).lora_modules == ['{"name":', "broken}", "sql=/a"]

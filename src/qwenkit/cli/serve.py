@@ -9,6 +9,7 @@ exits 0.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -76,6 +77,26 @@ def _env_number(name: str, default: int | float | None, kind: type = int) -> int
     except ValueError:
         what = "an integer" if kind is int else "a number"
         raise ConfigError(f"QWENKIT_{name.upper()} must be {what}, got {value!r}") from None
+
+
+def _env_items(name: str) -> list[str]:
+    """A list option from the environment: items split on whitespace, but a JSON object kept whole (vLLM's
+    ``--lora-modules '{"name": "sql", "path": "/adapters/sql"}'``, spaces and all, as argv keeps it)."""
+    text, items, at = str(_env(name, "")), [], 0
+    decoder = json.JSONDecoder()
+    while True:
+        while at < len(text) and text[at].isspace():
+            at += 1
+        if at == len(text):
+            return items
+        end = at
+        if text[at] == "{":
+            with contextlib.suppress(ValueError):  # not JSON: the option's own check names the item
+                end = decoder.raw_decode(text, at)[1]
+        while end < len(text) and not text[end].isspace():
+            end += 1
+        items.append(text[at:end])
+        at = end
 
 
 def _env_flag(name: str) -> bool:
@@ -173,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--lora-modules",
         nargs="+",
         metavar="NAME=DIR",
-        default=(_env("lora_modules") or "").split(),
+        default=_env_items("lora_modules"),
         help="peft-format LoRA adapters served beside the base model, each chosen by a request's "
         '"model": NAME (vLLM\'s flag, also in its JSON form {"name": ..., "path": ...}; the base model '
         "stays served under its own name)",
@@ -303,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(args, api_key, wants_tensor_parallel(args))
     except Terminated:
-        print("stopped by SIGTERM before the model loaded", file=sys.stderr)
+        print("stopped by SIGTERM before the server started", file=sys.stderr)
         return 0
 
 
@@ -319,11 +340,16 @@ def _main(args: argparse.Namespace, api_key: str | None, split: bool) -> int:
 
             return lead_tensor_parallel(args, serve_on, load, server=True)
         # A container's PID 1 never gets a signal it has no handler for: without one, SIGTERM while the
-        # model loads (a pod deleted as it starts) was ignored, and the server loaded, served and waited
-        # for SIGKILL. Once it serves, uvicorn's handlers drain. (Tensor-parallel ranks have their own.)
+        # model loads, or while the app is made after it (most of a second), was ignored, and the server
+        # served and waited for SIGKILL. Once it serves, uvicorn's handlers (put over this one, which
+        # they restore) drain. (Tensor-parallel ranks have their own.)
         with terminate_unwinds():
             llm = load(args)
-        return serve(args, api_key, llm, listener)
+            try:
+                make_server(args, api_key, llm).run(sockets=[listener])
+            finally:
+                llm.close()
+        return 0
     finally:
         if listener is not None:
             listener.close()
@@ -470,6 +496,13 @@ def load(args: argparse.Namespace, tp=None):
 def serve(args: argparse.Namespace, api_key: str | None, llm, listener: socket.socket, note: str = "") -> int:
     """Run the HTTP server on a loaded model, on the bound ``listener``, until a shutdown signal; drains,
     then returns 0."""
+    make_server(args, api_key, llm, note).run(sockets=[listener])
+    llm.close()
+    return 0
+
+
+def make_server(args: argparse.Namespace, api_key: str | None, llm, note: str = ""):
+    """The HTTP server on a loaded model (says where it serves), ready to run."""
     import uvicorn
 
     from qwenkit.checkpoint.gguf_split import model_stem
@@ -502,7 +535,7 @@ def serve(args: argparse.Namespace, api_key: str | None, llm, listener: socket.s
     warning = runtime_lora_warning(args.allow_runtime_lora, api_key)
     if warning:
         print(warning, file=sys.stderr)
-    server = DrainingServer(
+    return DrainingServer(
         uvicorn.Config(
             app,
             host=args.host,
@@ -511,9 +544,6 @@ def serve(args: argparse.Namespace, api_key: str | None, llm, listener: socket.s
             timeout_graceful_shutdown=args.graceful_timeout,
         )
     )
-    server.run(sockets=[listener])
-    llm.close()
-    return 0
 
 
 class DrainingServer:
@@ -534,7 +564,8 @@ class DrainingServer:
                     # Stop running requests just before uvicorn would cancel them, so each ends with a
                     # clean error event (or a 503) rather than a cancelled task and a logged traceback.
                     grace = config.timeout_graceful_shutdown or 0
-                    state.drain_deadline = time.perf_counter() + max(grace - min(1.0, grace / 2), 0)
+                    self.drain_ends = time.perf_counter() + grace
+                    state.drain_deadline = self.drain_ends - min(1.0, grace / 2)
                 state.draining = True
                 if first and sig == signal.SIGTERM and self._busy():
                     threading.Thread(target=self._stop_when_idle, args=(sig, frame), daemon=True).start()
@@ -555,6 +586,11 @@ class DrainingServer:
                 self._stop(sig, frame)
 
             def _stop(self, sig: int, frame) -> None:
+                # uvicorn gives the tasks left its whole timeout again once it stops listening: a client
+                # stalled mid-upload would hold a drain that already waited the grace period for twice
+                # as long (past terminationGracePeriodSeconds: SIGKILL). It gets what remains of it, and
+                # a moment for connections that are closing.
+                config.timeout_graceful_shutdown = max(self.drain_ends - time.perf_counter(), 0.5)
                 super().handle_exit(sig, frame)
                 if sig == signal.SIGTERM and sig in self._captured_signals:
                     self._captured_signals.remove(sig)  # a requested drain exits 0 (uvicorn re-raises it)
