@@ -74,6 +74,8 @@ LOOPS = [
     "{% set ns = namespace(t=[]) %}{% for i in range(21) %}{% set ns.t = [ns.t, ns.t] %}{% endfor %}"
     "{% for x in [ns.t] recursive %}{{ loop(x) }}{% endfor %}",
     "{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(20) }}",
+    # lists summed: each `+` copies the sum so far (two billion items copied)
+    "{{ ([[0] * 1000] * 2000)|sum(start=[])|length }}",
     # few iterations, each reading a megabyte: a step per KiB
     "{% set s = " + MILLION + " %}{% for i in range(2000) %}{{ s|upper|length }}{% endfor %}",
 ]

@@ -232,6 +232,15 @@ def _replace(a: dict[str, Any]) -> None:
         check_replace(s, old, new, -1 if count is None else count)
 
 
+def _sum(a: dict[str, Any]) -> None:
+    """Lists or tuples summed: each `+` copies the sum so far, so the work grows with the square."""
+    if isinstance(a.get("start"), list | tuple) and a.get("attribute") is None:
+        a["iterable"] = items = list(a["iterable"])
+        sizes = [len(item) for item in items if isinstance(item, list | tuple)]
+        check_size(len(a["start"]) + sum(sizes), "a summed list")
+        step(len(sizes) * (len(a["start"]) + sum(sizes)) // (2 * ITEMS_PER_STEP))
+
+
 # Filters whose small arguments can ask for a big result, checked (arguments by name) before they run.
 _FILTER_CHECKS = {
     "center": _center,
@@ -240,6 +249,7 @@ _FILTER_CHECKS = {
     "format": _format,
     "join": _join,
     "replace": _replace,
+    "sum": _sum,
     "batch": lambda a: check_width(a["linecount"], "a batch size"),
     "slice": lambda a: check_width(a["slices"], "a slice count"),
 }
