@@ -25,7 +25,7 @@ import jinja2.exceptions
 # The largest string or list a template may build, its rendered prompt included: far above any context
 # window's text (a million tokens is about 4 million characters), far below what exhausts a server.
 MAX_SIZE = 1 << 26
-# Steps one render may take: a loop iteration or filter is one, a call (method, macro, global) two, and
+# Steps one render may take: a loop iteration or filter is one, a call (method, macro, global) four, and
 # a KiB of text or 64 items read or built by a call, filter or operator one. Qwen3's, Qwen2.5's and
 # Llama 3.2's templates take 10 to 20 a message; at most about 2 seconds of Python on one core.
 MAX_STEPS = 1 << 20
