@@ -12,10 +12,10 @@ from __future__ import annotations
 import asyncio
 import json
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 EMBED = SamplingParams(max_tokens=0, embed=True)
 _ST = "sentence_transformers.models."
+T = TypeVar("T")
 _POOLING_MODES = ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens", "weightedmean_tokens")
 
 
@@ -156,14 +157,22 @@ def _is_id(value: object) -> bool:
 def prompt_ids(llm: LLM, inputs: Sequence[str | list[int]], prefix: str = "") -> list[list[int]]:
     """Each input's ids, checked by the engine (vocabulary, context) before any runs: text as
     transformers' ``tokenizer(prefix + text)`` makes it (the tokenizer's post-processor adds its tokens:
-    Qwen3-Embedding's ``<|endoftext|>``), ids as given."""
-    encoded = [llm.encode(prefix + one) if isinstance(one, str) else list(one) for one in inputs]
-    for i, ids in enumerate(encoded):
-        try:
-            llm.engine.validate(ids, EMBED)
-        except SamplingParamsError as exc:
-            raise SamplingParamsError(f"input[{i}]: {exc}" if len(encoded) > 1 else str(exc)) from None
+    Qwen3-Embedding's ``<|endoftext|>``), ids as given. A text surely past the context window is refused
+    from its length before any input is tokenized (``LLM.check_prompt_bound``, as ``generate`` does)."""
+    texts = [prefix + one if isinstance(one, str) else one for one in inputs]
+    _each(texts, lambda text: llm.check_prompt_bound(text, EMBED))
+    encoded = [llm.encode(text) if isinstance(text, str) else list(text) for text in texts]
+    _each(encoded, lambda ids: llm.engine.validate(ids, EMBED))
     return encoded
+
+
+def _each(items: Sequence[T], check: Callable[[T], None]) -> None:
+    """``check`` each input; its SamplingParamsError names the input, where there are several."""
+    for i, item in enumerate(items):
+        try:
+            check(item)
+        except SamplingParamsError as exc:
+            raise SamplingParamsError(f"input[{i}]: {exc}" if len(items) > 1 else str(exc)) from None
 
 
 def _hidden(outputs: list) -> torch.Tensor:

@@ -158,3 +158,27 @@ def test_more_prompts_than_the_server_can_ever_take_are_refused_before_reading_t
         "param": "prompt",
         "code": "invalid_value",
     }
+
+
+def test_a_huge_text_to_embed_is_refused_before_any_input_is_tokenized(tight, monkeypatch):
+    """/v1/embeddings and `LLM.embed` read their texts as /v1/completions does: one surely past the window
+    is refused from its length (it was tokenized first, the short input before it too)."""
+    live, llm = tight
+    monkeypatch.setattr(llm.tokenizer, "encode_with_added", encode_refused)
+    monkeypatch.setattr(llm.tokenizer, "encode_plain", encode_refused)
+    huge = "word " * (BIG // 5)
+    message = f"the prompt has at least {BIG // LONGEST} tokens; the context window is {WINDOW}"
+    r = post(live, "/v1/embeddings", {"input": ["Hi", huge]})
+    assert r.status_code == 400
+    assert r.json()["error"] == {
+        "message": f"input[1]: {message}",
+        "type": "invalid_request_error",
+        "param": "input",
+        "code": "invalid_value",
+    }
+    with pytest.raises(SamplingParamsError) as e:
+        llm.embed(huge)
+    assert str(e.value) == message
+    monkeypatch.undo()
+    [vector] = llm.embed(TIGHT)  # as long as its bound, inside the window: it runs
+    assert len(vector) == llm.config.hidden_size
