@@ -182,3 +182,17 @@ def test_a_huge_text_to_embed_is_refused_before_any_input_is_tokenized(tight, mo
     monkeypatch.undo()
     [vector] = llm.embed(TIGHT)  # as long as its bound, inside the window: it runs
     assert len(vector) == llm.config.hidden_size
+
+
+def test_tokenize_counts_a_chat_past_the_window_as_it_counts_a_prompt(tight):
+    """/tokenize reports a prompt's count beside max_model_len and refuses none for its length (vLLM's
+    does not either): a chat's messages past the window are counted, as a prompt's text is."""
+    live, llm = tight
+    text = " " * (LONGEST * 2 * WINDOW)  # 2 windows of 128-space tokens
+    r = post(live, "/tokenize", {"prompt": text, "add_special_tokens": False})
+    assert r.status_code == 200 and r.json()["count"] == 2 * WINDOW
+    r = post(live, "/tokenize", {"messages": [{"role": "user", "content": text}]})
+    assert r.status_code == 200, r.text
+    ids = r.json()["tokens"]
+    assert r.json()["count"] == len(ids) > 2 * WINDOW and r.json()["max_model_len"] == WINDOW
+    assert ids == llm.tokenizer.apply_chat_template([{"role": "user", "content": text}])

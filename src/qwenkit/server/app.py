@@ -262,7 +262,7 @@ def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
             except ValidationError as e:  # refused as the chat route refuses it: a 400 naming the field
                 raise RequestValidationError(e.errors()) from None
             # with the server's default template kwargs, as the chat route renders them (as vLLM's)
-            return routes.chat_prompt(llm, chat, state.config.default_chat_template_kwargs)
+            return routes.chat_prompt(llm, chat, state.config.default_chat_template_kwargs, to_run=False)
         try:  # special-token text is the token, as /v1/completions reads a prompt (and vLLM's /tokenize)
             if body.add_special_tokens:  # what /v1/completions gives the text (vLLM's default too)
                 return llm.tokenizer.encode_prompt(body.prompt, allow_special=True)

@@ -77,15 +77,17 @@ def template_kwargs(body: ChatCompletionRequest, defaults: Mapping[str, Any] | N
 
 
 def chat_prompt(
-    llm: LLM, body: ChatCompletionRequest, defaults: Mapping[str, Any] | None = None
+    llm: LLM, body: ChatCompletionRequest, defaults: Mapping[str, Any] | None = None, to_run: bool = True
 ) -> list[int]:
-    """The request's prompt ids; ``defaults`` are the server's template kwargs (see `template_kwargs`)."""
+    """The request's prompt ids; ``defaults`` are the server's template kwargs (see `template_kwargs`).
+    ``to_run``: a prompt that surely cannot fit the context is refused before it is tokenized; /tokenize
+    counts any (as vLLM's, it checks no length)."""
     messages = [m.as_template_message() for m in body.messages]
     kwargs = template_kwargs(body, defaults)
     style, functions = tool_style(llm.tokenizer, body.tools), react_functions(llm, body)
 
     def fits(texts: Sequence[str]) -> None:  # a prompt that surely cannot fit, before it is tokenized
-        if bound := llm.tokenizer.min_tokens(*texts, reaching=llm.engine.max_seq_len):
+        if to_run and (bound := llm.tokenizer.min_tokens(*texts, reaching=llm.engine.max_seq_len)):
             check_context(llm, body, bound, at_least=True)
 
     try:
