@@ -143,3 +143,27 @@ def test_running_embeddings_count_as_active_and_leave_none(embed_server, embed_l
     assert r.status_code == 200 and r.json()["model"] == "q3e"
     assert seen == [3] and state.active == 0
     assert embed_llm.driver.wait_idle() and embed_llm.engine.blocks.usage == 0
+
+
+def test_embeddings_keep_to_the_queue_limit(make_server, monkeypatch):
+    """--max-queue bounds embedding inputs as it bounds generation choices: more than rows + queue can ever
+    hold is a 400 before any is read, a queue already full a 429 to retry (they ran past both)."""
+    live = make_server(max_queue=0)
+    state = live.server.config.app.state.qwenkit
+    rows = state.llm.engine.scheduler.max_batch
+    r = httpx.post(f"{live.url}/v1/embeddings", json={"input": ["x"] * (rows + 1)}, timeout=60)
+    assert r.status_code == 400
+    assert r.json()["error"] == {
+        "message": f"{rows + 1} inputs can never be taken by this server: it runs {rows} rows and queues 0 "
+        f"more (--max-batch, --max-queue); ask for at most {rows} inputs in one request",
+        "type": "invalid_request_error",
+        "param": "input",
+        "code": "invalid_value",
+    }
+    monkeypatch.setattr(state, "active", rows)  # every row taken by running requests
+    r = httpx.post(f"{live.url}/v1/embeddings", json={"input": "x"}, timeout=60)
+    assert r.status_code == 429 and r.headers["Retry-After"] == "1"
+    assert r.json()["error"]["code"] == "queue_full"
+    monkeypatch.setattr(state, "active", 0)
+    r = httpx.post(f"{live.url}/v1/embeddings", json={"input": ["x"] * rows}, timeout=60)
+    assert r.status_code == 200 and len(r.json()["data"]) == rows

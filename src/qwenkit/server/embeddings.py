@@ -14,6 +14,7 @@ from qwenkit.engine import SamplingParamsError
 from qwenkit.errors import GenerationError
 from qwenkit.server.errors import APIError
 from qwenkit.server.request_ids import request_id
+from qwenkit.server.runs import check_capacity, check_queue
 from qwenkit.server.schemas import EmbeddingRequest
 from qwenkit.server.state import ServerState
 from qwenkit.tokenizer import TokenizerError
@@ -38,7 +39,11 @@ async def embeddings(state: ServerState, body: EmbeddingRequest, request: Reques
         except (SamplingParamsError, TokenizerError) as e:  # out of the vocabulary, over the context
             raise APIError(400, str(e), "input") from None
 
+    # as many inputs as rows and queue can ever hold, before any is read; then a queue as full as the
+    # generation routes refuse is refused alike (429): --max-queue bounds what waits, embeddings too
+    check_capacity(state, len(inputs), len(inputs), 1, unit="inputs")
     ids = await asyncio.to_thread(read)  # a long text is read while the event loop answers others
+    check_queue(state, len(ids))
     state.active += len(ids)  # they take batch rows: the generation routes' queue estimate counts them
     try:
         hidden = await embedding.run_async(llm, ids, adapter, name=request_id(request))

@@ -57,18 +57,37 @@ class Choice:
         }
 
 
-def check_capacity(state: ServerState, submitted: int, prompts: int, n: int) -> None:
-    """The 400 of a request whose ``submitted`` choices (``prompts`` prompts of ``n`` each) this server
-    can never take at once, however long the client waits: not a 429 to retry."""
+def check_capacity(state: ServerState, submitted: int, prompts: int, n: int, unit: str = "choices") -> None:
+    """The 400 of a request whose ``submitted`` choices (``prompts`` prompts of ``n`` each; ``unit``
+    "inputs": an embedding request's ``submitted`` inputs) this server can never take at once, however
+    long the client waits: not a 429 to retry."""
     rows, queue = state.llm.engine.scheduler.max_batch, state.config.max_queue
     if submitted > rows + queue:
-        asked = f"n={submitted} choices" if prompts == 1 else f"{prompts} prompts of n={n} choices each"
+        if unit == "inputs":
+            asked, param = f"{submitted} inputs", "input"
+        elif prompts == 1:
+            asked, param = f"n={submitted} choices", "n"
+        else:
+            asked, param = f"{prompts} prompts of n={n} choices each", "prompt"
         raise APIError(
             400,
             f"{asked} can never be taken by this server: it runs {rows} rows and queues {queue} "
-            f"more (--max-batch, --max-queue); ask for at most {rows + queue} choices in one request",
-            "n" if prompts == 1 else "prompt",
+            f"more (--max-batch, --max-queue); ask for at most {rows + queue} {unit} in one request",
+            param,
             "invalid_value",
+        )
+
+
+def check_queue(state: ServerState, submitted: int) -> None:
+    """The 429 (with Retry-After) of ``submitted`` more requests that would leave more than --max-queue
+    waiting for a batch row."""
+    if submitted and state.waiting_estimate(submitted) > state.config.max_queue:
+        raise APIError(
+            429,
+            f"the server is busy: more than {state.config.max_queue} requests are waiting",
+            None,
+            "queue_full",
+            {"Retry-After": "1"},
         )
 
 
@@ -93,14 +112,7 @@ class Run:
         submitted = sum(choice.cached is None for choice in self.choices)  # a cached answer waits for nothing
         prompts = len({id(choice.prompt_ids) for choice in self.choices})
         check_capacity(self.state, submitted, prompts, len(self.choices) // max(prompts, 1))
-        if submitted and self.state.waiting_estimate(submitted) > self.state.config.max_queue:
-            raise APIError(
-                429,
-                f"the server is busy: more than {self.state.config.max_queue} requests are waiting",
-                None,
-                "queue_full",
-                {"Retry-After": "1"},
-            )
+        check_queue(self.state, submitted)
         try:
             for choice in self.choices:
                 if choice.cached is None:
