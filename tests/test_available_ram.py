@@ -4,6 +4,7 @@ container, what its memory cgroup's limit leaves, where that is less."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import psutil
@@ -121,3 +122,17 @@ def test_the_node_figure_where_it_is_lower_or_no_cgroup_is_readable(tmp_path: Pa
     full_node = "MemTotal:       268435456 kB\nMemAvailable:   1048576 kB\n"  # 1 GiB left on the node
     assert available_ram(meminfo(tmp_path, full_node), root, tmp_path / "self-cgroup") == GiB
     assert available_ram(meminfo(tmp_path, NODE), root, tmp_path / "absent") == 209715200 * 1024
+
+
+def test_odd_cgroup_paths_read_what_they_name(tmp_path: Path) -> None:
+    """A cgroup named with bytes that are not UTF-8 is read by its own name (reading /proc/self/cgroup
+    raised UnicodeDecodeError, a traceback before any load); a path outside a cgroup namespace
+    ("/../../pod") reads the mount's root alone, never the directories above the mount."""
+    root = tmp_path / "cgroup"
+    cgroup_files(root / os.fsdecode(b"pod\xff"), str(5 * GiB), usage=GiB, active_file=0, inactive_file=0)
+    (tmp_path / "self-cgroup").write_bytes(b"0::/pod\xff\n")
+    assert available_ram(meminfo(tmp_path, NODE), root, tmp_path / "self-cgroup") == 4 * GiB
+    cgroup_files(tmp_path / "pod", str(GiB), usage=GiB, active_file=0, inactive_file=0)  # beside the mount
+    cgroup_files(root, str(3 * GiB), usage=0, active_file=0, inactive_file=0)
+    (tmp_path / "self-cgroup").write_text("0::/../pod\n")
+    assert cgroup_room(root, tmp_path / "self-cgroup") == 3 * GiB

@@ -11,6 +11,7 @@ one wins. cgroup v2 (``memory.max``) and v1 (``memory.limit_in_bytes``) alike; s
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -22,8 +23,8 @@ _NO_LIMIT = 2**60
 def cgroup_room(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) -> int | None:
     """Bytes the memory cgroups this process runs in still let it allocate, or None where none limits
     it (no cgroup files, no limit, or files it cannot read)."""
-    try:
-        lines = proc_cgroup.read_text().splitlines()
+    try:  # a cgroup's name is any bytes but "/": kept as the path's own (surrogateescape), not refused
+        lines = os.fsdecode(proc_cgroup.read_bytes()).splitlines()
     except OSError:
         return None
     rooms = []
@@ -43,6 +44,8 @@ def _rooms(mount: Path, path: str, limit_file: str, usage_file: str, file_keys: 
     the mount (a container that sees only its own cgroup, at the mount's root), the root alone is read."""
     levels = [mount]
     parts = [p for p in path.strip("/").split("/") if p]
+    if ".." in parts:  # a cgroup namespace's view of a cgroup outside it ("/../../pod"): not under the mount
+        parts = []
     for i in range(1, len(parts) + 1):
         levels.append(mount.joinpath(*parts[:i]))
     rooms = []
