@@ -31,11 +31,11 @@ _KEEPING = {None, "Isolated", "MergedWithPrevious", "MergedWithNext", "Contiguou
 def text_bytes(text: str, nfc: bool) -> int | None:
     """``text``'s UTF-8 length as the tokenizer reads it (after NFC where it normalizes: composition
     shrinks text, three Hangul jamo of 9 bytes become a syllable of 3), or None for text that is not valid
-    Unicode (a lone surrogate: the exact path names it). Normalizing costs some 2 s for 45 M characters,
+    Unicode (a lone surrogate: the exact path names it). Normalizing 45 M characters takes seconds,
     tokenizing them a minute: one combining accent in a huge prompt no longer turns the bound off."""
     if text.isascii():  # O(1) in CPython; ASCII is its own NFC
         return len(text)
-    if nfc and not unicodedata.is_normalized("NFC", text):
+    if nfc:  # its quick check returns NFC text itself (0.1 s for 45 M characters): one pass, not two
         text = unicodedata.normalize("NFC", text)
     try:
         return len(text.encode("utf-8"))
