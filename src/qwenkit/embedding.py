@@ -44,6 +44,8 @@ def read_setup(directory: str | Path | None) -> EmbeddingSetup:
     pooling or module other than last-token pooling and Normalize is refused by name (ConfigError):
     its embeddings would be other numbers than the model's card promises."""
     root = Path(directory) if directory is not None else None
+    if root is not None and root.is_file() and root.suffix == ".gguf":
+        return _gguf_setup(root)
     if root is None or not root.is_dir():
         return EmbeddingSetup()
     config = _json(root / "config.json") if (root / "config.json").is_file() else None
@@ -82,6 +84,35 @@ def read_setup(directory: str | Path | None) -> EmbeddingSetup:
     prompts = _json(extra).get("prompts") if extra.is_file() else None
     prompts = {str(k): str(v) for k, v in prompts.items()} if isinstance(prompts, dict) else {}
     return EmbeddingSetup(normalize=normalize, prompts=prompts)
+
+
+# llama.cpp's llama_pooling_type (gguf-py's PoolingType), as {arch}.pooling_type holds it
+_GGUF_POOLING = {0: "none", 1: "mean", 2: "cls", 3: "last", 4: "rank"}
+_GGUF_LAST = 3
+
+
+def _gguf_setup(path: Path) -> EmbeddingSetup:
+    """A GGUF's pooling, as llama.cpp's converter writes it from the sentence-transformers Pooling
+    (``{arch}.pooling_type``): last-token pooling runs, another is refused by name; a file without the
+    key pools its last token, as a directory without sentence-transformers files does. Normalized, as
+    llama.cpp's embedding example and server do by default (``--embd-normalize 2``: L2); the EOS the
+    file's ``tokenizer.ggml.add_eos_token`` asks for is the tokenizer's (``gguf_tokenizer``)."""
+    from qwenkit.checkpoint.gguf import GGUFError, read_gguf
+
+    try:
+        metadata = read_gguf(path).metadata
+    except GGUFError as exc:
+        raise ConfigError(str(exc)) from None
+    key = f"{metadata.get('general.architecture')}.pooling_type"
+    pooling = metadata.get(key)
+    if pooling is not None and pooling != _GGUF_LAST:
+        named = _GGUF_POOLING.get(pooling) if isinstance(pooling, int) else None
+        shown = f"{pooling} ({named})" if named else f"{pooling!r}, not a pooling llama.cpp knows"
+        raise ConfigError(
+            f"{path}: {key} is {shown}; qwenkit pools the last token ({_GGUF_LAST}, last), "
+            "as decoder embedding models do"
+        )
+    return EmbeddingSetup()
 
 
 def _json(path: Path) -> object:
