@@ -15,7 +15,7 @@ import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -113,6 +113,21 @@ def _gguf_setup(path: Path) -> EmbeddingSetup:
             "as decoder embedding models do"
         )
     return EmbeddingSetup()
+
+
+def sentence_transformers_files(pooling: object, hidden_size: int) -> dict[str, Any]:
+    """The sentence-transformers files (relative path -> JSON) that say what a GGUF's
+    ``{arch}.pooling_type`` says, for a directory converted from it: its Pooling (none of the modes for
+    a pooling that has no sentence-transformers one) and Normalize, as llama.cpp normalizes."""
+    modes = {1: "mean_tokens", 2: "cls_token", 3: "lasttoken"}
+    config: dict[str, object] = {"word_embedding_dimension": hidden_size}
+    config |= {f"pooling_mode_{m}": pooling == i for i, m in modes.items()}
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": _ST + "Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": _ST + "Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": _ST + "Normalize"},
+    ]
+    return {"modules.json": modules, "1_Pooling/config.json": config}
 
 
 def _json(path: Path) -> object:

@@ -137,3 +137,32 @@ def test_gguf_embeddings_equal_llamacpps(ggufs, want):
     torch.testing.assert_close(ours, theirs, rtol=0, atol=3e-4)
     torch.testing.assert_close(want, theirs, rtol=0, atol=3e-4)
     assert bool(((ours * theirs).sum(dim=1) > 1 - 1e-6).all())  # cosine similarity
+
+
+@pytest.mark.parametrize("pooling", [3, 1])
+def test_a_directory_converted_from_an_embedding_gguf_pools_as_the_file(tmp_path, ggufs, want, pooling):
+    """``convert --to hf`` writes the file's pooling as sentence-transformers files (a mean-pooling file's
+    directory pooled its last token, silently) and no head (its directory generated from the tied
+    embeddings the file never had)."""
+    from qwenkit.convert.gguf_to_hf import convert_gguf_to_hf
+
+    path = tmp_path / "p.gguf"
+    shutil.copy(ggufs["f32"], path)
+    set_pooling(path, pooling)
+    out = convert_gguf_to_hf(path, tmp_path / "hf")
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    llm = LLM.load(out, dtype="float32", progress=False)
+    assert llm.model.lm_head.__class__.__name__ == "MissingHead"
+    if pooling == 1:
+        with pytest.raises(ConfigError, match="pooling mean_tokens is not supported"):
+            llm.embed("hi")
+        return
+    torch.testing.assert_close(torch.tensor(llm.embed(TEXTS)), want, rtol=0, atol=2e-6)
+    import transformers  # the model card's recipe reads the directory too
+
+    model = transformers.AutoModel.from_pretrained(out, dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert tok("hi")["input_ids"] == llm.encode("hi")
+    with torch.no_grad():
+        hidden = model(**tok(TEXTS[0], return_tensors="pt")).last_hidden_state[0, -1]
+    torch.testing.assert_close(torch.nn.functional.normalize(hidden, dim=0), want[0], rtol=0, atol=2e-6)
