@@ -166,3 +166,36 @@ def test_a_directory_converted_from_an_embedding_gguf_pools_as_the_file(tmp_path
     with torch.no_grad():
         hidden = model(**tok(TEXTS[0], return_tensors="pt")).last_hidden_state[0, -1]
     torch.testing.assert_close(torch.nn.functional.normalize(hidden, dim=0), want[0], rtol=0, atol=2e-6)
+
+
+def test_served_gguf_embeds_refuses_generation_and_other_pooling_in_one_line(tmp_path, ggufs, want):
+    import httpx
+
+    from qwenkit.server import ServerConfig, create_app
+
+    sys.path.insert(0, str(Path(__file__).parent.parent / "server"))
+    from live import LiveServer
+
+    mean = tmp_path / "mean.gguf"
+    shutil.copy(ggufs["f32"], mean)
+    set_pooling(mean, 1)
+    for path in (ggufs["f32"], mean):
+        llm = LLM.load(path, dtype="float32", progress=False)
+        app = create_app(llm, ServerConfig(served_model_name="q3e", response_cache_entries=0))
+        with LiveServer(app) as live:
+            r = httpx.post(f"{live.url}/v1/embeddings", json={"model": "q3e", "input": TEXTS})
+            gen = httpx.post(
+                f"{live.url}/v1/completions", json={"model": "q3e", "prompt": "hi", "max_tokens": 2}
+            )
+        assert gen.status_code == 400 and "no output head" in gen.json()["error"]["message"]
+        if path == mean:
+            message = r.json()["error"]["message"]
+            assert r.status_code == 400 and "\n" not in message
+            assert message.endswith(
+                "qwen3.pooling_type is 1 (mean); qwenkit pools the last token (3, last), "
+                "as decoder embedding models do"
+            )
+            continue
+        assert r.status_code == 200, r.text
+        got = torch.tensor([d["embedding"] for d in r.json()["data"]])
+        torch.testing.assert_close(got, want, rtol=0, atol=2e-6)
