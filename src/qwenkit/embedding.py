@@ -100,11 +100,10 @@ def _gguf_setup(path: Path) -> EmbeddingSetup:
     from qwenkit.checkpoint.gguf import GGUFError, read_gguf
 
     try:
-        metadata = read_gguf(path).metadata
+        ckpt = read_gguf(path)
     except GGUFError as exc:
         raise ConfigError(str(exc)) from None
-    key = f"{metadata.get('general.architecture')}.pooling_type"
-    pooling = metadata.get(key)
+    key, pooling = f"{ckpt.architecture}.pooling_type", ckpt.pooling_type
     if pooling is not None and pooling != _GGUF_LAST:
         named = _GGUF_POOLING.get(pooling) if isinstance(pooling, int) else None
         shown = f"{pooling} ({named})" if named else f"{pooling!r}, not a pooling llama.cpp knows"

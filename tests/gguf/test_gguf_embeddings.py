@@ -168,6 +168,26 @@ def test_a_directory_converted_from_an_embedding_gguf_pools_as_the_file(tmp_path
     torch.testing.assert_close(torch.nn.functional.normalize(hidden, dim=0), want[0], rtol=0, atol=2e-6)
 
 
+@pytest.mark.parametrize("pooling", [3, 1])
+def test_a_quantized_copy_of_an_embedding_gguf_pools_as_the_file(tmp_path, ggufs, want, pooling):
+    """``quantize`` from the file keeps its pooling and no head, as ``convert --to hf`` does."""
+    from qwenkit.quant.pipeline import quantize_checkpoint
+
+    path = tmp_path / "p.gguf"
+    shutil.copy(ggufs["f32"], path)
+    set_pooling(path, pooling)
+    out = tmp_path / "int8"
+    quantize_checkpoint(path, out, bits=8, group_size=32, method="rtn", progress=False)
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    llm = LLM.load(out, dtype="float32", progress=False)
+    assert llm.model.lm_head.__class__.__name__ == "MissingHead"
+    if pooling == 1:
+        with pytest.raises(ConfigError, match="pooling mean_tokens is not supported"):
+            llm.embed("hi")
+        return
+    torch.testing.assert_close(torch.tensor(llm.embed(TEXTS)), want, rtol=0, atol=2e-2)  # int8 weights
+
+
 def test_served_gguf_embeds_refuses_generation_and_other_pooling_in_one_line(tmp_path, ggufs, want):
     import httpx
 

@@ -20,7 +20,6 @@ from qwenkit.checkpoint.output_dir import atomic_output_dir, check_out_dir, writ
 from qwenkit.checkpoint.saver import save_sharded
 from qwenkit.checkpoint.side_files import write_side_files
 from qwenkit.convert.v1_to_qwen2 import check_float16_fits
-from qwenkit.embedding import sentence_transformers_files
 from qwenkit.errors import CheckpointError
 
 
@@ -52,12 +51,8 @@ def convert_gguf_to_hf(
             metadata={"source": "gguf"},
             dtype=torch_dtype,
         )
-        pooling = ckpt.metadata.get(f"{ckpt.architecture}.pooling_type")
-        if pooling is not None:  # an embedding model: its pooling, and no head tied where it has none
-            config["tie_word_embeddings"] = False  # as Qwen3-Embedding-8B's (``GGUFCheckpoint.headless``)
-            for name, value in sentence_transformers_files(pooling, config["hidden_size"]).items():
-                (tmp / name).parent.mkdir(exist_ok=True)
-                write_json(tmp / name, value)
+        if ckpt.headless:  # an embedding model's, with no head of its own: none tied (Qwen3-Embedding-8B's)
+            config["tie_word_embeddings"] = False
         write_json(tmp / "config.json", config)
         write_side_files(ckpt, tmp, "`qwenkit convert --to hf`")
     return out
