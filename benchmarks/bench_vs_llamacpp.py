@@ -185,8 +185,8 @@ def llama_env(src: Path, lib: Path) -> dict[str, str]:
 
 
 def build_llama(work: Path) -> tuple[Path, Path]:
-    """Download the llama-cpp-python sdist and build its libllama (and llama-bench, llama-batched-bench)
-    with native CPU flags."""
+    """Download the llama-cpp-python sdist and build its libllama (and llama-bench, llama-batched-bench,
+    llama-embedding) with native CPU flags."""
     import tarfile
 
     dl = work / "sdist"
@@ -226,8 +226,8 @@ def build_llama(work: Path) -> tuple[Path, Path]:
         check=True,
     )
     # libllama for llama-cpp-python; llama-bench for the native column; llama-batched-bench for
-    # bench_batch_scaling.py's peer column
-    for target in ("llama", "llama-bench", "llama-batched-bench"):
+    # bench_batch_scaling.py's peer column; llama-embedding for tests/gguf/test_gguf_embeddings.py
+    for target in ("llama", "llama-bench", "llama-batched-bench", "llama-embedding"):
         subprocess.run(
             ["cmake", "--build", str(build), "--target", target, "-j", str(os.cpu_count())], check=True
         )

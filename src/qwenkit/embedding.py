@@ -15,7 +15,7 @@ import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -45,6 +45,8 @@ def read_setup(directory: str | Path | None) -> EmbeddingSetup:
     pooling or module other than last-token pooling and Normalize is refused by name (ConfigError):
     its embeddings would be other numbers than the model's card promises."""
     root = Path(directory) if directory is not None else None
+    if root is not None and root.is_file() and root.suffix == ".gguf":
+        return _gguf_setup(root)
     if root is None or not root.is_dir():
         return EmbeddingSetup()
     config = _json(root / "config.json") if (root / "config.json").is_file() else None
@@ -83,6 +85,49 @@ def read_setup(directory: str | Path | None) -> EmbeddingSetup:
     prompts = _json(extra).get("prompts") if extra.is_file() else None
     prompts = {str(k): str(v) for k, v in prompts.items()} if isinstance(prompts, dict) else {}
     return EmbeddingSetup(normalize=normalize, prompts=prompts)
+
+
+# llama.cpp's llama_pooling_type (gguf-py's PoolingType), as {arch}.pooling_type holds it
+_GGUF_POOLING = {0: "none", 1: "mean", 2: "cls", 3: "last", 4: "rank"}
+_GGUF_LAST = 3
+
+
+def _gguf_setup(path: Path) -> EmbeddingSetup:
+    """A GGUF's pooling, as llama.cpp's converter writes it from the sentence-transformers Pooling
+    (``{arch}.pooling_type``): last-token pooling runs, another is refused by name; a file without the
+    key pools its last token, as a directory without sentence-transformers files does. Normalized, as
+    llama.cpp's embedding example and server do by default (``--embd-normalize 2``: L2); the EOS the
+    file's ``tokenizer.ggml.add_eos_token`` asks for is the tokenizer's (``gguf_tokenizer``)."""
+    from qwenkit.checkpoint.gguf import GGUFError, read_gguf
+
+    try:
+        ckpt = read_gguf(path)
+    except GGUFError as exc:
+        raise ConfigError(str(exc)) from None
+    key, pooling = f"{ckpt.architecture}.pooling_type", ckpt.pooling_type
+    if pooling is not None and pooling != _GGUF_LAST:
+        named = _GGUF_POOLING.get(pooling) if isinstance(pooling, int) else None
+        shown = f"{pooling} ({named})" if named else f"{pooling!r}, not a pooling llama.cpp knows"
+        raise ConfigError(
+            f"{path}: {key} is {shown}; qwenkit pools the last token ({_GGUF_LAST}, last), "
+            "as decoder embedding models do"
+        )
+    return EmbeddingSetup()
+
+
+def sentence_transformers_files(pooling: object, hidden_size: int) -> dict[str, Any]:
+    """The sentence-transformers files (relative path -> JSON) that say what a GGUF's
+    ``{arch}.pooling_type`` says, for a directory converted from it: its Pooling (none of the modes for
+    a pooling that has no sentence-transformers one) and Normalize, as llama.cpp normalizes."""
+    modes = {1: "mean_tokens", 2: "cls_token", 3: "lasttoken"}
+    config: dict[str, object] = {"word_embedding_dimension": hidden_size}
+    config |= {f"pooling_mode_{m}": pooling == i for i, m in modes.items()}
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": _ST + "Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": _ST + "Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": _ST + "Normalize"},
+    ]
+    return {"modules.json": modules, "1_Pooling/config.json": config}
 
 
 def _json(path: Path) -> object:

@@ -40,12 +40,17 @@ class BareNames:
             yield ours, tensor
 
 
-def without_head(model: nn.Module, missing: list[str], names: BareNames, path: object) -> list[str]:
+def without_head(model: nn.Module, missing: list[str], names: BareNames, source: object) -> list[str]:
     """``missing`` less the output head where a bare decoder's checkpoint has none, or a
     sentence-transformers model's (``modules.json`` beside it: one qwenkit quantized or converted keeps
-    it, its names now ours); the model's head is then a ``MissingHead``."""
+    it, its names now ours); the model's head is then a ``MissingHead``. So is an embedding model's GGUF
+    with no ``output.weight`` (``GGUFCheckpoint.headless``), whose config ties the head as llama.cpp
+    would: the file cannot tell a tied head from none, and a made-up one would write nonsense."""
+    path = getattr(source, "path", None)
     embedder = isinstance(path, str | Path) and (Path(path) / "modules.json").is_file()
     if (names.seen or embedder) and "lm_head.weight" in missing:
         model.lm_head = MissingHead()
         return [n for n in missing if n != "lm_head.weight"]
+    if getattr(source, "headless", False):  # the loader then leaves it untied
+        model.lm_head = MissingHead()
     return missing

@@ -101,6 +101,11 @@ class GGUFCheckpoint:
         self._heads = HeadLayout(
             self.architecture, self.hf_config["num_attention_heads"], self.hf_config["num_key_value_heads"]
         )
+        # An embedding model (llama.cpp's converter writes {arch}.pooling_type from its sentence-transformers
+        # Pooling) with no output.weight: the file cannot say whether its source tied a head to the
+        # embeddings or had none (Qwen3-Embedding-8B), so it computes embeddings only (``MissingHead``).
+        self.pooling_type: object = metadata.get(f"{self.architecture}.pooling_type")
+        self.headless = self.pooling_type is not None and "output.weight" not in shapes
 
     def __repr__(self) -> str:
         return f"GGUFCheckpoint({str(self.path)!r}, architecture={self.architecture!r})"

@@ -35,6 +35,7 @@ from qwenkit.model import Transformer
 from qwenkit.model.adapter_bank import LoRAPair
 from qwenkit.model.rope import inv_freq
 from qwenkit.model.served_adapters import AdapterNotServable, check_servable, serve_adapters
+from qwenkit.model.transformer import is_headless
 from qwenkit.notes import say_once
 from qwenkit.paths import not_a_file
 
@@ -470,7 +471,7 @@ def _assign_all(
             loaded.add(name)
             if config.quantization and tensor_parallel is None:  # (a rank's copies are packed at the end)
                 _pack_when_complete(model, name, trimmer)
-    missing = without_head(model, sorted(set(expected) - loaded), names, source.path)
+    missing = without_head(model, sorted(set(expected) - loaded), names, source)
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         shown = ", ".join(n + _expert_note(n, config) for n in missing[:5])
@@ -478,7 +479,8 @@ def _assign_all(
     embedding = getattr(model.model.embed_tokens, "weight", None)
     if head is not None and isinstance(embedding, torch.Tensor):  # the head came after the embeddings
         _check_tied_head(head, embedding.detach(), source)
-    if config.tie_word_embeddings and isinstance(model.model.embed_tokens, nn.Embedding):
+    tied = config.tie_word_embeddings and not is_headless(model)  # an embedding GGUF's tie: none (bare)
+    if tied and isinstance(model.model.embed_tokens, nn.Embedding):
         model.lm_head.weight = model.model.embed_tokens.weight  # (a quantized pair shares codes already)
 
 

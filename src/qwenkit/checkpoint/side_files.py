@@ -61,6 +61,13 @@ def write_side_files(source: Any, out: Path, made_by: str) -> None:
             source.tokenizer.save(str(out / "tokenizer.json"))
             write_json(out / "tokenizer_config.json", source.tokenizer_config)
         write_json(out / "generation_config.json", generation_config_to_save(source))
+        if source.pooling_type is not None:  # an embedding model: its pooling, as ``qwenkit.embedding`` reads
+            from qwenkit.embedding import sentence_transformers_files
+
+            hidden = source.hf_config["hidden_size"]
+            for name, value in sentence_transformers_files(source.pooling_type, hidden).items():
+                (out / name).parent.mkdir(exist_ok=True)
+                write_json(out / name, value)
         if source.license:
             note = (
                 f"Made from `{source.path.name}` by {made_by} (weights dequantized from the GGUF). "

@@ -51,6 +51,8 @@ def convert_gguf_to_hf(
             metadata={"source": "gguf"},
             dtype=torch_dtype,
         )
+        if ckpt.headless:  # an embedding model's, with no head of its own: none tied (Qwen3-Embedding-8B's)
+            config["tie_word_embeddings"] = False
         write_json(tmp / "config.json", config)
         write_side_files(ckpt, tmp, "`qwenkit convert --to hf`")
     return out

@@ -237,6 +237,8 @@ def quantize_checkpoint(
 
     with atomic_output_dir(out, overwrite) as tmp:
         hf_config = {k: v for k, v in source.hf_config.items() if k != "quantization_config"}
+        if getattr(source, "headless", False):  # an embedding GGUF's: no head, none tied (gguf)
+            hf_config["tie_word_embeddings"] = False
         save_gptq(model, tmp, qconfig, hf_config)
         from qwenkit.checkpoint.side_files import write_side_files
 
