@@ -88,3 +88,22 @@ QWEN25_7B = {
     "num_key_value_heads": 4,
     "tie_word_embeddings": False,
 }
+
+# Qwen3-Embedding-0.6B: 596 M parameters, tied embeddings, q/k norms, 16 query heads of 128 over 8 KV heads;
+# its tokenizer's 151,669 tokens are the whole vocabulary.
+QWEN3_EMBEDDING_06B = {
+    "model_type": "qwen3",
+    "architectures": ["Qwen3ForCausalLM"],
+    "vocab_size": 151669,
+    "hidden_size": 1024,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "tie_word_embeddings": True,
+    "eos_token_id": 151643,
+}

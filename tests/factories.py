@@ -272,16 +272,19 @@ def with_named_templates(model: Path, path: Path, default: str) -> Path:
     return path
 
 
-def write_tiny_embedding_model(path: Path, tie_word_embeddings: bool = False) -> Path:
+def write_tiny_embedding_model(
+    path: Path, tie_word_embeddings: bool = False, shape: dict[str, Any] | None = None
+) -> Path:
     """A small random Qwen3 in Qwen3-Embedding's layout: weights saved from the bare ``Qwen3Model`` (no
     ``model.`` prefix, no ``lm_head``), config.json saying Qwen3ForCausalLM, the real Qwen3 tokenizer
-    with the post-processor that appends <|endoftext|>, and the sentence-transformers files."""
+    with the post-processor that appends <|endoftext|>, and the sentence-transformers files. ``shape``:
+    Qwen3Config fields over the small ones (benchmarks/bench_embed.py builds the 0.6B's)."""
     import shutil
 
     import tokenizers
     import transformers
 
-    shape = dict(
+    fields = dict(
         TINY,
         vocab_size=151936,
         hidden_size=32,
@@ -293,8 +296,9 @@ def write_tiny_embedding_model(path: Path, tie_word_embeddings: bool = False) ->
         tie_word_embeddings=tie_word_embeddings,
         eos_token_id=151643,
     )
+    fields.update(shape or {})
     torch.manual_seed(0)
-    model = transformers.Qwen3Model(transformers.Qwen3Config(**shape)).eval()
+    model = transformers.Qwen3Model(transformers.Qwen3Config(**fields)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -313,7 +317,7 @@ def write_tiny_embedding_model(path: Path, tie_word_embeddings: bool = False) ->
     tok.save(str(path / "tokenizer.json"))
     (path / "1_Pooling").mkdir()
     pooling = {
-        "word_embedding_dimension": 32,
+        "word_embedding_dimension": model.config.hidden_size,
         "pooling_mode_cls_token": False,
         "pooling_mode_mean_tokens": False,
         "pooling_mode_max_tokens": False,

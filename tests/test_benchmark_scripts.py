@@ -117,3 +117,27 @@ def test_the_tensor_parallel_benchmark_runs_its_led_engines():
     rows = [line for line in run.stdout.splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")]
     assert [row.split(" | ")[1] for row in rows] == ["one", "one", "replicated", "led by rank 0"]
     assert all(row.endswith("| yes |") for row in rows)
+
+
+@pytest.mark.slow
+def test_the_embedding_benchmark_measures_both_sides_and_they_agree():
+    """bench_embed.py on one layer of the Qwen3-Embedding-0.6B shape: a row per dtype and side, each
+    side's vectors those of the other (cosine >= 0.999), the ratios each other's inverse."""
+    run = subprocess.run(
+        [sys.executable, str(BENCH / "bench_embed.py"), "--layers", "1", "--texts", "3", "--tokens", "9"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = [line.split(" | ") for line in run.stdout.splitlines() if line.startswith(("| bf16 ", "| fp32 "))]
+    assert [(r[0], r[1]) for r in rows] == [
+        ("| bf16", "qwenkit"),
+        ("| bf16", "transformers"),
+        ("| fp32", "qwenkit"),
+        ("| fp32", "transformers"),
+    ]
+    assert all(r[-1].endswith("(yes) |") for r in rows)
+    for ours, theirs in (rows[:2], rows[2:]):
+        assert float(ours[3]) / float(theirs[3]) == pytest.approx(float(ours[4][:-1]), rel=0.02)
