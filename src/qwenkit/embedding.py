@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import numbers
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -184,18 +185,29 @@ def run(llm: LLM, ids: list[list[int]]) -> list[torch.Tensor]:
             stream.abort()
 
 
+@dataclass(frozen=True)
+class Embedded:
+    """One input's hidden state, and how long it waited for its first step (the server's metrics)."""
+
+    hidden: torch.Tensor
+    queued: float | None  # seconds from submission to its first step (None: it never had one)
+
+
 async def run_async(
     llm: LLM, ids: list[list[int]], adapter: str | None = None, name: str | None = None
-) -> list[torch.Tensor]:
+) -> list[Embedded]:
     """``run`` from an event loop, which stays free while the engine computes; through served adapter
     ``adapter`` where given. ``name``: the requests' id in the engine's log (a server's request id)."""
     loop = asyncio.get_running_loop()
     params = replace(EMBED, adapter=adapter)
+    submitted = time.perf_counter()
     with llm.driver.together():
         streams = [llm.driver.submit(one, params, loop=loop, name=name) for one in ids]
 
-    async def read(stream: RequestStream) -> torch.Tensor:
-        return _hidden([out async for out in stream])
+    async def read(stream: RequestStream) -> Embedded:
+        outputs = [out async for out in stream]
+        first = next((o.scheduled_at for o in outputs if o.scheduled_at is not None), None)
+        return Embedded(_hidden(outputs), None if first is None else max(first - submitted, 0.0))
 
     try:
         return list(await asyncio.gather(*(read(s) for s in streams)))
