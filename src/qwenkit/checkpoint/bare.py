@@ -15,6 +15,8 @@ from typing import Any
 
 from torch import nn
 
+from qwenkit.checkpoint.files import tensor_names
+from qwenkit.config import ModelConfig
 from qwenkit.model.transformer import MissingHead
 
 _BARE_ROOT = re.compile(r"^(embed_tokens|layers|norm)\.")
@@ -49,3 +51,13 @@ def without_head(model: nn.Module, missing: list[str], names: BareNames, path: o
         model.lm_head = MissingHead()
         return [n for n in missing if n != "lm_head.weight"]
     return missing
+
+
+def lacks_head(source: object, config: ModelConfig) -> bool:
+    """Whether a checkpoint directory has no output head to load: untied, and no ``lm_head.weight``
+    among its tensor names (read without a tensor). Its memory estimate leaves the head out: vocab x
+    hidden, 1.2 GB of Qwen3-Embedding-8B's bfloat16 weights."""
+    weights = getattr(source, "weights", None)  # a directory's files (a GGUF file's head is its own)
+    if config.tie_word_embeddings or weights is None:
+        return False
+    return "lm_head.weight" not in tensor_names(weights)
