@@ -343,3 +343,33 @@ def test_info_counts_the_parameters_a_headless_checkpoint_holds(headless, tied):
     stored = re.search(r"as stored +(\S+ MiB)", text).group(1)
     assert re.search(rf"float32 +{re.escape(stored)}\n", text)
     assert "output head" not in describe(str(tied))
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["generate", "-p", "hi"], ["generate", "--prompt-ids", "1,2"], ["chat", "-p", "hi"], ["profile"]],
+)
+def test_text_commands_refuse_a_headless_checkpoint_before_loading_it(headless, command, capsys, monkeypatch):
+    """chat, generate and profile of an embedding model's bare decoder: one line saying it computes
+    embeddings only, before its weights load (profile's child processes loaded them to fail, each)."""
+    from qwenkit.cli import main
+
+    def never(*args, **kwargs):
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(LLM, "load", never)
+    monkeypatch.setattr("qwenkit.profile.profile", never)
+    assert main([command[0], str(headless), *command[1:]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"error: {headless} has no output head (an embedding model's bare decoder): it computes embeddings "
+        "only, not text; serve it (`qwenkit serve`) and ask POST /v1/embeddings"
+    )
+
+
+def test_a_tied_embedding_model_still_generates(tied, capsys):
+    """Qwen3-Embedding-0.6B's layout has a head (its tied embedding): text commands run it."""
+    from qwenkit.cli import main
+
+    assert main(["generate", str(tied), "--prompt-ids", "1,2", "--max-new-tokens", "2", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["output_token_ids"]) == 2

@@ -61,3 +61,14 @@ def lacks_head(source: object, config: ModelConfig) -> bool:
     if config.tie_word_embeddings or weights is None:
         return False
     return "lm_head.weight" not in tensor_names(weights)
+
+
+def embeds_only(source: object, config: ModelConfig) -> bool:
+    """Whether the checkpoint loads as a model that computes embeddings only (``without_head``'s
+    condition, from its file names alone, before a weight is read): no output head, and the bare
+    decoder's names or a sentence-transformers ``modules.json``."""
+    if not lacks_head(source, config):
+        return False
+    if (Path(getattr(source, "path", "")) / "modules.json").is_file():
+        return True
+    return any(_BARE_ROOT.match(name) for name in tensor_names(source.weights))  # type: ignore[attr-defined]
