@@ -154,11 +154,15 @@ def _is_id(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def prompt_ids(llm: LLM, inputs: Sequence[str | list[int]], prefix: str = "") -> list[list[int]]:
-    """Each input's ids, checked by the engine (vocabulary, context) before any runs: text as
-    transformers' ``tokenizer(prefix + text)`` makes it (the tokenizer's post-processor adds its tokens:
-    Qwen3-Embedding's ``<|endoftext|>``), ids as given."""
+def prompt_ids(
+    llm: LLM, inputs: Sequence[str | list[int]], prefix: str = "", adapter: str | None = None
+) -> list[list[int]]:
+    """Each input's ids, checked by the engine (vocabulary, context, ``adapter`` served) before any
+    runs: text as transformers' ``tokenizer(prefix + text)`` makes it (the tokenizer's post-processor
+    adds its tokens: Qwen3-Embedding's ``<|endoftext|>``), ids as given."""
     encoded = [llm.encode(prefix + one) if isinstance(one, str) else list(one) for one in inputs]
+    if adapter is not None:  # first: a name not served is no input's fault
+        llm.engine.validate([0], replace(EMBED, adapter=adapter))
     for i, ids in enumerate(encoded):
         try:
             llm.engine.validate(ids, EMBED)
@@ -174,10 +178,12 @@ def _hidden(outputs: list) -> torch.Tensor:
     return last.embedding
 
 
-def run(llm: LLM, ids: list[list[int]]) -> list[torch.Tensor]:
-    """The hidden states of ``ids``, batched by the engine beside whatever else runs."""
+def run(llm: LLM, ids: list[list[int]], adapter: str | None = None) -> list[torch.Tensor]:
+    """The hidden states of ``ids``, batched by the engine beside whatever else runs; through served
+    adapter ``adapter`` where given."""
+    params = replace(EMBED, adapter=adapter)
     with llm.driver.together():  # queued as one batch
-        streams = [llm.driver.submit(one, EMBED) for one in ids]
+        streams = [llm.driver.submit(one, params) for one in ids]
     try:
         return [_hidden(list(stream)) for stream in streams]
     finally:

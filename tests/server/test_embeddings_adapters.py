@@ -12,6 +12,7 @@ import torch
 from factories import write_lora_adapter, write_tiny_embedding_model
 from live import LiveServer
 
+from qwenkit.engine import SamplingParamsError
 from qwenkit.generate import LLM
 from qwenkit.server import ServerConfig, create_app
 
@@ -59,8 +60,15 @@ def files(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def live(files):
+def lora_llm(files):
     llm = LLM.load(files["base"], dtype="float32", progress=False, adapters={"ours": str(files["ours"])})
+    yield llm
+    llm.close()
+
+
+@pytest.fixture(scope="module")
+def live(files, lora_llm):
+    llm = lora_llm
     config = ServerConfig(
         served_model_name="q3e",
         lora_modules=(("ours", str(files["ours"])),),
@@ -69,7 +77,6 @@ def live(files):
     )
     with LiveServer(create_app(llm, config)) as server:
         yield server
-    llm.close()
 
 
 def embed(live, model: str) -> torch.Tensor:
@@ -88,6 +95,15 @@ def test_lora_module_embeds_as_the_merged_model(live, files):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
     assert (got - plain).abs().max() > 0.1  # the adapter changes them
     torch.testing.assert_close(embed(live, "q3e"), plain, rtol=0, atol=1e-6)
+
+
+def test_llm_embed_through_a_served_adapter(lora_llm, files):
+    """``LLM.embed(adapter=...)``: the Python API picks a served adapter as the server's ``model`` does."""
+    with LLM.load(files["base"], dtype="float32", progress=False, adapter=files["ours"]) as merged:
+        want = torch.tensor(merged.embed(TEXTS))
+    torch.testing.assert_close(torch.tensor(lora_llm.embed(TEXTS, adapter="ours")), want, rtol=0, atol=1e-6)
+    with pytest.raises(SamplingParamsError, match=r"^adapter 'nope' is not served here \(served: ours\)$"):
+        lora_llm.embed(TEXTS, adapter="nope")
 
 
 def test_runtime_loaded_peft_adapter_of_the_bare_decoder_embeds_as_peft(live, files):
