@@ -345,13 +345,29 @@ def test_info_counts_the_parameters_a_headless_checkpoint_holds(headless, tied):
     assert "output head" not in describe(str(tied))
 
 
+SERVE_IT = "serve it (`qwenkit serve`) and ask POST /v1/embeddings"
+TRAIN = "fine-tuning trains its next-token loss, which needs one"
+
+
 @pytest.mark.parametrize(
-    "command",
-    [["generate", "-p", "hi"], ["generate", "--prompt-ids", "1,2"], ["chat", "-p", "hi"], ["profile"]],
+    ("command", "advice"),
+    [
+        (["generate", "{m}", "-p", "hi"], SERVE_IT),
+        (["generate", "{m}", "--prompt-ids", "1,2"], SERVE_IT),
+        (["chat", "{m}", "-p", "hi"], SERVE_IT),
+        (["profile", "{m}"], SERVE_IT),
+        (["eval", "{m}", "--task", "ppl", "--data", "{t}"], "the benchmarks score the text it writes or"),
+        (["finetune", "{m}", "{d}", "{o}", "--max-steps", "1"], TRAIN),
+        (["dpo", "{m}", "{p}", "{o}", "--max-steps", "1"], TRAIN),
+    ],
 )
-def test_text_commands_refuse_a_headless_checkpoint_before_loading_it(headless, command, capsys, monkeypatch):
-    """chat, generate and profile of an embedding model's bare decoder: one line saying it computes
-    embeddings only, before its weights load (profile's child processes loaded them to fail, each)."""
+def test_text_commands_refuse_a_headless_checkpoint_before_loading_it(
+    headless, tmp_path, command, advice, capsys, monkeypatch
+):
+    """chat, generate, profile, eval, finetune and dpo of an embedding model's bare decoder: one line
+    saying it computes embeddings only, before its weights load. They failed at its first logits (eval,
+    finetune and dpo with a traceback, fine-tuning leaving its work directory behind; profile's child
+    processes loaded it to fail, each)."""
     from qwenkit.cli import main
 
     def never(*args, **kwargs):
@@ -359,12 +375,23 @@ def test_text_commands_refuse_a_headless_checkpoint_before_loading_it(headless, 
 
     monkeypatch.setattr(LLM, "load", never)
     monkeypatch.setattr("qwenkit.profile.profile", never)
-    assert main([command[0], str(headless), *command[1:]]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err == (
+    (tmp_path / "t.txt").write_text("some text to score\n")
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    (tmp_path / "d.jsonl").write_text(json.dumps({"messages": chat}) + "\n")
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "hi", "chosen": "a", "rejected": "b"}) + "\n")
+    names = {"t": "t.txt", "d": "d.jsonl", "p": "p.jsonl", "o": "out"}
+    argv = [a.format(m=headless, **{k: str(tmp_path / n) for k, n in names.items()}) for a in command]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(
         f"error: {headless} has no output head (an embedding model's bare decoder): it computes embeddings "
-        "only, not text; serve it (`qwenkit serve`) and ask POST /v1/embeddings"
+        f"only, not text; {advice}"
     )
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "d.jsonl",
+        "p.jsonl",
+        "t.txt",
+    ]  # no OUT, no work dir
 
 
 def test_a_tied_embedding_model_still_generates(tied, capsys):

@@ -154,11 +154,15 @@ def gguf_dequantize(args: argparse.Namespace, path: Path) -> bool:
     return bool(args.gguf_dequantize)
 
 
+SERVE_IT = "serve it (`qwenkit serve`) and ask POST /v1/embeddings"
+
+
 def load_llm(args: argparse.Namespace, max_batch_size: int = 1, tensor_parallel=None):
+    from qwenkit.checkpoint.bare import refuse_embeddings_only
     from qwenkit.generate import LLM
 
     path = resolve_model(args.model)
-    refuse_embeddings_only(path)
+    refuse_embeddings_only(path, SERVE_IT)
     llm = LLM.load(
         path,
         dtype=args.dtype,
@@ -174,22 +178,6 @@ def load_llm(args: argparse.Namespace, max_batch_size: int = 1, tensor_parallel=
     )
     warn_past_context(llm, "--max-context")
     return llm
-
-
-def refuse_embeddings_only(path: str | Path) -> None:
-    """ConfigError, before the weights load, for a checkpoint with no output head (an embedding model's
-    bare decoder: Qwen3-Embedding-8B): it makes no text, so chat, generate and profile have nothing to run."""
-    from qwenkit.checkpoint import open_checkpoint
-    from qwenkit.checkpoint.bare import embeds_only
-    from qwenkit.config import ModelConfig
-    from qwenkit.errors import ConfigError
-
-    source = open_checkpoint(path)
-    if embeds_only(source, ModelConfig.from_hf(source.hf_config)):
-        raise ConfigError(
-            f"{path} has no output head (an embedding model's bare decoder): it computes embeddings only, "
-            "not text; serve it (`qwenkit serve`) and ask POST /v1/embeddings"
-        )
 
 
 def warn_past_context(llm, option: str) -> None:
