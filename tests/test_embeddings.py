@@ -5,6 +5,7 @@ L2-normalized."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -276,3 +277,126 @@ def test_a_headless_model_is_served_from_the_prepared_cache(tmp_path, headless, 
     assert "rebuilding the prepared-model cache" not in capfd.readouterr().err
     assert second.model.lm_head.__class__.__name__ == "MissingHead"
     assert second.embed(TEXTS) == first.embed(TEXTS)
+
+
+def test_load_estimate_leaves_out_the_head_a_headless_checkpoint_lacks(headless, tied, monkeypatch):
+    """The memory check before loading counted an output head the bare decoder's files do not hold:
+    vocab x hidden too many, 1.2 GB of Qwen3-Embedding-8B in bfloat16. It now equals the bytes the
+    loaded parameters take; a tied checkpoint's head is its embedding, counted once as before."""
+    from qwenkit.checkpoint import loader
+
+    estimates = []
+    real_check = loader.check_fits
+    monkeypatch.setattr(
+        loader, "check_fits", lambda *a, **k: estimates.append(k["weights"]) or real_check(*a, **k)
+    )
+    for path in (headless, tied):
+        llm = LLM.load(path, dtype="float32", progress=False)
+        loaded = sum(p.numel() * p.element_size() for p in llm.model.parameters())
+        assert llm.model.lm_head.__class__.__name__ == ("MissingHead" if path == headless else "Linear")
+        llm.close()
+        if path == headless:
+            assert estimates == [loaded] == [19_522_432]  # 151936 x 32 float32 embedding, 2 layers
+    assert estimates[1:] == [None]  # the config's estimate, the embedding counted once
+
+
+def test_qwen3_embedding_8b_weights_are_its_parameters_without_a_head():
+    """Qwen3-Embedding-8B's config.json: 7,567,295,488 parameters in its files (Qwen3-8B's less its
+    151665 x 4096 head), which bfloat16 takes twice in bytes."""
+    from qwenkit.config import ModelConfig
+    from qwenkit.memory import weight_bytes
+
+    config = ModelConfig.from_hf(
+        {
+            "architectures": ["Qwen3ForCausalLM"],
+            "model_type": "qwen3",
+            "vocab_size": 151665,
+            "hidden_size": 4096,
+            "intermediate_size": 12288,
+            "num_hidden_layers": 36,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "head_dim": 128,
+            "tie_word_embeddings": False,
+            "max_position_embeddings": 40960,
+        }
+    )
+    assert weight_bytes(config, torch.bfloat16, headless=True) == 2 * 7_567_295_488
+    assert weight_bytes(config, torch.bfloat16) - weight_bytes(config, torch.bfloat16, headless=True) == (
+        2 * 151665 * 4096
+    )
+    # weight-only int4: the same layers quantized, the int8 head (there is none) not added
+    head_int8 = weight_bytes(config, torch.bfloat16, "int4") - weight_bytes(
+        config, torch.bfloat16, "int4", headless=True
+    )
+    assert head_int8 == 151665 * 4096 + 151665 * 7  # int8 codes and each row's group data
+
+
+def test_info_counts_the_parameters_a_headless_checkpoint_holds(headless, tied):
+    """``qwenkit info`` of the bare decoder: its parameters and memory without the head it lacks (the
+    float32 row equals the float32 files as stored), and a line saying it computes embeddings only."""
+    from qwenkit.cli.info import describe
+
+    text = describe(str(headless))
+    assert re.search(r"parameters +4,880,608 \(0\.00 B\)", text)
+    assert re.search(r"output head +none in the files: it computes embeddings only", text)
+    stored = re.search(r"as stored +(\S+ MiB)", text).group(1)
+    assert re.search(rf"float32 +{re.escape(stored)}\n", text)
+    assert "output head" not in describe(str(tied))
+
+
+SERVE_IT = "serve it (`qwenkit serve`) and ask POST /v1/embeddings"
+TRAIN = "fine-tuning trains its next-token loss, which needs one"
+
+
+@pytest.mark.parametrize(
+    ("command", "advice"),
+    [
+        (["generate", "{m}", "-p", "hi"], SERVE_IT),
+        (["generate", "{m}", "--prompt-ids", "1,2"], SERVE_IT),
+        (["chat", "{m}", "-p", "hi"], SERVE_IT),
+        (["profile", "{m}"], SERVE_IT),
+        (["eval", "{m}", "--task", "ppl", "--data", "{t}"], "the benchmarks score the text it writes or"),
+        (["finetune", "{m}", "{d}", "{o}", "--max-steps", "1"], TRAIN),
+        (["dpo", "{m}", "{p}", "{o}", "--max-steps", "1"], TRAIN),
+    ],
+)
+def test_text_commands_refuse_a_headless_checkpoint_before_loading_it(
+    headless, tmp_path, command, advice, capsys, monkeypatch
+):
+    """chat, generate, profile, eval, finetune and dpo of an embedding model's bare decoder: one line
+    saying it computes embeddings only, before its weights load. They failed at its first logits (eval,
+    finetune and dpo with a traceback, fine-tuning leaving its work directory behind; profile's child
+    processes loaded it to fail, each)."""
+    from qwenkit.cli import main
+
+    def never(*args, **kwargs):
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(LLM, "load", never)
+    monkeypatch.setattr("qwenkit.profile.profile", never)
+    (tmp_path / "t.txt").write_text("some text to score\n")
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    (tmp_path / "d.jsonl").write_text(json.dumps({"messages": chat}) + "\n")
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "hi", "chosen": "a", "rejected": "b"}) + "\n")
+    names = {"t": "t.txt", "d": "d.jsonl", "p": "p.jsonl", "o": "out"}
+    argv = [a.format(m=headless, **{k: str(tmp_path / n) for k, n in names.items()}) for a in command]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(
+        f"error: {headless} has no output head (an embedding model's bare decoder): it computes embeddings "
+        f"only, not text; {advice}"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "d.jsonl",
+        "p.jsonl",
+        "t.txt",
+    ]  # no OUT, no work dir
+
+
+def test_a_tied_embedding_model_still_generates(tied, capsys):
+    """Qwen3-Embedding-0.6B's layout has a head (its tied embedding): text commands run it."""
+    from qwenkit.cli import main
+
+    assert main(["generate", str(tied), "--prompt-ids", "1,2", "--max-new-tokens", "2", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["output_token_ids"]) == 2

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import numbers
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -199,11 +200,16 @@ def _is_id(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def prompt_ids(llm: LLM, inputs: Sequence[str | list[int]], prefix: str = "") -> list[list[int]]:
-    """Each input's ids, checked by the engine (vocabulary, context) before any runs: text as
-    transformers' ``tokenizer(prefix + text)`` makes it (the tokenizer's post-processor adds its tokens:
-    Qwen3-Embedding's ``<|endoftext|>``), ids as given. A text surely past the context window is refused
-    from its length before any input is tokenized (``LLM.check_prompt_bound``, as ``generate`` does)."""
+def prompt_ids(
+    llm: LLM, inputs: Sequence[str | list[int]], prefix: str = "", adapter: str | None = None
+) -> list[list[int]]:
+    """Each input's ids, checked by the engine (vocabulary, context, ``adapter`` served) before any
+    runs: text as transformers' ``tokenizer(prefix + text)`` makes it (the tokenizer's post-processor
+    adds its tokens: Qwen3-Embedding's ``<|endoftext|>``), ids as given. A text surely past the context
+    window is refused from its length before any input is tokenized (``LLM.check_prompt_bound``, as
+    ``generate`` does)."""
+    if adapter is not None:  # first: a name not served is no input's fault
+        llm.engine.validate([0], replace(EMBED, adapter=adapter))
     texts = [prefix + one if isinstance(one, str) else one for one in inputs]
     _each(texts, lambda text: llm.check_prompt_bound(text, EMBED))
     encoded = [llm.encode(text) if isinstance(text, str) else list(text) for text in texts]
@@ -227,10 +233,12 @@ def _hidden(outputs: list) -> torch.Tensor:
     return last.embedding
 
 
-def run(llm: LLM, ids: list[list[int]]) -> list[torch.Tensor]:
-    """The hidden states of ``ids``, batched by the engine beside whatever else runs."""
+def run(llm: LLM, ids: list[list[int]], adapter: str | None = None) -> list[torch.Tensor]:
+    """The hidden states of ``ids``, batched by the engine beside whatever else runs; through served
+    adapter ``adapter`` where given."""
+    params = replace(EMBED, adapter=adapter)
     with llm.driver.together():  # queued as one batch
-        streams = [llm.driver.submit(one, EMBED) for one in ids]
+        streams = [llm.driver.submit(one, params) for one in ids]
     try:
         return [_hidden(list(stream)) for stream in streams]
     finally:
@@ -238,18 +246,29 @@ def run(llm: LLM, ids: list[list[int]]) -> list[torch.Tensor]:
             stream.abort()
 
 
+@dataclass(frozen=True)
+class Embedded:
+    """One input's hidden state, and how long it waited for its first step (the server's metrics)."""
+
+    hidden: torch.Tensor
+    queued: float | None  # seconds from submission to its first step (None: it never had one)
+
+
 async def run_async(
     llm: LLM, ids: list[list[int]], adapter: str | None = None, name: str | None = None
-) -> list[torch.Tensor]:
+) -> list[Embedded]:
     """``run`` from an event loop, which stays free while the engine computes; through served adapter
     ``adapter`` where given. ``name``: the requests' id in the engine's log (a server's request id)."""
     loop = asyncio.get_running_loop()
     params = replace(EMBED, adapter=adapter)
+    submitted = time.perf_counter()
     with llm.driver.together():
         streams = [llm.driver.submit(one, params, loop=loop, name=name) for one in ids]
 
-    async def read(stream: RequestStream) -> torch.Tensor:
-        return _hidden([out async for out in stream])
+    async def read(stream: RequestStream) -> Embedded:
+        outputs = [out async for out in stream]
+        first = next((o.scheduled_at for o in outputs if o.scheduled_at is not None), None)
+        return Embedded(_hidden(outputs), None if first is None else max(first - submitted, 0.0))
 
     try:
         return list(await asyncio.gather(*(read(s) for s in streams)))

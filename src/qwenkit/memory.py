@@ -65,21 +65,30 @@ def quantized_bytes(parameters: int, in_features: int, quantize: str) -> int:
 
 
 def weight_bytes(
-    config: ModelConfig, dtype: torch.dtype, quantize: str | None = None, active: bool = False
+    config: ModelConfig,
+    dtype: torch.dtype,
+    quantize: str | None = None,
+    active: bool = False,
+    headless: bool = False,
 ) -> int:
     """Bytes the weights take in memory at this dtype, or with weight-only int8/int4 linear layers.
 
     ``--quantize`` also quantizes ``lm_head`` to int8; a tied embedding is served from that same
     quantized matrix, so it is counted once. ``active``: only the weights one token computes with
-    (a MoE model's top-k experts per layer; the whole model when dense).
+    (a MoE model's top-k experts per layer; the whole model when dense). ``headless``: the checkpoint
+    has no output head to load (``bare.lacks_head``: an embedding model's untied bare decoder).
     """
-    params = config.num_active_parameters if active else config.num_parameters
+    head = config.vocab_size * config.hidden_size
+    unloaded = head if headless and not config.tie_word_embeddings else 0
+    params = (config.num_active_parameters if active else config.num_parameters) - unloaded
     total = params * dtype_bytes(dtype)
     if quantize is None:
         return total
     shapes = linear_shapes(config, active)
-    linear, head = sum(n for n, _ in shapes), config.vocab_size * config.hidden_size
+    linear = sum(n for n, _ in shapes)
     quantized = sum(quantized_bytes(n, width, quantize) for n, width in shapes)
+    if unloaded:
+        return total - linear * dtype_bytes(dtype) + quantized
     quantized += quantized_bytes(head, config.hidden_size, "int8")
     return total - (linear + head) * dtype_bytes(dtype) + quantized
 

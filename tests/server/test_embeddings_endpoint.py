@@ -167,3 +167,34 @@ def test_embeddings_keep_to_the_queue_limit(make_server, monkeypatch):
     monkeypatch.setattr(state, "active", 0)
     r = httpx.post(f"{live.url}/v1/embeddings", json={"input": ["x"] * rows}, timeout=60)
     assert r.status_code == 200 and len(r.json()["data"]) == rows
+
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.mark.parametrize(
+    ("route", "body"),
+    [
+        ("/v1/chat/completions", CHAT),
+        ("/v1/chat/completions", {**CHAT, "stream": True}),
+        ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_object"}}),
+        ("/v1/completions", {"prompt": [1, 2], "stream": True}),
+        ("/v1/completions", {"prompt": "hi", "max_tokens": 0, "echo": True, "logprobs": 1}),
+        ("/v1/responses", {"input": "hi"}),
+        ("/v1/responses", {"input": "hi", "stream": True}),
+    ],
+)
+def test_every_generation_route_of_the_headless_model_is_a_one_line_400(embed_server, route, body):
+    r = httpx.post(f"{embed_server.url}{route}", json={"model": "q3e", **body}, timeout=60)
+    assert r.status_code == 400, r.text
+    message = r.json()["error"]["message"]
+    assert message.endswith("it computes embeddings, not text") and "\n" not in message
+
+
+def test_the_headless_models_other_routes_answer(embed_server, embed_llm):
+    """The page, the model list and tokenization need no output head."""
+    with httpx.Client(base_url=embed_server.url, timeout=60) as http:
+        assert http.get("/").status_code == 200
+        assert [m["id"] for m in http.get("/v1/models").json()["data"]] == ["q3e"]
+        r = http.post("/tokenize", json={"model": "q3e", "prompt": "hi"})
+        assert r.json()["tokens"] == embed_llm.encode("hi") == [6023, 151643]

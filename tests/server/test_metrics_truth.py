@@ -89,6 +89,34 @@ def test_counters_and_histograms_equal_the_usage_served(make_server, chat_llm):
         assert m[(f"vllm:{gauge}", ())] == 0, gauge
 
 
+def test_embeddings_count_as_requests_with_their_prompt_tokens(make_server, chat_llm):
+    """Each input of /v1/embeddings is one engine request, as vLLM counts pooling requests: its prompt
+    tokens processed, none generated, finished "stop", with its latency and queue time (no first token).
+    They were not counted at all."""
+    live = make_server(response_cache_entries=0)
+    body = {"input": ["Hello there", "x", [1, 2, 3]]}
+    r = httpx.post(live.url + "/v1/embeddings", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    tokens = len(chat_llm.encode("Hello there")) + len(chat_llm.encode("x")) + 3
+    assert r.json()["usage"]["prompt_tokens"] == tokens
+    assert chat_llm.driver.wait_idle()
+    m, _ = scrape(live)
+    assert m[("vllm:prompt_tokens_total", ())] == tokens
+    assert m[("vllm:generation_tokens_total", ())] == 0
+    assert m[("vllm:request_success_total", (("finished_reason", "stop"),))] == 3
+    assert m[("vllm:e2e_request_latency_seconds_count", ())] == 3
+    assert m[("vllm:request_queue_time_seconds_count", ())] == 3
+    assert (
+        0 < m[("vllm:request_queue_time_seconds_sum", ())] < m[("vllm:e2e_request_latency_seconds_sum", ())]
+    )
+    assert m[("vllm:time_to_first_token_seconds_count", ())] == 0
+    assert m[("vllm:time_per_output_token_seconds_count", ())] == 0
+    assert (
+        m[("http_requests_total", (("handler", "/v1/embeddings"), ("method", "POST"), ("status", "200")))]
+        == 1
+    )
+
+
 def test_queue_time_is_the_wait_before_the_first_step(make_server, chat_llm):
     """vllm:request_queue_time_seconds, vLLM's histogram of the time from a request's submission to its
     first scheduled step: a request sent while the engine thread is held for 2 s waits most of that (less

@@ -15,6 +15,9 @@ from typing import Any
 
 from torch import nn
 
+from qwenkit.checkpoint.files import tensor_names
+from qwenkit.config import ModelConfig
+from qwenkit.errors import CheckpointError, ConfigError
 from qwenkit.model.transformer import MissingHead
 
 _BARE_ROOT = re.compile(r"^(embed_tokens|layers|norm)\.")
@@ -54,3 +57,40 @@ def without_head(model: nn.Module, missing: list[str], names: BareNames, source:
     if getattr(source, "headless", False):  # the loader then leaves it untied
         model.lm_head = MissingHead()
     return missing
+
+
+def lacks_head(source: object, config: ModelConfig) -> bool:
+    """Whether a checkpoint directory has no output head to load: untied, and no ``lm_head.weight``
+    among its tensor names (read without a tensor). Its memory estimate leaves the head out: vocab x
+    hidden, 1.2 GB of Qwen3-Embedding-8B's bfloat16 weights."""
+    if config.tie_word_embeddings or not hasattr(type(source), "weights"):  # a GGUF file's head is its own
+        return False
+    try:
+        return "lm_head.weight" not in tensor_names(source.weights)  # type: ignore[attr-defined]
+    except CheckpointError:  # no weight files (`info` of a config alone): none is known to be missing
+        return False
+
+
+def embeds_only(source: object, config: ModelConfig) -> bool:
+    """Whether the checkpoint loads as a model that computes embeddings only (``without_head``'s
+    condition, from its file names alone, before a weight is read): no output head, and the bare
+    decoder's names or a sentence-transformers ``modules.json``."""
+    if not lacks_head(source, config):
+        return False
+    if (Path(getattr(source, "path", "")) / "modules.json").is_file():
+        return True
+    return any(_BARE_ROOT.match(name) for name in tensor_names(source.weights))  # type: ignore[attr-defined]
+
+
+def refuse_embeddings_only(path: str | Path, advice: str) -> None:
+    """ConfigError, before the weights load, for a checkpoint that computes embeddings only
+    (``embeds_only``): a command that runs its text (chat, generate, profile, eval, fine-tuning) has
+    nothing to run, and failed at its first logits with a traceback. ``advice``: what to do instead."""
+    from qwenkit.checkpoint.loader import open_checkpoint  # (the loader imports this module)
+
+    source = open_checkpoint(path)
+    if embeds_only(source, ModelConfig.from_hf(source.hf_config)):
+        raise ConfigError(
+            f"{path} has no output head (an embedding model's bare decoder): it computes embeddings only, "
+            f"not text; {advice}"
+        )

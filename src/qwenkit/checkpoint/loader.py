@@ -21,7 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from qwenkit.checkpoint import layout, prepared_cache
-from qwenkit.checkpoint.bare import BareNames, without_head
+from qwenkit.checkpoint.bare import BareNames, lacks_head, without_head
 from qwenkit.checkpoint.files import HeapTrimmer, WeightFiles, find_weight_files, release_pages
 from qwenkit.checkpoint.sanitize import sanitize
 from qwenkit.checkpoint.side_files import sparse_attention_note
@@ -196,6 +196,8 @@ def load_model(
     weights = runtime_bytes(torch_dtype.itemsize, keep_quantized) if runtime_bytes and not quantize else None
     if weights is not None and tensor_parallel is not None:
         weights //= tensor_parallel.world  # a rank's share (its norms' copies are a rounding error)
+    if weights is None and lacks_head(source, config):  # an embedding model's bare decoder
+        weights = weight_bytes(config, torch_dtype, quantize, headless=True)
     context = context or min(config.max_context, 2048)
     with torch.device("meta"), _no_init():
         model = Transformer(config)

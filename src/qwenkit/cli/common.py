@@ -154,10 +154,15 @@ def gguf_dequantize(args: argparse.Namespace, path: Path) -> bool:
     return bool(args.gguf_dequantize)
 
 
+SERVE_IT = "serve it (`qwenkit serve`) and ask POST /v1/embeddings"
+
+
 def load_llm(args: argparse.Namespace, max_batch_size: int = 1, tensor_parallel=None):
+    from qwenkit.checkpoint.bare import refuse_embeddings_only
     from qwenkit.generate import LLM
 
     path = resolve_model(args.model)
+    refuse_embeddings_only(path, SERVE_IT)
     llm = LLM.load(
         path,
         dtype=args.dtype,

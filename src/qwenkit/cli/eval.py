@@ -320,10 +320,12 @@ def _evaluate(
         )
         record = None
     else:
+        from qwenkit.checkpoint.bare import refuse_embeddings_only
         from qwenkit.evaluate.backends import LocalBackend
         from qwenkit.generate import LLM
 
         path = resolve_model(args.model)
+        refuse_embeddings_only(path, "the benchmarks score the text it writes or the tokens it predicts")
         llm = LLM.load(
             path,
             dtype=args.dtype,

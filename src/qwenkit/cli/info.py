@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from qwenkit.checkpoint import open_checkpoint
+from qwenkit.checkpoint.bare import lacks_head
 from qwenkit.cli.common import resolve_model
 from qwenkit.command_parser import CommandParser
 from qwenkit.config import ModelConfig
@@ -29,6 +30,8 @@ def describe(path: str, tensor_parallel: int = 1) -> str:
             rope += f" from {scaling.original_max_position_embeddings}"
     if cfg.rotary_dim != cfg.head_dim:
         rope += f", rotary dim {cfg.rotary_dim}"
+    headless = lacks_head(source, cfg)  # an embedding model's bare decoder: no head in its files
+    params = cfg.num_parameters - (cfg.vocab_size * cfg.hidden_size if headless else 0)
     gqa = " (GQA)" if cfg.num_key_value_heads < cfg.num_attention_heads else ""
     rows = [
         ("family", f"{cfg.family} ({', '.join(cfg.architectures) or 'no architectures field'})"),
@@ -54,8 +57,10 @@ def describe(path: str, tensor_parallel: int = 1) -> str:
             "qkv bias / q-k norm / tied embeddings",
             f"{_yn(cfg.qkv_bias)} / {_yn(cfg.qk_norm)} / {_yn(cfg.tie_word_embeddings)}",
         ),
-        ("parameters", f"{cfg.num_parameters:,} ({cfg.num_parameters / 1e9:.2f} B)"),
+        ("parameters", f"{params:,} ({params / 1e9:.2f} B)"),
     ]
+    if headless:
+        rows.append(("output head", "none in the files: it computes embeddings only"))
     if cfg.num_experts:
         rows += _moe_rows(cfg)
     if cfg.quantization:
@@ -78,10 +83,10 @@ def describe(path: str, tensor_parallel: int = 1) -> str:
         ("int8 (weight-only)", torch.bfloat16, "int8"),
         ("int4 (weight-only)", torch.bfloat16, "int4"),
     ):
-        line = f"  {label:<20} {format_bytes(weight_bytes(cfg, dtype, quant)):>12}"
+        line = f"  {label:<20} {format_bytes(weight_bytes(cfg, dtype, quant, headless=headless)):>12}"
         if cfg.num_experts:
             line += (
-                f"   active set per token {format_bytes(weight_bytes(cfg, dtype, quant, active=True)):>12}"
+                f"   active set per token {format_bytes(weight_bytes(cfg, dtype, quant, True, headless)):>12}"
             )
         out.append(line)
     out.append("KV cache per 1,000 tokens:")
@@ -99,7 +104,9 @@ def describe(path: str, tensor_parallel: int = 1) -> str:
             ("int8 (weight-only)", torch.bfloat16, "int8"),  # --quantize: each rank rounds its own slices
             ("int4 (weight-only)", torch.bfloat16, "int4"),
         ):
-            out.append(f"  {label:<20} {format_bytes(weight_bytes(shard, dtype, quant)):>12}")
+            out.append(
+                f"  {label:<20} {format_bytes(weight_bytes(shard, dtype, quant, headless=headless)):>12}"
+            )
         out.append("KV cache per 1,000 tokens per rank:")
         for label, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
             out.append(f"  {label:<20} {format_bytes(kv_cache_bytes(shard, dtype, 1000)):>12}")

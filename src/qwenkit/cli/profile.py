@@ -59,13 +59,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from qwenkit.checkpoint import open_checkpoint
-    from qwenkit.cli.common import check_tensor_parallel, resolve_model
+    from qwenkit.checkpoint.bare import refuse_embeddings_only
+    from qwenkit.cli.common import SERVE_IT, check_tensor_parallel, resolve_model
     from qwenkit.config import ModelConfig
     from qwenkit.profile import CHECKPOINT, CHILD_TIMEOUT_S, markdown, parse_precisions, profile
 
     if args.timeout is not None and (not args.timeout >= 0 or args.timeout == float("inf")):
         parser.error(f"--timeout must be a number of seconds, 0 for no limit (got {args.timeout:g})")
     path = resolve_model(args.model)
+    refuse_embeddings_only(path, SERVE_IT)  # before a child process loads it to fail
     if args.tensor_parallel != 1:  # 0 or less is refused here, not as a child's IndexError
         check_tensor_parallel(
             argparse.Namespace(model=str(path), tensor_parallel=args.tensor_parallel, device=args.device)

@@ -4,7 +4,9 @@
 ``adapter_model.safetensors`` with keys ``base_model.model.<module>.lora_A.weight`` (r, in) and
 ``.lora_B.weight`` (out, r), metadata ``{"format": "pt"}``. Without the ``base_model.model.`` prefix peft
 silently ignores the tensors, so it is always written; reading accepts both, and peft's in-memory
-``.default`` adapter name. Only long-standing config keys are written, so older peft versions load it too.
+``.default`` adapter name, and the bare decoder's module names (``layers.N.*``: peft on transformers'
+``AutoModel``, as Qwen3-Embedding is fine-tuned) as ours (``model.layers.N.*``). Only long-standing
+config keys are written, so older peft versions load it too.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from qwenkit.checkpoint.bare import prefixed
 from qwenkit.checkpoint.files import load_torch_state
 from qwenkit.checkpoint.saver import write_safetensors
 from qwenkit.errors import AdapterNotFound, CheckpointError
@@ -151,7 +154,7 @@ def _group(tensors: dict[str, torch.Tensor], where) -> dict[str, dict[str, torch
             raise CheckpointError(
                 f"{where}: unexpected adapter tensor {key!r} (only lora_A/lora_B are supported)"
             )
-        grouped.setdefault(m.group(1), {})[m.group(2)] = t
+        grouped.setdefault(prefixed(m.group(1)), {})[m.group(2)] = t
     for module, pair in grouped.items():
         if set(pair) != {"lora_A", "lora_B"}:
             raise CheckpointError(f"{where}: module {module} has {sorted(pair)} but needs lora_A and lora_B")
@@ -208,7 +211,7 @@ def _read_adapter(
     tensors = _read_tensors(d)
     if raw.get("velora_config"):
         tensors = {k: t for k, t in tensors.items() if not _VELORA_STATE.match(k)}
-    copies = {m.group(1): tensors.pop(k) for k in list(tensors) if (m := _EMBEDDING_COPY.match(k))}
+    copies = {prefixed(m.group(1)): tensors.pop(k) for k in list(tensors) if (m := _EMBEDDING_COPY.match(k))}
     grouped = _group(tensors, d)
     if not grouped:
         raise CheckpointError(f"{d}: the adapter holds no tensors")

@@ -23,6 +23,7 @@ from qwenkit.errors import ConfigError
 from qwenkit.finetune.adapter_io import load_adapter
 from qwenkit.finetune.export import check_exportable, write_model_dir
 from qwenkit.finetune.lora import adapters_disabled, merge_lora
+from qwenkit.model.transformer import is_headless
 
 PROBE = torch.tensor([[1, 2, 3, 5, 8, 13, 21, 34]])
 
@@ -36,6 +37,7 @@ class MergeReport:
     float32: float
     stored: float
     dtype: str = "float32"  # the stored dtype
+    outputs: str = "logits"  # what was compared: a headless embedding model's final-norm hidden states
 
 
 def base_dtype(hf_config: dict[str, Any]) -> str:
@@ -46,6 +48,15 @@ def base_dtype(hf_config: dict[str, Any]) -> str:
         if name in DTYPES:
             return name
     return "float32"
+
+
+def probe_outputs(model: torch.nn.Module, probe: torch.Tensor) -> torch.Tensor:
+    """The probe's logits; a headless embedding model's final-norm hidden states (it has no head: its
+    embeddings are what the adapter changes)."""
+    if not is_headless(model):
+        return model(probe)
+    every = torch.arange(probe.numel())
+    return model(probe, logits_index=every[:0], hidden_index=every)[1]
 
 
 def merge(
@@ -68,11 +79,11 @@ def merge(
     load_adapter(model, adapter)  # LoRALinear layers, which merge_lora folds in
     probe = PROBE.clamp(max=config.vocab_size - 1)
     with torch.no_grad():
-        before = model(probe)
+        before = probe_outputs(model, probe)
         with adapters_disabled(model):
-            effect = float((model(probe) - before).abs().max())
+            effect = float((probe_outputs(model, probe) - before).abs().max())
         merge_lora(model)
-        diff = float((model(probe) - before).abs().max())
+        diff = float((probe_outputs(model, probe) - before).abs().max())
     with atomic_output_dir(out, overwrite) as tmp:
         # an adapter of a tied output head unties it: the merged head is no longer the embedding
         tied = config.tie_word_embeddings and model.lm_head.weight is model.model.embed_tokens.weight
@@ -82,5 +93,5 @@ def merge(
         with torch.no_grad():
             for p in model.parameters():
                 p.data = p.data.to(DTYPES[dtype]).float()
-            stored = float((model(probe) - before).abs().max())
-    return MergeReport(effect, diff, stored, dtype)
+            stored = float((probe_outputs(model, probe) - before).abs().max())
+    return MergeReport(effect, diff, stored, dtype, "hidden states" if is_headless(model) else "logits")

@@ -278,6 +278,7 @@ def finetune(
     load_data: Callable[..., tuple[Sequence[Any], Any]] | None = None,
 ) -> Path:
     """Train and write OUT; see the module docstring for the files. Returns OUT."""
+    from qwenkit.checkpoint.bare import refuse_embeddings_only
     from qwenkit.generate import tokenizer_for
 
     out = Path(out)
@@ -294,6 +295,7 @@ def finetune(
         raise CheckpointError(f"{work} holds an unfinished run; pass --resume to continue it, or delete it")
     if args.batch_size < 1 or args.grad_accum < 1 or args.max_len < 2:
         raise ConfigError("--batch-size and --grad-accum must be at least 1, --max-len at least 2")
+    refuse_embeddings_only(model_path, "fine-tuning trains its next-token loss, which needs one")
     world = init_world(args.device, args.tensor_parallel)
     finished = False
     try:

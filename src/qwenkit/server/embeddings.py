@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import time
 
 import numpy as np
 from fastapi import Request
@@ -21,6 +22,7 @@ from qwenkit.tokenizer import TokenizerError
 
 
 async def embeddings(state: ServerState, body: EmbeddingRequest, request: Request) -> dict:
+    arrived = time.perf_counter()
     llm = state.llm
     adapter = state.check_model(body.model)
     try:
@@ -46,12 +48,17 @@ async def embeddings(state: ServerState, body: EmbeddingRequest, request: Reques
     check_queue(state, len(ids))
     state.active += len(ids)  # they take batch rows: the generation routes' queue estimate counts them
     try:
-        hidden = await embedding.run_async(llm, ids, adapter, name=request_id(request))
+        done = await embedding.run_async(llm, ids, adapter, name=request_id(request))
     except GenerationError as e:  # the engine's step failed: not the client's fault
+        _count(state, ids, arrived, "error")
         raise APIError(500, str(e)) from None
+    except asyncio.CancelledError:  # the client went away: the engine stopped them
+        _count(state, ids, arrived, "abort")
+        raise
     finally:
         state.active -= len(ids)
-    vectors = [embedding.finish(h, setup.normalize, body.dimensions) for h in hidden]
+    _count(state, ids, arrived, "stop", done)
+    vectors = [embedding.finish(one.hidden, setup.normalize, body.dimensions) for one in done]
     as_base64 = body.encoding_format == "base64"
     data = [
         {"object": "embedding", "embedding": _base64(v) if as_base64 else v, "index": i}
@@ -60,6 +67,23 @@ async def embeddings(state: ServerState, body: EmbeddingRequest, request: Reques
     tokens = sum(map(len, ids))
     usage = {"prompt_tokens": tokens, "total_tokens": tokens}
     return {"object": "list", "data": data, "model": state.response_model(adapter), "usage": usage}
+
+
+def _count(
+    state: ServerState,
+    ids: list[list[int]],
+    arrived: float,
+    reason: str,
+    done: list[embedding.Embedded] | None = None,
+) -> None:
+    """Each input in /metrics as one engine request, as vLLM counts a pooling request: finished "stop"
+    with its prompt tokens, no tokens generated, its latency and queue time; a failed or abandoned one's
+    prompt counts no tokens (whether its step ran is not known here)."""
+    e2e = time.perf_counter() - arrived
+    for i, one in enumerate(ids):
+        queued = done[i].queued if done is not None else None
+        tokens = len(one) if done is not None else 0
+        state.metrics.finished(reason, tokens, 0, None, e2e, queued=queued)
 
 
 def _base64(vector: list[float]) -> str:
