@@ -66,11 +66,7 @@ from qwenkit.kernels.ops import (
     amx_in_use,
     available,
     bf16_runs_on_amx,
-    concat_bf16,
-    concat_int,
     decode_prefetch,
-    dequantize,
-    dequantize_rows,
     int_amx_rows,
     iq4_codes,
     is_iq4_table,
@@ -90,7 +86,6 @@ from qwenkit.kernels.ops import (
     runs_iq4_table,
     runs_q6_k,
     unpack_bf16,
-    unpack_codes,
     use_amx,
 )
 from qwenkit.kernels.step_ops import (
@@ -117,6 +112,13 @@ from qwenkit.kernels.step_ops import (
     silu_mul,
     topk,
     widen,
+)
+from qwenkit.kernels.unpack import (
+    concat_bf16,
+    concat_int,
+    dequantize,
+    dequantize_rows,
+    unpack_codes,
 )
 
 __all__ = [
