@@ -133,3 +133,13 @@ def test_a_pooling_qwenkit_does_not_run_is_one_line(model, tmp_path, capsys):
         f"error: {path / '1_Pooling' / 'config.json'}: pooling mean_tokens is not supported; qwenkit pools "
         "the last token (pooling_mode_lasttoken), as decoder embedding models do\n"
     )
+
+
+def test_no_model_names_the_model_alone(capsys):
+    """argparse called TEXT (zero or more of them) required too, where only the model was missing."""
+    with pytest.raises(SystemExit) as stop:
+        main(["embed"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == (
+        "error: the following arguments are required: model; see `qwenkit embed --help`\n"
+    )

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_model_args(parser, optional_model=False)
     parser.add_argument(
-        "texts", nargs="*", metavar="TEXT", help="texts to embed; '-' reads one a line from stdin"
+        "texts", nargs="*", default=[], metavar="TEXT", help="texts to embed; '-' reads one a line from stdin"
     )
     parser.add_argument("--file", metavar="PATH", help="read the texts from this file, one a line")
     parser.add_argument(
