@@ -143,3 +143,12 @@ def test_no_model_names_the_model_alone(capsys):
     assert capsys.readouterr().err == (
         "error: the following arguments are required: model; see `qwenkit embed --help`\n"
     )
+
+
+def test_a_non_finite_embedding_is_one_line_not_nan(model, tmp_path, capsys):
+    """``[NaN, ...]`` was printed (not JSON) with exit 0."""
+    from factories import with_nan_norm
+
+    code, out, err = embed([str(with_nan_norm(model, tmp_path / "nan")), "hi", "--dtype", "float32"], capsys)
+    assert (code, out) == (2, "")
+    assert err == "error: the model produced NaN/inf hidden state in float32: the checkpoint may be corrupt\n"
