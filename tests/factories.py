@@ -342,3 +342,16 @@ def write_tiny_embedding_model(
         json.dumps({"prompts": prompts, "default_prompt_name": None, "similarity_fn_name": "cosine"})
     )
     return path
+
+
+def with_nan_norm(source: Path, path: Path) -> Path:
+    """A copy of ``source`` whose final norm is NaN: every hidden state it computes is NaN."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    shutil.copytree(source, path)
+    weights = load_file(path / "model.safetensors")
+    weights["norm.weight"] = torch.full_like(weights["norm.weight"], float("nan"))
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    return path

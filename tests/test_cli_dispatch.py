@@ -35,8 +35,8 @@ def test_unknown_command_is_one_line(capsys):
     out, err = capsys.readouterr()
     assert out == ""
     assert err == (
-        "error: unknown command 'nosuch' (the commands: generate, chat, info, tokenize, template, convert, "
-        "quantize, profile, serve, eval, finetune, dpo, merge, filter); see `qwenkit --help`\n"
+        "error: unknown command 'nosuch' (the commands: generate, chat, info, tokenize, template, embed, "
+        "convert, quantize, profile, serve, eval, finetune, dpo, merge, filter); see `qwenkit --help`\n"
     )
     assert main(["genrate", "-p", "hi"]) == 2
     assert (

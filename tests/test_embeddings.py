@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from qwenkit.engine import Engine, SamplingParams, SamplingParamsError
-from qwenkit.errors import ConfigError
+from qwenkit.errors import ConfigError, GenerationError
 from qwenkit.generate import LLM
 
 TEXTS = ["What is the capital of China?", "Explain gravity", "hi", "一只猫坐在垫子上。" * 5]
@@ -210,6 +210,21 @@ def test_engine_batches_embeddings_with_generation(tied):
     # the first prompt again, its blocks now in the prefix cache: the last token is still computed
     torch.testing.assert_close(_embed_alone(engine, prompts[2]), alone[2], rtol=0, atol=1e-5)
     assert engine.blocks.prefix_hits > 0
+
+
+def test_a_non_finite_hidden_state_is_an_error_not_a_vector(tmp_path, headless):
+    """A vector of NaN (float16 overflow, a corrupt checkpoint) came back as the embedding, and
+    ``/v1/embeddings`` and ``qwenkit embed`` printed it; it fails as NaN/inf logits do, by name."""
+    from factories import with_nan_norm
+
+    llm = LLM.load(with_nan_norm(headless, tmp_path / "nan"), dtype="float32", progress=False)
+    with pytest.raises(GenerationError) as caught:
+        llm.embed(TEXTS)
+    assert (
+        str(caught.value)
+        == "the model produced NaN/inf hidden state in float32: the checkpoint may be corrupt"
+    )
+    assert llm.driver.wait_idle() and llm.engine.blocks.usage == 0
 
 
 def test_embed_params_generate_nothing():

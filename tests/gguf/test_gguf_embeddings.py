@@ -219,3 +219,21 @@ def test_served_gguf_embeds_refuses_generation_and_other_pooling_in_one_line(tmp
         assert r.status_code == 200, r.text
         got = torch.tensor([d["embedding"] for d in r.json()["data"]])
         torch.testing.assert_close(got, want, rtol=0, atol=2e-6)
+
+
+def test_embed_command_prints_the_files_embeddings_and_refuses_other_pooling(tmp_path, ggufs, capsys):
+    """``qwenkit embed FILE.gguf``, llama.cpp's ``llama-embedding -m FILE.gguf``: ``LLM.embed``'s vectors."""
+    from qwenkit.cli import main
+
+    assert main(["embed", str(ggufs["f32"]), *TEXTS, "--dtype", "float32"]) == 0
+    printed = [json.loads(line)["embedding"] for line in capsys.readouterr().out.splitlines()]
+    assert printed == LLM.load(ggufs["f32"], dtype="float32", max_batch_size=1, progress=False).embed(TEXTS)
+    mean = tmp_path / "mean.gguf"
+    shutil.copy(ggufs["f32"], mean)
+    set_pooling(mean, 1)
+    assert main(["embed", str(mean), "hi"]) == 2
+    assert capsys.readouterr() == (
+        "",
+        f"error: {mean}: qwen3.pooling_type is 1 (mean); qwenkit pools the last token (3, last), "
+        "as decoder embedding models do\n",
+    )

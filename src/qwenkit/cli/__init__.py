@@ -19,6 +19,7 @@ COMMANDS = {
     "info": "architecture, parameter count, memory needs and license of a model",
     "tokenize": "show token ids and pieces of a text",
     "template": "print the exact prompt a chat template builds",
+    "embed": "print the embedding of each text (JSON lines or an OpenAI-shaped object)",
     "convert": "convert checkpoints: Qwen v1 -> Qwen1.5 layout, GGUF -> Hugging Face",
     "quantize": "quantize a model to int8/int4 (GPTQ or round-to-nearest)",
     "profile": "measure tokens/s and peak memory per precision",

@@ -335,7 +335,11 @@ class Engine:
             if not request.output_ids and request.params.prompt_logprobs is not None:
                 out.prompt_logprobs = request.prompt_logprobs
             out.embedding = embeddings.get(id(request))
-            if request.params.max_tokens == 0:
+            if out.embedding is not None and not bool(out.embedding.isfinite().all()):  # fp16 overflow
+                out.finish_reason, out.error = "error", _non_finite_message(self.dtype, "hidden state")
+                out.embedding = None  # never a vector of NaN (invalid JSON, a silent wrong answer)
+                self._finish(request, "error")
+            elif request.params.max_tokens == 0:
                 self._finish(request, "length")
                 out.finish_reason = "length"
             else:
@@ -524,10 +528,10 @@ def _activation_dtype(model: Transformer) -> torch.dtype:
     return model.model.norm.weight.dtype  # the embedding may be quantized (no float weight)
 
 
-def _non_finite_message(dtype: torch.dtype) -> str:
+def _non_finite_message(dtype: torch.dtype, what: str = "logits") -> str:
     hint = (
         "float16 overflows in this model; use --dtype bfloat16 or float32"
         if dtype == torch.float16
         else "the checkpoint may be corrupt"
     )
-    return f"the model produced NaN/inf logits in {str(dtype).removeprefix('torch.')}: {hint}"
+    return f"the model produced NaN/inf {what} in {str(dtype).removeprefix('torch.')}: {hint}"
