@@ -344,12 +344,7 @@ def _main(args: argparse.Namespace, api_key: str | None, split: bool) -> int:
         # served and waited for SIGKILL. Once it serves, uvicorn's handlers (put over this one, which
         # they restore) drain. (Tensor-parallel ranks have their own.)
         with terminate_unwinds():
-            llm = load(args)
-            try:
-                make_server(args, api_key, llm).run(sockets=[listener])
-            finally:
-                llm.close()
-        return 0
+            return serve(args, api_key, load(args), listener)
     finally:
         if listener is not None:
             listener.close()
@@ -496,8 +491,10 @@ def load(args: argparse.Namespace, tp=None):
 def serve(args: argparse.Namespace, api_key: str | None, llm, listener: socket.socket, note: str = "") -> int:
     """Run the HTTP server on a loaded model, on the bound ``listener``, until a shutdown signal; drains,
     then returns 0."""
-    make_server(args, api_key, llm, note).run(sockets=[listener])
-    llm.close()
+    try:
+        make_server(args, api_key, llm, note).run(sockets=[listener])
+    finally:
+        llm.close()
     return 0
 
 
