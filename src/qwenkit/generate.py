@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from qwenkit import embedding
+from qwenkit import embedding, rerank
 from qwenkit.checkpoint import load_model, open_checkpoint
 from qwenkit.checkpoint.gguf import GGUFCheckpoint
 from qwenkit.checkpoint.loader import CheckpointSource
@@ -459,6 +459,21 @@ class LLM:
         ids = embedding.prompt_ids(self, embedding.check_inputs(inputs), prefix, adapter)
         hidden = embedding.run(self, ids, adapter)
         return [embedding.finish(h, setup.normalize, dimensions) for h in hidden]
+
+    def rerank(
+        self,
+        query: str,
+        documents: Sequence[str],
+        instruction: str | None = None,
+        *,
+        adapter: str | None = None,
+    ) -> list[float]:
+        """Each document's relevance to ``query`` in [0, 1], in document order: a reranker's (Qwen3-Reranker)
+        P("yes") after the model card's prompt (``rerank``), computed by the engine beside any generation.
+        ``instruction``: the task the judge is given (the card's web-search one by default)."""
+        docs = rerank.check_request(query, documents, instruction)
+        ids = rerank.prompt_ids(self, query, docs, instruction, adapter)
+        return rerank.run(self, ids, adapter)
 
     @cached_property
     def embedding_setup(self) -> embedding.EmbeddingSetup:

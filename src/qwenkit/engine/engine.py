@@ -55,6 +55,8 @@ class StepOutput:
     scheduled_at: float | None = None  # perf_counter() time it was first scheduled (a computed one's)
     # an embed request's final-norm hidden state of its last prompt token: (hidden,) float32 on the CPU
     embedding: torch.Tensor | None = None
+    # a scoring request's logits of its ``score_token_ids`` after its last prompt token (float32)
+    token_logits: list[float] | None = None
 
 
 @dataclass
@@ -188,11 +190,12 @@ class Engine:
                 f"the prompt has {len(prompt_ids)} tokens; the context window is {self.max_seq_len}, and a "
                 f"prompt may take at most {self.max_seq_len - 1} to leave room for a token to be generated"
             )
-        bad = [t for t in params.stop_token_ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise SamplingParamsError(
-                f"stop token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})"
-            )
+        for what, ids in (("stop", params.stop_token_ids), ("score", params.score_token_ids)):
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise SamplingParamsError(
+                    f"{what} token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})"
+                )
         tokens = [t for t, _ in params.logit_bias]  # in bulk; the walk below only finds the one to name
         if tokens and (min(tokens) < 0 or max(tokens) >= self.vocab_size):
             bad = [t for t in tokens if not 0 <= t < self.vocab_size]
@@ -339,6 +342,8 @@ class Engine:
                 out.finish_reason, out.error = "error", _non_finite_message(self.dtype, "hidden state")
                 out.embedding = None  # never a vector of NaN (invalid JSON, a silent wrong answer)
                 self._finish(request, "error")
+            elif request.params.score_token_ids:
+                self._score(request, logits[first + count - 1], out)
             elif request.params.max_tokens == 0:
                 self._finish(request, "length")
                 out.finish_reason = "length"
@@ -433,6 +438,17 @@ class Engine:
         targets = torch.tensor([prompt[p + 1] for p in todo], device=rows.device)
         n = request.params.prompt_logprobs or 0
         request.prompt_logprobs += token_logprobs(rows, targets, [n] * len(todo))
+
+    def _score(self, request: Request, row: torch.Tensor, out: StepOutput) -> None:
+        """End scoring request ``request`` with the logits of its ``score_token_ids`` in ``row`` (the
+        logits after its last prompt token); an error where the row holds NaN/inf, never such a score."""
+        if not finite_rows(row[None])[0]:
+            out.finish_reason, out.error = "error", _non_finite_message(self.dtype)
+            self._finish(request, "error")
+            return
+        out.token_logits = as_float(row[list(request.params.score_token_ids)]).tolist()
+        self._finish(request, "length")
+        out.finish_reason = "length"
 
     def _sample(
         self, to_sample: list[tuple[Request, int]], logits: torch.Tensor, by_id: dict[RequestId, StepOutput]

@@ -44,6 +44,9 @@ class SamplingParams:
     # An embedding request: the prompt is computed and its last token's final-norm hidden state comes
     # back (``StepOutput.embedding``) instead of logits; nothing is generated, so max_tokens is 0.
     embed: bool = False
+    # A scoring request (a reranker's yes/no): the logits of these tokens at the position after the
+    # prompt come back (``StepOutput.token_logits``); nothing is generated, so max_tokens is 0.
+    score_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -53,8 +56,16 @@ class SamplingParams:
             (isinstance(self.embed, bool), f"embed must be true or false, got {self.embed!r}"),
             (
                 self.max_tokens >= 1
-                or (self.max_tokens == 0 and (self.prompt_logprobs is not None or self.embed is True)),
-                f"max_tokens must be >= 1 (0 only with prompt_logprobs or embed), got {self.max_tokens}",
+                or (
+                    self.max_tokens == 0
+                    and (self.prompt_logprobs is not None or self.embed is True or bool(self.score_token_ids))
+                ),
+                f"max_tokens must be >= 1 (0 only with prompt_logprobs, embed or score_token_ids), "
+                f"got {self.max_tokens}",
+            ),
+            (
+                not self.score_token_ids or (self.max_tokens == 0 and self.embed is False),
+                "a scoring request (score_token_ids) generates nothing: max_tokens must be 0, embed false",
             ),
             (
                 self.embed is False or (self.max_tokens == 0 and self.prompt_logprobs is None),
@@ -157,7 +168,7 @@ class SamplingParams:
         """Each field's type, before any range check compares it: a float ``top_k`` or ``seed`` would
         otherwise pass here and fail inside the engine's kernels, mid-step. ``stop`` (like vLLM's) may be
         one string or a list; it is kept as a tuple, so the params stay hashable."""
-        for name in ("stop", "stop_token_ids"):
+        for name in ("stop", "stop_token_ids", "score_token_ids"):
             value = getattr(self, name)
             if isinstance(value, str) and name == "stop":
                 value = (value,)
@@ -171,8 +182,9 @@ class SamplingParams:
             raise SamplingParamsError(f"stop must hold strings, got {self.stop!r}")
         if "" in self.stop:  # it would be found at once and end every request empty (vLLM refuses it too)
             raise SamplingParamsError("stop cannot contain an empty string")
-        if not all(_is_int(t) for t in self.stop_token_ids):
-            raise SamplingParamsError(f"stop_token_ids must hold integers, got {self.stop_token_ids!r}")
+        for name in ("stop_token_ids", "score_token_ids"):
+            if not all(_is_int(t) for t in getattr(self, name)):
+                raise SamplingParamsError(f"{name} must hold integers, got {getattr(self, name)!r}")
         for name, optional in INTEGER_FIELDS.items():
             value = getattr(self, name)
             if not (_is_int(value) or (optional and value is None)):

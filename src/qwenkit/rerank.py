@@ -1,0 +1,154 @@
+"""Reranking with a causal LM judge (Qwen3-Reranker): each (query, document) pair is written in the
+model card's prompt and its score is P("yes") of the next token, the softmax over the logits of "yes"
+and "no" after the prompt. The engine computes each prompt as a scoring request (``score_token_ids``)
+beside whatever else runs, and hands back those two logits.
+
+Which models rerank: a Qwen3-Reranker checkpoint says nothing of it (its config is a plain
+Qwen3ForCausalLM), so any causal LM with an output head whose vocabulary holds "yes" and "no" as single
+tokens is scored; the scores mean something for a model trained as this judge. A checkpoint without a
+head (an embedding model) is refused by the engine, by name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
+
+import torch
+
+from qwenkit.engine import SamplingParams, SamplingParamsError
+from qwenkit.errors import ConfigError, GenerationError
+
+if TYPE_CHECKING:
+    from qwenkit.engine.driver import RequestStream
+    from qwenkit.generate import LLM
+
+# The Qwen3-Reranker model card's prompt: a system line, the judged pair, an empty thinking block
+PREFIX = (
+    "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the "
+    'Instruct provided. Note that the answer can only be "yes" or "no".<|im_end|>\n<|im_start|>user\n'
+)
+SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+DEFAULT_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
+T = TypeVar("T")
+
+
+def answer_ids(llm: LLM) -> tuple[int, int]:
+    """The ids of the vocabulary pieces "yes" and "no" (transformers' ``convert_tokens_to_ids``);
+    ConfigError where either is not one token: this model cannot answer as the judge."""
+    yes, no = (llm.tokenizer.token_to_id(piece) for piece in ("yes", "no"))
+    if yes is None or no is None:
+        raise ConfigError('this model cannot rerank: its vocabulary lacks "yes" or "no" as a single token')
+    return yes, no
+
+
+def params(llm: LLM, adapter: str | None = None) -> SamplingParams:
+    """A scoring request for "yes" and "no" (in that order), through served adapter ``adapter``."""
+    return SamplingParams(max_tokens=0, score_token_ids=answer_ids(llm), adapter=adapter)
+
+
+def check_request(query: object, documents: object, instruction: object = None) -> list[str]:
+    """The documents as a list of strings; SamplingParamsError names what is wrong (an empty query or
+    list, a document that is no string)."""
+    if not isinstance(query, str) or not query:
+        raise SamplingParamsError(f"query must be a non-empty string, got {query!r:.60}")
+    if instruction is not None and not isinstance(instruction, str):
+        raise SamplingParamsError(f"instruction must be a string or None, got {instruction!r:.60}")
+    if isinstance(documents, str) or not isinstance(documents, Sequence) or not documents:
+        raise SamplingParamsError("documents must be a non-empty list of strings")
+    for i, doc in enumerate(documents):
+        if not isinstance(doc, str):
+            raise SamplingParamsError(f"documents[{i}] must be a string, got {doc!r:.60}")
+    return list(documents)
+
+
+def prompt_ids(
+    llm: LLM, query: str, documents: Sequence[str], instruction: str | None = None, adapter: str | None = None
+) -> list[list[int]]:
+    """Each document's prompt ids, as the model card builds them: the prefix and suffix tokenized alone
+    around ``tokenizer("<Instruct>: ...\\n<Query>: ...\\n<Document>: ...")``. A query that already starts
+    with the card's prefix was written by the client (vLLM's example does so; query + document is then
+    the prompt) and is not wrapped again. Checked by the engine before any runs (context window,
+    ``adapter`` served); the message names the document."""
+    scoring = params(llm, adapter)
+    if adapter is not None:  # first: a name not served is no document's fault
+        llm.engine.validate([0], scoring)
+    if query.startswith(PREFIX):
+        texts, around = [query + doc for doc in documents], ([], [])
+    else:
+        task = DEFAULT_INSTRUCTION if instruction is None else instruction
+        texts = [f"<Instruct>: {task}\n<Query>: {query}\n<Document>: {doc}" for doc in documents]
+        around = tuple(llm.tokenizer.encode(part, allow_special=True) for part in (PREFIX, SUFFIX))
+    _each(texts, lambda text: llm.check_prompt_bound(text, scoring))
+    ids = [[*around[0], *llm.encode(text), *around[1]] for text in texts]
+    _each(ids, lambda one: llm.engine.validate(one, scoring))
+    return ids
+
+
+def _each(items: Sequence[T], check: Callable[[T], None]) -> None:
+    """``check`` each document's prompt; its SamplingParamsError names the document."""
+    for i, item in enumerate(items):
+        try:
+            check(item)
+        except SamplingParamsError as exc:
+            raise SamplingParamsError(f"documents[{i}]: {exc}") from None
+
+
+def score(logits: Sequence[float]) -> float:
+    """P("yes") from the (yes, no) logits, as the card computes it: log-softmax over (no, yes), exp."""
+    yes, no = logits
+    return float(torch.tensor([no, yes]).log_softmax(0)[1].exp())
+
+
+def _logits(outputs: list) -> list[float]:
+    last = outputs[-1]
+    if last.token_logits is None:
+        reason = last.finish_reason
+        raise GenerationError(last.error or f"the scoring request ended without logits ({reason})")
+    return last.token_logits
+
+
+def run(llm: LLM, ids: list[list[int]], adapter: str | None = None) -> list[float]:
+    """Each prompt's score, the prompts batched by the engine beside whatever else runs."""
+    scoring = params(llm, adapter)
+    with llm.driver.together():  # queued as one batch
+        streams = [llm.driver.submit(one, scoring) for one in ids]
+    try:
+        return [score(_logits(list(stream))) for stream in streams]
+    finally:
+        for stream in streams:
+            stream.abort()
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One prompt's score, and how long it waited for its first step (the server's metrics)."""
+
+    score: float
+    queued: float | None  # seconds from submission to its first step (None: it never had one)
+
+
+async def run_async(
+    llm: LLM, ids: list[list[int]], adapter: str | None = None, name: str | None = None
+) -> list[Scored]:
+    """``run`` from an event loop, which stays free while the engine computes. ``name``: the requests'
+    id in the engine's log (a server's request id)."""
+    loop = asyncio.get_running_loop()
+    scoring = params(llm, adapter)
+    submitted = time.perf_counter()
+    with llm.driver.together():
+        streams = [llm.driver.submit(one, scoring, loop=loop, name=name) for one in ids]
+
+    async def read(stream: RequestStream) -> Scored:
+        outputs = [out async for out in stream]
+        first = next((o.scheduled_at for o in outputs if o.scheduled_at is not None), None)
+        return Scored(score(_logits(outputs)), None if first is None else max(first - submitted, 0.0))
+
+    try:
+        return list(await asyncio.gather(*(read(s) for s in streams)))
+    finally:
+        for stream in streams:
+            stream.abort()
