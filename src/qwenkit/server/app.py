@@ -25,6 +25,7 @@ from qwenkit.generate import LLM
 from qwenkit.server import adapters as adapter_routes
 from qwenkit.server import completions as routes
 from qwenkit.server import embeddings as embeddings_route
+from qwenkit.server import rerank as rerank_route
 from qwenkit.server import responses as responses_route
 from qwenkit.server.errors import APIError, BodyTooLarge, error_response, install_handlers
 from qwenkit.server.logprobs import decoded
@@ -36,6 +37,7 @@ from qwenkit.server.schemas import (
     DetokenizeRequest,
     EmbeddingRequest,
     LoadLoRAAdapterRequest,
+    RerankRequest,
     ResponsesRequest,
     TokenizeRequest,
     UnloadLoRAAdapterRequest,
@@ -48,7 +50,7 @@ STATIC_DIR = Path(__file__).parent / "static"
 # (Windows' registry) say text/plain for .js.
 mimetypes.add_type("text/javascript", ".js")
 mimetypes.add_type("text/javascript", ".mjs")
-_PROTECTED = ("/v1/", "/tokenize", "/detokenize", "/tokenizer_info")
+_PROTECTED = ("/v1/", "/v2/", "/rerank", "/tokenize", "/detokenize", "/tokenizer_info")
 _HEAD_PATHS = ("/", "/health", "/metrics", "/v1/models")
 # /health answers 503 once this many engine steps in a row have failed (a device fault, a lost rank), so
 # an orchestrator's liveness probe restarts the server, as vLLM's does once its engine is dead; one failed
@@ -196,6 +198,12 @@ def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest, request: Request) -> dict:
         return await embeddings_route.embeddings(state, body, request)
+
+    @app.post("/v1/rerank")
+    @app.post("/rerank")
+    @app.post("/v2/rerank")
+    async def rerank(body: RerankRequest, request: Request) -> dict:
+        return await rerank_route.rerank_documents(state, body, request)
 
     @app.get("/v1/models")
     async def models() -> dict:

@@ -59,12 +59,12 @@ class Choice:
 
 def check_capacity(state: ServerState, submitted: int, prompts: int, n: int, unit: str = "choices") -> None:
     """The 400 of a request whose ``submitted`` choices (``prompts`` prompts of ``n`` each; ``unit``
-    "inputs": an embedding request's ``submitted`` inputs) this server can never take at once, however
-    long the client waits: not a 429 to retry."""
+    "inputs" or "documents": an embedding or rerank request's ``submitted`` ones) this server can never
+    take at once, however long the client waits: not a 429 to retry."""
     rows, queue = state.llm.engine.scheduler.max_batch, state.config.max_queue
     if submitted > rows + queue:
-        if unit == "inputs":
-            asked, param = f"{submitted} inputs", "input"
+        if unit in ("inputs", "documents"):  # an embedding request's inputs, a rerank request's documents
+            asked, param = f"{submitted} {unit}", "input" if unit == "inputs" else "documents"
         elif prompts == 1:
             asked, param = f"n={submitted} choices", "n"
         else:

@@ -408,3 +408,16 @@ class EmbeddingRequest(_Lenient):
     encoding_format: Literal["float", "base64"] | None = None
     dimensions: int | None = integer()
     user: str | None = None
+
+
+class RerankRequest(_Lenient):
+    """vLLM's, Jina's and Cohere's ``/v1/rerank`` body. ``query`` and ``documents`` (strings, or objects
+    with a "text" as Cohere's and Jina's clients may send) are checked where the message can name the
+    document at fault (``server.rerank``); ``instruction`` is vLLM's (the judge's task)."""
+
+    model: str | None = None
+    query: Any = None
+    documents: Any = None
+    top_n: int | None = integer()
+    return_documents: bool | None = Field(None, strict=True)
+    instruction: str | None = None

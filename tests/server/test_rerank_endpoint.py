@@ -1,0 +1,99 @@
+"""``POST /v1/rerank`` (and ``/rerank``, ``/v2/rerank``) over real HTTP, in vLLM's shape: scores equal
+``LLM.rerank``'s, which equal the Qwen3-Reranker model card's transformers computation
+(tests/test_rerank.py); the most relevant first; bad input one-line 400s."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from live import LiveServer
+
+from qwenkit import rerank
+from qwenkit.generate import LLM
+from qwenkit.server import ServerConfig, create_app
+
+QUERY = "What is the capital of China?"
+DOCS = ["The capital of China is Beijing.", "Gravity attracts bodies.", "hi", "Paris is in France."]
+
+
+@pytest.fixture(scope="module")
+def rerank_llm(tmp_path_factory):
+    from factories import write_tiny_chat_model
+
+    path = write_tiny_chat_model(tmp_path_factory.mktemp("rerank") / "q3r")
+    return LLM.load(path, dtype="float32", progress=False, max_seq_len=256, max_batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def server(rerank_llm):
+    config = ServerConfig(served_model_name="q3r", response_cache_entries=0, api_key="k", max_queue=3)
+    with LiveServer(create_app(rerank_llm, config)) as live:
+        yield live
+
+
+def post(server, body: dict, path: str = "/v1/rerank", key: str | None = "k") -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.post(f"{server.url}{path}", json=body, headers=headers, timeout=60)
+
+
+def test_results_are_the_librarys_scores_most_relevant_first(server, rerank_llm):
+    want = rerank_llm.rerank(QUERY, DOCS)
+    r = post(server, {"model": "q3r", "query": QUERY, "documents": DOCS})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert set(body) == {"id", "model", "usage", "results"} and body["model"] == "q3r"
+    assert body["id"].startswith("rerank-")
+    order = sorted(range(4), key=lambda i: -want[i])
+    assert [x["index"] for x in body["results"]] == order
+    for x in body["results"]:
+        assert x["relevance_score"] == pytest.approx(want[x["index"]], abs=1e-6)
+        assert x["document"] == {"text": DOCS[x["index"]]}
+    tokens = sum(map(len, rerank.prompt_ids(rerank_llm, QUERY, DOCS)))
+    assert body["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens}
+
+
+def test_top_n_return_documents_instruction_and_other_paths(server, rerank_llm):
+    want = rerank_llm.rerank(QUERY, DOCS, "Find geography facts")
+    best = max(range(4), key=lambda i: want[i])
+    body = {"query": QUERY, "documents": DOCS, "top_n": 1, "return_documents": False}
+    for path in ("/rerank", "/v2/rerank"):
+        r = post(server, {**body, "instruction": "Find geography facts"}, path)
+        assert r.status_code == 200, r.text
+        [only] = r.json()["results"]
+        assert only == {"index": best, "relevance_score": pytest.approx(want[best], abs=1e-6)}
+    # Cohere's and Jina's {"text": ...} documents; top_n past the count, or 0 (vLLM's default): all
+    objects = [{"text": d} for d in DOCS]
+    for top_n in (10, 0):
+        r = post(server, {"query": QUERY, "documents": objects, "top_n": top_n})
+        assert len(r.json()["results"]) == 4
+
+
+def test_bad_input_is_a_one_line_400(server):
+    cases = [
+        ({"query": "", "documents": DOCS}, "query must be a non-empty string", "query"),
+        ({"query": QUERY, "documents": []}, "documents must be a non-empty list of strings", "documents"),
+        ({"query": QUERY}, "documents must be a non-empty list of strings", "documents"),
+        ({"query": QUERY, "documents": "one"}, "documents must be a non-empty list of strings", "documents"),
+        ({"query": QUERY, "documents": ["a", {"x": 1}]}, "documents[1] must be a string", "documents"),
+        ({"query": QUERY, "documents": DOCS, "top_n": -1}, "top_n must be at least 1", "top_n"),
+        ({"query": QUERY, "documents": ["a", "w " * 400]}, "documents[1]: the prompt has", "documents"),
+        ({"query": QUERY, "documents": ["a"] * 6}, "6 documents can never be taken", "documents"),
+    ]
+    for body, message, param in cases:
+        r = post(server, body)
+        assert r.status_code == 400, (body, r.text)
+        error = r.json()["error"]
+        assert message in error["message"] and "\n" not in error["message"], error
+        assert error["param"] == param
+    r = post(server, {"query": QUERY, "documents": DOCS, "top_n": "2"})
+    assert r.status_code == 400 and "top_n" in r.text
+
+
+def test_the_api_key_guards_every_path(server):
+    for path in ("/v1/rerank", "/rerank", "/v2/rerank"):
+        assert post(server, {"query": QUERY, "documents": DOCS}, path, key=None).status_code == 401
+
+
+def test_an_unknown_model_is_a_404(server):
+    r = post(server, {"model": "other", "query": QUERY, "documents": DOCS})
+    assert r.status_code == 404
