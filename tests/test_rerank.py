@@ -172,3 +172,18 @@ def test_nan_logits_fail_by_name_never_a_nan_score(model_dir, tmp_path):
         llm.rerank(QUERY, DOCS)
     assert str(caught.value) == "the model produced NaN/inf logits in float32: the checkpoint may be corrupt"
     assert llm.driver.wait_idle() and llm.engine.blocks.usage == 0
+
+
+def test_a_one_token_scoring_prompt_among_decoding_rows_takes_the_static_step(llm):
+    """A one-token scoring prompt beside a decoding row: a step of one-token rows only, which the
+    CUDA-graph step (run eagerly on the CPU) computes; the logits are the same row's."""
+    engine = Engine(llm.model, max_batch_size=2, max_seq_len=64, cuda_graphs=True)
+    engine.add_request([5, 6, 7], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    engine.step()  # the decoding row's prompt
+    rid = engine.add_request([9693], SamplingParams(max_tokens=0, score_token_ids=(9693, 2152)))
+    assert not engine.decode_graphs.shapes_run
+    [out] = [o for o in engine.step() if o.request_id == rid]
+    assert engine.decode_graphs.shapes_run  # the static step ran
+    with torch.no_grad():
+        ref = llm.model(torch.tensor([[9693]]))[0, -1].float()
+    torch.testing.assert_close(torch.tensor(out.token_logits), ref[[9693, 2152]], rtol=0, atol=1e-5)
