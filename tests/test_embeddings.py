@@ -360,7 +360,7 @@ def test_info_counts_the_parameters_a_headless_checkpoint_holds(headless, tied):
     assert "output head" not in describe(str(tied))
 
 
-SERVE_IT = "serve it (`qwenkit serve`) and ask POST /v1/embeddings"
+SERVE_IT = "embed texts with `qwenkit embed`, or serve it (`qwenkit serve`) and ask POST /v1/embeddings"
 TRAIN = "fine-tuning trains its next-token loss, which needs one"
 
 

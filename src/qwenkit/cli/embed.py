@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     # intermixed: `embed MODEL --dimensions 8 a b` and `embed MODEL a --dimensions 8 b` alike
     args = parser.parse_intermixed_args(argv)
     texts = read_texts(args.texts, args.file)
-    llm = load_llm(args, max_batch_size=args.batch_size)
+    llm = load_llm(args, max_batch_size=args.batch_size, text=False)  # an embedding model's bare decoder too
     try:
         vectors = llm.embed(texts, prompt_name=args.prompt_name, dimensions=args.dimensions)
     finally:
