@@ -137,6 +137,44 @@ def test_unknown_prompt_name_names_the_known_ones(llm):
         llm.embed("x", prompt_name="passage")
 
 
+def _with_st_config(source, path, **extra):
+    """A copy of ``source`` whose config_sentence_transformers.json has ``extra`` over its own."""
+    shutil.copytree(source, path)
+    st = json.loads((path / "config_sentence_transformers.json").read_text())
+    (path / "config_sentence_transformers.json").write_text(json.dumps({**st, **extra}))
+    return path
+
+
+def test_default_prompt_name_is_used_where_none_is_named(tmp_path, headless, llm):
+    """sentence-transformers' encode puts the default_prompt_name's prompt before each text where no
+    prompt is named; naming another (the empty "document") goes without it. qwenkit left it out."""
+    path = _with_st_config(headless, tmp_path / "default", default_prompt_name="query")
+    queries = [f"Instruct: {TASK}\nQuery:{q}" for q in TEXTS[:2]]
+    with_default = LLM.load(path, dtype="float32", progress=False)
+    got = torch.tensor(with_default.embed(TEXTS[:2]))
+    torch.testing.assert_close(got, card_embeddings(headless, queries), rtol=0, atol=2e-6)
+    torch.testing.assert_close(
+        got, torch.tensor(llm.embed(TEXTS[:2], prompt_name="query")), rtol=0, atol=2e-6
+    )
+    plain = torch.tensor(with_default.embed(TEXTS[:2], prompt_name="document"))
+    torch.testing.assert_close(plain, torch.tensor(llm.embed(TEXTS[:2])), rtol=0, atol=2e-6)
+
+
+def test_a_default_prompt_name_naming_no_prompt_is_refused_by_name(tmp_path, headless):
+    path = _with_st_config(headless, tmp_path / "bad", default_prompt_name="passage")
+    with pytest.raises(
+        ConfigError, match=r"default_prompt_name 'passage' is not one of its prompts \(document, query\)$"
+    ):
+        LLM.load(path, dtype="float32", progress=False).embed("hi")
+
+
+def test_a_null_prompt_is_the_empty_one(tmp_path, headless, llm):
+    """sentence-transformers reads a null prompt as "" (qwenkit put the text "None" before each input)."""
+    path = _with_st_config(headless, tmp_path / "null", prompts={"document": None})
+    got = LLM.load(path, dtype="float32", progress=False).embed(TEXTS[:2], prompt_name="document")
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(llm.embed(TEXTS[:2])), rtol=0, atol=2e-6)
+
+
 def test_full_context_text_is_embedded(llm):
     """An embedding generates nothing, so its text may fill the whole window (512 tokens here)."""
     assert len(llm.embed([[7] * 512])[0]) == 32
