@@ -175,6 +175,39 @@ def test_a_null_prompt_is_the_empty_one(tmp_path, headless, llm):
     torch.testing.assert_close(torch.tensor(got), torch.tensor(llm.embed(TEXTS[:2])), rtol=0, atol=2e-6)
 
 
+def test_sentence_transformers_5_4_files_embed_as_the_older_ones(tmp_path, headless, llm):
+    """Version 5.4 writes its modules under new names and the pooling as one pooling_mode string
+    (vLLM #45995); they were refused as unsupported modules."""
+    path = tmp_path / "st54"
+    shutil.copytree(headless, path)
+    modules = json.loads((path / "modules.json").read_text())
+    for module, kind in zip(
+        modules,
+        [
+            "sentence_transformers.base.modules.transformer.Transformer",
+            "sentence_transformers.sentence_transformer.modules.pooling.Pooling",
+            "sentence_transformers.base.modules.normalize.Normalize",
+        ],
+        strict=True,
+    ):
+        module["type"] = kind
+    (path / "modules.json").write_text(json.dumps(modules))
+    pooling = {"embedding_dimension": 32, "pooling_mode": "lasttoken", "include_prompt": True}
+    (path / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
+    got = torch.tensor(LLM.load(path, dtype="float32", progress=False).embed(TEXTS))
+    torch.testing.assert_close(got, torch.tensor(llm.embed(TEXTS)), rtol=0, atol=2e-6)
+    (path / "1_Pooling" / "config.json").write_text(json.dumps({**pooling, "pooling_mode": "mean"}))
+    with pytest.raises(ConfigError, match="pooling_mode 'mean' is not supported; qwenkit pools the last"):
+        LLM.load(path, dtype="float32", progress=False).embed("hi")
+    (path / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
+    modules[2]["type"] = "sentence_transformers.base.modules.dense.Dense"
+    (path / "modules.json").write_text(json.dumps(modules))
+    with pytest.raises(
+        ConfigError, match=r"module 'sentence_transformers\.base\.modules\.dense\.Dense' is not supported"
+    ):
+        LLM.load(path, dtype="float32", progress=False).embed("hi")
+
+
 def test_full_context_text_is_embedded(llm):
     """An embedding generates nothing, so its text may fill the whole window (512 tokens here)."""
     assert len(llm.embed([[7] * 512])[0]) == 32

@@ -73,11 +73,11 @@ def read_setup(directory: str | Path | None) -> EmbeddingSetup:
     normalize = False
     for module in modules:
         kind = str(module.get("type", ""))
-        if kind == _ST + "Transformer":
+        if _module_kind(kind) == "Transformer":
             continue
-        if kind == _ST + "Normalize":
+        if _module_kind(kind) == "Normalize":
             normalize = True
-        elif kind == _ST + "Pooling":
+        elif _module_kind(kind) == "Pooling":
             _check_pooling(root / str(module.get("path", "")) / "config.json")
         else:
             raise ConfigError(
@@ -85,6 +85,18 @@ def read_setup(directory: str | Path | None) -> EmbeddingSetup:
                 "(last-token Pooling and Normalize are)"
             )
     return replace(_prompts(root / "config_sentence_transformers.json"), normalize=normalize)
+
+
+def _module_kind(kind: str) -> str | None:
+    """A sentence-transformers module type's class (Transformer, Pooling, Normalize), under the names
+    ``modules.json`` gives it: ``sentence_transformers.models.Pooling`` before version 5.4,
+    ``sentence_transformers.sentence_transformer.modules.pooling.Pooling`` (or ``base.modules``) since."""
+    package, _, name = kind.rpartition(".")
+    if package == _ST.rstrip(".") or (
+        package.startswith("sentence_transformers.") and package.endswith(".modules." + name.lower())
+    ):
+        return name
+    return None
 
 
 def _prompts(path: Path) -> EmbeddingSetup:
@@ -167,9 +179,19 @@ def _json(path: Path) -> object:
 
 
 def _check_pooling(path: Path) -> None:
+    """Last-token pooling alone, read as sentence-transformers' Pooling takes its config: the
+    ``pooling_mode`` string (the form version 5.4 writes) wins over the ``pooling_mode_*`` flags."""
     config = _json(path) if path.is_file() else None
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: missing or not a JSON object")
+    mode = config.get("pooling_mode")
+    if mode is not None:
+        if str(mode).lower() != "lasttoken":
+            raise ConfigError(
+                f"{path}: pooling_mode {mode!r} is not supported; qwenkit pools the last token "
+                "(lasttoken), as decoder embedding models do"
+            )
+        return
     other = [m for m in _POOLING_MODES if config.get(f"pooling_mode_{m}")]
     if other or not config.get("pooling_mode_lasttoken"):
         named = ", ".join(other) or "none"
