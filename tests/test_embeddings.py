@@ -226,6 +226,20 @@ def test_other_pooling_is_refused_by_name(tmp_path, headless):
         llm.embed("hi")
 
 
+def test_a_pooling_config_without_the_mean_flag_is_mean_pooling_too(tmp_path, headless):
+    """sentence-transformers' Pooling turns mean pooling on where its flag is left out, so a config with
+    pooling_mode_lasttoken alone pools both (2 x hidden values): it was embedded as last-token alone."""
+    path = tmp_path / "no-mean-flag"
+    shutil.copytree(headless, path)
+    (path / "1_Pooling" / "config.json").write_text(
+        json.dumps({"word_embedding_dimension": 32, "pooling_mode_lasttoken": True})
+    )
+    with pytest.raises(
+        ConfigError, match="pooling mean_tokens is not supported; qwenkit pools the last token"
+    ):
+        LLM.load(path, dtype="float32", progress=False).embed("hi")
+
+
 def test_without_a_normalize_module_the_hidden_state_is_returned_as_is(tmp_path, headless):
     path = tmp_path / "raw"
     shutil.copytree(headless, path)

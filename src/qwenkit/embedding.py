@@ -192,7 +192,9 @@ def _check_pooling(path: Path) -> None:
                 "(lasttoken), as decoder embedding models do"
             )
         return
-    other = [m for m in _POOLING_MODES if config.get(f"pooling_mode_{m}")]
+    # a flag left out is sentence-transformers' default: mean pooling's is on (last-token pooling with it
+    # absent computes both, concatenated)
+    other = [m for m in _POOLING_MODES if config.get(f"pooling_mode_{m}", m == "mean_tokens")]
     if other or not config.get("pooling_mode_lasttoken"):
         named = ", ".join(other) or "none"
         raise ConfigError(
