@@ -103,12 +103,12 @@ def test_standard_input_reads_one_text_a_line(model):
         (
             ["a", "--dimensions", "33"],
             "",
-            "dimensions must be an integer in [1, 32] (the hidden size), got 33",
+            "--dimensions must be an integer in [1, 32] (the hidden size), got 33",
         ),
         (
             ["a", "--prompt-name", "passage"],
             "",
-            "prompt_name 'passage' is not one of the model's (document, query)",
+            "--prompt-name 'passage' is not one of the model's (document, query)",
         ),
     ],
 )

@@ -137,6 +137,77 @@ def test_unknown_prompt_name_names_the_known_ones(llm):
         llm.embed("x", prompt_name="passage")
 
 
+def _with_st_config(source, path, **extra):
+    """A copy of ``source`` whose config_sentence_transformers.json has ``extra`` over its own."""
+    shutil.copytree(source, path)
+    st = json.loads((path / "config_sentence_transformers.json").read_text())
+    (path / "config_sentence_transformers.json").write_text(json.dumps({**st, **extra}))
+    return path
+
+
+def test_default_prompt_name_is_used_where_none_is_named(tmp_path, headless, llm):
+    """sentence-transformers' encode puts the default_prompt_name's prompt before each text where no
+    prompt is named; naming another (the empty "document") goes without it. qwenkit left it out."""
+    path = _with_st_config(headless, tmp_path / "default", default_prompt_name="query")
+    queries = [f"Instruct: {TASK}\nQuery:{q}" for q in TEXTS[:2]]
+    with_default = LLM.load(path, dtype="float32", progress=False)
+    got = torch.tensor(with_default.embed(TEXTS[:2]))
+    torch.testing.assert_close(got, card_embeddings(headless, queries), rtol=0, atol=2e-6)
+    torch.testing.assert_close(
+        got, torch.tensor(llm.embed(TEXTS[:2], prompt_name="query")), rtol=0, atol=2e-6
+    )
+    plain = torch.tensor(with_default.embed(TEXTS[:2], prompt_name="document"))
+    torch.testing.assert_close(plain, torch.tensor(llm.embed(TEXTS[:2])), rtol=0, atol=2e-6)
+
+
+def test_a_default_prompt_name_naming_no_prompt_is_refused_by_name(tmp_path, headless):
+    path = _with_st_config(headless, tmp_path / "bad", default_prompt_name="passage")
+    with pytest.raises(
+        ConfigError, match=r"default_prompt_name 'passage' is not one of its prompts \(document, query\)$"
+    ):
+        LLM.load(path, dtype="float32", progress=False).embed("hi")
+
+
+def test_a_null_prompt_is_the_empty_one(tmp_path, headless, llm):
+    """sentence-transformers reads a null prompt as "" (qwenkit put the text "None" before each input)."""
+    path = _with_st_config(headless, tmp_path / "null", prompts={"document": None})
+    got = LLM.load(path, dtype="float32", progress=False).embed(TEXTS[:2], prompt_name="document")
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(llm.embed(TEXTS[:2])), rtol=0, atol=2e-6)
+
+
+def test_sentence_transformers_5_4_files_embed_as_the_older_ones(tmp_path, headless, llm):
+    """Version 5.4 writes its modules under new names and the pooling as one pooling_mode string
+    (vLLM #45995); they were refused as unsupported modules."""
+    path = tmp_path / "st54"
+    shutil.copytree(headless, path)
+    modules = json.loads((path / "modules.json").read_text())
+    for module, kind in zip(
+        modules,
+        [
+            "sentence_transformers.base.modules.transformer.Transformer",
+            "sentence_transformers.sentence_transformer.modules.pooling.Pooling",
+            "sentence_transformers.base.modules.normalize.Normalize",
+        ],
+        strict=True,
+    ):
+        module["type"] = kind
+    (path / "modules.json").write_text(json.dumps(modules))
+    pooling = {"embedding_dimension": 32, "pooling_mode": "lasttoken", "include_prompt": True}
+    (path / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
+    got = torch.tensor(LLM.load(path, dtype="float32", progress=False).embed(TEXTS))
+    torch.testing.assert_close(got, torch.tensor(llm.embed(TEXTS)), rtol=0, atol=2e-6)
+    (path / "1_Pooling" / "config.json").write_text(json.dumps({**pooling, "pooling_mode": "mean"}))
+    with pytest.raises(ConfigError, match="pooling_mode 'mean' is not supported; qwenkit pools the last"):
+        LLM.load(path, dtype="float32", progress=False).embed("hi")
+    (path / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
+    modules[2]["type"] = "sentence_transformers.base.modules.dense.Dense"
+    (path / "modules.json").write_text(json.dumps(modules))
+    with pytest.raises(
+        ConfigError, match=r"module 'sentence_transformers\.base\.modules\.dense\.Dense' is not supported"
+    ):
+        LLM.load(path, dtype="float32", progress=False).embed("hi")
+
+
 def test_full_context_text_is_embedded(llm):
     """An embedding generates nothing, so its text may fill the whole window (512 tokens here)."""
     assert len(llm.embed([[7] * 512])[0]) == 32
@@ -153,6 +224,20 @@ def test_other_pooling_is_refused_by_name(tmp_path, headless):
         ConfigError, match="pooling mean_tokens is not supported; qwenkit pools the last token"
     ):
         llm.embed("hi")
+
+
+def test_a_pooling_config_without_the_mean_flag_is_mean_pooling_too(tmp_path, headless):
+    """sentence-transformers' Pooling turns mean pooling on where its flag is left out, so a config with
+    pooling_mode_lasttoken alone pools both (2 x hidden values): it was embedded as last-token alone."""
+    path = tmp_path / "no-mean-flag"
+    shutil.copytree(headless, path)
+    (path / "1_Pooling" / "config.json").write_text(
+        json.dumps({"word_embedding_dimension": 32, "pooling_mode_lasttoken": True})
+    )
+    with pytest.raises(
+        ConfigError, match="pooling mean_tokens is not supported; qwenkit pools the last token"
+    ):
+        LLM.load(path, dtype="float32", progress=False).embed("hi")
 
 
 def test_without_a_normalize_module_the_hidden_state_is_returned_as_is(tmp_path, headless):
@@ -360,7 +445,7 @@ def test_info_counts_the_parameters_a_headless_checkpoint_holds(headless, tied):
     assert "output head" not in describe(str(tied))
 
 
-SERVE_IT = "serve it (`qwenkit serve`) and ask POST /v1/embeddings"
+SERVE_IT = "embed texts with `qwenkit embed`, or serve it (`qwenkit serve`) and ask POST /v1/embeddings"
 TRAIN = "fine-tuning trains its next-token loss, which needs one"
 
 

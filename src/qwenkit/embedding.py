@@ -35,10 +35,12 @@ _POOLING_MODES = ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_token
 
 @dataclass(frozen=True)
 class EmbeddingSetup:
-    """How a checkpoint's embeddings are made: normalized or not, and its named prompts."""
+    """How a checkpoint's embeddings are made: normalized or not, its named prompts, and the one used
+    where none is named (sentence-transformers' ``default_prompt_name``)."""
 
     normalize: bool = True
     prompts: dict[str, str] = field(default_factory=dict)
+    default_prompt_name: str | None = None
 
 
 def read_setup(directory: str | Path | None) -> EmbeddingSetup:
@@ -71,21 +73,59 @@ def read_setup(directory: str | Path | None) -> EmbeddingSetup:
     normalize = False
     for module in modules:
         kind = str(module.get("type", ""))
-        if kind == _ST + "Transformer":
+        if _module_kind(kind) == "Transformer":
             continue
-        if kind == _ST + "Normalize":
+        if _module_kind(kind) == "Normalize":
             normalize = True
-        elif kind == _ST + "Pooling":
+        elif _module_kind(kind) == "Pooling":
             _check_pooling(root / str(module.get("path", "")) / "config.json")
         else:
             raise ConfigError(
                 f"{root / 'modules.json'}: module {kind or module!r} is not supported for embeddings "
                 "(last-token Pooling and Normalize are)"
             )
-    extra = root / "config_sentence_transformers.json"
-    prompts = _json(extra).get("prompts") if extra.is_file() else None
-    prompts = {str(k): str(v) for k, v in prompts.items()} if isinstance(prompts, dict) else {}
-    return EmbeddingSetup(normalize=normalize, prompts=prompts)
+    return replace(_prompts(root / "config_sentence_transformers.json"), normalize=normalize)
+
+
+def _module_kind(kind: str) -> str | None:
+    """A sentence-transformers module type's class (Transformer, Pooling, Normalize), under the names
+    ``modules.json`` gives it: ``sentence_transformers.models.Pooling`` before version 5.4,
+    ``sentence_transformers.sentence_transformer.modules.pooling.Pooling`` (or ``base.modules``) since."""
+    package, _, name = kind.rpartition(".")
+    if package == _ST.rstrip(".") or (
+        package.startswith("sentence_transformers.") and package.endswith(".modules." + name.lower())
+    ):
+        return name
+    return None
+
+
+def _prompts(path: Path) -> EmbeddingSetup:
+    """The named prompts and ``default_prompt_name`` of ``config_sentence_transformers.json``, read as
+    sentence-transformers reads them: a null prompt is the empty one, a default that names none of them
+    is refused."""
+    extra = _json(path) if path.is_file() else None
+    extra = extra if isinstance(extra, dict) else {}
+    prompts = extra.get("prompts")
+    prompts = (
+        {str(k): "" if v is None else str(v) for k, v in prompts.items()} if isinstance(prompts, dict) else {}
+    )
+    default = extra.get("default_prompt_name")
+    if default is not None and default not in prompts:
+        known = ", ".join(sorted(prompts)) or "none"
+        raise ConfigError(f"{path}: default_prompt_name {default!r} is not one of its prompts ({known})")
+    return EmbeddingSetup(prompts=prompts, default_prompt_name=default)
+
+
+def prompt_prefix(setup: EmbeddingSetup, prompt_name: str | None, name: str = "prompt_name") -> str:
+    """The text put before each input: the prompt ``prompt_name`` names, or where it is None the
+    checkpoint's default one (none without a ``default_prompt_name``), as sentence-transformers'
+    ``encode`` does. ``name``: what the caller calls the option, in the error."""
+    if prompt_name is None:
+        return setup.prompts[setup.default_prompt_name] if setup.default_prompt_name is not None else ""
+    if prompt_name not in setup.prompts:
+        known = ", ".join(sorted(setup.prompts)) or "none"
+        raise SamplingParamsError(f"{name} {prompt_name!r} is not one of the model's ({known})")
+    return setup.prompts[prompt_name]
 
 
 # llama.cpp's llama_pooling_type (gguf-py's PoolingType), as {arch}.pooling_type holds it
@@ -139,10 +179,22 @@ def _json(path: Path) -> object:
 
 
 def _check_pooling(path: Path) -> None:
+    """Last-token pooling alone, read as sentence-transformers' Pooling takes its config: the
+    ``pooling_mode`` string (the form version 5.4 writes) wins over the ``pooling_mode_*`` flags."""
     config = _json(path) if path.is_file() else None
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: missing or not a JSON object")
-    other = [m for m in _POOLING_MODES if config.get(f"pooling_mode_{m}")]
+    mode = config.get("pooling_mode")
+    if mode is not None:
+        if str(mode).lower() != "lasttoken":
+            raise ConfigError(
+                f"{path}: pooling_mode {mode!r} is not supported; qwenkit pools the last token "
+                "(lasttoken), as decoder embedding models do"
+            )
+        return
+    # a flag left out is sentence-transformers' default: mean pooling's is on (last-token pooling with it
+    # absent computes both, concatenated)
+    other = [m for m in _POOLING_MODES if config.get(f"pooling_mode_{m}", m == "mean_tokens")]
     if other or not config.get("pooling_mode_lasttoken"):
         named = ", ".join(other) or "none"
         raise ConfigError(
@@ -160,12 +212,13 @@ def finish(hidden: torch.Tensor, normalize: bool, dimensions: int | None) -> lis
     return hidden.tolist()
 
 
-def check_dimensions(dimensions: object, hidden_size: int) -> None:
+def check_dimensions(dimensions: object, hidden_size: int, name: str = "dimensions") -> None:
+    """``dimensions`` (Matryoshka) fits the hidden size; ``name``: what the caller calls the option."""
     if dimensions is None:
         return
     if not isinstance(dimensions, int) or isinstance(dimensions, bool) or not 1 <= dimensions <= hidden_size:
         raise SamplingParamsError(
-            f"dimensions must be an integer in [1, {hidden_size}] (the hidden size), got {dimensions!r}"
+            f"{name} must be an integer in [1, {hidden_size}] (the hidden size), got {dimensions!r}"
         )
 
 

@@ -446,16 +446,12 @@ class LLM:
         """Embeddings of texts (or token-id lists), in input order: the final-norm hidden state of each
         one's last token, L2-normalized (``embedding``), computed by the engine beside any generation.
         ``prompt_name``: one of the checkpoint's sentence-transformers prompts ("query" for
-        Qwen3-Embedding) put before each text. ``dimensions``: keep the first ones, then normalize.
+        Qwen3-Embedding) put before each text; None: its ``default_prompt_name``'s, if it names one (as
+        sentence-transformers' ``encode``). ``dimensions``: keep the first ones, then normalize.
         ``adapter``: through this served adapter (``load(adapters=...)``), as ``SamplingParams.adapter``."""
         setup = self.embedding_setup
         embedding.check_dimensions(dimensions, self.config.hidden_size)
-        prefix = ""
-        if prompt_name is not None:
-            if prompt_name not in setup.prompts:
-                known = ", ".join(sorted(setup.prompts)) or "none"
-                raise SamplingParamsError(f"prompt_name {prompt_name!r} is not one of the model's ({known})")
-            prefix = setup.prompts[prompt_name]
+        prefix = embedding.prompt_prefix(setup, prompt_name)
         ids = embedding.prompt_ids(self, embedding.check_inputs(inputs), prefix, adapter)
         hidden = embedding.run(self, ids, adapter)
         return [embedding.finish(h, setup.normalize, dimensions) for h in hidden]

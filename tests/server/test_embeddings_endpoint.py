@@ -57,6 +57,28 @@ def test_sdk_default_base64_and_float_give_the_librarys_values(client, embed_llm
         assert r.usage.prompt_tokens == r.usage.total_tokens == tokens
 
 
+def test_a_default_prompt_name_is_not_applied(tmp_path, embed_llm):
+    """vLLM's /v1/embeddings reads no sentence-transformers prompts (its get_pooling_config reads
+    modules.json alone): the input is embedded as sent, where LLM.embed puts the default prompt first."""
+    import json
+    import shutil
+
+    path = tmp_path / "default"
+    shutil.copytree(embed_llm.path, path)
+    st = json.loads((path / "config_sentence_transformers.json").read_text())
+    (path / "config_sentence_transformers.json").write_text(
+        json.dumps({**st, "default_prompt_name": "query"})
+    )
+    llm = LLM.load(path, dtype="float32", progress=False)
+    app = create_app(llm, ServerConfig(served_model_name="q3e", response_cache_entries=0))
+    with LiveServer(app) as live:
+        r = httpx.post(f"{live.url}/v1/embeddings", json={"model": "q3e", "input": TEXTS[:2]})
+    assert r.status_code == 200
+    close([d["embedding"] for d in r.json()["data"]], embed_llm.embed(TEXTS[:2]))
+    close(llm.embed(TEXTS[:2]), embed_llm.embed(TEXTS[:2], prompt_name="query"))
+    llm.close()
+
+
 def test_base64_is_little_endian_float32(embed_server, embed_llm):
     body = {"model": "q3e", "input": "hi", "encoding_format": "base64"}
     r = httpx.post(f"{embed_server.url}/v1/embeddings", json=body)

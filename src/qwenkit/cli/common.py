@@ -154,15 +154,18 @@ def gguf_dequantize(args: argparse.Namespace, path: Path) -> bool:
     return bool(args.gguf_dequantize)
 
 
-SERVE_IT = "serve it (`qwenkit serve`) and ask POST /v1/embeddings"
+SERVE_IT = "embed texts with `qwenkit embed`, or serve it (`qwenkit serve`) and ask POST /v1/embeddings"
 
 
-def load_llm(args: argparse.Namespace, max_batch_size: int = 1, tensor_parallel=None):
+def load_llm(args: argparse.Namespace, max_batch_size: int = 1, tensor_parallel=None, text: bool = True):
+    """The model ``args`` name. ``text``: the command runs its text (chat, generate), so a checkpoint
+    that computes embeddings only is refused before it loads; ``qwenkit embed`` passes False."""
     from qwenkit.checkpoint.bare import refuse_embeddings_only
     from qwenkit.generate import LLM
 
     path = resolve_model(args.model)
-    refuse_embeddings_only(path, SERVE_IT)
+    if text:
+        refuse_embeddings_only(path, SERVE_IT)
     llm = LLM.load(
         path,
         dtype=args.dtype,

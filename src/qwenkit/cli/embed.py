@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import sys
 
+from qwenkit import embedding
 from qwenkit.cli.common import add_model_args, load_llm, stdin_keeps_bad_bytes, utf8_text
 from qwenkit.command_parser import CommandParser, int_at_least
 from qwenkit.errors import QwenkitError
@@ -35,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--prompt-name",
         metavar="NAME",
-        help="the checkpoint's sentence-transformers prompt to put before each text (Qwen3-Embedding: query)",
+        help="the checkpoint's sentence-transformers prompt to put before each text (Qwen3-Embedding: "
+        "query); default: its default_prompt_name's, if it has one",
     )
     parser.add_argument(
         "--dimensions",
@@ -59,8 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     # intermixed: `embed MODEL --dimensions 8 a b` and `embed MODEL a --dimensions 8 b` alike
     args = parser.parse_intermixed_args(argv)
     texts = read_texts(args.texts, args.file)
-    llm = load_llm(args, max_batch_size=args.batch_size)
-    try:
+    llm = load_llm(args, max_batch_size=args.batch_size, text=False)  # an embedding model's bare decoder too
+    try:  # the options by their flags first (LLM.embed names them as its arguments)
+        embedding.check_dimensions(args.dimensions, llm.config.hidden_size, "--dimensions")
+        embedding.prompt_prefix(llm.embedding_setup, args.prompt_name, "--prompt-name")
         vectors = llm.embed(texts, prompt_name=args.prompt_name, dimensions=args.dimensions)
     finally:
         llm.close()
