@@ -341,6 +341,9 @@ def write_tiny_embedding_model(
     (path / "config_sentence_transformers.json").write_text(
         json.dumps({"prompts": prompts, "default_prompt_name": None, "similarity_fn_name": "cosine"})
     )
+    (path / "sentence_bert_config.json").write_text(
+        json.dumps({"max_seq_length": 8192, "do_lower_case": False})
+    )
     return path
 
 

@@ -500,3 +500,21 @@ def test_a_tied_embedding_model_still_generates(tied, capsys):
 
     assert main(["generate", str(tied), "--prompt-ids", "1,2", "--max-new-tokens", "2", "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)["output_token_ids"]) == 2
+
+
+def test_an_input_past_max_seq_length_is_refused_by_name(tmp_path, headless):
+    """Qwen3-Embedding's sentence_bert_config.json says 8192: sentence-transformers cuts longer texts and
+    vLLM caps its context there, so a vector of a longer one (qwenkit's window is 32K) is no reference's."""
+    path = tmp_path / "short"
+    shutil.copytree(headless, path)
+    (path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 4, "do_lower_case": False}))
+    llm = LLM.load(path, dtype="float32", progress=False)
+    fits = [t for t in ("hi", "a b c") if len(llm.encode(t)) <= 4]
+    assert fits and len(llm.embed(fits)) == len(fits)
+    long = "one two three four five six"
+    with pytest.raises(SamplingParamsError) as caught:
+        llm.embed(["hi", long])
+    assert str(caught.value) == (
+        f"input[1]: the input has {len(llm.encode(long))} tokens; this model embeds at most 4 "
+        "(max_seq_length in its sentence_bert_config.json)"
+    )

@@ -41,6 +41,9 @@ class EmbeddingSetup:
     normalize: bool = True
     prompts: dict[str, str] = field(default_factory=dict)
     default_prompt_name: str | None = None
+    # sentence_bert_config.json's max_seq_length (Qwen3-Embedding's 8192): longer inputs are refused, as
+    # vLLM caps its context there (sentence-transformers cuts them: a vector no reference gives otherwise)
+    max_length: int | None = None
 
 
 def read_setup(directory: str | Path | None) -> EmbeddingSetup:
@@ -84,7 +87,18 @@ def read_setup(directory: str | Path | None) -> EmbeddingSetup:
                 f"{root / 'modules.json'}: module {kind or module!r} is not supported for embeddings "
                 "(last-token Pooling and Normalize are)"
             )
-    return replace(_prompts(root / "config_sentence_transformers.json"), normalize=normalize)
+    setup = _prompts(root / "config_sentence_transformers.json")
+    return replace(setup, normalize=normalize, max_length=_max_length(root / "sentence_bert_config.json"))
+
+
+def _max_length(path: Path) -> int | None:
+    config = _json(path) if path.is_file() else None
+    length = config.get("max_seq_length") if isinstance(config, dict) else None
+    if length is None:
+        return None
+    if not isinstance(length, int) or isinstance(length, bool) or length < 1:
+        raise ConfigError(f"{path}: max_seq_length must be a positive integer, got {length!r}")
+    return length
 
 
 def _module_kind(kind: str) -> str | None:
@@ -267,7 +281,16 @@ def prompt_ids(
     _each(texts, lambda text: llm.check_prompt_bound(text, EMBED))
     encoded = [llm.encode(text) if isinstance(text, str) else list(text) for text in texts]
     _each(encoded, lambda ids: llm.engine.validate(ids, EMBED))
+    _each(encoded, lambda ids: _check_length(ids, llm.embedding_setup.max_length))
     return encoded
+
+
+def _check_length(ids: list[int], limit: int | None) -> None:
+    if limit is not None and len(ids) > limit:
+        raise SamplingParamsError(
+            f"the input has {len(ids)} tokens; this model embeds at most {limit} "
+            "(max_seq_length in its sentence_bert_config.json)"
+        )
 
 
 def _each(items: Sequence[T], check: Callable[[T], None]) -> None:
