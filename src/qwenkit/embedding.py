@@ -9,27 +9,25 @@ last token and normalizes it, as vLLM does for decoder models.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import numbers
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from qwenkit import prompt_only
 from qwenkit.engine import SamplingParams, SamplingParamsError
 from qwenkit.errors import ConfigError, GenerationError
+from qwenkit.prompt_only import check_each
 
 if TYPE_CHECKING:
-    from qwenkit.engine.driver import RequestStream
     from qwenkit.generate import LLM
 
 EMBED = SamplingParams(max_tokens=0, embed=True)
 _ST = "sentence_transformers.models."
-T = TypeVar("T")
 _POOLING_MODES = ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens", "weightedmean_tokens")
 
 
@@ -278,10 +276,10 @@ def prompt_ids(
     if adapter is not None:  # first: a name not served is no input's fault
         llm.engine.validate([0], replace(EMBED, adapter=adapter))
     texts = [prefix + one if isinstance(one, str) else one for one in inputs]
-    _each(texts, lambda text: llm.check_prompt_bound(text, EMBED))
+    check_each(texts, lambda text: llm.check_prompt_bound(text, EMBED), "input")
     encoded = [llm.encode(text) if isinstance(text, str) else list(text) for text in texts]
-    _each(encoded, lambda ids: llm.engine.validate(ids, EMBED))
-    _each(encoded, lambda ids: _check_length(ids, llm.embedding_setup.max_length))
+    check_each(encoded, lambda ids: llm.engine.validate(ids, EMBED), "input")
+    check_each(encoded, lambda ids: _check_length(ids, llm.embedding_setup.max_length), "input")
     return encoded
 
 
@@ -291,15 +289,6 @@ def _check_length(ids: list[int], limit: int | None) -> None:
             f"the input has {len(ids)} tokens; this model embeds at most {limit} "
             "(max_seq_length in its sentence_bert_config.json)"
         )
-
-
-def _each(items: Sequence[T], check: Callable[[T], None]) -> None:
-    """``check`` each input; its SamplingParamsError names the input, where there are several."""
-    for i, item in enumerate(items):
-        try:
-            check(item)
-        except SamplingParamsError as exc:
-            raise SamplingParamsError(f"input[{i}]: {exc}" if len(items) > 1 else str(exc)) from None
 
 
 def _hidden(outputs: list) -> torch.Tensor:
@@ -312,42 +301,11 @@ def _hidden(outputs: list) -> torch.Tensor:
 def run(llm: LLM, ids: list[list[int]], adapter: str | None = None) -> list[torch.Tensor]:
     """The hidden states of ``ids``, batched by the engine beside whatever else runs; through served
     adapter ``adapter`` where given."""
-    params = replace(EMBED, adapter=adapter)
-    with llm.driver.together():  # queued as one batch
-        streams = [llm.driver.submit(one, params) for one in ids]
-    try:
-        return [_hidden(list(stream)) for stream in streams]
-    finally:
-        for stream in streams:
-            stream.abort()
-
-
-@dataclass(frozen=True)
-class Embedded:
-    """One input's hidden state, and how long it waited for its first step (the server's metrics)."""
-
-    hidden: torch.Tensor
-    queued: float | None  # seconds from submission to its first step (None: it never had one)
+    return prompt_only.run(llm, ids, replace(EMBED, adapter=adapter), _hidden)
 
 
 async def run_async(
     llm: LLM, ids: list[list[int]], adapter: str | None = None, name: str | None = None
-) -> list[Embedded]:
-    """``run`` from an event loop, which stays free while the engine computes; through served adapter
-    ``adapter`` where given. ``name``: the requests' id in the engine's log (a server's request id)."""
-    loop = asyncio.get_running_loop()
-    params = replace(EMBED, adapter=adapter)
-    submitted = time.perf_counter()
-    with llm.driver.together():
-        streams = [llm.driver.submit(one, params, loop=loop, name=name) for one in ids]
-
-    async def read(stream: RequestStream) -> Embedded:
-        outputs = [out async for out in stream]
-        first = next((o.scheduled_at for o in outputs if o.scheduled_at is not None), None)
-        return Embedded(_hidden(outputs), None if first is None else max(first - submitted, 0.0))
-
-    try:
-        return list(await asyncio.gather(*(read(s) for s in streams)))
-    finally:
-        for stream in streams:
-            stream.abort()
+) -> list[prompt_only.Finished[torch.Tensor]]:
+    """``run`` from an event loop, which stays free while the engine computes (``prompt_only.run_async``)."""
+    return await prompt_only.run_async(llm, ids, replace(EMBED, adapter=adapter), _hidden, name)

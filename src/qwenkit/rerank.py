@@ -11,19 +11,17 @@ head (an embedding model) is refused by the engine, by name.
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
+from qwenkit import prompt_only
 from qwenkit.engine import SamplingParams, SamplingParamsError
 from qwenkit.errors import ConfigError, GenerationError
+from qwenkit.prompt_only import check_each
 
 if TYPE_CHECKING:
-    from qwenkit.engine.driver import RequestStream
     from qwenkit.generate import LLM
 
 # The Qwen3-Reranker model card's prompt: a system line, the judged pair, an empty thinking block
@@ -33,7 +31,6 @@ PREFIX = (
 )
 SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
 DEFAULT_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
-T = TypeVar("T")
 
 
 def answer_ids(llm: LLM) -> tuple[int, int]:
@@ -82,19 +79,10 @@ def prompt_ids(
         task = DEFAULT_INSTRUCTION if instruction is None else instruction
         texts = [f"<Instruct>: {task}\n<Query>: {query}\n<Document>: {doc}" for doc in documents]
         around = tuple(llm.tokenizer.encode(part, allow_special=True) for part in (PREFIX, SUFFIX))
-    _each(texts, lambda text: llm.check_prompt_bound(text, scoring))
+    check_each(texts, lambda text: llm.check_prompt_bound(text, scoring), "documents", always=True)
     ids = [[*around[0], *llm.encode(text), *around[1]] for text in texts]
-    _each(ids, lambda one: llm.engine.validate(one, scoring))
+    check_each(ids, lambda one: llm.engine.validate(one, scoring), "documents", always=True)
     return ids
-
-
-def _each(items: Sequence[T], check: Callable[[T], None]) -> None:
-    """``check`` each document's prompt; its SamplingParamsError names the document."""
-    for i, item in enumerate(items):
-        try:
-            check(item)
-        except SamplingParamsError as exc:
-            raise SamplingParamsError(f"documents[{i}]: {exc}") from None
 
 
 def score(logits: Sequence[float]) -> float:
@@ -113,42 +101,15 @@ def _logits(outputs: list) -> list[float]:
 
 def run(llm: LLM, ids: list[list[int]], adapter: str | None = None) -> list[float]:
     """Each prompt's score, the prompts batched by the engine beside whatever else runs."""
-    scoring = params(llm, adapter)
-    with llm.driver.together():  # queued as one batch
-        streams = [llm.driver.submit(one, scoring) for one in ids]
-    try:
-        return [score(_logits(list(stream))) for stream in streams]
-    finally:
-        for stream in streams:
-            stream.abort()
-
-
-@dataclass(frozen=True)
-class Scored:
-    """One prompt's score, and how long it waited for its first step (the server's metrics)."""
-
-    score: float
-    queued: float | None  # seconds from submission to its first step (None: it never had one)
+    return prompt_only.run(llm, ids, params(llm, adapter), _score)
 
 
 async def run_async(
     llm: LLM, ids: list[list[int]], adapter: str | None = None, name: str | None = None
-) -> list[Scored]:
-    """``run`` from an event loop, which stays free while the engine computes. ``name``: the requests'
-    id in the engine's log (a server's request id)."""
-    loop = asyncio.get_running_loop()
-    scoring = params(llm, adapter)
-    submitted = time.perf_counter()
-    with llm.driver.together():
-        streams = [llm.driver.submit(one, scoring, loop=loop, name=name) for one in ids]
+) -> list[prompt_only.Finished[float]]:
+    """``run`` from an event loop, which stays free while the engine computes (``prompt_only.run_async``)."""
+    return await prompt_only.run_async(llm, ids, params(llm, adapter), _score, name)
 
-    async def read(stream: RequestStream) -> Scored:
-        outputs = [out async for out in stream]
-        first = next((o.scheduled_at for o in outputs if o.scheduled_at is not None), None)
-        return Scored(score(_logits(outputs)), None if first is None else max(first - submitted, 0.0))
 
-    try:
-        return list(await asyncio.gather(*(read(s) for s in streams)))
-    finally:
-        for stream in streams:
-            stream.abort()
+def _score(outputs: list) -> float:
+    return score(_logits(outputs))

@@ -12,10 +12,10 @@ from fastapi import Request
 
 from qwenkit import embedding
 from qwenkit.engine import SamplingParamsError
-from qwenkit.errors import GenerationError
 from qwenkit.server.errors import APIError
+from qwenkit.server.prompt_requests import run_counted
 from qwenkit.server.request_ids import request_id
-from qwenkit.server.runs import check_capacity, check_queue
+from qwenkit.server.runs import check_capacity
 from qwenkit.server.schemas import EmbeddingRequest
 from qwenkit.server.state import ServerState
 from qwenkit.tokenizer import TokenizerError
@@ -45,20 +45,10 @@ async def embeddings(state: ServerState, body: EmbeddingRequest, request: Reques
     # generation routes refuse is refused alike (429): --max-queue bounds what waits, embeddings too
     check_capacity(state, len(inputs), len(inputs), 1, unit="inputs")
     ids = await asyncio.to_thread(read)  # a long text is read while the event loop answers others
-    check_queue(state, len(ids))
-    state.active += len(ids)  # they take batch rows: the generation routes' queue estimate counts them
-    try:
-        done = await embedding.run_async(llm, ids, adapter, name=request_id(request))
-    except GenerationError as e:  # the engine's step failed: not the client's fault
-        _count(state, ids, arrived, "error")
-        raise APIError(500, str(e)) from None
-    except asyncio.CancelledError:  # the client went away: the engine stopped them
-        _count(state, ids, arrived, "abort")
-        raise
-    finally:
-        state.active -= len(ids)
-    _count(state, ids, arrived, "stop", done)
-    vectors = [embedding.finish(one.hidden, setup.normalize, body.dimensions) for one in done]
+    done = await run_counted(
+        state, ids, arrived, lambda: embedding.run_async(llm, ids, adapter, name=request_id(request))
+    )
+    vectors = [embedding.finish(one.value, setup.normalize, body.dimensions) for one in done]
     as_base64 = body.encoding_format == "base64"
     data = [
         {"object": "embedding", "embedding": _base64(v) if as_base64 else v, "index": i}
@@ -67,23 +57,6 @@ async def embeddings(state: ServerState, body: EmbeddingRequest, request: Reques
     tokens = sum(map(len, ids))
     usage = {"prompt_tokens": tokens, "total_tokens": tokens}
     return {"object": "list", "data": data, "model": state.response_model(adapter), "usage": usage}
-
-
-def _count(
-    state: ServerState,
-    ids: list[list[int]],
-    arrived: float,
-    reason: str,
-    done: list[embedding.Embedded] | None = None,
-) -> None:
-    """Each input in /metrics as one engine request, as vLLM counts a pooling request: finished "stop"
-    with its prompt tokens, no tokens generated, its latency and queue time; a failed or abandoned one's
-    prompt counts no tokens (whether its step ran is not known here)."""
-    e2e = time.perf_counter() - arrived
-    for i, one in enumerate(ids):
-        queued = done[i].queued if done is not None else None
-        tokens = len(one) if done is not None else 0
-        state.metrics.finished(reason, tokens, 0, None, e2e, queued=queued)
 
 
 def _base64(vector: list[float]) -> str:

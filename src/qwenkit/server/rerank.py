@@ -12,10 +12,11 @@ from fastapi import Request
 
 from qwenkit import rerank
 from qwenkit.engine import SamplingParamsError
-from qwenkit.errors import ConfigError, GenerationError
+from qwenkit.errors import ConfigError
 from qwenkit.server.errors import APIError
+from qwenkit.server.prompt_requests import run_counted
 from qwenkit.server.request_ids import request_id
-from qwenkit.server.runs import check_capacity, check_queue
+from qwenkit.server.runs import check_capacity
 from qwenkit.server.schemas import RerankRequest
 from qwenkit.server.state import ServerState
 from qwenkit.tokenizer import TokenizerError
@@ -49,23 +50,13 @@ async def rerank_documents(state: ServerState, body: RerankRequest, request: Req
 
     check_capacity(state, len(docs), len(docs), 1, unit="documents")
     ids = await asyncio.to_thread(read)  # long documents are read while the event loop answers others
-    check_queue(state, len(ids))
-    state.active += len(ids)  # they take batch rows: the generation routes' queue estimate counts them
-    try:
-        done = await rerank.run_async(llm, ids, adapter, name=request_id(request))
-    except GenerationError as e:  # the engine's step failed: not the client's fault
-        _count(state, ids, arrived, "error")
-        raise APIError(500, str(e)) from None
-    except asyncio.CancelledError:  # the client went away: the engine stopped them
-        _count(state, ids, arrived, "abort")
-        raise
-    finally:
-        state.active -= len(ids)
-    _count(state, ids, arrived, "stop", done)
-    order = sorted(range(len(docs)), key=lambda i: -done[i].score)  # stable: ties keep document order
+    done = await run_counted(
+        state, ids, arrived, lambda: rerank.run_async(llm, ids, adapter, name=request_id(request))
+    )
+    order = sorted(range(len(docs)), key=lambda i: -done[i].value)  # stable: ties keep document order
     results = []
     for i in order[: body.top_n or None]:
-        result: dict = {"index": i, "relevance_score": done[i].score}
+        result: dict = {"index": i, "relevance_score": done[i].value}
         if body.return_documents is not False:  # vLLM and Jina return them; Cohere's clients say false
             result["document"] = {"text": docs[i]}
         results.append(result)
@@ -76,18 +67,3 @@ async def rerank_documents(state: ServerState, body: RerankRequest, request: Req
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         "results": results,
     }
-
-
-def _count(
-    state: ServerState,
-    ids: list[list[int]],
-    arrived: float,
-    reason: str,
-    done: list[rerank.Scored] | None = None,
-) -> None:
-    """Each document in /metrics as one engine request, as the embeddings route counts its inputs."""
-    e2e = time.perf_counter() - arrived
-    for i, one in enumerate(ids):
-        queued = done[i].queued if done is not None else None
-        tokens = len(one) if done is not None else 0
-        state.metrics.finished(reason, tokens, 0, None, e2e, queued=queued)
