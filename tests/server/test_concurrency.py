@@ -136,6 +136,10 @@ LONG_CHAT = [{"role": "user", "content": LONG_TEXT}]
 # 600,009 tokens with the template's), in a raw prompt as the tokens (500,001)
 THINK_TEXT = "hello <think> world, this is a sentence. " * 50_000
 THINK_CHAT = [{"role": "user", "content": THINK_TEXT}]
+# just under 1 MB each: a text the early length bound (no Qwen token is over 128 bytes, so a 2 MB text is
+# refused in milliseconds, tests/server/test_prompt_length_bound.py) cannot refuse, so it is tokenized whole
+BOUNDED_CHAT = [{"role": "user", "content": "hello world, this is a fairly ordinary sentence. " * 20_000}]
+BOUNDED_THINK = "hello <think> world, this is a sentence. " * 24_000
 # 2M token ids, written as JSON once (so the client's own serializing is not timed)
 MANY_IDS = json.dumps({"tokens": [9707, 1879, 11, 419, 374] * 400_000}).encode()
 
@@ -145,10 +149,10 @@ MANY_IDS = json.dumps({"tokens": [9707, 1879, 11, 419, 374] * 400_000}).encode()
     [
         ("/tokenize", {"prompt": LONG_TEXT}, 200, '"count":400001,'),
         ("/tokenize", {"messages": LONG_CHAT}, 200, '"count":400009,'),
-        (CHAT, {"messages": LONG_CHAT}, 400, "your prompt has 400009 tokens"),
+        (CHAT, {"messages": BOUNDED_CHAT}, 400, "your prompt has 200009 tokens"),
         ("/tokenize", {"prompt": THINK_TEXT}, 200, '"count":500001,'),
         ("/tokenize", {"messages": THINK_CHAT}, 200, '"count":600009,'),
-        ("/v1/completions", {"prompt": THINK_TEXT}, 400, "your prompt has 500001 tokens"),
+        ("/v1/completions", {"prompt": BOUNDED_THINK}, 400, "your prompt has 240001 tokens"),
         ("/detokenize", MANY_IDS, 200, '{"prompt":"Hello world, this is'),
     ],
     ids=[
