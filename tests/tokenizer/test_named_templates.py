@@ -118,7 +118,7 @@ def test_the_server_renders_the_tool_use_template(two_templates):
     from qwenkit.server.schemas import ChatCompletionRequest
     from qwenkit.server.tool_use import plan_tools
 
-    llm = SimpleNamespace(tokenizer=load_tokenizer(two_templates))
+    llm = SimpleNamespace(tokenizer=load_tokenizer(two_templates), engine=SimpleNamespace(max_seq_len=4096))
     body = ChatCompletionRequest.model_validate({"model": "m", "messages": MESSAGES, "tools": TOOLS})
     ids = chat_prompt(llm, body)
     assert ids == hf_prompt(two_templates, tools=TOOLS)[1]
