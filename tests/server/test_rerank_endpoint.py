@@ -97,3 +97,29 @@ def test_the_api_key_guards_every_path(server):
 def test_an_unknown_model_is_a_404(server):
     r = post(server, {"model": "other", "query": QUERY, "documents": DOCS})
     assert r.status_code == 404
+
+
+def test_a_model_without_a_head_is_refused_as_generation_is(tmp_path):
+    """Not a document's fault: the 400 names no document (was "documents[0]: ..." with param documents)."""
+    from factories import write_tiny_embedding_model
+
+    from qwenkit.model.transformer import HEADLESS
+
+    llm = LLM.load(write_tiny_embedding_model(tmp_path / "e"), dtype="float32", progress=False)
+    with LiveServer(create_app(llm, ServerConfig(served_model_name="e", response_cache_entries=0))) as live:
+        r = post(live, {"query": QUERY, "documents": DOCS}, key=None)
+        chat = httpx.post(
+            f"{live.url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}
+        )
+    assert r.status_code == 400 and chat.status_code == 400
+    assert (
+        r.json()["error"]
+        == chat.json()["error"]
+        == {
+            "message": HEADLESS,
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "invalid_value",
+        }
+    )
+    llm.close()
