@@ -123,3 +123,23 @@ def test_a_model_without_a_head_is_refused_as_generation_is(tmp_path):
         }
     )
     llm.close()
+
+
+def test_a_model_naming_a_served_adapter_scores_through_it(rerank_llm, tmp_path):
+    from factories import write_lora_adapter
+
+    adapter = write_lora_adapter(rerank_llm.path, tmp_path / "a", seed=3, std=0.5)
+    llm = LLM.load(rerank_llm.path, dtype="float32", progress=False, max_seq_len=256, adapters={"a": adapter})
+    config = ServerConfig(
+        served_model_name="q3r", response_cache_entries=0, lora_modules=(("a", str(adapter)),)
+    )
+    with LiveServer(create_app(llm, config)) as live:
+        r = post(live, {"model": "a", "query": QUERY, "documents": DOCS, "top_n": 0}, key=None)
+    assert r.status_code == 200, r.text
+    want = llm.rerank(QUERY, DOCS, adapter="a")
+    assert r.json()["model"] == "a"
+    assert {x["index"]: x["relevance_score"] for x in r.json()["results"]} == pytest.approx(
+        dict(enumerate(want))
+    )
+    assert want != pytest.approx(llm.rerank(QUERY, DOCS), abs=1e-3)
+    llm.close()
