@@ -12,6 +12,7 @@ from qwenkit import rerank
 from qwenkit.engine import Engine, SamplingParams, SamplingParamsError
 from qwenkit.errors import ConfigError
 from qwenkit.generate import LLM
+from qwenkit.model.transformer import HEADLESS
 
 QUERY = "What is the capital of China?"
 DOCS = [
@@ -146,8 +147,9 @@ def test_an_embedding_checkpoint_without_a_head_is_refused(tmp_path):
     from factories import write_tiny_embedding_model
 
     llm = LLM.load(write_tiny_embedding_model(tmp_path / "e"), dtype="float32", progress=False)
-    with pytest.raises(SamplingParamsError, match="no output head"):
+    with pytest.raises(SamplingParamsError) as refused:
         llm.rerank(QUERY, DOCS)
+    assert str(refused.value) == HEADLESS  # the model's fault: no document named (was "documents[0]: ...")
 
 
 def test_engine_validates_score_token_ids(llm):
@@ -187,3 +189,20 @@ def test_a_one_token_scoring_prompt_among_decoding_rows_takes_the_static_step(ll
     with torch.no_grad():
         ref = llm.model(torch.tensor([[9693]]))[0, -1].float()
     torch.testing.assert_close(torch.tensor(out.token_logits), ref[[9693, 2152]], rtol=0, atol=1e-5)
+
+
+def test_a_served_adapter_scores_as_the_model_with_it_applied(model_dir, tmp_path):
+    """LLM.rerank(adapter=) and /v1/rerank's ``model`` naming an adapter (README): its scores are those of
+    the model loaded with that adapter alone, not the base's."""
+    from factories import write_lora_adapter
+
+    adapter = write_lora_adapter(model_dir, tmp_path / "a", seed=3, std=0.5)
+    kw = dict(dtype="float32", progress=False, max_seq_len=512)
+    with (
+        LLM.load(model_dir, adapters={"a": adapter}, **kw) as served,
+        LLM.load(model_dir, adapter=adapter, **kw) as one,
+    ):
+        through = served.rerank(QUERY, DOCS, adapter="a")
+        base = served.rerank(QUERY, DOCS)
+        assert through == pytest.approx(one.rerank(QUERY, DOCS), abs=1e-5)
+    assert max(abs(a - b) for a, b in zip(through, base, strict=True)) > 1e-3

@@ -47,6 +47,15 @@ def params(llm: LLM, adapter: str | None = None) -> SamplingParams:
     return SamplingParams(max_tokens=0, score_token_ids=answer_ids(llm), adapter=adapter)
 
 
+def check_model(llm: LLM, adapter: str | None = None) -> SamplingParams:
+    """The scoring params, once the model can score at all: SamplingParamsError for a model without an
+    output head or an adapter not served, before any document is looked at (neither is a document's
+    fault, so the message names none)."""
+    scoring = params(llm, adapter)
+    llm.engine.validate([0], scoring)
+    return scoring
+
+
 def check_request(query: object, documents: object, instruction: object = None) -> list[str]:
     """The documents as a list of strings; SamplingParamsError names what is wrong (an empty query or
     list, a document that is no string)."""
@@ -70,9 +79,7 @@ def prompt_ids(
     with the card's prefix was written by the client (vLLM's example does so; query + document is then
     the prompt) and is not wrapped again. Checked by the engine before any runs (context window,
     ``adapter`` served); the message names the document."""
-    scoring = params(llm, adapter)
-    if adapter is not None:  # first: a name not served is no document's fault
-        llm.engine.validate([0], scoring)
+    scoring = check_model(llm, adapter)
     if query.startswith(PREFIX):
         texts, around = [query + doc for doc in documents], ([], [])
     else:

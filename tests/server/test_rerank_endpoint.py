@@ -97,3 +97,49 @@ def test_the_api_key_guards_every_path(server):
 def test_an_unknown_model_is_a_404(server):
     r = post(server, {"model": "other", "query": QUERY, "documents": DOCS})
     assert r.status_code == 404
+
+
+def test_a_model_without_a_head_is_refused_as_generation_is(tmp_path):
+    """Not a document's fault: the 400 names no document (was "documents[0]: ..." with param documents)."""
+    from factories import write_tiny_embedding_model
+
+    from qwenkit.model.transformer import HEADLESS
+
+    llm = LLM.load(write_tiny_embedding_model(tmp_path / "e"), dtype="float32", progress=False)
+    with LiveServer(create_app(llm, ServerConfig(served_model_name="e", response_cache_entries=0))) as live:
+        r = post(live, {"query": QUERY, "documents": DOCS}, key=None)
+        chat = httpx.post(
+            f"{live.url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}
+        )
+    assert r.status_code == 400 and chat.status_code == 400
+    assert (
+        r.json()["error"]
+        == chat.json()["error"]
+        == {
+            "message": HEADLESS,
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "invalid_value",
+        }
+    )
+    llm.close()
+
+
+def test_a_model_naming_a_served_adapter_scores_through_it(rerank_llm, tmp_path):
+    from factories import write_lora_adapter
+
+    adapter = write_lora_adapter(rerank_llm.path, tmp_path / "a", seed=3, std=0.5)
+    llm = LLM.load(rerank_llm.path, dtype="float32", progress=False, max_seq_len=256, adapters={"a": adapter})
+    config = ServerConfig(
+        served_model_name="q3r", response_cache_entries=0, lora_modules=(("a", str(adapter)),)
+    )
+    with LiveServer(create_app(llm, config)) as live:
+        r = post(live, {"model": "a", "query": QUERY, "documents": DOCS, "top_n": 0}, key=None)
+    assert r.status_code == 200, r.text
+    want = llm.rerank(QUERY, DOCS, adapter="a")
+    assert r.json()["model"] == "a"
+    assert {x["index"]: x["relevance_score"] for x in r.json()["results"]} == pytest.approx(
+        dict(enumerate(want))
+    )
+    assert want != pytest.approx(llm.rerank(QUERY, DOCS), abs=1e-3)
+    llm.close()

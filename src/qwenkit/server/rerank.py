@@ -41,11 +41,15 @@ async def rerank_documents(state: ServerState, body: RerankRequest, request: Req
         rerank.answer_ids(llm)
     except ConfigError as e:
         raise APIError(400, str(e), "model") from None
+    try:
+        rerank.check_model(llm, adapter)
+    except SamplingParamsError as e:  # a model without a head: refused as the generation routes refuse it
+        raise APIError(400, str(e)) from None
 
     def read() -> list[list[int]]:
         try:
             return rerank.prompt_ids(llm, body.query, docs, body.instruction)
-        except (SamplingParamsError, TokenizerError) as e:  # over the context, a headless model
+        except (SamplingParamsError, TokenizerError) as e:  # over the context
             raise APIError(400, str(e), "documents") from None
 
     check_capacity(state, len(docs), len(docs), 1, unit="documents")
