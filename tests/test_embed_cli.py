@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from qwenkit.cli import main
 from qwenkit.generate import LLM
@@ -51,6 +52,30 @@ def test_prompt_name_dimensions_and_the_openai_shape(model, capsys):
         "model": str(model),
     }
     assert out.count("\n") == 1 and len(want[0]) == 8
+
+
+def test_json_lines_are_printed_a_chunk_at_a_time(model, monkeypatch, capsys):
+    """Each chunk's lines are out before the next chunk runs, so a long file never holds every vector."""
+    from qwenkit import embedding
+    from qwenkit.cli.embed import CHUNK_TEXTS
+
+    printed: list[int] = []
+    run = embedding.run
+
+    def counting_run(llm, ids, adapter=None):
+        printed.append(sys.stdout.getvalue().count("\n"))
+        return run(llm, ids, adapter)
+
+    monkeypatch.setattr(embedding, "run", counting_run)
+    texts = [f"line {i}" for i in range(CHUNK_TEXTS + 3)]
+    code, out, err = embed([str(model), *texts, "--dtype", "float32", "--batch-size", "16"], capsys)
+    assert code == 0, err
+    assert printed == [0, CHUNK_TEXTS]
+    want = LLM.load(model, dtype="float32", max_batch_size=16, progress=False).embed(texts)
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [line["index"] for line in lines] == list(range(len(texts)))
+    got = torch.tensor([line["embedding"] for line in lines])
+    torch.testing.assert_close(got, torch.tensor(want), rtol=0, atol=2e-6)  # float32 batched otherwise
 
 
 def test_a_file_reads_one_text_a_line(model, tmp_path, capsys):

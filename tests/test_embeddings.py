@@ -130,6 +130,33 @@ def test_bad_input_is_one_line_before_anything_runs(llm, inputs, message):
     assert llm.driver.wait_idle() and llm.engine.blocks.usage == 0
 
 
+def test_embed_iter_computes_a_chunk_at_a_time_after_checking_every_input(llm, monkeypatch):
+    """The vectors are ``embed``'s; each chunk runs only once the one before is read, and a bad input
+    at the end is refused before the first chunk runs."""
+    from qwenkit import embedding
+
+    chunks: list[int] = []
+    run = embedding.run
+    monkeypatch.setattr(
+        embedding, "run", lambda llm, ids, adapter=None: chunks.append(len(ids)) or run(llm, ids)
+    )
+    texts = [f"text number {i}" for i in range(5)]
+    with pytest.raises(SamplingParamsError, match=r"input\[4\] is an empty string"):
+        llm.embed_iter([*texts[:4], ""], chunk_size=2)
+    assert chunks == []
+    vectors = llm.embed_iter(texts, chunk_size=2)
+    first = next(vectors)
+    assert chunks == [2]
+    # float32 rows batched otherwise differ in the last bits (the batch's matmul blocking)
+    torch.testing.assert_close(
+        torch.tensor([first, *vectors]), torch.tensor(llm.embed(texts)), rtol=0, atol=2e-6
+    )
+    assert chunks == [2, 2, 1, 5]
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(SamplingParamsError, match="chunk_size must be a positive integer or None"):
+            llm.embed_iter(texts, chunk_size=bad)
+
+
 def test_unknown_prompt_name_names_the_known_ones(llm):
     with pytest.raises(
         SamplingParamsError, match=r"prompt_name 'passage' is not one of .*\(document, query\)"

@@ -449,12 +449,37 @@ class LLM:
         Qwen3-Embedding) put before each text; None: its ``default_prompt_name``'s, if it names one (as
         sentence-transformers' ``encode``). ``dimensions``: keep the first ones, then normalize.
         ``adapter``: through this served adapter (``load(adapters=...)``), as ``SamplingParams.adapter``."""
+        vectors = self.embed_iter(
+            inputs, prompt_name=prompt_name, dimensions=dimensions, adapter=adapter, chunk_size=None
+        )
+        return list(vectors)
+
+    def embed_iter(
+        self,
+        inputs: str | Sequence[int] | Sequence[str | Sequence[int]],
+        *,
+        prompt_name: str | None = None,
+        dimensions: int | None = None,
+        adapter: str | None = None,
+        chunk_size: int | None = 256,
+    ) -> Iterator[list[float]]:
+        """``embed``'s vectors one by one, computed ``chunk_size`` inputs at a time (None: all together),
+        so a corpus of any length holds that many vectors at once. Every input is checked and tokenized
+        before this returns, so a refusal comes before any vector is computed."""
+        if chunk_size is not None and (type(chunk_size) is not int or chunk_size < 1):
+            raise SamplingParamsError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
         setup = self.embedding_setup
         embedding.check_dimensions(dimensions, self.config.hidden_size)
         prefix = embedding.prompt_prefix(setup, prompt_name)
         ids = embedding.prompt_ids(self, embedding.check_inputs(inputs), prefix, adapter)
-        hidden = embedding.run(self, ids, adapter)
-        return [embedding.finish(h, setup.normalize, dimensions) for h in hidden]
+        step = chunk_size or len(ids)
+
+        def vectors() -> Iterator[list[float]]:
+            for start in range(0, len(ids), step):
+                for hidden in embedding.run(self, ids[start : start + step], adapter):
+                    yield embedding.finish(hidden, setup.normalize, dimensions)
+
+        return vectors()
 
     def rerank(
         self,

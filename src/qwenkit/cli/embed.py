@@ -5,7 +5,9 @@
 Texts come from the arguments, or one a line from standard input (``-``) or a file (``--file``). The
 texts are checked before the model loads (none, an empty one, bytes that are not UTF-8); the rest
 (``--prompt-name``, ``--dimensions``, a text past the context, a pooling qwenkit does not run) by
-``LLM.embed`` before any text runs, so a refused run prints no vector.
+``LLM.embed_iter`` before any text runs, so a refused run prints no vector. The texts run
+``CHUNK_TEXTS`` at a time, each chunk's lines printed before the next runs, so a corpus of any length
+holds one chunk's vectors (``--format json``, one object, holds them all).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from qwenkit import embedding
 from qwenkit.cli.common import add_model_args, load_llm, stdin_keeps_bad_bytes, utf8_text
 from qwenkit.command_parser import CommandParser, int_at_least
 from qwenkit.errors import QwenkitError
+
+CHUNK_TEXTS = 256  # texts computed, then printed, together (at least --batch-size)
 
 
 class TextsError(QwenkitError, ValueError):
@@ -65,14 +69,20 @@ def main(argv: list[str] | None = None) -> int:
     try:  # the options by their flags first (LLM.embed names them as its arguments)
         embedding.check_dimensions(args.dimensions, llm.config.hidden_size, "--dimensions")
         embedding.prompt_prefix(llm.embedding_setup, args.prompt_name, "--prompt-name")
-        vectors = llm.embed(texts, prompt_name=args.prompt_name, dimensions=args.dimensions)
+        vectors = llm.embed_iter(
+            texts,
+            prompt_name=args.prompt_name,
+            dimensions=args.dimensions,
+            chunk_size=max(CHUNK_TEXTS, args.batch_size),
+        )
+        if args.format == "json":  # one object: every vector is held until the last
+            data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)]
+            print(json.dumps({"object": "list", "data": data, "model": args.model}, ensure_ascii=False))
+        else:  # a line as each chunk is computed: a corpus of any length holds one chunk's vectors
+            for i, vector in enumerate(vectors):
+                sys.stdout.write(json.dumps({"index": i, "embedding": vector}) + "\n")
     finally:
         llm.close()
-    if args.format == "json":
-        data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)]
-        print(json.dumps({"object": "list", "data": data, "model": args.model}, ensure_ascii=False))
-    else:
-        sys.stdout.writelines(json.dumps({"index": i, "embedding": v}) + "\n" for i, v in enumerate(vectors))
     return 0
 
 
