@@ -14,7 +14,11 @@ from tokenizer_data import CORPUS
 from tokenizers import decoders, models, normalizers, pre_tokenizers
 
 from qwenkit.tokenizer import HFTokenizer
+from qwenkit.tokenizer.length_bound import LengthBound
 
+# the bytes the bundled SmolLM2's vocabulary has no token for: ASCII controls, and lead bytes of 4-byte
+# characters (U+40000..U+BFFFF) or of none
+SMOLLM_DROPPED = bytes([0x04, 0x06, 0x13, 0x14, 0x16, 0x1D, 0xC0, 0xC1, 0xF1, 0xF2, *range(0xF5, 0x100)])
 PIECES = [" " * 300, "\n" * 200, "<|im_start|>", "<|endoftext|>", "<think>", "e\u0301", "\u1100\u1161\u11a8"]
 
 
@@ -24,7 +28,7 @@ def tokenizer(request):
 
 
 def test_the_longest_token_is_128_bytes_of_spaces(tokenizer):
-    assert tokenizer._token_length_bound == (128, True)
+    assert tokenizer._token_length_bound == LengthBound(128, nfc=True)
     assert tokenizer.encode(" " * 1280) == tokenizer.encode(" " * 128) * 10
 
 
@@ -62,8 +66,9 @@ def _two_letters() -> HFTokenizer:
 
 
 def test_a_tokenizer_that_can_drop_text_gives_no_bound(qwen3):
-    """Bytes without a token of their own are dropped (BPE without unk), a Whitespace pre-tokenizer drops
-    spaces, an lstrip token swallows the spaces before it: none of them has a bound."""
+    """Bytes without a token of their own are dropped (BPE without unk: no byte of the text is counted),
+    a Whitespace pre-tokenizer drops spaces, an lstrip token swallows the spaces before it: none of the
+    others has a bound."""
     assert _two_letters().min_tokens("x" * 10_000) == 0
     backend = tokenizers.Tokenizer.from_str(qwen3.backend.to_str())
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -77,6 +82,31 @@ def test_a_tokenizer_that_can_drop_text_gives_no_bound(qwen3):
     backend = tokenizers.Tokenizer.from_str(qwen3.backend.to_str())
     backend.normalizer = normalizers.Lowercase()
     assert HFTokenizer(backend).min_tokens("A" * 10_000) == 0
+
+
+@pytest.fixture(scope="module")
+def smollm() -> HFTokenizer:
+    from qwenkit.checkpoint.gguf import read_gguf
+    from qwenkit.default_model import default_model_path
+
+    return HFTokenizer(read_gguf(default_model_path()).tokenizer)
+
+
+def test_bytes_without_a_token_are_not_counted(smollm):
+    """The bundled model's tokenizer drops the bytes it has no token for; it gave no bound at all for
+    that, so a 16 MB prompt to the default model was tokenized for half a minute before its refusal."""
+    assert smollm._token_length_bound == LengthBound(81, nfc=False, dropped=SMOLLM_DROPPED)
+    assert smollm.encode("\x04\x06\x13") == [] and smollm.min_tokens("\x04\x06\x13" * 10_000) == 0
+    text = "hello world " * 100_000
+    assert smollm.min_tokens(text) == 1_200_000 // 81 + 1 <= len(smollm.encode(text))
+    mixed = "a\x04b\U00050000 é" * 10_000  # 9 bytes a piece, 1 of them dropped
+    assert smollm.min_tokens(mixed) == 80_000 // 81 + 1 <= len(smollm.encode(mixed))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.text(alphabet=st.sampled_from([*map(chr, SMOLLM_DROPPED[:6]), "a", " ", "é", "\U00050000", "😀"])))
+def test_the_bound_with_dropped_bytes_is_never_past_the_count(smollm, text):
+    assert smollm.min_tokens(text) <= len(smollm.encode(text, allow_special=True))
 
 
 def test_a_text_too_short_to_reach_the_window_reads_no_vocabulary(qwen3):

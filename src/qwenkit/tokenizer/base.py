@@ -209,13 +209,13 @@ class Tokenizer(ABC):
         before, after = self.sequence_special_ids
         return [*before, *self.encode(text, allow_special=allow_special), *after]
 
-    def token_length_bound(self) -> tuple[int | None, bool]:
-        """(the most bytes of text one token stands for, whether text is NFC-normalized first), read once
-        by `min_tokens`; (None, False) where no such bound holds (see `length_bound`)."""
-        return None, False
+    def token_length_bound(self) -> length_bound.LengthBound | None:
+        """What `min_tokens` reads its bound from (the most bytes of text one token stands for, ...),
+        read once; None where no such bound holds (see `length_bound`)."""
+        return None
 
     @cached_property
-    def _token_length_bound(self) -> tuple[int | None, bool]:
+    def _token_length_bound(self) -> length_bound.LengthBound | None:
         return self.token_length_bound()
 
     def min_tokens(self, *texts: str, reaching: int = 1) -> int:
@@ -225,8 +225,7 @@ class Tokenizer(ABC):
         too short to reach ``reaching`` tokens by it (the vocabulary, read once, is not read for them)."""
         if 4 * sum(map(len, texts)) < reaching:  # at most 4 bytes a character, at least 1 a token
             return 0
-        longest, nfc = self._token_length_bound
-        return length_bound.min_tokens(texts, longest, nfc)
+        return length_bound.min_tokens(texts, self._token_length_bound)
 
     @cached_property
     def control_tokens(self) -> tuple[str, ...]:

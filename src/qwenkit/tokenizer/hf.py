@@ -12,7 +12,7 @@ from tokenizers import decoders
 from qwenkit.tokenizer.base import Tokenizer, token_text
 from qwenkit.tokenizer.byte_level import piece_to_bytes
 from qwenkit.tokenizer.errors import TokenizerError
-from qwenkit.tokenizer.length_bound import hf_longest_token
+from qwenkit.tokenizer.length_bound import LengthBound, hf_length_bound
 
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte fallback: one raw byte
 
@@ -89,8 +89,8 @@ class HFTokenizer(Tokenizer):
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
-    def token_length_bound(self) -> tuple[int | None, bool]:
-        return hf_longest_token(self._tok)
+    def token_length_bound(self) -> LengthBound | None:
+        return hf_length_bound(self._tok)
 
     def encode_plain(self, text: str) -> list[int]:
         # encode_batch, unlike encode, lets other threads run meanwhile: the server answers /health while

@@ -16,7 +16,7 @@ from qwenkit.tokenizer.base import Tokenizer
 from qwenkit.tokenizer.byte_level import bytes_to_piece, piece_to_bytes
 from qwenkit.tokenizer.chat_template import chatml_template
 from qwenkit.tokenizer.errors import TokenizerError
-from qwenkit.tokenizer.length_bound import ranks_longest_token
+from qwenkit.tokenizer.length_bound import LengthBound, ranks_longest_token
 
 PAT_STR = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
@@ -92,8 +92,9 @@ class QwenV1Tokenizer(Tokenizer):
         """eod plus ChatML's stop words [[im_end], [im_start]] (§7.2)."""
         return frozenset(self.eos_token_ids | {SPECIAL_TOKENS[IM_END], SPECIAL_TOKENS[IM_START]})
 
-    def token_length_bound(self) -> tuple[int | None, bool]:
-        return ranks_longest_token(self._ranks, SPECIAL_TOKENS), True  # its encodes normalize to NFC
+    def token_length_bound(self) -> LengthBound | None:
+        longest = ranks_longest_token(self._ranks, SPECIAL_TOKENS)
+        return None if longest is None else LengthBound(longest, nfc=True)  # its encodes normalize to NFC
 
     def encode_plain(self, text: str) -> list[int]:
         return self._enc.encode_ordinary(unicodedata.normalize("NFC", text))
