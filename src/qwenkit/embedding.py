@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from qwenkit import prompt_only
-from qwenkit.engine import SamplingParams, SamplingParamsError
+from qwenkit.engine import PromptTooLongError, SamplingParams, SamplingParamsError
 from qwenkit.errors import ConfigError, GenerationError
 from qwenkit.prompt_only import check_each
 
@@ -285,7 +285,7 @@ def prompt_ids(
 
 def _check_length(ids: list[int], limit: int | None) -> None:
     if limit is not None and len(ids) > limit:
-        raise SamplingParamsError(
+        raise PromptTooLongError(
             f"the input has {len(ids)} tokens; this model embeds at most {limit} "
             "(max_seq_length in its sentence_bert_config.json)"
         )

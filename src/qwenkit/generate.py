@@ -26,7 +26,7 @@ from qwenkit.config import ModelConfig
 from qwenkit.default_model import FALLBACK_SAMPLING, sampling_with_config
 from qwenkit.delta_stream import DeltaStream, Stage
 from qwenkit.distributed import TensorParallel, local_config
-from qwenkit.engine import Engine, SamplingParams, SamplingParamsError
+from qwenkit.engine import Engine, PromptTooLongError, SamplingParams, SamplingParamsError
 from qwenkit.engine.driver import EngineDriver, RequestStream
 from qwenkit.engine.request import RequestId
 from qwenkit.errors import ConfigError, GenerationError, NonFiniteLogitsError
@@ -373,7 +373,7 @@ class LLM:
                 message += (
                     f", and a prompt may take at most {window - 1} to leave room for a token to be generated"
                 )
-            raise SamplingParamsError(message)
+            raise PromptTooLongError(message)
 
     def submit(
         self,

@@ -35,10 +35,8 @@ def check_each(items: Sequence[Item], check: Callable[[Item], None], name: str, 
     for i, item in enumerate(items):
         try:
             check(item)
-        except SamplingParamsError as exc:
-            raise SamplingParamsError(
-                f"{name}[{i}]: {exc}" if always or len(items) > 1 else str(exc)
-            ) from None
+        except SamplingParamsError as exc:  # its kind kept: a prompt too long is the server's own code
+            raise type(exc)(f"{name}[{i}]: {exc}" if always or len(items) > 1 else str(exc)) from None
 
 
 def run(

@@ -111,6 +111,11 @@ def test_token_id_inputs(client, embed_llm):
         ({"input": ["a", [1, "b"]]}, "input", r"input\[1\] must be a non-empty string or a non-empty list"),
         ({"input": [1, 151936]}, "input", r"prompt token id 151936 is outside the vocabulary \(0..151935\)"),
         ({"input": "word " * 600}, "input", "the prompt has 602 tokens; the context window is 512"),
+        (
+            {"input": ["a", "word " * 60_000]},
+            "input",
+            r"input\[1\]: the prompt has at least \d+ tokens; the context window",
+        ),
         ({"input": "a", "dimensions": 33}, "dimensions", r"dimensions must be an integer in \[1, 32\]"),
         ({"input": "a", "dimensions": 0}, "dimensions", r"dimensions must be an integer in \[1, 32\]"),
         ({"input": "a", "encoding_format": "int8"}, "encoding_format", "encoding_format: Input should be"),
@@ -121,7 +126,9 @@ def test_bad_requests_are_one_line_400s(embed_server, body, param, message):
     r = httpx.post(f"{embed_server.url}/v1/embeddings", json={"model": "q3e", **body})
     assert r.status_code == 400, r.text
     error = r.json()["error"]
-    assert error["type"] == "invalid_request_error" and error["code"] == "invalid_value"
+    too_long = "context window" in message  # the generation routes' code for a prompt past the context
+    assert error["type"] == "invalid_request_error"
+    assert error["code"] == ("context_length_exceeded" if too_long else "invalid_value"), error
     assert error["param"] == param
     assert "\n" not in error["message"]
     assert re.search(message, error["message"]), error["message"]

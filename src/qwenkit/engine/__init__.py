@@ -2,11 +2,12 @@
 
 from qwenkit.engine.engine import Engine, StepOutput
 from qwenkit.engine.request import FinishReason, Request, TokenLogprob
-from qwenkit.engine.sampling import SamplingParams, SamplingParamsError
+from qwenkit.engine.sampling import PromptTooLongError, SamplingParams, SamplingParamsError
 
 __all__ = [
     "Engine",
     "FinishReason",
+    "PromptTooLongError",
     "Request",
     "SamplingParams",
     "SamplingParamsError",

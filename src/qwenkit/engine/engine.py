@@ -29,7 +29,7 @@ from qwenkit.engine.sampler import (
     sample,
     token_logprobs,
 )
-from qwenkit.engine.sampling import SamplingParams, SamplingParamsError
+from qwenkit.engine.sampling import PromptTooLongError, SamplingParams, SamplingParamsError
 from qwenkit.engine.scheduler import Scheduler
 from qwenkit.engine.token_counts import TokenCounts
 from qwenkit.model import Transformer
@@ -181,12 +181,12 @@ class Engine:
                 f"prompt token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})"
             )
         if len(prompt_ids) > self.max_seq_len and params.max_tokens == 0:
-            raise SamplingParamsError(
+            raise PromptTooLongError(
                 f"the prompt has {len(prompt_ids)} tokens; the context window is {self.max_seq_len}"
             )
         # scoring a prompt (max_tokens 0, prompt_logprobs) generates nothing: it may fill the window
         if len(prompt_ids) >= self.max_seq_len and params.max_tokens != 0:
-            raise SamplingParamsError(
+            raise PromptTooLongError(
                 f"the prompt has {len(prompt_ids)} tokens; the context window is {self.max_seq_len}, and a "
                 f"prompt may take at most {self.max_seq_len - 1} to leave room for a token to be generated"
             )

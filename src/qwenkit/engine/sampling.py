@@ -13,6 +13,11 @@ class SamplingParamsError(QwenkitError, ValueError):
     """A sampling parameter is out of range."""
 
 
+class PromptTooLongError(SamplingParamsError):
+    """A prompt is past the context window (or an embedding model's max_seq_length): the server's
+    ``context_length_exceeded``, on every route."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 256

@@ -12,7 +12,7 @@ from fastapi import Request
 
 from qwenkit import embedding
 from qwenkit.engine import SamplingParamsError
-from qwenkit.server.errors import APIError
+from qwenkit.server.errors import APIError, context_code
 from qwenkit.server.prompt_requests import run_counted
 from qwenkit.server.request_ids import request_id
 from qwenkit.server.runs import check_capacity
@@ -39,7 +39,7 @@ async def embeddings(state: ServerState, body: EmbeddingRequest, request: Reques
         try:  # text as /v1/completions reads a prompt (special-token text is the token)
             return embedding.prompt_ids(llm, inputs)
         except (SamplingParamsError, TokenizerError) as e:  # out of the vocabulary, over the context
-            raise APIError(400, str(e), "input") from None
+            raise APIError(400, str(e), "input", context_code(e)) from None
 
     # as many inputs as rows and queue can ever hold, before any is read; then a queue as full as the
     # generation routes refuse is refused alike (429): --max-queue bounds what waits, embeddings too

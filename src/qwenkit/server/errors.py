@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from qwenkit.engine.sampling import PromptTooLongError
 from qwenkit.errors import QwenkitError
 from qwenkit.server.request_ids import HEADER as REQUEST_ID_HEADER
 from qwenkit.server.request_ids import request_id
@@ -44,6 +45,12 @@ class APIError(Exception):
         if code is None and status == 400:  # every bad request says its kind, as the field checks' do
             code = "invalid_value"
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+
+
+def context_code(error: Exception) -> str | None:
+    """``context_length_exceeded`` for a prompt past the context window, as the generation routes say
+    it (OpenAI's code); None (``invalid_value``) for any other bad input."""
+    return "context_length_exceeded" if isinstance(error, PromptTooLongError) else None
 
 
 def model_not_found(name: str, why: str) -> APIError:

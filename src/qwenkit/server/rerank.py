@@ -13,7 +13,7 @@ from fastapi import Request
 from qwenkit import rerank
 from qwenkit.engine import SamplingParamsError
 from qwenkit.errors import ConfigError
-from qwenkit.server.errors import APIError
+from qwenkit.server.errors import APIError, context_code
 from qwenkit.server.prompt_requests import run_counted
 from qwenkit.server.request_ids import request_id
 from qwenkit.server.runs import check_capacity
@@ -50,7 +50,7 @@ async def rerank_documents(state: ServerState, body: RerankRequest, request: Req
         try:
             return rerank.prompt_ids(llm, body.query, docs, body.instruction)
         except (SamplingParamsError, TokenizerError) as e:  # over the context
-            raise APIError(400, str(e), "documents") from None
+            raise APIError(400, str(e), "documents", context_code(e)) from None
 
     check_capacity(state, len(docs), len(docs), 1, unit="documents")
     ids = await asyncio.to_thread(read)  # long documents are read while the event loop answers others
