@@ -202,6 +202,27 @@ def test_a_null_prompt_is_the_empty_one(tmp_path, headless, llm):
     torch.testing.assert_close(torch.tensor(got), torch.tensor(llm.embed(TEXTS[:2])), rtol=0, atol=2e-6)
 
 
+def test_do_lower_case_lowercases_the_prompt_and_the_text(tmp_path, headless, llm):
+    """sentence-transformers (and vLLM) lowercase what is tokenized, the prompt before the text too,
+    where sentence_bert_config.json says do_lower_case; it was ignored."""
+    path = tmp_path / "lower"
+    shutil.copytree(headless, path)
+    config = json.loads((path / "sentence_bert_config.json").read_text())
+    (path / "sentence_bert_config.json").write_text(json.dumps({**config, "do_lower_case": True}))
+    lower = LLM.load(path, dtype="float32", progress=False)
+    prompt = llm.embedding_setup.prompts["query"]
+    got = torch.tensor(lower.embed(TEXTS, prompt_name="query"))
+    want = torch.tensor(llm.embed([(prompt + text).lower() for text in TEXTS]))
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-6)
+    assert any(prompt + t != (prompt + t).lower() for t in TEXTS)  # the case changes the vectors
+    assert not torch.allclose(got, torch.tensor(llm.embed(TEXTS, prompt_name="query")), atol=1e-4)
+    ids = llm.encode("Hello")  # token ids are used as given
+    assert lower.embed([ids]) == llm.embed([ids])
+    (path / "sentence_bert_config.json").write_text(json.dumps({**config, "do_lower_case": "yes"}))
+    with pytest.raises(ConfigError, match="do_lower_case must be true or false, got 'yes'"):
+        LLM.load(path, dtype="float32", progress=False).embed("hi")
+
+
 def test_sentence_transformers_5_4_files_embed_as_the_older_ones(tmp_path, headless, llm):
     """Version 5.4 writes its modules under new names and the pooling as one pooling_mode string
     (vLLM #45995); they were refused as unsupported modules."""

@@ -42,6 +42,7 @@ class EmbeddingSetup:
     # sentence_bert_config.json's max_seq_length (Qwen3-Embedding's 8192): longer inputs are refused, as
     # vLLM caps its context there (sentence-transformers cuts them: a vector no reference gives otherwise)
     max_length: int | None = None
+    lower_case: bool = False  # sentence_bert_config.json's do_lower_case: prompt and text lowercased first
 
 
 def read_setup(directory: str | Path | None) -> EmbeddingSetup:
@@ -86,7 +87,10 @@ def read_setup(directory: str | Path | None) -> EmbeddingSetup:
                 "(last-token Pooling and Normalize are)"
             )
     setup = _prompts(root / "config_sentence_transformers.json")
-    return replace(setup, normalize=normalize, max_length=_max_length(root / "sentence_bert_config.json"))
+    bert_config = root / "sentence_bert_config.json"
+    return replace(
+        setup, normalize=normalize, max_length=_max_length(bert_config), lower_case=_lower(bert_config)
+    )
 
 
 def _max_length(path: Path) -> int | None:
@@ -97,6 +101,14 @@ def _max_length(path: Path) -> int | None:
     if not isinstance(length, int) or isinstance(length, bool) or length < 1:
         raise ConfigError(f"{path}: max_seq_length must be a positive integer, got {length!r}")
     return length
+
+
+def _lower(path: Path) -> bool:
+    config = _json(path) if path.is_file() else None
+    lower = config.get("do_lower_case", False) if isinstance(config, dict) else False
+    if not isinstance(lower, bool):
+        raise ConfigError(f"{path}: do_lower_case must be true or false, got {lower!r}")
+    return lower
 
 
 def _module_kind(kind: str) -> str | None:
@@ -275,12 +287,17 @@ def prompt_ids(
     ``generate`` does)."""
     if adapter is not None:  # first: a name not served is no input's fault
         llm.engine.validate([0], replace(EMBED, adapter=adapter))
-    texts = [prefix + one if isinstance(one, str) else one for one in inputs]
+    lower = llm.embedding_setup.lower_case  # as sentence-transformers and vLLM: the prompt lowercased too
+    texts = [_text(prefix + one, lower) if isinstance(one, str) else one for one in inputs]
     check_each(texts, lambda text: llm.check_prompt_bound(text, EMBED), "input")
     encoded = [llm.encode(text) if isinstance(text, str) else list(text) for text in texts]
     check_each(encoded, lambda ids: llm.engine.validate(ids, EMBED), "input")
     check_each(encoded, lambda ids: _check_length(ids, llm.embedding_setup.max_length), "input")
     return encoded
+
+
+def _text(text: str, lower: bool) -> str:
+    return text.lower() if lower else text
 
 
 def _check_length(ids: list[int], limit: int | None) -> None:
