@@ -87,3 +87,17 @@ def test_a_row_that_is_not_utf8_before_the_last_is_one_line(local, finished):
         run(local, SETTINGS, finished, progress=False)
     with pytest.raises(EvalDataError, match=r"samples.jsonl line 2 is not UTF-8 text$"):
         rescore_dir(finished)
+
+
+def test_a_last_row_cut_just_before_its_newline_is_kept_and_the_next_rows_start_a_line(local, finished):
+    """A kill that cuts the file right after a row's closing brace leaves a whole row without its newline:
+    it is kept, and the rows the resumed run appends go on lines of their own (they were glued to it,
+    so the next read dropped both as one cut line, or refused the run as 'line 2 is not JSON')."""
+    rows = lines(finished)
+    (finished / "samples.jsonl").write_text("\n".join(rows[:2]))  # rows 1 and 2, no final newline
+    again = run(local, SETTINGS, finished, progress=False)
+    assert again["timing"]["items_run"] == 1 and again["scores"]["n"] == 3
+    assert [json.loads(line)["id"] for line in lines(finished)] == [json.loads(r)["id"] for r in rows]
+    assert rescore_dir(finished)["scores"]["n"] == 3
+    grown = run(local, Settings(task="gsm8k", limit=4, max_new_tokens=4), finished, progress=False)
+    assert grown["timing"]["items_run"] == 1 and len(lines(finished)) == 4

@@ -280,7 +280,8 @@ def read_samples(samples: Path) -> list[dict]:
     # at "\n" only: rows are written with ensure_ascii=False, so a U+2028 or U+0085 of a model's output
     # stands raw inside a row, where str.splitlines would cut it. Split as bytes: a last row cut short
     # may end inside a character, which only that line's decoding meets.
-    raw = samples.read_bytes().split(b"\n")
+    data = samples.read_bytes()
+    raw = data.split(b"\n")
     if raw[-1] == b"":
         raw.pop()  # the last row's newline
     lines = []
@@ -317,7 +318,8 @@ def read_samples(samples: Path) -> list[dict]:
             dropped += 1
             continue
         rows[item], first[item] = row, (n, line.strip())
-    if dropped:
+    # a kill can cut the file just before a whole row's newline: rewritten, so appended rows start a line
+    if dropped or (data and not data.endswith(b"\n")):
         _write_samples(samples, list(rows.values()))
     return list(rows.values())
 
