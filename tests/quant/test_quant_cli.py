@@ -411,3 +411,23 @@ def test_a_chat_template_in_chat_template_jinja_is_kept(src, tmp_path) -> None:
     (moved / "tokenizer_config.json").write_text(json.dumps(config))
     assert main(["quantize", str(moved), str(tmp_path / "q"), "--bits", "4", "--method", "rtn"]) == 0
     assert (tmp_path / "q" / "chat_template.jinja").read_text(encoding="utf-8") == template
+
+
+def test_named_templates_come_out_in_a_directory_others_can_open(src, tmp_path) -> None:
+    """additional_chat_templates/ was published 0644 (the files' mode), which no user but root can
+    enter: the quantized model's named templates were unreadable to everyone else."""
+    import os
+
+    from factories import with_named_templates
+
+    named = with_named_templates(src, tmp_path / "named", "{{ 'default' }}")
+    old = os.umask(0o022)
+    try:
+        assert main(["quantize", str(named), str(tmp_path / "q"), "-q", "--method", "rtn"]) == 0
+    finally:
+        os.umask(old)
+    templates = tmp_path / "q" / "additional_chat_templates"
+    assert templates.stat().st_mode & 0o777 == 0o755
+    assert (templates / "tool_use.jinja").read_text() == (
+        named / "additional_chat_templates/tool_use.jinja"
+    ).read_text()

@@ -186,11 +186,14 @@ def _umask() -> int:
 
 
 def _publish_permissions(directory: Path) -> None:
-    """mkdtemp makes a private (0700) directory; give the result the permissions the umask allows."""
+    """mkdtemp makes a private (0700) directory; give the result the permissions the umask allows. A
+    directory inside it (``additional_chat_templates/``) keeps its search bit: at 0644 no other user,
+    nor its owner unless root, could open the templates in it."""
     umask = _umask()
     directory.chmod(0o777 & ~umask)
     for f in directory.iterdir():
-        f.chmod(0o666 & ~umask)
+        if not f.is_symlink():
+            f.chmod((0o777 if f.is_dir() else 0o666) & ~umask)
 
 
 def _replace(new: Path, out: Path) -> None:
