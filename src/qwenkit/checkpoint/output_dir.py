@@ -47,13 +47,20 @@ def check_out_dir(out: Path, overwrite: bool, source: Path | None = None) -> Non
     check_writable(out)
 
 
+def nearest_existing(path: Path) -> Path:
+    """The nearest existing ancestor of ``path``: where its missing parents will be made, so the
+    filesystem (and permissions) it will be written on."""
+    parent = Path(os.path.abspath(path)).parent
+    while not parent.exists():
+        parent = parent.parent
+    return parent
+
+
 def check_writable(path: Path) -> None:
     """Refuse, before any work, a ``path`` that cannot be created: an ancestor that is a file, or a
     nearest existing directory this user may not write in, or one on a filesystem of no size such as
     /proc (the work would be lost at the end)."""
-    parent = Path(os.path.abspath(path)).parent
-    while not parent.exists():
-        parent = parent.parent
+    parent = nearest_existing(path)
     if not parent.is_dir():
         raise CheckpointError(f"cannot write {path}: {parent} is a file, not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
