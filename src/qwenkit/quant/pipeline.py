@@ -211,7 +211,7 @@ def quantize_checkpoint(
         if not windows:
             raise QuantizationError("the calibration text produced no tokens")
         if len(windows) < calib_samples:
-            tokens = sum(len(w) for w in windows)
+            tokens = sum(len(w) - len(start_ids) for w in windows)  # all of the text's, each window's once
             note(
                 f"the calibration text holds {tokens} tokens: {len(windows)} window(s) of at most "
                 f"{seq_len}, not the {calib_samples} asked for (a longer --calib text, or a smaller "
