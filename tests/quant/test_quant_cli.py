@@ -433,3 +433,25 @@ def test_named_templates_come_out_in_a_directory_others_can_open(src, tmp_path) 
     assert (templates / "tool_use.jinja").read_text() == (
         named / "additional_chat_templates/tool_use.jinja"
     ).read_text()
+
+
+def test_calibration_settings_given_with_rtn_are_said_to_be_ignored(src, tmp_path, capsys) -> None:
+    """--calib-samples, --seq-len and --damp steer GPTQ only: with --method rtn they were read by nothing,
+    and nothing said so (--calib, the text itself, is refused)."""
+    args = [
+        "quantize",
+        str(src),
+        str(tmp_path / "q"),
+        "-q",
+        "--method",
+        "rtn",
+        "--seq-len",
+        "64",
+        "--damp",
+        "0.1",
+    ]
+    assert main(args) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "do nothing" in line]
+    assert notes == ["note: GPTQ's settings (--seq-len, --damp) do nothing with --method rtn"]
+    assert main(["quantize", str(src), str(tmp_path / "q2"), "-q", "--method", "rtn"]) == 0
+    assert "do nothing" not in capsys.readouterr().err

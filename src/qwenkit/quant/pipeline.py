@@ -40,6 +40,7 @@ from qwenkit.quant.rtn import quantize_model_rtn
 Method = Literal["gptq", "rtn"]
 DEFAULT_CALIB_SAMPLES = 32
 DEFAULT_SEQ_LEN = 512
+DEFAULT_DAMP = 0.01  # AutoGPTQ's damp_percent
 DEFAULT_ACT_ORDER: ActOrder = "static"
 DYNAMIC_ACT_ORDER_WARNING = (
     "--act-order dynamic stores desc_act: true with a permuted g_idx, which vLLM refuses; "
@@ -127,7 +128,7 @@ def quantize_checkpoint(
     act_order: ActOrder | None = None,
     partial_groups: bool = False,
     sym: bool = True,
-    damp_percent: float = 0.01,
+    damp_percent: float = DEFAULT_DAMP,
     overwrite: bool = False,
     device: str = "cpu",
     progress: bool = True,
