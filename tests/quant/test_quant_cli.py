@@ -455,3 +455,26 @@ def test_calibration_settings_given_with_rtn_are_said_to_be_ignored(src, tmp_pat
     assert notes == ["note: GPTQ's settings (--seq-len, --damp) do nothing with --method rtn"]
     assert main(["quantize", str(src), str(tmp_path / "q2"), "-q", "--method", "rtn"]) == 0
     assert "do nothing" not in capsys.readouterr().err
+
+
+def test_a_chat_calibration_text_gets_its_special_tokens(src, tmp_path, monkeypatch) -> None:
+    """A --calib file of chat transcripts (Qwen's GPTQ guide calibrates on apply_chat_template's text)
+    is read as transformers' tokenizer(text) reads it: <|im_start|> is its token, as at chat inference,
+    not the plain-text pieces '<', '|', 'im', ... it was calibrated on."""
+    import transformers
+
+    import qwenkit.quant.pipeline as pipeline
+
+    seen = []
+    real = pipeline.gptq_quantize_model
+    monkeypatch.setattr(
+        pipeline, "gptq_quantize_model", lambda m, w, *a, **k: seen.extend(w) or real(m, w, *a, **k)
+    )
+    text = "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>\n"
+    (tmp_path / "chat.txt").write_text(text)
+    quantize_checkpoint(
+        src, tmp_path / "q", bits=8, tokenizer=lambda: tokenizer_for(src), calib=tmp_path / "chat.txt",
+        progress=False,
+    )  # fmt: skip
+    want = transformers.AutoTokenizer.from_pretrained(src)(text)["input_ids"]
+    assert seen == [want] and want[0] == 151644

@@ -17,7 +17,7 @@ class CalibrationTokenizer(Protocol):
 
     sequence_special_ids: tuple[tuple[int, ...], tuple[int, ...]]  # ids put before and after a prompt
 
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str, *, allow_special: bool = False) -> list[int]: ...
 
 
 def default_calibration_text() -> str:

@@ -208,7 +208,14 @@ def quantize_checkpoint(
                 f"--seq-len {seq_len} leaves no room for text after the {len(start_ids)} token(s) "
                 "the tokenizer puts before every prompt"
             )
-        windows = calibration_token_ids(tok.encode, calib_samples, seq_len, text, start_ids=start_ids)
+
+        # a --calib text is the user's own, often chat transcripts in the model's template (Qwen's GPTQ
+        # guide writes apply_chat_template's text): its <|im_start|> is that token, as transformers'
+        # tokenizer(text) reads it and as chat inference feeds it, not seven pieces of plain text
+        def encode(text: str) -> list[int]:
+            return tok.encode(text, allow_special=calib is not None)
+
+        windows = calibration_token_ids(encode, calib_samples, seq_len, text, start_ids=start_ids)
         if not windows:
             raise QuantizationError("the calibration text produced no tokens")
         if len(windows) < calib_samples:
