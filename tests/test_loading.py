@@ -328,3 +328,21 @@ def test_a_bin_holding_other_objects_is_one_line_naming_the_file(qwen2_dir):
         "it is not a PyTorch file of tensors alone (Unsupported global: GLOBAL object was not an "
         "allowed global by default)"
     )
+
+
+def test_a_directory_of_gguf_files_names_them(tmp_path, capsys):
+    """A GGUF repository downloaded whole (Qwen/Qwen2.5-0.5B-Instruct-GGUF) is a directory without
+    config.json: the error names its .gguf files, which are what qwenkit runs."""
+    from qwenkit.cli import main
+
+    for name in ("qwen2.5-0.5b-instruct-q8_0.gguf", "qwen2.5-0.5b-instruct-q4_k_m.gguf", "README.md"):
+        (tmp_path / name).write_text("x")
+    want = (
+        f"{tmp_path} is not a model directory: it has no config.json; it holds GGUF files: pass one of them "
+        f"({tmp_path / 'qwen2.5-0.5b-instruct-q4_k_m.gguf'}, {tmp_path / 'qwen2.5-0.5b-instruct-q8_0.gguf'})"
+    )
+    with pytest.raises(CheckpointError) as e:
+        load_model(tmp_path)
+    assert str(e.value) == want
+    assert main(["quantize", str(tmp_path), str(tmp_path.parent / "q"), "--method", "rtn"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {want}"]

@@ -292,3 +292,23 @@ def test_when_the_new_output_cannot_take_its_place_the_old_one_is_put_back(tmp_p
         (tmp / "config.json").write_text("{}")
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     assert (out / "keep.txt").read_text() == "old" and [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_a_directory_inside_the_output_stays_searchable(tmp_path):
+    """Files get 0666 less the umask; a directory inside the output (a model's
+    additional_chat_templates/) needs its x bit too, or at 0644 nobody but root can open what it holds."""
+    import os
+
+    from qwenkit.checkpoint.output_dir import atomic_output_dir
+
+    old = os.umask(0o022)
+    try:
+        with atomic_output_dir(tmp_path / "out") as tmp:
+            (tmp / "config.json").write_text("{}")
+            (tmp / "additional_chat_templates").mkdir()
+            (tmp / "additional_chat_templates" / "tool_use.jinja").write_text("x")
+    finally:
+        os.umask(old)
+    out = tmp_path / "out"
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (out, *out.iterdir())}
+    assert modes == {"out": 0o755, "config.json": 0o644, "additional_chat_templates": 0o755}

@@ -308,12 +308,25 @@ def read_hf_config(directory: str | Path) -> dict[str, Any]:
     if not cfg_path.is_file():
         if (d / "adapter_config.json").is_file():  # `finetune`'s output, given where its base goes
             raise CheckpointError(_adapter_not_model(d))
-        raise CheckpointError(f"{d} is not a model directory: it has no config.json")
+        raise CheckpointError(f"{d} is not a model directory: it has no config.json{_gguf_hint(d)}")
     cfg = _read_json_object(cfg_path)
     quant_path = d / "quantize_config.json"
     if quant_path.is_file() and "quantization_config" not in cfg:
         cfg["quantization_config"] = {"quant_method": "gptq", **_read_json_object(quant_path)}
     return cfg
+
+
+def _gguf_hint(d: Path) -> str:
+    """A GGUF repository downloaded whole is a directory of .gguf files: name them, as the file is what
+    qwenkit takes (the directory has no config.json to read)."""
+    try:
+        names = sorted(p.name for p in d.glob("*.gguf"))
+    except OSError:
+        return ""
+    if not names:
+        return ""
+    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+    return f"; it holds GGUF files: pass one of them ({', '.join(str(d / n) for n in names[:3])}{more})"
 
 
 def _adapter_not_model(d: Path) -> str:

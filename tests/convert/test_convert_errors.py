@@ -217,3 +217,23 @@ def test_float16_overflow_is_refused(tmp_path):
         convert_v1_to_qwen2(src, tmp_path / "out", dtype="float16", progress=False)
     assert leftovers(tmp_path) == []
     convert_v1_to_qwen2(src, tmp_path / "out", dtype="bfloat16", progress=False)  # bfloat16 has the range
+
+
+def test_free_space_is_measured_where_a_new_output_goes(tmp_path, monkeypatch):
+    """OUT under directories still to be made: the space is the disk of its nearest existing ancestor,
+    not the working directory's (another, fuller disk refused a conversion that fits)."""
+    src = write_source(tmp_path / "src", shards=1)
+    (tmp_path / "big").mkdir()
+    (tmp_path / "small").mkdir()
+    asked = []
+
+    def usage(path):
+        asked.append(str(path))
+        free = 10**12 if str(path).startswith(str(tmp_path / "big")) else 1000
+        return type("U", (), {"free": free, "total": 10**12})()
+
+    monkeypatch.setattr(v1_to_qwen2.shutil, "disk_usage", usage)
+    monkeypatch.chdir(tmp_path / "small")
+    result = convert_v1_to_qwen2(src, tmp_path / "big" / "new" / "out", progress=False)
+    assert result.tensors > 0 and (tmp_path / "big" / "new" / "out" / "config.json").is_file()
+    assert set(asked) == {str(tmp_path / "big")}  # never the working directory's disk

@@ -360,13 +360,15 @@ def test_gptq_calibration_windows_begin_with_the_bos_a_prompt_gets(tmp_path, mon
     )
     text = "one two three four five six seven eight nine ten " * 4
     (tmp_path / "calib.txt").write_text(text)
-    quantize_checkpoint(
+    result = quantize_checkpoint(
         src, tmp_path / "q", bits=8, tokenizer=lambda: tok, calib=tmp_path / "calib.txt", seq_len=12,
         progress=False,
     )  # fmt: skip
     assert tok.sequence_special_ids[0] == (1,)
-    assert seen and all(w[0] == 1 and len(w) == 12 for w in seen)
-    assert [i for w in seen for i in w[1:]] == tok.encode(text)[: 11 * len(seen)]
+    assert seen and all(w[0] == 1 and len(w) == 12 for w in seen[:-1]) and 1 < len(seen[-1]) <= 12
+    assert [i for w in seen for i in w[1:]] == tok.encode(text)  # all of it: fewer than 32 windows
+    n = len(tok.encode(text))  # the text's tokens, not the <s> each window adds
+    assert result.notes[-1].startswith(f"the calibration text holds {n} tokens: {len(seen)} window(s) ")
     assert main(["quantize", str(src), str(tmp_path / "q1"), "-q", "--seq-len", "1"]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
         "error: --seq-len 1 leaves no room for text after the 1 token(s) the tokenizer puts before "
@@ -411,3 +413,68 @@ def test_a_chat_template_in_chat_template_jinja_is_kept(src, tmp_path) -> None:
     (moved / "tokenizer_config.json").write_text(json.dumps(config))
     assert main(["quantize", str(moved), str(tmp_path / "q"), "--bits", "4", "--method", "rtn"]) == 0
     assert (tmp_path / "q" / "chat_template.jinja").read_text(encoding="utf-8") == template
+
+
+def test_named_templates_come_out_in_a_directory_others_can_open(src, tmp_path) -> None:
+    """additional_chat_templates/ was published 0644 (the files' mode), which no user but root can
+    enter: the quantized model's named templates were unreadable to everyone else."""
+    import os
+
+    from factories import with_named_templates
+
+    named = with_named_templates(src, tmp_path / "named", "{{ 'default' }}")
+    old = os.umask(0o022)
+    try:
+        assert main(["quantize", str(named), str(tmp_path / "q"), "-q", "--method", "rtn"]) == 0
+    finally:
+        os.umask(old)
+    templates = tmp_path / "q" / "additional_chat_templates"
+    assert templates.stat().st_mode & 0o777 == 0o755
+    assert (templates / "tool_use.jinja").read_text() == (
+        named / "additional_chat_templates/tool_use.jinja"
+    ).read_text()
+
+
+def test_calibration_settings_given_with_rtn_are_said_to_be_ignored(src, tmp_path, capsys) -> None:
+    """--calib-samples, --seq-len and --damp steer GPTQ only: with --method rtn they were read by nothing,
+    and nothing said so (--calib, the text itself, is refused)."""
+    args = [
+        "quantize",
+        str(src),
+        str(tmp_path / "q"),
+        "-q",
+        "--method",
+        "rtn",
+        "--seq-len",
+        "64",
+        "--damp",
+        "0.1",
+    ]
+    assert main(args) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "do nothing" in line]
+    assert notes == ["note: GPTQ's settings (--seq-len, --damp) do nothing with --method rtn"]
+    assert main(["quantize", str(src), str(tmp_path / "q2"), "-q", "--method", "rtn"]) == 0
+    assert "do nothing" not in capsys.readouterr().err
+
+
+def test_a_chat_calibration_text_gets_its_special_tokens(src, tmp_path, monkeypatch) -> None:
+    """A --calib file of chat transcripts (Qwen's GPTQ guide calibrates on apply_chat_template's text)
+    is read as transformers' tokenizer(text) reads it: <|im_start|> is its token, as at chat inference,
+    not the plain-text pieces '<', '|', 'im', ... it was calibrated on."""
+    import transformers
+
+    import qwenkit.quant.pipeline as pipeline
+
+    seen = []
+    real = pipeline.gptq_quantize_model
+    monkeypatch.setattr(
+        pipeline, "gptq_quantize_model", lambda m, w, *a, **k: seen.extend(w) or real(m, w, *a, **k)
+    )
+    text = "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>\n"
+    (tmp_path / "chat.txt").write_text(text)
+    quantize_checkpoint(
+        src, tmp_path / "q", bits=8, tokenizer=lambda: tokenizer_for(src), calib=tmp_path / "chat.txt",
+        progress=False,
+    )  # fmt: skip
+    want = transformers.AutoTokenizer.from_pretrained(src)(text)["input_ids"]
+    assert seen == [want] and want[0] == 151644

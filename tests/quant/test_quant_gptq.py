@@ -217,8 +217,20 @@ def test_calibration_windows_start_as_prompts_do() -> None:
     text = bytes(range(32, 127)).decode() * 3
     plain = calibration_token_ids(tokenize, n_samples=100, seq_len=16, text=text)
     bos = calibration_token_ids(tokenize, n_samples=100, seq_len=16, text=text, start_ids=[1])
-    assert all(len(w) == 16 for w in plain + bos)
+    assert all(len(w) == 16 for w in plain[:-1] + bos[:-1])  # fewer than 100: the last one is the tail
     assert all(w[0] == 1 and 1 not in w[1:] for w in bos)
-    assert b"".join(bytes(w[1:]) for w in bos) == text.encode()[: 15 * len(bos)]
-    assert b"".join(bytes(w) for w in plain) == text.encode()[: 16 * len(plain)]
+    assert b"".join(bytes(w[1:]) for w in bos) == text.encode()
+    assert b"".join(bytes(w) for w in plain) == text.encode()
     assert calibration_token_ids(tokenize, seq_len=16, text="short", start_ids=[1]) == [[1, *b"short"]]
+
+
+def test_a_text_of_fewer_windows_than_asked_is_used_whole() -> None:
+    """2.5 windows of text and 32 asked for: the half window at its end is calibrated on too (it was
+    dropped, and the note then said the text held only the full windows' tokens)."""
+    tokenize = lambda s: list(s.encode())  # noqa: E731
+    text = "abcdefghij" * 4  # 40 tokens, windows of 15 after the start id
+    windows = calibration_token_ids(tokenize, n_samples=32, seq_len=16, text=text, start_ids=[1])
+    assert [len(w) for w in windows] == [16, 16, 11]
+    assert b"".join(bytes(w[1:]) for w in windows) == text.encode()
+    two = calibration_token_ids(tokenize, n_samples=2, seq_len=16, text=text, start_ids=[1])
+    assert [len(w) for w in two] == [16, 16]  # enough full windows: none shorter

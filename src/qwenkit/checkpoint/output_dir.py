@@ -47,13 +47,20 @@ def check_out_dir(out: Path, overwrite: bool, source: Path | None = None) -> Non
     check_writable(out)
 
 
+def nearest_existing(path: Path) -> Path:
+    """The nearest existing ancestor of ``path``: where its missing parents will be made, so the
+    filesystem (and permissions) it will be written on."""
+    parent = Path(os.path.abspath(path)).parent
+    while not parent.exists():
+        parent = parent.parent
+    return parent
+
+
 def check_writable(path: Path) -> None:
     """Refuse, before any work, a ``path`` that cannot be created: an ancestor that is a file, or a
     nearest existing directory this user may not write in, or one on a filesystem of no size such as
     /proc (the work would be lost at the end)."""
-    parent = Path(os.path.abspath(path)).parent
-    while not parent.exists():
-        parent = parent.parent
+    parent = nearest_existing(path)
     if not parent.is_dir():
         raise CheckpointError(f"cannot write {path}: {parent} is a file, not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
@@ -186,11 +193,14 @@ def _umask() -> int:
 
 
 def _publish_permissions(directory: Path) -> None:
-    """mkdtemp makes a private (0700) directory; give the result the permissions the umask allows."""
+    """mkdtemp makes a private (0700) directory; give the result the permissions the umask allows. A
+    directory inside it (``additional_chat_templates/``) keeps its search bit: at 0644 no other user,
+    nor its owner unless root, could open the templates in it."""
     umask = _umask()
     directory.chmod(0o777 & ~umask)
     for f in directory.iterdir():
-        f.chmod(0o666 & ~umask)
+        if not f.is_symlink():
+            f.chmod((0o777 if f.is_dir() else 0o666) & ~umask)
 
 
 def _replace(new: Path, out: Path) -> None:

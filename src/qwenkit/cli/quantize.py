@@ -14,7 +14,7 @@ import sys
 
 from qwenkit.command_parser import CommandParser
 from qwenkit.quant.group_size import READER_GROUP_SIZES
-from qwenkit.quant.pipeline import DEFAULT_CALIB_SAMPLES, DEFAULT_SEQ_LEN
+from qwenkit.quant.pipeline import DEFAULT_CALIB_SAMPLES, DEFAULT_DAMP, DEFAULT_SEQ_LEN
 
 FALLBACK_SIZES = ", ".join(map(str, READER_GROUP_SIZES))
 
@@ -54,13 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--calib-samples",
         type=int,
-        default=DEFAULT_CALIB_SAMPLES,
+        default=None,
         help=f"calibration windows (default {DEFAULT_CALIB_SAMPLES}; AutoGPTQ uses 128 on a GPU)",
     )
     parser.add_argument(
         "--seq-len",
         type=int,
-        default=DEFAULT_SEQ_LEN,
+        default=None,
         help=f"tokens per calibration window (default {DEFAULT_SEQ_LEN}; AutoGPTQ uses 2048)",
     )
     parser.add_argument(
@@ -86,7 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         "or asymmetric (--no-sym)",
     )
     parser.add_argument(
-        "--damp", type=float, default=0.01, help="GPTQ Hessian damping, fraction of its mean diagonal"
+        "--damp",
+        type=float,
+        default=None,
+        help=f"GPTQ Hessian damping, fraction of its mean diagonal (default {DEFAULT_DAMP})",
     )
     parser.add_argument(
         "--device", default="cpu", choices=["cpu", "cuda"], help="where to run the calibration"
@@ -94,6 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    gptq_only = {"--calib-samples": args.calib_samples, "--seq-len": args.seq_len, "--damp": args.damp}
+    given = [flag for flag, value in gptq_only.items() if value is not None]
+    if args.method == "rtn" and given:  # else the setting was read by nothing, and nothing said so
+        print(
+            f"note: GPTQ's settings ({', '.join(given)}) do nothing with --method rtn",
+            file=sys.stderr,
+        )
 
     from qwenkit.generate import tokenizer_for
     from qwenkit.quant.pipeline import quantize_checkpoint
@@ -106,12 +116,12 @@ def main(argv: list[str] | None = None) -> int:
         method=args.method,
         tokenizer=lambda: tokenizer_for(args.src),  # read once the source is checked
         calib=args.calib,
-        calib_samples=args.calib_samples,
-        seq_len=args.seq_len,
+        calib_samples=DEFAULT_CALIB_SAMPLES if args.calib_samples is None else args.calib_samples,
+        seq_len=DEFAULT_SEQ_LEN if args.seq_len is None else args.seq_len,
         act_order=args.act_order,
         partial_groups=args.partial_groups,
         sym=args.sym,
-        damp_percent=args.damp,
+        damp_percent=DEFAULT_DAMP if args.damp is None else args.damp,
         overwrite=args.overwrite,
         device=args.device,
         progress=not args.quiet,

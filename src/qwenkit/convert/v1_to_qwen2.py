@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from qwenkit.checkpoint.files import WeightFiles, find_weight_files
 from qwenkit.checkpoint.loader import DTYPES, DirectorySource, open_checkpoint
-from qwenkit.checkpoint.output_dir import atomic_output_dir, check_out_dir, write_json
+from qwenkit.checkpoint.output_dir import atomic_output_dir, check_out_dir, nearest_existing, write_json
 from qwenkit.checkpoint.sanitize import sanitize
 from qwenkit.checkpoint.saver import save_sharded
 from qwenkit.config import ModelConfig
@@ -97,7 +97,7 @@ def convert_v1_to_qwen2(
     target = _target_dtype(dtype, config)
     check_out_dir(out, overwrite, source=src)
     weights = find_weight_files(src)  # a missing shard fails here, before anything is written
-    _check_disk_space(weights, target, out.parent if out.parent.exists() else Path.cwd())
+    _check_disk_space(weights, target, nearest_existing(out))
 
     result = ConversionResult(out_dir=out)
     with atomic_output_dir(out, overwrite) as tmp:

@@ -17,7 +17,7 @@ class CalibrationTokenizer(Protocol):
 
     sequence_special_ids: tuple[tuple[int, ...], tuple[int, ...]]  # ids put before and after a prompt
 
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str, *, allow_special: bool = False) -> list[int]: ...
 
 
 def default_calibration_text() -> str:
@@ -39,8 +39,8 @@ def calibration_token_ids(
 
     Each window begins with ``start_ids``, the ids the tokenizer puts before every prompt (Llama's BOS),
     as AutoGPTQ's calibration examples do: a layer is calibrated on the activations it will see, and a
-    BOS position's are unlike any text token's. Short texts give fewer, possibly shorter, windows rather
-    than repeating data.
+    BOS position's are unlike any text token's. Short texts give fewer windows rather than repeating
+    data, and all of their tokens: a text of fewer than ``n_samples`` windows ends in a shorter one.
     """
     start = list(start_ids)
     ids = tokenize(default_calibration_text() if text is None else text)
@@ -50,5 +50,7 @@ def calibration_token_ids(
     if len(ids) <= span:
         return [start + ids] if ids else []
     starts = list(range(0, len(ids) - span + 1, span))
+    if len(starts) < n_samples and len(ids) % span:  # every window is taken: the tail is one more
+        starts.append(len(ids) - len(ids) % span)
     random.Random(seed).shuffle(starts)
     return [start + ids[s : s + span] for s in sorted(starts[:n_samples])]

@@ -40,6 +40,7 @@ from qwenkit.quant.rtn import quantize_model_rtn
 Method = Literal["gptq", "rtn"]
 DEFAULT_CALIB_SAMPLES = 32
 DEFAULT_SEQ_LEN = 512
+DEFAULT_DAMP = 0.01  # AutoGPTQ's damp_percent
 DEFAULT_ACT_ORDER: ActOrder = "static"
 DYNAMIC_ACT_ORDER_WARNING = (
     "--act-order dynamic stores desc_act: true with a permuted g_idx, which vLLM refuses; "
@@ -127,7 +128,7 @@ def quantize_checkpoint(
     act_order: ActOrder | None = None,
     partial_groups: bool = False,
     sym: bool = True,
-    damp_percent: float = 0.01,
+    damp_percent: float = DEFAULT_DAMP,
     overwrite: bool = False,
     device: str = "cpu",
     progress: bool = True,
@@ -207,11 +208,18 @@ def quantize_checkpoint(
                 f"--seq-len {seq_len} leaves no room for text after the {len(start_ids)} token(s) "
                 "the tokenizer puts before every prompt"
             )
-        windows = calibration_token_ids(tok.encode, calib_samples, seq_len, text, start_ids=start_ids)
+
+        # a --calib text is the user's own, often chat transcripts in the model's template (Qwen's GPTQ
+        # guide writes apply_chat_template's text): its <|im_start|> is that token, as transformers'
+        # tokenizer(text) reads it and as chat inference feeds it, not seven pieces of plain text
+        def encode(text: str) -> list[int]:
+            return tok.encode(text, allow_special=calib is not None)
+
+        windows = calibration_token_ids(encode, calib_samples, seq_len, text, start_ids=start_ids)
         if not windows:
             raise QuantizationError("the calibration text produced no tokens")
         if len(windows) < calib_samples:
-            tokens = sum(len(w) for w in windows)
+            tokens = sum(len(w) - len(start_ids) for w in windows)  # all of the text's, each window's once
             note(
                 f"the calibration text holds {tokens} tokens: {len(windows)} window(s) of at most "
                 f"{seq_len}, not the {calib_samples} asked for (a longer --calib text, or a smaller "
