@@ -1,0 +1,58 @@
+"""--resume with the same global batch split another way (--batch-size x --grad-accum x processes): the
+same batches, but LoRA dropout draws its masks per micro-batch, so with dropout the weights then leave an
+uninterrupted run's and a note says so; without dropout they stay on it (to float rounding)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from factories import interrupt_training_after
+from safetensors.torch import load_file
+from test_train import chat_data
+
+from qwenkit.finetune.run import finetune
+from qwenkit.finetune.trainer import TrainArgs, Trainer
+
+ARGS = TrainArgs(
+    max_steps=4, batch_size=2, grad_accum=2, lr=5e-3, lora_r=4, lora_alpha=8, save_every=2, progress=False
+)
+
+
+def resumed_in_another_split(model, data, out, args, monkeypatch, capsys) -> str:
+    """Train ``args`` to step 2 (interrupted), resume with the batch split as 1 x 4; returns stderr."""
+    real_step = interrupt_training_after(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(model, data, out, args)
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    capsys.readouterr()
+    finetune(model, data, out, dataclasses.replace(args, batch_size=1, grad_accum=4), resume=True)
+    return capsys.readouterr().err
+
+
+def max_diff(a, b) -> float:
+    x, y = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
+    return max(float((x[k] - y[k]).abs().max()) for k in x)
+
+
+@pytest.mark.parametrize("dropout", [0.1, 0.0])
+def test_resume_in_another_split_notes_that_dropout_draws_other_masks(
+    dropout, tiny_chat_model, tmp_path, monkeypatch, capsys
+):
+    data = chat_data(tmp_path / "d.jsonl")
+    args = dataclasses.replace(ARGS, lora_dropout=dropout)
+    whole = finetune(tiny_chat_model, data, tmp_path / "whole", args)
+    err = resumed_in_another_split(tiny_chat_model, data, tmp_path / "resumed", args, monkeypatch, capsys)
+    diff = max_diff(whole, tmp_path / "resumed")
+    note = (
+        "note: --resume splits the global batch of 4 as --batch-size 1 x --grad-accum 4 x 1 replica(s), the "
+        "checkpoint's run as 2 x 2 x 1: the same batches, but LoRA dropout (0.1) draws its masks per "
+        "micro-batch, so from here on the weights differ from an uninterrupted run's (resume in the same "
+        "split to continue it exactly)\n"
+    )
+    if dropout:
+        assert note in err and diff > 1e-5
+    else:
+        assert "note: --resume" not in err and diff < 1e-6
+    assert torch.tensor(diff).isfinite()
