@@ -5,6 +5,7 @@ uninterrupted run's and a note says so; without dropout they stay on it (to floa
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -56,3 +57,22 @@ def test_resume_in_another_split_notes_that_dropout_draws_other_masks(
     else:
         assert "note: --resume" not in err and diff < 1e-6
     assert torch.tensor(diff).isfinite()
+
+
+def test_the_running_log_restarts_at_the_checkpoint_on_resume(tiny_chat_model, tmp_path, monkeypatch):
+    """OUT.training/log.jsonl, the log to watch while training, holds each step once after a resume: the
+    steps past the checkpoint that the interrupted run logged are run again, and were logged twice."""
+    from qwenkit.finetune.run import work_dir
+
+    data, out = chat_data(tmp_path / "d.jsonl"), tmp_path / "out"
+    args = dataclasses.replace(ARGS, max_steps=6, eval_every=0)
+    real_step = interrupt_training_after(monkeypatch, 3)  # the checkpoint is step 2's; step 3 is lost
+    with pytest.raises(KeyboardInterrupt):
+        finetune(tiny_chat_model, data, out, args, eval_path=data)
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    interrupt_training_after(monkeypatch, 5)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(tiny_chat_model, data, out, args, eval_path=data, resume=True)
+    log = [json.loads(line) for line in (work_dir(out) / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [0, 1, 2, 3, 4, 5]  # once [0, 1, 2, 3, 3, 4, 5]
+    assert "eval_loss" in log[0] and all("loss" in r for r in log[1:])

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from qwenkit.checkpoint import load_model, open_checkpoint
 from qwenkit.checkpoint.files import files_sha256
 from qwenkit.checkpoint.loader import resolve_dtype
-from qwenkit.checkpoint.output_dir import atomic_output_dir, check_out_dir, write_json
+from qwenkit.checkpoint.output_dir import atomic_file, atomic_output_dir, check_out_dir, write_json
 from qwenkit.config import ModelConfig
 from qwenkit.errors import CheckpointError, ConfigError, QwenkitError
 from qwenkit.finetune.adapter_io import adapter_state_dict, save_adapter
@@ -316,6 +316,9 @@ def finetune(
             history = load_checkpoint(ckpt, trainer, prep, args, data_id)
             if world.is_main:
                 print(f"resuming from {ckpt} (step {trainer.step})", file=sys.stderr)
+                # the steps logged past the checkpoint run again: the running log restarts from its own
+                with atomic_file(work / "log.jsonl") as f:
+                    f.writelines(json.dumps(h) + "\n" for h in history)
         if world.is_main:
             (work / "checkpoints").mkdir(parents=True, exist_ok=True)
             summary = (
