@@ -76,3 +76,28 @@ def test_the_running_log_restarts_at_the_checkpoint_on_resume(tiny_chat_model, t
     log = [json.loads(line) for line in (work_dir(out) / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [0, 1, 2, 3, 4, 5]  # once [0, 1, 2, 3, 3, 4, 5]
     assert "eval_loss" in log[0] and all("loss" in r for r in log[1:])
+
+
+def test_resume_past_the_steps_asked_for_is_refused(tiny_chat_model, tmp_path, monkeypatch):
+    """A checkpoint past --max-steps once finished at once: OUT held its 4 steps, its training_args.json
+    said max_steps 3."""
+    from qwenkit.errors import QwenkitError
+    from qwenkit.finetune.run import work_dir
+
+    data, out = chat_data(tmp_path / "d.jsonl"), tmp_path / "out"
+    args = dataclasses.replace(ARGS, max_steps=6)
+    real_step = interrupt_training_after(monkeypatch, 4)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(tiny_chat_model, data, out, args)
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    step4 = work_dir(out) / "checkpoints" / "step-4"
+    with pytest.raises(QwenkitError) as e:
+        finetune(tiny_chat_model, data, out, dataclasses.replace(args, max_steps=3), resume=True)
+    assert str(e.value) == (
+        f"--resume: {step4} is at step 4, past the 3 steps of this run (--max-steps, --epochs); ask for 4 "
+        f"or more, or use the adapter the checkpoint holds ({step4})"
+    )
+    assert not out.exists() and step4.is_dir()
+    finetune(tiny_chat_model, data, out, dataclasses.replace(args, max_steps=4), resume=True)
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]

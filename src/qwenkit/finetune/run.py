@@ -314,6 +314,12 @@ def finetune(
         if resume:
             ckpt = latest_checkpoint(work)
             history = load_checkpoint(ckpt, trainer, prep, args, data_id)
+            if trainer.step > trainer.total_steps:  # it would finish at once with more steps than asked
+                rest = f"use the adapter the checkpoint holds ({ckpt})" if prep.lora else "train a new OUT"
+                raise ConfigError(
+                    f"--resume: {ckpt} is at step {trainer.step}, past the {trainer.total_steps} steps of "
+                    f"this run (--max-steps, --epochs); ask for {trainer.step} or more, or {rest}"
+                )
             if world.is_main:
                 print(f"resuming from {ckpt} (step {trainer.step})", file=sys.stderr)
                 # the steps logged past the checkpoint run again: the running log restarts from its own
