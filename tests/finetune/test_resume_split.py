@@ -101,3 +101,20 @@ def test_resume_past_the_steps_asked_for_is_refused(tiny_chat_model, tmp_path, m
     finetune(tiny_chat_model, data, out, dataclasses.replace(args, max_steps=4), resume=True)
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4]
+
+
+def test_resume_with_no_checkpoint_is_refused_before_the_model_loads(tiny_chat_model, tmp_path, monkeypatch):
+    """--resume into an OUT with no checkpoint (a mistyped OUT, a run stopped before its first save) once
+    loaded the model and, for dpo, scored every pair's reference before saying so."""
+    import qwenkit.finetune.run as run
+    from qwenkit.errors import QwenkitError
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(run, "prepare_model", no_loading)
+    data, out = chat_data(tmp_path / "d.jsonl"), tmp_path / "typo"
+    with pytest.raises(QwenkitError) as e:
+        finetune(tiny_chat_model, data, out, ARGS, resume=True)
+    assert str(e.value) == f"--resume: no checkpoint in {out}.training/checkpoints"
+    assert not out.exists() and not run.work_dir(out).exists()

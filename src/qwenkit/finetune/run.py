@@ -293,6 +293,8 @@ def finetune(
     work = work_dir(out)
     if work.exists() and not resume:
         raise CheckpointError(f"{work} holds an unfinished run; pass --resume to continue it, or delete it")
+    if resume:  # before loading: dpo would score every pair's reference first
+        latest_checkpoint(work)
     if args.batch_size < 1 or args.grad_accum < 1 or args.max_len < 2:
         raise ConfigError("--batch-size and --grad-accum must be at least 1, --max-len at least 2")
     refuse_embeddings_only(model_path, "fine-tuning trains its next-token loss, which needs one")
