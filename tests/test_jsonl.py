@@ -90,3 +90,18 @@ def test_a_whole_surrogate_pair_is_text_and_a_lone_half_in_a_json_list_is_refuse
         f"{listed}:2: field 'text' holds a lone UTF-16 surrogate (\\ud83d), which is no text "
         "(half of a pair?)"
     )
+
+
+def test_a_bad_record_of_a_json_list_is_named_by_the_line_it_starts_on(tmp_path):
+    """Once ``d.json:record 2``, counted from 0, where every other error names a line: a user counting
+    records from 1 looked at the record before the bad one."""
+    listed = tmp_path / "d.json"
+    rows = [{"text": "one"}, {"text": "two"}, {"messages": [{"role": "robot", "content": "x"}]}]
+    listed.write_text(json.dumps(rows, indent=2))
+    with pytest.raises(DataError) as e:
+        read_records(listed)
+    starts = [n for n, text in enumerate(json.dumps(rows, indent=2).splitlines(), 1) if text == "  {"]
+    assert str(e.value).startswith(f"{listed}:{starts[2]}: field 'messages[0].role' is 'robot'")
+    listed.write_text('[\n{"text": "one"},\n{"text": "two"},\n"three"\n]')
+    with pytest.raises(DataError, match=rf"^{listed}:4: each record must be a JSON object$"):
+        read_records(listed)
