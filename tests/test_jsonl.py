@@ -31,6 +31,17 @@ GOOD = b'{"text": "fine", "question": "q", "answer": "#### 1"}\n'
             b'{"text": "a", "question": "q", "answer": "#### 1", "answer": "#### 2"}',
             "the key 'answer' appears twice in one object",
         ),
+        # JSON's escape of half a surrogate pair (an emoji cut in two) parses to no text: it reached the
+        # tokenizer (a TypeError traceback), or `filter`'s UTF-8 output (UnicodeEncodeError)
+        (
+            b'{"text": "a\\ud800b"}',
+            "field 'text' holds a lone UTF-16 surrogate (\\ud800), which is no text (half of a pair?)",
+        ),
+        (
+            b'{"messages": [{"role": "user", "content": "\\uDC00"}]}',
+            "field 'messages[0].content' holds a lone UTF-16 surrogate (\\udc00), which is no text (half of "
+            "a pair?)",
+        ),
     ],
 )
 def test_benchmark_and_training_readers_refuse_a_line_alike(tmp_path, line, problem):
@@ -65,3 +76,32 @@ def test_a_byte_order_mark_before_the_first_line_is_skipped(tmp_path):
     array = tmp_path / "d.json"
     array.write_bytes(b"\xef\xbb\xbf[" + GOOD.strip() + b"]")
     assert [r.text for r in read_records(array)] == ["fine"]
+
+
+def test_a_whole_surrogate_pair_is_text_and_a_lone_half_in_a_json_list_is_refused(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'{"text": "smile \\ud83d\\ude00"}\n')
+    assert read_records(path)[0].raw == {"text": "smile \U0001f600"}
+    listed = tmp_path / "d.json"
+    listed.write_bytes(b'[{"text": "fine"},\n {"text": "\\ud83d cut"}]')
+    with pytest.raises(DataError) as e:
+        read_records(listed)
+    assert str(e.value) == (
+        f"{listed}:2: field 'text' holds a lone UTF-16 surrogate (\\ud83d), which is no text "
+        "(half of a pair?)"
+    )
+
+
+def test_a_bad_record_of_a_json_list_is_named_by_the_line_it_starts_on(tmp_path):
+    """Once ``d.json:record 2``, counted from 0, where every other error names a line: a user counting
+    records from 1 looked at the record before the bad one."""
+    listed = tmp_path / "d.json"
+    rows = [{"text": "one"}, {"text": "two"}, {"messages": [{"role": "robot", "content": "x"}]}]
+    listed.write_text(json.dumps(rows, indent=2))
+    with pytest.raises(DataError) as e:
+        read_records(listed)
+    starts = [n for n, text in enumerate(json.dumps(rows, indent=2).splitlines(), 1) if text == "  {"]
+    assert str(e.value).startswith(f"{listed}:{starts[2]}: field 'messages[0].role' is 'robot'")
+    listed.write_text('[\n{"text": "one"},\n{"text": "two"},\n"three"\n]')
+    with pytest.raises(DataError, match=rf"^{listed}:4: each record must be a JSON object$"):
+        read_records(listed)

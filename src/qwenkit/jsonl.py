@@ -30,6 +30,29 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+# tokenizer/base.py's LONE_SURROGATE (this leaf imports no qwenkit module): JSON's "\ud800" escape parses
+# to a string that is no Unicode text, which no tokenizer encodes and no UTF-8 file can hold
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _surrogate_problem(value: Any, path: str = "") -> str | None:
+    """Why ``value`` is no text where a string in it holds a lone surrogate (its field path), else None."""
+    if isinstance(value, str):
+        found = _LONE_SURROGATE.search(value)
+        if found is None:
+            return None
+        code = f"\\u{ord(found.group()):04x}"
+        return f"field '{path}' holds a lone UTF-16 surrogate ({code}), which is no text (half of a pair?)"
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        where = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else key
+        problem = _surrogate_problem(key, where) if isinstance(key, str) else None
+        if problem := problem or _surrogate_problem(item, where):
+            return problem
+    return None
+
+
 class BadLine(ValueError):
     """Line ``line`` (1-based) is not one JSON object; ``problem`` says how. Each reader names the file
     in its own way (``FILE:LINE:`` for training data, ``FILE line N`` for benchmark data) and raises its
@@ -65,6 +88,8 @@ def json_lines(raw: bytes) -> Iterator[tuple[int, dict[str, Any]]]:
         if not isinstance(value, dict):
             kind = "null" if value is None else _JSON_TYPES[type(value)]
             raise BadLine(n, f"not a JSON object ({kind})")
+        if _SURROGATE_ESCAPE.search(text) and (problem := _surrogate_problem(value)):
+            raise BadLine(n, problem)
         yield n, value
 
 
@@ -87,6 +112,7 @@ def json_array(text: str) -> Iterator[tuple[int, Any]]:
         raise NotAnArray
     pos = _SPACE.match(text, pos + 1).end()
     line, counted = 1, 0  # newlines are counted once, up to `counted`
+    escapes = _SURROGATE_ESCAPE.search(text) is not None
 
     def line_at(at: int) -> int:
         nonlocal line, counted
@@ -102,6 +128,8 @@ def json_array(text: str) -> Iterator[tuple[int, Any]]:
                 raise BadLine(e.lineno, f"invalid JSON: {e.msg}") from None
             except _DuplicateKey as e:
                 raise BadLine(start, str(e)) from None
+            if escapes and (problem := _surrogate_problem(item)):
+                raise BadLine(start, problem)
             yield start, item
             pos = _SPACE.match(text, pos).end()
             if not text.startswith(",", pos):

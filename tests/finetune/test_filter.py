@@ -224,6 +224,10 @@ def test_filter_refuses_outputs_it_would_lose_or_clobber(tmp_path, capsys):
             [str(src), str(tmp_path / "o.jsonl"), "--report", str(tmp_path / "o.jsonl")],
             f"error: OUT and --report are the same file {out}; give the report its own name\n",
         ),
+        (  # once said "write the filtered data to another file" of the report
+            [str(src), str(out), "--report", str(src), "--overwrite"],
+            f"error: --report {src} is the input data; write the report to another file\n",
+        ),
         (  # once replaced the keyword list with the filtered data
             [str(src), str(afile), "--keywords", str(afile), "--overwrite"],
             f"error: {afile} is the --keywords file; write the output to another file\n",

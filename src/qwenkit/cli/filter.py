@@ -39,9 +39,10 @@ def check_outputs(data: Path, outputs: list[Path], overwrite: bool, keywords: Pa
     and never the data itself (the findings would be lost with it) nor the keyword file."""
     if len(outputs) == 2 and os.path.abspath(outputs[0]) == os.path.abspath(outputs[1]):
         raise ConfigError(f"OUT and --report are the same file {outputs[0]}; give the report its own name")
-    for out in outputs:
+    for out, what in zip(outputs, ("the filtered data", "the report"), strict=False):
         if data.exists() and out.exists() and out.samefile(data):
-            raise ConfigError(f"{out} is the input data; write the filtered data to another file")
+            name = f"--report {out}" if what == "the report" else str(out)
+            raise ConfigError(f"{name} is the input data; write {what} to another file")
         if keywords is not None and keywords.exists() and out.exists() and out.samefile(keywords):
             raise ConfigError(f"{out} is the --keywords file; write the output to another file")
         if out.is_dir():

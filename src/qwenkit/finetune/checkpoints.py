@@ -6,6 +6,7 @@ files, starting adapter)."""
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -175,4 +176,25 @@ def load_checkpoint(
         raise CheckpointError(f"--resume: {path} does not fit this model: {first}") from None
     trainer.scheduler.load_state_dict(state["scheduler"])
     trainer.step = int(state["step"])
+    note = split_note(saved, trainer, prep)
+    if note and trainer.world.is_main:
+        print(note, file=sys.stderr)
     return list(state["history"])
+
+
+def split_note(saved: dict[str, Any], trainer: Trainer, prep: Prepared) -> str | None:
+    """A resume that splits the global batch otherwise (--batch-size x --grad-accum x replicas) takes the
+    same batches, but LoRA dropout draws one mask per micro-batch: the run leaves the uninterrupted one."""
+    dropout = prep.lora.dropout if prep.lora else 0.0
+    was = (saved.get("batch_size"), saved.get("grad_accum"))
+    now = (trainer.args.batch_size, trainer.args.grad_accum)
+    if not dropout or None in was or was == now:
+        return None
+    replicas = trainer.global_batch // (was[0] * was[1])
+    return (
+        f"note: --resume splits the global batch of {trainer.global_batch} as --batch-size {now[0]} x "
+        f"--grad-accum {now[1]} x {trainer.world.dp_size} replica(s), the checkpoint's run as {was[0]} x "
+        f"{was[1]} x {replicas}: the same batches, but LoRA dropout ({dropout:g}) draws its masks per "
+        "micro-batch, so from here on the weights differ from an uninterrupted run's (resume in the same "
+        "split to continue it exactly)"
+    )

@@ -64,8 +64,8 @@ def read_objects(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
             line = data[: e.start].count(b"\n") + 1
             raise DataError(f"{path}:{line}: not valid UTF-8 (byte {e.start})") from None
         try:
-            for i, (_, item) in enumerate(json_array(text)):
-                where = f"{path}:record {i}"
+            for line, item in json_array(text):
+                where = f"{path}:{line}"  # the line the record starts on, as a JSONL record's
                 if not isinstance(item, dict):
                     raise DataError(f"{where}: each record must be a JSON object")
                 yield where, item

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from qwenkit.checkpoint import load_model, open_checkpoint
 from qwenkit.checkpoint.files import files_sha256
 from qwenkit.checkpoint.loader import resolve_dtype
-from qwenkit.checkpoint.output_dir import atomic_output_dir, check_out_dir, write_json
+from qwenkit.checkpoint.output_dir import atomic_file, atomic_output_dir, check_out_dir, write_json
 from qwenkit.config import ModelConfig
 from qwenkit.errors import CheckpointError, ConfigError, QwenkitError
 from qwenkit.finetune.adapter_io import adapter_state_dict, save_adapter
@@ -293,6 +293,8 @@ def finetune(
     work = work_dir(out)
     if work.exists() and not resume:
         raise CheckpointError(f"{work} holds an unfinished run; pass --resume to continue it, or delete it")
+    if resume:  # before loading: dpo would score every pair's reference first
+        latest_checkpoint(work)
     if args.batch_size < 1 or args.grad_accum < 1 or args.max_len < 2:
         raise ConfigError("--batch-size and --grad-accum must be at least 1, --max-len at least 2")
     refuse_embeddings_only(model_path, "fine-tuning trains its next-token loss, which needs one")
@@ -314,8 +316,17 @@ def finetune(
         if resume:
             ckpt = latest_checkpoint(work)
             history = load_checkpoint(ckpt, trainer, prep, args, data_id)
+            if trainer.step > trainer.total_steps:  # it would finish at once with more steps than asked
+                rest = f"use the adapter the checkpoint holds ({ckpt})" if prep.lora else "train a new OUT"
+                raise ConfigError(
+                    f"--resume: {ckpt} is at step {trainer.step}, past the {trainer.total_steps} steps of "
+                    f"this run (--max-steps, --epochs); ask for {trainer.step} or more, or {rest}"
+                )
             if world.is_main:
                 print(f"resuming from {ckpt} (step {trainer.step})", file=sys.stderr)
+                # the steps logged past the checkpoint run again: the running log restarts from its own
+                with atomic_file(work / "log.jsonl") as f:
+                    f.writelines(json.dumps(h) + "\n" for h in history)
         if world.is_main:
             (work / "checkpoints").mkdir(parents=True, exist_ok=True)
             summary = (

@@ -4,8 +4,9 @@ Batches: step s of epoch e takes the global batch ``order_e[s*G : (s+1)*G]`` (wr
 of an epoch), ``G = batch_size * grad_accum * replicas``, where replicas are the data-parallel processes
 (the world size over the tensor-parallel size: the ranks of one tensor-parallel group take the same
 batch); micro-batch k of replica r is its slice ``k*replicas + r``. The order is a permutation seeded by
-(seed, epoch) and dropout is reseeded from (seed, step, replica), so a run resumed from a checkpoint (in
-any process layout with the same G) takes exactly the batches and random numbers of an uninterrupted one.
+(seed, epoch) and dropout is reseeded from (seed, step, replica), so a run resumed from a checkpoint takes
+exactly the batches and random numbers of an uninterrupted one; in another split of the same G the batches
+alike, but LoRA dropout's masks are drawn per micro-batch (``checkpoints.split_note``).
 
 Loss: summed token cross entropy divided by the labelled tokens of the whole global batch, times the
 number of replicas (DDP and FSDP average gradients over them), so gradients do not depend on how a batch
