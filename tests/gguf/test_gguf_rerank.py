@@ -135,3 +135,11 @@ def test_llama_cpps_own_converter_writes_what_scores_as_the_directory(model_dir,
     torch.testing.assert_close(
         torch.tensor(llm.rerank(QUERY, DOCS)), torch.tensor(want[None]), rtol=0, atol=1e-6
     )
+
+
+def test_info_says_the_file_reranks_only(model_dir, tmp_path):
+    from qwenkit.cli.info import describe
+
+    text = describe(str(write_qwen3_reranker_gguf(model_dir, tmp_path / "r.gguf")))
+    row = r"output head +none: the rows of \"yes\" and \"no\" \(cls\.output\): it reranks only\n"
+    assert re.search(row, text)
