@@ -6,6 +6,7 @@ alone (no full-vocabulary head is built), and every other request is refused in 
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -143,3 +144,35 @@ def test_info_says_the_file_reranks_only(model_dir, tmp_path):
     text = describe(str(write_qwen3_reranker_gguf(model_dir, tmp_path / "r.gguf")))
     row = r"output head +none: the rows of \"yes\" and \"no\" \(cls\.output\): it reranks only\n"
     assert re.search(row, text)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["generate", "{m}", "-p", "hi"],
+        ["chat", "{m}", "-p", "hi"],
+        ["profile", "{m}"],
+        ["eval", "{m}", "--task", "ppl", "--data", "{t}"],
+        ["finetune", "{m}", "{d}", "{o}", "--max-steps", "1"],
+    ],
+    ids=lambda c: c[0],
+)
+def test_text_commands_refuse_the_file_before_loading_it(model_dir, tmp_path, command, capsys, monkeypatch):
+    """Fine-tuning and eval failed at its first logits with a traceback (MissingHead's ValueError)."""
+    from qwenkit.cli import main
+
+    def never(*args, **kwargs):
+        raise AssertionError("the weights were loaded")
+
+    path = write_qwen3_reranker_gguf(model_dir, tmp_path / "r.gguf")
+    monkeypatch.setattr(LLM, "load", never)
+    monkeypatch.setattr("qwenkit.profile.profile", never)
+    (tmp_path / "t.txt").write_text("some text to score\n")
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    (tmp_path / "d.jsonl").write_text(json.dumps({"messages": chat}) + "\n")
+    names = {"t": "t.txt", "d": "d.jsonl", "o": "out"}
+    argv = [a.format(m=path, **{k: str(tmp_path / n) for k, n in names.items()}) for a in command]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == f"error: {path}: {RANK_ONLY}; serve it (`qwenkit serve`) and ask POST /v1/rerank"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "r.gguf", "t.txt"]
