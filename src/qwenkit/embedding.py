@@ -21,6 +21,7 @@ import torch
 from qwenkit import prompt_only
 from qwenkit.engine import PromptTooLongError, SamplingParams, SamplingParamsError
 from qwenkit.errors import ConfigError, GenerationError
+from qwenkit.model.score_head import RANK_ONLY
 from qwenkit.prompt_only import check_each
 
 if TYPE_CHECKING:
@@ -170,6 +171,8 @@ def _gguf_setup(path: Path) -> EmbeddingSetup:
     except GGUFError as exc:
         raise ConfigError(str(exc)) from None
     key, pooling = f"{ckpt.architecture}.pooling_type", ckpt.pooling_type
+    if ckpt.rank_token_ids is not None:  # its last hidden state goes through the rows of "yes" and "no"
+        raise ConfigError(f"{path}: {key} is 4 (rank), a reranker's file: {RANK_ONLY}")
     if pooling is not None and pooling != _GGUF_LAST:
         named = _GGUF_POOLING.get(pooling) if isinstance(pooling, int) else None
         shown = f"{pooling} ({named})" if named else f"{pooling!r}, not a pooling llama.cpp knows"

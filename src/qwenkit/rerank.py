@@ -6,7 +6,8 @@ beside whatever else runs, and hands back those two logits.
 Which models rerank: a Qwen3-Reranker checkpoint says nothing of it (its config is a plain
 Qwen3ForCausalLM), so any causal LM with an output head whose vocabulary holds "yes" and "no" as single
 tokens is scored; the scores mean something for a model trained as this judge. A checkpoint without a
-head (an embedding model) is refused by the engine, by name.
+head (an embedding model) is refused by the engine, by name. A reranker's GGUF (``checkpoint.gguf_rank``)
+has the head's rows of "yes" and "no" alone, and the engine reads these two logits from them.
 """
 
 from __future__ import annotations

@@ -223,3 +223,73 @@ def write_llama32_gguf(hf_dir: Path, path: Path, add_bos_key: bool = True) -> Pa
 def added_id(added: dict[int, str], text: str) -> int:
     (token_id,) = [i for i, t in added.items() if t == text]
     return token_id
+
+
+RERANK_TEMPLATE = (  # llama.cpp's converter's "rerank" chat template (conversion/qwen.py, Qwen3Model)
+    "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the "
+    'Instruct provided. Note that the answer can only be "yes" or "no".<|im_end|>\n<|im_start|>user\n'
+    "<Instruct>: Given a web search query, retrieve relevant passages that answer the query\n"
+    "<Query>: {query}\n<Document>: {document}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+)
+
+
+def write_qwen3_reranker_gguf(
+    hf_dir: Path,
+    path: Path,
+    *,
+    labels: tuple[str, ...] = ("yes", "no"),
+    rows: tuple[str, ...] | None = None,
+    qtype: gguf.GGMLQuantizationType = Q.F32,
+    pooling: gguf.PoolingType = gguf.PoolingType.RANK,
+) -> Path:
+    """A Qwen3-Reranker directory (``write_tiny_chat_model``) as llama.cpp's converter writes it
+    (conversion/qwen.py, Qwen3Model with is_rerank): pooling rank (or ``pooling``), classifier
+    output_labels ``labels``, the named "rerank" chat template, and ``cls.output.weight``: the head's
+    rows of the tokens ``rows`` (default: the labels; () writes no cls.output), the head being the
+    embeddings where tied (then token_embd stays) and lm_head otherwise (then no output.weight is
+    written). The Qwen3 vocabulary as its converter writes it: added special tokens (and those that
+    look special) as control tokens, the others user-defined, the ids past the tokenizer as
+    ``[PAD{i}]`` unused ones."""
+    from safetensors.torch import load_file
+
+    config = json.loads((hf_dir / "config.json").read_text())
+    tokenizer = json.loads((hf_dir / "tokenizer.json").read_text())
+    chat_template = json.loads((hf_dir / "tokenizer_config.json").read_text())["chat_template"]
+    by_id = {i: t for t, i in tokenizer["model"]["vocab"].items()}
+    added = {t["id"]: t for t in tokenizer["added_tokens"]}
+    tokens, types = [], []
+    for i in range(config["vocab_size"]):
+        if i in added:
+            text = added[i]["content"]
+            special = added[i]["special"] or (text.startswith("<|") and text.endswith("|>"))
+            tokens.append(text)
+            types.append(3 if special else 4)
+        else:
+            tokens.append(by_id.get(i, f"[PAD{i}]"))
+            types.append(1 if i in by_id else 5)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tokenizer["model"]["merges"]]
+    state = load_file(str(hf_dir / "model.safetensors"))
+    tied = config.get("tie_word_embeddings", False)
+    head = state["model.embed_tokens.weight"] if tied else state.pop("lm_head.weight")
+    picked = labels if rows is None else rows
+
+    def reranker(w: gguf.GGUFWriter) -> None:
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("qwen2")
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        w.add_token_merges(merges)
+        w.add_eos_token_id(added_id({i: t["content"] for i, t in added.items()}, "<|im_end|>"))
+        w.add_pad_token_id(added_id({i: t["content"] for i, t in added.items()}, "<|endoftext|>"))
+        w.add_add_bos_token(False)
+        w.add_pooling_type(pooling)
+        w.add_classifier_output_labels(list(labels))
+        w.add_chat_template(
+            [{"name": "default", "template": chat_template}, {"name": "rerank", "template": RERANK_TEMPLATE}]
+        )
+        if picked:
+            cls = torch.stack([head[tokens.index(t)] for t in picked]).float().numpy()
+            array, raw = encode(cls, qtype)
+            w.add_tensor("cls.output.weight", array, raw_dtype=raw)
+
+    return write_gguf(path, "qwen3", config, state, qtype, tokenizer=False, extra=reranker)

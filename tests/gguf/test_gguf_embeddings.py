@@ -6,6 +6,7 @@ where that is built."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import struct
 import subprocess
@@ -96,7 +97,7 @@ def set_pooling(path: Path, value: int) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("value, named", [(1, "1 (mean)"), (2, "2 (cls)"), (0, "0 (none)"), (4, "4 (rank)")])
+@pytest.mark.parametrize("value, named", [(1, "1 (mean)"), (2, "2 (cls)"), (0, "0 (none)")])
 def test_other_gguf_pooling_is_refused_by_name(tmp_path, ggufs, value, named):
     path = tmp_path / "other.gguf"
     shutil.copy(ggufs["f32"], path)
@@ -105,6 +106,19 @@ def test_other_gguf_pooling_is_refused_by_name(tmp_path, ggufs, value, named):
     message = f"qwen3.pooling_type is {named}; qwenkit pools the last token (3, last)"
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         llm.embed("hi")
+
+
+def test_rank_pooling_without_a_rerankers_labels_and_rows_is_refused_as_the_file_opens(tmp_path, ggufs):
+    """Rank is a reranker's pooling (tests/gguf/test_gguf_rerank.py): an embedding file marked so has
+    neither its labels nor its cls.output rows."""
+    from qwenkit.checkpoint.gguf import GGUFError
+
+    path = tmp_path / "rank.gguf"
+    shutil.copy(ggufs["f32"], path)
+    set_pooling(path, 4)
+    message = "a reranker's file (qwen3.pooling_type 4, rank) whose qwen3.classifier.output_labels are None"
+    with pytest.raises(GGUFError, match=re.escape(message)):
+        LLM.load(path, dtype="float32", progress=False)
 
 
 def test_mean_pooling_as_the_converter_writes_it_is_refused(tmp_path, source):

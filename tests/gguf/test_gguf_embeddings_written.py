@@ -5,6 +5,7 @@ llama-cpp-python sdist is unpacked."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import gguf
@@ -61,3 +62,27 @@ def test_another_pooling_in_the_file_is_refused_by_name(tmp_path, gguf_writer, m
     llm = LLM.load(write(tmp_path, gguf_writer, model, value), dtype="float32", progress=False)
     with pytest.raises(ConfigError, match=re.escape(f"qwen3.pooling_type is {named}")):
         llm.embed("hi")
+
+
+def test_text_commands_refuse_a_headless_gguf_before_loading_it(
+    tmp_path, gguf_writer, model, capsys, monkeypatch
+):
+    """No output.weight: it computes embeddings only, and fine-tuning failed at its first logits with
+    a traceback (MissingHead's ValueError), generate after loading it."""
+    from qwenkit.cli import main
+
+    def never(*args, **kwargs):
+        raise AssertionError("the weights were loaded")
+
+    path = write(tmp_path, gguf_writer, model, 3)
+    monkeypatch.setattr(LLM, "load", never)
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    (tmp_path / "d.jsonl").write_text(json.dumps({"messages": chat}) + "\n")
+    for argv in (
+        ["generate", str(path), "-p", "hi"],
+        ["finetune", str(path), str(tmp_path / "d.jsonl"), str(tmp_path / "o")],
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith(f"error: {path} has no output head (an embedding model's bare decoder)"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "pool3.gguf"]

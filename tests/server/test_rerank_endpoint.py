@@ -145,3 +145,38 @@ def test_a_model_naming_a_served_adapter_scores_through_it(rerank_llm, tmp_path)
     )
     assert want != pytest.approx(llm.rerank(QUERY, DOCS), abs=1e-3)
     llm.close()
+
+
+def test_a_reranker_gguf_answers_the_directorys_scores_and_refuses_the_rest(rerank_llm, tmp_path):
+    """llama.cpp's converter's file of the same model (pooling rank, cls.output's rows of "yes" and "no"):
+    the same scores on every rerank path; text and embedding routes a one-line 400 (it has no head)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "gguf"))
+    from gguf_files import write_qwen3_reranker_gguf
+
+    from qwenkit.model.score_head import RANK_ONLY
+
+    want = rerank_llm.rerank(QUERY, DOCS)
+    path = write_qwen3_reranker_gguf(Path(rerank_llm.path), tmp_path / "r.gguf")
+    llm = LLM.load(path, dtype="float32", progress=False, max_seq_len=256)
+    config = ServerConfig(served_model_name="q3r", response_cache_entries=0)
+    with LiveServer(create_app(llm, config)) as live:
+        for route in ("/v1/rerank", "/rerank", "/v2/rerank"):
+            r = post(live, {"query": QUERY, "documents": DOCS}, route, key=None)
+            assert r.status_code == 200, r.text
+            results = r.json()["results"]
+            assert [x["index"] for x in results] == sorted(range(4), key=lambda i: -want[i])
+            assert {x["index"]: x["relevance_score"] for x in results} == pytest.approx(
+                dict(enumerate(want)), abs=1e-6
+            )
+        for route, body in (
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+            ("/v1/completions", {"prompt": "hi", "max_tokens": 2}),
+            ("/v1/embeddings", {"input": "hi"}),
+        ):
+            r = post(live, body, route, key=None)
+            assert r.status_code == 400, (route, r.text)
+            assert RANK_ONLY in r.json()["error"]["message"], (route, r.text)
+    llm.close()

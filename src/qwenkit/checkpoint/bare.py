@@ -18,6 +18,7 @@ from torch import nn
 from qwenkit.checkpoint.files import tensor_names
 from qwenkit.config import ModelConfig
 from qwenkit.errors import CheckpointError, ConfigError
+from qwenkit.model.score_head import RANK_ONLY
 from qwenkit.model.transformer import MissingHead
 
 _BARE_ROOT = re.compile(r"^(embed_tokens|layers|norm)\.")
@@ -84,12 +85,16 @@ def embeds_only(source: object, config: ModelConfig) -> bool:
 
 def refuse_embeddings_only(path: str | Path, advice: str) -> None:
     """ConfigError, before the weights load, for a checkpoint that computes embeddings only
-    (``embeds_only``): a command that runs its text (chat, generate, profile, eval, fine-tuning) has
-    nothing to run, and failed at its first logits with a traceback. ``advice``: what to do instead."""
+    (``embeds_only``, or a GGUF's ``headless``) or reranks only (a reranker's GGUF): a command that
+    runs its text (chat, generate, profile, eval, fine-tuning) has nothing to run, and failed at its
+    first logits with a traceback. ``advice``: what to do instead."""
     from qwenkit.checkpoint.loader import open_checkpoint  # (the loader imports this module)
 
     source = open_checkpoint(path)
-    if embeds_only(source, ModelConfig.from_hf(source.hf_config)):
+    if getattr(source, "rank_token_ids", None):  # a reranker's GGUF: its rows of "yes" and "no" alone
+        raise ConfigError(f"{path}: {RANK_ONLY}; serve it (`qwenkit serve`) and ask POST /v1/rerank")
+    # an embedding GGUF without output.weight (``GGUFCheckpoint.headless``) loads headless too
+    if getattr(source, "headless", False) or embeds_only(source, ModelConfig.from_hf(source.hf_config)):
         raise ConfigError(
             f"{path} has no output head (an embedding model's bare decoder): it computes embeddings only, "
             f"not text; {advice}"

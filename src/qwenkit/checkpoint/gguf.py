@@ -37,6 +37,7 @@ from qwenkit.checkpoint.gguf_quant import (
     requantize_int8,
     requantize_q6_k,
 )
+from qwenkit.checkpoint.gguf_rank import label_ids
 from qwenkit.checkpoint.gguf_split import SplitError, join_parts, split_count
 from qwenkit.checkpoint.gguf_tensors import (
     SUPPORTED_TYPES,
@@ -106,6 +107,10 @@ class GGUFCheckpoint:
         # embeddings or had none (Qwen3-Embedding-8B), so it computes embeddings only (``MissingHead``).
         self.pooling_type: object = metadata.get(f"{self.architecture}.pooling_type")
         self.headless = self.pooling_type is not None and "output.weight" not in shapes
+        try:  # a reranker's (pooling rank): the vocabulary ids its cls.output rows stand for ("yes", "no")
+            self.rank_token_ids = label_ids(metadata, shapes, self.architecture)
+        except ValueError as e:
+            raise GGUFError(f"{path}: {e}") from None
 
     def __repr__(self) -> str:
         return f"GGUFCheckpoint({str(self.path)!r}, architecture={self.architecture!r})"

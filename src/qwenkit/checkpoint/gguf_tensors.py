@@ -37,6 +37,7 @@ _TOP_LEVEL = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
+    "cls.output.weight": "score_head.weight",  # a reranker's rows of "yes" and "no" (gguf_rank)
 }
 # GGUF block tensor -> Hugging Face module under model.layers.N
 _BLOCK = {

@@ -31,7 +31,7 @@ from qwenkit.distributed.plan import GPTQ_BUFFERS, rank_range, shard_lora, split
 from qwenkit.errors import CheckpointError, ConfigError
 from qwenkit.kernels import ops as kernel_ops
 from qwenkit.memory import check_fits, weight_bytes
-from qwenkit.model import Transformer
+from qwenkit.model import Transformer, score_head
 from qwenkit.model.adapter_bank import LoRAPair
 from qwenkit.model.rope import inv_freq
 from qwenkit.model.served_adapters import AdapterNotServable, check_servable, serve_adapters
@@ -201,6 +201,7 @@ def load_model(
     context = context or min(config.max_context, 2048)
     with torch.device("meta"), _no_init():
         model = Transformer(config)
+        score_head.attach(model, source)  # a reranker GGUF's rows of "yes" and "no" (``gguf_rank``)
     served = _served_adapters(model, adapter, adapters, tensor_parallel)
     wrapped_adapter = adapter if served is None else None  # finetune's LoRALinear layers
     if served:  # float32 pairs, and their copy in the kernel's tiles

@@ -59,7 +59,9 @@ def describe(path: str, tensor_parallel: int = 1) -> str:
         ),
         ("parameters", f"{params:,} ({params / 1e9:.2f} B)"),
     ]
-    if headless:
+    if getattr(source, "rank_token_ids", None):  # a reranker's GGUF (checkpoint.gguf_rank)
+        rows.append(("output head", 'none: the rows of "yes" and "no" (cls.output): it reranks only'))
+    elif headless:
         rows.append(("output head", "none in the files: it computes embeddings only"))
     if cfg.num_experts:
         rows += _moe_rows(cfg)

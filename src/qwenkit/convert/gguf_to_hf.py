@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from qwenkit.checkpoint.gguf import read_gguf
+from qwenkit.checkpoint.gguf_rank import refuse_rank
 from qwenkit.checkpoint.loader import DTYPES
 from qwenkit.checkpoint.output_dir import atomic_output_dir, check_out_dir, write_json
 from qwenkit.checkpoint.saver import save_sharded
@@ -40,6 +41,7 @@ def convert_gguf_to_hf(
     torch_dtype = _dtype(dtype)
     check_out_dir(out, overwrite, source=Path(gguf_path))  # not the directory that holds the GGUF
     ckpt = read_gguf(gguf_path)  # checks the whole file before anything is written
+    refuse_rank(ckpt, "a Hugging Face causal LM's directory")
     if "tokenizer.ggml.model" in ckpt.metadata:
         ckpt.tokenizer_config  # noqa: B018  # builds the tokenizer: one it refuses costs no weight decoding
     with atomic_output_dir(out, overwrite) as tmp:

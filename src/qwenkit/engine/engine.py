@@ -34,6 +34,7 @@ from qwenkit.engine.scheduler import Scheduler
 from qwenkit.engine.token_counts import TokenCounts
 from qwenkit.model import Transformer
 from qwenkit.model.adapter_bank import AdapterBank, LoRAPair
+from qwenkit.model.score_head import RANK_ONLY, score_head
 from qwenkit.model.served_adapters import add_adapter, remove_adapter
 from qwenkit.model.transformer import HEADLESS, is_headless
 
@@ -121,6 +122,8 @@ class Engine:
         self.device, self.dtype = next(model.parameters()).device, _activation_dtype(model)
         # the LoRA adapters the model serves (``model.served_adapters``); ``add_adapter`` changes them
         self.adapters: AdapterBank | None = getattr(model, "adapters", None)
+        # a reranker's GGUF: scoring requests read its rows of "yes" and "no" at the hidden state
+        self.score_head = score_head(model)
         pool_tokens = kv_cache_tokens or max_batch_size * self.max_seq_len
         if pool_tokens < self.max_seq_len:
             raise SamplingParamsError(
@@ -173,7 +176,9 @@ class Engine:
             raise SamplingParamsError(f"prompt token ids must be integers, got {bad[0]!r}")
         if not prompt_ids:
             raise SamplingParamsError("the prompt is empty: give at least one token")
-        if is_headless(self.model) and not params.embed:
+        if self.score_head is not None:
+            _check_scores(self.score_head.token_ids, params)
+        elif is_headless(self.model) and not params.embed:
             raise SamplingParamsError(HEADLESS)
         bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
         if bad:
@@ -343,7 +348,9 @@ class Engine:
                 out.embedding = None  # never a vector of NaN (invalid JSON, a silent wrong answer)
                 self._finish(request, "error")
             elif request.params.score_token_ids:
-                self._score(request, logits[first + count - 1], out)
+                scored = logits[first + count - 1] if self.score_head is None else out.embedding
+                out.embedding = None
+                self._score(request, scored, out)
             elif request.params.max_tokens == 0:
                 self._finish(request, "length")
                 out.finish_reason = "length"
@@ -385,7 +392,7 @@ class Engine:
                 chunk_rows.append((request.block_table, start, n))
             wants_prompt = request.params.prompt_logprobs is not None and start < len(request.prompt_ids)
             first = offset if wants_prompt else offset + n - 1
-            if request.params.embed:  # its last token's hidden state, never logits
+            if request.params.embed or self.score_head is not None:  # the last hidden state, never logits
                 where[id(request)] = (len(logits_index), 0)
                 if end == request.num_tokens:
                     hidden_index.append(offset + n - 1)
@@ -441,12 +448,16 @@ class Engine:
 
     def _score(self, request: Request, row: torch.Tensor, out: StepOutput) -> None:
         """End scoring request ``request`` with the logits of its ``score_token_ids`` in ``row`` (the
-        logits after its last prompt token); an error where the row holds NaN/inf, never such a score."""
+        logits after its last prompt token; a reranker GGUF's hidden state there, for its score head);
+        an error where the row holds NaN/inf, never such a score."""
+        columns = list(request.params.score_token_ids)
+        if self.score_head is not None:
+            row, columns = self.score_head(row), self.score_head.columns(request.params.score_token_ids)
         if not finite_rows(row[None])[0]:
             out.finish_reason, out.error = "error", _non_finite_message(self.dtype)
             self._finish(request, "error")
             return
-        out.token_logits = as_float(row[list(request.params.score_token_ids)]).tolist()
+        out.token_logits = as_float(row[columns]).tolist()
         self._finish(request, "length")
         out.finish_reason = "length"
 
@@ -551,3 +562,14 @@ def _non_finite_message(dtype: torch.dtype, what: str = "logits") -> str:
         else "the checkpoint may be corrupt"
     )
     return f"the model produced NaN/inf {what} in {str(dtype).removeprefix('torch.')}: {hint}"
+
+
+def _check_scores(token_ids: tuple[int, ...], params: SamplingParams) -> None:
+    """A reranker GGUF's model (``score_head``) answers scoring requests of its labels' tokens alone."""
+    if not params.score_token_ids:
+        raise SamplingParamsError(RANK_ONLY)
+    other = [t for t in params.score_token_ids if t not in token_ids]
+    if other:
+        raise SamplingParamsError(
+            f"score token id {other[0]} is none of this reranker's (its score head holds {list(token_ids)})"
+        )

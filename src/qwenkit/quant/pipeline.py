@@ -150,6 +150,7 @@ def quantize_checkpoint(
     ``overwrite``; it is replaced only once the new directory is complete.
     """
     from qwenkit.checkpoint import load_model, open_checkpoint
+    from qwenkit.checkpoint.gguf_rank import refuse_rank
     from qwenkit.config import ModelConfig
 
     validate(bits, group_size, method, calib_samples, seq_len, damp_percent, act_order)
@@ -176,6 +177,7 @@ def quantize_checkpoint(
 
     start = time.perf_counter()
     source = open_checkpoint(src)
+    refuse_rank(source, "a GPTQ causal LM's directory")
     config = ModelConfig.from_hf(source.hf_config)
     if config.quantization:
         raise QuantizationError(f"{src} is already quantized ({config.quantization.get('quant_method')})")
