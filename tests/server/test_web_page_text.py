@@ -73,3 +73,18 @@ def test_pasted_code_keeps_the_indentation_of_its_first_line(server, open_page):
     page.fill("#prompt", " \n \n")  # only blank lines: nothing is sent
     page.keyboard.press("Enter")
     expect(page.locator(".message")).to_have_count(2)
+
+
+def test_a_task_list_shows_which_items_are_done(server, open_page):
+    """A model's checklist ("- [x] done", "- [ ] to do") lost its boxes to the sanitizer, which drops form
+    inputs: the done and the open items looked the same. Each item says which it is, as a character that
+    copies with the text, and no input reaches the page."""
+    page = open_page(server.url)
+    body = _sse(["Steps:\n\n- [x] Install\n- [ ] Configure\n\n1. [X] first\n2. [ ] second\n"])
+    page.route(CHAT_URL, lambda route: route.fulfill(status=200, content_type="text/event-stream", body=body))
+    page.fill("#prompt", "What is left?")
+    page.keyboard.press("Enter")
+    message = answer(page, 0)
+    items = message.locator(".body li").evaluate_all("items => items.map(li => li.textContent.trim())")
+    assert items == ["☑ Install", "☐ Configure", "☑ first", "☐ second"]
+    assert message.locator("input, form").count() == 0

@@ -12,7 +12,14 @@ const escapeHtml = (text) => text.replace(/[&<>"']/g, (c) => ESCAPES[c]);
 // HTML the model writes is shown as the text it is, as chat pages do: rendered, the tags in an answer
 // about HTML vanished ("center a <div>" lost the word) and a <title> or <head> took the rest of the
 // answer with it. Only the markdown's own markup is HTML, and DOMPurify still checks all of it.
-marked.use({ renderer: { html: ({ text }) => escapeHtml(text) } });
+// A task list's boxes are form inputs, which the sanitizer drops (and the done and open items then looked
+// alike): each is a character instead, which copies with the text.
+marked.use({
+  renderer: {
+    html: ({ text }) => escapeHtml(text),
+    checkbox: ({ checked }) => (checked ? "☑ " : "☐ "),
+  },
+});
 
 // No remote images, forms or embedded documents from a model: an image URL can carry the conversation away.
 const SANITIZE = {
