@@ -88,3 +88,33 @@ def test_a_task_list_shows_which_items_are_done(server, open_page):
     items = message.locator(".body li").evaluate_all("items => items.map(li => li.textContent.trim())")
     assert items == ["☑ Install", "☐ Configure", "☑ first", "☐ second"]
     assert message.locator("input, form").count() == 0
+
+
+def test_an_image_the_model_writes_is_a_link_that_names_it_and_loads_nothing(server, open_page):
+    """The page loads no remote images (a URL the model writes can carry the conversation away), and the
+    sanitizer dropped the image whole: "![Architecture diagram](...)" left no trace of its words or where
+    the picture was. It shows as a link named by its alt text (its address where it has none), fetched
+    only if the reader follows it; an image inside a link (a badge) is that link's text."""
+    page = open_page(server.url)
+    requested = []
+    page.on("request", lambda r: requested.append(r.url) if "example.com" in r.url else None)
+    text = 'See ![Architecture *diagram*](https://example.com/a.png "Fig 1") and ![](https://example.com/b.png).\n'
+    badge = "[![build](https://example.com/ci.svg)](https://example.com/ci)"
+    body = _sse([text + f"\n![x](javascript:alert(1)) {badge}"])
+    page.route(CHAT_URL, lambda route: route.fulfill(status=200, content_type="text/event-stream", body=body))
+    page.fill("#prompt", "Draw it")
+    page.keyboard.press("Enter")
+    message = answer(page, 0)
+    links = message.locator(".body a").evaluate_all(
+        "links => links.map(a => [a.textContent, a.getAttribute('href'), a.title])"
+    )
+    assert links == [
+        ["Image: Architecture diagram", "https://example.com/a.png", "Fig 1"],
+        ["Image: https://example.com/b.png", "https://example.com/b.png", ""],
+        ["Image: x", None, ""],
+        ["Image: build", "https://example.com/ci", ""],  # the badge's own link, not one to its picture
+    ]
+    assert message.locator(".body img").count() == 0 and requested == []
+    assert message.locator(".body p").first.inner_text() == (
+        "See Image: Architecture diagram and Image: https://example.com/b.png."
+    )

@@ -13,11 +13,22 @@ const escapeHtml = (text) => text.replace(/[&<>"']/g, (c) => ESCAPES[c]);
 // about HTML vanished ("center a <div>" lost the word) and a <title> or <head> took the rest of the
 // answer with it. Only the markdown's own markup is HTML, and DOMPurify still checks all of it.
 // A task list's boxes are form inputs, which the sanitizer drops (and the done and open items then looked
-// alike): each is a character instead, which copies with the text.
+// alike): each is a character instead, which copies with the text. Images are never loaded (SANITIZE), and
+// dropped whole they left no trace: each is a link named by its alt text, fetched only if followed.
 marked.use({
   renderer: {
     html: ({ text }) => escapeHtml(text),
     checkbox: ({ checked }) => (checked ? "☑ " : "☐ "),
+    image({ href, title, text, tokens, inLink }) {
+      const alt = tokens?.length ? this.parser.parseInline(tokens) : escapeHtml(text || href);
+      if (inLink) return `Image: ${alt}`; // a badge's picture: the link around it is the one to follow
+      const hover = title ? ` title="${escapeHtml(title)}"` : "";
+      return `<a href="${escapeHtml(href)}"${hover}>Image: ${alt}</a>`;
+    },
+    link({ tokens }) {
+      for (const token of tokens ?? []) if (token.type === "image") token.inLink = true;
+      return false; // marked's own link, around what the images above make of themselves
+    },
   },
 });
 
