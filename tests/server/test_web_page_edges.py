@@ -160,7 +160,7 @@ def test_a_one_token_answer_says_one_token_and_html_typed_by_the_user_stays_text
     page.press("#prompt", "Enter")
     message = answer(page, 0)
     assert re.fullmatch(
-        r"Cut off at the max_tokens limit\. 1 token · prompt \d+ tokens",
+        r"Cut off at the max tokens set in Settings\. 1 token · prompt \d+ tokens",
         message.locator(".meta").text_content(),
     )
     assert bodies[0]["messages"] == [{"role": "user", "content": typed}]
@@ -219,3 +219,26 @@ def test_the_page_goes_on_when_its_server_restarts(chat_llm, open_page):
     sent = bodies[-1]["messages"]
     assert [(m["role"], m["content"]) for m in sent[::2]] == [("user", "One"), ("user", "Two")]
     assert sent[1]["role"] == "assistant" and sent[1]["content"].split() == said.split()
+
+
+def test_an_answer_cut_off_at_the_servers_default_length_says_where_to_ask_for_more(server, open_page):
+    """With Max tokens blank the server cuts an answer at its default length (the model's
+    generation_config, 64 tokens for the test model; 256 where it names none, a Qwen3's thinking alone),
+    and the page said "Cut off at the max_tokens limit." about a limit the user never set or saw."""
+    page = open_page(server.url)
+    page.route(
+        CHAT_URL,
+        lambda route: route.continue_(
+            post_data=json.dumps({**route.request.post_data_json, "ignore_eos": True})
+        ),
+    )
+    bodies = chat_bodies(page)
+    page.fill("#prompt", "Write an essay.")
+    page.keyboard.press("Enter")
+    message = answer(page, 0)
+    assert "max_tokens" not in bodies[0]
+    assert re.fullmatch(
+        r"Cut off at the server's default length: Max tokens in Settings allows longer answers\. "
+        r"64 tokens · [\d.]+ tokens/s · prompt \d+ tokens",
+        message.locator(".meta").text_content(),
+    )
