@@ -185,6 +185,30 @@ def test_a_message_refused_for_its_api_key_says_where_the_key_goes(make_server, 
     assert page.locator(".message").count() == 0 and page.input_value("#prompt") == "Hi"
 
 
+def test_an_api_key_with_a_character_no_header_carries_says_so(make_server, open_page):
+    """A key pasted with a character past Latin-1 (a zero-width space from a document, a curly quote): the
+    browser refuses to send such a header, and the page said "could not reach the server: Failed to
+    execute 'fetch' on 'Window'..." about a server that was there. It names the character and the field;
+    the key retyped, the models list and the message go through."""
+    page = open_page(make_server(api_key="web3-key").url)
+    open_settings(page)
+    page.fill("#api-key", "web3-key\u200b")
+    page.press("#api-key", "Tab")
+    said = "the API key in Settings holds U+200B, which an HTTP header cannot carry: retype the key"
+    expect(page.locator("#error")).to_have_text(f"Could not list models: {said}")
+    page.fill("#prompt", "Hi")
+    page.press("#prompt", "Enter")
+    expect(page.locator("#error")).to_have_text(said)
+    assert page.locator(".message").count() == 0 and page.input_value("#prompt") == "Hi"
+    page.fill("#api-key", "web3-key")
+    page.press("#api-key", "Tab")
+    expect(page.locator("#model")).to_have_text("tiny")
+    page.fill("#max_tokens", "2")
+    page.press("#prompt", "Enter")
+    answer(page, 0)
+    assert page.is_hidden("#error")
+
+
 def test_the_page_goes_on_when_its_server_restarts(chat_llm, open_page):
     """The server stopped and started again on its port while the page stayed open: a message sent while
     it is down fails with one line and is back in the box; the next one, once it is up, is answered with

@@ -14,6 +14,13 @@ export class ApiError extends Error {
 
 function headers(apiKey) {
   const h = { "Content-Type": "application/json" };
+  // fetch() refuses a header past Latin-1 with a TypeError, which read as "could not reach the server"
+  const unsendable = /[^\u0000-\u00ff]/u.exec(apiKey ?? "");
+  if (unsendable) {
+    const code = unsendable[0].codePointAt(0).toString(16).toUpperCase().padStart(4, "0");
+    const why = "which an HTTP header cannot carry: retype the key";
+    throw new ApiError(`the API key in Settings holds U+${code}, ${why}`);
+  }
   if (apiKey) h.Authorization = `Bearer ${apiKey}`;
   return h;
 }
