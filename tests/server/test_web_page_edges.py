@@ -209,6 +209,33 @@ def test_an_api_key_with_a_character_no_header_carries_says_so(make_server, open
     assert page.is_hidden("#error")
 
 
+# Every request answered as over HTTP/2 through a proxy whose upstream is down: no reason phrase (HTTP/2 has
+# none, so statusText is empty) and an HTML page for a body.
+PROXY_DOWN = """(status) => {
+  window.fetch = async () => new Response("<html><body><h1>Bad Gateway</h1></body></html>",
+    { status, statusText: "", headers: { "content-type": "text/html" } });
+}"""
+
+
+@pytest.mark.parametrize(
+    ("status", "words"),
+    [(502, "Bad Gateway"), (503, "Service Unavailable"), (429, "Too Many Requests"), (520, "Server Error")],
+)
+def test_an_error_over_http2_through_a_proxy_is_said_in_words(server, open_page, status, words):
+    """Behind a proxy speaking HTTP/2 (an ingress with TLS), an error has no reason phrase and its body is the
+    proxy's HTML page: the page said "Could not list models: 502" and, for a message, just "502". The
+    status's own words are said."""
+    page = open_page(server.url)
+    expect(page.locator("#model")).to_have_text("tiny")
+    page.evaluate(PROXY_DOWN, status)
+    page.evaluate("window.dispatchEvent(new Event('focus'))")
+    expect(page.locator("#error")).to_have_text(f"Could not list models: {status} {words}")
+    page.fill("#prompt", "Hi")
+    page.keyboard.press("Enter")
+    expect(page.locator("#error")).to_have_text(f"{status} {words}")
+    assert page.locator(".message").count() == 0 and page.input_value("#prompt") == "Hi"
+
+
 def test_the_page_goes_on_when_its_server_restarts(chat_llm, open_page):
     """The server stopped and started again on its port while the page stayed open: a message sent while
     it is down fails with one line and is back in the box; the next one, once it is up, is answered with

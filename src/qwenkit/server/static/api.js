@@ -25,9 +25,27 @@ function headers(apiKey) {
   return h;
 }
 
+// HTTP/2 has no reason phrase (statusText is empty): behind a proxy that speaks it, a bare "502" was all
+// the page said of an error whose body is the proxy's HTML page.
+const REASONS = {
+  400: "Bad Request",
+  401: "Unauthorized",
+  403: "Forbidden",
+  404: "Not Found",
+  408: "Request Timeout",
+  413: "Content Too Large",
+  429: "Too Many Requests",
+  500: "Internal Server Error",
+  502: "Bad Gateway",
+  503: "Service Unavailable",
+  504: "Gateway Timeout",
+};
+
 /** Turn a non-2xx response into an ApiError carrying `{"error": {"message": ...}}` from the body. */
 async function failure(response) {
-  let message = `${response.status} ${response.statusText}`.trim();
+  const { status } = response;
+  const reason = response.statusText || REASONS[status] || (status >= 500 ? "Server Error" : "Error");
+  let message = `${status} ${reason}`;
   let body = null;
   try {
     body = await response.json();
