@@ -11,6 +11,7 @@ import struct
 import threading
 import time
 
+import httpx
 import pytest
 from playwright.sync_api import expect
 from test_web_page import CHAT_URL, _sse, answer, chat_bodies, open_settings, trickle_downloads
@@ -293,3 +294,16 @@ def test_an_answer_cut_off_at_the_servers_default_length_says_where_to_ask_for_m
         r"64 tokens · [\d.]+ tokens/s · prompt \d+ tokens",
         message.locator(".meta").text_content(),
     )
+
+
+@pytest.mark.parametrize("path", ["/", "/static/app.js", "/static/render.js", "/static/vendor/marked.esm.js"])
+def test_the_page_and_its_scripts_are_checked_with_the_server_before_a_cached_copy_is_used(server, path):
+    """They went out with no Cache-Control, so a browser kept using its copy for as long as its own guess
+    (a tenth of the file's age): after an upgrade it ran the old page, or the new app.js beside an old
+    render.js it still held, for hours or days. Each is checked with the server every time: its ETag
+    comes back, and an unchanged file is a 304 without a body."""
+    first = httpx.get(server.url + path, timeout=10)
+    assert first.status_code == 200 and first.headers["cache-control"] == "no-cache"
+    again = httpx.get(server.url + path, headers={"If-None-Match": first.headers["etag"]}, timeout=10)
+    assert again.status_code == 304 and again.content == b""
+    assert again.headers["cache-control"] == "no-cache"
