@@ -118,3 +118,24 @@ def test_an_image_the_model_writes_is_a_link_that_names_it_and_loads_nothing(ser
     assert message.locator(".body p").first.inner_text() == (
         "See Image: Architecture diagram and Image: https://example.com/b.png."
     )
+
+
+def test_the_enter_that_picks_an_ime_candidate_does_not_send(server, open_page):
+    """Typing Chinese or Japanese, Enter picks the candidate the input method offers. Chromium marks that
+    key isComposing; Safari sends it after the composition has ended, as keyCode 229, and the page sent
+    the half-typed message. Here the two keys as each browser sends them, then a real Enter."""
+    page = open_page(server.url)
+    body = _sse(["好"])
+    page.route(CHAT_URL, lambda route: route.fulfill(status=200, content_type="text/event-stream", body=body))
+    page.fill("#prompt", "你好")
+    for init in ({"isComposing": True}, {"keyCode": 229}):
+        sent = page.evaluate(
+            """(init) => document.getElementById('prompt').dispatchEvent(new KeyboardEvent('keydown',
+                 { key: 'Enter', bubbles: true, cancelable: true, ...init }))""",
+            init,
+        )
+        assert sent  # the key went on as typing: not cancelled as a send
+        assert page.locator(".message").count() == 0 and page.input_value("#prompt") == "你好"
+    page.keyboard.press("Enter")
+    answer(page, 0)
+    assert page.locator(".message.user .body").text_content() == "你好"

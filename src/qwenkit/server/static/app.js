@@ -416,8 +416,10 @@ $("composer").addEventListener("submit", (event) => {
 });
 
 prompt.addEventListener("keydown", (event) => {
-  // Enter sends, Shift+Enter is a new line; never send in the middle of an IME composition.
-  if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+  // Enter sends, Shift+Enter is a new line; never send in the middle of an IME composition. Safari sends
+  // the Enter that picks a candidate after the composition ended, marked only by keyCode 229.
+  const composing = event.isComposing || event.keyCode === 229;
+  if (event.key === "Enter" && !event.shiftKey && !composing) {
     event.preventDefault();
     $("composer").requestSubmit();
   }
