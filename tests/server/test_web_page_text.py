@@ -139,3 +139,32 @@ def test_the_enter_that_picks_an_ime_candidate_does_not_send(server, open_page):
     page.keyboard.press("Enter")
     answer(page, 0)
     assert page.locator(".message.user .body").text_content() == "你好"
+
+
+MATH = (
+    "The roots are \\( x = \\frac{-b \\pm \\sqrt{b^2-4ac}}{2a} \\), so\n"
+    "\\[\n\\begin{aligned} a*b*c &= \\{1, 2\\} \\\\ d_1 + e_1 &= 3 \\end{aligned}\n\\]\n"
+    "and $a*b*c$ with $$\\sum_{i=1}^n i = \\frac{n(n+1)}{2}$$ and \\boxed{42}. It costs $5 and $10, *really*."
+)
+
+
+def test_latex_in_an_answer_is_shown_as_written(server, open_page):
+    """Qwen models write math in LaTeX, and the page has no math renderer: markdown ate it instead of
+    showing it as written, "\\(" became "(", "\\{1, 2\\}" "{1, 2}", "\\\\" "\\", and "a*b*c" an italic b,
+    so the formula read and copied wrong. Each math span is kept as its source; dollar amounts stay text."""
+    page = open_page(server.url)
+    body = _sse([MATH[:40], MATH[40:90], MATH[90:]])
+    page.route(CHAT_URL, lambda route: route.fulfill(status=200, content_type="text/event-stream", body=body))
+    page.fill("#prompt", "Solve it")
+    page.keyboard.press("Enter")
+    message = answer(page, 0)
+    spans = message.locator(".body .math").evaluate_all("spans => spans.map(s => s.textContent)")
+    assert spans == [
+        "\\( x = \\frac{-b \\pm \\sqrt{b^2-4ac}}{2a} \\)",
+        "\\[\n\\begin{aligned} a*b*c &= \\{1, 2\\} \\\\ d_1 + e_1 &= 3 \\end{aligned}\n\\]",
+        "$a*b*c$",
+        "$$\\sum_{i=1}^n i = \\frac{n(n+1)}{2}$$",
+    ]
+    assert message.locator(".body em").all_text_contents() == ["really"]
+    shown = message.locator(".body").text_content().strip()
+    assert shown.endswith(" and \\boxed{42}. It costs $5 and $10, really.")

@@ -32,6 +32,23 @@ marked.use({
   },
 });
 
+// LaTeX, which models write for math, is shown as written: there is no math renderer, and markdown took
+// "\(" for an escaped "(", "\{" for "{", and the stars of "a*b*c" for emphasis. A span is $$...$$, \[...\],
+// \(...\), or $...$ as pandoc reads it (no space inside either dollar, no digit after the closing one, so
+// "$5 and $10" stay text).
+const MATH = /^(?:\$\$[\s\S]+?\$\$|\\\[[\s\S]+?\\\]|\\\([\s\S]+?\\\)|\$(?=\S)[^$\n]*?[^\s\\]\$(?!\d))/;
+marked.use({
+  extensions: [
+    {
+      name: "math",
+      level: "inline",
+      start: (src) => src.match(/\$|\\[[(]/)?.index,
+      tokenizer: (src) => (MATH.test(src) ? { type: "math", raw: MATH.exec(src)[0] } : undefined),
+      renderer: ({ raw }) => `<code class="math">${escapeHtml(raw)}</code>`,
+    },
+  ],
+});
+
 // No remote images, forms or embedded documents from a model: an image URL can carry the conversation away.
 const SANITIZE = {
   USE_PROFILES: { html: true },
