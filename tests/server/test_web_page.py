@@ -386,7 +386,7 @@ def test_an_answer_cut_off_while_thinking_no_longer_says_thinking(server, open_p
     message = answer(page, 0)
     assert message.locator("details.thinking summary").text_content() == "Thought"
     assert message.locator("details.thinking .markdown").text_content().strip() == "The user wants"
-    assert message.locator(".meta").text_content().startswith("Cut off at the max_tokens limit.")
+    assert message.locator(".meta").text_content().startswith("Cut off at the server's default length: ")
 
 
 def test_the_keyboard_stays_in_the_composer_when_the_focused_stop_button_hides(server, open_page):

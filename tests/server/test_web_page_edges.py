@@ -11,6 +11,7 @@ import struct
 import threading
 import time
 
+import httpx
 import pytest
 from playwright.sync_api import expect
 from test_web_page import CHAT_URL, _sse, answer, chat_bodies, open_settings, trickle_downloads
@@ -160,7 +161,7 @@ def test_a_one_token_answer_says_one_token_and_html_typed_by_the_user_stays_text
     page.press("#prompt", "Enter")
     message = answer(page, 0)
     assert re.fullmatch(
-        r"Cut off at the max_tokens limit\. 1 token · prompt \d+ tokens",
+        r"Cut off at the max tokens set in Settings\. 1 token · prompt \d+ tokens",
         message.locator(".meta").text_content(),
     )
     assert bodies[0]["messages"] == [{"role": "user", "content": typed}]
@@ -182,6 +183,57 @@ def test_a_message_refused_for_its_api_key_says_where_the_key_goes(make_server, 
         "401 Unauthorized: a valid API key is required: Authorization: Bearer KEY"
         " (set the API key in Settings)"
     )
+    assert page.locator(".message").count() == 0 and page.input_value("#prompt") == "Hi"
+
+
+def test_an_api_key_with_a_character_no_header_carries_says_so(make_server, open_page):
+    """A key pasted with a character past Latin-1 (a zero-width space from a document, a curly quote): the
+    browser refuses to send such a header, and the page said "could not reach the server: Failed to
+    execute 'fetch' on 'Window'..." about a server that was there. It names the character and the field;
+    the key retyped, the models list and the message go through."""
+    page = open_page(make_server(api_key="web3-key").url)
+    open_settings(page)
+    page.fill("#api-key", "web3-key\u200b")
+    page.press("#api-key", "Tab")
+    said = "the API key in Settings holds U+200B, which an HTTP header cannot carry: retype the key"
+    expect(page.locator("#error")).to_have_text(f"Could not list models: {said}")
+    page.fill("#prompt", "Hi")
+    page.press("#prompt", "Enter")
+    expect(page.locator("#error")).to_have_text(said)
+    assert page.locator(".message").count() == 0 and page.input_value("#prompt") == "Hi"
+    page.fill("#api-key", "web3-key")
+    page.press("#api-key", "Tab")
+    expect(page.locator("#model")).to_have_text("tiny")
+    page.fill("#max_tokens", "2")
+    page.press("#prompt", "Enter")
+    answer(page, 0)
+    assert page.is_hidden("#error")
+
+
+# Every request answered as over HTTP/2 through a proxy whose upstream is down: no reason phrase (HTTP/2 has
+# none, so statusText is empty) and an HTML page for a body.
+PROXY_DOWN = """(status) => {
+  window.fetch = async () => new Response("<html><body><h1>Bad Gateway</h1></body></html>",
+    { status, statusText: "", headers: { "content-type": "text/html" } });
+}"""
+
+
+@pytest.mark.parametrize(
+    ("status", "words"),
+    [(502, "Bad Gateway"), (503, "Service Unavailable"), (429, "Too Many Requests"), (520, "Server Error")],
+)
+def test_an_error_over_http2_through_a_proxy_is_said_in_words(server, open_page, status, words):
+    """Behind a proxy speaking HTTP/2 (an ingress with TLS), an error has no reason phrase and its body is the
+    proxy's HTML page: the page said "Could not list models: 502" and, for a message, just "502". The
+    status's own words are said."""
+    page = open_page(server.url)
+    expect(page.locator("#model")).to_have_text("tiny")
+    page.evaluate(PROXY_DOWN, status)
+    page.evaluate("window.dispatchEvent(new Event('focus'))")
+    expect(page.locator("#error")).to_have_text(f"Could not list models: {status} {words}")
+    page.fill("#prompt", "Hi")
+    page.keyboard.press("Enter")
+    expect(page.locator("#error")).to_have_text(f"{status} {words}")
     assert page.locator(".message").count() == 0 and page.input_value("#prompt") == "Hi"
 
 
@@ -219,3 +271,39 @@ def test_the_page_goes_on_when_its_server_restarts(chat_llm, open_page):
     sent = bodies[-1]["messages"]
     assert [(m["role"], m["content"]) for m in sent[::2]] == [("user", "One"), ("user", "Two")]
     assert sent[1]["role"] == "assistant" and sent[1]["content"].split() == said.split()
+
+
+def test_an_answer_cut_off_at_the_servers_default_length_says_where_to_ask_for_more(server, open_page):
+    """With Max tokens blank the server cuts an answer at its default length (the model's
+    generation_config, 64 tokens for the test model; 256 where it names none, a Qwen3's thinking alone),
+    and the page said "Cut off at the max_tokens limit." about a limit the user never set or saw."""
+    page = open_page(server.url)
+    page.route(
+        CHAT_URL,
+        lambda route: route.continue_(
+            post_data=json.dumps({**route.request.post_data_json, "ignore_eos": True})
+        ),
+    )
+    bodies = chat_bodies(page)
+    page.fill("#prompt", "Write an essay.")
+    page.keyboard.press("Enter")
+    message = answer(page, 0)
+    assert "max_tokens" not in bodies[0]
+    assert re.fullmatch(
+        r"Cut off at the server's default length: Max tokens in Settings allows longer answers\. "
+        r"64 tokens · [\d.]+ tokens/s · prompt \d+ tokens",
+        message.locator(".meta").text_content(),
+    )
+
+
+@pytest.mark.parametrize("path", ["/", "/static/app.js", "/static/render.js", "/static/vendor/marked.esm.js"])
+def test_the_page_and_its_scripts_are_checked_with_the_server_before_a_cached_copy_is_used(server, path):
+    """They went out with no Cache-Control, so a browser kept using its copy for as long as its own guess
+    (a tenth of the file's age): after an upgrade it ran the old page, or the new app.js beside an old
+    render.js it still held, for hours or days. Each is checked with the server every time: its ETag
+    comes back, and an unchanged file is a 304 without a body."""
+    first = httpx.get(server.url + path, timeout=10)
+    assert first.status_code == 200 and first.headers["cache-control"] == "no-cache"
+    again = httpx.get(server.url + path, headers={"If-None-Match": first.headers["etag"]}, timeout=10)
+    assert again.status_code == 304 and again.content == b""
+    assert again.headers["cache-control"] == "no-cache"

@@ -72,7 +72,9 @@ RICH = (
     "Para continues\n#not a heading\n\n- one\n- two\n  still two\n\n  loose two\n- three\n\n"
     "```python\ndef f(x):\n    return x * 2  # ✓\n\n\nprint(f(3))\n```\n\n"
     "| a | b |\n|---|---|\n| 1 | 2 |\n\n> quoted\nlazy line\n\nHeading after text\n---\n\n"
-    "    indented code\n\nSee [the docs][d] and [x].\n\n[d]: https://example.com/d\n\n"
+    "    indented code\n\nMath \\( a*b \\) and $x_1*y$ for $5, then\n\\[\n\\{1\\} \\\\ 2\n\\]\n\n"
+    "- [x] done\n- [ ] ![alt](https://example.com/i.png)\n\n"
+    "See [the docs][d] and [x].\n\n[d]: https://example.com/d\n\n"
     "Last line with `code` and a [link](https://example.com/x)."
 )
 
@@ -127,7 +129,10 @@ def test_a_streamed_answer_shows_at_every_step_what_rendering_its_text_whole_sho
     assert body.locator("pre button.copy").count() == 2
     assert body.locator("h2").all_text_contents() == ["Heading after text"]
     assert "日本語のテキスト" in body.text_content()
+    assert body.locator(".math").all_text_contents() == ["\\( a*b \\)", "$x_1*y$", "\\[\n\\{1\\} \\\\ 2\n\\]"]
+    assert body.locator("li").all_text_contents()[-2:] == ["☑ done", "☐ Image: alt"]
     assert body.locator("a").evaluate_all("links => links.map(a => a.href)") == [
+        "https://example.com/i.png",  # an image: a link to it
         "https://example.com/d",  # a reference defined after its use
         "https://example.com/x",
     ]

@@ -14,7 +14,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 from starlette._utils import get_route_path
@@ -50,6 +50,19 @@ STATIC_DIR = Path(__file__).parent / "static"
 # (Windows' registry) say text/plain for .js.
 mimetypes.add_type("text/javascript", ".js")
 mimetypes.add_type("text/javascript", ".mjs")
+
+
+class PageFiles(StaticFiles):
+    """The chat page's files, each to be checked with the server before a cached copy is used (an ETag
+    makes that a bodiless 304): with no Cache-Control a browser kept its copies as long as it guessed
+    (a tenth of their age), and after an upgrade ran the old page, or new modules beside old ones."""
+
+    def file_response(self, *args, **kwargs) -> Response:
+        response = super().file_response(*args, **kwargs)
+        response.headers["Cache-Control"] = "no-cache"
+        return response
+
+
 _PROTECTED = ("/v1/", "/v2/", "/rerank", "/tokenize", "/detokenize", "/tokenizer_info")
 _HEAD_PATHS = ("/", "/health", "/metrics", "/v1/models")
 # /health answers 503 once this many engine steps in a row have failed (a device fault, a lost rank), so
@@ -307,12 +320,14 @@ def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
         }
 
     if (STATIC_DIR / "index.html").is_file():
+        files = PageFiles(directory=STATIC_DIR)
 
         @app.get("/", include_in_schema=False)
-        async def index() -> FileResponse:
-            return FileResponse(STATIC_DIR / "index.html")
+        async def index(request: Request) -> Response:
+            page = STATIC_DIR / "index.html"
+            return files.file_response(page, page.stat(), request.scope)
 
-        app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+        app.mount("/static", files, name="static")
 
     # HEAD as GET where probes and load balancers look (FastAPI, unlike Starlette, adds none); kept out
     # of the OpenAPI schema, where it would repeat the GET's operation id

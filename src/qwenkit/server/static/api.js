@@ -14,13 +14,38 @@ export class ApiError extends Error {
 
 function headers(apiKey) {
   const h = { "Content-Type": "application/json" };
+  // fetch() refuses a header past Latin-1 with a TypeError, which read as "could not reach the server"
+  const unsendable = /[^\u0000-\u00ff]/u.exec(apiKey ?? "");
+  if (unsendable) {
+    const code = unsendable[0].codePointAt(0).toString(16).toUpperCase().padStart(4, "0");
+    const why = "which an HTTP header cannot carry: retype the key";
+    throw new ApiError(`the API key in Settings holds U+${code}, ${why}`);
+  }
   if (apiKey) h.Authorization = `Bearer ${apiKey}`;
   return h;
 }
 
+// HTTP/2 has no reason phrase (statusText is empty): behind a proxy that speaks it, a bare "502" was all
+// the page said of an error whose body is the proxy's HTML page.
+const REASONS = {
+  400: "Bad Request",
+  401: "Unauthorized",
+  403: "Forbidden",
+  404: "Not Found",
+  408: "Request Timeout",
+  413: "Content Too Large",
+  429: "Too Many Requests",
+  500: "Internal Server Error",
+  502: "Bad Gateway",
+  503: "Service Unavailable",
+  504: "Gateway Timeout",
+};
+
 /** Turn a non-2xx response into an ApiError carrying `{"error": {"message": ...}}` from the body. */
 async function failure(response) {
-  let message = `${response.status} ${response.statusText}`.trim();
+  const { status } = response;
+  const reason = response.statusText || REASONS[status] || (status >= 500 ? "Server Error" : "Error");
+  let message = `${status} ${reason}`;
   let body = null;
   try {
     body = await response.json();

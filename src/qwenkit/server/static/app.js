@@ -243,6 +243,12 @@ function usageNote(usage, seconds) {
   return `${tokens(usage.completion_tokens)}${rate} · prompt ${tokens(usage.prompt_tokens)}${prefix}`;
 }
 
+/** Why an answer stopped at its length: "the max_tokens limit" was no help where Max tokens was blank. */
+function cutOff(asked) {
+  if (asked) return "Cut off at the max tokens set in Settings.";
+  return "Cut off at the server's default length: Max tokens in Settings allows longer answers.";
+}
+
 // ---- one turn ------------------------------------------------------------------------------------
 
 function setRunning(controller) {
@@ -334,7 +340,7 @@ async function send(text) {
   let note = usageNote(usage, seconds);
   if (outcome === "stopped") note = "Stopped.";
   else if (outcome === "error") note = `Failed: ${failure}`;
-  else if (finishReason === "length") note = `Cut off at the max_tokens limit. ${note}`;
+  else if (finishReason === "length") note = `${cutOff(sampling.max_tokens !== undefined)} ${note}`;
   view.finish(outcome, note, content, reasoning);
   if (failure) showError(failure);
 }
@@ -410,8 +416,10 @@ $("composer").addEventListener("submit", (event) => {
 });
 
 prompt.addEventListener("keydown", (event) => {
-  // Enter sends, Shift+Enter is a new line; never send in the middle of an IME composition.
-  if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+  // Enter sends, Shift+Enter is a new line; never send in the middle of an IME composition. Safari sends
+  // the Enter that picks a candidate after the composition ended, marked only by keyCode 229.
+  const composing = event.isComposing || event.keyCode === 229;
+  if (event.key === "Enter" && !event.shiftKey && !composing) {
     event.preventDefault();
     $("composer").requestSubmit();
   }

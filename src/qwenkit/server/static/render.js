@@ -12,7 +12,42 @@ const escapeHtml = (text) => text.replace(/[&<>"']/g, (c) => ESCAPES[c]);
 // HTML the model writes is shown as the text it is, as chat pages do: rendered, the tags in an answer
 // about HTML vanished ("center a <div>" lost the word) and a <title> or <head> took the rest of the
 // answer with it. Only the markdown's own markup is HTML, and DOMPurify still checks all of it.
-marked.use({ renderer: { html: ({ text }) => escapeHtml(text) } });
+// A task list's boxes are form inputs, which the sanitizer drops (and the done and open items then looked
+// alike): each is a character instead, which copies with the text. Images are never loaded (SANITIZE), and
+// dropped whole they left no trace: each is a link named by its alt text, fetched only if followed.
+marked.use({
+  renderer: {
+    html: ({ text }) => escapeHtml(text),
+    checkbox: ({ checked }) => (checked ? "☑ " : "☐ "),
+    image({ href, title, text, tokens, inLink }) {
+      const alt = tokens?.length ? this.parser.parseInline(tokens) : escapeHtml(text || href);
+      if (inLink) return `Image: ${alt}`; // a badge's picture: the link around it is the one to follow
+      const hover = title ? ` title="${escapeHtml(title)}"` : "";
+      return `<a href="${escapeHtml(href)}"${hover}>Image: ${alt}</a>`;
+    },
+    link({ tokens }) {
+      for (const token of tokens ?? []) if (token.type === "image") token.inLink = true;
+      return false; // marked's own link, around what the images above make of themselves
+    },
+  },
+});
+
+// LaTeX, which models write for math, is shown as written: there is no math renderer, and markdown took
+// "\(" for an escaped "(", "\{" for "{", and the stars of "a*b*c" for emphasis. A span is $$...$$, \[...\],
+// \(...\), or $...$ as pandoc reads it (no space inside either dollar, no digit after the closing one, so
+// "$5 and $10" stay text).
+const MATH = /^(?:\$\$[\s\S]+?\$\$|\\\[[\s\S]+?\\\]|\\\([\s\S]+?\\\)|\$(?=\S)[^$\n]*?[^\s\\]\$(?!\d))/;
+marked.use({
+  extensions: [
+    {
+      name: "math",
+      level: "inline",
+      start: (src) => src.match(/\$|\\[[(]/)?.index,
+      tokenizer: (src) => (MATH.test(src) ? { type: "math", raw: MATH.exec(src)[0] } : undefined),
+      renderer: ({ raw }) => `<code class="math">${escapeHtml(raw)}</code>`,
+    },
+  ],
+});
 
 // No remote images, forms or embedded documents from a model: an image URL can carry the conversation away.
 const SANITIZE = {
