@@ -174,7 +174,7 @@ def test_a_huge_text_to_embed_is_refused_before_any_input_is_tokenized(tight, mo
         "message": f"input[1]: {message}",
         "type": "invalid_request_error",
         "param": "input",
-        "code": "invalid_value",
+        "code": "context_length_exceeded",
     }
     with pytest.raises(SamplingParamsError) as e:
         llm.embed(huge)

@@ -252,29 +252,33 @@ def test_an_adapter_loaded_at_run_time_answers_as_one_given_at_start(tmp_path):
     assert served == direct
 
 
-def test_sigterm_while_a_long_prompt_is_read_drains_with_the_listener_open():
-    """A request still being tokenized is not yet counted as running; SIGTERM then closed the listener at
-    once, so probes and new clients saw "connection refused" instead of the drain's 503s."""
-    import threading
-
+def test_sigterm_while_a_request_is_read_drains_with_the_listener_open():
+    """A request still being read (its body arriving; a long prompt being tokenized alike) is not yet
+    counted as running; SIGTERM then closed the listener at once, so probes and new clients saw
+    "connection refused" instead of the drain's 503s. (A long prompt no longer serves here: the bundled
+    model's is refused from its length before any is tokenized.)"""
     proc, url = start_server({"QWENKIT_GRACEFUL_TIMEOUT": "300"})
-    prompt = "The quick brown fox jumps over the lazy dog, again and again. " * 100_000  # 6 MB
-    answer: list[httpx.Response] = []
-    sender = threading.Thread(
-        target=lambda: answer.append(
-            httpx.post(url + "/v1/completions", json={"prompt": prompt, "max_tokens": 1}, timeout=120)
-        )
+    body = json.dumps({"prompt": "Hello", "max_tokens": 1}).encode()
+    head = (
+        "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     )
     try:
-        sender.start()
-        time.sleep(0.5)  # the body is sent and being read; its tokens take seconds to count
-        proc.send_signal(signal.SIGTERM)
-        assert draining_answers(url, {}) == [
-            (503, {"status": "draining"}),
-            (503, {"message": "the server is shutting down", "code": "shutting_down"}),
-        ]
-        sender.join(timeout=120)
-        assert answer[0].status_code == 400 and "prompt" in answer[0].json()["error"]["message"]
+        with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=60) as sock:
+            sock.sendall(head.encode() + body[:5])  # the rest is still on its way
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGTERM)
+            assert draining_answers(url, {}) == [
+                (503, {"status": "draining"}),
+                (503, {"message": "the server is shutting down", "code": "shutting_down"}),
+            ]
+            sock.sendall(body[5:])
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        status, _, rest = answer.partition(b"\r\n")
+        assert status == b"HTTP/1.1 200 OK", answer
+        assert json.loads(rest.partition(b"\r\n\r\n")[2])["usage"]["completion_tokens"] == 1
         assert proc.wait(timeout=60) == 0
     finally:
         if proc.poll() is None:
