@@ -260,6 +260,16 @@ class LLM:
             defaults = sampling_with_config(self.tokenizer.generation_defaults)
         return SamplingParams(**{**defaults, **{k: v for k, v in overrides.items() if v is not None}})
 
+    @property
+    def named_max_tokens(self) -> int | None:
+        """The answer length the model's files name (generation_config.json's ``max_new_tokens``, Qwen
+        v1's 512), if they name one: where a server request asks none, vLLM caps it there, else at the
+        context window."""
+        if not self.tokenizer.has_generation_config:
+            return None
+        value = self.tokenizer.generation_defaults.get("max_new_tokens")
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
     def params_or_default(self, params: SamplingParams | None) -> SamplingParams:
         """``params``, or ``default_params()`` for None. Anything else is refused by name: ``params or
         default`` ran a falsy 0 or {} silently on the defaults, and a dict failed later on an attribute."""

@@ -14,7 +14,11 @@ from qwenkit.server.schemas import ChatCompletionRequest, SamplingFields
 def sampling_params(
     llm: LLM, body: SamplingFields, prompt_len: int, default_max: int | None, **extra: object
 ) -> SamplingParams:
-    """The request's SamplingParams over the model's defaults, with max_tokens fitted to the context."""
+    """The request's SamplingParams over the model's defaults, with max_tokens fitted to the context.
+    ``default_max``: the max_tokens of a request that names none (the legacy completions route's 16, as
+    OpenAI's and vLLM's); None: the length the model's generation_config.json names, else the rest of the
+    context window, as vLLM and OpenAI's chat API (qwenkit's own 512 of `generate` cut a thinking model's
+    answers off inside its thinking)."""
     limit, asked = check_context(llm, body, prompt_len)
     room = llm.engine.max_seq_len - prompt_len
     top_k = body.top_k if body.top_k is None or body.top_k > 0 else 0
@@ -46,7 +50,7 @@ def sampling_params(
     try:
         # min_tokens is checked against the max_tokens the request gets, not the model's default length
         params = llm.default_params(**{**overrides, "min_tokens": None})
-        default = min(default_max or params.max_tokens, room)
+        default = min(default_max or llm.named_max_tokens or room, room)
         if asked is None and body.min_tokens > default:  # the engine's words would name a max_tokens
             raise APIError(400, _min_tokens_past(body.min_tokens, default, room, prompt_len), "min_tokens")
         if asked is not None and body.min_tokens > asked:  # named as sent (the engine says max_tokens)
