@@ -159,6 +159,18 @@ def test_a_port_or_host_the_server_cannot_listen_on_is_one_line(args, message):
             "error: --request-timeout must be a positive number of seconds, got nan\n",
         ),
         (["--graceful-timeout", "-5"], {}, "error: --graceful-timeout must be 0 or more seconds, got -5.0\n"),
+        (
+            ["--api-key", "clé"],
+            {},
+            "error: --api-key holds U+00E9, which an HTTP header cannot carry as it is: use printable ASCII "
+            "(openssl rand -hex 32 makes one)\n",
+        ),
+        (
+            [],
+            {"QWENKIT_API_KEY": "key\u200bwith a zero-width space"},
+            "error: --api-key holds U+200B, which an HTTP header cannot carry as it is: use printable ASCII "
+            "(openssl rand -hex 32 makes one)\n",
+        ),
         (["--max-request-size", "0"], {}, "error: --max-request-size must be at least 1 byte, got '0'\n"),
         (
             [],

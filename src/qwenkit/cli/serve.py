@@ -377,6 +377,12 @@ def _check(args: argparse.Namespace) -> str | None:
             raise ConfigError(f"cannot read --api-key-file {args.api_key_file}: {e.strerror}") from None
         if not api_key:
             raise ConfigError(f"--api-key-file {args.api_key_file} is empty")
+    if api_key is not None and (bad := next((c for c in api_key if not " " < c < "\x7f"), None)):
+        source = f"--api-key-file {args.api_key_file}" if args.api_key_file else "--api-key"
+        raise ConfigError(  # no client could send a key the server would take: it reads the header as Latin-1
+            f"{source} holds U+{ord(bad):04X}, which an HTTP header cannot carry as it is: use printable "
+            "ASCII (openssl rand -hex 32 makes one)"
+        )
     for name in ("max_batch", "max_queue", "port"):
         if getattr(args, name) < (0 if name == "max_queue" else 1):
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
