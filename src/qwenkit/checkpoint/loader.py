@@ -208,7 +208,9 @@ def load_model(
         weights = (weights or weight_bytes(config, torch_dtype, quantize)) + sum(
             8 * (p.a.numel() + p.b.numel()) for p in pairs
         )
-    check_fits(config, torch_dtype, device, context, batch, quantize, weights=weights)
+    # ranks on this machine's CPU share its RAM; each rank on a GPU has its own
+    ranks = tensor_parallel.local_world if tensor_parallel is not None and device == "cpu" else 1
+    check_fits(config, torch_dtype, device, context, batch, quantize, weights=weights, ranks=ranks)
     if config.quantization:
         from qwenkit.quant import prepare_quantized_model
 

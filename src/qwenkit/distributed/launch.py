@@ -81,9 +81,7 @@ def _rank_main(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     on_rank_lost(_leave_quietly)
     share_cores(world, device)
-    tp = init_tensor_parallel(
-        world, rank, device=device, init_method=f"tcp://127.0.0.1:{port}", timeout_s=timeout_s
-    )
+    tp = init_tensor_parallel(world, rank, device, f"tcp://127.0.0.1:{port}", timeout_s, local_world=world)
     try:
         fn(tp, *args)
     except QwenkitError as e:  # the launcher says it, once for every rank that failed alike
@@ -254,9 +252,7 @@ def lead_ranks(
         on_rank_lost(lambda: _report_lost(procs, errors, report))
     try:
         share_cores(world, device)
-        tp = init_tensor_parallel(
-            world, 0, device=device, init_method=f"tcp://127.0.0.1:{port}", timeout_s=timeout_s
-        )
+        tp = init_tensor_parallel(world, 0, device, f"tcp://127.0.0.1:{port}", timeout_s, local_world=world)
         try:
             result = lead(tp)
             finished = True
