@@ -12,7 +12,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch.distributed as dist
@@ -110,6 +110,23 @@ def share_cores(world: int, device: str) -> None:
         torch.set_num_threads(max(1, usable_cores() // world))
 
 
+@contextlib.contextmanager
+def _born_ignoring_sigint() -> Iterator[None]:
+    """Start ranks that ignore SIGINT from their first instruction: a terminal's Ctrl-C reaches the whole
+    process group, and a rank still importing torch (seconds) before ``_rank_main`` ignores it printed
+    its KeyboardInterrupt traceback into the terminal. An ignored signal stays ignored across exec, and
+    Python then installs no handler of its own. (This process misses a Ctrl-C only while it forks.)"""
+    if threading.current_thread() is not threading.main_thread():  # only there can handlers change
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        if previous is not None:  # None: a handler set outside Python, which cannot be put back
+            signal.signal(signal.SIGINT, previous)
+
+
 def _die_with_launcher() -> None:
     """Have the kernel kill this rank when the process that started it dies (Linux), however it dies:
     a launcher stopped by SIGTERM or SIGKILL must not leave a rank generating on, or one waiting
@@ -191,8 +208,9 @@ def run_ranks(
         )
         for r in range(world)
     ]
-    for p in procs:
-        p.start()
+    with _born_ignoring_sigint():
+        for p in procs:
+            p.start()
     ranks, first = dict(enumerate(procs)), None
     # SIGTERM unwinds the wait, so the ranks are stopped below and the command exits 143. Its default
     # action did that only outside a PID namespace: a container's PID 1 never gets a signal it has no
@@ -241,8 +259,9 @@ def lead_ranks(
         )
         for r in range(1, world)
     }
-    for p in procs.values():
-        p.start()
+    with _born_ignoring_sigint():
+        for p in procs.values():
+            p.start()
     finished, done = False, threading.Event()
     report = _Once(on_follower_failed)
     if on_follower_failed is not None:
