@@ -163,7 +163,8 @@ def check_fits(
 
     ``weights``: the weights' bytes when the checkpoint knows them better than the estimate (a GGUF
     file's integer codes). ``ranks``: the tensor-parallel ranks loading a shard of this size into the
-    same memory at once (this machine's RAM: every rank on it), so all of them must fit."""
+    same memory at once (on the CPU, every rank on this machine; a GPU is each rank's own), so all of
+    them must fit."""
     if weights is None:
         weights = weight_bytes(config, dtype, quantize)
     need = weights + kv_cache_bytes(config, dtype, context * batch)

@@ -278,15 +278,20 @@ def test_served_adapters_under_tensor_parallel_equal_one_process(wide_models, tm
 
 
 @pytest.mark.slow
-def test_a_lora_adapter_under_tensor_parallel_equals_one_process(wide_models, tmp_path):
+@pytest.mark.parametrize(
+    "targets",
+    [["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], ["lm_head", "v_proj"]],
+)
+def test_a_lora_adapter_under_tensor_parallel_equals_one_process(wide_models, tmp_path, targets):
     """A peft adapter on every projection: each rank takes B's rows of the layers split by outputs and
-    A's columns of those split by inputs, whose partial updates the layer's all-reduce sums."""
+    A's columns of those split by inputs, whose partial updates the layer's all-reduce sums. One on the
+    output head too, whose file holds peft's copy of the whole head (save_embedding_layers): that copy
+    was compared with a rank's half of the head and refused as "not this model's" weights."""
     import peft
     import transformers
 
     path = wide_models["qwen2"]
     base = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     tuned = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
     torch.manual_seed(5)
     with torch.no_grad():
