@@ -230,3 +230,44 @@ def test_ctrl_c_while_the_ranks_start_is_quiet(model, command):
     assert "Traceback" not in err.decode() and "KeyboardInterrupt" not in err.decode(), err.decode()
     assert proc.returncode == 130
     assert_gone(procs)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() != 0 or not shutil.which("unshare"),
+    reason="a PID namespace needs root and unshare",
+)
+def test_sigterm_to_a_tensor_parallel_server_that_is_pid_1_while_it_loads_stops_it(model):
+    """`qwenkit serve --tensor-parallel 2` as a container's PID 1 had no SIGTERM handler until uvicorn's,
+    once every rank had loaded (minutes, for a model that needs splitting): `docker stop` then was
+    ignored, and the server started serving and waited for SIGKILL. It stops now, as one process does."""
+    argv = [
+        "unshare",
+        "-fp",
+        "--mount-proc",
+        *QWENKIT,
+        "serve",
+        model,
+        "--port",
+        str(free_port()),
+        *LONG[-4:],
+    ]
+    proc = subprocess.Popen(
+        argv, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            children = psutil.Process(proc.pid).children()
+            if children and ranks(children[0]):
+                break
+            time.sleep(0.01)
+        (launcher,) = children  # PID 1 in its namespace, rank 0
+        procs = ranks(launcher)
+        launcher.terminate()
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert (proc.returncode, err.decode()) == (0, "stopped by SIGTERM before the server started\n")
+    assert_gone(procs)
