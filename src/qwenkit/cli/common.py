@@ -198,6 +198,9 @@ def warn_past_context(llm, option: str) -> None:
 def add_tensor_parallel_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tensor-parallel",
+        "--tensor-parallel-size",  # vLLM's name, and its -tp, as a vLLM command line has them
+        "-tp",
+        dest="tensor_parallel",
         type=int,
         default=1,
         metavar="N",
