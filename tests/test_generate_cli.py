@@ -77,6 +77,9 @@ def test_streams_text_then_summary(model_dir, capsys, flag):
         (["-p", "hi", "--temperature", "-1"], "temperature must be >= 0, got -1"),
         (["-p", "hi", "--top-p", "0"], "top_p must be in (0, 1]"),
         (["-p", "hi", "--max-context", "1000000000"], "not enough free RAM"),
+        # vLLM's spellings of --tensor-parallel were "unrecognized arguments"
+        (["-p", "hi", "--tensor-parallel-size", "0"], "error: --tensor-parallel must be at least 1, got 0"),
+        (["-p", "hi", "-tp", "-2"], "error: --tensor-parallel must be at least 1, got -2"),
         # streamed text showed no log-probabilities: the option was dropped without a word
         (["-p", "hi", "--logprobs", "3"], "error: --logprobs is reported in the --json output; add --json"),
         pytest.param(

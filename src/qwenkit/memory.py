@@ -157,23 +157,31 @@ def check_fits(
     quantize: str | None = None,
     free: int | None = None,
     weights: int | None = None,
+    ranks: int = 1,
 ) -> int:
     """Raise OutOfMemoryError unless weights + KV cache for ``batch`` x ``context`` tokens fit.
 
     ``weights``: the weights' bytes when the checkpoint knows them better than the estimate (a GGUF
-    file's integer codes)."""
+    file's integer codes). ``ranks``: the tensor-parallel ranks loading a shard of this size into the
+    same memory at once (on the CPU, every rank on this machine; a GPU is each rank's own), so all of
+    them must fit."""
     if weights is None:
         weights = weight_bytes(config, dtype, quantize)
     need = weights + kv_cache_bytes(config, dtype, context * batch)
     have = free_bytes(device) if free is None else free
-    if need > have:
+    if need * ranks > have:
         where = "GPU memory" if device.startswith("cuda") else "RAM"
+        what = f"the weights ({dtype_name(dtype)}{', ' + quantize if quantize else ''}) and a KV cache of "
+        if ranks > 1:
+            what = f"{ranks} tensor-parallel ranks on this machine, each with its share of {what}"
+        split = ", or split it over GPUs (--tensor-parallel N)" if device.startswith("cuda") else ""
+        if ranks > 1:
+            split = "; ranks on one machine's CPU split the work, not the memory they need together"
         raise OutOfMemoryError(
-            f"not enough free {where}: the weights ({dtype_name(dtype)}"
-            f"{', ' + quantize if quantize else ''}) and a KV cache of {batch * context:,} tokens need "
-            f"{need / GiB:.2f} GiB, but only {have / GiB:.2f} GiB is free; try a shorter context "
-            f"(--max-context; serve: --max-model-len), fewer rows (serve: --max-batch; eval: --batch-size), "
-            f"a lower precision, or --quantize int8/int4"
+            f"not enough free {where}: {what}{batch * context:,} tokens need {need * ranks / GiB:.2f} GiB, "
+            f"but only {have / GiB:.2f} GiB is free; try a shorter context (--max-context; serve: "
+            f"--max-model-len), fewer rows (serve: --max-batch; eval: --batch-size), a lower precision, "
+            f"or --quantize int8/int4{split}"
         )
     return need
 

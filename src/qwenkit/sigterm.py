@@ -33,12 +33,17 @@ def terminate_unwinds() -> Iterator[None]:
     if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
         yield
         return
-
-    def stop(_signum: int, _frame: object) -> None:
-        raise Terminated
-
-    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGTERM, _stop)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def unwinding() -> bool:
+    """Whether SIGTERM now raises ``Terminated`` (``terminate_unwinds`` holds, no other handler over it)."""
+    return signal.getsignal(signal.SIGTERM) is _stop
+
+
+def _stop(_signum: int, _frame: object) -> None:
+    raise Terminated

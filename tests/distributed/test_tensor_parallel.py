@@ -23,6 +23,7 @@ from tp_worker import (
     greedy,
     interrupt_self,
     load_expecting_error,
+    load_with_free_ram,
     raise_on_ranks,
     run_models,
     run_quantized,
@@ -37,8 +38,8 @@ from qwenkit.cli import main as qwenkit
 from qwenkit.config import ModelConfig
 from qwenkit.distributed import TensorParallel, check_shardable, local_config
 from qwenkit.distributed.launch import RankFailedError, run_ranks
-from qwenkit.errors import ConfigError
-from qwenkit.memory import format_bytes, weight_bytes
+from qwenkit.errors import ConfigError, OutOfMemoryError
+from qwenkit.memory import check_fits, format_bytes, weight_bytes
 
 
 @pytest.fixture(scope="module")
@@ -277,15 +278,20 @@ def test_served_adapters_under_tensor_parallel_equal_one_process(wide_models, tm
 
 
 @pytest.mark.slow
-def test_a_lora_adapter_under_tensor_parallel_equals_one_process(wide_models, tmp_path):
+@pytest.mark.parametrize(
+    "targets",
+    [["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], ["lm_head", "v_proj"]],
+)
+def test_a_lora_adapter_under_tensor_parallel_equals_one_process(wide_models, tmp_path, targets):
     """A peft adapter on every projection: each rank takes B's rows of the layers split by outputs and
-    A's columns of those split by inputs, whose partial updates the layer's all-reduce sums."""
+    A's columns of those split by inputs, whose partial updates the layer's all-reduce sums. One on the
+    output head too, whose file holds peft's copy of the whole head (save_embedding_layers): that copy
+    was compared with a rank's half of the head and refused as "not this model's" weights."""
     import peft
     import transformers
 
     path = wide_models["qwen2"]
     base = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     tuned = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
     torch.manual_seed(5)
     with torch.no_grad():
@@ -411,6 +417,39 @@ def test_mismatched_checkpoints_across_ranks_fail_on_every_rank(models, tmp_path
     for rank in (0, 1):
         message = (tmp_path / f"rank{rank}.txt").read_text()
         assert message.startswith("CheckpointError: tensor-parallel ranks 1 have a different checkpoint")
+
+
+def test_ranks_on_one_machines_cpu_must_fit_in_its_ram_together(models, tmp_path):
+    """Two CPU ranks on one machine each hold half the model in the same RAM: RAM for 3/4 of the model
+    was checked per rank (half each fitted, so the load went on to the OOM killer); it is now refused
+    for both together in one line, while RAM for 3/2 of the model loads both halves."""
+    config = ModelConfig.from_hf(json.loads((Path(models["qwen2"]) / "config.json").read_text()))
+    need = check_fits(config, torch.float32, "cpu", 256, free=2**50)
+    for free, expected in ((need * 3 // 4, "OutOfMemoryError: not enough free RAM: 2 tensor-parallel"),
+                           (need * 3 // 2, "loaded")):  # fmt: skip
+        run_ranks(load_with_free_ram, 2, (models["qwen2"], free, str(tmp_path)), timeout_s=30)
+        for rank in (0, 1):
+            assert (tmp_path / f"rank{rank}.txt").read_text().startswith(expected)
+
+
+def test_the_memory_check_names_the_ranks_and_on_a_gpu_the_split(models):
+    """The need said is all ranks' together; on a GPU, splitting over GPUs is among the advice."""
+    config = ModelConfig.from_hf(json.loads((Path(models["qwen2"]) / "config.json").read_text()))
+    need = check_fits(config, torch.float32, "cpu", 256, free=2**50)
+    ranks = 2**30 // need + 1  # with 1 GiB free: one rank's need fits, these ranks' together do not
+    with pytest.raises(OutOfMemoryError) as two:
+        check_fits(config, torch.float32, "cpu", 256, free=2**30, ranks=ranks)
+    assert str(two.value).startswith(
+        f"not enough free RAM: {ranks} tensor-parallel ranks on this machine, each with its share of the "
+        f"weights (float32) and a KV cache of 256 tokens need {ranks * need / 2**30:.2f} GiB, "
+        "but only 1.00 GiB"
+    )
+    with pytest.raises(
+        OutOfMemoryError, match=r"--quantize int8/int4, or split it over GPUs \(--tensor-parallel N\)$"
+    ):
+        check_fits(config, torch.float32, "cuda", 256, free=need - 1)
+    with pytest.raises(OutOfMemoryError, match=r"--quantize int8/int4$"):
+        check_fits(config, torch.float32, "cpu", 256, free=need - 1)
 
 
 @pytest.mark.parametrize(("world", "omp"), [(2, None), (1, "1")])

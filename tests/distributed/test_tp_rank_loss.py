@@ -192,3 +192,82 @@ def test_sigterm_to_a_tensor_parallel_command_that_is_pid_1_stops_every_rank(mod
             os.killpg(proc.pid, signal.SIGKILL)
     assert (proc.returncode, err.decode()) == (143, "")
     assert_gone(procs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["generate", "chat", "serve"])
+def test_ctrl_c_while_the_ranks_start_is_quiet(model, command):
+    """Ctrl-C pressed while the ranks are still importing torch (seconds, the moment a user who mistyped
+    presses it) reached ranks that had not yet come to ignore it: each printed its KeyboardInterrupt
+    traceback into the terminal. They are born ignoring it now; the command exits 130 with nothing."""
+
+    def terminal_default() -> None:  # a shell that ignores SIGINT for background jobs passes that on
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    argv = {"generate": ["-p", "Tell me a story", *LONG], "chat": LONG, "serve": LONG[-2:]}[command]
+    extra = ["--port", str(free_port())] if command == "serve" else []
+    proc = subprocess.Popen(
+        [*QWENKIT, command, model, *argv, *extra],
+        env=ENV,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        preexec_fn=terminal_default,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not ranks(proc) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        procs = ranks(proc)
+        time.sleep(0.3)  # into their imports
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert procs
+    assert "Traceback" not in err.decode() and "KeyboardInterrupt" not in err.decode(), err.decode()
+    assert proc.returncode == 130
+    assert_gone(procs)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() != 0 or not shutil.which("unshare"),
+    reason="a PID namespace needs root and unshare",
+)
+def test_sigterm_to_a_tensor_parallel_server_that_is_pid_1_while_it_loads_stops_it(model):
+    """`qwenkit serve --tensor-parallel 2` as a container's PID 1 had no SIGTERM handler until uvicorn's,
+    once every rank had loaded (minutes, for a model that needs splitting): `docker stop` then was
+    ignored, and the server started serving and waited for SIGKILL. It stops now, as one process does."""
+    argv = [
+        "unshare",
+        "-fp",
+        "--mount-proc",
+        *QWENKIT,
+        "serve",
+        model,
+        "--port",
+        str(free_port()),
+        *LONG[-4:],
+    ]
+    proc = subprocess.Popen(
+        argv, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            children = psutil.Process(proc.pid).children()
+            if children and ranks(children[0]):
+                break
+            time.sleep(0.01)
+        (launcher,) = children  # PID 1 in its namespace, rank 0
+        procs = ranks(launcher)
+        launcher.terminate()
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert (proc.returncode, err.decode()) == (0, "stopped by SIGTERM before the server started\n")
+    assert_gone(procs)

@@ -123,3 +123,16 @@ def interrupt_self(tp: TensorParallel, out_dir: str) -> None:
     os.kill(os.getpid(), signal.SIGINT)
     time.sleep(0.2)  # a handler runs between bytecodes: it would have raised by now
     (Path(out_dir) / f"rank{tp.rank}.txt").write_text("finished")
+
+
+def load_with_free_ram(tp: TensorParallel, path: str, free: int, out_dir: str) -> None:
+    """Load with ``free`` bytes of RAM said to be free (the machine's own is far more); write what came."""
+    import qwenkit.memory
+
+    qwenkit.memory.free_bytes = lambda device: free
+    try:
+        load_model(path, dtype="float32", tensor_parallel=tp, progress=False, context=256)
+        message = "loaded"
+    except QwenkitError as e:
+        message = f"{type(e).__name__}: {e}"
+    (Path(out_dir) / f"rank{tp.rank}.txt").write_text(message)

@@ -27,7 +27,7 @@ from qwenkit.checkpoint.sanitize import sanitize
 from qwenkit.checkpoint.side_files import sparse_attention_note
 from qwenkit.config import ModelConfig, read_hf_config
 from qwenkit.distributed import TensorParallel, local_config, parallelize, shard_tensor
-from qwenkit.distributed.plan import GPTQ_BUFFERS, rank_range, shard_lora, split_role
+from qwenkit.distributed.plan import GPTQ_BUFFERS, rank_range, shard_lora, shard_weight, split_role
 from qwenkit.errors import CheckpointError, ConfigError
 from qwenkit.kernels import ops as kernel_ops
 from qwenkit.memory import check_fits, weight_bytes
@@ -209,7 +209,8 @@ def load_model(
         weights = (weights or weight_bytes(config, torch_dtype, quantize)) + sum(
             8 * (p.a.numel() + p.b.numel()) for p in pairs
         )
-    check_fits(config, torch_dtype, device, context, batch, quantize, weights=weights)
+    ranks = tensor_parallel.local_world if tensor_parallel is not None and device == "cpu" else 1
+    check_fits(config, torch_dtype, device, context, batch, quantize, weights=weights, ranks=ranks)
     if config.quantization:
         from qwenkit.quant import prepare_quantized_model
 
@@ -256,10 +257,9 @@ def load_model(
     if wrapped_adapter is not None:
         from qwenkit.finetune.adapter_io import load_adapter
 
-        part = None
-        if tensor_parallel is not None:  # this rank's rows of B or columns of A, as its layers' slices
-            part = partial(shard_lora, tp=tensor_parallel)
-        load_adapter(model, wrapped_adapter, part)
+        tp = tensor_parallel  # its rank's rows of B or columns of A, and of peft's copy of the head
+        parts = (partial(shard_lora, tp=tp), partial(shard_weight, tp=tp)) if tp is not None else ()
+        load_adapter(model, wrapped_adapter, *parts)
         model.requires_grad_(False)
     if tensor_parallel is not None:
         # the side paths before the collectives: a layer split by its inputs then sums its adapters'

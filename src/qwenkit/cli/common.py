@@ -198,6 +198,9 @@ def warn_past_context(llm, option: str) -> None:
 def add_tensor_parallel_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tensor-parallel",
+        "--tensor-parallel-size",  # vLLM's name, and its -tp, as a vLLM command line has them
+        "-tp",
+        dest="tensor_parallel",
         type=int,
         default=1,
         metavar="N",
@@ -266,6 +269,7 @@ def lead_tensor_parallel(args: argparse.Namespace, body, load=None, server: bool
     import sys
 
     from qwenkit.distributed.launch import RankFailedError, lead_ranks
+    from qwenkit.sigterm import unwinding
 
     check_tensor_parallel(args)
     load = load or _load_llm
@@ -283,7 +287,8 @@ def lead_tensor_parallel(args: argparse.Namespace, body, load=None, server: bool
             lockstep.stop()
 
     def rank_failed(error: RankFailedError) -> None:
-        if server and signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None):
+        handler = signal.getsignal(signal.SIGTERM)
+        if server and handler not in (signal.SIG_DFL, None) and not unwinding():
             os.kill(os.getpid(), signal.SIGTERM)  # the server is up (its handler is in): drain, exit
             return
         sys.stdout.flush()  # the answer streamed so far, then the line

@@ -338,11 +338,12 @@ def _main(args: argparse.Namespace, api_key: str | None, split: bool) -> int:
             def serve_on(llm) -> int:
                 return serve(args, api_key, llm, listener, note)
 
-            return lead_tensor_parallel(args, serve_on, load, server=True)
+            with terminate_unwinds():  # as below; the ranks still loading are stopped
+                return lead_tensor_parallel(args, serve_on, load, server=True)
         # A container's PID 1 never gets a signal it has no handler for: without one, SIGTERM while the
         # model loads, or while the app is made after it (most of a second), was ignored, and the server
         # served and waited for SIGKILL. Once it serves, uvicorn's handlers (put over this one, which
-        # they restore) drain. (Tensor-parallel ranks have their own.)
+        # they restore) drain.
         with terminate_unwinds():
             return serve(args, api_key, load(args), listener)
     finally:

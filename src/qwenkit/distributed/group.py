@@ -24,11 +24,14 @@ _on_rank_lost: Callable[[], None] | None = None
 
 @dataclass(frozen=True)
 class TensorParallel:
-    """This process's rank among ``world`` shards; ``group`` None means torch's default group."""
+    """This process's rank among ``world`` shards; ``group`` None means torch's default group.
+    ``local_world``: how many of the ranks run on this machine, sharing its RAM (all of them when
+    qwenkit starts them; torchrun's LOCAL_WORLD_SIZE), so a CPU load checks room for all of them."""
 
     rank: int
     world: int
     group: dist.ProcessGroup | None = None
+    local_world: int = 1
 
     def __post_init__(self) -> None:
         if self.world < 1 or not 0 <= self.rank < self.world:
@@ -65,13 +68,16 @@ def init_tensor_parallel(
     device: str = "cpu",
     init_method: str | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    local_world: int | None = None,
 ) -> TensorParallel:
     """Join (or start) the default process group. Without arguments it reads torchrun's environment
-    (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), so `torchrun --nproc-per-node N` and its rendezvous
-    across machines work unchanged."""
+    (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_WORLD_SIZE), so `torchrun --nproc-per-node N`
+    and its rendezvous across machines work unchanged."""
     world = int(os.environ.get("WORLD_SIZE", 1)) if world is None else world
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
-    tp = TensorParallel(rank, world)
+    if local_world is None:
+        local_world = min(int(os.environ.get("LOCAL_WORLD_SIZE", 1)), world)
+    tp = TensorParallel(rank, world, local_world=local_world)
     if device.startswith("cuda"):
         # one GPU per rank on each machine: LOCAL_RANK under torchrun, the rank when qwenkit starts them
         import torch

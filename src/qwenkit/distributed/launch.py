@@ -12,7 +12,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch.distributed as dist
@@ -81,9 +81,7 @@ def _rank_main(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     on_rank_lost(_leave_quietly)
     share_cores(world, device)
-    tp = init_tensor_parallel(
-        world, rank, device=device, init_method=f"tcp://127.0.0.1:{port}", timeout_s=timeout_s
-    )
+    tp = init_tensor_parallel(world, rank, device, f"tcp://127.0.0.1:{port}", timeout_s, local_world=world)
     try:
         fn(tp, *args)
     except QwenkitError as e:  # the launcher says it, once for every rank that failed alike
@@ -110,6 +108,30 @@ def share_cores(world: int, device: str) -> None:
 
     if device == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
         torch.set_num_threads(max(1, usable_cores() // world))
+
+
+@contextlib.contextmanager
+def _starting_ranks() -> Iterator[None]:
+    """Start ranks that ignore SIGINT from their first instruction: a terminal's Ctrl-C reaches the whole
+    process group, and a rank still importing torch (seconds) before ``_rank_main`` ignores it printed
+    its KeyboardInterrupt traceback into the terminal. An ignored signal stays ignored across exec, and
+    Python then installs no handler of its own. A SIGTERM meanwhile waits until every rank has been
+    sent what it starts with: one that cut that short left the rank to print an EOFError traceback.
+    (This process misses a Ctrl-C only while it forks.)"""
+    if threading.current_thread() is not threading.main_thread():  # only there can handlers change
+        yield
+        return
+    pending: list[Any] = []
+    previous_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous_term = signal.signal(signal.SIGTERM, lambda _signum, frame: pending.append(frame))
+    try:
+        yield
+    finally:
+        if previous_int is not None:  # None: a handler set outside Python, which cannot be put back
+            signal.signal(signal.SIGINT, previous_int)
+        signal.signal(signal.SIGTERM, previous_term if previous_term is not None else signal.SIG_DFL)
+        if pending:  # now as it would have been then
+            signal.raise_signal(signal.SIGTERM)
 
 
 def _die_with_launcher() -> None:
@@ -193,13 +215,14 @@ def run_ranks(
         )
         for r in range(world)
     ]
-    for p in procs:
-        p.start()
     ranks, first = dict(enumerate(procs)), None
     # SIGTERM unwinds the wait, so the ranks are stopped below and the command exits 143. Its default
     # action did that only outside a PID namespace: a container's PID 1 never gets a signal it has no
     # handler for, and the ranks generated on to the end (`docker stop` waited for its SIGKILL).
     try:
+        with _starting_ranks():
+            for p in procs:
+                p.start()
         with terminate_unwinds():
             while any(p.is_alive() for p in procs) and (first := _failure(ranks, world, errors)) is None:
                 time.sleep(0.05)
@@ -243,8 +266,6 @@ def lead_ranks(
         )
         for r in range(1, world)
     }
-    for p in procs.values():
-        p.start()
     finished, done = False, threading.Event()
     report = _Once(on_follower_failed)
     if on_follower_failed is not None:
@@ -253,10 +274,11 @@ def lead_ranks(
         # the thread that ran the forward (an answer being streamed).
         on_rank_lost(lambda: _report_lost(procs, errors, report))
     try:
+        with _starting_ranks():
+            for p in procs.values():
+                p.start()
         share_cores(world, device)
-        tp = init_tensor_parallel(
-            world, 0, device=device, init_method=f"tcp://127.0.0.1:{port}", timeout_s=timeout_s
-        )
+        tp = init_tensor_parallel(world, 0, device, f"tcp://127.0.0.1:{port}", timeout_s, local_world=world)
         try:
             result = lead(tp)
             finished = True

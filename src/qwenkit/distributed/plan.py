@@ -227,6 +227,11 @@ def shard_lora(
     return lora_a, lora_b
 
 
+def shard_weight(module: str, weight: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
+    """This rank's part of ``module``'s whole weight held elsewhere (peft's copy of the output head)."""
+    return shard_tensor(f"{module}.weight", weight, tp)
+
+
 def rank_range(n: int, tp: TensorParallel) -> tuple[int, int]:
     """[lo, hi) of ``n`` items that this rank holds: the ``tp.rank``-th of ``tp.world`` equal runs."""
     size = n // tp.world

@@ -35,6 +35,8 @@ from qwenkit.model.adapter_bank import LoRAPair
 
 # (module name, lora_A, lora_B) -> the part of the pair a model holds (a tensor-parallel rank's slices)
 PairPart = Callable[[str, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# (module name, weight) -> the part of a whole weight a model holds (a tensor-parallel rank's rows)
+CopyPart = Callable[[str, torch.Tensor], torch.Tensor]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -232,11 +234,16 @@ def _read_adapter(
     return config, grouped, raw, copies
 
 
-def check_copies(model: nn.Module, path: str | Path, copies: dict[str, torch.Tensor]) -> None:
+def check_copies(
+    model: nn.Module, path: str | Path, copies: dict[str, torch.Tensor], part: CopyPart | None = None
+) -> None:
     """CheckpointError unless each of peft's saved copies (``read_adapter``) is this model's own weight:
     the adapter is applied to the model's weights, so one trained with other embeddings (a resized
-    vocabulary, trained rows) would run wrong."""
+    vocabulary, trained rows) would run wrong. ``part``: (module name, copy) -> the part of it this
+    model holds (a tensor-parallel rank's vocabulary rows)."""
     for name, copy in copies.items():
+        if part is not None:
+            copy = part(name, copy)
         try:
             module = model.get_submodule(name)
         except AttributeError:
@@ -307,13 +314,16 @@ def adapter_pairs(
 
 
 @torch.no_grad()
-def load_adapter(model: nn.Module, path: str | Path, part: PairPart | None = None) -> LoRAConfig:
+def load_adapter(
+    model: nn.Module, path: str | Path, part: PairPart | None = None, copy_part: CopyPart | None = None
+) -> LoRAConfig:
     """Wrap the adapter's modules in ``LoRALinear`` and fill them; shapes must match this model exactly.
 
     ``part``: (module name, lora_A, lora_B) -> the pair this model holds of them (a tensor-parallel rank's
-    slices, ``distributed.plan.shard_lora``); the pairs are checked against the model after it."""
+    slices, ``distributed.plan.shard_lora``); the pairs are checked against the model after it.
+    ``copy_part``: the same for peft's copies of the embedding or head (``check_copies``)."""
     config, pairs, copies = adapter_pairs(model, path)
-    check_copies(model, path, copies)
+    check_copies(model, path, copies, copy_part)
     if part is not None:
         pairs = {n: LoRAPair(*part(n, p.a, p.b), p.scaling) for n, p in pairs.items()}
     missing = [n for n in pairs if not _has_linear(model, n)]
