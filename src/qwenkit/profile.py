@@ -282,6 +282,11 @@ def profile(
         raise ProfileError(
             "--context must be at least 1, --generate/--encode at least 0, and one of them positive"
         )
+    if generate == 1:  # its one token carries the prefill and is not timed: the table showed 0.0 tokens/s
+        raise ProfileError(
+            "--generate 1 times nothing: the first token carries the prompt's prefill and is not counted; "
+            "give 2 or more (or 0 to skip generating)"
+        )
     kwargs = dict(
         model=str(model), dtype=dtype, device=device, context=context, generate=generate, encode=encode
     )
@@ -295,9 +300,7 @@ def profile(
         request = json.dumps({**kwargs, "precision": precision, "ranks": tensor_parallel})
         returncode, stdout, stderr = _run_child(request, precision, timeout_s)
         if returncode != 0:
-            last = (stderr.strip().splitlines() or ["no output"])[-1]
-            # the child's own "error: " prefix, or the CLI prints "error: ... failed: error: ..."
-            raise ProfileError(f"profiling {precision} failed: {last.removeprefix('error: ')}")
+            raise ProfileError(f"profiling {precision} failed: {_why_failed(returncode, stderr)}")
         rows.append(ProfileRow(**json.loads(stdout.strip().splitlines()[-1])))
         _pass_on_notes(stderr, notes)
     return rows
@@ -326,6 +329,21 @@ def _run_child(request: str, precision: str, timeout_s: float | None) -> tuple[i
         _stop_group(proc)
         raise
     return proc.returncode, stdout, stderr
+
+
+def _why_failed(returncode: int, stderr: str) -> str:
+    """A failed child's cause: its last line, or, killed by a signal, that signal. A child the kernel's
+    OOM killer ended (a model too large for the RAM) said "no output", or passed on a note it had printed
+    before as if that were the error."""
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        oom = " (most likely the out-of-memory killer: too little free RAM)" if name == "SIGKILL" else ""
+        return f"its process was killed by {name}{oom}"
+    last = (stderr.strip().splitlines() or [f"exit status {returncode}, no message"])[-1]
+    return last.removeprefix("error: ")  # the child's own prefix, else "error: ... failed: error: ..."
 
 
 def _stop_group(proc: subprocess.Popen) -> None:

@@ -73,6 +73,8 @@ def test_profile_cli_table(tiny, capsys) -> None:
         ),
         (["--generate", "0", "--encode", "0"], "error: --context must be at least 1"),
         (["--precisions", ""], "error: --precisions is empty"),  # once: every precision, 2,048 tokens each
+        # the one token carries the prefill and is not timed: the table showed 0.0 tokens/s
+        (["--generate", "1"], "error: --generate 1 times nothing: the first token carries the prompt's"),
         # was "error: profiling float32 failed: IndexError: list index out of range", from the child
         (["--tensor-parallel", "0"], "error: --tensor-parallel must be at least 1, got 0\n"),
     ],
@@ -204,3 +206,31 @@ def test_the_cli_names_the_limit_and_refuses_a_bad_one(tiny, capsys) -> None:
         .err.splitlines()[-1]
         .startswith("error: --timeout must be a number of seconds, 0 for no limit (got -1)")
     )
+
+
+@pytest.mark.parametrize(
+    ("script", "said"),
+    [
+        (
+            "kill -9 $$",
+            "its process was killed by SIGKILL (most likely the out-of-memory killer: too little free RAM)",
+        ),
+        (
+            "echo 'qwenkit: building the CPU kernels' >&2; kill -9 $$",
+            "its process was killed by SIGKILL (most likely the out-of-memory killer: too little free RAM)",
+        ),
+        ("kill -TERM $$", "its process was killed by SIGTERM"),
+        ("exit 3", "exit status 3, no message"),
+    ],
+    ids=["oom-killed", "killed-after-a-note", "terminated", "silent-exit"],
+)
+def test_a_child_killed_by_a_signal_is_named_so(tiny, tmp_path, monkeypatch, script, said) -> None:
+    """A precision's process the OOM killer ended (a model too large for the RAM) failed with "no
+    output", or with a note it had printed before ("qwenkit: building the CPU kernels") as its error."""
+    child = tmp_path / "python"
+    child.write_text(f"#!/bin/sh\ncat > /dev/null\n{script}\n")
+    child.chmod(0o755)
+    monkeypatch.setattr("sys.executable", str(child))  # what profile() starts for each precision
+    with pytest.raises(ProfileError) as e:
+        profile(tiny, ["float32"], generate=2, encode=0)
+    assert str(e.value) == f"profiling float32 failed: {said}"
