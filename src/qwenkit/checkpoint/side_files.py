@@ -45,11 +45,14 @@ SENTENCE_TRANSFORMERS_FILES = (
 SPARSE_ATTENTION_FILE = "sparse_attention_config.json"
 
 
-def model_card(license_id: str, note: str) -> str:
+def model_card(license_id: str, note: str, named_other: bool = False) -> str:
     """A model card whose front matter carries ``license_id``, where Hugging Face tools (and ``qwenkit
-    info``) read a directory's license; ``note`` says where the model came from."""
+    info``) read a directory's license; ``note`` says where the model came from. ``named_other``: as
+    the source card named it, ``license: other`` with ``license_id`` as its ``license_name``."""
     bare = re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.+-]*", license_id)
-    return f"---\nlicense: {license_id if bare else json.dumps(license_id)}\n---\n\n{note}\n"
+    value = license_id if bare else json.dumps(license_id)
+    lines = f"license: other\nlicense_name: {value}" if named_other else f"license: {value}"
+    return f"---\n{lines}\n---\n\n{note}\n"
 
 
 def write_side_files(source: Any, out: Path, made_by: str) -> None:
@@ -90,7 +93,7 @@ def write_side_files(source: Any, out: Path, made_by: str) -> None:
     found = find_license(src)
     if found is not None and found.source == "README.md":  # a card's front matter only: keep its license
         note = f"Made from `{src.name}` by {made_by}. The license above is the one its model card names."
-        (out / "README.md").write_text(model_card(found.name, note), encoding="utf-8")
+        (out / "README.md").write_text(model_card(found.name, note, found.named_other), encoding="utf-8")
 
 
 def _module_folders(src: Path) -> list[str]:
