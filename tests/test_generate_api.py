@@ -9,6 +9,7 @@ import weakref
 
 import numpy as np
 import pytest
+import torch
 
 from qwenkit.engine import SamplingParams
 from qwenkit.errors import ModelClosedError
@@ -305,18 +306,40 @@ def test_load_refuses_sizes_that_are_not_integers_by_name(tiny_chat_model, optio
         ({"prefix_caching": "no"}, "prefix_caching must be True or False, got 'no'"),
         ({"dequantize": "yes"}, "dequantize must be True or False, got 'yes'"),
         ({"cuda_graphs": "no"}, "cuda_graphs must be True, False or None, got 'no'"),
+        ({"kv_cache_memory": 0}, "kv_cache_memory must be a positive number of bytes, got 0"),
+        ({"kv_cache_memory": -1}, "kv_cache_memory must be a positive number of bytes, got -1"),
+        (
+            {"device": 5, "dtype": "auto", "kv_cache_memory": 10**6},
+            "unknown device 5; choose cpu or cuda (cuda:N)",
+        ),
+        *[
+            ({"dtype": dtype}, f"dtype {dtype} cannot run a model; choose auto, float32, bfloat16, float16")
+            for dtype in (torch.int8, torch.bool, torch.float8_e4m3fn)
+        ],
     ],
 )
 def test_load_refuses_arguments_of_the_wrong_type_by_name(tiny_chat_model, kwargs, message):
     """A path of 5 failed in pathlib (``expected str, bytes or os.PathLike object``), adapters as a
     list in dict(), a str max_loras in a comparison after the weights had loaded; "no" turned prefix
-    caching or CUDA graphs on."""
+    caching or CUDA graphs on. kv_cache_memory=0 was "the KV cache holds 1 tokens"; a device of 5 with
+    kv_cache_memory an AttributeError; dtype=torch.int8 loaded, then failed every step in a kernel."""
     from qwenkit.errors import ConfigError
 
     args = {"path": tiny_chat_model, "dtype": "float32", "progress": False, **kwargs}
     with pytest.raises(ConfigError) as raised:
         LLM.load(args.pop("path"), **args)
     assert str(raised.value) == message
+
+
+def test_load_takes_a_torch_device_as_its_name(tiny_chat_model):
+    """device=torch.device("cpu") was refused as "unknown device device(type='cpu')"."""
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    args = {"dtype": "float32", "progress": False, "kv_cache_memory": 1 << 20}
+    with LLM.load(tiny_chat_model, device="cpu", **args) as by_name:
+        expected = by_name.generate("Hello", params)[0].token_ids
+    with LLM.load(tiny_chat_model, device=torch.device("cpu"), **args) as by_device:
+        assert by_device.model.model.norm.weight.device == torch.device("cpu")
+        assert by_device.generate("Hello", params)[0].token_ids == expected
 
 
 def test_load_with_no_path_is_the_bundled_model_as_the_commands_default():

@@ -30,7 +30,7 @@ from qwenkit.engine import Engine, PromptTooLongError, SamplingParams, SamplingP
 from qwenkit.engine.driver import EngineDriver, RequestStream
 from qwenkit.engine.request import RequestId
 from qwenkit.errors import ConfigError, GenerationError, NonFiniteLogitsError
-from qwenkit.load_args import check_adapter_path, check_load_args
+from qwenkit.load_args import check_adapter_path, check_load_args, checked_device
 from qwenkit.model import Transformer
 from qwenkit.model.moe import RouterStats, count_routed_tokens
 from qwenkit.text_state import Completion, Delta, TextState
@@ -143,7 +143,7 @@ class LLM:
         cls,
         path: str | Path | None = None,
         dtype: str | torch.dtype = "auto",
-        device: str = "cpu",
+        device: str | torch.device = "cpu",
         quantize: str | None = None,
         max_batch_size: int = 8,
         max_seq_len: int | None = None,
@@ -177,6 +177,7 @@ class LLM:
         from qwenkit.default_model import bundled_sampling, default_model_path
 
         path = default_model_path() if path is None else path
+        device = checked_device(device)
         # each size, as a str or float, failed later with a bare TypeError, some after the load
         sizes = {
             "max_batch_size": max_batch_size,
@@ -187,6 +188,8 @@ class LLM:
         }
         flags = {"prefix_caching": prefix_caching, "dequantize": dequantize, "cuda_graphs": cuda_graphs}
         check_load_args(path, sizes, flags, adapter, adapters)
+        if kv_cache_memory is not None and kv_cache_memory < 1:  # was "the KV cache holds 1 tokens"
+            raise ConfigError(f"kv_cache_memory must be a positive number of bytes, got {kv_cache_memory}")
         if max_seq_len is not None and max_seq_len < 2:
             raise ConfigError(
                 f"max_seq_len must be at least 2 (a prompt token and one to generate), got {max_seq_len}"
