@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import re
+import threading
 import time
 import weakref
 
@@ -89,6 +90,41 @@ def test_close_ends_requests_and_the_thread_and_frees_the_model(tiny_chat_model)
     del llm, running, deltas
     gc.collect()
     assert model() is None
+
+
+def test_a_request_closed_inside_a_step_longer_than_close_waits_still_ends_with_abort(
+    tiny_chat_model, monkeypatch
+):
+    """close() waits a while (10 s) for the step under way, then returns; its thread stopped after that
+    step without ending the open requests, so their readers (a generate() in another thread) waited
+    forever."""
+    from qwenkit.engine import driver
+
+    monkeypatch.setattr(driver, "SHUTDOWN_WAIT_SECONDS", 0.2)
+    llm = LLM.load(tiny_chat_model, dtype="float32", progress=False)
+    real_step, slow = llm.engine.step, threading.Event()
+
+    def step():
+        if slow.is_set():
+            slow.clear()
+            time.sleep(1.5)
+        return real_step()
+
+    llm.engine.step = step
+    long = SamplingParams(temperature=0, max_tokens=4000, ignore_eos=True)
+    deltas = iter(llm.submit("Once upon a time", long))
+    assert next(deltas).finish_reason is None  # it runs
+    read: list = []
+    reader = threading.Thread(target=lambda: read.extend(d.finish_reason for d in deltas), daemon=True)
+    reader.start()
+    slow.set()
+    while slow.is_set():  # the slow step has begun
+        time.sleep(0.01)
+    llm.close()
+    assert llm.driver._thread.is_alive()  # close() returned inside the step
+    reader.join(timeout=10)
+    assert not reader.is_alive() and read[-1] == "abort"
+    assert not llm.driver._thread.is_alive() and not llm.driver._open_ids
 
 
 def test_partial_stop_suffix():
