@@ -155,11 +155,36 @@ def test_a_bad_prompt_in_a_batch_starts_nothing(llm):
 @pytest.mark.parametrize(
     ("prompts", "message"),
     [
+        (["Hello", "", "Hi"], "prompts[1]: the prompt is empty: give at least one token"),
+        (
+            [[1, 2], [3, 10**9]],
+            "prompts[1]: prompt token id 1000000000 is outside the vocabulary (0..151935)",
+        ),
+        (
+            ["Hello", "Hi " * 9000],
+            "prompts[1]: the prompt has 9001 tokens; the context window is 8192, and a ",
+        ),
+    ],
+)
+def test_a_refused_prompt_of_several_is_named_by_its_index(llm, prompts, message):
+    """One empty or too long prompt among a thousand was refused as "the prompt is empty", naming none
+    (as embed and rerank name theirs, ``input[i]``)."""
+    from qwenkit.engine import SamplingParamsError
+
+    with pytest.raises(SamplingParamsError) as raised:
+        llm.generate(prompts, SAMPLED)
+    assert str(raised.value).startswith(message)
+    assert llm.driver.wait_idle() and not llm.engine.has_unfinished()
+
+
+@pytest.mark.parametrize(
+    ("prompts", "message"),
+    [
         ([[1.5, 2]], "prompt token ids must be integers, got 1.5"),  # used to run as token 1
         ([[2, True]], "prompt token ids must be integers, got True"),  # used to run as token 1
         (None, "prompts must be a string or a list of prompts, got None"),
         (5, "prompts must be a string or a list of prompts, got 5"),
-        (["Hello", None], "a prompt must be a string or a list of token ids, got None"),
+        (["Hello", None], "prompts[1]: a prompt must be a string or a list of token ids, got None"),
     ],
 )
 def test_a_prompt_that_is_not_token_ids_is_refused_by_name(llm, prompts, message):
@@ -195,7 +220,7 @@ def test_a_bytes_prompt_is_refused_not_run_as_its_byte_values(llm, prompt):
     ):
         with pytest.raises(SamplingParamsError, match=message):
             call()
-    with pytest.raises(SamplingParamsError, match=message):
+    with pytest.raises(SamplingParamsError, match=message.replace("^", r"^prompts\[1\]: ")):
         llm.generate(["Hello", prompt], SAMPLED)
     assert llm.driver.wait_idle() and not llm.engine.has_unfinished()
 

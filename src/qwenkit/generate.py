@@ -33,6 +33,7 @@ from qwenkit.errors import ConfigError, GenerationError, NonFiniteLogitsError
 from qwenkit.load_args import check_adapter_path, check_load_args, checked_device
 from qwenkit.model import Transformer
 from qwenkit.model.moe import RouterStats, count_routed_tokens
+from qwenkit.prompt_only import check_each
 from qwenkit.text_state import Completion, Delta, TextState
 from qwenkit.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
 
@@ -431,11 +432,11 @@ class LLM:
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], numbers.Integral)):  # one prompt
             prompts = [prompts]  # type: ignore[list-item]
         params = self.params_or_default(params)
-        for prompt in prompts:  # every text that surely cannot fit, before any is tokenized
-            self.check_prompt_bound(prompt, params)
-        encoded = [self.encode(p) for p in prompts]
-        for ids in encoded:
-            self.engine.validate(ids, params)
+        # every text that surely cannot fit, before any is tokenized; a refusal names its prompt's index
+        check_each(prompts, lambda p: self.check_prompt_bound(p, params), "prompts")
+        encoded: list[list[int]] = []
+        check_each(prompts, lambda p: encoded.append(self.encode(p)), "prompts")
+        check_each(encoded, lambda ids: self.engine.validate(ids, params), "prompts")
         with self.driver.together():  # queued as one batch: the steps never depend on submission speed
             streams = [self.submit(ids, params) for ids in encoded]
         try:
