@@ -127,6 +127,25 @@ def test_a_request_closed_inside_a_step_longer_than_close_waits_still_ends_with_
     assert not llm.driver._thread.is_alive() and not llm.driver._open_ids
 
 
+def test_a_kept_stream_left_by_break_is_read_on_by_the_next_for_and_stopped_by_close(llm):
+    """As the README says: llm.stream()'s stream kept in a variable is a generator, paused by ``break``;
+    the next ``for`` reads on from there, and close() stops its request."""
+    alone = llm.generate("Once upon a time", SAMPLED)[0].token_ids
+    stream = llm.stream("Once upon a time", SAMPLED)
+    got = []
+    for delta in stream:
+        got += delta.token_ids
+        break
+    got += [t for delta in stream for t in delta.token_ids]
+    assert got == alone
+    kept = llm.stream("Once upon a time", SamplingParams(temperature=0, max_tokens=4000, ignore_eos=True))
+    for _ in kept:
+        break
+    assert llm.engine.has_unfinished()
+    kept.close()
+    assert llm.driver.wait_idle(timeout=5) and llm.engine.blocks.usage == 0
+
+
 def test_partial_stop_suffix():
     assert _partial_stop_suffix("abc<|en", ("<|end|>",)) == 4
     assert _partial_stop_suffix("abc", ("xyz",)) == 0
