@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import gc
 import re
+import threading
 import time
 import weakref
 
 import numpy as np
 import pytest
+import torch
 
 from qwenkit.engine import SamplingParams
 from qwenkit.errors import ModelClosedError
@@ -90,6 +92,60 @@ def test_close_ends_requests_and_the_thread_and_frees_the_model(tiny_chat_model)
     assert model() is None
 
 
+def test_a_request_closed_inside_a_step_longer_than_close_waits_still_ends_with_abort(
+    tiny_chat_model, monkeypatch
+):
+    """close() waits a while (10 s) for the step under way, then returns; its thread stopped after that
+    step without ending the open requests, so their readers (a generate() in another thread) waited
+    forever."""
+    from qwenkit.engine import driver
+
+    monkeypatch.setattr(driver, "SHUTDOWN_WAIT_SECONDS", 0.2)
+    llm = LLM.load(tiny_chat_model, dtype="float32", progress=False)
+    real_step, slow = llm.engine.step, threading.Event()
+
+    def step():
+        if slow.is_set():
+            slow.clear()
+            time.sleep(1.5)
+        return real_step()
+
+    llm.engine.step = step
+    long = SamplingParams(temperature=0, max_tokens=4000, ignore_eos=True)
+    deltas = iter(llm.submit("Once upon a time", long))
+    assert next(deltas).finish_reason is None  # it runs
+    read: list = []
+    reader = threading.Thread(target=lambda: read.extend(d.finish_reason for d in deltas), daemon=True)
+    reader.start()
+    slow.set()
+    while slow.is_set():  # the slow step has begun
+        time.sleep(0.01)
+    llm.close()
+    assert llm.driver._thread.is_alive()  # close() returned inside the step
+    reader.join(timeout=10)
+    assert not reader.is_alive() and read[-1] == "abort"
+    assert not llm.driver._thread.is_alive() and not llm.driver._open_ids
+
+
+def test_a_kept_stream_left_by_break_is_read_on_by_the_next_for_and_stopped_by_close(llm):
+    """As the README says: llm.stream()'s stream kept in a variable is a generator, paused by ``break``;
+    the next ``for`` reads on from there, and close() stops its request."""
+    alone = llm.generate("Once upon a time", SAMPLED)[0].token_ids
+    stream = llm.stream("Once upon a time", SAMPLED)
+    got = []
+    for delta in stream:
+        got += delta.token_ids
+        break
+    got += [t for delta in stream for t in delta.token_ids]
+    assert got == alone
+    kept = llm.stream("Once upon a time", SamplingParams(temperature=0, max_tokens=4000, ignore_eos=True))
+    for _ in kept:
+        break
+    assert llm.engine.has_unfinished()
+    kept.close()
+    assert llm.driver.wait_idle(timeout=5) and llm.engine.blocks.usage == 0
+
+
 def test_partial_stop_suffix():
     assert _partial_stop_suffix("abc<|en", ("<|end|>",)) == 4
     assert _partial_stop_suffix("abc", ("xyz",)) == 0
@@ -118,11 +174,36 @@ def test_a_bad_prompt_in_a_batch_starts_nothing(llm):
 @pytest.mark.parametrize(
     ("prompts", "message"),
     [
+        (["Hello", "", "Hi"], "prompts[1]: the prompt is empty: give at least one token"),
+        (
+            [[1, 2], [3, 10**9]],
+            "prompts[1]: prompt token id 1000000000 is outside the vocabulary (0..151935)",
+        ),
+        (
+            ["Hello", "Hi " * 9000],
+            "prompts[1]: the prompt has 9001 tokens; the context window is 8192, and a ",
+        ),
+    ],
+)
+def test_a_refused_prompt_of_several_is_named_by_its_index(llm, prompts, message):
+    """One empty or too long prompt among a thousand was refused as "the prompt is empty", naming none
+    (as embed and rerank name theirs, ``input[i]``)."""
+    from qwenkit.engine import SamplingParamsError
+
+    with pytest.raises(SamplingParamsError) as raised:
+        llm.generate(prompts, SAMPLED)
+    assert str(raised.value).startswith(message)
+    assert llm.driver.wait_idle() and not llm.engine.has_unfinished()
+
+
+@pytest.mark.parametrize(
+    ("prompts", "message"),
+    [
         ([[1.5, 2]], "prompt token ids must be integers, got 1.5"),  # used to run as token 1
         ([[2, True]], "prompt token ids must be integers, got True"),  # used to run as token 1
         (None, "prompts must be a string or a list of prompts, got None"),
         (5, "prompts must be a string or a list of prompts, got 5"),
-        (["Hello", None], "a prompt must be a string or a list of token ids, got None"),
+        (["Hello", None], "prompts[1]: a prompt must be a string or a list of token ids, got None"),
     ],
 )
 def test_a_prompt_that_is_not_token_ids_is_refused_by_name(llm, prompts, message):
@@ -158,7 +239,7 @@ def test_a_bytes_prompt_is_refused_not_run_as_its_byte_values(llm, prompt):
     ):
         with pytest.raises(SamplingParamsError, match=message):
             call()
-    with pytest.raises(SamplingParamsError, match=message):
+    with pytest.raises(SamplingParamsError, match=message.replace("^", r"^prompts\[1\]: ")):
         llm.generate(["Hello", prompt], SAMPLED)
     assert llm.driver.wait_idle() and not llm.engine.has_unfinished()
 
@@ -305,18 +386,40 @@ def test_load_refuses_sizes_that_are_not_integers_by_name(tiny_chat_model, optio
         ({"prefix_caching": "no"}, "prefix_caching must be True or False, got 'no'"),
         ({"dequantize": "yes"}, "dequantize must be True or False, got 'yes'"),
         ({"cuda_graphs": "no"}, "cuda_graphs must be True, False or None, got 'no'"),
+        ({"kv_cache_memory": 0}, "kv_cache_memory must be a positive number of bytes, got 0"),
+        ({"kv_cache_memory": -1}, "kv_cache_memory must be a positive number of bytes, got -1"),
+        (
+            {"device": 5, "dtype": "auto", "kv_cache_memory": 10**6},
+            "unknown device 5; choose cpu or cuda (cuda:N)",
+        ),
+        *[
+            ({"dtype": dtype}, f"dtype {dtype} cannot run a model; choose auto, float32, bfloat16, float16")
+            for dtype in (torch.int8, torch.bool, torch.float8_e4m3fn)
+        ],
     ],
 )
 def test_load_refuses_arguments_of_the_wrong_type_by_name(tiny_chat_model, kwargs, message):
     """A path of 5 failed in pathlib (``expected str, bytes or os.PathLike object``), adapters as a
     list in dict(), a str max_loras in a comparison after the weights had loaded; "no" turned prefix
-    caching or CUDA graphs on."""
+    caching or CUDA graphs on. kv_cache_memory=0 was "the KV cache holds 1 tokens"; a device of 5 with
+    kv_cache_memory an AttributeError; dtype=torch.int8 loaded, then failed every step in a kernel."""
     from qwenkit.errors import ConfigError
 
     args = {"path": tiny_chat_model, "dtype": "float32", "progress": False, **kwargs}
     with pytest.raises(ConfigError) as raised:
         LLM.load(args.pop("path"), **args)
     assert str(raised.value) == message
+
+
+def test_load_takes_a_torch_device_as_its_name(tiny_chat_model):
+    """device=torch.device("cpu") was refused as "unknown device device(type='cpu')"."""
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    args = {"dtype": "float32", "progress": False, "kv_cache_memory": 1 << 20}
+    with LLM.load(tiny_chat_model, device="cpu", **args) as by_name:
+        expected = by_name.generate("Hello", params)[0].token_ids
+    with LLM.load(tiny_chat_model, device=torch.device("cpu"), **args) as by_device:
+        assert by_device.model.model.norm.weight.device == torch.device("cpu")
+        assert by_device.generate("Hello", params)[0].token_ids == expected
 
 
 def test_load_with_no_path_is_the_bundled_model_as_the_commands_default():

@@ -30,9 +30,10 @@ from qwenkit.engine import Engine, PromptTooLongError, SamplingParams, SamplingP
 from qwenkit.engine.driver import EngineDriver, RequestStream
 from qwenkit.engine.request import RequestId
 from qwenkit.errors import ConfigError, GenerationError, NonFiniteLogitsError
-from qwenkit.load_args import check_adapter_path, check_load_args
+from qwenkit.load_args import check_adapter_path, check_load_args, checked_device
 from qwenkit.model import Transformer
 from qwenkit.model.moe import RouterStats, count_routed_tokens
+from qwenkit.prompt_only import check_each
 from qwenkit.text_state import Completion, Delta, TextState
 from qwenkit.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
 
@@ -143,7 +144,7 @@ class LLM:
         cls,
         path: str | Path | None = None,
         dtype: str | torch.dtype = "auto",
-        device: str = "cpu",
+        device: str | torch.device = "cpu",
         quantize: str | None = None,
         max_batch_size: int = 8,
         max_seq_len: int | None = None,
@@ -177,6 +178,7 @@ class LLM:
         from qwenkit.default_model import bundled_sampling, default_model_path
 
         path = default_model_path() if path is None else path
+        device = checked_device(device)
         # each size, as a str or float, failed later with a bare TypeError, some after the load
         sizes = {
             "max_batch_size": max_batch_size,
@@ -187,6 +189,8 @@ class LLM:
         }
         flags = {"prefix_caching": prefix_caching, "dequantize": dequantize, "cuda_graphs": cuda_graphs}
         check_load_args(path, sizes, flags, adapter, adapters)
+        if kv_cache_memory is not None and kv_cache_memory < 1:  # was "the KV cache holds 1 tokens"
+            raise ConfigError(f"kv_cache_memory must be a positive number of bytes, got {kv_cache_memory}")
         if max_seq_len is not None and max_seq_len < 2:
             raise ConfigError(
                 f"max_seq_len must be at least 2 (a prompt token and one to generate), got {max_seq_len}"
@@ -428,11 +432,11 @@ class LLM:
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], numbers.Integral)):  # one prompt
             prompts = [prompts]  # type: ignore[list-item]
         params = self.params_or_default(params)
-        for prompt in prompts:  # every text that surely cannot fit, before any is tokenized
-            self.check_prompt_bound(prompt, params)
-        encoded = [self.encode(p) for p in prompts]
-        for ids in encoded:
-            self.engine.validate(ids, params)
+        # every text that surely cannot fit, before any is tokenized; a refusal names its prompt's index
+        check_each(prompts, lambda p: self.check_prompt_bound(p, params), "prompts")
+        encoded: list[list[int]] = []
+        check_each(prompts, lambda p: encoded.append(self.encode(p)), "prompts")
+        check_each(encoded, lambda ids: self.engine.validate(ids, params), "prompts")
         with self.driver.together():  # queued as one batch: the steps never depend on submission speed
             streams = [self.submit(ids, params) for ids in encoded]
         try:

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import numbers
 import os
+import re
 from collections.abc import Mapping
+
+import torch
 
 from qwenkit.errors import ConfigError
 
@@ -51,3 +54,15 @@ def check_adapter_path(path: object) -> None:
     checked where adapters are served (``AdapterNameError``)."""
     if not _is_path(path):
         raise ConfigError(f"adapter path must be a str or Path, got {path!r:.60}")
+
+
+def checked_device(device: object) -> str:
+    """``device``'s name ("cpu", "cuda:0"); a ``torch.device`` as torch code passes it (it was refused as
+    an unknown device, ``device(type='cpu')``, though it named cpu). ConfigError for any other device
+    or a CUDA one on a machine without."""
+    device = str(device) if isinstance(device, torch.device) else device
+    if not isinstance(device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", device):  # torch's own error
+        raise ConfigError(f"unknown device {device!r}; choose cpu or cuda (cuda:N)")  # lists 20 types
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for, but no CUDA device is available")
+    return device

@@ -395,6 +395,14 @@ def test_sampling_params_take_one_stop_string_or_a_list():
     assert SamplingParams(temperature=1).temperature == 1  # an int where a float goes is a number
 
 
+def test_none_for_stop_stop_token_ids_or_logit_bias_is_none_as_vllms_defaults():
+    """vLLM's SamplingParams default these to None, so code written for it passes None; it was refused
+    ("stop must be a list or a string, got None")."""
+    given = SamplingParams(max_tokens=5, stop=None, stop_token_ids=None, logit_bias=None)
+    assert given == SamplingParams(max_tokens=5)
+    assert (given.stop, given.stop_token_ids, given.logit_bias) == ((), (), ())
+
+
 def test_logit_bias_becomes_tensors_once_a_request():
     """A request's logit_bias is added as its pairs say, from tensors built at its first step and kept:
     rebuilt from the Python pairs at every step, a bias over the whole vocabulary (a way to allow only a

@@ -30,6 +30,7 @@ from qwenkit.distributed import TensorParallel, local_config, parallelize, shard
 from qwenkit.distributed.plan import GPTQ_BUFFERS, rank_range, shard_lora, shard_weight, split_role
 from qwenkit.errors import CheckpointError, ConfigError
 from qwenkit.kernels import ops as kernel_ops
+from qwenkit.load_args import checked_device
 from qwenkit.memory import check_fits, weight_bytes
 from qwenkit.model import Transformer, score_head
 from qwenkit.model.adapter_bank import LoRAPair
@@ -114,6 +115,8 @@ def resolve_dtype(dtype: str | torch.dtype, device: str, fast_kernels: bool = Fa
     products accumulate in float32 on AVX2 CPUs too (there bfloat16 decoded the Qwen2.5-0.5B shape 3.3x
     faster than float32, its int4 layers 1.7x, and the bundled model 3.5x); else float32."""
     if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point or dtype.itemsize < 2:  # it loaded, then failed at every step
+            raise ConfigError(f"dtype {dtype} cannot run a model; choose auto, {', '.join(DTYPES)}")
         return dtype
     if dtype == "auto":
         if device.startswith("cuda"):
@@ -133,7 +136,7 @@ def resolve_dtype(dtype: str | torch.dtype, device: str, fast_kernels: bool = Fa
 def load_model(
     path: str | Path | CheckpointSource,
     dtype: str | torch.dtype = "auto",
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
     quantize: str | None = None,
     context: int | None = None,
     batch: int = 1,
@@ -167,10 +170,7 @@ def load_model(
     ``weight`` parameter to train, nor the checkpoint's module names. ``reserve_adapters``: (slots,
     rank) of adapters to hold pairs for from the start (``served_adapters.reserve_adapters``; under
     tensor parallelism before the collectives, as the served adapters), its memory checked first."""
-    if not isinstance(device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", device):  # torch's own error
-        raise ConfigError(f"unknown device {device!r}; choose cpu or cuda (cuda:N)")  # lists 20 types
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for, but no CUDA device is available")
+    device = checked_device(device)
     source = open_checkpoint(path) if isinstance(path, str | Path) else path
     full_config = layout.checked_config(source)  # refuses weights other than config.json promises
     if tensor_parallel is None or tensor_parallel.rank == 0:

@@ -27,6 +27,7 @@ from qwenkit.errors import ModelClosedError, QwenkitError, RankLostError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+SHUTDOWN_WAIT_SECONDS = 10.0  # how long close() waits for the step under way (the thread stops after it)
 
 
 class StreamKindError(QwenkitError, TypeError):
@@ -203,11 +204,16 @@ class EngineDriver:
             self._wake.set()
             thread = self._thread
         if thread is threading.current_thread():  # the LLM collected in its own engine's thread: it
-            return  # stops at its next look at the flag
-        if thread is not None:
-            thread.join(timeout=10)
-            if thread.is_alive():  # inside a step longer than that: it stops after the step
-                return
+            return  # stops at its next look at the flag, and ends the open requests then
+        if thread is not None:  # inside a step longer than that: the thread ends them after the step
+            thread.join(timeout=SHUTDOWN_WAIT_SECONDS)
+        if thread is None or not thread.is_alive():  # the thread ended them as it stopped: a no-op then
+            self._end_open()
+
+    def _end_open(self) -> None:
+        """End every request still open with finish_reason "abort": by the thread as it stops (a reader
+        of a request closed inside a step longer than shutdown waits read on forever), or by shutdown
+        where no thread runs."""
         ended = list(self._streams.items())
         while not self._inbox.empty():  # added after the thread's last look at its inbox
             message = self._inbox.get_nowait()
@@ -238,6 +244,13 @@ class EngineDriver:
         self._wake.set()
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        finally:
+            if self._closed:
+                self._end_open()
+
+    def _serve(self) -> None:
         engine = self.engine
         while not self._closed:
             self._drain_inbox()

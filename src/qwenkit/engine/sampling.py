@@ -172,7 +172,11 @@ class SamplingParams:
     def _check_types(self) -> None:
         """Each field's type, before any range check compares it: a float ``top_k`` or ``seed`` would
         otherwise pass here and fail inside the engine's kernels, mid-step. ``stop`` (like vLLM's) may be
-        one string or a list; it is kept as a tuple, so the params stay hashable."""
+        one string or a list; it is kept as a tuple, so the params stay hashable. None for ``stop``,
+        ``stop_token_ids`` or ``logit_bias`` is none, as vLLM's defaults (code written for it passes it)."""
+        for name in ("stop", "stop_token_ids", "logit_bias"):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, ())
         for name in ("stop", "stop_token_ids", "score_token_ids"):
             value = getattr(self, name)
             if isinstance(value, str) and name == "stop":
