@@ -128,9 +128,9 @@ def test_the_python_api_refuses_a_huge_text_before_tokenizing_it(tight, monkeypa
     monkeypatch.setattr(llm.tokenizer, "encode_with_added", encode_refused)
     with pytest.raises(SamplingParamsError) as e:
         llm.generate(["Hi", "word " * (BIG // 5)], SamplingParams(max_tokens=1))
-    assert str(e.value) == (
-        f"the prompt has at least {BIG // LONGEST} tokens; the context window is {WINDOW}, and a prompt "
-        f"may take at most {WINDOW - 1} to leave room for a token to be generated"
+    assert str(e.value) == (  # named by its index among the prompts
+        f"prompts[1]: the prompt has at least {BIG // LONGEST} tokens; the context window is {WINDOW}, "
+        f"and a prompt may take at most {WINDOW - 1} to leave room for a token to be generated"
     )
     with pytest.raises(SamplingParamsError, match=f"^the prompt has at least {BIG // LONGEST} tokens; the"):
         llm.submit("word " * (BIG // 5), SamplingParams(max_tokens=1))
