@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 import socket
 import sys
@@ -87,8 +88,11 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
             f"the previous output is in {previous}; nothing was removed",
             file=sys.stderr,
         )
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}.{_host_tag()}.", dir=out.parent))
+    # named before it is made: a SIGTERM unwinding between mkdtemp's mkdir and the assignment of what it
+    # returns (Python code, where a signal handler can raise) left the directory behind, unnamed
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}.{_host_tag()}.{secrets.token_hex(4)}"
     try:
+        tmp.mkdir(mode=0o700)
         with terminate_unwinds():  # SIGTERM unwinds too, so the except below removes tmp
             yield tmp
             _publish_permissions(tmp)
